@@ -1,0 +1,3 @@
+from mta.cli import main
+
+main()

@@ -1,0 +1,4 @@
+"""Compiled hot paths (built from ``ext/*.pyx`` by setup.py).
+
+Import them through :mod:`mta.native`, never directly.
+"""

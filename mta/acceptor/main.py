@@ -1,0 +1,263 @@
+"""acceptor[i]: an SMTP server process on uvloop.
+
+Reads:   client connections on the listening sockets the supervisor made for
+         slot i (SO_REUSEPORT: each slot has its own socket and accept queue;
+         the supervisor keeps it open, so a crashed or replaced acceptor's
+         queued connections wait for its successor instead of being reset).
+Writes:  SPOOL_MESSAGE_COMMIT to the shard chosen by the queue id; SMTP
+         replies.  It never touches spool files.
+Config:  [smtp] (all keys), [spool] queue_high_water, min_free_*,
+         [server] hostname, shutdown_timeout.
+
+Hot path: :class:`mta.acceptor.smtp.Session` per connection; one DEALER
+socket per shard; replies matched to sessions by request number.
+
+Failure and pressure: a shard that does not answer within
+``smtp.spool_timeout``, a full bus queue or a storage error → 451 4.3.0 for
+that message; low free space on the spool file system → 452 4.3.1 at MAIL.
+Both clear by themselves.  SIGTERM: stop accepting, let sessions finish (idle
+ones are closed with 421 4.3.2), after ``server.shutdown_timeout`` close the
+rest, wait for outstanding spool answers, exit 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import logging
+import os
+import signal
+import socket
+import ssl
+import time
+
+import uvloop
+
+from mta import bus, native, proc
+from mta.acceptor import smtp
+from mta.queueid import new_qid, shard_of
+
+log = logging.getLogger("mta.acceptor")
+
+SWEEP_INTERVAL = 0.5     # seconds between timeout / free-space checks
+
+
+class Acceptor:
+    """State shared by the sessions of one acceptor process."""
+
+    def __init__(self, settings, slot: int, loop):
+        cfg = settings.config
+        self.settings = settings
+        self.smtp = cfg.smtp
+        self.spool_cfg = cfg.spool
+        self.slot = slot
+        self.loop = loop
+        self.hostname = settings.hostname
+        self.scanner_mod = native.load("scanner")
+        self.greeting = smtp.R.GREETING.format(host=self.hostname,
+                                               banner=cfg.smtp.banner).encode()
+        self.helo_reply = f"250 {self.hostname}\r\n".encode()
+        self.ssl_context = self._ssl_context()
+        self.auth_users = settings.auth_users
+        self.relay_networks = settings.relay_networks
+        self._ehlo = {}
+        self.sessions: set = set()
+        self.per_ip: dict[str, int] = {}
+        self.pending: dict[int, tuple] = {}
+        self.reqs = itertools.count(1)
+        self.draining = False
+        self.space_low = False
+        self.stats = {"rejected_connections": 0, "accepted": 0, "temp_failed": 0}
+        self.clients: list[bus.Client] = []
+        self.servers: list = []
+        self._drained = asyncio.Event()
+        self._relay_cache: dict[str, bool] = {}
+
+    def _ssl_context(self):
+        if not self.smtp.tls_certificate:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.smtp.tls_certificate, self.smtp.tls_key)
+        return ctx
+
+    def ehlo_reply(self, tls: bool, authed: bool) -> bytes:
+        key = (tls, authed)
+        r = self._ehlo.get(key)
+        if r is None:
+            lines = [self.hostname, "PIPELINING", f"SIZE {self.smtp.max_message_size}",
+                     "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING"]
+            if self.ssl_context is not None and not tls:
+                lines.append("STARTTLS")
+            if tls and self.auth_users and not authed:
+                lines.append("AUTH PLAIN LOGIN")
+            lines.append("HELP")
+            r = "".join(f"250-{x}\r\n" for x in lines[:-1]) + f"250 {lines[-1]}\r\n"
+            r = self._ehlo[key] = r.encode()
+        return r
+
+    def relay_allowed(self, ip: str) -> bool:
+        ok = self._relay_cache.get(ip)
+        if ok is None:
+            try:
+                addr = ipaddress.ip_address(ip)
+                if addr.version == 6 and addr.ipv4_mapped:
+                    addr = addr.ipv4_mapped
+                ok = any(addr in net for net in self.relay_networks)
+            except ValueError:
+                ok = False
+            if len(self._relay_cache) < 10_000:
+                self._relay_cache[ip] = ok
+        return ok
+
+    # ------------------------------------------------------------- the spool
+
+    def connect_spool(self, ctx) -> None:
+        hwm = self.spool_cfg.queue_high_water
+        for n in range(self.settings.shards):
+            self.clients.append(bus.Client(ctx, self.loop, self.settings.endpoint(f"spool-{n}"),
+                                           hwm, self._on_reply))
+
+    def commit(self, session, payload: bytes) -> None:
+        """Send a finished message to its shard; the session hears back via .committed()."""
+        qid = new_qid(self.slot)
+        body = session._received(qid) + payload
+        req = next(self.reqs)
+        client_info = f"{session.helo} [{session.peer_ip}]"
+        if session.user is not None:
+            client_info += f" user={session.user}"
+        params = {k: v for k, v in session.params.items() if k in ("BODY", "SMTPUTF8")}
+        frames = bus.encode("SPOOL_MESSAGE_COMMIT", req, qid, session.sender, session.rcpts,
+                            params, client_info, time.time(), body=body)
+        if not self.clients[shard_of(qid, len(self.clients))].send(frames):
+            self.stats["temp_failed"] += 1
+            log.warning("%s: spool shard %d is not taking messages; answered 451",
+                        qid, shard_of(qid, len(self.clients)))
+            session.committed(qid, False)
+            return
+        deadline = self.loop.time() + self.smtp.spool_timeout
+        self.pending[req] = (session, qid, deadline, len(body))
+
+    def _on_reply(self, frames) -> None:
+        try:
+            m, f, _ = bus.decode(frames)
+        except bus.BusError as exc:
+            log.warning("malformed reply from the spool: %s", exc)
+            return
+        if m.name != "SPOOL_MESSAGE_COMMITTED":
+            return
+        entry = self.pending.pop(f[0], None)
+        if entry is None:
+            return  # it timed out and was already answered 451
+        session, qid, _, size = entry
+        ok = f[2] == bus.STATUS_OK
+        if ok:
+            self.stats["accepted"] += 1
+            log.info("%s: from=<%s> nrcpt=%d size=%d client=%s", qid, session.sender,
+                     len(session.rcpts), size, session.peer_ip)
+        else:
+            self.stats["temp_failed"] += 1
+        session.committed(qid, ok)
+        if self.draining and not self.sessions and not self.pending:
+            self._drained.set()
+
+    # --------------------------------------------------------- housekeeping
+
+    def sweep(self) -> None:
+        now = self.loop.time()
+        if self.pending:
+            expired = [r for r, e in self.pending.items() if e[2] <= now]
+            for r in expired:
+                session, qid, _, _ = self.pending.pop(r)
+                self.stats["temp_failed"] += 1
+                log.warning("%s: no answer from the spool in %gs; answered 451",
+                            qid, self.smtp.spool_timeout)
+                session.committed(qid, False)
+        force = self.draining and now >= self.drain_deadline
+        for s in list(self.sessions):
+            s.idle_check(now, self.draining, force)
+        self.space_low = self._space_low()
+        if self.draining and not self.sessions and not self.pending:
+            self._drained.set()
+        self.loop.call_later(SWEEP_INTERVAL, self.sweep)
+
+    def _space_low(self) -> bool:
+        cfg = self.spool_cfg
+        try:
+            st = os.statvfs(self.settings.spool_dir)
+        except OSError:
+            return False
+        free = st.f_bavail * st.f_frsize
+        total = st.f_blocks * st.f_frsize or 1
+        low = free < cfg.min_free_bytes or 100.0 * free / total < cfg.min_free_percent
+        if low != self.space_low:
+            if low:
+                log.warning("spool file system is low on space (%d bytes free); MAIL gets 452",
+                            free)
+            else:
+                log.info("spool file system has space again; accepting mail")
+        return low
+
+    def session_gone(self) -> None:
+        if self.draining and not self.sessions and not self.pending:
+            self._drained.set()
+
+    # -------------------------------------------------------------- serving
+
+    async def serve(self, socks: list[socket.socket]) -> None:
+        for sock in socks:
+            srv = await self.loop.create_server(lambda: smtp.Session(self), sock=sock,
+                                                backlog=4096)
+            self.servers.append(srv)
+        self.space_low = self._space_low()
+        self.loop.call_later(SWEEP_INTERVAL, self.sweep)
+
+    async def drain(self) -> None:
+        """Stop accepting; let sessions finish within the shutdown timeout."""
+        if self.draining:
+            return
+        self.draining = True
+        timeout = self.settings.config.server.shutdown_timeout
+        self.drain_deadline = self.loop.time() + timeout
+        for srv in self.servers:
+            srv.close()
+        log.info("draining: %d session(s) open", len(self.sessions))
+        if self.sessions or self.pending:
+            try:
+                await asyncio.wait_for(self._drained.wait(),
+                                       timeout + self.smtp.spool_timeout + 2 * SWEEP_INTERVAL)
+            except asyncio.TimeoutError:
+                for s in list(self.sessions):
+                    if s.transport is not None:
+                        s.transport.abort()
+
+
+def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int]) -> None:
+    """Entry point of the acceptor[i] child."""
+    name = proc.start_role("acceptor", slot, settings.config.server.log_level)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor replaces us on reload
+    log.info("starting %s; scanner implementation %s", name, native.implementation())
+    socks = [socket.socket(fileno=fd) for fd in listen_fds]
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    ctx = bus.new_context()
+    acc = Acceptor(settings, slot, loop)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    async def run():
+        acc.connect_spool(ctx)
+        await acc.serve(socks)
+        proc.report_ready(ready_fd)
+        await stop.wait()
+        await acc.drain()
+
+    try:
+        loop.run_until_complete(run())
+    finally:
+        for c in acc.clients:
+            c.close()
+        ctx.term()
+        loop.close()
+    log.info("stopped: accepted=%d temp_failed=%d", acc.stats["accepted"],
+             acc.stats["temp_failed"])

@@ -1,0 +1,219 @@
+"""The message bus between processes: ZeroMQ transport, msgpack encoding.
+
+This is the only package that imports zmq and msgpack.  Every message that
+crosses a process boundary is declared once in :data:`MESSAGES` with its
+fields and who sends it to whom; :func:`encode` and :func:`decode` refuse
+anything else.
+
+Wire format: a multipart ZeroMQ message ``[code, header]`` or, for messages
+that carry a message body, ``[code, header, body]``.  ``code`` is one byte,
+``header`` is a msgpack array of the declared fields in order, ``body`` is the
+raw RFC 5322 message (sent as its own frame so it is never re-encoded).
+
+Topology (all ipc:// endpoints in the run directory, created after fork):
+
+    acceptor[i]  DEALER --connect-->  ROUTER  spool[n]    ("spool-<n>")
+    mta CLI      DEALER --connect-->  ROUTER  spool[n]
+
+A request carries a ``req`` number chosen by the sender; the reply echoes it.
+High-water marks bound every queue; a send that would block fails instead
+(:meth:`Client.send` returns False) and the caller pushes back.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import msgpack
+import zmq
+
+__all__ = [
+    "MESSAGES", "BusError", "Client", "SyncClient", "Server", "encode", "decode",
+    "new_context", "STATUS_OK", "STATUS_STORAGE", "STATUS_UNKNOWN",
+]
+
+
+class BusError(Exception):
+    """A malformed or undeclared bus message."""
+
+
+@dataclass(frozen=True)
+class Msg:
+    """One declared message type."""
+
+    code: int
+    name: str
+    route: str          # who sends it to whom
+    fields: tuple       # names of the header fields, in order
+    body: bool = False  # followed by a raw body frame
+
+
+# Reply status codes used in *_REPLY / *_COMMITTED messages.
+STATUS_OK = 0
+STATUS_STORAGE = 1   # the spool could not make it durable (EIO, ENOSPC, ...)
+STATUS_UNKNOWN = 2   # no such queue id / request not understood
+
+_TABLE = (
+    Msg(1, "SPOOL_MESSAGE_COMMIT", "acceptor -> spool",
+        ("req", "qid", "sender", "rcpts", "params", "client", "arrival"), body=True),
+    Msg(2, "SPOOL_MESSAGE_COMMITTED", "spool -> acceptor", ("req", "qid", "status")),
+    Msg(3, "SPOOL_QUEUE_SUMMARY", "cli -> spool", ("req",)),
+    Msg(4, "SPOOL_QUEUE_SUMMARY_REPLY", "spool -> cli", ("req", "summary")),
+    Msg(5, "SPOOL_QUEUE_LIST", "cli -> spool", ("req", "limit")),
+    Msg(6, "SPOOL_QUEUE_LIST_REPLY", "spool -> cli", ("req", "entries")),
+    Msg(7, "SPOOL_MESSAGE_SHOW", "cli -> spool", ("req", "qid")),
+    Msg(8, "SPOOL_MESSAGE_SHOW_REPLY", "spool -> cli", ("req", "status", "entry"), body=True),
+    Msg(9, "SPOOL_MESSAGE_DELETE", "cli -> spool", ("req", "qids")),
+    Msg(10, "SPOOL_MESSAGE_DELETE_REPLY", "spool -> cli", ("req", "status", "deleted")),
+)
+
+MESSAGES = {m.name: m for m in _TABLE}
+_BY_CODE = {m.code: m for m in _TABLE}
+_CODE_FRAME = {m.name: bytes([m.code]) for m in _TABLE}
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def _unpackb(data: bytes):
+    return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+
+
+def encode(name: str, *values, body: bytes | None = None) -> list:
+    """Build the frames of message *name* from its field values (in declared order)."""
+    m = MESSAGES[name]
+    if len(values) != len(m.fields):
+        raise BusError(f"{name} takes {len(m.fields)} fields, got {len(values)}")
+    frames = [_CODE_FRAME[name], _packb(values)]
+    if m.body:
+        frames.append(body if body is not None else b"")
+    elif body is not None:
+        raise BusError(f"{name} carries no body")
+    return frames
+
+
+def decode(frames: list) -> tuple[Msg, list, bytes | None]:
+    """Parse frames into (Msg, field values, body or None); strict about shape."""
+    if len(frames) < 2 or len(frames[0]) != 1:
+        raise BusError("malformed message")
+    m = _BY_CODE.get(frames[0][0])
+    if m is None:
+        raise BusError(f"unknown message code {frames[0][0]}")
+    if len(frames) != (3 if m.body else 2):
+        raise BusError(f"{m.name}: wrong number of frames")
+    try:
+        values = _unpackb(frames[1])
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise BusError(f"{m.name}: undecodable header") from exc
+    if not isinstance(values, list) or len(values) != len(m.fields):
+        raise BusError(f"{m.name}: expected {len(m.fields)} fields")
+    return m, values, (frames[2] if m.body else None)
+
+
+def new_context() -> zmq.Context:
+    """A fresh ZeroMQ context; call it in the process that uses it, after fork."""
+    return zmq.Context(io_threads=1)
+
+
+class Server:
+    """A ROUTER socket bound at *endpoint*, used synchronously by a role's loop."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int):
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, hwm)
+        self.sock.setsockopt(zmq.RCVHWM, hwm)
+        # A reply to a peer that went away is dropped, not queued forever.
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.bind(endpoint)
+
+    def recv(self):
+        """Return (peer identity, frames) or None when nothing is waiting."""
+        try:
+            parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            return None
+        return parts[0], parts[1:]
+
+    def send(self, peer: bytes, frames: list) -> None:
+        try:
+            self.sock.send_multipart([peer, *frames], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the peer is not reading; it will time out and retry
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class Client:
+    """A DEALER socket driven by an asyncio loop: send requests, get replies by callback.
+
+    ZeroMQ's file descriptor is edge-triggered and also signals on sends, so
+    after every send we schedule one drain of the socket on the loop.
+    """
+
+    def __init__(self, ctx: zmq.Context, loop, endpoint: str, hwm: int, on_reply):
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, hwm)
+        self.sock.setsockopt(zmq.RCVHWM, hwm)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a dead peer
+        self.sock.connect(endpoint)
+        self._loop = loop
+        self._on_reply = on_reply
+        self._drain_scheduled = False
+        self._fd = self.sock.getsockopt(zmq.FD)
+        loop.add_reader(self._fd, self._drain)
+
+    def send(self, frames: list) -> bool:
+        """Queue *frames* for the peer; False when the high-water mark is reached."""
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+        return True
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        sock = self.sock
+        recv = sock.recv_multipart
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._on_reply(frames)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._fd)
+        self.sock.close(0)
+
+
+class SyncClient:
+    """Blocking request/reply with a timeout, for the command-line tools."""
+
+    _reqs = itertools.count(1)
+
+    def __init__(self, ctx: zmq.Context, endpoint: str):
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def call(self, name: str, *values, timeout: float = 5.0, body=None):
+        """Send request *name* (its ``req`` field is filled in) and return the decoded reply."""
+        req = next(self._reqs)
+        self.sock.send_multipart(encode(name, req, *values, body=body))
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000)):
+                raise TimeoutError(f"no reply to {name} within {timeout:g}s")
+            m, fields, rbody = decode(self.sock.recv_multipart())
+            if fields[0] == req:
+                return m, fields, rbody
+
+    def close(self) -> None:
+        self.sock.close(0)

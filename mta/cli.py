@@ -1,0 +1,320 @@
+"""The ``mta`` command: run the daemon and look after it.
+
+    mta serve [-c FILE]            run in the foreground (built-in defaults without -c)
+    mta check-config [-c FILE]     validate; errors name the key
+    mta print-config --example     every key with its default and doc, as TOML
+    mta print-services [-c FILE]   the process table
+    mta queue [-c FILE] [--json]   live queue summary, asked of the running daemon
+    mta queue list|show|delete     list queued messages, show one, delete some
+    mta spool-dump [-c FILE]       read the spool files directly (daemon stopped), like postcat
+    mta passwd USER                make an auth_file line (password from stdin)
+
+Exit status: 0 ok, 1 failure, 69 daemon unavailable, 78 configuration error.
+"""
+from __future__ import annotations
+
+import datetime
+import getpass
+import hashlib
+import json
+import os
+import sys
+import time
+
+import click
+
+EX_UNAVAILABLE = 69
+EX_CONFIG = 78
+
+config_option = click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False), envvar="MTA_CONFIG",
+    default=None, help="TOML configuration file (default: built-in defaults; env MTA_CONFIG)")
+
+
+def _settings(config_path):
+    from mta import config as mconfig
+
+    try:
+        return mconfig.load(config_path)
+    except mconfig.ConfigError as exc:
+        click.echo(f"mta: configuration error: {exc}", err=True)
+        sys.exit(EX_CONFIG)
+
+
+def _shard_count(settings) -> int:
+    try:
+        with open(os.path.join(settings.spool_dir, "SHARDS")) as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return settings.shards
+
+
+@click.group()
+@click.version_option(package_name="mta")
+def main():
+    """mta: a high-volume outbound Mail Transfer Agent."""
+
+
+@main.command()
+@config_option
+def serve(config_path):
+    """Run the MTA in the foreground until SIGTERM."""
+    from mta.supervisor.main import serve as run
+
+    sys.exit(run(config_path))
+
+
+@main.command("check-config")
+@config_option
+def check_config(config_path):
+    """Validate the configuration and say what is wrong, naming the key."""
+    s = _settings(config_path)
+    click.echo(f"ok: {config_path or 'built-in defaults'} ({s.acceptors} acceptor(s), "
+               f"{s.shards} spool shard(s), state in {s.state_dir})")
+
+
+@main.command("print-config")
+@click.option("--example", is_flag=True, required=True,
+              help="print every key with its default and a one-line doc")
+def print_config(example):
+    """Print the example configuration."""
+    from mta.config import example_toml
+
+    click.echo(example_toml(), nl=False)
+
+
+@main.command("print-services")
+@config_option
+def print_services(config_path):
+    """Print the process table the supervisor runs."""
+    from mta.supervisor.services import render, table
+
+    s = _settings(config_path)
+    click.echo(render(table(s)))
+
+
+def _ask_shards(settings, name: str, *values, timeout: float = 5.0, body=None):
+    """Send a request to every spool shard of the running daemon; return their replies."""
+    from mta import bus
+
+    ctx = bus.new_context()
+    out = []
+    try:
+        for n in range(_shard_count(settings)):
+            endpoint = settings.endpoint(f"spool-{n}")
+            if not os.path.exists(endpoint[len("ipc://"):]):
+                raise TimeoutError(f"spool[{n}] is not running")
+            cl = bus.SyncClient(ctx, endpoint)
+            try:
+                out.append(cl.call(name, *values, timeout=timeout, body=body))
+            finally:
+                cl.close()
+    except TimeoutError as exc:
+        click.echo(f"mta: the daemon is not answering ({exc}); is 'mta serve' running "
+                   f"with state in {settings.state_dir}?", err=True)
+        sys.exit(EX_UNAVAILABLE)
+    finally:
+        ctx.term()
+    return out
+
+
+def _age(arrival) -> str:
+    if arrival is None:
+        return "-"
+    secs = max(0, int(time.time() - arrival))
+    return str(datetime.timedelta(seconds=secs))
+
+
+@main.group(invoke_without_command=True)
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object for machines")
+@click.pass_context
+def queue(ctx, config_path, as_json):
+    """Summary of the live queue: messages and recipients per shard, oldest age."""
+    ctx.obj = config_path
+    if ctx.invoked_subcommand is not None:
+        return
+    s = _settings(config_path)
+    shards = [f[1] for _, f, _ in _ask_shards(s, "SPOOL_QUEUE_SUMMARY")]
+    total = {
+        "messages": sum(x["messages"] for x in shards),
+        "recipients": sum(x["recipients"] for x in shards),
+        "bytes": sum(x["bytes"] for x in shards),
+        "oldest_arrival": min((x["oldest_arrival"] for x in shards
+                               if x["oldest_arrival"] is not None), default=None),
+    }
+    if as_json:
+        click.echo(json.dumps({"total": total, "shards": shards}))
+        return
+    rows = [("SHARD", "MESSAGES", "RECIPIENTS", "BYTES", "OLDEST", "SEGMENTS", "HEALTH")]
+    for x in shards:
+        rows.append((str(x["shard"]), str(x["messages"]), str(x["recipients"]), str(x["bytes"]),
+                     _age(x["oldest_arrival"]), str(x["segments"]),
+                     "ok" if x["healthy"] else f"ERROR: {x['error']}"))
+    rows.append(("total", str(total["messages"]), str(total["recipients"]),
+                 str(total["bytes"]), _age(total["oldest_arrival"]), "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.rjust(w) if i else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+
+
+def _queue_settings(ctx, config_path):
+    return _settings(config_path or ctx.obj)
+
+
+@queue.command("list")
+@config_option
+@click.option("--limit", type=int, default=0, help="at most this many per shard (0: all)")
+@click.pass_context
+def queue_list(ctx, config_path, limit):
+    """Queued messages as JSON lines (queue_id, sender, recipients, arrival_time, size)."""
+    s = _queue_settings(ctx, config_path)
+    for _, f, _ in _ask_shards(s, "SPOOL_QUEUE_LIST", limit, timeout=30.0):
+        for qid, sender, rcpts, arrival, size in f[1]:
+            click.echo(json.dumps({"queue_id": qid, "sender": sender, "recipients": rcpts,
+                                   "arrival_time": arrival, "message_size": size}))
+
+
+@queue.command("show")
+@config_option
+@click.argument("qid")
+@click.option("--raw", is_flag=True, help="print only the message as queued")
+@click.pass_context
+def queue_show(ctx, config_path, qid, raw):
+    """Show one queued message: envelope, then the message."""
+    from mta import bus
+    from mta.queueid import is_qid, shard_of
+
+    if not is_qid(qid):
+        click.echo(f"mta: {qid!r} is not a queue id", err=True)
+        sys.exit(1)
+    s = _queue_settings(ctx, config_path)
+    n = shard_of(qid, _shard_count(s))
+    ctxz = bus.new_context()
+    try:
+        cl = bus.SyncClient(ctxz, s.endpoint(f"spool-{n}"))
+        try:
+            _, f, body = cl.call("SPOOL_MESSAGE_SHOW", qid, timeout=5.0)
+        except TimeoutError:
+            click.echo("mta: the daemon is not answering", err=True)
+            sys.exit(EX_UNAVAILABLE)
+        finally:
+            cl.close()
+    finally:
+        ctxz.term()
+    if f[1] != bus.STATUS_OK:
+        click.echo(f"mta: {qid} is not in the queue", err=True)
+        sys.exit(1)
+    if raw:
+        sys.stdout.buffer.write(body)
+        return
+    e = f[2]
+    click.echo(f"queue_id: {e['qid']}\nsender: <{e['sender']}>\n"
+               f"recipients: {', '.join('<%s>' % r for r in e['recipients'])}\n"
+               f"arrival: {datetime.datetime.fromtimestamp(e['arrival']).isoformat()}\n"
+               f"size: {e['size']}\nclient: {e['client']}\n")
+    sys.stdout.buffer.write(body)
+
+
+@queue.command("delete")
+@config_option
+@click.argument("qids", nargs=-1, required=True)
+@click.pass_context
+def queue_delete(ctx, config_path, qids):
+    """Delete queued messages by queue id (ALL, in capitals, deletes everything)."""
+    from mta.queueid import is_qid, shard_of
+
+    s = _queue_settings(ctx, config_path)
+    nshards = _shard_count(s)
+    if list(qids) == ["ALL"]:
+        qids = [f1[0] for _, f, _ in _ask_shards(s, "SPOOL_QUEUE_LIST", 0, timeout=30.0)
+                for f1 in f[1]]
+    bad = [q for q in qids if not is_qid(q)]
+    if bad:
+        click.echo(f"mta: not queue ids: {' '.join(bad)}", err=True)
+        sys.exit(1)
+    by_shard: dict[int, list[str]] = {}
+    for q in qids:
+        by_shard.setdefault(shard_of(q, nshards), []).append(q)
+    from mta import bus
+
+    deleted = 0
+    ctxz = bus.new_context()
+    try:
+        for n, group in sorted(by_shard.items()):
+            cl = bus.SyncClient(ctxz, s.endpoint(f"spool-{n}"))
+            try:
+                _, f, _ = cl.call("SPOOL_MESSAGE_DELETE", group, timeout=30.0)
+            except TimeoutError:
+                click.echo(f"mta: spool[{n}] is not answering", err=True)
+                sys.exit(EX_UNAVAILABLE)
+            finally:
+                cl.close()
+            if f[1] != bus.STATUS_OK:
+                click.echo(f"mta: spool[{n}] could not record the deletion (storage error)",
+                           err=True)
+                sys.exit(1)
+            deleted += len(f[2])
+    finally:
+        ctxz.term()
+    click.echo(f"deleted {deleted} message(s)")
+
+
+@main.command("spool-dump")
+@config_option
+@click.option("--bodies", is_flag=True, help="include each message, base64-encoded")
+def spool_dump(config_path, bodies):
+    """Read the spool files directly and print the queue as JSON lines.
+
+    For inspection while the daemon is stopped (like postcat): every record's
+    checksum is verified; damaged or torn records are reported on stderr and
+    left out.
+    """
+    import base64
+    import logging
+
+    from mta.spool.main import shard_dir
+    from mta.spool.store import Store
+
+    logging.basicConfig(level=logging.WARNING, format="mta: %(message)s", stream=sys.stderr)
+    s = _settings(config_path)
+    for n in range(_shard_count(s)):
+        d = shard_dir(s.spool_dir, n)
+        if not os.path.isdir(d):
+            continue
+        st = Store(d, s.config.spool.segment_size, fsync=False)
+        st.recover()
+        for qid in sorted(st.entries):
+            e = st.entries[qid]
+            body = st.read_body(e)
+            rec = {"queue_id": qid, "shard": n, "sender": e.meta.sender,
+                   "recipients": e.meta.rcpts, "arrival_time": e.meta.arrival,
+                   "message_size": e.length, "sha256": hashlib.sha256(body).hexdigest()}
+            if bodies:
+                rec["message"] = base64.b64encode(body).decode()
+            click.echo(json.dumps(rec))
+
+
+@main.command()
+@click.argument("user")
+@click.option("--iterations", type=click.IntRange(10_000, 10_000_000), default=200_000,
+              show_default=True)
+def passwd(user, iterations):
+    """Print an auth_file line for USER (password read from stdin or prompted)."""
+    from mta.acceptor.auth import hash_password
+
+    if ":" in user:
+        raise click.BadParameter("must not contain ':'", param_hint="USER")
+    if sys.stdin.isatty():
+        pw = getpass.getpass("password: ")
+    else:
+        pw = sys.stdin.readline().rstrip("\n")
+    if not pw:
+        click.echo("mta: empty password", err=True)
+        sys.exit(1)
+    click.echo(f"{user}:{hash_password(pw, iterations)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Configuration: load a TOML file into the schema, check it, and describe it.
+
+``load(path)`` returns a :class:`Settings` — the validated :class:`Config` plus
+values derived once (absolute paths, process counts sized to the machine,
+parsed listen addresses and networks).  Every problem raises
+:class:`ConfigError` whose message starts with the offending key, e.g.
+``smtp.max_recipients: Expected `int` >= 100``.  Roles receive a Settings and
+read only their own section.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+
+import msgspec
+import msgspec.inspect as mi
+
+from .schema import SECTIONS, Config
+
+__all__ = ["Config", "ConfigError", "Settings", "load", "example_toml", "parse_hostport"]
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() names the key (or the file) first."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A validated configuration plus the values derived from it once."""
+
+    config: Config
+    path: str | None
+    state_dir: str
+    spool_dir: str
+    run_dir: str
+    hostname: str
+    acceptors: int
+    shards: int
+    listen: tuple[tuple[str, int], ...]
+    relay_networks: tuple = field(default_factory=tuple)
+    auth_users: dict = field(default_factory=dict)
+
+    def endpoint(self, name: str) -> str:
+        """The ZeroMQ ipc endpoint for a named socket in the run directory."""
+        return "ipc://" + os.path.join(self.run_dir, name)
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """Split 'host:port' or '[v6]:port' into (host, port)."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return host, int(port)
+
+
+def _decode(raw: dict) -> Config:
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        # msgspec says "... - at `$.smtp.max_recipients`"; put the key first.
+        text, sep, where = msg.rpartition(" - at `$.")
+        if sep:
+            key = where.rstrip("`")
+            raise ConfigError(f"{key}: {text}") from None
+        # Unknown keys: "Object contains unknown field `x` - at `$.smtp`"
+        raise ConfigError(msg) from None
+
+
+def _read_auth_file(path: str) -> dict[str, str]:
+    from mta.acceptor.auth import parse_password_file
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return parse_password_file(fh.read())
+    except OSError as exc:
+        raise ConfigError(f"smtp.auth_file: cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"smtp.auth_file: {path}: {exc}") from None
+
+
+def load(path: str | None = None, *, cpu_count: int | None = None) -> Settings:
+    """Read, validate and resolve the configuration (built-in defaults when *path* is None)."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    cfg = _decode(raw)
+    return resolve(cfg, path, cpu_count=cpu_count)
+
+
+def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> Settings:
+    """Check cross-field rules and derive paths and counts."""
+    ncpu = cpu_count or len(os.sched_getaffinity(0)) or 1
+    state_dir = os.path.abspath(cfg.server.state_dir)
+    spool_dir = os.path.join(state_dir, cfg.spool.directory)
+    if cfg.server.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(
+            f"server.log_level: expected debug, info, warning or error, got "
+            f"{cfg.server.log_level!r}")
+    if not cfg.smtp.listen:
+        raise ConfigError("smtp.listen: at least one address is needed")
+    listen = []
+    for i, item in enumerate(cfg.smtp.listen):
+        try:
+            host, port = parse_hostport(item)
+            ipaddress.ip_address(host)
+        except ValueError as exc:
+            raise ConfigError(f"smtp.listen[{i}]: {exc}") from None
+        listen.append((host, port))
+    nets = []
+    for i, item in enumerate(cfg.smtp.relay_networks):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as exc:
+            raise ConfigError(f"smtp.relay_networks[{i}]: {exc}") from None
+    if bool(cfg.smtp.tls_certificate) != bool(cfg.smtp.tls_key):
+        raise ConfigError("smtp.tls_key: tls_certificate and tls_key go together")
+    if cfg.smtp.tls_certificate:
+        _check_tls(cfg.smtp.tls_certificate, cfg.smtp.tls_key)
+    users = {}
+    if cfg.smtp.auth_file:
+        if not cfg.smtp.tls_certificate:
+            raise ConfigError("smtp.auth_file: AUTH is offered only over TLS; "
+                              "set smtp.tls_certificate too")
+        users = _read_auth_file(cfg.smtp.auth_file)
+    hostname = cfg.server.hostname or socket.gethostname()
+    return Settings(
+        config=cfg,
+        path=os.path.abspath(path) if path else None,
+        state_dir=state_dir,
+        spool_dir=spool_dir,
+        run_dir=os.path.join(state_dir, "run"),
+        hostname=hostname,
+        acceptors=cfg.smtp.acceptors or ncpu,
+        shards=cfg.spool.shards or ncpu,
+        listen=tuple(listen),
+        relay_networks=tuple(nets),
+        auth_users=users,
+    )
+
+
+def _check_tls(cert: str, key: str) -> None:
+    import ssl
+
+    for name, p in (("tls_certificate", cert), ("tls_key", key)):
+        if not os.access(p, os.R_OK):
+            raise ConfigError(f"smtp.{name}: cannot read {p}")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"smtp.tls_certificate: cannot load {cert} with {key}: {exc}") from None
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def example_toml() -> str:
+    """Render every key with its default and one-line doc, as TOML."""
+    out = [
+        "# mta configuration: every key with its built-in default.",
+        "# Generated by 'mta print-config --example'; 'mta check-config -c FILE' validates.",
+        "",
+    ]
+    for section, struct in SECTIONS:
+        info = mi.type_info(struct)
+        out.append(f"[{section}]")
+        for f in info.fields:
+            meta = f.type if isinstance(f.type, mi.Metadata) else None
+            doc = (meta.extra_json_schema or {}).get("description", "") if meta else ""
+            default = f.default if f.default is not mi.NODEFAULT else f.default_factory()
+            bounds = []
+            if meta is not None:
+                t = meta.type
+                for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+                    v = getattr(t, attr, None)
+                    if v is not None:
+                        bounds.append(f"{sym} {v}")
+            if bounds:
+                doc += f" ({', '.join(bounds)})"
+            out.append(f"# {doc}")
+            out.append(f"{f.name} = {_toml_value(default)}")
+        out.append("")
+    return "\n".join(out)

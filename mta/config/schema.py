@@ -1,0 +1,133 @@
+"""The configuration schema: every key declared once, with type, default, bounds and doc.
+
+The TOML file mirrors these Structs section by section.  ``mta check-config``
+and ``mta serve`` decode the file with msgspec (unknown keys are errors, so a
+typo is caught), then run :func:`mta.config.load.check` for the cross-field
+rules.  ``mta.example.toml`` at the top of the repository is generated from
+this module (``mta print-config --example``) and a test keeps them in sync.
+
+A value of 0 for a process count means "size to the machine" (one per CPU).
+"""
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta, Struct
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+def _doc(text: str, **bounds) -> Meta:
+    return Meta(description=text, **bounds)
+
+
+class ServerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    state_dir: Annotated[str, _doc(
+        "directory for the spool and runtime sockets; relative paths are taken "
+        "from the working directory")] = "mta-state"
+    hostname: Annotated[str, _doc(
+        "name used in the SMTP greeting and Received headers; empty means the "
+        "machine's host name (no DNS lookup is made)")] = ""
+    log_level: Annotated[str, _doc(
+        "diagnostic log level on stderr: debug, info, warning or error")] = "info"
+    shutdown_timeout: Annotated[float, _doc(
+        "seconds SIGTERM waits for SMTP sessions in flight to finish", ge=0, le=3600)] = 30.0
+    restart_backoff_max: Annotated[float, _doc(
+        "longest wait, in seconds, before restarting a child that keeps dying",
+        ge=0.1, le=600)] = 30.0
+    ready_timeout: Annotated[float, _doc(
+        "seconds a starting child may take to report ready", ge=1, le=3600)] = 60.0
+
+
+class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    listen: Annotated[list[str], _doc(
+        "addresses the SMTP acceptors listen on, as host:port ([v6]:port for IPv6)")] = msgspec.field(
+        default_factory=lambda: ["127.0.0.1:2525"])
+    acceptors: Annotated[int, _doc(
+        "SMTP acceptor processes, each with its own SO_REUSEPORT socket; 0 = one per CPU",
+        ge=0, le=256)] = 0
+    banner: Annotated[str, _doc(
+        "text after the host name in the 220 greeting")] = "ESMTP"
+    max_connections: Annotated[int, _doc(
+        "concurrent connections per acceptor; more get 421", ge=1, le=1_000_000)] = 2000
+    max_connections_per_ip: Annotated[int, _doc(
+        "concurrent connections from one client IP per acceptor; more get 421",
+        ge=1, le=1_000_000)] = 200
+    max_command_line: Annotated[int, _doc(
+        "longest command line in octets including CRLF (RFC 5321: at least 512)",
+        ge=512, le=65536)] = 2048
+    max_text_line: Annotated[int, _doc(
+        "longest message text line in octets including CRLF (RFC 5321: 1000); "
+        "longer lines are rejected with 550 5.6.0", ge=1000, le=1 * MiB)] = 1000
+    max_message_size: Annotated[int, _doc(
+        "largest message in octets, advertised as SIZE; larger gets 552 5.3.4",
+        ge=1 * KiB, le=2 * GiB - 1)] = 50 * MiB
+    max_recipients: Annotated[int, _doc(
+        "recipients per message; more get 452 4.5.3 (RFC 5321: at least 100)",
+        ge=100, le=100_000)] = 1000
+    max_errors: Annotated[int, _doc(
+        "error replies in one session before it is closed with 421", ge=1, le=10_000)] = 20
+    command_timeout: Annotated[float, _doc(
+        "seconds to wait for the next command (RFC 5321 4.5.3.2: 5 minutes)",
+        ge=1, le=3600)] = 300.0
+    data_timeout: Annotated[float, _doc(
+        "seconds to wait for the next piece of DATA or BDAT content "
+        "(RFC 5321 4.5.3.2: 3 minutes)", ge=1, le=3600)] = 180.0
+    spool_timeout: Annotated[float, _doc(
+        "seconds to wait for the spool to confirm a message is on disk before "
+        "answering 451 4.3.0", ge=0.1, le=600)] = 20.0
+    relay_networks: Annotated[list[str], _doc(
+        "client networks allowed to relay to any domain without authenticating")] = msgspec.field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    tls_certificate: Annotated[str, _doc(
+        "PEM certificate chain for STARTTLS; empty disables STARTTLS and AUTH")] = ""
+    tls_key: Annotated[str, _doc("PEM private key for tls_certificate")] = ""
+    auth_file: Annotated[str, _doc(
+        "file of 'user:pbkdf2_sha256$iterations$salt$hash' lines (make them with "
+        "'mta passwd'); AUTH PLAIN/LOGIN is offered only over TLS and only when set")] = ""
+    max_buffered_input: Annotated[int, _doc(
+        "octets of pipelined input buffered per session before reading pauses",
+        ge=4 * KiB, le=64 * MiB)] = 256 * KiB
+
+
+class SpoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    shards: Annotated[int, _doc(
+        "spool writer processes (shards); 0 = one per CPU. Changing it needs a "
+        "restart, and the spool keeps the shard count it was created with",
+        ge=0, le=256)] = 0
+    directory: Annotated[str, _doc(
+        "spool directory; relative paths are inside server.state_dir")] = "spool"
+    segment_size: Annotated[int, _doc(
+        "octets written to a segment file before a new one is started",
+        ge=1 * MiB, le=4 * GiB)] = 64 * MiB
+    max_batch_messages: Annotated[int, _doc(
+        "most messages written and fsynced as one group commit", ge=1, le=100_000)] = 1024
+    max_batch_bytes: Annotated[int, _doc(
+        "most octets written as one group commit", ge=64 * KiB, le=1 * GiB)] = 32 * MiB
+    queue_high_water: Annotated[int, _doc(
+        "ZeroMQ high-water mark (messages) between acceptors and a shard",
+        ge=1, le=1_000_000)] = 10_000
+    min_free_bytes: Annotated[int, _doc(
+        "below this much free space on the spool file system MAIL gets 452 4.3.1",
+        ge=0)] = 256 * MiB
+    min_free_percent: Annotated[float, _doc(
+        "below this percentage of free space MAIL gets 452 4.3.1", ge=0, le=100)] = 0.0
+    compact_live_ratio: Annotated[float, _doc(
+        "the oldest segment is rewritten once fewer than this fraction of its "
+        "messages are still queued", ge=0, le=1)] = 0.25
+    fsync: Annotated[bool, _doc(
+        "fdatasync before acknowledging; turning this off loses mail on power loss "
+        "and exists only for benchmarks")] = True
+
+
+class Config(Struct, forbid_unknown_fields=True, kw_only=True):
+    server: Annotated[ServerConfig, _doc("process-wide settings")] = msgspec.field(
+        default_factory=ServerConfig)
+    smtp: Annotated[SmtpConfig, _doc("SMTP acceptors")] = msgspec.field(
+        default_factory=SmtpConfig)
+    spool: Annotated[SpoolConfig, _doc("spool writers")] = msgspec.field(
+        default_factory=SpoolConfig)
+
+
+SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("spool", SpoolConfig))

@@ -1,0 +1,32 @@
+"""Queue identifiers: unique, sortable by arrival time, and they choose the spool shard.
+
+Format: 13 hex digits of microseconds since the epoch, 2 of the acceptor slot,
+5 of a per-process counter — 20 characters, e.g. ``18A3F2C4B1D2E03000A1F``.
+Sorting ids sorts messages by arrival.  The shard is the counter modulo the
+shard count, so each acceptor spreads its messages evenly over the shards.
+"""
+import itertools
+import time
+
+_counter = itertools.count()
+
+
+def new_qid(slot: int) -> str:
+    """A fresh queue id for a message received by acceptor *slot*."""
+    return "%013X%02X%05X" % (time.time_ns() // 1000, slot & 0xFF, next(_counter) & 0xFFFFF)
+
+
+def shard_of(qid: str, shards: int) -> int:
+    """The spool shard that owns *qid*."""
+    return int(qid[15:20], 16) % shards
+
+
+def is_qid(text: str) -> bool:
+    """True when *text* has the shape of a queue id."""
+    if len(text) != 20:
+        return False
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return text == text.upper()

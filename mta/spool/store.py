@@ -1,0 +1,385 @@
+"""Spool storage for one shard: append-only segment files of checksummed records.
+
+Layout: ``<spool>/shard-<n>/<number>.seg``; numbers grow, so file order is
+time order.  A segment is a sequence of records framed by the record codec
+(``mta.native.load("record")``: magic, type, lengths, CRC-32).  Records:
+
+    REC_MESSAGE  meta = MessageMeta (msgspec msgpack), body = the message
+    REC_DONE     meta = DoneMeta: these queue ids are finished
+
+Writes: the shard loop collects every request that arrived while the previous
+fsync ran and hands them to :meth:`Store.write` as one batch: one ``writev``
+and one ``fdatasync`` per batch (group commit).  Only after :meth:`Store.sync`
+returns may the shard acknowledge the batch.
+
+Recovery (:meth:`Store.recover`) reads the segments in order.  A record whose
+checksum fails or whose tail is missing (a torn write at a crash) is skipped;
+the reader resynchronises on the next magic number, so one bad record never
+hides the good ones after it.  A message seen twice (a copy made by
+compaction) keeps its newest location; a DONE record removes it.
+
+Reclamation works from the oldest segment forward so that a DONE record is
+never deleted while the message it finishes still exists on disk: the oldest
+segment is unlinked when nothing in it is queued; when few of its messages are
+still queued they are copied forward into the current segment first (and
+synced) — a log-structured compaction.  New segment files are made durable
+with a directory fsync before anything in them is acknowledged.
+
+Failure: an OSError from write or fsync (EIO, ENOSPC) is raised to the shard,
+which answers the batch with a storage error; the segment is abandoned and the
+next batch starts a fresh one, so the shard recovers by itself once the cause
+is gone.  Anything the failed batch left on disk may reappear after a restart
+as a duplicate of a message the client was told to retry — never a loss.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import time
+
+import msgspec
+
+from mta import native
+
+log = logging.getLogger("mta.spool")
+
+REC_MESSAGE = 1
+REC_DONE = 2
+
+IOV_MAX = 1024          # iovecs per writev (Linux limit)
+SEGMENT_SUFFIX = ".seg"
+
+
+class MessageMeta(msgspec.Struct, array_like=True):
+    """Envelope stored with every message record."""
+
+    qid: str
+    sender: str
+    rcpts: list[str]
+    arrival: float
+    params: dict
+    client: str
+
+
+class DoneMeta(msgspec.Struct, array_like=True):
+    qids: list[str]
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec_msg = msgspec.msgpack.Decoder(MessageMeta)
+_dec_done = msgspec.msgpack.Decoder(DoneMeta)
+
+
+class Entry:
+    """A queued message: its envelope and where its body lies on disk."""
+
+    __slots__ = ("meta", "seg", "offset", "length")
+
+    def __init__(self, meta: MessageMeta, seg: int, offset: int, length: int):
+        self.meta = meta
+        self.seg = seg
+        self.offset = offset
+        self.length = length
+
+
+class Segment:
+    __slots__ = ("number", "path", "fd", "size", "live", "total", "failed")
+
+    def __init__(self, number: int, path: str, fd: int | None, size: int):
+        self.number = number
+        self.path = path
+        self.fd = fd
+        self.size = size
+        self.live = 0      # queued messages whose current copy is here
+        self.total = 0     # message records written here
+        self.failed = False
+
+
+class Store:
+    """The on-disk queue of one shard and its in-memory index."""
+
+    def __init__(self, directory: str, segment_size: int, fsync: bool = True):
+        self.dir = directory
+        self.segment_size = segment_size
+        self.fsync = fsync
+        self.codec = native.load("record")
+        self.entries: dict[str, Entry] = {}
+        self.segments: dict[int, Segment] = {}   # by number, insertion = age order
+        self.current: Segment | None = None
+        self.recipients = 0
+        self.bytes = 0
+        self._pending_unlink: list[Segment] = []
+        os.makedirs(directory, exist_ok=True)
+
+    # ----------------------------------------------------------------- recovery
+
+    def recover(self) -> dict:
+        """Rebuild the index from the segment files; return counts for the log."""
+        t0 = time.monotonic()
+        names = sorted(
+            (n for n in os.listdir(self.dir) if n.endswith(SEGMENT_SUFFIX)),
+            key=lambda n: int(n[: -len(SEGMENT_SUFFIX)]),
+        )
+        stats = {"segments": 0, "records": 0, "skipped_bytes": 0, "torn": 0}
+        for name in names:
+            number = int(name[: -len(SEGMENT_SUFFIX)])
+            path = os.path.join(self.dir, name)
+            seg = Segment(number, path, None, os.path.getsize(path))
+            self.segments[number] = seg
+            stats["segments"] += 1
+            self._replay(seg, stats)
+        for seg in list(self.segments.values()):
+            seg.live = 0
+        for e in self.entries.values():
+            self.segments[e.seg].live += 1
+        stats["messages"] = len(self.entries)
+        stats["seconds"] = round(time.monotonic() - t0, 3)
+        return stats
+
+    def _replay(self, seg: Segment, stats: dict) -> None:
+        if seg.size == 0:
+            return
+        codec = self.codec
+        OK, INCOMPLETE = codec.OK, codec.INCOMPLETE
+        magic = codec.MAGIC
+        with open(seg.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            off = 0
+            end = len(mm)
+            while off < end:
+                status, rtype, meta, boff, blen, nxt = codec.decode(mm, off)
+                if status == OK:
+                    stats["records"] += 1
+                    self._apply(seg, rtype, meta, boff, blen)
+                    off = nxt
+                    continue
+                # Torn tail or damaged record: skip to the next magic number.
+                again = mm.find(magic, off + 1)
+                skipped = (again if again >= 0 else end) - off
+                stats["skipped_bytes"] += skipped
+                if again < 0:
+                    stats["torn"] += 1
+                    log.warning("segment %s: %d bytes at offset %d are incomplete or "
+                                "damaged (%s); ignored", seg.path, skipped, off,
+                                "torn tail" if status == INCOMPLETE else "bad checksum")
+                    break
+                log.warning("segment %s: damaged record at offset %d, %d bytes skipped",
+                            seg.path, off, skipped)
+                off = again
+
+    def _apply(self, seg: Segment, rtype: int, meta: bytes, boff: int, blen: int) -> None:
+        if rtype == REC_MESSAGE:
+            m = _dec_msg.decode(meta)
+            old = self.entries.get(m.qid)
+            if old is not None:
+                self._forget(old)
+            self._remember(Entry(m, seg.number, boff, blen))
+            seg.total += 1
+        elif rtype == REC_DONE:
+            for qid in _dec_done.decode(meta).qids:
+                e = self.entries.pop(qid, None)
+                if e is not None:
+                    self.recipients -= len(e.meta.rcpts)
+                    self.bytes -= e.length
+        else:
+            log.warning("segment %s: unknown record type %d ignored", seg.path, rtype)
+
+    def _remember(self, e: Entry) -> None:
+        self.entries[e.meta.qid] = e
+        self.recipients += len(e.meta.rcpts)
+        self.bytes += e.length
+
+    def _forget(self, e: Entry) -> None:
+        del self.entries[e.meta.qid]
+        self.recipients -= len(e.meta.rcpts)
+        self.bytes -= e.length
+
+    # ------------------------------------------------------------------ writing
+
+    def _open_segment(self) -> Segment:
+        number = (max(self.segments) + 1) if self.segments else 1
+        path = os.path.join(self.dir, f"{number:016d}{SEGMENT_SUFFIX}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+                     0o600)
+        seg = Segment(number, path, fd, 0)
+        self.segments[number] = seg
+        if self.fsync:
+            # The new directory entry must be durable before its records are acknowledged.
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        return seg
+
+    def _close_current(self) -> None:
+        seg = self.current
+        if seg is not None and seg.fd is not None:
+            try:
+                os.close(seg.fd)
+            except OSError:
+                pass
+            seg.fd = None
+        self.current = None
+
+    def write(self, messages: list, done: list[str]) -> list[Entry]:
+        """Append message records and one DONE record (if *done*); not yet durable.
+
+        *messages* is a list of (MessageMeta, body).  Returns the new entries,
+        which become visible in the index only after :meth:`commit`.
+        """
+        seg = self.current
+        if seg is None or seg.failed or seg.size >= self.segment_size:
+            self._close_current()
+            seg = self.current = self._open_segment()
+        codec = self.codec
+        bufs = []
+        pos = seg.size
+        new = []
+        for meta, body in messages:
+            mb = _enc.encode(meta)
+            hdr = codec.encode_header(REC_MESSAGE, mb, body)
+            boff = pos + len(hdr) + len(mb)
+            bufs += (hdr, mb, body)
+            pos = boff + len(body)
+            new.append(Entry(meta, seg.number, boff, len(body)))
+        if done:
+            mb = _enc.encode(DoneMeta(done))
+            hdr = codec.encode_header(REC_DONE, mb, b"")
+            bufs += (hdr, mb)
+            pos += len(hdr) + len(mb)
+        try:
+            self._writev(seg.fd, bufs, pos - seg.size)
+        except OSError:
+            seg.failed = True
+            try:  # best effort: cut the partial batch off so the file stays clean
+                os.ftruncate(seg.fd, seg.size)
+            except OSError:
+                pass
+            raise
+        seg.size = pos
+        return new
+
+    @staticmethod
+    def _writev(fd: int, bufs: list, total: int) -> None:
+        """Write all of *bufs* with as few writev calls as possible."""
+        views = bufs
+        while views:
+            n = os.writev(fd, views[:IOV_MAX])
+            total -= n
+            if n == 0 and total > 0:
+                raise OSError(errno.ENOSPC, "short write")
+            k = 0
+            while k < len(views) and n >= len(views[k]):
+                n -= len(views[k])
+                k += 1
+            views = views[k:]
+            if n:  # a partial write stopped inside views[0]
+                views[0] = memoryview(views[0])[n:]
+
+    def sync(self) -> None:
+        """Make everything written so far durable (fdatasync)."""
+        seg = self.current
+        if seg is None or not self.fsync:
+            return
+        try:
+            os.fdatasync(seg.fd)
+        except OSError:
+            # After a failed fsync the kernel may have dropped the dirty pages:
+            # nothing in this segment since the last good sync can be trusted.
+            seg.failed = True
+            raise
+
+    def commit(self, new: list[Entry], done: list[str]) -> list[str]:
+        """Publish a synced batch in the index; return the queue ids actually removed."""
+        for e in new:
+            old = self.entries.get(e.meta.qid)
+            if old is not None:
+                self._forget(old)
+                self.segments[old.seg].live -= 1
+            self._remember(e)
+            seg = self.segments[e.seg]
+            seg.live += 1
+            seg.total += 1
+        removed = []
+        for qid in done:
+            e = self.entries.get(qid)
+            if e is not None:
+                self._forget(e)
+                self.segments[e.seg].live -= 1
+                removed.append(qid)
+        return removed
+
+    # ----------------------------------------------------------------- reading
+
+    def read_body(self, e: Entry) -> bytes:
+        """Read a queued message's bytes from its segment."""
+        with open(self.segments[e.seg].path, "rb") as fh:
+            return os.pread(fh.fileno(), e.length, e.offset)
+
+    # ------------------------------------------------------------- reclamation
+
+    def reclaim_plan(self, live_ratio: float, max_copy: int) -> tuple[list, list[Segment]]:
+        """Decide what to free: (messages to copy forward, segments to unlink after sync).
+
+        Walks from the oldest segment; stops at the first one that is still
+        too full to compact, or at the current segment.
+        """
+        copies: list = []
+        unlink: list[Segment] = []
+        by_seg: dict[int, list[Entry]] | None = None
+        for seg in list(self.segments.values()):
+            if seg is self.current:
+                break
+            if seg.live == 0:
+                unlink.append(seg)
+                continue
+            if seg.total and seg.live / seg.total < live_ratio and \
+                    len(copies) + seg.live <= max_copy:
+                if by_seg is None:
+                    by_seg = {}
+                    for e in self.entries.values():
+                        by_seg.setdefault(e.seg, []).append(e)
+                for e in by_seg.get(seg.number, ()):
+                    copies.append((e.meta, self.read_body(e)))
+                unlink.append(seg)
+                continue
+            break
+        return copies, unlink
+
+    def unlink(self, segments: list[Segment]) -> int:
+        """Delete segments that no longer hold a queued message; return bytes freed."""
+        freed = 0
+        for seg in segments:
+            if seg.live:
+                continue  # something was re-queued into it meanwhile; keep it
+            try:
+                os.unlink(seg.path)
+            except FileNotFoundError:
+                pass
+            freed += seg.size
+            del self.segments[seg.number]
+        if freed and self.fsync:
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        return freed
+
+    def close(self) -> None:
+        self._close_current()
+
+    # ---------------------------------------------------------------- queries
+
+    def summary(self) -> dict:
+        oldest = min((e.meta.arrival for e in self.entries.values()), default=None)
+        return {
+            "messages": len(self.entries),
+            "recipients": self.recipients,
+            "bytes": self.bytes,
+            "oldest_arrival": oldest,
+            "segments": len(self.segments),
+            "disk_bytes": sum(s.size for s in self.segments.values()),
+        }

@@ -1,0 +1,469 @@
+"""supervisor: the long-lived parent of every mta process.
+
+Reads:   the configuration file (at start and on SIGHUP).
+Writes:  the listening sockets (one SO_REUSEPORT socket per acceptor slot and
+         address, held open here for the daemon's life), ``run/mta.pid``,
+         ``spool/SHARDS``; sd_notify messages; the diagnostic log.
+Peers:   its children, by fork/wait and signals; a pipe per child carries one
+         "ready" byte.  The supervisor creates no ZeroMQ context, event loop or
+         spool file, so children inherit nothing they could share by accident.
+
+Start: bind the sockets, fork the spool shards and wait until each has
+rebuilt its queue, then the acceptors; READY=1.
+A child that dies is started again after a back-off that doubles while it
+keeps dying quickly (up to ``server.restart_backoff_max``).
+SIGTERM/SIGINT: STOPPING=1; acceptors drain first (``server.shutdown_timeout``),
+then the spool shards flush and stop; exit 0.
+SIGHUP: RELOADING=1; validate the new file; if it is bad keep running and log
+why; if good, replace the acceptors one slot at a time — the new process
+accepts on the slot's socket before the old one stops, so no connection is
+refused — then READY=1.  Spool settings take effect at the next restart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import importlib
+import logging
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+
+import setproctitle
+
+from mta import config as mconfig
+from mta import proc
+from mta.supervisor import notify
+from mta.supervisor.services import table
+
+log = logging.getLogger("mta.supervisor")
+
+TICK = 0.25                 # seconds between checks of children and restarts
+QUICK_DEATH = 10.0          # a child that dies younger than this doubles its back-off
+FIRST_BACKOFF = 0.2         # seconds
+STOP_GRACE = 10.0           # seconds after the drain for a child to exit before SIGKILL
+LISTEN_BACKLOG = 4096
+
+
+class StartupError(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Child:
+    role: str
+    index: int
+    pid: int
+    started: float
+    ready_fd: int | None
+    ready: bool = False
+    retired: bool = False      # replaced or stopping: do not restart
+
+
+@dataclasses.dataclass
+class Slot:
+    """A role's numbered place: it outlives the processes that fill it."""
+
+    role: str
+    index: int
+    socks: list
+    child: Child | None = None
+    backoff: float = FIRST_BACKOFF
+    restart_at: float | None = None
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket with SO_REUSEPORT, so several slots share the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((host, port))
+        s.listen(LISTEN_BACKLOG)
+        s.setblocking(False)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+class Supervisor:
+    def __init__(self, settings, config_path: str | None):
+        self.settings = settings
+        self.config_path = config_path
+        self.children: dict[int, Child] = {}
+        self.slots: dict[tuple[str, int], Slot] = {}
+        self.signals: list[int] = []
+        self.stopping = False
+
+    # --------------------------------------------------------------- set-up
+
+    def prepare(self) -> None:
+        s = self.settings
+        for d in (s.state_dir, s.run_dir, s.spool_dir):
+            os.makedirs(d, exist_ok=True)
+        self.settings = s = self._fix_shard_count(s)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        pidfile = os.path.join(s.run_dir, "mta.pid")
+        self._check_not_running(pidfile)
+        with open(pidfile, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        self.pidfile = pidfile
+
+    def _check_not_running(self, pidfile: str) -> None:
+        try:
+            with open(pidfile) as fh:
+                pid = int(fh.read().strip() or 0)
+        except (OSError, ValueError):
+            return
+        if pid and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            except PermissionError:
+                pass
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    if b"mta" not in fh.read():
+                        return
+            except OSError:
+                return
+            raise StartupError(f"another mta (pid {pid}) uses {self.settings.state_dir}")
+
+    def _fix_shard_count(self, s):
+        """The spool keeps the shard count it was created with (queue ids map to shards)."""
+        path = os.path.join(s.spool_dir, "SHARDS")
+        try:
+            with open(path) as fh:
+                existing = int(fh.read().strip())
+        except FileNotFoundError:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as fh:
+                fh.write(f"{s.shards}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, path)
+            return s
+        except ValueError:
+            raise StartupError(f"{path}: not a number; it records the spool's shard count")
+        if existing != s.shards:
+            log.warning("spool at %s was created with %d shards; using %d "
+                        "(spool.shards = %d is ignored)", s.spool_dir, existing, existing,
+                        s.shards)
+            s = dataclasses.replace(s, shards=existing)
+        return s
+
+    def bind_slots(self, settings, role: str, count: int, listen) -> dict:
+        slots = {}
+        for i in range(count):
+            socks = []
+            try:
+                for host, port in listen:
+                    socks.append(bind_listener(host, port))
+            except OSError as exc:
+                for x in socks:
+                    x.close()
+                for sl in slots.values():
+                    for x in sl.socks:
+                        x.close()
+                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            slots[(role, i)] = Slot(role, i, socks)
+        return slots
+
+    # -------------------------------------------------------------- children
+
+    def spawn(self, slot: Slot, settings) -> Child:
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        entry = next(s.entry for s in table(settings) if s.role == slot.role)
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 0
+            try:
+                os.close(rfd)
+                for other in self.slots.values():
+                    if other is not slot:
+                        for sk in other.socks:
+                            sk.close()
+                for c in self.children.values():
+                    if c.ready_fd is not None:
+                        os.close(c.ready_fd)
+                mod_name, func = entry.split(":")
+                fn = getattr(importlib.import_module(mod_name), func)
+                if slot.socks:
+                    fds = [sk.detach() for sk in slot.socks]
+                    fn(settings, slot.index, wfd, fds)
+                else:
+                    fn(settings, slot.index, wfd)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                try:
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        os.close(wfd)
+        child = Child(slot.role, slot.index, pid, time.monotonic(), rfd)
+        self.children[pid] = child
+        slot.child = child
+        log.info("started %s[%d] pid=%d", slot.role, slot.index, pid)
+        return child
+
+    def wait_ready(self, children: list[Child], timeout: float) -> bool:
+        """Wait until every child in *children* has reported ready; False if one failed."""
+        deadline = time.monotonic() + timeout
+        waiting = {c.ready_fd: c for c in children if not c.ready}
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                r, _, _ = select.select(list(waiting), [], [], min(left, TICK))
+            except InterruptedError:
+                r = []
+            for fd in r:
+                c = waiting.pop(fd)
+                data = os.read(fd, 1)
+                os.close(fd)
+                c.ready_fd = None
+                if data != b"R":
+                    return False
+                c.ready = True
+            self.reap()
+            if any(c.pid not in self.children for c in waiting.values()):
+                return False
+        return True
+
+    def reap(self) -> list[Child]:
+        """Collect exited children; schedule restarts for the ones still wanted."""
+        dead = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            if child.ready_fd is not None:
+                os.close(child.ready_fd)
+                child.ready_fd = None
+            dead.append(child)
+            how = (f"exit status {os.waitstatus_to_exitcode(status)}"
+                   if os.WIFEXITED(status) else f"signal {os.WTERMSIG(status)}")
+            slot = self.slots.get((child.role, child.index))
+            if child.retired or self.stopping or slot is None or slot.child is not child:
+                log.info("%s[%d] pid=%d exited (%s)", child.role, child.index, pid, how)
+                continue
+            now = time.monotonic()
+            if now - child.started > QUICK_DEATH:
+                slot.backoff = FIRST_BACKOFF
+            slot.restart_at = now + slot.backoff
+            log.error("%s[%d] pid=%d died (%s); restarting in %.1fs", child.role, child.index,
+                      pid, how, slot.backoff)
+            slot.backoff = min(slot.backoff * 2, self.settings.config.server.restart_backoff_max)
+            slot.child = None
+        return dead
+
+    def restart_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots.values():
+            if slot.child is None and slot.restart_at is not None and now >= slot.restart_at:
+                slot.restart_at = None
+                self.spawn(slot, self.settings)
+
+    # --------------------------------------------------------------- running
+
+    def start(self) -> None:
+        s = self.settings
+        self.slots.update({("spool", i): Slot("spool", i, []) for i in range(s.shards)})
+        self.slots.update(self.bind_slots(s, "acceptor", s.acceptors, s.listen))
+        for role in ("spool", "acceptor"):
+            started = [self.spawn(sl, s) for sl in self.slots.values() if sl.role == role]
+            if not self.wait_ready(started, s.config.server.ready_timeout):
+                raise StartupError(f"a {role} process failed to start; see the log above")
+        status = self.status_line()
+        log.info("ready: %s", status)
+        notify.ready(status)
+
+    def status_line(self) -> str:
+        s = self.settings
+        listen = ", ".join(f"{h}:{p}" for h, p in s.listen)
+        return f"accepting SMTP on {listen}; {s.acceptors} acceptor(s), {s.shards} spool shard(s)"
+
+    def on_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+
+    def run(self) -> int:
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wfd)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self.on_signal)
+        self.start()
+        while True:
+            try:
+                select.select([rfd], [], [], TICK)
+            except InterruptedError:
+                pass
+            try:
+                while os.read(rfd, 512):
+                    pass
+            except BlockingIOError:
+                pass
+            sigs, self.signals = self.signals, []
+            if signal.SIGTERM in sigs or signal.SIGINT in sigs:
+                return self.shutdown()
+            self.reap()
+            if signal.SIGHUP in sigs:
+                self.reload()
+            self.restart_due()
+
+    def shutdown(self) -> int:
+        log.info("stopping")
+        notify.stopping()
+        self.stopping = True
+        cfg = self.settings.config
+        for role, grace in (("acceptor", cfg.server.shutdown_timeout + cfg.smtp.spool_timeout),
+                            ("spool", 0.0)):
+            victims = [c for c in self.children.values() if c.role == role]
+            for c in victims:
+                c.retired = True
+                self._kill(c.pid, signal.SIGTERM)
+            self._wait_gone(victims, grace + STOP_GRACE)
+        for sl in self.slots.values():
+            for sk in sl.socks:
+                sk.close()
+        try:
+            os.unlink(self.pidfile)
+        except OSError:
+            pass
+        log.info("stopped")
+        return 0
+
+    def _kill(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _wait_gone(self, victims: list[Child], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(c.pid in self.children for c in victims):
+            if time.monotonic() >= deadline:
+                for c in victims:
+                    if c.pid in self.children:
+                        log.error("%s[%d] pid=%d did not stop in time; killing it",
+                                  c.role, c.index, c.pid)
+                        self._kill(c.pid, signal.SIGKILL)
+                deadline = time.monotonic() + STOP_GRACE
+            time.sleep(0.05)
+            self.reap()
+
+    # ---------------------------------------------------------------- reload
+
+    def reload(self) -> None:
+        notify.reloading()
+        log.info("reloading %s", self.config_path or "built-in defaults")
+        try:
+            new = mconfig.load(self.config_path)
+            new = dataclasses.replace(new, shards=self.settings.shards)
+        except mconfig.ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            notify.ready(f"reload failed: {exc}; {self.status_line()}")
+            return
+        old = self.settings
+        if new.config.spool != old.config.spool or new.shards != old.shards:
+            log.warning("spool settings changed; they take effect at the next restart")
+        try:
+            self._replace_acceptors(old, new)
+        except StartupError as exc:
+            log.error("reload failed, keeping what runs: %s", exc)
+            notify.ready(f"reload failed: {exc}; {self.status_line()}")
+            return
+        self.settings = new
+        status = self.status_line()
+        log.info("reloaded: %s", status)
+        notify.ready(status)
+
+    def _replace_acceptors(self, old, new) -> None:
+        """Start each new acceptor on its slot's socket before stopping the old one."""
+        same_listen = tuple(old.listen) == tuple(new.listen)
+        fresh = {}
+        if not same_listen:
+            fresh = self.bind_slots(new, "acceptor", new.acceptors, new.listen)
+        elif new.acceptors > old.acceptors:
+            extra = self.bind_slots(new, "acceptor", new.acceptors - old.acceptors, new.listen)
+            fresh = {("acceptor", old.acceptors + k[1]): dataclasses.replace(
+                v, index=old.acceptors + k[1]) for k, v in extra.items()}
+        for i in range(new.acceptors):
+            key = ("acceptor", i)
+            slot = fresh.get(key) or self.slots[key]
+            previous = self.slots.get(key)
+            old_child = previous.child if previous else None
+            self.slots[key] = slot
+            if previous is not None and previous is not slot:
+                slot.child = None
+            child = self.spawn(slot, new)
+            if not self.wait_ready([child], new.config.server.ready_timeout):
+                self._kill(child.pid, signal.SIGKILL)
+                if previous is not None:
+                    self.slots[key] = previous
+                    previous.child = old_child
+                raise StartupError(f"new acceptor[{i}] did not start")
+            if old_child is not None and old_child.pid in self.children:
+                old_child.retired = True
+                self._kill(old_child.pid, signal.SIGTERM)
+            if previous is not None and previous is not slot:
+                for sk in previous.socks:
+                    sk.close()
+        for i in range(new.acceptors, old.acceptors):
+            slot = self.slots.pop(("acceptor", i))
+            if slot.child is not None:
+                slot.child.retired = True
+                self._kill(slot.child.pid, signal.SIGTERM)
+            for sk in slot.socks:
+                sk.close()
+
+
+def serve(config_path: str | None) -> int:
+    """Run the daemon in the foreground until SIGTERM; return the exit status."""
+    try:
+        settings = mconfig.load(config_path)
+    except mconfig.ConfigError as exc:
+        print(f"mta: configuration error: {exc}", file=sys.stderr)
+        return 78  # EX_CONFIG
+    proc.setup_logging(settings.config.server.log_level, "supervisor")
+    setproctitle.setproctitle("mta: supervisor")
+    sup = Supervisor(settings, config_path)
+    try:
+        sup.prepare()
+        log.info("mta starting: state_dir=%s config=%s", settings.state_dir,
+                 config_path or "built-in defaults")
+        return sup.run()
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        sup.stopping = True
+        for c in list(sup.children.values()):
+            sup._kill(c.pid, signal.SIGTERM)
+        sup._wait_gone(list(sup.children.values()), STOP_GRACE)
+        return 1
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EROFS, errno.ENOSPC):
+            log.error("cannot start: %s", exc)
+            return 1
+        raise

@@ -1,0 +1,36 @@
+"""The process table: which roles run, how many, on which sockets, restarted how.
+
+Like Postfix's master.cf this is plain data, built from the configuration by
+:func:`table` and printed by ``mta print-services``.  Roles start in table
+order and stop in reverse order (acceptors stop before the spool they write to).
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Service:
+    role: str            # process role, also the package under mta/
+    count: int           # how many processes (slots)
+    entry: str           # "module:function" run in the child
+    listen: tuple        # (host, port) pairs each slot listens on; () for none
+    restart: str         # "always": a child that exits is started again, with back-off
+    reload: str          # what SIGHUP does: "replace" (one slot at a time) or "keep"
+
+
+def table(settings) -> list[Service]:
+    """The services for *settings*, in start order."""
+    return [
+        Service("spool", settings.shards, "mta.spool.main:main", (), "always", "keep"),
+        Service("acceptor", settings.acceptors, "mta.acceptor.main:main", settings.listen,
+                "always", "replace"),
+    ]
+
+
+def render(services: list[Service]) -> str:
+    """A human-readable table for ``mta print-services``."""
+    rows = [("ROLE", "COUNT", "LISTEN", "RESTART", "ON RELOAD", "ENTRY")]
+    for s in services:
+        listen = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in s.listen) or "-"
+        rows.append((s.role, str(s.count), listen, s.restart, s.reload, s.entry))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
