@@ -63,7 +63,9 @@ class Acceptor:
         self._ehlo = {}
         self.sessions: set = set()
         self.per_ip: dict[str, int] = {}
-        self.pending: dict[int, tuple] = {}
+        self.pending: dict[int, tuple] = {}   # req -> (batch, deadline)
+        self.outbox: list[list] = []          # per shard: messages not yet sent
+        self._flush_scheduled = False
         self.reqs = itertools.count(1)
         self.draining = False
         self.space_low = False
@@ -117,26 +119,47 @@ class Acceptor:
         for n in range(self.settings.shards):
             self.clients.append(bus.Client(ctx, self.loop, self.settings.endpoint(f"spool-{n}"),
                                            hwm, self._on_reply))
+            self.outbox.append([])
 
     def commit(self, session, payload: bytes) -> None:
-        """Send a finished message to its shard; the session hears back via .committed()."""
+        """Queue a finished message for its shard; the session hears back via .committed().
+
+        Messages are not sent one by one: every message completed during this
+        loop iteration for the same shard goes out as one bus request
+        (:meth:`_flush_outbox`, scheduled once per iteration).
+        """
         qid = new_qid(self.slot)
         body = session._received(qid) + payload
-        req = next(self.reqs)
         client_info = f"{session.helo} [{session.peer_ip}]"
         if session.user is not None:
             client_info += f" user={session.user}"
         params = {k: v for k, v in session.params.items() if k in ("BODY", "SMTPUTF8")}
-        frames = bus.encode("SPOOL_MESSAGE_COMMIT", req, qid, session.sender, session.rcpts,
-                            params, client_info, time.time(), body=body)
-        if not self.clients[shard_of(qid, len(self.clients))].send(frames):
-            self.stats["temp_failed"] += 1
-            log.warning("%s: spool shard %d is not taking messages; answered 451",
-                        qid, shard_of(qid, len(self.clients)))
-            session.committed(qid, False)
-            return
+        envelope = (qid, session.sender, session.rcpts, params, client_info, time.time())
+        shard = shard_of(qid, len(self.clients))
+        box = self.outbox[shard]
+        box.append((session, envelope, body))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_outbox)
+
+    def _flush_outbox(self) -> None:
+        self._flush_scheduled = False
         deadline = self.loop.time() + self.smtp.spool_timeout
-        self.pending[req] = (session, qid, deadline, len(body))
+        for shard, box in enumerate(self.outbox):
+            if not box:
+                continue
+            self.outbox[shard] = []
+            req = next(self.reqs)
+            frames = bus.encode("SPOOL_MESSAGE_COMMIT", req, [e for _, e, _ in box],
+                                bodies=[b for _, _, b in box])
+            if not self.clients[shard].send(frames):
+                self.stats["temp_failed"] += len(box)
+                log.warning("spool shard %d is not taking messages; answered 451 for %d",
+                            shard, len(box))
+                for session, env, _ in box:
+                    session.committed(env[0], False)
+                continue
+            self.pending[req] = (box, deadline)
 
     def _on_reply(self, frames) -> None:
         try:
@@ -149,15 +172,15 @@ class Acceptor:
         entry = self.pending.pop(f[0], None)
         if entry is None:
             return  # it timed out and was already answered 451
-        session, qid, _, size = entry
-        ok = f[2] == bus.STATUS_OK
-        if ok:
-            self.stats["accepted"] += 1
-            log.info("%s: from=<%s> nrcpt=%d size=%d client=%s", qid, session.sender,
-                     len(session.rcpts), size, session.peer_ip)
-        else:
-            self.stats["temp_failed"] += 1
-        session.committed(qid, ok)
+        ok = f[1] == bus.STATUS_OK
+        info = log.isEnabledFor(logging.INFO)
+        for session, env, body in entry[0]:
+            if ok:
+                if info:
+                    log.info("%s: from=<%s> nrcpt=%d size=%d client=%s", env[0], env[1],
+                             len(env[2]), len(body), session.peer_ip)
+            session.committed(env[0], ok)
+        self.stats["accepted" if ok else "temp_failed"] += len(entry[0])
         if self.draining and not self.sessions and not self.pending:
             self._drained.set()
 
@@ -166,13 +189,14 @@ class Acceptor:
     def sweep(self) -> None:
         now = self.loop.time()
         if self.pending:
-            expired = [r for r, e in self.pending.items() if e[2] <= now]
+            expired = [r for r, e in self.pending.items() if e[1] <= now]
             for r in expired:
-                session, qid, _, _ = self.pending.pop(r)
-                self.stats["temp_failed"] += 1
-                log.warning("%s: no answer from the spool in %gs; answered 451",
-                            qid, self.smtp.spool_timeout)
-                session.committed(qid, False)
+                box, _ = self.pending.pop(r)
+                self.stats["temp_failed"] += len(box)
+                for session, env, _ in box:
+                    log.warning("%s: no answer from the spool in %gs; answered 451",
+                                env[0], self.smtp.spool_timeout)
+                    session.committed(env[0], False)
         force = self.draining and now >= self.drain_deadline
         for s in list(self.sessions):
             s.idle_check(now, self.draining, force)

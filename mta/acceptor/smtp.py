@@ -198,9 +198,8 @@ class Session(asyncio.Protocol):
         self.last_activity = a.loop.time()
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
-        if a.draining:
-            self._close_with(R.SHUTTING_DOWN)
-            return
+        # While draining, a connection accepted just before the listener closed
+        # is served like any other; the drain closes it once it is idle.
         if len(a.sessions) >= a.smtp.max_connections:
             a.stats["rejected_connections"] += 1
             self._close_with(R.TOO_MANY_CONNECTIONS)

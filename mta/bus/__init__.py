@@ -5,10 +5,13 @@ crosses a process boundary is declared once in :data:`MESSAGES` with its
 fields and who sends it to whom; :func:`encode` and :func:`decode` refuse
 anything else.
 
-Wire format: a multipart ZeroMQ message ``[code, header]`` or, for messages
-that carry a message body, ``[code, header, body]``.  ``code`` is one byte,
-``header`` is a msgpack array of the declared fields in order, ``body`` is the
-raw RFC 5322 message (sent as its own frame so it is never re-encoded).
+Wire format: a multipart ZeroMQ message ``[code, header, *bodies]``.
+``code`` is one byte, ``header`` is a msgpack array of the declared fields in
+order; messages declared with bodies carry raw RFC 5322 messages as further
+frames (never re-encoded): exactly one for ``BODY_ONE``, any number for
+``BODY_MANY`` (the acceptor batches every message that completed in one loop
+iteration for a shard into one request, and the shard answers each request
+once, so the per-message cost of the bus is one frame, not a round trip).
 
 Topology (all ipc:// endpoints in the run directory, created after fork):
 
@@ -31,11 +34,21 @@ import zmq
 __all__ = [
     "MESSAGES", "BusError", "Client", "SyncClient", "Server", "encode", "decode",
     "new_context", "STATUS_OK", "STATUS_STORAGE", "STATUS_UNKNOWN",
+    "BODY_NONE", "BODY_ONE", "BODY_MANY",
 ]
+
+
+# Plain ints: pyzmq's enum members cost an object construction per use.
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 class BusError(Exception):
     """A malformed or undeclared bus message."""
+
+
+BODY_NONE, BODY_ONE, BODY_MANY = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -44,9 +57,9 @@ class Msg:
 
     code: int
     name: str
-    route: str          # who sends it to whom
-    fields: tuple       # names of the header fields, in order
-    body: bool = False  # followed by a raw body frame
+    route: str              # who sends it to whom
+    fields: tuple           # names of the header fields, in order
+    body: int = BODY_NONE   # raw body frames that follow the header
 
 
 # Reply status codes used in *_REPLY / *_COMMITTED messages.
@@ -55,15 +68,15 @@ STATUS_STORAGE = 1   # the spool could not make it durable (EIO, ENOSPC, ...)
 STATUS_UNKNOWN = 2   # no such queue id / request not understood
 
 _TABLE = (
-    Msg(1, "SPOOL_MESSAGE_COMMIT", "acceptor -> spool",
-        ("req", "qid", "sender", "rcpts", "params", "client", "arrival"), body=True),
-    Msg(2, "SPOOL_MESSAGE_COMMITTED", "spool -> acceptor", ("req", "qid", "status")),
+    # envelopes: [[qid, sender, rcpts, params, client, arrival], ...], one body frame each
+    Msg(1, "SPOOL_MESSAGE_COMMIT", "acceptor -> spool", ("req", "envelopes"), BODY_MANY),
+    Msg(2, "SPOOL_MESSAGE_COMMITTED", "spool -> acceptor", ("req", "status")),
     Msg(3, "SPOOL_QUEUE_SUMMARY", "cli -> spool", ("req",)),
     Msg(4, "SPOOL_QUEUE_SUMMARY_REPLY", "spool -> cli", ("req", "summary")),
     Msg(5, "SPOOL_QUEUE_LIST", "cli -> spool", ("req", "limit")),
     Msg(6, "SPOOL_QUEUE_LIST_REPLY", "spool -> cli", ("req", "entries")),
     Msg(7, "SPOOL_MESSAGE_SHOW", "cli -> spool", ("req", "qid")),
-    Msg(8, "SPOOL_MESSAGE_SHOW_REPLY", "spool -> cli", ("req", "status", "entry"), body=True),
+    Msg(8, "SPOOL_MESSAGE_SHOW_REPLY", "spool -> cli", ("req", "status", "entry"), BODY_ONE),
     Msg(9, "SPOOL_MESSAGE_DELETE", "cli -> spool", ("req", "qids")),
     Msg(10, "SPOOL_MESSAGE_DELETE_REPLY", "spool -> cli", ("req", "status", "deleted")),
 )
@@ -79,27 +92,32 @@ def _unpackb(data: bytes):
     return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
 
 
-def encode(name: str, *values, body: bytes | None = None) -> list:
+def encode(name: str, *values, body: bytes | None = None, bodies: list | None = None) -> list:
     """Build the frames of message *name* from its field values (in declared order)."""
     m = MESSAGES[name]
     if len(values) != len(m.fields):
         raise BusError(f"{name} takes {len(m.fields)} fields, got {len(values)}")
     frames = [_CODE_FRAME[name], _packb(values)]
-    if m.body:
+    if m.body == BODY_ONE:
         frames.append(body if body is not None else b"")
-    elif body is not None:
+    elif m.body == BODY_MANY:
+        frames += bodies or ()
+    elif body is not None or bodies:
         raise BusError(f"{name} carries no body")
     return frames
 
 
-def decode(frames: list) -> tuple[Msg, list, bytes | None]:
-    """Parse frames into (Msg, field values, body or None); strict about shape."""
+def decode(frames: list) -> tuple[Msg, list, object]:
+    """Parse frames into (Msg, field values, bodies); strict about shape.
+
+    The third item is None, one body (BODY_ONE) or the list of bodies (BODY_MANY).
+    """
     if len(frames) < 2 or len(frames[0]) != 1:
         raise BusError("malformed message")
     m = _BY_CODE.get(frames[0][0])
     if m is None:
         raise BusError(f"unknown message code {frames[0][0]}")
-    if len(frames) != (3 if m.body else 2):
+    if (m.body == BODY_NONE and len(frames) != 2) or (m.body == BODY_ONE and len(frames) != 3):
         raise BusError(f"{m.name}: wrong number of frames")
     try:
         values = _unpackb(frames[1])
@@ -107,7 +125,11 @@ def decode(frames: list) -> tuple[Msg, list, bytes | None]:
         raise BusError(f"{m.name}: undecodable header") from exc
     if not isinstance(values, list) or len(values) != len(m.fields):
         raise BusError(f"{m.name}: expected {len(m.fields)} fields")
-    return m, values, (frames[2] if m.body else None)
+    if m.body == BODY_ONE:
+        return m, values, frames[2]
+    if m.body == BODY_MANY:
+        return m, values, frames[2:]
+    return m, values, None
 
 
 def new_context() -> zmq.Context:
@@ -130,14 +152,14 @@ class Server:
     def recv(self):
         """Return (peer identity, frames) or None when nothing is waiting."""
         try:
-            parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            parts = self.sock.recv_multipart(_NOBLOCK)
         except zmq.Again:
             return None
         return parts[0], parts[1:]
 
     def send(self, peer: bytes, frames: list) -> None:
         try:
-            self.sock.send_multipart([peer, *frames], zmq.NOBLOCK)
+            self.sock.send_multipart([peer, *frames], _NOBLOCK)
         except zmq.Again:
             pass  # the peer is not reading; it will time out and retry
 
@@ -168,7 +190,7 @@ class Client:
     def send(self, frames: list) -> bool:
         """Queue *frames* for the peer; False when the high-water mark is reached."""
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            self.sock.send_multipart(frames, _NOBLOCK)
         except zmq.Again:
             return False
         if not self._drain_scheduled:
@@ -180,9 +202,10 @@ class Client:
         self._drain_scheduled = False
         sock = self.sock
         recv = sock.recv_multipart
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        getsockopt = sock.getsockopt
+        while getsockopt(_EVENTS) & _POLLIN:
             try:
-                frames = recv(zmq.NOBLOCK)
+                frames = recv(_NOBLOCK)
             except zmq.Again:
                 break
             self._on_reply(frames)

@@ -88,7 +88,7 @@ class Shard:
         cfg = self.cfg
         server = self.server
         messages = []      # (MessageMeta, body)
-        commit_peers = []  # (peer, req, qid)
+        commit_peers = []  # (peer, req): one answer per request, whatever it carried
         done: list[str] = []
         delete_peers = []  # (peer, req, qids)
         size = 0
@@ -103,10 +103,15 @@ class Shard:
                 log.warning("dropped a malformed request: %s", exc)
                 continue
             if m.name == "SPOOL_MESSAGE_COMMIT":
-                req, qid, sender, rcpts, params, client, arrival = f
-                messages.append((MessageMeta(qid, sender, rcpts, arrival, params, client), body))
-                commit_peers.append((peer, req, qid))
-                size += len(body)
+                req, envelopes = f
+                if len(envelopes) != len(body):
+                    log.warning("dropped a malformed commit: %d envelopes, %d bodies",
+                                len(envelopes), len(body))
+                    continue
+                for (qid, sender, rcpts, params, client, arrival), b in zip(envelopes, body):
+                    messages.append((MessageMeta(qid, sender, rcpts, arrival, params, client), b))
+                    size += len(b)
+                commit_peers.append((peer, req))
             elif m.name == "SPOOL_MESSAGE_DELETE":
                 qids = [q for q in f[1] if q in self.store.entries]
                 done += qids
@@ -135,8 +140,8 @@ class Shard:
             self.healthy = True
             self.last_error = ""
         encode = bus.encode
-        for peer, req, qid in commit_peers:
-            server.send(peer, encode("SPOOL_MESSAGE_COMMITTED", req, qid, status))
+        for peer, req in commit_peers:
+            server.send(peer, encode("SPOOL_MESSAGE_COMMITTED", req, status))
         for peer, req, qids in delete_peers:
             server.send(peer, encode("SPOOL_MESSAGE_DELETE_REPLY", req, status,
                                      qids if status == bus.STATUS_OK else []))

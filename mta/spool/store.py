@@ -349,11 +349,17 @@ class Store:
         return copies, unlink
 
     def unlink(self, segments: list[Segment]) -> int:
-        """Delete segments that no longer hold a queued message; return bytes freed."""
+        """Delete segments that no longer hold a queued message; return bytes freed.
+
+        *segments* is oldest first.  The first one that still holds a queued
+        message stops the pass: a newer segment may hold the DONE records of
+        other messages in it, and deleting those first would bring the
+        finished messages back at the next restart.
+        """
         freed = 0
         for seg in segments:
             if seg.live:
-                continue  # something was re-queued into it meanwhile; keep it
+                break  # still needed (e.g. its copies were not made): keep it and all newer
             try:
                 os.unlink(seg.path)
             except FileNotFoundError:

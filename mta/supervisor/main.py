@@ -338,6 +338,12 @@ class Supervisor:
         notify.stopping()
         self.stopping = True
         cfg = self.settings.config
+        # Close our copies of the listening sockets first: once the acceptors
+        # close theirs, new connections are refused at once instead of
+        # waiting in a backlog that nobody will accept from.
+        for sl in self.slots.values():
+            for sk in sl.socks:
+                sk.close()
         for role, grace in (("acceptor", cfg.server.shutdown_timeout + cfg.smtp.spool_timeout),
                             ("spool", 0.0)):
             victims = [c for c in self.children.values() if c.role == role]
@@ -345,9 +351,6 @@ class Supervisor:
                 c.retired = True
                 self._kill(c.pid, signal.SIGTERM)
             self._wait_gone(victims, grace + STOP_GRACE)
-        for sl in self.slots.values():
-            for sk in sl.socks:
-                sk.close()
         try:
             os.unlink(self.pidfile)
         except OSError:

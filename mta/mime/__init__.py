@@ -1,0 +1,54 @@
+"""Header and body primitives for messages in wire form (leaf library).
+
+Exposes the live implementation of the MIME hot path, ``mta._ext.mime`` or its
+pure-Python twin ``mta._pure.mime`` (``MTA_PUREPYTHON=1``), chosen once by
+:func:`mta.native.load`.  The API is documented in ``mta/_pure/mime.py``.
+Used by the acceptors (Received, Message-ID, X-MSYS-API), by DKIM and by
+bounces (the original headers).  No MIME tree is built here: DSN and ARF
+parsing off the hot path use the standard library's ``email``.
+"""
+from mta import native
+
+impl = native.load("mime")
+
+EIGHTBIT = impl.EIGHTBIT
+LONG_LINE = impl.LONG_LINE
+BARE_LF = impl.BARE_LF
+BARE_CR = impl.BARE_CR
+NUL = impl.NUL
+MAX_LINE = impl.MAX_LINE
+
+split_message = impl.split_message
+parse_headers = impl.parse_headers
+iter_headers = impl.iter_headers
+find_header = impl.find_header
+find_headers = impl.find_headers
+field_value = impl.field_value
+unfold = impl.unfold
+insert_header = impl.insert_header
+remove_headers = impl.remove_headers
+from_domain = impl.from_domain
+scan_body = impl.scan_body
+canon_header = impl.canon_header
+canon_headers = impl.canon_headers
+canon_body = impl.canon_body
+BodyCanonicalizer = impl.BodyCanonicalizer
+
+
+def header_block(buf) -> bytes:
+    """Return the header block of a message (the fields, without the empty line)."""
+    return bytes(buf[: split_message(buf)[0]])
+
+
+def body_of(buf) -> memoryview:
+    """Return a zero-copy view of the body of a message."""
+    return memoryview(buf)[split_message(buf)[1]:]
+
+
+__all__ = [
+    "EIGHTBIT", "LONG_LINE", "BARE_LF", "BARE_CR", "NUL", "MAX_LINE",
+    "split_message", "parse_headers", "iter_headers", "find_header", "find_headers",
+    "field_value", "unfold", "insert_header", "remove_headers", "from_domain",
+    "scan_body", "canon_header", "canon_headers", "canon_body", "BodyCanonicalizer",
+    "header_block", "body_of", "impl",
+]

@@ -1,0 +1,242 @@
+"""The supervisor: reload without refusing connections, drain on SIGTERM, restarts, sd_notify."""
+import os
+import re
+import signal
+import smtplib
+import socket
+import threading
+import time
+
+import pytest
+
+from daemon import HOST, render_config
+
+
+class ConnectionProbe(threading.Thread):
+    """Open connection after connection and record every one that is not served."""
+
+    def __init__(self, port: int, limit: float = 60.0):
+        super().__init__(daemon=True)
+        self.port = port
+        self.stop_at = time.monotonic() + limit
+        self.done = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.banners: set[bytes] = set()
+
+    def run(self):
+        while not self.done.is_set() and time.monotonic() < self.stop_at:
+            try:
+                with socket.create_connection((HOST, self.port), timeout=10) as s:
+                    f = s.makefile("rb")
+                    banner = f.readline()
+                    if not banner.startswith(b"220 "):
+                        self.failures.append(f"banner {banner!r}")
+                        continue
+                    self.banners.add(banner.strip())
+                    s.sendall(b"EHLO probe.test\r\n")
+                    while True:
+                        line = f.readline()
+                        if not line.startswith(b"250-"):
+                            break
+                    if not line.startswith(b"250 "):
+                        self.failures.append(f"ehlo {line!r}")
+                        continue
+                    s.sendall(b"QUIT\r\n")
+                    if not f.readline().startswith(b"221"):
+                        self.failures.append("quit")
+                        continue
+                    self.ok += 1
+            except OSError as exc:
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+
+
+def test_sighup_replaces_acceptors_without_refusing_connections(make_daemon):
+    d = make_daemon(acceptors=2)
+    before = d.children()
+    probe = ConnectionProbe(d.port)
+    probe.start()
+    try:
+        for n in range(3):
+            d.sections["smtp"]["banner"] = f"ESMTP reload{n}"
+            d.write_config()
+            d.proc.send_signal(signal.SIGHUP)
+            d.wait_log(r"reloaded: accepting", count=n + 1, timeout=60)
+            time.sleep(0.3)
+    finally:
+        probe.done.set()
+        probe.join(30)
+    after = d.children()
+    assert probe.failures == []
+    assert probe.ok > 50
+    assert b"220 mta.test ESMTP reload2" in probe.banners
+    assert after["acceptor[0]"] != before["acceptor[0]"]
+    assert after["acceptor[1]"] != before["acceptor[1]"]
+    assert after["spool[0]"] == before["spool[0]"]  # the spool is not restarted by a reload
+    # Mail still flows after the reloads.
+    with smtplib.SMTP(HOST, d.port) as s:
+        s.sendmail("a@example.com", ["b@example.net"], b"Subject: after reload\r\n\r\nx\r\n")
+    assert len(d.queue_list()) == 1
+
+
+def test_sighup_with_invalid_config_keeps_running(make_daemon):
+    d = make_daemon()
+    before = d.children()
+    good = open(d.config_path).read()
+    d.write_config(good.replace("[smtp]", "[smtp]\nmax_recipients = 5"))
+    d.proc.send_signal(signal.SIGHUP)
+    text = d.wait_log(r"reload refused")
+    assert "smtp.max_recipients" in text
+    assert d.children() == before
+    with smtplib.SMTP(HOST, d.port) as s:
+        s.sendmail("a@example.com", ["b@example.net"], b"Subject: still here\r\n\r\nx\r\n")
+    d.write_config(good)  # the CLI reads the same file to find the daemon
+    assert len(d.queue_list()) == 1
+
+
+def test_sigterm_lets_a_session_in_flight_finish(make_daemon):
+    d = make_daemon(server={"shutdown_timeout": 20.0})
+    c = d.connect()
+    assert c.cmd("EHLO slow.test")[0] == 250
+    assert c.cmd("MAIL FROM:<a@example.com>")[0] == 250
+    assert c.cmd("RCPT TO:<b@example.net>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    d.proc.send_signal(signal.SIGTERM)
+    d.wait_log(r"draining")
+    # New connections are refused now, not queued unserved.
+    deadline = time.monotonic() + 10
+    refused = False
+    while time.monotonic() < deadline and not refused:
+        try:
+            with socket.create_connection((HOST, d.port), timeout=2) as s:
+                s.settimeout(2)
+                refused = not s.recv(100).startswith(b"220")
+        except OSError:
+            refused = True
+        time.sleep(0.05)
+    assert refused
+    c.send(b"second half\r\n.\r\n")
+    code, text = c.reply()
+    assert code == 250 and "queued as" in text[0]
+    qid = text[0].split()[-1]
+    assert c.cmd("QUIT")[0] == 221
+    c.close()
+    assert d.proc.wait(30) == 0
+    dumped = {x["queue_id"]: x for x in d.spool_dump()}
+    assert qid in dumped
+
+
+def test_sigterm_closes_idle_sessions_and_exits_zero(make_daemon):
+    d = make_daemon()
+    c = d.connect()
+    assert c.cmd("EHLO idle.test")[0] == 250
+    t0 = time.monotonic()
+    d.proc.send_signal(signal.SIGTERM)
+    code, text = c.reply()
+    assert code == 421 and text[0].startswith("4.3.2")
+    assert d.proc.wait(30) == 0
+    assert time.monotonic() - t0 < 10
+
+
+def test_sd_notify_ready_reloading_stopping(make_daemon, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(30)
+    d = make_daemon(start=False)
+    d.start(env={"NOTIFY_SOCKET": path})
+
+    def expect(key):
+        while True:
+            msg = sock.recv(4096).decode()
+            if key in msg.split("\n"):
+                return msg
+
+    assert "STATUS=accepting SMTP" in expect("READY=1")
+    d.proc.send_signal(signal.SIGHUP)
+    assert re.search(r"MONOTONIC_USEC=\d+", expect("RELOADING=1"))
+    expect("READY=1")
+    d.proc.send_signal(signal.SIGTERM)
+    expect("STOPPING=1")
+    assert d.proc.wait(30) == 0
+    sock.close()
+
+
+def test_process_titles_and_restart_with_backoff(make_daemon):
+    d = make_daemon(acceptors=2, shards=2)
+    kids = d.children()
+    assert set(kids) == {"spool[0]", "spool[1]", "acceptor[0]", "acceptor[1]"}
+    os.kill(kids["acceptor[1]"], signal.SIGKILL)
+    d.wait_log(r"acceptor\[1\] pid=\d+ died \(signal 9\); restarting in 0\.2s")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        new = d.children().get("acceptor[1]")
+        if new and new != kids["acceptor[1]"]:
+            break
+        time.sleep(0.05)
+    assert new and new != kids["acceptor[1]"]
+    # Dying again quickly doubles the wait.
+    os.kill(new, signal.SIGKILL)
+    d.wait_log(r"acceptor\[1\] pid=\d+ died \(signal 9\); restarting in 0\.4s")
+    os.kill(d.children()["spool[0]"], signal.SIGKILL)
+    d.wait_log(r"spool\[0\] pid=\d+ died")
+    d.wait_log(r"started spool\[0\]", count=2)
+    # The daemon serves normally afterwards.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with smtplib.SMTP(HOST, d.port) as s:
+                s.sendmail("a@example.com", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n")
+            break
+        except smtplib.SMTPDataError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert len(d.queue_list()) == 1
+
+
+@pytest.mark.parametrize("extra, key", [
+    ({"smtp": {"max_recipients": 5}}, "smtp.max_recipients"),
+    ({"smtp": {"listen": ["nonsense"]}}, "smtp.listen[0]"),
+    ({"smtp": {"max_recipent": 100}}, "max_recipent"),
+    ({"spool": {"segment_size": "big"}}, "spool.segment_size"),
+    ({"server": {"log_level": "chatty"}}, "server.log_level"),
+    ({"smtp": {"relay_networks": ["10.0.0.0/33"]}}, "smtp.relay_networks[0]"),
+])
+def test_check_config_names_the_key(make_daemon, extra, key):
+    d = make_daemon(start=False)
+    sections = {k: dict(v) for k, v in d.sections.items()}
+    for name, keys in extra.items():
+        sections[name].update(keys)
+    d.write_config(render_config(sections))
+    r = d.cli("check-config", check=False)
+    assert r.returncode == 78
+    assert key in r.stderr.decode()
+    # serve refuses to start with the same message
+    r2 = d.cli("serve", check=False)
+    assert r2.returncode == 78 and key in r2.stderr.decode()
+
+
+def test_check_config_ok_and_print_services(make_daemon):
+    d = make_daemon(start=False, acceptors=3, shards=2)
+    r = d.cli("check-config")
+    assert b"ok:" in r.stdout
+    out = d.cli("print-services").stdout.decode()
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["ROLE", "COUNT", "LISTEN"]
+    assert re.search(r"^spool\s+2\s+-\s+always", out, re.M)
+    assert re.search(rf"^acceptor\s+3\s+127\.0\.0\.1:{d.port}\s+always", out, re.M)
+
+
+def test_listen_port_in_use_fails_cleanly(make_daemon):
+    with socket.socket() as blocker:
+        blocker.bind((HOST, 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        d = make_daemon(start=False)
+        d.sections["smtp"]["listen"] = [f"{HOST}:{port}"]
+        d.write_config()
+        d.start(wait=False)
+        assert d.proc.wait(30) == 1
+        assert "cannot listen on" in d.log()
