@@ -1,0 +1,164 @@
+"""Spool record codec: framing and checksum (pure-Python twin).
+
+This is the readable specification of ``mta._ext.record``; both modules have
+the same public API and results, and the same tests run against both.
+
+A spool segment file is a sequence of records.  Each record is a 20-byte
+little-endian header (struct ``"<4sBBHIII"``)::
+
+    magic b"\\x89MTA" | rtype u8 | version u8 (1) | reserved u16 (0)
+    | meta_len u32 | body_len u32 | crc32 u32
+
+followed by ``meta_len`` bytes of meta and ``body_len`` bytes of body.  The
+CRC-32 (zlib's) covers header bytes [4:16], then meta, then body: everything
+but the magic and the CRC field itself.
+
+``decode()`` checks one record in any buffer (bytes, bytearray, memoryview,
+mmap) without copying the body and returns ``(status, rtype, meta,
+body_offset, body_len, next_offset)``; fields other than the status are
+0/None unless it is ``OK``.  ``INCOMPLETE``: fewer than 20 bytes remain, or
+fewer than the header announces (a torn tail).  ``CORRUPT``: bad magic,
+version or reserved field, ``meta_len + body_len`` above ``max_record``, or a
+CRC mismatch.  ``Decoder`` does the same over a stream fed in pieces and
+stops for good at the first corrupt record.
+
+Cost: one CRC-32 pass over the record (zlib, in C), one copy of meta, and for
+``Decoder`` one copy of the body; ``encode()`` copies meta and body once.
+"""
+
+import operator
+import struct
+import zlib
+
+MAGIC = b"\x89MTA"
+HEADER_SIZE = 20
+VERSION = 1
+
+OK = 0
+INCOMPLETE = 1
+CORRUPT = 2
+
+DEFAULT_MAX_RECORD = 1 << 31     # bytes of meta + body
+
+_HEADER = struct.Struct("<4sBBHIII")
+_CHECKED = struct.Struct("<BBHII")   # header bytes [4:16], covered by the CRC
+_CHECKED_START = len(MAGIC)
+_CRC_OFFSET = _CHECKED_START + _CHECKED.size
+_MAX_RTYPE = 0xFF
+_MAX_LENGTH = 0xFFFFFFFF
+
+_NOT_OK = {
+    INCOMPLETE: (INCOMPLETE, 0, None, 0, 0, 0),
+    CORRUPT: (CORRUPT, 0, None, 0, 0, 0),
+}
+
+
+def _rtype(rtype):
+    rtype = operator.index(rtype)
+    if not 0 <= rtype <= _MAX_RTYPE:
+        raise ValueError("rtype must be in 0..255")
+    return rtype
+
+
+def _length(name, data):
+    size = memoryview(data).nbytes
+    if size > _MAX_LENGTH:
+        raise ValueError(f"{name} is longer than 4 GiB - 1")
+    return size
+
+
+def _max_record(max_record):
+    max_record = operator.index(max_record)
+    if max_record < 0:
+        raise ValueError("max_record must not be negative")
+    return max_record
+
+
+def encode_header(rtype, meta, body):
+    """Return the 20-byte header of a record, for writing meta and body after it."""
+    checked = _CHECKED.pack(_rtype(rtype), VERSION, 0, _length("meta", meta), _length("body", body))
+    crc = zlib.crc32(body, zlib.crc32(meta, zlib.crc32(checked)))
+    return MAGIC + checked + crc.to_bytes(4, "little")
+
+
+def encode(rtype, meta, body):
+    """Return a whole record: header, meta, body."""
+    return b"".join((encode_header(rtype, meta, body), meta, body))
+
+
+def decode(buf, offset=0, max_record=DEFAULT_MAX_RECORD):
+    """Check the record at *offset* in *buf*; see the module docstring for the result."""
+    with memoryview(buf) as raw, raw.cast("B") as view:
+        offset = operator.index(offset)
+        if not 0 <= offset <= len(view):
+            raise ValueError("offset is outside the buffer")
+        return _decode(view, offset, _max_record(max_record))
+
+
+def _decode(view, offset, max_record):
+    if len(view) - offset < HEADER_SIZE:
+        return _NOT_OK[INCOMPLETE]
+    magic, rtype, version, reserved, meta_len, body_len, crc = _HEADER.unpack_from(view, offset)
+    if magic != MAGIC or version != VERSION or reserved != 0 or meta_len + body_len > max_record:
+        return _NOT_OK[CORRUPT]
+    meta_at = offset + HEADER_SIZE
+    body_at = meta_at + meta_len
+    end = body_at + body_len
+    if end > len(view):
+        return _NOT_OK[INCOMPLETE]
+    checked = view[offset + _CHECKED_START:offset + _CRC_OFFSET]
+    if zlib.crc32(view[meta_at:end], zlib.crc32(checked)) != crc:
+        return _NOT_OK[CORRUPT]
+    return (OK, rtype, bytes(view[meta_at:body_at]), body_at, body_len, end)
+
+
+class Decoder:
+    """Streaming decoder: feed bytes, get the records they complete."""
+
+    __slots__ = ("_max_record", "_buf", "_corrupt", "_consumed", "_lost")
+
+    def __init__(self, max_record=DEFAULT_MAX_RECORD):
+        self._max_record = _max_record(max_record)
+        self._buf = bytearray()     # bytes of the record(s) not yet complete
+        self._corrupt = False
+        self._consumed = 0
+        self._lost = 0              # bytes received at or after a corrupt record
+
+    @property
+    def corrupt(self):
+        """True once a corrupt record has been seen; nothing after it is produced."""
+        return self._corrupt
+
+    @property
+    def consumed(self):
+        """Total bytes of complete good records so far."""
+        return self._consumed
+
+    @property
+    def pending(self):
+        """Bytes received but not part of a complete good record."""
+        return len(self._buf) + self._lost
+
+    def feed(self, data):
+        """Add bytes-like *data*; return [(rtype, meta, body), ...] completed by it."""
+        if self._corrupt:
+            self._lost += memoryview(data).nbytes
+            return []
+        buf = self._buf
+        buf += data
+        records = []
+        offset = 0
+        with memoryview(buf) as view:
+            while True:
+                status, rtype, meta, body_at, body_len, end = _decode(view, offset, self._max_record)
+                if status != OK:
+                    break
+                records.append((rtype, meta, bytes(view[body_at:end])))
+                offset = end
+        del buf[:offset]
+        self._consumed += offset
+        if status == CORRUPT:
+            self._corrupt = True
+            self._lost = len(buf)
+            buf.clear()
+        return records
