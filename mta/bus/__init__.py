@@ -15,8 +15,10 @@ once, so the per-message cost of the bus is one frame, not a round trip).
 
 Topology (all ipc:// endpoints in the run directory, created after fork):
 
-    acceptor[i]  DEALER --connect-->  ROUTER  spool[n]    ("spool-<n>")
+    acceptor[i]  DEALER --connect-->  ROUTER  spool[n]     ("spool-<n>")
     mta CLI      DEALER --connect-->  ROUTER  spool[n]
+    spool[n]     DEALER --connect-->  ROUTER  delivery[d]  ("delivery-<d>"); outcomes come
+                                                           back on the same pair
 
 A request carries a ``req`` number chosen by the sender; the reply echoes it.
 High-water marks bound every queue; a send that would block fails instead
@@ -79,6 +81,15 @@ _TABLE = (
     Msg(8, "SPOOL_MESSAGE_SHOW_REPLY", "spool -> cli", ("req", "status", "entry"), BODY_ONE),
     Msg(9, "SPOOL_MESSAGE_DELETE", "cli -> spool", ("req", "qids")),
     Msg(10, "SPOOL_MESSAGE_DELETE_REPLY", "spool -> cli", ("req", "status", "deleted")),
+    # A message's recipients for one domain, ready to be delivered now.
+    # rcpts: [[index in the message, address], ...]; params: BODY/SMTPUTF8 of the reception.
+    Msg(11, "DELIVERY_MESSAGE_READY", "spool -> delivery",
+        ("req", "qid", "sender", "domain", "rcpts", "params", "attempt"), BODY_ONE),
+    # results: [[index, outcome, code, enhanced, text, remote_host, remote_ip], ...]
+    # outcome: "delivered" | "deferred" | "failed"
+    Msg(12, "DELIVERY_OUTCOME", "delivery -> spool", ("req", "qid", "results")),
+    Msg(13, "SPOOL_QUEUE_FLUSH", "cli -> spool", ("req",)),
+    Msg(14, "SPOOL_QUEUE_FLUSH_REPLY", "spool -> cli", ("req", "count")),
 )
 
 MESSAGES = {m.name: m for m in _TABLE}

@@ -42,6 +42,10 @@ class Settings:
     listen: tuple[tuple[str, int], ...]
     relay_networks: tuple = field(default_factory=tuple)
     auth_users: dict = field(default_factory=dict)
+    deliveries: int = 1
+    event_log: str | None = None
+    nameservers: tuple = ()
+    helo_name: str = ""
 
     def endpoint(self, name: str) -> str:
         """The ZeroMQ ipc endpoint for a named socket in the run directory."""
@@ -136,6 +140,8 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
                               "set smtp.tls_certificate too")
         users = _read_auth_file(cfg.smtp.auth_file)
     hostname = cfg.server.hostname or socket.gethostname()
+    nameservers = _check_delivery(cfg.delivery)
+    event_log = os.path.join(state_dir, cfg.server.event_log) if cfg.server.event_log else None
     return Settings(
         config=cfg,
         path=os.path.abspath(path) if path else None,
@@ -148,7 +154,62 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
         listen=tuple(listen),
         relay_networks=tuple(nets),
         auth_users=users,
+        deliveries=cfg.delivery.processes or ncpu,
+        event_log=event_log,
+        nameservers=nameservers,
+        helo_name=cfg.delivery.helo_name or hostname,
     )
+
+
+_STARTTLS = ("none", "opportunistic", "required")
+
+
+def _check_delivery(d) -> tuple:
+    """Validate the [delivery] section; return the nameservers as (ip, port) pairs."""
+    ns = []
+    for i, item in enumerate(d.nameservers):
+        try:
+            host, port = parse_hostport(item) if ":" in item.strip("[]") or item.startswith("[") \
+                else (item, 53)
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"delivery.nameservers[{i}]: expected an IP address or ip:port, "
+                              f"got {item!r}") from None
+        ns.append((host, port))
+    if d.starttls not in _STARTTLS:
+        raise ConfigError(f"delivery.starttls: expected one of {', '.join(_STARTTLS)}")
+    if not d.retry_schedule or any(x <= 0 for x in d.retry_schedule):
+        raise ConfigError("delivery.retry_schedule: needs at least one positive number")
+    if d.source_address:
+        try:
+            ipaddress.ip_address(d.source_address)
+        except ValueError:
+            raise ConfigError("delivery.source_address: not an IP address") from None
+    seen = set()
+    for i, r in enumerate(d.route):
+        key = f"delivery.route[{i}]"
+        dom = r.domain.lower().rstrip(".")
+        if not dom or (dom != "*" and " " in dom):
+            raise ConfigError(f"{key}.domain: expected a domain name or \"*\"")
+        if dom in seen:
+            raise ConfigError(f"{key}.domain: {dom} has two routes")
+        seen.add(dom)
+        if not r.hosts:
+            raise ConfigError(f"{key}.hosts: at least one host is needed")
+        for j, h in enumerate(r.hosts):
+            try:
+                if h.startswith("[") or h.count(":") == 1:
+                    parse_hostport(h)
+            except ValueError as exc:
+                raise ConfigError(f"{key}.hosts[{j}]: {exc}") from None
+        if r.starttls not in _STARTTLS:
+            raise ConfigError(f"{key}.starttls: expected one of {', '.join(_STARTTLS)}")
+        if r.source_address:
+            try:
+                ipaddress.ip_address(r.source_address)
+            except ValueError:
+                raise ConfigError(f"{key}.source_address: not an IP address") from None
+    return tuple(ns)
 
 
 def _check_tls(cert: str, key: str) -> None:

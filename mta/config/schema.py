@@ -38,6 +38,10 @@ class ServerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         ge=0.1, le=600)] = 30.0
     ready_timeout: Annotated[float, _doc(
         "seconds a starting child may take to report ready", ge=1, le=3600)] = 60.0
+    event_log: Annotated[str, _doc(
+        "JSON-lines event log (reception, delivery, transient_failure, bounce, "
+        "expiration); relative paths are inside state_dir; empty disables it")] = \
+        "log/events.jsonl"
 
 
 class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -121,6 +125,73 @@ class SpoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "and exists only for benchmarks")] = True
 
 
+class RouteConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    domain: Annotated[str, _doc(
+        "recipient domain this route applies to, or \"*\" for every domain without "
+        "a route of its own (a smarthost)")]
+    hosts: Annotated[list[str], _doc(
+        "hosts to deliver to, as host or host:port, tried in order")]
+    starttls: Annotated[str, _doc(
+        "none, opportunistic or required")] = "opportunistic"
+    tls_verify: Annotated[bool, _doc("verify the server certificate and name")] = False
+    source_address: Annotated[str, _doc(
+        "local IP address to send from (egress IP); empty: the system's choice")] = ""
+
+
+class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    processes: Annotated[int, _doc(
+        "delivery processes, sharded by recipient domain; 0 = one per CPU",
+        ge=0, le=256)] = 0
+    helo_name: Annotated[str, _doc(
+        "name sent in EHLO; empty: server.hostname")] = ""
+    nameservers: Annotated[list[str], _doc(
+        "DNS servers for MX lookups as ip or ip:port; empty: the system's resolv.conf")] = \
+        msgspec.field(default_factory=list)
+    dns_timeout: Annotated[float, _doc(
+        "seconds one DNS lookup may take before it counts as a temporary failure",
+        ge=0.1, le=120)] = 5.0
+    mx_port: Annotated[int, _doc(
+        "TCP port for MX and address-record deliveries", ge=1, le=65535)] = 25
+    starttls: Annotated[str, _doc(
+        "STARTTLS for MX deliveries: none, opportunistic or required")] = "opportunistic"
+    tls_verify: Annotated[bool, _doc(
+        "verify certificates on MX deliveries (opportunistic TLS does not by default)")] = False
+    source_address: Annotated[str, _doc(
+        "local IP address for MX deliveries; empty: the system's choice")] = ""
+    connections_per_domain: Annotated[int, _doc(
+        "simultaneous connections to one recipient domain per delivery process",
+        ge=1, le=10_000)] = 10
+    messages_per_connection: Annotated[int, _doc(
+        "messages sent over one connection before it is closed", ge=1, le=1_000_000)] = 1000
+    idle_timeout: Annotated[float, _doc(
+        "seconds an unused connection is kept open for the next message", ge=0, le=3600)] = 5.0
+    connect_timeout: Annotated[float, _doc(
+        "seconds to connect and read the greeting", ge=0.1, le=600)] = 30.0
+    command_timeout: Annotated[float, _doc(
+        "seconds to wait for a reply to a command (RFC 5321: 5 minutes)",
+        ge=0.1, le=3600)] = 300.0
+    data_timeout: Annotated[float, _doc(
+        "seconds to wait for the reply after the message (RFC 5321: 10 minutes)",
+        ge=0.1, le=3600)] = 600.0
+    max_in_flight: Annotated[int, _doc(
+        "messages a spool shard has out for delivery at once", ge=1, le=1_000_000)] = 2000
+    retry_schedule: Annotated[list[float], _doc(
+        "seconds before each retry after a temporary failure; the last repeats")] = \
+        msgspec.field(default_factory=lambda: [60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0,
+                                               14400.0])
+    retry_jitter: Annotated[float, _doc(
+        "random spread added to each retry delay, as a fraction of it", ge=0, le=1)] = 0.1
+    max_age: Annotated[float, _doc(
+        "seconds a message may stay queued before its undelivered recipients expire "
+        "and bounce (5 days)", ge=1)] = 5 * 86400.0
+    time_scale: Annotated[float, _doc(
+        "multiplies retry_schedule and max_age; only for tests (e.g. 0.001)",
+        gt=0, le=1)] = 1.0
+    route: Annotated[list[RouteConfig], _doc(
+        "static routes, like a transport map or a smarthost: [[delivery.route]] "
+        "tables with domain and hosts")] = msgspec.field(default_factory=list)
+
+
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     server: Annotated[ServerConfig, _doc("process-wide settings")] = msgspec.field(
         default_factory=ServerConfig)
@@ -128,6 +199,9 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
         default_factory=SmtpConfig)
     spool: Annotated[SpoolConfig, _doc("spool writers")] = msgspec.field(
         default_factory=SpoolConfig)
+    delivery: Annotated[DeliveryConfig, _doc("delivery processes")] = msgspec.field(
+        default_factory=DeliveryConfig)
 
 
-SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("spool", SpoolConfig))
+SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("spool", SpoolConfig),
+            ("delivery", DeliveryConfig))

@@ -8,12 +8,14 @@ Peers:   its children, by fork/wait and signals; a pipe per child carries one
          "ready" byte.  The supervisor creates no ZeroMQ context, event loop or
          spool file, so children inherit nothing they could share by accident.
 
-Start: bind the sockets, fork the spool shards and wait until each has
-rebuilt its queue, then the acceptors; READY=1.
+Start: bind the sockets, fork the roles in process-table order (spool
+shards first: each rebuilds its queue before it reports ready; then delivery;
+then the acceptors); READY=1.
 A child that dies is started again after a back-off that doubles while it
 keeps dying quickly (up to ``server.restart_backoff_max``).
-SIGTERM/SIGINT: STOPPING=1; acceptors drain first (``server.shutdown_timeout``),
-then the spool shards flush and stop; exit 0.
+SIGTERM/SIGINT: STOPPING=1; roles stop in reverse table order: acceptors
+drain (``server.shutdown_timeout``), delivery finishes transactions in
+progress, then the spool shards record the last outcomes and stop; exit 0.
 SIGHUP: RELOADING=1; validate the new file; if it is bad keep running and log
 why; if good, replace the acceptors one slot at a time — the new process
 accepts on the slot's socket before the old one stops, so no connection is
@@ -291,9 +293,13 @@ class Supervisor:
 
     def start(self) -> None:
         s = self.settings
-        self.slots.update({("spool", i): Slot("spool", i, []) for i in range(s.shards)})
-        self.slots.update(self.bind_slots(s, "acceptor", s.acceptors, s.listen))
-        for role in ("spool", "acceptor"):
+        services = table(s)
+        for svc in services:
+            if svc.listen:
+                self.slots.update(self.bind_slots(s, svc.role, svc.count, svc.listen))
+            else:
+                self.slots.update({(svc.role, i): Slot(svc.role, i, []) for i in range(svc.count)})
+        for role in (svc.role for svc in services):
             started = [self.spawn(sl, s) for sl in self.slots.values() if sl.role == role]
             if not self.wait_ready(started, s.config.server.ready_timeout):
                 raise StartupError(f"a {role} process failed to start; see the log above")
@@ -304,7 +310,8 @@ class Supervisor:
     def status_line(self) -> str:
         s = self.settings
         listen = ", ".join(f"{h}:{p}" for h, p in s.listen)
-        return f"accepting SMTP on {listen}; {s.acceptors} acceptor(s), {s.shards} spool shard(s)"
+        return (f"accepting SMTP on {listen}; {s.acceptors} acceptor(s), {s.shards} spool "
+                f"shard(s), {s.deliveries} delivery process(es)")
 
     def on_signal(self, signum, frame) -> None:
         self.signals.append(signum)
@@ -344,9 +351,9 @@ class Supervisor:
         for sl in self.slots.values():
             for sk in sl.socks:
                 sk.close()
-        for role, grace in (("acceptor", cfg.server.shutdown_timeout + cfg.smtp.spool_timeout),
-                            ("spool", 0.0)):
-            victims = [c for c in self.children.values() if c.role == role]
+        grace = cfg.server.shutdown_timeout + cfg.smtp.spool_timeout
+        for svc in reversed(table(self.settings)):
+            victims = [c for c in self.children.values() if c.role == svc.role]
             for c in victims:
                 c.retired = True
                 self._kill(c.pid, signal.SIGTERM)

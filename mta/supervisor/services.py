@@ -2,7 +2,9 @@
 
 Like Postfix's master.cf this is plain data, built from the configuration by
 :func:`table` and printed by ``mta print-services``.  Roles start in table
-order and stop in reverse order (acceptors stop before the spool they write to).
+order and stop in reverse order: acceptors first (no new mail), then delivery
+(transactions in progress finish and report), then the spool, which records
+those outcomes before it stops.
 """
 from dataclasses import dataclass
 
