@@ -24,6 +24,38 @@ occurs, so no From can be added later), with ``t=`` always, ``x=`` when
 through ``cryptography`` (OpenSSL): rsa-sha256 with 1024- to 4096-bit keys,
 ed25519-sha256.  Canonicalisation is ``mta.mime`` (compiled hot path).
 
+Configuration, as the ``[dkim]`` section of the main TOML file::
+
+    [dkim]
+    canonicalization = "relaxed/relaxed"   # default
+    # headers = [...]                      # default: DEFAULT_HEADERS below
+    # oversign = ["from"]                  # default
+    # expire_seconds = 604800              # default: no x=
+
+    [[dkim.keys]]                          # RSA and Ed25519 for the same domain:
+    domain = "example.com"                 # both sign mail From example.com
+    selector = "rsa2026"
+    key_file = "/etc/mta/dkim/example.com.rsa2026.pem"
+
+    [[dkim.keys]]
+    domain = "example.com"
+    selector = "ed2026"
+    key_file = "/etc/mta/dkim/example.com.ed2026.pem"
+    algorithm = "ed25519-sha256"
+
+    [[dkim.keys]]
+    domain = "esp.example.net"
+    selector = "s1"
+    key_file = "/etc/mta/dkim/esp.pem"
+
+    [dkim.fallback]                        # mail From other domains is signed
+    domain = "esp.example.net"             # as esp.example.net; mode = "always"
+    mode = "unmatched"                     # signs every message with it as well
+
+Reload: build a new ``Signer.from_config(new_cfg)`` (keys are read and parsed
+there, once) and swap it in; a bad new config raises ``DkimConfigError`` and
+the old signer stays in use.
+
 Hot path (per message): one header scan, one pass over the body into SHA-256
 (shared by every signature with the same body canonicalisation), one header
 canonicalisation per signature, one private-key operation per signature.
@@ -31,6 +63,7 @@ canonicalisation per signature, one private-key operation per signature.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import re
 import time
@@ -295,7 +328,7 @@ class _Key:
 
 _RSA_PADDING = padding.PKCS1v15()
 _SHA256 = hashes.SHA256()
-_b64 = base64.b64encode
+_b2a = binascii.b2a_base64
 _sha256 = hashlib.sha256
 _H_CACHE_MAX = 512  # distinct h= lists remembered (folded text)
 
@@ -394,7 +427,7 @@ class Signer:
                 c = mime.BodyCanonicalizer(key.relaxed_body, h.update)
                 c.update(body)
                 c.finish()
-                bh = body_hashes[key.relaxed_body] = _b64(h.digest())
+                bh = body_hashes[key.relaxed_body] = _b2a(h.digest(), newline=False)
             out.append(self._signature(key, fields, bh, t, eol))
         return b"".join(out)
 
@@ -414,8 +447,7 @@ class Signer:
         return fields + bytes(message)
 
     def _signature(self, key, fields, bh, t, eol):
-        sign_names = key.sign_names
-        names = [n for n in (f[0].lower() for f in fields) if n in sign_names]
+        names = mime.select_names(fields, key.sign_names)
         names.extend(key.oversign)
         names = tuple(names)
         ck = (names, eol)
@@ -436,10 +468,9 @@ class Signer:
             sig = key.private.sign(data, _RSA_PADDING, _SHA256)
         else:
             sig = key.private.sign(_sha256(data).digest())
-        b = _b64(sig)
-        sep = eol + b"\t "
-        folded = sep.join([b[i:i + B64_PIECE] for i in range(0, len(b), B64_PIECE)])
-        return unsigned + folded + eol
+        b = _b2a(sig, newline=False)
+        folded = (eol + b"\t ").join([b[i:i + B64_PIECE] for i in range(0, len(b), B64_PIECE)])
+        return b"".join((unsigned, folded, eol))
 
 
 def _eol(message):

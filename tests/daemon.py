@@ -90,6 +90,7 @@ class Daemon:
 
     def start(self, wait: bool = True, env: dict | None = None) -> "Daemon":
         logf = open(self.log_path, "ab")
+        self.log_mark = logf.tell()   # where this run's log starts (restarts append)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mta", "serve", "-c", self.config_path],
             stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
@@ -104,7 +105,7 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mta serve exited {self.proc.returncode}:\n{self.log()}")
-            if "ready: accepting" in self.log():
+            if "ready: accepting" in self.log(since_start=True):
                 try:
                     with socket.create_connection((HOST, self.port), timeout=2) as s:
                         if s.recv(512).startswith(b"220 "):
@@ -157,17 +158,21 @@ class Daemon:
 
     # --------------------------------------------------------------- looking
 
-    def log(self) -> str:
+    def log(self, since_start: bool = False) -> str:
+        """The daemon's log; with *since_start* only what the latest start() wrote."""
         try:
             with open(self.log_path, "rb") as fh:
+                if since_start:
+                    fh.seek(getattr(self, "log_mark", 0))
                 return fh.read().decode("utf-8", "replace")
         except FileNotFoundError:
             return ""
 
-    def wait_log(self, pattern: str, timeout: float = 20.0, count: int = 1) -> str:
+    def wait_log(self, pattern: str, timeout: float = 20.0, count: int = 1,
+                 since_start: bool = False) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = self.log()
+            text = self.log(since_start)
             if len(re.findall(pattern, text)) >= count:
                 return text
             time.sleep(0.05)

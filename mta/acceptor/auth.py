@@ -55,6 +55,11 @@ def parse_password_file(text: str) -> dict[str, tuple[int, bytes, bytes]]:
 def check_password(users: dict, user: str, password: bytes) -> bool:
     """True when *password* is right for *user*; the same work is done for unknown users."""
     entry = users.get(user)
-    iterations, salt, digest = entry if entry else (DEFAULT_ITERATIONS, b"\0" * 16, b"\0" * 32)
+    if entry is None:
+        # As much work as the costliest real user, so timing does not say who exists.
+        iterations = max((e[0] for e in users.values()), default=DEFAULT_ITERATIONS)
+        salt, digest = b"\0" * 16, b"\0" * 32
+    else:
+        iterations, salt, digest = entry
     got = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
     return hmac.compare_digest(got, digest) and entry is not None

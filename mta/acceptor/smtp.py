@@ -328,7 +328,9 @@ class Session(asyncio.Protocol):
                 return
         if not self.closing:
             self._flush()
-            if self.state < State.WAITING and self.reading_paused and not self.writing_paused:
+            # AUTH waits for a continuation line from the client: read on, too.
+            if (self.state < State.WAITING or self.state == State.AUTH) \
+                    and self.reading_paused and not self.writing_paused:
                 self._resume_reading()
 
     # -------------------------------------------------------------- commands
@@ -471,6 +473,7 @@ class Session(asyncio.Protocol):
             return
         size = int(words[0])
         last = len(words) == 2
+        self.chunk_size = size
         if self.state in (State.RCPT, State.BDAT):
             if self.state == State.RCPT:
                 self.scanner.reset_message()
@@ -679,7 +682,8 @@ class Session(asyncio.Protocol):
         if payload:
             self.chunks.append(payload)
         if not self.chunk_last:
-            self.out.append(R.CHUNK_OK.format(n=len(payload)).encode())
+            # The chunk's size: the payload is b"" once the message is too big.
+            self.out.append(R.CHUNK_OK.format(n=self.chunk_size).encode())
             return
         reply = self._check_flags(self.chunk_flags)
         if reply is not None:

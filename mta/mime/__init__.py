@@ -31,6 +31,7 @@ from_domain = impl.from_domain
 scan_body = impl.scan_body
 canon_header = impl.canon_header
 canon_headers = impl.canon_headers
+select_names = impl.select_names
 canon_body = impl.canon_body
 BodyCanonicalizer = impl.BodyCanonicalizer
 
@@ -49,6 +50,6 @@ __all__ = [
     "EIGHTBIT", "LONG_LINE", "BARE_LF", "BARE_CR", "NUL", "MAX_LINE",
     "split_message", "parse_headers", "iter_headers", "find_header", "find_headers",
     "field_value", "unfold", "insert_header", "remove_headers", "from_domain",
-    "scan_body", "canon_header", "canon_headers", "canon_body", "BodyCanonicalizer",
+    "scan_body", "canon_header", "canon_headers", "select_names", "canon_body", "BodyCanonicalizer",
     "header_block", "body_of", "impl",
 ]

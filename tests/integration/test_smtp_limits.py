@@ -1,0 +1,439 @@
+"""SMTP limits and protocol details against the real daemon, with exact replies.
+
+Replies are compared byte for byte with the constants in mta/acceptor/replies.py,
+which also shows that error replies carry no exception text or internals.
+Three daemons: one with small size/recipient limits for most tests, one with
+max_errors = 3 and max_connections_per_ip = 2, one with one-second timeouts.
+"""
+import re
+import time
+
+import pytest
+
+from daemon import Daemon
+from mta.acceptor import replies as R
+
+MAX_SIZE = 10_000
+QUEUED = re.compile(rb"250 2\.0\.0 Ok: queued as ([0-9A-Za-z]+)\r\n\Z")
+
+
+def _daemon(tmp_path_factory, name, **smtp):
+    d = Daemon(tmp_path_factory.mktemp(name), acceptors=1, shards=1, smtp=smtp)
+    d.start()
+    return d
+
+
+@pytest.fixture(scope="module")
+def mta(tmp_path_factory):
+    d = _daemon(tmp_path_factory, "limits", max_message_size=MAX_SIZE, max_recipients=100)
+    yield d
+    d.cleanup()
+    assert "Traceback" not in d.log()
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory):
+    d = _daemon(tmp_path_factory, "strict", max_errors=3, max_connections_per_ip=2)
+    yield d
+    d.cleanup()
+    assert "Traceback" not in d.log()
+
+
+@pytest.fixture(scope="module")
+def hasty(tmp_path_factory):
+    d = _daemon(tmp_path_factory, "hasty", command_timeout=1, data_timeout=1)
+    yield d
+    d.cleanup()
+    assert "Traceback" not in d.log()
+
+
+def reply_bytes(c) -> bytes:
+    """Read one reply and give it back as the exact bytes the server sent."""
+    code, lines = c.reply()
+    return "".join(f"{code}{'-' if i < len(lines) - 1 else ' '}{x}\r\n"
+                   for i, x in enumerate(lines)).encode()
+
+
+def send(c, data: bytes, n: int = 1) -> list[bytes]:
+    """Send *data* and read *n* replies."""
+    c.send(data)
+    return [reply_bytes(c) for _ in range(n)]
+
+
+def one(c, line: bytes) -> bytes:
+    return send(c, line + b"\r\n")[0]
+
+
+def queued_id(reply: bytes) -> str:
+    m = QUEUED.match(reply)
+    assert m, reply
+    return m.group(1).decode()
+
+
+def session(d, **kw):
+    c = d.connect(**kw)
+    assert c.cmd("EHLO client.test")[0] == 250
+    return c
+
+
+def queued(d) -> dict[str, dict]:
+    return {x["queue_id"]: x for x in d.queue_list()}
+
+
+MSG = b"Subject: limits\r\n\r\nhello\r\n.\r\n"
+
+
+# ------------------------------------------------------------------- sizes
+
+
+def test_size_advertised_and_mail_size_param(mta):
+    with mta.connect() as c:
+        code, ext = c.cmd("EHLO client.test")
+        assert code == 250
+        assert ext[0] == "mta.test"
+        assert f"SIZE {MAX_SIZE}" in ext
+        for x in ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING"):
+            assert x in ext
+        assert one(c, b"MAIL FROM:<s@example.com> SIZE=%d" % (MAX_SIZE + 1)) == R.TOO_BIG
+        assert one(c, b"MAIL FROM:<s@example.com> SIZE=" + b"9" * 1500) == R.TOO_BIG
+        assert one(c, b"MAIL FROM:<s@example.com> SIZE=12k") == R.SYNTAX
+        assert one(c, b"MAIL FROM:<s@example.com> SIZE=%d" % MAX_SIZE) == R.SENDER_OK
+
+
+def chunk_ok(n: int) -> bytes:
+    return R.CHUNK_OK.format(n=n).encode()
+
+
+def test_data_over_max_message_size_then_session_continues(mta):
+    line = b"y" * 78 + b"\r\n"
+    big = b"Subject: big\r\n\r\n" + line * (MAX_SIZE // len(line) + 2) + b".\r\n"
+    with session(mta) as c:
+        assert send(c, b"MAIL FROM:<big@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+                    + big, 4) == [R.SENDER_OK, R.RCPT_OK, R.START_DATA, R.TOO_BIG]
+        # The same over BDAT: chunks that only together pass the limit.  Each
+        # chunk is acknowledged with its size; the message is refused at LAST.
+        half = line * (MAX_SIZE // 2 // len(line) + 1)
+        assert send(c, b"MAIL FROM:<big@example.com>\r\nRCPT TO:<r@example.net>\r\n"
+                    + b"BDAT %d\r\n" % len(half) + half
+                    + b"BDAT %d\r\n" % len(half) + half
+                    + b"BDAT %d LAST\r\n" % len(line) + line, 5) == \
+            [R.SENDER_OK, R.RCPT_OK, chunk_ok(len(half)), chunk_ok(len(half)), R.TOO_BIG]
+        # Exactly at the limit is fine.  The stored message is the Received
+        # header plus this, so the body is what counts.
+        exact = b"Subject: exact\r\n\r\n"
+        exact += line * ((MAX_SIZE - len(exact)) // len(line))
+        exact += b"e" * (MAX_SIZE - len(exact) - 2) + b"\r\n"
+        assert len(exact) == MAX_SIZE
+        r = send(c, b"MAIL FROM:<exact@example.com> SIZE=%d\r\nRCPT TO:<r@example.net>\r\n"
+                 b"BDAT %d LAST\r\n" % (MAX_SIZE, MAX_SIZE) + exact, 3)
+        assert r[:2] == [R.SENDER_OK, R.RCPT_OK]
+        exact_id = queued_id(r[2])
+        # The session still works after the refusals.
+        r = send(c, b"MAIL FROM:<small@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+                 + MSG, 4)
+        assert r[:3] == [R.SENDER_OK, R.RCPT_OK, R.START_DATA]
+        qid = queued_id(r[3])
+    q = queued(mta)
+    assert q[qid]["sender"] == "small@example.com"
+    assert q[exact_id]["sender"] == "exact@example.com"
+    assert not [x for x in q.values() if x["sender"] == "big@example.com"]
+    assert mta.cli("queue", "show", "--raw", exact_id).stdout.endswith(b"\r\n" + exact)
+
+
+def test_max_recipients(mta):
+    rcpts = [f"r{i}@example.net" for i in range(101)]
+    with session(mta) as c:
+        r = send(c, b"MAIL FROM:<many@example.com>\r\n"
+                 + b"".join(b"RCPT TO:<%s>\r\n" % x.encode() for x in rcpts), 102)
+        assert r == [R.SENDER_OK] + [R.RCPT_OK] * 100 + [R.TOO_MANY_RCPTS]
+        # 452 is not an error that counts towards max_errors; the transaction goes on.
+        r = send(c, b"DATA\r\n" + MSG, 2)
+        assert r[0] == R.START_DATA
+        qid = queued_id(r[1])
+    assert queued(mta)[qid]["recipients"] == rcpts[:100]
+
+
+def test_command_line_too_long_then_session_continues(mta):
+    with session(mta) as c:
+        limit = 2048                      # smtp.max_command_line default, counting CRLF
+        ok = b"VRFY " + b"u" * (limit - 2 - 5)
+        assert one(c, ok) == R.VRFY
+        assert one(c, ok + b"u") == R.LINE_TOO_LONG
+        assert one(c, b"MAIL FROM:<" + b"a" * 5000 + b"@example.com>") == R.LINE_TOO_LONG
+        assert one(c, b"MAIL FROM:<long@example.com>") == R.SENDER_OK
+        assert one(c, b"RCPT TO:<r@example.net>") == R.RCPT_OK
+        assert one(c, b"NOOP") == R.OK
+
+
+def test_text_line_longer_than_1000_octets(mta):
+    long_reply = R.LONG_TEXT_LINE.format(n=1000).encode()
+    with session(mta) as c:
+        envelope = b"MAIL FROM:<longline@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+        # 999 octets + CRLF: one too many.
+        r = send(c, envelope + b"Subject: t\r\n\r\n" + b"a" * 999 + b"\r\n.\r\n", 4)
+        assert r == [R.SENDER_OK, R.RCPT_OK, R.START_DATA, long_reply]
+        # A dot-stuffed line counts after unstuffing: ".." + 997 is 998 + CRLF = 1000.
+        fits = b"." + b"b" * 997
+        r = send(c, envelope.replace(b"longline", b"fits")
+                 + b"Subject: t\r\n\r\n" + b"a" * 998 + b"\r\n." + fits + b"\r\n.\r\n", 4)
+        assert r[:3] == [R.SENDER_OK, R.RCPT_OK, R.START_DATA]
+        qid = queued_id(r[3])
+        # Over BDAT as well.
+        r = send(c, b"MAIL FROM:<longline@example.com>\r\nRCPT TO:<r@example.net>\r\n"
+                 b"BDAT 1003 LAST\r\n" + b"c" * 1001 + b"\r\n", 3)
+        assert r == [R.SENDER_OK, R.RCPT_OK, long_reply]
+    q = queued(mta)
+    assert q[qid]["sender"] == "fits@example.com"
+    assert not [x for x in q.values() if x["sender"] == "longline@example.com"]
+    raw = mta.cli("queue", "show", "--raw", qid).stdout
+    assert raw.endswith(b"\r\n\r\n" + b"a" * 998 + b"\r\n" + fits + b"\r\n")
+
+
+# ------------------------------------------------------ errors, connections
+
+
+def test_max_errors_closes_the_session(strict):
+    with session(strict) as c:
+        c.send(b"FOO\r\nNOOP\r\nMAIL FROM:<bad\r\nRCPT TO:<x@example.net>\r\nNOOP\r\n")
+        assert [reply_bytes(c) for _ in range(5)] == \
+            [R.UNKNOWN, R.OK, R.BAD_SENDER, R.NEED_MAIL, R.TOO_MANY_ERRORS]
+        assert c.closed()
+
+
+def test_max_connections_per_ip(strict):
+    a = strict.connect(source="127.0.0.3")
+    b = strict.connect(source="127.0.0.3")
+    try:
+        assert a.banner[0] == b.banner[0] == 220
+        with strict.connect(source="127.0.0.3") as third:
+            assert third.banner == (421, [R.TOO_MANY_FROM_IP[4:-2].decode()])
+            assert third.closed()
+        with strict.connect(source="127.0.0.4") as other:   # the limit is per address
+            assert other.banner[0] == 220
+        assert a.cmd("NOOP") == (250, ["2.0.0 Ok"])
+        assert a.cmd("QUIT")[0] == 221
+        assert a.closed()
+        # The slot is free again once the server has seen the close.
+        deadline = time.monotonic() + 5
+        while True:
+            with strict.connect(source="127.0.0.3") as again:
+                if again.banner[0] == 220 or time.monotonic() > deadline:
+                    assert again.banner[0] == 220
+                    break
+            time.sleep(0.05)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_idle_timeouts(hasty):
+    """command_timeout and data_timeout = 1 s: idle clients get 421 4.4.2; busy ones do not."""
+    idle = session(hasty)
+    in_data = session(hasty)
+    assert send(in_data, b"MAIL FROM:<slow@example.com>\r\nRCPT TO:<r@example.net>\r\n"
+                b"DATA\r\nSubject: slow\r\n\r\npartial", 3) == \
+        [R.SENDER_OK, R.RCPT_OK, R.START_DATA]
+    in_bdat = session(hasty)
+    assert send(in_bdat, b"MAIL FROM:<slow@example.com>\r\nRCPT TO:<r@example.net>\r\n"
+                b"BDAT 100 LAST\r\nonly some of it", 2) == [R.SENDER_OK, R.RCPT_OK]
+    busy = session(hasty)
+    start = time.monotonic()
+    while time.monotonic() - start < 2.6:
+        assert one(busy, b"NOOP") == R.OK
+        time.sleep(0.3)
+    for c in (idle, in_data, in_bdat):
+        assert reply_bytes(c) == R.TIMEOUT
+        assert c.closed()
+        c.close()
+    assert one(busy, b"QUIT") == R.BYE
+    busy.close()
+    assert not [x for x in hasty.queue_list() if x["sender"] == "slow@example.com"]
+
+
+# ---------------------------------------------------------- simple commands
+
+
+def test_simple_commands(mta):
+    with mta.connect() as c:
+        assert one(c, b"NOOP") == R.OK
+        assert one(c, b"HELP") == R.HELP
+        assert one(c, b"VRFY postmaster") == R.VRFY
+        assert one(c, b"VRFY") == R.SYNTAX
+        assert one(c, b"EXPN list") == R.NOT_IMPLEMENTED
+        assert one(c, b"FROB nicate") == R.UNKNOWN
+        assert one(c, b"RSET") == R.OK
+        assert one(c, b"helo client.test") == b"250 mta.test\r\n"
+        assert one(c, b"mail from:<lower@example.com>") == R.SENDER_OK
+        assert one(c, b"RSET") == R.OK
+        assert one(c, b"RCPT TO:<r@example.net>") == R.NEED_MAIL   # RSET ended the transaction
+        assert one(c, b"QUIT") == R.BYE
+        assert c.closed()
+
+
+def test_command_sequence(mta):
+    with mta.connect() as c:
+        assert one(c, b"MAIL FROM:<s@example.com>") == R.NEED_HELO
+        assert one(c, b"RCPT TO:<r@example.net>") == R.NEED_HELO
+        assert one(c, b"DATA") == R.NEED_HELO
+        assert one(c, b"EHLO client.test").startswith(b"250-mta.test\r\n")
+        assert one(c, b"RCPT TO:<r@example.net>") == R.NEED_MAIL
+        assert one(c, b"DATA") == R.NEED_MAIL
+        assert one(c, b"MAIL FROM:<s@example.com>") == R.SENDER_OK
+        assert one(c, b"MAIL FROM:<s@example.com>") == R.NESTED_MAIL
+        # RFC 5321 3.3: DATA with no valid recipient: 554 (documented choice over 503).
+        assert one(c, b"DATA") == R.NO_VALID_RCPTS
+        assert one(c, b"RCPT TO:<not an address>") == R.BAD_RCPT
+        assert one(c, b"DATA") == R.NO_VALID_RCPTS
+        assert one(c, b"DATA extra") == R.SYNTAX
+        assert one(c, b"RCPT TO:<r@example.net>") == R.RCPT_OK
+
+
+def test_bdat_three_chunks_stored_byte_exact(mta):
+    # BDAT content is opaque: lines starting with dots, a lone ".", are not unstuffed,
+    # and a CRLF may be split across chunks.
+    chunks = [b"From: s@example.com\r\nSubject: chunks\r\n\r\n..two dots\r",
+              b"\n.\r\n.\r\nline with 8-bit \xc3\xa9\r\n",
+              b"last line\r\n"]
+    with session(mta) as c:
+        script = b"MAIL FROM:<bdat@example.com> BODY=8BITMIME\r\nRCPT TO:<r@example.net>\r\n"
+        for i, ch in enumerate(chunks):
+            last = b" LAST" if i == len(chunks) - 1 else b""
+            script += b"BDAT %d%s\r\n" % (len(ch), last) + ch
+        r = send(c, script, 5)
+        assert r[:4] == [R.SENDER_OK, R.RCPT_OK, chunk_ok(len(chunks[0])), chunk_ok(len(chunks[1]))]
+        qid = queued_id(r[4])
+    raw = mta.cli("queue", "show", "--raw", qid).stdout
+    received, sep, rest = raw.partition(b";\r\n\t")
+    assert received.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby mta.test (mta) "
+                               b"with ESMTP id " + qid.encode())
+    assert rest.split(b"\r\n", 1)[1] == b"".join(chunks)
+
+
+def test_bdat_out_of_sequence_consumes_the_chunk(mta):
+    with mta.connect() as c:
+        # Before EHLO: the chunk (which looks like a QUIT) is read and refused.
+        assert send(c, b"BDAT 6 LAST\r\nQUIT\r\n") == [R.NEED_HELO]
+        assert one(c, b"EHLO client.test").startswith(b"250-")
+        assert send(c, b"BDAT 6 LAST\r\nQUIT\r\n") == [R.BAD_SEQUENCE]
+        assert one(c, b"NOOP") == R.OK
+        assert send(c, b"MAIL FROM:<s@example.com>\r\nBDAT 6\r\nQUIT\r\nNOOP\r\n", 3) == \
+            [R.SENDER_OK, R.BAD_SEQUENCE, R.OK]
+        # The transaction is still open: RCPT, then a proper BDAT works.
+        r = send(c, b"RCPT TO:<r@example.net>\r\nBDAT 6 LAST\r\nhello\n", 2)
+        assert r == [R.RCPT_OK, R.BARE_LINE_END]
+        # Inside a BDAT sequence only BDAT, RSET, NOOP and QUIT are allowed.
+        r = send(c, b"MAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\n"
+                 b"BDAT 7\r\nhello\r\nDATA\r\nRSET\r\nNOOP\r\n", 6)
+        assert r == [R.SENDER_OK, R.RCPT_OK, chunk_ok(7), R.BAD_SEQUENCE, R.OK, R.OK]
+        assert send(c, b"BDAT 1 LAST\r\nx") == [R.BAD_SEQUENCE]     # RSET ended it
+        assert one(c, b"NOOP") == R.OK
+
+
+def test_mail_and_rcpt_parameters(mta):
+    with session(mta) as c:
+        assert one(c, b"MAIL FROM:<s@example.com> FOO=bar") == R.BAD_PARAM
+        assert one(c, b"MAIL FROM:<s@example.com> BODY=BINARYMIME") == R.BAD_PARAM
+        assert one(c, b"MAIL FROM:<s@example.com> RET=HDRS") == R.BAD_PARAM   # no DSN
+        assert one(c, b"MAIL FROM:<s@example.com> SMTPUTF8=yes") == R.SYNTAX
+        assert one(c, b"MAIL FROM:<s@example.com> =x") == R.SYNTAX
+        assert one(c, b"MAIL FROM:<s@example.com> AUTH=<>") == R.SENDER_OK
+        assert one(c, b"RCPT TO:<r@example.net> NOTIFY=NEVER") == R.BAD_PARAM
+        assert one(c, b"RCPT TO:<r@example.net>") == R.RCPT_OK
+    with mta.connect() as c:    # HELO, not EHLO: no parameters at all
+        assert one(c, b"HELO client.test") == b"250 mta.test\r\n"
+        assert one(c, b"MAIL FROM:<s@example.com> BODY=8BITMIME") == R.SYNTAX
+        assert one(c, b"MAIL FROM:<s@example.com>") == R.SENDER_OK
+
+
+def test_smtputf8_addresses(mta):
+    sender, rcpt = "jürgen@exämple.com", "zoë@example.net"
+    with session(mta) as c:
+        assert one(c, f"MAIL FROM:<{sender}>".encode()) == R.NEED_SMTPUTF8
+        assert one(c, b"MAIL FROM:<s@example.com>") == R.SENDER_OK
+        assert one(c, f"RCPT TO:<{rcpt}>".encode()) == R.NEED_SMTPUTF8
+        assert one(c, b"RSET") == R.OK
+        assert one(c, b"MAIL FROM:<\xff\xfe@example.com> SMTPUTF8") == R.BAD_SENDER
+        r = send(c, f"MAIL FROM:<{sender}> SMTPUTF8 BODY=8BITMIME\r\nRCPT TO:<{rcpt}>\r\n"
+                 "DATA\r\n".encode() + "Subject: grüße\r\n\r\nvoilà\r\n.\r\n".encode(), 4)
+        assert r[:3] == [R.SENDER_OK, R.RCPT_OK, R.START_DATA]
+        qid = queued_id(r[3])
+    q = queued(mta)[qid]
+    assert (q["sender"], q["recipients"]) == (sender, [rcpt])
+    raw = mta.cli("queue", "show", "--raw", qid).stdout
+    assert raw.endswith("\r\nSubject: grüße\r\n\r\nvoilà\r\n".encode())
+
+
+def test_body_8bitmime(mta):
+    body = b"Subject: 8bit\r\nContent-Type: text/plain; charset=latin1\r\n\r\ncaf\xe9\r\n"
+    with session(mta) as c:
+        r = send(c, b"MAIL FROM:<eight@example.com> BODY=8BITMIME\r\nRCPT TO:<r@example.net>\r\n"
+                 b"DATA\r\n" + body + b".\r\n", 4)
+        assert r[:3] == [R.SENDER_OK, R.RCPT_OK, R.START_DATA]
+        qid = queued_id(r[3])
+        assert one(c, b"MAIL FROM:<seven@example.com> BODY=7BIT") == R.SENDER_OK
+    assert mta.cli("queue", "show", "--raw", qid).stdout.endswith(b"\r\n" + body)
+
+
+def test_pipelined_batch_of_five_in_one_write(mta):
+    batch = b"EHLO client.test\r\n"
+    for i in range(5):
+        batch += (b"MAIL FROM:<batch%d@example.com>\r\nRCPT TO:<r%d@example.net>\r\n"
+                  b"RCPT TO:<bad address>\r\nDATA\r\nSubject: %d\r\n\r\n.body %d\r\n.\r\n"
+                  % (i, i, i, i))
+    batch += b"QUIT\r\n"
+    with mta.connect() as c:
+        c.send(batch)
+        assert reply_bytes(c).startswith(b"250-mta.test\r\n")
+        ids = []
+        for i in range(5):
+            r = [reply_bytes(c) for _ in range(5)]
+            assert r[:4] == [R.SENDER_OK, R.RCPT_OK, R.BAD_RCPT, R.START_DATA], i
+            ids.append(queued_id(r[4]))
+        assert reply_bytes(c) == R.BYE
+        assert c.closed()
+    assert len(set(ids)) == 5
+    q = queued(mta)
+    assert [(q[x]["sender"], q[x]["recipients"]) for x in ids] == \
+        [(f"batch{i}@example.com", [f"r{i}@example.net"]) for i in range(5)]
+    raw = mta.cli("queue", "show", "--raw", ids[3]).stdout
+    assert raw.endswith(b"\r\nSubject: 3\r\n\r\nbody 3\r\n")    # dot-unstuffed
+
+
+def test_odd_input_gets_bland_replies(mta):
+    """Malformed input gets the named replies, never exception text (checked exactly)."""
+    cases = [
+        (b"EHLO", R.SYNTAX),
+        (b"HELO bad\x01name", R.SYNTAX),
+        (b"\x00\xff\xfe", R.UNKNOWN),
+        (b"MAIL FROM:<\xff@example.com>", R.BAD_SENDER),
+        (b"MAIL FROM:<a@[999.1.1.1]>", R.BAD_SENDER),
+        (b"MAIL FROM:<a@[IPv6:::g]>", R.BAD_SENDER),
+        (b"MAIL FROM:<a@-example.com>", R.BAD_SENDER),
+        (b"MAIL FROM:<a..b@example.com>", R.BAD_SENDER),
+        (b"MAIL FROM:<" + b"l" * 65 + b"@example.com>", R.BAD_SENDER),
+        (b"MAIL FROM:<a@example.com> SIZE=", R.SYNTAX),
+        (b"MAIL FROM:<a@example.com> SIZE=\xd9\xa3", R.SYNTAX),
+        (b"MAIL FROM:<a@example.com> \xff=1", R.SYNTAX),
+        (b"MAIL TO:<a@example.com>", R.SYNTAX),
+        (b"AUTH PLAIN AGFsaWNlAHB3", R.AUTH_NOT_AVAILABLE),
+        (b"STARTTLS", R.NOT_IMPLEMENTED),
+    ]
+    for line, expected in cases:
+        with session(mta) as c:
+            assert one(c, line) == expected, line
+            assert one(c, b"NOOP") == R.OK
+    with session(mta) as c:
+        assert one(c, b"MAIL FROM:<a b@example.com>") == R.BAD_SENDER
+        assert one(c, b"MAIL FROM:<>") == R.SENDER_OK          # the null sender is fine
+        assert one(c, b"RCPT TO:<>") == R.BAD_RCPT
+        assert one(c, b"RCPT TO:<\xff@example.net>") == R.BAD_RCPT
+        # BDAT with a size that cannot be read: the input cannot be resynchronised.
+        assert one(c, b"BDAT lots") == R.SYNTAX
+        assert c.closed()
+
+
+def test_quit(mta):
+    with session(mta) as c:
+        c.send(b"QUIT\r\nNOOP\r\n")
+        assert reply_bytes(c) == R.BYE
+        assert c.closed()

@@ -1,0 +1,331 @@
+"""STARTTLS, AUTH PLAIN/LOGIN over TLS only, relay control, and their config checks.
+
+The daemon gets a certificate from a throw-away CA (trustme) and an auth_file
+made with ``mta passwd``; clients are a raw socket wrapped with ssl after
+STARTTLS, and smtplib.  relay_networks is 127.0.0.2/32 only, so a client on
+127.0.0.1 relays only once authenticated.
+"""
+import base64
+import smtplib
+import ssl
+import time
+
+import pytest
+import trustme
+
+from daemon import HOST, Daemon
+from mta.acceptor import replies as R
+from mta.acceptor.auth import hash_password
+
+USER, PASSWORD = "alice", "correct horse battery staple"
+SLOW_USER = "slow"      # hashed with the default (slow) iteration count
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def client_ctx(ca):
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def mta(tmp_path_factory, ca):
+    tmp = tmp_path_factory.mktemp("tls")
+    cert = ca.issue_cert("mta.test", HOST)
+    cert_path, key_path, auth_path = tmp / "cert.pem", tmp / "key.pem", tmp / "users"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    d = Daemon(tmp / "d", acceptors=1, shards=1,
+               smtp={"tls_certificate": str(cert_path), "tls_key": str(key_path),
+                     "auth_file": str(auth_path), "relay_networks": ["127.0.0.2/32"],
+                     "max_connections_per_ip": 4, "max_buffered_input": 4096})
+    line = d.cli("passwd", "--iterations", "10000", USER,
+                 input=PASSWORD.encode() + b"\n").stdout.decode()
+    assert line.startswith(USER + ":pbkdf2_sha256$10000$")
+    auth_path.write_text(f"# test users\n{line}{SLOW_USER}:{hash_password(PASSWORD)}\n")
+    d.start()
+    yield d
+    d.cleanup()
+
+
+def starttls(c, ctx) -> None:
+    """Send STARTTLS on a raw Client and switch it to TLS."""
+    assert c.cmd("STARTTLS") == (220, ["2.0.0 Ready to start TLS"])
+    c.sock = ctx.wrap_socket(c.sock, server_hostname="mta.test")
+    c.rfile = c.sock.makefile("rb")
+
+
+def b64(s: str | bytes) -> str:
+    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
+
+
+def plain(user: str, password: str) -> bytes:
+    """An AUTH PLAIN response: base64 of authzid NUL authcid NUL password."""
+    return base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+
+
+def reply_bytes(c) -> bytes:
+    code, lines = c.reply()
+    return "".join(f"{code}{'-' if i < len(lines) - 1 else ' '}{x}\r\n"
+                   for i, x in enumerate(lines)).encode()
+
+
+def tls_session(mta, ctx, source=None):
+    c = mta.connect(source=source)
+    assert c.cmd("EHLO client.test")[0] == 250
+    starttls(c, ctx)
+    code, ext = c.cmd("EHLO client.test")
+    assert code == 250
+    return c, ext
+
+
+def test_ehlo_before_tls_offers_starttls_not_auth(mta):
+    with mta.connect() as c:
+        code, ext = c.cmd("EHLO client.test")
+        assert code == 250
+        assert "STARTTLS" in ext
+        assert not any(x.startswith("AUTH") for x in ext)
+        c.send(b"AUTH PLAIN " + plain(USER, PASSWORD) + b"\r\n")
+        assert reply_bytes(c) == R.ENCRYPTION_REQUIRED
+        c.send(b"AUTH LOGIN\r\n")
+        assert reply_bytes(c) == R.ENCRYPTION_REQUIRED
+        # Still unauthenticated: relaying from 127.0.0.1 is refused.
+        assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
+        c.send(b"RCPT TO:<y@example.net>\r\n")
+        assert reply_bytes(c) == R.RELAY_DENIED
+
+
+def test_plaintext_pipelined_after_starttls_is_discarded(mta, client_ctx):
+    with mta.connect() as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        c.send(b"STARTTLS\r\nMAIL FROM:<x@example.com>\r\n")
+        assert reply_bytes(c) == R.TLS_GO
+        c.sock = client_ctx.wrap_socket(c.sock, server_hostname="mta.test")
+        c.rfile = c.sock.makefile("rb")
+        code, ext = c.cmd("EHLO client.test")
+        assert code == 250
+        assert "AUTH PLAIN LOGIN" in ext
+        assert "STARTTLS" not in ext
+        c.send(b"RCPT TO:<y@example.net>\r\n")
+        assert reply_bytes(c) == R.NEED_MAIL     # the pipelined MAIL did not count
+        c.send(b"STARTTLS\r\n")
+        assert reply_bytes(c) == R.ALREADY_TLS
+        assert c.cmd("QUIT")[0] == 221
+
+
+def test_starttls_needs_ehlo_first(mta):
+    with mta.connect() as c:
+        c.send(b"STARTTLS\r\n")
+        assert reply_bytes(c) == R.NEED_HELO
+        c.send(b"EHLO client.test\r\nSTARTTLS now\r\n")
+        assert reply_bytes(c).startswith(b"250-mta.test\r\n")
+        assert reply_bytes(c) == R.SYNTAX
+
+
+def test_failed_handshakes_release_their_connection_slot(mta):
+    """A client that botches the TLS handshake is closed and does not count any more."""
+    src = "127.0.0.8"       # max_connections_per_ip = 4
+    for _ in range(6):
+        with mta.connect(source=src) as c:
+            assert c.cmd("EHLO client.test")[0] == 250
+            starttls_reply = c.cmd("STARTTLS")
+            assert starttls_reply[0] == 220
+            c.send(b"EHLO this is not a TLS ClientHello\r\n")
+            assert c.closed()
+    deadline = time.monotonic() + 5
+    while True:
+        clients = [mta.connect(source=src) for _ in range(4)]
+        banners = [c.banner[0] for c in clients]
+        for c in clients:
+            c.close()
+        if banners == [220] * 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert banners == [220] * 4
+
+
+def test_command_before_ehlo_after_starttls_needs_helo(mta, client_ctx):
+    """TLS starts a new session (RFC 3207 4.2): the pre-TLS EHLO no longer counts."""
+    with mta.connect() as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        starttls(c, client_ctx)
+        c.send(b"MAIL FROM:<x@example.com>\r\n")
+        assert reply_bytes(c) == R.NEED_HELO
+
+
+def test_auth_plain(mta, client_ctx):
+    c, ext = tls_session(mta, client_ctx)
+    with c:
+        c.send(b"AUTH PLAIN " + plain(USER, "wrong password") + b"\r\n")
+        assert reply_bytes(c) == R.AUTH_FAILED
+        c.send(b"AUTH PLAIN " + plain("nobody", PASSWORD) + b"\r\n")
+        assert reply_bytes(c) == R.AUTH_FAILED
+        # Not authenticated after failures: relaying is refused.
+        assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
+        c.send(b"RCPT TO:<y@example.net>\r\n")
+        assert reply_bytes(c) == R.RELAY_DENIED
+        c.send(b"RSET\r\n")
+        assert reply_bytes(c) == R.OK
+        # Without an initial response: an empty challenge, then the credentials.
+        c.send(b"AUTH PLAIN\r\n")
+        assert reply_bytes(c) == R.AUTH_CHALLENGE_EMPTY
+        c.send(plain(USER, PASSWORD) + b"\r\n")
+        assert reply_bytes(c) == R.AUTH_OK
+        c.send(b"AUTH PLAIN " + plain(USER, PASSWORD) + b"\r\n")
+        assert reply_bytes(c) == R.ALREADY_AUTH
+        code, ext = c.cmd("EHLO client.test")
+        assert code == 250 and not any(x.startswith("AUTH") for x in ext)
+        # Authenticated, from 127.0.0.1 (not in relay_networks): relaying is allowed.
+        assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
+        c.send(b"RCPT TO:<y@example.net>\r\n")
+        assert reply_bytes(c) == R.RCPT_OK
+
+
+def test_auth_login(mta, client_ctx):
+    c, _ = tls_session(mta, client_ctx)
+    with c:
+        c.send(b"AUTH LOGIN\r\n")
+        assert reply_bytes(c) == R.AUTH_USERNAME
+        c.send(b64(USER).encode() + b"\r\n")
+        assert reply_bytes(c) == R.AUTH_PASSWORD
+        c.send(b64("not it").encode() + b"\r\n")
+        assert reply_bytes(c) == R.AUTH_FAILED
+        c.send(b"AUTH LOGIN\r\n")
+        assert reply_bytes(c) == R.AUTH_USERNAME
+        c.send(b"*\r\n")
+        assert reply_bytes(c) == R.AUTH_CANCELLED
+        c.send(b"AUTH LOGIN\r\n")
+        assert reply_bytes(c) == R.AUTH_USERNAME
+        c.send(b"!!not base64!!\r\n")
+        assert reply_bytes(c) == R.AUTH_BAD_BASE64
+        # With the user name as initial response.
+        c.send(f"AUTH LOGIN {b64(USER)}\r\n".encode())
+        assert reply_bytes(c) == R.AUTH_PASSWORD
+        c.send(b64(PASSWORD).encode() + b"\r\n")
+        assert reply_bytes(c) == R.AUTH_OK
+        assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
+        c.send(b"RCPT TO:<y@example.net>\r\n")
+        assert reply_bytes(c) == R.RCPT_OK
+
+
+def test_commands_pipelined_after_auth_wait_for_its_result(mta, client_ctx):
+    """The password check runs in a thread; commands sent with AUTH are held until it ends."""
+    c, _ = tls_session(mta, client_ctx)
+    with c:
+        c.send(b"AUTH PLAIN " + plain(USER, PASSWORD) + b"\r\n"
+               b"MAIL FROM:<x@example.com>\r\nRCPT TO:<y@example.net>\r\nRSET\r\n")
+        assert [reply_bytes(c) for _ in range(4)] == [R.AUTH_OK, R.SENDER_OK, R.RCPT_OK, R.OK]
+    c, _ = tls_session(mta, client_ctx)
+    with c:
+        c.send(b"AUTH PLAIN " + plain(USER, "wrong") + b"\r\n"
+               b"MAIL FROM:<x@example.com>\r\nRCPT TO:<y@example.net>\r\nRSET\r\n")
+        assert [reply_bytes(c) for _ in range(4)] == \
+            [R.AUTH_FAILED, R.SENDER_OK, R.RELAY_DENIED, R.OK]
+
+
+def test_auth_continuation_after_paused_input(mta, client_ctx):
+    """Input held back (reading paused) during a password check is read on in AUTH state.
+
+    More than smtp.max_buffered_input (4 KiB here) arrives while the slow
+    password check runs, so the session pauses reading; the pipelined input
+    ends with AUTH LOGIN, whose continuation lines must still be read.
+    """
+    c, _ = tls_session(mta, client_ctx)
+    with c:
+        c.send(b"AUTH PLAIN " + plain(SLOW_USER, "wrong") + b"\r\n")
+        time.sleep(0.05)
+        c.send((b"NOOP " + b"n" * 1000 + b"\r\n") * 8 + b"AUTH LOGIN\r\n")
+        assert [reply_bytes(c) for _ in range(10)] == \
+            [R.AUTH_FAILED] + [R.OK] * 8 + [R.AUTH_USERNAME]
+        c.send(b64(SLOW_USER).encode() + b"\r\n")
+        assert reply_bytes(c) == R.AUTH_PASSWORD
+        c.send(b64(PASSWORD).encode() + b"\r\n")
+        assert reply_bytes(c) == R.AUTH_OK
+
+
+def test_auth_unknown_mechanism(mta, client_ctx):
+    c, _ = tls_session(mta, client_ctx)
+    with c:
+        c.send(b"AUTH CRAM-MD5\r\n")
+        assert reply_bytes(c) == R.BAD_MECHANISM
+
+
+def test_smtplib_starttls_login_sendmail(mta, client_ctx):
+    body = b"From: x@example.com\r\nTo: y@example.net\r\nSubject: tls\r\n\r\nover TLS\r\n"
+    with smtplib.SMTP(HOST, mta.port, local_hostname="client.test") as s:
+        s.starttls(context=client_ctx)
+        s.login(USER, PASSWORD)
+        refused = s.sendmail("x@example.com", ["y@example.net"], body)
+        assert refused == {}
+    q = [x for x in mta.queue_list() if x["recipients"] == ["y@example.net"]]
+    assert len(q) == 1 and q[0]["sender"] == "x@example.com"
+    raw = mta.cli("queue", "show", "--raw", q[0]["queue_id"]).stdout
+    assert raw.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby mta.test (mta) "
+                          b"with ESMTPSA id " + q[0]["queue_id"].encode())
+    assert raw.endswith(b"\r\n" + body)
+    mta.cli("queue", "delete", q[0]["queue_id"])
+
+
+def test_relay_by_network_or_authentication(mta, client_ctx):
+    with mta.connect() as c:    # 127.0.0.1, not in relay_networks
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
+        c.send(b"RCPT TO:<y@example.net>\r\n")
+        assert reply_bytes(c) == R.RELAY_DENIED
+        c.send(b"DATA\r\n")
+        assert reply_bytes(c) == R.NO_VALID_RCPTS
+    with mta.connect(source="127.0.0.2") as c:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
+        c.send(b"RCPT TO:<y@example.net>\r\n")
+        assert reply_bytes(c) == R.RCPT_OK
+    c, _ = tls_session(mta, client_ctx)
+    with c:
+        c.send(b"AUTH PLAIN " + plain(USER, PASSWORD) + b"\r\n")
+        assert reply_bytes(c) == R.AUTH_OK
+        assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
+        c.send(b"RCPT TO:<y@example.net>\r\n")
+        assert reply_bytes(c) == R.RCPT_OK
+
+
+# ------------------------------------------------------------------ check-config
+
+
+def _check_config(tmp_path, **smtp):
+    d = Daemon(tmp_path, smtp=smtp)
+    return d.cli("check-config", "-c", d.config_path, check=False)
+
+
+def test_check_config_auth_file_needs_tls(tmp_path):
+    users = tmp_path / "users"
+    users.write_text("")
+    r = _check_config(tmp_path, auth_file=str(users))
+    assert r.returncode == 78
+    assert r.stderr.decode().startswith("mta: configuration error: smtp.auth_file:")
+
+
+def test_check_config_names_unreadable_certificate_and_key(tmp_path, ca):
+    cert = ca.issue_cert("mta.test")
+    key_path, cert_path = tmp_path / "key.pem", tmp_path / "cert.pem"
+    cert.private_key_pem.write_to_path(str(key_path))
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    r = _check_config(tmp_path, tls_certificate=str(tmp_path / "missing.pem"),
+                      tls_key=str(key_path))
+    assert r.returncode == 78
+    assert r.stderr.decode().startswith("mta: configuration error: smtp.tls_certificate:")
+    r = _check_config(tmp_path, tls_certificate=str(cert_path),
+                      tls_key=str(tmp_path / "missing-key.pem"))
+    assert r.returncode == 78
+    assert r.stderr.decode().startswith("mta: configuration error: smtp.tls_key:")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    r = _check_config(tmp_path, tls_certificate=str(garbage), tls_key=str(key_path))
+    assert r.returncode == 78
+    assert r.stderr.decode().startswith("mta: configuration error: smtp.tls_certificate:")
+    r = _check_config(tmp_path, tls_certificate=str(cert_path), tls_key=str(key_path))
+    assert r.returncode == 0, r.stderr.decode()

@@ -1,0 +1,403 @@
+"""DKIM signing: configuration, key checks, and three independent verifiers.
+
+Every message of ``tests/dkim_corpus/`` is signed with RSA-2048 and with
+Ed25519, in each of the four canonicalisations, and must verify with dkimpy,
+with OpenDKIM (Debian's ``opendkim-testmsg``, whose resolver reaches only an
+unbound started by the test in a private network namespace) and with Node
+``mailauth`` 4 (keys handed over by a resolver function).  Each message
+altered after signing must fail with all three.
+"""
+import base64
+import glob
+import os
+import re
+import subprocess
+import time
+
+import msgspec
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from mta import dkim as mdkim
+from mta import mime
+from mta.dkim import DkimConfig, DkimConfigError, DkimFallback, DkimKey, Signer
+from dkimtools.verifiers import dkimpy_verify, mailauth_verify, opendkim_verify  # tests/ is on sys.path
+
+CORPUS_DIR = os.path.join(os.path.dirname(__file__), "dkim_corpus")
+CORPUS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CORPUS_DIR, "*.eml")))
+AUTHOR = "example.com"
+ESP = "esp.example.net"
+NOW = int(time.time()) - 60  # signing time; verifiers reject a t= in the future
+
+
+def _corpus(name):
+    with open(os.path.join(CORPUS_DIR, name), "rb") as f:
+        return f.read()
+
+
+# -- keys ------------------------------------------------------------------------
+
+def _write_pem(path, key):
+    with open(path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    out = {
+        "rsa": _write_pem(d / "rsa2048.pem", rsa.generate_private_key(65537, 2048)),
+        "rsa1024": _write_pem(d / "rsa1024.pem", rsa.generate_private_key(65537, 1024)),
+        "rsa4096": _write_pem(d / "rsa4096.pem", rsa.generate_private_key(65537, 4096)),
+        "ed": _write_pem(d / "ed25519.pem", ed25519.Ed25519PrivateKey.generate()),
+        "esp": _write_pem(d / "esp.pem", rsa.generate_private_key(65537, 2048)),
+        "ec": _write_pem(d / "ec.pem", ec.generate_private_key(ec.SECP256R1())),
+    }
+    # PKCS#1 ("BEGIN RSA PRIVATE KEY"), as opendkim-genkey writes it
+    pk1 = rsa.generate_private_key(65537, 2048)
+    (d / "pkcs1.pem").write_bytes(pk1.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()))
+    out["pkcs1"] = str(d / "pkcs1.pem")
+    # Ed25519 as a base64 32-byte seed, as dkimpy's dknewkey writes it
+    seed = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    (d / "ed.seed").write_bytes(base64.b64encode(seed) + b"\n")
+    out["seed"] = str(d / "ed.seed")
+    subprocess.run(["openssl", "genrsa", "-out", str(d / "rsa512.pem"), "512"],
+                   check=True, capture_output=True)
+    out["rsa512"] = str(d / "rsa512.pem")
+    (d / "garbage.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    out["garbage"] = str(d / "garbage.pem")
+    out["dir"] = str(d)
+    return out
+
+
+def _signer(keys, *specs, **cfg):
+    """Signer for AUTHOR from specs like ('rsa', 'rsa-sha256')."""
+    key_list = [DkimKey(domain=AUTHOR, selector=f"s-{name}", key_file=keys[name], algorithm=alg)
+                for name, alg in specs]
+    return Signer.from_config(DkimConfig(keys=key_list, **cfg))
+
+
+RSA = ("rsa", "rsa-sha256")
+ED = ("ed", "ed25519-sha256")
+
+
+# -- configuration -------------------------------------------------------------
+
+def test_config_from_toml_and_defaults(keys):
+    text = f'''
+    canonicalization = "relaxed/relaxed"
+    expire_seconds = 604800
+
+    [[keys]]
+    domain = "{AUTHOR}"
+    selector = "rsa2026"
+    key_file = "{keys['rsa']}"
+
+    [[keys]]
+    domain = "{AUTHOR}"
+    selector = "ed2026"
+    key_file = "{keys['ed']}"
+    algorithm = "ed25519-sha256"
+
+    [[keys]]
+    domain = "{ESP}"
+    selector = "esp"
+    key_file = "{keys['esp']}"
+
+    [fallback]
+    domain = "{ESP}"
+    '''
+    cfg = msgspec.toml.decode(text, type=DkimConfig)
+    assert cfg.keys[0].algorithm == "rsa-sha256"
+    assert cfg.fallback.mode == "unmatched"
+    assert "from" in cfg.headers and cfg.oversign == ["from"]
+    assert mdkim.validate(cfg) == []
+    signer = Signer.from_config(cfg)
+    assert set(signer.dns_records()) == {
+        f"rsa2026._domainkey.{AUTHOR}", f"ed2026._domainkey.{AUTHOR}", f"esp._domainkey.{ESP}"}
+    assert signer.dns_records()[f"ed2026._domainkey.{AUTHOR}"].startswith("v=DKIM1; k=ed25519; p=")
+    with pytest.raises(msgspec.ValidationError, match="unknown field `selectr`"):
+        msgspec.toml.decode(b'[[keys]]\ndomain="a.example"\nselectr="s"\nkey_file="/k"\n', type=DkimConfig)
+    with pytest.raises(msgspec.ValidationError, match="Invalid enum value 'rsa-sha1'"):
+        msgspec.toml.decode(b'[[keys]]\ndomain="a.example"\nselector="s"\nkey_file="/k"\n'
+                            b'algorithm="rsa-sha1"\n', type=DkimConfig)
+    schema = msgspec.json.schema(DkimConfig)
+    props = schema["$defs"]["DkimKey"]["properties"]
+    assert all(p.get("description") for p in props.values())
+
+
+def test_validate_names_key_and_file(keys):
+    missing = os.path.join(keys["dir"], "nope", "missing.pem")
+    cfg = DkimConfig(keys=[
+        DkimKey(domain=AUTHOR, selector="a", key_file=missing),
+        DkimKey(domain=AUTHOR, selector="b", key_file=keys["dir"]),
+        DkimKey(domain=AUTHOR, selector="c", key_file=keys["ed"]),
+        DkimKey(domain=AUTHOR, selector="d", key_file=keys["rsa"], algorithm="ed25519-sha256"),
+        DkimKey(domain=AUTHOR, selector="e", key_file=keys["rsa512"]),
+        DkimKey(domain=AUTHOR, selector="f", key_file=keys["ec"]),
+        DkimKey(domain=AUTHOR, selector="g", key_file=keys["garbage"]),
+        DkimKey(domain="bad domain", selector="h", key_file=keys["rsa"]),
+        DkimKey(domain=AUTHOR, selector="a", key_file=keys["rsa"]),
+        DkimKey(domain=AUTHOR, selector="i", key_file=keys["rsa"], headers=["subject"]),
+    ], fallback=DkimFallback(domain="other.example"))
+    errors = mdkim.validate(cfg)
+    assert f"dkim.keys[0].key_file: cannot read {missing}: No such file or directory" in errors
+    assert f"dkim.keys[1].key_file: cannot read {keys['dir']}: Is a directory" in errors
+    assert f"dkim.keys[2].key_file: {keys['ed']} holds an Ed25519 key; rsa-sha256 needs an RSA key" in errors
+    assert f"dkim.keys[3].key_file: {keys['rsa']} holds an RSA key; ed25519-sha256 needs an Ed25519 key" in errors
+    assert (f"dkim.keys[4].key_file: {keys['rsa512']} holds a 512-bit RSA key; "
+            "rsa-sha256 needs 1024 to 4096 bits") in errors
+    assert f"dkim.keys[5].key_file: {keys['ec']} holds an EC key; rsa-sha256 needs an RSA key" in errors
+    assert any(e.startswith(f"dkim.keys[6].key_file: {keys['garbage']} is not a usable PEM") for e in errors)
+    assert any(e.startswith("dkim.keys[7].domain: ") for e in errors)
+    assert "dkim.keys[8]: selector a of example.com is already keys[0]" in errors
+    assert "dkim.keys[9].headers: must include From (RFC 6376 5.4)" in errors
+    assert "dkim.fallback: no key in dkim.keys for other.example" in errors
+    assert len(errors) == 11, errors
+    with pytest.raises(DkimConfigError) as exc:
+        Signer.from_config(cfg)
+    assert exc.value.errors == errors
+    # a custom prefix for the section's place in the main config
+    assert mdkim.validate(DkimConfig(keys=cfg.keys[:1]), prefix="x.dkim") == [
+        f"x.dkim.keys[0].key_file: cannot read {missing}: No such file or directory"]
+
+
+def test_key_formats_and_sizes(keys):
+    for name, alg in (("rsa1024", "rsa-sha256"), ("rsa4096", "rsa-sha256"), ("pkcs1", "rsa-sha256"),
+                      ("seed", "ed25519-sha256")):
+        cfg = DkimConfig(keys=[DkimKey(domain=AUTHOR, selector="s", key_file=keys[name], algorithm=alg)])
+        assert mdkim.validate(cfg) == [], name
+        signer = Signer.from_config(cfg)
+        signed = signer.sign_message(_corpus("plain.eml"), NOW)
+        assert dkimpy_verify(signed, signer.dns_records()) == [True], name
+
+
+def test_disabled_config_signs_nothing_and_loads_nothing():
+    cfg = DkimConfig(enabled=False, keys=[DkimKey(domain=AUTHOR, selector="s", key_file="/nonexistent")])
+    assert mdkim.validate(cfg) == []
+    assert Signer.from_config(cfg).sign(_corpus("plain.eml")) == b""
+
+
+def test_keys_parsed_once(keys, monkeypatch):
+    calls = []
+    real = mdkim.load_key
+    monkeypatch.setattr(mdkim, "load_key", lambda *a: calls.append(a) or real(*a))
+    signer = _signer(keys, RSA, ED)
+    assert len(calls) == 2
+    for _ in range(3):
+        signer.sign(_corpus("plain.eml"))
+    assert len(calls) == 2
+
+
+# -- signature shape and selection ------------------------------------------------
+
+def _sig_tags(fields):
+    out = []
+    for _name, raw, _s, _e in mime.parse_headers(fields + b"\r\n"):
+        value = mime.field_value(raw).decode()
+        tags = dict(t.strip().split("=", 1) for t in value.split(";") if t.strip())
+        out.append({k: re.sub(r"\s+", "", v) for k, v in tags.items()})
+    return out
+
+
+def test_signature_tags(keys):
+    signer = _signer(keys, RSA, ED, expire_seconds=3600)
+    msg = _corpus("plain.eml")
+    fields = signer.sign(msg, NOW)
+    assert fields.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com; s=s-rsa;")
+    assert max(len(line) for line in fields.split(b"\r\n")) <= 80
+    rsa_tags, ed_tags = _sig_tags(fields)
+    assert rsa_tags["a"] == "rsa-sha256" and ed_tags["a"] == "ed25519-sha256"
+    for tags in (rsa_tags, ed_tags):
+        assert tags["t"] == str(NOW) and tags["x"] == str(NOW + 3600)
+        assert "l" not in tags and "i" not in tags
+        assert tags["h"] == "from:to:subject:date:message-id:mime-version:content-type:from"
+    assert rsa_tags["bh"] == ed_tags["bh"]  # one body hash for both
+
+
+def test_no_expiry_by_default(keys):
+    tags = _sig_tags(_signer(keys, RSA).sign(_corpus("plain.eml")))[0]
+    assert "x" not in tags and abs(int(tags["t"]) - time.time()) < 60
+
+
+def test_signature_line_end_follows_message(keys):
+    msg = _corpus("lf_line_endings.eml")
+    fields = _signer(keys, RSA).sign(msg)
+    assert b"\r" not in fields and fields.endswith(b"\n")
+
+
+def test_choice_by_from_domain_and_fallback(keys):
+    ka = DkimKey(domain=AUTHOR, selector="a", key_file=keys["rsa"])
+    ke = DkimKey(domain=ESP, selector="esp", key_file=keys["esp"])
+    sub = DkimKey(domain="parent.example", selector="p", key_file=keys["ed"],
+                  algorithm="ed25519-sha256", subdomains=True)
+
+    def domains(signer, from_):
+        msg = b"From: x@" + from_.encode("utf-8") + b"\r\nSubject: s\r\n\r\nbody\r\n"
+        return [(t["d"], t["s"]) for t in _sig_tags(signer.sign(msg))]
+
+    idn = DkimKey(domain="xn--bcher-kva.example", selector="i", key_file=keys["rsa"])
+    only = Signer.from_config(DkimConfig(keys=[ka, ke, sub, idn]))
+    assert domains(only, "B\u00fccher.example") == [("xn--bcher-kva.example", "i")]
+    assert domains(only, "Example.COM") == [(AUTHOR, "a")]
+    assert domains(only, "elsewhere.example") == []
+    assert domains(only, "news.parent.example") == [("parent.example", "p")]
+    assert domains(only, "sub.example.com") == []  # subdomains off for example.com
+
+    unmatched = Signer.from_config(DkimConfig(keys=[ka, ke], fallback=DkimFallback(domain=ESP)))
+    assert domains(unmatched, AUTHOR) == [(AUTHOR, "a")]
+    assert domains(unmatched, "elsewhere.example") == [(ESP, "esp")]
+    assert unmatched.sign(b"Subject: no from\r\n\r\nbody\r\n").count(b"d=" + ESP.encode()) == 1
+
+    always = Signer.from_config(DkimConfig(keys=[ka, ke],
+                                           fallback=DkimFallback(domain=ESP, selector="esp", mode="always")))
+    assert domains(always, AUTHOR) == [(AUTHOR, "a"), (ESP, "esp")]
+    assert domains(always, ESP) == [(ESP, "esp")]
+    assert domains(always, "elsewhere.example") == [(ESP, "esp")]
+
+
+# -- the three verifiers -------------------------------------------------------------
+
+CANONS = mdkim.CANONICALIZATIONS
+ALGS = {"rsa": RSA, "ed": ED}
+
+
+def _tamper_header(signed):
+    return re.sub(rb"(?im)^(subject:)", rb"\1X", signed, count=1)
+
+
+def _tamper_body(signed):
+    return signed + b"tampered line\r\n"
+
+
+@pytest.fixture(scope="module")
+def verdicts(keys, tmp_path_factory):
+    """Sign the corpus every way, then ask each verifier about every message once."""
+    work = str(tmp_path_factory.mktemp("verify"))
+    records = {}
+    signers = {}
+    for canon in CANONS:
+        for alg in ALGS:
+            signers[(canon, alg)] = _signer(keys, ALGS[alg], canonicalization=canon)
+            records.update(signers[(canon, alg)].dns_records())
+    both = _signer(keys, RSA, ED)
+    esp = Signer.from_config(DkimConfig(
+        keys=[DkimKey(domain=AUTHOR, selector="s-rsa", key_file=keys["rsa"]),
+              DkimKey(domain=ESP, selector="esp", key_file=keys["esp"])],
+        fallback=DkimFallback(domain=ESP, mode="always")))
+    records.update(esp.dns_records())
+
+    single = {}  # one signature each: every verifier judges it alone
+    for name in CORPUS:
+        msg = _corpus(name)
+        for (canon, alg), signer in signers.items():
+            signed = signer.sign_message(msg, NOW)
+            single[f"{name}|{canon}|{alg}|good"] = signed
+            if canon == "relaxed/relaxed":
+                single[f"{name}|{canon}|{alg}|body"] = _tamper_body(signed)
+                single[f"{name}|{canon}|{alg}|header"] = _tamper_header(signed)
+    multi = {}
+    for name in CORPUS:
+        msg = _corpus(name)
+        multi[f"{name}|rsa+ed"] = both.sign_message(msg, NOW)
+        multi[f"{name}|author+esp"] = esp.sign_message(msg, NOW)
+    plain = both.sign_message(_corpus("plain.eml"), NOW)
+    multi["added-from"] = b"From: attacker@evil.example\r\n" + plain
+    multi["multi-body"] = _tamper_body(plain)
+    expiring = _signer(keys, RSA, expire_seconds=3600).sign_message(_corpus("plain.eml"), NOW)
+    multi["expiring"] = expiring
+
+    both_sets = {**single, **multi}
+    return {
+        "records": records,
+        "messages": both_sets,
+        "single": single,
+        "dkimpy": {k: dkimpy_verify(v, records) for k, v in both_sets.items()},
+        "mailauth": mailauth_verify(both_sets, records, work, now_ms=(NOW + 60) * 1000),
+        "mailauth_late": mailauth_verify({"expiring": expiring}, records, work,
+                                         now_ms=(NOW + 7200) * 1000),
+        "opendkim": opendkim_verify(single, records, work),
+    }
+
+
+def _keys_of(prefix, verdicts):
+    return [k for k in verdicts["single"] if k.startswith(prefix)]
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_corpus_verifies_everywhere(verdicts, name):
+    goods = [k for k in _keys_of(name + "|", verdicts) if k.endswith("|good")]
+    assert len(goods) == len(CANONS) * len(ALGS)
+    for k in goods:
+        assert verdicts["dkimpy"][k] == [True], k
+        assert [r["result"] for r in verdicts["mailauth"][k]] == ["pass"], (k, verdicts["mailauth"][k])
+        assert verdicts["opendkim"][k]["rc"] == 0, (k, verdicts["opendkim"][k])
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_corpus_altered_fails_everywhere(verdicts, name):
+    bads = [k for k in _keys_of(name + "|", verdicts) if k.endswith(("|body", "|header"))]
+    assert len(bads) == 2 * len(ALGS)
+    for k in bads:
+        assert verdicts["dkimpy"][k] == [False], k
+        assert [r["result"] for r in verdicts["mailauth"][k]] != ["pass"], k
+        assert verdicts["mailauth"][k], k  # the signature was seen, and failed
+        assert verdicts["opendkim"][k]["rc"] != 0, k
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_corpus_several_signatures(verdicts, name):
+    for kind, want in (("rsa+ed", [(AUTHOR, "s-rsa"), (AUTHOR, "s-ed")]),
+                       ("author+esp", [(AUTHOR, "s-rsa"), (ESP, "esp")])):
+        k = f"{name}|{kind}"
+        assert verdicts["dkimpy"][k] == [True, True], k
+        got = verdicts["mailauth"][k]
+        assert [(r["domain"], r["selector"]) for r in got] == want, k
+        assert [r["result"] for r in got] == ["pass", "pass"], (k, got)
+
+
+def test_added_from_breaks_oversigned_signature(verdicts):
+    assert verdicts["dkimpy"]["added-from"] == [False, False]
+    assert [r["result"] for r in verdicts["mailauth"]["added-from"]] != ["pass", "pass"]
+    assert "pass" not in [r["result"] for r in verdicts["mailauth"]["added-from"]]
+    assert verdicts["dkimpy"]["multi-body"] == [False, False]
+    assert "pass" not in [r["result"] for r in verdicts["mailauth"]["multi-body"]]
+
+
+def test_expiry_is_honoured(verdicts):
+    assert [r["result"] for r in verdicts["mailauth"]["expiring"]] == ["pass"]
+    late = verdicts["mailauth_late"]["expiring"]
+    assert [r["result"] for r in late] != ["pass"] and "expired" in late[0]["comment"]
+
+
+def test_headers_only_message_gets_its_empty_line(keys):
+    signer = _signer(keys, RSA)
+    msg = _corpus("headers_only.eml")
+    signed = signer.sign_message(msg, NOW)
+    assert signed.endswith(msg + b"\r\n")
+    assert signed[:-len(msg) - 2] == signer.sign(msg, NOW)
+    assert signer.sign_message(b"From: a@example.com", NOW).endswith(b"From: a@example.com\r\n\r\n")
+
+
+def test_documented_example_config_is_valid(keys):
+    doc = mdkim.__doc__
+    start = doc.index("    [dkim]\n")
+    end = doc.index("\nReload:")
+    text = "\n".join(line[4:] for line in doc[start:end].splitlines())
+    for path, name in (("/etc/mta/dkim/example.com.rsa2026.pem", "rsa"),
+                       ("/etc/mta/dkim/example.com.ed2026.pem", "ed"),
+                       ("/etc/mta/dkim/esp.pem", "esp")):
+        text = text.replace(path, keys[name])
+    cfg = msgspec.convert(msgspec.toml.decode(text)["dkim"], DkimConfig)
+    assert mdkim.validate(cfg) == []
+    signer = Signer.from_config(cfg)
+    signed = signer.sign_message(b"From: a@elsewhere.example\r\nSubject: x\r\n\r\nhi\r\n", NOW)
+    assert dkimpy_verify(signed, signer.dns_records()) == [True]
+    assert b"d=esp.example.net" in signed
