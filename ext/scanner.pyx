@@ -51,6 +51,7 @@ cdef enum:
     _FLAG_LONG_LINE = 4
     _FLAG_TOO_BIG = 8
     _FLAG_8BIT = 16
+    _FLAG_NUL = 32
 
     # Octets.
     _CR = 0x0D
@@ -77,6 +78,7 @@ FLAG_BARE_CR = _FLAG_BARE_CR
 FLAG_LONG_LINE = _FLAG_LONG_LINE
 FLAG_TOO_BIG = _FLAG_TOO_BIG
 FLAG_8BIT = _FLAG_8BIT
+FLAG_NUL = _FLAG_NUL
 
 cdef uint64_t _HIGH_BITS = 0x8080808080808080ULL
 
@@ -402,6 +404,8 @@ cdef class Scanner:
             flags |= _FLAG_BARE_CR
         if not (flags & _FLAG_8BIT) and _has_8bit(p, n):
             flags |= _FLAG_8BIT
+        if not (flags & _FLAG_NUL) and memchr(p, 0, n) != NULL:
+            flags |= _FLAG_NUL
         self._line_len += n
         if self._line_len > self._max_text_line:
             flags |= _FLAG_LONG_LINE

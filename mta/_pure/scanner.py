@@ -62,6 +62,7 @@ FLAG_BARE_CR = 2
 FLAG_LONG_LINE = 4
 FLAG_TOO_BIG = 8
 FLAG_8BIT = 16
+FLAG_NUL = 32             # a NUL octet: not text in 7BIT or 8BITMIME (RFC 6152)
 
 _CR = 0x0D
 _LF = 0x0A
@@ -282,6 +283,8 @@ class Scanner:
                 flags |= FLAG_BARE_CR
             if not text.isascii():
                 flags |= FLAG_8BIT
+            if b"\0" in text:
+                flags |= FLAG_NUL
             lines = text.split(_CRLF)       # all but the last end with CRLF
             if len(lines) > 1:
                 first = self._line_len + len(lines[0])

@@ -700,6 +700,8 @@ class Session(asyncio.Protocol):
             return R.TOO_BIG
         if flags & 3:   # FLAG_BARE_LF | FLAG_BARE_CR
             return R.BARE_LINE_END
+        if flags & 32:  # FLAG_NUL: a downstream server that drops NULs could see a
+            return R.NUL_IN_TEXT  # line "." that we did not: refuse it (RFC 6152 text)
         if flags & 4:   # FLAG_LONG_LINE
             return R.LONG_TEXT_LINE.format(n=self.a.smtp.max_text_line).encode()
         return None

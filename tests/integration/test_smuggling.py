@@ -104,17 +104,11 @@ def _accepted_once(mta, replies: list[bytes]) -> str:
 
 @pytest.mark.parametrize("between, stored", [
     pytest.param(b"\r\n", b"\r\n", id="plain-line-break"),
-    pytest.param(b"\r\n\x00.\r\n", b"\r\n\x00.\r\n", id="NUL-dot"),
-    pytest.param(b"\r\n.\x00\r\n", b"\r\n\x00\r\n", id="dot-NUL"),
     pytest.param(b"\r\n. \r\n", b"\r\n \r\n", id="dot-space"),
     pytest.param(b"\r\n..\r\n", b"\r\n.\r\n", id="dot-stuffed-dot"),
 ])
 def test_lookalike_content_is_one_message(mta, between, stored):
-    """Control: with no bare CR/LF the text is content of exactly one message, kept exact.
-
-    NUL is content under the documented policy (only bare CR and bare LF are
-    refused), so the NUL look-alikes are one message too, stored as sent.
-    """
+    """Control: with no bare CR/LF or NUL the text is one message, kept exact."""
     head = b"Subject: t\r\n\r\ntext"
     body = head + between + SMUGGLED + REAL_END
     expected = head + stored + SMUGGLED + b"\r\n"
@@ -139,6 +133,21 @@ TEXT = b"Subject: t\r\n\r\ntext"
 
 def chunk_ok(n: int) -> bytes:
     return R.CHUNK_OK.format(n=n).encode()
+
+
+@pytest.mark.parametrize("between", [
+    pytest.param(b"\r\n\x00.\r\n", id="NUL-dot"),
+    pytest.param(b"\r\n.\x00\r\n", id="dot-NUL"),
+    pytest.param(b"\r\nplain\x00text\r\n", id="NUL-in-text"),
+])
+def test_nul_lookalikes_are_refused(mta, between):
+    """A server downstream that drops NULs would see a "." line we did not: refuse NUL."""
+    body = b"Subject: t\r\n\r\ntext" + between + SMUGGLED + REAL_END
+    for byte_by_byte in (False, True):
+        replies = dialogue(mta, ENVELOPE + body + TRAILER, byte_by_byte)
+        assert replies == [R.SENDER_OK, R.RCPT_OK, R.START_DATA, R.NUL_IN_TEXT, R.OK, R.BYE], \
+            f"byte_by_byte={byte_by_byte}"
+    assert mta.queue_list() == []
 
 
 def test_bdat_bare_line_ends_rejected_at_last(mta):

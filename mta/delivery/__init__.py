@@ -1,0 +1,1 @@
+"""delivery: the role that sends queued mail (see main.py)."""

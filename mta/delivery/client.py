@@ -1,0 +1,913 @@
+"""Outbound SMTP client: one connection to one receiving server (RFC 5321).
+
+:meth:`SmtpConnection.open` connects (binding ``source_address`` when given),
+reads the greeting, says EHLO (HELO when EHLO is refused with 5xx), and
+upgrades with STARTTLS (RFC 3207) when the server offers it, then says EHLO
+again.  :meth:`SmtpConnection.send_message` runs one mail transaction and
+returns a :class:`DeliveryResult`: one reply per recipient, in order, and the
+reply to the end of data.  The delivery engine owns policy — routing, retries,
+bounces, pools; this module only speaks the protocol and reports what the
+server said.
+
+Extensions used: PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152),
+SMTPUTF8 (RFC 6531), ENHANCEDSTATUSCODES (RFC 2034), STARTTLS (RFC 3207).
+
+Hot path cost, per message with PIPELINING: two round trips.  One write of
+``MAIL``, every ``RCPT`` and ``DATA``; one read of their replies; one write
+of the dot-stuffed message (one ``bytes.replace``, which copies only when a
+line starts with a dot, and one concatenation — no per-line Python work on
+the body); one read of the final reply.  Replies are
+parsed from the connection's own buffer in ``data_received`` (an
+``asyncio.Protocol``, no stream reader); a waiting call is woken once, when
+every reply it waits for has arrived.  A transaction that leaves the server
+with an open envelope (no recipient accepted, DATA refused) is cleaned up with
+an ``RSET`` pipelined in front of the next transaction, so it costs no extra
+round trip.
+
+Failure: every failure is an :class:`SmtpError` carrying ``.reply`` (the
+server's reply, or a synthetic one, or None) and ``.temporary``.
+- :class:`SmtpConnectError`: connect refused or timed out, greeting 4xx/5xx,
+  EHLO and HELO refused, STARTTLS required but not possible or failed.
+- :class:`SmtpTimeout`: the server did not answer within ``command_timeout``
+  (``data_timeout`` for the message and its final reply).  The connection is
+  aborted.
+- :class:`SmtpConnectionLost`: the server hung up mid-conversation.  If that
+  happens after the final "." was sent, the message may have been delivered
+  anyway (RFC 1047): a retry can duplicate it, never lose it.
+- :class:`SmtpProtocolError` (a kind of SmtpConnectionLost): an unparseable
+  or over-long reply (``MAX_REPLY_BYTES``), an unsolicited reply, or RSET
+  refused; the connection is aborted.
+- :class:`Unsupported8Bit` / :class:`UnsupportedSmtpUtf8`: the message needs
+  an extension the server does not offer; nothing was sent and the
+  connection stays usable.
+Refusals of single commands are not exceptions: they are replies in the
+:class:`DeliveryResult`.  A 421 reply (the server is closing) ends the
+transaction: every command not yet answered gets that 421, and the
+connection is no longer usable.  A message larger than the server's SIZE gets
+a synthetic ``552 5.3.4`` for every recipient without being sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+import ssl
+from collections import deque
+
+__all__ = [
+    "DeliveryResult", "SmtpConnectError", "SmtpConnection", "SmtpConnectionLost",
+    "SmtpError", "SmtpProtocolError", "SmtpReply", "SmtpTimeout", "Unsupported8Bit",
+    "UnsupportedSmtpUtf8", "ReplyParser", "dot_stuff",
+]
+
+# Tuning and limits (units in the names or comments).
+MAX_REPLY_BYTES = 64 * 1024     # one reply, all its lines together; longer is a protocol error
+QUIT_TIMEOUT_MAX = 30.0         # seconds: QUIT waits at most this long (or command_timeout if less)
+SINGLE_WRITE_MAX = 1 << 20      # bytes: up to this size body and "." go out in one write
+
+STARTTLS_MODES = ("none", "opportunistic", "required")
+
+
+# --- replies ---------------------------------------------------------------------------------
+
+class SmtpReply:
+    """One server reply: ``code``, ``enhanced`` status ("5.1.1" or None), ``text``.
+
+    ``text`` holds the text of every line (without code and enhanced code),
+    joined with "\\n".  ``str(reply)`` gives the reply as one line, the way a
+    DSN's Diagnostic-Code wants it.
+    """
+
+    __slots__ = ("code", "enhanced", "text")
+
+    def __init__(self, code: int, enhanced: str | None, text: str) -> None:
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+
+    @property
+    def is_ok(self) -> bool:
+        """A positive completion (2xx)."""
+        return 200 <= self.code < 300
+
+    @property
+    def is_perm(self) -> bool:
+        """A permanent failure (5xx)."""
+        return self.code >= 500
+
+    @property
+    def is_temp(self) -> bool:
+        """A transient failure: 4xx, or any unexpected code that is neither 2xx nor 5xx."""
+        return self.code < 500 and not 200 <= self.code < 300
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SmtpReply):
+            return NotImplemented
+        return (self.code, self.enhanced, self.text) == (other.code, other.enhanced, other.text)
+
+    def __hash__(self) -> int:
+        return hash((self.code, self.enhanced, self.text))
+
+    def __str__(self) -> str:
+        text = self.text.replace("\n", " ")
+        if self.enhanced:
+            return f"{self.code} {self.enhanced} {text}"
+        return f"{self.code} {text}"
+
+    def __repr__(self) -> str:
+        return f"SmtpReply({self.code}, {self.enhanced!r}, {self.text!r})"
+
+
+# Synthetic replies: what the client reports when it decides not to send.
+REPLY_TOO_BIG = SmtpReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+REPLY_NEED_8BITMIME = SmtpReply(
+    554, "5.6.3", "Conversion required but not supported: server does not offer 8BITMIME")
+REPLY_NEED_SMTPUTF8 = SmtpReply(
+    553, "5.6.7", "Non-ASCII address or header: server does not offer SMTPUTF8")
+REPLY_BAD_SENDER = SmtpReply(553, "5.1.7", "Bad sender address syntax")
+REPLY_BAD_RCPT = SmtpReply(553, "5.1.3", "Bad recipient address syntax")
+
+# "5.1.1 " at the start of a reply line (RFC 3463: class.subject.detail).
+_ENHANCED = re.compile(rb"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+# Characters that must never reach the wire inside an address (command injection).
+_BAD_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+
+
+class ReplyParser:
+    """Incremental parser of server replies; bounded to ``MAX_REPLY_BYTES`` per reply.
+
+    ``feed(data)`` returns the replies completed by *data* (often none or
+    one; several when the server answered pipelined commands at once).
+    Lines end in CRLF (a bare LF is tolerated).  A line that does not start
+    with a three-digit code 2xx-5xx, or a reply longer than the bound, raises
+    :class:`SmtpProtocolError`; the parser is unusable after that.
+    """
+
+    __slots__ = ("_buf", "_lines", "_size")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._lines: list[bytes] = []   # lines of the reply being assembled, without CR LF
+        self._size = 0                  # bytes in _lines
+
+    def clear(self) -> None:
+        """Forget everything buffered (after STARTTLS, RFC 3207 §4.2)."""
+        self._buf.clear()
+        self._lines.clear()
+        self._size = 0
+
+    def feed(self, data: bytes) -> list[SmtpReply]:
+        """Add *data*; return the replies it completes."""
+        buf = self._buf
+        buf += data
+        out: list[SmtpReply] = []
+        start = 0
+        # Per line: one find, one slice; per reply: one regex match and one decode.
+        while (nl := buf.find(b"\n", start)) >= 0:
+            end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
+            line = bytes(buf[start:end])
+            start = nl + 1
+            self._size += len(line) + 2
+            if self._size > MAX_REPLY_BYTES:
+                raise SmtpProtocolError("reply longer than %d bytes" % MAX_REPLY_BYTES)
+            if len(line) < 3 or not (0x32 <= line[0] <= 0x35) or not line[:3].isdigit():
+                raise SmtpProtocolError("malformed reply line %r" % line[:40])
+            self._lines.append(line)
+            if line[3:4] != b"-":
+                out.append(self._finish())
+        if start:
+            del buf[:start]
+        if self._size + len(buf) > MAX_REPLY_BYTES:
+            raise SmtpProtocolError("reply longer than %d bytes" % MAX_REPLY_BYTES)
+        return out
+
+    def _finish(self) -> SmtpReply:
+        """Build the reply from the collected lines (the last one ends it)."""
+        lines = self._lines
+        self._lines = []
+        self._size = 0
+        code = int(lines[-1][:3])
+        texts = [line[4:] for line in lines]
+        enhanced = None
+        m = _ENHANCED.match(texts[0])
+        if m is not None and m.group(1)[0] == 0x30 + code // 100:
+            prefix = m.group(0)
+            enhanced = prefix.rstrip().decode("ascii")
+            cut = len(prefix)
+            texts = [t[cut:] if t.startswith(prefix) or t == prefix.rstrip() else t
+                     for t in texts]
+        return SmtpReply(code, enhanced, b"\n".join(texts).decode("utf-8", "replace"))
+
+
+class DeliveryResult:
+    """The outcome of one transaction.
+
+    ``rcpt_replies[i]`` is the reply to recipient i (in the order given to
+    ``send_message``); ``data_reply`` the reply after the message (or to a
+    refused DATA), None when no recipient was accepted so no data was sent.
+    """
+
+    __slots__ = ("rcpt_replies", "data_reply")
+
+    def __init__(self, rcpt_replies: list[SmtpReply], data_reply: SmtpReply | None) -> None:
+        self.rcpt_replies = rcpt_replies
+        self.data_reply = data_reply
+
+    def accepted(self, i: int) -> bool:
+        """True when the server took the message for recipient i (RCPT and data both 2xx)."""
+        d = self.data_reply
+        return d is not None and d.is_ok and self.rcpt_replies[i].is_ok
+
+    def reply(self, i: int) -> SmtpReply:
+        """The reply that decides recipient i: its RCPT reply if refused, else the data reply."""
+        r = self.rcpt_replies[i]
+        if not r.is_ok or self.data_reply is None:
+            return r
+        return self.data_reply
+
+    @property
+    def all_accepted(self) -> bool:
+        """True when every recipient was accepted."""
+        return all(self.accepted(i) for i in range(len(self.rcpt_replies)))
+
+    def __repr__(self) -> str:
+        return f"DeliveryResult({self.rcpt_replies!r}, {self.data_reply!r})"
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+class SmtpError(Exception):
+    """Base of every client error: ``.reply`` (SmtpReply or None), ``.temporary``."""
+
+    def __init__(self, message: str, reply: SmtpReply | None = None,
+                 temporary: bool | None = None) -> None:
+        super().__init__(message if reply is None else f"{message}: {reply}")
+        self.reply = reply
+        if temporary is None:
+            temporary = reply is None or not reply.is_perm
+        self.temporary = temporary
+
+
+class SmtpConnectError(SmtpError):
+    """No usable session: connect failed, greeting/EHLO/HELO refused, STARTTLS impossible.
+
+    ``tls_failed`` is True when the TLS handshake (or the STARTTLS command)
+    failed; the engine may retry that host without TLS.
+    """
+
+    def __init__(self, message: str, reply: SmtpReply | None = None,
+                 temporary: bool | None = None, tls_failed: bool = False) -> None:
+        super().__init__(message, reply, temporary)
+        self.tls_failed = tls_failed
+
+
+class SmtpTimeout(SmtpError):
+    """The server did not answer in time; the connection was aborted."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, None, True)
+
+
+class SmtpConnectionLost(SmtpError):
+    """The connection is gone mid-session (the server hung up, or see SmtpProtocolError)."""
+
+    def __init__(self, message: str, reply: SmtpReply | None = None) -> None:
+        SmtpError.__init__(self, message, reply, True)
+
+
+class SmtpProtocolError(SmtpConnectionLost):
+    """The server broke the protocol (malformed or over-long reply, RSET refused), so the
+    client dropped the connection: handled like a lost connection."""
+
+
+class Unsupported8Bit(SmtpError):
+    """The message is 8-bit and the server does not offer 8BITMIME; nothing was sent."""
+
+    def __init__(self) -> None:
+        super().__init__("server does not offer 8BITMIME", REPLY_NEED_8BITMIME, False)
+
+
+class UnsupportedSmtpUtf8(SmtpError):
+    """The transaction needs SMTPUTF8 and the server does not offer it; nothing was sent."""
+
+    def __init__(self) -> None:
+        super().__init__("server does not offer SMTPUTF8", REPLY_NEED_SMTPUTF8, False)
+
+
+# --- the wire --------------------------------------------------------------------------------
+
+def dot_stuff(message: bytes) -> bytes:
+    """Return *message* ready to follow DATA: dots doubled, CRLF ensured, "." CRLF appended.
+
+    *message* has CRLF line ends.  A dot is doubled after any LF, so a bare
+    LF in a broken message cannot end the data early on a lenient server
+    (SMTP smuggling); for CRLF text that is exactly RFC 5321 §4.5.2.  Cost:
+    one ``bytes.replace`` (no copy when no line starts with a dot) and one
+    concatenation.
+    """
+    body = message.replace(b"\n.", b"\n..")
+    if body[:1] == b".":
+        body = b"." + body
+    if not body or body[-2:] == b"\r\n":
+        return body + b".\r\n"
+    return body + b"\r\n.\r\n"
+
+
+class _Wire(asyncio.Protocol):
+    """The connection's Protocol: parses replies into a queue and wakes one waiter."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = ReplyParser()
+        self.replies: deque[SmtpReply] = deque()
+        self.owed = 1                   # replies the server owes us; 1 for the greeting
+        self.want = 0                   # wake the waiter when this many replies are queued
+        self.waiter: asyncio.Future | None = None
+        self.drainer: asyncio.Future | None = None
+        self.error: SmtpError | None = None     # set once the connection broke the protocol
+        self.closing = False            # a 421 arrived: the server is ending the session
+        self.goodbye: SmtpReply | None = None   # that 421
+        self.lost = False
+        self.paused = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        try:
+            replies = self.parser.feed(data)
+        except SmtpProtocolError as exc:
+            self._fail(exc)
+            return
+        if not replies:
+            return
+        for reply in replies:
+            if self.closing:
+                break                   # nothing counts after a 421
+            if self.owed <= 0:
+                # Unsolicited: an idle server's 421 is normal; anything else is not.
+                if reply.code == 421:
+                    self.closing = True
+                    self.goodbye = reply
+                    continue
+                self._fail(SmtpProtocolError("unexpected reply", reply))
+                return
+            self.owed -= 1
+            self.replies.append(reply)
+            if reply.code == 421:
+                self.closing = True
+                self.goodbye = reply
+        w = self.waiter
+        if w is not None and not w.done() and (len(self.replies) >= self.want or self.closing):
+            w.set_result(None)
+
+    def connection_lost(self, exc) -> None:
+        self.lost = True
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        d = self.drainer
+        if d is not None and not d.done():
+            d.set_result(None)
+
+    # helpers
+    def _fail(self, exc: SmtpError) -> None:
+        self.error = exc
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        for f in (self.waiter, self.drainer):
+            if f is not None and not f.done():
+                f.set_result(None)
+
+
+def _timed_out(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+_TLS_CONTEXTS: dict[bool, ssl.SSLContext] = {}
+
+
+def _default_tls_context(verify: bool) -> ssl.SSLContext:
+    """The shared client SSLContext: verifying (system CAs) or opportunistic (CERT_NONE)."""
+    ctx = _TLS_CONTEXTS.get(verify)
+    if ctx is None:
+        if verify:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        _TLS_CONTEXTS[verify] = ctx
+    return ctx
+
+
+class _State(enum.IntEnum):
+    READY = 0       # no transaction open on the server
+    DIRTY = 1       # the server may hold an envelope: RSET before the next MAIL
+    BUSY = 2        # a call is in progress
+    CLOSED = 3
+
+
+# --- the connection --------------------------------------------------------------------------
+
+class SmtpConnection:
+    """One SMTP session to one server.  Create with :meth:`open`; one call at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, wire: _Wire, command_timeout: float,
+                 data_timeout: float) -> None:
+        self._loop = loop
+        self._wire = wire
+        self.host = ""
+        self.port = 0
+        self.command_timeout = command_timeout
+        self.data_timeout = data_timeout
+        self._state = _State.BUSY
+        self._state_before = _State.READY   # the state when the current call began
+        self.extensions: dict[str, str] = {}
+        self.esmtp = False
+        self.greeting: SmtpReply | None = None
+        self.messages_sent = 0          # messages the server accepted (final 2xx)
+        self.transactions = 0           # transactions started (MAIL sent)
+
+    # -- properties --
+
+    @property
+    def supports_pipelining(self) -> bool:
+        return "PIPELINING" in self.extensions
+
+    @property
+    def supports_8bitmime(self) -> bool:
+        return "8BITMIME" in self.extensions
+
+    @property
+    def supports_smtputf8(self) -> bool:
+        return "SMTPUTF8" in self.extensions
+
+    @property
+    def max_size(self) -> int | None:
+        """The SIZE the server announced, None when it announced none (or 0: no limit)."""
+        param = self.extensions.get("SIZE")
+        if not param:
+            return None
+        try:
+            n = int(param.split()[0])
+        except ValueError:
+            return None
+        return n if n > 0 else None
+
+    @property
+    def tls_active(self) -> bool:
+        t = self._wire.transport
+        return t is not None and t.get_extra_info("ssl_object") is not None
+
+    @property
+    def is_usable(self) -> bool:
+        """Open, not told to go away, not mid-call: ready for another message.
+
+        A transaction left open on the server (no recipient accepted, DATA
+        refused) does not count against it: the next send_message resets it.
+        """
+        w = self._wire
+        return (self._state in (_State.READY, _State.DIRTY) and not w.lost and not w.closing
+                and w.error is None)
+
+    # -- opening --
+
+    @classmethod
+    async def open(cls, host: str, port: int, *, helo_name: str,
+                   source_address: str | None = None,
+                   connect_timeout: float = 30, command_timeout: float = 300,
+                   data_timeout: float = 600, starttls: str = "opportunistic",
+                   tls_verify: bool = False, tls_server_hostname: str | None = None,
+                   tls_context: ssl.SSLContext | None = None,
+                   loop: asyncio.AbstractEventLoop | None = None) -> SmtpConnection:
+        """Connect, read the greeting, EHLO (or HELO), STARTTLS as asked; return the session.
+
+        ``starttls``: "none" never, "opportunistic" when offered, "required"
+        (SmtpConnectError when not offered or not working).  ``tls_context``
+        overrides the shared context chosen by ``tls_verify``.
+        Raises SmtpConnectError, SmtpTimeout, SmtpConnectionLost or SmtpProtocolError.
+        """
+        if starttls not in STARTTLS_MODES:
+            raise ValueError(f"starttls must be one of {STARTTLS_MODES}")
+        if not helo_name or not helo_name.isascii() or _BAD_ADDRESS.search(helo_name):
+            raise ValueError("helo_name must be an ASCII hostname (A-labels) or address literal")
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        local = (source_address, 0) if source_address else None
+        try:
+            _, wire = await asyncio.wait_for(
+                loop.create_connection(_Wire, host, port, local_addr=local),
+                connect_timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise SmtpConnectError(f"connect to {host}:{port} timed out", temporary=True) from None
+        except OSError as exc:
+            raise SmtpConnectError(f"connect to {host}:{port} failed ({exc.strerror or exc})",
+                                   temporary=True) from None
+        conn = cls(loop, wire, command_timeout, data_timeout)
+        conn.host, conn.port = host, port
+        try:
+            await conn._handshake(helo_name, starttls, tls_verify,
+                                  tls_server_hostname or host, tls_context)
+        except BaseException:
+            conn.close()
+            raise
+        conn._state = _State.READY
+        return conn
+
+    async def _handshake(self, helo_name: str, starttls: str, verify: bool,
+                         server_hostname: str, ctx: ssl.SSLContext | None) -> None:
+        """Greeting, EHLO/HELO, and the STARTTLS upgrade."""
+        greeting = (await self._read(1, self.command_timeout, "greeting"))[0]
+        self.greeting = greeting
+        if greeting.code != 220:
+            await self._quit_quietly()
+            raise SmtpConnectError("greeting refused", greeting)
+        await self._hello(helo_name)
+        if starttls == "none":
+            return
+        if "STARTTLS" not in self.extensions:
+            if starttls == "required":
+                await self._quit_quietly()
+                raise SmtpConnectError("STARTTLS required but not offered", temporary=True,
+                                       tls_failed=True)
+            return
+        reply = (await self._command(b"STARTTLS\r\n", "STARTTLS"))[0]
+        if reply.code != 220:
+            if starttls == "required" or reply.code == 421:
+                await self._quit_quietly()
+                raise SmtpConnectError("STARTTLS refused", reply, temporary=True,
+                                       tls_failed=reply.code != 421)
+            return          # opportunistic: carry on in plaintext
+        await self._start_tls(ctx or _default_tls_context(verify), server_hostname)
+        await self._hello(helo_name)
+
+    async def _hello(self, helo_name: str) -> None:
+        """EHLO, falling back to HELO on 5xx; fills ``extensions``."""
+        name = helo_name.encode("ascii")     # checked in open()
+        reply = (await self._command(b"EHLO " + name + b"\r\n", "EHLO"))[0]
+        if reply.is_ok:
+            self.esmtp = True
+            self.extensions = _parse_extensions(reply.text)
+            return
+        if reply.code == 421 or not reply.is_perm:
+            await self._quit_quietly()
+            raise SmtpConnectError("EHLO refused", reply)
+        reply = (await self._command(b"HELO " + name + b"\r\n", "HELO"))[0]
+        if not reply.is_ok:
+            await self._quit_quietly()
+            raise SmtpConnectError("HELO refused", reply)
+        self.esmtp = False
+        self.extensions = {}
+
+    async def _start_tls(self, ctx: ssl.SSLContext, server_hostname: str) -> None:
+        """Upgrade the transport; anything received in plaintext before is discarded."""
+        w = self._wire
+        if w.error is not None or w.lost:
+            # e.g. a reply injected behind the 220 (the parser refused it as unsolicited)
+            self.abort()
+            raise SmtpConnectError("connection broken at STARTTLS", w.error and w.error.reply,
+                                   temporary=True, tls_failed=True)
+        w.parser.clear()
+        w.replies.clear()
+        try:
+            transport = await asyncio.wait_for(
+                self._loop.start_tls(w.transport, w, ctx, server_hostname=server_hostname,
+                                     ssl_handshake_timeout=self.command_timeout),
+                self.command_timeout)
+        except (asyncio.TimeoutError, TimeoutError, OSError, ssl.SSLError,
+                ConnectionError) as exc:
+            raise SmtpConnectError(f"TLS handshake failed ({type(exc).__name__}: {exc})",
+                                   temporary=True, tls_failed=True) from None
+        if transport is None:
+            raise SmtpConnectError("TLS handshake failed (connection closed)", temporary=True,
+                                   tls_failed=True)
+        w.transport = transport
+        self.extensions = {}
+
+    # -- the transaction --
+
+    async def send_message(self, sender: str, recipients: list[str], message: bytes, *,
+                           eight_bit: bool = False, smtputf8: bool = False) -> DeliveryResult:
+        """Run one mail transaction; return one reply per recipient and the data reply.
+
+        *message* is the whole message with CRLF line ends, not dot-stuffed.
+        An 8-bit message (``eight_bit`` or any byte >= 0x80) is sent with
+        BODY=8BITMIME; SMTPUTF8 is used when asked or when an address is
+        not ASCII.  Raises Unsupported8Bit / UnsupportedSmtpUtf8 (nothing
+        sent), SmtpTimeout, SmtpConnectionLost, SmtpProtocolError.
+        """
+        self._begin()
+        try:
+            result = await self._transaction(sender, recipients, message, eight_bit, smtputf8)
+        except BaseException:
+            if self._state == _State.BUSY:      # state on the server unknown: give up on it
+                self.close()
+            raise
+        if self._state == _State.BUSY:
+            self._state = _State.READY
+        return result
+
+    async def _transaction(self, sender: str, recipients: list[str], message: bytes,
+                           eight_bit: bool, smtputf8: bool) -> DeliveryResult:
+        """The steps of send_message; leaves _state READY, DIRTY, BUSY (= READY) or CLOSED."""
+        # 1. Checks that need nothing from the server.
+        eight_bit = eight_bit or not message.isascii()
+        if eight_bit and not self.supports_8bitmime:
+            self._state = self._idle_state()
+            raise Unsupported8Bit()
+        utf8 = smtputf8 or not sender.isascii() or not all(r.isascii() for r in recipients)
+        if utf8 and not self.supports_smtputf8:
+            self._state = self._idle_state()
+            raise UnsupportedSmtpUtf8()
+        n = len(recipients)
+        limit = self.max_size
+        if limit is not None and len(message) > limit:
+            self._state = self._idle_state()
+            return DeliveryResult([REPLY_TOO_BIG] * n, None)
+        if _BAD_ADDRESS.search(sender):
+            self._state = self._idle_state()
+            return DeliveryResult([REPLY_BAD_SENDER] * n, None)
+        replies: list[SmtpReply | None] = [None] * n
+        send_idx = []
+        for i, r in enumerate(recipients):
+            if not r or _BAD_ADDRESS.search(r):
+                replies[i] = REPLY_BAD_RCPT
+            else:
+                send_idx.append(i)
+        if not send_idx:
+            self._state = self._idle_state()
+            return DeliveryResult(replies, None)
+
+        # 2. The envelope: MAIL, RCPT..., and DATA too when pipelining.
+        params = ""
+        if "SIZE" in self.extensions:
+            params += " SIZE=%d" % len(message)
+        if eight_bit:
+            params += " BODY=8BITMIME"
+        if utf8:
+            params += " SMTPUTF8"
+        enc = "utf-8" if utf8 else "ascii"
+        mail = ("MAIL FROM:<%s>%s\r\n" % (sender, params)).encode(enc)
+        rcpts = [("RCPT TO:<%s>\r\n" % recipients[i]).encode(enc) for i in send_idx]
+        rset = self._state_before == _State.DIRTY
+        self.transactions += 1
+        if self.supports_pipelining:
+            # One write; replies: [RSET] MAIL RCPT... DATA.  A 421 cuts them short:
+            # whatever it left unanswered gets the 421.
+            count = len(rcpts) + 2 + rset
+            got = await self._command(
+                (b"RSET\r\n" if rset else b"") + mail + b"".join(rcpts) + b"DATA\r\n",
+                "MAIL", count)
+            if len(got) < count:
+                got.extend([got[-1]] * (count - len(got)))
+            if rset:
+                self._check_rset(got.pop(0))
+            mail_reply = got[0]
+            rcpt_got = got[1:-1]
+            data_cmd_reply: SmtpReply | None = got[-1]
+        else:
+            data_cmd_reply = None
+            rcpt_got = []
+            if rset:
+                r = (await self._command(b"RSET\r\n", "RSET"))[0]
+                self._check_rset(r)
+                mail_reply = r
+            if not rset or mail_reply.is_ok:
+                mail_reply = (await self._command(mail, "MAIL"))[0]
+            if mail_reply.is_ok:
+                for cmd in rcpts:
+                    r = (await self._command(cmd, "RCPT"))[0]
+                    rcpt_got.append(r)
+                    if r.code == 421:
+                        break
+                rcpt_got.extend([rcpt_got[-1]] * (len(rcpts) - len(rcpt_got)))
+
+        # 3. Sort out the envelope replies.
+        if not mail_reply.is_ok:
+            for i in send_idx:
+                replies[i] = mail_reply
+            if self._wire.closing or (data_cmd_reply is not None and data_cmd_reply.code == 354):
+                self.close()                # going away, or DATA open without MAIL
+            return DeliveryResult(replies, None)
+        accepted = 0
+        for i, r in zip(send_idx, rcpt_got, strict=True):
+            replies[i] = r
+            accepted += r.is_ok
+        if self._wire.closing:
+            # a 421 somewhere: the server is going away
+            self.close()
+            return DeliveryResult(replies, self._wire.goodbye if accepted else None)
+        if not accepted:
+            if data_cmd_reply is not None and data_cmd_reply.code == 354:
+                self.close()                # no recipient, yet DATA open: cannot recover
+            else:
+                self._state = _State.DIRTY  # MAIL is open on the server
+            return DeliveryResult(replies, None)
+        if data_cmd_reply is None:
+            data_cmd_reply = (await self._command(b"DATA\r\n", "DATA"))[0]
+        if data_cmd_reply.code != 354:
+            if self._wire.closing:
+                self.close()
+            else:
+                self._state = _State.DIRTY
+            return DeliveryResult(replies, data_cmd_reply)
+
+        # 4. The message.
+        data_reply = await self._send_data(message)
+        if data_reply.is_ok:
+            self.messages_sent += 1
+        if self._wire.closing:
+            self.close()
+        return DeliveryResult(replies, data_reply)
+
+    async def _send_data(self, message: bytes) -> SmtpReply:
+        """Write the dot-stuffed message and the final dot; return the final reply."""
+        w = self._wire
+        deadline = self._loop.time() + self.data_timeout
+        if len(message) <= SINGLE_WRITE_MAX:
+            self._write(dot_stuff(message))
+        else:
+            body = message.replace(b"\n.", b"\n..")
+            if body[:1] == b".":
+                self._write(b".")
+            self._write(body)
+            self._write(b".\r\n" if body[-2:] == b"\r\n" else b"\r\n.\r\n")
+        w.owed += 1
+        if w.paused:
+            await self._drain(deadline)
+        return (await self._read(1, deadline - self._loop.time(), "end of data"))[0]
+
+    def _check_rset(self, reply: SmtpReply) -> None:
+        if not reply.is_ok and reply.code != 421:
+            self.close()
+            raise SmtpProtocolError("RSET refused", reply)
+
+    # -- other commands --
+
+    async def reset(self) -> None:
+        """Send RSET: abandon any transaction on the server."""
+        self._begin()
+        try:
+            reply = (await self._command(b"RSET\r\n", "RSET"))[0]
+            self._check_rset(reply)
+        except BaseException:
+            self.close()
+            raise
+        if reply.code == 421:
+            self.close()
+            raise SmtpConnectionLost("server closing: %s" % reply)
+        self._state = _State.READY
+
+    async def noop(self) -> SmtpReply:
+        """Send NOOP (a liveness check for an idle pooled connection); return the reply."""
+        self._begin()
+        try:
+            reply = (await self._command(b"NOOP\r\n", "NOOP"))[0]
+        except BaseException:
+            self.close()
+            raise
+        if reply.code == 421:
+            self.close()
+        else:
+            self._state = self._state_before
+        return reply
+
+    async def quit(self) -> None:
+        """Send QUIT, wait briefly for the reply, close.  Never raises."""
+        if self._state == _State.BUSY:      # a call is in progress: drop the connection under it
+            self.abort()
+            return
+        if self._state == _State.CLOSED or self._wire.lost:
+            self.close()
+            return
+        self._state = _State.BUSY
+        await self._quit_quietly()
+
+    async def _quit_quietly(self) -> None:
+        try:
+            if not (self._wire.lost or self._wire.closing or self._wire.error):
+                await self._command(b"QUIT\r\n", "QUIT",
+                                    timeout=min(self.command_timeout, QUIT_TIMEOUT_MAX))
+        except Exception:
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the connection now (buffered output is still flushed)."""
+        self._state = _State.CLOSED
+        t = self._wire.transport
+        if t is not None and not t.is_closing():
+            t.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once."""
+        self._state = _State.CLOSED
+        t = self._wire.transport
+        if t is not None:
+            t.abort()
+
+    # -- plumbing --
+
+    def _begin(self) -> None:
+        """Enter a call: check the connection can take one, remember the state."""
+        st = self._state
+        if st == _State.BUSY:
+            raise RuntimeError("SmtpConnection is already in use")
+        w = self._wire
+        if st == _State.CLOSED or w.lost or w.closing or w.error is not None:
+            raise SmtpConnectionLost("connection is closed")
+        self._state_before = st
+        self._state = _State.BUSY
+
+    def _idle_state(self) -> _State:
+        return self._state_before
+
+    def _write(self, data: bytes) -> None:
+        t = self._wire.transport
+        if t is None or t.is_closing():
+            raise SmtpConnectionLost("connection closed")
+        t.write(data)
+
+    async def _command(self, data: bytes, what: str, count: int = 1,
+                       timeout: float | None = None) -> list[SmtpReply]:
+        """Write *data* (one or more commands); return their *count* replies (fewer after 421)."""
+        self._write(data)
+        self._wire.owed += count
+        return await self._read(count, self.command_timeout if timeout is None else timeout, what)
+
+    async def _read(self, count: int, timeout: float, what: str) -> list[SmtpReply]:
+        """Wait for *count* replies; return them (fewer when a 421 ended the session)."""
+        w = self._wire
+        if len(w.replies) < count and not w.closing and not w.lost and w.error is None:
+            fut = self._loop.create_future()
+            w.waiter = fut
+            w.want = count
+            handle = self._loop.call_later(max(timeout, 0.0), _timed_out, fut)
+            try:
+                await fut
+            finally:
+                handle.cancel()
+                w.waiter = None
+        q = w.replies
+        if len(q) >= count:
+            return [q.popleft() for _ in range(count)]
+        if w.closing and q:
+            out = list(q)
+            q.clear()
+            return out
+        if w.error is not None:
+            self.abort()
+            raise w.error
+        if w.lost or w.closing:
+            self.abort()
+            raise SmtpConnectionLost(f"connection lost waiting for the {what} reply")
+        self.abort()
+        raise SmtpTimeout(f"no {what} reply within {timeout:g} s")
+
+    async def _drain(self, deadline: float) -> None:
+        """Wait until the transport accepts more data, or the deadline."""
+        w = self._wire
+        while w.paused and not w.lost and w.error is None and not w.replies:
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                self.abort()
+                raise SmtpTimeout("message not accepted within the data timeout")
+            fut = self._loop.create_future()
+            w.drainer = fut
+            handle = self._loop.call_later(remaining, _timed_out, fut)
+            try:
+                await fut
+            finally:
+                handle.cancel()
+                w.drainer = None
+        if w.replies:
+            return                      # the server answered early; the caller reads it
+        if w.error is not None:
+            self.abort()
+            raise w.error
+        if w.lost:
+            self.abort()
+            raise SmtpConnectionLost("connection lost while sending the message")
+
+
+def _parse_extensions(text: str) -> dict[str, str]:
+    """EHLO reply text (first line is the server's name) -> {KEYWORD: params}."""
+    ext: dict[str, str] = {}
+    for line in text.split("\n")[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        if keyword:
+            ext[keyword.upper()] = params.strip()
+    return ext

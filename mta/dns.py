@@ -1,0 +1,510 @@
+"""MX routing resolution with a TTL cache (RFC 5321 §5.1, RFC 7505): leaf library.
+
+What it does: tells delivery where mail for a domain goes.  ``resolve_mx``
+turns a recipient domain into MX host names grouped by preference (or a
+permanent or temporary reason why there are none); ``resolve_addresses``
+turns a host name into its IPv4 then IPv6 addresses.  ``resolve_route`` gives
+the MX answer in the shape delivery walks: ``(host, port)`` candidates in
+try-order, each host's addresses still to be looked up.
+Reads: the nameservers, port and limits it is constructed with (the delivery
+role passes its slice of the config).  Only when no nameserver is configured
+does it read the system resolver configuration (/etc/resolv.conf).
+Writes nothing.  Talks to: the configured DNS servers (UDP, TCP on truncation),
+through dnspython's asyncio resolver.  Created after fork, in the process that
+uses it, like every resolver (DESIGN invariant 5).
+
+Rules, in order (``MxResult.status``):
+
+- The domain is IDNA-encoded (``idna``, UTS #46, IDNA 2008) and checked
+  (LDH labels of 1-63 octets, at most 253 octets, a TLD that is not all
+  digits); a bad one is ``nxdomain`` (permanent; the reason says "invalid
+  domain name") without a query.  An address literal
+  (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``) is its own route: no lookup.
+- MX query.  NXDOMAIN -> ``nxdomain`` (permanent).  SERVFAIL, REFUSED, a
+  timeout or a network error -> ``temp_fail`` (retry later).
+- MX records whose exchanges are all "." -> ``null_mx`` (RFC 7505: the domain
+  takes no mail; permanent).  A "." among real MX records is ignored.
+- MX records -> ``ok``: host names grouped by preference, lowest first; each
+  group is shuffled on every call, so equal preferences share the load.
+- No MX (NODATA) -> the domain itself is the implicit MX if it has an A or
+  AAAA record (``ok``, ``implicit=True``); if it has neither, ``no_address``
+  (permanent); if that lookup fails temporarily, ``temp_fail``.
+
+Cache: one entry per (name, type) looked up, so MX, A and AAAA answers are
+shared by every domain and host that needs them.  Positive answers live for
+their TTL (the smallest along a CNAME chain) clamped to [min_ttl, max_ttl];
+NXDOMAIN and NODATA for the SOA's negative TTL (min of its TTL and MINIMUM,
+RFC 2308), or ``negative_ttl`` when there is no SOA, clamped to
+[min_ttl, min(negative_ttl, max_ttl)]; temporary failures for
+``temp_fail_ttl`` seconds only (a few: enough to absorb a burst of deliveries
+to one broken domain, never long enough to delay mail after the DNS recovers).
+At most ``cache_size`` entries, least recently used evicted first.
+Single-flight: concurrent lookups of one (name, type) share one query, and a
+caller that gives up (is cancelled) does not cancel it for the others.
+
+Hot path: a cached lookup is a dict probe, an LRU move and, for MX, a copy and
+shuffle of the host groups; no allocation beyond the result.  An uncached
+lookup costs one dnspython query (about 220 µs of CPU) bounded by ``timeout``
+seconds in all (dnspython's ``lifetime``, with an asyncio deadline behind it).
+
+Failure: never raises for DNS trouble from ``resolve_mx``/``resolve_route``;
+``resolve_addresses`` raises ``DnsTempError`` only when it found no address
+and a lookup failed temporarily (an empty list means there is none).
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+import idna
+
+# -- statuses --------------------------------------------------------------------------
+
+OK = "ok"
+NULL_MX = "null_mx"
+NXDOMAIN = "nxdomain"
+NO_ADDRESS = "no_address"
+TEMP_FAIL = "temp_fail"
+PERMANENT = frozenset({NULL_MX, NXDOMAIN, NO_ADDRESS})
+
+# Enhanced status codes (RFC 3463) for DSNs and logs, as Postfix uses them.
+DSN_STATUS = {
+    OK: "2.0.0",
+    NULL_MX: "5.1.10",  # RFC 7505 §4.2: recipient address has null MX
+    NXDOMAIN: "5.1.2",  # bad destination system address
+    NO_ADDRESS: "5.4.4",  # unable to route
+    TEMP_FAIL: "4.4.3",  # directory server failure
+}
+
+# -- limits (units in the names) -------------------------------------------------------
+
+MAX_NAME_OCTETS = 253  # RFC 1035, without the final dot
+MAX_LABEL_OCTETS = 63
+TEMP_FAIL_TTL_SECONDS = 2.0  # default life of a cached temporary failure
+MAX_TEMP_FAIL_TTL_SECONDS = 10.0  # "a few seconds", never more
+DEADLINE_SLACK_SECONDS = 0.25  # the asyncio deadline behind dnspython's lifetime
+EDNS_PAYLOAD_OCTETS = 1232  # DNS flag day 2020 value
+
+_LDH_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
+_ALL_DIGITS = re.compile(r"[0-9]+")
+
+_A = dns.rdatatype.A
+_AAAA = dns.rdatatype.AAAA
+_MX = dns.rdatatype.MX
+
+_LK_OK = 0  # records found
+_LK_NXDOMAIN = 1
+_LK_NODATA = 2
+_LK_TEMP = 3
+
+
+class DnsTempError(Exception):
+    """A name's addresses are unknown for now (SERVFAIL, timeout, network error)."""
+
+
+@dataclass(slots=True)
+class MxResult:
+    """Where mail for a domain goes, or why it goes nowhere."""
+
+    status: str
+    hosts: list[list[str]] = field(default_factory=list)  # by preference, lowest first
+    reason: str = ""
+    domain: str = ""  # ASCII (A-label) form
+    implicit: bool = False  # no MX: the domain itself is the MX
+
+    @property
+    def permanent(self) -> bool:
+        """True when the mail must bounce (null MX, NXDOMAIN or invalid name, no address)."""
+        return self.status in PERMANENT
+
+    @property
+    def temporary(self) -> bool:
+        return self.status == TEMP_FAIL
+
+    @property
+    def dsn_status(self) -> str:
+        """RFC 3463 enhanced status code for a DSN or log line."""
+        return DSN_STATUS[self.status]
+
+
+@dataclass(slots=True)
+class Route:
+    """What delivery needs for a domain: candidate (host, port) pairs in try-order."""
+
+    domain: str
+    status: str
+    hosts: list[tuple[str, int]]  # host name or IP literal; groups flattened, best first
+    reason: str = ""
+    implicit: bool = False
+
+    @property
+    def permanent(self) -> bool:
+        return self.status in PERMANENT
+
+    @property
+    def temporary(self) -> bool:
+        return self.status == TEMP_FAIL
+
+    @property
+    def dsn_status(self) -> str:
+        return DSN_STATUS[self.status]
+
+
+class _Lookup:
+    """The outcome of one (name, type) query, as cached."""
+
+    __slots__ = ("kind", "records", "ttl", "reason")
+
+    def __init__(self, kind: int, records: tuple, ttl: float, reason: str = ""):
+        self.kind = kind
+        self.records = records  # MX: ((preference, host), ...); A/AAAA: (address, ...)
+        self.ttl = ttl
+        self.reason = reason
+
+
+def normalize_domain(domain: str) -> str | None:
+    """The ASCII (A-label), lower-case form of a domain without its final dot, or None if invalid."""
+    if not isinstance(domain, str):
+        return None
+    name = domain[:-1] if domain.endswith(".") else domain
+    if not name:
+        return None
+    if name.isascii():
+        name = name.lower()
+        # fast path: plain LDH names (no idna work); xn-- labels still get checked
+        if "xn--" not in name:
+            ok = _LDH_NAME.fullmatch(name) is not None
+            return name if ok and _tld_ok(name) and len(name) <= MAX_NAME_OCTETS else None
+    try:
+        name = idna.encode(name, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None
+    if len(name) > MAX_NAME_OCTETS or _LDH_NAME.fullmatch(name) is None or not _tld_ok(name):
+        return None
+    return name
+
+
+def _tld_ok(name: str) -> bool:
+    return _ALL_DIGITS.fullmatch(name.rsplit(".", 1)[-1]) is None
+
+
+def address_literal(domain: str) -> str | None:
+    """The IP address of an RFC 5321 address literal (``[192.0.2.1]``, ``[IPv6:...]``), else None."""
+    if len(domain) < 3 or domain[0] != "[" or domain[-1] != "]":
+        return None
+    inner = domain[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            return str(ipaddress.IPv6Address(inner[5:]))
+        return str(ipaddress.IPv4Address(inner))
+    except ValueError:
+        return None
+
+
+def _ip(text: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+class Resolver:
+    """MX and address resolution through explicit nameservers, with a TTL cache."""
+
+    def __init__(self, nameservers: list[str] | None, *, port: int = 53, timeout: float = 5.0,
+                 cache_size: int = 100_000, negative_ttl: float = 300.0, min_ttl: float = 5.0,
+                 max_ttl: float = 86400.0, temp_fail_ttl: float = TEMP_FAIL_TTL_SECONDS,
+                 ipv6: bool = True, loop: asyncio.AbstractEventLoop | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        """Set up; no I/O except reading /etc/resolv.conf when ``nameservers`` is empty.
+
+        ``timeout`` bounds one lookup in all (retries included).  ``ipv6=False``
+        skips AAAA lookups.  ``loop`` pins the loop the shared queries run on
+        (default: the running loop at call time).  ``clock`` is the monotonic
+        clock the cache ages by (tests pass their own).
+        """
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} out of range")
+        if not timeout > 0:
+            raise ValueError("timeout must be > 0")
+        if cache_size < 0:
+            raise ValueError("cache_size must be >= 0")
+        if not 0 <= min_ttl <= max_ttl:
+            raise ValueError("need 0 <= min_ttl <= max_ttl")
+        if negative_ttl < 0:
+            raise ValueError("negative_ttl must be >= 0")
+        if not 0 <= temp_fail_ttl <= MAX_TEMP_FAIL_TTL_SECONDS:
+            raise ValueError(f"temp_fail_ttl must be in [0, {MAX_TEMP_FAIL_TTL_SECONDS}]")
+        if nameservers:
+            servers = []
+            for ns in nameservers:
+                ip = _ip(ns)
+                if ip is None:
+                    raise ValueError(f"nameserver {ns!r} is not an IP address")
+                servers.append(ip)
+            # explicit servers only: never read the system configuration
+            res = dns.asyncresolver.Resolver(configure=False)
+            res.nameservers = servers
+        else:
+            res = dns.asyncresolver.Resolver(configure=True)
+        res.port = port
+        res.timeout = timeout
+        res.lifetime = timeout
+        res.cache = None  # ours is below
+        res.retry_servfail = False
+        res.use_edns(0, 0, EDNS_PAYLOAD_OCTETS)
+        self._dns = res
+        self._timeout = timeout
+        self._cache_size = cache_size
+        self._negative_ttl = negative_ttl
+        self._min_ttl = min_ttl
+        self._max_ttl = max_ttl
+        self._temp_fail_ttl = temp_fail_ttl
+        self._ipv6 = ipv6
+        self._loop = loop
+        self._clock = clock
+        self._cache: OrderedDict[tuple[str, int], tuple[float, _Lookup]] = OrderedDict()
+        self._inflight: dict[tuple[str, int], asyncio.Future] = {}
+        self._stats = dict.fromkeys(
+            ("hits", "misses", "queries", "coalesced", "evictions", "expired", "temp_failures"), 0)
+
+    # -- public API ------------------------------------------------------------------------
+
+    async def resolve_mx(self, domain: str) -> MxResult:
+        """Resolve a recipient domain to MX host groups (see the module doc for the rules)."""
+        literal = address_literal(domain)
+        if literal is not None:
+            return MxResult(OK, [[literal]], "", domain, implicit=True)
+        name = normalize_domain(domain)
+        if name is None:
+            return MxResult(NXDOMAIN, [], f"invalid domain name {domain!r}", domain)
+        mx = await self._lookup(name, _MX)
+        if mx.kind == _LK_TEMP:
+            return MxResult(TEMP_FAIL, [], mx.reason, name)
+        if mx.kind == _LK_NXDOMAIN:
+            return MxResult(NXDOMAIN, [], f"{name}: domain does not exist (NXDOMAIN)", name)
+        if mx.kind == _LK_OK:
+            groups = _groups(mx.records)
+            if not groups:
+                return MxResult(NULL_MX, [], f"{name}: null MX, the domain accepts no mail", name)
+            for g in groups:
+                if len(g) > 1:
+                    random.shuffle(g)
+            return MxResult(OK, groups, "", name)
+        # NODATA: the domain itself is the implicit MX (RFC 5321 §5.1)
+        try:
+            addresses = await self.resolve_addresses(name)
+        except DnsTempError as e:
+            return MxResult(TEMP_FAIL, [], str(e), name)
+        if not addresses:
+            return MxResult(NO_ADDRESS, [], f"{name}: no MX and no A/AAAA record", name)
+        return MxResult(OK, [[name]], "", name, implicit=True)
+
+    async def resolve_route(self, domain: str, port: int = 25) -> Route:
+        """Resolve a domain to (host, port) candidates in try-order."""
+        mx = await self.resolve_mx(domain)
+        hosts = [(h, port) for group in mx.hosts for h in group]
+        return Route(mx.domain or domain, mx.status, hosts, mx.reason, mx.implicit)
+
+    async def resolve_addresses(self, host: str) -> list[str]:
+        """A host's IPv4 then IPv6 addresses ([] when it has none).
+
+        An IP literal is returned as it is.  Raises ``DnsTempError`` when no
+        address was found and a lookup failed temporarily.
+        """
+        ip = _ip(host)
+        if ip is not None:
+            return [ip]
+        name = normalize_domain(host)
+        if name is None:
+            return []
+        if self._ipv6:
+            a, aaaa = self._cached((name, _A)), self._cached((name, _AAAA))
+            if a is None and aaaa is None:  # both in parallel; no task when cached
+                a, aaaa = await asyncio.gather(self._lookup(name, _A), self._lookup(name, _AAAA))
+            elif a is None:
+                a = await self._lookup(name, _A)
+            elif aaaa is None:
+                aaaa = await self._lookup(name, _AAAA)
+            found = list(a.records) + list(aaaa.records)
+            failed = [lk.reason for lk in (a, aaaa) if lk.kind == _LK_TEMP]
+        else:
+            a = await self._lookup(name, _A)
+            found = list(a.records)
+            failed = [a.reason] if a.kind == _LK_TEMP else []
+        if not found and failed:
+            raise DnsTempError("; ".join(failed))
+        return found
+
+    def cache_stats(self) -> dict[str, int]:
+        """Counters since start, for metrics.
+
+        hits: answered from the cache; misses: not in it (or expired), of
+        which ``coalesced`` joined a query already in flight and ``queries``
+        were sent; expired, evictions (LRU), temp_failures (queries that
+        failed temporarily); size, capacity and inflight are current values.
+        """
+        out = dict(self._stats)
+        out["size"] = len(self._cache)
+        out["capacity"] = self._cache_size
+        out["inflight"] = len(self._inflight)
+        return out
+
+    def clear(self) -> None:
+        """Forget every cached answer (e.g. on reload)."""
+        self._cache.clear()
+
+    def close(self) -> None:
+        """Cancel the queries in flight (their waiters see CancelledError)."""
+        for fut in list(self._inflight.values()):
+            fut.cancel()
+        self._inflight.clear()
+
+    # -- cache and single-flight ------------------------------------------------------------
+
+    def _cached(self, key: tuple[str, int]) -> _Lookup | None:
+        """The live cache entry for key (counted as a hit), or None."""
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        if entry[0] > self._clock():
+            self._cache.move_to_end(key)
+            self._stats["hits"] += 1
+            return entry[1]
+        del self._cache[key]
+        self._stats["expired"] += 1
+        return None
+
+    async def _lookup(self, name: str, rdtype: int) -> _Lookup:
+        """The cached or shared answer for (name, type), querying once if needed."""
+        key = (name, rdtype)
+        hit = self._cached(key)
+        if hit is not None:
+            return hit
+        self._stats["misses"] += 1
+        fut = self._inflight.get(key)
+        if fut is None:
+            loop = self._loop or asyncio.get_running_loop()
+            fut = loop.create_task(self._fetch(key))
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda f, k=key: self._settled(k, f))
+        else:
+            self._stats["coalesced"] += 1
+        # shield: one waiter's cancellation must not cancel the query for the others
+        return await asyncio.shield(fut)
+
+    def _settled(self, key, fut) -> None:
+        if self._inflight.get(key) is fut:
+            del self._inflight[key]
+        if not fut.cancelled():
+            fut.exception()  # retrieved here, so a query nobody waits for any more logs nothing
+
+    async def _fetch(self, key: tuple[str, int]) -> _Lookup:
+        self._stats["queries"] += 1
+        result = await self._query(*key)
+        if result.kind == _LK_TEMP:
+            self._stats["temp_failures"] += 1
+        self._store(key, result)
+        return result
+
+    def _store(self, key, result: _Lookup) -> None:
+        if self._cache_size == 0 or result.ttl <= 0:
+            return
+        cache = self._cache
+        cache[key] = (self._clock() + result.ttl, result)
+        cache.move_to_end(key)
+        while len(cache) > self._cache_size:
+            cache.popitem(last=False)
+            self._stats["evictions"] += 1
+
+    # -- one query ----------------------------------------------------------------------------
+
+    def _positive_ttl(self, ttl: float) -> float:
+        return min(max(ttl, self._min_ttl), self._max_ttl)
+
+    def _negative(self, kind: int, response) -> _Lookup:
+        """NXDOMAIN/NODATA, cached per the SOA in the authority section (RFC 2308 §5)."""
+        ttl = self._negative_ttl
+        if response is not None:
+            for rrset in response.authority:
+                if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+                    ttl = min(rrset.ttl, rrset[0].minimum)
+                    break
+        ttl = min(max(ttl, self._min_ttl), min(self._negative_ttl, self._max_ttl))
+        return _Lookup(kind, (), ttl)
+
+    async def _query(self, name: str, rdtype: int) -> _Lookup:
+        """Ask the nameservers once; classify the outcome (never raises for DNS trouble)."""
+        what = f"{name} {dns.rdatatype.to_text(rdtype)}"
+        temp = self._temp_fail_ttl
+        try:
+            qname = dns.name.from_text(name, origin=dns.name.root)
+            async with asyncio.timeout(self._timeout + DEADLINE_SLACK_SECONDS):
+                answer = await self._dns.resolve(qname, rdtype, raise_on_no_answer=False,
+                                                 lifetime=self._timeout, search=False)
+        except dns.resolver.NXDOMAIN as e:
+            responses = e.kwargs.get("responses") or {}
+            return self._negative(_LK_NXDOMAIN, next(iter(responses.values()), None))
+        except dns.resolver.NoNameservers as e:
+            return _Lookup(_LK_TEMP, (), temp, f"{what}: {_server_errors(e)}")
+        except (dns.exception.Timeout, TimeoutError):
+            return _Lookup(_LK_TEMP, (), temp, f"{what}: timed out after {self._timeout:g}s")
+        except (dns.exception.DNSException, OSError, ValueError) as e:
+            return _Lookup(_LK_TEMP, (), temp, f"{what}: lookup failed ({type(e).__name__})")
+        rrset = answer.rrset
+        if rrset is None or len(rrset) == 0:
+            return self._negative(_LK_NODATA, answer.response)
+        ttl = self._positive_ttl(answer.chaining_result.minimum_ttl)
+        if rdtype == _MX:
+            records = tuple((rd.preference, _host(rd.exchange)) for rd in rrset)
+        else:
+            records = tuple(dict.fromkeys(rd.address for rd in rrset))  # server's order
+        return _Lookup(_LK_OK, records, ttl)
+
+
+def _host(exchange: dns.name.Name) -> str:
+    """An MX exchange as a lower-case name without the final dot; "." for the root (null MX)."""
+    if exchange == dns.name.root:
+        return "."
+    return exchange.to_text(omit_final_dot=True).lower()
+
+
+def _groups(records: tuple) -> list[list[str]]:
+    """MX (preference, host) pairs as host groups by preference, lowest first; "." dropped."""
+    best: dict[str, int] = {}
+    for pref, host in records:
+        if host == "." or not host:
+            continue
+        if host not in best or pref < best[host]:
+            best[host] = pref
+    by_pref: dict[int, list[str]] = {}
+    for host, pref in best.items():
+        by_pref.setdefault(pref, []).append(host)
+    return [sorted(by_pref[p]) for p in sorted(by_pref)]
+
+
+def _server_errors(e: dns.resolver.NoNameservers) -> str:
+    """What each nameserver said, without internals: 'SERVFAIL', 'REFUSED', 'no reply'."""
+    said = []
+    for err in e.kwargs.get("errors") or ():
+        what = err[3] if len(err) > 3 else err
+        if isinstance(what, str):
+            said.append(what)
+        elif isinstance(what, OSError):
+            said.append("unreachable")
+        elif isinstance(what, dns.exception.Timeout):
+            said.append("no reply")
+        else:
+            said.append("bad reply")
+    return "server failure (" + ", ".join(dict.fromkeys(said) or ["no server"]) + ")"

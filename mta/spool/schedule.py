@@ -1,0 +1,71 @@
+"""When to try a recipient again, and when to give up: the spool's retry policy.
+
+Pure logic, no I/O, so it is tested on its own.  The spool shard owns the
+state (attempt counts and due times live in its records); delivery processes
+only report what happened.
+
+- A temporary failure schedules the next attempt ``retry_schedule[n]`` seconds
+  later (n = attempts so far - 1, the last entry repeating), stretched by a
+  random ``retry_jitter`` fraction so retries of a large batch spread out
+  instead of arriving together.  ``time_scale`` multiplies every delay and
+  ``max_age`` (tests run a whole schedule in seconds).
+- A recipient older than ``max_age`` expires: at dispatch time, or when a
+  failure's next attempt would come after the deadline.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+
+# Recipient states, as stored in spool records.
+PENDING = 0
+DELIVERED = 1
+FAILED = 2
+EXPIRED = 3
+TERMINAL = (DELIVERED, FAILED, EXPIRED)
+STATE_NAMES = {PENDING: "pending", DELIVERED: "delivered", FAILED: "failed", EXPIRED: "expired"}
+
+
+class RetryPolicy:
+    def __init__(self, cfg, rng: random.Random | None = None):
+        self.schedule = list(cfg.retry_schedule)
+        self.jitter = cfg.retry_jitter
+        self.scale = cfg.time_scale
+        self.max_age = cfg.max_age * cfg.time_scale
+        self.rng = rng or random.Random()
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait after the *attempts*-th failed attempt (1-based)."""
+        base = self.schedule[min(max(attempts, 1), len(self.schedule)) - 1] * self.scale
+        return base * (1.0 + self.jitter * self.rng.random())
+
+    def deadline(self, arrival: float) -> float:
+        return arrival + self.max_age
+
+    def expired(self, arrival: float, now: float) -> bool:
+        return now >= arrival + self.max_age
+
+
+class DueQueue:
+    """A heap of (due time, queue id); stale entries are skipped by the caller."""
+
+    def __init__(self):
+        self.heap: list = []
+        self.seq = itertools.count()
+
+    def push(self, due: float, qid: str) -> None:
+        heapq.heappush(self.heap, (due, next(self.seq), qid))
+
+    def pop_due(self, now: float, limit: int) -> list[str]:
+        out = []
+        heap = self.heap
+        while heap and heap[0][0] <= now and len(out) < limit:
+            out.append(heapq.heappop(heap)[2])
+        return out
+
+    def next_due(self) -> float | None:
+        return self.heap[0][0] if self.heap else None
+
+    def __len__(self) -> int:
+        return len(self.heap)

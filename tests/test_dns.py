@@ -1,0 +1,440 @@
+"""MX routing resolution (mta.dns) against a real unbound on loopback.
+
+Every query goes to the unbound that ``tests/dnsserver.py`` starts on
+127.0.0.153 (or to loopback ports the tests open themselves); nothing here
+reads the machine's resolver configuration.  The cache's clock is a fake the
+tests move, so TTL expiry needs no sleeping.  Coroutines run on uvloop.
+"""
+import asyncio
+import socket
+import time
+
+import dns.resolver
+import pytest
+import uvloop
+
+from dnsserver import DnsServer, dns_server, free_port  # noqa: F401 (fixture); tests/ is on sys.path
+from mta import dns as mdns
+
+RECORDS = [
+    # two preferences, two hosts at the first
+    "example.test. 300 IN MX 10 mx1.example.test.",
+    "example.test. 300 IN MX 10 mx2.example.test.",
+    "example.test. 300 IN MX 20 mx3.example.test.",
+    "mx1.example.test. 300 IN A 127.0.0.11",
+    "mx1.example.test. 300 IN AAAA ::1",
+    "mx2.example.test. 300 IN A 127.0.0.12",
+    "mx3.example.test. 300 IN A 127.0.0.13",
+    # no MX, an address: the implicit MX
+    "implicit.example.test. 300 IN A 127.0.0.20",
+    "implicit.example.test. 300 IN AAAA ::1",
+    # no MX, no address
+    'noaddr.example.test. 300 IN TXT "v=spf1 -all"',
+    'noaddr-neg.example.test. 300 IN TXT "v=spf1 -all"',
+    # null MX (RFC 7505), and a "." among real MX records
+    "nullmx.example.test. 300 IN MX 0 .",
+    "mixed.example.test. 300 IN MX 0 .",
+    "mixed.example.test. 300 IN MX 10 mx1.example.test.",
+    # an MX whose target is a CNAME, in the same zone and across zones
+    "cname.example.test. 300 IN MX 10 alias.example.test.",
+    "alias.example.test. 300 IN CNAME mx2.example.test.",
+    "far.example.test. 300 IN MX 10 far-alias.example.test.",
+    "far-alias.example.test. 300 IN CNAME host.other.test.",
+    "host.other.test. 300 IN A 127.0.0.40",
+    # IDN: bücher.test
+    "xn--bcher-kva.test. 300 IN MX 10 mx.xn--bcher-kva.test.",
+    "mx.xn--bcher-kva.test. 300 IN A 127.0.0.30",
+    # short TTLs
+    "short.example.test. 1 IN MX 10 mx1.example.test.",
+    "short-expiry.example.test. 1 IN MX 10 mx1.example.test.",
+    "long.example.test. 86400 IN MX 10 mx1.example.test.",
+]
+SOA_MINIMUM = 60  # seconds: the negative TTL of the test zones
+# unbound caches too, and hands out what is left of a TTL: each TTL test uses
+# names no other test asks for, so the TTLs it sees are (nearly) whole.
+
+
+def run(coro):
+    """Run a coroutine on a fresh uvloop event loop."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = DnsServer(tmp_path_factory.mktemp("unbound"), RECORDS, soa_minimum=SOA_MINIMUM,
+                  nxdomain_zones=["gone.test"], servfail_zones=["broken.test"])
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def make(server, clock):
+    """Factory for resolvers that ask only the test server."""
+
+    def make(**kw):
+        kw.setdefault("port", server.port)
+        kw.setdefault("timeout", 2.0)
+        kw.setdefault("clock", clock)
+        return mdns.Resolver([server.address], **kw)
+
+    return make
+
+
+# -- answers ----------------------------------------------------------------------------
+
+def test_mx_two_preferences(make):
+    mx = run(make().resolve_mx("example.test"))
+    assert mx.status == "ok" and not mx.implicit and not mx.permanent
+    assert len(mx.hosts) == 2
+    assert sorted(mx.hosts[0]) == ["mx1.example.test", "mx2.example.test"]
+    assert mx.hosts[1] == ["mx3.example.test"]
+
+
+def test_equal_preferences_in_random_order(make):
+    async def go():
+        uncached = make(cache_size=0)
+        orders = set()
+        for _ in range(40):
+            mx = await uncached.resolve_mx("example.test")
+            orders.add(tuple(mx.hosts[0]))
+            assert mx.hosts[1] == ["mx3.example.test"]
+        cached = make()
+        cached_orders = {tuple((await cached.resolve_mx("example.test")).hosts[0])
+                         for _ in range(40)}
+        return orders, cached_orders, uncached.cache_stats(), cached.cache_stats()
+
+    orders, cached_orders, ustats, cstats = run(go())
+    both = {("mx1.example.test", "mx2.example.test"), ("mx2.example.test", "mx1.example.test")}
+    assert orders == both  # 2 * 2**-40 chance of a false failure
+    assert ustats["queries"] == 40
+    # a cached answer is shuffled on every call too
+    assert cached_orders == both and cstats["queries"] == 1
+
+
+def test_route_flattens_groups_in_order(make):
+    route = run(make().resolve_route("example.test", port=2525))
+    assert route.status == "ok"
+    assert {h for h, _ in route.hosts[:2]} == {"mx1.example.test", "mx2.example.test"}
+    assert route.hosts[2] == ("mx3.example.test", 2525)
+    assert all(p == 2525 for _, p in route.hosts)
+
+
+def test_addresses_a_then_aaaa(make):
+    r = make()
+    assert run(r.resolve_addresses("mx1.example.test")) == ["127.0.0.11", "::1"]
+    assert run(make(ipv6=False).resolve_addresses("mx1.example.test")) == ["127.0.0.11"]
+    assert run(r.resolve_addresses("nothere.example.test")) == []
+    assert run(r.resolve_addresses("127.0.0.99")) == ["127.0.0.99"]
+
+
+def test_implicit_mx(make):
+    mx = run(make().resolve_mx("implicit.example.test"))
+    assert (mx.status, mx.hosts, mx.implicit) == ("ok", [["implicit.example.test"]], True)
+
+
+def test_no_mx_no_address(make):
+    mx = run(make().resolve_mx("noaddr.example.test"))
+    assert mx.status == "no_address" and mx.hosts == [] and mx.permanent
+    assert mx.dsn_status.startswith("5.")
+
+
+def test_null_mx(make):
+    mx = run(make().resolve_mx("nullmx.example.test"))
+    assert mx.status == "null_mx" and mx.permanent and mx.hosts == []
+    assert mx.dsn_status == "5.1.10"
+
+
+def test_null_mx_among_real_mx_is_ignored(make):
+    mx = run(make().resolve_mx("mixed.example.test"))
+    assert (mx.status, mx.hosts) == ("ok", [["mx1.example.test"]])
+
+
+@pytest.mark.parametrize("domain", ["nope.example.test", "x.gone.test"])
+def test_nxdomain(make, domain):
+    mx = run(make().resolve_mx(domain))
+    assert mx.status == "nxdomain" and mx.permanent and not mx.temporary
+    assert mx.dsn_status == "5.1.2"
+
+
+def test_servfail_is_temporary(make, server):
+    r = make()
+    mx = run(r.resolve_mx("a.broken.test"))
+    assert mx.status == "temp_fail" and mx.temporary and not mx.permanent
+    assert "SERVFAIL" in mx.reason
+    with pytest.raises(mdns.DnsTempError):
+        run(r.resolve_addresses("b.broken.test"))
+
+
+def test_refused_is_temporary(make):
+    mx = run(make().resolve_mx("elsewhere.zz"))  # not a test zone (".test" is unbound's own)
+    assert mx.status == "temp_fail" and "REFUSED" in mx.reason
+
+
+def test_cname_mx_target(make):
+    r = make()
+    mx = run(r.resolve_mx("cname.example.test"))
+    assert mx.hosts == [["alias.example.test"]]
+    assert run(r.resolve_addresses("alias.example.test")) == ["127.0.0.12"]
+    far = run(r.resolve_mx("far.example.test"))
+    assert far.hosts == [["far-alias.example.test"]]
+    assert run(r.resolve_addresses("far-alias.example.test")) == ["127.0.0.40"]
+
+
+@pytest.mark.parametrize("domain", ["bücher.test", "BÜCHER.TEST", "xn--bcher-kva.test",
+                                    "bücher.test."])
+def test_idn_domain(make, domain):
+    mx = run(make().resolve_mx(domain))
+    assert mx.status == "ok" and mx.domain == "xn--bcher-kva.test"
+    assert mx.hosts == [["mx.xn--bcher-kva.test"]]
+
+
+@pytest.mark.parametrize("domain", ["", ".", "bad_name.test", "a..test", "-a.test", "a-.test",
+                                    "x" * 64 + ".test", ("a" * 60 + ".") * 5 + "test",
+                                    "sp ace.test", "1.2.3.4", "a\r\nb.test", "[1.2.3]"])
+def test_invalid_domains_are_permanent_without_a_query(make, domain):
+    r = make()
+    mx = run(r.resolve_mx(domain))
+    assert mx.status == "nxdomain" and mx.permanent and "invalid" in mx.reason
+    assert r.cache_stats()["queries"] == 0
+
+
+def test_address_literals(make):
+    r = make()
+    assert run(r.resolve_mx("[127.0.0.5]")).hosts == [["127.0.0.5"]]
+    assert run(r.resolve_route("[IPv6:::1]")).hosts == [("::1", 25)]
+    assert r.cache_stats()["queries"] == 0
+
+
+# -- cache --------------------------------------------------------------------------------
+
+def test_cached_answer_does_not_query_again(make, server):
+    r = make()
+    before = server.query_count()
+    first = run(r.resolve_mx("example.test"))
+    assert server.query_count() == before + 1
+    second = run(r.resolve_mx("example.test"))
+    assert server.query_count() == before + 1
+    assert sorted(map(sorted, first.hosts)) == sorted(map(sorted, second.hosts))
+    stats = r.cache_stats()
+    assert (stats["queries"], stats["hits"]) == (1, 1)
+
+
+def test_cached_answer_survives_the_server(dns_server, clock):  # noqa: F811 (fixture)
+    s = dns_server(["solo.test. 300 IN MX 10 mx.solo.test.", "mx.solo.test. 300 IN A 127.0.0.50"])
+    r = mdns.Resolver([s.address], port=s.port, timeout=0.5, clock=clock)
+    assert run(r.resolve_mx("solo.test")).hosts == [["mx.solo.test"]]
+    assert run(r.resolve_addresses("mx.solo.test")) == ["127.0.0.50"]
+    s.stop()
+    # the server is gone: the cache still answers until the TTL runs out
+    assert run(r.resolve_mx("solo.test")).hosts == [["mx.solo.test"]]
+    assert run(r.resolve_addresses("mx.solo.test")) == ["127.0.0.50"]
+    clock.advance(301)
+    assert run(r.resolve_mx("solo.test")).status == "temp_fail"
+
+
+def test_ttl_expiry_queries_again(make, server, clock):
+    r = make(min_ttl=0)
+    before = server.query_count()
+    run(r.resolve_mx("short-expiry.example.test"))
+    clock.advance(0.9)
+    run(r.resolve_mx("short-expiry.example.test"))
+    assert server.query_count() == before + 1
+    clock.advance(0.2)  # past the 1 s TTL
+    run(r.resolve_mx("short-expiry.example.test"))
+    assert server.query_count() == before + 2
+    assert r.cache_stats()["expired"] == 1
+
+
+def test_ttl_clamped_to_min_and_max(make, server, clock):
+    r = make(min_ttl=5, max_ttl=60)
+    before = server.query_count()
+    run(r.resolve_mx("short.example.test"))  # TTL 1, kept 5
+    run(r.resolve_mx("long.example.test"))  # TTL 86400, kept 60
+    clock.advance(4)
+    run(r.resolve_mx("short.example.test"))
+    assert server.query_count() == before + 2
+    clock.advance(2)
+    run(r.resolve_mx("short.example.test"))
+    assert server.query_count() == before + 3
+    clock.advance(55)
+    run(r.resolve_mx("long.example.test"))
+    assert server.query_count() == before + 4
+
+
+def test_negative_caching_uses_soa_minimum(make, server, clock):
+    r = make(negative_ttl=300)
+    before = server.query_count()
+    assert run(r.resolve_mx("nope-neg.example.test")).status == "nxdomain"
+    assert run(r.resolve_mx("noaddr-neg.example.test")).status == "no_address"  # MX, A, AAAA
+    assert server.query_count() == before + 4
+    clock.advance(SOA_MINIMUM - 5)
+    assert run(r.resolve_mx("nope-neg.example.test")).status == "nxdomain"
+    assert run(r.resolve_mx("noaddr-neg.example.test")).status == "no_address"
+    assert server.query_count() == before + 4
+    clock.advance(6)
+    run(r.resolve_mx("nope-neg.example.test"))
+    run(r.resolve_mx("noaddr-neg.example.test"))
+    assert server.query_count() == before + 8
+
+
+def test_negative_ttl_caps_negative_caching(make, server, clock):
+    r = make(negative_ttl=10, min_ttl=1)
+    before = server.query_count()
+    run(r.resolve_mx("nope-cap.example.test"))
+    clock.advance(9)
+    run(r.resolve_mx("nope-cap.example.test"))
+    assert server.query_count() == before + 1
+    clock.advance(2)
+    run(r.resolve_mx("nope-cap.example.test"))
+    assert server.query_count() == before + 2
+
+
+def test_temp_fail_is_cached_only_briefly(make, server, clock):
+    r = make(temp_fail_ttl=2.0)
+    before = server.query_count()
+    assert run(r.resolve_mx("c.broken.test")).status == "temp_fail"
+    clock.advance(1.5)
+    assert run(r.resolve_mx("c.broken.test")).status == "temp_fail"
+    assert server.query_count() == before + 1
+    clock.advance(1)
+    assert run(r.resolve_mx("c.broken.test")).status == "temp_fail"
+    assert server.query_count() == before + 2
+    with pytest.raises(ValueError):
+        make(temp_fail_ttl=60)
+
+
+def test_recovery_after_temp_fail(tmp_path, clock):
+    s = DnsServer(tmp_path, ["back.test. 300 IN MX 10 mx.back.test."])
+    s.port = free_port(s.address)  # known before the server runs
+    r = mdns.Resolver([s.address], port=s.port, timeout=0.3, clock=clock)
+    assert run(r.resolve_mx("back.test")).status == "temp_fail"
+    with s:
+        assert run(r.resolve_mx("back.test")).status == "temp_fail"  # still remembered
+        clock.advance(mdns.TEMP_FAIL_TTL_SECONDS + 0.1)
+        assert run(r.resolve_mx("back.test")).hosts == [["mx.back.test"]]
+
+
+def test_lru_eviction(make, server):
+    r = make(cache_size=3)
+    names = ["example.test", "nullmx.example.test", "mixed.example.test",
+             "cname.example.test", "far.example.test"]
+    for n in names:
+        run(r.resolve_mx(n))
+    stats = r.cache_stats()
+    assert stats["size"] == 3 and stats["evictions"] == 2
+    before = server.query_count()
+    run(r.resolve_mx("far.example.test"))  # newest: still cached
+    assert server.query_count() == before
+    run(r.resolve_mx("example.test"))  # oldest: evicted
+    assert server.query_count() == before + 1
+
+
+# -- single-flight ---------------------------------------------------------------------------
+
+def test_single_flight(make, server):
+    r = make()
+
+    async def go():
+        mxs = await asyncio.gather(*(r.resolve_mx("example.test") for _ in range(100)))
+        addrs = await asyncio.gather(*(r.resolve_addresses("mx1.example.test")
+                                       for _ in range(100)))
+        return mxs, addrs
+
+    before = server.query_count()
+    mxs, addrs = run(go())
+    assert server.query_count() == before + 3  # MX once; A and AAAA once each
+    assert all(m.status == "ok" and len(m.hosts) == 2 for m in mxs)
+    assert all(a == ["127.0.0.11", "::1"] for a in addrs)
+    stats = r.cache_stats()
+    assert stats["queries"] == 3 and stats["coalesced"] == 99 * 3 and stats["inflight"] == 0
+
+
+def test_cancelled_waiter_does_not_cancel_the_shared_query(make, server):
+    r = make()
+
+    async def go():
+        first = asyncio.ensure_future(r.resolve_mx("cname.example.test"))
+        others = [asyncio.ensure_future(r.resolve_mx("cname.example.test")) for _ in range(5)]
+        await asyncio.sleep(0)
+        first.cancel()
+        return await asyncio.gather(*others), first
+
+    before = server.query_count()
+    results, first = run(go())
+    assert first.cancelled()
+    assert all(m.hosts == [["alias.example.test"]] for m in results)
+    assert server.query_count() == before + 1
+
+
+# -- timeouts and configuration -----------------------------------------------------------------
+
+def test_timeout_when_nothing_listens(clock):
+    address = "127.0.0.154"
+    port = free_port(address)
+    r = mdns.Resolver([address], port=port, timeout=0.5, clock=clock)
+    t0 = time.monotonic()
+    mx = run(r.resolve_mx("example.test"))
+    assert mx.status == "temp_fail"
+    assert time.monotonic() - t0 < 0.5 + mdns.DEADLINE_SLACK_SECONDS + 0.3
+
+
+def test_timeout_when_the_server_never_answers(clock):
+    address = "127.0.0.155"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind((address, 0))  # receives the queries, never answers
+        r = mdns.Resolver([address], port=silent.getsockname()[1], timeout=0.5, clock=clock)
+        t0 = time.monotonic()
+        mx = run(r.resolve_mx("example.test"))
+        elapsed = time.monotonic() - t0
+        assert silent.recv(512)  # the query did arrive
+    assert mx.status == "temp_fail" and "timed out" in mx.reason
+    assert 0.4 < elapsed < 0.5 + mdns.DEADLINE_SLACK_SECONDS + 0.3
+    with pytest.raises(mdns.DnsTempError):
+        run(r.resolve_addresses("mx.example.test"))
+
+
+def test_explicit_nameservers_never_read_system_config(monkeypatch, server):
+    def forbidden(*a, **kw):
+        raise AssertionError("the system resolver configuration was read")
+
+    monkeypatch.setattr(dns.resolver.Resolver, "read_resolv_conf", forbidden)
+    r = mdns.Resolver([server.address], port=server.port)
+    assert r._dns.nameservers == [server.address] and r._dns.port == server.port
+    assert run(r.resolve_mx("implicit.example.test")).status == "ok"
+
+
+@pytest.mark.parametrize("kw", [dict(nameservers=["resolver.example"]), dict(port=0),
+                                dict(timeout=0), dict(cache_size=-1),
+                                dict(min_ttl=10, max_ttl=5)])
+def test_bad_settings(kw):
+    args = dict(nameservers=["127.0.0.153"])
+    args.update(kw)
+    with pytest.raises(ValueError):
+        mdns.Resolver(args.pop("nameservers"), **args)
+
+
+def test_normalize_domain():
+    assert mdns.normalize_domain("Example.TEST.") == "example.test"
+    assert mdns.normalize_domain("straße.test") == "xn--strae-oqa.test"  # IDNA 2008, not 2003
+    assert mdns.normalize_domain("xn--bcher-kva.test") == "xn--bcher-kva.test"
+    assert mdns.normalize_domain("xn--zz.test") is None  # not a valid A-label

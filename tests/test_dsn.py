@@ -1,0 +1,256 @@
+"""Delivery status notifications (mta.dsn): built, then read back with the stdlib parser."""
+import email
+import email.policy
+import email.utils
+import re
+
+import pytest
+
+from mta.dsn import (MAX_LINE, RecipientFailure, build_dsn, dsn_status,
+                              needs_smtputf8, original_headers, quoted_printable)
+
+NOW = 1_790_000_000.0  # 2026-09-21
+ORIGINAL = (b"Return-Path: <alice@sender.test>\r\n"
+            b"From: Alice <alice@sender.test>\r\n"
+            b"To: bob@rcpt.test, carol@rcpt.test\r\n"
+            b"Subject: Quarterly numbers\r\n"
+            b"Message-ID: <orig-1@sender.test>\r\n"
+            b"Date: Mon, 21 Sep 2026 10:00:00 +0000\r\n"
+            b"\r\n"
+            b"The body is never returned.\r\n")
+
+
+def failures():
+    return [
+        RecipientFailure("bob@rcpt.test", "5.1.1", "mx1.rcpt.test",
+                         "550 5.1.1 <bob@rcpt.test>: Recipient address rejected", NOW - 5),
+        RecipientFailure("carol@rcpt.test", None, "mx2.rcpt.test",
+                         "552-5.2.2 Mailbox full\r\n552 5.2.2 Try again much later", NOW - 3),
+        RecipientFailure("dave@rcpt.test", None, None,
+                         "Host or domain name not found (NXDOMAIN)", NOW - 1),
+    ]
+
+
+def make(**kw):
+    args = dict(original=ORIGINAL, envelope_sender="alice@sender.test", failed=failures(),
+                reporting_mta="mta.sender.test", arrival_time=NOW - 600, queue_id="18A3F2C4B1D2E03000A1",
+                now=NOW)
+    args.update(kw)
+    return build_dsn(**args)
+
+
+def parse(raw):
+    return email.message_from_bytes(raw, policy=email.policy.default)
+
+
+def assert_wire_clean(raw):
+    """CRLF line ends only, no line over 998 octets, a final CRLF."""
+    assert re.search(rb"(?<!\r)\n", raw) is None, "bare LF"
+    assert re.search(rb"\r(?!\n)", raw) is None, "bare CR"
+    assert raw.endswith(b"\r\n")
+    assert max(len(line) for line in raw.split(b"\r\n")) <= MAX_LINE
+
+
+def status_blocks(msg):
+    part = msg.get_payload()[1]
+    assert part.get_content_type() == "message/delivery-status"
+    blocks = part.get_payload()
+    return blocks[0], blocks[1:]
+
+
+def test_structure_and_top_level_headers():
+    raw = make()
+    assert_wire_clean(raw)
+    assert raw.isascii() and not needs_smtputf8(raw)
+    msg = parse(raw)
+    assert msg.is_multipart()
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert [p.get_content_type() for p in msg.get_payload()] == [
+        "text/plain", "message/delivery-status", "text/rfc822-headers"]
+    frm = msg["From"].addresses[0]
+    assert (frm.display_name, frm.addr_spec) == ("Mail Delivery System",
+                                                 "MAILER-DAEMON@mta.sender.test")
+    assert msg["To"].addresses[0].addr_spec == "alice@sender.test"
+    assert msg["Subject"] == "Undelivered Mail Returned to Sender"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg["MIME-Version"] == "1.0"
+    assert email.utils.parsedate_to_datetime(msg["Date"]).timestamp() == NOW
+    mid = msg["Message-ID"]
+    assert mid.startswith("<18A3F2C4B1D2E03000A1.") and mid.endswith("@mta.sender.test>")
+
+
+def test_delivery_status_fields():
+    per_msg, rcpts = status_blocks(parse(make(envid="ENV-42")))
+    assert per_msg["Reporting-MTA"] == "dns; mta.sender.test"
+    assert per_msg["X-Queue-ID"] == "18A3F2C4B1D2E03000A1"
+    assert per_msg["Original-Envelope-Id"] == "ENV-42"
+    assert email.utils.parsedate_to_datetime(per_msg["Arrival-Date"]).timestamp() == NOW - 600
+    assert len(rcpts) == 3
+    bob, carol, dave = rcpts
+    assert bob["Final-Recipient"] == "rfc822; bob@rcpt.test"
+    assert bob["Action"] == "failed"
+    assert bob["Status"] == "5.1.1"
+    assert bob["Remote-MTA"] == "dns; mx1.rcpt.test"
+    assert bob["Diagnostic-Code"] == "smtp; 550 5.1.1 <bob@rcpt.test>: Recipient address rejected"
+    assert email.utils.parsedate_to_datetime(bob["Last-Attempt-Date"]).timestamp() == NOW - 5
+    # enhanced code taken from the reply; the multi-line reply joined on one line
+    assert carol["Status"] == "5.2.2"
+    assert carol["Diagnostic-Code"] == "smtp; 552 5.2.2 Mailbox full Try again much later"
+    # no remote host, no SMTP reply: our own reason, class from the action
+    assert dave["Status"] == "5.0.0"
+    assert dave["Remote-MTA"] is None
+    assert dave["Diagnostic-Code"] == "x-local; Host or domain name not found (NXDOMAIN)"
+
+
+def test_human_part_names_each_recipient():
+    text = parse(make()).get_payload()[0].get_content()
+    for needle in ("bob@rcpt.test", "mx1.rcpt.test", "550 5.1.1 <bob@rcpt.test>: Recipient",
+                   "carol@rcpt.test", "mx2.rcpt.test", "dave@rcpt.test", "NXDOMAIN",
+                   "mta.sender.test"):
+        assert needle in text
+
+
+def test_headers_part_is_the_original_header_block():
+    part = parse(make()).get_payload()[2]
+    got = part.get_content()
+    assert "Subject: Quarterly numbers" in got
+    assert "Message-ID: <orig-1@sender.test>" in got
+    assert "never returned" not in got
+    assert got.splitlines() == ORIGINAL.split(b"\r\n\r\n")[0].decode().split("\r\n")
+
+
+@pytest.mark.parametrize("status,diagnostic,action,want", [
+    ("5.7.1", "550 5.1.1 whatever", "failed", "5.7.1"),  # the given enhanced code wins
+    (None, "550 5.7.1 Relaying denied", "failed", "5.7.1"),
+    (None, "552 Requested mail action aborted", "failed", "5.0.0"),
+    ("550", "user unknown", "failed", "5.0.0"),
+    ("", "451 4.3.0 Temporary failure", "delayed", "4.3.0"),
+    (None, "421 Service not available", "delayed", "4.0.0"),
+    (None, "connection timed out", "delayed", "4.0.0"),
+    (None, "", "failed", "5.0.0"),
+    ("4.4.7", "", "failed", "4.4.7"),  # expired after transient failures: kept as it was
+])
+def test_status_derivation(status, diagnostic, action, want):
+    assert dsn_status(status, diagnostic, action) == want
+
+
+def test_delay_notice():
+    f = [RecipientFailure("bob@rcpt.test", "4.2.1", "mx1.rcpt.test", "450 4.2.1 Try later",
+                          NOW - 5, retry_until=NOW + 5 * 86400)]
+    raw = make(failed=f, delayed=True)
+    assert_wire_clean(raw)
+    msg = parse(raw)
+    assert msg["Subject"].startswith("Delayed Mail")
+    _, (bob,) = status_blocks(msg)
+    assert bob["Action"] == "delayed" and bob["Status"] == "4.2.1"
+    assert email.utils.parsedate_to_datetime(bob["Will-Retry-Until"]).timestamp() == NOW + 5 * 86400
+
+
+def test_utf8_original_headers_stay_7bit_and_round_trip():
+    original = (b"From: =?utf-8?q?J=C3=BCrgen?= <j@sender.test>\r\n"
+                b"Subject: Gr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln \xe2\x80\x94 \xf0\x9f\x93\xa8\r\n"
+                b"Message-ID: <utf8@sender.test>\r\n\r\nK\xc3\xb6rper\r\n")
+    raw = make(original=original)
+    assert_wire_clean(raw)
+    assert raw.isascii()
+    part = parse(raw).get_payload()[2]
+    assert part.get_content_type() == "text/rfc822-headers"
+    assert part.get_content_charset() == "utf-8"
+    assert part["Content-Transfer-Encoding"] == "quoted-printable"
+    assert part.get_payload(decode=True) == original.split(b"\r\n\r\n")[0] + b"\r\n"
+    assert "Subject: Grüße aus Köln — 📨" in part.get_content()
+
+
+def test_invalid_8bit_headers_are_unknown_8bit_and_round_trip():
+    original = b"Subject: caf\xe9 \xff\xfe\r\nMessage-ID: <latin1@sender.test>\r\n\r\nbody"
+    raw = make(original=original)
+    assert_wire_clean(raw)
+    assert raw.isascii()
+    part = parse(raw).get_payload()[2]
+    assert part.get_content_charset() == "unknown-8bit"
+    assert part.get_payload(decode=True) == original.split(b"\r\n\r\n")[0] + b"\r\n"
+
+
+def test_overlong_header_line_is_folded_by_quoted_printable():
+    original = b"Subject: " + b"x" * 3000 + b"\r\nMessage-ID: <long@sender.test>\r\n\r\nbody\r\n"
+    raw = make(original=original)
+    assert_wire_clean(raw)
+    part = parse(raw).get_payload()[2]
+    assert part.get_payload(decode=True) == original.split(b"\r\n\r\n")[0] + b"\r\n"
+
+
+def test_long_diagnostic_is_folded():
+    reply = "550 5.7.1 " + " ".join(["blocked"] * 300) + " " + "y" * 2500
+    f = [RecipientFailure("bob@rcpt.test", None, "mx1.rcpt.test", reply, NOW)]
+    raw = make(failed=f)
+    assert_wire_clean(raw)
+    _, (bob,) = status_blocks(parse(raw))
+    diag = bob["Diagnostic-Code"]
+    assert diag.startswith("smtp; 550 5.7.1 blocked blocked")
+    assert diag.replace(" ", "") == ("smtp;" + reply).replace(" ", "")
+
+
+def test_header_block_without_blank_line_or_with_bare_lf():
+    assert original_headers(b"Subject: only headers\r\nX-A: 1") == \
+        b"Subject: only headers\r\nX-A: 1\r\n"
+    assert original_headers(b"Subject: lf\nX-B: 2\n\nbody\n") == b"Subject: lf\r\nX-B: 2\r\n"
+    assert original_headers(b"\r\nbody only") == b""
+    raw = make(original=b"Subject: lf only\nMessage-ID: <lf@sender.test>\n\nbody\n")
+    assert_wire_clean(raw)
+    assert "Message-ID: <lf@sender.test>" in parse(raw).get_payload()[2].get_content()
+    raw = make(original=b"")
+    assert_wire_clean(raw)
+
+
+def test_no_header_injection_from_addresses_or_replies():
+    f = [RecipientFailure("bob@rcpt.test\r\nBcc: victim@x.test", None, "mx\r\nX-Evil: 1",
+                          "550 no\r\nX-Evil: 2\r\n\r\nBody-Smuggle: 3", NOW)]
+    raw = make(failed=f, envelope_sender="alice@sender.test\r\nBcc: victim@x.test")
+    assert_wire_clean(raw)
+    msg = parse(raw)
+    assert msg["Bcc"] is None
+    _, rcpts = status_blocks(msg)
+    assert len(rcpts) == 1
+    assert rcpts[0]["X-Evil"] is None and rcpts[0]["Body-Smuggle"] is None
+
+
+def test_utf8_addresses_make_a_global_dsn():
+    f = [RecipientFailure("jürgen@bücher.test", "5.1.1", "mx.xn--bcher-kva.test",
+                          "550 5.1.1 unknown", NOW, original_recipient="utf-8;jürgen@bücher.test")]
+    raw = make(failed=f, envelope_sender="álvaro@sender.test")
+    assert_wire_clean(raw)
+    assert needs_smtputf8(raw)
+    assert b"Content-Type: message/global-delivery-status" in raw
+    assert "Final-Recipient: utf-8; jürgen@bücher.test".encode() in raw
+    assert "Original-Recipient: utf-8;jürgen@bücher.test".encode() in raw
+    assert b"Content-Type: message/global-headers" in raw
+    assert b"Subject: Quarterly numbers" in raw
+    assert "To: <álvaro@sender.test>\r\n".encode() in raw
+    assert parse(raw).get_content_type() == "multipart/report"
+
+
+def test_original_recipient_and_orcpt_type():
+    f = [RecipientFailure("bob@rcpt.test", "5.1.1", None, "550 5.1.1 no", NOW,
+                          original_recipient="rfc822;Bob@Rcpt.test")]
+    _, (bob,) = status_blocks(parse(make(failed=f)))
+    assert bob["Original-Recipient"] == "rfc822;Bob@Rcpt.test"
+
+
+def test_refusals():
+    with pytest.raises(ValueError):
+        make(envelope_sender="")  # never bounce a bounce
+    with pytest.raises(ValueError):
+        make(envelope_sender="<>")
+    with pytest.raises(ValueError):
+        make(failed=[])
+    with pytest.raises(ValueError):
+        make(failed=[RecipientFailure("b@r.test", None, None, "x", NOW, action="lost")])
+    with pytest.raises(ValueError):
+        make(reporting_mta="bad host")
+
+
+def test_quoted_printable():
+    assert quoted_printable(b"a=b \t\r\nend \r\n") == b"a=3Db =09\r\nend=20\r\n"
+    long = quoted_printable(b"z" * 200 + b"\r\n")
+    assert all(len(line) <= 76 for line in long.split(b"\r\n"))
