@@ -6,6 +6,7 @@
     mta print-services [-c FILE]   the process table
     mta queue [-c FILE] [--json]   live queue summary, asked of the running daemon
     mta queue list|show|delete     list queued messages, show one, delete some
+    mta queue flush                retry every deferred recipient now
     mta spool-dump [-c FILE]       read the spool files directly (daemon stopped), like postcat
     mta passwd USER                make an auth_file line (password from stdin)
 
@@ -125,38 +126,85 @@ def _age(arrival) -> str:
     return str(datetime.timedelta(seconds=secs))
 
 
+def _table(rows) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.rjust(w) if i else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+
+
+def _when(ts) -> str:
+    if ts is None:
+        return "-"
+    secs = int(ts - time.time())
+    return "now" if secs <= 0 else f"in {datetime.timedelta(seconds=secs)}"
+
+
 @main.group(invoke_without_command=True)
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="one JSON object for machines")
+@click.option("--domains", "by_domain", is_flag=True, help="also a line per recipient domain")
 @click.pass_context
-def queue(ctx, config_path, as_json):
-    """Summary of the live queue: messages and recipients per shard, oldest age."""
+def queue(ctx, config_path, as_json, by_domain):
+    """Summary of the live queue: per shard and per domain, deferred, oldest age."""
     ctx.obj = config_path
     if ctx.invoked_subcommand is not None:
         return
     s = _settings(config_path)
     shards = [f[1] for _, f, _ in _ask_shards(s, "SPOOL_QUEUE_SUMMARY")]
+    domains: dict[str, dict] = {}
+    for x in shards:
+        for d, v in x.get("domains", {}).items():
+            t = domains.setdefault(d, {"recipients": 0, "deferred": 0, "next_attempt": None})
+            t["recipients"] += v["recipients"]
+            t["deferred"] += v["deferred"]
+            if v["next_attempt"] is not None and (t["next_attempt"] is None
+                                                  or v["next_attempt"] < t["next_attempt"]):
+                t["next_attempt"] = v["next_attempt"]
     total = {
         "messages": sum(x["messages"] for x in shards),
         "recipients": sum(x["recipients"] for x in shards),
+        "pending": sum(x.get("pending", 0) for x in shards),
+        "deferred": sum(x.get("deferred", 0) for x in shards),
         "bytes": sum(x["bytes"] for x in shards),
         "oldest_arrival": min((x["oldest_arrival"] for x in shards
                                if x["oldest_arrival"] is not None), default=None),
+        "next_attempt": min((x["next_attempt"] for x in shards
+                             if x.get("next_attempt") is not None), default=None),
     }
     if as_json:
-        click.echo(json.dumps({"total": total, "shards": shards}))
+        click.echo(json.dumps({"total": total, "shards": shards, "domains": domains}))
         return
-    rows = [("SHARD", "MESSAGES", "RECIPIENTS", "BYTES", "OLDEST", "SEGMENTS", "HEALTH")]
+    rows = [("SHARD", "MESSAGES", "RECIPIENTS", "PENDING", "DEFERRED", "NEXT RETRY", "BYTES",
+             "OLDEST", "SEGMENTS", "HEALTH")]
     for x in shards:
-        rows.append((str(x["shard"]), str(x["messages"]), str(x["recipients"]), str(x["bytes"]),
-                     _age(x["oldest_arrival"]), str(x["segments"]),
-                     "ok" if x["healthy"] else f"ERROR: {x['error']}"))
+        health = "ok" if x["healthy"] else f"ERROR: {x['error']}"
+        if x.get("held"):
+            health += " (delivery held)"
+        rows.append((str(x["shard"]), str(x["messages"]), str(x["recipients"]),
+                     str(x.get("pending", 0)), str(x.get("deferred", 0)),
+                     _when(x.get("next_attempt")), str(x["bytes"]), _age(x["oldest_arrival"]),
+                     str(x["segments"]), health))
     rows.append(("total", str(total["messages"]), str(total["recipients"]),
+                 str(total["pending"]), str(total["deferred"]), _when(total["next_attempt"]),
                  str(total["bytes"]), _age(total["oldest_arrival"]), "", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.rjust(w) if i else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    _table(rows)
+    if by_domain and domains:
+        click.echo("")
+        rows = [("DOMAIN", "RECIPIENTS", "DEFERRED", "NEXT RETRY")]
+        for d, v in sorted(domains.items(), key=lambda kv: -kv[1]["recipients"]):
+            rows.append((d, str(v["recipients"]), str(v["deferred"]), _when(v["next_attempt"])))
+        _table(rows)
+
+
+@queue.command("flush")
+@config_option
+@click.pass_context
+def queue_flush(ctx, config_path):
+    """Make every deferred recipient due now (like postqueue -f)."""
+    s = _queue_settings(ctx, config_path)
+    n = sum(f[1] for _, f, _ in _ask_shards(s, "SPOOL_QUEUE_FLUSH"))
+    click.echo(f"{n} deferred recipient(s) scheduled for delivery now")
 
 
 def _queue_settings(ctx, config_path):
@@ -171,9 +219,14 @@ def queue_list(ctx, config_path, limit):
     """Queued messages as JSON lines (queue_id, sender, recipients, arrival_time, size)."""
     s = _queue_settings(ctx, config_path)
     for _, f, _ in _ask_shards(s, "SPOOL_QUEUE_LIST", limit, timeout=30.0):
-        for qid, sender, rcpts, arrival, size in f[1]:
-            click.echo(json.dumps({"queue_id": qid, "sender": sender, "recipients": rcpts,
-                                   "arrival_time": arrival, "message_size": size}))
+        for qid, sender, rcpts, arrival, size, states, attempts, due in f[1]:
+            click.echo(json.dumps({
+                "queue_id": qid, "sender": sender, "recipients": rcpts,
+                "arrival_time": arrival, "message_size": size,
+                "recipient_state": [
+                    {"address": r, "state": st, "attempts": a,
+                     "next_attempt": d if st == "pending" and a else None}
+                    for r, st, a, d in zip(rcpts, states, attempts, due)]}))
 
 
 @queue.command("show")
@@ -211,9 +264,13 @@ def queue_show(ctx, config_path, qid, raw):
         return
     e = f[2]
     click.echo(f"queue_id: {e['qid']}\nsender: <{e['sender']}>\n"
-               f"recipients: {', '.join('<%s>' % r for r in e['recipients'])}\n"
                f"arrival: {datetime.datetime.fromtimestamp(e['arrival']).isoformat()}\n"
-               f"size: {e['size']}\nclient: {e['client']}\n")
+               f"size: {e['size']}\nclient: {e['client']}\n"
+               f"message_id: {e['params'].get('message_id', '')}")
+    for r, st, a, d in zip(e["recipients"], e["state"], e["attempts"], e["due"]):
+        retry = f", next attempt {_when(d)}" if st == "pending" and a else ""
+        click.echo(f"recipient: <{r}> {st}, {a} attempt(s){retry}")
+    click.echo("")
     sys.stdout.buffer.write(body)
 
 

@@ -4,11 +4,14 @@ Format: 13 hex digits of microseconds since the epoch, 2 of the acceptor slot,
 5 of a per-process counter — 20 characters, e.g. ``18A3F2C4B1D2E03000A1F``.
 Sorting ids sorts messages by arrival.  The shard is the counter modulo the
 shard count, so each acceptor spreads its messages evenly over the shards.
+Recipient domains map to delivery processes by CRC-32 (:func:`domain_shard`).
 """
 import itertools
 import time
+import zlib
 
 _counter = itertools.count()
+SPOOL_SLOT = 0xFF   # the "acceptor slot" of ids the spool makes itself (bounces)
 
 
 def new_qid(slot: int) -> str:
@@ -30,3 +33,14 @@ def is_qid(text: str) -> bool:
     except ValueError:
         return False
     return text == text.upper()
+
+
+def new_qid_for_shard(shard: int, shards: int) -> str:
+    """A queue id made by spool shard *shard* for its own new message (a bounce)."""
+    counter = (next(_counter) % (0x100000 // shards)) * shards + shard   # < 2**20
+    return "%013X%02X%05X" % (time.time_ns() // 1000, SPOOL_SLOT, counter)
+
+
+def domain_shard(domain: str, shards: int) -> int:
+    """The delivery process responsible for recipient domain *domain* (stable)."""
+    return zlib.crc32(domain.encode("utf-8", "surrogateescape")) % shards

@@ -74,6 +74,9 @@ class Daemon:
                        "shutdown_timeout": 5.0, "restart_backoff_max": 2.0},
             "smtp": {"listen": [f"{HOST}:{self.port}"], "acceptors": acceptors},
             "spool": {"shards": shards, "min_free_bytes": 0},
+            # Acceptance tests keep mail queued; delivery tests turn this off and
+            # point the resolver at their own DNS server on loopback.
+            "delivery": {"hold": True, "processes": 1},
         }
         for name, keys in sections.items():
             self.sections.setdefault(name, {}).update(keys)

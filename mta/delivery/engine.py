@@ -32,6 +32,7 @@ import time
 
 from mta.config import parse_hostport
 from mta.delivery import client as smtpc
+from mta.dns import DnsTempError
 
 log = logging.getLogger("mta.delivery")
 
@@ -148,7 +149,11 @@ class Engine:
                     host, port = parse_hostport(h)
                 else:
                     host, port = h, cfg.mx_port
-                ips = [host] if _is_ip(host) else await self.resolver.resolve_addresses(host)
+                try:
+                    ips = [host] if _is_ip(host) else await self.resolver.resolve_addresses(host)
+                except DnsTempError as exc:
+                    log.info("address lookup for route host %s failed: %s", host, exc)
+                    continue
                 for ip in ips:
                     out.append(Target(host, ip, port, route.starttls, route.tls_verify,
                                       route.source_address))
@@ -169,7 +174,7 @@ class Engine:
             for host in group:
                 try:
                     ips = [host] if _is_ip(host) else await self.resolver.resolve_addresses(host)
-                except Exception as exc:  # a resolver problem for one MX host: try the next
+                except DnsTempError as exc:  # one MX host's addresses: try the next host
                     log.info("address lookup for %s failed: %s", host, exc)
                     continue
                 for ip in ips:
@@ -198,7 +203,7 @@ class Engine:
                 last = (exc.reply.code if exc.reply else 451,
                         (exc.reply.enhanced if exc.reply else None) or "4.4.1",
                         f"{t.host}[{t.ip}]: {exc.reply.text if exc.reply else exc}")
-            except (smtpc.SmtpTimeout, smtpc.SmtpConnectionLost, OSError) as exc:
+            except (smtpc.SmtpError, OSError) as exc:
                 last = (451, "4.4.1", f"{t.host}[{t.ip}]: {type(exc).__name__} {exc}".strip())
             log.info("connect to %s[%s]:%d for %s failed: %s", t.host, t.ip, t.port, domain,
                      last[2])
@@ -272,7 +277,7 @@ class Engine:
                                 f"{host} does not support SMTPUTF8", host, ip]
                                for i, _ in job.rcpts])
             return conn if conn.is_usable else None
-        except (smtpc.SmtpTimeout, smtpc.SmtpConnectionLost, OSError) as exc:
+        except (smtpc.SmtpError, OSError) as exc:
             self._finish(job, [[i, DEFERRED, 451, "4.4.2",
                                 f"{host}[{ip}]: {type(exc).__name__}: {exc}", host, ip]
                                for i, _ in job.rcpts])

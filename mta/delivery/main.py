@@ -30,13 +30,6 @@ from mta.delivery.engine import Engine, Job
 log = logging.getLogger("mta.delivery")
 
 
-def delivery_shard(domain: str, shards: int) -> int:
-    """The delivery process responsible for *domain* (stable across restarts)."""
-    import zlib
-
-    return zlib.crc32(domain.encode("utf-8", "surrogateescape")) % shards
-
-
 class Delivery:
     def __init__(self, settings, index: int, loop, ctx):
         from mta import dns

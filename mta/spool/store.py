@@ -6,6 +6,8 @@ time order.  A segment is a sequence of records framed by the record codec
 
     REC_MESSAGE  meta = MessageMeta (msgspec msgpack), body = the message
     REC_DONE     meta = DoneMeta: these queue ids are finished
+    REC_RCPT     meta = RcptMeta: recipient state changes of one message
+                 (delivered / failed / expired, or attempts and next due time)
 
 Writes: the shard loop collects every request that arrived while the previous
 fsync ran and hands them to :meth:`Store.write` as one batch: one ``writev``
@@ -47,13 +49,20 @@ log = logging.getLogger("mta.spool")
 
 REC_MESSAGE = 1
 REC_DONE = 2
+REC_RCPT = 3
 
 IOV_MAX = 1024          # iovecs per writev (Linux limit)
+MAX_READERS = 64        # segment files kept open for reading bodies
 SEGMENT_SUFFIX = ".seg"
 
 
 class MessageMeta(msgspec.Struct, array_like=True):
-    """Envelope stored with every message record."""
+    """Envelope stored with every message record.
+
+    ``state``/``attempts``/``due`` are per recipient and present only in a
+    copy made by compaction, which must carry the recipients' progress with it
+    (a fresh message has every recipient pending and due at arrival).
+    """
 
     qid: str
     sender: str
@@ -61,27 +70,64 @@ class MessageMeta(msgspec.Struct, array_like=True):
     arrival: float
     params: dict
     client: str
+    state: list[int] | None = None
+    attempts: list[int] | None = None
+    due: list[float] | None = None
 
 
 class DoneMeta(msgspec.Struct, array_like=True):
     qids: list[str]
 
 
+class RcptMeta(msgspec.Struct, array_like=True):
+    """Recipient updates of one message: [[index, state, attempts, due], ...]."""
+
+    qid: str
+    updates: list[list]
+
+
 _enc = msgspec.msgpack.Encoder()
 _dec_msg = msgspec.msgpack.Decoder(MessageMeta)
 _dec_done = msgspec.msgpack.Decoder(DoneMeta)
+_dec_rcpt = msgspec.msgpack.Decoder(RcptMeta)
+
+PENDING = 0  # recipient state; the others are in mta.spool.schedule
 
 
 class Entry:
-    """A queued message: its envelope and where its body lies on disk."""
+    """A queued message: envelope, recipients' progress, where its body lies on disk."""
 
-    __slots__ = ("meta", "seg", "offset", "length")
+    __slots__ = ("meta", "seg", "offset", "length", "state", "attempts", "due", "out")
 
     def __init__(self, meta: MessageMeta, seg: int, offset: int, length: int):
         self.meta = meta
         self.seg = seg
         self.offset = offset
         self.length = length
+        n = len(meta.rcpts)
+        self.state = list(meta.state) if meta.state else [PENDING] * n
+        self.attempts = list(meta.attempts) if meta.attempts else [0] * n
+        self.due = list(meta.due) if meta.due else [meta.arrival] * n
+        self.out = 0  # delivery jobs in flight (not persisted)
+
+    def pending(self) -> int:
+        return sum(1 for s in self.state if s == PENDING)
+
+    def progress_meta(self) -> MessageMeta:
+        """The envelope with the recipients' progress, for a compaction copy."""
+        m = self.meta
+        return MessageMeta(m.qid, m.sender, m.rcpts, m.arrival, m.params, m.client,
+                           self.state, self.attempts, self.due)
+
+
+def apply_updates(e: Entry, updates: list) -> None:
+    """Apply [[index, state, attempts, due], ...] to an entry (ignoring bad indexes)."""
+    n = len(e.state)
+    for idx, state, attempts, due in updates:
+        if 0 <= idx < n:
+            e.state[idx] = state
+            e.attempts[idx] = attempts
+            e.due[idx] = due
 
 
 class Segment:
@@ -110,7 +156,7 @@ class Store:
         self.current: Segment | None = None
         self.recipients = 0
         self.bytes = 0
-        self._pending_unlink: list[Segment] = []
+        self._readers: dict[int, int] = {}   # segment number -> O_RDONLY fd
         os.makedirs(directory, exist_ok=True)
 
     # ----------------------------------------------------------------- recovery
@@ -182,6 +228,11 @@ class Store:
                 if e is not None:
                     self.recipients -= len(e.meta.rcpts)
                     self.bytes -= e.length
+        elif rtype == REC_RCPT:
+            r = _dec_rcpt.decode(meta)
+            e = self.entries.get(r.qid)
+            if e is not None:
+                apply_updates(e, r.updates)
         else:
             log.warning("segment %s: unknown record type %d ignored", seg.path, rtype)
 
@@ -206,12 +257,29 @@ class Store:
         self.segments[number] = seg
         if self.fsync:
             # The new directory entry must be durable before its records are acknowledged.
-            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+                self._sync_dir()
+            except OSError:
+                os.close(fd)
+                seg.fd = None
+                self._drop(seg)
+                raise
         return seg
+
+    def _sync_dir(self) -> None:
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _drop(self, seg: Segment) -> None:
+        """Forget an empty segment and remove its file (best effort)."""
+        self.segments.pop(seg.number, None)
+        try:
+            os.unlink(seg.path)
+        except OSError:
+            pass
 
     def _close_current(self) -> None:
         seg = self.current
@@ -223,10 +291,11 @@ class Store:
             seg.fd = None
         self.current = None
 
-    def write(self, messages: list, done: list[str]) -> list[Entry]:
-        """Append message records and one DONE record (if *done*); not yet durable.
+    def write(self, messages: list, done: list[str], updates: dict | None = None) -> list[Entry]:
+        """Append message, recipient-update and DONE records; not yet durable.
 
-        *messages* is a list of (MessageMeta, body).  Returns the new entries,
+        *messages* is a list of (MessageMeta, body); *updates* maps a queue id
+        to its [[index, state, attempts, due], ...].  Returns the new entries,
         which become visible in the index only after :meth:`commit`.
         """
         seg = self.current
@@ -244,6 +313,12 @@ class Store:
             bufs += (hdr, mb, body)
             pos = boff + len(body)
             new.append(Entry(meta, seg.number, boff, len(body)))
+        if updates:
+            for qid, ups in updates.items():
+                mb = _enc.encode(RcptMeta(qid, ups))
+                hdr = codec.encode_header(REC_RCPT, mb, b"")
+                bufs += (hdr, mb)
+                pos += len(hdr) + len(mb)
         if done:
             mb = _enc.encode(DoneMeta(done))
             hdr = codec.encode_header(REC_DONE, mb, b"")
@@ -257,6 +332,11 @@ class Store:
                 os.ftruncate(seg.fd, seg.size)
             except OSError:
                 pass
+            if seg.size == 0:
+                # Nothing good was ever written here: do not leave an empty file
+                # behind for every failed batch while the disk is full.
+                self._close_current()
+                self._drop(seg)
             raise
         seg.size = pos
         return new
@@ -291,8 +371,13 @@ class Store:
             seg.failed = True
             raise
 
-    def commit(self, new: list[Entry], done: list[str]) -> list[str]:
+    def commit(self, new: list[Entry], done: list[str], updates: dict | None = None) -> list[str]:
         """Publish a synced batch in the index; return the queue ids actually removed."""
+        if updates:
+            for qid, ups in updates.items():
+                e = self.entries.get(qid)
+                if e is not None:
+                    apply_updates(e, ups)
         for e in new:
             old = self.entries.get(e.meta.qid)
             if old is not None:
@@ -314,9 +399,15 @@ class Store:
     # ----------------------------------------------------------------- reading
 
     def read_body(self, e: Entry) -> bytes:
-        """Read a queued message's bytes from its segment."""
-        with open(self.segments[e.seg].path, "rb") as fh:
-            return os.pread(fh.fileno(), e.length, e.offset)
+        """Read a queued message's bytes from its segment (a cached read descriptor)."""
+        fd = self._readers.get(e.seg)
+        if fd is None:
+            if len(self._readers) >= MAX_READERS:
+                for old in list(self._readers)[: MAX_READERS // 2]:
+                    os.close(self._readers.pop(old))
+            fd = self._readers[e.seg] = os.open(self.segments[e.seg].path,
+                                                os.O_RDONLY | os.O_CLOEXEC)
+        return os.pread(fd, e.length, e.offset)
 
     # ------------------------------------------------------------- reclamation
 
@@ -342,7 +433,7 @@ class Store:
                     for e in self.entries.values():
                         by_seg.setdefault(e.seg, []).append(e)
                 for e in by_seg.get(seg.number, ()):
-                    copies.append((e.meta, self.read_body(e)))
+                    copies.append((e.progress_meta(), self.read_body(e)))
                 unlink.append(seg)
                 continue
             break
@@ -360,6 +451,9 @@ class Store:
         for seg in segments:
             if seg.live:
                 break  # still needed (e.g. its copies were not made): keep it and all newer
+            fd = self._readers.pop(seg.number, None)
+            if fd is not None:
+                os.close(fd)
             try:
                 os.unlink(seg.path)
             except FileNotFoundError:
@@ -376,6 +470,9 @@ class Store:
 
     def close(self) -> None:
         self._close_current()
+        for fd in self._readers.values():
+            os.close(fd)
+        self._readers.clear()
 
     # ---------------------------------------------------------------- queries
 

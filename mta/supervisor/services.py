@@ -23,6 +23,8 @@ def table(settings) -> list[Service]:
     """The services for *settings*, in start order."""
     return [
         Service("spool", settings.shards, "mta.spool.main:main", (), "always", "keep"),
+        Service("delivery", settings.deliveries, "mta.delivery.main:main", (), "always",
+                "keep"),
         Service("acceptor", settings.acceptors, "mta.acceptor.main:main", settings.listen,
                 "always", "replace"),
     ]

@@ -166,7 +166,7 @@ def test_sd_notify_ready_reloading_stopping(make_daemon, tmp_path):
 def test_process_titles_and_restart_with_backoff(make_daemon):
     d = make_daemon(acceptors=2, shards=2)
     kids = d.children()
-    assert set(kids) == {"spool[0]", "spool[1]", "acceptor[0]", "acceptor[1]"}
+    assert set(kids) == {"spool[0]", "spool[1]", "delivery[0]", "acceptor[0]", "acceptor[1]"}
     os.kill(kids["acceptor[1]"], signal.SIGKILL)
     d.wait_log(r"acceptor\[1\] pid=\d+ died \(signal 9\); restarting in 0\.2s")
     deadline = time.monotonic() + 10
@@ -182,6 +182,9 @@ def test_process_titles_and_restart_with_backoff(make_daemon):
     os.kill(d.children()["spool[0]"], signal.SIGKILL)
     d.wait_log(r"spool\[0\] pid=\d+ died")
     d.wait_log(r"started spool\[0\]", count=2)
+    os.kill(d.children()["delivery[0]"], signal.SIGKILL)
+    d.wait_log(r"delivery\[0\] pid=\d+ died")
+    d.wait_log(r"started delivery\[0\]", count=2)
     # The daemon serves normally afterwards.
     deadline = time.monotonic() + 10
     while True:

@@ -1,0 +1,343 @@
+"""Back-pressure: a slow, dead, full or failing spool gets 451/452, never a 5xx, never a lie.
+
+The rule under test: if the shard does not acknowledge within
+``smtp.spool_timeout``, or the spool is unhealthy (EIO, ENOSPC, free space
+under a threshold), the client gets ``451 4.3.0`` (``452 4.3.1`` at MAIL when
+space is low), the acceptor never hangs, and everything recovers by itself
+when the cause is gone.  Never a 5xx for a storage problem, never a 250 for a
+message that is not on disk.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from mta.queueid import shard_of
+
+TIMEOUT = 1.0            # smtp.spool_timeout in these tests
+REPLY_BOUND = TIMEOUT + 1.5   # the acceptor checks timeouts every 0.5 s
+
+
+def msg(n: int, size: int = 0) -> bytes:
+    """Message n; with *size*, padded with 78-octet lines to about that size."""
+    head = f"From: <bp@example.com>\r\nTo: <sink@example.net>\r\nSubject: bp {n}\r\n\r\n"
+    out = head.encode() + f"message {n}\r\n".encode()
+    if size:
+        line = (f"{n:08d}" + "y" * 68 + "\r\n").encode()
+        out += line * max(0, (size - len(out)) // len(line))
+    return out
+
+
+def transaction(c, body: bytes) -> tuple[int, str, float]:
+    """MAIL/RCPT/DATA pipelined (RFC 2920), then the body; (code, text, seconds for the answer)."""
+    c.send(b"MAIL FROM:<bp@example.com>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n")
+    replies = [c.reply() for _ in range(3)]
+    if replies[2][0] != 354:
+        bad = next(r for r in replies if r[0] >= 400)
+        if replies[0][0] < 400:
+            assert c.cmd("RSET")[0] == 250
+        return bad[0], bad[1][-1], 0.0
+    t0 = time.monotonic()
+    c.send(body.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+    code, text = c.reply()
+    return code, text[-1], time.monotonic() - t0
+
+
+def qid_of(text: str) -> str:
+    m = re.fullmatch(r"2\.0\.0 Ok: queued as ([0-9A-F]{20})", text)
+    assert m, text
+    return m.group(1)
+
+
+def open_session(d):
+    c = d.connect(timeout=30)
+    assert c.banner[0] == 220
+    assert c.cmd("EHLO bp.test")[0] == 250
+    return c
+
+
+def stored_bodies(d) -> dict[str, bytes]:
+    """qid -> message as sent by the client (our Received header taken off); daemon stopped."""
+    out = {}
+    for x in d.spool_dump(bodies=True):
+        raw = base64.b64decode(x["message"])
+        assert len(raw) == x["message_size"]
+        head, sep, rest = raw.partition(b"\r\n\tby mta.test (mta) with ESMTP id " +
+                                         x["queue_id"].encode())
+        assert raw.startswith(b"Received: ") and sep, raw[:300]
+        # the Received field ends at the first line that does not start with white space
+        m = re.search(rb"\r\n(?![ \t])", rest)
+        out[x["queue_id"]] = rest[m.end():]
+    return out
+
+
+def reload(d, **changes) -> None:
+    """Rewrite the config, SIGHUP, and wait until every old acceptor has gone."""
+    old = [pid for title, pid in d.children().items() if title.startswith("acceptor[")]
+    assert old
+    done = d.log().count("reloaded: ")
+    for section, keys in changes.items():
+        d.sections[section].update(keys)
+    d.write_config()
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_log(r"reloaded: ", count=done + 1)
+    for pid in old:
+        d.wait_log(rf"acceptor\[\d+\] pid={pid} exited")
+
+
+# ------------------------------------------------------------ slow or dead shard
+
+def test_stopped_shard_answers_451_in_bounded_time_then_recovers(make_daemon):
+    d = make_daemon(acceptors=1, shards=1, smtp={"spool_timeout": TIMEOUT})
+    spool = d.children()["spool[0]"]
+    sent: dict[str, bytes] = {}
+    with open_session(d) as c:
+        code, text, _ = transaction(c, msg(1))
+        assert code == 250
+        sent[qid_of(text)] = msg(1)
+
+        os.kill(spool, signal.SIGSTOP)
+        try:
+            code, text, took = transaction(c, msg(2))
+            assert (code, text[:5]) == (451, "4.3.0"), (code, text)
+            assert TIMEOUT - 0.1 <= took <= REPLY_BOUND, took
+            # The session is not stuck: it answers at once and can try again.
+            t0 = time.monotonic()
+            assert c.cmd("NOOP")[0] == 250
+            assert time.monotonic() - t0 < 1.0
+            code, text, took = transaction(c, msg(3))
+            assert (code, text[:5]) == (451, "4.3.0") and took <= REPLY_BOUND
+            # New connections are served too (greeting, EHLO) while the shard is stopped.
+            with open_session(d) as c2:
+                assert c2.cmd("NOOP")[0] == 250
+        finally:
+            os.kill(spool, signal.SIGCONT)
+
+        code, text, took = transaction(c, msg(4))
+        assert code == 250, (code, text)
+        sent[qid_of(text)] = msg(4)
+        assert c.cmd("QUIT")[0] == 221
+
+    told_451 = re.findall(r"([0-9A-F]{20}): no answer from the spool in 1s; answered 451", d.log())
+    assert len(told_451) == 2
+    listed = {x["queue_id"] for x in d.queue_list()}
+    assert set(sent) <= listed
+    assert d.stop() == 0
+    stored = stored_bodies(d)
+    for qid, body in sent.items():
+        assert stored[qid] == body
+    # The 451'd messages: either outcome is allowed.  With the current design
+    # they ARE on disk (seen: 2 of 2): the requests waited in the bus queue of
+    # the stopped shard, which wrote them once it was continued; the acceptor
+    # had already answered 451 and dropped the late confirmation.  They are
+    # duplicates of what the client was told to retry (never a loss); if
+    # present they must be whole.
+    late = {q: stored[q] for q in told_451 if q in stored}
+    for qid, body in late.items():
+        assert body in (msg(2), msg(3)), qid
+    assert set(stored) <= set(sent) | set(told_451)
+
+
+def test_stopped_shard_does_not_hold_up_the_other_shard(make_daemon):
+    """Shard 0 is stopped: its messages get 451 in bounded time, shard 1's get 250."""
+    d = make_daemon(acceptors=1, shards=2, smtp={"spool_timeout": TIMEOUT})
+    spool0 = d.children()["spool[0]"]
+    results: list[tuple[int, str, float]] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        with open_session(d) as c:
+            for i in range(3):
+                r = transaction(c, msg(100 * k + i))
+                with lock:
+                    results.append(r)
+
+    os.kill(spool0, signal.SIGSTOP)
+    try:
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads), "a session hung"
+    finally:
+        os.kill(spool0, signal.SIGCONT)
+    assert len(results) == 18
+    codes = sorted({r[0] for r in results})
+    assert codes == [250, 451], results
+    for code, text, took in results:
+        assert took <= REPLY_BOUND, (code, text, took)
+        if code == 250:
+            assert shard_of(qid_of(text), 2) == 1
+        else:
+            assert text.startswith("4.3.0")
+
+
+def test_dead_shard_gets_immediate_451_and_comes_back_by_itself(make_daemon):
+    """spool[0] dies and cannot start again for a while (its directory is gone):
+    the acceptor answers 451 at once for shard 0, 250 for shard 1, and takes
+    mail for shard 0 again once the supervisor's restart succeeds."""
+    d = make_daemon(acceptors=1, shards=2, smtp={"spool_timeout": 5.0},
+                    server={"restart_backoff_max": 1.0})
+    with open_session(d) as c:
+        first = {}
+        for i in range(2):
+            code, text, _ = transaction(c, msg(i))
+            assert code == 250
+            first[qid_of(text)] = msg(i)
+    sdir = os.path.join(d.state_dir, "spool", "shard-00")
+    shutil.move(sdir, sdir + ".away")
+    try:
+        with open(sdir, "w") as fh:    # a file where the directory was: start-up fails
+            fh.write("not a directory\n")
+        old = d.children()["spool[0]"]
+        os.kill(old, signal.SIGKILL)
+        d.wait_log(rf"spool\[0\] pid={old} died")
+        d.wait_log(r"spool\[0\] pid=\d+ died \(exit status 1\)", timeout=20)
+        with open_session(d) as c:
+            codes = []
+            for i in range(10, 16):
+                code, text, took = transaction(c, msg(i))
+                assert took < 1.0, (code, text, took)   # no waiting for a dead shard
+                codes.append(code)
+                if code == 250:
+                    assert shard_of(qid_of(text), 2) == 1
+                    first[qid_of(text)] = msg(i)
+                else:
+                    assert (code, text[:5]) == (451, "4.3.0"), (code, text)
+            assert 250 in codes and 451 in codes, codes
+    finally:
+        if os.path.isfile(sdir):
+            os.unlink(sdir)
+        if os.path.isdir(sdir + ".away"):
+            shutil.move(sdir + ".away", sdir)
+    d.wait_log(r"spool\[0\]\[\d+\]: recovered queue: messages=1 ", timeout=20)
+    with open_session(d) as c:
+        # Until the acceptor's bus connection to the new shard is up (ZeroMQ
+        # reconnects within ~0.1 s) shard 0 may still get an immediate 451.
+        deadline = time.monotonic() + 10
+        for i in range(1000, 1200):
+            code, text, took = transaction(c, msg(i))
+            assert code in (250, 451) and took < 1.0, (code, text, took)
+            if code == 250:
+                first[qid_of(text)] = msg(i)
+                if shard_of(qid_of(text), 2) == 0:
+                    break
+            assert time.monotonic() < deadline, "shard 0 never took mail again"
+        for i in range(20, 24):
+            code, text, _ = transaction(c, msg(i))
+            assert code == 250, (code, text)
+            first[qid_of(text)] = msg(i)
+    assert {shard_of(q, 2) for q in first} == {0, 1}
+    assert d.stop() == 0
+    stored = stored_bodies(d)
+    for qid, body in first.items():
+        assert stored.get(qid) == body, qid
+
+
+# -------------------------------------------------------------- free space
+
+def test_low_free_space_452_at_mail_and_recovery_on_reload(make_daemon):
+    d = make_daemon(acceptors=2, shards=1, spool={"min_free_bytes": 1 << 60})
+    with open_session(d) as c:
+        assert c.cmd("MAIL FROM:<bp@example.com>") == \
+            (452, ["4.3.1 Insufficient system storage, try again later"])
+        # the session goes on: EHLO, RSET, NOOP still work; MAIL still 452
+        assert c.cmd("NOOP")[0] == 250
+        assert c.cmd("MAIL FROM:<bp@example.com>")[0] == 452
+        assert c.cmd("RCPT TO:<sink@example.net>")[0] == 503
+
+    reload(d, spool={"min_free_bytes": 0})
+    with open_session(d) as c:
+        code, text, _ = transaction(c, msg(1))
+        assert code == 250, (code, text)
+        ok = qid_of(text)
+
+    reload(d, spool={"min_free_percent": 100.0})
+    with open_session(d) as c:
+        code, text, _ = transaction(c, msg(2))
+        assert (code, text[:5]) == (452, "4.3.1"), (code, text)
+
+    reload(d, spool={"min_free_percent": 0.0})
+    with open_session(d) as c:
+        code, text, _ = transaction(c, msg(3))
+        assert code == 250, (code, text)
+    assert {x["queue_id"] for x in d.queue_list()} == {ok, qid_of(text)}
+
+
+# ------------------------------------------------------------------ ENOSPC
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 3 MiB tmpfs, unmounted at teardown whatever happened."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M,mode=0700", "tmpfs", str(mnt)],
+                   check=True, capture_output=True)
+    try:
+        yield str(mnt)
+    finally:
+        r = subprocess.run(["umount", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_enospc_answers_451_then_heals_when_space_returns(small_tmpfs, make_daemon):
+    d = make_daemon(acceptors=1, shards=1, server={"state_dir": small_tmpfs},
+                    spool={"min_free_bytes": 0, "min_free_percent": 0.0})
+    try:
+        # Fill most of the file system so that a few 200 KB messages fill the rest.
+        st = os.statvfs(small_tmpfs)
+        free = st.f_bavail * st.f_frsize
+        filler = os.path.join(small_tmpfs, "filler")
+        with open(filler, "wb") as fh:
+            fh.write(b"\0" * (free - 1_000_000))
+        size = 200_000
+        queued: dict[str, bytes] = {}
+        codes = []
+        with open_session(d) as c:
+            for i in range(12):
+                code, text, took = transaction(c, msg(i, size))
+                assert code in (250, 451), (code, text)
+                assert took <= 20, took
+                codes.append(code)
+                if code == 250:
+                    queued[qid_of(text)] = msg(i, size)
+                else:
+                    assert text.startswith("4.3.0"), text
+                if codes.count(451) >= 3:
+                    break
+            assert 250 in codes and codes.count(451) >= 3, codes
+            d.wait_log(r"spool write failed: No space left on device; answering 451")
+            # The operator can see it.
+            summary = d.queue_summary()
+            shard = summary["shards"][0]
+            assert shard["healthy"] is False and "No space left" in shard["error"], shard
+            assert summary["total"]["messages"] == len(queued)
+            text_out = d.cli("queue").stdout.decode()
+            assert "ERROR: No space left on device" in text_out, text_out
+
+            # The cause goes away: the shard heals by itself on the next message.
+            os.unlink(filler)
+            for i in range(100, 103):
+                code, text, _ = transaction(c, msg(i, size))
+                assert code == 250, (code, text)
+                queued[qid_of(text)] = msg(i, size)
+            d.wait_log(r"spool writes are succeeding again")
+            shard = d.queue_summary()["shards"][0]
+            assert shard["healthy"] is True and shard["error"] == "", shard
+        assert {x["queue_id"] for x in d.queue_list()} == set(queued)
+        assert d.stop() == 0
+        stored = stored_bodies(d)
+        # Every 250 is on disk byte for byte; nothing the client was refused is.
+        assert stored == queued
+    finally:
+        d.cleanup()

@@ -1,0 +1,406 @@
+"""In-process tests of the spool's segment store (mta/spool/store.py).
+
+Every test runs once with the compiled record codec and once with its pure
+twin (``MTA_PUREPYTHON=1`` runs only the pure one).  A "restart" is a new
+:class:`Store` over the same directory, built only from what is on disk, the
+way a shard rebuilds its queue after kill -9: the old object is dropped
+without ``close()``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import pytest
+
+from mta import native
+from mta.spool.store import SEGMENT_SUFFIX, MessageMeta, Store
+
+MiB = 1 << 20
+IMPLS = ["pure"] if native.PURE else ["compiled", "pure"]
+
+
+@pytest.fixture(params=IMPLS)
+def codec(request):
+    return native.load("record", pure=request.param == "pure")
+
+
+# ----------------------------------------------------------------- helpers
+
+def new_store(path, codec, segment_size=MiB) -> Store:
+    st = Store(str(path), segment_size, fsync=True)
+    st.codec = codec
+    return st
+
+
+def restart(path, codec, segment_size=MiB) -> tuple[Store, dict]:
+    st = new_store(path, codec, segment_size)
+    stats = st.recover()
+    return st, stats
+
+
+def qid(n: int) -> str:
+    return "%013X%02X%05X" % (0x18A3F2C4B1D2E + n, 0, n)
+
+
+def meta(n: int, nrcpt: int = 1) -> MessageMeta:
+    return MessageMeta(qid(n), f"sender{n}@example.com",
+                       [f"r{n}-{i}@example.net" for i in range(nrcpt)],
+                       1_700_000_000.0 + n, {"BODY": "8BITMIME"} if n % 2 else {},
+                       f"client{n} [127.0.0.1]")
+
+
+def body(n: int, size: int = 300) -> bytes:
+    """Deterministic message bytes for message n, exactly *size* long."""
+    head = f"X-Seq: {n}\r\n\r\n".encode()
+    line = hashlib.sha256(str(n).encode()).hexdigest().encode() + b"\r\n"
+    out = head + line * (size // len(line) + 1)
+    return out[:size]
+
+
+def put(st: Store, items: list, done: list[str] = ()) -> list:
+    """One group commit the way the shard does it: write, sync, then publish."""
+    done = list(done)
+    new = st.write(items, done)
+    st.sync()
+    return st.commit(new, done)
+
+
+def contents(st: Store) -> dict[str, bytes]:
+    return {q: st.read_body(e) for q, e in st.entries.items()}
+
+
+def seg_files(path) -> list[str]:
+    return sorted(n for n in os.listdir(path) if n.endswith(SEGMENT_SUFFIX))
+
+
+def last_segment(path) -> str:
+    return os.path.join(str(path), seg_files(path)[-1])
+
+
+# -------------------------------------------------------- round trip, torn tail
+
+def test_write_sync_commit_then_recover_same_entries(tmp_path, codec):
+    st = new_store(tmp_path, codec)
+    msgs = {}
+    n = 0
+    for batch_size in (1, 3, 7, 2):
+        items = []
+        for _ in range(batch_size):
+            b = body(n, 200 + 37 * n)
+            items.append((meta(n, nrcpt=1 + n % 3), b))
+            msgs[qid(n)] = (meta(n, nrcpt=1 + n % 3), b)
+            n += 1
+        put(st, items)
+    # Bodies with the record magic inside and an empty body are stored as they are.
+    tricky = [(meta(100), b"\x89MTA" * 50 + codec.encode(1, b"meta", b"inner")),
+              (meta(101), b"")]
+    put(st, tricky)
+    msgs.update({m.qid: (m, b) for m, b in tricky})
+    assert contents(st) == {q: b for q, (_, b) in msgs.items()}
+
+    st2, stats = restart(tmp_path, codec)
+    assert stats["messages"] == len(msgs)
+    assert stats["skipped_bytes"] == 0 and stats["torn"] == 0
+    assert contents(st2) == {q: b for q, (_, b) in msgs.items()}
+    for q, (m, _) in msgs.items():
+        assert st2.entries[q].meta == m
+    assert st2.summary()["recipients"] == sum(len(m.rcpts) for m, _ in msgs.values())
+    assert st2.summary()["bytes"] == sum(len(b) for _, b in msgs.values())
+    assert st2.summary() == {**st.summary(), "segments": st2.summary()["segments"]}
+
+    # The restarted store appends to a new segment; both survive the next restart.
+    put(st2, [(meta(200), body(200))])
+    st3, _ = restart(tmp_path, codec)
+    assert set(st3.entries) == set(msgs) | {qid(200)}
+    assert len(seg_files(tmp_path)) == 2
+
+
+def test_the_two_codecs_read_each_others_segments(tmp_path):
+    pure = native.load("record", pure=True)
+    compiled = native.load("record", pure=False) if "compiled" in IMPLS else pure
+    st = new_store(tmp_path, pure)
+    put(st, [(meta(i), body(i)) for i in range(5)])
+    st2, _ = restart(tmp_path, compiled)
+    put(st2, [(meta(i), body(i)) for i in range(5, 9)], done=[qid(0)])
+    st3, _ = restart(tmp_path, pure)
+    assert contents(st3) == {qid(i): body(i) for i in range(1, 9)}
+
+
+def test_torn_tail_at_every_offset_is_ignored_and_earlier_records_survive(tmp_path, codec):
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1), body(1, 500)), (meta(2), body(2, 700))])
+    path = last_segment(tmp_path)
+    start = os.path.getsize(path)
+    put(st, [(meta(3), body(3, 300))])
+    full = open(path, "rb").read()
+    end = len(full)
+    assert end > start + 300
+    intact = {qid(1): body(1, 500), qid(2): body(2, 700)}
+
+    d = tmp_path / "torn"
+    d.mkdir()
+    torn_path = d / os.path.basename(path)
+    for cut in range(start, end):
+        torn_path.write_bytes(full[:cut])
+        st2, stats = restart(d, codec)
+        assert contents(st2) == intact, f"cut at {cut}"
+        assert stats["skipped_bytes"] == cut - start
+        assert stats["torn"] == (1 if cut > start else 0)
+    # Cut at the very end: the last record is whole.
+    torn_path.write_bytes(full)
+    st2, _ = restart(d, codec)
+    assert contents(st2) == {**intact, qid(3): body(3, 300)}
+
+
+def test_torn_tail_then_new_writes_then_restart(tmp_path, codec):
+    """A torn tail does not poison what is written after the restart."""
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1), body(1))])
+    put(st, [(meta(2), body(2))])
+    path = last_segment(tmp_path)
+    os.truncate(path, os.path.getsize(path) - 17)
+    st2, stats = restart(tmp_path, codec)
+    assert set(st2.entries) == {qid(1)} and stats["torn"] == 1
+    put(st2, [(meta(3), body(3)), (meta(4), body(4))], done=[qid(1)])
+    st3, stats3 = restart(tmp_path, codec)
+    assert contents(st3) == {qid(3): body(3), qid(4): body(4)}
+    assert stats3["torn"] == 1  # the old tail is still there and still ignored
+
+
+def test_flipped_byte_in_middle_record_skips_only_that_record(tmp_path, codec):
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1), body(1, 150))])
+    path = last_segment(tmp_path)
+    a = os.path.getsize(path)
+    put(st, [(meta(2), body(2, 150))])
+    b = os.path.getsize(path)
+    put(st, [(meta(3), body(3, 150))])
+    full = open(path, "rb").read()
+    d = tmp_path / "flip"
+    d.mkdir()
+    bad = d / os.path.basename(path)
+    for pos in range(a, b):   # every byte of the middle record: header, meta, body
+        damaged = bytearray(full)
+        damaged[pos] ^= 0xFF
+        bad.write_bytes(bytes(damaged))
+        st2, stats = restart(d, codec)
+        assert contents(st2) == {qid(1): body(1, 150), qid(3): body(3, 150)}, f"flip at {pos}"
+        assert stats["skipped_bytes"] == b - a
+        assert stats["torn"] == 0
+
+
+def test_damaged_done_record_keeps_the_message(tmp_path, codec):
+    """A DONE record that fails its checksum is ignored: the message stays (never lost)."""
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1), body(1)), (meta(2), body(2))])
+    path = last_segment(tmp_path)
+    a = os.path.getsize(path)
+    put(st, [], done=[qid(1)])
+    put(st, [(meta(3), body(3))])
+    data = bytearray(open(path, "rb").read())
+    data[a + 22] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    st2, _ = restart(tmp_path, codec)
+    assert set(st2.entries) == {qid(1), qid(2), qid(3)}
+
+
+# ------------------------------------------------------------------ DONE records
+
+def test_done_records_remove_messages_across_restart(tmp_path, codec):
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(i, nrcpt=2), body(i)) for i in range(5)])
+    removed = put(st, [(meta(5), body(5))], done=[qid(1), qid(3), qid(99)])
+    assert removed == [qid(1), qid(3)]
+    removed = put(st, [], done=[qid(5), qid(1)])  # qid(1) is already gone
+    assert removed == [qid(5)]
+    expect = {qid(i): body(i) for i in (0, 2, 4)}
+    assert contents(st) == expect
+    st2, _ = restart(tmp_path, codec)
+    assert contents(st2) == expect
+    assert st2.recipients == 6
+    assert st2.bytes == sum(len(b) for b in expect.values())
+
+
+def test_done_for_message_in_an_older_segment(tmp_path, codec):
+    st = new_store(tmp_path, codec, segment_size=MiB)
+    put(st, [(meta(0), body(0, 100_000))])
+    for i in range(1, 15):   # roll over into new segments
+        put(st, [(meta(i), body(i, 100_000))])
+    assert len(seg_files(tmp_path)) >= 2
+    put(st, [], done=[qid(0)])
+    st2, _ = restart(tmp_path, codec)
+    assert set(st2.entries) == {qid(i) for i in range(1, 15)}
+
+
+# -------------------------------------------------------------- reclamation
+
+def reclaim(st: Store, live_ratio: float = 0.25, max_copy: int = 2000) -> tuple[list, list]:
+    """One reclamation pass exactly as the shard runs it (mta.spool.main.Shard.reclaim)."""
+    before = sorted(st.segments)
+    copies, unlink = st.reclaim_plan(live_ratio, max_copy)
+    numbers = [s.number for s in unlink]
+    # Never a newer segment before an older one: what is unlinked is the oldest prefix.
+    assert numbers == before[:len(numbers)]
+    if unlink:
+        if copies:
+            put(st, copies)
+        st.unlink(unlink)
+    return copies, numbers
+
+
+def fill(st: Store, first: int, count: int, size: int = 100_000) -> list[str]:
+    qids = []
+    for i in range(first, first + count):
+        put(st, [(meta(i), body(i, size))])
+        qids.append(qid(i))
+    return qids
+
+
+def test_reclaim_unlinks_finished_segments_and_restart_resurrects_nothing(tmp_path, codec):
+    st = new_store(tmp_path, codec, segment_size=MiB)
+    qids = fill(st, 0, 45)
+    files = seg_files(tmp_path)
+    assert len(files) >= 4
+    put(st, [], done=qids)
+    assert st.entries == {}
+    copies, unlinked = reclaim(st)
+    assert copies == []
+    # Every segment but the current one (which holds the DONE record) is gone from disk.
+    assert seg_files(tmp_path) == [os.path.basename(st.current.path)]
+    assert len(unlinked) == len(files) - 1
+    assert st.summary()["disk_bytes"] == os.path.getsize(st.current.path)
+    st2, stats = restart(tmp_path, codec)
+    assert st2.entries == {}
+    assert stats["segments"] == 1
+    # After a restart nothing is current: the last segment goes too.
+    copies, unlinked = reclaim(st2)
+    assert copies == [] and len(unlinked) == 1
+    assert seg_files(tmp_path) == []
+    st3, _ = restart(tmp_path, codec)
+    assert st3.entries == {}
+    put(st3, [(meta(500), body(500))])
+    st4, _ = restart(tmp_path, codec)
+    assert contents(st4) == {qid(500): body(500)}
+
+
+def test_compaction_copies_live_messages_forward_then_unlinks(tmp_path, codec):
+    st = new_store(tmp_path, codec, segment_size=MiB)
+    qids = fill(st, 0, 35)
+    by_seg: dict[int, list[str]] = {}
+    for q, e in st.entries.items():
+        by_seg.setdefault(e.seg, []).append(q)
+    oldest, second = sorted(by_seg)[:2]
+    assert len(by_seg[oldest]) >= 8
+    keep = {by_seg[oldest][3], by_seg[second][0], by_seg[second][5]}
+    put(st, [], done=[q for q in qids if q not in keep and st.entries[q].seg in (oldest, second)])
+    expect = {q: body(int(q[15:], 16), 100_000) for q in st.entries}
+    assert len(expect) == len(qids) - len(by_seg[oldest]) - len(by_seg[second]) + 3
+    old_paths = [st.segments[n].path for n in (oldest, second)]
+    copies, unlinked = reclaim(st, live_ratio=0.25)
+    assert sorted(m.qid for m, _ in copies) == sorted(keep)
+    assert unlinked == [oldest, second]
+    for p in old_paths:
+        assert not os.path.exists(p)
+    for q in keep:
+        assert st.entries[q].seg == st.current.number
+    assert contents(st) == expect
+    st2, stats = restart(tmp_path, codec)
+    assert contents(st2) == expect
+    assert stats["skipped_bytes"] == 0
+
+
+def test_crash_between_copy_and_unlink_keeps_one_copy(tmp_path, codec):
+    st = new_store(tmp_path, codec, segment_size=MiB)
+    qids = fill(st, 0, 25)
+    oldest = min(st.segments)
+    in_oldest = [q for q, e in st.entries.items() if e.seg == oldest]
+    keep = in_oldest[0]
+    put(st, [], done=[q for q in in_oldest if q != keep])
+    copies, unlink = st.reclaim_plan(0.25, 2000)
+    assert [m.qid for m, _ in copies] == [keep]
+    put(st, copies)
+    # kill -9 here: the copy is durable, the old segment was not unlinked yet.
+    st2, _ = restart(tmp_path, codec)
+    expect = {q: body(int(q[15:], 16), 100_000) for q in qids if q not in in_oldest or q == keep}
+    assert contents(st2) == expect
+    assert st2.entries[keep].seg != oldest  # the newest copy wins
+    # The next pass finishes the job.
+    _, unlinked = reclaim(st2)
+    assert oldest in unlinked
+    st3, _ = restart(tmp_path, codec)
+    assert contents(st3) == expect
+
+
+def test_reclaim_stops_at_an_older_segment_that_is_still_needed(tmp_path, codec):
+    """A newer, finished segment holds DONE records for messages in an older one
+    that is still needed: unlinking the newer one first would bring those
+    messages back after a restart."""
+    st = new_store(tmp_path, codec, segment_size=MiB)
+    first = fill(st, 0, 11)
+    seg1 = st.entries[first[0]].seg
+    assert all(st.entries[q].seg == seg1 for q in first)
+    second = fill(st, 11, 5)
+    seg2 = st.current.number
+    assert seg2 != seg1
+    keep, finished = first[:7], first[7:]        # live ratio 7/11: not compacted
+    put(st, [], done=finished)                    # DONE(finished) lands in seg2
+    second += fill(st, 16, 6)
+    assert all(st.entries[q].seg == seg2 for q in second)
+    put(st, [], done=second)                      # rolls over: seg2 is no longer current
+    assert st.current.number > seg2
+    assert st.segments[seg2].live == 0 and st.segments[seg1].live == len(keep)
+
+    copies, unlink = st.reclaim_plan(0.25, 2000)
+    assert copies == [] and unlink == []
+    # Even when handed a plan whose copies were never made, unlink keeps the order.
+    st.unlink([st.segments[seg1], st.segments[seg2]])
+    assert os.path.exists(st.segments[seg1].path)
+    assert seg2 in st.segments and os.path.exists(st.segments[seg2].path), \
+        "a newer segment was unlinked while an older one is still needed"
+    st2, _ = restart(tmp_path, codec)
+    assert set(st2.entries) == set(keep)
+
+
+def test_random_workload_restart_always_matches_the_model(tmp_path, codec):
+    """Writes, DONEs, compaction and unlinks at random; after every pass a restart
+    from disk gives exactly the queue the live store had, bodies intact."""
+    rng = random.Random(20240611)
+    seg_size = 64 * 1024   # tiny segments: many of them, lots of reclamation
+    st = new_store(tmp_path, codec, segment_size=seg_size)
+    model: dict[str, bytes] = {}
+    n = 0
+    unlinked_total = copied_total = 0
+    for step in range(120):
+        items = []
+        for _ in range(rng.randint(0, 4)):
+            b = body(n, rng.randint(0, 12_000))
+            items.append((meta(n), b))
+            model[qid(n)] = b
+            n += 1
+        live = list(model)
+        done = rng.sample(live, min(len(live), rng.randint(0, 5)))
+        put(st, items, done)
+        for q in done:
+            model.pop(q, None)
+        if step % 3 == 0:
+            copies, unlinked = reclaim(st, live_ratio=0.6, max_copy=rng.randint(1, 12))
+            unlinked_total += len(unlinked)
+            copied_total += len(copies)
+            assert contents(st) == model
+            st2, stats = restart(tmp_path, codec, seg_size)
+            assert contents(st2) == model, f"step {step}"
+            assert stats["skipped_bytes"] == 0
+        if step % 10 == 9:   # crash and carry on with the rebuilt store
+            st, _ = restart(tmp_path, codec, seg_size)
+            assert contents(st) == model
+    assert unlinked_total > 10 and copied_total > 0
+    # Disk use tracks the queue: finishing everything and reclaiming frees all
+    # but the segment that holds the last DONE record.
+    put(st, [], list(model))
+    model.clear()
+    reclaim(st)
+    assert len(seg_files(tmp_path)) <= 1
+    st2, _ = restart(tmp_path, codec, seg_size)
+    assert st2.entries == {}
