@@ -114,6 +114,8 @@ class Engine:
         self.routes = {r.domain.lower().rstrip("."): r for r in self.cfg.route}
         self.in_flight = 0
         self.stats = collections.Counter()
+        self.workers: set[asyncio.Task] = set()
+        self.stopping = False
 
     # --------------------------------------------------------------- intake
 
@@ -125,10 +127,15 @@ class Engine:
         self.in_flight += 1
         if d.active < self.cfg.connections_per_domain and \
                 (d.active == 0 or len(d.queue) > d.active):
-            d.active += 1
-            self.loop.create_task(self._worker(d))
+            self._spawn(d)
         else:
             d.wakeup.set()
+
+    def _spawn(self, d: Destination) -> None:
+        d.active += 1
+        task = self.loop.create_task(self._worker(d))
+        self.workers.add(task)
+        task.add_done_callback(self.workers.discard)
 
     def _finish(self, job: Job, results: list) -> None:
         self.in_flight -= 1
@@ -220,6 +227,8 @@ class Engine:
         try:
             while True:
                 if not d.queue:
+                    if self.stopping:
+                        return
                     d.wakeup.clear()
                     try:
                         await asyncio.wait_for(d.wakeup.wait(), cfg.idle_timeout)
@@ -248,9 +257,8 @@ class Engine:
             d.active -= 1
             if conn is not None:
                 await conn.quit()
-            if d.queue and d.active == 0:
-                d.active += 1
-                self.loop.create_task(self._worker(d))
+            if d.queue and d.active == 0 and not self.stopping:
+                self._spawn(d)
             elif not d.queue and d.active == 0 and self.dests.get(d.domain) is d:
                 del self.dests[d.domain]
 
@@ -296,6 +304,14 @@ class Engine:
             return None
         return conn
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 10.0) -> None:
+        """Let idle workers end (QUIT their connections); cancel what is still busy."""
+        self.stopping = True
         for d in self.dests.values():
             d.wakeup.set()
+        if self.workers:
+            done, busy = await asyncio.wait(set(self.workers), timeout=timeout)
+            for t in busy:
+                t.cancel()
+            if busy:
+                await asyncio.wait(busy, timeout=1.0)
