@@ -33,16 +33,28 @@ def _toml(value) -> str:
         return json.dumps(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
 def render_config(sections: dict) -> str:
+    """TOML for {section: {key: value}}; a list of dicts becomes [[section.key]] tables."""
     out = []
     for name, keys in sections.items():
         out.append(f"[{name}]")
+        tables = []
         for k, v in keys.items():
-            out.append(f"{k} = {_toml(v)}")
+            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                tables.append((k, v))
+            else:
+                out.append(f"{k} = {_toml(v)}")
         out.append("")
+        for k, items in tables:
+            for item in items:
+                out.append(f"[[{name}.{k}]]")
+                out += [f"{ik} = {_toml(iv)}" for ik, iv in item.items()]
+                out.append("")
     return "\n".join(out)
 
 

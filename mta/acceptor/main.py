@@ -74,6 +74,11 @@ class Acceptor:
         self.servers: list = []
         self._drained = asyncio.Event()
         self._relay_cache: dict[str, bool] = {}
+        self.signer = None
+        if cfg.dkim.enabled and cfg.dkim.keys:
+            from mta.dkim import Signer
+
+            self.signer = Signer.from_config(cfg.dkim)   # keys parsed once, after fork
 
     def _ssl_context(self):
         if not self.smtp.tls_certificate:
@@ -129,6 +134,15 @@ class Acceptor:
         (:meth:`_flush_outbox`, scheduled once per iteration).
         """
         qid = new_qid(self.slot)
+        # DKIM: every message is signed here, once, before it is spooled, so the
+        # signature is made once however many delivery attempts follow, and a
+        # retry sends exactly the bytes that were signed.  The spool and the
+        # delivery processes never modify the message after this point.
+        if self.signer is not None:
+            try:
+                payload = self.signer.sign_message(payload)
+            except Exception:
+                log.exception("%s: DKIM signing failed; the message is queued unsigned", qid)
         body = session._received(qid) + payload
         client_info = f"{session.helo} [{session.peer_ip}]"
         if session.user is not None:

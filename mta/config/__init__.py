@@ -141,6 +141,13 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
         users = _read_auth_file(cfg.smtp.auth_file)
     hostname = cfg.server.hostname or socket.gethostname()
     nameservers = _check_delivery(cfg.delivery)
+    if cfg.dkim.enabled and cfg.dkim.keys:
+        from mta import dkim
+
+        problems = dkim.validate(cfg.dkim)
+        if problems:
+            raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more problem(s))"
+                                             if len(problems) > 1 else ""))
     event_log = os.path.join(state_dir, cfg.server.event_log) if cfg.server.event_log else None
     return Settings(
         config=cfg,
@@ -249,6 +256,10 @@ def example_toml() -> str:
             meta = f.type if isinstance(f.type, mi.Metadata) else None
             doc = (meta.extra_json_schema or {}).get("description", "") if meta else ""
             default = f.default if f.default is not mi.NODEFAULT else f.default_factory()
+            if default is None:
+                out.append(f"# {doc}")
+                out.append(f"# {f.name} = (not set)")
+                continue
             bounds = []
             if meta is not None:
                 t = meta.type
@@ -261,4 +272,19 @@ def example_toml() -> str:
             out.append(f"# {doc}")
             out.append(f"{f.name} = {_toml_value(default)}")
         out.append("")
+    out += [
+        "# Static routes and DKIM keys are arrays of tables, for example:",
+        "#",
+        "# [[delivery.route]]",
+        '# domain = "example.com"          # or "*" for a smarthost',
+        '# hosts = ["10.0.0.5:25"]',
+        '# starttls = "opportunistic"',
+        "#",
+        "# [[dkim.keys]]",
+        '# domain = "example.com"',
+        '# selector = "s2026"',
+        '# key_file = "/etc/mta/dkim/example.com.pem"',
+        '# algorithm = "rsa-sha256"        # or "ed25519-sha256"',
+        "",
+    ]
     return "\n".join(out)

@@ -13,6 +13,8 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
+from mta.dkim import DkimConfig
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -204,7 +206,9 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
         default_factory=SpoolConfig)
     delivery: Annotated[DeliveryConfig, _doc("delivery processes")] = msgspec.field(
         default_factory=DeliveryConfig)
+    dkim: Annotated[DkimConfig, _doc("DKIM signing (see mta/dkim.py)")] = msgspec.field(
+        default_factory=DkimConfig)
 
 
 SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("spool", SpoolConfig),
-            ("delivery", DeliveryConfig))
+            ("delivery", DeliveryConfig), ("dkim", DkimConfig))
