@@ -127,9 +127,23 @@ class Acceptor:
             self.outbox.append([])
 
     def commit(self, session, payload: bytes) -> None:
-        """Queue a finished message for its shard; the session hears back via .committed().
+        """Queue a finished SMTP message; the session hears back via .committed()."""
+        client_info = f"{session.helo} [{session.peer_ip}]"
+        if session.user is not None:
+            client_info += f" user={session.user}"
+        params = {k: v for k, v in session.params.items() if k in ("BODY", "SMTPUTF8")}
+        self.submit(session.sender, session.rcpts, params, client_info, payload,
+                    session._received, session.committed, session.peer_ip)
 
-        Messages are not sent one by one: every message completed during this
+    def submit(self, sender: str, rcpts: list[str], params: dict, client_info: str,
+               message: bytes, trace, done, peer: str = "") -> str:
+        """Send one message to its spool shard; the common path of SMTP and HTTP injection.
+
+        *trace(qid)* returns the Received header to prepend; *done(qid, ok)* is
+        called once: ok=True only after the shard has the message on disk,
+        False on a storage error, back-pressure or timeout.  Returns the queue id.
+
+        Messages are not sent one by one: every message submitted during this
         loop iteration for the same shard goes out as one bus request
         (:meth:`_flush_outbox`, scheduled once per iteration).
         """
@@ -140,21 +154,17 @@ class Acceptor:
         # delivery processes never modify the message after this point.
         if self.signer is not None:
             try:
-                payload = self.signer.sign_message(payload)
+                message = self.signer.sign_message(message)
             except Exception:
                 log.exception("%s: DKIM signing failed; the message is queued unsigned", qid)
-        body = session._received(qid) + payload
-        client_info = f"{session.helo} [{session.peer_ip}]"
-        if session.user is not None:
-            client_info += f" user={session.user}"
-        params = {k: v for k, v in session.params.items() if k in ("BODY", "SMTPUTF8")}
-        envelope = (qid, session.sender, session.rcpts, params, client_info, time.time())
+        body = trace(qid) + message
+        envelope = (qid, sender, rcpts, params, client_info, time.time())
         shard = shard_of(qid, len(self.clients))
-        box = self.outbox[shard]
-        box.append((session, envelope, body))
+        self.outbox[shard].append((done, envelope, body, peer))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush_outbox)
+        return qid
 
     def _flush_outbox(self) -> None:
         self._flush_scheduled = False
@@ -164,14 +174,14 @@ class Acceptor:
                 continue
             self.outbox[shard] = []
             req = next(self.reqs)
-            frames = bus.encode("SPOOL_MESSAGE_COMMIT", req, [e for _, e, _ in box],
-                                bodies=[b for _, _, b in box])
+            frames = bus.encode("SPOOL_MESSAGE_COMMIT", req, [x[1] for x in box],
+                                bodies=[x[2] for x in box])
             if not self.clients[shard].send(frames):
                 self.stats["temp_failed"] += len(box)
                 log.warning("spool shard %d is not taking messages; answered 451 for %d",
                             shard, len(box))
-                for session, env, _ in box:
-                    session.committed(env[0], False)
+                for done, env, _, _ in box:
+                    done(env[0], False)
                 continue
             self.pending[req] = (box, deadline)
 
@@ -188,12 +198,11 @@ class Acceptor:
             return  # it timed out and was already answered 451
         ok = f[1] == bus.STATUS_OK
         info = log.isEnabledFor(logging.INFO)
-        for session, env, body in entry[0]:
-            if ok:
-                if info:
-                    log.info("%s: from=<%s> nrcpt=%d size=%d client=%s", env[0], env[1],
-                             len(env[2]), len(body), session.peer_ip)
-            session.committed(env[0], ok)
+        for done, env, body, peer in entry[0]:
+            if ok and info:
+                log.info("%s: from=<%s> nrcpt=%d size=%d client=%s", env[0], env[1],
+                         len(env[2]), len(body), peer)
+            done(env[0], ok)
         self.stats["accepted" if ok else "temp_failed"] += len(entry[0])
         if self.draining and not self.sessions and not self.pending:
             self._drained.set()
@@ -207,10 +216,10 @@ class Acceptor:
             for r in expired:
                 box, _ = self.pending.pop(r)
                 self.stats["temp_failed"] += len(box)
-                for session, env, _ in box:
+                for done, env, _, _ in box:
                     log.warning("%s: no answer from the spool in %gs; answered 451",
                                 env[0], self.smtp.spool_timeout)
-                    session.committed(env[0], False)
+                    done(env[0], False)
         force = self.draining and now >= self.drain_deadline
         for s in list(self.sessions):
             s.idle_check(now, self.draining, force)
