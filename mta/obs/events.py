@@ -5,7 +5,9 @@ Types (KumoMTA's names, lower-case as SparkPost's): ``reception``,
 Fields: ``type``, ``timestamp`` (epoch seconds), ``queue_id``, ``message_id``,
 ``sender``, ``recipient``, and where known ``remote_host``, ``remote_ip``,
 ``response`` {code, enhanced, text}, ``attempt``, ``time_in_queue``,
-``next_attempt``, ``size``, ``client``.
+``next_attempt``, ``size``, ``client``, and the message's ``campaign_id``,
+``metadata``, ``tags``, ``ip_pool``, ``transactional`` when it was injected
+with them.
 
 Written by the spool shard that owns the message, the process that records
 the state change durably, so the log never claims more than the spool knows.
@@ -33,6 +35,15 @@ BOUNCE = "bounce"
 EXPIRATION = "expiration"
 
 FLUSH_BYTES = 1 << 20   # write early when this much is buffered
+
+# Injection attributes (SparkPost's campaign_id, metadata, tags; X-MSYS-API on
+# SMTP) stored in a message's params and repeated in each of its events.
+CARRIED = ("campaign_id", "metadata", "tags", "ip_pool", "transactional")
+
+
+def carried(params: dict) -> dict:
+    """The injection attributes of a message that every event about it repeats."""
+    return {k: params[k] for k in CARRIED if k in params}
 
 
 class EventLog:

@@ -256,10 +256,11 @@ class Shard:
         for e in new:
             m = e.meta
             if m.state is None:  # a new message, not a compaction copy
+                extra = ev.carried(m.params)
                 for r in m.rcpts:
                     emit({"type": ev.RECEPTION, "timestamp": m.arrival, "queue_id": m.qid,
                           "message_id": m.params.get("message_id", ""), "sender": m.sender,
-                          "recipient": r, "size": e.length, "client": m.client})
+                          "recipient": r, "size": e.length, "client": m.client, **extra})
             self.due.push(min(e.due), m.qid)
         for event in plan.events:
             emit(event)
@@ -307,7 +308,8 @@ class Shard:
                 attempt = max(e.attempts[i] for i in idxs) + 1
                 frames = bus.encode("DELIVERY_MESSAGE_READY", req, qid, m.sender, domain,
                                     [[i, m.rcpts[i]] for i in idxs],
-                                    {k: v for k, v in m.params.items() if k != "message_id"},
+                                    {k: v for k, v in m.params.items()
+                                     if k in ("BODY", "SMTPUTF8")},
                                     attempt, body=body)
                 try:
                     self.deliveries[domain_shard(domain, nd)].send_multipart(frames, zmq.NOBLOCK)
@@ -460,7 +462,7 @@ class _Plan:
         st = self._state(qid, e)
         m = e.meta
         base = {"queue_id": qid, "message_id": m.params.get("message_id", ""),
-                "sender": m.sender}
+                "sender": m.sender, **ev.carried(m.params)}
         for idx, outcome, code, enh, text, host, ip in results:
             if not 0 <= idx < len(st) or st[idx] != sch.PENDING:
                 continue  # a repeated outcome (at-least-once): the first one counts
@@ -504,6 +506,7 @@ class _Plan:
             self._update(qid, idx, sch.EXPIRED, e.attempts[idx], 0.0)
             self.events.append({"type": ev.EXPIRATION, "queue_id": qid,
                                 "message_id": m.params.get("message_id", ""),
+                                **ev.carried(m.params),
                                 "sender": m.sender, "recipient": m.rcpts[idx],
                                 "attempt": e.attempts[idx],
                                 "time_in_queue": round(now - m.arrival, 3)})
