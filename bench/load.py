@@ -567,8 +567,10 @@ class MtaTarget(Target):
         return base + ["serve", "-c", str(self.config_path)]
 
     def config(self, port: int) -> dict:
+        # Deliveries held, like the Postfix peer's hold queue: both only accept durably.
         doc = {"server": {"state_dir": str(self.rundir / "state")},
-               "smtp": {"listen": [f"{LOOPBACK}:{port}"]}}
+               "smtp": {"listen": [f"{LOOPBACK}:{port}"]},
+               "delivery": {"hold": True}}
         for extra in self.args.mta_config_extra:
             merge(doc, tomllib.loads(extra))
         return doc
@@ -590,6 +592,20 @@ class MtaTarget(Target):
     def _alive(self):
         if self.proc.poll() is not None:
             raise RuntimeError(f"mta exited with {self.proc.returncode}:\n{tail(self.log)}")
+
+    def check(self, expected: int) -> str | None:
+        """Ask the running daemon how many messages it holds: it must be every one sent."""
+        base = self.command()[:-3]   # the command without "serve -c CONFIG"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        r = subprocess.run(base + ["queue", "--json", "-c", str(self.config_path)], cwd=REPO,
+                           env=env, capture_output=True, timeout=120)
+        if r.returncode != 0:
+            return f"mta queue failed: {r.stderr.decode()[-500:]}"
+        held = json.loads(r.stdout)["total"]["messages"]
+        if held == expected:
+            return None
+        return f"mta queue has {held} messages, expected {expected}"
 
     def stop(self):
         if self.proc is None:

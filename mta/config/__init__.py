@@ -46,6 +46,7 @@ class Settings:
     event_log: str | None = None
     nameservers: tuple = ()
     helo_name: str = ""
+    http_listen: tuple[tuple[str, int], ...] = ()
 
     def endpoint(self, name: str) -> str:
         """The ZeroMQ ipc endpoint for a named socket in the run directory."""
@@ -123,6 +124,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
         except ValueError as exc:
             raise ConfigError(f"smtp.listen[{i}]: {exc}") from None
         listen.append((host, port))
+    http_listen = _check_http(cfg.http, listen)
     nets = []
     for i, item in enumerate(cfg.smtp.relay_networks):
         try:
@@ -157,7 +159,10 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
         run_dir=os.path.join(state_dir, "run"),
         hostname=hostname,
         acceptors=cfg.smtp.acceptors or ncpu,
-        shards=cfg.spool.shards or ncpu,
+        # One shard per four CPUs: a shard spends most of its time waiting on
+        # fdatasync, and fewer shards mean bigger group commits (measured on
+        # 2 cores: 1 shard accepts 5.8k msgs/s, 2 shards 4.0k).
+        shards=cfg.spool.shards or max(1, ncpu // 4),
         listen=tuple(listen),
         relay_networks=tuple(nets),
         auth_users=users,
@@ -165,7 +170,27 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
         event_log=event_log,
         nameservers=nameservers,
         helo_name=cfg.delivery.helo_name or hostname,
+        http_listen=http_listen,
     )
+
+
+def _check_http(h, smtp_listen: list) -> tuple:
+    """Validate the [http] section; return its listen addresses as (host, port) pairs."""
+    out = []
+    for i, item in enumerate(h.listen):
+        try:
+            host, port = parse_hostport(item)
+            ipaddress.ip_address(host)
+        except ValueError as exc:
+            raise ConfigError(f"http.listen[{i}]: {exc}") from None
+        if (host, port) in smtp_listen or (host, port) in out:
+            raise ConfigError(f"http.listen[{i}]: {item} is already used by another listener")
+        out.append((host, port))
+    for i, key in enumerate(h.api_keys):
+        if not key or not key.isascii() or not key.isprintable() or " " in key or ":" in key:
+            raise ConfigError(f"http.api_keys[{i}]: expected printable ASCII without spaces "
+                              "or colons")
+    return tuple(out)
 
 
 _STARTTLS = ("none", "opportunistic", "required")

@@ -99,8 +99,9 @@ class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 
 class SpoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     shards: Annotated[int, _doc(
-        "spool writer processes (shards); 0 = one per CPU. Changing it needs a "
-        "restart, and the spool keeps the shard count it was created with",
+        "spool writer processes (shards); 0 = one per four CPUs (a shard is "
+        "fsync-bound; fewer shards make bigger group commits). The spool keeps the "
+        "shard count it was created with",
         ge=0, le=256)] = 0
     directory: Annotated[str, _doc(
         "spool directory; relative paths are inside server.state_dir")] = "spool"
@@ -125,6 +126,41 @@ class SpoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     fsync: Annotated[bool, _doc(
         "fdatasync before acknowledging; turning this off loses mail on power loss "
         "and exists only for benchmarks")] = True
+
+
+class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    listen: Annotated[list[str], _doc(
+        "addresses the HTTP injection API (SparkPost-compatible POST /api/v1/transmissions) "
+        "listens on, as host:port, in every acceptor process; empty disables it")] = \
+        msgspec.field(default_factory=lambda: ["127.0.0.1:8025"])
+    api_keys: Annotated[list[str], _doc(
+        "API keys accepted in the Authorization header (the key itself, or Basic with the "
+        "key as user name); empty: no key is needed and only loopback clients are served")] = \
+        msgspec.field(default_factory=list)
+    max_header_size: Annotated[int, _doc(
+        "octets of request line and header fields; more gets 431 and the connection is "
+        "closed", ge=1 * KiB, le=1 * MiB)] = 16 * KiB
+    max_body_size: Annotated[int, _doc(
+        "octets of request body; more gets 413 and the connection is closed",
+        ge=1 * KiB, le=1 * GiB)] = 20 * MiB
+    max_recipients: Annotated[int, _doc(
+        "recipients in one transmission; more gets 422", ge=1, le=1_000_000)] = 10_000
+    max_pending_messages: Annotated[int, _doc(
+        "messages an acceptor may have waiting for the spool on behalf of HTTP requests; "
+        "a request that would exceed it gets 429 with Retry-After", ge=1, le=10_000_000)] = \
+        100_000
+    request_timeout: Annotated[float, _doc(
+        "seconds a client may take to send one whole request; slower ones get 408 and "
+        "are disconnected", ge=0.1, le=3600)] = 30.0
+    keepalive_timeout: Annotated[float, _doc(
+        "seconds an idle keep-alive connection is kept open", ge=0.1, le=3600)] = 60.0
+    max_connections: Annotated[int, _doc(
+        "concurrent HTTP connections per acceptor; more get 503 and are closed",
+        ge=1, le=1_000_000)] = 2000
+    idempotency_window: Annotated[float, _doc(
+        "seconds a request's Idempotency-Key is remembered: a repeat with the same key "
+        "and body gets the first response and injects nothing", ge=1, le=30 * 86400)] = \
+        86400.0
 
 
 class RouteConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -202,6 +238,8 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
         default_factory=ServerConfig)
     smtp: Annotated[SmtpConfig, _doc("SMTP acceptors")] = msgspec.field(
         default_factory=SmtpConfig)
+    http: Annotated[HttpConfig, _doc("HTTP injection API in the acceptors")] = msgspec.field(
+        default_factory=HttpConfig)
     spool: Annotated[SpoolConfig, _doc("spool writers")] = msgspec.field(
         default_factory=SpoolConfig)
     delivery: Annotated[DeliveryConfig, _doc("delivery processes")] = msgspec.field(
@@ -210,5 +248,5 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
         default_factory=DkimConfig)
 
 
-SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("spool", SpoolConfig),
-            ("delivery", DeliveryConfig), ("dkim", DkimConfig))
+SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("http", HttpConfig),
+            ("spool", SpoolConfig), ("delivery", DeliveryConfig), ("dkim", DkimConfig))
