@@ -5,13 +5,14 @@ crosses a process boundary is declared once in :data:`MESSAGES` with its
 fields and who sends it to whom; :func:`encode` and :func:`decode` refuse
 anything else.
 
-Wire format: a multipart ZeroMQ message ``[code, header, *bodies]``.
-``code`` is one byte, ``header`` is a msgpack array of the declared fields in
-order; messages declared with bodies carry raw RFC 5322 messages as further
-frames (never re-encoded): exactly one for ``BODY_ONE``, any number for
-``BODY_MANY`` (the acceptor batches every message that completed in one loop
-iteration for a shard into one request, and the shard answers each request
-once, so the per-message cost of the bus is one frame, not a round trip).
+Wire format: one ZeroMQ frame per message: a code byte followed by a msgpack
+array of the declared fields in order; messages declared with bodies append
+the raw RFC 5322 message(s) as msgpack ``bin`` — exactly one for ``BODY_ONE``,
+a list for ``BODY_MANY`` (the acceptor batches every message that completed
+in one loop iteration for a shard into one request, and the shard answers
+each request once).  One frame, not one per body: each extra frame costs a
+separate zmq_msg_send (measured 17 µs for three frames against 7 µs for one,
+send and receive included).
 
 Topology (all ipc:// endpoints in the run directory, created after fork):
 
@@ -104,18 +105,19 @@ def _unpackb(data: bytes):
 
 
 def encode(name: str, *values, body: bytes | None = None, bodies: list | None = None) -> list:
-    """Build the frames of message *name* from its field values (in declared order)."""
+    """Build the frame list of message *name* from its field values (in declared order)."""
     m = MESSAGES[name]
     if len(values) != len(m.fields):
         raise BusError(f"{name} takes {len(m.fields)} fields, got {len(values)}")
-    frames = [_CODE_FRAME[name], _packb(values)]
     if m.body == BODY_ONE:
-        frames.append(body if body is not None else b"")
+        payload = _packb((*values, body if body is not None else b""))
     elif m.body == BODY_MANY:
-        frames += bodies or ()
+        payload = _packb((*values, bodies or []))
     elif body is not None or bodies:
         raise BusError(f"{name} carries no body")
-    return frames
+    else:
+        payload = _packb(values)
+    return [_CODE_FRAME[name] + payload]
 
 
 def decode(frames: list) -> tuple[Msg, list, object]:
@@ -123,24 +125,28 @@ def decode(frames: list) -> tuple[Msg, list, object]:
 
     The third item is None, one body (BODY_ONE) or the list of bodies (BODY_MANY).
     """
-    if len(frames) < 2 or len(frames[0]) != 1:
+    if len(frames) != 1 or len(frames[0]) < 2:
         raise BusError("malformed message")
-    m = _BY_CODE.get(frames[0][0])
+    frame = frames[0]
+    m = _BY_CODE.get(frame[0])
     if m is None:
-        raise BusError(f"unknown message code {frames[0][0]}")
-    if (m.body == BODY_NONE and len(frames) != 2) or (m.body == BODY_ONE and len(frames) != 3):
-        raise BusError(f"{m.name}: wrong number of frames")
+        raise BusError(f"unknown message code {frame[0]}")
     try:
-        values = _unpackb(frames[1])
+        values = _unpackb(memoryview(frame)[1:])
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise BusError(f"{m.name}: undecodable header") from exc
-    if not isinstance(values, list) or len(values) != len(m.fields):
+    nfields = len(m.fields) + (m.body != BODY_NONE)
+    if not isinstance(values, list) or len(values) != nfields:
         raise BusError(f"{m.name}: expected {len(m.fields)} fields")
+    if m.body == BODY_NONE:
+        return m, values, None
+    extra = values.pop()
     if m.body == BODY_ONE:
-        return m, values, frames[2]
-    if m.body == BODY_MANY:
-        return m, values, frames[2:]
-    return m, values, None
+        if not isinstance(extra, bytes):
+            raise BusError(f"{m.name}: body is not bytes")
+    elif not isinstance(extra, list) or not all(isinstance(b, bytes) for b in extra):
+        raise BusError(f"{m.name}: bodies are not a list of bytes")
+    return m, values, extra
 
 
 def new_context() -> zmq.Context:
@@ -201,7 +207,7 @@ class Client:
     def send(self, frames: list) -> bool:
         """Queue *frames* for the peer; False when the high-water mark is reached."""
         try:
-            self.sock.send_multipart(frames, _NOBLOCK)
+            self.sock.send(frames[0], _NOBLOCK)
         except zmq.Again:
             return False
         if not self._drain_scheduled:
