@@ -7,6 +7,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from daemon import Daemon  # noqa: E402
+from dnsserver import dns_server  # noqa: E402,F401  (a shared fixture: a real DNS server)
 
 
 @pytest.fixture

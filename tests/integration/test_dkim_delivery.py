@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from daemon import HOST, free_port
 from dkimtools.verifiers import dkimpy_verify, mailauth_verify, opendkim_verify
-from dnsserver import dns_server  # noqa: F401  (fixture)
 from mta.dkim import public_record
 
 SINK_IP = "127.0.0.10"
