@@ -1,21 +1,26 @@
-"""acceptor[i]: an SMTP server process on uvloop.
+"""acceptor[i]: an SMTP and HTTP injection server process on uvloop.
 
 Reads:   client connections on the listening sockets the supervisor made for
-         slot i (SO_REUSEPORT: each slot has its own socket and accept queue;
-         the supervisor keeps it open, so a crashed or replaced acceptor's
-         queued connections wait for its successor instead of being reset).
+         slot i, SMTP and HTTP (SO_REUSEPORT: each slot has its own sockets and
+         accept queues; the supervisor keeps them open, so a crashed or
+         replaced acceptor's queued connections wait for its successor instead
+         of being reset); the idempotency database (state_dir, shared).
 Writes:  SPOOL_MESSAGE_COMMIT to the shard chosen by the queue id; SMTP
-         replies.  It never touches spool files.
-Config:  [smtp] (all keys), [spool] queue_high_water, min_free_*,
-         [server] hostname, shutdown_timeout.
+         replies and HTTP responses.  It never touches spool files.
+Config:  [smtp] (all keys), [http] (all keys), [spool] queue_high_water,
+         min_free_*, [server] hostname, shutdown_timeout, [dkim].
 
-Hot path: :class:`mta.acceptor.smtp.Session` per connection; one DEALER
-socket per shard; replies matched to sessions by request number.
+Hot path: :class:`mta.acceptor.smtp.Session` / :class:`mta.acceptor.http.Session`
+per connection, both ending in :meth:`Acceptor.submit`; one DEALER socket per
+shard; replies matched to messages by request number.  An ``X-MSYS-API``
+header on SMTP is parsed into the message's params (campaign_id, metadata,
+tags, ip_pool, transactional: carried into every event) and removed.
 
 Failure and pressure: a shard that does not answer within
 ``smtp.spool_timeout``, a full bus queue or a storage error → 451 4.3.0 for
-that message; low free space on the spool file system → 452 4.3.1 at MAIL.
-Both clear by themselves.  SIGTERM: stop accepting, let sessions finish (idle
+that message (HTTP: that recipient fails, 503 if all do); low free space on
+the spool file system → 452 4.3.1 at MAIL (HTTP 503).  Both clear by
+themselves.  SIGTERM: stop accepting, let sessions finish (idle
 ones are closed with 421 4.3.2), after ``server.shutdown_timeout`` close the
 rest, wait for outstanding spool answers, exit 0.
 """
@@ -33,8 +38,9 @@ import time
 
 import uvloop
 
-from mta import bus, native, proc
-from mta.acceptor import smtp
+from mta import bus, mime, native, proc
+from mta.acceptor import http, smtp
+from mta.api.transmissions import parse_msys_api
 from mta.queueid import new_qid, shard_of
 
 log = logging.getLogger("mta.acceptor")
@@ -74,6 +80,7 @@ class Acceptor:
         self.servers: list = []
         self._drained = asyncio.Event()
         self._relay_cache: dict[str, bool] = {}
+        self.http: http.Service | None = None    # set by serve() when HTTP sockets were given
         self.signer = None
         if cfg.dkim.enabled and cfg.dkim.keys:
             from mta.dkim import Signer
@@ -126,12 +133,38 @@ class Acceptor:
                                            hwm, self._on_reply))
             self.outbox.append([])
 
+    async def spool_connected(self, timeout: float) -> None:
+        """Wait until the bus to every spool shard is up, so the first message is not refused.
+
+        The DEALER sockets use ZMQ_IMMEDIATE: they report POLLOUT only once a
+        connection to the shard exists.  A shard that stays away is logged and
+        its messages get 451 until it comes (back).
+        """
+        deadline = self.loop.time() + timeout
+        missing = list(range(len(self.clients)))
+        while missing and self.loop.time() < deadline:
+            missing = [n for n in missing if not self.clients[n].connected()]
+            if missing:
+                await asyncio.sleep(0.01)
+        for n in missing:
+            log.warning("spool shard %d is not reachable yet; its messages get 451 until it is", n)
+
     def commit(self, session, payload: bytes) -> None:
         """Queue a finished SMTP message; the session hears back via .committed()."""
         client_info = f"{session.helo} [{session.peer_ip}]"
         if session.user is not None:
             client_info += f" user={session.user}"
         params = {k: v for k, v in session.params.items() if k in ("BODY", "SMTPUTF8")}
+        api = mime.find_header(payload, b"X-MSYS-API")
+        if api is not None:
+            # SparkPost's SMTP injection attributes: recorded, then removed.
+            attrs = parse_msys_api(api)
+            if attrs is None:
+                log.warning("client=%s: X-MSYS-API is not a JSON object; ignored",
+                            session.peer_ip)
+            else:
+                params.update(attrs)
+            payload = mime.remove_headers(payload, b"X-MSYS-API")
         self.submit(session.sender, session.rcpts, params, client_info, payload,
                     session._received, session.committed, session.peer_ip)
 
@@ -207,10 +240,15 @@ class Acceptor:
                          len(env[2]), len(body), peer)
             done(env[0], ok)
         self.stats["accepted" if ok else "temp_failed"] += len(entry[0])
-        if self.draining and not self.sessions and not self.pending:
+        if self.draining and self._idle():
             self._drained.set()
 
     # --------------------------------------------------------- housekeeping
+
+    def _idle(self) -> bool:
+        """No session open and no message waiting for the spool."""
+        return not self.sessions and not self.pending and (
+            self.http is None or not self.http.sessions)
 
     def sweep(self) -> None:
         now = self.loop.time()
@@ -226,8 +264,10 @@ class Acceptor:
         force = self.draining and now >= self.drain_deadline
         for s in list(self.sessions):
             s.idle_check(now, self.draining, force)
+        if self.http is not None:
+            self.http.sweep(now, self.draining, force)
         self.space_low = self._space_low()
-        if self.draining and not self.sessions and not self.pending:
+        if self.draining and self._idle():
             self._drained.set()
         self.loop.call_later(SWEEP_INTERVAL, self.sweep)
 
@@ -249,16 +289,24 @@ class Acceptor:
         return low
 
     def session_gone(self) -> None:
-        if self.draining and not self.sessions and not self.pending:
+        if self.draining and self._idle():
             self._drained.set()
 
     # -------------------------------------------------------------- serving
 
-    async def serve(self, socks: list[socket.socket]) -> None:
+    async def serve(self, socks: list[socket.socket],
+                    http_socks: list[socket.socket] = ()) -> None:
         for sock in socks:
             srv = await self.loop.create_server(lambda: smtp.Session(self), sock=sock,
                                                 backlog=4096)
             self.servers.append(srv)
+        if http_socks:
+            svc = self.http = http.Service(self)
+            svc.open()
+            for sock in http_socks:
+                srv = await self.loop.create_server(lambda: http.Session(svc), sock=sock,
+                                                    backlog=4096)
+                self.servers.append(srv)
         self.space_low = self._space_low()
         self.loop.call_later(SWEEP_INTERVAL, self.sweep)
 
@@ -271,23 +319,27 @@ class Acceptor:
         self.drain_deadline = self.loop.time() + timeout
         for srv in self.servers:
             srv.close()
-        log.info("draining: %d session(s) open", len(self.sessions))
-        if self.sessions or self.pending:
+        http_sessions = self.http.sessions if self.http is not None else set()
+        log.info("draining: %d SMTP and %d HTTP session(s) open", len(self.sessions),
+                 len(http_sessions))
+        if not self._idle():
             try:
                 await asyncio.wait_for(self._drained.wait(),
                                        timeout + self.smtp.spool_timeout + 2 * SWEEP_INTERVAL)
             except asyncio.TimeoutError:
-                for s in list(self.sessions):
+                for s in list(self.sessions) + list(http_sessions):
                     if s.transport is not None:
                         s.transport.abort()
 
 
-def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int]) -> None:
-    """Entry point of the acceptor[i] child."""
+def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],
+         http_fds: list[int] = ()) -> None:
+    """Entry point of the acceptor[i] child: SMTP on *listen_fds*, HTTP on *http_fds*."""
     name = proc.start_role("acceptor", slot, settings.config.server.log_level)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor replaces us on reload
     log.info("starting %s; scanner implementation %s", name, native.implementation())
     socks = [socket.socket(fileno=fd) for fd in listen_fds]
+    http_socks = [socket.socket(fileno=fd) for fd in http_fds]
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     ctx = bus.new_context()
@@ -297,7 +349,8 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int]) -> No
 
     async def run():
         acc.connect_spool(ctx)
-        await acc.serve(socks)
+        await acc.spool_connected(settings.config.server.ready_timeout)
+        await acc.serve(socks, http_socks)
         proc.report_ready(ready_fd)
         await stop.wait()
         await acc.drain()
@@ -305,9 +358,15 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int]) -> No
     try:
         loop.run_until_complete(run())
     finally:
+        if acc.http is not None:
+            acc.http.close()
         for c in acc.clients:
             c.close()
         ctx.term()
         loop.close()
     log.info("stopped: accepted=%d temp_failed=%d", acc.stats["accepted"],
              acc.stats["temp_failed"])
+    if acc.http is not None:
+        st = acc.http.stats
+        log.info("http: requests=%d recipients_accepted=%d recipients_rejected=%d errors=%d",
+                 st["requests"], st["accepted"], st["rejected"], st["errors"])

@@ -45,6 +45,7 @@ __all__ = [
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
 
 
 class BusError(Exception):
@@ -214,6 +215,10 @@ class Client:
             self._drain_scheduled = True
             self._loop.call_soon(self._drain)
         return True
+
+    def connected(self) -> bool:
+        """True once the peer is connected (ZMQ_IMMEDIATE: only then can we send)."""
+        return bool(self.sock.getsockopt(_EVENTS) & _POLLOUT)
 
     def _drain(self) -> None:
         self._drain_scheduled = False

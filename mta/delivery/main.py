@@ -46,6 +46,7 @@ class Delivery:
         self.sock.bind(settings.endpoint(f"delivery-{index}"))
         self.fd = self.sock.getsockopt(zmq.FD)
         self.reading = False
+        self.drain_scheduled = False
         ns = [ip for ip, _ in settings.nameservers] or None
         port = settings.nameservers[0][1] if settings.nameservers else 53
         self.resolver = dns.Resolver(ns, port=port, timeout=cfg.dns_timeout)
@@ -67,6 +68,7 @@ class Delivery:
             self.loop.remove_reader(self.fd)
 
     def _drain(self) -> None:
+        self.drain_scheduled = False
         sock = self.sock
         cap = self.cfg.max_in_flight
         while not self.stopping and self.engine.in_flight < cap:
@@ -101,10 +103,14 @@ class Delivery:
             log.info("%s: to=<%s> relay=%s[%s] status=%s (%d %s %s)", job.qid,
                      next(a for k, a in job.rcpts if k == i), host or "none", ip or "",
                      outcome, code, enh, text)
-        if not self.reading and not self.stopping and \
-                self.engine.in_flight < self.cfg.max_in_flight:
+        if not self.stopping and self.engine.in_flight < self.cfg.max_in_flight:
+            # Also when reading: ZeroMQ's FD is edge-triggered and the send above
+            # can consume the edge of jobs that arrived meanwhile, so the reader
+            # would never fire again.  Look at the socket once more.
             self._resume()
-            self.loop.call_soon(self._drain)
+            if not self.drain_scheduled:
+                self.drain_scheduled = True
+                self.loop.call_soon(self._drain)
 
     async def stop(self, timeout: float) -> None:
         self.stopping = True

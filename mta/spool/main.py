@@ -28,8 +28,9 @@ failed (5xx, null MX, NXDOMAIN) → bounce; deferred → next attempt after the
 retry schedule, or expired and bounced when that would pass ``max_age``.
 Bounces (RFC 3464) are new messages in this shard with a null sender; a
 message with a null sender is never bounced (the failure is logged).  A job
-whose outcome never comes back (its delivery process died) is dispatched again
-after a bounded wait: at-least-once.
+whose outcome never comes back is dispatched again: at once when its delivery
+process disconnects (it died; see ``watch_deliveries``), else after a bounded
+wait: at-least-once.
 
 Failure: a write or fsync error answers the whole batch STATUS_STORAGE (the
 acceptor says 451 4.3.0) and leaves the outcomes unrecorded (the recipients are
@@ -45,6 +46,7 @@ import signal
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from mta import bus, proc
 from mta.dsn import RecipientFailure, build_dsn
@@ -97,7 +99,7 @@ class Shard:
         self.endpoint = settings.endpoint(f"spool-{shard}")
         self.policy = sch.RetryPolicy(self.dcfg)
         self.due = sch.DueQueue()
-        self.jobs: dict[int, tuple] = {}      # req -> (qid, [indexes], sent_at)
+        self.jobs: dict[int, tuple] = {}      # req -> (qid, [indexes], sent_at, delivery)
         self.reqs = itertools.count(1)
         self.expire_work: list[tuple[str, list[int]]] = []
         self.stopping = False
@@ -122,18 +124,26 @@ class Shard:
         self.events = ev.EventLog(self.settings.event_log)
         self.server = bus.Server(ctx, self.endpoint, self.cfg.queue_high_water)
         self.deliveries = []
+        self.monitors = []     # connection events of each delivery socket
+        self.up = []           # delivery[d] is connected
+        self.parked = []       # qids due while delivery[d] was away (a dict as ordered set)
         for d in range(self.settings.deliveries):
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, self.cfg.queue_high_water)
             s.setsockopt(zmq.RCVHWM, self.cfg.queue_high_water)
+            s.setsockopt(zmq.IMMEDIATE, 1)  # no jobs queued towards a dead process
+            self.monitors.append(s.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED))
             s.connect(self.settings.endpoint(f"delivery-{d}"))
             self.deliveries.append(s)
+            self.up.append(False)
+            self.parked.append({})
 
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.server.sock, zmq.POLLIN)
-        for s in self.deliveries:
+        for s in self.deliveries + self.monitors:
             poller.register(s, zmq.POLLIN)
         next_reclaim = time.monotonic() + RECLAIM_INTERVAL
         if self.finished_at_start:
@@ -141,12 +151,15 @@ class Shard:
         while not self.stopping:
             timeout = POLL_INTERVAL_MS
             nd = self.due.next_due()
-            if nd is not None:
+            # Wake for the next due recipient only when dispatch can act on it;
+            # otherwise (held, unhealthy, window full) a past due time would spin.
+            if nd is not None and self.can_dispatch():
                 timeout = max(0, min(timeout, int((nd - time.time()) * 1000) + 1))
             if self.expire_work:
                 timeout = 0
             if poller.poll(timeout) or self.expire_work:
                 self.batch()
+            self.watch_deliveries()
             self.dispatch()
             now = time.monotonic()
             if now >= next_reclaim:
@@ -158,7 +171,7 @@ class Shard:
         self.events.close()
         self.store.close()
         self.server.close()
-        for s in self.deliveries:
+        for s in self.deliveries + self.monitors:
             s.close(0)
 
     # ------------------------------------------------------------ group commit
@@ -270,9 +283,12 @@ class Shard:
 
     # --------------------------------------------------------------- dispatch
 
+    def can_dispatch(self) -> bool:
+        return self.healthy and not self.dcfg.hold and len(self.jobs) < self.dcfg.max_in_flight
+
     def dispatch(self) -> None:
         """Send due recipients to delivery, grouped by message and domain."""
-        if not self.healthy or self.dcfg.hold:
+        if not self.can_dispatch():
             return
         budget = self.dcfg.max_in_flight - len(self.jobs)
         if budget <= 0:
@@ -304,6 +320,10 @@ class Shard:
                 continue
             m = e.meta
             for domain, idxs in groups.items():
+                d = domain_shard(domain, nd)
+                if not self.up[d]:
+                    self.parked[d][qid] = None   # sent when delivery[d] is back
+                    continue
                 req = next(self.reqs)
                 attempt = max(e.attempts[i] for i in idxs) + 1
                 frames = bus.encode("DELIVERY_MESSAGE_READY", req, qid, m.sender, domain,
@@ -312,11 +332,11 @@ class Shard:
                                      if k in ("BODY", "SMTPUTF8")},
                                     attempt, body=body)
                 try:
-                    self.deliveries[domain_shard(domain, nd)].send_multipart(frames, zmq.NOBLOCK)
+                    self.deliveries[d].send_multipart(frames, zmq.NOBLOCK)
                 except zmq.Again:
                     self.due.push(now + BUSY_RETRY, qid)
                     continue
-                self.jobs[req] = (qid, idxs, time.monotonic())
+                self.jobs[req] = (qid, idxs, time.monotonic(), d)
                 e.out += 1
             budget -= 1
             if budget <= 0:
@@ -325,16 +345,52 @@ class Shard:
     def expire_jobs(self) -> None:
         """Jobs whose outcome never came (a delivery process died) are sent again."""
         now = time.monotonic()
-        lost = [r for r, (_, _, t) in self.jobs.items() if now - t > self.job_timeout]
-        for r in lost:
-            qid, _, _ = self.jobs.pop(r)
+        lost = [r for r, (_, _, t, _) in self.jobs.items() if now - t > self.job_timeout]
+        self._resend(lost)
+        if lost:
+            log.warning("%d delivery job(s) got no outcome in %.0fs; they will be sent again",
+                        len(lost), self.job_timeout)
+
+    def _resend(self, reqs: list[int]) -> None:
+        for r in reqs:
+            qid = self.jobs.pop(r)[0]
             e = self.store.entries.get(qid)
             if e is not None:
                 e.out = max(0, e.out - 1)
                 self.due.push(time.time(), qid)
-        if lost:
-            log.warning("%d delivery job(s) got no outcome in %.0fs; they will be sent again",
-                        len(lost), self.job_timeout)
+
+    def watch_deliveries(self) -> None:
+        """Follow the delivery processes' connections (socket monitor events).
+
+        A delivery process that dies takes the jobs it was given with it (they
+        live in its memory; IMMEDIATE drops what was still queued towards it),
+        so they are sent again at once rather than after ``job_timeout``:
+        at-least-once, the transactions in flight at the crash may repeat.
+        While it is away its due messages are parked, and released when a
+        new one has connected.
+        """
+        for d, mon in enumerate(self.monitors):
+            while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                event = recv_monitor_message(mon)["event"]
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self.up[d] = True
+                    now = time.time()
+                    for qid in self.parked[d]:
+                        self.due.push(now, qid)
+                    self.parked[d].clear()
+                elif event == zmq.EVENT_DISCONNECTED:
+                    self.up[d] = False
+                    # Take the outcomes it sent before it went away first.
+                    sock = self.deliveries[d]
+                    for _ in range(100):
+                        if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                            break
+                        self.batch()
+                    lost = [r for r, j in self.jobs.items() if j[3] == d]
+                    self._resend(lost)
+                    if lost:
+                        log.warning("delivery[%d] went away with %d job(s) out; they will "
+                                    "be sent again", d, len(lost))
 
     # ----------------------------------------------------------------- queries
 
@@ -485,8 +541,8 @@ class _Plan:
                     st[idx] = sch.EXPIRED
                     self._update(qid, idx, sch.EXPIRED, attempts, 0.0)
                     event["type"] = ev.EXPIRATION
-                    self._bounce(qid, m.rcpts[idx], code, enh,
-                                 f"gave up after {attempts} attempt(s): {text}", host, now)
+                    self._bounce(qid, m.rcpts[idx], code, enh, text, host, now,
+                                 note=f"gave up after {attempts} attempt(s)")
                 else:
                     self._update(qid, idx, sch.PENDING, attempts, due)
                     event["type"] = ev.TRANSIENT_FAILURE
@@ -517,8 +573,12 @@ class _Plan:
     def _update(self, qid, idx, state, attempts, due) -> None:
         self.updates.setdefault(qid, []).append([idx, state, attempts, due])
 
-    def _bounce(self, qid, rcpt, code, enh, text, host, now) -> None:
+    def _bounce(self, qid, rcpt, code, enh, text, host, now, note="") -> None:
         diag = f"{code} {enh} {text}".strip() if code else text
+        if note:
+            # Our words are not the server's: not inside its reply (an "smtp;"
+            # Diagnostic-Code quotes what the server said, RFC 3464 2.3.6).
+            diag = f"{note}; last reply: {diag}"
         status = enh if enh and enh[0] in "45" else ("5.0.0" if code >= 500 or not code
                                                      else "4.0.0")
         if status.startswith("4"):
@@ -540,10 +600,8 @@ class _Plan:
                 if not e.out:
                     self.done.append(qid)
                 continue
-            dues = [e.due[i] for i in range(len(st)) if st[i] == sch.PENDING]
-            for idx, state, _, due in self.updates.get(qid, ()):
-                if state == sch.PENDING:
-                    dues.append(due)
+            new_due = {idx: due for idx, _, _, due in self.updates.get(qid, ())}
+            dues = [new_due.get(i, e.due[i]) for i in range(len(st)) if st[i] == sch.PENDING]
             self.reschedule.append((qid, min(dues) if dues else now))
         for qid, fails in self.failures.items():
             e = entries[qid]

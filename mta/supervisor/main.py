@@ -2,7 +2,7 @@
 
 Reads:   the configuration file (at start and on SIGHUP).
 Writes:  the listening sockets (one SO_REUSEPORT socket per acceptor slot and
-         address, held open here for the daemon's life), ``run/mta.pid``,
+         address, SMTP and HTTP, held open here for the daemon's life), ``run/mta.pid``,
          ``spool/SHARDS``; sd_notify messages; the diagnostic log.
 Peers:   its children, by fork/wait and signals; a pipe per child carries one
          "ready" byte.  The supervisor creates no ZeroMQ context, event loop or
@@ -73,10 +73,14 @@ class Slot:
 
     role: str
     index: int
-    socks: list
+    socks: list                  # SMTP listening sockets
     child: Child | None = None
     backoff: float = FIRST_BACKOFF
     restart_at: float | None = None
+    http_socks: list = dataclasses.field(default_factory=list)   # HTTP API listening sockets
+
+    def all_socks(self) -> list:
+        return self.socks + self.http_socks
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -105,6 +109,7 @@ class Supervisor:
         self.slots: dict[tuple[str, int], Slot] = {}
         self.signals: list[int] = []
         self.stopping = False
+        self.outgoing: list[Slot] = []   # during a reload: slots being replaced or not yet used
 
     # --------------------------------------------------------------- set-up
 
@@ -158,7 +163,8 @@ class Supervisor:
             os.rename(tmp, path)
             return s
         except ValueError:
-            raise StartupError(f"{path}: not a number; it records the spool's shard count")
+            raise StartupError(
+                f"{path}: not a number; it records the spool's shard count") from None
         if existing != s.shards:
             log.warning("spool at %s was created with %d shards; using %d "
                         "(spool.shards = %d is ignored)", s.spool_dir, existing, existing,
@@ -166,21 +172,36 @@ class Supervisor:
             s = dataclasses.replace(s, shards=existing)
         return s
 
-    def bind_slots(self, settings, role: str, count: int, listen) -> dict:
-        slots = {}
-        for i in range(count):
-            socks = []
+    @staticmethod
+    def bind_all(listen) -> list:
+        """One listening socket per address; StartupError (nothing left open) if one fails."""
+        socks = []
+        for host, port in listen:
             try:
-                for host, port in listen:
-                    socks.append(bind_listener(host, port))
+                socks.append(bind_listener(host, port))
             except OSError as exc:
                 for x in socks:
                     x.close()
-                for sl in slots.values():
-                    for x in sl.socks:
-                        x.close()
                 raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-            slots[(role, i)] = Slot(role, i, socks)
+        return socks
+
+    def bind_slots(self, settings, role: str, count: int, listen, http_listen=()) -> dict:
+        slots = {}
+        try:
+            for i in range(count):
+                socks = self.bind_all(listen)
+                try:
+                    http_socks = self.bind_all(http_listen)
+                except StartupError:
+                    for x in socks:
+                        x.close()
+                    raise
+                slots[(role, i)] = Slot(role, i, socks, http_socks=http_socks)
+        except StartupError:
+            for sl in slots.values():
+                for x in sl.all_socks():
+                    x.close()
+            raise
         return slots
 
     # -------------------------------------------------------------- children
@@ -193,18 +214,23 @@ class Supervisor:
             code = 0
             try:
                 os.close(rfd)
-                for other in self.slots.values():
+                # Listening sockets of other slots (and, during a reload, of the
+                # slots being replaced) must not stay open here: the kernel would
+                # queue connections on them that this process never accepts.
+                for other in list(self.slots.values()) + self.outgoing:
                     if other is not slot:
-                        for sk in other.socks:
-                            sk.close()
+                        for sk in other.all_socks():
+                            if sk not in slot.all_socks():
+                                sk.close()
                 for c in self.children.values():
                     if c.ready_fd is not None:
                         os.close(c.ready_fd)
                 mod_name, func = entry.split(":")
                 fn = getattr(importlib.import_module(mod_name), func)
-                if slot.socks:
+                if slot.socks or slot.http_socks:
                     fds = [sk.detach() for sk in slot.socks]
-                    fn(settings, slot.index, wfd, fds)
+                    http_fds = [sk.detach() for sk in slot.http_socks]
+                    fn(settings, slot.index, wfd, fds, http_fds)
                 else:
                     fn(settings, slot.index, wfd)
             except SystemExit as exc:
@@ -295,8 +321,9 @@ class Supervisor:
         s = self.settings
         services = table(s)
         for svc in services:
-            if svc.listen:
-                self.slots.update(self.bind_slots(s, svc.role, svc.count, svc.listen))
+            if svc.listen or svc.http_listen:
+                self.slots.update(self.bind_slots(s, svc.role, svc.count, svc.listen,
+                                                  svc.http_listen))
             else:
                 self.slots.update({(svc.role, i): Slot(svc.role, i, []) for i in range(svc.count)})
         for role in (svc.role for svc in services):
@@ -310,8 +337,10 @@ class Supervisor:
     def status_line(self) -> str:
         s = self.settings
         listen = ", ".join(f"{h}:{p}" for h, p in s.listen)
-        return (f"accepting SMTP on {listen}; {s.acceptors} acceptor(s), {s.shards} spool "
-                f"shard(s), {s.deliveries} delivery process(es)")
+        http = ", ".join(f"{h}:{p}" for h, p in s.http_listen)
+        http = f", HTTP on {http}" if http else ""
+        return (f"accepting SMTP on {listen}{http}; {s.acceptors} acceptor(s), {s.shards} "
+                f"spool shard(s), {s.deliveries} delivery process(es)")
 
     def on_signal(self, signum, frame) -> None:
         self.signals.append(signum)
@@ -349,7 +378,7 @@ class Supervisor:
         # close theirs, new connections are refused at once instead of
         # waiting in a backlog that nobody will accept from.
         for sl in self.slots.values():
-            for sk in sl.socks:
+            for sk in sl.all_socks():
                 sk.close()
         grace = cfg.server.shutdown_timeout + cfg.smtp.spool_timeout
         for svc in reversed(table(self.settings)):
@@ -410,43 +439,87 @@ class Supervisor:
         log.info("reloaded: %s", status)
         notify.ready(status)
 
-    def _replace_acceptors(self, old, new) -> None:
-        """Start each new acceptor on its slot's socket before stopping the old one."""
-        same_listen = tuple(old.listen) == tuple(new.listen)
+    def _fresh_slots(self, old, new) -> dict:
+        """New slots for the acceptors whose addresses changed (or that are new).
+
+        Sockets for addresses that did not change (SMTP or HTTP) are taken over
+        from the slot's previous holder, so connections waiting in their accept
+        queues are served by the new process.
+        """
+        same_smtp = tuple(old.listen) == tuple(new.listen)
+        same_http = tuple(old.http_listen) == tuple(new.http_listen)
         fresh = {}
-        if not same_listen:
-            fresh = self.bind_slots(new, "acceptor", new.acceptors, new.listen)
-        elif new.acceptors > old.acceptors:
-            extra = self.bind_slots(new, "acceptor", new.acceptors - old.acceptors, new.listen)
-            fresh = {("acceptor", old.acceptors + k[1]): dataclasses.replace(
-                v, index=old.acceptors + k[1]) for k, v in extra.items()}
+        try:
+            for i in range(new.acceptors):
+                prev = self.slots.get(("acceptor", i))
+                if prev is not None and same_smtp and same_http:
+                    continue
+                socks = prev.socks if prev is not None and same_smtp else \
+                    self.bind_all(new.listen)
+                try:
+                    http = prev.http_socks if prev is not None and same_http else \
+                        self.bind_all(new.http_listen)
+                except StartupError:
+                    if prev is None or socks is not prev.socks:
+                        for x in socks:
+                            x.close()
+                    raise
+                fresh[("acceptor", i)] = Slot("acceptor", i, socks, http_socks=http)
+        except StartupError:
+            self._close_unshared(fresh)
+            raise
+        return fresh
+
+    def _close_unshared(self, fresh: dict) -> None:
+        """Close the sockets of unused fresh slots that no current slot holds too."""
+        for key, sl in fresh.items():
+            keep = self.slots[key].all_socks() if key in self.slots else []
+            for x in sl.all_socks():
+                if x not in keep:
+                    x.close()
+
+    def _replace_acceptors(self, old, new) -> None:
+        """Start each new acceptor on its slot's sockets before stopping the old one."""
+        fresh = self._fresh_slots(old, new)
+        try:
+            self._replace_each(old, new, fresh)
+        finally:
+            self.outgoing = []
+
+    def _replace_each(self, old, new, fresh: dict) -> None:
         for i in range(new.acceptors):
             key = ("acceptor", i)
-            slot = fresh.get(key) or self.slots[key]
+            slot = fresh.pop(key, None) or self.slots[key]
             previous = self.slots.get(key)
             old_child = previous.child if previous else None
             self.slots[key] = slot
             if previous is not None and previous is not slot:
                 slot.child = None
+            self.outgoing = [x for x in [previous, *fresh.values()] if x is not None]
             child = self.spawn(slot, new)
             if not self.wait_ready([child], new.config.server.ready_timeout):
                 self._kill(child.pid, signal.SIGKILL)
                 if previous is not None:
                     self.slots[key] = previous
                     previous.child = old_child
+                if previous is not slot:
+                    self._close_unshared({key: slot})
+                self._close_unshared(fresh)
                 raise StartupError(f"new acceptor[{i}] did not start")
             if old_child is not None and old_child.pid in self.children:
                 old_child.retired = True
                 self._kill(old_child.pid, signal.SIGTERM)
             if previous is not None and previous is not slot:
-                for sk in previous.socks:
-                    sk.close()
+                kept = slot.all_socks()
+                for sk in previous.all_socks():
+                    if sk not in kept:
+                        sk.close()
         for i in range(new.acceptors, old.acceptors):
             slot = self.slots.pop(("acceptor", i))
             if slot.child is not None:
                 slot.child.retired = True
                 self._kill(slot.child.pid, signal.SIGTERM)
-            for sk in slot.socks:
+            for sk in slot.all_socks():
                 sk.close()
 
 
