@@ -70,6 +70,7 @@ setup(
             "aiosmtpd>=1.4",
             "aiosmtplib>=3",
             "trustme>=1.1",
+            "sparkpost>=1.3",
             "ruff>=0.5",
         ],
     },

@@ -7,6 +7,7 @@ only the processes it started.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -78,6 +79,7 @@ class Daemon:
         self.dir = str(tmp_path)
         os.makedirs(self.dir, exist_ok=True)
         self.port = free_port()
+        self.http_port = free_port()
         self.state_dir = os.path.join(self.dir, "state")
         self.config_path = os.path.join(self.dir, "mta.toml")
         self.log_path = os.path.join(self.dir, "mta.log")
@@ -85,6 +87,7 @@ class Daemon:
             "server": {"state_dir": self.state_dir, "hostname": "mta.test",
                        "shutdown_timeout": 5.0, "restart_backoff_max": 2.0},
             "smtp": {"listen": [f"{HOST}:{self.port}"], "acceptors": acceptors},
+            "http": {"listen": [f"{HOST}:{self.http_port}"]},
             "spool": {"shards": shards, "min_free_bytes": 0},
             # Acceptance tests keep mail queued; delivery tests turn this off and
             # point the resolver at their own DNS server on loopback.
@@ -242,6 +245,33 @@ class Daemon:
 
     def connect(self, timeout: float = 10.0, source: str | None = None) -> "Client":
         return Client(HOST, self.port, timeout=timeout, source=source)
+
+    @property
+    def http_base(self) -> str:
+        """Base address of the HTTP injection API, e.g. http://127.0.0.1:PORT."""
+        return f"http://{HOST}:{self.http_port}"
+
+    def post(self, body, path: str = "/api/v1/transmissions", headers: dict | None = None,
+             timeout: float = 30.0) -> tuple[int, dict, dict | None]:
+        """POST *body* (bytes, or an object sent as JSON) to the HTTP API on a new connection.
+
+        Returns (status, response headers with lower-case names, decoded JSON or None).
+        """
+        if not isinstance(body, (bytes, bytearray)):
+            body = json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        conn = http.client.HTTPConnection(HOST, self.http_port, timeout=timeout)
+        try:
+            conn.request("POST", path, body=body, headers=hdrs)
+            r = conn.getresponse()
+            data = r.read()
+            rh = {k.lower(): v for k, v in r.getheaders()}
+        finally:
+            conn.close()
+        try:
+            return r.status, rh, json.loads(data) if data else None
+        except ValueError:
+            return r.status, rh, None
 
 
 class Client:

@@ -17,6 +17,7 @@ class Service:
     listen: tuple        # (host, port) pairs each slot listens on; () for none
     restart: str         # "always": a child that exits is started again, with back-off
     reload: str          # what SIGHUP does: "replace" (one slot at a time) or "keep"
+    http_listen: tuple = ()   # (host, port) pairs of the HTTP injection API, per slot
 
 
 def table(settings) -> list[Service]:
@@ -26,15 +27,18 @@ def table(settings) -> list[Service]:
         Service("delivery", settings.deliveries, "mta.delivery.main:main", (), "always",
                 "keep"),
         Service("acceptor", settings.acceptors, "mta.acceptor.main:main", settings.listen,
-                "always", "replace"),
+                "always", "replace", settings.http_listen),
     ]
 
 
 def render(services: list[Service]) -> str:
     """A human-readable table for ``mta print-services``."""
-    rows = [("ROLE", "COUNT", "LISTEN", "RESTART", "ON RELOAD", "ENTRY")]
+    def addrs(pairs) -> str:
+        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in pairs) or "-"
+
+    rows = [("ROLE", "COUNT", "LISTEN", "RESTART", "ON RELOAD", "ENTRY", "HTTP")]
     for s in services:
-        listen = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in s.listen) or "-"
-        rows.append((s.role, str(s.count), listen, s.restart, s.reload, s.entry))
+        rows.append((s.role, str(s.count), addrs(s.listen), s.restart, s.reload, s.entry,
+                     addrs(s.http_listen)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -1,0 +1,669 @@
+"""The HTTP injection server: SparkPost's ``POST /api/v1/transmissions`` on httptools.
+
+One :class:`Session` (an ``asyncio.Protocol``) per connection, fed to an
+``httptools.HttpRequestParser``; one :class:`Service` per acceptor holds what
+the sessions share (keys, limits, the idempotency store, pending counts).
+
+HTTP/1.1 with keep-alive.  Pipelined requests are parsed as they arrive and
+answered strictly in order, one at a time: a request whose messages are on
+their way to the spool holds the ones behind it (at most ``MAX_QUEUED`` are
+read ahead, then reading pauses).  ``Expect: 100-continue`` is answered when
+the request is next in line and its announced size is acceptable.
+
+Limits, each answered with a SparkPost-shaped JSON error, after which the
+connection is closed: request line + header fields over
+``http.max_header_size`` → 431; a body over ``http.max_body_size`` → 413 (as
+soon as Content-Length says so, or when the chunks add up); a request not
+complete within ``http.request_timeout`` of its first byte → 408 (slow
+clients); more than ``http.max_connections`` per acceptor → 503.  Idle
+keep-alive connections are closed after ``http.keepalive_timeout``.  Timeouts
+are checked by the acceptor's sweep (every 0.5 s): no timer per request.
+
+A transmission (see :mod:`mta.api`): authorize (``http.api_keys``; none
+configured → loopback clients only), Content-Type ``application/json``,
+decode and check, then ``Idempotency-Key``, then one message per recipient
+built and handed to ``Acceptor.submit`` — the same path, bus and group-committed
+spool as SMTP — ``BUILD_SLICE`` recipients per loop iteration so a large
+request does not stall other connections.  The response is sent only when
+every message has its answer from the spool:
+
+- all durable → 200; invalid recipients → 200 with SparkPost's partial shape
+  (code 2000, ``rcpt_to_errors``);
+- some durable, others refused by the spool (storage error, timeout, full
+  queue) → 200 partial: the refused ones are in ``rcpt_to_errors`` with code
+  1901 "temporary failure" and count as rejected — retry those recipients;
+- none durable because of the spool → 503 with Retry-After; none because
+  every recipient is invalid → 422 naming the first one.
+
+Back-pressure: a request that would take the acceptor's messages waiting for
+the spool over ``http.max_pending_messages`` → 429 with Retry-After; low
+spool space → 503 with Retry-After.  While the acceptor drains (SIGTERM,
+reload) requests in progress finish and responses say ``Connection: close``.
+
+Hot path cost per single-recipient request: one parse, one msgspec decode,
+one message build, one ``submit`` (batched per shard per loop iteration), one
+write.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import functools
+import hashlib
+import ipaddress
+import itertools
+import logging
+import os
+import time
+from email.utils import formatdate
+
+import httptools
+
+from mta.api import build, idempotency, transmissions
+from mta.api import replies as R
+
+log = logging.getLogger("mta.acceptor")
+
+MAX_QUEUED = 16          # pipelined requests read ahead per connection before reading pauses
+BUILD_SLICE = 256        # recipients built and submitted per loop iteration
+DRAIN_IDLE = 1.0         # seconds: on shutdown, a connection idle this long is closed
+PURGE_INTERVAL = 60.0    # seconds between deletions of expired idempotency keys
+MAX_IDEMPOTENCY_KEY = 255
+STALE_MARGIN = 10.0      # seconds added to the longest a request can take, for stale keys
+
+PATH = b"/api/v1/transmissions"
+
+_tids = itertools.count()
+
+_WANTED = frozenset((b"content-type", b"content-length", b"authorization", b"idempotency-key",
+                     b"expect"))
+
+REASONS = {
+    100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+    413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content",
+    429: "Too Many Requests", 431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+_STATUS_LINES = {code: f"HTTP/1.1 {code} {text}\r\n".encode() for code, text in REASONS.items()}
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _HttpDate:
+    """The Date header's value, rebuilt at most once a second."""
+
+    __slots__ = ("second", "line")
+
+    def __init__(self):
+        self.second = -1
+        self.line = b""
+
+    def header(self) -> bytes:
+        s = int(time.time())
+        if s != self.second:
+            self.second = s
+            self.line = f"Date: {formatdate(s, usegmt=True)}\r\n".encode()
+        return self.line
+
+
+_date = _HttpDate()
+
+
+class _Reject(Exception):
+    """Raised from a parser callback to stop parsing; carries the error to answer."""
+
+    def __init__(self, err: R.ApiError):
+        super().__init__(err.description)
+        self.err = err
+
+
+class Request:
+    """One complete request (or a parse error to answer in its place)."""
+
+    __slots__ = ("method", "url", "headers", "body", "keep_alive", "http10", "error")
+
+    def __init__(self):
+        self.method = b""
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.body = b""
+        self.keep_alive = False
+        self.http10 = False
+        self.error: R.ApiError | None = None
+
+
+class Service:
+    """The HTTP side of one acceptor: settings, API keys, idempotency store, sessions."""
+
+    def __init__(self, acceptor):
+        self.a = acceptor
+        self.cfg = cfg = acceptor.settings.config.http
+        self.loop = acceptor.loop
+        self.hostname = acceptor.hostname
+        self.keys = {self._digest(k.encode()): self._digest(k.encode())[:32]
+                     for k in cfg.api_keys}
+        self.sessions: set = set()
+        self.pending = 0            # messages handed to the spool, not yet answered
+        self.stats = {"requests": 0, "accepted": 0, "rejected": 0, "errors": 0}
+        self._loopback: dict[str, bool] = {}
+        self.store: idempotency.Store | None = None
+        self.next_purge = 0.0
+
+    @staticmethod
+    def _digest(key: bytes) -> str:
+        return hashlib.sha256(key).hexdigest()
+
+    def open(self) -> None:
+        """Open the idempotency database (after fork)."""
+        smtp = self.a.smtp
+        stale = self.cfg.request_timeout + smtp.spool_timeout + STALE_MARGIN
+        self.store = idempotency.Store(
+            os.path.join(self.a.settings.state_dir, "idempotency.sqlite"),
+            self.cfg.idempotency_window, stale)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def is_loopback(self, ip: str) -> bool:
+        ok = self._loopback.get(ip)
+        if ok is None:
+            try:
+                addr = ipaddress.ip_address(ip)
+                if addr.version == 6 and addr.ipv4_mapped:
+                    addr = addr.ipv4_mapped
+                ok = addr.is_loopback
+            except ValueError:
+                ok = False
+            if len(self._loopback) < 10_000:
+                self._loopback[ip] = ok
+        return ok
+
+    def authorize(self, header: bytes | None, peer_ip: str) -> str:
+        """The idempotency scope of the caller's key ("" without keys); ApiError 401/403."""
+        if not self.keys:
+            if self.is_loopback(peer_ip):
+                return ""
+            raise R.ApiError(R.FORBIDDEN, "no API keys are configured (http.api_keys): only "
+                             "loopback clients are served")
+        if not header:
+            raise R.ApiError(R.UNAUTHORIZED, "an API key is required in the Authorization "
+                             "header")
+        key = header.strip()
+        if key[:6].lower() == b"basic ":
+            try:
+                key = base64.b64decode(key[6:].strip(), validate=True).partition(b":")[0]
+            except (binascii.Error, ValueError):
+                raise R.ApiError(R.UNAUTHORIZED, "the Authorization header is not valid "
+                                 "Basic credentials") from None
+        scope = self.keys.get(self._digest(key))
+        if scope is None:
+            raise R.ApiError(R.UNAUTHORIZED, "the API key in the Authorization header is not "
+                             "valid")
+        return scope
+
+    def sweep(self, now: float, draining: bool, force: bool) -> None:
+        for s in list(self.sessions):
+            s.idle_check(now, draining, force)
+        if self.store is not None and now >= self.next_purge:
+            self.next_purge = now + PURGE_INTERVAL
+            try:
+                n = self.store.purge()
+            except Exception as exc:   # sqlite3.Error: log, keep serving
+                log.warning("idempotency store: purge failed: %s", exc)
+            else:
+                if n:
+                    log.info("idempotency store: %d expired key(s) deleted", n)
+
+
+class Session(asyncio.Protocol):
+    """One HTTP connection, fed to httptools."""
+
+    def __init__(self, svc: Service):
+        self.svc = svc
+        self.a = svc.a
+        self.cfg = svc.cfg
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport = None
+        self.peer_ip = ""
+        self.queue: collections.deque[Request] = collections.deque()
+        self.cur: Request | None = None
+        self.url_parts: list[bytes] = []
+        self.body_parts: list[bytes] = []
+        self.body_size = 0
+        self.head_size = 0
+        self.head_bytes = 0        # raw octets read while the header block was incomplete
+        self.in_head = True
+        self.started: float | None = None   # when the request being read began
+        self.last_activity = 0.0
+        self.busy = False          # a transmission is on its way to the spool
+        self.broken = False        # a parse error was queued: read nothing more
+        self.closing = False
+        self.reading_paused = False
+        self.expect_continue = False
+        self.http10 = False        # the request being answered is HTTP/1.0
+        self.out: list[bytes] = []
+
+    # ------------------------------------------------------------- transport
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        svc = self.svc
+        self.last_activity = svc.loop.time()
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else ""
+        if len(svc.sessions) >= self.cfg.max_connections:
+            svc.stats["errors"] += 1
+            self._respond(R.ApiError(R.UNAVAILABLE, "too many connections (http.max_connections)",
+                                     R.RETRY_AFTER_UNAVAILABLE), False)
+            self._flush()
+            return
+        svc.sessions.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.svc.sessions.discard(self)
+        self.closing = True
+        self.queue.clear()
+        self.a.session_gone()
+
+    def pause_writing(self) -> None:
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        if len(self.queue) < MAX_QUEUED:
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and not self.closing:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.reading_paused and not self.closing and not self.broken:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def eof_received(self):
+        return False   # close our side too; answers already queued are still written
+
+    def data_received(self, data: bytes) -> None:
+        if self.broken or self.closing:
+            return
+        self.last_activity = self.svc.loop.time()
+        if self.in_head:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            err = cause.err if isinstance(cause, _Reject) else \
+                R.ApiError(R.BAD_REQUEST, "malformed HTTP request")
+            self._fail(err)
+        except httptools.HttpParserUpgrade:
+            if not self.broken:
+                self._fail(R.ApiError(R.BAD_REQUEST, "protocol upgrades are not supported"))
+        except httptools.HttpParserError:
+            self._fail(R.ApiError(R.BAD_REQUEST, "malformed HTTP request"))
+        else:
+            if self.in_head and self.head_bytes > self.cfg.max_header_size:
+                self._fail(self._too_many_header_octets())
+        self._run()
+        if len(self.queue) >= MAX_QUEUED:
+            self._pause_reading()
+
+    def _fail(self, err: R.ApiError) -> None:
+        """Answer *err* after the requests before it, then close; read nothing more."""
+        self.broken = True
+        self.started = None
+        req = Request()
+        req.error = err
+        self.queue.append(req)
+        self._pause_reading()
+
+    def _too_many_header_octets(self) -> R.ApiError:
+        return R.ApiError(R.HEADERS_TOO_LARGE, f"the request line and header fields exceed "
+                          f"{self.cfg.max_header_size} octets (http.max_header_size)")
+
+    # ------------------------------------------------------ parser callbacks
+
+    def on_message_begin(self) -> None:
+        self.cur = Request()
+        self.url_parts = []
+        self.body_parts = []
+        self.body_size = 0
+        self.head_size = 0
+        self.in_head = True
+        self.started = self.svc.loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self.url_parts.append(url)
+        self.head_size += len(url)
+        if self.head_size > self.cfg.max_header_size:
+            raise _Reject(self._too_many_header_octets())
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.cfg.max_header_size:
+            raise _Reject(self._too_many_header_octets())
+        name = name.lower()
+        if name in _WANTED:
+            self.cur.headers[name] = value
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_bytes = 0
+        h = self.cur.headers
+        length = h.get(b"content-length")
+        if length is not None and length.strip().isdigit() and \
+                int(length) > self.cfg.max_body_size:
+            raise _Reject(self._too_large())
+        if h.get(b"expect", b"").strip().lower() == b"100-continue":
+            if not self.queue and not self.busy:
+                self.transport.write(CONTINUE)
+            else:
+                self.expect_continue = True
+
+    def _too_large(self) -> R.ApiError:
+        return R.ApiError(R.TOO_LARGE, f"the request body exceeds {self.cfg.max_body_size} "
+                          "octets (http.max_body_size)")
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > self.cfg.max_body_size:
+            raise _Reject(self._too_large())
+        self.body_parts.append(body)
+
+    def on_message_complete(self) -> None:
+        req = self.cur
+        p = self.parser
+        req.method = p.get_method()
+        req.url = b"".join(self.url_parts)
+        parts = self.body_parts
+        req.body = parts[0] if len(parts) == 1 else b"".join(parts)
+        req.keep_alive = p.should_keep_alive()
+        req.http10 = p.get_http_version() == "1.0"
+        if p.should_upgrade():
+            # llhttp stops at the end of an upgrade request's header: its body, if
+            # any, would be read as the next request.
+            req.error = R.ApiError(R.BAD_REQUEST, "protocol upgrades are not supported")
+            self.broken = True
+        self.queue.append(req)
+        self.cur = None
+        self.body_parts = []
+        self.started = None
+        self.in_head = True
+        self.head_bytes = 0
+        self.expect_continue = False
+
+    # -------------------------------------------------------------- requests
+
+    def _run(self) -> None:
+        """Answer queued requests in order until one has to wait for the spool."""
+        while self.queue and not self.busy and not self.closing:
+            self._handle(self.queue.popleft())
+        self._flush()
+        if self.closing:
+            return
+        if not self.busy and not self.queue and self.expect_continue and self.cur is not None:
+            self.expect_continue = False
+            self.transport.write(CONTINUE)
+        if len(self.queue) < MAX_QUEUED // 2:
+            self._resume_reading()
+
+    def _flush(self) -> None:
+        if self.out:
+            self.transport.write(b"".join(self.out))
+            self.out.clear()
+        if self.closing and self.transport is not None:
+            self.transport.close()
+
+    def _respond(self, err_or_status, body=None, keep_alive: bool = True,
+                 retry_after: int | None = None, extra: bytes = b"") -> None:
+        """Queue a response: an ApiError, or (status, JSON body)."""
+        if isinstance(err_or_status, R.ApiError):
+            status, body, retry_after = err_or_status.status, err_or_status.body(), \
+                err_or_status.retry_after
+        else:
+            status = err_or_status
+        keep_alive = keep_alive and not self.a.draining
+        head = [_STATUS_LINES[status], _date.header(),
+                b"Content-Type: application/json\r\nContent-Length: ",
+                str(len(body)).encode(), b"\r\n"]
+        if retry_after is not None:
+            head.append(b"Retry-After: %d\r\n" % retry_after)
+        if extra:
+            head.append(extra)
+        if not keep_alive:
+            head.append(b"Connection: close\r\n")
+            self.closing = True
+        elif self.http10:
+            head.append(b"Connection: keep-alive\r\n")
+        head.append(b"\r\n")
+        self.out.append(b"".join(head) + body)
+
+    def _handle(self, req: Request) -> None:
+        svc = self.svc
+        svc.stats["requests"] += 1
+        self.http10 = req.http10
+        if req.error is not None:
+            svc.stats["errors"] += 1
+            self._respond(req.error, keep_alive=False)
+            return
+        try:
+            self._transmission(req)
+        except R.ApiError as err:
+            svc.stats["errors"] += 1
+            extra = b"Allow: POST\r\n" if err.error is R.BAD_METHOD else b""
+            self._respond(err.status, err.body(), req.keep_alive, err.retry_after, extra)
+        except Exception:   # a bug or the idempotency database: answer, keep serving
+            log.exception("HTTP request from %s failed", self.peer_ip)
+            svc.stats["errors"] += 1
+            self.busy = False
+            self._respond(R.ApiError(R.UNAVAILABLE, "the request could not be processed; "
+                                     "retry later", R.RETRY_AFTER_UNAVAILABLE), keep_alive=False)
+
+    def _transmission(self, req: Request) -> None:
+        """Check a request and start its injection, or raise ApiError."""
+        svc = self.svc
+        path, _, query = req.url.partition(b"?")
+        if path != PATH and path.rstrip(b"/") != PATH:
+            raise R.ApiError(R.NOT_FOUND, "no such resource: "
+                             + path[:200].decode("latin-1") + "; use POST /api/v1/transmissions")
+        if req.method != b"POST":
+            raise R.ApiError(R.BAD_METHOD, f"{req.method.decode('latin-1')} is not allowed on "
+                             "/api/v1/transmissions; use POST")
+        h = req.headers
+        scope = svc.authorize(h.get(b"authorization"), self.peer_ip)
+        ctype = h.get(b"content-type", b"").partition(b";")[0].strip().lower()
+        if ctype != b"application/json":
+            raise R.ApiError(R.UNSUPPORTED_TYPE, "Content-Type must be application/json")
+        if self.a.space_low:
+            raise R.ApiError(R.UNAVAILABLE, "the spool is low on disk space; retry later",
+                             R.RETRY_AFTER_UNAVAILABLE)
+        tx = transmissions.decode(req.body)
+        transmissions.check(tx, self.cfg.max_recipients)
+        n = len(tx.recipients)
+        if svc.pending and svc.pending + n > self.cfg.max_pending_messages:
+            raise R.ApiError(R.TOO_MANY_REQUESTS, "too many messages are waiting for the "
+                             "spool (http.max_pending_messages); retry later",
+                             R.RETRY_AFTER_BUSY)
+        builder = build.Builder(tx, svc.hostname)
+        key = h.get(b"idempotency-key")
+        if key is not None:
+            key = key.strip()
+            if not key or len(key) > MAX_IDEMPOTENCY_KEY:
+                raise R.ApiError(R.BAD_REQUEST, f"Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY} "
+                                 "octets")
+            key = key.decode("latin-1")
+            verdict, status, body = svc.store.begin(scope, key,
+                                                    idempotency.body_hash(req.body))
+            if verdict == idempotency.REPLAY:
+                self._respond(status, body, req.keep_alive, extra=b"Idempotent-Replayed: true\r\n")
+                return
+            if verdict == idempotency.MISMATCH:
+                raise R.ApiError(R.KEY_REUSED, "Idempotency-Key: already used with a different "
+                                 "request body")
+            if verdict == idempotency.IN_FLIGHT:
+                raise R.ApiError(R.IN_PROGRESS, "Idempotency-Key: a request with this key is "
+                                 "still being processed", R.RETRY_AFTER_BUSY)
+        limit = _num_rcpt_errors(query)
+        self.busy = True
+        Injection(self, req, tx, builder, scope, key, limit).step()
+
+    def injected(self, status: int, body: bytes, keep_alive: bool,
+                 retry_after: int | None) -> None:
+        """An injection's answer: send it, then go on with the requests behind it."""
+        self.busy = False
+        if self.closing:
+            return
+        self._respond(status, body, keep_alive, retry_after)
+        if self.cur is not None:
+            self.started = self.svc.loop.time()   # its clock starts now that it is next
+        self._run()
+
+    # ---------------------------------------------------------- housekeeping
+
+    def idle_check(self, now: float, draining: bool, force: bool) -> None:
+        """Called by the acceptor's sweep: request and keep-alive timeouts, drain."""
+        if self.closing or self.busy:
+            return
+        if self.started is not None:
+            if now - self.started > self.cfg.request_timeout or force:
+                self.svc.stats["errors"] += 1
+                self.broken = True
+                self._respond(R.ApiError(R.REQUEST_TIMEOUT, "the request was not received "
+                                         f"within {self.cfg.request_timeout:g} seconds "
+                                         "(http.request_timeout)"), keep_alive=False)
+                self._flush()
+            return
+        if self.queue:
+            return
+        idle = now - self.last_activity
+        if force or idle > self.cfg.keepalive_timeout or (draining and idle >= DRAIN_IDLE):
+            self.closing = True
+            self.transport.close()
+
+
+def _num_rcpt_errors(query: bytes) -> int | None:
+    """SparkPost's ``num_rcpt_errors`` query parameter: how many rcpt_to_errors to return."""
+    if not query:
+        return None
+    for item in query.split(b"&"):
+        k, _, v = item.partition(b"=")
+        if k == b"num_rcpt_errors" and v.isdigit():
+            return int(v)
+    return None
+
+
+class Injection:
+    """One transmission on its way to the spool: build, submit, count, answer."""
+
+    def __init__(self, session: Session, req: Request, tx, builder: build.Builder, scope: str,
+                 key: str | None, limit: int | None):
+        self.session = session
+        self.svc = svc = session.svc
+        self.a = session.a
+        self.keep_alive = req.keep_alive
+        self.rcpts = tx.recipients
+        self.builder = builder
+        self.scope = scope
+        self.key = key
+        self.limit = limit
+        self.next = 0
+        self.waiting = 0
+        self.accepted = 0
+        self.tempfailed = 0
+        self.errors: list[tuple[int, dict]] = []
+        self.built_all = False
+        # A decimal id like SparkPost's: microseconds, acceptor slot, counter.
+        self.tid = "%d%03d%04d" % (time.time_ns() // 1000, self.a.slot & 0xFF,
+                                   next(_tids) % 10000)
+        self.client = f"http [{session.peer_ip}]"
+        self.peer = session.peer_ip
+        svc.pending += len(self.rcpts)
+
+    def step(self) -> None:
+        """Build and submit the next slice of recipients."""
+        svc = self.svc
+        submit = self.a.submit
+        build_one = self.builder.build
+        end = min(self.next + BUILD_SLICE, len(self.rcpts))
+        for i in range(self.next, end):
+            try:
+                m = build_one(i, self.rcpts[i])
+            except build.RecipientError as exc:
+                self.errors.append((i, exc.entry()))
+                svc.pending -= 1
+                continue
+            except Exception:
+                log.exception("transmission %s: recipient %d could not be built", self.tid, i)
+                self.errors.append((i, R.error_entry(R.RCPT_INVALID, f"recipients[{i}]: the "
+                                                     "message could not be built")))
+                svc.pending -= 1
+                continue
+            m.params["transmission_id"] = self.tid
+            self.waiting += 1
+            submit(m.sender, [m.rcpt], m.params, self.client, m.message,
+                   functools.partial(self.trace, m.rcpt), functools.partial(self.done, i),
+                   self.peer)
+        self.next = end
+        if end < len(self.rcpts):
+            self.a.loop.call_soon(self.step)
+        else:
+            self.built_all = True
+            self.finish()
+
+    def trace(self, rcpt: str, qid: str) -> bytes:
+        lit = ("IPv6:" + self.peer) if ":" in self.peer else self.peer
+        return (f"Received: from [{lit}]\r\n\tby {self.a.hostname} (mta) with HTTP id {qid}"
+                f"\r\n\tfor <{rcpt}>;\r\n\t{build._date.now()}\r\n").encode("utf-8")
+
+    def done(self, i: int, qid: str, ok: bool) -> None:
+        """The spool's answer (or a timeout) for recipient *i*'s message."""
+        self.waiting -= 1
+        self.svc.pending -= 1
+        if ok:
+            self.accepted += 1
+        else:
+            self.tempfailed += 1
+            self.errors.append((i, R.error_entry(
+                R.RCPT_TEMPFAIL, f"recipients[{i}]: the message could not be made durable; "
+                "retry this recipient")))
+        self.finish()
+
+    def finish(self) -> None:
+        if not self.built_all or self.waiting:
+            return
+        svc = self.svc
+        retry_after = None
+        if self.accepted:
+            errors = [e for _, e in sorted(self.errors, key=lambda x: x[0])]
+            if self.limit is not None:
+                errors = errors[:self.limit]
+            status = 200
+            body = R.success_body(self.accepted, len(self.errors), self.tid, errors)
+        elif self.tempfailed:
+            status, retry_after = 503, R.RETRY_AFTER_UNAVAILABLE
+            body = R.error_body(R.UNAVAILABLE, "no message could be made durable; retry later")
+        else:
+            i, first = min(self.errors, key=lambda x: x[0])
+            err = R.RCPT_REQUIRED if first["code"] == R.RCPT_REQUIRED.code else R.INVALID
+            status = err.status
+            body = R.error_body(err, "no valid recipient: " + first["description"])
+        svc.stats["accepted"] += self.accepted
+        svc.stats["rejected"] += len(self.errors)
+        if self.key is not None:
+            try:
+                if status == 200:
+                    svc.store.finish(self.scope, self.key, status, body)
+                else:
+                    svc.store.abandon(self.scope, self.key)
+            except Exception as exc:   # sqlite3.Error: the answer still goes out
+                log.error("transmission %s: idempotency store: %s", self.tid, exc)
+        if self.accepted and log.isEnabledFor(logging.DEBUG):
+            log.debug("transmission %s: accepted=%d rejected=%d client=%s", self.tid,
+                      self.accepted, len(self.errors), self.peer)
+        self.session.injected(status, body, self.keep_alive, retry_after)

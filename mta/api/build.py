@@ -1,0 +1,770 @@
+"""Build one RFC 5322 message per recipient of a transmission, with substitutions.
+
+:class:`Builder` is made once per transmission: it checks everything that does
+not depend on the recipient (raising :class:`~mta.api.replies.ApiError` 422
+naming the field), compiles the substitution templates and encodes what is
+the same for every recipient (attachments, constant header fields) once.
+:meth:`Builder.build` then makes one recipient's message, or raises
+:class:`RecipientError` (that recipient goes into ``rcpt_to_errors``).
+
+Messages (inline content):
+- header fields Date, From, To (``address.header_to``, else built from the
+  recipient's name and email), Subject, Reply-To, Message-ID, MIME-Version,
+  then ``content.headers`` in order (a ``To``, ``Date``, ``Message-ID`` or
+  ``Reply-To`` there replaces the built one); non-ASCII text is written as
+  RFC 2047 encoded words (display names and unstructured values), lines are
+  folded at spaces to 78 octets where possible and never exceed 998;
+- body: text/plain, text/html, or multipart/alternative of both; with
+  ``inline_images`` the HTML part becomes multipart/related with the images
+  (Content-ID ``<name>``); with ``attachments`` the whole is the first part of
+  multipart/mixed.  Text parts are UTF-8, 7bit when they are ASCII with short
+  lines, quoted-printable otherwise; attachments are base64 in 76-octet lines.
+- A CR or LF in any header name or value is refused: the email package would
+  write a header *name* containing CRLF as it is, so names and values are
+  checked here before anything is built.
+
+``email_rfc822``: line ends are made CRLF; the message must have a From field,
+no NUL and no line over 998 octets.  Substitutions apply to the top-level
+header fields and to the first text/plain and text/html parts that are not
+transfer-encoded (as SparkPost does); Date, Message-ID and To are added when
+missing.
+
+Substitution: ``{{ name }}`` and dotted paths ``{{ address.email }}``;
+``{{{ name }}}`` inserts HTML unescaped.  A name is looked up in the
+recipient's ``substitution_data``, then in the recipient itself (``address``:
+email, name, header_to), then in the transmission's ``substitution_data``; a
+missing one renders empty.  Values are HTML-escaped in HTML parts.  Nothing
+else of a template language is interpreted (no code, no loops): other
+``{{ ... }}`` text is left as written.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import html as html_mod
+import itertools
+import os
+import re
+import time
+from email.message import Message
+from email.utils import formatdate, getaddresses, parseaddr
+from urllib.parse import quote
+
+import orjson
+
+from mta import mime
+from mta.api import replies as R
+from mta.api.transmissions import MAX_METADATA, MAX_TAGS, Address, Transmission
+
+MAX_LINE = 998            # octets per line, RFC 5322 2.1.1
+FOLD_AT = 78              # octets per header line where a space allows it
+WORD_OCTETS = 39          # UTF-8 octets per encoded word: "=?utf-8?b?" + 52 + "?=" = 64
+PHRASE_OCTETS = 45        # in display names: "=?utf-8?b?" + 60 + "?=" = 72 (limit 75); names
+                          # of up to 45 octets stay one word, which every decoder reads alike
+MAX_ATTACHMENT_NAME = 255
+MAX_NESTING = 8           # multipart levels searched for text parts of email_rfc822
+TEMPLATE_CACHE = 512      # compiled templates kept for reuse (then the cache starts over)
+TEMPLATE_CACHE_TEXT = 64 * 1024   # longest text whose compiled form is kept
+
+# Header fields the MTA writes itself; content.headers may not set them.
+_RESERVED = frozenset(("content-type", "content-transfer-encoding", "mime-version", "from",
+                       "subject"))
+# Fields of content.headers that replace the built ones.
+_REPLACING = frozenset(("to", "date", "message-id", "reply-to"))
+_ADDRESS_FIELDS = frozenset(("to", "cc", "bcc", "reply-to", "sender"))
+
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")           # RFC 5322 ftext
+_MIME_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*"
+                        r"(\s*;\s*[\x20-\x7e]*)?\Z")
+_PHRASE_ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]+\Z")
+_TAG = re.compile(r"\{\{\{\s*([A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z_][A-Za-z0-9_-]*)*)\s*\}\}\}"
+                  r"|\{\{\s*([A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z_][A-Za-z0-9_-]*)*)\s*\}\}")
+_BAD_LOCAL = frozenset(' <>()[]\\,;:"@')
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_PLAIN_EMAIL = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*\Z")
+
+_msgids = itertools.count()
+_pid = os.getpid()
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+class RecipientError(Exception):
+    """This recipient cannot be sent to; it goes into rcpt_to_errors."""
+
+    def __init__(self, error: R.Error, description: str):
+        super().__init__(description)
+        self.error = error
+        self.description = description
+
+    def entry(self) -> dict:
+        return R.error_entry(self.error, self.description)
+
+
+# ---------------------------------------------------------------- substitution
+
+
+def _text_of(value) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return orjson.dumps(value).decode()
+
+
+def lookup(path: tuple, scopes: tuple):
+    """The value of a dotted *path* in the first scope that has its first name; None if none."""
+    head = path[0]
+    for scope in scopes:
+        if head in scope:
+            value = scope[head]
+            for name in path[1:]:
+                if not isinstance(value, dict) or name not in value:
+                    return None
+                value = value[name]
+            return value
+    return None
+
+
+class Template:
+    """A text with ``{{ }}`` substitutions, compiled once, rendered per recipient.
+
+    Make them with :func:`template`, which reuses the compiled form of a text
+    seen recently (senders repeat the same content request after request).
+    """
+
+    __slots__ = ("parts", "constant")
+
+    def __init__(self, text: str):
+        self.constant = text if "{{" not in text else None
+        self.parts: list = []
+        if self.constant is not None:
+            return
+        pos = 0
+        for m in _TAG.finditer(text):
+            if m.start() > pos:
+                self.parts.append(text[pos:m.start()])
+            raw = m.group(1) is not None
+            self.parts.append((tuple((m.group(1) or m.group(2)).split(".")), raw))
+            pos = m.end()
+        if pos < len(text):
+            self.parts.append(text[pos:])
+        if not any(isinstance(p, tuple) for p in self.parts):
+            self.constant = text
+
+    def render(self, scopes: tuple, html: bool = False, guard=None) -> str:
+        """The text for *scopes*; *guard(value)* may refuse a substituted value by raising."""
+        if self.constant is not None:
+            return self.constant
+        out = []
+        for p in self.parts:
+            if isinstance(p, str):
+                out.append(p)
+                continue
+            value = _text_of(lookup(p[0], scopes))
+            if guard is not None:
+                guard(value)
+            out.append(html_mod.escape(value) if html and not p[1] else value)
+        return "".join(out)
+
+
+_templates: dict[str, Template] = {}
+
+
+def template(text: str) -> Template:
+    """The compiled Template of *text*, from a small cache (templates are immutable)."""
+    t = _templates.get(text)
+    if t is None:
+        t = Template(text)
+        if len(text) <= TEMPLATE_CACHE_TEXT:
+            if len(_templates) >= TEMPLATE_CACHE:
+                _templates.clear()
+            _templates[text] = t
+    return t
+
+
+# --------------------------------------------------------------- header fields
+
+
+def _has_line_break(text: str) -> bool:
+    return "\r" in text or "\n" in text or "\0" in text
+
+
+def encoded_words(text: str, octets: int = WORD_OCTETS) -> list[str]:
+    """RFC 2047 "B" encoded words of UTF-8 *text*, split on character boundaries."""
+    data = text.encode("utf-8")
+    words = []
+    i, n = 0, len(data)
+    while i < n:
+        j = min(i + octets, n)
+        while j < n and (data[j] & 0xC0) == 0x80:   # do not split a character
+            j -= 1
+        words.append("=?utf-8?b?" + base64.b64encode(data[i:j]).decode("ascii") + "?=")
+        i = j
+    return words
+
+
+def _fold(name: str, tokens: list[str]) -> bytes:
+    """``name: tokens`` joined by spaces, folded before a space where a line would pass 78."""
+    line = name + ":"
+    lines = []
+    for t in tokens:
+        if len(line) + 1 + len(t) > FOLD_AT and line.strip() and not line.endswith(":"):
+            lines.append(line)
+            line = " " + t
+        else:
+            line += " " + t
+    lines.append(line)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def unstructured(name: str, value: str) -> bytes:
+    """One unstructured header field (Subject, X-...), encoded and folded."""
+    if value.isascii():
+        if len(name) + 2 + len(value) <= FOLD_AT:
+            return f"{name}: {value}\r\n".encode("ascii")
+        tokens = value.split(" ")
+        if all(len(t) < MAX_LINE - 1 - len(name) for t in tokens):
+            return _fold(name, tokens)
+    return _fold(name, encoded_words(value))
+
+
+def mailbox(name: str | None, email: str) -> list[str]:
+    """The tokens of ``name <email>``: a quoted or encoded display name, then the address."""
+    if not name:
+        return [email]
+    if name.isascii():
+        if _PHRASE_ATOMS.match(name) and name.strip() == name:
+            phrase = name.split(" ")
+        else:
+            phrase = ('"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"').split(" ")
+    else:
+        phrase = encoded_words(name, PHRASE_OCTETS)
+    return phrase + [f"<{email}>"]
+
+
+def address_field(name: str, value: str) -> bytes:
+    """An address header field (To, Cc, Reply-To) from text such as ``A <a@x>, b@y``."""
+    if value.isascii():
+        return unstructured(name, value)
+    tokens: list[str] = []
+    for display, addr in getaddresses([value]):
+        if tokens:
+            tokens[-1] += ","
+        tokens += mailbox(display, addr) if addr else encoded_words(display)
+    return _fold(name, tokens) if tokens else unstructured(name, value)
+
+
+def check_field_name(name: str, where: str) -> None:
+    """ApiError 422 unless *name* is a valid header field name."""
+    if _has_line_break(name):
+        raise R.ApiError(R.INVALID, f"{where}: the header name {name!r} contains a line break "
+                         "(CR or LF)")
+    if not _FIELD_NAME.match(name):
+        raise R.ApiError(R.INVALID, f"{where}: {name!r} is not a valid header name")
+
+
+def check_email(addr: str) -> str | None:
+    """Why *addr* is not an acceptable email address, or None when it is."""
+    if _PLAIN_EMAIL.match(addr) and len(addr) <= 320 and addr.index("@") <= 64:
+        return None   # the common case: ASCII dot-atoms
+    if not addr:
+        return "is empty"
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in addr):
+        return "contains white space or control characters"
+    local, at, domain = addr.rpartition("@")
+    if not at or not local or not domain:
+        return "is not an email address (local@domain)"
+    if len(local.encode()) > 64 or len(domain.encode()) > 255:
+        return "is too long"
+    if any(c in _BAD_LOCAL for c in local) or local[0] == "." or local[-1] == "." \
+            or ".." in local:
+        return "has an invalid local part"
+    for label in domain.split("."):
+        if not label or len(label) > 63 or label[0] == "-" or label[-1] == "-" or \
+                not all(c.isalnum() or c == "-" or ord(c) > 0x7F for c in label):
+            return "has an invalid domain"
+    return None
+
+
+# ------------------------------------------------------------------ MIME parts
+
+
+def text_body(text: str) -> tuple[bytes, bytes]:
+    """(Content-Transfer-Encoding, body): 7bit when ASCII with short lines, else QP."""
+    data = text.encode("utf-8")
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if data.isascii() and b"\0" not in data and (
+            len(data) <= MAX_LINE or max(map(len, data.split(b"\n"))) <= MAX_LINE):
+        return b"7bit", data.replace(b"\n", b"\r\n")
+    qp = binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
+    return b"quoted-printable", qp.replace(b"\n", b"\r\n")
+
+
+def text_part(subtype: str, text: str) -> bytes:
+    cte, body = text_body(text)
+    return (b"Content-Type: text/" + subtype.encode() + b"; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: " + cte + b"\r\n\r\n" + body)
+
+
+def new_boundary() -> bytes:
+    return b"=_" + os.urandom(12).hex().encode()
+
+
+def multipart(subtype: str, parts: list[bytes]) -> bytes:
+    """A multipart entity (its Content-Type field, blank line, body) of *parts*."""
+    b = new_boundary()
+    out = [b"Content-Type: multipart/", subtype.encode(), b'; boundary="', b, b'"\r\n\r\n']
+    for p in parts:
+        out += [b"--", b, b"\r\n", p, b"\r\n"]
+    out += [b"--", b, b"--\r\n"]
+    return b"".join(out)
+
+
+def _param(key: str, value: str) -> list[str]:
+    """``key="value"``, or RFC 2231 ``key*0*=utf-8''...`` pieces when it is not plain ASCII."""
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return [f'{key}="{value}"']
+    enc = quote(value, safe="")
+    pieces = []
+    while enc:
+        cut = min(60, len(enc))
+        while cut < len(enc) and "%" in enc[cut - 2:cut]:   # do not split %XX
+            cut -= 1
+        pieces.append(enc[:cut])
+        enc = enc[cut:]
+    if len(pieces) == 1:
+        return [f"{key}*=utf-8''{pieces[0]}"]
+    return [f"{key}*{i}*={'utf-8' + chr(39) * 2 if i == 0 else ''}{p}"
+            for i, p in enumerate(pieces)]
+
+
+def attachment_part(att, where: str, inline: bool) -> bytes:
+    """One base64 attachment or inline image; ApiError 422 naming the field when it is bad."""
+    if _has_line_break(att.type) or not _MIME_TYPE.match(att.type):
+        raise R.ApiError(R.INVALID, f"{where}.type: {att.type!r} is not a MIME type")
+    name = att.name
+    if _has_line_break(name):
+        raise R.ApiError(R.INVALID, f"{where}.name: contains a line break (CR or LF)")
+    if not name or len(name) > MAX_ATTACHMENT_NAME:
+        raise R.ApiError(R.INVALID, f"{where}.name: must be 1 to {MAX_ATTACHMENT_NAME} "
+                         "characters")
+    try:
+        raw = binascii.a2b_base64("".join(att.data.split()).encode("ascii"), strict_mode=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise R.ApiError(R.INVALID, f"{where}.data: not valid base64") from None
+    ctype = att.type.split(";", 1)[0].strip()
+    head = ["Content-Type: " + ctype + ";"] + [" " + p + ";" for p in _param("name", name)]
+    head[-1] = head[-1][:-1]
+    disp = ["Content-Disposition: " + ("inline" if inline else "attachment") + ";"]
+    disp += [" " + p + ";" for p in _param("filename", name)]
+    disp[-1] = disp[-1][:-1]
+    lines = head + ["Content-Transfer-Encoding: base64"] + disp
+    if inline:
+        if not name.isascii() or any(c in name for c in "<> "):
+            raise R.ApiError(R.INVALID, f"{where}.name: an inline image's name is its "
+                             "Content-ID and must be ASCII without spaces or <>")
+        lines.append(f"Content-ID: <{name}>")
+    body = base64.encodebytes(raw).replace(b"\n", b"\r\n")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body.rstrip(b"\r\n")
+
+
+# --------------------------------------------------------------------- helpers
+
+
+class _DateCache:
+    __slots__ = ("second", "text")
+
+    def __init__(self):
+        self.second = -1
+        self.text = ""
+
+    def now(self) -> str:
+        s = int(time.time())
+        if s != self.second:
+            self.second = s
+            self.text = formatdate(s, localtime=True)
+        return self.text
+
+
+_date = _DateCache()
+
+
+def new_message_id(hostname: str) -> str:
+    return f"<{time.time_ns():x}.{_pid:x}.{next(_msgids):x}@{hostname}>"
+
+
+def _split_address(text: str) -> tuple[str | None, str]:
+    """``Name <a@b>`` or ``a@b`` → (name, email)."""
+    if "<" in text:
+        name, email = parseaddr(text)
+        return (name or None), email
+    return None, text.strip()
+
+
+def _is_ascii(*texts) -> bool:
+    return all(t is None or t.isascii() for t in texts)
+
+
+# --------------------------------------------------------------------- builder
+
+
+class Built:
+    """One recipient's message, ready for Acceptor.submit()."""
+
+    __slots__ = ("sender", "rcpt", "message", "params")
+
+    def __init__(self, sender: str, rcpt: str, message: bytes, params: dict):
+        self.sender = sender
+        self.rcpt = rcpt
+        self.message = message
+        self.params = params
+
+
+class Builder:
+    """Everything about a transmission that is the same for each recipient."""
+
+    def __init__(self, tx: Transmission, hostname: str):
+        self.hostname = hostname
+        c = tx.content
+        self.tx_sub = tx.substitution_data or {}
+        self.tx_meta = tx.metadata or None
+        base: dict = {}
+        if tx.campaign_id:
+            base["campaign_id"] = tx.campaign_id
+        if tx.description:
+            base["description"] = tx.description
+        o = tx.options
+        if o is not None:
+            if o.ip_pool:
+                base["ip_pool"] = o.ip_pool
+            for key in ("transactional", "sandbox", "skip_suppression"):
+                v = getattr(o, key)
+                if v is not None:
+                    base[key] = v
+            if o.start_time:
+                base["start_time"] = o.start_time
+        self.base_params = base
+        self.return_path = None
+        if tx.return_path:
+            why = check_email(tx.return_path)
+            if why:
+                raise R.ApiError(R.INVALID, f"return_path: {tx.return_path!r} {why}")
+            self.return_path = tx.return_path
+        if c.email_rfc822 is not None:
+            self._init_rfc822(c.email_rfc822)
+        else:
+            self.rfc822 = None
+            self._init_inline(c)
+
+    # ---------------------------------------------------------- inline content
+
+    def _init_inline(self, c) -> None:
+        if isinstance(c.from_, Address):
+            from_name, from_email = c.from_.name, c.from_.email
+        else:
+            from_name, from_email = _split_address(c.from_)
+        for field, value in (("content.from.name", from_name), ("content.from.email", from_email),
+                             ("content.subject", c.subject), ("content.reply_to", c.reply_to)):
+            if value is not None and _has_line_break(value):
+                raise R.ApiError(R.INVALID, f"{field}: contains a line break (CR or LF)")
+        if "{{" not in from_email:
+            why = check_email(from_email)
+            if why:
+                raise R.ApiError(R.INVALID, f"content.from.email: {from_email!r} {why}")
+        self.from_name = template(from_name) if from_name else None
+        self.from_email = template(from_email)
+        self.subject = template(c.subject)
+        self.reply_to = template(c.reply_to) if c.reply_to else None
+        self.text = template(c.text) if c.text is not None else None
+        self.html = template(c.html) if c.html is not None else None
+        self.headers: list[tuple[str, Template]] = []
+        self.replace: dict[str, tuple[str, Template]] = {}
+        for name, value in (c.headers or {}).items():
+            check_field_name(name, "content.headers")
+            if _has_line_break(value):
+                raise R.ApiError(R.INVALID, f"content.headers.{name}: the value contains a line "
+                                 "break (CR or LF)")
+            low = name.lower()
+            if low in _RESERVED:
+                raise R.ApiError(R.INVALID, f"content.headers.{name}: set by the MTA from "
+                                 "content; not allowed in headers")
+            if low in _REPLACING:
+                self.replace[low] = (name, template(value))
+            else:
+                self.headers.append((name, template(value)))
+        self.attachments = [attachment_part(a, f"content.attachments[{i}]", False)
+                            for i, a in enumerate(c.attachments or ())]
+        self.images = [attachment_part(a, f"content.inline_images[{i}]", True)
+                       for i, a in enumerate(c.inline_images or ())]
+
+    def _body(self, scopes: tuple) -> bytes:
+        """The MIME entity of the body: its content fields, blank line, content."""
+        alts = []
+        if self.text is not None:
+            alts.append(text_part("plain", self.text.render(scopes)))
+        if self.html is not None:
+            part = text_part("html", self.html.render(scopes, html=True))
+            if self.images:
+                part = multipart("related", [part] + self.images)
+            alts.append(part)
+        body = alts[0] if len(alts) == 1 else multipart("alternative", alts)
+        if self.attachments:
+            body = multipart("mixed", [body] + self.attachments)
+        return body
+
+    def _inline(self, i: int, scopes: tuple, name, email, header_to) -> tuple[bytes, str, bool]:
+        """(message, envelope sender candidate, needs SMTPUTF8) for one recipient."""
+        def field(label: str, tpl: Template) -> str:
+            v = tpl.render(scopes)
+            if tpl.constant is None and _has_line_break(v):
+                raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: substitution_data puts "
+                                     f"a line break into {label}")
+            return v
+
+        from_email = field("content.from.email", self.from_email)
+        if self.from_email.constant is None:
+            why = check_email(from_email)
+            if why:
+                raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: content.from.email "
+                                     f"{from_email!r} {why}")
+        from_name = field("content.from.name", self.from_name) if self.from_name else None
+        rep = self.replace
+        out = []
+        d = rep.get("date")
+        out.append(unstructured(d[0], field(f"content.headers.{d[0]}", d[1])) if d else
+                   f"Date: {_date.now()}\r\n".encode())
+        out.append(_fold("From", mailbox(from_name, from_email)))
+        t = rep.get("to")
+        if t is not None:
+            out.append(address_field(t[0], field(f"content.headers.{t[0]}", t[1])))
+        elif header_to:
+            out.append(address_field("To", header_to))
+        else:
+            out.append(_fold("To", mailbox(name, email)))
+        out.append(unstructured("Subject", field("content.subject", self.subject)))
+        r = rep.get("reply-to")
+        if r is not None:
+            out.append(address_field(r[0], field(f"content.headers.{r[0]}", r[1])))
+        elif self.reply_to is not None:
+            out.append(address_field("Reply-To", field("content.reply_to", self.reply_to)))
+        m = rep.get("message-id")
+        out.append(unstructured(m[0], field(f"content.headers.{m[0]}", m[1])) if m else
+                   f"Message-ID: {new_message_id(self.hostname)}\r\n".encode())
+        out.append(b"MIME-Version: 1.0\r\n")
+        for hname, tpl in self.headers:
+            v = field(f"content.headers.{hname}", tpl)
+            out.append(address_field(hname, v) if hname.lower() in _ADDRESS_FIELDS
+                       else unstructured(hname, v))
+        body = self._body(scopes)
+        out.append(body)
+        if not body.endswith(b"\r\n"):
+            out.append(b"\r\n")   # the message ends with a line end, as SMTP sends it
+        utf8 = not _is_ascii(from_email, email)
+        return b"".join(out), from_email, utf8
+
+    # ------------------------------------------------------------- email_rfc822
+
+    def _init_rfc822(self, text: str) -> None:
+        data = text.encode("utf-8")
+        if b"\0" in data:
+            raise R.ApiError(R.INVALID, "content.email_rfc822: contains a NUL character")
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        if not data.endswith(b"\r\n"):
+            data += b"\r\n"
+        flags = mime.scan_body(data, 0, MAX_LINE)
+        if flags & mime.LONG_LINE:
+            raise R.ApiError(R.INVALID, f"content.email_rfc822: a line is longer than "
+                             f"{MAX_LINE} octets")
+        hdr_end, body_start = mime.split_message(data)
+        fields = mime.parse_headers(data, hdr_end)
+        if not fields:
+            raise R.ApiError(R.INVALID, "content.email_rfc822: no header fields")
+        for fname, _raw, _s, _e in fields:
+            if not fname or not _FIELD_NAME.match(fname.decode("latin-1")):
+                raise R.ApiError(R.INVALID, "content.email_rfc822: a header field is malformed "
+                                 "(no name or an invalid name before the colon)")
+        sender = mime.find_header(data, b"From")
+        if sender is None:
+            raise R.ApiError(R.REQUIRED, "content.email_rfc822: a From header field is required")
+        _, from_email = parseaddr(sender.decode("utf-8", "replace"))
+        self.rfc_from = from_email if from_email and not check_email(from_email) else None
+        self.rfc_has = {n: mime.find_header(data, n) is not None
+                        for n in (b"Date", b"Message-ID", b"To")}
+        self.rfc_8bit = bool(flags & mime.EIGHTBIT)
+        # Pieces: constant bytes and templates (header block, first text parts).
+        pieces: list = []
+        if b"{{" in data:
+            head = data[:body_start]
+            pieces.append(("head", Template(head.decode("utf-8", "surrogateescape"))))
+            found: dict = {}
+            _text_ranges(data, 0, len(data), 0, found)
+            pos = body_start
+            for start, end, subtype in sorted(found.values()):
+                pieces.append(data[pos:start])
+                pieces.append((subtype, Template(data[start:end].decode("utf-8",
+                                                                        "surrogateescape"))))
+                pos = end
+            pieces.append(data[pos:])
+            if all(not isinstance(p, tuple) or p[1].constant is not None for p in pieces):
+                pieces = [data]
+        else:
+            pieces.append(data)
+        self.rfc822 = pieces
+
+    def _rfc822(self, i: int, scopes: tuple, name, email) -> tuple[bytes, str | None, bool,
+                                                                  bool]:
+        """(message, From address, 8-bit, UTF-8 header) for one recipient."""
+        def no_breaks(value: str) -> None:
+            if _has_line_break(value):
+                raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: substitution_data puts "
+                                     "a line break into a header of content.email_rfc822")
+
+        out = []
+        eightbit = self.rfc_8bit
+        utf8 = False
+        for p in self.rfc822:
+            if not isinstance(p, tuple):
+                out.append(p)
+                continue
+            kind, tpl = p
+            if kind == "head":
+                text = tpl.render(scopes, guard=no_breaks)
+                utf8 = not text.isascii()
+            else:
+                text = tpl.render(scopes, html=(kind == "html"))
+            eightbit = eightbit or not text.isascii()
+            out.append(text.encode("utf-8", "surrogateescape"))
+        added = []
+        if not self.rfc_has[b"Date"]:
+            added.append(f"Date: {_date.now()}\r\n".encode())
+        if not self.rfc_has[b"Message-ID"]:
+            added.append(f"Message-ID: {new_message_id(self.hostname)}\r\n".encode())
+        if not self.rfc_has[b"To"]:
+            added.append(_fold("To", mailbox(name, email)))
+        return b"".join(added + out), self.rfc_from, eightbit, utf8
+
+    # --------------------------------------------------------------- recipient
+
+    def build(self, i: int, r) -> Built:
+        """One recipient's message; RecipientError when this recipient cannot be sent to."""
+        header_to = None
+        rcpt_sub = None
+        meta = self.tx_meta
+        tags = None
+        return_path = self.return_path
+        if isinstance(r, str):
+            name, email = _split_address(r)
+        else:
+            a = r.address
+            if a is None:
+                raise RecipientError(R.RCPT_REQUIRED, f"recipients[{i}].address.email is required")
+            if isinstance(a, str):
+                name, email = _split_address(a)
+            else:
+                if not a.email:
+                    raise RecipientError(R.RCPT_REQUIRED,
+                                         f"recipients[{i}].address.email is required")
+                name, email, header_to = a.name, a.email, a.header_to
+            rcpt_sub = r.substitution_data
+            if r.metadata:
+                if len(orjson.dumps(r.metadata)) > MAX_METADATA:
+                    raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].metadata: larger "
+                                         f"than {MAX_METADATA} bytes")
+                meta = {**meta, **r.metadata} if meta else r.metadata
+            if r.tags:
+                if len(r.tags) > MAX_TAGS:
+                    raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].tags: more than "
+                                         f"{MAX_TAGS} tags")
+                tags = r.tags
+            if r.return_path:
+                why = check_email(r.return_path)
+                if why:
+                    raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].return_path: "
+                                         f"{r.return_path!r} {why}")
+                return_path = r.return_path
+        why = check_email(email)
+        if why:
+            raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].address.email: {email!r} {why}")
+        for label, v in (("name", name), ("header_to", header_to)):
+            if v is not None and _has_line_break(v):
+                raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].address.{label}: "
+                                     "contains a line break (CR or LF)")
+        address = {"email": email, "name": name or "", "header_to": header_to or ""}
+        scopes = ((rcpt_sub, {"address": address}, self.tx_sub) if rcpt_sub else
+                  ({"address": address}, self.tx_sub))
+        if self.rfc822 is not None:
+            message, from_email, eightbit, utf8 = self._rfc822(i, scopes, name, email)
+            utf8 = utf8 or not _is_ascii(email)
+        else:
+            message, from_email, utf8 = self._inline(i, scopes, name, email, header_to)
+            eightbit = False
+        sender = return_path or from_email or ""
+        params = dict(self.base_params)
+        if meta:
+            params["metadata"] = meta
+        if tags:
+            params["tags"] = tags
+        if eightbit:
+            params["BODY"] = "8BITMIME"
+        if utf8 or not sender.isascii():
+            params["SMTPUTF8"] = ""
+        return Built(sender, email, message, params)
+
+
+def _content_type(entity: bytes) -> tuple[str, str | None, str]:
+    """(type/subtype, boundary, transfer encoding) of a MIME entity's header block."""
+    m = Message()
+    ct = mime.find_header(entity, b"Content-Type")
+    if ct is not None:
+        m["Content-Type"] = ct.decode("latin-1")
+    cte = mime.find_header(entity, b"Content-Transfer-Encoding")
+    return (m.get_content_type(), m.get_param("boundary"),
+            (cte or b"7bit").decode("latin-1").strip().lower())
+
+
+def _text_ranges(data: bytes, start: int, end: int, depth: int, found: dict) -> None:
+    """Record in *found* the body ranges of the first text/plain and text/html parts.
+
+    Only parts without a transfer encoding (7bit, 8bit, binary) are taken:
+    substituting into quoted-printable or base64 text would need decoding.
+    """
+    entity = data[start:end]
+    hdr_end, body_off = mime.split_message(entity)
+    ctype, boundary, cte = _content_type(entity[:hdr_end])
+    body_start = start + body_off
+    if ctype.startswith("multipart/"):
+        if not boundary or depth >= MAX_NESTING:
+            return
+        delim = b"--" + boundary.encode("latin-1")
+        body = data[body_start:end]
+        # The first delimiter may open the body; the others follow a CRLF.
+        pos = 0 if body.startswith(delim) else body.find(b"\r\n" + delim)
+        if pos < 0:
+            return
+        pos = pos if pos == 0 else pos + 2
+        while True:
+            line_end = body.find(b"\r\n", pos)
+            if line_end < 0 or body[pos + len(delim):pos + len(delim) + 2] == b"--":
+                return
+            nxt = body.find(b"\r\n" + delim, line_end)
+            if nxt < 0:
+                return
+            _text_ranges(data, body_start + line_end + 2, body_start + nxt, depth + 1, found)
+            pos = nxt + 2
+    elif ctype in ("text/plain", "text/html") and cte in ("7bit", "8bit", "binary"):
+        sub = ctype[5:]
+        if sub not in found and body_start < end:
+            found[sub] = (body_start, end, sub)

@@ -1,0 +1,194 @@
+"""Decode and check a transmission (``POST /api/v1/transmissions``) and ``X-MSYS-API``.
+
+The request body is decoded by msgspec straight into the Structs below, which
+declare the subset of SparkPost's fields that senders use.  Unknown fields are
+ignored, as SparkPost ignores them; a field of the wrong type is a 422 whose
+description names it (``content.subject: Expected `str`, got `int```).
+Recipients are decoded leniently (``address.email`` optional in the Struct) so
+that one bad recipient is a ``rcpt_to_errors`` entry, not a failed request.
+
+:func:`check` applies the rules that do not depend on the recipient: required
+fields, stored templates and lists (not supported), size limits.
+
+``X-MSYS-API`` (SMTP parity): :func:`parse_msys_api` takes the header's JSON
+and returns the attributes this MTA records — campaign_id, metadata, tags,
+options.ip_pool, options.transactional — ignoring anything else.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import orjson
+from msgspec import Struct
+
+from mta.api import replies as R
+
+MAX_CAMPAIGN_ID = 64          # octets, SparkPost's limit
+MAX_DESCRIPTION = 1024        # octets
+MAX_METADATA = 10 * 1024      # octets of JSON, transmission or recipient
+MAX_SUBSTITUTION_DATA = 100 * 1024
+MAX_TAGS = 10                 # per recipient
+
+
+class Address(Struct):
+    email: str | None = None
+    name: str | None = None
+    header_to: str | None = None
+
+
+class Recipient(Struct):
+    address: str | Address | None = None
+    return_path: str | None = None
+    tags: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+    substitution_data: dict[str, Any] | None = None
+
+
+class Attachment(Struct):
+    name: str | None = None
+    type: str | None = None
+    data: str | None = None
+
+
+class Content(Struct):
+    from_: str | Address | None = msgspec.field(default=None, name="from")
+    subject: str | None = None
+    text: str | None = None
+    html: str | None = None
+    reply_to: str | None = None
+    headers: dict[str, str] | None = None
+    attachments: list[Attachment] | None = None
+    inline_images: list[Attachment] | None = None
+    email_rfc822: str | None = None
+    template_id: str | None = None
+
+
+class Options(Struct):
+    start_time: str | None = None
+    transactional: bool | None = None
+    sandbox: bool | None = None
+    skip_suppression: bool | None = None
+    ip_pool: str | None = None
+
+
+class Transmission(Struct):
+    recipients: list[str | Recipient] | dict[str, Any] | None = None
+    content: Content | None = None
+    substitution_data: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    campaign_id: str | None = None
+    description: str | None = None
+    return_path: str | None = None
+    options: Options | None = None
+
+
+_decoder = msgspec.json.Decoder(Transmission)
+
+
+def _where(exc: msgspec.ValidationError) -> str:
+    """msgspec's "Expected `str`, got `int` - at `$.a.b`" as "a.b: Expected `str`, got `int`"."""
+    text, sep, path = str(exc).rpartition(" - at `$")
+    if not sep:
+        return f"body: {exc}"
+    path = path.rstrip("`").lstrip(".")
+    return f"{path or 'body'}: {text}"
+
+
+def decode(body: bytes) -> Transmission:
+    """Decode a request body; ApiError 400 (not JSON) or 422 (a field of the wrong type)."""
+    try:
+        return _decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise R.ApiError(R.INVALID, _where(exc)) from None
+    except msgspec.DecodeError:
+        raise R.ApiError(R.BAD_JSON, "Problems parsing request as json") from None
+
+
+def _json_size(value) -> int:
+    return len(orjson.dumps(value))
+
+
+def check(tx: Transmission, max_recipients: int) -> None:
+    """The rules every transmission must pass; ApiError 422 naming the field."""
+    rcpts = tx.recipients
+    if rcpts is None:
+        raise R.ApiError(R.REQUIRED, "recipients is required")
+    if isinstance(rcpts, dict):
+        if "list_id" in rcpts:
+            raise R.ApiError(R.NOT_SUPPORTED,
+                             "recipients.list_id: stored recipient lists are not supported")
+        raise R.ApiError(R.INVALID, "recipients: expected an array of recipients")
+    if not rcpts:
+        raise R.ApiError(R.REQUIRED, "recipients: at least one recipient is required")
+    if len(rcpts) > max_recipients:
+        raise R.ApiError(R.INVALID, f"recipients: {len(rcpts)} recipients; at most "
+                         f"{max_recipients} in one transmission (http.max_recipients)")
+    c = tx.content
+    if c is None:
+        raise R.ApiError(R.REQUIRED, "content is required")
+    if c.template_id is not None:
+        raise R.ApiError(R.NOT_SUPPORTED,
+                         "content.template_id: stored templates are not supported")
+    if c.email_rfc822 is None:
+        if c.from_ is None:
+            raise R.ApiError(R.REQUIRED, "content.from is required")
+        if isinstance(c.from_, Address) and not c.from_.email:
+            raise R.ApiError(R.REQUIRED, "content.from.email is required")
+        if c.subject is None:
+            raise R.ApiError(R.REQUIRED, "content.subject is required")
+        if c.text is None and c.html is None:
+            raise R.ApiError(R.REQUIRED, "content.html or content.text is required")
+        for field, items in (("attachments", c.attachments), ("inline_images", c.inline_images)):
+            for i, a in enumerate(items or ()):
+                for attr in ("name", "type", "data"):
+                    if getattr(a, attr) is None:
+                        raise R.ApiError(R.REQUIRED, f"content.{field}[{i}].{attr} is required")
+    elif not c.email_rfc822.strip():
+        raise R.ApiError(R.REQUIRED, "content.email_rfc822 is empty")
+    if tx.campaign_id is not None and len(tx.campaign_id.encode()) > MAX_CAMPAIGN_ID:
+        raise R.ApiError(R.INVALID, f"campaign_id: longer than {MAX_CAMPAIGN_ID} bytes")
+    if tx.description is not None and len(tx.description.encode()) > MAX_DESCRIPTION:
+        raise R.ApiError(R.INVALID, f"description: longer than {MAX_DESCRIPTION} bytes")
+    if tx.metadata and _json_size(tx.metadata) > MAX_METADATA:
+        raise R.ApiError(R.INVALID, f"metadata: larger than {MAX_METADATA} bytes")
+    if tx.substitution_data and _json_size(tx.substitution_data) > MAX_SUBSTITUTION_DATA:
+        raise R.ApiError(R.INVALID,
+                         f"substitution_data: larger than {MAX_SUBSTITUTION_DATA} bytes")
+
+
+def parse_msys_api(value: bytes) -> dict | None:
+    """The attributes recorded from an ``X-MSYS-API`` header; None when it is not a JSON object.
+
+    Keeps ``campaign_id`` (string), ``metadata`` (object), ``tags`` (strings),
+    ``options.ip_pool`` (string) and ``options.transactional`` (boolean); a
+    member of another type is dropped.  Everything else in the header
+    (tracking options, cc/bcc, archive) is ignored.
+    """
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    out: dict = {}
+    cid = obj.get("campaign_id")
+    if isinstance(cid, str) and len(cid.encode()) <= MAX_CAMPAIGN_ID:
+        out["campaign_id"] = cid
+    meta = obj.get("metadata")
+    if isinstance(meta, dict) and meta and _json_size(meta) <= MAX_METADATA:
+        out["metadata"] = meta
+    tags = obj.get("tags")
+    if isinstance(tags, list):
+        tags = [t for t in tags if isinstance(t, str)][:MAX_TAGS]
+        if tags:
+            out["tags"] = tags
+    opts = obj.get("options")
+    if isinstance(opts, dict):
+        pool = opts.get("ip_pool")
+        if isinstance(pool, str) and pool:
+            out["ip_pool"] = pool
+        tr = opts.get("transactional")
+        if isinstance(tr, bool):
+            out["transactional"] = tr
+    return out
