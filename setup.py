@@ -63,6 +63,7 @@ setup(
     ],
     extras_require={
         "test": [
+            "Cython>=3.0",
             "pytest>=8",
             "pytest-timeout>=2.2",
             "pytest-benchmark>=4",
