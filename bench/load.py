@@ -37,6 +37,42 @@ Method
     * Each smtp-source run is bounded by ``--timeout`` seconds; on expiry its process group
       is killed and the run is an error.  Server start-up and shutdown are bounded too.
 
+End-to-end mode (``--e2e``, issue 3)
+    smtp-source -> server -> smtp-sink: how fast the server accepts *and delivers* the same
+    load.  Targets mta and postfix; the receiver for both is an ``smtp-sink -c`` started by the
+    harness for each run on its own 127.0.0.1 port, whose counter ("mesg=N", updated at every
+    "." received) says exactly how many messages arrived.
+
+    mta      ``delivery.hold = false``, one static route ``[[delivery.route]] domain = "*"
+             hosts = ["127.0.0.1:SINKPORT"]`` (an IP literal: no DNS), connections_per_domain
+             = ``--concurrency``; everything else default.
+    postfix  the same private instance, without the HOLD, delivering with its smtp client to
+             ``relayhost = [127.0.0.1]:SINKPORT`` (bracketed IP literal, and
+             ``smtp_dns_support_level = disabled``: no DNS), destination concurrency limit
+             ``--concurrency``, ``delay_logging_resolution_limit = 6`` (microsecond delays).
+
+    Each run: fresh receiver and target, probe + warm-up, wait until they are all delivered,
+    then the measured batch.  A run is done when the receiver has counted every message sent
+    and the server has recorded every delivery: for the mta, its event log holds a
+    "delivery" line for each (the spool writes it after the outcome is on disk); for Postfix,
+    its queue directories (maildrop, incoming, active, deferred, hold) are empty.  After
+    that, ``mta queue --json`` must report 0 messages (polled, bounded), and the receiver
+    must have exactly the messages sent (more would be duplicates).
+
+    * msgs/s = measured messages / (done - start of smtp-source).
+    * CPU per message: as above, over the same window, system-wide additionally minus the
+      receiver's CPU (/proc/PID/stat of smtp-sink), and the server tree.
+    * Latency, acceptance to delivery, p50/p99 over the measured messages: mta from its
+      event log, delivery.timestamp - reception.timestamp per (queue_id, recipient)
+      (reception = end of DATA in the acceptor, before the fsync; delivery = when the spool
+      recorded the outcome, after its fsync; microseconds).  Postfix from its maillog:
+      ``delay=`` of the "status=sent" line, which Postfix counts from the message's arrival
+      (MAIL FROM in smtpd) to the end of the delivery (the receiver's reply to ".").  Postfix
+      prints it with two significant digits (delay_logging_resolution_limit = 6 only lifts
+      the default cap of 2 decimals): 1 ms steps from 0.1 to 1 s, 0.1 s steps from 1 to 10 s,
+      i.e. within 5 %.  The maillog's own timestamps are whole seconds, so no finer figure
+      is available from Postfix.
+
 Network
     All traffic goes to 127.0.0.1.  By default (``--netns auto``) the harness first moves
     itself into a private network namespace holding only a loopback interface (needs
@@ -46,7 +82,11 @@ Network
 Usage
     python bench/load.py [--sessions 20] [--messages 20000] [--size 2048] [--runs 3]
         [--targets mta,postfix,sink] [--per-connection] [--mta-config-extra TOML]
-        [--mta-cmd CMD] [--record]
+        [--mta-cmd CMD | --mta-head] [--record]
+    python bench/load.py --e2e [--concurrency 20] [--targets mta,postfix] ... [--record]
+
+``--mta-head`` runs the mta from HEAD's mta/ (git archive) and this checkout's compiled
+extensions, so uncommitted work in the tree does not leak into a recorded result.
 
 ``--record`` appends a dated section to bench/RESULTS.md.  Standard library only.
 """
@@ -56,6 +96,7 @@ import argparse
 import ctypes
 import datetime
 import fcntl
+import io
 import json
 import os
 import platform
@@ -70,6 +111,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -310,6 +352,7 @@ class Target:
     durable = False
     port = 0
     root_pid = 0
+    sink_port = 0   # --e2e: where the target delivers (the harness's smtp-sink)
 
     def __init__(self, args, rundir: Path):
         self.args = args
@@ -366,11 +409,14 @@ class SinkTarget(Target):
 
 
 class PostfixTarget(Target):
-    """A private Postfix instance that holds everything it accepts."""
+    """A private Postfix instance that holds everything it accepts, or (--e2e) delivers it
+    all to the harness's smtp-sink."""
 
     name = "postfix"
     durable = True
     OTHER_QUEUES = ("maildrop", "incoming", "active", "deferred", "corrupt")
+    # --e2e: a message still to be delivered is in one of these.
+    PENDING_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
     def __init__(self, args, rundir):
         super().__init__(args, rundir)
@@ -381,8 +427,8 @@ class PostfixTarget(Target):
 
     def main_cf(self) -> dict[str, str]:
         """main.cf: every setting that differs from Postfix's defaults."""
-        limit = max(100, 2 * self.args.sessions + 20)
-        return {
+        limit = max(100, 2 * self.args.sessions + self.args.concurrency + 20)
+        cf = {
             "compatibility_level": "3.6",
             "queue_directory": str(self.queue),
             # Not created by us: post-install must create it owned by the mail owner.
@@ -416,10 +462,29 @@ class PostfixTarget(Target):
             "smtpd_client_event_limit_exceptions": "127.0.0.0/8",
             "biff": "no",
         }
+        if self.args.e2e:
+            del cf["smtpd_client_restrictions"]  # no HOLD: deliver everything
+            c = str(self.args.concurrency)
+            cf.update({
+                "default_transport": "smtp",
+                "relay_transport": "smtp",
+                # A bracketed IP literal: no MX and no address lookup; DNS off for good measure.
+                "relayhost": f"[{LOOPBACK}]:{self.sink_port}",
+                "smtp_dns_support_level": "disabled",
+                "smtp_host_lookup": "native",
+                "smtp_address_preference": "ipv4",
+                "default_destination_concurrency_limit": c,
+                "smtp_destination_concurrency_limit": c,
+                # delay= in the maillog to the microsecond (default: 2 decimals).
+                "delay_logging_resolution_limit": "6",
+            })
+        return cf
 
     def master_cf(self, port: int) -> str:
-        """master.cf: an smtpd on 127.0.0.1:port and the daemons it needs, no chroot and no
-        delivery agent that could talk to the network."""
+        """master.cf: an smtpd on 127.0.0.1:port and the daemons it needs, no chroot; no
+        delivery agent that could talk to the network, except (--e2e) the smtp client, which
+        only ever talks to the relayhost 127.0.0.1:SINKPORT."""
+        e2e = ["smtp       unix  - - n - - smtp"] if self.args.e2e else []
         return "\n".join([
             "# service type  private unpriv  chroot  wakeup  maxproc command",
             f"{LOOPBACK}:{port} inet n - n - - smtpd",
@@ -441,6 +506,7 @@ class PostfixTarget(Target):
             "anvil      unix  - - n - 1 anvil",
             "scache     unix  - - n - 1 scache",
             "postlog    unix-dgram n - n - 1 postlogd",
+            *e2e,
             "",
         ])
 
@@ -489,7 +555,16 @@ class PostfixTarget(Target):
     def count_queue(self, name: str) -> int:
         return sum(len(files) for _d, _s, files in os.walk(self.queue / name))
 
+    def pending(self) -> int:
+        """--e2e: messages still in the queue (not yet delivered, or stuck)."""
+        return sum(self.count_queue(q) for q in self.PENDING_QUEUES)
+
+    def queue_counts(self) -> dict[str, int]:
+        return {q: self.count_queue(q) for q in (*self.PENDING_QUEUES, "corrupt")}
+
     def check(self, expected):
+        if self.args.e2e:
+            return None  # measure_e2e() checks the queues and the receiver
         held = self.count_queue("hold")
         if held == expected:
             return None
@@ -501,11 +576,14 @@ class PostfixTarget(Target):
         cf = self.main_cf()
         for key in ("queue_directory", "data_directory", "maillog_file", "maillog_file_prefixes"):
             cf[key] = cf[key].replace(str(self.rundir), "TMP")
+        if self.args.e2e:
+            cf["relayhost"] = f"[{LOOPBACK}]:SINKPORT"
+        agents = ("smtp delivery agent (talks only to the relayhost), no lmtp/local"
+                  if self.args.e2e else "no smtp/lmtp/local delivery agents")
         return [
             "postfix -c TMP/etc start   (as root; stopped with postfix -c TMP/etc stop)",
             "main.cf: " + "; ".join(f"{k} = {v}" for k, v in cf.items()),
-            "master.cf: smtpd on 127.0.0.1:PORT, chroot n everywhere, postlogd, no smtp/lmtp/"
-            "local delivery agents",
+            f"master.cf: smtpd on 127.0.0.1:PORT, chroot n everywhere, postlogd, {agents}",
         ]
 
 
@@ -521,16 +599,32 @@ def toml_value(v) -> str:
     raise ValueError(f"cannot write {v!r} as a TOML value")
 
 
+def _is_table_array(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
 def toml_dumps(doc: dict) -> str:
-    """Write a TOML document of top-level keys and one level of tables."""
+    """Write a TOML document of top-level keys, one level of tables, and arrays of tables
+    inside those ([[section.key]], e.g. [[delivery.route]])."""
     lines = [f"{k} = {toml_value(v)}" for k, v in doc.items() if not isinstance(v, dict)]
     for section, table in doc.items():
         if isinstance(table, dict):
             lines += ["", f"[{section}]"]
+            arrays = []
             for k, v in table.items():
+                if _is_table_array(v):
+                    arrays.append((k, v))
+                    continue
                 if isinstance(v, dict):
                     raise ValueError(f"nested table {section}.{k} is not supported")
                 lines.append(f"{k} = {toml_value(v)}")
+            for k, items in arrays:
+                for item in items:
+                    lines += ["", f"[[{section}.{k}]]"]
+                    for ik, iv in item.items():
+                        if isinstance(iv, dict) or _is_table_array(iv):
+                            raise ValueError(f"nested table {section}.{k}.{ik} is not supported")
+                        lines.append(f"{ik} = {toml_value(iv)}")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
@@ -557,33 +651,60 @@ class MtaTarget(Target):
         self.log = rundir / "mta.log"
 
     def command(self) -> list[str]:
-        """--mta-cmd, else `python -m mta` from this checkout, else `mta` from PATH."""
+        """--mta-cmd, else `python -m mta` from this checkout (or from the --mta-head copy),
+        else `mta` from PATH."""
         if self.args.mta_cmd:
             base = shlex.split(self.args.mta_cmd)
+        elif self.args.mta_src:
+            base = [sys.executable, "-m", "mta"]
         elif (REPO / "mta" / "__main__.py").exists() or not shutil.which("mta"):
             base = [sys.executable, "-m", "mta"]
         else:
             base = [shutil.which("mta")]
         return base + ["serve", "-c", str(self.config_path)]
 
-    def config(self, port: int) -> dict:
-        # Deliveries held, like the Postfix peer's hold queue: both only accept durably.
+    def env(self) -> tuple[dict, Path]:
+        """Environment and working directory for the daemon and `mta queue`."""
+        src = Path(self.args.mta_src) if self.args.mta_src else REPO
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
+        env.pop("NOTIFY_SOCKET", None)
+        return env, src
+
+    def config(self, port, sink_port=None) -> dict:
+        if self.args.e2e:
+            # Deliver everything to the harness's smtp-sink: a static route for every domain
+            # to an IP literal, so no DNS lookup is ever made.
+            delivery = {"hold": False, "connections_per_domain": self.args.concurrency,
+                        "route": [{"domain": "*", "hosts": [
+                            f"{LOOPBACK}:{self.sink_port if sink_port is None else sink_port}"
+                        ]}]}
+        else:
+            # Deliveries held, like the Postfix peer's hold queue: both only accept durably.
+            delivery = {"hold": True}
         doc = {"server": {"state_dir": str(self.rundir / "state")},
                "smtp": {"listen": [f"{LOOPBACK}:{port}"]},
-               "delivery": {"hold": True}}
+               "delivery": delivery}
         for extra in self.args.mta_config_extra:
             merge(doc, tomllib.loads(extra))
         return doc
+
+    def event_log(self) -> Path | None:
+        """Path of the daemon's event log under the generated config, or None if disabled."""
+        server = self.config(0)["server"]
+        name = server.get("event_log", "log/events.jsonl")
+        if not name:
+            return None
+        path = Path(name)
+        return path if path.is_absolute() else Path(server["state_dir"]) / path
 
     def start(self):
         self.port = free_port()
         (self.rundir / "state").mkdir()
         self.config_path.write_text(toml_dumps(self.config(self.port)))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        env.pop("NOTIFY_SOCKET", None)
+        env, cwd = self.env()
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), cwd=REPO, env=env,
+            self.proc = subprocess.Popen(self.command(), cwd=cwd, env=env,
                                          stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         self.root_pid = self.proc.pid
@@ -593,16 +714,43 @@ class MtaTarget(Target):
         if self.proc.poll() is not None:
             raise RuntimeError(f"mta exited with {self.proc.returncode}:\n{tail(self.log)}")
 
-    def check(self, expected: int) -> str | None:
-        """Ask the running daemon how many messages it holds: it must be every one sent."""
+    def queue_total(self) -> dict:
+        """`mta queue --json` of the running daemon: its "total" object."""
+        return self.queue_json()["total"]
+
+    def queue_json(self) -> dict:
+        """`mta queue --json` of the running daemon."""
         base = self.command()[:-3]   # the command without "serve -c CONFIG"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        r = subprocess.run(base + ["queue", "--json", "-c", str(self.config_path)], cwd=REPO,
+        env, cwd = self.env()
+        r = subprocess.run(base + ["queue", "--json", "-c", str(self.config_path)], cwd=cwd,
                            env=env, capture_output=True, timeout=120)
         if r.returncode != 0:
-            return f"mta queue failed: {r.stderr.decode()[-500:]}"
-        held = json.loads(r.stdout)["total"]["messages"]
+            raise RuntimeError(f"mta queue failed: {r.stderr.decode()[-500:]}")
+        return json.loads(r.stdout)
+
+    def wait_queue_empty(self, timeout_s: float) -> float:
+        """Poll `mta queue --json` until it reports 0 messages; return the seconds it took.
+
+        Raises RuntimeError (with the last answer) if it does not within timeout_s."""
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            total = self.queue_total()
+            if total["messages"] == 0:
+                return time.perf_counter() - t0
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"mta queue still reports {json.dumps(total)} after "
+                                   f"{timeout_s:.0f} s")
+            time.sleep(0.2)
+
+    def check(self, expected: int) -> str | None:
+        """Ask the running daemon how many messages it holds: it must be every one sent."""
+        if self.args.e2e:
+            return None  # measure_e2e() checks the queue and the receiver
+        try:
+            held = self.queue_total()["messages"]
+        except RuntimeError as e:
+            return str(e)
         if held == expected:
             return None
         return f"mta queue has {held} messages, expected {expected}"
@@ -618,12 +766,119 @@ class MtaTarget(Target):
         self.proc = None
 
     def describe(self):
-        cfg = toml_dumps(self.config(0)).replace(str(self.rundir), "TMP").replace(":0", ":PORT")
+        cfg = toml_dumps(self.config("PORT", "SINKPORT")).replace(str(self.rundir), "TMP")
         cmd = shlex.join(self.command()).replace(str(self.rundir), "TMP")
+        if self.args.mta_src:
+            cmd = (f"cd SRC && PYTHONPATH=SRC {cmd}   (SRC: git archive of {self.args.revision}'s "
+                   "mta/ + this checkout's mta/_ext/*.so)")
         return [cmd, "config: " + " ".join(cfg.split())]
 
 
 TARGETS = {"mta": MtaTarget, "postfix": PostfixTarget, "sink": SinkTarget}
+E2E_TARGETS = ("mta", "postfix")
+
+
+class Receiver:
+    """--e2e: the smtp-sink every target delivers to, with -c counters on its stdout.
+
+    smtp-sink rewrites "sess=S quit=Q mesg=M\\r" whenever a session ends, QUIT is executed or
+    "." is received; mesg is the number of messages received so far."""
+
+    COUNTER = re.compile(rb"mesg=(\d+)\r")
+
+    def __init__(self, rundir: Path):
+        self.out = rundir / "receiver.out"
+        self.proc = None
+        self.port = 0
+        self.fd = -1
+
+    @staticmethod
+    def command(port) -> list[str]:
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []  # smtp-sink refuses root
+        return [tool("smtp-sink"), "-c", *user, f"{LOOPBACK}:{port}", str(SINK_BACKLOG)]
+
+    def start(self) -> None:
+        self.port = free_port()
+        with open(self.out, "wb") as out:
+            self.proc = subprocess.Popen(self.command(self.port), stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.fd = os.open(self.out, os.O_RDONLY | os.O_CLOEXEC)
+        wait_banner(self.port, self._alive)
+
+    def _alive(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"smtp-sink exited with {self.proc.returncode}: "
+                               f"{tail(self.out)}")
+
+    def count(self) -> int:
+        """Messages received so far (the last complete counter line)."""
+        size = os.fstat(self.fd).st_size
+        data = os.pread(self.fd, 256, max(0, size - 256))
+        found = self.COUNTER.findall(data)
+        return int(found[-1]) if found else 0
+
+    def cpu_s(self) -> float:
+        return tree_cpu_s(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.proc is not None:
+            stop_child(self.proc)
+            self.proc = None
+
+
+class EventTail:
+    """--e2e: follow the mta's event log, counting lines by type as they are appended."""
+
+    TYPES = (b"reception", b"delivery", b"transient_failure", b"bounce", b"expiration")
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = -1
+        self.offset = 0
+        self.counts = dict.fromkeys(self.TYPES, 0)
+        self.first_failure = None   # the first non-delivery outcome line, for the report
+
+    def poll(self) -> None:
+        if self.fd < 0:
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return
+        size = os.fstat(self.fd).st_size
+        if size <= self.offset:
+            return
+        data = os.pread(self.fd, size - self.offset, self.offset)
+        end = data.rfind(b"\n") + 1   # whole lines only; the rest is read next time
+        if not end:
+            return
+        chunk = data[:end]
+        self.offset += end
+        for t in self.TYPES:
+            self.counts[t] += chunk.count(b'"type":"' + t + b'"')
+        if self.first_failure is None:
+            for t in self.TYPES[2:]:
+                i = chunk.find(b'"type":"' + t + b'"')
+                if i >= 0:
+                    line = chunk[chunk.rfind(b"\n", 0, i) + 1:chunk.find(b"\n", i)]
+                    self.first_failure = line.decode(errors="replace")
+                    break
+
+    @property
+    def delivered(self) -> int:
+        return self.counts[b"delivery"]
+
+    @property
+    def failures(self) -> int:
+        return sum(self.counts[t] for t in self.TYPES[2:])
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,8 +901,10 @@ class SourceRun:
     sent: int
 
 
-def run_source(args, port: int, count: int, out_path: Path) -> SourceRun:
-    """Run smtp-source once, bounded by args.timeout; return wall time, its CPU and count."""
+def run_source(args, port: int, count: int, out_path: Path, started=None) -> SourceRun:
+    """Run smtp-source once, bounded by args.timeout; return wall time, its CPU and count.
+
+    started: a list to which (pid, perf_counter at start) is appended once it runs."""
     cmd = source_command(args, port, count)
     timed_out = threading.Event()
 
@@ -662,6 +919,8 @@ def run_source(args, port: int, count: int, out_path: Path) -> SourceRun:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+        if started is not None:
+            started.append((proc.pid, t0))
         timer = threading.Timer(args.timeout, expire, [proc.pid])
         timer.start()
         try:
@@ -733,6 +992,14 @@ class Run:
     tree_cpu_s: float
     probe_reply: str = ""
     error: str | None = None
+    # --e2e only
+    receiver_cpu_s: float = 0.0     # smtp-sink's CPU over the window
+    accept_wall_s: float = 0.0      # wall time of smtp-source (acceptance only)
+    queue_confirm_s: float = 0.0    # mta: done until `mta queue --json` said 0 (incl. its start)
+    lat_n: int = 0
+    lat_p50_ms: float = 0.0
+    lat_p99_ms: float = 0.0
+    lat_max_ms: float = 0.0
 
     @property
     def msgs_per_s(self) -> float:
@@ -742,8 +1009,16 @@ class Run:
     def server_ms_system(self) -> float:
         """System-wide busy CPU not spent by the generator, harness or background, per msg."""
         rest = (self.system_busy_s - self.generator_cpu_s - self.harness_cpu_s
-                - self.background_cpu_s)
+                - self.background_cpu_s - self.receiver_cpu_s)
         return 1000.0 * rest / self.messages
+
+    @property
+    def accept_msgs_per_s(self) -> float:
+        return self.messages / self.accept_wall_s if self.accept_wall_s else 0.0
+
+    @property
+    def receiver_ms(self) -> float:
+        return 1000.0 * self.receiver_cpu_s / self.messages
 
     @property
     def server_ms_tree(self) -> float:
@@ -779,6 +1054,223 @@ def measure(args, name: str, rundir: Path) -> Run:
         return run
     finally:
         target.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# End to end (--e2e)
+
+
+POLL_S = 0.005              # --e2e: how often the harness checks whether a run is done
+CONFIRM_TIMEOUT_S = 30.0    # --e2e: after done, until `mta queue` must say 0 / logs complete
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile (0 < p <= 100) of an ascending list."""
+    k = max(1, -(-len(sorted_values) * p // 100))  # ceil(n * p / 100)
+    return sorted_values[int(k) - 1]
+
+
+class Drain:
+    """--e2e: when has a target delivered everything?  done(expected) is cheap; call often."""
+
+    def __init__(self, target: Target, receiver: Receiver):
+        self.target = target
+        self.receiver = receiver
+        self.events = None
+        if isinstance(target, MtaTarget):
+            path = target.event_log()
+            if path is None:
+                raise RuntimeError("--e2e needs the mta's event log (server.event_log)")
+            self.events = EventTail(path)
+
+    def done(self, expected: int) -> bool:
+        if self.receiver.count() < expected:
+            if self.events is not None:
+                self.events.poll()
+                self._fail_fast()
+            return False
+        if self.events is not None:
+            self.events.poll()
+            self._fail_fast()
+            return self.events.delivered >= expected
+        return self.target.pending() == 0
+
+    def _fail_fast(self) -> None:
+        """A deferred or bounced recipient would wait for a retry: report it at once."""
+        if self.events.failures:
+            raise RuntimeError(f"mta logged {self.events.failures} non-delivery outcome(s); "
+                               f"first: {self.events.first_failure}")
+
+    def state(self) -> str:
+        text = f"receiver has {self.receiver.count()}"
+        if self.events is not None:
+            self.events.poll()
+            counts = {k.decode(): v for k, v in self.events.counts.items()}
+            try:
+                doc = self.target.queue_json()
+                doc["shards"] = [{k: v for k, v in x.items() if k != "domains"}
+                                 for x in doc.get("shards", [])]
+                doc.pop("domains", None)
+                queue = json.dumps(doc)
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
+                queue = f"? ({e})"
+            return f"{text}; mta event log counts {counts}; mta queue --json {queue}"
+        return f"{text}; postfix queues {self.target.queue_counts()}"
+
+    def wait(self, expected: int, deadline: float, what: str) -> float:
+        """Poll until done(expected); return perf_counter then.  Bounded by deadline."""
+        while not self.done(expected):
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{what}: not all {expected} delivered in time ({self.state()})")
+            time.sleep(POLL_S)
+        return time.perf_counter()
+
+
+def mta_latencies(events_path: Path, since: float) -> list[float]:
+    """Seconds from reception to delivery per (queue_id, recipient) received at or after
+    since (epoch seconds), from the mta's event log."""
+    received, delivered = {}, {}
+    with open(events_path, "rb") as f:
+        for line in f:
+            e = json.loads(line)
+            key = (e.get("queue_id"), e.get("recipient"))
+            if e.get("type") == "reception" and e["timestamp"] >= since:
+                received[key] = e["timestamp"]
+            elif e.get("type") == "delivery":
+                delivered.setdefault(key, e["timestamp"])  # at-least-once: the first counts
+    return [delivered[k] - t for k, t in received.items() if k in delivered]
+
+
+POSTFIX_CLIENT = re.compile(r"postfix/smtpd\[\d+\]: ([0-9A-Za-z]+): client=")
+POSTFIX_SENT = re.compile(r"postfix/smtp\[\d+\]: ([0-9A-Za-z]+): to=<[^>]*>, .*?"
+                          r"\bdelay=([0-9.]+), .*\bstatus=sent ")
+
+
+def postfix_latencies(maillog: Path, offset: int) -> list[float]:
+    """delay= (seconds) of every status=sent line for the queue ids whose smtpd client= line
+    comes after byte offset of the maillog."""
+    with open(maillog, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    ids = set(POSTFIX_CLIENT.findall(text))
+    delays = {}
+    for qid, delay in POSTFIX_SENT.findall(text):
+        if qid in ids:
+            delays.setdefault(qid, float(delay))
+    return list(delays.values())
+
+
+def measure_e2e(args, name: str, rundir: Path) -> Run:
+    """One end-to-end run: fresh receiver and target, probe + warm-up delivered, then the
+    measured batch, timed until the receiver has it all and the target's queue is empty."""
+    rundir.mkdir()
+    bg_rate = background_busy_rate(args.idle_sample, args.wait_idle)
+    receiver = Receiver(rundir)
+    target = TARGETS[name](args, rundir)
+    source_pid: list = []
+    result: dict = {}
+    thread = drain = None
+    try:
+        receiver.start()
+        target.sink_port = receiver.port
+        target.start()
+        drain = Drain(target, receiver)
+        reply = probe(target.port)
+        if args.warmup:
+            run_source(args, target.port, args.warmup, rundir / "warmup.out")
+        warm = 1 + args.warmup
+        drain.wait(warm, time.monotonic() + args.timeout, "probe and warm-up")
+        if isinstance(target, MtaTarget):
+            target.wait_queue_empty(CONFIRM_TIMEOUT_S)
+        time.sleep(SETTLE_S)
+
+        expected = warm + args.messages
+        maillog = rundir / "maillog"
+        log_offset = maillog.stat().st_size if maillog.exists() else 0
+
+        def source():
+            try:
+                result["src"] = run_source(args, target.port, args.messages,
+                                           rundir / "source.out", source_pid)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                result["error"] = e
+
+        t0_wall = time.time()
+        busy0, self0, tree0 = system_busy_s(), self_cpu_s(), tree_cpu_s(target.root_pid)
+        sink0 = receiver.cpu_s()
+        thread = threading.Thread(target=source, name="smtp-source", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + args.timeout
+        while not source_pid and thread.is_alive():
+            time.sleep(0.001)
+        while True:
+            if "error" in result:
+                raise result["error"]
+            if drain.done(expected):
+                t_done = time.perf_counter()
+                break
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"not delivered within --timeout {args.timeout:.0f} s "
+                                   f"({drain.state()})")
+            time.sleep(POLL_S)
+        busy1, self1, tree1 = system_busy_s(), self_cpu_s(), tree_cpu_s(target.root_pid)
+        sink1 = receiver.cpu_s()
+        thread.join(args.timeout)
+        if "error" in result:
+            raise result["error"]
+        if thread.is_alive() or "src" not in result:
+            raise RuntimeError("smtp-source did not finish")
+        src = result["src"]
+        wall = t_done - source_pid[0][1]
+
+        run = Run(name, args.messages, wall, busy1 - busy0, src.cpu_s, self1 - self0,
+                  bg_rate * wall, tree1 - tree0, reply,
+                  receiver_cpu_s=sink1 - sink0, accept_wall_s=src.wall_s)
+
+        # Confirmation, outside the measured window.
+        errors = []
+        if isinstance(target, MtaTarget):
+            try:
+                run.queue_confirm_s = target.wait_queue_empty(CONFIRM_TIMEOUT_S)
+            except RuntimeError as e:
+                errors.append(str(e))
+            lats = mta_latencies(drain.events.path, t0_wall)
+        else:
+            if target.pending():
+                errors.append(f"postfix queues not empty: {target.queue_counts()}")
+            confirm = time.monotonic() + CONFIRM_TIMEOUT_S
+            while True:  # postlogd writes asynchronously
+                lats = postfix_latencies(maillog, log_offset)
+                if len(lats) >= args.messages or time.monotonic() >= confirm:
+                    break
+                time.sleep(0.2)
+        time.sleep(SETTLE_S)
+        got = receiver.count()
+        if got != expected:
+            errors.append(f"receiver got {got} messages, expected exactly {expected}"
+                          + (" (duplicates)" if got > expected else ""))
+        if len(lats) != args.messages:
+            errors.append(f"latency for {len(lats)} of {args.messages} measured messages")
+        if lats:
+            lats.sort()
+            run.lat_n = len(lats)
+            run.lat_p50_ms = 1000.0 * percentile(lats, 50)
+            run.lat_p99_ms = 1000.0 * percentile(lats, 99)
+            run.lat_max_ms = 1000.0 * lats[-1]
+        run.error = "; ".join(errors) or None
+        return run
+    finally:
+        if thread is not None and thread.is_alive() and source_pid:
+            try:  # interrupted or failed mid-run: never leave the generator running (the
+                # thread still waits for it, so the pid is not reaped and still ours)
+                os.killpg(source_pid[0][0], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            thread.join(STOP_TIMEOUT_S)
+        if drain is not None and drain.events is not None:
+            drain.events.close()
+        target.stop()
+        receiver.stop()
 
 
 # --------------------------------------------------------------------------------------------
@@ -899,6 +1391,175 @@ def results_section(args, summaries, describe, netns, bg_rates, fstype) -> str:
     return "\n".join(lines)
 
 
+def fmt_ms(ms: float) -> str:
+    return f"{ms:.1f} ms" if ms < 10 else f"{ms:,.0f} ms"
+
+
+def git(*cmd: str) -> str:
+    """Output of a read-only git command in this repository ("" if git fails)."""
+    try:
+        r = subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return r.stdout.decode(errors="replace").strip() if r.returncode == 0 else ""
+
+
+def snapshot_head_mta(dst: Path) -> str:
+    """--mta-head: extract HEAD's mta/ (git archive, read-only) into dst, add this checkout's
+    compiled extensions; return HEAD's short hash."""
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        sys.exit("load.py: --mta-head: cannot read HEAD with git")
+    r = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", "HEAD", "mta"],
+                       capture_output=True, timeout=120)
+    if r.returncode != 0:
+        sys.exit(f"load.py: git archive failed: {r.stderr.decode(errors='replace')}")
+    dst.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
+        tar.extractall(dst, filter="data")
+    built = sorted((REPO / "mta" / "_ext").glob("*.so"))
+    if not built:
+        sys.exit("load.py: --mta-head: no compiled extensions in mta/_ext (build them first)")
+    if git("--no-optional-locks", "status", "--porcelain", "--", "mta/_pure",
+           "mta/_ext/__init__.py"):
+        print("warning: mta/_pure has uncommitted changes; the compiled extensions copied for "
+              "--mta-head may not match HEAD", file=sys.stderr)
+    for so in built:
+        shutil.copy2(so, dst / "mta" / "_ext" / so.name)
+    return head
+
+
+def source_revision() -> str:
+    """The repository's HEAD and whether mta/ has uncommitted changes (read-only git)."""
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return "unknown"
+    dirty = git("--no-optional-locks", "status", "--porcelain", "--", "mta")
+    return head + (" with uncommitted changes in mta/" if dirty else "")
+
+
+def table_e2e(summaries: dict[str, Summary]) -> list[str]:
+    rows = ["| target | msgs/s end to end, median (min–max) | acceptance msgs/s | "
+            "CPU/msg system-wide | CPU/msg server tree | latency p50 | latency p99 | "
+            "smtp-sink CPU/msg | generator CPU/msg |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s in summaries.items():
+        lo, hi = s.span("msgs_per_s")
+        rows.append(
+            f"| {name} | {s.median('msgs_per_s'):,.0f} ({lo:,.0f}–{hi:,.0f}) "
+            f"| {s.median('accept_msgs_per_s'):,.0f} "
+            f"| {s.median('server_ms_system'):.3f} ms | {s.median('server_ms_tree'):.3f} ms "
+            f"| {fmt_ms(s.median('lat_p50_ms'))} | {fmt_ms(s.median('lat_p99_ms'))} "
+            f"| {s.median('receiver_ms'):.3f} ms | {s.median('generator_ms'):.3f} ms |")
+    return rows
+
+
+def ratios_e2e(summaries: dict[str, Summary]) -> list[str]:
+    def med(name, attr):
+        return summaries[name].median(attr) if name in summaries else None
+
+    pairs = [("throughput", "msgs_per_s"), ("acceptance", "accept_msgs_per_s"),
+             ("CPU/msg system-wide", "server_ms_system"), ("CPU/msg server tree",
+                                                           "server_ms_tree"),
+             ("latency p50", "lat_p50_ms"), ("latency p99", "lat_p99_ms")]
+    return ["- mta/postfix: " + ", ".join(f"{label} {ratio(med('mta', a), med('postfix', a))}"
+                                          for label, a in pairs)]
+
+
+def print_run_e2e(run: Run, rnd: int) -> None:
+    print(f"  {run.target:8} run {rnd}: {run.msgs_per_s:9,.0f} msgs/s end to end  "
+          f"wall {run.wall_s:6.2f} s (acceptance {run.accept_wall_s:.2f} s)  "
+          f"CPU/msg system-wide {run.server_ms_system:.3f} ms  tree {run.server_ms_tree:.3f} ms"
+          f"  sink {run.receiver_ms:.3f} ms  generator {run.generator_ms:.3f} ms  "
+          f"latency p50 {fmt_ms(run.lat_p50_ms)} p99 {fmt_ms(run.lat_p99_ms)} max "
+          f"{fmt_ms(run.lat_max_ms)} (n={run.lat_n})  background {run.background_cpu_s / run.wall_s:.3f} cores"
+          + (f"  mta queue 0 after +{run.queue_confirm_s:.2f} s" if run.target == "mta" else "")
+          + (f"  ERROR {run.error}" if run.error else ""), flush=True)
+
+
+def results_section_e2e(args, summaries, describe, netns, bg_rates, fstype) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    mode = ("one message per connection" if args.per_connection
+            else "reused connections (-d)")
+    src = shlex.join(source_command(args, 0, args.messages)).replace(":0", ":PORT")
+    sink = shlex.join(Receiver.command(0)).replace(":0", ":SINKPORT")
+    lines = [
+        "",
+        f"## End to end (issue 3) — {now:%Y-%m-%d %H:%M} UTC",
+        "",
+        f"Machine: {machine()}. Generator, servers and receiver on the same machine, loopback "
+        f"only{' (private network namespace)' if netns else ''}; work directory on {fstype}.",
+        "",
+        (f"mta: HEAD {args.revision} exactly (--mta-head: its mta/ from `git archive`, plus "
+         "this checkout's compiled extensions)." if args.mta_src else
+         f"Repository at the start: {args.revision}; mta run as "
+         f"`{shlex.join(MtaTarget(args, REPO).command()[:-3])}`"
+         + (" (--mta-cmd)." if args.mta_cmd else " from this checkout.")),
+        "",
+        *([" ".join(args.note), ""] if args.note else []),
+        f"Scenario: smtp-source → server → smtp-sink; {args.sessions} smtp-source sessions, "
+        f"{mode}, {args.messages} messages of {args.size} bytes, one recipient each, all to "
+        f"one domain; delivery concurrency {args.concurrency} for both servers; median of "
+        f"{args.runs} run(s); targets interleaved (order rotating); fresh server and receiver "
+        f"per run; 1 probe + {args.warmup} warm-up messages delivered before each measured "
+        "batch.",
+        "",
+        *table_e2e(summaries),
+        "",
+        "Ratios (medians; throughput above 1 means the mta is faster; CPU and latency below 1 "
+        "mean the mta uses less / is quicker):",
+        *ratios_e2e(summaries),
+        "",
+        "Method:",
+        "- Receiver: one smtp-sink per run on its own 127.0.0.1 port, `-c` counters on its "
+        "stdout (mesg=N is updated at every \".\" received); the harness reads the last counter. "
+        "After each run it must equal exactly the messages sent (probe + warm-up + measured).",
+        "- Done: the receiver has every message and the server has recorded every delivery — "
+        "mta: its event log (`<state_dir>/log/events.jsonl`, written by the spool after the "
+        "outcome is on disk) has a \"delivery\" line for every message; Postfix: maildrop, "
+        "incoming, active, deferred and hold are empty (qmgr removes a queue file once "
+        "delivered). Polled every "
+        f"{POLL_S * 1000:g} ms. Afterwards, outside the measured window, `mta queue --json` "
+        "must report 0 messages (it did, within the seconds shown by the harness as "
+        "\"mta queue 0 after\"), and Postfix's queues must still be empty.",
+        "- msgs/s end to end: measured messages / (done − start of smtp-source). Acceptance "
+        "msgs/s: measured messages / wall time of smtp-source (the server accepts while it "
+        "delivers).",
+        "- CPU/msg system-wide: /proc/stat busy time (user+nice+system+irq+softirq) over the "
+        "same window, minus smtp-source's CPU (os.wait4 rusage), minus smtp-sink's CPU "
+        "(/proc/PID/stat), minus the harness's own CPU, minus the background busy rate sampled "
+        f"for {args.idle_sample:g} s before each run × wall time; per message. Includes kernel "
+        "TCP work on both sides of the server.",
+        "- CPU/msg server tree: utime+stime+cutime+cstime over the mta supervisor's or Postfix "
+        "master's process tree (reaped children via cutime/cstime), after minus before.",
+        "- Latency, acceptance to delivery, nearest-rank p50/p99 over the measured messages. "
+        "mta: event log, delivery.timestamp − reception.timestamp per (queue_id, recipient); "
+        "reception is stamped by the acceptor at the end of DATA (before the fsync), delivery "
+        "when the spool records the outcome (after its fsync); microsecond precision. Postfix: "
+        "`delay=` of each `status=sent` maillog line (queue ids whose smtpd `client=` line "
+        "follows the warm-up), Postfix's own measure from the message's arrival (MAIL FROM in "
+        "smtpd) to the receiver's reply to \".\". Postfix prints two significant digits "
+        "(`delay_logging_resolution_limit = 6` only lifts the cap of 2 decimals): 1 ms steps "
+        "from 0.1 to 1 s, 0.1 s steps from 1 to 10 s, within 5 %; the maillog's timestamps are "
+        "whole seconds, so nothing finer is available. Postfix's figure starts a little "
+        "earlier (it includes the client's RCPT/DATA exchange) and ends a little earlier (before "
+        "qmgr updates or removes the queue file) than the mta's.",
+        "- Background busy rate before runs (cores): "
+        + ", ".join(f"{n} {statistics.median(v):.3f}" for n, v in bg_rates.items()) + ".",
+        "",
+        "Commands:",
+        "```",
+        f"python bench/load.py {shlex.join(sys.argv[1:])}",
+        src,
+        "# receiver (one per run)",
+        sink,
+    ]
+    for name, desc in describe.items():
+        lines += [f"# {name}"] + desc
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
 def append_results(text: str) -> None:
     """Append to bench/RESULTS.md under an exclusive lock (others append too)."""
     with open(RESULTS_MD, "a+") as f:
@@ -924,14 +1585,23 @@ def parse_args(argv):
     p.add_argument("--messages", type=int, default=20000, help="measured messages per run (-m)")
     p.add_argument("--size", type=int, default=2048, help="message payload octets (-l)")
     p.add_argument("--runs", type=int, default=3, help="runs per target; figures are medians")
-    p.add_argument("--targets", default="mta,postfix,sink",
-                   help="comma-separated subset of mta,postfix,sink")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated subset of mta,postfix,sink (default: all; with --e2e: "
+                        "mta,postfix)")
+    p.add_argument("--e2e", action="store_true",
+                   help="end to end: the targets deliver to an smtp-sink started by the "
+                        "harness; timed until it has every message and the queue is empty")
+    p.add_argument("--concurrency", type=int, default=20,
+                   help="--e2e: connections to the receiver, at most (mta "
+                        "delivery.connections_per_domain, Postfix destination concurrency "
+                        "limit)")
     p.add_argument("--per-connection", action="store_true",
                    help="one message per connection (smtp-source without -d)")
     p.add_argument("--warmup", type=int, default=500,
                    help="unmeasured messages sent before each measured batch")
     p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds one smtp-source run may take before it is killed")
+                   help="seconds one smtp-source run may take before it is killed (--e2e: "
+                        "also the bound for the warm-up's and the measured batch's delivery)")
     p.add_argument("--idle-sample", type=float, default=1.0,
                    help="seconds of background CPU sampling before each run (0 = none)")
     p.add_argument("--wait-idle", type=float, default=30.0,
@@ -941,6 +1611,9 @@ def parse_args(argv):
     p.add_argument("--mta-cmd", default=None,
                    help="command that runs the daemon, e.g. 'mta' (default: python -m mta "
                         "from this checkout, or mta from PATH if there is no mta/__main__.py)")
+    p.add_argument("--mta-head", action="store_true",
+                   help="run the mta from a copy of HEAD's mta/ (git archive) plus this "
+                        "checkout's compiled extensions, unaffected by uncommitted work")
     p.add_argument("--mta-config-extra", action="append", default=[], metavar="TOML",
                    help="TOML merged into the generated mta config, e.g. "
                         "'smtp = {acceptors = 2}' (repeatable)")
@@ -951,19 +1624,29 @@ def parse_args(argv):
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--json", metavar="FILE", help="also write every run as JSON")
     p.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="--e2e: a remark recorded in the RESULTS.md section (repeatable)")
     args = p.parse_args(argv)
+    if args.targets is None:
+        args.targets = ",".join(E2E_TARGETS if args.e2e else TARGETS)
+    choices = E2E_TARGETS if args.e2e else tuple(TARGETS)
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = [t for t in names if t not in TARGETS]
+    unknown = [t for t in names if t not in choices]
     if unknown or not names:
-        p.error(f"unknown targets {unknown}; choose from {','.join(TARGETS)}")
+        p.error(f"unknown targets {unknown}; choose from {','.join(choices)}"
+                + (" (the sink is the receiver with --e2e)" if args.e2e else ""))
     args.target_names = list(dict.fromkeys(names))
+    if args.mta_head and args.mta_cmd:
+        p.error("--mta-head and --mta-cmd exclude each other")
+    args.mta_src = None
     for extra in args.mta_config_extra:
         try:
             tomllib.loads(extra)
         except tomllib.TOMLDecodeError as e:
             p.error(f"--mta-config-extra {extra!r}: {e}")
-    if min(args.sessions, args.messages, args.size, args.runs) < 1 or args.warmup < 0:
-        p.error("--sessions, --messages, --size and --runs must be positive")
+    if min(args.sessions, args.messages, args.size, args.runs, args.concurrency) < 1 \
+            or args.warmup < 0:
+        p.error("--sessions, --messages, --size, --runs and --concurrency must be positive")
     return args
 
 
@@ -971,7 +1654,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if "postfix" in args.target_names and os.geteuid() != 0:
         sys.exit("load.py: the postfix target must run as root (postfix start)")
-    for name in ("smtp-source", *(["smtp-sink"] if "sink" in args.target_names else []),
+    for name in ("smtp-source",
+                 *(["smtp-sink"] if "sink" in args.target_names or args.e2e else []),
                  *(["postfix"] if "postfix" in args.target_names else [])):
         tool(name)
 
@@ -982,11 +1666,16 @@ def main(argv=None) -> int:
     netns = enter_private_netns(args.netns)
     top = Path(tempfile.mkdtemp(prefix="mta-load-", dir=args.workdir))
     top.chmod(0o755)  # Postfix daemons (user postfix) must reach their queue directory
+    args.revision = source_revision()
+    if args.mta_head and "mta" in args.target_names:
+        args.mta_src = str(top / "mta-src")
+        args.revision = snapshot_head_mta(Path(args.mta_src))
     fstype = fs_type(top)
     if fstype in ("tmpfs", "ramfs"):
         print(f"warning: {top} is on {fstype}: fsync is free there, durable figures are not "
               "meaningful (use --workdir on a disk)", file=sys.stderr)
-    print(f"load.py: targets {','.join(args.target_names)}, {args.runs} run(s), "
+    print(f"load.py: {'end to end, ' if args.e2e else ''}"
+          f"targets {','.join(args.target_names)}, {args.runs} run(s), "
           f"{args.sessions} sessions, {args.messages} msgs x {args.size} B, "
           f"{'one per connection' if args.per_connection else 'reused connections'}, "
           f"netns={'private' if netns else 'host'}, workdir {top} ({fstype})")
@@ -1000,7 +1689,7 @@ def main(argv=None) -> int:
             for name in args.target_names[k:] + args.target_names[:k]:
                 rundir = top / f"{name}-{rnd + 1}"
                 try:
-                    run = measure(args, name, rundir)
+                    run = (measure_e2e if args.e2e else measure)(args, name, rundir)
                 except (RuntimeError, OSError, subprocess.SubprocessError, smtplib.SMTPException,
                         tomllib.TOMLDecodeError, ValueError) as e:
                     errors.append(f"{name} run {rnd + 1}: {e}")
@@ -1012,11 +1701,15 @@ def main(argv=None) -> int:
                     errors.append(f"{name} run {rnd + 1}: {run.error}")
                 else:
                     summaries[name].runs.append(run)
-                print(f"  {name:8} run {rnd + 1}: {run.msgs_per_s:9,.0f} msgs/s  "
-                      f"wall {run.wall_s:6.2f} s  CPU/msg system-wide {run.server_ms_system:.3f} ms"
-                      f"  tree {run.server_ms_tree:.3f} ms  generator {run.generator_ms:.3f} ms"
-                      f"  background {run.background_cpu_s / run.wall_s:.3f} cores"
-                      + (f"  ERROR {run.error}" if run.error else ""), flush=True)
+                if args.e2e:
+                    print_run_e2e(run, rnd + 1)
+                else:
+                    print(f"  {name:8} run {rnd + 1}: {run.msgs_per_s:9,.0f} msgs/s  "
+                          f"wall {run.wall_s:6.2f} s  CPU/msg system-wide "
+                          f"{run.server_ms_system:.3f} ms  tree {run.server_ms_tree:.3f} ms  "
+                          f"generator {run.generator_ms:.3f} ms  background "
+                          f"{run.background_cpu_s / run.wall_s:.3f} cores"
+                          + (f"  ERROR {run.error}" if run.error else ""), flush=True)
                 if run.background_cpu_s / run.wall_s > BACKGROUND_WARN_CORES:
                     print("  warning: the machine was busy before this run (something else is "
                           "running); figures are noisy", file=sys.stderr)
@@ -1031,12 +1724,13 @@ def main(argv=None) -> int:
     done = {n: s for n, s in summaries.items() if s.runs}
     if done:
         print()
-        print("\n".join(table(done)))
-        print("\n".join(ratios(done)))
+        print("\n".join(table_e2e(done) if args.e2e else table(done)))
+        print("\n".join(ratios_e2e(done) if args.e2e else ratios(done)))
     if args.json:
         Path(args.json).write_text(json.dumps(
             [{**r.__dict__, "msgs_per_s": r.msgs_per_s, "server_ms_system": r.server_ms_system,
-              "server_ms_tree": r.server_ms_tree, "generator_ms": r.generator_ms}
+              "server_ms_tree": r.server_ms_tree, "generator_ms": r.generator_ms,
+              "accept_msgs_per_s": r.accept_msgs_per_s, "receiver_ms": r.receiver_ms}
              for s in summaries.values() for r in s.runs], indent=1))
     if errors:
         print("\nerrors:\n  " + "\n  ".join(errors), file=sys.stderr)
@@ -1044,7 +1738,8 @@ def main(argv=None) -> int:
             print("not recorded: fix the errors first", file=sys.stderr)
         return 1
     if args.record:
-        append_results(results_section(args, done, describe, netns, bg_rates, fstype))
+        section = results_section_e2e if args.e2e else results_section
+        append_results(section(args, done, describe, netns, bg_rates, fstype))
         print(f"appended to {RESULTS_MD}")
     return 0
 
