@@ -461,7 +461,12 @@ class Session(asyncio.Protocol):
         except Exception:   # a bug or the idempotency database: answer, keep serving
             log.exception("HTTP request from %s failed", self.peer_ip)
             svc.stats["errors"] += 1
-            self.busy = False
+            if self.busy:
+                # Its injection started: its answer may still come, so no other
+                # answer can be given in order on this connection.
+                self.closing = True
+                self.transport.abort()
+                return
             self._respond(R.ApiError(R.UNAVAILABLE, "the request could not be processed; "
                                      "retry later", R.RETRY_AFTER_UNAVAILABLE), keep_alive=False)
 
@@ -485,11 +490,6 @@ class Session(asyncio.Protocol):
                              R.RETRY_AFTER_UNAVAILABLE)
         tx = transmissions.decode(req.body)
         transmissions.check(tx, self.cfg.max_recipients)
-        n = len(tx.recipients)
-        if svc.pending and svc.pending + n > self.cfg.max_pending_messages:
-            raise R.ApiError(R.TOO_MANY_REQUESTS, "too many messages are waiting for the "
-                             "spool (http.max_pending_messages); retry later",
-                             R.RETRY_AFTER_BUSY)
         builder = build.Builder(tx, svc.hostname)
         key = h.get(b"idempotency-key")
         if key is not None:
@@ -509,6 +509,13 @@ class Session(asyncio.Protocol):
             if verdict == idempotency.IN_FLIGHT:
                 raise R.ApiError(R.IN_PROGRESS, "Idempotency-Key: a request with this key is "
                                  "still being processed", R.RETRY_AFTER_BUSY)
+        n = len(tx.recipients)
+        if svc.pending and svc.pending + n > self.cfg.max_pending_messages:
+            if key is not None:
+                svc.store.abandon(scope, key)
+            raise R.ApiError(R.TOO_MANY_REQUESTS, "too many messages are waiting for the "
+                             "spool (http.max_pending_messages); retry later",
+                             R.RETRY_AFTER_BUSY)
         limit = _num_rcpt_errors(query)
         self.busy = True
         Injection(self, req, tx, builder, scope, key, limit).step()
@@ -519,6 +526,7 @@ class Session(asyncio.Protocol):
         self.busy = False
         if self.closing:
             return
+        self.last_activity = self.svc.loop.time()
         self._respond(status, body, keep_alive, retry_after)
         if self.cur is not None:
             self.started = self.svc.loop.time()   # its clock starts now that it is next

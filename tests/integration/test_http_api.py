@@ -1,0 +1,753 @@
+"""HTTP injection (SparkPost Transmissions API) against the real daemon, over loopback sockets.
+
+Real clients: the PyPI ``sparkpost`` client and the npm ``sparkpost`` client
+(tests/js-http), each changed only in its base address; raw sockets for what
+clients will not produce (pipelining, slow or oversize requests, CRLF in
+header names).  Most cases share one held daemon (``api``); the clients'
+messages are delivered to an aiosmtpd sink and parsed back with the email
+package.
+"""
+from __future__ import annotations
+
+import base64
+import email
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import threading
+import time
+from email import policy
+
+import pytest
+from aiosmtpd.controller import Controller
+from daemon import HOST, Daemon, free_port
+from sparkpost import SparkPost
+from sparkpost.exceptions import SparkPostAPIException
+
+from mta.api import replies as R
+
+KEY = "test-key-1"
+AUTH = {"Authorization": KEY}
+JS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "js-http")
+
+
+def simple(rcpts=("r@example.net",), **content) -> dict:
+    c = {"from": "sender@example.com", "subject": "Hello", "text": "Hi {{address.email}}"}
+    c.update(content)
+    return {"recipients": list(rcpts), "content": c}
+
+
+def assert_error(status, body, want_status: int, err: R.Error, words: str = "") -> None:
+    assert status == want_status, body
+    assert list(body) == ["errors"] and len(body["errors"]) == 1
+    e = body["errors"][0]
+    assert set(e) == {"message", "description", "code"}
+    assert (e["message"], e["code"]) == (err.message, err.code), e
+    assert words in e["description"], e
+
+
+# -------------------------------------------------------------- raw HTTP
+
+
+def request_bytes(body: bytes, headers: dict | None = None, method: str = "POST",
+                  path: str = "/api/v1/transmissions", version: str = "1.1") -> bytes:
+    h = {"Host": "mta.test", "Content-Type": "application/json", **AUTH,
+         "Content-Length": str(len(body)), **(headers or {})}
+    head = f"{method} {path} HTTP/{version}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items())
+    return head.encode() + b"\r\n" + body
+
+
+def read_response(f) -> tuple[int, dict, bytes]:
+    """One response from a socket makefile('rb'): (status, headers, body)."""
+    line = f.readline()
+    if not line:
+        raise ConnectionError("closed")
+    status = int(line.split()[1])
+    headers = {}
+    while True:
+        line = f.readline()
+        if line in (b"\r\n", b""):
+            break
+        k, _, v = line.decode().partition(":")
+        headers[k.strip().lower()] = v.strip()
+    body = f.read(int(headers.get("content-length", 0)))
+    return status, headers, body
+
+
+def closed(sock, timeout: float = 5.0) -> bool:
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionError, OSError):
+        return True
+
+
+# -------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    """One held daemon shared by the cases that only inject (2 acceptors, 2 shards)."""
+    d = Daemon(tmp_path_factory.mktemp("api"), http={
+        "api_keys": [KEY, "test-key-2"], "max_body_size": 2 * 1024 * 1024,
+        "max_header_size": 8192, "request_timeout": 2.0})
+    d.write_config()
+    d.start()
+    yield d
+    d.cleanup()
+
+
+class _Sink:
+    """aiosmtpd on loopback keeping every message it receives."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.messages: list[tuple[list, bytes]] = []
+        self.lock = threading.Lock()
+        sink = self
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):
+                with sink.lock:
+                    sink.messages.append((list(envelope.rcpt_tos), envelope.original_content))
+                return "250 2.0.0 ok"
+
+        self.ctl = Controller(Handler(), hostname=HOST, port=self.port, enable_SMTPUTF8=True)
+
+    def wait(self, rcpt: str, timeout: float = 30.0) -> email.message.EmailMessage:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                for rcpts, data in self.messages:
+                    if rcpt in rcpts:
+                        return email.message_from_bytes(data, policy=policy.default)
+            time.sleep(0.05)
+        raise AssertionError(f"{rcpt} never reached the sink")
+
+
+@pytest.fixture(scope="module")
+def delivering(tmp_path_factory):
+    """A daemon that delivers everything to an aiosmtpd sink: (daemon, sink)."""
+    sink = _Sink()
+    sink.ctl.start()
+    d = Daemon(tmp_path_factory.mktemp("deliver"), acceptors=1, shards=1,
+               http={"api_keys": [KEY]},
+               delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                    "hosts": [f"{HOST}:{sink.port}"]}]})
+    d.write_config()
+    d.start()
+    yield d, sink
+    d.cleanup()
+    sink.ctl.stop()
+
+
+def queued(d) -> int:
+    return d.queue_summary()["total"]["messages"]
+
+
+# ---------------------------------------------------------- real clients
+
+
+ATTACHMENT = b"%PDF-1.4 attachment bytes \x00\x01\x02" * 50
+
+
+def test_python_sparkpost_client(delivering):
+    d, sink = delivering
+    sp = SparkPost(KEY)
+    # The only change from a SparkPost set-up: the client's base address.
+    sp.transmissions.base_uri = d.http_base + "/api/v1"
+    r = sp.transmissions.send(
+        recipients=[{"address": {"email": "py1@example.net", "name": "Ada Lovelace"},
+                     "substitution_data": {"first": "Ada"}, "tags": ["t1"]}],
+        from_email="Sender Co <sender@example.com>", subject="Hi {{first}} — ünïcode",
+        text="Hello {{first}} <{{address.email}}>\n", html="<p>Hello {{first}} & co</p>",
+        attachments=[{"name": "bill.pdf", "type": "application/pdf",
+                      "data": base64.b64encode(ATTACHMENT).decode()}],
+        campaign="cmp-py", metadata={"source": "python"})
+    assert r["total_accepted_recipients"] == 1 and r["total_rejected_recipients"] == 0
+    assert r["id"].isdigit()
+    r2 = sp.transmissions.send(
+        recipients=["py2@example.net"],
+        email_rfc822="From: Sender <sender@example.com>\nSubject: raw for {{address.email}}\n"
+                     "\nBody for {{address.email}}\n")
+    assert r2["total_accepted_recipients"] == 1
+    with pytest.raises(SparkPostAPIException) as e:
+        sp.transmissions.send(recipients=["x@example.net"], from_email="s@example.com",
+                              text="no subject")
+    assert e.value.status == 422
+    msg = sink.wait("py1@example.net")
+    assert msg["Subject"] == "Hi Ada — ünïcode"
+    assert msg["To"] == "Ada Lovelace <py1@example.net>"
+    assert msg["From"] == "Sender Co <sender@example.com>"
+    parts = {p.get_content_type(): p for p in msg.walk()}
+    assert parts["text/plain"].get_content().replace("\r\n", "\n") == \
+        "Hello Ada <py1@example.net>\n"
+    assert parts["text/html"].get_content().strip() == "<p>Hello Ada & co</p>"
+    assert parts["application/pdf"].get_content() == ATTACHMENT
+    assert parts["application/pdf"].get_filename() == "bill.pdf"
+    assert all(not p.defects for p in msg.walk())
+    raw = sink.wait("py2@example.net")
+    assert raw["Subject"] == "raw for py2@example.net"
+    assert raw.get_content().replace("\r\n", "\n") == "Body for py2@example.net\n"
+    assert raw["Message-ID"] and raw["Date"]
+
+
+def node_send(d, transmission: dict, key: str = KEY) -> dict:
+    r = subprocess.run(["node", os.path.join(JS, "send.js")], cwd=JS, capture_output=True,
+                       timeout=60, input=json.dumps({"origin": d.http_base, "key": key,
+                                                     "transmission": transmission}).encode())
+    assert r.returncode == 0, r.stderr.decode()
+    return json.loads(r.stdout)
+
+
+def test_npm_sparkpost_client(delivering):
+    d, sink = delivering
+    out = node_send(d, {
+        "recipients": [{"address": {"email": "js1@example.net", "name": "Grace Hopper"},
+                        "substitution_data": {"first": "Grace"}}],
+        "content": {"from": {"email": "sender@example.com", "name": "Sender"},
+                    "subject": "Hi {{first}}", "text": "Hello {{first}}!",
+                    "html": "<b>{{first}}</b>",
+                    "attachments": [{"name": "notes.txt", "type": "text/plain",
+                                     "data": base64.b64encode(b"note\n" * 40).decode()}]},
+        "campaign_id": "cmp-js", "metadata": {"source": "node"}})
+    assert out["ok"], out
+    res = out["body"]["results"]
+    assert res["total_accepted_recipients"] == 1 and res["total_rejected_recipients"] == 0
+    out = node_send(d, {"recipients": [{"address": "js2@example.net"}],
+                        "content": {"email_rfc822": "From: s@example.com\r\nSubject: rfc822 "
+                                    "{{address.email}}\r\n\r\nraw body\r\n"}})
+    assert out["ok"] and out["body"]["results"]["total_accepted_recipients"] == 1
+    bad = node_send(d, {"recipients": [{"address": "js3@example.net"}],
+                        "content": {"from": "s@example.com", "subject": "x", "text": "y"}},
+                    key="wrong")
+    assert bad == {"ok": False, "status": 401, "errors": [{
+        "message": R.UNAUTHORIZED.message, "code": R.UNAUTHORIZED.code,
+        "description": "the API key in the Authorization header is not valid"}],
+        "message": "Unauthorized"}
+    msg = sink.wait("js1@example.net")
+    assert msg["Subject"] == "Hi Grace"
+    parts = [p for p in msg.walk() if not p.is_multipart()]
+    assert [p.get_content_type() for p in parts] == ["text/plain", "text/html", "text/plain"]
+    assert parts[0].get_content().strip() == "Hello Grace!"
+    assert parts[1].get_content().strip() == "<b>Grace</b>"
+    assert parts[2].get_filename() == "notes.txt" and parts[2].get_content() == "note\n" * 40
+    assert sink.wait("js2@example.net")["Subject"] == "rfc822 js2@example.net"
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_error_cases_are_sparkpost_shaped_and_the_daemon_keeps_serving(api):
+    d = api
+    ok = simple()
+    st, _, body = d.post(b'{"recipients": [', headers=AUTH)
+    assert_error(st, body, 400, R.BAD_JSON, "json")
+    st, _, body = d.post(ok, headers={**AUTH, "Content-Type": "text/plain"})
+    assert_error(st, body, 415, R.UNSUPPORTED_TYPE, "application/json")
+    st, _, body = d.post({"content": ok["content"]}, headers=AUTH)
+    assert_error(st, body, 422, R.REQUIRED, "recipients is required")
+    st, _, body = d.post(simple(subject=7), headers=AUTH)
+    assert_error(st, body, 422, R.INVALID, "content.subject")
+    st, _, body = d.post(simple(headers={"X-Evil\r\nBcc: a@example.org": "v"}), headers=AUTH)
+    assert_error(st, body, 422, R.INVALID, "content.headers")
+    st, _, body = d.post(simple(headers={"X-Evil": "v\r\nBcc: a@example.org"}), headers=AUTH)
+    assert_error(st, body, 422, R.INVALID, "content.headers.X-Evil")
+    st, h, body = d.post(ok)
+    assert_error(st, body, 401, R.UNAUTHORIZED, "Authorization")
+    st, _, body = d.post(ok, headers={"Authorization": "nope"})
+    assert_error(st, body, 401, R.UNAUTHORIZED, "not valid")
+    basic = base64.b64encode(b"test-key-2:").decode()
+    st, _, body = d.post(ok, headers={"Authorization": f"Basic {basic}"})
+    assert st == 200 and body["results"]["total_accepted_recipients"] == 1
+    st, _, body = d.post(ok, path="/api/v1/nothing", headers=AUTH)
+    assert_error(st, body, 404, R.NOT_FOUND, "/api/v1/nothing")
+    st, _, body = d.post(ok, path="/api/v1/transmissions/?num_rcpt_errors=3", headers=AUTH)
+    assert st == 200
+    with socket.create_connection((HOST, d.http_port)) as s:
+        s.sendall(request_bytes(b"", method="GET"))
+        st, h, raw = read_response(s.makefile("rb"))
+        assert_error(st, json.loads(raw), 405, R.BAD_METHOD, "POST")
+        assert h["allow"] == "POST"
+    # Partial acceptance: SparkPost's code 2000 and rcpt_to_errors.
+    st, _, body = d.post(simple(["good@example.net", {"address": {"name": "no email"}},
+                                 "bad address@example.net"]), headers=AUTH)
+    assert st == 200
+    assert body["errors"] == [{"message": R.PARTIAL_MESSAGE, "code": "2000"}]
+    res = body["results"]
+    assert (res["total_accepted_recipients"], res["total_rejected_recipients"]) == (1, 2)
+    assert res["rcpt_to_errors"][0] == {"message": "required field is missing", "code": "1400",
+                                        "description": "recipients[1].address.email is required"}
+    assert "recipients[2].address.email" in res["rcpt_to_errors"][1]["description"]
+    st, _, body = d.post(simple([{"address": {"name": "x"}}]), headers=AUTH)
+    assert_error(st, body, 422, R.REQUIRED, "recipients[0].address.email")
+    # Non-ASCII names and subjects.
+    before = queued(d)
+    st, _, body = d.post({"recipients": [{"address": {"email": "zoë@example.net",
+                                                      "name": "Zoë Ångström 山田"}}],
+                          "content": {"from": {"email": "n@example.com", "name": "Nëws"},
+                                      "subject": "Grüße — 東京", "text": "Ünïcode ✓"}},
+                         headers=AUTH)
+    assert st == 200 and body["results"]["total_accepted_recipients"] == 1
+    assert queued(d) == before + 1
+    qid = next(x["queue_id"] for x in d.queue_list() if x["recipients"] == ["zoë@example.net"])
+    raw = d.cli("queue", "show", "--raw", qid).stdout
+    msg = email.message_from_bytes(raw, policy=policy.default)
+    assert msg["Subject"] == "Grüße — 東京"
+    assert msg.get_content().strip() == "Ünïcode ✓"
+    assert raw.startswith(b"Received: from [127.0.0.1]\r\n\tby mta.test (mta) with HTTP id "
+                          + qid.encode())
+
+
+def test_oversize_body_header_and_upgrade(api):
+    d = api
+    big = 3 * 1024 * 1024
+    with socket.create_connection((HOST, d.http_port)) as s:   # announced by Content-Length
+        s.sendall(request_bytes(b"")[:-4].replace(b"Content-Length: 0",
+                                                  f"Content-Length: {big}".encode()) + b"\r\n\r\n")
+        s.sendall(b"x" * 65536)
+        st, h, raw = read_response(s.makefile("rb"))
+        assert_error(st, json.loads(raw), 413, R.TOO_LARGE, "http.max_body_size")
+        assert h["connection"] == "close" and closed(s)
+    with socket.create_connection((HOST, d.http_port)) as s:   # chunked, found while reading
+        head = request_bytes(b"", {"Transfer-Encoding": "chunked"}).replace(
+            b"Content-Length: 0\r\n", b"")
+        s.sendall(head)
+        chunk = b"%x\r\n" % 65536 + b"y" * 65536 + b"\r\n"
+        try:
+            for _ in range(40):
+                s.sendall(chunk)
+        except OSError:
+            pass
+        st, _, raw = read_response(s.makefile("rb"))
+        assert_error(st, json.loads(raw), 413, R.TOO_LARGE)
+    with socket.create_connection((HOST, d.http_port)) as s:
+        s.sendall(request_bytes(b"{}", {"X-Big": "z" * 10000}))
+        st, _, raw = read_response(s.makefile("rb"))
+        assert_error(st, json.loads(raw), 431, R.HEADERS_TOO_LARGE, "http.max_header_size")
+        assert closed(s)
+    with socket.create_connection((HOST, d.http_port)) as s:
+        s.sendall(b"GARBAGE / HTTP/1.1\r\n\r\n")
+        st, _, raw = read_response(s.makefile("rb"))
+        assert_error(st, json.loads(raw), 400, R.BAD_REQUEST, "malformed")
+    with socket.create_connection((HOST, d.http_port)) as s:
+        s.sendall(request_bytes(b"{}", {"Connection": "Upgrade", "Upgrade": "h2c"}))
+        st, _, raw = read_response(s.makefile("rb"))
+        assert_error(st, json.loads(raw), 400, R.BAD_REQUEST, "upgrade")
+    st, _, body = d.post(simple(), headers=AUTH)
+    assert st == 200
+
+
+def test_keepalive_pipelining_expect_continue_http10(api):
+    d = api
+    good = json.dumps(simple(["pipe@example.net"])).encode()
+    with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+        f = s.makefile("rb")
+        # Three requests in one write, answered in order; a bad one does not end the connection.
+        s.sendall(request_bytes(good) + request_bytes(b"{oops") + request_bytes(good))
+        got = [read_response(f) for _ in range(3)]
+        assert [g[0] for g in got] == [200, 400, 200]
+        ids = [json.loads(got[i][2])["results"]["id"] for i in (0, 2)]
+        assert ids[0] != ids[1]
+        # Keep-alive: more requests on the same connection.
+        for _ in range(3):
+            s.sendall(request_bytes(good))
+            assert read_response(f)[0] == 200
+        # Expect: 100-continue.
+        head = request_bytes(good, {"Expect": "100-continue"})
+        split = head.index(b"\r\n\r\n") + 4
+        s.sendall(head[:split])
+        assert f.readline() == b"HTTP/1.1 100 Continue\r\n" and f.readline() == b"\r\n"
+        s.sendall(head[split:])
+        assert read_response(f)[0] == 200
+        # An oversize announced body gets its 413 without a 100 Continue.
+        s.sendall(request_bytes(b"", {"Expect": "100-continue"}).replace(
+            b"Content-Length: 0", b"Content-Length: 99999999"))
+        st, _, raw = read_response(f)
+        assert st == 413
+    with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+        f = s.makefile("rb")
+        head = request_bytes(b"", {"Transfer-Encoding": "chunked"}).replace(
+            b"Content-Length: 0\r\n", b"")
+        s.sendall(head + b"".join(b"%x\r\n%s\r\n" % (len(good[i:i + 100]), good[i:i + 100])
+                                  for i in range(0, len(good), 100)) + b"0\r\n\r\n")
+        assert read_response(f)[0] == 200
+        s.sendall(request_bytes(good, {"Connection": "close"}))
+        st, h, _ = read_response(f)
+        assert st == 200 and h["connection"] == "close" and closed(s)
+    with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+        s.sendall(request_bytes(good, version="1.0"))
+        st, h, _ = read_response(s.makefile("rb"))
+        assert st == 200 and h["connection"] == "close" and closed(s)
+
+
+def test_slow_client_is_cut_off(api):
+    d = api
+    t0 = time.monotonic()
+    slow_head = socket.create_connection((HOST, d.http_port), timeout=10)
+    slow_body = socket.create_connection((HOST, d.http_port), timeout=10)
+    try:
+        slow_head.sendall(b"POST /api/v1/transmissions HTTP/1.1\r\nHost: x\r\n")
+        body = json.dumps(simple()).encode()
+        slow_body.sendall(request_bytes(body)[:-10])
+        # Others are served meanwhile.
+        st, _, _ = d.post(simple(), headers=AUTH)
+        assert st == 200
+        for s in (slow_head, slow_body):
+            st, h, raw = read_response(s.makefile("rb"))
+            assert_error(st, json.loads(raw), 408, R.REQUEST_TIMEOUT, "http.request_timeout")
+            assert h["connection"] == "close" and closed(s)
+        assert 1.5 < time.monotonic() - t0 < 6
+    finally:
+        slow_head.close()
+        slow_body.close()
+    assert d.post(simple(), headers=AUTH)[0] == 200
+
+
+def test_ten_thousand_recipients_in_one_request(api):
+    d = api
+    n = 10_000
+    before = queued(d)
+    body = {"recipients": [{"address": {"email": f"r{i:05d}@example.net", "name": f"R {i}"},
+                            "substitution_data": {"n": i}} for i in range(n)],
+            "content": {"from": "bulk@example.com", "subject": "Number {{n}}",
+                        "text": "Hello {{address.name}}, you are number {{n}}."},
+            "campaign_id": "bulk"}
+    t0 = time.monotonic()
+    st, _, res = d.post(body, headers=AUTH, timeout=120)
+    took = time.monotonic() - t0
+    assert st == 200, res
+    assert res["results"]["total_accepted_recipients"] == n
+    assert res["results"]["total_rejected_recipients"] == 0
+    assert queued(d) == before + n
+    print(f"10,000 recipients made durable in {took:.2f}s")
+    assert took < 20
+    st, _, res = d.post({**body, "recipients": body["recipients"] * 2}, headers=AUTH)
+    assert_error(st, res, 422, R.INVALID, "recipients: 20000 recipients")
+
+
+def test_idempotency_key(api):
+    d = api
+    body = simple(["idem@example.net", "idem2@example.net"])
+    hdrs = {**AUTH, "Idempotency-Key": "order-42"}
+    before = queued(d)
+    st, h1, first = d.post(body, headers=hdrs)
+    assert st == 200 and first["results"]["total_accepted_recipients"] == 2
+    st, h2, again = d.post(body, headers=hdrs)
+    assert st == 200 and again == first and h2.get("idempotent-replayed") == "true"
+    assert queued(d) == before + 2
+    st, _, res = d.post(simple(["other@example.net"]), headers=hdrs)
+    assert_error(st, res, 422, R.KEY_REUSED, "Idempotency-Key")
+    # Keys are per API key.
+    st, _, res = d.post(body, headers={"Authorization": "test-key-2", "Idempotency-Key": "order-42"})
+    assert st == 200 and res["results"]["id"] != first["results"]["id"]
+    assert queued(d) == before + 4
+    # A request that injected nothing can be retried with its key.
+    st, _, res = d.post(simple(subject=None), headers={**AUTH, "Idempotency-Key": "bad-1"})
+    assert st == 422
+    st, _, res = d.post(simple(), headers={**AUTH, "Idempotency-Key": "bad-1"})
+    assert st == 200   # the failed first attempt left nothing under the key
+    # Concurrent duplicates: exactly one injects.
+    many = simple([f"c{i}@example.net" for i in range(3000)])
+    results = []
+
+    def send():
+        results.append(d.post(many, headers={**AUTH, "Idempotency-Key": "burst"}))
+
+    before = queued(d)
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    statuses = sorted(r[0] for r in results)
+    assert statuses.count(200) >= 1 and set(statuses) <= {200, 409}, statuses
+    ids = {r[2]["results"]["id"] for r in results if r[0] == 200}
+    assert len(ids) == 1
+    assert queued(d) == before + 3000
+
+
+def test_idempotency_survives_reload_and_kill9(make_daemon):
+    d = make_daemon(http={"api_keys": [KEY]})
+    body = simple(["keep@example.net"])
+    hdrs = {**AUTH, "Idempotency-Key": "survivor"}
+    st, _, first = d.post(body, headers=hdrs)
+    assert st == 200
+    # SIGHUP replaces every acceptor; HTTP keeps being served meanwhile.
+    old = d.children()
+    failures, served = [], [0]
+    stop = threading.Event()
+
+    def probe():
+        while not stop.is_set():
+            try:
+                st, _, _ = d.post(simple(["probe@example.net"]), headers=AUTH, timeout=10)
+                if st == 200:
+                    served[0] += 1
+                else:
+                    failures.append(st)
+            except OSError as exc:
+                failures.append(repr(exc))
+
+    t = threading.Thread(target=probe)
+    t.start()
+    try:
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_log(r"reloaded: accepting", timeout=60)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        t.join(30)
+    assert failures == [] and served[0] >= 1, (failures, served)
+    new = d.children()
+    assert all(new[k] != old[k] for k in old if k.startswith("acceptor"))
+    st, h, again = d.post(body, headers=hdrs)
+    assert st == 200 and again == first and h.get("idempotent-replayed") == "true"
+    # kill -9 every acceptor; their successors still know the key.
+    for k, pid in new.items():
+        if k.startswith("acceptor"):
+            os.kill(pid, signal.SIGKILL)
+    d.wait_log(r"started acceptor\[1\]", count=3, timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            st, h, again = d.post(body, headers=hdrs, timeout=5)
+            break
+        except OSError:
+            time.sleep(0.1)
+    assert st == 200 and again == first
+    assert [x["recipients"] for x in d.queue_list()].count(["keep@example.net"]) == 1
+
+
+def test_reload_moves_the_http_listener(make_daemon):
+    d = make_daemon(acceptors=1)
+    old_port = d.http_port
+    new_port = free_port()
+    d.sections["http"]["listen"] = [f"{HOST}:{new_port}"]
+    d.write_config()
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_log(r"reloaded: accepting SMTP on \S+, HTTP on 127\.0\.0\.1:" + str(new_port),
+               timeout=60)
+    d.http_port = new_port
+    assert d.post(simple())[0] == 200
+    time.sleep(1.5)   # the old acceptor has drained
+    with pytest.raises(OSError):
+        socket.create_connection((HOST, old_port), timeout=2).close()
+    with smtplib.SMTP(HOST, d.port) as s:   # the SMTP socket was kept
+        s.sendmail("a@example.com", ["after@example.net"], b"Subject: x\r\n\r\ny\r\n")
+
+
+# ------------------------------------------------------------ pressure
+
+
+def test_back_pressure_429_503_and_connection_limit(make_daemon):
+    d = make_daemon(acceptors=1, http={"api_keys": [KEY], "max_pending_messages": 5000,
+                                       "max_connections": 3})
+    big = request_bytes(json.dumps(simple([f"p{i}@example.net" for i in range(10_000)])).encode())
+    saw_429 = None
+    for _attempt in range(3):   # the big request must reach the acceptor before the probes
+        with socket.create_connection((HOST, d.http_port), timeout=120) as s:
+            s.sendall(big)
+            time.sleep(0.1)
+            # While its 10,000 messages wait for the spool, more is refused with 429.
+            st, h, body = d.post(simple(), headers=AUTH)
+            if st == 429:
+                saw_429 = (st, h, body)
+            st_big, _, raw = read_response(s.makefile("rb"))
+        assert st_big == 200 or (st_big == 429 and saw_429 is None), raw
+        if saw_429 is not None and st_big == 200:
+            assert json.loads(raw)["results"]["total_accepted_recipients"] == 10_000
+            break
+    assert saw_429 is not None, "no 429 while 10,000 messages were waiting for the spool"
+    assert_error(saw_429[0], saw_429[2], 429, R.TOO_MANY_REQUESTS, "max_pending_messages")
+    assert saw_429[1]["retry-after"] == str(R.RETRY_AFTER_BUSY)
+    socks = [socket.create_connection((HOST, d.http_port)) for _ in range(3)]
+    try:
+        time.sleep(0.2)
+        with socket.create_connection((HOST, d.http_port)) as extra:
+            st, h, raw = read_response(extra.makefile("rb"))
+            assert_error(st, json.loads(raw), 503, R.UNAVAILABLE, "http.max_connections")
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(0.2)
+    assert d.post(simple(), headers=AUTH)[0] == 200
+
+
+def test_low_spool_space_is_503(make_daemon):
+    d = make_daemon(spool={"min_free_bytes": 1 << 60})
+    st, h, body = d.post(simple())
+    assert_error(st, body, 503, R.UNAVAILABLE, "disk space")
+    assert h["retry-after"] == str(R.RETRY_AFTER_UNAVAILABLE)
+
+
+# -------------------------------------------------------- SMTP parity
+
+
+def test_x_msys_api_over_smtp_is_recorded_and_removed(api):
+    d = api
+    hdr = json.dumps({"campaign_id": "smtp-camp", "metadata": {"plan": "gold", "n": 3},
+                      "tags": ["alpha", "beta"], "options": {"ip_pool": "pool-7",
+                                                             "transactional": True,
+                                                             "open_tracking": False}})
+    msg = (f"From: a@example.com\r\nTo: msys@example.net\r\nX-MSYS-API: {hdr}\r\n"
+           f"Subject: parity\r\n\r\nbody\r\n").encode()
+    bad = b"From: a@example.com\r\nX-MSYS-API: {not json\r\nSubject: bad\r\n\r\nbody\r\n"
+    with smtplib.SMTP(HOST, d.port) as s:
+        s.sendmail("a@example.com", ["msys@example.net"], msg)
+        s.sendmail("a@example.com", ["msys-bad@example.net"], bad)
+    q = {x["recipients"][0]: x["queue_id"] for x in d.queue_list()
+         if x["recipients"][0].startswith("msys")}
+    raw = d.cli("queue", "show", "--raw", q["msys@example.net"]).stdout
+    assert b"X-MSYS-API" not in raw and raw.endswith(b"Subject: parity\r\n\r\nbody\r\n")
+    assert b"X-MSYS-API" not in d.cli("queue", "show", "--raw", q["msys-bad@example.net"]).stdout
+    events_path = os.path.join(d.state_dir, "log", "events.jsonl")
+    deadline = time.monotonic() + 10
+    ev = None
+    while time.monotonic() < deadline and ev is None:
+        with open(events_path, "rb") as fh:
+            for line in fh:
+                e = json.loads(line)
+                if e.get("queue_id") == q["msys@example.net"] and e["type"] == "reception":
+                    ev = e
+        time.sleep(0.05)
+    assert ev is not None
+    assert ev["campaign_id"] == "smtp-camp" and ev["metadata"] == {"plan": "gold", "n": 3}
+    assert ev["tags"] == ["alpha", "beta"] and ev["ip_pool"] == "pool-7"
+    assert ev["transactional"] is True
+    # HTTP: campaign_id, metadata and tags travel with each recipient too.
+    st, _, _ = d.post({"recipients": [{"address": "ev1@example.net", "tags": ["x"],
+                                       "metadata": {"r": 1}}, "ev2@example.net"],
+                       "content": {"from": "s@example.com", "subject": "s", "text": "t"},
+                       "campaign_id": "http-camp", "metadata": {"t": 2},
+                       "options": {"ip_pool": "p2"}}, headers=AUTH)
+    assert st == 200
+    found = {}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(found) < 2:
+        with open(events_path, "rb") as fh:
+            for line in fh:
+                e = json.loads(line)
+                if e.get("recipient") in ("ev1@example.net", "ev2@example.net"):
+                    found[e["recipient"]] = e
+        time.sleep(0.05)
+    assert found["ev1@example.net"]["metadata"] == {"t": 2, "r": 1}
+    assert found["ev1@example.net"]["tags"] == ["x"]
+    assert found["ev2@example.net"]["metadata"] == {"t": 2} and "tags" not in found[
+        "ev2@example.net"]
+    assert {e["campaign_id"] for e in found.values()} == {"http-camp"}
+    assert {e["ip_pool"] for e in found.values()} == {"p2"}
+
+
+# ------------------------------------------------------------- crash
+
+
+def test_kill9_during_http_load_loses_nothing_acknowledged(make_daemon):
+    import http.client
+
+    d = make_daemon(http={"api_keys": [KEY]})
+    acked: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker(w: int) -> None:
+        conn = None
+        for n in range(100_000):                  # bounded; stops at the kill
+            if stop.is_set():
+                break
+            rcpts = [f"w{w}-{n}-{k}@example.net" for k in range(1 + (n % 3))]
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(HOST, d.http_port, timeout=10)
+                conn.request("POST", "/api/v1/transmissions",
+                             json.dumps(simple(rcpts)).encode(),
+                             {"Content-Type": "application/json", **AUTH})
+                r = conn.getresponse()
+                res = json.loads(r.read())
+            except (OSError, http.client.HTTPException, ValueError):
+                conn = None
+                if stop.is_set():
+                    break
+                continue
+            if r.status == 200:
+                assert res["results"]["total_accepted_recipients"] == len(rcpts)
+                with lock:
+                    acked.extend(rcpts)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    d.kill9()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert len(acked) > 100
+    spooled = {r for m in d.spool_dump() for r in m["recipients"]}
+    missing = [r for r in acked if r not in spooled]
+    assert missing == [], f"{len(missing)} acknowledged recipients lost"
+
+
+# ------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[http]\nlisten = ['127.0.0.1']\n", "http.listen[0]"),
+    ("[http]\nlisten = ['example.com:80']\n", "http.listen[0]"),
+    ("[smtp]\nlisten = ['127.0.0.1:2525']\n[http]\nlisten = ['127.0.0.1:2525']\n",
+     "http.listen[0]"),
+    ("[http]\napi_keys = ['has space']\n", "http.api_keys[0]"),
+    ("[http]\nmax_body_size = 10\n", "http.max_body_size"),
+    ("[http]\nmax_recipients = 0\n", "http.max_recipients"),
+    ("[http]\nbogus = 1\n", "bogus"),
+])
+def test_http_config_errors_name_the_key(tmp_path, text, key):
+    from mta import config
+
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(p))
+    assert str(e.value).startswith(key) or key in str(e.value), str(e.value)
+
+
+def test_http_config_defaults_and_off(tmp_path):
+    from mta import config
+
+    s = config.load(None)
+    assert s.http_listen == (("127.0.0.1", 8025),)
+    assert s.config.http.api_keys == [] and s.config.http.max_recipients == 10_000
+    p = tmp_path / "c.toml"
+    p.write_text("[http]\nlisten = []\n")
+    assert config.load(str(p)).http_listen == ()
+
+
+def test_authorize_without_keys_serves_loopback_only():
+    from types import SimpleNamespace
+
+    from mta import config
+    from mta.acceptor import http as H
+
+    def service(keys):
+        s = config.load(None)
+        s = SimpleNamespace(config=SimpleNamespace(http=s.config.http.__class__(api_keys=keys)))
+        return H.Service(SimpleNamespace(settings=s, loop=None, hostname="h"))
+
+    open_svc = service([])
+    for ip in ("127.0.0.1", "127.3.4.5", "::1", "::ffff:127.0.0.1"):
+        assert open_svc.authorize(None, ip) == ""
+    for ip in ("10.1.2.3", "192.0.2.1", "2001:db8::1", ""):
+        with pytest.raises(R.ApiError) as e:
+            open_svc.authorize(b"anything", ip)
+        assert e.value.status == 403 and "loopback" in e.value.description
+    keyed = service(["k1", "k2"])
+    scope = keyed.authorize(b"k1", "192.0.2.1")
+    assert scope and scope == keyed.authorize(b"Basic " + base64.b64encode(b"k1:"), "::1")
+    assert scope != keyed.authorize(b"k2", "127.0.0.1")
+    for bad in (None, b"", b"k3", b"Basic !!!", b"Basic " + base64.b64encode(b"k3:")):
+        with pytest.raises(R.ApiError) as e:
+            keyed.authorize(bad, "127.0.0.1")
+        assert e.value.status == 401

@@ -1,0 +1,476 @@
+"""The Transmissions API library: decoding, substitution, MIME building, X-MSYS-API, idempotency.
+
+Messages are parsed back with the standard library (``email.message_from_bytes``
+with ``policy.default``) to check that what we build is what a mail reader sees.
+"""
+import base64
+import email
+import os
+import time
+from email import policy
+
+import orjson
+import pytest
+
+from mta.api import build as B
+from mta.api import idempotency as I
+from mta.api import replies as R
+from mta.api import transmissions as T
+
+
+def tx(**kw) -> T.Transmission:
+    body = {"recipients": ["rcpt@example.net"],
+            "content": {"from": "sender@example.com", "subject": "Hello", "text": "Hi there"}}
+    for k, v in kw.items():
+        if k in ("subject", "text", "html", "headers", "attachments", "inline_images", "reply_to",
+                 "from_", "email_rfc822"):
+            key = "from" if k == "from_" else k
+            if v is None:
+                body["content"].pop(key, None)
+            else:
+                body["content"][key] = v
+        else:
+            body[k] = v
+    t = T.decode(orjson.dumps(body))
+    T.check(t, 10_000)
+    return t
+
+
+def one(t: T.Transmission, i: int = 0) -> B.Built:
+    return B.Builder(t, "mta.test").build(i, t.recipients[i])
+
+
+def parse(m: B.Built):
+    return email.message_from_bytes(m.message, policy=policy.default)
+
+
+def content(part) -> str:
+    """A text part's content with the wire's CRLF line ends as LF."""
+    return part.get_content().replace("\r\n", "\n")
+
+
+def lines_ok(raw: bytes) -> None:
+    """CRLF only, no line over 998 octets."""
+    assert b"\r" not in raw.replace(b"\r\n", b"")
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    assert max(len(x) for x in raw.split(b"\r\n")) <= 998
+
+
+# ------------------------------------------------------------------- decoding
+
+
+def test_decode_ignores_unknown_fields():
+    t = T.decode(b'{"recipients": ["a@example.net"], "bogus": 1, "options": {"open_tracking": '
+                 b'true, "ip_pool": "p"}, "content": {"from": "s@example.com", "subject": "x", '
+                 b'"text": "y", "amp_html": "z", "whatever": {}}}')
+    T.check(t, 10)
+    assert t.options.ip_pool == "p"
+
+
+def test_malformed_json_is_400():
+    with pytest.raises(R.ApiError) as e:
+        T.decode(b'{"recipients": [')
+    assert e.value.status == 400 and e.value.error is R.BAD_JSON
+
+
+@pytest.mark.parametrize("body, field", [
+    (b'{"content": {"subject": 5}}', "content.subject"),
+    (b'{"content": {"from": 5}}', "content.from"),
+    (b'{"recipients": [{"address": 7}]}', "recipients[0].address"),
+    (b'{"recipients": [{"address": {"email": 3}}]}', "recipients[0].address.email"),
+    (b'{"options": {"transactional": "yes"}}', "options.transactional"),
+    (b'[]', "body"),
+])
+def test_wrong_types_are_422_naming_the_field(body, field):
+    with pytest.raises(R.ApiError) as e:
+        T.decode(body)
+    assert e.value.status == 422 and e.value.error.code == "1300"
+    assert e.value.description.startswith(field + ":"), e.value.description
+
+
+@pytest.mark.parametrize("body, code, words", [
+    ({"content": {}}, "1400", "recipients is required"),
+    ({"recipients": [], "content": {}}, "1400", "at least one recipient"),
+    ({"recipients": {"list_id": "x"}, "content": {}}, "1603", "recipients.list_id"),
+    ({"recipients": ["a@b.example"]}, "1400", "content is required"),
+    ({"recipients": ["a@b.example"], "content": {"template_id": "t"}}, "1603",
+     "content.template_id"),
+    ({"recipients": ["a@b.example"], "content": {"subject": "s", "text": "t"}}, "1400",
+     "content.from is required"),
+    ({"recipients": ["a@b.example"], "content": {"from": {"name": "x"}, "subject": "s",
+                                                  "text": "t"}}, "1400", "content.from.email"),
+    ({"recipients": ["a@b.example"], "content": {"from": "a@b.example", "text": "t"}}, "1400",
+     "content.subject is required"),
+    ({"recipients": ["a@b.example"], "content": {"from": "a@b.example", "subject": "s"}}, "1400",
+     "content.html or content.text"),
+    ({"recipients": ["a@b.example"], "content": {"from": "a@b.example", "subject": "s",
+                                                  "text": "t", "attachments": [{"name": "a"}]}},
+     "1400", "content.attachments[0].type"),
+    ({"recipients": ["a@b.example"], "campaign_id": "x" * 65,
+      "content": {"from": "a@b.example", "subject": "s", "text": "t"}}, "1300", "campaign_id"),
+])
+def test_check_names_the_field(body, code, words):
+    t = T.decode(orjson.dumps(body))
+    with pytest.raises(R.ApiError) as e:
+        T.check(t, 100)
+    assert e.value.status == 422 and e.value.error.code == code
+    assert words in e.value.description
+
+
+def test_too_many_recipients_is_422_naming_recipients():
+    t = T.decode(orjson.dumps({"recipients": ["a@b.example"] * 11, "content": {
+        "from": "a@b.example", "subject": "s", "text": "t"}}))
+    with pytest.raises(R.ApiError) as e:
+        T.check(t, 10)
+    assert e.value.status == 422 and e.value.description.startswith("recipients:")
+
+
+def test_response_shapes():
+    assert orjson.loads(R.success_body(2, 0, "123")) == {"results": {
+        "total_rejected_recipients": 0, "total_accepted_recipients": 2, "id": "123"}}
+    err = {"message": "required field is missing", "description": "x", "code": "1400"}
+    assert orjson.loads(R.success_body(1, 1, "9", [err])) == {
+        "errors": [{"message": "transmission created, but with validation errors",
+                    "code": "2000"}],
+        "results": {"rcpt_to_errors": [err], "total_rejected_recipients": 1,
+                    "total_accepted_recipients": 1, "id": "9"}}
+    assert orjson.loads(R.error_body(R.BAD_JSON, "d")) == {"errors": [
+        {"message": "invalid data format/type", "description": "d", "code": "1300"}]}
+
+
+# --------------------------------------------------------------- substitution
+
+
+def render(text: str, *scopes, html: bool = False) -> str:
+    return B.Template(text).render(scopes, html=html)
+
+
+def test_substitution_names_paths_and_precedence():
+    rcpt = {"first": "Wilma", "deep": {"a": {"b": 3}}}
+    tx_data = {"first": "Default", "store": "Big Store", "flag": True}
+    addr = {"address": {"email": "w@example.net", "name": "W"}}
+    assert render("Hi {{first}} from {{ store }}", rcpt, addr, tx_data) == \
+        "Hi Wilma from Big Store"
+    assert render("{{address.email}} {{ address.name }}", rcpt, addr, tx_data) == \
+        "w@example.net W"
+    assert render("{{deep.a.b}} {{flag}} {{missing}} {{deep.x.y}}.", rcpt, addr, tx_data) == \
+        "3 true  ."
+    assert render("{{first}}", {}, addr, tx_data) == "Default"
+
+
+def test_substitution_escapes_html_and_runs_no_code():
+    data = {"name": "<b>&\"x\"</b>"}
+    assert render("<p>{{name}}</p>", data, html=True) == "<p>&lt;b&gt;&amp;&quot;x&quot;&lt;/b&gt;</p>"
+    assert render("<p>{{{name}}}</p>", data, html=True) == "<p><b>&\"x\"</b></p>"
+    assert render("{{name}}", data) == data["name"]   # text parts are not escaped
+    for text in ("{{ __import__('os').system('x') }}", "{{ if a }}b{{ /if }}", "{{", "{{}}",
+                 "{{ a b }}", "{{ 1 + 1 }}"):
+        assert render(text, {"a": 1}) == text
+
+
+# --------------------------------------------------------------- MIME building
+
+
+def test_text_only_message():
+    m = one(tx(campaign_id="c1", metadata={"a": 1}, options={"ip_pool": "pool1",
+                                                              "transactional": True}))
+    assert m.sender == "sender@example.com" and m.rcpt == "rcpt@example.net"
+    assert m.params == {"campaign_id": "c1", "metadata": {"a": 1}, "ip_pool": "pool1",
+                        "transactional": True}
+    msg = parse(m)
+    assert msg.get_content_type() == "text/plain"
+    assert content(msg) == "Hi there\n"
+    assert msg["To"] == "rcpt@example.net" and msg["From"] == "sender@example.com"
+    assert msg["Subject"] == "Hello" and msg["MIME-Version"] == "1.0"
+    assert msg["Date"] and msg["Message-ID"].endswith("@mta.test>")
+    assert msg.defects == []
+    lines_ok(m.message)
+
+
+def test_alternative_mixed_and_related():
+    pdf = os.urandom(5000)
+    png = os.urandom(300)
+    m = one(tx(html="<p>Hi <img src=\"cid:logo.png\"></p>",
+               attachments=[{"name": "bill.pdf", "type": "application/pdf",
+                             "data": base64.b64encode(pdf).decode()}],
+               inline_images=[{"name": "logo.png", "type": "image/png",
+                               "data": base64.b64encode(png).decode()}]))
+    lines_ok(m.message)
+    msg = parse(m)
+    assert msg.get_content_type() == "multipart/mixed"
+    types = [p.get_content_type() for p in msg.walk()]
+    assert types == ["multipart/mixed", "multipart/alternative", "text/plain",
+                     "multipart/related", "text/html", "image/png", "application/pdf"]
+    parts = {p.get_content_type(): p for p in msg.walk()}
+    att = parts["application/pdf"]
+    assert att.get_filename() == "bill.pdf" and att.get_content_disposition() == "attachment"
+    assert att["Content-Transfer-Encoding"] == "base64" and att.get_content() == pdf
+    img = parts["image/png"]
+    assert img["Content-ID"] == "<logo.png>" and img.get_content_disposition() == "inline"
+    assert img.get_content() == png
+    # base64 in lines of 76
+    body = m.message.split(b"Content-Type: application/pdf", 1)[1].split(b"\r\n\r\n", 1)[1]
+    b64_lines = body.split(b"\r\n--")[0].split(b"\r\n")
+    assert all(len(x) == 76 for x in b64_lines[:-1]) and len(b64_lines[-1]) <= 76
+    for p in msg.walk():
+        assert not p.defects, p.defects
+
+
+def test_html_only():
+    m = one(tx(text=None, html="<p>Héllo</p>"))
+    msg = parse(m)
+    assert msg.get_content_type() == "text/html" and content(msg) == "<p>Héllo</p>\n"
+
+
+def test_non_ascii_names_subject_and_long_lines():
+    name = "Zoë Ångström-Łukasiewicz 山田太郎"
+    subject = "Grüße aus Köln — 東京からのお知らせ " * 8
+    text = ("Ünïcödé line " * 200) + "\n" + "x" * 3000 + "\nend"
+    m = one(tx(recipients=[{"address": {"email": "zoe@example.net", "name": name}}],
+               from_={"email": "news@example.com", "name": "Nëws Désk"},
+               subject=subject, text=text, html="<p>" + "é" * 5000 + "</p>"))
+    lines_ok(m.message)
+    header_block = m.message.split(b"\r\n\r\n", 1)[0]
+    assert header_block.isascii()
+    assert max(len(x) for x in header_block.split(b"\r\n")) <= 78
+    msg = parse(m)
+    assert msg["Subject"] == subject
+    assert msg["To"].addresses[0].display_name == name
+    assert msg["From"].addresses[0].display_name == "Nëws Désk"
+    plain = next(p for p in msg.walk() if p.get_content_type() == "text/plain")
+    assert content(plain) == text
+    assert plain["Content-Transfer-Encoding"] == "quoted-printable"
+
+
+def test_encoded_words_split_on_characters():
+    for text in ("é" * 100, "山" * 77, "a€" * 50, "x"):
+        words = B.encoded_words(text)
+        assert all(len(w) <= 75 for w in words)
+        decoded = "".join(base64.b64decode(w[10:-2]).decode("utf-8") for w in words)
+        assert decoded == text
+
+
+def test_long_ascii_subject_is_folded():
+    subject = " ".join(f"word{i}" for i in range(300))
+    m = one(tx(subject=subject))
+    lines_ok(m.message)
+    assert parse(m)["Subject"] == subject
+    unbreakable = "y" * 2000
+    m = one(tx(subject=unbreakable))
+    lines_ok(m.message)
+    assert parse(m)["Subject"] == unbreakable
+
+
+def test_to_from_header_to_and_custom_headers():
+    t = tx(recipients=[{"address": {"email": "cc@example.net", "header_to": "Main <m@example.net>"}}],
+           headers={"X-Campaign": "{{address.email}}", "Cc": "Cée <c@example.org>",
+                    "Message-ID": "<fixed@example.com>"}, reply_to="Sales <s@example.com>")
+    msg = parse(one(t))
+    assert msg["To"] == "Main <m@example.net>"
+    assert msg["X-Campaign"] == "cc@example.net"
+    assert msg["Cc"].addresses[0].display_name == "Cée"
+    assert msg["Message-ID"] == "<fixed@example.com>"
+    assert msg["Reply-To"] == "Sales <s@example.com>"
+    assert len(msg.get_all("Message-ID")) == 1
+
+
+@pytest.mark.parametrize("headers, field", [
+    ({"X-Bad\r\nBcc: victim@example.org": "x"}, "content.headers"),
+    ({"X-Bad\nName": "x"}, "content.headers"),
+    ({"X-Ok": "line\r\nBcc: victim@example.org"}, "content.headers.X-Ok"),
+    ({"X-Ok": "a\rb"}, "content.headers.X-Ok"),
+    ({"X Space": "x"}, "content.headers"),
+    ({"Content-Type": "text/plain"}, "content.headers.Content-Type"),
+])
+def test_crlf_in_header_name_or_value_is_422_naming_the_field(headers, field):
+    with pytest.raises(R.ApiError) as e:
+        one(tx(headers=headers))
+    assert e.value.status == 422 and e.value.description.startswith(field), e.value.description
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"subject": "a\r\nBcc: x@example.org"}, "content.subject"),
+    ({"from_": {"email": "s@example.com", "name": "a\nb"}}, "content.from.name"),
+    ({"reply_to": "a@example.com\r\nX: y"}, "content.reply_to"),
+    ({"attachments": [{"name": "a\r\n.pdf", "type": "application/pdf", "data": "AAAA"}]},
+     "content.attachments[0].name"),
+    ({"attachments": [{"name": "a.pdf", "type": "application/pdf\r\nX: y", "data": "AAAA"}]},
+     "content.attachments[0].type"),
+    ({"attachments": [{"name": "a.pdf", "type": "application/pdf", "data": "!!notbase64"}]},
+     "content.attachments[0].data"),
+    ({"from_": "not-an-address"}, "content.from.email"),
+])
+def test_bad_content_fields_are_422_naming_the_field(kw, field):
+    with pytest.raises(R.ApiError) as e:
+        one(tx(**kw))
+    assert e.value.status == 422 and e.value.description.startswith(field), e.value.description
+
+
+def test_substitution_cannot_inject_header_lines():
+    t = tx(recipients=[{"address": "a@example.net", "substitution_data": {"n": "x\r\nBcc: v@x.org"}},
+                       "b@example.net"],
+           subject="Hi {{n}}", substitution_data={"n": "fine"})
+    b = B.Builder(t, "mta.test")
+    with pytest.raises(B.RecipientError) as e:
+        b.build(0, t.recipients[0])
+    assert e.value.description.startswith("recipients[0]") and "content.subject" in \
+        e.value.description
+    assert parse(b.build(1, t.recipients[1]))["Subject"] == "Hi fine"
+
+
+def test_recipient_errors():
+    t = tx(recipients=[{"address": {"name": "no email"}}, "not an address", {"address": "ok@x.example"},
+                       {"address": "t@x.example", "tags": [str(i) for i in range(11)]}])
+    b = B.Builder(t, "mta.test")
+    with pytest.raises(B.RecipientError) as e:
+        b.build(0, t.recipients[0])
+    assert e.value.entry() == {"message": "required field is missing",
+                               "description": "recipients[0].address.email is required",
+                               "code": "1400"}
+    with pytest.raises(B.RecipientError) as e:
+        b.build(1, t.recipients[1])
+    assert e.value.error.code == "1300" and "recipients[1].address.email" in e.value.description
+    assert b.build(2, t.recipients[2]).rcpt == "ok@x.example"
+    with pytest.raises(B.RecipientError) as e:
+        b.build(3, t.recipients[3])
+    assert "recipients[3].tags" in e.value.description
+
+
+def test_recipient_metadata_tags_return_path_and_utf8():
+    t = tx(recipients=[{"address": {"email": "usér@example.net", "name": "U"}, "tags": ["t1"],
+                        "metadata": {"a": 2, "b": 3}, "return_path": "bounce+u@example.com"}],
+           metadata={"a": 1, "c": 4}, return_path="bounces@example.com")
+    m = one(t)
+    assert m.sender == "bounce+u@example.com" and m.rcpt == "usér@example.net"
+    assert m.params["metadata"] == {"a": 2, "b": 3, "c": 4}
+    assert m.params["tags"] == ["t1"]
+    assert "SMTPUTF8" in m.params
+    assert "To: U <usér@example.net>\r\n".encode() in m.message
+    assert one(tx(return_path="bounces@example.com")).sender == "bounces@example.com"
+
+
+# ---------------------------------------------------------------- email_rfc822
+
+
+RFC822 = ("From: Sender <sender@example.com>\n"
+          "Subject: Hello {{name}}\n"
+          "MIME-Version: 1.0\n"
+          "Content-Type: multipart/mixed; boundary=\"XX\"\n"
+          "\n"
+          "--XX\n"
+          "Content-Type: text/plain; charset=utf-8\n"
+          "\n"
+          "Dear {{name}}, {{address.email}}\n"
+          "--XX\n"
+          "Content-Type: text/html; charset=utf-8\n"
+          "\n"
+          "<p>Dear {{name}}</p>\n"
+          "--XX\n"
+          "Content-Type: text/plain\n"
+          "Content-Disposition: attachment; filename=\"a.txt\"\n"
+          "\n"
+          "{{name}} stays in the attachment\n"
+          "--XX--\n")
+
+
+def test_rfc822_substitution_and_added_fields():
+    t = tx(email_rfc822=RFC822, subject=None, text=None, from_=None,
+           recipients=[{"address": "r@example.net", "substitution_data": {"name": "A&B"}}])
+    m = one(t)
+    lines_ok(m.message)
+    assert m.sender == "sender@example.com"
+    msg = parse(m)
+    assert msg["Subject"] == "Hello A&B"
+    assert msg["Date"] and msg["Message-ID"] and msg["To"] == "r@example.net"
+    parts = [p for p in msg.walk() if not p.is_multipart()]
+    # The CRLF before a boundary belongs to the boundary.
+    assert content(parts[0]) == "Dear A&B, r@example.net"
+    assert content(parts[1]) == "<p>Dear A&amp;B</p>"
+    assert content(parts[2]) == "{{name}} stays in the attachment"
+
+
+def test_rfc822_header_substitution_cannot_add_lines():
+    t = tx(email_rfc822=RFC822, subject=None, text=None, from_=None,
+           recipients=[{"address": "r@example.net", "substitution_data": {"name": "x\nBcc: y@z"}}])
+    with pytest.raises(B.RecipientError) as e:
+        one(t)
+    assert "recipients[0]" in e.value.description
+
+
+@pytest.mark.parametrize("raw, words", [
+    ("Subject: x\n\nbody\n", "From"),
+    ("From: a@example.com\n\n" + "x" * 999 + "\n", "998"),
+    ("From: a@example.com\n\nnul \x00 here\n", "NUL"),
+    ("\nbody only\n", "no header fields"),
+    ("From: a@example.com\nbroken header line\n\nbody\n", "malformed"),
+])
+def test_rfc822_rejections(raw, words):
+    with pytest.raises(R.ApiError) as e:
+        one(tx(email_rfc822=raw, subject=None, text=None, from_=None))
+    assert e.value.status == 422 and "content.email_rfc822" in e.value.description
+    assert words in e.value.description
+
+
+def test_rfc822_8bit_and_line_ends():
+    m = one(tx(email_rfc822="From: a@example.com\r\nTo: b@example.net\rSubject: é\n\nbödy\r\n",
+               subject=None, text=None, from_=None))
+    lines_ok(m.message)
+    assert m.params.get("BODY") == "8BITMIME"
+    assert m.message.count(b"To:") == 1
+
+
+# ------------------------------------------------------------------ X-MSYS-API
+
+
+def test_parse_msys_api():
+    got = T.parse_msys_api(b'{"campaign_id": "c", "metadata": {"k": "v"}, "tags": ["a", 1, "b"],'
+                           b' "options": {"ip_pool": "p", "transactional": true, '
+                           b'"open_tracking": false}, "cc": ["x"]}')
+    assert got == {"campaign_id": "c", "metadata": {"k": "v"}, "tags": ["a", "b"],
+                   "ip_pool": "p", "transactional": True}
+    assert T.parse_msys_api(b"not json") is None
+    assert T.parse_msys_api(b"[1]") is None
+    assert T.parse_msys_api(b'{"campaign_id": 5, "metadata": "x", "options": {"ip_pool": 3}}') == {}
+
+
+# ----------------------------------------------------------------- idempotency
+
+
+def test_idempotency_store(tmp_path):
+    path = str(tmp_path / "idem.sqlite")
+    s = I.Store(path, window=100, stale_after=30)
+    other = I.Store(path, window=100, stale_after=30)   # another acceptor's connection
+    h1, h2 = I.body_hash(b"one"), I.body_hash(b"two")
+    now = time.time()
+    assert s.begin("scope", "k", h1, now) == (I.NEW, None, None)
+    assert other.begin("scope", "k", h1, now) == (I.IN_FLIGHT, None, None)
+    assert other.begin("scope", "k", h2, now) == (I.MISMATCH, None, None)
+    assert other.begin("other-scope", "k", h2, now)[0] == I.NEW
+    s.finish("scope", "k", 200, b'{"results": 1}')
+    assert other.begin("scope", "k", h1, now + 1) == (I.REPLAY, 200, b'{"results": 1}')
+    assert other.begin("scope", "k", h1, now + 101)[0] == I.NEW     # past the window
+    # An abandoned request can be retried.
+    assert s.begin("scope", "k2", h1, now)[0] == I.NEW
+    s.abandon("scope", "k2")
+    assert other.begin("scope", "k2", h1, now)[0] == I.NEW
+    # A stale in-flight row is taken over.
+    assert s.begin("scope", "k3", h1, now)[0] == I.NEW
+    assert other.begin("scope", "k3", h1, now + 31)[0] == I.NEW
+    assert s.purge(now + 1000) >= 3
+    s.close()
+    other.close()
+
+
+def test_idempotency_dead_owner_is_taken_over(tmp_path):
+    path = str(tmp_path / "idem.sqlite")
+    s = I.Store(path, window=100, stale_after=30)
+    pid = os.fork()
+    if pid == 0:   # a child that claims a key and dies without answering
+        try:
+            c = I.Store(path, window=100, stale_after=30)
+            c.begin("scope", "k", I.body_hash(b"x"))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert s.begin("scope", "k", I.body_hash(b"x"))[0] == I.NEW
+    s.close()
