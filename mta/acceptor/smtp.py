@@ -34,9 +34,8 @@ import enum
 import ipaddress
 import logging
 import re
-import time
-from email.utils import formatdate
 
+from mta import rfcdate
 from mta.acceptor import replies as R
 from mta.acceptor.auth import check_password
 
@@ -135,24 +134,7 @@ def parse_params(raw: bytes) -> dict[str, str] | None:
     return out
 
 
-class _DateCache:
-    """RFC 5322 date for Received headers, rebuilt at most once a second."""
-
-    __slots__ = ("second", "text")
-
-    def __init__(self):
-        self.second = -1
-        self.text = ""
-
-    def now(self) -> str:
-        s = int(time.time())
-        if s != self.second:
-            self.second = s
-            self.text = formatdate(s, localtime=True)
-        return self.text
-
-
-_date = _DateCache()
+_date = rfcdate.DateCache()
 
 
 class Session(asyncio.Protocol):

@@ -47,11 +47,12 @@ import os
 import re
 import time
 from email.message import Message
-from email.utils import formatdate, getaddresses, parseaddr
+from email.utils import getaddresses, parseaddr
 from urllib.parse import quote
 
 import orjson
 
+from mta import rfcdate
 from mta import mime
 from mta.api import replies as R
 from mta.api.transmissions import MAX_METADATA, MAX_TAGS, Address, Transmission
@@ -384,22 +385,7 @@ def attachment_part(att, where: str, inline: bool) -> bytes:
 # --------------------------------------------------------------------- helpers
 
 
-class _DateCache:
-    __slots__ = ("second", "text")
-
-    def __init__(self):
-        self.second = -1
-        self.text = ""
-
-    def now(self) -> str:
-        s = int(time.time())
-        if s != self.second:
-            self.second = s
-            self.text = formatdate(s, localtime=True)
-        return self.text
-
-
-_date = _DateCache()
+_date = rfcdate.DateCache()
 
 
 def new_message_id(hostname: str) -> str:
