@@ -35,7 +35,7 @@ import msgpack
 import zmq
 
 __all__ = [
-    "MESSAGES", "BusError", "Client", "SyncClient", "Server", "encode", "decode",
+    "MESSAGES", "BusError", "AsyncServer", "Client", "SyncClient", "Server", "encode", "decode",
     "new_context", "STATUS_OK", "STATUS_STORAGE", "STATUS_UNKNOWN",
     "BODY_NONE", "BODY_ONE", "BODY_MANY",
 ]
@@ -185,56 +185,119 @@ class Server:
         self.sock.close(0)
 
 
-class Client:
-    """A DEALER socket driven by an asyncio loop: send requests, get replies by callback.
+class _LoopSocket:
+    """A ZeroMQ socket read by an asyncio loop, with reading paused and resumed at will.
 
-    ZeroMQ's file descriptor is edge-triggered and also signals on sends, so
-    after every send we schedule one drain of the socket on the loop.
+    ZeroMQ's file descriptor is edge-triggered and also signals on sends: a
+    send can consume the edge of messages that arrived meanwhile, after which
+    the reader would never fire again.  So every send, and every resume,
+    schedules one more drain of the socket on the loop.
     """
 
-    def __init__(self, ctx: zmq.Context, loop, endpoint: str, hwm: int, on_reply):
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, hwm)
-        self.sock.setsockopt(zmq.RCVHWM, hwm)
-        self.sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a dead peer
-        self.sock.connect(endpoint)
+    def __init__(self, sock, loop):
+        self.sock = sock
         self._loop = loop
-        self._on_reply = on_reply
+        self._fd = sock.getsockopt(zmq.FD)
+        self._reading = False
         self._drain_scheduled = False
-        self._fd = self.sock.getsockopt(zmq.FD)
-        loop.add_reader(self._fd, self._drain)
+        self.resume()
 
-    def send(self, frames: list) -> bool:
-        """Queue *frames* for the peer; False when the high-water mark is reached."""
-        try:
-            self.sock.send(frames[0], _NOBLOCK)
-        except zmq.Again:
-            return False
+    def resume(self) -> None:
+        """Read again (and look at what is already waiting)."""
+        if not self._reading:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._drain)
+        self._schedule()
+
+    def pause(self) -> None:
+        """Stop reading: the peers' messages wait in ZeroMQ up to the high-water mark."""
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def _schedule(self) -> None:
         if not self._drain_scheduled:
             self._drain_scheduled = True
             self._loop.call_soon(self._drain)
-        return True
 
-    def connected(self) -> bool:
-        """True once the peer is connected (ZMQ_IMMEDIATE: only then can we send)."""
-        return bool(self.sock.getsockopt(_EVENTS) & _POLLOUT)
+    def _send(self, frames: list) -> bool:
+        try:
+            if len(frames) == 1:
+                self.sock.send(frames[0], _NOBLOCK)
+            else:
+                self.sock.send_multipart(frames, _NOBLOCK)
+        except zmq.Again:
+            return False
+        self._schedule()
+        return True
 
     def _drain(self) -> None:
         self._drain_scheduled = False
         sock = self.sock
         recv = sock.recv_multipart
         getsockopt = sock.getsockopt
-        while getsockopt(_EVENTS) & _POLLIN:
+        while self._reading and getsockopt(_EVENTS) & _POLLIN:
             try:
                 frames = recv(_NOBLOCK)
             except zmq.Again:
                 break
-            self._on_reply(frames)
+            self._received(frames)
+
+    def _received(self, frames: list) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
-        self._loop.remove_reader(self._fd)
+        self.pause()
         self.sock.close(0)
+
+
+class Client(_LoopSocket):
+    """A DEALER socket on an asyncio loop: send requests, get replies by callback."""
+
+    def __init__(self, ctx: zmq.Context, loop, endpoint: str, hwm: int, on_reply):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a dead peer
+        sock.connect(endpoint)
+        self._on_reply = on_reply
+        super().__init__(sock, loop)
+
+    def send(self, frames: list) -> bool:
+        """Queue *frames* for the peer; False when the high-water mark is reached."""
+        return self._send(frames)
+
+    def connected(self) -> bool:
+        """True once the peer is connected (ZMQ_IMMEDIATE: only then can we send)."""
+        return bool(self.sock.getsockopt(_EVENTS) & _POLLOUT)
+
+    def _received(self, frames: list) -> None:
+        self._on_reply(frames)
+
+
+class AsyncServer(_LoopSocket):
+    """A ROUTER socket bound at *endpoint* on an asyncio loop: requests by callback.
+
+    ``on_request(peer, frames)`` may call :meth:`pause` to stop taking work;
+    replies go back with :meth:`send` to the peer identity.
+    """
+
+    def __init__(self, ctx: zmq.Context, loop, endpoint: str, hwm: int, on_request):
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.bind(endpoint)
+        self._on_request = on_request
+        super().__init__(sock, loop)
+
+    def send(self, peer: bytes, frames: list) -> bool:
+        """Send *frames* to *peer*; False when it is not taking them (high-water mark)."""
+        return self._send([peer, *frames])
+
+    def _received(self, frames: list) -> None:
+        self._on_request(frames[0], frames[1:])
 
 
 class SyncClient:

@@ -22,7 +22,6 @@ import logging
 import signal
 
 import uvloop
-import zmq
 
 from mta import bus, proc
 from mta.delivery.engine import Engine, Job
@@ -38,64 +37,33 @@ class Delivery:
         self.settings = settings
         self.cfg = cfg
         self.loop = loop
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        hwm = settings.config.spool.queue_high_water
-        self.sock.setsockopt(zmq.SNDHWM, hwm)
-        self.sock.setsockopt(zmq.RCVHWM, hwm)
-        self.sock.bind(settings.endpoint(f"delivery-{index}"))
-        self.fd = self.sock.getsockopt(zmq.FD)
-        self.reading = False
-        self.drain_scheduled = False
         ns = [ip for ip, _ in settings.nameservers] or None
         port = settings.nameservers[0][1] if settings.nameservers else 53
         self.resolver = dns.Resolver(ns, port=port, timeout=cfg.dns_timeout)
         self.engine = Engine(settings, self.resolver, self.report, loop)
         self.stopping = False
+        self.server = bus.AsyncServer(ctx, loop, settings.endpoint(f"delivery-{index}"),
+                                      settings.config.spool.queue_high_water, self._on_job)
 
-    def start(self) -> None:
-        self._resume()
-        self.loop.call_soon(self._drain)
-
-    def _resume(self) -> None:
-        if not self.reading:
-            self.reading = True
-            self.loop.add_reader(self.fd, self._drain)
-
-    def _pause(self) -> None:
-        if self.reading:
-            self.reading = False
-            self.loop.remove_reader(self.fd)
-
-    def _drain(self) -> None:
-        self.drain_scheduled = False
-        sock = self.sock
-        cap = self.cfg.max_in_flight
-        while not self.stopping and self.engine.in_flight < cap:
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                break
-            try:
-                peer, *frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            try:
-                m, f, body = bus.decode(frames)
-            except bus.BusError as exc:
-                log.warning("dropped a malformed job: %s", exc)
-                continue
-            if m.name != "DELIVERY_MESSAGE_READY":
-                log.warning("unexpected %s ignored", m.name)
-                continue
-            req, qid, sender, domain, rcpts, params, attempt = f
-            self.engine.submit(Job(req, qid, sender, domain, rcpts, params, attempt, body, peer))
-        if self.engine.in_flight >= cap:
-            self._pause()
+    def _on_job(self, peer: bytes, frames: list) -> None:
+        if self.stopping:
+            return   # not taken: the spool sends it again
+        try:
+            m, f, body = bus.decode(frames)
+        except bus.BusError as exc:
+            log.warning("dropped a malformed job: %s", exc)
+            return
+        if m.name != "DELIVERY_MESSAGE_READY":
+            log.warning("unexpected %s ignored", m.name)
+            return
+        req, qid, sender, domain, rcpts, params, attempt = f
+        self.engine.submit(Job(req, qid, sender, domain, rcpts, params, attempt, body, peer))
+        if self.engine.in_flight >= self.cfg.max_in_flight:
+            self.server.pause()   # the window is full; jobs wait in the bus
 
     def report(self, job: Job, results: list) -> None:
-        try:
-            self.sock.send_multipart([job.peer, *bus.encode("DELIVERY_OUTCOME", job.req, job.qid,
-                                                            results)], zmq.NOBLOCK)
-        except zmq.Again:
+        if not self.server.send(job.peer, bus.encode("DELIVERY_OUTCOME", job.req, job.qid,
+                                                     results)):
             # The spool shard is not reading; it will find the recipients still
             # pending and send them again.
             log.warning("%s: outcome not handed back (spool busy); it will be retried", job.qid)
@@ -104,17 +72,11 @@ class Delivery:
                      next(a for k, a in job.rcpts if k == i), host or "none", ip or "",
                      outcome, code, enh, text)
         if not self.stopping and self.engine.in_flight < self.cfg.max_in_flight:
-            # Also when reading: ZeroMQ's FD is edge-triggered and the send above
-            # can consume the edge of jobs that arrived meanwhile, so the reader
-            # would never fire again.  Look at the socket once more.
-            self._resume()
-            if not self.drain_scheduled:
-                self.drain_scheduled = True
-                self.loop.call_soon(self._drain)
+            self.server.resume()
 
     async def stop(self, timeout: float) -> None:
         self.stopping = True
-        self._pause()
+        self.server.pause()
         deadline = self.loop.time() + timeout
         while self.engine.in_flight and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
@@ -134,7 +96,6 @@ def main(settings, index: int, ready_fd: int | None) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
     async def run():
-        d.start()
         proc.report_ready(ready_fd)
         await stop.wait()
         await d.stop(settings.config.server.shutdown_timeout)
@@ -142,7 +103,7 @@ def main(settings, index: int, ready_fd: int | None) -> None:
     try:
         loop.run_until_complete(run())
     finally:
-        d.sock.close(0)
+        d.server.close()
         ctx.term()
         loop.close()
     log.info("stopped: %s", dict(d.engine.stats))
