@@ -52,7 +52,6 @@ import binascii
 import collections
 import functools
 import hashlib
-import ipaddress
 import itertools
 import logging
 import os
@@ -61,6 +60,7 @@ from email.utils import formatdate
 
 import httptools
 
+from mta.acceptor.peers import peer_address
 from mta.api import build, idempotency, transmissions
 from mta.api import replies as R
 
@@ -147,7 +147,6 @@ class Service:
         self.sessions: set = set()
         self.pending = 0            # messages handed to the spool, not yet answered
         self.stats = {"requests": 0, "accepted": 0, "rejected": 0, "errors": 0}
-        self._loopback: dict[str, bool] = {}
         self.store: idempotency.Store | None = None
         self.next_purge = 0.0
 
@@ -169,18 +168,8 @@ class Service:
             self.store = None
 
     def is_loopback(self, ip: str) -> bool:
-        ok = self._loopback.get(ip)
-        if ok is None:
-            try:
-                addr = ipaddress.ip_address(ip)
-                if addr.version == 6 and addr.ipv4_mapped:
-                    addr = addr.ipv4_mapped
-                ok = addr.is_loopback
-            except ValueError:
-                ok = False
-            if len(self._loopback) < 10_000:
-                self._loopback[ip] = ok
-        return ok
+        addr = peer_address(ip)
+        return addr is not None and addr.is_loopback
 
     def authorize(self, header: bytes | None, peer_ip: str) -> str:
         """The idempotency scope of the caller's key ("" without keys); ApiError 401/403."""

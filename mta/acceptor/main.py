@@ -27,7 +27,6 @@ rest, wait for outstanding spool answers, exit 0.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import logging
 import os
@@ -40,6 +39,7 @@ import uvloop
 
 from mta import bus, mime, native, proc
 from mta.acceptor import http, smtp
+from mta.acceptor.peers import peer_address
 from mta.api.transmissions import parse_msys_api
 from mta.queueid import new_qid, shard_of
 
@@ -79,7 +79,6 @@ class Acceptor:
         self.clients: list[bus.Client] = []
         self.servers: list = []
         self._drained = asyncio.Event()
-        self._relay_cache: dict[str, bool] = {}
         self.http: http.Service | None = None    # set by serve() when HTTP sockets were given
         self.signer = None
         if cfg.dkim.enabled and cfg.dkim.keys:
@@ -111,18 +110,8 @@ class Acceptor:
         return r
 
     def relay_allowed(self, ip: str) -> bool:
-        ok = self._relay_cache.get(ip)
-        if ok is None:
-            try:
-                addr = ipaddress.ip_address(ip)
-                if addr.version == 6 and addr.ipv4_mapped:
-                    addr = addr.ipv4_mapped
-                ok = any(addr in net for net in self.relay_networks)
-            except ValueError:
-                ok = False
-            if len(self._relay_cache) < 10_000:
-                self._relay_cache[ip] = ok
-        return ok
+        addr = peer_address(ip)
+        return addr is not None and any(addr in net for net in self.relay_networks)
 
     # ------------------------------------------------------------- the spool
 
