@@ -548,19 +548,27 @@ def test_back_pressure_429_503_and_connection_limit(make_daemon):
                                        "max_connections": 3})
     big = request_bytes(json.dumps(simple([f"p{i}@example.net" for i in range(10_000)])).encode())
     saw_429 = None
-    for _attempt in range(3):   # the big request must reach the acceptor before the probes
-        with socket.create_connection((HOST, d.http_port), timeout=120) as s:
-            s.sendall(big)
-            time.sleep(0.1)
-            # While its 10,000 messages wait for the spool, more is refused with 429.
-            st, h, body = d.post(simple(), headers=AUTH)
+    # Hold the spool so the 10,000 messages stay pending (no timing race with
+    # how fast it drains); the acceptor's spool_timeout (20 s) is far away.
+    spool = d.children()["spool[0]"]
+    os.kill(spool, signal.SIGSTOP)
+    try:
+        s = socket.create_connection((HOST, d.http_port), timeout=120)
+        s.sendall(big)
+        deadline = time.monotonic() + 30
+        while saw_429 is None and time.monotonic() < deadline:
+            try:
+                st, h, body = d.post(simple(), headers=AUTH, timeout=0.5)
+            except OSError:
+                continue   # taken in before the big request: it waits for the spool too
             if st == 429:
                 saw_429 = (st, h, body)
-            st_big, _, raw = read_response(s.makefile("rb"))
-        assert st_big == 200 or (st_big == 429 and saw_429 is None), raw
-        if saw_429 is not None and st_big == 200:
-            assert json.loads(raw)["results"]["total_accepted_recipients"] == 10_000
-            break
+    finally:
+        os.kill(spool, signal.SIGCONT)
+    with s:
+        st_big, _, raw = read_response(s.makefile("rb"))
+    assert st_big == 200, raw
+    assert json.loads(raw)["results"]["total_accepted_recipients"] == 10_000
     assert saw_429 is not None, "no 429 while 10,000 messages were waiting for the spool"
     assert_error(saw_429[0], saw_429[2], 429, R.TOO_MANY_REQUESTS, "max_pending_messages")
     assert saw_429[1]["retry-after"] == str(R.RETRY_AFTER_BUSY)
