@@ -3,9 +3,7 @@
 What it does: tells delivery where mail for a domain goes.  ``resolve_mx``
 turns a recipient domain into MX host names grouped by preference (or a
 permanent or temporary reason why there are none); ``resolve_addresses``
-turns a host name into its IPv4 then IPv6 addresses.  ``resolve_route`` gives
-the MX answer in the shape delivery walks: ``(host, port)`` candidates in
-try-order, each host's addresses still to be looked up.
+turns a host name into its IPv4 then IPv6 addresses.
 Reads: the nameservers, port and limits it is constructed with (the delivery
 role passes its slice of the config).  Only when no nameserver is configured
 does it read the system resolver configuration (/etc/resolv.conf).
@@ -47,7 +45,7 @@ shuffle of the host groups; no allocation beyond the result.  An uncached
 lookup costs one dnspython query (about 220 µs of CPU) bounded by ``timeout``
 seconds in all (dnspython's ``lifetime``, with an asyncio deadline behind it).
 
-Failure: never raises for DNS trouble from ``resolve_mx``/``resolve_route``;
+Failure: never raises for DNS trouble from ``resolve_mx``;
 ``resolve_addresses`` raises ``DnsTempError`` only when it found no address
 and a lookup failed temporarily (an empty list means there is none).
 """
@@ -135,29 +133,6 @@ class MxResult:
     @property
     def dsn_status(self) -> str:
         """RFC 3463 enhanced status code for a DSN or log line."""
-        return DSN_STATUS[self.status]
-
-
-@dataclass(slots=True)
-class Route:
-    """What delivery needs for a domain: candidate (host, port) pairs in try-order."""
-
-    domain: str
-    status: str
-    hosts: list[tuple[str, int]]  # host name or IP literal; groups flattened, best first
-    reason: str = ""
-    implicit: bool = False
-
-    @property
-    def permanent(self) -> bool:
-        return self.status in PERMANENT
-
-    @property
-    def temporary(self) -> bool:
-        return self.status == TEMP_FAIL
-
-    @property
-    def dsn_status(self) -> str:
         return DSN_STATUS[self.status]
 
 
@@ -310,12 +285,6 @@ class Resolver:
         if not addresses:
             return MxResult(NO_ADDRESS, [], f"{name}: no MX and no A/AAAA record", name)
         return MxResult(OK, [[name]], "", name, implicit=True)
-
-    async def resolve_route(self, domain: str, port: int = 25) -> Route:
-        """Resolve a domain to (host, port) candidates in try-order."""
-        mx = await self.resolve_mx(domain)
-        hosts = [(h, port) for group in mx.hosts for h in group]
-        return Route(mx.domain or domain, mx.status, hosts, mx.reason, mx.implicit)
 
     async def resolve_addresses(self, host: str) -> list[str]:
         """A host's IPv4 then IPv6 addresses ([] when it has none).

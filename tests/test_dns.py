@@ -131,12 +131,11 @@ def test_equal_preferences_in_random_order(make):
     assert cached_orders == both and cstats["queries"] == 1
 
 
-def test_route_flattens_groups_in_order(make):
-    route = run(make().resolve_route("example.test", port=2525))
-    assert route.status == "ok"
-    assert {h for h, _ in route.hosts[:2]} == {"mx1.example.test", "mx2.example.test"}
-    assert route.hosts[2] == ("mx3.example.test", 2525)
-    assert all(p == 2525 for _, p in route.hosts)
+def test_mx_hosts_grouped_by_preference_in_order(make):
+    mx = run(make().resolve_mx("example.test"))
+    assert mx.status == "ok"
+    assert set(mx.hosts[0]) == {"mx1.example.test", "mx2.example.test"}
+    assert mx.hosts[1:] == [["mx3.example.test"]]
 
 
 def test_addresses_a_then_aaaa(make):
@@ -221,7 +220,7 @@ def test_invalid_domains_are_permanent_without_a_query(make, domain):
 def test_address_literals(make):
     r = make()
     assert run(r.resolve_mx("[127.0.0.5]")).hosts == [["127.0.0.5"]]
-    assert run(r.resolve_route("[IPv6:::1]")).hosts == [("::1", 25)]
+    assert run(r.resolve_mx("[IPv6:::1]")).hosts == [["::1"]]
     assert r.cache_stats()["queries"] == 0
 
 
