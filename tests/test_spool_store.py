@@ -15,7 +15,8 @@ import random
 import pytest
 
 from mta import native
-from mta.spool.store import SEGMENT_SUFFIX, MessageMeta, Store
+from mta.spool.store import (REC_MESSAGE, SEGMENT_SUFFIX, SPARE_READY, SPARE_TMP, MessageMeta,
+                             Store, _enc)
 
 MiB = 1 << 20
 IMPLS = ["pure"] if native.PURE else ["compiled", "pure"]
@@ -28,16 +29,33 @@ def codec(request):
 
 # ----------------------------------------------------------------- helpers
 
-def new_store(path, codec, segment_size=MiB) -> Store:
-    st = Store(str(path), segment_size, fsync=True)
+def new_store(path, codec, segment_size=MiB, preallocate=False, reserve=0) -> Store:
+    st = Store(str(path), segment_size, fsync=True, preallocate=preallocate, reserve=reserve)
     st.codec = codec
     return st
 
 
-def restart(path, codec, segment_size=MiB) -> tuple[Store, dict]:
-    st = new_store(path, codec, segment_size)
+def restart(path, codec, segment_size=MiB, preallocate=False) -> tuple[Store, dict]:
+    """A new store from what is on disk.  Only one store of a directory may make
+    spare segments (as only one shard process owns it): pass preallocate=True
+    only after the previous store's spare thread is stopped (crash())."""
+    st = new_store(path, codec, segment_size, preallocate)
     stats = st.recover()
     return st, stats
+
+
+def crash(st: Store) -> None:
+    """Stop what dies with the process besides the store object: its spare thread."""
+    if st.spare is not None:
+        st.spare.close()
+
+
+def wait_spare(st: Store, timeout: float = 20.0) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while not (st.spare is not None and st.spare.ready):
+        assert time.monotonic() < deadline, "no spare segment was prepared"
+        time.sleep(0.01)
 
 
 def qid(n: int) -> str:
@@ -363,12 +381,15 @@ def test_reclaim_stops_at_an_older_segment_that_is_still_needed(tmp_path, codec)
     assert set(st2.entries) == set(keep)
 
 
-def test_random_workload_restart_always_matches_the_model(tmp_path, codec):
+@pytest.mark.parametrize("prealloc", [False, True], ids=["append", "preallocated"])
+def test_random_workload_restart_always_matches_the_model(tmp_path, codec, prealloc):
     """Writes, DONEs, compaction and unlinks at random; after every pass a restart
     from disk gives exactly the queue the live store had, bodies intact."""
     rng = random.Random(20240611)
     seg_size = 64 * 1024   # tiny segments: many of them, lots of reclamation
-    st = new_store(tmp_path, codec, segment_size=seg_size)
+    st = new_store(tmp_path, codec, segment_size=seg_size, preallocate=prealloc)
+    st._start_spare()
+    prezeroed_used = 0
     model: dict[str, bytes] = {}
     n = 0
     unlinked_total = copied_total = 0
@@ -382,6 +403,8 @@ def test_random_workload_restart_always_matches_the_model(tmp_path, codec):
         live = list(model)
         done = rng.sample(live, min(len(live), rng.randint(0, 5)))
         put(st, items, done)
+        if st.current is not None and st.current.prezeroed:
+            prezeroed_used += 1
         for q in done:
             model.pop(q, None)
         if step % 3 == 0:
@@ -393,14 +416,100 @@ def test_random_workload_restart_always_matches_the_model(tmp_path, codec):
             assert contents(st2) == model, f"step {step}"
             assert stats["skipped_bytes"] == 0
         if step % 10 == 9:   # crash and carry on with the rebuilt store
-            st, _ = restart(tmp_path, codec, seg_size)
+            crash(st)
+            st, _ = restart(tmp_path, codec, seg_size, preallocate=prealloc)
             assert contents(st) == model
+        if prealloc and step % 7 == 0:
+            wait_spare(st)   # so that some segments are certainly preallocated ones
     assert unlinked_total > 10 and copied_total > 0
+    assert (prezeroed_used > 10) == prealloc
     # Disk use tracks the queue: finishing everything and reclaiming frees all
     # but the segment that holds the last DONE record.
     put(st, [], list(model))
     model.clear()
     reclaim(st)
     assert len(seg_files(tmp_path)) <= 1
+    crash(st)
     st2, _ = restart(tmp_path, codec, seg_size)
     assert st2.entries == {}
+
+
+# ------------------------------------------------------- preallocated segments
+
+def test_preallocated_segment_is_zero_filled_ahead_and_recovers_cleanly(tmp_path, codec):
+    st = new_store(tmp_path, codec, preallocate=True)
+    st._start_spare()
+    wait_spare(st)
+    assert os.path.getsize(tmp_path / SPARE_READY) == MiB
+    put(st, [(meta(1), body(1))])
+    seg = st.current
+    assert seg.prezeroed
+    # The segment is the whole preallocated file; the data is at its start.
+    assert os.path.getsize(seg.path) == MiB and 0 < seg.size < MiB
+    put(st, [(meta(2), body(2)), (meta(3), body(3))], done=[qid(1)])
+    # Another spare is made for the next segment.
+    wait_spare(st)
+    # Fill past the end of the segment: the next one is the new spare.
+    fill(st, 10, 12, size=100_000)
+    assert st.current.number != seg.number and st.current.prezeroed
+    expect = contents(st)
+    crash(st)
+    st2, stats = restart(tmp_path, codec)
+    assert contents(st2) == expect
+    # The zero-filled ends are where the data ends, not damage.
+    assert stats["torn"] == 0 and stats["skipped_bytes"] == 0
+    assert SPARE_TMP not in os.listdir(tmp_path)
+
+
+def test_torn_write_inside_a_preallocated_segment_at_every_offset(tmp_path, codec):
+    """A crash during a write into a preallocated segment leaves a record whose
+    rest is zeros: it is a torn tail, skipped; what was synced before survives."""
+    st = new_store(tmp_path, codec, preallocate=True)
+    st._start_spare()
+    wait_spare(st)
+    put(st, [(meta(1), body(1, 500)), (meta(2), body(2, 700))])
+    seg = st.current
+    assert seg.prezeroed
+    at = seg.size
+    crash(st)
+    full = open(seg.path, "rb").read()
+    rec = codec.encode(REC_MESSAGE, _enc.encode(meta(3)), body(3, 300))
+    d = tmp_path / "torn"
+    d.mkdir()
+    torn_path = d / os.path.basename(seg.path)
+    intact = {qid(1): body(1, 500), qid(2): body(2, 700)}
+    for cut in list(range(1, 40)) + list(range(40, len(rec), 23)):
+        torn_path.write_bytes(full[:at] + rec[:cut] + full[at + cut:])
+        assert os.path.getsize(torn_path) == MiB
+        st2, stats = restart(d, codec)
+        assert contents(st2) == intact, f"cut at {cut}"
+        assert stats["torn"] == 1, f"cut at {cut}"
+    torn_path.write_bytes(full[:at] + rec + full[at + len(rec):])
+    st2, stats = restart(d, codec)
+    assert contents(st2) == {**intact, qid(3): body(3, 300)} and stats["torn"] == 0
+
+
+def test_spare_leftovers_of_a_crash_are_not_trusted(tmp_path, codec):
+    (tmp_path / SPARE_TMP).write_bytes(b"\x89MTA half filled")
+    (tmp_path / SPARE_READY).write_bytes(b"\0" * 1000)    # not the segment size
+    st = new_store(tmp_path, codec, preallocate=True)
+    st._start_spare()
+    wait_spare(st)
+    assert os.path.getsize(tmp_path / SPARE_READY) == MiB
+    assert open(tmp_path / SPARE_READY, "rb").read() == bytes(MiB)
+    assert SPARE_TMP not in os.listdir(tmp_path)
+    put(st, [(meta(1), body(1))])
+    assert st.current.prezeroed
+    crash(st)
+
+
+def test_no_spare_when_it_would_eat_into_the_free_space_reserve(tmp_path, codec):
+    st = new_store(tmp_path, codec, preallocate=True, reserve=1 << 62)
+    put(st, [(meta(1), body(1))])
+    put(st, [(meta(2), body(2))])
+    assert not st.current.prezeroed
+    assert not st.spare.ready
+    assert sorted(os.listdir(tmp_path)) == seg_files(tmp_path)
+    crash(st)
+    st2, stats = restart(tmp_path, codec)
+    assert set(st2.entries) == {qid(1), qid(2)} and stats["torn"] == 0

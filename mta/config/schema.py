@@ -126,6 +126,10 @@ class SpoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     fsync: Annotated[bool, _doc(
         "fdatasync before acknowledging; turning this off loses mail on power loss "
         "and exists only for benchmarks")] = True
+    preallocate: Annotated[bool, _doc(
+        "zero-fill the next segment file ahead of use in a background thread, so that a "
+        "group commit's fdatasync writes only data, not the file's size and block map "
+        "(about half the fsync latency on ext4); costs one spare segment of disk")] = True
 
 
 class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):

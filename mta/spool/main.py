@@ -95,7 +95,8 @@ class Shard:
         self.cfg = cfg
         self.dcfg = settings.config.delivery
         self.shard = shard
-        self.store = Store(shard_dir(settings.spool_dir, shard), cfg.segment_size, cfg.fsync)
+        self.store = Store(shard_dir(settings.spool_dir, shard), cfg.segment_size, cfg.fsync,
+                           preallocate=cfg.preallocate, reserve=cfg.min_free_bytes)
         self.endpoint = settings.endpoint(f"spool-{shard}")
         self.policy = sch.RetryPolicy(self.dcfg)
         self.due = sch.DueQueue()

@@ -10,9 +10,11 @@ time order.  A segment is a sequence of records framed by the record codec
                  (delivered / failed / expired, or attempts and next due time)
 
 Writes: the shard loop collects every request that arrived while the previous
-fsync ran and hands them to :meth:`Store.write` as one batch: one ``writev``
+fsync ran and hands them to :meth:`Store.write` as one batch: one ``pwritev``
 and one ``fdatasync`` per batch (group commit).  Only after :meth:`Store.sync`
-returns may the shard acknowledge the batch.
+returns may the shard acknowledge the batch.  Segment files are preallocated
+(zero-filled and synced ahead of use, :class:`Spare`), so that fdatasync has
+only data to write; the zero-filled end of a segment is where its data ends.
 
 Recovery (:meth:`Store.recover`) reads the segments in order.  A record whose
 checksum fails or whose tail is missing (a torn write at a crash) is skipped;
@@ -39,6 +41,7 @@ import errno
 import logging
 import mmap
 import os
+import threading
 import time
 
 import msgspec
@@ -54,6 +57,10 @@ REC_RCPT = 3
 IOV_MAX = 1024          # iovecs per writev (Linux limit)
 MAX_READERS = 64        # segment files kept open for reading bodies
 SEGMENT_SUFFIX = ".seg"
+SPARE_READY = "spare.ready"       # a zero-filled, synced segment waiting to be used
+SPARE_TMP = "spare.tmp"           # one being filled (removed at start: state unknown)
+ZERO_CHUNK = 1 << 20              # octets zero-filled (and synced) per step
+SPARE_RETRY = 30.0                # seconds before trying again after a failure
 
 
 class MessageMeta(msgspec.Struct, array_like=True):
@@ -131,25 +138,163 @@ def apply_updates(e: Entry, updates: list) -> None:
 
 
 class Segment:
-    __slots__ = ("number", "path", "fd", "size", "live", "total", "failed")
+    __slots__ = ("number", "path", "fd", "size", "live", "total", "failed", "prezeroed")
 
     def __init__(self, number: int, path: str, fd: int | None, size: int):
         self.number = number
         self.path = path
         self.fd = fd
-        self.size = size
+        self.size = size   # the write position (a recovered segment: the file's size)
         self.live = 0      # queued messages whose current copy is here
         self.total = 0     # message records written here
         self.failed = False
+        self.prezeroed = False
+
+
+class Spare:
+    """The next segment file, zero-filled and synced ahead of use by a background thread.
+
+    Why: the fdatasync of an append must also write the file's new size and
+    block map; overwriting blocks that already exist writes only the data.  On
+    the project's ext4 that is 124 µs instead of 231 µs per group commit, and
+    about half the kernel CPU (bench/RESULTS.md), and the shard's clients wait
+    for that fsync on every message.  The file is filled under a name that
+    recovery does not read, renamed ``spare.ready`` once synced, and linked into
+    place as a segment when the shard needs one.  Only speed depends on it: if
+    no spare is ready (still being filled, disk too full, an I/O error), the
+    shard starts an empty segment as before and switches to the spare as soon
+    as one is ready.  The thread only touches its own file.
+    """
+
+    def __init__(self, directory: str, size: int, reserve: int = 0):
+        self.dir = directory
+        self.size = size
+        self.reserve = reserve          # leave at least this much free space
+        self.ready_path = os.path.join(directory, SPARE_READY)
+        self.tmp_path = os.path.join(directory, SPARE_TMP)
+        self.ready = False
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._complained = False
+        try:
+            os.unlink(self.tmp_path)    # half filled by an earlier run
+        except FileNotFoundError:
+            pass
+        try:
+            # A ready spare of an earlier run was synced before it was renamed.
+            self.ready = os.path.getsize(self.ready_path) == size
+            if not self.ready:
+                os.unlink(self.ready_path)
+        except FileNotFoundError:
+            pass
+        self._thread = threading.Thread(target=self._run, name="spool-spare", daemon=True)
+        self._thread.start()
+        self._wake.set()
+
+    def take(self, path: str) -> bool:
+        """Give the ready spare the name *path* (which must not exist); False if none."""
+        with self._lock:
+            if not self.ready:
+                return False
+            self.ready = False
+        try:
+            os.link(self.ready_path, path)
+            os.unlink(self.ready_path)
+        except OSError as exc:
+            log.warning("could not use the spare segment file: %s", exc.strerror or exc)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            return False
+        finally:
+            self._wake.set()            # fill the next one
+        return True
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop:
+                return
+            if self.ready:
+                continue
+            try:
+                made = self._fill()
+            except OSError as exc:
+                made = False
+                if not self._complained:
+                    log.warning("cannot prepare a spare segment file: %s; new segments "
+                                "start empty (slower fsyncs) until it works",
+                                exc.strerror or exc)
+                    self._complained = True
+                try:
+                    os.unlink(self.tmp_path)
+                except OSError:
+                    pass
+            if made:
+                with self._lock:
+                    self.ready = True
+                self._complained = False
+            else:
+                # Try again later; a take() also wakes us.
+                timer = threading.Timer(SPARE_RETRY, self._wake.set)
+                timer.daemon = True
+                timer.start()
+
+    def _fill(self) -> bool:
+        st = os.statvfs(self.dir)
+        if st.f_bavail * st.f_frsize < self.size + self.reserve:
+            return False   # not worth crowding out messages for speed
+        zero = bytes(ZERO_CHUNK)
+        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            off = 0
+            while off < self.size:
+                if self._stop:
+                    return False
+                n = os.pwrite(fd, zero[:min(ZERO_CHUNK, self.size - off)], off)
+                off += n
+                # Synced in steps, so the shard's own fsyncs never queue behind
+                # a whole segment of dirty pages.
+                os.fdatasync(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(self.tmp_path, self.ready_path)
+        return True
+
+
+def _zero_from(buf, off: int, end: int) -> bool:
+    """True if buf[off:end] is all zero octets (checked a chunk at a time)."""
+    if buf[off:off + 32].count(0) != min(32, end - off):
+        return False   # the common case of a damaged record: answered at once
+    zero = bytes(ZERO_CHUNK)
+    while off < end:
+        n = min(ZERO_CHUNK, end - off)
+        if buf[off:off + n] != (zero if n == ZERO_CHUNK else zero[:n]):
+            return False
+        off += n
+    return True
 
 
 class Store:
     """The on-disk queue of one shard and its in-memory index."""
 
-    def __init__(self, directory: str, segment_size: int, fsync: bool = True):
+    def __init__(self, directory: str, segment_size: int, fsync: bool = True,
+                 preallocate: bool = False, reserve: int = 0):
         self.dir = directory
         self.segment_size = segment_size
         self.fsync = fsync
+        self.preallocate = preallocate and fsync
+        self.reserve = reserve
+        self.spare: Spare | None = None
         self.codec = native.load("record")
         self.entries: dict[str, Entry] = {}
         self.segments: dict[int, Segment] = {}   # by number, insertion = age order
@@ -182,7 +327,12 @@ class Store:
             self.segments[e.seg].live += 1
         stats["messages"] = len(self.entries)
         stats["seconds"] = round(time.monotonic() - t0, 3)
+        self._start_spare()
         return stats
+
+    def _start_spare(self) -> None:
+        if self.preallocate and self.spare is None:
+            self.spare = Spare(self.dir, self.segment_size, self.reserve)
 
     def _replay(self, seg: Segment, stats: dict) -> None:
         if seg.size == 0:
@@ -200,15 +350,20 @@ class Store:
                     self._apply(seg, rtype, meta, boff, blen)
                     off = nxt
                     continue
+                if _zero_from(mm, off, end):
+                    break  # the unused, zero-filled end of a preallocated segment
                 # Torn tail or damaged record: skip to the next magic number.
                 again = mm.find(magic, off + 1)
                 skipped = (again if again >= 0 else end) - off
                 stats["skipped_bytes"] += skipped
                 if again < 0:
+                    # Nothing follows: the last write was cut short by a crash
+                    # (a short file, or in a preallocated one a record whose
+                    # rest is still zeros, failing its checksum).
                     stats["torn"] += 1
                     log.warning("segment %s: %d bytes at offset %d are incomplete or "
-                                "damaged (%s); ignored", seg.path, skipped, off,
-                                "torn tail" if status == INCOMPLETE else "bad checksum")
+                                "damaged (torn tail: %s); ignored", seg.path, skipped, off,
+                                "short" if status == INCOMPLETE else "bad checksum")
                     break
                 log.warning("segment %s: damaged record at offset %d, %d bytes skipped",
                             seg.path, off, skipped)
@@ -251,9 +406,17 @@ class Store:
     def _open_segment(self) -> Segment:
         number = (max(self.segments) + 1) if self.segments else 1
         path = os.path.join(self.dir, f"{number:016d}{SEGMENT_SUFFIX}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
-                     0o600)
+        self._start_spare()
+        prezeroed = self.spare is not None and self.spare.take(path)
+        # Written with pwritev at the segment's own write position, not
+        # O_APPEND: in a preallocated file the end of the data is not the end
+        # of the file.
+        flags = os.O_WRONLY | os.O_CLOEXEC
+        if not prezeroed:
+            flags |= os.O_CREAT | os.O_EXCL
+        fd = os.open(path, flags, 0o600)
         seg = Segment(number, path, fd, 0)
+        seg.prezeroed = prezeroed
         self.segments[number] = seg
         if self.fsync:
             # The new directory entry must be durable before its records are acknowledged.
@@ -299,7 +462,10 @@ class Store:
         which become visible in the index only after :meth:`commit`.
         """
         seg = self.current
-        if seg is None or seg.failed or seg.size >= self.segment_size:
+        if seg is None or seg.failed or seg.size >= self.segment_size or (
+                not seg.prezeroed and self.spare is not None and self.spare.ready):
+            # (An empty segment started while no spare was ready is left as
+            # soon as one is: from then on each fsync writes only data.)
             self._close_current()
             seg = self.current = self._open_segment()
         codec = self.codec
@@ -325,7 +491,7 @@ class Store:
             bufs += (hdr, mb)
             pos += len(hdr) + len(mb)
         try:
-            self._writev(seg.fd, bufs, pos - seg.size)
+            self._writev(seg.fd, bufs, pos - seg.size, seg.size)
         except OSError:
             seg.failed = True
             try:  # best effort: cut the partial batch off so the file stays clean
@@ -342,11 +508,12 @@ class Store:
         return new
 
     @staticmethod
-    def _writev(fd: int, bufs: list, total: int) -> None:
-        """Write all of *bufs* with as few writev calls as possible."""
+    def _writev(fd: int, bufs: list, total: int, offset: int) -> None:
+        """Write all of *bufs* at *offset* with as few pwritev calls as possible."""
         views = bufs
         while views:
-            n = os.writev(fd, views[:IOV_MAX])
+            n = os.pwritev(fd, views[:IOV_MAX], offset)
+            offset += n
             total -= n
             if n == 0 and total > 0:
                 raise OSError(errno.ENOSPC, "short write")
@@ -470,6 +637,9 @@ class Store:
 
     def close(self) -> None:
         self._close_current()
+        if self.spare is not None:
+            self.spare.close()
+            self.spare = None
         for fd in self._readers.values():
             os.close(fd)
         self._readers.clear()

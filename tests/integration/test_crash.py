@@ -193,7 +193,8 @@ def test_kill9_whole_tree_mid_load_loses_nothing_acknowledged(make_daemon):
     d.start()
     run = d.log(since_start=True)
     assert len(re.findall(r"recovered queue: messages=\d+", run)) == 2, run
-    assert len(re.findall(r"are incomplete or damaged \(torn tail\); ignored", run)) == 2, run
+    assert len(re.findall(r"are incomplete or damaged \(torn tail: [a-z ]+\); ignored", run)) \
+        == 2, run
     # It takes mail again, into new segments after the torn ones.
     probes: dict[str, bytes] = {}
     for _ in range(4):
@@ -218,7 +219,19 @@ def add_torn_tails(d) -> list[str]:
         qid = "%013X%02X%05X" % (0x1FFFFFFFFFFF, 0, n)
         meta = MessageMeta(qid, SENDER, [RCPT], time.time(), {}, "torn [127.0.0.1]")
         rec = codec.encode(REC_MESSAGE, _enc.encode(meta), b"Subject: torn\r\n\r\n" + b"x" * 4000)
-        with open(os.path.join(sdir, segs[-1]), "ab") as fh:
+        path = os.path.join(sdir, segs[-1])
+        # Where the next write would have gone: after the last whole record.
+        # (In a preallocated segment that is before the zero-filled rest of
+        # the file, so the torn record is followed by zeros, as after a crash.)
+        data = open(path, "rb").read()
+        end = 0
+        while True:
+            status, *_, nxt = codec.decode(data, end)
+            if status != codec.OK:
+                break
+            end = nxt
+        with open(path, "r+b") as fh:
+            fh.seek(end)
             fh.write(rec[:len(rec) * 2 // 3])
         qids.append(qid)
     return qids
