@@ -141,31 +141,11 @@ class Shard:
             self.parked.append({})
 
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.server.sock, zmq.POLLIN)
-        for s in self.deliveries + self.monitors:
-            poller.register(s, zmq.POLLIN)
-        next_reclaim = time.monotonic() + RECLAIM_INTERVAL
+        self.start()
         if self.finished_at_start:
             self.batch(extra_done=self.finished_at_start)
         while not self.stopping:
-            timeout = POLL_INTERVAL_MS
-            nd = self.due.next_due()
-            # Wake for the next due recipient only when dispatch can act on it;
-            # otherwise (held, unhealthy, window full) a past due time would spin.
-            if nd is not None and self.can_dispatch():
-                timeout = max(0, min(timeout, int((nd - time.time()) * 1000) + 1))
-            if self.expire_work:
-                timeout = 0
-            if poller.poll(timeout) or self.expire_work:
-                self.batch()
-            self.watch_deliveries()
-            self.dispatch()
-            now = time.monotonic()
-            if now >= next_reclaim:
-                next_reclaim = now + RECLAIM_INTERVAL
-                self.reclaim()
-                self.expire_jobs()
+            self.step()
         # Anything that arrived but was not taken is not acknowledged: the
         # acceptors time out and answer 451, so nothing is lost.
         self.events.close()
@@ -173,6 +153,34 @@ class Shard:
         self.server.close()
         for s in self.deliveries + self.monitors:
             s.close(0)
+
+    def start(self) -> None:
+        """Register the sockets for :meth:`step` (after :meth:`open`)."""
+        self.poller = zmq.Poller()
+        self.poller.register(self.server.sock, zmq.POLLIN)
+        for s in self.deliveries + self.monitors:
+            self.poller.register(s, zmq.POLLIN)
+        self.next_reclaim = time.monotonic() + RECLAIM_INTERVAL
+
+    def step(self) -> None:
+        """One turn of the loop: wait for work, group-commit it, dispatch, housekeeping."""
+        timeout = POLL_INTERVAL_MS
+        nd = self.due.next_due()
+        # Wake for the next due recipient only when dispatch can act on it;
+        # otherwise (held, unhealthy, window full) a past due time would spin.
+        if nd is not None and self.can_dispatch():
+            timeout = max(0, min(timeout, int((nd - time.time()) * 1000) + 1))
+        if self.expire_work:
+            timeout = 0
+        if self.poller.poll(timeout) or self.expire_work:
+            self.batch()
+        self.watch_deliveries()
+        self.dispatch()
+        now = time.monotonic()
+        if now >= self.next_reclaim:
+            self.next_reclaim = now + RECLAIM_INTERVAL
+            self.reclaim()
+            self.expire_jobs()
 
     # ------------------------------------------------------------ group commit
 
