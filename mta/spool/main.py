@@ -65,6 +65,13 @@ DISPATCH_BATCH = 500            # due messages looked at per dispatch pass
 BUSY_RETRY = 1.0                # seconds before retrying a job the bus would not take
 MAX_HEADER_SCAN = 64 * 1024     # octets searched for Message-ID
 
+# Plain ints: pyzmq's enum members cost an object construction per use.
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+# What a socket in the poll set carries (Shard.poll_kind).
+_REQUESTS, _OUTCOMES, _CONNECTIONS = 0, 1, 2
+
 
 def shard_dir(spool_dir: str, shard: int) -> str:
     return os.path.join(spool_dir, f"shard-{shard:02d}")
@@ -155,11 +162,16 @@ class Shard:
             s.close(0)
 
     def start(self) -> None:
-        """Register the sockets for :meth:`step` (after :meth:`open`)."""
-        self.poller = zmq.Poller()
-        self.poller.register(self.server.sock, zmq.POLLIN)
-        for s in self.deliveries + self.monitors:
-            self.poller.register(s, zmq.POLLIN)
+        """Prepare the poll set for :meth:`step` (after :meth:`open`)."""
+        self.poll_items = [(s, _POLLIN) for s in [self.server.sock, *self.deliveries,
+                                                  *self.monitors]]
+        # What a ready socket is: the poll result says which sockets have work,
+        # so a turn looks only at those.  A look at an idle ZeroMQ socket is not
+        # free: a recv that finds nothing raises zmq.Again (an exception built
+        # in Python) and, like ZMQ_EVENTS, makes a system call.
+        self.poll_kind = {self.server.sock: _REQUESTS}
+        self.poll_kind.update((s, _OUTCOMES) for s in self.deliveries)
+        self.poll_kind.update((s, _CONNECTIONS) for s in self.monitors)
         self.next_reclaim = time.monotonic() + RECLAIM_INTERVAL
 
     def step(self) -> None:
@@ -172,9 +184,20 @@ class Shard:
             timeout = max(0, min(timeout, int((nd - time.time()) * 1000) + 1))
         if self.expire_work:
             timeout = 0
-        if self.poller.poll(timeout) or self.expire_work:
-            self.batch()
-        self.watch_deliveries()
+        ready = zmq.zmq_poll(self.poll_items, timeout)
+        outcomes = []          # delivery sockets with outcomes waiting
+        connections = False    # a delivery socket's monitor has an event
+        kind = self.poll_kind
+        for sock, _ in ready:
+            k = kind[sock]
+            if k == _OUTCOMES:
+                outcomes.append(sock)
+            elif k == _CONNECTIONS:
+                connections = True
+        if ready or self.expire_work:
+            self.batch(outcomes=outcomes)
+        if connections:
+            self.watch_deliveries()
         self.dispatch()
         now = time.monotonic()
         if now >= self.next_reclaim:
@@ -184,8 +207,12 @@ class Shard:
 
     # ------------------------------------------------------------ group commit
 
-    def batch(self, extra_done: list[str] | None = None) -> None:
-        """Take every waiting request and outcome, write them together, sync once, answer."""
+    def batch(self, extra_done: list[str] | None = None, outcomes: list | None = None) -> None:
+        """Take every waiting request and outcome, write them together, sync once, answer.
+
+        *outcomes*: the delivery sockets to read (those the poll found ready);
+        None reads them all.
+        """
         cfg = self.cfg
         server = self.server
         now = time.time()
@@ -222,10 +249,10 @@ class Shard:
                 delete_peers.append((peer, f[0], qids))
             else:
                 self.query(peer, m.name, f)
-        for sock in self.deliveries:
+        for sock in self.deliveries if outcomes is None else outcomes:
             while len(plan.updates) < cfg.max_batch_messages:
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = sock.recv_multipart(_NOBLOCK)
                 except zmq.Again:
                     break
                 try:
@@ -378,7 +405,7 @@ class Shard:
         new one has connected.
         """
         for d, mon in enumerate(self.monitors):
-            while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            while mon.get(_EVENTS) & _POLLIN:
                 event = recv_monitor_message(mon)["event"]
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self.up[d] = True
@@ -391,7 +418,7 @@ class Shard:
                     # Take the outcomes it sent before it went away first.
                     sock = self.deliveries[d]
                     for _ in range(100):
-                        if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        if not sock.get(_EVENTS) & _POLLIN:
                             break
                         self.batch()
                     lost = [r for r, j in self.jobs.items() if j[3] == d]
