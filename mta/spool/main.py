@@ -300,21 +300,27 @@ class Shard:
                                      qids if status == bus.STATUS_OK else []))
 
     def _after_commit(self, new: list, plan: "_Plan", now: float) -> None:
-        emit = self.events.emit
-        for e in new:
-            m = e.meta
-            if m.state is None:  # a new message, not a compaction copy
-                extra = ev.carried(m.params)
-                for r in m.rcpts:
-                    emit({"type": ev.RECEPTION, "timestamp": m.arrival, "queue_id": m.qid,
-                          "message_id": m.params.get("message_id", ""), "sender": m.sender,
-                          "recipient": r, "size": e.length, "client": m.client, **extra})
-            self.due.push(min(e.due), m.qid)
-        for event in plan.events:
-            emit(event)
-        for qid, due in plan.reschedule:
-            self.due.push(due, qid)
-        self.events.flush()
+        """Log the batch's events and schedule its messages (after the sync)."""
+        events = self.events
+        if events.enabled:
+            emit = events.emit
+            carried = ev.carried
+            for e in new:
+                m = e.meta
+                if m.state is None:  # a new message, not a compaction copy
+                    extra = carried(m.params)
+                    message_id = m.params.get("message_id", "")
+                    for r in m.rcpts:
+                        emit({"type": ev.RECEPTION, "timestamp": m.arrival, "queue_id": m.qid,
+                              "message_id": message_id, "sender": m.sender,
+                              "recipient": r, "size": e.length, "client": m.client, **extra})
+            for event in plan.events:
+                emit(event)
+            events.flush()
+        due = self.due
+        due.push_many([(min(e.due), e.meta.qid) for e in new])
+        for qid, when in plan.reschedule:
+            due.push(when, qid)
 
     # --------------------------------------------------------------- dispatch
 
