@@ -42,6 +42,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import signal
 import time
 
@@ -77,16 +78,21 @@ def shard_dir(spool_dir: str, shard: int) -> str:
     return os.path.join(spool_dir, f"shard-{shard:02d}")
 
 
+_MESSAGE_ID = re.compile(rb"\nmessage-id:", re.IGNORECASE)
+
+
 def _message_id(body: bytes) -> str:
     """The Message-ID header's value, or '' (searched in the header block only)."""
     end = body.find(b"\r\n\r\n", 0, MAX_HEADER_SCAN)
-    head = body[:end if end >= 0 else MAX_HEADER_SCAN].lower()
-    i = head.find(b"\nmessage-id:")
-    if i < 0:
+    if end < 0:
+        end = MAX_HEADER_SCAN
+    # Searched in place, ASCII case-insensitively: no lower-cased copy of the header.
+    found = _MESSAGE_ID.search(body, 0, end)
+    if found is None:
         return ""
-    j = head.find(b"\r\n", i + 12)
-    value = body[i + 12:j if j >= 0 else len(head)].strip()
-    return value.decode("utf-8", "replace")[:998]
+    i = found.end()
+    j = body.find(b"\r\n", i, end)
+    return body[i:j if j >= 0 else end].strip().decode("utf-8", "replace")[:998]
 
 
 def _domain(addr: str) -> str:
