@@ -39,6 +39,7 @@ when the disk does.  SIGTERM: finish the batch in hand, close, exit 0.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -65,6 +66,7 @@ LIST_LIMIT_MAX = 1_000_000
 DISPATCH_BATCH = 500            # due messages looked at per dispatch pass
 BUSY_RETRY = 1.0                # seconds before retrying a job the bus would not take
 MAX_HEADER_SCAN = 64 * 1024     # octets searched for Message-ID
+GC_YOUNG_THRESHOLD = 10_000     # allocations between young GC collections (CPython: 700)
 
 # Plain ints: pyzmq's enum members cost an object construction per use.
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -93,6 +95,22 @@ def _message_id(body: bytes) -> str:
     i = found.end()
     j = body.find(b"\r\n", i, end)
     return body[i:j if j >= 0 else end].strip().decode("utf-8", "replace")[:998]
+
+
+def _settle_gc() -> None:
+    """Collect cyclic garbage, then exempt everything that survived from later collections.
+
+    The queue is tens of thousands of long-lived objects (per message an Entry
+    with its envelope, lists and dicts).  Left in the collector's oldest
+    generation, every full collection walks all of them, and a growing queue
+    triggers one per 25 % of growth: the collector was ~5 % of the shard's
+    CPU under load, the more the longer the queue.  Frozen objects are still
+    freed by reference counting when their message is finished; the queue's
+    objects form no reference cycles, so freezing them loses nothing.  Run
+    once a second, each collection here walks only that second's survivors.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _domain(addr: str) -> str:
@@ -134,6 +152,10 @@ class Shard:
                 self.due.push(min(dues), qid)
             else:
                 self.finished_at_start.append(qid)
+        # Fewer young collections: each walks the batch's objects still alive,
+        # and a batch allocates thousands (measured: 1 % fewer instructions).
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+        _settle_gc()  # the recovered queue is never walked by the collector
         self.events = ev.EventLog(self.settings.event_log)
         self.server = bus.Server(ctx, self.endpoint, self.cfg.queue_high_water)
         self.deliveries = []
@@ -210,6 +232,7 @@ class Shard:
             self.next_reclaim = now + RECLAIM_INTERVAL
             self.reclaim()
             self.expire_jobs()
+            _settle_gc()
 
     # ------------------------------------------------------------ group commit
 
