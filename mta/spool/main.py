@@ -39,9 +39,11 @@ when the disk does.  SIGTERM: finish the batch in hand, close, exit 0.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
+import re
 import signal
 import time
 
@@ -64,22 +66,51 @@ LIST_LIMIT_MAX = 1_000_000
 DISPATCH_BATCH = 500            # due messages looked at per dispatch pass
 BUSY_RETRY = 1.0                # seconds before retrying a job the bus would not take
 MAX_HEADER_SCAN = 64 * 1024     # octets searched for Message-ID
+GC_YOUNG_THRESHOLD = 10_000     # allocations between young GC collections (CPython: 700)
+
+# Plain ints: pyzmq's enum members cost an object construction per use.
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+# What a socket in the poll set carries (Shard.poll_kind).
+_REQUESTS, _OUTCOMES, _CONNECTIONS = 0, 1, 2
 
 
 def shard_dir(spool_dir: str, shard: int) -> str:
     return os.path.join(spool_dir, f"shard-{shard:02d}")
 
 
+_MESSAGE_ID = re.compile(rb"\nmessage-id:", re.IGNORECASE)
+
+
 def _message_id(body: bytes) -> str:
     """The Message-ID header's value, or '' (searched in the header block only)."""
     end = body.find(b"\r\n\r\n", 0, MAX_HEADER_SCAN)
-    head = body[:end if end >= 0 else MAX_HEADER_SCAN].lower()
-    i = head.find(b"\nmessage-id:")
-    if i < 0:
+    if end < 0:
+        end = MAX_HEADER_SCAN
+    # Searched in place, ASCII case-insensitively: no lower-cased copy of the header.
+    found = _MESSAGE_ID.search(body, 0, end)
+    if found is None:
         return ""
-    j = head.find(b"\r\n", i + 12)
-    value = body[i + 12:j if j >= 0 else len(head)].strip()
-    return value.decode("utf-8", "replace")[:998]
+    i = found.end()
+    j = body.find(b"\r\n", i, end)
+    return body[i:j if j >= 0 else end].strip().decode("utf-8", "replace")[:998]
+
+
+def _settle_gc() -> None:
+    """Collect cyclic garbage, then exempt everything that survived from later collections.
+
+    The queue is tens of thousands of long-lived objects (per message an Entry
+    with its envelope, lists and dicts).  Left in the collector's oldest
+    generation, every full collection walks all of them, and a growing queue
+    triggers one per 25 % of growth: the collector was ~5 % of the shard's
+    CPU under load, the more the longer the queue.  Frozen objects are still
+    freed by reference counting when their message is finished; the queue's
+    objects form no reference cycles, so freezing them loses nothing.  Run
+    once a second, each collection here walks only that second's survivors.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _domain(addr: str) -> str:
@@ -122,6 +153,10 @@ class Shard:
                 self.due.push(min(dues), qid)
             else:
                 self.finished_at_start.append(qid)
+        # Fewer young collections: each walks the batch's objects still alive,
+        # and a batch allocates thousands (measured: 1 % fewer instructions).
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+        _settle_gc()  # the recovered queue is never walked by the collector
         self.events = ev.EventLog(self.settings.event_log)
         self.server = bus.Server(ctx, self.endpoint, self.cfg.queue_high_water)
         self.deliveries = []
@@ -142,31 +177,11 @@ class Shard:
             self.parked.append({})
 
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.server.sock, zmq.POLLIN)
-        for s in self.deliveries + self.monitors:
-            poller.register(s, zmq.POLLIN)
-        next_reclaim = time.monotonic() + RECLAIM_INTERVAL
+        self.start()
         if self.finished_at_start:
             self.batch(extra_done=self.finished_at_start)
         while not self.stopping:
-            timeout = POLL_INTERVAL_MS
-            nd = self.due.next_due()
-            # Wake for the next due recipient only when dispatch can act on it;
-            # otherwise (held, unhealthy, window full) a past due time would spin.
-            if nd is not None and self.can_dispatch():
-                timeout = max(0, min(timeout, int((nd - time.time()) * 1000) + 1))
-            if self.expire_work:
-                timeout = 0
-            if poller.poll(timeout) or self.expire_work:
-                self.batch()
-            self.watch_deliveries()
-            self.dispatch()
-            now = time.monotonic()
-            if now >= next_reclaim:
-                next_reclaim = now + RECLAIM_INTERVAL
-                self.reclaim()
-                self.expire_jobs()
+            self.step()
         # Anything that arrived but was not taken is not acknowledged: the
         # acceptors time out and answer 451, so nothing is lost.
         self.events.close()
@@ -175,10 +190,59 @@ class Shard:
         for s in self.deliveries + self.monitors:
             s.close(0)
 
+    def start(self) -> None:
+        """Prepare the poll set for :meth:`step` (after :meth:`open`)."""
+        self.poll_items = [(s, _POLLIN) for s in [self.server.sock, *self.deliveries,
+                                                  *self.monitors]]
+        # What a ready socket is: the poll result says which sockets have work,
+        # so a turn looks only at those.  A look at an idle ZeroMQ socket is not
+        # free: a recv that finds nothing raises zmq.Again (an exception built
+        # in Python) and, like ZMQ_EVENTS, makes a system call.
+        self.poll_kind = {self.server.sock: _REQUESTS}
+        self.poll_kind.update((s, _OUTCOMES) for s in self.deliveries)
+        self.poll_kind.update((s, _CONNECTIONS) for s in self.monitors)
+        self.next_reclaim = time.monotonic() + RECLAIM_INTERVAL
+
+    def step(self) -> None:
+        """One turn of the loop: wait for work, group-commit it, dispatch, housekeeping."""
+        timeout = POLL_INTERVAL_MS
+        nd = self.due.next_due()
+        # Wake for the next due recipient only when dispatch can act on it;
+        # otherwise (held, unhealthy, window full) a past due time would spin.
+        if nd is not None and self.can_dispatch():
+            timeout = max(0, min(timeout, int((nd - time.time()) * 1000) + 1))
+        if self.expire_work:
+            timeout = 0
+        ready = zmq.zmq_poll(self.poll_items, timeout)
+        outcomes = []          # delivery sockets with outcomes waiting
+        connections = False    # a delivery socket's monitor has an event
+        kind = self.poll_kind
+        for sock, _ in ready:
+            k = kind[sock]
+            if k == _OUTCOMES:
+                outcomes.append(sock)
+            elif k == _CONNECTIONS:
+                connections = True
+        if ready or self.expire_work:
+            self.batch(outcomes=outcomes)
+        if connections:
+            self.watch_deliveries()
+        self.dispatch()
+        now = time.monotonic()
+        if now >= self.next_reclaim:
+            self.next_reclaim = now + RECLAIM_INTERVAL
+            self.reclaim()
+            self.expire_jobs()
+            _settle_gc()
+
     # ------------------------------------------------------------ group commit
 
-    def batch(self, extra_done: list[str] | None = None) -> None:
-        """Take every waiting request and outcome, write them together, sync once, answer."""
+    def batch(self, extra_done: list[str] | None = None, outcomes: list | None = None) -> None:
+        """Take every waiting request and outcome, write them together, sync once, answer.
+
+        *outcomes*: the delivery sockets to read (those the poll found ready);
+        None reads them all.
+        """
         cfg = self.cfg
         server = self.server
         now = time.time()
@@ -215,10 +279,10 @@ class Shard:
                 delete_peers.append((peer, f[0], qids))
             else:
                 self.query(peer, m.name, f)
-        for sock in self.deliveries:
+        for sock in self.deliveries if outcomes is None else outcomes:
             while len(plan.updates) < cfg.max_batch_messages:
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = sock.recv_multipart(_NOBLOCK)
                 except zmq.Again:
                     break
                 try:
@@ -266,21 +330,27 @@ class Shard:
                                      qids if status == bus.STATUS_OK else []))
 
     def _after_commit(self, new: list, plan: "_Plan", now: float) -> None:
-        emit = self.events.emit
-        for e in new:
-            m = e.meta
-            if m.state is None:  # a new message, not a compaction copy
-                extra = ev.carried(m.params)
-                for r in m.rcpts:
-                    emit({"type": ev.RECEPTION, "timestamp": m.arrival, "queue_id": m.qid,
-                          "message_id": m.params.get("message_id", ""), "sender": m.sender,
-                          "recipient": r, "size": e.length, "client": m.client, **extra})
-            self.due.push(min(e.due), m.qid)
-        for event in plan.events:
-            emit(event)
-        for qid, due in plan.reschedule:
-            self.due.push(due, qid)
-        self.events.flush()
+        """Log the batch's events and schedule its messages (after the sync)."""
+        events = self.events
+        if events.enabled:
+            emit = events.emit
+            carried = ev.carried
+            for e in new:
+                m = e.meta
+                if m.state is None:  # a new message, not a compaction copy
+                    extra = carried(m.params)
+                    message_id = m.params.get("message_id", "")
+                    for r in m.rcpts:
+                        emit({"type": ev.RECEPTION, "timestamp": m.arrival, "queue_id": m.qid,
+                              "message_id": message_id, "sender": m.sender,
+                              "recipient": r, "size": e.length, "client": m.client, **extra})
+            for event in plan.events:
+                emit(event)
+            events.flush()
+        due = self.due
+        due.push_many([(min(e.due), e.meta.qid) for e in new])
+        for qid, when in plan.reschedule:
+            due.push(when, qid)
 
     # --------------------------------------------------------------- dispatch
 
@@ -371,7 +441,7 @@ class Shard:
         new one has connected.
         """
         for d, mon in enumerate(self.monitors):
-            while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            while mon.get(_EVENTS) & _POLLIN:
                 event = recv_monitor_message(mon)["event"]
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self.up[d] = True
@@ -384,7 +454,7 @@ class Shard:
                     # Take the outcomes it sent before it went away first.
                     sock = self.deliveries[d]
                     for _ in range(100):
-                        if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        if not sock.get(_EVENTS) & _POLLIN:
                             break
                         self.batch()
                     lost = [r for r, j in self.jobs.items() if j[3] == d]

@@ -57,6 +57,12 @@ class DueQueue:
     def push(self, due: float, qid: str) -> None:
         heapq.heappush(self.heap, (due, next(self.seq), qid))
 
+    def push_many(self, items) -> None:
+        """push() each (due, qid) of *items*, in order."""
+        heap, seq, push = self.heap, self.seq, heapq.heappush
+        for due, qid in items:
+            push(heap, (due, next(seq), qid))
+
     def pop_due(self, now: float, limit: int) -> list[str]:
         out = []
         heap = self.heap
