@@ -243,12 +243,13 @@ class Session(asyncio.Protocol):
             return
         self.last_activity = self._now()
         self.scanner.feed(data)
-        if self.state == _TLS:
+        st = self.state
+        if st == _TLS:
             # Reading was paused at STARTTLS, so this is already decrypted data
             # that arrived with the end of the handshake; it is handled once
             # the upgrade is complete.
             return
-        if self.state != _WAITING:
+        if st != _WAITING:
             self._process()
         elif self.scanner.buffered > self.a.smtp.max_buffered_input:
             self._pause_reading()
@@ -325,7 +326,10 @@ class Session(asyncio.Protocol):
             if self.closing:
                 return
         if not self.closing:
-            self._flush()
+            out = self.out
+            if out:     # self._flush(), inlined: this runs after every read
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                out.clear()
             # AUTH waits for a continuation line from the client: read on, too.
             if self.reading_paused and not self.writing_paused:
                 st = self.state
@@ -377,37 +381,14 @@ class Session(asyncio.Protocol):
             self._reply_error(R.BAD_SENDER)
             return
         tail = rest[end + 1:]
-        if not tail:
-            params = {}     # the common case: no parameters to parse
-        elif self.esmtp:
-            params = parse_params(tail)
-        else:
-            params = {} if not tail.strip() else None
-        if params is None:
-            self._reply_error(R.SYNTAX)
-            return
-        for key, value in params.items():
-            if key == "SIZE":
-                if not value.isdigit():
-                    self._reply_error(R.SYNTAX)
-                    return
-                if int(value) > a.smtp.max_message_size:
-                    self._reply_error(R.TOO_BIG)
-                    return
-            elif key == "BODY":
-                if value.upper() not in ("7BIT", "8BITMIME"):
-                    self._reply_error(R.BAD_PARAM)
-                    return
-            elif key == "SMTPUTF8":
-                if value:
-                    self._reply_error(R.SYNTAX)
-                    return
-            elif key == "AUTH":
-                pass  # RFC 4954 5: accepted, not trusted
-            else:
-                self._reply_error(R.BAD_PARAM)
+        if tail:
+            params = self._mail_params(tail)
+            if params is None:
                 return
-        utf8 = "SMTPUTF8" in params
+            utf8 = "SMTPUTF8" in params
+        else:
+            params = {}     # the common case: nothing to parse or check
+            utf8 = False
         path = rest[:end + 1]
         sender = parse_path(path, utf8)
         if sender is None:
@@ -420,6 +401,35 @@ class Session(asyncio.Protocol):
         self.params = params
         self.state = _MAIL
         self.out.append(R.SENDER_OK)
+
+    def _mail_params(self, raw: bytes) -> dict | None:
+        """Parse and check MAIL parameters; None when refused (the error reply is sent)."""
+        params = parse_params(raw) if self.esmtp else ({} if not raw.strip() else None)
+        if params is None:
+            self._reply_error(R.SYNTAX)
+            return None
+        for key, value in params.items():
+            if key == "SIZE":
+                if not value.isdigit():
+                    self._reply_error(R.SYNTAX)
+                    return None
+                if int(value) > self.a.smtp.max_message_size:
+                    self._reply_error(R.TOO_BIG)
+                    return None
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    self._reply_error(R.BAD_PARAM)
+                    return None
+            elif key == "SMTPUTF8":
+                if value:
+                    self._reply_error(R.SYNTAX)
+                    return None
+            elif key == "AUTH":
+                pass  # RFC 4954 5: accepted, not trusted
+            else:
+                self._reply_error(R.BAD_PARAM)
+                return None
+        return params
 
     def cmd_rcpt(self, arg: bytes) -> None:
         st = self.state
