@@ -16,9 +16,10 @@ memmove of the unprocessed tail) only when a feed() needs room, and shrunk
 back when it empties.  Command mode finds line ends with memchr and resumes
 the search where the previous call stopped, so a line arriving one byte at a
 time is scanned once.  DATA mode walks the input line by line with memchr
-(LF, then CR only until a bare CR has been seen) and a word-at-a-time 8-bit
-test, copying content into one growable message buffer; no Python object is
-created per line, only the final payload.  BDAT chunks are scanned the same
+(LF, then CR only until a bare CR has been seen); the word-at-a-time 8-bit
+test, the NUL search and the copy into one growable message buffer are done
+once per run of lines between two dot-stuffed lines, not per line.  No Python
+object is created per line, only the final payload.  BDAT chunks are scanned the same
 way and, when a whole chunk is already buffered, returned with a single copy.
 Past ``max_message`` content is not copied at all.
 """
@@ -301,6 +302,7 @@ cdef class Scanner:
     cdef object _next_data(self):
         cdef const unsigned char* p = self._buf + self._start
         cdef const unsigned char* end = self._buf + self._end
+        cdef const unsigned char* run = p      # content from here to p is not yet taken
         cdef const unsigned char* lf
         cdef const unsigned char* stop
         cdef Py_ssize_t n
@@ -314,10 +316,14 @@ cdef class Scanner:
                         if end - p == 1 or p[1] == _CR:
                             break                           # "." or ".\r": wait
                     elif p[1] == _CR and p[2] == _LF:
+                        self._take(run, p - run)
                         p += _DATA_END_LEN
+                        run = p
                         done = True
                         break
+                    self._take(run, p - run)
                     p += 1                                  # dot-unstuffing
+                    run = p
                 self._at_line_start = False
             lf = <const unsigned char*>memchr(p, _LF, end - p)
             if lf == NULL:
@@ -326,21 +332,19 @@ cdef class Scanner:
                 if stop > p and (stop - 1)[0] == _CR:
                     stop -= 1
                 n = stop - p
-                self._scan_text(p, n, n, False)
-            else:
-                stop = lf + 1
-                n = stop - p
-                if lf > p and (lf - 1)[0] == _CR:
-                    self._scan_text(p, n, n - _CRLF_LEN, True)
-                    self._at_line_start = True
-                else:
-                    self._flags |= _FLAG_BARE_LF
-                    self._scan_text(p, n, n, False)
-            if self._grow_size(n):
-                self._keep(p, n)
-            p = stop
-            if lf == NULL:
+                self._line_text(p, n, n, False)
+                p = stop
                 break
+            stop = lf + 1
+            n = stop - p
+            if lf > p and (lf - 1)[0] == _CR:
+                self._line_text(p, n, n - _CRLF_LEN, True)
+                self._at_line_start = True
+            else:
+                self._flags |= _FLAG_BARE_LF
+                self._line_text(p, n, n, False)
+            p = stop
+        self._take(run, p - run)
         self._start = p - self._buf
         if done:
             return self._finish(_EV_DATA)
@@ -399,19 +403,37 @@ cdef class Scanner:
         Every CR among the first cr_scan octets is known to be bare; ends_line
         says the octets end with the CRLF that ends the current line.
         """
-        cdef int flags = self._flags
-        if not (flags & _FLAG_BARE_CR) and cr_scan > 0 and memchr(p, _CR, cr_scan) != NULL:
-            flags |= _FLAG_BARE_CR
-        if not (flags & _FLAG_8BIT) and _has_8bit(p, n):
-            flags |= _FLAG_8BIT
-        if not (flags & _FLAG_NUL) and memchr(p, 0, n) != NULL:
-            flags |= _FLAG_NUL
+        self._line_text(p, n, cr_scan, ends_line)
+        self._flag_octets(p, n)
+
+    cdef inline void _line_text(self, const unsigned char* p, Py_ssize_t n,
+                                Py_ssize_t cr_scan, bint ends_line) noexcept:
+        """The line part of _scan_text: bare CRs and the line length."""
+        if not (self._flags & _FLAG_BARE_CR) and cr_scan > 0 \
+                and memchr(p, _CR, cr_scan) != NULL:
+            self._flags |= _FLAG_BARE_CR
         self._line_len += n
         if self._line_len > self._max_text_line:
-            flags |= _FLAG_LONG_LINE
+            self._flags |= _FLAG_LONG_LINE
         if ends_line:
             self._line_len = 0
-        self._flags = flags
+
+    cdef inline void _flag_octets(self, const unsigned char* p, Py_ssize_t n) noexcept:
+        """The octet part of _scan_text: 8-bit octets and NULs, in any span of content."""
+        if not (self._flags & _FLAG_8BIT) and _has_8bit(p, n):
+            self._flags |= _FLAG_8BIT
+        if not (self._flags & _FLAG_NUL) and memchr(p, 0, n) != NULL:
+            self._flags |= _FLAG_NUL
+
+    cdef int _take(self, const unsigned char* p, Py_ssize_t n) except -1:
+        """Flag, count and keep n octets of DATA content (whole lines, already
+        through _line_text): one call per run of lines between dot-stuffed ones."""
+        if n == 0:
+            return 0
+        self._flag_octets(p, n)
+        if self._grow_size(n):
+            self._keep(p, n)
+        return 0
 
     cdef void _account_text(self, const unsigned char* p, Py_ssize_t n) noexcept:
         """Flag any span of content, carrying a CR at its end into the next span."""
