@@ -37,8 +37,10 @@ def test_example_lists_every_key_with_its_default_and_a_doc():
 def test_defaults(tmp_path):
     s = config.load(None, cpu_count=3)
     assert s.listen == (("127.0.0.1", 2525),)
-    assert s.acceptors == 3 and s.shards == 1
-    assert config.load(None, cpu_count=16).shards == 4
+    assert s.acceptors == 1 and s.shards == 1
+    big = config.load(None, cpu_count=16)
+    assert big.acceptors == 8 and big.shards == 4 and big.deliveries == 16
+    assert config.load(None, cpu_count=1).acceptors == 1
     assert s.config.smtp.max_text_line == 1000
     assert s.config.smtp.max_recipients >= 100
     assert os.path.isabs(s.state_dir)

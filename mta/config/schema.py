@@ -6,7 +6,7 @@ typo is caught), then run :func:`mta.config.load.check` for the cross-field
 rules.  ``mta.example.toml`` at the top of the repository is generated from
 this module (``mta print-config --example``) and a test keeps them in sync.
 
-A value of 0 for a process count means "size to the machine" (one per CPU).
+A value of 0 for a process count means "size to the machine" (see each key).
 """
 from typing import Annotated
 
@@ -51,7 +51,8 @@ class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "addresses the SMTP acceptors listen on, as host:port ([v6]:port for IPv6)")] = msgspec.field(
         default_factory=lambda: ["127.0.0.1:2525"])
     acceptors: Annotated[int, _doc(
-        "SMTP acceptor processes, each with its own SO_REUSEPORT socket; 0 = one per CPU",
+        "SMTP acceptor processes, each with its own SO_REUSEPORT socket; 0 = one per two "
+        "CPUs (at least one)",
         ge=0, le=256)] = 0
     banner: Annotated[str, _doc(
         "text after the host name in the 220 greeting")] = "ESMTP"
