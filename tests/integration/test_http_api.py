@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import base64
 import email
+import fcntl
 import json
 import os
 import signal
 import smtplib
 import socket
+import struct
 import subprocess
+import termios
 import threading
 import time
 from email import policy
@@ -543,6 +546,11 @@ def test_reload_moves_the_http_listener(make_daemon):
 # ------------------------------------------------------------ pressure
 
 
+def unsent(sock: socket.socket) -> int:
+    """Octets written to *sock* that the peer's TCP has not acknowledged (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
 def test_back_pressure_429_503_and_connection_limit(make_daemon):
     d = make_daemon(acceptors=1, http={"api_keys": [KEY], "max_pending_messages": 5000,
                                        "max_connections": 3})
@@ -555,7 +563,14 @@ def test_back_pressure_429_503_and_connection_limit(make_daemon):
     try:
         s = socket.create_connection((HOST, d.http_port), timeout=120)
         s.sendall(big)
+        # The big request must be taken in first: a small one admitted before
+        # it would be pending (the spool is stopped) and the big one refused.
+        # So wait until the server's TCP has all of it, and a moment for the
+        # acceptor to read it (admission is decided as soon as it is parsed).
         deadline = time.monotonic() + 30
+        while unsent(s) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
         while saw_429 is None and time.monotonic() < deadline:
             try:
                 st, h, body = d.post(simple(), headers=AUTH, timeout=0.5)
