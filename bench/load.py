@@ -166,6 +166,17 @@ def system_busy_s() -> float:
     return (user + nice + system + irq + softirq) / CLK_TCK
 
 
+def steal_s() -> float:
+    """CPU seconds the hypervisor gave to other guests since boot (/proc/stat steal).
+
+    The machines are shared virtual machines: when the host is oversubscribed
+    this grows and every figure of the run is slowed, whatever its target.
+    Each run reports it so that such runs can be recognised."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / CLK_TCK if len(fields) > 8 else 0.0
+
+
 def self_cpu_s() -> float:
     """CPU seconds this harness process has used."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -1000,6 +1011,11 @@ class Run:
     lat_p50_ms: float = 0.0
     lat_p99_ms: float = 0.0
     lat_max_ms: float = 0.0
+    steal_s: float = 0.0            # CPU taken by the hypervisor over the window
+
+    @property
+    def steal_cores(self) -> float:
+        return self.steal_s / self.wall_s
 
     @property
     def msgs_per_s(self) -> float:
@@ -1045,11 +1061,12 @@ def measure(args, name: str, rundir: Path) -> Run:
         time.sleep(SETTLE_S)
 
         busy0, self0, tree0 = system_busy_s(), self_cpu_s(), tree_cpu_s(target.root_pid)
+        steal0 = steal_s()
         src = run_source(args, target.port, args.messages, rundir / "source.out")
         busy1, self1, tree1 = system_busy_s(), self_cpu_s(), tree_cpu_s(target.root_pid)
 
         run = Run(name, args.messages, src.wall_s, busy1 - busy0, src.cpu_s, self1 - self0,
-                  bg_rate * src.wall_s, tree1 - tree0, reply)
+                  bg_rate * src.wall_s, tree1 - tree0, reply, steal_s=steal_s() - steal0)
         run.error = target.check(1 + args.warmup + args.messages)
         return run
     finally:
@@ -1197,6 +1214,7 @@ def measure_e2e(args, name: str, rundir: Path) -> Run:
 
         t0_wall = time.time()
         busy0, self0, tree0 = system_busy_s(), self_cpu_s(), tree_cpu_s(target.root_pid)
+        steal0 = steal_s()
         sink0 = receiver.cpu_s()
         thread = threading.Thread(target=source, name="smtp-source", daemon=True)
         thread.start()
@@ -1214,6 +1232,7 @@ def measure_e2e(args, name: str, rundir: Path) -> Run:
                                    f"({drain.state()})")
             time.sleep(POLL_S)
         busy1, self1, tree1 = system_busy_s(), self_cpu_s(), tree_cpu_s(target.root_pid)
+        steal1 = steal_s()
         sink1 = receiver.cpu_s()
         thread.join(args.timeout)
         if "error" in result:
@@ -1225,7 +1244,8 @@ def measure_e2e(args, name: str, rundir: Path) -> Run:
 
         run = Run(name, args.messages, wall, busy1 - busy0, src.cpu_s, self1 - self0,
                   bg_rate * wall, tree1 - tree0, reply,
-                  receiver_cpu_s=sink1 - sink0, accept_wall_s=src.wall_s)
+                  receiver_cpu_s=sink1 - sink0, accept_wall_s=src.wall_s,
+                  steal_s=steal1 - steal0)
 
         # Confirmation, outside the measured window.
         errors = []
@@ -1379,6 +1399,10 @@ def results_section(args, summaries, describe, netns, bg_rates, fstype) -> str:
            "messages sent."] if "postfix" in summaries else []),
         "- Background busy rate before runs (cores): "
         + ", ".join(f"{n} {statistics.median(v):.3f}" for n, v in bg_rates.items()) + ".",
+        "- CPU taken by the hypervisor (/proc/stat steal) during each measured run, in cores "
+        "(the machine is a shared VM; a run with high steal is slowed whatever its target): "
+        + "; ".join(f"{n} " + ", ".join(f"{r.steal_cores:.2f}" for r in sm.runs)
+                    for n, sm in summaries.items()) + ".",
         "",
         "Commands:",
         "```",
@@ -1473,6 +1497,7 @@ def print_run_e2e(run: Run, rnd: int) -> None:
           f"  sink {run.receiver_ms:.3f} ms  generator {run.generator_ms:.3f} ms  "
           f"latency p50 {fmt_ms(run.lat_p50_ms)} p99 {fmt_ms(run.lat_p99_ms)} max "
           f"{fmt_ms(run.lat_max_ms)} (n={run.lat_n})  background {run.background_cpu_s / run.wall_s:.3f} cores"
+          f"  steal {run.steal_cores:.2f} cores"
           + (f"  mta queue 0 after +{run.queue_confirm_s:.2f} s" if run.target == "mta" else "")
           + (f"  ERROR {run.error}" if run.error else ""), flush=True)
 
@@ -1546,6 +1571,10 @@ def results_section_e2e(args, summaries, describe, netns, bg_rates, fstype) -> s
         "qmgr updates or removes the queue file) than the mta's.",
         "- Background busy rate before runs (cores): "
         + ", ".join(f"{n} {statistics.median(v):.3f}" for n, v in bg_rates.items()) + ".",
+        "- CPU taken by the hypervisor (/proc/stat steal) during each measured run, in cores "
+        "(the machine is a shared VM; a run with high steal is slowed whatever its target): "
+        + "; ".join(f"{n} " + ", ".join(f"{r.steal_cores:.2f}" for r in sm.runs)
+                    for n, sm in summaries.items()) + ".",
         "",
         "Commands:",
         "```",
@@ -1708,7 +1737,8 @@ def main(argv=None) -> int:
                           f"wall {run.wall_s:6.2f} s  CPU/msg system-wide "
                           f"{run.server_ms_system:.3f} ms  tree {run.server_ms_tree:.3f} ms  "
                           f"generator {run.generator_ms:.3f} ms  background "
-                          f"{run.background_cpu_s / run.wall_s:.3f} cores"
+                          f"{run.background_cpu_s / run.wall_s:.3f} cores  steal "
+                          f"{run.steal_cores:.2f} cores"
                           + (f"  ERROR {run.error}" if run.error else ""), flush=True)
                 if run.background_cpu_s / run.wall_s > BACKGROUND_WARN_CORES:
                     print("  warning: the machine was busy before this run (something else is "
