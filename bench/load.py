@@ -1331,6 +1331,18 @@ def machine() -> str:
             f"Python {platform.python_version()}, Postfix {pf}")
 
 
+def machine_load(summaries: dict[str, Summary], bg_rates: dict) -> list[str]:
+    """Method lines on what else used the machine: before the runs, and the hypervisor during."""
+    return [
+        "- Background busy rate before runs (cores): "
+        + ", ".join(f"{n} {statistics.median(v):.3f}" for n, v in bg_rates.items()) + ".",
+        "- CPU taken by the hypervisor (/proc/stat steal) during each measured run, in cores "
+        "(the machine is a shared VM; a run with high steal is slowed whatever its target): "
+        + "; ".join(f"{n} " + ", ".join(f"{r.steal_cores:.2f}" for r in sm.runs)
+                    for n, sm in summaries.items()) + ".",
+    ]
+
+
 def table(summaries: dict[str, Summary]) -> list[str]:
     rows = ["| target | durable | msgs/s median (min–max) | CPU/msg system-wide | "
             "CPU/msg server tree | generator CPU/msg |",
@@ -1397,12 +1409,7 @@ def results_section(args, summaries, describe, netns, bg_rates, fstype) -> str:
            "static:HOLD); cleanup fsyncs the queue file and moves it to the hold queue before "
            "smtpd answers 250; after each run the hold queue was counted and matched the "
            "messages sent."] if "postfix" in summaries else []),
-        "- Background busy rate before runs (cores): "
-        + ", ".join(f"{n} {statistics.median(v):.3f}" for n, v in bg_rates.items()) + ".",
-        "- CPU taken by the hypervisor (/proc/stat steal) during each measured run, in cores "
-        "(the machine is a shared VM; a run with high steal is slowed whatever its target): "
-        + "; ".join(f"{n} " + ", ".join(f"{r.steal_cores:.2f}" for r in sm.runs)
-                    for n, sm in summaries.items()) + ".",
+        *machine_load(summaries, bg_rates),
         "",
         "Commands:",
         "```",
@@ -1569,12 +1576,7 @@ def results_section_e2e(args, summaries, describe, netns, bg_rates, fstype) -> s
         "whole seconds, so nothing finer is available. Postfix's figure starts a little "
         "earlier (it includes the client's RCPT/DATA exchange) and ends a little earlier (before "
         "qmgr updates or removes the queue file) than the mta's.",
-        "- Background busy rate before runs (cores): "
-        + ", ".join(f"{n} {statistics.median(v):.3f}" for n, v in bg_rates.items()) + ".",
-        "- CPU taken by the hypervisor (/proc/stat steal) during each measured run, in cores "
-        "(the machine is a shared VM; a run with high steal is slowed whatever its target): "
-        + "; ".join(f"{n} " + ", ".join(f"{r.steal_cores:.2f}" for r in sm.runs)
-                    for n, sm in summaries.items()) + ".",
+        *machine_load(summaries, bg_rates),
         "",
         "Commands:",
         "```",
