@@ -540,6 +540,21 @@ cdef Py_ssize_t _relaxed_into(const unsigned char* p, Py_ssize_t n,
     return o + 2
 
 
+cdef inline Py_ssize_t _put_pending(unsigned char* out, Py_ssize_t o, Py_ssize_t nl,
+                                    bint sp) noexcept nogil:
+    """Write the held-back line ends (a CRLF each), then the held-back space, at out[o];
+    return the new write position."""
+    cdef Py_ssize_t k
+    for k in range(nl):
+        out[o] = C_CR
+        out[o + 1] = C_LF
+        o += 2
+    if sp:
+        out[o] = C_SP
+        o += 1
+    return o
+
+
 cdef inline bint _simple_is_identity(const unsigned char* p, Py_ssize_t n) noexcept nogil:
     """True when a field is already in simple form (CRLF ends, no bare LF)."""
     cdef const void* nl
@@ -757,7 +772,7 @@ cdef class BodyCanonicalizer:
         """Canonicalise the next piece of the body."""
         cdef _View v = _View(chunk)
         cdef const unsigned char* p = v.p
-        cdef Py_ssize_t n = v.n, i = 0, o = 0, k
+        cdef Py_ssize_t n = v.n, i = 0, o = 0
         cdef Py_ssize_t pending_nl = self._pending_nl
         cdef bint pending_sp = self._pending_sp
         cdef bint relaxed = self._relaxed
@@ -777,15 +792,9 @@ cdef class BodyCanonicalizer:
                     pending_sp = False
                     i = 1
                 else:  # the CR was bare: content
-                    for k in range(pending_nl):
-                        out[o] = C_CR
-                        out[o + 1] = C_LF
-                        o += 2
+                    o = _put_pending(out, o, pending_nl, pending_sp)
                     pending_nl = 0
-                    if pending_sp:
-                        out[o] = C_SP
-                        o += 1
-                        pending_sp = False
+                    pending_sp = False
                     out[o] = C_CR
                     o += 1
                     content = True
@@ -809,15 +818,9 @@ cdef class BodyCanonicalizer:
                     pending_sp = True
                     i += 1
                     continue
-                if pending_nl:
-                    for k in range(pending_nl):
-                        out[o] = C_CR
-                        out[o + 1] = C_LF
-                        o += 2
+                if pending_nl or pending_sp:
+                    o = _put_pending(out, o, pending_nl, pending_sp)
                     pending_nl = 0
-                if pending_sp:
-                    out[o] = C_SP
-                    o += 1
                     pending_sp = False
                 out[o] = c
                 o += 1
@@ -835,17 +838,11 @@ cdef class BodyCanonicalizer:
 
     def finish(self):
         """End the body; return the kept output (b"" when a sink was given)."""
-        cdef Py_ssize_t o = 0, k
+        cdef Py_ssize_t o = 0
         self._reserve(2 * self._pending_nl + 4)
         if self._pending_cr:
             self._pending_cr = False
-            for k in range(self._pending_nl):
-                self._buf[o] = C_CR
-                self._buf[o + 1] = C_LF
-                o += 2
-            if self._pending_sp:
-                self._buf[o] = C_SP
-                o += 1
+            o = _put_pending(self._buf, o, self._pending_nl, self._pending_sp)
             self._buf[o] = C_CR
             o += 1
             self._content = True
