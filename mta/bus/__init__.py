@@ -67,6 +67,11 @@ class Msg:
     route: str              # who sends it to whom
     fields: tuple           # names of the header fields, in order
     body: int = BODY_NONE   # raw body frames that follow the header
+    # check(values, body) -> True when the field values have the types the
+    # receiver relies on; decode() refuses the message otherwise, so that a
+    # receiver never fails later on a value it took in (a shard must not die
+    # on its input).  None: the receiver copes with any value.
+    check: object = None
 
 
 # Reply status codes used in *_REPLY / *_COMMITTED messages.
@@ -74,9 +79,47 @@ STATUS_OK = 0
 STATUS_STORAGE = 1   # the spool could not make it durable (EIO, ENOSPC, ...)
 STATUS_UNKNOWN = 2   # no such queue id / request not understood
 
+def _is_str(v) -> bool:
+    return type(v) is str
+
+
+def _valid_envelope(env) -> bool:
+    """[qid, sender, [rcpt, ...], params, client, arrival]: at least one recipient."""
+    return (type(env) is list and len(env) == 6
+            and type(env[0]) is str and 0 < len(env[0]) <= MAX_QID
+            and type(env[1]) is str
+            and type(env[2]) is list and len(env[2]) > 0 and all(map(_is_str, env[2]))
+            and type(env[3]) is dict and type(env[4]) is str
+            and type(env[5]) in (float, int))
+
+
+def _valid_commit(v, bodies) -> bool:
+    return (type(v[0]) is int and type(v[1]) is list and len(v[1]) == len(bodies)
+            and all(map(_valid_envelope, v[1])))
+
+
+def _valid_ready(v, body) -> bool:
+    req, qid, sender, domain, rcpts, params, attempt = v
+    return (type(req) is int and type(qid) is str and type(sender) is str
+            and type(domain) is str and type(rcpts) is list and len(rcpts) > 0
+            and all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is str
+                    for r in rcpts)
+            and type(params) is dict and type(attempt) is int)
+
+
+def _valid_outcome(v, body) -> bool:
+    req, qid, results = v
+    return (type(req) is int and type(qid) is str and type(results) is list
+            and all(type(r) is list and len(r) == 7 and type(r[0]) is int and type(r[1]) is str
+                    for r in results))
+
+
+MAX_QID = 64        # longest queue id a message may carry
+
 _TABLE = (
     # envelopes: [[qid, sender, rcpts, params, client, arrival], ...], one body frame each
-    Msg(1, "SPOOL_MESSAGE_COMMIT", "acceptor -> spool", ("req", "envelopes"), BODY_MANY),
+    Msg(1, "SPOOL_MESSAGE_COMMIT", "acceptor -> spool", ("req", "envelopes"), BODY_MANY,
+        _valid_commit),
     Msg(2, "SPOOL_MESSAGE_COMMITTED", "spool -> acceptor", ("req", "status")),
     Msg(3, "SPOOL_QUEUE_SUMMARY", "cli -> spool", ("req",)),
     Msg(4, "SPOOL_QUEUE_SUMMARY_REPLY", "spool -> cli", ("req", "summary")),
@@ -89,10 +132,12 @@ _TABLE = (
     # A message's recipients for one domain, ready to be delivered now.
     # rcpts: [[index in the message, address], ...]; params: BODY/SMTPUTF8 of the reception.
     Msg(11, "DELIVERY_MESSAGE_READY", "spool -> delivery",
-        ("req", "qid", "sender", "domain", "rcpts", "params", "attempt"), BODY_ONE),
+        ("req", "qid", "sender", "domain", "rcpts", "params", "attempt"), BODY_ONE,
+        _valid_ready),
     # results: [[index, outcome, code, enhanced, text, remote_host, remote_ip], ...]
     # outcome: "delivered" | "deferred" | "failed"
-    Msg(12, "DELIVERY_OUTCOME", "delivery -> spool", ("req", "qid", "results")),
+    Msg(12, "DELIVERY_OUTCOME", "delivery -> spool", ("req", "qid", "results"),
+        check=_valid_outcome),
     Msg(13, "SPOOL_QUEUE_FLUSH", "cli -> spool", ("req",)),
     Msg(14, "SPOOL_QUEUE_FLUSH_REPLY", "spool -> cli", ("req", "count")),
 )
@@ -103,8 +148,10 @@ MESSAGES = {m.name: m for m in _TABLE}
 # (every bus message passes here; attribute reads on Msg cost more).
 # name -> (code frame, number of fields, body kind)
 _ENCODING = {m.name: (bytes([m.code]), len(m.fields), m.body) for m in _TABLE}
-# code -> (Msg, number of msgpack array items: fields plus the body item if any, body kind)
-_DECODING = {m.code: (m, len(m.fields) + (m.body != BODY_NONE), m.body) for m in _TABLE}
+# code -> (Msg, number of msgpack array items: fields plus the body item if any, body kind,
+#          check)
+_DECODING = {m.code: (m, len(m.fields) + (m.body != BODY_NONE), m.body, m.check)
+             for m in _TABLE}
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 _unpackb = msgpack.unpackb
@@ -137,7 +184,7 @@ def decode(frames: list) -> tuple[Msg, list, object]:
     shape = _DECODING.get(frame[0])
     if shape is None:
         raise BusError(f"unknown message code {frame[0]}")
-    m, nfields, kind = shape
+    m, nfields, kind, check = shape
     try:
         values = _unpackb(memoryview(frame)[1:], raw=False, use_list=True,
                           strict_map_key=False)
@@ -145,14 +192,16 @@ def decode(frames: list) -> tuple[Msg, list, object]:
         raise BusError(f"{m.name}: undecodable header") from exc
     if not isinstance(values, list) or len(values) != nfields:
         raise BusError(f"{m.name}: expected {len(m.fields)} fields")
-    if kind == BODY_NONE:
-        return m, values, None
-    extra = values.pop()
-    if kind == BODY_ONE:
-        if not isinstance(extra, bytes):
-            raise BusError(f"{m.name}: body is not bytes")
-    elif not isinstance(extra, list) or not all(isinstance(b, bytes) for b in extra):
-        raise BusError(f"{m.name}: bodies are not a list of bytes")
+    extra = None
+    if kind != BODY_NONE:
+        extra = values.pop()
+        if kind == BODY_ONE:
+            if not isinstance(extra, bytes):
+                raise BusError(f"{m.name}: body is not bytes")
+        elif not isinstance(extra, list) or not all(isinstance(b, bytes) for b in extra):
+            raise BusError(f"{m.name}: bodies are not a list of bytes")
+    if check is not None and not check(values, extra):
+        raise BusError(f"{m.name}: a field has the wrong type or shape")
     return m, values, extra
 
 

@@ -66,7 +66,6 @@ LIST_LIMIT_MAX = 1_000_000
 DISPATCH_BATCH = 500            # due messages looked at per dispatch pass
 BUSY_RETRY = 1.0                # seconds before retrying a job the bus would not take
 MAX_HEADER_SCAN = 64 * 1024     # octets searched for Message-ID
-MAX_QID = 64                    # longest queue id taken from the bus
 GC_YOUNG_THRESHOLD = 10_000     # allocations between young GC collections (CPython: 700)
 
 # Plain ints: pyzmq's enum members cost an object construction per use.
@@ -112,21 +111,6 @@ def _settle_gc() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def _valid_envelope(env) -> bool:
-    """An envelope as the acceptors send it (mta/acceptor/main.py submit()).
-
-    The bus checks only a message's outer shape; a wrong envelope taken in
-    would fail later, out of reach of the request (no recipients: the shard
-    schedules min() of nothing), so it is refused here.
-    """
-    return (type(env) is list and len(env) == 6
-            and type(env[0]) is str and 0 < len(env[0]) <= MAX_QID
-            and type(env[1]) is str
-            and type(env[2]) is list and env[2] and all(type(r) is str for r in env[2])
-            and type(env[3]) is dict and type(env[4]) is str
-            and type(env[5]) in (float, int))
 
 
 def _domain(addr: str) -> str:
@@ -280,15 +264,7 @@ class Shard:
                 continue
             if m.name == "SPOOL_MESSAGE_COMMIT":
                 req, envelopes = f
-                if not isinstance(envelopes, list) or len(envelopes) != len(body):
-                    log.warning("dropped a malformed commit: envelopes do not match %d bodies",
-                                len(body))
-                    continue
-                if not all(map(_valid_envelope, envelopes)):
-                    # Unanswered, like any malformed request: the sender times out (451).
-                    log.warning("dropped a malformed commit: an envelope is not "
-                                "[qid, sender, [rcpt, ...], params, client, arrival]")
-                    continue
+                # (bus.decode checked the envelopes and that each has its body.)
                 for (qid, sender, rcpts, params, client, arrival), b in zip(envelopes, body):
                     params["message_id"] = _message_id(b)
                     messages.append((MessageMeta(qid, sender, rcpts, arrival, params, client), b))
