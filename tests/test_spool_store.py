@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import time
 
 import pytest
 
@@ -51,7 +52,6 @@ def crash(st: Store) -> None:
 
 
 def wait_spare(st: Store, timeout: float = 20.0) -> None:
-    import time
     deadline = time.monotonic() + timeout
     while not (st.spare is not None and st.spare.ready):
         assert time.monotonic() < deadline, "no spare segment was prepared"

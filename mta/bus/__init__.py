@@ -79,6 +79,9 @@ STATUS_OK = 0
 STATUS_STORAGE = 1   # the spool could not make it durable (EIO, ENOSPC, ...)
 STATUS_UNKNOWN = 2   # no such queue id / request not understood
 
+MAX_QID = 64        # longest queue id a message may carry
+
+
 def _is_str(v) -> bool:
     return type(v) is str
 
@@ -113,8 +116,6 @@ def _valid_outcome(v, body) -> bool:
             and all(type(r) is list and len(r) == 7 and type(r[0]) is int and type(r[1]) is str
                     for r in results))
 
-
-MAX_QID = 64        # longest queue id a message may carry
 
 _TABLE = (
     # envelopes: [[qid, sender, rcpts, params, client, arrival], ...], one body frame each
