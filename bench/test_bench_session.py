@@ -27,6 +27,7 @@ For figures that do not depend on the machine's load, count instructions:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import time
 
@@ -132,7 +133,8 @@ class Bench:
         self.spool = self.ctx.socket(zmq.ROUTER)
         self.spool.bind(ENDPOINT)
         self.replies = [self._reply(req) for req in range(PREENCODED_REPLIES)]
-        client = bus.Client(self.ctx, self.loop, ENDPOINT, 1000, acc._on_reply)
+        client = bus.Client(self.ctx, self.loop, ENDPOINT, 1000, (bus.SpoolMessageCommitted,),
+                            acc._on_reply, logging.getLogger("bench.session"))
         acc.clients.append(client)
         acc.outbox.append([])
         self.client = client
@@ -145,7 +147,7 @@ class Bench:
 
     @staticmethod
     def _reply(req: int) -> bytes:
-        return bus.encode("SPOOL_MESSAGE_COMMITTED", req, bus.STATUS_OK)[0]
+        return bus.encode(bus.SpoolMessageCommitted(req, bus.STATUS_OK))
 
     def transaction(self) -> None:
         """One smtp-source transaction, ending with the spool's answer written to the client."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import sys
 import tempfile
@@ -43,7 +44,7 @@ from mta import bus  # noqa: E402
 from mta.config import resolve  # noqa: E402
 from mta.config.schema import Config  # noqa: E402
 from mta.queueid import new_qid  # noqa: E402
-from mta.spool.main import Shard, shard_dir  # noqa: E402
+from mta.spool.shard import Shard, shard_dir  # noqa: E402
 from mta.spool.store import MessageMeta, Store  # noqa: E402
 
 ACCEPTORS = 2
@@ -54,7 +55,8 @@ INPROC = "inproc://bench-spool-0"
 SENDER = "sender@client.example"
 RCPTS = ["rcpt@example.net"]
 CLIENT = "client.example [127.0.0.1]"
-ECHO_REPLY = bus.encode("SPOOL_MESSAGE_COMMITTED", 0, bus.STATUS_OK)
+ECHO_REPLY = bus.SpoolMessageCommitted(0, bus.STATUS_OK)
+log = logging.getLogger("bench.spool")
 
 
 def body(qid: str, n: int) -> bytes:
@@ -103,11 +105,12 @@ class Rig:
         self.ctx = bus.new_context()
         self.echo = echo
         # Stand-ins for the delivery processes, so the shard's sockets connect.
-        self.delivery = [bus.Server(self.ctx, s.endpoint(f"delivery-{d}"), 1000)
+        self.delivery = [bus.Server(self.ctx, s.endpoint(f"delivery-{d}"), 1000,
+                                    bus.DELIVERY_JOBS, log)
                          for d in range(s.deliveries)]
         if echo:
             self.shard = None
-            self.server = bus.Server(self.ctx, INPROC, 10_000)
+            self.server = bus.Server(self.ctx, INPROC, 10_000, bus.SPOOL_REQUESTS, log)
         else:
             if prefilled:
                 prefill(s, prefilled)
@@ -119,24 +122,25 @@ class Rig:
         self.n = 0
         self.round()  # connects the pipes (the first message goes through the io thread)
         deadline = time.monotonic() + 5
-        while self.shard is not None and not all(self.shard.up):
+        while self.shard is not None and not all(self.shard.links.up):
             self.shard.step()
             if time.monotonic() > deadline:
                 raise RuntimeError("the delivery sockets did not connect")
 
-    def commit_frames(self, req: int) -> list:
+    def commit(self, req: int) -> bytes:
         envelopes, bodies = [], []
         for _ in range(MESSAGES_PER_COMMIT):
             qid = new_qid(1)
             self.n += 1
-            envelopes.append((qid, SENDER, RCPTS, {}, CLIENT, time.time()))
+            envelopes.append(bus.Envelope(qid, SENDER, RCPTS, {}, CLIENT, time.time(),
+                                          f"<{self.n}.{qid}@client.example>"))
             bodies.append(body(qid, self.n))
-        return bus.encode("SPOOL_MESSAGE_COMMIT", req, envelopes, bodies=bodies)
+        return bus.encode(bus.SpoolMessageCommit(req, envelopes, bodies))
 
     def round(self) -> int:
         """Two commits in, one turn of the shard, two replies out; returns the batches taken."""
         for i, c in enumerate(self.clients):
-            c.sock.send_multipart(self.commit_frames(self.n + i))
+            c.sock.send(self.commit(self.n + i))
         turns = 0
         for c in self.clients:
             while not c.sock.poll(0):
@@ -150,8 +154,9 @@ class Rig:
                         got = self.server.recv()
                         if got is not None:
                             self.server.send(got[0], ECHO_REPLY)
-            m, f, _ = bus.decode(c.sock.recv_multipart())
-            assert m.name == "SPOOL_MESSAGE_COMMITTED" and f[1] == bus.STATUS_OK, f
+            reply = bus.decode(c.sock.recv())
+            assert type(reply) is bus.SpoolMessageCommitted and reply.status == bus.STATUS_OK, \
+                reply
         return turns
 
     def close(self) -> None:
@@ -160,8 +165,7 @@ class Rig:
             sh.events.close()
             sh.store.close()
             sh.server.close()
-            for s in sh.deliveries + sh.monitors:
-                s.close(0)
+            sh.links.close()
         else:
             self.server.close()
         for c in self.clients:

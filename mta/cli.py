@@ -94,7 +94,7 @@ def print_services(config_path):
     click.echo(render(table(s)))
 
 
-def _ask_shards(settings, name: str, *values, timeout: float = 5.0, body=None):
+def _ask_shards(settings, request, *values, timeout: float = 5.0):
     """Send a request to every spool shard of the running daemon; return their replies."""
     from mta import bus
 
@@ -107,7 +107,7 @@ def _ask_shards(settings, name: str, *values, timeout: float = 5.0, body=None):
                 raise TimeoutError(f"spool[{n}] is not running")
             cl = bus.SyncClient(ctx, endpoint)
             try:
-                out.append(cl.call(name, *values, timeout=timeout, body=body))
+                out.append(cl.call(request, *values, timeout=timeout))
             finally:
                 cl.close()
     except TimeoutError as exc:
@@ -151,7 +151,9 @@ def queue(ctx, config_path, as_json, by_domain):
     if ctx.invoked_subcommand is not None:
         return
     s = _settings(config_path)
-    shards = [f[1] for _, f, _ in _ask_shards(s, "SPOOL_QUEUE_SUMMARY")]
+    from mta import bus
+
+    shards = [r.summary for r in _ask_shards(s, bus.SpoolQueueSummary)]
     domains: dict[str, dict] = {}
     for x in shards:
         for d, v in x.get("domains", {}).items():
@@ -203,7 +205,9 @@ def queue(ctx, config_path, as_json, by_domain):
 def queue_flush(ctx, config_path):
     """Make every deferred recipient due now (like postqueue -f)."""
     s = _queue_settings(ctx, config_path)
-    n = sum(f[1] for _, f, _ in _ask_shards(s, "SPOOL_QUEUE_FLUSH"))
+    from mta import bus
+
+    n = sum(r.count for r in _ask_shards(s, bus.SpoolQueueFlush))
     click.echo(f"{n} deferred recipient(s) scheduled for delivery now")
 
 
@@ -218,15 +222,17 @@ def _queue_settings(ctx, config_path):
 def queue_list(ctx, config_path, limit):
     """Queued messages as JSON lines (queue_id, sender, recipients, arrival_time, size)."""
     s = _queue_settings(ctx, config_path)
-    for _, f, _ in _ask_shards(s, "SPOOL_QUEUE_LIST", limit, timeout=30.0):
-        for qid, sender, rcpts, arrival, size, states, attempts, due in f[1]:
+    from mta import bus
+
+    for reply in _ask_shards(s, bus.SpoolQueueList, limit, timeout=30.0):
+        for e in reply.entries:
             click.echo(json.dumps({
-                "queue_id": qid, "sender": sender, "recipients": rcpts,
-                "arrival_time": arrival, "message_size": size,
+                "queue_id": e.qid, "sender": e.sender, "recipients": e.rcpts,
+                "arrival_time": e.arrival, "message_size": e.size,
                 "recipient_state": [
                     {"address": r, "state": st, "attempts": a,
                      "next_attempt": d if st == "pending" and a else None}
-                    for r, st, a, d in zip(rcpts, states, attempts, due)]}))
+                    for r, st, a, d in zip(e.rcpts, e.states, e.attempts, e.due)]}))
 
 
 @queue.command("show")
@@ -248,7 +254,7 @@ def queue_show(ctx, config_path, qid, raw):
     try:
         cl = bus.SyncClient(ctxz, s.endpoint(f"spool-{n}"))
         try:
-            _, f, body = cl.call("SPOOL_MESSAGE_SHOW", qid, timeout=5.0)
+            reply = cl.call(bus.SpoolMessageShow, qid, timeout=5.0)
         except TimeoutError:
             click.echo("mta: the daemon is not answering", err=True)
             sys.exit(EX_UNAVAILABLE)
@@ -256,13 +262,14 @@ def queue_show(ctx, config_path, qid, raw):
             cl.close()
     finally:
         ctxz.term()
-    if f[1] != bus.STATUS_OK:
+    if reply.status != bus.STATUS_OK:
         click.echo(f"mta: {qid} is not in the queue", err=True)
         sys.exit(1)
+    body = reply.body
     if raw:
         sys.stdout.buffer.write(body)
         return
-    e = f[2]
+    e = reply.entry
     click.echo(f"queue_id: {e['qid']}\nsender: <{e['sender']}>\n"
                f"arrival: {datetime.datetime.fromtimestamp(e['arrival']).isoformat()}\n"
                f"size: {e['size']}\nclient: {e['client']}\n"
@@ -285,8 +292,10 @@ def queue_delete(ctx, config_path, qids):
     s = _queue_settings(ctx, config_path)
     nshards = _shard_count(s)
     if list(qids) == ["ALL"]:
-        qids = [f1[0] for _, f, _ in _ask_shards(s, "SPOOL_QUEUE_LIST", 0, timeout=30.0)
-                for f1 in f[1]]
+        from mta import bus
+
+        qids = [e.qid for r in _ask_shards(s, bus.SpoolQueueList, 0, timeout=30.0)
+                for e in r.entries]
     bad = [q for q in qids if not is_qid(q)]
     if bad:
         click.echo(f"mta: not queue ids: {' '.join(bad)}", err=True)
@@ -302,17 +311,17 @@ def queue_delete(ctx, config_path, qids):
         for n, group in sorted(by_shard.items()):
             cl = bus.SyncClient(ctxz, s.endpoint(f"spool-{n}"))
             try:
-                _, f, _ = cl.call("SPOOL_MESSAGE_DELETE", group, timeout=30.0)
+                reply = cl.call(bus.SpoolMessageDelete, group, timeout=30.0)
             except TimeoutError:
                 click.echo(f"mta: spool[{n}] is not answering", err=True)
                 sys.exit(EX_UNAVAILABLE)
             finally:
                 cl.close()
-            if f[1] != bus.STATUS_OK:
+            if reply.status != bus.STATUS_OK:
                 click.echo(f"mta: spool[{n}] could not record the deletion (storage error)",
                            err=True)
                 sys.exit(1)
-            deleted += len(f[2])
+            deleted += len(reply.deleted)
     finally:
         ctxz.term()
     click.echo(f"deleted {deleted} message(s)")
@@ -331,7 +340,7 @@ def spool_dump(config_path, bodies):
     import base64
     import logging
 
-    from mta.spool.main import shard_dir
+    from mta.spool.shard import shard_dir
     from mta.spool.store import Store
 
     logging.basicConfig(level=logging.WARNING, format="mta: %(message)s", stream=sys.stderr)

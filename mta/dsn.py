@@ -89,14 +89,21 @@ class RecipientFailure:
     retry_until: float | None = None  # delay notices: when we give up
 
 
+def new_message_id(queue_id: str, reporting_mta: str, now: float) -> str:
+    """A unique Message-ID for the DSN of *queue_id*, angle brackets included."""
+    return f"<{_clean(queue_id)}.{int(now)}.{secrets.token_hex(6)}@{_clean(reporting_mta).strip()}>"
+
+
 def build_dsn(*, original: bytes, envelope_sender: str, failed: list[RecipientFailure],
               reporting_mta: str, arrival_time: float, queue_id: str, delayed: bool = False,
-              envid: str | None = None, now: float | None = None) -> bytes:
+              envid: str | None = None, now: float | None = None,
+              message_id: str | None = None) -> bytes:
     """The complete DSN message (bytes, CRLF) for ``failed`` recipients of ``original``.
 
     ``delayed=True`` makes it a delay notice: its subject and text say so
     and every recipient's Action is ``delayed``.  ``envid`` is the client's
-    ENVID (xtext-decoded); ``now`` the Date to use (default: the clock).
+    ENVID (xtext-decoded); ``now`` the Date to use (default: the clock);
+    ``message_id`` its Message-ID (default: :func:`new_message_id`).
     """
     sender = _clean(envelope_sender).strip()
     if not sender or sender == "<>":
@@ -128,7 +135,7 @@ def build_dsn(*, original: bytes, envelope_sender: str, failed: list[RecipientFa
         b"To: " + _enc(f"<{sender}>"),
         b"Subject: " + _enc(SUBJECT_DELAYED if delayed else SUBJECT_FAILED),
         b"Date: " + _enc(rfc5322_date(now)),
-        b"Message-ID: " + _enc(f"<{_clean(queue_id)}.{int(now)}.{secrets.token_hex(6)}@{mta}>"),
+        b"Message-ID: " + _enc(_clean(message_id or new_message_id(queue_id, mta, now))),
         b"Auto-Submitted: auto-replied",
         b"MIME-Version: 1.0",
         b"Content-Type: multipart/report; report-type=delivery-status;",

@@ -1,6 +1,9 @@
-"""In-process tests of the bus codec's declared field checks (mta/bus)."""
+"""In-process tests of the bus's declared messages and strict decoding (mta/bus)."""
 from __future__ import annotations
 
+import logging
+
+import msgspec
 import pytest
 
 from mta import bus
@@ -8,29 +11,57 @@ from mta import bus
 QID = "0" * 20
 
 
-def roundtrip(name: str, *values, **kw):
-    return bus.decode(bus.encode(name, *values, **kw))
+def roundtrip(msg):
+    return bus.decode(bus.encode(msg))
 
 
 def envelope(**change) -> list:
-    env = [QID, "s@example.com", ["r@example.net"], {}, "c [127.0.0.1]", 1.5]
+    """An envelope as the raw list on the wire, with fields replaced by position (f0..f6)."""
+    env = [QID, "s@example.com", ["r@example.net"], {}, "c [127.0.0.1]", 1.5, "<m@example.com>"]
     for k, v in change.items():
         env[int(k[1:])] = v
     return env
 
 
+def raw(tag: int, *fields) -> bytes:
+    """A frame as a peer could send it: the code, then whatever fields it likes."""
+    return msgspec.msgpack.encode([tag, *fields])
+
+
+def test_every_declared_message_has_a_unique_code_name_and_route():
+    codes = [cls.__struct_config__.tag for cls in bus.MESSAGES.values()]
+    assert len(set(codes)) == len(codes) == len(bus.MESSAGES)
+    for name, cls in bus.MESSAGES.items():
+        assert cls.NAME == name and " -> " in cls.ROUTE
+        assert name.split("_")[0] in ("SPOOL", "DELIVERY")
+
+
 def test_well_formed_messages_pass():
-    m, f, bodies = roundtrip("SPOOL_MESSAGE_COMMIT", 1, [envelope(), envelope(f5=7)],
-                             bodies=[b"a", b"b"])
-    assert m.name == "SPOOL_MESSAGE_COMMIT" and f[0] == 1 and bodies == [b"a", b"b"]
-    m, f, body = roundtrip("DELIVERY_MESSAGE_READY", 3, QID, "", "example.net",
-                           [[0, "r@example.net"]], {"BODY": "8BITMIME"}, 1, body=b"x")
-    assert f[4] == [[0, "r@example.net"]] and body == b"x"
-    m, f, _ = roundtrip("DELIVERY_OUTCOME", 3, QID,
-                        [[0, "delivered", 250, "2.0.0", "ok", "mx.test", "127.0.0.1"]])
-    assert f[2][0][1] == "delivered"
-    # Messages without a check take what they are given.
-    assert roundtrip("SPOOL_QUEUE_LIST", 9, "anything")[1] == [9, "anything"]
+    env = bus.Envelope(QID, "s@example.com", ["r@example.net"], {"BODY": "8BITMIME"},
+                       "c [127.0.0.1]", 1.5, "<m@example.com>")
+    m = roundtrip(bus.SpoolMessageCommit(1, [env, env], [b"a", b"b"]))
+    assert type(m) is bus.SpoolMessageCommit and m.req == 1 and m.bodies == [b"a", b"b"]
+    assert m.envelopes[0] == env and m.envelopes[1].message_id == "<m@example.com>"
+    job = roundtrip(bus.DeliveryMessageReady(3, QID, "", "example.net",
+                                             [bus.JobRecipient(0, "r@example.net")],
+                                             {"BODY": "8BITMIME"}, 1, b"x"))
+    assert job.rcpts == [bus.JobRecipient(0, "r@example.net")] and job.body == b"x"
+    out = roundtrip(bus.DeliveryOutcome(3, QID, [bus.Result(0, bus.DELIVERED, 250, "2.0.0",
+                                                            "ok", "mx.test", "127.0.0.1")]))
+    assert out.results[0].outcome == bus.DELIVERED and out.results[0].host == "mx.test"
+    reply = roundtrip(bus.SpoolMessageCommitted(7, bus.STATUS_STORAGE))
+    assert (type(reply), reply.req, reply.status) == (bus.SpoolMessageCommitted, 7, 1)
+    # An integer arrival time is a number like any other.
+    assert roundtrip(bus.SpoolMessageCommit(1, [envelope(f5=7)], [b"a"])).envelopes[0].arrival == 7
+
+
+def test_records_cost_nothing_on_the_wire():
+    """array_like: the frame is the code and the bare field values, no field names."""
+    frame = bus.encode(bus.SpoolMessageCommitted(5, 0))
+    assert frame == msgspec.msgpack.encode([2, 5, 0])
+    result = bus.Result(0, bus.DEFERRED, 451, "4.4.1", "t", "h", "i")
+    assert bus.encode(bus.DeliveryOutcome(1, QID, [result])) == msgspec.msgpack.encode(
+        [12, 1, QID, [[0, "deferred", 451, "4.4.1", "t", "h", "i"]]])
 
 
 @pytest.mark.parametrize("envelopes, bodies", [
@@ -44,36 +75,68 @@ def test_well_formed_messages_pass():
     ([envelope(f0="")], [b"a"]),                     # empty queue id
     ([envelope(f0="Q" * 65)], [b"a"]),               # queue id too long
     ([envelope(f1=None)], [b"a"]),                   # sender
+    ([envelope(f6=5)], [b"a"]),                      # message id
     (["x"], [b"a"]),
     (5, [b"a"]),                                     # envelopes not a list
     ([envelope(), envelope()], [b"a"]),              # a body missing
     ([envelope()], [b"a", b"b"]),                    # a body too many
+    ([envelope()], ["a"]),                           # a body not bytes
 ])
 def test_commit_with_a_bad_envelope_is_refused(envelopes, bodies):
     with pytest.raises(bus.BusError, match="SPOOL_MESSAGE_COMMIT"):
-        roundtrip("SPOOL_MESSAGE_COMMIT", 1, envelopes, bodies=bodies)
+        bus.decode(raw(1, 1, envelopes, bodies))
 
 
-@pytest.mark.parametrize("values", [
-    ("1", QID, "", "d", [[0, "r@d"]], {}, 1),        # req
-    (1, QID, "", "d", [], {}, 1),                    # no recipient
-    (1, QID, "", "d", [["0", "r@d"]], {}, 1),        # index not a number
-    (1, QID, "", "d", [[0, "r@d", 3]], {}, 1),       # recipient not [index, address]
-    (1, QID, "", "d", [[0, "r@d"]], [], 1),          # params
-    (1, QID, None, "d", [[0, "r@d"]], {}, 1),        # sender
-    (1, QID, "", "d", [[0, "r@d"]], {}, 1.5),        # attempt
+@pytest.mark.parametrize("fields", [
+    ("1", QID, "", "d", [[0, "r@d"]], {}, 1, b"x"),        # req
+    (1, QID, "", "d", [], {}, 1, b"x"),                    # no recipient
+    (1, QID, "", "d", [["0", "r@d"]], {}, 1, b"x"),        # index not a number
+    (1, QID, "", "d", [[0, "r@d", 3]], {}, 1, b"x"),       # recipient not [index, address]
+    (1, QID, "", "d", [[0, "r@d"]], [], 1, b"x"),          # params
+    (1, QID, None, "d", [[0, "r@d"]], {}, 1, b"x"),        # sender
+    (1, QID, "", "d", [[0, "r@d"]], {}, 1.5, b"x"),        # attempt
+    (1, QID, "", "d", [[0, "r@d"]], {}, 1),                # no body
 ])
-def test_bad_delivery_job_is_refused(values):
+def test_bad_delivery_job_is_refused(fields):
     with pytest.raises(bus.BusError, match="DELIVERY_MESSAGE_READY"):
-        roundtrip("DELIVERY_MESSAGE_READY", *values, body=b"x")
+        bus.decode(raw(11, *fields))
 
 
-@pytest.mark.parametrize("values", [
+@pytest.mark.parametrize("fields", [
     (1, QID, "delivered"),
     (1, QID, [[0, "delivered", 250]]),                               # too short
     (1, QID, [["0", "delivered", 250, "", "", "", ""]]),             # index
+    (1, QID, [[0, "sent", 250, "", "", "", ""]]),                    # not an outcome word
     (1, 7, [[0, "delivered", 250, "", "", "", ""]]),                 # qid
 ])
-def test_bad_outcome_is_refused(values):
+def test_bad_outcome_is_refused(fields):
     with pytest.raises(bus.BusError, match="DELIVERY_OUTCOME"):
-        roundtrip("DELIVERY_OUTCOME", *values)
+        bus.decode(raw(12, *fields))
+
+
+@pytest.mark.parametrize("frame", [b"", b"\xff\x00garbage", raw(99, 1), raw(2, 1),
+                                   msgspec.msgpack.encode({"req": 1})])
+def test_garbage_and_unknown_codes_are_refused(frame):
+    with pytest.raises(bus.BusError):
+        bus.decode(frame)
+
+
+def test_receive_drops_and_logs_what_the_receiver_does_not_take(caplog):
+    log = logging.getLogger("test.bus")
+    committed = bus.encode(bus.SpoolMessageCommitted(1, 0))
+    with caplog.at_level(logging.WARNING, "test.bus"):
+        assert bus.receive([committed], bus.SPOOL_REPLIES, log, "reply") == \
+            bus.SpoolMessageCommitted(1, 0)
+        assert bus.receive([committed], bus.SPOOL_REQUESTS, log, "request") is None
+        assert bus.receive([b"\xff"], bus.SPOOL_REQUESTS, log, "request") is None
+        assert bus.receive([committed, committed], bus.SPOOL_REPLIES, log, "reply") is None
+    text = caplog.text
+    assert "dropped an unexpected request: SPOOL_MESSAGE_COMMITTED" in text
+    assert text.count("dropped a malformed") == 2
+
+
+def test_outcome_words_are_the_declared_vocabulary():
+    assert bus.OUTCOMES == (bus.DELIVERED, bus.DEFERRED, bus.FAILED)
+    for word in bus.OUTCOMES:
+        msg = bus.DeliveryOutcome(1, QID, [bus.Result(0, word, 250, "", "", "", "")])
+        assert roundtrip(msg).results[0].outcome == word

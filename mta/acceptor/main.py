@@ -55,6 +55,16 @@ SPOOLED_SMTP_PARAMS = ("BODY", "SMTPUTF8")   # MAIL parameters kept with the mes
 _ENVELOPE = operator.itemgetter(1)
 _BODY = operator.itemgetter(2)
 
+MAX_MESSAGE_ID = 998     # octets of a Message-ID kept in the envelope (a header line's limit)
+
+
+def _message_id(message: bytes) -> str:
+    """The Message-ID header's value, or '' (for the event log; the spool reads no content)."""
+    value = mime.find_header(message, b"Message-ID")
+    if value is None:
+        return ""
+    return value.strip().decode("utf-8", "replace")[:MAX_MESSAGE_ID]
+
 
 class Acceptor:
     """State shared by the sessions of one acceptor process."""
@@ -127,7 +137,8 @@ class Acceptor:
         hwm = self.spool_cfg.queue_high_water
         for n in range(self.settings.shards):
             self.clients.append(bus.Client(ctx, self.loop, self.settings.endpoint(f"spool-{n}"),
-                                           hwm, self._on_reply))
+                                           hwm, (bus.SpoolMessageCommitted,), self._on_reply,
+                                           log, "reply from the spool"))
             self.outbox.append([])
 
     async def spool_connected(self, timeout: float) -> None:
@@ -189,7 +200,9 @@ class Acceptor:
             except Exception:
                 log.exception("%s: DKIM signing failed; the message is queued unsigned", qid)
         body = trace(qid) + message
-        envelope = (qid, sender, rcpts, params, client_info, time.time())
+        envelope = bus.Envelope(qid=qid, sender=sender, rcpts=rcpts, params=params,
+                                client=client_info, arrival=time.time(),
+                                message_id=_message_id(message))
         shards = len(self.clients)
         shard = shard_of(qid, shards) if shards > 1 else 0
         self.outbox[shard].append((done, envelope, body, peer))
@@ -207,38 +220,31 @@ class Acceptor:
                 continue
             outbox[shard] = []
             req = next(self.reqs)
-            frames = bus.encode("SPOOL_MESSAGE_COMMIT", req, list(map(_ENVELOPE, box)),
-                                bodies=list(map(_BODY, box)))
-            if not self.clients[shard].send(frames):
+            commit = bus.SpoolMessageCommit(req, list(map(_ENVELOPE, box)),
+                                            list(map(_BODY, box)))
+            if not self.clients[shard].send(commit):
                 self.stats["temp_failed"] += len(box)
                 log.warning("spool shard %d is not taking messages; answered 451 for %d",
                             shard, len(box))
                 for done, env, _, _ in box:
-                    done(env[0], False)
+                    done(env.qid, False)
                 continue
             self.pending[req] = (box, deadline)
 
-    def _on_reply(self, frames) -> None:
-        try:
-            m, f, _ = bus.decode(frames)
-        except bus.BusError as exc:
-            log.warning("malformed reply from the spool: %s", exc)
-            return
-        if m.name != "SPOOL_MESSAGE_COMMITTED":
-            return
-        entry = self.pending.pop(f[0], None)
+    def _on_reply(self, reply: bus.SpoolMessageCommitted) -> None:
+        entry = self.pending.pop(reply.req, None)
         if entry is None:
             return  # it timed out and was already answered 451
-        ok = f[1] == bus.STATUS_OK
+        ok = reply.status == bus.STATUS_OK
         # One line per message only at debug: the spool's event log records
         # every reception (with queue id, sender, recipients, size, client)
         # far more cheaply, and at info this line cost a third of the throughput.
         info = log.isEnabledFor(logging.DEBUG)
         for done, env, body, peer in entry[0]:
             if ok and info:
-                log.info("%s: from=<%s> nrcpt=%d size=%d client=%s", env[0], env[1],
-                         len(env[2]), len(body), peer)
-            done(env[0], ok)
+                log.info("%s: from=<%s> nrcpt=%d size=%d client=%s", env.qid, env.sender,
+                         len(env.rcpts), len(body), peer)
+            done(env.qid, ok)
         self.stats["accepted" if ok else "temp_failed"] += len(entry[0])
         if self.draining and self._idle():
             self._drained.set()
@@ -259,8 +265,8 @@ class Acceptor:
                 self.stats["temp_failed"] += len(box)
                 for done, env, _, _ in box:
                     log.warning("%s: no answer from the spool in %gs; answered 451",
-                                env[0], self.smtp.spool_timeout)
-                    done(env[0], False)
+                                env.qid, self.smtp.spool_timeout)
+                    done(env.qid, False)
         force = self.draining and now >= self.drain_deadline
         for s in list(self.sessions):
             s.idle_check(now, self.draining, force)

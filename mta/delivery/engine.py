@@ -30,34 +30,30 @@ import ipaddress
 import logging
 import time
 
+from mta.bus import DEFERRED, DELIVERED, FAILED, DeliveryMessageReady, Result
 from mta.config import parse_hostport
 from mta.delivery import client as smtpc
 from mta.dns import DnsTempError
 
 log = logging.getLogger("mta.delivery")
 
-DELIVERED = "delivered"
-DEFERRED = "deferred"
-FAILED = "failed"
-
 
 class Job:
-    """One message's recipients for one domain."""
+    """One message's recipients for one domain: the spool's job and who sent it."""
 
-    __slots__ = ("req", "qid", "sender", "domain", "rcpts", "params", "attempt", "body",
-                 "peer", "queued_at")
+    __slots__ = ("msg", "peer", "queued_at")
 
-    def __init__(self, req, qid, sender, domain, rcpts, params, attempt, body, peer):
-        self.req = req
-        self.qid = qid
-        self.sender = sender
-        self.domain = domain
-        self.rcpts = rcpts          # [[index, address], ...]
-        self.params = params
-        self.attempt = attempt
-        self.body = body
-        self.peer = peer
+    def __init__(self, msg: DeliveryMessageReady, peer: bytes):
+        self.msg = msg              # req, qid, sender, domain, rcpts, params, attempt, body
+        self.peer = peer            # the spool shard to report to
         self.queued_at = time.monotonic()
+
+    def results(self, outcome: str, code: int, enhanced: str, text: str, host: str = "",
+                ip: str = "") -> list[Result]:
+        """The same result for every recipient of the job."""
+        return [Result(index=r.index, outcome=outcome, code=code, enhanced=enhanced, text=text,
+                       host=host, ip=ip)
+                for r in self.msg.rcpts]
 
 
 class Target:
@@ -120,9 +116,10 @@ class Engine:
     # --------------------------------------------------------------- intake
 
     def submit(self, job: Job) -> None:
-        d = self.dests.get(job.domain)
+        domain = job.msg.domain
+        d = self.dests.get(domain)
         if d is None:
-            d = self.dests[job.domain] = Destination(job.domain)
+            d = self.dests[domain] = Destination(domain)
         d.queue.append(job)
         self.in_flight += 1
         if d.active < self.cfg.connections_per_domain and \
@@ -137,10 +134,10 @@ class Engine:
         self.workers.add(task)
         task.add_done_callback(self.workers.discard)
 
-    def _finish(self, job: Job, results: list) -> None:
+    def _finish(self, job: Job, results: list[Result]) -> None:
         self.in_flight -= 1
         for r in results:
-            self.stats[r[1]] += 1
+            self.stats[r.outcome] += 1
         self.report(job, results)
 
     # -------------------------------------------------------------- routing
@@ -263,41 +260,40 @@ class Engine:
                 del self.dests[d.domain]
 
     def _fail_route(self, job: Job, exc: RouteError) -> None:
-        self._finish(job, [[i, exc.outcome, exc.code, exc.enhanced, exc.text, "", ""]
-                           for i, _ in job.rcpts])
+        self._finish(job, job.results(exc.outcome, exc.code, exc.enhanced, exc.text))
 
     async def _send(self, conn, t: Target, job: Job):
         """Send one job over *conn*; return the connection if it can be reused, else None."""
         host, ip = t.host, t.ip
-        addrs = [a for _, a in job.rcpts]
-        eight = job.params.get("BODY", "").upper() == "8BITMIME"
-        utf8 = "SMTPUTF8" in job.params
+        m = job.msg
+        addrs = [r.address for r in m.rcpts]
+        eight = m.params.get("BODY", "").upper() == "8BITMIME"
+        utf8 = "SMTPUTF8" in m.params
         try:
-            res = await conn.send_message(job.sender, addrs, job.body, eight_bit=eight,
+            res = await conn.send_message(m.sender, addrs, m.body, eight_bit=eight,
                                           smtputf8=utf8)
         except smtpc.Unsupported8Bit:
-            self._finish(job, [[i, FAILED, 554, "5.6.3",
-                                f"{host} does not accept 8-bit messages (no 8BITMIME)", host, ip]
-                               for i, _ in job.rcpts])
+            self._finish(job, job.results(
+                FAILED, 554, "5.6.3", f"{host} does not accept 8-bit messages (no 8BITMIME)",
+                host, ip))
             return conn if conn.is_usable else None
         except smtpc.UnsupportedSmtpUtf8:
-            self._finish(job, [[i, FAILED, 553, "5.6.7",
-                                f"{host} does not support SMTPUTF8", host, ip]
-                               for i, _ in job.rcpts])
+            self._finish(job, job.results(
+                FAILED, 553, "5.6.7", f"{host} does not support SMTPUTF8", host, ip))
             return conn if conn.is_usable else None
         except (smtpc.SmtpError, OSError) as exc:
-            self._finish(job, [[i, DEFERRED, 451, "4.4.2",
-                                f"{host}[{ip}]: {type(exc).__name__}: {exc}", host, ip]
-                               for i, _ in job.rcpts])
+            self._finish(job, job.results(
+                DEFERRED, 451, "4.4.2", f"{host}[{ip}]: {type(exc).__name__}: {exc}", host, ip))
             conn.close()
             return None
         results = []
-        for k, (i, _) in enumerate(job.rcpts):
+        for k, rcpt in enumerate(m.rcpts):
             r = res.rcpt_replies[k]
             if r.code < 400 and res.data_reply is not None:
                 r = res.data_reply
             outcome = DELIVERED if r.code < 400 else DEFERRED if r.code < 500 else FAILED
-            results.append([i, outcome, r.code, r.enhanced or "", r.text, host, ip])
+            results.append(Result(index=rcpt.index, outcome=outcome, code=r.code,
+                                  enhanced=r.enhanced or "", text=r.text, host=host, ip=ip))
         self._finish(job, results)
         if not conn.is_usable:
             conn.close()

@@ -43,34 +43,27 @@ class Delivery:
         self.engine = Engine(settings, self.resolver, self.report, loop)
         self.stopping = False
         self.server = bus.AsyncServer(ctx, loop, settings.endpoint(f"delivery-{index}"),
-                                      settings.config.spool.queue_high_water, self._on_job)
+                                      settings.config.spool.queue_high_water, bus.DELIVERY_JOBS,
+                                      self._on_job, log, "job")
 
-    def _on_job(self, peer: bytes, frames: list) -> None:
+    def _on_job(self, peer: bytes, msg: bus.DeliveryMessageReady) -> None:
         if self.stopping:
             return   # not taken: the spool sends it again
-        try:
-            m, f, body = bus.decode(frames)
-        except bus.BusError as exc:
-            log.warning("dropped a malformed job: %s", exc)
-            return
-        if m.name != "DELIVERY_MESSAGE_READY":
-            log.warning("unexpected %s ignored", m.name)
-            return
-        req, qid, sender, domain, rcpts, params, attempt = f
-        self.engine.submit(Job(req, qid, sender, domain, rcpts, params, attempt, body, peer))
+        self.engine.submit(Job(msg, peer))
         if self.engine.in_flight >= self.cfg.max_in_flight:
             self.server.pause()   # the window is full; jobs wait in the bus
 
-    def report(self, job: Job, results: list) -> None:
-        if not self.server.send(job.peer, bus.encode("DELIVERY_OUTCOME", job.req, job.qid,
-                                                     results)):
+    def report(self, job: Job, results: list[bus.Result]) -> None:
+        m = job.msg
+        if not self.server.send(job.peer, bus.DeliveryOutcome(m.req, m.qid, results)):
             # The spool shard is not reading; it will find the recipients still
             # pending and send them again.
-            log.warning("%s: outcome not handed back (spool busy); it will be retried", job.qid)
-        for i, outcome, code, enh, text, host, ip in results:
-            log.info("%s: to=<%s> relay=%s[%s] status=%s (%d %s %s)", job.qid,
-                     next(a for k, a in job.rcpts if k == i), host or "none", ip or "",
-                     outcome, code, enh, text)
+            log.warning("%s: outcome not handed back (spool busy); it will be retried", m.qid)
+        address = {r.index: r.address for r in m.rcpts}
+        for r in results:
+            log.info("%s: to=<%s> relay=%s[%s] status=%s (%d %s %s)", m.qid,
+                     address.get(r.index, ""), r.host or "none", r.ip or "",
+                     r.outcome, r.code, r.enhanced, r.text)
         if not self.stopping and self.engine.in_flight < self.cfg.max_in_flight:
             self.server.resume()
 

@@ -1,8 +1,9 @@
 """When to try a recipient again, and when to give up: the spool's retry policy.
 
-Pure logic, no I/O, so it is tested on its own.  The spool shard owns the
-state (attempt counts and due times live in its records); delivery processes
-only report what happened.
+Pure logic, no I/O: tests/spool/test_schedule.py tests it without a shard.
+The spool shard owns the state (attempt counts and due times live in its
+records); delivery processes only report what happened, and
+:mod:`mta.spool.outcomes` applies this policy to each outcome.
 
 - A temporary failure schedules the next attempt ``retry_schedule[n]`` seconds
   later (n = attempts so far - 1, the last entry repeating), stretched by a

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 
+import msgspec
 import zmq
 
 from mta import bus
@@ -21,6 +22,12 @@ from mta.queueid import new_qid_for_shard
 
 def body(n: int) -> bytes:
     return f"Message-ID: <bus{n}@example.com>\r\nSubject: {n}\r\n\r\nbody {n}\r\n".encode()
+
+
+def commit_frame(req: int, envelopes, bodies) -> bytes:
+    """A SPOOL_MESSAGE_COMMIT frame as any peer could send it: the fields unchecked."""
+    return msgspec.msgpack.encode([bus.SpoolMessageCommit.__struct_config__.tag, req,
+                                   envelopes, bodies])
 
 
 def envelope(qid: str, rcpts=None, **change) -> list:
@@ -53,18 +60,16 @@ def test_malformed_commits_are_dropped_and_the_shard_keeps_serving(make_daemon):
             ["not an envelope"],
         ]
         for req, envelopes in enumerate(bad, start=1):
-            sock.send(bus.encode("SPOOL_MESSAGE_COMMIT", req, envelopes, bodies=[body(req)])[0])
+            sock.send(commit_frame(req, envelopes, [body(req)]))
         # The outer shape wrong: envelopes not a list; more envelopes than bodies.
-        sock.send(bus.encode("SPOOL_MESSAGE_COMMIT", 50, 5, bodies=[body(50)])[0])
-        sock.send(bus.encode("SPOOL_MESSAGE_COMMIT", 51, [envelope(q[9]), envelope(q[10])],
-                             bodies=[body(51)])[0])
+        sock.send(commit_frame(50, 5, [body(50)]))
+        sock.send(commit_frame(51, [envelope(q[9]), envelope(q[10])], [body(51)]))
         sock.send(b"\xff\x00garbage")
         # Then a good one: it is the only request answered, and it is stored.
-        sock.send(bus.encode("SPOOL_MESSAGE_COMMIT", 99, [envelope(q[11])],
-                             bodies=[body(99)])[0])
+        sock.send(bus.encode(bus.SpoolMessageCommit(
+            99, [bus.Envelope(*envelope(q[11]))], [body(99)])))
         assert sock.poll(20_000), "no answer to the well-formed commit"
-        m, f, _ = bus.decode(sock.recv_multipart())
-        assert (m.name, f[0], f[1]) == ("SPOOL_MESSAGE_COMMITTED", 99, bus.STATUS_OK)
+        assert bus.decode(sock.recv()) == bus.SpoolMessageCommitted(99, bus.STATUS_OK)
         assert not sock.poll(500), "a malformed request was answered"
     finally:
         sock.close(0)

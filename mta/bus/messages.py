@@ -1,0 +1,291 @@
+"""Every message that crosses a process boundary, declared once, and its codec.
+
+Each message is a msgspec Struct: its fields, their types and their bounds are
+written once, here, next to the route the message travels.  The records a
+message carries (an envelope, a delivery job's recipient, a delivery result)
+are Structs too, declared next to the message that carries them.  Senders
+build these values and receivers read them by attribute; nothing outside this
+package builds or unpacks a bus record by position.
+
+Wire format: one ZeroMQ frame per message, a msgpack array whose first item
+is the message's code (msgspec's array-like tagged union) followed by the
+fields in declared order.  ``array_like`` keeps field names off the wire, so a
+record costs what the bare list did.  Bodies (raw RFC 5322 messages) are
+msgpack ``bin`` fields.  One frame, not one per body: each extra frame costs a
+separate zmq_msg_send (measured 17 µs for three frames against 7 µs for one,
+send and receive included).
+
+Decoding is strict: a message of an unknown code, a missing or extra field, a
+field of the wrong type or outside its bounds raises :class:`BusError`, so a
+receiver never fails later on a value it took in (a shard must not die on its
+input).  :func:`receive` is the one place that decodes, logs what it drops and
+checks that the message is one the receiver takes.
+"""
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+__all__ = [
+    "BusError", "Message", "MESSAGES", "encode", "decode", "receive", "MAX_QID",
+    "STATUS_OK", "STATUS_STORAGE", "STATUS_UNKNOWN",
+    "DELIVERED", "DEFERRED", "FAILED", "OUTCOMES",
+    "Envelope", "JobRecipient", "Result", "QueueEntry",
+    "SpoolMessageCommit", "SpoolMessageCommitted", "SpoolQueueSummary",
+    "SpoolQueueSummaryReply", "SpoolQueueList", "SpoolQueueListReply", "SpoolMessageShow",
+    "SpoolMessageShowReply", "SpoolMessageDelete", "SpoolMessageDeleteReply",
+    "SpoolQueueFlush", "SpoolQueueFlushReply", "DeliveryMessageReady", "DeliveryOutcome",
+    "SPOOL_REQUESTS", "SPOOL_REPLIES", "DELIVERY_JOBS", "DELIVERY_OUTCOMES",
+]
+
+
+class BusError(Exception):
+    """A malformed or undeclared bus message."""
+
+
+# ---------------------------------------------------------------- vocabularies
+
+# Reply status of *_COMMITTED and *_REPLY messages.
+STATUS_OK = 0
+STATUS_STORAGE = 1   # the spool could not make it durable (EIO, ENOSPC, ...)
+STATUS_UNKNOWN = 2   # no such queue id / request not understood
+
+# What a delivery attempt did to one recipient (DELIVERY_OUTCOME results).
+DELIVERED = "delivered"   # the receiver took it (2xx after DATA)
+DEFERRED = "deferred"     # try again later (4xx, connection or DNS trouble)
+FAILED = "failed"         # permanent failure (5xx, null MX, NXDOMAIN): bounce
+OUTCOMES = (DELIVERED, DEFERRED, FAILED)
+
+MAX_QID = 64        # longest queue id a message may carry
+
+QueueId = Annotated[str, Meta(min_length=1, max_length=MAX_QID)]
+Outcome = Literal["delivered", "deferred", "failed"]
+
+
+class Message(Struct, array_like=True, forbid_unknown_fields=True, tag=True):
+    """Base of every bus message: ``req`` is chosen by the sender, echoed by the reply."""
+
+    NAME: ClassVar[str] = ""
+    ROUTE: ClassVar[str] = ""
+
+
+# ------------------------------------------------------------ acceptor -> spool
+
+class Envelope(Struct, array_like=True, forbid_unknown_fields=True):
+    """One message's envelope, as the acceptor hands it to its spool shard."""
+
+    qid: QueueId
+    sender: str                                         # "" for the null sender
+    rcpts: Annotated[list[str], Meta(min_length=1)]
+    params: dict                                        # MAIL parameters kept, X-MSYS-API, ...
+    client: str                                         # "helo [ip] user=..." for the log
+    arrival: float                                      # epoch seconds
+    message_id: str = ""                                # the Message-ID header's value
+
+
+class SpoolMessageCommit(Message, tag=1):
+    """Make these messages durable, then answer once for all of them."""
+
+    req: int
+    envelopes: list[Envelope]
+    bodies: list[bytes]                                 # one per envelope, in order
+
+    def __post_init__(self):
+        if len(self.envelopes) != len(self.bodies):
+            raise ValueError("one body per envelope")
+
+
+class SpoolMessageCommitted(Message, tag=2):
+    req: int
+    status: int                                         # STATUS_*
+
+
+# --------------------------------------------------------------- cli -> spool
+
+class SpoolQueueSummary(Message, tag=3):
+    req: int
+
+
+class SpoolQueueSummaryReply(Message, tag=4):
+    req: int
+    summary: dict
+
+
+class SpoolQueueList(Message, tag=5):
+    req: int
+    limit: int                                          # 0: no limit (up to the shard's own)
+
+
+class QueueEntry(Struct, array_like=True, forbid_unknown_fields=True):
+    """One queued message as ``mta queue list`` shows it."""
+
+    qid: str
+    sender: str
+    rcpts: list[str]
+    arrival: float
+    size: int
+    states: list[str]                                   # per recipient: "pending", ...
+    attempts: list[int]
+    due: list[float]                                    # next attempt, per recipient
+
+
+class SpoolQueueListReply(Message, tag=6):
+    req: int
+    entries: list[QueueEntry]
+
+
+class SpoolMessageShow(Message, tag=7):
+    req: int
+    qid: str
+
+
+class SpoolMessageShowReply(Message, tag=8):
+    req: int
+    status: int
+    entry: Union[dict, None]
+    body: bytes
+
+
+class SpoolMessageDelete(Message, tag=9):
+    req: int
+    qids: list[str]
+
+
+class SpoolMessageDeleteReply(Message, tag=10):
+    req: int
+    status: int
+    deleted: list[str]
+
+
+class SpoolQueueFlush(Message, tag=13):
+    req: int
+
+
+class SpoolQueueFlushReply(Message, tag=14):
+    req: int
+    count: int
+
+
+# ------------------------------------------------------- spool <-> delivery
+
+class JobRecipient(Struct, array_like=True, forbid_unknown_fields=True):
+    index: int                                          # the recipient's index in its message
+    address: str
+
+
+class DeliveryMessageReady(Message, tag=11):
+    """A message's recipients for one domain, ready to be delivered now."""
+
+    req: int
+    qid: QueueId
+    sender: str
+    domain: str
+    rcpts: Annotated[list[JobRecipient], Meta(min_length=1)]
+    params: dict                                        # BODY / SMTPUTF8 of the reception
+    attempt: int
+    body: bytes
+
+
+class Result(Struct, array_like=True, forbid_unknown_fields=True):
+    """What one delivery attempt did to one recipient."""
+
+    index: int
+    outcome: Outcome                                    # DELIVERED | DEFERRED | FAILED
+    code: int                                           # the SMTP reply code (or ours)
+    enhanced: str                                       # "4.4.1"; "" when none
+    text: str
+    host: str                                           # remote host name; "" before connect
+    ip: str
+
+
+class DeliveryOutcome(Message, tag=12):
+    """One job's results, back to the shard that owns the message."""
+
+    req: int
+    qid: QueueId
+    results: list[Result]
+
+
+# ------------------------------------------------------------------- the table
+
+_TABLE = (
+    (SpoolMessageCommit, "SPOOL_MESSAGE_COMMIT", "acceptor -> spool"),
+    (SpoolMessageCommitted, "SPOOL_MESSAGE_COMMITTED", "spool -> acceptor"),
+    (SpoolQueueSummary, "SPOOL_QUEUE_SUMMARY", "cli -> spool"),
+    (SpoolQueueSummaryReply, "SPOOL_QUEUE_SUMMARY_REPLY", "spool -> cli"),
+    (SpoolQueueList, "SPOOL_QUEUE_LIST", "cli -> spool"),
+    (SpoolQueueListReply, "SPOOL_QUEUE_LIST_REPLY", "spool -> cli"),
+    (SpoolMessageShow, "SPOOL_MESSAGE_SHOW", "cli -> spool"),
+    (SpoolMessageShowReply, "SPOOL_MESSAGE_SHOW_REPLY", "spool -> cli"),
+    (SpoolMessageDelete, "SPOOL_MESSAGE_DELETE", "cli -> spool"),
+    (SpoolMessageDeleteReply, "SPOOL_MESSAGE_DELETE_REPLY", "spool -> cli"),
+    (DeliveryMessageReady, "DELIVERY_MESSAGE_READY", "spool -> delivery"),
+    (DeliveryOutcome, "DELIVERY_OUTCOME", "delivery -> spool"),
+    (SpoolQueueFlush, "SPOOL_QUEUE_FLUSH", "cli -> spool"),
+    (SpoolQueueFlushReply, "SPOOL_QUEUE_FLUSH_REPLY", "spool -> cli"),
+)
+
+for _cls, _name, _route in _TABLE:
+    _cls.NAME = _name
+    _cls.ROUTE = _route
+
+MESSAGES: dict[str, type[Message]] = {name: cls for cls, name, _ in _TABLE}
+
+# What each receiver takes (receive() drops anything else, logged).
+SPOOL_REQUESTS = (SpoolMessageCommit, SpoolQueueSummary, SpoolQueueList, SpoolMessageShow,
+                  SpoolMessageDelete, SpoolQueueFlush)
+SPOOL_REPLIES = (SpoolMessageCommitted, SpoolQueueSummaryReply, SpoolQueueListReply,
+                 SpoolMessageShowReply, SpoolMessageDeleteReply, SpoolQueueFlushReply)
+DELIVERY_JOBS = (DeliveryMessageReady,)
+DELIVERY_OUTCOMES = (DeliveryOutcome,)
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(Union[tuple(cls for cls, _, _ in _TABLE)]).decode
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError)
+
+
+def encode(msg: Message) -> bytes:
+    """The one wire frame of *msg*."""
+    return _encode(msg)
+
+
+def decode(frame) -> Message:
+    """Parse one wire frame into its message; BusError when it is not a declared message."""
+    try:
+        return _decode(frame)
+    except _DECODE_ERRORS as exc:
+        raise BusError(f"{_name_of(frame)}: {exc}") from None
+
+
+def receive(frames: list, takes: tuple, log, source: str):
+    """Decode the frames of one message a receiver got; None (logged) unless it takes it.
+
+    *takes* are the message classes this receiver handles; *source* names the
+    peer in the log line ("request", "outcome", "reply from the spool").
+    """
+    if len(frames) != 1:
+        log.warning("dropped a malformed %s: %d frames", source, len(frames))
+        return None
+    try:
+        msg = _decode(frames[0])
+    except _DECODE_ERRORS as exc:
+        log.warning("dropped a malformed %s: %s: %s", source, _name_of(frames[0]), exc)
+        return None
+    if not isinstance(msg, takes):
+        log.warning("dropped an unexpected %s: %s", source, msg.NAME)
+        return None
+    return msg
+
+
+def _name_of(frame) -> str:
+    """The declared name of a frame's message, as far as its code can be read (for errors)."""
+    b = bytes(frame[:2])
+    # A msgpack array header (fixarray, array16/32) followed by a positive fixint code.
+    if len(b) == 2 and 0x90 <= b[0] <= 0x9f and b[1] < 0x80:
+        for cls, name, _ in _TABLE:
+            if cls.__struct_config__.tag == b[1]:
+                return name
+        return f"unknown message code {b[1]}"
+    return "undecodable message"

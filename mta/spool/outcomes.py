@@ -1,0 +1,190 @@
+"""What delivery outcomes and expiry do to a shard's recipients: the spool's policy.
+
+Pure logic over the shard's queue entries, with no socket and no file
+descriptor: :class:`Plan` collects, for one group-commit batch, the records
+to write (recipient updates, bounce messages, finished messages), the events
+to log once they are durable and the messages to schedule again.  The shard
+(:mod:`mta.spool.shard`) writes, syncs and then applies them; if the write
+fails, :meth:`Plan.abandon` says which messages to try again.
+
+Per recipient, on its first outcome (a repeated outcome -- deliveries are at
+least once -- finds it no longer pending and is ignored):
+
+- ``delivered`` -> DELIVERED;
+- ``failed`` (5xx, null MX, NXDOMAIN) -> FAILED, and the sender gets a bounce;
+- ``deferred`` -> pending again after the retry schedule
+  (:class:`~mta.spool.schedule.RetryPolicy`), or EXPIRED and bounced when that
+  next attempt would come after ``delivery.max_age``.
+
+Recipients found too old at dispatch expire the same way (:meth:`Plan.expire`).
+A bounce is an RFC 3464 DSN to the envelope sender, one per message and batch
+for all its failed recipients, queued as a new message with a null sender; a
+message with a null sender is never bounced (the failure is logged).  A message
+none of whose recipients is pending, and with no delivery job out, is done.
+"""
+from __future__ import annotations
+
+import logging
+
+from mta.bus import DELIVERED, FAILED, Result
+from mta.dsn import RecipientFailure, build_dsn, new_message_id
+from mta.obs import events as ev
+from mta.spool import schedule as sch
+from mta.spool.store import MessageMeta
+
+log = logging.getLogger("mta.spool")
+
+
+class Plan:
+    """What one batch's outcomes and expiries change.
+
+    *entries*: the shard's queue (qid -> store Entry); *policy*: its
+    RetryPolicy; *read_body(entry)*: the message as spooled (for bounces);
+    *new_qid()*: a queue id in this shard for a bounce; *hostname*: the
+    reporting MTA named in bounces.
+    """
+
+    def __init__(self, entries: dict, policy: sch.RetryPolicy, read_body, new_qid,
+                 hostname: str):
+        self.entries = entries
+        self.policy = policy
+        self.read_body = read_body
+        self.new_qid = new_qid
+        self.hostname = hostname
+        self.updates: dict[str, list] = {}     # qid -> [[idx, state, attempts, due], ...]
+        self.states: dict[str, list[int]] = {}  # qid -> states after this batch
+        self.failures: dict[str, list] = {}    # qid -> [RecipientFailure, ...] to bounce
+        self.events: list[dict] = []
+        self.reschedule: list[tuple[float, str]] = []   # (due, qid)
+        self.bounces: list = []                # (MessageMeta, DSN bytes)
+        self.done: list[str] = []
+        self.returned: list[str] = []          # qids whose jobs came back in this batch
+
+    def _state(self, qid, e):
+        st = self.states.get(qid)
+        if st is None:
+            st = self.states[qid] = list(e.state)
+        return st
+
+    def outcome(self, qid: str, results: list[Result], now: float) -> None:
+        """Record what one delivery job did to its recipients."""
+        e = self.entries.get(qid)
+        if e is None:
+            return
+        self.returned.append(qid)
+        st = self._state(qid, e)
+        m = e.meta
+        base = {"queue_id": qid, "message_id": m.params.get("message_id", ""),
+                "sender": m.sender, **ev.carried(m.params)}
+        policy = self.policy
+        for r in results:
+            idx = r.index
+            if not 0 <= idx < len(st) or st[idx] != sch.PENDING:
+                continue  # a repeated outcome (at-least-once): the first one counts
+            attempts = e.attempts[idx] + 1
+            event = dict(base, recipient=m.rcpts[idx], remote_host=r.host, remote_ip=r.ip,
+                         response={"code": r.code, "enhanced": r.enhanced, "text": r.text},
+                         attempt=attempts, time_in_queue=round(now - m.arrival, 3))
+            if r.outcome == DELIVERED:
+                st[idx] = sch.DELIVERED
+                self._update(qid, idx, sch.DELIVERED, attempts, 0.0)
+                event["type"] = ev.DELIVERY
+            elif r.outcome == FAILED:
+                st[idx] = sch.FAILED
+                self._update(qid, idx, sch.FAILED, attempts, 0.0)
+                event["type"] = ev.BOUNCE
+                self._bounce(qid, m.rcpts[idx], r.code, r.enhanced, r.text, r.host, now)
+            else:
+                due = now + policy.delay(attempts)
+                if due >= policy.deadline(m.arrival):
+                    st[idx] = sch.EXPIRED
+                    self._update(qid, idx, sch.EXPIRED, attempts, 0.0)
+                    event["type"] = ev.EXPIRATION
+                    self._bounce(qid, m.rcpts[idx], r.code, r.enhanced, r.text, r.host, now,
+                                 note=f"gave up after {attempts} attempt(s)")
+                else:
+                    self._update(qid, idx, sch.PENDING, attempts, due)
+                    event["type"] = ev.TRANSIENT_FAILURE
+                    event["next_attempt"] = round(due, 3)
+            self.events.append(event)
+
+    def expire(self, qid: str, idxs: list[int], now: float) -> None:
+        """Recipients *idxs* of *qid* are too old to try again: expire and bounce them."""
+        e = self.entries.get(qid)
+        if e is None:
+            return
+        st = self._state(qid, e)
+        m = e.meta
+        for idx in idxs:
+            if st[idx] != sch.PENDING:
+                continue
+            st[idx] = sch.EXPIRED
+            self._update(qid, idx, sch.EXPIRED, e.attempts[idx], 0.0)
+            self.events.append({"type": ev.EXPIRATION, "queue_id": qid,
+                                "message_id": m.params.get("message_id", ""),
+                                **ev.carried(m.params),
+                                "sender": m.sender, "recipient": m.rcpts[idx],
+                                "attempt": e.attempts[idx],
+                                "time_in_queue": round(now - m.arrival, 3)})
+            self._bounce(qid, m.rcpts[idx], 0, "4.4.7",
+                         "message expired: too long in the queue", "", now)
+        self.returned.append(qid)
+
+    def _update(self, qid, idx, state, attempts, due) -> None:
+        self.updates.setdefault(qid, []).append([idx, state, attempts, due])
+
+    def _bounce(self, qid, rcpt, code, enh, text, host, now, note="") -> None:
+        diag = f"{code} {enh} {text}".strip() if code else text
+        if note:
+            # Our words are not the server's: not inside its reply (an "smtp;"
+            # Diagnostic-Code quotes what the server said, RFC 3464 2.3.6).
+            diag = f"{note}; last reply: {diag}"
+        status = enh if enh and enh[0] in "45" else ("5.0.0" if code >= 500 or not code
+                                                     else "4.0.0")
+        if status.startswith("4"):
+            status = "5" + status[1:]  # expired after temporary failures: now permanent
+        self.failures.setdefault(qid, []).append(
+            RecipientFailure(recipient=rcpt, status=status, remote_host=host or None,
+                             diagnostic=diag, last_attempt=now))
+
+    def finish(self, now: float) -> None:
+        """Turn recipient states into bounces, finished messages and reschedules."""
+        entries = self.entries
+        for qid in dict.fromkeys(self.returned):
+            e = entries.get(qid)
+            if e is None:
+                continue
+            st = self.states.get(qid, e.state)
+            if all(s != sch.PENDING for s in st):
+                if not e.out:
+                    self.done.append(qid)
+                continue
+            new_due = {idx: due for idx, _, _, due in self.updates.get(qid, ())}
+            dues = [new_due.get(i, e.due[i]) for i in range(len(st)) if st[i] == sch.PENDING]
+            self.reschedule.append((min(dues) if dues else now, qid))
+        for qid, fails in self.failures.items():
+            e = entries[qid]
+            m = e.meta
+            if not m.sender:
+                log.info("%s: not bouncing a failure of a message with a null sender "
+                         "(recipients: %s)", qid, ", ".join(f.recipient for f in fails))
+                continue
+            message_id = new_message_id(qid, self.hostname, now)
+            try:
+                dsn = build_dsn(
+                    original=self.read_body(e), envelope_sender=m.sender, failed=fails,
+                    reporting_mta=self.hostname, arrival_time=m.arrival, queue_id=qid,
+                    message_id=message_id)
+            except Exception:
+                log.exception("%s: could not build the bounce", qid)
+                continue
+            bqid = self.new_qid()
+            self.bounces.append((MessageMeta(bqid, "", [m.sender], now,
+                                             {"message_id": message_id}, f"bounce of {qid}"),
+                                 dsn))
+            log.info("%s: bounce %s to <%s> for %d recipient(s)", qid, bqid, m.sender,
+                     len(fails))
+
+    def abandon(self) -> list[str]:
+        """The batch was not recorded: the messages whose outcomes must be tried again."""
+        return list(dict.fromkeys(self.returned))

@@ -1,0 +1,97 @@
+"""The operator's questions to a shard (``mta queue ...``), answered from its queue.
+
+Each function takes the shard's state and one CLI request and returns the
+reply message; none of them writes to disk (deletion is a record, written by
+the shard's group commit like any other).  ``flush`` changes only in-memory
+due times: a flushed recipient's next attempt is not persisted until its
+outcome is (after a restart it is due at its recorded time again).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from mta import bus
+from mta.spool import schedule as sch
+
+log = logging.getLogger("mta.spool")
+
+LIST_LIMIT_MAX = 1_000_000      # entries one SPOOL_QUEUE_LIST reply may carry
+
+
+def _domain(addr: str) -> str:
+    return addr.rpartition("@")[2].lower()
+
+
+def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
+    """Counts of the shard's queue: messages, recipients pending and deferred, per domain."""
+    store = shard.store
+    s = store.summary()
+    pending = deferred = 0
+    domains: dict[str, list] = {}
+    next_attempt = None
+    for e in store.entries.values():
+        for i, st in enumerate(e.state):
+            if st != sch.PENDING:
+                continue
+            pending += 1
+            d = domains.setdefault(_domain(e.meta.rcpts[i]), [0, 0, None])
+            d[0] += 1
+            if e.attempts[i]:
+                deferred += 1
+                d[1] += 1
+                due = e.due[i]
+                if d[2] is None or due < d[2]:
+                    d[2] = due
+                if next_attempt is None or due < next_attempt:
+                    next_attempt = due
+    s.update(shard=shard.shard, healthy=shard.healthy, error=shard.last_error,
+             held=shard.dcfg.hold, pending=pending, deferred=deferred,
+             next_attempt=next_attempt, in_flight=len(shard.jobs),
+             domains={k: {"recipients": v[0], "deferred": v[1], "next_attempt": v[2]}
+                      for k, v in domains.items()})
+    return bus.SpoolQueueSummaryReply(req, s)
+
+
+def listing(store, req: int, limit: int) -> bus.SpoolQueueListReply:
+    """The queued messages in queue-id order, at most *limit* (0: up to LIST_LIMIT_MAX)."""
+    limit = min(limit or LIST_LIMIT_MAX, LIST_LIMIT_MAX)
+    out = []
+    for qid in sorted(store.entries)[:limit]:
+        e = store.entries[qid]
+        out.append(bus.QueueEntry(qid=qid, sender=e.meta.sender, rcpts=e.meta.rcpts,
+                                  arrival=e.meta.arrival, size=e.length,
+                                  states=[sch.STATE_NAMES[s] for s in e.state],
+                                  attempts=e.attempts, due=e.due))
+    return bus.SpoolQueueListReply(req, out)
+
+
+def flush(store, due: sch.DueQueue, req: int) -> bus.SpoolQueueFlushReply:
+    """Make every deferred recipient due now; reply with how many there were."""
+    now = time.time()
+    count = 0
+    for qid, e in store.entries.items():
+        hit = False
+        for i, st in enumerate(e.state):
+            if st == sch.PENDING and e.due[i] > now:
+                e.due[i] = now
+                hit = True
+                count += 1
+        if hit:
+            due.push(now, qid)
+    log.info("queue flush: %d deferred recipient(s) due now", count)
+    return bus.SpoolQueueFlushReply(req, count)
+
+
+def show(store, req: int, qid: str) -> bus.SpoolMessageShowReply:
+    """One message's envelope, recipients' progress and body."""
+    e = store.entries.get(qid)
+    if e is None:
+        return bus.SpoolMessageShowReply(req, bus.STATUS_UNKNOWN, None, b"")
+    m = e.meta
+    entry = {"qid": m.qid, "sender": m.sender, "recipients": m.rcpts,
+             "arrival": m.arrival, "size": e.length, "params": m.params,
+             "client": m.client,
+             "state": [sch.STATE_NAMES[s] for s in e.state],
+             "attempts": e.attempts, "due": e.due}
+    return bus.SpoolMessageShowReply(req, bus.STATUS_OK, entry, store.read_body(e))

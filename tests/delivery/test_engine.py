@@ -1,0 +1,216 @@
+"""The delivery engine (mta/delivery/engine.py): jobs in, per-recipient results out.
+
+A real SMTP peer (aiosmtpd on loopback, in the test's own event loop) and a
+stand-in resolver that answers MX and address questions from a table, so each
+routing outcome (null MX, NXDOMAIN, SERVFAIL, hosts down) is certain.  What is
+checked is what the spool relies on: one result per recipient with the right
+outcome word, code and remote host, and the bytes the peer received.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import msgspec
+import pytest
+import uvloop
+from aiosmtpd.smtp import SMTP as AiosmtpdServer
+
+from mta import bus
+from mta.config import resolve
+from mta.config.schema import Config
+from mta.delivery.engine import Engine, Job
+from mta.dns import DnsTempError, MxResult
+
+QID = "0123456789ABCDEFGHIJ"
+BODY = b"From: <s@example.com>\r\nSubject: engine\r\n\r\nhello\r\n"
+LOOP_BOUND = 20.0
+
+
+class Peer:
+    """An SMTP server whose answer to RCPT depends on the local part: ok / later / bad."""
+
+    def __init__(self):
+        self.connections = 0
+        self.messages = []        # (mail_from, rcpt_tos, content)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        local = address.split("@")[0]
+        if local.startswith("later"):
+            return "450 4.2.1 mailbox busy"
+        if local.startswith("bad"):
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 ok"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
+                              envelope.original_content))
+        return "250 2.0.0 queued"
+
+    def protocol(self):
+        self.connections += 1
+        return AiosmtpdServer(self, hostname="peer.test", decode_data=False)
+
+
+class Resolver:
+    """Answers from a table: domain -> MxResult, host -> [ip] or DnsTempError."""
+
+    def __init__(self, mx: dict, addresses: dict):
+        self.mx = mx
+        self.addresses = addresses
+
+    async def resolve_mx(self, domain):
+        return self.mx[domain]
+
+    async def resolve_addresses(self, host):
+        a = self.addresses[host]
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings(port: int, **delivery):
+    cfg = msgspec.convert({"server": {"hostname": "mta.test", "state_dir": "/nonexistent"},
+                           "delivery": {"mx_port": port, "starttls": "none", **delivery}},
+                          Config)
+    return resolve(cfg, None)
+
+
+def job(domain: str, *locals_: str, n: int = 0, body: bytes = BODY, params=None) -> Job:
+    rcpts = [bus.JobRecipient(i, f"{lp}@{domain}") for i, lp in enumerate(locals_)]
+    return Job(bus.DeliveryMessageReady(n, QID, "s@example.com", domain, rcpts,
+                                        params or {}, 1, body), b"spool-peer")
+
+
+def deliver(jobs, resolver, peer=None, port: int | None = None, **delivery):
+    """Run the engine on *jobs* until every one has reported; return [(job, results)].
+
+    *peer*: a Peer, or a protocol factory, served on loopback in the same loop.
+    """
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = None
+        p = port
+        if peer is not None:
+            factory = peer.protocol if isinstance(peer, Peer) else peer
+            server = await loop.create_server(factory, "127.0.0.1", 0)
+            p = server.sockets[0].getsockname()[1]
+        reports = []
+        done = asyncio.Event()
+
+        def report(j, results):
+            reports.append((j, results))
+            if len(reports) == len(jobs):
+                done.set()
+
+        engine = Engine(settings(p or free_port(), **delivery), resolver, report, loop)
+        for j in jobs:
+            engine.submit(j)
+        await done.wait()
+        await engine.close()
+        if server is not None:
+            server.close()
+        assert engine.in_flight == 0
+        return reports
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+
+
+def mx_to_loopback(*domains) -> Resolver:
+    return Resolver({d: MxResult("ok", [["mx." + d]], domain=d) for d in domains},
+                    {"mx." + d: ["127.0.0.1"] for d in domains})
+
+
+def test_each_recipient_gets_the_outcome_of_its_own_reply():
+    peer = Peer()
+    (j, results), = deliver([job("example.net", "ok1", "later", "bad", "ok2")],
+                            mx_to_loopback("example.net"), peer)
+    assert [(r.index, r.outcome, r.code, r.enhanced) for r in results] == [
+        (0, bus.DELIVERED, 250, "2.0.0"), (1, bus.DEFERRED, 450, "4.2.1"),
+        (2, bus.FAILED, 550, "5.1.1"), (3, bus.DELIVERED, 250, "2.0.0")]
+    assert {(r.host, r.ip) for r in results} == {("mx.example.net", "127.0.0.1")}
+    # One transaction, to the accepted recipients, with the job's bytes.
+    assert peer.messages == [("s@example.com", ["ok1@example.net", "ok2@example.net"], BODY)]
+
+
+def test_jobs_for_one_domain_share_a_connection():
+    peer = Peer()
+    jobs = [job("example.net", "ok", n=n) for n in range(5)]
+    reports = deliver(jobs, mx_to_loopback("example.net"), peer,
+                      connections_per_domain=1, messages_per_connection=100)
+    assert sorted(j.msg.req for j, _ in reports) == [0, 1, 2, 3, 4]
+    assert all(r.outcome == bus.DELIVERED for _, rs in reports for r in rs)
+    assert len(peer.messages) == 5 and peer.connections == 1
+
+
+@pytest.mark.parametrize("mx, outcome, code, enhanced", [
+    (MxResult("null_mx", domain="example.net"), bus.FAILED, 556, "5.1.10"),
+    (MxResult("nxdomain", domain="example.net"), bus.FAILED, 550, "5.1.2"),
+    (MxResult("no_address", domain="example.net"), bus.FAILED, 550, "5.1.2"),
+    (MxResult("temp_fail", reason="SERVFAIL", domain="example.net"), bus.DEFERRED, 451,
+     "4.4.3"),
+])
+def test_routing_failures_answer_for_every_recipient(mx, outcome, code, enhanced):
+    (j, results), = deliver([job("example.net", "a", "b")],
+                            Resolver({"example.net": mx}, {}))
+    assert [(r.index, r.outcome, r.code, r.enhanced, r.host) for r in results] == [
+        (0, outcome, code, enhanced, ""), (1, outcome, code, enhanced, "")]
+
+
+def test_an_mx_host_without_address_is_skipped_for_the_next():
+    peer = Peer()
+    resolver = Resolver({"example.net": MxResult("ok", [["mx1.example.net"],
+                                                        ["mx2.example.net"]])},
+                        {"mx1.example.net": DnsTempError("timeout"),
+                         "mx2.example.net": ["127.0.0.1"]})
+    (j, results), = deliver([job("example.net", "ok")], resolver, peer)
+    assert [(r.outcome, r.host) for r in results] == [(bus.DELIVERED, "mx2.example.net")]
+
+
+def test_every_host_down_defers():
+    resolver = mx_to_loopback("example.net")
+    (j, results), = deliver([job("example.net", "a")], resolver, port=free_port(),
+                            connect_timeout=2.0)
+    (r,) = results
+    assert (r.outcome, r.code, r.enhanced) == (bus.DEFERRED, 451, "4.4.1")
+    assert "mx.example.net[127.0.0.1]" in r.text
+
+
+class SevenBitPeer(asyncio.Protocol):
+    """A minimal SMTP server that announces no 8BITMIME; it records the commands it got."""
+
+    commands: list = []
+
+    def connection_made(self, transport):
+        self.t = transport
+        transport.write(b"220 peer.test ESMTP\r\n")
+
+    def data_received(self, data):
+        for line in data.split(b"\r\n")[:-1]:
+            self.commands.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                self.t.write(b"250-peer.test\r\n250 PIPELINING\r\n")
+            elif verb == b"QUIT":
+                self.t.write(b"221 bye\r\n")
+                self.t.close()
+            else:
+                self.t.write(b"250 ok\r\n")
+
+
+def test_an_8bit_message_is_not_sent_to_a_server_without_8bitmime():
+    SevenBitPeer.commands = []
+    body = "From: <s@example.com>\r\nSubject: \u00e9\r\n\r\ncaf\u00e9\r\n".encode()
+    (j, results), = deliver([job("example.net", "ok", body=body, params={"BODY": "8BITMIME"})],
+                            mx_to_loopback("example.net"), SevenBitPeer)
+    assert [(r.outcome, r.code, r.enhanced) for r in results] == [(bus.FAILED, 554, "5.6.3")]
+    assert SevenBitPeer.commands[0].upper().startswith(b"EHLO")
+    assert not any(c.upper().startswith((b"MAIL", b"DATA")) for c in SevenBitPeer.commands)

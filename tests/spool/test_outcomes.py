@@ -1,0 +1,170 @@
+"""What delivery outcomes and expiry do to a shard's recipients (mta/spool/outcomes.py).
+
+Pure logic: real queue entries and a real retry policy (seeded), no disk, no bus.
+"""
+from __future__ import annotations
+
+import random
+import re
+from types import SimpleNamespace
+
+import pytest
+
+from mta import bus
+from mta.obs import events as ev
+from mta.spool import schedule as sch
+from mta.spool.outcomes import Plan
+from mta.spool.store import Entry, MessageMeta
+
+NOW = 1_800_000_000.0
+ARRIVAL = NOW - 60.0
+SENDER = "sender@example.com"
+HOST = "mta.test"
+ORIGINAL = (b"Received: from c\r\nFrom: <sender@example.com>\r\nSubject: hello\r\n"
+            b"Message-ID: <orig@example.com>\r\n\r\nbody\r\n")
+
+
+def policy(max_age: float = 3600.0) -> sch.RetryPolicy:
+    cfg = SimpleNamespace(retry_schedule=[60, 300], retry_jitter=0.0, time_scale=1.0,
+                          max_age=max_age)
+    return sch.RetryPolicy(cfg, random.Random(1))
+
+
+def entry(qid: str, rcpts: list[str], sender: str = SENDER) -> Entry:
+    meta = MessageMeta(qid, sender, rcpts, ARRIVAL, {"message_id": "<orig@example.com>",
+                                                      "campaign_id": "c1"}, "c [127.0.0.1]")
+    return Entry(meta, 0, 0, len(ORIGINAL))
+
+
+def result(index: int, outcome: str, code: int, enh: str = "", text: str = "ok") -> bus.Result:
+    return bus.Result(index, outcome, code, enh, text, "mx.example.net", "127.0.0.2")
+
+
+def make(entries: dict, max_age: float = 3600.0) -> Plan:
+    qids = iter(f"BOUNCE{n:04d}" for n in range(100))
+    return Plan(entries, policy(max_age), lambda e: ORIGINAL, lambda: next(qids), HOST)
+
+
+def test_delivered_recipients_finish_the_message():
+    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
+    plan = make(entries)
+    plan.outcome("Q1", [result(0, bus.DELIVERED, 250), result(1, bus.DELIVERED, 250)], NOW)
+    plan.finish(NOW)
+    assert plan.updates == {"Q1": [[0, sch.DELIVERED, 1, 0.0], [1, sch.DELIVERED, 1, 0.0]]}
+    assert plan.done == ["Q1"] and plan.bounces == [] and plan.reschedule == []
+    assert [e["type"] for e in plan.events] == [ev.DELIVERY, ev.DELIVERY]
+    e = plan.events[0]
+    assert (e["recipient"], e["remote_host"], e["response"]["code"], e["attempt"],
+            e["message_id"], e["campaign_id"], e["time_in_queue"]) == \
+        ("a@example.net", "mx.example.net", 250, 1, "<orig@example.com>", "c1", 60.0)
+
+
+def test_a_message_with_a_job_still_out_is_not_done():
+    entries = {"Q1": entry("Q1", ["a@example.net"])}
+    entries["Q1"].out = 1
+    plan = make(entries)
+    plan.outcome("Q1", [result(0, bus.DELIVERED, 250)], NOW)
+    plan.finish(NOW)
+    assert plan.done == []
+
+
+def test_deferred_recipient_is_rescheduled_by_the_retry_schedule():
+    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
+    entries["Q1"].attempts[0] = 1          # its second failure: the second delay
+    plan = make(entries)
+    plan.outcome("Q1", [result(0, bus.DEFERRED, 451, "4.3.0", "try later")], NOW)
+    plan.finish(NOW)
+    assert plan.updates == {"Q1": [[0, sch.PENDING, 2, NOW + 300]]}
+    # b is still due at arrival; the message is due at the earlier of the two.
+    assert plan.reschedule == [(ARRIVAL, "Q1")] and plan.done == []
+    (e,) = plan.events
+    assert e["type"] == ev.TRANSIENT_FAILURE and e["next_attempt"] == NOW + 300
+    assert plan.bounces == []
+
+
+def test_failed_recipient_is_bounced_to_the_sender_with_a_dsn():
+    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
+    plan = make(entries)
+    plan.outcome("Q1", [result(0, bus.FAILED, 550, "5.1.1", "no such user"),
+                        result(1, bus.FAILED, 550, "", "rejected")], NOW)
+    plan.finish(NOW)
+    assert plan.done == ["Q1"]
+    (meta, dsn), = plan.bounces           # one DSN for both recipients
+    assert (meta.qid, meta.sender, meta.rcpts, meta.arrival) == \
+        ("BOUNCE0000", "", [SENDER], NOW)
+    assert b"Final-Recipient: rfc822; a@example.net" in dsn
+    assert b"Status: 5.1.1" in dsn and b"Status: 5.0.0" in dsn
+    assert b"550 5.1.1 no such user" in dsn and b"Subject: hello" in dsn
+    # The envelope records the bounce's own Message-ID (the spool reads no content).
+    header = re.search(rb"\r\nMessage-ID: (\S+)\r\n", b"\r\n" + dsn).group(1).decode()
+    assert meta.params == {"message_id": header} and header.endswith(f"@{HOST}>")
+    assert [e["type"] for e in plan.events] == [ev.BOUNCE, ev.BOUNCE]
+
+
+def test_deferral_past_max_age_expires_and_bounces_as_permanent():
+    entries = {"Q1": entry("Q1", ["a@example.net"])}
+    entries["Q1"].attempts[0] = 3
+    plan = make(entries, max_age=120.0)    # next try at NOW + 300 > ARRIVAL + 120
+    plan.outcome("Q1", [result(0, bus.DEFERRED, 421, "4.7.0", "slow down")], NOW)
+    plan.finish(NOW)
+    assert plan.updates == {"Q1": [[0, sch.EXPIRED, 4, 0.0]]}
+    assert plan.events[0]["type"] == ev.EXPIRATION and plan.done == ["Q1"]
+    (_, dsn), = plan.bounces
+    assert b"Status: 5.7.0" in dsn                    # 4.7.0, now permanent
+    assert b"gave up after 4 attempt(s); last reply: 421 4.7.0 slow down" in dsn
+
+
+def test_a_repeated_or_out_of_range_outcome_changes_nothing():
+    entries = {"Q1": entry("Q1", ["a@example.net"])}
+    entries["Q1"].state[0] = sch.DELIVERED
+    plan = make(entries)
+    plan.outcome("Q1", [result(0, bus.FAILED, 550), result(5, bus.FAILED, 550),
+                        result(-1, bus.DELIVERED, 250)], NOW)
+    plan.outcome("GONE", [result(0, bus.DELIVERED, 250)], NOW)
+    plan.finish(NOW)
+    assert plan.updates == {} and plan.events == [] and plan.bounces == []
+    assert plan.done == ["Q1"]    # it came back and has nothing pending: finished
+
+
+def test_the_first_of_two_outcomes_in_one_batch_counts():
+    entries = {"Q1": entry("Q1", ["a@example.net"])}
+    plan = make(entries)
+    plan.outcome("Q1", [result(0, bus.DELIVERED, 250)], NOW)
+    plan.outcome("Q1", [result(0, bus.FAILED, 550)], NOW)
+    plan.finish(NOW)
+    assert plan.updates == {"Q1": [[0, sch.DELIVERED, 1, 0.0]]} and plan.bounces == []
+
+
+def test_null_sender_failures_are_not_bounced():
+    entries = {"Q1": entry("Q1", ["a@example.net"], sender="")}
+    plan = make(entries)
+    plan.outcome("Q1", [result(0, bus.FAILED, 550)], NOW)
+    plan.finish(NOW)
+    assert plan.bounces == [] and plan.done == ["Q1"]
+    assert plan.updates == {"Q1": [[0, sch.FAILED, 1, 0.0]]}
+
+
+def test_expire_bounces_pending_recipients_only():
+    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net", "c@example.net"])}
+    entries["Q1"].state[1] = sch.DELIVERED
+    entries["Q1"].attempts[0] = 2
+    plan = make(entries)
+    plan.expire("Q1", [0, 1, 2], NOW)
+    plan.finish(NOW)
+    assert plan.updates == {"Q1": [[0, sch.EXPIRED, 2, 0.0], [2, sch.EXPIRED, 0, 0.0]]}
+    assert [e["recipient"] for e in plan.events] == ["a@example.net", "c@example.net"]
+    (_, dsn), = plan.bounces
+    assert b"Status: 5.4.7" in dsn
+    assert b"Final-Recipient: rfc822; c@example.net" in dsn
+    assert b"Final-Recipient: rfc822; b@example.net" not in dsn
+    assert plan.done == ["Q1"]
+
+
+@pytest.mark.parametrize("outcome", [bus.DELIVERED, bus.DEFERRED, bus.FAILED])
+def test_abandon_names_every_message_that_came_back_once(outcome):
+    entries = {"Q1": entry("Q1", ["a@example.net"]), "Q2": entry("Q2", ["b@example.net"])}
+    plan = make(entries)
+    plan.outcome("Q1", [result(0, outcome, 250)], NOW)
+    plan.outcome("Q2", [result(0, outcome, 250)], NOW)
+    plan.outcome("Q1", [result(0, outcome, 250)], NOW)
+    assert plan.abandon() == ["Q1", "Q2"]
