@@ -43,8 +43,8 @@ from mta import bus  # noqa: E402
 from mta.config import resolve  # noqa: E402
 from mta.config.schema import Config  # noqa: E402
 from mta.queueid import new_qid  # noqa: E402
-from mta.spool.main import Shard, shard_dir  # noqa: E402
-from mta.spool.store import MessageMeta, Store  # noqa: E402
+from mta.spool.main import Shard  # noqa: E402
+from mta.store import MessageMeta, Store, shard_dir  # noqa: E402
 
 ACCEPTORS = 2
 MESSAGES_PER_COMMIT = 3

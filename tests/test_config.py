@@ -77,7 +77,7 @@ def test_toml_syntax_error_names_the_file(tmp_path):
 
 
 def test_auth_file_lines_are_validated(tmp_path):
-    from mta.acceptor.auth import check_password, hash_password, parse_password_file
+    from mta.passwords import check_password, hash_password, parse_password_file
 
     line = "alice:" + hash_password("s3cret", iterations=10_000)
     users = parse_password_file(f"# comment\n\n{line}\n")

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import msgspec
 import msgspec.inspect as mi
 
+from mta.passwords import parse_password_file
+
 from .schema import SECTIONS, Config
 
 __all__ = ["Config", "ConfigError", "Settings", "load", "example_toml", "parse_hostport"]
@@ -79,8 +81,6 @@ def _decode(raw: dict) -> Config:
 
 
 def _read_auth_file(path: str) -> dict[str, str]:
-    from mta.acceptor.auth import parse_password_file
-
     try:
         with open(path, encoding="utf-8") as fh:
             return parse_password_file(fh.read())

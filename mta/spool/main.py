@@ -55,7 +55,7 @@ from mta.dsn import RecipientFailure, build_dsn
 from mta.obs import events as ev
 from mta.queueid import domain_shard, new_qid_for_shard
 from mta.spool import schedule as sch
-from mta.spool.store import MessageMeta, Store
+from mta.store import MessageMeta, Store
 
 log = logging.getLogger("mta.spool")
 

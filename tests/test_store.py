@@ -1,4 +1,4 @@
-"""In-process tests of the spool's segment store (mta/spool/store.py).
+"""In-process tests of the spool's segment store (mta/store.py).
 
 Every test runs once with the compiled record codec and once with its pure
 twin (``MTA_PUREPYTHON=1`` runs only the pure one).  A "restart" is a new
@@ -16,8 +16,8 @@ import time
 import pytest
 
 from mta import native
-from mta.spool.store import (REC_MESSAGE, SEGMENT_SUFFIX, SPARE_READY, SPARE_TMP, MessageMeta,
-                             Store, _enc)
+from mta.store import (REC_MESSAGE, SEGMENT_SUFFIX, SPARE_READY, SPARE_TMP, MessageMeta, Store,
+                       _enc)
 
 MiB = 1 << 20
 IMPLS = ["pure"] if native.PURE else ["compiled", "pure"]

@@ -1,9 +1,9 @@
-"""mta.acceptor.auth: the password file and checking a password."""
+"""mta.passwords: the password file and checking a password."""
 import hashlib
 
 import pytest
 
-from mta.acceptor import auth
+from mta import passwords as auth
 
 
 def test_hash_and_check_round_trip():
