@@ -5,7 +5,7 @@ Run: python -m pytest bench/test_bench_spool.py --benchmark-only
  or: valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
          python bench/test_bench_spool.py --rounds 1000    (instruction counts)
 
-A real :class:`mta.spool.main.Shard` (fsync off, so the disk does not
+A real :class:`mta.spool.shard.Shard` (fsync off, so the disk does not
 dominate; deliveries held; two delivery processes configured, each stood in
 for by a bound ROUTER so the shard's delivery sockets are connected) on a real
 ZeroMQ context.  Two DEALER sockets play the acceptors: per round each sends
@@ -44,8 +44,8 @@ from mta import bus  # noqa: E402
 from mta.config import resolve  # noqa: E402
 from mta.config.schema import Config  # noqa: E402
 from mta.queueid import new_qid  # noqa: E402
-from mta.spool.shard import Shard, shard_dir  # noqa: E402
-from mta.spool.store import MessageMeta, Store  # noqa: E402
+from mta.spool.shard import Shard  # noqa: E402
+from mta.store import MessageMeta, Store, shard_dir  # noqa: E402
 
 ACCEPTORS = 2
 MESSAGES_PER_COMMIT = 3

@@ -340,8 +340,7 @@ def spool_dump(config_path, bodies):
     import base64
     import logging
 
-    from mta.spool.shard import shard_dir
-    from mta.spool.store import Store
+    from mta.store import Store, shard_dir
 
     logging.basicConfig(level=logging.WARNING, format="mta: %(message)s", stream=sys.stderr)
     s = _settings(config_path)
@@ -368,7 +367,7 @@ def spool_dump(config_path, bodies):
               show_default=True)
 def passwd(user, iterations):
     """Print an auth_file line for USER (password read from stdin or prompted)."""
-    from mta.acceptor.auth import hash_password
+    from mta.passwords import hash_password
 
     if ":" in user:
         raise click.BadParameter("must not contain ':'", param_hint="USER")

@@ -8,10 +8,12 @@ the private key files it names, once at start and on reload.  Writes nothing.
 Talks to no peer: the public keys live in DNS, published by the operator
 (``Signer.dns_records()`` prints them).
 
-Used by delivery: ``Signer.from_config(cfg)`` at start and on reload (a bad
-or missing key fails there, and in ``mta check-config`` through
-``validate(cfg)``, never at send time); ``signer.sign(message)`` once per
-message before its first delivery attempt.  ``sign`` returns the
+Used by the acceptor: each acceptor process builds ``Signer.from_config(cfg)``
+when it starts (a bad or missing key is caught before that, when the
+configuration is loaded: ``mta check-config``, ``mta serve`` and SIGHUP call
+``validate(cfg)``, never at send time) and calls ``signer.sign_message(message)``
+once per message, before the message is spooled; the spool and delivery
+processes send the signed bytes as they are.  ``sign`` returns the
 DKIM-Signature field(s) to put in front of the message (bytes, ending in the
 message's own line end; b"" when no key applies); the signed message is
 ``fields + message`` (``sign_message`` does that) and is what every attempt
@@ -52,9 +54,10 @@ Configuration, as the ``[dkim]`` section of the main TOML file::
     domain = "esp.example.net"             # as esp.example.net; mode = "always"
     mode = "unmatched"                     # signs every message with it as well
 
-Reload: build a new ``Signer.from_config(new_cfg)`` (keys are read and parsed
-there, once) and swap it in; a bad new config raises ``DkimConfigError`` and
-the old signer stays in use.
+Reload: nothing is swapped inside a process.  On SIGHUP the supervisor loads
+and validates the new file (a bad key refuses the reload and the running
+acceptors keep their signers), then replaces the acceptors one at a time; each
+new one builds its own ``Signer`` (keys read and parsed there, once).
 
 Hot path (per message): one header scan, one pass over the body into SHA-256
 (shared by every signature with the same body canonicalisation), one header

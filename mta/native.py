@@ -3,12 +3,17 @@
 ``load("scanner")`` returns ``mta._ext.scanner`` when it was built, else fails
 loudly; with ``MTA_PUREPYTHON=1`` in the environment it returns
 ``mta._pure.scanner``.  There is no silent fallback: a missing extension is an
-installation error, and the daemon logs which implementation is live.
+installation error, and the daemon logs which implementation is live:
+:func:`implementation` looks at the modules :func:`load` returns, not at the
+environment.
 """
 import importlib
+import importlib.machinery
 import os
 
 PURE = os.environ.get("MTA_PUREPYTHON", "") not in ("", "0")
+
+MODULES = ("scanner", "record", "mime")   # every hot-path module, in ext/ and mta/_pure/
 
 
 def load(name: str, pure: bool | None = None):
@@ -26,6 +31,24 @@ def load(name: str, pure: bool | None = None):
         ) from exc
 
 
-def implementation() -> str:
-    """Say which implementation is live, for the start-up log line."""
-    return "pure-python" if PURE else "compiled"
+def kind(module) -> str:
+    """'compiled' for an extension module, else 'pure-python' (from the module itself)."""
+    spec = getattr(module, "__spec__", None)
+    loader = getattr(spec, "loader", None)
+    return ("compiled" if isinstance(loader, importlib.machinery.ExtensionFileLoader)
+            else "pure-python")
+
+
+def implementation(*names: str) -> str:
+    """Say which implementation of the hot-path modules is live, for the start-up log line.
+
+    Looks at the modules :func:`load` returns for *names* (default: all of
+    :data:`MODULES`), importing them if need be: "compiled" or "pure-python"
+    when they agree, else each one's, e.g. "mixed (mime compiled, record
+    pure-python, scanner compiled)".
+    """
+    kinds = {name: kind(load(name)) for name in sorted(names or MODULES)}
+    found = set(kinds.values())
+    if len(found) == 1:
+        return found.pop()
+    return "mixed (" + ", ".join(f"{n} {k}" for n, k in kinds.items()) + ")"

@@ -2,6 +2,7 @@
 import os
 import tomllib
 
+import msgspec
 import msgspec.inspect as mi
 import pytest
 
@@ -17,21 +18,95 @@ def test_example_file_is_generated_from_the_schema():
     assert shipped == config.example_toml(), "run: mta print-config --example > mta.example.toml"
 
 
-def test_example_lists_every_key_with_its_default_and_a_doc():
-    text = config.example_toml()
+# Every table that is not a section, as the issue that added them lists them:
+# an example table of each follows its section in the example.
+NESTED_TABLES = {"[[delivery.route]]": ("delivery", "route"),
+                 "[[dkim.keys]]": ("dkim", "keys"),
+                 "[dkim.fallback]": ("dkim", "fallback")}
+
+
+def _default(f, key):
+    if f.required:
+        return config.EXAMPLE_VALUES[key]
+    return f.default if f.default is not mi.NODEFAULT else f.default_factory()
+
+
+def _check_keys(key, struct, values: dict, text: str) -> None:
+    """Each field of *struct* is in *values* with its default, or shown as not set."""
+    for f in mi.type_info(struct).fields:
+        name = f"{key}.{f.name}"
+        assert f.type.extra_json_schema["description"], f"{name} has no doc"
+        default = _default(f, name)
+        if default is None:  # TOML has no null: shown as a comment
+            assert f"# {f.name} = (not set)" in text.splitlines(), f"{name} is missing"
+            assert f.name not in values, name
+            continue
+        assert f.name in values, f"{name} is missing"
+        assert values[f.name] == default, f"{name}: {values[f.name]!r} != {default!r}"
+
+
+def _example_table(text: str, header: str) -> str:
+    """The commented-out example table under *header*, uncommented once."""
+    lines = text.splitlines()
+    assert f"# {header}" in lines, f"{header} has no example table"
+    block = []
+    for line in lines[lines.index(f"# {header}"):]:
+        if not line.startswith("# "):
+            break
+        block.append(line[2:])
+    return "\n".join(block) + "\n"
+
+
+def check_example(text: str) -> None:
+    """The example lists every key, the keys of the nested tables too, with defaults."""
     parsed = tomllib.loads(text)
     for section, struct in SECTIONS:
-        info = mi.type_info(struct)
-        for f in info.fields:
-            default = f.default if f.default is not mi.NODEFAULT else f.default_factory()
-            if default is None:  # TOML has no null: shown as a comment
-                assert f"# {f.name} = (not set)" in text, f"{section}.{f.name}"
-                assert f.name not in parsed[section]
-                continue
-            assert parsed[section][f.name] == default, f"{section}.{f.name}"
-            assert f.type.extra_json_schema["description"], f"{section}.{f.name} has no doc"
+        _check_keys(section, struct, parsed[section], text)
+    # The nested tables the schema declares are the ones this test knows.
+    found = {h: tuple(k.split(".")) for s, st in SECTIONS
+             for h, k, _ in config.nested_tables(s, st)}
+    assert found == NESTED_TABLES
+    for header, (section, name) in NESTED_TABLES.items():
+        block = _example_table(text, header)
+        table = tomllib.loads(block)[section][name]
+        if header.startswith("[["):
+            assert len(table) == 1, header
+            table = table[0]
+        field = next(f for f in mi.type_info(dict(SECTIONS)[section]).fields if f.name == name)
+        t = field.type.type
+        struct = (t.item_type if isinstance(t, mi.ListType)
+                  else next(x for x in t.types if isinstance(x, mi.StructType))).cls
+        _check_keys(f"{section}.{name}", struct, table, block)
+        msgspec.convert(table, struct)   # and it is a valid table of its kind
     # And the example, loaded as a config file, gives the built-in defaults.
     assert config.resolve(config._decode(parsed), None).config == config.load(None).config
+
+
+def test_example_lists_every_key_with_its_default_and_a_doc():
+    check_example(config.example_toml())
+
+
+@pytest.mark.parametrize("key", [
+    "delivery.route.tls_verify", "delivery.route.source_address", "delivery.route.domain",
+    "dkim.keys.headers", "dkim.keys.expire_seconds", "dkim.keys.canonicalization",
+    "dkim.keys.subdomains", "dkim.fallback.mode", "dkim.fallback.selector",
+    "smtp.max_recipients", "dkim.expire_seconds",
+])
+def test_example_check_fails_when_a_key_is_missing(key):
+    """The check above is not vacuous: drop one key's line and it names that key."""
+    section, _, name = key.rpartition(".")
+    header = next((h for h, k in NESTED_TABLES.items() if ".".join(k) == section), None)
+    lines = config.example_toml().splitlines()
+    start = lines.index(f"# {header}") if header else lines.index(f"[{section}]")
+    prefix = "# " if header else ""
+    for i in range(start + 1, len(lines)):
+        if lines[i].startswith((f"{prefix}{name} = ", f"{prefix}# {name} = ")):
+            del lines[i]
+            break
+    else:
+        raise AssertionError(f"{key} not found in the example")
+    with pytest.raises(AssertionError, match=f"{key} is missing"):
+        check_example("\n".join(lines) + "\n")
 
 
 def test_defaults(tmp_path):
@@ -77,7 +152,7 @@ def test_toml_syntax_error_names_the_file(tmp_path):
 
 
 def test_auth_file_lines_are_validated(tmp_path):
-    from mta.acceptor.auth import check_password, hash_password, parse_password_file
+    from mta.passwords import check_password, hash_password, parse_password_file
 
     line = "alice:" + hash_password("s3cret", iterations=10_000)
     users = parse_password_file(f"# comment\n\n{line}\n")

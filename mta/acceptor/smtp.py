@@ -37,7 +37,7 @@ import re
 
 from mta import rfcdate
 from mta.acceptor import replies as R
-from mta.acceptor.auth import check_password
+from mta.passwords import check_password
 
 log = logging.getLogger("mta.acceptor")
 

@@ -2,9 +2,11 @@
 
 The TOML file mirrors these Structs section by section.  ``mta check-config``
 and ``mta serve`` decode the file with msgspec (unknown keys are errors, so a
-typo is caught), then run :func:`mta.config.load.check` for the cross-field
-rules.  ``mta.example.toml`` at the top of the repository is generated from
-this module (``mta print-config --example``) and a test keeps them in sync.
+typo is caught), then :func:`mta.config.resolve` checks the cross-field rules
+and derives paths and counts (both through :func:`mta.config.load`).
+``mta.example.toml`` at the top of the repository is generated from these
+declarations, the keys of the arrays of tables included (``mta print-config
+--example``, :func:`mta.config.example_toml`) and a test keeps them in sync.
 
 A value of 0 for a process count means "size to the machine" (see each key).
 """

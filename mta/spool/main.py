@@ -1,7 +1,7 @@
 """spool[n]: the writer process of one spool shard, and the owner of its messages' state.
 
 Owns every message whose queue id maps to shard n.  It alone writes the
-shard's segment files (:mod:`mta.spool.store`) and decides what happens to
+shard's segment files (:mod:`mta.store`) and decides what happens to
 each recipient next (:mod:`mta.spool.outcomes`, :mod:`mta.spool.schedule`).
 The loop -- group commit, dispatch, housekeeping -- is :mod:`mta.spool.shard`;
 the operator's queries are :mod:`mta.spool.queries`.

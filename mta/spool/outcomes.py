@@ -30,7 +30,7 @@ from mta.bus import DELIVERED, FAILED, Result
 from mta.dsn import RecipientFailure, build_dsn, new_message_id
 from mta.obs import events as ev
 from mta.spool import schedule as sch
-from mta.spool.store import MessageMeta
+from mta.store import MessageMeta
 
 log = logging.getLogger("mta.spool")
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
-import os
 import time
 
 from mta import bus
@@ -35,7 +34,7 @@ from mta.queueid import domain_shard, new_qid_for_shard
 from mta.spool import queries
 from mta.spool import schedule as sch
 from mta.spool.outcomes import Plan
-from mta.spool.store import MessageMeta, Store
+from mta.store import MessageMeta, Store, shard_dir
 
 log = logging.getLogger("mta.spool")
 
@@ -47,10 +46,6 @@ BUSY_RETRY = 1.0                # seconds before retrying a job the bus would no
 GC_YOUNG_THRESHOLD = 10_000     # allocations between young GC collections (CPython: 700)
 DRAIN_ON_DISCONNECT = 100       # batches read from a link that went away, at most
 SPOOLED_DELIVERY_PARAMS = ("BODY", "SMTPUTF8")   # reception parameters a delivery job needs
-
-
-def shard_dir(spool_dir: str, shard: int) -> str:
-    return os.path.join(spool_dir, f"shard-{shard:02d}")
 
 
 def _settle_gc() -> None:

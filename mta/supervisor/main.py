@@ -1,12 +1,24 @@
 """supervisor: the long-lived parent of every mta process.
 
-Reads:   the configuration file (at start and on SIGHUP).
+Reads:   the configuration file (at start and on SIGHUP; validated whole by
+         :func:`mta.config.load`); the process table (``services.table``);
+         ``spool/SHARDS``, the shard count the spool was created with;
+         ``run/mta.pid``, to refuse a second daemon on the same state directory;
+         one "ready" byte per child on a pipe.
 Writes:  the listening sockets (one SO_REUSEPORT socket per acceptor slot and
          address, SMTP and HTTP, held open here for the daemon's life), ``run/mta.pid``,
-         ``spool/SHARDS``; sd_notify messages; the diagnostic log.
-Peers:   its children, by fork/wait and signals; a pipe per child carries one
-         "ready" byte.  The supervisor creates no ZeroMQ context, event loop or
-         spool file, so children inherit nothing they could share by accident.
+         ``spool/SHARDS`` (at first start); sd_notify messages; the diagnostic log.
+Peers:   its children, by fork/wait and signals (SIGTERM to stop, SIGKILL when
+         one does not), and systemd through $NOTIFY_SOCKET.  It takes no part in
+         the bus: it creates no ZeroMQ context, event loop or spool file, so
+         children inherit nothing they could share by accident.  Each child
+         runs the entry string of its row of the process table
+         (``"mta.spool.main:main"``), imported in the child after fork; the
+         supervisor imports no other role's code.
+Config:  [server] state_dir, log_level, ready_timeout, restart_backoff_max,
+         shutdown_timeout; [smtp] listen, acceptors, spool_timeout (added to the
+         stop grace); [http] listen; [spool] shards, directory; [delivery]
+         processes; the whole file is handed to each child, which reads its part.
 
 Start: bind the sockets, fork the roles in process-table order (spool
 shards first: each rebuilds its queue before it reports ready; then delivery;

@@ -207,7 +207,7 @@ def test_kill9_whole_tree_mid_load_loses_nothing_acknowledged(make_daemon):
 
 def add_torn_tails(d) -> list[str]:
     from mta import native
-    from mta.spool.store import REC_MESSAGE, SEGMENT_SUFFIX, MessageMeta, _enc
+    from mta.store import REC_MESSAGE, SEGMENT_SUFFIX, MessageMeta, _enc
 
     codec = native.load("record")
     qids = []

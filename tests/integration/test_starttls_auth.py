@@ -15,7 +15,7 @@ import trustme
 
 from daemon import HOST, Daemon
 from mta.acceptor import replies as R
-from mta.acceptor.auth import hash_password
+from mta.passwords import hash_password
 
 USER, PASSWORD = "alice", "correct horse battery staple"
 SLOW_USER = "slow"      # hashed with the default (slow) iteration count

@@ -14,7 +14,7 @@ from mta import bus
 from mta.obs import events as ev
 from mta.spool import schedule as sch
 from mta.spool.outcomes import Plan
-from mta.spool.store import Entry, MessageMeta
+from mta.store import Entry, MessageMeta
 
 NOW = 1_800_000_000.0
 ARRIVAL = NOW - 60.0

@@ -1,4 +1,4 @@
-"""In-process tests of the spool's segment store (mta/spool/store.py).
+"""In-process tests of the spool's segment store (mta/store.py).
 
 Every test runs once with the compiled record codec and once with its pure
 twin (``MTA_PUREPYTHON=1`` runs only the pure one).  A "restart" is a new
@@ -16,8 +16,8 @@ import time
 import pytest
 
 from mta import native
-from mta.spool.store import (REC_MESSAGE, SEGMENT_SUFFIX, SPARE_READY, SPARE_TMP, MessageMeta,
-                             Store, _enc)
+from mta.store import (REC_MESSAGE, SEGMENT_SUFFIX, SPARE_READY, SPARE_TMP, MessageMeta, Store,
+                       _enc)
 
 MiB = 1 << 20
 IMPLS = ["pure"] if native.PURE else ["compiled", "pure"]
@@ -255,7 +255,7 @@ def test_done_for_message_in_an_older_segment(tmp_path, codec):
 # -------------------------------------------------------------- reclamation
 
 def reclaim(st: Store, live_ratio: float = 0.25, max_copy: int = 2000) -> tuple[list, list]:
-    """One reclamation pass exactly as the shard runs it (mta.spool.main.Shard.reclaim)."""
+    """One reclamation pass exactly as the shard runs it (mta.spool.shard.Shard.reclaim)."""
     before = sorted(st.segments)
     copies, unlink = st.reclaim_plan(live_ratio, max_copy)
     numbers = [s.number for s in unlink]

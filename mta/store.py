@@ -1,7 +1,11 @@
 """Spool storage for one shard: append-only segment files of checksummed records.
 
-Layout: ``<spool>/shard-<n>/<number>.seg``; numbers grow, so file order is
-time order.  A segment is a sequence of records framed by the record codec
+Leaf library: the spool shard (``mta.spool``) writes and reads its queue
+through :class:`Store`; ``mta spool-dump`` reads a stopped daemon's files with
+it.  It imports no role and talks to no other process.
+
+Layout: ``<spool>/shard-<n>/<number>.seg`` (:func:`shard_dir`); numbers grow,
+so file order is time order.  A segment is a sequence of records framed by the record codec
 (``mta.native.load("record")``: magic, type, lengths, CRC-32).  Records:
 
     REC_MESSAGE  meta = MessageMeta (msgspec msgpack), body = the message
@@ -99,6 +103,11 @@ _dec_done = msgspec.msgpack.Decoder(DoneMeta)
 _dec_rcpt = msgspec.msgpack.Decoder(RcptMeta)
 
 PENDING = 0  # recipient state; the others are in mta.spool.schedule
+
+
+def shard_dir(spool_dir: str, shard: int) -> str:
+    """The directory of shard *shard*'s segment files under *spool_dir*."""
+    return os.path.join(spool_dir, f"shard-{shard:02d}")
 
 
 class Entry:

@@ -1,5 +1,9 @@
 """SMTP AUTH credentials: a file of hashed passwords, and checking a password.
 
+Leaf library: the configuration parses ``smtp.auth_file`` with it when it is
+loaded, the acceptor checks AUTH PLAIN/LOGIN passwords with it, and
+``mta passwd`` makes the lines.  It imports nothing from the rest of mta.
+
 File format, one user per line (blank lines and '#' comments allowed)::
 
     user:pbkdf2_sha256$<iterations>$<salt, base64>$<hash, base64>

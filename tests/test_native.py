@@ -1,0 +1,42 @@
+"""mta.native: which hot-path implementation is loaded, and saying so truthfully."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mta import native
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", native.MODULES)
+def test_kind_is_read_from_the_module(name):
+    assert native.kind(native.load(name, pure=False)) == "compiled"
+    assert native.kind(native.load(name, pure=True)) == "pure-python"
+
+
+def test_implementation_reports_what_load_gives():
+    want = "pure-python" if native.PURE else "compiled"
+    assert native.implementation() == want
+    assert native.implementation("scanner") == want
+
+
+def test_implementation_reports_the_module_really_imported_not_the_variable(monkeypatch):
+    """A pure module where the compiled one should be (a stale or shadowing file) shows."""
+    monkeypatch.setattr(native, "PURE", False)
+    monkeypatch.setitem(sys.modules, "mta._ext.record", native.load("record", pure=True))
+    assert native.implementation("record") == "pure-python"
+    assert native.implementation("scanner") == "compiled"
+    assert native.implementation() == \
+        "mixed (mime compiled, record pure-python, scanner compiled)"
+
+
+@pytest.mark.parametrize("pure, want", [("1", "pure-python"), ("0", "compiled"),
+                                        ("", "compiled")])
+def test_the_environment_variable_selects_the_implementation(pure, want):
+    env = dict(os.environ, MTA_PUREPYTHON=pure, PYTHONPATH=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", "from mta import native; print(native.implementation())"],
+        env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == want
