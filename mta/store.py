@@ -102,7 +102,13 @@ _dec_msg = msgspec.msgpack.Decoder(MessageMeta)
 _dec_done = msgspec.msgpack.Decoder(DoneMeta)
 _dec_rcpt = msgspec.msgpack.Decoder(RcptMeta)
 
-PENDING = 0  # recipient state; the others are in mta.spool.schedule
+# Recipient states, as stored in records (declared here, with the format).
+PENDING = 0
+DELIVERED = 1
+FAILED = 2
+EXPIRED = 3
+TERMINAL = (DELIVERED, FAILED, EXPIRED)
+STATE_NAMES = {PENDING: "pending", DELIVERED: "delivered", FAILED: "failed", EXPIRED: "expired"}
 
 
 def shard_dir(spool_dir: str, shard: int) -> str:

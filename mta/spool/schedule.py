@@ -19,13 +19,8 @@ import heapq
 import itertools
 import random
 
-# Recipient states, as stored in spool records.
-PENDING = 0
-DELIVERED = 1
-FAILED = 2
-EXPIRED = 3
-TERMINAL = (DELIVERED, FAILED, EXPIRED)
-STATE_NAMES = {PENDING: "pending", DELIVERED: "delivered", FAILED: "failed", EXPIRED: "expired"}
+# Recipient states: part of the spool's record format, declared in mta.store.
+from mta.store import DELIVERED, EXPIRED, FAILED, PENDING, STATE_NAMES, TERMINAL  # noqa: F401
 
 
 class RetryPolicy:
