@@ -508,19 +508,23 @@ class Store:
         try:
             self._writev(seg.fd, bufs, pos - seg.size, seg.size)
         except OSError:
-            seg.failed = True
-            try:  # best effort: cut the partial batch off so the file stays clean
-                os.ftruncate(seg.fd, seg.size)
-            except OSError:
-                pass
-            if seg.size == 0:
-                # Nothing good was ever written here: do not leave an empty file
-                # behind for every failed batch while the disk is full.
-                self._close_current()
-                self._drop(seg)
+            self._write_failed(seg)
             raise
         seg.size = pos
         return new
+
+    def _write_failed(self, seg: Segment) -> None:
+        """A write into *seg* failed: no more writes there; cut off what it left."""
+        seg.failed = True
+        try:  # best effort: cut the partial batch off so the file stays clean
+            os.ftruncate(seg.fd, seg.size)
+        except OSError:
+            pass
+        if seg.size == 0:
+            # Nothing good was ever written here: do not leave an empty file
+            # behind for every failed batch while the disk is full.
+            self._close_current()
+            self._drop(seg)
 
     @staticmethod
     def _writev(fd: int, bufs: list, total: int, offset: int) -> None:
@@ -539,6 +543,28 @@ class Store:
             views = views[k:]
             if n:  # a partial write stopped inside views[0]
                 views[0] = memoryview(views[0])[n:]
+
+    def probe(self) -> None:
+        """Write and sync one record that changes nothing; OSError while the disk still fails.
+
+        A DONE record naming no message: replayed, it removes nothing.  The
+        shard calls this while it is unhealthy, so that it notices by itself
+        that the disk works again, without waiting for new mail to write.
+        """
+        seg = self.current
+        if seg is None or seg.failed:
+            self._close_current()
+            seg = self.current = self._open_segment()
+        mb = _enc.encode(DoneMeta([]))
+        hdr = self.codec.encode_header(REC_DONE, mb, b"")
+        n = len(hdr) + len(mb)
+        try:
+            self._writev(seg.fd, [hdr, mb], n, seg.size)
+        except OSError:
+            self._write_failed(seg)
+            raise
+        seg.size += n
+        self.sync()
 
     def sync(self) -> None:
         """Make everything written so far durable (fdatasync)."""

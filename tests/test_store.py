@@ -513,3 +513,50 @@ def test_no_spare_when_it_would_eat_into_the_free_space_reserve(tmp_path, codec)
     crash(st)
     st2, stats = restart(tmp_path, codec)
     assert set(st2.entries) == {qid(1), qid(2)} and stats["torn"] == 0
+
+
+# ------------------------------------------------------------------- probe
+
+def test_probe_writes_a_record_that_changes_nothing(tmp_path, codec):
+    st = new_store(tmp_path, codec)
+    st.recover()
+    new = st.write([(meta(1), body(1)), (meta(2), body(2))], [])
+    st.sync()
+    st.commit(new, [])
+    before = os.path.getsize(st.current.path)
+    st.probe()
+    assert os.path.getsize(st.current.path) > before      # it really wrote
+    st.close()
+    st2, stats = restart(tmp_path, codec)
+    assert sorted(st2.entries) == [qid(1), qid(2)] and stats["skipped_bytes"] == 0
+    st2.close()
+
+
+def test_probe_fails_while_writes_fail_then_heals_in_a_new_segment(tmp_path, codec,
+                                                                    monkeypatch):
+    st = new_store(tmp_path, codec)
+    st.recover()
+    st.commit(st.write([(meta(1), body(1))], []), [])
+    st.sync()
+    real = os.pwritev
+
+    def full(fd, bufs, offset):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", full)
+    with pytest.raises(OSError):
+        st.write([(meta(2), body(2))], [])
+    failed = st.current
+    with pytest.raises(OSError):
+        st.probe()
+    segments = sorted(os.listdir(tmp_path))
+    with pytest.raises(OSError):
+        st.probe()
+    assert sorted(os.listdir(tmp_path)) == segments        # no empty file per probe
+    monkeypatch.setattr(os, "pwritev", real)
+    st.probe()
+    assert st.current is not failed and not st.current.failed
+    st.close()
+    st2, _ = restart(tmp_path, codec)
+    assert sorted(st2.entries) == [qid(1)]
+    st2.close()

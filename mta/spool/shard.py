@@ -43,6 +43,7 @@ RECLAIM_INTERVAL = 1.0          # seconds between reclamation passes
 RECLAIM_MAX_COPY = 2000         # messages copied forward per pass (bounds the pause)
 DISPATCH_BATCH = 500            # due messages looked at per dispatch pass
 BUSY_RETRY = 1.0                # seconds before retrying a job the bus would not take
+EXPIRE_BATCH = 1000             # messages past their age limit expired per housekeeping turn
 GC_YOUNG_THRESHOLD = 10_000     # allocations between young GC collections (CPython: 700)
 DRAIN_ON_DISCONNECT = 100       # batches read from a link that went away, at most
 SPOOLED_DELIVERY_PARAMS = ("BODY", "SMTPUTF8")   # reception parameters a delivery job needs
@@ -82,6 +83,10 @@ class Shard:
         self.endpoint = settings.endpoint(f"spool-{shard}")
         self.policy = sch.RetryPolicy(self.dcfg)
         self.due = sch.DueQueue()
+        # (arrival + max_age, qid) of every queued message: age is checked
+        # wherever a message waits -- held, parked for an absent delivery
+        # process, or behind an unhealthy disk -- not only when it is dispatched.
+        self.deadlines = sch.DueQueue()
         self.jobs: dict[int, tuple] = {}      # req -> (qid, [indexes], sent_at, delivery)
         self.reqs = itertools.count(1)
         self.expire_work: list[tuple[str, list[int]]] = []
@@ -99,10 +104,12 @@ class Shard:
                  "seconds=%s", stats["messages"], stats["segments"], stats["records"],
                  stats["skipped_bytes"], stats["seconds"])
         self.finished_at_start = []
+        deadline = self.policy.deadline
         for qid, e in self.store.entries.items():
             dues = [e.due[i] for i, s in enumerate(e.state) if s == sch.PENDING]
             if dues:
                 self.due.push(min(dues), qid)
+                self.deadlines.push(deadline(e.meta.arrival), qid)
             else:
                 self.finished_at_start.append(qid)
         # Fewer young collections: each walks the batch's objects still alive,
@@ -155,8 +162,11 @@ class Shard:
         now = time.monotonic()
         if now >= self.next_reclaim:
             self.next_reclaim = now + RECLAIM_INTERVAL
+            if not self.healthy:
+                self.probe()
             self.reclaim()
             self.expire_jobs()
+            self.expire_waiting()
             _settle_gc()
 
     # ------------------------------------------------------------ group commit
@@ -273,6 +283,10 @@ class Shard:
         due = self.due
         due.push_many([(min(e.due), e.meta.qid) for e in new])
         due.push_many(plan.reschedule)
+        deadline = self.policy.deadline
+        # (A compaction copy keeps its message's first deadline entry.)
+        self.deadlines.push_many([(deadline(e.meta.arrival), e.meta.qid)
+                                  for e in new if e.meta.state is None])
 
     # --------------------------------------------------------------- dispatch
 
@@ -333,6 +347,40 @@ class Shard:
             budget -= 1
             if budget <= 0:
                 break
+
+    def expire_waiting(self) -> None:
+        """Expire the pending recipients of messages past ``delivery.max_age``, wherever they wait.
+
+        A message with a delivery job out is looked at again a little later:
+        its outcome decides (a deferral past the age limit expires it then).
+        """
+        now = time.time()
+        entries = self.store.entries
+        for qid in self.deadlines.pop_due(now, EXPIRE_BATCH):
+            e = entries.get(qid)
+            if e is None:
+                continue                  # finished
+            if e.out:
+                self.deadlines.push(now + BUSY_RETRY, qid)
+                continue
+            idxs = [i for i, s in enumerate(e.state) if s == sch.PENDING]
+            if idxs:
+                self.expire_work.append((qid, idxs))
+
+    def probe(self) -> None:
+        """While unhealthy, see whether the disk takes writes again (once a second).
+
+        Without this the shard would recover only when new mail arrived to be
+        written, and until then deliver nothing it had already acknowledged.
+        """
+        try:
+            self.store.probe()
+        except OSError as exc:
+            self.last_error = exc.strerror or str(exc)
+            return
+        log.info("spool writes are succeeding again")
+        self.healthy = True
+        self.last_error = ""
 
     def expire_jobs(self) -> None:
         """Jobs whose outcome never came (a delivery process died) are sent again."""
