@@ -82,11 +82,16 @@ Network
 Usage
     python bench/load.py [--sessions 20] [--messages 20000] [--size 2048] [--runs 3]
         [--targets mta,postfix,sink] [--per-connection] [--mta-config-extra TOML]
-        [--mta-cmd CMD | --mta-head] [--record]
+        [--mta-cmd CMD | --mta-head] [--mta-base REV] [--record]
     python bench/load.py --e2e [--concurrency 20] [--targets mta,postfix] ... [--record]
 
 ``--mta-head`` runs the mta from HEAD's mta/ (git archive) and this checkout's compiled
 extensions, so uncommitted work in the tree does not leak into a recorded result.
+
+``--mta-base REV`` adds the target mta-base: the mta exactly as at git revision REV (its tree
+from ``git archive REV``, its own ext/ compiled into its mta/_ext; built once per revision in
+bench/.cache/), measured in the same interleaved rounds as the other targets, acceptance or
+--e2e, so that a change is compared side by side with the commit before it.
 
 ``--record`` appends a dated section to bench/RESULTS.md.  Standard library only.
 

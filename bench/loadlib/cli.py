@@ -18,9 +18,10 @@ from .common import BACKGROUND_WARN_CORES, RESULTS_MD, fs_type, tool
 from .netns import enter_private_netns
 from .report import (Summary, append_results, print_run, print_run_e2e, ratios, ratios_e2e,
                      results_section, results_section_e2e, table, table_e2e, write_json)
-from .revision import snapshot_head_mta, source_revision
+from .revision import build_base, copy_base, snapshot_head_mta, source_revision
 from .run import measure, measure_e2e
-from .targets import DEFAULT_TARGETS, E2E_DEFAULT_TARGETS, E2E_TARGETS, TARGETS
+from .targets import (BASE_TARGET, DEFAULT_TARGETS, E2E_DEFAULT_TARGETS, E2E_TARGETS,
+                      TARGETS)
 
 
 def parse_args(argv, description: str = ""):
@@ -32,7 +33,7 @@ def parse_args(argv, description: str = ""):
     p.add_argument("--runs", type=int, default=3, help="runs per target; figures are medians")
     p.add_argument("--targets", default=None,
                    help="comma-separated subset of mta,postfix,sink (default: all; with --e2e: "
-                        "mta,postfix)")
+                        "mta,postfix); with --mta-base also mta-base, which it adds")
     p.add_argument("--e2e", action="store_true",
                    help="end to end: the targets deliver to an smtp-sink started by the "
                         "harness; timed until it has every message and the queue is empty")
@@ -59,6 +60,10 @@ def parse_args(argv, description: str = ""):
     p.add_argument("--mta-head", action="store_true",
                    help="run the mta from a copy of HEAD's mta/ (git archive) plus this "
                         "checkout's compiled extensions, unaffected by uncommitted work")
+    p.add_argument("--mta-base", default=None, metavar="REV",
+                   help="add the target mta-base: the mta exactly as at git revision REV (its "
+                        "tree from git archive, its own ext/ compiled, cached in "
+                        "bench/.cache/), measured in the same rounds as mta")
     p.add_argument("--mta-config-extra", action="append", default=[], metavar="TOML",
                    help="TOML merged into the generated mta config, e.g. "
                         "'smtp = {acceptors = 2}' (repeatable)")
@@ -75,15 +80,23 @@ def parse_args(argv, description: str = ""):
     if args.targets is None:
         args.targets = ",".join(E2E_DEFAULT_TARGETS if args.e2e else DEFAULT_TARGETS)
     choices = E2E_TARGETS if args.e2e else tuple(TARGETS)
+    if not args.mta_base:
+        choices = tuple(c for c in choices if c != BASE_TARGET)
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in names if t not in choices]
     if unknown or not names:
         p.error(f"unknown targets {unknown}; choose from {','.join(choices)}"
-                + (" (the sink is the receiver with --e2e)" if args.e2e else ""))
+                + (" (the sink is the receiver with --e2e)" if args.e2e else "")
+                + ("" if args.mta_base else f" ({BASE_TARGET} comes with --mta-base REV)"))
     args.target_names = list(dict.fromkeys(names))
+    if args.mta_base and BASE_TARGET not in args.target_names:
+        # --mta-base adds its target, next to the mta it is compared with.
+        at = args.target_names.index("mta") + 1 if "mta" in args.target_names else 0
+        args.target_names.insert(at, BASE_TARGET)
     if args.mta_head and args.mta_cmd:
         p.error("--mta-head and --mta-cmd exclude each other")
     args.mta_src = None
+    args.mta_base_src = None
     for extra in args.mta_config_extra:
         try:
             tomllib.loads(extra)
@@ -104,6 +117,9 @@ def main(argv=None, description: str = "") -> int:
                  *(["postfix"] if "postfix" in args.target_names else [])):
         tool(name)
 
+    if BASE_TARGET in args.target_names:   # before the temporary directory: may exit
+        base_build, args.base_revision, args.base_subject = build_base(args.mta_base)
+
     def on_term(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_term)
@@ -115,6 +131,9 @@ def main(argv=None, description: str = "") -> int:
     if args.mta_head and "mta" in args.target_names:
         args.mta_src = str(top / "mta-src")
         args.revision = snapshot_head_mta(Path(args.mta_src))
+    if BASE_TARGET in args.target_names:
+        args.mta_base_src = str(top / "mta-base-src")
+        copy_base(base_build, Path(args.mta_base_src))
     fstype = fs_type(top)
     if fstype in ("tmpfs", "ramfs"):
         print(f"warning: {top} is on {fstype}: fsync is free there, durable figures are not "

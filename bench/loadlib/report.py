@@ -17,7 +17,7 @@ from pathlib import Path
 from .common import BACKGROUND_WARN_CORES, POLL_S, REPO, RESULTS_MD, tool
 from .run import Run
 from .source import source_command
-from .targets import TARGETS, MtaTarget, Receiver
+from .targets import BASE_TARGET, TARGETS, MtaTarget, Receiver
 
 
 @dataclass
@@ -40,6 +40,11 @@ def ratio(a: float | None, b: float | None) -> str:
 def med(summaries: dict[str, Summary], name: str, attr: str) -> float | None:
     """The median of attr over a target's runs, None if the target has none."""
     return summaries[name].median(attr) if name in summaries else None
+
+
+def peers(summaries: dict[str, Summary], fixed: tuple[str, ...]) -> tuple[str, ...]:
+    """The targets the mta is compared with: mta-base first when it ran, then fixed."""
+    return ((BASE_TARGET,) if BASE_TARGET in summaries else ()) + fixed
 
 
 def machine() -> str:
@@ -91,7 +96,7 @@ def ratios(summaries: dict[str, Summary]) -> list[str]:
     return [f"- mta/{peer}: " + ", ".join(
                 f"{label} {ratio(med(summaries, 'mta', a), med(summaries, peer, a))}"
                 for label, a in pairs)
-            for peer in ("postfix", "sink")]
+            for peer in peers(summaries, ("postfix", "sink"))]
 
 
 def results_section(args, summaries, describe, netns, bg_rates, fstype) -> str:
@@ -106,6 +111,7 @@ def results_section(args, summaries, describe, netns, bg_rates, fstype) -> str:
         f"Machine: {machine()}. Generator and servers on the same machine, loopback only"
         f"{' (private network namespace)' if netns else ''}; work directory on {fstype}.",
         "",
+        *base_note(args),
         f"Scenario: smtp-source, {args.sessions} sessions, {args.messages} messages of "
         f"{args.size} bytes, {mode}, no command pipelining (smtp-source cannot pipeline); "
         f"median of {args.runs} run(s); targets interleaved; fresh instance per run; "
@@ -142,6 +148,17 @@ def results_section(args, summaries, describe, netns, bg_rates, fstype) -> str:
         lines += [f"# {name}"] + desc
     lines += ["```", ""]
     return "\n".join(lines)
+
+
+def base_note(args) -> list[str]:
+    """--mta-base: the paragraph saying which two revisions of the mta ran side by side."""
+    if not args.mta_base_src:
+        return []
+    mta = (f"HEAD {args.revision} via --mta-head" if args.mta_src
+           else f"this checkout at {args.revision}")
+    return [f"mta-base: {args.base_revision} exactly (`--mta-base {args.mta_base}`: its tree "
+            "from `git archive`, its own ext/ compiled into its mta/_ext), in the same rounds "
+            f"as mta ({mta}).", ""]
 
 
 def print_run(run: Run, rnd: int) -> None:
@@ -184,7 +201,7 @@ def ratios_e2e(summaries: dict[str, Summary]) -> list[str]:
     return [f"- mta/{peer}: " + ", ".join(
                 f"{label} {ratio(med(summaries, 'mta', a), med(summaries, peer, a))}"
                 for label, a in pairs)
-            for peer in ("postfix",)]
+            for peer in peers(summaries, ("postfix",))]
 
 
 def print_run_e2e(run: Run, rnd: int) -> None:
@@ -220,6 +237,7 @@ def results_section_e2e(args, summaries, describe, netns, bg_rates, fstype) -> s
          + (" (--mta-cmd)." if args.mta_cmd else " from this checkout.")),
         "",
         *([" ".join(args.note), ""] if args.note else []),
+        *base_note(args),
         f"Scenario: smtp-source → server → smtp-sink; {args.sessions} smtp-source sessions, "
         f"{mode}, {args.messages} messages of {args.size} bytes, one recipient each, all to "
         f"one domain; delivery concurrency {args.concurrency} for both servers; median of "

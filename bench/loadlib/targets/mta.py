@@ -1,5 +1,8 @@
-"""Target mta: our daemon, `mta serve -c CONFIG` with a generated config, from this checkout
-(or --mta-cmd, or --mta-head's copy of HEAD's mta/).
+"""Targets mta and mta-base: our daemon, `mta serve -c CONFIG` with a generated config.
+
+mta       this checkout (or --mta-cmd, or --mta-head's copy of HEAD's mta/).
+mta-base  --mta-base REV: the mta exactly as at REV (revision.build_base), measured in the
+          same rounds, so a change is seen side by side with the commit before it.
 
 Acceptance: deliveries held, like the Postfix peer's hold queue; after each run `mta queue
 --json` must count every message sent.  --e2e: one static route for every domain to the
@@ -342,3 +345,20 @@ class MtaTarget(Target):
         if self.events is not None:
             self.events.close()
 
+
+class MtaBaseTarget(MtaTarget):
+    """--mta-base REV: the daemon exactly as at REV, from the copy revision.build_base() made
+    (REV's mta/ with REV's own ext/ compiled into its mta/_ext), with the same generated
+    config as the mta target."""
+
+    name = "mta-base"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mta", "serve", "-c", str(self.config_path)]
+
+    def source_dir(self) -> Path:
+        return Path(self.args.mta_base_src)
+
+    def origin(self) -> str:
+        return (f"git archive of {self.args.base_revision}, its own ext/ compiled into "
+                "SRC/mta/_ext")
