@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -19,6 +20,9 @@ import time
 
 HOST = "127.0.0.1"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The text of the reply to a message the daemon has queued.
+QUEUED_RE = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]{20})")
 
 
 def free_port(host: str = HOST) -> int:
@@ -59,17 +63,70 @@ def render_config(sections: dict) -> str:
     return "\n".join(out)
 
 
-def read_reply(sock_file) -> tuple[int, list[str]]:
-    """Read one (possibly multi-line) SMTP reply from a socket makefile('rb')."""
-    lines = []
+def wait_until(pred, timeout: float, what: str = "condition", interval: float = 0.02,
+               details=None):
+    """Poll *pred* until it returns something true; that value, or AssertionError (with
+    *details*(), e.g. the end of a daemon's log, when given)."""
+    deadline = time.monotonic() + timeout
     while True:
-        line = sock_file.readline()
-        if not line:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                                 + (f":\n{details()}" if details else ""))
+        time.sleep(interval)
+
+
+def read_reply_bytes(sock_file, limit: int = -1) -> bytes:
+    """Read one (possibly multi-line) SMTP reply from a socket makefile('rb'), exactly as
+    the server sent it.  A line cut off by the end of the connection (or longer than
+    *limit*) is not a reply: ConnectionError."""
+    out = b""
+    while True:
+        line = sock_file.readline(limit)
+        if not line.endswith(b"\n"):
             raise ConnectionError("connection closed")
-        text = line.decode("utf-8", "replace").rstrip("\r\n")
-        lines.append(text[4:])
-        if len(text) < 4 or text[3] != "-":
-            return int(text[:3]), lines
+        out += line
+        text = line.rstrip(b"\r\n")
+        if len(text) < 4 or text[3:4] != b"-":
+            return out
+
+
+def read_reply(sock_file, limit: int = -1) -> tuple[int, list[str]]:
+    """Read one SMTP reply: (code, [text of each line])."""
+    lines = read_reply_bytes(sock_file, limit).decode("utf-8", "replace").split("\n")[:-1]
+    texts = [x.rstrip("\r") for x in lines]
+    return int(texts[-1][:3]), [x[4:] for x in texts]
+
+
+def queued_id(text: str) -> str:
+    """The queue id in the text of the daemon's reply to a queued message."""
+    m = QUEUED_RE.fullmatch(text)
+    assert m, text
+    return m.group(1)
+
+
+def smtp_transaction(s: smtplib.SMTP, sender, rcpts, msg: bytes, mail_options=()):
+    """MAIL, RCPT..., DATA on smtplib session *s* (MAIL and each RCPT must get 250);
+    the reply to the message, (code, text)."""
+    code, text = s.mail(sender, list(mail_options))
+    assert code == 250, (code, text)
+    for r in rcpts:
+        code, text = s.rcpt(r)
+        assert code == 250, (r, code, text)
+    return s.data(msg)
+
+
+def split_received(message: bytes) -> tuple[bytes, bytes]:
+    """(our leading Received header field, the rest) of a stored or delivered message;
+    CRLF or (smtp-sink's dumps) LF line ends."""
+    if not message.startswith(b"Received:"):
+        raise AssertionError(f"no leading Received header: {message[:200]!r}")
+    pos = message.index(b"\n") + 1
+    while message[pos:pos + 1] in (b" ", b"\t"):
+        pos = message.index(b"\n", pos) + 1
+    return message[:pos], message[pos:]
 
 
 class Daemon:
@@ -103,6 +160,16 @@ class Daemon:
     def write_config(self, text: str | None = None) -> None:
         with open(self.config_path, "w") as fh:
             fh.write(text if text is not None else render_config(self.sections))
+
+    def reload(self, pattern: str = r"reloaded: ", timeout: float = 60.0, **changes) -> str:
+        """Apply *changes* ({section: {key: value}}) to the config file, SIGHUP, and wait
+        for the next log line matching *pattern*; returns the log."""
+        done = len(re.findall(pattern, self.log()))
+        for section, keys in changes.items():
+            self.sections.setdefault(section, {}).update(keys)
+        self.write_config()
+        self.proc.send_signal(signal.SIGHUP)
+        return self.wait_log(pattern, count=done + 1, timeout=timeout)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -196,6 +263,21 @@ class Daemon:
             time.sleep(0.05)
         raise TimeoutError(f"log never matched {pattern!r}:\n{self.log()[-4000:]}")
 
+    def wait_restarted(self, title: str, old_pid: int, timeout: float = 20.0) -> int:
+        """The supervisor logged the death (by kill -9) of *old_pid* and started a new
+        *title* ('spool[0]'); returns the new PID."""
+        role = re.escape(title)
+        self.wait_log(rf"{role} pid={old_pid} died \(signal 9\)", timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid = self.children().get(title)
+            if pid and pid != old_pid:
+                break
+            assert time.monotonic() < deadline, f"{title} was not restarted:\n{self.log()[-3000:]}"
+            time.sleep(0.05)
+        self.wait_log(rf"started {role} pid={pid}", timeout=timeout)
+        return pid
+
     def children(self) -> dict[str, int]:
         """Map process title ('spool[0]', 'acceptor[1]') to PID for the live children."""
         out = {}
@@ -235,6 +317,15 @@ class Daemon:
         out = self.cli("queue", "list").stdout.decode()
         return [json.loads(x) for x in out.splitlines() if x.strip()]
 
+    def events(self) -> list[dict]:
+        """The event log (server.event_log at its default place), every line decoded."""
+        path = os.path.join(self.state_dir, "log", "events.jsonl")
+        try:
+            with open(path, "rb") as f:
+                return [json.loads(x) for x in f.read().splitlines() if x.strip()]
+        except FileNotFoundError:
+            return []
+
     def spool_dump(self, bodies: bool = False) -> list[dict]:
         """Read the spool files directly (the daemon should be stopped)."""
         args = ["spool-dump"] + (["--bodies"] if bodies else [])
@@ -245,6 +336,22 @@ class Daemon:
 
     def connect(self, timeout: float = 10.0, source: str | None = None) -> "Client":
         return Client(HOST, self.port, timeout=timeout, source=source)
+
+    def session(self, helo: str = "client.test", **kw) -> "Client":
+        """A raw connection that got the 220 greeting and said EHLO (answered 250)."""
+        c = self.connect(**kw)
+        assert c.banner[0] == 220, c.banner
+        assert c.cmd(f"EHLO {helo}")[0] == 250
+        return c
+
+    def send(self, sender: str, rcpts, msg: bytes, mail_options=(), helo: str = "client.test",
+             timeout: float = 30.0) -> str:
+        """Submit one message with smtplib on a new connection; its queue id from the 250."""
+        with smtplib.SMTP(HOST, self.port, local_hostname=helo, timeout=timeout) as s:
+            s.ehlo()
+            code, text = smtp_transaction(s, sender, rcpts, msg, mail_options)
+        assert code == 250, (code, text)
+        return queued_id(text.decode())
 
     @property
     def http_base(self) -> str:
@@ -288,6 +395,15 @@ class Client:
 
     def reply(self) -> tuple[int, list[str]]:
         return read_reply(self.rfile)
+
+    def reply_bytes(self) -> bytes:
+        """Read one reply, exactly the bytes the server sent."""
+        return read_reply_bytes(self.rfile)
+
+    def exchange(self, data: bytes, n: int = 1) -> list[bytes]:
+        """Send *data* (may be pipelined commands) and read *n* replies, each exactly."""
+        self.send(data)
+        return [self.reply_bytes() for _ in range(n)]
 
     def cmd(self, line: str | bytes) -> tuple[int, list[str]]:
         if isinstance(line, str):

@@ -14,7 +14,8 @@ Every outcome is recorded in :attr:`LoadClient.results`:
                             the message may or may not have been queued
 
 A connection that breaks is not retried.  The load is bounded by a message
-count and a time limit; it talks to loopback only.
+count and a time limit; it talks to loopback only.  :func:`smtp_source_argv` is
+the other load the tests use, Postfix's smtp-source.
 """
 from __future__ import annotations
 
@@ -25,11 +26,20 @@ import socket
 import threading
 import time
 
+from daemon import QUEUED_RE, read_reply
+
 SENDER = "crash@example.com"
 RCPT = "sink@example.net"
 
 _SEQ_RE = re.compile(rb"^X-Seq: (\d+)\r$", re.M)
-_QUEUED_RE = re.compile(r"^2\.0\.0 Ok: queued as ([0-9A-F]{20})$")
+
+
+def smtp_source_argv(port: int, sessions: int, messages: int, sender: str, rcpt: str,
+                     size: int = 2048) -> list[str]:
+    """Postfix's smtp-source as background load: *sessions* connections reused (-d) for
+    *messages* messages of *size* octets, HELO [127.0.0.1], to 127.0.0.1:*port*."""
+    return ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size), "-d",
+            "-M", "[127.0.0.1]", "-f", sender, "-t", rcpt, f"127.0.0.1:{port}"]
 
 
 def message(seq: int, size: int = 2048) -> bytes:
@@ -46,16 +56,6 @@ def seq_of(msg: bytes) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def strip_received(stored: bytes) -> tuple[bytes, bytes]:
-    """Split a stored message into (our Received header field, what the client sent)."""
-    if not stored.startswith(b"Received:"):
-        raise ValueError("stored message does not start with a Received header")
-    pos = stored.index(b"\r\n") + 2
-    while stored[pos:pos + 1] in (b" ", b"\t"):
-        pos = stored.index(b"\r\n", pos) + 2
-    return stored[:pos], stored[pos:]
-
-
 def _stuff(data: bytes) -> bytes:
     if data.startswith(b"."):
         data = b"." + data
@@ -68,15 +68,10 @@ class _Conn:
         self.rfile = self.sock.makefile("rb")
 
     def reply(self) -> tuple[int, str]:
-        text = []
-        while True:
-            line = self.rfile.readline(4096)
-            if not line.endswith(b"\n"):
-                raise ConnectionError("connection closed")
-            s = line.decode("utf-8", "replace").rstrip("\r\n")
-            text.append(s[4:])
-            if len(s) < 4 or s[3] != "-":
-                return int(s[:3]), "\n".join(text)
+        """(code, text) of one reply, its lines joined by newlines; ConnectionError if the
+        connection ends (or a line runs past 4 KiB) before the reply is complete."""
+        code, lines = read_reply(self.rfile, 4096)
+        return code, "\n".join(lines)
 
     def close(self) -> None:
         for x in (self.rfile, self.sock):
@@ -214,7 +209,7 @@ class LoadClient:
         conn.sock.sendall(_stuff(message(seq, self.size)) + b".\r\n")
         code, text = conn.reply()
         if code == 250:
-            m = _QUEUED_RE.match(text)
+            m = QUEUED_RE.fullmatch(text)
             if m:
                 self._record(seq, "250", m.group(1))
             else:

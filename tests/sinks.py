@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
+from daemon import wait_until
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 
@@ -53,32 +54,10 @@ def common_port(ips, tries: int = 50) -> int:
     raise RuntimeError(f"no common free port on {ips}")
 
 
-def wait_until(pred, timeout: float, what: str = "condition", interval: float = 0.02):
-    """Poll *pred* until it returns something true; that value, or AssertionError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def qid_of(message: bytes) -> str | None:
     """The queue id in the Received header our acceptor put at the top of *message*."""
     m = _QID_RE.match(message)
     return m.group(1).decode() if m else None
-
-
-def split_received(message: bytes) -> tuple[bytes, bytes]:
-    """(our leading Received header field, the rest) of a delivered message."""
-    if not message.startswith(b"Received:"):
-        raise AssertionError(f"no leading Received header: {message[:200]!r}")
-    pos = message.index(b"\n") + 1
-    while message[pos:pos + 1] in (b" ", b"\t"):
-        pos = message.index(b"\n", pos) + 1
-    return message[:pos], message[pos:]
 
 
 @dataclass
@@ -158,6 +137,12 @@ class AioSink:
     def received(self) -> int:
         with self.lock:
             return len(self.txns)
+
+    def wait_for(self, rcpt: str, timeout: float = 30.0) -> Txn:
+        """The first completed transaction that had *rcpt* among its recipients (waits)."""
+        def find():
+            return next((t for t in self.snapshot() if rcpt in t.rcpt_tos), None)
+        return wait_until(find, timeout, f"{rcpt} at the receiver {self.name}", interval=0.05)
 
     def deliveries(self) -> list[tuple[str, str, Txn]]:
         """(qid, recipient, txn) for every recipient of every completed transaction."""

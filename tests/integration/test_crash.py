@@ -22,13 +22,12 @@ import collections
 import os
 import re
 import signal
-import smtplib
 import subprocess
 import time
 
-from daemon import HOST
+from daemon import HOST, split_received
 from mta.queueid import shard_of
-from loadclient import RCPT, SENDER, LoadClient, message, seq_of, strip_received
+from loadclient import RCPT, SENDER, LoadClient, message, seq_of, smtp_source_argv
 
 SS_SENDER = "a@example.com"
 SS_RCPT = "b@example.net"
@@ -46,10 +45,8 @@ def crash_daemon(make_daemon):
 def start_smtp_source(d) -> subprocess.Popen:
     out = open(os.path.join(d.dir, "smtp-source.out"), "ab")
     try:
-        return subprocess.Popen(
-            ["smtp-source", "-s", "10", "-m", "50000", "-l", "2048", "-d", "-M", "[127.0.0.1]",
-             "-f", SS_SENDER, "-t", SS_RCPT, f"{HOST}:{d.port}"],
-            stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(smtp_source_argv(d.port, 10, 50_000, SS_SENDER, SS_RCPT),
+                                stdout=out, stderr=subprocess.STDOUT)
     finally:
         out.close()
 
@@ -71,36 +68,24 @@ def load_under_way(load: LoadClient, queued: int = 300, seconds: float = 1.0) ->
     assert load.running() == load.connections, load.connection_errors
 
 
-def wait_restarted(d, title: str, old_pid: int, timeout: float = 20.0) -> int:
-    """The supervisor logged the death of *old_pid* and a new *title* has started."""
-    role = re.escape(title)
-    d.wait_log(rf"{role} pid={old_pid} died \(signal 9\)", timeout=timeout)
-    deadline = time.monotonic() + timeout
-    while True:
-        pid = d.children().get(title)
-        if pid and pid != old_pid:
-            break
-        assert time.monotonic() < deadline, f"{title} was not restarted:\n{d.log()[-3000:]}"
-        time.sleep(0.05)
-    d.wait_log(rf"started {role} pid={pid}", timeout=timeout)
-    return pid
-
-
 PROBE_SENDER = "probe@example.com"
 
 
 def send_probe(d, probes: dict) -> str:
     """One message over a fresh connection; records and returns its queue id."""
     msg = f"Subject: probe {len(probes)}\r\n\r\nprobe\r\n".encode()
-    with smtplib.SMTP(HOST, d.port, timeout=30) as s:
-        s.ehlo("probe.test")
-        s.mail(PROBE_SENDER)
-        s.rcpt(RCPT)
-        code, text = s.data(msg)
-    assert code == 250, (code, text)
-    qid = text.decode().rsplit(" ", 1)[1]
+    qid = d.send(PROBE_SENDER, [RCPT], msg, helo="probe.test")
     probes[qid] = msg
     return qid
+
+
+def stop_loads(ss: subprocess.Popen, *loads: LoadClient | None) -> None:
+    """After a scenario (or its failure): kill the smtp-source, ask the load connections to
+    stop (finish_and_check waits for them)."""
+    stop_smtp_source(ss)
+    for load in loads:
+        if load is not None:
+            load.stopping.set()
 
 
 def finish_and_check(d, loads: list[LoadClient], probes: dict | None = None) -> dict:
@@ -139,7 +124,7 @@ def check_spool(dump: list[dict], listed: list[dict], loads: list[LoadClient],
     for qid, x in by_qid.items():
         raw = base64.b64decode(x["message"])
         assert len(raw) == x["message_size"]
-        received, sent = strip_received(raw)
+        received, sent = split_received(raw)
         assert f" id {qid}".encode() in received, received
         if x["sender"] == SENDER:
             assert x["recipients"] == [RCPT]
@@ -246,7 +231,7 @@ def test_kill9_one_spool_shard_mid_load(make_daemon):
         load_under_way(load, queued=300, seconds=1.0)
         old = d.children()["spool[0]"]
         os.kill(old, signal.SIGKILL)
-        new = wait_restarted(d, "spool[0]", old)
+        new = d.wait_restarted("spool[0]", old)
         d.wait_log(rf"spool\[0\]\[{new}\]: recovered queue", timeout=20)
         # The load keeps going, now also into the new shard process.
         before = len(load.queued())
@@ -255,10 +240,7 @@ def test_kill9_one_spool_shard_mid_load(make_daemon):
         load2.wait_for(200, timeout=20)
         load.wait_for(before + 200, timeout=20)
     finally:
-        stop_smtp_source(ss)
-        for x in (load, load2):
-            if x is not None:
-                x.stopping.set()   # finish_and_check (or the failure) waits for them
+        stop_loads(ss, load, load2)
     res = finish_and_check(d, [load] + ([load2] if load2 else []))
 
     # The surviving connections carried on: the shard's death did not cut them.
@@ -292,7 +274,7 @@ def test_kill9_one_acceptor_mid_load(make_daemon):
         assert any(q[13:15] == "00" for q in load.queued().values())
         kill_us = time.time_ns() // 1000
         os.kill(old, signal.SIGKILL)
-        new = wait_restarted(d, "acceptor[0]", old)
+        new = d.wait_restarted("acceptor[0]", old)
         load2 = LoadClient(HOST, d.port, connections=4, max_messages=40_000, time_limit=30,
                            first_seq=1_000_000).start()
         load2.wait_for(200, timeout=20)
@@ -307,10 +289,7 @@ def test_kill9_one_acceptor_mid_load(make_daemon):
         assert any(q[13:15] == "00" and int(q[:13], 16) > kill_us
                    for q in list(load2.queued().values()) + list(probes))
     finally:
-        stop_smtp_source(ss)
-        for x in (load, load2):
-            if x is not None:
-                x.stopping.set()   # finish_and_check (or the failure) waits for them
+        stop_loads(ss, load, load2)
     res = finish_and_check(d, [load] + ([load2] if load2 else []), probes)
     assert not load2.connection_errors
     # Connections on the killed acceptor broke; their last message may or may

@@ -1,11 +1,11 @@
 """Delivery end to end: real DNS, real receiving servers, the real daemon.
 
-Each test starts unbound on loopback (tests/dnsserver.py) serving test zones
-whose MX records point at 127.0.0.x, receiving servers on those addresses
-(aiosmtpd with scripted replies, Postfix's smtp-sink dumping every
-transaction; tests/sinks.py), and ``mta serve`` with ``delivery.hold = false``,
-``delivery.nameservers`` = that unbound and ``delivery.mx_port`` = the port
-every receiver listens on.  Nothing resolves or connects anywhere else: every
+Each test starts a lab (the fixture ``lab``, tests/integration/mxlab.py): unbound
+on loopback (tests/dnsserver.py) serving test zones whose MX records point at
+127.0.0.x, receiving servers on those addresses (aiosmtpd with scripted replies,
+Postfix's smtp-sink dumping every transaction; tests/sinks.py), and ``mta serve``
+with ``delivery.hold = false``, ``delivery.nameservers`` = that unbound and
+``delivery.mx_port`` = the port every receiver listens on.  Nothing resolves or connects anywhere else: every
 recipient and bounce-receiving sender domain is in a served zone, every
 address is 127.0.0.x.
 
@@ -28,104 +28,21 @@ import smtplib
 import threading
 import time
 
-import pytest
-
-from daemon import HOST
-from dnsserver import dns_server  # noqa: F401  (fixture)
+from daemon import HOST, queued_id, smtp_transaction, split_received, wait_until
 from mta.queueid import domain_shard
-from sinks import AioSink, SmtpSink, common_port, qid_of, split_received, wait_until
+from mxlab import IPS, mx
+from sinks import qid_of
 
-IPS = [f"127.0.0.{n}" for n in range(10, 16)]
 IP_A, IP_B, IP_C, IP_D, IP_E, IP_F = IPS
 TERMINAL = ("delivery", "bounce", "expiration")
-QUEUED_RE = re.compile(r"queued as ([0-9A-F]{20})")
-
-
-# ----------------------------------------------------------------------------- the lab
-
-class Lab:
-    """One test's DNS server, receivers and daemon; everything stopped at the end."""
-
-    def __init__(self, make_daemon, dns_server, tmp_path):  # noqa: F811
-        self._make_daemon = make_daemon
-        self._dns_server = dns_server
-        self.tmp = tmp_path
-        self.port = common_port(IPS)
-        self.sinks: list = []
-        self.dns = None
-
-    def aio(self, ip, **kw) -> AioSink:
-        s = AioSink(ip, self.port, **kw)
-        self.sinks.append(s)
-        return s.start()
-
-    def smtp_sink(self, ip, args=()) -> SmtpSink:
-        s = SmtpSink(ip, self.port, args)
-        self.sinks.append(s)
-        return s.start()
-
-    def serve(self, records, **kw):
-        self.dns = self._dns_server(records, **kw)
-        return self.dns
-
-    def daemon(self, acceptors=1, shards=2, processes=1, **delivery):
-        cfg = {"hold": False, "processes": processes,
-               "nameservers": [f"{self.dns.address}:{self.dns.port}"],
-               "mx_port": self.port, "connect_timeout": 5.0, "command_timeout": 10.0,
-               "data_timeout": 10.0}
-        cfg.update(delivery)
-        return self._make_daemon(acceptors=acceptors, shards=shards, delivery=cfg)
-
-    def close(self):
-        for s in self.sinks:
-            s.stop()
-
-
-@pytest.fixture
-def lab(make_daemon, dns_server, tmp_path):  # noqa: F811
-    lab = Lab(make_daemon, dns_server, tmp_path)
-    yield lab
-    lab.close()
-
-
-def mx(domain, host, ip, pref=10):
-    return [f"{domain}. 300 IN MX {pref} {host}.", f"{host}. 300 IN A {ip}"]
 
 
 # ---------------------------------------------------------------------------- helpers
-
-def transaction(s: smtplib.SMTP, sender, rcpts, msg: bytes, mail_options=()):
-    """MAIL, RCPT..., DATA on session *s*; the final reply."""
-    code, text = s.mail(sender, list(mail_options))
-    assert code == 250, (code, text)
-    for r in rcpts:
-        code, text = s.rcpt(r)
-        assert code == 250, (r, code, text)
-    return s.data(msg)
-
-
-def send(d, sender, rcpts, msg: bytes, mail_options=()) -> str:
-    """Submit one message over SMTP; return its queue id from the 250 reply."""
-    with smtplib.SMTP(HOST, d.port, timeout=30) as s:
-        s.ehlo("client.test")
-        code, text = transaction(s, sender, rcpts, msg, mail_options)
-    assert code == 250, (code, text)
-    return QUEUED_RE.search(text.decode()).group(1)
-
 
 def message(subject: str, body: bytes = b"hello\r\n", extra: bytes = b"") -> bytes:
     mid = f"<{subject.replace(' ', '-')}.{time.monotonic_ns()}@client.test>"
     return (f"From: Alice <alice@sender.test>\r\nTo: someone\r\nSubject: {subject}\r\n"
             f"Message-ID: {mid}\r\n").encode() + extra + b"\r\n" + body
-
-
-def events(d) -> list[dict]:
-    path = os.path.join(d.state_dir, "log", "events.jsonl")
-    try:
-        with open(path, "rb") as f:
-            return [json.loads(x) for x in f.read().splitlines() if x.strip()]
-    except FileNotFoundError:
-        return []
 
 
 def queue_empty(d) -> bool:
@@ -138,7 +55,7 @@ def wait_queue_empty(d, timeout=20.0):
 
 def bounce_receptions(d) -> list[dict]:
     """Reception events of the DSNs the daemon generated (client 'bounce of QID')."""
-    return [e for e in events(d)
+    return [e for e in d.events()
             if e["type"] == "reception" and e.get("client", "").startswith("bounce of ")]
 
 
@@ -150,7 +67,7 @@ def check_events(d, expected: dict) -> dict:
     """
     by: dict = collections.defaultdict(lambda: {"reception": [], "terminal": [],
                                                  "transient": []})
-    for e in events(d):
+    for e in d.events():
         key = (e["queue_id"], e["recipient"])
         if e["type"] == "reception":
             by[key]["reception"].append(e)
@@ -208,10 +125,10 @@ def test_mx_delivery_is_byte_identical_with_envelope_kept(lab):
             b"trailing spaces   \r\n\ttab\r\n" + b"x" * 990 + b"\r\n\r\n\r\nlast\r\n")
     m1 = message("to two domains", body, extra=b"X-Custom:  folded\r\n  value\r\n")
     rcpts = ["ann@ai.test", "bob@ai.test", "cat@sink.test", "dan@sink.test"]
-    q1 = send(d, "alice@sender.test", rcpts, m1)
+    q1 = d.send("alice@sender.test", rcpts, m1)
     # 8-bit message, submitted with BODY=8BITMIME
     m2 = message("eight bit", "Grüße, ça va?\r\n".encode())
-    q2 = send(d, "alice@sender.test", ["eve@ai.test"], m2, ["BODY=8BITMIME"])
+    q2 = d.send("alice@sender.test", ["eve@ai.test"], m2, ["BODY=8BITMIME"])
 
     wait_until(lambda: ai.received() == 2 and sink.count() == 1, 15, "both receivers")
     wait_queue_empty(d)
@@ -262,8 +179,8 @@ def test_first_mx_down_second_mx_used(lab):
     d = lab.daemon()
     m1 = message("refused first")
     m2 = message("busy first")
-    q1 = send(d, "alice@sender.test", ["a@refused.test"], m1)
-    q2 = send(d, "alice@sender.test", ["b@busy.test"], m2)
+    q1 = d.send("alice@sender.test", ["a@refused.test"], m1)
+    q2 = d.send("alice@sender.test", ["b@busy.test"], m2)
     wait_until(lambda: good.received() == 2, 15, "delivery to the second MX")
     wait_queue_empty(d)
     got = {qid_of(t.data): t for t in good.snapshot()}
@@ -294,7 +211,7 @@ def test_greylisting_receiver_gets_the_message_on_a_retry(lab):
     # retries after 0.3 s (300 s scaled by 0.001)
     d = lab.daemon(retry_schedule=[300.0, 600.0], time_scale=0.001, retry_jitter=0.0)
     m = message("greylisted")
-    qid = send(d, "alice@sender.test", ["gary@grey.test"], m)
+    qid = d.send("alice@sender.test", ["gary@grey.test"], m)
     wait_until(lambda: gl.received() == 1, 15, "delivery after greylisting")
     wait_queue_empty(d)
     [t] = gl.snapshot()
@@ -322,7 +239,7 @@ def test_550_for_one_of_three_recipients_bounces_only_that_one(lab):
     d = lab.daemon()
     m = message("three recipients")
     rcpts = ["ann@dest.test", "bob@dest.test", "cat@dest.test"]
-    qid = send(d, "alice@sender.test", rcpts, m)
+    qid = d.send("alice@sender.test", rcpts, m)
     wait_until(lambda: sender_mx.received() >= 1, 15, "the DSN at the sender's MX")
     wait_queue_empty(d)
 
@@ -363,7 +280,7 @@ def test_null_mx_and_nxdomain_bounce(lab):
     d = lab.daemon()
     m = message("nowhere to go")
     rcpts = ["nina@nullmx.test", "xavier@nothere.void.test"]
-    qid = send(d, "alice@sender.test", rcpts, m)
+    qid = d.send("alice@sender.test", rcpts, m)
     wait_queue_empty(d)
     reported = {}
     for t in sender_mx.snapshot():
@@ -394,7 +311,7 @@ def test_expiry_bounces(lab):
     # retries every 0.1 s; the message may stay queued 0.8 s
     d = lab.daemon(retry_schedule=[100.0], time_scale=0.001, max_age=800.0)
     m = message("never accepted")
-    qid = send(d, "alice@sender.test", ["sam@dest.test"], m)
+    qid = d.send("alice@sender.test", ["sam@dest.test"], m)
     wait_until(lambda: sender_mx.received() >= 1, 15, "the expiry DSN")
     wait_queue_empty(d)
     assert slow.snapshot() == []
@@ -426,7 +343,7 @@ def test_null_sender_failure_is_not_bounced(lab):
     lab.serve(mx("dest.test", "mx.dest.test", IP_A))
     d = lab.daemon()
     m = message("a bounce from elsewhere")
-    qid = send(d, "", ["bob@dest.test", "ann@dest.test"], m)
+    qid = d.send("", ["bob@dest.test", "ann@dest.test"], m)
     wait_until(lambda: dest.received() == 1, 15, "the accepted recipient's copy")
     wait_queue_empty(d)
     time.sleep(0.5)   # a bounce, if one were made, would be queued by now
@@ -455,8 +372,8 @@ def test_routes_take_precedence_over_mx(lab):
         {"domain": "*", "hosts": [f"{IP_C}:{lab.port}"], "starttls": "none"},
     ])
     m1, m2 = message("routed"), message("smarthost")
-    q1 = send(d, "alice@sender.test", ["r@routed.test"], m1)
-    q2 = send(d, "alice@sender.test", ["o@other.test"], m2)
+    q1 = d.send("alice@sender.test", ["r@routed.test"], m1)
+    q2 = d.send("alice@sender.test", ["o@other.test"], m2)
     wait_until(lambda: relay.received() == 1 and smarthost.received() == 1, 15, "routed mail")
     wait_queue_empty(d)
     assert mx_host.connections == 0 and mx_host.snapshot() == []
@@ -480,7 +397,7 @@ def test_connection_reuse(lab):
     # one at a time: the idle connection is used for the next message
     for i in range(5):
         m = message(f"one at a time {i}")
-        sent[send(d, "alice@sender.test", [f"u{i}@dest.test"], m)] = m
+        sent[d.send("alice@sender.test", [f"u{i}@dest.test"], m)] = m
         wait_until(lambda n=i + 1: dest.received() == n, 10, "delivery")
     assert dest.connections == 1
     # a burst over one SMTP session: at most connections_per_domain connections
@@ -488,9 +405,9 @@ def test_connection_reuse(lab):
         s.ehlo("client.test")
         for i in range(40):
             m = message(f"burst {i}")
-            code, text = transaction(s, "alice@sender.test", [f"v{i}@dest.test"], m)
+            code, text = smtp_transaction(s, "alice@sender.test", [f"v{i}@dest.test"], m)
             assert code == 250, (code, text)
-            sent[QUEUED_RE.search(text.decode()).group(1)] = m
+            sent[queued_id(text.decode())] = m
     wait_until(lambda: dest.received() == 45, 20, "the burst")
     wait_queue_empty(d)
     txns = dest.snapshot()
@@ -511,10 +428,10 @@ def test_queue_shows_deferred_and_flush_makes_them_due(lab):
     d = lab.daemon(retry_schedule=[3600.0], retry_jitter=0.0)
     m = message("deferred")
     rcpts = ["u1@dest.test", "u2@dest.test"]
-    qid = send(d, "alice@sender.test", rcpts, m)
-    wait_until(lambda: sum(e["type"] == "transient_failure" for e in events(d)) == 2, 15,
+    qid = d.send("alice@sender.test", rcpts, m)
+    wait_until(lambda: sum(e["type"] == "transient_failure" for e in d.events()) == 2, 15,
                "two transient failures")
-    tried = {e["recipient"]: e for e in events(d) if e["type"] == "transient_failure"}
+    tried = {e["recipient"]: e for e in d.events() if e["type"] == "transient_failure"}
     due = tried["u1@dest.test"]["next_attempt"]
     assert abs(due - (tried["u1@dest.test"]["timestamp"] + 3600)) < 2
 
@@ -563,7 +480,7 @@ def test_event_log_matches_what_the_receivers_saw(lab):
     expected = {}
     for i in range(15):
         rcpts = [f"p{i}@one.test", f"q{i}@two.test"] + ([f"x{i}@one.test"] if i % 3 == 0 else [])
-        qid = send(d, "alice@sender.test", rcpts, message(f"mixed {i}"))
+        qid = d.send("alice@sender.test", rcpts, message(f"mixed {i}"))
         for r in rcpts:
             expected[(qid, r)] = "bounce" if r.startswith("x") else "delivery"
     wait_until(lambda: sender_mx.received() == 5, 20, "five DSNs")
@@ -652,10 +569,10 @@ class Injector:
                 if seq is None:
                     break
                 rcpts = self.rcpts_of(seq)
-                code, text = transaction(s, "load@sender.test", rcpts, self.body(seq))
+                code, text = smtp_transaction(s, "load@sender.test", rcpts, self.body(seq))
                 if code == 250:
                     with self.lock:
-                        self.accepted[seq] = (QUEUED_RE.search(text.decode()).group(1), rcpts)
+                        self.accepted[seq] = (queued_id(text.decode()), rcpts)
                 else:
                     self.errors.append(f"message {seq}: {code} {text!r}")
             s.quit()
@@ -718,7 +635,7 @@ def check_after_crash(d, inj, sinks, sender_mx, report_path, strict_events, at_k
     # only recipients in flight at the kill may repeat (one recipient per job here)
     assert len(dupes) <= in_flight <= SHARDS * MAX_IN_FLIGHT, (in_flight, dupes)
     assert sender_mx.snapshot() == [], "nothing should have bounced"
-    ev = events(d)
+    ev = d.events()
     rec = collections.Counter((e["queue_id"], e["recipient"]) for e in ev
                               if e["type"] == "reception")
     term = collections.Counter((e["queue_id"], e["recipient"]) for e in ev

@@ -1,31 +1,13 @@
 """Messages injected over SMTP are DKIM-signed once, in the acceptor, before they are spooled."""
-import smtplib
-
 import dkim as dkimpy
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from daemon import HOST
 from mta.dkim import public_record
 
 
-def _write_keys(tmp_path):
-    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ed_key = ed25519.Ed25519PrivateKey.generate()
-    paths = {}
-    for name, key in (("rsa", rsa_key), ("ed", ed_key)):
-        p = tmp_path / f"{name}.pem"
-        p.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                        serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
-        paths[name] = str(p)
-    records = {b"rsa1._domainkey.signer.test.": public_record(rsa_key).encode(),
-               b"ed1._domainkey.signer.test.": public_record(ed_key).encode()}
-    return paths, records
-
-
-def test_smtp_injected_mail_is_signed_and_verifies(make_daemon, tmp_path):
-    paths, records = _write_keys(tmp_path)
+def test_smtp_injected_mail_is_signed_and_verifies(make_daemon, dkim_keys):
+    paths = dkim_keys.files
+    records = {b"rsa1._domainkey.signer.test.": public_record(dkim_keys.rsa).encode(),
+               b"ed1._domainkey.signer.test.": public_record(dkim_keys.ed).encode()}
     d = make_daemon(dkim={"keys": [
         {"domain": "signer.test", "selector": "rsa1", "key_file": paths["rsa"]},
         {"domain": "signer.test", "selector": "ed1", "key_file": paths["ed"],
@@ -34,9 +16,9 @@ def test_smtp_injected_mail_is_signed_and_verifies(make_daemon, tmp_path):
     msg = (b"From: News <news@signer.test>\r\nTo: reader@example.net\r\n"
            b"Subject: signed\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
            b"Message-ID: <s1@signer.test>\r\n\r\nBody line\r\n")
-    with smtplib.SMTP(HOST, d.port) as s:
-        s.sendmail("bounces@signer.test", ["reader@example.net"], msg)
+    qid = d.send("bounces@signer.test", ["reader@example.net"], msg)
     [q] = d.queue_list()
+    assert q["queue_id"] == qid
     raw = d.cli("queue", "show", "--raw", q["queue_id"]).stdout
     assert raw.count(b"DKIM-Signature:") == 2
     assert raw.endswith(msg)  # signing only prepends header fields
@@ -60,13 +42,12 @@ def test_smtp_injected_mail_is_signed_and_verifies(make_daemon, tmp_path):
         assert not ok
 
 
-def test_unsigned_when_no_key_matches(make_daemon, tmp_path):
-    paths, _ = _write_keys(tmp_path)
+def test_unsigned_when_no_key_matches(make_daemon, dkim_keys):
     d = make_daemon(dkim={"keys": [
-        {"domain": "signer.test", "selector": "rsa1", "key_file": paths["rsa"]}]})
-    with smtplib.SMTP(HOST, d.port) as s:
-        s.sendmail("a@other.test", ["b@example.net"],
-                   b"From: a@other.test\r\nSubject: x\r\n\r\nx\r\n")
+        {"domain": "signer.test", "selector": "rsa1", "key_file": dkim_keys.files["rsa"]}]})
+    qid = d.send("a@other.test", ["b@example.net"],
+                 b"From: a@other.test\r\nSubject: x\r\n\r\nx\r\n")
     [q] = d.queue_list()
+    assert q["queue_id"] == qid
     raw = d.cli("queue", "show", "--raw", q["queue_id"]).stdout
     assert b"DKIM-Signature:" not in raw

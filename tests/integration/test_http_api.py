@@ -25,8 +25,8 @@ import time
 from email import policy
 
 import pytest
-from aiosmtpd.controller import Controller
-from daemon import HOST, Daemon, free_port
+from daemon import HOST, free_port, wait_until
+from sinks import AioSink
 from sparkpost import SparkPost
 from sparkpost.exceptions import SparkPostAPIException
 
@@ -92,59 +92,33 @@ def closed(sock, timeout: float = 5.0) -> bool:
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory):
+def api(make_module_daemon):
     """One held daemon shared by the cases that only inject (2 acceptors, 2 shards)."""
-    d = Daemon(tmp_path_factory.mktemp("api"), http={
+    return make_module_daemon(subdir="api", http={
         "api_keys": [KEY, "test-key-2"], "max_body_size": 2 * 1024 * 1024,
         "max_header_size": 8192, "request_timeout": 2.0})
-    d.write_config()
-    d.start()
-    yield d
-    d.cleanup()
-
-
-class _Sink:
-    """aiosmtpd on loopback keeping every message it receives."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.messages: list[tuple[list, bytes]] = []
-        self.lock = threading.Lock()
-        sink = self
-
-        class Handler:
-            async def handle_DATA(self, server, session, envelope):
-                with sink.lock:
-                    sink.messages.append((list(envelope.rcpt_tos), envelope.original_content))
-                return "250 2.0.0 ok"
-
-        self.ctl = Controller(Handler(), hostname=HOST, port=self.port, enable_SMTPUTF8=True)
-
-    def wait(self, rcpt: str, timeout: float = 30.0) -> email.message.EmailMessage:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                for rcpts, data in self.messages:
-                    if rcpt in rcpts:
-                        return email.message_from_bytes(data, policy=policy.default)
-            time.sleep(0.05)
-        raise AssertionError(f"{rcpt} never reached the sink")
 
 
 @pytest.fixture(scope="module")
-def delivering(tmp_path_factory):
+def delivering(make_module_daemon):
     """A daemon that delivers everything to an aiosmtpd sink: (daemon, sink)."""
-    sink = _Sink()
-    sink.ctl.start()
-    d = Daemon(tmp_path_factory.mktemp("deliver"), acceptors=1, shards=1,
-               http={"api_keys": [KEY]},
-               delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
-                                                    "hosts": [f"{HOST}:{sink.port}"]}]})
-    d.write_config()
-    d.start()
-    yield d, sink
-    d.cleanup()
-    sink.ctl.stop()
+    sink = AioSink(HOST, free_port()).start()
+    d = None
+    try:
+        d = make_module_daemon(
+            subdir="deliver", acceptors=1, shards=1, http={"api_keys": [KEY]},
+            delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                 "hosts": [f"{HOST}:{sink.port}"]}]})
+        yield d, sink
+    finally:
+        if d is not None:
+            d.cleanup()     # before its receiver goes
+        sink.stop()
+
+
+def delivered(sink: AioSink, rcpt: str) -> email.message.EmailMessage:
+    """The message the sink received for rcpt, parsed (waits for it)."""
+    return email.message_from_bytes(sink.wait_for(rcpt).data, policy=policy.default)
 
 
 def queued(d) -> int:
@@ -181,7 +155,7 @@ def test_python_sparkpost_client(delivering):
         sp.transmissions.send(recipients=["x@example.net"], from_email="s@example.com",
                               text="no subject")
     assert e.value.status == 422
-    msg = sink.wait("py1@example.net")
+    msg = delivered(sink, "py1@example.net")
     assert msg["Subject"] == "Hi Ada — ünïcode"
     assert msg["To"] == "Ada Lovelace <py1@example.net>"
     assert msg["From"] == "Sender Co <sender@example.com>"
@@ -192,7 +166,7 @@ def test_python_sparkpost_client(delivering):
     assert parts["application/pdf"].get_content() == ATTACHMENT
     assert parts["application/pdf"].get_filename() == "bill.pdf"
     assert all(not p.defects for p in msg.walk())
-    raw = sink.wait("py2@example.net")
+    raw = delivered(sink, "py2@example.net")
     assert raw["Subject"] == "raw for py2@example.net"
     assert raw.get_content().replace("\r\n", "\n") == "Body for py2@example.net\n"
     assert raw["Message-ID"] and raw["Date"]
@@ -231,14 +205,14 @@ def test_npm_sparkpost_client(delivering):
         "message": R.UNAUTHORIZED.message, "code": R.UNAUTHORIZED.code,
         "description": "the API key in the Authorization header is not valid"}],
         "message": "Unauthorized"}
-    msg = sink.wait("js1@example.net")
+    msg = delivered(sink, "js1@example.net")
     assert msg["Subject"] == "Hi Grace"
     parts = [p for p in msg.walk() if not p.is_multipart()]
     assert [p.get_content_type() for p in parts] == ["text/plain", "text/html", "text/plain"]
     assert parts[0].get_content().strip() == "Hello Grace!"
     assert parts[1].get_content().strip() == "<b>Grace</b>"
     assert parts[2].get_filename() == "notes.txt" and parts[2].get_content() == "note\n" * 40
-    assert sink.wait("js2@example.net")["Subject"] == "rfc822 js2@example.net"
+    assert delivered(sink, "js2@example.net")["Subject"] == "rfc822 js2@example.net"
 
 
 # ---------------------------------------------------------------- errors
@@ -498,8 +472,7 @@ def test_idempotency_survives_reload_and_kill9(make_daemon):
     t = threading.Thread(target=probe)
     t.start()
     try:
-        d.proc.send_signal(signal.SIGHUP)
-        d.wait_log(r"reloaded: accepting", timeout=60)
+        d.reload(r"reloaded: accepting")
         time.sleep(0.3)
     finally:
         stop.set()
@@ -529,18 +502,14 @@ def test_reload_moves_the_http_listener(make_daemon):
     d = make_daemon(acceptors=1)
     old_port = d.http_port
     new_port = free_port()
-    d.sections["http"]["listen"] = [f"{HOST}:{new_port}"]
-    d.write_config()
-    d.proc.send_signal(signal.SIGHUP)
-    d.wait_log(r"reloaded: accepting SMTP on \S+, HTTP on 127\.0\.0\.1:" + str(new_port),
-               timeout=60)
+    d.reload(r"reloaded: accepting SMTP on \S+, HTTP on 127\.0\.0\.1:" + str(new_port),
+             http={"listen": [f"{HOST}:{new_port}"]})
     d.http_port = new_port
     assert d.post(simple())[0] == 200
     time.sleep(1.5)   # the old acceptor has drained
     with pytest.raises(OSError):
         socket.create_connection((HOST, old_port), timeout=2).close()
-    with smtplib.SMTP(HOST, d.port) as s:   # the SMTP socket was kept
-        s.sendmail("a@example.com", ["after@example.net"], b"Subject: x\r\n\r\ny\r\n")
+    d.send("a@example.com", ["after@example.net"], b"Subject: x\r\n\r\ny\r\n")  # SMTP kept
 
 
 # ------------------------------------------------------------ pressure
@@ -627,17 +596,9 @@ def test_x_msys_api_over_smtp_is_recorded_and_removed(api):
     raw = d.cli("queue", "show", "--raw", q["msys@example.net"]).stdout
     assert b"X-MSYS-API" not in raw and raw.endswith(b"Subject: parity\r\n\r\nbody\r\n")
     assert b"X-MSYS-API" not in d.cli("queue", "show", "--raw", q["msys-bad@example.net"]).stdout
-    events_path = os.path.join(d.state_dir, "log", "events.jsonl")
-    deadline = time.monotonic() + 10
-    ev = None
-    while time.monotonic() < deadline and ev is None:
-        with open(events_path, "rb") as fh:
-            for line in fh:
-                e = json.loads(line)
-                if e.get("queue_id") == q["msys@example.net"] and e["type"] == "reception":
-                    ev = e
-        time.sleep(0.05)
-    assert ev is not None
+    ev = wait_until(lambda: next((e for e in d.events() if e["type"] == "reception"
+                                  and e.get("queue_id") == q["msys@example.net"]), None),
+                    10, "the reception event of msys@example.net", interval=0.05)
     assert ev["campaign_id"] == "smtp-camp" and ev["metadata"] == {"plan": "gold", "n": 3}
     assert ev["tags"] == ["alpha", "beta"] and ev["ip_pool"] == "pool-7"
     assert ev["transactional"] is True
@@ -648,15 +609,13 @@ def test_x_msys_api_over_smtp_is_recorded_and_removed(api):
                        "campaign_id": "http-camp", "metadata": {"t": 2},
                        "options": {"ip_pool": "p2"}}, headers=AUTH)
     assert st == 200
-    found = {}
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and len(found) < 2:
-        with open(events_path, "rb") as fh:
-            for line in fh:
-                e = json.loads(line)
-                if e.get("recipient") in ("ev1@example.net", "ev2@example.net"):
-                    found[e["recipient"]] = e
-        time.sleep(0.05)
+
+    def both():
+        found = {e["recipient"]: e for e in d.events()
+                 if e.get("recipient") in ("ev1@example.net", "ev2@example.net")}
+        return found if len(found) == 2 else None
+
+    found = wait_until(both, 10, "the events of ev1 and ev2", interval=0.05)
     assert found["ev1@example.net"]["metadata"] == {"t": 2, "r": 1}
     assert found["ev1@example.net"]["tags"] == ["x"]
     assert found["ev2@example.net"]["metadata"] == {"t": 2} and "tags" not in found[

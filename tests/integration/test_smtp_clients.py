@@ -3,6 +3,7 @@ import smtplib
 import subprocess
 
 from daemon import HOST
+from loadclient import smtp_source_argv
 
 
 def test_smtplib_multiple_recipients_byte_exact(daemon):
@@ -40,13 +41,11 @@ def test_swaks_pipelined(daemon):
     assert [x["recipients"] for x in q] == [["r@example.net"]]
 
 
-def test_smtp_source_20_sessions_1000_each(make_daemon):
-    d = make_daemon()
+def test_smtp_source_20_sessions_1000_each(daemon):
+    d = daemon
     n = 20_000
-    r = subprocess.run(
-        ["smtp-source", "-s", "20", "-m", str(n), "-l", "2048", "-d", "-M", "[127.0.0.1]",
-         "-f", "load@example.com", "-t", "sink@example.net", f"{HOST}:{d.port}"],
-        capture_output=True, timeout=600)
+    r = subprocess.run(smtp_source_argv(d.port, 20, n, "load@example.com", "sink@example.net"),
+                       capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     summary = d.queue_summary()
     assert summary["total"]["messages"] == n

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from daemon import HOST, Daemon
+from daemon import HOST
 from mta.acceptor import replies as R
 
 GREETING = b"220 mta.test ESMTP\r\n"
@@ -26,11 +26,8 @@ TRAILER = b"NOOP\r\nQUIT\r\n"
 
 
 @pytest.fixture(scope="module")
-def mta(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("smuggling"), acceptors=1, shards=1)
-    d.start()
-    yield d
-    d.cleanup()
+def mta(make_module_daemon):
+    return make_module_daemon(acceptors=1, shards=1)
 
 
 def split_replies(data: bytes) -> list[bytes]:
@@ -79,27 +76,54 @@ FAKE_AFTER_TEXT = [
 # Fake terminators as the very first bytes of DATA.
 FAKE_AT_START = [b".\n", b".\r", b".\r\r\n", b"\n.\n", b"\r.\r\n", b"\n.\r\n"]
 
-CASES = ([pytest.param(b"Subject: t\r\n\r\ntext" + f, id=f"text+{f!r}") for f in FAKE_AFTER_TEXT]
-         + [pytest.param(f, id=f"start+{f!r}") for f in FAKE_AT_START])
+# Lookalikes with a NUL: a server downstream that drops NULs would see a "." line we did
+# not, so a message with a NUL is refused too.
+NUL_LOOKALIKES = [(b"\r\n\x00.\r\n", "NUL-dot"), (b"\r\n.\x00\r\n", "dot-NUL"),
+                  (b"\r\nplain\x00text\r\n", "NUL-in-text")]
+
+# (what DATA starts with, before the smuggled transaction; the reply refusing the message)
+CASES = ([pytest.param(b"Subject: t\r\n\r\ntext" + f, R.BARE_LINE_END, id=f"text+{f!r}")
+          for f in FAKE_AFTER_TEXT]
+         + [pytest.param(f, R.BARE_LINE_END, id=f"start+{f!r}") for f in FAKE_AT_START]
+         + [pytest.param(b"Subject: t\r\n\r\ntext" + f, R.NUL_IN_TEXT, id=name)
+            for f, name in NUL_LOOKALIKES])
 
 
-@pytest.mark.parametrize("head", CASES)
-def test_fake_end_of_data_smuggles_nothing(mta, head):
+@pytest.mark.parametrize("head, refusal", CASES)
+def test_fake_end_of_data_smuggles_nothing(mta, head, refusal):
     body = head + SMUGGLED + REAL_END
     # The case itself is sound: the only real end of data is the one at the end.
     assert body.find(b"\r\n.\r\n") == len(body) - 5 and not body.startswith(b".\r\n")
     for byte_by_byte in (False, True):
         replies = dialogue(mta, ENVELOPE + body + TRAILER, byte_by_byte)
-        assert replies == [R.SENDER_OK, R.RCPT_OK, R.START_DATA, R.BARE_LINE_END, R.OK, R.BYE], \
+        assert replies == [R.SENDER_OK, R.RCPT_OK, R.START_DATA, refusal, R.OK, R.BYE], \
             f"byte_by_byte={byte_by_byte}"
     assert mta.queue_list() == []
 
 
+QUEUED = b"250 2.0.0 Ok: queued as "
+
+
+def queued_id(reply: bytes) -> str:
+    """The queue id of a 250 reply to the end of a message."""
+    assert reply.startswith(QUEUED), reply
+    return reply[len(QUEUED):-2].decode()
+
+
 def _accepted_once(mta, replies: list[bytes]) -> str:
     assert replies[:3] == [R.SENDER_OK, R.RCPT_OK, R.START_DATA]
-    assert replies[3].startswith(b"250 2.0.0 Ok: queued as ")
     assert replies[4:] == [R.OK, R.BYE]
-    return replies[3][len(b"250 2.0.0 Ok: queued as "):-2].decode()
+    return queued_id(replies[3])
+
+
+def only_message(mta, qid: str, sender: str, rcpt: str) -> bytes:
+    """The queue holds exactly the message qid from sender to rcpt: its stored bytes.
+    It is deleted, so the next case starts with an empty queue."""
+    q = mta.queue_list()
+    assert [(x["queue_id"], x["sender"], x["recipients"]) for x in q] == [(qid, sender, [rcpt])]
+    raw = mta.cli("queue", "show", "--raw", qid).stdout
+    mta.cli("queue", "delete", qid)
+    return raw
 
 
 @pytest.mark.parametrize("between, stored", [
@@ -114,12 +138,8 @@ def test_lookalike_content_is_one_message(mta, between, stored):
     expected = head + stored + SMUGGLED + b"\r\n"
     for byte_by_byte in (False, True):
         qid = _accepted_once(mta, dialogue(mta, ENVELOPE + body + TRAILER, byte_by_byte))
-        q = mta.queue_list()
-        assert [(x["queue_id"], x["sender"], x["recipients"]) for x in q] == \
-            [(qid, "sender@example.com", ["rcpt@example.net"])]
-        raw = mta.cli("queue", "show", "--raw", qid).stdout
+        raw = only_message(mta, qid, "sender@example.com", "rcpt@example.net")
         assert raw.startswith(b"Received: ") and raw.endswith(b"\r\n" + expected)
-        mta.cli("queue", "delete", qid)
 
 
 def bdat(data: bytes, last: bool = False) -> bytes:
@@ -133,21 +153,6 @@ TEXT = b"Subject: t\r\n\r\ntext"
 
 def chunk_ok(n: int) -> bytes:
     return R.CHUNK_OK.format(n=n).encode()
-
-
-@pytest.mark.parametrize("between", [
-    pytest.param(b"\r\n\x00.\r\n", id="NUL-dot"),
-    pytest.param(b"\r\n.\x00\r\n", id="dot-NUL"),
-    pytest.param(b"\r\nplain\x00text\r\n", id="NUL-in-text"),
-])
-def test_nul_lookalikes_are_refused(mta, between):
-    """A server downstream that drops NULs would see a "." line we did not: refuse NUL."""
-    body = b"Subject: t\r\n\r\ntext" + between + SMUGGLED + REAL_END
-    for byte_by_byte in (False, True):
-        replies = dialogue(mta, ENVELOPE + body + TRAILER, byte_by_byte)
-        assert replies == [R.SENDER_OK, R.RCPT_OK, R.START_DATA, R.NUL_IN_TEXT, R.OK, R.BYE], \
-            f"byte_by_byte={byte_by_byte}"
-    assert mta.queue_list() == []
 
 
 def test_bdat_bare_line_ends_rejected_at_last(mta):
@@ -187,16 +192,10 @@ def test_bdat_crlf_split_across_chunks_is_one_message(mta):
     for byte_by_byte in (False, True):
         replies = dialogue(mta, script, byte_by_byte)
         assert replies[:3] == [R.SENDER_OK, R.RCPT_OK, chunk_ok(len(first))]
-        assert replies[3].startswith(b"250 2.0.0 Ok: queued as ")
         assert replies[4:] == [R.OK, R.BYE]
-        qid = replies[3][len(b"250 2.0.0 Ok: queued as "):-2].decode()
-        q = mta.queue_list()
-        assert [(x["queue_id"], x["sender"], x["recipients"]) for x in q] == \
-            [(qid, "sender@example.com", ["rcpt@example.net"])]
-        raw = mta.cli("queue", "show", "--raw", qid).stdout
+        raw = only_message(mta, queued_id(replies[3]), "sender@example.com", "rcpt@example.net")
         # BDAT content is not dot-unstuffed: stored exactly as sent.
         assert raw.endswith(b"\r\n" + first + second)
-        mta.cli("queue", "delete", qid)
 
 
 def test_session_usable_after_rejected_smuggling_attempt(mta):
@@ -210,9 +209,5 @@ def test_session_usable_after_rejected_smuggling_attempt(mta):
     assert replies[:6] == [R.SENDER_OK, R.RCPT_OK, R.START_DATA, R.BARE_LINE_END,
                            R.NEED_MAIL, R.SENDER_OK]
     assert replies[6:8] == [R.RCPT_OK, R.START_DATA]
-    assert replies[8].startswith(b"250 2.0.0 Ok: queued as ") and replies[9:] == [R.BYE]
-    qid = replies[8][len(b"250 2.0.0 Ok: queued as "):-2].decode()
-    q = mta.queue_list()
-    assert [(x["queue_id"], x["sender"], x["recipients"]) for x in q] == \
-        [(qid, "second@example.com", ["r2@example.net"])]
-    mta.cli("queue", "delete", qid)
+    assert replies[9:] == [R.BYE]
+    only_message(mta, queued_id(replies[8]), "second@example.com", "r2@example.net")

@@ -34,23 +34,22 @@ def client_ctx(ca):
 
 
 @pytest.fixture(scope="module")
-def mta(tmp_path_factory, ca):
+def mta(make_module_daemon, tmp_path_factory, ca):
     tmp = tmp_path_factory.mktemp("tls")
     cert = ca.issue_cert("mta.test", HOST)
     cert_path, key_path, auth_path = tmp / "cert.pem", tmp / "key.pem", tmp / "users"
     cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
     cert.private_key_pem.write_to_path(str(key_path))
-    d = Daemon(tmp / "d", acceptors=1, shards=1,
-               smtp={"tls_certificate": str(cert_path), "tls_key": str(key_path),
-                     "auth_file": str(auth_path), "relay_networks": ["127.0.0.2/32"],
-                     "max_connections_per_ip": 4, "max_buffered_input": 4096})
+    d = make_module_daemon(
+        start=False, acceptors=1, shards=1,
+        smtp={"tls_certificate": str(cert_path), "tls_key": str(key_path),
+              "auth_file": str(auth_path), "relay_networks": ["127.0.0.2/32"],
+              "max_connections_per_ip": 4, "max_buffered_input": 4096})
     line = d.cli("passwd", "--iterations", "10000", USER,
                  input=PASSWORD.encode() + b"\n").stdout.decode()
     assert line.startswith(USER + ":pbkdf2_sha256$10000$")
     auth_path.write_text(f"# test users\n{line}{SLOW_USER}:{hash_password(PASSWORD)}\n")
-    d.start()
-    yield d
-    d.cleanup()
+    return d.start()
 
 
 def starttls(c, ctx) -> None:
@@ -69,19 +68,20 @@ def plain(user: str, password: str) -> bytes:
     return base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
 
 
-def reply_bytes(c) -> bytes:
-    code, lines = c.reply()
-    return "".join(f"{code}{'-' if i < len(lines) - 1 else ' '}{x}\r\n"
-                   for i, x in enumerate(lines)).encode()
-
-
-def tls_session(mta, ctx, source=None):
-    c = mta.connect(source=source)
-    assert c.cmd("EHLO client.test")[0] == 250
+def tls_session(mta, ctx):
+    """A session that said EHLO, STARTTLS and EHLO again: (client, the extensions offered)."""
+    c = mta.session()
     starttls(c, ctx)
     code, ext = c.cmd("EHLO client.test")
     assert code == 250
     return c, ext
+
+
+def relay(c) -> bytes:
+    """MAIL FROM:<x@example.com> (accepted), then RCPT TO:<y@example.net>: the reply to the
+    RCPT, exactly -- whether this session may relay."""
+    assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
+    return c.exchange(b"RCPT TO:<y@example.net>\r\n")[0]
 
 
 def test_ehlo_before_tls_offers_starttls_not_auth(mta):
@@ -91,20 +91,17 @@ def test_ehlo_before_tls_offers_starttls_not_auth(mta):
         assert "STARTTLS" in ext
         assert not any(x.startswith("AUTH") for x in ext)
         c.send(b"AUTH PLAIN " + plain(USER, PASSWORD) + b"\r\n")
-        assert reply_bytes(c) == R.ENCRYPTION_REQUIRED
+        assert c.reply_bytes() == R.ENCRYPTION_REQUIRED
         c.send(b"AUTH LOGIN\r\n")
-        assert reply_bytes(c) == R.ENCRYPTION_REQUIRED
+        assert c.reply_bytes() == R.ENCRYPTION_REQUIRED
         # Still unauthenticated: relaying from 127.0.0.1 is refused.
-        assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
-        c.send(b"RCPT TO:<y@example.net>\r\n")
-        assert reply_bytes(c) == R.RELAY_DENIED
+        assert relay(c) == R.RELAY_DENIED
 
 
 def test_plaintext_pipelined_after_starttls_is_discarded(mta, client_ctx):
-    with mta.connect() as c:
-        assert c.cmd("EHLO client.test")[0] == 250
+    with mta.session() as c:
         c.send(b"STARTTLS\r\nMAIL FROM:<x@example.com>\r\n")
-        assert reply_bytes(c) == R.TLS_GO
+        assert c.reply_bytes() == R.TLS_GO
         c.sock = client_ctx.wrap_socket(c.sock, server_hostname="mta.test")
         c.rfile = c.sock.makefile("rb")
         code, ext = c.cmd("EHLO client.test")
@@ -112,27 +109,26 @@ def test_plaintext_pipelined_after_starttls_is_discarded(mta, client_ctx):
         assert "AUTH PLAIN LOGIN" in ext
         assert "STARTTLS" not in ext
         c.send(b"RCPT TO:<y@example.net>\r\n")
-        assert reply_bytes(c) == R.NEED_MAIL     # the pipelined MAIL did not count
+        assert c.reply_bytes() == R.NEED_MAIL     # the pipelined MAIL did not count
         c.send(b"STARTTLS\r\n")
-        assert reply_bytes(c) == R.ALREADY_TLS
+        assert c.reply_bytes() == R.ALREADY_TLS
         assert c.cmd("QUIT")[0] == 221
 
 
 def test_starttls_needs_ehlo_first(mta):
     with mta.connect() as c:
         c.send(b"STARTTLS\r\n")
-        assert reply_bytes(c) == R.NEED_HELO
+        assert c.reply_bytes() == R.NEED_HELO
         c.send(b"EHLO client.test\r\nSTARTTLS now\r\n")
-        assert reply_bytes(c).startswith(b"250-mta.test\r\n")
-        assert reply_bytes(c) == R.SYNTAX
+        assert c.reply_bytes().startswith(b"250-mta.test\r\n")
+        assert c.reply_bytes() == R.SYNTAX
 
 
 def test_failed_handshakes_release_their_connection_slot(mta):
     """A client that botches the TLS handshake is closed and does not count any more."""
     src = "127.0.0.8"       # max_connections_per_ip = 4
     for _ in range(6):
-        with mta.connect(source=src) as c:
-            assert c.cmd("EHLO client.test")[0] == 250
+        with mta.session(source=src) as c:
             starttls_reply = c.cmd("STARTTLS")
             assert starttls_reply[0] == 220
             c.send(b"EHLO this is not a TLS ClientHello\r\n")
@@ -151,66 +147,59 @@ def test_failed_handshakes_release_their_connection_slot(mta):
 
 def test_command_before_ehlo_after_starttls_needs_helo(mta, client_ctx):
     """TLS starts a new session (RFC 3207 4.2): the pre-TLS EHLO no longer counts."""
-    with mta.connect() as c:
-        assert c.cmd("EHLO client.test")[0] == 250
+    with mta.session() as c:
         starttls(c, client_ctx)
         c.send(b"MAIL FROM:<x@example.com>\r\n")
-        assert reply_bytes(c) == R.NEED_HELO
+        assert c.reply_bytes() == R.NEED_HELO
 
 
 def test_auth_plain(mta, client_ctx):
     c, ext = tls_session(mta, client_ctx)
     with c:
         c.send(b"AUTH PLAIN " + plain(USER, "wrong password") + b"\r\n")
-        assert reply_bytes(c) == R.AUTH_FAILED
+        assert c.reply_bytes() == R.AUTH_FAILED
         c.send(b"AUTH PLAIN " + plain("nobody", PASSWORD) + b"\r\n")
-        assert reply_bytes(c) == R.AUTH_FAILED
+        assert c.reply_bytes() == R.AUTH_FAILED
         # Not authenticated after failures: relaying is refused.
-        assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
-        c.send(b"RCPT TO:<y@example.net>\r\n")
-        assert reply_bytes(c) == R.RELAY_DENIED
+        assert relay(c) == R.RELAY_DENIED
         c.send(b"RSET\r\n")
-        assert reply_bytes(c) == R.OK
+        assert c.reply_bytes() == R.OK
         # Without an initial response: an empty challenge, then the credentials.
         c.send(b"AUTH PLAIN\r\n")
-        assert reply_bytes(c) == R.AUTH_CHALLENGE_EMPTY
+        assert c.reply_bytes() == R.AUTH_CHALLENGE_EMPTY
         c.send(plain(USER, PASSWORD) + b"\r\n")
-        assert reply_bytes(c) == R.AUTH_OK
+        assert c.reply_bytes() == R.AUTH_OK
         c.send(b"AUTH PLAIN " + plain(USER, PASSWORD) + b"\r\n")
-        assert reply_bytes(c) == R.ALREADY_AUTH
+        assert c.reply_bytes() == R.ALREADY_AUTH
         code, ext = c.cmd("EHLO client.test")
         assert code == 250 and not any(x.startswith("AUTH") for x in ext)
         # Authenticated, from 127.0.0.1 (not in relay_networks): relaying is allowed.
-        assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
-        c.send(b"RCPT TO:<y@example.net>\r\n")
-        assert reply_bytes(c) == R.RCPT_OK
+        assert relay(c) == R.RCPT_OK
 
 
 def test_auth_login(mta, client_ctx):
     c, _ = tls_session(mta, client_ctx)
     with c:
         c.send(b"AUTH LOGIN\r\n")
-        assert reply_bytes(c) == R.AUTH_USERNAME
+        assert c.reply_bytes() == R.AUTH_USERNAME
         c.send(b64(USER).encode() + b"\r\n")
-        assert reply_bytes(c) == R.AUTH_PASSWORD
+        assert c.reply_bytes() == R.AUTH_PASSWORD
         c.send(b64("not it").encode() + b"\r\n")
-        assert reply_bytes(c) == R.AUTH_FAILED
+        assert c.reply_bytes() == R.AUTH_FAILED
         c.send(b"AUTH LOGIN\r\n")
-        assert reply_bytes(c) == R.AUTH_USERNAME
+        assert c.reply_bytes() == R.AUTH_USERNAME
         c.send(b"*\r\n")
-        assert reply_bytes(c) == R.AUTH_CANCELLED
+        assert c.reply_bytes() == R.AUTH_CANCELLED
         c.send(b"AUTH LOGIN\r\n")
-        assert reply_bytes(c) == R.AUTH_USERNAME
+        assert c.reply_bytes() == R.AUTH_USERNAME
         c.send(b"!!not base64!!\r\n")
-        assert reply_bytes(c) == R.AUTH_BAD_BASE64
+        assert c.reply_bytes() == R.AUTH_BAD_BASE64
         # With the user name as initial response.
         c.send(f"AUTH LOGIN {b64(USER)}\r\n".encode())
-        assert reply_bytes(c) == R.AUTH_PASSWORD
+        assert c.reply_bytes() == R.AUTH_PASSWORD
         c.send(b64(PASSWORD).encode() + b"\r\n")
-        assert reply_bytes(c) == R.AUTH_OK
-        assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
-        c.send(b"RCPT TO:<y@example.net>\r\n")
-        assert reply_bytes(c) == R.RCPT_OK
+        assert c.reply_bytes() == R.AUTH_OK
+        assert relay(c) == R.RCPT_OK
 
 
 def test_commands_pipelined_after_auth_wait_for_its_result(mta, client_ctx):
@@ -219,12 +208,12 @@ def test_commands_pipelined_after_auth_wait_for_its_result(mta, client_ctx):
     with c:
         c.send(b"AUTH PLAIN " + plain(USER, PASSWORD) + b"\r\n"
                b"MAIL FROM:<x@example.com>\r\nRCPT TO:<y@example.net>\r\nRSET\r\n")
-        assert [reply_bytes(c) for _ in range(4)] == [R.AUTH_OK, R.SENDER_OK, R.RCPT_OK, R.OK]
+        assert [c.reply_bytes() for _ in range(4)] == [R.AUTH_OK, R.SENDER_OK, R.RCPT_OK, R.OK]
     c, _ = tls_session(mta, client_ctx)
     with c:
         c.send(b"AUTH PLAIN " + plain(USER, "wrong") + b"\r\n"
                b"MAIL FROM:<x@example.com>\r\nRCPT TO:<y@example.net>\r\nRSET\r\n")
-        assert [reply_bytes(c) for _ in range(4)] == \
+        assert [c.reply_bytes() for _ in range(4)] == \
             [R.AUTH_FAILED, R.SENDER_OK, R.RELAY_DENIED, R.OK]
 
 
@@ -240,19 +229,19 @@ def test_auth_continuation_after_paused_input(mta, client_ctx):
         c.send(b"AUTH PLAIN " + plain(SLOW_USER, "wrong") + b"\r\n")
         time.sleep(0.05)
         c.send((b"NOOP " + b"n" * 1000 + b"\r\n") * 8 + b"AUTH LOGIN\r\n")
-        assert [reply_bytes(c) for _ in range(10)] == \
+        assert [c.reply_bytes() for _ in range(10)] == \
             [R.AUTH_FAILED] + [R.OK] * 8 + [R.AUTH_USERNAME]
         c.send(b64(SLOW_USER).encode() + b"\r\n")
-        assert reply_bytes(c) == R.AUTH_PASSWORD
+        assert c.reply_bytes() == R.AUTH_PASSWORD
         c.send(b64(PASSWORD).encode() + b"\r\n")
-        assert reply_bytes(c) == R.AUTH_OK
+        assert c.reply_bytes() == R.AUTH_OK
 
 
 def test_auth_unknown_mechanism(mta, client_ctx):
     c, _ = tls_session(mta, client_ctx)
     with c:
         c.send(b"AUTH CRAM-MD5\r\n")
-        assert reply_bytes(c) == R.BAD_MECHANISM
+        assert c.reply_bytes() == R.BAD_MECHANISM
 
 
 def test_smtplib_starttls_login_sendmail(mta, client_ctx):
@@ -272,25 +261,17 @@ def test_smtplib_starttls_login_sendmail(mta, client_ctx):
 
 
 def test_relay_by_network_or_authentication(mta, client_ctx):
-    with mta.connect() as c:    # 127.0.0.1, not in relay_networks
-        assert c.cmd("EHLO client.test")[0] == 250
-        assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
-        c.send(b"RCPT TO:<y@example.net>\r\n")
-        assert reply_bytes(c) == R.RELAY_DENIED
+    with mta.session() as c:    # 127.0.0.1, not in relay_networks
+        assert relay(c) == R.RELAY_DENIED
         c.send(b"DATA\r\n")
-        assert reply_bytes(c) == R.NO_VALID_RCPTS
-    with mta.connect(source="127.0.0.2") as c:
-        assert c.cmd("EHLO client.test")[0] == 250
-        assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
-        c.send(b"RCPT TO:<y@example.net>\r\n")
-        assert reply_bytes(c) == R.RCPT_OK
+        assert c.reply_bytes() == R.NO_VALID_RCPTS
+    with mta.session(source="127.0.0.2") as c:
+        assert relay(c) == R.RCPT_OK
     c, _ = tls_session(mta, client_ctx)
     with c:
         c.send(b"AUTH PLAIN " + plain(USER, PASSWORD) + b"\r\n")
-        assert reply_bytes(c) == R.AUTH_OK
-        assert c.cmd("MAIL FROM:<x@example.com>")[0] == 250
-        c.send(b"RCPT TO:<y@example.net>\r\n")
-        assert reply_bytes(c) == R.RCPT_OK
+        assert c.reply_bytes() == R.AUTH_OK
+        assert relay(c) == R.RCPT_OK
 
 
 # ------------------------------------------------------------------ check-config

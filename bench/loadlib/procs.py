@@ -1,0 +1,102 @@
+"""Process control: the servers' process trees from /proc, stopping children, leftovers.
+
+A tree is a snapshot {pid: (ppid, start time, CPU ticks)}; the start time tells a
+process from a later one that reuses its PID, so nothing but our own is ever signalled.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+from .common import STOP_TIMEOUT_S
+
+
+def read_procs() -> dict[int, tuple[int, int, int]]:
+    """Map every live PID to (ppid, starttime, utime+stime+cutime+cstime ticks)."""
+    procs = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rindex(")") + 2:].split()  # fields from 3 (state) on
+        procs[int(name)] = (int(rest[1]), int(rest[19]), sum(int(x) for x in rest[11:15]))
+    return procs
+
+
+def process_tree(root: int, procs: dict | None = None) -> dict[int, tuple[int, int, int]]:
+    """Return root and its live descendants from read_procs()."""
+    procs = read_procs() if procs is None else procs
+    children = defaultdict(list)
+    for pid, (ppid, _start, _ticks) in procs.items():
+        children[ppid].append(pid)
+    tree, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs and pid not in tree:
+            tree[pid] = procs[pid]
+            todo.extend(children[pid])
+    return tree
+
+
+def kill_leftovers(snapshot: dict[int, tuple[int, int, int]]) -> list[int]:
+    """SIGKILL the processes of an earlier process_tree() snapshot still alive (same PID and
+    start time, so a reused PID is never hit).  Returns the PIDs killed."""
+    now = read_procs()
+    killed = []
+    for pid, (_ppid, start, _ticks) in snapshot.items():
+        if pid in now and now[pid][1] == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def start_time(pid: int) -> int | None:
+    """Start time (ticks after boot) of a live pid, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(")") + 2:].split()[19])
+
+
+def wait_pid_gone(pid: int, start: int | None, timeout_s: float) -> bool:
+    """Wait until pid has exited (or been replaced); True if it did within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = start_time(pid)
+        if now is None or (start is not None and now != start):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def stop_child(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM a child started in its own session, wait, then SIGKILL its process group."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        print(f"  pid {proc.pid} ignored SIGTERM for {timeout_s:.0f} s; SIGKILL to its group",
+              file=sys.stderr)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=timeout_s)
+
+
