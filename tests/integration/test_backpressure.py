@@ -21,6 +21,8 @@ import time
 import pytest
 
 from daemon import queued_id as qid_of
+from mxlab import IPS, mx
+from sinks import qid_of as qid_of_received
 from mta.queueid import shard_of
 
 TIMEOUT = 1.0            # smtp.spool_timeout in these tests
@@ -37,9 +39,9 @@ def msg(n: int, size: int = 0) -> bytes:
     return out
 
 
-def transaction(c, body: bytes) -> tuple[int, str, float]:
+def transaction(c, body: bytes, rcpt: str = "sink@example.net") -> tuple[int, str, float]:
     """MAIL/RCPT/DATA pipelined (RFC 2920), then the body; (code, text, seconds for the answer)."""
-    c.send(b"MAIL FROM:<bp@example.com>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n")
+    c.send(f"MAIL FROM:<bp@example.com>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode())
     replies = [c.reply() for _ in range(3)]
     if replies[2][0] != 354:
         bad = next(r for r in replies if r[0] >= 400)
@@ -326,3 +328,46 @@ def test_enospc_answers_451_then_heals_when_space_returns(small_tmpfs, make_daem
         assert stored == queued
     finally:
         d.cleanup()
+
+
+def test_enospc_shard_heals_by_itself_and_delivers_what_it_acknowledged(small_tmpfs, lab):
+    """After a storage error the shard finds out by itself that the disk is back.
+
+    A message is acknowledged and deferred by its receiver; then the spool's file
+    system fills and a write fails.  Once space returns, the deferred message is
+    delivered and the shard reports healthy -- with no new mail arriving to be
+    written (the shard probes its disk while unhealthy).
+    """
+    accepting = threading.Event()
+    sink = lab.aio(IPS[0], rcpt=lambda s, a, f: None if accepting.is_set() else
+                   "451 4.3.0 not yet")
+    lab.serve(mx("dest.test", "mx.dest.test", IPS[0]))
+    d = lab.daemon(shards=1, retry_schedule=[5.0], retry_jitter=0.0,
+                   sections={"server": {"state_dir": small_tmpfs},
+                             "spool": {"min_free_bytes": 0, "min_free_percent": 0.0}})
+    first = d.send("bp@example.com", ["x@dest.test"], msg(1))
+    d.wait_log(r"to=<x@dest.test> .* status=deferred")
+    filler = os.path.join(small_tmpfs, "filler")
+    st = os.statvfs(small_tmpfs)
+    with open(filler, "wb") as fh:
+        fh.write(b"\0" * (st.f_bavail * st.f_frsize - 600_000))
+    with open_session(d) as c:
+        codes = []
+        for i in range(10):
+            # (to the lab's receiver, which defers them at once: every outcome
+            # of theirs is in before the space comes back)
+            code, text, _ = transaction(c, msg(100 + i, 200_000), "big@dest.test")
+            codes.append(code)
+            if code == 451:
+                break
+        assert codes[-1] == 451, codes
+    d.wait_log(r"spool write failed: No space left on device")
+    assert d.queue_summary()["shards"][0]["healthy"] is False
+    time.sleep(1.0)
+    os.unlink(filler)
+    accepting.set()
+    # No new mail: the retry comes due and goes out because the shard healed itself.
+    txn = sink.wait_for("x@dest.test", timeout=30)
+    assert qid_of_received(txn.data) == first
+    shard = d.queue_summary()["shards"][0]
+    assert shard["healthy"] is True and shard["error"] == "", shard

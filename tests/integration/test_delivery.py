@@ -337,6 +337,27 @@ def test_expiry_bounces(lab):
     assert e["terminal"]["time_in_queue"] < 5
 
 
+def test_held_messages_expire_too(make_daemon):
+    """Age is checked wherever a message waits: held (delivery.hold) as well as queued.
+
+    The message expires after max_age and is bounced to its sender; the bounce,
+    held as well, expires in turn (and, with its null sender, is not bounced).
+    """
+    # max_age 1.5 s; hold keeps every message from being dispatched.
+    d = make_daemon(acceptors=1, shards=1,
+                    delivery={"hold": True, "max_age": 1500.0, "time_scale": 0.001})
+    qid = d.send("alice@sender.test", ["sam@dest.test"], message("held"))
+    wait_until(lambda: len(bounce_receptions(d)) == 1, 20, "the expiry bounce")
+    [br] = bounce_receptions(d)
+    assert br["sender"] == "" and br["recipient"] == "alice@sender.test"
+    wait_queue_empty(d)
+    ev = check_events(d, {(qid, "sam@dest.test"): "expiration",
+                          (br["queue_id"], "alice@sender.test"): "expiration"})
+    t = ev[(qid, "sam@dest.test")]["terminal"]
+    assert t["attempt"] == 0 and 1.5 <= t["time_in_queue"] < 15, t
+    d.wait_log(rf"{br['queue_id']}: not bouncing a failure of a message with a null sender")
+
+
 def test_null_sender_failure_is_not_bounced(lab):
     dest = lab.aio(IP_A, rcpt=lambda s, a, f: "550 5.1.1 no such user"
                    if a == "bob@dest.test" else None)
