@@ -14,11 +14,16 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact,
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr
 
-EIGHTBIT = 1
-LONG_LINE = 2
-BARE_LF = 4
-BARE_CR = 8
-NUL = 16
+from mta import scancodes
+from mta.scancodes import (  # scan_body's flags: one bit layout with the SMTP scanner's
+    FLAG_8BIT, FLAG_BARE_CR, FLAG_BARE_LF, FLAG_LONG_LINE, FLAG_NUL)
+
+# The flags as C ints, copied once, for the scan_body loop.
+cdef int _FLAG_8BIT = scancodes.FLAG_8BIT
+cdef int _FLAG_LONG_LINE = scancodes.FLAG_LONG_LINE
+cdef int _FLAG_BARE_LF = scancodes.FLAG_BARE_LF
+cdef int _FLAG_BARE_CR = scancodes.FLAG_BARE_CR
+cdef int _FLAG_NUL = scancodes.FLAG_NUL
 
 MAX_LINE = 998  # octets, line end excluded (RFC 5322 2.1.1)
 
@@ -439,7 +444,7 @@ def from_domain(buf):
 # -- body scan ---------------------------------------------------------------
 
 def scan_body(buf, Py_ssize_t start=0, Py_ssize_t max_line=MAX_LINE):
-    """Return EIGHTBIT|LONG_LINE|BARE_LF|BARE_CR|NUL flags for buf[start:]."""
+    """Return FLAG_8BIT|FLAG_LONG_LINE|FLAG_BARE_LF|FLAG_BARE_CR|FLAG_NUL for buf[start:]."""
     cdef _View v = _View(buf)
     cdef const unsigned char* p = v.p
     cdef Py_ssize_t n = v.n, i, line_start, length
@@ -453,24 +458,24 @@ def scan_body(buf, Py_ssize_t start=0, Py_ssize_t max_line=MAX_LINE):
         while i < n:
             c = p[i]
             if c >= 0x80:
-                flags |= 1
+                flags |= _FLAG_8BIT
             elif c == C_LF:
                 length = i - line_start
                 if i > start and p[i - 1] == C_CR:
                     length -= 1
                 else:
-                    flags |= 4
+                    flags |= _FLAG_BARE_LF
                 if length > max_line:
-                    flags |= 2
+                    flags |= _FLAG_LONG_LINE
                 line_start = i + 1
             elif c == C_CR:
                 if i + 1 >= n or p[i + 1] != C_LF:
-                    flags |= 8
+                    flags |= _FLAG_BARE_CR
             elif c == 0:
-                flags |= 16
+                flags |= _FLAG_NUL
             i += 1
         if n - line_start > max_line:
-            flags |= 2
+            flags |= _FLAG_LONG_LINE
     return flags
 
 

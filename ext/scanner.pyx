@@ -9,7 +9,8 @@ flags)`` tuples with ``next()``, switching the mode with ``start_data()`` or
 ``start_chunk(size, last)`` after a command.  Only CR LF ends a line in any
 mode; DATA ends only at CRLF "." CRLF; bare CR / bare LF, over-long lines,
 8-bit octets and over-size messages are reported as flags; results do not
-depend on how the input is split.
+depend on how the input is split.  The event, mode and flag names are declared
+once, in ``mta/scancodes.py``, and re-exported here.
 
 Cost: the unprocessed input lives in one malloc'd buffer, compacted (one
 memmove of the unprocessed tail) only when a feed() needs room, and shrunk
@@ -33,27 +34,34 @@ from libc.string cimport memchr, memcpy, memmove
 import operator
 import sys
 
+from mta import scancodes
+from mta.scancodes import (  # the public names: the same Python ints as the pure twin's
+    EV_CHUNK, EV_COMMAND, EV_COMMAND_TOO_LONG, EV_DATA, FLAG_8BIT, FLAG_BARE_CR, FLAG_BARE_LF,
+    FLAG_LONG_LINE, FLAG_NUL, FLAG_TOO_BIG, MODE_CHUNK, MODE_COMMAND, MODE_DATA)
+
 
 cdef extern from "Python.h":
     bint PyBytes_CheckExact(object o)
 
 
-cdef enum:
-    # Events, modes and flags; exported below under their public names.
-    _EV_COMMAND = 1
-    _EV_COMMAND_TOO_LONG = 2
-    _EV_DATA = 3
-    _EV_CHUNK = 4
-    _MODE_COMMAND = 0
-    _MODE_DATA = 1
-    _MODE_CHUNK = 2
-    _FLAG_BARE_LF = 1
-    _FLAG_BARE_CR = 2
-    _FLAG_LONG_LINE = 4
-    _FLAG_TOO_BIG = 8
-    _FLAG_8BIT = 16
-    _FLAG_NUL = 32
+# Events, modes and flags are declared once, in mta/scancodes.py, for this
+# module and its pure twin.  They are copied into C ints here, once, so the
+# loops below compare and set C variables (no Python lookups).
+cdef int _EV_COMMAND = scancodes.EV_COMMAND
+cdef int _EV_COMMAND_TOO_LONG = scancodes.EV_COMMAND_TOO_LONG
+cdef int _EV_DATA = scancodes.EV_DATA
+cdef int _EV_CHUNK = scancodes.EV_CHUNK
+cdef int _MODE_COMMAND = scancodes.MODE_COMMAND
+cdef int _MODE_DATA = scancodes.MODE_DATA
+cdef int _MODE_CHUNK = scancodes.MODE_CHUNK
+cdef int _FLAG_BARE_LF = scancodes.FLAG_BARE_LF
+cdef int _FLAG_BARE_CR = scancodes.FLAG_BARE_CR
+cdef int _FLAG_LONG_LINE = scancodes.FLAG_LONG_LINE
+cdef int _FLAG_TOO_BIG = scancodes.FLAG_TOO_BIG
+cdef int _FLAG_8BIT = scancodes.FLAG_8BIT
+cdef int _FLAG_NUL = scancodes.FLAG_NUL
 
+cdef enum:
     # Octets.
     _CR = 0x0D
     _LF = 0x0A
@@ -66,20 +74,6 @@ cdef enum:
     _BUFFER_KEEP_BYTES = 64 * 1024          # larger empty input buffers are freed
     _OUT_MIN_BYTES = 4096                   # first allocation of the message buffer
     _OUT_KEEP_BYTES = 64 * 1024             # larger message buffers are freed after use
-
-EV_COMMAND = _EV_COMMAND
-EV_COMMAND_TOO_LONG = _EV_COMMAND_TOO_LONG
-EV_DATA = _EV_DATA
-EV_CHUNK = _EV_CHUNK
-MODE_COMMAND = _MODE_COMMAND
-MODE_DATA = _MODE_DATA
-MODE_CHUNK = _MODE_CHUNK
-FLAG_BARE_LF = _FLAG_BARE_LF
-FLAG_BARE_CR = _FLAG_BARE_CR
-FLAG_LONG_LINE = _FLAG_LONG_LINE
-FLAG_TOO_BIG = _FLAG_TOO_BIG
-FLAG_8BIT = _FLAG_8BIT
-FLAG_NUL = _FLAG_NUL
 
 cdef uint64_t _HIGH_BITS = 0x8080808080808080ULL
 

@@ -38,6 +38,8 @@ import re
 from mta import rfcdate
 from mta.acceptor import replies as R
 from mta.acceptor.auth import check_password
+from mta.scancodes import (EV_COMMAND, EV_COMMAND_TOO_LONG, EV_DATA, FLAG_BARE_CR, FLAG_BARE_LF,
+                           FLAG_LONG_LINE, FLAG_NUL, FLAG_TOO_BIG, MODE_COMMAND)
 
 log = logging.getLogger("mta.acceptor")
 
@@ -301,7 +303,7 @@ class Session(asyncio.Protocol):
             if ev is None:
                 break
             kind, payload, flags = ev
-            if kind == 1:  # EV_COMMAND
+            if kind == EV_COMMAND:
                 if st == _AUTH:
                     self._auth_continue(payload)
                     continue
@@ -317,9 +319,9 @@ class Session(asyncio.Protocol):
                     self._reply_error(R.BAD_SEQUENCE)
                 else:
                     h(self, arg)
-            elif kind == 2:  # EV_COMMAND_TOO_LONG
+            elif kind == EV_COMMAND_TOO_LONG:
                 self._reply_error(R.LINE_TOO_LONG)
-            elif kind == 3:  # EV_DATA
+            elif kind == EV_DATA:
                 self._message_complete(payload, flags)
             else:  # EV_CHUNK
                 self._chunk_complete(payload, flags)
@@ -715,13 +717,13 @@ class Session(asyncio.Protocol):
 
     def _check_flags(self, flags: int) -> bytes | None:
         """The rejection for a message with scanner *flags*, or None (see _REJECTED_FLAGS)."""
-        if flags & 8:   # FLAG_TOO_BIG
+        if flags & FLAG_TOO_BIG:
             return R.TOO_BIG
-        if flags & 3:   # FLAG_BARE_LF | FLAG_BARE_CR
+        if flags & _BARE_LINE_END:
             return R.BARE_LINE_END
-        if flags & 32:  # FLAG_NUL: a downstream server that drops NULs could see a
-            return R.NUL_IN_TEXT  # line "." that we did not: refuse it (RFC 6152 text)
-        if flags & 4:   # FLAG_LONG_LINE
+        if flags & FLAG_NUL:    # a downstream server that drops NULs could see a line
+            return R.NUL_IN_TEXT  # "." that we did not: refuse it (RFC 6152 text)
+        if flags & FLAG_LONG_LINE:
             return R.LONG_TEXT_LINE.format(n=self.a.smtp.max_text_line).encode()
         return None
 
@@ -781,14 +783,15 @@ class Session(asyncio.Protocol):
             return
         if st == _WAITING:
             return
-        in_data = self.scanner.mode != 0
+        in_data = self.scanner.mode != MODE_COMMAND
         limit = self.a.smtp.data_timeout if in_data else self.a.smtp.command_timeout
         if idle > limit:
             self._close_with(R.TIMEOUT)
 
 
-# Scanner flags that make _check_flags() reject a message (FLAG_8BIT alone does not).
-_REJECTED_FLAGS = 8 | 3 | 32 | 4
+# Scanner flags that make _check_flags() reject a message (FLAG_8BIT does not).
+_BARE_LINE_END = FLAG_BARE_LF | FLAG_BARE_CR
+_REJECTED_FLAGS = FLAG_TOO_BIG | _BARE_LINE_END | FLAG_NUL | FLAG_LONG_LINE
 
 # R.QUEUED split around its queue id, so the reply is two concatenations.
 _QUEUED_HEAD, _, _QUEUED_TAIL = R.QUEUED.partition("{qid}")
