@@ -225,3 +225,13 @@ def test_idle_session_is_left_alone_while_the_spool_works(impl):
     assert c.output() == R.STORAGE_TEMP
     c.session.idle_check(c.loop.now, True, True)
     assert c.output() == R.SHUTTING_DOWN and c.transport.closed
+
+
+def test_a_password_check_that_fails_is_a_temporary_error(impl):
+    acc, c = make(impl, auth={"alice": "secret"}, tls=True)
+    c.send(b"EHLO client.example\r\nSTARTTLS\r\n")
+    c.send(b"EHLO client.example\r\n")
+    acc.auth_users = {"alice": ("not a number", b"salt", b"hash")}   # check_password raises
+    assert c.send(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n") == R.AUTH_TEMP
+    assert c.session.errors == 0 and c.session.user is None
+    assert c.send(b"NOOP\r\n") == R.OK
