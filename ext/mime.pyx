@@ -14,16 +14,18 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact,
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr
 
-from mta import scancodes
-from mta.scancodes import (  # scan_body's flags: one bit layout with the SMTP scanner's
+# scan_body's flags as C enum constants for its loop (ext/scancodes.pxd is
+# written by setup.py from mta/scancodes.py, where they are declared).
+from scancodes cimport (
+    FLAG_8BIT as _FLAG_8BIT, FLAG_BARE_CR as _FLAG_BARE_CR, FLAG_BARE_LF as _FLAG_BARE_LF,
+    FLAG_LONG_LINE as _FLAG_LONG_LINE, FLAG_NUL as _FLAG_NUL)
+
+from mta.scancodes import (  # one bit layout with the SMTP scanner's flags
     FLAG_8BIT, FLAG_BARE_CR, FLAG_BARE_LF, FLAG_LONG_LINE, FLAG_NUL)
 
-# The flags as C ints, copied once, for the scan_body loop.
-cdef int _FLAG_8BIT = scancodes.FLAG_8BIT
-cdef int _FLAG_LONG_LINE = scancodes.FLAG_LONG_LINE
-cdef int _FLAG_BARE_LF = scancodes.FLAG_BARE_LF
-cdef int _FLAG_BARE_CR = scancodes.FLAG_BARE_CR
-cdef int _FLAG_NUL = scancodes.FLAG_NUL
+if (_FLAG_8BIT, _FLAG_BARE_CR, _FLAG_BARE_LF, _FLAG_LONG_LINE, _FLAG_NUL) != (
+        FLAG_8BIT, FLAG_BARE_CR, FLAG_BARE_LF, FLAG_LONG_LINE, FLAG_NUL):
+    raise ImportError("mta._ext.mime was built before mta/scancodes.py changed; rebuild it")
 
 MAX_LINE = 998  # octets, line end excluded (RFC 5322 2.1.1)
 

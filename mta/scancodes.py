@@ -1,11 +1,12 @@
 """What the SMTP input scanner and the MIME body scan report, declared once.
 
 Both implementations of each scanner read these: the pure twins
-(``mta/_pure/scanner.py``, ``mta/_pure/mime.py``) use them as they are, the
-compiled modules (``ext/scanner.pyx``, ``ext/mime.pyx``) copy them into C ints
-when they are imported, so their loops test C variables, not Python
-attributes.  Both scanner modules re-export them under the same names, so
-``native.load("scanner").EV_DATA`` is ``scancodes.EV_DATA``.
+(``mta/_pure/scanner.py``, ``mta/_pure/mime.py``) import them; the compiled
+modules (``ext/scanner.pyx``, ``ext/mime.pyx``) cimport them as C enum
+constants from ``ext/scancodes.pxd``, which setup.py writes from this file (so
+keep it to plain ``NAME = int`` lines), and refuse to import if they were
+built from other values.  Both scanner modules re-export them under the same
+names, so ``native.load("scanner").EV_DATA`` is ``scancodes.EV_DATA``.
 
 Message flags are one bit layout for both scanners: a flag means the same
 property of the text whichever scanner reports it.  Only the limits differ:
