@@ -13,7 +13,8 @@ What is real: :class:`mta.acceptor.smtp.Session`, :class:`mta.acceptor.main.Acce
 codec and :class:`mta.bus.Client` on a real ZeroMQ DEALER socket.  What is not:
 the TCP transport (a stub that collects what is written), the event loop (a
 stub that runs ``call_soon`` callbacks when the benchmark says an iteration
-ends) and the spool shard (an ``inproc`` ROUTER in this process that answers
+ends; both from ``tests/acceptor/fake.py``, the fakes of the session's unit
+tests) and the spool shard (an ``inproc`` ROUTER in this process that answers
 every commit at once with STATUS_OK, as a shard does after its fsync).  The
 spool's side is kept small, since it is not the acceptor's work: two raw recv
 and two raw send calls on the ROUTER, with the replies encoded beforehand.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 
@@ -37,6 +39,10 @@ import zmq
 from mta import bus, config, native
 from mta.acceptor import main as acceptor_main
 from mta.acceptor import smtp
+
+# The session's unit tests and this benchmark drive it through the same fake loop and transport.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from acceptor.fake import Loop, Transport  # noqa: E402
 
 IMPLS = ["compiled", "pure"]
 TRANSACTIONS = 100
@@ -65,62 +71,6 @@ BODY = message()
 REPLIES = (b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n", b"354 End data with <CR><LF>.<CR><LF>\r\n")
 
 
-class Loop:
-    """The parts of an asyncio loop the acceptor uses; callbacks run when run_ready() says."""
-
-    def __init__(self):
-        self.ready = []
-        self.time = time.monotonic
-
-    def call_soon(self, cb, *args):
-        self.ready.append((cb, args))
-
-    def call_later(self, delay, cb, *args):
-        pass
-
-    def add_reader(self, fd, cb):
-        pass
-
-    def remove_reader(self, fd):
-        pass
-
-    def run_ready(self):
-        """One loop iteration: run the callbacks scheduled so far (and those they schedule)."""
-        ready = self.ready
-        while ready:
-            batch = ready[:]
-            ready.clear()
-            for cb, args in batch:
-                cb(*args)
-
-
-class Transport:
-    """A TCP transport that keeps what is written."""
-
-    def __init__(self):
-        self.written = []
-        self.write = self.written.append
-
-    def get_extra_info(self, name, default=None):
-        if name == "peername":
-            return ("127.0.0.1", 12345)
-        if name == "sockname":
-            return ("127.0.0.1", 25)
-        return default
-
-    def pause_reading(self):
-        pass
-
-    def resume_reading(self):
-        pass
-
-    def close(self):
-        pass
-
-    def abort(self):
-        pass
-
-
 class Bench:
     """One acceptor with one SMTP session after EHLO, and one spool shard that says yes."""
 
@@ -141,7 +91,7 @@ class Bench:
         self.loop.run_ready()
         self.transport = Transport()
         self.session = s = smtp.Session(acc)
-        s.connection_made(self.transport)
+        self.transport.connect(s)
         s.data_received(b"EHLO client.example\r\n")
         self.transport.written.clear()
 

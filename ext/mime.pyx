@@ -14,11 +14,18 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact,
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr
 
-EIGHTBIT = 1
-LONG_LINE = 2
-BARE_LF = 4
-BARE_CR = 8
-NUL = 16
+# scan_body's flags as C enum constants for its loop (ext/scancodes.pxd is
+# written by setup.py from mta/scancodes.py, where they are declared).
+from scancodes cimport (
+    FLAG_8BIT as _FLAG_8BIT, FLAG_BARE_CR as _FLAG_BARE_CR, FLAG_BARE_LF as _FLAG_BARE_LF,
+    FLAG_LONG_LINE as _FLAG_LONG_LINE, FLAG_NUL as _FLAG_NUL)
+
+from mta.scancodes import (  # one bit layout with the SMTP scanner's flags
+    FLAG_8BIT, FLAG_BARE_CR, FLAG_BARE_LF, FLAG_LONG_LINE, FLAG_NUL)
+
+if (_FLAG_8BIT, _FLAG_BARE_CR, _FLAG_BARE_LF, _FLAG_LONG_LINE, _FLAG_NUL) != (
+        FLAG_8BIT, FLAG_BARE_CR, FLAG_BARE_LF, FLAG_LONG_LINE, FLAG_NUL):
+    raise ImportError("mta._ext.mime was built before mta/scancodes.py changed; rebuild it")
 
 MAX_LINE = 998  # octets, line end excluded (RFC 5322 2.1.1)
 
@@ -439,7 +446,7 @@ def from_domain(buf):
 # -- body scan ---------------------------------------------------------------
 
 def scan_body(buf, Py_ssize_t start=0, Py_ssize_t max_line=MAX_LINE):
-    """Return EIGHTBIT|LONG_LINE|BARE_LF|BARE_CR|NUL flags for buf[start:]."""
+    """Return FLAG_8BIT|FLAG_LONG_LINE|FLAG_BARE_LF|FLAG_BARE_CR|FLAG_NUL for buf[start:]."""
     cdef _View v = _View(buf)
     cdef const unsigned char* p = v.p
     cdef Py_ssize_t n = v.n, i, line_start, length
@@ -453,24 +460,24 @@ def scan_body(buf, Py_ssize_t start=0, Py_ssize_t max_line=MAX_LINE):
         while i < n:
             c = p[i]
             if c >= 0x80:
-                flags |= 1
+                flags |= _FLAG_8BIT
             elif c == C_LF:
                 length = i - line_start
                 if i > start and p[i - 1] == C_CR:
                     length -= 1
                 else:
-                    flags |= 4
+                    flags |= _FLAG_BARE_LF
                 if length > max_line:
-                    flags |= 2
+                    flags |= _FLAG_LONG_LINE
                 line_start = i + 1
             elif c == C_CR:
                 if i + 1 >= n or p[i + 1] != C_LF:
-                    flags |= 8
+                    flags |= _FLAG_BARE_CR
             elif c == 0:
-                flags |= 16
+                flags |= _FLAG_NUL
             i += 1
         if n - line_start > max_line:
-            flags |= 2
+            flags |= _FLAG_LONG_LINE
     return flags
 
 

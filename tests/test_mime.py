@@ -150,14 +150,14 @@ def test_from_domain_missing(m):
 
 @pytest.mark.parametrize("body, flags", [
     (b"plain\r\ntext\r\n", 0),
-    (b"caf\xc3\xa9\r\n", "EIGHTBIT"),
+    (b"caf\xc3\xa9\r\n", "FLAG_8BIT"),
     (b"x" * 998 + b"\r\n", 0),
-    (b"x" * 999 + b"\r\n", "LONG_LINE"),
-    (b"ok\r\n" + b"x" * 999, "LONG_LINE"),  # the last line counts too
-    (b"bare\nlf\r\n", "BARE_LF"),
-    (b"bare\rcr\r\n", "BARE_CR"),
-    (b"nul\x00\r\n", "NUL"),
-    (b"\xff" + b"y" * 1000 + b"\n", "EIGHTBIT|LONG_LINE|BARE_LF"),
+    (b"x" * 999 + b"\r\n", "FLAG_LONG_LINE"),
+    (b"ok\r\n" + b"x" * 999, "FLAG_LONG_LINE"),  # the last line counts too
+    (b"bare\nlf\r\n", "FLAG_BARE_LF"),
+    (b"bare\rcr\r\n", "FLAG_BARE_CR"),
+    (b"nul\x00\r\n", "FLAG_NUL"),
+    (b"\xff" + b"y" * 1000 + b"\n", "FLAG_8BIT|FLAG_LONG_LINE|FLAG_BARE_LF"),
 ])
 def test_scan_body(m, body, flags):
     want = 0
@@ -169,7 +169,7 @@ def test_scan_body(m, body, flags):
 
 
 def test_scan_body_max_line(m):
-    assert m.scan_body(b"12345\r\n", 0, 4) == m.LONG_LINE
+    assert m.scan_body(b"12345\r\n", 0, 4) == m.FLAG_LONG_LINE
     assert m.scan_body(b"1234\r\n", 0, 4) == 0
 
 

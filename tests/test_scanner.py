@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mta import native
+from mta import native, scancodes
 
 PURE = native.load("scanner", pure=True)
 COMPILED = native.load("scanner", pure=False)
@@ -33,7 +33,7 @@ LIMITS = {"max_command_line": 512, "max_text_line": 1000, "max_message": 1 << 20
 PUBLIC_NAMES = (
     "EV_COMMAND", "EV_COMMAND_TOO_LONG", "EV_DATA", "EV_CHUNK",
     "MODE_COMMAND", "MODE_DATA", "MODE_CHUNK",
-    "FLAG_BARE_LF", "FLAG_BARE_CR", "FLAG_LONG_LINE", "FLAG_TOO_BIG", "FLAG_8BIT",
+    "FLAG_BARE_LF", "FLAG_BARE_CR", "FLAG_LONG_LINE", "FLAG_TOO_BIG", "FLAG_8BIT", "FLAG_NUL",
 )
 
 
@@ -105,9 +105,32 @@ def commands(*lines):
 # -- API --------------------------------------------------------------------
 
 def test_constants_are_the_specified_values():
-    expected = dict(zip(PUBLIC_NAMES, (1, 2, 3, 4, 0, 1, 2, 1, 2, 4, 8, 16), strict=True))
+    expected = dict(zip(PUBLIC_NAMES, (1, 2, 3, 4, 0, 1, 2, 1, 2, 4, 8, 16, 32), strict=True))
+    assert {name: getattr(scancodes, name) for name in PUBLIC_NAMES} == expected
     for impl in IMPLS.values():
         assert {name: getattr(impl, name) for name in PUBLIC_NAMES} == expected
+
+
+def test_mime_flags_share_the_bit_layout():
+    for pure in (True, False):
+        mime = native.load("mime", pure=pure)
+        for name in ("FLAG_BARE_LF", "FLAG_BARE_CR", "FLAG_LONG_LINE", "FLAG_8BIT", "FLAG_NUL"):
+            assert getattr(mime, name) == getattr(scancodes, name)
+        assert mime.scan_body(b"\xe9\0a\nb\rc" + b"x" * 999 + b"\r\n") == (
+            scancodes.FLAG_8BIT | scancodes.FLAG_NUL | scancodes.FLAG_BARE_LF
+            | scancodes.FLAG_BARE_CR | scancodes.FLAG_LONG_LINE)
+
+
+def test_compiled_flags_are_the_declared_ones():
+    """The compiled module's C copies of the flags: each one set by the input that sets it."""
+    cases = {
+        "FLAG_BARE_LF": b"a\nb\r\n", "FLAG_BARE_CR": b"a\rb\r\n",
+        "FLAG_LONG_LINE": b"x" * 1000 + b"\r\n", "FLAG_8BIT": b"\xe9\r\n",
+        "FLAG_NUL": b"\0\r\n", "FLAG_TOO_BIG": b"y\r\n" * 400_000,
+    }
+    for name, text in cases.items():
+        for impl in IMPLS.values():
+            assert scan(impl, b"DATA\r\n" + text + b".\r\n")[1][2] == getattr(scancodes, name)
 
 
 def test_limits_are_validated(mod):

@@ -44,9 +44,11 @@ Public API (identical in ``mta._ext.mime`` and ``mta._pure.mime``)::
         None when there is no From or no address in it.
 
     scan_body(buf, start=0, max_line=998) -> int
-        Flags for buf[start:]: EIGHTBIT (a byte >= 0x80), LONG_LINE (a line
-        longer than max_line octets, line end excluded), BARE_LF, BARE_CR,
-        NUL.  0 means 7-bit clean with short CRLF lines.
+        Flags for buf[start:]: FLAG_8BIT (a byte >= 0x80), FLAG_LONG_LINE (a
+        line longer than max_line octets, line end excluded), FLAG_BARE_LF,
+        FLAG_BARE_CR, FLAG_NUL.  0 means 7-bit clean with short CRLF lines.
+        The flags are declared in ``mta/scancodes.py``: one bit layout with
+        the SMTP scanner's.
 
     canon_header(raw, relaxed) -> bytes
         DKIM canonical form of one field (RFC 6376 3.4.1/3.4.2), ending in
@@ -80,11 +82,7 @@ end (relaxed) and strips every kind of Python whitespace (VT, FF, a lone CR)
 from the ends of header values, where the RFC says WSP (SP, HTAB) only.
 """
 
-EIGHTBIT = 1
-LONG_LINE = 2
-BARE_LF = 4
-BARE_CR = 8
-NUL = 16
+from mta.scancodes import FLAG_8BIT, FLAG_BARE_CR, FLAG_BARE_LF, FLAG_LONG_LINE, FLAG_NUL
 
 MAX_LINE = 998  # octets, line end excluded (RFC 5322 2.1.1)
 
@@ -301,7 +299,7 @@ def from_domain(buf):
 
 
 def scan_body(buf, start=0, max_line=MAX_LINE):
-    """Return EIGHTBIT|LONG_LINE|BARE_LF|BARE_CR|NUL flags for buf[start:]."""
+    """Return FLAG_8BIT|FLAG_LONG_LINE|FLAG_BARE_LF|FLAG_BARE_CR|FLAG_NUL for buf[start:]."""
     buf = bytes(buf)
     flags = 0
     n = len(buf)
@@ -310,24 +308,24 @@ def scan_body(buf, start=0, max_line=MAX_LINE):
     while i < n:
         c = buf[i]
         if c >= 0x80:
-            flags |= EIGHTBIT
+            flags |= FLAG_8BIT
         elif c == _LF:
             length = i - line_start
             if i > start and buf[i - 1] == _CR:
                 length -= 1
             else:
-                flags |= BARE_LF
+                flags |= FLAG_BARE_LF
             if length > max_line:
-                flags |= LONG_LINE
+                flags |= FLAG_LONG_LINE
             line_start = i + 1
         elif c == _CR:
             if i + 1 >= n or buf[i + 1] != _LF:
-                flags |= BARE_CR
+                flags |= FLAG_BARE_CR
         elif c == 0:
-            flags |= NUL
+            flags |= FLAG_NUL
         i += 1
     if n - line_start > max_line:
-        flags |= LONG_LINE
+        flags |= FLAG_LONG_LINE
     return flags
 
 

@@ -29,6 +29,9 @@ CRLF ends the previous line (or the "." is the first byte of DATA).  A CR that
 is the last buffered byte is not classified until the next byte arrives, so
 the results never depend on how the input was split.
 
+The names of events, modes and flags are declared in ``mta/scancodes.py``
+(one bit layout with ``mime.scan_body``'s flags) and re-exported here.
+
 Message flags (``FLAG_*``) are cumulative for one message: for BDAT, each
 chunk event reports the flags of the message so far; a CR that ends a chunk is
 classified by the first byte of the next chunk, or counts as bare at the end
@@ -48,21 +51,15 @@ does without moving the rest) and one for the message being received.
 import operator
 import sys
 
-EV_COMMAND = 1
-EV_COMMAND_TOO_LONG = 2
-EV_DATA = 3
-EV_CHUNK = 4
+from mta.scancodes import (  # declared once for this module and the compiled one
+    EV_CHUNK, EV_COMMAND, EV_COMMAND_TOO_LONG, EV_DATA, FLAG_8BIT, FLAG_BARE_CR, FLAG_BARE_LF,
+    FLAG_LONG_LINE, FLAG_NUL, FLAG_TOO_BIG, MODE_CHUNK, MODE_COMMAND, MODE_DATA)
 
-MODE_COMMAND = 0
-MODE_DATA = 1
-MODE_CHUNK = 2
-
-FLAG_BARE_LF = 1
-FLAG_BARE_CR = 2
-FLAG_LONG_LINE = 4
-FLAG_TOO_BIG = 8
-FLAG_8BIT = 16
-FLAG_NUL = 32             # a NUL octet: not text in 7BIT or 8BITMIME (RFC 6152)
+__all__ = [
+    "Scanner", "EV_COMMAND", "EV_COMMAND_TOO_LONG", "EV_DATA", "EV_CHUNK",
+    "MODE_COMMAND", "MODE_DATA", "MODE_CHUNK", "FLAG_BARE_LF", "FLAG_BARE_CR",
+    "FLAG_LONG_LINE", "FLAG_TOO_BIG", "FLAG_8BIT", "FLAG_NUL",
+]
 
 _CR = 0x0D
 _LF = 0x0A

@@ -1,28 +1,45 @@
-"""acceptor[i]: an SMTP and HTTP injection server process on uvloop.
+"""acceptor[i]: the SMTP and HTTP injection server process, on uvloop.
+
+What it does: takes mail in from clients over SMTP (``smtp.py``, STARTTLS and
+AUTH in ``tls_auth.py``) and over SparkPost's transmissions API (``http.py``),
+signs each message once with DKIM, gives it a queue id and sends it to the
+spool shard that owns that id; a client hears "accepted" only once the shard
+says the message is on disk.  It never touches spool files.
 
 Reads:   client connections on the listening sockets the supervisor made for
          slot i, SMTP and HTTP (SO_REUSEPORT: each slot has its own sockets and
          accept queues; the supervisor keeps them open, so a crashed or
          replaced acceptor's queued connections wait for its successor instead
-         of being reset); the idempotency database (state_dir, shared).
+         of being reset); the idempotency database (state_dir, shared); the
+         free space of the spool file system (statvfs, twice a second).
 Writes:  SPOOL_MESSAGE_COMMIT to the shard chosen by the queue id; SMTP
-         replies and HTTP responses.  It never touches spool files.
+         replies and HTTP responses; log lines.
+Peers:   SMTP and HTTP clients; spool[0..S) over the bus (one DEALER socket per
+         shard: SPOOL_MESSAGE_COMMIT out, SPOOL_MESSAGE_COMMITTED back); the
+         supervisor only through the ready fd and signals.
 Config:  [smtp] (all keys), [http] (all keys), [spool] queue_high_water,
-         min_free_*, [server] hostname, shutdown_timeout, [dkim].
+         min_free_bytes, min_free_percent, [server] hostname, log_level,
+         ready_timeout, shutdown_timeout, [dkim].
 
 Hot path: :class:`mta.acceptor.smtp.Session` / :class:`mta.acceptor.http.Session`
-per connection, both ending in :meth:`Acceptor.submit`; one DEALER socket per
-shard; replies matched to messages by request number.  An ``X-MSYS-API``
-header on SMTP is parsed into the message's params (campaign_id, metadata,
-tags, ip_pool, transactional: carried into every event) and removed.
+per connection.  An SMTP session hands each finished message over as one
+:class:`mta.acceptor.smtp.Submission` to :meth:`Acceptor.commit`, which parses
+an ``X-MSYS-API`` header into the message's params (campaign_id, metadata,
+tags, ip_pool, transactional: carried into every event) and removes it; HTTP
+builds its messages itself.  Both end in :meth:`Acceptor.submit`, which signs,
+prepends the Received header and queues the message for its shard; what is
+queued in one loop iteration goes to each shard as one bus request, and
+replies are matched to messages by request number.
 
 Failure and pressure: a shard that does not answer within
 ``smtp.spool_timeout``, a full bus queue or a storage error → 451 4.3.0 for
 that message (HTTP: that recipient fails, 503 if all do); low free space on
 the spool file system → 452 4.3.1 at MAIL (HTTP 503).  Both clear by
-themselves.  SIGTERM: stop accepting, let sessions finish (idle
-ones are closed with 421 4.3.2), after ``server.shutdown_timeout`` close the
-rest, wait for outstanding spool answers, exit 0.
+themselves.  A DKIM signing error is logged and the message queued unsigned.
+SIGTERM: stop accepting, let sessions finish (idle ones are closed with 421
+4.3.2), after ``server.shutdown_timeout`` close the rest, wait for
+outstanding spool answers, exit 0.  SIGHUP is ignored: the supervisor
+replaces acceptors one at a time on reload.
 """
 from __future__ import annotations
 
@@ -40,6 +57,7 @@ import uvloop
 
 from mta import bus, mime, native, proc
 from mta.acceptor import http, smtp
+from mta.acceptor import replies as R
 from mta.acceptor.peers import peer_address
 from mta.api.transmissions import parse_msys_api
 from mta.queueid import new_qid, shard_of
@@ -78,9 +96,8 @@ class Acceptor:
         self.loop = loop
         self.hostname = settings.hostname
         self.scanner_mod = native.load("scanner")
-        self.greeting = smtp.R.GREETING.format(host=self.hostname,
-                                               banner=cfg.smtp.banner).encode()
-        self.helo_reply = f"250 {self.hostname}\r\n".encode()
+        self.greeting = R.GREETING.format(host=self.hostname, banner=cfg.smtp.banner).encode()
+        self.helo_reply = R.HELO.format(host=self.hostname).encode()
         self.ssl_context = self._ssl_context()
         self.auth_users = settings.auth_users
         self.relay_networks = settings.relay_networks
@@ -113,18 +130,17 @@ class Acceptor:
         return ctx
 
     def ehlo_reply(self, tls: bool, authed: bool) -> bytes:
+        """The EHLO reply for a session with or without TLS and AUTH (built once each)."""
         key = (tls, authed)
         r = self._ehlo.get(key)
         if r is None:
-            lines = [self.hostname, "PIPELINING", f"SIZE {self.smtp.max_message_size}",
-                     "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING"]
+            words = [k.format(size=self.smtp.max_message_size) for k in R.EHLO_KEYWORDS]
             if self.ssl_context is not None and not tls:
-                lines.append("STARTTLS")
+                words.append(R.EHLO_STARTTLS)
             if tls and self.auth_users and not authed:
-                lines.append("AUTH PLAIN LOGIN")
-            lines.append("HELP")
-            r = "".join(f"250-{x}\r\n" for x in lines[:-1]) + f"250 {lines[-1]}\r\n"
-            r = self._ehlo[key] = r.encode()
+                words.append(R.EHLO_AUTH)
+            words.append(R.EHLO_HELP)
+            r = self._ehlo[key] = R.ehlo(self.hostname, words)
         return r
 
     def relay_allowed(self, ip: str) -> bool:
@@ -157,25 +173,22 @@ class Acceptor:
         for n in missing:
             log.warning("spool shard %d is not reachable yet; its messages get 451 until it is", n)
 
-    def commit(self, session, payload: bytes) -> None:
-        """Queue a finished SMTP message; the session hears back via .committed()."""
-        client_info = f"{session.helo} [{session.peer_ip}]"
-        if session.user is not None:
-            client_info += f" user={session.user}"
-        sp = session.params
+    def commit(self, msg: smtp.Submission) -> None:
+        """Queue a finished SMTP message; the session hears back through msg.committed()."""
+        sp = msg.params
         params = {k: v for k, v in sp.items() if k in SPOOLED_SMTP_PARAMS} if sp else {}
+        payload = msg.payload
         api = mime.find_header(payload, b"X-MSYS-API")
         if api is not None:
             # SparkPost's SMTP injection attributes: recorded, then removed.
             attrs = parse_msys_api(api)
             if attrs is None:
-                log.warning("client=%s: X-MSYS-API is not a JSON object; ignored",
-                            session.peer_ip)
+                log.warning("client=%s: X-MSYS-API is not a JSON object; ignored", msg.peer_ip)
             else:
                 params.update(attrs)
             payload = mime.remove_headers(payload, b"X-MSYS-API")
-        self.submit(session.sender, session.rcpts, params, client_info, payload,
-                    session._received, session.committed, session.peer_ip)
+        self.submit(msg.sender, msg.rcpts, params, msg.client, payload,
+                    msg.received, msg.committed, msg.peer_ip)
 
     def submit(self, sender: str, rcpts: list[str], params: dict, client_info: str,
                message: bytes, trace, done, peer: str = "") -> str:

@@ -1,9 +1,12 @@
 """Every SMTP reply the acceptor sends, named once (tests import these too).
 
-Texts are bland on purpose: no internals, no exception text.
+Texts are bland on purpose: no internals, no exception text.  Most replies are
+bytes, ready to write; the few with a variable part are str templates
+(``{host}``, ``{qid}``, ``{n}``) that the sender formats and encodes.
 """
 
 GREETING = "220 {host} {banner}\r\n"
+HELO = "250 {host}\r\n"
 BYE = b"221 2.0.0 Bye\r\n"
 HELP = b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH\r\n"
 TLS_GO = b"220 2.0.0 Ready to start TLS\r\n"
@@ -26,7 +29,6 @@ TIMEOUT = b"421 4.4.2 Timeout, closing connection\r\n"
 STORAGE_TEMP = b"451 4.3.0 Temporary storage problem, try again later\r\n"
 STORAGE_FULL = b"452 4.3.1 Insufficient system storage, try again later\r\n"
 TOO_MANY_RCPTS = b"452 4.5.3 Too many recipients\r\n"
-TLS_UNAVAILABLE = b"454 4.7.0 TLS not available due to temporary reason\r\n"
 AUTH_TEMP = b"454 4.7.0 Temporary authentication failure\r\n"
 LINE_TOO_LONG = b"500 5.5.2 Line too long\r\n"
 UNKNOWN = b"500 5.5.2 Command not recognized\r\n"
@@ -39,7 +41,6 @@ NOT_IMPLEMENTED = b"502 5.5.1 Command not implemented\r\n"
 BAD_SEQUENCE = b"503 5.5.1 Bad sequence of commands\r\n"
 NEED_HELO = b"503 5.5.1 Send EHLO or HELO first\r\n"
 NEED_MAIL = b"503 5.5.1 Need MAIL command first\r\n"
-NEED_RCPT = b"503 5.5.1 Need RCPT command first\r\n"
 NESTED_MAIL = b"503 5.5.1 Sender already specified\r\n"
 ALREADY_TLS = b"503 5.5.1 TLS already active\r\n"
 ALREADY_AUTH = b"503 5.5.1 Already authenticated\r\n"
@@ -55,3 +56,19 @@ NO_VALID_RCPTS = b"554 5.5.1 No valid recipients\r\n"
 RELAY_DENIED = b"554 5.7.1 Relay access denied\r\n"
 NEED_SMTPUTF8 = b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n"
 BAD_PARAM = b"555 5.5.4 Unsupported parameter\r\n"
+
+
+# EHLO: "250-{host}", then one line per keyword, the last one "250 " (RFC 5321
+# 4.1.1.1).  The acceptor chooses the keywords (STARTTLS before TLS, AUTH over
+# TLS before AUTH) and caches the reply.
+EHLO_KEYWORDS = ("PIPELINING", "SIZE {size}", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8",
+                 "CHUNKING")
+EHLO_STARTTLS = "STARTTLS"
+EHLO_AUTH = "AUTH PLAIN LOGIN"
+EHLO_HELP = "HELP"
+
+
+def ehlo(host: str, keywords: list[str]) -> bytes:
+    """The multi-line EHLO reply: *host* on the first line, then one keyword a line."""
+    lines = [host, *keywords]
+    return ("".join(f"250-{x}\r\n" for x in lines[:-1]) + f"250 {lines[-1]}\r\n").encode()

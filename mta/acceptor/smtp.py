@@ -1,58 +1,64 @@
-"""The SMTP server session: an asyncio.Protocol fed by the Cython scanner.
+"""The SMTP server session of the acceptor: one asyncio.Protocol per client connection.
 
-One :class:`Session` per connection.  ``data_received`` feeds the scanner and
-then pulls events one at a time (:meth:`Session._process`), so pipelined
-commands are handled in order and a command that switches mode (DATA, BDAT,
-STARTTLS) takes effect before the next byte is looked at.  Replies are
-collected and written once per read, which is what makes PIPELINING cheap.
+What it does: speaks RFC 5321 with one client — EHLO/HELO, MAIL, RCPT, DATA,
+BDAT (CHUNKING), RSET, NOOP, QUIT, VRFY (252), HELP, with PIPELINING, SIZE,
+8BITMIME, SMTPUTF8 and ENHANCEDSTATUSCODES; STARTTLS and AUTH are in
+``tls_auth.py``.  Every verb is a row of :data:`VERBS`, every state a member of
+:class:`~mta.acceptor.state.State`, every reply a constant in ``replies.py``.
+Relay: recipients are accepted only from ``smtp.relay_networks`` or from
+authenticated clients; otherwise 554 5.7.1.
 
-When a message is complete it goes to its spool shard (``Acceptor.commit``)
-and the session stops processing input until the shard answers: 250 only once
-the shard says the message is on disk, 451 4.3.0 on a storage error, on
-back-pressure (the bus queue is full) or when no answer comes within
-``smtp.spool_timeout``.
+Reads:   the client's bytes, through the SMTP input scanner
+         (``native.load("scanner")``: ``ext/scanner.pyx`` or its pure twin).
+Writes:  replies to the client, collected and written once per read.
+Hands over: each finished message as one :class:`Submission` to
+         ``Acceptor.commit`` (``main.py``), which sends it to its spool shard
+         over the bus; the session itself talks to no other process.
+Peers:   the SMTP client; the spool shards only through ``Acceptor``.
+Config:  [smtp] max_connections, max_connections_per_ip, max_command_line,
+         max_text_line, max_message_size, max_recipients, max_errors,
+         max_buffered_input, command_timeout, data_timeout; through the
+         acceptor relay_networks, banner, tls_certificate/tls_key, auth_file.
 
-Protocol notes:
-- Only CRLF "." CRLF ends DATA (the scanner guarantees it).  A message that
-  contains a bare CR or a bare LF is rejected with 550 5.6.0 — it is never
-  normalised — so no second message can be smuggled inside one.
-- After STARTTLS, anything the client pipelined in plaintext is discarded and
-  the session starts over (RFC 3207 §4.2); AUTH is offered only over TLS.
-- Relay: recipients are accepted only from ``smtp.relay_networks`` or
-  authenticated sessions; otherwise 554 5.7.1.
-- A Received header is prepended; the rest of the message is kept byte-exact.
+Hot path: ``data_received`` feeds the scanner, then :meth:`Session.process`
+pulls events one at a time, so pipelined commands are handled in order and a
+command that switches mode (DATA, BDAT, STARTTLS) takes effect before the next
+byte is looked at.  Per pipelined transaction: three command parses (a dict
+lookup per verb), one Received header from a per-session cached head, one
+Submission, one write; no per-line Python work inside DATA (the scanner
+unstuffs and flags in C).
 
-Hot path cost: per pipelined transaction three command parses, one header
-build, one bus send, one write; no per-line Python work inside DATA.
+Messages: only CRLF "." CRLF ends DATA (the scanner guarantees it).  A message
+that contains a bare CR or LF is rejected with 550 5.6.0 — never normalised —
+so no second message can be smuggled inside one; so is one with a NUL or an
+over-long line (550 5.6.0) or over the size limit (552 5.3.4).  A Received
+header is prepended; the rest of the message is kept byte-exact.
+
+Failure and pressure: while the spool has its message, the session holds
+further input (buffered, not processed); 250 only once the shard says the
+message is on disk, 451 4.3.0 on a storage error, on back-pressure or when no
+answer comes within ``smtp.spool_timeout``; 452 4.3.1 at MAIL while the spool
+is low on space.  Too many error replies (``smtp.max_errors``) or an idle
+client (``command_timeout``, ``data_timeout`` in DATA/BDAT) end the session
+with 421; so does shutdown (idle sessions after a second, the rest after
+``server.shutdown_timeout``).  Input beyond ``smtp.max_buffered_input`` while
+waiting, or a client that does not read, pauses reading.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import enum
 import ipaddress
-import logging
 import re
+from collections.abc import Callable
+
+import msgspec
 
 from mta import rfcdate
 from mta.acceptor import replies as R
-from mta.passwords import check_password
-
-log = logging.getLogger("mta.acceptor")
-
-
-class State(enum.IntEnum):
-    CONNECTED = 0   # greeting sent, no EHLO/HELO yet
-    READY = 1       # EHLO done, no transaction
-    MAIL = 2        # MAIL accepted
-    RCPT = 3        # at least one RCPT accepted
-    BDAT = 4        # inside a BDAT sequence
-    WAITING = 5     # waiting for the spool (or AUTH check); input is held
-    AUTH = 6        # reading an AUTH continuation line
-    TLS = 7         # STARTTLS under way; input is discarded
-    CLOSED = 8
-
+from mta.acceptor import tls_auth
+from mta.acceptor.state import State
+from mta.scancodes import (EV_COMMAND, EV_COMMAND_TOO_LONG, EV_DATA, FLAG_BARE_CR, FLAG_BARE_LF,
+                           FLAG_LONG_LINE, FLAG_NUL, FLAG_TOO_BIG, MODE_COMMAND)
 
 # The states as plain module globals for the hot path: ``State.READY`` is an
 # attribute lookup on the enum's metaclass (about 75 ns on 3.11, against 15 ns
@@ -66,6 +72,39 @@ _WAITING = State.WAITING
 _AUTH = State.AUTH
 _TLS = State.TLS
 _CLOSED = State.CLOSED
+
+# Scanner flags that make a message rejected (FLAG_8BIT does not); see _check_flags().
+_BARE_LINE_END = FLAG_BARE_LF | FLAG_BARE_CR
+_REJECTED_FLAGS = FLAG_TOO_BIG | _BARE_LINE_END | FLAG_NUL | FLAG_LONG_LINE
+
+# R.QUEUED split around its queue id, so the reply is two concatenations.
+_QUEUED_HEAD, _, _QUEUED_TAIL = R.QUEUED.partition("{qid}")
+
+DRAIN_IDLE = 1.0   # seconds: on shutdown, a session idle between transactions this long is closed
+
+
+class Submission(msgspec.Struct, frozen=True):
+    """A finished message, handed by the session to ``Acceptor.commit`` as one value.
+
+    ``client`` describes the client for the envelope and the logs
+    ("helo [ip]", plus " user=name" when authenticated); ``peer_ip`` is its
+    address.  ``payload`` is the message as received (unstuffed, no Received
+    header yet).  ``received(qid)`` returns the Received header to prepend once
+    the message has its queue id; ``committed(qid, ok)`` is the spool's answer,
+    called exactly once: ok only when the message is on disk.
+
+    A msgspec Struct: slots and a constructor in C, one per message for about
+    a third of what a Python ``__init__`` of eight fields costs.
+    """
+
+    sender: str
+    rcpts: list[str]
+    params: dict            # MAIL parameters, upper-case keys
+    client: str
+    peer_ip: str
+    payload: bytes
+    received: Callable[[str], bytes]
+    committed: Callable[[str, bool], None]
 
 
 MAX_PATH = 256          # RFC 5321 4.5.3.1.3, octets in a forward/reverse path
@@ -154,7 +193,13 @@ _date = rfcdate.DateCache()
 
 
 class Session(asyncio.Protocol):
-    """One SMTP connection."""
+    """One SMTP connection.
+
+    Verb handlers (here and in ``tls_auth.py``) are called as ``handler(session,
+    arg)`` and use: ``state``, ``out`` (replies to send, written once per
+    read), ``reply_error()``, ``flush()``, ``close_with()``, ``process()``, the
+    client's ``tls``, ``user``, ``esmtp``, ``peer_ip``, and ``scanner``.
+    """
 
     def __init__(self, acceptor):
         self.a = acceptor
@@ -175,11 +220,17 @@ class Session(asyncio.Protocol):
         self.reading_paused = False
         self.writing_paused = False
         self.closing = False
+        self.auth_exchange: tls_auth.Exchange | None = None
+        self.chunk_size = 0         # BDAT: the size of the chunk being read
+        self.chunk_last = False     # BDAT: it is the LAST one
+        self.chunk_ok = False       # BDAT: it belongs to a transaction (else it is read and refused)
         self._now = acceptor.loop.time
-        # The Received header up to the queue id depends only on the session's
-        # client (helo, peer, ESMTP, TLS, AUTH): built once, and dropped
-        # (set to None) wherever one of those changes.
+        # What the session says about its client (the Received header up to the
+        # queue id, the client description) depends only on helo, peer, ESMTP,
+        # TLS and AUTH: built once, and dropped by client_changed() wherever
+        # one of those changes.
         self._received_head: str | None = None
+        self._client: str | None = None
         self._reset_transaction()
 
     # ------------------------------------------------------------- transport
@@ -194,12 +245,12 @@ class Session(asyncio.Protocol):
         # is served like any other; the drain closes it once it is idle.
         if len(a.sessions) >= a.smtp.max_connections:
             a.stats["rejected_connections"] += 1
-            self._close_with(R.TOO_MANY_CONNECTIONS)
+            self.close_with(R.TOO_MANY_CONNECTIONS)
             return
         n = a.per_ip.get(self.peer_ip, 0)
         if n >= a.smtp.max_connections_per_ip:
             a.stats["rejected_connections"] += 1
-            self._close_with(R.TOO_MANY_FROM_IP)
+            self.close_with(R.TOO_MANY_FROM_IP)
             return
         a.per_ip[self.peer_ip] = n + 1
         a.sessions.add(self)
@@ -250,33 +301,35 @@ class Session(asyncio.Protocol):
             # the upgrade is complete.
             return
         if st != _WAITING:
-            self._process()
+            self.process()
         elif self.scanner.buffered > self.a.smtp.max_buffered_input:
             self._pause_reading()
 
     def eof_received(self):
         return False  # close our side too
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the replies collected so far."""
         out = self.out
         if out:
             # Usually one reply: write it as is rather than join a list of one.
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
-    def _close_with(self, reply: bytes) -> None:
+    def close_with(self, reply: bytes) -> None:
+        """Send *reply* (after what is collected) and close the connection."""
         self.out.append(reply)
-        self._flush()
+        self.flush()
         self.closing = True
         self.state = _CLOSED
         self.transport.close()
 
-    def _reply_error(self, reply: bytes) -> None:
+    def reply_error(self, reply: bytes) -> None:
         """Send an error reply; too many of them end the session."""
         self.errors += 1
         if self.errors >= self.a.smtp.max_errors:
             self.out.append(reply)
-            self._close_with(R.TOO_MANY_ERRORS)
+            self.close_with(R.TOO_MANY_ERRORS)
         else:
             self.out.append(reply)
 
@@ -289,7 +342,7 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------ main loop
 
-    def _process(self) -> None:
+    def process(self) -> None:
         """Handle every complete event in the input, in order, until one needs to wait."""
         nxt = self.scanner.next
         handlers = COMMANDS
@@ -301,9 +354,9 @@ class Session(asyncio.Protocol):
             if ev is None:
                 break
             kind, payload, flags = ev
-            if kind == 1:  # EV_COMMAND
+            if kind == EV_COMMAND:
                 if st == _AUTH:
-                    self._auth_continue(payload)
+                    tls_auth.auth_continue(self, payload)
                     continue
                 verb, _, arg = payload.partition(b" ")
                 h = handlers.get(verb)
@@ -312,14 +365,14 @@ class Session(asyncio.Protocol):
                     verb = verb.upper()
                     h = handlers.get(verb)
                 if h is None:
-                    self._reply_error(R.UNKNOWN)
+                    self.reply_error(R.UNKNOWN)
                 elif st == _BDAT and verb not in BDAT_ALLOWED:
-                    self._reply_error(R.BAD_SEQUENCE)
+                    self.reply_error(R.BAD_SEQUENCE)
                 else:
                     h(self, arg)
-            elif kind == 2:  # EV_COMMAND_TOO_LONG
-                self._reply_error(R.LINE_TOO_LONG)
-            elif kind == 3:  # EV_DATA
+            elif kind == EV_COMMAND_TOO_LONG:
+                self.reply_error(R.LINE_TOO_LONG)
+            elif kind == EV_DATA:
                 self._message_complete(payload, flags)
             else:  # EV_CHUNK
                 self._chunk_complete(payload, flags)
@@ -327,7 +380,7 @@ class Session(asyncio.Protocol):
                 return
         if not self.closing:
             out = self.out
-            if out:     # self._flush(), inlined: this runs after every read
+            if out:     # self.flush(), inlined: this runs after every read
                 self.transport.write(out[0] if len(out) == 1 else b"".join(out))
                 out.clear()
             # AUTH waits for a continuation line from the client: read on, too.
@@ -336,16 +389,42 @@ class Session(asyncio.Protocol):
                 if st < _WAITING or st == _AUTH:
                     self._resume_reading()
 
+    # ------------------------------------------------- the client, TLS and AUTH
+
+    def client_changed(self) -> None:
+        """Forget what was built from helo, TLS or AUTH (they changed)."""
+        self._received_head = None
+        self._client = None
+
+    def tls_started(self, transport) -> None:
+        """The TLS handshake is done: go on over *transport* as a new session (RFC 3207 4.2)."""
+        self.transport = transport
+        self.reading_paused = False
+        self.tls = True
+        self.scanner.reset_message()
+        self._reset_transaction()
+        self.helo = ""
+        self.esmtp = False
+        self.client_changed()
+        self.state = _CONNECTED
+        self.last_activity = self._now()
+        self.process()  # decrypted commands that arrived with the handshake
+
+    def authenticated(self, user: str) -> None:
+        """AUTH succeeded for *user*: it may relay, and it is named in what follows."""
+        self.user = user
+        self.client_changed()
+
     # -------------------------------------------------------------- commands
 
     def cmd_helo(self, arg: bytes, esmtp: bool = False) -> None:
         name = arg.strip()
         if not name or len(name) > MAX_HELO or not all(0x21 <= c < 0x7F for c in name):
-            self._reply_error(R.SYNTAX)
+            self.reply_error(R.SYNTAX)
             return
         self.helo = name.decode("ascii")
         self.esmtp = esmtp
-        self._received_head = None
+        self.client_changed()
         self._reset_transaction()
         self.scanner.reset_message()
         self.state = _READY
@@ -360,17 +439,17 @@ class Session(asyncio.Protocol):
     def cmd_mail(self, arg: bytes) -> None:
         st = self.state
         if st == _CONNECTED:
-            self._reply_error(R.NEED_HELO)
+            self.reply_error(R.NEED_HELO)
             return
         if st != _READY:
-            self._reply_error(R.NESTED_MAIL)
+            self.reply_error(R.NESTED_MAIL)
             return
         if arg[:5].upper() != b"FROM:":
-            self._reply_error(R.SYNTAX)
+            self.reply_error(R.SYNTAX)
             return
         a = self.a
         if a.draining:
-            self._close_with(R.SHUTTING_DOWN)
+            self.close_with(R.SHUTTING_DOWN)
             return
         if a.space_low:
             self.out.append(R.STORAGE_FULL)
@@ -378,7 +457,7 @@ class Session(asyncio.Protocol):
         rest = arg[5:].lstrip(b" ")
         end = rest.find(b">")
         if end < 0:
-            self._reply_error(R.BAD_SENDER)
+            self.reply_error(R.BAD_SENDER)
             return
         tail = rest[end + 1:]
         if tail:
@@ -393,9 +472,9 @@ class Session(asyncio.Protocol):
         sender = parse_path(path, utf8)
         if sender is None:
             if not utf8 and any(c >= 0x80 for c in path) and parse_path(path, True) is not None:
-                self._reply_error(R.NEED_SMTPUTF8)
+                self.reply_error(R.NEED_SMTPUTF8)
             else:
-                self._reply_error(R.BAD_SENDER)
+                self.reply_error(R.BAD_SENDER)
             return
         self.sender = sender
         self.params = params
@@ -406,58 +485,58 @@ class Session(asyncio.Protocol):
         """Parse and check MAIL parameters; None when refused (the error reply is sent)."""
         params = parse_params(raw) if self.esmtp else ({} if not raw.strip() else None)
         if params is None:
-            self._reply_error(R.SYNTAX)
+            self.reply_error(R.SYNTAX)
             return None
         for key, value in params.items():
             if key == "SIZE":
                 if not value.isdigit():
-                    self._reply_error(R.SYNTAX)
+                    self.reply_error(R.SYNTAX)
                     return None
                 if int(value) > self.a.smtp.max_message_size:
-                    self._reply_error(R.TOO_BIG)
+                    self.reply_error(R.TOO_BIG)
                     return None
             elif key == "BODY":
                 if value.upper() not in ("7BIT", "8BITMIME"):
-                    self._reply_error(R.BAD_PARAM)
+                    self.reply_error(R.BAD_PARAM)
                     return None
             elif key == "SMTPUTF8":
                 if value:
-                    self._reply_error(R.SYNTAX)
+                    self.reply_error(R.SYNTAX)
                     return None
             elif key == "AUTH":
                 pass  # RFC 4954 5: accepted, not trusted
             else:
-                self._reply_error(R.BAD_PARAM)
+                self.reply_error(R.BAD_PARAM)
                 return None
         return params
 
     def cmd_rcpt(self, arg: bytes) -> None:
         st = self.state
         if st != _MAIL and st != _RCPT:
-            self._reply_error(R.NEED_HELO if st == _CONNECTED else R.NEED_MAIL)
+            self.reply_error(R.NEED_HELO if st == _CONNECTED else R.NEED_MAIL)
             return
         if arg[:3].upper() != b"TO:":
-            self._reply_error(R.SYNTAX)
+            self.reply_error(R.SYNTAX)
             return
         rest = arg[3:].lstrip(b" ")
         end = rest.find(b">")
         if end < 0:
-            self._reply_error(R.BAD_RCPT)
+            self.reply_error(R.BAD_RCPT)
             return
         if rest[end + 1:].strip():
-            self._reply_error(R.BAD_PARAM)  # NOTIFY/ORCPT: DSN is not offered
+            self.reply_error(R.BAD_PARAM)  # NOTIFY/ORCPT: DSN is not offered
             return
         utf8 = "SMTPUTF8" in self.params
         path = rest[:end + 1]
         rcpt = parse_path(path, utf8)
         if not rcpt:
             if not utf8 and any(c >= 0x80 for c in path) and parse_path(path, True):
-                self._reply_error(R.NEED_SMTPUTF8)
+                self.reply_error(R.NEED_SMTPUTF8)
             else:
-                self._reply_error(R.BAD_RCPT)
+                self.reply_error(R.BAD_RCPT)
             return
         if not (self.relay_ok or self.user is not None):
-            self._reply_error(R.RELAY_DENIED)
+            self.reply_error(R.RELAY_DENIED)
             return
         if len(self.rcpts) >= self.a.smtp.max_recipients:
             self.out.append(R.TOO_MANY_RCPTS)
@@ -469,23 +548,23 @@ class Session(asyncio.Protocol):
     def cmd_data(self, arg: bytes) -> None:
         st = self.state
         if arg:
-            self._reply_error(R.SYNTAX)
+            self.reply_error(R.SYNTAX)
         elif st == _RCPT:
             self.out.append(R.START_DATA)
             self.scanner.start_data()
         elif st == _MAIL:
-            self._reply_error(R.NO_VALID_RCPTS)
+            self.reply_error(R.NO_VALID_RCPTS)
         elif st == _CONNECTED:
-            self._reply_error(R.NEED_HELO)
+            self.reply_error(R.NEED_HELO)
         else:
-            self._reply_error(R.NEED_MAIL)
+            self.reply_error(R.NEED_MAIL)
 
     def cmd_bdat(self, arg: bytes) -> None:
         words = arg.split()
         if not 1 <= len(words) <= 2 or not words[0].isdigit() or \
                 (len(words) == 2 and words[1].upper() != b"LAST"):
             # The chunk size is unknown, so the input cannot be resynchronised.
-            self._close_with(R.SYNTAX)
+            self.close_with(R.SYNTAX)
             return
         size = int(words[0])
         last = len(words) == 2
@@ -515,186 +594,35 @@ class Session(asyncio.Protocol):
         self.out.append(R.OK)
 
     def cmd_quit(self, arg: bytes) -> None:
-        self._close_with(R.BYE)
+        self.close_with(R.BYE)
 
     def cmd_vrfy(self, arg: bytes) -> None:
         if not arg.strip():
-            self._reply_error(R.SYNTAX)
+            self.reply_error(R.SYNTAX)
         else:
             self.out.append(R.VRFY)
 
     def cmd_expn(self, arg: bytes) -> None:
-        self._reply_error(R.NOT_IMPLEMENTED)
+        self.reply_error(R.NOT_IMPLEMENTED)
 
     def cmd_help(self, arg: bytes) -> None:
         self.out.append(R.HELP)
 
-    def cmd_starttls(self, arg: bytes) -> None:
-        a = self.a
-        if a.ssl_context is None or not self.esmtp and self.state == _CONNECTED:
-            self._reply_error(R.NOT_IMPLEMENTED if a.ssl_context is None else R.NEED_HELO)
-            return
-        if self.tls:
-            self._reply_error(R.ALREADY_TLS)
-            return
-        if arg:
-            self._reply_error(R.SYNTAX)
-            return
-        self.out.append(R.TLS_GO)
-        self._flush()
-        # RFC 3207 4.2: nothing the client sent before the handshake may count.
-        # Stop reading plaintext now; start_tls resumes reading through TLS.
-        self.scanner.discard()
-        self.state = _TLS
-        self.transport.pause_reading()
-        a.loop.create_task(self._start_tls())
-
-    async def _start_tls(self) -> None:
-        a = self.a
-        self.scanner.discard()
-        try:
-            transport = await a.loop.start_tls(self.transport, self, a.ssl_context,
-                                               server_side=True,
-                                               ssl_handshake_timeout=a.smtp.command_timeout)
-        except (OSError, ConnectionError, asyncio.TimeoutError, Exception) as exc:
-            log.info("TLS handshake with %s failed: %s", self.peer_ip, type(exc).__name__)
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        if transport is None:
-            return
-        self.transport = transport
-        self.reading_paused = False
-        self.tls = True
-        self.scanner.reset_message()
-        self._reset_transaction()
-        self.helo = ""
-        self.esmtp = False
-        self._received_head = None
-        self.state = _CONNECTED
-        self.last_activity = a.loop.time()
-        self._process()  # decrypted commands that arrived with the handshake
-
-    def cmd_auth(self, arg: bytes) -> None:
-        a = self.a
-        if not a.auth_users:
-            self._reply_error(R.AUTH_NOT_AVAILABLE)
-            return
-        if not self.tls:
-            self._reply_error(R.ENCRYPTION_REQUIRED)
-            return
-        if self.state == _CONNECTED:
-            self._reply_error(R.NEED_HELO)
-            return
-        if self.user is not None:
-            self._reply_error(R.ALREADY_AUTH)
-            return
-        if self.state != _READY:
-            self._reply_error(R.BAD_SEQUENCE)
-            return
-        words = arg.split()
-        if not words or len(words) > 2:
-            self._reply_error(R.SYNTAX)
-            return
-        mech = words[0].upper()
-        initial = words[1] if len(words) == 2 else None
-        if mech == b"PLAIN":
-            self.auth_mech = b"PLAIN"
-            if initial is None:
-                self.state = _AUTH
-                self.out.append(R.AUTH_CHALLENGE_EMPTY)
-            else:
-                self._auth_plain(initial)
-        elif mech == b"LOGIN":
-            self.auth_mech = b"LOGIN"
-            self.auth_user = None
-            if initial is None:
-                self.state = _AUTH
-                self.out.append(R.AUTH_USERNAME)
-            else:
-                self._auth_login_user(initial)
-        else:
-            self._reply_error(R.BAD_MECHANISM)
-
-    def _auth_continue(self, line: bytes) -> None:
-        self.state = _READY
-        if line == b"*":
-            self._reply_error(R.AUTH_CANCELLED)
-        elif self.auth_mech == b"PLAIN":
-            self._auth_plain(line)
-        elif self.auth_user is None:
-            self._auth_login_user(line)
-        else:
-            try:
-                password = base64.b64decode(line, validate=True)
-            except (binascii.Error, ValueError):
-                self._reply_error(R.AUTH_BAD_BASE64)
-                return
-            self._auth_check(self.auth_user, password)
-
-    def _auth_login_user(self, b64: bytes) -> None:
-        try:
-            self.auth_user = base64.b64decode(b64, validate=True).decode("utf-8")
-        except (binascii.Error, ValueError):
-            self.state = _READY
-            self._reply_error(R.AUTH_BAD_BASE64)
-            return
-        self.state = _AUTH
-        self.out.append(R.AUTH_PASSWORD)
-
-    def _auth_plain(self, b64: bytes) -> None:
-        try:
-            raw = base64.b64decode(b64, validate=True)
-            _authzid, authcid, password = raw.split(b"\0")
-            user = authcid.decode("utf-8")
-        except (binascii.Error, ValueError):
-            self._reply_error(R.AUTH_BAD_BASE64)
-            return
-        self._auth_check(user, password)
-
-    def _auth_check(self, user: str, password: bytes) -> None:
-        """Check the password in a worker thread; hold the session meanwhile."""
-        self.state = _WAITING
-        a = self.a
-        fut = a.loop.run_in_executor(None, check_password, a.auth_users, user, password)
-        fut.add_done_callback(lambda f: self._auth_done(f, user))
-
-    def _auth_done(self, fut, user: str) -> None:
-        if self.closing:
-            return
-        self.state = _READY
-        try:
-            ok = fut.result()
-        except Exception:
-            self.out.append(R.AUTH_TEMP)
-            ok = None
-        if ok:
-            self.user = user
-            self._received_head = None
-            self.out.append(R.AUTH_OK)
-            log.info("client=%s authenticated as %s", self.peer_ip, user)
-        elif ok is False:
-            log.info("client=%s authentication failed for %s", self.peer_ip, user)
-            self._reply_error(R.AUTH_FAILED)
-        self._flush()
-        if not self.closing:
-            self._process()
-
     # -------------------------------------------------------------- messages
 
     def _message_complete(self, payload: bytes, flags: int) -> None:
-        """DATA ended: reject it, or send it to the spool and wait for the answer."""
+        """DATA ended: reject it, or hand it over and wait for the spool's answer."""
         if flags & _REJECTED_FLAGS:
             self._reset_transaction()
             self.state = _READY
-            self._reply_error(self._check_flags(flags))
+            self.reply_error(self._check_flags(flags))
             return
-        self.state = _WAITING
-        self.a.commit(self, payload)
+        self._submit(payload)
 
     def _chunk_complete(self, payload: bytes, flags: int) -> None:
+        """A BDAT chunk ended: acknowledge it, or (LAST) reject or hand over the message."""
         if not self.chunk_ok:
-            self._reply_error(R.BAD_SEQUENCE if self.state != _CONNECTED else R.NEED_HELO)
+            self.reply_error(R.BAD_SEQUENCE if self.state != _CONNECTED else R.NEED_HELO)
             return
         self.chunk_flags |= flags
         if payload:
@@ -707,25 +635,37 @@ class Session(asyncio.Protocol):
         if reply is not None:
             self._reset_transaction()
             self.state = _READY
-            self._reply_error(reply)
+            self.reply_error(reply)
             return
         body = b"".join(self.chunks)
         self.chunks = []
-        self._commit(body)
+        self._submit(body)
 
     def _check_flags(self, flags: int) -> bytes | None:
         """The rejection for a message with scanner *flags*, or None (see _REJECTED_FLAGS)."""
-        if flags & 8:   # FLAG_TOO_BIG
+        if flags & FLAG_TOO_BIG:
             return R.TOO_BIG
-        if flags & 3:   # FLAG_BARE_LF | FLAG_BARE_CR
+        if flags & _BARE_LINE_END:
             return R.BARE_LINE_END
-        if flags & 32:  # FLAG_NUL: a downstream server that drops NULs could see a
-            return R.NUL_IN_TEXT  # line "." that we did not: refuse it (RFC 6152 text)
-        if flags & 4:   # FLAG_LONG_LINE
+        if flags & FLAG_NUL:    # a downstream server that drops NULs could see a line
+            return R.NUL_IN_TEXT  # "." that we did not: refuse it (RFC 6152 text)
+        if flags & FLAG_LONG_LINE:
             return R.LONG_TEXT_LINE.format(n=self.a.smtp.max_text_line).encode()
         return None
 
-    def _received(self, qid: str) -> bytes:
+    def _submit(self, payload: bytes) -> None:
+        """Hand the finished message to the acceptor; input waits for committed()."""
+        self.state = _WAITING
+        client = self._client
+        if client is None:
+            client = f"{self.helo} [{self.peer_ip}]"
+            if self.user is not None:
+                client += f" user={self.user}"
+            self._client = client
+        self.a.commit(Submission(self.sender, self.rcpts, self.params, client, self.peer_ip,
+                                 payload, self.received_header, self.committed))
+
+    def received_header(self, qid: str) -> bytes:
         """The Received header for the current message, which gets queue id *qid*."""
         head = self._received_head
         if head is None:
@@ -742,12 +682,8 @@ class Session(asyncio.Protocol):
             return f"{head}{qid}\r\n\tfor <{rcpts[0]}>;\r\n\t{_date.now()}\r\n".encode()
         return f"{head}{qid};\r\n\t{_date.now()}\r\n".encode()
 
-    def _commit(self, payload: bytes) -> None:
-        self.state = _WAITING
-        self.a.commit(self, payload)
-
     def committed(self, qid: str, ok: bool) -> None:
-        """The spool's answer (or a timeout) for the message this session sent."""
+        """The spool's answer (or a timeout) for the message this session handed over."""
         if self.closing:
             return
         if ok:
@@ -758,9 +694,9 @@ class Session(asyncio.Protocol):
         self.state = _READY
         self.last_activity = self._now()
         # The reply goes out with whatever the pipelined input that waited
-        # meanwhile brings: _process() writes self.out once at its end, or
+        # meanwhile brings: process() writes self.out once at its end, or
         # on every path that closes the session.
-        self._process()
+        self.process()
 
     # ---------------------------------------------------------- housekeeping
 
@@ -772,45 +708,46 @@ class Session(asyncio.Protocol):
         if force:
             if st == _WAITING:
                 return  # the spool answer (or its timeout) comes first
-            self._close_with(R.SHUTTING_DOWN)
+            self.close_with(R.SHUTTING_DOWN)
             return
         idle = now - self.last_activity
         if draining and st in (_CONNECTED, _READY) and idle >= DRAIN_IDLE \
                 and not self.scanner.buffered:
-            self._close_with(R.SHUTTING_DOWN)
+            self.close_with(R.SHUTTING_DOWN)
             return
         if st == _WAITING:
             return
-        in_data = self.scanner.mode != 0
+        in_data = self.scanner.mode != MODE_COMMAND
         limit = self.a.smtp.data_timeout if in_data else self.a.smtp.command_timeout
         if idle > limit:
-            self._close_with(R.TIMEOUT)
+            self.close_with(R.TIMEOUT)
 
 
-# Scanner flags that make _check_flags() reject a message (FLAG_8BIT alone does not).
-_REJECTED_FLAGS = 8 | 3 | 32 | 4
+# ---------------------------------------------------------------- the verbs
 
-# R.QUEUED split around its queue id, so the reply is two concatenations.
-_QUEUED_HEAD, _, _QUEUED_TAIL = R.QUEUED.partition("{qid}")
+# Verb flags.
+IN_BDAT = 1     # may come between the chunks of a BDAT sequence (RFC 3030 2)
+LISTED = 2      # named in the HELP reply (R.HELP), in this table's order
 
-DRAIN_IDLE = 1.0   # seconds: on shutdown, a session idle between transactions this long is closed
-
-COMMANDS = {
-    b"EHLO": Session.cmd_ehlo,
-    b"HELO": Session.cmd_helo,
-    b"MAIL": Session.cmd_mail,
-    b"RCPT": Session.cmd_rcpt,
-    b"DATA": Session.cmd_data,
-    b"BDAT": Session.cmd_bdat,
-    b"RSET": Session.cmd_rset,
-    b"NOOP": Session.cmd_noop,
-    b"QUIT": Session.cmd_quit,
-    b"VRFY": Session.cmd_vrfy,
-    b"EXPN": Session.cmd_expn,
-    b"HELP": Session.cmd_help,
-    b"STARTTLS": Session.cmd_starttls,
-    b"AUTH": Session.cmd_auth,
+# Every verb the session knows: its handler, called as handler(session, arg),
+# and its flags.  A verb not here gets 500 5.5.2.
+VERBS = {
+    b"EHLO": (Session.cmd_ehlo, LISTED),
+    b"HELO": (Session.cmd_helo, LISTED),
+    b"MAIL": (Session.cmd_mail, LISTED),
+    b"RCPT": (Session.cmd_rcpt, LISTED),
+    b"DATA": (Session.cmd_data, LISTED),
+    b"BDAT": (Session.cmd_bdat, LISTED | IN_BDAT),
+    b"RSET": (Session.cmd_rset, LISTED | IN_BDAT),
+    b"NOOP": (Session.cmd_noop, LISTED | IN_BDAT),
+    b"QUIT": (Session.cmd_quit, LISTED | IN_BDAT),
+    b"VRFY": (Session.cmd_vrfy, LISTED),
+    b"EXPN": (Session.cmd_expn, 0),
+    b"HELP": (Session.cmd_help, LISTED),
+    b"STARTTLS": (tls_auth.starttls, LISTED),
+    b"AUTH": (tls_auth.auth, LISTED),
 }
 
-# Inside a BDAT sequence only these may come between chunks (RFC 3030).
-BDAT_ALLOWED = frozenset((b"BDAT", b"RSET", b"QUIT", b"NOOP"))
+# The table as Session.process() looks it up: one dict get per command, one set test in BDAT.
+COMMANDS = {verb: handler for verb, (handler, _) in VERBS.items()}
+BDAT_ALLOWED = frozenset(verb for verb, (_, flags) in VERBS.items() if flags & IN_BDAT)

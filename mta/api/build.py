@@ -571,7 +571,7 @@ class Builder:
         if not data.endswith(b"\r\n"):
             data += b"\r\n"
         flags = mime.scan_body(data, 0, MAX_LINE)
-        if flags & mime.LONG_LINE:
+        if flags & mime.FLAG_LONG_LINE:
             raise R.ApiError(R.INVALID, f"content.email_rfc822: a line is longer than "
                              f"{MAX_LINE} octets")
         hdr_end, body_start = mime.split_message(data)
@@ -589,7 +589,7 @@ class Builder:
         self.rfc_from = from_email if from_email and not check_email(from_email) else None
         self.rfc_has = {n: mime.find_header(data, n) is not None
                         for n in (b"Date", b"Message-ID", b"To")}
-        self.rfc_8bit = bool(flags & mime.EIGHTBIT)
+        self.rfc_8bit = bool(flags & mime.FLAG_8BIT)
         # Pieces: constant bytes and templates (header block, first text parts).
         pieces: list = []
         if b"{{" in data:

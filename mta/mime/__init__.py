@@ -11,11 +11,11 @@ from mta import native
 
 impl = native.load("mime")
 
-EIGHTBIT = impl.EIGHTBIT
-LONG_LINE = impl.LONG_LINE
-BARE_LF = impl.BARE_LF
-BARE_CR = impl.BARE_CR
-NUL = impl.NUL
+FLAG_8BIT = impl.FLAG_8BIT          # scan_body's flags (declared in mta/scancodes.py)
+FLAG_LONG_LINE = impl.FLAG_LONG_LINE
+FLAG_BARE_LF = impl.FLAG_BARE_LF
+FLAG_BARE_CR = impl.FLAG_BARE_CR
+FLAG_NUL = impl.FLAG_NUL
 MAX_LINE = impl.MAX_LINE
 
 split_message = impl.split_message
@@ -47,7 +47,7 @@ def body_of(buf) -> memoryview:
 
 
 __all__ = [
-    "EIGHTBIT", "LONG_LINE", "BARE_LF", "BARE_CR", "NUL", "MAX_LINE",
+    "FLAG_8BIT", "FLAG_LONG_LINE", "FLAG_BARE_LF", "FLAG_BARE_CR", "FLAG_NUL", "MAX_LINE",
     "split_message", "parse_headers", "iter_headers", "find_header", "find_headers",
     "field_value", "unfold", "insert_header", "remove_headers", "from_domain",
     "scan_body", "canon_header", "canon_headers", "select_names", "canon_body", "BodyCanonicalizer",

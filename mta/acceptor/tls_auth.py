@@ -1,0 +1,217 @@
+"""STARTTLS and AUTH for the SMTP session: the two verbs and the exchanges they start.
+
+Both verbs are handlers in the session's verb table (``smtp.VERBS``), called
+as ``handler(session, arg)`` like the session's own; they use the session's
+handler interface (``state``, ``out``, ``reply_error()``, ``flush()``,
+``process()``) and two hooks it has for them, ``tls_started()`` and
+``authenticated()``.
+
+STARTTLS (RFC 3207) is offered when ``smtp.tls_certificate`` is set.  After
+"220 Ready to start TLS" the session discards what the client pipelined in
+plaintext, stops reading, and the handshake runs on the loop (bounded by
+``smtp.command_timeout``).  Then the session starts over on the TLS transport
+as if the client had just connected: no EHLO, no transaction (RFC 3207 4.2).
+A failed handshake aborts the connection.
+
+AUTH PLAIN (RFC 4616) and LOGIN, with an initial response or on continuation
+lines (RFC 4954), are offered only over TLS and only when ``smtp.auth_file``
+has users.  The password is checked with :func:`mta.passwords.check_password`
+in a worker thread (PBKDF2 costs tens of milliseconds by design) while the
+session holds its input.  An authenticated client may relay from any address;
+its user name goes into the Received header (ESMTPSA) and the message's client
+description.  A failed check is an error reply (counted towards
+``smtp.max_errors``); a check that raises is 454 4.7.0, not counted.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+
+from mta.acceptor import replies as R
+from mta.passwords import check_password
+from mta.acceptor.state import State
+
+log = logging.getLogger("mta.acceptor")
+
+_CONNECTED = State.CONNECTED
+_READY = State.READY
+_WAITING = State.WAITING
+_AUTH = State.AUTH
+_TLS = State.TLS
+
+PLAIN = b"PLAIN"
+LOGIN = b"LOGIN"
+
+
+# -------------------------------------------------------------------- STARTTLS
+
+
+def starttls(session, arg: bytes) -> None:
+    """STARTTLS: say go, drop the plaintext input, stop reading and start the handshake."""
+    a = session.a
+    if a.ssl_context is None or not session.esmtp and session.state == _CONNECTED:
+        session.reply_error(R.NOT_IMPLEMENTED if a.ssl_context is None else R.NEED_HELO)
+        return
+    if session.tls:
+        session.reply_error(R.ALREADY_TLS)
+        return
+    if arg:
+        session.reply_error(R.SYNTAX)
+        return
+    session.out.append(R.TLS_GO)
+    session.flush()
+    # RFC 3207 4.2: nothing the client sent before the handshake may count.
+    # Stop reading plaintext now; start_tls resumes reading through TLS.
+    session.scanner.discard()
+    session.state = _TLS
+    session.transport.pause_reading()
+    a.loop.create_task(_handshake(session))
+
+
+async def _handshake(session) -> None:
+    """Run the TLS handshake; the session starts over on the new transport, or is aborted."""
+    a = session.a
+    session.scanner.discard()
+    try:
+        transport = await a.loop.start_tls(session.transport, session, a.ssl_context,
+                                           server_side=True,
+                                           ssl_handshake_timeout=a.smtp.command_timeout)
+    except (OSError, ConnectionError, asyncio.TimeoutError, Exception) as exc:
+        log.info("TLS handshake with %s failed: %s", session.peer_ip, type(exc).__name__)
+        if session.transport is not None:
+            session.transport.abort()
+        return
+    if transport is None:
+        return
+    session.tls_started(transport)
+
+
+# ------------------------------------------------------------------------ AUTH
+
+
+class Exchange:
+    """An AUTH exchange waiting for the client's next line (the session is in State.AUTH)."""
+
+    __slots__ = ("mech", "user")
+
+    def __init__(self, mech: bytes):
+        self.mech = mech
+        self.user: str | None = None     # LOGIN: the user name, once given
+
+
+def auth(session, arg: bytes) -> None:
+    """AUTH mechanism [initial-response]: check or ask for the credentials."""
+    if not session.a.auth_users:
+        session.reply_error(R.AUTH_NOT_AVAILABLE)
+        return
+    if not session.tls:
+        session.reply_error(R.ENCRYPTION_REQUIRED)
+        return
+    if session.state == _CONNECTED:
+        session.reply_error(R.NEED_HELO)
+        return
+    if session.user is not None:
+        session.reply_error(R.ALREADY_AUTH)
+        return
+    if session.state != _READY:
+        session.reply_error(R.BAD_SEQUENCE)
+        return
+    words = arg.split()
+    if not words or len(words) > 2:
+        session.reply_error(R.SYNTAX)
+        return
+    mech = words[0].upper()
+    initial = words[1] if len(words) == 2 else None
+    if mech == PLAIN:
+        if initial is None:
+            _ask(session, Exchange(PLAIN), R.AUTH_CHALLENGE_EMPTY)
+        else:
+            _plain(session, initial)
+    elif mech == LOGIN:
+        if initial is None:
+            _ask(session, Exchange(LOGIN), R.AUTH_USERNAME)
+        else:
+            _login_user(session, Exchange(LOGIN), initial)
+    else:
+        session.reply_error(R.BAD_MECHANISM)
+
+
+def auth_continue(session, line: bytes) -> None:
+    """The client's line in an AUTH exchange: "*" cancels, else base64 credentials."""
+    exchange = session.auth_exchange
+    session.auth_exchange = None
+    session.state = _READY
+    if line == b"*":
+        session.reply_error(R.AUTH_CANCELLED)
+    elif exchange.mech == PLAIN:
+        _plain(session, line)
+    elif exchange.user is None:
+        _login_user(session, exchange, line)
+    else:
+        try:
+            password = base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            session.reply_error(R.AUTH_BAD_BASE64)
+            return
+        _check(session, exchange.user, password)
+
+
+def _ask(session, exchange: Exchange, challenge: bytes) -> None:
+    """Send a 334 challenge and read the client's next line as the answer."""
+    session.auth_exchange = exchange
+    session.state = _AUTH
+    session.out.append(challenge)
+
+
+def _login_user(session, exchange: Exchange, b64: bytes) -> None:
+    try:
+        exchange.user = base64.b64decode(b64, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        session.state = _READY
+        session.reply_error(R.AUTH_BAD_BASE64)
+        return
+    _ask(session, exchange, R.AUTH_PASSWORD)
+
+
+def _plain(session, b64: bytes) -> None:
+    """PLAIN: authzid NUL authcid NUL password (RFC 4616); the authzid is ignored."""
+    try:
+        raw = base64.b64decode(b64, validate=True)
+        _authzid, authcid, password = raw.split(b"\0")
+        user = authcid.decode("utf-8")
+    except (binascii.Error, ValueError):
+        session.reply_error(R.AUTH_BAD_BASE64)
+        return
+    _check(session, user, password)
+
+
+def _check(session, user: str, password: bytes) -> None:
+    """Check the password in a worker thread; hold the session meanwhile."""
+    session.state = _WAITING
+    a = session.a
+    fut = a.loop.run_in_executor(None, check_password, a.auth_users, user, password)
+    fut.add_done_callback(lambda f: _checked(session, f, user))
+
+
+def _checked(session, fut, user: str) -> None:
+    """The check is done: answer, and go on with the input that waited."""
+    if session.closing:
+        return
+    session.state = _READY
+    try:
+        ok = fut.result()
+    except Exception:
+        session.out.append(R.AUTH_TEMP)
+        ok = None
+    if ok:
+        session.authenticated(user)
+        session.out.append(R.AUTH_OK)
+        log.info("client=%s authenticated as %s", session.peer_ip, user)
+    elif ok is False:
+        log.info("client=%s authentication failed for %s", session.peer_ip, user)
+        session.reply_error(R.AUTH_FAILED)
+    session.flush()
+    if not session.closing:
+        session.process()

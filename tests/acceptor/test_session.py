@@ -1,0 +1,237 @@
+"""The SMTP session on the fake transport: what reaches the spool, flow control, limits.
+
+The conversations themselves are data (``dialogues/``, played by test_dialogues.py);
+these tests look at what a dialogue cannot show: the message and envelope handed
+to the acceptor, the Received header, reading paused and resumed, connection limits.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from acceptor import fake
+from mta.acceptor import replies as R
+from mta.acceptor import smtp
+
+IMPLS = ["compiled", "pure"]
+QUEUED = re.compile(rb"250 2\.0\.0 Ok: queued as ([0-9A-F]{20})\r\n")
+MESSAGE = b"Subject: test\r\n\r\nbody\r\n"
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    return request.param
+
+
+class Client:
+    """One connection to a session on the fake transport."""
+
+    def __init__(self, acceptor, peer=fake.PEER):
+        self.acceptor = acceptor
+        self.loop = acceptor.loop
+        self.transport = fake.Transport(peer)
+        self.session = smtp.Session(acceptor)
+        self.transport.connect(self.session)
+        self.seen = 0
+
+    def send(self, data: bytes) -> bytes:
+        """Write *data*, let the loop run, return what the server wrote meanwhile."""
+        self.session.data_received(data)
+        self.loop.run_ready()
+        return self.output()
+
+    def output(self) -> bytes:
+        written = self.session.transport.written
+        out = b"".join(written[self.seen:])
+        self.seen = len(written)
+        return out
+
+    def transaction(self, sender="s@example.com", rcpts=("r@example.net",),
+                    message=MESSAGE, mail_params=b"") -> bytes:
+        data = b"MAIL FROM:<%s>%s\r\n" % (sender.encode(), mail_params)
+        data += b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in rcpts)
+        return self.send(data + b"DATA\r\n" + message + b".\r\n")
+
+
+def make(impl, smtp_cfg=None, auth=None, tls=False, peer=fake.PEER):
+    """An acceptor on the fake loop and one client connected to it (greeting read)."""
+    loop = fake.Loop()
+    acc = fake.Acceptor(fake.settings(smtp_cfg, auth), loop, pure=impl == "pure", tls=tls)
+    c = Client(acc, peer)
+    assert c.output() == b"220 mx.test ESMTP\r\n"
+    return acc, c
+
+
+# ------------------------------------------------------------ the submission
+
+
+def test_envelope_and_message_reach_the_spool(impl):
+    acc, c = make(impl)
+    c.send(b"EHLO client.example\r\n")
+    out = c.transaction(rcpts=("a@example.net", "b@example.org"),
+                        mail_params=b" SIZE=100 BODY=8BITMIME",
+                        message=b"Subject: x\r\n\r\n..dot\r\n")
+    qid = QUEUED.search(out).group(1).decode()
+    [m] = acc.submitted
+    assert m.qid == qid
+    assert (m.sender, m.rcpts) == ("s@example.com", ["a@example.net", "b@example.org"])
+    assert m.params == {"BODY": "8BITMIME"}          # SIZE is not kept with the message
+    assert m.client == "client.example [127.0.0.1]"
+    assert m.peer == "127.0.0.1"
+    assert m.message == b"Subject: x\r\n\r\n.dot\r\n"  # unstuffed, otherwise byte-exact
+
+
+def test_received_header(impl):
+    acc, c = make(impl)
+    c.send(b"EHLO client.example\r\n")
+    c.transaction(rcpts=("one@example.net",))
+    c.transaction(rcpts=("one@example.net", "two@example.net"))
+    one, two = acc.submitted
+    assert re.fullmatch(
+        rb"Received: from client\.example \(\[127\.0\.0\.1\]\)\r\n"
+        rb"\tby mx\.test \(mta\) with ESMTP id " + one.qid.encode() + rb"\r\n"
+        rb"\tfor <one@example\.net>;\r\n\t[A-Z][a-z]{2}, [ 0-9]\d [A-Z][a-z]{2} \d{4} "
+        rb"\d\d:\d\d:\d\d [+-]\d{4}\r\n", one.received), one.received
+    # More than one recipient: none is named.
+    assert two.received.startswith(
+        b"Received: from client.example ([127.0.0.1])\r\n\tby mx.test (mta) with ESMTP id "
+        + two.qid.encode() + b";\r\n\t")
+
+
+def test_received_header_follows_helo_tls_and_auth(impl):
+    acc, c = make(impl, auth={"alice": "secret"}, tls=True, peer=("::1", 4000))
+    c.send(b"HELO plain.example\r\n")
+    c.transaction()
+    assert acc.submitted[-1].received.startswith(
+        b"Received: from plain.example ([IPv6:::1])\r\n\tby mx.test (mta) with SMTP id ")
+    assert c.send(b"EHLO tls.example\r\nSTARTTLS\r\n").endswith(R.TLS_GO)
+    c.send(b"EHLO tls.example\r\n")
+    c.transaction()
+    assert b"from tls.example ([IPv6:::1])\r\n\tby mx.test (mta) with ESMTPS id " \
+        in acc.submitted[-1].received
+    assert c.send(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n") == R.AUTH_OK
+    c.transaction()
+    assert b"with ESMTPSA id " in acc.submitted[-1].received
+    assert acc.submitted[-1].client == "tls.example [::1] user=alice"
+
+
+def test_x_msys_api_header_becomes_params(impl):
+    acc, c = make(impl)
+    c.send(b"EHLO client.example\r\n")
+    c.transaction(message=b'X-MSYS-API: {"campaign_id": "spring", "metadata": {"k": 1}}\r\n'
+                          b"Subject: s\r\n\r\nbody\r\n")
+    m = acc.submitted[-1]
+    assert m.params["campaign_id"] == "spring"
+    assert m.params["metadata"] == {"k": 1}
+    assert m.message == b"Subject: s\r\n\r\nbody\r\n"
+    # Not a JSON object: ignored (and logged), still removed, the message still accepted.
+    out = c.transaction(message=b"X-MSYS-API: [1]\r\nSubject: s\r\n\r\nbody\r\n")
+    assert QUEUED.search(out)
+    assert acc.submitted[-1].message == b"Subject: s\r\n\r\nbody\r\n"
+    assert "campaign_id" not in acc.submitted[-1].params
+
+
+def test_answer_after_the_client_left_is_dropped(impl):
+    acc, c = make(impl)
+    c.send(b"EHLO client.example\r\n")
+    acc.answer = "hold"
+    c.transaction()
+    c.session.connection_lost(None)
+    acc.answer_held(True)
+    c.loop.run_ready()
+    assert c.output() == b""
+
+
+# ------------------------------------------------------------- flow control
+
+
+def test_input_beyond_the_buffer_limit_pauses_reading_until_the_spool_answers(impl):
+    acc, c = make(impl, {"max_buffered_input": 4096})
+    c.send(b"EHLO client.example\r\n")
+    acc.answer = "hold"
+    c.transaction()
+    assert c.transport.reading
+    c.send(b"NOOP\r\n" * 1000)          # pipelined behind the message: waits
+    assert not c.transport.reading
+    acc.answer_held(True)
+    c.loop.run_ready()
+    out = c.output()
+    assert QUEUED.match(out)
+    assert out[QUEUED.match(out).end():] == R.OK * 1000
+    assert c.transport.reading
+
+
+def test_a_slow_reader_pauses_reading(impl):
+    acc, c = make(impl)
+    c.session.pause_writing()
+    assert not c.transport.reading
+    c.session.resume_writing()
+    assert c.transport.reading
+    # Paused for writing while the spool has the message: reading resumes after both.
+    c.send(b"EHLO client.example\r\n")
+    acc.answer = "hold"
+    c.transaction()
+    c.session.pause_writing()
+    c.session.resume_writing()
+    assert not c.transport.reading
+    acc.answer_held(True)
+    c.loop.run_ready()
+    assert QUEUED.match(c.output())
+    assert c.transport.reading
+
+
+def test_starttls_stops_reading_until_the_handshake(impl):
+    acc, c = make(impl, tls=True)
+    c.send(b"EHLO client.example\r\n")
+    c.session.data_received(b"STARTTLS\r\n")
+    assert not c.transport.reading
+    c.loop.run_ready()
+    assert c.session.transport.tls and c.session.transport.reading
+
+
+# --------------------------------------------------------- connection limits
+
+
+def test_connection_limits(impl):
+    acc, first = make(impl, {"max_connections": 3, "max_connections_per_ip": 2})
+    second = Client(acc)
+    assert second.output() == b"220 mx.test ESMTP\r\n"
+    third = Client(acc)
+    assert third.output() == R.TOO_MANY_FROM_IP and third.transport.closed
+    other = Client(acc, ("127.0.0.2", 5))
+    assert other.output() == b"220 mx.test ESMTP\r\n"
+    fourth = Client(acc, ("127.0.0.3", 5))
+    assert fourth.output() == R.TOO_MANY_CONNECTIONS and fourth.transport.closed
+    assert acc.stats["rejected_connections"] == 2
+    # Refused connections were never counted; one that leaves makes room.
+    assert acc.per_ip == {"127.0.0.1": 2, "127.0.0.2": 1}
+    first.session.connection_lost(None)
+    assert acc.per_ip == {"127.0.0.1": 1, "127.0.0.2": 1}
+    assert Client(acc).output() == b"220 mx.test ESMTP\r\n"
+
+
+def test_idle_session_is_left_alone_while_the_spool_works(impl):
+    acc, c = make(impl, {"command_timeout": 10})
+    c.send(b"EHLO client.example\r\n")
+    acc.answer = "hold"
+    c.transaction()
+    c.loop.now += 60
+    c.session.idle_check(c.loop.now, False, False)
+    c.session.idle_check(c.loop.now, True, True)      # shutdown: the answer comes first
+    assert c.output() == b"" and not c.transport.closed
+    acc.answer_held(False)
+    c.loop.run_ready()
+    assert c.output() == R.STORAGE_TEMP
+    c.session.idle_check(c.loop.now, True, True)
+    assert c.output() == R.SHUTTING_DOWN and c.transport.closed
+
+
+def test_a_password_check_that_fails_is_a_temporary_error(impl):
+    acc, c = make(impl, auth={"alice": "secret"}, tls=True)
+    c.send(b"EHLO client.example\r\nSTARTTLS\r\n")
+    c.send(b"EHLO client.example\r\n")
+    acc.auth_users = {"alice": ("not a number", b"salt", b"hash")}   # check_password raises
+    assert c.send(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n") == R.AUTH_TEMP
+    assert c.session.errors == 0 and c.session.user is None
+    assert c.send(b"NOOP\r\n") == R.OK
