@@ -186,7 +186,7 @@ class RouteConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     hold: Annotated[bool, _doc(
         "keep every message queued and deliver nothing (like Postfix's hold queue); "
-        "takes effect at the next start")] = False
+        "held messages still expire after max_age; takes effect at the next start")] = False
     processes: Annotated[int, _doc(
         "delivery processes, sharded by recipient domain; 0 = one per CPU",
         ge=0, le=256)] = 0
