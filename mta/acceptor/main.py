@@ -356,7 +356,7 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],
     """Entry point of the acceptor[i] child: SMTP on *listen_fds*, HTTP on *http_fds*."""
     name = proc.start_role("acceptor", slot, settings.config.server.log_level)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor replaces us on reload
-    log.info("starting %s; scanner implementation %s", name, native.implementation())
+    log.info("starting %s; hot-path implementation %s", name, native.implementation())
     socks = [socket.socket(fileno=fd) for fd in listen_fds]
     http_socks = [socket.socket(fileno=fd) for fd in http_fds]
     loop = uvloop.new_event_loop()

@@ -38,7 +38,7 @@ log = logging.getLogger("mta.spool")
 def main(settings, shard: int, ready_fd: int | None) -> None:
     """Entry point of the spool[n] child."""
     name = proc.start_role("spool", shard, settings.config.server.log_level)
-    log.info("starting %s; codec implementation %s", name, native.implementation())
+    log.info("starting %s; hot-path implementation %s", name, native.implementation())
     s = Shard(settings, shard)
 
     def stop(signum, frame):
