@@ -1,9 +1,34 @@
 """Real clients (smtplib, swaks, Postfix's smtp-source) against the real daemon."""
+import base64
+import re
 import smtplib
 import subprocess
 
-from daemon import HOST
+from daemon import HOST, free_port, split_received
 from loadclient import smtp_source_argv
+from sinks import SmtpSink
+
+SOURCE_SIZE = 2048
+
+
+def smtp_source_reference(size: int) -> bytes:
+    """The payload (after its header) smtp-source sends with -l *size*, CRLF line ends.
+
+    smtp-sink, an independent peer, is the oracle: one message of *size* to it,
+    and its dump gives the payload smtp-source generates (dumps have LF line
+    ends; the wire has CRLF).
+    """
+    sink = SmtpSink(HOST, free_port()).start()
+    try:
+        r = subprocess.run(smtp_source_argv(sink.port, 1, 1, "load@example.com",
+                                            "sink@example.net", size),
+                           capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr.decode()
+        [m] = sink.messages()
+    finally:
+        sink.stop()
+    _, _, payload = m.message.partition(b"\n\n")    # (parse_dump took its final empty line)
+    return payload.replace(b"\n", b"\r\n")
 
 
 def test_smtplib_multiple_recipients_byte_exact(daemon):
@@ -29,22 +54,31 @@ def test_smtplib_multiple_recipients_byte_exact(daemon):
     assert raw.count(b"Received:") == 1
 
 
-def test_swaks_pipelined(daemon):
+def test_swaks_pipelined(daemon, tmp_path):
+    message = (b"From: <s@example.com>\r\nTo: <r@example.net>\r\nSubject: swaks test\r\n"
+               b"Message-ID: <swaks.1@example.com>\r\n\r\nhello from swaks\r\n"
+               b".a line that needs dot-stuffing\r\n\r\nend\r\n")
+    data = tmp_path / "message.eml"
+    data.write_bytes(message[:-2])     # swaks ends the data with CRLF "." CRLF itself
     r = subprocess.run(
         ["swaks", "--server", f"{HOST}:{daemon.port}", "--from", "s@example.com",
-         "--to", "r@example.net", "--pipeline", "--header", "Subject: swaks test",
-         "--body", "hello from swaks"], capture_output=True, timeout=60)
+         "--to", "r@example.net", "--pipeline", "--data", f"@{data}"],
+        capture_output=True, timeout=60)
     out = r.stdout.decode()
     assert r.returncode == 0, out + r.stderr.decode()
-    assert "250 2.0.0 Ok: queued as" in out
+    qid = re.search(r"250 2\.0\.0 Ok: queued as (\S+)", out).group(1)
     q = daemon.queue_list()
-    assert [x["recipients"] for x in q] == [["r@example.net"]]
+    assert [(x["queue_id"], x["recipients"]) for x in q] == [(qid, ["r@example.net"])]
+    raw = daemon.cli("queue", "show", "--raw", qid).stdout
+    # Byte for byte what swaks sent, after our Received header.
+    assert split_received(raw)[1] == message
 
 
 def test_smtp_source_20_sessions_1000_each(daemon):
     d = daemon
     n = 20_000
-    r = subprocess.run(smtp_source_argv(d.port, 20, n, "load@example.com", "sink@example.net"),
+    r = subprocess.run(smtp_source_argv(d.port, 20, n, "load@example.com", "sink@example.net",
+                                        SOURCE_SIZE),
                        capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     summary = d.queue_summary()
@@ -54,5 +88,18 @@ def test_smtp_source_20_sessions_1000_each(daemon):
     ids = [x["queue_id"] for x in listed]
     assert len(ids) == n and len(set(ids)) == n
     assert d.stop() == 0
-    dumped = d.spool_dump()
+    dumped = d.spool_dump(bodies=True)
     assert sorted(x["queue_id"] for x in dumped) == sorted(ids)
+    # Every stored message is byte for byte what smtp-source sent: its four
+    # header lines (Date and Message-Id vary), then the payload smtp-sink saw.
+    payload = smtp_source_reference(SOURCE_SIZE)
+    head = re.compile(rb"From: <load@example\.com>\r\nTo: <sink@example\.net>\r\n"
+                      rb"Date: [^\r\n]+\r\nMessage-Id: <([^\r\n>]+)>\r\n\r\n")
+    message_ids = set()
+    for x in dumped:
+        body = split_received(base64.b64decode(x["message"]))[1]
+        m = head.match(body)
+        assert m, body[:300]
+        assert body[m.end():] == payload, x["queue_id"]
+        message_ids.add(m.group(1))
+    assert len(message_ids) == n
