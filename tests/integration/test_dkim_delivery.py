@@ -67,4 +67,5 @@ def test_delivered_mail_carries_signatures_three_verifiers_accept(lab, dkim_keys
     for name in got:
         assert od[name]["rc"] == 0, (name, od[name])
     for name in tampered:
-        assert od[name]["rc"] != 0, (name, od[name])
+        # A verification failure, not any failure (a key not found, a DNS error):
+        assert od[name]["rc"] != 0 and "Bad signature" in od[name]["stderr"], (name, od[name])
