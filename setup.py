@@ -99,6 +99,7 @@ setup(
             "trustme>=1.1",
             "sparkpost>=1.3",
             "ruff>=0.5",
+            "fusepy>=3.0.1",   # tests/crashfs.py (needs Debian's libfuse2)
         ],
     },
     entry_points={"console_scripts": ["mta = mta.cli:main"]},

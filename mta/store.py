@@ -31,7 +31,8 @@ never deleted while the message it finishes still exists on disk: the oldest
 segment is unlinked when nothing in it is queued; when few of its messages are
 still queued they are copied forward into the current segment first (and
 synced) — a log-structured compaction.  New segment files are made durable
-with a directory fsync before anything in them is acknowledged.
+with a directory fsync before anything in them is acknowledged, and so is a
+new shard directory in the spool directory (:func:`make_dirs`).
 
 Failure: an OSError from write or fsync (EIO, ENOSPC) is raised to the shard,
 which answers the batch with a storage error; the segment is abandoned and the
@@ -109,6 +110,37 @@ FAILED = 2
 EXPIRED = 3
 TERMINAL = (DELIVERED, FAILED, EXPIRED)
 STATE_NAMES = {PENDING: "pending", DELIVERED: "delivered", FAILED: "failed", EXPIRED: "expired"}
+
+
+def sync_dir(path: str) -> None:
+    """fsync directory *path*: the entries made, renamed or removed in it become durable."""
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def make_dirs(path: str) -> None:
+    """Create directory *path* and its missing parents so that they survive a power cut.
+
+    Like ``os.makedirs(path, exist_ok=True)``, and each directory made here is
+    made durable in its parent (an fsync of the parent): until then a crash
+    may take the new directory away with everything synced inside it.
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        make_dirs(parent)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    sync_dir(parent)
 
 
 def shard_dir(spool_dir: str, shard: int) -> str:
@@ -317,7 +349,10 @@ class Store:
         self.recipients = 0
         self.bytes = 0
         self._readers: dict[int, int] = {}   # segment number -> O_RDONLY fd
-        os.makedirs(directory, exist_ok=True)
+        if fsync:
+            make_dirs(directory)
+        else:
+            os.makedirs(directory, exist_ok=True)
 
     # ----------------------------------------------------------------- recovery
 

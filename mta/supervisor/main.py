@@ -51,7 +51,7 @@ import traceback
 import setproctitle
 
 from mta import config as mconfig
-from mta import proc
+from mta import proc, store
 from mta.supervisor import notify
 from mta.supervisor.services import table
 
@@ -127,8 +127,9 @@ class Supervisor:
 
     def prepare(self) -> None:
         s = self.settings
-        for d in (s.state_dir, s.run_dir, s.spool_dir):
+        for d in (s.state_dir, s.run_dir):
             os.makedirs(d, exist_ok=True)
+        store.make_dirs(s.spool_dir)   # durable: a power cut must not take the spool away
         self.settings = s = self._fix_shard_count(s)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
@@ -173,6 +174,7 @@ class Supervisor:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.rename(tmp, path)
+            store.sync_dir(s.spool_dir)
             return s
         except ValueError:
             raise StartupError(
