@@ -1,13 +1,17 @@
-"""Delivery outcomes reach their spool shard: back-pressure on a full bus.
+"""Delivery outcomes reach their spool shard: back-pressure on a full bus, and the reaper.
 
-With the real daemon, a real DNS server and aiosmtpd receivers (the ``lab``
-fixture, tests/integration/mxlab.py):
+Two scenarios with the real daemon, a real DNS server and aiosmtpd receivers
+(the ``lab`` fixture, tests/integration/mxlab.py):
 
 - A spool shard stops reading (SIGSTOP) while its delivery process completes
   many deliveries.  The outcomes fill the bus to the shard (a small
   ``spool.queue_high_water``, big outcomes); the delivery process must hold
   the rest back and hand them over when the shard reads again (SIGCONT):
   every recipient is delivered once, recorded once, and nothing is sent again.
+- A delivery process stops (SIGSTOP) with a job in its socket: its connection
+  stays up, so only the shard's timer reaper (``Shard.expire_jobs``: delivery
+  timeouts + ``delivery.job_timeout_margin``) can notice; the job is sent again
+  and the message is delivered, at most once more.
 """
 from __future__ import annotations
 
@@ -108,3 +112,38 @@ def test_outcomes_wait_for_a_shard_that_is_not_reading(lab):
     assert re.search(r"\d+ held-back outcome\(s\) handed back after [\d.]+s; taking jobs again",
                      log)
 
+
+def test_a_job_whose_outcome_never_comes_is_sent_again(lab):
+    dest = lab.aio(IP_A)
+    lab.serve(mx("dest.test", "mx.dest.test", IP_A))
+    # The shard gives up on an outcome after 2 + 2 x 2 + 2 + 2 = 10 s.
+    d = lab.daemon(shards=1, connect_timeout=2.0, command_timeout=2.0, data_timeout=2.0,
+                   job_timeout_margin=2.0)
+    victim = d.children()["delivery[0]"]
+    # Stopped, not dead: its connection to the shard stays up, so the shard
+    # sees no disconnect (which would send the job again at once).
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        m = message("stuck")
+        qid = d.send("alice@sender.test", ["bob@dest.test"], m)
+        d.wait_log(r"1 delivery job\(s\) got no outcome in 10s; they will be sent again",
+                   timeout=60)
+        # From the reaper's log line the shard has no job out until it has
+        # dispatched this one again.
+        wait_until(lambda: d.queue_summary()["shards"][0]["in_flight"] == 1, 20,
+                   "the job dispatched again")
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    wait_queue_empty(d, timeout=30)
+    # Both the first job (still in the stopped process's socket) and the one
+    # sent again reached the receiver: at-least-once, and once more at most.
+    copies = dest.snapshot()
+    assert len(copies) == 2, [qid_of(t.data) for t in copies]
+    for t in copies:
+        received_ok(t.data, m, qid)
+        assert t.rcpt_tos == ["bob@dest.test"]
+    # The spool recorded the delivery once; the later outcome was a repeat.
+    check_events(d, {(qid, "bob@dest.test"): "delivery"})
+    log = d.log()
+    assert "went away" not in log      # no disconnect: it was the reaper
+    assert len(re.findall(rf"{qid}: to=<bob@dest.test> .*status=delivered", log)) == 2
