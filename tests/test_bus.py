@@ -140,3 +140,67 @@ def test_outcome_words_are_the_declared_vocabulary():
     for word in bus.OUTCOMES:
         msg = bus.DeliveryOutcome(1, QID, [bus.Result(0, word, 250, "", "", "", "")])
         assert roundtrip(msg).results[0].outcome == word
+
+
+# ----------------------------------------------------------- the delivery side's ROUTER
+
+def _outcome(n: int) -> bus.DeliveryOutcome:
+    return bus.DeliveryOutcome(n, QID, [bus.Result(0, bus.DELIVERED, 250, "2.0.0", "ok " * 100,
+                                                   "mx.test", "127.0.0.1")])
+
+
+def test_async_server_says_when_a_peer_is_full_and_drops_nothing(tmp_path):
+    """At the high-water mark towards one peer, send() returns False instead of
+    dropping the message silently (ZMQ_ROUTER_MANDATORY): every send that said
+    True arrives, and a refused one can be sent again once the peer reads."""
+    import asyncio
+
+    import zmq
+    loop = asyncio.new_event_loop()
+    ctx = bus.new_context()
+    endpoint = f"ipc://{tmp_path}/delivery-0"
+    server = bus.AsyncServer(ctx, loop, endpoint, 2, bus.DELIVERY_JOBS,
+                             lambda peer, msg: jobs.append((peer, msg)),
+                             logging.getLogger("test"), "job")
+    jobs = []
+    # The spool shard's side: a DEALER that sends one job and then stops reading.
+    shard = ctx.socket(zmq.DEALER)
+    shard.setsockopt(zmq.LINGER, 0)
+    shard.setsockopt(zmq.RCVHWM, 2)
+    shard.setsockopt(zmq.RCVBUF, 4096)
+    shard.connect(endpoint)
+    try:
+        shard.send(bus.encode(bus.DeliveryMessageReady(
+            1, QID, "", "example.net", [bus.JobRecipient(0, "r@example.net")], {}, 1, b"x")))
+        deadline = loop.time() + 10
+        while not jobs and loop.time() < deadline:
+            loop.run_until_complete(asyncio.sleep(0.01))
+        assert jobs, "the job never arrived"
+        peer = jobs[0][0]
+        sent = []
+        for n in range(2000):      # far more than HWM + socket buffers hold
+            if server.send(peer, _outcome(n)):
+                sent.append(n)
+            else:
+                break
+        assert len(sent) < 2000, "send() never reported the full queue"
+        refused = len(sent)
+        got = []
+
+        def read_all():
+            while shard.poll(200):
+                got.append(bus.decode(shard.recv()).req)
+        read_all()
+        assert got == sent, (len(got), len(sent))
+        # The peer has read everything: the refused outcome goes now.
+        assert server.send(peer, _outcome(refused))
+        read_all()
+        assert got[-1] == refused
+        # A peer that is not connected (a shard that restarted) is named as gone.
+        with pytest.raises(bus.PeerGone):
+            server.send(b"\0no-such-peer", _outcome(0))
+    finally:
+        shard.close(0)
+        server.close()
+        ctx.term()
+        loop.close()

@@ -12,11 +12,13 @@ would pass a high-water mark returns False and the caller pushes back.
   process, with whether each is connected (socket monitors).
 - :class:`Poller` -- one wait over a shard's Server and DeliveryLinks.
 - :class:`Client`, :class:`AsyncServer` -- DEALER and ROUTER driven by an
-  asyncio loop (acceptors to the spool; a delivery process's intake).
+  asyncio loop (acceptors to the spool; a delivery process's intake and its
+  outcomes, which must never be dropped: :class:`PeerGone`).
 - :class:`SyncClient` -- blocking request/reply with a timeout for the CLI.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import time
@@ -27,7 +29,7 @@ from zmq.utils.monitor import recv_monitor_message
 from mta.bus.messages import DELIVERY_OUTCOMES, BusError, Message, decode, encode, receive
 
 __all__ = ["new_context", "Server", "DeliveryLinks", "Poller", "Client", "AsyncServer",
-           "SyncClient"]
+           "SyncClient", "PeerGone"]
 
 # Plain ints: pyzmq's enum members cost an object construction per use.
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -313,17 +315,25 @@ class Client(_LoopSocket):
             self._on_reply(msg)
 
 
+class PeerGone(Exception):
+    """The peer a reply was for is not connected (any more)."""
+
+
 class AsyncServer(_LoopSocket):
     """A ROUTER socket bound at *endpoint* on an asyncio loop: requests by callback.
 
     ``on_request(peer, message)`` gets each well-formed request of the classes
     *takes*; it may call :meth:`pause` to stop taking work; replies go back
-    with :meth:`send` to the peer identity.
+    with :meth:`send` to the peer identity.  A reply is never dropped
+    silently: :meth:`send` says when the peer's queue is full and raises
+    :class:`PeerGone` when the peer is not there (ZMQ_ROUTER_MANDATORY; a
+    plain ROUTER drops both and reports success).
     """
 
     def __init__(self, ctx: zmq.Context, loop, endpoint: str, hwm: int, takes: tuple,
                  on_request, log: logging.Logger, source: str = "request"):
         sock = _socket(ctx, zmq.ROUTER, hwm)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.bind(endpoint)
         self._on_request = on_request
         self._takes = takes
@@ -332,8 +342,17 @@ class AsyncServer(_LoopSocket):
         super().__init__(sock, loop)
 
     def send(self, peer: bytes, msg: Message) -> bool:
-        """Send *msg* to *peer*; False when it is not taking them (high-water mark)."""
-        return self._send(peer, msg)
+        """Send *msg* to *peer*; False when its queue is at the high-water mark.
+
+        False means "not sent, try again when the peer has read"; a peer that
+        is not connected raises :class:`PeerGone`.
+        """
+        try:
+            return self._send(peer, msg)
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EHOSTUNREACH:
+                raise PeerGone(peer) from None
+            raise
 
     def _received(self, frames: list) -> None:
         msg = receive(frames[1:], self._takes, self._log, self._source)

@@ -223,6 +223,9 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         ge=0.1, le=3600)] = 600.0
     max_in_flight: Annotated[int, _doc(
         "messages a spool shard has out for delivery at once", ge=1, le=1_000_000)] = 2000
+    job_timeout_margin: Annotated[float, _doc(
+        "seconds beyond connect_timeout + 2 x command_timeout + data_timeout that a spool "
+        "shard waits for a job's outcome before it sends the job again", ge=1, le=86400)] = 60.0
     retry_schedule: Annotated[list[float], _doc(
         "seconds before each retry after a temporary failure; the last repeats")] = \
         msgspec.field(default_factory=lambda: [60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0,

@@ -13,11 +13,20 @@ the process stops reading its socket, the bus queue fills to its high-water
 mark and the spool shards hold further jobs back.  Nothing here is durable:
 a job lost in a crash is still pending in its spool shard and is sent again
 (at-least-once).  SIGTERM: stop taking jobs, let transactions in progress
-finish (``server.shutdown_timeout``), exit.
+finish and their outcomes go back (``server.shutdown_timeout``), exit.
+
+Outcomes are never dropped while their shard is there: when a shard is not
+reading (its queue from us is at the high-water mark, ``spool.queue_high_water``)
+an outcome is held back, no new job is taken until every held outcome is
+handed over, and they are sent again every ``OUTCOME_RETRY`` seconds.  The
+backlog is bounded by the window: one outcome per job in hand.  An outcome
+for a shard that is gone (restarted: its queue id for us is unknown) is
+dropped and logged; the shard re-dispatches everything it had out.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import signal
 
@@ -27,6 +36,8 @@ from mta import bus, proc
 from mta.delivery.engine import Engine, Job
 
 log = logging.getLogger("mta.delivery")
+
+OUTCOME_RETRY = 0.02    # seconds between attempts to hand held-back outcomes to a busy shard
 
 
 class Delivery:
@@ -42,6 +53,12 @@ class Delivery:
         self.resolver = dns.Resolver(ns, port=port, timeout=cfg.dns_timeout)
         self.engine = Engine(settings, self.resolver, self.report, loop)
         self.stopping = False
+        # Outcomes a shard did not take yet (its queue was full), per shard, in order.
+        self.held: dict[bytes, collections.deque] = {}
+        self.held_count = 0         # outcomes in self.held
+        self.held_total = 0         # outcomes held back since the backlog was last empty
+        self.held_since = 0.0
+        self._retry = None          # the timer of the next attempt, while any are held
         self.server = bus.AsyncServer(ctx, loop, settings.endpoint(f"delivery-{index}"),
                                       settings.config.spool.queue_high_water, bus.DELIVERY_JOBS,
                                       self._on_job, log, "job")
@@ -54,26 +71,79 @@ class Delivery:
             self.server.pause()   # the window is full; jobs wait in the bus
 
     def report(self, job: Job, results: list[bus.Result]) -> None:
+        """Hand one job's outcome back to its spool shard (or hold it until it reads)."""
         m = job.msg
-        if not self.server.send(job.peer, bus.DeliveryOutcome(m.req, m.qid, results)):
-            # The spool shard is not reading; it will find the recipients still
-            # pending and send them again.
-            log.warning("%s: outcome not handed back (spool busy); it will be retried", m.qid)
+        self._hand_back(job.peer, bus.DeliveryOutcome(m.req, m.qid, results))
         address = {r.index: r.address for r in m.rcpts}
         for r in results:
             log.info("%s: to=<%s> relay=%s[%s] status=%s (%d %s %s)", m.qid,
                      address.get(r.index, ""), r.host or "none", r.ip or "",
                      r.outcome, r.code, r.enhanced, r.text)
-        if not self.stopping and self.engine.in_flight < self.cfg.max_in_flight:
+        self._open_window()
+
+    def _open_window(self) -> None:
+        """Take jobs again when the window has room and no outcome is held back."""
+        if not self.stopping and not self.held and \
+                self.engine.in_flight < self.cfg.max_in_flight:
             self.server.resume()
+
+    def _hand_back(self, peer: bytes, outcome: bus.DeliveryOutcome) -> None:
+        """Send *outcome* to shard *peer*, or hold it back (in order) while that shard is full."""
+        waiting = self.held.get(peer)
+        if waiting is None:
+            if self._send(peer, outcome):
+                return
+            waiting = self.held[peer] = collections.deque()
+        waiting.append(outcome)
+        if not self.held_count:
+            self.held_since = self.loop.time()
+            self.held_total = 0
+            log.warning("%s: a spool shard is not taking outcomes (bus full); holding them "
+                        "back and taking no new jobs until it does", outcome.qid)
+        self.held_count += 1
+        self.held_total += 1
+        self.server.pause()
+        if self._retry is None:
+            self._retry = self.loop.call_later(OUTCOME_RETRY, self._resend_held)
+
+    def _send(self, peer: bytes, outcome: bus.DeliveryOutcome) -> bool:
+        """True when *outcome* is done with: sent, or its shard is gone; False: try later."""
+        try:
+            return self.server.send(peer, outcome)
+        except bus.PeerGone:
+            # A shard that went away lost its job table; its successor (or the
+            # same shard, seeing the link drop) dispatches the job again.
+            log.warning("%s: outcome dropped: the spool shard that sent the job is gone; "
+                        "it sends the job again", outcome.qid)
+            return True
+
+    def _resend_held(self) -> None:
+        """Hand the held-back outcomes over, each shard's in order, as far as it reads."""
+        self._retry = None
+        for peer in list(self.held):
+            waiting = self.held[peer]
+            while waiting and self._send(peer, waiting[0]):
+                waiting.popleft()
+                self.held_count -= 1
+            if not waiting:
+                del self.held[peer]
+        if self.held:
+            self._retry = self.loop.call_later(OUTCOME_RETRY, self._resend_held)
+            return
+        log.info("%d held-back outcome(s) handed back after %.1fs; taking jobs again",
+                 self.held_total, self.loop.time() - self.held_since)
+        self._open_window()
 
     async def stop(self, timeout: float) -> None:
         self.stopping = True
         self.server.pause()
         deadline = self.loop.time() + timeout
-        while self.engine.in_flight and self.loop.time() < deadline:
+        while (self.engine.in_flight or self.held) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         await self.engine.close()
+        if self.held:
+            log.warning("%d outcome(s) not handed back at exit (spool busy); the shards "
+                        "send those jobs again", self.held_count)
 
 
 def main(settings, index: int, ready_fd: int | None) -> None:

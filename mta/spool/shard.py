@@ -14,7 +14,8 @@ Dispatch: due recipients are grouped by domain (one SMTP transaction per
 message and domain) and sent to the delivery process for that domain, at most
 ``delivery.max_in_flight`` jobs at once.  A job whose outcome never comes back
 is dispatched again: at once when its delivery process disconnects (it died;
-see :meth:`Shard.follow_links`), else after a bounded wait: at-least-once.
+see :meth:`Shard.follow_links`), else after the delivery timeouts plus
+``delivery.job_timeout_margin`` (:meth:`Shard.expire_jobs`): at-least-once.
 
 Failure: a write or fsync error answers the whole batch STATUS_STORAGE (the
 acceptor says 451 4.3.0) and leaves the outcomes unrecorded (the recipients are
@@ -94,8 +95,9 @@ class Shard:
         self.healthy = True
         self.last_error = ""
         d = self.dcfg
-        # An outcome later than this means the delivery process is gone.
-        self.job_timeout = d.connect_timeout + 2 * d.command_timeout + d.data_timeout + 60.0
+        # An outcome later than this means the delivery process is gone or stuck.
+        self.job_timeout = (d.connect_timeout + 2 * d.command_timeout + d.data_timeout
+                            + d.job_timeout_margin)
 
     def open(self, ctx) -> None:
         """Rebuild the queue from disk, then open the bus (requests and delivery links)."""
