@@ -17,7 +17,8 @@ Writes:  SPOOL_MESSAGE_COMMIT to the shard chosen by the queue id; SMTP
 Peers:   SMTP and HTTP clients; spool[0..S) over the bus (one DEALER socket per
          shard: SPOOL_MESSAGE_COMMIT out, SPOOL_MESSAGE_COMMITTED back); the
          supervisor only through the ready fd and signals.
-Config:  [smtp] (all keys), [http] (all keys), [spool] queue_high_water,
+Config:  [smtp] (all keys), [http] (all keys; max_json_depth for X-MSYS-API
+         too), [spool] queue_high_water,
          min_free_bytes, min_free_percent, [server] hostname, log_level,
          ready_timeout, shutdown_timeout, [dkim].
 
@@ -92,6 +93,7 @@ class Acceptor:
         self.settings = settings
         self.smtp = cfg.smtp
         self.spool_cfg = cfg.spool
+        self.max_json_depth = cfg.http.max_json_depth   # X-MSYS-API metadata, as over HTTP
         self.slot = slot
         self.loop = loop
         self.hostname = settings.hostname
@@ -181,7 +183,7 @@ class Acceptor:
         api = mime.find_header(payload, b"X-MSYS-API")
         if api is not None:
             # SparkPost's SMTP injection attributes: recorded, then removed.
-            attrs = parse_msys_api(api)
+            attrs = parse_msys_api(api, self.max_json_depth)
             if attrs is None:
                 log.warning("client=%s: X-MSYS-API is not a JSON object; ignored", msg.peer_ip)
             else:

@@ -164,6 +164,10 @@ class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: Annotated[int, _doc(
         "concurrent HTTP connections per acceptor; more get 503 and are closed",
         ge=1, le=1_000_000)] = 2000
+    max_json_depth: Annotated[int, _doc(
+        "levels of objects and arrays a free-form JSON value may nest (metadata and "
+        "substitution_data of a transmission or recipient, X-MSYS-API metadata over SMTP); "
+        "deeper gets 422 (X-MSYS-API: the metadata is ignored)", ge=1, le=128)] = 32
     idempotency_window: Annotated[float, _doc(
         "seconds a request's Idempotency-Key is remembered: a repeat with the same key "
         "and body gets the first response and injects nothing", ge=1, le=30 * 86400)] = \
