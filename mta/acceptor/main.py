@@ -100,6 +100,8 @@ class Acceptor:
         self.scanner_mod = native.load("scanner")
         self.greeting = R.GREETING.format(host=self.hostname, banner=cfg.smtp.banner).encode()
         self.helo_reply = R.HELO.format(host=self.hostname).encode()
+        # RCPT TO:<Postmaster> (RFC 5321 4.5.1): the mailbox it stands for here.
+        self.postmaster = cfg.smtp.postmaster or f"postmaster@{self.hostname}"
         self.ssl_context = self._ssl_context()
         self.auth_users = settings.auth_users
         self.relay_networks = settings.relay_networks

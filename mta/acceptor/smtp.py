@@ -6,7 +6,10 @@ BDAT (CHUNKING), RSET, NOOP, QUIT, VRFY (252), HELP, with PIPELINING, SIZE,
 ``tls_auth.py``.  Every verb is a row of :data:`VERBS`, every state a member of
 :class:`~mta.acceptor.state.State`, every reply a constant in ``replies.py``.
 Relay: recipients are accepted only from ``smtp.relay_networks`` or from
-authenticated clients; otherwise 554 5.7.1.
+authenticated clients; otherwise 554 5.7.1.  ``RCPT TO:<Postmaster>`` (no
+domain, any case: RFC 5321 4.5.1) stands for ``smtp.postmaster``
+(postmaster@ server.hostname by default) and is then a recipient like any
+other, relay rules included: this MTA has no local mailboxes.
 
 Reads:   the client's bytes, through the SMTP input scanner
          (``native.load("scanner")``: ``ext/scanner.pyx`` or its pure twin).
@@ -17,7 +20,7 @@ Hands over: each finished message as one :class:`Submission` to
 Peers:   the SMTP client; the spool shards only through ``Acceptor``.
 Config:  [smtp] max_connections, max_connections_per_ip, max_command_line,
          max_text_line, max_message_size, max_recipients, max_errors,
-         max_buffered_input, command_timeout, data_timeout; through the
+         max_buffered_input, command_timeout, data_timeout, postmaster; through the
          acceptor relay_networks, banner, tls_certificate/tls_key, auth_file.
 
 Hot path: ``data_received`` feeds the scanner, then :meth:`Session.process`
@@ -530,11 +533,17 @@ class Session(asyncio.Protocol):
         path = rest[:end + 1]
         rcpt = parse_path(path, utf8)
         if not rcpt:
-            if not utf8 and any(c >= 0x80 for c in path) and parse_path(path, True):
+            if path[1:-1].lower() == b"postmaster":
+                # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted.
+                # It stands for smtp.postmaster and is checked as that address
+                # below (relay rules included), so it opens no relay.
+                rcpt = self.a.postmaster
+            elif not utf8 and any(c >= 0x80 for c in path) and parse_path(path, True):
                 self.reply_error(R.NEED_SMTPUTF8)
             else:
                 self.reply_error(R.BAD_RCPT)
-            return
+            if not rcpt:
+                return
         if not (self.relay_ok or self.user is not None):
             self.reply_error(R.RELAY_DENIED)
             return

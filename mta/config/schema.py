@@ -95,6 +95,10 @@ class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     auth_file: Annotated[str, _doc(
         "file of 'user:pbkdf2_sha256$iterations$salt$hash' lines (make them with "
         "'mta passwd'); AUTH PLAIN/LOGIN is offered only over TLS and only when set")] = ""
+    postmaster: Annotated[str, _doc(
+        "address that RCPT TO:<Postmaster> (no domain, any case; RFC 5321 4.5.1) is "
+        "delivered to; empty: postmaster@ server.hostname. Relay rules apply to it like "
+        "to any recipient", pattern=r"^$|^[^@\s<>]+@[^@\s<>]+$")] = ""
     max_buffered_input: Annotated[int, _doc(
         "octets of pipelined input buffered per session before reading pauses",
         ge=4 * KiB, le=64 * MiB)] = 256 * KiB
