@@ -20,7 +20,8 @@ Hands over: each finished message as one :class:`Submission` to
 Peers:   the SMTP client; the spool shards only through ``Acceptor``.
 Config:  [smtp] max_connections, max_connections_per_ip, max_command_line,
          max_text_line, max_message_size, max_recipients, max_errors,
-         max_buffered_input, command_timeout, data_timeout, postmaster; through the
+         max_buffered_input, command_timeout, data_timeout, linger_timeout,
+         postmaster; through the
          acceptor relay_networks, banner, tls_certificate/tls_key, auth_file.
 
 Hot path: ``data_received`` feeds the scanner, then :meth:`Session.process`
@@ -44,7 +45,10 @@ answer comes within ``smtp.spool_timeout``; 452 4.3.1 at MAIL while the spool
 is low on space.  Too many error replies (``smtp.max_errors``) or an idle
 client (``command_timeout``, ``data_timeout`` in DATA/BDAT) end the session
 with 421; so does shutdown (idle sessions after a second, the rest after
-``server.shutdown_timeout``).  Input beyond ``smtp.max_buffered_input`` while
+``server.shutdown_timeout``).  A session the server closes lingers: the write
+side is shut after the reply and the client's input is dropped for up to
+``smtp.linger_timeout``, so a command that crossed the 421 does not turn it
+into a connection reset.  Input beyond ``smtp.max_buffered_input`` while
 waiting, or a client that does not read, pauses reading.
 """
 from __future__ import annotations
@@ -320,12 +324,35 @@ class Session(asyncio.Protocol):
             out.clear()
 
     def close_with(self, reply: bytes) -> None:
-        """Send *reply* (after what is collected) and close the connection."""
+        """Send *reply* (after what is collected) and close the connection, lingering.
+
+        Closing a socket with unread input makes the kernel answer with a
+        reset, and a client whose next command crossed our 421 then reads
+        ECONNRESET instead of the reply.  So the write side is shut down
+        after the reply (the client reads it, then end of file) and whatever
+        the client still sends is read and dropped until it closes too, or
+        for at most ``smtp.linger_timeout`` seconds (then the connection is
+        aborted).  Over TLS the transport's own close (close_notify) is used.
+        """
         self.out.append(reply)
         self.flush()
         self.closing = True
         self.state = _CLOSED
-        self.transport.close()
+        t = self.transport
+        linger = self.a.smtp.linger_timeout
+        if linger <= 0 or not t.can_write_eof():
+            t.close()
+            return
+        t.write_eof()       # FIN once the reply is written; eof_received() then closes
+        if self.reading_paused:
+            self.reading_paused = False
+            t.resume_reading()      # data_received() drops what comes (self.closing)
+        self.a.loop.call_later(linger, self._linger_end, t)
+
+    @staticmethod
+    def _linger_end(transport) -> None:
+        if not transport.is_closing():
+            transport.abort()
 
     def reply_error(self, reply: bytes) -> None:
         """Send an error reply; too many of them end the session."""

@@ -95,6 +95,11 @@ class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     auth_file: Annotated[str, _doc(
         "file of 'user:pbkdf2_sha256$iterations$salt$hash' lines (make them with "
         "'mta passwd'); AUTH PLAIN/LOGIN is offered only over TLS and only when set")] = ""
+    linger_timeout: Annotated[float, _doc(
+        "seconds a session being closed by the server (421, or 221 after QUIT) keeps "
+        "reading and discarding what the client still sends after the reply, so that the "
+        "client reads the reply instead of a connection reset; 0 closes at once",
+        ge=0, le=60)] = 2.0
     postmaster: Annotated[str, _doc(
         "address that RCPT TO:<Postmaster> (no domain, any case; RFC 5321 4.5.1) is "
         "delivered to; empty: postmaster@ server.hostname. Relay rules apply to it like "
