@@ -478,7 +478,7 @@ class Session(asyncio.Protocol):
             raise R.ApiError(R.UNAVAILABLE, "the spool is low on disk space; retry later",
                              R.RETRY_AFTER_UNAVAILABLE)
         tx = transmissions.decode(req.body)
-        transmissions.check(tx, self.cfg.max_recipients)
+        transmissions.check(tx, self.cfg.max_recipients, self.cfg.max_json_depth)
         builder = build.Builder(tx, svc.hostname)
         key = h.get(b"idempotency-key")
         if key is not None:

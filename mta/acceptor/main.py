@@ -11,13 +11,15 @@ Reads:   client connections on the listening sockets the supervisor made for
          accept queues; the supervisor keeps them open, so a crashed or
          replaced acceptor's queued connections wait for its successor instead
          of being reset); the idempotency database (state_dir, shared); the
-         free space of the spool file system (statvfs, twice a second).
+         free space of the spool file system (statvfs, twice a second, less
+         what was sent to the spool since: see :meth:`Acceptor.submit`).
 Writes:  SPOOL_MESSAGE_COMMIT to the shard chosen by the queue id; SMTP
          replies and HTTP responses; log lines.
 Peers:   SMTP and HTTP clients; spool[0..S) over the bus (one DEALER socket per
          shard: SPOOL_MESSAGE_COMMIT out, SPOOL_MESSAGE_COMMITTED back); the
          supervisor only through the ready fd and signals.
-Config:  [smtp] (all keys), [http] (all keys), [spool] queue_high_water,
+Config:  [smtp] (all keys), [http] (all keys; max_json_depth for X-MSYS-API
+         too), [spool] queue_high_water,
          min_free_bytes, min_free_percent, [server] hostname, log_level,
          ready_timeout, shutdown_timeout, [dkim].
 
@@ -35,7 +37,11 @@ Failure and pressure: a shard that does not answer within
 ``smtp.spool_timeout``, a full bus queue or a storage error → 451 4.3.0 for
 that message (HTTP: that recipient fails, 503 if all do); low free space on
 the spool file system → 452 4.3.1 at MAIL (HTTP 503).  Both clear by
-themselves.  A DKIM signing error is logged and the message queued unsigned.
+themselves.  Free space is the last statvfs less the octets sent to the spool
+since (and those still unanswered then), so a burst between two statvfs calls
+meets 452 at MAIL before it meets a real ENOSPC (451); what the other
+acceptors send meanwhile is not counted, so ``spool.min_free_bytes`` should
+leave room for a burst of each.  A DKIM signing error is logged and the message queued unsigned.
 SIGTERM: stop accepting, let sessions finish (idle ones are closed with 421
 4.3.2), after ``server.shutdown_timeout`` close the rest, wait for
 outstanding spool answers, exit 0.  SIGHUP is ignored: the supervisor
@@ -65,6 +71,7 @@ from mta.queueid import new_qid, shard_of
 log = logging.getLogger("mta.acceptor")
 
 SWEEP_INTERVAL = 0.5     # seconds between timeout / free-space checks
+RECORD_OVERHEAD = 1024   # octets: generous estimate of a spool record's envelope and framing
 
 SPOOLED_SMTP_PARAMS = ("BODY", "SMTPUTF8")   # MAIL parameters kept with the message
 
@@ -92,12 +99,15 @@ class Acceptor:
         self.settings = settings
         self.smtp = cfg.smtp
         self.spool_cfg = cfg.spool
+        self.max_json_depth = cfg.http.max_json_depth   # X-MSYS-API metadata, as over HTTP
         self.slot = slot
         self.loop = loop
         self.hostname = settings.hostname
         self.scanner_mod = native.load("scanner")
         self.greeting = R.GREETING.format(host=self.hostname, banner=cfg.smtp.banner).encode()
         self.helo_reply = R.HELO.format(host=self.hostname).encode()
+        # RCPT TO:<Postmaster> (RFC 5321 4.5.1): the mailbox it stands for here.
+        self.postmaster = cfg.smtp.postmaster or f"postmaster@{self.hostname}"
         self.ssl_context = self._ssl_context()
         self.auth_users = settings.auth_users
         self.relay_networks = settings.relay_networks
@@ -110,6 +120,10 @@ class Acceptor:
         self.reqs = itertools.count(1)
         self.draining = False
         self.space_low = False
+        self.space_free = 0         # octets free at the last statvfs (-1: unknown)
+        self.space_total = 1
+        self.space_pending = 0      # octets sent to the spool and not answered yet
+        self.space_unmeasured = 0   # octets the last statvfs may not have seen
         self.stats = {"rejected_connections": 0, "accepted": 0, "temp_failed": 0}
         self.clients: list[bus.Client] = []
         self.servers: list = []
@@ -181,7 +195,7 @@ class Acceptor:
         api = mime.find_header(payload, b"X-MSYS-API")
         if api is not None:
             # SparkPost's SMTP injection attributes: recorded, then removed.
-            attrs = parse_msys_api(api)
+            attrs = parse_msys_api(api, self.max_json_depth)
             if attrs is None:
                 log.warning("client=%s: X-MSYS-API is not a JSON object; ignored", msg.peer_ip)
             else:
@@ -219,6 +233,12 @@ class Acceptor:
         shards = len(self.clients)
         shard = shard_of(qid, shards) if shards > 1 else 0
         self.outbox[shard].append((done, envelope, body, peer))
+        size = len(body) + RECORD_OVERHEAD
+        self.space_pending += size
+        self.space_unmeasured += size
+        if not self.space_low and self._below_threshold():
+            self.space_low = True
+            self._log_space(True)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush_outbox)
@@ -239,6 +259,7 @@ class Acceptor:
                 self.stats["temp_failed"] += len(box)
                 log.warning("spool shard %d is not taking messages; answered 451 for %d",
                             shard, len(box))
+                self._answered(box)
                 for done, env, _, _ in box:
                     done(env.qid, False)
                 continue
@@ -249,6 +270,7 @@ class Acceptor:
         if entry is None:
             return  # it timed out and was already answered 451
         ok = reply.status == bus.STATUS_OK
+        self._answered(entry[0])
         # One line per message only at debug: the spool's event log records
         # every reception (with queue id, sender, recipients, size, client)
         # far more cheaply, and at info this line cost a third of the throughput.
@@ -275,6 +297,7 @@ class Acceptor:
             expired = [r for r, e in self.pending.items() if e[1] <= now]
             for r in expired:
                 box, _ = self.pending.pop(r)
+                self._answered(box)
                 self.stats["temp_failed"] += len(box)
                 for done, env, _, _ in box:
                     log.warning("%s: no answer from the spool in %gs; answered 451",
@@ -290,21 +313,43 @@ class Acceptor:
             self._drained.set()
         self.loop.call_later(SWEEP_INTERVAL, self.sweep)
 
-    def _space_low(self) -> bool:
+    def _answered(self, box: list) -> None:
+        """The spool answered (or gave up on) the messages of *box*: no longer pending."""
+        self.space_pending -= sum(map(len, map(_BODY, box))) + RECORD_OVERHEAD * len(box)
+
+    def _below_threshold(self) -> bool:
+        """Whether the free space, less what the last statvfs may not have seen, is too low."""
         cfg = self.spool_cfg
+        if self.space_free < 0 or (cfg.min_free_bytes <= 0 and cfg.min_free_percent <= 0):
+            return False        # unknown, or the check is off
+        free = self.space_free - self.space_unmeasured
+        return free < cfg.min_free_bytes or 100.0 * free / self.space_total < cfg.min_free_percent
+
+    def _log_space(self, low: bool) -> None:
+        if low:
+            log.warning("spool file system is low on space (%d bytes free, %d more on their "
+                        "way to the spool); MAIL gets 452", self.space_free,
+                        self.space_unmeasured)
+        else:
+            log.info("spool file system has space again; accepting mail")
+
+    def _space_low(self) -> bool:
+        """Measure the spool file system (statvfs): is it below spool.min_free_*?
+
+        What was answered by now is in the measurement; what is still on its
+        way to the spool may not be, and stays counted.
+        """
         try:
             st = os.statvfs(self.settings.spool_dir)
         except OSError:
-            return False
-        free = st.f_bavail * st.f_frsize
-        total = st.f_blocks * st.f_frsize or 1
-        low = free < cfg.min_free_bytes or 100.0 * free / total < cfg.min_free_percent
+            self.space_free = -1
+        else:
+            self.space_free = st.f_bavail * st.f_frsize
+            self.space_total = st.f_blocks * st.f_frsize or 1
+        self.space_unmeasured = self.space_pending
+        low = self._below_threshold()
         if low != self.space_low:
-            if low:
-                log.warning("spool file system is low on space (%d bytes free); MAIL gets 452",
-                            free)
-            else:
-                log.info("spool file system has space again; accepting mail")
+            self._log_space(low)
         return low
 
     def session_gone(self) -> None:

@@ -6,7 +6,10 @@ BDAT (CHUNKING), RSET, NOOP, QUIT, VRFY (252), HELP, with PIPELINING, SIZE,
 ``tls_auth.py``.  Every verb is a row of :data:`VERBS`, every state a member of
 :class:`~mta.acceptor.state.State`, every reply a constant in ``replies.py``.
 Relay: recipients are accepted only from ``smtp.relay_networks`` or from
-authenticated clients; otherwise 554 5.7.1.
+authenticated clients; otherwise 554 5.7.1.  ``RCPT TO:<Postmaster>`` (no
+domain, any case: RFC 5321 4.5.1) stands for ``smtp.postmaster``
+(postmaster@ server.hostname by default) and is then a recipient like any
+other, relay rules included: this MTA has no local mailboxes.
 
 Reads:   the client's bytes, through the SMTP input scanner
          (``native.load("scanner")``: ``ext/scanner.pyx`` or its pure twin).
@@ -17,7 +20,8 @@ Hands over: each finished message as one :class:`Submission` to
 Peers:   the SMTP client; the spool shards only through ``Acceptor``.
 Config:  [smtp] max_connections, max_connections_per_ip, max_command_line,
          max_text_line, max_message_size, max_recipients, max_errors,
-         max_buffered_input, command_timeout, data_timeout; through the
+         max_buffered_input, command_timeout, data_timeout, linger_timeout,
+         postmaster; through the
          acceptor relay_networks, banner, tls_certificate/tls_key, auth_file.
 
 Hot path: ``data_received`` feeds the scanner, then :meth:`Session.process`
@@ -41,7 +45,10 @@ answer comes within ``smtp.spool_timeout``; 452 4.3.1 at MAIL while the spool
 is low on space.  Too many error replies (``smtp.max_errors``) or an idle
 client (``command_timeout``, ``data_timeout`` in DATA/BDAT) end the session
 with 421; so does shutdown (idle sessions after a second, the rest after
-``server.shutdown_timeout``).  Input beyond ``smtp.max_buffered_input`` while
+``server.shutdown_timeout``).  A session the server closes lingers: the write
+side is shut after the reply and the client's input is dropped for up to
+``smtp.linger_timeout``, so a command that crossed the 421 does not turn it
+into a connection reset.  Input beyond ``smtp.max_buffered_input`` while
 waiting, or a client that does not read, pauses reading.
 """
 from __future__ import annotations
@@ -317,12 +324,35 @@ class Session(asyncio.Protocol):
             out.clear()
 
     def close_with(self, reply: bytes) -> None:
-        """Send *reply* (after what is collected) and close the connection."""
+        """Send *reply* (after what is collected) and close the connection, lingering.
+
+        Closing a socket with unread input makes the kernel answer with a
+        reset, and a client whose next command crossed our 421 then reads
+        ECONNRESET instead of the reply.  So the write side is shut down
+        after the reply (the client reads it, then end of file) and whatever
+        the client still sends is read and dropped until it closes too, or
+        for at most ``smtp.linger_timeout`` seconds (then the connection is
+        aborted).  Over TLS the transport's own close (close_notify) is used.
+        """
         self.out.append(reply)
         self.flush()
         self.closing = True
         self.state = _CLOSED
-        self.transport.close()
+        t = self.transport
+        linger = self.a.smtp.linger_timeout
+        if linger <= 0 or not t.can_write_eof():
+            t.close()
+            return
+        t.write_eof()       # FIN once the reply is written; eof_received() then closes
+        if self.reading_paused:
+            self.reading_paused = False
+            t.resume_reading()      # data_received() drops what comes (self.closing)
+        self.a.loop.call_later(linger, self._linger_end, t)
+
+    @staticmethod
+    def _linger_end(transport) -> None:
+        if not transport.is_closing():
+            transport.abort()
 
     def reply_error(self, reply: bytes) -> None:
         """Send an error reply; too many of them end the session."""
@@ -530,11 +560,17 @@ class Session(asyncio.Protocol):
         path = rest[:end + 1]
         rcpt = parse_path(path, utf8)
         if not rcpt:
-            if not utf8 and any(c >= 0x80 for c in path) and parse_path(path, True):
+            if path[1:-1].lower() == b"postmaster":
+                # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted.
+                # It stands for smtp.postmaster and is checked as that address
+                # below (relay rules included), so it opens no relay.
+                rcpt = self.a.postmaster
+            elif not utf8 and any(c >= 0x80 for c in path) and parse_path(path, True):
                 self.reply_error(R.NEED_SMTPUTF8)
             else:
                 self.reply_error(R.BAD_RCPT)
-            return
+            if not rcpt:
+                return
         if not (self.relay_ok or self.user is not None):
             self.reply_error(R.RELAY_DENIED)
             return

@@ -10,9 +10,19 @@ that one bad recipient is a ``rcpt_to_errors`` entry, not a failed request.
 :func:`check` applies the rules that do not depend on the recipient: required
 fields, stored templates and lists (not supported), size limits.
 
+Nesting: the free-form values (``metadata``, ``substitution_data``, at the
+transmission and at each recipient, and a dict of ``recipients``) may nest
+objects and arrays at most ``http.max_json_depth`` levels (the value itself is
+level 1); deeper is a 422 naming the field.  They are checked level by level,
+without recursion, because everything downstream that walks them (msgspec on
+the bus, orjson in the event log, substitution) recurses.  A body nested
+deeper than the decoder itself goes (about 1,000 levels, wherever it is) is
+a 422 too, never a RecursionError.
+
 ``X-MSYS-API`` (SMTP parity): :func:`parse_msys_api` takes the header's JSON
 and returns the attributes this MTA records — campaign_id, metadata, tags,
-options.ip_pool, options.transactional — ignoring anything else.
+options.ip_pool, options.transactional — ignoring anything else (metadata
+nested too deep included).
 """
 from __future__ import annotations
 
@@ -96,24 +106,76 @@ def _where(exc: msgspec.ValidationError) -> str:
 
 
 def decode(body: bytes) -> Transmission:
-    """Decode a request body; ApiError 400 (not JSON) or 422 (a field of the wrong type)."""
+    """Decode a request body; ApiError 400 (not JSON) or 422 (a field of the wrong type).
+
+    msgspec decodes (and skips unknown fields) recursively, up to Python's
+    recursion limit: a deeper body is refused here as too deep (422).
+    """
     try:
         return _decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise R.ApiError(R.INVALID, _where(exc)) from None
     except msgspec.DecodeError:
         raise R.ApiError(R.BAD_JSON, "Problems parsing request as json") from None
+    except RecursionError:
+        raise R.ApiError(R.INVALID, "body: JSON objects and arrays nested too deep "
+                         "(see http.max_json_depth)") from None
+
+
+def too_deep(value, max_depth: int) -> bool:
+    """Whether *value* nests dicts and lists more than *max_depth* levels (itself is 1).
+
+    Level by level, not recursively: a value nested deeper than Python's
+    recursion limit is answered, not raised.  Cost: one type test per member
+    of a dict or list (a flat metadata object of ten keys: about 1 us).
+    """
+    level = [value]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > max_depth:
+            return True
+        inner = []
+        for v in level:
+            for x in (v.values() if type(v) is dict else v):
+                t = type(x)
+                if t is dict or t is list:
+                    inner.append(x)
+        level = inner
+    return False
+
+
+def _check_depth(field: str, value, max_depth: int) -> None:
+    if value and too_deep(value, max_depth):
+        raise R.ApiError(R.INVALID, f"{field}: JSON objects and arrays nested more than "
+                         f"{max_depth} levels deep (http.max_json_depth)")
 
 
 def _json_size(value) -> int:
     return len(orjson.dumps(value))
 
 
-def check(tx: Transmission, max_recipients: int) -> None:
-    """The rules every transmission must pass; ApiError 422 naming the field."""
+def check(tx: Transmission, max_recipients: int, max_depth: int | None = None) -> None:
+    """The rules every transmission must pass; ApiError 422 naming the field.
+
+    *max_depth* (``http.max_json_depth``) bounds the nesting of the free-form
+    values; None leaves it unchecked (unit tests of other rules).
+    """
     rcpts = tx.recipients
     if rcpts is None:
         raise R.ApiError(R.REQUIRED, "recipients is required")
+    if max_depth is not None:
+        # First, before anything serialises these values (the size checks below).
+        _check_depth("metadata", tx.metadata, max_depth)
+        _check_depth("substitution_data", tx.substitution_data, max_depth)
+        if isinstance(rcpts, dict):
+            _check_depth("recipients", rcpts, max_depth)
+        else:
+            for i, r in enumerate(rcpts):
+                if type(r) is Recipient and (r.metadata or r.substitution_data):
+                    _check_depth(f"recipients[{i}].metadata", r.metadata, max_depth)
+                    _check_depth(f"recipients[{i}].substitution_data", r.substitution_data,
+                                 max_depth)
     if isinstance(rcpts, dict):
         if "list_id" in rcpts:
             raise R.ApiError(R.NOT_SUPPORTED,
@@ -157,17 +219,18 @@ def check(tx: Transmission, max_recipients: int) -> None:
                          f"substitution_data: larger than {MAX_SUBSTITUTION_DATA} bytes")
 
 
-def parse_msys_api(value: bytes) -> dict | None:
+def parse_msys_api(value: bytes, max_depth: int | None = None) -> dict | None:
     """The attributes recorded from an ``X-MSYS-API`` header; None when it is not a JSON object.
 
-    Keeps ``campaign_id`` (string), ``metadata`` (object), ``tags`` (strings),
-    ``options.ip_pool`` (string) and ``options.transactional`` (boolean); a
-    member of another type is dropped.  Everything else in the header
-    (tracking options, cc/bcc, archive) is ignored.
+    Keeps ``campaign_id`` (string), ``metadata`` (object, nested at most
+    *max_depth* levels when given, at most MAX_METADATA octets), ``tags``
+    (strings), ``options.ip_pool`` (string) and ``options.transactional``
+    (boolean); a member of another type is dropped.  Everything else in the
+    header (tracking options, cc/bcc, archive) is ignored.
     """
     try:
         obj = orjson.loads(value)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError:      # orjson refuses more than 1024 levels itself
         return None
     if not isinstance(obj, dict):
         return None
@@ -176,7 +239,9 @@ def parse_msys_api(value: bytes) -> dict | None:
     if isinstance(cid, str) and len(cid.encode()) <= MAX_CAMPAIGN_ID:
         out["campaign_id"] = cid
     meta = obj.get("metadata")
-    if isinstance(meta, dict) and meta and _json_size(meta) <= MAX_METADATA:
+    if isinstance(meta, dict) and meta and \
+            (max_depth is None or not too_deep(meta, max_depth)) and \
+            _json_size(meta) <= MAX_METADATA:
         out["metadata"] = meta
     tags = obj.get("tags")
     if isinstance(tags, list):

@@ -95,6 +95,15 @@ class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     auth_file: Annotated[str, _doc(
         "file of 'user:pbkdf2_sha256$iterations$salt$hash' lines (make them with "
         "'mta passwd'); AUTH PLAIN/LOGIN is offered only over TLS and only when set")] = ""
+    linger_timeout: Annotated[float, _doc(
+        "seconds a session being closed by the server (421, or 221 after QUIT) keeps "
+        "reading and discarding what the client still sends after the reply, so that the "
+        "client reads the reply instead of a connection reset; 0 closes at once",
+        ge=0, le=60)] = 2.0
+    postmaster: Annotated[str, _doc(
+        "address that RCPT TO:<Postmaster> (no domain, any case; RFC 5321 4.5.1) is "
+        "delivered to; empty: postmaster@ server.hostname. Relay rules apply to it like "
+        "to any recipient", pattern=r"^$|^[^@\s<>]+@[^@\s<>]+$")] = ""
     max_buffered_input: Annotated[int, _doc(
         "octets of pipelined input buffered per session before reading pauses",
         ge=4 * KiB, le=64 * MiB)] = 256 * KiB
@@ -164,6 +173,10 @@ class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: Annotated[int, _doc(
         "concurrent HTTP connections per acceptor; more get 503 and are closed",
         ge=1, le=1_000_000)] = 2000
+    max_json_depth: Annotated[int, _doc(
+        "levels of objects and arrays a free-form JSON value may nest (metadata and "
+        "substitution_data of a transmission or recipient, X-MSYS-API metadata over SMTP); "
+        "deeper gets 422 (X-MSYS-API: the metadata is ignored)", ge=1, le=128)] = 32
     idempotency_window: Annotated[float, _doc(
         "seconds a request's Idempotency-Key is remembered: a repeat with the same key "
         "and body gets the first response and injects nothing", ge=1, le=30 * 86400)] = \

@@ -116,6 +116,7 @@ class Transport:
         self.reading = True
         self.closed = False
         self.aborted = False
+        self.eof_written = False
         self.written_at_close: int | None = None   # len(written) when it was closed
         self.protocol = None
 
@@ -145,6 +146,17 @@ class Transport:
     def abort(self):
         self.close()
         self.aborted = True
+
+    def can_write_eof(self) -> bool:
+        return not self.tls     # as asyncio's and uvloop's TLS transports
+
+    def write_eof(self):
+        """The session is done writing (a lingering close): it counts as closed here."""
+        self.eof_written = True
+        self.close()
+
+    def is_closing(self) -> bool:
+        return self.closed
 
     def upgraded(self) -> Transport:
         """The transport after a STARTTLS handshake: same connection, same record of writes."""

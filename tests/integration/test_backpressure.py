@@ -330,6 +330,55 @@ def test_enospc_answers_451_then_heals_when_space_returns(small_tmpfs, make_daem
         d.cleanup()
 
 
+def test_a_burst_meets_452_at_mail_before_the_disk_is_really_full(small_tmpfs, make_daemon):
+    """Free space counts what was sent to the spool since the last statvfs.
+
+    With 250 KB above the threshold, a burst of 100 KB messages sent back to
+    back gets 250 for those that fit above it, then 452 4.3.1 at MAIL -- never
+    a write that fails with ENOSPC (451), although statvfs runs only twice a
+    second: the burst would have filled the disk long before the next one.
+    Once space returns, mail is taken again.
+    """
+    threshold = 256 * 1024
+    d = make_daemon(acceptors=1, shards=1, server={"state_dir": small_tmpfs},
+                    spool={"min_free_bytes": threshold, "min_free_percent": 0.0,
+                           "preallocate": False, "segment_size": 1 << 20})
+    try:
+        st = os.statvfs(small_tmpfs)
+        free = st.f_bavail * st.f_frsize
+        filler = os.path.join(small_tmpfs, "filler")
+        with open(filler, "wb") as fh:
+            fh.write(b"\0" * (free - threshold - 250_000))
+        size = 100_000
+        queued: dict[str, bytes] = {}
+        codes = []
+        with open_session(d) as c:
+            time.sleep(1.0)     # the acceptor's statvfs has seen the filler
+            for i in range(12):
+                code, text, _ = transaction(c, msg(i, size))
+                codes.append(code)
+                if code == 250:
+                    queued[qid_of(text)] = msg(i, size)
+                else:
+                    assert (code, text[:5]) == (452, "4.3.1"), (codes, text)
+            # 250s while there is room above the threshold, then 452 at MAIL.
+            assert codes[0] == 250 and codes[-1] == 452, codes
+            assert codes == sorted(codes), codes
+            log = d.log()
+            assert "No space left on device" not in log, log[-3000:]
+            assert "MAIL gets 452" in log
+            # Space returns: taken again once the acceptor has measured it.
+            os.unlink(filler)
+            d.wait_log(r"spool file system has space again")
+            code, text, _ = transaction(c, msg(99, size))
+            assert code == 250, (code, text)
+            queued[qid_of(text)] = msg(99, size)
+        assert d.stop() == 0
+        assert stored_bodies(d) == queued
+    finally:
+        d.cleanup()
+
+
 def test_enospc_shard_heals_by_itself_and_delivers_what_it_acknowledged(small_tmpfs, lab):
     """After a storage error the shard finds out by itself that the disk is back.
 

@@ -279,6 +279,71 @@ def test_error_cases_are_sparkpost_shaped_and_the_daemon_keeps_serving(api):
                           + qid.encode())
 
 
+def nested(depth: int) -> bytes:
+    """JSON of *depth* nested objects: {"a":{"a":...{"a":1}...}} (the value itself is level 1)."""
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+def body_with(field: bytes, value: bytes, rcpt: bytes = b'"deep@example.net"') -> bytes:
+    return (b'{"recipients":[' + rcpt + b'],"content":{"from":"s@example.com","subject":"s",'
+            b'"text":"{{a.a}}"},"' + field + b'":' + value + b"}")
+
+
+def test_deeply_nested_json_is_a_422_naming_the_field_and_the_daemon_keeps_serving(api):
+    """Nesting beyond http.max_json_depth (32) is refused with 422, never a 503 and a traceback.
+
+    1,000 levels in metadata (a 6 KB body) is deeper than the JSON decoder
+    goes; 300 levels decode but are deeper than the encoders downstream go;
+    33 levels are one more than the limit.  The daemon answers each, logs no
+    error, and serves the next request.
+    """
+    d = api
+    log_before = len(d.log())
+    body = body_with(b"metadata", nested(1000))
+    assert len(body) < 7000
+    st, h, resp = d.post(body, headers=AUTH)
+    assert_error(st, resp, 422, R.INVALID, "nested too deep")
+    assert "retry-after" not in h
+    st, _, resp = d.post(body_with(b"substitution_data", nested(300)), headers=AUTH)
+    assert_error(st, resp, 422, R.INVALID, "substitution_data: JSON objects and arrays nested "
+                 "more than 32 levels deep (http.max_json_depth)")
+    rcpt = b'{"address":"deep@example.net","metadata":' + nested(33) + b"}"
+    st, _, resp = d.post(body_with(b"campaign_id", b'"c"', rcpt), headers=AUTH)
+    assert_error(st, resp, 422, R.INVALID, "recipients[0].metadata: JSON objects and arrays "
+                 "nested more than 32 levels")
+    rcpt = b'{"address":"deep@example.net","substitution_data":[[[' + nested(33) + b"]]]}"
+    st, _, resp = d.post(body_with(b"campaign_id", b'"c"', rcpt), headers=AUTH)
+    assert_error(st, resp, 422, R.INVALID, "recipients[0].substitution_data")
+    # At the limit: accepted, and the substitution reaches into it.
+    before = queued(d)
+    st, _, resp = d.post(body_with(b"substitution_data", nested(32)), headers=AUTH)
+    assert st == 200 and resp["results"]["total_accepted_recipients"] == 1, resp
+    assert queued(d) == before + 1
+    log = d.log()[log_before:]
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+
+def test_deeply_nested_x_msys_api_metadata_is_ignored_over_smtp(api):
+    """X-MSYS-API metadata nested deeper than http.max_json_depth is dropped; the message is 250."""
+    d = api
+    log_before = len(d.log())
+    for depth, rcpt in ((300, "msys-deep@example.net"), (40, "msys-deep40@example.net")):
+        # Folded (JSON allows the CRLF SP between members) to keep lines under 1000 octets.
+        deep = (b'{"a":' * 100 + b"\r\n ") * (depth // 100) + b'{"a":' * (depth % 100)
+        hdr = b'{"campaign_id":"deep","metadata":' + deep + b"1" + b"}" * depth + b"}"
+        msg = (b"From: a@example.com\r\nTo: " + rcpt.encode() + b"\r\nX-MSYS-API: " + hdr +
+               b"\r\nSubject: deep\r\n\r\nbody\r\n")
+        with smtplib.SMTP(HOST, d.port) as s:
+            s.sendmail("a@example.com", [rcpt], msg)
+        qid = next(x["queue_id"] for x in d.queue_list() if x["recipients"] == [rcpt])
+        ev = wait_until(lambda: next((e for e in d.events() if e["type"] == "reception"
+                                      and e.get("queue_id") == qid), None),
+                        10, f"the reception event of {rcpt}", interval=0.05)
+        assert ev["campaign_id"] == "deep" and "metadata" not in ev, ev
+    log = d.log()[log_before:]
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+
 def test_oversize_body_header_and_upgrade(api):
     d = api
     big = 3 * 1024 * 1024
