@@ -304,6 +304,20 @@ def test_enospc_answers_451_then_heals_when_space_returns(small_tmpfs, make_daem
                     break
             assert 250 in codes and codes.count(451) >= 3, codes
             d.wait_log(r"spool write failed: No space left on device; answering 451")
+            # Take the last octets too, so that the shard's once-a-second probe
+            # (a tiny record) cannot succeed either: the shard stays unhealthy.
+            filler2 = os.path.join(small_tmpfs, "filler2")
+            fd = os.open(filler2, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                for block in (65536, 4096, 512, 1):
+                    try:
+                        while os.write(fd, b"\0" * block):
+                            pass
+                    except OSError:
+                        pass
+            finally:
+                os.close(fd)
+            time.sleep(1.5)          # past a probe, which now fails as well
             # The operator can see it.
             summary = d.queue_summary()
             shard = summary["shards"][0]
@@ -312,8 +326,10 @@ def test_enospc_answers_451_then_heals_when_space_returns(small_tmpfs, make_daem
             text_out = d.cli("queue").stdout.decode()
             assert "ERROR: No space left on device" in text_out, text_out
 
-            # The cause goes away: the shard heals by itself on the next message.
+            # The cause goes away: the shard heals by itself (its probe), and
+            # takes new messages.
             os.unlink(filler)
+            os.unlink(filler2)
             for i in range(100, 103):
                 code, text, _ = transaction(c, msg(i, size))
                 assert code == 250, (code, text)
