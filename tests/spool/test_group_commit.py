@@ -1,0 +1,130 @@
+"""Group commit, in process: a real Shard, real bus sockets, the real fdatasync counted.
+
+The spool's promise (DESIGN.md): messages that arrive together are written
+together and made durable by ONE fdatasync, and each is acknowledged only
+after that fdatasync returned.  Checked here on every CI run (the benchmarks
+measure how fast; this says it is still one sync per batch, and in order).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import msgspec
+import pytest
+
+from mta import bus
+from mta.config import resolve
+from mta.config.schema import Config
+from mta.queueid import new_qid
+from mta.spool.shard import Shard
+
+ACCEPTORS = 3
+PER_REQUEST = 4
+
+
+def settings_for(state_dir: str):
+    cfg = msgspec.convert({
+        "server": {"state_dir": state_dir, "hostname": "mta.test"},
+        "smtp": {"acceptors": ACCEPTORS},
+        "spool": {"shards": 1, "fsync": True, "preallocate": False},
+        "delivery": {"hold": True, "processes": 1},
+    }, Config)
+    return resolve(cfg, None)
+
+
+@pytest.fixture
+def rig(tmp_path, monkeypatch):
+    """A shard, ACCEPTORS DEALER sockets to it, and a log of syncs and replies in order."""
+    s = settings_for(str(tmp_path))
+    os.makedirs(s.run_dir, exist_ok=True)
+    order: list[str] = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd):
+        real_fdatasync(fd)
+        order.append("fdatasync")
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    ctx = bus.new_context()
+    shard = Shard(s, 0)
+    shard.open(ctx)
+    shard.start()
+    real_send = shard.server.send
+
+    def send(peer, msg):
+        order.append(type(msg).__name__)
+        real_send(peer, msg)
+
+    shard.server.send = send
+    clients = [bus.SyncClient(ctx, shard.endpoint) for _ in range(ACCEPTORS)]
+    yield shard, clients, order
+    for c in clients:
+        c.close()
+    shard.events.close()
+    shard.store.close()
+    shard.server.close()
+    shard.links.close()
+    ctx.term()
+
+
+def commit(req: int) -> bytes:
+    envelopes, bodies = [], []
+    for i in range(PER_REQUEST):
+        qid = new_qid(0)
+        envelopes.append(bus.Envelope(qid=qid, sender="s@example.com", rcpts=["r@example.net"],
+                                      params={}, client="c [127.0.0.1]", arrival=time.time(),
+                                      message_id=f"<{req}.{i}@example.com>"))
+        bodies.append(f"Subject: {req}.{i}\r\n\r\nbody\r\n".encode())
+    return bus.encode(bus.SpoolMessageCommit(req, envelopes, bodies))
+
+
+def wait_all_requests_arrived(shard, clients, timeout=10.0):
+    """Until every request sits in the shard's socket (the poll sees them), without taking any."""
+    deadline = time.monotonic() + timeout
+    while True:
+        requests, _, _ = shard.poller.wait(50)
+        if requests:
+            time.sleep(0.2)      # the io thread has the others too by now (same process)
+            return
+        assert time.monotonic() < deadline, "the requests did not arrive"
+
+
+def test_requests_that_arrive_together_share_one_fdatasync_and_are_answered_after_it(rig):
+    shard, clients, order = rig
+    for req, c in enumerate(clients, start=1):
+        c.sock.send(commit(req))
+    wait_all_requests_arrived(shard, clients)
+    order.clear()
+    shard.step()
+    # One sync for all ACCEPTORS x PER_REQUEST messages, then every answer.
+    assert order == ["fdatasync"] + ["SpoolMessageCommitted"] * ACCEPTORS, order
+    for req, c in enumerate(clients, start=1):
+        assert c.sock.poll(5000), f"no answer to request {req}"
+        reply = bus.decode(c.sock.recv())
+        assert reply == bus.SpoolMessageCommitted(req, bus.STATUS_OK)
+    assert len(shard.store.entries) == ACCEPTORS * PER_REQUEST
+
+
+def test_a_storage_error_answers_the_whole_batch_and_nothing_is_queued(rig, monkeypatch):
+    shard, clients, order = rig
+
+    def broken(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    for req, c in enumerate(clients, start=1):
+        c.sock.send(commit(req))
+    wait_all_requests_arrived(shard, clients)
+    shard.step()
+    for req, c in enumerate(clients, start=1):
+        assert c.sock.poll(5000)
+        assert bus.decode(c.sock.recv()) == bus.SpoolMessageCommitted(req, bus.STATUS_STORAGE)
+    assert shard.store.entries == {} and not shard.healthy
+    assert shard.last_error == "Input/output error"
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs(caplog):
+    caplog.set_level(logging.CRITICAL, "mta.spool")
