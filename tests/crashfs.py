@@ -31,6 +31,10 @@ What is durable (the guarantees POSIX and ext4 give, and nothing more):
 The kernel's caches never hold a write back from this process (FUSE without
 writeback caching sends every write here at once), and an unmount drops them,
 so what the next mount shows is exactly the image.
+
+Error injection: while the file IMAGE + ".fail" exists and names ``write``
+and/or ``fsync`` (whitespace-separated), those operations fail with EIO and
+change nothing (:meth:`CrashFS.fail`); the file is read at every such call.
 """
 from __future__ import annotations
 
@@ -103,7 +107,7 @@ def _nlink(root: Node) -> dict[int, int]:
     return counts
 
 
-def operations(root: Node):
+def operations(root: Node, fail_path: str | None = None):
     """The fusepy Operations over *root* (imported here: the test process needs no fusepy)."""
     from fuse import FuseOSError, Operations
 
@@ -114,6 +118,16 @@ def operations(root: Node):
             self.root = root
             self.handles: dict[int, Node] = {}
             self.next_fh = 1
+
+        def _failing(self, op: str) -> bool:
+            """True while the error-injection file names *op* (see the module's doc)."""
+            if fail_path is None:
+                return False
+            try:
+                with open(fail_path) as fh:
+                    return op in fh.read().split()
+            except FileNotFoundError:
+                return False
 
         # ------------------------------------------------------------ lookup
 
@@ -313,6 +327,8 @@ def operations(root: Node):
 
         def write(self, path, data, offset, fh):
             n = self._file(path, fh)
+            if self._failing("write"):
+                raise FuseOSError(errno.EIO)
             end = offset + len(data)
             if len(n.data) < offset:
                 n.data.extend(bytes(offset - len(n.data)))
@@ -330,6 +346,8 @@ def operations(root: Node):
 
         def fsync(self, path, datasync, fh):
             n = self._file(path, fh)
+            if self._failing("fsync"):
+                raise FuseOSError(errno.EIO)
             n.synced = bytes(n.data)   # contents and size (ext4's fdatasync persists both)
             return 0
 
@@ -346,7 +364,7 @@ def serve(mountpoint: str, image: str) -> None:
             root = pickle.load(fh)
     else:
         root = Node(True, 0o755)
-    ops = operations(root)
+    ops = operations(root, image + ".fail")
     # -f foreground, -s one thread (no locking needed), big_writes: up to 128 KiB a write.
     FUSE(ops, mountpoint, foreground=True, nothreads=True, big_writes=True,
          fsname="crashfs")
@@ -396,6 +414,19 @@ class CrashFS:
         if os.path.ismount(self.mountpoint):
             subprocess.run(["fusermount", "-u", "-z", self.mountpoint], check=False)
         assert code == 0, f"crashfs exited {code}:\n{self._log()}"
+
+    def fail(self, *ops: str) -> None:
+        """From now on, *ops* ("write", "fsync") fail with EIO; none: all work again."""
+        path = self.image + ".fail"
+        if not ops:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return
+        with open(path + ".tmp", "w") as fh:
+            fh.write(" ".join(ops) + "\n")
+        os.replace(path + ".tmp", path)
 
     def crash(self) -> None:
         """Power cut: drop all that was not synced, then mount what is left."""
