@@ -1125,7 +1125,10 @@ def test_raw_garbage_greeting_and_refused_connection():
 
 
 def test_raw_starttls_reply_with_injected_data_fails():
-    # Plaintext sent after the STARTTLS go-ahead must never be read as a reply.
+    # Plaintext sent behind the STARTTLS go-ahead must never be read as a reply: the client
+    # refuses the connection at once, naming the injected reply, and sends nothing more (no
+    # ClientHello, no EHLO).  A client without the defence would start the handshake and fail
+    # only on its timeout, with a different reason and no reply attached.
     async def script(peer):
         await peer.hello(b"250-PIPELINING\r\n250 STARTTLS\r\n")
         await peer.until(b"STARTTLS\r\n")
@@ -1135,10 +1138,19 @@ def test_raw_starttls_reply_with_injected_data_fails():
     async def main():
         async with RawServer(script) as srv:
             with pytest.raises(SmtpConnectError) as ei:
-                await open_to(srv.port, command_timeout=1)
-            assert ei.value.tls_failed
+                await open_to(srv.port, command_timeout=5)
+            peer = srv.peers[0]
+            while not peer.closed:          # the client dropped the connection
+                peer.event.clear()
+                await peer.event.wait()
+            return ei.value, bytes(peer.buf)
 
-    run(main())
+    err, after_starttls = run(main())
+    assert err.tls_failed and err.temporary
+    assert str(err).startswith("connection broken at STARTTLS")
+    assert err.reply is not None
+    assert (err.reply.code, err.reply.enhanced, err.reply.text) == (250, "2.1.0", "injected")
+    assert after_starttls == b""
 
 
 def test_bad_addresses_are_not_sent():

@@ -492,20 +492,28 @@ def test_idempotency_key(api):
     assert st == 200   # the failed first attempt left nothing under the key
     # Concurrent duplicates: exactly one injects.
     many = simple([f"c{i}@example.net" for i in range(3000)])
-    results = []
+    outcomes: list = [None] * 4     # per thread: (status, headers, body), or what it raised
 
-    def send():
-        results.append(d.post(many, headers={**AUTH, "Idempotency-Key": "burst"}))
+    def send(i: int) -> None:
+        try:
+            outcomes[i] = d.post(many, headers={**AUTH, "Idempotency-Key": "burst"})
+        except BaseException as exc:    # asserted below, in the test's own thread
+            outcomes[i] = exc
 
     before = queued(d)
-    threads = [threading.Thread(target=send) for _ in range(4)]
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    statuses = sorted(r[0] for r in results)
+    assert [t.is_alive() for t in threads] == [False] * 4, "a request never finished"
+    assert [o for o in outcomes if not isinstance(o, tuple)] == [], outcomes
+    statuses = sorted(o[0] for o in outcomes)
     assert statuses.count(200) >= 1 and set(statuses) <= {200, 409}, statuses
-    ids = {r[2]["results"]["id"] for r in results if r[0] == 200}
+    for st, _, res in outcomes:
+        if st == 409:
+            assert_error(st, res, 409, R.IN_PROGRESS, "Idempotency-Key")
+    ids = {o[2]["results"]["id"] for o in outcomes if o[0] == 200}
     assert len(ids) == 1
     assert queued(d) == before + 3000
 
@@ -529,7 +537,7 @@ def test_idempotency_survives_reload_and_kill9(make_daemon):
                     served[0] += 1
                 else:
                     failures.append(st)
-            except OSError as exc:
+            except Exception as exc:    # asserted below, in the test's own thread
                 failures.append(repr(exc))
 
     t = threading.Thread(target=probe)
@@ -540,6 +548,7 @@ def test_idempotency_survives_reload_and_kill9(make_daemon):
     finally:
         stop.set()
         t.join(30)
+    assert not t.is_alive(), "the probe never finished"
     assert failures == [] and served[0] >= 1, (failures, served)
     new = d.children()
     assert all(new[k] != old[k] for k in old if k.startswith("acceptor"))
@@ -695,13 +704,14 @@ def test_kill9_during_http_load_loses_nothing_acknowledged(make_daemon):
 
     d = make_daemon(http={"api_keys": [KEY]})
     acked: list[str] = []
+    problems: list[str] = []        # asserted in the test's thread, not lost in a worker's
     lock = threading.Lock()
-    stop = threading.Event()
+    killing = threading.Event()     # set before the kill: a broken connection is expected after
 
     def worker(w: int) -> None:
         conn = None
         for n in range(100_000):                  # bounded; stops at the kill
-            if stop.is_set():
+            if killing.is_set():
                 break
             rcpts = [f"w{w}-{n}-{k}@example.net" for k in range(1 + (n % 3))]
             try:
@@ -711,25 +721,37 @@ def test_kill9_during_http_load_loses_nothing_acknowledged(make_daemon):
                              json.dumps(simple(rcpts)).encode(),
                              {"Content-Type": "application/json", **AUTH})
                 r = conn.getresponse()
-                res = json.loads(r.read())
-            except (OSError, http.client.HTTPException, ValueError):
+                data = r.read()
+            except (OSError, http.client.HTTPException) as exc:
                 conn = None
-                if stop.is_set():
+                if killing.is_set():
                     break
-                continue
-            if r.status == 200:
-                assert res["results"]["total_accepted_recipients"] == len(rcpts)
                 with lock:
+                    problems.append(f"w{w} request {n} before the kill: {exc!r}")
+                continue
+            try:                # a whole response arrived: it must be well formed
+                res = json.loads(data)
+                ok = (r.status == 200
+                      and res["results"]["total_accepted_recipients"] == len(rcpts))
+            except (ValueError, KeyError, TypeError) as exc:
+                ok = False
+                res = f"{exc!r} in {data[:200]!r}"
+            with lock:
+                if ok:
                     acked.extend(rcpts)
+                elif r.status not in (429, 503) or not isinstance(res, dict):
+                    problems.append(f"w{w} request {n}: {r.status} {res}")
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
     for t in threads:
         t.start()
     time.sleep(2.0)
+    killing.set()
     d.kill9()
-    stop.set()
     for t in threads:
         t.join(30)
+    assert [t.is_alive() for t in threads] == [False] * 8, "a worker never finished"
+    assert problems == []
     assert len(acked) > 100
     spooled = {r for m in d.spool_dump() for r in m["recipients"]}
     missing = [r for r in acked if r not in spooled]
