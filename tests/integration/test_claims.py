@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import time
 
@@ -193,3 +195,46 @@ def test_eio_answers_451_stores_nothing_and_heals_by_itself(eio_spool, op):
     if op == "write":
         # A failed write leaves nothing behind: read back from disk, only the two are there.
         assert stored == {first, second}, sorted(stored)
+
+
+# ------------------------------------------------- HTTP: the spool refuses some or all
+
+def test_http_partial_spool_failure_and_the_all_refused_503(make_daemon):
+    """Some messages of a request not made durable: 200 partial, those recipients in
+    rcpt_to_errors with code 1901 (retry them); none made durable: 503 with Retry-After."""
+    d = make_daemon(acceptors=1, shards=2, smtp={"spool_timeout": 1.0})
+    n = 24
+    body = {"recipients": [f"r{i:02d}@example.net" for i in range(n)],
+            "content": {"from": "http@example.com", "subject": "partial", "text": "hi"}}
+    kids = d.children()
+    os.kill(kids["spool[1]"], signal.SIGSTOP)        # one shard stops answering
+    try:
+        st, _, res = d.post(body)
+    finally:
+        os.kill(kids["spool[1]"], signal.SIGCONT)
+    assert st == 200, res
+    r = res["results"]
+    errors = r["rcpt_to_errors"]
+    assert r["total_accepted_recipients"] + r["total_rejected_recipients"] == n, r
+    # (queue ids spread over both shards: with 24 messages both halves are all but certain)
+    assert r["total_accepted_recipients"] > 0 and r["total_rejected_recipients"] > 0, r
+    assert len(errors) == r["total_rejected_recipients"]
+    refused = set()
+    for e in errors:
+        assert (e["code"], e["message"]) == ("1901", "temporary failure"), e
+        refused.add(int(re.match(r"recipients\[(\d+)\]: ", e["description"]).group(1)))
+    accepted = {f"r{i:02d}@example.net" for i in range(n) if i not in refused}
+    # Every recipient answered as accepted is queued (a refused one may be too, once the
+    # stopped shard catches up: a possible duplicate of a retry, never a loss).
+    queued = {x["recipients"][0] for x in d.queue_list()}
+    assert accepted <= queued, sorted(accepted - queued)
+
+    for name in ("spool[0]", "spool[1]"):             # now every shard is silent
+        os.kill(kids[name], signal.SIGSTOP)
+    try:
+        st, headers, res = d.post(body)
+    finally:
+        for name in ("spool[0]", "spool[1]"):
+            os.kill(kids[name], signal.SIGCONT)
+    assert st == 503 and int(headers["retry-after"]) > 0, (st, headers, res)
+    assert res["errors"][0]["code"] == "1901", res
