@@ -71,3 +71,49 @@ class DueQueue:
 
     def __len__(self) -> int:
         return len(self.heap)
+
+
+class Deadlines:
+    """The queued messages, by when their age limit passes: expiry wherever they wait.
+
+    Buckets of ``width`` seconds (``max_age / BUCKETS``), each a set of queue
+    ids, so a finished message is taken out at once (:meth:`discard`) and
+    memory follows the queue, not everything received within ``max_age``; a
+    bucket is looked at once its last second has passed, so a message expires
+    at most ``width`` late (0.1 % of ``max_age``).  Empty buckets stay until
+    they pass, which bounds them to about BUCKETS.
+    """
+
+    BUCKETS = 1000
+
+    def __init__(self, max_age: float):
+        self.width = max(max_age / self.BUCKETS, 1e-3)
+        self.buckets: dict[int, set] = {}
+        self.keys: list[int] = []           # heap of the buckets' keys
+
+    def _key(self, deadline: float) -> int:
+        return int(deadline / self.width) + 1     # every deadline in bucket k is < k * width
+
+    def add(self, deadline: float, qid: str) -> None:
+        k = self._key(deadline)
+        b = self.buckets.get(k)
+        if b is None:
+            b = self.buckets[k] = set()
+            heapq.heappush(self.keys, k)
+        b.add(qid)
+
+    def discard(self, deadline: float, qid: str) -> None:
+        b = self.buckets.get(self._key(deadline))
+        if b is not None:
+            b.discard(qid)
+
+    def passed(self, now: float) -> list[str]:
+        """Take out and return every queue id whose deadline is before *now*."""
+        out: list[str] = []
+        keys = self.keys
+        while keys and keys[0] * self.width <= now:
+            out += self.buckets.pop(heapq.heappop(keys), ())
+        return out
+
+    def __len__(self) -> int:
+        return sum(map(len, self.buckets.values()))

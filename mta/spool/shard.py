@@ -44,7 +44,6 @@ RECLAIM_INTERVAL = 1.0          # seconds between reclamation passes
 RECLAIM_MAX_COPY = 2000         # messages copied forward per pass (bounds the pause)
 DISPATCH_BATCH = 500            # due messages looked at per dispatch pass
 BUSY_RETRY = 1.0                # seconds before retrying a job the bus would not take
-EXPIRE_BATCH = 1000             # messages past their age limit expired per housekeeping turn
 GC_YOUNG_THRESHOLD = 10_000     # allocations between young GC collections (CPython: 700)
 DRAIN_ON_DISCONNECT = 100       # batches read from a link that went away, at most
 SPOOLED_DELIVERY_PARAMS = ("BODY", "SMTPUTF8")   # reception parameters a delivery job needs
@@ -87,7 +86,7 @@ class Shard:
         # (arrival + max_age, qid) of every queued message: age is checked
         # wherever a message waits -- held, parked for an absent delivery
         # process, or behind an unhealthy disk -- not only when it is dispatched.
-        self.deadlines = sch.DueQueue()
+        self.deadlines = sch.Deadlines(self.policy.max_age)
         self.jobs: dict[int, tuple] = {}      # req -> (qid, [indexes], sent_at, delivery)
         self.reqs = itertools.count(1)
         self.expire_work: list[tuple[str, list[int]]] = []
@@ -111,7 +110,7 @@ class Shard:
             dues = [e.due[i] for i, s in enumerate(e.state) if s == sch.PENDING]
             if dues:
                 self.due.push(min(dues), qid)
-                self.deadlines.push(deadline(e.meta.arrival), qid)
+                self.deadlines.add(deadline(e.meta.arrival), qid)
             else:
                 self.finished_at_start.append(qid)
         # Fewer young collections: each walks the batch's objects still alive,
@@ -234,8 +233,15 @@ class Shard:
                           exc.strerror or exc)
             self.healthy = False
             self.last_error = exc.strerror or str(exc)
-            self.due.push_many([(now + BUSY_RETRY, qid) for qid in plan.abandon()])
+            abandoned = plan.abandon()
+            self.due.push_many([(now + BUSY_RETRY, qid) for qid in abandoned])
+            # (an expiry that was not recorded is looked at again)
+            entries, deadline = self.store.entries, self.policy.deadline
+            for qid in abandoned:
+                if qid in entries:
+                    self.deadlines.add(deadline(entries[qid].meta.arrival), qid)
         else:
+            self._untrack(done)
             removed = self.store.commit(new, done, plan.updates)
             deleted = set(removed) - set(plan.done) - set(extra_done or ())
             if deleted:
@@ -286,9 +292,10 @@ class Shard:
         due.push_many([(min(e.due), e.meta.qid) for e in new])
         due.push_many(plan.reschedule)
         deadline = self.policy.deadline
-        # (A compaction copy keeps its message's first deadline entry.)
-        self.deadlines.push_many([(deadline(e.meta.arrival), e.meta.qid)
-                                  for e in new if e.meta.state is None])
+        add = self.deadlines.add
+        for e in new:
+            if e.meta.state is None:     # (a compaction copy keeps its message's entry)
+                add(deadline(e.meta.arrival), e.meta.qid)
 
     # --------------------------------------------------------------- dispatch
 
@@ -350,6 +357,16 @@ class Shard:
             if budget <= 0:
                 break
 
+    def _untrack(self, qids: list[str]) -> None:
+        """Finished or deleted messages leave the deadline buckets (before the store forgets them)."""
+        entries = self.store.entries
+        discard = self.deadlines.discard
+        deadline = self.policy.deadline
+        for qid in qids:
+            e = entries.get(qid)
+            if e is not None:
+                discard(deadline(e.meta.arrival), qid)
+
     def expire_waiting(self) -> None:
         """Expire the pending recipients of messages past ``delivery.max_age``, wherever they wait.
 
@@ -358,12 +375,15 @@ class Shard:
         """
         now = time.time()
         entries = self.store.entries
-        for qid in self.deadlines.pop_due(now, EXPIRE_BATCH):
+        for qid in self.deadlines.passed(now):
             e = entries.get(qid)
             if e is None:
                 continue                  # finished
+            if not self.policy.expired(e.meta.arrival, now):
+                self.deadlines.add(self.policy.deadline(e.meta.arrival), qid)
+                continue
             if e.out:
-                self.deadlines.push(now + BUSY_RETRY, qid)
+                self.deadlines.add(now + BUSY_RETRY, qid)
                 continue
             idxs = [i for i, s in enumerate(e.state) if s == sch.PENDING]
             if idxs:

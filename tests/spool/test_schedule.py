@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from mta import config
+from mta.spool import schedule as sch
 from mta.spool.schedule import DueQueue, RetryPolicy
 
 SCHEDULE = [60.0, 300.0, 900.0]
@@ -243,3 +244,28 @@ def test_next_due_follows_later_pushes():
     assert q.next_due() == 4.0
     assert q.pop_due(4.0, 1) == ["b"]
     assert q.next_due() == 8.0
+
+
+# ------------------------------------------------------------------ Deadlines
+
+def test_deadlines_give_back_what_passed_and_nothing_finished():
+    d = sch.Deadlines(max_age=1000.0)          # buckets of 1 s
+    d.add(100.2, "A")
+    d.add(100.7, "B")
+    d.add(250.0, "C")
+    d.discard(100.7, "B")                      # finished: gone at once
+    assert len(d) == 2
+    assert d.passed(100.5) == []               # (at most one bucket late, never early)
+    assert d.passed(101.0) == ["A"]
+    assert d.passed(101.0) == []
+    assert d.passed(10_000.0) == ["C"] and len(d) == 0
+
+
+def test_deadlines_memory_follows_the_queue_not_the_traffic():
+    d = sch.Deadlines(max_age=432_000.0)
+    for i in range(100_000):                   # received and finished at once, for days
+        t = i * 4.0
+        d.add(t + 432_000.0, f"Q{i}")
+        d.discard(t + 432_000.0, f"Q{i}")
+    assert len(d) == 0
+    assert len(d.buckets) <= sch.Deadlines.BUCKETS + 1 and len(d.keys) == len(d.buckets)
