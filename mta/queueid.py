@@ -48,3 +48,8 @@ def new_qid_for_shard(shard: int, shards: int) -> str:
 def domain_shard(domain: str, shards: int) -> int:
     """The delivery process responsible for recipient domain *domain* (stable)."""
     return zlib.crc32(domain.encode("utf-8", "surrogateescape")) % shards
+
+
+def recipient_domain(address: str) -> str:
+    """The domain of *address*, lower-cased: what dispatch groups by and shards on."""
+    return address.rpartition("@")[2].lower()

@@ -480,11 +480,7 @@ class Store:
         return seg
 
     def _sync_dir(self) -> None:
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        sync_dir(self.dir)
 
     def _drop(self, seg: Segment) -> None:
         """Forget an empty segment and remove its file (best effort)."""
@@ -704,11 +700,7 @@ class Store:
             freed += seg.size
             del self.segments[seg.number]
         if freed and self.fsync:
-            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            self._sync_dir()
         return freed
 
     def close(self) -> None:

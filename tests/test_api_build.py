@@ -16,6 +16,9 @@ from mta.api import build as B
 from mta.api import idempotency as I
 from mta.api import replies as R
 from mta.api import transmissions as T
+from mta.config.schema import HttpConfig
+
+DEPTH = HttpConfig().max_json_depth    # http.max_json_depth's default
 
 
 def tx(**kw) -> T.Transmission:
@@ -32,7 +35,7 @@ def tx(**kw) -> T.Transmission:
         else:
             body[k] = v
     t = T.decode(orjson.dumps(body))
-    T.check(t, 10_000)
+    T.check(t, 10_000, DEPTH)
     return t
 
 
@@ -63,7 +66,7 @@ def test_decode_ignores_unknown_fields():
     t = T.decode(b'{"recipients": ["a@example.net"], "bogus": 1, "options": {"open_tracking": '
                  b'true, "ip_pool": "p"}, "content": {"from": "s@example.com", "subject": "x", '
                  b'"text": "y", "amp_html": "z", "whatever": {}}}')
-    T.check(t, 10)
+    T.check(t, 10, DEPTH)
     assert t.options.ip_pool == "p"
 
 
@@ -112,7 +115,7 @@ def test_wrong_types_are_422_naming_the_field(body, field):
 def test_check_names_the_field(body, code, words):
     t = T.decode(orjson.dumps(body))
     with pytest.raises(R.ApiError) as e:
-        T.check(t, 100)
+        T.check(t, 100, DEPTH)
     assert e.value.status == 422 and e.value.error.code == code
     assert words in e.value.description
 
@@ -121,7 +124,7 @@ def test_too_many_recipients_is_422_naming_recipients():
     t = T.decode(orjson.dumps({"recipients": ["a@b.example"] * 11, "content": {
         "from": "a@b.example", "subject": "s", "text": "t"}}))
     with pytest.raises(R.ApiError) as e:
-        T.check(t, 10)
+        T.check(t, 10, DEPTH)
     assert e.value.status == 422 and e.value.description.startswith("recipients:")
 
 
@@ -425,12 +428,12 @@ def test_rfc822_8bit_and_line_ends():
 def test_parse_msys_api():
     got = T.parse_msys_api(b'{"campaign_id": "c", "metadata": {"k": "v"}, "tags": ["a", 1, "b"],'
                            b' "options": {"ip_pool": "p", "transactional": true, '
-                           b'"open_tracking": false}, "cc": ["x"]}')
+                           b'"open_tracking": false}, "cc": ["x"]}', DEPTH)
     assert got == {"campaign_id": "c", "metadata": {"k": "v"}, "tags": ["a", "b"],
                    "ip_pool": "p", "transactional": True}
-    assert T.parse_msys_api(b"not json") is None
-    assert T.parse_msys_api(b"[1]") is None
-    assert T.parse_msys_api(b'{"campaign_id": 5, "metadata": "x", "options": {"ip_pool": 3}}') == {}
+    assert T.parse_msys_api(b"not json", DEPTH) is None
+    assert T.parse_msys_api(b"[1]", DEPTH) is None
+    assert T.parse_msys_api(b'{"campaign_id": 5, "metadata": "x", "options": {"ip_pool": 3}}', DEPTH) == {}
 
 
 # ----------------------------------------------------------------- idempotency

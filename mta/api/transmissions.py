@@ -155,27 +155,25 @@ def _json_size(value) -> int:
     return len(orjson.dumps(value))
 
 
-def check(tx: Transmission, max_recipients: int, max_depth: int | None = None) -> None:
+def check(tx: Transmission, max_recipients: int, max_depth: int) -> None:
     """The rules every transmission must pass; ApiError 422 naming the field.
 
-    *max_depth* (``http.max_json_depth``) bounds the nesting of the free-form
-    values; None leaves it unchecked (unit tests of other rules).
+    *max_depth* (``http.max_json_depth``) bounds the nesting of the free-form values.
     """
     rcpts = tx.recipients
     if rcpts is None:
         raise R.ApiError(R.REQUIRED, "recipients is required")
-    if max_depth is not None:
-        # First, before anything serialises these values (the size checks below).
-        _check_depth("metadata", tx.metadata, max_depth)
-        _check_depth("substitution_data", tx.substitution_data, max_depth)
-        if isinstance(rcpts, dict):
-            _check_depth("recipients", rcpts, max_depth)
-        else:
-            for i, r in enumerate(rcpts):
-                if type(r) is Recipient and (r.metadata or r.substitution_data):
-                    _check_depth(f"recipients[{i}].metadata", r.metadata, max_depth)
-                    _check_depth(f"recipients[{i}].substitution_data", r.substitution_data,
-                                 max_depth)
+    # First, before anything serialises these values (the size checks below).
+    _check_depth("metadata", tx.metadata, max_depth)
+    _check_depth("substitution_data", tx.substitution_data, max_depth)
+    if isinstance(rcpts, dict):
+        _check_depth("recipients", rcpts, max_depth)
+    else:
+        for i, r in enumerate(rcpts):
+            if type(r) is Recipient and (r.metadata or r.substitution_data):
+                _check_depth(f"recipients[{i}].metadata", r.metadata, max_depth)
+                _check_depth(f"recipients[{i}].substitution_data", r.substitution_data,
+                             max_depth)
     if isinstance(rcpts, dict):
         if "list_id" in rcpts:
             raise R.ApiError(R.NOT_SUPPORTED,
@@ -219,11 +217,11 @@ def check(tx: Transmission, max_recipients: int, max_depth: int | None = None) -
                          f"substitution_data: larger than {MAX_SUBSTITUTION_DATA} bytes")
 
 
-def parse_msys_api(value: bytes, max_depth: int | None = None) -> dict | None:
+def parse_msys_api(value: bytes, max_depth: int) -> dict | None:
     """The attributes recorded from an ``X-MSYS-API`` header; None when it is not a JSON object.
 
     Keeps ``campaign_id`` (string), ``metadata`` (object, nested at most
-    *max_depth* levels when given, at most MAX_METADATA octets), ``tags``
+    *max_depth* levels, at most MAX_METADATA octets), ``tags``
     (strings), ``options.ip_pool`` (string) and ``options.transactional``
     (boolean); a member of another type is dropped.  Everything else in the
     header (tracking options, cc/bcc, archive) is ignored.
@@ -240,7 +238,7 @@ def parse_msys_api(value: bytes, max_depth: int | None = None) -> dict | None:
         out["campaign_id"] = cid
     meta = obj.get("metadata")
     if isinstance(meta, dict) and meta and \
-            (max_depth is None or not too_deep(meta, max_depth)) and \
+            not too_deep(meta, max_depth) and \
             _json_size(meta) <= MAX_METADATA:
         out["metadata"] = meta
     tags = obj.get("tags")

@@ -12,15 +12,12 @@ import logging
 import time
 
 from mta import bus
+from mta.queueid import recipient_domain
 from mta.spool import schedule as sch
 
 log = logging.getLogger("mta.spool")
 
 LIST_LIMIT_MAX = 1_000_000      # entries one SPOOL_QUEUE_LIST reply may carry
-
-
-def _domain(addr: str) -> str:
-    return addr.rpartition("@")[2].lower()
 
 
 def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
@@ -35,7 +32,7 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
             if st != sch.PENDING:
                 continue
             pending += 1
-            d = domains.setdefault(_domain(e.meta.rcpts[i]), [0, 0, None])
+            d = domains.setdefault(recipient_domain(e.meta.rcpts[i]), [0, 0, None])
             d[0] += 1
             if e.attempts[i]:
                 deferred += 1

@@ -31,7 +31,7 @@ import time
 
 from mta import bus
 from mta.obs import events as ev
-from mta.queueid import domain_shard, new_qid_for_shard
+from mta.queueid import domain_shard, new_qid_for_shard, recipient_domain
 from mta.spool import queries
 from mta.spool import schedule as sch
 from mta.spool.outcomes import Plan
@@ -63,10 +63,6 @@ def _settle_gc() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def _domain(addr: str) -> str:
-    return addr.rpartition("@")[2].lower()
 
 
 class Shard:
@@ -328,7 +324,7 @@ class Shard:
                 continue
             groups: dict[str, list[int]] = {}
             for i in ready:
-                groups.setdefault(_domain(e.meta.rcpts[i]), []).append(i)
+                groups.setdefault(recipient_domain(e.meta.rcpts[i]), []).append(i)
             try:
                 body = self.store.read_body(e)
             except OSError as exc:
