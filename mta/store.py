@@ -507,13 +507,7 @@ class Store:
         to its [[index, state, attempts, due], ...].  Returns the new entries,
         which become visible in the index only after :meth:`commit`.
         """
-        seg = self.current
-        if seg is None or seg.failed or seg.size >= self.segment_size or (
-                not seg.prezeroed and self.spare is not None and self.spare.ready):
-            # (An empty segment started while no spare was ready is left as
-            # soon as one is: from then on each fsync writes only data.)
-            self._close_current()
-            seg = self.current = self._open_segment()
+        seg = self._writable()
         codec = self.codec
         bufs = []
         pos = seg.size
@@ -536,13 +530,28 @@ class Store:
             hdr = codec.encode_header(REC_DONE, mb, b"")
             bufs += (hdr, mb)
             pos += len(hdr) + len(mb)
+        self._append(seg, bufs, pos)
+        return new
+
+    def _writable(self) -> Segment:
+        """The segment to append to: the current one, or a new one when it is full or failed."""
+        seg = self.current
+        if seg is None or seg.failed or seg.size >= self.segment_size or (
+                not seg.prezeroed and self.spare is not None and self.spare.ready):
+            # (An empty segment started while no spare was ready is left as
+            # soon as one is: from then on each fsync writes only data.)
+            self._close_current()
+            seg = self.current = self._open_segment()
+        return seg
+
+    def _append(self, seg: Segment, bufs: list, end: int) -> None:
+        """Write *bufs* at the end of *seg*, which then ends at *end*."""
         try:
-            self._writev(seg.fd, bufs, pos - seg.size, seg.size)
+            self._writev(seg.fd, bufs, end - seg.size, seg.size)
         except OSError:
             self._write_failed(seg)
             raise
-        seg.size = pos
-        return new
+        seg.size = end
 
     def _write_failed(self, seg: Segment) -> None:
         """A write into *seg* failed: no more writes there; cut off what it left."""
@@ -582,19 +591,10 @@ class Store:
         shard calls this while it is unhealthy, so that it notices by itself
         that the disk works again, without waiting for new mail to write.
         """
-        seg = self.current
-        if seg is None or seg.failed:
-            self._close_current()
-            seg = self.current = self._open_segment()
+        seg = self._writable()
         mb = _enc.encode(DoneMeta([]))
         hdr = self.codec.encode_header(REC_DONE, mb, b"")
-        n = len(hdr) + len(mb)
-        try:
-            self._writev(seg.fd, [hdr, mb], n, seg.size)
-        except OSError:
-            self._write_failed(seg)
-            raise
-        seg.size += n
+        self._append(seg, [hdr, mb], seg.size + len(hdr) + len(mb))
         self.sync()
 
     def sync(self) -> None:
