@@ -61,7 +61,7 @@ def test_records_cost_nothing_on_the_wire():
     assert frame == msgspec.msgpack.encode([2, 5, 0])
     result = bus.Result(0, bus.DEFERRED, 451, "4.4.1", "t", "h", "i")
     assert bus.encode(bus.DeliveryOutcome(1, QID, [result])) == msgspec.msgpack.encode(
-        [12, 1, QID, [[0, "deferred", 451, "4.4.1", "t", "h", "i"]]])
+        [12, 1, QID, [[0, "deferred", 451, "4.4.1", "t", "h", "i"]], "", "", "", 0.0])
 
 
 @pytest.mark.parametrize("envelopes, bodies", [
@@ -136,7 +136,7 @@ def test_receive_drops_and_logs_what_the_receiver_does_not_take(caplog):
 
 
 def test_outcome_words_are_the_declared_vocabulary():
-    assert bus.OUTCOMES == (bus.DELIVERED, bus.DEFERRED, bus.FAILED)
+    assert bus.OUTCOMES == (bus.DELIVERED, bus.DEFERRED, bus.FAILED, bus.REQUEUED)
     for word in bus.OUTCOMES:
         msg = bus.DeliveryOutcome(1, QID, [bus.Result(0, word, 250, "", "", "", "")])
         assert roundtrip(msg).results[0].outcome == word

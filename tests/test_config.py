@@ -7,7 +7,7 @@ import msgspec.inspect as mi
 import pytest
 
 from mta import config
-from mta.config.schema import SECTIONS
+from mta.config.schema import SECTIONS, TOP_LEVEL_TABLES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,9 @@ def test_example_file_is_generated_from_the_schema():
 # an example table of each follows its section in the example.
 NESTED_TABLES = {"[[delivery.route]]": ("delivery", "route"),
                  "[[dkim.keys]]": ("dkim", "keys"),
-                 "[dkim.fallback]": ("dkim", "fallback")}
+                 "[dkim.fallback]": ("dkim", "fallback"),
+                 "[[egress.source]]": ("egress", "source"),
+                 "[[egress.pool]]": ("egress", "pool")}
 
 
 def _default(f, key):
@@ -78,6 +80,13 @@ def check_example(text: str) -> None:
                   else next(x for x in t.types if isinstance(x, mi.StructType))).cls
         _check_keys(f"{section}.{name}", struct, table, block)
         msgspec.convert(table, struct)   # and it is a valid table of its kind
+    # The arrays of tables at the top level ([[shaping]]) have their example too.
+    for key, struct in TOP_LEVEL_TABLES:
+        block = _example_table(text, f"[[{key}]]")
+        table = tomllib.loads(block)[key]
+        assert len(table) == 1, key
+        _check_keys(key, struct, table[0], block)
+        msgspec.convert(table[0], struct)
     # And the example, loaded as a config file, gives the built-in defaults.
     assert config.resolve(config._decode(parsed), None).config == config.load(None).config
 

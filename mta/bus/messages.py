@@ -31,7 +31,8 @@ from msgspec import Meta, Struct
 __all__ = [
     "BusError", "Message", "MESSAGES", "encode", "decode", "receive", "MAX_QID",
     "STATUS_OK", "STATUS_STORAGE", "STATUS_UNKNOWN",
-    "DELIVERED", "DEFERRED", "FAILED", "OUTCOMES",
+    "DELIVERED", "DEFERRED", "FAILED", "REQUEUED", "OUTCOMES",
+    "PRIORITY_BULK", "PRIORITY_TRANSACTIONAL",
     "Envelope", "JobRecipient", "Result", "QueueEntry",
     "SpoolMessageCommit", "SpoolMessageCommitted", "SpoolQueueSummary",
     "SpoolQueueSummaryReply", "SpoolQueueList", "SpoolQueueListReply", "SpoolMessageShow",
@@ -56,12 +57,21 @@ STATUS_UNKNOWN = 2   # no such queue id / request not understood
 DELIVERED = "delivered"   # the receiver took it (2xx after DATA)
 DEFERRED = "deferred"     # try again later (4xx, connection or DNS trouble)
 FAILED = "failed"         # permanent failure (5xx, null MX, NXDOMAIN): bounce
-OUTCOMES = (DELIVERED, DEFERRED, FAILED)
+# Not attempted: no source of the message's pool may send to the site now
+# (suspended), or the site's ready queue is full.  Not an attempt: the spool
+# tries again after the outcome's retry_after, counts nothing, logs no failure.
+REQUEUED = "requeued"
+OUTCOMES = (DELIVERED, DEFERRED, FAILED, REQUEUED)
 
 MAX_QID = 64        # longest queue id a message may carry
 
+# DELIVERY_MESSAGE_READY priority: transactional messages go first in every
+# queue they share with bulk ones (options.transactional).
+PRIORITY_BULK = 0
+PRIORITY_TRANSACTIONAL = 1
+
 QueueId = Annotated[str, Meta(min_length=1, max_length=MAX_QID)]
-Outcome = Literal["delivered", "deferred", "failed"]
+Outcome = Literal["delivered", "deferred", "failed", "requeued"]
 
 
 class Message(Struct, array_like=True, forbid_unknown_fields=True, tag=True):
@@ -186,6 +196,8 @@ class DeliveryMessageReady(Message, tag=11):
     params: dict                                        # BODY / SMTPUTF8 of the reception
     attempt: int
     body: bytes
+    pool: str = "default"                               # egress pool (checked at injection)
+    priority: int = PRIORITY_BULK                       # PRIORITY_*
 
 
 class Result(Struct, array_like=True, forbid_unknown_fields=True):
@@ -206,6 +218,10 @@ class DeliveryOutcome(Message, tag=12):
     req: int
     qid: QueueId
     results: list[Result]
+    source: str = ""                                    # egress source used; "" if none
+    source_ip: str = ""                                 # its address ("" = system's choice)
+    site: str = ""                                      # the receiving site's name
+    retry_after: float = 0.0                            # REQUEUED: seconds before the next try
 
 
 # ------------------------------------------------------------------- the table

@@ -20,7 +20,7 @@ import msgspec.inspect as mi
 
 from mta.passwords import parse_password_file
 
-from .schema import SECTIONS, Config
+from .schema import SECTIONS, TOP_LEVEL_TABLES, Config
 
 __all__ = ["Config", "ConfigError", "Settings", "load", "example_toml", "parse_hostport"]
 
@@ -49,6 +49,23 @@ class Settings:
     nameservers: tuple = ()
     helo_name: str = ""
     http_listen: tuple[tuple[str, int], ...] = ()
+    # [egress], resolved: every source by name (the built-in "default" one
+    # included), and every pool by name as ((source name, weight), ...).
+    sources: dict = field(default_factory=dict)
+    pools: dict = field(default_factory=dict)
+
+    def pool_for(self, requested: str | None, sender: str) -> str | None:
+        """The pool of a message: *requested* (options.ip_pool), else the sending
+        domain's (egress.domain_pool), else egress.default_pool.  None when the
+        requested pool does not exist (the injection is refused)."""
+        if requested:
+            return requested if requested in self.pools else None
+        eg = self.config.egress
+        if eg.domain_pool and "@" in sender:
+            pool = eg.domain_pool.get(sender.rpartition("@")[2].lower())
+            if pool:
+                return pool
+        return eg.default_pool
 
     def endpoint(self, name: str) -> str:
         """The ZeroMQ ipc endpoint for a named socket in the run directory."""
@@ -151,6 +168,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
             raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more problem(s))"
                                              if len(problems) > 1 else ""))
     event_log = os.path.join(state_dir, cfg.server.event_log) if cfg.server.event_log else None
+    sources, pools = _check_egress(cfg.egress, cfg.delivery)
     return Settings(
         config=cfg,
         path=os.path.abspath(path) if path else None,
@@ -176,7 +194,68 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
         nameservers=nameservers,
         helo_name=cfg.delivery.helo_name or hostname,
         http_listen=http_listen,
+        sources=sources,
+        pools=pools,
     )
+
+
+DEFAULT = "default"
+
+
+def _check_egress(eg, d) -> tuple[dict, dict]:
+    """Validate [egress]; return (sources by name, pools by name).
+
+    Without a source or pool called "default", the built-in one stands in:
+    the system's choice of address (or delivery.source_address), today's
+    behaviour for a configuration that names no pools.
+    """
+    from .schema import EgressSource
+
+    sources: dict = {}
+    for i, src in enumerate(eg.source):
+        key = f"egress.source[{i}]"
+        if src.name in sources:
+            raise ConfigError(f"{key}.name: {src.name!r} is defined twice")
+        if src.source_address:
+            try:
+                ipaddress.ip_address(src.source_address)
+            except ValueError:
+                raise ConfigError(f"{key}.source_address: not an IP address: "
+                                  f"{src.source_address!r}") from None
+        if src.socks5_proxy:
+            try:
+                parse_hostport(src.socks5_proxy)
+            except ValueError as exc:
+                raise ConfigError(f"{key}.socks5_proxy: {exc}") from None
+        elif src.socks5_username or src.socks5_password:
+            raise ConfigError(f"{key}.socks5_username: needs socks5_proxy")
+        sources[src.name] = src
+    if DEFAULT not in sources:
+        sources[DEFAULT] = EgressSource(name=DEFAULT, source_address=d.source_address)
+    pools: dict = {}
+    for i, pool in enumerate(eg.pool):
+        key = f"egress.pool[{i}]"
+        if pool.name in pools:
+            raise ConfigError(f"{key}.name: {pool.name!r} is defined twice")
+        seen = set()
+        for j, m in enumerate(pool.sources):
+            if m.source not in sources:
+                raise ConfigError(f"{key}.sources[{j}].source: no [[egress.source]] is "
+                                  f"called {m.source!r}")
+            if m.source in seen:
+                raise ConfigError(f"{key}.sources[{j}].source: {m.source!r} is listed twice")
+            seen.add(m.source)
+        pools[pool.name] = tuple((m.source, m.weight) for m in pool.sources)
+    if DEFAULT not in pools:
+        pools[DEFAULT] = ((DEFAULT, 1),)
+    if eg.default_pool not in pools:
+        raise ConfigError(f"egress.default_pool: no pool is called {eg.default_pool!r}")
+    for dom, pool in eg.domain_pool.items():
+        if pool not in pools:
+            raise ConfigError(f"egress.domain_pool.{dom}: no pool is called {pool!r}")
+    if eg.suspend_time_max < eg.suspend_time:
+        raise ConfigError("egress.suspend_time_max: less than egress.suspend_time")
+    return sources, pools
 
 
 def _check_http(h, smtp_listen: list) -> tuple:
@@ -269,6 +348,10 @@ def _toml_value(value) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     return repr(value)
 
 
@@ -281,6 +364,9 @@ EXAMPLE_VALUES = {
     "dkim.keys.selector": "s2026",
     "dkim.keys.key_file": "/etc/mta/dkim/example.com.pem",
     "dkim.fallback.domain": "esp.example.net",
+    "egress.source.name": "ip-1",
+    "egress.pool.name": "marketing",
+    "egress.pool.sources": [{"source": "ip-1", "weight": 3}, {"source": "ip-2", "weight": 1}],
 }
 
 
@@ -363,4 +449,10 @@ def example_toml() -> str:
             out.append(f"# {header}")
             out += [f"# {line}" for line in _field_lines(table, key)]
             out.append("")
+    for key, table in TOP_LEVEL_TABLES:
+        out.append(f"# Each [[{key}]] table takes these keys (there are none by default):")
+        out.append("#")
+        out.append(f"# [[{key}]]")
+        out += [f"# {line}" for line in _field_lines(table, key)]
+        out.append("")
     return "\n".join(out)

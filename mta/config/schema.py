@@ -219,13 +219,24 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "verify certificates on MX deliveries (opportunistic TLS does not by default)")] = False
     source_address: Annotated[str, _doc(
         "local IP address for MX deliveries; empty: the system's choice")] = ""
-    connections_per_domain: Annotated[int, _doc(
-        "simultaneous connections to one recipient domain per delivery process",
+    connection_limit: Annotated[int, _doc(
+        "simultaneous connections from one egress source to one receiving site, across "
+        "all delivery processes of the node, where no [[shaping]] rule sets it",
         ge=1, le=10_000)] = 10
-    messages_per_connection: Annotated[int, _doc(
-        "messages sent over one connection before it is closed", ge=1, le=1_000_000)] = 1000
+    max_deliveries_per_connection: Annotated[int, _doc(
+        "messages sent over one connection before it is closed, where no [[shaping]] rule "
+        "sets it", ge=1, le=1_000_000)] = 1000
     idle_timeout: Annotated[float, _doc(
-        "seconds an unused connection is kept open for the next message", ge=0, le=3600)] = 5.0
+        "seconds an unused connection is kept open for the next message, where no "
+        "[[shaping]] rule sets it", ge=0, le=3600)] = 5.0
+    max_in_flight_per_domain: Annotated[int, _doc(
+        "bulk messages a spool shard has out for delivery to one recipient domain at once, "
+        "so that a slow or hung site cannot take the whole window (max_in_flight); "
+        "transactional messages have a window of their own of the same size",
+        ge=1, le=1_000_000)] = 500
+    shaping_presets: Annotated[bool, _doc(
+        "apply the shaping rules shipped for the large mailbox providers "
+        "(mta/shaping/presets.toml) before the [[shaping]] rules of this file")] = True
     connect_timeout: Annotated[float, _doc(
         "seconds to connect and read the greeting", ge=0.1, le=600)] = 30.0
     command_timeout: Annotated[float, _doc(
@@ -256,6 +267,89 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "tables with domain and hosts")] = msgspec.field(default_factory=list)
 
 
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_RATE = r"^[0-9]+(\.[0-9]+)?/[smhd]$"
+
+
+class EgressSource(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Annotated[str, _doc(
+        "the source's name, used by pools, shaping rules, logs and events", pattern=_NAME)]
+    source_address: Annotated[str, _doc(
+        "local IP address (IPv4 or IPv6) bound before connecting; with socks5_proxy, the "
+        "proxy's outbound address for this source (recorded in events); empty: the "
+        "system's choice")] = ""
+    ehlo_name: Annotated[str, _doc(
+        "name sent in EHLO from this source; empty: delivery.helo_name")] = ""
+    socks5_proxy: Annotated[str, _doc(
+        "host:port of a SOCKS5 proxy (RFC 1928) to connect through; empty: connect "
+        "directly")] = ""
+    socks5_username: Annotated[str, _doc(
+        "user name for the proxy (RFC 1929); empty: no authentication")] = ""
+    socks5_password: Annotated[str, _doc("password for socks5_username")] = ""
+
+
+class PoolMember(Struct, forbid_unknown_fields=True, kw_only=True):
+    source: Annotated[str, _doc("name of an [[egress.source]]")]
+    weight: Annotated[int, _doc(
+        "share of the pool's messages, relative to the other members", ge=1, le=10_000)] = 1
+
+
+class EgressPool(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Annotated[str, _doc(
+        "the pool's name, as given in options.ip_pool (HTTP) or X-MSYS-API (SMTP)",
+        pattern=_NAME)]
+    sources: Annotated[list[PoolMember], _doc(
+        "the sources of the pool with their weights", min_length=1)]
+
+
+class EgressConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    source: Annotated[list[EgressSource], _doc(
+        "egress sources: [[egress.source]] tables, each a sending IP address (bound, or "
+        "reached through a SOCKS5 proxy) with its EHLO name")] = msgspec.field(
+        default_factory=list)
+    pool: Annotated[list[EgressPool], _doc(
+        "egress pools: [[egress.pool]] tables, each a weighted set of sources; a pool "
+        "named \"default\" replaces the built-in one (the system's choice of address)")] = \
+        msgspec.field(default_factory=list)
+    default_pool: Annotated[str, _doc(
+        "pool of a message that names none and whose sending domain has no entry in "
+        "domain_pool")] = "default"
+    domain_pool: Annotated[dict[str, str], _doc(
+        "pool by sending domain (the domain of MAIL FROM), for messages that name none")] = \
+        msgspec.field(default_factory=dict)
+    suspend_time: Annotated[float, _doc(
+        "seconds a source that cannot be used (its address is not bound on the host, its "
+        "proxy does not answer) is suspended at first; doubled at each failure up to "
+        "suspend_time_max", ge=0.1, le=86400)] = 30.0
+    suspend_time_max: Annotated[float, _doc(
+        "longest suspension of a source that keeps failing", ge=0.1, le=86400)] = 600.0
+
+
+class ShapingRule(Struct, forbid_unknown_fields=True, kw_only=True):
+    domain: Annotated[str, _doc(
+        "recipient domain the rule applies to (exact, or *.example.com for its "
+        "subdomains); set exactly one of domain, mx and site")] = ""
+    mx: Annotated[str, _doc(
+        "MX host name pattern (*.google.com): the rule applies to the sites with an MX "
+        "host that matches")] = ""
+    site: Annotated[str, _doc("site name, as mta queue shows it")] = ""
+    source: Annotated[str, _doc(
+        "apply only to deliveries from this egress source; empty: from every source")] = ""
+    connection_limit: Annotated[Annotated[int, Meta(ge=1, le=10_000)] | None, _doc(
+        "simultaneous connections per source x site, across the node (1-10000)")] = None
+    max_deliveries_per_connection: Annotated[Annotated[int, Meta(ge=1, le=1_000_000)] | None,
+                                             _doc("messages per connection before it is "
+                                                  "closed (1-1000000)")] = None
+    max_message_rate: Annotated[Annotated[str, Meta(pattern=_RATE)] | None, _doc(
+        "messages per source x site, as N/s, N/m, N/h or N/d")] = None
+    max_connection_rate: Annotated[Annotated[str, Meta(pattern=_RATE)] | None, _doc(
+        "new connections per source x site, as N/s, N/m, N/h or N/d")] = None
+    idle_timeout: Annotated[Annotated[float, Meta(ge=0, le=3600)] | None, _doc(
+        "seconds an unused connection is kept open (0-3600)")] = None
+    starttls: Annotated[str | None, _doc(
+        "none, opportunistic or required")] = None
+
+
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     server: Annotated[ServerConfig, _doc("process-wide settings")] = msgspec.field(
         default_factory=ServerConfig)
@@ -269,7 +363,16 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
         default_factory=DeliveryConfig)
     dkim: Annotated[DkimConfig, _doc("DKIM signing (see mta/dkim.py)")] = msgspec.field(
         default_factory=DkimConfig)
+    egress: Annotated[EgressConfig, _doc("egress sources and pools")] = msgspec.field(
+        default_factory=EgressConfig)
+    shaping: Annotated[list[ShapingRule], _doc(
+        "traffic shaping rules: [[shaping]] tables matched by recipient domain, MX host "
+        "pattern or site, optionally per source; every matching rule applies, the shipped "
+        "presets first, then these in order, rules naming a source last; a later rule's "
+        "keys override an earlier one's")] = msgspec.field(default_factory=list)
 
 
 SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("http", HttpConfig),
-            ("spool", SpoolConfig), ("delivery", DeliveryConfig), ("dkim", DkimConfig))
+            ("spool", SpoolConfig), ("delivery", DeliveryConfig), ("dkim", DkimConfig),
+            ("egress", EgressConfig))
+TOP_LEVEL_TABLES = (("shaping", ShapingRule),)   # [[shaping]]: arrays of tables at the top

@@ -2,9 +2,9 @@
 
 A job is one message's recipients for one domain (they go in one SMTP
 transaction).  Jobs queue per destination domain; each domain has at most
-``delivery.connections_per_domain`` connections, each a worker task that takes
+``delivery.connection_limit`` connections, each a worker task that takes
 jobs from the domain's queue, reuses its connection for up to
-``messages_per_connection`` messages and keeps it open ``idle_timeout``
+``max_deliveries_per_connection`` messages and keeps it open ``idle_timeout``
 seconds for the next one.
 
 Routing: a static route (``[[delivery.route]]``, exact domain first, then
@@ -122,7 +122,7 @@ class Engine:
             d = self.dests[domain] = Destination(domain)
         d.queue.append(job)
         self.in_flight += 1
-        if d.active < self.cfg.connections_per_domain and \
+        if d.active < self.cfg.connection_limit and \
                 (d.active == 0 or len(d.queue) > d.active):
             self._spawn(d)
         else:
@@ -235,7 +235,7 @@ class Engine:
                         continue
                 job = d.queue.popleft()
                 if conn is not None and (not conn.is_usable or
-                                         conn.messages_sent >= cfg.messages_per_connection):
+                                         conn.messages_sent >= cfg.max_deliveries_per_connection):
                     await conn.quit()
                     conn = None
                 if conn is None:

@@ -145,7 +145,7 @@ def test_jobs_for_one_domain_share_a_connection():
     peer = Peer()
     jobs = [job("example.net", "ok", n=n) for n in range(5)]
     reports = deliver(jobs, mx_to_loopback("example.net"), peer,
-                      connections_per_domain=1, messages_per_connection=100)
+                      connection_limit=1, max_deliveries_per_connection=100)
     assert sorted(j.msg.req for j, _ in reports) == [0, 1, 2, 3, 4]
     assert all(r.outcome == bus.DELIVERED for _, rs in reports for r in rs)
     assert len(peer.messages) == 5 and peer.connections == 1

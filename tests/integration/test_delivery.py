@@ -413,7 +413,7 @@ def test_routes_take_precedence_over_mx(lab):
 def test_connection_reuse(lab):
     dest = lab.aio(IP_A)
     lab.serve(mx("dest.test", "mx.dest.test", IP_A))
-    d = lab.daemon(connections_per_domain=2, idle_timeout=30.0)
+    d = lab.daemon(connection_limit=2, idle_timeout=30.0)
     sent = {}
     # one at a time: the idle connection is used for the next message
     for i in range(5):
@@ -421,7 +421,7 @@ def test_connection_reuse(lab):
         sent[d.send("alice@sender.test", [f"u{i}@dest.test"], m)] = m
         wait_until(lambda n=i + 1: dest.received() == n, 10, "delivery")
     assert dest.connections == 1
-    # a burst over one SMTP session: at most connections_per_domain connections
+    # a burst over one SMTP session: at most connection_limit connections
     with smtplib.SMTP(HOST, d.port, timeout=30) as s:
         s.ehlo("client.test")
         for i in range(40):
