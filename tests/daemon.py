@@ -44,9 +44,16 @@ def _toml(value) -> str:
 
 
 def render_config(sections: dict) -> str:
-    """TOML for {section: {key: value}}; a list of dicts becomes [[section.key]] tables."""
+    """TOML for {section: {key: value}}; a list of dicts becomes [[section.key]] tables,
+    and a section that is a list of dicts ({"shaping": [...]}) [[section]] tables."""
     out = []
     for name, keys in sections.items():
+        if isinstance(keys, list):
+            for item in keys:
+                out.append(f"[[{name}]]")
+                out += [f"{ik} = {_toml(iv)}" for ik, iv in item.items()]
+                out.append("")
+            continue
         out.append(f"[{name}]")
         tables = []
         for k, v in keys.items():
@@ -151,7 +158,10 @@ class Daemon:
             "delivery": {"hold": True, "processes": 1},
         }
         for name, keys in sections.items():
-            self.sections.setdefault(name, {}).update(keys)
+            if isinstance(keys, list):          # [[name]] tables at the top level
+                self.sections[name] = list(keys)
+            else:
+                self.sections.setdefault(name, {}).update(keys)
         self.write_config()
         self.proc: subprocess.Popen | None = None
         self.env = dict(os.environ)
