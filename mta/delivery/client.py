@@ -486,7 +486,7 @@ class SmtpConnection:
 
     @classmethod
     async def open(cls, host: str, port: int, *, helo_name: str,
-                   source_address: str | None = None,
+                   source_address: str | None = None, socks5=None,
                    connect_timeout: float = 30, command_timeout: float = 300,
                    data_timeout: float = 600, starttls: str = "opportunistic",
                    tls_verify: bool = False, tls_server_hostname: str | None = None,
