@@ -27,7 +27,9 @@ key unset leaves the earlier value.  Keys no rule sets come from
 ``idle_timeout``, ``starttls``); by default there is no rate limit.
 
 Rates are written ``N/s``, ``N/m``, ``N/h`` or ``N/d`` and held as events per
-second (``"3600/h"`` is 1.0).
+second (``"3600/h"`` is 1.0).  ``Limits.rules`` names the rules that applied,
+in order: ``"preset mx *.google.com"`` for a preset (by what it matches),
+``"shaping[2]"`` for the configuration's third ``[[shaping]]`` table.
 
 :class:`Shaping` is built once per process from the validated configuration
 and does no I/O afterwards; :meth:`Shaping.limits` answers from a bounded
@@ -188,8 +190,11 @@ def check(rules: list[ShapingRule], sources: set[str], key_prefix: str = "shapin
         if why:
             raise ValueError(f"{key}.{what}: {value!r} {why}")
         if r.source and r.source not in known:
+            names = sorted(known)
+            listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more"
+                                              if len(names) > 10 else "")
             raise ValueError(f"{key}.source: no [[egress.source]] is called {r.source!r} "
-                             f"(known: {', '.join(sorted(known))})")
+                             f"(known: {listed})")
         if all(getattr(r, k) is None for k in LIMIT_KEYS):
             raise ValueError(f"{key}: sets no limit; set at least one of "
                              f"{', '.join(LIMIT_KEYS)}")
