@@ -143,6 +143,27 @@ def test_defaults(tmp_path):
     ("[spool]\nfsync = 'yes'\n", "spool.fsync"),
     ("[bogus]\nx = 1\n", "bogus"),
     ("[server]\nstate_dri = 'x'\n", "state_dri"),
+    # [[shaping]]: decoded by msgspec (types, bounds, the rate pattern), then
+    # checked by mta.shaping.check through resolve (the rest).
+    ("[[shaping]]\nmx = '*.a.example'\nmax_message_rate = '50/sec'\n",
+     "shaping[0].max_message_rate"),
+    ("[[shaping]]\nmx = '*.a.example'\nconnection_limit = 20000\n",
+     "shaping[0].connection_limit"),
+    ("[[shaping]]\nmx = '*.a.example'\nidle_timeout = 'long'\n", "shaping[0].idle_timeout"),
+    ("[[shaping]]\nmx = '*.a.example'\nmax_connections = 3\n", "shaping[0]"),
+    ("[[shaping]]\nmx = '*.a.example'\nconnection_limit = 1\n"
+     "[[shaping]]\nsite = 'x'\nmax_connection_rate = '0/m'\n",
+     "shaping[1].max_connection_rate"),
+    ("[[shaping]]\nconnection_limit = 1\n", "shaping[0]: set exactly one"),
+    ("[[shaping]]\ndomain = 'a.example'\nsite = 'x'\nconnection_limit = 1\n",
+     "shaping[0]: set exactly one"),
+    ("[[shaping]]\ndomain = 'a.example'\n", "shaping[0]: sets no limit"),
+    ("[[shaping]]\ndomain = 'a..example'\nconnection_limit = 1\n", "shaping[0].domain"),
+    ("[[shaping]]\nmx = 'mx .a.example'\nconnection_limit = 1\n", "shaping[0].mx"),
+    ("[[shaping]]\nsite = 'a site'\nconnection_limit = 1\n", "shaping[0].site"),
+    ("[[shaping]]\nmx = '*.a.example'\nsource = 'ip-1'\nconnection_limit = 1\n",
+     "shaping[0].source"),
+    ("[[shaping]]\nmx = '*.a.example'\nstarttls = 'yes'\n", "shaping[0].starttls"),
 ])
 def test_errors_name_the_key(tmp_path, text, key):
     p = tmp_path / "c.toml"
@@ -150,6 +171,16 @@ def test_errors_name_the_key(tmp_path, text, key):
     with pytest.raises(config.ConfigError) as exc:
         config.load(str(p))
     assert key in str(exc.value)
+
+
+def test_shaping_rules_naming_a_configured_source_pass(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[[egress.source]]\nname = 'ip-1'\n"
+                 "[[shaping]]\nmx = '*.a.example'\nsource = 'ip-1'\nconnection_limit = 1\n"
+                 "[[shaping]]\ndomain = 'b.example'\nsource = 'default'\n"
+                 "max_message_rate = '3600/h'\n")
+    s = config.load(str(p))
+    assert [r.source for r in s.config.shaping] == ["ip-1", "default"]
 
 
 def test_toml_syntax_error_names_the_file(tmp_path):

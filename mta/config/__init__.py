@@ -169,6 +169,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
                                              if len(problems) > 1 else ""))
     event_log = os.path.join(state_dir, cfg.server.event_log) if cfg.server.event_log else None
     sources, pools = _check_egress(cfg.egress, cfg.delivery)
+    _check_shaping(cfg, sources)
     return Settings(
         config=cfg,
         path=os.path.abspath(path) if path else None,
@@ -256,6 +257,18 @@ def _check_egress(eg, d) -> tuple[dict, dict]:
     if eg.suspend_time_max < eg.suspend_time:
         raise ConfigError("egress.suspend_time_max: less than egress.suspend_time")
     return sources, pools
+
+
+def _check_shaping(cfg: Config, sources: dict) -> None:
+    """Validate the [[shaping]] rules (and the shipped presets when they apply)."""
+    from mta import shaping
+
+    try:
+        shaping.check(cfg.shaping, set(sources))
+        if cfg.delivery.shaping_presets:
+            shaping.load_presets()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_http(h, smtp_listen: list) -> tuple:

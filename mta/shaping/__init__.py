@@ -1,0 +1,419 @@
+"""Traffic shaping as data: which limits hold for one egress source sending to one site.
+
+A shaping rule (``[[shaping]]`` in the configuration, :class:`ShapingRule` in
+``mta/config/schema.py``) names what it applies to with exactly one of
+
+- ``domain``: a recipient domain, exact (``example.com``) or every subdomain
+  of one (``*.example.com``, which does not match ``example.com`` itself);
+  the rule applies to a site when *any* of the recipient domains queued for
+  that site matches -- limits are per source x site, so a domain rule shapes
+  the whole site its domain is on (``domain = "gmail.com"`` shapes the site of
+  every domain Google hosts);
+- ``mx``: a glob over MX host names (``*`` is any run of characters, dots
+  included; ``?`` is one character): the rule applies when any MX host of the
+  site matches, e.g. ``*.google.com``;
+- ``site``: the site's name as ``mta queue`` shows it, compared whole.
+
+All names compare case-insensitively, without a trailing dot.  With ``source``
+a rule applies only to deliveries from that egress source.
+
+**Order.**  Every rule that matches applies, in this order: the shipped
+presets (``presets.toml`` next to this file; ``delivery.shaping_presets =
+false`` leaves them out), then the operator's rules without ``source`` in file
+order, then the operator's rules naming a source, in file order.  A key set by
+a later rule overrides the same key of an earlier one; a rule that leaves a
+key unset leaves the earlier value.  Keys no rule sets come from
+``[delivery]`` (``connection_limit``, ``max_deliveries_per_connection``,
+``idle_timeout``, ``starttls``); by default there is no rate limit.
+
+Rates are written ``N/s``, ``N/m``, ``N/h`` or ``N/d`` and held as events per
+second (``"3600/h"`` is 1.0).  ``Limits.rules`` names the rules that applied,
+in order: ``"preset mx *.google.com"`` for a preset (by what it matches),
+``"shaping[2]"`` for the configuration's third ``[[shaping]]`` table.
+
+:class:`Shaping` is built once per process from the validated configuration
+and does no I/O afterwards; :meth:`Shaping.limits` answers from a bounded
+cache, so the delivery engine may ask whenever a lane is made or a domain
+joins a site.  :func:`check` is what ``mta check-config`` runs on the rules
+(through :func:`mta.config.resolve`): every problem names its key, e.g.
+``shaping[3].max_message_rate: ...``.
+"""
+from __future__ import annotations
+
+import re
+import tomllib
+from collections import OrderedDict
+from collections.abc import Iterable
+from functools import lru_cache
+from importlib import resources
+
+import msgspec
+
+from mta.config.schema import ShapingRule
+
+__all__ = ["Limits", "Shaping", "parse_rate", "load_presets", "check", "PRESETS_FILE",
+           "STARTTLS_MODES"]
+
+STARTTLS_MODES = ("none", "opportunistic", "required")
+PRESETS_FILE = "presets.toml"
+LIMIT_KEYS = ("connection_limit", "max_deliveries_per_connection", "max_message_rate",
+              "max_connection_rate", "idle_timeout", "starttls")
+
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_RATE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)/([smhd])")
+MAX_RATE = 1_000_000.0          # events per second; more is a typo, not a limit
+# A host name label: letters, digits, hyphens (and underscores, seen in the wild).
+_LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+_GLOB_RE = re.compile(r"[a-z0-9_.*?-]+")
+_BOUNDS = {"connection_limit": (1, 10_000), "max_deliveries_per_connection": (1, 1_000_000),
+           "idle_timeout": (0, 3600)}
+
+
+class Limits(msgspec.Struct, frozen=True):
+    """The limits for one (source, site); frozen, so cheap to compare and hash."""
+
+    connection_limit: int
+    max_deliveries_per_connection: int
+    max_message_rate: float | None      # messages per second; None: unlimited
+    max_connection_rate: float | None   # new connections per second; None: unlimited
+    idle_timeout: float
+    starttls: str                       # none | opportunistic | required
+    rules: tuple[str, ...]              # the rules that applied, e.g. ("preset mx *.google.com",
+    #                                     "shaping[2]")
+
+
+def parse_rate(text: str) -> float:
+    """``"50/s"`` -> 50.0, ``"3600/h"`` -> 1.0; ValueError with a readable reason."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a rate like \"50/s\", got {text!r}")
+    m = _RATE_RE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"expected N/s, N/m, N/h or N/d (e.g. \"50/s\", \"3600/h\"), "
+                         f"got {text!r}")
+    rate = float(m.group(1)) / _UNIT_SECONDS[m.group(2)]
+    if rate <= 0:
+        raise ValueError(f"{text!r} is no rate: it must be more than 0 (to stop sending "
+                         "to a site, use a lower connection_limit or hold the queue)")
+    if rate > MAX_RATE:
+        raise ValueError(f"{text!r} is more than {MAX_RATE:.0f} per second")
+    return rate
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().rstrip(".")
+
+
+def _check_hostname(name: str) -> str | None:
+    """Why *name* is not a host name (lower case, no trailing dot), or None."""
+    if not name:
+        return "is empty"
+    if not name.isascii():
+        return "is not ASCII: write an internationalised name in its xn-- (A-label) form"
+    if len(name) > 253:
+        return "is longer than 253 characters"
+    for label in name.split("."):
+        if not label:
+            return "has an empty label (two dots in a row, or a leading dot)"
+        if not _LABEL_RE.fullmatch(label):
+            return (f"has a bad label {label!r}: letters, digits and hyphens only, "
+                    "at most 63, not starting or ending with a hyphen")
+    return None
+
+
+def _domain_problem(text: str) -> str | None:
+    if any(c.isspace() for c in text):
+        return "contains white space"
+    name = _norm(text)
+    if name.startswith("*."):
+        name = name[2:]
+        if "." not in name:
+            return "a wildcard needs at least two labels after \"*.\" (e.g. *.example.com)"
+    elif "*" in name:
+        return "\"*\" may only be the first label (*.example.com)"
+    return _check_hostname(name)
+
+
+def _mx_problem(text: str) -> str | None:
+    if any(c.isspace() for c in text):
+        return "contains white space"
+    pat = _norm(text)
+    if not pat:
+        return "is empty"
+    if not pat.isascii():
+        return "is not ASCII: write an internationalised name in its xn-- (A-label) form"
+    if len(pat) > 253:
+        return "is longer than 253 characters"
+    if not _GLOB_RE.fullmatch(pat):
+        return ("may hold only letters, digits, '-', '_', '.' and the wildcards '*' "
+                "and '?'")
+    if ".." in pat or pat.startswith("."):
+        return "has an empty label (two dots in a row, or a leading dot)"
+    return None
+
+
+def _site_problem(text: str) -> str | None:
+    if not text.strip():
+        return "is empty"
+    if any(c.isspace() for c in text) or not text.isprintable():
+        return "contains white space or control characters"
+    if len(text) > 1024:
+        return "is longer than 1024 characters"
+    return None
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    parts = []
+    for ch in _norm(pattern):
+        parts.append(".*" if ch == "*" else "." if ch == "?" else re.escape(ch))
+    return re.compile("".join(parts))
+
+
+def check(rules: list[ShapingRule], sources: set[str], key_prefix: str = "shaping") -> None:
+    """Validate shaping rules; raise ValueError naming the key (``shaping[3].mx: ...``).
+
+    *sources* are the configured egress source names; the built-in ``default``
+    is always one.
+    """
+    known = set(sources) | {"default"}
+    for i, r in enumerate(rules):
+        key = f"{key_prefix}[{i}]"
+        if not isinstance(r, ShapingRule):
+            raise ValueError(f"{key}: expected a table of shaping keys")
+        named = [k for k in ("domain", "mx", "site") if getattr(r, k)]
+        if len(named) != 1:
+            raise ValueError(f"{key}: set exactly one of domain, mx and site"
+                             + (f" (this rule sets {' and '.join(named)})" if named
+                                else " (this rule sets none)"))
+        what = named[0]
+        value = getattr(r, what)
+        why = {"domain": _domain_problem, "mx": _mx_problem, "site": _site_problem}[what](value)
+        if why:
+            raise ValueError(f"{key}.{what}: {value!r} {why}")
+        if r.source and r.source not in known:
+            names = sorted(known)
+            listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more"
+                                              if len(names) > 10 else "")
+            raise ValueError(f"{key}.source: no [[egress.source]] is called {r.source!r} "
+                             f"(known: {listed})")
+        if all(getattr(r, k) is None for k in LIMIT_KEYS):
+            raise ValueError(f"{key}: sets no limit; set at least one of "
+                             f"{', '.join(LIMIT_KEYS)}")
+        for k, (lo, hi) in _BOUNDS.items():
+            v = getattr(r, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not lo <= v <= hi):
+                raise ValueError(f"{key}.{k}: expected a number from {lo} to {hi}, got {v!r}")
+        for k in ("max_message_rate", "max_connection_rate"):
+            v = getattr(r, k)
+            if v is not None:
+                try:
+                    parse_rate(v)
+                except ValueError as exc:
+                    raise ValueError(f"{key}.{k}: {exc}") from None
+        if r.starttls is not None and r.starttls not in STARTTLS_MODES:
+            raise ValueError(f"{key}.starttls: expected one of {', '.join(STARTTLS_MODES)}, "
+                             f"got {r.starttls!r}")
+
+
+class _PresetsFile(msgspec.Struct, forbid_unknown_fields=True):
+    shaping: list[ShapingRule] = msgspec.field(default_factory=list)
+
+
+@lru_cache(maxsize=4)
+def _presets(path: str | None) -> tuple[ShapingRule, ...]:
+    try:
+        if path is None:
+            where = f"mta/shaping/{PRESETS_FILE}"
+            data = resources.files(__name__).joinpath(PRESETS_FILE).read_bytes()
+        else:
+            where = path
+            with open(path, "rb") as fh:
+                data = fh.read()
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read the shaping presets: "
+                         f"{exc.strerror or exc}") from None
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+        rules = msgspec.convert(raw, _PresetsFile).shaping
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    except msgspec.ValidationError as exc:
+        text, sep, at = str(exc).rpartition(" - at `$.")
+        raise ValueError(f"{where}: {at.rstrip('`')}: {text}" if sep
+                         else f"{where}: {exc}") from None
+    for i, r in enumerate(rules):
+        if r.source:
+            raise ValueError(f"{where}: shaping[{i}].source: a preset applies to every "
+                             "source; per-source rules belong in the configuration")
+    try:
+        check(rules, set())
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return tuple(rules)
+
+
+def load_presets(path: str | None = None) -> list[ShapingRule]:
+    """The shipped presets (``presets.toml`` in this package), validated like the
+    configuration's rules; ValueError naming the file and key when they are bad.
+    *path* reads another file (tests)."""
+    return list(_presets(path))
+
+
+def _label(rule: ShapingRule) -> str:
+    for k in ("domain", "mx", "site"):
+        v = getattr(rule, k)
+        if v:
+            return f"preset {k} {_norm(v)}"
+    return "preset"
+
+
+class _Rule:
+    """One rule, compiled: what it matches and the keys it sets."""
+
+    __slots__ = ("order", "label", "kind", "name", "regex", "source", "values")
+
+    def __init__(self, order: int, label: str, rule: ShapingRule):
+        self.order = order
+        self.label = label
+        self.source = rule.source or None
+        self.regex = None
+        if rule.domain:
+            self.kind, self.name = "domain", _norm(rule.domain)
+        elif rule.mx:
+            self.kind, self.name = "mx", _norm(rule.mx)
+            self.regex = _glob_regex(rule.mx)
+        else:
+            self.kind, self.name = "site", rule.site.strip().lower()
+        values = {}
+        for k in LIMIT_KEYS:
+            v = getattr(rule, k)
+            if v is None:
+                continue
+            if k in ("max_message_rate", "max_connection_rate"):
+                v = parse_rate(v)
+            elif k == "idle_timeout":
+                v = float(v)
+            values[k] = v
+        self.values = tuple(values.items())
+
+
+class Shaping:
+    """The shaping rules of one configuration, compiled for fast lookups.
+
+    Build it once per process (after validation: :func:`mta.config.load`
+    runs :func:`check`); it reads nothing afterwards.  ``cache_size`` bounds
+    the memo of :meth:`limits` answers and of per-name matches.
+    """
+
+    def __init__(self, rules: list[ShapingRule], delivery_cfg, presets: bool = True, *,
+                 cache_size: int = 4096, preset_rules: list[ShapingRule] | None = None):
+        if cache_size < 1:
+            raise ValueError("cache_size: must be at least 1")
+        self._defaults = (
+            ("connection_limit", int(delivery_cfg.connection_limit)),
+            ("max_deliveries_per_connection", int(delivery_cfg.max_deliveries_per_connection)),
+            ("max_message_rate", None),
+            ("max_connection_rate", None),
+            ("idle_timeout", float(delivery_cfg.idle_timeout)),
+            ("starttls", delivery_cfg.starttls),
+        )
+        ordered: list[tuple[str, ShapingRule]] = []
+        if presets:
+            pre = load_presets() if preset_rules is None else preset_rules
+            ordered += [(_label(r), r) for r in pre]
+        ordered += [(f"shaping[{i}]", r) for i, r in enumerate(rules) if not r.source]
+        ordered += [(f"shaping[{i}]", r) for i, r in enumerate(rules) if r.source]
+        compiled = [_Rule(n, label, r) for n, (label, r) in enumerate(ordered)]
+        self.rules: tuple[_Rule, ...] = tuple(compiled)
+        # Exact domains and wildcard suffixes by name, for lookups per domain
+        # label rather than per rule; MX globs are few and tried in turn.
+        self._exact: dict[str, list[_Rule]] = {}
+        self._suffix: dict[str, list[_Rule]] = {}
+        self._site: dict[str, list[_Rule]] = {}
+        self._mx: list[_Rule] = []
+        for r in compiled:
+            if r.kind == "domain" and r.name.startswith("*."):
+                self._suffix.setdefault(r.name[2:], []).append(r)
+            elif r.kind == "domain":
+                self._exact.setdefault(r.name, []).append(r)
+            elif r.kind == "site":
+                self._site.setdefault(r.name, []).append(r)
+            else:
+                self._mx.append(r)
+        self._cache_size = cache_size
+        self._cache: OrderedDict = OrderedDict()
+        self._by_domain: OrderedDict = OrderedDict()
+        self._by_mx: OrderedDict = OrderedDict()
+
+    @classmethod
+    def from_config(cls, cfg, **kw) -> Shaping:
+        """From a validated :class:`mta.config.schema.Config`: its [[shaping]]
+        rules, [delivery] defaults and ``delivery.shaping_presets``."""
+        return cls(cfg.shaping, cfg.delivery, cfg.delivery.shaping_presets, **kw)
+
+    # -- matching ---------------------------------------------------------
+
+    @staticmethod
+    def _memo(cache: OrderedDict, key, compute, size: int):
+        try:
+            cache.move_to_end(key)
+            return cache[key]
+        except KeyError:
+            value = compute(key)
+            cache[key] = value
+            if len(cache) > size:
+                cache.popitem(last=False)
+            return value
+
+    def _domain_rules(self, domain: str) -> tuple[_Rule, ...]:
+        out = list(self._exact.get(domain, ()))
+        if self._suffix:
+            rest = domain
+            while "." in rest:
+                rest = rest.partition(".")[2]
+                out += self._suffix.get(rest, ())
+        return tuple(out)
+
+    def _mx_rules(self, host: str) -> tuple[_Rule, ...]:
+        return tuple(r for r in self._mx if r.regex.fullmatch(host))
+
+    def matching(self, site: str, mx_hosts: Iterable[str], domains: Iterable[str],
+                 source: str) -> list[_Rule]:
+        """The rules that apply to (source, site), in the order they apply."""
+        found: dict[int, _Rule] = {}
+        for r in self._site.get(site.strip().lower(), ()):
+            found[r.order] = r
+        if self._mx:
+            for h in mx_hosts:
+                for r in self._memo(self._by_mx, _norm(h), self._mx_rules, self._cache_size):
+                    found[r.order] = r
+        if self._exact or self._suffix:
+            for d in domains:
+                for r in self._memo(self._by_domain, _norm(d), self._domain_rules,
+                                    self._cache_size):
+                    found[r.order] = r
+        return [found[k] for k in sorted(found)
+                if found[k].source is None or found[k].source == source]
+
+    # -- the answer -------------------------------------------------------
+
+    def limits(self, site: str, mx_hosts: tuple[str, ...], domains: Iterable[str],
+               source: str) -> Limits:
+        """The limits for deliveries from *source* to *site* (whose MX hosts are
+        *mx_hosts* and whose queued recipient domains are *domains*)."""
+        key = (site, source, frozenset(domains), tuple(mx_hosts))
+        try:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        except KeyError:
+            pass
+        values = dict(self._defaults)
+        applied = []
+        for r in self.matching(site, key[3], key[2], source):
+            values.update(r.values)
+            applied.append(r.label)
+        result = Limits(rules=tuple(applied), **values)
+        self._cache[key] = result
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return result
