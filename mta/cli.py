@@ -256,6 +256,11 @@ def queue(ctx, config_path, as_json, by_domain):
                                if x["oldest_arrival"] is not None), default=None),
         "next_attempt": min((x["next_attempt"] for x in shards
                              if x.get("next_attempt") is not None), default=None),
+        # Waiting for their options.start_time (counted in pending too).
+        "scheduled": sum(x.get("scheduled", 0) for x in shards),
+        "scheduled_messages": sum(x.get("scheduled_messages", 0) for x in shards),
+        "next_start": min((x["next_start"] for x in shards
+                           if x.get("next_start") is not None), default=None),
     }
     delivery = _delivery_status(s)
     if as_json:
@@ -276,6 +281,10 @@ def queue(ctx, config_path, as_json, by_domain):
                  str(total["pending"]), str(total["deferred"]), _when(total["next_attempt"]),
                  str(total["bytes"]), _age(total["oldest_arrival"]), "", ""))
     _table(rows)
+    if total["scheduled"]:
+        click.echo(f"scheduled: {total['scheduled_messages']} message(s), "
+                   f"{total['scheduled']} recipient(s) waiting for their start_time; "
+                   f"the first {_when(total['next_start'])}")
     _print_delivery(delivery)
     if by_domain and domains:
         click.echo("")

@@ -73,7 +73,8 @@ class MessageMeta(msgspec.Struct, array_like=True):
 
     ``state``/``attempts``/``due`` are per recipient and present only in a
     copy made by compaction, which must carry the recipients' progress with it
-    (a fresh message has every recipient pending and due at arrival).
+    (a fresh message has every recipient pending and due at :func:`start_of`:
+    its arrival, or its scheduled start time, ``params["start_at"]``).
     """
 
     qid: str
@@ -85,6 +86,23 @@ class MessageMeta(msgspec.Struct, array_like=True):
     state: list[int] | None = None
     attempts: list[int] | None = None
     due: list[float] | None = None
+
+
+START_AT = "start_at"   # params: epoch seconds of options.start_time, when in the future
+
+
+def start_of(meta: MessageMeta) -> float:
+    """When a message may first be sent: its arrival, or its scheduled start if later.
+
+    Every recipient's first due time, and where its age (delivery.max_age)
+    counts from.  Read from the record on every recovery, so a schedule
+    survives restarts.
+    """
+    at = meta.params.get(START_AT)
+    if type(at) is float or type(at) is int:
+        if at > meta.arrival:
+            return float(at)
+    return meta.arrival
 
 
 class DoneMeta(msgspec.Struct, array_like=True):
@@ -161,7 +179,7 @@ class Entry:
         n = len(meta.rcpts)
         self.state = list(meta.state) if meta.state else [PENDING] * n
         self.attempts = list(meta.attempts) if meta.attempts else [0] * n
-        self.due = list(meta.due) if meta.due else [meta.arrival] * n
+        self.due = list(meta.due) if meta.due else [start_of(meta)] * n
         self.out = 0  # delivery jobs in flight (not persisted)
 
     def pending(self) -> int:

@@ -61,6 +61,7 @@ from email.utils import formatdate
 import httptools
 
 from mta.acceptor.peers import peer_address
+from mta.config import DEFAULT as DEFAULT_POOL
 from mta.api import build, idempotency, transmissions
 from mta.api import replies as R
 
@@ -480,6 +481,7 @@ class Session(asyncio.Protocol):
         tx = transmissions.decode(req.body)
         transmissions.check(tx, self.cfg.max_recipients, self.cfg.max_json_depth)
         builder = build.Builder(tx, svc.hostname)
+        requested = self._options(tx, builder)
         key = h.get(b"idempotency-key")
         if key is not None:
             key = key.strip()
@@ -507,7 +509,27 @@ class Session(asyncio.Protocol):
                              R.RETRY_AFTER_BUSY)
         limit = _num_rcpt_errors(query)
         self.busy = True
-        Injection(self, req, tx, builder, scope, key, limit).step()
+        Injection(self, req, tx, builder, scope, key, limit, requested).step()
+
+    def _options(self, tx, builder: build.Builder) -> str | None:
+        """Check options.ip_pool and options.start_time (ApiError 422 naming the field).
+
+        Returns the requested pool (None: each message's pool follows its
+        sender, :meth:`mta.config.Settings.pool_for`); a start time in the
+        future goes into the messages' params as ``start_at`` (epoch seconds).
+        """
+        o = tx.options
+        if o is None:
+            return None
+        requested = o.ip_pool or None
+        if requested is not None and self.a.settings.pool_for(requested, "") is None:
+            raise R.ApiError(R.INVALID, f"options.ip_pool: no IP pool is called "
+                             f"{requested[:64]!r}")
+        if o.start_time:
+            at = transmissions.start_at(o.start_time, time.time())
+            if at is not None:
+                builder.base_params["start_at"] = at
+        return requested
 
     def injected(self, status: int, body: bytes, keep_alive: bool,
                  retry_after: int | None) -> None:
@@ -559,8 +581,10 @@ class Injection:
     """One transmission on its way to the spool: build, submit, count, answer."""
 
     def __init__(self, session: Session, req: Request, tx, builder: build.Builder, scope: str,
-                 key: str | None, limit: int | None):
+                 key: str | None, limit: int | None, pool: str | None = None):
         self.session = session
+        self.pool = pool            # options.ip_pool; None: by sender (egress.domain_pool)
+        self.pool_for = session.a.settings.pool_for
         self.svc = svc = session.svc
         self.a = session.a
         self.keep_alive = req.keep_alive
@@ -601,7 +625,14 @@ class Injection:
                                                      "message could not be built")))
                 svc.pending -= 1
                 continue
-            m.params["transmission_id"] = self.tid
+            params = m.params
+            params["transmission_id"] = self.tid
+            # The pool in the params only when it is not "default" (smaller records).
+            pool = self.pool or self.pool_for(None, m.sender)
+            if pool != DEFAULT_POOL:
+                params["ip_pool"] = pool
+            else:
+                params.pop("ip_pool", None)
             self.waiting += 1
             submit(m.sender, [m.rcpt], m.params, self.client, m.message,
                    functools.partial(self.trace, m.rcpt), functools.partial(self.done, i),

@@ -66,6 +66,7 @@ from mta.acceptor import http, smtp
 from mta.acceptor import replies as R
 from mta.acceptor.peers import peer_address
 from mta.api.transmissions import parse_msys_api
+from mta.config import DEFAULT as DEFAULT_POOL
 from mta.queueid import new_qid, shard_of
 
 log = logging.getLogger("mta.acceptor")
@@ -187,8 +188,13 @@ class Acceptor:
         for n in missing:
             log.warning("spool shard %d is not reachable yet; its messages get 451 until it is", n)
 
-    def commit(self, msg: smtp.Submission) -> None:
-        """Queue a finished SMTP message; the session hears back through msg.committed()."""
+    def commit(self, msg: smtp.Submission) -> bytes | None:
+        """Queue a finished SMTP message; the session hears back through msg.committed().
+
+        Returns None when it was queued, else the SMTP reply that refuses it
+        (an ``X-MSYS-API`` ``options.ip_pool`` that names no pool: 550 5.7.1);
+        then msg.committed() is not called and nothing is spooled.
+        """
         sp = msg.params
         params = {k: v for k, v in sp.items() if k in SPOOLED_SMTP_PARAMS} if sp else {}
         payload = msg.payload
@@ -201,8 +207,20 @@ class Acceptor:
             else:
                 params.update(attrs)
             payload = mime.remove_headers(payload, b"X-MSYS-API")
+        # The message's egress pool: X-MSYS-API options.ip_pool, else by the
+        # sending domain; recorded only when it is not "default".
+        pool = self.settings.pool_for(params.get("ip_pool"), msg.sender)
+        if pool is None:
+            log.info("client=%s: X-MSYS-API names an unknown ip_pool %r; refused",
+                     msg.peer_ip, params["ip_pool"][:64])
+            return R.unknown_pool(params["ip_pool"])
+        if pool != DEFAULT_POOL:
+            params["ip_pool"] = pool
+        else:
+            params.pop("ip_pool", None)
         self.submit(msg.sender, msg.rcpts, params, msg.client, payload,
                     msg.received, msg.committed, msg.peer_ip)
+        return None
 
     def submit(self, sender: str, rcpts: list[str], params: dict, client_info: str,
                message: bytes, trace, done, peer: str = "") -> str:

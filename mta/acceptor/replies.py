@@ -52,6 +52,8 @@ BARE_LINE_END = b"550 5.6.0 Bare CR or LF in message text; lines must end with C
 NUL_IN_TEXT = b"550 5.6.0 NUL character in message text\r\n"
 LONG_TEXT_LINE = "550 5.6.0 Message text line longer than {n} octets\r\n"
 TOO_BIG = b"552 5.3.4 Message size exceeds fixed limit\r\n"
+UNKNOWN_POOL = b"550 5.7.1 Unknown ip_pool in X-MSYS-API\r\n"
+UNKNOWN_POOL_NAMED = "550 5.7.1 Unknown ip_pool \"{name}\" in X-MSYS-API\r\n"
 NO_VALID_RCPTS = b"554 5.5.1 No valid recipients\r\n"
 RELAY_DENIED = b"554 5.7.1 Relay access denied\r\n"
 NEED_SMTPUTF8 = b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n"
@@ -72,3 +74,10 @@ def ehlo(host: str, keywords: list[str]) -> bytes:
     """The multi-line EHLO reply: *host* on the first line, then one keyword a line."""
     lines = [host, *keywords]
     return ("".join(f"250-{x}\r\n" for x in lines[:-1]) + f"250 {lines[-1]}\r\n").encode()
+
+
+def unknown_pool(name: str) -> bytes:
+    """550 for an X-MSYS-API ip_pool that names no pool; the name only when it is tame."""
+    if 0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c in "_.-") for c in name):
+        return UNKNOWN_POOL_NAMED.format(name=name).encode()
+    return UNKNOWN_POOL

@@ -698,8 +698,13 @@ class Session(asyncio.Protocol):
             if self.user is not None:
                 client += f" user={self.user}"
             self._client = client
-        self.a.commit(Submission(self.sender, self.rcpts, self.params, client, self.peer_ip,
-                                 payload, self.received_header, self.committed))
+        refused = self.a.commit(Submission(self.sender, self.rcpts, self.params, client,
+                                           self.peer_ip, payload, self.received_header,
+                                           self.committed))
+        if refused is not None:
+            self._reset_transaction()
+            self.state = _READY
+            self.reply_error(refused)
 
     def received_header(self, qid: str) -> bytes:
         """The Received header for the current message, which gets queue id *qid*."""

@@ -19,6 +19,13 @@ the bus, orjson in the event log, substitution) recurses.  A body nested
 deeper than the decoder itself goes (about 1,000 levels, wherever it is) is
 a 422 too, never a RecursionError.
 
+``options.start_time`` (:func:`start_at`): SparkPost's ISO 8601 date and time
+with a UTC offset (``2026-12-03T10:00:00+00:00``, ``...Z``) or ``now``; at
+most MAX_START_AHEAD (3 days) ahead, a time in the past means now.  The
+acceptor keeps the string in the params as ``start_time`` (for events) and
+the epoch seconds as ``start_at`` (only when it is in the future), which the
+spool reads as every recipient's first due time (:mod:`mta.store`).
+
 ``X-MSYS-API`` (SMTP parity): :func:`parse_msys_api` takes the header's JSON
 and returns the attributes this MTA records — campaign_id, metadata, tags,
 options.ip_pool, options.transactional — ignoring anything else (metadata
@@ -26,6 +33,8 @@ nested too deep included).
 """
 from __future__ import annotations
 
+import datetime
+import re
 from typing import Any
 
 import msgspec
@@ -39,6 +48,7 @@ MAX_DESCRIPTION = 1024        # octets
 MAX_METADATA = 10 * 1024      # octets of JSON, transmission or recipient
 MAX_SUBSTITUTION_DATA = 100 * 1024
 MAX_TAGS = 10                 # per recipient
+MAX_START_AHEAD = 3 * 86400   # seconds: options.start_time at most 3 days ahead (SparkPost)
 
 
 class Address(Struct):
@@ -215,6 +225,37 @@ def check(tx: Transmission, max_recipients: int, max_depth: int) -> None:
     if tx.substitution_data and _json_size(tx.substitution_data) > MAX_SUBSTITUTION_DATA:
         raise R.ApiError(R.INVALID,
                          f"substitution_data: larger than {MAX_SUBSTITUTION_DATA} bytes")
+
+
+# YYYY-MM-DDTHH:MM[:SS[.fff]] followed by Z or +-HH:MM (a time zone is required:
+# without one the instant is ambiguous).
+_START_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?"
+                         r"([Zz]|[+-]\d{2}:?\d{2})\Z")
+
+
+def start_at(text: str, now: float) -> float | None:
+    """``options.start_time`` as epoch seconds, or None when it is now or past.
+
+    ApiError 422 naming ``options.start_time`` when it is malformed (not an
+    ISO 8601 date and time with a UTC offset, nor "now") or more than
+    MAX_START_AHEAD seconds after *now*.
+    """
+    if text.strip().lower() == "now":
+        return None
+    if len(text) > 64 or not _START_TIME.match(text):
+        raise R.ApiError(R.INVALID, f"options.start_time: {text[:64]!r} is not a date and time "
+                         "in ISO 8601 format with a UTC offset, such as "
+                         "2026-12-03T10:00:00+00:00, or \"now\"")
+    value = text[:-1] + "+00:00" if text[-1] in "Zz" else text
+    try:
+        at = datetime.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise R.ApiError(R.INVALID, f"options.start_time: {text!r} is not a valid date and "
+                         "time") from None
+    if at > now + MAX_START_AHEAD:
+        raise R.ApiError(R.INVALID, f"options.start_time: {text!r} is more than "
+                         f"{MAX_START_AHEAD // 86400} days ahead")
+    return at if at > now else None
 
 
 def parse_msys_api(value: bytes, max_depth: int) -> dict | None:

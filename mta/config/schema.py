@@ -234,6 +234,11 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "so that a slow or hung site cannot take the whole window (max_in_flight); "
         "transactional messages have a window of their own of the same size",
         ge=1, le=1_000_000)] = 500
+    spread_threshold: Annotated[int, _doc(
+        "delivery jobs a spool shard has out to one recipient domain at the domain's home "
+        "delivery process before it sends the next ones to the process with the fewest "
+        "jobs of that domain out (so a busy domain uses several processes)",
+        ge=1, le=1_000_000)] = 100
     shaping_presets: Annotated[bool, _doc(
         "apply the shaping rules shipped for the large mailbox providers "
         "(mta/shaping/presets.toml) before the [[shaping]] rules of this file")] = True

@@ -5,7 +5,9 @@ Types (KumoMTA's names, lower-case as SparkPost's): ``reception``,
 Fields: ``type``, ``timestamp`` (epoch seconds), ``queue_id``, ``message_id``,
 ``sender``, ``recipient``, and where known ``remote_host``, ``remote_ip``,
 ``response`` {code, enhanced, text}, ``attempt``, ``time_in_queue``,
-``next_attempt``, ``size``, ``client``, and the message's ``campaign_id``,
+``next_attempt``, ``size``, ``client``, for outcomes the ``source`` (egress
+source), ``sending_ip`` and ``site`` the delivery process reported, and the
+message's ``campaign_id``,
 ``metadata``, ``tags``, ``ip_pool``, ``transactional`` when it was injected
 with them.
 

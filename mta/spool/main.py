@@ -16,7 +16,8 @@ Writes:  segment files under ``<spool>/shard-<n>/``; the replies; DELIVERY_MESSA
 Peers:   acceptor[*] and the ``mta`` command (requests, over the bus);
          delivery[*] (jobs out, outcomes back, over the bus).  No network peer.
 Config:  [spool] (all keys), [delivery] hold, retry_schedule, retry_jitter, max_age,
-         time_scale, max_in_flight, connect_timeout, command_timeout, data_timeout,
+         time_scale, max_in_flight, max_in_flight_per_domain, spread_threshold,
+         connect_timeout, command_timeout, data_timeout,
          job_timeout_margin;
          [server] hostname, event_log, log_level.
 

@@ -14,7 +14,18 @@ least once -- finds it no longer pending and is ignored):
 - ``failed`` (5xx, null MX, NXDOMAIN) -> FAILED, and the sender gets a bounce;
 - ``deferred`` -> pending again after the retry schedule
   (:class:`~mta.spool.schedule.RetryPolicy`), or EXPIRED and bounced when that
-  next attempt would come after ``delivery.max_age``.
+  next attempt would come after ``delivery.max_age``;
+- ``requeued`` (delivery could not attempt it: no source of its pool may send
+  now, or the site's queue is full) -> due again after the outcome's
+  ``retry_after`` (REQUEUE_MIN..REQUEUE_MAX seconds), in memory only
+  (:attr:`Plan.requeues`): no attempt counted, no record, no event.  Only a
+  recipient already past ``max_age`` expires; one that is not yet is never
+  expired early because of the wait (the age check wherever it waits takes it
+  at its deadline).
+
+Age counts from the message's start (:func:`mta.store.start_of`: arrival, or
+``options.start_time`` when later).  Events carry the ``source``,
+``sending_ip`` and ``site`` the delivery process reported, when it did.
 
 Recipients found too old at dispatch expire the same way (:meth:`Plan.expire`).
 A bounce is an RFC 3464 DSN to the envelope sender, one per message and batch
@@ -26,13 +37,16 @@ from __future__ import annotations
 
 import logging
 
-from mta.bus import DELIVERED, FAILED, Result
+from mta.bus import DELIVERED, FAILED, REQUEUED, Result
 from mta.dsn import RecipientFailure, build_dsn, new_message_id
 from mta.obs import events as ev
 from mta.spool import schedule as sch
-from mta.store import MessageMeta
+from mta.store import MessageMeta, start_of
 
 log = logging.getLogger("mta.spool")
+
+REQUEUE_MIN = 1.0        # seconds: a REQUEUED recipient waits at least this long
+REQUEUE_MAX = 3600.0     # and at most this (the outcome's retry_after is bounded)
 
 
 class Plan:
@@ -59,6 +73,7 @@ class Plan:
         self.bounces: list = []                # (MessageMeta, DSN bytes)
         self.done: list[str] = []
         self.returned: list[str] = []          # qids whose jobs came back in this batch
+        self.requeues: dict[str, list] = {}    # qid -> [(idx, due), ...]: REQUEUED, not written
 
     def _state(self, qid, e):
         st = self.states.get(qid)
@@ -66,8 +81,14 @@ class Plan:
             st = self.states[qid] = list(e.state)
         return st
 
-    def outcome(self, qid: str, results: list[Result], now: float) -> None:
-        """Record what one delivery job did to its recipients."""
+    def outcome(self, qid: str, results: list[Result], now: float, source: str = "",
+                source_ip: str = "", site: str = "", retry_after: float = 0.0) -> None:
+        """Record what one delivery job did to its recipients.
+
+        *source*, *source_ip*, *site*, *retry_after*: the DeliveryOutcome's
+        fields (the egress source used, its address, the receiving site; how
+        long REQUEUED recipients wait).
+        """
         e = self.entries.get(qid)
         if e is None:
             return
@@ -76,11 +97,25 @@ class Plan:
         m = e.meta
         base = {"queue_id": qid, "message_id": m.params.get("message_id", ""),
                 "sender": m.sender, **ev.carried(m.params)}
+        if source:
+            base["source"] = source
+        if source_ip:
+            base["sending_ip"] = source_ip
+        if site:
+            base["site"] = site
         policy = self.policy
+        start = start_of(m)
         for r in results:
             idx = r.index
             if not 0 <= idx < len(st) or st[idx] != sch.PENDING:
                 continue  # a repeated outcome (at-least-once): the first one counts
+            if r.outcome == REQUEUED:
+                if not policy.expired(start, now):
+                    wait = min(max(retry_after, REQUEUE_MIN), REQUEUE_MAX)
+                    self.requeues.setdefault(qid, []).append((idx, now + wait))
+                    continue
+                self.expire(qid, [idx], now)   # past max_age already: not tried again
+                continue
             attempts = e.attempts[idx] + 1
             event = dict(base, recipient=m.rcpts[idx], remote_host=r.host, remote_ip=r.ip,
                          response={"code": r.code, "enhanced": r.enhanced, "text": r.text},
@@ -96,7 +131,7 @@ class Plan:
                 self._bounce(qid, m.rcpts[idx], r.code, r.enhanced, r.text, r.host, now)
             else:
                 due = now + policy.delay(attempts)
-                if due >= policy.deadline(m.arrival):
+                if due >= policy.deadline(start):
                     st[idx] = sch.EXPIRED
                     self._update(qid, idx, sch.EXPIRED, attempts, 0.0)
                     event["type"] = ev.EXPIRATION
@@ -160,6 +195,7 @@ class Plan:
                     self.done.append(qid)
                 continue
             new_due = {idx: due for idx, _, _, due in self.updates.get(qid, ())}
+            new_due.update(self.requeues.get(qid, ()))
             dues = [new_due.get(i, e.due[i]) for i in range(len(st)) if st[i] == sch.PENDING]
             self.reschedule.append((min(dues) if dues else now, qid))
         for qid, fails in self.failures.items():

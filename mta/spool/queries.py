@@ -14,6 +14,8 @@ import time
 from mta import bus
 from mta.queueid import recipient_domain
 from mta.spool import schedule as sch
+from mta.spool.dispatch import TRANSACTIONAL
+from mta.store import start_of
 
 log = logging.getLogger("mta.spool")
 
@@ -21,17 +23,35 @@ LIST_LIMIT_MAX = 1_000_000      # entries one SPOOL_QUEUE_LIST reply may carry
 
 
 def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
-    """Counts of the shard's queue: messages, recipients pending and deferred, per domain."""
+    """Counts of the shard's queue: messages, recipients pending and deferred, per domain.
+
+    ``scheduled`` / ``scheduled_messages``: recipients / messages not yet
+    attempted because their ``options.start_time`` is still ahead
+    (``next_start``: the earliest); ``blocked``: messages waiting for their
+    domain's bulk cap (``delivery.max_in_flight_per_domain``);
+    ``in_flight_transactional``: the jobs out in the transactional lane.
+    """
     store = shard.store
     s = store.summary()
-    pending = deferred = 0
+    pending = deferred = scheduled = scheduled_messages = 0
     domains: dict[str, list] = {}
-    next_attempt = None
+    next_attempt = next_start = None
+    now = time.time()
     for e in store.entries.values():
+        start = start_of(e.meta)
+        later = start > now
+        counted = False
         for i, st in enumerate(e.state):
             if st != sch.PENDING:
                 continue
             pending += 1
+            if later and not e.attempts[i] and e.due[i] > now:
+                scheduled += 1
+                if not counted:
+                    counted = True
+                    scheduled_messages += 1
+                    if next_start is None or start < next_start:
+                        next_start = start
             d = domains.setdefault(recipient_domain(e.meta.rcpts[i]), [0, 0, None])
             d[0] += 1
             if e.attempts[i]:
@@ -45,6 +65,9 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
     s.update(shard=shard.shard, healthy=shard.healthy, error=shard.last_error,
              held=shard.dcfg.hold, pending=pending, deferred=deferred,
              next_attempt=next_attempt, in_flight=len(shard.jobs),
+             in_flight_transactional=shard.window.out[TRANSACTIONAL],
+             blocked=shard.window.blocked_count(),
+             scheduled=scheduled, scheduled_messages=scheduled_messages, next_start=next_start,
              domains={k: {"recipients": v[0], "deferred": v[1], "next_attempt": v[2]}
                       for k, v in domains.items()})
     return bus.SpoolQueueSummaryReply(req, s)
@@ -63,7 +86,7 @@ def listing(store, req: int, limit: int) -> bus.SpoolQueueListReply:
     return bus.SpoolQueueListReply(req, out)
 
 
-def flush(store, due: sch.DueQueue, req: int) -> bus.SpoolQueueFlushReply:
+def flush(store, due, req: int) -> bus.SpoolQueueFlushReply:
     """Make every deferred recipient due now; reply with how many there were."""
     now = time.time()
     count = 0

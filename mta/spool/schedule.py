@@ -11,7 +11,9 @@ records); delivery processes only report what happened, and
   instead of arriving together.  ``time_scale`` multiplies every delay and
   ``max_age`` (tests run a whole schedule in seconds).
 - A recipient older than ``max_age`` expires: at dispatch time, or when a
-  failure's next attempt would come after the deadline.
+  failure's next attempt would come after the deadline.  Age counts from the
+  message's start (:func:`mta.store.start_of`: its arrival, or its
+  ``options.start_time`` when later): callers pass that as *arrival*.
 """
 from __future__ import annotations
 
@@ -71,6 +73,38 @@ class DueQueue:
 
     def __len__(self) -> int:
         return len(self.heap)
+
+
+class Lanes:
+    """One DueQueue per dispatch lane (mta.spool.dispatch: BULK, TRANSACTIONAL).
+
+    ``lane_of(qid)`` says which lane a message belongs to; push() and
+    push_many() take (due, qid) like a DueQueue and file each in its lane.
+    """
+
+    def __init__(self, lane_of, lanes: int = 2):
+        self.queues = tuple(DueQueue() for _ in range(lanes))
+        self.lane_of = lane_of
+
+    def push(self, due: float, qid: str) -> None:
+        self.queues[self.lane_of(qid)].push(due, qid)
+
+    def push_many(self, items) -> None:
+        queues, lane_of = self.queues, self.lane_of
+        for due, qid in items:
+            queues[lane_of(qid)].push(due, qid)
+
+    def next_due(self, lanes=None) -> float | None:
+        """The earliest due time of *lanes* (indexes; None: all)."""
+        best = None
+        for i in range(len(self.queues)) if lanes is None else lanes:
+            t = self.queues[i].next_due()
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
+
+    def __len__(self) -> int:
+        return sum(map(len, self.queues))
 
 
 class Deadlines:

@@ -11,8 +11,14 @@ a recipient is decided in :mod:`mta.spool.outcomes`; the operator's queries
 are answered by :mod:`mta.spool.queries`.
 
 Dispatch: due recipients are grouped by domain (one SMTP transaction per
-message and domain) and sent to the delivery process for that domain, at most
-``delivery.max_in_flight`` jobs at once.  A job whose outcome never comes back
+message and domain) and sent to a delivery process, transactional messages
+first (a due queue of their own), each lane at most ``delivery.max_in_flight``
+jobs at once, bulk at most ``delivery.max_in_flight_per_domain`` per domain,
+a domain's jobs to its home process until ``delivery.spread_threshold`` are
+out there, then spread (:mod:`mta.spool.dispatch`).  A job carries the
+message's egress pool (``params["ip_pool"]``, else "default") and priority.
+A REQUEUED outcome (delivery could not attempt it) makes the recipients due
+again after its ``retry_after``, with no attempt counted and no event.  A job whose outcome never comes back
 is dispatched again: at once when its delivery process disconnects (it died;
 see :meth:`Shard.follow_links`), else after the delivery timeouts plus
 ``delivery.job_timeout_margin`` (:meth:`Shard.expire_jobs`): at-least-once.
@@ -32,10 +38,11 @@ import time
 from mta import bus
 from mta.obs import events as ev
 from mta.queueid import domain_shard, new_qid_for_shard, recipient_domain
+from mta.spool import dispatch as dsp
 from mta.spool import queries
 from mta.spool import schedule as sch
 from mta.spool.outcomes import Plan
-from mta.store import MessageMeta, Store, shard_dir
+from mta.store import MessageMeta, Store, shard_dir, start_of
 
 log = logging.getLogger("mta.spool")
 
@@ -47,6 +54,8 @@ BUSY_RETRY = 1.0                # seconds before retrying a job the bus would no
 GC_YOUNG_THRESHOLD = 10_000     # allocations between young GC collections (CPython: 700)
 DRAIN_ON_DISCONNECT = 100       # batches read from a link that went away, at most
 SPOOLED_DELIVERY_PARAMS = ("BODY", "SMTPUTF8")   # reception parameters a delivery job needs
+REQUEUE_LOG_INTERVAL = 10.0     # seconds between log lines about REQUEUED outcomes
+PRIORITY = {dsp.BULK: bus.PRIORITY_BULK, dsp.TRANSACTIONAL: bus.PRIORITY_TRANSACTIONAL}
 
 
 def _settle_gc() -> None:
@@ -78,13 +87,17 @@ class Shard:
                            preallocate=cfg.preallocate, reserve=cfg.min_free_bytes)
         self.endpoint = settings.endpoint(f"spool-{shard}")
         self.policy = sch.RetryPolicy(self.dcfg)
-        self.due = sch.DueQueue()
+        self.due = sch.Lanes(self.lane_of)
         # (arrival + max_age, qid) of every queued message: age is checked
         # wherever a message waits -- held, parked for an absent delivery
         # process, or behind an unhealthy disk -- not only when it is dispatched.
         self.deadlines = sch.Deadlines(self.policy.max_age)
-        self.jobs: dict[int, tuple] = {}      # req -> (qid, [indexes], sent_at, delivery)
+        self.window = dsp.Window(settings.deliveries, self.dcfg.max_in_flight,
+                                 self.dcfg.max_in_flight_per_domain, self.dcfg.spread_threshold)
+        self.jobs = self.window.jobs          # req -> dispatch.Job
         self.reqs = itertools.count(1)
+        self.requeued = 0                     # recipients REQUEUED since the last log line
+        self.requeue_logged = 0.0
         self.expire_work: list[tuple[str, list[int]]] = []
         self.stopping = False
         self.healthy = True
@@ -106,7 +119,7 @@ class Shard:
             dues = [e.due[i] for i, s in enumerate(e.state) if s == sch.PENDING]
             if dues:
                 self.due.push(min(dues), qid)
-                self.deadlines.add(deadline(e.meta.arrival), qid)
+                self.deadlines.add(deadline(start_of(e.meta)), qid)
             else:
                 self.finished_at_start.append(qid)
         # Fewer young collections: each walks the batch's objects still alive,
@@ -143,10 +156,11 @@ class Shard:
     def step(self) -> None:
         """One turn of the loop: wait for work, group-commit it, dispatch, housekeeping."""
         timeout = POLL_INTERVAL_MS
-        nd = self.due.next_due()
         # Wake for the next due recipient only when dispatch can act on it;
         # otherwise (held, unhealthy, window full) a past due time would spin.
-        if nd is not None and self.can_dispatch():
+        lanes = self.open_lanes()
+        nd = self.due.next_due(lanes) if lanes else None
+        if nd is not None:
             timeout = max(0, min(timeout, int((nd - time.time()) * 1000) + 1))
         if self.expire_work:
             timeout = 0
@@ -164,6 +178,8 @@ class Shard:
             self.reclaim()
             self.expire_jobs()
             self.expire_waiting()
+            self.release_blocked(everything=True)
+            self.log_requeued()
             _settle_gc()
 
     # ------------------------------------------------------------ group commit
@@ -209,7 +225,9 @@ class Shard:
                 if msg is None:
                     break
                 self.returned(msg.req, msg.qid)
-                plan.outcome(msg.qid, msg.results, now)
+                plan.outcome(msg.qid, msg.results, now, source=msg.source,
+                             source_ip=msg.source_ip, site=msg.site,
+                             retry_after=msg.retry_after)
         work, self.expire_work = self.expire_work, []
         for qid, idxs in work:
             plan.expire(qid, idxs, now)
@@ -217,6 +235,9 @@ class Shard:
         messages += plan.bounces
         done += plan.done
         if not messages and not done and not plan.updates:
+            # Nothing to write (REQUEUED outcomes, repeated ones): schedule only.
+            self._requeue(plan)
+            self.due.push_many(plan.reschedule)
             return
         status = bus.STATUS_OK
         try:
@@ -235,7 +256,7 @@ class Shard:
             entries, deadline = self.store.entries, self.policy.deadline
             for qid in abandoned:
                 if qid in entries:
-                    self.deadlines.add(deadline(entries[qid].meta.arrival), qid)
+                    self.deadlines.add(deadline(start_of(entries[qid].meta)), qid)
         else:
             self._untrack(done)
             removed = self.store.commit(new, done, plan.updates)
@@ -246,6 +267,7 @@ class Shard:
                 log.info("spool writes are succeeding again")
             self.healthy = True
             self.last_error = ""
+            self._requeue(plan)
             self._after_commit(new, plan)
         for peer, req in commit_peers:
             server.send(peer, bus.SpoolMessageCommitted(req, status))
@@ -261,10 +283,43 @@ class Shard:
 
     def returned(self, req: int, qid: str) -> None:
         """The outcome of job *req* came back: it is no longer out."""
-        job = self.jobs.pop(req, None)
+        job = self.window.remove(req)
         e = self.store.entries.get(qid)
         if job is not None and e is not None:
             e.out = max(0, e.out - 1)
+
+    def lane_of(self, qid: str) -> int:
+        """The dispatch lane of a message: transactional ones go first."""
+        e = self.store.entries.get(qid)
+        if e is not None and e.meta.params.get("transactional") is True:
+            return dsp.TRANSACTIONAL
+        return dsp.BULK
+
+    def _requeue(self, plan: Plan) -> None:
+        """REQUEUED recipients: their new due time, in memory only (not an attempt).
+
+        Not written: after a restart such a recipient is due at its recorded
+        time, which has passed, so it is simply tried again.
+        """
+        entries = self.store.entries
+        for qid, items in plan.requeues.items():
+            e = entries.get(qid)
+            if e is None:
+                continue
+            for idx, due in items:
+                if e.state[idx] == sch.PENDING:
+                    e.due[idx] = due
+                    self.requeued += 1
+
+    def log_requeued(self) -> None:
+        """One INFO line at most every REQUEUE_LOG_INTERVAL about REQUEUED recipients."""
+        now = time.monotonic()
+        if self.requeued and now - self.requeue_logged >= REQUEUE_LOG_INTERVAL:
+            log.info("%d recipient(s) were not attempted by delivery (no source may send "
+                     "now, or the site's queue is full); they are due again later",
+                     self.requeued)
+            self.requeued = 0
+            self.requeue_logged = now
 
     def _after_commit(self, new: list, plan: Plan) -> None:
         """Log the batch's events and schedule its messages (after the sync)."""
@@ -291,25 +346,49 @@ class Shard:
         add = self.deadlines.add
         for e in new:
             if e.meta.state is None:     # (a compaction copy keeps its message's entry)
-                add(deadline(e.meta.arrival), e.meta.qid)
+                add(deadline(start_of(e.meta)), e.meta.qid)
 
     # --------------------------------------------------------------- dispatch
 
+    def open_lanes(self) -> list[int]:
+        """The lanes that may dispatch now (healthy, not held, room in their window)."""
+        if not self.healthy or self.dcfg.hold:
+            return []
+        room = self.window.room
+        return [lane for lane in dsp.LANES if room(lane) > 0]
+
     def can_dispatch(self) -> bool:
-        return self.healthy and not self.dcfg.hold and len(self.jobs) < self.dcfg.max_in_flight
+        return bool(self.open_lanes())
+
+    def release_blocked(self, everything: bool = False) -> None:
+        """Blocked bulk messages whose domain has free slots again become due now."""
+        w = self.window
+        if w.freed or (everything and w.blocked):
+            now = time.time()
+            self.due.queues[dsp.BULK].push_many([(now, q) for q in w.released(everything)])
 
     def dispatch(self) -> None:
-        """Send due recipients to delivery, grouped by message and domain."""
-        if not self.can_dispatch():
+        """Send due recipients to delivery, transactional messages first."""
+        if not self.healthy or self.dcfg.hold:
             return
-        budget = self.dcfg.max_in_flight - len(self.jobs)
+        self.release_blocked()
+        for lane in dsp.LANES:
+            self._dispatch_lane(lane)
+
+    def _dispatch_lane(self, lane: int) -> None:
+        """Send the due recipients of one lane, grouped by message and domain."""
+        w = self.window
+        budget = w.room(lane)
         if budget <= 0:
             return
         now = time.time()
         entries = self.store.entries
         links = self.links
+        up = links.up
         nd = len(links)
-        for qid in self.due.pop_due(now, min(budget, DISPATCH_BATCH)):
+        due = self.due.queues[lane]
+        priority = PRIORITY[lane]
+        for qid in due.pop_due(now, min(budget, DISPATCH_BATCH)):
             e = entries.get(qid)
             if e is None or e.out:
                 continue  # finished, or its outcome is awaited (it reschedules then)
@@ -319,35 +398,43 @@ class Shard:
                 self.due.push(min(later), qid)
             if not ready:
                 continue
-            if self.policy.expired(e.meta.arrival, now):
+            m = e.meta
+            if self.policy.expired(start_of(m), now):
                 self.expire_work.append((qid, ready))
                 continue
             groups: dict[str, list[int]] = {}
             for i in ready:
-                groups.setdefault(recipient_domain(e.meta.rcpts[i]), []).append(i)
+                groups.setdefault(recipient_domain(m.rcpts[i]), []).append(i)
+            if lane == dsp.BULK:
+                for domain in [d for d in groups if w.domain_full(d, lane)]:
+                    del groups[domain]
+                    w.block(domain, qid)    # due again when a job of the domain returns
+                if not groups:
+                    continue
             try:
                 body = self.store.read_body(e)
             except OSError as exc:
                 log.error("%s: cannot read the message: %s", qid, exc.strerror)
                 self.due.push(now + BUSY_RETRY, qid)
                 continue
-            m = e.meta
             params = {k: v for k, v in m.params.items() if k in SPOOLED_DELIVERY_PARAMS}
+            pool = m.params.get("ip_pool") or "default"
             for domain, idxs in groups.items():
-                d = domain_shard(domain, nd)
-                if not links.up[d]:
-                    self.parked[d][qid] = None   # sent when delivery[d] is back
+                home = domain_shard(domain, nd)
+                if not up[home]:
+                    self.parked[home][qid] = None   # sent when delivery[home] is back
                     continue
+                d = w.target(domain, home, up)
                 req = next(self.reqs)
                 attempt = max(e.attempts[i] for i in idxs) + 1
                 job = bus.DeliveryMessageReady(
                     req=req, qid=qid, sender=m.sender, domain=domain,
                     rcpts=[bus.JobRecipient(index=i, address=m.rcpts[i]) for i in idxs],
-                    params=params, attempt=attempt, body=body)
+                    params=params, attempt=attempt, body=body, pool=pool, priority=priority)
                 if not links.send(d, job):
                     self.due.push(now + BUSY_RETRY, qid)
                     continue
-                self.jobs[req] = (qid, idxs, time.monotonic(), d)
+                w.add(req, qid, idxs, d, domain, lane)
                 e.out += 1
             budget -= 1
             if budget <= 0:
@@ -361,7 +448,7 @@ class Shard:
         for qid in qids:
             e = entries.get(qid)
             if e is not None:
-                discard(deadline(e.meta.arrival), qid)
+                discard(deadline(start_of(e.meta)), qid)
 
     def expire_waiting(self) -> None:
         """Expire the pending recipients of messages past ``delivery.max_age``, wherever they wait.
@@ -375,8 +462,9 @@ class Shard:
             e = entries.get(qid)
             if e is None:
                 continue                  # finished
-            if not self.policy.expired(e.meta.arrival, now):
-                self.deadlines.add(self.policy.deadline(e.meta.arrival), qid)
+            start = start_of(e.meta)
+            if not self.policy.expired(start, now):
+                self.deadlines.add(self.policy.deadline(start), qid)
                 continue
             if e.out:
                 self.deadlines.add(now + BUSY_RETRY, qid)
@@ -402,8 +490,7 @@ class Shard:
 
     def expire_jobs(self) -> None:
         """Jobs whose outcome never came (a delivery process died) are sent again."""
-        now = time.monotonic()
-        lost = [r for r, (_, _, t, _) in self.jobs.items() if now - t > self.job_timeout]
+        lost = self.window.older_than(self.job_timeout)
         self._resend(lost)
         if lost:
             log.warning("%d delivery job(s) got no outcome in %.0fs; they will be sent again",
@@ -411,7 +498,7 @@ class Shard:
 
     def _resend(self, reqs: list[int]) -> None:
         for r in reqs:
-            qid = self.jobs.pop(r)[0]
+            qid = self.window.remove(r).qid
             e = self.store.entries.get(qid)
             if e is not None:
                 e.out = max(0, e.out - 1)
@@ -439,7 +526,7 @@ class Shard:
                 if not links.waiting(d):
                     break
                 self.batch(outcomes=[d])
-            lost = [r for r, j in self.jobs.items() if j[3] == d]
+            lost = self.window.of_process(d)
             self._resend(lost)
             if lost:
                 log.warning("delivery[%d] went away with %d job(s) out; they will "

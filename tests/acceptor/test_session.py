@@ -235,3 +235,38 @@ def test_a_password_check_that_fails_is_a_temporary_error(impl):
     assert c.send(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n") == R.AUTH_TEMP
     assert c.session.errors == 0 and c.session.user is None
     assert c.send(b"NOOP\r\n") == R.OK
+
+
+def test_x_msys_api_ip_pool_is_checked_and_recorded(impl):
+    """The pool: X-MSYS-API options.ip_pool, else by sending domain; unknown -> 550 after DATA."""
+    import dataclasses
+
+    import msgspec
+
+    acc, c = make(impl)
+    s = acc.settings
+    cfg = msgspec.structs.replace(s.config, egress=msgspec.structs.replace(
+        s.config.egress, domain_pool={"bulk.example": "mkt"}))
+    acc.settings = dataclasses.replace(s, config=cfg, pools={**s.pools, "mkt": (("default", 1),)})
+    c.send(b"EHLO client.example\r\n")
+
+    def msys(pool: str) -> bytes:
+        return (b'X-MSYS-API: {"options": {"ip_pool": "' + pool.encode() + b'"}}\r\n'
+                + MESSAGE)
+
+    assert QUEUED.search(c.transaction(message=msys("mkt")))
+    assert acc.submitted[-1].params["ip_pool"] == "mkt"
+    # Unknown: refused after DATA, nothing spooled, the session goes on.
+    head = R.SENDER_OK + R.RCPT_OK + R.START_DATA
+    assert c.transaction(message=msys("nope")) == \
+        head + R.UNKNOWN_POOL_NAMED.format(name="nope").encode()
+    # A name that is not tame is not echoed.
+    assert c.transaction(message=msys("x\\r\\n250 ok")) == head + R.UNKNOWN_POOL
+    assert len(acc.submitted) == 1
+    # No pool asked for: the sending domain's (egress.domain_pool), else none recorded.
+    assert QUEUED.search(c.transaction(sender="news@bulk.example"))
+    assert acc.submitted[-1].params.get("ip_pool") == "mkt"
+    assert QUEUED.search(c.transaction(message=msys("default")))
+    assert "ip_pool" not in acc.submitted[-1].params
+    assert QUEUED.search(c.transaction())
+    assert "ip_pool" not in acc.submitted[-1].params

@@ -96,7 +96,10 @@ def api(make_module_daemon):
     """One held daemon shared by the cases that only inject (2 acceptors, 2 shards)."""
     return make_module_daemon(subdir="api", http={
         "api_keys": [KEY, "test-key-2"], "max_body_size": 2 * 1024 * 1024,
-        "max_header_size": 8192, "request_timeout": 2.0})
+        "max_header_size": 8192, "request_timeout": 2.0},
+        # the pools the SMTP parity case names (an unknown one is refused)
+        egress={"pool": [{"name": p, "sources": [{"source": "default"}]}
+                         for p in ("pool-7", "p2")]})
 
 
 @pytest.fixture(scope="module")

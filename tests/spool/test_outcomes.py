@@ -168,3 +168,70 @@ def test_abandon_names_every_message_that_came_back_once(outcome):
     plan.outcome("Q2", [result(0, outcome, 250)], NOW)
     plan.outcome("Q1", [result(0, outcome, 250)], NOW)
     assert plan.abandon() == ["Q1", "Q2"]
+
+
+# ------------------------------------------------------------ REQUEUED, sources
+
+
+def test_requeued_is_not_an_attempt_and_logs_no_event():
+    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
+    plan = make(entries)
+    plan.outcome("Q1", [result(0, bus.REQUEUED, 0, text="suspended"),
+                        result(1, bus.REQUEUED, 0, text="suspended")], NOW, retry_after=45.0)
+    plan.finish(NOW)
+    assert plan.updates == {} and plan.events == [] and plan.bounces == []
+    assert plan.requeues == {"Q1": [(0, NOW + 45.0), (1, NOW + 45.0)]}
+    assert plan.reschedule == [(NOW + 45.0, "Q1")] and plan.done == []
+
+
+def test_requeued_waits_at_least_the_floor_and_at_most_the_ceiling():
+    from mta.spool.outcomes import REQUEUE_MAX, REQUEUE_MIN
+    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
+    plan = make(entries)
+    plan.outcome("Q1", [result(0, bus.REQUEUED, 0)], NOW, retry_after=0.0)
+    plan.outcome("Q1", [result(1, bus.REQUEUED, 0)], NOW, retry_after=1e9)
+    assert plan.requeues == {"Q1": [(0, NOW + REQUEUE_MIN), (1, NOW + REQUEUE_MAX)]}
+
+
+def test_requeued_past_max_age_expires_but_not_before():
+    # 60 s old, max_age 100 s, retry_after 3600 s: not expired now (the age
+    # check where it waits takes it at its deadline).
+    entries = {"Q1": entry("Q1", ["a@example.net"])}
+    plan = make(entries, max_age=100.0)
+    plan.outcome("Q1", [result(0, bus.REQUEUED, 0)], NOW, retry_after=3600.0)
+    assert plan.updates == {} and "Q1" in plan.requeues
+    # Older than max_age: expired and bounced.
+    plan = make(entries, max_age=30.0)
+    plan.outcome("Q1", [result(0, bus.REQUEUED, 0)], NOW, retry_after=5.0)
+    plan.finish(NOW)
+    assert plan.updates == {"Q1": [[0, sch.EXPIRED, 0, 0.0]]}
+    assert [e["type"] for e in plan.events] == [ev.EXPIRATION] and len(plan.bounces) == 1
+
+
+def test_events_name_the_source_its_ip_and_the_site():
+    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
+    entries["Q1"].meta.params["ip_pool"] = "mkt"
+    plan = make(entries)
+    plan.outcome("Q1", [result(0, bus.DELIVERED, 250), result(1, bus.DEFERRED, 451)], NOW,
+                 source="ip-1", source_ip="127.0.0.2", site="mx.example.net")
+    for e in plan.events:
+        assert (e["source"], e["sending_ip"], e["site"], e["ip_pool"]) == \
+            ("ip-1", "127.0.0.2", "mx.example.net", "mkt")
+    plan = make(entries)
+    plan.outcome("Q1", [result(0, bus.FAILED, 550)], NOW)
+    assert not {"source", "sending_ip", "site"} & set(plan.events[0])
+
+
+def test_age_counts_from_the_start_time():
+    # Arrived 60 s ago, scheduled to start 50 s ago; max_age 100 s; a deferral
+    # with its next attempt 60 s later: 60 + 60 > 100 from arrival, but from the
+    # start (10 + 60 < 100) it is kept.
+    e = entry("Q1", ["a@example.net"])
+    e.meta.params["start_at"] = NOW - 10.0
+    plan = make({"Q1": e}, max_age=100.0)
+    plan.outcome("Q1", [result(0, bus.DEFERRED, 451)], NOW)
+    assert plan.updates["Q1"][0][1] == sch.PENDING
+    e2 = entry("Q2", ["a@example.net"])
+    plan = make({"Q2": e2}, max_age=100.0)
+    plan.outcome("Q2", [result(0, bus.DEFERRED, 451)], NOW)
+    assert plan.updates["Q2"][0][1] == sch.EXPIRED

@@ -1,0 +1,157 @@
+"""Which delivery jobs a spool shard may send now, and to which delivery process.
+
+Pure bookkeeping, no I/O: :class:`Window` counts the jobs a shard has out and
+decides, for the next job, whether it may go and where
+(tests/spool/test_dispatch.py tests it without a shard).
+
+- **Two lanes.** Transactional messages (``options.transactional``) and bulk
+  ones each have a window of ``delivery.max_in_flight`` jobs; the shard takes
+  due transactional messages first (their own due queue), so a password reset
+  never waits behind a newsletter, neither in the spool nor for a window slot.
+- **Per-domain cap (bulk).** At most ``delivery.max_in_flight_per_domain``
+  bulk jobs to one recipient domain are out at once, so one slow or hung
+  site cannot take the whole window.  A message over the cap is *blocked*:
+  it leaves the due queue (the loop does not spin on it) and waits in its
+  domain's FIFO until a job of that domain comes back (:meth:`Window.released`).
+  Transactional jobs are not capped per domain.
+- **Spreading.** A domain's jobs go to its home delivery process
+  (``domain_shard(domain, n)``) until ``delivery.spread_threshold`` are out
+  there; then each next job goes to the process with the fewest jobs out for
+  that domain, so a domain busier than one process uses several (the
+  delivery processes hold site limits across the node with shared counters).
+"""
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+BULK = 0
+TRANSACTIONAL = 1
+LANES = (TRANSACTIONAL, BULK)       # the order the shard dispatches them in
+
+
+class Job(NamedTuple):
+    """One delivery job out: what it carries and where it went."""
+
+    qid: str
+    idxs: list
+    sent_at: float          # time.monotonic()
+    proc: int               # the delivery process it was sent to
+    domain: str
+    lane: int
+
+
+class Window:
+    """The jobs one shard has out, per lane, per domain and per delivery process."""
+
+    def __init__(self, processes: int, max_in_flight: int, per_domain: int,
+                 spread_threshold: int):
+        self.processes = processes
+        self.max_in_flight = max_in_flight
+        self.per_domain = per_domain
+        self.spread = spread_threshold
+        self.jobs: dict[int, Job] = {}              # req -> Job
+        self.out = [0, 0]                           # jobs out per lane
+        self.bulk_out: dict[str, int] = {}          # domain -> bulk jobs out
+        self.at: dict[str, list[int]] = {}          # domain -> jobs out per process
+        self.blocked: dict[str, dict] = {}          # domain -> qids waiting (ordered set)
+        self.freed: set[str] = set()                # domains that had a bulk job come back
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def room(self, lane: int) -> int:
+        """How many more jobs of *lane* may go out now."""
+        return self.max_in_flight - self.out[lane]
+
+    def domain_full(self, domain: str, lane: int) -> bool:
+        """Whether a job of *lane* to *domain* must wait (bulk only: the per-domain cap)."""
+        return lane == BULK and self.bulk_out.get(domain, 0) >= self.per_domain
+
+    def target(self, domain: str, home: int, up) -> int:
+        """The delivery process for the next job to *domain* (*home*: its domain shard).
+
+        *up[d]* says whether delivery[d] is connected.  The home process while
+        it has fewer than spread_threshold jobs of the domain out (or is down:
+        the caller parks the job for it); else the connected process with the
+        fewest jobs of the domain out, the home one on a tie.
+        """
+        counts = self.at.get(domain)
+        if counts is None or counts[home] < self.spread or not up[home]:
+            return home
+        best = home
+        for d in range(self.processes):
+            if up[d] and counts[d] < counts[best]:
+                best = d
+        return best
+
+    def add(self, req: int, qid: str, idxs: list, proc: int, domain: str, lane: int) -> None:
+        """Job *req* was sent."""
+        self.jobs[req] = Job(qid, idxs, time.monotonic(), proc, domain, lane)
+        self.out[lane] += 1
+        counts = self.at.get(domain)
+        if counts is None:
+            counts = self.at[domain] = [0] * self.processes
+        counts[proc] += 1
+        if lane == BULK:
+            self.bulk_out[domain] = self.bulk_out.get(domain, 0) + 1
+
+    def remove(self, req: int) -> Job | None:
+        """Job *req* is no longer out (its outcome came, or it is being sent again)."""
+        job = self.jobs.pop(req, None)
+        if job is None:
+            return None
+        domain = job.domain
+        self.out[job.lane] -= 1
+        counts = self.at[domain]
+        counts[job.proc] -= 1
+        if not any(counts):
+            del self.at[domain]
+        if job.lane == BULK:
+            n = self.bulk_out[domain] - 1
+            if n:
+                self.bulk_out[domain] = n
+            else:
+                del self.bulk_out[domain]
+            if domain in self.blocked:
+                self.freed.add(domain)
+        return job
+
+    def block(self, domain: str, qid: str) -> None:
+        """Message *qid* waits until a bulk job to *domain* comes back."""
+        self.blocked.setdefault(domain, {})[qid] = None
+
+    def released(self, everything: bool = False) -> list[str]:
+        """Blocked messages that may try again: as many per domain as it has free slots.
+
+        Only the domains whose jobs came back since the last call, unless
+        *everything* (the shard's once-a-second pass, which also frees slots
+        that a released message did not use, e.g. it had been deleted).
+        """
+        domains = list(self.blocked) if everything else self.freed
+        out: list[str] = []
+        for domain in domains:
+            waiting = self.blocked.get(domain)
+            if not waiting:
+                continue
+            free = self.per_domain - self.bulk_out.get(domain, 0)
+            while waiting and free > 0:
+                qid = next(iter(waiting))
+                del waiting[qid]
+                out.append(qid)
+                free -= 1
+            if not waiting:
+                del self.blocked[domain]
+        self.freed = set()
+        return out
+
+    def blocked_count(self) -> int:
+        return sum(map(len, self.blocked.values()))
+
+    def of_process(self, proc: int) -> list[int]:
+        """The jobs out at delivery[proc]."""
+        return [r for r, j in self.jobs.items() if j.proc == proc]
+
+    def older_than(self, seconds: float) -> list[int]:
+        now = time.monotonic()
+        return [r for r, j in self.jobs.items() if now - j.sent_at > seconds]
