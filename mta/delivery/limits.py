@@ -376,9 +376,10 @@ class NodeLimiter(Limiter):
         if entry is None:
             return None
         fd, held = entry.fd, entry.held
-        for i in range(limit):
-            if i in held:
-                continue
+        # Asking the kernel which slots are locked (one F_OFD_GETLK per lock
+        # found) is cheaper than trying each in turn (a refused F_OFD_SETLK
+        # costs an exception); a slot taken meanwhile is refused and skipped.
+        for i in _free_slots(fd, limit, held):
             try:
                 fcntl.fcntl(fd, _SETLK, _lock_slot(i))
             except OSError as e:
@@ -535,13 +536,14 @@ class NodeLimiter(Limiter):
         self.close()                 # closing our copy of an fd leaves the parent's locks
 
 
-def _count_locked(fd: int, start: int, end: int) -> int:
-    """Bytes in [start, end) write-locked by other open file descriptions.
+def _locked(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The ranges [s, e) within [start, end) write-locked by other open file descriptions.
 
     ``F_OFD_GETLK`` reports one conflicting lock, not necessarily the lowest,
-    so the range is split around each lock found.
+    so the range is split around each lock found: one call per lock found,
+    plus one per gap (the kernel merges a description's adjacent locks).
     """
-    count = 0
+    found = []
     todo = [(start, end)]
     while todo:
         lo, hi = todo.pop()
@@ -553,10 +555,26 @@ def _count_locked(fd: int, start: int, end: int) -> int:
             continue
         e = hi if length == 0 else min(hi, s + length)
         s = max(lo, s)
-        count += e - s
+        found.append((s, e))
         todo.append((lo, s))
         todo.append((e, hi))
-    return count
+    return found
+
+
+def _count_locked(fd: int, start: int, end: int) -> int:
+    """Bytes in [start, end) write-locked by other open file descriptions."""
+    return sum(e - s for s, e in _locked(fd, start, end))
+
+
+def _free_slots(fd: int, limit: int, held: set[int]):
+    """Slot indexes below ``limit`` that look free (neither ours nor locked by others)."""
+    i = 0
+    for s, e in sorted(_locked(fd, SLOT_BASE, SLOT_BASE + limit)) + [(SLOT_BASE + limit,) * 2]:
+        while i < s - SLOT_BASE:
+            if i not in held:
+                yield i
+            i += 1
+        i = max(i, e - SLOT_BASE)
 
 
 def _boot_id() -> str:

@@ -220,6 +220,37 @@ def test_slots_exclude_within_one_limiter_and_between_two(lim_dir, limiter):
     assert limiter.acquire_connection(KEY, 2) is not None
 
 
+def test_slots_interleaved_between_holders(lim_dir):
+    """Holders' locks interleave (the kernel cannot merge them): every free slot
+    is found, every held one counted, and large limits work as small ones."""
+    a, b, c = NodeLimiter(lim_dir), NodeLimiter(lim_dir), NodeLimiter(lim_dir)
+    try:
+        slots = {}
+        for n in range(5):
+            who = a if n % 2 == 0 else b
+            slots[n] = who.acquire_connection(KEY, 5)
+            assert slots[n].index == n
+        assert c.connections(KEY) == 5
+        assert c.acquire_connection(KEY, 5) is None
+        a.release(slots[2])
+        b.release(slots[3])
+        assert {c.acquire_connection(KEY, 5).index, c.acquire_connection(KEY, 5).index} == {2, 3}
+        assert c.acquire_connection(KEY, 5) is None
+        assert a.connections(KEY) == b.connections(KEY) == c.connections(KEY) == 5
+
+        big = limit_key("ip-1", "big.example", CONNECTIONS)
+        held = [a.acquire_connection(big, 300) for _ in range(300)]
+        assert sorted(s.index for s in held) == list(range(300))
+        assert b.acquire_connection(big, 300) is None
+        assert b.connections(big) == 300
+        a.release(held[257])
+        assert b.acquire_connection(big, 300).index == 257
+        assert b.acquire_connection(big, 302).index == 300
+    finally:
+        for lim in (a, b, c):
+            lim.close()
+
+
 def test_a_changed_limit_applies_at_the_next_acquisition(lim_dir, limiter):
     other = NodeLimiter(lim_dir)
     try:
