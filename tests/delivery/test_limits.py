@@ -292,7 +292,7 @@ def test_open_files_stay_bounded_and_state_survives_eviction(lim_dir):
     assert our_fds(lim) == 0
 
 
-def test_held_keys_are_never_evicted(lim_dir):
+def test_held_keys_are_never_evicted(lim_dir, caplog):
     lim = NodeLimiter(lim_dir, max_open_files=4)
     other = NodeLimiter(lim_dir)
     try:
@@ -301,6 +301,7 @@ def test_held_keys_are_never_evicted(lim_dir):
         assert all(slots)
         # every file pinned: a fifth key gets no slot (pushes back) ...
         assert lim.acquire_connection(limit_key("ip-1", "site-x", CONNECTIONS), 1) is None
+        assert "raise max_open_files" in caplog.text
         # ... but rates and queries still work through a file opened for the call
         assert lim.take(limit_key("ip-1", "site-x", MESSAGE_RATE), 10, now=5.0) == 0.0
         assert lim.take(limit_key("ip-1", "site-x", MESSAGE_RATE), 10, now=5.0) > 0
