@@ -122,6 +122,7 @@ import math
 import mmap
 import os
 import re
+import resource
 import shutil
 import struct
 import time
@@ -316,6 +317,11 @@ class NodeLimiter(Limiter):
             raise ValueError(f"max_open_files must be a positive integer, "
                              f"not {max_open_files!r}")
         self.max_open_files = max_open_files
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY and 2 * max_open_files > soft // 2:
+            log.warning("limiter: max_open_files %d needs up to %d descriptors, more than "
+                        "half of this process's limit (%d)", max_open_files,
+                        2 * max_open_files, soft)
         boot = _boot_id()
         self.directory = os.path.join(directory, boot)
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -424,10 +430,12 @@ class NodeLimiter(Limiter):
         return total > limit
 
     def release(self, slot: Slot) -> None:
+        if slot._owner is not self:
+            raise ValueError(f"{slot!r} belongs to another limiter")
         if not slot._held:
             return
         slot._held = False
-        if slot._owner is not self or slot._generation != self._generation:
+        if slot._generation != self._generation:
             return                   # from before close() or fork: the lock is gone already
         entry = self._entries.get(slot.key)
         if entry is None or slot.index not in entry.held:

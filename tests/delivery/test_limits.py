@@ -207,6 +207,9 @@ def test_slots_exclude_within_one_limiter_and_between_two(lim_dir, limiter):
     try:
         assert other.acquire_connection(KEY, 2) is None
         assert other.connections(KEY) == 2
+        with pytest.raises(ValueError, match="another limiter"):
+            other.release(a)                # not other's to give back: a stays held
+        assert other.acquire_connection(KEY, 2) is None
         limiter.release(a)
         limiter.release(a)                  # idempotent
         c = other.acquire_connection(KEY, 2)
