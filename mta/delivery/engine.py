@@ -61,7 +61,7 @@ from mta.bus import (DEFERRED, DELIVERED, FAILED, PRIORITY_TRANSACTIONAL, REQUEU
                      DeliveryMessageReady, Result)
 from mta.config import parse_hostport
 from mta.delivery import client as smtpc
-from mta.delivery.limits import NodeLimiter
+from mta.delivery.limits import CONNECTION_RATE, CONNECTIONS, MESSAGE_RATE, NodeLimiter, limit_key
 from mta.delivery.socks import Socks5Proxy, SourceUnavailable
 from mta.dns import DnsTempError
 from mta.shaping import Shaping
@@ -186,13 +186,15 @@ class Pool:
 class Lane:
     """The jobs of one (source x site), with their connections and limits."""
 
-    __slots__ = ("source", "site", "key", "limits", "urgent", "bulk", "active", "idle",
+    __slots__ = ("source", "site", "key", "connect_key", "message_key", "limits", "urgent", "bulk", "active", "idle",
                  "wakeup", "sent", "retry", "waiting", "rate", "rate_sent", "rate_at")
 
     def __init__(self, source: Source, site: Site, limits):
         self.source = source
         self.site = site
-        self.key = f"{source.name}|{site.name}"
+        self.key = limit_key(source.name, site.name, CONNECTIONS)
+        self.connect_key = limit_key(source.name, site.name, CONNECTION_RATE)
+        self.message_key = limit_key(source.name, site.name, MESSAGE_RATE)
         self.limits = limits
         self.urgent: collections.deque[Job] = collections.deque()   # transactional
         self.bulk: collections.deque[Job] = collections.deque()
@@ -616,7 +618,7 @@ class Engine:
                     conn = None
                 if conn is None:
                     try:
-                        await self._pace(lane.key + "|connect", limits.max_connection_rate)
+                        await self._pace(lane.connect_key, limits.max_connection_rate)
                         conn, target = await self.connect(lane)
                     except SourceUnavailable as exc:
                         self._suspend(src, exc)
@@ -630,7 +632,7 @@ class Engine:
                         return
                     if src.failures:
                         src.failures = 0
-                await self._pace(lane.key + "|message", limits.max_message_rate)
+                await self._pace(lane.message_key, limits.max_message_rate)
                 conn = await self._send(conn, target, job, lane)
         except Exception:
             log.exception("delivery worker for %s failed", lane.key)
@@ -726,7 +728,7 @@ class Engine:
                     "source": lane.source.name, "site": site.name,
                     "queued": lane.queued(), "transactional": len(lane.urgent),
                     "connections": lane.active,
-                    "node_connections": self.limiter.connections(lane.key, lim.connection_limit),
+                    "node_connections": self.limiter.connections(lane.key),
                     "sent": lane.sent, "rate": round(lane.rate, 2),
                     "connection_limit": lim.connection_limit,
                     "max_message_rate": lim.max_message_rate,
