@@ -202,6 +202,12 @@ def _delivery_status(settings) -> dict:
 
 
 def _print_delivery(d: dict) -> None:
+    if d.get("pools"):
+        click.echo("")
+        rows = [("POOL", "MESSAGES", "RECIPIENTS")]
+        for name, p in sorted(d["pools"].items()):
+            rows.append((name, str(p["messages"]), str(p["recipients"])))
+        _table(rows)
     if d["sources"]:
         click.echo("")
         rows = [("SOURCE", "ADDRESS", "CONNECTIONS", "RATE/S", "STATE")]
@@ -229,7 +235,8 @@ def _print_delivery(d: dict) -> None:
 @click.option("--domains", "by_domain", is_flag=True, help="also a line per recipient domain")
 @click.pass_context
 def queue(ctx, config_path, as_json, by_domain):
-    """Summary of the live queue: per shard and per domain, deferred, oldest age."""
+    """Summary of the live queue: per shard, pool, source and site (and domain), deferred,
+    scheduled, oldest age, suspended sources and why."""
     ctx.obj = config_path
     if ctx.invoked_subcommand is not None:
         return
@@ -262,7 +269,14 @@ def queue(ctx, config_path, as_json, by_domain):
         "next_start": min((x["next_start"] for x in shards
                            if x.get("next_start") is not None), default=None),
     }
+    pools: dict[str, dict] = {}
+    for x in shards:
+        for name, v in x.get("pools", {}).items():
+            t = pools.setdefault(name, {"messages": 0, "recipients": 0})
+            t["messages"] += v["messages"]
+            t["recipients"] += v["recipients"]
     delivery = _delivery_status(s)
+    delivery["pools"] = pools
     if as_json:
         click.echo(json.dumps({"total": total, "shards": shards, "domains": domains,
                                "delivery": delivery}))

@@ -9,7 +9,6 @@ smtp-source for volume) and leaves through the daemon's delivery processes.
 from __future__ import annotations
 
 import collections
-import json
 import socket
 import subprocess
 import threading
@@ -86,6 +85,43 @@ def test_weighted_pool_sends_three_to_one_from_its_sources(lab):
     assert sum(clients.values()) == 4000
     assert 0.70 <= clients["127.0.0.2"] / 4000 <= 0.80, clients
     assert set(sink.conn_clients.values()) == {"127.0.0.2", "127.0.0.3"}
+    # Every delivery event names its source, the address it left from and the site.
+    delivered = wait_until(lambda: (lambda e: e if len(e) >= 4000 else None)(
+        [e for e in d.events() if e["type"] == "delivery"]), 30, "4000 delivery events")
+    by_source = collections.Counter((e["source"], e["sending_ip"], e["site"]) for e in delivered)
+    assert set(by_source) == {("ip-2", "127.0.0.2", "mx.split.test"),
+                              ("ip-3", "127.0.0.3", "mx.split.test")}, by_source
+    assert by_source[("ip-2", "127.0.0.2", "mx.split.test")] == clients["127.0.0.2"]
+
+
+def test_every_message_of_a_pool_leaves_from_its_addresses(lab):
+    """options.ip_pool over HTTP and X-MSYS-API over SMTP choose the pool; a message
+    naming none gets egress.default_pool; each leaves only from its pool's sources."""
+    lab.serve(mx("pools.test", "mx.pools.test", "127.0.0.10"))
+    sink = lab.aio("127.0.0.10")
+    d = lab.daemon(processes=2, sections={"egress": {
+        "source": sources(("ip-2", "127.0.0.2"), ("ip-3", "127.0.0.3"), ("ip-4", "127.0.0.4"),
+                          ("ip-5", "127.0.0.5")),
+        "pool": [pool("marketing", ("ip-2", 1), ("ip-3", 1)), pool("alerts", ("ip-4", 1)),
+                 pool("house", ("ip-5", 1))],
+        "default_pool": "house"}})
+    for n in range(20):
+        status, _, reply = d.post({
+            "options": {"ip_pool": "marketing"}, "recipients": [f"m{n}@pools.test"],
+            "content": {"from": "news@example.com", "subject": "m", "text": "marketing"}})
+        assert status == 200, reply
+    for n in range(20):
+        d.send(SENDER, [f"a{n}@pools.test"],
+               b'X-MSYS-API: {"options": {"ip_pool": "alerts"}}\r\nSubject: a\r\n\r\nalert\r\n')
+        d.send(SENDER, [f"h{n}@pools.test"], b"Subject: h\r\n\r\nhouse\r\n")
+    wait_until(lambda: sink.received() >= 60, 60, "60 deliveries", interval=0.2)
+    by_kind = collections.defaultdict(set)
+    for t in sink.snapshot():
+        by_kind[t.rcpt_tos[0][0]].add(t.client_ip)
+    assert by_kind == {"m": {"127.0.0.2", "127.0.0.3"}, "a": {"127.0.0.4"},
+                       "h": {"127.0.0.5"}}, by_kind
+    q = d.queue_summary()
+    assert set(q["delivery"]["sources"]) >= {"ip-2", "ip-3", "ip-4", "ip-5"}
 
 
 # ----------------------------------------------------------------- sites
