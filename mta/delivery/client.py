@@ -1,9 +1,10 @@
 """Outbound SMTP client: one connection to one receiving server (RFC 5321).
 
 :meth:`SmtpConnection.open` connects (binding ``source_address`` when given,
-or through a SOCKS5 proxy, see ``mta.delivery.socks``), reads the greeting, says EHLO (HELO when EHLO is refused with 5xx), and
-upgrades with STARTTLS (RFC 3207) when the server offers it, then says EHLO
-again.  :meth:`SmtpConnection.send_message` runs one mail transaction and
+or through a SOCKS5 proxy, see ``mta.delivery.socks``), reads the greeting,
+says EHLO (HELO when EHLO is refused with 5xx), and upgrades with STARTTLS
+(RFC 3207) when the server offers it, then says EHLO again.
+:meth:`SmtpConnection.send_message` runs one mail transaction and
 returns a :class:`DeliveryResult`: one reply per recipient, in order, and the
 reply to the end of data.  The delivery engine owns policy — routing, retries,
 bounces, pools; this module only speaks the protocol and reports what the
@@ -556,7 +557,8 @@ class SmtpConnection:
             _, wire = await loop.create_connection(_Wire, sock=sock)
         except OSError as exc:
             sock.close()
-            raise SmtpConnectError(f"connect to {host}:{port} failed ({exc.strerror or exc})",
+            why = socks.describe_os_error(exc)
+            raise SmtpConnectError(f"connect to {host}:{port} failed ({why})",
                                    temporary=True) from None
         conn = cls(loop, wire, command_timeout, data_timeout)
         conn.host, conn.port = host, port
@@ -1011,7 +1013,7 @@ async def _connect_direct(loop: asyncio.AbstractEventLoop, host: str, port: int,
                     sock.bind((source, 0))
                 except OSError as exc:
                     raise SourceUnavailable(
-                        f"cannot bind source address {source} ({exc.strerror or exc})",
+                        f"cannot bind source address {source} ({socks.describe_os_error(exc)})",
                         source) from None
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, sockaddr),
@@ -1023,8 +1025,8 @@ async def _connect_direct(loop: asyncio.AbstractEventLoop, host: str, port: int,
                 if exc.errno in _SOURCE_ERRNOS:
                     raise SourceUnavailable(
                         f"no connection from source address {source or '(default)'} "
-                        f"({exc.strerror or exc})", source or "") from None
-                last = f"{exc.strerror or exc}"
+                        f"({socks.describe_os_error(exc)})", source or "") from None
+                last = socks.describe_os_error(exc)
                 sock.close()
                 continue
         except BaseException:

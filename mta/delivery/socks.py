@@ -36,12 +36,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 import struct
 from dataclasses import dataclass, field
 
 __all__ = [
-    "DestinationError", "ProxyUnavailable", "Socks5Proxy", "connect", "encode_address",
+    "DestinationError", "ProxyUnavailable", "Socks5Proxy", "connect", "describe_os_error",
+    "encode_address",
     "REPLY_TEXT",
 ]
 
@@ -137,6 +139,14 @@ class DestinationError(OSError):
         self.code = code
 
 
+def describe_os_error(exc: OSError) -> str:
+    """The system's text for *exc*'s errno ("Connection refused"), else what it says
+    (uvloop's connect errors carry "Connect call failed (...)" as their text)."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
+
+
 def encode_address(host: str, port: int) -> bytes:
     """ATYP, DST.ADDR and DST.PORT for *host*: an IPv4 or IPv6 literal, else a domain name
     (which the proxy resolves)."""
@@ -172,7 +182,7 @@ class _Exchange:
                 chunk = await self.loop.sock_recv(self.sock, n - len(buf))
             except OSError as exc:
                 raise ProxyUnavailable(f"proxy {self.proxy.name} connection failed during "
-                                       f"{self.stage} ({exc.strerror or exc})") from None
+                                       f"{self.stage} ({describe_os_error(exc)})") from None
             if not chunk:
                 raise ProxyUnavailable(f"proxy {self.proxy.name} closed the connection during "
                                        f"{self.stage}")
@@ -184,7 +194,7 @@ class _Exchange:
             await self.loop.sock_sendall(self.sock, data)
         except OSError as exc:
             raise ProxyUnavailable(f"proxy {self.proxy.name} connection failed during "
-                                   f"{self.stage} ({exc.strerror or exc})") from None
+                                   f"{self.stage} ({describe_os_error(exc)})") from None
 
     async def run(self, request: bytes) -> tuple[str, int]:
         """Negotiate, authenticate, CONNECT; return BND.ADDR and BND.PORT."""
@@ -272,7 +282,7 @@ async def connect(proxy: Socks5Proxy, host: str, port: int, timeout: float, *,
         except OSError as exc:
             sock.close()
             sock = None
-            last = exc.strerror or str(exc)
+            last = describe_os_error(exc)
     if sock is None:
         raise ProxyUnavailable(f"proxy {proxy.name} unreachable ({last or 'no address'})")
     # 2. The SOCKS exchange, within what is left of the deadline.
