@@ -17,14 +17,14 @@ under uvloop and asyncio alike), and we need their failures sorted our way:
 - :class:`ProxyUnavailable`: the proxy itself is the trouble (refused, no
   answer, hung up or spoke garbage during the handshake, authentication
   refused, "general failure", "not allowed by ruleset", "command not
-  supported", "address type not supported").  The caller treats the source
-  as unusable for now, not the destination.
-- :class:`DestinationError` (an OSError with the errno of what the proxy
-  reported: ENETUNREACH, EHOSTUNREACH, ECONNREFUSED, ETIMEDOUT): the proxy
-  works but could not reach the destination.  Also raised when the deadline
-  passes while waiting for the CONNECT reply: the proxy answered the method
-  negotiation, so it is alive, and the wait is its own connect to the
+  supported").  The caller treats the source as unusable for now, not the
   destination.
+- :class:`DestinationError` (an OSError with the errno of what the proxy
+  reported: ENETUNREACH, EHOSTUNREACH, ECONNREFUSED, ETIMEDOUT, and
+  EAFNOSUPPORT for "address type not supported"): the proxy works but could
+  not reach the destination.  Also raised when the deadline passes while
+  waiting for the CONNECT reply: the proxy answered the method negotiation,
+  so it is alive, and the wait is its own connect to the destination.
 
 Bounded: every read is of a known small size (a reply is at most 262
 bytes), and the whole exchange, TCP connect included, runs within the
@@ -59,7 +59,7 @@ ATYP_IPV6 = 0x04
 FIELD_MAX = 255                    # bytes: a user name, a password, a domain name
 
 # REP codes (RFC 1928 section 6): readable text, and for the destination's troubles the
-# errno they stand for.  A code not listed here (0x01, 0x02, 0x07, 0x08, unassigned) is the
+# errno they stand for.  A code without an errno (0x01, 0x02, 0x07, unassigned) is the
 # proxy's trouble.
 REPLY_TEXT = {
     0x01: "general SOCKS server failure",
@@ -76,6 +76,10 @@ DESTINATION_ERRNO = {
     0x04: errno.EHOSTUNREACH,
     0x05: errno.ECONNREFUSED,
     0x06: errno.ETIMEDOUT,
+    # The proxy cannot reach this kind of address (an IPv4-only proxy, an IPv6 MX host):
+    # this destination's trouble, like a direct source of the other IP version; suspending
+    # the source for it would stop its mail to every other site.
+    0x08: errno.EAFNOSUPPORT,
 }
 
 
@@ -257,15 +261,25 @@ async def connect(proxy: Socks5Proxy, host: str, port: int, timeout: float, *,
         loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     request = encode_address(host, port)    # a bad destination fails before any I/O
-    # 1. TCP to the proxy (by name or literal; the names of proxies are operator-configured).
+    # 1. TCP to the proxy.  An address literal needs no lookup (the usual case, and no
+    #    executor round trip per connection); a name is the operator's, looked up by the
+    #    system (getaddrinfo: /etc/hosts, the system resolver).
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM),
-            max(deadline - loop.time(), 0))
-    except (asyncio.TimeoutError, TimeoutError):
-        raise ProxyUnavailable(f"proxy {proxy.name}: address lookup timed out") from None
-    except OSError as exc:
-        raise ProxyUnavailable(f"proxy {proxy.name}: address lookup failed ({exc})") from None
+        ip = ipaddress.ip_address(proxy.host)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        infos = [(family, socket.SOCK_STREAM, 0, "", (proxy.host, proxy.port))]
+    else:
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM),
+                max(deadline - loop.time(), 0))
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ProxyUnavailable(f"proxy {proxy.name}: address lookup timed out") from None
+        except OSError as exc:
+            raise ProxyUnavailable(f"proxy {proxy.name}: address lookup failed ({exc})") from None
     sock = None
     last = ""
     for family, type_, proto, _, addr in infos:
