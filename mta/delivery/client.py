@@ -1,9 +1,10 @@
 """Outbound SMTP client: one connection to one receiving server (RFC 5321).
 
-:meth:`SmtpConnection.open` connects (binding ``source_address`` when given),
-reads the greeting, says EHLO (HELO when EHLO is refused with 5xx), and
-upgrades with STARTTLS (RFC 3207) when the server offers it, then says EHLO
-again.  :meth:`SmtpConnection.send_message` runs one mail transaction and
+:meth:`SmtpConnection.open` connects (binding ``source_address`` when given,
+or through a SOCKS5 proxy, see ``mta.delivery.socks``), reads the greeting,
+says EHLO (HELO when EHLO is refused with 5xx), and upgrades with STARTTLS
+(RFC 3207) when the server offers it, then says EHLO again.
+:meth:`SmtpConnection.send_message` runs one mail transaction and
 returns a :class:`DeliveryResult`: one reply per recipient, in order, and the
 reply to the end of data.  The delivery engine owns policy — routing, retries,
 bounces, pools; this module only speaks the protocol and reports what the
@@ -26,7 +27,16 @@ round trip.
 
 Failure: every failure is an :class:`SmtpError` carrying ``.reply`` (the
 server's reply, or a synthetic one, or None) and ``.temporary``.
-- :class:`SmtpConnectError`: connect refused or timed out, greeting 4xx/5xx,
+- :class:`SourceUnavailable`: the *sending source* is the trouble, not the
+  destination: its address cannot be bound (not on the host, no local port
+  free), or its SOCKS5 proxy refuses, does not answer, hangs up, refuses the
+  credentials or fails ("general failure", "not allowed by ruleset", ...).
+  The engine suspends the source and sends its mail from others; it is not a
+  kind of SmtpConnectError, so ``except SmtpConnectError`` never takes it for
+  a destination's failure.
+- :class:`SmtpConnectError`: connect refused or timed out (directly, or as
+  reported by the proxy: network/host unreachable, refused, TTL expired, or
+  no CONNECT reply in time), greeting 4xx/5xx,
   EHLO and HELO refused, STARTTLS required but not possible or failed.
 - :class:`SmtpTimeout`: the server did not answer within ``command_timeout``
   (``data_timeout`` for the message and its final reply).  The connection is
@@ -50,14 +60,20 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
+import ipaddress
 import re
+import socket
 import ssl
 from collections import deque
 
+from mta.delivery import socks
+from mta.delivery.socks import Socks5Proxy
+
 __all__ = [
     "DeliveryResult", "SmtpConnectError", "SmtpConnection", "SmtpConnectionLost",
-    "SmtpError", "SmtpProtocolError", "SmtpReply", "SmtpTimeout", "Unsupported8Bit",
-    "UnsupportedSmtpUtf8", "ReplyParser", "dot_stuff",
+    "SmtpError", "SmtpProtocolError", "SmtpReply", "SmtpTimeout", "Socks5Proxy",
+    "SourceUnavailable", "Unsupported8Bit", "UnsupportedSmtpUtf8", "ReplyParser", "dot_stuff",
 ]
 
 # Tuning and limits (units in the names or comments).
@@ -261,6 +277,20 @@ class SmtpConnectError(SmtpError):
         self.tls_failed = tls_failed
 
 
+class SourceUnavailable(SmtpError):
+    """The sending source cannot be used now, whatever the destination (always temporary).
+
+    ``reason`` is readable ("cannot bind 192.0.2.10 (Cannot assign requested
+    address)", "proxy 127.0.0.1:1080 refused the credentials of user 'u'");
+    ``source`` names the source: its address, or the proxy's ``host:port``.
+    """
+
+    def __init__(self, reason: str, source: str = "") -> None:
+        super().__init__(reason, None, True)
+        self.reason = reason
+        self.source = source
+
+
 class SmtpTimeout(SmtpError):
     """The server did not answer in time; the connection was aborted."""
 
@@ -430,6 +460,8 @@ class SmtpConnection:
         self._wire = wire
         self.host = ""
         self.port = 0
+        self.local_ip: str | None = None    # the sending IP the server sees (see open())
+        self.socks5: Socks5Proxy | None = None
         self.command_timeout = command_timeout
         self.data_timeout = data_timeout
         self._state = _State.BUSY
@@ -486,7 +518,7 @@ class SmtpConnection:
 
     @classmethod
     async def open(cls, host: str, port: int, *, helo_name: str,
-                   source_address: str | None = None, socks5=None,
+                   source_address: str | None = None, socks5: Socks5Proxy | None = None,
                    connect_timeout: float = 30, command_timeout: float = 300,
                    data_timeout: float = 600, starttls: str = "opportunistic",
                    tls_verify: bool = False, tls_server_hostname: str | None = None,
@@ -494,10 +526,20 @@ class SmtpConnection:
                    loop: asyncio.AbstractEventLoop | None = None) -> SmtpConnection:
         """Connect, read the greeting, EHLO (or HELO), STARTTLS as asked; return the session.
 
+        Directly, the socket is bound to ``source_address`` (when given) before
+        connecting.  With ``socks5`` the connection goes through that proxy
+        and ``source_address`` is *not* bound here: it names the proxy's
+        outbound address (the ``[[egress.source]]`` meaning), which is
+        usually not an address of this host.  ``connect_timeout`` bounds the
+        TCP connect and, through a proxy, the whole SOCKS handshake.
+        ``local_ip`` is then the proxy's BND.ADDR, or ``source_address`` when
+        the proxy reports none (0.0.0.0, as microsocks does).
+
         ``starttls``: "none" never, "opportunistic" when offered, "required"
         (SmtpConnectError when not offered or not working).  ``tls_context``
         overrides the shared context chosen by ``tls_verify``.
-        Raises SmtpConnectError, SmtpTimeout, SmtpConnectionLost or SmtpProtocolError.
+        Raises SourceUnavailable (the source's trouble), SmtpConnectError,
+        SmtpTimeout, SmtpConnectionLost or SmtpProtocolError.
         """
         if starttls not in STARTTLS_MODES:
             raise ValueError(f"starttls must be one of {STARTTLS_MODES}")
@@ -505,18 +547,23 @@ class SmtpConnection:
             raise ValueError("helo_name must be an ASCII hostname (A-labels) or address literal")
         if loop is None:
             loop = asyncio.get_running_loop()
-        local = (source_address, 0) if source_address else None
+        if socks5 is not None:
+            sock, local_ip = await _connect_via_proxy(loop, host, port, socks5, source_address,
+                                                      connect_timeout)
+        else:
+            sock, local_ip = await _connect_direct(loop, host, port, source_address,
+                                                   connect_timeout)
         try:
-            _, wire = await asyncio.wait_for(
-                loop.create_connection(_Wire, host, port, local_addr=local),
-                connect_timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            raise SmtpConnectError(f"connect to {host}:{port} timed out", temporary=True) from None
+            _, wire = await loop.create_connection(_Wire, sock=sock)
         except OSError as exc:
-            raise SmtpConnectError(f"connect to {host}:{port} failed ({exc.strerror or exc})",
+            sock.close()
+            why = socks.describe_os_error(exc)
+            raise SmtpConnectError(f"connect to {host}:{port} failed ({why})",
                                    temporary=True) from None
         conn = cls(loop, wire, command_timeout, data_timeout)
         conn.host, conn.port = host, port
+        conn.local_ip = local_ip
+        conn.socks5 = socks5
         try:
             await conn._handshake(helo_name, starttls, tls_verify,
                                   tls_server_hostname or host, tls_context)
@@ -901,6 +948,111 @@ class SmtpConnection:
         if w.lost:
             self.abort()
             raise SmtpConnectionLost("connection lost while sending the message")
+
+
+# --- connecting ------------------------------------------------------------------------------
+
+# Errors of connect() that are the local side's: no ephemeral port left for the
+# source address (or the address went away).  Any other errno is the destination's.
+_SOURCE_ERRNOS = frozenset((errno.EADDRNOTAVAIL, errno.EADDRINUSE))
+# Linux: choose the local port at connect(), not bind(), so that a bound source
+# address is not limited to one connection per ephemeral port across all destinations.
+# (The option lives at the IP level and applies to IPv6 sockets too.)
+_BIND_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", None)
+
+
+def _ip_family(address: str) -> int | None:
+    """AF_INET / AF_INET6 for an IP literal, None for anything else (a name)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    return socket.AF_INET if ip.version == 4 else socket.AF_INET6
+
+
+async def _connect_direct(loop: asyncio.AbstractEventLoop, host: str, port: int,
+                          source: str | None, timeout: float) -> tuple[socket.socket, str]:
+    """TCP to *host*:*port* from *source* (bound first) within *timeout*: (socket, local IP).
+
+    Binding fails -> SourceUnavailable at once (no other address of *host* is
+    tried: no address of it can help).  A source of the other IP version than
+    every address of *host* -> SmtpConnectError (this destination, not the source).
+    """
+    deadline = loop.time() + timeout
+    src_family = None
+    if source:
+        src_family = _ip_family(source)
+        if src_family is None:
+            raise SourceUnavailable(f"source address {source!r} is not an IP address", source)
+    family = _ip_family(host)
+    if family is not None:
+        addrs = [(family, (host, port))]
+    else:
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+        except (asyncio.TimeoutError, TimeoutError, OSError) as exc:
+            raise SmtpConnectError(f"connect to {host}:{port}: address lookup failed ({exc})",
+                                   temporary=True) from None
+        addrs = [(fam, sa) for fam, _, _, _, sa in infos]
+    last = None
+    for fam, sockaddr in addrs:
+        if src_family is not None and fam != src_family:
+            last = f"source {source} cannot reach an IPv{4 if fam == socket.AF_INET else 6} address"
+            continue
+        sock = socket.socket(fam, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if source:
+                if _BIND_NO_PORT is not None:
+                    try:
+                        sock.setsockopt(socket.IPPROTO_IP, _BIND_NO_PORT, 1)
+                    except OSError:
+                        pass            # older kernel: the port is chosen at bind()
+                try:
+                    sock.bind((source, 0))
+                except OSError as exc:
+                    raise SourceUnavailable(
+                        f"cannot bind source address {source} ({socks.describe_os_error(exc)})",
+                        source) from None
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, sockaddr),
+                                       max(deadline - loop.time(), 0))
+            except (asyncio.TimeoutError, TimeoutError):
+                raise SmtpConnectError(f"connect to {host}:{port} timed out",
+                                       temporary=True) from None
+            except OSError as exc:
+                if exc.errno in _SOURCE_ERRNOS:
+                    raise SourceUnavailable(
+                        f"no connection from source address {source or '(default)'} "
+                        f"({socks.describe_os_error(exc)})", source or "") from None
+                last = socks.describe_os_error(exc)
+                sock.close()
+                continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock, sock.getsockname()[0]
+    raise SmtpConnectError(f"connect to {host}:{port} failed ({last or 'no address'})",
+                           temporary=True)
+
+
+async def _connect_via_proxy(loop: asyncio.AbstractEventLoop, host: str, port: int,
+                             proxy: Socks5Proxy, source: str | None,
+                             timeout: float) -> tuple[socket.socket, str | None]:
+    """TCP to *host*:*port* through *proxy*: (socket, the sending IP the server sees)."""
+    try:
+        sock, bnd_addr, _ = await socks.connect(proxy, host, port, timeout, loop=loop)
+    except socks.ProxyUnavailable as exc:
+        raise SourceUnavailable(exc.reason, proxy.name) from None
+    except socks.DestinationError as exc:
+        raise SmtpConnectError(f"connect to {host}:{port} failed ({exc.strerror})",
+                               temporary=True) from None
+    except ValueError as exc:
+        raise SmtpConnectError(f"connect to {host}:{port} impossible ({exc})",
+                               temporary=True) from None
+    unspecified = bnd_addr in ("0.0.0.0", "::") or not bnd_addr
+    return sock, (source or None) if unspecified else bnd_addr
 
 
 def _parse_extensions(text: str) -> dict[str, str]:

@@ -62,7 +62,7 @@ from mta.bus import (DEFERRED, DELIVERED, FAILED, PRIORITY_TRANSACTIONAL, REQUEU
 from mta.config import parse_hostport
 from mta.delivery import client as smtpc
 from mta.delivery.limits import CONNECTION_RATE, CONNECTIONS, MESSAGE_RATE, NodeLimiter, limit_key
-from mta.delivery.socks import Socks5Proxy, SourceUnavailable
+from mta.delivery.client import Socks5Proxy, SourceUnavailable
 from mta.dns import DnsTempError
 from mta.shaping import Shaping
 
@@ -147,8 +147,8 @@ class Source:
         self.ehlo = cfg.ehlo_name or default_ehlo
         self.proxy = None
         if cfg.socks5_proxy:
-            host, port = parse_hostport(cfg.socks5_proxy)
-            self.proxy = Socks5Proxy(host, port, cfg.socks5_username, cfg.socks5_password)
+            self.proxy = Socks5Proxy.parse(cfg.socks5_proxy, cfg.socks5_username,
+                                           cfg.socks5_password)
         self.suspended_until = 0.0
         self.failures = 0
         self.reason = ""

@@ -33,6 +33,7 @@ from mta.delivery.client import (
     SmtpProtocolError,
     SmtpReply,
     SmtpTimeout,
+    SourceUnavailable,
     Unsupported8Bit,
     UnsupportedSmtpUtf8,
     dot_stuff,
@@ -339,6 +340,7 @@ def test_sink_source_address(sink_factory):
     async def main():
         conn = await SmtpConnection.open("127.0.0.1", sink.port, helo_name=HELO,
                                          source_address="127.0.0.2", command_timeout=5)
+        assert conn.local_ip == "127.0.0.2" and conn.socks5 is None
         await conn.send_message("a@src.test.example", ["b@dst.test.example"], b"Subject: s\r\n\r\nx\r\n")
         await conn.quit()
 
@@ -1122,6 +1124,45 @@ def test_raw_garbage_greeting_and_refused_connection():
         assert ei.value.temporary and ei.value.reply is None
 
     run(main())
+
+
+def test_source_trouble_is_not_destination_trouble():
+    """A source address that cannot be bound is SourceUnavailable at once (the connect
+    timeout is longer than the loop's bound: waiting on it would fail the test), and the
+    destination never sees a connection; a refused destination is not the source's fault,
+    nor is a destination of the other IP version than the source."""
+    async def greet(peer):
+        await peer.hello()
+        await asyncio.sleep(LOOP_BOUND)
+
+    async def main():
+        unbindable = {}
+        async with RawServer(greet) as srv:
+            for source in ("192.0.2.10", "not-an-address"):
+                with pytest.raises(SourceUnavailable) as ei:
+                    await open_to(srv.port, source_address=source, connect_timeout=2 * LOOP_BOUND)
+                unbindable[source] = ei.value
+            conn = await open_to(srv.port, source_address="127.0.0.2", command_timeout=2)
+            assert conn.local_ip == "127.0.0.2"
+            conn.abort()
+            peers = [p.peername[0] for p in srv.peers]
+        with pytest.raises(SmtpConnectError) as refused:
+            await open_to(free_port(), source_address="127.0.0.2", connect_timeout=2)
+        with pytest.raises(SmtpConnectError) as mismatch:
+            await SmtpConnection.open("::1", 25, helo_name=HELO, source_address="127.0.0.2",
+                                      connect_timeout=2)
+        return unbindable, peers, refused.value, mismatch.value
+
+    unbindable, peers, refused, mismatch = run(main())
+    for source, exc in unbindable.items():
+        assert exc.source == source and exc.temporary and exc.reply is None
+        assert not isinstance(exc, SmtpConnectError)
+    assert unbindable["192.0.2.10"].reason == \
+        "cannot bind source address 192.0.2.10 (Cannot assign requested address)"
+    assert "not an IP address" in unbindable["not-an-address"].reason
+    assert peers == ["127.0.0.2"]       # only the bound connection got there
+    assert not isinstance(refused, SourceUnavailable) and "Connection refused" in str(refused)
+    assert not isinstance(mismatch, SourceUnavailable) and "IPv6" in str(mismatch)
 
 
 def test_raw_starttls_reply_with_injected_data_fails():
