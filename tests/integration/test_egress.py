@@ -250,3 +250,77 @@ def test_a_source_whose_address_is_not_on_the_host_is_suspended(lab):
     assert "192.0.2.10" in q["delivery"]["sources"]["absent"]["reason"]
     text = d.cli("queue").stdout.decode()
     assert "absent" in text and "suspended" in text
+
+
+# ----------------------------------------------------------------- proxy tier
+
+
+class Microsocks:
+    """Debian's microsocks on 127.0.0.1:*port*, its outbound connections from *bind*;
+    our own child, killed and restarted by its PID."""
+
+    def __init__(self, port: int, bind: str):
+        self.port, self.bind, self.proc = port, bind, None
+
+    def start(self) -> "Microsocks":
+        self.proc = subprocess.Popen(["microsocks", "-i", "127.0.0.1", "-p", str(self.port),
+                                      "-b", self.bind], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+        def listening():
+            assert self.proc.poll() is None, "microsocks exited"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+        wait_until(listening, 10, "microsocks listening")
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def test_a_source_behind_a_socks5_proxy_is_suspended_while_the_proxy_is_down(lab):
+    """Through microsocks the receiver sees the proxy's outbound address; kill the proxy
+    mid-load: that source is suspended, its mail leaves from the pool's other source,
+    nothing is lost; start the proxy again: the source comes back."""
+    from daemon import free_port
+
+    lab.serve(mx("proxy.test", "mx.proxy.test", "127.0.0.10"))
+    sink = lab.aio("127.0.0.10")
+    proxy = Microsocks(free_port(), "127.0.0.3").start()
+    try:
+        d = lab.daemon(processes=1, time_scale=0.01, idle_timeout=1.0, sections={"egress": {
+            "source": [{"name": "proxied", "source_address": "127.0.0.3",
+                        "socks5_proxy": f"127.0.0.1:{proxy.port}"},
+                       {"name": "direct", "source_address": "127.0.0.4"}],
+            "pool": [pool("default", ("proxied", 1), ("direct", 1))],
+            "suspend_time": 3.0, "suspend_time_max": 3.0}})
+        finish(inject(d, "one@proxy.test", 40))
+        wait_until(lambda: sink.received() >= 40, 60, "the first 40", interval=0.1)
+        assert {t.client_ip for t in sink.snapshot()} == {"127.0.0.3", "127.0.0.4"}
+
+        load = inject(d, "two@proxy.test", 300, sessions=2)
+        wait_until(lambda: sink.received() >= 60, 60, "the second load under way", interval=0.05)
+        proxy.kill()
+        finish(load)
+        d.wait_log(r"source proxied suspended for \d+s: ", timeout=30)
+        wait_until(lambda: sink.received() >= 340, 120, "all 340 delivered", interval=0.2)
+        after_kill = [t for t in sink.snapshot()[60:] if "two@" in t.rcpt_tos[0]]
+        assert any(t.client_ip == "127.0.0.4" for t in after_kill)
+
+        proxy.start()
+        wait_until(lambda: not d.queue_summary()["delivery"]["sources"]["proxied"]
+                   ["suspended_until"], 20, "the suspension to end", interval=0.5)
+        finish(inject(d, "three@proxy.test", 40))
+        wait_until(lambda: sink.received() >= 380, 60, "the last 40", interval=0.1)
+        third = [t for t in sink.snapshot() if "three@" in t.rcpt_tos[0]]
+        assert {t.client_ip for t in third} == {"127.0.0.3", "127.0.0.4"}
+        # Nothing lost, nothing left: every message delivered, the queue empty.
+        wait_until(lambda: d.queue_summary()["total"]["messages"] == 0, 30, "an empty queue")
+        assert len({q for q, _, _ in sink.deliveries()}) == 380
+    finally:
+        proxy.kill()
