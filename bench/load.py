@@ -44,7 +44,7 @@ End-to-end mode (``--e2e``, issue 3)
     "." received) says exactly how many messages arrived.
 
     mta      ``delivery.hold = false``, one static route ``[[delivery.route]] domain = "*"
-             hosts = ["127.0.0.1:SINKPORT"]`` (an IP literal: no DNS), connections_per_domain
+             hosts = ["127.0.0.1:SINKPORT"]`` (an IP literal: no DNS), connection_limit
              = ``--concurrency``; everything else default.
     postfix  the same private instance, without the HOLD, delivering with its smtp client to
              ``relayhost = [127.0.0.1]:SINKPORT`` (bracketed IP literal, and

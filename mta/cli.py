@@ -140,13 +140,103 @@ def _when(ts) -> str:
     return "now" if secs <= 0 else f"in {datetime.timedelta(seconds=secs)}"
 
 
+STATUS_FRESH = 10.0     # seconds: an older delivery status file is a process that is gone
+
+
+def _delivery_status(settings) -> dict:
+    """What the delivery processes are doing, from the status files they write each second.
+
+    Sources (suspended and why, by any process), sites (their domains and
+    hosts), and the (source x site) lanes summed over the processes: jobs
+    queued, connections (own, and node-wide), current rate.
+    """
+    import glob
+
+    sources: dict = {}
+    sites: dict = {}
+    lanes: dict = {}
+    processes = 0
+    now = time.time()
+    for path in sorted(glob.glob(os.path.join(settings.run_dir, "delivery-*.status.json"))):
+        try:
+            with open(path, "rb") as fh:
+                st = json.loads(fh.read())
+        except (OSError, ValueError):
+            continue
+        if now - st.get("time", 0) > STATUS_FRESH:
+            continue
+        processes += 1
+        for name, src in st.get("sources", {}).items():
+            cur = sources.setdefault(name, {"address": src["address"], "proxy": src["proxy"],
+                                            "suspended_until": 0.0, "reason": "",
+                                            "connections": 0, "rate": 0.0})
+            if src["suspended_until"] > cur["suspended_until"]:
+                cur["suspended_until"] = src["suspended_until"]
+                cur["reason"] = src["reason"]
+        for name, site in st.get("sites", {}).items():
+            cur = sites.setdefault(name, {"domains": set(), "hosts": site["hosts"],
+                                          "queued": 0, "connections": 0, "rate": 0.0})
+            cur["domains"].update(site["domains"])
+        for ln in st.get("lanes", []):
+            key = (ln["source"], ln["site"])
+            cur = lanes.setdefault(key, {"source": ln["source"], "site": ln["site"],
+                                         "queued": 0, "transactional": 0, "connections": 0,
+                                         "node_connections": 0, "rate": 0.0,
+                                         "connection_limit": ln["connection_limit"],
+                                         "max_message_rate": ln["max_message_rate"]})
+            for k in ("queued", "transactional", "connections", "rate"):
+                cur[k] += ln[k]
+            cur["node_connections"] = max(cur["node_connections"], ln["node_connections"])
+    for ln in lanes.values():
+        if ln["source"] in sources:
+            sources[ln["source"]]["connections"] += ln["connections"]
+            sources[ln["source"]]["rate"] += ln["rate"]
+        if ln["site"] in sites:
+            sites[ln["site"]]["queued"] += ln["queued"]
+            sites[ln["site"]]["connections"] += ln["connections"]
+            sites[ln["site"]]["rate"] += ln["rate"]
+    for site in sites.values():
+        site["domains"] = sorted(site["domains"])
+    return {"processes": processes, "sources": sources, "sites": sites,
+            "lanes": sorted(lanes.values(), key=lambda x: (x["site"], x["source"]))}
+
+
+def _print_delivery(d: dict) -> None:
+    if d.get("pools"):
+        click.echo("")
+        rows = [("POOL", "MESSAGES", "RECIPIENTS")]
+        for name, p in sorted(d["pools"].items()):
+            rows.append((name, str(p["messages"]), str(p["recipients"])))
+        _table(rows)
+    if d["sources"]:
+        click.echo("")
+        rows = [("SOURCE", "ADDRESS", "CONNECTIONS", "RATE/S", "STATE")]
+        for name, src in sorted(d["sources"].items()):
+            state = "ok"
+            if src["suspended_until"]:
+                state = (f"suspended {_when(src['suspended_until'])}: {src['reason']}")
+            addr = (src["address"] or "(system's choice)") + (" via SOCKS5" if src["proxy"] else "")
+            rows.append((name, addr, str(src["connections"]), f"{src['rate']:.1f}", state))
+        _table(rows)
+    if d["sites"]:
+        click.echo("")
+        rows = [("SITE", "DOMAINS", "QUEUED", "CONNECTIONS", "RATE/S")]
+        for name, site in sorted(d["sites"].items()):
+            doms = ",".join(site["domains"][:3]) + (
+                f" +{len(site['domains']) - 3}" if len(site["domains"]) > 3 else "")
+            rows.append((name, doms or "-", str(site["queued"]), str(site["connections"]),
+                         f"{site['rate']:.1f}"))
+        _table(rows)
+
+
 @main.group(invoke_without_command=True)
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="one JSON object for machines")
 @click.option("--domains", "by_domain", is_flag=True, help="also a line per recipient domain")
 @click.pass_context
 def queue(ctx, config_path, as_json, by_domain):
-    """Summary of the live queue: per shard and per domain, deferred, oldest age."""
+    """Summary of the live queue: per shard, pool, source and site (and domain), deferred,
+    scheduled, oldest age, suspended sources and why."""
     ctx.obj = config_path
     if ctx.invoked_subcommand is not None:
         return
@@ -179,8 +269,17 @@ def queue(ctx, config_path, as_json, by_domain):
         "next_start": min((x["next_start"] for x in shards
                            if x.get("next_start") is not None), default=None),
     }
+    pools: dict[str, dict] = {}
+    for x in shards:
+        for name, v in x.get("pools", {}).items():
+            t = pools.setdefault(name, {"messages": 0, "recipients": 0})
+            t["messages"] += v["messages"]
+            t["recipients"] += v["recipients"]
+    delivery = _delivery_status(s)
+    delivery["pools"] = pools
     if as_json:
-        click.echo(json.dumps({"total": total, "shards": shards, "domains": domains}))
+        click.echo(json.dumps({"total": total, "shards": shards, "domains": domains,
+                               "delivery": delivery}))
         return
     rows = [("SHARD", "MESSAGES", "RECIPIENTS", "PENDING", "DEFERRED", "NEXT RETRY", "BYTES",
              "OLDEST", "SEGMENTS", "HEALTH")]
@@ -200,6 +299,7 @@ def queue(ctx, config_path, as_json, by_domain):
         click.echo(f"scheduled: {total['scheduled_messages']} message(s), "
                    f"{total['scheduled']} recipient(s) waiting for their start_time; "
                    f"the first {_when(total['next_start'])}")
+    _print_delivery(delivery)
     if by_domain and domains:
         click.echo("")
         rows = [("DOMAIN", "RECIPIENTS", "DEFERRED", "NEXT RETRY")]

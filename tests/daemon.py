@@ -31,6 +31,11 @@ def free_port(host: str = HOST) -> int:
         return s.getsockname()[1]
 
 
+def _key(k: str) -> str:
+    """A TOML key: bare when it may be, else quoted ("example.com" has a dot)."""
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
 def _toml(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -39,14 +44,21 @@ def _toml(value) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_key(k)} = {_toml(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
 def render_config(sections: dict) -> str:
-    """TOML for {section: {key: value}}; a list of dicts becomes [[section.key]] tables."""
+    """TOML for {section: {key: value}}; a list of dicts becomes [[section.key]] tables,
+    and a section that is a list of dicts ({"shaping": [...]}) [[section]] tables."""
     out = []
     for name, keys in sections.items():
+        if isinstance(keys, list):
+            for item in keys:
+                out.append(f"[[{name}]]")
+                out += [f"{ik} = {_toml(iv)}" for ik, iv in item.items()]
+                out.append("")
+            continue
         out.append(f"[{name}]")
         tables = []
         for k, v in keys.items():
@@ -151,7 +163,10 @@ class Daemon:
             "delivery": {"hold": True, "processes": 1},
         }
         for name, keys in sections.items():
-            self.sections.setdefault(name, {}).update(keys)
+            if isinstance(keys, list):          # [[name]] tables at the top level
+                self.sections[name] = list(keys)
+            else:
+                self.sections.setdefault(name, {}).update(keys)
         self.write_config()
         self.proc: subprocess.Popen | None = None
         self.env = dict(os.environ)

@@ -15,6 +15,8 @@ on one port (:func:`common_port`), which is the daemon's ``delivery.mx_port``.
 """
 from __future__ import annotations
 
+import asyncio
+
 import os
 import re
 import shutil
@@ -82,10 +84,23 @@ class _CountingSMTP(SMTP):
         self._conn_no = 0
 
     def connection_made(self, transport):
+        peer = transport.get_extra_info("peername")
         with self._sink.lock:
-            self._sink.connections += 1
-            self._conn_no = self._sink.connections
+            sink = self._sink
+            sink.connections += 1
+            self._conn_no = sink.connections
+            sink.open_now += 1
+            sink.max_open = max(sink.max_open, sink.open_now)
+            sink.conn_clients[self._conn_no] = peer[0] if peer else ""
+        self._counted = True
         super().connection_made(transport)
+
+    def connection_lost(self, exc):
+        if getattr(self, "_counted", False):
+            self._counted = False
+            with self._sink.lock:
+                self._sink.open_now -= 1
+        super().connection_lost(exc)
 
 
 class _Controller(Controller):
@@ -112,6 +127,10 @@ class AioSink:
         self.data = data
         self.lock = threading.Lock()
         self.connections = 0
+        self.open_now = 0             # connections open at this moment
+        self.max_open = 0             # the most that were ever open at once
+        self.conn_clients: dict[int, str] = {}   # connection number -> client IP
+        self.delay = 0.0              # seconds each end of data waits before its reply
         self.txns: list[Txn] = []
         self.rejected: list[Txn] = []
         self.rcpt_log: list[tuple[str, str, str]] = []   # (mail_from, address, reply)
@@ -120,8 +139,12 @@ class AioSink:
 
     def start(self) -> "AioSink":
         self.ctl.start()
-        with self.lock:         # the controller's own trigger connection does not count
+        # The controller's own trigger connection does not count.
+        wait_until(lambda: self.open_now == 0, 5.0, "the trigger connection to close")
+        with self.lock:
             self.connections = 0
+            self.max_open = 0
+            self.conn_clients.clear()
         return self
 
     def stop(self) -> None:
@@ -178,6 +201,8 @@ class _Handler:
         txn = Txn(s.ip, server._conn_no, session.peer[0], _null(envelope.mail_from),
                   list(envelope.mail_options), list(envelope.rcpt_tos),
                   envelope.original_content, "")
+        if s.delay:
+            await asyncio.sleep(s.delay)     # a slow receiver; other connections go on
         reply = (s.data(s, txn) if s.data else None) or "250 2.0.0 ok"
         txn.reply = reply
         with s.lock:

@@ -39,7 +39,7 @@ def parse_args(argv, description: str = ""):
                         "harness; timed until it has every message and the queue is empty")
     p.add_argument("--concurrency", type=int, default=20,
                    help="--e2e: connections to the receiver, at most (mta "
-                        "delivery.connections_per_domain, Postfix destination concurrency "
+                        "delivery.connection_limit (node-wide), Postfix destination concurrency "
                         "limit)")
     p.add_argument("--per-connection", action="store_true",
                    help="one message per connection (smtp-source without -d)")

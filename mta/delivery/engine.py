@@ -1,22 +1,48 @@
-"""Delivery engine: per-domain queues, routing, connection reuse, outcomes.
+"""Delivery engine: sites, egress sources and pools, per (source x site) lanes, shaping.
 
 A job is one message's recipients for one domain (they go in one SMTP
-transaction).  Jobs queue per destination domain; each domain has at most
-``delivery.connection_limit`` connections, each a worker task that takes
-jobs from the domain's queue, reuses its connection for up to
-``max_deliveries_per_connection`` messages and keeps it open ``idle_timeout``
-seconds for the next one.
+transaction).  What happens to it:
 
-Routing: a static route (``[[delivery.route]]``, exact domain first, then
-``*``) wins; otherwise MX lookup (:mod:`mta.dns`): preference order, random
-among equals, the domain's own address records when it has no MX.  Hosts are
-tried in order: a refused connection, a timeout or a 4xx/5xx greeting moves on
-to the next host.  Null MX, NXDOMAIN and a domain without addresses fail the
-recipients permanently; a DNS timeout or SERVFAIL defers them.
+1. **Site.**  The recipient domain is resolved to its *site*: the set of
+   hosts its mail goes to -- the MX hosts (or the domain's own address when
+   it has no MX), or the hosts of a static route (``[[delivery.route]]``,
+   exact domain first, then ``*``).  Domains whose MX hosts are the same set
+   share one site (MX rollup: every domain Google hosts is one site), so they
+   share connections and limits.  A site is named from its host names, e.g.
+   ``(alt1.|alt2.|)gmail-smtp-in.l.google.com``, so operators can read it.  A
+   domain's site is trusted for SITE_TTL seconds, then looked up again in the
+   background.  Null MX, NXDOMAIN and a domain without addresses fail its
+   jobs permanently; a DNS timeout or SERVFAIL defers them.
+2. **Source.**  The message's pool (``DeliveryMessageReady.pool``, checked at
+   injection) names weighted egress sources; the job goes to one of those that
+   may send now, by smooth weighted round robin (so 3:1 weights give exactly
+   3:1 over any four messages of the pool, not only on average).  A source
+   that cannot be used -- its address is not on this host, its SOCKS5 proxy
+   does not answer -- is suspended (``egress.suspend_time``, doubling up to
+   ``suspend_time_max``) and its queued jobs move to the pool's other
+   sources; when no source of the pool may send, the job goes back to the
+   spool as REQUEUED (not an attempt) until the earliest suspension ends.
+3. **Lane.**  Jobs wait per (source x site) in a lane: transactional ones
+   before bulk ones.  A lane has at most ``connection_limit`` connections
+   *node-wide* (slots in :mod:`mta.delivery.limits`, shared by every
+   delivery process and freed by the kernel when a process dies), sends at
+   most ``max_message_rate`` messages and opens at most
+   ``max_connection_rate`` connections (node-wide too), reuses a connection
+   for ``max_deliveries_per_connection`` messages and keeps it
+   ``idle_timeout`` seconds -- less when another process is waiting for a
+   slot of that lane.  The limits come from :mod:`mta.shaping` (rules by
+   domain, MX pattern or site, optionally per source; presets for the large
+   providers; [delivery] defaults).  Lanes are independent tasks: a slow,
+   hung or suspended site delays nothing but itself.
 
-Outcome per recipient — ``delivered``, ``deferred`` (4xx, connection or DNS
-trouble) or ``failed`` (5xx) — with the reply and the remote host; the
-spool shard that owns the message decides when to retry and when to bounce.
+Hosts are tried in order: a refused connection, a timeout or a 4xx/5xx
+greeting moves on to the next host.  When every host failed, the job and
+everything queued in its lane are deferred (the same answer holds for them).
+
+Outcome per recipient -- ``delivered``, ``deferred`` (4xx, connection or DNS
+trouble), ``failed`` (5xx) or ``requeued`` (not attempted) -- with the reply,
+the remote host, the source, its address and the site; the spool shard that
+owns the message decides when to retry and when to bounce.
 
 8-bit messages: a server without 8BITMIME gets nothing; the recipients fail
 with 554 5.6.3 (we do not down-convert: rewriting a signed message would break
@@ -26,27 +52,42 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import ipaddress
 import logging
 import time
 
-from mta.bus import DEFERRED, DELIVERED, FAILED, DeliveryMessageReady, Result
+from mta.bus import (DEFERRED, DELIVERED, FAILED, PRIORITY_TRANSACTIONAL, REQUEUED,
+                     DeliveryMessageReady, Result)
 from mta.config import parse_hostport
 from mta.delivery import client as smtpc
+from mta.delivery.limits import CONNECTION_RATE, CONNECTIONS, MESSAGE_RATE, NodeLimiter, limit_key
+from mta.delivery.client import Socks5Proxy, SourceUnavailable
 from mta.dns import DnsTempError
+from mta.shaping import Shaping
 
 log = logging.getLogger("mta.delivery")
+
+SITE_TTL = 300.0          # seconds a domain's site is used before it is looked up again
+SITE_FORGET = 3600.0      # seconds an unused domain -> site entry is kept at all
+SLOT_RETRY = 0.05         # seconds between tries for a connection slot another process holds
+IDLE_CHECK = 0.25         # seconds between looks, while idle, for another process's demand
+MAX_SITE_NAME = 200       # longest site name shown; longer ones end in a hash
+MIN_REQUEUE = 1.0         # seconds, at least, before a requeued job comes back
 
 
 class Job:
     """One message's recipients for one domain: the spool's job and who sent it."""
 
-    __slots__ = ("msg", "peer", "queued_at")
+    __slots__ = ("msg", "peer", "queued_at", "source", "source_ip", "site")
 
     def __init__(self, msg: DeliveryMessageReady, peer: bytes):
-        self.msg = msg              # req, qid, sender, domain, rcpts, params, attempt, body
+        self.msg = msg              # req, qid, sender, domain, rcpts, params, attempt, body, ...
         self.peer = peer            # the spool shard to report to
         self.queued_at = time.monotonic()
+        self.source = ""            # the egress source it was (last) given to
+        self.source_ip = ""         # the address it left from
+        self.site = ""              # the name of its site
 
     def results(self, outcome: str, code: int, enhanced: str, text: str, host: str = "",
                 ip: str = "") -> list[Result]:
@@ -65,9 +106,9 @@ class Target:
         self.host = host
         self.ip = ip
         self.port = port
-        self.starttls = starttls
+        self.starttls = starttls        # None: the lane's shaping decides
         self.tls_verify = tls_verify
-        self.source = source or None
+        self.source = source or None    # a static route's own source_address
 
 
 class RouteError(Exception):
@@ -81,14 +122,107 @@ class RouteError(Exception):
         self.text = text
 
 
-class Destination:
-    __slots__ = ("domain", "queue", "active", "wakeup")
+class Site:
+    """A set of receiving hosts, shared by every domain whose mail goes to them."""
 
-    def __init__(self, domain: str):
-        self.domain = domain
-        self.queue: collections.deque[Job] = collections.deque()
-        self.active = 0
+    __slots__ = ("key", "name", "hosts", "targets", "domains", "lanes")
+
+    def __init__(self, key: tuple, name: str, hosts: tuple[str, ...]):
+        self.key = key
+        self.name = name
+        self.hosts = hosts                      # host names (lower case), for shaping's mx rules
+        self.targets: list[Target] = []         # in the order to try them
+        self.domains: set[str] = set()
+        self.lanes: dict[str, Lane] = {}        # by source name
+
+
+class Source:
+    """An egress source and its suspension."""
+
+    __slots__ = ("name", "address", "ehlo", "proxy", "suspended_until", "failures", "reason")
+
+    def __init__(self, cfg, default_ehlo: str):
+        self.name = cfg.name
+        self.address = cfg.source_address or None
+        self.ehlo = cfg.ehlo_name or default_ehlo
+        self.proxy = None
+        if cfg.socks5_proxy:
+            self.proxy = Socks5Proxy.parse(cfg.socks5_proxy, cfg.socks5_username,
+                                           cfg.socks5_password)
+        self.suspended_until = 0.0
+        self.failures = 0
+        self.reason = ""
+
+    def usable(self, now: float) -> bool:
+        return now >= self.suspended_until
+
+
+class Pool:
+    """A weighted set of sources; picks by smooth weighted round robin among the usable ones."""
+
+    __slots__ = ("name", "members", "current")
+
+    def __init__(self, name: str, members):
+        self.name = name
+        self.members = list(members)            # [(source name, weight)]
+        self.current = {s: 0 for s, _ in self.members}
+
+    def pick(self, usable) -> str | None:
+        total = 0
+        best = None
+        current = self.current
+        for src, weight in self.members:
+            if not usable(src):
+                continue
+            current[src] += weight
+            total += weight
+            if best is None or current[src] > current[best]:
+                best = src
+        if best is not None:
+            current[best] -= total
+        return best
+
+
+class Lane:
+    """The jobs of one (source x site), with their connections and limits."""
+
+    __slots__ = ("source", "site", "key", "connect_key", "message_key", "limits", "urgent", "bulk", "active", "idle",
+                 "wakeup", "sent", "retry", "waiting", "rate", "rate_sent", "rate_at")
+
+    def __init__(self, source: Source, site: Site, limits):
+        self.source = source
+        self.site = site
+        self.key = limit_key(source.name, site.name, CONNECTIONS)
+        self.connect_key = limit_key(source.name, site.name, CONNECTION_RATE)
+        self.message_key = limit_key(source.name, site.name, MESSAGE_RATE)
+        self.limits = limits
+        self.urgent: collections.deque[Job] = collections.deque()   # transactional
+        self.bulk: collections.deque[Job] = collections.deque()
+        self.active = 0            # workers (each holds a connection slot)
+        self.idle = 0              # of which waiting for a job
         self.wakeup = asyncio.Event()
+        self.sent = 0              # messages handed to a receiver (any reply)
+        self.retry = None          # timer: try for a slot again
+        self.waiting = False       # marked as waiting for a slot (node-wide)
+        self.rate = 0.0            # messages a second, over the last status interval
+        self.rate_sent = 0
+        self.rate_at = time.monotonic()
+
+    def queued(self) -> int:
+        return len(self.urgent) + len(self.bulk)
+
+    def pop(self) -> Job | None:
+        if self.urgent:
+            return self.urgent.popleft()
+        if self.bulk:
+            return self.bulk.popleft()
+        return None
+
+    def drain(self) -> list[Job]:
+        jobs = list(self.urgent) + list(self.bulk)
+        self.urgent.clear()
+        self.bulk.clear()
+        return jobs
 
 
 def _is_ip(text: str) -> bool:
@@ -99,48 +233,235 @@ def _is_ip(text: str) -> bool:
         return False
 
 
+def site_name(hosts) -> str:
+    """A readable name for a set of host names: their common suffix after the alternatives.
+
+    ('alt1.gmail-smtp-in.l.google.com', 'gmail-smtp-in.l.google.com') ->
+    '(alt1.|)gmail-smtp-in.l.google.com'; one host is its own name.
+    """
+    hosts = sorted(hosts)
+    if len(hosts) == 1:
+        name = hosts[0]
+    else:
+        rev = [h[::-1] for h in hosts]
+        n = 0
+        shortest = min(len(r) for r in rev)
+        while n < shortest and all(r[n] == rev[0][n] for r in rev):
+            n += 1
+        suffix = rev[0][:n][::-1]
+        cut = suffix.find(".")          # keep whole labels in the suffix
+        suffix = suffix[cut:] if cut > 0 else ("" if cut < 0 else suffix)
+        if suffix.startswith("."):
+            suffix = suffix[1:]
+            heads = [h[:len(h) - len(suffix)] for h in hosts]
+        else:
+            heads = [h[:len(h) - len(suffix)] for h in hosts] if suffix else hosts
+        name = "(" + "|".join(heads) + ")" + suffix if suffix else "|".join(hosts)
+    if len(name) > MAX_SITE_NAME:
+        digest = hashlib.blake2b(name.encode(), digest_size=6).hexdigest()
+        name = name[:MAX_SITE_NAME - 13] + "~" + digest
+    return name
+
+
 class Engine:
-    def __init__(self, settings, resolver, report, loop):
+    def __init__(self, settings, resolver, report, loop, limiter=None, shaping=None):
+        self.settings = settings
         self.cfg = settings.config.delivery
         self.helo = settings.helo_name
         self.resolver = resolver
-        self.report = report        # report(job, results) -> None
+        self.report = report        # report(job, results, retry_after=0.0) -> None
         self.loop = loop
-        self.dests: dict[str, Destination] = {}
         self.routes = {r.domain.lower().rstrip("."): r for r in self.cfg.route}
+        self.sources = {name: Source(cfg, self.helo) for name, cfg in settings.sources.items()}
+        self.pools = {name: Pool(name, members) for name, members in settings.pools.items()}
+        self.egress = settings.config.egress
+        self.shaping = shaping or Shaping(settings.config.shaping, self.cfg,
+                                          presets=self.cfg.shaping_presets)
+        self.limiter = limiter or NodeLimiter(f"{settings.run_dir}/limits")
+        # Domains named by exact-domain shaping rules: their sites are looked up once
+        # delivery starts, so that every process applies a domain's rule to the site
+        # of that domain, whichever domains of the site it happens to see itself.
+        self.rule_domains = sorted({r.domain.lower().rstrip(".") for r in self._rules()
+                                    if r.domain and not r.domain.startswith("*")})
+        self.learning: asyncio.Future | None = None
+        self.sites: dict[tuple, Site] = {}
+        self.domain_site: dict[str, tuple[Site, float]] = {}   # domain -> (site, looked up at)
+        self.resolving: dict[str, list[Job]] = {}                # domain -> jobs waiting for it
         self.in_flight = 0
         self.stats = collections.Counter()
+        self.tasks: set[asyncio.Task] = set()
         self.workers: set[asyncio.Task] = set()
         self.stopping = False
 
     # --------------------------------------------------------------- intake
 
     def submit(self, job: Job) -> None:
-        domain = job.msg.domain
-        d = self.dests.get(domain)
-        if d is None:
-            d = self.dests[domain] = Destination(domain)
-        d.queue.append(job)
         self.in_flight += 1
-        if d.active < self.cfg.connection_limit and \
-                (d.active == 0 or len(d.queue) > d.active):
-            self._spawn(d)
-        else:
-            d.wakeup.set()
+        domain = job.msg.domain
+        waiting = self.resolving.get(domain)
+        if waiting is not None:
+            waiting.append(job)
+            return
+        known = self.domain_site.get(domain)
+        if known is not None:
+            site, at = known
+            if self.loop.time() - at > SITE_TTL:
+                self.resolving[domain] = []       # route now, look up again meanwhile
+                self._task(self._resolve(domain))
+            self._route(job, site)
+            return
+        self.resolving[domain] = [job]
+        self._task(self._resolve(domain))
 
-    def _spawn(self, d: Destination) -> None:
-        d.active += 1
-        task = self.loop.create_task(self._worker(d))
-        self.workers.add(task)
-        task.add_done_callback(self.workers.discard)
+    def _rules(self) -> list:
+        from mta import shaping
 
-    def _finish(self, job: Job, results: list[Result]) -> None:
+        rules = list(self.settings.config.shaping)
+        if self.cfg.shaping_presets and hasattr(shaping, "load_presets"):
+            rules = list(shaping.load_presets()) + rules
+        return rules
+
+    async def _learn_rule_domains(self) -> None:
+        for domain in self.rule_domains:
+            if domain in self.domain_site or domain in self.resolving:
+                continue
+            try:
+                await self._site_of(domain)
+            except RouteError as exc:
+                log.debug("shaping rule domain %s: %s", domain, exc.text)
+            except Exception:
+                log.exception("looking up the shaping rule domain %s failed", domain)
+
+    def _task(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _finish(self, job: Job, results: list[Result], retry_after: float = 0.0) -> None:
         self.in_flight -= 1
         for r in results:
             self.stats[r.outcome] += 1
-        self.report(job, results)
+        self.report(job, results, retry_after)
 
     # -------------------------------------------------------------- routing
+
+    async def _resolve(self, domain: str) -> None:
+        """Find *domain*'s site; route the jobs that waited for it."""
+        try:
+            try:
+                if self.rule_domains:     # first (once): the sites the domain rules name
+                    if self.learning is None:
+                        self.learning = self.loop.create_task(self._learn_rule_domains())
+                    await asyncio.shield(self.learning)
+                site = await self._site_of(domain)
+            except RouteError as exc:
+                self.domain_site.pop(domain, None)
+                for job in self.resolving.pop(domain, ()):
+                    self._fail_route(job, exc)
+                return
+            except Exception as exc:   # never leave the waiting jobs without an outcome
+                log.exception("looking up %s failed", domain)
+                err = RouteError(DEFERRED, 451, "4.4.3", f"routing {domain} failed: {exc}")
+                self.domain_site.pop(domain, None)
+                for job in self.resolving.pop(domain, ()):
+                    self._fail_route(job, err)
+                return
+            for job in self.resolving.pop(domain, ()):
+                self._route(job, site)
+        finally:
+            self.resolving.pop(domain, None)
+
+    async def _site_of(self, domain: str) -> Site:
+        targets = await self.targets(domain)
+        route = self.routes.get(domain) or self.routes.get("*")
+        if route is not None:
+            hosts = tuple(f"{t.host}:{t.port}" for t in targets)
+            key = ("route",) + tuple(sorted(set(hosts)))
+            hostnames = tuple(sorted({t.host.lower() for t in targets}))
+        else:
+            hostnames = tuple(sorted({t.host.lower().rstrip(".") for t in targets}))
+            key = ("mx", self.cfg.mx_port) + hostnames
+        site = self.sites.get(key)
+        if site is None:
+            name = site_name(hosts if route is not None else hostnames)
+            site = self.sites[key] = Site(key, name, hostnames)
+        site.targets = targets
+        old = self.domain_site.get(domain)
+        if old is not None and old[0] is not site:
+            old[0].domains.discard(domain)
+        self.domain_site[domain] = (site, self.loop.time())
+        if domain not in site.domains:
+            site.domains.add(domain)
+            for lane in site.lanes.values():     # a domain rule may now apply to the site
+                lane.limits = self._limits(lane.source, site)
+        return site
+
+    def _limits(self, source: Source, site: Site):
+        return self.shaping.limits(site.name, site.hosts, site.domains, source.name)
+
+    def _route(self, job: Job, site: Site) -> None:
+        """Give *job* to a usable source of its pool, in that (source x site)'s lane."""
+        now = time.time()
+        pool = self.pools.get(job.msg.pool)
+        if pool is None:       # checked at injection; a pool removed since: its default
+            log.warning("%s: pool %r is not configured (any more); using %r", job.msg.qid,
+                        job.msg.pool, self.egress.default_pool)
+            pool = self.pools[self.egress.default_pool]
+        sources = self.sources
+        name = pool.pick(lambda s: sources[s].usable(now))
+        job.site = site.name
+        if name is None:
+            until = min(sources[s].suspended_until for s, _ in pool.members)
+            wait = max(MIN_REQUEUE, until - now)
+            job.source = ""
+            self._finish(job, job.results(
+                REQUEUED, 451, "4.4.5",
+                f"every source of pool {pool.name} is suspended; next try in {wait:.0f}s"),
+                wait)
+            return
+        source = sources[name]
+        job.source = name
+        lane = site.lanes.get(name)
+        if lane is None:
+            lane = site.lanes[name] = Lane(source, site, self._limits(source, site))
+
+        if job.msg.priority >= PRIORITY_TRANSACTIONAL:
+            lane.urgent.append(job)
+        else:
+            lane.bulk.append(job)
+        self._kick(lane)
+
+    def _kick(self, lane: Lane) -> None:
+        """Start connections for *lane* while its queue asks for more and the limits allow."""
+        if lane.retry is not None:
+            lane.retry.cancel()
+            lane.retry = None
+        if self.stopping:
+            return
+        limit = lane.limits.connection_limit
+        while lane.active < limit and (lane.active == 0 or lane.queued() > lane.active):
+            if not lane.queued():
+                break
+            slot = self.limiter.acquire_connection(lane.key, limit)
+            if slot is None:
+                # Every slot is held by other processes: ask them to let idle ones go,
+                # and look again shortly (our own workers, if any, carry on meanwhile).
+                if not lane.waiting:
+                    lane.waiting = True
+                    self.limiter.set_waiting(lane.key, True)
+                if lane.active == 0:
+                    lane.retry = self.loop.call_later(SLOT_RETRY, self._kick, lane)
+                break
+            lane.active += 1
+            task = self.loop.create_task(self._worker(lane, slot))
+            self.workers.add(task)
+            task.add_done_callback(self.workers.discard)
+        else:
+            if lane.waiting:
+                lane.waiting = False
+                self.limiter.set_waiting(lane.key, False)
+        if lane.idle and lane.queued():
+            lane.wakeup.set()
 
     async def targets(self, domain: str) -> list[Target]:
         """Candidate hosts for *domain*, in the order to try them."""
@@ -182,93 +503,172 @@ class Engine:
                     log.info("address lookup for %s failed: %s", host, exc)
                     continue
                 for ip in ips:
-                    out.append(Target(host, ip, cfg.mx_port, cfg.starttls, cfg.tls_verify,
-                                      cfg.source_address))
+                    out.append(Target(host, ip, cfg.mx_port, None, cfg.tls_verify, None))
         if not out:
             raise RouteError(DEFERRED, 451, "4.4.3", f"no address found for the MX hosts of {domain}")
         return out
 
-    async def connect(self, domain: str):
-        """Open a connection to the first host of *domain* that answers properly.
+    async def connect(self, lane: Lane):
+        """Open a connection from the lane's source to the first host of its site that answers.
 
-        Returns (connection, Target); raises RouteError when no host will do.
+        Returns (connection, Target); raises RouteError when no host will do,
+        SourceUnavailable when the source itself cannot be used.
         """
         cfg = self.cfg
+        src = lane.source
+        limits = lane.limits
         last = None
-        for t in await self.targets(domain):
+        for t in list(lane.site.targets):
+            # A static route's own source_address applies to the built-in source only.
+            address = t.source if (t.source and src.name == "default"
+                                   and src.proxy is None) else src.address
             try:
                 conn = await smtpc.SmtpConnection.open(
-                    t.ip, t.port, helo_name=self.helo, source_address=t.source,
+                    t.ip, t.port, helo_name=src.ehlo, source_address=address,
+                    socks5=src.proxy,
                     connect_timeout=cfg.connect_timeout, command_timeout=cfg.command_timeout,
-                    data_timeout=cfg.data_timeout, starttls=t.starttls, tls_verify=t.tls_verify,
+                    data_timeout=cfg.data_timeout,
+                    starttls=t.starttls or limits.starttls, tls_verify=t.tls_verify,
                     tls_server_hostname=t.host if not _is_ip(t.host) else None)
                 return conn, t
+            except SourceUnavailable:
+                raise
             except smtpc.SmtpConnectError as exc:
                 last = (exc.reply.code if exc.reply else 451,
                         (exc.reply.enhanced if exc.reply else None) or "4.4.1",
                         f"{t.host}[{t.ip}]: {exc.reply.text if exc.reply else exc}")
             except (smtpc.SmtpError, OSError) as exc:
                 last = (451, "4.4.1", f"{t.host}[{t.ip}]: {type(exc).__name__} {exc}".strip())
-            log.info("connect to %s[%s]:%d for %s failed: %s", t.host, t.ip, t.port, domain,
+            log.info("connect to %s[%s]:%d from %s failed: %s", t.host, t.ip, t.port, src.name,
                      last[2])
+        if last is None:
+            raise RouteError(DEFERRED, 451, "4.4.3", f"no address for site {lane.site.name}")
         code, enh, text = last
         # Every host failed: try again later, whatever the last one said.
         raise RouteError(DEFERRED, 451 if code >= 500 else code, "4.4.1" if code >= 500 else enh,
                          text)
 
+    # -------------------------------------------------------------- sources
+
+    def _suspend(self, src: Source, exc: Exception) -> None:
+        now = time.time()
+        if not src.usable(now):
+            return      # another lane found out first
+        eg = self.egress
+        period = min(eg.suspend_time * (2 ** min(src.failures, 30)), eg.suspend_time_max)
+        src.failures += 1
+        src.suspended_until = now + period
+        src.reason = str(exc)
+        log.warning("source %s suspended for %.0fs: %s; its mail goes to the other sources "
+                    "of its pools", src.name, period, src.reason)
+
+    def _reroute(self, lane: Lane, job: Job | None) -> None:
+        """The lane's source cannot be used: its jobs go to other sources of their pools."""
+        jobs = ([job] if job is not None else []) + lane.drain()
+        for j in jobs:
+            self._route(j, lane.site)
+
     # -------------------------------------------------------------- workers
 
-    async def _worker(self, d: Destination) -> None:
-        cfg = self.cfg
+    async def _pace(self, key: str, rate: float | None) -> None:
+        """Wait for the node-wide rate *rate* (per second) of *key* to allow one more."""
+        if not rate:
+            return
+        while True:
+            wait = self.limiter.take(key, rate)
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+
+    async def _idle(self, lane: Lane) -> bool:
+        """Wait for the lane's next job; False when the connection should close instead."""
+        lane.wakeup.clear()
+        lane.idle += 1
+        try:
+            deadline = self.loop.time() + lane.limits.idle_timeout
+            while not lane.queued() and not self.stopping:
+                left = deadline - self.loop.time()
+                if left <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(lane.wakeup.wait(), min(left, IDLE_CHECK))
+                except asyncio.TimeoutError:
+                    # Another process waits for a slot of this lane: let ours go.
+                    if not lane.queued() and self.limiter.others_waiting(lane.key):
+                        return False
+                lane.wakeup.clear()
+            return not self.stopping or bool(lane.queued())
+        finally:
+            lane.idle -= 1
+
+    async def _worker(self, lane: Lane, slot) -> None:
         conn = target = None
+        src = lane.source
         try:
             while True:
-                if not d.queue:
-                    if self.stopping:
+                job = lane.pop()
+                if job is None:
+                    if self.stopping or not await self._idle(lane):
                         return
-                    d.wakeup.clear()
-                    try:
-                        await asyncio.wait_for(d.wakeup.wait(), cfg.idle_timeout)
-                    except asyncio.TimeoutError:
-                        return
-                    if not d.queue:
-                        continue
-                job = d.queue.popleft()
+                    continue
+                limits = lane.limits
                 if conn is not None and (not conn.is_usable or
-                                         conn.messages_sent >= cfg.max_deliveries_per_connection):
+                                         conn.messages_sent >= limits.max_deliveries_per_connection):
                     await conn.quit()
                     conn = None
                 if conn is None:
                     try:
-                        conn, target = await self.connect(d.domain)
-                    except RouteError as exc:
-                        # The same answer holds for everything queued for this domain now.
-                        self._fail_route(job, exc)
-                        while d.queue:
-                            self._fail_route(d.queue.popleft(), exc)
+                        await self._pace(lane.connect_key, limits.max_connection_rate)
+                        conn, target = await self.connect(lane)
+                    except SourceUnavailable as exc:
+                        self._suspend(src, exc)
+                        self._reroute(lane, job)
                         return
-                conn = await self._send(conn, target, job)
+                    except RouteError as exc:
+                        # The same answer holds for everything queued for this site now.
+                        self._fail_route(job, exc)
+                        for j in lane.drain():
+                            self._fail_route(j, exc)
+                        return
+                    if src.failures:
+                        src.failures = 0
+                await self._pace(lane.message_key, limits.max_message_rate)
+                conn = await self._send(conn, target, job, lane)
         except Exception:
-            log.exception("delivery worker for %s failed", d.domain)
+            log.exception("delivery worker for %s failed", lane.key)
         finally:
-            d.active -= 1
+            lane.active -= 1
+            self.limiter.release(slot)
             if conn is not None:
                 await conn.quit()
-            if d.queue and d.active == 0 and not self.stopping:
-                self._spawn(d)
-            elif not d.queue and d.active == 0 and self.dests.get(d.domain) is d:
-                del self.dests[d.domain]
+            if lane.queued() and not self.stopping:
+                self._kick(lane)
+            elif not lane.queued() and lane.active == 0:
+                self._forget(lane)
+
+    def _forget(self, lane: Lane) -> None:
+        if lane.retry is not None:
+            lane.retry.cancel()
+            lane.retry = None
+        if lane.waiting:
+            lane.waiting = False
+            self.limiter.set_waiting(lane.key, False)
+        site = lane.site
+        if site.lanes.get(lane.source.name) is lane:
+            del site.lanes[lane.source.name]
 
     def _fail_route(self, job: Job, exc: RouteError) -> None:
         self._finish(job, job.results(exc.outcome, exc.code, exc.enhanced, exc.text))
 
-    async def _send(self, conn, t: Target, job: Job):
+    async def _send(self, conn, t: Target, job: Job, lane: Lane):
         """Send one job over *conn*; return the connection if it can be reused, else None."""
         host, ip = t.host, t.ip
         m = job.msg
+        job.source_ip = getattr(conn, "local_ip", "") or ""
         addrs = [r.address for r in m.rcpts]
         eight = m.params.get("BODY", "").upper() == "8BITMIME"
         utf8 = "SMTPUTF8" in m.params
+        lane.sent += 1
         try:
             res = await conn.send_message(m.sender, addrs, m.body, eight_bit=eight,
                                           smtputf8=utf8)
@@ -300,14 +700,68 @@ class Engine:
             return None
         return conn
 
+    # -------------------------------------------------------------- upkeep
+
+    def forget_old_sites(self) -> None:
+        """Drop domain -> site entries unused for SITE_FORGET, and sites nobody uses."""
+        now = self.loop.time()
+        for domain, (site, at) in list(self.domain_site.items()):
+            if now - at > SITE_FORGET and domain not in self.resolving:
+                del self.domain_site[domain]
+                site.domains.discard(domain)
+        for key, site in list(self.sites.items()):
+            if not site.domains and not site.lanes:
+                del self.sites[key]
+
+    def status(self) -> dict:
+        """What this process is doing, for ``mta queue`` (written to a file by the caller)."""
+        now = time.time()
+        lanes = []
+        mono = time.monotonic()
+        for site in self.sites.values():
+            for lane in site.lanes.values():
+                lim = lane.limits
+                if mono - lane.rate_at >= 0.5:
+                    lane.rate = (lane.sent - lane.rate_sent) / (mono - lane.rate_at)
+                    lane.rate_sent, lane.rate_at = lane.sent, mono
+                lanes.append({
+                    "source": lane.source.name, "site": site.name,
+                    "queued": lane.queued(), "transactional": len(lane.urgent),
+                    "connections": lane.active,
+                    "node_connections": self.limiter.connections(lane.key),
+                    "sent": lane.sent, "rate": round(lane.rate, 2),
+                    "connection_limit": lim.connection_limit,
+                    "max_message_rate": lim.max_message_rate,
+                    "max_connection_rate": lim.max_connection_rate,
+                })
+        return {
+            "time": now,
+            "in_flight": self.in_flight,
+            "lanes": lanes,
+            "sites": {s.name: {"domains": sorted(s.domains), "hosts": list(s.hosts)}
+                      for s in self.sites.values()},
+            "sources": {s.name: {"address": s.address or "", "proxy": bool(s.proxy),
+                                 "suspended_until": s.suspended_until
+                                 if not s.usable(now) else 0.0,
+                                 "reason": s.reason if not s.usable(now) else ""}
+                        for s in self.sources.values()},
+        }
+
     async def close(self, timeout: float = 10.0) -> None:
         """Let idle workers end (QUIT their connections); cancel what is still busy."""
         self.stopping = True
-        for d in self.dests.values():
-            d.wakeup.set()
+        for site in self.sites.values():
+            for lane in site.lanes.values():
+                lane.wakeup.set()
+                if lane.retry is not None:
+                    lane.retry.cancel()
+                    lane.retry = None
         if self.workers:
             done, busy = await asyncio.wait(set(self.workers), timeout=timeout)
             for t in busy:
                 t.cancel()
             if busy:
                 await asyncio.wait(busy, timeout=1.0)
+        for t in list(self.tasks):
+            t.cancel()
+        self.limiter.close()

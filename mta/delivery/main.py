@@ -7,8 +7,12 @@ Writes:  DELIVERY_OUTCOME back to the spool shard that sent the job (the
 Peers:   receiving mail servers over SMTP; DNS servers (``delivery.nameservers``).
 Config:  [delivery] (all keys), [server] hostname.
 
-Sharding by domain keeps a domain's connections and limits in one process.
-The in-flight window is bounded: with ``delivery.max_in_flight`` jobs in hand
+The spool sends a domain's jobs to its home process (by hash), and spreads a
+domain busier than that over the others; the limits of a (source x site) hold
+node-wide whatever the split (:mod:`mta.delivery.limits`).  Once a second the
+process writes what it is doing -- lanes, sites, suspended sources -- to
+``<run_dir>/delivery-<d>.status.json`` for ``mta queue``.
+The in-flight window is bounded: with 2 x ``delivery.max_in_flight`` jobs in hand
 the process stops reading its socket, the bus queue fills to its high-water
 mark and the spool shards hold further jobs back.  Nothing here is durable:
 a job lost in a crash is still pending in its spool shard and is sent again
@@ -28,8 +32,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import signal
 
+import orjson
 import uvloop
 
 from mta import bus, proc
@@ -38,6 +44,7 @@ from mta.delivery.engine import Engine, Job
 log = logging.getLogger("mta.delivery")
 
 OUTCOME_RETRY = 0.02    # seconds between attempts to hand held-back outcomes to a busy shard
+STATUS_INTERVAL = 1.0   # seconds between writes of the status file
 
 
 class Delivery:
@@ -52,6 +59,10 @@ class Delivery:
         port = settings.nameservers[0][1] if settings.nameservers else 53
         self.resolver = dns.Resolver(ns, port=port, timeout=cfg.dns_timeout)
         self.engine = Engine(settings, self.resolver, self.report, loop)
+        # Jobs in hand before the socket pauses: a shard's bulk and transactional
+        # windows (the shards bound what they send; this bounds the process).
+        self.window = 2 * cfg.max_in_flight
+        self.status_path = os.path.join(settings.run_dir, f"delivery-{index}.status.json")
         self.stopping = False
         # Outcomes a shard did not take yet (its queue was full), per shard, in order.
         self.held: dict[bytes, collections.deque] = {}
@@ -67,24 +78,26 @@ class Delivery:
         if self.stopping:
             return   # not taken: the spool sends it again
         self.engine.submit(Job(msg, peer))
-        if self.engine.in_flight >= self.cfg.max_in_flight:
+        if self.engine.in_flight >= self.window:
             self.server.pause()   # the window is full; jobs wait in the bus
 
-    def report(self, job: Job, results: list[bus.Result]) -> None:
+    def report(self, job: Job, results: list[bus.Result], retry_after: float = 0.0) -> None:
         """Hand one job's outcome back to its spool shard (or hold it until it reads)."""
         m = job.msg
-        self._hand_back(job.peer, bus.DeliveryOutcome(m.req, m.qid, results))
+        self._hand_back(job.peer, bus.DeliveryOutcome(
+            m.req, m.qid, results, source=job.source, source_ip=job.source_ip, site=job.site,
+            retry_after=retry_after))
         address = {r.index: r.address for r in m.rcpts}
         for r in results:
-            log.info("%s: to=<%s> relay=%s[%s] status=%s (%d %s %s)", m.qid,
-                     address.get(r.index, ""), r.host or "none", r.ip or "",
+            log.info("%s: to=<%s> relay=%s[%s] source=%s[%s] site=%s status=%s (%d %s %s)",
+                     m.qid, address.get(r.index, ""), r.host or "none", r.ip or "",
+                     job.source or "none", job.source_ip, job.site or "none",
                      r.outcome, r.code, r.enhanced, r.text)
         self._open_window()
 
     def _open_window(self) -> None:
         """Take jobs again when the window has room and no outcome is held back."""
-        if not self.stopping and not self.held and \
-                self.engine.in_flight < self.cfg.max_in_flight:
+        if not self.stopping and not self.held and self.engine.in_flight < self.window:
             self.server.resume()
 
     def _hand_back(self, peer: bytes, outcome: bus.DeliveryOutcome) -> None:
@@ -134,6 +147,27 @@ class Delivery:
                  self.held_total, self.loop.time() - self.held_since)
         self._open_window()
 
+    async def upkeep(self) -> None:
+        """Once a second: write the status file ``mta queue`` reads; forget old sites."""
+        n = 0
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            try:
+                self.write_status()
+            except OSError as exc:
+                log.warning("cannot write %s: %s", self.status_path, exc)
+            n += 1
+            if n % 60 == 0:
+                self.engine.forget_old_sites()
+
+    def write_status(self) -> None:
+        status = self.engine.status()
+        status["pid"] = os.getpid()
+        tmp = self.status_path + ".tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(orjson.dumps(status))
+        os.replace(tmp, self.status_path)
+
     async def stop(self, timeout: float) -> None:
         self.stopping = True
         self.server.pause()
@@ -160,7 +194,9 @@ def main(settings, index: int, ready_fd: int | None) -> None:
 
     async def run():
         proc.report_ready(ready_fd)
+        upkeep = loop.create_task(d.upkeep())
         await stop.wait()
+        upkeep.cancel()
         await d.stop(settings.config.server.shutdown_timeout)
 
     try:

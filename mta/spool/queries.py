@@ -29,15 +29,20 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
     attempted because their ``options.start_time`` is still ahead
     (``next_start``: the earliest); ``blocked``: messages waiting for their
     domain's bulk cap (``delivery.max_in_flight_per_domain``);
-    ``in_flight_transactional``: the jobs out in the transactional lane.
+    ``in_flight_transactional``: the jobs out in the transactional lane;
+    ``pools``: messages and pending recipients per egress pool.
     """
     store = shard.store
     s = store.summary()
     pending = deferred = scheduled = scheduled_messages = 0
     domains: dict[str, list] = {}
+    pools: dict[str, list] = {}      # pool -> [messages, pending recipients]
     next_attempt = next_start = None
     now = time.time()
     for e in store.entries.values():
+        p = pools.setdefault(e.meta.params.get("ip_pool", "default"), [0, 0])
+        p[0] += 1
+        p[1] += e.state.count(sch.PENDING)
         start = start_of(e.meta)
         later = start > now
         counted = False
@@ -69,7 +74,8 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
              blocked=shard.window.blocked_count(),
              scheduled=scheduled, scheduled_messages=scheduled_messages, next_start=next_start,
              domains={k: {"recipients": v[0], "deferred": v[1], "next_attempt": v[2]}
-                      for k, v in domains.items()})
+                      for k, v in domains.items()},
+             pools={k: {"messages": v[0], "recipients": v[1]} for k, v in pools.items()})
     return bus.SpoolQueueSummaryReply(req, s)
 
 

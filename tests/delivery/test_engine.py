@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tempfile
 
 import msgspec
 import pytest
@@ -77,7 +78,8 @@ def free_port() -> int:
 
 
 def settings(port: int, **delivery):
-    cfg = msgspec.convert({"server": {"hostname": "mta.test", "state_dir": "/nonexistent"},
+    cfg = msgspec.convert({"server": {"hostname": "mta.test",
+                                      "state_dir": tempfile.mkdtemp(prefix="engine-")},
                            "delivery": {"mx_port": port, "starttls": "none", **delivery}},
                           Config)
     return resolve(cfg, None)
@@ -105,7 +107,7 @@ def deliver(jobs, resolver, peer=None, port: int | None = None, **delivery):
         reports = []
         done = asyncio.Event()
 
-        def report(j, results):
+        def report(j, results, retry_after=0.0):
             reports.append((j, results))
             if len(reports) == len(jobs):
                 done.set()

@@ -17,8 +17,7 @@ from mxlab import IPS, mx
 from mta.api import replies as R
 
 POOLS = {"pool": [{"name": "mkt", "sources": [{"source": "default", "weight": 1}]}],
-         # (quoted: tests/daemon.py writes inline-table keys as they are)
-         "domain_pool": {'"news.example"': "mkt"}}
+         "domain_pool": {"news.example": "mkt"}}
 
 
 def tx(rcpt: str, **options) -> dict:

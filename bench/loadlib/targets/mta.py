@@ -184,11 +184,22 @@ class MtaTarget(Target):
         env.pop("NOTIFY_SOCKET", None)
         return env, src
 
+    def _connection_key(self) -> str:
+        """The [delivery] key of the connection limit in the tree that runs: connection_limit
+        (per source x site, node-wide, like Postfix's destination concurrency), or, in older
+        trees measured with --mta-base, connections_per_domain (per delivery process)."""
+        schema = self.source_dir() / "mta" / "config" / "schema.py"
+        try:
+            text = schema.read_text()
+        except OSError:
+            return "connection_limit"
+        return "connection_limit" if "connection_limit:" in text else "connections_per_domain"
+
     def config(self, port, sink_port=None) -> dict:
         if self.args.e2e:
             # Deliver everything to the harness's smtp-sink: a static route for every domain
             # to an IP literal, so no DNS lookup is ever made.
-            delivery = {"hold": False, "connections_per_domain": self.args.concurrency,
+            delivery = {"hold": False, self._connection_key(): self.args.concurrency,
                         "route": [{"domain": "*", "hosts": [
                             f"{LOOPBACK}:{self.sink_port if sink_port is None else sink_port}"
                         ]}]}
