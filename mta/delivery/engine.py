@@ -74,6 +74,7 @@ SLOT_RETRY = 0.05         # seconds between tries for a connection slot another 
 IDLE_CHECK = 0.25         # seconds between looks, while idle, for another process's demand
 MAX_SITE_NAME = 200       # longest site name shown; longer ones end in a hash
 MIN_REQUEUE = 1.0         # seconds, at least, before a requeued job comes back
+LEARN_WAIT = 2.0          # seconds the first lookups wait for the shaping rules' domains
 
 
 class Job:
@@ -322,15 +323,16 @@ class Engine:
         return rules
 
     async def _learn_rule_domains(self) -> None:
-        for domain in self.rule_domains:
-            if domain in self.domain_site or domain in self.resolving:
-                continue
+        async def learn(domain):
             try:
                 await self._site_of(domain)
             except RouteError as exc:
                 log.debug("shaping rule domain %s: %s", domain, exc.text)
             except Exception:
                 log.exception("looking up the shaping rule domain %s failed", domain)
+
+        await asyncio.gather(*(learn(d) for d in self.rule_domains
+                               if d not in self.domain_site and d not in self.resolving))
 
     def _task(self, coro) -> None:
         task = self.loop.create_task(coro)
@@ -349,10 +351,16 @@ class Engine:
         """Find *domain*'s site; route the jobs that waited for it."""
         try:
             try:
-                if self.rule_domains:     # first (once): the sites the domain rules name
+                if self.rule_domains and not (self.learning and self.learning.done()):
+                    # First (once): the sites the domain rules name, waited for at most
+                    # LEARN_WAIT (a lookup that hangs must not hold up delivery).
                     if self.learning is None:
                         self.learning = self.loop.create_task(self._learn_rule_domains())
-                    await asyncio.shield(self.learning)
+                    try:
+                        await asyncio.wait_for(asyncio.shield(self.learning),
+                                               min(self.cfg.dns_timeout, LEARN_WAIT))
+                    except asyncio.TimeoutError:
+                        pass
                 site = await self._site_of(domain)
             except RouteError as exc:
                 self.domain_site.pop(domain, None)

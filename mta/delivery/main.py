@@ -151,7 +151,6 @@ class Delivery:
         """Once a second: write the status file ``mta queue`` reads; forget old sites."""
         n = 0
         while True:
-            await asyncio.sleep(STATUS_INTERVAL)
             try:
                 self.write_status()
             except OSError as exc:
@@ -159,6 +158,7 @@ class Delivery:
             n += 1
             if n % 60 == 0:
                 self.engine.forget_old_sites()
+            await asyncio.sleep(STATUS_INTERVAL)
 
     def write_status(self) -> None:
         status = self.engine.status()
