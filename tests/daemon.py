@@ -377,7 +377,9 @@ class Daemon:
              timeout: float = 30.0) -> tuple[int, dict, dict | None]:
         """POST *body* (bytes, or an object sent as JSON) to the HTTP API on a new connection.
 
-        Returns (status, response headers with lower-case names, decoded JSON or None).
+        Returns (status, response headers with lower-case names, decoded JSON, or None for
+        an empty body).  A response body that is not JSON fails the test: the API answers
+        every request, errors included, with JSON.
         """
         if not isinstance(body, (bytes, bytearray)):
             body = json.dumps(body).encode()
@@ -390,10 +392,12 @@ class Daemon:
             rh = {k.lower(): v for k, v in r.getheaders()}
         finally:
             conn.close()
-        try:
-            return r.status, rh, json.loads(data) if data else None
-        except ValueError:
+        if not data:
             return r.status, rh, None
+        try:
+            return r.status, rh, json.loads(data)
+        except ValueError:
+            raise AssertionError(f"HTTP {r.status}: the body is not JSON: {data[:500]!r}") from None
 
 
 class Client:
