@@ -573,6 +573,29 @@ def test_idempotency_survives_reload_and_kill9(make_daemon):
     assert [x["recipients"] for x in d.queue_list()].count(["keep@example.net"]) == 1
 
 
+def test_idempotency_survives_kill9_of_the_whole_tree_and_ends_with_its_window(make_daemon):
+    """The key is remembered across kill -9 of the supervisor and every child (the store
+    is on disk, committed before the 200), and forgotten once http.idempotency_window has
+    passed: then the same request injects again."""
+    d = make_daemon(http={"api_keys": [KEY], "idempotency_window": 4.0})
+    body = simple(["tree@example.net"])
+    hdrs = {**AUTH, "Idempotency-Key": "whole-tree"}
+    st, _, first = d.post(body, headers=hdrs)
+    first_at = time.time()
+    assert st == 200
+    d.kill9()
+    d.start()
+    st, h, again = d.post(body, headers=hdrs)
+    assert st == 200 and again == first and h.get("idempotent-replayed") == "true"
+    assert [x["recipients"] for x in d.queue_list()].count(["tree@example.net"]) == 1
+    # Past the window the key is free again: a new transmission, a second message.
+    time.sleep(max(0.0, first_at + 4.5 - time.time()))
+    st, h, later = d.post(body, headers=hdrs)
+    assert st == 200 and h.get("idempotent-replayed") is None
+    assert later["results"]["id"] != first["results"]["id"]
+    assert [x["recipients"] for x in d.queue_list()].count(["tree@example.net"]) == 2
+
+
 def test_reload_moves_the_http_listener(make_daemon):
     d = make_daemon(acceptors=1)
     old_port = d.http_port
