@@ -98,10 +98,12 @@ def test_stopped_shard_answers_451_in_bounded_time_then_recovers(make_daemon):
             code, text, took = transaction(c, msg(2))
             assert (code, text[:5]) == (451, "4.3.0"), (code, text)
             assert TIMEOUT - 0.1 <= took <= REPLY_BOUND, took
-            # The session is not stuck: it answers at once and can try again.
+            # The session is not stuck behind the message it gave up on: it answers (a
+            # stuck one would not answer at all while the shard is stopped; the bound is
+            # generous, it is not a speed check) and can try again.
             t0 = time.monotonic()
             assert c.cmd("NOOP")[0] == 250
-            assert time.monotonic() - t0 < 1.0
+            assert time.monotonic() - t0 < REPLY_BOUND
             code, text, took = transaction(c, msg(3))
             assert (code, text[:5]) == (451, "4.3.0") and took <= REPLY_BOUND
             # New connections are served too (greeting, EHLO) while the shard is stopped.
