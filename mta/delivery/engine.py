@@ -126,7 +126,7 @@ class RouteError(Exception):
 class Site:
     """A set of receiving hosts, shared by every domain whose mail goes to them."""
 
-    __slots__ = ("key", "name", "hosts", "targets", "domains", "lanes")
+    __slots__ = ("key", "name", "hosts", "targets", "domains", "shaped", "lanes")
 
     def __init__(self, key: tuple, name: str, hosts: tuple[str, ...]):
         self.key = key
@@ -134,6 +134,10 @@ class Site:
         self.hosts = hosts                      # host names (lower case), for shaping's mx rules
         self.targets: list[Target] = []         # in the order to try them
         self.domains: set[str] = set()
+        # The domains shaping rules are matched against: all of an MX site's; for a
+        # static route's site only the domains with a route of their own -- mail that a
+        # smarthost ('*') carries for gmail.com must not shape the smarthost as Gmail.
+        self.shaped: set[str] = set()
         self.lanes: dict[str, Lane] = {}        # by source name
 
 
@@ -331,8 +335,11 @@ class Engine:
             except Exception:
                 log.exception("looking up the shaping rule domain %s failed", domain)
 
+        # (A domain without a route of its own would be learnt through the smarthost
+        # ('*'), whose site its rule does not shape: not looked up at all then.)
         await asyncio.gather(*(learn(d) for d in self.rule_domains
-                               if d not in self.domain_site and d not in self.resolving))
+                               if d not in self.domain_site and d not in self.resolving
+                               and (d in self.routes or "*" not in self.routes)))
 
     def _task(self, coro) -> None:
         task = self.loop.create_task(coro)
@@ -397,15 +404,17 @@ class Engine:
         old = self.domain_site.get(domain)
         if old is not None and old[0] is not site:
             old[0].domains.discard(domain)
+            old[0].shaped.discard(domain)
         self.domain_site[domain] = (site, self.loop.time())
-        if domain not in site.domains:
-            site.domains.add(domain)
+        site.domains.add(domain)
+        if domain not in site.shaped and (route is None or domain in self.routes):
+            site.shaped.add(domain)
             for lane in site.lanes.values():     # a domain rule may now apply to the site
                 lane.limits = self._limits(lane.source, site)
         return site
 
     def _limits(self, source: Source, site: Site):
-        return self.shaping.limits(site.name, site.hosts, site.domains, source.name)
+        return self.shaping.limits(site.name, site.hosts, site.shaped, source.name)
 
     def _route(self, job: Job, site: Site) -> None:
         """Give *job* to a usable source of its pool, in that (source x site)'s lane."""
@@ -717,6 +726,7 @@ class Engine:
             if now - at > SITE_FORGET and domain not in self.resolving:
                 del self.domain_site[domain]
                 site.domains.discard(domain)
+                site.shaped.discard(domain)
         for key, site in list(self.sites.items()):
             if not site.domains and not site.lanes:
                 del self.sites[key]

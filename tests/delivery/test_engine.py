@@ -77,10 +77,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def settings(port: int, **delivery):
+def settings(port: int, shaping=(), **delivery):
+    """Settings for an engine delivering to 127.0.0.1:*port*; "PORT" in a route's hosts
+    is that port; *shaping*: [[shaping]] tables (the presets are left out)."""
+    for r in delivery.get("route", ()):
+        r["hosts"] = [h.replace("PORT", str(port)) for h in r["hosts"]]
     cfg = msgspec.convert({"server": {"hostname": "mta.test",
                                       "state_dir": tempfile.mkdtemp(prefix="engine-")},
-                           "delivery": {"mx_port": port, "starttls": "none", **delivery}},
+                           "delivery": {"mx_port": port, "starttls": "none",
+                                        "shaping_presets": False, **delivery},
+                           "shaping": list(shaping)},
                           Config)
     return resolve(cfg, None)
 
@@ -91,7 +97,8 @@ def job(domain: str, *locals_: str, n: int = 0, body: bytes = BODY, params=None)
                                         params or {}, 1, body), b"spool-peer")
 
 
-def deliver(jobs, resolver, peer=None, port: int | None = None, **delivery):
+def deliver(jobs, resolver, peer=None, port: int | None = None, bound: float = LOOP_BOUND,
+            **delivery):
     """Run the engine on *jobs* until every one has reported; return [(job, results)].
 
     *peer*: a Peer, or a protocol factory, served on loopback in the same loop.
@@ -123,7 +130,7 @@ def deliver(jobs, resolver, peer=None, port: int | None = None, **delivery):
         return reports
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+        return runner.run(asyncio.wait_for(main(), bound))
 
 
 def mx_to_loopback(*domains) -> Resolver:
@@ -141,6 +148,29 @@ def test_each_recipient_gets_the_outcome_of_its_own_reply():
     assert {(r.host, r.ip) for r in results} == {("mx.example.net", "127.0.0.1")}
     # One transaction, to the accepted recipients, with the job's bytes.
     assert peer.messages == [("s@example.com", ["ok1@example.net", "ok2@example.net"], BODY)]
+
+
+def test_a_smarthost_is_not_shaped_by_the_rules_of_the_domains_it_carries():
+    """With a '*' route, a domain rule for one of the domains it carries does not limit
+    the smarthost's site (a 1-a-minute rate would hold these five messages for minutes,
+    past the loop's bound); a domain with a route of its own is shaped by its rule."""
+    peer = Peer()
+    jobs = [job("slow.test", "ok", n=n) for n in range(5)]
+    reports = deliver(jobs, Resolver({}, {}), peer,
+                      route=[{"domain": "*", "hosts": ["127.0.0.1:PORT"]}],
+                      shaping=[{"domain": "slow.test", "max_message_rate": "1/m"}])
+    assert all(r.outcome == bus.DELIVERED for _, rs in reports for r in rs)
+    assert len(peer.messages) == 5
+
+
+def test_a_domain_with_its_own_route_is_shaped_by_its_rule():
+    peer = Peer()
+    jobs = [job("own.test", "ok", n=n) for n in range(3)]
+    with pytest.raises(TimeoutError):      # 1 a minute: the second message waits
+        deliver(jobs, Resolver({}, {}), peer, bound=5.0,
+                route=[{"domain": "own.test", "hosts": ["127.0.0.1:PORT"]}],
+                shaping=[{"domain": "own.test", "max_message_rate": "1/m"}])
+    assert len(peer.messages) == 1
 
 
 def test_jobs_for_one_domain_share_a_connection():
