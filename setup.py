@@ -70,8 +70,9 @@ setup(
     version="0.1.0",
     description="High-volume outbound Mail Transfer Agent",
     packages=find_packages(include=["mta", "mta.*"]),
-    # Data read at run time: the shipped shaping presets (mta.shaping.load_presets).
-    package_data={"mta.shaping": ["presets.toml"]},
+    # Data read at run time: the shipped shaping presets (mta.shaping.load_presets)
+    # and the shipped bounce classification rules (mta.feedback.classify).
+    package_data={"mta.shaping": ["presets.toml"], "mta.feedback": ["bounce_rules.toml"]},
     python_requires=">=3.11",
     ext_modules=extensions(),
     install_requires=[

@@ -170,6 +170,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
     event_log = os.path.join(state_dir, cfg.server.event_log) if cfg.server.event_log else None
     sources, pools = _check_egress(cfg.egress, cfg.delivery)
     _check_shaping(cfg, sources)
+    _check_feedback(cfg)
     return Settings(
         config=cfg,
         path=os.path.abspath(path) if path else None,
@@ -257,6 +258,16 @@ def _check_egress(eg, d) -> tuple[dict, dict]:
     if eg.suspend_time_max < eg.suspend_time:
         raise ConfigError("egress.suspend_time_max: less than egress.suspend_time")
     return sources, pools
+
+
+def _check_feedback(cfg: Config) -> None:
+    """Validate the bounce classification rules (the operator's file and the shipped one)."""
+    from mta import feedback
+
+    try:
+        feedback.check(cfg.feedback.bounce_rules)
+    except feedback.RuleError as exc:
+        raise ConfigError(f"feedback.bounce_rules: {exc}") from None
 
 
 def _check_shaping(cfg: Config, sources: dict) -> None:

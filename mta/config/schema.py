@@ -355,6 +355,14 @@ class ShapingRule(Struct, forbid_unknown_fields=True, kw_only=True):
         "none, opportunistic or required")] = None
 
 
+class FeedbackConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    bounce_rules: Annotated[str, _doc(
+        "the operator's bounce classification rules: a TOML file of [[rule]] tables "
+        "(name, class, and code, enhanced and/or text; see mta/feedback/classify.py), tried "
+        "before the shipped rules (mta/feedback/bounce_rules.toml); empty: shipped rules "
+        "only")] = ""
+
+
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     server: Annotated[ServerConfig, _doc("process-wide settings")] = msgspec.field(
         default_factory=ServerConfig)
@@ -370,6 +378,9 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
         default_factory=DkimConfig)
     egress: Annotated[EgressConfig, _doc("egress sources and pools")] = msgspec.field(
         default_factory=EgressConfig)
+    feedback: Annotated[FeedbackConfig, _doc(
+        "what senders learn about their messages: bounce classification")] = msgspec.field(
+        default_factory=FeedbackConfig)
     shaping: Annotated[list[ShapingRule], _doc(
         "traffic shaping rules: [[shaping]] tables matched by recipient domain, MX host "
         "pattern or site, optionally per source; every matching rule applies, the shipped "
@@ -379,5 +390,5 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
 
 SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("http", HttpConfig),
             ("spool", SpoolConfig), ("delivery", DeliveryConfig), ("dkim", DkimConfig),
-            ("egress", EgressConfig))
+            ("egress", EgressConfig), ("feedback", FeedbackConfig))
 TOP_LEVEL_TABLES = (("shaping", ShapingRule),)   # [[shaping]]: arrays of tables at the top

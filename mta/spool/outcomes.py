@@ -23,6 +23,11 @@ least once -- finds it no longer pending and is ignored):
   expired early because of the wait (the age check wherever it waits takes it
   at its deadline).
 
+Bounce, transient_failure and expiration events carry SparkPost's
+``bounce_class`` and the name of the rule that decided it (``bounce_rule``),
+from :func:`mta.feedback.classify` over the reply (an expiry found at dispatch
+is classified as our own ``4.4.7`` "message expired").
+
 Age counts from the message's start (:func:`mta.store.start_of`: arrival, or
 ``options.start_time`` when later).  Events carry the ``source``,
 ``sending_ip`` and ``site`` the delivery process reported, when it did.
@@ -39,6 +44,7 @@ import logging
 
 from mta.bus import DELIVERED, FAILED, REQUEUED, Result
 from mta.dsn import RecipientFailure, build_dsn, new_message_id
+from mta.feedback import classify
 from mta.obs import events as ev
 from mta.spool import schedule as sch
 from mta.store import MessageMeta, start_of
@@ -47,6 +53,8 @@ log = logging.getLogger("mta.spool")
 
 REQUEUE_MIN = 1.0        # seconds: a REQUEUED recipient waits at least this long
 REQUEUE_MAX = 3600.0     # and at most this (the outcome's retry_after is bounded)
+EXPIRED_STATUS = "4.4.7"  # an expiry found at dispatch: no reply, our own status and text
+EXPIRED_TEXT = "message expired: too long in the queue"
 
 
 class Plan:
@@ -141,6 +149,9 @@ class Plan:
                     self._update(qid, idx, sch.PENDING, attempts, due)
                     event["type"] = ev.TRANSIENT_FAILURE
                     event["next_attempt"] = round(due, 3)
+            if r.outcome != DELIVERED:
+                event["bounce_class"], event["bounce_rule"] = classify(r.code, r.enhanced,
+                                                                       r.text)
             self.events.append(event)
 
     def expire(self, qid: str, idxs: list[int], now: float) -> None:
@@ -150,6 +161,7 @@ class Plan:
             return
         st = self._state(qid, e)
         m = e.meta
+        bounce_class, bounce_rule = classify(0, EXPIRED_STATUS, EXPIRED_TEXT)
         for idx in idxs:
             if st[idx] != sch.PENDING:
                 continue
@@ -160,9 +172,9 @@ class Plan:
                                 **ev.carried(m.params),
                                 "sender": m.sender, "recipient": m.rcpts[idx],
                                 "attempt": e.attempts[idx],
-                                "time_in_queue": round(now - m.arrival, 3)})
-            self._bounce(qid, m.rcpts[idx], 0, "4.4.7",
-                         "message expired: too long in the queue", "", now)
+                                "time_in_queue": round(now - m.arrival, 3),
+                                "bounce_class": bounce_class, "bounce_rule": bounce_rule})
+            self._bounce(qid, m.rcpts[idx], 0, EXPIRED_STATUS, EXPIRED_TEXT, "", now)
         self.returned.append(qid)
 
     def _update(self, qid, idx, state, attempts, due) -> None:

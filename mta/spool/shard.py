@@ -35,7 +35,7 @@ import itertools
 import logging
 import time
 
-from mta import bus
+from mta import bus, feedback
 from mta.obs import events as ev
 from mta.queueid import domain_shard, new_qid_for_shard, recipient_domain
 from mta.spool import dispatch as dsp
@@ -127,6 +127,7 @@ class Shard:
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         _settle_gc()  # the recovered queue is never walked by the collector
         self.events = ev.EventLog(self.settings.event_log)
+        feedback.configure(self.settings.config.feedback.bounce_rules)  # bounce classes
         hwm = self.cfg.queue_high_water
         self.server = bus.Server(ctx, self.endpoint, hwm, bus.SPOOL_REQUESTS, log)
         self.links = bus.DeliveryLinks(

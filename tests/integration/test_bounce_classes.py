@@ -1,0 +1,110 @@
+"""Bounce classes in the event log: the real daemon, a real DNS server and receivers that
+answer the way Gmail and others document (tests/feedback/corpus.txt), and the events the
+spool writes for them (``bounce_class``, ``bounce_rule``; issue 14, item 2).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from daemon import wait_until
+from mxlab import IPS, mx
+from test_delivery import check_events, message, received_ok, wait_queue_empty
+
+IP_A, IP_B, IP_C = IPS[0], IPS[1], IPS[2]
+
+GMAIL_NO_SUCH_USER = (
+    "550-5.1.1 The email account that you tried to reach does not exist. Please try\r\n"
+    "550-5.1.1 double-checking the recipient's email address for typos or\r\n"
+    "550 5.1.1 unnecessary spaces. https://support.google.com/mail/?p=NoSuchUser - gsmtp")
+GMAIL_RATE_LIMITED = (
+    "421-4.7.28 [127.0.0.1] Our system has detected an unusual rate of unsolicited mail\r\n"
+    "421 4.7.28 originating from your IP address. Mail has been temporarily rate limited. - gsmtp")
+INBOX_FULL = "452 4.2.2 The recipient's inbox is out of storage space. - gsmtp"
+ODD = "550 5.0.0 Something this table has never seen"
+
+# A 421 closes the session, so the rate-limited recipient has a domain (and MX) of her own.
+REPLIES = {"bob@dest.test": GMAIL_NO_SUCH_USER, "carol@rate.test": GMAIL_RATE_LIMITED,
+           "dave@dest.test": INBOX_FULL, "eve@dest.test": ODD}
+
+
+class OnlyQid:
+    """The daemon's event log, only the events of message *qid*."""
+
+    def __init__(self, d, qid):
+        self.d, self.qid = d, qid
+
+    def events(self):
+        return [e for e in self.d.events() if e["queue_id"] == self.qid]
+
+
+def test_events_carry_bounce_class_and_rule(lab, tmp_path):
+    rules = tmp_path / "bounce_rules.toml"
+    # The operator's rule wins over the shipped "temp-mailbox-full" for this one reply.
+    rules.write_text('[[rule]]\nname = "lab-inbox-full"\ncode = 452\nenhanced = "4.2.2"\n'
+                     'text = "inbox is out of storage"\nclass = 20\n')
+    dest = lab.aio(IP_A, rcpt=lambda s, a, f: REPLIES.get(a))
+    rate = lab.aio(IP_C, rcpt=lambda s, a, f: REPLIES.get(a))
+    lab.aio(IP_B)
+    lab.serve(mx("dest.test", "mx.dest.test", IP_A) + mx("sender.test", "mx.sender.test", IP_B)
+              + mx("rate.test", "mx.rate.test", IP_C))
+    # retries every 0.1 s (100 s scaled by 0.001); gives up after 0.8 s
+    d = lab.daemon(retry_schedule=[100.0], time_scale=0.001, retry_jitter=0.0, max_age=800.0,
+                   sections={"feedback": {"bounce_rules": str(rules)}})
+    m = message("classified")
+    rcpts = ["ann@dest.test", *REPLIES]
+    qid = d.send("alice@sender.test", rcpts, m)
+    wait_until(lambda: dest.received() >= 1, 15, "the delivery to ann")
+    wait_queue_empty(d)
+    [t] = dest.snapshot()
+    assert t.rcpt_tos == ["ann@dest.test"]
+    received_ok(t.data, m, qid)
+    assert rate.received() == 0 and len(rate.rcpt_log) >= 2   # carol was tried again
+
+    # (the DSNs to alice are messages of their own: only this message's events here)
+    ev = check_events(OnlyQid(d, qid), {(qid, "ann@dest.test"): "delivery",
+                          (qid, "bob@dest.test"): "bounce",
+                          (qid, "carol@rate.test"): "expiration",
+                          (qid, "dave@dest.test"): "expiration",
+                          (qid, "eve@dest.test"): "bounce"})
+    ann = ev[(qid, "ann@dest.test")]["terminal"]
+    assert "bounce_class" not in ann and "bounce_rule" not in ann
+
+    bob = ev[(qid, "bob@dest.test")]["terminal"]
+    assert bob["response"]["code"] == 550 and bob["response"]["enhanced"] == "5.1.1"
+    assert (bob["bounce_class"], bob["bounce_rule"]) == (10, "gmail-no-such-user")
+
+    carol = ev[(qid, "carol@rate.test")]
+    assert carol["transient"], "carol was deferred at least once before she expired"
+    for e in carol["transient"] + [carol["terminal"]]:
+        assert e["response"]["code"] == 421 and e["response"]["enhanced"] == "4.7.28", e
+        assert (e["bounce_class"], e["bounce_rule"]) == (70, "temp-rate-limited"), e
+
+    dave = ev[(qid, "dave@dest.test")]
+    assert dave["transient"]
+    for e in dave["transient"] + [dave["terminal"]]:
+        assert (e["bounce_class"], e["bounce_rule"]) == (20, "lab-inbox-full"), e
+
+    eve = ev[(qid, "eve@dest.test")]["terminal"]
+    assert (eve["bounce_class"], eve["bounce_rule"]) == (1, "undetermined")
+
+
+def test_bad_operator_rules_are_refused_naming_the_rule(make_daemon, tmp_path):
+    from mta.config import ConfigError, load
+
+    rules = tmp_path / "bounce_rules.toml"
+    rules.write_text('[[rule]]\nname = "fine"\ncode = 550\nclass = 10\n'
+                     '[[rule]]\nname = "broken"\ncode = 550\ntext = "(oops"\nclass = 10\n')
+    cfg = tmp_path / "mta.toml"
+    cfg.write_text(f'[server]\nstate_dir = "{tmp_path}"\n[feedback]\n'
+                   f'bounce_rules = "{rules}"\n')
+    with pytest.raises(ConfigError) as ei:
+        load(str(cfg))
+    msg = str(ei.value)
+    assert msg.startswith("feedback.bounce_rules: ") and "rule[1] (broken).text" in msg, msg
+    rules.write_text('[[rule]]\nname = "fine"\ncode = 550\nclass = 10\n')
+    assert load(str(cfg)).config.feedback.bounce_rules == str(rules)
+    os.unlink(rules)
+    with pytest.raises(ConfigError, match="feedback.bounce_rules: .*cannot read"):
+        load(str(cfg))
