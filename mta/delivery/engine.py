@@ -325,6 +325,8 @@ class Engine:
         for domain in self.rule_domains:
             if domain in self.domain_site or domain in self.resolving:
                 continue
+            if domain not in self.routes and "*" in self.routes:
+                continue    # a smarthost's site is not that domain's: do not shape it so
             try:
                 await self._site_of(domain)
             except RouteError as exc:
