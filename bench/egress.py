@@ -886,7 +886,10 @@ def scenario_priority(args, workdir: Path) -> tuple[list[str], bool]:
             ""] + out
     cmds = [f"python bench/egress.py priority --bulk {args.bulk} --transactional "
             f"{args.transactional} --delay-ms {args.delay_ms:g} --connection-limit "
-            f"{args.connection_limit}" + (" --record" if args.record else "")] + gens.describe()
+            f"{args.connection_limit} --timeout {args.timeout:g}"
+            + (f" --delivery-processes {args.delivery_processes}" if args.delivery_processes
+               else "")
+            + (" --record" if args.record else "")] + gens.describe()
     return section("priority: transactional behind 50,000 bulk to a slow site"
                    if args.bulk == 50000 else
                    f"priority: transactional behind {args.bulk:,} bulk to a slow site",
