@@ -74,6 +74,7 @@ SLOT_RETRY = 0.05         # seconds between tries for a connection slot another 
 IDLE_CHECK = 0.25         # seconds between looks, while idle, for another process's demand
 MAX_SITE_NAME = 200       # longest site name shown; longer ones end in a hash
 MIN_REQUEUE = 1.0         # seconds, at least, before a requeued job comes back
+YIELD_CHECK = 0.05        # seconds between a busy lane's looks for another process's demand
 LEARN_WAIT = 2.0          # seconds the first lookups wait for the shaping rules' domains
 
 
@@ -192,7 +193,8 @@ class Lane:
     """The jobs of one (source x site), with their connections and limits."""
 
     __slots__ = ("source", "site", "key", "connect_key", "message_key", "limits", "urgent", "bulk", "active", "idle",
-                 "wakeup", "sent", "retry", "waiting", "rate", "rate_sent", "rate_at")
+                 "wakeup", "sent", "retry", "waiting", "rate", "rate_sent", "rate_at",
+                 "yield_check")
 
     def __init__(self, source: Source, site: Site, limits):
         self.source = source
@@ -212,6 +214,7 @@ class Lane:
         self.rate = 0.0            # messages a second, over the last status interval
         self.rate_sent = 0
         self.rate_at = time.monotonic()
+        self.yield_check = 0.0     # when to look next for another process wanting a slot
 
     def queued(self) -> int:
         return len(self.urgent) + len(self.bulk)
@@ -297,6 +300,7 @@ class Engine:
         self.tasks: set[asyncio.Task] = set()
         self.workers: set[asyncio.Task] = set()
         self.stopping = False
+        self.processes = max(1, settings.deliveries)   # delivery processes sharing the slots
 
     # --------------------------------------------------------------- intake
 
@@ -459,15 +463,18 @@ class Engine:
         while lane.active < limit and (lane.active == 0 or lane.queued() > lane.active):
             if not lane.queued():
                 break
-            slot = self.limiter.acquire_connection(lane.key, limit)
+            if lane.active >= self._fair(lane) and self.limiter.others_waiting(lane.key):
+                slot = None         # our share is taken and another process waits: leave it
+            else:
+                slot = self.limiter.acquire_connection(lane.key, limit)
             if slot is None:
-                # Every slot is held by other processes: ask them to let idle ones go,
-                # and look again shortly (our own workers, if any, carry on meanwhile).
+                # Every slot is held by other processes (or our fair share is used and
+                # another process waits): ask them to let idle ones (and busy ones above
+                # their share) go, and look again shortly; our own workers carry on.
                 if not lane.waiting:
                     lane.waiting = True
                     self.limiter.set_waiting(lane.key, True)
-                if lane.active == 0:
-                    lane.retry = self.loop.call_later(SLOT_RETRY, self._kick, lane)
+                lane.retry = self.loop.call_later(SLOT_RETRY, self._kick, lane)
                 break
             lane.active += 1
             task = self.loop.create_task(self._worker(lane, slot))
@@ -620,6 +627,7 @@ class Engine:
 
     async def _worker(self, lane: Lane, slot) -> None:
         conn = target = None
+        yielded = False
         src = lane.source
         try:
             while True:
@@ -651,6 +659,9 @@ class Engine:
                         src.failures = 0
                 await self._pace(lane.message_key, limits.max_message_rate)
                 conn = await self._send(conn, target, job, lane)
+                if self._yield_slot(lane):
+                    yielded = True
+                    return
         except Exception:
             log.exception("delivery worker for %s failed", lane.key)
         finally:
@@ -658,10 +669,30 @@ class Engine:
             self.limiter.release(slot)
             if conn is not None:
                 await conn.quit()
-            if lane.queued() and not self.stopping:
+            if lane.queued() and not self.stopping and not yielded:
                 self._kick(lane)
             elif not lane.queued() and lane.active == 0:
                 self._forget(lane)
+
+    def _yield_slot(self, lane: Lane) -> bool:
+        """True when this worker should give its connection slot to another process.
+
+        Slots are node-wide; a process whose connections are never idle (it has
+        bulk queued) would otherwise keep every slot while another process's
+        jobs for the site -- a spread domain, a transactional message -- wait
+        until it has drained.  So, at most every YIELD_CHECK seconds, a busy lane
+        that holds more than its fair share (connection_limit divided among the
+        delivery processes) while another process waits for a slot lets one go.
+        """
+        now = time.monotonic()
+        if now < lane.yield_check:
+            return False
+        lane.yield_check = now + YIELD_CHECK
+        return lane.active > self._fair(lane) and self.limiter.others_waiting(lane.key)
+
+    def _fair(self, lane: Lane) -> int:
+        """A lane's share of its node-wide connection slots when other processes want them."""
+        return max(1, -(-lane.limits.connection_limit // self.processes))
 
     def _forget(self, lane: Lane) -> None:
         if lane.retry is not None:
