@@ -89,6 +89,94 @@ class RecipientFailure:
     retry_until: float | None = None  # delay notices: when we give up
 
 
+# -- RFC 3461 parameters (NOTIFY, ORCPT on RCPT; ENVID, RET on MAIL) -------------------------
+
+NOTIFY_KEYWORDS = ("SUCCESS", "FAILURE", "DELAY")   # or NEVER alone
+MAX_ENVID = 100      # octets of the ENVID value, xtext-encoded (RFC 3461 §4.4)
+MAX_ORCPT = 500      # octets of the ORCPT value, addr-type and xtext (RFC 3461 §4.2)
+# 33-126 but "+" and "=", or +HH (RFC 3461 asks for upper-case hex; lower case is read too)
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-Fa-f]{2})*")
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+")   # an RFC 822 atom
+
+
+def parse_notify(value: str) -> str | None:
+    """A NOTIFY value normalised ("NEVER" or e.g. "SUCCESS,FAILURE"); None when invalid.
+
+    Keywords are case-insensitive; NEVER stands alone; a keyword may not repeat.
+    """
+    words = value.upper().split(",")
+    if words == ["NEVER"]:
+        return "NEVER"
+    if not all(w in NOTIFY_KEYWORDS for w in words) or len(set(words)) != len(words):
+        return None
+    return ",".join(w for w in NOTIFY_KEYWORDS if w in words)
+
+
+def notify_allows(notify: str | None, kind: str) -> bool:
+    """Whether a recipient with NOTIFY *notify* ("" or None: not given) gets a *kind* DSN.
+
+    *kind* is SUCCESS, FAILURE or DELAY.  Without NOTIFY a recipient gets
+    failure and delay notices, no success notice (RFC 3461 §4.1).
+    """
+    if not notify:
+        return kind != "SUCCESS"
+    return kind in notify.split(",")
+
+
+def valid_xtext(value: str) -> bool:
+    """True when *value* is xtext (RFC 3461 §4): printable ASCII, "+" and "=" as +HH."""
+    return _XTEXT.fullmatch(value) is not None
+
+
+def xtext_decode(value: str) -> str:
+    """Decode xtext ("+2B" -> "+"); the caller has checked it with :func:`valid_xtext`."""
+    if "+" not in value:
+        return value
+    raw = re.sub(rb"\+([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]),
+                 value.encode("ascii", "replace"))
+    return raw.decode("utf-8", "replace")
+
+
+def xtext_encode(value: str) -> str:
+    """Encode text as xtext: "+", "=", controls, space and non-ASCII as +HH (UTF-8 octets)."""
+    out = []
+    for ch in value:
+        if "!" <= ch <= "~" and ch not in "+=":
+            out.append(ch)
+        else:
+            out.extend("+%02X" % b for b in ch.encode("utf-8"))
+    return "".join(out)
+
+
+def parse_orcpt(value: str) -> str | None:
+    """An ORCPT value ("rfc822;user+2Bx@example.com") checked, as given; None when invalid."""
+    if len(value) > MAX_ORCPT:
+        return None
+    addr_type, sep, addr = value.partition(";")
+    if not sep or not addr or _ADDR_TYPE.fullmatch(addr_type) is None or not valid_xtext(addr):
+        return None
+    return value
+
+
+def orcpt_text(value: str) -> str:
+    """An ORCPT as it goes into Original-Recipient: "rfc822; user+x@example.com"."""
+    addr_type, _, addr = value.partition(";")
+    return f"{addr_type.strip()}; {xtext_decode(addr)}"
+
+
+def parse_envid(value: str) -> str | None:
+    """An ENVID value checked (xtext, at most MAX_ENVID octets), as given; None when invalid."""
+    if not value or len(value) > MAX_ENVID or not valid_xtext(value):
+        return None
+    return value
+
+
+def parse_ret(value: str) -> str | None:
+    """A RET value normalised (FULL or HDRS); None when invalid."""
+    value = value.upper()
+    return value if value in ("FULL", "HDRS") else None
+
+
 def new_message_id(queue_id: str, reporting_mta: str, now: float) -> str:
     """A unique Message-ID for the DSN of *queue_id*, angle brackets included."""
     return f"<{_clean(queue_id)}.{int(now)}.{secrets.token_hex(6)}@{_clean(reporting_mta).strip()}>"
