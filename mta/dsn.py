@@ -63,6 +63,8 @@ MAX_RETURNED_HEADERS = 256 * 1024  # octets of the original header block returne
 ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")  # RFC 3464 §2.3.3
 SUBJECT_FAILED = "Undelivered Mail Returned to Sender"
 SUBJECT_DELAYED = "Delayed Mail (still being retried)"
+SUBJECT_SUCCESS = "Successful Mail Delivery Report"
+MAX_RETURNED_MESSAGE = 1024 * 1024  # octets: RET=FULL returns a larger message's headers only
 FROM_NAME = "Mail Delivery System"
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -185,13 +187,18 @@ def new_message_id(queue_id: str, reporting_mta: str, now: float) -> str:
 def build_dsn(*, original: bytes, envelope_sender: str, failed: list[RecipientFailure],
               reporting_mta: str, arrival_time: float, queue_id: str, delayed: bool = False,
               envid: str | None = None, now: float | None = None,
-              message_id: str | None = None) -> bytes:
+              message_id: str | None = None, ret_full: bool = False) -> bytes:
     """The complete DSN message (bytes, CRLF) for ``failed`` recipients of ``original``.
 
     ``delayed=True`` makes it a delay notice: its subject and text say so
     and every recipient's Action is ``delayed``.  ``envid`` is the client's
     ENVID (xtext-decoded); ``now`` the Date to use (default: the clock);
     ``message_id`` its Message-ID (default: :func:`new_message_id`).
+    When every recipient's Action is ``delivered`` or ``relayed`` it is a
+    success notice (RFC 3461 NOTIFY=SUCCESS).  ``ret_full`` (RET=FULL, for
+    a failure notice) returns the whole message as ``message/rfc822`` when
+    it is 7-bit, has no line over 998 octets and is at most
+    ``MAX_RETURNED_MESSAGE`` octets; otherwise, and by default, the headers.
     """
     sender = _clean(envelope_sender).strip()
     if not sender or sender == "<>":
@@ -211,17 +218,21 @@ def build_dsn(*, original: bytes, envelope_sender: str, failed: list[RecipientFa
     utf8 = not sender.isascii() or any(
         not r.recipient.isascii() or not (r.original_recipient or "").isascii() for r in failed)
 
-    headers = original_headers(original)
-    text = _text_part(mta, rcpts, delayed, utf8)
+    success = all(a in ("delivered", "relayed") for _, a, _ in rcpts)
+    text = _text_part(mta, rcpts, delayed, utf8, success)
     status = _status_part(mta, queue_id, envid, arrival_time, rcpts, utf8)
-    returned = _headers_part(headers, utf8)
+    if ret_full and not delayed and not success and _returnable(original):
+        returned = _message_part(original)
+    else:
+        returned = _headers_part(original_headers(original), utf8)
+    subject = SUBJECT_DELAYED if delayed else SUBJECT_SUCCESS if success else SUBJECT_FAILED
     parts = [text, status, returned]
     boundary = _boundary(queue_id, parts)
 
     out = [
         b"From: " + _enc(f"{FROM_NAME} <MAILER-DAEMON@{mta}>"),
         b"To: " + _enc(f"<{sender}>"),
-        b"Subject: " + _enc(SUBJECT_DELAYED if delayed else SUBJECT_FAILED),
+        b"Subject: " + _enc(subject),
         b"Date: " + _enc(rfc5322_date(now)),
         b"Message-ID: " + _enc(_clean(message_id or new_message_id(queue_id, mta, now))),
         b"Auto-Submitted: auto-replied",
@@ -356,9 +367,28 @@ def _wrap(text: str, indent: str) -> list[str]:
                          break_on_hyphens=False) or [indent.rstrip()]
 
 
-def _text_part(mta: str, rcpts, delayed: bool, utf8: bool) -> bytes:
+def _returnable(message: bytes) -> bool:
+    """Whether RET=FULL can return *message* whole in a 7-bit notice."""
+    if len(message) > MAX_RETURNED_MESSAGE or not message.isascii():
+        return False
+    return all(len(line) <= MAX_LINE for line in message.split(CRLF))
+
+
+def _message_part(message: bytes) -> bytes:
+    """The whole original message (RET=FULL), ending in CRLF."""
+    if not message.endswith(CRLF):
+        message += CRLF
+    return CRLF.join([b"Content-Description: Undelivered Message",
+                      b"Content-Type: message/rfc822", b""]) + CRLF + message
+
+
+def _text_part(mta: str, rcpts, delayed: bool, utf8: bool, success: bool = False) -> bytes:
     lines = [f"This is the mail system at {mta}.", ""]
-    if delayed:
+    if success:
+        intro = ("Your message was successfully delivered to the destination(s) below. "
+                 "\"relayed\" means it was passed on to a server that sends no further "
+                 "delivery notices of its own.")
+    elif delayed:
         intro = ("Your message has not been delivered yet to the recipients below. "
                  "It is still in the queue and delivery will be retried: you do not "
                  "need to send it again.")

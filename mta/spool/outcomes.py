@@ -38,10 +38,11 @@ from __future__ import annotations
 import logging
 
 from mta.bus import DELIVERED, FAILED, REQUEUED, Result
-from mta.dsn import RecipientFailure, build_dsn, new_message_id
+from mta.dsn import (RecipientFailure, build_dsn, new_message_id, notify_allows, orcpt_text,
+                     xtext_decode)
 from mta.obs import events as ev
 from mta.spool import schedule as sch
-from mta.store import MessageMeta, start_of
+from mta.store import RCPT_DELAY_NOTIFIED, MessageMeta, start_of
 
 log = logging.getLogger("mta.spool")
 
@@ -74,6 +75,8 @@ class Plan:
         self.done: list[str] = []
         self.returned: list[str] = []          # qids whose jobs came back in this batch
         self.requeues: dict[str, list] = {}    # qid -> [(idx, due), ...]: REQUEUED, not written
+        self.successes: dict[str, list] = {}   # qid -> [RecipientFailure, ...]: "relayed"
+        self.delays: dict[str, list] = {}      # qid -> [RecipientFailure, ...]: delay notice
 
     def _state(self, qid, e):
         st = self.states.get(qid)
@@ -124,21 +127,42 @@ class Plan:
                 st[idx] = sch.DELIVERED
                 self._update(qid, idx, sch.DELIVERED, attempts, 0.0)
                 event["type"] = ev.DELIVERY
+                if not r.dsn and notify_allows(_notify(m, idx), "SUCCESS"):
+                    # RFC 3461 6.2.6: passed to a server that does not do DSN: "relayed"
+                    self._notice(self.successes, qid, m, idx, RecipientFailure(
+                        recipient=m.rcpts[idx], status="2.0.0", remote_host=r.host or None,
+                        diagnostic=f"{r.code} {r.enhanced} {r.text}".strip(),
+                        last_attempt=now, action="relayed"))
             elif r.outcome == FAILED:
                 st[idx] = sch.FAILED
                 self._update(qid, idx, sch.FAILED, attempts, 0.0)
                 event["type"] = ev.BOUNCE
-                self._bounce(qid, m.rcpts[idx], r.code, r.enhanced, r.text, r.host, now)
+                self._bounce(qid, idx, r.code, r.enhanced, r.text, r.host, now)
             else:
                 due = now + policy.delay(attempts)
                 if due >= policy.deadline(start):
                     st[idx] = sch.EXPIRED
                     self._update(qid, idx, sch.EXPIRED, attempts, 0.0)
                     event["type"] = ev.EXPIRATION
-                    self._bounce(qid, m.rcpts[idx], r.code, r.enhanced, r.text, r.host, now,
+                    self._bounce(qid, idx, r.code, r.enhanced, r.text, r.host, now,
                                  note=f"gave up after {attempts} attempt(s)")
                 else:
-                    self._update(qid, idx, sch.PENDING, attempts, due)
+                    flags = e.flag(idx)
+                    if (policy.delay_warning and now - start >= policy.delay_warning
+                            and not flags & RCPT_DELAY_NOTIFIED):
+                        # once per recipient: the flag is written with this update
+                        flags |= RCPT_DELAY_NOTIFIED
+                        self._update(qid, idx, sch.PENDING, attempts, due, flags)
+                        if notify_allows(_notify(m, idx), "DELAY"):
+                            diag = f"{r.code} {r.enhanced} {r.text}".strip() if r.code \
+                                else r.text
+                            self._notice(self.delays, qid, m, idx, RecipientFailure(
+                                recipient=m.rcpts[idx], status=r.enhanced or None,
+                                remote_host=r.host or None, diagnostic=diag,
+                                last_attempt=now, action="delayed",
+                                retry_until=policy.deadline(start)))
+                    else:
+                        self._update(qid, idx, sch.PENDING, attempts, due)
                     event["type"] = ev.TRANSIENT_FAILURE
                     event["next_attempt"] = round(due, 3)
             self.events.append(event)
@@ -161,14 +185,30 @@ class Plan:
                                 "sender": m.sender, "recipient": m.rcpts[idx],
                                 "attempt": e.attempts[idx],
                                 "time_in_queue": round(now - m.arrival, 3)})
-            self._bounce(qid, m.rcpts[idx], 0, "4.4.7",
+            self._bounce(qid, idx, 0, "4.4.7",
                          "message expired: too long in the queue", "", now)
         self.returned.append(qid)
 
-    def _update(self, qid, idx, state, attempts, due) -> None:
-        self.updates.setdefault(qid, []).append([idx, state, attempts, due])
+    def _update(self, qid, idx, state, attempts, due, flags=None) -> None:
+        u = [idx, state, attempts, due]
+        if flags is not None:
+            u.append(flags)
+        self.updates.setdefault(qid, []).append(u)
 
-    def _bounce(self, qid, rcpt, code, enh, text, host, now, note="") -> None:
+    def _notice(self, into: dict, qid: str, m: MessageMeta, idx: int,
+                r: RecipientFailure) -> None:
+        """Add *r* (for recipient *idx*) to a notice of *qid*, with its ORCPT if it had one."""
+        orcpt = _param(m, "ORCPT", idx)
+        if orcpt:
+            r.original_recipient = orcpt_text(orcpt)
+        into.setdefault(qid, []).append(r)
+
+    def _bounce(self, qid, idx, code, enh, text, host, now, note="") -> None:
+        m = self.entries[qid].meta
+        rcpt = m.rcpts[idx]
+        if not notify_allows(_notify(m, idx), "FAILURE"):
+            log.info("%s: <%s> failed; no bounce: NOTIFY=%s", qid, rcpt, _notify(m, idx))
+            return
         diag = f"{code} {enh} {text}".strip() if code else text
         if note:
             # Our words are not the server's: not inside its reply (an "smtp;"
@@ -178,9 +218,9 @@ class Plan:
                                                      else "4.0.0")
         if status.startswith("4"):
             status = "5" + status[1:]  # expired after temporary failures: now permanent
-        self.failures.setdefault(qid, []).append(
-            RecipientFailure(recipient=rcpt, status=status, remote_host=host or None,
-                             diagnostic=diag, last_attempt=now))
+        self._notice(self.failures, qid, m, idx,
+                     RecipientFailure(recipient=rcpt, status=status, remote_host=host or None,
+                                      diagnostic=diag, last_attempt=now))
 
     def finish(self, now: float) -> None:
         """Turn recipient states into bounces, finished messages and reschedules."""
@@ -198,29 +238,50 @@ class Plan:
             new_due.update(self.requeues.get(qid, ()))
             dues = [new_due.get(i, e.due[i]) for i in range(len(st)) if st[i] == sch.PENDING]
             self.reschedule.append((min(dues) if dues else now, qid))
-        for qid, fails in self.failures.items():
-            e = entries[qid]
-            m = e.meta
-            if not m.sender:
-                log.info("%s: not bouncing a failure of a message with a null sender "
-                         "(recipients: %s)", qid, ", ".join(f.recipient for f in fails))
-                continue
-            message_id = new_message_id(qid, self.hostname, now)
-            try:
-                dsn = build_dsn(
-                    original=self.read_body(e), envelope_sender=m.sender, failed=fails,
-                    reporting_mta=self.hostname, arrival_time=m.arrival, queue_id=qid,
-                    message_id=message_id)
-            except Exception:
-                log.exception("%s: could not build the bounce", qid)
-                continue
-            bqid = self.new_qid()
-            self.bounces.append((MessageMeta(bqid, "", [m.sender], now,
-                                             {"message_id": message_id}, f"bounce of {qid}"),
-                                 dsn))
-            log.info("%s: bounce %s to <%s> for %d recipient(s)", qid, bqid, m.sender,
-                     len(fails))
+        for kind, notices in (("bounce", self.failures), ("success notice", self.successes),
+                              ("delay notice", self.delays)):
+            for qid, fails in notices.items():
+                self._report(kind, qid, fails, now)
+
+    def _report(self, kind: str, qid: str, fails: list, now: float) -> None:
+        """Queue one DSN (*kind*: bounce, success notice, delay notice) for *qid*."""
+        e = self.entries[qid]
+        m = e.meta
+        if not m.sender:
+            log.info("%s: no %s for a message with a null sender (recipients: %s)",
+                     qid, kind, ", ".join(f.recipient for f in fails))
+            return
+        message_id = new_message_id(qid, self.hostname, now)
+        envid = m.params.get("ENVID")
+        try:
+            dsn = build_dsn(
+                original=self.read_body(e), envelope_sender=m.sender, failed=fails,
+                reporting_mta=self.hostname, arrival_time=m.arrival, queue_id=qid,
+                message_id=message_id, delayed=kind == "delay notice",
+                envid=xtext_decode(envid) if isinstance(envid, str) else None,
+                ret_full=m.params.get("RET") == "FULL")
+        except Exception:
+            log.exception("%s: could not build the %s", qid, kind)
+            return
+        bqid = self.new_qid()
+        self.bounces.append((MessageMeta(bqid, "", [m.sender], now,
+                                         {"message_id": message_id}, f"{kind} of {qid}"),
+                             dsn))
+        log.info("%s: %s %s to <%s> for %d recipient(s)", qid, kind, bqid, m.sender,
+                 len(fails))
 
     def abandon(self) -> list[str]:
         """The batch was not recorded: the messages whose outcomes must be tried again."""
         return list(dict.fromkeys(self.returned))
+
+
+def _param(m: MessageMeta, key: str, idx: int) -> str:
+    """Recipient *idx*'s DSN parameter *key* (NOTIFY, ORCPT) as received; "" if none."""
+    values = m.params.get(key)
+    if type(values) is list and idx < len(values) and type(values[idx]) is str:
+        return values[idx]
+    return ""
+
+
+def _notify(m: MessageMeta, idx: int) -> str:
+    return _param(m, "NOTIFY", idx)
