@@ -375,11 +375,11 @@ def _returnable(message: bytes) -> bool:
 
 
 def _message_part(message: bytes) -> bytes:
-    """The whole original message (RET=FULL), ending in CRLF."""
+    """The whole original message (RET=FULL), then the CRLF that belongs to the boundary."""
     if not message.endswith(CRLF):
         message += CRLF
     return CRLF.join([b"Content-Description: Undelivered Message",
-                      b"Content-Type: message/rfc822", b""]) + CRLF + message
+                      b"Content-Type: message/rfc822", b""]) + CRLF + message + CRLF
 
 
 def _text_part(mta: str, rcpts, delayed: bool, utf8: bool, success: bool = False) -> bytes:

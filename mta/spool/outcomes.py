@@ -234,7 +234,7 @@ class Plan:
                 if not e.out:
                     self.done.append(qid)
                 continue
-            new_due = {idx: due for idx, _, _, due in self.updates.get(qid, ())}
+            new_due = {u[0]: u[3] for u in self.updates.get(qid, ())}
             new_due.update(self.requeues.get(qid, ()))
             dues = [new_due.get(i, e.due[i]) for i in range(len(st)) if st[i] == sch.PENDING]
             self.reschedule.append((min(dues) if dues else now, qid))
