@@ -27,10 +27,30 @@ Age counts from the message's start (:func:`mta.store.start_of`: arrival, or
 ``options.start_time`` when later).  Events carry the ``source``,
 ``sending_ip`` and ``site`` the delivery process reported, when it did.
 
+DSN (RFC 3461) parameters received with the message (``params``: ``ENVID``,
+``RET``; ``NOTIFY`` and ``ORCPT`` as lists parallel to the recipients) shape
+the notices: a recipient whose NOTIFY lacks FAILURE (NEVER, or e.g. SUCCESS
+only) is not bounced (the failure is logged); one with SUCCESS that was
+delivered to a next hop that does not offer DSN (``Result.dsn`` false) gets a
+success notice with Action ``relayed`` (RFC 3461 §6.2.6; a next hop that
+offers DSN was given NOTIFY and reports itself); RET=FULL returns the whole
+message in a bounce (within ``mta.dsn.MAX_RETURNED_MESSAGE``), otherwise the
+headers; ENVID and ORCPT go into the report (Original-Envelope-Id,
+Original-Recipient).
+
+Delay notices (``delivery.delay_warning_time``, 0 = off): at a deferral of a
+recipient whose message has waited at least that long (counted from its
+start), once per recipient, unless its NOTIFY lacks DELAY (no NOTIFY: yes).
+"Once" is durable: the recipient's update record carries the flag
+``RCPT_DELAY_NOTIFIED`` (:mod:`mta.store`), so a restart does not send it
+again.  The notice goes out at the first deferral after the warning time, so
+with long retry intervals it may come up to one interval later.
+
 Recipients found too old at dispatch expire the same way (:meth:`Plan.expire`).
 A bounce is an RFC 3464 DSN to the envelope sender, one per message and batch
-for all its failed recipients, queued as a new message with a null sender; a
-message with a null sender is never bounced (the failure is logged).  A message
+for all its failed recipients (success and delay notices likewise, each its
+own), queued as a new message with a null sender; a message with a null
+sender is never bounced (the failure is logged).  A message
 none of whose recipients is pending, and with no delivery job out, is done.
 """
 from __future__ import annotations
