@@ -268,8 +268,9 @@ class Plan:
         e = self.entries[qid]
         m = e.meta
         if not m.sender:
-            log.info("%s: no %s for a message with a null sender (recipients: %s)",
-                     qid, kind, ", ".join(f.recipient for f in fails))
+            what = "bouncing a failure" if kind == "bounce" else f"sending a {kind}"
+            log.info("%s: not %s of a message with a null sender (recipients: %s)",
+                     qid, what, ", ".join(f.recipient for f in fails))
             return
         message_id = new_message_id(qid, self.hostname, now)
         envid = m.params.get("ENVID")
