@@ -63,6 +63,8 @@ MAX_RETURNED_HEADERS = 256 * 1024  # octets of the original header block returne
 ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")  # RFC 3464 §2.3.3
 SUBJECT_FAILED = "Undelivered Mail Returned to Sender"
 SUBJECT_DELAYED = "Delayed Mail (still being retried)"
+SUBJECT_SUCCESS = "Successful Mail Delivery Report"
+MAX_RETURNED_MESSAGE = 1024 * 1024  # octets: RET=FULL returns a larger message's headers only
 FROM_NAME = "Mail Delivery System"
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -89,6 +91,94 @@ class RecipientFailure:
     retry_until: float | None = None  # delay notices: when we give up
 
 
+# -- RFC 3461 parameters (NOTIFY, ORCPT on RCPT; ENVID, RET on MAIL) -------------------------
+
+NOTIFY_KEYWORDS = ("SUCCESS", "FAILURE", "DELAY")   # or NEVER alone
+MAX_ENVID = 100      # octets of the ENVID value, xtext-encoded (RFC 3461 §4.4)
+MAX_ORCPT = 500      # octets of the ORCPT value, addr-type and xtext (RFC 3461 §4.2)
+# 33-126 but "+" and "=", or +HH (RFC 3461 asks for upper-case hex; lower case is read too)
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-Fa-f]{2})*")
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+")   # an RFC 822 atom
+
+
+def parse_notify(value: str) -> str | None:
+    """A NOTIFY value normalised ("NEVER" or e.g. "SUCCESS,FAILURE"); None when invalid.
+
+    Keywords are case-insensitive; NEVER stands alone; a keyword may not repeat.
+    """
+    words = value.upper().split(",")
+    if words == ["NEVER"]:
+        return "NEVER"
+    if not all(w in NOTIFY_KEYWORDS for w in words) or len(set(words)) != len(words):
+        return None
+    return ",".join(w for w in NOTIFY_KEYWORDS if w in words)
+
+
+def notify_allows(notify: str | None, kind: str) -> bool:
+    """Whether a recipient with NOTIFY *notify* ("" or None: not given) gets a *kind* DSN.
+
+    *kind* is SUCCESS, FAILURE or DELAY.  Without NOTIFY a recipient gets
+    failure and delay notices, no success notice (RFC 3461 §4.1).
+    """
+    if not notify:
+        return kind != "SUCCESS"
+    return kind in notify.split(",")
+
+
+def valid_xtext(value: str) -> bool:
+    """True when *value* is xtext (RFC 3461 §4): printable ASCII, "+" and "=" as +HH."""
+    return _XTEXT.fullmatch(value) is not None
+
+
+def xtext_decode(value: str) -> str:
+    """Decode xtext ("+2B" -> "+"); the caller has checked it with :func:`valid_xtext`."""
+    if "+" not in value:
+        return value
+    raw = re.sub(rb"\+([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]),
+                 value.encode("ascii", "replace"))
+    return raw.decode("utf-8", "replace")
+
+
+def xtext_encode(value: str) -> str:
+    """Encode text as xtext: "+", "=", controls, space and non-ASCII as +HH (UTF-8 octets)."""
+    out = []
+    for ch in value:
+        if "!" <= ch <= "~" and ch not in "+=":
+            out.append(ch)
+        else:
+            out.extend("+%02X" % b for b in ch.encode("utf-8"))
+    return "".join(out)
+
+
+def parse_orcpt(value: str) -> str | None:
+    """An ORCPT value ("rfc822;user+2Bx@example.com") checked, as given; None when invalid."""
+    if len(value) > MAX_ORCPT:
+        return None
+    addr_type, sep, addr = value.partition(";")
+    if not sep or not addr or _ADDR_TYPE.fullmatch(addr_type) is None or not valid_xtext(addr):
+        return None
+    return value
+
+
+def orcpt_text(value: str) -> str:
+    """An ORCPT as it goes into Original-Recipient: "rfc822; user+x@example.com"."""
+    addr_type, _, addr = value.partition(";")
+    return f"{addr_type.strip()}; {xtext_decode(addr)}"
+
+
+def parse_envid(value: str) -> str | None:
+    """An ENVID value checked (xtext, at most MAX_ENVID octets), as given; None when invalid."""
+    if not value or len(value) > MAX_ENVID or not valid_xtext(value):
+        return None
+    return value
+
+
+def parse_ret(value: str) -> str | None:
+    """A RET value normalised (FULL or HDRS); None when invalid."""
+    value = value.upper()
+    return value if value in ("FULL", "HDRS") else None
+
+
 def new_message_id(queue_id: str, reporting_mta: str, now: float) -> str:
     """A unique Message-ID for the DSN of *queue_id*, angle brackets included."""
     return f"<{_clean(queue_id)}.{int(now)}.{secrets.token_hex(6)}@{_clean(reporting_mta).strip()}>"
@@ -97,13 +187,18 @@ def new_message_id(queue_id: str, reporting_mta: str, now: float) -> str:
 def build_dsn(*, original: bytes, envelope_sender: str, failed: list[RecipientFailure],
               reporting_mta: str, arrival_time: float, queue_id: str, delayed: bool = False,
               envid: str | None = None, now: float | None = None,
-              message_id: str | None = None) -> bytes:
+              message_id: str | None = None, ret_full: bool = False) -> bytes:
     """The complete DSN message (bytes, CRLF) for ``failed`` recipients of ``original``.
 
     ``delayed=True`` makes it a delay notice: its subject and text say so
     and every recipient's Action is ``delayed``.  ``envid`` is the client's
     ENVID (xtext-decoded); ``now`` the Date to use (default: the clock);
     ``message_id`` its Message-ID (default: :func:`new_message_id`).
+    When every recipient's Action is ``delivered`` or ``relayed`` it is a
+    success notice (RFC 3461 NOTIFY=SUCCESS).  ``ret_full`` (RET=FULL, for
+    a failure notice) returns the whole message as ``message/rfc822`` when
+    it is 7-bit, has no line over 998 octets and is at most
+    ``MAX_RETURNED_MESSAGE`` octets; otherwise, and by default, the headers.
     """
     sender = _clean(envelope_sender).strip()
     if not sender or sender == "<>":
@@ -123,17 +218,21 @@ def build_dsn(*, original: bytes, envelope_sender: str, failed: list[RecipientFa
     utf8 = not sender.isascii() or any(
         not r.recipient.isascii() or not (r.original_recipient or "").isascii() for r in failed)
 
-    headers = original_headers(original)
-    text = _text_part(mta, rcpts, delayed, utf8)
+    success = all(a in ("delivered", "relayed") for _, a, _ in rcpts)
+    text = _text_part(mta, rcpts, delayed, utf8, success)
     status = _status_part(mta, queue_id, envid, arrival_time, rcpts, utf8)
-    returned = _headers_part(headers, utf8)
+    if ret_full and not delayed and not success and _returnable(original):
+        returned = _message_part(original)
+    else:
+        returned = _headers_part(original_headers(original), utf8)
+    subject = SUBJECT_DELAYED if delayed else SUBJECT_SUCCESS if success else SUBJECT_FAILED
     parts = [text, status, returned]
     boundary = _boundary(queue_id, parts)
 
     out = [
         b"From: " + _enc(f"{FROM_NAME} <MAILER-DAEMON@{mta}>"),
         b"To: " + _enc(f"<{sender}>"),
-        b"Subject: " + _enc(SUBJECT_DELAYED if delayed else SUBJECT_FAILED),
+        b"Subject: " + _enc(subject),
         b"Date: " + _enc(rfc5322_date(now)),
         b"Message-ID: " + _enc(_clean(message_id or new_message_id(queue_id, mta, now))),
         b"Auto-Submitted: auto-replied",
@@ -268,9 +367,28 @@ def _wrap(text: str, indent: str) -> list[str]:
                          break_on_hyphens=False) or [indent.rstrip()]
 
 
-def _text_part(mta: str, rcpts, delayed: bool, utf8: bool) -> bytes:
+def _returnable(message: bytes) -> bool:
+    """Whether RET=FULL can return *message* whole in a 7-bit notice."""
+    if len(message) > MAX_RETURNED_MESSAGE or not message.isascii():
+        return False
+    return all(len(line) <= MAX_LINE for line in message.split(CRLF))
+
+
+def _message_part(message: bytes) -> bytes:
+    """The whole original message (RET=FULL), then the CRLF that belongs to the boundary."""
+    if not message.endswith(CRLF):
+        message += CRLF
+    return CRLF.join([b"Content-Description: Undelivered Message",
+                      b"Content-Type: message/rfc822", b""]) + CRLF + message + CRLF
+
+
+def _text_part(mta: str, rcpts, delayed: bool, utf8: bool, success: bool = False) -> bytes:
     lines = [f"This is the mail system at {mta}.", ""]
-    if delayed:
+    if success:
+        intro = ("Your message was successfully delivered to the destination(s) below. "
+                 "\"relayed\" means it was passed on to a server that sends no further "
+                 "delivery notices of its own.")
+    elif delayed:
         intro = ("Your message has not been delivered yet to the recipients below. "
                  "It is still in the queue and delivery will be retried: you do not "
                  "need to send it again.")

@@ -86,6 +86,7 @@ class MessageMeta(msgspec.Struct, array_like=True):
     state: list[int] | None = None
     attempts: list[int] | None = None
     due: list[float] | None = None
+    flags: list[int] | None = None      # per recipient RCPT_* bits; None: all 0
 
 
 START_AT = "start_at"   # params: epoch seconds of options.start_time, when in the future
@@ -110,7 +111,10 @@ class DoneMeta(msgspec.Struct, array_like=True):
 
 
 class RcptMeta(msgspec.Struct, array_like=True):
-    """Recipient updates of one message: [[index, state, attempts, due], ...]."""
+    """Recipient updates of one message: [[index, state, attempts, due(, flags)], ...].
+
+    The fifth element, when present, replaces the recipient's RCPT_* flags.
+    """
 
     qid: str
     updates: list[list]
@@ -127,6 +131,8 @@ DELIVERED = 1
 FAILED = 2
 EXPIRED = 3
 TERMINAL = (DELIVERED, FAILED, EXPIRED)
+# Recipient flags, as stored in records (a bit set; absent = 0).
+RCPT_DELAY_NOTIFIED = 1     # the sender was sent a delay notice for it (RFC 3464 "delayed")
 STATE_NAMES = {PENDING: "pending", DELIVERED: "delivered", FAILED: "failed", EXPIRED: "expired"}
 
 
@@ -169,7 +175,7 @@ def shard_dir(spool_dir: str, shard: int) -> str:
 class Entry:
     """A queued message: envelope, recipients' progress, where its body lies on disk."""
 
-    __slots__ = ("meta", "seg", "offset", "length", "state", "attempts", "due", "out")
+    __slots__ = ("meta", "seg", "offset", "length", "state", "attempts", "due", "out", "flags")
 
     def __init__(self, meta: MessageMeta, seg: int, offset: int, length: int):
         self.meta = meta
@@ -181,6 +187,7 @@ class Entry:
         self.attempts = list(meta.attempts) if meta.attempts else [0] * n
         self.due = list(meta.due) if meta.due else [start_of(meta)] * n
         self.out = 0  # delivery jobs in flight (not persisted)
+        self.flags = list(meta.flags) if meta.flags else None   # RCPT_* bits; None: all 0
 
     def pending(self) -> int:
         return sum(1 for s in self.state if s == PENDING)
@@ -189,17 +196,27 @@ class Entry:
         """The envelope with the recipients' progress, for a compaction copy."""
         m = self.meta
         return MessageMeta(m.qid, m.sender, m.rcpts, m.arrival, m.params, m.client,
-                           self.state, self.attempts, self.due)
+                           self.state, self.attempts, self.due, self.flags)
+
+    def flag(self, idx: int) -> int:
+        """Recipient *idx*'s RCPT_* flags."""
+        f = self.flags
+        return f[idx] if f is not None and 0 <= idx < len(f) else 0
 
 
 def apply_updates(e: Entry, updates: list) -> None:
-    """Apply [[index, state, attempts, due], ...] to an entry (ignoring bad indexes)."""
+    """Apply [[index, state, attempts, due(, flags)], ...] to an entry (ignoring bad indexes)."""
     n = len(e.state)
-    for idx, state, attempts, due in updates:
+    for u in updates:
+        idx = u[0]
         if 0 <= idx < n:
-            e.state[idx] = state
-            e.attempts[idx] = attempts
-            e.due[idx] = due
+            e.state[idx] = u[1]
+            e.attempts[idx] = u[2]
+            e.due[idx] = u[3]
+            if len(u) > 4:
+                if e.flags is None:
+                    e.flags = [0] * n
+                e.flags[idx] = u[4]
 
 
 class Segment:

@@ -103,6 +103,16 @@ class _CountingSMTP(SMTP):
         super().connection_lost(exc)
 
 
+    def _getparams(self, params):
+        # A DSN sink takes RFC 3461's parameters (aiosmtpd knows none of them): they
+        # stay in the options it records and are left out of its "unknown" check.
+        result = super()._getparams(params)
+        if result is not None and self._sink.dsn:
+            for key in ("NOTIFY", "ORCPT", "ENVID", "RET"):
+                result.pop(key, None)
+        return result
+
+
 class _Controller(Controller):
     def __init__(self, sink, *a, **kw):
         self._sink = sink
@@ -121,8 +131,11 @@ class AioSink:
     :attr:`txns`).  Both may be replaced while the server runs.
     """
 
-    def __init__(self, ip: str, port: int, rcpt=None, data=None, name: str = ""):
+    def __init__(self, ip: str, port: int, rcpt=None, data=None, name: str = "",
+                 dsn: bool = False):
         self.ip, self.port, self.name = ip, port, name or ip
+        self.dsn = dsn                # offer DSN (RFC 3461) and take its parameters
+        self.rcpt_params: list[tuple[str, list]] = []   # (address, RCPT parameters), dsn only
         self.rcpt = rcpt
         self.data = data
         self.lock = threading.Lock()
@@ -134,7 +147,8 @@ class AioSink:
         self.txns: list[Txn] = []
         self.rejected: list[Txn] = []
         self.rcpt_log: list[tuple[str, str, str]] = []   # (mail_from, address, reply)
-        self.ctl = _Controller(self, _Handler(self), hostname=ip, port=port,
+        self.ctl = _Controller(self, (_DsnHandler if dsn else _Handler)(self),
+                               hostname=ip, port=port,
                                enable_SMTPUTF8=True, ready_timeout=10)
 
     def start(self) -> "AioSink":
@@ -208,6 +222,19 @@ class _Handler:
         with s.lock:
             (s.txns if reply.startswith("2") else s.rejected).append(txn)
         return reply
+
+
+class _DsnHandler(_Handler):
+    """The handler of a sink that offers DSN: EHLO says so; RCPT parameters are recorded."""
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        return responses[:-1] + ["250-DSN"] + responses[-1:]
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        with self.sink.lock:
+            self.sink.rcpt_params.append((address, list(rcpt_options)))
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
 
 
 @dataclass

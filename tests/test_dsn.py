@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from mta import dsn
 from mta.dsn import (MAX_LINE, RecipientFailure, build_dsn, dsn_status,
                               needs_smtputf8, original_headers, quoted_printable)
 
@@ -254,3 +255,62 @@ def test_quoted_printable():
     assert quoted_printable(b"a=b \t\r\nend \r\n") == b"a=3Db =09\r\nend=20\r\n"
     long = quoted_printable(b"z" * 200 + b"\r\n")
     assert all(len(line) <= 76 for line in long.split(b"\r\n"))
+
+
+# -- RFC 3461 parameters ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, want", [
+    ("NEVER", "NEVER"), ("never", "NEVER"), ("delay,Success", "SUCCESS,DELAY"),
+    ("FAILURE", "FAILURE"), ("SUCCESS,FAILURE,DELAY", "SUCCESS,FAILURE,DELAY"),
+    ("NEVER,FAILURE", None), ("FAILURE,NEVER", None), ("SOMETIMES", None), ("", None),
+    ("SUCCESS,SUCCESS", None), ("SUCCESS,", None)])
+def test_parse_notify(value, want):
+    assert dsn.parse_notify(value) == want
+
+
+@pytest.mark.parametrize("value, ok", [
+    ("rfc822;a@b.test", True), ("rfc822;a+2Bb@b.test", True), ("RFC822;x", True),
+    ("a@b.test", False), ("rfc822;", False), (";a@b.test", False), ("rfc822;a+b@c", False),
+    ("rfc822;a=b", False), ("rfc822;a+2", False), ("rfc822;a+ZZ", False),
+    ("rfc822;" + "a" * 500, False)])
+def test_parse_orcpt(value, ok):
+    assert (dsn.parse_orcpt(value) == value) is ok
+
+
+def test_xtext_round_trip_and_envid_ret():
+    for text in ("plain", "a+b=c", "sp ace", "tab\there", "jörg"):
+        enc = dsn.xtext_encode(text)
+        assert dsn.valid_xtext(enc) and dsn.xtext_decode(enc) == text
+    assert dsn.xtext_encode("a+b=c") == "a+2Bb+3Dc"
+    assert dsn.orcpt_text("rfc822;A+2Bb@x.test") == "rfc822; A+b@x.test"
+    assert dsn.parse_envid("E" * 100) and dsn.parse_envid("E" * 101) is None
+    assert dsn.parse_envid("") is None and dsn.parse_envid("a=b") is None
+    assert dsn.parse_ret("hdrs") == "HDRS" and dsn.parse_ret("FULL") == "FULL"
+    assert dsn.parse_ret("ALL") is None
+
+
+def test_notify_allows():
+    assert dsn.notify_allows("", "FAILURE") and dsn.notify_allows("", "DELAY")
+    assert not dsn.notify_allows("", "SUCCESS")
+    assert not dsn.notify_allows("NEVER", "FAILURE")
+    assert dsn.notify_allows("SUCCESS,DELAY", "DELAY")
+    assert not dsn.notify_allows("SUCCESS,DELAY", "FAILURE")
+
+
+def test_success_notice_and_ret_full():
+    r = RecipientFailure(recipient="a@x.test", status="2.0.0", remote_host="mx.x.test",
+                         diagnostic="250 2.0.0 ok", last_attempt=0.0, action="relayed")
+    out = build_dsn(original=b"Subject: s\r\n\r\nbody\r\n", envelope_sender="s@y.test",
+                    failed=[r], reporting_mta="mta.test", arrival_time=0.0, queue_id="Q",
+                    ret_full=True)
+    assert b"Subject: Successful Mail Delivery Report" in out
+    assert b"text/rfc822-headers" in out and b"body" not in out   # never the content
+    r.action, r.status = "failed", "5.1.1"
+    out = build_dsn(original=b"Subject: s\r\n\r\nbody\r\n", envelope_sender="s@y.test",
+                    failed=[r], reporting_mta="mta.test", arrival_time=0.0, queue_id="Q",
+                    ret_full=True)
+    assert b"Content-Type: message/rfc822\r\n\r\nSubject: s\r\n\r\nbody\r\n\r\n--" in out
+    big = b"Subject: s\r\n\r\n" + b"x" * (dsn.MAX_RETURNED_MESSAGE + 1)
+    out = build_dsn(original=big, envelope_sender="s@y.test", failed=[r],
+                    reporting_mta="mta.test", arrival_time=0.0, queue_id="Q", ret_full=True)
+    assert b"message/rfc822" not in out and b"text/rfc822-headers" in out

@@ -560,3 +560,29 @@ def test_probe_fails_while_writes_fail_then_heals_in_a_new_segment(tmp_path, cod
     st2, _ = restart(tmp_path, codec)
     assert sorted(st2.entries) == [qid(1)]
     st2.close()
+
+
+def test_recipient_flags_survive_restart_and_compaction(tmp_path, codec):
+    """A recipient's flags (the delay notice sent) are written with its update record,
+    read back at recovery, and carried by a compaction copy."""
+    from mta.store import PENDING, RCPT_DELAY_NOTIFIED, Entry, apply_updates
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1, nrcpt=3), body(1))])
+    ups = {qid(1): [[1, PENDING, 2, 123.0, RCPT_DELAY_NOTIFIED], [2, PENDING, 2, 124.0]]}
+    new = st.write([], [], ups)
+    st.sync()
+    st.commit(new, [], ups)
+    e = st.entries[qid(1)]
+    assert [e.flag(i) for i in range(3)] == [0, RCPT_DELAY_NOTIFIED, 0]
+    st.close()
+    st, _ = restart(tmp_path, codec)
+    e = st.entries[qid(1)]
+    assert [e.flag(i) for i in range(3)] == [0, RCPT_DELAY_NOTIFIED, 0]
+    assert e.attempts == [0, 2, 2] and e.due[1:] == [123.0, 124.0]
+    copy = e.progress_meta()
+    assert copy.flags == [0, RCPT_DELAY_NOTIFIED, 0]
+    again = Entry(copy, 0, 0, 0)
+    assert again.flag(1) == RCPT_DELAY_NOTIFIED
+    apply_updates(again, [[1, PENDING, 3, 200.0]])      # a plain update keeps the flags
+    assert again.flag(1) == RCPT_DELAY_NOTIFIED
+    st.close()

@@ -74,7 +74,9 @@ log = logging.getLogger("mta.acceptor")
 SWEEP_INTERVAL = 0.5     # seconds between timeout / free-space checks
 RECORD_OVERHEAD = 1024   # octets: generous estimate of a spool record's envelope and framing
 
-SPOOLED_SMTP_PARAMS = ("BODY", "SMTPUTF8")   # MAIL parameters kept with the message
+# MAIL parameters kept with the message; with DSN's (RFC 3461) ENVID and RET,
+# and its per-recipient NOTIFY and ORCPT (lists parallel to the recipients).
+SPOOLED_SMTP_PARAMS = ("BODY", "SMTPUTF8", "ENVID", "RET", "NOTIFY", "ORCPT")
 
 # Outbox entries are (done, envelope, body, peer); pulled apart in C, not in a
 # list comprehension (a function call per use on 3.11).

@@ -58,13 +58,17 @@ NO_VALID_RCPTS = b"554 5.5.1 No valid recipients\r\n"
 RELAY_DENIED = b"554 5.7.1 Relay access denied\r\n"
 NEED_SMTPUTF8 = b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n"
 BAD_PARAM = b"555 5.5.4 Unsupported parameter\r\n"
+BAD_NOTIFY = b"501 5.5.4 Invalid NOTIFY parameter (NEVER, or SUCCESS, FAILURE, DELAY)\r\n"
+BAD_ORCPT = b"501 5.5.4 Invalid ORCPT parameter (addr-type;xtext)\r\n"
+BAD_ENVID = b"501 5.5.4 Invalid ENVID parameter (xtext, at most 100 characters)\r\n"
+BAD_RET = b"501 5.5.4 Invalid RET parameter (FULL or HDRS)\r\n"
 
 
 # EHLO: "250-{host}", then one line per keyword, the last one "250 " (RFC 5321
 # 4.1.1.1).  The acceptor chooses the keywords (STARTTLS before TLS, AUTH over
 # TLS before AUTH) and caches the reply.
 EHLO_KEYWORDS = ("PIPELINING", "SIZE {size}", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8",
-                 "CHUNKING")
+                 "CHUNKING", "DSN")
 EHLO_STARTTLS = "STARTTLS"
 EHLO_AUTH = "AUTH PLAIN LOGIN"
 EHLO_HELP = "HELP"

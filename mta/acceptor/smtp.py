@@ -2,7 +2,10 @@
 
 What it does: speaks RFC 5321 with one client — EHLO/HELO, MAIL, RCPT, DATA,
 BDAT (CHUNKING), RSET, NOOP, QUIT, VRFY (252), HELP, with PIPELINING, SIZE,
-8BITMIME, SMTPUTF8 and ENHANCEDSTATUSCODES; STARTTLS and AUTH are in
+8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES and DSN (RFC 3461: ENVID and RET on
+MAIL, NOTIFY and ORCPT on RCPT, checked here -- a bad value gets 501 5.5.4 --
+and kept in the message's params: "ENVID", "RET", and "NOTIFY" / "ORCPT" as
+lists parallel to the recipients); STARTTLS and AUTH are in
 ``tls_auth.py``.  Every verb is a row of :data:`VERBS`, every state a member of
 :class:`~mta.acceptor.state.State`, every reply a constant in ``replies.py``.
 Relay: recipients are accepted only from ``smtp.relay_networks`` or from
@@ -60,7 +63,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from mta import rfcdate
+from mta import dsn, rfcdate
 from mta.acceptor import replies as R
 from mta.acceptor import tls_auth
 from mta.acceptor.state import State
@@ -183,14 +186,20 @@ def parse_path(raw: bytes, utf8: bool) -> str | None:
 
 
 def parse_params(raw: bytes) -> dict[str, str] | None:
-    """Split ESMTP parameters ``KEY=VALUE KEY`` into an upper-cased dict; None on bad syntax."""
+    """Split ESMTP parameters ``KEY=VALUE KEY`` into an upper-cased dict.
+
+    None on bad syntax, and when a keyword is given twice.
+    """
     out = {}
     for word in raw.split():
         key, _, value = word.partition(b"=")
         if not key or not key.isalnum():
             return None
         try:
-            out[key.decode("ascii").upper()] = value.decode("ascii")
+            k = key.decode("ascii").upper()
+            if k in out:
+                return None
+            out[k] = value.decode("ascii")
         except UnicodeDecodeError:
             return None
     return out
@@ -535,6 +544,16 @@ class Session(asyncio.Protocol):
                     return None
             elif key == "AUTH":
                 pass  # RFC 4954 5: accepted, not trusted
+            elif key == "ENVID":
+                if dsn.parse_envid(value) is None:
+                    self.reply_error(R.BAD_ENVID)
+                    return None
+            elif key == "RET":
+                ret = dsn.parse_ret(value)
+                if ret is None:
+                    self.reply_error(R.BAD_RET)
+                    return None
+                params[key] = ret
             else:
                 self.reply_error(R.BAD_PARAM)
                 return None
@@ -553,9 +572,13 @@ class Session(asyncio.Protocol):
         if end < 0:
             self.reply_error(R.BAD_RCPT)
             return
-        if rest[end + 1:].strip():
-            self.reply_error(R.BAD_PARAM)  # NOTIFY/ORCPT: DSN is not offered
-            return
+        tail = rest[end + 1:]
+        notify = orcpt = ""
+        if tail.strip():
+            got = self._rcpt_params(tail)
+            if got is None:
+                return
+            notify, orcpt = got
         utf8 = "SMTPUTF8" in self.params
         path = rest[:end + 1]
         rcpt = parse_path(path, utf8)
@@ -577,9 +600,52 @@ class Session(asyncio.Protocol):
         if len(self.rcpts) >= self.a.smtp.max_recipients:
             self.out.append(R.TOO_MANY_RCPTS)
             return
+        if notify or orcpt or "NOTIFY" in self.params:
+            self._rcpt_dsn(notify, orcpt)
         self.rcpts.append(rcpt)
         self.state = _RCPT
         self.out.append(R.RCPT_OK)
+
+    def _rcpt_params(self, raw: bytes) -> tuple[str, str] | None:
+        """Parse and check RCPT parameters (RFC 3461 NOTIFY, ORCPT): (notify, orcpt).
+
+        "" for one not given; None when refused (the error reply is sent).
+        """
+        params = parse_params(raw) if self.esmtp else None
+        if params is None:
+            self.reply_error(R.SYNTAX)
+            return None
+        notify = orcpt = ""
+        for key, value in params.items():
+            if key == "NOTIFY":
+                notify = dsn.parse_notify(value)
+                if notify is None:
+                    self.reply_error(R.BAD_NOTIFY)
+                    return None
+            elif key == "ORCPT":
+                orcpt = dsn.parse_orcpt(value)
+                if orcpt is None:
+                    self.reply_error(R.BAD_ORCPT)
+                    return None
+            else:
+                self.reply_error(R.BAD_PARAM)
+                return None
+        return notify, orcpt
+
+    def _rcpt_dsn(self, notify: str, orcpt: str) -> None:
+        """Record the next recipient's NOTIFY and ORCPT ("" = not given).
+
+        Kept in the transaction's params as two lists parallel to the
+        recipients ("NOTIFY", "ORCPT"), made at the first recipient that has
+        either, so a message without DSN parameters carries nothing extra.
+        """
+        p = self.params
+        if "NOTIFY" not in p:
+            n = len(self.rcpts)
+            p["NOTIFY"] = [""] * n
+            p["ORCPT"] = [""] * n
+        p["NOTIFY"].append(notify)
+        p["ORCPT"].append(orcpt)
 
     def cmd_data(self, arg: bytes) -> None:
         st = self.state

@@ -210,6 +210,7 @@ class Result(Struct, array_like=True, forbid_unknown_fields=True):
     text: str
     host: str                                           # remote host name; "" before connect
     ip: str
+    dsn: bool = False                                   # the next hop took NOTIFY/ORCPT (DSN)
 
 
 class DeliveryOutcome(Message, tag=12):

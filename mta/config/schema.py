@@ -264,8 +264,12 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_age: Annotated[float, _doc(
         "seconds a message may stay queued before its undelivered recipients expire "
         "and bounce (5 days)", ge=1)] = 5 * 86400.0
+    delay_warning_time: Annotated[float, _doc(
+        "seconds after which the sender of a message still deferred gets a delay notice "
+        "(RFC 3464 \"delayed\"), once per recipient that did not opt out with NOTIFY "
+        "(RFC 3461); 0 = never (like Postfix's delay_warning_time)", ge=0, le=30 * 86400)] = 0.0
     time_scale: Annotated[float, _doc(
-        "multiplies retry_schedule and max_age; only for tests (e.g. 0.001)",
+        "multiplies retry_schedule, max_age and delay_warning_time; only for tests (e.g. 0.001)",
         gt=0, le=1)] = 1.0
     route: Annotated[list[RouteConfig], _doc(
         "static routes, like a transport map or a smarthost: [[delivery.route]] "

@@ -11,7 +11,8 @@ bounces, pools; this module only speaks the protocol and reports what the
 server said.
 
 Extensions used: PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152),
-SMTPUTF8 (RFC 6531), ENHANCEDSTATUSCODES (RFC 2034), STARTTLS (RFC 3207).
+SMTPUTF8 (RFC 6531), ENHANCEDSTATUSCODES (RFC 2034), STARTTLS (RFC 3207), DSN (RFC 3461:
+NOTIFY, ORCPT, ENVID and RET passed on to a server that offers it).
 
 Hot path cost, per message with PIPELINING: two round trips.  One write of
 ``MAIL``, every ``RCPT`` and ``DATA``; one read of their replies; one write
@@ -67,6 +68,7 @@ import socket
 import ssl
 from collections import deque
 
+from mta import dsn
 from mta.delivery import socks
 from mta.delivery.socks import Socks5Proxy
 
@@ -215,19 +217,76 @@ class ReplyParser:
         return SmtpReply(code, enhanced, b"\n".join(texts).decode("utf-8", "replace"))
 
 
+class DsnParams:
+    """The RFC 3461 parameters of one transaction, as received (xtext kept as it came).
+
+    *envid*, *ret*: ENVID and RET of MAIL ("" = none); *notify*, *orcpt*:
+    per recipient, in the order given to ``send_message`` ("" = none).
+    """
+
+    __slots__ = ("envid", "ret", "notify", "orcpt")
+
+    def __init__(self, envid: str = "", ret: str = "", notify: list[str] | None = None,
+                 orcpt: list[str] | None = None) -> None:
+        self.envid = envid
+        self.ret = ret
+        self.notify = notify or []
+        self.orcpt = orcpt or []
+
+    @classmethod
+    def from_params(cls, params: dict) -> DsnParams | None:
+        """The DSN parameters of a job's params (ENVID, RET; NOTIFY, ORCPT lists), or None.
+
+        Values are checked again (a value that would not be a valid parameter
+        is dropped), so nothing but RFC 3461 syntax reaches a command line.
+        """
+        envid, ret = params.get("ENVID"), params.get("RET")
+        notify, orcpt = params.get("NOTIFY"), params.get("ORCPT")
+        if envid is None and ret is None and notify is None:
+            return None
+        envid = envid if isinstance(envid, str) and dsn.parse_envid(envid) else ""
+        ret = ret if isinstance(ret, str) and dsn.parse_ret(ret) == ret else ""
+        notify = [x if isinstance(x, str) and dsn.parse_notify(x) == x else ""
+                  for x in (notify if isinstance(notify, list) else ())]
+        orcpt = [x if isinstance(x, str) and dsn.parse_orcpt(x) else ""
+                 for x in (orcpt if isinstance(orcpt, list) else ())]
+        return cls(envid, ret, notify, orcpt)
+
+    def mail_params(self) -> str:
+        out = ""
+        if self.ret:
+            out += " RET=" + self.ret
+        if self.envid:
+            out += " ENVID=" + self.envid
+        return out
+
+    def rcpt_params(self, i: int) -> str:
+        out = ""
+        if i < len(self.notify) and self.notify[i]:
+            out += " NOTIFY=" + self.notify[i]
+        if i < len(self.orcpt) and self.orcpt[i]:
+            out += " ORCPT=" + self.orcpt[i]
+        return out
+
+
 class DeliveryResult:
     """The outcome of one transaction.
 
     ``rcpt_replies[i]`` is the reply to recipient i (in the order given to
     ``send_message``); ``data_reply`` the reply after the message (or to a
     refused DATA), None when no recipient was accepted so no data was sent.
+
+    ``dsn`` is True when the server offers DSN (RFC 3461) and so was given
+    the transaction's NOTIFY / ORCPT / ENVID / RET: its notices are its own.
     """
 
-    __slots__ = ("rcpt_replies", "data_reply")
+    __slots__ = ("rcpt_replies", "data_reply", "dsn")
 
-    def __init__(self, rcpt_replies: list[SmtpReply], data_reply: SmtpReply | None) -> None:
+    def __init__(self, rcpt_replies: list[SmtpReply], data_reply: SmtpReply | None,
+                 dsn: bool = False) -> None:
         self.rcpt_replies = rcpt_replies
         self.data_reply = data_reply
+        self.dsn = dsn
 
     def accepted(self, i: int) -> bool:
         """True when the server took the message for recipient i (RCPT and data both 2xx)."""
@@ -483,6 +542,10 @@ class SmtpConnection:
         return "8BITMIME" in self.extensions
 
     @property
+    def supports_dsn(self) -> bool:
+        return "DSN" in self.extensions
+
+    @property
     def supports_smtputf8(self) -> bool:
         return "SMTPUTF8" in self.extensions
 
@@ -646,18 +709,22 @@ class SmtpConnection:
     # -- the transaction --
 
     async def send_message(self, sender: str, recipients: list[str], message: bytes, *,
-                           eight_bit: bool = False, smtputf8: bool = False) -> DeliveryResult:
+                           eight_bit: bool = False, smtputf8: bool = False,
+                           dsn: DsnParams | None = None) -> DeliveryResult:
         """Run one mail transaction; return one reply per recipient and the data reply.
 
         *message* is the whole message with CRLF line ends, not dot-stuffed.
         An 8-bit message (``eight_bit`` or any byte >= 0x80) is sent with
         BODY=8BITMIME; SMTPUTF8 is used when asked or when an address is
-        not ASCII.  Raises Unsupported8Bit / UnsupportedSmtpUtf8 (nothing
-        sent), SmtpTimeout, SmtpConnectionLost, SmtpProtocolError.
+        not ASCII.  *dsn*: the RFC 3461 parameters received with the message,
+        passed on when the server offers DSN (``result.dsn`` says it did).
+        Raises Unsupported8Bit / UnsupportedSmtpUtf8 (nothing sent),
+        SmtpTimeout, SmtpConnectionLost, SmtpProtocolError.
         """
         self._begin()
         try:
-            result = await self._transaction(sender, recipients, message, eight_bit, smtputf8)
+            result = await self._transaction(sender, recipients, message, eight_bit, smtputf8,
+                                             dsn)
         except BaseException:
             if self._state == _State.BUSY:      # state on the server unknown: give up on it
                 self.close()
@@ -667,7 +734,8 @@ class SmtpConnection:
         return result
 
     async def _transaction(self, sender: str, recipients: list[str], message: bytes,
-                           eight_bit: bool, smtputf8: bool) -> DeliveryResult:
+                           eight_bit: bool, smtputf8: bool,
+                           dsn: DsnParams | None = None) -> DeliveryResult:
         """The steps of send_message; leaves _state READY, DIRTY, BUSY (= READY) or CLOSED."""
         # 1. Checks that need nothing from the server.
         eight_bit = eight_bit or not message.isascii()
@@ -706,8 +774,15 @@ class SmtpConnection:
         if utf8:
             params += " SMTPUTF8"
         enc = "utf-8" if utf8 else "ascii"
-        mail = ("MAIL FROM:<%s>%s\r\n" % (sender, params)).encode(enc)
-        rcpts = [("RCPT TO:<%s>\r\n" % recipients[i]).encode(enc) for i in send_idx]
+        use_dsn = self.supports_dsn
+        if use_dsn and dsn is not None:
+            params += dsn.mail_params()
+            mail = ("MAIL FROM:<%s>%s\r\n" % (sender, params)).encode(enc)
+            rcpts = [("RCPT TO:<%s>%s\r\n" % (recipients[i], dsn.rcpt_params(i))).encode(enc)
+                     for i in send_idx]
+        else:
+            mail = ("MAIL FROM:<%s>%s\r\n" % (sender, params)).encode(enc)
+            rcpts = [("RCPT TO:<%s>\r\n" % recipients[i]).encode(enc) for i in send_idx]
         rset = self._state_before == _State.DIRTY
         self.transactions += 1
         if self.supports_pipelining:
@@ -777,7 +852,7 @@ class SmtpConnection:
             self.messages_sent += 1
         if self._wire.closing:
             self.close()
-        return DeliveryResult(replies, data_reply)
+        return DeliveryResult(replies, data_reply, use_dsn)
 
     async def _send_data(self, message: bytes) -> SmtpReply:
         """Write the dot-stuffed message and the final dot; return the final reply."""

@@ -719,7 +719,8 @@ class Engine:
         lane.sent += 1
         try:
             res = await conn.send_message(m.sender, addrs, m.body, eight_bit=eight,
-                                          smtputf8=utf8)
+                                          smtputf8=utf8,
+                                          dsn=smtpc.DsnParams.from_params(m.params))
         except smtpc.Unsupported8Bit:
             self._finish(job, job.results(
                 FAILED, 554, "5.6.3", f"{host} does not accept 8-bit messages (no 8BITMIME)",
@@ -741,7 +742,8 @@ class Engine:
                 r = res.data_reply
             outcome = DELIVERED if r.code < 400 else DEFERRED if r.code < 500 else FAILED
             results.append(Result(index=rcpt.index, outcome=outcome, code=r.code,
-                                  enhanced=r.enhanced or "", text=r.text, host=host, ip=ip))
+                                  enhanced=r.enhanced or "", text=r.text, host=host, ip=ip,
+                                  dsn=res.dsn))
         self._finish(job, results)
         if not conn.is_usable:
             conn.close()

@@ -32,10 +32,30 @@ Age counts from the message's start (:func:`mta.store.start_of`: arrival, or
 ``options.start_time`` when later).  Events carry the ``source``,
 ``sending_ip`` and ``site`` the delivery process reported, when it did.
 
+DSN (RFC 3461) parameters received with the message (``params``: ``ENVID``,
+``RET``; ``NOTIFY`` and ``ORCPT`` as lists parallel to the recipients) shape
+the notices: a recipient whose NOTIFY lacks FAILURE (NEVER, or e.g. SUCCESS
+only) is not bounced (the failure is logged); one with SUCCESS that was
+delivered to a next hop that does not offer DSN (``Result.dsn`` false) gets a
+success notice with Action ``relayed`` (RFC 3461 §6.2.6; a next hop that
+offers DSN was given NOTIFY and reports itself); RET=FULL returns the whole
+message in a bounce (within ``mta.dsn.MAX_RETURNED_MESSAGE``), otherwise the
+headers; ENVID and ORCPT go into the report (Original-Envelope-Id,
+Original-Recipient).
+
+Delay notices (``delivery.delay_warning_time``, 0 = off): at a deferral of a
+recipient whose message has waited at least that long (counted from its
+start), once per recipient, unless its NOTIFY lacks DELAY (no NOTIFY: yes).
+"Once" is durable: the recipient's update record carries the flag
+``RCPT_DELAY_NOTIFIED`` (:mod:`mta.store`), so a restart does not send it
+again.  The notice goes out at the first deferral after the warning time, so
+with long retry intervals it may come up to one interval later.
+
 Recipients found too old at dispatch expire the same way (:meth:`Plan.expire`).
 A bounce is an RFC 3464 DSN to the envelope sender, one per message and batch
-for all its failed recipients, queued as a new message with a null sender; a
-message with a null sender is never bounced (the failure is logged).  A message
+for all its failed recipients (success and delay notices likewise, each its
+own), queued as a new message with a null sender; a message with a null
+sender is never bounced (the failure is logged).  A message
 none of whose recipients is pending, and with no delivery job out, is done.
 """
 from __future__ import annotations
@@ -43,11 +63,12 @@ from __future__ import annotations
 import logging
 
 from mta.bus import DELIVERED, FAILED, REQUEUED, Result
-from mta.dsn import RecipientFailure, build_dsn, new_message_id
+from mta.dsn import (RecipientFailure, build_dsn, new_message_id, notify_allows, orcpt_text,
+                     xtext_decode)
 from mta.feedback import classify
 from mta.obs import events as ev
 from mta.spool import schedule as sch
-from mta.store import MessageMeta, start_of
+from mta.store import RCPT_DELAY_NOTIFIED, MessageMeta, start_of
 
 log = logging.getLogger("mta.spool")
 
@@ -82,6 +103,8 @@ class Plan:
         self.done: list[str] = []
         self.returned: list[str] = []          # qids whose jobs came back in this batch
         self.requeues: dict[str, list] = {}    # qid -> [(idx, due), ...]: REQUEUED, not written
+        self.successes: dict[str, list] = {}   # qid -> [RecipientFailure, ...]: "relayed"
+        self.delays: dict[str, list] = {}      # qid -> [RecipientFailure, ...]: delay notice
 
     def _state(self, qid, e):
         st = self.states.get(qid)
@@ -132,21 +155,42 @@ class Plan:
                 st[idx] = sch.DELIVERED
                 self._update(qid, idx, sch.DELIVERED, attempts, 0.0)
                 event["type"] = ev.DELIVERY
+                if not r.dsn and notify_allows(_notify(m, idx), "SUCCESS"):
+                    # RFC 3461 6.2.6: passed to a server that does not do DSN: "relayed"
+                    self._notice(self.successes, qid, m, idx, RecipientFailure(
+                        recipient=m.rcpts[idx], status="2.0.0", remote_host=r.host or None,
+                        diagnostic=f"{r.code} {r.enhanced} {r.text}".strip(),
+                        last_attempt=now, action="relayed"))
             elif r.outcome == FAILED:
                 st[idx] = sch.FAILED
                 self._update(qid, idx, sch.FAILED, attempts, 0.0)
                 event["type"] = ev.BOUNCE
-                self._bounce(qid, m.rcpts[idx], r.code, r.enhanced, r.text, r.host, now)
+                self._bounce(qid, idx, r.code, r.enhanced, r.text, r.host, now)
             else:
                 due = now + policy.delay(attempts)
                 if due >= policy.deadline(start):
                     st[idx] = sch.EXPIRED
                     self._update(qid, idx, sch.EXPIRED, attempts, 0.0)
                     event["type"] = ev.EXPIRATION
-                    self._bounce(qid, m.rcpts[idx], r.code, r.enhanced, r.text, r.host, now,
+                    self._bounce(qid, idx, r.code, r.enhanced, r.text, r.host, now,
                                  note=f"gave up after {attempts} attempt(s)")
                 else:
-                    self._update(qid, idx, sch.PENDING, attempts, due)
+                    flags = e.flag(idx)
+                    if (policy.delay_warning and now - start >= policy.delay_warning
+                            and not flags & RCPT_DELAY_NOTIFIED):
+                        # once per recipient: the flag is written with this update
+                        flags |= RCPT_DELAY_NOTIFIED
+                        self._update(qid, idx, sch.PENDING, attempts, due, flags)
+                        if notify_allows(_notify(m, idx), "DELAY"):
+                            diag = f"{r.code} {r.enhanced} {r.text}".strip() if r.code \
+                                else r.text
+                            self._notice(self.delays, qid, m, idx, RecipientFailure(
+                                recipient=m.rcpts[idx], status=r.enhanced or None,
+                                remote_host=r.host or None, diagnostic=diag,
+                                last_attempt=now, action="delayed",
+                                retry_until=policy.deadline(start)))
+                    else:
+                        self._update(qid, idx, sch.PENDING, attempts, due)
                     event["type"] = ev.TRANSIENT_FAILURE
                     event["next_attempt"] = round(due, 3)
             if r.outcome != DELIVERED:
@@ -174,13 +218,29 @@ class Plan:
                                 "attempt": e.attempts[idx],
                                 "time_in_queue": round(now - m.arrival, 3),
                                 "bounce_class": bounce_class, "bounce_rule": bounce_rule})
-            self._bounce(qid, m.rcpts[idx], 0, EXPIRED_STATUS, EXPIRED_TEXT, "", now)
+            self._bounce(qid, idx, 0, EXPIRED_STATUS, EXPIRED_TEXT, "", now)
         self.returned.append(qid)
 
-    def _update(self, qid, idx, state, attempts, due) -> None:
-        self.updates.setdefault(qid, []).append([idx, state, attempts, due])
+    def _update(self, qid, idx, state, attempts, due, flags=None) -> None:
+        u = [idx, state, attempts, due]
+        if flags is not None:
+            u.append(flags)
+        self.updates.setdefault(qid, []).append(u)
 
-    def _bounce(self, qid, rcpt, code, enh, text, host, now, note="") -> None:
+    def _notice(self, into: dict, qid: str, m: MessageMeta, idx: int,
+                r: RecipientFailure) -> None:
+        """Add *r* (for recipient *idx*) to a notice of *qid*, with its ORCPT if it had one."""
+        orcpt = _param(m, "ORCPT", idx)
+        if orcpt:
+            r.original_recipient = orcpt_text(orcpt)
+        into.setdefault(qid, []).append(r)
+
+    def _bounce(self, qid, idx, code, enh, text, host, now, note="") -> None:
+        m = self.entries[qid].meta
+        rcpt = m.rcpts[idx]
+        if not notify_allows(_notify(m, idx), "FAILURE"):
+            log.info("%s: <%s> failed; no bounce: NOTIFY=%s", qid, rcpt, _notify(m, idx))
+            return
         diag = f"{code} {enh} {text}".strip() if code else text
         if note:
             # Our words are not the server's: not inside its reply (an "smtp;"
@@ -190,9 +250,9 @@ class Plan:
                                                      else "4.0.0")
         if status.startswith("4"):
             status = "5" + status[1:]  # expired after temporary failures: now permanent
-        self.failures.setdefault(qid, []).append(
-            RecipientFailure(recipient=rcpt, status=status, remote_host=host or None,
-                             diagnostic=diag, last_attempt=now))
+        self._notice(self.failures, qid, m, idx,
+                     RecipientFailure(recipient=rcpt, status=status, remote_host=host or None,
+                                      diagnostic=diag, last_attempt=now))
 
     def finish(self, now: float) -> None:
         """Turn recipient states into bounces, finished messages and reschedules."""
@@ -206,33 +266,55 @@ class Plan:
                 if not e.out:
                     self.done.append(qid)
                 continue
-            new_due = {idx: due for idx, _, _, due in self.updates.get(qid, ())}
+            new_due = {u[0]: u[3] for u in self.updates.get(qid, ())}
             new_due.update(self.requeues.get(qid, ()))
             dues = [new_due.get(i, e.due[i]) for i in range(len(st)) if st[i] == sch.PENDING]
             self.reschedule.append((min(dues) if dues else now, qid))
-        for qid, fails in self.failures.items():
-            e = entries[qid]
-            m = e.meta
-            if not m.sender:
-                log.info("%s: not bouncing a failure of a message with a null sender "
-                         "(recipients: %s)", qid, ", ".join(f.recipient for f in fails))
-                continue
-            message_id = new_message_id(qid, self.hostname, now)
-            try:
-                dsn = build_dsn(
-                    original=self.read_body(e), envelope_sender=m.sender, failed=fails,
-                    reporting_mta=self.hostname, arrival_time=m.arrival, queue_id=qid,
-                    message_id=message_id)
-            except Exception:
-                log.exception("%s: could not build the bounce", qid)
-                continue
-            bqid = self.new_qid()
-            self.bounces.append((MessageMeta(bqid, "", [m.sender], now,
-                                             {"message_id": message_id}, f"bounce of {qid}"),
-                                 dsn))
-            log.info("%s: bounce %s to <%s> for %d recipient(s)", qid, bqid, m.sender,
-                     len(fails))
+        for kind, notices in (("bounce", self.failures), ("success notice", self.successes),
+                              ("delay notice", self.delays)):
+            for qid, fails in notices.items():
+                self._report(kind, qid, fails, now)
+
+    def _report(self, kind: str, qid: str, fails: list, now: float) -> None:
+        """Queue one DSN (*kind*: bounce, success notice, delay notice) for *qid*."""
+        e = self.entries[qid]
+        m = e.meta
+        if not m.sender:
+            what = "bouncing a failure" if kind == "bounce" else f"sending a {kind}"
+            log.info("%s: not %s of a message with a null sender (recipients: %s)",
+                     qid, what, ", ".join(f.recipient for f in fails))
+            return
+        message_id = new_message_id(qid, self.hostname, now)
+        envid = m.params.get("ENVID")
+        try:
+            dsn = build_dsn(
+                original=self.read_body(e), envelope_sender=m.sender, failed=fails,
+                reporting_mta=self.hostname, arrival_time=m.arrival, queue_id=qid,
+                message_id=message_id, delayed=kind == "delay notice",
+                envid=xtext_decode(envid) if isinstance(envid, str) else None,
+                ret_full=m.params.get("RET") == "FULL")
+        except Exception:
+            log.exception("%s: could not build the %s", qid, kind)
+            return
+        bqid = self.new_qid()
+        self.bounces.append((MessageMeta(bqid, "", [m.sender], now,
+                                         {"message_id": message_id}, f"{kind} of {qid}"),
+                             dsn))
+        log.info("%s: %s %s to <%s> for %d recipient(s)", qid, kind, bqid, m.sender,
+                 len(fails))
 
     def abandon(self) -> list[str]:
         """The batch was not recorded: the messages whose outcomes must be tried again."""
         return list(dict.fromkeys(self.returned))
+
+
+def _param(m: MessageMeta, key: str, idx: int) -> str:
+    """Recipient *idx*'s DSN parameter *key* (NOTIFY, ORCPT) as received; "" if none."""
+    values = m.params.get(key)
+    if type(values) is list and idx < len(values) and type(values[idx]) is str:
+        return values[idx]
+    return ""
+
+
+def _notify(m: MessageMeta, idx: int) -> str:
+    return _param(m, "NOTIFY", idx)

@@ -31,6 +31,8 @@ class RetryPolicy:
         self.jitter = cfg.retry_jitter
         self.scale = cfg.time_scale
         self.max_age = cfg.max_age * cfg.time_scale
+        # delay notices after this many seconds still deferred; 0 = off
+        self.delay_warning = getattr(cfg, "delay_warning_time", 0.0) * cfg.time_scale
         self.rng = rng or random.Random()
 
     def delay(self, attempts: int) -> float:

@@ -53,9 +53,24 @@ DISPATCH_BATCH = 500            # due messages looked at per dispatch pass
 BUSY_RETRY = 1.0                # seconds before retrying a job the bus would not take
 GC_YOUNG_THRESHOLD = 10_000     # allocations between young GC collections (CPython: 700)
 DRAIN_ON_DISCONNECT = 100       # batches read from a link that went away, at most
-SPOOLED_DELIVERY_PARAMS = ("BODY", "SMTPUTF8")   # reception parameters a delivery job needs
+# reception parameters a delivery job needs; DSN's NOTIFY and ORCPT (lists parallel to
+# the message's recipients) go with a job as lists parallel to its own (_job_params)
+SPOOLED_DELIVERY_PARAMS = ("BODY", "SMTPUTF8", "ENVID", "RET")
+DSN_RCPT_PARAMS = ("NOTIFY", "ORCPT")
 REQUEUE_LOG_INTERVAL = 10.0     # seconds between log lines about REQUEUED outcomes
 PRIORITY = {dsp.BULK: bus.PRIORITY_BULK, dsp.TRANSACTIONAL: bus.PRIORITY_TRANSACTIONAL}
+
+
+def _job_params(params: dict, msg_params: dict, idxs: list[int]) -> dict:
+    """A job's params: *params*, and the DSN NOTIFY / ORCPT of its recipients *idxs*."""
+    if "NOTIFY" not in msg_params:
+        return params
+    out = dict(params)
+    for key in DSN_RCPT_PARAMS:
+        values = msg_params.get(key)
+        if type(values) is list:
+            out[key] = [values[i] if i < len(values) else "" for i in idxs]
+    return out
 
 
 def _settle_gc() -> None:
@@ -431,7 +446,8 @@ class Shard:
                 job = bus.DeliveryMessageReady(
                     req=req, qid=qid, sender=m.sender, domain=domain,
                     rcpts=[bus.JobRecipient(index=i, address=m.rcpts[i]) for i in idxs],
-                    params=params, attempt=attempt, body=body, pool=pool, priority=priority)
+                    params=_job_params(params, m.params, idxs), attempt=attempt, body=body,
+                    pool=pool, priority=priority)
                 if not links.send(d, job):
                     self.due.push(now + BUSY_RETRY, qid)
                     continue

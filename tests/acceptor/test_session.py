@@ -270,3 +270,24 @@ def test_x_msys_api_ip_pool_is_checked_and_recorded(impl):
     assert "ip_pool" not in acc.submitted[-1].params
     assert QUEUED.search(c.transaction())
     assert "ip_pool" not in acc.submitted[-1].params
+
+
+def test_dsn_parameters_reach_the_spool(impl):
+    """RFC 3461: ENVID and RET with the message; NOTIFY and ORCPT per recipient, in order."""
+    acc, c = make(impl)
+    c.send(b"EHLO client.example\r\n")
+    out = c.send(b"MAIL FROM:<s@example.com> RET=hdrs ENVID=QQ+2B1\r\n"
+                 b"RCPT TO:<a@example.net>\r\n"
+                 b"RCPT TO:<b@example.net> NOTIFY=delay,never\r\n"     # refused: 501
+                 b"RCPT TO:<b@example.net> NOTIFY=failure,success\r\n"
+                 b"RCPT TO:<c@example.net> ORCPT=rfc822;C+2Bx@example.net NOTIFY=NEVER\r\n"
+                 b"DATA\r\n" + MESSAGE + b".\r\n")
+    assert out.count(R.RCPT_OK) == 3 and R.BAD_NOTIFY in out and QUEUED.search(out)
+    [m] = acc.submitted
+    assert m.rcpts == ["a@example.net", "b@example.net", "c@example.net"]
+    assert m.params == {"RET": "HDRS", "ENVID": "QQ+2B1",
+                        "NOTIFY": ["", "SUCCESS,FAILURE", "NEVER"],
+                        "ORCPT": ["", "", "rfc822;C+2Bx@example.net"]}
+    # the next transaction starts clean
+    c.transaction(rcpts=("d@example.net",))
+    assert acc.submitted[-1].params == {}

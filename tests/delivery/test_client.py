@@ -1250,3 +1250,17 @@ def test_busy_connection_refuses_a_second_call():
             assert not conn.is_usable
 
     run(main())
+
+
+def test_dsn_params_from_a_job_are_checked_again():
+    """Only RFC 3461 syntax reaches a MAIL or RCPT line; anything else is dropped."""
+    from mta.delivery.client import DsnParams
+    assert DsnParams.from_params({"BODY": "8BITMIME"}) is None
+    p = DsnParams.from_params({"ENVID": "E+2B1", "RET": "HDRS",
+                               "NOTIFY": ["SUCCESS,DELAY", "", "NEVER\r\nRSET"],
+                               "ORCPT": ["rfc822;a+2Bb@x.test", "rfc822;a b", ""]})
+    assert p.mail_params() == " RET=HDRS ENVID=E+2B1"
+    assert p.rcpt_params(0) == " NOTIFY=SUCCESS,DELAY ORCPT=rfc822;a+2Bb@x.test"
+    assert p.rcpt_params(1) == "" and p.rcpt_params(2) == "" and p.rcpt_params(9) == ""
+    bad = DsnParams.from_params({"ENVID": "x y\r\nQUIT", "RET": "hdrs", "NOTIFY": "NEVER"})
+    assert bad.mail_params() == "" and bad.rcpt_params(0) == ""

@@ -67,7 +67,8 @@ def test_size_advertised_and_mail_size_param(mta):
         assert code == 250
         assert ext[0] == "mta.test"
         assert f"SIZE {MAX_SIZE}" in ext
-        for x in ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING"):
+        for x in ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING",
+                  "DSN"):
             assert x in ext
         assert one(c, b"MAIL FROM:<s@example.com> SIZE=%d" % (MAX_SIZE + 1)) == R.TOO_BIG
         assert one(c, b"MAIL FROM:<s@example.com> SIZE=" + b"9" * 1500) == R.TOO_BIG
@@ -338,11 +339,14 @@ DIALOGUES = {
         EHLO,
         (b"MAIL FROM:<s@example.com> FOO=bar", R.BAD_PARAM),
         (b"MAIL FROM:<s@example.com> BODY=BINARYMIME", R.BAD_PARAM),
-        (b"MAIL FROM:<s@example.com> RET=HDRS", R.BAD_PARAM),   # no DSN
+        (b"MAIL FROM:<s@example.com> RET=HDRS-ONLY", R.BAD_RET),
         (b"MAIL FROM:<s@example.com> SMTPUTF8=yes", R.SYNTAX),
         (b"MAIL FROM:<s@example.com> =x", R.SYNTAX),
         (b"MAIL FROM:<s@example.com> AUTH=<>", R.SENDER_OK),
-        (b"RCPT TO:<r@example.net> NOTIFY=NEVER", R.BAD_PARAM),
+        (b"RCPT TO:<r@example.net> NOTIFY=NEVER,DELAY", R.BAD_NOTIFY),
+        (b"RCPT TO:<r@example.net> ORCPT=rfc822;a=b@example.net", R.BAD_ORCPT),
+        (b"RCPT TO:<r@example.net> X=1", R.BAD_PARAM),
+        (b"RCPT TO:<r@example.net> NOTIFY=NEVER", R.RCPT_OK),
         (b"RCPT TO:<r@example.net>", R.RCPT_OK),
     ],
     "helo-takes-no-parameters": [

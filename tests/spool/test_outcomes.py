@@ -235,3 +235,73 @@ def test_age_counts_from_the_start_time():
     plan = make({"Q2": e2}, max_age=100.0)
     plan.outcome("Q2", [result(0, bus.DEFERRED, 451)], NOW)
     assert plan.updates["Q2"][0][1] == sch.EXPIRED
+
+
+# ------------------------------------------------------------ DSN (RFC 3461 / 3464)
+
+def dsn_entry(qid, rcpts, notify, orcpt=None, **params):
+    e = entry(qid, rcpts)
+    e.meta.params.update(params, NOTIFY=notify, ORCPT=orcpt or [""] * len(rcpts))
+    return e
+
+
+def test_notify_decides_who_is_bounced_and_who_gets_a_relayed_notice():
+    import email
+
+    e = dsn_entry("Q1", ["a@x.test", "b@x.test", "c@x.test", "d@x.test"],
+                  ["NEVER", "", "SUCCESS", "SUCCESS"],
+                  ["", "rfc822;B+2Bo@orig.test", "", ""], ENVID="E+2B1", RET="HDRS")
+    plan = make({"Q1": e})
+    plan.outcome("Q1", [result(0, bus.FAILED, 550, "5.1.1"), result(1, bus.FAILED, 550, "5.1.1"),
+                        result(2, bus.DELIVERED, 250, "2.0.0"),
+                        bus.Result(3, bus.DELIVERED, 250, "2.0.0", "ok", "mx", "127.0.0.2",
+                                   dsn=True)], NOW)
+    plan.finish(NOW)
+    assert len(plan.bounces) == 2       # b's bounce, c's success notice; a: NEVER; d: next hop
+    reports = {}
+    for meta, data in plan.bounces:
+        assert meta.sender == "" and meta.rcpts == [SENDER]
+        msg = email.message_from_bytes(data)
+        per_msg, *per_rcpt = msg.get_payload()[1].get_payload()
+        assert per_msg["Original-Envelope-Id"] == "E+1"
+        [r] = per_rcpt
+        reports[r["Action"]] = r
+    assert reports["failed"]["Final-Recipient"] == "rfc822; b@x.test"
+    assert reports["failed"]["Original-Recipient"] == "rfc822; B+o@orig.test"
+    assert reports["relayed"]["Final-Recipient"] == "rfc822; c@x.test"
+    assert reports["relayed"]["Status"] == "2.0.0"
+
+
+def test_delay_notice_once_per_recipient_and_the_flag_is_in_the_update():
+    from mta.store import RCPT_DELAY_NOTIFIED, apply_updates
+    e = dsn_entry("Q1", ["a@x.test", "b@x.test", "c@x.test"], ["", "FAILURE", "DELAY"])
+    pol = policy()
+    pol.delay_warning = 30.0            # ARRIVAL is NOW - 60: past it
+    qids = iter(["N1", "N2"])
+    plan = Plan({"Q1": e}, pol, lambda e: ORIGINAL, lambda: next(qids), HOST)
+    plan.outcome("Q1", [result(i, bus.DEFERRED, 451, "4.2.0") for i in range(3)], NOW)
+    plan.finish(NOW)
+    [(meta, data)] = plan.bounces
+    assert b"Action: delayed" in data and data.count(b"Final-Recipient:") == 2
+    assert b"b@x.test" not in data      # NOTIFY=FAILURE: no delay notice
+    ups = plan.updates["Q1"]
+    assert all(len(u) == 5 and u[4] == RCPT_DELAY_NOTIFIED for u in ups)  # b too: decided
+    apply_updates(e, ups)
+    for i in range(3):
+        e.state[i] = sch.PENDING
+    plan = Plan({"Q1": e}, pol, lambda e: ORIGINAL, lambda: "N3", HOST)
+    plan.outcome("Q1", [result(i, bus.DEFERRED, 451, "4.2.0") for i in range(3)], NOW + 5)
+    plan.finish(NOW + 5)
+    assert plan.bounces == []           # once
+    assert all(len(u) == 4 for u in plan.updates["Q1"])
+
+
+def test_no_delay_notice_before_the_warning_time_or_when_off():
+    e = entry("Q1", ["a@x.test"])
+    for warning in (0.0, 120.0):        # off; not yet (the message is 60 s old)
+        pol = policy()
+        pol.delay_warning = warning
+        plan = Plan({"Q1": e}, pol, lambda e: ORIGINAL, lambda: "N1", HOST)
+        plan.outcome("Q1", [result(0, bus.DEFERRED, 451, "4.2.0")], NOW)
+        plan.finish(NOW)
+        assert plan.bounces == [] and len(plan.updates["Q1"][0]) == 4

@@ -1,0 +1,197 @@
+"""The SMTP DSN extension (RFC 3461) end to end: the real daemon, real DNS, real receivers.
+
+A client gives NOTIFY / ORCPT per recipient and ENVID / RET per message; what
+the sender's own MX then receives (or does not) is checked as a user would:
+the DSNs parsed with the stdlib ``email`` package (RFC 3464 fields), and what a
+next hop that offers DSN was given on MAIL and RCPT.
+"""
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+import time
+
+from daemon import HOST, queued_id, split_received, wait_until
+from mxlab import IPS, mx
+
+IP_A, IP_B = IPS[0], IPS[1]
+ZONES = mx("dest.test", "mx.dest.test", IP_A) + mx("sender.test", "mx.sender.test", IP_B)
+
+
+def message(subject: str, body: bytes = b"the body text\r\n") -> bytes:
+    return (f"From: Alice <alice@sender.test>\r\nTo: someone\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{time.monotonic_ns()}@client.test>\r\n\r\n").encode() + body
+
+
+def send(d, rcpts: list[tuple[str, str]], msg: bytes, mail_params: str = "") -> str:
+    """One message from alice@sender.test; *rcpts*: (address, RCPT parameters)."""
+    with smtplib.SMTP(HOST, d.port, local_hostname="client.test", timeout=30) as s:
+        s.ehlo()
+        assert s.has_extn("dsn")
+        code, text = s.docmd(f"MAIL FROM:<alice@sender.test>{mail_params}")
+        assert code == 250, (code, text)
+        for addr, params in rcpts:
+            code, text = s.docmd(f"RCPT TO:<{addr}>{params}")
+            assert code == 250, (addr, code, text)
+        code, text = s.data(msg)
+    assert code == 250, (code, text)
+    return queued_id(text.decode())
+
+
+def report(data: bytes):
+    """A DSN as the sender's MX got it: (message, per-message fields, [per-recipient
+    fields], the returned part), checked to be an RFC 3464 multipart/report."""
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    parts = msg.get_payload()
+    assert len(parts) == 3, [p.get_content_type() for p in parts]
+    assert parts[0].get_content_type() == "text/plain"
+    assert parts[1].get_content_type() == "message/delivery-status"
+    blocks = parts[1].get_payload()
+    assert len(blocks) >= 2, blocks
+    per_msg, per_rcpt = blocks[0], blocks[1:]
+    assert per_msg["Reporting-MTA"] == "dns; mta.test"
+    for r in per_rcpt:
+        assert r["Final-Recipient"] and r["Action"] and r["Status"], r.items()
+    return msg, per_msg, per_rcpt, parts[2]
+
+
+def queue_empty(d) -> bool:
+    return d.queue_summary()["total"]["messages"] == 0
+
+
+def test_notify_never_success_and_envid_orcpt_without_dsn_at_the_next_hop(lab):
+    """aiosmtpd does not offer DSN: NOTIFY=SUCCESS gets a "relayed" notice from us;
+    NOTIFY=NEVER gets no bounce; no NOTIFY gets the usual bounce; ENVID and ORCPT
+    appear in both reports; RET=HDRS returns only the headers."""
+    refused = {"bob@dest.test", "cat@dest.test"}
+    dest = lab.aio(IP_A, rcpt=lambda s, a, f: "550 5.1.1 no such user" if a in refused
+                   else None)
+    sender_mx = lab.aio(IP_B)
+    lab.serve(ZONES)
+    d = lab.daemon()
+    m = message("dsn three ways")
+    qid = send(d, [("ann@dest.test", " NOTIFY=SUCCESS ORCPT=rfc822;Ann+2Bx@orig.test"),
+                   ("bob@dest.test", " NOTIFY=NEVER"),
+                   ("cat@dest.test", " ORCPT=rfc822;cat@orig.test")],
+               m, " RET=HDRS ENVID=QQ314159+2Bx")
+    wait_until(lambda: sender_mx.received() >= 2, 20, "two DSNs at the sender's MX")
+    wait_until(lambda: queue_empty(d), 20, "the queue to empty", interval=0.2)
+    [t] = dest.snapshot()
+    assert t.rcpt_tos == ["ann@dest.test"]
+    assert not any("NOTIFY" in o or "ENVID" in o or "RET" in o for o in t.mail_options)
+
+    got = sender_mx.snapshot()
+    assert len(got) == 2, [x.data[:300] for x in got]   # bob (NEVER) has none
+    by_action = {}
+    for x in got:
+        assert x.mail_from == "" and x.rcpt_tos == ["alice@sender.test"]
+        msg, per_msg, per_rcpt, returned = report(x.data)
+        assert per_msg["X-Queue-ID"] == qid
+        assert per_msg["Original-Envelope-Id"] == "QQ314159+x"
+        [r] = per_rcpt
+        by_action[r["Action"]] = (msg, r, returned)
+
+    msg, r, returned = by_action["relayed"]
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    assert r["Final-Recipient"] == "rfc822; ann@dest.test"
+    assert r["Original-Recipient"] == "rfc822; Ann+x@orig.test"
+    assert r["Status"] == "2.0.0"
+    assert r["Remote-MTA"] == "dns; mx.dest.test"
+
+    msg, r, returned = by_action["failed"]
+    assert r["Final-Recipient"] == "rfc822; cat@dest.test"
+    assert r["Original-Recipient"] == "rfc822; cat@orig.test"
+    assert r["Status"] == "5.1.1"
+    assert returned.get_content_type() == "text/rfc822-headers"
+    text = returned.get_payload()
+    assert "Subject: dsn three ways" in text and "the body text" not in text
+    assert all(b"bob@dest.test" not in y.data for y in got)
+
+
+def test_ret_full_returns_the_whole_message(lab):
+    dest = lab.aio(IP_A, rcpt=lambda s, a, f: "550 5.1.1 no such user")
+    sender_mx = lab.aio(IP_B)
+    lab.serve(ZONES)
+    d = lab.daemon()
+    m = message("return it all", b"line one\r\nline two of the body\r\n")
+    qid = send(d, [("zed@dest.test", "")], m, " RET=FULL")
+    wait_until(lambda: sender_mx.received() >= 1, 20, "the bounce at the sender's MX")
+    [b] = sender_mx.snapshot()
+    msg, per_msg, [r], returned = report(b.data)
+    assert per_msg["X-Queue-ID"] == qid and "Original-Envelope-Id" not in per_msg
+    assert r["Action"] == "failed" and "Original-Recipient" not in r
+    assert returned.get_content_type() == "message/rfc822"
+    [inner] = returned.get_payload()
+    assert inner["Subject"] == "return it all"
+    assert inner.get_payload().replace("\r\n", "\n") == "line one\nline two of the body\n"
+    # byte for byte: our Received header, then the message exactly as it was sent
+    mark = b"Content-Type: message/rfc822\r\n\r\n"
+    start = b.data.index(mark) + len(mark)
+    head, rest = split_received(b.data[start:].split(b"\r\n--=_dsn_")[0])
+    assert rest == m and qid.encode() in head
+    assert dest.received() == 0
+
+
+def test_a_next_hop_that_offers_dsn_gets_the_parameters_and_we_send_no_notice(lab):
+    dest = lab.aio(IP_A, dsn=True)
+    sender_mx = lab.aio(IP_B)
+    lab.serve(ZONES)
+    d = lab.daemon()
+    m = message("pass it on")
+    send(d, [("ann@dest.test", " NOTIFY=SUCCESS,DELAY ORCPT=rfc822;ann+2B1@orig.test"),
+             ("bob@dest.test", ""),
+             ("cy@dest.test", " NOTIFY=NEVER")],
+         m, " ENVID=env-42 RET=FULL")
+    t = dest.wait_for("ann@dest.test")
+    wait_until(lambda: queue_empty(d), 20, "the queue to empty", interval=0.2)
+    assert t.rcpt_tos == ["ann@dest.test", "bob@dest.test", "cy@dest.test"]
+    # aiosmtpd upper-cases the parameters it records
+    assert "RET=FULL" in t.mail_options and "ENVID=ENV-42" in t.mail_options, t.mail_options
+    assert dict(dest.rcpt_params) == {
+        "ann@dest.test": ["NOTIFY=SUCCESS,DELAY", "ORCPT=RFC822;ANN+2B1@ORIG.TEST"],
+        "bob@dest.test": [],
+        "cy@dest.test": ["NOTIFY=NEVER"]}
+    # the next hop does DSN: a success notice is its job, not ours
+    assert sender_mx.received() == 0
+
+
+def test_delay_notice_once_and_not_again_after_a_restart(lab):
+    dest = lab.aio(IP_A, rcpt=lambda s, a, f: "451 4.2.0 try again later")
+    sender_mx = lab.aio(IP_B)
+    lab.serve(ZONES)
+    d = lab.daemon(retry_schedule=[1.0], delay_warning_time=2.0, max_age=3600.0)
+
+    def attempts():
+        with dest.lock:
+            return sum(1 for _, a, _ in dest.rcpt_log if a == "dee@dest.test")
+
+    m = message("slow going")
+    qid = send(d, [("dee@dest.test", " ORCPT=rfc822;dee@orig.test"),
+                   ("fay@dest.test", " NOTIFY=FAILURE")], m, " ENVID=slow-1")
+    wait_until(lambda: sender_mx.received() >= 1, 30, "the delay notice")
+    [n] = sender_mx.snapshot()
+    msg, per_msg, per_rcpt, returned = report(n.data)
+    assert msg["Subject"] == "Delayed Mail (still being retried)"
+    assert per_msg["X-Queue-ID"] == qid and per_msg["Original-Envelope-Id"] == "slow-1"
+    [r] = per_rcpt                     # fay asked for failure notices only
+    assert r["Final-Recipient"] == "rfc822; dee@dest.test"
+    assert r["Original-Recipient"] == "rfc822; dee@orig.test"
+    assert r["Action"] == "delayed" and r["Status"] == "4.2.0"
+    assert r["Will-Retry-Until"]
+    assert returned.get_content_type() == "text/rfc822-headers"
+
+    # more deferrals: no second notice
+    seen = attempts()
+    wait_until(lambda: attempts() >= seen + 2, 30, "two more attempts")
+    assert sender_mx.received() == 1
+    # and none after a restart (the flag is on disk)
+    d.stop()
+    d.start()
+    seen = attempts()
+    wait_until(lambda: attempts() >= seen + 3, 30, "three attempts after the restart")
+    assert sender_mx.received() == 1
+    assert [q["queue_id"] for q in d.queue_list()] == [qid]   # still deferred, not lost
