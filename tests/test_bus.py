@@ -204,3 +204,29 @@ def test_async_server_says_when_a_peer_is_full_and_drops_nothing(tmp_path):
         server.close()
         ctx.term()
         loop.close()
+
+
+CRASH = """
+import sys
+from mta import bus
+ctx = bus.new_context()
+server = bus.Server(ctx, sys.argv[1], 10, bus.SPOOL_REQUESTS, None)
+try:
+    raise RuntimeError("a defect in the role's loop")
+finally:
+    bus.close_context(ctx)
+"""
+
+
+def test_a_role_that_fails_with_its_sockets_open_exits_with_its_traceback(tmp_path):
+    """close_context() ends a context whose sockets are still open.  ctx.term() (what the
+    roles called) waits for ever there: a shard whose loop raised hung silently instead
+    of exiting with its traceback and being restarted (checked by hand: with term() this
+    subprocess is still running after 5 s)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", CRASH,
+                        f"ipc://{tmp_path}/sock"], capture_output=True, timeout=20)
+    assert r.returncode == 1
+    assert b"RuntimeError: a defect in the role's loop" in r.stderr

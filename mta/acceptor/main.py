@@ -446,7 +446,7 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],
             acc.http.close()
         for c in acc.clients:
             c.close()
-        ctx.term()
+        bus.close_context(ctx)
         loop.close()
     log.info("stopped: accepted=%d temp_failed=%d", acc.stats["accepted"],
              acc.stats["temp_failed"])

@@ -28,7 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from mta.bus.messages import DELIVERY_OUTCOMES, BusError, Message, decode, encode, receive
 
-__all__ = ["new_context", "Server", "DeliveryLinks", "Poller", "Client", "AsyncServer",
+__all__ = ["new_context", "close_context", "Server", "DeliveryLinks", "Poller", "Client", "AsyncServer",
            "SyncClient", "PeerGone"]
 
 # Plain ints: pyzmq's enum members cost an object construction per use.
@@ -44,6 +44,17 @@ _zmq_poll = zmq.zmq_poll
 def new_context() -> zmq.Context:
     """A fresh ZeroMQ context; call it in the process that uses it, after fork."""
     return zmq.Context(io_threads=1)
+
+
+def close_context(ctx: zmq.Context) -> None:
+    """Close every socket of *ctx* still open, then end it.
+
+    ``ctx.term()`` waits until every socket is closed: after an exception that
+    left the role's sockets open it would wait for ever, the process would hang
+    instead of exiting with its traceback, and the supervisor would never
+    restart it.  Every bus socket has LINGER 0, so nothing is waited for.
+    """
+    ctx.destroy(linger=0)
 
 
 def _socket(ctx: zmq.Context, kind: int, hwm: int):

@@ -203,6 +203,6 @@ def main(settings, index: int, ready_fd: int | None) -> None:
         loop.run_until_complete(run())
     finally:
         d.server.close()
-        ctx.term()
+        bus.close_context(ctx)
         loop.close()
     log.info("stopped: %s", dict(d.engine.stats))

@@ -54,5 +54,5 @@ def main(settings, shard: int, ready_fd: int | None) -> None:
         proc.report_ready(ready_fd)
         s.run()
     finally:
-        ctx.term()
+        bus.close_context(ctx)
     log.info("stopped")
