@@ -577,6 +577,10 @@ class Session(asyncio.Protocol):
         if len(self.rcpts) >= self.a.smtp.max_recipients:
             self.out.append(R.TOO_MANY_RCPTS)
             return
+        refuse = self.a.refuse_suppressed   # suppression.smtp_action = "refuse"
+        if refuse is not None and refuse.check(rcpt, False):
+            self.out.append(R.SUPPRESSED)
+            return
         self.rcpts.append(rcpt)
         self.state = _RCPT
         self.out.append(R.RCPT_OK)

@@ -36,8 +36,12 @@ import os
 import struct
 import time
 
+import logging
+
 import lmdb
 import msgspec
+
+log = logging.getLogger("mta.suppression")
 
 TRANSACTIONAL = 1
 NON_TRANSACTIONAL = 2
@@ -58,6 +62,10 @@ MAX_DESCRIPTION = 1024       # characters of a description kept
 MAX_SCAN = 1_000_000         # index rows one search may read (total_count beyond: a lower bound)
 
 # SparkPost's reason for a suppressed recipient (its bounce of class 25).
+# Envelope params key: indexes of the message's recipients found on the list at
+# injection (set by the acceptor, read by the spool at the commit).
+PARAM = "suppressed"
+
 REASON_CODE = 554
 REASON_ENHANCED = "5.7.1"
 REASON_TEXT = "recipient address was suppressed due to customer policy"
@@ -132,6 +140,10 @@ class SuppressionList:
         except lmdb.MapResizedError:
             self.env.set_mapsize(0)   # another process grew the map: adopt its size
             return self.flags(address)
+        except lmdb.Error as exc:
+            # (e.g. every reader slot taken): the message is not held up by it
+            log.error("suppression list lookup failed: %s; %s not checked", exc, address)
+            return 0
 
     def check(self, address: str, transactional: bool) -> bool:
         """Whether mail of this type (options.transactional) to *address* is suppressed."""
@@ -189,24 +201,28 @@ class SuppressionList:
             if unfiltered and start is None and end is None:
                 total = txn.stat(self.index)["entries"]
             cur = txn.cursor(db=self.index)
+            known = unfiltered and start is None and end is None   # total from the index size
+            # Without a known total every matching row is counted, those before
+            # the cursor too: the walk starts at the range's start and skips them.
+            seek = cursor if known else None
             if descending:
-                if cursor:
-                    ok = cur.prev() if cur.set_range(cursor) else cur.last()
+                if seek:
+                    ok = cur.prev() if cur.set_range(seek) else cur.last()
                 elif hi is not None:
                     ok = cur.prev() if cur.set_range(hi) else cur.last()
                 else:
                     ok = cur.last()
                 step = cur.prev
             else:
-                if cursor:
-                    ok = cur.set_range(cursor)
-                    if ok and cur.key() == cursor:
+                if seek:
+                    ok = cur.set_range(seek)
+                    if ok and cur.key() == seek:
                         ok = cur.next()
                 else:
                     ok = cur.set_range(lo) if lo else cur.first()
                 step = cur.next
-            known = unfiltered and start is None and end is None   # total from the index size
             more = False
+            before = cursor is not None and not known   # rows up to the cursor: counted only
             rget = txn.get
             while ok:
                 k = cur.key()
@@ -233,6 +249,11 @@ class SuppressionList:
                 if match:
                     if not known:
                         total += 1
+                    if before:
+                        if (k <= cursor) if not descending else (k >= cursor):
+                            ok = step()
+                            continue
+                        before = False
                     if skip:
                         skip -= 1
                     elif len(out) < per_page:
@@ -380,3 +401,11 @@ def bounce_description(code: int, enhanced: str, text: str) -> str:
     """SparkPost's Bounce Rule description: ``550: 550 5.1.1 <the reply>``."""
     reply = " ".join(x for x in (str(code), enhanced, text) if x)
     return f"{code}: {reply}"[:MAX_DESCRIPTION]
+
+
+def open_for(settings) -> SuppressionList | None:
+    """The node's list as [suppression] configures it (None when disabled); after fork."""
+    cfg = settings.config.suppression
+    if not cfg.enabled:
+        return None
+    return SuppressionList(os.path.join(settings.state_dir, cfg.path), cfg.max_size)

@@ -39,6 +39,7 @@ import logging
 
 from mta.bus import DELIVERED, FAILED, REQUEUED, Result
 from mta.dsn import RecipientFailure, build_dsn, new_message_id
+from mta.feedback import suppression as sup
 from mta.obs import events as ev
 from mta.spool import schedule as sch
 from mta.store import MessageMeta, start_of
@@ -74,6 +75,8 @@ class Plan:
         self.done: list[str] = []
         self.returned: list[str] = []          # qids whose jobs came back in this batch
         self.requeues: dict[str, list] = {}    # qid -> [(idx, due), ...]: REQUEUED, not written
+        # (recipient, description): failed as invalid recipients, for the suppression list
+        self.suppress: list[tuple[str, str]] = []
 
     def _state(self, qid, e):
         st = self.states.get(qid)
@@ -129,6 +132,9 @@ class Plan:
                 self._update(qid, idx, sch.FAILED, attempts, 0.0)
                 event["type"] = ev.BOUNCE
                 self._bounce(qid, m.rcpts[idx], r.code, r.enhanced, r.text, r.host, now)
+                if sup.bounce_rule(r.code, r.enhanced, r.text):
+                    self.suppress.append((m.rcpts[idx],
+                                          sup.bounce_description(r.code, r.enhanced, r.text)))
             else:
                 due = now + policy.delay(attempts)
                 if due >= policy.deadline(start):
