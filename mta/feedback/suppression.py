@@ -331,6 +331,49 @@ class SuppressionList:
         else:
             txn.delete(k, db=self.counts)
 
+    def load_sorted(self, addresses, tbits: int = NON_TRANSACTIONAL, source: str = MANUAL,
+                    description: str = "", now: float | None = None,
+                    batch: int = 100_000) -> int:
+        """Bulk loader for an empty list: *addresses* lower-case and in ascending byte order.
+
+        Appends to the B-trees (no search per key), one transaction per
+        *batch* addresses; far faster than :meth:`put_many` (10 million in
+        about a minute).  Not for a list in use: records already present are
+        not merged (ValueError when the order or emptiness is violated).
+        """
+        now = time.time() if now is None else now
+        tb = _TS.pack(int(now * 1000))
+        recs = {TYPE_NAMES[b]: [source, description, now, now]
+                for b in (TRANSACTIONAL, NON_TRANSACTIONAL) if tbits & b}
+        value = bytes((tbits,)) + _enc.encode(recs)
+        n = 0
+        it = iter(addresses)
+        while True:
+            chunk = [a.encode("utf-8", "surrogateescape") for _, a in zip(range(batch), it)]
+            if not chunk:
+                break
+            try:
+                with self.env.begin(write=True) as txn:
+                    c = txn.cursor(db=self.rcpt)
+                    _, added = c.putmulti([(k, value) for k in chunk], append=True)
+                    if added != len(chunk):
+                        raise ValueError("load_sorted: addresses not in ascending order, or "
+                                         "the list is not empty")
+                    ci = txn.cursor(db=self.index)
+                    for b in (TRANSACTIONAL, NON_TRANSACTIONAL):
+                        if tbits & b:
+                            ci.putmulti([(tb + bytes((b,)) + k, b"") for k in chunk],
+                                        append=True)
+                    k = source.encode()
+                    v = txn.get(k, db=self.counts)
+                    per = bin(tbits).count("1")
+                    txn.put(k, _TS.pack((_TS.unpack(v)[0] if v else 0) + per * len(chunk)),
+                            db=self.counts)
+            except lmdb.MapFullError:
+                raise ListFull(f"the suppression list is full ({self.max_size} octets)") from None
+            n += len(chunk)
+        return n
+
     def delete(self, address: str, types: int = BOTH) -> int:
         """Remove the records of *address* of *types*; how many were removed."""
         key = normalize(address).encode("utf-8", "surrogateescape")
