@@ -455,9 +455,7 @@ class Session(asyncio.Protocol):
                 self._transmission(req)
         except R.ApiError as err:
             svc.stats["errors"] += 1
-            extra = b"Allow: POST\r\n" if err.error is R.BAD_METHOD else \
-                b"Allow: GET, PUT, DELETE\r\n" if err.error is suppression_api.BAD_METHOD \
-                else b""
+            extra = b"Allow: POST\r\n" if err.error is R.BAD_METHOD else b""
             self._respond(err.status, err.body(), req.keep_alive, err.retry_after, extra)
         except Exception:   # a bug or the idempotency database: answer, keep serving
             log.exception("HTTP request from %s failed", self.peer_ip)
@@ -472,7 +470,14 @@ class Session(asyncio.Protocol):
                                      "retry later", R.RETRY_AFTER_UNAVAILABLE), keep_alive=False)
 
     def _suppression(self, req: Request) -> None:
-        """``/api/v1/suppression-list``: answered at once (mta.api.suppression), or ApiError."""
+        """``/api/v1/suppression-list`` (mta.api.suppression), or ApiError.
+
+        Answered from a worker thread (the loop's default executor): a bulk
+        PUT of 10,000 entries or a search that reads many index rows takes
+        tens to hundreds of milliseconds, which the other sessions of this
+        acceptor must not wait for.  The connection's next request waits, as
+        behind a transmission.
+        """
         svc = self.svc
         svc.authorize(req.headers.get(b"authorization"), self.peer_ip)
         store = self.a.suppression
@@ -484,10 +489,16 @@ class Session(asyncio.Protocol):
             if ctype != b"application/json":
                 raise R.ApiError(R.UNSUPPORTED_TYPE, "Content-Type must be application/json")
         path, _, query = req.url.partition(b"?")
-        status, body = suppression_api.handle(
-            store, req.method, path, query, req.body,
-            self.a.settings.config.suppression.max_search_scan)
-        self._respond(status, body, req.keep_alive)
+        self.busy = True
+        fut = svc.loop.run_in_executor(None, _suppression_call, store, req.method, path, query,
+                                       req.body, self.a.settings.config.suppression.max_search_scan)
+        fut.add_done_callback(functools.partial(self._suppression_done, req.keep_alive))
+
+    def _suppression_done(self, keep_alive: bool, fut) -> None:
+        status, body, retry_after = fut.result()
+        if status >= 400:
+            self.svc.stats["errors"] += 1
+        self.injected(status, body, keep_alive, retry_after)
 
     def _transmission(self, req: Request) -> None:
         """Check a request and start its injection, or raise ApiError."""
@@ -593,6 +604,21 @@ class Session(asyncio.Protocol):
         if force or idle > self.cfg.keepalive_timeout or (draining and idle >= DRAIN_IDLE):
             self.closing = True
             self.transport.close()
+
+
+def _suppression_call(store, method: bytes, path: bytes, query: bytes, body: bytes,
+                      max_scan: int) -> tuple[int, bytes, int | None]:
+    """One suppression-list request, in a worker thread: (status, body, Retry-After)."""
+    try:
+        status, out = suppression_api.handle(store, method, path, query, body, max_scan)
+        return status, out, None
+    except R.ApiError as err:
+        return err.status, err.body(), err.retry_after
+    except Exception:   # lmdb.Error, a bug: answered, logged, the acceptor keeps serving
+        log.exception("suppression list request %s %s failed", method.decode("latin-1"),
+                      path[:200].decode("latin-1"))
+        return 503, R.error_body(R.UNAVAILABLE, "the suppression list could not be read or "
+                                 "written; retry later"), R.RETRY_AFTER_UNAVAILABLE
 
 
 def _num_rcpt_errors(query: bytes) -> int | None:
