@@ -56,10 +56,11 @@ def lookup(args) -> None:
     present = [address(rng.randrange(args.count)) for _ in range(args.lookups)]
     absent = [f"nobody{rng.randrange(10**9)}@domain{rng.randrange(1000):04d}.test"
               for _ in range(args.lookups)]
-    assert all(sl.check(a, False) for a in present[:1000])
+    n = sl.count()
+    assert n == 0 or all(sl.check(a, False) for a in present[:1000])
     assert not any(sl.check(a, False) for a in absent[:1000])
     check = sl.check
-    for name, addrs in (("present", present), ("absent", absent)):
+    for name, addrs in ((("present", present),) if n else ()) + (("absent", absent),):
         rounds = []
         for _ in range(5):
             t0 = time.perf_counter()
