@@ -89,6 +89,7 @@ setup(
         "orjson>=3.9",
         "httptools>=0.6",
         "idna>=3.6",
+        "lmdb>=1.4",        # the suppression list (mta.feedback.suppression)
     ],
     extras_require={
         "test": [

@@ -62,7 +62,9 @@ import httptools
 
 from mta.acceptor.peers import peer_address
 from mta.config import DEFAULT as DEFAULT_POOL
+from mta.feedback import suppression as suppression_list
 from mta.api import build, idempotency, transmissions
+from mta.api import suppression as suppression_api
 from mta.api import replies as R
 
 log = logging.getLogger("mta.acceptor")
@@ -82,11 +84,11 @@ _WANTED = frozenset((b"content-type", b"content-length", b"authorization", b"ide
                      b"expect"))
 
 REASONS = {
-    100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
     404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
     413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content",
     429: "Too Many Requests", 431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
+    503: "Service Unavailable", 507: "Insufficient Storage",
 }
 _STATUS_LINES = {code: f"HTTP/1.1 {code} {text}\r\n".encode() for code, text in REASONS.items()}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -419,9 +421,13 @@ class Session(asyncio.Protocol):
         else:
             status = err_or_status
         keep_alive = keep_alive and not self.a.draining
-        head = [_STATUS_LINES[status], _date.header(),
-                b"Content-Type: application/json\r\nContent-Length: ",
-                str(len(body)).encode(), b"\r\n"]
+        if status == 204:    # no body, no Content-Length (RFC 9110 8.6)
+            head = [_STATUS_LINES[status], _date.header()]
+            body = b""
+        else:
+            head = [_STATUS_LINES[status], _date.header(),
+                    b"Content-Type: application/json\r\nContent-Length: ",
+                    str(len(body)).encode(), b"\r\n"]
         if retry_after is not None:
             head.append(b"Retry-After: %d\r\n" % retry_after)
         if extra:
@@ -443,7 +449,10 @@ class Session(asyncio.Protocol):
             self._respond(req.error, keep_alive=False)
             return
         try:
-            self._transmission(req)
+            if suppression_api.matches(req.url.partition(b"?")[0]):
+                self._suppression(req)
+            else:
+                self._transmission(req)
         except R.ApiError as err:
             svc.stats["errors"] += 1
             extra = b"Allow: POST\r\n" if err.error is R.BAD_METHOD else b""
@@ -459,6 +468,37 @@ class Session(asyncio.Protocol):
                 return
             self._respond(R.ApiError(R.UNAVAILABLE, "the request could not be processed; "
                                      "retry later", R.RETRY_AFTER_UNAVAILABLE), keep_alive=False)
+
+    def _suppression(self, req: Request) -> None:
+        """``/api/v1/suppression-list`` (mta.api.suppression), or ApiError.
+
+        Answered from a worker thread (the loop's default executor): a bulk
+        PUT of 10,000 entries or a search that reads many index rows takes
+        tens to hundreds of milliseconds, which the other sessions of this
+        acceptor must not wait for.  The connection's next request waits, as
+        behind a transmission.
+        """
+        svc = self.svc
+        svc.authorize(req.headers.get(b"authorization"), self.peer_ip)
+        store = self.a.suppression
+        if store is None:
+            raise R.ApiError(R.NOT_FOUND, "the suppression list is disabled "
+                             "(suppression.enabled)")
+        if req.method == b"PUT":
+            ctype = req.headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
+            if ctype != b"application/json":
+                raise R.ApiError(R.UNSUPPORTED_TYPE, "Content-Type must be application/json")
+        path, _, query = req.url.partition(b"?")
+        self.busy = True
+        fut = svc.loop.run_in_executor(None, _suppression_call, store, req.method, path, query,
+                                       req.body, self.a.settings.config.suppression.max_search_scan)
+        fut.add_done_callback(functools.partial(self._suppression_done, req.keep_alive))
+
+    def _suppression_done(self, keep_alive: bool, fut) -> None:
+        status, body, retry_after = fut.result()
+        if status >= 400:
+            self.svc.stats["errors"] += 1
+        self.injected(status, body, keep_alive, retry_after)
 
     def _transmission(self, req: Request) -> None:
         """Check a request and start its injection, or raise ApiError."""
@@ -566,6 +606,21 @@ class Session(asyncio.Protocol):
             self.transport.close()
 
 
+def _suppression_call(store, method: bytes, path: bytes, query: bytes, body: bytes,
+                      max_scan: int) -> tuple[int, bytes, int | None]:
+    """One suppression-list request, in a worker thread: (status, body, Retry-After)."""
+    try:
+        status, out = suppression_api.handle(store, method, path, query, body, max_scan)
+        return status, out, None
+    except R.ApiError as err:
+        return err.status, err.body(), err.retry_after
+    except Exception:   # lmdb.Error, a bug: answered, logged, the acceptor keeps serving
+        log.exception("suppression list request %s %s failed", method.decode("latin-1"),
+                      path[:200].decode("latin-1"))
+        return 503, R.error_body(R.UNAVAILABLE, "the suppression list could not be read or "
+                                 "written; retry later"), R.RETRY_AFTER_UNAVAILABLE
+
+
 def _num_rcpt_errors(query: bytes) -> int | None:
     """SparkPost's ``num_rcpt_errors`` query parameter: how many rcpt_to_errors to return."""
     if not query:
@@ -604,6 +659,12 @@ class Injection:
                                    next(_tids) % 10000)
         self.client = f"http [{session.peer_ip}]"
         self.peer = session.peer_ip
+        # The suppression list applies unless options.skip_suppression; the type
+        # looked up follows options.transactional.
+        base = builder.base_params
+        self.suppression = None if base.get("skip_suppression") is True else \
+            session.a.suppression
+        self.transactional = base.get("transactional") is True
         svc.pending += len(self.rcpts)
 
     def step(self) -> None:
@@ -627,6 +688,11 @@ class Injection:
                 continue
             params = m.params
             params["transmission_id"] = self.tid
+            sup = self.suppression
+            if sup is not None and sup.check(m.rcpt, self.transactional):
+                # Accepted and spooled, never delivered: the spool records it
+                # failed at the commit and logs its class-25 bounce (no DSN).
+                params[suppression_list.PARAM] = [0]
             # The pool in the params only when it is not "default" (smaller records).
             pool = self.pool or self.pool_for(None, m.sender)
             if pool != DEFAULT_POOL:

@@ -67,6 +67,7 @@ from mta.acceptor import replies as R
 from mta.acceptor.peers import peer_address
 from mta.api.transmissions import parse_msys_api
 from mta.config import DEFAULT as DEFAULT_POOL
+from mta.feedback import suppression as suppression_list
 from mta.queueid import new_qid, shard_of
 
 log = logging.getLogger("mta.acceptor")
@@ -132,6 +133,10 @@ class Acceptor:
         self.servers: list = []
         self._drained = asyncio.Event()
         self.http: http.Service | None = None    # set by serve() when HTTP sockets were given
+        # The node's suppression list (opened in serve(), after fork); the
+        # same list when RCPTs of suppressed recipients are refused.
+        self.suppression: suppression_list.SuppressionList | None = None
+        self.refuse_suppressed: suppression_list.SuppressionList | None = None
         self.signer = None
         if cfg.dkim.enabled and cfg.dkim.keys:
             from mta.dkim import Signer
@@ -220,6 +225,15 @@ class Acceptor:
             params["ip_pool"] = pool
         else:
             params.pop("ip_pool", None)
+        sup = self.suppression
+        if sup is not None and params.get("skip_suppression") is not True:
+            # Suppressed recipients are accepted with the others and recorded
+            # failed by the spool at the commit, with their class-25 bounce.
+            check = sup.check
+            tr = params.get("transactional") is True
+            idxs = [i for i, r in enumerate(msg.rcpts) if check(r, tr)]
+            if idxs:
+                params[suppression_list.PARAM] = idxs
         self.submit(msg.sender, msg.rcpts, params, msg.client, payload,
                     msg.received, msg.committed, msg.peer_ip)
         return None
@@ -380,6 +394,10 @@ class Acceptor:
 
     async def serve(self, socks: list[socket.socket],
                     http_socks: list[socket.socket] = ()) -> None:
+        self.suppression = suppression_list.open_for(self.settings)
+        if self.suppression is not None and \
+                self.settings.config.suppression.smtp_action == "refuse":
+            self.refuse_suppressed = self.suppression
         for sock in socks:
             srv = await self.loop.create_server(lambda: smtp.Session(self), sock=sock,
                                                 backlog=4096)
@@ -444,6 +462,8 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],
     finally:
         if acc.http is not None:
             acc.http.close()
+        if acc.suppression is not None:
+            acc.suppression.close()
         for c in acc.clients:
             c.close()
         bus.close_context(ctx)

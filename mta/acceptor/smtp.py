@@ -600,6 +600,10 @@ class Session(asyncio.Protocol):
         if len(self.rcpts) >= self.a.smtp.max_recipients:
             self.out.append(R.TOO_MANY_RCPTS)
             return
+        refuse = self.a.refuse_suppressed   # suppression.smtp_action = "refuse"
+        if refuse is not None and refuse.check(rcpt, False):
+            self.out.append(R.SUPPRESSED)
+            return
         if notify or orcpt or "NOTIFY" in self.params:
             self._rcpt_dsn(notify, orcpt)
         self.rcpts.append(rcpt)

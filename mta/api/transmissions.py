@@ -263,8 +263,9 @@ def parse_msys_api(value: bytes, max_depth: int) -> dict | None:
 
     Keeps ``campaign_id`` (string), ``metadata`` (object, nested at most
     *max_depth* levels, at most MAX_METADATA octets), ``tags``
-    (strings), ``options.ip_pool`` (string) and ``options.transactional``
-    (boolean); a member of another type is dropped.  Everything else in the
+    (strings), ``options.ip_pool`` (string), ``options.transactional``
+    (boolean) and ``options.skip_suppression`` (kept when true); a member of
+    another type is dropped.  Everything else in the
     header (tracking options, cc/bcc, archive) is ignored.
     """
     try:
@@ -295,4 +296,7 @@ def parse_msys_api(value: bytes, max_depth: int) -> dict | None:
         tr = opts.get("transactional")
         if isinstance(tr, bool):
             out["transactional"] = tr
+        skip = opts.get("skip_suppression")
+        if skip is True:
+            out["skip_suppression"] = True
     return out

@@ -183,6 +183,31 @@ class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         86400.0
 
 
+class SuppressionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: Annotated[bool, _doc(
+        "check recipients against the suppression list at injection (SMTP and HTTP) and "
+        "serve /api/v1/suppression-list; off: nothing is looked up or added")] = True
+    path: Annotated[str, _doc(
+        "LMDB directory of the suppression list, shared by every process of the node; "
+        "relative paths are inside state_dir")] = "suppression"
+    max_size: Annotated[int, _doc(
+        "octets the suppression list may take on disk (the LMDB map size; a record takes "
+        "about 200 octets with its index); when full, additions are refused (HTTP 507) and "
+        "logged", ge=1 * MiB, le=1024 * GiB)] = 8 * GiB
+    smtp_action: Annotated[str, _doc(
+        "SMTP injection of a suppressed recipient: \"bounce\" accepts it and records a "
+        "class-25 bounce (as over HTTP); \"refuse\" answers its RCPT with "
+        "550 5.7.1 (checked against the non_transactional list, the type of mail without "
+        "X-MSYS-API options.transactional)", pattern="^(bounce|refuse)$")] = "bounce"
+    bounce_rule: Annotated[bool, _doc(
+        "add a recipient to the list (source \"Bounce Rule\", type non_transactional) when "
+        "its delivery fails permanently as an invalid recipient (bounce class 10: 5.1.1, "
+        "5.1.10, ...)")] = True
+    max_search_scan: Annotated[int, _doc(
+        "index rows one GET /api/v1/suppression-list search may read; past it total_count "
+        "counts only what was read", ge=1000, le=100_000_000)] = 1_000_000
+
+
 class RouteConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     domain: Annotated[str, _doc(
         "recipient domain this route applies to, or \"*\" for every domain without "
@@ -385,6 +410,8 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     feedback: Annotated[FeedbackConfig, _doc(
         "what senders learn about their messages: bounce classification")] = msgspec.field(
         default_factory=FeedbackConfig)
+    suppression: Annotated[SuppressionConfig, _doc("suppression list")] = msgspec.field(
+        default_factory=SuppressionConfig)
     shaping: Annotated[list[ShapingRule], _doc(
         "traffic shaping rules: [[shaping]] tables matched by recipient domain, MX host "
         "pattern or site, optionally per source; every matching rule applies, the shipped "
@@ -394,5 +421,6 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
 
 SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("http", HttpConfig),
             ("spool", SpoolConfig), ("delivery", DeliveryConfig), ("dkim", DkimConfig),
-            ("egress", EgressConfig), ("feedback", FeedbackConfig))
+            ("egress", EgressConfig), ("feedback", FeedbackConfig),
+            ("suppression", SuppressionConfig))
 TOP_LEVEL_TABLES = (("shaping", ShapingRule),)   # [[shaping]]: arrays of tables at the top

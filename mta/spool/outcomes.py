@@ -66,6 +66,7 @@ from mta.bus import DELIVERED, FAILED, REQUEUED, Result
 from mta.dsn import (RecipientFailure, build_dsn, new_message_id, notify_allows, orcpt_text,
                      xtext_decode)
 from mta.feedback import classify
+from mta.feedback import suppression as sup
 from mta.obs import events as ev
 from mta.spool import schedule as sch
 from mta.store import RCPT_DELAY_NOTIFIED, MessageMeta, start_of
@@ -105,6 +106,8 @@ class Plan:
         self.requeues: dict[str, list] = {}    # qid -> [(idx, due), ...]: REQUEUED, not written
         self.successes: dict[str, list] = {}   # qid -> [RecipientFailure, ...]: "relayed"
         self.delays: dict[str, list] = {}      # qid -> [RecipientFailure, ...]: delay notice
+        # (recipient, description): failed as invalid recipients, for the suppression list
+        self.suppress: list[tuple[str, str]] = []
 
     def _state(self, qid, e):
         st = self.states.get(qid)
@@ -166,6 +169,9 @@ class Plan:
                 self._update(qid, idx, sch.FAILED, attempts, 0.0)
                 event["type"] = ev.BOUNCE
                 self._bounce(qid, idx, r.code, r.enhanced, r.text, r.host, now)
+                if sup.bounce_rule(r.code, r.enhanced, r.text):
+                    self.suppress.append((m.rcpts[idx],
+                                          sup.bounce_description(r.code, r.enhanced, r.text)))
             else:
                 due = now + policy.delay(attempts)
                 if due >= policy.deadline(start):

@@ -36,6 +36,7 @@ import logging
 import time
 
 from mta import bus, feedback
+from mta.feedback import suppression as sup
 from mta.obs import events as ev
 from mta.queueid import domain_shard, new_qid_for_shard, recipient_domain
 from mta.spool import dispatch as dsp
@@ -87,6 +88,19 @@ def _settle_gc() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def _suppressed_state(n: int, idxs) -> list[int] | None:
+    """Recipient states of a new message whose recipients *idxs* are suppressed (FAILED)."""
+    if not isinstance(idxs, list):
+        return None
+    state = [sch.PENDING] * n
+    hit = False
+    for i in idxs:
+        if type(i) is int and 0 <= i < n:
+            state[i] = sch.FAILED
+            hit = True
+    return state if hit else None
 
 
 class Shard:
@@ -143,6 +157,9 @@ class Shard:
         _settle_gc()  # the recovered queue is never walked by the collector
         self.events = ev.EventLog(self.settings.event_log)
         feedback.configure(self.settings.config.feedback.bounce_rules)  # bounce classes
+        self.suppression = sup.open_for(self.settings)
+        self.bounce_rule = self.suppression is not None and \
+            self.settings.config.suppression.bounce_rule
         hwm = self.cfg.queue_high_water
         self.server = bus.Server(ctx, self.endpoint, hwm, bus.SPOOL_REQUESTS, log)
         self.links = bus.DeliveryLinks(
@@ -161,6 +178,8 @@ class Shard:
         # Anything that arrived but was not taken is not acknowledged: the
         # acceptors time out and answer 451, so nothing is lost.
         self.events.close()
+        if self.suppression is not None:
+            self.suppression.close()
         self.store.close()
         self.server.close()
         self.links.close()
@@ -213,6 +232,7 @@ class Shard:
         commit_peers = []  # (peer, req): one answer per request, whatever it carried
         done: list[str] = list(extra_done or ())
         delete_peers = []  # (peer, req, qids)
+        suppressed_done: list[str] = []   # new messages whose every recipient is suppressed
         plan = self.plan()
         size = 0
         while len(messages) < cfg.max_batch_messages and size < cfg.max_batch_bytes:
@@ -224,8 +244,13 @@ class Shard:
                 for env, b in zip(msg.envelopes, msg.bodies):
                     params = env.params
                     params["message_id"] = env.message_id
+                    state = None
+                    if sup.PARAM in params:
+                        state = _suppressed_state(len(env.rcpts), params[sup.PARAM])
+                        if state is not None and sch.PENDING not in state:
+                            suppressed_done.append(env.qid)
                     messages.append((MessageMeta(env.qid, env.sender, env.rcpts, env.arrival,
-                                                 params, env.client), b))
+                                                 params, env.client, state), b))
                     size += len(b)
                 commit_peers.append((peer, msg.req))
             elif type(msg) is bus.SpoolMessageDelete:
@@ -250,6 +275,8 @@ class Shard:
         plan.finish(now)
         messages += plan.bounces
         done += plan.done
+        # (written after their message records: finished in the same batch)
+        done += suppressed_done
         if not messages and not done and not plan.updates:
             # Nothing to write (REQUEUED outcomes, repeated ones): schedule only.
             self._requeue(plan)
@@ -276,7 +303,8 @@ class Shard:
         else:
             self._untrack(done)
             removed = self.store.commit(new, done, plan.updates)
-            deleted = set(removed) - set(plan.done) - set(extra_done or ())
+            deleted = set(removed) - set(plan.done) - set(extra_done or ()) - \
+                set(suppressed_done)
             if deleted:
                 log.info("deleted by operator: %s", " ".join(sorted(deleted)))
             if not self.healthy:
@@ -285,6 +313,8 @@ class Shard:
             self.last_error = ""
             self._requeue(plan)
             self._after_commit(new, plan)
+            if plan.suppress and self.bounce_rule:
+                self.add_bounce_rule(plan.suppress)
         for peer, req in commit_peers:
             server.send(peer, bus.SpoolMessageCommitted(req, status))
         for peer, req, qids in delete_peers:
@@ -345,24 +375,55 @@ class Shard:
             carried = ev.carried
             for e in new:
                 m = e.meta
-                if m.state is None:  # a new message, not a compaction copy
+                if m.attempts is None:  # a new message, not a compaction copy
                     extra = carried(m.params)
                     message_id = m.params.get("message_id", "")
                     for r in m.rcpts:
                         emit({"type": ev.RECEPTION, "timestamp": m.arrival, "queue_id": m.qid,
                               "message_id": message_id, "sender": m.sender,
                               "recipient": r, "size": e.length, "client": m.client, **extra})
+                    if m.state is not None:
+                        self._suppressed_events(m, extra)
             for event in plan.events:
                 emit(event)
             events.flush()
         due = self.due
+        entries = self.store.entries
+        new = [e for e in new if e.meta.qid in entries]   # (not those finished at once)
         due.push_many([(min(e.due), e.meta.qid) for e in new])
         due.push_many(plan.reschedule)
         deadline = self.policy.deadline
         add = self.deadlines.add
         for e in new:
-            if e.meta.state is None:     # (a compaction copy keeps its message's entry)
+            if e.meta.attempts is None:  # (a compaction copy keeps its message's entry)
                 add(deadline(start_of(e.meta)), e.meta.qid)
+
+    def _suppressed_events(self, m: MessageMeta, extra: dict) -> None:
+        """The class-25 bounce of each recipient found on the suppression list (no DSN)."""
+        emit = self.events.emit
+        now = time.time()
+        reason = f"{sup.REASON_CODE} {sup.REASON_ENHANCED} {sup.REASON_TEXT}"
+        for idx, s in enumerate(m.state):
+            if s == sch.FAILED:
+                emit({"type": ev.BOUNCE, "timestamp": now, "queue_id": m.qid,
+                      "message_id": m.params.get("message_id", ""), "sender": m.sender,
+                      "recipient": m.rcpts[idx], "bounce_class": sup.BOUNCE_CLASS,
+                      "response": {"code": sup.REASON_CODE, "enhanced": sup.REASON_ENHANCED,
+                                   "text": sup.REASON_TEXT},
+                      "reason": reason, "suppressed": True, "attempt": 0,
+                      "time_in_queue": round(now - m.arrival, 3), **extra})
+
+    def add_bounce_rule(self, items: list) -> None:
+        """Put recipients whose delivery failed as invalid on the list ("Bounce Rule")."""
+        try:
+            self.suppression.put_many(
+                [(rcpt, sup.NON_TRANSACTIONAL, desc) for rcpt, desc in items], sup.BOUNCE_RULE)
+        except Exception as exc:   # ListFull, lmdb.Error: logged; delivery goes on
+            log.error("suppression list: %d bounced recipient(s) not added: %s",
+                      len(items), exc)
+        else:
+            log.info("suppression list: added %s (Bounce Rule)",
+                     ", ".join(r for r, _ in items[:10]) + (" ..." if len(items) > 10 else ""))
 
     # --------------------------------------------------------------- dispatch
 

@@ -132,6 +132,44 @@ def test_x_msys_api_header_becomes_params(impl):
     assert "campaign_id" not in acc.submitted[-1].params
 
 
+class _List:
+    """A stand-in for the suppression list: *listed* maps an address to (transactional, bulk)."""
+
+    def __init__(self, listed: dict):
+        self.listed = listed
+
+    def check(self, address: str, transactional: bool) -> bool:
+        return self.listed.get(address.lower(), (False, False))[0 if transactional else 1]
+
+
+def test_suppressed_recipients_are_marked_for_the_spool(impl):
+    acc, c = make(impl)
+    acc.suppression = _List({"bulk@example.net": (False, True), "tx@example.net": (True, False)})
+    c.send(b"EHLO client.example\r\n")
+    out = c.transaction(rcpts=("ok@example.net", "Bulk@example.net", "tx@example.net"))
+    assert QUEUED.search(out)
+    assert acc.submitted[-1].params["suppressed"] == [1]
+    out = c.transaction(rcpts=("ok@example.net", "Bulk@example.net", "tx@example.net"),
+                        message=b'X-MSYS-API: {"options": {"transactional": true}}\r\n'
+                                b"Subject: x\r\n\r\nbody\r\n")
+    assert QUEUED.search(out) and acc.submitted[-1].params["suppressed"] == [2]
+    out = c.transaction(rcpts=("bulk@example.net",),
+                        message=b'X-MSYS-API: {"options": {"skip_suppression": true}}\r\n'
+                                b"Subject: x\r\n\r\nbody\r\n")
+    assert QUEUED.search(out) and "suppressed" not in acc.submitted[-1].params
+
+
+def test_suppressed_rcpt_is_refused_when_configured(impl):
+    acc, c = make(impl)
+    acc.suppression = acc.refuse_suppressed = _List({"bulk@example.net": (False, True)})
+    c.send(b"EHLO client.example\r\n")
+    out = c.send(b"MAIL FROM:<s@example.com>\r\nRCPT TO:<BULK@example.net>\r\n"
+                 b"RCPT TO:<ok@example.net>\r\nDATA\r\n" + MESSAGE + b".\r\n")
+    assert out.startswith(R.SENDER_OK + R.SUPPRESSED + R.RCPT_OK), out
+    assert acc.submitted[-1].rcpts == ["ok@example.net"]
+    assert "suppressed" not in acc.submitted[-1].params
+
+
 def test_answer_after_the_client_left_is_dropped(impl):
     acc, c = make(impl)
     c.send(b"EHLO client.example\r\n")

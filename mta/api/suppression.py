@@ -1,0 +1,327 @@
+"""SparkPost's suppression-list API (``/api/v1/suppression-list``) over :mod:`mta.feedback.suppression`.
+
+No sockets: :func:`handle` takes the request's method, path, query and body
+and returns (status, body) or raises :class:`~mta.api.replies.ApiError`; the
+HTTP server (:mod:`mta.acceptor.http`) routes here and authorizes the caller
+as for transmissions.
+
+Calls (SparkPost's shapes and messages):
+
+- ``PUT /api/v1/suppression-list`` ``{"recipients": [...]}``: at most
+  MAX_BULK entries, each ``recipient`` (or the deprecated ``email``) and
+  ``type`` (or the deprecated booleans ``transactional`` /
+  ``non_transactional``; both true: two records), optional ``description``.
+  All or nothing: one bad entry is a 422 naming it (``recipients[3].type:
+  ...``) and nothing is written.
+- ``PUT /api/v1/suppression-list/{recipient}``: ``type`` or the booleans,
+  ``description``.
+- ``GET /api/v1/suppression-list/{recipient}[?types=]``: its records (one
+  per type); 404 "Recipient could not be found".
+- ``DELETE /api/v1/suppression-list/{recipient}``: optional body
+  ``{"type": ...}`` (none: both types); 204; 404 when there was none; 403
+  for a Compliance entry.
+- ``GET /api/v1/suppression-list?from&to&types&sources&domain&description&
+  description_strict&sort&per_page|limit&page|cursor``: search by updated
+  time, newest first unless ``sort=asc``; ``page`` up to MAX_PAGED results,
+  past that ``cursor=initial`` and the ``next`` link; lists as repeated keys,
+  comma-separated or ``types[0]=``.
+- ``GET /api/v1/suppression-list/summary``: records per source and total.
+
+The recipient in the path is percent-decoded (``+`` stays a plus: the
+official clients put addresses in the path unencoded).  Errors are 422
+(``invalid data format/type``, code 1300) naming the field; a full list is
+507.  Entries added here get the source "Manually Added"; list-specific
+entries (``list_id``) and subaccounts are not supported (a ``list_id`` in a
+PUT is a 422; ``X-MSYS-SUBACCOUNT`` is ignored).
+"""
+from __future__ import annotations
+
+import datetime
+import urllib.parse
+
+import orjson
+
+from mta.api import replies as R
+from mta.feedback import suppression as S
+
+PATH = b"/api/v1/suppression-list"
+MAX_BULK = 10_000          # entries in one bulk PUT (SparkPost's limit)
+MAX_PER_PAGE = 10_000
+DEFAULT_PER_PAGE = 1000
+MAX_PAGED = 10_000         # results reachable with page=; beyond, cursor paging
+
+NOT_FOUND = R.Error(404, "Recipient could not be found", "1600")
+COMPLIANCE = R.Error(403, "Recipient could not be removed - Compliance", "1100")
+FULL = R.Error(507, "Unable to update suppression list", "1902")
+BAD_METHOD = R.Error(405, "invalid HTTP method", "1102")
+
+
+def matches(path: bytes) -> bool:
+    return path == PATH or path.startswith(PATH + b"/")
+
+
+def _json(status: int, obj) -> tuple[int, bytes]:
+    return status, orjson.dumps(obj)
+
+
+def _message(text: str) -> tuple[int, bytes]:
+    return _json(200, {"results": {"message": text}})
+
+
+def handle(store: S.SuppressionList, method: bytes, path: bytes, query: bytes, body: bytes,
+           max_scan: int = S.MAX_SCAN) -> tuple[int, bytes]:
+    """Answer one request under PATH: (status, JSON body; b"" for 204) or ApiError."""
+    rest = path[len(PATH):].strip(b"/")
+    q = _query(query)
+    if not rest:
+        if method == b"GET":
+            return search(store, q, max_scan)
+        if method == b"PUT":
+            return bulk(store, _body(body))
+        raise R.ApiError(BAD_METHOD, f"{method.decode('latin-1')} is not allowed on "
+                         "/api/v1/suppression-list; use GET or PUT")
+    recipient = urllib.parse.unquote(rest.decode("utf-8", "replace"))
+    if recipient == "summary" and method == b"GET":
+        return _json(200, {"results": store.summary()})
+    if method == b"GET":
+        types = _types(q, "types")
+        found = store.get(_address(recipient, "recipient"), types)
+        if not found:
+            raise R.ApiError(NOT_FOUND, f"{recipient[:320]} is not on the suppression list")
+        return _json(200, {"results": found, "links": [], "total_count": len(found)})
+    if method == b"PUT":
+        doc = _body(body)
+        if not isinstance(doc, dict):
+            raise R.ApiError(R.INVALID, "body: expected a JSON object")
+        tbits, desc = _entry_fields(doc, "")
+        store_put(store, [(_address(recipient, "recipient"), tbits, desc)])
+        return _message("Suppression list successfully updated")
+    if method == b"DELETE":
+        tbits = S.BOTH
+        if body.strip():
+            doc = _body(body)
+            if not isinstance(doc, dict):
+                raise R.ApiError(R.INVALID, "body: expected a JSON object")
+            if doc.get("type") is not None:
+                tbits = _type_name(doc["type"], "type")
+        address = _address(recipient, "recipient")
+        found = store.get(address, tbits)
+        if not found:
+            raise R.ApiError(NOT_FOUND, f"{recipient[:320]} is not on the suppression list")
+        if any(e["source"] == "Compliance" for e in found):
+            raise R.ApiError(COMPLIANCE, "a Compliance entry cannot be removed")
+        store.delete(address, tbits)
+        return 204, b""
+    raise R.ApiError(BAD_METHOD, f"{method.decode('latin-1')} is not allowed on "
+                     "/api/v1/suppression-list/{recipient}; use GET, PUT or DELETE")
+
+
+def store_put(store: S.SuppressionList, items: list) -> int:
+    try:
+        return store.put_many(items, S.MANUAL)
+    except S.ListFull as exc:
+        raise R.ApiError(FULL, str(exc)) from None
+
+
+def bulk(store: S.SuppressionList, doc) -> tuple[int, bytes]:
+    if not isinstance(doc, dict):
+        raise R.ApiError(R.INVALID, "body: expected a JSON object with recipients")
+    rcpts = doc.get("recipients")
+    if not isinstance(rcpts, list):
+        raise R.ApiError(R.REQUIRED, "recipients: an array of entries is required")
+    if len(rcpts) > MAX_BULK:
+        raise R.ApiError(R.INVALID, f"recipients: {len(rcpts)} entries; at most {MAX_BULK} "
+                         "in one request")
+    items = []
+    for i, e in enumerate(rcpts):
+        where = f"recipients[{i}]"
+        if not isinstance(e, dict):
+            raise R.ApiError(R.INVALID, f"{where}: expected an object")
+        addr = e.get("recipient", e.get("email"))
+        if addr is None:
+            raise R.ApiError(R.REQUIRED, f"{where}.recipient is required")
+        address = _address(addr, f"{where}.recipient")
+        tbits, desc = _entry_fields(e, where + ".")
+        items.append((address, tbits, desc))
+    store_put(store, items)
+    return _message("Suppression List successfully updated")
+
+
+def _entry_fields(e: dict, where: str) -> tuple[int, str]:
+    """(type bits, description) of an entry: ``type`` or the deprecated booleans."""
+    if e.get("list_id"):
+        raise R.ApiError(R.INVALID, f"{where}list_id: list-specific entries are not supported")
+    t = e.get("type")
+    if t is not None:
+        tbits = _type_name(t, where + "type")
+    else:
+        tbits = 0
+        for name, bit in S.TYPES.items():
+            v = e.get(name)
+            if v is None:
+                continue
+            if not isinstance(v, bool):
+                raise R.ApiError(R.INVALID, f"{where}{name}: expected true or false")
+            if v:
+                tbits |= bit
+        if not tbits:
+            raise R.ApiError(R.REQUIRED, f"{where}type: Must supply a suppression type "
+                             "(type, or transactional / non_transactional: true)")
+    desc = e.get("description")
+    if desc is None:
+        desc = ""
+    elif not isinstance(desc, str):
+        raise R.ApiError(R.INVALID, f"{where}description: expected a string")
+    elif len(desc) > S.MAX_DESCRIPTION:
+        raise R.ApiError(R.INVALID, f"{where}description: longer than {S.MAX_DESCRIPTION} "
+                         "characters")
+    return tbits, desc
+
+
+def _type_name(t, where: str) -> int:
+    bit = S.TYPES.get(t) if isinstance(t, str) else None
+    if bit is None:
+        raise R.ApiError(R.INVALID, f"{where}: Type must be one of: 'transactional', "
+                         "'non_transactional'")
+    return bit
+
+
+def _address(addr, where: str) -> str:
+    if not isinstance(addr, str):
+        raise R.ApiError(R.INVALID, f"{where}: expected an email address string")
+    a = addr.strip()
+    local, at, domain = a.rpartition("@")
+    if not at or not local or not domain or any(c.isspace() for c in a) or \
+            len(a.encode("utf-8", "surrogateescape")) > S.MAX_ADDRESS:
+        raise R.ApiError(R.INVALID, f"{where}: {addr[:320]!r} is not a valid email address")
+    return a
+
+
+def _body(body: bytes):
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise R.ApiError(R.BAD_JSON, "Problems parsing request as json") from None
+
+
+# ------------------------------------------------------------------- search
+
+def _query(query: bytes) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    if not query:
+        return out
+    for k, v in urllib.parse.parse_qsl(query.decode("utf-8", "replace"), keep_blank_values=True):
+        k = k.split("[", 1)[0]          # node's qs: types[0]=a
+        for part in v.split(","):
+            out.setdefault(k, []).append(part.strip())
+    return out
+
+
+def _one(q: dict, name: str) -> str | None:
+    v = q.get(name)
+    return v[-1] if v else None
+
+
+def _types(q: dict, name: str) -> int:
+    vals = [v for v in q.get(name, ()) if v]
+    if not vals:
+        return S.BOTH
+    bits = 0
+    for v in vals:
+        bits |= _type_name(v, name)
+    return bits
+
+
+def _date(q: dict, name: str) -> float | None:
+    v = _one(q, name)
+    if not v:
+        return None
+    text = v[:-1] + "+00:00" if v.endswith(("Z", "z")) else v
+    d = None
+    # (a "+" of the UTC offset sent unencoded arrives as a space; a Python
+    # datetime sent by the python client has a space between date and time)
+    for form in (text, text[:-5] + "+" + text[-4:] if text[-5:-4] == " " else None,
+                 text[:-6] + "+" + text[-5:] if text[-6:-5] == " " else None):
+        if form is None or len(form) > 64:
+            continue
+        try:
+            d = datetime.datetime.fromisoformat(form)
+            break
+        except ValueError:
+            pass
+    if d is None:
+        raise R.ApiError(R.INVALID, f"{name}: {v[:64]!r} must be a valid date "
+                         "(YYYY-MM-DDTHH:MM:SS with a UTC offset)")
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=datetime.timezone.utc)
+    return d.timestamp()
+
+
+def _int(q: dict, name: str, lo: int, hi: int, default: int) -> int:
+    v = _one(q, name)
+    if v is None or v == "":
+        return default
+    if not v.isdigit() or not lo <= int(v) <= hi:
+        raise R.ApiError(R.INVALID, f"{name}: expected a whole number from {lo} to {hi}")
+    return int(v)
+
+
+def search(store: S.SuppressionList, q: dict, max_scan: int = S.MAX_SCAN) -> tuple[int, bytes]:
+    start = _date(q, "from")
+    end = _date(q, "to")
+    if start is not None and end is not None and start > end:
+        raise R.ApiError(R.INVALID, "from: must not be later than to")
+    types = _types(q, "types")
+    sources = frozenset(s for s in q.get("sources", ()) if s) or None
+    if sources:
+        unknown = sorted(sources - set(S.SOURCES))
+        if unknown:
+            raise R.ApiError(R.INVALID, f"sources: {unknown[0][:64]!r} is not one of: "
+                             + ", ".join(S.SOURCES))
+    sort = (_one(q, "sort") or "desc").lower()
+    if sort not in ("asc", "desc"):
+        raise R.ApiError(R.INVALID, "sort: expected asc or desc")
+    per_page = _int(q, "per_page", 1, MAX_PER_PAGE,
+                    _int(q, "limit", 1, MAX_PER_PAGE, DEFAULT_PER_PAGE))
+    cursor_text = _one(q, "cursor")
+    cursor = None
+    page = 1
+    if cursor_text:
+        if cursor_text != "initial":
+            try:
+                cursor = bytes.fromhex(cursor_text)
+            except ValueError:
+                raise R.ApiError(R.INVALID, "cursor: not a cursor from a links entry") from None
+            if len(cursor) < 9:
+                raise R.ApiError(R.INVALID, "cursor: not a cursor from a links entry")
+    else:
+        page = _int(q, "page", 1, MAX_PAGED, 1)
+        if (page - 1) * per_page >= MAX_PAGED:
+            raise R.ApiError(R.INVALID, f"page: only the first {MAX_PAGED} results can be "
+                             "paged to; use cursor=initial and the next links")
+    domain = _one(q, "domain") or None
+    desc = _one(q, "description") or None
+    strict = (_one(q, "description_strict") or "").lower() == "true"
+    rows, total, nxt = store.search(start=start, end=end, types=types, sources=sources,
+                                    domain=domain, description=desc, description_strict=strict,
+                                    descending=sort == "desc", per_page=per_page, page=page,
+                                    cursor=cursor, max_scan=max_scan)
+    links = []
+    base = {k: ",".join(v) for k, v in q.items() if k not in ("cursor", "page")}
+    if cursor_text:
+        links.append({"href": _href({**base, "cursor": "initial"}), "rel": "first"})
+        if nxt is not None:
+            links.append({"href": _href({**base, "cursor": nxt.hex()}), "rel": "next"})
+    else:
+        links.append({"href": _href({**base, "page": "1"}), "rel": "first"})
+        if page > 1:
+            links.append({"href": _href({**base, "page": str(page - 1)}), "rel": "previous"})
+        if nxt is not None and page * per_page < MAX_PAGED:
+            links.append({"href": _href({**base, "page": str(page + 1)}), "rel": "next"})
+        last = max(1, min(-(-total // per_page), MAX_PAGED // per_page))
+        links.append({"href": _href({**base, "page": str(last)}), "rel": "last"})
+    return _json(200, {"results": rows, "links": links, "total_count": total})
+
+
+def _href(params: dict) -> str:
+    return PATH.decode() + "?" + urllib.parse.urlencode(params)

@@ -1,0 +1,454 @@
+"""The suppression list: recipients that must not be mailed, in an LMDB store shared by the node.
+
+Leaf library (no sockets, no bus).  Every process of the node opens the same
+environment (``<state_dir>/suppression``, :func:`path_in`) after fork: the
+acceptors read it at injection (:meth:`SuppressionList.check`) and write it
+through the HTTP API (``/api/v1/suppression-list``, :mod:`mta.api.suppression`),
+the spool shards write it when a hard bounce of the invalid-recipient kind
+comes back (:func:`bounce_rule`).  LMDB gives readers a consistent snapshot
+without locks (a memory map, no system call per lookup), serialises writers
+across processes with its own lock, and is crash-safe (copy-on-write pages,
+a write is durable when its transaction commits).  Readers killed with -9
+leave a stale reader slot, cleared at the next open (``reader_check``).
+
+Layout (three named databases):
+
+- ``rcpt``: key = the lower-cased recipient address (UTF-8, at most
+  MAX_ADDRESS octets); value = one flags octet (TRANSACTIONAL |
+  NON_TRANSACTIONAL: which types are suppressed, so a lookup reads one octet)
+  then msgpack ``{type: [source, description, created, updated]}``: one
+  record per (recipient, type), as SparkPost keeps them.
+- ``updated``: the search index, key = updated time (8 octets, big-endian
+  milliseconds) + type octet + address; no value.  Search and its paging walk
+  it in time order.
+- ``counts``: records per source (``summary``), kept in the same transaction
+  as the records.
+
+Bounded: the environment's map size (``suppression.max_size``) is the most it
+can hold; a write that would exceed it raises :class:`ListFull` (the API says
+507, a bounce-rule addition is logged) and leaves the store as it was.  One
+record takes roughly 120-200 octets with its index (10 million: about 2 GB).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import struct
+import time
+
+import logging
+
+import lmdb
+import msgspec
+
+log = logging.getLogger("mta.suppression")
+
+TRANSACTIONAL = 1
+NON_TRANSACTIONAL = 2
+BOTH = TRANSACTIONAL | NON_TRANSACTIONAL
+TYPES = {"transactional": TRANSACTIONAL, "non_transactional": NON_TRANSACTIONAL}
+TYPE_NAMES = {TRANSACTIONAL: "transactional", NON_TRANSACTIONAL: "non_transactional"}
+
+# SparkPost's sources (read-only in the API: entries added there are "Manually Added").
+MANUAL = "Manually Added"
+BOUNCE_RULE = "Bounce Rule"
+SPAM_COMPLAINT = "Spam Complaint"
+SOURCES = (SPAM_COMPLAINT, "List Unsubscribe", BOUNCE_RULE, "Unsubscribe Link", MANUAL,
+           "Compliance")
+SUMMARY_KEYS = {s: s.lower().replace(" ", "_") for s in SOURCES}
+
+MAX_ADDRESS = 320            # octets of an address kept (LMDB keys: at most 511)
+MAX_DESCRIPTION = 1024       # characters of a description kept
+MAX_SCAN = 1_000_000         # index rows one search may read (total_count beyond: a lower bound)
+
+# SparkPost's reason for a suppressed recipient (its bounce of class 25).
+# Envelope params key: indexes of the message's recipients found on the list at
+# injection (set by the acceptor, read by the spool at the commit).
+PARAM = "suppressed"
+
+REASON_CODE = 554
+REASON_ENHANCED = "5.7.1"
+REASON_TEXT = "recipient address was suppressed due to customer policy"
+BOUNCE_CLASS = "25"
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(dict[str, list])
+_TS = struct.Struct(">Q")
+
+
+class ListFull(Exception):
+    """The store has reached its map size (suppression.max_size)."""
+
+
+def path_in(state_dir: str) -> str:
+    return os.path.join(state_dir, "suppression")
+
+
+def normalize(address: str) -> str:
+    return address.strip().lower()
+
+
+def iso(ts: float) -> str:
+    """``2017-10-01T12:00:00+00:00`` (SparkPost's form of created/updated)."""
+    return datetime.datetime.fromtimestamp(int(ts), datetime.timezone.utc).isoformat()
+
+
+def _index_key(updated: float, tbit: int, key: bytes) -> bytes:
+    return _TS.pack(int(updated * 1000)) + bytes((tbit,)) + key
+
+
+class SuppressionList:
+    """One process's handle on the node's suppression list (open it after fork)."""
+
+    def __init__(self, path: str, max_size: int, *, sync: bool = True,
+                 max_readers: int = 512):
+        os.makedirs(path, exist_ok=True)
+        try:
+            self.env = lmdb.open(path, map_size=max_size, max_dbs=4, subdir=True,
+                                 readahead=False, sync=sync, metasync=sync,
+                                 max_readers=max_readers)
+        except lmdb.Error as exc:
+            raise OSError(f"suppression list {path}: {exc}") from None
+        self.path = path
+        self.max_size = max_size
+        self.rcpt = self.env.open_db(b"rcpt")
+        self.index = self.env.open_db(b"updated")
+        self.counts = self.env.open_db(b"counts")
+        try:
+            self.env.reader_check()   # slots of readers that died (kill -9)
+        except lmdb.Error:
+            pass
+
+    def close(self) -> None:
+        self.env.close()
+
+    # --------------------------------------------------------------- reading
+
+    def flags(self, address: str) -> int:
+        """Which types *address* is suppressed for (TRANSACTIONAL | NON_TRANSACTIONAL), 0: none.
+
+        The hot path: one read transaction and one B-tree lookup in the memory
+        map (about 1-2 us).
+        """
+        key = address.lower().encode("utf-8", "surrogateescape")
+        if len(key) > MAX_ADDRESS:
+            return 0
+        try:
+            with self.env.begin(db=self.rcpt, buffers=True) as txn:
+                v = txn.get(key)
+                return v[0] if v is not None else 0
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)   # another process grew the map: adopt its size
+            return self.flags(address)
+        except lmdb.Error as exc:
+            # (e.g. every reader slot taken): the message is not held up by it
+            log.error("suppression list lookup failed: %s; %s not checked", exc, address)
+            return 0
+
+    def check(self, address: str, transactional: bool) -> bool:
+        """Whether mail of this type (options.transactional) to *address* is suppressed."""
+        return bool(self.flags(address) & (TRANSACTIONAL if transactional else NON_TRANSACTIONAL))
+
+    def get(self, address: str, types: int = BOTH) -> list[dict]:
+        """The entries of *address* (one per type), as the API shows them."""
+        key = normalize(address).encode("utf-8", "surrogateescape")
+        if len(key) > MAX_ADDRESS:
+            return []
+        with self.env.begin(db=self.rcpt) as txn:
+            v = txn.get(key)
+        if v is None:
+            return []
+        return [e for e in _entries(key, v) if TYPES[e["type"]] & types]
+
+    def summary(self) -> dict:
+        out = {k: 0 for k in SUMMARY_KEYS.values()}
+        total = 0
+        with self.env.begin(db=self.counts) as txn:
+            for k, v in txn.cursor():
+                n = _TS.unpack(v)[0]
+                name = SUMMARY_KEYS.get(k.decode(), k.decode().lower().replace(" ", "_"))
+                out[name] = out.get(name, 0) + n
+                total += n
+        out["total"] = total
+        return out
+
+    def count(self) -> int:
+        with self.env.begin(db=self.rcpt) as txn:
+            return txn.stat(self.rcpt)["entries"]
+
+    def search(self, *, start: float | None = None, end: float | None = None,
+               types: int = BOTH, sources: frozenset | None = None, domain: str | None = None,
+               description: str | None = None, description_strict: bool = False,
+               descending: bool = True, per_page: int = 1000, page: int = 1,
+               cursor: bytes | None = None, max_scan: int = MAX_SCAN) -> tuple[list, int, bytes | None]:
+        """Entries by updated time: (this page, total matching, cursor of the next page or None).
+
+        *cursor* is an index key returned by an earlier call (the walk
+        resumes after it; *page* is then ignored).  At most *max_scan* index
+        rows are read: past that, the total is the count so far.
+        """
+        lo = _TS.pack(max(0, int(start * 1000))) if start is not None else b""
+        hi = _TS.pack(int(end * 1000) + 1) if end is not None else None
+        dom = "@" + domain.lower().lstrip("@") if domain else None
+        desc = description.lower() if description and not description_strict else description
+        skip = 0 if cursor else max(0, (page - 1) * per_page)
+        out: list[dict] = []
+        total = 0
+        scanned = 0
+        last = None
+        unfiltered = types == BOTH and not sources and not dom and not desc
+        with self.env.begin() as txn:
+            if unfiltered and start is None and end is None:
+                total = txn.stat(self.index)["entries"]
+            cur = txn.cursor(db=self.index)
+            known = unfiltered and start is None and end is None   # total from the index size
+            # Without a known total every matching row is counted, those before
+            # the cursor too: the walk starts at the range's start and skips them.
+            seek = cursor if known else None
+            if descending:
+                if seek:
+                    ok = cur.prev() if cur.set_range(seek) else cur.last()
+                elif hi is not None:
+                    ok = cur.prev() if cur.set_range(hi) else cur.last()
+                else:
+                    ok = cur.last()
+                step = cur.prev
+            else:
+                if seek:
+                    ok = cur.set_range(seek)
+                    if ok and cur.key() == seek:
+                        ok = cur.next()
+                else:
+                    ok = cur.set_range(lo) if lo else cur.first()
+                step = cur.next
+            more = False
+            before = cursor is not None and not known   # rows up to the cursor: counted only
+            rget = txn.get
+            while ok:
+                k = cur.key()
+                if (hi is not None and k >= hi) or (lo and k < lo):
+                    break
+                scanned += 1
+                if scanned > max_scan:
+                    break
+                tbit = k[8]
+                addr = k[9:]
+                match = tbit & types
+                if match and dom is not None:
+                    match = addr.decode("utf-8", "surrogateescape").endswith(dom)
+                entry = None
+                if match and (sources or desc):
+                    entry = _one(addr, rget(addr, db=self.rcpt), tbit)
+                    if entry is None:
+                        match = False
+                    elif sources and entry["source"] not in sources:
+                        match = False
+                    elif desc and (desc not in entry["description"].lower()
+                                   if not description_strict else desc != entry["description"]):
+                        match = False
+                if match:
+                    if not known:
+                        total += 1
+                    if before:
+                        if (k <= cursor) if not descending else (k >= cursor):
+                            ok = step()
+                            continue
+                        before = False
+                    if skip:
+                        skip -= 1
+                    elif len(out) < per_page:
+                        if entry is None:
+                            entry = _one(addr, rget(addr, db=self.rcpt), tbit)
+                        if entry is not None:
+                            out.append(entry)
+                            last = bytes(k)
+                    else:
+                        more = True
+                        if known:
+                            break
+                ok = step()
+        return out, total, (last if more else None)
+
+    # --------------------------------------------------------------- writing
+
+    def put_many(self, items, source: str = MANUAL, now: float | None = None) -> int:
+        """Add or update records: *items* of (address, type bits, description); one transaction.
+
+        The source of a new record is *source*; an existing record keeps its
+        created time.  Returns how many records were written.  ListFull when
+        the map is full (nothing of this call is kept).
+        """
+        now = time.time() if now is None else now
+        n = 0
+        try:
+            with self.env.begin(write=True) as txn:
+                for address, tbits, description in items:
+                    n += self._put(txn, normalize(address), tbits, source,
+                                   (description or "")[:MAX_DESCRIPTION], now)
+        except lmdb.MapFullError:
+            raise ListFull(f"the suppression list is full ({self.max_size} octets, "
+                           "suppression.max_size)") from None
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+            return self.put_many(items, source, now)
+        return n
+
+    def _put(self, txn, address: str, tbits: int, source: str, description: str,
+             now: float) -> int:
+        key = address.encode("utf-8", "surrogateescape")
+        if not key or len(key) > MAX_ADDRESS:
+            return 0
+        old = txn.get(key, db=self.rcpt)
+        recs = _dec.decode(old[1:]) if old is not None else {}
+        n = 0
+        for tbit in (TRANSACTIONAL, NON_TRANSACTIONAL):
+            if not tbits & tbit:
+                continue
+            tname = TYPE_NAMES[tbit]
+            prev = recs.get(tname)
+            created = now
+            if prev is not None:
+                created = prev[2]
+                txn.delete(_index_key(prev[3], tbit, key), db=self.index)
+                self._count(txn, prev[0], -1)
+                src = prev[0] if source == MANUAL else source
+            else:
+                src = source
+            recs[tname] = [src, description, created, now]
+            txn.put(_index_key(now, tbit, key), b"", db=self.index)
+            self._count(txn, src, 1)
+            n += 1
+        flags = sum(TYPES[t] for t in recs)
+        txn.put(key, bytes((flags,)) + _enc.encode(recs), db=self.rcpt)
+        return n
+
+    def _count(self, txn, source: str, delta: int) -> None:
+        k = source.encode()
+        v = txn.get(k, db=self.counts)
+        n = (_TS.unpack(v)[0] if v is not None else 0) + delta
+        if n > 0:
+            txn.put(k, _TS.pack(n), db=self.counts)
+        else:
+            txn.delete(k, db=self.counts)
+
+    def load_sorted(self, addresses, tbits: int = NON_TRANSACTIONAL, source: str = MANUAL,
+                    description: str = "", now: float | None = None,
+                    batch: int = 100_000) -> int:
+        """Bulk loader for an empty list: *addresses* lower-case and in ascending byte order.
+
+        Appends to the B-trees (no search per key), one transaction per
+        *batch* addresses; far faster than :meth:`put_many` (10 million in
+        about a minute).  Not for a list in use: records already present are
+        not merged (ValueError when the order or emptiness is violated).
+        """
+        now = time.time() if now is None else now
+        tb = _TS.pack(int(now * 1000))
+        recs = {TYPE_NAMES[b]: [source, description, now, now]
+                for b in (TRANSACTIONAL, NON_TRANSACTIONAL) if tbits & b}
+        value = bytes((tbits,)) + _enc.encode(recs)
+        n = 0
+        it = iter(addresses)
+        while True:
+            chunk = [a.encode("utf-8", "surrogateescape") for _, a in zip(range(batch), it)]
+            if not chunk:
+                break
+            try:
+                with self.env.begin(write=True) as txn:
+                    c = txn.cursor(db=self.rcpt)
+                    _, added = c.putmulti([(k, value) for k in chunk], append=True)
+                    if added != len(chunk):
+                        raise ValueError("load_sorted: addresses not in ascending order, or "
+                                         "the list is not empty")
+                    ci = txn.cursor(db=self.index)
+                    for b in (TRANSACTIONAL, NON_TRANSACTIONAL):
+                        if tbits & b:
+                            ci.putmulti([(tb + bytes((b,)) + k, b"") for k in chunk],
+                                        append=True)
+                    k = source.encode()
+                    v = txn.get(k, db=self.counts)
+                    per = bin(tbits).count("1")
+                    txn.put(k, _TS.pack((_TS.unpack(v)[0] if v else 0) + per * len(chunk)),
+                            db=self.counts)
+            except lmdb.MapFullError:
+                raise ListFull(f"the suppression list is full ({self.max_size} octets)") from None
+            n += len(chunk)
+        return n
+
+    def delete(self, address: str, types: int = BOTH) -> int:
+        """Remove the records of *address* of *types*; how many were removed."""
+        key = normalize(address).encode("utf-8", "surrogateescape")
+        if not key or len(key) > MAX_ADDRESS:
+            return 0
+        n = 0
+        with self.env.begin(write=True) as txn:
+            old = txn.get(key, db=self.rcpt)
+            if old is None:
+                return 0
+            recs = _dec.decode(old[1:])
+            for tname in list(recs):
+                tbit = TYPES[tname]
+                if tbit & types:
+                    src, _, _, updated = recs.pop(tname)
+                    txn.delete(_index_key(updated, tbit, key), db=self.index)
+                    self._count(txn, src, -1)
+                    n += 1
+            if recs:
+                flags = sum(TYPES[t] for t in recs)
+                txn.put(key, bytes((flags,)) + _enc.encode(recs), db=self.rcpt)
+            else:
+                txn.delete(key, db=self.rcpt)
+        return n
+
+
+def _entries(key: bytes, value: bytes) -> list[dict]:
+    recs = _dec.decode(bytes(value[1:]))
+    addr = key.decode("utf-8", "surrogateescape")
+    return [_shape(addr, tname, r) for tname, r in sorted(recs.items())]
+
+
+def _one(key: bytes, value, tbit: int) -> dict | None:
+    if value is None:
+        return None
+    rec = _dec.decode(bytes(value[1:])).get(TYPE_NAMES[tbit])
+    if rec is None:
+        return None
+    return _shape(bytes(key).decode("utf-8", "surrogateescape"), TYPE_NAMES[tbit], rec)
+
+
+def _shape(address: str, tname: str, rec: list) -> dict:
+    """An entry as SparkPost's API shows it (with the deprecated boolean of its type)."""
+    source, description, created, updated = rec
+    return {"recipient": address, "type": tname, "source": source,
+            "description": description, "created": iso(created), "updated": iso(updated),
+            tname: True}
+
+
+def bounce_rule(code: int, enhanced: str, text: str) -> bool:
+    """Whether a permanent failure says the address is invalid (class 10: add it as Bounce Rule).
+
+    Seam: once :func:`mta.feedback.classify.classify` is merged this asks it
+    for class 10; until then the enhanced codes of a bad mailbox or address
+    (RFC 3463: X.1.1 bad destination mailbox, X.1.2 bad destination system,
+    X.1.3 bad mailbox syntax, X.1.6 moved, X.1.10 null MX) decide.
+    """
+    if not 500 <= code <= 599:
+        return False
+    try:
+        from mta.feedback.classify import classify   # the classifier, when merged
+    except ImportError:
+        return enhanced in ("5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10")
+    return str(classify(code, enhanced, text)[0]) == "10"
+
+
+def bounce_description(code: int, enhanced: str, text: str) -> str:
+    """SparkPost's Bounce Rule description: ``550: 550 5.1.1 <the reply>``."""
+    reply = " ".join(x for x in (str(code), enhanced, text) if x)
+    return f"{code}: {reply}"[:MAX_DESCRIPTION]
+
+
+def open_for(settings) -> SuppressionList | None:
+    """The node's list as [suppression] configures it (None when disabled); after fork."""
+    cfg = settings.config.suppression
+    if not cfg.enabled:
+        return None
+    return SuppressionList(os.path.join(settings.state_dir, cfg.path), cfg.max_size)

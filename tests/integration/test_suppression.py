@@ -1,0 +1,323 @@
+"""The suppression list against the real daemon: its API, injection checks, Bounce Rule feeding.
+
+Real clients (the PyPI and npm ``sparkpost`` clients, base address changed
+only) manage the list; injections over HTTP and SMTP go to an aiosmtpd sink,
+which shows what was delivered; the event log shows the class-25 bounces.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import smtplib
+import subprocess
+import time
+
+import pytest
+from daemon import HOST, free_port, wait_until
+from sinks import AioSink
+from sparkpost import SparkPost
+from sparkpost.exceptions import SparkPostAPIException
+
+from mta.feedback import suppression as S
+
+KEY = "sup-key"
+JS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "js-http")
+SENDER = "sender@example.com"
+
+
+def call(d, method: str, path: str, body=None, key: str = KEY) -> tuple[int, dict, object]:
+    """One request to the daemon's HTTP API: (status, headers, decoded JSON or raw bytes)."""
+    conn = http.client.HTTPConnection(HOST, d.http_port, timeout=30)
+    try:
+        data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) \
+            else body
+        conn.request(method, path, body=data,
+                     headers={"Authorization": key, "Content-Type": "application/json"})
+        r = conn.getresponse()
+        raw = r.read()
+        headers = {k.lower(): v for k, v in r.getheaders()}
+    finally:
+        conn.close()
+    try:
+        return r.status, headers, json.loads(raw) if raw else raw
+    except ValueError:
+        return r.status, headers, raw
+
+
+def error_of(body) -> str:
+    assert list(body) == ["errors"], body
+    return body["errors"][0]["description"]
+
+
+@pytest.fixture(scope="module")
+def lab(make_module_daemon):
+    """A daemon that delivers to a sink; the sink refuses unknown@ with 550 5.1.1."""
+    def rcpt(sink, address, mail_from):
+        if address.startswith("unknown"):
+            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+        return None
+    sink = AioSink(HOST, free_port(), rcpt=rcpt).start()
+    d = None
+    try:
+        d = make_module_daemon(
+            subdir="sup", acceptors=1, shards=1, http={"api_keys": [KEY]},
+            delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                 "hosts": [f"{HOST}:{sink.port}"]}]})
+        yield d, sink
+    finally:
+        if d is not None:
+            d.cleanup()
+        sink.stop()
+
+
+def test_python_client_manages_the_list(lab):
+    d, _ = lab
+    sp = SparkPost(KEY)
+    sl = sp.suppression_list
+    sl.base_uri = d.http_base + "/api/v1"   # the only change from a SparkPost set-up
+    # create(dict): PUT /suppression-list/{email} with only the deprecated booleans
+    assert sl.create({"email": "Py.One+tag@Example.NET", "transactional": False,
+                      "non_transactional": True, "description": "py single"}) == \
+        {"message": "Suppression list successfully updated"}
+    # create(list): bulk PUT, email + booleans as the client's examples write them
+    assert sl.create([{"email": "py2@example.net", "transactional": True,
+                       "non_transactional": True, "description": "both"},
+                      {"recipient": "py3@example.net", "type": "transactional"}]) == \
+        {"message": "Suppression List successfully updated"}
+    one = sl.get("py.one+tag@example.net")       # the "+" unencoded in the path
+    assert [(e["recipient"], e["type"], e["source"], e["description"], e["non_transactional"])
+            for e in one] == [("py.one+tag@example.net", "non_transactional", "Manually Added",
+                               "py single", True)]
+    assert one[0]["created"].endswith("+00:00") and one[0]["updated"] == one[0]["created"]
+    assert sorted(e["type"] for e in sl.get("py2@example.net")) == \
+        ["non_transactional", "transactional"]
+    listed = sl.list(types=["transactional"], limit=100)
+    assert {e["recipient"] for e in listed} >= {"py2@example.net", "py3@example.net"}
+    assert all(e["type"] == "transactional" for e in listed)
+    assert sl.update({"email": "py3@example.net", "transactional": True,
+                      "description": "changed"})
+    assert sl.get("py3@example.net")[0]["description"] == "changed"
+    assert sl.delete("py2@example.net") is True          # 204
+    with pytest.raises(SparkPostAPIException) as e:
+        sl.get("py2@example.net")
+    assert e.value.status == 404
+    with pytest.raises(SparkPostAPIException) as e:
+        sl.create([{"email": "ok@example.net", "type": "transactional"},
+                   {"email": "bad@example.net", "type": "sometimes"}])
+    assert e.value.status == 422 and "recipients[1].type" in str(e.value)
+    with pytest.raises(SparkPostAPIException) as e:
+        sl.get("ok@example.net")        # all or nothing: the good entry was not written
+    assert e.value.status == 404
+
+
+def test_npm_client_manages_the_list(lab):
+    d, _ = lab
+    calls = [["upsert", {"recipient": "js1@example.net", "transactional": False,
+                         "non_transactional": True, "description": "from node"}],
+             ["upsert", [{"recipient": "js2@example.net", "type": "transactional"},
+                         {"recipient": "js3@example.net", "type": "non_transactional"}]],
+             ["get", "js1@example.net"],
+             ["list", {"types": "non_transactional", "per_page": 2, "sources": "Manually Added"}],
+             ["delete", "js3@example.net"],
+             ["get", "js3@example.net"],
+             ["upsert", {"recipient": "not an address", "type": "transactional"}]]
+    r = subprocess.run(["node", os.path.join(JS, "suppression.js")], cwd=JS,
+                       capture_output=True, timeout=60,
+                       input=json.dumps({"origin": d.http_base, "key": KEY,
+                                         "calls": calls}).encode())
+    assert r.returncode == 0, r.stderr.decode()
+    up1, up2, got, listed, deleted, gone, bad = json.loads(r.stdout)
+    assert up1 == up2 == {"ok": True, "body": {"results": {
+        "message": "Suppression List successfully updated"}}}
+    assert got["ok"] and got["body"]["total_count"] == 1
+    assert got["body"]["results"][0]["description"] == "from node"
+    assert listed["ok"] and len(listed["body"]["results"]) == 2
+    assert listed["body"]["total_count"] >= 2
+    assert all(e["type"] == "non_transactional" for e in listed["body"]["results"])
+    assert any(link["rel"] == "next" for link in listed["body"]["links"])
+    assert deleted["ok"]
+    assert gone["ok"] is False and gone["status"] == 404
+    assert bad["ok"] is False and bad["status"] == 422
+    assert "recipients[0].recipient" in bad["errors"][0]["description"]
+
+
+def test_search_paging_summary_and_errors(lab):
+    d, _ = lab
+    n = 25
+    st, _, body = call(d, "PUT", "/api/v1/suppression-list/", {"recipients": [
+        {"recipient": f"page{i:02d}@paging.test", "type": "non_transactional",
+         "description": f"entry {i}"} for i in range(n)]})
+    assert st == 200, body
+    seen = []
+    st, _, body = call(d, "GET", "/api/v1/suppression-list?domain=paging.test&per_page=10"
+                                 "&cursor=initial")
+    while True:
+        assert st == 200, body
+        assert body["total_count"] == n
+        seen += [e["recipient"] for e in body["results"]]
+        nxt = [x["href"] for x in body["links"] if x["rel"] == "next"]
+        if not nxt:
+            break
+        st, _, body = call(d, "GET", nxt[0])
+    assert sorted(seen) == sorted(f"page{i:02d}@paging.test" for i in range(n))
+    assert len(seen) == n
+    st, _, body = call(d, "GET", "/api/v1/suppression-list?domain=paging.test&per_page=10"
+                                 "&page=3&sort=asc")
+    assert st == 200 and len(body["results"]) == 5
+    st, _, body = call(d, "GET", "/api/v1/suppression-list?description=entry%2013"
+                                 "&description_strict=true")
+    assert [e["recipient"] for e in body["results"]] == ["page13@paging.test"]
+    st, _, body = call(d, "GET", "/api/v1/suppression-list?from=2000-01-01T00:00:00Z"
+                                 "&to=2001-01-01T00:00:00%2B0000")
+    assert st == 200 and body["results"] == [] and body["total_count"] == 0
+    st, _, body = call(d, "GET", "/api/v1/suppression-list/summary")
+    assert st == 200 and body["results"]["manually_added"] >= n
+    assert body["results"]["total"] == sum(v for k, v in body["results"].items()
+                                           if k != "total")
+    # bad input: 422 naming the field; unknown key: 401; DELETE of nothing: 404
+    for path, words in (("?from=yesterday", "from"), ("?types=sometimes", "types"),
+                        ("?per_page=0", "per_page"), ("?sources=Nobody", "sources"),
+                        ("?cursor=zz", "cursor"), ("?page=2000&per_page=10", "page")):
+        st, _, body = call(d, "GET", "/api/v1/suppression-list" + path)
+        assert st == 422 and words in error_of(body), (path, body)
+    st, _, body = call(d, "PUT", "/api/v1/suppression-list", {"recipients": [{}] * 10_001})
+    assert st == 422 and "10000" in error_of(body)
+    st, _, body = call(d, "PUT", "/api/v1/suppression-list", b"{not json")
+    assert st == 400
+    st, _, body = call(d, "PUT", "/api/v1/suppression-list/x@y.test", {"description": "no type"})
+    assert st == 422 and "type" in error_of(body)
+    st, _, body = call(d, "GET", "/api/v1/suppression-list/summary", key="wrong")
+    assert st == 401
+    st, headers, body = call(d, "DELETE", "/api/v1/suppression-list/page00@paging.test",
+                             {"type": "transactional"})
+    assert st == 404
+    st, headers, body = call(d, "DELETE", "/api/v1/suppression-list/page00@paging.test")
+    assert st == 204 and body == b"" and "content-length" not in headers
+    st, _, body = call(d, "POST", "/api/v1/suppression-list", {})
+    assert st == 405
+
+
+def transmission(rcpts, **options) -> dict:
+    return {"recipients": rcpts, "options": options,
+            "content": {"from": SENDER, "subject": "s", "text": "t"}}
+
+
+def bounces(d, rcpt: str) -> list[dict]:
+    return [e for e in d.events() if e["type"] == "bounce" and e["recipient"] == rcpt]
+
+
+def test_http_injection_skips_suppressed_recipients(lab):
+    d, sink = lab
+    st, _, body = call(d, "PUT", "/api/v1/suppression-list", {"recipients": [
+        {"recipient": "Blocked@Example.NET", "type": "non_transactional"},
+        {"recipient": "tx-blocked@example.net", "type": "transactional"}]})
+    assert st == 200, body
+    st, _, out = d.post(transmission(["blocked@example.net", "fine@example.net",
+                                      "tx-blocked@example.net"]), headers={"Authorization": KEY})
+    assert st == 200 and out["results"]["total_accepted_recipients"] == 3, out
+    sink.wait_for("fine@example.net")
+    sink.wait_for("tx-blocked@example.net")   # blocked only for transactional mail
+    ev = wait_until(lambda: bounces(d, "blocked@example.net"), 20, "the suppressed bounce")
+    assert len(ev) == 1
+    b = ev[0]
+    assert b["bounce_class"] == "25" and b["response"]["code"] == 554
+    assert b["reason"] == "554 5.7.1 recipient address was suppressed due to customer policy"
+    recv = [e for e in d.events() if e["type"] == "reception"
+            and e["recipient"] == "blocked@example.net"]
+    assert len(recv) == 1 and recv[0]["queue_id"] == b["queue_id"]
+    # transactional mail: the transactional list applies
+    st, _, out = d.post(transmission(["tx-blocked@example.net", "blocked@example.net"],
+                                     transactional=True), headers={"Authorization": KEY})
+    assert st == 200 and out["results"]["total_accepted_recipients"] == 2
+    wait_until(lambda: bounces(d, "tx-blocked@example.net"), 20, "the transactional bounce")
+    wait_until(lambda: sum(r == "blocked@example.net" for _, r, _ in sink.deliveries()) == 1,
+               20, "the transactional message to blocked@")
+    # skip_suppression: delivered
+    st, _, out = d.post(transmission(["tx-blocked@example.net"], transactional=True,
+                                     skip_suppression=True), headers={"Authorization": KEY})
+    assert st == 200
+    wait_until(lambda: sum(r == "tx-blocked@example.net" for _, r, _ in sink.deliveries()) == 2,
+               20, "the skip_suppression message")
+    time.sleep(1.0)
+    # never delivered while suppressed; no DSN to the sender for a suppression
+    assert sum(r == "tx-blocked@example.net" for _, r, _ in sink.deliveries()) == 2
+    assert sum(r == "blocked@example.net" for _, r, _ in sink.deliveries()) == 1
+    assert not [t for t in sink.snapshot() if SENDER in t.rcpt_tos]
+    assert len(bounces(d, "blocked@example.net")) == 1
+
+
+def smtp_send(d, rcpts, headers: str = "") -> str:
+    msg = (f"From: {SENDER}\r\nSubject: smtp\r\n{headers}\r\nbody\r\n").encode()
+    with smtplib.SMTP(HOST, d.port, local_hostname="client.test", timeout=30) as s:
+        refused = s.sendmail(SENDER, rcpts, msg)
+    return refused
+
+
+def test_smtp_injection_skips_suppressed_recipients(lab):
+    d, sink = lab
+    st, _, body = call(d, "PUT", "/api/v1/suppression-list/smtp-blocked@example.net",
+                       {"type": "non_transactional"})
+    assert st == 200, body
+    assert smtp_send(d, ["smtp-blocked@example.net", "smtp-fine@example.net"]) == {}
+    sink.wait_for("smtp-fine@example.net")
+    ev = wait_until(lambda: bounces(d, "smtp-blocked@example.net"), 20, "the SMTP bounce")
+    assert ev[0]["bounce_class"] == "25"
+    smtp_send(d, ["smtp-blocked@example.net"],
+              'X-MSYS-API: {"options": {"skip_suppression": true}}\r\n')
+    txn = sink.wait_for("smtp-blocked@example.net")
+    assert b"X-MSYS-API" not in txn.data
+    assert len(bounces(d, "smtp-blocked@example.net")) == 1
+    assert not [t for t in sink.snapshot() if SENDER in t.rcpt_tos]
+
+
+def test_a_550_5_1_1_bounce_adds_the_address(lab):
+    d, sink = lab
+    st, _, _ = d.post(transmission(["unknown-user@example.net"]), headers={"Authorization": KEY})
+    assert st == 200
+    wait_until(lambda: bounces(d, "unknown-user@example.net"), 30, "the 5.1.1 bounce")
+
+    def listed():
+        s, _, b = call(d, "GET", "/api/v1/suppression-list/unknown-user@example.net")
+        return b if s == 200 else None
+    entry = wait_until(listed, 20, "the Bounce Rule entry")["results"]
+    assert [(e["type"], e["source"]) for e in entry] == [("non_transactional", "Bounce Rule")]
+    assert "550" in entry[0]["description"] and "5.1.1" in entry[0]["description"]
+    st, _, body = call(d, "GET", "/api/v1/suppression-list?sources=Bounce%20Rule")
+    assert "unknown-user@example.net" in [e["recipient"] for e in body["results"]]
+    # and the next message to it is not delivered
+    st, _, _ = d.post(transmission(["unknown-user@example.net"]), headers={"Authorization": KEY})
+    ev = wait_until(lambda: [e for e in bounces(d, "unknown-user@example.net")
+                             if e.get("bounce_class") == "25"], 20, "the suppressed bounce")
+    assert len(ev) == 1
+
+
+def test_smtp_refuse_mode(make_daemon):
+    d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
+                    suppression={"smtp_action": "refuse", "max_size": 16 * 1024 * 1024})
+    st, _, body = call(d, "PUT", "/api/v1/suppression-list", {"recipients": [
+        {"recipient": "refused@example.net", "type": "non_transactional"}]})
+    assert st == 200, body
+    with d.session() as c:
+        assert c.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
+        code, lines = c.cmd("RCPT TO:<Refused@Example.net>")
+        assert code == 550 and lines[0].startswith("5.7.1"), lines
+        assert c.cmd("RCPT TO:<other@example.net>")[0] == 250
+    assert smtp_send(d, ["other@example.net"]) == {}
+    assert os.path.isdir(os.path.join(d.state_dir, "suppression"))
+
+
+def test_list_full_is_a_clear_error(make_daemon):
+    d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
+                    suppression={"max_size": 1024 * 1024})
+    big = [{"recipient": f"u{i:06d}-{'x' * 200}@full.test", "type": "non_transactional",
+            "description": "d" * 1000} for i in range(5000)]
+    st, _, body = call(d, "PUT", "/api/v1/suppression-list", {"recipients": big})
+    assert st == 507 and "suppression.max_size" in error_of(body)
+    st, _, body = call(d, "GET", "/api/v1/suppression-list/summary")
+    assert st == 200 and body["results"]["total"] == 0     # nothing of it was kept
+    st, _, body = call(d, "PUT", "/api/v1/suppression-list/small@full.test",
+                       {"type": "transactional"})
+    assert st == 200, body
+    assert S.SuppressionList(os.path.join(d.state_dir, "suppression"),
+                             1024 * 1024).check("small@full.test", True)
