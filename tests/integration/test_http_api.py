@@ -445,7 +445,9 @@ def test_slow_client_is_cut_off(api):
             st, h, raw = read_response(s.makefile("rb"))
             assert_error(st, json.loads(raw), 408, R.REQUEST_TIMEOUT, "http.request_timeout")
             assert h["connection"] == "close" and closed(s)
-        assert 1.5 < time.monotonic() - t0 < 6
+        # Not before http.request_timeout (2 s here); the upper bound only says "no hang"
+        # (it is not a speed check: the machine may be loaded).
+        assert 1.5 < time.monotonic() - t0 < 30
     finally:
         slow_head.close()
         slow_body.close()
