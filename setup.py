@@ -88,6 +88,7 @@ setup(
         "orjson>=3.9",
         "httptools>=0.6",
         "idna>=3.6",
+        "prometheus-client>=0.20",   # /metrics exposition in the admin process
     ],
     extras_require={
         "test": [
