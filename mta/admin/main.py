@@ -3,7 +3,7 @@
 A child of the supervisor like the other roles (so the supervisor itself stays
 free of ZeroMQ and event loops), forked first and stopped last.
 
-Reads:   STATS_REPORT from every child on the bus endpoint ``admin-stats`` (PULL;
+Reads:   ADMIN_STATS_REPORT from every child on the bus endpoint ``admin-stats`` (PULL;
          each child pushes a cumulative snapshot every ``admin.push_interval``
          seconds, dropped when this process is absent or slow); HTTP requests on
          the listening sockets the supervisor made for ``admin.listen`` (kept

@@ -277,7 +277,7 @@ _TABLE = (
     (DeliveryOutcome, "DELIVERY_OUTCOME", "delivery -> spool"),
     (SpoolQueueFlush, "SPOOL_QUEUE_FLUSH", "cli -> spool"),
     (SpoolQueueFlushReply, "SPOOL_QUEUE_FLUSH_REPLY", "spool -> cli"),
-    (StatsReport, "STATS_REPORT", "every child -> admin"),
+    (StatsReport, "ADMIN_STATS_REPORT", "every child -> admin"),
 )
 
 for _cls, _name, _route in _TABLE:
