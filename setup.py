@@ -90,6 +90,7 @@ setup(
         "httptools>=0.6",
         "idna>=3.6",
         "lmdb>=1.4",        # the suppression list (mta.feedback.suppression)
+        "prometheus-client>=0.20",   # /metrics exposition in the admin process
     ],
     extras_require={
         "test": [

@@ -106,6 +106,18 @@ _LK_NXDOMAIN = 1
 _LK_NODATA = 2
 _LK_TEMP = 3
 
+# Failure kinds counted in cache_stats() (for /metrics): by outcome, and a
+# temporary failure by what its reason says (see _query).
+_FAILURE_KIND = {_LK_NXDOMAIN: "nxdomain", _LK_NODATA: "nodata"}
+
+
+def _temp_kind(reason: str) -> str:
+    if "timed out" in reason:
+        return "timeout"
+    if "server failure" in reason:
+        return "servfail"
+    return "error"
+
 
 class DnsTempError(Exception):
     """A name's addresses are unknown for now (SERVFAIL, timeout, network error)."""
@@ -252,7 +264,10 @@ class Resolver:
         self._cache: OrderedDict[tuple[str, int], tuple[float, _Lookup]] = OrderedDict()
         self._inflight: dict[tuple[str, int], asyncio.Future] = {}
         self._stats = dict.fromkeys(
-            ("hits", "misses", "queries", "coalesced", "evictions", "expired", "temp_failures"), 0)
+            ("hits", "misses", "queries", "coalesced", "evictions", "expired", "temp_failures",
+             "nxdomain", "nodata", "timeout", "servfail", "error"), 0)
+        # Set by the owner to an object with observe(seconds): each query's latency.
+        self.query_seconds = None
 
     # -- public API ------------------------------------------------------------------------
 
@@ -322,7 +337,8 @@ class Resolver:
         hits: answered from the cache; misses: not in it (or expired), of
         which ``coalesced`` joined a query already in flight and ``queries``
         were sent; expired, evictions (LRU), temp_failures (queries that
-        failed temporarily); size, capacity and inflight are current values.
+        failed temporarily); nxdomain, nodata, timeout, servfail, error: queries
+        without an answer by kind; size, capacity and inflight are current values.
         """
         out = dict(self._stats)
         out["size"] = len(self._cache)
@@ -381,7 +397,12 @@ class Resolver:
 
     async def _fetch(self, key: tuple[str, int]) -> _Lookup:
         self._stats["queries"] += 1
+        t = time.monotonic()
         result = await self._query(*key)
+        if self.query_seconds is not None:
+            self.query_seconds.observe(time.monotonic() - t)
+        if result.kind != _LK_OK:
+            self._stats[_FAILURE_KIND.get(result.kind) or _temp_kind(result.reason)] += 1
         if result.kind == _LK_TEMP:
             self._stats["temp_failures"] += 1
         self._store(key, result)

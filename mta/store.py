@@ -383,6 +383,7 @@ class Store:
         self.current: Segment | None = None
         self.recipients = 0
         self.bytes = 0
+        self.written = 0                      # octets appended since start (for /metrics)
         self._readers: dict[int, int] = {}   # segment number -> O_RDONLY fd
         if fsync:
             make_dirs(directory)
@@ -586,6 +587,7 @@ class Store:
         except OSError:
             self._write_failed(seg)
             raise
+        self.written += end - seg.size
         seg.size = end
 
     def _write_failed(self, seg: Segment) -> None:

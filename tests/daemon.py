@@ -149,6 +149,7 @@ class Daemon:
         os.makedirs(self.dir, exist_ok=True)
         self.port = free_port()
         self.http_port = free_port()
+        self.admin_port = free_port()
         self.state_dir = os.path.join(self.dir, "state")
         self.config_path = os.path.join(self.dir, "mta.toml")
         self.log_path = os.path.join(self.dir, "mta.log")
@@ -157,6 +158,7 @@ class Daemon:
                        "shutdown_timeout": 5.0, "restart_backoff_max": 2.0},
             "smtp": {"listen": [f"{HOST}:{self.port}"], "acceptors": acceptors},
             "http": {"listen": [f"{HOST}:{self.http_port}"]},
+            "admin": {"listen": [f"{HOST}:{self.admin_port}"]},
             "spool": {"shards": shards, "min_free_bytes": 0},
             # Acceptance tests keep mail queued; delivery tests turn this off and
             # point the resolver at their own DNS server on loopback.
@@ -398,6 +400,19 @@ class Daemon:
             return r.status, rh, json.loads(data)
         except ValueError:
             raise AssertionError(f"HTTP {r.status}: the body is not JSON: {data[:500]!r}") from None
+
+
+    def admin_get(self, path: str = "/metrics", token: str | None = None,
+                  timeout: float = 30.0) -> tuple[int, dict, bytes]:
+        """GET *path* from the admin listener: (status, headers with lower-case names, body)."""
+        hdrs = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        conn = http.client.HTTPConnection(HOST, self.admin_port, timeout=timeout)
+        try:
+            conn.request("GET", path, headers=hdrs)
+            r = conn.getresponse()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+        finally:
+            conn.close()
 
 
 class Client:

@@ -33,7 +33,7 @@ def test_every_declared_message_has_a_unique_code_name_and_route():
     assert len(set(codes)) == len(codes) == len(bus.MESSAGES)
     for name, cls in bus.MESSAGES.items():
         assert cls.NAME == name and " -> " in cls.ROUTE
-        assert name.split("_")[0] in ("SPOOL", "DELIVERY")
+        assert name.split("_")[0] in ("SPOOL", "DELIVERY", "ADMIN")
 
 
 def test_well_formed_messages_pass():

@@ -125,9 +125,10 @@ class _Reject(Exception):
 class Request:
     """One complete request (or a parse error to answer in its place)."""
 
-    __slots__ = ("method", "url", "headers", "body", "keep_alive", "http10", "error")
+    __slots__ = ("method", "url", "headers", "body", "keep_alive", "http10", "error", "begun")
 
     def __init__(self):
+        self.begun = 0.0        # loop time of its first byte (for /metrics)
         self.method = b""
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
@@ -230,6 +231,7 @@ class Session(asyncio.Protocol):
         self.head_bytes = 0        # raw octets read while the header block was incomplete
         self.in_head = True
         self.started: float | None = None   # when the request being read began
+        self.begun = 0.0           # when the request being answered began (for /metrics)
         self.last_activity = 0.0
         self.busy = False          # a transmission is on its way to the spool
         self.broken = False        # a parse error was queued: read nothing more
@@ -328,7 +330,7 @@ class Session(asyncio.Protocol):
         self.body_size = 0
         self.head_size = 0
         self.in_head = True
-        self.started = self.svc.loop.time()
+        self.started = self.cur.begun = self.svc.loop.time()
 
     def on_url(self, url: bytes) -> None:
         self.url_parts.append(url)
@@ -421,6 +423,9 @@ class Session(asyncio.Protocol):
         else:
             status = err_or_status
         keep_alive = keep_alive and not self.a.draining
+        now = self.a.loop.time()
+        self.a.m.http_response(status, now - (self.begun or self.started or now))
+        self.begun = 0.0
         if status == 204:    # no body, no Content-Length (RFC 9110 8.6)
             head = [_STATUS_LINES[status], _date.header()]
             body = b""
@@ -443,6 +448,7 @@ class Session(asyncio.Protocol):
     def _handle(self, req: Request) -> None:
         svc = self.svc
         svc.stats["requests"] += 1
+        self.begun = req.begun or svc.loop.time()
         self.http10 = req.http10
         if req.error is not None:
             svc.stats["errors"] += 1

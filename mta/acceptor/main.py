@@ -63,11 +63,13 @@ import uvloop
 
 from mta import bus, mime, native, proc
 from mta.acceptor import http, smtp
+from mta.acceptor.metrics import AcceptorMetrics
 from mta.acceptor import replies as R
 from mta.acceptor.peers import peer_address
 from mta.api.transmissions import parse_msys_api
 from mta.config import DEFAULT as DEFAULT_POOL
 from mta.feedback import suppression as suppression_list
+from mta.obs.stats import Pusher
 from mta.queueid import new_qid, shard_of
 
 log = logging.getLogger("mta.acceptor")
@@ -129,6 +131,7 @@ class Acceptor:
         self.space_pending = 0      # octets sent to the spool and not answered yet
         self.space_unmeasured = 0   # octets the last statvfs may not have seen
         self.stats = {"rejected_connections": 0, "accepted": 0, "temp_failed": 0}
+        self.m = AcceptorMetrics(self, cfg.admin.max_label_values)   # /metrics
         self.clients: list[bus.Client] = []
         self.servers: list = []
         self._drained = asyncio.Event()
@@ -449,8 +452,12 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
+    pusher = Pusher.create(acc.m.reg, ctx, settings, "acceptor", slot)
+
     async def run():
         acc.connect_spool(ctx)
+        if pusher is not None:
+            pusher.run_on(loop)
         await acc.spool_connected(settings.config.server.ready_timeout)
         await acc.serve(socks, http_socks)
         proc.report_ready(ready_fd)
@@ -466,6 +473,9 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],
             acc.suppression.close()
         for c in acc.clients:
             c.close()
+        if pusher is not None:
+            pusher.push()       # the final totals
+            pusher.close()
         bus.close_context(ctx)
         loop.close()
     log.info("stopped: accepted=%d temp_failed=%d", acc.stats["accepted"],

@@ -270,6 +270,7 @@ class Session(asyncio.Protocol):
             return
         a.per_ip[self.peer_ip] = n + 1
         a.sessions.add(self)
+        a.m.smtp_connections.value += 1
         self.relay_ok = a.relay_allowed(self.peer_ip)
         transport.write(a.greeting)
 
@@ -518,6 +519,7 @@ class Session(asyncio.Protocol):
         self.sender = sender
         self.params = params
         self.state = _MAIL
+        self.mail_at = self.last_activity   # the transaction's first byte came in this read
         self.out.append(R.SENDER_OK)
 
     def _mail_params(self, raw: bytes) -> dict | None:
@@ -560,6 +562,7 @@ class Session(asyncio.Protocol):
         return params
 
     def cmd_rcpt(self, arg: bytes) -> None:
+        self.a.m.smtp_rcpt_seen += 1
         st = self.state
         if st != _MAIL and st != _RCPT:
             self.reply_error(R.NEED_HELO if st == _CONNECTED else R.NEED_MAIL)
@@ -609,6 +612,7 @@ class Session(asyncio.Protocol):
         self.rcpts.append(rcpt)
         self.state = _RCPT
         self.out.append(R.RCPT_OK)
+        self.a.m.smtp_rcpt_ok.value += 1
 
     def _rcpt_params(self, raw: bytes) -> tuple[str, str] | None:
         """Parse and check RCPT parameters (RFC 3461 NOTIFY, ORCPT): (notify, orcpt).
@@ -719,6 +723,7 @@ class Session(asyncio.Protocol):
     def _message_complete(self, payload: bytes, flags: int) -> None:
         """DATA ended: reject it, or hand it over and wait for the spool's answer."""
         if flags & _REJECTED_FLAGS:
+            self.a.m.smtp_rejected.value += 1
             self._reset_transaction()
             self.state = _READY
             self.reply_error(self._check_flags(flags))
@@ -739,6 +744,7 @@ class Session(asyncio.Protocol):
             return
         reply = self._check_flags(self.chunk_flags)
         if reply is not None:
+            self.a.m.smtp_rejected.value += 1
             self._reset_transaction()
             self.state = _READY
             self.reply_error(reply)
@@ -772,6 +778,7 @@ class Session(asyncio.Protocol):
                                            self.peer_ip, payload, self.received_header,
                                            self.committed))
         if refused is not None:
+            self.a.m.smtp_rejected.value += 1
             self._reset_transaction()
             self.state = _READY
             self.reply_error(refused)
@@ -797,10 +804,14 @@ class Session(asyncio.Protocol):
         """The spool's answer (or a timeout) for the message this session handed over."""
         if self.closing:
             return
+        m = self.a.m
         if ok:
             self.out.append((_QUEUED_HEAD + qid + _QUEUED_TAIL).encode())
+            m.smtp_accepted.value += 1
         else:
             self.out.append(R.STORAGE_TEMP)
+            m.smtp_rejected.value += 1
+        m.smtp_txn.observe(self._now() - self.mail_at)
         self._reset_transaction()
         self.state = _READY
         self.last_activity = self._now()

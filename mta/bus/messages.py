@@ -39,6 +39,7 @@ __all__ = [
     "SpoolMessageShowReply", "SpoolMessageDelete", "SpoolMessageDeleteReply",
     "SpoolQueueFlush", "SpoolQueueFlushReply", "DeliveryMessageReady", "DeliveryOutcome",
     "SPOOL_REQUESTS", "SPOOL_REPLIES", "DELIVERY_JOBS", "DELIVERY_OUTCOMES",
+    "StatSample", "StatHistogram", "StatsReport", "STATS_REPORTS",
 ]
 
 
@@ -225,6 +226,41 @@ class DeliveryOutcome(Message, tag=12):
     retry_after: float = 0.0                            # REQUEUED: seconds before the next try
 
 
+# ------------------------------------------------------------ every child -> admin
+
+class StatSample(Struct, array_like=True, forbid_unknown_fields=True):
+    """One counter or gauge value of a family declared in :mod:`mta.obs.catalog`."""
+
+    name: str
+    labels: list[str]                                   # values, in the family's label order
+    value: float
+
+
+class StatHistogram(Struct, array_like=True, forbid_unknown_fields=True):
+    """One histogram of a declared family: a count per bucket (not cumulative) and the sum."""
+
+    name: str
+    labels: list[str]
+    counts: list[int]                                   # len(buckets) + 1: the last is +Inf
+    sum: float
+
+
+class StatsReport(Message, tag=40):
+    """A child's statistics snapshot, pushed about once a second, dropped when nobody reads.
+
+    Counters and histograms are cumulative since the child started, so a
+    dropped snapshot loses nothing: the next one carries the same totals.
+    """
+
+    req: int                                            # the child's snapshot number
+    role: str
+    index: int
+    pid: int
+    counters: list[StatSample]
+    gauges: list[StatSample]
+    histograms: list[StatHistogram]
+
+
 # ------------------------------------------------------------------- the table
 
 _TABLE = (
@@ -242,6 +278,7 @@ _TABLE = (
     (DeliveryOutcome, "DELIVERY_OUTCOME", "delivery -> spool"),
     (SpoolQueueFlush, "SPOOL_QUEUE_FLUSH", "cli -> spool"),
     (SpoolQueueFlushReply, "SPOOL_QUEUE_FLUSH_REPLY", "spool -> cli"),
+    (StatsReport, "ADMIN_STATS_REPORT", "every child -> admin"),
 )
 
 for _cls, _name, _route in _TABLE:
@@ -257,6 +294,7 @@ SPOOL_REPLIES = (SpoolMessageCommitted, SpoolQueueSummaryReply, SpoolQueueListRe
                  SpoolMessageShowReply, SpoolMessageDeleteReply, SpoolQueueFlushReply)
 DELIVERY_JOBS = (DeliveryMessageReady,)
 DELIVERY_OUTCOMES = (DeliveryOutcome,)
+STATS_REPORTS = (StatsReport,)
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Union[tuple(cls for cls, _, _ in _TABLE)]).decode

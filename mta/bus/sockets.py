@@ -15,6 +15,9 @@ would pass a high-water mark returns False and the caller pushes back.
   asyncio loop (acceptors to the spool; a delivery process's intake and its
   outcomes, which must never be dropped: :class:`PeerGone`).
 - :class:`SyncClient` -- blocking request/reply with a timeout for the CLI.
+- :class:`StatsSender`, :class:`StatsReceiver` -- every child's statistics
+  snapshots to the admin process (PUSH/PULL): a snapshot the admin is not
+  there or too slow to take is dropped, never waited for.
 """
 from __future__ import annotations
 
@@ -26,10 +29,11 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from mta.bus.messages import DELIVERY_OUTCOMES, BusError, Message, decode, encode, receive
+from mta.bus.messages import (DELIVERY_OUTCOMES, STATS_REPORTS, BusError, Message, decode,
+                              encode, receive)
 
-__all__ = ["new_context", "close_context", "Server", "DeliveryLinks", "Poller", "Client", "AsyncServer",
-           "SyncClient", "PeerGone"]
+__all__ = ["new_context", "close_context", "Server", "DeliveryLinks", "Poller", "Client",
+           "AsyncServer", "SyncClient", "PeerGone", "StatsSender", "StatsReceiver"]
 
 # Plain ints: pyzmq's enum members cost an object construction per use.
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -399,3 +403,50 @@ class SyncClient:
 
     def close(self) -> None:
         self.sock.close(0)
+
+
+STATS_HWM = 2     # snapshots queued per child towards the admin before new ones are dropped
+
+
+class StatsSender:
+    """A child's PUSH socket to the admin process's statistics endpoint.
+
+    ZMQ_IMMEDIATE: nothing is queued while the admin process is not there;
+    a small high-water mark: a slow admin costs at most two queued snapshots.
+    :meth:`send` never blocks; it says whether the snapshot went.
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str):
+        self.sock = _socket(ctx, zmq.PUSH, STATS_HWM)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.sock.connect(endpoint)
+
+    def send(self, msg: Message) -> bool:
+        try:
+            self.sock.send(encode(msg), _NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class StatsReceiver(_LoopSocket):
+    """The admin process's PULL socket, bound at *endpoint*, read by its asyncio loop.
+
+    ``on_report(report)`` gets each well-formed STATS_REPORT.
+    """
+
+    def __init__(self, ctx: zmq.Context, loop, endpoint: str, on_report, log: logging.Logger,
+                 hwm: int = 1000):
+        sock = _socket(ctx, zmq.PULL, hwm)
+        sock.bind(endpoint)
+        self._on_report = on_report
+        self._log = log
+        super().__init__(sock, loop)
+
+    def _received(self, frames: list) -> None:
+        msg = receive(frames, STATS_REPORTS, self._log, "statistics report")
+        if msg is not None:
+            self._on_report(msg)

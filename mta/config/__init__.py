@@ -49,6 +49,7 @@ class Settings:
     nameservers: tuple = ()
     helo_name: str = ""
     http_listen: tuple[tuple[str, int], ...] = ()
+    admin_listen: tuple[tuple[str, int], ...] = ()   # () when admin.enabled is false
     # [egress], resolved: every source by name (the built-in "default" one
     # included), and every pool by name as ((source name, weight), ...).
     sources: dict = field(default_factory=dict)
@@ -142,6 +143,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
             raise ConfigError(f"smtp.listen[{i}]: {exc}") from None
         listen.append((host, port))
     http_listen = _check_http(cfg.http, listen)
+    admin_listen = _check_admin(cfg.admin, listen + list(http_listen))
     nets = []
     for i, item in enumerate(cfg.smtp.relay_networks):
         try:
@@ -196,6 +198,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
         nameservers=nameservers,
         helo_name=cfg.delivery.helo_name or hostname,
         http_listen=http_listen,
+        admin_listen=admin_listen,
         sources=sources,
         pools=pools,
     )
@@ -298,6 +301,32 @@ def _check_http(h, smtp_listen: list) -> tuple:
         if not key or not key.isascii() or not key.isprintable() or " " in key or ":" in key:
             raise ConfigError(f"http.api_keys[{i}]: expected printable ASCII without spaces "
                               "or colons")
+    return tuple(out)
+
+
+def _check_admin(a, used: list) -> tuple:
+    """Validate [admin]; return its listen addresses (none when it is disabled)."""
+    for i, tok in enumerate(a.tokens):
+        if not tok or not tok.isascii() or not tok.isprintable() or " " in tok:
+            raise ConfigError(f"admin.tokens[{i}]: expected printable ASCII without spaces")
+    if not a.enabled:
+        return ()
+    if not a.listen:
+        raise ConfigError("admin.listen: at least one address is needed (or set "
+                          "admin.enabled = false)")
+    out = []
+    for i, item in enumerate(a.listen):
+        try:
+            host, port = parse_hostport(item)
+            addr = ipaddress.ip_address(host)
+        except ValueError as exc:
+            raise ConfigError(f"admin.listen[{i}]: {exc}") from None
+        if (host, port) in used or (host, port) in out:
+            raise ConfigError(f"admin.listen[{i}]: {item} is already used by another listener")
+        if not addr.is_loopback and not a.tokens:
+            raise ConfigError(f"admin.tokens: required when admin.listen[{i}] ({item}) is not "
+                              "a loopback address")
+        out.append((host, port))
     return tuple(out)
 
 

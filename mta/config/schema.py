@@ -392,6 +392,27 @@ class FeedbackConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "only")] = ""
 
 
+class AdminConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: Annotated[bool, _doc(
+        "run the admin process: the admin listener (/metrics, /api/admin/health) and the "
+        "statistics every process pushes to it; false: no admin process, no pushes")] = True
+    listen: Annotated[list[str], _doc(
+        "addresses the admin listener listens on, as host:port; an address that is not "
+        "loopback needs tokens")] = msgspec.field(default_factory=lambda: ["127.0.0.1:8026"])
+    tokens: Annotated[list[str], _doc(
+        "bearer tokens (Authorization: Bearer TOKEN) the admin listener accepts; required "
+        "when it listens on an address that is not loopback; empty: no token is asked "
+        "for")] = msgspec.field(default_factory=list)
+    push_interval: Annotated[float, _doc(
+        "seconds between two statistics snapshots of each process", ge=0.1, le=60)] = 1.0
+    max_label_values: Annotated[int, _doc(
+        "series per metric family whose label values come from traffic (sites, source x "
+        "site); the rest are summed under the label value \"other\"", ge=1, le=10_000)] = 50
+    max_connections: Annotated[int, _doc(
+        "concurrent connections to the admin listener; more are closed", ge=1,
+        le=10_000)] = 64
+
+
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     server: Annotated[ServerConfig, _doc("process-wide settings")] = msgspec.field(
         default_factory=ServerConfig)
@@ -412,6 +433,9 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
         default_factory=FeedbackConfig)
     suppression: Annotated[SuppressionConfig, _doc("suppression list")] = msgspec.field(
         default_factory=SuppressionConfig)
+    admin: Annotated[AdminConfig, _doc(
+        "the admin listener: Prometheus /metrics and the admin API")] = msgspec.field(
+        default_factory=AdminConfig)
     shaping: Annotated[list[ShapingRule], _doc(
         "traffic shaping rules: [[shaping]] tables matched by recipient domain, MX host "
         "pattern or site, optionally per source; every matching rule applies, the shipped "
@@ -422,5 +446,5 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
 SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("http", HttpConfig),
             ("spool", SpoolConfig), ("delivery", DeliveryConfig), ("dkim", DkimConfig),
             ("egress", EgressConfig), ("feedback", FeedbackConfig),
-            ("suppression", SuppressionConfig))
+            ("suppression", SuppressionConfig), ("admin", AdminConfig))
 TOP_LEVEL_TABLES = (("shaping", ShapingRule),)   # [[shaping]]: arrays of tables at the top

@@ -297,6 +297,7 @@ class Engine:
         self.resolving: dict[str, list[Job]] = {}                # domain -> jobs waiting for it
         self.in_flight = 0
         self.stats = collections.Counter()
+        self.connect_attempts = None    # set for /metrics: .inc((source, site))
         self.tasks: set[asyncio.Task] = set()
         self.workers: set[asyncio.Task] = set()
         self.stopping = False
@@ -546,6 +547,8 @@ class Engine:
             # A static route's own source_address applies to the built-in source only.
             address = t.source if (t.source and src.name == "default"
                                    and src.proxy is None) else src.address
+            if self.connect_attempts is not None:
+                self.connect_attempts.inc((src.name, lane.site.name))
             try:
                 conn = await smtpc.SmtpConnection.open(
                     t.ip, t.port, helo_name=src.ehlo, source_address=address,

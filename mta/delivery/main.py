@@ -40,6 +40,8 @@ import uvloop
 
 from mta import bus, proc
 from mta.delivery.engine import Engine, Job
+from mta.delivery.metrics import DeliveryMetrics
+from mta.obs.stats import Pusher
 
 log = logging.getLogger("mta.delivery")
 
@@ -59,6 +61,7 @@ class Delivery:
         port = settings.nameservers[0][1] if settings.nameservers else 53
         self.resolver = dns.Resolver(ns, port=port, timeout=cfg.dns_timeout)
         self.engine = Engine(settings, self.resolver, self.report, loop)
+        self.m = DeliveryMetrics(self, settings.config.admin.max_label_values)   # /metrics
         # Jobs in hand before the socket pauses: a shard's bulk and transactional
         # windows (the shards bound what they send; this bounds the process).
         self.window = 2 * cfg.max_in_flight
@@ -84,6 +87,7 @@ class Delivery:
     def report(self, job: Job, results: list[bus.Result], retry_after: float = 0.0) -> None:
         """Hand one job's outcome back to its spool shard (or hold it until it reads)."""
         m = job.msg
+        self.m.job_done(job, results)
         self._hand_back(job.peer, bus.DeliveryOutcome(
             m.req, m.qid, results, source=job.source, source_ip=job.source_ip, site=job.site,
             retry_after=retry_after))
@@ -192,7 +196,11 @@ def main(settings, index: int, ready_fd: int | None) -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
+    pusher = Pusher.create(d.m.reg, ctx, settings, "delivery", index)
+
     async def run():
+        if pusher is not None:
+            pusher.run_on(loop)
         proc.report_ready(ready_fd)
         upkeep = loop.create_task(d.upkeep())
         await stop.wait()
@@ -203,6 +211,9 @@ def main(settings, index: int, ready_fd: int | None) -> None:
         loop.run_until_complete(run())
     finally:
         d.server.close()
+        if pusher is not None:
+            pusher.push()       # the final totals
+            pusher.close()
         bus.close_context(ctx)
         loop.close()
     log.info("stopped: %s", dict(d.engine.stats))

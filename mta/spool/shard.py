@@ -38,10 +38,12 @@ import time
 from mta import bus, feedback
 from mta.feedback import suppression as sup
 from mta.obs import events as ev
+from mta.obs.stats import Pusher
 from mta.queueid import domain_shard, new_qid_for_shard, recipient_domain
 from mta.spool import dispatch as dsp
 from mta.spool import queries
 from mta.spool import schedule as sch
+from mta.spool.metrics import ShardMetrics
 from mta.spool.outcomes import Plan
 from mta.store import MessageMeta, Store, shard_dir, start_of
 
@@ -135,6 +137,8 @@ class Shard:
         # An outcome later than this means the delivery process is gone or stuck.
         self.job_timeout = (d.connect_timeout + 2 * d.command_timeout + d.data_timeout
                             + d.job_timeout_margin)
+        self.m = ShardMetrics(self, settings.config.admin.max_label_values)   # /metrics
+        self.pusher = None
 
     def open(self, ctx) -> None:
         """Rebuild the queue from disk, then open the bus (requests and delivery links)."""
@@ -166,6 +170,7 @@ class Shard:
             ctx, [self.settings.endpoint(f"delivery-{d}")
                   for d in range(self.settings.deliveries)], hwm, log)
         self.poller = bus.Poller(self.server, self.links)
+        self.pusher = Pusher.create(self.m.reg, ctx, self.settings, "spool", self.shard)
         # qids due while delivery[d] was away (a dict as ordered set), per d
         self.parked: list[dict] = [{} for _ in range(len(self.links))]
 
@@ -183,6 +188,9 @@ class Shard:
         self.store.close()
         self.server.close()
         self.links.close()
+        if self.pusher is not None:
+            self.pusher.push()      # the final totals
+            self.pusher.close()
 
     def start(self) -> None:
         """Prepare the loop for :meth:`step` (after :meth:`open`)."""
@@ -206,6 +214,8 @@ class Shard:
             self.follow_links()
         self.dispatch()
         now = time.monotonic()
+        if self.pusher is not None:
+            self.pusher.due(now)
         if now >= self.next_reclaim:
             self.next_reclaim = now + RECLAIM_INTERVAL
             if not self.healthy:
@@ -285,8 +295,13 @@ class Shard:
         status = bus.STATUS_OK
         try:
             new = self.store.write(messages, done, plan.updates)
+            t = time.perf_counter()
             self.store.sync()
+            self.m.fsync.observe(time.perf_counter() - t)
+            if messages:
+                self.m.batch.observe(len(messages))
         except OSError as exc:
+            self.m.errors.value += 1
             status = bus.STATUS_STORAGE
             if self.healthy or exc.strerror != self.last_error:
                 log.error("spool write failed: %s; answering 451 until it recovers",

@@ -20,8 +20,9 @@ Config:  [server] state_dir, log_level, ready_timeout, restart_backoff_max,
          stop grace); [http] listen; [spool] shards, directory; [delivery]
          processes; the whole file is handed to each child, which reads its part.
 
-Start: bind the sockets, fork the roles in process-table order (spool
-shards first: each rebuilds its queue before it reports ready; then delivery;
+Start: bind the sockets, fork the roles in process-table order (the admin
+process, which serves ``/metrics`` on ``[admin] listen``; then the spool
+shards: each rebuilds its queue before it reports ready; then delivery;
 then the acceptors); READY=1.
 A child that dies is started again after a back-off that doubles while it
 keeps dying quickly (up to ``server.restart_backoff_max``).
@@ -48,6 +49,7 @@ import sys
 import time
 import traceback
 
+import msgspec
 import setproctitle
 
 from mta import config as mconfig
@@ -353,6 +355,8 @@ class Supervisor:
         listen = ", ".join(f"{h}:{p}" for h, p in s.listen)
         http = ", ".join(f"{h}:{p}" for h, p in s.http_listen)
         http = f", HTTP on {http}" if http else ""
+        admin = ", ".join(f"{h}:{p}" for h, p in s.admin_listen)
+        http += f", admin on {admin}" if admin else ""
         return (f"accepting SMTP on {listen}{http}; {s.acceptors} acceptor(s), {s.shards} "
                 f"spool shard(s), {s.deliveries} delivery process(es)")
 
@@ -442,6 +446,10 @@ class Supervisor:
         old = self.settings
         if new.config.spool != old.config.spool or new.shards != old.shards:
             log.warning("spool settings changed; they take effect at the next restart")
+        if new.config.admin != old.config.admin:
+            log.warning("admin settings changed; they take effect at the next restart")
+            new = dataclasses.replace(new, config=msgspec.structs.replace(
+                new.config, admin=old.config.admin), admin_listen=old.admin_listen)
         try:
             self._replace_acceptors(old, new)
         except StartupError as exc:

@@ -21,8 +21,16 @@ class Service:
 
 
 def table(settings) -> list[Service]:
-    """The services for *settings*, in start order."""
-    return [
+    """The services for *settings*, in start order.
+
+    The admin process comes first (and stops last), so ``/metrics`` sees the
+    whole start and the whole drain; it has its own listening socket (held
+    here, like the acceptors', so a restarted admin process finds it) and no
+    row at all when ``admin.enabled`` is false.
+    """
+    admin = [Service("admin", 1, "mta.admin.main:main", (), "always", "keep",
+                     settings.admin_listen)] if settings.admin_listen else []
+    return admin + [
         Service("spool", settings.shards, "mta.spool.main:main", (), "always", "keep"),
         Service("delivery", settings.deliveries, "mta.delivery.main:main", (), "always",
                 "keep"),

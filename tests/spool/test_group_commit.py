@@ -66,6 +66,8 @@ def rig(tmp_path, monkeypatch):
     shard.store.close()
     shard.server.close()
     shard.links.close()
+    if shard.pusher is not None:
+        shard.pusher.close()
     ctx.term()
 
 

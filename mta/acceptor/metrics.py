@@ -1,0 +1,47 @@
+"""The acceptor's statistics (families in :mod:`mta.obs.catalog`), pushed to the admin process.
+
+The sessions touch only the handles here: ``m.smtp_accepted.value += 1``,
+``m.smtp_txn.observe(seconds)``.  Values the acceptor already keeps (its
+sessions, its ``stats`` dicts) are read at snapshot time.
+"""
+from __future__ import annotations
+
+from mta.obs.stats import COUNTER, GAUGE, Registry
+
+
+class AcceptorMetrics:
+    def __init__(self, acceptor, max_label_values: int = 50):
+        self.reg = reg = Registry(max_label_values)
+        self.acceptor = acceptor
+        self.smtp_txn = reg.histogram("mta_smtp_transaction_seconds")
+        self.smtp_accepted = reg.counter("mta_smtp_messages_accepted_total")
+        self.smtp_rejected = reg.counter("mta_smtp_messages_rejected_total")
+        self.smtp_rcpt_ok = reg.counter("mta_smtp_recipients_accepted_total")
+        self.smtp_connections = reg.counter("mta_smtp_connections_total")
+        self.smtp_rcpt_seen = 0         # RCPT commands; refused = seen - accepted
+        self.http_request = reg.histogram("mta_http_request_seconds")
+        self.http_codes = reg.keyed("mta_http_requests_total")
+        reg.collect(self._collect)
+
+    def http_response(self, status: int, seconds: float) -> None:
+        """A response was queued for a request that started *seconds* ago."""
+        self.http_request.observe(seconds)
+        self.http_codes.inc((str(status),))
+
+    def _collect(self) -> list:
+        a = self.acceptor
+        rows = [
+            (COUNTER, "mta_smtp_recipients_rejected_total", (),
+             self.smtp_rcpt_seen - self.smtp_rcpt_ok.value),
+            (COUNTER, "mta_smtp_connections_rejected_total", (), a.stats["rejected_connections"]),
+            (GAUGE, "mta_smtp_connections_open", (), len(a.sessions)),
+        ]
+        if a.http is not None:
+            st = a.http.stats
+            rows += [
+                # One message per recipient (SparkPost's transmissions).
+                (COUNTER, "mta_http_messages_accepted_total", (), st["accepted"]),
+                (COUNTER, "mta_http_recipients_accepted_total", (), st["accepted"]),
+                (COUNTER, "mta_http_recipients_rejected_total", (), st["rejected"]),
+            ]
+        return rows

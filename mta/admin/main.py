@@ -1,0 +1,203 @@
+"""admin[0]: the admin listener -- Prometheus ``/metrics`` and ``/api/admin/health``.
+
+A child of the supervisor like the other roles (so the supervisor itself stays
+free of ZeroMQ and event loops), forked first and stopped last.
+
+Reads:   ADMIN_STATS_REPORT from every child on the bus endpoint ``admin-stats`` (PULL;
+         each child pushes a cumulative snapshot every ``admin.push_interval``
+         seconds, dropped when this process is absent or slow); HTTP requests on
+         the listening sockets the supervisor made for ``admin.listen`` (kept
+         open by the supervisor across restarts of this process); at scrape
+         time /proc (the children's CPU and memory, the spool device's
+         /proc/diskstats line, /proc/net/snmp and /proc/net/netstat) and the
+         spool file system's free space.
+Writes:  HTTP responses; log lines.
+Peers:   every child (reports in); HTTP clients (Prometheus, curl).
+Config:  [admin] (all keys); [spool] directory, shards; [delivery] processes;
+         [smtp] acceptors (the children expected in the health report).
+
+HTTP: GET (or HEAD) only, one request per connection (``Connection: close``).
+``/metrics``: Prometheus text format (prometheus_client, custom collector,
+:mod:`mta.admin.metrics`).  ``/api/admin/health``: JSON, per child: role,
+index, pid, up (a report within 3 x push_interval + 2 s), last report age.
+With ``admin.tokens`` set every request needs ``Authorization: Bearer TOKEN``
+(401 otherwise).  A request head over 16 KiB gets 431; other paths 404;
+other methods 405; every error is a JSON body.
+SIGTERM: close the listener, exit.  SIGHUP is ignored ([admin] changes need a
+restart; the supervisor says so).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import socket
+
+import orjson
+import uvloop
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from mta import bus, proc
+from mta.admin.metrics import Collector, Reports
+
+log = logging.getLogger("mta.admin")
+
+MAX_HEAD = 16 * 1024        # octets of request line and header fields
+REQUEST_TIMEOUT = 10.0      # seconds a client has to send its request head
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 408: "Request Timeout",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+class Admin:
+    def __init__(self, settings, loop):
+        self.settings = settings
+        self.cfg = settings.config.admin
+        self.loop = loop
+        self.reports = Reports(settings)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(Collector(self.reports, settings))
+        self.tokens = [t.encode() for t in self.cfg.tokens]
+        self.sessions: set = set()
+
+    def authorized(self, headers: dict) -> bool:
+        if not self.tokens:
+            return True
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        token = token.strip()
+        ok = False
+        for t in self.tokens:       # every token compared: no early exit to time
+            ok |= hmac.compare_digest(t, token)
+        return ok
+
+    def respond(self, method: bytes, target: bytes, headers: dict) -> tuple[int, dict, bytes]:
+        path = target.partition(b"?")[0]
+        if method not in (b"GET", b"HEAD"):
+            return _json(405, {"errors": [{"message": "only GET is served here"}]},
+                         {"Allow": "GET, HEAD"})
+        if not self.authorized(headers):
+            return _json(401, {"errors": [{"message": "a bearer token is required "
+                                                      "(Authorization: Bearer TOKEN)"}]},
+                         {"WWW-Authenticate": 'Bearer realm="mta admin"'})
+        if path == b"/metrics":
+            return 200, {"Content-Type": CONTENT_TYPE_LATEST}, generate_latest(self.registry)
+        if path == b"/api/admin/health":
+            return _json(200, self.reports.health())
+        return _json(404, {"errors": [{"message": f"no such resource: "
+                                                  f"{path.decode('latin-1')[:200]}"}]})
+
+
+def _json(status: int, body, extra: dict | None = None) -> tuple[int, dict, bytes]:
+    return status, {"Content-Type": "application/json", **(extra or {})}, orjson.dumps(body)
+
+
+class Session(asyncio.Protocol):
+    """One HTTP connection: read the request head, answer once, close."""
+
+    def __init__(self, admin: Admin):
+        self.admin = admin
+        self.buf = b""
+        self.transport = None
+        self.done = False
+        self.timer = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        a = self.admin
+        if len(a.sessions) >= a.cfg.max_connections:
+            self.answer(503, {"Content-Type": "application/json"},
+                        b'{"errors":[{"message":"too many connections"}]}', b"GET")
+            return
+        a.sessions.add(self)
+        self.timer = a.loop.call_later(REQUEST_TIMEOUT, self._timeout)
+
+    def connection_lost(self, exc) -> None:
+        self.admin.sessions.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def _timeout(self) -> None:
+        if not self.done:
+            self.answer(*_json(408, {"errors": [{"message": "request not received in "
+                                                            "time"}]}), b"GET")
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > MAX_HEAD:
+                self.answer(*_json(431, {"errors": [{"message": "request head too large"}]}),
+                            b"GET")
+            return
+        if end > MAX_HEAD:
+            self.answer(*_json(431, {"errors": [{"message": "request head too large"}]}),
+                        b"GET")
+            return
+        lines = self.buf[:end].split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            self.answer(*_json(400, {"errors": [{"message": "malformed request line"}]}),
+                        b"GET")
+            return
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                self.answer(*_json(400, {"errors": [{"message": "malformed header"}]}),
+                            b"GET")
+                return
+            headers[name.strip().lower()] = value.strip()
+        method, target = parts[0], parts[1]
+        try:
+            status, hdrs, body = self.admin.respond(method, target, headers)
+        except Exception:
+            log.exception("admin request %s failed", target[:200])
+            status, hdrs, body = _json(503, {"errors": [{"message": "internal error; see "
+                                                                    "the log"}]})
+        self.answer(status, hdrs, body, method)
+
+    def answer(self, status: int, headers: dict, body: bytes, method: bytes) -> None:
+        self.done = True
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+                f"Content-Length: {len(body)}", "Connection: close",
+                *(f"{k}: {v}" for k, v in headers.items())]
+        self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+                             + (body if method != b"HEAD" else b""))
+        self.transport.close()
+
+
+def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> None:
+    """Entry point of the admin child; *http_fds* are its listening sockets."""
+    name = proc.start_role("admin", index, settings.config.server.log_level)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    log.info("starting %s", name)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    ctx = bus.new_context()
+    admin = Admin(settings, loop)
+    receiver = bus.StatsReceiver(ctx, loop, settings.endpoint("admin-stats"),
+                                 admin.reports.add, log)
+    socks = [socket.socket(fileno=fd) for fd in http_fds]
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    async def run():
+        servers = [await loop.create_server(lambda: Session(admin), sock=s) for s in socks]
+        proc.report_ready(ready_fd)
+        await stop.wait()
+        for srv in servers:
+            srv.close()
+
+    try:
+        loop.run_until_complete(run())
+    finally:
+        receiver.close()
+        bus.close_context(ctx)
+        loop.close()
+    log.info("stopped")

@@ -1,0 +1,237 @@
+"""The admin process's view of every child: latest reports, merged into metric families.
+
+Each child pushes a cumulative snapshot (:mod:`mta.obs.stats`); :class:`Reports`
+keeps the latest per (role, index).  When a slot's process is replaced (a new
+pid), the last counters and histograms of the old one are kept as that slot's
+base and added to the new one's, so a summed counter never goes down because a
+child was restarted.  Gauges are taken from fresh reports only.
+
+:class:`Collector` is a prometheus_client custom collector: at each scrape it
+sums the series over the children (families in :mod:`mta.obs.catalog`), adds
+per-process CPU and memory, the spool device's I/O, free space and TCP
+counters (:mod:`mta.admin.host`), and prometheus_client writes the text format.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+
+from mta.admin import host
+from mta.obs.catalog import COUNTER, FAMILIES, HISTOGRAM
+
+
+class Slot:
+    __slots__ = ("role", "index", "pid", "report", "at", "base_counters", "base_hist")
+
+    def __init__(self, role: str, index: int):
+        self.role = role
+        self.index = index
+        self.pid = 0
+        self.report = None
+        self.at = 0.0               # monotonic time of the last report
+        self.base_counters: dict[tuple, float] = {}
+        self.base_hist: dict[tuple, tuple[list, float]] = {}
+
+
+def expected_slots(settings) -> list[tuple[str, int]]:
+    """The children the supervisor runs for *settings*, as (role, index)."""
+    out = [("spool", i) for i in range(settings.shards)]
+    out += [("delivery", i) for i in range(settings.deliveries)]
+    out += [("acceptor", i) for i in range(settings.acceptors)]
+    return out
+
+
+class Reports:
+    def __init__(self, settings, clock=time.monotonic):
+        self.settings = settings
+        self.clock = clock
+        interval = settings.config.admin.push_interval
+        self.stale_after = 3 * interval + 2.0
+        self.slots: dict[tuple[str, int], Slot] = {
+            k: Slot(*k) for k in expected_slots(settings)}
+        self.received = 0
+
+    def add(self, r) -> None:
+        key = (r.role, r.index)
+        slot = self.slots.get(key)
+        if slot is None:
+            if len(self.slots) > 4096:
+                return          # bounded: a stray sender cannot grow this without end
+            slot = self.slots[key] = Slot(*key)
+        if slot.report is not None and slot.pid != r.pid:
+            self._fold(slot)
+        slot.pid = r.pid
+        slot.report = r
+        slot.at = self.clock()
+        self.received += 1
+
+    @staticmethod
+    def _fold(slot: Slot) -> None:
+        """The old process of *slot* is gone: keep its cumulative values as the base."""
+        old = slot.report
+        for s in old.counters:
+            k = (s.name, tuple(s.labels))
+            slot.base_counters[k] = slot.base_counters.get(k, 0) + s.value
+        for h in old.histograms:
+            k = (h.name, tuple(h.labels))
+            counts, total = slot.base_hist.get(k, ([0] * len(h.counts), 0.0))
+            if len(counts) == len(h.counts):
+                slot.base_hist[k] = ([a + b for a, b in zip(counts, h.counts)], total + h.sum)
+
+    def fresh(self, slot: Slot, now: float) -> bool:
+        return slot.report is not None and now - slot.at <= self.stale_after
+
+    def health(self) -> dict:
+        now = self.clock()
+        children = []
+        for (role, index), slot in sorted(self.slots.items()):
+            children.append({
+                "role": role, "index": index, "pid": slot.pid or None,
+                "up": self.fresh(slot, now),
+                "last_report_age": round(now - slot.at, 3) if slot.report else None,
+            })
+        return {"ok": all(c["up"] for c in children), "children": children,
+                "admin": {"pid": os.getpid(), "reports_received": self.received},
+                "supervisor": {"pid": os.getppid()}}
+
+    # ----------------------------------------------------------------- merging
+
+    def merged(self):
+        """(counters, gauges, histograms) summed over the children: {(name, labels): value}."""
+        now = self.clock()
+        counters: dict[tuple, float] = {}
+        gauges: dict[tuple, float] = {}
+        hists: dict[tuple, list] = {}
+
+        def add_hist(k, counts, total):
+            cur = hists.get(k)
+            if cur is None:
+                hists[k] = [list(counts), total]
+            elif len(cur[0]) == len(counts):
+                cur[0] = [a + b for a, b in zip(cur[0], counts)]
+                cur[1] += total
+        for slot in self.slots.values():
+            for k, v in slot.base_counters.items():
+                counters[k] = counters.get(k, 0) + v
+            for k, (counts, total) in slot.base_hist.items():
+                add_hist(k, counts, total)
+            r = slot.report
+            if r is None:
+                continue
+            for s in r.counters:
+                k = (s.name, tuple(s.labels))
+                counters[k] = counters.get(k, 0) + s.value
+            for h in r.histograms:
+                add_hist((h.name, tuple(h.labels)), h.counts, h.sum)
+            if self.fresh(slot, now):
+                for s in r.gauges:
+                    k = (s.name, tuple(s.labels))
+                    gauges[k] = gauges.get(k, 0) + s.value
+        return counters, gauges, hists
+
+
+class Collector:
+    """prometheus_client custom collector over :class:`Reports` and the host."""
+
+    def __init__(self, reports: Reports, settings):
+        self.reports = reports
+        self.settings = settings
+        self.spool_dir = settings.spool_dir
+        self._device = None
+        self._device_checked = 0.0
+
+    def collect(self):
+        out: dict[str, list] = {}      # name -> [(labels, value)]
+
+        def put(name, labels, value):
+            out.setdefault(name, []).append((tuple(labels), value))
+        counters, gauges, hists = self.reports.merged()
+        for (name, labels), v in counters.items():
+            put(name, labels, v)
+        for (name, labels), v in gauges.items():
+            put(name, labels, v)
+        self._host(put)
+        for name, rows in out.items():
+            fam = FAMILIES.get(name)
+            if fam is None or fam.kind == HISTOGRAM:
+                continue        # from a newer or older child: not ours to describe
+            cls = CounterMetricFamily if fam.kind == COUNTER else GaugeMetricFamily
+            mf = cls(name, fam.help, labels=list(fam.labels))
+            for labels, v in sorted(rows):
+                if len(labels) == len(fam.labels):
+                    mf.add_metric(list(labels), v)
+            yield mf
+        by_name: dict[str, list] = {}
+        for (name, labels), (counts, total) in hists.items():
+            by_name.setdefault(name, []).append((labels, counts, total))
+        for name, rows in by_name.items():
+            fam = FAMILIES.get(name)
+            if fam is None or fam.kind != HISTOGRAM:
+                continue
+            mf = HistogramMetricFamily(name, fam.help, labels=list(fam.labels))
+            for labels, counts, total in sorted(rows):
+                if len(counts) != len(fam.buckets) + 1 or len(labels) != len(fam.labels):
+                    continue
+                buckets, acc = [], 0
+                for bound, c in zip([*map(_le, fam.buckets), "+Inf"], counts):
+                    acc += c
+                    buckets.append((bound, acc))
+                mf.add_metric(list(labels), buckets, total)
+            yield mf
+
+    def _host(self, put) -> None:
+        now = self.reports.clock()
+        # Processes: every child that reported, the supervisor and this process.
+        procs = [("supervisor", "0", os.getppid()), ("admin", "0", os.getpid())]
+        for slot in self.reports.slots.values():
+            up = self.reports.fresh(slot, now)
+            put("mta_child_up", (slot.role, str(slot.index)), 1 if up else 0)
+            if slot.report is not None:
+                put("mta_child_report_age_seconds", (slot.role, str(slot.index)),
+                    round(now - slot.at, 3))
+                if up:
+                    procs.append((slot.role, str(slot.index), slot.pid))
+        for role, index, pid in procs:
+            st = host.process_stat(pid)
+            if st is not None:
+                put("mta_process_cpu_seconds_total", (role, index), st[0])
+                put("mta_process_resident_memory_bytes", (role, index), st[1])
+        fs = host.free_space(self.spool_dir)
+        if fs is not None:
+            put("mta_spool_free_bytes", (), fs[0])
+            put("mta_spool_size_bytes", (), fs[1])
+        if self._device is None and now - self._device_checked > 60:
+            self._device_checked = now
+            self._device = host.device_of(self.spool_dir)
+        if self._device is not None:
+            major, minor, name = self._device
+            d = host.diskstats(major, minor)
+            if d is not None:
+                put("mta_disk_reads_completed_total", (name,), d["reads"])
+                put("mta_disk_writes_completed_total", (name,), d["writes"])
+                put("mta_disk_read_bytes_total", (name,), d["read_bytes"])
+                put("mta_disk_written_bytes_total", (name,), d["written_bytes"])
+                put("mta_disk_io_time_seconds_total", (name,), d["io_seconds"])
+                put("mta_disk_io_time_weighted_seconds_total", (name,), d["weighted_seconds"])
+                put("mta_disk_io_in_progress", (name,), d["in_progress"])
+        t = host.tcp()
+        for key, name in _TCP:
+            if key in t:
+                put(name, (), t[key])
+
+
+_TCP = (("RetransSegs", "mta_tcp_retransmitted_segments_total"),
+        ("ListenOverflows", "mta_tcp_listen_overflows_total"),
+        ("ListenDrops", "mta_tcp_listen_drops_total"),
+        ("OutRsts", "mta_tcp_resets_sent_total"),
+        ("EstabResets", "mta_tcp_established_resets_total"),
+        ("CurrEstab", "mta_tcp_connections_established"),
+        ("ActiveOpens", "mta_tcp_active_opens_total"),
+        ("PassiveOpens", "mta_tcp_passive_opens_total"))
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))

@@ -1,0 +1,142 @@
+"""Every metric family the MTA exposes, declared once: name, kind, help, labels, buckets.
+
+The children keep plain numbers for these (:mod:`mta.obs.stats`) and push
+them to the admin process, which renders ``/metrics`` from this table
+(:mod:`mta.admin.metrics`).  Names follow the Prometheus conventions: the
+``mta_`` prefix, base units in the name (``_seconds``, ``_bytes``), ``_total``
+on counters.  Label values are bounded: by configuration (shards, sources,
+outcomes) or by ``admin.max_label_values`` (sites, source x site), the rest
+summed under ``other``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+COUNTER = "counter"
+GAUGE = "gauge"
+HISTOGRAM = "histogram"
+
+# Latency buckets, seconds: from half a millisecond (a group commit on a fast
+# disk) to a minute (a slow receiving server).
+LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+           10.0, 30.0, 60.0)
+# Messages in one group commit.
+BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+OTHER = "other"     # the label value that stands for every value beyond the bound
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    kind: str
+    help: str
+    labels: tuple = ()
+    buckets: tuple = ()
+
+
+_FAMILIES = [
+    # --- injection (acceptors)
+    Family("mta_smtp_transaction_seconds", HISTOGRAM,
+           "SMTP transactions, from the first byte of MAIL to the last byte of the reply "
+           "to the message", buckets=LATENCY),
+    Family("mta_smtp_messages_accepted_total", COUNTER, "messages answered 250 after DATA/BDAT"),
+    Family("mta_smtp_messages_rejected_total", COUNTER,
+           "messages refused or failed after DATA/BDAT (4xx or 5xx)"),
+    Family("mta_smtp_recipients_accepted_total", COUNTER, "RCPT commands answered 250"),
+    Family("mta_smtp_recipients_rejected_total", COUNTER, "RCPT commands refused"),
+    Family("mta_smtp_connections_total", COUNTER, "SMTP connections accepted"),
+    Family("mta_smtp_connections_rejected_total", COUNTER,
+           "SMTP connections refused with 421 (too many)"),
+    Family("mta_smtp_connections_open", GAUGE, "SMTP sessions open"),
+    Family("mta_http_request_seconds", HISTOGRAM,
+           "HTTP requests, from the first byte of the request to the last byte of the "
+           "response", buckets=LATENCY),
+    Family("mta_http_requests_total", COUNTER, "HTTP requests answered, by status code",
+           ("code",)),
+    Family("mta_http_messages_accepted_total", COUNTER,
+           "messages of HTTP transmissions made durable"),
+    Family("mta_http_recipients_accepted_total", COUNTER,
+           "recipients of HTTP transmissions accepted"),
+    Family("mta_http_recipients_rejected_total", COUNTER,
+           "recipients of HTTP transmissions rejected"),
+    # --- spool shards
+    Family("mta_spool_fsync_seconds", HISTOGRAM, "group commit fdatasync latency",
+           ("shard",), LATENCY),
+    Family("mta_spool_commit_batch_messages", HISTOGRAM,
+           "messages written by one group commit", ("shard",), BATCH),
+    Family("mta_spool_written_bytes_total", COUNTER, "bytes appended to segment files",
+           ("shard",)),
+    Family("mta_spool_commit_errors_total", COUNTER, "group commits that failed (EIO, ENOSPC)",
+           ("shard",)),
+    Family("mta_spool_queue_messages", GAUGE, "messages queued", ("shard",)),
+    Family("mta_spool_queue_recipients", GAUGE, "recipients of the queued messages",
+           ("shard",)),
+    Family("mta_spool_queue_bytes", GAUGE, "bytes of the queued messages", ("shard",)),
+    Family("mta_spool_jobs_in_flight", GAUGE, "delivery jobs out", ("shard",)),
+    # --- delivery
+    Family("mta_delivery_attempts_total", COUNTER,
+           "delivery jobs attempted (one message to one domain), requeued ones not counted"),
+    Family("mta_delivery_outcomes_total", COUNTER, "recipient outcomes, by result",
+           ("result",)),
+    Family("mta_delivery_job_seconds", HISTOGRAM,
+           "delivery jobs, from their arrival in a delivery process to their outcome",
+           buckets=LATENCY),
+    Family("mta_delivery_connection_attempts_total", COUNTER,
+           "connections tried, by source and site", ("source", "site")),
+    Family("mta_delivery_connections_open", GAUGE, "connections open, by source and site",
+           ("source", "site")),
+    Family("mta_delivery_queue_jobs", GAUGE, "jobs waiting in the delivery processes, by site",
+           ("site",)),
+    Family("mta_delivery_jobs_in_flight", GAUGE, "jobs in hand in the delivery processes"),
+    Family("mta_delivery_source_suspended", GAUGE, "1 while an egress source is suspended",
+           ("source",)),
+    # --- DNS (the delivery processes' resolvers)
+    Family("mta_dns_lookups_total", COUNTER, "DNS queries sent"),
+    Family("mta_dns_lookup_seconds", HISTOGRAM, "DNS query latency", buckets=LATENCY),
+    Family("mta_dns_cache_hits_total", COUNTER, "lookups answered from the cache"),
+    Family("mta_dns_cache_misses_total", COUNTER, "lookups not in the cache"),
+    Family("mta_dns_failures_total", COUNTER,
+           "DNS queries without an answer, by kind (nxdomain, nodata, timeout, servfail, "
+           "error)", ("kind",)),
+    # --- rendered by the admin process itself
+    Family("mta_child_up", GAUGE, "1 while the child reports (its last report is recent)",
+           ("role", "index")),
+    Family("mta_child_report_age_seconds", GAUGE, "seconds since the child's last report",
+           ("role", "index")),
+    Family("mta_process_cpu_seconds_total", COUNTER, "CPU time of the process (user + system)",
+           ("role", "index")),
+    Family("mta_process_resident_memory_bytes", GAUGE, "resident memory of the process",
+           ("role", "index")),
+    Family("mta_spool_free_bytes", GAUGE,
+           "bytes free to unprivileged users on the spool file system"),
+    Family("mta_spool_size_bytes", GAUGE, "size of the spool file system"),
+    Family("mta_disk_reads_completed_total", COUNTER, "reads completed by the spool's device",
+           ("device",)),
+    Family("mta_disk_writes_completed_total", COUNTER,
+           "writes completed by the spool's device", ("device",)),
+    Family("mta_disk_read_bytes_total", COUNTER, "bytes read by the spool's device",
+           ("device",)),
+    Family("mta_disk_written_bytes_total", COUNTER, "bytes written by the spool's device",
+           ("device",)),
+    Family("mta_disk_io_time_seconds_total", COUNTER,
+           "time the spool's device was busy (rate = utilisation)", ("device",)),
+    Family("mta_disk_io_time_weighted_seconds_total", COUNTER,
+           "time spent by I/O requests on the spool's device (rate = average queue depth)",
+           ("device",)),
+    Family("mta_disk_io_in_progress", GAUGE, "I/O requests in flight on the spool's device",
+           ("device",)),
+    Family("mta_tcp_retransmitted_segments_total", COUNTER, "TCP segments retransmitted (host)"),
+    Family("mta_tcp_listen_overflows_total", COUNTER,
+           "connections dropped because a listen queue was full (host)"),
+    Family("mta_tcp_listen_drops_total", COUNTER,
+           "SYNs to a listening socket dropped (host)"),
+    Family("mta_tcp_resets_sent_total", COUNTER, "TCP segments sent with RST (host)"),
+    Family("mta_tcp_established_resets_total", COUNTER,
+           "established connections reset (host)"),
+    Family("mta_tcp_connections_established", GAUGE, "TCP connections established (host)"),
+    Family("mta_tcp_active_opens_total", COUNTER, "outgoing TCP connections opened (host)"),
+    Family("mta_tcp_passive_opens_total", COUNTER, "incoming TCP connections opened (host)"),
+]
+
+FAMILIES: dict[str, Family] = {f.name: f for f in _FAMILIES}

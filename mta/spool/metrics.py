@@ -1,0 +1,33 @@
+"""A spool shard's statistics (families in :mod:`mta.obs.catalog`), pushed to the admin process.
+
+The group commit observes its fdatasync time and batch size here; the queue's
+size (kept up to date by the store), the bytes appended and the jobs out are
+read at snapshot time, so nothing is walked.
+"""
+from __future__ import annotations
+
+from mta.obs.stats import COUNTER, GAUGE, Registry
+
+
+class ShardMetrics:
+    def __init__(self, shard, max_label_values: int = 50):
+        self.reg = reg = Registry(max_label_values)
+        self.shard = shard
+        label = str(shard.shard)
+        self.label = (label,)
+        self.fsync = reg.histogram("mta_spool_fsync_seconds", label)
+        self.batch = reg.histogram("mta_spool_commit_batch_messages", label)
+        self.errors = reg.counter("mta_spool_commit_errors_total", label)
+        reg.collect(self._collect)
+
+    def _collect(self) -> list:
+        sh = self.shard
+        st = sh.store
+        lb = self.label
+        return [
+            (COUNTER, "mta_spool_written_bytes_total", lb, st.written),
+            (GAUGE, "mta_spool_queue_messages", lb, len(st.entries)),
+            (GAUGE, "mta_spool_queue_recipients", lb, st.recipients),
+            (GAUGE, "mta_spool_queue_bytes", lb, st.bytes),
+            (GAUGE, "mta_spool_jobs_in_flight", lb, len(sh.jobs)),
+        ]

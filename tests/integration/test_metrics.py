@@ -1,0 +1,234 @@
+"""The admin listener: Prometheus /metrics and /api/admin/health from the real daemon.
+
+Traffic goes in over SMTP and HTTP and out through the lab (real DNS, real
+receiving servers on 127.0.0.x); ``/metrics`` is read over HTTP like
+Prometheus would and parsed with prometheus_client's text parser; the counts
+must be what the test sent and what the receivers got.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from daemon import wait_until
+from mxlab import IPS, mx
+from prometheus_client.parser import text_string_to_metric_families
+
+IP_A, IP_B = IPS[0], IPS[1]
+
+
+def scrape(d, token: str | None = None) -> dict:
+    """{(sample name, sorted label items): value} of the daemon's /metrics."""
+    status, headers, body = d.admin_get("/metrics", token)
+    assert status == 200, (status, body[:500])
+    assert headers["content-type"].startswith("text/plain"), headers
+    out = {}
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(m: dict, name: str, **labels) -> float | None:
+    return m.get((name, tuple(sorted(labels.items()))))
+
+
+def total(m: dict, name: str, **labels) -> float:
+    """The sum of every series of *name* whose labels include *labels*."""
+    want = set(labels.items())
+    return sum(v for (n, lb), v in m.items() if n == name and want <= set(lb))
+
+
+def message(subject: str) -> bytes:
+    return (f"From: a@sender.test\r\nTo: x\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@client.test>\r\n\r\nhello\r\n").encode()
+
+
+def spool_device_stats(path: str) -> list[int] | None:
+    """The /proc/diskstats fields of the device *path* is on, read here independently."""
+    st = os.stat(path)
+    try:
+        with open("/proc/diskstats") as fh:
+            for line in fh:
+                f = line.split()
+                if (int(f[0]), int(f[1])) == (os.major(st.st_dev), os.minor(st.st_dev)):
+                    return [f[2]] + [int(x) for x in f[3:14]]
+    except OSError:
+        return None
+    return None
+
+
+def test_metrics_count_what_was_injected_and_delivered(lab):
+    ai = lab.aio(IP_A)
+    lab.serve(mx("ai.test", "mx.ai.test", IP_A) + mx("sender.test", "mx.sender.test", IP_B))
+    d = lab.daemon(acceptors=1, shards=2)
+    n_smtp = 5
+    for i in range(n_smtp):
+        d.send("a@sender.test", [f"r{i}@ai.test"], message(f"smtp{i}"))
+    http_rcpts = [f"h{i}@ai.test" for i in range(3)]
+    st, _, res = d.post({"recipients": http_rcpts,
+                         "content": {"from": "a@sender.test", "subject": "hi", "text": "x"}})
+    assert st == 200 and res["results"]["total_accepted_recipients"] == 3, res
+    # Refused recipient: relay denied is not possible from loopback; a bad address is.
+    with d.session() as c:
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+        assert c.cmd("RCPT TO:<not an address>")[0] >= 500
+        assert c.cmd("QUIT")[0] == 221
+    delivered = n_smtp + len(http_rcpts)
+    wait_until(lambda: ai.received() == delivered, 30, "every message delivered")
+
+    def settled():
+        m = scrape(d)
+        return m if value(m, "mta_delivery_outcomes_total", result="delivered") == delivered \
+            else None
+    m = wait_until(settled, 20, "the delivery outcomes in /metrics", interval=0.3)
+    m = wait_until(lambda: (lambda x: x if total(x, "mta_spool_queue_messages") == 0
+                            else None)(scrape(d)), 20, "the queue gauges to reach 0",
+                   interval=0.3)
+
+    # Injection: exactly what was sent.
+    assert value(m, "mta_smtp_messages_accepted_total") == n_smtp
+    assert value(m, "mta_smtp_messages_rejected_total") == 0
+    assert value(m, "mta_smtp_recipients_accepted_total") == n_smtp
+    assert value(m, "mta_smtp_recipients_rejected_total") == 1
+    # (+ the session above, + the harness's readiness probes)
+    assert value(m, "mta_smtp_connections_total") >= n_smtp + 1
+    assert value(m, "mta_smtp_transaction_seconds_count") == n_smtp
+    assert value(m, "mta_smtp_transaction_seconds_bucket", le="+Inf") == n_smtp
+    assert 0 < value(m, "mta_smtp_transaction_seconds_sum") < 60 * n_smtp
+    assert value(m, "mta_http_messages_accepted_total") == len(http_rcpts)
+    assert value(m, "mta_http_recipients_accepted_total") == len(http_rcpts)
+    assert value(m, "mta_http_recipients_rejected_total") == 0
+    assert value(m, "mta_http_requests_total", code="200") == 1
+    assert value(m, "mta_http_request_seconds_count") == 1
+
+    # Spool: both shards wrote, synced and emptied; the batches hold every message
+    # accepted (no bounce was generated: everything was delivered).
+    assert total(m, "mta_spool_fsync_seconds_count") > 0
+    assert total(m, "mta_spool_commit_batch_messages_sum") == delivered
+    assert total(m, "mta_spool_written_bytes_total") > 0
+    for shard in ("0", "1"):
+        assert value(m, "mta_spool_queue_messages", shard=shard) == 0
+        assert value(m, "mta_spool_queue_recipients", shard=shard) == 0
+        assert value(m, "mta_spool_queue_bytes", shard=shard) == 0
+    assert value(m, "mta_spool_free_bytes") > 0
+
+    # Delivery: every recipient delivered, nothing else; connections from the default
+    # source to the site of ai.test; a DNS lookup for it.
+    assert value(m, "mta_delivery_outcomes_total", result="deferred") == 0
+    assert value(m, "mta_delivery_outcomes_total", result="failed") == 0
+    assert value(m, "mta_delivery_attempts_total") == delivered   # one recipient per job
+    assert value(m, "mta_delivery_job_seconds_count") == delivered
+    attempts = {dict(lb)["site"]: v for (n, lb), v in m.items()
+                if n == "mta_delivery_connection_attempts_total"}
+    assert list(attempts) == ["mx.ai.test"] and attempts["mx.ai.test"] >= 1, attempts
+    assert value(m, "mta_delivery_source_suspended", source="default") == 0
+    assert value(m, "mta_dns_lookups_total") >= 1
+    assert value(m, "mta_dns_lookup_seconds_count") == value(m, "mta_dns_lookups_total")
+    assert value(m, "mta_dns_cache_misses_total") >= 1
+
+    # Processes: every child up, with CPU time and memory.
+    for title in d.children():
+        role, _, index = title.partition("[")
+        labels = {"role": role, "index": index.rstrip("]")}
+        assert value(m, "mta_process_resident_memory_bytes", **labels) > 0, title
+        assert value(m, "mta_process_cpu_seconds_total", **labels) > 0, title
+        if role != "admin":
+            assert value(m, "mta_child_up", **labels) == 1, title
+    # Host: TCP counters (this test made connections), the spool's block device.
+    assert value(m, "mta_tcp_active_opens_total") > 0
+    assert value(m, "mta_tcp_passive_opens_total") > 0
+    disk = spool_device_stats(d.state_dir)     # read before the scrape: counters only grow
+    if disk is not None:     # a file system on a block device (not tmpfs)
+        name = disk[0]
+        m2 = scrape(d)
+        assert value(m2, "mta_disk_writes_completed_total", device=name) >= disk[5]
+        assert value(m2, "mta_disk_written_bytes_total", device=name) >= disk[7] * 512
+        assert value(m2, "mta_disk_io_time_seconds_total", device=name) >= disk[10] / 1000
+
+    # Health: every child the supervisor runs, up, with its pid.
+    st, _, body = d.admin_get("/api/admin/health")
+    assert st == 200
+    health = json.loads(body)
+    kids = d.children()
+    got = {f"{c['role']}[{c['index']}]": c for c in health["children"]}
+    assert set(got) == set(kids) - {"admin[0]"}
+    for title, c in got.items():
+        assert c["up"] is True and c["pid"] == kids[title], c
+        assert 0 <= c["last_report_age"] < 10, c
+    assert health["ok"] is True
+    assert health["admin"]["pid"] == kids["admin[0]"]
+
+
+def test_admin_killed_is_restarted_and_counters_continue(make_daemon):
+    d = make_daemon(acceptors=1, shards=1)
+    for i in range(4):
+        d.send("a@example.com", [f"b{i}@example.net"], message(f"m{i}"))
+    m = wait_until(lambda: (lambda x: x if value(x, "mta_smtp_messages_accepted_total") == 4
+                            and value(x, "mta_spool_queue_messages", shard="0") == 4
+                            else None)(scrape(d)), 20, "4 messages in /metrics", interval=0.3)
+    written = value(m, "mta_spool_written_bytes_total", shard="0")
+    assert written > 0
+    old = d.children()["admin[0]"]
+    os.kill(old, signal.SIGKILL)
+    new = d.wait_restarted("admin[0]", old)
+    assert new != old
+    # The children kept running: their cumulative counters come back as they were.
+    m = wait_until(lambda: (lambda x: x if value(x, "mta_smtp_messages_accepted_total")
+                            and value(x, "mta_spool_queue_messages", shard="0")
+                            else None)(scrape(d)), 20, "metrics after the restart",
+                   interval=0.3)
+    assert value(m, "mta_smtp_messages_accepted_total") == 4
+    assert value(m, "mta_spool_written_bytes_total", shard="0") >= written
+    assert value(m, "mta_spool_queue_messages", shard="0") == 4
+    d.send("a@example.com", ["c@example.net"], message("after"))
+    wait_until(lambda: value(scrape(d), "mta_smtp_messages_accepted_total") == 5, 20,
+               "the fifth message counted", interval=0.3)
+
+
+def test_restarted_child_does_not_take_its_counts_away(make_daemon):
+    """A child killed and restarted: the sums keep what the old process had counted."""
+    d = make_daemon(acceptors=1, shards=1)
+    for i in range(3):
+        d.send("a@example.com", [f"b{i}@example.net"], message(f"m{i}"))
+    wait_until(lambda: value(scrape(d), "mta_smtp_messages_accepted_total") == 3, 20,
+               "3 messages in /metrics", interval=0.3)
+    old = d.children()["acceptor[0]"]
+    os.kill(old, signal.SIGKILL)
+    d.wait_restarted("acceptor[0]", old)
+    d.wait_ready()
+    d.send("a@example.com", ["c@example.net"], message("after"))
+    wait_until(lambda: value(scrape(d), "mta_smtp_messages_accepted_total") == 4, 20,
+               "3 + 1 messages in /metrics", interval=0.3)
+
+
+def test_tokens_are_required_when_configured(make_daemon):
+    d = make_daemon(admin={"tokens": ["s3cret-token"]})
+    for path in ("/metrics", "/api/admin/health"):
+        st, headers, body = d.admin_get(path)
+        assert st == 401, (path, st)
+        assert headers["www-authenticate"].startswith("Bearer"), headers
+        assert "token" in json.loads(body)["errors"][0]["message"]
+        assert d.admin_get(path, token="wrong")[0] == 401
+    m = scrape(d, token="s3cret-token")
+    assert value(m, "mta_spool_free_bytes") > 0
+    st, _, body = d.admin_get("/nothing-here", token="s3cret-token")
+    assert st == 404 and "errors" in json.loads(body)
+
+
+def test_non_loopback_listen_without_tokens_is_a_config_error(make_daemon):
+    d = make_daemon(start=False, admin={"listen": ["0.0.0.0:8026"]})
+    r = d.cli("check-config", check=False)
+    assert r.returncode == 78, r
+    assert "admin.tokens" in r.stderr.decode()
+    r = d.cli("serve", check=False)
+    assert r.returncode == 78 and "admin.tokens" in r.stderr.decode()
+
+
+def test_admin_disabled_runs_no_admin_process(make_daemon):
+    d = make_daemon(admin={"enabled": False})
+    assert "admin[0]" not in d.children()
+    assert {"spool[0]", "acceptor[0]", "delivery[0]"} <= set(d.children())
+    d.send("a@example.com", ["b@example.net"], message("no admin"))
+    assert len(d.queue_list()) == 1

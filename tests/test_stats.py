@@ -1,0 +1,152 @@
+"""Unit tests of the statistics kept by each child (mta/obs/stats.py) and their merge and
+rendering in the admin process (mta/admin/metrics.py)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mta import bus
+from mta.admin.metrics import Collector, Reports
+from mta.obs.catalog import FAMILIES, LATENCY, OTHER
+from mta.obs.stats import GAUGE, Histogram, KeyedCounter, Registry, top_n
+
+
+def test_histogram_buckets_are_upper_inclusive():
+    h = Histogram((1, 2, 5))
+    for v in (0.5, 1, 1.5, 2, 5, 5.01, 100):
+        h.observe(v)
+    # <=1: 0.5, 1 | <=2: 1.5, 2 | <=5: 5 | +Inf: 5.01, 100
+    assert h.counts == [2, 2, 1, 2]
+    assert h.count == 7
+    assert h.sum == pytest.approx(0.5 + 1 + 1.5 + 2 + 5 + 5.01 + 100)
+
+
+def test_keyed_counter_admits_up_to_the_limit_then_counts_other():
+    k = KeyedCounter(limit=2, width=2)
+    k.inc(("s1", "a"))
+    k.inc(("s1", "b"), 3)
+    k.inc(("s2", "c"))          # over the limit
+    k.inc(("s3", "d"), 2)
+    k.inc(("s1", "a"))          # admitted keys keep counting on their own
+    assert k.values == {("s1", "a"): 2, ("s1", "b"): 3, (OTHER, OTHER): 3}
+    # Bounded: 2 admitted keys + other, whatever comes.
+    for i in range(1000):
+        k.inc((f"x{i}", "y"))
+    assert len(k.values) == 3 and k.values[(OTHER, OTHER)] == 1003
+
+
+def test_top_n_keeps_the_largest_and_sums_the_rest():
+    assert top_n({"a": 5, "b": 1, "c": 3, "d": 2}, 2) == [(("a",), 5), (("c",), 3),
+                                                       ((OTHER,), 3)]
+    assert top_n({"a": 1}, 2) == [(("a",), 1)]
+    pairs = top_n({("s", "x"): 4, ("s", "y"): 9}, 1, 2)
+    assert pairs == [(("s", "y"), 9), ((OTHER, OTHER), 4)]
+
+
+def test_registry_rejects_undeclared_and_mislabelled_families():
+    reg = Registry()
+    with pytest.raises(KeyError):
+        reg.counter("mta_no_such_total")
+    with pytest.raises(TypeError):
+        reg.counter("mta_smtp_transaction_seconds")      # a histogram
+    with pytest.raises(ValueError):
+        reg.counter("mta_spool_written_bytes_total")     # needs its shard label
+    reg.collect(lambda: [(GAUGE, "mta_spool_queue_messages", (), 1)])   # label missing
+    with pytest.raises(ValueError):
+        reg.snapshot(1, "spool", 0)
+
+
+def _report(pid: int, role="acceptor", index=0, accepted=0, txn=(), queue=None, seq=1):
+    reg = Registry()
+    reg.counter("mta_smtp_messages_accepted_total").value = accepted
+    h = reg.histogram("mta_smtp_transaction_seconds")
+    for v in txn:
+        h.observe(v)
+    if queue is not None:
+        reg.collect(lambda: [(GAUGE, "mta_spool_queue_messages", ("0",), queue)])
+    r = reg.snapshot(seq, role, index)
+    r.pid = pid
+    # Over the wire and back, as the admin process gets it.
+    return bus.decode(bus.encode(r))
+
+
+def _settings():
+    admin = SimpleNamespace(push_interval=1.0)
+    return SimpleNamespace(shards=1, deliveries=1, acceptors=2, spool_dir="/nonexistent",
+                           config=SimpleNamespace(admin=admin))
+
+
+def test_reports_sum_children_and_keep_a_replaced_process_counts():
+    now = [100.0]
+    rep = Reports(_settings(), clock=lambda: now[0])
+    rep.add(_report(11, index=0, accepted=5, txn=[0.001, 0.2]))
+    rep.add(_report(12, index=1, accepted=7, txn=[0.003]))
+    counters, _, hists = rep.merged()
+    assert counters[("mta_smtp_messages_accepted_total", ())] == 12
+    counts, total = hists[("mta_smtp_transaction_seconds", ())]
+    assert sum(counts) == 3 and total == pytest.approx(0.204)
+    # acceptor[0] is replaced (new pid, counting from zero): its old counts stay.
+    rep.add(_report(21, index=0, accepted=1, txn=[0.002]))
+    counters, _, hists = rep.merged()
+    assert counters[("mta_smtp_messages_accepted_total", ())] == 5 + 7 + 1
+    assert sum(hists[("mta_smtp_transaction_seconds", ())][0]) == 4
+    # The same process reporting again replaces its own previous report.
+    rep.add(_report(21, index=0, accepted=2, txn=[0.002, 0.002], seq=2))
+    counters, _, _ = rep.merged()
+    assert counters[("mta_smtp_messages_accepted_total", ())] == 5 + 7 + 2
+
+
+def test_stale_children_gauges_are_left_out_and_health_says_so():
+    now = [100.0]
+    rep = Reports(_settings(), clock=lambda: now[0])
+    rep.add(_report(31, role="spool", queue=42))
+    assert rep.merged()[1][("mta_spool_queue_messages", ("0",))] == 42
+    h = rep.health()
+    spool = next(c for c in h["children"] if c["role"] == "spool")
+    assert spool["up"] is True and spool["pid"] == 31
+    assert h["ok"] is False          # the delivery process and acceptors never reported
+    never = next(c for c in h["children"] if c["role"] == "delivery")
+    assert never == {"role": "delivery", "index": 0, "pid": None, "up": False,
+                     "last_report_age": None}
+    now[0] += 60
+    assert ("mta_spool_queue_messages", ("0",)) not in rep.merged()[1]
+    spool = next(c for c in rep.health()["children"] if c["role"] == "spool")
+    assert spool["up"] is False and spool["last_report_age"] == 60
+
+
+def test_collector_output_parses_as_prometheus_text():
+    rep = Reports(_settings())
+    rep.add(_report(41, accepted=3, txn=[0.0004, 0.004, 100]))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(rep, _settings()))
+    text = generate_latest(registry).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    acc = fams["mta_smtp_messages_accepted"]
+    assert acc.type == "counter"
+    assert [s.value for s in acc.samples if s.name.endswith("_total")] == [3]
+    h = fams["mta_smtp_transaction_seconds"]
+    assert h.type == "histogram"
+    buckets = {s.labels["le"]: s.value for s in h.samples if s.name.endswith("_bucket")}
+    assert len(buckets) == len(LATENCY) + 1
+    assert buckets["0.0005"] == 1 and buckets["0.005"] == 2 and buckets["60.0"] == 2
+    assert buckets["+Inf"] == 3
+    # Cumulative and non-decreasing, as Prometheus requires.
+    values = [buckets[k] for k in [*(repr(float(b)) for b in LATENCY), "+Inf"]]
+    assert values == sorted(values)
+    for name in fams:
+        assert name.startswith("mta_"), name
+
+
+def test_catalog_follows_the_naming_conventions():
+    for name, fam in FAMILIES.items():
+        assert name.startswith("mta_"), name
+        if fam.kind == "counter":
+            assert name.endswith("_total"), name
+        else:
+            assert not name.endswith("_total"), name
+        if fam.kind == "histogram":
+            assert fam.buckets and list(fam.buckets) == sorted(fam.buckets), name
+        assert "ms" not in name.split("_"), name
