@@ -83,8 +83,15 @@ def test_metrics_count_what_was_injected_and_delivered(lab):
         return m if value(m, "mta_delivery_outcomes_total", result="delivered") == delivered \
             else None
     m = wait_until(settled, 20, "the delivery outcomes in /metrics", interval=0.3)
-    m = wait_until(lambda: (lambda x: x if total(x, "mta_spool_queue_messages") == 0
-                            else None)(scrape(d)), 20, "the queue gauges to reach 0",
+    # Each child reports once a second on its own: wait until both shards have reported
+    # after their last batch (a shard that has not reported yet has no series at all).
+    def spool_settled():
+        x = scrape(d)
+        shards_empty = all(value(x, "mta_spool_queue_messages", shard=s) == 0
+                           for s in ("0", "1"))
+        return x if shards_empty and total(x, "mta_spool_commit_batch_messages_sum") == \
+            delivered else None
+    m = wait_until(spool_settled, 20, "both shards' reports after their last batch",
                    interval=0.3)
 
     # Injection: exactly what was sent.
