@@ -528,6 +528,11 @@ def http_injector(idx: int, port: int, rate: float, books: Books, stop: threadin
             if resp.getheader("Connection", "").lower() == "close":
                 conn.close()
                 conn = None
+        except ConnectionRefusedError as exc:    # nothing was sent
+            books.record("http", rcpts, "refused", detail=repr(exc))
+            conn = None
+            stop.wait(0.2)
+            continue
         except (OSError, http.client.HTTPException) as exc:
             books.record("http", rcpts, "uncertain", detail=repr(exc))
             if conn is not None:
@@ -544,22 +549,23 @@ def http_injector(idx: int, port: int, rate: float, books: Books, stop: threadin
             books.record("http", rcpts, "refused", detail=f"{status} {data[:150]!r}")
             continue
         res = doc.get("results", {})
-        bad = set()
+        bad: dict[int, str] = {}
         for e in res.get("rcpt_to_errors", []):
             m = re.match(r"recipients\[(\d+)\]", e.get("description", ""))
             if m:
-                bad.add(int(m.group(1)))
+                bad[int(m.group(1))] = str(e.get("code"))
             else:       # an error we cannot place: all of it is uncertain
-                bad = set(range(len(rcpts)))
+                bad = {i: "?" for i in range(len(rcpts))}
                 break
         ok = [r for i, r in enumerate(rcpts) if i not in bad]
         if len(ok) != res.get("total_accepted_recipients"):
             books.record("http", rcpts, "uncertain", detail=f"200 {data[:150]!r}")
             continue
         books.record("http", ok, "acked", qid=str(res.get("id", "")))
-        if bad:
-            books.record("http", [rcpts[i] for i in sorted(bad)], "refused",
-                         detail="rcpt_to_errors")
+        for i, code in sorted(bad.items()):
+            # 1901: the spool could not make it durable (a temporary failure)
+            books.record("http", [rcpts[i]], "refused",
+                         detail=f"rcpt_to_errors {'503' if code == '1901' else code}")
     if conn is not None:
         conn.close()
 
@@ -737,17 +743,42 @@ def read_events(path: Path) -> tuple[list[dict], int]:
     return out, torn
 
 
-def drained(d: Daemon) -> tuple[bool, int, int | None]:
+class EventTail:
+    """Follows the event log during the drain: the (queue id, recipient) pairs received and
+    those with a terminal event, reading only what was appended since the last look."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.received: set[tuple] = set()
+        self.terminal: set[tuple] = set()
+
+    def poll(self) -> int:
+        """Read what is new; the number of received pairs without a terminal event."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        end = data.rfind(b"\n") + 1      # whole lines only
+        self.offset += end
+        for line in data[:end].splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            key = (e.get("queue_id"), e.get("recipient"))
+            if e.get("type") == "reception":
+                self.received.add(key)
+            elif e.get("type") in TERMINAL:
+                self.terminal.add(key)
+        return len(self.received - self.terminal)
+
+
+def drained(d: Daemon, tail_: EventTail) -> tuple[bool, int, int | None]:
     """(done, received recipients without a terminal event, mta queue count)."""
-    events, _ = read_events(d.events_path)
-    received, terminal = set(), set()
-    for e in events:
-        key = (e.get("queue_id"), e.get("recipient"))
-        if e.get("type") == "reception":
-            received.add(key)
-        elif e.get("type") in TERMINAL:
-            terminal.add(key)
-    open_ = len(received - terminal)
+    open_ = tail_.poll()
     if open_:
         return False, open_, None
     q = d.queue_count()
@@ -776,7 +807,8 @@ def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict]) -> d
             qids_of[rcpt].add(qid)
 
     qid_of_mid = {e["message_id"]: e.get("queue_id") for e in events
-                  if e.get("type") == "reception" and e.get("message_id")}
+                  if e.get("message_id") and (e.get("type") == "reception"
+                                              or e.get("type") in TERMINAL)}
     sink_count = Counter()
     sink_first: dict[tuple, tuple[float, float]] = {}
     for start, end, qid, rcpts in sink_recs:
@@ -786,6 +818,11 @@ def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict]) -> d
             sink_count[(qid, r)] += 1
             sink_first.setdefault((qid, r), (start, end))
 
+    # Messages a DSN was made for: its Message-ID starts with "<QID." of the original.
+    dsn_for = {m.group(1) for m in (re.match(r"<([0-9A-F]{20})\.", e.get("message_id", ""))
+                                    for e in events if e.get("sender") == "") if m}
+    dsn_for |= {m.group(1) for m in (re.match(r"mid:<([0-9A-F]{20})\.", q)
+                                     for _s, _e, q, _r in sink_recs) if m}
     problems: dict[str, list] = defaultdict(list)
     # Acknowledged recipients: exactly one queue id, exactly one terminal event of the
     # expected kind; a delivery the sink really got.
@@ -800,7 +837,13 @@ def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict]) -> d
             problems["queued more than once"].append((a, sorted(qids)))
         for qid in qids:
             evs = terminal.get((qid, a), [])
-            if not evs:
+            if not evs and (sink_count[(qid, a)] or (qid in dsn_for
+                                                     and a.startswith(("bounce.", "never.")))):
+                # delivered (or bounced: its DSN went out), and the spool knows it (it was
+                # never tried again): the message is not lost, its terminal event is
+                problems["terminal event missing (acked; at the sink, or its DSN)"].append(
+                    (a, qid))
+            elif not evs:
                 problems["lost (acked, no terminal event)"].append((a, qid))
             elif len(evs) > 1:
                 problems["more than one terminal event"].append((a, qid, [x["type"] for x in evs]))
@@ -828,9 +871,18 @@ def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict]) -> d
     for key in sink_count:
         if key not in terminal:
             problems["at the sink, no terminal event"].append(key)
+    # A 4xx is "not taken, try again", yet when the spool shard dies after its commit and
+    # before its answer the acceptor can only say 451: the message is queued all the same
+    # (like a connection that breaks after the commit).  Counted, not a failure; it must
+    # still end like every other.  A 5xx refusal that was queued is a failure.
+    tempfailed_queued = 0
     for a in refused:
         if qids_of.get(a):
-            problems["refused, but queued"].append((a, sorted(qids_of[a])))
+            if re.match(r"(DATA|RCPT|MAIL) 4\d\d\b|(rcpt_to_errors )?(429|503)\b",
+                        books.rcpts[a]["detail"]):
+                tempfailed_queued += 1
+            else:
+                problems["refused (5xx), but queued"].append((a, sorted(qids_of[a])))
 
     # Duplicates and what was in flight at the kills that can repeat a delivery.
     dups = {k: n for k, n in sink_count.items() if n > 1}
@@ -852,6 +904,7 @@ def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict]) -> d
     for k in unexplained:
         problems["duplicate not in flight at any kill"].append(k)
 
+    missing_events = len(problems["terminal event missing (acked; at the sink, or its DSN)"])
     lost = (len(problems["lost (acked, no event at all)"])
             + len(problems["lost (acked, no terminal event)"])
             + len(problems["lost (delivery event, never at the sink)"]))
@@ -868,12 +921,14 @@ def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict]) -> d
                        "acked_smtp": sum(1 for e in acked.values() if e["channel"] == "smtp"),
                        "acked_http": sum(1 for e in acked.values() if e["channel"] == "http"),
                        "refused": len(refused), "uncertain": len(uncertain),
-                       "uncertain_but_queued": queued_unacked},
+                       "uncertain_but_queued": queued_unacked,
+                       "tempfailed_but_queued": tempfailed_queued},
         "acked_outcomes": {t: outcome.get(t, 0) for t in TERMINAL},
         "events": dict(by_type),
         "sink": {"transactions": len(sink_recs), "deliveries": sum(sink_count.values()),
                  "distinct": len(sink_count)},
         "lost": lost,
+        "missing_terminal_events": missing_events,
         "duplicates": dup_extra,
         "duplicate_pairs": len(dups),
         "in_flight_at_kills": len(in_flight),
@@ -948,8 +1003,9 @@ def soak(args, rundir: Path) -> dict:
         t1 = time.time()
         deadline = time.monotonic() + args.drain_timeout
         state = (False, -1, None)
+        follow = EventTail(daemon.events_path)
         while time.monotonic() < deadline:
-            state = drained(daemon)
+            state = drained(daemon, follow)
             if state[0]:
                 break
             time.sleep(1.0)
@@ -996,10 +1052,11 @@ def summary_lines(r: dict) -> list[str]:
     out = [
         f"- injected {rc['injected']} recipients ({r['messages']}); acknowledged {rc['acked']} "
         f"(SMTP {rc['acked_smtp']}, HTTP {rc['acked_http']}), refused {rc['refused']}, "
-        f"uncertain {rc['uncertain']} (of which queued {rc['uncertain_but_queued']})",
+        f"uncertain {rc['uncertain']} (of which queued {rc['uncertain_but_queued']}); "
+        f"answered 4xx but queued all the same {rc['tempfailed_but_queued']}",
         f"- acknowledged recipients' terminal events: delivered {r['acked_outcomes']['delivery']}, "
         f"bounced {r['acked_outcomes']['bounce']}, expired {r['acked_outcomes']['expiration']}; "
-        f"**lost {r['lost']}**",
+        f"**lost {r['lost']}**; delivered but no terminal event {r['missing_terminal_events']}",
         f"- event log: {r['events']}; torn lines {r['event_log_torn_lines']}",
         f"- sink: {r['sink']['transactions']} transactions, {r['sink']['deliveries']} "
         f"deliveries ({r['sink']['distinct']} distinct queue id + recipient)",
@@ -1022,6 +1079,23 @@ def summary_lines(r: dict) -> list[str]:
     if r["errors"]:
         out.append(f"- ERRORS: {r['errors']}")
     return out
+
+
+def reanalyse(rundir: Path) -> int:
+    """Print the books of a kept run directory (acks, event log, sink log, kills)."""
+    books = Books(Path(os.devnull))
+    for line in (rundir / "acks.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        books.rcpts[e["rcpt"]] = e
+    books.close()
+    sink = Sink.__new__(Sink)
+    sink.log = rundir / "sink.log"
+    events, torn = read_events(rundir / "state" / "log" / "events.jsonl")
+    kills = [json.loads(x) for x in (rundir / "kills.jsonl").read_text().splitlines()]
+    r = analyse(books, events, sink.records(), kills)
+    r["event_log_torn_lines"] = torn
+    print(json.dumps(r, indent=1, default=str))
+    return 0 if not r["problem_counts"] else 1
 
 
 def main(argv=None) -> int:
@@ -1061,10 +1135,14 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--record", action="store_true")
     p.add_argument("--note", default="")
+    a = sub.add_parser("analyse", help="the books of a kept run directory, again")
+    a.add_argument("rundir")
     args = p.parse_args(argv)
     if args.cmd == "sink":
         run_sink(args.listen, args.log)
         return 0
+    if args.cmd == "analyse":
+        return reanalyse(Path(args.rundir))
     netns = enter_private_netns(args.netns)
     rundir = Path(tempfile.mkdtemp(prefix="soak-", dir=args.workdir))
     log(f"run directory {rundir}; seed {args.seed}; netns {netns}")
@@ -1083,18 +1161,17 @@ def main(argv=None) -> int:
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
-    if args.record:
-        if not report["ok"]:
-            log("not recorded: the run failed")
-        else:
-            rev = source_revision()
-            sec = [f"## Chaos soak (issue 13), {started:%Y-%m-%d %H:%M} UTC", "",
-                   f"Machine: {machine()}; revision {rev}.", "",
-                   f"`python bench/soak.py {' '.join(sys.argv[1:])}`", ""]
-            sec += summary_lines(report)
-            if args.note:
-                sec += ["", args.note]
-            append_results("\n" + "\n".join(sec) + "\n")
+    if args.record:   # a failed run is recorded too, with its problems and verdict
+        rev = source_revision()
+        sec = [f"## Chaos soak (issue 13), {started:%Y-%m-%d %H:%M} UTC", "",
+               f"Machine: {machine()}; revision {rev}.", "",
+               f"`python bench/soak.py {' '.join(sys.argv[1:])}`", ""]
+        sec += summary_lines(report)
+        sec += ["", "Verdict: " + ("passed (no errors, no problems)." if report["ok"] else
+                                   "FAILED: see the problems above.")]
+        if args.note:
+            sec += ["", args.note]
+        append_results("\n" + "\n".join(sec) + "\n")
     if report["ok"] and not args.keep:
         shutil.rmtree(rundir, ignore_errors=True)
     else:
