@@ -1069,7 +1069,10 @@ def summary_lines(r: dict) -> list[str]:
         f"{res['idle_before']}, idle after the drain {res['idle_after']}",
         f"- drain {r.get('drain_s')} s; tracebacks in mta.log {r['tracebacks']}",
     ]
-    for name, v in sorted(res["survivors"].items()):
+    longest = sorted(res["survivors"].items(), key=lambda kv: -kv[1]["samples"])
+    if len(longest) > 8:
+        out.append(f"  - the 8 longest-lived of {len(longest)} processes seen in 3+ samples:")
+    for name, v in longest[:8]:
         out.append(f"  - {name}: {v['samples']} samples, RSS KiB first/last/max {v['rss_kib']}, "
                    f"fds {v['fds']}")
     if r.get("problem_counts"):
