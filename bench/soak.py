@@ -605,11 +605,6 @@ class Killer:
                 log(f"killer: {exc}")
                 return
 
-    def note(self, role: str, title: str, pid: int) -> None:
-        k = {"t": time.time(), "role": role, "title": title, "pid": pid}
-        self.kills.append(k)
-        self.out.write(json.dumps(k) + "\n")
-
     def kill_one(self) -> None:
         kids = self.d.children()
         if self.roles:
@@ -620,6 +615,9 @@ class Killer:
         pid = kids[title]
         t = time.time()
         try:
+            # still the supervisor's child we listed (not a reused PID)?
+            if read_procs().get(pid, (None,))[0] != self.d.proc.pid:
+                return
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             return
