@@ -40,8 +40,9 @@ log are compared:
   exactly one, of the kind its local part asks for;
 - **duplicates**: (queue id, recipient) received by the sink more than once; each must have
   been *in flight* at a kill of a delivery process, a spool shard or the tree (its
-  transaction at the sink had started and its delivery was not yet in the event log), and
-  their number at most the count of such in-flight deliveries;
+  transaction at the sink started before the kill or at most ``--in-flight-window`` s
+  after it, and its delivery was not yet in the event log), and their number at most the
+  count of such in-flight deliveries;
 - **resources**: RSS and descriptors of the tree idle before the load and idle after the
   drain, and per process that lived through several samples: first / last / max.
 
@@ -783,7 +784,8 @@ def drained(d: Daemon, tail_: EventTail) -> tuple[bool, int, int | None]:
     return q == 0, open_, q
 
 
-def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict]) -> dict:
+def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict],
+            window: float = 1.0) -> dict:
     acked = {a: e for a, e in books.rcpts.items() if e["status"] == "acked"}
     uncertain = {a for a, e in books.rcpts.items() if e["status"] == "uncertain"}
     refused = {a for a, e in books.rcpts.items() if e["status"] == "refused"}
@@ -882,7 +884,10 @@ def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict]) -> d
             else:
                 problems["refused (5xx), but queued"].append((a, sorted(qids_of[a])))
 
-    # Duplicates and what was in flight at the kills that can repeat a delivery.
+    # Duplicates and what was in flight at the kills that can repeat a delivery: a delivery
+    # whose first transaction at the sink started no later than *window* s after the kill
+    # (a job already handed to a delivery process goes on after its shard died; its
+    # outcome has nowhere to go) and whose delivery event was written after the kill.
     dups = {k: n for k, n in sink_count.items() if n > 1}
     dup_extra = sum(n - 1 for n in dups.values())
     done_at = {k: min(x.get("timestamp", 0.0) for x in evs) for k, evs in terminal.items()
@@ -893,7 +898,7 @@ def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict]) -> d
         import bisect
         for key, (start, _end) in sink_first.items():
             done = done_at.get(key, float("inf"))
-            i = bisect.bisect_left(kill_times, start)
+            i = bisect.bisect_left(kill_times, start - window)
             if i < len(kill_times) and kill_times[i] <= done:
                 in_flight.add(key)
     unexplained = [k for k in dups if k not in in_flight]
@@ -1021,7 +1026,8 @@ def soak(args, rundir: Path) -> dict:
         tracebacks = daemon_log.count("Traceback (most recent call last)")
         events, torn = read_events(daemon.events_path)
         books.close()
-        report.update(analyse(books, events, sink.records(), killer.kills))
+        report.update(analyse(books, events, sink.records(), killer.kills,
+                              args.in_flight_window))
         report["event_log_torn_lines"] = torn
         report["kills"] = killer.by_role()
         report["kills_total"] = len(killer.kills)
@@ -1082,7 +1088,7 @@ def summary_lines(r: dict) -> list[str]:
     return out
 
 
-def reanalyse(rundir: Path) -> int:
+def reanalyse(rundir: Path, window: float) -> int:
     """Print the books of a kept run directory (acks, event log, sink log, kills)."""
     books = Books(Path(os.devnull))
     for line in (rundir / "acks.jsonl").read_text().splitlines():
@@ -1093,7 +1099,7 @@ def reanalyse(rundir: Path) -> int:
     sink.log = rundir / "sink.log"
     events, torn = read_events(rundir / "state" / "log" / "events.jsonl")
     kills = [json.loads(x) for x in (rundir / "kills.jsonl").read_text().splitlines()]
-    r = analyse(books, events, sink.records(), kills)
+    r = analyse(books, events, sink.records(), kills, window)
     r["event_log_torn_lines"] = torn
     print(json.dumps(r, indent=1, default=str))
     return 0 if not r["problem_counts"] else 1
@@ -1117,6 +1123,9 @@ def main(argv=None) -> int:
     p.add_argument("--roles", default="",
                    help="only these child roles, comma-separated (acceptor,spool,delivery,http)")
     p.add_argument("--sample-interval", type=float, default=5.0)
+    p.add_argument("--in-flight-window", type=float, default=1.0,
+                   help="a delivery whose transaction at the sink started up to this many "
+                        "seconds after a kill (and was recorded after it) was in flight [1]")
     p.add_argument("--time-scale", type=float, default=0.01,
                    help="delivery.time_scale: retry_schedule x this [0.01]")
     p.add_argument("--max-age", type=float, default=3000.0,
@@ -1138,12 +1147,13 @@ def main(argv=None) -> int:
     p.add_argument("--note", default="")
     a = sub.add_parser("analyse", help="the books of a kept run directory, again")
     a.add_argument("rundir")
+    a.add_argument("--in-flight-window", type=float, default=1.0)
     args = p.parse_args(argv)
     if args.cmd == "sink":
         run_sink(args.listen, args.log)
         return 0
     if args.cmd == "analyse":
-        return reanalyse(Path(args.rundir))
+        return reanalyse(Path(args.rundir), args.in_flight_window)
     netns = enter_private_netns(args.netns)
     rundir = Path(tempfile.mkdtemp(prefix="soak-", dir=args.workdir))
     log(f"run directory {rundir}; seed {args.seed}; netns {netns}")
