@@ -97,6 +97,7 @@ RECEIVED_QID_RE = re.compile(rb"^Received: [^\r\n]*\r?\n(?:[ \t][^\r\n]*\r?\n)*?
                              rb"\(mta\) with [A-Z]+ id ([0-9A-F]{20})[;\r\n]")
 MESSAGE_ID_RE = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]*>)", re.M | re.I)
 READY_S = 60.0
+EMPTY_CONFIRM_S = 10.0   # the drain: the queue empty this long ends it, events or not
 STOP_S = 30.0
 
 
@@ -775,13 +776,22 @@ class EventTail:
         return len(self.received - self.terminal)
 
 
-def drained(d: Daemon, tail_: EventTail) -> tuple[bool, int, int | None]:
-    """(done, received recipients without a terminal event, mta queue count)."""
+def drained(d: Daemon, tail_: EventTail, empty_since: list) -> tuple[bool, int, int | None]:
+    """(done, received recipients without a terminal event, mta queue count).
+
+    Done when every received recipient has its terminal event and the queue is empty; or
+    when the queue has been empty for EMPTY_CONFIRM_S although some events are still
+    missing (they will not come: the books report them)."""
     open_ = tail_.poll()
-    if open_:
-        return False, open_, None
     q = d.queue_count()
-    return q == 0, open_, q
+    if q != 0:
+        empty_since.clear()
+        return False, open_, q
+    if not open_:
+        return True, open_, q
+    if not empty_since:
+        empty_since.append(time.monotonic())
+    return time.monotonic() - empty_since[0] >= EMPTY_CONFIRM_S, open_, q
 
 
 def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict],
@@ -1006,9 +1016,9 @@ def soak(args, rundir: Path) -> dict:
         t1 = time.time()
         deadline = time.monotonic() + args.drain_timeout
         state = (False, -1, None)
-        follow = EventTail(daemon.events_path)
+        follow, empty_since = EventTail(daemon.events_path), []
         while time.monotonic() < deadline:
-            state = drained(daemon, follow)
+            state = drained(daemon, follow, empty_since)
             if state[0]:
                 break
             time.sleep(1.0)
@@ -1016,6 +1026,8 @@ def soak(args, rundir: Path) -> dict:
         if not state[0]:
             report["errors"].append(f"not drained in {args.drain_timeout} s: {state[1]} "
                                     f"recipients without a terminal event, mta queue {state[2]}")
+        elif state[1]:
+            log(f"the queue is empty, {state[1]} recipients without a terminal event")
         # Idle: delivery connections time out, then the idle sample.
         time.sleep(args.idle_wait)
         idle_after = sampler.take("idle-after")
