@@ -157,8 +157,14 @@ def test_two_domains_on_one_mx_set_share_the_site_limit_across_processes(lab):
 
 def test_message_rate_holds_node_wide(lab):
     """max_message_rate per source x site holds for the node: two delivery processes
-    send to one site, and no one-second window at the receiver holds more than the
-    limit plus the burst of one."""
+    send to one site, and together they take at least as long as the limit demands.
+
+    The limiter grants at a steady 20/s; the receiver sees each grant plus that
+    message's delivery latency, which jitters on a loaded machine (CI once saw 23 in
+    one second). So the exact check is a lower bound on the span (slowness only
+    lengthens it; without the node-wide limit two processes would finish in half the
+    time), and the window check uses 3-second windows, where a jitter of a few tenths
+    of a second cannot pass for a doubled rate."""
     one, two = on_two_processes([f"r{n}.test" for n in range(40)])
     records = [f"{one}. 300 IN MX 10 mx.rate.test.", f"{two}. 300 IN MX 10 mx.rate.test.",
                "mx.rate.test. 300 IN A 127.0.0.10"]
@@ -168,8 +174,11 @@ def test_message_rate_holds_node_wide(lab):
         "shaping": [{"domain": one, "max_message_rate": "20/s"}]})
     finish(inject(d, f"a@{one}", 70), inject(d, f"b@{two}", 70))
     wait_until(lambda: sink.received() >= 140, 120, "140 deliveries", interval=0.2)
-    times = [t.at for t in sink.snapshot()]
-    assert windows(times) <= 21, windows(times)
+    times = sorted(t.at for t in sink.snapshot())
+    # 140 grants at 20/s with a burst of one span at least 139/20 = 6.95 s; the first
+    # delivery also carried the connection set-up, so allow half a second of that.
+    assert times[-1] - times[0] >= 6.45, times[-1] - times[0]
+    assert windows(times, 3.0) <= 3 * 20 + 1 + 5, windows(times, 3.0)
     # Both processes sent (the limit was shared, not one process's alone).
     assert {t.rcpt_tos[0].split("@")[1] for t in sink.snapshot()} == {one, two}
 
