@@ -64,6 +64,7 @@ QUICK_DEATH = 10.0          # a child that dies younger than this doubles its ba
 FIRST_BACKOFF = 0.2         # seconds
 STOP_GRACE = 10.0           # seconds after the drain for a child to exit before SIGKILL
 LISTEN_BACKLOG = 4096
+DRAIN_FLAG = "drain"        # run/drain: the node is drained (written by the admin process)
 
 
 class StartupError(Exception):
@@ -141,6 +142,11 @@ class Supervisor:
         with open(pidfile, "w") as fh:
             fh.write(f"{os.getpid()}\n")
         self.pidfile = pidfile
+        try:        # a drain (mta drain) lasts until cancelled or the next start
+            os.unlink(os.path.join(s.run_dir, DRAIN_FLAG))
+            log.warning("a drain was in effect; this start accepts mail again")
+        except FileNotFoundError:
+            pass
 
     def _check_not_running(self, pidfile: str) -> None:
         try:
