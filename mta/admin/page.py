@@ -45,9 +45,9 @@ svg{width:100%;height:120px;display:block}.err{color:#c62828}
 <span>accepted messages</span><span id="total-accepted">-</span>
 <span>&nbsp; over SMTP</span><span id="total-accepted-smtp">-</span>
 <span>&nbsp; over HTTP</span><span id="total-accepted-http">-</span>
-<span>delivered</span><span id="total-delivered">-</span>
-<span>deferred</span><span id="total-deferred">-</span>
-<span>failed</span><span id="total-failed">-</span>
+<span>recipients delivered</span><span id="total-delivered">-</span>
+<span>&nbsp; deferred</span><span id="total-deferred">-</span>
+<span>&nbsp; failed</span><span id="total-failed">-</span>
 <span>SMTP sessions open</span><span id="smtp-open">-</span></div></section>
 <section><h2>Queue</h2><div class="kv">
 <span>messages</span><span id="queue-messages" class="big">-</span>
@@ -83,6 +83,7 @@ var NS = "http://www.w3.org/2000/svg";
 function $(id){return document.getElementById(id);}
 function set(id, v){var e=$(id); if(e) e.textContent = (v===null||v===undefined) ? "-" : String(v);}
 function num(v){return (v===null||v===undefined) ? "-" : String(Math.round(v*1000)/1000);}
+function rate(v){return (v===null||v===undefined) ? "-" : v.toFixed(1);}
 function bytes(v){if(v===null||v===undefined) return "-"; var u=["B","KiB","MiB","GiB","TiB"],i=0;
   while(v>=1024&&i<u.length-1){v/=1024;i++;} return (Math.round(v*10)/10)+" "+u[i];}
 function ms(v){return (v===null||v===undefined) ? "-" : (Math.round(v*1e4)/10)+" ms";}
@@ -122,8 +123,8 @@ function render(d){
   st.className = d.draining ? "drain" : (d.ok ? "" : "bad");
   set("updated", "updated " + new Date(d.time*1000).toLocaleTimeString());
   document.body.setAttribute("data-status-time", String(d.time));
-  set("rate-injection", num(d.rates.injection_per_second));
-  set("rate-delivery", num(d.rates.delivery_per_second));
+  set("rate-injection", rate(d.rates.injection_per_second));
+  set("rate-delivery", rate(d.rates.delivery_per_second));
   var t=d.totals;
   set("total-accepted", t.accepted_messages); set("total-accepted-smtp", t.accepted_smtp);
   set("total-accepted-http", t.accepted_http); set("total-delivered", t.delivered);
