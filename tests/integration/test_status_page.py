@@ -18,6 +18,7 @@ import tempfile
 import threading
 
 from daemon import HOST, wait_until
+from mxlab import mx
 from test_admin_api import admin_call, message
 
 # Debian's chromium, installed by scripts/install-test-deps.
@@ -163,3 +164,29 @@ def test_status_page_with_a_token_reads_it_from_the_fragment(make_daemon):
     assert number(dom, "total-accepted") == 1
     dom = Dom(chromium(url, "--dump-dom").decode())            # no token: the page says so
     assert "401" in dom.text["error"] and dom.text["total-accepted"].strip() == "-"
+
+
+def test_status_page_shows_a_suspension_and_why(lab):
+    """A source whose address is not on this host (192.0.2.10: binding fails locally, no
+    packet leaves) is suspended; the page lists it with the reason the API gives."""
+    lab.serve(mx("susp.test", "mx.susp.test", "127.0.0.10"))
+    sink = lab.aio("127.0.0.10")
+    d = lab.daemon(processes=1, sections={"egress": {
+        "source": [{"name": "absent", "source_address": "192.0.2.10"},
+                   {"name": "ip-4", "source_address": "127.0.0.4"}],
+        "pool": [{"name": "default", "sources": [{"source": "absent"}, {"source": "ip-4"}]}],
+        "suspend_time": 120.0}})
+    for i in range(6):
+        d.send("a@sender.test", [f"r{i}@susp.test"], message(f"susp{i}"))
+    wait_until(lambda: sink.received() == 6, 60, "6 deliveries", interval=0.2)
+    s = wait_until(lambda: (lambda s: s if s["suspensions"] and s["totals"]["delivered"] == 6
+                            else None)(status(d)), 20, "the suspension in the API",
+                   interval=0.3)
+    [susp] = s["suspensions"]
+    assert susp["source"] == "absent" and "192.0.2.10" in susp["reason"]
+    dom = Dom(chromium(f"http://{HOST}:{d.admin_port}/", "--dump-dom").decode())
+    assert number(dom, "suspensions-count") == 1
+    assert "absent" in dom.text["table-suspensions"]
+    assert susp["reason"] in dom.text["table-suspensions"]
+    assert number(dom, "total-delivered") == 6
+    assert "mx.susp.test" in dom.text["table-sites"]

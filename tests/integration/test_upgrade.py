@@ -78,12 +78,42 @@ class Probe(threading.Thread):
                 self.refused.append(repr(exc))          # reset, timeout: as bad as refused
 
 
+class HttpProbe(threading.Thread):
+    """HTTP injections back to back, one recipient each, sender h@probe.test."""
+
+    def __init__(self, d):
+        super().__init__(daemon=True)
+        self.d = d
+        self.accepted = 0
+        self.refused: list[str] = []
+        self.other: list[int] = []
+        self.stop = threading.Event()
+
+    def run(self):
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            try:
+                st, _, body = self.d.post({"recipients": [f"h{n}@example.net"],
+                                           "content": {"from": "h@probe.test",
+                                                       "subject": "s", "text": "x"}},
+                                          timeout=60)
+            except OSError as exc:
+                self.refused.append(repr(exc))
+                continue
+            if st == 200 and body["results"]["total_accepted_recipients"] == 1:
+                self.accepted += 1
+            else:
+                self.other.append(st)       # 503 from an acceptor stopping: not accepted
+
+
 def test_upgrade_refuses_no_connection_and_loses_or_repeats_no_message(make_daemon):
     d = make_daemon(acceptors=2, shards=2)
     old = supervisor_pid(d)
     assert old == d.proc.pid
     probes = [Probe(d, f"p{i}") for i in range(4)]
-    for p in probes:
+    hp = HttpProbe(d)
+    for p in [*probes, hp]:
         p.start()
     try:
         wait_until(lambda: sum(len(p.acked) for p in probes) >= 20, 30, "probe traffic")
@@ -96,9 +126,9 @@ def test_upgrade_refuses_no_connection_and_loses_or_repeats_no_message(make_daem
         wait_until(lambda: sum(1 for p in probes for _, t in p.acked if t > upgraded_at) >= 20,
                    60, "messages accepted after the upgrade")
     finally:
-        for p in probes:
+        for p in [*probes, hp]:
             p.stop.set()
-        for p in probes:
+        for p in [*probes, hp]:
             p.join(90)
     assert d.proc.wait(30) == 0                 # the old supervisor left cleanly
     refused = [x for p in probes for x in p.refused]
@@ -106,10 +136,14 @@ def test_upgrade_refuses_no_connection_and_loses_or_repeats_no_message(make_daem
     acked = [q for p in probes for q, _ in p.acked]
     assert len(acked) == len(set(acked))
 
+    assert hp.refused == [] and hp.accepted > 0, (hp.refused, hp.accepted)
+
     # Every acknowledged message is queued, once; nothing else is.
-    listed = [e["queue_id"] for e in d.queue_list()]
+    entries = d.queue_list()
+    listed = [e["queue_id"] for e in entries if e["sender"] == "p@probe.test"]
     assert sorted(listed) == sorted(acked), (len(listed), len(acked),
                                              set(acked) ^ set(listed))
+    assert sum(e["sender"] == "h@probe.test" for e in entries) == hp.accepted
     # The same ports serve HTTP and the admin API from the new processes.
     st, _, body = d.post({"recipients": ["h@example.net"],
                           "content": {"from": "p@probe.test", "subject": "s", "text": "x"}})
