@@ -46,6 +46,9 @@ SIGTERM: stop accepting, let sessions finish (idle ones are closed with 421
 4.3.2), after ``server.shutdown_timeout`` close the rest, wait for
 outstanding spool answers, exit 0.  SIGHUP is ignored: the supervisor
 replaces acceptors one at a time on reload.
+Node drain (``mta drain``): while ``<run>/drain`` exists (looked for at each
+sweep) new SMTP connections and transactions get 421 4.3.2 and HTTP
+injections 503 with Retry-After; sessions and transactions under way finish.
 """
 from __future__ import annotations
 

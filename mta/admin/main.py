@@ -11,8 +11,10 @@ Reads:   ADMIN_STATS_REPORT from every child on the bus endpoint ``admin-stats``
          time /proc (the children's CPU and memory, the spool device's
          /proc/diskstats line, /proc/net/snmp and /proc/net/netstat) and the
          spool file system's free space.
-Writes:  HTTP responses; log lines.
-Peers:   every child (reports in); HTTP clients (Prometheus, curl).
+Writes:  HTTP responses; log lines; ``<run>/drain`` (POST/DELETE /api/admin/drain).
+Peers:   every child (reports in); the spool shards (asked for queue summaries and
+         single messages over the bus, :mod:`mta.admin.api`); HTTP clients
+         (Prometheus, curl, the ``mta`` commands, the status page).
 Config:  [admin] (all keys); [spool] directory, shards; [delivery] processes;
          [smtp] acceptors (the children expected in the health report).
 

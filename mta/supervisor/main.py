@@ -33,6 +33,12 @@ SIGHUP: RELOADING=1; validate the new file; if it is bad keep running and log
 why; if good, replace the acceptors one slot at a time — the new process
 accepts on the slot's socket before the old one stops, so no connection is
 refused — then READY=1.  Spool settings take effect at the next restart.
+SIGUSR2 (``mta upgrade``): stop the children as at SIGTERM but keep the
+listening sockets open (connections wait in the backlog), start ``mta serve``
+-- the installed version -- with them ($MTA_INHERIT_FDS), wait for its ready
+byte ($MTA_UPGRADE_READY_FD), send MAINPID= to systemd and exit 0; if it does
+not come up, start the children again and carry on (:meth:`Supervisor.upgrade`).
+At start ``run/drain`` (``mta drain``) is removed: a fresh start accepts mail.
 """
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ import json
 from daemon import HOST, wait_until
 from mxlab import IPS, mx
 
+from mta.queueid import new_qid
+
 
 def admin_call(d, method: str, path: str, token: str | None = None):
     """(status, headers with lower-case names, decoded JSON body) from the admin listener."""
@@ -80,17 +82,20 @@ def test_queue_by_domain_pool_campaign_and_one_message(make_daemon):
     assert all(r["state"] == "pending" and r["attempts"] == 0 for r in m["recipients"])
     assert m["message_size"] > 0 and m["arrival_time"] > 0
     out = json.loads(d.cli("inspect", qids[1], "--json").stdout)
-    assert out["recipients"] == m["recipients"] or \
-        [r["address"] for r in out["recipients"]] == ["x1@one.test", "x2@two.test"]
+    assert [(r["address"], r["state"], r["attempts"]) for r in out["recipients"]] == [
+        ("x1@one.test", "pending", 0), ("x2@two.test", "pending", 0)]
+    assert (out["queue_id"], out["sender"]) == (qids[1], "a@sender.test")
     text = d.cli("queue", "inspect", qids[1]).stdout.decode()
     assert "x2@two.test" in text and "pending" in text
 
     # Bad input: a clear JSON error, the right status, no crash.
     st, _, err = admin_call(d, "GET", "/api/admin/messages/not-a-qid")
     assert st == 400 and err["errors"][0]["field"] == "qid"
-    gone = qids[0][:-1] + ("A" if qids[0][-1] != "A" else "B")
+    gone = new_qid(0)                   # well formed, never queued
     st, _, err = admin_call(d, "GET", f"/api/admin/messages/{gone}")
-    assert st in (400, 404) and err["errors"], err
+    assert st == 404 and "not queued" in err["errors"][0]["message"], err
+    r = d.cli("inspect", gone, check=False)
+    assert r.returncode == 1 and b"not queued" in r.stderr
     r = d.cli("inspect", "not-a-qid", check=False)
     assert r.returncode == 1 and b"not a queue id" in r.stderr
     st, hdrs, err = admin_call(d, "PUT", "/api/admin/queue")
