@@ -38,7 +38,8 @@ listening sockets open (connections wait in the backlog), start ``mta serve``
 -- the installed version -- with them ($MTA_INHERIT_FDS), wait for its ready
 byte ($MTA_UPGRADE_READY_FD), send MAINPID= to systemd and exit 0; if it does
 not come up, start the children again and carry on (:meth:`Supervisor.upgrade`).
-At start ``run/drain`` (``mta drain``) is removed: a fresh start accepts mail.
+At start ``run/drain`` (``mta drain``) is removed: a fresh start accepts mail
+(an upgrade keeps it).
 """
 from __future__ import annotations
 
@@ -199,11 +200,14 @@ class Supervisor:
         with open(pidfile, "w") as fh:
             fh.write(f"{os.getpid()}\n")
         self.pidfile = pidfile
-        try:        # a drain (mta drain) lasts until cancelled or the next start
-            os.unlink(os.path.join(s.run_dir, DRAIN_FLAG))
-            log.warning("a drain was in effect; this start accepts mail again")
-        except FileNotFoundError:
-            pass
+        # A drain (mta drain) lasts until cancelled or the next start; an upgrade
+        # is not a new start: the supervisor it replaces was draining, so is this one.
+        if self.upgrade_ready_fd is None:
+            try:
+                os.unlink(os.path.join(s.run_dir, DRAIN_FLAG))
+                log.warning("a drain was in effect; this start accepts mail again")
+            except FileNotFoundError:
+                pass
 
     def _check_not_running(self, pidfile: str) -> None:
         try:

@@ -176,3 +176,20 @@ def test_a_new_version_that_does_not_start_leaves_the_old_one_serving(make_daemo
     qid2 = d.send("a@probe.test", ["r@example.net"], b"Subject: after\r\n\r\nx\r\n")
     assert sorted(e["queue_id"] for e in d.queue_list()) == sorted([qid, qid2])
     assert d.stop() == 0
+
+
+def test_a_drained_node_stays_drained_across_an_upgrade_but_not_a_restart(make_daemon):
+    d = make_daemon(acceptors=1, shards=1)
+    assert admin_call(d, "POST", "/api/admin/drain")[0] == 200
+    wait_until(lambda: d.connect().banner[0] == 421, 10, "421 while draining")
+    d.cli("upgrade", timeout=180)
+    new = supervisor_pid(d)
+    assert new != d.proc.pid and d.proc.wait(30) == 0
+    assert d.connect().banner[0] == 421
+    assert admin_call(d, "GET", "/api/admin/drain")[2]["draining"] is True
+    os.kill(new, signal.SIGTERM)
+    wait_until(lambda: not alive(new), 60, "the new supervisor to stop")
+    d.start()                               # a fresh start accepts mail again
+    assert d.connect().banner[0] == 220
+    assert "a drain was in effect" in d.log(since_start=True)
+    assert admin_call(d, "GET", "/api/admin/drain")[2]["draining"] is False
