@@ -52,19 +52,22 @@ def test_queue_by_domain_pool_campaign_and_one_message(make_daemon):
     transmit(d, ["y1@one.test", "y2@one.test"], campaign="spring")
     transmit(d, ["z1@two.test"], campaign="spring", pool="bulk")
     transmit(d, ["w1@three.test"], campaign="autumn")
+    # Over SMTP the campaign comes in X-MSYS-API.
+    d.send("a@sender.test", ["v1@three.test"],
+           b'X-MSYS-API: {"campaign_id": "autumn"}\r\n' + message("msys"))
 
     st, _, q = admin_call(d, "GET", "/api/admin/queue")
     assert st == 200, q
-    # 3 SMTP messages (2 recipients each) + 4 HTTP messages (one per recipient).
-    assert q["total"]["messages"] == 7 and q["total"]["recipients"] == 10
-    assert sum(s["messages"] for s in q["shards"]) == 7 and len(q["shards"]) == 2
+    # 3 SMTP messages (2 recipients each) + 4 HTTP messages (one per recipient) + 1.
+    assert q["total"]["messages"] == 8 and q["total"]["recipients"] == 11
+    assert sum(s["messages"] for s in q["shards"]) == 8 and len(q["shards"]) == 2
     assert {k: v["recipients"] for k, v in q["by_domain"].items()} == {
-        "one.test": 5, "two.test": 4, "three.test": 1}
+        "one.test": 5, "two.test": 4, "three.test": 2}
     assert q["by_campaign"] == {"spring": {"messages": 3, "recipients": 3},
-                                "autumn": {"messages": 1, "recipients": 1},
+                                "autumn": {"messages": 2, "recipients": 2},
                                 "(none)": {"messages": 3, "recipients": 6}}
     assert q["by_pool"]["bulk"] == {"messages": 1, "recipients": 1}
-    assert q["by_pool"]["default"] == {"messages": 6, "recipients": 9}
+    assert q["by_pool"]["default"] == {"messages": 7, "recipients": 10}
     assert set(q) >= {"by_site", "by_source", "lanes"}
 
     # The command line shows the same.
