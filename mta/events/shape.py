@@ -32,7 +32,11 @@ Our own fields, named so that they clash with none of SparkPost's:
 ``queue_id``, ``bounce_rule`` (the rule that decided ``bounce_class``),
 ``egress_source``, ``site``, ``remote_host``, ``event_time`` (the timestamp
 with milliseconds, a string), ``message_id_header``, ``next_attempt`` (delay: Unix
-seconds of the next try, a string), ``suppressed`` (``"1"``), ``client``.
+seconds of the next try with milliseconds, a string), ``suppressed`` (``"1"``), ``client``.
+
+A ``delivery`` also carries ``error_code`` and ``raw_reason`` (the receiver's
+2xx reply; SparkPost lists them for delays and bounces only; anymail reads
+``raw_reason`` as the MTA's response).
 
 Not carried: ``friendly_from`` and ``subject`` (the spool does not keep the
 message's headers; left out rather than guessed), ``outbound_tls`` (delivery
@@ -143,7 +147,8 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
     if kind == "injection":
         return out
     attempt = int(internal.get("attempt") or 0)
-    out["num_retries"] = str(max(0, attempt - 1))
+    # failed attempts before this one; an expiry is no attempt: all of them failed
+    out["num_retries"] = str(attempt if kind == "expiration" else max(0, attempt - 1))
     out["queue_time"] = str(max(0, int(round((ts - arrival) * 1000))))
     if internal.get("suppressed"):
         out["suppressed"] = "1"
@@ -153,13 +158,16 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
         out["ip_address"] = internal["remote_ip"]
     if internal.get("remote_host"):
         out["remote_host"] = internal["remote_host"]
-    if kind == "delivery":
-        return out
     resp = internal.get("response") or {}
     code = int(resp.get("code") or 0)
     enhanced = resp.get("enhanced") or ""
     text = resp.get("text") or ""
     raw = " ".join(x for x in (str(code) if code else "", enhanced, text) if x)
+    if kind == "delivery":
+        # (SparkPost lists these for delay and bounce; the receiver's 250 is as useful)
+        out["error_code"] = str(code) if code else ""
+        out["raw_reason"] = raw
+        return out
     if kind == "expiration":
         out["type"] = "bounce"
         out["bounce_class"] = EXPIRY_CLASS
@@ -174,5 +182,5 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
     out["raw_reason"] = raw
     out["reason"] = canonical_reason(raw)
     if kind == "delay" and internal.get("next_attempt"):
-        out["next_attempt"] = str(int(internal["next_attempt"]))
+        out["next_attempt"] = "%.3f" % internal["next_attempt"]
     return out
