@@ -29,7 +29,9 @@ transmission id, and for a message injected over SMTP its queue id.  The
 ``Message-ID`` header is ``message_id_header``.
 
 Our own fields, named so that they clash with none of SparkPost's:
-``queue_id``, ``bounce_rule`` (the rule that decided ``bounce_class``),
+``queue_id``, ``bounce_rule`` (the rule that decided ``bounce_class``;
+``expired`` for an expiry, whose last reply's class and rule are
+``last_bounce_class`` / ``last_bounce_rule``),
 ``egress_source``, ``site``, ``remote_host``, ``event_time`` (the timestamp
 with milliseconds, a string), ``message_id_header``, ``next_attempt`` (delay: Unix
 seconds of the next try with milliseconds, a string), ``suppressed`` (``"1"``), ``client``.
@@ -53,6 +55,7 @@ SPARKPOST_TYPES = ("injection", "delivery", "delay", "bounce", "policy_rejection
 EXPIRY_CLASS = "24"
 EXPIRY_CODE = "554"
 EXPIRY_TEXT = "5.4.7 [internal] message expired: too long in the queue"
+EXPIRY_RULE = "expired"    # bounce_rule of an expiry (the last reply's: last_bounce_rule)
 MAX_REASON = 200          # characters of ``reason`` before the rest is elided with "..."
 
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
@@ -174,11 +177,15 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
         out["error_code"] = EXPIRY_CODE
         raw = f"{EXPIRY_CODE} {EXPIRY_TEXT}" + (
             f" ({attempt} attempt(s); last reply: {raw})" if raw else "")
+        out["bounce_rule"] = EXPIRY_RULE
+        if code and internal.get("bounce_class"):     # how the last reply was classified
+            out["last_bounce_class"] = str(internal["bounce_class"])
+            out["last_bounce_rule"] = internal.get("bounce_rule", "")
     else:
         out["bounce_class"] = str(internal.get("bounce_class") or "1")
         out["error_code"] = str(code) if code else ""
-    if internal.get("bounce_rule"):
-        out["bounce_rule"] = internal["bounce_rule"]
+        if internal.get("bounce_rule"):
+            out["bounce_rule"] = internal["bounce_rule"]
     out["raw_reason"] = raw
     out["reason"] = canonical_reason(raw)
     if kind == "delay" and internal.get("next_attempt"):
