@@ -23,9 +23,10 @@ last reply, when there was one, after it.  A **suppressed** recipient gets an
 suppression code does); no ``policy_rejection`` is made today, because no
 refusal reaches the spool (a refused RCPT never becomes a message).
 
-Ids: ``message_id`` is the spool's queue id (20 hex digits, the format of
-SparkPost's own message ids); ``transmission_id`` is the HTTP API's
-transmission id, and for a message injected over SMTP its queue id.  The
+Ids: ``message_id`` is the spool's queue id in lower case (20 hex digits, the
+format of SparkPost's own message ids); ``transmission_id`` is the HTTP API's
+transmission id, and for a message injected over SMTP its queue id as a
+decimal number (SparkPost's are numeric strings).  The
 ``Message-ID`` header is ``message_id_header``.
 
 Our own fields, named so that they clash with none of SparkPost's:
@@ -101,6 +102,14 @@ def expand(internal: dict):
         yield ev
 
 
+def _decimal(qid: str) -> str:
+    """A queue id (hex) as a decimal string, the transmission id of an SMTP injection."""
+    try:
+        return str(int(qid, 16))
+    except ValueError:
+        return qid
+
+
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower() if "@" in address else ""
 
@@ -118,8 +127,8 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
         "event_id": event_id,
         "timestamp": str(int(ts)),
         "event_time": "%.3f" % ts,
-        "message_id": qid,
-        "transmission_id": str(internal.get("transmission_id") or qid),
+        "message_id": qid.lower(),
+        "transmission_id": str(internal.get("transmission_id") or _decimal(qid)),
         "campaign_id": internal.get("campaign_id") or "",
         "rcpt_to": rcpt.lower(),
         "raw_rcpt_to": rcpt,

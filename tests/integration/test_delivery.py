@@ -172,7 +172,8 @@ def test_mx_delivery_is_byte_identical_with_envelope_kept(lab):
         assert (t["ip_address"], t["remote_host"]) == (want_ip, want_host), t
         assert t["error_code"] == "250" and t["num_retries"] == "0"
         assert ev[(q1, r)]["reception"]["msg_from"] == "alice@sender.test"
-        assert ev[(q1, r)]["reception"]["message_id"] == q1
+        assert ev[(q1, r)]["reception"]["message_id"] == q1.lower()
+        assert ev[(q1, r)]["reception"]["transmission_id"] == str(int(q1, 16))
         assert ev[(q1, r)]["reception"]["message_id_header"] == re.search(
             rb"Message-ID: (\S+)", m1).group(1).decode()
 
