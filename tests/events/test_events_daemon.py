@@ -193,3 +193,32 @@ def test_a_stopped_events_process_holds_reclamation_then_catches_up(make_daemon,
     wait_until(lambda: sum(len(glob.glob(os.path.join(sd, "*.seg"))) for sd in shard_dirs)
                <= 2 * len(shard_dirs), 20, "the held segments to be reclaimed")
     assert sum(x["events_backlog_bytes"] for x in d.queue_summary()["shards"]) < 1 << 20
+
+
+def test_the_events_backlog_bound_lets_reclamation_go_on(make_daemon, sink):
+    """events.max_backlog_bytes: past it the spool reclaims without waiting (the disk does
+    not fill up behind a dead events process); the loss is logged on both sides."""
+    d = delivering(make_daemon, sink, spool={"segment_size": 1 << 20, "preallocate": False},
+                   events={"max_backlog_bytes": 1 << 20})
+    wait_until(lambda: "events[0]" in d.children(), 20, "the events process")
+    ev_pid = d.children()["events[0]"]
+    shard_dirs = sorted(glob.glob(os.path.join(d.state_dir, "spool", "shard-*")))
+    # the events process has a position in every shard's first segment
+    send_many(d, 6, 1, "first", threads=1)
+    wait_until(lambda: len([e for e in d.events() if e["type"] == "delivery"]) == 6, 20,
+               "the first deliveries' events")
+    wait_until(lambda: all(os.path.exists(os.path.join(sd, "events.cursor"))
+                           for sd in shard_dirs), 10, "a cursor in every shard")
+    os.kill(ev_pid, signal.SIGSTOP)
+    try:
+        send_many(d, 120, 1, "b", size=64 * 1024, threads=2)
+        wait_until(lambda: d.queue_summary()["total"]["messages"] == 0, 60, "an empty queue")
+        d.wait_log(r"events backlog \d+ bytes in \d+ segment\(s\) is over "
+                   r"events.max_backlog_bytes", timeout=10)
+        # reclaimed all the same: at most the current segment and one more per shard
+        wait_until(lambda: sum(len(glob.glob(os.path.join(sd, "*.seg")))
+                               for sd in shard_dirs) <= 2 * len(shard_dirs), 20,
+                   "reclamation past the bound")
+    finally:
+        os.kill(ev_pid, signal.SIGCONT)
+    d.wait_log(r"was removed before its events were all read", timeout=20)
