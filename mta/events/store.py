@@ -26,9 +26,11 @@ big-endian, 8 octets; so byte order is time order):
   of the campaign id), ``bounce_classes`` and ``events`` filters.  A query
   walks the index of its most selective filter, newest first, and checks the
   other filters on the events it reads;
-- ``count``: minute + type -> number of events, so the ``total_count`` of a
-  page filtered only by time and type costs a few hundred reads instead of a
-  walk over millions of events;
+- ``count``: index name + value + minute -> number of events (for the
+  ``type``, ``camp``, ``tx`` and ``bcls`` indexes, and for all events), so the
+  ``total_count`` of a page filtered by one of those (or by time only) costs
+  a few thousand reads instead of a walk over millions of events: whole
+  minutes from the counters, the partial minutes at the ends walked;
 - ``meta``: the last seq.
 
 Results are newest first (descending time, then seq); the paging cursor is
@@ -102,6 +104,16 @@ _INDEX_FIELDS = (("rcpt", "rcpt_to"), ("msg", "message_id"), ("tx", "transmissio
 
 _SPLIT = re.compile(r"[\s\-_]+")
 _SPLIT_DOMAIN = re.compile(r"[\s\-_.]+")
+
+# Indexes with per-minute counters (few distinct values, many events each).
+COUNTED = frozenset(("type", "camp", "bcls", "tx"))
+_ALL = b"*\x00\x00"                 # counter prefix of every event
+
+
+def _counter(name: str, key: bytes) -> bytes:
+    """Prefix of the minute counters of *key* in index *name* (then 4 octets of minute)."""
+    return name.encode() + b"\x00" + key + b"\x00"
+
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(dict)
@@ -276,10 +288,13 @@ class EventStore:
                 txn.put(tk, typ, db=self.time)
                 if ekey is not None:
                     txn.put(ekey, tk, db=ids)
+                minute = _MIN.pack(ts // 60000)
+                counts[_ALL + minute] = counts.get(_ALL + minute, 0) + 1
                 for name, k in self._index_keys(ev):
                     txn.put(k, tk, db=self.idx[name])
-                ck = _MIN.pack(ts // 60000) + typ
-                counts[ck] = counts.get(ck, 0) + 1
+                    if name in COUNTED:
+                        ck = _counter(name, k) + minute
+                        counts[ck] = counts.get(ck, 0) + 1
             for ck, n in counts.items():
                 self._bump(txn, ck, n)
             txn.put(b"seq", _U64.pack(seq), db=self.meta)
@@ -372,27 +387,30 @@ class EventStore:
 
     def _query(self, filters, matcher, lo, hi, after, per_page, max_scan):
         with self.env.begin() as txn:
+            name, keys, exact = self._plan(txn, filters)
             total = 0
             counted = False
-            if set(filters) <= {"events"}:
+            if exact and (name is None or name in COUNTED) and \
+                    (name != "camp" or len(keys) == 1):
                 # total from the minute counters: the walk starts at the cursor
-                total, counted = self._count_by_time(txn, lo, hi, filters.get("events"),
-                                                     max_scan)
+                total, counted = self._count(txn, name, keys, lo, hi, max_scan)
             top = min(hi, after) if counted and after is not None else hi
-            streams, exact = self._plan(txn, filters, lo, top)
             out: list[dict] = []
             scanned = 0
             more = False
             last = None
             get = txn.get
             evdb = self.ev
-            for tk in streams:
+            for tk in self._stream(txn, name, keys, lo, top):
                 scanned += 1
                 if scanned > max_scan:
                     break
                 ev = None
                 if not exact:
-                    ev = _dec.decode(get(tk[8:], db=evdb)[8:])
+                    raw = get(tk[8:], db=evdb)
+                    if raw is None:
+                        continue
+                    ev = _dec.decode(raw[8:])
                     if not matcher(ev):
                         continue
                 if not counted:
@@ -415,20 +433,23 @@ class EventStore:
         nxt = encode_cursor(*_TS.unpack(last)) if more and last is not None else None
         return out, nxt, total
 
-    def _plan(self, txn, filters: dict, lo: bytes, hi: bytes):
-        """(time+seq keys of candidates, newest first; whether they all match without a check)."""
+    def _plan(self, txn, filters: dict) -> tuple[str | None, list[bytes], bool]:
+        """(index to walk or None for the time index, its keys, whether its entries all match).
+
+        The index is that of the indexed filter with the fewest entries.
+        """
         best = None
-        for name, dbname in INDEXED.items():
-            values = filters.get(name)
+        for param, dbname in INDEXED.items():
+            values = filters.get(param)
             if not values:
                 continue
-            db = self.idx[dbname.decode()]
-            cur = txn.cursor(db=db)
+            name = dbname.decode()
+            cur = txn.cursor(db=self.idx[name])
             keys = []
             cost = 0
             decides = True
             for v in values:
-                if name == "campaigns":
+                if param == "campaigns":
                     toks = tokens(str(v))
                     if not toks:
                         continue
@@ -441,19 +462,25 @@ class EventStore:
                     k = _key(v)
                 keys.append(k)
                 cost += cur.count() if cur.set_key(k) else 0
+            keys = list(dict.fromkeys(keys))
             if best is None or cost < best[0]:
-                best = (cost, name, db, keys, decides)
+                best = (cost, name, keys, decides)
         if best is None:
-            return self._walk_time(txn, lo, hi), not filters
-        cost, name, db, keys, decides = best
-        # Several values of one filter: their streams merged (an event can be in
-        # two of them only for campaign tokens: duplicates dropped).
-        exact = decides and len(filters) == 1 and len(set(keys)) == len(keys)
-        gens = [self._walk_dups(txn, db, k, lo, hi) for k in dict.fromkeys(keys)]
+            return None, [], not filters
+        cost, name, keys, decides = best
+        return name, keys, decides and len(filters) == 1
+
+    def _stream(self, txn, name: str | None, keys: list[bytes], lo: bytes, hi: bytes):
+        """time+seq keys of the candidates in [lo, hi), newest first."""
+        if name is None:
+            return self._walk_time(txn, lo, hi)
+        db = self.idx[name]
+        gens = [self._walk_dups(txn, db, k, lo, hi) for k in keys]
         if not gens:
-            return iter(()), True
-        stream = gens[0] if len(gens) == 1 else _dedupe(heapq.merge(*gens, reverse=True))
-        return stream, exact
+            return iter(())
+        # several values: their streams merged (an event is in two of them only
+        # for campaign tokens: duplicates dropped)
+        return gens[0] if len(gens) == 1 else _dedupe(heapq.merge(*gens, reverse=True))
 
     @staticmethod
     def _walk_dups(txn, db, key: bytes, lo: bytes, hi: bytes):
@@ -482,44 +509,44 @@ class EventStore:
                 return
             yield k
 
-    def _count_by_time(self, txn, lo: bytes, hi: bytes, types, max_scan: int):
-        """(events in [lo, hi) of *types* (None: all), whether exact) from the minute counters."""
+    def _count(self, txn, name: str | None, keys: list[bytes], lo: bytes, hi: bytes,
+               max_scan: int) -> tuple[int, bool]:
+        """(events in [lo, hi) under *keys* of index *name* (None: all), whether exact).
+
+        Whole minutes come from the counters; the partial minutes at the two
+        ends are walked (at most *max_scan* entries).
+        """
         lo_ms = _TS.unpack(lo)[0]
         hi_ms = min(_TS.unpack(hi)[0], 2 ** 62)
-        want = frozenset(_key(t) for t in types) if types else None
         first_full = -(-lo_ms // 60000)       # first minute wholly inside
         end_full = hi_ms // 60000             # minutes before this one are wholly inside
+        prefixes = [_ALL] if name is None else [_counter(name, k) for k in keys]
         total = 0
         if first_full < end_full:
             cur = txn.cursor(db=self.count_db)
-            ok = cur.set_range(_MIN.pack(min(first_full, 2 ** 32 - 1)))
-            stop = _MIN.pack(min(end_full, 2 ** 32 - 1))
-            while ok:
-                k = cur.key()
-                if k[:4] >= stop:
-                    break
-                if want is None or bytes(k[4:]) in want:
+            a = _MIN.pack(min(first_full, 2 ** 32 - 1))
+            b = _MIN.pack(min(end_full, 2 ** 32 - 1))
+            for p in prefixes:
+                ok = cur.set_range(p + a)
+                stop = p + b
+                while ok:
+                    k = cur.key()
+                    if k >= stop:
+                        break
                     total += _U64.unpack(cur.value())[0]
-                ok = cur.next()
+                    ok = cur.next()
             edges = [(lo_ms, first_full * 60000), (end_full * 60000, hi_ms)]
         else:
             edges = [(lo_ms, hi_ms)]
         scanned = 0
-        cur = txn.cursor(db=self.time)
         for a, b in edges:
             if a >= b:
                 continue
-            stop = _TS.pack(b, 0)
-            if not cur.set_range(_TS.pack(a, 0)):
-                continue
-            for k, v in cur.iternext(keys=True, values=True):
-                if k >= stop:
-                    break
+            for _ in self._stream(txn, name, keys, _TS.pack(a, 0), _TS.pack(b, 0)):
                 scanned += 1
                 if scanned > max_scan:
                     return total, False
-                if want is None or bytes(v) in want:
-                    total += 1
+                total += 1
         return total, True
 
     # ------------------------------------------------------------- pruning
@@ -582,16 +609,19 @@ class EventStore:
                     continue
                 tk = bytes(tk)
                 raw = txn.get(tk[8:], db=self.ev)
+                minute = _MIN.pack(_U64.unpack(tk[:8])[0] // 60000)
+                counts[_ALL + minute] = counts.get(_ALL + minute, 0) - 1
                 if raw is not None:
                     ev = _dec.decode(raw[8:])
                     for name, k in self._index_keys(ev):
                         txn.delete(k, tk, db=self.idx[name])
+                        if name in COUNTED:
+                            ck = _counter(name, k) + minute
+                            counts[ck] = counts.get(ck, 0) - 1
                     eid = ev.get("event_id")
                     if eid not in (None, ""):
                         txn.delete(_key(eid), db=self.ids)
                     txn.delete(tk[8:], db=self.ev)
-                ck = _MIN.pack(_U64.unpack(tk[:8])[0] // 60000) + bytes(cur.value())
-                counts[ck] = counts.get(ck, 0) - 1
                 ok = cur.delete()     # moves to the next entry
                 if ok and not cur.key():
                     ok = False

@@ -90,6 +90,18 @@ def test_total_from_minute_counters_spanning_many_minutes(store):
                                      start=start, end=end)
         wb = [i for i in want if i % 3 != 0]
         assert total == len(wb) and ids(page) == [str(i) for i in reversed(wb)]
+        # counted indexes: campaign tokens, transmissions, bounce classes
+        page, _, total = store.query({"campaigns": ["sale"]}, None, 3, start=start, end=end)
+        assert total == len(want) and ids(page) == [str(i) for i in reversed(want)][:3]
+        page, _, total = store.query({"transmissions": ["t5", "t7"]}, None, 3,
+                                     start=start, end=end)
+        wt = [i for i in want if (i * 7) // 10 in (5, 7)]
+        assert total == len(wt) and ids(page) == [str(i) for i in reversed(wt)][:3]
+    # the counters follow a prune
+    store.retention = 3000
+    store.prune(T0 + 6000, keep_from_seq=10**9)
+    _, _, total = store.query({"campaigns": ["sale"]}, None, 3, start=T0, end=T0 + 7000)
+    assert total == len([i for i in range(1000) if i * 7 >= 3000])
 
 
 def test_indexed_filters(store):
