@@ -22,8 +22,9 @@ big-endian, 8 octets; so byte order is time order):
   ``event_ids`` filter);
 - ``rcpt``, ``msg``, ``tx``, ``camp``, ``bcls``, ``type`` (dupsort, fixed
   16-octet duplicates): value -> time + seq, for the ``recipients``,
-  ``messages``, ``transmissions``, ``campaigns`` (one entry per keyword token
-  of the campaign id), ``bounce_classes`` and ``events`` filters.  A query
+  ``messages``, ``transmissions``, ``campaigns`` (one entry per run of up to
+  MAX_RUN keyword tokens of the campaign id, :func:`campaign_keys`),
+  ``bounce_classes`` and ``events`` filters.  A query
   walks the index of its most selective filter, newest first, and checks the
   other filters on the events it reads;
 - ``count``: index name + value + minute -> number of events (for the
@@ -65,6 +66,8 @@ _U64 = struct.Struct(">Q")
 _TS = struct.Struct(">QQ")        # time (ms), seq
 _MIN = struct.Struct(">I")         # minute number
 
+MAX_RUN = 4                        # tokens of a campaign id indexed together
+MAX_CAMPAIGN_KEYS = 32             # index keys of one campaign id
 MAX_KEY = 400                      # octets of an indexed value kept (LMDB keys: at most 511)
 WARN_FRACTION = 0.75               # of the map size: warn
 PRUNE_FRACTION = 0.85              # of the map size: prune the oldest events too
@@ -150,6 +153,23 @@ def event_time(ev: dict, now: float | None = None) -> int:
         except ValueError:
             pass
     return int((time.time() if now is None else now) * 1000)
+
+
+def campaign_keys(campaign: str) -> list[bytes]:
+    """The ``camp`` index keys of a campaign id: each run of up to MAX_RUN tokens.
+
+    A ``campaigns`` value of at most MAX_RUN tokens is then one key (its
+    tokens joined by a space), so it is answered and counted from the index
+    alone; a longer value is checked on the events of its first run.
+    """
+    toks = tokens(campaign)
+    keys = {}
+    for i in range(len(toks)):
+        for j in range(i + 1, min(len(toks), i + MAX_RUN) + 1):
+            keys[_key(" ".join(toks[i:j]))] = None
+            if len(keys) >= MAX_CAMPAIGN_KEYS:
+                return list(keys)
+    return list(keys)
 
 
 def _key(value) -> bytes:
@@ -308,8 +328,8 @@ class EventStore:
                 yield name, _key(v)
         camp = ev.get("campaign_id")
         if camp:
-            for t in dict.fromkeys(tokens(str(camp))):
-                yield "camp", _key(t)
+            for k in campaign_keys(str(camp)):
+                yield "camp", k
 
     def _bump(self, txn, ck: bytes, delta: int) -> None:
         v = txn.get(ck, db=self.count_db)
@@ -453,11 +473,9 @@ class EventStore:
                     toks = tokens(str(v))
                     if not toks:
                         continue
-                    if len(toks) > 1:
-                        decides = False
-                    # the rarest token of the value
-                    k = min((_key(t) for t in toks),
-                            key=lambda k: cur.count() if cur.set_key(k) else 0)
+                    if len(toks) > MAX_RUN:
+                        decides = False     # its first run, then checked on the event
+                    k = _key(" ".join(toks[:MAX_RUN]))
                 else:
                     k = _key(v)
                 keys.append(k)
@@ -590,7 +608,25 @@ class EventStore:
 
     def _prune_chunk(self, stop: bytes, keep_from_seq: int, chunk: int,
                      resume: bytes) -> tuple[int, bytes | None]:
-        """Delete up to *chunk* events with time key < *stop*, from *resume* on."""
+        """Delete up to *chunk* events with time key < *stop*, from *resume* on.
+
+        A deletion needs free pages too (copy on write): in a full map the
+        chunk is halved until one fits.
+        """
+        while True:
+            try:
+                return self._prune_txn(stop, keep_from_seq, chunk, resume)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+            except lmdb.MapFullError:
+                if chunk <= 1:
+                    log.error("events store: full ([events] store_max_size %d octets); not "
+                              "even one event could be deleted", self.map_size)
+                    return 0, None
+                chunk //= 2
+
+    def _prune_txn(self, stop: bytes, keep_from_seq: int, chunk: int,
+                   resume: bytes) -> tuple[int, bytes | None]:
         n = 0
         counts: dict[bytes, int] = {}
         with self.env.begin(write=True) as txn:
