@@ -2,7 +2,7 @@
 
     nice python bench/events_store.py [--events 10000000] [--dir DIR] [--queries 200]
 
-Fills an EventStore (mta/events/store.py) in a temporary directory with
+Fills an EventStore (mta/feedback/events_store.py) in a temporary directory with
 synthetic but realistic events spread over the retention window (10 days):
 per message an ``injection`` then a ``delivery`` (90 %), a ``delay`` and a
 ``delivery`` (5 %) or a ``bounce`` (5 %, mixed classes); recipients drawn from
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import orjson  # noqa: E402
 
 from mta.api import events as api  # noqa: E402
-from mta.events.store import EventStore  # noqa: E402
+from mta.feedback.events_store import EventStore  # noqa: E402
 
 CAMPAIGNS = ["spring-sale", "weekly-news", "black_friday-deals", "product-update",
              "welcome-series"]

@@ -67,7 +67,7 @@ from mta.feedback import suppression as suppression_list
 from mta.api import build, idempotency, transmissions
 from mta.api import events as events_api
 from mta.api import suppression as suppression_api
-from mta.events import store as events_store
+from mta.feedback import events_store
 from mta.api import replies as R
 
 log = logging.getLogger("mta.acceptor")

@@ -1,4 +1,4 @@
-"""SparkPost's Events API (``GET /api/v1/events/message``) over :mod:`mta.events.store`.
+"""SparkPost's Events API (``GET /api/v1/events/message``) over :mod:`mta.feedback.events_store`.
 
 No sockets: :func:`handle` takes the request's method, path and query and
 returns (status, JSON body) or raises :class:`~mta.api.replies.ApiError`; the
@@ -12,7 +12,7 @@ as for transmissions.
   the next page (``links`` is ``{}`` on the last page).  ``from`` (inclusive)
   defaults to 24 hours ago, ``to`` (exclusive) to one minute ago, as
   SparkPost's.  Filters are comma-separated lists (or ``delimiter``); those
-  marked keyword in :data:`mta.events.store.FILTERS` match whole tokens.
+  marked keyword in :data:`mta.feedback.events_store.FILTERS` match whole tokens.
 - ``GET /api/v1/events/message/documentation``: per event type, its fields
   with a description and a sample value.
 - ``GET /api/v1/events/message/samples?events=``: one sample event per type.
@@ -30,7 +30,7 @@ import urllib.parse
 import orjson
 
 from mta.api import replies as R
-from mta.events import store as S
+from mta.feedback import events_store as S
 
 PATH = b"/api/v1/events/message"
 MAX_URI = 4096

@@ -1,1 +1,4 @@
-"""Message events: the events store (mta.events.store) and the pipeline that fills it."""
+"""The events role: SparkPost-shaped message events from the spool's durable records.
+
+:mod:`mta.events.main` is the process; :mod:`mta.events.shape` the event shape.
+"""

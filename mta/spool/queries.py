@@ -30,7 +30,10 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
     (``next_start``: the earliest); ``blocked``: messages waiting for their
     domain's bulk cap (``delivery.max_in_flight_per_domain``);
     ``in_flight_transactional``: the jobs out in the transactional lane;
-    ``pools``: messages and pending recipients per egress pool.
+    ``pools``: messages and pending recipients per egress pool;
+    ``events_backlog_bytes`` / ``_segments``: spool segments the events
+    process has not read yet (``events_backlog_warning``: over half of
+    ``events.max_backlog_bytes``).
     """
     store = shard.store
     s = store.summary()
@@ -75,7 +78,9 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
              scheduled=scheduled, scheduled_messages=scheduled_messages, next_start=next_start,
              domains={k: {"recipients": v[0], "deferred": v[1], "next_attempt": v[2]}
                       for k, v in domains.items()},
-             pools={k: {"messages": v[0], "recipients": v[1]} for k, v in pools.items()})
+             pools={k: {"messages": v[0], "recipients": v[1]} for k, v in pools.items()},
+             events_backlog_bytes=shard.backlog[0], events_backlog_segments=shard.backlog[1],
+             events_backlog_warning=shard.backlog_level > 0)
     return bus.SpoolQueueSummaryReply(req, s)
 
 

@@ -33,6 +33,8 @@ SIGHUP: RELOADING=1; validate the new file; if it is bad keep running and log
 why; if good, replace the acceptors one slot at a time — the new process
 accepts on the slot's socket before the old one stops, so no connection is
 refused — then READY=1.  Spool settings take effect at the next restart.
+SIGUSR1: passed to the events process, which reopens the event log by name
+(for logrotate).
 """
 from __future__ import annotations
 
@@ -366,7 +368,8 @@ class Supervisor:
     def run(self) -> int:
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wfd)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                    signal.SIGUSR1):
             signal.signal(sig, self.on_signal)
         self.start()
         while True:
@@ -385,6 +388,11 @@ class Supervisor:
             self.reap()
             if signal.SIGHUP in sigs:
                 self.reload()
+            if signal.SIGUSR1 in sigs:
+                # logrotate: the events process reopens the event log by name
+                for c in list(self.children.values()):
+                    if c.role == "events":
+                        self._kill(c.pid, signal.SIGUSR1)
             self.restart_due()
 
     def shutdown(self) -> int:

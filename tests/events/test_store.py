@@ -1,4 +1,4 @@
-"""The events store (mta.events.store) in-process: append, dedupe, read, query, prune."""
+"""The events store (mta.feedback.events_store) in-process: append, dedupe, read, query, prune."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mta.events import store as S
+from mta.feedback import events_store as S
 
 T0 = 1_700_000_000          # a fixed Unix time (2023-11-14T22:13:20Z)
 MAP = 64 * 1024 * 1024
@@ -224,7 +224,7 @@ def test_store_full_is_an_exception_and_prune_frees_space(tmp_path):
 def test_readonly_reader_in_another_process_sees_synced_events(store, tmp_path):
     store.append([ev(i) for i in range(3)])
     store.sync()
-    code = ("import sys; from mta.events.store import EventStore;"
+    code = ("import sys; from mta.feedback.events_store import EventStore;"
             "s = EventStore(sys.argv[1], map_size=1 << 20, retention=1, readonly=True);"
             "print(s.last_seq(), [e['event_id'] for e in s.query({}, None, 10)[0]])")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "events")],

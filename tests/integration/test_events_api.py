@@ -1,7 +1,7 @@
 """SparkPost's Events API (GET /api/v1/events/message) against the real daemon.
 
 The tests in the first part seed the events store through
-:class:`mta.events.store.EventStore` (the daemon's acceptors read that LMDB
+:class:`mta.feedback.events_store.EventStore` (the daemon's acceptors read that LMDB
 environment read-only, across processes) so that every filter can be checked
 on known data; the npm ``sparkpost`` client reads the same events with
 ``events.searchMessage``.
@@ -19,7 +19,7 @@ import urllib.parse
 import pytest
 from daemon import HOST
 
-from mta.events.store import EventStore
+from mta.feedback.events_store import EventStore
 
 KEY = "events-key"
 JS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "js-http")
@@ -216,3 +216,55 @@ def test_npm_client_search_message(daemon):
     assert "cursor=" in body["links"]["next"]
     assert bad["ok"] is False and bad["status"] == 400
     assert bad["errors"][0]["description"].startswith("events:")
+
+
+def test_mail_injected_and_delivered_shows_up_in_the_api(make_daemon):
+    """The whole pipeline: HTTP injection -> spool -> delivery to a sink (one refused
+    with 550 5.1.1) -> the events process -> the store -> the API."""
+    from daemon import free_port, wait_until
+    from sinks import AioSink
+
+    def rcpt(sink, address, mail_from):
+        if address.startswith("unknown"):
+            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+        return None
+    sink = AioSink(HOST, free_port(), rcpt=rcpt).start()
+    try:
+        d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
+                        delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                             "hosts": [f"{HOST}:{sink.port}"]}]})
+        t0 = int(time.time()) - 1
+        status, _, body = d.post({"campaign_id": "pipeline-test",
+                                  "recipients": [{"address": "ok@example.com"},
+                                                 {"address": "unknown@example.com"}],
+                                  "content": {"from": "news@sender.example.org",
+                                              "subject": "Pipeline", "text": "hello"}},
+                                 headers={"Authorization": KEY})
+        assert status == 200, body
+        tid = body["results"]["id"]
+        span = {"from": iso_param(t0), "to": iso_param(t0 + 3600)}
+
+        def events_of(address):
+            status, b = get(d, window(recipients=address, **span))
+            assert status == 200, b
+            return {e["type"]: e for e in b["results"]}
+
+        wait_until(lambda: set(events_of("ok@example.com")) >= {"injection", "delivery"},
+                   60, "injection and delivery events of ok@example.com in the API")
+        wait_until(lambda: "bounce" in events_of("unknown@example.com"), 60,
+                   "the bounce event of unknown@example.com in the API")
+        sink.wait_for("ok@example.com")            # the sink did receive it
+        ok = events_of("ok@example.com")
+        assert ok["delivery"]["transmission_id"] == tid
+        assert ok["delivery"]["campaign_id"] == "pipeline-test"
+        assert ok["delivery"]["timestamp"].endswith("+00:00")
+        bounce = events_of("unknown@example.com")["bounce"]
+        assert bounce["bounce_class"] == "10", bounce
+        assert bounce["error_code"] == "550" and "5.1.1" in bounce["raw_reason"]
+        # the bounce class filter finds it, and the campaign filter finds all three
+        status, b = get(d, window(bounce_classes="10", **span))
+        assert [e["rcpt_to"] for e in b["results"]] == ["unknown@example.com"]
+        status, b = get(d, window(campaigns="pipeline-test", **span))
+        assert {e["type"] for e in b["results"]} >= {"injection", "delivery", "bounce"}
+    finally:
+        sink.stop()

@@ -50,6 +50,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import errno
 import heapq
 import logging
 import os
@@ -60,7 +61,7 @@ import time
 import lmdb
 import msgspec
 
-log = logging.getLogger("mta.events.store")
+log = logging.getLogger("mta.feedback.events_store")
 
 _U64 = struct.Struct(">Q")
 _TS = struct.Struct(">QQ")        # time (ms), seq
@@ -122,8 +123,11 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(dict)
 
 
-class StoreFull(Exception):
-    """The store has reached its map size ([events] store_max_size)."""
+class StoreFull(OSError):
+    """The store has reached its map size ([events] store_max_size); errno ENOSPC."""
+
+    def __init__(self, text: str):
+        super().__init__(errno.ENOSPC, text)
 
 
 class BadCursor(ValueError):
