@@ -167,7 +167,7 @@ def main() -> None:
 
         def call(params: dict, decode: bool = False) -> dict:
             url = ("/api/v1/events/message?" + urllib.parse.urlencode(params)).encode()
-            status, body = api.handle(store, b"GET", url, max_scan=2_000_000, now=now + 120)
+            status, body = api.handle(store, b"GET", url, max_scan=500_000, now=now + 120)
             assert status == 200, body
             return orjson.loads(body) if decode else {"len": len(body)}
 

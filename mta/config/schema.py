@@ -435,7 +435,9 @@ class EventsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         32 * GiB
     query_max_scan: Annotated[int, _doc(
         "index entries one GET /api/v1/events/message may read; past it total_count counts "
-        "only what was read", ge=1000, le=1_000_000_000)] = 2_000_000
+        "only what was read, and a page may come short with a next cursor to go on from "
+        "(a walk that decodes events reads about 300,000 a second)", ge=1000,
+        le=1_000_000_000)] = 500_000
     # --- end of the events store keys ---
 
 

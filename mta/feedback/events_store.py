@@ -74,7 +74,7 @@ WARN_FRACTION = 0.75               # of the map size: warn
 PRUNE_FRACTION = 0.85              # of the map size: prune the oldest events too
 PRUNE_TARGET = 0.7               # ... down to this
 DEFAULT_CHUNK = 5000               # events deleted per prune transaction
-MAX_SCAN = 2_000_000               # index entries one query may read (past it: total is a floor)
+MAX_SCAN = 500_000                 # index entries one query may read (then: a short page, a cursor)
 
 # Filters of the Events API: parameter -> (event field, how it matches).
 EXACT, KEYWORD, DOMAIN = "exact", "keyword", "domain"
@@ -416,46 +416,69 @@ class EventStore:
             counted = False
             if exact and (name is None or name in COUNTED) and \
                     (name != "camp" or len(keys) == 1):
-                # total from the minute counters: the walk starts at the cursor
+                # total from the minute counters
                 total, counted = self._count(txn, name, keys, lo, hi, max_scan)
-            top = min(hi, after) if counted and after is not None else hi
-            out: list[dict] = []
-            scanned = 0
-            more = False
-            last = None
-            get = txn.get
-            evdb = self.ev
-            for tk in self._stream(txn, name, keys, lo, top):
-                scanned += 1
-                if scanned > max_scan:
-                    break
-                ev = None
-                if not exact:
+            budget = [max_scan]
+            top = min(hi, after) if after is not None else hi
+            # The page: from the cursor down.  Past the scan budget the page
+            # may be short, and its cursor is where the walk stopped.
+            out, last, more, found = self._page(txn, name, keys, lo, top, exact, matcher,
+                                                per_page, budget, counted)
+            if not counted:
+                total = found
+                if after is not None and budget[0] > 0:
+                    # the matches before the cursor count too
+                    total += self._page(txn, name, keys, after, hi, exact, matcher, 0,
+                                        budget, False)[3]
+        nxt = encode_cursor(*_TS.unpack(last)) if more and last is not None else None
+        return out, nxt, total
+
+    def _page(self, txn, name, keys, lo, hi, exact, matcher, per_page, budget, counted):
+        """Walk [lo, hi) newest first: (page, its last key, more after it, matches seen).
+
+        Stops when the page is full and one more match is seen (*counted*:
+        the total is known) or when *budget* [entries] is spent.
+        """
+        out: list[dict] = []
+        found = 0
+        last = None
+        more = False
+        get = txn.get
+        evdb = self.ev
+        left = budget[0]
+        last_tk = None
+        for tk in self._stream(txn, name, keys, lo, hi):
+            if left <= 0:
+                more = True           # the rest is not read: the next page goes on
+                if len(out) < per_page:
+                    last = last_tk    # from where this walk stopped
+                break
+            left -= 1
+            last_tk = tk
+            ev = None
+            if not exact:
+                raw = get(tk[8:], db=evdb)
+                if raw is None:
+                    continue
+                ev = _dec.decode(raw[8:])
+                if not matcher(ev):
+                    continue
+            found += 1
+            if len(out) < per_page:
+                if ev is None:
                     raw = get(tk[8:], db=evdb)
                     if raw is None:
                         continue
                     ev = _dec.decode(raw[8:])
-                    if not matcher(ev):
-                        continue
-                if not counted:
-                    total += 1
-                if after is not None and tk >= after:
-                    continue
-                if len(out) < per_page:
-                    if ev is None:
-                        raw = get(tk[8:], db=evdb)
-                        if raw is None:
-                            continue
-                        ev = _dec.decode(raw[8:])
-                    ev["_ts"] = _U64.unpack(tk[:8])[0]
-                    out.append(ev)
-                    last = tk
-                else:
-                    more = True
-                    if counted:
-                        break
-        nxt = encode_cursor(*_TS.unpack(last)) if more and last is not None else None
-        return out, nxt, total
+                ev["_ts"] = _U64.unpack(tk[:8])[0]
+                out.append(ev)
+                last = tk
+            elif per_page:
+                more = True
+                if counted:
+                    break
+        budget[0] = left
+        return out, last, more, found
 
     def _plan(self, txn, filters: dict) -> tuple[str | None, list[bytes], bool]:
         """(index to walk or None for the time index, its keys, whether its entries all match).

@@ -169,11 +169,25 @@ def test_bad_cursor_and_unknown_filter(store):
         store.query({"colour": ["red"]}, None, 10)
 
 
-def test_max_scan_bounds_a_query(store):
-    store.append([ev(i, subject="x") for i in range(3000)])
+def test_max_scan_bounds_a_query_and_the_cursor_goes_on(store):
+    evs = [ev(i, subject="x") for i in range(3000)]
+    evs[500]["subject"] = "y"
+    store.append(evs)
+    # past the budget the page is short, total is a floor, and the cursor goes on
     page, nxt, total = store.query({"subjects": ["y"]}, None, 10, start=T0, end=T0 + 5000,
                                    max_scan=1000)
-    assert page == [] and nxt is None and total == 0
+    assert page == [] and nxt is not None and total == 0
+    found = []
+    for _ in range(10):
+        page, nxt, total = store.query({"subjects": ["y"]}, nxt, 10, start=T0, end=T0 + 5000,
+                                       max_scan=1000)
+        found += ids(page)
+        if nxt is None:
+            break
+    assert found == ["10500"] and nxt is None
+    # with enough budget, one page and the exact total
+    page, nxt, total = store.query({"subjects": ["y"]}, None, 10, start=T0, end=T0 + 5000)
+    assert ids(page) == ["10500"] and nxt is None and total == 1
 
 
 def test_prune_keeps_retention_and_unconsumed_events(store):
