@@ -261,6 +261,16 @@ def test_mail_injected_and_delivered_shows_up_in_the_api(make_daemon):
         bounce = events_of("unknown@example.com")["bounce"]
         assert bounce["bounce_class"] == "10", bounce
         assert bounce["error_code"] == "550" and "5.1.1" in bounce["raw_reason"]
+        # over SMTP too
+        d.send("news@sender.example.org", ["smtp-ok@example.com"],
+               b"From: news@sender.example.org\r\nTo: smtp-ok@example.com\r\n"
+               b"Subject: Over SMTP\r\n\r\nhello\r\n")
+        sink.wait_for("smtp-ok@example.com")
+        wait_until(lambda: set(events_of("smtp-ok@example.com")) >= {"injection", "delivery"},
+                   60, "injection and delivery events of smtp-ok@example.com in the API")
+        smtp_ev = events_of("smtp-ok@example.com")
+        assert smtp_ev["delivery"]["message_id"] == smtp_ev["injection"]["message_id"]
+        assert smtp_ev["delivery"]["event_id"] != smtp_ev["injection"]["event_id"]
         # the bounce class filter finds it, and the campaign filter finds all three
         status, b = get(d, window(bounce_classes="10", **span))
         assert [e["rcpt_to"] for e in b["results"]] == ["unknown@example.com"]
