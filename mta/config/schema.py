@@ -418,6 +418,27 @@ class EventsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "back their reclamation; a warning at half; beyond it segments are reclaimed "
         "anyway and their events are missing from the log (an error is logged)",
         ge=1 * MiB)] = 4 * GiB
+    # --- the events store and GET /api/v1/events/message (mta/feedback/events_store.py) ---
+    store: Annotated[bool, _doc(
+        "keep message events in the events store and serve GET /api/v1/events/message; "
+        "false: no store, the API answers 404")] = True
+    store_path: Annotated[str, _doc(
+        "LMDB directory of the events store (written by the events process, read by the "
+        "acceptors); relative paths are inside state_dir")] = "events"
+    retention: Annotated[float, _doc(
+        "seconds an event is kept in the store (10 days, as SparkPost); an event a webhook "
+        "has not consumed yet is kept longer", ge=60, le=366 * 86400)] = 10 * 86400.0
+    store_max_size: Annotated[int, _doc(
+        "octets the events store may take on disk (the LMDB map size; an event takes about "
+        "1 KiB with its indexes); from 75 % a warning is logged, from 85 % the oldest "
+        "events are deleted before their retention ends", ge=16 * MiB, le=4096 * GiB)] = \
+        32 * GiB
+    query_max_scan: Annotated[int, _doc(
+        "index entries one GET /api/v1/events/message may read; past it total_count counts "
+        "only what was read, and a page may come short with a next cursor to go on from "
+        "(a walk that decodes events reads about 300,000 a second)", ge=1000,
+        le=1_000_000_000)] = 500_000
+    # --- end of the events store keys ---
 
 
 class AdminConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -463,7 +484,8 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
         default_factory=SuppressionConfig)
     events: Annotated[EventsConfig, _doc(
         "the events process: the event log's rotation and retention, checkpoints, the "
-        "events backlog bound")] = msgspec.field(default_factory=EventsConfig)
+        "events backlog bound; the events store and the events API")] = msgspec.field(
+        default_factory=EventsConfig)
     admin: Annotated[AdminConfig, _doc(
         "the admin listener: Prometheus /metrics and the admin API")] = msgspec.field(
         default_factory=AdminConfig)

@@ -50,6 +50,7 @@ from mta.store import (Watermark, read_cursor, read_events, segment_numbers, seg
 log = logging.getLogger("mta.events")
 
 MAX_RECORDS_PER_POLL = 256      # REC_EVENTS records taken from one shard per turn
+PRUNE_INTERVAL = 60.0           # seconds between two prunes of the events store
 ERROR_RETRY = 1.0               # seconds before trying again after a write failure
 
 
@@ -65,18 +66,24 @@ class NullSink:
     def close(self) -> None:
         pass
 
+    def prune(self, now: float, keep_from_seq: int) -> int:
+        return 0
+
+    def last_seq(self) -> int:
+        return 0
+
 
 def open_sink(settings):
     """The events store when ``[events] store`` is on (brief B's EventStore), else a NullSink."""
     cfg = settings.config.events
     if not getattr(cfg, "store", False):
         return NullSink()
-    from mta.events.store import EventStore   # noqa: PLC0415 (only when configured)
+    from mta.feedback.events_store import EventStore   # noqa: PLC0415 (only when configured)
 
     path = getattr(cfg, "store_path", "") or "events-store"
     if not os.path.isabs(path):
         path = os.path.join(settings.state_dir, path)
-    return EventStore(path, map_size=getattr(cfg, "store_map_size", 1 << 30),
+    return EventStore(path, map_size=getattr(cfg, "store_max_size", 1 << 30),
                       retention=getattr(cfg, "retention", 10 * 86400.0))
 
 
@@ -230,6 +237,7 @@ class Events:
         self.stopping = False
         self.reopen = False
         self.next_checkpoint = time.monotonic() + cfg.checkpoint_interval
+        self.next_prune = 0.0
         self.failed = False
         self.published = 0
 
@@ -256,6 +264,11 @@ class Events:
                 t.durable = pos
         if self.log.rotation_due(time.time()):
             self.log.rotate()
+        if time.monotonic() >= self.next_prune:
+            # the store's retention and size bound, in bounded chunks (brief B);
+            # keep_from_seq: what a webhook has not consumed (none yet: all consumed)
+            self.next_prune = time.monotonic() + PRUNE_INTERVAL
+            self.sink.prune(time.time(), self.sink.last_seq() + 1)
 
     def rewind(self) -> None:
         """After a write failure: read again from the durable cursors."""
