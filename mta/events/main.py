@@ -6,8 +6,8 @@ Reads:   each shard's segment files (``<spool>/shard-<n>/*.seg``, read-only),
 Writes:  the JSON-lines event log (server.event_log, rotated, :mod:`mta.obs.events`);
          the events store when one is configured (``self.sink``); each shard's
          ``events.cursor`` (write to a temporary file, fsync, rename, fsync dir).
-Peers:   none over the network or the bus: the spool shards are read through
-         their files only.
+Peers:   the spool shards, through their files only; the admin process (statistics
+         pushed over the bus, like every child).
 Config:  [events] (all keys), [server] event_log, log_level; [spool] nothing
          (the shard count comes from the spool directory's settings).
 
@@ -40,10 +40,11 @@ import os
 import signal
 import time
 
-from mta import native, proc
+from mta import bus, native, proc
 from mta.events.shape import event_id as make_event_id
 from mta.events.shape import expand, sparkpost_event
 from mta.obs import events as ev
+from mta.obs.stats import Pusher, Registry
 from mta.store import (Watermark, read_cursor, read_events, segment_numbers, segment_path,
                        shard_dir, write_cursor)
 
@@ -239,7 +240,9 @@ class Events:
         self.next_checkpoint = time.monotonic() + cfg.checkpoint_interval
         self.next_prune = 0.0
         self.failed = False
-        self.published = 0
+        self.reg = Registry(settings.config.admin.max_label_values)
+        self.published = self.reg.counter("mta_events_published_total")
+        self.pusher = None          # statistics to the admin process (memory, CPU, counts)
 
     def step(self) -> bool:
         """Read and publish what is new; True if there may be more at once."""
@@ -250,7 +253,7 @@ class Events:
             if out:
                 self.log.write(out)
                 self.sink.append(out)     # the events store (brief B), when configured
-                self.published += len(out)
+                self.published.value += len(out)
         return more
 
     def checkpoint(self) -> None:
@@ -294,6 +297,8 @@ class Events:
                 if self.failed:
                     log.info("event log writes are succeeding again")
                     self.failed = False
+                if self.pusher is not None:
+                    self.pusher.due(now)
             except OSError as exc:
                 if not self.failed:
                     log.error("event log or cursor write failed: %s; reading again from the "
@@ -310,6 +315,9 @@ class Events:
             log.error("last checkpoint failed: %s", exc.strerror or exc)
 
     def close(self) -> None:
+        if self.pusher is not None:
+            self.pusher.push()      # the final totals
+            self.pusher.close()
         self.log.close()
         self.sink.close()
         for t in self.tails:
@@ -331,9 +339,12 @@ def main(settings, index: int, ready_fd: int | None) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGUSR1, reopen)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    ctx = bus.new_context()
     try:
+        e.pusher = Pusher.create(e.reg, ctx, settings, "events", index)
         proc.report_ready(ready_fd)
         e.run()
     finally:
         e.close()
+        bus.close_context(ctx)
     log.info("stopped")
