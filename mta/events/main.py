@@ -254,6 +254,8 @@ class Events:
                 self.log.write(out)
                 self.sink.append(out)     # the events store (brief B), when configured
                 self.published.value += len(out)
+                if self.log.rotation_due(time.time()):
+                    self.checkpoint()     # (rotates: the file ends within one read of the bound)
         return more
 
     def checkpoint(self) -> None:

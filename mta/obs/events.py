@@ -21,8 +21,8 @@ events process only.  It rotates by size (``events.rotate_bytes``) and age
 (``events.rotate_age``): the file is renamed ``<name>-<UTC time>.jsonl`` next
 to it (``events-20261202T195000-123456.jsonl``: sorted by name is sorted by time) and a new one started; rotated files beyond ``events.keep_files`` or
 beyond ``events.max_total_bytes`` together are deleted, oldest first.  Disk
-use is therefore at most ``rotate_bytes`` (plus one batch) for the current
-file and ``max_total_bytes`` for the rotated ones.  SIGUSR1 makes the events
+use is therefore at most ``rotate_bytes`` (plus one read of the events
+process: at most 256 spool records) for the current file and ``max_total_bytes`` for the rotated ones.  SIGUSR1 makes the events
 process reopen the file by name (after an external ``logrotate`` renamed it).
 Nothing is lost by a rotation or a deletion: the events store and webhooks
 consume events from the spool's records through the events process, not from

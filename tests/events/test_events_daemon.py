@@ -41,8 +41,9 @@ def delivering(make_daemon, sink, **sections):
 
 
 def send_many(d, count: int, rcpts_per: int, tag: str, size: int = 200,
-              threads: int = 3) -> dict[str, list[str]]:
-    """Send *count* messages over SMTP from *threads* threads; {qid: recipients} accepted."""
+              threads: int = 3, stop: threading.Event | None = None) -> dict[str, list[str]]:
+    """Send *count* messages over SMTP from *threads* threads (fewer once *stop* is set);
+    {tag+n: recipients} accepted."""
     accepted: dict[str, list[str]] = {}
     errors: list[str] = []
     lock = threading.Lock()
@@ -52,6 +53,8 @@ def send_many(d, count: int, rcpts_per: int, tag: str, size: int = 200,
         try:
             with smtplib.SMTP(HOST, d.port, local_hostname="client.test", timeout=30) as s:
                 for i in range(k, count, threads):
+                    if stop is not None and stop.is_set():
+                        break
                     rcpts = [f"{tag}{i}-{j}@dest{j % 3}.test" for j in range(rcpts_per)]
                     refused = s.sendmail("a@sender.test", rcpts, b"Subject: " + tag.encode()
                                          + b"\r\n\r\n" + pad + b"\r\n")
@@ -80,20 +83,25 @@ def by_rcpt(events: list[dict]) -> dict[str, collections.Counter]:
 def test_kill9_of_the_events_process_during_load_loses_no_event(make_daemon, sink):
     d = delivering(make_daemon, sink)
     result: dict = {}
-    loader = threading.Thread(target=lambda: result.update(send_many(d, 240, 2, "k")))
+    stop = threading.Event()
+    # load until the three kills are done (at most 5000 messages)
+    loader = threading.Thread(target=lambda: result.update(send_many(d, 5000, 2, "k",
+                                                                     stop=stop)))
     loader.start()
-    kills = 0
-    while loader.is_alive() and kills < 3:
-        wait_until(lambda: "events[0]" in d.children(), 20, "the events process")
-        time.sleep(0.4)
-        old = d.children()["events[0]"]
-        os.kill(old, signal.SIGKILL)
-        kills += 1
-        d.wait_restarted("events[0]", old)
-    loader.join()
-    assert kills >= 2, "the load ended before the kills: make it bigger"
+    try:
+        for _ in range(3):
+            wait_until(lambda: "events[0]" in d.children(), 20, "the events process")
+            time.sleep(0.5)
+            assert loader.is_alive(), "the load ended before the kills"
+            old = d.children()["events[0]"]
+            os.kill(old, signal.SIGKILL)
+            d.wait_restarted("events[0]", old)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        loader.join()
     rcpts = [r for rs in result.values() for r in rs]
-    assert len(rcpts) == 480
+    assert len(rcpts) >= 100, len(rcpts)
     wait_until(lambda: d.queue_summary()["total"]["messages"] == 0, 60, "an empty queue")
 
     def complete():
@@ -131,8 +139,8 @@ def test_log_rotation_retention_and_sigusr1_reopen(make_daemon, sink):
     files = sorted(glob.glob(rotated))
     assert 1 <= len(files) <= 2, files               # keep_files = 2
     assert d.log().count("event log retention removed") >= 1
-    for f in files:                                   # each rotated file near the size bound
-        assert 65536 <= os.path.getsize(f) <= 65536 + 256 * 1024, (f, os.path.getsize(f))
+    for f in files:        # each rotated file at the size bound, plus at most one read
+        assert 65536 <= os.path.getsize(f) <= 65536 + 1024 * 1024, (f, os.path.getsize(f))
 
     # What is kept (rotated files and the current one) is the newest part of the stream,
     # whole lines, each event once: the last recipient's events are there.
