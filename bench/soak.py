@@ -87,7 +87,9 @@ DOMAINS = ["a.soak.test", "b.soak.test", "c.soak.test"]
 # Recipient kinds and their share of the recipients; what the sink does with each.
 KINDS = [("ok", 0.70), ("defer", 0.15), ("bounce", 0.10), ("never", 0.05)]
 EXPECTED = {"ok": "delivery", "defer": "delivery", "bounce": "bounce", "never": "expiration"}
+# SparkPost's names; an expiry is a bounce whose reason names it ("expiration" in the books)
 TERMINAL = ("delivery", "bounce", "expiration")
+EXPIRY_REASON = "[internal] message expired"
 # Roles whose death can repeat a delivery (the outcome of a finished transaction may not
 # have reached the spool's disk yet).
 REPEATING_ROLES = ("delivery", "spool", "tree")
@@ -726,9 +728,29 @@ def resource_summary(samples: list[dict], idle_before: dict, idle_after: dict) -
 # The books
 
 
+def book_view(e: dict) -> dict:
+    """A SparkPost-shaped event (the log's line) as the books read it.
+
+    ``type``: SparkPost's, but an expiry (a bounce whose reason names it) is
+    "expiration"; ``recipient``: ``raw_rcpt_to``; ``message_id``: the Message-ID
+    header (``message_id_header``); ``sender``: ``msg_from``; ``timestamp``:
+    ``event_time`` (Unix seconds with milliseconds; SparkPost's own is whole seconds).
+    """
+    kind = e.get("type")
+    if kind == "bounce" and EXPIRY_REASON in e.get("raw_reason", ""):
+        kind = "expiration"
+    return {"type": kind, "event_id": e.get("event_id"), "queue_id": e.get("queue_id"),
+            "recipient": e.get("raw_rcpt_to"), "message_id": e.get("message_id_header", ""),
+            "sender": e.get("msg_from", ""),
+            "timestamp": float(e.get("event_time") or e.get("timestamp") or 0.0)}
+
+
 def read_events(path: Path) -> tuple[list[dict], int]:
-    """The event log's lines; a torn last line (a kill mid-write) is counted, not parsed."""
+    """The event log's lines as :func:`book_view`s, each event_id once (the events process
+    delivers at least once: the same id twice is a replay after a restart, not a second
+    event); a torn last line (a kill mid-write) is counted, not parsed."""
     out, torn = [], 0
+    seen = set()
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -737,9 +759,14 @@ def read_events(path: Path) -> tuple[list[dict], int]:
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            e = book_view(json.loads(line))
         except ValueError:
             torn += 1
+            continue
+        if e["event_id"] in seen:
+            continue
+        seen.add(e["event_id"])
+        out.append(e)
     return out, torn
 
 
@@ -765,11 +792,11 @@ class EventTail:
         self.offset += end
         for line in data[:end].splitlines():
             try:
-                e = json.loads(line)
+                e = book_view(json.loads(line))
             except ValueError:
                 continue
             key = (e.get("queue_id"), e.get("recipient"))
-            if e.get("type") == "reception":
+            if e.get("type") == "injection":
                 self.received.add(key)
             elif e.get("type") in TERMINAL:
                 self.terminal.add(key)
@@ -800,14 +827,14 @@ def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict],
     uncertain = {a for a, e in books.rcpts.items() if e["status"] == "uncertain"}
     refused = {a for a, e in books.rcpts.items() if e["status"] == "refused"}
 
-    received: dict[tuple, float] = {}      # (qid, rcpt) -> reception time
+    received: dict[tuple, float] = {}      # (qid, rcpt) -> injection time
     terminal: dict[tuple, list[dict]] = defaultdict(list)
     by_type = Counter()
     for e in events:
         t = e.get("type")
         by_type[t] += 1
         key = (e.get("queue_id"), e.get("recipient"))
-        if t == "reception":
+        if t == "injection":
             received.setdefault(key, e.get("timestamp", 0.0))
         elif t in TERMINAL:
             terminal[key].append(e)
@@ -817,7 +844,7 @@ def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict],
             qids_of[rcpt].add(qid)
 
     qid_of_mid = {e["message_id"]: e.get("queue_id") for e in events
-                  if e.get("message_id") and (e.get("type") == "reception"
+                  if e.get("message_id") and (e.get("type") == "injection"
                                               or e.get("type") in TERMINAL)}
     sink_count = Counter()
     sink_first: dict[tuple, tuple[float, float]] = {}
@@ -858,7 +885,7 @@ def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict],
             elif len(evs) > 1:
                 problems["more than one terminal event"].append((a, qid, [x["type"] for x in evs]))
             if (qid, a) not in received:
-                problems["acked without a reception event"].append((a, qid))
+                problems["acked without an injection event"].append((a, qid))
     # Everything the spool received, acknowledged or not: exactly one terminal event, the
     # kind the address asks for; deliveries at the sink.
     for key in set(received) | set(terminal):

@@ -162,7 +162,6 @@ class Rig:
     def close(self) -> None:
         if self.shard is not None:
             sh = self.shard
-            sh.events.close()
             sh.store.close()
             sh.server.close()
             sh.links.close()

@@ -291,6 +291,9 @@ def queue(ctx, config_path, as_json, by_domain):
         health = "ok" if x["healthy"] else f"ERROR: {x['error']}"
         if x.get("held"):
             health += " (delivery held)"
+        if x.get("events_backlog_warning"):
+            health += (f" (events backlog {x['events_backlog_bytes']} bytes in "
+                       f"{x['events_backlog_segments']} segment(s))")
         rows.append((str(x["shard"]), str(x["messages"]), str(x["recipients"]),
                      str(x.get("pending", 0)), str(x.get("deferred", 0)),
                      _when(x.get("next_attempt")), str(x["bytes"]), _age(x["oldest_arrival"]),

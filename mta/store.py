@@ -12,6 +12,23 @@ so file order is time order.  A segment is a sequence of records framed by the r
     REC_DONE     meta = DoneMeta: these queue ids are finished
     REC_RCPT     meta = RcptMeta: recipient state changes of one message
                  (delivered / failed / expired, or attempts and next due time)
+    REC_EVENTS   meta = the batch's events (one orjson array of the internal
+                 event dicts of :mod:`mta.obs.events`), body empty; written
+                 first in its batch, covered by the batch's fdatasync.  The
+                 queue ignores it (recovery skips it, compaction never copies
+                 it); the ``events`` process reads it (:func:`read_events`).
+
+Events: ``<shard dir>/synced`` is the shard's *synced watermark*, a small
+mmap'ed file (:class:`Watermark`): after every successful fdatasync the shard
+stores there (segment number, offset) -- everything before it is durable --
+with a plain memory write, no system call.  At start, after recovery, it is
+set to the end of what was recovered.  The events process reads REC_EVENTS
+records only up to it, so a power cut can never leave an event for a change
+that was not durable.  ``<shard dir>/events.cursor`` is the events process's
+durable position (:func:`write_cursor` / :func:`read_cursor`; it always
+names an existing segment); reclamation never unlinks a segment the cursor has
+not passed (:meth:`Store.reclaim_plan` *hold*), so segment numbers never
+restart below the cursor and event ids are never reused.
 
 Writes: the shard loop collects every request that arrived while the previous
 fsync ran and hands them to :meth:`Store.write` as one batch: one ``pwritev``
@@ -46,8 +63,10 @@ import errno
 import logging
 import mmap
 import os
+import struct
 import threading
 import time
+import zlib
 
 import msgspec
 
@@ -58,6 +77,11 @@ log = logging.getLogger("mta.spool")
 REC_MESSAGE = 1
 REC_DONE = 2
 REC_RCPT = 3
+REC_EVENTS = 4
+
+WATERMARK = "synced"                # <shard dir>/synced: the synced watermark
+CURSOR = "events.cursor"            # <shard dir>/events.cursor: the events process's position
+_POS = struct.Struct("<QQ")         # (segment number, offset)
 
 IOV_MAX = 1024          # iovecs per writev (Linux limit)
 MAX_READERS = 64        # segment files kept open for reading bodies
@@ -366,11 +390,136 @@ def _zero_from(buf, off: int, end: int) -> bool:
     return True
 
 
+class Watermark:
+    """The shard's synced watermark: (segment number, offset) in a 16-octet mmap'ed file.
+
+    The writer (the shard) stores a position with a memory write after each
+    fdatasync; readers (the events process) map the same file read-only.  A
+    reader takes a value only when two reads in a row agree (the 16 octets
+    are not written atomically) and never goes backwards itself.  The file is
+    not synced: after a power cut the shard sets it again from what it
+    recovers before anything reads past it.
+    """
+
+    def __init__(self, directory: str, writable: bool):
+        self.path = os.path.join(directory, WATERMARK)
+        self.writable = writable
+        if writable:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                if os.fstat(fd).st_size != _POS.size:
+                    os.ftruncate(fd, _POS.size)
+                self.mm = mmap.mmap(fd, _POS.size)
+            finally:
+                os.close(fd)
+        else:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)   # FileNotFoundError: not yet
+            try:
+                if os.fstat(fd).st_size < _POS.size:
+                    raise FileNotFoundError(self.path)
+                self.mm = mmap.mmap(fd, _POS.size, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+
+    def set(self, number: int, offset: int) -> None:
+        _POS.pack_into(self.mm, 0, number, offset)
+
+    def get(self) -> tuple[int, int]:
+        mm = self.mm
+        while True:
+            a = mm[:16]
+            if mm[:16] == a:
+                return _POS.unpack(a)
+
+    def close(self) -> None:
+        self.mm.close()
+
+
+def read_cursor(directory: str) -> tuple[int, int] | None:
+    """The events process's durable position in shard *directory*; None if it has none."""
+    try:
+        with open(os.path.join(directory, CURSOR), "rb") as f:
+            data = f.read(64)
+    except FileNotFoundError:
+        return None
+    if len(data) != _POS.size + 4 or zlib.crc32(data[:16]) != int.from_bytes(data[16:], "little"):
+        return None      # (never half-written: it is replaced by a rename)
+    return _POS.unpack(data[:16])
+
+
+def write_cursor(directory: str, number: int, offset: int) -> None:
+    """Make (segment *number*, *offset*) the durable events cursor of shard *directory*.
+
+    Written to a temporary file, fsynced, renamed over the old one and the
+    directory fsynced: after a crash the cursor is the old one or the new one.
+    """
+    data = _POS.pack(number, offset)
+    data += zlib.crc32(data).to_bytes(4, "little")
+    tmp = os.path.join(directory, CURSOR + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, os.path.join(directory, CURSOR))
+    sync_dir(directory)
+
+
+def segment_numbers(directory: str) -> list[int]:
+    """The numbers of the segment files in *directory*, oldest first."""
+    return sorted(int(n[: -len(SEGMENT_SUFFIX)]) for n in os.listdir(directory)
+                  if n.endswith(SEGMENT_SUFFIX) and n[: -len(SEGMENT_SUFFIX)].isdigit())
+
+
+def segment_path(directory: str, number: int) -> str:
+    return os.path.join(directory, f"{number:016d}{SEGMENT_SUFFIX}")
+
+
+def read_events(codec, buf, off: int, end: int, last: bool, on_events, on_skip=None,
+                limit: int = 0) -> int:
+    """Walk the records of one segment's bytes *buf* from *off*; return where to go on.
+
+    *end*: read no record that ends after it (the watermark in the newest
+    segment, else the file's length).  Each REC_EVENTS record is passed to
+    ``on_events(offset, meta)``.  A record that does not decode: in the
+    segment being written (*last*) it may still be on its way (or be the
+    zero-filled rest), so the walk stops there and is tried again later; in
+    an older segment it is skipped up to the next magic number like recovery
+    does (``on_skip(offset, n)``), and the zero-filled end ends the segment
+    (the returned offset is then *end*).  *limit* > 0: stop after that many
+    REC_EVENTS records.
+    """
+    OK = codec.OK
+    decode = codec.decode
+    taken = 0
+    while off < end:
+        status, rtype, meta, boff, blen, nxt = decode(buf, off)
+        if status == OK and nxt <= end:
+            if rtype == REC_EVENTS:
+                on_events(off, meta)
+                taken += 1
+                if taken == limit:
+                    return nxt
+            off = nxt
+            continue
+        if last:
+            return off
+        if _zero_from(buf, off, end):
+            return end
+        again = buf.find(codec.MAGIC, off + 1, end)
+        nxt = again if again >= 0 else end
+        if on_skip is not None:
+            on_skip(off, nxt - off)
+        off = nxt
+    return off
+
+
 class Store:
     """The on-disk queue of one shard and its in-memory index."""
 
     def __init__(self, directory: str, segment_size: int, fsync: bool = True,
-                 preallocate: bool = False, reserve: int = 0):
+                 preallocate: bool = False, reserve: int = 0, events: bool = False):
         self.dir = directory
         self.segment_size = segment_size
         self.fsync = fsync
@@ -389,6 +538,8 @@ class Store:
             make_dirs(directory)
         else:
             os.makedirs(directory, exist_ok=True)
+        # The synced watermark, when an events process reads this shard's events.
+        self.watermark = Watermark(directory, True) if events else None
 
     # ----------------------------------------------------------------- recovery
 
@@ -413,6 +564,11 @@ class Store:
             self.segments[e.seg].live += 1
         stats["messages"] = len(self.entries)
         stats["seconds"] = round(time.monotonic() - t0, 3)
+        if self.watermark is not None:
+            # Everything recovered is on disk now (whatever an earlier run
+            # had not synced was either lost at the crash or is read here).
+            last = max(self.segments, default=0)
+            self.watermark.set(last, self.segments[last].size if last else 0)
         self._start_spare()
         return stats
 
@@ -474,6 +630,8 @@ class Store:
             e = self.entries.get(r.qid)
             if e is not None:
                 apply_updates(e, r.updates)
+        elif rtype == REC_EVENTS:
+            pass        # for the events process only
         else:
             log.warning("segment %s: unknown record type %d ignored", seg.path, rtype)
 
@@ -536,18 +694,24 @@ class Store:
             seg.fd = None
         self.current = None
 
-    def write(self, messages: list, done: list[str], updates: dict | None = None) -> list[Entry]:
-        """Append message, recipient-update and DONE records; not yet durable.
+    def write(self, messages: list, done: list[str], updates: dict | None = None,
+              events: bytes | None = None) -> list[Entry]:
+        """Append events, message, recipient-update and DONE records; not yet durable.
 
         *messages* is a list of (MessageMeta, body); *updates* maps a queue id
-        to its [[index, state, attempts, due], ...].  Returns the new entries,
-        which become visible in the index only after :meth:`commit`.
+        to its [[index, state, attempts, due], ...]; *events*, the batch's
+        encoded events, go first (one REC_EVENTS record).  Returns the new
+        entries, which become visible in the index only after :meth:`commit`.
         """
         seg = self._writable()
         codec = self.codec
         bufs = []
         pos = seg.size
         new = []
+        if events:
+            hdr = codec.encode_header(REC_EVENTS, events, b"")
+            bufs += (hdr, events)
+            pos += len(hdr) + len(events)
         for meta, body in messages:
             mb = _enc.encode(meta)
             hdr = codec.encode_header(REC_MESSAGE, mb, body)
@@ -637,15 +801,18 @@ class Store:
     def sync(self) -> None:
         """Make everything written so far durable (fdatasync)."""
         seg = self.current
-        if seg is None or not self.fsync:
+        if seg is None:
             return
-        try:
-            os.fdatasync(seg.fd)
-        except OSError:
-            # After a failed fsync the kernel may have dropped the dirty pages:
-            # nothing in this segment since the last good sync can be trusted.
-            seg.failed = True
-            raise
+        if self.fsync:
+            try:
+                os.fdatasync(seg.fd)
+            except OSError:
+                # After a failed fsync the kernel may have dropped the dirty pages:
+                # nothing in this segment since the last good sync can be trusted.
+                seg.failed = True
+                raise
+        if self.watermark is not None:
+            self.watermark.set(seg.number, seg.size)   # a memory write: no system call
 
     def commit(self, new: list[Entry], done: list[str], updates: dict | None = None) -> list[str]:
         """Publish a synced batch in the index; return the queue ids actually removed."""
@@ -687,17 +854,21 @@ class Store:
 
     # ------------------------------------------------------------- reclamation
 
-    def reclaim_plan(self, live_ratio: float, max_copy: int) -> tuple[list, list[Segment]]:
+    def reclaim_plan(self, live_ratio: float, max_copy: int,
+                     hold: int | None = None) -> tuple[list, list[Segment]]:
         """Decide what to free: (messages to copy forward, segments to unlink after sync).
 
         Walks from the oldest segment; stops at the first one that is still
-        too full to compact, or at the current segment.
+        too full to compact, at the current segment, and at segment number
+        *hold*: the events process's cursor is in it (it has not read past it
+        yet; and since the cursor's segment stays, segment numbers never
+        restart below it, so event ids and cursors are never reused).
         """
         copies: list = []
         unlink: list[Segment] = []
         by_seg: dict[int, list[Entry]] | None = None
         for seg in list(self.segments.values()):
-            if seg is self.current:
+            if seg is self.current or (hold is not None and seg.number >= hold):
                 break
             if seg.live == 0:
                 unlink.append(seg)
@@ -742,6 +913,9 @@ class Store:
 
     def close(self) -> None:
         self._close_current()
+        if self.watermark is not None:
+            self.watermark.close()
+            self.watermark = None
         if self.spare is not None:
             self.spare.close()
             self.spare = None

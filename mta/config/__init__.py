@@ -46,6 +46,7 @@ class Settings:
     auth_users: dict = field(default_factory=dict)
     deliveries: int = 1
     event_log: str | None = None
+    events_enabled: bool = False      # the spool writes events and an events process reads them
     nameservers: tuple = ()
     helo_name: str = ""
     http_listen: tuple[tuple[str, int], ...] = ()
@@ -195,6 +196,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
         auth_users=users,
         deliveries=cfg.delivery.processes or ncpu,
         event_log=event_log,
+        events_enabled=bool(event_log) or bool(getattr(cfg.events, "store", False)),
         nameservers=nameservers,
         helo_name=cfg.delivery.helo_name or hostname,
         http_listen=http_listen,

@@ -43,8 +43,9 @@ class ServerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     ready_timeout: Annotated[float, _doc(
         "seconds a starting child may take to report ready", ge=1, le=3600)] = 60.0
     event_log: Annotated[str, _doc(
-        "JSON-lines event log (reception, delivery, transient_failure, bounce, "
-        "expiration); relative paths are inside state_dir; empty disables it")] = \
+        "JSON-lines event log in SparkPost's message-event shape (injection, delivery, "
+        "delay, bounce), written by the events process and rotated as [events] says; "
+        "relative paths are inside state_dir; empty disables it")] = \
         "log/events.jsonl"
 
 
@@ -392,6 +393,54 @@ class FeedbackConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "only")] = ""
 
 
+class EventsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    poll_interval: Annotated[float, _doc(
+        "seconds the events process waits before looking at the spool shards' new events "
+        "again when it found none", ge=0.01, le=5)] = 0.05
+    checkpoint_interval: Annotated[float, _doc(
+        "seconds between two checkpoints of the events process: the event log (and the "
+        "events store) synced, then each shard's events cursor written; after a crash the "
+        "events since the last checkpoint are written again (same event_id)",
+        ge=0.05, le=60)] = 0.5
+    rotate_bytes: Annotated[int, _doc(
+        "the event log (server.event_log) is rotated when it reaches this size: renamed "
+        "<name>-<UTC time>.jsonl and a new one started", ge=64 * KiB, le=64 * GiB)] = 256 * MiB
+    rotate_age: Annotated[float, _doc(
+        "seconds after its first line the event log is rotated even if smaller; 0: by size "
+        "only", ge=0, le=366 * 86400)] = 86400.0
+    keep_files: Annotated[int, _doc(
+        "rotated event log files kept; older ones are deleted", ge=0, le=100_000)] = 10
+    max_total_bytes: Annotated[int, _doc(
+        "rotated event log files kept together at most; the oldest are deleted beyond it "
+        "(disk use: at most rotate_bytes + max_total_bytes)", ge=0)] = 2 * GiB
+    max_backlog_bytes: Annotated[int, _doc(
+        "per spool shard: segment bytes the events process has not read yet that hold "
+        "back their reclamation; a warning at half; beyond it segments are reclaimed "
+        "anyway and their events are missing from the log (an error is logged)",
+        ge=1 * MiB)] = 4 * GiB
+    # --- the events store and GET /api/v1/events/message (mta/feedback/events_store.py) ---
+    store: Annotated[bool, _doc(
+        "keep message events in the events store and serve GET /api/v1/events/message; "
+        "false: no store, the API answers 404")] = True
+    store_path: Annotated[str, _doc(
+        "LMDB directory of the events store (written by the events process, read by the "
+        "acceptors); relative paths are inside state_dir")] = "events"
+    retention: Annotated[float, _doc(
+        "seconds an event is kept in the store (10 days, as SparkPost); an event a webhook "
+        "has not consumed yet is kept longer", ge=60, le=366 * 86400)] = 10 * 86400.0
+    store_max_size: Annotated[int, _doc(
+        "octets the events store may take on disk (the LMDB map size; an event takes about "
+        "1 KiB with its indexes); from 75 % a warning is logged, from 85 % the oldest "
+        "events are deleted before their retention ends", ge=16 * MiB, le=4096 * GiB)] = \
+        32 * GiB
+    query_max_scan: Annotated[int, _doc(
+        "index entries one GET /api/v1/events/message may read; past it total_count counts "
+        "only what was read, and a page may come short with a next cursor to go on from "
+        "(a walk that decodes events reads about 300,000 a second)", ge=1000,
+        le=1_000_000_000)] = 500_000
+    # --- end of the events store keys ---
+
+
 class AdminConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: Annotated[bool, _doc(
         "run the admin process: the admin listener (/metrics, /api/admin/health) and the "
@@ -433,6 +482,10 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
         default_factory=FeedbackConfig)
     suppression: Annotated[SuppressionConfig, _doc("suppression list")] = msgspec.field(
         default_factory=SuppressionConfig)
+    events: Annotated[EventsConfig, _doc(
+        "the events process: the event log's rotation and retention, checkpoints, the "
+        "events backlog bound; the events store and the events API")] = msgspec.field(
+        default_factory=EventsConfig)
     admin: Annotated[AdminConfig, _doc(
         "the admin listener: Prometheus /metrics and the admin API")] = msgspec.field(
         default_factory=AdminConfig)
@@ -446,5 +499,6 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
 SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("http", HttpConfig),
             ("spool", SpoolConfig), ("delivery", DeliveryConfig), ("dkim", DkimConfig),
             ("egress", EgressConfig), ("feedback", FeedbackConfig),
-            ("suppression", SuppressionConfig), ("admin", AdminConfig))
+            ("suppression", SuppressionConfig), ("events", EventsConfig),
+            ("admin", AdminConfig))
 TOP_LEVEL_TABLES = (("shaping", ShapingRule),)   # [[shaping]]: arrays of tables at the top

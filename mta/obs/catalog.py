@@ -60,6 +60,10 @@ _FAMILIES = [
            "recipients of HTTP transmissions accepted"),
     Family("mta_http_recipients_rejected_total", COUNTER,
            "recipients of HTTP transmissions rejected"),
+    # --- the events process
+    Family("mta_events_published_total", COUNTER,
+           "message events written to the event log (and the events store); replays after "
+           "a restart count again"),
     # --- spool shards
     Family("mta_spool_fsync_seconds", HISTOGRAM, "group commit fdatasync latency",
            ("shard",), LATENCY),

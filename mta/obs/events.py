@@ -1,27 +1,38 @@
-"""The event log: one JSON object per line for every reception and every outcome.
+"""Events: the internal records the spool shard makes durable, and the JSON-lines log file.
 
-Types (KumoMTA's names, lower-case as SparkPost's): ``reception``,
-``delivery``, ``transient_failure``, ``bounce``, ``expiration``.
-Fields: ``type``, ``timestamp`` (epoch seconds), ``queue_id``, ``message_id``,
-``sender``, ``recipient``, and where known ``remote_host``, ``remote_ip``,
-``response`` {code, enhanced, text}, ``attempt``, ``time_in_queue``,
-``next_attempt``, ``size``, ``client``, for outcomes the ``source`` (egress
-source), ``sending_ip`` and ``site`` the delivery process reported, and the
-message's ``campaign_id``,
-``metadata``, ``tags``, ``ip_pool``, ``transactional`` when it was injected
-with them.
+**Internal events** (built by the spool shard, :mod:`mta.spool.shard` and
+:mod:`mta.spool.outcomes`): plain dicts, one per recipient state change --
+``type`` one of ``injection`` (one dict per *message*, its recipients in
+``rcpts``), ``delivery``, ``delay``, ``bounce``, ``expiration`` -- with
+``timestamp`` (epoch seconds), ``queue_id``, ``message_id``, ``sender``,
+``recipient``, ``arrival``, ``size``, ``client`` and where known
+``remote_host``, ``remote_ip``, ``response`` {code, enhanced, text},
+``attempt``, ``next_attempt``, ``source``, ``sending_ip``, ``site``,
+``bounce_class``, ``bounce_rule``, ``suppressed``, and the message's carried
+injection attributes (:data:`CARRIED`).  A batch's events are encoded once
+(:func:`encode`: one orjson array) into a ``REC_EVENTS`` record written in the
+same group commit as the state changes they describe (:mod:`mta.store`), so
+an event is durable exactly when its change is.  The ``events`` process
+(:mod:`mta.events.main`) reads them back, turns each into SparkPost's message
+event shape (:mod:`mta.events.shape`) and writes the log below.
 
-Written by the spool shard that owns the message, the process that records
-the state change durably, so the log never claims more than the spool knows.
-Records are encoded with orjson into a buffer and written with one ``write``
-per group commit (O_APPEND: whole lines from several shards never interleave
-inside a line), after the fsync that made the change durable.  An event is
-therefore logged at least once; after a crash between the fsync and the write
-it may be missing the line for a recipient whose state was recorded, which is
-why readers should treat the spool (``mta queue``) as the source of truth.
+**The log** (:class:`RotatingLog`): one JSON object per line, appended by the
+events process only.  It rotates by size (``events.rotate_bytes``) and age
+(``events.rotate_age``): the file is renamed ``<name>-<UTC time>.jsonl`` next
+to it (``events-20261202T195000-123456.jsonl``: sorted by name is sorted by time) and a new one started; rotated files beyond ``events.keep_files`` or
+beyond ``events.max_total_bytes`` together are deleted, oldest first.  Disk
+use is therefore at most ``rotate_bytes`` (plus one read of the events
+process: at most 256 spool records) for the current file and ``max_total_bytes`` for the rotated ones.  SIGUSR1 makes the events
+process reopen the file by name (after an external ``logrotate`` renamed it).
+Nothing is lost by a rotation or a deletion: the events store and webhooks
+consume events from the spool's records through the events process, not from
+this file, so "consumed" means "the events cursor passed it"; the file is
+rotated only right after a checkpoint (log synced, cursors advanced), so every
+event in a rotated file is behind every cursor.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -30,17 +41,17 @@ import orjson
 
 log = logging.getLogger("mta.events")
 
-RECEPTION = "reception"
+# Internal event types (the spool's); the SparkPost names are made in mta.events.shape.
+INJECTION = "injection"
 DELIVERY = "delivery"
-TRANSIENT_FAILURE = "transient_failure"
+DELAY = "delay"
 BOUNCE = "bounce"
 EXPIRATION = "expiration"
 
-FLUSH_BYTES = 1 << 20   # write early when this much is buffered
-
 # Injection attributes (SparkPost's campaign_id, metadata, tags; X-MSYS-API on
-# SMTP) stored in a message's params and repeated in each of its events.
-CARRIED = ("campaign_id", "metadata", "tags", "ip_pool", "transactional")
+# SMTP; the HTTP API's transmission id) stored in a message's params and
+# repeated in each of its events.
+CARRIED = ("campaign_id", "metadata", "tags", "ip_pool", "transactional", "transmission_id")
 _CARRIED_KEYS = frozenset(CARRIED)
 
 _dumps = orjson.dumps
@@ -54,57 +65,159 @@ def carried(params: dict) -> dict:
     return {k: params[k] for k in CARRIED if k in params}
 
 
-class EventLog:
-    """Buffered JSON-lines writer; ``emit`` is cheap, ``flush`` does the I/O."""
+def encode(events: list[dict]) -> bytes:
+    """A batch's internal events as one REC_EVENTS payload (one encode per batch)."""
+    return _dumps(events)
 
-    def __init__(self, path: str | None):
+
+def decode(payload) -> list[dict]:
+    return orjson.loads(payload)
+
+
+class RotatingLog:
+    """The JSON-lines log: buffered appends, sync, rotation by size and age, retention.
+
+    *path* None: no file (every method does nothing).  Errors are raised to
+    the caller (the events process keeps its cursor and tries again).
+    """
+
+    def __init__(self, path: str | None, *, rotate_bytes: int, rotate_age: float,
+                 keep_files: int, max_total_bytes: int):
         self.path = path
-        self.buf: list[bytes] = []
-        self.size = 0
+        self.rotate_bytes = rotate_bytes
+        self.rotate_age = rotate_age
+        self.keep_files = keep_files
+        self.max_total_bytes = max_total_bytes
         self.fd = -1
-        self.failed = False
+        self.size = 0
+        self.started = 0.0       # when the current file's first line was written
         if path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            self._open()
 
-    @property
-    def enabled(self) -> bool:
-        """False when there is no log (or it is closed): events need not be built."""
-        return self.fd >= 0
+    def _open(self) -> None:
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                          0o640)
+        self.size = os.fstat(self.fd).st_size
+        self.started = self._first_timestamp() if self.size else 0.0
 
-    def emit(self, event: dict) -> None:
+    def _first_timestamp(self) -> float:
+        """The timestamp of the first line of an existing file (its age), else now."""
+        try:
+            with open(self.path, "rb") as f:
+                first = f.readline(65536)
+            return float(orjson.loads(first)["timestamp"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return time.time()
+
+    def write(self, events: list[dict]) -> None:
+        """Append *events*, one line each (one write for all of them)."""
+        if self.fd < 0 or not events:
+            return
+        data = b"".join([_dumps(e, option=_LINE) for e in events])
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        if not self.size:
+            self.started = time.time()
+        self.size += len(data)
+
+    def sync(self) -> None:
+        if self.fd >= 0:
+            os.fdatasync(self.fd)
+
+    def rotation_due(self, now: float) -> bool:
+        if self.fd < 0 or not self.size:
+            return False
+        return self.size >= self.rotate_bytes or (
+            self.rotate_age > 0 and now - self.started >= self.rotate_age)
+
+    def rotate(self) -> str | None:
+        """Rename the current file aside, start a new one, apply retention; the new name.
+
+        Call after a checkpoint (every event in the file behind every cursor).
+        """
+        if self.fd < 0:
+            return None
+        self.sync()
+        base, ext = os.path.splitext(self.path)
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + \
+            "-%06d" % int(now % 1 * 1_000_000)
+        target = f"{base}-{stamp}{ext}"
+        n = 1
+        while os.path.exists(target):
+            target = f"{base}-{stamp}.{n}{ext}"
+            n += 1
+        os.rename(self.path, target)
+        os.close(self.fd)
+        self.fd = -1
+        self._open()
+        _sync_dir(os.path.dirname(self.path) or ".")
+        log.info("event log rotated to %s", target)
+        self.prune()
+        return target
+
+    def rotated(self) -> list[str]:
+        """The rotated files of this log, oldest first."""
+        base, ext = os.path.splitext(self.path)
+        names = glob.glob(glob.escape(base) + "-*" + glob.escape(ext))
+        skip = len(os.path.basename(base)) + 1
+
+        def key(p):     # <base>-<stamp>[.<n>]<ext>: by time, then n
+            stamp, _, n = os.path.basename(p)[skip:len(os.path.basename(p)) - len(ext)] \
+                .partition(".")
+            return (stamp, int(n) if n.isdigit() else 0)
+        return sorted(names, key=key)
+
+    def prune(self) -> list[str]:
+        """Delete the oldest rotated files beyond keep_files / max_total_bytes; their names."""
+        files = []
+        for p in self.rotated():
+            try:
+                files.append((p, os.path.getsize(p)))
+            except OSError:
+                pass
+        total = sum(s for _, s in files)
+        gone = []
+        while files and (len(files) > self.keep_files or total > self.max_total_bytes):
+            p, s = files.pop(0)
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+            total -= s
+            gone.append(p)
+        if gone:
+            log.info("event log retention removed %d file(s): %s", len(gone),
+                     ", ".join(os.path.basename(p) for p in gone))
+        return gone
+
+    def reopen(self) -> None:
+        """Open the file by its name again (it was renamed by someone else)."""
         if self.fd < 0:
             return
-        if "timestamp" not in event:
-            event["timestamp"] = time.time()
-        line = _dumps(event, option=_LINE)  # the newline appended without a copy
-        self.buf.append(line)
-        self.size += len(line)
-        if self.size >= FLUSH_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buf or self.fd < 0:
-            return
-        data = b"".join(self.buf)
-        self.buf.clear()
-        self.size = 0
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
-            if self.failed:
-                log.info("event log writes are succeeding again")
-                self.failed = False
-        except OSError as exc:
-            if not self.failed:
-                log.error("event log write to %s failed: %s; events are being dropped",
-                          self.path, exc.strerror)
-            self.failed = True
-
-    def close(self) -> None:
-        self.flush()
-        if self.fd >= 0:
+            self.sync()
+        finally:
             os.close(self.fd)
             self.fd = -1
+        self._open()
+        log.info("event log reopened: %s", self.path)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                self.sync()
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+
+def _sync_dir(path: str) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -3,7 +3,7 @@
 Pure logic over the shard's queue entries, with no socket and no file
 descriptor: :class:`Plan` collects, for one group-commit batch, the records
 to write (recipient updates, bounce messages, finished messages), the events
-to log once they are durable and the messages to schedule again.  The shard
+to make durable with them (a REC_EVENTS record in the same batch) and the messages to schedule again.  The shard
 (:mod:`mta.spool.shard`) writes, syncs and then applies them; if the write
 fails, :meth:`Plan.abandon` says which messages to try again.
 
@@ -23,7 +23,7 @@ least once -- finds it no longer pending and is ignored):
   expired early because of the wait (the age check wherever it waits takes it
   at its deadline).
 
-Bounce, transient_failure and expiration events carry SparkPost's
+Bounce, delay and expiration events carry SparkPost's
 ``bounce_class`` and the name of the rule that decided it (``bounce_rule``),
 from :func:`mta.feedback.classify` over the reply (an expiry found at dispatch
 is classified as our own ``4.4.7`` "message expired").
@@ -129,8 +129,10 @@ class Plan:
         self.returned.append(qid)
         st = self._state(qid, e)
         m = e.meta
-        base = {"queue_id": qid, "message_id": m.params.get("message_id", ""),
-                "sender": m.sender, **ev.carried(m.params)}
+        base = {"timestamp": now, "queue_id": qid,
+                "message_id": m.params.get("message_id", ""), "sender": m.sender,
+                "arrival": m.arrival, "size": e.length, "client": m.client,
+                **ev.carried(m.params)}
         if source:
             base["source"] = source
         if source_ip:
@@ -197,7 +199,7 @@ class Plan:
                                 retry_until=policy.deadline(start)))
                     else:
                         self._update(qid, idx, sch.PENDING, attempts, due)
-                    event["type"] = ev.TRANSIENT_FAILURE
+                    event["type"] = ev.DELAY
                     event["next_attempt"] = round(due, 3)
             if r.outcome != DELIVERED:
                 event["bounce_class"], event["bounce_rule"] = classify(r.code, r.enhanced,
@@ -217,9 +219,10 @@ class Plan:
                 continue
             st[idx] = sch.EXPIRED
             self._update(qid, idx, sch.EXPIRED, e.attempts[idx], 0.0)
-            self.events.append({"type": ev.EXPIRATION, "queue_id": qid,
+            self.events.append({"type": ev.EXPIRATION, "timestamp": now, "queue_id": qid,
                                 "message_id": m.params.get("message_id", ""),
                                 **ev.carried(m.params),
+                                "arrival": m.arrival, "size": e.length, "client": m.client,
                                 "sender": m.sender, "recipient": m.rcpts[idx],
                                 "attempt": e.attempts[idx],
                                 "time_in_queue": round(now - m.arrival, 3),

@@ -35,7 +35,9 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
     ``in_flight_transactional``: the jobs out in the transactional lane;
     ``pools``: messages and pending recipients per egress pool; ``campaigns``: the
     same per ``campaign_id`` (``(none)`` without one; at most CAMPAIGNS_MAX named,
-    the rest under ``(other)``).
+    the rest under ``(other)``); ``events_backlog_bytes`` / ``_segments``: spool
+    segments the events process has not read yet (``events_backlog_warning``:
+    over half of ``events.max_backlog_bytes``).
     """
     store = shard.store
     s = store.summary()
@@ -92,7 +94,9 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
                       for k, v in domains.items()},
              pools={k: {"messages": v[0], "recipients": v[1]} for k, v in pools.items()},
              campaigns={str(k): {"messages": v[0], "recipients": v[1]}
-                        for k, v in campaigns.items()})
+                        for k, v in campaigns.items()},
+             events_backlog_bytes=shard.backlog[0], events_backlog_segments=shard.backlog[1],
+             events_backlog_warning=shard.backlog_level > 0)
     return bus.SpoolQueueSummaryReply(req, s)
 
 

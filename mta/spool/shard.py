@@ -1,9 +1,14 @@
 """One spool shard's loop: group commit, dispatch to delivery, housekeeping.
 
 Hot path (group commit): wait for the bus; take every request and outcome
-that is waiting (up to the batch bounds); append all their records -- new
+that is waiting (up to the batch bounds); append all their records -- the
+batch's events first (one REC_EVENTS record, encoded once), then new
 messages, recipient updates, bounces, DONE markers -- with one writev; one
-fdatasync; then acknowledge, log the events, and schedule.  Requests that
+fdatasync; publish the synced watermark (a memory write, :mod:`mta.store`);
+then acknowledge and schedule.  The ``events`` process reads the events
+from the segments up to the watermark and writes the log; an event is
+therefore durable exactly when the change it describes is, and a kill at any
+moment loses neither.  Requests that
 arrive during the fsync are the next batch.  A message is acknowledged only
 after the fsync that covers it has returned; a recipient counts as delivered,
 failed or expired only once that record is durable.  What an outcome does to
@@ -45,7 +50,7 @@ from mta.spool import queries
 from mta.spool import schedule as sch
 from mta.spool.metrics import ShardMetrics
 from mta.spool.outcomes import Plan
-from mta.store import MessageMeta, Store, shard_dir, start_of
+from mta.store import MessageMeta, Store, read_cursor, shard_dir, start_of
 
 log = logging.getLogger("mta.spool")
 
@@ -114,8 +119,12 @@ class Shard:
         self.cfg = cfg
         self.dcfg = settings.config.delivery
         self.shard = shard
+        self.events_on = settings.events_enabled    # an events process reads our events
         self.store = Store(shard_dir(settings.spool_dir, shard), cfg.segment_size, cfg.fsync,
-                           preallocate=cfg.preallocate, reserve=cfg.min_free_bytes)
+                           preallocate=cfg.preallocate, reserve=cfg.min_free_bytes,
+                           events=self.events_on)
+        self.backlog = (0, 0)                   # events backlog: (bytes, segments)
+        self.backlog_level = 0                  # 0 fine, 1 warned, 2 over the bound
         self.endpoint = settings.endpoint(f"spool-{shard}")
         self.policy = sch.RetryPolicy(self.dcfg)
         self.due = sch.Lanes(self.lane_of)
@@ -159,7 +168,6 @@ class Shard:
         # and a batch allocates thousands (measured: 1 % fewer instructions).
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         _settle_gc()  # the recovered queue is never walked by the collector
-        self.events = ev.EventLog(self.settings.event_log)
         feedback.configure(self.settings.config.feedback.bounce_rules)  # bounce classes
         self.suppression = sup.open_for(self.settings)
         self.bounce_rule = self.suppression is not None and \
@@ -182,7 +190,6 @@ class Shard:
             self.step()
         # Anything that arrived but was not taken is not acknowledged: the
         # acceptors time out and answer 451, so nothing is lost.
-        self.events.close()
         if self.suppression is not None:
             self.suppression.close()
         self.store.close()
@@ -293,8 +300,13 @@ class Shard:
             self.due.push_many(plan.reschedule)
             return
         status = bus.STATUS_OK
+        events = None
+        if self.events_on:
+            batch_events = self._batch_events(messages, plan)
+            if batch_events:
+                events = ev.encode(batch_events)
         try:
-            new = self.store.write(messages, done, plan.updates)
+            new = self.store.write(messages, done, plan.updates, events)
             t = time.perf_counter()
             self.store.sync()
             self.m.fsync.observe(time.perf_counter() - t)
@@ -382,26 +394,28 @@ class Shard:
             self.requeued = 0
             self.requeue_logged = now
 
+    def _batch_events(self, messages: list, plan: Plan) -> list[dict]:
+        """The batch's internal events (:mod:`mta.obs.events`), written with its records.
+
+        One ``injection`` per new message (its recipients in ``rcpts``), the
+        class-25 bounce of each suppressed recipient, then the outcomes' and
+        expiries' events.
+        """
+        out = []
+        carried = ev.carried
+        for m, body in messages:
+            extra = carried(m.params)
+            out.append({"type": ev.INJECTION, "timestamp": m.arrival, "arrival": m.arrival,
+                        "queue_id": m.qid, "message_id": m.params.get("message_id", ""),
+                        "sender": m.sender, "rcpts": m.rcpts, "size": len(body),
+                        "client": m.client, **extra})
+            if m.state is not None:
+                self._suppressed_events(out, m, len(body), extra)
+        out += plan.events
+        return out
+
     def _after_commit(self, new: list, plan: Plan) -> None:
-        """Log the batch's events and schedule its messages (after the sync)."""
-        events = self.events
-        if events.enabled:
-            emit = events.emit
-            carried = ev.carried
-            for e in new:
-                m = e.meta
-                if m.attempts is None:  # a new message, not a compaction copy
-                    extra = carried(m.params)
-                    message_id = m.params.get("message_id", "")
-                    for r in m.rcpts:
-                        emit({"type": ev.RECEPTION, "timestamp": m.arrival, "queue_id": m.qid,
-                              "message_id": message_id, "sender": m.sender,
-                              "recipient": r, "size": e.length, "client": m.client, **extra})
-                    if m.state is not None:
-                        self._suppressed_events(m, extra)
-            for event in plan.events:
-                emit(event)
-            events.flush()
+        """Schedule the batch's messages (after the sync)."""
         due = self.due
         entries = self.store.entries
         new = [e for e in new if e.meta.qid in entries]   # (not those finished at once)
@@ -413,20 +427,20 @@ class Shard:
             if e.meta.attempts is None:  # (a compaction copy keeps its message's entry)
                 add(deadline(start_of(e.meta)), e.meta.qid)
 
-    def _suppressed_events(self, m: MessageMeta, extra: dict) -> None:
+    def _suppressed_events(self, out: list, m: MessageMeta, size: int, extra: dict) -> None:
         """The class-25 bounce of each recipient found on the suppression list (no DSN)."""
-        emit = self.events.emit
         now = time.time()
         reason = f"{sup.REASON_CODE} {sup.REASON_ENHANCED} {sup.REASON_TEXT}"
         for idx, s in enumerate(m.state):
             if s == sch.FAILED:
-                emit({"type": ev.BOUNCE, "timestamp": now, "queue_id": m.qid,
-                      "message_id": m.params.get("message_id", ""), "sender": m.sender,
-                      "recipient": m.rcpts[idx], "bounce_class": sup.BOUNCE_CLASS,
-                      "response": {"code": sup.REASON_CODE, "enhanced": sup.REASON_ENHANCED,
-                                   "text": sup.REASON_TEXT},
-                      "reason": reason, "suppressed": True, "attempt": 0,
-                      "time_in_queue": round(now - m.arrival, 3), **extra})
+                out.append({"type": ev.BOUNCE, "timestamp": now, "arrival": m.arrival,
+                            "queue_id": m.qid, "message_id": m.params.get("message_id", ""),
+                            "sender": m.sender, "recipient": m.rcpts[idx], "size": size,
+                            "client": m.client, "bounce_class": sup.BOUNCE_CLASS,
+                            "response": {"code": sup.REASON_CODE,
+                                         "enhanced": sup.REASON_ENHANCED,
+                                         "text": sup.REASON_TEXT},
+                            "reason": reason, "suppressed": True, "attempt": 0, **extra})
 
     def add_bounce_rule(self, items: list) -> None:
         """Put recipients whose delivery failed as invalid on the list ("Bounce Rule")."""
@@ -645,13 +659,54 @@ class Shard:
 
     # ------------------------------------------------------------- reclamation
 
+    def events_hold(self) -> int | None:
+        """The segment reclamation must stop at: the events cursor's (None: no hold).
+
+        Read once a second from ``events.cursor``.  The events backlog -- the
+        segment bytes from the cursor on -- is bounded by
+        ``events.max_backlog_bytes``: at half of it a warning is logged (and
+        ``mta queue`` shows it); beyond it reclamation no longer waits for the
+        events process (it is down or too slow), so the spool does not fill
+        the disk, and the events of the segments reclaimed unread are missing
+        from the log (an error is logged).
+        """
+        if not self.events_on:
+            return None
+        segs = self.store.segments
+        cur = read_cursor(self.store.dir)
+        if cur is None:      # no events process has read this shard yet: hold everything
+            hold, off = (min(segs) if segs else 0), 0
+        else:
+            hold, off = cur
+        size = sum(seg.size for n, seg in segs.items() if n >= hold)
+        if hold in segs:
+            size -= min(off, segs[hold].size)
+        count = sum(1 for n in segs if n >= hold)
+        self.backlog = (size, count)
+        bound = self.settings.config.events.max_backlog_bytes
+        level = 2 if size > bound else 1 if size > bound // 2 else 0
+        if level != self.backlog_level:
+            if level == 2:
+                log.error("events backlog %d bytes in %d segment(s) is over "
+                          "events.max_backlog_bytes (%d): segments are reclaimed without "
+                          "waiting for the events process; their events will be missing",
+                          size, count, bound)
+            elif level == 1:
+                log.warning("events backlog %d bytes in %d segment(s): the events process "
+                            "is behind or down (bound events.max_backlog_bytes %d)",
+                            size, count, bound)
+            else:
+                log.info("events backlog back to %d bytes", size)
+            self.backlog_level = level
+        return None if level == 2 else hold
+
     def reclaim(self) -> None:
         """Free segments whose messages are finished; compact the oldest if mostly empty."""
         if not self.healthy:
             return
         try:
             copies, unlink = self.store.reclaim_plan(self.cfg.compact_live_ratio,
-                                                     RECLAIM_MAX_COPY)
+                                                     RECLAIM_MAX_COPY, self.events_hold())
             if not unlink:
                 return
             if copies:

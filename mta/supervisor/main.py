@@ -40,6 +40,8 @@ byte ($MTA_UPGRADE_READY_FD), send MAINPID= to systemd and exit 0; if it does
 not come up, start the children again and carry on (:meth:`Supervisor.upgrade`).
 At start ``run/drain`` (``mta drain``) is removed: a fresh start accepts mail
 (an upgrade keeps it).
+SIGUSR1: passed to the events process, which reopens the event log by name
+(for logrotate).
 """
 from __future__ import annotations
 
@@ -448,7 +450,7 @@ class Supervisor:
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wfd)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
-                    signal.SIGUSR2):
+                    signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, self.on_signal)
         self.start()
         while True:
@@ -469,6 +471,11 @@ class Supervisor:
                 return 0
             if signal.SIGHUP in sigs:
                 self.reload()
+            if signal.SIGUSR1 in sigs:
+                # logrotate: the events process reopens the event log by name
+                for c in list(self.children.values()):
+                    if c.role == "events":
+                        self._kill(c.pid, signal.SIGUSR1)
             self.restart_due()
 
     def shutdown(self) -> int:

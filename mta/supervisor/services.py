@@ -3,8 +3,9 @@
 Like Postfix's master.cf this is plain data, built from the configuration by
 :func:`table` and printed by ``mta print-services``.  Roles start in table
 order and stop in reverse order: acceptors first (no new mail), then delivery
-(transactions in progress finish and report), then the spool, which records
-those outcomes before it stops.
+(transactions in progress finish and report), then the events process (it
+stops at a checkpoint; what the spool writes after it is read at the next
+start), then the spool, which records those outcomes before it stops.
 """
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ def table(settings) -> list[Service]:
                      settings.admin_listen)] if settings.admin_listen else []
     return admin + [
         Service("spool", settings.shards, "mta.spool.main:main", (), "always", "keep"),
+    ] + ([Service("events", 1, "mta.events.main:main", (), "always", "keep")]
+         if settings.events_enabled else []) + [
         Service("delivery", settings.deliveries, "mta.delivery.main:main", (), "always",
                 "keep"),
         Service("acceptor", settings.acceptors, "mta.acceptor.main:main", settings.listen,

@@ -21,6 +21,7 @@ import time
 import pytest
 
 from daemon import queued_id as qid_of
+from daemon import wait_until
 from mxlab import IPS, mx
 from sinks import qid_of as qid_of_received
 from mta.queueid import shard_of
@@ -427,6 +428,12 @@ def test_enospc_shard_heals_by_itself_and_delivers_what_it_acknowledged(small_tm
             codes.append(code)
             if code == 451:
                 break
+            # its deferral recorded before the next one is sent: no outcome of an
+            # accepted message is still on its way when the write fails (it would be
+            # a small write that succeeds in the space left, and heal the shard at once)
+            want = len(codes) + 1      # the first message and the big ones so far
+            wait_until(lambda want=want: d.queue_summary()["total"]["deferred"] == want,
+                       20, "the deferral recorded")
         assert codes[-1] == 451, codes
     d.wait_log(r"spool write failed: No space left on device")
     assert d.queue_summary()["shards"][0]["healthy"] is False

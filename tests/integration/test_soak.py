@@ -6,7 +6,8 @@ over SMTP and HTTP while a random child -- and every 15th time the whole tree --
 killed with SIGKILL every 2 s, delivers to its own sink that defers and bounces a share of
 the recipients, drains the queue and stops everything it started by PID.  This test does
 not take its verdict on trust: from ``acks.jsonl`` (what the injectors were told),
-``state/log/events.jsonl`` (the mta's event log) and ``sink.log`` (what the receiver got)
+``state/log/events.jsonl`` (the mta's event log, SparkPost-shaped, deduplicated by
+event_id) and ``sink.log`` (what the receiver got)
 it recounts that every acknowledged recipient has exactly one terminal event, of the kind
 its address asks for, and that nothing delivered is missing at the sink; and from
 ``kills.jsonl`` that every duplicate at the sink was a delivery in flight at a kill.
@@ -28,6 +29,14 @@ SOAK = os.path.join(REPO, "bench", "soak.py")
 DURATION_S = 100
 EXPECTED = {"ok": "delivery", "defer": "delivery", "bounce": "bounce", "never": "expiration"}
 TERMINAL = ("delivery", "bounce", "expiration")
+EXPIRY_REASON = "[internal] message expired"
+
+
+def _kind(e):
+    """SparkPost's type, but an expiry (a bounce whose reason names it) is "expiration"."""
+    if e["type"] == "bounce" and EXPIRY_REASON in e.get("raw_reason", ""):
+        return "expiration"
+    return e["type"]
 
 
 def _lines(path):
@@ -36,11 +45,6 @@ def _lines(path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("MTA_SOAK"), reason=(
-    "opt-in (MTA_SOAK=1) until the defect reproduced by "
-    "test_kill9_during_the_outcome_sync_keeps_the_terminal_event is fixed: a kill -9 "
-    "during an outcome batch's fdatasync loses its events, which fails this soak about "
-    "one run in three (issue 13)"))
 def test_chaos_soak_loses_nothing(tmp_path):
     report_path = tmp_path / "report.json"
     argv = [sys.executable, SOAK, "--duration", str(DURATION_S), "--kill-interval", "2",
@@ -73,17 +77,22 @@ def test_chaos_soak_loses_nothing(tmp_path):
     # The books again, from the raw files.
     acks = {a["rcpt"]: a for a in _lines(os.path.join(run, "acks.jsonl"))}
     events = _lines(os.path.join(run, "state", "log", "events.jsonl"))
+    # At least once: an event read again after a kill of the events process comes with
+    # the same event_id; a second delivery would have its own.
+    by_id = {}
+    for e in events:
+        assert by_id.setdefault(e["event_id"], e) == e, e
     terminal = collections.defaultdict(list)
     delivered_at = {}
     qid_of_mid = {}
-    for e in events:
-        key = (e["queue_id"], e["recipient"])
-        if e["type"] in TERMINAL:
-            terminal[key].append(e["type"])
+    for e in by_id.values():
+        key = (e["queue_id"], e["raw_rcpt_to"])
+        if _kind(e) in TERMINAL:
+            terminal[key].append(_kind(e))
             if e["type"] == "delivery":
-                delivered_at.setdefault(key, e["timestamp"])
-        if e["type"] == "reception" and e.get("message_id"):
-            qid_of_mid[e["message_id"]] = e["queue_id"]
+                delivered_at.setdefault(key, float(e["event_time"]))
+        if e["type"] == "injection" and e.get("message_id_header"):
+            qid_of_mid[e["message_id_header"]] = e["queue_id"]
     by_rcpt = collections.defaultdict(list)
     for (qid, rcpt), types in terminal.items():
         by_rcpt[rcpt].append((qid, types))
@@ -135,10 +144,11 @@ def test_chaos_soak_loses_nothing(tmp_path):
 
 # ------------------------------------------------------------------------------------------
 # What the soak found: a kill -9 of a spool shard while it waits in fdatasync for a batch
-# that holds a delivery outcome.  The shard writes the batch, syncs, and only then appends
-# the batch's events to the event log; killed during the sync, the records are in the
-# page cache (so, after the restart, the recipient counts as delivered and is not sent
-# again) but their events were never written.  fdatasync is made slow here (in the spool
+# that holds a delivery outcome.  The shard used to write the batch, sync, and only then
+# append the batch's events to the event log; killed during the sync, the records were in
+# the page cache (so, after the restart, the recipient counted as delivered and was not
+# sent again) but their events were never written.  Now the events are a record of the
+# same batch (REC_EVENTS), read by the events process up to the synced watermark.  fdatasync is made slow here (in the spool
 # processes only, through a sitecustomize on PYTHONPATH) so that the kill lands in that
 # window every time; on a real disk the window is the sync's duration.
 
@@ -154,9 +164,6 @@ os.fdatasync = _slow
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="defect found by the soak: the events of a batch are "
-                   "written after its fdatasync, so a kill -9 during the sync loses them "
-                   "while the batch's records survive")
 def test_kill9_during_the_outcome_sync_keeps_the_terminal_event(make_daemon, tmp_path):
     import signal
     import time
@@ -186,8 +193,10 @@ def test_kill9_during_the_outcome_sync_keeps_the_terminal_event(make_daemon, tmp
                    "the queue to be empty")
         # Delivered once, and the spool knows it: nothing is sent again.
         assert [t.rcpt_tos for t in sink.snapshot()] == [["rcpt@example.net"]]
-        ends = [e["type"] for e in d.events()
-                if e.get("queue_id") == qid and e["type"] in TERMINAL]
-        assert ends == ["delivery"], ends
+        wait_until(lambda: any(e.get("queue_id") == qid and e["type"] == "delivery"
+                               for e in d.events()), 10, "the delivery event")
+        ends = {e["event_id"]: e["type"] for e in d.events()
+                if e.get("queue_id") == qid and e["type"] in TERMINAL}
+        assert list(ends.values()) == ["delivery"], ends
     finally:
         sink.stop()

@@ -185,8 +185,8 @@ def test_sd_notify_ready_reloading_stopping(make_daemon, tmp_path):
 def test_process_titles_and_restart_with_backoff(make_daemon):
     d = make_daemon(acceptors=2, shards=2)
     kids = d.children()
-    assert set(kids) == {"admin[0]", "spool[0]", "spool[1]", "delivery[0]", "acceptor[0]",
-                         "acceptor[1]"}
+    assert set(kids) == {"admin[0]", "spool[0]", "spool[1]", "events[0]", "delivery[0]",
+                         "acceptor[0]", "acceptor[1]"}
     os.kill(kids["acceptor[1]"], signal.SIGKILL)
     d.wait_log(r"acceptor\[1\] pid=\d+ died \(signal 9\); restarting in 0\.2s")
     new = d.wait_restarted("acceptor[1]", kids["acceptor[1]"], timeout=10)
@@ -243,6 +243,10 @@ def test_check_config_ok_and_print_services(make_daemon):
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["ROLE", "COUNT", "LISTEN"]
     assert re.search(r"^spool\s+2\s+-\s+always", out, re.M)
+    assert re.search(r"^events\s+1\s+-\s+always\s+keep\s+mta\.events\.main:main", out, re.M)
+    # started after the spool (it reads what the shards recovered), before delivery
+    roles = [x.split()[0] for x in lines[1:]]
+    assert roles.index("spool") < roles.index("events") < roles.index("delivery"), roles
     assert re.search(rf"^acceptor\s+3\s+127\.0\.0\.1:{d.port}\s+always", out, re.M)
 
 

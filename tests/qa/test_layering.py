@@ -5,7 +5,8 @@ with ``ast`` (``import x``, ``from x import y``, relative imports; at module
 level and inside functions, classes, ``try`` and ``if`` blocks alike):
 
 1. A **role** package (one per process role: ``mta/acceptor``, ``mta/spool``,
-   ``mta/delivery``, ``mta/supervisor``) never imports another role: roles
+   ``mta/delivery``, ``mta/supervisor``, ``mta/admin``, ``mta/events``) never
+   imports another role: roles
    talk over the bus.
 2. A **library** (everything else under ``mta/``: ``mta/bus``, ``mta/config``,
    ``mta/store.py``, ...) never imports a role.
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PACKAGE = "mta"
-ROLES = ("acceptor", "spool", "delivery", "supervisor", "admin")
+ROLES = ("acceptor", "spool", "delivery", "supervisor", "admin", "events")
 ENTRY_POINTS = ("mta.cli", "mta.__main__")
 ENTRY_POINT_ROLES = ("supervisor",)      # the roles an entry point may import
 BUS = "mta.bus"

@@ -15,7 +15,6 @@ import msgspec
 from mta import bus
 from mta.config import resolve
 from mta.config.schema import Config
-from mta.obs import events as ev
 from mta.queueid import domain_shard, new_qid
 from mta.spool import dispatch as dsp
 from mta.spool import schedule as sch
@@ -60,7 +59,6 @@ def make_shard(tmp_path, processes=1, **delivery) -> Shard:
     }, Config)
     shard = Shard(resolve(cfg, None), 0)
     shard.store.recover()
-    shard.events = ev.EventLog(None)
     shard.server = Server()
     shard.links = Links(processes)
     shard.parked = [{} for _ in range(processes)]

@@ -62,7 +62,6 @@ def rig(tmp_path, monkeypatch):
     yield shard, clients, order
     for c in clients:
         c.close()
-    shard.events.close()
     shard.store.close()
     shard.server.close()
     shard.links.close()

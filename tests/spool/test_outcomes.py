@@ -78,7 +78,7 @@ def test_deferred_recipient_is_rescheduled_by_the_retry_schedule():
     # b is still due at arrival; the message is due at the earlier of the two.
     assert plan.reschedule == [(ARRIVAL, "Q1")] and plan.done == []
     (e,) = plan.events
-    assert e["type"] == ev.TRANSIENT_FAILURE and e["next_attempt"] == NOW + 300
+    assert e["type"] == ev.DELAY and e["next_attempt"] == NOW + 300
     assert plan.bounces == []
 
 

@@ -1,0 +1,202 @@
+"""SparkPost's message-event shape, made from the spool's internal events (a pure function).
+
+:func:`sparkpost_event` turns one internal event (:mod:`mta.obs.events`, one
+recipient) into the flat object SparkPost puts under ``msys.message_event`` of a
+webhook batch and in ``results[]`` of the events API.  Conventions followed
+(``sparkpost-feedback.md`` sections 0 and 2): scalars as JSON *strings*
+(``bounce_class``, ``error_code``, ``num_retries``, ``queue_time``,
+``msg_size``, ``transactional``, ``event_id``), ``timestamp`` in Unix seconds
+as a string, ``injection_time`` in ISO-8601 UTC, ``rcpt_to`` lower-cased and
+``raw_rcpt_to`` as received.
+
+Types: the spool's ``injection``, ``delivery``, ``delay`` and ``bounce`` keep
+their names (they are SparkPost's).  An **expiry** (the message waited longer
+than ``delivery.max_age``) is a ``bounce`` of class **24** (Timeout, "message
+timed out"): it is the table's class for a message that ran out of time, and
+what the shipped bounce rules give a receiver's own 4.4.7 / 5.4.7 "delivery
+time expired"; the transient class of the last reply (often 70) would tell a
+consumer the message is still being tried, and 24 is a *soft* class, so
+consumers that suppress only hard and admin bounces keep the address.  Its
+reason names the expiry: ``554 5.4.7 [internal] message expired: ...`` with the
+last reply, when there was one, after it.  A **suppressed** recipient gets an
+``injection`` and a class-25 ``bounce`` (SparkPost's current behaviour, as the
+suppression code does); no ``policy_rejection`` is made today, because no
+refusal reaches the spool (a refused RCPT never becomes a message).
+
+Ids: ``message_id`` is the spool's queue id in lower case (20 hex digits, the
+format of SparkPost's own message ids); ``transmission_id`` is the HTTP API's
+transmission id, and for a message injected over SMTP its queue id as a
+decimal number (SparkPost's are numeric strings).  The
+``Message-ID`` header is ``message_id_header``.
+
+Our own fields, named so that they clash with none of SparkPost's:
+``queue_id``, ``bounce_rule`` (the rule that decided ``bounce_class``;
+``expired`` for an expiry, whose last reply's class and rule are
+``last_bounce_class`` / ``last_bounce_rule``),
+``egress_source``, ``site``, ``remote_host``, ``event_time`` (the timestamp
+with milliseconds, a string), ``message_id_header``, ``next_attempt`` (delay: Unix
+seconds of the next try with milliseconds, a string), ``suppressed`` (``"1"``), ``client``.
+
+A ``delivery`` also carries ``error_code`` and ``raw_reason`` (the receiver's
+2xx reply; SparkPost lists them for delays and bounces only; anymail reads
+``raw_reason`` as the MTA's response).
+
+Not carried: ``friendly_from`` and ``subject`` (the spool does not keep the
+message's headers; left out rather than guessed), ``outbound_tls`` (delivery
+does not report it yet), the template, subaccount and tracking fields (no
+such features).
+"""
+from __future__ import annotations
+
+import re
+import time
+
+SPARKPOST_TYPES = ("injection", "delivery", "delay", "bounce", "policy_rejection",
+                   "out_of_band", "spam_complaint")
+EXPIRY_CLASS = "24"
+EXPIRY_CODE = "554"
+EXPIRY_TEXT = "5.4.7 [internal] message expired: too long in the queue"
+EXPIRY_RULE = "expired"    # bounce_rule of an expiry (the last reply's: last_bounce_rule)
+MAX_REASON = 200          # characters of ``reason`` before the rest is elided with "..."
+
+_IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
+_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:@]+@[A-Za-z0-9.-]+")
+
+
+def iso(ts: float) -> str:
+    """ISO-8601 UTC with milliseconds, as SparkPost writes ``injection_time``."""
+    ms = int(round(ts * 1000))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + ".%03dZ" % (ms % 1000)
+
+
+def canonical_reason(raw: str) -> str:
+    """``reason``: the reply with IPv4 addresses as a.b.c.d, mail addresses as ...@..., and
+    text beyond MAX_REASON characters elided (SparkPost's observed canonicalisation)."""
+    text = _ADDRESS.sub("...@...", _IPV4.sub("a.b.c.d", raw))
+    if len(text) > MAX_REASON:
+        text = text[:MAX_REASON - 3] + "..."
+    return text
+
+
+def event_id(shard: int, segment: int, offset: int, index: int) -> str:
+    """The id of the *index*-th event of the REC_EVENTS record at (*segment*, *offset*).
+
+    A decimal integer string, unique per durable record position and the
+    same each time the record is read again (at-least-once readers dedupe by
+    it): offsets are below 2**32 (segments end before spool.segment_size <=
+    4 GiB), at most 2**32 events per record and 256 shards.
+    """
+    return str((((segment << 32 | offset) << 32 | index) << 8) | shard)
+
+
+def expand(internal: dict):
+    """The per-recipient internal events of one record entry (injection: one per rcpt)."""
+    rcpts = internal.get("rcpts")
+    if rcpts is None:
+        yield internal
+        return
+    for r in rcpts:
+        ev = dict(internal)
+        del ev["rcpts"]
+        ev["recipient"] = r
+        yield ev
+
+
+def _decimal(qid: str) -> str:
+    """A queue id (hex) as a decimal string, the transmission id of an SMTP injection."""
+    try:
+        return str(int(qid, 16))
+    except ValueError:
+        return qid
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower() if "@" in address else ""
+
+
+def sparkpost_event(internal: dict, *, event_id: str) -> dict:
+    """The flat SparkPost message event for one internal event of one recipient."""
+    kind = internal.get("type", "")
+    ts = float(internal.get("timestamp") or 0.0)
+    arrival = float(internal.get("arrival") or ts)
+    rcpt = internal.get("recipient", "")
+    qid = internal.get("queue_id", "")
+    domain = _domain(rcpt)
+    out = {
+        "type": kind,
+        "event_id": event_id,
+        "timestamp": str(int(ts)),
+        "event_time": "%.3f" % ts,
+        "message_id": qid.lower(),
+        "transmission_id": str(internal.get("transmission_id") or _decimal(qid)),
+        "campaign_id": internal.get("campaign_id") or "",
+        "rcpt_to": rcpt.lower(),
+        "raw_rcpt_to": rcpt,
+        "recipient_domain": domain,
+        "routing_domain": domain,
+        "rcpt_meta": internal.get("metadata") or {},
+        "rcpt_tags": internal.get("tags") or [],
+        "msg_from": internal.get("sender", ""),
+        "ip_pool": internal.get("ip_pool") or "default",
+        "transactional": "1" if internal.get("transactional") is True else "0",
+        "injection_time": iso(arrival),
+        "recv_method": "rest" if str(internal.get("client", "")).startswith("http") else "esmtp",
+        "queue_id": qid,
+    }
+    if "size" in internal:
+        out["msg_size"] = str(int(internal["size"]))
+    mid = internal.get("message_id")
+    if mid:
+        out["message_id_header"] = mid
+    if internal.get("sending_ip"):
+        out["sending_ip"] = internal["sending_ip"]
+    if internal.get("source"):
+        out["egress_source"] = internal["source"]
+    if internal.get("site"):
+        out["site"] = internal["site"]
+    if internal.get("client"):
+        out["client"] = internal["client"]
+    if kind == "injection":
+        return out
+    attempt = int(internal.get("attempt") or 0)
+    # failed attempts before this one; an expiry is no attempt: all of them failed
+    out["num_retries"] = str(attempt if kind == "expiration" else max(0, attempt - 1))
+    out["queue_time"] = str(max(0, int(round((ts - arrival) * 1000))))
+    if internal.get("suppressed"):
+        out["suppressed"] = "1"
+    else:
+        out["delv_method"] = "esmtp"
+    if internal.get("remote_ip"):
+        out["ip_address"] = internal["remote_ip"]
+    if internal.get("remote_host"):
+        out["remote_host"] = internal["remote_host"]
+    resp = internal.get("response") or {}
+    code = int(resp.get("code") or 0)
+    enhanced = resp.get("enhanced") or ""
+    text = resp.get("text") or ""
+    raw = " ".join(x for x in (str(code) if code else "", enhanced, text) if x)
+    if kind == "delivery":
+        # (SparkPost lists these for delay and bounce; the receiver's 250 is as useful)
+        out["error_code"] = str(code) if code else ""
+        out["raw_reason"] = raw
+        return out
+    if kind == "expiration":
+        out["type"] = "bounce"
+        out["bounce_class"] = EXPIRY_CLASS
+        out["error_code"] = EXPIRY_CODE
+        raw = f"{EXPIRY_CODE} {EXPIRY_TEXT}" + (
+            f" ({attempt} attempt(s); last reply: {raw})" if raw else "")
+        out["bounce_rule"] = EXPIRY_RULE
+        if code and internal.get("bounce_class"):     # how the last reply was classified
+            out["last_bounce_class"] = str(internal["bounce_class"])
+            out["last_bounce_rule"] = internal.get("bounce_rule", "")
+    else:
+        out["bounce_class"] = str(internal.get("bounce_class") or "1")
+        out["error_code"] = str(code) if code else ""
+        if internal.get("bounce_rule"):
+            out["bounce_rule"] = internal["bounce_rule"]
+    out["raw_reason"] = raw
+    out["reason"] = canonical_reason(raw)
+    if kind == "delay" and internal.get("next_attempt"):
+        out["next_attempt"] = "%.3f" % internal["next_attempt"]
+    return out

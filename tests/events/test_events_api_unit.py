@@ -1,0 +1,92 @@
+"""mta.api.events in-process: parameters, defaults, paging links, errors (no daemon)."""
+from __future__ import annotations
+
+import urllib.parse
+
+import orjson
+import pytest
+
+from mta.api import events as api
+from mta.api import replies as R
+from mta.feedback.events_store import EventStore
+
+NOW = 1_700_100_000.0
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = EventStore(str(tmp_path / "ev"), map_size=64 << 20, retention=10 * 86400)
+    evs = []
+    for i in range(30):
+        evs.append({"type": "delivery" if i % 3 else "injection", "event_id": str(i),
+                    "timestamp": str(int(NOW) - 3000 + i * 60), "rcpt_to": f"r{i % 2}@x.example",
+                    "campaign_id": "c-1", "message_id": f"m{i}"})
+    s.append(evs)
+    yield s
+    s.close()
+
+
+def call(store, query: str) -> dict:
+    status, body = api.handle(store, b"GET", b"/api/v1/events/message?" + query.encode(),
+                              now=NOW)
+    assert status == 200
+    return orjson.loads(body)
+
+
+def test_default_window_excludes_the_last_minute(store):
+    b = call(store, "")
+    # events at NOW-3000 .. NOW-1260, one a minute; to = NOW - 60 excludes none of them
+    assert b["total_count"] == 30
+    store.append([{"type": "delivery", "event_id": "late", "timestamp": str(int(NOW) - 30)}])
+    assert call(store, "")["total_count"] == 30
+    assert call(store, "to=" + api._iso_param(NOW))["total_count"] == 31
+
+
+def test_links_repeat_the_filters_and_pin_the_window(store):
+    b = call(store, "events=delivery&per_page=7&recipients=r1@x.example")
+    assert len(b["results"]) == 7 and b["total_count"] == 10
+    nxt = b["links"]["next"]
+    q = urllib.parse.parse_qs(urllib.parse.urlsplit(nxt).query)
+    assert q["events"] == ["delivery"] and q["recipients"] == ["r1@x.example"]
+    assert q["from"] and q["to"] and q["cursor"]
+    b2 = call(store, urllib.parse.urlsplit(nxt).query)
+    assert len(b2["results"]) == 3 and b2["links"] == {}
+    assert b2["total_count"] == 10
+    got = [e["event_id"] for e in b["results"] + b2["results"]]
+    assert got == [str(i) for i in range(29, -1, -1) if i % 3 and i % 2]
+
+
+def test_repeated_keys_and_node_array_keys(store):
+    b = call(store, "messages=m1&messages=m2&messages%5B0%5D=m4")
+    assert sorted(e["message_id"] for e in b["results"]) == ["m1", "m2", "m4"]
+
+
+def test_timestamp_is_iso(store):
+    e = call(store, "messages=m0")["results"][0]
+    assert e["timestamp"] == api.S.iso((int(NOW) - 3000) * 1000)
+    assert "_ts" not in e
+
+
+def test_errors_name_the_parameter(store):
+    for query, param in [("from=2023-11-01", None), ("from=x", "from"), ("per_page=-1", "per_page"),
+                         ("delimiter=123456789", "delimiter"), ("events=", None),
+                         ("events=bogus", "events")]:
+        url = b"/api/v1/events/message?" + query.encode()
+        if param is None:
+            assert api.handle(store, b"GET", url, now=NOW)[0] == 200
+            continue
+        with pytest.raises(R.ApiError) as e:
+            api.handle(store, b"GET", url, now=NOW)
+        assert e.value.status == 400 and e.value.description.startswith(param + ":")
+
+
+def test_no_store_yet_is_an_empty_answer():
+    status, body = api.handle(None, b"GET", b"/api/v1/events/message", now=NOW)
+    assert status == 200
+    assert orjson.loads(body) == {"results": [], "total_count": 0, "links": {}}
+
+
+def test_unknown_subresource_is_404(store):
+    with pytest.raises(R.ApiError) as e:
+        api.handle(store, b"GET", b"/api/v1/events/message/nothing", now=NOW)
+    assert e.value.status == 404
