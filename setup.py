@@ -105,6 +105,7 @@ setup(
             "sparkpost>=1.3",
             "ruff>=0.5",
             "fusepy>=3.0.1",   # tests/crashfs.py (needs Debian's libfuse2)
+            "django-anymail>=10",   # tests/events: its SparkPost webhook parser reads our events
         ],
     },
     entry_points={"console_scripts": ["mta = mta.cli:main"]},

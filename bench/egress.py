@@ -12,7 +12,7 @@ spread     4 egress sources (127.0.0.2-.5, one pool, equal weights) x 3 sites (3
            one site (all three generators to one domain routed to one smtp-sink).  Reported
            per layout: messages/s end to end (start of injection -> the last delivery is in
            the event log and at the sinks), CPU per message of the whole mta process tree
-           (and system-wide), the split per source (event log ``source``/``sending_ip``)
+           (and system-wide), the split per source (event log ``egress_source``/``sending_ip``)
            and per site (event log ``site``, and each sink's own counter), and the ratio
            4x3 / reference.
 rate       one site with ``[[shaping]] max_message_rate = "50/s"`` (``--rate``), one source;
@@ -331,7 +331,7 @@ class Generators:
 class Events:
     """Follow the daemon's event log: counts by type, and every line kept for the end."""
 
-    FAILURES = ("transient_failure", "bounce", "expiration")
+    FAILURES = ("delay", "bounce")      # SparkPost's names (an expiry is a bounce)
 
     def __init__(self, path: Path):
         self.path = path
@@ -512,9 +512,9 @@ def spread_run(args, rundir: Path, layout: str) -> dict:
         result["wall_s"] = wall
         result["msgs_per_s"] = args.messages / wall
         measured = [e for e in events.rows[skip:] if e.get("type") == "delivery"]
-        last = max(e["timestamp"] for e in measured)
+        last = max(float(e["event_time"]) for e in measured)
         result["msgs_per_s_log"] = args.messages / (last - t0_epoch)
-        result["by_source"] = Counter(f"{e.get('source', '?')} ({e.get('sending_ip', '?')})"
+        result["by_source"] = Counter(f"{e.get('egress_source', '?')} ({e.get('sending_ip', '?')})"
                                       for e in measured)
         result["by_site"] = Counter(e.get("site", "?") for e in measured)
         time.sleep(0.3)
@@ -806,8 +806,8 @@ def scenario_priority(args, workdir: Path) -> tuple[list[str], bool]:
         ev_deadline = time.monotonic() + 30
         while True:
             events.poll()
-            done = {e["recipient"] for e in events.rows
-                    if e.get("type") == "delivery" and e.get("recipient") in sent}
+            done = {e["raw_rcpt_to"] for e in events.rows
+                    if e.get("type") == "delivery" and e.get("raw_rcpt_to") in sent}
             if len(done) >= len(got) or time.monotonic() > ev_deadline:
                 break
             time.sleep(POLL_S)
@@ -827,12 +827,12 @@ def scenario_priority(args, workdir: Path) -> tuple[list[str], bool]:
     http_lat = sorted([arrived[r] - sent[r][1] for r in sent if r in arrived] + [inf] * missing)
     recv, deliv = {}, {}
     for e in events.rows:
-        r = e.get("recipient")
+        r = e.get("raw_rcpt_to")
         if r in sent:
-            if e.get("type") == "reception":
-                recv[r] = e["timestamp"]
+            if e.get("type") == "injection":
+                recv[r] = float(e["event_time"])
             elif e.get("type") == "delivery":
-                deliv.setdefault(r, e["timestamp"])
+                deliv.setdefault(r, float(e["event_time"]))
     ev_lat = sorted([deliv[r] - recv[r] for r in sent if r in recv and r in deliv]
                     + [inf] * (len(sent) - len(deliv)))
     post_s = sorted(b - a for a, b in sent.values())

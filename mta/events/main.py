@@ -192,9 +192,9 @@ class Tail:
                 nxt = self._next_segment()
                 if nxt is None:
                     return False
-                if self.off:
+                if not os.path.exists(segment_path(self.dir, self.seg)):
                     log.error("shard %d: segment %d was removed before its events were all "
-                              "read (events backlog bound); continuing with segment %d",
+                              "read (events.max_backlog_bytes); continuing with segment %d",
                               shard, self.seg, nxt)
                 self.seg, self.off = nxt, 0
                 continue

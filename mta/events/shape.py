@@ -23,16 +23,23 @@ last reply, when there was one, after it.  A **suppressed** recipient gets an
 suppression code does); no ``policy_rejection`` is made today, because no
 refusal reaches the spool (a refused RCPT never becomes a message).
 
-Ids: ``message_id`` is the spool's queue id (20 hex digits, the format of
-SparkPost's own message ids); ``transmission_id`` is the HTTP API's
-transmission id, and for a message injected over SMTP its queue id.  The
+Ids: ``message_id`` is the spool's queue id in lower case (20 hex digits, the
+format of SparkPost's own message ids); ``transmission_id`` is the HTTP API's
+transmission id, and for a message injected over SMTP its queue id as a
+decimal number (SparkPost's are numeric strings).  The
 ``Message-ID`` header is ``message_id_header``.
 
 Our own fields, named so that they clash with none of SparkPost's:
-``queue_id``, ``bounce_rule`` (the rule that decided ``bounce_class``),
+``queue_id``, ``bounce_rule`` (the rule that decided ``bounce_class``;
+``expired`` for an expiry, whose last reply's class and rule are
+``last_bounce_class`` / ``last_bounce_rule``),
 ``egress_source``, ``site``, ``remote_host``, ``event_time`` (the timestamp
 with milliseconds, a string), ``message_id_header``, ``next_attempt`` (delay: Unix
-seconds of the next try, a string), ``suppressed`` (``"1"``), ``client``.
+seconds of the next try with milliseconds, a string), ``suppressed`` (``"1"``), ``client``.
+
+A ``delivery`` also carries ``error_code`` and ``raw_reason`` (the receiver's
+2xx reply; SparkPost lists them for delays and bounces only; anymail reads
+``raw_reason`` as the MTA's response).
 
 Not carried: ``friendly_from`` and ``subject`` (the spool does not keep the
 message's headers; left out rather than guessed), ``outbound_tls`` (delivery
@@ -49,6 +56,7 @@ SPARKPOST_TYPES = ("injection", "delivery", "delay", "bounce", "policy_rejection
 EXPIRY_CLASS = "24"
 EXPIRY_CODE = "554"
 EXPIRY_TEXT = "5.4.7 [internal] message expired: too long in the queue"
+EXPIRY_RULE = "expired"    # bounce_rule of an expiry (the last reply's: last_bounce_rule)
 MAX_REASON = 200          # characters of ``reason`` before the rest is elided with "..."
 
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
@@ -94,6 +102,14 @@ def expand(internal: dict):
         yield ev
 
 
+def _decimal(qid: str) -> str:
+    """A queue id (hex) as a decimal string, the transmission id of an SMTP injection."""
+    try:
+        return str(int(qid, 16))
+    except ValueError:
+        return qid
+
+
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower() if "@" in address else ""
 
@@ -111,8 +127,8 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
         "event_id": event_id,
         "timestamp": str(int(ts)),
         "event_time": "%.3f" % ts,
-        "message_id": qid,
-        "transmission_id": str(internal.get("transmission_id") or qid),
+        "message_id": qid.lower(),
+        "transmission_id": str(internal.get("transmission_id") or _decimal(qid)),
         "campaign_id": internal.get("campaign_id") or "",
         "rcpt_to": rcpt.lower(),
         "raw_rcpt_to": rcpt,
@@ -143,7 +159,8 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
     if kind == "injection":
         return out
     attempt = int(internal.get("attempt") or 0)
-    out["num_retries"] = str(max(0, attempt - 1))
+    # failed attempts before this one; an expiry is no attempt: all of them failed
+    out["num_retries"] = str(attempt if kind == "expiration" else max(0, attempt - 1))
     out["queue_time"] = str(max(0, int(round((ts - arrival) * 1000))))
     if internal.get("suppressed"):
         out["suppressed"] = "1"
@@ -153,26 +170,33 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
         out["ip_address"] = internal["remote_ip"]
     if internal.get("remote_host"):
         out["remote_host"] = internal["remote_host"]
-    if kind == "delivery":
-        return out
     resp = internal.get("response") or {}
     code = int(resp.get("code") or 0)
     enhanced = resp.get("enhanced") or ""
     text = resp.get("text") or ""
     raw = " ".join(x for x in (str(code) if code else "", enhanced, text) if x)
+    if kind == "delivery":
+        # (SparkPost lists these for delay and bounce; the receiver's 250 is as useful)
+        out["error_code"] = str(code) if code else ""
+        out["raw_reason"] = raw
+        return out
     if kind == "expiration":
         out["type"] = "bounce"
         out["bounce_class"] = EXPIRY_CLASS
         out["error_code"] = EXPIRY_CODE
         raw = f"{EXPIRY_CODE} {EXPIRY_TEXT}" + (
             f" ({attempt} attempt(s); last reply: {raw})" if raw else "")
+        out["bounce_rule"] = EXPIRY_RULE
+        if code and internal.get("bounce_class"):     # how the last reply was classified
+            out["last_bounce_class"] = str(internal["bounce_class"])
+            out["last_bounce_rule"] = internal.get("bounce_rule", "")
     else:
         out["bounce_class"] = str(internal.get("bounce_class") or "1")
         out["error_code"] = str(code) if code else ""
-    if internal.get("bounce_rule"):
-        out["bounce_rule"] = internal["bounce_rule"]
+        if internal.get("bounce_rule"):
+            out["bounce_rule"] = internal["bounce_rule"]
     out["raw_reason"] = raw
     out["reason"] = canonical_reason(raw)
     if kind == "delay" and internal.get("next_attempt"):
-        out["next_attempt"] = str(int(internal["next_attempt"]))
+        out["next_attempt"] = "%.3f" % internal["next_attempt"]
     return out

@@ -19,7 +19,7 @@ event shape (:mod:`mta.events.shape`) and writes the log below.
 **The log** (:class:`RotatingLog`): one JSON object per line, appended by the
 events process only.  It rotates by size (``events.rotate_bytes``) and age
 (``events.rotate_age``): the file is renamed ``<name>-<UTC time>.jsonl`` next
-to it and a new one started; rotated files beyond ``events.keep_files`` or
+to it (``events-20261202T195000-123456.jsonl``: sorted by name is sorted by time) and a new one started; rotated files beyond ``events.keep_files`` or
 beyond ``events.max_total_bytes`` together are deleted, oldest first.  Disk
 use is therefore at most ``rotate_bytes`` (plus one batch) for the current
 file and ``max_total_bytes`` for the rotated ones.  SIGUSR1 makes the events
@@ -142,7 +142,9 @@ class RotatingLog:
             return None
         self.sync()
         base, ext = os.path.splitext(self.path)
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + \
+            "-%06d" % int(now % 1 * 1_000_000)
         target = f"{base}-{stamp}{ext}"
         n = 1
         while os.path.exists(target):

@@ -10,16 +10,18 @@ Reads:   SPOOL_MESSAGE_COMMIT from acceptors; the CLI's requests
          (SPOOL_QUEUE_SUMMARY / _LIST / _FLUSH, SPOOL_MESSAGE_SHOW / _DELETE) on
          the bus endpoint ``spool-<n>``; DELIVERY_OUTCOME from delivery processes;
          at start, the shard's segment files (the queue is rebuilt from them).
-Writes:  segment files under ``<spool>/shard-<n>/``; the replies; DELIVERY_MESSAGE_READY
-         to the delivery process of each recipient domain; the event log
-         (``server.event_log``), after the fsync that made each change durable.
+Writes:  segment files under ``<spool>/shard-<n>/`` (each batch's events as a REC_EVENTS
+         record of the same group commit, read by the ``events`` process) and the
+         synced watermark ``<shard dir>/synced``; the replies; DELIVERY_MESSAGE_READY
+         to the delivery process of each recipient domain.
+         Reads ``<shard dir>/events.cursor`` once a second (reclamation waits for it).
 Peers:   acceptor[*] and the ``mta`` command (requests, over the bus);
          delivery[*] (jobs out, outcomes back, over the bus).  No network peer.
 Config:  [spool] (all keys), [delivery] hold, retry_schedule, retry_jitter, max_age,
          time_scale, max_in_flight, max_in_flight_per_domain, spread_threshold,
          connect_timeout, command_timeout, data_timeout,
          job_timeout_margin;
-         [server] hostname, event_log, log_level.
+         [server] hostname, event_log, log_level; [events] max_backlog_bytes.
 
 Start: rebuild the queue from disk, open the bus, tell the supervisor it is
 ready (acceptors are started only then).  SIGTERM: finish the batch in hand,

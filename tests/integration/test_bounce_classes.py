@@ -72,22 +72,31 @@ def test_events_carry_bounce_class_and_rule(lab, tmp_path):
     assert "bounce_class" not in ann and "bounce_rule" not in ann
 
     bob = ev[(qid, "bob@dest.test")]["terminal"]
-    assert bob["response"]["code"] == 550 and bob["response"]["enhanced"] == "5.1.1"
-    assert (bob["bounce_class"], bob["bounce_rule"]) == (10, "gmail-no-such-user")
+    assert bob["error_code"] == "550" and bob["raw_reason"].startswith("550 5.1.1 "), bob
+    assert (bob["bounce_class"], bob["bounce_rule"]) == ("10", "gmail-no-such-user")
 
+    # An expiry is a bounce of class 24 (Timeout) whose reason names the expiry and quotes
+    # the last reply; that reply's own class and rule come along.
     carol = ev[(qid, "carol@rate.test")]
     assert carol["transient"], "carol was deferred at least once before she expired"
-    for e in carol["transient"] + [carol["terminal"]]:
-        assert e["response"]["code"] == 421 and e["response"]["enhanced"] == "4.7.28", e
-        assert (e["bounce_class"], e["bounce_rule"]) == (70, "temp-rate-limited"), e
+    for e in carol["transient"]:
+        assert e["error_code"] == "421" and e["raw_reason"].startswith("421 4.7.28 "), e
+        assert (e["bounce_class"], e["bounce_rule"]) == ("70", "temp-rate-limited"), e
+    t = carol["terminal"]
+    assert (t["type"], t["bounce_class"], t["bounce_rule"]) == ("bounce", "24", "expired"), t
+    assert "message expired" in t["raw_reason"] and "last reply: 421 4.7.28 " in t["raw_reason"]
+    assert (t["last_bounce_class"], t["last_bounce_rule"]) == ("70", "temp-rate-limited"), t
 
     dave = ev[(qid, "dave@dest.test")]
     assert dave["transient"]
-    for e in dave["transient"] + [dave["terminal"]]:
-        assert (e["bounce_class"], e["bounce_rule"]) == (20, "lab-inbox-full"), e
+    for e in dave["transient"]:
+        assert (e["bounce_class"], e["bounce_rule"]) == ("20", "lab-inbox-full"), e
+    t = dave["terminal"]
+    assert (t["bounce_class"], t["last_bounce_class"], t["last_bounce_rule"]) == \
+        ("24", "20", "lab-inbox-full"), t
 
     eve = ev[(qid, "eve@dest.test")]["terminal"]
-    assert (eve["bounce_class"], eve["bounce_rule"]) == (1, "undetermined")
+    assert (eve["bounce_class"], eve["bounce_rule"]) == ("1", "undetermined")
 
 
 def test_bad_operator_rules_are_refused_naming_the_rule(make_daemon, tmp_path):

@@ -88,7 +88,8 @@ def test_weighted_pool_sends_three_to_one_from_its_sources(lab):
     # Every delivery event names its source, the address it left from and the site.
     delivered = wait_until(lambda: (lambda e: e if len(e) >= 4000 else None)(
         [e for e in d.events() if e["type"] == "delivery"]), 30, "4000 delivery events")
-    by_source = collections.Counter((e["source"], e["sending_ip"], e["site"]) for e in delivered)
+    by_source = collections.Counter((e["egress_source"], e["sending_ip"], e["site"])
+                                    for e in delivered)
     assert set(by_source) == {("ip-2", "127.0.0.2", "mx.split.test"),
                               ("ip-3", "127.0.0.3", "mx.split.test")}, by_source
     assert by_source[("ip-2", "127.0.0.2", "mx.split.test")] == clients["127.0.0.2"]

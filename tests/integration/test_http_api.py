@@ -339,10 +339,10 @@ def test_deeply_nested_x_msys_api_metadata_is_ignored_over_smtp(api):
         with smtplib.SMTP(HOST, d.port) as s:
             s.sendmail("a@example.com", [rcpt], msg)
         qid = next(x["queue_id"] for x in d.queue_list() if x["recipients"] == [rcpt])
-        ev = wait_until(lambda qid=qid: next((e for e in d.events() if e["type"] == "reception"
+        ev = wait_until(lambda qid=qid: next((e for e in d.events() if e["type"] == "injection"
                                               and e.get("queue_id") == qid), None),
-                        10, f"the reception event of {rcpt}", interval=0.05)
-        assert ev["campaign_id"] == "deep" and "metadata" not in ev, ev
+                        10, f"the injection event of {rcpt}", interval=0.05)
+        assert ev["campaign_id"] == "deep" and ev["rcpt_meta"] == {}, ev
     log = d.log()[log_before:]
     assert "Traceback" not in log and "ERROR" not in log, log
 
@@ -696,12 +696,12 @@ def test_x_msys_api_over_smtp_is_recorded_and_removed(api):
     raw = d.cli("queue", "show", "--raw", q["msys@example.net"]).stdout
     assert b"X-MSYS-API" not in raw and raw.endswith(b"Subject: parity\r\n\r\nbody\r\n")
     assert b"X-MSYS-API" not in d.cli("queue", "show", "--raw", q["msys-bad@example.net"]).stdout
-    ev = wait_until(lambda: next((e for e in d.events() if e["type"] == "reception"
+    ev = wait_until(lambda: next((e for e in d.events() if e["type"] == "injection"
                                   and e.get("queue_id") == q["msys@example.net"]), None),
-                    10, "the reception event of msys@example.net", interval=0.05)
-    assert ev["campaign_id"] == "smtp-camp" and ev["metadata"] == {"plan": "gold", "n": 3}
-    assert ev["tags"] == ["alpha", "beta"] and ev["ip_pool"] == "pool-7"
-    assert ev["transactional"] is True
+                    10, "the injection event of msys@example.net", interval=0.05)
+    assert ev["campaign_id"] == "smtp-camp" and ev["rcpt_meta"] == {"plan": "gold", "n": 3}
+    assert ev["rcpt_tags"] == ["alpha", "beta"] and ev["ip_pool"] == "pool-7"
+    assert ev["transactional"] == "1" and ev["recv_method"] == "esmtp"
     # HTTP: campaign_id, metadata and tags travel with each recipient too.
     st, _, _ = d.post({"recipients": [{"address": "ev1@example.net", "tags": ["x"],
                                        "metadata": {"r": 1}}, "ev2@example.net"],
@@ -711,17 +711,20 @@ def test_x_msys_api_over_smtp_is_recorded_and_removed(api):
     assert st == 200
 
     def both():
-        found = {e["recipient"]: e for e in d.events()
-                 if e.get("recipient") in ("ev1@example.net", "ev2@example.net")}
+        found = {e["raw_rcpt_to"]: e for e in d.events() if e["type"] == "injection"
+                 and e.get("raw_rcpt_to") in ("ev1@example.net", "ev2@example.net")}
         return found if len(found) == 2 else None
 
     found = wait_until(both, 10, "the events of ev1 and ev2", interval=0.05)
-    assert found["ev1@example.net"]["metadata"] == {"t": 2, "r": 1}
-    assert found["ev1@example.net"]["tags"] == ["x"]
-    assert found["ev2@example.net"]["metadata"] == {"t": 2} and "tags" not in found[
-        "ev2@example.net"]
+    assert found["ev1@example.net"]["rcpt_meta"] == {"t": 2, "r": 1}
+    assert found["ev1@example.net"]["rcpt_tags"] == ["x"]
+    assert found["ev2@example.net"]["rcpt_meta"] == {"t": 2} and found[
+        "ev2@example.net"]["rcpt_tags"] == []
     assert {e["campaign_id"] for e in found.values()} == {"http-camp"}
     assert {e["ip_pool"] for e in found.values()} == {"p2"}
+    assert {e["recv_method"] for e in found.values()} == {"rest"}
+    # the HTTP API's transmission id, as in the transmission's answer
+    assert len({e["transmission_id"] for e in found.values()}) == 1
 
 
 # ------------------------------------------------------------- crash

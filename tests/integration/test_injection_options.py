@@ -40,9 +40,9 @@ def assert_422(st, body, field: str):
 
 
 def reception(d, rcpt: str) -> dict:
-    return wait_until(lambda: next((e for e in d.events() if e["type"] == "reception"
-                                    and e["recipient"] == rcpt), None),
-                      15, f"the reception event of {rcpt}", interval=0.05)
+    return wait_until(lambda: next((e for e in d.events() if e["type"] == "injection"
+                                    and e["raw_rcpt_to"] == rcpt), None),
+                      15, f"the injection event of {rcpt}", interval=0.05)
 
 
 def test_http_ip_pool_and_start_time_are_checked_at_injection(make_daemon):
@@ -63,9 +63,9 @@ def test_http_ip_pool_and_start_time_are_checked_at_injection(make_daemon):
     body["content"]["from"] = "editor@news.example"
     assert d.post(body)[0] == 200
     assert reception(d, "d@dest.example")["ip_pool"] == "mkt"
-    # The default pool is not written into the record (nor the events).
+    # The default pool (not written into the record): the events name it.
     assert d.post(tx("e@dest.example", ip_pool="default"))[0] == 200
-    assert "ip_pool" not in reception(d, "e@dest.example")
+    assert reception(d, "e@dest.example")["ip_pool"] == "default"
     # A start time in the past (or "now") is now: not scheduled.
     assert d.post(tx("f@dest.example", start_time=iso(now - 3600)))[0] == 200
     assert d.post(tx("g@dest.example", start_time="now"))[0] == 200
@@ -122,6 +122,7 @@ def test_start_time_holds_the_message_until_then_across_kill9(lab):
     assert t.at >= start, (t.at, start)
     assert b"scheduled" in t.data
     wait_until(lambda: d.queue_summary()["total"]["messages"] == 0, 15, "an empty queue")
-    ev = [e for e in d.events() if e.get("recipient") == "later@dest.test"
-          and e["type"] == "delivery"]
-    assert len(ev) == 1 and ev[0]["timestamp"] >= start and ev[0]["attempt"] == 1
+    ev = wait_until(lambda: [e for e in d.events() if e.get("raw_rcpt_to") == "later@dest.test"
+                             and e["type"] == "delivery"], 10, "the delivery event")
+    assert len(ev) == 1 and float(ev[0]["event_time"]) >= start and \
+        ev[0]["num_retries"] == "0"

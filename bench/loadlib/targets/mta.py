@@ -80,7 +80,7 @@ def merge(base: dict, extra: dict) -> dict:
 class EventTail:
     """--e2e: follow the mta's event log, counting lines by type as they are appended."""
 
-    TYPES = (b"reception", b"delivery", b"transient_failure", b"bounce", b"expiration")
+    TYPES = (b"injection", b"delivery", b"delay", b"bounce")   # SparkPost's (expiry: bounce)
 
     def __init__(self, path: Path):
         self.path = path
@@ -136,11 +136,12 @@ def mta_latencies(events_path: Path, since: float) -> list[float]:
     with open(events_path, "rb") as f:
         for line in f:
             e = json.loads(line)
-            key = (e.get("queue_id"), e.get("recipient"))
-            if e.get("type") == "reception" and e["timestamp"] >= since:
-                received[key] = e["timestamp"]
+            key = (e.get("queue_id"), e.get("raw_rcpt_to"))
+            t = float(e["event_time"])
+            if e.get("type") == "injection" and t >= since:
+                received[key] = t
             elif e.get("type") == "delivery":
-                delivered.setdefault(key, e["timestamp"])  # at-least-once: the first counts
+                delivered.setdefault(key, t)  # at-least-once: the first counts
     return [delivered[k] - t for k, t in received.items() if k in delivered]
 
 

@@ -1,0 +1,224 @@
+"""The events process in the real daemon (``mta serve``, loopback only).
+
+- kill -9 of the events process during load loses no event: every accepted recipient
+  has its injection and its delivery event in the log (an event read again after the
+  restart comes with the same event_id);
+- the log rotates by size and keeps what retention allows; SIGUSR1 (to the supervisor)
+  makes the events process reopen the log after an external rename;
+- a stopped events process holds the spool's segment reclamation (``mta queue`` shows the
+  backlog); continued, it catches up and the segments are reclaimed.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+import signal
+import smtplib
+import threading
+import time
+
+import pytest
+
+from daemon import HOST, wait_until
+from sinks import AioSink, common_port
+
+
+@pytest.fixture
+def sink():
+    port = common_port(["127.0.0.1"])
+    s = AioSink("127.0.0.1", port).start()
+    yield s
+    s.stop()
+
+
+def delivering(make_daemon, sink, **sections):
+    delivery = {"hold": False, "processes": 1,
+                "route": [{"domain": "*", "hosts": [f"127.0.0.1:{sink.port}"],
+                           "starttls": "none"}]}
+    return make_daemon(acceptors=1, shards=2, delivery=delivery, **sections)
+
+
+def send_many(d, count: int, rcpts_per: int, tag: str, size: int = 200,
+              threads: int = 3) -> dict[str, list[str]]:
+    """Send *count* messages over SMTP from *threads* threads; {qid: recipients} accepted."""
+    accepted: dict[str, list[str]] = {}
+    errors: list[str] = []
+    lock = threading.Lock()
+    pad = (b"x" * 76 + b"\r\n") * (size // 78) + b"x" * (size % 78)
+
+    def run(k: int):
+        try:
+            with smtplib.SMTP(HOST, d.port, local_hostname="client.test", timeout=30) as s:
+                for i in range(k, count, threads):
+                    rcpts = [f"{tag}{i}-{j}@dest{j % 3}.test" for j in range(rcpts_per)]
+                    refused = s.sendmail("a@sender.test", rcpts, b"Subject: " + tag.encode()
+                                         + b"\r\n\r\n" + pad + b"\r\n")
+                    assert not refused, refused
+                    with lock:
+                        accepted[f"{tag}{i}"] = rcpts
+        except (OSError, smtplib.SMTPException, AssertionError) as exc:
+            errors.append(repr(exc))
+
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    return accepted
+
+
+def by_rcpt(events: list[dict]) -> dict[str, collections.Counter]:
+    out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for e in events:
+        out[e["raw_rcpt_to"]][e["type"]] += 1
+    return out
+
+
+def test_kill9_of_the_events_process_during_load_loses_no_event(make_daemon, sink):
+    d = delivering(make_daemon, sink)
+    result: dict = {}
+    loader = threading.Thread(target=lambda: result.update(send_many(d, 240, 2, "k")))
+    loader.start()
+    kills = 0
+    while loader.is_alive() and kills < 3:
+        wait_until(lambda: "events[0]" in d.children(), 20, "the events process")
+        time.sleep(0.4)
+        old = d.children()["events[0]"]
+        os.kill(old, signal.SIGKILL)
+        kills += 1
+        d.wait_restarted("events[0]", old)
+    loader.join()
+    assert kills >= 2, "the load ended before the kills: make it bigger"
+    rcpts = [r for rs in result.values() for r in rs]
+    assert len(rcpts) == 480
+    wait_until(lambda: d.queue_summary()["total"]["messages"] == 0, 60, "an empty queue")
+
+    def complete():
+        got = by_rcpt(d.events())
+        return all(got[r]["injection"] == 1 and got[r]["delivery"] == 1 for r in rcpts)
+    wait_until(complete, 30, "every injection and delivery event", interval=0.2)
+    events = d.events()          # each event_id once; a replay must be the same event
+    got = by_rcpt(events)
+    for r in rcpts:
+        assert got[r] == {"injection": 1, "delivery": 1}, (r, got[r])
+    raw = d.events_raw()
+    # at least once: the kills made the events process write some events again, with
+    # the ids they had (d.events() checked that each id means one event)
+    assert len(raw) >= len(events)
+    per_key = collections.defaultdict(set)
+    for e in raw:
+        per_key[(e["queue_id"], e["raw_rcpt_to"], e["type"])].add(e["event_id"])
+    assert all(len(ids) == 1 for ids in per_key.values())
+    # and every delivery reached the receiver once (kill -9 of the events process does
+    # not touch delivery)
+    at_sink = collections.Counter(r for t in sink.snapshot() for r in t.rcpt_tos)
+    assert set(at_sink) == set(rcpts) and set(at_sink.values()) == {1}
+
+
+def test_log_rotation_retention_and_sigusr1_reopen(make_daemon, sink):
+    d = delivering(make_daemon, sink, events={"rotate_bytes": 65536, "keep_files": 2,
+                                              "checkpoint_interval": 0.2})
+    log_path = os.path.join(d.state_dir, "log", "events.jsonl")
+    rotated = os.path.join(d.state_dir, "log", "events-*.jsonl")
+    # about 450 bytes per event line: 600 recipients x 2 events ~ 540 KB, ~5 rotations
+    sent = send_many(d, 100, 6, "r", threads=2)
+    rcpts = [r for rs in sent.values() for r in rs]
+    wait_until(lambda: d.log().count("event log rotated") >= 3, 30, "several rotations")
+    wait_until(lambda: d.queue_summary()["total"]["messages"] == 0, 60, "an empty queue")
+    files = sorted(glob.glob(rotated))
+    assert 1 <= len(files) <= 2, files               # keep_files = 2
+    assert d.log().count("event log retention removed") >= 1
+    for f in files:                                   # each rotated file near the size bound
+        assert 65536 <= os.path.getsize(f) <= 65536 + 256 * 1024, (f, os.path.getsize(f))
+
+    # What is kept (rotated files and the current one) is the newest part of the stream,
+    # whole lines, each event once: the last recipient's events are there.
+    def kept():
+        out = []
+        for f in sorted(glob.glob(rotated)) + [log_path]:
+            with open(f, "rb") as fh:
+                out += [json.loads(x) for x in fh.read().splitlines()]
+        return out
+    wait_until(lambda: any(e["raw_rcpt_to"] == rcpts[-1] and e["type"] == "delivery"
+                           for e in kept()), 20, "the last delivery event")
+
+    # logrotate: rename the file away, SIGUSR1 to the supervisor, new events go to a new file
+    d.send("a@sender.test", ["before-reopen@dest.test"], b"Subject: x\r\n\r\nbefore\r\n")
+    wait_until(lambda: b"before-reopen@dest.test" in open(log_path, "rb").read(), 20,
+               "an event in the current file")
+    os.rename(log_path, log_path + ".moved")
+    d.proc.send_signal(signal.SIGUSR1)
+    d.wait_log(r"event log reopened", timeout=10)
+    d.send("a@sender.test", ["after-reopen@dest.test"], b"Subject: x\r\n\r\nafter\r\n")
+    wait_until(lambda: os.path.exists(log_path) and b"after-reopen@dest.test" in
+               open(log_path, "rb").read(), 20, "the new event in the reopened log")
+    with open(log_path + ".moved", "rb") as fh:
+        moved = [json.loads(x) for x in fh.read().splitlines()]
+    assert "before-reopen@dest.test" in {e["raw_rcpt_to"] for e in moved}
+    assert all(e["raw_rcpt_to"] != "after-reopen@dest.test" for e in moved)
+
+
+def test_a_stopped_events_process_holds_reclamation_then_catches_up(make_daemon, sink):
+    d = delivering(make_daemon, sink, spool={"segment_size": 1 << 20, "preallocate": False})
+    wait_until(lambda: "events[0]" in d.children(), 20, "the events process")
+    ev_pid = d.children()["events[0]"]
+    shard_dirs = sorted(glob.glob(os.path.join(d.state_dir, "spool", "shard-*")))
+    os.kill(ev_pid, signal.SIGSTOP)
+    try:
+        # ~4 MB per shard of messages, all delivered: without the hold all but the
+        # current segment would be reclaimed within a second or two
+        sent = send_many(d, 120, 1, "h", size=64 * 1024, threads=2)
+        rcpts = [r for rs in sent.values() for r in rs]
+        wait_until(lambda: d.queue_summary()["total"]["messages"] == 0, 60, "an empty queue")
+        time.sleep(3)             # several reclamation passes
+        segs = {sd: glob.glob(os.path.join(sd, "*.seg")) for sd in shard_dirs}
+        assert sum(len(v) for v in segs.values()) >= 4, segs
+        q = d.queue_summary()
+        backlog = sum(x["events_backlog_bytes"] for x in q["shards"])
+        assert backlog >= 3 << 20, q["shards"]
+        assert not [e for e in d.events() if e["raw_rcpt_to"] in set(rcpts)]
+    finally:
+        os.kill(ev_pid, signal.SIGCONT)
+
+    def caught_up():
+        got = by_rcpt(d.events())
+        return all(got[r]["delivery"] == 1 for r in rcpts)
+    wait_until(caught_up, 30, "the events process to catch up", interval=0.2)
+    got = by_rcpt(d.events())
+    assert all(got[r] == {"injection": 1, "delivery": 1} for r in rcpts)
+    # now the segments it has read are reclaimed
+    wait_until(lambda: sum(len(glob.glob(os.path.join(sd, "*.seg"))) for sd in shard_dirs)
+               <= 2 * len(shard_dirs), 20, "the held segments to be reclaimed")
+    assert sum(x["events_backlog_bytes"] for x in d.queue_summary()["shards"]) < 1 << 20
+
+
+def test_the_events_backlog_bound_lets_reclamation_go_on(make_daemon, sink):
+    """events.max_backlog_bytes: past it the spool reclaims without waiting (the disk does
+    not fill up behind a dead events process); the loss is logged on both sides."""
+    d = delivering(make_daemon, sink, spool={"segment_size": 1 << 20, "preallocate": False},
+                   events={"max_backlog_bytes": 1 << 20})
+    wait_until(lambda: "events[0]" in d.children(), 20, "the events process")
+    ev_pid = d.children()["events[0]"]
+    shard_dirs = sorted(glob.glob(os.path.join(d.state_dir, "spool", "shard-*")))
+    # the events process has a position in every shard's first segment
+    send_many(d, 6, 1, "first", threads=1)
+    wait_until(lambda: len([e for e in d.events() if e["type"] == "delivery"]) == 6, 20,
+               "the first deliveries' events")
+    wait_until(lambda: all(os.path.exists(os.path.join(sd, "events.cursor"))
+                           for sd in shard_dirs), 10, "a cursor in every shard")
+    os.kill(ev_pid, signal.SIGSTOP)
+    try:
+        send_many(d, 120, 1, "b", size=64 * 1024, threads=2)
+        wait_until(lambda: d.queue_summary()["total"]["messages"] == 0, 60, "an empty queue")
+        d.wait_log(r"events backlog \d+ bytes in \d+ segment\(s\) is over "
+                   r"events.max_backlog_bytes", timeout=10)
+        # reclaimed all the same: at most the current segment and one more per shard
+        wait_until(lambda: sum(len(glob.glob(os.path.join(sd, "*.seg")))
+                               for sd in shard_dirs) <= 2 * len(shard_dirs), 20,
+                   "reclamation past the bound")
+    finally:
+        os.kill(ev_pid, signal.SIGCONT)
+    d.wait_log(r"was removed before its events were all read", timeout=20)
