@@ -34,6 +34,14 @@ big-endian, 8 octets; so byte order is time order):
   minutes from the counters, the partial minutes at the ends walked;
 - ``meta``: the last seq.
 
+Commits are not synced one by one (LMDB's NOSYNC and NOMETASYNC): the writer
+calls :meth:`sync` at its checkpoints, before it moves its own cursors, so a
+crash replays the events since the last checkpoint (skipped by event_id).  A
+process crash loses nothing committed (the page cache holds it); after a power
+loss LMDB documents that unsynced transactions can be lost or the environment
+damaged; it holds only derived data (the event log has the events): deleting
+its directory starts an empty one.
+
 Results are newest first (descending time, then seq); the paging cursor is
 the (time, seq) of the last event of a page, base64-encoded: a keyset cursor,
 stable while new events arrive (they are newer than the cursor).
