@@ -420,6 +420,9 @@ EXAMPLE_VALUES = {
     "egress.source.name": "ip-1",
     "egress.pool.name": "marketing",
     "egress.pool.sources": [{"source": "ip-1", "weight": 3}, {"source": "ip-2", "weight": 1}],
+    "webhook.name": "crm",
+    "webhook.target": "https://hooks.example.com/sparkpost",
+    "webhook.events": ["delivery", "bounce"],
 }
 
 
