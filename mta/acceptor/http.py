@@ -55,6 +55,7 @@ import hashlib
 import itertools
 import logging
 import os
+import threading
 import time
 from email.utils import formatdate
 
@@ -64,7 +65,9 @@ from mta.acceptor.peers import peer_address
 from mta.config import DEFAULT as DEFAULT_POOL
 from mta.feedback import suppression as suppression_list
 from mta.api import build, idempotency, transmissions
+from mta.api import events as events_api
 from mta.api import suppression as suppression_api
+from mta.events import store as events_store
 from mta.api import replies as R
 
 log = logging.getLogger("mta.acceptor")
@@ -153,6 +156,10 @@ class Service:
         self.stats = {"requests": 0, "accepted": 0, "rejected": 0, "errors": 0}
         self.store: idempotency.Store | None = None
         self.next_purge = 0.0
+        # The events store, read-only, opened at the first events API request
+        # (the events process may create it after this acceptor starts).
+        self.events: events_store.EventStore | None = None
+        self.events_lock = threading.Lock()
 
     @staticmethod
     def _digest(key: bytes) -> str:
@@ -170,6 +177,20 @@ class Service:
         if self.store is not None:
             self.store.close()
             self.store = None
+        with self.events_lock:
+            if self.events is not None:
+                self.events.close()
+                self.events = None
+
+    def events_store(self) -> events_store.EventStore | None:
+        """The events store (read-only), None while it does not exist yet; in a worker thread."""
+        with self.events_lock:
+            if self.events is None:
+                try:
+                    self.events = events_store.open_for(self.a.settings, readonly=True)
+                except FileNotFoundError:
+                    return None
+            return self.events
 
     def is_loopback(self, ip: str) -> bool:
         addr = peer_address(ip)
@@ -455,8 +476,11 @@ class Session(asyncio.Protocol):
             self._respond(req.error, keep_alive=False)
             return
         try:
-            if suppression_api.matches(req.url.partition(b"?")[0]):
+            route = req.url.partition(b"?")[0]
+            if suppression_api.matches(route):
                 self._suppression(req)
+            elif events_api.matches(route):
+                self._events(req)
             else:
                 self._transmission(req)
         except R.ApiError as err:
@@ -505,6 +529,18 @@ class Session(asyncio.Protocol):
         if status >= 400:
             self.svc.stats["errors"] += 1
         self.injected(status, body, keep_alive, retry_after)
+
+    def _events(self, req: Request) -> None:
+        """``/api/v1/events/message`` (mta.api.events), or ApiError; in a worker thread."""
+        svc = self.svc
+        svc.authorize(req.headers.get(b"authorization"), self.peer_ip)
+        cfg = self.a.settings.config.events
+        if not cfg.store:
+            raise R.ApiError(R.NOT_FOUND, "the events store is disabled ([events] store)")
+        self.busy = True
+        fut = svc.loop.run_in_executor(None, _events_call, svc, req.method, req.url,
+                                       cfg.query_max_scan)
+        fut.add_done_callback(functools.partial(self._suppression_done, req.keep_alive))
 
     def _transmission(self, req: Request) -> None:
         """Check a request and start its injection, or raise ApiError."""
@@ -625,6 +661,22 @@ def _suppression_call(store, method: bytes, path: bytes, query: bytes, body: byt
                       path[:200].decode("latin-1"))
         return 503, R.error_body(R.UNAVAILABLE, "the suppression list could not be read or "
                                  "written; retry later"), R.RETRY_AFTER_UNAVAILABLE
+
+
+def _events_call(svc: Service, method: bytes, url: bytes,
+                 max_scan: int) -> tuple[int, bytes, int | None]:
+    """One events API request, in a worker thread: (status, body, Retry-After)."""
+    try:
+        store = svc.events_store() if method == b"GET" else None
+        status, out = events_api.handle(store, method, url, max_scan)
+        return status, out, None
+    except R.ApiError as err:
+        return err.status, err.body(), err.retry_after
+    except Exception:   # lmdb.Error, a bug: answered, logged, the acceptor keeps serving
+        log.exception("events API request %s %s failed", method.decode("latin-1"),
+                      url[:200].decode("latin-1"))
+        return 503, R.error_body(R.UNAVAILABLE, "the events store could not be read; retry "
+                                 "later"), R.RETRY_AFTER_UNAVAILABLE
 
 
 def _num_rcpt_errors(query: bytes) -> int | None:

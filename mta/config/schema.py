@@ -208,6 +208,28 @@ class SuppressionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "counts only what was read", ge=1000, le=100_000_000)] = 1_000_000
 
 
+class EventsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    # --- the events store and GET /api/v1/events/message (mta/events/store.py) ---
+    store: Annotated[bool, _doc(
+        "keep message events in the events store and serve GET /api/v1/events/message; "
+        "false: no store, the API answers 404")] = True
+    store_path: Annotated[str, _doc(
+        "LMDB directory of the events store (written by the events process, read by the "
+        "acceptors); relative paths are inside state_dir")] = "events"
+    retention: Annotated[float, _doc(
+        "seconds an event is kept in the store (10 days, as SparkPost); an event a webhook "
+        "has not consumed yet is kept longer", ge=60, le=366 * 86400)] = 10 * 86400.0
+    store_max_size: Annotated[int, _doc(
+        "octets the events store may take on disk (the LMDB map size; an event takes about "
+        "1 KiB with its indexes); from 75 % a warning is logged, from 85 % the oldest "
+        "events are deleted before their retention ends", ge=16 * MiB, le=4096 * GiB)] = \
+        32 * GiB
+    query_max_scan: Annotated[int, _doc(
+        "index entries one GET /api/v1/events/message may read; past it total_count counts "
+        "only what was read", ge=1000, le=1_000_000_000)] = 2_000_000
+    # --- end of the events store keys ---
+
+
 class RouteConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     domain: Annotated[str, _doc(
         "recipient domain this route applies to, or \"*\" for every domain without "
@@ -498,6 +520,9 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
         default_factory=FeedbackConfig)
     suppression: Annotated[SuppressionConfig, _doc("suppression list")] = msgspec.field(
         default_factory=SuppressionConfig)
+    events: Annotated[EventsConfig, _doc(
+        "message events: the events store and the events API")] = msgspec.field(
+        default_factory=EventsConfig)
     admin: Annotated[AdminConfig, _doc(
         "the admin listener: Prometheus /metrics and the admin API")] = msgspec.field(
         default_factory=AdminConfig)
@@ -516,6 +541,7 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
 SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("http", HttpConfig),
             ("spool", SpoolConfig), ("delivery", DeliveryConfig), ("dkim", DkimConfig),
             ("egress", EgressConfig), ("feedback", FeedbackConfig),
-            ("suppression", SuppressionConfig), ("webhooks", WebhooksConfig),
-            ("admin", AdminConfig))
-TOP_LEVEL_TABLES = (("shaping", ShapingRule), ("webhook", WebhookEntry))   # [[shaping]]: arrays of tables at the top
+            ("suppression", SuppressionConfig), ("events", EventsConfig),
+            ("webhooks", WebhooksConfig), ("admin", AdminConfig))
+# [[shaping]], [[webhook]]: arrays of tables at the top
+TOP_LEVEL_TABLES = (("shaping", ShapingRule), ("webhook", WebhookEntry))

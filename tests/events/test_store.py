@@ -1,0 +1,235 @@
+"""The events store (mta.events.store) in-process: append, dedupe, read, query, prune."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mta.events import store as S
+
+T0 = 1_700_000_000          # a fixed Unix time (2023-11-14T22:13:20Z)
+MAP = 64 * 1024 * 1024
+
+
+def ev(i: int, **kw) -> dict:
+    e = {"type": "delivery", "event_id": str(10_000 + i), "timestamp": str(T0 + i),
+         "message_id": "m%04d" % i, "transmission_id": "t%d" % (i // 10),
+         "rcpt_to": "user%d@example.com" % (i % 7), "raw_rcpt_to": "User%d@example.com" % (i % 7),
+         "recipient_domain": "example.com", "campaign_id": "spring-sale",
+         "friendly_from": "news@sender.example.org", "subject": "Hello there",
+         "ip_pool": "default", "sending_ip": "127.0.0.1"}
+    e.update(kw)
+    return e
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = S.EventStore(str(tmp_path / "events"), map_size=MAP, retention=10 * 86400)
+    yield s
+    s.close()
+
+
+def ids(events) -> list[str]:
+    return [e["event_id"] for e in events]
+
+
+def test_append_assigns_seq_skips_replays_and_reads_in_order(store):
+    assert store.last_seq() == 0
+    assert store.append([ev(i) for i in range(5)]) == 5
+    # a replay after a crash: the same event ids again, plus one new
+    assert store.append([ev(3), ev(4), ev(5)]) == 6
+    assert store.count() == 6
+    got = store.read(0, 100)
+    assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]
+    assert ids(e for _, e in got) == [str(10_000 + i) for i in range(6)]
+    assert got[0][1] == ev(0)              # stored as given
+    assert [s for s, _ in store.read(4, 1)] == [5]
+    assert store.read(6, 10) == []
+    store.sync()
+
+
+def test_duplicates_within_one_batch_are_stored_once(store):
+    assert store.append([ev(1), ev(1), ev(2)]) == 2
+    assert store.count() == 2
+
+
+def test_query_newest_first_with_paging_and_total(store):
+    store.append([ev(i) for i in range(50)])
+    page, nxt, total = store.query({}, None, 20, start=T0, end=T0 + 100)
+    assert total == 50
+    assert ids(page) == [str(10_000 + i) for i in range(49, 29, -1)]
+    assert page[0]["_ts"] == (T0 + 49) * 1000
+    # new events arriving between pages do not move the cursor
+    store.append([ev(i) for i in range(50, 60)])
+    page2, nxt2, total2 = store.query({}, nxt, 20, start=T0, end=T0 + 50)
+    assert ids(page2) == [str(10_000 + i) for i in range(29, 9, -1)]
+    assert total2 == 50
+    page3, nxt3, _ = store.query({}, nxt2, 20, start=T0, end=T0 + 50)
+    assert ids(page3) == [str(10_000 + i) for i in range(9, -1, -1)]
+    assert nxt3 is None
+
+
+def test_time_range_is_from_inclusive_to_exclusive(store):
+    store.append([ev(i) for i in range(10)])
+    page, _, total = store.query({}, None, 100, start=T0 + 2, end=T0 + 5)
+    assert ids(page) == ["10004", "10003", "10002"] and total == 3
+
+
+def test_total_from_minute_counters_spanning_many_minutes(store):
+    # one event every 7 seconds for 2 hours; three types
+    types = ["delivery", "injection", "bounce"]
+    store.append([ev(i * 7, type=types[i % 3], event_id=str(i)) for i in range(1000)])
+    for start, end in [(T0 + 5, T0 + 6000), (T0, T0 + 7 * 1000), (T0 + 61, T0 + 119)]:
+        want = [i for i in range(1000) if start <= T0 + i * 7 < end]
+        page, _, total = store.query({}, None, 10, start=start, end=end)
+        assert total == len(want)
+        assert ids(page) == [str(i) for i in reversed(want)][:10]
+        page, _, total = store.query({"events": ["bounce", "injection"]}, None, 5000,
+                                     start=start, end=end)
+        wb = [i for i in want if i % 3 != 0]
+        assert total == len(wb) and ids(page) == [str(i) for i in reversed(wb)]
+
+
+def test_indexed_filters(store):
+    evs = [ev(i) for i in range(70)]
+    evs[10].update(type="bounce", bounce_class="10", campaign_id="blackfriday-specials")
+    evs[11].update(type="bounce", bounce_class="25", campaign_id="Black Friday")
+    evs[12].update(campaign_id="friday_blackfriday")
+    store.append(evs)
+
+    def q(**f):
+        page, _, total = store.query(f, None, 1000, start=T0, end=T0 + 1000)
+        assert total == len(page)
+        return sorted(int(e["event_id"]) - 10_000 for e in page)
+
+    assert q(recipients=["USER3@example.com"]) == [i for i in range(70) if i % 7 == 3]
+    assert q(recipients=["user3@example.com", "user4@example.com"]) == \
+        [i for i in range(70) if i % 7 in (3, 4)]
+    assert q(messages=["m0005"]) == [5]
+    assert q(transmissions=["t2", "t3"]) == list(range(20, 40))
+    assert q(bounce_classes=["10"]) == [10]
+    assert q(events=["bounce"]) == [10, 11]
+    # keyword match: whole tokens, not substrings
+    assert q(campaigns=["blackfriday"]) == [10, 12]
+    assert q(campaigns=["friday"]) == [11, 12]
+    assert q(campaigns=["black friday"]) == [11]
+    assert q(campaigns=["fri"]) == []
+    assert q(campaigns=["sale"]) == [i for i in range(70) if i not in (10, 11, 12)]
+    # filters combined: AND across, OR within
+    assert q(recipients=["user3@example.com"], events=["delivery"], transmissions=["t1"]) == [17]
+    assert q(event_ids=["10005", "10006"]) == [5, 6]
+
+
+def test_unindexed_filters(store):
+    evs = [ev(i) for i in range(20)]
+    evs[3].update(subject="Your March newsletter", recipient_domain="mail.example.net",
+                  ip_pool="bulk-pool", sending_ip="127.0.0.9", reason="550 5.1.1 no such user",
+                  friendly_from="Other@Sender.example.org", subaccount_id="7",
+                  template_id="welcome_v2")
+    store.append(evs)
+
+    def q(**f):
+        page, _, total = store.query(f, None, 1000, start=T0, end=T0 + 1000)
+        assert total == len(page)
+        return sorted(int(e["event_id"]) - 10_000 for e in page)
+
+    assert q(subjects=["march"]) == [3]
+    assert q(subjects=["mar"]) == []
+    assert q(recipient_domains=["example"]) == list(range(20))
+    assert q(recipient_domains=["net"]) == [3]
+    assert q(sending_domains=["sender.example.org"]) == list(range(20))
+    assert q(ip_pools=["bulk"]) == [3]
+    assert q(sending_ips=["127.0.0.9"]) == [3]
+    assert q(reasons=["5.1.1"]) == [3]
+    assert q(reasons=["5.1"]) == []          # . does not split outside domains
+    assert q(reasons=["no such"]) == [3]
+    assert q(from_addresses=["other@sender.example.org"]) == [3]
+    assert q(subaccounts=["7"]) == [3]
+    assert q(templates=["welcome"]) == [3]
+
+
+def test_bad_cursor_and_unknown_filter(store):
+    with pytest.raises(S.BadCursor):
+        store.query({}, "not-a-cursor", 10)
+    with pytest.raises(ValueError):
+        store.query({"colour": ["red"]}, None, 10)
+
+
+def test_max_scan_bounds_a_query(store):
+    store.append([ev(i, subject="x") for i in range(3000)])
+    page, nxt, total = store.query({"subjects": ["y"]}, None, 10, start=T0, end=T0 + 5000,
+                                   max_scan=1000)
+    assert page == [] and nxt is None and total == 0
+
+
+def test_prune_keeps_retention_and_unconsumed_events(store):
+    store.append([ev(i) for i in range(100)])
+    s = store
+    s.retention = 50
+    # now = T0 + 100: events before T0 + 50 are past the retention;
+    # a webhook has consumed up to seq 30 (keep_from_seq 31)
+    n = s.prune(T0 + 100, keep_from_seq=31, chunk=7)
+    assert n == 30
+    assert s.count() == 70
+    left = [int(e["event_id"]) - 10_000 for _, e in s.read(0, 1000)]
+    assert left == list(range(30, 100))
+    # the indexes and counters follow
+    page, _, total = s.query({"recipients": ["user0@example.com"]}, None, 100,
+                             start=0, end=T0 + 1000)
+    assert sorted(int(e["event_id"]) - 10_000 for e in page) == [i for i in range(30, 100)
+                                                                 if i % 7 == 0]
+    _, _, total = s.query({}, None, 1, start=0, end=T0 + 1000)
+    assert total == 70
+    _, _, total = s.query({"event_ids": ["10005"]}, None, 1, start=0, end=T0 + 1000)
+    assert total == 0
+    # consumed: the rest past the retention goes
+    assert s.prune(T0 + 100, keep_from_seq=10**9) == 20
+    assert s.count() == 50
+    assert s.last_seq() == 100
+    # a replayed event that was pruned is stored again, with a new seq
+    assert s.append([ev(0)]) == 101
+
+
+def test_store_full_is_an_exception_and_prune_frees_space(tmp_path):
+    s = S.EventStore(str(tmp_path / "small"), map_size=2 * 1024 * 1024, retention=10 * 86400)
+    try:
+        big = "x" * 2000
+        with pytest.raises(S.StoreFull):
+            for i in range(0, 100000, 100):
+                s.append([ev(j, subject=big) for j in range(i, i + 100)])
+        n = s.count()
+        assert n > 0
+        # nearly full: prune deletes the oldest even within the retention
+        assert s.prune(T0, keep_from_seq=10**9) > 0
+        assert s.count() < n
+        s.append([ev(10**6, subject=big)])
+    finally:
+        s.close()
+
+
+def test_readonly_reader_in_another_process_sees_synced_events(store, tmp_path):
+    store.append([ev(i) for i in range(3)])
+    store.sync()
+    code = ("import sys; from mta.events.store import EventStore;"
+            "s = EventStore(sys.argv[1], map_size=1 << 20, retention=1, readonly=True);"
+            "print(s.last_seq(), [e['event_id'] for e in s.query({}, None, 10)[0]])")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "events")],
+                       capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["3", "['10002',", "'10001',", "'10000']"]
+
+
+def test_readonly_before_creation_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        S.EventStore(str(tmp_path / "none"), map_size=MAP, retention=1, readonly=True)
+
+
+def test_iso_and_event_time():
+    assert S.iso(1460989507000) == "2016-04-18T14:25:07.000+00:00"
+    assert S.iso(1460989507123) == "2016-04-18T14:25:07.123+00:00"
+    assert S.event_time({"timestamp": "1460989507"}) == 1460989507000
+    assert S.event_time({"timestamp": 1460989507.5}) == 1460989507500
+    assert S.event_time({"timestamp": "2016-04-18T14:25:07.000+00:00"}) == 1460989507000
