@@ -91,6 +91,7 @@ setup(
         "idna>=3.6",
         "lmdb>=1.4",        # the suppression list (mta.feedback.suppression)
         "prometheus-client>=0.20",   # /metrics exposition in the admin process
+        "aiohttp>=3.9",     # webhook POSTs (mta.api.webhooks, the webhooks process)
     ],
     extras_require={
         "test": [

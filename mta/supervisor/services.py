@@ -32,6 +32,8 @@ def table(settings) -> list[Service]:
                      settings.admin_listen)] if settings.admin_listen else []
     return admin + [
         Service("spool", settings.shards, "mta.spool.main:main", (), "always", "keep"),
+    ] + ([Service("webhooks", 1, "mta.webhooks.main:main", (), "always", "keep")]
+         if settings.config.webhooks.enabled else []) + [
         Service("delivery", settings.deliveries, "mta.delivery.main:main", (), "always",
                 "keep"),
         Service("acceptor", settings.acceptors, "mta.acceptor.main:main", settings.listen,

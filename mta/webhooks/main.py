@@ -46,11 +46,11 @@ STORE_RETRY = 1.0          # seconds between two tries to open the events store
 
 
 def open_store(settings):
-    """The events store, read-only; None while it does not exist yet."""
-    from mta.events.store import EventStore, open_readonly
+    """The events store, read-only (FileNotFoundError while the events process has not
+    created it yet); None when [events] store is false."""
+    from mta.events import store
 
-    del EventStore
-    return open_readonly(settings)
+    return store.open_for(settings, readonly=True)
 
 
 class Webhooks:
@@ -163,8 +163,13 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
         while store is None and not stop.is_set():
             try:
                 store = open_store(settings)
+                if store is None:
+                    log.error("webhooks: [events] store is false: there are no events to "
+                              "send; nothing is sent")
+                    await stop.wait()
+                    return
             except Exception as exc:
-                log.warning("webhooks: the events store cannot be opened yet (%s)", exc)
+                log.info("webhooks: the events store cannot be opened yet (%s)", exc)
             if store is None:
                 try:
                     await asyncio.wait_for(stop.wait(), STORE_RETRY)
