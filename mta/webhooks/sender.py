@@ -71,6 +71,7 @@ class Sender:
         self.saved_at = 0.0
         self.token: str | None = None
         self.token_expires = 0.0
+        self.token_lock = asyncio.Lock()
         self.level = 0             # backlog warning level: 0, 50 or 90
         self.head = 0
         self.stats = Stats()
@@ -283,25 +284,30 @@ class Sender:
             self.inflight.pop(b.id, None)
             self.wake.set()
 
-    async def _token(self, refresh: bool) -> str | None:
+    async def _token(self, refresh: str | None) -> str | None:
+        """The OAuth2 token; a new one when there is none, it expired, or *refresh* (the
+        token the target refused) is still the current one.  One fetch at a time."""
         if self.hook.auth_type != "oauth2":
             return None
-        if refresh or self.token is None or self.clock() >= self.token_expires:
-            token, expires = await W.fetch_token(self.session, self.hook, self.cfg.timeout)
-            self.token = token
-            self.token_expires = self.clock() + max(1, expires - 30)
-        return self.token
+        async with self.token_lock:
+            if (refresh is not None and refresh == self.token) or self.token is None or \
+                    self.clock() >= self.token_expires:
+                token, expires = await W.fetch_token(self.session, self.hook,
+                                                     self.cfg.timeout)
+                self.token = token
+                self.token_expires = self.clock() + max(1, expires - 30)
+            return self.token
 
     async def _send(self, b: Batch) -> None:
         cfg = self.cfg
         hook = self.hook
         b.attempts += 1
         try:
-            token = await self._token(False)
+            token = await self._token(None)
             resp = await W.post(self.session, _with_target(hook, b.target), b.body, b.id,
                                 cfg.timeout, token, 512)
             if hook.auth_type == "oauth2" and resp.status in (400, 401):
-                token = await self._token(True)
+                token = await self._token(token)
                 resp = await W.post(self.session, _with_target(hook, b.target), b.body, b.id,
                                     cfg.timeout, token, 512)
         except W.TokenError as exc:
