@@ -288,7 +288,8 @@ async def _request(session, url: str, data: bytes, headers: dict, timeout: float
         async with session.post(url, data=data, headers=headers, allow_redirects=False,
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as r:
             body = await r.content.read(max_body) if max_body else b""
-            return Response(r.status, dict(r.headers), body.decode("utf-8", "replace"),
+            return Response(r.status, {str(k): str(v) for k, v in r.headers.items()},
+                            body.decode("utf-8", "replace"),
                             int((time.monotonic() - t0) * 1000))
     except asyncio.TimeoutError:
         return Response(0, {}, "", int((time.monotonic() - t0) * 1000), "timeout")

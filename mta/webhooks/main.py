@@ -66,10 +66,14 @@ class Webhooks:
         self.generation = -1
         self.last_min_seq: int | None = None
         self.dir = webhookdb.dir_in(settings.state_dir)
+        # A [[webhook]] seen for the first time gets the events since this start.
+        self.started = time.time()
 
     def hooks(self) -> list[tuple[W.Hook, float | None]]:
-        """Every webhook (TOML ones first) with its creation time (None for TOML ones)."""
-        out = [(W.Hook.from_doc(wid, doc, read_only=True), None) for wid, doc in self.toml]
+        """Every webhook (TOML ones first) with its creation time (this process's start
+        for TOML ones)."""
+        out = [(W.Hook.from_doc(wid, doc, read_only=True), self.started)
+               for wid, doc in self.toml]
         out += [(W.Hook.from_doc(wid, doc), created)
                 for wid, doc, created, _ in self.db.webhooks()]
         return out
@@ -157,9 +161,12 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     db = webhookdb.WebhookDB(webhookdb.path_in(settings.state_dir))
 
+    started = time.time()
+
     async def run():
         proc.report_ready(ready_fd)
         store = None
+        told = False
         while store is None and not stop.is_set():
             try:
                 store = open_store(settings)
@@ -169,7 +176,10 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
                     await stop.wait()
                     return
             except Exception as exc:
-                log.info("webhooks: the events store cannot be opened yet (%s)", exc)
+                if not told:
+                    told = True
+                    log.info("webhooks: the events store cannot be opened yet (%s); "
+                             "trying every %gs", exc, STORE_RETRY)
             if store is None:
                 try:
                     await asyncio.wait_for(stop.wait(), STORE_RETRY)
@@ -179,7 +189,9 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
             return
         session = W.new_session()
         try:
-            await Webhooks(settings, db, store, session).run(stop)
+            w = Webhooks(settings, db, store, session)
+            w.started = started
+            await w.run(stop)
         finally:
             await session.close()
             store.close()
