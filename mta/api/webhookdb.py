@@ -26,6 +26,8 @@ Tables:
   and latency, and ``failed`` (some attempt failed).  A batch delivered at
   its first attempt is deleted; one that failed at least once is kept (for
   ``batch-status``) until ``status_retention`` after its last attempt.
+- ``seen``: when each ``[[webhook]]`` table was first seen (a new one gets the
+  events stored since then, even if the process restarts before it read any).
 - ``meta``: ``generation``, bumped by every API change of a webhook, so the
   webhooks process notices changes with one cheap read.
 """
@@ -58,6 +60,7 @@ CREATE TABLE IF NOT EXISTS batch (
 CREATE INDEX IF NOT EXISTS batch_by_hook ON batch (webhook_id, state, next_at);
 CREATE INDEX IF NOT EXISTS batch_by_ts ON batch (failed, ts);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS seen (webhook_id TEXT PRIMARY KEY, t REAL NOT NULL);
 """
 
 DB_NAME = "webhooks.sqlite"
@@ -182,6 +185,14 @@ class WebhookDB:
             self._bump()
         return cur.rowcount > 0
 
+    def first_seen(self, wid: str, now: float) -> float:
+        """When the webhook *wid* was first seen (recorded now if never)."""
+        with self._tx():
+            self.db.execute("INSERT OR IGNORE INTO seen (webhook_id, t) VALUES (?,?)",
+                            (wid, now))
+            return self.db.execute("SELECT t FROM seen WHERE webhook_id=?",
+                                   (wid,)).fetchone()[0]
+
     def _tx(self):
         return _Tx(self.db)
 
@@ -274,6 +285,7 @@ class WebhookDB:
         gone = set(ids) - keep
         with self._tx():
             for wid in gone:
+                self.db.execute("DELETE FROM seen WHERE webhook_id=?", (wid,))
                 self.db.execute("DELETE FROM cursor WHERE webhook_id=?", (wid,))
                 self.db.execute("DELETE FROM batch WHERE webhook_id=?", (wid,))
         return len(gone)

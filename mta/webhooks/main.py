@@ -70,10 +70,10 @@ class Webhooks:
         self.started = time.time()
 
     def hooks(self) -> list[tuple[W.Hook, float | None]]:
-        """Every webhook (TOML ones first) with its creation time (this process's start
-        for TOML ones)."""
-        out = [(W.Hook.from_doc(wid, doc, read_only=True), self.started)
-               for wid, doc in self.toml]
+        """Every webhook (TOML ones first) with its creation time (for TOML ones: the
+        start of the first webhooks process that saw it)."""
+        out = [(W.Hook.from_doc(wid, doc, read_only=True),
+                self.db.first_seen(wid, self.started)) for wid, doc in self.toml]
         out += [(W.Hook.from_doc(wid, doc), created)
                 for wid, doc, created, _ in self.db.webhooks()]
         return out
@@ -162,6 +162,8 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
     db = webhookdb.WebhookDB(webhookdb.path_in(settings.state_dir))
 
     started = time.time()
+    for wid, _ in W.config_docs(settings.config.webhook):
+        db.first_seen(wid, started)      # before the store exists: durable at once
 
     async def run():
         proc.report_ready(ready_fd)
