@@ -344,6 +344,6 @@ def test_kill9_of_the_webhooks_process_loses_nothing(pushd):
         if i in (1, 3):
             pid = wait_until(lambda: child_pid(d, "webhooks"), 30, "the webhooks child")
             os.kill(pid, signal.SIGKILL)
-            wait_until(lambda: child_pid(d, "webhooks") not in (None, pid), 30,
+            wait_until(lambda old=pid: child_pid(d, "webhooks") not in (None, old), 30,
                        "webhooks restarted")
     r.wait(lambda rr: want <= _received_ids(rr), 90, "every event across kill -9")
