@@ -33,7 +33,8 @@ import time
 import orjson
 import uvloop
 
-from mta import proc
+from mta import bus, proc
+from mta.obs.stats import Pusher, Registry
 from mta.api import webhookdb
 from mta.api import webhooks as W
 from mta.webhooks.sender import Sender
@@ -160,6 +161,11 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     db = webhookdb.WebhookDB(webhookdb.path_in(settings.state_dir))
+    # Liveness for the admin process (/api/admin/health, per-process CPU and memory).
+    ctx = bus.new_context()
+    pusher = Pusher.create(Registry(), ctx, settings, "webhooks", index)
+    if pusher is not None:
+        pusher.run_on(loop)
 
     started = time.time()
     for wid, _ in W.config_docs(settings.config.webhook):
@@ -202,4 +208,7 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
         loop.run_until_complete(run())
     finally:
         db.close()
+        if pusher is not None:
+            pusher.close()
+        bus.close_context(ctx)
         loop.close()
