@@ -67,6 +67,7 @@ from mta.feedback import suppression as suppression_list
 from mta.api import build, idempotency, transmissions
 from mta.api import events as events_api
 from mta.api import suppression as suppression_api
+from mta.api import webhooks as webhooks_api
 from mta.feedback import events_store
 from mta.api import replies as R
 
@@ -160,6 +161,7 @@ class Service:
         # (the events process may create it after this acceptor starts).
         self.events: events_store.EventStore | None = None
         self.events_lock = threading.Lock()
+        self.webhooks: webhooks_api.Api | None = None   # made at the first webhooks request
 
     @staticmethod
     def _digest(key: bytes) -> str:
@@ -181,6 +183,13 @@ class Service:
             if self.events is not None:
                 self.events.close()
                 self.events = None
+        if self.webhooks is not None:
+            api, self.webhooks = self.webhooks, None
+            try:
+                if not self.loop.is_running() and not self.loop.is_closed():
+                    self.loop.run_until_complete(api.close())
+            except Exception as exc:   # closing at exit: log, go on
+                log.warning("webhooks API: closing failed: %s", exc)
 
     def events_store(self) -> events_store.EventStore | None:
         """The events store (read-only), None while it does not exist yet; in a worker thread."""
@@ -481,6 +490,8 @@ class Session(asyncio.Protocol):
                 self._suppression(req)
             elif events_api.matches(route):
                 self._events(req)
+            elif webhooks_api.matches(route):
+                self._webhooks(req)
             else:
                 self._transmission(req)
         except R.ApiError as err:
@@ -541,6 +552,29 @@ class Session(asyncio.Protocol):
         fut = svc.loop.run_in_executor(None, _events_call, svc, req.method, req.url,
                                        cfg.query_max_scan)
         fut.add_done_callback(functools.partial(self._suppression_done, req.keep_alive))
+
+    def _webhooks(self, req: Request) -> None:
+        """``/api/v1/webhooks`` (mta.api.webhooks), or ApiError.
+
+        A coroutine on this acceptor's loop: create, update and validate POST
+        to the target (up to webhooks.timeout); the SQLite calls run in a
+        worker thread.  The connection's next request waits, as behind a
+        transmission.
+        """
+        svc = self.svc
+        svc.authorize(req.headers.get(b"authorization"), self.peer_ip)
+        if req.method in (b"POST", b"PUT"):
+            ctype = req.headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
+            if ctype != b"application/json":
+                raise R.ApiError(R.UNSUPPORTED_TYPE, "Content-Type must be application/json")
+        if svc.webhooks is None:
+            svc.webhooks = webhooks_api.Api(self.a.settings.state_dir, self.a.settings.config,
+                                            svc.loop)
+        path, _, query = req.url.partition(b"?")
+        self.busy = True
+        task = svc.loop.create_task(_webhooks_call(svc.webhooks, req.method, path, query,
+                                                   req.body))
+        task.add_done_callback(functools.partial(self._suppression_done, req.keep_alive))
 
     def _transmission(self, req: Request) -> None:
         """Check a request and start its injection, or raise ApiError."""
@@ -664,6 +698,21 @@ def _suppression_call(store, method: bytes, path: bytes, query: bytes, body: byt
                       path[:200].decode("latin-1"))
         return 503, R.error_body(R.UNAVAILABLE, "the suppression list could not be read or "
                                  "written; retry later"), R.RETRY_AFTER_UNAVAILABLE
+
+
+async def _webhooks_call(api, method: bytes, path: bytes, query: bytes,
+                         body: bytes) -> tuple[int, bytes, int | None]:
+    """One webhooks API request: (status, body, Retry-After)."""
+    try:
+        status, out = await api.handle(method, path, query, body)
+        return status, out, None
+    except R.ApiError as err:
+        return err.status, err.body(), err.retry_after
+    except Exception:   # sqlite3.Error, a bug: answered, logged, the acceptor keeps serving
+        log.exception("webhooks API request %s %s failed", method.decode("latin-1"),
+                      path[:200].decode("latin-1"))
+        return 503, R.error_body(R.UNAVAILABLE, "the webhooks could not be read or written; "
+                                 "retry later"), R.RETRY_AFTER_UNAVAILABLE
 
 
 def _events_call(svc: Service, method: bytes, url: bytes,

@@ -174,6 +174,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
     sources, pools = _check_egress(cfg.egress, cfg.delivery)
     _check_shaping(cfg, sources)
     _check_feedback(cfg)
+    _check_webhooks(cfg)
     return Settings(
         config=cfg,
         path=os.path.abspath(path) if path else None,
@@ -273,6 +274,27 @@ def _check_feedback(cfg: Config) -> None:
         feedback.check(cfg.feedback.bounce_rules)
     except feedback.RuleError as exc:
         raise ConfigError(f"feedback.bounce_rules: {exc}") from None
+
+
+def _check_webhooks(cfg: Config) -> None:
+    """Validate the [[webhook]] tables (as the API validates a webhook) and [webhooks]."""
+    from mta.api import replies, webhooks
+
+    if len(cfg.webhooks.retry_schedule) > 100:
+        raise ConfigError("webhooks.retry_schedule: at most 100 retries")
+    names = set()
+    for i, e in enumerate(cfg.webhook):
+        if e.name in names:
+            raise ConfigError(f"webhook[{i}].name: {e.name!r} is used by another [[webhook]]")
+        names.add(e.name)
+        doc = {"name": e.name, "target": e.target, "events": e.events, "active": e.active,
+               "auth_type": e.auth_type, "auth_credentials": e.auth_credentials,
+               "auth_request_details": e.auth_request_details,
+               "custom_headers": e.custom_headers}
+        try:
+            webhooks.check_doc(doc, where=f"webhook[{i}].")
+        except replies.ApiError as exc:
+            raise ConfigError(exc.description) from None
 
 
 def _check_shaping(cfg: Config, sources: dict) -> None:
@@ -422,6 +444,9 @@ EXAMPLE_VALUES = {
     "egress.source.name": "ip-1",
     "egress.pool.name": "marketing",
     "egress.pool.sources": [{"source": "ip-1", "weight": 3}, {"source": "ip-2", "weight": 1}],
+    "webhook.name": "crm",
+    "webhook.target": "https://hooks.example.com/sparkpost",
+    "webhook.events": ["delivery", "bounce"],
 }
 
 

@@ -10,7 +10,7 @@ declarations, the keys of the arrays of tables included (``mta print-config
 
 A value of 0 for a process count means "size to the machine" (see each key).
 """
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta, Struct
@@ -441,6 +441,71 @@ class EventsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # --- end of the events store keys ---
 
 
+DEFAULT_WEBHOOK_RETRIES = [60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 2700.0, 3600.0, 4500.0,
+                           5400.0, 8400.0]   # 11 retries after the first attempt: 7.97 hours
+
+
+class WebhooksConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: Annotated[bool, _doc(
+        "run the webhooks process, which pushes event batches to the [[webhook]] tables and "
+        "the webhooks created through /api/v1/webhooks")] = True
+    batch_size: Annotated[int, _doc(
+        "most events in one batch (one POST)", ge=1, le=350)] = 100
+    max_in_flight: Annotated[int, _doc(
+        "stored batches per webhook not yet acknowledged (being sent or waiting for a "
+        "retry); at the bound no new batch is made and the webhook's cursor lags",
+        ge=1, le=64)] = 4
+    timeout: Annotated[float, _doc(
+        "seconds one POST to a webhook target may take before it counts as failed",
+        ge=0.1, le=300)] = 10.0
+    retry_schedule: Annotated[list[Annotated[float, Meta(ge=0)]], _doc(
+        "seconds before each retry of a failed batch (its attempts after the first); after "
+        "the last one fails the batch is dropped (logged, counted)")] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_RETRIES))
+    time_scale: Annotated[float, _doc(
+        "multiplies retry_schedule; only for tests (e.g. 0.001)", gt=0, le=1)] = 1.0
+    max_backlog_events: Annotated[int, _doc(
+        "events of the events store a webhook's cursor may lag behind the newest one "
+        "(events not yet put in a batch); warnings are logged at 50 % and 90 %",
+        ge=100, le=1_000_000_000)] = 1_000_000
+    on_backlog_full: Annotated[str, _doc(
+        "at max_backlog_events: \"drop_oldest\" moves the cursor forward so the lag is "
+        "the bound again (the skipped events are logged and counted, never sent); "
+        "\"pause\" keeps the cursor and stops holding the events store back beyond the "
+        "bound, so the store's retention decides what is lost",
+        pattern="^(drop_oldest|pause)$")] = "drop_oldest"
+    poll_interval: Annotated[float, _doc(
+        "seconds between two looks at the events store and at webhook changes made "
+        "through the API when there is nothing to do", ge=0.01, le=10)] = 0.5
+    status_retention: Annotated[float, _doc(
+        "seconds a batch that failed at least once is kept for the batch-status call "
+        "after its last attempt", ge=60, le=30 * 86400)] = 86400.0
+    max_webhooks: Annotated[int, _doc(
+        "webhooks that may be created through the API", ge=1, le=10_000)] = 100
+    max_response_body: Annotated[int, _doc(
+        "octets of a target's response body kept for the validate call's answer",
+        ge=0, le=1 * MiB)] = 4 * KiB
+
+
+class WebhookEntry(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Annotated[str, _doc("the webhook's name, unique among the [[webhook]] tables; "
+                              "its id in the API is derived from it")]
+    target: Annotated[str, _doc("http:// or https:// URL the batches are POSTed to")]
+    events: Annotated[list[str], _doc(
+        "event types sent (injection, delivery, delay, bounce, out_of_band, "
+        "spam_complaint, policy_rejection, generation_failure, generation_rejection, ...)")]
+    active: Annotated[bool, _doc("false: nothing is sent")] = True
+    auth_type: Annotated[str, _doc("none, basic or oauth2",
+                                   pattern="^(none|basic|oauth2)$")] = "none"
+    auth_credentials: Annotated[dict[str, str], _doc(
+        "basic: {username, password}")] = msgspec.field(default_factory=dict)
+    auth_request_details: Annotated[dict[str, Any], _doc(
+        "oauth2: {url, body = {client_id, client_secret, grant_type = "
+        "\"client_credentials\"}}")] = msgspec.field(default_factory=dict)
+    custom_headers: Annotated[dict[str, str], _doc(
+        "header fields added to every POST")] = msgspec.field(default_factory=dict)
+
+
 class AdminConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: Annotated[bool, _doc(
         "run the admin process: the admin listener (/metrics, /api/admin/health) and the "
@@ -489,6 +554,11 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     admin: Annotated[AdminConfig, _doc(
         "the admin listener: Prometheus /metrics and the admin API")] = msgspec.field(
         default_factory=AdminConfig)
+    webhooks: Annotated[WebhooksConfig, _doc(
+        "pushing event batches to webhooks")] = msgspec.field(default_factory=WebhooksConfig)
+    webhook: Annotated[list[WebhookEntry], _doc(
+        "webhooks defined here: [[webhook]] tables (read-only through the API)")] = \
+        msgspec.field(default_factory=list)
     shaping: Annotated[list[ShapingRule], _doc(
         "traffic shaping rules: [[shaping]] tables matched by recipient domain, MX host "
         "pattern or site, optionally per source; every matching rule applies, the shipped "
@@ -500,5 +570,6 @@ SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("http", HttpConfig)
             ("spool", SpoolConfig), ("delivery", DeliveryConfig), ("dkim", DkimConfig),
             ("egress", EgressConfig), ("feedback", FeedbackConfig),
             ("suppression", SuppressionConfig), ("events", EventsConfig),
-            ("admin", AdminConfig))
-TOP_LEVEL_TABLES = (("shaping", ShapingRule),)   # [[shaping]]: arrays of tables at the top
+            ("webhooks", WebhooksConfig), ("admin", AdminConfig))
+# [[shaping]], [[webhook]]: arrays of tables at the top
+TOP_LEVEL_TABLES = (("shaping", ShapingRule), ("webhook", WebhookEntry))

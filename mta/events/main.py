@@ -41,6 +41,7 @@ import signal
 import time
 
 from mta import bus, native, proc
+from mta.api import webhookdb
 from mta.events.shape import event_id as make_event_id
 from mta.events.shape import expand, sparkpost_event
 from mta.obs import events as ev
@@ -239,6 +240,8 @@ class Events:
         self.reopen = False
         self.next_checkpoint = time.monotonic() + cfg.checkpoint_interval
         self.next_prune = 0.0
+        self.webhooks_enabled = settings.config.webhooks.enabled
+        self.state_dir = settings.state_dir
         self.failed = False
         self.reg = Registry(settings.config.admin.max_label_values)
         self.published = self.reg.counter("mta_events_published_total")
@@ -270,10 +273,16 @@ class Events:
         if self.log.rotation_due(time.time()):
             self.log.rotate()
         if time.monotonic() >= self.next_prune:
-            # the store's retention and size bound, in bounded chunks (brief B);
-            # keep_from_seq: what a webhook has not consumed (none yet: all consumed)
+            # the store's retention and size bound, in bounded chunks; keep_from_seq:
+            # the lowest seq a webhook has not consumed yet (the webhooks process
+            # publishes it; with webhooks off, or before it first ran: nothing is held)
             self.next_prune = time.monotonic() + PRUNE_INTERVAL
-            self.sink.prune(time.time(), self.sink.last_seq() + 1)
+            keep = self.sink.last_seq() + 1
+            if self.webhooks_enabled:
+                need = webhookdb.read_min_seq(self.state_dir)
+                if need is not None:
+                    keep = min(keep, need)
+            self.sink.prune(time.time(), keep)
 
     def rewind(self) -> None:
         """After a write failure: read again from the durable cursors."""

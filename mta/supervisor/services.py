@@ -34,7 +34,9 @@ def table(settings) -> list[Service]:
     return admin + [
         Service("spool", settings.shards, "mta.spool.main:main", (), "always", "keep"),
     ] + ([Service("events", 1, "mta.events.main:main", (), "always", "keep")]
-         if settings.events_enabled else []) + [
+         if settings.events_enabled else []) + (
+        [Service("webhooks", 1, "mta.webhooks.main:main", (), "always", "keep")]
+        if settings.config.webhooks.enabled else []) + [
         Service("delivery", settings.deliveries, "mta.delivery.main:main", (), "always",
                 "keep"),
         Service("acceptor", settings.acceptors, "mta.acceptor.main:main", settings.listen,

@@ -185,7 +185,8 @@ def test_sd_notify_ready_reloading_stopping(make_daemon, tmp_path):
 def test_process_titles_and_restart_with_backoff(make_daemon):
     d = make_daemon(acceptors=2, shards=2)
     kids = d.children()
-    assert set(kids) == {"admin[0]", "spool[0]", "spool[1]", "events[0]", "delivery[0]",
+    assert set(kids) == {"admin[0]", "spool[0]", "spool[1]", "events[0]", "webhooks[0]",
+                         "delivery[0]",
                          "acceptor[0]", "acceptor[1]"}
     os.kill(kids["acceptor[1]"], signal.SIGKILL)
     d.wait_log(r"acceptor\[1\] pid=\d+ died \(signal 9\); restarting in 0\.2s")

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PACKAGE = "mta"
-ROLES = ("acceptor", "spool", "delivery", "supervisor", "admin", "events")
+ROLES = ("acceptor", "spool", "delivery", "supervisor", "admin", "events", "webhooks")
 ENTRY_POINTS = ("mta.cli", "mta.__main__")
 ENTRY_POINT_ROLES = ("supervisor",)      # the roles an entry point may import
 BUS = "mta.bus"

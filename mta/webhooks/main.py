@@ -1,0 +1,214 @@
+"""webhooks[0]: push SparkPost event batches to the configured webhooks, at least once.
+
+Reads:   the events store (read-only: ``read(after_seq, limit)``, ``last_seq()``);
+         the webhooks' SQLite file ``<state_dir>/webhooks/webhooks.sqlite``
+         (the API-created webhooks, written by the acceptors; its
+         ``generation`` is polled every ``webhooks.poll_interval`` seconds, so an
+         API change is picked up within about a second); ``[[webhook]]`` tables.
+Writes:  cursors and batches in that file (:mod:`mta.api.webhookdb`);
+         ``<state_dir>/webhooks/min_seq``: the lowest seq of the events store a
+         webhook still needs -- whoever prunes the store passes it as
+         ``prune(keep_from_seq=...)`` (:func:`mta.api.webhookdb.read_min_seq`);
+         ``<state_dir>/webhooks/status.json``: per webhook its cursor, the
+         store's newest seq, the backlog, pending batches and counters
+         (rewritten every second); log lines.
+Peers:   the webhook targets (HTTP POST, aiohttp); OAuth2 tokens URLs.
+Config:  [webhooks], [[webhook]], [events] (where the store is).
+
+It never writes the events store nor talks to the spool or the acceptors: a
+slow or dead target only makes its cursor lag (bounded by
+``webhooks.max_backlog_events``, see :mod:`mta.webhooks.sender`).
+SIGTERM: stop sending (in-flight POSTs are abandoned; their batches stay
+stored and are sent again at the next start), save cursors, exit.  SIGHUP is
+ignored ([[webhook]] changes need a restart; API changes need none).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+import orjson
+import uvloop
+
+from mta import bus, proc
+from mta.obs.stats import Pusher, Registry
+from mta.api import webhookdb
+from mta.api import webhooks as W
+from mta.webhooks.sender import Sender
+
+log = logging.getLogger("mta.webhooks")
+
+STATUS_INTERVAL = 1.0      # seconds between two status.json / min_seq writes
+PURGE_INTERVAL = 60.0      # seconds between two purges of old batch statuses
+STORE_RETRY = 1.0          # seconds between two tries to open the events store
+
+
+def open_store(settings):
+    """The events store, read-only (FileNotFoundError while the events process has not
+    created it yet); None when [events] store is false."""
+    from mta.feedback import events_store as store
+
+    return store.open_for(settings, readonly=True)
+
+
+class Webhooks:
+    def __init__(self, settings, db: webhookdb.WebhookDB, store, session):
+        self.settings = settings
+        self.cfg = settings.config.webhooks
+        self.db = db
+        self.store = store
+        self.session = session
+        self.toml = W.config_docs(settings.config.webhook)
+        self.senders: dict[str, Sender] = {}
+        self.keys: dict[str, bytes] = {}
+        self.generation = -1
+        self.last_min_seq: int | None = None
+        self.dir = webhookdb.dir_in(settings.state_dir)
+        # A [[webhook]] seen for the first time gets the events since this start.
+        self.started = time.time()
+
+    def hooks(self) -> list[tuple[W.Hook, float | None]]:
+        """Every webhook (TOML ones first) with its creation time (for TOML ones: the
+        start of the first webhooks process that saw it)."""
+        out = [(W.Hook.from_doc(wid, doc, read_only=True),
+                self.db.first_seen(wid, self.started)) for wid, doc in self.toml]
+        out += [(W.Hook.from_doc(wid, doc), created)
+                for wid, doc, created, _ in self.db.webhooks()]
+        return out
+
+    async def refresh(self) -> None:
+        """Start, restart or stop senders after a change of the webhooks."""
+        gen = self.db.generation()
+        if gen == self.generation:
+            return
+        self.generation = gen
+        seen = set()
+        for hook, created in self.hooks():
+            if not hook.active:
+                continue
+            seen.add(hook.id)
+            key = hook.key()
+            if self.keys.get(hook.id) == key:
+                continue
+            old = self.senders.pop(hook.id, None)
+            if old is not None:
+                await old.stop()
+                log.info("webhook %s (%s): changed; restarting its sender", hook.name, hook.id)
+            s = Sender(hook, self.db, self.store, self.session, self.cfg)
+            s.load(created)
+            self.senders[hook.id] = s
+            self.keys[hook.id] = key
+            s.start()
+            log.info("webhook %s (%s): sending %s to %s from seq %d", hook.name, hook.id,
+                     ",".join(sorted(hook.events)), hook.target, s.scan_seq)
+        for wid in [w for w in self.senders if w not in seen]:
+            s = self.senders.pop(wid)
+            self.keys.pop(wid, None)
+            await s.stop()
+            log.info("webhook %s (%s): removed or inactive; its sender stopped", s.hook.name,
+                     wid)
+
+    def publish(self) -> None:
+        """Write min_seq (when it changed) and status.json."""
+        head = self.store.last_seq()
+        keep = min((s.keep_from() for s in self.senders.values()), default=head + 1)
+        if keep != self.last_min_seq:
+            webhookdb.write_min_seq(self.settings.state_dir, keep)
+            self.last_min_seq = keep
+        doc = {"time": time.time(), "head": head, "min_seq": keep,
+               "webhooks": [s.status() for s in self.senders.values()]}
+        tmp = os.path.join(self.dir, "status.json.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+        os.replace(tmp, os.path.join(self.dir, "status.json"))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        ids = {wid for wid, _ in self.toml} | {w[0] for w in self.db.webhooks()}
+        n = self.db.forget(ids)
+        if n:
+            log.info("forgot the cursors and batches of %d webhook(s) no longer defined", n)
+        next_status = next_purge = 0.0
+        while not stop.is_set():
+            try:
+                await self.refresh()
+                now = time.time()
+                if now >= next_status:
+                    next_status = now + STATUS_INTERVAL
+                    self.publish()
+                if now >= next_purge:
+                    next_purge = now + PURGE_INTERVAL
+                    self.db.purge(now, self.cfg.status_retention)
+            except Exception:
+                log.exception("webhooks: housekeeping failed")
+            try:
+                await asyncio.wait_for(stop.wait(), self.cfg.poll_interval)
+            except asyncio.TimeoutError:
+                pass
+        for s in list(self.senders.values()):
+            await s.stop()
+        self.publish()
+
+
+def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> None:
+    name = proc.start_role("webhooks", index, settings.config.server.log_level)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    log.info("starting %s", name)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    db = webhookdb.WebhookDB(webhookdb.path_in(settings.state_dir))
+    # Liveness for the admin process (/api/admin/health, per-process CPU and memory).
+    ctx = bus.new_context()
+    pusher = Pusher.create(Registry(), ctx, settings, "webhooks", index)
+    if pusher is not None:
+        pusher.run_on(loop)
+
+    started = time.time()
+    for wid, _ in W.config_docs(settings.config.webhook):
+        db.first_seen(wid, started)      # before the store exists: durable at once
+
+    async def run():
+        proc.report_ready(ready_fd)
+        store = None
+        told = False
+        while store is None and not stop.is_set():
+            try:
+                store = open_store(settings)
+                if store is None:
+                    log.error("webhooks: [events] store is false: there are no events to "
+                              "send; nothing is sent")
+                    await stop.wait()
+                    return
+            except Exception as exc:
+                if not told:
+                    told = True
+                    log.info("webhooks: the events store cannot be opened yet (%s); "
+                             "trying every %gs", exc, STORE_RETRY)
+            if store is None:
+                try:
+                    await asyncio.wait_for(stop.wait(), STORE_RETRY)
+                except asyncio.TimeoutError:
+                    pass
+        if store is None:
+            return
+        session = W.new_session()
+        try:
+            w = Webhooks(settings, db, store, session)
+            w.started = started
+            await w.run(stop)
+        finally:
+            await session.close()
+            store.close()
+
+    try:
+        loop.run_until_complete(run())
+    finally:
+        db.close()
+        if pusher is not None:
+            pusher.close()
+        bus.close_context(ctx)
+        loop.close()

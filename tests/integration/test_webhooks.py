@@ -1,0 +1,349 @@
+"""Webhooks against the real daemon: the /api/v1/webhooks API (raw HTTP and the npm
+``sparkpost`` client), and batches pushed by the ``webhooks`` process to a receiver the
+test starts on loopback (tests/webhooks/receiver.py).
+
+The events are appended to the daemon's events store by the test itself
+(``EventStore.append``, as the events process does) while the daemon runs: the
+events pipeline of the spool is another branch's work.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from daemon import HOST, wait_until
+
+from mta.api import webhooks as W
+from mta.events.store import EventStore
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "webhooks"))
+from receiver import Receiver  # noqa: E402
+
+KEY = "wh-key"
+JS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "js-http")
+TEST_ID = "77c2b630-d712-11e4-9642-efc2723b99c1"
+
+
+def call(d, method: str, path: str, body=None, key: str = KEY):
+    conn = http.client.HTTPConnection(HOST, d.http_port, timeout=30)
+    try:
+        data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) \
+            else body
+        conn.request(method, path, body=data,
+                     headers={"Authorization": key, "Content-Type": "application/json"})
+        r = conn.getresponse()
+        raw = r.read()
+    finally:
+        conn.close()
+    return r.status, (json.loads(raw) if raw else raw)
+
+
+def child_pid(d, role: str) -> int | None:
+    """The pid of the daemon's child with the title 'mta: <role>[0]' (None: none now)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read()
+        except OSError:
+            continue
+        if ppid == d.proc.pid and cmd.startswith(f"mta: {role}[0]".encode()):
+            return int(pid)
+    return None
+
+
+def _events(n: int, start: int) -> list[dict]:
+    now = str(int(time.time()))
+    types = ["injection", "delivery", "bounce", "delay"]
+    return [{"type": types[i % 4], "event_id": str(900_000 + i), "timestamp": now,
+             "message_id": "%020x" % i, "rcpt_to": f"r{i}@example.com",
+             "bounce_class": "10" if types[i % 4] == "bounce" else None}
+            for i in range(start, start + n)]
+
+
+@pytest.fixture(scope="module")
+def rec():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def apid(make_module_daemon, rec):
+    """A daemon with one [[webhook]] table, for the API tests."""
+    return make_module_daemon(
+        http={"api_keys": [KEY]},
+        webhook=[{"name": "from-toml", "target": rec.url, "events": ["delivery"]}])
+
+
+def _new(rec, **kw):
+    doc = {"name": "crm", "target": rec.url, "events": ["delivery", "bounce"],
+           "custom_headers": {"X-Tenant": "t1"}}
+    doc.update(kw)
+    return doc
+
+
+def test_create_list_get_update_delete(apid, rec):
+    before = len(rec.hits)
+    st, body = call(apid, "POST", "/api/v1/webhooks", _new(rec))
+    assert st == 200, body
+    wid = body["results"]["id"]
+    assert body["results"]["links"] == [{"href": f"/api/v1/webhooks/{wid}",
+                                         "rel": "urn.msys.webhooks.webhook",
+                                         "method": ["GET", "PUT"]}]
+    test_post = rec.hits[before]               # the test POST reached the target
+    assert test_post.headers["x-messagesystems-batch-id"] == TEST_ID
+    assert test_post.json == [{"msys": {}}] and test_post.headers["x-tenant"] == "t1"
+    st, body = call(apid, "GET", "/api/v1/webhooks?timezone=America/New_York")
+    assert st == 200
+    by_name = {w["name"]: w for w in body["results"]}
+    w = by_name["crm"]
+    assert w["id"] == wid and w["events"] == ["delivery", "bounce"] and w["active"] is True
+    assert w["auth_type"] == "none" and w["auth_token"] == "" and \
+        w["custom_headers"] == {"X-Tenant": "t1"}
+    assert "last_successful" in w and "last_failure" in w
+    toml = by_name["from-toml"]
+    assert toml["read_only"] is True and toml["id"] == W.config_id("from-toml")
+    st, body = call(apid, "GET", f"/api/v1/webhooks/{wid}")
+    assert st == 200 and body["results"]["name"] == "crm"
+    assert {link["rel"] for link in body["results"]["links"]} == \
+        {"urn.msys.webhooks.validate", "urn.msys.webhooks.batches"}
+    st, body = call(apid, "PUT", f"/api/v1/webhooks/{wid}", {"name": "crm2",
+                                                              "events": ["bounce"]})
+    assert st == 200 and body["results"]["id"] == wid
+    st, body = call(apid, "GET", f"/api/v1/webhooks/{wid}")
+    assert body["results"]["name"] == "crm2" and body["results"]["events"] == ["bounce"]
+    st, body = call(apid, "DELETE", f"/api/v1/webhooks/{wid}")
+    assert st == 204 and body == b""
+    st, body = call(apid, "GET", f"/api/v1/webhooks/{wid}")
+    assert st == 404 and body["errors"][0]["message"] == "resource not found"
+
+
+def test_create_refused_when_the_target_fails(apid, rec):
+    rec.status = 500
+    try:
+        st, body = call(apid, "POST", "/api/v1/webhooks", _new(rec, name="broken"))
+    finally:
+        rec.status = 200
+    assert st == 400
+    err = body["errors"][0]
+    assert err["message"] == "Test POST to endpoint failed" and "target" in err["description"]
+    assert err["response"]["status"] == 500
+    st, body = call(apid, "GET", "/api/v1/webhooks")
+    assert "broken" not in {w["name"] for w in body["results"]}
+
+
+def test_update_tests_a_changed_target(apid, rec):
+    st, body = call(apid, "POST", "/api/v1/webhooks", _new(rec, name="moving"))
+    wid = body["results"]["id"]
+    dead = "http://127.0.0.1:9/nothing-listens"
+    st, body = call(apid, "PUT", f"/api/v1/webhooks/{wid}", {"target": dead})
+    assert st == 400 and "target" in body["errors"][0]["description"]
+    st, body = call(apid, "GET", f"/api/v1/webhooks/{wid}")
+    assert body["results"]["target"] == rec.url          # unchanged
+    call(apid, "DELETE", f"/api/v1/webhooks/{wid}")
+
+
+@pytest.mark.parametrize("doc,field,status", [
+    ({"target": "http://127.0.0.1:1/", "events": ["delivery"]}, "name", 422),
+    ({"name": "x", "events": ["delivery"]}, "target", 422),
+    ({"name": "x", "target": "ftp://127.0.0.1/", "events": ["delivery"]}, "target", 422),
+    ({"name": "x", "target": "http://127.0.0.1:1/", "events": ["delivery", "nope"]},
+     "events[1]", 422),
+    ({"name": "x", "target": "http://127.0.0.1:1/", "events": []}, "events", 422),
+    ({"name": "x", "target": "http://127.0.0.1:1/", "events": ["bounce"],
+      "auth_type": "basic"}, "auth_credentials.username", 422),
+    ({"name": "x", "target": "http://127.0.0.1:1/", "events": ["bounce"],
+      "auth_type": "kerberos"}, "auth_type", 422),
+    ({"name": "x", "target": "http://127.0.0.1:1/", "events": ["bounce"],
+      "auth_type": "oauth2", "auth_request_details": {}}, "auth_request_details.url", 422),
+    ({"name": "x", "target": "http://127.0.0.1:1/", "events": ["bounce"],
+      "custom_headers": {"Content-Length": "1"}}, "custom_headers.Content-Length", 422),
+])
+def test_bad_input_names_the_field(apid, doc, field, status):
+    st, body = call(apid, "POST", "/api/v1/webhooks", doc)
+    assert st == status, body
+    assert body["errors"][0]["description"].startswith(field), body
+
+
+def test_bad_json_and_unknown_id(apid):
+    st, body = call(apid, "POST", "/api/v1/webhooks", b"{not json")
+    assert st == 400 and body["errors"][0]["code"] == "1300"
+    st, body = call(apid, "GET", "/api/v1/webhooks/nope/batch-status")
+    assert st == 404
+    st, body = call(apid, "GET", "/api/v1/webhooks?timezone=Mars/Olympus")
+    assert st == 422 and body["errors"][0]["description"].startswith("timezone")
+
+
+def test_toml_webhook_is_read_only(apid):
+    wid = W.config_id("from-toml")
+    st, body = call(apid, "PUT", f"/api/v1/webhooks/{wid}", {"name": "x"})
+    assert st == 403
+    st, body = call(apid, "DELETE", f"/api/v1/webhooks/{wid}")
+    assert st == 403
+    st, body = call(apid, "GET", f"/api/v1/webhooks/{wid}")
+    assert st == 200 and body["results"]["read_only"] is True
+
+
+def test_validate_both_forms(apid, rec):
+    st, body = call(apid, "POST", "/api/v1/webhooks", _new(rec, name="val"))
+    wid = body["results"]["id"]
+    n = len(rec.hits)
+    st, body = call(apid, "POST", f"/api/v1/webhooks/{wid}/validate",
+                    {"message": {"msys": {}}})
+    assert st == 200, body
+    assert body["results"]["msg"] == "Test POST to endpoint succeeded"
+    assert body["results"]["response"]["status"] == 200 and \
+        body["results"]["response"]["body"] == "OK"
+    assert rec.hits[n].json == {"msys": {}}
+    st, body = call(apid, "POST", f"/api/v1/webhooks/{wid}/validate", [{"msys": {}}])
+    assert st == 200 and rec.hits[n + 1].json == [{"msys": {}}]
+    rec.status = 503
+    try:
+        st, body = call(apid, "POST", f"/api/v1/webhooks/{wid}/validate", [{"msys": {}}])
+    finally:
+        rec.status = 200
+    assert st == 400 and body["errors"][0]["response"]["status"] == 503
+    call(apid, "DELETE", f"/api/v1/webhooks/{wid}")
+
+
+def test_documentation_and_samples(apid):
+    st, body = call(apid, "GET", "/api/v1/webhooks/events/documentation")
+    assert st == 200
+    bounce = body["results"]["message_event"]["events"]["bounce"]
+    assert bounce["event"]["bounce_class"]["sampleValue"] == "1"
+    st, body = call(apid, "GET", "/api/v1/webhooks/events/samples?events=bounce,delivery")
+    assert st == 200
+    assert [s["msys"]["message_event"]["type"] for s in body["results"]] == \
+        ["bounce", "delivery"]
+    st, body = call(apid, "GET", "/api/v1/webhooks/events/samples?events=nope")
+    assert st == 422 and body["errors"][0]["description"].startswith("events")
+
+
+def test_npm_client_webhooks_calls(apid, rec):
+    req = {"origin": f"http://{HOST}:{apid.http_port}", "key": KEY, "calls": [
+        ["create", {"name": "from node", "target": rec.url, "events": ["delivery"],
+                    "auth_token": "abc"}],
+        ["list", {"timezone": "UTC"}],
+        ["get", "$id", {"timezone": "UTC"}],
+        ["update", "$id", {"name": "from node 2", "events": ["delivery", "bounce"]}],
+        ["validate", "$id", {"message": {"msys": {}}}],
+        ["getBatchStatus", "$id", {"limit": 10}],
+        ["getDocumentation"],
+        ["getSamples", {"events": "delivery"}],
+        ["delete", "$id"],
+        ["get", "$id"],
+    ]}
+    r = subprocess.run(["node", os.path.join(JS, "webhooks.js")], cwd=JS,
+                       input=json.dumps(req), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert all(x["ok"] for x in out[:9]), out
+    create, lst, get, upd, val, status, doc, samples, delete, gone = out
+    wid = create["body"]["results"]["id"]
+    assert wid in {w["id"] for w in lst["body"]["results"]}
+    assert get["body"]["results"]["name"] == "from node"
+    assert upd["body"]["results"]["id"] == wid
+    assert val["body"]["results"]["msg"] == "Test POST to endpoint succeeded"
+    assert status["body"]["results"] == []
+    assert "message_event" in doc["body"]["results"]
+    assert samples["body"]["results"][0]["msys"]["message_event"]["type"] == "delivery"
+    assert gone["ok"] is False and gone["status"] == 404
+
+
+# ---------------------------------------------------------------- delivery
+
+@pytest.fixture
+def pushd(make_daemon):
+    """A daemon with a webhook for every message event type, fast retries."""
+    r = Receiver()
+    d = make_daemon(webhooks={"time_scale": 0.01, "retry_schedule": [50.0, 100.0, 100.0,
+                                                                      100.0, 100.0],
+                              "poll_interval": 0.1, "batch_size": 25},
+                    webhook=[{"name": "all", "target": r.url,
+                              "events": ["injection", "delivery", "bounce", "delay"],
+                              "auth_type": "basic",
+                              "auth_credentials": {"username": "hook", "password": "pw"}}])
+    store = EventStore(os.path.join(d.state_dir, "events"), map_size=256 << 20,
+                       retention=86400)
+    yield d, r, store
+    store.close()
+    r.close()
+
+
+def _received_ids(r: Receiver) -> set:
+    return {e["event_id"] for e in r.events()}
+
+
+def test_events_pushed_in_sparkpost_batches(pushd):
+    d, r, store = pushd
+    evs = _events(120, 0)
+    store.append(evs)
+    store.sync()
+    want = {e["event_id"] for e in evs}
+    r.wait(lambda rr: want <= _received_ids(rr), 60, "every event")
+    for h in r.batches():
+        assert h.headers["authorization"] == "Basic aG9vazpwdw=="
+        assert h.headers["user-agent"] == "SparkPost"
+        assert 1 <= len(h.json) <= 25
+        for el in h.json:
+            ev = el["msys"]["message_event"]
+            assert ev["type"] in ("injection", "delivery", "bounce", "delay")
+    status = json.load(open(os.path.join(d.state_dir, "webhooks", "status.json")))
+    assert status["webhooks"][0]["name"] == "all"
+    wait_until(lambda: json.load(open(os.path.join(d.state_dir, "webhooks", "status.json")))
+               ["min_seq"] == 121, 10, "min_seq past the sent events")
+
+
+def test_failing_endpoint_then_ok_keeps_batch_ids(pushd):
+    d, r, store = pushd
+    r.status = 500
+    evs = _events(60, 1000)
+    store.append(evs)
+    store.sync()
+    r.wait(lambda rr: len({h.headers["x-messagesystems-batch-id"] for h in rr.hits
+                           if h.status == 500}) >= 3, 60, "failed batches")
+    failed = {h.headers["x-messagesystems-batch-id"]: h.body for h in r.hits
+              if h.status == 500}
+    r.status = 200
+    want = {e["event_id"] for e in evs}
+    r.wait(lambda rr: want <= _received_ids(rr), 60, "every event after the failures")
+    ok = {h.headers["x-messagesystems-batch-id"]: h.body for h in r.batches()}
+    for bid, body in failed.items():
+        assert ok.get(bid) == body, "a failed batch came back with another id or body"
+    # the batches that failed are listed by batch-status (the API on the acceptor)
+    def listed():
+        st, body = call(d, "GET", f"/api/v1/webhooks/{W.config_id('all')}/batch-status",
+                        key="")
+        assert st == 200
+        rows = {row["batch_id"]: row for row in body["results"]}
+        # (the sender records the 200 just after the receiver has answered it)
+        done = set(failed) <= set(rows) and all(
+            rows[b]["attempts"] >= 2 and rows[b]["response_code"] == "200" for b in failed)
+        return rows if done else None
+    wait_until(listed, 10, "batch-status listing the failed batches as delivered")
+
+
+def test_kill9_of_the_webhooks_process_loses_nothing(pushd):
+    d, r, store = pushd
+    want = set()
+    for i in range(6):
+        evs = _events(50, 5000 + 50 * i)
+        want |= {e["event_id"] for e in evs}
+        store.append(evs)
+        store.sync()
+        if i in (1, 3):
+            pid = wait_until(lambda: child_pid(d, "webhooks"), 30, "the webhooks child")
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda old=pid: child_pid(d, "webhooks") not in (None, old), 30,
+                       "webhooks restarted")
+    r.wait(lambda rr: want <= _received_ids(rr), 90, "every event across kill -9")

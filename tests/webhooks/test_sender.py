@@ -1,0 +1,296 @@
+"""The webhook sender in-process: a real events store (LMDB), the real SQLite state, a real
+HTTP receiver on loopback (tests/webhooks/receiver.py).
+
+Batching and filters, headers and auth, the retry schedule, dropping after the last
+attempt, batches surviving a restart of the sender with their ids and bodies, OAuth2
+token refresh, and the backlog bound.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import sys
+import time
+import uuid
+
+import pytest
+
+from mta.api import webhookdb
+from mta.api import webhooks as W
+from mta.config.schema import WebhooksConfig
+from mta.events.store import EventStore
+from mta.webhooks.sender import Sender
+
+sys.path.insert(0, os.path.dirname(__file__))
+from receiver import Receiver  # noqa: E402
+
+TYPES = ["injection", "delivery", "delay", "bounce"]
+
+
+def _events(n: int, start: int = 0, ts: float | None = None) -> list[dict]:
+    now = int(ts if ts is not None else time.time())
+    return [{"type": TYPES[i % 4], "event_id": str(10_000 + i), "timestamp": str(now),
+             "message_id": "%020x" % i, "rcpt_to": f"r{i}@example.com",
+             "bounce_class": "10" if TYPES[i % 4] == "bounce" else None}
+            for i in range(start, start + n)]
+
+
+@pytest.fixture
+def env(tmp_path):
+    store = EventStore(str(tmp_path / "events"), map_size=64 << 20, retention=86400)
+    db = webhookdb.WebhookDB(webhookdb.path_in(str(tmp_path)))
+    rec = Receiver()
+    yield store, db, rec, tmp_path
+    rec.close()
+    db.close()
+    store.close()
+
+
+def _cfg(**kw) -> WebhooksConfig:
+    base = dict(batch_size=100, max_in_flight=4, timeout=5.0, retry_schedule=[0.05, 0.1],
+                time_scale=1.0, poll_interval=0.05)
+    base.update(kw)
+    return WebhooksConfig(**base)
+
+
+def _hook(rec: Receiver, events=("delivery", "bounce"), **kw) -> W.Hook:
+    return W.Hook(id=kw.pop("id", "hook-1"), name="test", target=rec.url,
+                  events=frozenset(events), **kw)
+
+
+async def _run(hook, db, store, cfg, until, timeout=20.0, created=None):
+    """Run a sender until until() is true; returns the sender (stopped)."""
+    session = W.new_session()
+    s = Sender(hook, db, store, session, cfg)
+    s.load(created)
+    s.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not until(s):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"sender: timed out; status {s.status()}")
+            await asyncio.sleep(0.02)
+    finally:
+        await s.stop()
+        await session.close()
+    return s
+
+
+def test_batches_filter_shape_and_headers(env):
+    store, db, rec, _ = env
+    hook = _hook(rec, custom_headers={"X-Customer": "acme"}, auth_token="legacy-token")
+    async def go():
+        s = Sender(hook, db, store, None, _cfg())
+        s.load(None)                        # a new webhook starts at the newest event
+        store.append(_events(500))
+        # with the cursor at 0 (before the events), every matching event is sent
+        db.set_cursor(hook.id, 0)
+    asyncio.run(go())
+    want = {e["event_id"] for e in _events(500) if e["type"] in ("delivery", "bounce")}
+    s = asyncio.run(_run(hook, db, store, _cfg(),
+                         lambda s: len(rec.events()) >= len(want)))
+    got = rec.events()
+    assert sorted(e["event_id"] for e in got) == sorted(want)      # each once, no others
+    assert {e["type"] for e in got} == {"delivery", "bounce"}
+    batches = rec.batches()
+    assert all(len(h.json) <= 100 for h in batches)
+    assert len(batches) == 3                # 250 events: 100 + 100 + 50
+    for h in batches:
+        assert h.headers["content-type"] == "application/json"
+        assert h.headers["user-agent"] == "SparkPost"
+        assert h.headers["x-customer"] == "acme"
+        assert h.headers["x-messagesystems-webhook-token"] == "legacy-token"
+        assert uuid.UUID(h.headers["x-messagesystems-batch-id"])
+        assert "authorization" not in h.headers
+        assert all(list(el) == ["msys"] and list(el["msys"]) == ["message_event"]
+                   for el in h.json)
+    assert len({h.headers["x-messagesystems-batch-id"] for h in batches}) == 3
+    assert s.status()["events_sent"] == 250
+    # every acknowledged batch that never failed is gone from the state file
+    assert db.pending(hook.id) == [] and db.batch_status(hook.id, 100) == []
+    assert db.cursor(hook.id)[0] == 500
+
+
+def test_basic_auth_header(env):
+    store, db, rec, _ = env
+    hook = _hook(rec, auth_type="basic", auth_credentials={"username": "u", "password": "p:w"})
+    db.set_cursor(hook.id, 0)
+    store.append(_events(8))
+    asyncio.run(_run(hook, db, store, _cfg(), lambda s: len(rec.events()) == 4))
+    for h in rec.batches():
+        assert h.headers["authorization"] == "Basic " + base64.b64encode(b"u:p:w").decode()
+
+
+def test_retry_keeps_id_and_body_then_succeeds(env):
+    store, db, rec, _ = env
+    hook = _hook(rec)
+    db.set_cursor(hook.id, 0)
+    store.append(_events(40))
+    seen: dict[str, int] = {}
+
+    def status(hit):
+        bid = hit.headers["x-messagesystems-batch-id"]
+        seen[bid] = seen.get(bid, 0) + 1
+        return 500 if seen[bid] <= 2 else 200      # each batch fails twice, then succeeds
+    rec.status = status
+    asyncio.run(_run(hook, db, store, _cfg(batch_size=10),
+                     lambda s: len(rec.events()) == 20))
+    by_id: dict[str, set] = {}
+    for h in rec.hits:
+        by_id.setdefault(h.headers["x-messagesystems-batch-id"], set()).add(h.body)
+    assert len(by_id) == 2 and all(len(bodies) == 1 for bodies in by_id.values())
+    assert all(n == 3 for n in seen.values())
+    rows = db.batch_status(hook.id, 10)
+    assert {r["batch_id"] for r in rows} == set(by_id)
+    assert all(r["attempts"] == 3 and r["response_code"] == "200" and r["batch_size"] == 10
+               for r in rows)
+
+
+def test_retry_schedule_then_drop(env, caplog):
+    store, db, rec, _ = env
+    hook = _hook(rec)
+    db.set_cursor(hook.id, 0)
+    store.append(_events(4))
+    rec.status = 503
+    sched = [0.2, 0.4]
+    attempts: list[float] = []
+
+    def status(hit):
+        attempts.append(time.monotonic())
+        return 503
+    rec.status = status
+    caplog.set_level(logging.INFO, logger="mta.webhooks")
+    s = asyncio.run(_run(hook, db, store, _cfg(retry_schedule=sched, time_scale=1.0),
+                         lambda s: s.stats.dropped_batches == 1))
+    assert len(attempts) == 1 + len(sched)          # 12 attempts with the default schedule
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert gaps[0] >= sched[0] - 0.02 and gaps[1] >= sched[1] - 0.02   # growing back-off
+    assert gaps[1] > gaps[0] - 0.05
+    rows = db.batch_status(hook.id, 10)
+    assert len(rows) == 1 and rows[0]["attempts"] == 3 and rows[0]["response_code"] == "503"
+    assert db.pending(hook.id) == []
+    assert s.stats.dropped_batches == 1
+    assert any("dropped after 3 attempts" in r.getMessage() for r in caplog.records)
+    assert len({h.headers["x-messagesystems-batch-id"] for h in rec.hits}) == 1
+
+
+def test_default_schedule_is_12_attempts_over_about_8_hours():
+    sched = WebhooksConfig().retry_schedule
+    assert len(sched) == 11
+    assert sched == sorted(sched)
+    assert 7 * 3600 <= sum(sched) <= 8 * 3600
+
+
+def test_batches_survive_a_restart(env, tmp_path):
+    store, db, rec, _ = env
+    hook = _hook(rec)
+    db.set_cursor(hook.id, 0)
+    store.append(_events(80))
+    rec.status = 500
+    # The first sender stores batches and gets only 500s; then it is abandoned
+    # without a clean stop (its tasks are cancelled, nothing more is written).
+    s1 = asyncio.run(_run(hook, db, store, _cfg(batch_size=10, max_in_flight=3,
+                                               retry_schedule=[1.0]),
+                          lambda s: len({h.headers["x-messagesystems-batch-id"]
+                                         for h in rec.hits}) == 3))
+    del s1
+    first = {h.headers["x-messagesystems-batch-id"]: h.body for h in rec.hits}
+    assert len(first) == 3
+    # A new process: a new connection to the state file; the stored batches are due
+    # 1 s after their failed attempt (the stored next attempt time is kept).
+    db2 = webhookdb.WebhookDB(webhookdb.path_in(str(tmp_path)))
+    assert {b.id for b in db2.pending(hook.id)} == set(first)
+    rec.status = 200
+    asyncio.run(_run(hook, db2, store, _cfg(batch_size=10, retry_schedule=[0.0]),
+                     lambda s: len(rec.events()) == 40))
+    ok = {h.headers["x-messagesystems-batch-id"]: h.body for h in rec.batches()}
+    for bid, body in first.items():
+        assert ok[bid] == body                     # same id, same contents
+    ids = [e["event_id"] for e in rec.events()]
+    assert sorted(ids) == sorted(e["event_id"] for e in _events(80)
+                                 if e["type"] in ("delivery", "bounce"))
+    db2.close()
+
+
+def test_oauth2_token_and_refresh_on_401(env):
+    store, db, rec, _ = env
+    rec.require_bearer = True
+    hook = _hook(rec, auth_type="oauth2", auth_request_details={
+        "url": rec.token_url, "body": {"client_id": "cid", "client_secret": "secret",
+                                       "grant_type": "client_credentials"}})
+    db.set_cursor(hook.id, 0)
+    store.append(_events(4))
+
+    def revoke_then_more(s):
+        n = len(rec.events())
+        if n == 2 and not hasattr(s, "revoked"):
+            # The target revokes the token (a new one was issued elsewhere): the next
+            # POST gets 401, the sender fetches a token and repeats the POST at once.
+            s.revoked = True
+            with rec.lock:
+                rec.tokens += 1
+            store.append(_events(4, start=100))
+        return n == 4
+    asyncio.run(_run(hook, db, store, _cfg(), revoke_then_more))
+    assert len(rec.token_requests) == 2
+    for ctype, form in rec.token_requests:
+        assert ctype == "application/x-www-form-urlencoded"
+        assert form == {"client_id": "cid", "client_secret": "secret",
+                        "grant_type": "client_credentials"}
+    ok = rec.batches()
+    assert [h.headers["authorization"] for h in ok] == ["Bearer tok-1", "Bearer tok-3"]
+    refused = [h for h in rec.hits if h.status == 401]
+    assert len(refused) == 1 and refused[0].headers["authorization"] == "Bearer tok-1"
+    assert refused[0].headers["x-messagesystems-batch-id"] == \
+        ok[1].headers["x-messagesystems-batch-id"]
+
+
+def test_backlog_drop_oldest(env, caplog):
+    store, db, rec, _ = env
+    hook = _hook(rec, events=TYPES)
+    db.set_cursor(hook.id, 0)
+    rec.status = 500
+    store.append(_events(1000))
+    caplog.set_level(logging.INFO, logger="mta.webhooks")
+    s = asyncio.run(_run(hook, db, store, _cfg(max_backlog_events=200, max_in_flight=1,
+                                               batch_size=10, retry_schedule=[60.0]),
+                         lambda s: s.stats.dropped_events > 0))
+    st = s.status()
+    assert st["backlog_events"] <= 200
+    assert st["dropped_events"] >= 1000 - 200 - 10
+    assert db.cursor(hook.id)[3] == st["dropped_events"]        # counted durably
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("oldest event(s) dropped" in m for m in msgs)
+    assert any("90% of webhooks.max_backlog_events" in m for m in msgs)
+
+
+def test_pause_keeps_cursor_and_releases_store(env):
+    store, db, rec, _ = env
+    hook = _hook(rec, events=TYPES)
+    db.set_cursor(hook.id, 0)
+    rec.status = 500
+    store.append(_events(1000))
+    s = asyncio.run(_run(hook, db, store, _cfg(max_backlog_events=200, max_in_flight=1,
+                                               batch_size=10, retry_schedule=[60.0],
+                                               on_backlog_full="pause"),
+                         lambda s: s.head == 1000))
+    assert s.stats.dropped_events == 0 and s.scan_seq == 10
+    assert s.keep_from() == 1000 - 200 + 1         # the store may prune below this
+
+
+def test_new_webhook_starts_at_events_since_its_creation(env):
+    store, db, rec, _ = env
+    old = time.time() - 100
+    store.append(_events(50, ts=old))
+    created = time.time()
+    store.append(_events(20, start=50, ts=created))
+    hook = _hook(rec, events=TYPES, id="hook-new")
+    s = Sender(hook, db, store, None, _cfg())
+    s.load(created)
+    assert s.scan_seq == 50
+    hook2 = _hook(rec, events=TYPES, id="hook-toml")
+    s2 = Sender(hook2, db, store, None, _cfg())
+    s2.load(None)
+    assert s2.scan_seq == 70
