@@ -23,7 +23,7 @@ from aiohttp import web  # noqa: E402
 from mta.api import webhookdb  # noqa: E402
 from mta.api import webhooks as W  # noqa: E402
 from mta.config.schema import WebhooksConfig  # noqa: E402
-from mta.events.store import EventStore  # noqa: E402
+from mta.feedback.events_store import EventStore  # noqa: E402
 from mta.webhooks.sender import Sender  # noqa: E402
 
 

@@ -2,9 +2,11 @@
 ``sparkpost`` client), and batches pushed by the ``webhooks`` process to a receiver the
 test starts on loopback (tests/webhooks/receiver.py).
 
-The events are appended to the daemon's events store by the test itself
-(``EventStore.append``, as the events process does) while the daemon runs: the
-events pipeline of the spool is another branch's work.
+Most delivery tests append events to the daemon's events store themselves
+(``EventStore.append``, as the events process does) so that counts and ids are
+known; ``test_mail_to_webhook_pipeline`` runs the whole way: mail injected over HTTP
+and SMTP, delivered to (or refused by) a sink, recorded by the spool, turned into
+SparkPost events by the events process, stored, and pushed by the webhooks process.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import pytest
 from daemon import HOST, wait_until
 
 from mta.api import webhooks as W
-from mta.events.store import EventStore
+from mta.feedback.events_store import EventStore
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "webhooks"))
 from receiver import Receiver  # noqa: E402
@@ -347,3 +349,61 @@ def test_kill9_of_the_webhooks_process_loses_nothing(pushd):
             wait_until(lambda old=pid: child_pid(d, "webhooks") not in (None, old), 30,
                        "webhooks restarted")
     r.wait(lambda rr: want <= _received_ids(rr), 90, "every event across kill -9")
+
+
+def test_mail_to_webhook_pipeline(make_daemon):
+    """Real mail -> spool -> delivery (one recipient refused 550 5.1.1) -> events
+    process -> store -> webhooks process -> the receiver: injection, delivery and
+    bounce events in SparkPost's batch shape, each event once per event_id."""
+    from daemon import free_port
+    from sinks import AioSink
+
+    def rcpt(sink, address, mail_from):
+        if address.startswith("unknown"):
+            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+        return None
+    sink = AioSink(HOST, free_port(), rcpt=rcpt).start()
+    r = Receiver()
+    try:
+        d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
+                        webhooks={"poll_interval": 0.1},
+                        webhook=[{"name": "crm", "target": r.url,
+                                  "events": ["injection", "delivery", "bounce"]}],
+                        delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                             "hosts": [f"{HOST}:{sink.port}"]}]})
+        st, _, body = d.post({"campaign_id": "hooked",
+                              "recipients": [{"address": "ok@example.com"},
+                                             {"address": "unknown@example.com"}],
+                              "content": {"from": "news@sender.example.org",
+                                          "subject": "Hooked", "text": "hello"}},
+                             headers={"Authorization": KEY})
+        assert st == 200, body
+        tid = body["results"]["id"]
+        d.send("news@sender.example.org", ["smtp@example.com"],
+               b"From: news@sender.example.org\r\nTo: smtp@example.com\r\n"
+               b"Subject: Over SMTP\r\n\r\nhello\r\n")
+        want = {("injection", "ok@example.com"), ("delivery", "ok@example.com"),
+                ("injection", "unknown@example.com"), ("bounce", "unknown@example.com"),
+                ("injection", "smtp@example.com"), ("delivery", "smtp@example.com")}
+
+        def got(rr):
+            return {(e["type"], e["rcpt_to"]) for e in rr.events()}
+        r.wait(lambda rr: want <= got(rr), 60, "the six events at the webhook")
+        sink.wait_for("ok@example.com")
+        evs = r.events()
+        by = {(e["type"], e["rcpt_to"]): e for e in evs}
+        assert by[("delivery", "ok@example.com")]["transmission_id"] == tid
+        assert by[("delivery", "ok@example.com")]["campaign_id"] == "hooked"
+        bounce = by[("bounce", "unknown@example.com")]
+        assert bounce["bounce_class"] == "10" and bounce["error_code"] == "550", bounce
+        assert {e["type"] for e in evs} <= {"injection", "delivery", "bounce"}
+        for h in r.batches():
+            assert h.headers["x-messagesystems-batch-id"]
+            assert all(set(el) == {"msys"} and set(el["msys"]) == {"message_event"}
+                       for el in h.json)
+        # each event_id once: nothing was retried, so no duplicate either
+        ids = [e["event_id"] for e in evs]
+        assert len(ids) == len(set(ids)), ids
+    finally:
+        r.close()
+        sink.stop()

@@ -20,7 +20,7 @@ import pytest
 from mta.api import webhookdb
 from mta.api import webhooks as W
 from mta.config.schema import WebhooksConfig
-from mta.events.store import EventStore
+from mta.feedback.events_store import EventStore
 from mta.webhooks.sender import Sender
 
 sys.path.insert(0, os.path.dirname(__file__))
