@@ -105,6 +105,7 @@ setup(
             "sparkpost>=1.3",
             "ruff>=0.5",
             "fusepy>=3.0.1",   # tests/crashfs.py (needs Debian's libfuse2)
+            "atheris>=2.3",    # fuzz/: coverage-guided fuzzing (libFuzzer), tests/fuzz
         ],
     },
     entry_points={"console_scripts": ["mta = mta.cli:main"]},

@@ -372,3 +372,30 @@ def test_headers_match_dkimpy(fields, body):
             want = [n + b":" + v for n, v in algo.canonicalize_headers(dk_headers)]
             got = [m.canon_header(f[1], relaxed) for f in ours]
             assert got == want
+
+
+# -- divergences the fuzzer found (fuzz/mime_headers.py; inputs in tests/fuzz/regressions) --
+
+
+def test_parse_headers_end_past_the_buffer_is_the_whole_buffer():
+    buf = b"A: b\nTo: c\n\nbody"
+    for mod in (EXT, PURE):
+        fields = mod.parse_headers(buf, 95)
+        assert fields[-1] == (b"", b"body", 12, 16)
+        assert all(end <= len(buf) for _, _, _, end in fields)
+
+
+def test_scan_body_negative_start_is_the_start():
+    buf = b"y" * 20 + b"\xd2" + b"y" * 3000 + b"\r\n"
+    for mod in (EXT, PURE):
+        assert mod.scan_body(buf, -1, 2) == mod.scan_body(buf, 0, 2) == \
+            mod.FLAG_8BIT | mod.FLAG_LONG_LINE
+
+
+def test_a_line_without_colon_is_not_a_field_with_an_empty_name():
+    buf = b"\x00From@b, c@d;\r\n: empty name\r\n\r\nbody"
+    for mod in (EXT, PURE):
+        assert mod.find_header(buf, b"") == b"empty name"
+        assert mod.find_headers(buf, b"") == [b"empty name"]
+        assert mod.remove_headers(buf, b"") == b"\x00From@b, c@d;\r\n\r\nbody"
+        assert mod.find_header(b"no colon here\r\n\r\n", b"") is None
