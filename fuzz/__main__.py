@@ -28,6 +28,7 @@ import time
 import traceback
 
 from fuzz import TARGETS
+from fuzz.mutate import mutate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -114,7 +115,7 @@ def mutate_engine(mod, dirs, opts) -> int:
     while runs < 0 or done < runs:
         if max_time and time.monotonic() - start > max_time:
             break
-        data = _mutate(rng, rng.choice(corpus), corpus, tokens, max_len) if done else corpus[0]
+        data = mutate(rng, rng.choice(corpus), corpus, tokens, max_len) if done else corpus[0]
         signal.alarm(timeout)
         try:
             mod.one_input(data)
@@ -146,31 +147,6 @@ def _dict_tokens(path):
                     tokens.append(line[1:-1].encode().decode("unicode_escape")
                                   .encode("latin-1"))
     return tokens
-
-
-def _mutate(rng, data: bytes, corpus, tokens, max_len: int) -> bytes:
-    b = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        op = rng.randrange(7)
-        pos = rng.randint(0, len(b))
-        if op == 0 and b:
-            b[min(pos, len(b) - 1)] ^= 1 << rng.randrange(8)
-        elif op == 1 and b:
-            b[min(pos, len(b) - 1)] = rng.randrange(256)
-        elif op == 2:
-            b[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
-        elif op == 3 and b:
-            del b[pos:pos + rng.randint(1, 16)]
-        elif op == 4 and b:
-            n = rng.randint(1, 32)
-            b[pos:pos] = b[pos:pos + n]
-        elif op == 5:
-            other = rng.choice(corpus)
-            a = rng.randint(0, len(other))
-            b[pos:pos] = other[a:a + rng.randint(1, 64)]
-        elif tokens:
-            b[pos:pos] = rng.choice(tokens)
-    return bytes(b[:max_len])
 
 
 def main(argv) -> int:
