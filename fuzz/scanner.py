@@ -20,13 +20,24 @@ TEXT_LINES = (1, 2, 8, 78, 1000)
 MESSAGES = (0, 1, 10, 100, 1000, 1 << 20)
 MAX_DIGITS = 30
 
+
+def _seed(limits: bytes, payload: bytes, cuts_a=(), cuts_b=()) -> bytes:
+    """An input: 3 limit choices, the two lists of split points, the payload."""
+    head = limits + bytes([len(cuts_a), len(cuts_b)])
+    for c in (*cuts_a, *cuts_b):
+        head += (c - 1).to_bytes(2, "little")
+    return head + payload
+
+
 SEEDS = [
-    b"\x05\x04\x05\x00EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n"
-    b"Subject: s\r\n\r\n..dot\r\nbody\n\rbare\r\n.\r\nQUIT\r\n",
-    b"\x05\x04\x05\x03\x01\x00\x02\x00\x03\x00BDAT 5\r\nhelloBDAT 3 LAST\r\n\r\n.RSET\r\n",
-    b"\x02\x01\x02\x00" + b"x" * 40 + b"\r\nDATA\r\n" + b"y" * 100 + b"\r\n.\r\n",
-    b"\x05\x04\x05\x00STARTTLS\r\nEHLO after\r\n",
-    b"\x05\x04\x05\x00DATA\r\n\xe9\x00\r\r\n.\r\n",
+    _seed(b"\x05\x04\x05", b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n"
+          b"Subject: s\r\n\r\n..dot\r\nbody\n\rbare\r\n.\r\nQUIT\r\n", (9, 30), (50,)),
+    _seed(b"\x05\x04\x05", b"BDAT 5\r\nhel\rBDAT 3 LAST\r\n\nx\r.RSET\r\n", (12, 13), (3,)),
+    _seed(b"\x02\x01\x02", b"x" * 40 + b"\r\nDATA\r\n" + b"y" * 100 + b"\r\n.\r\n"),
+    _seed(b"\x05\x04\x05", b"STARTTLS\r\nEHLO after\r\n", (10,)),
+    _seed(b"\x05\x04\x05", b"DATA\r\n\xe9\x00\r\r\n.\r\n", (7,), (8,)),
+    _seed(b"\x01\x02\x01", b"BDAT 10\r\n0123456789BDAT 4 LAST\r\nabc\rNOOP\r\n", (13, 22), ()),
+    _seed(b"\x04\x03\x02", b"BDAT 2000\r\n" + b"z\r\n" * 700 + b"RSET\r\n", (300,), (11, 12)),
 ]
 
 
