@@ -3,7 +3,7 @@
 # in inputs (RUNS, default 10 million) and in time (SECONDS_EACH, default 4 hours).
 # Usage: fuzz/campaign.sh OUTDIR [TARGET ...]   (default: every target)
 # Each target logs to OUTDIR/TARGET.log, keeps its corpus in fuzz/corpus/TARGET and
-# saves failing inputs in OUTDIR/TARGET/; the summary is printed by fuzz/campaign-summary.
+# saves failing inputs in OUTDIR/TARGET/; python -m fuzz.summary OUTDIR prints the counts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: fuzz/campaign.sh OUTDIR [TARGET ...]}
