@@ -66,9 +66,7 @@ class _Errors(logging.Handler):
         self.records.append(self.format(record))
 
 
-ERRORS = _Errors()
-logging.getLogger("mta").addHandler(ERRORS)
-logging.getLogger("mta").propagate = False
+ERRORS = _Errors()     # attached to the "mta" logger only while a conversation runs
 
 _STATE: dict = {}
 
@@ -180,6 +178,8 @@ def converse(data: bytes) -> bytes:
     session = http.Session(svc)
     transport.connect(session)
     ERRORS.records.clear()
+    mta_log = logging.getLogger("mta")
+    mta_log.addHandler(ERRORS)
     try:
         for piece in cut(payload, cuts):
             if transport.closed:
@@ -195,6 +195,7 @@ def converse(data: bytes) -> bytes:
         session.connection_lost(None)
         loop.run_ready()
     finally:
+        mta_log.removeHandler(ERRORS)
         svc.store.close()
     if ERRORS.records:
         raise Divergence("logged at ERROR:\n" + "\n".join(ERRORS.records)[:2000])
