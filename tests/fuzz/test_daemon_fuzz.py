@@ -98,5 +98,10 @@ def test_fuzzed_http_requests(make_daemon):
         out = _converse(d.http_port, request, rng)
         http_api.check_responses(out)
         statuses.update(int(out[9:12]) for _ in [0] if out[:5] == b"HTTP/")
-    assert {200, 400} <= statuses, statuses
+    # (A transmission's 200 may not come: the client's end of file arrives with the request,
+    # and the server closes without waiting for the spool; the valid request below gets it.)
+    assert 400 in statuses and len(statuses - {100}) >= 3, statuses
     _assert_healthy(d, before)
+    st, _, res = d.post({"recipients": ["ok@example.net"],
+                         "content": {"from": "s@example.com", "subject": "s", "text": "t"}})
+    assert st == 200 and res["results"]["total_accepted_recipients"] == 1, (st, res)
