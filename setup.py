@@ -108,6 +108,7 @@ setup(
             "ruff>=0.5",
             "fusepy>=3.0.1",   # tests/crashfs.py (needs Debian's libfuse2)
             "django-anymail>=10",   # tests/events: its SparkPost webhook parser reads our events
+            "atheris>=2.3",    # fuzz/: coverage-guided fuzzing (libFuzzer), tests/fuzz
         ],
     },
     entry_points={"console_scripts": ["mta = mta.cli:main"]},

@@ -789,7 +789,9 @@ cdef class BodyCanonicalizer:
         cdef const unsigned char* plain = &_PLAIN_SIMPLE[0]
         if relaxed:
             plain = &_PLAIN_RELAXED[0]
-        self._reserve(n + 2 * pending_nl + 4)
+        # Worst case: every octet of the chunk is a bare LF, written as CRLF (2 octets),
+        # after the held-back line ends (2 each), space and CR of the previous chunk.
+        self._reserve(2 * n + 2 * pending_nl + 4)
         out = self._buf
         with nogil:
             if self._pending_cr and n > 0:

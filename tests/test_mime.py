@@ -7,6 +7,9 @@ body canonicaliser gives the same bytes whether fed whole, one byte at a time
 or split at random points.
 """
 import hashlib
+import os
+import subprocess
+import sys
 
 import dkim
 import dkim.canonicalization as dkim_canon
@@ -18,6 +21,7 @@ from mta import native
 
 EXT = native.load("mime", pure=False)
 PURE = native.load("mime", pure=True)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPLS = [pytest.param(EXT, id="compiled"), pytest.param(PURE, id="pure")]
 
 PROPS = settings(max_examples=400, deadline=None,
@@ -372,3 +376,59 @@ def test_headers_match_dkimpy(fields, body):
             want = [n + b":" + v for n, v in algo.canonicalize_headers(dk_headers)]
             got = [m.canon_header(f[1], relaxed) for f in ours]
             assert got == want
+
+
+# -- divergences the fuzzer found (fuzz/mime_headers.py; inputs in tests/fuzz/regressions) --
+
+
+def test_parse_headers_end_past_the_buffer_is_the_whole_buffer():
+    buf = b"A: b\nTo: c\n\nbody"
+    for mod in (EXT, PURE):
+        fields = mod.parse_headers(buf, 95)
+        assert fields[-1] == (b"", b"body", 12, 16)
+        assert all(end <= len(buf) for _, _, _, end in fields)
+
+
+def test_scan_body_negative_start_is_the_start():
+    buf = b"y" * 20 + b"\xd2" + b"y" * 3000 + b"\r\n"
+    for mod in (EXT, PURE):
+        assert mod.scan_body(buf, -1, 2) == mod.scan_body(buf, 0, 2) == \
+            mod.FLAG_8BIT | mod.FLAG_LONG_LINE
+
+
+def test_a_line_without_colon_is_not_a_field_with_an_empty_name():
+    buf = b"\x00From@b, c@d;\r\n: empty name\r\n\r\nbody"
+    for mod in (EXT, PURE):
+        assert mod.find_header(buf, b"") == b"empty name"
+        assert mod.find_headers(buf, b"") == [b"empty name"]
+        assert mod.remove_headers(buf, b"") == b"\x00From@b, c@d;\r\n\r\nbody"
+        assert mod.find_header(b"no colon here\r\n\r\n", b"") is None
+
+
+def test_body_canonicalisation_of_many_bare_lfs_stays_in_its_buffer():
+    """A found-by-fuzzing heap overflow (fuzz/mime_canon.py, atheris; the process died with
+    "malloc(): invalid size"): the compiled canonicaliser reserved one output octet per input
+    octet, but a bare LF becomes CRLF, two.  Run in a child process, since the overflow
+    corrupts the heap rather than raising; the child also allocates afterwards, where the
+    corruption shows."""
+    code = (
+        "import gc, sys\n"
+        "from mta import native\n"
+        "m = native.load('mime', pure=False)\n"
+        "for n in (3000, 100_000, 1_000_000):\n"
+        "    body = b'\\n' * n + b'x'\n"
+        "    want = b'\\r\\n' * n + b'x\\r\\n'\n"
+        "    for relaxed in (False, True):\n"
+        "        assert m.canon_body(body, relaxed) == want\n"
+        "        c = m.BodyCanonicalizer(relaxed)\n"
+        "        c.update(b'a\\n\\n\\n')\n"
+        "        c.update(b'\\n' * n)\n"
+        "        c.update(b'\\r')\n"
+        "        c.update(b'\\n\\nb')\n"
+        "        assert c.finish() == b'a' + b'\\r\\n' * (n + 5) + b'b\\r\\n'\n"
+        "    junk = [bytes(64) for _ in range(200_000)]\n"
+        "    gc.collect()\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    assert (r.returncode, r.stdout.strip()) == (0, "ok"), (r.returncode, r.stderr[-2000:])

@@ -128,6 +128,8 @@ def parse_headers(buf, end=-1):
     buf = bytes(buf)
     if end < 0:
         end = split_message(buf)[0]
+    elif end > len(buf):
+        end = len(buf)      # an end past the buffer: the whole buffer (as the compiled module)
     fields = []
     pos = 0
     while pos < end:
@@ -162,21 +164,24 @@ def field_value(raw):
     return unfold(value).strip(b" \t")
 
 
-def _same_name(a, b):
-    return len(a) == len(b) and a.lower() == b.lower()
+def _same_name(fname, raw, name):
+    """Field (fname, raw) is called *name*; a line without a colon is called nothing."""
+    if len(fname) != len(name) or fname.lower() != name.lower():
+        return False
+    return bool(fname) or b":" in raw.partition(b"\n")[0]
 
 
 def find_headers(buf, name):
     """Return the values of every field called name, in order."""
     name = _name_bytes(name)
-    return [field_value(raw) for fname, raw, _s, _e in parse_headers(buf) if _same_name(fname, name)]
+    return [field_value(raw) for fname, raw, _s, _e in parse_headers(buf) if _same_name(fname, raw, name)]
 
 
 def find_header(buf, name):
     """Return the value of the first field called name, or None."""
     name = _name_bytes(name)
     for fname, raw, _s, _e in parse_headers(buf):
-        if _same_name(fname, name):
+        if _same_name(fname, raw, name):
             return field_value(raw)
     return None
 
@@ -213,7 +218,7 @@ def remove_headers(buf, name):
     """Return a new message without the fields called name."""
     name = _name_bytes(name)
     fields = parse_headers(buf)
-    gone = [(s, e) for fname, _raw, s, e in fields if _same_name(fname, name)]
+    gone = [(s, e) for fname, raw, s, e in fields if _same_name(fname, raw, name)]
     if not gone:
         return buf
     buf = bytes(buf)
@@ -293,7 +298,7 @@ def _domain_of(addr):
 def from_domain(buf):
     """Return the lower-cased domain of the RFC 5322 From address, or None."""
     for fname, raw, _s, _e in parse_headers(buf):
-        if _same_name(fname, b"from"):
+        if _same_name(fname, raw, b"from"):
             return _address_domain(field_value(raw))
     return None
 
@@ -303,6 +308,8 @@ def scan_body(buf, start=0, max_line=MAX_LINE):
     buf = bytes(buf)
     flags = 0
     n = len(buf)
+    if start < 0:
+        start = 0           # as the compiled module: not an index from the end
     line_start = start
     i = start
     while i < n:

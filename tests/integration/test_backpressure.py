@@ -27,7 +27,12 @@ from sinks import qid_of as qid_of_received
 from mta.queueid import shard_of
 
 TIMEOUT = 1.0            # smtp.spool_timeout in these tests
-REPLY_BOUND = TIMEOUT + 1.5   # the acceptor checks timeouts every 0.5 s
+# The acceptor checks timeouts every 0.5 s, so a 451 for a stopped shard comes about
+# TIMEOUT + 0.5 s after the message; the bound only says "answered, not hung" (a loaded
+# 2-core machine must not fail it: speed is bench/'s question).
+REPLY_BOUND = TIMEOUT + 10.0
+DEAD_SHARD_TIMEOUT = 30.0   # smtp.spool_timeout where a dead shard must not be waited for
+NO_WAIT = 10.0              # ... so a reply within this did not wait for that timeout
 
 
 def msg(n: int, size: int = 0) -> bytes:
@@ -177,7 +182,7 @@ def test_dead_shard_gets_immediate_451_and_comes_back_by_itself(make_daemon):
     """spool[0] dies and cannot start again for a while (its directory is gone):
     the acceptor answers 451 at once for shard 0, 250 for shard 1, and takes
     mail for shard 0 again once the supervisor's restart succeeds."""
-    d = make_daemon(acceptors=1, shards=2, smtp={"spool_timeout": 5.0},
+    d = make_daemon(acceptors=1, shards=2, smtp={"spool_timeout": DEAD_SHARD_TIMEOUT},
                     server={"restart_backoff_max": 1.0})
     with open_session(d) as c:
         first = {}
@@ -198,7 +203,7 @@ def test_dead_shard_gets_immediate_451_and_comes_back_by_itself(make_daemon):
             codes = []
             for i in range(10, 16):
                 code, text, took = transaction(c, msg(i))
-                assert took < 1.0, (code, text, took)   # no waiting for a dead shard
+                assert took < NO_WAIT, (code, text, took)   # no waiting for a dead shard
                 codes.append(code)
                 if code == 250:
                     assert shard_of(qid_of(text), 2) == 1
@@ -218,7 +223,7 @@ def test_dead_shard_gets_immediate_451_and_comes_back_by_itself(make_daemon):
         deadline = time.monotonic() + 10
         for i in range(1000, 1200):
             code, text, took = transaction(c, msg(i))
-            assert code in (250, 451) and took < 1.0, (code, text, took)
+            assert code in (250, 451) and took < NO_WAIT, (code, text, took)
             if code == 250:
                 first[qid_of(text)] = msg(i)
                 if shard_of(qid_of(text), 2) == 0:
