@@ -7,6 +7,8 @@
     mta queue [-c FILE] [--json]   live queue summary, asked of the running daemon
     mta queue list|show|delete     list queued messages, show one, delete some
     mta queue flush                retry every deferred recipient now
+    mta rules list [--json]        suspensions, throttles and back-offs in effect
+    mta rules cancel NAME|ID       end them (every delivery process sees it within a second)
     mta spool-dump [-c FILE]       read the spool files directly (daemon stopped), like postcat
     mta passwd USER                make an auth_file line (password from stdin)
 
@@ -434,6 +436,76 @@ def queue_delete(ctx, config_path, qids):
     finally:
         ctxz.term()
     click.echo(f"deleted {deleted} message(s)")
+
+
+def _adaptive_dir(settings) -> str:
+    from mta.shaping.state import STORE_DIR
+
+    return os.path.join(settings.state_dir, STORE_DIR)
+
+
+@main.group()
+def rules():
+    """Response rules and automatic back-off in effect (read from the state directory,
+    so this works whether or not the daemon runs)."""
+
+
+@rules.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def rules_list(config_path, as_json):
+    """What is in effect: rule name, id, action, scope (source, site), the reply that
+    fired it, and the time left (a back-off: its rate now and its steps)."""
+    import msgspec
+
+    from mta.shaping.state import list_entries
+
+    s = _settings(config_path)
+    now = time.time()
+    entries = list_entries(_adaptive_dir(s), now)
+    if as_json:
+        for e in entries:
+            d = msgspec.to_builtins(e)
+            d["left"] = round(e.until - now, 1) if e.until else None
+            if e.kind == "backoff":
+                d["current_rate"] = e.current_rate(now)
+                d["step_no"] = e.steps(now)
+            click.echo(json.dumps(d))
+        return
+    if not entries:
+        click.echo("no suspension, throttle or back-off in effect")
+        return
+    rows = [("RULE", "ID", "ACTION", "SOURCE", "SITE", "LEFT", "LIMITS", "REPLY")]
+    for e in entries:
+        if e.kind == "backoff":
+            left = f"step {e.steps(now)}"
+            limits = f"{e.current_rate(now) * 60:.1f}/m of {e.ceiling * 60:.1f}/m"
+        else:
+            left = str(datetime.timedelta(seconds=max(0, int(e.until - now))))
+            limits = " ".join(x for x in (
+                f"conn={e.connection_limit}" if e.connection_limit else "",
+                f"rate={e.max_message_rate * 60:.1f}/m" if e.max_message_rate else "") if x)
+        rows.append((e.rule, e.id, e.kind, e.source or "*", e.site or "*", left,
+                     limits or "-", e.reply[:80]))
+    _table(rows)
+
+
+@rules.command("cancel")
+@config_option
+@click.argument("what")
+def rules_cancel(config_path, what):
+    """End the suspensions, throttles or back-offs of rule NAME (every one it put in
+    effect), or the one entry ID; "backoff" ends every back-off."""
+    from mta.shaping.state import cancel_entries
+
+    s = _settings(config_path)
+    gone = cancel_entries(_adaptive_dir(s), what)
+    if not gone:
+        click.echo(f"mta: nothing in effect is called {what!r} (see mta rules list)", err=True)
+        sys.exit(1)
+    for e in gone:
+        click.echo(f"cancelled {e.kind} {e.rule} ({e.id}) source={e.source or '*'} "
+                   f"site={e.site or '*'}")
 
 
 @main.command("spool-dump")

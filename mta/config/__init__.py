@@ -279,10 +279,15 @@ def _check_shaping(cfg: Config, sources: dict) -> None:
 
     try:
         shaping.check(cfg.shaping, set(sources))
+        shaping.check_response_rules(cfg.response_rule)
         if cfg.delivery.shaping_presets:
             shaping.load_presets()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    try:
+        shaping.parse_rate(cfg.backoff.min_rate)
+    except ValueError as exc:
+        raise ConfigError(f"backoff.min_rate: {exc}") from None
 
 
 def _check_http(h, smtp_listen: list) -> tuple:

@@ -1,0 +1,310 @@
+"""Adaptive delivery: response rules, automatic back-off, and their durable state.
+
+**Response rules** (``[[response_rule]]`` in the configuration, then the
+shipped presets in ``mta/shaping/presets.toml``; the first that matches wins)
+look at every 4xx/5xx reply a receiver gives -- at connect, greeting, EHLO,
+MAIL, RCPT or DATA -- by code, enhanced code and a text regex, optionally only
+for sites whose MX hosts match a glob.  Actions:
+
+- ``suspend``: no mail from the source to the site (``source_site``), from any
+  source to the site (``site``) or from the source to any site (``source``)
+  for ``duration`` seconds; the jobs go to the pool's other sources, or back to
+  the spool (REQUEUED, no attempt counted) until the suspension ends;
+- ``throttle``: the (source x site)'s connection limit and/or message rate are
+  lowered for ``duration``, then the shaping limits hold again;
+- ``bounce``: the recipient fails now, with ``bounce_class``;
+- ``defer``: the recipient is deferred and the outcome asks for ``delay``
+  seconds before the next try (``DeliveryOutcome.retry_after``).
+
+The rule that fired goes back in ``DeliveryOutcome.rule`` (name, entry id,
+action, scope, the reply, the stage, the end time).
+
+**Automatic back-off**, without any rule: each delivery process keeps, per
+(source x site), the results of its attempts over the last ``backoff.window``
+seconds.  With at least ``min_attempts`` of them and a share of deferrals
+above ``threshold``, the (source x site) enters back-off (or goes deeper):
+its message rate becomes ``decrease`` x the rate the site accepted over the
+window (never under ``min_rate``), its connection limit shrinks in
+proportion.  Then it recovers by additive increase: every
+``recover_interval`` without a new decrease the rate grows by
+``recover_step`` x the rate set at the decrease, until it reaches the
+shaping limit (or, with no rate limit, the rate attempted when back-off
+began): back-off ends there.  The steps are a function of time since the
+decrease, so every process computes the same rate without writing anything;
+each step is logged ("back-off ... step N").
+
+**Node-wide and durable.**  Suspensions, throttles and back-offs are entries,
+one small JSON file each in ``<state_dir>/adaptive/`` (written to a temporary
+file, fsync'd, renamed), named by a hash of what they apply to, so the same
+(rule scope, source, site) has one entry that a new firing replaces.  Every
+delivery process reads the directory once a second (a listing and a stat per
+file; files are re-read only when changed), so a decision one process makes
+holds for all of them within a second, and survives kill -9 of the whole tree
+and a reboot (unlike the limiter's per-boot files).  The evidence (the window
+of attempts) is per process and not kept.  ``mta rules list`` reads the same
+files; ``mta rules cancel`` deletes them (the engines see it within a second).
+Expired entries are removed by whichever process sees them first.  At most
+``backoff.max_entries`` entries exist; beyond that new ones are refused (logged).
+
+All durations (rule ``duration`` and ``delay``, ``backoff.window`` and
+``recover_interval``) are multiplied by ``delivery.time_scale`` (tests).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import re
+import time
+
+import msgspec
+
+from mta.shaping import Limits, glob_regex, load_response_presets, parse_rate
+from mta.shaping.state import (BACKOFF, MAX_REPLY, STORE_DIR, SUSPEND, THROTTLE, Entry, Store,
+                               cancel_entries, entry_id, list_entries)
+
+log = logging.getLogger("mta.delivery.adaptive")
+
+__all__ = ["Adaptive", "Entry", "Rule", "ResponseRules", "Store", "entry_id", "STORE_DIR",
+           "list_entries", "cancel_entries"]
+
+class Rule:
+    """One response rule, compiled."""
+
+    __slots__ = ("name", "stages", "code", "enhanced", "regex", "mx", "action", "scope",
+                 "duration", "connection_limit", "max_message_rate", "bounce_class", "delay")
+
+    def __init__(self, r, scale: float):
+        self.name = r.name
+        self.stages = frozenset(r.stages)
+        self.code = r.code
+        self.enhanced = r.enhanced
+        self.regex = re.compile(r.text, re.IGNORECASE) if r.text else None
+        self.mx = glob_regex(r.mx) if r.mx else None
+        self.action = r.action
+        self.scope = r.scope if r.action == SUSPEND else "source_site"
+        self.duration = r.duration * scale
+        self.connection_limit = r.connection_limit
+        self.max_message_rate = parse_rate(r.max_message_rate) if r.max_message_rate else None
+        self.bounce_class = r.bounce_class
+        self.delay = r.delay * scale
+
+    def matches(self, stage: str, code: int, enhanced: str, text: str, hosts) -> bool:
+        if self.stages and stage not in self.stages:
+            return False
+        if self.code is not None and code != self.code:
+            return False
+        if self.enhanced and enhanced != self.enhanced:
+            return False
+        if self.regex is not None and not self.regex.search(text):
+            return False
+        if self.mx is not None and not any(self.mx.fullmatch(h) for h in hosts):
+            return False
+        return True
+
+
+class ResponseRules:
+    """The operator's rules, then the presets; :meth:`match` returns the first that matches."""
+
+    def __init__(self, rules, presets: bool = True, scale: float = 1.0):
+        ordered = list(rules) + (load_response_presets() if presets else [])
+        self.rules = [Rule(r, scale) for r in ordered]
+
+    def match(self, stage: str, code: int, enhanced: str, text: str, hosts) -> Rule | None:
+        if code < 400:
+            return None
+        for r in self.rules:
+            if r.matches(stage, code, enhanced or "", text or "", hosts):
+                return r
+        return None
+
+
+class Adaptive:
+    """What one delivery process knows and decides: rules, back-off windows, the store."""
+
+    def __init__(self, cfg, state_dir: str, scale: float = 1.0, presets: bool = True,
+                 now=time.time):
+        b = cfg.backoff
+        self.rules = ResponseRules(cfg.response_rule, presets, scale)
+        self.store = Store(os.path.join(state_dir, STORE_DIR), b.max_entries)
+        self.enabled = b.enabled
+        self.window = b.window * scale
+        self.min_attempts = b.min_attempts
+        self.threshold = b.threshold
+        self.decrease = b.decrease
+        self.recover_step = b.recover_step
+        self.interval = b.recover_interval * scale
+        self.min_rate = parse_rate(b.min_rate)
+        self.now = now
+        # (source, site) -> deque of (time, ok)
+        self.attempts: dict[tuple[str, str], collections.deque] = {}
+        self.logged_steps: dict[str, int] = {}
+        self.max_windows = max(1024, 4 * b.max_entries)
+
+    # -- queries ------------------------------------------------------------
+
+    def suspended(self, source: str, site: str, now: float | None = None) -> Entry | None:
+        """The suspension that stops (source, site) now, if any."""
+        entries = self.store.entries
+        if not entries:
+            return None
+        now = self.now() if now is None else now
+        for eid in (entry_id(SUSPEND, "source_site", source, site),
+                    entry_id(SUSPEND, "site", "", site),
+                    entry_id(SUSPEND, "source", source, "")):
+            e = entries.get(eid)
+            if e is not None and e.until > now:
+                return e
+        return None
+
+    def adjust(self, source: str, site: str, base: Limits, now: float | None = None) -> Limits:
+        """*base* (shaping) with the throttle and back-off of (source, site) applied."""
+        entries = self.store.entries
+        if not entries:
+            return base
+        now = self.now() if now is None else now
+        conn, rate = base.connection_limit, base.max_message_rate
+        rules = base.rules
+        t = entries.get(entry_id(THROTTLE, "source_site", source, site))
+        if t is not None and t.until > now:
+            if t.connection_limit:
+                conn = min(conn, t.connection_limit)
+            if t.max_message_rate:
+                rate = t.max_message_rate if rate is None else min(rate, t.max_message_rate)
+            rules = rules + (f"throttle {t.rule}",)
+        b = entries.get(entry_id(BACKOFF, "source_site", source, site))
+        if b is not None:
+            r = b.current_rate(now)
+            rate = r if rate is None else min(rate, r)
+            if b.conn_base and b.ceiling > 0:
+                conn = min(conn, max(1, math.ceil(b.conn_base * r / b.ceiling)))
+            rules = rules + (f"backoff level {b.level} step {b.steps(now)}",)
+        if (conn, rate) == (base.connection_limit, base.max_message_rate):
+            return base
+        return msgspec.structs.replace(base, connection_limit=conn, max_message_rate=rate,
+                                       rules=rules)
+
+    # -- rules ----------------------------------------------------------------
+
+    def fire(self, rule: Rule, source: str, site: str, reply: str, stage: str) -> Entry | None:
+        """Put *rule*'s suspension or throttle in effect; the entry (None for bounce/defer)."""
+        if rule.action not in (SUSPEND, THROTTLE):
+            return None
+        now = self.now()
+        scope = rule.scope
+        src = "" if scope == "site" else source
+        st = "" if scope == "source" else site
+        eid = entry_id(rule.action, scope, src, st)
+        old = self.store.entries.get(eid)
+        until = now + rule.duration
+        if old is not None and old.until >= until - 1.0 and old.rule == rule.name:
+            return old            # already in effect (another job saw the same reply)
+        e = Entry(id=eid, kind=rule.action, scope=scope, source=src, site=st, rule=rule.name,
+                  reply=reply[:MAX_REPLY], stage=stage, created=now, until=until,
+                  connection_limit=rule.connection_limit,
+                  max_message_rate=rule.max_message_rate)
+        if not self.store.put(e):
+            return None
+        log.warning("response rule %s: %s %s for %.0fs (source=%s site=%s, id %s) after "
+                    "%s reply: %s", rule.name, rule.action,
+                    {"source_site": "source x site", "site": "site", "source": "source"}[scope],
+                    rule.duration, src or "*", st or "*", eid, stage, reply[:MAX_REPLY])
+        return e
+
+    # -- back-off -------------------------------------------------------------
+
+    def record(self, source: str, site: str, ok: bool, attempted_rate: float | None = None,
+               base: Limits | None = None) -> bool:
+        """One attempt's result for (source, site); True when back-off state changed."""
+        if not self.enabled:
+            return False
+        key = (source, site)
+        q = self.attempts.get(key)
+        if q is None:
+            if len(self.attempts) >= self.max_windows:
+                self.attempts.pop(next(iter(self.attempts)))
+            q = self.attempts[key] = collections.deque()
+        now = self.now()
+        q.append((now, ok))
+        horizon = now - self.window
+        while q and q[0][0] < horizon:
+            q.popleft()
+        if ok or len(q) < self.min_attempts:
+            return False
+        fails = sum(1 for _, good in q if not good)
+        if fails / len(q) <= self.threshold:
+            return False
+        span = max(now - q[0][0], min(self.window, 1.0), 1e-3)
+        accepted = (len(q) - fails) / span
+        attempted = len(q) / span
+        eid = entry_id(BACKOFF, "source_site", source, site)
+        old = self.store.entries.get(eid)
+        if old is not None and now - old.decreased < min(self.window, self.interval):
+            return False          # the last decrease is younger than its evidence
+        shaping_rate = base.max_message_rate if base is not None else None
+        current = old.current_rate(now) if old is not None else (shaping_rate or attempted)
+        rate = max(self.min_rate, self.decrease * min(accepted, current))
+        if old is not None:
+            ceiling, conn_base = old.ceiling, old.conn_base
+        else:
+            ceiling = shaping_rate or max(attempted, attempted_rate or 0.0, rate)
+            conn_base = base.connection_limit if base is not None else 0
+        e = Entry(id=eid, kind=BACKOFF, scope="source_site", source=source, site=site,
+                  rule="backoff", reply=f"{fails} of {len(q)} attempts deferred in "
+                  f"{span:.1f}s", stage="", created=old.created if old else now, until=0.0,
+                  rate=rate, ceiling=max(ceiling, rate), decreased=now,
+                  step=self.recover_step * rate, interval=self.interval, conn_base=conn_base,
+                  level=(old.level if old else 0) + 1)
+        if not self.store.put(e):
+            return False
+        n = len(q)
+        q.clear()
+        self.logged_steps[eid] = 0
+        log.warning("back-off %s source=%s site=%s: level %d, rate %.3f/s (was %.3f/s; the "
+                    "site took %.3f/s; %d of %d attempts deferred); recovers by %.3f/s every "
+                    "%.1fs up to %.3f/s", "deeper" if old else "begins", source, site, e.level,
+                    rate, current, accepted, fails, n,
+                    e.step, self.interval, e.ceiling)
+        return True
+
+    # -- upkeep ---------------------------------------------------------------
+
+    def tick(self) -> bool:
+        """Once a second: read the store, log back-off steps, drop what ended.
+        True when limits may have changed (steps, new or removed entries)."""
+        changed = self.store.refresh()
+        now = self.now()
+        for eid, e in list(self.store.entries.items()):
+            if e.kind == BACKOFF:
+                n = e.steps(now)
+                if n != self.logged_steps.get(eid):
+                    self.logged_steps[eid] = n
+                    changed = True
+                    if e.current_rate(now) >= e.ceiling:
+                        log.warning("back-off over: source=%s site=%s back at %.3f/s after %d "
+                                    "step(s)", e.source, e.site, e.ceiling, n)
+                        self.store.remove(eid)
+                        self.logged_steps.pop(eid, None)
+                    elif n:
+                        log.warning("back-off source=%s site=%s: step %d, rate %.3f/s "
+                                    "(ceiling %.3f/s)", e.source, e.site, n,
+                                    e.current_rate(now), e.ceiling)
+            elif e.until <= now:
+                log.warning("%s by rule %s ended: source=%s site=%s", e.kind, e.rule,
+                            e.source or "*", e.site or "*")
+                self.store.remove(eid)
+                changed = True
+        return changed
+
+    def status(self) -> list[dict]:
+        now = self.now()
+        out = []
+        for e in self.store.entries.values():
+            d = msgspec.to_builtins(e)
+            d["left"] = round(e.until - now, 1) if e.until else None
+            if e.kind == BACKOFF:
+                d["current_rate"] = e.current_rate(now)
+                d["step_no"] = e.steps(now)
+            out.append(d)
+        return out
