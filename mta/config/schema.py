@@ -444,12 +444,12 @@ class BackoffConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "greylisting and the odd busy reply stay below it, a rate limit does not",
         gt=0, le=1)] = 0.1
     decrease: Annotated[float, _doc(
-        "on entering (or deepening) back-off the rate becomes this share of the rate the "
-        "site accepted over the window: 0.8 sends a fifth less than it has shown it takes",
-        gt=0, lt=1)] = 0.8
+        "on entering back-off the rate becomes this share of the rate the site accepted over "
+        "the window (0.8: a fifth less than it has shown it takes); each further decrease "
+        "multiplies the rate in effect by it", gt=0, lt=1)] = 0.8
     recover_step: Annotated[float, _doc(
-        "additive increase: after each recover_interval without too many deferrals the rate "
-        "grows by this share of the rate set at the last decrease (0.1: ten steps back to "
+        "additive increase: after each recover_interval without a new decrease the rate "
+        "grows by this share of the rate back-off began with (0.1: ten intervals to double "
         "it)", gt=0, le=10)] = 0.1
     recover_interval: Annotated[float, _doc(
         "seconds between recovery steps (multiplied by delivery.time_scale, like window)",

@@ -22,16 +22,18 @@ action, scope, the reply, the stage, the end time).
 **Automatic back-off**, without any rule: each delivery process keeps, per
 (source x site), the results of its attempts over the last ``backoff.window``
 seconds.  With at least ``min_attempts`` of them and a share of deferrals
-above ``threshold``, the (source x site) enters back-off (or goes deeper):
-its message rate becomes ``decrease`` x the rate the site accepted over the
-window (never under ``min_rate``), its connection limit shrinks in
-proportion.  Then it recovers by additive increase: every
+above ``threshold``, the (source x site) enters back-off: its message rate
+becomes ``decrease`` x the rate the site accepted over the window (never
+under ``min_rate``, never above the shaping rate), its connection limit
+shrinks in proportion.  Still too many deferrals -- judged only on attempts
+made after the last decrease reached every process -- multiply the rate in
+effect by ``decrease`` again (deeper).  Recovery is additive: every
 ``recover_interval`` without a new decrease the rate grows by
-``recover_step`` x the rate set at the decrease, until it reaches the
+``recover_step`` x the rate back-off began with, until it reaches the
 shaping limit (or, with no rate limit, the rate attempted when back-off
-began): back-off ends there.  The steps are a function of time since the
-decrease, so every process computes the same rate without writing anything;
-each step is logged ("back-off ... step N").
+began): back-off ends there.  The steps are a function of the time since the
+last decrease, so every process computes the same rate without writing
+anything; each step is logged ("back-off ... step N, rate R/s").
 
 **Node-wide and durable.**  Suspensions, throttles and back-offs are entries,
 one small JSON file each in ``<state_dir>/adaptive/`` (written to a temporary
@@ -65,6 +67,8 @@ from mta.shaping.state import (BACKOFF, MAX_REPLY, STORE_DIR, SUSPEND, THROTTLE,
                                cancel_entries, entry_id, list_entries)
 
 log = logging.getLogger("mta.delivery.adaptive")
+
+SETTLE = 1.5        # seconds for a new back-off rate to reach every process (1 s reads)
 
 __all__ = ["Adaptive", "Entry", "Rule", "ResponseRules", "Store", "entry_id", "STORE_DIR",
            "list_entries", "cancel_entries"]
@@ -226,8 +230,15 @@ class Adaptive:
                 self.attempts.pop(next(iter(self.attempts)))
             q = self.attempts[key] = collections.deque()
         now = self.now()
+        eid = entry_id(BACKOFF, "source_site", source, site)
+        old = self.store.entries.get(eid)
         q.append((now, ok))
+        # Evidence counts from the window, and only from after the last decrease had
+        # reached every process (they read the store once a second): what was sent at the
+        # old rate says nothing about the new one.
         horizon = now - self.window
+        if old is not None:
+            horizon = max(horizon, old.decreased + SETTLE)
         while q and q[0][0] < horizon:
             q.popleft()
         if ok or len(q) < self.min_attempts:
@@ -238,23 +249,25 @@ class Adaptive:
         span = max(now - q[0][0], min(self.window, 1.0), 1e-3)
         accepted = (len(q) - fails) / span
         attempted = len(q) / span
-        eid = entry_id(BACKOFF, "source_site", source, site)
-        old = self.store.entries.get(eid)
-        if old is not None and now - old.decreased < min(self.window, self.interval):
-            return False          # the last decrease is younger than its evidence
         shaping_rate = base.max_message_rate if base is not None else None
-        current = old.current_rate(now) if old is not None else (shaping_rate or attempted)
-        rate = max(self.min_rate, self.decrease * min(accepted, current))
         if old is not None:
-            ceiling, conn_base = old.ceiling, old.conn_base
+            # Deeper: multiplicative decrease of the rate in effect.
+            current = old.current_rate(now)
+            rate = max(self.min_rate, self.decrease * current)
+            ceiling, conn_base, step = old.ceiling, old.conn_base, old.step
         else:
+            # Begins: a share of what the site was seen to accept (this process's view;
+            # recovery finds the rest), never above the shaping rate.
+            current = shaping_rate or attempted
+            rate = max(self.min_rate, self.decrease * min(accepted, current))
             ceiling = shaping_rate or max(attempted, attempted_rate or 0.0, rate)
             conn_base = base.connection_limit if base is not None else 0
+            step = self.recover_step * rate
         e = Entry(id=eid, kind=BACKOFF, scope="source_site", source=source, site=site,
                   rule="backoff", reply=f"{fails} of {len(q)} attempts deferred in "
                   f"{span:.1f}s", stage="", created=old.created if old else now, until=0.0,
                   rate=rate, ceiling=max(ceiling, rate), decreased=now,
-                  step=self.recover_step * rate, interval=self.interval, conn_base=conn_base,
+                  step=step, interval=self.interval, conn_base=conn_base,
                   level=(old.level if old else 0) + 1)
         if not self.store.put(e):
             return False
