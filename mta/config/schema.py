@@ -446,11 +446,16 @@ class BackoffConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     decrease: Annotated[float, _doc(
         "on entering back-off the rate becomes this share of the rate the site accepted over "
         "the window (0.8: a fifth less than it has shown it takes); each further decrease "
-        "multiplies the rate in effect by it", gt=0, lt=1)] = 0.8
+        "(too many deferrals again) multiplies the rate in effect by it", gt=0, lt=1)] = 0.8
     recover_step: Annotated[float, _doc(
         "additive increase: after each recover_interval without a new decrease the rate "
-        "grows by this share of the rate back-off began with (0.1: ten intervals to double "
-        "it)", gt=0, le=10)] = 0.1
+        "grows by this share of the rate set at the decrease (0.1: ten intervals to double "
+        "it), at least min_rate", gt=0, le=10)] = 0.1
+    hold_intervals: Annotated[int, _doc(
+        "recovery steps that stay under 0.9 x the rate that drew the deferrals before "
+        "probing above it: 10 keeps a sender just under a provider's limit most of the "
+        "time and still finds out, every ten intervals, whether the limit rose",
+        ge=0, le=10_000)] = 10
     recover_interval: Annotated[float, _doc(
         "seconds between recovery steps (multiplied by delivery.time_scale, like window)",
         gt=0, le=86400)] = 60.0

@@ -29,9 +29,11 @@ shrinks in proportion.  Still too many deferrals -- judged only on attempts
 made after the last decrease reached every process -- multiply the rate in
 effect by ``decrease`` again (deeper).  Recovery is additive: every
 ``recover_interval`` without a new decrease the rate grows by
-``recover_step`` x the rate back-off began with, until it reaches the
-shaping limit (or, with no rate limit, the rate attempted when back-off
-began): back-off ends there.  The steps are a function of the time since the
+``recover_step`` x the rate set at the decrease (at least ``min_rate``), but
+for ``hold_intervals`` steps no higher than 0.9 x the rate that drew the
+deferrals (it stays just under what the site takes), then it probes upwards
+again, until it reaches the shaping limit (or, with no rate limit, the rate
+attempted when back-off began): back-off ends there.  The steps are a function of the time since the
 last decrease, so every process computes the same rate without writing
 anything; each step is logged ("back-off ... step N, rate R/s").
 
@@ -140,6 +142,7 @@ class Adaptive:
         self.recover_step = b.recover_step
         self.interval = b.recover_interval * scale
         self.min_rate = parse_rate(b.min_rate)
+        self.hold = b.hold_intervals
         self.now = now
         # (source, site) -> deque of (time, ok)
         self.attempts: dict[tuple[str, str], collections.deque] = {}
@@ -253,22 +256,21 @@ class Adaptive:
         if old is not None:
             # Deeper: multiplicative decrease of the rate in effect.
             current = old.current_rate(now)
-            rate = max(self.min_rate, self.decrease * current)
-            ceiling, conn_base, step = old.ceiling, old.conn_base, old.step
+            ceiling, conn_base = old.ceiling, old.conn_base
         else:
-            # Begins: a share of what the site was seen to accept (this process's view;
-            # recovery finds the rest), never above the shaping rate.
-            current = shaping_rate or attempted
-            rate = max(self.min_rate, self.decrease * min(accepted, current))
-            ceiling = shaping_rate or max(attempted, attempted_rate or 0.0, rate)
+            # Begins: from what this process saw attempted (and the site accepted).
+            current = min(shaping_rate or attempted, attempted)
+            ceiling = shaping_rate or max(attempted, attempted_rate or 0.0)
             conn_base = base.connection_limit if base is not None else 0
-            step = self.recover_step * rate
+        rate = max(self.min_rate, self.decrease * (current if old is not None
+                                                   else min(accepted, current)))
+        step = max(self.min_rate, self.recover_step * rate)
         e = Entry(id=eid, kind=BACKOFF, scope="source_site", source=source, site=site,
                   rule="backoff", reply=f"{fails} of {len(q)} attempts deferred in "
                   f"{span:.1f}s", stage="", created=old.created if old else now, until=0.0,
                   rate=rate, ceiling=max(ceiling, rate), decreased=now,
                   step=step, interval=self.interval, conn_base=conn_base,
-                  level=(old.level if old else 0) + 1)
+                  level=(old.level if old else 0) + 1, failed_at=current, hold=self.hold)
         if not self.store.put(e):
             return False
         n = len(q)
@@ -288,6 +290,12 @@ class Adaptive:
         True when limits may have changed (steps, new or removed entries)."""
         changed = self.store.refresh()
         now = self.now()
+        for e in self.store.removed:
+            if e.kind == BACKOFF or e.until > now:
+                log.warning("%s %s source=%s site=%s (id %s) cancelled", e.kind, e.rule,
+                            e.source or "*", e.site or "*", e.id)
+            self.logged_steps.pop(e.id, None)
+        self.store.removed.clear()
         for eid, e in list(self.store.entries.items()):
             if e.kind == BACKOFF:
                 n = e.steps(now)

@@ -28,6 +28,7 @@ STORE_DIR = "adaptive"
 SUSPEND, THROTTLE, BACKOFF = "suspend", "throttle", "backoff"
 MAX_REPLY = 300                 # characters of a matched reply kept in an entry
 MAX_FILE = 64 * 1024            # an entry file larger than this is not read
+PLATEAU = 0.9                   # of the rate that failed: where back-off recovery pauses
 
 
 class Entry(msgspec.Struct, kw_only=True):
@@ -53,13 +54,18 @@ class Entry(msgspec.Struct, kw_only=True):
     interval: float = 0.0           # seconds between steps (scaled)
     conn_base: int = 0              # the connection limit when back-off began
     level: int = 0                  # decreases so far
+    failed_at: float = 0.0          # the rate that drew too many deferrals (per second)
+    hold: int = 0                   # steps that stay under 0.9 x failed_at before probing
 
     def current_rate(self, now: float) -> float:
-        """A back-off's rate now: the rate set at the decrease plus the steps since."""
-        if self.interval <= 0:
-            return self.rate
-        steps = max(0, math.floor((now - self.decreased) / self.interval))
-        return min(self.ceiling, self.rate + steps * self.step)
+        """A back-off's rate now: the rate set at the last decrease plus the steps since;
+        for the first ``hold`` steps no higher than 0.9 x the rate that failed (so it
+        stays just under what the site takes), then probing upwards again."""
+        n = self.steps(now)
+        r = self.rate + n * self.step
+        if n < self.hold and self.failed_at > 0:
+            r = min(r, max(self.rate, PLATEAU * self.failed_at))
+        return min(self.ceiling, r)
 
     def steps(self, now: float) -> int:
         return max(0, math.floor((now - self.decreased) / self.interval)) if self.interval else 0
@@ -83,6 +89,7 @@ class Store:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self.entries: dict[str, Entry] = {}
         self._seen: dict[str, int] = {}          # file name -> st_mtime_ns read
+        self.removed: list[Entry] = []           # gone from disk since the caller looked
         self._warned = False
         self.refresh()
 
@@ -118,8 +125,9 @@ class Store:
                 changed = True
         for eid in list(self.entries):
             if eid not in present:
-                del self.entries[eid]
+                gone = self.entries.pop(eid)
                 self._seen.pop(eid, None)
+                self.removed.append(gone)
                 changed = True
         return changed
 

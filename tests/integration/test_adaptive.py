@@ -104,6 +104,9 @@ def test_rule_suspends_source_x_site_visible_durable_and_cancellable(lab):
     out = d.cli("rules", "cancel", "tss04-suspend").stdout.decode()
     assert "cancelled suspend tss04-suspend" in out
     assert rules(d) == []
+    # Both delivery processes see the cancel within a second (and say so).
+    d.wait_log(r"suspend tss04-suspend source=ip-2 site=mx\.limited\.test \(id [0-9a-f]+\) "
+               r"cancelled", count=2, timeout=10)
     send_many(d, LIMITED, 20, "c")
     wait_until(lambda: sum(clients(limited, "c").values()) >= 20, 60, "20 after the cancel")
     assert clients(limited, "c")["127.0.0.2"] >= 5, clients(limited, "c")
@@ -125,7 +128,8 @@ def test_backoff_lowers_the_rate_and_recovers_step_by_step(lab):
         "shaping": [{"mx": "*.limited.test", "max_message_rate": "40/s"}],
         # x time_scale 0.1: judge 3 s of attempts, a step every 1 s
         "backoff": {"window": 30, "min_attempts": 8, "threshold": 0.2, "decrease": 0.8,
-                    "recover_step": 0.25, "recover_interval": 10}})
+                    "recover_step": 0.25, "recover_interval": 10,
+                    "hold_intervals": 2}})
     send_many(d, LIMITED, 120, "m")
     d.wait_log(r"back-off begins source=ip-2 site=mx\.limited\.test", timeout=60)
     [b] = wait_until(lambda: rules(d) or None, 10, "the back-off entry")

@@ -219,3 +219,22 @@ def test_store_is_bounded_and_ignores_garbage(tmp_path):
         fh.write("{not json")
     b = make(tmp_path, clock, [RATE_RULE])
     assert len(b.store.entries) == 2
+
+
+def test_backoff_recovery_pauses_under_the_rate_that_failed_then_probes(tmp_path):
+    clock = Clock()
+    a = make(tmp_path, clock, window=10, min_attempts=10, threshold=0.2, decrease=0.8,
+             recover_step=1.0, recover_interval=1, hold_intervals=3)
+    shaped = msgspec.structs.replace(BASE, max_message_rate=100.0)
+    for i in range(10):
+        clock.t += 0.1                       # 10/s attempted, half of it deferred
+        a.record("ip-2", "s", ok=i % 2 == 0, base=shaped)
+    [e] = a.store.entries.values()
+    assert e.failed_at == pytest.approx(10.0) and e.hold == 3
+    assert e.rate == pytest.approx(4.0) and e.step == pytest.approx(4.0)
+    rates = []
+    for _ in range(5):
+        clock.t += 1
+        rates.append(a.adjust("ip-2", "s", shaped).max_message_rate)
+    # 4 + 4/step, held at 0.9 x 10 for the first 3 steps, then probing upwards
+    assert rates == pytest.approx([8.0, 9.0, 16.0, 20.0, 24.0])
