@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import shutil
 import sys
@@ -48,10 +47,7 @@ from loadlib.common import REPO, fs_type  # noqa: E402
 from loadlib.netns import enter_private_netns  # noqa: E402
 from loadlib.report import append_results, machine  # noqa: E402
 from loadlib.revision import source_revision  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("smartsink", HERE / "loadlib" / "smartsink.py")
-smartsink = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(smartsink)
+from loadlib import smartsink  # noqa: E402
 
 SINK_HOST = "127.0.0.10"
 DOMAIN = "limited.bench.example"
@@ -110,7 +106,8 @@ def analyse(seen, accepted, window: float, limit: int, t0: float) -> dict:
         after = full[conv:] if conv is not None else []
         ok_after = sum(r[1] for r in after)
         def_after = sum(r[2] for r in after)
-        times = [t for t, ok in events if ok]
+        # the sink counts a message in its window when it accepts MAIL; so does this
+        times = sorted(a.mail_at for a in accepted if a.client_ip == ip)
         best = j = 0
         for i, t in enumerate(times):
             while times[j] <= t - window:
@@ -176,6 +173,7 @@ def report(res: dict, args) -> list[str]:
     for ip, r in res["per_source"].items():
         conv = r["converged_window"]
         after = r["deferred_after"]
+        # the bar: under 5 % deferred within two (scaled) minutes, and after
         ok &= conv is not None and conv <= 2 and after is not None and after < 0.05
         out.append(f"| {ip} | {r['accepted']} | {r['deferred']} | "
                    f"{'never' if conv is None else conv} | "

@@ -89,6 +89,7 @@ class Accepted:
     mail_from: str
     rcpts: list
     size: int
+    mail_at: float = 0.0          # when its MAIL was accepted (the sink's window counts it then)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class _Session:
     conn: int
     messages: int = 0
     mail_from: str | None = None
+    mail_at: float = 0.0
     rcpts: list = field(default_factory=list)
 
 
@@ -278,6 +280,7 @@ class SmartSink:
                             return
                         continue
                     s.mail_from = cmd[10:].split(">")[0].lstrip("<") if ":" in cmd else ""
+                    s.mail_at = time.time()
                     s.rcpts = []
                     await say("250 2.1.0 Ok")
                 elif verb == "RCPT":
@@ -305,7 +308,7 @@ class SmartSink:
                             self._window[s.ip].append(time.monotonic())
                             self.accepted.append(Accepted(time.time(), s.ip, s.conn,
                                                           s.mail_from or "", list(s.rcpts),
-                                                          size))
+                                                          size, s.mail_at))
                     s.mail_from, s.rcpts = None, []
                     await say(reply)
                     if reply.startswith("421"):

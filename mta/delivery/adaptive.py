@@ -130,7 +130,7 @@ class Adaptive:
     """What one delivery process knows and decides: rules, back-off windows, the store."""
 
     def __init__(self, cfg, state_dir: str, scale: float = 1.0, presets: bool = True,
-                 now=time.time):
+                 now=time.time, processes: int = 1):
         b = cfg.backoff
         self.rules = ResponseRules(cfg.response_rule, presets, scale)
         self.store = Store(os.path.join(state_dir, STORE_DIR), b.max_entries)
@@ -143,6 +143,7 @@ class Adaptive:
         self.interval = b.recover_interval * scale
         self.min_rate = parse_rate(b.min_rate)
         self.hold = b.hold_intervals
+        self.processes = max(1, processes)       # delivery processes sharing the lanes
         self.now = now
         # (source, site) -> deque of (time, ok)
         self.attempts: dict[tuple[str, str], collections.deque] = {}
@@ -249,9 +250,21 @@ class Adaptive:
         fails = sum(1 for _, good in q if not good)
         if fails / len(q) <= self.threshold:
             return False
-        span = max(now - q[0][0], min(self.window, 1.0), 1e-3)
-        accepted = (len(q) - fails) / span
-        attempted = len(q) / span
+        # Another process may have decided a moment ago (we read the store once a second):
+        # look at the file itself before deciding again.
+        fresh = self.store.reread(eid)
+        if fresh is not None and (old is None or fresh.decreased > old.decreased):
+            old = fresh
+            if now - old.decreased < SETTLE:
+                return False
+        # Rates over the whole window (a provider's limit is per period: a burst in the
+        # first second says nothing about the minute), for the node: this process sees
+        # its share of a (source x site) spread over several processes, so its counts are
+        # scaled by their number (an over-estimate when not spread, which the next
+        # decrease corrects; an under-estimate would take many steps to recover).
+        span = self.window
+        accepted = (len(q) - fails) / span * self.processes
+        attempted = len(q) / span * self.processes
         shaping_rate = base.max_message_rate if base is not None else None
         if old is not None:
             # Deeper: multiplicative decrease of the rate in effect.

@@ -295,7 +295,8 @@ class Engine:
         # Response rules, back-off, and their durable node-wide state (adaptive.py).
         self.adaptive = adaptive or Adaptive(settings.config, settings.state_dir,
                                              scale=self.cfg.time_scale,
-                                             presets=self.cfg.shaping_presets)
+                                             presets=self.cfg.shaping_presets,
+                                             processes=max(1, settings.deliveries))
         # Domains named by exact-domain shaping rules: their sites are looked up once
         # delivery starts, so that every process applies a domain's rule to the site
         # of that domain, whichever domains of the site it happens to see itself.

@@ -147,6 +147,23 @@ class Store:
             log.warning("%s: not an adaptive entry (%s); ignored", path, exc)
             return None
 
+    def reread(self, eid: str) -> Entry | None:
+        """The entry *eid* as it is on disk now (another process may have just written
+        it); updates this store's copy."""
+        path = self.path(eid)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if self._seen.get(eid) == st.st_mtime_ns and eid in self.entries:
+            return self.entries[eid]
+        entry = self._read(path)
+        if entry is None or entry.id != eid:
+            return None
+        self.entries[eid] = entry
+        self._seen[eid] = st.st_mtime_ns
+        return entry
+
     def put(self, entry: Entry) -> bool:
         """Write *entry* durably (replacing one with the same id); False when full."""
         if entry.id not in self.entries and len(self.entries) >= self.max_entries:
