@@ -96,11 +96,14 @@ def analyse(seen, accepted, window: float, limit: int, t0: float) -> dict:
             c = buckets.get(b, Counter())
             n = c["ok"] + c["deferred"]
             rows.append((b, c["ok"], c["deferred"], c["deferred"] / n if n else 0.0))
-        # converged: the first window from which every later full window is under 5 %
+        # converged: the first window from which the share of deferred attempts, over
+        # all the (full) windows from there to the end, is under 5 %
         full = rows[:-1] if len(rows) > 1 else rows
         conv = None
         for i in range(len(full)):
-            if all(r[3] < 0.05 for r in full[i:]):
+            n_ok = sum(r[1] for r in full[i:])
+            n_def = sum(r[2] for r in full[i:])
+            if n_ok + n_def and n_def / (n_ok + n_def) < 0.05:
                 conv = i
                 break
         after = full[conv:] if conv is not None else []
@@ -113,7 +116,10 @@ def analyse(seen, accepted, window: float, limit: int, t0: float) -> dict:
             while times[j] <= t - window:
                 j += 1
             best = max(best, i - j + 1)
+        worst = max(after, key=lambda r: r[3], default=None)
         out[ip] = {"windows": rows, "converged_window": conv,
+                   "worst_after": "-" if worst is None else
+                   f"{worst[2]} of {worst[1] + worst[2]} ({100 * worst[3]:.0f} %)",
                    "deferred_after": def_after / (ok_after + def_after)
                    if ok_after + def_after else None,
                    "attempts_after_per_window": (ok_after + def_after) / len(after)
@@ -167,8 +173,8 @@ def report(res: dict, args) -> list[str]:
            f"{args.messages:,} messages, {args.sources} sources, all delivered in "
            f"{res['seconds']:.1f} s ({res['seconds'] / w:.1f} scaled minutes).", "",
            "| source | accepted | deferred (all) | converged after (scaled min) | attempts/window "
-           "after | deferred after | max accepted in any window |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+           "after | deferred after | worst window after | max accepted in any window |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     ok = True
     for ip, r in res["per_source"].items():
         conv = r["converged_window"]
@@ -179,6 +185,7 @@ def report(res: dict, args) -> list[str]:
                    f"{'never' if conv is None else conv} | "
                    f"{r['attempts_after_per_window'] or 0:.1f} | "
                    f"{'-' if after is None else f'{100 * after:.1f} %'} | "
+                   f"{r['worst_after']} | "
                    f"{r['max_accepted_in_window']} (R = {args.limit}) |")
     out += ["", "Per window (scaled minute) and source: accepted / deferred:", "```"]
     for ip, r in res["per_source"].items():

@@ -12,9 +12,10 @@ default policy.  Policies may be replaced while the sink runs
 
 - ``max_per_connection`` N: the (N+1)th MAIL on one connection gets
   ``conn_reply`` (a 421) and the connection is closed.
-- ``max_per_window`` M over ``window`` seconds (a sliding window of accepted
-  messages per client IP; ``window`` may be scaled down for tests): a MAIL
-  beyond it gets ``rate_reply`` (421 by default, Yahoo's words) and the
+- ``max_per_window`` M over ``window`` seconds (a sliding window, per client
+  IP, of the transactions whose MAIL it accepted -- counted then, so that
+  transactions in flight on several connections cannot overshoot; ``window``
+  may be scaled down for tests): a MAIL beyond it gets ``rate_reply`` (421 by default, Yahoo's words) and the
   connection is closed, as RFC 5321 says of 421.
 - ``greylist``: the first RCPT of each (client IP, sender, recipient) triplet
   gets ``450 4.2.0``; a retry after ``greylist_delay`` seconds is accepted.
@@ -281,6 +282,8 @@ class SmartSink:
                         continue
                     s.mail_from = cmd[10:].split(">")[0].lstrip("<") if ":" in cmd else ""
                     s.mail_at = time.time()
+                    with self._lock:       # counted when admitted: transactions in flight
+                        self._window[s.ip].append(time.monotonic())   # count too
                     s.rcpts = []
                     await say("250 2.1.0 Ok")
                 elif verb == "RCPT":
@@ -305,7 +308,6 @@ class SmartSink:
                     if reply.startswith("2"):
                         s.messages += 1
                         with self._lock:
-                            self._window[s.ip].append(time.monotonic())
                             self.accepted.append(Accepted(time.time(), s.ip, s.conn,
                                                           s.mail_from or "", list(s.rcpts),
                                                           size, s.mail_at))

@@ -275,8 +275,12 @@ class Adaptive:
             current = min(shaping_rate or attempted, attempted)
             ceiling = shaping_rate or max(attempted, attempted_rate or 0.0)
             conn_base = base.connection_limit if base is not None else 0
-        rate = max(self.min_rate, self.decrease * (current if old is not None
-                                                   else min(accepted, current)))
+        # Down to a share of what the site took (never more than two decreases at once:
+        # one process's view of "took" is noisy), or of the rate in effect if lower.
+        rate = self.decrease * min(accepted, current)
+        if old is not None:
+            rate = max(rate, self.decrease ** 2 * current)
+        rate = max(self.min_rate, rate)
         step = max(self.min_rate, self.recover_step * rate)
         e = Entry(id=eid, kind=BACKOFF, scope="source_site", source=source, site=site,
                   rule="backoff", reply=f"{fails} of {len(q)} attempts deferred in "
