@@ -48,6 +48,7 @@ from loadlib.netns import enter_private_netns  # noqa: E402
 from loadlib.report import append_results, machine  # noqa: E402
 from loadlib.revision import source_revision  # noqa: E402
 from loadlib import smartsink  # noqa: E402
+from loadlib.targets.postfix import PostfixTarget  # noqa: E402
 
 SINK_HOST = "127.0.0.10"
 DOMAIN = "limited.bench.example"
@@ -167,10 +168,67 @@ def run_mta(args, rundir: Path) -> tuple[dict, str, list[str]]:
     return res, config_text(rundir, lines), gens.describe()
 
 
+class AdaptivePostfix(PostfixTarget):
+    """Postfix delivering everything to the smart sink from one bound address (the first
+    source's), its retry timers scaled like ours; otherwise its defaults (Postfix has no
+    reply-driven back-off: a 4xx to MAIL defers that message for the retry schedule)."""
+
+    def __init__(self, args, rundir, sink_port: int, scale: float, concurrency: int):
+        super().__init__(argparse.Namespace(e2e=True, sessions=args.sessions,
+                                            concurrency=concurrency), rundir)
+        self.sink_port = sink_port
+        self.scale = scale
+
+    def main_cf(self) -> dict[str, str]:
+        cf = super().main_cf()
+        s = self.scale
+        cf.update({
+            "relayhost": f"[{SINK_HOST}]:{self.sink_port}",
+            "smtp_bind_address": sources(1)[0][1],
+            # Postfix's defaults, x scale (Postfix takes whole seconds)
+            "minimal_backoff_time": f"{max(1, round(300 * s))}s",
+            "maximal_backoff_time": f"{max(1, round(4000 * s))}s",
+            "queue_run_delay": f"{max(1, round(300 * s))}s",
+        })
+        return cf
+
+
+def run_postfix(args, rundir: Path) -> tuple[dict, str, list[str]]:
+    window = 60.0 * args.scale
+    sink_port = free_port(SINK_HOST)
+    policy = smartsink.Policy(max_per_window=args.limit, window=window, rate_reply=REPLY)
+    sink = smartsink.SmartSink(SINK_HOST, sink_port, policy).start()
+    pf = AdaptivePostfix(args, rundir, sink_port, args.scale, concurrency=20)
+    gens = None
+    try:
+        pf.start()
+        gens = Generators(rundir, "inject", pf.port, [(f"r@{DOMAIN}", args.messages)],
+                          args.sessions, args.size, args.timeout)
+        t0 = time.time()
+        gens.start()
+        gens.wait()
+        deadline = time.monotonic() + args.timeout
+        while sink.received() < args.messages and time.monotonic() < deadline:
+            time.sleep(0.5)
+        t_end = time.time()
+    finally:
+        if gens is not None:
+            gens.kill()
+        pf.stop()
+        sink.stop()
+    res = analyse(sink.snapshot(), sink.deliveries(), window, args.limit, t0)
+    cf = "\n".join(f"{k} = {v}" for k, v in pf.main_cf().items()).replace(str(rundir), "TMP")
+    return ({"per_source": res, "seconds": t_end - t0, "window": window, "backoff_lines": [],
+             "events": {}, "delivered": sink.received()}, cf, gens.describe())
+
+
 def report(res: dict, args) -> list[str]:
     w = res["window"]
+    got = res.get("delivered", args.messages)
+    done = ("all delivered in" if got >= args.messages
+            else f"only {got:,} delivered within the time bound,")
     out = [f"R = {args.limit} per client IP per {w:g} s (scaled minute, scale {args.scale:g}); "
-           f"{args.messages:,} messages, {args.sources} sources, all delivered in "
+           f"{args.messages:,} messages, {args.sources} source(s), {done} "
            f"{res['seconds']:.1f} s ({res['seconds'] / w:.1f} scaled minutes).", "",
            "| source | accepted | deferred (all) | converged after (scaled min) | attempts/window "
            "after | deferred after | worst window after | max accepted in any window |",
@@ -211,6 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--netns", choices=("auto", "yes", "no"), default="auto")
+    p.add_argument("--postfix", action="store_true",
+                   help="also run Postfix in the same harness (one source: use --sources 1)")
     p.add_argument("--record", action="store_true")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args(argv)
@@ -225,7 +285,15 @@ def main(argv=None) -> int:
         except RuntimeError as exc:
             print(f"adaptive.py: FAILED: {exc}", file=sys.stderr)
             return 1
-        lines = report(res, args)
+        lines = ["### mta", ""] + report(res, args)
+        if args.postfix:
+            pdir = workdir / "postfix"
+            pdir.mkdir()
+            pres, pcfg, pcmds = run_postfix(args, pdir)
+            lines += ["", "### Postfix (same sink, same load, one bound address)", ""]
+            lines += report(pres, args)
+            cfg += "\n# Postfix main.cf (the bench's private instance; see "
+            cfg += "bench/loadlib/targets/postfix.py)\n" + pcfg
         print("\n".join(lines))
         print(json.dumps({ip: {k: v for k, v in r.items() if k != "windows"}
                           for ip, r in res["per_source"].items()}))

@@ -71,6 +71,18 @@ from mta.shaping.state import (BACKOFF, MAX_REPLY, STORE_DIR, SUSPEND, THROTTLE,
 log = logging.getLogger("mta.delivery.adaptive")
 
 SETTLE = 1.5        # seconds for a new back-off rate to reach every process (1 s reads)
+MAX_WINDOW = 20_000  # attempts kept per (source x site) window, at most
+
+
+class _Window:
+    """One (source x site)'s recent attempts, with a running count of the deferred."""
+
+    __slots__ = ("q", "fails")
+
+    def __init__(self):
+        self.q: collections.deque = collections.deque()
+        self.fails = 0
+
 
 __all__ = ["Adaptive", "Entry", "Rule", "ResponseRules", "Store", "entry_id", "STORE_DIR",
            "list_entries", "cancel_entries"]
@@ -148,6 +160,7 @@ class Adaptive:
         # (source, site) -> deque of (time, ok)
         self.attempts: dict[tuple[str, str], collections.deque] = {}
         self.logged_steps: dict[str, int] = {}
+        self.fired_new = False           # the last fire() put a new entry in effect
         self.max_windows = max(1024, 4 * b.max_entries)
 
     # -- queries ------------------------------------------------------------
@@ -206,6 +219,7 @@ class Adaptive:
         eid = entry_id(rule.action, scope, src, st)
         old = self.store.entries.get(eid)
         until = now + rule.duration
+        self.fired_new = False
         if old is not None and old.until >= until - 1.0 and old.rule == rule.name:
             return old            # already in effect (another job saw the same reply)
         e = Entry(id=eid, kind=rule.action, scope=scope, source=src, site=st, rule=rule.name,
@@ -214,6 +228,7 @@ class Adaptive:
                   max_message_rate=rule.max_message_rate)
         if not self.store.put(e):
             return None
+        self.fired_new = True
         log.warning("response rule %s: %s %s for %.0fs (source=%s site=%s, id %s) after "
                     "%s reply: %s", rule.name, rule.action,
                     {"source_site": "source x site", "site": "site", "source": "source"}[scope],
@@ -223,31 +238,36 @@ class Adaptive:
     # -- back-off -------------------------------------------------------------
 
     def record(self, source: str, site: str, ok: bool, attempted_rate: float | None = None,
-               base: Limits | None = None) -> bool:
-        """One attempt's result for (source, site); True when back-off state changed."""
+               base=None) -> bool:
+        """One attempt's result for (source, site); True when back-off state changed.
+
+        *base*: the shaping limits (a Limits, or a function returning them, asked only
+        when a decision is made)."""
         if not self.enabled:
             return False
         key = (source, site)
-        q = self.attempts.get(key)
-        if q is None:
+        w = self.attempts.get(key)
+        if w is None:
             if len(self.attempts) >= self.max_windows:
                 self.attempts.pop(next(iter(self.attempts)))
-            q = self.attempts[key] = collections.deque()
+            w = self.attempts[key] = _Window()
+        q = w.q
         now = self.now()
         eid = entry_id(BACKOFF, "source_site", source, site)
         old = self.store.entries.get(eid)
         q.append((now, ok))
+        w.fails += not ok
         # Evidence counts from the window, and only from after the last decrease had
         # reached every process (they read the store once a second): what was sent at the
-        # old rate says nothing about the new one.
+        # old rate says nothing about the new one.  At most MAX_WINDOW attempts are kept.
         horizon = now - self.window
         if old is not None:
             horizon = max(horizon, old.decreased + SETTLE)
-        while q and q[0][0] < horizon:
-            q.popleft()
+        while q and (q[0][0] < horizon or len(q) > MAX_WINDOW):
+            w.fails -= not q.popleft()[1]
         if ok or len(q) < self.min_attempts:
             return False
-        fails = sum(1 for _, good in q if not good)
+        fails = w.fails
         if fails / len(q) <= self.threshold:
             return False
         # Another process may have decided a moment ago (we read the store once a second):
@@ -265,6 +285,8 @@ class Adaptive:
         span = self.window
         accepted = (len(q) - fails) / span * self.processes
         attempted = len(q) / span * self.processes
+        if callable(base):
+            base = base()
         shaping_rate = base.max_message_rate if base is not None else None
         if old is not None:
             # Deeper: multiplicative decrease of the rate in effect.
@@ -292,6 +314,7 @@ class Adaptive:
             return False
         n = len(q)
         q.clear()
+        w.fails = 0
         self.logged_steps[eid] = 0
         log.warning("back-off %s source=%s site=%s: level %d, rate %.3f/s (was %.3f/s; the "
                     "site took %.3f/s; %d of %d attempts deferred); recovers by %.3f/s every "

@@ -488,6 +488,8 @@ class Engine:
             return
         if lane.queued() and self._held(lane.source.name, lane.site.name, time.time()):
             self._reroute(lane, None)      # suspended (source x site): other sources, or back
+            if lane.active == 0 and not lane.queued():
+                self._forget(lane)
             return
         limit = lane.limits.connection_limit
         while lane.active < limit and (lane.active == 0 or lane.queued() > lane.active):
@@ -838,7 +840,7 @@ class Engine:
         reply = f"{code} {enhanced + ' ' if enhanced else ''}{text}".replace("\n", " ")
         entry = ad.fire(rule, lane.source.name, lane.site.name, reply, stage)
         self.stats["rule:" + rule.name] += 1
-        if entry is not None and rule.action == "throttle":
+        if entry is not None and ad.fired_new and rule.action == "throttle":
             self._relimit()
         return FiredRule(name=rule.name, id=entry.id if entry else "", action=rule.action,
                          scope=rule.scope, reply=reply[:300], stage=stage,
@@ -861,7 +863,8 @@ class Engine:
     def _attempted(self, lane: Lane, ok: bool) -> None:
         """Feed automatic back-off one attempt's result; apply a change at once."""
         if self.adaptive.record(lane.source.name, lane.site.name, ok,
-                                attempted_rate=lane.rate or None, base=self._base_limits(lane)):
+                                attempted_rate=lane.rate or None,
+                                base=lambda: self._base_limits(lane)):
             self._relimit()
 
     def _relimit(self) -> None:
@@ -890,6 +893,8 @@ class Engine:
                 for lane in list(site.lanes.values()):
                     if lane.queued() and self._held(lane.source.name, site.name, now):
                         self._reroute(lane, None)
+                        if lane.active == 0 and not lane.queued():
+                            self._forget(lane)
 
     # -------------------------------------------------------------- upkeep
 
