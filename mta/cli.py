@@ -455,7 +455,8 @@ def rules():
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 def rules_list(config_path, as_json):
     """What is in effect: rule name, id, action, scope (source, site), the reply that
-    fired it, and the time left (a back-off: its rate now and its steps)."""
+    fired it, and the time left (a back-off: its rate now and its steps; a warm-up: the
+    day of its schedule since the source's first use)."""
     import msgspec
 
     from mta.shaping.state import list_entries
@@ -470,6 +471,9 @@ def rules_list(config_path, as_json):
             if e.kind == "backoff":
                 d["current_rate"] = e.current_rate(now)
                 d["step_no"] = e.steps(now)
+            if e.kind == "warmup":
+                d["day"] = int(max(0.0, now - e.created)
+                               // (86400.0 * s.config.delivery.time_scale)) + 1
             click.echo(json.dumps(d))
         return
     if not entries:
@@ -480,6 +484,10 @@ def rules_list(config_path, as_json):
         if e.kind == "backoff":
             left = f"step {e.steps(now)}"
             limits = f"{e.current_rate(now) * 60:.1f}/m of {e.ceiling * 60:.1f}/m"
+        elif e.kind == "warmup":
+            day_len = 86400.0 * s.config.delivery.time_scale
+            left = f"day {int(max(0.0, now - e.created) // day_len) + 1}"
+            limits = "see [[warmup]]"
         else:
             left = str(datetime.timedelta(seconds=max(0, int(e.until - now))))
             limits = " ".join(x for x in (

@@ -428,6 +428,30 @@ class ResponseRule(Struct, forbid_unknown_fields=True, kw_only=True):
         "delivery.time_scale)", ge=0, le=86400)] = 0.0
 
 
+class WarmupStage(Struct, forbid_unknown_fields=True, kw_only=True):
+    day: Annotated[int, _doc("from this day of use on (1 = the first day)", ge=1, le=3650)]
+    hourly: Annotated[int, _doc(
+        "messages per site per hour from the source; 0 = no hourly cap", ge=0,
+        le=100_000_000)] = 0
+    daily: Annotated[int, _doc(
+        "messages per site per day from the source; 0 = no daily cap", ge=0,
+        le=1_000_000_000)] = 0
+
+
+class WarmupConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    source: Annotated[str, _doc("the [[egress.source]] being warmed up")] = ""
+    mx: Annotated[str, _doc(
+        "only for sites with an MX host matching this glob; empty: every site")] = ""
+    schedule: Annotated[list[WarmupStage], _doc(
+        "stages in order of day: each holds from its day until the next one's; after the "
+        "last stage's day + 1 ... the last stage holds (add a stage with no caps to end "
+        "the warm-up)")] = msgspec.field(default_factory=list)
+    overflow: Annotated[str, _doc(
+        "what the source's mail does at a cap: other_sources (the pool's other sources "
+        "take it) or wait (it waits in the queue until the hour or day rolls over)")] = \
+        "other_sources"
+
+
 class BackoffConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: Annotated[bool, _doc(
         "lower the rate of a source x site on its own when too many attempts are deferred")] \
@@ -530,6 +554,10 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
         "match wins")] = msgspec.field(default_factory=list)
     backoff: Annotated[BackoffConfig, _doc(
         "automatic back-off per source x site")] = msgspec.field(default_factory=BackoffConfig)
+    warmup: Annotated[list[WarmupConfig], _doc(
+        "IP warm-up: [[warmup]] tables, a schedule of caps per site for a new source by "
+        "days since its first use (recorded durably in the state directory)")] = \
+        msgspec.field(default_factory=list)
 
 
 SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("http", HttpConfig),
@@ -537,4 +565,5 @@ SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("http", HttpConfig)
             ("egress", EgressConfig), ("feedback", FeedbackConfig),
             ("suppression", SuppressionConfig), ("admin", AdminConfig),
             ("backoff", BackoffConfig))
-TOP_LEVEL_TABLES = (("shaping", ShapingRule), ("response_rule", ResponseRule))   # [[shaping]]: arrays of tables at the top
+TOP_LEVEL_TABLES = (("shaping", ShapingRule), ("response_rule", ResponseRule),
+                    ("warmup", WarmupConfig))   # [[shaping]]: arrays of tables at the top

@@ -65,8 +65,8 @@ import time
 import msgspec
 
 from mta.shaping import Limits, glob_regex, load_response_presets, parse_rate
-from mta.shaping.state import (BACKOFF, MAX_REPLY, STORE_DIR, SUSPEND, THROTTLE, Entry, Store,
-                               cancel_entries, entry_id, list_entries)
+from mta.shaping.state import (BACKOFF, MAX_REPLY, STORE_DIR, SUSPEND, THROTTLE, WARMUP, Entry,
+                               Store, cancel_entries, entry_id, list_entries)
 
 log = logging.getLogger("mta.delivery.adaptive")
 
@@ -84,7 +84,7 @@ class _Window:
         self.fails = 0
 
 
-__all__ = ["Adaptive", "Entry", "Rule", "ResponseRules", "Store", "entry_id", "STORE_DIR",
+__all__ = ["Adaptive", "Warmup", "Entry", "Rule", "ResponseRules", "Store", "entry_id", "STORE_DIR",
            "list_entries", "cancel_entries"]
 
 class Rule:
@@ -331,7 +331,7 @@ class Adaptive:
         changed = self.store.refresh()
         now = self.now()
         for e in self.store.removed:
-            if e.kind == BACKOFF or e.until > now:
+            if e.kind in (BACKOFF, WARMUP) or e.until > now:
                 log.warning("%s %s source=%s site=%s (id %s) cancelled", e.kind, e.rule,
                             e.source or "*", e.site or "*", e.id)
             self.logged_steps.pop(e.id, None)
@@ -351,7 +351,7 @@ class Adaptive:
                         log.warning("back-off source=%s site=%s: step %d, rate %.3f/s "
                                     "(ceiling %.3f/s)", e.source, e.site, n,
                                     e.current_rate(now), e.ceiling)
-            elif e.until <= now:
+            elif e.kind != WARMUP and e.until <= now:
                 log.warning("%s by rule %s ended: source=%s site=%s", e.kind, e.rule,
                             e.source or "*", e.site or "*")
                 self.store.remove(eid)
@@ -368,4 +368,118 @@ class Adaptive:
                 d["current_rate"] = e.current_rate(now)
                 d["step_no"] = e.steps(now)
             out.append(d)
+        return out
+
+
+class Warmup:
+    """IP warm-up (``[[warmup]]``): per source a schedule of caps per site by day of use.
+
+    The day counts from the source's first use, recorded once, durably, as a
+    ``warmup`` entry in the store (``mta rules list`` shows it; cancelling it
+    starts the warm-up again).  Counts are node-wide, per (source x site), in
+    fixed windows counted from the first use (hour 0, 1, ...; day 0, 1, ...;
+    3600 and 86400 seconds x ``delivery.time_scale``) kept by the limiter (in
+    the run directory: they survive restarts, not a reboot); a source at
+    its cap for a site sends no more there until the window rolls over, and its
+    mail goes to the pool's other sources (``overflow = "other_sources"``) or
+    waits in the queue (``"wait"``).
+    """
+
+    def __init__(self, cfg, store: Store, limiter, scale: float = 1.0, now=time.time):
+        self.plans = {}
+        for w in cfg.warmup:
+            self.plans[w.source] = (glob_regex(w.mx) if w.mx else None,
+                                    sorted(w.schedule, key=lambda st: st.day), w.overflow)
+        self.store = store
+        self.limiter = limiter
+        self.hour = 3600.0 * scale
+        self.day = 86400.0 * scale
+        self.now = now
+
+    def first_use(self, source: str, create: bool = True) -> float | None:
+        eid = entry_id(WARMUP, "source", source, "")
+        e = self.store.entries.get(eid) or self.store.reread(eid)
+        if e is None and create:
+            now = self.now()
+            e = Entry(id=eid, kind=WARMUP, scope="source", source=source, rule="warmup",
+                      reply="first use", created=now)
+            self.store.put(e)
+            log.warning("warm-up of source %s begins (day 1)", source)
+        return e.created if e is not None else None
+
+    def stage(self, source: str, hosts, now: float, create: bool = True):
+        """(day, stage, first use) for *source* sending to a site with *hosts*; None
+        when no schedule applies."""
+        plan = self.plans.get(source)
+        if plan is None:
+            return None
+        glob, stages, _ = plan
+        if glob is not None and not any(glob.fullmatch(h) for h in hosts):
+            return None
+        first = self.first_use(source, create)
+        if first is None:
+            return 1, stages[0], now
+        day = int(max(0.0, now - first) // self.day) + 1
+        current = stages[0]
+        for st in stages:
+            if st.day <= day:
+                current = st
+        return day, current, first
+
+    def overflow(self, source: str) -> str:
+        return self.plans[source][2]
+
+    def _caps(self, stage, first: float, now: float):
+        """(limiter key suffix, window number, seconds to its end, cap) per cap; windows
+        count from the source's first use (hour 0, hour 1, ...)."""
+        since = max(0.0, now - first)
+        for kind, length, cap in (("warmup-hour", self.hour, stage.hourly),
+                                  ("warmup-day", self.day, stage.daily)):
+            if cap:
+                window = int(since // length)
+                yield kind, window, (window + 1) * length - since, cap
+
+    def capped(self, source: str, site: str, hosts, now: float) -> float:
+        """0.0 when *source* may send one more message to *site* now; else the seconds
+        until its window rolls over (nothing is counted)."""
+        found = self.stage(source, hosts, now)
+        if found is None:
+            return 0.0
+        for kind, window, left, cap in self._caps(found[1], found[2], now):
+            if self.limiter.count(f"{source}|{site}|{kind}", window, cap, take=False) >= cap:
+                return left
+        return 0.0
+
+    def take(self, source: str, site: str, hosts, now: float) -> float:
+        """Count one message of *source* to *site*: 0.0 when counted, else the seconds
+        until the full window rolls over (then nothing is counted)."""
+        found = self.stage(source, hosts, now)
+        if found is None:
+            return 0.0
+        caps = list(self._caps(found[1], found[2], now))
+        for kind, window, left, cap in caps:   # all must have room before any is taken
+            if self.limiter.count(f"{source}|{site}|{kind}", window, cap, take=False) >= cap:
+                return left
+        for kind, window, left, cap in caps:
+            if self.limiter.count(f"{source}|{site}|{kind}", window, cap) >= cap:
+                return left                    # another process took the last one
+        return 0.0
+
+    def status(self, sites) -> dict:
+        """Per warming source: day, stage caps, and this hour's / day's counts per site."""
+        now = self.now()
+        out = {}
+        for source in self.plans:
+            info = {"first_use": self.first_use(source, create=False), "sites": {}}
+            for site in sites:
+                found = self.stage(source, site.hosts, now, create=False)
+                if found is None:
+                    continue
+                day, st, first = found
+                info.update(day=day, hourly=st.hourly, daily=st.daily)
+                info["sites"][site.name] = {
+                    kind.split("-")[1]: self.limiter.count(f"{source}|{site.name}|{kind}",
+                                                           window, cap, take=False)
+                    for kind, window, _, cap in self._caps(st, first, now)}
+            out[source] = info
         return out

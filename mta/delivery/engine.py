@@ -61,7 +61,7 @@ from mta.bus import (DEFERRED, DELIVERED, FAILED, PRIORITY_TRANSACTIONAL, REQUEU
                      DeliveryMessageReady, FiredRule, Result)
 from mta.config import parse_hostport
 from mta.delivery import client as smtpc
-from mta.delivery.adaptive import Adaptive
+from mta.delivery.adaptive import Adaptive, Warmup
 from mta.delivery.limits import CONNECTION_RATE, CONNECTIONS, MESSAGE_RATE, NodeLimiter, limit_key
 from mta.delivery.client import Socks5Proxy, SourceUnavailable
 from mta.dns import DnsTempError
@@ -297,6 +297,8 @@ class Engine:
                                              scale=self.cfg.time_scale,
                                              presets=self.cfg.shaping_presets,
                                              processes=max(1, settings.deliveries))
+        self.warmup = Warmup(settings.config, self.adaptive.store, self.limiter,
+                             scale=self.cfg.time_scale)
         # Domains named by exact-domain shaping rules: their sites are looked up once
         # delivery starts, so that every process applies a domain's rule to the site
         # of that domain, whichever domains of the site it happens to see itself.
@@ -456,15 +458,44 @@ class Engine:
             pool = self.pools[self.egress.default_pool]
         sources = self.sources
         held = self._held
-        name = pool.pick(lambda s: held(s, site.name, now) <= now)
+        warm = self.warmup
+        capped: dict[str, float] = {}     # warming sources at a cap: seconds to the rollover
+
+        def usable(s):
+            if held(s, site.name, now) > now or s in capped:
+                return False
+            if s in warm.plans and warm.overflow(s) == "other_sources":
+                wait = warm.capped(s, site.name, site.hosts, now)
+                if wait > 0:
+                    capped[s] = wait
+                    return False
+            return True
+
         job.site = site.name
+        while True:
+            name = pool.pick(usable)
+            if name is None or name not in warm.plans:
+                break
+            wait = warm.take(name, site.name, site.hosts, now)
+            if wait <= 0:
+                break
+            if warm.overflow(name) == "wait":
+                job.source = ""
+                self._finish(job, job.results(
+                    REQUEUED, 451, "4.4.5",
+                    f"source {name} is at its warm-up cap for site {site.name}; "
+                    f"next try in {wait:.0f}s"), max(MIN_REQUEUE, wait))
+                return
+            capped[name] = wait
         if name is None:
-            until = min(held(s, site.name, now) for s, _ in pool.members)
-            wait = max(MIN_REQUEUE, until - now)
+            until = min([held(s, site.name, now) - now for s, _ in pool.members
+                         if s not in capped] + list(capped.values()))
+            wait = max(MIN_REQUEUE, until)
             job.source = ""
+            why = "suspended or at its warm-up cap" if capped else "suspended"
             self._finish(job, job.results(
                 REQUEUED, 451, "4.4.5",
-                f"every source of pool {pool.name} is suspended for site {site.name}; "
+                f"every source of pool {pool.name} is {why} for site {site.name}; "
                 f"next try in {wait:.0f}s"), wait)
             return
         source = sources[name]
@@ -938,6 +969,8 @@ class Engine:
             "sites": {s.name: {"domains": sorted(s.domains), "hosts": list(s.hosts)}
                       for s in self.sites.values()},
             "adaptive": self.adaptive.status(),
+            "warmup": self.warmup.status(list(self.sites.values())) if self.warmup.plans
+            else {},
             "sources": {s.name: {"address": s.address or "", "proxy": bool(s.proxy),
                                  "suspended_until": s.suspended_until
                                  if not s.usable(now) else 0.0,

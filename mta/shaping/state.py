@@ -22,10 +22,10 @@ import msgspec
 log = logging.getLogger("mta.delivery.adaptive")
 
 __all__ = ["Entry", "Store", "entry_id", "list_entries", "cancel_entries", "STORE_DIR",
-           "SUSPEND", "THROTTLE", "BACKOFF"]
+           "SUSPEND", "THROTTLE", "BACKOFF", "WARMUP"]
 
 STORE_DIR = "adaptive"
-SUSPEND, THROTTLE, BACKOFF = "suspend", "throttle", "backoff"
+SUSPEND, THROTTLE, BACKOFF, WARMUP = "suspend", "throttle", "backoff", "warmup"
 MAX_REPLY = 300                 # characters of a matched reply kept in an entry
 MAX_FILE = 64 * 1024            # an entry file larger than this is not read
 PLATEAU = 0.9                   # of the rate that failed: where back-off recovery pauses
@@ -35,14 +35,14 @@ class Entry(msgspec.Struct, kw_only=True):
     """One suspension, throttle or back-off in effect (one file in the store)."""
 
     id: str
-    kind: str                       # suspend | throttle | backoff
+    kind: str                       # suspend | throttle | backoff | warmup
     scope: str                      # source_site | site | source
     source: str = ""                # "" when the scope is site
     site: str = ""                  # "" when the scope is source
     rule: str = ""                  # the rule's name; "backoff" for automatic back-off
     reply: str = ""                 # the reply that fired it
     stage: str = ""
-    created: float = 0.0            # wall clock
+    created: float = 0.0            # wall clock (warmup: the source's first use)
     until: float = 0.0              # wall clock end; 0: none (back-off ends by recovery)
     connection_limit: int | None = None
     max_message_rate: float | None = None     # per second
@@ -72,7 +72,7 @@ class Entry(msgspec.Struct, kw_only=True):
 
 
 def entry_id(kind: str, scope: str, source: str, site: str) -> str:
-    key = f"{'backoff' if kind == BACKOFF else 'rule'}|{kind}|{scope}|{source}|{site}"
+    key = f"{kind if kind in (BACKOFF, WARMUP) else 'rule'}|{kind}|{scope}|{source}|{site}"
     return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
 
 

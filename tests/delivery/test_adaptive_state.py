@@ -241,3 +241,52 @@ def test_backoff_recovery_pauses_under_the_rate_that_failed_then_probes(tmp_path
         rates.append(a.adjust("ip-2", "s", shaped).max_message_rate)
     # 4 + 4/step, held at 0.9 x 10 for the first 3 steps, then probing upwards
     assert rates == pytest.approx([8.0, 9.0, 16.0, 20.0, 24.0])
+
+
+def test_warmup_stages_caps_windows_and_durable_first_use(tmp_path):
+    from mta.delivery.limits import NodeLimiter
+
+    clock = Clock()
+    s = resolve(msgspec.convert({
+        "server": {"state_dir": str(tmp_path)},
+        "egress": {"source": [{"name": "new", "source_address": "127.0.0.1"}],
+                   "pool": [{"name": "default", "sources": [{"source": "new"}]}]},
+        "warmup": [{"source": "new", "mx": "*.big.test", "schedule": [
+            {"day": 1, "hourly": 3, "daily": 5}, {"day": 3, "hourly": 100}]}]}, Config), None)
+    store = ad.Store(os.path.join(tmp_path, ad.STORE_DIR))
+    limiter = NodeLimiter(str(tmp_path / "limits"))
+    w = ad.Warmup(s.config, store, limiter, now=clock)
+    hosts = ["mx1.big.test"]
+    assert w.stage("new", ["mx.small.test"], clock.t) is None      # not that site
+    assert w.stage("other", hosts, clock.t) is None                # not warming
+    assert [w.take("new", "big", hosts, clock.t) for _ in range(4)][:3] == [0.0] * 3
+    assert w.capped("new", "big", hosts, clock.t) == pytest.approx(3600.0)
+    assert w.take("new", "big", hosts, clock.t) == pytest.approx(3600.0)
+    assert w.take("new", "other-site", hosts, clock.t) == 0.0       # per site
+    clock.t += 3600                                                 # next hour: 2 more
+    assert [w.take("new", "big", hosts, clock.t) for _ in range(3)] == \
+        [0.0, 0.0, pytest.approx(86400.0 - 3600.0)]                 # the daily cap (5)
+    # The first use is durable: another process (or a restart) counts days from it.
+    w2 = ad.Warmup(s.config, ad.Store(os.path.join(tmp_path, ad.STORE_DIR)), limiter, now=clock)
+    clock.t += 2 * 86400
+    day, stage, _ = w2.stage("new", hosts, clock.t)
+    assert day == 3 and stage.hourly == 100 and stage.daily == 0
+    st = w2.status([type("S", (), {"name": "big", "hosts": hosts})()])
+    assert st["new"]["day"] == 3 and st["new"]["sites"]["big"] == {"hour": 0}
+    limiter.close()
+
+
+@pytest.mark.parametrize("warmup, key", [
+    ({"source": "nope", "schedule": [{"day": 1, "hourly": 1}]}, "warmup[0].source"),
+    ({"source": "new", "schedule": []}, "warmup[0].schedule"),
+    ({"source": "new", "schedule": [{"day": 2, "hourly": 1}]}, "warmup[0].schedule"),
+    ({"source": "new", "schedule": [{"day": 1}], "overflow": "drop"}, "warmup[0].overflow"),
+])
+def test_bad_warmup_is_refused_naming_the_key(tmp_path, warmup, key):
+    with pytest.raises(ConfigError) as exc:
+        resolve(msgspec.convert({
+            "server": {"state_dir": str(tmp_path)},
+            "egress": {"source": [{"name": "new", "source_address": "127.0.0.1"}],
+                       "pool": [{"name": "default", "sources": [{"source": "new"}]}]},
+            "warmup": [warmup]}, Config), None)
+    assert key in str(exc.value)

@@ -16,7 +16,7 @@ from mta.config.schema import Config
 from mta.delivery.engine import Engine
 
 
-def run(jobs, rules, **delivery):
+def run(jobs, rules, sections=None, **delivery):
     """Deliver *jobs* with the [[response_rule]] tables *rules*; [(job, results)], engine."""
     async def main():
         loop = asyncio.get_running_loop()
@@ -27,7 +27,7 @@ def run(jobs, rules, **delivery):
             "server": {"hostname": "mta.test", "state_dir": tempfile.mkdtemp(prefix="rules-")},
             "delivery": {"mx_port": port, "starttls": "none", "shaping_presets": False,
                          **delivery},
-            "response_rule": rules}, Config)
+            "response_rule": rules, **(sections or {})}, Config)
         reports = []
         done = asyncio.Event()
 
@@ -91,3 +91,17 @@ def test_suspend_action_requeues_the_rest_of_the_lane():
     assert all(500 <= r[2] <= 600 for r in requeued), [r[2] for r in requeued]
     [entry] = engine.adaptive.status()
     assert (entry["rule"], entry["kind"], entry["source"]) == ("stop-it", "suspend", "default")
+
+
+def test_warmup_wait_overflow_requeues_until_the_hour_rolls_over():
+    sections = {"egress": {"source": [{"name": "new", "source_address": "127.0.0.1"}],
+                           "pool": [{"name": "default", "sources": [{"source": "new"}]}]},
+                "warmup": [{"source": "new", "overflow": "wait",
+                            "schedule": [{"day": 1, "hourly": 2}]}]}
+    jobs = [job("a.test", f"ok{i}", n=i) for i in range(5)]
+    reports, engine = run(jobs, [], sections=sections, time_scale=0.5)
+    outcomes = sorted(r[1][0].outcome for r in reports)
+    assert outcomes.count(bus.DELIVERED) == 2 and outcomes.count(bus.REQUEUED) == 3
+    waits = [r[2] for r in reports if r[1][0].outcome == bus.REQUEUED]
+    assert all(1700 <= w <= 1800 for w in waits), waits      # the rest of the hour (x 0.5)
+    assert "warm-up cap" in [r for r in reports if r[1][0].outcome == bus.REQUEUED][0][1][0].text

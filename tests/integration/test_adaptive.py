@@ -9,7 +9,9 @@ tests take seconds.
 from __future__ import annotations
 
 import collections
+import glob
 import json
+import os
 import re
 
 from daemon import wait_until
@@ -162,3 +164,54 @@ def test_backoff_lowers_the_rate_and_recovers_step_by_step(lab):
     assert len(rates) >= 2 and rates == sorted(set(rates)) and rates[-1] < 40.0, rates
     wait_until(lambda: sum(clients(limited, "m").values()) >= 120, 120, "all 120 delivered")
     assert rules(d) == []
+
+
+def delivery_status(d) -> list[dict]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(d.state_dir, "run", "delivery-*.status.json"))):
+        with open(path, "rb") as fh:
+            out.append(json.loads(fh.read()))
+    return out
+
+
+def test_warmup_caps_a_new_source_per_site_and_keeps_its_day_across_kill9(lab):
+    """Day 1 of ip-3's schedule: at most 10 messages per hour to a site (an hour is 360 s
+    at time_scale 0.1).  Of 40 messages to a site, ip-3 sends 10 and the pool's other
+    source (ip-2) the rest; another site has its own 10; the delivery status (mta queue's
+    source) shows the day, the caps and the counts; the first-use date survives kill -9
+    of the whole tree, and the cap still holds after it (counts are node-wide)."""
+    lab.serve(mx(LIMITED, SITE, "127.0.0.10") + mx(OTHER, "mx.other.test", "127.0.0.11"))
+    limited = smart(lab, "127.0.0.10")
+    other = smart(lab, "127.0.0.11")
+    d = lab.daemon(processes=2, time_scale=0.1, sections={
+        "egress": egress(),
+        "warmup": [{"source": "ip-3", "overflow": "other_sources",
+                    "schedule": [{"day": 1, "hourly": 10, "daily": 100},
+                                 {"day": 2, "hourly": 1000}]}],
+        "backoff": {"enabled": False}})
+    send_many(d, LIMITED, 40, "w")
+    send_many(d, OTHER, 30, "x")
+    wait_until(lambda: sum(clients(limited, "w").values()) >= 40, 60, "40 to the site")
+    wait_until(lambda: sum(clients(other, "x").values()) >= 30, 60, "30 to the other site")
+    w, x = clients(limited, "w"), clients(other, "x")
+    assert w == {"127.0.0.3": 10, "127.0.0.2": 30}, w
+    assert x == {"127.0.0.3": 10, "127.0.0.2": 20}, x
+    [entry] = [r for r in rules(d) if r["kind"] == "warmup"]
+    assert entry["source"] == "ip-3" and entry["day"] == 1
+
+    def warm():
+        for st in delivery_status(d):
+            ip3 = st.get("warmup", {}).get("ip-3", {})
+            if ip3.get("sites", {}).get(SITE) == {"hour": 10, "day": 10}:
+                return ip3
+        return None
+    ip3 = wait_until(warm, 10, "the warm-up in the delivery status")
+    assert (ip3["day"], ip3["hourly"], ip3["daily"]) == (1, 10, 100)
+    first = entry["created"]
+    d.kill9()
+    d.start()
+    [again] = [r for r in rules(d) if r["kind"] == "warmup"]
+    assert again["created"] == first
+    send_many(d, LIMITED, 10, "y")
+    wait_until(lambda: sum(clients(limited, "y").values()) >= 10, 60, "10 more")
+    assert clients(limited, "y") == {"127.0.0.2": 10}      # ip-3 is still at its cap
