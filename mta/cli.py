@@ -157,6 +157,7 @@ def _delivery_status(settings) -> dict:
     sources: dict = {}
     sites: dict = {}
     lanes: dict = {}
+    warmup: dict = {}
     processes = 0
     now = time.time()
     for path in sorted(glob.glob(os.path.join(settings.run_dir, "delivery-*.status.json"))):
@@ -168,6 +169,16 @@ def _delivery_status(settings) -> dict:
         if now - st.get("time", 0) > STATUS_FRESH:
             continue
         processes += 1
+        for name, w in st.get("warmup", {}).items():      # warm-up: node-wide counts
+            cur = warmup.setdefault(name, {"day": None, "hourly": None, "daily": None,
+                                           "sites": {}})
+            for k in ("day", "hourly", "daily"):
+                if w.get(k) is not None:
+                    cur[k] = w[k]
+            for site, counts in w.get("sites", {}).items():
+                have = cur["sites"].setdefault(site, {})
+                for k, v in counts.items():
+                    have[k] = max(have.get(k, 0), v)
         for name, src in st.get("sources", {}).items():
             cur = sources.setdefault(name, {"address": src["address"], "proxy": src["proxy"],
                                             "suspended_until": 0.0, "reason": "",
@@ -200,7 +211,8 @@ def _delivery_status(settings) -> dict:
     for site in sites.values():
         site["domains"] = sorted(site["domains"])
     return {"processes": processes, "sources": sources, "sites": sites,
-            "lanes": sorted(lanes.values(), key=lambda x: (x["site"], x["source"]))}
+            "lanes": sorted(lanes.values(), key=lambda x: (x["site"], x["source"])),
+            "warmup": warmup}
 
 
 def _print_delivery(d: dict) -> None:
@@ -219,6 +231,15 @@ def _print_delivery(d: dict) -> None:
                 state = (f"suspended {_when(src['suspended_until'])}: {src['reason']}")
             addr = (src["address"] or "(system's choice)") + (" via SOCKS5" if src["proxy"] else "")
             rows.append((name, addr, str(src["connections"]), f"{src['rate']:.1f}", state))
+        _table(rows)
+    if d.get("warmup"):
+        click.echo("")
+        rows = [("WARM-UP SOURCE", "DAY", "CAPS (HOUR/DAY)", "SITE", "THIS HOUR", "TODAY")]
+        for name, w in sorted(d["warmup"].items()):
+            for site, c in sorted(w["sites"].items()) or [("-", {})]:
+                rows.append((name, str(w["day"] or "-"),
+                             f"{w['hourly'] or '-'}/{w['daily'] or '-'}", site,
+                             str(c.get("hour", "-")), str(c.get("day", "-"))))
         _table(rows)
     if d["sites"]:
         click.echo("")

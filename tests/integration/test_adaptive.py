@@ -207,6 +207,11 @@ def test_warmup_caps_a_new_source_per_site_and_keeps_its_day_across_kill9(lab):
         return None
     ip3 = wait_until(warm, 10, "the warm-up in the delivery status")
     assert (ip3["day"], ip3["hourly"], ip3["daily"]) == (1, 10, 100)
+    # mta queue shows it (node-wide counts per site)
+    q = d.queue_summary()["delivery"]["warmup"]["ip-3"]
+    assert q["day"] == 1 and q["sites"][SITE] == {"hour": 10, "day": 10}
+    table = d.cli("queue").stdout.decode()
+    assert re.search(r"ip-3\s+1\s+10/100\s+mx\.limited\.test\s+10\s+10", table), table
     first = entry["created"]
     d.kill9()
     d.start()
