@@ -277,6 +277,7 @@ def main(argv=None) -> int:
     load_before = load_note()
     netns = enter_private_netns(args.netns)
     workdir = Path(tempfile.mkdtemp(prefix="mta-adaptive-"))
+    workdir.chmod(0o755)    # Postfix's daemons (user postfix) must reach their directories
     try:
         rundir = workdir / "mta"
         rundir.mkdir()
@@ -289,7 +290,12 @@ def main(argv=None) -> int:
         if args.postfix:
             pdir = workdir / "postfix"
             pdir.mkdir()
-            pres, pcfg, pcmds = run_postfix(args, pdir)
+            try:
+                pres, pcfg, pcmds = run_postfix(args, pdir)
+            except RuntimeError as exc:
+                print("\n".join(lines))
+                print(f"adaptive.py: Postfix run FAILED: {exc}", file=sys.stderr)
+                return 1
             lines += ["", "### Postfix (same sink, same load, one bound address)", ""]
             lines += report(pres, args)
             cfg += "\n# Postfix main.cf (the bench's private instance; see "
