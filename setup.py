@@ -91,6 +91,7 @@ setup(
         "idna>=3.6",
         "lmdb>=1.4",        # the suppression list (mta.feedback.suppression)
         "prometheus-client>=0.20",   # /metrics exposition in the admin process
+        "rich>=13",         # progress bars of long operator commands (mta drain)
     ],
     extras_require={
         "test": [

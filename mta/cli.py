@@ -9,6 +9,10 @@
     mta queue flush                retry every deferred recipient now
     mta rules list [--json]        suspensions, throttles and back-offs in effect
     mta rules cancel NAME|ID       end them (every delivery process sees it within a second)
+    mta queue summary [--by KEY]   by domain, site, pool, source, campaign (admin API)
+    mta status / inspect QID       the node at a glance / one message (admin API)
+    mta drain [--cancel]           stop accepting, report what remains until zero
+    mta upgrade                    hand the sockets to a new supervisor (SIGUSR2)
     mta spool-dump [-c FILE]       read the spool files directly (daemon stopped), like postcat
     mta passwd USER                make an auth_file line (password from stdin)
 
@@ -590,6 +594,15 @@ def passwd(user, iterations):
         sys.exit(1)
     click.echo(f"{user}:{hash_password(pw, iterations)}")
 
+
+def _register_operator_commands():
+    """status, inspect, drain, upgrade and queue summary/inspect (mta/opscli.py)."""
+    from mta.opscli import register
+
+    register(main, queue)
+
+
+_register_operator_commands()
 
 if __name__ == "__main__":
     main()

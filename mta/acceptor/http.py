@@ -524,6 +524,9 @@ class Session(asyncio.Protocol):
         if self.a.space_low:
             raise R.ApiError(R.UNAVAILABLE, "the spool is low on disk space; retry later",
                              R.RETRY_AFTER_UNAVAILABLE)
+        if self.a.node_draining:
+            raise R.ApiError(R.UNAVAILABLE, "this node is draining (mta drain) and accepts "
+                             "no new mail; retry later or elsewhere", R.RETRY_AFTER_UNAVAILABLE)
         tx = transmissions.decode(req.body)
         transmissions.check(tx, self.cfg.max_recipients, self.cfg.max_json_depth)
         builder = build.Builder(tx, svc.hostname)

@@ -46,6 +46,9 @@ SIGTERM: stop accepting, let sessions finish (idle ones are closed with 421
 4.3.2), after ``server.shutdown_timeout`` close the rest, wait for
 outstanding spool answers, exit 0.  SIGHUP is ignored: the supervisor
 replaces acceptors one at a time on reload.
+Node drain (``mta drain``): while ``<run>/drain`` exists (looked for at each
+sweep) new SMTP connections and transactions get 421 4.3.2 and HTTP
+injections 503 with Retry-After; sessions and transactions under way finish.
 """
 from __future__ import annotations
 
@@ -75,6 +78,7 @@ from mta.queueid import new_qid, shard_of
 log = logging.getLogger("mta.acceptor")
 
 SWEEP_INTERVAL = 0.5     # seconds between timeout / free-space checks
+DRAIN_FLAG = "drain"     # file in the run directory: the node is drained (mta drain)
 RECORD_OVERHEAD = 1024   # octets: generous estimate of a spool record's envelope and framing
 
 # MAIL parameters kept with the message; with DSN's (RFC 3461) ENVID and RET,
@@ -125,6 +129,9 @@ class Acceptor:
         self._flush_scheduled = False
         self.reqs = itertools.count(1)
         self.draining = False
+        # mta drain: the node refuses new mail while run/drain exists (checked each sweep).
+        self.drain_flag = os.path.join(settings.run_dir, DRAIN_FLAG)
+        self.node_draining = os.path.exists(self.drain_flag)
         self.space_low = False
         self.space_free = 0         # octets free at the last statvfs (-1: unknown)
         self.space_total = 1
@@ -346,9 +353,17 @@ class Acceptor:
         if self.http is not None:
             self.http.sweep(now, self.draining, force)
         self.space_low = self._space_low()
+        self._check_node_drain()
         if self.draining and self._idle():
             self._drained.set()
         self.loop.call_later(SWEEP_INTERVAL, self.sweep)
+
+    def _check_node_drain(self) -> None:
+        draining = os.path.exists(self.drain_flag)
+        if draining != self.node_draining:
+            self.node_draining = draining
+            log.info("node %s", "draining: new connections and transactions get 421 4.3.2, "
+                     "HTTP 503" if draining else "drain cancelled: accepting mail again")
 
     def _answered(self, box: list) -> None:
         """The spool answered (or gave up on) the messages of *box*: no longer pending."""

@@ -22,6 +22,8 @@ AUTH_USERNAME = b"334 VXNlcm5hbWU6\r\n"   # "Username:"
 AUTH_PASSWORD = b"334 UGFzc3dvcmQ6\r\n"   # "Password:"
 START_DATA = b"354 End data with <CR><LF>.<CR><LF>\r\n"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
+# The node is drained (mta drain): no new mail here, sessions and queue finish.
+NODE_DRAINING = b"421 4.3.2 Node draining, not accepting mail, try again later\r\n"
 TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
 TOO_MANY_FROM_IP = b"421 4.7.0 Too many connections from your address, try again later\r\n"
 TOO_MANY_ERRORS = b"421 4.7.0 Too many errors, closing connection\r\n"

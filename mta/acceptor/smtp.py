@@ -259,6 +259,10 @@ class Session(asyncio.Protocol):
         self.peer_ip = peer[0] if peer else ""
         # While draining, a connection accepted just before the listener closed
         # is served like any other; the drain closes it once it is idle.
+        if a.node_draining:         # mta drain: the node takes no new mail
+            a.stats["rejected_connections"] += 1
+            self.close_with(R.NODE_DRAINING)
+            return
         if len(a.sessions) >= a.smtp.max_connections:
             a.stats["rejected_connections"] += 1
             self.close_with(R.TOO_MANY_CONNECTIONS)
@@ -490,6 +494,9 @@ class Session(asyncio.Protocol):
         a = self.a
         if a.draining:
             self.close_with(R.SHUTTING_DOWN)
+            return
+        if a.node_draining:
+            self.close_with(R.NODE_DRAINING)
             return
         if a.space_low:
             self.out.append(R.STORAGE_FULL)

@@ -1,4 +1,4 @@
-"""admin[0]: the admin listener -- Prometheus ``/metrics`` and ``/api/admin/health``.
+"""admin[0]: the admin listener -- ``/metrics``, the admin API and the status page.
 
 A child of the supervisor like the other roles (so the supervisor itself stays
 free of ZeroMQ and event loops), forked first and stopped last.
@@ -11,15 +11,20 @@ Reads:   ADMIN_STATS_REPORT from every child on the bus endpoint ``admin-stats``
          time /proc (the children's CPU and memory, the spool device's
          /proc/diskstats line, /proc/net/snmp and /proc/net/netstat) and the
          spool file system's free space.
-Writes:  HTTP responses; log lines.
-Peers:   every child (reports in); HTTP clients (Prometheus, curl).
+Writes:  HTTP responses; log lines; ``<run>/drain`` (POST/DELETE /api/admin/drain).
+Peers:   every child (reports in); the spool shards (asked for queue summaries and
+         single messages over the bus, :mod:`mta.admin.api`); HTTP clients
+         (Prometheus, curl, the ``mta`` commands, the status page).
 Config:  [admin] (all keys); [spool] directory, shards; [delivery] processes;
          [smtp] acceptors (the children expected in the health report).
 
-HTTP: GET (or HEAD) only, one request per connection (``Connection: close``).
-``/metrics``: Prometheus text format (prometheus_client, custom collector,
-:mod:`mta.admin.metrics`).  ``/api/admin/health``: JSON, per child: role,
-index, pid, up (a report within 3 x push_interval + 2 s), last report age.
+HTTP: GET, HEAD, POST and DELETE; one request per connection (``Connection:
+close``; a request body is not read).  ``/metrics``: Prometheus text format
+(prometheus_client, custom collector, :mod:`mta.admin.metrics`).
+``/api/admin/health``: JSON, per child: role, index, pid, up (a report within
+3 x push_interval + 2 s), last report age.  ``/``: the live status page
+(:mod:`mta.admin.page`).  The rest of ``/api/admin/`` (queue, messages,
+status, drain) is :mod:`mta.admin.api`; it asks the spool shards over the bus.
 With ``admin.tokens`` set every request needs ``Authorization: Bearer TOKEN``
 (401 otherwise).  A request head over 16 KiB gets 431; other paths 404;
 other methods 405; every error is a JSON body.
@@ -39,6 +44,8 @@ import uvloop
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from mta import bus, proc
+from mta.admin import page
+from mta.admin.api import Api
 from mta.admin.metrics import Collector, Reports
 
 log = logging.getLogger("mta.admin")
@@ -58,7 +65,9 @@ class Admin:
         self.loop = loop
         self.reports = Reports(settings)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(Collector(self.reports, settings))
+        self.collector = Collector(self.reports, settings)
+        self.registry.register(self.collector)
+        self.api = None             # mta.admin.api.Api, set by main() once the bus is up
         self.tokens = [t.encode() for t in self.cfg.tokens]
         self.sessions: set = set()
 
@@ -74,19 +83,35 @@ class Admin:
             ok |= hmac.compare_digest(t, token)
         return ok
 
-    def respond(self, method: bytes, target: bytes, headers: dict) -> tuple[int, dict, bytes]:
+    async def respond(self, method: bytes, target: bytes,
+                      headers: dict) -> tuple[int, dict, bytes]:
         path = target.partition(b"?")[0]
-        if method not in (b"GET", b"HEAD"):
-            return _json(405, {"errors": [{"message": "only GET is served here"}]},
-                         {"Allow": "GET, HEAD"})
+        if method not in (b"GET", b"HEAD", b"POST", b"DELETE"):
+            return _json(405, {"errors": [{"message": "only GET, POST and DELETE are served "
+                                                      "here"}]},
+                         {"Allow": "GET, HEAD, POST, DELETE"})
+        if path in (b"/", b"/index.html") and method in (b"GET", b"HEAD"):
+            # The page holds no data (its script asks the API, with the token
+            # from the URL fragment), so it is served without a token.
+            return 200, {"Content-Type": "text/html; charset=utf-8",
+                         "Cache-Control": "no-store"}, page.HTML
         if not self.authorized(headers):
             return _json(401, {"errors": [{"message": "a bearer token is required "
                                                       "(Authorization: Bearer TOKEN)"}]},
                          {"WWW-Authenticate": 'Bearer realm="mta admin"'})
-        if path == b"/metrics":
-            return 200, {"Content-Type": CONTENT_TYPE_LATEST}, generate_latest(self.registry)
-        if path == b"/api/admin/health":
-            return _json(200, self.reports.health())
+        if path in (b"/metrics", b"/api/admin/health", b"/", b"/index.html"):
+            if method not in (b"GET", b"HEAD"):
+                return _json(405, {"errors": [{"message": "only GET is served here"}]},
+                             {"Allow": "GET, HEAD"})
+            if path == b"/metrics":
+                return 200, {"Content-Type": CONTENT_TYPE_LATEST}, generate_latest(
+                    self.registry)
+            if path == b"/api/admin/health":
+                return _json(200, self.reports.health())
+            return 200, {"Content-Type": "text/html; charset=utf-8",
+                         "Cache-Control": "no-store"}, page.HTML
+        if path.startswith(b"/api/admin/") and self.api is not None:
+            return await self.api.handle(method, path)
         return _json(404, {"errors": [{"message": f"no such resource: "
                                                   f"{path.decode('latin-1')[:200]}"}]})
 
@@ -154,13 +179,18 @@ class Session(asyncio.Protocol):
                 return
             headers[name.strip().lower()] = value.strip()
         method, target = parts[0], parts[1]
+        self.done = True
+        self.admin.loop.create_task(self._respond(method, target, headers))
+
+    async def _respond(self, method: bytes, target: bytes, headers: dict) -> None:
         try:
-            status, hdrs, body = self.admin.respond(method, target, headers)
+            status, hdrs, body = await self.admin.respond(method, target, headers)
         except Exception:
             log.exception("admin request %s failed", target[:200])
             status, hdrs, body = _json(503, {"errors": [{"message": "internal error; see "
                                                                     "the log"}]})
-        self.answer(status, hdrs, body, method)
+        if not self.transport.is_closing():
+            self.answer(status, hdrs, body, method)
 
     def answer(self, status: int, headers: dict, body: bytes, method: bytes) -> None:
         self.done = True
@@ -183,12 +213,14 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
     admin = Admin(settings, loop)
     receiver = bus.StatsReceiver(ctx, loop, settings.endpoint("admin-stats"),
                                  admin.reports.add, log)
+    admin.api = Api(settings, loop, ctx, admin.reports, admin.collector)
     socks = [socket.socket(fileno=fd) for fd in http_fds]
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
     async def run():
         servers = [await loop.create_server(lambda: Session(admin), sock=s) for s in socks]
+        admin.api.start()
         proc.report_ready(ready_fd)
         await stop.wait()
         for srv in servers:
@@ -197,6 +229,7 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
     try:
         loop.run_until_complete(run())
     finally:
+        admin.api.close()
         receiver.close()
         bus.close_context(ctx)
         loop.close()

@@ -182,6 +182,13 @@ class Collector:
                 mf.add_metric(list(labels), buckets, total)
             yield mf
 
+    def host_rows(self) -> dict[str, list]:
+        """The host's and the processes' figures: name -> [(labels, value)] (status page)."""
+        out: dict[str, list] = {}
+        self._host(lambda name, labels, value: out.setdefault(name, []).append(
+            (tuple(labels), value)))
+        return out
+
     def _host(self, put) -> None:
         now = self.reports.clock()
         # Processes: every child that reported, the supervisor and this process.

@@ -20,6 +20,9 @@ from mta.store import start_of
 log = logging.getLogger("mta.spool")
 
 LIST_LIMIT_MAX = 1_000_000      # entries one SPOOL_QUEUE_LIST reply may carry
+CAMPAIGNS_MAX = 1000            # campaigns named in one summary; the rest count as "(other)"
+OTHER_CAMPAIGN = "(other)"
+NO_CAMPAIGN = "(none)"
 
 
 def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
@@ -30,19 +33,31 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
     (``next_start``: the earliest); ``blocked``: messages waiting for their
     domain's bulk cap (``delivery.max_in_flight_per_domain``);
     ``in_flight_transactional``: the jobs out in the transactional lane;
-    ``pools``: messages and pending recipients per egress pool.
+    ``pools``: messages and pending recipients per egress pool; ``campaigns``: the
+    same per ``campaign_id`` (``(none)`` without one; at most CAMPAIGNS_MAX named,
+    the rest under ``(other)``).
     """
     store = shard.store
     s = store.summary()
     pending = deferred = scheduled = scheduled_messages = 0
     domains: dict[str, list] = {}
     pools: dict[str, list] = {}      # pool -> [messages, pending recipients]
+    campaigns: dict[str, list] = {}  # campaign_id -> [messages, pending recipients]
     next_attempt = next_start = None
     now = time.time()
     for e in store.entries.values():
         p = pools.setdefault(e.meta.params.get("ip_pool", "default"), [0, 0])
         p[0] += 1
-        p[1] += e.state.count(sch.PENDING)
+        n_pending = e.state.count(sch.PENDING)
+        p[1] += n_pending
+        camp = e.meta.params.get("campaign_id") or NO_CAMPAIGN
+        c = campaigns.get(camp)
+        if c is None:
+            if len(campaigns) >= CAMPAIGNS_MAX:
+                camp = OTHER_CAMPAIGN
+            c = campaigns.setdefault(camp, [0, 0])
+        c[0] += 1
+        c[1] += n_pending
         start = start_of(e.meta)
         later = start > now
         counted = False
@@ -75,7 +90,9 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
              scheduled=scheduled, scheduled_messages=scheduled_messages, next_start=next_start,
              domains={k: {"recipients": v[0], "deferred": v[1], "next_attempt": v[2]}
                       for k, v in domains.items()},
-             pools={k: {"messages": v[0], "recipients": v[1]} for k, v in pools.items()})
+             pools={k: {"messages": v[0], "recipients": v[1]} for k, v in pools.items()},
+             campaigns={str(k): {"messages": v[0], "recipients": v[1]}
+                        for k, v in campaigns.items()})
     return bus.SpoolQueueSummaryReply(req, s)
 
 

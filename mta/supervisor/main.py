@@ -33,18 +33,28 @@ SIGHUP: RELOADING=1; validate the new file; if it is bad keep running and log
 why; if good, replace the acceptors one slot at a time — the new process
 accepts on the slot's socket before the old one stops, so no connection is
 refused — then READY=1.  Spool settings take effect at the next restart.
+SIGUSR2 (``mta upgrade``): stop the children as at SIGTERM but keep the
+listening sockets open (connections wait in the backlog), start ``mta serve``
+-- the installed version -- with them ($MTA_INHERIT_FDS), wait for its ready
+byte ($MTA_UPGRADE_READY_FD), send MAINPID= to systemd and exit 0; if it does
+not come up, start the children again and carry on (:meth:`Supervisor.upgrade`).
+At start ``run/drain`` (``mta drain``) is removed: a fresh start accepts mail
+(an upgrade keeps it).
 """
 from __future__ import annotations
 
 import dataclasses
 import errno
 import importlib
+import ipaddress
+import json
 import logging
 import os
 import resource
 import select
 import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -64,6 +74,9 @@ QUICK_DEATH = 10.0          # a child that dies younger than this doubles its ba
 FIRST_BACKOFF = 0.2         # seconds
 STOP_GRACE = 10.0           # seconds after the drain for a child to exit before SIGKILL
 LISTEN_BACKLOG = 4096
+DRAIN_FLAG = "drain"        # run/drain: the node is drained (written by the admin process)
+INHERIT_ENV = "MTA_INHERIT_FDS"          # upgrade: the listening sockets' fds, as JSON
+UPGRADE_READY_ENV = "MTA_UPGRADE_READY_FD"   # upgrade: the new supervisor writes b"R" here
 
 
 class StartupError(Exception):
@@ -97,8 +110,51 @@ class Slot:
         return self.socks + self.http_socks
 
 
+# Listening sockets handed over by the supervisor being upgraded (``mta upgrade``):
+# (address, port) -> sockets, taken by bind_listener before it binds anew.
+_inherited: dict[tuple[str, int], list[socket.socket]] = {}
+
+
+def _addr_key(host: str, port: int) -> tuple[str, int]:
+    try:
+        return ipaddress.ip_address(host).compressed, int(port)
+    except ValueError:
+        return host, int(port)
+
+
+def take_inherited(environ=os.environ) -> int:
+    """Adopt the sockets named in $MTA_INHERIT_FDS (JSON list of fds); how many."""
+    raw = environ.pop(INHERIT_ENV, None)
+    if not raw:
+        return 0
+    n = 0
+    for fd in json.loads(raw):
+        try:
+            sk = socket.socket(fileno=int(fd))
+            host, port = sk.getsockname()[:2]
+        except OSError as exc:
+            log.error("inherited fd %s is not a listening socket (%s); ignored", fd, exc)
+            continue
+        sk.setblocking(False)
+        _inherited.setdefault(_addr_key(host, port), []).append(sk)
+        n += 1
+    return n
+
+
+def close_unused_inherited() -> None:
+    for key, socks in _inherited.items():
+        for sk in socks:
+            log.warning("inherited socket for %s:%d not used by this configuration; closed",
+                        *key)
+            sk.close()
+    _inherited.clear()
+
+
 def bind_listener(host: str, port: int) -> socket.socket:
     """A listening TCP socket with SO_REUSEPORT, so several slots share the address."""
+    left = _inherited.get(_addr_key(host, port))
+    if left:
+        return left.pop(0)      # handed over by the previous supervisor: already listening
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -124,6 +180,9 @@ class Supervisor:
         self.signals: list[int] = []
         self.stopping = False
         self.outgoing: list[Slot] = []   # during a reload: slots being replaced or not yet used
+        # Upgrade: the pipe on which this supervisor tells the one it replaces it is ready.
+        fd = os.environ.pop(UPGRADE_READY_ENV, None)
+        self.upgrade_ready_fd = int(fd) if fd and fd.isdigit() else None
 
     # --------------------------------------------------------------- set-up
 
@@ -141,6 +200,14 @@ class Supervisor:
         with open(pidfile, "w") as fh:
             fh.write(f"{os.getpid()}\n")
         self.pidfile = pidfile
+        # A drain (mta drain) lasts until cancelled or the next start; an upgrade
+        # is not a new start: the supervisor it replaces was draining, so is this one.
+        if self.upgrade_ready_fd is None:
+            try:
+                os.unlink(os.path.join(s.run_dir, DRAIN_FLAG))
+                log.warning("a drain was in effect; this start accepts mail again")
+            except FileNotFoundError:
+                pass
 
     def _check_not_running(self, pidfile: str) -> None:
         try:
@@ -241,6 +308,8 @@ class Supervisor:
                 for c in self.children.values():
                     if c.ready_fd is not None:
                         os.close(c.ready_fd)
+                if self.upgrade_ready_fd is not None:
+                    os.close(self.upgrade_ready_fd)
                 mod_name, func = entry.split(":")
                 fn = getattr(importlib.import_module(mod_name), func)
                 if slot.socks or slot.http_socks:
@@ -342,13 +411,25 @@ class Supervisor:
                                                   svc.http_listen))
             else:
                 self.slots.update({(svc.role, i): Slot(svc.role, i, []) for i in range(svc.count)})
-        for role in (svc.role for svc in services):
-            started = [self.spawn(sl, s) for sl in self.slots.values() if sl.role == role]
-            if not self.wait_ready(started, s.config.server.ready_timeout):
-                raise StartupError(f"a {role} process failed to start; see the log above")
+        close_unused_inherited()
+        self.start_children()
         status = self.status_line()
         log.info("ready: %s", status)
         notify.ready(status)
+        if self.upgrade_ready_fd is not None:     # tell the supervisor we replace
+            try:
+                os.write(self.upgrade_ready_fd, b"R")
+            except OSError:
+                pass
+            os.close(self.upgrade_ready_fd)
+            self.upgrade_ready_fd = None
+
+    def start_children(self) -> None:
+        s = self.settings
+        for role in (svc.role for svc in table(s)):
+            started = [self.spawn(sl, s) for sl in self.slots.values() if sl.role == role]
+            if not self.wait_ready(started, s.config.server.ready_timeout):
+                raise StartupError(f"a {role} process failed to start; see the log above")
 
     def status_line(self) -> str:
         s = self.settings
@@ -366,7 +447,8 @@ class Supervisor:
     def run(self) -> int:
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wfd)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                    signal.SIGUSR2):
             signal.signal(sig, self.on_signal)
         self.start()
         while True:
@@ -383,6 +465,8 @@ class Supervisor:
             if signal.SIGTERM in sigs or signal.SIGINT in sigs:
                 return self.shutdown()
             self.reap()
+            if signal.SIGUSR2 in sigs and self.upgrade():
+                return 0
             if signal.SIGHUP in sigs:
                 self.reload()
             self.restart_due()
@@ -391,13 +475,23 @@ class Supervisor:
         log.info("stopping")
         notify.stopping()
         self.stopping = True
-        cfg = self.settings.config
         # Close our copies of the listening sockets first: once the acceptors
         # close theirs, new connections are refused at once instead of
         # waiting in a backlog that nobody will accept from.
         for sl in self.slots.values():
             for sk in sl.all_socks():
                 sk.close()
+        self._stop_children()
+        try:
+            os.unlink(self.pidfile)
+        except OSError:
+            pass
+        log.info("stopped")
+        return 0
+
+    def _stop_children(self) -> None:
+        """Stop every child, role by role in reverse table order (acceptors first)."""
+        cfg = self.settings.config
         grace = cfg.server.shutdown_timeout + cfg.smtp.spool_timeout
         for svc in reversed(table(self.settings)):
             victims = [c for c in self.children.values() if c.role == svc.role]
@@ -405,12 +499,87 @@ class Supervisor:
                 c.retired = True
                 self._kill(c.pid, signal.SIGTERM)
             self._wait_gone(victims, grace + STOP_GRACE)
+
+    # --------------------------------------------------------------- upgrade
+
+    def upgrade(self) -> bool:
+        """SIGUSR2 (``mta upgrade``): hand the listening sockets to a new supervisor.
+
+        The children stop as at SIGTERM (acceptors finish their sessions, delivery
+        its transactions, the spool records the last outcomes) while this process
+        keeps the listening sockets open, so new connections wait in their
+        backlogs instead of being refused.  Then ``mta serve`` -- the installed
+        version -- starts with the sockets (their fds in $MTA_INHERIT_FDS) and
+        says on a pipe when it is ready; this supervisor then exits 0.  If the
+        new one fails or is not ready in time, this one starts its children
+        again on the same sockets and keeps running.  True: exit now.
+        """
+        cfg = self.settings.config
+        log.info("upgrade: stopping the children; the listening sockets stay open")
+        notify.reloading()
+        self.stopping = True
+        self._stop_children()
+        socks = [sk for sl in self.slots.values() for sk in sl.all_socks()]
+        fds = [sk.fileno() for sk in socks]
+        rfd, wfd = os.pipe()
+        argv = [sys.executable, "-m", "mta", "serve"]
+        if self.config_path:
+            argv += ["-c", self.config_path]
+        env = {**os.environ, INHERIT_ENV: json.dumps(fds), UPGRADE_READY_ENV: str(wfd)}
         try:
-            os.unlink(self.pidfile)
+            os.unlink(self.pidfile)     # the new supervisor writes its own
         except OSError:
             pass
-        log.info("stopped")
-        return 0
+        new = None
+        try:
+            new = subprocess.Popen(argv, env=env, pass_fds=[*fds, wfd], close_fds=True)
+        except OSError as exc:
+            log.error("upgrade: cannot start %s: %s", argv[0], exc)
+        os.close(wfd)
+        ok = False
+        if new is not None:
+            # Every role may take its ready_timeout; the spool rebuilds its queue.
+            timeout = (len(table(self.settings)) + 1) * cfg.server.ready_timeout
+            ok = self._await_byte(rfd, timeout) == b"R"
+        os.close(rfd)
+        if ok:
+            log.info("upgrade: supervisor pid %d took over; exiting", new.pid)
+            notify.notify(f"MAINPID={new.pid}", f"STATUS=upgraded: supervisor pid {new.pid}")
+            for sk in socks:
+                sk.close()
+            return True
+        log.error("upgrade failed: the new supervisor did not become ready; starting this "
+                  "one's children again")
+        if new is not None and new.poll() is None:
+            new.terminate()
+            try:
+                new.wait(cfg.server.shutdown_timeout + STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                new.kill()
+                new.wait()
+        with open(self.pidfile, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        self.stopping = False
+        try:
+            self.start_children()
+        except StartupError as exc:
+            log.error("cannot start the children again: %s", exc)
+            return self.shutdown() == 0
+        notify.ready(f"upgrade failed; {self.status_line()}")
+        return False
+
+    def _await_byte(self, fd: int, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return b""
+            try:
+                r, _, _ = select.select([fd], [], [], min(left, TICK))
+            except InterruptedError:
+                continue
+            if r:
+                return os.read(fd, 1)
 
     def _kill(self, pid: int, sig: int) -> None:
         try:
@@ -554,6 +723,9 @@ def serve(config_path: str | None) -> int:
         return 78  # EX_CONFIG
     proc.setup_logging(settings.config.server.log_level, "supervisor")
     setproctitle.setproctitle("mta: supervisor")
+    inherited = take_inherited()
+    if inherited:
+        log.info("upgrade: took over %d listening socket(s)", inherited)
     sup = Supervisor(settings, config_path)
     try:
         sup.prepare()

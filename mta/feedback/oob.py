@@ -1,0 +1,155 @@
+"""Out-of-band bounces and spam complaints: a parsed report -> events and suppression entries.
+
+Leaf library (pure functions; no I/O): the acceptor parses a report sent to a
+bounce domain (:mod:`mta.feedback.reports`), finds the events of the original
+message (``find``: a lookup in the events store by the Message-ID header the
+report returned, or by the queue id a VERP return path carries), and calls
+:func:`report_events`.  What comes back is
+
+- one ``out_of_band`` event per *failed* recipient of a DSN, or one
+  ``spam_complaint`` event per complaining recipient of an ARF report, each a
+  flat SparkPost message event that repeats the original message's fields
+  (message_id, transmission_id, campaign_id, rcpt_meta, rcpt_tags, ip_pool,
+  sending_ip, msg_from, subject, ...), so consumers see it as theirs; and
+- the suppression entries the report calls for: an out-of-band bounce whose
+  class is hard Invalid Recipient (10) adds the address (``Bounce Rule``,
+  non-transactional), a complaint adds it (``Spam Complaint``,
+  non-transactional), as SparkPost's automatic sources do.
+
+A report whose original message cannot be found still gives its events (with
+the fields the report itself carries), marked ``"matched": "0"``; the
+operator can see such reports rather than lose them.
+
+``event_id`` is left to the events process, which numbers each event by its
+durable position in the spool (as for every other event).
+"""
+from __future__ import annotations
+
+import time
+
+from mta.feedback.reports import ARF, DSN, Report, status_code
+
+# Fields of the original message an out-of-band event repeats (SparkPost's oob/spm
+# columns in sparkpost-feedback.md section 2, plus our own ids).
+CARRIED = ("message_id", "transmission_id", "campaign_id", "template_id", "rcpt_meta",
+           "rcpt_tags", "friendly_from", "msg_from", "subject", "msg_size", "ip_pool",
+           "sending_ip", "injection_time", "transactional", "recv_method", "queue_id",
+           "message_id_header", "routing_domain", "recipient_domain", "egress_source", "site")
+HARD_INVALID = "10"
+SPAM_SOURCE = "Spam Complaint"
+BOUNCE_SOURCE = "Bounce Rule"
+VERP_SEPARATOR = "+"
+
+
+def verp_queue_id(return_path: str) -> str:
+    """The queue id a VERP return path carries (``bounces+<qid>@...``), or ``""``.
+
+    Our queue ids are hexadecimal; anything else after the separator is not ours.
+    """
+    local = return_path.rpartition("@")[0]
+    tag = local.rpartition(VERP_SEPARATOR)[2] if VERP_SEPARATOR in local else ""
+    try:
+        int(tag, 16)
+    except ValueError:
+        return ""
+    return tag.lower()
+
+
+def _original_for(originals: list[dict], rcpt: str) -> dict | None:
+    """The original message's event for recipient *rcpt* (else any of that message)."""
+    want = rcpt.lower()
+    best = None
+    for ev in originals:
+        if ev.get("rcpt_to", "").lower() == want:
+            if ev.get("type") == "delivery":
+                return ev
+            best = best or ev
+    return best or (originals[0] if originals and not want else None)
+
+
+def _base(kind: str, now: float, original: dict | None, rcpt: str, report: Report) -> dict:
+    ev = {k: original[k] for k in CARRIED if original and k in original}
+    ev.update({
+        "type": kind,
+        "timestamp": str(int(now)),
+        "event_time": "%.3f" % now,
+        "rcpt_to": rcpt.lower(),
+        "raw_rcpt_to": rcpt,
+        "recipient_domain": rcpt.rpartition("@")[2].lower(),
+        "matched": "1" if original else "0",
+    })
+    ev.setdefault("routing_domain", ev["recipient_domain"])
+    ev.setdefault("rcpt_meta", {})
+    ev.setdefault("rcpt_tags", [])
+    if not original:
+        if report.message_id:
+            ev["message_id_header"] = report.message_id
+        if report.subject:
+            ev["subject"] = report.subject
+        if report.original_mail_from:
+            ev["msg_from"] = report.original_mail_from
+    if report.header_from and "friendly_from" not in ev:
+        ev["friendly_from"] = report.header_from
+    if original and "timestamp" in original and "injection_time" in ev:
+        try:
+            first = float(original.get("event_time") or original["timestamp"])
+            ev["queue_time"] = str(max(0, int(round((now - first) * 1000))))
+        except (TypeError, ValueError):
+            pass
+    return ev
+
+
+def report_events(report: Report, originals: list[dict], classifier,
+                  now: float | None = None) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    """(events, suppression entries) for *report*.
+
+    *originals*: the events stored for the original message (any order; empty
+    when it was not found).  *classifier*: :class:`mta.feedback.classify.Classifier`.
+    Suppression entries are ``(address, source, description)``, all non-transactional.
+    """
+    now = time.time() if now is None else now
+    events: list[dict] = []
+    suppress: list[tuple[str, str, str]] = []
+    if report.kind == DSN:
+        for r in report.recipients:
+            if not r.failed:
+                continue        # delayed / delivered / relayed notices are not bounces
+            rcpt = r.original_recipient or r.final_recipient
+            original = _original_for(originals, rcpt) if rcpt else None
+            if not rcpt and original:
+                rcpt = original.get("raw_rcpt_to", "")
+            code, enhanced, text = status_code(r)
+            cls, rule = classifier.classify(code, enhanced, text)
+            # The diagnostic usually is the receiver's reply already ("550 5.1.1 ...").
+            raw = text if text[:3].isdigit() else " ".join(
+                x for x in (str(code), enhanced, text) if x)
+            ev = _base("out_of_band", now, original, rcpt, report)
+            ev.update({"bounce_class": str(cls), "bounce_rule": rule, "error_code": str(code),
+                       "raw_reason": raw, "reason": raw[:200],
+                       "delv_method": "esmtp"})
+            if report.reporting_mta:
+                ev["report_by"] = report.reporting_mta
+            if r.remote_mta:
+                ev["remote_host"] = r.remote_mta
+            events.append(ev)
+            if str(cls) == HARD_INVALID and rcpt:
+                suppress.append((rcpt, BOUNCE_SOURCE, f"{code}: {raw}"[:1000]))
+    elif report.kind == ARF:
+        rcpts = report.original_rcpt_to or ([report.header_to] if report.header_to else [])
+        if not rcpts and originals:
+            rcpts = [originals[0].get("raw_rcpt_to", "")]
+        for rcpt in rcpts:
+            original = _original_for(originals, rcpt) if rcpt else None
+            ev = _base("spam_complaint", now, original, rcpt, report)
+            ev.update({"fbtype": report.feedback_type or "abuse",
+                       "report_by": report.report_from or report.reported_domain,
+                       "report_to": report.report_to,
+                       "delv_method": "esmtp"})
+            if report.user_agent:
+                ev["user_str"] = report.user_agent
+            events.append(ev)
+            if rcpt:
+                suppress.append((rcpt, SPAM_SOURCE,
+                                 f"{report.feedback_type or 'abuse'} report from "
+                                 f"{report.report_from or report.reported_domain or 'unknown'}"))
+    return events, suppress

@@ -1,0 +1,151 @@
+"""The node's queue as the operator sees it: spool shard summaries and delivery status merged.
+
+A library (no role imports): the admin process serves it as ``GET /api/admin/queue``
+and the status page draws it; the command line reads it from there.
+
+Sources of the figures:
+
+- each spool shard's answer to SPOOL_QUEUE_SUMMARY (:func:`mta.spool.queries.summary`):
+  messages, recipients pending and deferred, per recipient domain, per pool and per
+  campaign;
+- the delivery processes' status files ``<run>/delivery-<d>.status.json`` (written about
+  once a second): sites (their domains and hosts), sources (suspended and why) and the
+  (source x site) lanes with the jobs waiting in them.
+
+A message has no site or source until a delivery process has it in a lane, so the
+``by_site`` and ``by_source`` figures count jobs waiting in delivery, while
+``by_domain``, ``by_pool`` and ``by_campaign`` count what the spool holds.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+STATUS_FRESH = 10.0     # seconds: an older delivery status file is a process that is gone
+
+
+def delivery_status(run_dir: str, now: float | None = None) -> dict:
+    """Sources, sites and (source x site) lanes summed over the delivery processes."""
+    sources: dict = {}
+    sites: dict = {}
+    lanes: dict = {}
+    processes = 0
+    now = time.time() if now is None else now
+    for path in sorted(glob.glob(os.path.join(run_dir, "delivery-*.status.json"))):
+        try:
+            with open(path, "rb") as fh:
+                st = json.loads(fh.read())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(st, dict) or now - st.get("time", 0) > STATUS_FRESH:
+            continue
+        processes += 1
+        for name, src in st.get("sources", {}).items():
+            cur = sources.setdefault(name, {"address": src.get("address"),
+                                            "proxy": src.get("proxy"),
+                                            "suspended_until": 0.0, "reason": "",
+                                            "connections": 0, "rate": 0.0, "queued": 0})
+            if src.get("suspended_until", 0) > cur["suspended_until"]:
+                cur["suspended_until"] = src["suspended_until"]
+                cur["reason"] = src.get("reason", "")
+        for name, site in st.get("sites", {}).items():
+            cur = sites.setdefault(name, {"domains": set(), "hosts": site.get("hosts", []),
+                                          "queued": 0, "connections": 0, "rate": 0.0})
+            cur["domains"].update(site.get("domains", []))
+        for ln in st.get("lanes", []):
+            key = (ln["source"], ln["site"])
+            cur = lanes.setdefault(key, {"source": ln["source"], "site": ln["site"],
+                                         "queued": 0, "transactional": 0, "connections": 0,
+                                         "node_connections": 0, "rate": 0.0,
+                                         "connection_limit": ln.get("connection_limit"),
+                                         "max_message_rate": ln.get("max_message_rate")})
+            for k in ("queued", "transactional", "connections", "rate"):
+                cur[k] += ln.get(k, 0)
+            cur["node_connections"] = max(cur["node_connections"],
+                                          ln.get("node_connections", 0))
+    for ln in lanes.values():
+        if ln["source"] in sources:
+            for k in ("connections", "rate", "queued"):
+                sources[ln["source"]][k] += ln[k]
+        if ln["site"] in sites:
+            for k in ("connections", "rate", "queued"):
+                sites[ln["site"]][k] += ln[k]
+    for site in sites.values():
+        site["domains"] = sorted(site["domains"])
+    return {"processes": processes, "sources": sources, "sites": sites,
+            "lanes": sorted(lanes.values(), key=lambda x: (x["site"], x["source"]))}
+
+
+def _min(values):
+    return min((v for v in values if v is not None), default=None)
+
+
+def merge(shards: list[dict], delivery: dict) -> dict:
+    """One view of the node's queue from the shards' summaries and :func:`delivery_status`."""
+    total = {
+        "messages": sum(x.get("messages", 0) for x in shards),
+        "recipients": sum(x.get("recipients", 0) for x in shards),
+        "pending": sum(x.get("pending", 0) for x in shards),
+        "deferred": sum(x.get("deferred", 0) for x in shards),
+        "bytes": sum(x.get("bytes", 0) for x in shards),
+        "in_flight": sum(x.get("in_flight", 0) for x in shards),
+        "scheduled": sum(x.get("scheduled", 0) for x in shards),
+        "oldest_arrival": _min(x.get("oldest_arrival") for x in shards),
+        "next_attempt": _min(x.get("next_attempt") for x in shards),
+    }
+    by_domain: dict[str, dict] = {}
+    by_pool: dict[str, dict] = {}
+    by_campaign: dict[str, dict] = {}
+    for x in shards:
+        for d, v in x.get("domains", {}).items():
+            t = by_domain.setdefault(d, {"recipients": 0, "deferred": 0, "next_attempt": None})
+            t["recipients"] += v["recipients"]
+            t["deferred"] += v["deferred"]
+            t["next_attempt"] = _min((t["next_attempt"], v.get("next_attempt")))
+        for name, v in x.get("pools", {}).items():
+            t = by_pool.setdefault(name, {"messages": 0, "recipients": 0})
+            t["messages"] += v["messages"]
+            t["recipients"] += v["recipients"]
+        for name, v in x.get("campaigns", {}).items():
+            t = by_campaign.setdefault(name, {"messages": 0, "recipients": 0})
+            t["messages"] += v["messages"]
+            t["recipients"] += v["recipients"]
+    by_site = {name: {"domains": s["domains"], "hosts": s["hosts"], "queued": s["queued"],
+                      "connections": s["connections"], "rate": s["rate"]}
+               for name, s in delivery.get("sites", {}).items()}
+    by_source = {name: {"address": s["address"], "queued": s["queued"],
+                        "connections": s["connections"], "rate": s["rate"],
+                        "suspended": s["suspended_until"] > time.time(),
+                        "suspended_until": s["suspended_until"] or None,
+                        "reason": s["reason"]}
+                 for name, s in delivery.get("sources", {}).items()}
+    return {"total": total,
+            "shards": [{k: v for k, v in x.items() if k not in ("domains", "campaigns")}
+                       for x in shards],
+            "by_domain": by_domain, "by_site": by_site, "by_pool": by_pool,
+            "by_source": by_source, "by_campaign": by_campaign,
+            "lanes": delivery.get("lanes", []),
+            "delivery_processes": delivery.get("processes", 0)}
+
+
+def recipients_view(entry: dict, now: float | None = None) -> dict:
+    """A message as ``GET /api/admin/messages/QID`` shows it, from a SPOOL_MESSAGE_SHOW entry."""
+    now = time.time() if now is None else now
+    params = entry.get("params") or {}
+    rcpts = []
+    for i, addr in enumerate(entry.get("recipients", [])):
+        state = entry["state"][i]
+        attempts = entry["attempts"][i]
+        due = entry["due"][i] if state == "pending" else None
+        rcpts.append({"address": addr, "state": state, "attempts": attempts,
+                      "next_attempt": due,
+                      "due_in_seconds": None if due is None else round(max(0.0, due - now), 3)})
+    pending = [r["next_attempt"] for r in rcpts if r["next_attempt"] is not None]
+    return {"queue_id": entry.get("qid"), "sender": entry.get("sender"),
+            "arrival_time": entry.get("arrival"), "message_size": entry.get("size"),
+            "client": entry.get("client"),
+            "campaign_id": params.get("campaign_id"), "ip_pool": params.get("ip_pool"),
+            "params": params, "recipients": rcpts,
+            "next_attempt": min(pending, default=None)}

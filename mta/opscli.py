@@ -1,0 +1,357 @@
+"""The operator's commands on top of the admin API (``mta status``, ``drain``, ``upgrade``, ...).
+
+Registered on the ``mta`` command group by :mod:`mta.cli` (:func:`register`); kept
+apart from it so the commands that ask the spool directly stay as they were.
+
+    mta status [--json]                     the node at a glance (GET /api/admin/status)
+    mta queue summary [--by KEY] [--json]   queue by domain, site, pool, source or campaign
+    mta inspect QID [--json]                one message (also ``mta queue inspect``)
+    mta drain [--cancel] [--no-wait]        stop accepting, report what remains until zero
+    mta upgrade                             start the installed version on the same sockets
+
+They find the admin listener at the first ``[admin] listen`` address (a
+wildcard address is asked on loopback) and send ``MTA_ADMIN_TOKEN``, else the
+first of ``[admin] tokens``, as the bearer token.  Exit status as :mod:`mta.cli`:
+69 when the daemon does not answer, 1 for an error it reported.
+"""
+from __future__ import annotations
+
+import datetime
+import http.client
+import json
+import os
+import signal
+import sys
+import time
+
+import click
+
+EX_UNAVAILABLE = 69
+EX_CONFIG = 78
+BY_KEYS = ("domain", "site", "pool", "source", "campaign")
+
+
+class AdminClient:
+    def __init__(self, settings, timeout: float = 30.0):
+        if not settings.admin_listen:
+            raise click.ClickException("the admin listener is off ([admin] enabled = false)")
+        host, port = settings.admin_listen[0]
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        self.host, self.port = host, port
+        cfg = settings.config.admin
+        self.token = os.environ.get("MTA_ADMIN_TOKEN") or (cfg.tokens[0] if cfg.tokens else None)
+        self.timeout = timeout
+
+    def call(self, method: str, path: str) -> tuple[int, dict]:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request(method, path, headers=headers)
+            r = conn.getresponse()
+            data = r.read()
+        except OSError as exc:
+            click.echo(f"mta: the admin listener at {self.host}:{self.port} is not answering "
+                       f"({exc}); is 'mta serve' running?", err=True)
+            sys.exit(EX_UNAVAILABLE)
+        finally:
+            conn.close()
+        try:
+            body = json.loads(data) if data else {}
+        except ValueError:
+            body = {"errors": [{"message": data[:200].decode("latin-1")}]}
+        return r.status, body
+
+    def ok(self, method: str, path: str, allow=(200,)) -> dict:
+        status, body = self.call(method, path)
+        if status not in allow:
+            msg = "; ".join(e.get("message", "") for e in body.get("errors", [])) or str(body)
+            click.echo(f"mta: {method} {path}: HTTP {status}: {msg}", err=True)
+            sys.exit(EX_UNAVAILABLE if status == 503 else 1)
+        return body
+
+
+def _settings(config_path):
+    from mta import config as mconfig
+
+    try:
+        return mconfig.load(config_path)
+    except mconfig.ConfigError as exc:
+        click.echo(f"mta: configuration error: {exc}", err=True)
+        sys.exit(EX_CONFIG)
+
+
+def _client(config_path) -> AdminClient:
+    return AdminClient(_settings(config_path))
+
+
+def _config(ctx, config_path):
+    """-c given to this command, else to the ``mta queue`` group it runs under."""
+    return config_path or (ctx.obj if isinstance(ctx.obj, str) else None)
+
+
+def _when(ts) -> str:
+    if ts is None:
+        return "-"
+    secs = int(ts - time.time())
+    return "now" if secs <= 0 else f"in {datetime.timedelta(seconds=secs)}"
+
+
+def _rows(rows) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+
+
+config_option = click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False), envvar="MTA_CONFIG",
+    default=None, help="TOML configuration file (default: built-in defaults; env MTA_CONFIG)")
+json_option = click.option("--json", "as_json", is_flag=True, help="one JSON object for machines")
+
+
+@click.command("status")
+@config_option
+@json_option
+def status_cmd(config_path, as_json):
+    """The node at a glance: rates, latency, queue, suspensions, processes, disk, TCP."""
+    d = _client(config_path).ok("GET", "/api/admin/status")
+    if as_json:
+        click.echo(json.dumps(d))
+        return
+    state = "draining" if d["draining"] else ("ok" if d["ok"] else "DEGRADED")
+    r, t = d["rates"], d["totals"]
+    click.echo(f"state: {state}")
+    click.echo(f"rates: injection {r['injection_per_second']:g}/s, delivery "
+               f"{r['delivery_per_second']:g}/s (last {r['window_seconds']:g}s)")
+    click.echo(f"totals: accepted {t['accepted_messages']:g}, delivered {t['delivered']:g}, "
+               f"deferred {t['deferred']:g}, failed {t['failed']:g}")
+    if d["queue"]:
+        q = d["queue"]["total"]
+        click.echo(f"queue: {q['messages']} message(s), {q['recipients']} recipient(s), "
+                   f"{q['deferred']} deferred, {q['in_flight']} in flight")
+    elif d.get("queue_error"):
+        click.echo(f"queue: unknown ({d['queue_error']})")
+    rows = [("LATENCY", "COUNT", "P50", "P90", "P99")]
+    for k, v in d["latency_seconds"].items():
+        rows.append((k, v["count"], *(("-" if v[p] is None else f"{v[p] * 1000:g}ms")
+                                      for p in ("p50", "p90", "p99"))))
+    _rows(rows)
+    for s in d["suspensions"]:
+        click.echo(f"suspended: {s['source']} until {_when(s['until'])}: {s['reason']}")
+    rows = [("PROCESS", "PID", "STATE", "CPU S", "RSS")]
+    for p in d["processes"]:
+        rows.append((f"{p['role']}[{p['index']}]", p["pid"] or "-", "up" if p["up"] else "DOWN",
+                     "-" if p["cpu_seconds"] is None else f"{p['cpu_seconds']:.2f}",
+                     "-" if p["memory_bytes"] is None else f"{p['memory_bytes'] // 1024}K"))
+    _rows(rows)
+
+
+@click.command("summary")
+@config_option
+@json_option
+@click.option("--by", "by", type=click.Choice(BY_KEYS), multiple=True,
+              help="group by this (repeatable); default: all of them")
+@click.pass_context
+def summary_cmd(ctx, config_path, as_json, by):
+    """Queue summary by domain, site, pool, source and campaign (from the admin API)."""
+    d = _client(_config(ctx, config_path)).ok("GET", "/api/admin/queue")
+    if as_json:
+        click.echo(json.dumps(d))
+        return
+    t = d["total"]
+    click.echo(f"total: {t['messages']} message(s), {t['recipients']} recipient(s), "
+               f"{t['pending']} pending, {t['deferred']} deferred, {t['in_flight']} in flight, "
+               f"{t['bytes']} bytes; next retry {_when(t['next_attempt'])}")
+    for key in by or BY_KEYS:
+        groups = d[f"by_{key}"]
+        if not groups:
+            continue
+        click.echo("")
+        first = next(iter(groups.values()))
+        cols = [c for c in ("messages", "recipients", "deferred", "queued", "connections",
+                            "rate") if c in first]
+        rows = [(key.upper(), *(c.upper() for c in cols))]
+        for name, g in sorted(groups.items(), key=lambda kv: -kv[1].get(cols[0], 0)):
+            rows.append((name, *(g[c] if not isinstance(g[c], float) else f"{g[c]:.1f}"
+                                 for c in cols)))
+        _rows(rows)
+
+
+@click.command("inspect")
+@config_option
+@json_option
+@click.argument("qid")
+@click.pass_context
+def inspect_cmd(ctx, config_path, as_json, qid):
+    """One queued message: envelope, recipients' states, attempts, next attempt."""
+    cl = _client(_config(ctx, config_path))
+    status, d = cl.call("GET", f"/api/admin/messages/{qid}")
+    if status != 200:
+        msg = "; ".join(e.get("message", "") for e in d.get("errors", []))
+        click.echo(f"mta: {msg or status}", err=True)
+        sys.exit(EX_UNAVAILABLE if status == 503 else 1)
+    if as_json:
+        click.echo(json.dumps(d))
+        return
+    arrival = datetime.datetime.fromtimestamp(d["arrival_time"]).isoformat()
+    click.echo(f"queue_id: {d['queue_id']}\nsender: <{d['sender']}>\narrival: {arrival}\n"
+               f"size: {d['message_size']}\ncampaign_id: {d['campaign_id'] or '-'}\n"
+               f"ip_pool: {d['ip_pool'] or '-'}\nnext attempt: {_when(d['next_attempt'])}")
+    for r in d["recipients"]:
+        nxt = f", next attempt {_when(r['next_attempt'])}" if r["next_attempt"] else ""
+        click.echo(f"recipient: <{r['address']}> {r['state']}, {r['attempts']} attempt(s){nxt}")
+
+
+@click.command("drain")
+@config_option
+@json_option
+@click.option("--cancel", is_flag=True, help="accept mail again")
+@click.option("--no-wait", is_flag=True, help="start the drain and return at once")
+@click.option("--timeout", type=click.FloatRange(0), default=0.0,
+              help="give up waiting after this many seconds (exit 1); 0: wait until empty")
+@click.option("--interval", type=click.FloatRange(0.1, 60), default=1.0, show_default=True,
+              help="seconds between two progress reports")
+def drain_cmd(config_path, as_json, cancel, no_wait, timeout, interval):
+    """Stop accepting mail on this node (SMTP 421, HTTP 503), keep delivering, and report
+    what remains until the queue is empty."""
+    cl = _client(config_path)
+    if cancel:
+        d = cl.ok("DELETE", "/api/admin/drain")
+        click.echo(json.dumps(d) if as_json else
+                   f"drain cancelled: accepting mail; {d['remaining']['messages']} "
+                   "message(s) queued")
+        return
+    d = cl.ok("POST", "/api/admin/drain")
+    if no_wait:
+        click.echo(json.dumps(d) if as_json else
+                   f"draining: {d['remaining']['messages']} message(s) remain")
+        return
+    deadline = time.monotonic() + timeout if timeout else None
+    tty = sys.stdout.isatty() and not as_json
+    if tty:
+        d = _drain_bar(cl, d, deadline, interval)
+    else:
+        d = _drain_lines(cl, d, deadline, interval, as_json)
+    if not d["draining"]:
+        click.echo("mta: the drain was cancelled", err=True)
+        sys.exit(1)
+    if not d["done"]:
+        click.echo(f"mta: {d['remaining']['messages']} message(s) remain after {timeout:g}s",
+                   err=True)
+        sys.exit(1)
+    if not as_json:
+        click.echo("drained: the queue is empty; the node accepts no mail until "
+                   "'mta drain --cancel' or a restart")
+
+
+def _drain_lines(cl, d, deadline, interval, as_json):
+    start, first = time.monotonic(), d["remaining"]["messages"]
+    while True:
+        r = d["remaining"]
+        if as_json:
+            click.echo(json.dumps(d))
+        else:
+            gone = first - r["messages"]
+            rate = gone / (time.monotonic() - start) if time.monotonic() > start else 0.0
+            click.echo(f"remaining: {r['messages']} message(s), {r['recipients']} "
+                       f"recipient(s), {r['in_flight']} in flight ({rate:.1f} msg/s)",
+                       nl=True)
+        sys.stdout.flush()
+        if d["done"] or not d["draining"] or (deadline and time.monotonic() >= deadline):
+            return d
+        time.sleep(interval)
+        d = cl.ok("GET", "/api/admin/drain")
+
+
+def _drain_bar(cl, d, deadline, interval):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+
+    first = max(d["remaining"]["messages"], 1)
+    with Progress(TextColumn("draining"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]:.1f} msg/s, {task.fields[left]} left"),
+                  TimeElapsedColumn()) as bar:
+        task = bar.add_task("drain", total=first, rate=0.0, left=d["remaining"]["messages"])
+        start = time.monotonic()
+        while True:
+            left = d["remaining"]["messages"]
+            if left > first:            # more came in before the drain took hold
+                first = left
+                bar.update(task, total=first)
+            done = first - left
+            rate = done / max(time.monotonic() - start, 1e-3)
+            bar.update(task, completed=done, rate=rate, left=left)
+            if d["done"] or not d["draining"] or (deadline and time.monotonic() >= deadline):
+                return d
+            time.sleep(interval)
+            d = cl.ok("GET", "/api/admin/drain")
+
+
+@click.command("upgrade")
+@config_option
+@click.option("--timeout", type=click.FloatRange(1), default=120.0, show_default=True,
+              help="seconds to wait for the new supervisor")
+def upgrade_cmd(config_path, timeout):
+    """Start the installed version's supervisor on the running daemon's listening sockets.
+
+    Sends SIGUSR2 to the running supervisor (run/mta.pid): it stops accepting,
+    finishes what is in flight, stops its children, starts ``mta serve`` with
+    the listening sockets (connections wait in their backlog, none is refused),
+    and exits.  Waits until the new supervisor's pid is in run/mta.pid.
+    """
+    s = _settings(config_path)
+    pidfile = os.path.join(s.run_dir, "mta.pid")
+    old = _read_pid(pidfile)
+    if not old:
+        click.echo(f"mta: no running daemon ({pidfile} is missing)", err=True)
+        sys.exit(EX_UNAVAILABLE)
+    try:
+        os.kill(old, signal.SIGUSR2)
+    except ProcessLookupError:
+        click.echo(f"mta: the daemon (pid {old}) is not running", err=True)
+        sys.exit(EX_UNAVAILABLE)
+    click.echo(f"upgrade asked of supervisor pid {old}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = _read_pid(pidfile)
+        if new and new != old and _alive(new) and not _alive(old):
+            click.echo(f"upgraded: supervisor pid {new}")
+            return
+        time.sleep(0.2)
+    click.echo(f"mta: no new supervisor after {timeout:g}s; see the daemon's log", err=True)
+    sys.exit(1)
+
+
+def _read_pid(path: str) -> int:
+    try:
+        with open(path) as fh:
+            return int(fh.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:        # a zombie (exited, not yet reaped) is not running
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def register(main, queue) -> None:
+    """Add these commands to the ``mta`` group (*main*) and its ``queue`` group."""
+    main.add_command(status_cmd)
+    main.add_command(inspect_cmd)
+    main.add_command(drain_cmd)
+    main.add_command(upgrade_cmd)
+    queue.add_command(summary_cmd)
+    queue.add_command(inspect_cmd)

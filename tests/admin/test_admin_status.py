@@ -1,0 +1,151 @@
+"""The admin process's pure parts: percentiles, rates, the queue view, routes and the drain flag."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import types
+
+import pytest
+
+from mta import config as mconfig
+from mta.admin import api as admin_api
+from mta.admin import status as st
+from mta.obs import queue as q
+
+
+def test_percentile_is_the_upper_bound_of_the_bucket_holding_it():
+    bounds = (0.001, 0.01, 0.1, 1.0)
+    assert st.percentile(bounds, [0, 0, 0, 0, 0], 0.5) is None
+    # 10 observations: 5 <= 1 ms, 4 <= 10 ms, 1 <= 1 s.
+    counts = [5, 4, 0, 1, 0]
+    assert st.percentile(bounds, counts, 0.5) == 0.001
+    assert st.percentile(bounds, counts, 0.9) == 0.01
+    assert st.percentile(bounds, counts, 0.99) == 1.0
+    # Above every bound: the last finite one (it is at least that).
+    assert st.percentile(bounds, [0, 0, 0, 0, 3], 0.5) == 1.0
+
+
+def test_rates_come_from_samples_a_window_apart():
+    now = [1000.0]
+    h = st.History(points=5, clock=lambda: now[0])
+    assert h.rate("accepted_messages") == 0.0
+    for i in range(8):                  # one sample a second, 10 more messages each
+        h.add({"accepted_messages": 10 * i, "delivered": 5 * i, "queue_messages": i})
+        now[0] += 1.0
+    assert len(h.samples) == 5          # bounded
+    assert h.rate("accepted_messages", window=2.0) == 10.0
+    assert h.rate("delivered", window=100.0) == 5.0      # the oldest sample kept
+    s = h.series()
+    assert s["injection_rate"] == [10.0] * 4 and s["delivery_rate"] == [5.0] * 4
+    assert s["queue_messages"] == [4, 5, 6, 7]
+    # A counter that went down (a reset) never gives a negative rate.
+    h.add({"accepted_messages": 0, "delivered": 0, "queue_messages": 0})
+    assert h.rate("accepted_messages", window=1.0) == 0.0
+
+
+def test_totals_sum_the_series():
+    counters = {("mta_smtp_messages_accepted_total", ()): 3,
+                ("mta_http_messages_accepted_total", ()): 4,
+                ("mta_delivery_outcomes_total", ("delivered",)): 6,
+                ("mta_delivery_outcomes_total", ("deferred",)): 2}
+    gauges = {("mta_spool_queue_messages", ("0",)): 1, ("mta_spool_queue_messages", ("1",)): 2}
+    t = st.totals(counters, gauges)
+    assert (t["accepted_messages"], t["delivered"], t["deferred"], t["failed"],
+            t["queue_messages"]) == (7, 6, 2, 0, 3)
+
+
+def shard(n, messages, domains, pools, campaigns, **kw):
+    return {"shard": n, "messages": messages, "recipients": sum(
+        v["recipients"] for v in domains.values()), "bytes": 100 * messages,
+        "pending": 0, "deferred": 0, "oldest_arrival": 5.0 + n, "next_attempt": None,
+        "in_flight": 1, "healthy": True, "error": "", "segments": 1, "domains": domains,
+        "pools": pools, "campaigns": campaigns, **kw}
+
+
+def test_queue_view_merges_shards_and_delivery_status(tmp_path):
+    status = {"time": 1e12, "sources": {"ip-1": {"address": "192.0.2.1", "proxy": None,
+                                                  "suspended_until": 2e12,
+                                                  "reason": "421 too fast"}},
+              "sites": {"mx.a.test": {"domains": ["a.test"], "hosts": ["mx.a.test"]}},
+              "lanes": [{"source": "ip-1", "site": "mx.a.test", "queued": 4,
+                         "transactional": 0, "connections": 2, "node_connections": 2,
+                         "rate": 1.5, "connection_limit": 10, "max_message_rate": 0}]}
+    (tmp_path / "delivery-0.status.json").write_text(json.dumps(status))
+    (tmp_path / "delivery-1.status.json").write_text("{not json")     # ignored
+    d = q.delivery_status(str(tmp_path), now=1e12)
+    view = q.merge([
+        shard(0, 2, {"a.test": {"recipients": 3, "deferred": 1, "next_attempt": 50.0}},
+              {"default": {"messages": 2, "recipients": 3}},
+              {"c1": {"messages": 2, "recipients": 3}}),
+        shard(1, 1, {"a.test": {"recipients": 1, "deferred": 0, "next_attempt": None},
+                     "b.test": {"recipients": 2, "deferred": 2, "next_attempt": 40.0}},
+              {"default": {"messages": 1, "recipients": 3}},
+              {"(none)": {"messages": 1, "recipients": 3}})], d)
+    assert view["total"]["messages"] == 3 and view["total"]["recipients"] == 6
+    assert view["total"]["oldest_arrival"] == 5.0 and view["total"]["in_flight"] == 2
+    assert view["by_domain"]["a.test"] == {"recipients": 4, "deferred": 1, "next_attempt": 50.0}
+    assert view["by_domain"]["b.test"]["next_attempt"] == 40.0
+    assert view["by_pool"] == {"default": {"messages": 3, "recipients": 6}}
+    assert view["by_campaign"] == {"c1": {"messages": 2, "recipients": 3},
+                                   "(none)": {"messages": 1, "recipients": 3}}
+    assert view["by_site"]["mx.a.test"]["queued"] == 4
+    src = view["by_source"]["ip-1"]
+    assert src["suspended"] and src["reason"] == "421 too fast" and src["queued"] == 4
+    assert "domains" not in view["shards"][0] and view["delivery_processes"] == 1
+
+
+def test_one_message_view():
+    entry = {"qid": "Q", "sender": "s@x", "recipients": ["a@x", "b@x", "c@x"],
+             "arrival": 1.0, "size": 10, "params": {"campaign_id": "c", "ip_pool": "p"},
+             "client": "h [127.0.0.1]", "state": ["pending", "delivered", "pending"],
+             "attempts": [2, 1, 0], "due": [130.0, 0.0, 90.0]}
+    v = q.recipients_view(entry, now=100.0)
+    assert v["campaign_id"] == "c" and v["ip_pool"] == "p"
+    assert [r["next_attempt"] for r in v["recipients"]] == [130.0, None, 90.0]
+    assert v["recipients"][0]["due_in_seconds"] == 30.0
+    assert v["next_attempt"] == 90.0
+
+
+@pytest.fixture
+def api(tmp_path):
+    settings = mconfig.load(None)
+    settings = dataclasses.replace(settings, run_dir=str(tmp_path))
+    loop = asyncio.new_event_loop()
+    a = admin_api.Api(settings, loop, None, types.SimpleNamespace(), None)
+    yield a, loop
+    a.close()
+    loop.close()
+
+
+def test_drain_flag_is_written_and_removed(api, tmp_path):
+    a, _ = api
+    assert a.draining() == {"draining": False, "since": None}
+    a.set_drain(True)
+    flag = tmp_path / admin_api.DRAIN_FLAG
+    assert flag.exists()
+    since = a.draining()["since"]
+    a.set_drain(True)                   # idempotent: the first time stays
+    assert a.draining() == {"draining": True, "since": since}
+    a.set_drain(False)
+    assert not flag.exists() and not a.draining()["draining"]
+    a.set_drain(False)                  # cancelling twice is fine
+    flag.write_text("garbage")          # a flag someone else wrote still counts
+    assert a.draining()["draining"] is True
+
+
+def test_routes_answer_bad_methods_and_paths_with_json(api):
+    a, loop = api
+    for method, path, code in ((b"POST", b"/api/admin/queue", 405),
+                               (b"PUT", b"/api/admin/drain", 405),
+                               (b"GET", b"/api/admin/nothing", 404),
+                               (b"GET", b"/api/admin/messages/x%00y", 400)):
+        status, headers, body = loop.run_until_complete(a.handle(method, path))
+        assert status == code, (method, path, status)
+        assert headers["Content-Type"] == "application/json"
+        assert json.loads(body)["errors"][0]["message"]
+    # No spool running: the queue is a 503 that says so, with Retry-After.
+    status, headers, body = loop.run_until_complete(a.handle(b"GET", b"/api/admin/queue"))
+    assert status == 503 and headers["Retry-After"] and b"spool[0]" in body
+    assert not os.path.exists(a.drain_path)

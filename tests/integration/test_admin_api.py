@@ -1,0 +1,165 @@
+"""The admin API's reads (/api/admin/queue, /messages/QID, /status) and the commands on them.
+
+The real daemon, mail in over SMTP and HTTP (campaigns and pools from the
+SparkPost options), read back over HTTP from the admin listener and through
+``mta queue summary``, ``mta inspect`` and ``mta status``; the numbers must be
+what was sent.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+
+from daemon import HOST, wait_until
+from mxlab import IPS, mx
+
+from mta.queueid import new_qid
+
+
+def admin_call(d, method: str, path: str, token: str | None = None):
+    """(status, headers with lower-case names, decoded JSON body) from the admin listener."""
+    conn = http.client.HTTPConnection(HOST, d.admin_port, timeout=30)
+    try:
+        conn.request(method, path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        r = conn.getresponse()
+        body = r.read()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, json.loads(body)
+    finally:
+        conn.close()
+
+
+def message(subject: str) -> bytes:
+    return (f"From: a@sender.test\r\nTo: x\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@client.test>\r\n\r\nhello\r\n").encode()
+
+
+def transmit(d, rcpts, campaign=None, pool=None):
+    body = {"recipients": rcpts, "content": {"from": "a@sender.test", "subject": "s",
+                                             "text": "x"}}
+    if campaign:
+        body["campaign_id"] = campaign
+    if pool:
+        body["options"] = {"ip_pool": pool}
+    st, _, res = d.post(body)
+    assert st == 200 and res["results"]["total_accepted_recipients"] == len(rcpts), res
+
+
+def test_queue_by_domain_pool_campaign_and_one_message(make_daemon):
+    d = make_daemon(acceptors=1, shards=2,
+                    egress={"pool": [{"name": "bulk", "sources": [{"source": "default"}]}]})
+    qids = [d.send("a@sender.test", ["x1@one.test", "x2@two.test"], message(f"m{i}"))
+            for i in range(3)]
+    transmit(d, ["y1@one.test", "y2@one.test"], campaign="spring")
+    transmit(d, ["z1@two.test"], campaign="spring", pool="bulk")
+    transmit(d, ["w1@three.test"], campaign="autumn")
+    # Over SMTP the campaign comes in X-MSYS-API.
+    d.send("a@sender.test", ["v1@three.test"],
+           b'X-MSYS-API: {"campaign_id": "autumn"}\r\n' + message("msys"))
+
+    st, _, q = admin_call(d, "GET", "/api/admin/queue")
+    assert st == 200, q
+    # 3 SMTP messages (2 recipients each) + 4 HTTP messages (one per recipient) + 1.
+    assert q["total"]["messages"] == 8 and q["total"]["recipients"] == 11
+    assert sum(s["messages"] for s in q["shards"]) == 8 and len(q["shards"]) == 2
+    assert {k: v["recipients"] for k, v in q["by_domain"].items()} == {
+        "one.test": 5, "two.test": 4, "three.test": 2}
+    assert q["by_campaign"] == {"spring": {"messages": 3, "recipients": 3},
+                                "autumn": {"messages": 2, "recipients": 2},
+                                "(none)": {"messages": 3, "recipients": 6}}
+    assert q["by_pool"]["bulk"] == {"messages": 1, "recipients": 1}
+    assert q["by_pool"]["default"] == {"messages": 7, "recipients": 10}
+    assert set(q) >= {"by_site", "by_source", "lanes"}
+
+    # The command line shows the same.
+    out = json.loads(d.cli("queue", "summary", "--json").stdout)
+    assert out["total"] == {**q["total"], "next_attempt": out["total"]["next_attempt"]}
+    assert out["by_campaign"] == q["by_campaign"]
+    text = d.cli("queue", "summary", "--by", "campaign").stdout.decode()
+    assert "spring" in text and "autumn" in text and "CAMPAIGN" in text
+
+    # One message: envelope, recipients' states and attempts.
+    st, _, m = admin_call(d, "GET", f"/api/admin/messages/{qids[1]}")
+    assert st == 200, m
+    assert m["queue_id"] == qids[1] and m["sender"] == "a@sender.test"
+    assert [r["address"] for r in m["recipients"]] == ["x1@one.test", "x2@two.test"]
+    assert all(r["state"] == "pending" and r["attempts"] == 0 for r in m["recipients"])
+    assert m["message_size"] > 0 and m["arrival_time"] > 0
+    out = json.loads(d.cli("inspect", qids[1], "--json").stdout)
+    assert [(r["address"], r["state"], r["attempts"]) for r in out["recipients"]] == [
+        ("x1@one.test", "pending", 0), ("x2@two.test", "pending", 0)]
+    assert (out["queue_id"], out["sender"]) == (qids[1], "a@sender.test")
+    text = d.cli("queue", "inspect", qids[1]).stdout.decode()
+    assert "x2@two.test" in text and "pending" in text
+
+    # Bad input: a clear JSON error, the right status, no crash.
+    st, _, err = admin_call(d, "GET", "/api/admin/messages/not-a-qid")
+    assert st == 400 and err["errors"][0]["field"] == "qid"
+    gone = new_qid(0)                   # well formed, never queued
+    st, _, err = admin_call(d, "GET", f"/api/admin/messages/{gone}")
+    assert st == 404 and "not queued" in err["errors"][0]["message"], err
+    r = d.cli("inspect", gone, check=False)
+    assert r.returncode == 1 and b"not queued" in r.stderr
+    r = d.cli("inspect", "not-a-qid", check=False)
+    assert r.returncode == 1 and b"not a queue id" in r.stderr
+    st, hdrs, err = admin_call(d, "PUT", "/api/admin/queue")
+    assert st == 405 and "errors" in err
+    st, hdrs, err = admin_call(d, "POST", "/api/admin/queue")
+    assert st == 405 and hdrs["allow"] == "GET", hdrs
+    assert "Traceback" not in d.log()
+
+
+def test_status_and_health_report_every_child(make_daemon):
+    d = make_daemon(acceptors=2, shards=2)
+    for i in range(4):
+        d.send("a@sender.test", [f"r{i}@example.net"], message(f"s{i}"))
+
+    def settled():
+        st, _, s = admin_call(d, "GET", "/api/admin/status")
+        assert st == 200, s
+        return s if s["totals"]["accepted_messages"] == 4 and s["queue"]["total"][
+            "messages"] == 4 and s["ok"] else None
+    s = wait_until(settled, 20, "the status with 4 accepted messages", interval=0.3)
+    roles = sorted((p["role"], p["index"]) for p in s["processes"])
+    assert roles == [("acceptor", 0), ("acceptor", 1), ("delivery", 0), ("spool", 0),
+                     ("spool", 1)]
+    assert all(p["up"] and p["pid"] and p["memory_bytes"] > 0 for p in s["processes"])
+    lat = s["latency_seconds"]["smtp_transaction"]
+    assert lat["count"] == 4 and 0 < lat["p50"] <= lat["p99"]
+    assert s["spool_free_bytes"] > 0 and s["draining"] is False
+    assert s["tcp"]["connections_established"] is not None
+    out = json.loads(d.cli("status", "--json").stdout)
+    assert out["totals"]["accepted_messages"] == 4
+    text = d.cli("status").stdout.decode()
+    assert "state: ok" in text and "spool[1]" in text and "acceptor[1]" in text
+
+
+def test_api_needs_the_token_and_the_cli_sends_it(make_daemon):
+    d = make_daemon(admin={"tokens": ["t0ken"]})
+    for method, path in (("GET", "/api/admin/queue"), ("GET", "/api/admin/status"),
+                         ("POST", "/api/admin/drain")):
+        st, _, body = admin_call(d, method, path)
+        assert st == 401, (method, path, st)
+    assert not d.log().count("drain started")
+    assert admin_call(d, "GET", "/api/admin/queue", token="t0ken")[0] == 200
+    # The page itself holds no data and loads without a token.
+    st, headers, _ = d.admin_get("/")
+    assert st == 200 and headers["content-type"].startswith("text/html")
+    assert json.loads(d.cli("queue", "summary", "--json").stdout)["total"]["messages"] == 0
+
+
+def test_site_and_source_come_from_the_delivery_processes(lab):
+    """With delivery running, the queue view names the site and the source of queued jobs."""
+    ip = IPS[0]
+    sink = lab.aio(ip)
+    sink.delay = 2.0                     # the jobs stay a moment in the delivery process
+    lab.serve(mx("site.test", "mx.site.test", ip))
+    d = lab.daemon(acceptors=1, shards=1)
+    transmit(d, [f"r{i}@site.test" for i in range(3)], campaign="c1")
+
+    def seen():
+        st, _, q = admin_call(d, "GET", "/api/admin/queue")
+        sites = [s for s in q["by_site"].values() if "site.test" in s["domains"]]
+        return q if sites and q["by_source"] else None
+    q = wait_until(seen, 30, "the site and source in the queue view", interval=0.3)
+    assert "default" in q["by_source"]
+    wait_until(lambda: sink.received() == 3, 30, "all delivered")

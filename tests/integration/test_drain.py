@@ -1,0 +1,130 @@
+"""mta drain on the real daemon: no new mail (SMTP 421, HTTP 503 + Retry-After), the queue
+still delivered to a receiving server, the report down to zero, and --cancel accepting again.
+
+The receiver answers 451 until the test lets it take mail, so the queue is not
+empty when the drain starts; ``mta queue flush`` then makes the deferred
+recipients due at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+
+from daemon import wait_until
+from mxlab import IPS, mx
+from test_admin_api import admin_call, message
+
+
+def banner(d) -> tuple[int, str]:
+    c = d.connect()
+    try:
+        return c.banner[0], " ".join(c.banner[1])
+    finally:
+        c.close()
+
+
+def on_a_terminal(d, *args) -> str:
+    """Run ``mta ARGS`` with its output on a pseudo-terminal; what it wrote there."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "mta", *args], stdout=slave, stderr=slave,
+                            env={**d.env, "MTA_CONFIG": d.config_path, "COLUMNS": "120",
+                                 "TERM": "xterm"}, cwd=d.dir)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:             # EIO: the other side is closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(60) == 0, out
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode("utf-8", "replace"))
+
+
+def test_drain_refuses_new_mail_delivers_the_queue_and_reports_zero(lab):
+    ip = IPS[0]
+    blocked = {"on": True}
+    sink = lab.aio(ip, rcpt=lambda s, addr, frm: "451 4.3.0 not now" if blocked["on"] else None)
+    lab.serve(mx("drain.test", "mx.drain.test", ip))
+    d = lab.daemon(acceptors=2, shards=2)
+    n = 5
+    qids = [d.send("a@sender.test", [f"r{i}@drain.test"], message(f"d{i}")) for i in range(n)]
+
+    def deferred():
+        st, _, q = admin_call(d, "GET", "/api/admin/queue")
+        return q if q["total"]["deferred"] == n else None
+    wait_until(deferred, 30, "every recipient deferred once", interval=0.3)
+    before = d.session()                 # open before the drain, idle
+
+    st, _, rep = admin_call(d, "POST", "/api/admin/drain")
+    assert st == 200 and rep["draining"] is True and rep["done"] is False
+    assert rep["remaining"]["messages"] == n and rep["remaining"]["recipients"] == n
+    assert rep["since"] > 0
+
+    # New connections: 421 4.3.2 (the acceptors look for the drain twice a second).
+    # Each acceptor on its own sweep: wait until every one refuses, whichever the kernel picks.
+    seen = wait_until(lambda: (lambda b: b if all(x[0] == 421 for x in b) else None)(
+        [banner(d) for _ in range(6)]), 10, "421 at connect from every acceptor")
+    assert all("4.3.2" in text for _, text in seen), seen
+    # A session opened before: a new transaction gets 421 4.3.2.
+    code, lines = before.cmd("MAIL FROM:<a@sender.test>")
+    assert code == 421 and "4.3.2" in lines[0], lines
+    before.close()
+    # HTTP injection: 503 with Retry-After, a JSON error.
+    st, headers, body = d.post({"recipients": ["h@drain.test"],
+                                "content": {"from": "a@sender.test", "subject": "s",
+                                            "text": "x"}})
+    assert st == 503 and int(headers["retry-after"]) > 0, (st, headers, body)
+    assert "draining" in body["errors"][0]["description"] + body["errors"][0]["message"]
+
+    # The report, as JSON lines, until zero; meanwhile the receiver takes mail again.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mta", "drain", "--json", "--interval", "0.3",
+         "--timeout", "90"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**d.env, "MTA_CONFIG": d.config_path}, cwd=d.dir)
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["remaining"]["messages"] == n and first["draining"]
+        blocked["on"] = False
+        d.cli("queue", "flush")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.decode()
+    reports = [first] + [json.loads(x) for x in out.decode().splitlines()]
+    last = reports[-1]
+    assert last["done"] is True and last["remaining"]["messages"] == 0
+    assert last["remaining"]["recipients"] == 0
+    remaining = [r["remaining"]["messages"] for r in reports]
+    assert remaining == sorted(remaining, reverse=True), remaining
+    # Every queued message was delivered, once; nothing new got in.
+    got = sorted((q, rc) for q, rc, _ in sink.deliveries())
+    assert got == sorted((q, f"r{i}@drain.test") for i, q in enumerate(qids)), got
+
+    # The plain report (not a terminal) says it is drained.
+    r = d.cli("drain", "--timeout", "30")
+    text = r.stdout.decode()
+    assert "remaining: 0 message(s)" in text and "drained" in text, text
+    # In a terminal: a progress bar (rich) with the counts.
+    text = on_a_terminal(d, "drain", "--timeout", "30")
+    assert "draining" in text and "0 left" in text and "drained" in text, text
+    # Still refusing until cancelled.
+    assert banner(d)[0] == 421
+
+    r = d.cli("drain", "--cancel")
+    assert "accepting mail" in r.stdout.decode()
+    wait_until(lambda: all(banner(d)[0] == 220 for _ in range(6)), 10,
+               "220 from every acceptor after --cancel")
+    d.send("a@sender.test", ["after@drain.test"], message("after"))
+    wait_until(lambda: sink.received() == n + 1, 30, "the new message delivered")
+    st, _, rep = admin_call(d, "GET", "/api/admin/drain")
+    assert rep["draining"] is False
+    assert "Traceback" not in d.log()

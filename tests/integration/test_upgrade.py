@@ -1,0 +1,195 @@
+"""mta upgrade: a new supervisor takes the listening sockets over while a probe keeps sending.
+
+Probe threads open SMTP connections back to back all through the upgrade, one
+message per connection.  None may be refused (the listening sockets stay open
+the whole time; connections wait in their backlogs while the roles change
+hands), and afterwards every message that got its 250 is in the queue exactly
+once (delivery is held, so the queue keeps them).  The old supervisor exits 0,
+the new one serves SMTP, HTTP and the admin listener on the same ports.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import threading
+import time
+
+from daemon import HOST, wait_until
+from test_admin_api import admin_call
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def supervisor_pid(d) -> int:
+    try:
+        with open(os.path.join(d.state_dir, "run", "mta.pid")) as fh:
+            return int(fh.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+class Probe(threading.Thread):
+    def __init__(self, d, name: str):
+        super().__init__(daemon=True)
+        self.d, self.name = d, name
+        self.acked: list[tuple[str, float]] = []     # (queue id, when)
+        self.refused: list[str] = []
+        self.tempfail: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self):
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            msg = (f"From: p@probe.test\r\nTo: x\r\nSubject: {self.name}-{n}\r\n"
+                   f"Message-ID: <{self.name}-{n}@probe.test>\r\n\r\nprobe\r\n").encode()
+            try:
+                with smtplib.SMTP(HOST, self.d.port, local_hostname="probe.test",
+                                  timeout=60) as s:
+                    s.ehlo()
+                    code, _ = s.mail("p@probe.test")
+                    if code != 250:
+                        self.tempfail.append(f"MAIL {code}")
+                        continue
+                    s.rcpt(f"{self.name}-{n}@example.net")
+                    code, text = s.data(msg)
+                    if code == 250:
+                        qid = re.search(r"queued as ([0-9A-F]+)", text.decode()).group(1)
+                        self.acked.append((qid, time.monotonic()))
+                    else:
+                        self.tempfail.append(f"DATA {code}")
+            except ConnectionRefusedError as exc:
+                self.refused.append(repr(exc))
+            except smtplib.SMTPServerDisconnected as exc:
+                self.tempfail.append(repr(exc))         # a 421 from the old acceptors
+            except smtplib.SMTPResponseException as exc:
+                if exc.smtp_code >= 500:
+                    raise
+                self.tempfail.append(f"{exc.smtp_code}")
+            except OSError as exc:
+                self.refused.append(repr(exc))          # reset, timeout: as bad as refused
+
+
+class HttpProbe(threading.Thread):
+    """HTTP injections back to back, one recipient each, sender h@probe.test."""
+
+    def __init__(self, d):
+        super().__init__(daemon=True)
+        self.d = d
+        self.accepted = 0
+        self.refused: list[str] = []
+        self.other: list[int] = []
+        self.stop = threading.Event()
+
+    def run(self):
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            try:
+                st, _, body = self.d.post({"recipients": [f"h{n}@example.net"],
+                                           "content": {"from": "h@probe.test",
+                                                       "subject": "s", "text": "x"}},
+                                          timeout=60)
+            except OSError as exc:
+                self.refused.append(repr(exc))
+                continue
+            if st == 200 and body["results"]["total_accepted_recipients"] == 1:
+                self.accepted += 1
+            else:
+                self.other.append(st)       # 503 from an acceptor stopping: not accepted
+
+
+def test_upgrade_refuses_no_connection_and_loses_or_repeats_no_message(make_daemon):
+    d = make_daemon(acceptors=2, shards=2)
+    old = supervisor_pid(d)
+    assert old == d.proc.pid
+    probes = [Probe(d, f"p{i}") for i in range(4)]
+    hp = HttpProbe(d)
+    for p in [*probes, hp]:
+        p.start()
+    try:
+        wait_until(lambda: sum(len(p.acked) for p in probes) >= 20, 30, "probe traffic")
+        r = d.cli("upgrade", timeout=180)
+        assert "upgraded: supervisor pid" in r.stdout.decode(), r
+        new = supervisor_pid(d)
+        assert new and new != old and alive(new)
+        upgraded_at = time.monotonic()
+        # The new supervisor's acceptors take the probes' mail.
+        wait_until(lambda: sum(1 for p in probes for _, t in p.acked if t > upgraded_at) >= 20,
+                   60, "messages accepted after the upgrade")
+    finally:
+        for p in [*probes, hp]:
+            p.stop.set()
+        for p in [*probes, hp]:
+            p.join(90)
+    assert d.proc.wait(30) == 0                 # the old supervisor left cleanly
+    refused = [x for p in probes for x in p.refused]
+    assert refused == [], refused
+    acked = [q for p in probes for q, _ in p.acked]
+    assert len(acked) == len(set(acked))
+
+    assert hp.refused == [] and hp.accepted > 0, (hp.refused, hp.accepted)
+
+    # Every acknowledged message is queued, once; nothing else is.
+    entries = d.queue_list()
+    listed = [e["queue_id"] for e in entries if e["sender"] == "p@probe.test"]
+    assert sorted(listed) == sorted(acked), (len(listed), len(acked),
+                                             set(acked) ^ set(listed))
+    assert sum(e["sender"] == "h@probe.test" for e in entries) == hp.accepted
+    # The same ports serve HTTP and the admin API from the new processes.
+    st, _, body = d.post({"recipients": ["h@example.net"],
+                          "content": {"from": "p@probe.test", "subject": "s", "text": "x"}})
+    assert st == 200, body
+    st, _, health = admin_call(d, "GET", "/api/admin/health")
+    assert st == 200 and health["supervisor"]["pid"] == new
+    wait_until(lambda: admin_call(d, "GET", "/api/admin/health")[2]["ok"], 20,
+               "every child of the new supervisor reporting", interval=0.3)
+    log = d.log()
+    assert "upgrade: supervisor pid %d took over" % new in log
+    assert "took over" in log and "Traceback" not in log
+    # The new supervisor stops like any other.
+    os.kill(new, signal.SIGTERM)
+    wait_until(lambda: not alive(new), 60, "the new supervisor to stop")
+    assert "stopped" in d.log().rsplit("upgrade: took over", 1)[1]
+
+
+def test_a_new_version_that_does_not_start_leaves_the_old_one_serving(make_daemon):
+    d = make_daemon(acceptors=1, shards=1)
+    qid = d.send("a@probe.test", ["r@example.net"], b"Subject: before\r\n\r\nx\r\n")
+    good = open(d.config_path).read()
+    d.write_config(good + "\n[nonsense]\nkey = 1\n")     # the new supervisor refuses it
+    os.kill(d.proc.pid, signal.SIGUSR2)
+    d.wait_log("upgrade failed: the new supervisor did not become ready", timeout=120)
+    d.wait_log("configuration error", timeout=5)
+    d.write_config(good)
+    wait_until(lambda: supervisor_pid(d) == d.proc.pid, 30, "the old pid file back")
+    assert d.proc.poll() is None
+    d.wait_ready()
+    qid2 = d.send("a@probe.test", ["r@example.net"], b"Subject: after\r\n\r\nx\r\n")
+    assert sorted(e["queue_id"] for e in d.queue_list()) == sorted([qid, qid2])
+    assert d.stop() == 0
+
+
+def test_a_drained_node_stays_drained_across_an_upgrade_but_not_a_restart(make_daemon):
+    d = make_daemon(acceptors=1, shards=1)
+    assert admin_call(d, "POST", "/api/admin/drain")[0] == 200
+    wait_until(lambda: d.connect().banner[0] == 421, 10, "421 while draining")
+    d.cli("upgrade", timeout=180)
+    new = supervisor_pid(d)
+    assert new != d.proc.pid and d.proc.wait(30) == 0
+    assert d.connect().banner[0] == 421
+    assert admin_call(d, "GET", "/api/admin/drain")[2]["draining"] is True
+    os.kill(new, signal.SIGTERM)
+    wait_until(lambda: not alive(new), 60, "the new supervisor to stop")
+    d.start()                               # a fresh start accepts mail again
+    assert d.connect().banner[0] == 220
+    assert "a drain was in effect" in d.log(since_start=True)
+    assert admin_call(d, "GET", "/api/admin/drain")[2]["draining"] is False
