@@ -7,6 +7,8 @@
     mta queue [-c FILE] [--json]   live queue summary, asked of the running daemon
     mta queue list|show|delete     list queued messages, show one, delete some
     mta queue flush                retry every deferred recipient now
+    mta rules list [--json]        suspensions, throttles and back-offs in effect
+    mta rules cancel NAME|ID       end them (every delivery process sees it within a second)
     mta queue summary [--by KEY]   by domain, site, pool, source, campaign (admin API)
     mta status / inspect QID       the node at a glance / one message (admin API)
     mta drain [--cancel]           stop accepting, report what remains until zero
@@ -159,6 +161,7 @@ def _delivery_status(settings) -> dict:
     sources: dict = {}
     sites: dict = {}
     lanes: dict = {}
+    warmup: dict = {}
     processes = 0
     now = time.time()
     for path in sorted(glob.glob(os.path.join(settings.run_dir, "delivery-*.status.json"))):
@@ -170,6 +173,16 @@ def _delivery_status(settings) -> dict:
         if now - st.get("time", 0) > STATUS_FRESH:
             continue
         processes += 1
+        for name, w in st.get("warmup", {}).items():      # warm-up: node-wide counts
+            cur = warmup.setdefault(name, {"day": None, "hourly": None, "daily": None,
+                                           "sites": {}})
+            for k in ("day", "hourly", "daily"):
+                if w.get(k) is not None:
+                    cur[k] = w[k]
+            for site, counts in w.get("sites", {}).items():
+                have = cur["sites"].setdefault(site, {})
+                for k, v in counts.items():
+                    have[k] = max(have.get(k, 0), v)
         for name, src in st.get("sources", {}).items():
             cur = sources.setdefault(name, {"address": src["address"], "proxy": src["proxy"],
                                             "suspended_until": 0.0, "reason": "",
@@ -202,7 +215,8 @@ def _delivery_status(settings) -> dict:
     for site in sites.values():
         site["domains"] = sorted(site["domains"])
     return {"processes": processes, "sources": sources, "sites": sites,
-            "lanes": sorted(lanes.values(), key=lambda x: (x["site"], x["source"]))}
+            "lanes": sorted(lanes.values(), key=lambda x: (x["site"], x["source"])),
+            "warmup": warmup}
 
 
 def _print_delivery(d: dict) -> None:
@@ -221,6 +235,15 @@ def _print_delivery(d: dict) -> None:
                 state = (f"suspended {_when(src['suspended_until'])}: {src['reason']}")
             addr = (src["address"] or "(system's choice)") + (" via SOCKS5" if src["proxy"] else "")
             rows.append((name, addr, str(src["connections"]), f"{src['rate']:.1f}", state))
+        _table(rows)
+    if d.get("warmup"):
+        click.echo("")
+        rows = [("WARM-UP SOURCE", "DAY", "CAPS (HOUR/DAY)", "SITE", "THIS HOUR", "TODAY")]
+        for name, w in sorted(d["warmup"].items()):
+            for site, c in sorted(w["sites"].items()) or [("-", {})]:
+                rows.append((name, str(w["day"] or "-"),
+                             f"{w['hourly'] or '-'}/{w['daily'] or '-'}", site,
+                             str(c.get("hour", "-")), str(c.get("day", "-"))))
         _table(rows)
     if d["sites"]:
         click.echo("")
@@ -441,6 +464,84 @@ def queue_delete(ctx, config_path, qids):
     finally:
         ctxz.term()
     click.echo(f"deleted {deleted} message(s)")
+
+
+def _adaptive_dir(settings) -> str:
+    from mta.shaping.state import STORE_DIR
+
+    return os.path.join(settings.state_dir, STORE_DIR)
+
+
+@main.group()
+def rules():
+    """Response rules and automatic back-off in effect (read from the state directory,
+    so this works whether or not the daemon runs)."""
+
+
+@rules.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def rules_list(config_path, as_json):
+    """What is in effect: rule name, id, action, scope (source, site), the reply that
+    fired it, and the time left (a back-off: its rate now and its steps; a warm-up: the
+    day of its schedule since the source's first use)."""
+    import msgspec
+
+    from mta.shaping.state import list_entries
+
+    s = _settings(config_path)
+    now = time.time()
+    entries = list_entries(_adaptive_dir(s), now)
+    if as_json:
+        for e in entries:
+            d = msgspec.to_builtins(e)
+            d["left"] = round(e.until - now, 1) if e.until else None
+            if e.kind == "backoff":
+                d["current_rate"] = e.current_rate(now)
+                d["step_no"] = e.steps(now)
+            if e.kind == "warmup":
+                d["day"] = int(max(0.0, now - e.created)
+                               // (86400.0 * s.config.delivery.time_scale)) + 1
+            click.echo(json.dumps(d))
+        return
+    if not entries:
+        click.echo("no suspension, throttle or back-off in effect")
+        return
+    rows = [("RULE", "ID", "ACTION", "SOURCE", "SITE", "LEFT", "LIMITS", "REPLY")]
+    for e in entries:
+        if e.kind == "backoff":
+            left = f"step {e.steps(now)}"
+            limits = f"{e.current_rate(now) * 60:.1f}/m of {e.ceiling * 60:.1f}/m"
+        elif e.kind == "warmup":
+            day_len = 86400.0 * s.config.delivery.time_scale
+            left = f"day {int(max(0.0, now - e.created) // day_len) + 1}"
+            limits = "see [[warmup]]"
+        else:
+            left = str(datetime.timedelta(seconds=max(0, int(e.until - now))))
+            limits = " ".join(x for x in (
+                f"conn={e.connection_limit}" if e.connection_limit else "",
+                f"rate={e.max_message_rate * 60:.1f}/m" if e.max_message_rate else "") if x)
+        rows.append((e.rule, e.id, e.kind, e.source or "*", e.site or "*", left,
+                     limits or "-", e.reply[:80]))
+    _table(rows)
+
+
+@rules.command("cancel")
+@config_option
+@click.argument("what")
+def rules_cancel(config_path, what):
+    """End the suspensions, throttles or back-offs of rule NAME (every one it put in
+    effect), or the one entry ID; "backoff" ends every back-off."""
+    from mta.shaping.state import cancel_entries
+
+    s = _settings(config_path)
+    gone = cancel_entries(_adaptive_dir(s), what)
+    if not gone:
+        click.echo(f"mta: nothing in effect is called {what!r} (see mta rules list)", err=True)
+        sys.exit(1)
+    for e in gone:
+        click.echo(f"cancelled {e.kind} {e.rule} ({e.id}) source={e.source or '*'} "
+                   f"site={e.site or '*'}")
 
 
 @main.command("spool-dump")

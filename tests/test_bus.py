@@ -61,7 +61,8 @@ def test_records_cost_nothing_on_the_wire():
     assert frame == msgspec.msgpack.encode([2, 5, 0])
     result = bus.Result(0, bus.DEFERRED, 451, "4.4.1", "t", "h", "i")
     assert bus.encode(bus.DeliveryOutcome(1, QID, [result])) == msgspec.msgpack.encode(
-        [12, 1, QID, [[0, "deferred", 451, "4.4.1", "t", "h", "i", False]], "", "", "", 0.0])
+        [12, 1, QID, [[0, "deferred", 451, "4.4.1", "t", "h", "i", False, ""]], "", "", "",
+         0.0, None])
 
 
 @pytest.mark.parametrize("envelopes, bodies", [

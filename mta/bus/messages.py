@@ -33,7 +33,7 @@ __all__ = [
     "STATUS_OK", "STATUS_STORAGE", "STATUS_UNKNOWN",
     "DELIVERED", "DEFERRED", "FAILED", "REQUEUED", "OUTCOMES",
     "PRIORITY_BULK", "PRIORITY_TRANSACTIONAL",
-    "Envelope", "JobRecipient", "Result", "QueueEntry",
+    "Envelope", "JobRecipient", "Result", "FiredRule", "QueueEntry",
     "SpoolMessageCommit", "SpoolMessageCommitted", "SpoolQueueSummary",
     "SpoolQueueSummaryReply", "SpoolQueueList", "SpoolQueueListReply", "SpoolMessageShow",
     "SpoolMessageShowReply", "SpoolMessageDelete", "SpoolMessageDeleteReply",
@@ -212,6 +212,19 @@ class Result(Struct, array_like=True, forbid_unknown_fields=True):
     host: str                                           # remote host name; "" before connect
     ip: str
     dsn: bool = False                                   # the next hop took NOTIFY/ORCPT (DSN)
+    bounce_class: str = ""                              # set by a response rule's bounce action
+
+
+class FiredRule(Struct, array_like=True, forbid_unknown_fields=True):
+    """The response rule a receiver's reply matched during one job (mta/delivery/adaptive.py)."""
+
+    name: str                                           # the rule's name ("yahoo-tss04")
+    id: str                                             # the entry in effect ("" for bounce/defer)
+    action: str                                         # suspend | throttle | bounce | defer
+    scope: str                                          # source_site | site | source
+    reply: str                                          # the reply it matched, one line
+    stage: str                                          # connect greeting ehlo mail rcpt data
+    until: float = 0.0                                  # wall-clock end of a suspend/throttle
 
 
 class DeliveryOutcome(Message, tag=12):
@@ -224,6 +237,8 @@ class DeliveryOutcome(Message, tag=12):
     source_ip: str = ""                                 # its address ("" = system's choice)
     site: str = ""                                      # the receiving site's name
     retry_after: float = 0.0                            # REQUEUED: seconds before the next try
+    #                                                     (also set by a rule's defer action)
+    rule: FiredRule | None = None                       # the response rule that fired, if any
 
 
 # ------------------------------------------------------------ every child -> admin

@@ -303,10 +303,36 @@ def _check_shaping(cfg: Config, sources: dict) -> None:
 
     try:
         shaping.check(cfg.shaping, set(sources))
+        shaping.check_response_rules(cfg.response_rule)
         if cfg.delivery.shaping_presets:
             shaping.load_presets()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    try:
+        shaping.parse_rate(cfg.backoff.min_rate)
+    except ValueError as exc:
+        raise ConfigError(f"backoff.min_rate: {exc}") from None
+    seen = set()
+    for i, w in enumerate(cfg.warmup):
+        key = f"warmup[{i}]"
+        if w.source not in sources and w.source != "default":
+            raise ConfigError(f"{key}.source: no [[egress.source]] is called {w.source!r}")
+        if w.source in seen:
+            raise ConfigError(f"{key}.source: {w.source!r} has an earlier [[warmup]] table")
+        seen.add(w.source)
+        if w.mx:
+            try:
+                shaping.glob_regex(w.mx)
+            except ValueError as exc:
+                raise ConfigError(f"{key}.mx: {exc}") from None
+        if not w.schedule:
+            raise ConfigError(f"{key}.schedule: at least one stage ({{day = 1, hourly = N}})")
+        days = [st.day for st in w.schedule]
+        if days != sorted(set(days)) or days[0] != 1:
+            raise ConfigError(f"{key}.schedule: days must start at 1 and increase, got {days}")
+        if w.overflow not in ("other_sources", "wait"):
+            raise ConfigError(f"{key}.overflow: expected other_sources or wait, "
+                              f"got {w.overflow!r}")
 
 
 def _check_http(h, smtp_listen: list) -> tuple:

@@ -385,6 +385,113 @@ class ShapingRule(Struct, forbid_unknown_fields=True, kw_only=True):
         "none, opportunistic or required")] = None
 
 
+RULE_STAGES = ("connect", "greeting", "ehlo", "mail", "rcpt", "data")
+RULE_ACTIONS = ("suspend", "throttle", "bounce", "defer")
+RULE_SCOPES = ("source_site", "site", "source")
+
+
+class ResponseRule(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Annotated[str, _doc(
+        "the rule's readable name, shown in mta rules list and in the events (required)")] = ""
+    stages: Annotated[list[str], _doc(
+        "where the reply must come: connect, greeting, ehlo, mail, rcpt, data; "
+        "empty: any stage")] = msgspec.field(default_factory=list)
+    code: Annotated[Annotated[int, Meta(ge=400, le=599)] | None, _doc(
+        "the reply code (400-599); unset: any 4xx or 5xx")] = None
+    enhanced: Annotated[str, _doc(
+        "the enhanced status code, exact (4.7.28); empty: any")] = ""
+    text: Annotated[str, _doc(
+        "a regular expression searched in the reply text, case-insensitive; empty: any "
+        "(a rule needs at least one of code, enhanced and text)")] = ""
+    mx: Annotated[str, _doc(
+        "only for sites with an MX host matching this glob (*.yahoodns.net); empty: every "
+        "site")] = ""
+    action: Annotated[str, _doc(
+        "suspend (stop sending to scope for duration), throttle (lower the rate and/or "
+        "connections of the source x site for duration), bounce (fail the recipient now, "
+        "with bounce_class), defer (retry the recipient after delay)")] = "suspend"
+    scope: Annotated[str, _doc(
+        "what suspend stops: source_site (this source to this site), site (every source "
+        "to this site) or source (this source to every site); throttle is always "
+        "source_site")] = "source_site"
+    duration: Annotated[float, _doc(
+        "seconds a suspension or throttle lasts (multiplied by delivery.time_scale)",
+        ge=0, le=7 * 86400)] = 900.0
+    connection_limit: Annotated[Annotated[int, Meta(ge=1, le=10_000)] | None, _doc(
+        "throttle: connections per source x site while it lasts")] = None
+    max_message_rate: Annotated[Annotated[str, Meta(pattern=r"^[0-9]+(\.[0-9]+)?/[smhd]$")]
+                                | None, _doc(
+        "throttle: messages per source x site while it lasts, as N/s, N/m, N/h or N/d")] = None
+    bounce_class: Annotated[str, _doc(
+        "bounce: the bounce class given to the recipient (e.g. \"51\" for a block)")] = ""
+    delay: Annotated[float, _doc(
+        "defer: seconds before the recipient is tried again (multiplied by "
+        "delivery.time_scale)", ge=0, le=86400)] = 0.0
+
+
+class WarmupStage(Struct, forbid_unknown_fields=True, kw_only=True):
+    day: Annotated[int, _doc("from this day of use on (1 = the first day)", ge=1, le=3650)]
+    hourly: Annotated[int, _doc(
+        "messages per site per hour from the source; 0 = no hourly cap", ge=0,
+        le=100_000_000)] = 0
+    daily: Annotated[int, _doc(
+        "messages per site per day from the source; 0 = no daily cap", ge=0,
+        le=1_000_000_000)] = 0
+
+
+class WarmupConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    source: Annotated[str, _doc("the [[egress.source]] being warmed up")] = ""
+    mx: Annotated[str, _doc(
+        "only for sites with an MX host matching this glob; empty: every site")] = ""
+    schedule: Annotated[list[WarmupStage], _doc(
+        "stages in order of day: each holds from its day until the next one's; after the "
+        "last stage's day + 1 ... the last stage holds (add a stage with no caps to end "
+        "the warm-up)")] = msgspec.field(default_factory=list)
+    overflow: Annotated[str, _doc(
+        "what the source's mail does at a cap: other_sources (the pool's other sources "
+        "take it) or wait (it waits in the queue until the hour or day rolls over)")] = \
+        "other_sources"
+
+
+class BackoffConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: Annotated[bool, _doc(
+        "lower the rate of a source x site on its own when too many attempts are deferred")] \
+        = True
+    window: Annotated[float, _doc(
+        "seconds of attempts judged together (per source x site); a minute is long enough "
+        "to see a provider's per-minute limit and short enough to react within one",
+        gt=0, le=86400)] = 60.0
+    min_attempts: Annotated[int, _doc(
+        "attempts needed in the window before it is judged (fewer say nothing)",
+        ge=1, le=100_000)] = 10
+    threshold: Annotated[float, _doc(
+        "share of deferred attempts in the window above which the rate is lowered; 0.1: "
+        "greylisting and the odd busy reply stay below it, a rate limit does not",
+        gt=0, le=1)] = 0.1
+    decrease: Annotated[float, _doc(
+        "on entering back-off the rate becomes this share of the rate the site accepted over "
+        "the window (0.8: a fifth less than it has shown it takes); each further decrease "
+        "(too many deferrals again) multiplies the rate in effect by it", gt=0, lt=1)] = 0.8
+    recover_step: Annotated[float, _doc(
+        "additive increase: after each recover_interval without a new decrease the rate "
+        "grows by this share of the rate set at the decrease (0.1: ten intervals to double "
+        "it), at least min_rate", gt=0, le=10)] = 0.1
+    hold_intervals: Annotated[int, _doc(
+        "recovery steps that stay under 0.9 x the rate that drew the deferrals before "
+        "probing above it: 10 keeps a sender just under a provider's limit most of the "
+        "time and still finds out, every ten intervals, whether the limit rose",
+        ge=0, le=10_000)] = 10
+    recover_interval: Annotated[float, _doc(
+        "seconds between recovery steps (multiplied by delivery.time_scale, like window)",
+        gt=0, le=86400)] = 60.0
+    min_rate: Annotated[str, _doc(
+        "the rate back-off never goes below, as N/s, N/m, N/h or N/d",
+        pattern=r"^[0-9]+(\.[0-9]+)?/[smhd]$")] = "1/m"
+    max_entries: Annotated[int, _doc(
+        "most suspensions, throttles and back-offs kept at once (in the state directory, "
+        "adaptive/); beyond it new ones are refused and logged", ge=1, le=1_000_000)] = 10_000
+
+
 class FeedbackConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     bounce_rules: Annotated[str, _doc(
         "the operator's bounce classification rules: a TOML file of [[rule]] tables "
@@ -564,12 +671,23 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
         "pattern or site, optionally per source; every matching rule applies, the shipped "
         "presets first, then these in order, rules naming a source last; a later rule's "
         "keys override an earlier one's")] = msgspec.field(default_factory=list)
+    response_rule: Annotated[list[ResponseRule], _doc(
+        "response rules: [[response_rule]] tables, a reply pattern and what to do when a "
+        "receiver answers with it; tried in order before the shipped presets, the first "
+        "match wins")] = msgspec.field(default_factory=list)
+    backoff: Annotated[BackoffConfig, _doc(
+        "automatic back-off per source x site")] = msgspec.field(default_factory=BackoffConfig)
+    warmup: Annotated[list[WarmupConfig], _doc(
+        "IP warm-up: [[warmup]] tables, a schedule of caps per site for a new source by "
+        "days since its first use (recorded durably in the state directory)")] = \
+        msgspec.field(default_factory=list)
 
 
 SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("http", HttpConfig),
             ("spool", SpoolConfig), ("delivery", DeliveryConfig), ("dkim", DkimConfig),
             ("egress", EgressConfig), ("feedback", FeedbackConfig),
             ("suppression", SuppressionConfig), ("events", EventsConfig),
-            ("webhooks", WebhooksConfig), ("admin", AdminConfig))
-# [[shaping]], [[webhook]]: arrays of tables at the top
-TOP_LEVEL_TABLES = (("shaping", ShapingRule), ("webhook", WebhookEntry))
+            ("webhooks", WebhooksConfig), ("admin", AdminConfig), ("backoff", BackoffConfig))
+# [[shaping]], [[response_rule]], [[warmup]], [[webhook]]: arrays of tables at the top
+TOP_LEVEL_TABLES = (("shaping", ShapingRule), ("response_rule", ResponseRule),
+                    ("warmup", WarmupConfig), ("webhook", WebhookEntry))

@@ -280,13 +280,16 @@ class DeliveryResult:
     the transaction's NOTIFY / ORCPT / ENVID / RET: its notices are its own.
     """
 
-    __slots__ = ("rcpt_replies", "data_reply", "dsn")
+    __slots__ = ("rcpt_replies", "data_reply", "dsn", "mail_refused")
 
     def __init__(self, rcpt_replies: list[SmtpReply], data_reply: SmtpReply | None,
-                 dsn: bool = False) -> None:
+                 dsn: bool = False, mail_refused: bool = False) -> None:
         self.rcpt_replies = rcpt_replies
         self.data_reply = data_reply
         self.dsn = dsn
+        # True when MAIL (or the RSET before it) was refused: every recipient's reply is
+        # that one (response rules match it at the "mail" stage)
+        self.mail_refused = mail_refused
 
     def accepted(self, i: int) -> bool:
         """True when the server took the message for recipient i (RCPT and data both 2xx)."""
@@ -331,9 +334,11 @@ class SmtpConnectError(SmtpError):
     """
 
     def __init__(self, message: str, reply: SmtpReply | None = None,
-                 temporary: bool | None = None, tls_failed: bool = False) -> None:
+                 temporary: bool | None = None, tls_failed: bool = False,
+                 stage: str = "connect") -> None:
         super().__init__(message, reply, temporary)
         self.tls_failed = tls_failed
+        self.stage = stage          # connect | greeting | ehlo (where it failed)
 
 
 class SourceUnavailable(SmtpError):
@@ -643,7 +648,7 @@ class SmtpConnection:
         self.greeting = greeting
         if greeting.code != 220:
             await self._quit_quietly()
-            raise SmtpConnectError("greeting refused", greeting)
+            raise SmtpConnectError("greeting refused", greeting, stage="greeting")
         await self._hello(helo_name)
         if starttls == "none":
             return
@@ -658,7 +663,7 @@ class SmtpConnection:
             if starttls == "required" or reply.code == 421:
                 await self._quit_quietly()
                 raise SmtpConnectError("STARTTLS refused", reply, temporary=True,
-                                       tls_failed=reply.code != 421)
+                                       tls_failed=reply.code != 421, stage="ehlo")
             return          # opportunistic: carry on in plaintext
         await self._start_tls(ctx or _default_tls_context(verify), server_hostname)
         await self._hello(helo_name)
@@ -673,11 +678,11 @@ class SmtpConnection:
             return
         if reply.code == 421 or not reply.is_perm:
             await self._quit_quietly()
-            raise SmtpConnectError("EHLO refused", reply)
+            raise SmtpConnectError("EHLO refused", reply, stage="ehlo")
         reply = (await self._command(b"HELO " + name + b"\r\n", "HELO"))[0]
         if not reply.is_ok:
             await self._quit_quietly()
-            raise SmtpConnectError("HELO refused", reply)
+            raise SmtpConnectError("HELO refused", reply, stage="ehlo")
         self.esmtp = False
         self.extensions = {}
 
@@ -822,7 +827,7 @@ class SmtpConnection:
                 replies[i] = mail_reply
             if self._wire.closing or (data_cmd_reply is not None and data_cmd_reply.code == 354):
                 self.close()                # going away, or DATA open without MAIL
-            return DeliveryResult(replies, None)
+            return DeliveryResult(replies, None, mail_refused=True)
         accepted = 0
         for i, r in zip(send_idx, rcpt_got, strict=True):
             replies[i] = r

@@ -58,9 +58,10 @@ import logging
 import time
 
 from mta.bus import (DEFERRED, DELIVERED, FAILED, PRIORITY_TRANSACTIONAL, REQUEUED,
-                     DeliveryMessageReady, Result)
+                     DeliveryMessageReady, FiredRule, Result)
 from mta.config import parse_hostport
 from mta.delivery import client as smtpc
+from mta.delivery.adaptive import Adaptive, Warmup
 from mta.delivery.limits import CONNECTION_RATE, CONNECTIONS, MESSAGE_RATE, NodeLimiter, limit_key
 from mta.delivery.client import Socks5Proxy, SourceUnavailable
 from mta.dns import DnsTempError
@@ -81,7 +82,8 @@ LEARN_WAIT = 2.0          # seconds the first lookups wait for the shaping rules
 class Job:
     """One message's recipients for one domain: the spool's job and who sent it."""
 
-    __slots__ = ("msg", "peer", "queued_at", "source", "source_ip", "site")
+    __slots__ = ("msg", "peer", "queued_at", "source", "source_ip", "site", "fired",
+                 "retry_after")
 
     def __init__(self, msg: DeliveryMessageReady, peer: bytes):
         self.msg = msg              # req, qid, sender, domain, rcpts, params, attempt, body, ...
@@ -90,6 +92,8 @@ class Job:
         self.source = ""            # the egress source it was (last) given to
         self.source_ip = ""         # the address it left from
         self.site = ""              # the name of its site
+        self.fired = None           # bus.FiredRule: the response rule its replies matched
+        self.retry_after = 0.0      # a rule's defer: seconds before the next try
 
     def results(self, outcome: str, code: int, enhanced: str, text: str, host: str = "",
                 ip: str = "") -> list[Result]:
@@ -116,12 +120,13 @@ class Target:
 class RouteError(Exception):
     """Routing failed for every recipient of the domain."""
 
-    def __init__(self, outcome: str, code: int, enhanced: str, text: str):
+    def __init__(self, outcome: str, code: int, enhanced: str, text: str, fired=None):
         super().__init__(text)
         self.outcome = outcome
         self.code = code
         self.enhanced = enhanced
         self.text = text
+        self.fired = fired          # bus.FiredRule when a response rule matched the reply
 
 
 class Site:
@@ -272,7 +277,8 @@ def site_name(hosts) -> str:
 
 
 class Engine:
-    def __init__(self, settings, resolver, report, loop, limiter=None, shaping=None):
+    def __init__(self, settings, resolver, report, loop, limiter=None, shaping=None,
+                 adaptive=None):
         self.settings = settings
         self.cfg = settings.config.delivery
         self.helo = settings.helo_name
@@ -286,6 +292,13 @@ class Engine:
         self.shaping = shaping or Shaping(settings.config.shaping, self.cfg,
                                           presets=self.cfg.shaping_presets)
         self.limiter = limiter or NodeLimiter(f"{settings.run_dir}/limits")
+        # Response rules, back-off, and their durable node-wide state (adaptive.py).
+        self.adaptive = adaptive or Adaptive(settings.config, settings.state_dir,
+                                             scale=self.cfg.time_scale,
+                                             presets=self.cfg.shaping_presets,
+                                             processes=max(1, settings.deliveries))
+        self.warmup = Warmup(settings.config, self.adaptive.store, self.limiter,
+                             scale=self.cfg.time_scale)
         # Domains named by exact-domain shaping rules: their sites are looked up once
         # delivery starts, so that every process applies a domain's rule to the site
         # of that domain, whichever domains of the site it happens to see itself.
@@ -419,7 +432,21 @@ class Engine:
         return site
 
     def _limits(self, source: Source, site: Site):
-        return self.shaping.limits(site.name, site.hosts, site.shaped, source.name)
+        base = self.shaping.limits(site.name, site.hosts, site.shaped, source.name)
+        return self.adaptive.adjust(source.name, site.name, base)
+
+    def _base_limits(self, lane: Lane):
+        return self.shaping.limits(lane.site.name, lane.site.hosts, lane.site.shaped,
+                                   lane.source.name)
+
+    def _held(self, source: str, site: str, now: float) -> float:
+        """Until when (wall clock) *source* may not send to *site*; 0.0: it may now."""
+        src = self.sources[source]
+        until = src.suspended_until if not src.usable(now) else 0.0
+        e = self.adaptive.suspended(source, site, now)
+        if e is not None:
+            until = max(until, e.until)
+        return until
 
     def _route(self, job: Job, site: Site) -> None:
         """Give *job* to a usable source of its pool, in that (source x site)'s lane."""
@@ -430,16 +457,46 @@ class Engine:
                         job.msg.pool, self.egress.default_pool)
             pool = self.pools[self.egress.default_pool]
         sources = self.sources
-        name = pool.pick(lambda s: sources[s].usable(now))
+        held = self._held
+        warm = self.warmup
+        capped: dict[str, float] = {}     # warming sources at a cap: seconds to the rollover
+
+        def usable(s):
+            if held(s, site.name, now) > now or s in capped:
+                return False
+            if s in warm.plans and warm.overflow(s) == "other_sources":
+                wait = warm.capped(s, site.name, site.hosts, now)
+                if wait > 0:
+                    capped[s] = wait
+                    return False
+            return True
+
         job.site = site.name
+        while True:
+            name = pool.pick(usable)
+            if name is None or name not in warm.plans:
+                break
+            wait = warm.take(name, site.name, site.hosts, now)
+            if wait <= 0:
+                break
+            if warm.overflow(name) == "wait":
+                job.source = ""
+                self._finish(job, job.results(
+                    REQUEUED, 451, "4.4.5",
+                    f"source {name} is at its warm-up cap for site {site.name}; "
+                    f"next try in {wait:.0f}s"), max(MIN_REQUEUE, wait))
+                return
+            capped[name] = wait
         if name is None:
-            until = min(sources[s].suspended_until for s, _ in pool.members)
-            wait = max(MIN_REQUEUE, until - now)
+            until = min([held(s, site.name, now) - now for s, _ in pool.members
+                         if s not in capped] + list(capped.values()))
+            wait = max(MIN_REQUEUE, until)
             job.source = ""
+            why = "suspended or at its warm-up cap" if capped else "suspended"
             self._finish(job, job.results(
                 REQUEUED, 451, "4.4.5",
-                f"every source of pool {pool.name} is suspended; next try in {wait:.0f}s"),
-                wait)
+                f"every source of pool {pool.name} is {why} for site {site.name}; "
+                f"next try in {wait:.0f}s"), wait)
             return
         source = sources[name]
         job.source = name
@@ -459,6 +516,11 @@ class Engine:
             lane.retry.cancel()
             lane.retry = None
         if self.stopping:
+            return
+        if lane.queued() and self._held(lane.source.name, lane.site.name, time.time()):
+            self._reroute(lane, None)      # suspended (source x site): other sources, or back
+            if lane.active == 0 and not lane.queued():
+                self._forget(lane)
             return
         limit = lane.limits.connection_limit
         while lane.active < limit and (lane.active == 0 or lane.queued() > lane.active):
@@ -543,6 +605,7 @@ class Engine:
         src = lane.source
         limits = lane.limits
         last = None
+        lane_fired = None
         for t in list(lane.site.targets):
             # A static route's own source_address applies to the built-in source only.
             address = t.source if (t.source and src.name == "default"
@@ -564,6 +627,18 @@ class Engine:
                 last = (exc.reply.code if exc.reply else 451,
                         (exc.reply.enhanced if exc.reply else None) or "4.4.1",
                         f"{t.host}[{t.ip}]: {exc.reply.text if exc.reply else exc}")
+                if exc.reply is not None:
+                    fired = self._apply_rule(lane, exc.stage, exc.reply.code,
+                                             exc.reply.enhanced or "", exc.reply.text)
+                    if fired is not None:
+                        log.info("connect to %s[%s]:%d from %s: %s", t.host, t.ip, t.port,
+                                 src.name, last[2])
+                        code, enh, text = last
+                        if fired.action == "suspend":     # no other host of the site now
+                            raise RouteError(DEFERRED, code if code < 500 else 451,
+                                             enh if code < 500 else "4.4.1", text,
+                                             fired) from None
+                        lane_fired = fired
             except (smtpc.SmtpError, OSError) as exc:
                 last = (451, "4.4.1", f"{t.host}[{t.ip}]: {type(exc).__name__} {exc}".strip())
             log.info("connect to %s[%s]:%d from %s failed: %s", t.host, t.ip, t.port, src.name,
@@ -573,7 +648,7 @@ class Engine:
         code, enh, text = last
         # Every host failed: try again later, whatever the last one said.
         raise RouteError(DEFERRED, 451 if code >= 500 else code, "4.4.1" if code >= 500 else enh,
-                         text)
+                         text, lane_fired)
 
     # -------------------------------------------------------------- sources
 
@@ -653,18 +728,28 @@ class Engine:
                         self._reroute(lane, job)
                         return
                     except RouteError as exc:
-                        # The same answer holds for everything queued for this site now.
+                        self._attempted(lane, False)
+                        job.fired = exc.fired
                         self._fail_route(job, exc)
+                        if self._held(src.name, lane.site.name, time.time()):
+                            self._reroute(lane, None)     # a rule suspended this lane
+                            return
+                        # The same answer holds for everything queued for this site now.
                         for j in lane.drain():
                             self._fail_route(j, exc)
                         return
                     if src.failures:
                         src.failures = 0
-                await self._pace(lane.message_key, limits.max_message_rate)
+                await self._pace(lane.message_key, lane.limits.max_message_rate)
                 conn = await self._send(conn, target, job, lane)
+                if self._held(src.name, lane.site.name, time.time()):
+                    self._reroute(lane, None)     # a rule suspended this lane: stop here
+                    return
                 if self._yield_slot(lane):
                     yielded = True
                     return
+                if lane.active > lane.limits.connection_limit:
+                    return              # a throttle or back-off lowered the limit
         except Exception:
             log.exception("delivery worker for %s failed", lane.key)
         finally:
@@ -734,6 +819,7 @@ class Engine:
                 FAILED, 553, "5.6.7", f"{host} does not support SMTPUTF8", host, ip))
             return conn if conn.is_usable else None
         except (smtpc.SmtpError, OSError) as exc:
+            self._attempted(lane, False)
             self._finish(job, job.results(
                 DEFERRED, 451, "4.4.2", f"{host}[{ip}]: {type(exc).__name__}: {exc}", host, ip))
             conn.close()
@@ -741,17 +827,105 @@ class Engine:
         results = []
         for k, rcpt in enumerate(m.rcpts):
             r = res.rcpt_replies[k]
+            stage = "mail" if res.mail_refused else "rcpt"
             if r.code < 400 and res.data_reply is not None:
                 r = res.data_reply
+                stage = "data"
             outcome = DELIVERED if r.code < 400 else DEFERRED if r.code < 500 else FAILED
+            bounce_class = ""
+            if r.code >= 400 and (k == 0 or stage == "rcpt" or job.fired is None):
+                fired = self._apply_rule(lane, stage, r.code, r.enhanced or "", r.text)
+                if fired is not None:
+                    if job.fired is None:
+                        job.fired = fired
+                    if fired.action == "bounce":
+                        outcome = FAILED
+                        bounce_class = self._bounce_class(fired.name)
+                    elif fired.action == "defer":
+                        outcome = DEFERRED
+                        job.retry_after = max(job.retry_after, self._delay(fired.name))
+            elif r.code >= 400 and job.fired is not None and job.fired.action == "bounce":
+                outcome, bounce_class = FAILED, self._bounce_class(job.fired.name)
             results.append(Result(index=rcpt.index, outcome=outcome, code=r.code,
                                   enhanced=r.enhanced or "", text=r.text, host=host, ip=ip,
-                                  dsn=res.dsn))
+                                  dsn=res.dsn, bounce_class=bounce_class))
+        if any(x.outcome == DELIVERED for x in results):
+            self._attempted(lane, True)
+        elif any(x.outcome == DEFERRED for x in results):
+            self._attempted(lane, False)
         self._finish(job, results)
         if not conn.is_usable:
             conn.close()
             return None
         return conn
+
+    # ------------------------------------------------------------- adaptive
+
+    def _apply_rule(self, lane: Lane, stage: str, code: int, enhanced: str, text: str):
+        """Match a reply against the response rules; put a suspension or throttle in
+        effect.  The bus.FiredRule, or None when no rule matched."""
+        ad = self.adaptive
+        rule = ad.rules.match(stage, code, enhanced, text, lane.site.hosts)
+        if rule is None:
+            return None
+        reply = f"{code} {enhanced + ' ' if enhanced else ''}{text}".replace("\n", " ")
+        entry = ad.fire(rule, lane.source.name, lane.site.name, reply, stage)
+        self.stats["rule:" + rule.name] += 1
+        if entry is not None and ad.fired_new and rule.action == "throttle":
+            self._relimit()
+        return FiredRule(name=rule.name, id=entry.id if entry else "", action=rule.action,
+                         scope=rule.scope, reply=reply[:300], stage=stage,
+                         until=entry.until if entry else 0.0)
+
+    def _rule(self, name: str):
+        for r in self.adaptive.rules.rules:
+            if r.name == name:
+                return r
+        return None
+
+    def _bounce_class(self, name: str) -> str:
+        r = self._rule(name)
+        return r.bounce_class if r is not None else ""
+
+    def _delay(self, name: str) -> float:
+        r = self._rule(name)
+        return r.delay if r is not None else 0.0
+
+    def _attempted(self, lane: Lane, ok: bool) -> None:
+        """Feed automatic back-off one attempt's result; apply a change at once."""
+        if self.adaptive.record(lane.source.name, lane.site.name, ok,
+                                attempted_rate=lane.rate or None,
+                                base=lambda: self._base_limits(lane)):
+            self._relimit()
+
+    def _relimit(self) -> None:
+        """Limits again for every lane (a throttle or back-off began, stepped or ended)."""
+        for site in self.sites.values():
+            for lane in list(site.lanes.values()):
+                limits = self._limits(lane.source, site)
+                if limits != lane.limits:
+                    lane.limits = limits
+                    if lane.queued():
+                        self._kick(lane)
+
+    def adaptive_tick(self) -> None:
+        """Once a second (the caller's upkeep): read the node's adaptive state (other
+        processes' decisions, cancellations), log back-off steps, apply what changed;
+        jobs queued in a lane that is now suspended go elsewhere."""
+        try:
+            changed = self.adaptive.tick()
+        except Exception:
+            log.exception("adaptive state upkeep failed")
+            return
+        if changed:
+            self._relimit()
+            now = time.time()
+            for site in self.sites.values():
+                for lane in list(site.lanes.values()):
+                    if lane.queued() and self._held(lane.source.name, site.name, now):
+                        self._reroute(lane, None)
+                        if lane.active == 0 and not lane.queued():
+                            self._forget(lane)
 
     # -------------------------------------------------------------- upkeep
 
@@ -794,6 +968,9 @@ class Engine:
             "lanes": lanes,
             "sites": {s.name: {"domains": sorted(s.domains), "hosts": list(s.hosts)}
                       for s in self.sites.values()},
+            "adaptive": self.adaptive.status(),
+            "warmup": self.warmup.status(list(self.sites.values())) if self.warmup.plans
+            else {},
             "sources": {s.name: {"address": s.address or "", "proxy": bool(s.proxy),
                                  "suspended_until": s.suspended_until
                                  if not s.usable(now) else 0.0,

@@ -150,6 +150,8 @@ RATE_LOCK = 0                        # byte: exclusive while the rate state is u
 WAIT_LOCK = 1                        # byte: read-locked by each waiting process
 SLOT_BASE = 64                       # byte SLOT_BASE + i: connection slot i
 _STATE = struct.Struct("=dd")        # tat, interval
+_COUNT = struct.Struct("=qq")        # window number, count (warm-up caps)
+_COUNT_AT = _STATE.size              # where the count pair starts
 
 _RATE_BUSY_WAIT = 0.001              # seconds: the answer when the rate lock is busy
 _RATE_LOCK_TRIES = 3
@@ -264,6 +266,11 @@ class Limiter(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release everything this limiter holds."""
+
+    def count(self, key: str, window: int, cap: int, take: bool = True) -> int:
+        """Count one unit of ``key`` in fixed window number ``window`` if fewer than
+        ``cap`` were; the count before.  (Warm-up caps; see NodeLimiter.count.)"""
+        raise NotImplementedError
 
 
 class _Entry:
@@ -507,6 +514,39 @@ class NodeLimiter(Limiter):
                     return max(tat - now - allowance, 1e-9)
                 _STATE.pack_into(mm, 0, tat + interval, interval)
                 return 0.0
+            finally:
+                fcntl.fcntl(fd, _SETLK, _UNLOCK_RATE)
+        finally:
+            if transient:
+                entry.close()
+
+    # -- counts per fixed window (warm-up caps) ------------------------------
+
+    def count(self, key: str, window: int, cap: int, take: bool = True) -> int:
+        """Count one unit of ``key`` in the fixed window number ``window`` if fewer than
+        ``cap`` were counted in it; the count before (``cap`` or more: nothing taken).
+        A new window number starts from zero.  ``take=False`` only reads.  The pair
+        (window, count) lives in the key's file after the rate state, under the same
+        short lock; node-wide like the rest."""
+        entry, transient = self._entry_or_transient(key)
+        try:
+            fd, mm = entry.fd, entry.mm
+            for _ in range(_RATE_LOCK_TRIES):
+                try:
+                    fcntl.fcntl(fd, _SETLK, _LOCK_RATE)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+            else:
+                return cap           # busy for microseconds: as if full, ask again later
+            try:
+                stored, n = _COUNT.unpack_from(mm, _COUNT_AT)
+                if stored != window:
+                    n = 0
+                if take and n < cap:
+                    _COUNT.pack_into(mm, _COUNT_AT, window, n + 1)
+                return n
             finally:
                 fcntl.fcntl(fd, _SETLK, _UNLOCK_RATE)
         finally:

@@ -90,13 +90,14 @@ class Delivery:
         self.m.job_done(job, results)
         self._hand_back(job.peer, bus.DeliveryOutcome(
             m.req, m.qid, results, source=job.source, source_ip=job.source_ip, site=job.site,
-            retry_after=retry_after))
+            retry_after=retry_after or job.retry_after, rule=job.fired))
         address = {r.index: r.address for r in m.rcpts}
+        rule = f" rule={job.fired.name}({job.fired.action})" if job.fired is not None else ""
         for r in results:
-            log.info("%s: to=<%s> relay=%s[%s] source=%s[%s] site=%s status=%s (%d %s %s)",
+            log.info("%s: to=<%s> relay=%s[%s] source=%s[%s] site=%s status=%s (%d %s %s)%s",
                      m.qid, address.get(r.index, ""), r.host or "none", r.ip or "",
                      job.source or "none", job.source_ip, job.site or "none",
-                     r.outcome, r.code, r.enhanced, r.text)
+                     r.outcome, r.code, r.enhanced, r.text, rule)
         self._open_window()
 
     def _open_window(self) -> None:
@@ -155,6 +156,7 @@ class Delivery:
         """Once a second: write the status file ``mta queue`` reads; forget old sites."""
         n = 0
         while True:
+            self.engine.adaptive_tick()
             try:
                 self.write_status()
             except OSError as exc:

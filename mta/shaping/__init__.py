@@ -49,10 +49,11 @@ from importlib import resources
 
 import msgspec
 
-from mta.config.schema import ShapingRule
+from mta.config.schema import (RULE_ACTIONS, RULE_SCOPES, RULE_STAGES, ResponseRule,
+                               ShapingRule)
 
 __all__ = ["Limits", "Shaping", "parse_rate", "load_presets", "check", "PRESETS_FILE",
-           "STARTTLS_MODES"]
+           "STARTTLS_MODES", "check_response_rules", "load_response_presets", "glob_regex"]
 
 STARTTLS_MODES = ("none", "opportunistic", "required")
 PRESETS_FILE = "presets.toml"
@@ -215,12 +216,85 @@ def check(rules: list[ShapingRule], sources: set[str], key_prefix: str = "shapin
                              f"got {r.starttls!r}")
 
 
+def glob_regex(pattern: str) -> re.Pattern:
+    """An MX glob (``*.google.com``) as a regular expression (use ``fullmatch``)."""
+    return _glob_regex(pattern)
+
+
+def check_response_rules(rules: list[ResponseRule], key_prefix: str = "response_rule") -> None:
+    """Validate response rules; raise ValueError naming the key (``response_rule[2].text``)."""
+    names: set[str] = set()
+    for i, r in enumerate(rules):
+        key = f"{key_prefix}[{i}]"
+        if not isinstance(r, ResponseRule):
+            raise ValueError(f"{key}: expected a table of response rule keys")
+        if not r.name or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", r.name):
+            raise ValueError(f"{key}.name: a name is required: letters, digits, '-', '_', "
+                             f"'.', ':' (at most 64), got {r.name!r}")
+        if r.name in names:
+            raise ValueError(f"{key}.name: {r.name!r} is used by an earlier rule")
+        names.add(r.name)
+        for j, st in enumerate(r.stages):
+            if st not in RULE_STAGES:
+                raise ValueError(f"{key}.stages[{j}]: expected one of "
+                                 f"{', '.join(RULE_STAGES)}, got {st!r}")
+        if r.code is None and not r.enhanced and not r.text:
+            raise ValueError(f"{key}: set at least one of code, enhanced and text (a rule "
+                             "that matches every reply is not a rule)")
+        if r.enhanced and not re.fullmatch(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}", r.enhanced):
+            raise ValueError(f"{key}.enhanced: expected a status code like 4.7.28, "
+                             f"got {r.enhanced!r}")
+        if r.text:
+            if len(r.text) > 1000:
+                raise ValueError(f"{key}.text: longer than 1000 characters")
+            try:
+                re.compile(r.text)
+            except re.error as exc:
+                raise ValueError(f"{key}.text: not a regular expression: {exc}") from None
+        if r.mx:
+            why = _mx_problem(r.mx)
+            if why:
+                raise ValueError(f"{key}.mx: {r.mx!r} {why}")
+        if r.action not in RULE_ACTIONS:
+            raise ValueError(f"{key}.action: expected one of {', '.join(RULE_ACTIONS)}, "
+                             f"got {r.action!r}")
+        if r.scope not in RULE_SCOPES:
+            raise ValueError(f"{key}.scope: expected one of {', '.join(RULE_SCOPES)}, "
+                             f"got {r.scope!r}")
+        if r.action in ("suspend", "throttle") and r.duration <= 0:
+            raise ValueError(f"{key}.duration: a {r.action} needs a duration above 0 seconds")
+        if r.action == "throttle":
+            if r.connection_limit is None and r.max_message_rate is None:
+                raise ValueError(f"{key}: a throttle sets connection_limit and/or "
+                                 "max_message_rate")
+            if r.scope != "source_site":
+                raise ValueError(f"{key}.scope: a throttle applies to source_site only")
+        if r.max_message_rate is not None:
+            try:
+                parse_rate(r.max_message_rate)
+            except ValueError as exc:
+                raise ValueError(f"{key}.max_message_rate: {exc}") from None
+        if r.action == "bounce" and not r.bounce_class:
+            raise ValueError(f"{key}.bounce_class: a bounce action names its bounce class")
+        if r.bounce_class and not re.fullmatch(r"[0-9]{1,3}", r.bounce_class):
+            raise ValueError(f"{key}.bounce_class: expected a class number like \"51\", "
+                             f"got {r.bounce_class!r}")
+        if r.action == "defer" and r.delay <= 0:
+            raise ValueError(f"{key}.delay: a defer action needs a delay above 0 seconds")
+
+
 class _PresetsFile(msgspec.Struct, forbid_unknown_fields=True):
     shaping: list[ShapingRule] = msgspec.field(default_factory=list)
+    response_rule: list[ResponseRule] = msgspec.field(default_factory=list)
 
 
 @lru_cache(maxsize=4)
 def _presets(path: str | None) -> tuple[ShapingRule, ...]:
+    return _preset_file(path)[0]
+
+
+@lru_cache(maxsize=4)
+def _preset_file(path: str | None) -> tuple[tuple[ShapingRule, ...], tuple[ResponseRule, ...]]:
     try:
         if path is None:
             where = f"mta/shaping/{PRESETS_FILE}"
@@ -234,7 +308,8 @@ def _presets(path: str | None) -> tuple[ShapingRule, ...]:
                          f"{exc.strerror or exc}") from None
     try:
         raw = tomllib.loads(data.decode("utf-8"))
-        rules = msgspec.convert(raw, _PresetsFile).shaping
+        parsed = msgspec.convert(raw, _PresetsFile)
+        rules = parsed.shaping
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{where}: {exc}") from None
     except msgspec.ValidationError as exc:
@@ -247,9 +322,15 @@ def _presets(path: str | None) -> tuple[ShapingRule, ...]:
                              "source; per-source rules belong in the configuration")
     try:
         check(rules, set())
+        check_response_rules(parsed.response_rule)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
-    return tuple(rules)
+    return tuple(rules), tuple(parsed.response_rule)
+
+
+def load_response_presets(path: str | None = None) -> list[ResponseRule]:
+    """The shipped response rules (``[[response_rule]]`` in ``presets.toml``)."""
+    return list(_preset_file(path)[1])
 
 
 def load_presets(path: str | None = None) -> list[ShapingRule]:

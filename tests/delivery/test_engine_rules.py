@@ -1,0 +1,107 @@
+"""Response rules in the delivery engine, in process: bounce, defer and suspend actions
+against a real SMTP peer on loopback (tests/delivery/test_engine.py's Peer: local parts
+"later*" get 450 4.2.1 at RCPT, "bad*" 550 5.1.1)."""
+from __future__ import annotations
+
+import asyncio
+import tempfile
+
+import msgspec
+import uvloop
+from test_engine import LOOP_BOUND, Peer, job, mx_to_loopback
+
+from mta import bus
+from mta.config import resolve
+from mta.config.schema import Config
+from mta.delivery.engine import Engine
+
+
+def run(jobs, rules, sections=None, **delivery):
+    """Deliver *jobs* with the [[response_rule]] tables *rules*; [(job, results)], engine."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        peer = Peer()
+        server = await loop.create_server(peer.protocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = msgspec.convert({
+            "server": {"hostname": "mta.test", "state_dir": tempfile.mkdtemp(prefix="rules-")},
+            "delivery": {"mx_port": port, "starttls": "none", "shaping_presets": False,
+                         **delivery},
+            "response_rule": rules, **(sections or {})}, Config)
+        reports = []
+        done = asyncio.Event()
+
+        def report(j, results, retry_after=0.0):
+            reports.append((j, results, retry_after))
+            if len(reports) == len(jobs):
+                done.set()
+
+        engine = Engine(resolve(cfg, None), mx_to_loopback("a.test"), report, loop)
+        for j in jobs:
+            engine.submit(j)
+        await done.wait()
+        await engine.close()
+        server.close()
+        return reports, engine
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+
+
+def test_bounce_action_fails_the_recipient_now_with_its_class():
+    rules = [{"name": "busy-is-dead", "code": 450, "enhanced": "4.2.1", "stages": ["rcpt"],
+              "action": "bounce", "bounce_class": "51"}]
+    [(j, results, _)], engine = run([job("a.test", "later1", "ok1")], rules)
+    by = {r.index: r for r in results}
+    assert (by[0].outcome, by[0].code, by[0].bounce_class) == (bus.FAILED, 450, "51")
+    assert by[1].outcome == bus.DELIVERED and by[1].bounce_class == ""
+    assert j.fired is not None and (j.fired.name, j.fired.action, j.fired.stage) == \
+        ("busy-is-dead", "bounce", "rcpt")
+    assert "450 4.2.1" in j.fired.reply
+    assert engine.stats["rule:busy-is-dead"] == 1
+
+
+def test_defer_action_asks_for_its_delay():
+    rules = [{"name": "later-later", "code": 450, "action": "defer", "delay": 1200}]
+    [(j, results, _)], _ = run([job("a.test", "later1")], rules, time_scale=0.5)
+    assert results[0].outcome == bus.DEFERRED
+    assert j.retry_after == 600.0                  # 1200 s x time_scale
+    assert j.fired.name == "later-later" and j.fired.id == ""
+
+
+def test_no_rule_no_record_and_5xx_without_a_rule_is_unchanged():
+    [(j, results, _)], _ = run([job("a.test", "bad1", "later1")], [
+        {"name": "other", "code": 421, "action": "defer", "delay": 5}])
+    assert [r.outcome for r in sorted(results, key=lambda r: r.index)] == \
+        [bus.FAILED, bus.DEFERRED]
+    assert j.fired is None and j.retry_after == 0.0
+
+
+def test_suspend_action_requeues_the_rest_of_the_lane():
+    rules = [{"name": "stop-it", "code": 450, "action": "suspend", "scope": "source_site",
+              "duration": 600}]
+    jobs = [job("a.test", "later1", n=0)] + [job("a.test", f"ok{i}", n=i) for i in range(1, 6)]
+    reports, engine = run(jobs, rules, connection_limit=1)
+    outcomes = [r[1][0].outcome for r in sorted(reports, key=lambda r: r[0].msg.req)]
+    assert outcomes[0] == bus.DEFERRED
+    # The jobs behind it in the (only) source's lane wait in the spool (not an attempt)
+    # for as long as the suspension lasts.
+    assert bus.REQUEUED in outcomes[1:]
+    requeued = [r for r in reports if r[1][0].outcome == bus.REQUEUED]
+    assert all(500 <= r[2] <= 600 for r in requeued), [r[2] for r in requeued]
+    [entry] = engine.adaptive.status()
+    assert (entry["rule"], entry["kind"], entry["source"]) == ("stop-it", "suspend", "default")
+
+
+def test_warmup_wait_overflow_requeues_until_the_hour_rolls_over():
+    sections = {"egress": {"source": [{"name": "new", "source_address": "127.0.0.1"}],
+                           "pool": [{"name": "default", "sources": [{"source": "new"}]}]},
+                "warmup": [{"source": "new", "overflow": "wait",
+                            "schedule": [{"day": 1, "hourly": 2}]}]}
+    jobs = [job("a.test", f"ok{i}", n=i) for i in range(5)]
+    reports, engine = run(jobs, [], sections=sections, time_scale=0.5)
+    outcomes = sorted(r[1][0].outcome for r in reports)
+    assert outcomes.count(bus.DELIVERED) == 2 and outcomes.count(bus.REQUEUED) == 3
+    waits = [r[2] for r in reports if r[1][0].outcome == bus.REQUEUED]
+    assert all(1700 <= w <= 1800 for w in waits), waits      # the rest of the hour (x 0.5)
+    assert "warm-up cap" in [r for r in reports if r[1][0].outcome == bus.REQUEUED][0][1][0].text

@@ -1,0 +1,222 @@
+"""Adaptive delivery in the real daemon (issue 12): response rules, back-off, durability.
+
+A test world on loopback: unbound serves the test domains, smart sinks
+(tests/smartsink.py) on 127.0.0.10/.11 answer like a provider that limits each
+client IP, egress sources bind 127.0.0.2/.3.  ``delivery.time_scale`` shrinks
+the rule durations, the retry schedule and the back-off timings so that the
+tests take seconds.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+import re
+
+from daemon import wait_until
+from mxlab import mx
+from smartsink import Policy, SmartSink
+
+SENDER = "sender@example.com"
+LIMITED = "limited.test"          # MX on 127.0.0.10: the provider that limits client IPs
+OTHER = "other.test"              # MX on 127.0.0.11: accepts everything
+SITE = "mx.limited.test"
+
+TSS04_RULE = {"name": "tss04-suspend", "code": 421, "text": r"\[TSS04\]", "stages": ["mail"],
+              "mx": "*.limited.test", "action": "suspend", "scope": "source_site",
+              "duration": 3000}
+
+
+def smart(lab, ip, default=None, **kw) -> SmartSink:
+    s = SmartSink(ip, lab.port, default, **kw).start()
+    lab.sinks.append(s)
+    return s
+
+
+def egress() -> dict:
+    return {"source": [{"name": "ip-2", "source_address": "127.0.0.2"},
+                       {"name": "ip-3", "source_address": "127.0.0.3"}],
+            "pool": [{"name": "default", "sources": [{"source": "ip-2", "weight": 1},
+                                                     {"source": "ip-3", "weight": 1}]}]}
+
+
+def send_many(d, domain: str, n: int, tag: str) -> None:
+    for i in range(n):
+        d.send(SENDER, [f"{tag}{i}@{domain}"], f"Subject: {tag}{i}\r\n\r\nhi\r\n".encode())
+
+
+def rules(d) -> list[dict]:
+    out = d.cli("rules", "list", "--json").stdout.decode()
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def clients(sink: SmartSink, tag: str) -> collections.Counter:
+    return collections.Counter(a.client_ip for a in sink.deliveries()
+                               if a.rcpts[0].startswith(tag))
+
+
+def test_rule_suspends_source_x_site_visible_durable_and_cancellable(lab):
+    """The provider's 421 [TSS04] to ip-2 fires the rule: ip-2 stops sending to that site
+    (ip-3 carries its mail), ip-2 keeps sending to another site; mta rules list shows the
+    rule, the reply and the time left; kill -9 of the whole tree keeps it; cancel ends it."""
+    lab.serve(mx(LIMITED, SITE, "127.0.0.10") + mx(OTHER, "mx.other.test", "127.0.0.11"))
+    limited = smart(lab, "127.0.0.10", by_client={
+        "127.0.0.2": Policy(max_per_window=3, window=600)})
+    other = smart(lab, "127.0.0.11")
+    d = lab.daemon(processes=2, time_scale=0.01, sections={
+        "egress": egress(), "response_rule": [TSS04_RULE], "backoff": {"enabled": False}})
+    send_many(d, LIMITED, 30, "a")
+    send_many(d, OTHER, 10, "o")
+    wait_until(lambda: len(clients(limited, "a")) and sum(clients(limited, "a").values()) >= 30,
+               90, "30 deliveries to the limited site", interval=0.2)
+    wait_until(lambda: sum(clients(other, "o").values()) >= 10, 60, "10 to the other site")
+    by_ip = clients(limited, "a")
+    assert by_ip["127.0.0.2"] <= 3, by_ip          # never more than the provider allowed
+    assert by_ip["127.0.0.3"] >= 27, by_ip
+    refused = [s for s in limited.snapshot() if s.reply.startswith("421")]
+    # One refusal fired the rule; a few more may have been in flight on open connections,
+    # never a retry storm.
+    assert 1 <= len(refused) <= 4, refused
+    assert {s.client_ip for s in refused} == {"127.0.0.2"}
+    # The same source keeps sending to another site.
+    assert set(clients(other, "o")) == {"127.0.0.2", "127.0.0.3"}, clients(other, "o")
+
+    [r] = rules(d)
+    assert (r["rule"], r["kind"], r["scope"], r["source"], r["site"]) == \
+        ("tss04-suspend", "suspend", "source_site", "ip-2", SITE)
+    assert "[TSS04]" in r["reply"] and "127.0.0.2" in r["reply"] and r["stage"] == "mail"
+    assert 0 < r["left"] <= 30.0                   # 3000 s x time_scale 0.01
+    table = d.cli("rules", "list").stdout.decode()
+    assert "tss04-suspend" in table and "ip-2" in table and "[TSS04]" in table
+    # The deferred delivery names the rule in the delivery log.
+    assert re.search(r"source=ip-2\[127\.0\.0\.2\] site=mx\.limited\.test status=deferred "
+                     r"\(421 4\.7\.0 .*TSS04.*\) rule=tss04-suspend\(suspend\)", d.log())
+
+    # kill -9 of the whole tree: the suspension holds after the restart.
+    d.kill9()
+    d.start()
+    assert [x["id"] for x in rules(d)] == [r["id"]]
+    limited.set_policy(client="127.0.0.2", max_per_window=0)   # the provider would take it now
+    send_many(d, LIMITED, 10, "b")
+    wait_until(lambda: sum(clients(limited, "b").values()) >= 10, 60, "10 more deliveries")
+    assert set(clients(limited, "b")) == {"127.0.0.3"}, clients(limited, "b")
+
+    # Cancelled: ip-2 sends to the site again.
+    out = d.cli("rules", "cancel", "tss04-suspend").stdout.decode()
+    assert "cancelled suspend tss04-suspend" in out
+    assert rules(d) == []
+    # Both delivery processes see the cancel within a second (and say so).
+    d.wait_log(r"suspend tss04-suspend source=ip-2 site=mx\.limited\.test \(id [0-9a-f]+\) "
+               r"cancelled", count=2, timeout=10)
+    send_many(d, LIMITED, 20, "c")
+    wait_until(lambda: sum(clients(limited, "c").values()) >= 20, 60, "20 after the cancel")
+    assert clients(limited, "c")["127.0.0.2"] >= 5, clients(limited, "c")
+    assert d.cli("rules", "cancel", "tss04-suspend", check=False).returncode == 1
+
+
+def test_backoff_lowers_the_rate_and_recovers_step_by_step(lab):
+    """A site deferring a client IP beyond 10 per 2 s (no rule matches its reply): the
+    source x site enters back-off (its rate lowered, in the log and mta rules list), and
+    after the site stops deferring the rate climbs back step by step to the shaping
+    limit; the back-off state survives a restart."""
+    lab.serve(mx(LIMITED, SITE, "127.0.0.10"))
+    slow_reply = "421 4.7.0 Slow down please"
+    limited = smart(lab, "127.0.0.10", by_client={
+        "127.0.0.2": Policy(max_per_window=10, window=2.0, rate_reply=slow_reply)})
+    d = lab.daemon(processes=2, time_scale=0.1, sections={
+        "egress": {"source": [{"name": "ip-2", "source_address": "127.0.0.2"}],
+                   "pool": [{"name": "default", "sources": [{"source": "ip-2", "weight": 1}]}]},
+        "shaping": [{"mx": "*.limited.test", "max_message_rate": "40/s"}],
+        # x time_scale 0.1: judge 3 s of attempts, a step every 1 s
+        "backoff": {"window": 30, "min_attempts": 8, "threshold": 0.2, "decrease": 0.8,
+                    "recover_step": 0.25, "recover_interval": 10,
+                    "hold_intervals": 2}})
+    send_many(d, LIMITED, 120, "m")
+    d.wait_log(r"back-off begins source=ip-2 site=mx\.limited\.test", timeout=60)
+    [b] = wait_until(lambda: rules(d) or None, 10, "the back-off entry")
+    assert b["kind"] == "backoff" and b["source"] == "ip-2" and b["site"] == SITE
+    assert b["rate"] < 40.0 and b["ceiling"] == 40.0
+    # The site took at most 10 in any 2 s (judged over at least 1 s, at most 3 s): at most
+    # 10/s; back-off sets 0.8 x what it took.
+    assert b["rate"] <= 0.8 * 10.0 + 1e-6, b
+    # Restart: the back-off is still there (same entry, same level or deeper).
+    d.kill9()
+    d.start()
+    again = rules(d)
+    assert again and again[0]["id"] == b["id"] and again[0]["level"] >= b["level"]
+    # The provider stops deferring: steps up, logged, until back at the shaping limit.
+    mark = len(d.log())
+    limited.set_policy(client="127.0.0.2", max_per_window=0)
+    d.wait_log(r"back-off over: source=ip-2 site=mx\.limited\.test back at 40\.000/s",
+               timeout=120)
+    # The recovery after the last decrease: each step's rate above the one before (both
+    # delivery processes log each step: the same step, the same rate).
+    tail = d.log()[mark:]
+    tail = max(tail.rpartition("back-off deeper")[2], tail, key=len) \
+        if "back-off deeper" not in tail else tail.rpartition("back-off deeper")[2]
+    steps: dict[int, set] = collections.defaultdict(set)
+    for n, rate in re.findall(r"back-off source=ip-2 site=mx\.limited\.test: step (\d+), "
+                              r"rate ([0-9.]+)/s", tail):
+        steps[int(n)].add(float(rate))
+    assert all(len(v) == 1 for v in steps.values()), steps
+    rates = [steps[n].pop() for n in sorted(steps)]
+    assert len(rates) >= 2 and rates == sorted(set(rates)) and rates[-1] < 40.0, rates
+    wait_until(lambda: sum(clients(limited, "m").values()) >= 120, 120, "all 120 delivered")
+    assert rules(d) == []
+
+
+def delivery_status(d) -> list[dict]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(d.state_dir, "run", "delivery-*.status.json"))):
+        with open(path, "rb") as fh:
+            out.append(json.loads(fh.read()))
+    return out
+
+
+def test_warmup_caps_a_new_source_per_site_and_keeps_its_day_across_kill9(lab):
+    """Day 1 of ip-3's schedule: at most 10 messages per hour to a site (an hour is 360 s
+    at time_scale 0.1).  Of 40 messages to a site, ip-3 sends 10 and the pool's other
+    source (ip-2) the rest; another site has its own 10; the delivery status (mta queue's
+    source) shows the day, the caps and the counts; the first-use date survives kill -9
+    of the whole tree, and the cap still holds after it (counts are node-wide)."""
+    lab.serve(mx(LIMITED, SITE, "127.0.0.10") + mx(OTHER, "mx.other.test", "127.0.0.11"))
+    limited = smart(lab, "127.0.0.10")
+    other = smart(lab, "127.0.0.11")
+    d = lab.daemon(processes=2, time_scale=0.1, sections={
+        "egress": egress(),
+        "warmup": [{"source": "ip-3", "overflow": "other_sources",
+                    "schedule": [{"day": 1, "hourly": 10, "daily": 100},
+                                 {"day": 2, "hourly": 1000}]}],
+        "backoff": {"enabled": False}})
+    send_many(d, LIMITED, 40, "w")
+    send_many(d, OTHER, 30, "x")
+    wait_until(lambda: sum(clients(limited, "w").values()) >= 40, 60, "40 to the site")
+    wait_until(lambda: sum(clients(other, "x").values()) >= 30, 60, "30 to the other site")
+    w, x = clients(limited, "w"), clients(other, "x")
+    assert w == {"127.0.0.3": 10, "127.0.0.2": 30}, w
+    assert x == {"127.0.0.3": 10, "127.0.0.2": 20}, x
+    [entry] = [r for r in rules(d) if r["kind"] == "warmup"]
+    assert entry["source"] == "ip-3" and entry["day"] == 1
+
+    def warm():
+        for st in delivery_status(d):
+            ip3 = st.get("warmup", {}).get("ip-3", {})
+            if ip3.get("sites", {}).get(SITE) == {"hour": 10, "day": 10}:
+                return ip3
+        return None
+    ip3 = wait_until(warm, 10, "the warm-up in the delivery status")
+    assert (ip3["day"], ip3["hourly"], ip3["daily"]) == (1, 10, 100)
+    # mta queue shows it (node-wide counts per site)
+    q = d.queue_summary()["delivery"]["warmup"]["ip-3"]
+    assert q["day"] == 1 and q["sites"][SITE] == {"hour": 10, "day": 10}
+    table = d.cli("queue").stdout.decode()
+    assert re.search(r"ip-3\s+1\s+10/100\s+mx\.limited\.test\s+10\s+10", table), table
+    first = entry["created"]
+    d.kill9()
+    d.start()
+    [again] = [r for r in rules(d) if r["kind"] == "warmup"]
+    assert again["created"] == first
+    send_many(d, LIMITED, 10, "y")
+    wait_until(lambda: sum(clients(limited, "y").values()) >= 10, 60, "10 more")
+    assert clients(limited, "y") == {"127.0.0.2": 10}      # ip-3 is still at its cap
