@@ -76,7 +76,9 @@ def _report(pid: int, role="acceptor", index=0, accepted=0, txn=(), queue=None, 
 def _settings():
     admin = SimpleNamespace(push_interval=1.0)
     return SimpleNamespace(shards=1, deliveries=1, acceptors=2, spool_dir="/nonexistent",
-                           config=SimpleNamespace(admin=admin))
+                           events_enabled=False,
+                           config=SimpleNamespace(admin=admin,
+                                                  webhooks=SimpleNamespace(enabled=False)))
 
 
 def test_reports_sum_children_and_keep_a_replaced_process_counts():

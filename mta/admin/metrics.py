@@ -41,6 +41,8 @@ def expected_slots(settings) -> list[tuple[str, int]]:
     out = [("spool", i) for i in range(settings.shards)]
     out += [("delivery", i) for i in range(settings.deliveries)]
     out += [("acceptor", i) for i in range(settings.acceptors)]
+    if settings.events_enabled:
+        out.append(("events", 0))
     if settings.config.webhooks.enabled:
         out.append(("webhooks", 0))
     return out

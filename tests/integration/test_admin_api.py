@@ -117,12 +117,12 @@ def test_status_and_health_report_every_child(make_daemon):
         st, _, s = admin_call(d, "GET", "/api/admin/status")
         assert st == 200, s
         return s if s["totals"]["accepted_messages"] == 4 and s["queue"]["total"][
-            "messages"] == 4 and s["ok"] and len(s["processes"]) == 6 else None
+            "messages"] == 4 and s["ok"] and len(s["processes"]) == 7 else None
     s = wait_until(settled, 20, "the status with 4 accepted messages and every child",
                    interval=0.3)
     roles = sorted((p["role"], p["index"]) for p in s["processes"])
     assert roles == [("acceptor", 0), ("acceptor", 1), ("delivery", 0), ("events", 0),
-                     ("spool", 0), ("spool", 1)]
+                     ("spool", 0), ("spool", 1), ("webhooks", 0)]
     assert all(p["up"] and p["pid"] and p["memory_bytes"] > 0 for p in s["processes"])
     lat = s["latency_seconds"]["smtp_transaction"]
     assert lat["count"] == 4 and 0 < lat["p50"] <= lat["p99"]

@@ -107,8 +107,9 @@ def test_status_page_shows_the_api_numbers_under_load(make_daemon, tmp_path):
     load = Load(d)
     load.start()
     try:
-        wait_until(lambda: status(d)["totals"]["accepted_messages"] >= 10, 30,
-                   "some load accepted", interval=0.3)
+        # (every child -- acceptors, spools, delivery, events, webhooks -- has reported)
+        wait_until(lambda: status(d)["totals"]["accepted_messages"] >= 10 and len(
+            status(d)["processes"]) == 7, 30, "some load accepted", interval=0.3)
         before = status(d)
         dom = Dom(chromium(url, "--dump-dom").decode())
         after = status(d)
@@ -125,7 +126,7 @@ def test_status_page_shows_the_api_numbers_under_load(make_daemon, tmp_path):
                                                                  dom.text[ident], get(after))
     assert number(dom, "rate-injection") > 0
     assert number(dom, "children-up") == number(dom, "children-total") == len(
-        after["processes"]) == 5
+        after["processes"]) == 7
     assert dom.classes.get("series", 0) >= 1        # the rates chart has its lines
     assert dom.classes.get("bar", 0) >= 1           # the queue-by-pool chart its bar
 
