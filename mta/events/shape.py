@@ -33,6 +33,8 @@ Our own fields, named so that they clash with none of SparkPost's:
 ``queue_id``, ``bounce_rule`` (the rule that decided ``bounce_class``;
 ``expired`` for an expiry, whose last reply's class and rule are
 ``last_bounce_class`` / ``last_bounce_rule``),
+``response_rule`` with ``_action``, ``_scope`` and ``_until`` (the response rule a
+receiver's reply matched, mta/delivery/adaptive.py),
 ``egress_source``, ``site``, ``remote_host``, ``event_time`` (the timestamp
 with milliseconds, a string), ``message_id_header``, ``next_attempt`` (delay: Unix
 seconds of the next try with milliseconds, a string), ``suppressed`` (``"1"``), ``client``.
@@ -156,6 +158,15 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
         out["site"] = internal["site"]
     if internal.get("client"):
         out["client"] = internal["client"]
+    rule = internal.get("response_rule")
+    if rule:
+        # the response rule a receiver's reply matched during this attempt (ours, not
+        # SparkPost's): its name, action (suspend throttle bounce defer), scope and end
+        out["response_rule"] = rule.get("name", "")
+        out["response_rule_action"] = rule.get("action", "")
+        out["response_rule_scope"] = rule.get("scope", "")
+        if rule.get("until"):
+            out["response_rule_until"] = "%.3f" % rule["until"]
     if kind == "injection":
         return out
     attempt = int(internal.get("attempt") or 0)

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import logging
 
-from mta.bus import DELIVERED, FAILED, REQUEUED, Result
+from mta.bus import DELIVERED, FAILED, REQUEUED, FiredRule, Result
 from mta.dsn import (RecipientFailure, build_dsn, new_message_id, notify_allows, orcpt_text,
                      xtext_decode)
 from mta.feedback import classify
@@ -74,6 +74,7 @@ from mta.store import RCPT_DELAY_NOTIFIED, MessageMeta, start_of
 log = logging.getLogger("mta.spool")
 
 REQUEUE_MIN = 1.0        # seconds: a REQUEUED recipient waits at least this long
+DEFER_MAX = 7 * 86400.0  # a rule's defer delay is bounded by this (and by max_age)
 REQUEUE_MAX = 3600.0     # and at most this (the outcome's retry_after is bounded)
 EXPIRED_STATUS = "4.4.7"  # an expiry found at dispatch: no reply, our own status and text
 EXPIRED_TEXT = "message expired: too long in the queue"
@@ -116,12 +117,17 @@ class Plan:
         return st
 
     def outcome(self, qid: str, results: list[Result], now: float, source: str = "",
-                source_ip: str = "", site: str = "", retry_after: float = 0.0) -> None:
+                source_ip: str = "", site: str = "", retry_after: float = 0.0,
+                rule: FiredRule | None = None) -> None:
         """Record what one delivery job did to its recipients.
 
-        *source*, *source_ip*, *site*, *retry_after*: the DeliveryOutcome's
-        fields (the egress source used, its address, the receiving site; how
-        long REQUEUED recipients wait).
+        *source*, *source_ip*, *site*, *retry_after*, *rule*: the
+        DeliveryOutcome's fields (the egress source used, its address, the
+        receiving site; how long REQUEUED recipients wait, and DEFERRED ones
+        when a response rule's ``defer`` action set it; the response rule that
+        fired, recorded in each recipient's event).  A result that carries a
+        ``bounce_class`` (a rule's ``bounce`` action) keeps it, with the rule's
+        name as ``bounce_rule``.
         """
         e = self.entries.get(qid)
         if e is None:
@@ -139,6 +145,10 @@ class Plan:
             base["sending_ip"] = source_ip
         if site:
             base["site"] = site
+        if rule is not None:
+            base["response_rule"] = {"name": rule.name, "action": rule.action,
+                                     "scope": rule.scope, "stage": rule.stage,
+                                     "until": rule.until}
         policy = self.policy
         start = start_of(m)
         for r in results:
@@ -175,7 +185,10 @@ class Plan:
                     self.suppress.append((m.rcpts[idx],
                                           sup.bounce_description(r.code, r.enhanced, r.text)))
             else:
-                due = now + policy.delay(attempts)
+                # a rule's defer action gives the delay (e.g. a short one for a
+                # greylisting reply); otherwise the retry schedule does
+                due = now + (min(retry_after, DEFER_MAX) if retry_after > 0
+                             else policy.delay(attempts))
                 if due >= policy.deadline(start):
                     st[idx] = sch.EXPIRED
                     self._update(qid, idx, sch.EXPIRED, attempts, 0.0)
@@ -202,8 +215,13 @@ class Plan:
                     event["type"] = ev.DELAY
                     event["next_attempt"] = round(due, 3)
             if r.outcome != DELIVERED:
-                event["bounce_class"], event["bounce_rule"] = classify(r.code, r.enhanced,
-                                                                       r.text)
+                if r.bounce_class:       # decided by the response rule that fired
+                    event["bounce_class"] = int(r.bounce_class) if \
+                        r.bounce_class.isdigit() else r.bounce_class
+                    event["bounce_rule"] = rule.name if rule is not None else "response_rule"
+                else:
+                    event["bounce_class"], event["bounce_rule"] = classify(
+                        r.code, r.enhanced, r.text)
             self.events.append(event)
 
     def expire(self, qid: str, idxs: list[int], now: float) -> None:

@@ -285,7 +285,7 @@ class Shard:
                 self.returned(msg.req, msg.qid)
                 plan.outcome(msg.qid, msg.results, now, source=msg.source,
                              source_ip=msg.source_ip, site=msg.site,
-                             retry_after=msg.retry_after)
+                             retry_after=msg.retry_after, rule=msg.rule)
         work, self.expire_work = self.expire_work, []
         for qid, idxs in work:
             plan.expire(qid, idxs, now)

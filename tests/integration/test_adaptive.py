@@ -92,6 +92,13 @@ def test_rule_suspends_source_x_site_visible_durable_and_cancellable(lab):
     # The deferred delivery names the rule in the delivery log.
     assert re.search(r"source=ip-2\[127\.0\.0\.2\] site=mx\.limited\.test status=deferred "
                      r"\(421 4\.7\.0 .*TSS04.*\) rule=tss04-suspend\(suspend\)", d.log())
+    # ... and so does its delay event (log, store, webhooks), with the rule's action
+    def fired_events():
+        return [e for e in d.events() if e.get("response_rule") == "tss04-suspend"]
+    evs = wait_until(fired_events, 20, "the delay event naming the rule")
+    assert {(e["type"], e["response_rule_action"], e["response_rule_scope"], e["sending_ip"])
+            for e in evs} == {("delay", "suspend", "source_site", "127.0.0.2")}, evs
+    assert "TSS04" in evs[0]["raw_reason"] and float(evs[0]["response_rule_until"]) > 0
 
     # kill -9 of the whole tree: the suspension holds after the restart.
     d.kill9()

@@ -305,3 +305,59 @@ def test_no_delay_notice_before_the_warning_time_or_when_off():
         plan.outcome("Q1", [result(0, bus.DEFERRED, 451, "4.2.0")], NOW)
         plan.finish(NOW)
         assert plan.bounces == [] and len(plan.updates["Q1"][0]) == 4
+
+
+def fired(action: str, name: str = "gmail-rate", until: float = 0.0) -> bus.FiredRule:
+    return bus.FiredRule(name, "", action, "source_site", "421 4.7.28 unusual rate", "rcpt",
+                         until)
+
+
+def test_a_rules_defer_delay_replaces_the_retry_schedule_and_is_recorded():
+    entries = {"Q1": entry("Q1", ["a@example.net"])}
+    plan = make(entries)
+    # the schedule would say 60 s; the rule's defer action said 900 s
+    plan.outcome("Q1", [result(0, bus.DEFERRED, 451, "4.7.1", "greylisted")], NOW,
+                 retry_after=900.0, rule=fired("defer", "greylist"))
+    plan.finish(NOW)
+    assert plan.updates == {"Q1": [[0, sch.PENDING, 1, NOW + 900.0]]}
+    (e,) = plan.events
+    assert e["type"] == ev.DELAY and e["next_attempt"] == NOW + 900.0
+    assert e["response_rule"]["name"] == "greylist" and e["response_rule"]["action"] == "defer"
+    # a shorter delay than the schedule's is kept too (greylisting: try again soon)
+    entries = {"Q2": entry("Q2", ["a@example.net"])}
+    entries["Q2"].attempts[0] = 1                         # the schedule: 300 s
+    plan = make(entries)
+    plan.outcome("Q2", [result(0, bus.DEFERRED, 451)], NOW, retry_after=30.0,
+                 rule=fired("defer"))
+    plan.finish(NOW)
+    assert plan.updates == {"Q2": [[0, sch.PENDING, 2, NOW + 30.0]]}
+
+
+def test_a_rule_delay_past_max_age_expires_the_recipient():
+    entries = {"Q1": entry("Q1", ["a@example.net"])}
+    plan = make(entries, max_age=600.0)
+    plan.outcome("Q1", [result(0, bus.DEFERRED, 451)], NOW, retry_after=3600.0,
+                 rule=fired("defer"))
+    plan.finish(NOW)
+    assert plan.updates == {"Q1": [[0, sch.EXPIRED, 1, 0.0]]}
+    assert [e["type"] for e in plan.events] == [ev.EXPIRATION]
+
+
+def test_a_rules_bounce_class_is_kept_with_the_rule_as_bounce_rule():
+    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
+    plan = make(entries)
+    res = bus.Result(0, bus.FAILED, 554, "5.7.1", "blocked: poor reputation",
+                     "mx.example.net", "127.0.0.2", bounce_class="51")
+    plan.outcome("Q1", [res, result(1, bus.FAILED, 550, "5.1.1", "no such user")], NOW,
+                 rule=fired("bounce", "reputation-block"))
+    a, b = plan.events
+    assert (a["bounce_class"], a["bounce_rule"]) == (51, "reputation-block")
+    assert b["bounce_class"] == 10 and b["bounce_rule"] != "reputation-block"
+    assert a["response_rule"]["action"] == "bounce"
+
+
+def test_no_rule_no_response_rule_field():
+    entries = {"Q1": entry("Q1", ["a@example.net"])}
+    plan = make(entries)
+    plan.outcome("Q1", [result(0, bus.DEFERRED, 451)], NOW)
+    assert "response_rule" not in plan.events[0]
