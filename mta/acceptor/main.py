@@ -13,12 +13,14 @@ Reads:   client connections on the listening sockets the supervisor made for
          of being reset); the idempotency database (state_dir, shared); the
          free space of the spool file system (statvfs, twice a second, less
          what was sent to the spool since: see :meth:`Acceptor.submit`).
-Writes:  SPOOL_MESSAGE_COMMIT to the shard chosen by the queue id; SMTP
+Writes:  SPOOL_MESSAGE_COMMIT to the shard chosen by the queue id;
+         SPOOL_EVENTS_COMMIT with the events of a report sent to a bounce
+         domain (``reports.py``) and that report's suppression entries; SMTP
          replies and HTTP responses; log lines.
 Peers:   SMTP and HTTP clients; spool[0..S) over the bus (one DEALER socket per
          shard: SPOOL_MESSAGE_COMMIT out, SPOOL_MESSAGE_COMMITTED back); the
          supervisor only through the ready fd and signals.
-Config:  [smtp] (all keys), [http] (all keys; max_json_depth for X-MSYS-API
+Config:  [feedback] bounce_domains, bounce_rules; [smtp] (all keys), [http] (all keys; max_json_depth for X-MSYS-API
          too), [spool] queue_high_water,
          min_free_bytes, min_free_percent, [server] hostname, log_level,
          ready_timeout, shutdown_timeout, [dkim].

@@ -15,6 +15,11 @@ failed or expired only once that record is durable.  What an outcome does to
 a recipient is decided in :mod:`mta.spool.outcomes`; the operator's queries
 are answered by :mod:`mta.spool.queries`.
 
+Reports: a ``SpoolEventsCommit`` (an acceptor read a DSN or ARF report sent to
+a bounce domain) carries only events; they are checked, written in the
+batch's REC_EVENTS record and acknowledged after the same fsync (nothing is
+written for them while no events process reads this shard).
+
 Dispatch: due recipients are grouped by domain (one SMTP transaction per
 message and domain) and sent to a delivery process, transactional messages
 first (a due queue of their own), each lane at most ``delivery.max_in_flight``
