@@ -231,3 +231,17 @@ def test_a_role_that_fails_with_its_sockets_open_exits_with_its_traceback(tmp_pa
                         f"ipc://{tmp_path}/sock"], capture_output=True, timeout=20)
     assert r.returncode == 1
     assert b"RuntimeError: a defect in the role's loop" in r.stderr
+
+
+def test_events_commit_carries_a_reports_events_and_is_bounded():
+    evs = [{"type": "out_of_band", "timestamp": 1.5, "event": {"rcpt_meta": {"k": [1]}}}]
+    m = roundtrip(bus.SpoolEventsCommit(4, evs))
+    assert type(m) is bus.SpoolEventsCommit and m.req == 4 and m.events == evs
+    assert bus.SpoolEventsCommit in bus.SPOOL_REQUESTS
+    with pytest.raises(bus.BusError):
+        bus.decode(raw(bus.SpoolEventsCommit.__struct_config__.tag, 4, []))       # none
+    with pytest.raises(bus.BusError):
+        bus.decode(raw(bus.SpoolEventsCommit.__struct_config__.tag, 4,
+                       [{}] * (bus.MAX_REPORT_EVENTS + 1)))
+    with pytest.raises(bus.BusError):
+        bus.decode(raw(bus.SpoolEventsCommit.__struct_config__.tag, 4, ["not a dict"]))

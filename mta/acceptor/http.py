@@ -55,7 +55,6 @@ import hashlib
 import itertools
 import logging
 import os
-import threading
 import time
 from email.utils import formatdate
 
@@ -157,10 +156,8 @@ class Service:
         self.stats = {"requests": 0, "accepted": 0, "rejected": 0, "errors": 0}
         self.store: idempotency.Store | None = None
         self.next_purge = 0.0
-        # The events store, read-only, opened at the first events API request
-        # (the events process may create it after this acceptor starts).
-        self.events: events_store.EventStore | None = None
-        self.events_lock = threading.Lock()
+        # The events store: the acceptor's read-only handle (Acceptor.events_store),
+        # opened at the first events API request or report.
         self.webhooks: webhooks_api.Api | None = None   # made at the first webhooks request
 
     @staticmethod
@@ -179,10 +176,6 @@ class Service:
         if self.store is not None:
             self.store.close()
             self.store = None
-        with self.events_lock:
-            if self.events is not None:
-                self.events.close()
-                self.events = None
         if self.webhooks is not None:
             api, self.webhooks = self.webhooks, None
             try:
@@ -193,13 +186,7 @@ class Service:
 
     def events_store(self) -> events_store.EventStore | None:
         """The events store (read-only), None while it does not exist yet; in a worker thread."""
-        with self.events_lock:
-            if self.events is None:
-                try:
-                    self.events = events_store.open_for(self.a.settings, readonly=True)
-                except FileNotFoundError:
-                    return None
-            return self.events
+        return self.a.events_store()
 
     def is_loopback(self, ip: str) -> bool:
         addr = peer_address(ip)

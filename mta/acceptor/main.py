@@ -13,12 +13,14 @@ Reads:   client connections on the listening sockets the supervisor made for
          of being reset); the idempotency database (state_dir, shared); the
          free space of the spool file system (statvfs, twice a second, less
          what was sent to the spool since: see :meth:`Acceptor.submit`).
-Writes:  SPOOL_MESSAGE_COMMIT to the shard chosen by the queue id; SMTP
+Writes:  SPOOL_MESSAGE_COMMIT to the shard chosen by the queue id;
+         SPOOL_EVENTS_COMMIT with the events of a report sent to a bounce
+         domain (``reports.py``) and that report's suppression entries; SMTP
          replies and HTTP responses; log lines.
 Peers:   SMTP and HTTP clients; spool[0..S) over the bus (one DEALER socket per
          shard: SPOOL_MESSAGE_COMMIT out, SPOOL_MESSAGE_COMMITTED back); the
          supervisor only through the ready fd and signals.
-Config:  [smtp] (all keys), [http] (all keys; max_json_depth for X-MSYS-API
+Config:  [feedback] bounce_domains, bounce_rules; [smtp] (all keys), [http] (all keys; max_json_depth for X-MSYS-API
          too), [spool] queue_high_water,
          min_free_bytes, min_free_percent, [server] hostname, log_level,
          ready_timeout, shutdown_timeout, [dkim].
@@ -60,17 +62,20 @@ import os
 import signal
 import socket
 import ssl
+import threading
 import time
 
 import uvloop
 
-from mta import bus, mime, native, proc
+from mta import bus, feedback, mime, native, proc
 from mta.acceptor import http, smtp
+from mta.acceptor import reports as oob_reports
 from mta.acceptor.metrics import AcceptorMetrics
 from mta.acceptor import replies as R
 from mta.acceptor.peers import peer_address
 from mta.api.transmissions import parse_msys_api
 from mta.config import DEFAULT as DEFAULT_POOL
+from mta.feedback import events_store as events_store_mod
 from mta.feedback import suppression as suppression_list
 from mta.obs.stats import Pusher
 from mta.queueid import new_qid, shard_of
@@ -147,6 +152,16 @@ class Acceptor:
         # same list when RCPTs of suppressed recipients are refused.
         self.suppression: suppression_list.SuppressionList | None = None
         self.refuse_suppressed: suppression_list.SuppressionList | None = None
+        # Reports to the return paths' domains (feedback.bounce_domains): read, never relayed.
+        self.bounce_domains = oob_reports.normalize_domains(cfg.feedback.bounce_domains)
+        self.classifier = None          # made at the first report (feedback.bounce_rules)
+        self.report_tasks: set = set()  # reports being read, stored or committed
+        self.report_stats = {"dsn": 0, "arf": 0, "unparsed": 0, "matched": 0}
+        # The events store, read-only, opened when first needed (the events
+        # process may create it after this acceptor starts); one handle per
+        # process (LMDB), shared with the events API (http.Service.events_store).
+        self._events = None
+        self._events_lock = threading.Lock()
         self.signer = None
         if cfg.dkim.enabled and cfg.dkim.keys:
             from mta.dkim import Signer
@@ -174,6 +189,22 @@ class Acceptor:
             words.append(R.EHLO_HELP)
             r = self._ehlo[key] = R.ehlo(self.hostname, words)
         return r
+
+    def events_store(self):
+        """The events store (read-only), None when off or not created yet; blocking (a thread)."""
+        with self._events_lock:
+            if self._events is None:
+                try:
+                    self._events = events_store_mod.open_for(self.settings, readonly=True)
+                except FileNotFoundError:
+                    return None
+            return self._events
+
+    def close_events_store(self) -> None:
+        with self._events_lock:
+            if self._events is not None:
+                self._events.close()
+                self._events = None
 
     def relay_allowed(self, ip: str) -> bool:
         addr = peer_address(ip)
@@ -212,6 +243,9 @@ class Acceptor:
         (an ``X-MSYS-API`` ``options.ip_pool`` that names no pool: 550 5.7.1);
         then msg.committed() is not called and nothing is spooled.
         """
+        if self.bounce_domains and oob_reports.bounce_domain(msg.rcpts[0], self.bounce_domains):
+            self.take_report(msg)   # (the session keeps reports and other mail apart)
+            return None
         sp = msg.params
         params = {k: v for k, v in sp.items() if k in SPOOLED_SMTP_PARAMS} if sp else {}
         payload = msg.payload
@@ -247,6 +281,107 @@ class Acceptor:
         self.submit(msg.sender, msg.rcpts, params, msg.client, payload,
                     msg.received, msg.committed, msg.peer_ip)
         return None
+
+    # ------------------------------------------------------------- reports
+
+    def take_report(self, msg: smtp.Submission) -> None:
+        """A message to a bounce domain: read it as a report; msg.committed() when done.
+
+        In a worker thread: parse it and find its original message in the
+        events store (:mod:`mta.acceptor.reports`), then add its suppression
+        entries (the list is synced on commit).  Then its events go to a spool
+        shard (``SpoolEventsCommit``; the shard of the original message when it
+        was found) and the client hears 250 only once the shard has them on
+        disk (451 otherwise, like a message).  A report that is not a DSN or
+        ARF report is accepted, logged and dropped; nothing is ever relayed.
+        """
+        rid = new_qid(self.slot)
+        task = self.loop.create_task(self._report(msg, rid))
+        self.report_tasks.add(task)
+        task.add_done_callback(self._report_done)
+
+    def _report_done(self, task) -> None:
+        self.report_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("reading a report failed: %r", task.exception())
+        if self.draining and self._idle():
+            self._drained.set()
+
+    async def _report(self, msg: smtp.Submission, rid: str) -> None:
+        loop = self.loop
+        try:
+            got = await loop.run_in_executor(None, self._read_report, msg)
+        except Exception:
+            log.exception("%s: reading a report from %s failed; accepted and dropped", rid,
+                          msg.peer_ip)
+            got = oob_reports.Reading()
+        st = self.report_stats
+        if not got.kind:
+            st["unparsed"] += 1
+            log.info("%s: mail from %s to %s is not a DSN or ARF report; accepted, not "
+                     "relayed, dropped", rid, msg.client, ", ".join(msg.rcpts[:3]))
+            msg.committed(rid, True)
+            return
+        st[got.kind] += 1
+        st["matched"] += got.matched
+        log.info("%s: %s report from %s: %d event(s), original message %s", rid,
+                 got.kind.upper(), msg.client, len(got.events),
+                 got.queue_id or "not found")
+        if got.suppress:
+            await loop.run_in_executor(None, self._suppress, rid, got.suppress)
+        if not got.events or not self.settings.events_enabled:
+            msg.committed(rid, True)
+            return
+        shards = len(self.clients)
+        key = got.queue_id or rid
+        shard = shard_of(key, shards) if shards > 1 else 0
+        env = bus.Envelope(qid=rid, sender=msg.sender, rcpts=msg.rcpts, params={},
+                           client=msg.client, arrival=time.time())
+        box = [(msg.committed, env, b"", msg.peer_ip)]
+        req = next(self.reqs)
+        self.space_pending += RECORD_OVERHEAD
+        if not self.clients[shard].send(bus.SpoolEventsCommit(req, got.events)):
+            self.stats["temp_failed"] += 1
+            log.warning("spool shard %d is not taking events; report %s answered 451",
+                        shard, rid)
+            self._answered(box)
+            msg.committed(rid, False)
+            return
+        self.pending[req] = (box, loop.time() + self.smtp.spool_timeout)
+
+    def _read_report(self, msg: smtp.Submission) -> oob_reports.Reading:
+        """Parse and match one report (in a worker thread)."""
+        if self.classifier is None:
+            self.classifier = feedback.Classifier.from_file(
+                self.settings.config.feedback.bounce_rules)
+        return oob_reports.read(msg.payload, msg.rcpts, self.events_store(), self.classifier)
+
+    def _suppress(self, rid: str, items: list) -> None:
+        """Add a report's suppression entries (in a worker thread); failures are logged.
+
+        ``Spam Complaint`` entries always (with the list on); ``Bounce Rule``
+        ones (a hard invalid-recipient out-of-band bounce) when
+        ``suppression.bounce_rule`` is on, as for in-band bounces.
+        """
+        sup = self.suppression
+        if sup is None:
+            return
+        bounce_rule = self.settings.config.suppression.bounce_rule
+        by_source: dict[str, list] = {}
+        for addr, source, desc in items:
+            if source == suppression_list.BOUNCE_RULE and not bounce_rule:
+                continue
+            by_source.setdefault(source, []).append(
+                (addr, suppression_list.NON_TRANSACTIONAL, desc))
+        for source, entries in by_source.items():
+            try:
+                sup.put_many(entries, source)
+            except Exception as exc:    # ListFull, lmdb.Error: logged; the report is taken
+                log.error("%s: suppression list: %d address(es) not added (%s): %s", rid,
+                          len(entries), source, exc)
+            else:
+                log.info("%s: suppression list: added %s (%s)", rid,
+                         ", ".join(a for a, _, _ in entries[:10]), source)
 
     def submit(self, sender: str, rcpts: list[str], params: dict, client_info: str,
                message: bytes, trace, done, peer: str = "") -> str:
@@ -332,7 +467,7 @@ class Acceptor:
 
     def _idle(self) -> bool:
         """No session open and no message waiting for the spool."""
-        return not self.sessions and not self.pending and (
+        return not self.sessions and not self.pending and not self.report_tasks and (
             self.http is None or not self.http.sessions)
 
     def sweep(self) -> None:
@@ -486,6 +621,7 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],
             acc.http.close()
         if acc.suppression is not None:
             acc.suppression.close()
+        acc.close_events_store()
         for c in acc.clients:
             c.close()
         if pusher is not None:
@@ -495,6 +631,9 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],
         loop.close()
     log.info("stopped: accepted=%d temp_failed=%d", acc.stats["accepted"],
              acc.stats["temp_failed"])
+    if any(acc.report_stats.values()):
+        log.info("reports: dsn=%(dsn)d arf=%(arf)d unparsed=%(unparsed)d matched=%(matched)d",
+                 acc.report_stats)
     if acc.http is not None:
         st = acc.http.stats
         log.info("http: requests=%d recipients_accepted=%d recipients_rejected=%d errors=%d",

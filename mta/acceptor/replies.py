@@ -31,6 +31,10 @@ TIMEOUT = b"421 4.4.2 Timeout, closing connection\r\n"
 STORAGE_TEMP = b"451 4.3.0 Temporary storage problem, try again later\r\n"
 STORAGE_FULL = b"452 4.3.1 Insufficient system storage, try again later\r\n"
 TOO_MANY_RCPTS = b"452 4.5.3 Too many recipients\r\n"
+# A report recipient (feedback.bounce_domains) and a recipient to relay in one
+# transaction: 452 makes the client send the rest in a transaction of its own.
+REPORT_SEPARATELY = (b"452 4.5.3 Reports to a bounce domain and mail to relay go in separate "
+                     b"transactions\r\n")
 AUTH_TEMP = b"454 4.7.0 Temporary authentication failure\r\n"
 LINE_TOO_LONG = b"500 5.5.2 Line too long\r\n"
 UNKNOWN = b"500 5.5.2 Command not recognized\r\n"

@@ -9,7 +9,12 @@ lists parallel to the recipients); STARTTLS and AUTH are in
 ``tls_auth.py``.  Every verb is a row of :data:`VERBS`, every state a member of
 :class:`~mta.acceptor.state.State`, every reply a constant in ``replies.py``.
 Relay: recipients are accepted only from ``smtp.relay_networks`` or from
-authenticated clients; otherwise 554 5.7.1.  ``RCPT TO:<Postmaster>`` (no
+authenticated clients; otherwise 554 5.7.1.  Reports: a recipient at a
+``feedback.bounce_domains`` domain is accepted from any client (DSNs and ARF
+reports come back to the return path from anywhere); such a transaction holds
+only such recipients (a recipient of the other kind: 452 4.5.3, sent again by
+the client in a transaction of its own) and is read, not relayed
+(``Acceptor.take_report``, ``reports.py``).  ``RCPT TO:<Postmaster>`` (no
 domain, any case: RFC 5321 4.5.1) stands for ``smtp.postmaster``
 (postmaster@ server.hostname by default) and is then a recipient like any
 other, relay rules included: this MTA has no local mailboxes.
@@ -383,6 +388,7 @@ class Session(asyncio.Protocol):
         self.params: dict = {}
         self.chunks: list[bytes] = []
         self.chunk_flags = 0
+        self.report = False     # its recipients are at a bounce domain (a report)
 
     # ------------------------------------------------------------ main loop
 
@@ -604,16 +610,24 @@ class Session(asyncio.Protocol):
                 self.reply_error(R.BAD_RCPT)
             if not rcpt:
                 return
-        if not (self.relay_ok or self.user is not None):
+        domains = self.a.bounce_domains
+        # A report to a return path (feedback.bounce_domains) is taken from anyone;
+        # reports and mail to relay never share a transaction (the first decides).
+        report = bool(domains) and rcpt.rpartition("@")[2].lower().rstrip(".") in domains
+        if self.rcpts and report != self.report:
+            self.out.append(R.REPORT_SEPARATELY)
+            return
+        if not (report or self.relay_ok or self.user is not None):
             self.reply_error(R.RELAY_DENIED)
             return
         if len(self.rcpts) >= self.a.smtp.max_recipients:
             self.out.append(R.TOO_MANY_RCPTS)
             return
         refuse = self.a.refuse_suppressed   # suppression.smtp_action = "refuse"
-        if refuse is not None and refuse.check(rcpt, False):
+        if refuse is not None and not report and refuse.check(rcpt, False):
             self.out.append(R.SUPPRESSED)
             return
+        self.report = report
         if notify or orcpt or "NOTIFY" in self.params:
             self._rcpt_dsn(notify, orcpt)
         self.rcpts.append(rcpt)

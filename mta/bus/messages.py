@@ -34,7 +34,7 @@ __all__ = [
     "DELIVERED", "DEFERRED", "FAILED", "REQUEUED", "OUTCOMES",
     "PRIORITY_BULK", "PRIORITY_TRANSACTIONAL",
     "Envelope", "JobRecipient", "Result", "FiredRule", "QueueEntry",
-    "SpoolMessageCommit", "SpoolMessageCommitted", "SpoolQueueSummary",
+    "SpoolMessageCommit", "SpoolMessageCommitted", "SpoolEventsCommit", "MAX_REPORT_EVENTS", "SpoolQueueSummary",
     "SpoolQueueSummaryReply", "SpoolQueueList", "SpoolQueueListReply", "SpoolMessageShow",
     "SpoolMessageShowReply", "SpoolMessageDelete", "SpoolMessageDeleteReply",
     "SpoolQueueFlush", "SpoolQueueFlushReply", "DeliveryMessageReady", "DeliveryOutcome",
@@ -111,6 +111,22 @@ class SpoolMessageCommit(Message, tag=1):
 class SpoolMessageCommitted(Message, tag=2):
     req: int
     status: int                                         # STATUS_*
+
+
+MAX_REPORT_EVENTS = 2000    # events one report may give (a DSN's recipients, bounded)
+
+
+class SpoolEventsCommit(Message, tag=15):
+    """Make these events durable (no message to deliver), then answer SpoolMessageCommitted.
+
+    The ``out_of_band`` / ``spam_complaint`` events of one report sent to a
+    bounce domain, as internal events (``mta.obs.events.REPORT_TYPES``); the
+    shard writes them in its group commit like its own, so the events process
+    carries them to the log, the events store and webhooks.
+    """
+
+    req: int
+    events: Annotated[list[dict], Meta(min_length=1, max_length=MAX_REPORT_EVENTS)]
 
 
 # --------------------------------------------------------------- cli -> spool
@@ -281,6 +297,7 @@ class StatsReport(Message, tag=40):
 _TABLE = (
     (SpoolMessageCommit, "SPOOL_MESSAGE_COMMIT", "acceptor -> spool"),
     (SpoolMessageCommitted, "SPOOL_MESSAGE_COMMITTED", "spool -> acceptor"),
+    (SpoolEventsCommit, "SPOOL_EVENTS_COMMIT", "acceptor -> spool"),
     (SpoolQueueSummary, "SPOOL_QUEUE_SUMMARY", "cli -> spool"),
     (SpoolQueueSummaryReply, "SPOOL_QUEUE_SUMMARY_REPLY", "spool -> cli"),
     (SpoolQueueList, "SPOOL_QUEUE_LIST", "cli -> spool"),
@@ -303,7 +320,7 @@ for _cls, _name, _route in _TABLE:
 MESSAGES: dict[str, type[Message]] = {name: cls for cls, name, _ in _TABLE}
 
 # What each receiver takes (receive() drops anything else, logged).
-SPOOL_REQUESTS = (SpoolMessageCommit, SpoolQueueSummary, SpoolQueueList, SpoolMessageShow,
+SPOOL_REQUESTS = (SpoolMessageCommit, SpoolEventsCommit, SpoolQueueSummary, SpoolQueueList, SpoolMessageShow,
                   SpoolMessageDelete, SpoolQueueFlush)
 SPOOL_REPLIES = (SpoolMessageCommitted, SpoolQueueSummaryReply, SpoolQueueListReply,
                  SpoolMessageShowReply, SpoolMessageDeleteReply, SpoolQueueFlushReply)

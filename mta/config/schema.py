@@ -498,6 +498,16 @@ class FeedbackConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "(name, class, and code, enhanced and/or text; see mta/feedback/classify.py), tried "
         "before the shipped rules (mta/feedback/bounce_rules.toml); empty: shipped rules "
         "only")] = ""
+    bounce_domains: Annotated[list[Annotated[str, Meta(
+        min_length=1, max_length=253, pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")]],
+        _doc(
+        "domains of the return paths (MAIL FROM) of the mail sent: SMTP mail to an address "
+        "at one of them is a report, not a message to relay -- accepted from any client "
+        "(no relay permission needed), read as an RFC 3464 DSN (an out_of_band event for "
+        "the original message, found by the VERP return path localpart+<queue id>@ or the "
+        "quoted Message-ID) or an RFC 5965 ARF report (a spam_complaint event and a "
+        "\"Spam Complaint\" suppression entry), never relayed; empty: none",
+        max_length=100)] = []
 
 
 class EventsConfig(Struct, forbid_unknown_fields=True, kw_only=True):

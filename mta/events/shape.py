@@ -23,6 +23,11 @@ last reply, when there was one, after it.  A **suppressed** recipient gets an
 suppression code does); no ``policy_rejection`` is made today, because no
 refusal reaches the spool (a refused RCPT never becomes a message).
 
+Reports: an ``out_of_band`` or ``spam_complaint`` (a DSN or ARF report sent
+to a bounce domain) is shaped by the acceptor that read it
+(:mod:`mta.feedback.oob`, repeating the original message's fields); here it
+only gets its ``event_id``.
+
 Ids: ``message_id`` is the spool's queue id in lower case (20 hex digits, the
 format of SparkPost's own message ids); ``transmission_id`` is the HTTP API's
 transmission id, and for a message injected over SMTP its queue id as a
@@ -55,6 +60,7 @@ import time
 
 SPARKPOST_TYPES = ("injection", "delivery", "delay", "bounce", "policy_rejection",
                    "out_of_band", "spam_complaint")
+REPORT_KINDS = ("out_of_band", "spam_complaint")   # mta.obs.events.REPORT_TYPES, pre-shaped
 EXPIRY_CLASS = "24"
 EXPIRY_CODE = "554"
 EXPIRY_TEXT = "5.4.7 [internal] message expired: too long in the queue"
@@ -119,6 +125,13 @@ def _domain(address: str) -> str:
 def sparkpost_event(internal: dict, *, event_id: str) -> dict:
     """The flat SparkPost message event for one internal event of one recipient."""
     kind = internal.get("type", "")
+    if kind in REPORT_KINDS:
+        # made by the acceptor that read the report (mta.feedback.oob.report_events)
+        out = dict(internal.get("event") or {})
+        out["type"] = kind
+        out["event_id"] = event_id
+        out.setdefault("timestamp", str(int(float(internal.get("timestamp") or 0.0))))
+        return out
     ts = float(internal.get("timestamp") or 0.0)
     arrival = float(internal.get("arrival") or ts)
     rcpt = internal.get("recipient", "")

@@ -27,6 +27,10 @@ big-endian, 8 octets; so byte order is time order):
   ``bounce_classes`` and ``events`` filters.  A query
   walks the index of its most selective filter, newest first, and checks the
   other filters on the events it reads;
+- ``mid`` (dupsort, like the others): the ``Message-ID`` header of a message
+  (``message_id_header`` without its angle brackets, lower case) -> time + seq
+  of its ``injection`` events only, so that a report quoting it (an
+  out-of-band DSN, an ARF complaint) finds its message (:meth:`EventStore.originals`);
 - ``count``: index name + value + minute -> number of events (for the
   ``type``, ``camp``, ``tx`` and ``bcls`` indexes, and for all events), so the
   ``total_count`` of a page filtered by one of those (or by time only) costs
@@ -82,6 +86,8 @@ WARN_FRACTION = 0.75               # of the map size: warn
 PRUNE_FRACTION = 0.85              # of the map size: prune the oldest events too
 PRUNE_TARGET = 0.7               # ... down to this
 DEFAULT_CHUNK = 5000               # events deleted per prune transaction
+MAX_ORIGINAL_EVENTS = 1000         # events of an original message read for one report
+MAX_MESSAGE_ID_MATCHES = 8         # messages one Message-ID is looked up in (newest first)
 MAX_SCAN = 500_000                 # index entries one query may read (then: a short page, a cursor)
 
 # Filters of the Events API: parameter -> (event field, how it matches).
@@ -274,6 +280,11 @@ class EventStore:
                                            create=create)
                     for name in ("rcpt", "msg", "tx", "camp", "bcls", "type")}
         try:
+            self.idx["mid"] = self.env.open_db(b"mid", dupsort=True, dupfixed=True,
+                                               create=create)
+        except lmdb.NotFoundError:
+            pass        # (read-only, a store written before the index existed: no lookups)
+        try:
             self.env.reader_check()
         except lmdb.Error:
             pass
@@ -332,12 +343,15 @@ class EventStore:
             txn.put(b"seq", _U64.pack(seq), db=self.meta)
         return seq
 
-    @staticmethod
-    def _index_keys(ev: dict):
+    def _index_keys(self, ev: dict):
         for name, field in _INDEX_FIELDS:
             v = ev.get(field)
             if v not in (None, ""):
                 yield name, _key(v)
+        if ev.get("type") == "injection" and "mid" in self.idx:
+            mid = message_id_key(ev.get("message_id_header"))
+            if mid:
+                yield "mid", _key(mid)
         camp = ev.get("campaign_id")
         if camp:
             for k in campaign_keys(str(camp)):
@@ -374,6 +388,48 @@ class EventStore:
                 if len(out) >= limit:
                     break
         return out
+
+    def originals(self, *, queue_ids=(), message_id: str = "",
+                  limit: int = MAX_ORIGINAL_EVENTS) -> list[dict]:
+        """The stored events of one original message (for a report about it), newest first.
+
+        The message is the first of *queue_ids* (our queue ids, e.g. from a
+        VERP return path) that has events, else the one whose injection
+        carried the ``Message-ID`` header *message_id* (angle brackets
+        optional).  At most *limit* events; [] when nothing matches.
+        """
+        for qid in queue_ids:
+            if qid:
+                found = self.query({"messages": [str(qid).lower()]}, per_page=limit)[0]
+                if found:
+                    return found
+        mid = message_id_key(message_id)
+        db = self.idx.get("mid")
+        if db is None and mid:
+            try:    # made by the writer since this handle was opened
+                db = self.idx["mid"] = self.env.open_db(b"mid", dupsort=True, dupfixed=True,
+                                                        create=False)
+            except lmdb.Error:
+                db = None
+        if not mid or db is None:
+            return []
+        qids = []
+        with self.env.begin(buffers=True) as txn:
+            cur = txn.cursor(db=db)
+            if cur.set_key(_key(mid)):
+                for tk in cur.iterprev_dup(keys=False, values=True) if cur.last_dup() else ():
+                    raw = txn.get(bytes(tk[8:]), db=self.ev)
+                    if raw is not None:
+                        qid = _dec.decode(bytes(raw[8:])).get("message_id")
+                        if qid and qid not in qids:
+                            qids.append(qid)
+                    if len(qids) >= MAX_MESSAGE_ID_MATCHES:
+                        break
+        for qid in qids:   # newest first: a Message-ID used twice finds the latest message
+            found = self.query({"messages": [qid]}, per_page=limit)[0]
+            if found:
+                return found
+        return []
 
     def count(self) -> int:
         with self.env.begin() as txn:
@@ -713,6 +769,13 @@ def _dedupe(it):
         if k != prev:
             yield k
         prev = k
+
+
+def message_id_key(value) -> str:
+    """The ``mid`` index key of a Message-ID header value: no angle brackets, lower case."""
+    if not value:
+        return ""
+    return str(value).strip().strip("<>").strip().lower()
 
 
 def iso(ms: int) -> str:

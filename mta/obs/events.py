@@ -3,7 +3,9 @@
 **Internal events** (built by the spool shard, :mod:`mta.spool.shard` and
 :mod:`mta.spool.outcomes`): plain dicts, one per recipient state change --
 ``type`` one of ``injection`` (one dict per *message*, its recipients in
-``rcpts``), ``delivery``, ``delay``, ``bounce``, ``expiration`` -- with
+``rcpts``), ``delivery``, ``delay``, ``bounce``, ``expiration``, and the
+``out_of_band`` / ``spam_complaint`` of a report sent to a bounce domain
+(already in SparkPost's shape, under ``event``: see :data:`REPORT_TYPES`) -- with
 ``timestamp`` (epoch seconds), ``queue_id``, ``message_id``, ``sender``,
 ``recipient``, ``arrival``, ``size``, ``client`` and where known
 ``remote_host``, ``remote_ip``, ``response`` {code, enhanced, text},
@@ -47,6 +49,12 @@ DELIVERY = "delivery"
 DELAY = "delay"
 BOUNCE = "bounce"
 EXPIRATION = "expiration"
+# Reports read by an acceptor (mta.acceptor.reports): the SparkPost event is made
+# there (mta.feedback.oob) and travels whole, under "event"; the internal record
+# is {"type": OUT_OF_BAND | SPAM_COMPLAINT, "timestamp": ..., "event": {...}}.
+OUT_OF_BAND = "out_of_band"
+SPAM_COMPLAINT = "spam_complaint"
+REPORT_TYPES = (OUT_OF_BAND, SPAM_COMPLAINT)
 
 # Injection attributes (SparkPost's campaign_id, metadata, tags; X-MSYS-API on
 # SMTP; the HTTP API's transmission id) stored in a message's params and

@@ -15,6 +15,11 @@ failed or expired only once that record is durable.  What an outcome does to
 a recipient is decided in :mod:`mta.spool.outcomes`; the operator's queries
 are answered by :mod:`mta.spool.queries`.
 
+Reports: a ``SpoolEventsCommit`` (an acceptor read a DSN or ARF report sent to
+a bounce domain) carries only events; they are checked, written in the
+batch's REC_EVENTS record and acknowledged after the same fsync (nothing is
+written for them while no events process reads this shard).
+
 Dispatch: due recipients are grouped by domain (one SMTP transaction per
 message and domain) and sent to a delivery process, transactional messages
 first (a due queue of their own), each lane at most ``delivery.max_in_flight``
@@ -250,6 +255,7 @@ class Shard:
         done: list[str] = list(extra_done or ())
         delete_peers = []  # (peer, req, qids)
         suppressed_done: list[str] = []   # new messages whose every recipient is suppressed
+        reports: list[dict] = []   # events of reports read by an acceptor (SpoolEventsCommit)
         plan = self.plan()
         size = 0
         while len(messages) < cfg.max_batch_messages and size < cfg.max_batch_bytes:
@@ -270,6 +276,11 @@ class Shard:
                                                  params, env.client, state), b))
                     size += len(b)
                 commit_peers.append((peer, msg.req))
+            elif type(msg) is bus.SpoolEventsCommit:
+                if self._take_report(msg, reports):
+                    commit_peers.append((peer, msg.req))
+                else:
+                    server.send(peer, bus.SpoolMessageCommitted(msg.req, bus.STATUS_UNKNOWN))
             elif type(msg) is bus.SpoolMessageDelete:
                 qids = [q for q in msg.qids if q in self.store.entries]
                 done += qids
@@ -294,15 +305,18 @@ class Shard:
         done += plan.done
         # (written after their message records: finished in the same batch)
         done += suppressed_done
-        if not messages and not done and not plan.updates:
-            # Nothing to write (REQUEUED outcomes, repeated ones): schedule only.
+        if not messages and not done and not plan.updates and not reports:
+            # Nothing to write (REQUEUED outcomes, repeated ones; reports' events
+            # while no events process reads them): schedule only.
             self._requeue(plan)
             self.due.push_many(plan.reschedule)
+            for peer, req in commit_peers:
+                server.send(peer, bus.SpoolMessageCommitted(req, bus.STATUS_OK))
             return
         status = bus.STATUS_OK
         events = None
         if self.events_on:
-            batch_events = self._batch_events(messages, plan)
+            batch_events = self._batch_events(messages, plan) + reports
             if batch_events:
                 events = ev.encode(batch_events)
         try:
@@ -347,6 +361,24 @@ class Shard:
         for peer, req, qids in delete_peers:
             server.send(peer, bus.SpoolMessageDeleteReply(
                 req, status, qids if status == bus.STATUS_OK else []))
+
+    def _take_report(self, msg: bus.SpoolEventsCommit, out: list) -> bool:
+        """Add a report's events to the batch (*out*); False when they cannot be encoded.
+
+        Only ``out_of_band`` / ``spam_complaint`` events are taken (the shard
+        must not die on its input, so they are encoded once here).  Nothing is
+        added while no events process reads this shard's events.
+        """
+        try:
+            if any(e.get("type") not in ev.REPORT_TYPES for e in msg.events):
+                raise ValueError("not a report's event")
+            ev.encode(msg.events)
+        except (TypeError, ValueError) as exc:
+            log.warning("dropped a report's events from an acceptor: %s", exc)
+            return False
+        if self.events_on:
+            out += msg.events
+        return True
 
     def plan(self) -> Plan:
         """A fresh Plan over this shard's queue, for one batch."""

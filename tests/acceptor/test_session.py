@@ -329,3 +329,38 @@ def test_dsn_parameters_reach_the_spool(impl):
     # the next transaction starts clean
     c.transaction(rcpts=("d@example.net",))
     assert acc.submitted[-1].params == {}
+
+
+def test_reports_to_a_bounce_domain_are_taken_from_anyone_and_never_relayed(impl):
+    """feedback.bounce_domains: RCPT to a return path needs no relay permission; such a
+    transaction holds only report recipients (452 4.5.3 for the other kind) and goes to
+    take_report(), not to the spool as a message."""
+    acc, c = make(impl, peer=("192.0.2.7", 4000))      # not in relay_networks
+    acc.bounce_domains = frozenset({"bounces.example.com"})
+    taken = []
+    acc.take_report = taken.append
+    c.send(b"EHLO isp.example\r\n")
+    out = c.send(b"MAIL FROM:<>\r\nRCPT TO:<bounces+00ab@Bounces.Example.com>\r\n"
+                 b"RCPT TO:<r@example.net>\r\nRCPT TO:<fbl@bounces.example.com>\r\n"
+                 b"DATA\r\n" + MESSAGE + b".\r\n")
+    assert out == R.SENDER_OK + R.RCPT_OK + R.REPORT_SEPARATELY + R.RCPT_OK + R.START_DATA, out
+    assert acc.submitted == [] and len(taken) == 1
+    assert taken[0].rcpts == ["bounces+00ab@Bounces.Example.com", "fbl@bounces.example.com"]
+    assert taken[0].payload == MESSAGE and taken[0].sender == ""
+    taken[0].committed("0" * 18 + "AB", True)   # the report's events are on disk: 250
+    assert QUEUED.search(c.output())
+    # Mail to relay from this client is still refused, and first decides the kind.
+    out = c.send(b"MAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nRSET\r\n")
+    assert out == R.SENDER_OK + R.RELAY_DENIED + R.OK, out
+
+
+def test_a_relay_client_keeps_reports_and_mail_apart(impl):
+    acc, c = make(impl)
+    acc.bounce_domains = frozenset({"bounces.example.com"})
+    taken = []
+    acc.take_report = taken.append
+    c.send(b"EHLO client.example\r\n")
+    out = c.transaction(rcpts=("r@example.net", "fbl@bounces.example.com"))
+    assert out.startswith(R.SENDER_OK + R.RCPT_OK + R.REPORT_SEPARATELY), out
+    assert QUEUED.search(out) and acc.submitted[-1].rcpts == ["r@example.net"]
+    assert taken == []

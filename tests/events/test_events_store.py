@@ -259,3 +259,35 @@ def test_iso_and_event_time():
     assert S.event_time({"timestamp": "1460989507"}) == 1460989507000
     assert S.event_time({"timestamp": 1460989507.5}) == 1460989507500
     assert S.event_time({"timestamp": "2016-04-18T14:25:07.000+00:00"}) == 1460989507000
+
+
+def test_originals_finds_a_message_by_queue_id_or_by_its_message_id_header(store):
+    """A report's original message: by the queue id (VERP) first, else by the Message-ID
+    header of its injection (any case, angle brackets or not); newest message first."""
+    store.append([
+        ev(1, type="injection", message_id="00aa", message_id_header="<Orig-1@Sender.test>"),
+        ev(2, type="delivery", message_id="00aa", message_id_header="<Orig-1@Sender.test>"),
+        ev(3, type="injection", message_id="00bb", message_id_header="<orig-2@sender.test>"),
+        # a delivery's header is not indexed: only injections are
+        ev(4, type="delivery", message_id="00cc", message_id_header="<only-dlv@sender.test>"),
+        # the same Message-ID used again later: the newer message is found
+        ev(5, type="injection", message_id="00dd", message_id_header="<orig-2@sender.test>"),
+    ])
+    assert sorted(e["type"] for e in store.originals(message_id="orig-1@sender.test")) == \
+        ["delivery", "injection"]
+    assert {e["message_id"] for e in store.originals(message_id="<ORIG-1@sender.test>")} == \
+        {"00aa"}
+    assert {e["message_id"] for e in store.originals(message_id="orig-2@sender.test")} == \
+        {"00dd"}
+    assert store.originals(message_id="only-dlv@sender.test") == []
+    assert {e["message_id"] for e in store.originals(queue_ids=["00BB"],
+                                                    message_id="orig-1@sender.test")} == {"00bb"}
+    # a queue id with no events falls back to the Message-ID
+    assert {e["message_id"] for e in store.originals(queue_ids=["ffff"],
+                                                    message_id="orig-1@sender.test")} == {"00aa"}
+    assert store.originals(message_id="") == [] and store.originals(queue_ids=["ffff"]) == []
+    # pruned injections leave nothing behind in the index
+    store.prune(T0 + 10 * 86400 + 100, 10 ** 9)
+    assert store.originals(message_id="orig-1@sender.test") == []
+    with store.env.begin() as txn:
+        assert txn.stat(store.idx["mid"])["entries"] == 0

@@ -159,3 +159,18 @@ def test_django_anymail_reads_our_events():
     assert got[4].reject_reason == RejectReason.TIMED_OUT
     assert "message expired" in got[4].mta_response
     assert int(got[1].timestamp.timestamp()) == int(T0 + 2.5)
+
+
+def test_a_reports_event_is_carried_whole_and_gets_its_event_id():
+    """out_of_band / spam_complaint: shaped by the acceptor (mta.feedback.oob); the events
+    process only numbers them."""
+    made = {"type": "out_of_band", "timestamp": "1700000002", "rcpt_to": "gone@x.test",
+            "bounce_class": "10", "transmission_id": "77", "matched": "1"}
+    out = sparkpost_event({"type": "out_of_band", "timestamp": T0, "event": made},
+                          event_id=event_id(1, 2, 3, 4))
+    assert out == {**made, "event_id": event_id(1, 2, 3, 4)}
+    assert list(expand({"type": "spam_complaint", "timestamp": T0, "event": {}})) == \
+        [{"type": "spam_complaint", "timestamp": T0, "event": {}}]
+    spam = sparkpost_event({"type": "spam_complaint", "timestamp": T0, "event": {}},
+                           event_id="9")
+    assert spam == {"type": "spam_complaint", "event_id": "9", "timestamp": str(int(T0))}

@@ -1,0 +1,273 @@
+"""Out-of-band bounces and complaints against the real daemon (feedback.bounce_domains).
+
+The pipeline: mail injected over HTTP and delivered to a sink (aiosmtpd on
+loopback); then, over SMTP from a client that may not relay, reports addressed
+to the bounce domain -- an RFC 3464 DSN quoting the original Message-ID, a DSN
+sent to a VERP return path (``bounces+<queue id>@``) that quotes nothing, an
+RFC 5965 ARF complaint, and a message that is no report at all.  What must
+follow: ``out_of_band`` and ``spam_complaint`` events in GET
+/api/v1/events/message carrying the original message's transmission_id and
+campaign_id; suppression entries "Bounce Rule" (hard invalid-recipient
+out-of-band bounce) and "Spam Complaint"; nothing relayed to the sink; the
+daemon still running.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import smtplib
+import time
+import urllib.parse
+
+from daemon import HOST, free_port, wait_until
+from sinks import AioSink
+
+KEY = "oob-key"
+BOUNCES = "bounces.example.com"
+
+
+def call(d, path: str) -> tuple[int, object]:
+    conn = http.client.HTTPConnection(HOST, d.http_port, timeout=30)
+    try:
+        conn.request("GET", path, headers={"Authorization": KEY})
+        r = conn.getresponse()
+        raw = r.read()
+    finally:
+        conn.close()
+    return r.status, json.loads(raw) if raw else raw
+
+
+def events(d, **params) -> list[dict]:
+    params.setdefault("from", time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                            time.gmtime(time.time() - 3600)))
+    params.setdefault("to", time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                          time.gmtime(time.time() + 3600)))
+    status, body = call(d, "/api/v1/events/message?" + urllib.parse.urlencode(params))
+    assert status == 200, body
+    return body["results"]
+
+
+def smtp_send(d, sender: str, rcpts: list[str], data: bytes) -> tuple[int, bytes]:
+    """One transaction from 127.0.0.1 (not in relay_networks): the reply to its end of data."""
+    with smtplib.SMTP(HOST, d.port, local_hostname="mx.isp.test", timeout=30) as s:
+        s.ehlo()
+        code, text = s.mail(sender)
+        assert code == 250, text
+        for r in rcpts:
+            code, text = s.rcpt(r)
+            assert code == 250, (r, code, text)
+        return s.data(data)
+
+
+def crlf(text: str) -> bytes:
+    return text.replace("\r\n", "\n").replace("\n", "\r\n").encode()
+
+
+def dsn(message_id: str, rcpt: str, status: str, diagnostic: str) -> bytes:
+    quoted = (f"Message-ID: {message_id}\n" if message_id else "")
+    return crlf(f"""\
+From: MAILER-DAEMON@mx.receiver.test (Mail Delivery System)
+To: bounces@{BOUNCES}
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B1"
+
+--B1
+Content-Type: text/plain; charset=us-ascii
+
+Your message could not be delivered.
+
+--B1
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.receiver.test
+Arrival-Date: Wed, 2 Dec 2026 10:00:00 +0000
+
+Final-Recipient: rfc822; {rcpt}
+Action: failed
+Status: {status}
+Remote-MTA: dns; inbox.receiver.test
+Diagnostic-Code: smtp; {diagnostic}
+
+--B1
+Content-Type: text/rfc822-headers
+
+{quoted}From: news@sender.example.org
+To: {rcpt}
+Subject: Pipeline
+
+--B1--
+""")
+
+
+def arf(message_id: str, rcpt: str) -> bytes:
+    return crlf(f"""\
+From: <staff@fbl.provider.test>
+Date: Wed, 2 Dec 2026 11:00:00 +0000
+Subject: FW: Pipeline
+To: <fbl@{BOUNCES}>
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=feedback-report; boundary="P1"
+
+--P1
+Content-Type: text/plain; charset="US-ASCII"
+
+This is an email abuse report.
+
+--P1
+Content-Type: message/feedback-report
+
+Feedback-Type: abuse
+User-Agent: SomeGenerator/1.0
+Version: 1
+Original-Rcpt-To: <{rcpt}>
+Reported-Domain: sender.example.org
+Source-IP: 127.0.0.1
+
+--P1
+Content-Type: message/rfc822
+
+From: <news@sender.example.org>
+To: <{rcpt}>
+Subject: Pipeline
+Message-ID: {message_id}
+
+hello
+--P1--
+""")
+
+
+def test_dsn_and_arf_reports_become_events_and_suppressions_and_are_not_relayed(make_daemon):
+    sink = AioSink(HOST, free_port()).start()
+    try:
+        d = make_daemon(acceptors=1, shards=2, http={"api_keys": [KEY]},
+                        smtp={"relay_networks": ["192.0.2.0/24"]},   # loopback may not relay
+                        feedback={"bounce_domains": [BOUNCES.upper()]},
+                        delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                             "hosts": [f"{HOST}:{sink.port}"]}]})
+        ids = {}
+        for campaign, rcpts in (("oob-a", ["ok@example.com", "gone@example.com"]),
+                                ("oob-b", ["full@example.com"])):
+            status, _, body = d.post({"campaign_id": campaign,
+                                      "recipients": [{"address": r} for r in rcpts],
+                                      "content": {"from": "news@sender.example.org",
+                                                  "subject": "Pipeline", "text": "hello"}},
+                                     headers={"Authorization": KEY})
+            assert status == 200, body
+            ids[campaign] = body["results"]["id"]
+        for r in ("ok@example.com", "gone@example.com", "full@example.com"):
+            sink.wait_for(r)
+
+        def delivery_of(rcpt):
+            found = [e for e in events(d, recipients=rcpt, events="delivery")]
+            return found[0] if found else None
+        a = wait_until(lambda: delivery_of("gone@example.com"), 60, "delivery event of A")
+        b = wait_until(lambda: delivery_of("full@example.com"), 60, "delivery event of B")
+        # (the HTTP API makes one message, with a Message-ID of its own, per recipient)
+        a_ok = wait_until(lambda: delivery_of("ok@example.com"), 60, "delivery to ok@")
+        assert a["transmission_id"] == ids["oob-a"] and a["message_id_header"]
+        received = sink.received()
+
+        # 1. A DSN quoting A's Message-ID: user unknown (5.1.1, class 10).
+        code, text = smtp_send(d, "", [f"bounces@{BOUNCES}"],
+                               dsn(a["message_id_header"], "gone@example.com", "5.1.1",
+                                   "550 5.1.1 <gone@example.com>: User unknown"))
+        assert code == 250, text
+        # 2. A DSN to B's VERP return path that quotes no Message-ID: mailbox full (5.2.2).
+        code, text = smtp_send(d, "", [f"bounces+{b['message_id']}@{BOUNCES}"],
+                               dsn("", "full@example.com", "5.2.2",
+                                   "552 5.2.2 <full@example.com>: Mailbox full"))
+        assert code == 250, text
+        # 3. An ARF complaint about A from ok@example.com.
+        code, text = smtp_send(d, "staff@fbl.provider.test", [f"fbl@{BOUNCES}"],
+                               arf(a_ok["message_id_header"], "ok@example.com"))
+        assert code == 250, text
+        # 4. Not a report at all: accepted (250), dropped, logged; the daemon goes on.
+        code, text = smtp_send(d, "someone@else.test", [f"fbl@{BOUNCES}"],
+                               b"Subject: hi\r\n\r\nthis is not a report\r\n")
+        assert code == 250, text
+        d.wait_log(r"is not a DSN or ARF report; accepted, not relayed, dropped")
+
+        # The events, in the API, with the original message's ids.
+        oob = wait_until(lambda: events(d, events="out_of_band") if len(
+            events(d, events="out_of_band")) == 2 else None, 60, "two out_of_band events")
+        by_rcpt = {e["rcpt_to"]: e for e in oob}
+        gone = by_rcpt["gone@example.com"]
+        assert gone["bounce_class"] == "10" and gone["error_code"] == "550", gone
+        assert gone["transmission_id"] == ids["oob-a"] and gone["campaign_id"] == "oob-a"
+        assert gone["message_id"] == a["message_id"] and gone["matched"] == "1"
+        assert gone["event_id"] and "5.1.1" in gone["raw_reason"]
+        full = by_rcpt["full@example.com"]
+        assert full["bounce_class"] == "22", full           # Mailbox Full (soft)
+        assert full["transmission_id"] == ids["oob-b"] and full["campaign_id"] == "oob-b"
+        assert full["message_id"] == b["message_id"] and full["matched"] == "1"
+        spam = wait_until(lambda: events(d, events="spam_complaint"), 60,
+                          "the spam_complaint event")
+        assert len(spam) == 1
+        spam = spam[0]
+        assert spam["rcpt_to"] == "ok@example.com" and spam["fbtype"] == "abuse"
+        assert spam["transmission_id"] == ids["oob-a"] and spam["campaign_id"] == "oob-a"
+        assert spam["message_id"] == a_ok["message_id"] and spam["matched"] == "1"
+        assert spam["report_by"] == "staff@fbl.provider.test"
+        # the messages filter finds them with the original message's other events
+        kinds = {e["type"] for e in events(d, messages=a["message_id"])}
+        assert kinds >= {"injection", "delivery", "out_of_band"}, kinds
+        kinds = {e["type"] for e in events(d, messages=a_ok["message_id"])}
+        assert kinds >= {"injection", "delivery", "spam_complaint"}, kinds
+
+        # The suppression list: the complainer and the hard bounce, not the soft one.
+        status, body = call(d, "/api/v1/suppression-list/ok@example.com")
+        assert status == 200 and body["results"][0]["source"] == "Spam Complaint", body
+        assert body["results"][0]["type"] == "non_transactional"
+        status, body = call(d, "/api/v1/suppression-list/gone@example.com")
+        assert status == 200 and body["results"][0]["source"] == "Bounce Rule", body
+        assert "5.1.1" in body["results"][0]["description"]
+        status, body = call(d, "/api/v1/suppression-list/full@example.com")
+        assert status == 404, body
+
+        # Nothing was relayed: the sink got the three originals only.
+        time.sleep(1.0)
+        assert sink.received() == received
+        assert all(BOUNCES not in r for t in sink.snapshot() for r in t.rcpt_tos)
+        assert not any(b"multipart/report" in t.data or b"not a report" in t.data
+                       for t in sink.snapshot())
+        # The daemon runs on; mail to relay from this client is still refused.
+        assert d.proc.poll() is None
+        with smtplib.SMTP(HOST, d.port, timeout=30) as s:
+            s.ehlo()
+            s.mail("someone@else.test")
+            assert s.rcpt("r@example.net")[0] == 554
+            # and a report transaction keeps other recipients out (452 4.5.3)
+            s.rset()
+            s.mail("")
+            assert s.rcpt(f"x@{BOUNCES}")[0] == 250
+            code, text = s.rcpt("r@example.net")
+            assert code == 452 and b"4.5.3" in text, text
+        assert "Traceback" not in d.log(), d.log()[-4000:]
+    finally:
+        sink.stop()
+
+
+def test_reports_are_matched_by_nothing_when_the_events_store_is_off(make_daemon):
+    """[events] store = false: the report is still read; its events (matched "0") go to
+    the event log, and the complaint still suppresses."""
+    d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
+                    server={"event_log": "events.jsonl"}, events={"store": False},
+                    feedback={"bounce_domains": [BOUNCES]})
+    code, text = smtp_send(d, "staff@fbl.provider.test", [f"fbl@{BOUNCES}"],
+                           arf("<nowhere@sender.example.org>", "reader@example.com"))
+    assert code == 250, text
+    log_path = d.state_dir + "/events.jsonl"
+
+    def complaint():
+        try:
+            with open(log_path, "rb") as fh:
+                lines = [json.loads(x) for x in fh if x.strip()]
+        except FileNotFoundError:
+            return None
+        return next((e for e in lines if e.get("type") == "spam_complaint"), None)
+    ev = wait_until(complaint, 60, "the spam_complaint event in the event log")
+    assert ev["matched"] == "0" and ev["rcpt_to"] == "reader@example.com"
+    assert ev["message_id_header"] == "nowhere@sender.example.org" and ev["event_id"]
+    status, body = call(d, "/api/v1/suppression-list/reader@example.com")
+    assert status == 200 and body["results"][0]["source"] == "Spam Complaint", body
