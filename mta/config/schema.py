@@ -280,7 +280,10 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "messages a spool shard has out for delivery at once", ge=1, le=1_000_000)] = 2000
     job_timeout_margin: Annotated[float, _doc(
         "seconds beyond connect_timeout + 2 x command_timeout + data_timeout that a spool "
-        "shard waits for a job's outcome before it sends the job again", ge=1, le=86400)] = 60.0
+        "shard waits for a job's outcome before it sends the job again; a delivery process "
+        "hands a job that has waited half of it in its queues (a rate limit, a back-off, a "
+        "slow site) back to the spool, so that no job is ever sent twice for that",
+        ge=1, le=86400)] = 60.0
     retry_schedule: Annotated[list[float], _doc(
         "seconds before each retry after a temporary failure; the last repeats")] = \
         msgspec.field(default_factory=lambda: [60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0,
@@ -487,6 +490,14 @@ class BackoffConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     min_rate: Annotated[str, _doc(
         "the rate back-off never goes below, as N/s, N/m, N/h or N/d",
         pattern=r"^[0-9]+(\.[0-9]+)?/[smhd]$")] = "1/m"
+    rcpt_signals: Annotated[list[Annotated[str, Meta(pattern=r"^4\.[0-9]{1,3}\.[0-9]{1,3}$")]],
+                            _doc(
+        "enhanced codes that make a deferral of single recipients (a 4xx to RCPT) count "
+        "as the site asking to slow down; other RCPT deferrals (greylisting, a full "
+        "mailbox, an unknown user's 450) are about the recipient and count neither way. "
+        "A 421, a deferral at connect, greeting, EHLO, MAIL or DATA, and a connection "
+        "that fails always count")] = msgspec.field(
+        default_factory=lambda: ["4.7.0", "4.7.28", "4.7.500", "4.7.650"])
     max_entries: Annotated[int, _doc(
         "most suspensions, throttles and back-offs kept at once (in the state directory, "
         "adaptive/); beyond it new ones are refused and logged", ge=1, le=1_000_000)] = 10_000

@@ -154,6 +154,7 @@ class Adaptive:
         self.recover_step = b.recover_step
         self.interval = b.recover_interval * scale
         self.min_rate = parse_rate(b.min_rate)
+        self.rcpt_signals = frozenset(b.rcpt_signals)
         self.hold = b.hold_intervals
         self.processes = max(1, processes)       # delivery processes sharing the lanes
         self.now = now
@@ -236,6 +237,12 @@ class Adaptive:
         return e
 
     # -- back-off -------------------------------------------------------------
+
+    def slows(self, code: int, enhanced: str, stage: str) -> bool:
+        """Whether a deferral (4xx) says the site wants less from this source, rather
+        than something about one recipient: a 421, any 4xx before RCPT or to DATA, and a
+        RCPT 4xx only with one of ``[backoff] rcpt_signals``."""
+        return code == 421 or stage != "rcpt" or enhanced in self.rcpt_signals
 
     def record(self, source: str, site: str, ok: bool, attempted_rate: float | None = None,
                base=None) -> bool:

@@ -281,6 +281,8 @@ class Engine:
                  adaptive=None):
         self.settings = settings
         self.cfg = settings.config.delivery
+        # the longest a job waits in this process before it is handed back (sweep)
+        self.max_wait = self.cfg.job_timeout_margin / 2
         self.helo = settings.helo_name
         self.resolver = resolver
         self.report = report        # report(job, results, retry_after=0.0) -> None
@@ -741,6 +743,9 @@ class Engine:
                     if src.failures:
                         src.failures = 0
                 await self._pace(lane.message_key, lane.limits.max_message_rate)
+                if time.monotonic() - job.queued_at > self.max_wait:
+                    self._hand_back([job], lane)      # paced too long: the spool's turn
+                    continue
                 conn = await self._send(conn, target, job, lane)
                 if self._held(src.name, lane.site.name, time.time()):
                     self._reroute(lane, None)     # a rule suspended this lane: stop here
@@ -825,6 +830,7 @@ class Engine:
             conn.close()
             return None
         results = []
+        slowed = False        # a deferral that asks the site's sender to slow down
         for k, rcpt in enumerate(m.rcpts):
             r = res.rcpt_replies[k]
             stage = "mail" if res.mail_refused else "rcpt"
@@ -832,6 +838,8 @@ class Engine:
                 r = res.data_reply
                 stage = "data"
             outcome = DELIVERED if r.code < 400 else DEFERRED if r.code < 500 else FAILED
+            if outcome == DEFERRED and not slowed:
+                slowed = self.adaptive.slows(r.code, r.enhanced or "", stage)
             bounce_class = ""
             if r.code >= 400 and (k == 0 or stage == "rcpt" or job.fired is None):
                 fired = self._apply_rule(lane, stage, r.code, r.enhanced or "", r.text)
@@ -849,9 +857,12 @@ class Engine:
             results.append(Result(index=rcpt.index, outcome=outcome, code=r.code,
                                   enhanced=r.enhanced or "", text=r.text, host=host, ip=ip,
                                   dsn=res.dsn, bounce_class=bounce_class))
+        # Back-off judges the site, not the recipients: a transaction that delivered
+        # counts as taken; one whose deferrals were all about their recipients (a
+        # greylisted address, a full mailbox) counts neither way.
         if any(x.outcome == DELIVERED for x in results):
             self._attempted(lane, True)
-        elif any(x.outcome == DEFERRED for x in results):
+        elif slowed:
             self._attempted(lane, False)
         self._finish(job, results)
         if not conn.is_usable:
@@ -907,6 +918,46 @@ class Engine:
                     lane.limits = limits
                     if lane.queued():
                         self._kick(lane)
+
+    def sweep(self) -> int:
+        """Jobs that have waited in a lane longer than ``max_wait`` go back to the spool
+        (REQUEUED: no attempt counted, due again after a short wait); the count.
+
+        The spool sends a job again when its outcome has not come within
+        ``job_timeout`` (connect + 2 x command + data timeouts + job_timeout_margin),
+        counted from when it sent it.  A lane that a rate limit, a back-off or a
+        slow site holds back could otherwise keep a job past that: the spool would
+        send it again and the two copies could both be delivered, or one expire
+        while the other is delivered.  Handing a job back before half the margin
+        has passed keeps "an outcome within job_timeout" true whatever the wait.
+        """
+        limit = self.max_wait
+        now = time.monotonic()
+        n = 0
+        for site in list(self.sites.values()):
+            for lane in list(site.lanes.values()):
+                stale = []
+                for q in (lane.urgent, lane.bulk):
+                    if any(now - j.queued_at > limit for j in q):
+                        keep = [j for j in q if now - j.queued_at <= limit]
+                        stale += [j for j in q if now - j.queued_at > limit]
+                        q.clear()
+                        q.extend(keep)
+                if stale:
+                    self._hand_back(stale, lane)
+                    n += len(stale)
+        if n:
+            log.info("%d job(s) waited in their lanes over %.1fs; handed back to the spool",
+                     n, limit)
+        return n
+
+    def _hand_back(self, jobs: list, lane: Lane) -> None:
+        for job in jobs:
+            self.stats["handed_back"] += 1
+            self._finish(job, job.results(
+                REQUEUED, 451, "4.4.5",
+                f"waited over {self.max_wait:.0f}s for a connection to site {lane.site.name} "
+                f"from {lane.source.name}"), MIN_REQUEUE)
 
     def adaptive_tick(self) -> None:
         """Once a second (the caller's upkeep): read the node's adaptive state (other

@@ -157,6 +157,7 @@ class Delivery:
         n = 0
         while True:
             self.engine.adaptive_tick()
+            self.engine.sweep()
             try:
                 self.write_status()
             except OSError as exc:

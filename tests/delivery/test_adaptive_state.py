@@ -290,3 +290,19 @@ def test_bad_warmup_is_refused_naming_the_key(tmp_path, warmup, key):
                        "pool": [{"name": "default", "sources": [{"source": "new"}]}]},
             "warmup": [warmup]}, Config), None)
     assert key in str(exc.value)
+
+
+def test_only_deferrals_about_the_site_count_for_backoff(tmp_path):
+    a = make(tmp_path, Clock())
+    # the site asks to slow down: a 421 anywhere, any 4xx before RCPT or to DATA,
+    # a RCPT 4xx with a rate/policy code
+    assert a.slows(421, "4.7.0", "rcpt") and a.slows(421, "", "connect")
+    assert a.slows(451, "4.3.0", "mail") and a.slows(452, "4.3.1", "data")
+    assert a.slows(451, "4.7.500", "rcpt") and a.slows(450, "4.7.28", "rcpt")
+    # about one recipient: greylisting, a full mailbox, a busy mailbox
+    assert not a.slows(450, "4.2.0", "rcpt") and not a.slows(451, "4.7.1", "rcpt")
+    assert not a.slows(452, "4.2.2", "rcpt") and not a.slows(451, "", "rcpt")
+    b = make(tmp_path / "b", Clock(), rcpt_signals=["4.2.1"])
+    assert b.slows(450, "4.2.1", "rcpt") and not b.slows(451, "4.7.0", "rcpt")
+    with pytest.raises(msgspec.ValidationError, match="rcpt_signals"):
+        config(tmp_path, rcpt_signals=["5.7.1"])

@@ -246,3 +246,53 @@ def test_an_8bit_message_is_not_sent_to_a_server_without_8bitmime():
     assert [(r.outcome, r.code, r.enhanced) for r in results] == [(bus.FAILED, 554, "5.6.3")]
     assert SevenBitPeer.commands[0].upper().startswith(b"EHLO")
     assert not any(c.upper().startswith((b"MAIL", b"DATA")) for c in SevenBitPeer.commands)
+
+
+class SlowPeer(Peer):
+    """Accepts everything, each DATA after *delay* seconds."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.delay = delay
+
+    async def handle_DATA(self, server, session, envelope):
+        await asyncio.sleep(self.delay)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_jobs_that_wait_too_long_in_a_lane_are_handed_back_never_also_sent():
+    """One connection, 0.4 s a message, 8 jobs, max_wait 1 s (job_timeout_margin 2): the
+    jobs the site could not take in time go back to the spool as REQUEUED (no attempt),
+    and none of them is also delivered -- the spool would otherwise send it again after
+    job_timeout while it still waited here."""
+    peer = SlowPeer(0.4)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(peer.protocol, "127.0.0.1", 0)
+        reports = []
+        engine = Engine(settings(server.sockets[0].getsockname()[1], connection_limit=1,
+                                 job_timeout_margin=2.0),
+                        mx_to_loopback("example.net"),
+                        lambda j, rs, retry_after=0.0: reports.append((j, rs)), loop)
+        assert engine.max_wait == 1.0
+        for n in range(8):
+            engine.submit(job("example.net", f"ok{n}", n=n))
+        deadline = loop.time() + 20
+        while len(reports) < 8 and loop.time() < deadline:
+            await asyncio.sleep(0.2)
+            engine.sweep()
+        await engine.close()
+        server.close()
+        return reports
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        reports = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    assert sorted(j.msg.req for j, _ in reports) == list(range(8))   # each once
+    outcomes = {j.msg.req: rs[0] for j, rs in reports}
+    delivered = {n for n, r in outcomes.items() if r.outcome == bus.DELIVERED}
+    back = {n for n, r in outcomes.items() if r.outcome == bus.REQUEUED}
+    assert delivered | back == set(range(8)) and 2 <= len(delivered) <= 5, outcomes
+    assert back and all("waited over 1s" in outcomes[n].text for n in back)
+    got = {rcpts[0] for _, rcpts, _ in peer.messages}
+    assert got == {f"ok{n}@example.net" for n in delivered}       # nothing handed back went
