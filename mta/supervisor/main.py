@@ -32,7 +32,13 @@ progress, then the spool shards record the last outcomes and stop; exit 0.
 SIGHUP: RELOADING=1; validate the new file; if it is bad keep running and log
 why; if good, replace the acceptors one slot at a time — the new process
 accepts on the slot's socket before the old one stops, so no connection is
-refused — then READY=1.  Spool settings take effect at the next restart.
+refused; then, when their sections changed (``ROLLED``: [delivery], [egress],
+[[shaping]], [[response_rule]], [[warmup]], [backoff], [dkim]; [events];
+[webhooks], [[webhook]]), replace the delivery, events and webhooks processes
+one at a time, each stopped as at SIGTERM before its successor starts — then
+READY=1.  Spool and admin settings, and what changes the process table
+(delivery.processes, turning the events or webhooks process on or off), take
+effect at the next restart; the log names them.
 SIGUSR2 (``mta upgrade``): stop the children as at SIGTERM but keep the
 listening sockets open (connections wait in the backlog), start ``mta serve``
 -- the installed version -- with them ($MTA_INHERIT_FDS), wait for its ready
@@ -74,6 +80,11 @@ log = logging.getLogger("mta.supervisor")
 TICK = 0.25                 # seconds between checks of children and restarts
 QUICK_DEATH = 10.0          # a child that dies younger than this doubles its back-off
 FIRST_BACKOFF = 0.2         # seconds
+# SIGHUP: the roles whose processes are replaced when these config sections change
+ROLLED = {"delivery": ("delivery", "egress", "shaping", "response_rule", "warmup", "backoff",
+                       "dkim"),
+          "events": ("events",),
+          "webhooks": ("webhooks", "webhook")}
 STOP_GRACE = 10.0           # seconds after the drain for a child to exit before SIGKILL
 LISTEN_BACKLOG = 4096
 DRAIN_FLAG = "drain"        # run/drain: the node is drained (written by the admin process)
@@ -626,6 +637,7 @@ class Supervisor:
             log.warning("admin settings changed; they take effect at the next restart")
             new = dataclasses.replace(new, config=msgspec.structs.replace(
                 new.config, admin=old.config.admin), admin_listen=old.admin_listen)
+        new = self._keep_process_table(old, new)
         try:
             self._replace_acceptors(old, new)
         except StartupError as exc:
@@ -633,9 +645,64 @@ class Supervisor:
             notify.ready(f"reload failed: {exc}; {self.status_line()}")
             return
         self.settings = new
+        for role, sections in ROLLED.items():
+            changed = [k for k in sections
+                       if getattr(new.config, k) != getattr(old.config, k)]
+            if changed and any(key[0] == role for key in self.slots):
+                log.info("reload: %s changed; replacing the %s process(es) one at a time",
+                         ", ".join(f"[{k}]" for k in changed), role)
+                self._roll(role, new)
         status = self.status_line()
         log.info("reloaded: %s", status)
         notify.ready(status)
+
+    def _keep_process_table(self, old, new):
+        """*new*, with the settings that change the process table put back to *old*'s
+        (logged: they take effect at the next restart) -- the spool shards hold one
+        link per delivery process, and the table's rows are fixed at start."""
+        if new.deliveries != old.deliveries:
+            log.warning("delivery.processes changed (%d -> %d); it takes effect at the next "
+                        "restart", old.deliveries, new.deliveries)
+            new = dataclasses.replace(new, deliveries=old.deliveries, config=msgspec.structs.
+                                      replace(new.config, delivery=msgspec.structs.replace(
+                                          new.config.delivery,
+                                          processes=old.config.delivery.processes)))
+        if new.events_enabled != old.events_enabled:
+            log.warning("the events process is %s by the new configuration; that takes "
+                        "effect at the next restart", "wanted" if new.events_enabled
+                        else "not wanted")
+            new = dataclasses.replace(new, events_enabled=old.events_enabled,
+                                      event_log=old.event_log, config=msgspec.structs.replace(
+                                          new.config, events=old.config.events))
+        if new.config.webhooks.enabled != old.config.webhooks.enabled:
+            log.warning("webhooks.enabled changed; it takes effect at the next restart")
+            new = dataclasses.replace(new, config=msgspec.structs.replace(
+                new.config, webhooks=old.config.webhooks, webhook=old.config.webhook))
+        return new
+
+    def _roll(self, role: str, settings) -> None:
+        """Replace the processes of *role* one at a time with ones that read *settings*.
+
+        Each old process is stopped as at SIGTERM -- a delivery process finishes the
+        transactions it has started and hands back its outcomes -- and its successor is
+        started when it has exited: the spool shards park the due jobs of a delivery
+        process that is away and give them to its successor, and send again at once the
+        jobs the old one took with it unstarted (at least once; nothing is lost).
+        """
+        grace = settings.config.server.shutdown_timeout + STOP_GRACE
+        for key in sorted(k for k in self.slots if k[0] == role):
+            slot = self.slots[key]
+            old = slot.child
+            if old is not None and old.pid in self.children:
+                old.retired = True
+                self._kill(old.pid, signal.SIGTERM)
+                self._wait_gone([old], grace)
+            slot.child = None
+            slot.restart_at = None
+            child = self.spawn(slot, settings)
+            if not self.wait_ready([child], settings.config.server.ready_timeout):
+                log.error("%s[%d] did not start after the reload; it is restarted as after "
+                          "a crash", role, key[1])
 
     def _fresh_slots(self, old, new) -> dict:
         """New slots for the acceptors whose addresses changed (or that are new).
