@@ -255,7 +255,97 @@ class Sink:
 # The daemon
 
 
-def config_text(state: Path, smtp_port: int, http_port: int, sink_port: int, args) -> str:
+HOOK_TYPES = ("injection", "delivery", "delay", "bounce")
+HOOK_FAIL_SHARE = 0.05      # POSTs the webhook receiver answers 500 (retried, same batch)
+HOOK_WAIT_S = 120.0         # after the drain: how long the webhooks may take to catch up
+
+
+class Hooks:
+    """The webhook receiver: an HTTP server on loopback that answers 500 to a share of
+    the POSTs (seeded) and records every batch it took in ``webhook.jsonl`` (batch id,
+    a hash of the body, the event ids and types); a retried batch must come back with
+    the same body."""
+
+    def __init__(self, rundir: Path, seed: int):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import hashlib
+
+        self.path = rundir / "webhook.jsonl"
+        self.lock = threading.Lock()
+        self.rng = random.Random(seed)
+        self.posts = self.failed = self.taken = 0
+        self.bodies: dict[str, str] = {}     # batch id -> body hash (first POST)
+        self.changed: list[str] = []         # batch ids that came back with another body
+        self.ids: set[str] = set()
+        self.events = 0
+        hooks = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                bid = self.headers.get("X-MessageSystems-Batch-ID", "")
+                digest = hashlib.sha256(body).hexdigest()
+                with hooks.lock:
+                    hooks.posts += 1
+                    first = hooks.bodies.setdefault(bid, digest)
+                    if first != digest:
+                        hooks.changed.append(bid)
+                    fail = hooks.rng.random() < HOOK_FAIL_SHARE
+                    if fail:
+                        hooks.failed += 1
+                    else:
+                        try:
+                            evs = [el["msys"]["message_event"] for el in json.loads(body)]
+                        except (ValueError, KeyError, TypeError):
+                            evs = []
+                        hooks.taken += 1
+                        hooks.events += len(evs)
+                        hooks.ids.update(e.get("event_id", "") for e in evs)
+                        with open(hooks.path, "a") as f:
+                            f.write(json.dumps({"batch": bid, "sha256": digest,
+                                                "ids": [e.get("event_id") for e in evs],
+                                                "types": [e.get("type") for e in evs]}) + "\n")
+                code = 500 if fail else 200
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://{LOOPBACK}:{self.port}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
+                                       name="hooks")
+        self.thread.start()
+
+    def missing(self, log_path: Path) -> list[str]:
+        """Event ids of the event log (of HOOK_TYPES) the receiver has not taken yet."""
+        want = set()
+        try:
+            data = log_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        for line in data.splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue                       # a torn last line
+            if e.get("type") in HOOK_TYPES:
+                want.add(e["event_id"])
+        with self.lock:
+            return sorted(want - self.ids)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def config_text(state: Path, smtp_port: int, http_port: int, sink_port: int, args,
+                hook_url: str = "") -> str:
     d = {
         "hold": False, "processes": args.delivery_processes, "time_scale": args.time_scale,
         "max_age": args.max_age, "connect_timeout": 5.0, "command_timeout": 10.0,
@@ -273,6 +363,11 @@ def config_text(state: Path, smtp_port: int, http_port: int, sink_port: int, arg
     lines += [f"{k} = {json.dumps(v)}" for k, v in d.items()]
     lines += ["", "[[delivery.route]]", 'domain = "*"',
               f"hosts = [{toml_str(f'{LOOPBACK}:{sink_port}')}]", 'starttls = "none"']
+    if hook_url:
+        # every event pushed to the receiver; retries 100 x faster than in production
+        lines += ["", "[webhooks]", "time_scale = 0.01", "poll_interval = 0.2", "",
+                  "[[webhook]]", 'name = "soak"', f"target = {toml_str(hook_url)}",
+                  "events = [" + ", ".join(toml_str(t) for t in HOOK_TYPES) + "]"]
     for extra in args.mta_config_extra:
         lines += ["", extra]
     return "\n".join(lines) + "\n"
@@ -983,6 +1078,7 @@ def analyse(books: Books, events: list[dict], sink_recs, kills: list[dict],
 
 def soak(args, rundir: Path) -> dict:
     sink = Sink(rundir)
+    hooks = Hooks(rundir, args.seed) if args.webhook else None
     smtp_port, http_port = free_port(), free_port()
     books = Books(rundir / "acks.jsonl")
     stop_inject, stop_chaos = threading.Event(), threading.Event()
@@ -992,7 +1088,8 @@ def soak(args, rundir: Path) -> dict:
     try:
         sink.start()
         daemon = Daemon(rundir, config_text(rundir / "state", smtp_port, http_port, sink.port,
-                                            args), smtp_port, http_port)
+                                            args, hooks.url if hooks else ""),
+                        smtp_port, http_port)
         daemon.start()
         daemon.expected_children = len(daemon.children())
         log(f"mta up: {sorted(daemon.children())}; sink on {LOOPBACK}:{sink.port}")
@@ -1055,6 +1152,26 @@ def soak(args, rundir: Path) -> dict:
                                     f"recipients without a terminal event, mta queue {state[2]}")
         elif state[1]:
             log(f"the queue is empty, {state[1]} recipients without a terminal event")
+        if hooks is not None:
+            # Every event of the log reaches the webhook (at least once), across the kills.
+            t2 = time.monotonic()
+            missing = hooks.missing(daemon.events_path)
+            while missing and time.monotonic() - t2 < HOOK_WAIT_S:
+                time.sleep(1.0)
+                missing = hooks.missing(daemon.events_path)
+            with hooks.lock:
+                report["webhook"] = {
+                    "missing": len(missing), "missing_ids": missing[:10],
+                    "posts": hooks.posts, "answered_500": hooks.failed,
+                    "batches_taken": hooks.taken, "events_taken": hooks.events,
+                    "distinct_events": len(hooks.ids), "changed_batches": len(hooks.changed),
+                    "catch_up_s": round(time.monotonic() - t2, 1)}
+            if missing:
+                report["errors"].append(f"{len(missing)} events of the log never reached the "
+                                        f"webhook in {HOOK_WAIT_S:.0f} s")
+            if hooks.changed:
+                report["errors"].append(f"{len(hooks.changed)} batch ids came back with "
+                                        "another body")
         # Idle: delivery connections time out, then the idle sample.
         time.sleep(args.idle_wait)
         idle_after = sampler.take("idle-after")
@@ -1081,6 +1198,8 @@ def soak(args, rundir: Path) -> dict:
         if daemon is not None and daemon.proc is not None:
             daemon.stop()
         sink.stop()
+        if hooks is not None:
+            hooks.stop()
     return report
 
 
@@ -1112,6 +1231,12 @@ def summary_lines(r: dict) -> list[str]:
         f"{res['idle_before']}, idle after the drain {res['idle_after']}",
         f"- drain {r.get('drain_s')} s; tracebacks in mta.log {r['tracebacks']}",
     ]
+    if "webhook" in r:
+        w = r["webhook"]
+        out.append(f"- webhook: {w['distinct_events']} distinct events in {w['batches_taken']} "
+                   f"batches ({w['posts']} POSTs, {w['answered_500']} answered 500 and "
+                   f"retried); **missing {w['missing']}**; batches changed on retry "
+                   f"{w['changed_batches']}; caught up {w['catch_up_s']} s after the drain")
     longest = sorted(res["survivors"].items(), key=lambda kv: -kv[1]["samples"])
     if len(longest) > 8:
         out.append(f"  - the 8 longest-lived of {len(longest)} processes seen in 3+ samples:")
@@ -1178,6 +1303,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     p.add_argument("--mta-config-extra", action="append", default=[],
                    help="TOML appended to the generated config (repeatable)")
+    p.add_argument("--webhook", action="store_true",
+                   help="push every event to a webhook receiver that answers 500 to 5 %% of "
+                        "the POSTs, and check that each event of the log reached it")
     p.add_argument("--netns", choices=("auto", "yes", "no"), default="auto")
     p.add_argument("--workdir", default=None)
     p.add_argument("--keep", action="store_true")

@@ -11,6 +11,9 @@ event_id) and ``sink.log`` (what the receiver got)
 it recounts that every acknowledged recipient has exactly one terminal event, of the kind
 its address asks for, and that nothing delivered is missing at the sink; and from
 ``kills.jsonl`` that every duplicate at the sink was a delivery in flight at a kill.
+With ``--webhook`` the harness also pushes every event to a webhook receiver that refuses
+5 % of the POSTs, and checks that each event of the log reached it (at least once) and
+that a retried batch kept its id and body.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ def test_chaos_soak_loses_nothing(tmp_path):
     report_path = tmp_path / "report.json"
     argv = [sys.executable, SOAK, "--duration", str(DURATION_S), "--kill-interval", "2",
             "--tree-every", "15", "--rate", "20", "--workdir", str(tmp_path), "--keep",
-            "--json", str(report_path), "--drain-timeout", "150"]
+            "--json", str(report_path), "--drain-timeout", "150", "--webhook"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=DURATION_S + 400)
     out = r.stdout[-6000:] + r.stderr[-3000:]
     assert report_path.exists(), out
@@ -73,6 +76,13 @@ def test_chaos_soak_loses_nothing(tmp_path):
     for t in TERMINAL:
         assert rep["acked_outcomes"][t] >= 1, rep["acked_outcomes"]
     assert rep["tracebacks"] == 0, out
+    # Every event of the log reached the webhook receiver (which refused 5 % of the POSTs:
+    # retried with the same batch id and body), across the kills of the webhooks and
+    # events processes and of the whole tree.
+    hook = rep["webhook"]
+    assert hook["missing"] == 0 and hook["changed_batches"] == 0, hook
+    assert hook["answered_500"] >= 1 and hook["distinct_events"] >= rep["recipients"]["acked"]
+    assert rep["kills"].get("webhooks", 0) + rep["kills"]["tree"] >= 1, rep["kills"]
 
     # The books again, from the raw files.
     acks = {a["rcpt"]: a for a in _lines(os.path.join(run, "acks.jsonl"))}
