@@ -44,9 +44,19 @@ def _is_table_array(v) -> bool:
 
 
 def toml_dumps(doc: dict) -> str:
-    """Write a TOML document of top-level keys, one level of tables, and arrays of tables
-    inside those ([[section.key]], e.g. [[delivery.route]])."""
-    lines = [f"{k} = {toml_value(v)}" for k, v in doc.items() if not isinstance(v, dict)]
+    """Write a TOML document of top-level keys, top-level arrays of tables ([[webhook]]),
+    one level of tables, and arrays of tables inside those ([[section.key]], e.g.
+    [[delivery.route]])."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in doc.items()
+             if not isinstance(v, dict) and not _is_table_array(v)]
+    for key, items in doc.items():          # top-level arrays of tables ([[webhook]], ...)
+        if _is_table_array(items):
+            for item in items:
+                lines += ["", f"[[{key}]]"]
+                for ik, iv in item.items():
+                    if isinstance(iv, dict) or _is_table_array(iv):
+                        raise ValueError(f"nested table {key}.{ik} is not supported")
+                    lines.append(f"{ik} = {toml_value(iv)}")
     for section, table in doc.items():
         if isinstance(table, dict):
             lines += ["", f"[{section}]"]
