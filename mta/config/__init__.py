@@ -256,6 +256,12 @@ def _check_egress(eg, d) -> tuple[dict, dict]:
         pools[pool.name] = tuple((m.source, m.weight) for m in pool.sources)
     if DEFAULT not in pools:
         pools[DEFAULT] = ((DEFAULT, 1),)
+    for i, pool in enumerate(eg.pool):
+        if pool.overflow_pool and (pool.overflow_pool not in pools
+                                   or pool.overflow_pool == pool.name):
+            raise ConfigError(f"egress.pool[{i}].overflow_pool: "
+                              + (f"no pool is called {pool.overflow_pool!r}"
+                                 if pool.overflow_pool != pool.name else "the pool itself"))
     if eg.default_pool not in pools:
         raise ConfigError(f"egress.default_pool: no pool is called {eg.default_pool!r}")
     for dom, pool in eg.domain_pool.items():

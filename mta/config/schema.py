@@ -338,6 +338,11 @@ class EgressPool(Struct, forbid_unknown_fields=True, kw_only=True):
         pattern=_NAME)]
     sources: Annotated[list[PoolMember], _doc(
         "the sources of the pool with their weights", min_length=1)]
+    overflow_pool: Annotated[str, _doc(
+        "a pool that takes this pool's mail for a site while every source of this pool "
+        "that is not suspended is at its warm-up cap for that site ([[warmup]] with "
+        "overflow = \"other_sources\"); one hop: the overflow pool's own overflow_pool "
+        "is not followed. Empty: the mail waits in the queue until a cap rolls over")] = ""
 
 
 class EgressConfig(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -290,6 +290,9 @@ class Engine:
         self.routes = {r.domain.lower().rstrip("."): r for r in self.cfg.route}
         self.sources = {name: Source(cfg, self.helo) for name, cfg in settings.sources.items()}
         self.pools = {name: Pool(name, members) for name, members in settings.pools.items()}
+        # warm-up overflow: pool -> the pool that takes its mail when its sources are capped
+        self.overflow = {p.name: p.overflow_pool for p in settings.config.egress.pool
+                         if p.overflow_pool}
         self.egress = settings.config.egress
         self.shaping = shaping or Shaping(settings.config.shaping, self.cfg,
                                           presets=self.cfg.shaping_presets)
@@ -474,8 +477,14 @@ class Engine:
             return True
 
         job.site = site.name
+        first = pool
         while True:
             name = pool.pick(usable)
+            if name is None and capped and pool is first and first.name in self.overflow:
+                # every usable source of the pool is at its warm-up cap for this site:
+                # the pool's overflow pool takes the mail (one hop)
+                pool = self.pools[self.overflow[first.name]]
+                continue
             if name is None or name not in warm.plans:
                 break
             wait = warm.take(name, site.name, site.hosts, now)
