@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -333,6 +334,24 @@ def test_failing_endpoint_then_ok_keeps_batch_ids(pushd):
             rows[b]["attempts"] >= 2 and rows[b]["response_code"] == "200" for b in failed)
         return rows if done else None
     wait_until(listed, 10, "batch-status listing the failed batches as delivered")
+
+    # /metrics shows the webhook's figures (pushed by the webhooks process)
+    def figures():
+        conn = http.client.HTTPConnection(HOST, d.admin_port, timeout=30)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        got = {}
+        for name in ("backlog_events", "pending_batches", "events_sent_total",
+                     "failed_attempts_total", "dropped_events_total"):
+            m = re.search(rf'^mta_webhook_{name}{{webhook="all"}} ([0-9.e+]+)$', text, re.M)
+            got[name] = float(m.group(1)) if m else None
+        return got if got["events_sent_total"] and got["events_sent_total"] >= 60 and \
+            got["backlog_events"] == 0 and got["pending_batches"] == 0 else None
+    got = wait_until(figures, 15, "the webhook's figures in /metrics")
+    assert got["failed_attempts_total"] >= 3 and got["dropped_events_total"] == 0, got
 
 
 def test_kill9_of_the_webhooks_process_loses_nothing(pushd):
