@@ -74,10 +74,21 @@ def serve(config_path):
 @main.command("check-config")
 @config_option
 def check_config(config_path):
-    """Validate the configuration and say what is wrong, naming the key."""
+    """Validate the configuration and say what is wrong, naming the key; against a
+    running daemon, also name the keys a reload (SIGHUP) would leave for a restart."""
+    from mta import config as mconfig
+
     s = _settings(config_path)
     click.echo(f"ok: {config_path or 'built-in defaults'} ({s.acceptors} acceptor(s), "
                f"{s.shards} spool shard(s), state in {s.state_dir})")
+    active = mconfig.read_active(s.run_dir)
+    if active is None:
+        return
+    later = mconfig.restart_keys(active, s)
+    if later:
+        click.echo("needs a restart (a reload leaves these as they are): " + ", ".join(later))
+    else:
+        click.echo("a reload (SIGHUP) applies every change")
 
 
 @main.command("print-config")
