@@ -74,10 +74,21 @@ def serve(config_path):
 @main.command("check-config")
 @config_option
 def check_config(config_path):
-    """Validate the configuration and say what is wrong, naming the key."""
+    """Validate the configuration and say what is wrong, naming the key; against a
+    running daemon, also name the keys a reload (SIGHUP) would leave for a restart."""
+    from mta import config as mconfig
+
     s = _settings(config_path)
     click.echo(f"ok: {config_path or 'built-in defaults'} ({s.acceptors} acceptor(s), "
                f"{s.shards} spool shard(s), state in {s.state_dir})")
+    active = mconfig.read_active(s.run_dir)
+    if active is None:
+        return
+    later = mconfig.restart_keys(active, s)
+    if later:
+        click.echo("needs a restart (a reload leaves these as they are): " + ", ".join(later))
+    else:
+        click.echo("a reload (SIGHUP) applies every change")
 
 
 @main.command("print-config")
@@ -485,24 +496,14 @@ def rules_list(config_path, as_json):
     """What is in effect: rule name, id, action, scope (source, site), the reply that
     fired it, and the time left (a back-off: its rate now and its steps; a warm-up: the
     day of its schedule since the source's first use)."""
-    import msgspec
-
-    from mta.shaping.state import list_entries
+    from mta.shaping.state import entry_view, list_entries
 
     s = _settings(config_path)
     now = time.time()
     entries = list_entries(_adaptive_dir(s), now)
     if as_json:
         for e in entries:
-            d = msgspec.to_builtins(e)
-            d["left"] = round(e.until - now, 1) if e.until else None
-            if e.kind == "backoff":
-                d["current_rate"] = e.current_rate(now)
-                d["step_no"] = e.steps(now)
-            if e.kind == "warmup":
-                d["day"] = int(max(0.0, now - e.created)
-                               // (86400.0 * s.config.delivery.time_scale)) + 1
-            click.echo(json.dumps(d))
+            click.echo(json.dumps(entry_view(e, now, s.config.delivery.time_scale)))
         return
     if not entries:
         click.echo("no suspension, throttle or back-off in effect")

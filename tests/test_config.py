@@ -211,3 +211,22 @@ def test_dkim_missing_key_file_names_the_path(tmp_path):
         config.load(str(p))
     assert "dkim.keys[0].key_file" in str(exc.value)
     assert f"{tmp_path}/missing.pem" in str(exc.value)
+
+
+def test_an_overflow_pool_must_exist_and_be_another_pool(tmp_path):
+    import msgspec
+
+    from mta.config import ConfigError, resolve
+    from mta.config.schema import Config
+
+    def eg(overflow):
+        return {"source": [{"name": "ip-2", "source_address": "127.0.0.2"}],
+                "pool": [{"name": "warm", "sources": [{"source": "ip-2"}],
+                          "overflow_pool": overflow}]}
+    for bad, why in (("nope", "no pool is called 'nope'"), ("warm", "the pool itself")):
+        with pytest.raises(ConfigError, match=r"egress\.pool\[0\]\.overflow_pool: " + why):
+            resolve(msgspec.convert({"server": {"state_dir": str(tmp_path)},
+                                     "egress": eg(bad)}, Config), None)
+    ok = resolve(msgspec.convert({"server": {"state_dir": str(tmp_path)},
+                                  "egress": eg("default")}, Config), None)
+    assert ok.config.egress.pool[0].overflow_pool == "default"

@@ -13,6 +13,12 @@ Routes (JSON; errors are ``{"errors": [{"message": ...}]}``):
 ``GET /api/admin/drain``, ``POST /api/admin/drain``, ``DELETE /api/admin/drain``
     the drain: whether the node is draining, since when, and what remains
     (messages, recipients, jobs in flight); POST starts it, DELETE cancels it.
+``GET /api/admin/rules``, ``DELETE /api/admin/rules/NAME-OR-ID``
+    the suspensions, throttles, back-offs and warm-ups in effect (the response
+    rule, reply, source, site, time left; as ``mta rules list --json``), read
+    from ``<state_dir>/adaptive/``; DELETE ends those of rule NAME, or the one
+    entry ID, as ``mta rules cancel`` (the delivery processes see it within a
+    second); 404 when nothing in effect has that name.
 
 The drain is the file ``<run>/drain``: each acceptor looks for it twice a
 second and, while it exists, answers new SMTP connections and transactions
@@ -31,6 +37,7 @@ import concurrent.futures
 import logging
 import os
 import time
+import urllib.parse
 
 import orjson
 
@@ -38,6 +45,7 @@ from mta import bus
 from mta.admin import status as st
 from mta.obs import queue as q
 from mta.queueid import is_qid, shard_of
+from mta.shaping import state as adaptive
 
 log = logging.getLogger("mta.admin")
 
@@ -54,6 +62,7 @@ class Unavailable(Exception):
 class Api:
     def __init__(self, settings, loop, ctx, reports, collector):
         self.settings = settings
+        self.adaptive_dir = os.path.join(settings.state_dir, adaptive.STORE_DIR)
         self.loop = loop
         self.ctx = ctx
         self.reports = reports
@@ -162,6 +171,25 @@ class Api:
             if path == b"/api/admin/status":
                 _only(method, b"GET")
                 return _json(200, await self.status())
+            if path == b"/api/admin/rules":
+                _only(method, b"GET")
+                now = time.time()
+                return _json(200, {"results": [
+                    adaptive.entry_view(e, now, self.settings.config.delivery.time_scale)
+                    for e in adaptive.list_entries(self.adaptive_dir, now)]})
+            if path.startswith(b"/api/admin/rules/"):
+                _only(method, b"DELETE")
+                what = urllib.parse.unquote(path[len(b"/api/admin/rules/"):].decode("latin-1"))
+                gone = adaptive.cancel_entries(self.adaptive_dir, what) if what else []
+                if not gone:
+                    return _json(404, {"errors": [{"message": f"nothing in effect is called "
+                                                              f"{what[:100]!r}"}]})
+                now = time.time()
+                log.warning("cancelled through the admin API: %s", ", ".join(
+                    f"{e.kind} {e.rule} ({e.id})" for e in gone))
+                return _json(200, {"cancelled": [
+                    adaptive.entry_view(e, now, self.settings.config.delivery.time_scale)
+                    for e in gone]})
             if path == b"/api/admin/drain":
                 _only(method, b"GET", b"POST", b"DELETE")
                 if method == b"POST":

@@ -109,6 +109,55 @@ def _read_auth_file(path: str) -> dict[str, str]:
         raise ConfigError(f"smtp.auth_file: {path}: {exc}") from None
 
 
+ACTIVE_NAME = "active-config.json"   # in run_dir: what the running supervisor applied
+
+
+def restart_keys(old: Settings, new: Settings) -> list[str]:
+    """The settings of *new* that a reload (SIGHUP) of a daemon running *old* does not
+    apply -- they wait for the next restart: [spool] and [admin] keys, the shard
+    count, delivery.processes, and turning the events or webhooks process on or off."""
+    out = []
+    for section in ("spool", "admin"):
+        a = msgspec.to_builtins(getattr(old.config, section))
+        b = msgspec.to_builtins(getattr(new.config, section))
+        out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if old.shards != new.shards and "spool.shards" not in out:
+        out.append("spool.shards")
+    if old.deliveries != new.deliveries:
+        out.append("delivery.processes")
+    if old.events_enabled != new.events_enabled:
+        out.append("server.event_log / events.store (the events process on or off)")
+    if old.config.webhooks.enabled != new.config.webhooks.enabled:
+        out.append("webhooks.enabled")
+    return out
+
+
+def write_active(settings: Settings, config_path: str | None) -> None:
+    """Record in run_dir the configuration the supervisor has applied (for ``mta
+    check-config``, which names what a reload would leave for a restart)."""
+    doc = {"config_path": config_path, "config": msgspec.to_builtins(settings.config),
+           "shards": settings.shards}
+    tmp = os.path.join(settings.run_dir, ACTIVE_NAME + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(msgspec.json.encode(doc))
+    os.replace(tmp, os.path.join(settings.run_dir, ACTIVE_NAME))
+
+
+def read_active(run_dir: str) -> Settings | None:
+    """The configuration the running (or last) supervisor applied; None if unknown."""
+    try:
+        with open(os.path.join(run_dir, ACTIVE_NAME), "rb") as fh:
+            doc = msgspec.json.decode(fh.read())
+        s = resolve(msgspec.convert(doc["config"], Config), doc.get("config_path"))
+    except (OSError, ValueError, KeyError, TypeError, msgspec.ValidationError, ConfigError):
+        return None
+    if doc.get("shards"):
+        from dataclasses import replace
+
+        s = replace(s, shards=int(doc["shards"]))
+    return s
+
+
 def load(path: str | None = None, *, cpu_count: int | None = None) -> Settings:
     """Read, validate and resolve the configuration (built-in defaults when *path* is None)."""
     raw: dict = {}
@@ -256,6 +305,12 @@ def _check_egress(eg, d) -> tuple[dict, dict]:
         pools[pool.name] = tuple((m.source, m.weight) for m in pool.sources)
     if DEFAULT not in pools:
         pools[DEFAULT] = ((DEFAULT, 1),)
+    for i, pool in enumerate(eg.pool):
+        if pool.overflow_pool and (pool.overflow_pool not in pools
+                                   or pool.overflow_pool == pool.name):
+            raise ConfigError(f"egress.pool[{i}].overflow_pool: "
+                              + (f"no pool is called {pool.overflow_pool!r}"
+                                 if pool.overflow_pool != pool.name else "the pool itself"))
     if eg.default_pool not in pools:
         raise ConfigError(f"egress.default_pool: no pool is called {eg.default_pool!r}")
     for dom, pool in eg.domain_pool.items():
@@ -267,6 +322,9 @@ def _check_egress(eg, d) -> tuple[dict, dict]:
 
 
 def _check_feedback(cfg: Config) -> None:
+    if cfg.feedback.verp and not cfg.feedback.bounce_domains:
+        raise ConfigError("feedback.verp: needs feedback.bounce_domains (the return "
+                          "path's domain)")
     """Validate the bounce classification rules (the operator's file and the shipped one)."""
     from mta import feedback
 

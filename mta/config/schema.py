@@ -338,6 +338,11 @@ class EgressPool(Struct, forbid_unknown_fields=True, kw_only=True):
         pattern=_NAME)]
     sources: Annotated[list[PoolMember], _doc(
         "the sources of the pool with their weights", min_length=1)]
+    overflow_pool: Annotated[str, _doc(
+        "a pool that takes this pool's mail for a site while every source of this pool "
+        "that is not suspended is at its warm-up cap for that site ([[warmup]] with "
+        "overflow = \"other_sources\"); one hop: the overflow pool's own overflow_pool "
+        "is not followed. Empty: the mail waits in the queue until a cap rolls over")] = ""
 
 
 class EgressConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -519,6 +524,13 @@ class FeedbackConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "quoted Message-ID) or an RFC 5965 ARF report (a spam_complaint event and a "
         "\"Spam Complaint\" suppression entry), never relayed; empty: none",
         max_length=100)] = []
+    verp: Annotated[str, _doc(
+        "a local part: when set, the MAIL FROM of every message delivered with a non-null "
+        "sender becomes <verp>+<queue id>@<the first of bounce_domains> (VERP), so that "
+        "an asynchronous bounce comes back to a bounce domain and names its message even "
+        "when it quotes nothing; the sender's domain no longer is the return path's (SPF "
+        "is checked for the bounce domain). Empty: the sender is the return path",
+        max_length=40, pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]*)?$")] = ""
 
 
 class EventsConfig(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -289,7 +289,13 @@ class Engine:
         self.loop = loop
         self.routes = {r.domain.lower().rstrip("."): r for r in self.cfg.route}
         self.sources = {name: Source(cfg, self.helo) for name, cfg in settings.sources.items()}
+        fb = settings.config.feedback
+        # VERP: the return path names the message (feedback.verp at the first bounce domain)
+        self.verp = (fb.verp, fb.bounce_domains[0].lower()) if fb.verp else None
         self.pools = {name: Pool(name, members) for name, members in settings.pools.items()}
+        # warm-up overflow: pool -> the pool that takes its mail when its sources are capped
+        self.overflow = {p.name: p.overflow_pool for p in settings.config.egress.pool
+                         if p.overflow_pool}
         self.egress = settings.config.egress
         self.shaping = shaping or Shaping(settings.config.shaping, self.cfg,
                                           presets=self.cfg.shaping_presets)
@@ -474,8 +480,14 @@ class Engine:
             return True
 
         job.site = site.name
+        first = pool
         while True:
             name = pool.pick(usable)
+            if name is None and capped and pool is first and first.name in self.overflow:
+                # every usable source of the pool is at its warm-up cap for this site:
+                # the pool's overflow pool takes the mail (one hop)
+                pool = self.pools[self.overflow[first.name]]
+                continue
             if name is None or name not in warm.plans:
                 break
             wait = warm.take(name, site.name, site.hosts, now)
@@ -811,7 +823,10 @@ class Engine:
         utf8 = "SMTPUTF8" in m.params
         lane.sent += 1
         try:
-            res = await conn.send_message(m.sender, addrs, m.body, eight_bit=eight,
+            sender = m.sender
+            if self.verp is not None and sender:
+                sender = f"{self.verp[0]}+{m.qid.lower()}@{self.verp[1]}"
+            res = await conn.send_message(sender, addrs, m.body, eight_bit=eight,
                                           smtputf8=utf8,
                                           dsn=smtpc.DsnParams.from_params(m.params))
         except smtpc.Unsupported8Bit:

@@ -64,6 +64,21 @@ _FAMILIES = [
     Family("mta_events_published_total", COUNTER,
            "message events written to the event log (and the events store); replays after "
            "a restart count again"),
+    # --- the webhooks process (labels: the webhook's name; at most webhooks.max_webhooks
+    #     plus the [[webhook]] tables)
+    Family("mta_webhook_backlog_events", GAUGE,
+           "events of the events store not yet put in a batch for the webhook (its cursor's "
+           "lag; bounded by webhooks.max_backlog_events)", ("webhook",)),
+    Family("mta_webhook_pending_batches", GAUGE,
+           "batches stored for the webhook and not yet acknowledged (being sent or waiting "
+           "for a retry)", ("webhook",)),
+    Family("mta_webhook_events_sent_total", COUNTER,
+           "events in batches the webhook's target acknowledged with a 2xx", ("webhook",)),
+    Family("mta_webhook_failed_attempts_total", COUNTER,
+           "POSTs to the webhook's target that failed (no 2xx in time)", ("webhook",)),
+    Family("mta_webhook_dropped_events_total", COUNTER,
+           "events never sent: in batches dropped after the last retry, or skipped at the "
+           "backlog bound (on_backlog_full = drop_oldest)", ("webhook",)),
     # --- spool shards
     Family("mta_spool_fsync_seconds", HISTOGRAM, "group commit fdatasync latency",
            ("shard",), LATENCY),

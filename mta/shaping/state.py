@@ -214,6 +214,20 @@ class Store:
             log.warning("cannot remove %s: %s", self.path(eid), exc)
 
 
+def entry_view(e: Entry, now: float, time_scale: float = 1.0) -> dict:
+    """One entry as the operator sees it (``mta rules list --json``, GET
+    /api/admin/rules): its fields, ``left`` (seconds, None without an end), a
+    back-off's ``current_rate`` and ``step_no``, a warm-up's ``day``."""
+    d = msgspec.to_builtins(e)
+    d["left"] = round(e.until - now, 1) if e.until else None
+    if e.kind == "backoff":
+        d["current_rate"] = e.current_rate(now)
+        d["step_no"] = e.steps(now)
+    if e.kind == "warmup":
+        d["day"] = int(max(0.0, now - e.created) // (86400.0 * time_scale)) + 1
+    return d
+
+
 def list_entries(directory: str, now: float | None = None) -> list[Entry]:
     """The entries on disk (for ``mta rules list``), expired ones left out."""
     if not os.path.isdir(directory):

@@ -425,6 +425,7 @@ class Supervisor:
             else:
                 self.slots.update({(svc.role, i): Slot(svc.role, i, []) for i in range(svc.count)})
         close_unused_inherited()
+        self._write_active()
         self.start_children()
         status = self.status_line()
         log.info("ready: %s", status)
@@ -631,6 +632,11 @@ class Supervisor:
             notify.ready(f"reload failed: {exc}; {self.status_line()}")
             return
         old = self.settings
+        later = mconfig.restart_keys(old, new)
+        if later:
+            log.warning("reload: %s changed; %s at the next restart (mta check-config "
+                        "names them too)", ", ".join(later),
+                        "it takes effect" if len(later) == 1 else "they take effect")
         if new.config.spool != old.config.spool or new.shards != old.shards:
             log.warning("spool settings changed; they take effect at the next restart")
         if new.config.admin != old.config.admin:
@@ -645,6 +651,7 @@ class Supervisor:
             notify.ready(f"reload failed: {exc}; {self.status_line()}")
             return
         self.settings = new
+        self._write_active()
         for role, sections in ROLLED.items():
             changed = [k for k in sections
                        if getattr(new.config, k) != getattr(old.config, k)]
@@ -655,6 +662,13 @@ class Supervisor:
         status = self.status_line()
         log.info("reloaded: %s", status)
         notify.ready(status)
+
+    def _write_active(self) -> None:
+        try:
+            mconfig.write_active(self.settings, self.config_path)
+        except OSError as exc:
+            log.warning("cannot record the active configuration in %s: %s",
+                        self.settings.run_dir, exc)
 
     def _keep_process_table(self, old, new):
         """*new*, with the settings that change the process table put back to *old*'s

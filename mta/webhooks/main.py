@@ -34,6 +34,7 @@ import orjson
 import uvloop
 
 from mta import bus, proc
+from mta.obs.catalog import COUNTER, GAUGE
 from mta.obs.stats import Pusher, Registry
 from mta.api import webhookdb
 from mta.api import webhooks as W
@@ -163,7 +164,27 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
     db = webhookdb.WebhookDB(webhookdb.path_in(settings.state_dir))
     # Liveness for the admin process (/api/admin/health, per-process CPU and memory).
     ctx = bus.new_context()
-    pusher = Pusher.create(Registry(), ctx, settings, "webhooks", index)
+    reg = Registry()
+    live: dict = {}          # "w": the Webhooks once the events store is open
+
+    def figures():
+        w = live.get("w")
+        if w is None:
+            return []
+        rows = []
+        for sender in list(w.senders.values()):
+            st = sender.status()
+            name = (st["name"],)
+            rows += [(GAUGE, "mta_webhook_backlog_events", name, st["backlog_events"]),
+                     (GAUGE, "mta_webhook_pending_batches", name, st["pending_batches"]),
+                     (COUNTER, "mta_webhook_events_sent_total", name, st["events_sent"]),
+                     (COUNTER, "mta_webhook_failed_attempts_total", name,
+                      st["failed_attempts"]),
+                     (COUNTER, "mta_webhook_dropped_events_total", name,
+                      st["dropped_events"])]
+        return rows
+    reg.collect(figures)
+    pusher = Pusher.create(reg, ctx, settings, "webhooks", index)
     if pusher is not None:
         pusher.run_on(loop)
 
@@ -199,6 +220,7 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
         try:
             w = Webhooks(settings, db, store, session)
             w.started = started
+            live["w"] = w
             await w.run(stop)
         finally:
             await session.close()

@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import re
+import time
 
 from daemon import wait_until
 from mxlab import mx
@@ -227,3 +228,33 @@ def test_warmup_caps_a_new_source_per_site_and_keeps_its_day_across_kill9(lab):
     send_many(d, LIMITED, 10, "y")
     wait_until(lambda: sum(clients(limited, "y").values()) >= 10, 60, "10 more")
     assert clients(limited, "y") == {"127.0.0.2": 10}      # ip-3 is still at its cap
+
+
+def test_warmup_overflow_goes_to_the_pools_overflow_pool(lab):
+    """Pool "warm" has only ip-3 (day 1: 10 an hour per site) and overflow_pool
+    "seasoned" (ip-2): of 30 messages, ip-3 sends 10 and the overflow pool the rest; a
+    pool without an overflow pool keeps its mail waiting for the cap to roll over."""
+    lab.serve(mx(LIMITED, SITE, "127.0.0.10"))
+    limited = smart(lab, "127.0.0.10")
+    d = lab.daemon(processes=2, time_scale=0.1, sections={
+        "egress": {"source": [{"name": "ip-2", "source_address": "127.0.0.2"},
+                              {"name": "ip-3", "source_address": "127.0.0.3"}],
+                   "pool": [{"name": "warm", "sources": [{"source": "ip-3"}],
+                             "overflow_pool": "seasoned"},
+                            {"name": "seasoned", "sources": [{"source": "ip-2"}]},
+                            {"name": "alone", "sources": [{"source": "ip-3"}]}],
+                   "default_pool": "warm"},
+        "warmup": [{"source": "ip-3", "overflow": "other_sources",
+                    "schedule": [{"day": 1, "hourly": 10}, {"day": 2, "hourly": 1000}]}],
+        "backoff": {"enabled": False}})
+    send_many(d, LIMITED, 30, "o")
+    wait_until(lambda: sum(clients(limited, "o").values()) >= 30, 60, "30 to the site")
+    assert clients(limited, "o") == {"127.0.0.3": 10, "127.0.0.2": 20}, clients(limited, "o")
+    # Pool "alone" (ip-3 only, no overflow pool): ip-3 is at its cap, so its mail waits.
+    for i in range(3):
+        d.send(SENDER, [f"a{i}@{LIMITED}"], f"X-MSYS-API: {{\"options\": {{\"ip_pool\": "
+               f"\"alone\"}}}}\r\nSubject: a{i}\r\n\r\nhi\r\n".encode())
+    wait_until(lambda: d.queue_summary()["total"]["messages"] == 3, 20, "three queued")
+    time.sleep(2.0)     # a few dispatch rounds (the cap holds for 360 s)
+    assert not clients(limited, "a"), clients(limited, "a")
+    assert d.queue_summary()["total"]["messages"] == 3

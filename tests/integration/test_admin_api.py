@@ -164,3 +164,44 @@ def test_site_and_source_come_from_the_delivery_processes(lab):
     q = wait_until(seen, 30, "the site and source in the queue view", interval=0.3)
     assert "default" in q["by_source"]
     wait_until(lambda: sink.received() == 3, 30, "all delivered")
+
+
+def test_rules_in_effect_listed_and_cancelled_through_the_admin_api(make_daemon):
+    """A suspension written into the daemon's state directory the way a delivery process
+    writes it (mta.delivery.adaptive): GET /api/admin/rules shows it as `mta rules list`
+    does, DELETE /api/admin/rules/NAME ends it (gone from disk and from the CLI), an
+    unknown name is 404, a wrong method 405."""
+    import os
+
+    import msgspec
+
+    from mta.config import resolve
+    from mta.config.schema import Config
+    from mta.delivery import adaptive as ad
+
+    d = make_daemon()
+    rule = {"name": "tss04", "code": 421, "text": r"\[TSS04\]", "action": "suspend",
+            "scope": "source_site", "duration": 600}
+    s = resolve(msgspec.convert({"server": {"state_dir": d.state_dir},
+                                 "response_rule": [rule]}, Config), None)
+    a = ad.Adaptive(s.config, s.state_dir, presets=False)
+    fired = a.fire(a.rules.match("mail", 421, "4.7.0", "[TSS04] try later", ["mx"]),
+                   "ip-2", "mx.site.test", "421 4.7.0 [TSS04] try later", "mail")
+    st, _, body = admin_call(d, "GET", "/api/admin/rules")
+    assert st == 200, body
+    [e] = body["results"]
+    assert (e["rule"], e["id"], e["kind"], e["source"], e["site"], e["stage"]) == \
+        ("tss04", fired.id, "suspend", "ip-2", "mx.site.test", "mail")
+    assert "[TSS04]" in e["reply"] and 590 < e["left"] <= 600
+    cli = [json.loads(x) for x in d.cli("rules", "list", "--json").stdout.decode().splitlines()]
+    assert [x["id"] for x in cli] == [fired.id]
+    assert admin_call(d, "DELETE", "/api/admin/rules/no-such-rule")[0] == 404
+    assert admin_call(d, "POST", "/api/admin/rules")[0] == 405
+    st, _, body = admin_call(d, "DELETE", "/api/admin/rules/tss04")
+    assert st == 200 and [x["id"] for x in body["cancelled"]] == [fired.id], body
+    assert admin_call(d, "GET", "/api/admin/rules")[2]["results"] == []
+    assert d.cli("rules", "list", "--json").stdout.strip() == b""
+    assert not os.listdir(os.path.join(d.state_dir, ad.STORE_DIR)) or \
+        all(not f.endswith(".json") for f in os.listdir(os.path.join(d.state_dir,
+                                                                     ad.STORE_DIR)))
+    assert "cancelled through the admin API: suspend tss04" in d.log()

@@ -271,3 +271,42 @@ def test_reports_are_matched_by_nothing_when_the_events_store_is_off(make_daemon
     assert ev["message_id_header"] == "nowhere@sender.example.org" and ev["event_id"]
     status, body = call(d, "/api/v1/suppression-list/reader@example.com")
     assert status == 200 and body["results"][0]["source"] == "Spam Complaint", body
+
+
+def test_verp_return_path_names_the_message_and_brings_its_bounce_back(make_daemon):
+    """feedback.verp: the receiver sees MAIL FROM:<bounces+<queue id>@bounce domain>; an
+    asynchronous bounce sent there, quoting nothing of the original, becomes the
+    out_of_band event of that very message; a bounce (null sender) keeps its null path."""
+    sink = AioSink(HOST, free_port()).start()
+    try:
+        d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
+                        feedback={"bounce_domains": [BOUNCES], "verp": "bounces"},
+                        delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                             "hosts": [f"{HOST}:{sink.port}"]}]})
+        qid = d.send("news@sender.example.org", ["reader@example.com"],
+                     b"From: news@sender.example.org\r\nSubject: verp\r\n\r\nhello\r\n")
+        t = sink.wait_for("reader@example.com")
+        assert t.mail_from == f"bounces+{qid.lower()}@{BOUNCES}", t.mail_from
+        wait_until(lambda: events(d, recipients="reader@example.com", events="delivery"), 60,
+                   "the delivery event")
+        code, text = smtp_send(d, "", [t.mail_from],
+                               dsn("", "reader@example.com", "5.1.1",
+                                   "550 5.1.1 <reader@example.com>: User unknown"))
+        assert code == 250, text
+        [oob] = wait_until(lambda: events(d, events="out_of_band"), 60, "the out_of_band event")
+        assert oob["message_id"] == qid.lower() and oob["matched"] == "1", oob
+        assert oob["rcpt_to"] == "reader@example.com" and oob["bounce_class"] == "10"
+    finally:
+        sink.stop()
+
+
+def test_verp_needs_a_bounce_domain(tmp_path):
+    import msgspec
+    import pytest
+
+    from mta.config import ConfigError, resolve
+    from mta.config.schema import Config
+
+    with pytest.raises(ConfigError, match=r"feedback\.verp: needs feedback\.bounce_domains"):
+        resolve(msgspec.convert({"server": {"state_dir": str(tmp_path)},
+                                 "feedback": {"verp": "bounces"}}, Config), None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -334,6 +335,24 @@ def test_failing_endpoint_then_ok_keeps_batch_ids(pushd):
         return rows if done else None
     wait_until(listed, 10, "batch-status listing the failed batches as delivered")
 
+    # /metrics shows the webhook's figures (pushed by the webhooks process)
+    def figures():
+        conn = http.client.HTTPConnection(HOST, d.admin_port, timeout=30)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        got = {}
+        for name in ("backlog_events", "pending_batches", "events_sent_total",
+                     "failed_attempts_total", "dropped_events_total"):
+            m = re.search(rf'^mta_webhook_{name}{{webhook="all"}} ([0-9.e+]+)$', text, re.M)
+            got[name] = float(m.group(1)) if m else None
+        return got if got["events_sent_total"] and got["events_sent_total"] >= 60 and \
+            got["backlog_events"] == 0 and got["pending_batches"] == 0 else None
+    got = wait_until(figures, 15, "the webhook's figures in /metrics")
+    assert got["failed_attempts_total"] >= 3 and got["dropped_events_total"] == 0, got
+
 
 def test_kill9_of_the_webhooks_process_loses_nothing(pushd):
     d, r, store = pushd
@@ -352,15 +371,21 @@ def test_kill9_of_the_webhooks_process_loses_nothing(pushd):
 
 
 def test_mail_to_webhook_pipeline(make_daemon):
-    """Real mail -> spool -> delivery (one recipient refused 550 5.1.1) -> events
-    process -> store -> webhooks process -> the receiver: injection, delivery and
-    bounce events in SparkPost's batch shape, each event once per event_id."""
+    """Real mail -> spool -> delivery -> events process -> store -> webhooks process ->
+    the receiver, for a mixed load: delivered, deferred then delivered, refused 550 5.1.1,
+    suppressed (an injection and a class-25 bounce, never at the sink): every event of
+    the event log reaches the webhook in SparkPost's batch shape, each event_id once."""
     from daemon import free_port
     from sinks import AioSink
+
+    deferred_once = set()
 
     def rcpt(sink, address, mail_from):
         if address.startswith("unknown"):
             return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+        if address.startswith("later") and address not in deferred_once:
+            deferred_once.add(address)
+            return "451 4.3.0 <%s>: try again later" % address
         return None
     sink = AioSink(HOST, free_port(), rcpt=rcpt).start()
     r = Receiver()
@@ -368,12 +393,18 @@ def test_mail_to_webhook_pipeline(make_daemon):
         d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
                         webhooks={"poll_interval": 0.1},
                         webhook=[{"name": "crm", "target": r.url,
-                                  "events": ["injection", "delivery", "bounce"]}],
-                        delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
-                                                             "hosts": [f"{HOST}:{sink.port}"]}]})
+                                  "events": ["injection", "delivery", "bounce", "delay"]}],
+                        delivery={"hold": False, "time_scale": 0.01,
+                                  "route": [{"domain": "*", "starttls": "none",
+                                             "hosts": [f"{HOST}:{sink.port}"]}]})
+        st, _ = call(d, "PUT", "/api/v1/suppression-list/blocked@example.com",
+                     {"type": "non_transactional", "description": "asked to stop"})
+        assert st == 200
         st, _, body = d.post({"campaign_id": "hooked",
                               "recipients": [{"address": "ok@example.com"},
-                                             {"address": "unknown@example.com"}],
+                                             {"address": "unknown@example.com"},
+                                             {"address": "later@example.com"},
+                                             {"address": "blocked@example.com"}],
                               "content": {"from": "news@sender.example.org",
                                           "subject": "Hooked", "text": "hello"}},
                              headers={"Authorization": KEY})
@@ -384,11 +415,24 @@ def test_mail_to_webhook_pipeline(make_daemon):
                b"Subject: Over SMTP\r\n\r\nhello\r\n")
         want = {("injection", "ok@example.com"), ("delivery", "ok@example.com"),
                 ("injection", "unknown@example.com"), ("bounce", "unknown@example.com"),
+                ("injection", "later@example.com"), ("delay", "later@example.com"),
+                ("delivery", "later@example.com"),
+                ("injection", "blocked@example.com"), ("bounce", "blocked@example.com"),
                 ("injection", "smtp@example.com"), ("delivery", "smtp@example.com")}
 
         def got(rr):
             return {(e["type"], e["rcpt_to"]) for e in rr.events()}
-        r.wait(lambda rr: want <= got(rr), 60, "the six events at the webhook")
+        r.wait(lambda rr: want <= got(rr), 60, "the eleven events at the webhook")
+        # exactly what the event log has: every event of the log, no other
+        log_ids = wait_until(lambda: {e["event_id"] for e in d.events()} if len(
+            d.events()) >= len(want) else None, 20, "the event log")
+        r.wait(lambda rr: log_ids <= {e["event_id"] for e in rr.events()}, 30,
+               "every event of the log at the webhook")
+        assert {e["event_id"] for e in r.events()} == log_ids
+        blocked = [e for e in r.events() if e["rcpt_to"] == "blocked@example.com"
+                   and e["type"] == "bounce"][0]
+        assert blocked["bounce_class"] == "25", blocked
+        assert not [t for t in sink.snapshot() if "blocked@example.com" in t.rcpt_tos]
         sink.wait_for("ok@example.com")
         evs = r.events()
         by = {(e["type"], e["rcpt_to"]): e for e in evs}
@@ -396,7 +440,7 @@ def test_mail_to_webhook_pipeline(make_daemon):
         assert by[("delivery", "ok@example.com")]["campaign_id"] == "hooked"
         bounce = by[("bounce", "unknown@example.com")]
         assert bounce["bounce_class"] == "10" and bounce["error_code"] == "550", bounce
-        assert {e["type"] for e in evs} <= {"injection", "delivery", "bounce"}
+        assert {e["type"] for e in evs} <= {"injection", "delivery", "bounce", "delay"}
         for h in r.batches():
             assert h.headers["x-messagesystems-batch-id"]
             assert all(set(el) == {"msys"} and set(el["msys"]) == {"message_event"}

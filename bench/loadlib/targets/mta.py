@@ -43,20 +43,27 @@ def _is_table_array(v) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
 
 
+def _array_of_tables(name: str, items: list) -> list[str]:
+    """``[[name]]`` tables of plain keys."""
+    lines = []
+    for item in items:
+        lines += ["", f"[[{name}]]"]
+        for ik, iv in item.items():
+            if isinstance(iv, dict) or _is_table_array(iv):
+                raise ValueError(f"nested table {name}.{ik} is not supported")
+            lines.append(f"{ik} = {toml_value(iv)}")
+    return lines
+
+
 def toml_dumps(doc: dict) -> str:
     """Write a TOML document of top-level keys, top-level arrays of tables ([[webhook]]),
     one level of tables, and arrays of tables inside those ([[section.key]], e.g.
     [[delivery.route]])."""
     lines = [f"{k} = {toml_value(v)}" for k, v in doc.items()
              if not isinstance(v, dict) and not _is_table_array(v)]
-    for key, items in doc.items():          # top-level arrays of tables ([[webhook]], ...)
+    for key, items in doc.items():
         if _is_table_array(items):
-            for item in items:
-                lines += ["", f"[[{key}]]"]
-                for ik, iv in item.items():
-                    if isinstance(iv, dict) or _is_table_array(iv):
-                        raise ValueError(f"nested table {key}.{ik} is not supported")
-                    lines.append(f"{ik} = {toml_value(iv)}")
+            lines += _array_of_tables(key, items)
     for section, table in doc.items():
         if isinstance(table, dict):
             lines += ["", f"[{section}]"]
@@ -69,12 +76,7 @@ def toml_dumps(doc: dict) -> str:
                     raise ValueError(f"nested table {section}.{k} is not supported")
                 lines.append(f"{k} = {toml_value(v)}")
             for k, items in arrays:
-                for item in items:
-                    lines += ["", f"[[{section}.{k}]]"]
-                    for ik, iv in item.items():
-                        if isinstance(iv, dict) or _is_table_array(iv):
-                            raise ValueError(f"nested table {section}.{k}.{ik} is not supported")
-                        lines.append(f"{ik} = {toml_value(iv)}")
+                lines += _array_of_tables(f"{section}.{k}", items)
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
