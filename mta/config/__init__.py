@@ -322,10 +322,11 @@ def _check_egress(eg, d) -> tuple[dict, dict]:
 
 
 def _check_feedback(cfg: Config) -> None:
+    """Validate the bounce classification rules (the operator's file and the shipped one),
+    and that a VERP return path has a bounce domain."""
     if cfg.feedback.verp and not cfg.feedback.bounce_domains:
         raise ConfigError("feedback.verp: needs feedback.bounce_domains (the return "
                           "path's domain)")
-    """Validate the bounce classification rules (the operator's file and the shipped one)."""
     from mta import feedback
 
     try:

@@ -953,11 +953,9 @@ class Engine:
             for lane in list(site.lanes.values()):
                 stale = []
                 for q in (lane.urgent, lane.bulk):
-                    if any(now - j.queued_at > limit for j in q):
-                        keep = [j for j in q if now - j.queued_at <= limit]
-                        stale += [j for j in q if now - j.queued_at > limit]
-                        q.clear()
-                        q.extend(keep)
+                    for _ in range(len(q)):       # one pass, order kept
+                        j = q.popleft()
+                        (stale if now - j.queued_at > limit else q).append(j)
                 if stale:
                     self._hand_back(stale, lane)
                     n += len(stale)

@@ -33,7 +33,7 @@ SIGHUP: RELOADING=1; validate the new file; if it is bad keep running and log
 why; if good, replace the acceptors one slot at a time — the new process
 accepts on the slot's socket before the old one stops, so no connection is
 refused; then, when their sections changed (``ROLLED``: [delivery], [egress],
-[[shaping]], [[response_rule]], [[warmup]], [backoff], [dkim]; [events];
+[[shaping]], [[response_rule]], [[warmup]], [backoff], [feedback]; [events];
 [webhooks], [[webhook]]), replace the delivery, events and webhooks processes
 one at a time, each stopped as at SIGTERM before its successor starts — then
 READY=1.  Spool and admin settings, and what changes the process table
@@ -81,8 +81,9 @@ TICK = 0.25                 # seconds between checks of children and restarts
 QUICK_DEATH = 10.0          # a child that dies younger than this doubles its back-off
 FIRST_BACKOFF = 0.2         # seconds
 # SIGHUP: the roles whose processes are replaced when these config sections change
+# ([dkim] is the acceptors', which every reload replaces)
 ROLLED = {"delivery": ("delivery", "egress", "shaping", "response_rule", "warmup", "backoff",
-                       "dkim"),
+                       "feedback"),
           "events": ("events",),
           "webhooks": ("webhooks", "webhook")}
 STOP_GRACE = 10.0           # seconds after the drain for a child to exit before SIGKILL
@@ -637,13 +638,7 @@ class Supervisor:
             log.warning("reload: %s changed; %s at the next restart (mta check-config "
                         "names them too)", ", ".join(later),
                         "it takes effect" if len(later) == 1 else "they take effect")
-        if new.config.spool != old.config.spool or new.shards != old.shards:
-            log.warning("spool settings changed; they take effect at the next restart")
-        if new.config.admin != old.config.admin:
-            log.warning("admin settings changed; they take effect at the next restart")
-            new = dataclasses.replace(new, config=msgspec.structs.replace(
-                new.config, admin=old.config.admin), admin_listen=old.admin_listen)
-        new = self._keep_process_table(old, new)
+        new = self._keep_restart_only(old, new)
         try:
             self._replace_acceptors(old, new)
         except StartupError as exc:
@@ -670,27 +665,25 @@ class Supervisor:
             log.warning("cannot record the active configuration in %s: %s",
                         self.settings.run_dir, exc)
 
-    def _keep_process_table(self, old, new):
-        """*new*, with the settings that change the process table put back to *old*'s
-        (logged: they take effect at the next restart) -- the spool shards hold one
-        link per delivery process, and the table's rows are fixed at start."""
+    def _keep_restart_only(self, old, new):
+        """*new*, with what only a restart changes put back to *old*'s (restart_keys
+        names it in the log): [admin] (its listener), and what changes the process
+        table -- the spool shards hold one link per delivery process, and the table's
+        rows are fixed at start."""
+        replace = msgspec.structs.replace
+        if new.config.admin != old.config.admin:
+            new = dataclasses.replace(new, config=replace(new.config, admin=old.config.admin),
+                                      admin_listen=old.admin_listen)
         if new.deliveries != old.deliveries:
-            log.warning("delivery.processes changed (%d -> %d); it takes effect at the next "
-                        "restart", old.deliveries, new.deliveries)
-            new = dataclasses.replace(new, deliveries=old.deliveries, config=msgspec.structs.
-                                      replace(new.config, delivery=msgspec.structs.replace(
-                                          new.config.delivery,
-                                          processes=old.config.delivery.processes)))
+            new = dataclasses.replace(new, deliveries=old.deliveries, config=replace(
+                new.config, delivery=replace(new.config.delivery,
+                                             processes=old.config.delivery.processes)))
         if new.events_enabled != old.events_enabled:
-            log.warning("the events process is %s by the new configuration; that takes "
-                        "effect at the next restart", "wanted" if new.events_enabled
-                        else "not wanted")
             new = dataclasses.replace(new, events_enabled=old.events_enabled,
-                                      event_log=old.event_log, config=msgspec.structs.replace(
-                                          new.config, events=old.config.events))
+                                      event_log=old.event_log,
+                                      config=replace(new.config, events=old.config.events))
         if new.config.webhooks.enabled != old.config.webhooks.enabled:
-            log.warning("webhooks.enabled changed; it takes effect at the next restart")
-            new = dataclasses.replace(new, config=msgspec.structs.replace(
+            new = dataclasses.replace(new, config=replace(
                 new.config, webhooks=old.config.webhooks, webhook=old.config.webhook))
         return new
 

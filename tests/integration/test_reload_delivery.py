@@ -62,7 +62,7 @@ def test_reload_applies_delivery_settings_and_keeps_every_job(make_daemon):
         t.join(120)
         assert not errors, errors
         assert "replacing the delivery process(es) one at a time" in log
-        assert "delivery.processes changed (2 -> 3); it takes effect at the next restart" in log
+        assert "reload: delivery.processes changed; it takes effect at the next restart" in log
         # ... and mta check-config names it against the running daemon
         out = d.cli("check-config").stdout.decode()
         assert "needs a restart (a reload leaves these as they are): delivery.processes" \
