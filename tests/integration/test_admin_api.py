@@ -201,7 +201,5 @@ def test_rules_in_effect_listed_and_cancelled_through_the_admin_api(make_daemon)
     assert st == 200 and [x["id"] for x in body["cancelled"]] == [fired.id], body
     assert admin_call(d, "GET", "/api/admin/rules")[2]["results"] == []
     assert d.cli("rules", "list", "--json").stdout.strip() == b""
-    assert not os.listdir(os.path.join(d.state_dir, ad.STORE_DIR)) or \
-        all(not f.endswith(".json") for f in os.listdir(os.path.join(d.state_dir,
-                                                                     ad.STORE_DIR)))
+    assert ad.list_entries(os.path.join(d.state_dir, ad.STORE_DIR)) == []   # off the disk
     assert "cancelled through the admin API: suspend tss04" in d.log()

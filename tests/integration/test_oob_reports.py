@@ -277,7 +277,9 @@ def test_verp_return_path_names_the_message_and_brings_its_bounce_back(make_daem
     """feedback.verp: the receiver sees MAIL FROM:<bounces+<queue id>@bounce domain>; an
     asynchronous bounce sent there, quoting nothing of the original, becomes the
     out_of_band event of that very message; a bounce (null sender) keeps its null path."""
-    sink = AioSink(HOST, free_port()).start()
+    def rcpt(sink, address, mail_from):
+        return "550 5.1.1 no such user" if address.startswith("gone@") else None
+    sink = AioSink(HOST, free_port(), rcpt=rcpt).start()
     try:
         d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
                         feedback={"bounce_domains": [BOUNCES], "verp": "bounces"},
@@ -296,6 +298,11 @@ def test_verp_return_path_names_the_message_and_brings_its_bounce_back(make_daem
         [oob] = wait_until(lambda: events(d, events="out_of_band"), 60, "the out_of_band event")
         assert oob["message_id"] == qid.lower() and oob["matched"] == "1", oob
         assert oob["rcpt_to"] == "reader@example.com" and oob["bounce_class"] == "10"
+        # refused in band: our DSN to the sender leaves with the null return path
+        d.send("news@sender.example.org", ["gone@example.com"],
+               b"From: news@sender.example.org\r\nSubject: gone\r\n\r\nhello\r\n")
+        dsn_txn = sink.wait_for("news@sender.example.org")
+        assert dsn_txn.mail_from == "", dsn_txn.mail_from
     finally:
         sink.stop()
 
