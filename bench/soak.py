@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import hashlib
 import http.client
 import json
 import os
@@ -72,6 +73,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/, for loadlib
@@ -267,9 +269,6 @@ class Hooks:
     the same body."""
 
     def __init__(self, rundir: Path, seed: int):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        import hashlib
-
         self.path = rundir / "webhook.jsonl"
         self.lock = threading.Lock()
         self.rng = random.Random(seed)
