@@ -199,7 +199,8 @@ def shard_dir(spool_dir: str, shard: int) -> str:
 class Entry:
     """A queued message: envelope, recipients' progress, where its body lies on disk."""
 
-    __slots__ = ("meta", "seg", "offset", "length", "state", "attempts", "due", "out", "flags")
+    __slots__ = ("meta", "seg", "offset", "length", "state", "attempts", "due", "out", "flags",
+                 "last")
 
     def __init__(self, meta: MessageMeta, seg: int, offset: int, length: int):
         self.meta = meta
@@ -212,6 +213,10 @@ class Entry:
         self.due = list(meta.due) if meta.due else [start_of(meta)] * n
         self.out = 0  # delivery jobs in flight (not persisted)
         self.flags = list(meta.flags) if meta.flags else None   # RCPT_* bits; None: all 0
+        # per recipient, the last temporary reply (mta.spool.outcomes.Reply) or None; made
+        # at the first deferral, kept in memory only (a restart forgets it): an expiry
+        # found at dispatch quotes it as the deferral path does
+        self.last: list | None = None
 
     def pending(self) -> int:
         return sum(1 for s in self.state if s == PENDING)

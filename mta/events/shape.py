@@ -37,7 +37,8 @@ decimal number (SparkPost's are numeric strings).  The
 Our own fields, named so that they clash with none of SparkPost's:
 ``queue_id``, ``bounce_rule`` (the rule that decided ``bounce_class``;
 ``expired`` for an expiry, whose last reply's class and rule are
-``last_bounce_class`` / ``last_bounce_rule``),
+``last_bounce_class`` / ``last_bounce_rule``; an expiry found at dispatch quotes
+the last deferral the spool process saw, and none after a restart),
 ``response_rule`` with ``_action``, ``_scope`` and ``_until`` (the response rule a
 receiver's reply matched, mta/delivery/adaptive.py),
 ``egress_source``, ``site``, ``remote_host``, ``event_time`` (the timestamp

@@ -80,6 +80,25 @@ EXPIRED_STATUS = "4.4.7"  # an expiry found at dispatch: no reply, our own statu
 EXPIRED_TEXT = "message expired: too long in the queue"
 
 
+_REPLIES: dict[tuple, tuple] = {}
+REPLIES_MAX = 4096   # distinct replies shared between recipients (then start again)
+
+
+def _reply(r: Result, bounce_class, bounce_rule) -> tuple:
+    """Recipient's last temporary reply as a tuple shared by every recipient that got it.
+
+    A site that defers a backlog says the same few things to every recipient:
+    sharing the tuple keeps the memory per deferred recipient at one pointer.
+    """
+    t = (r.code, r.enhanced, r.text, r.host, r.ip, bounce_class, bounce_rule)
+    shared = _REPLIES.get(t)
+    if shared is None:
+        if len(_REPLIES) >= REPLIES_MAX:
+            _REPLIES.clear()
+        shared = _REPLIES[t] = t
+    return shared
+
+
 class Plan:
     """What one batch's outcomes and expiries change.
 
@@ -222,6 +241,10 @@ class Plan:
                 else:
                     event["bounce_class"], event["bounce_rule"] = classify(
                         r.code, r.enhanced, r.text)
+                if st[idx] == sch.PENDING:   # deferred: what an expiry at dispatch quotes
+                    if e.last is None:
+                        e.last = [None] * len(st)
+                    e.last[idx] = _reply(r, event["bounce_class"], event["bounce_rule"])
             self.events.append(event)
 
     def expire(self, qid: str, idxs: list[int], now: float) -> None:
@@ -232,20 +255,33 @@ class Plan:
         st = self._state(qid, e)
         m = e.meta
         bounce_class, bounce_rule = classify(0, EXPIRED_STATUS, EXPIRED_TEXT)
+        last = e.last
         for idx in idxs:
             if st[idx] != sch.PENDING:
                 continue
             st[idx] = sch.EXPIRED
-            self._update(qid, idx, sch.EXPIRED, e.attempts[idx], 0.0)
-            self.events.append({"type": ev.EXPIRATION, "timestamp": now, "queue_id": qid,
-                                "message_id": m.params.get("message_id", ""),
-                                **ev.carried(m.params),
-                                "arrival": m.arrival, "size": e.length, "client": m.client,
-                                "sender": m.sender, "recipient": m.rcpts[idx],
-                                "attempt": e.attempts[idx],
-                                "time_in_queue": round(now - m.arrival, 3),
-                                "bounce_class": bounce_class, "bounce_rule": bounce_rule})
-            self._bounce(qid, idx, 0, EXPIRED_STATUS, EXPIRED_TEXT, "", now)
+            attempts = e.attempts[idx]
+            self._update(qid, idx, sch.EXPIRED, attempts, 0.0)
+            event = {"type": ev.EXPIRATION, "timestamp": now, "queue_id": qid,
+                     "message_id": m.params.get("message_id", ""), **ev.carried(m.params),
+                     "arrival": m.arrival, "size": e.length, "client": m.client,
+                     "sender": m.sender, "recipient": m.rcpts[idx], "attempt": attempts,
+                     "time_in_queue": round(now - m.arrival, 3),
+                     "bounce_class": bounce_class, "bounce_rule": bounce_rule}
+            r = last[idx] if last is not None and idx < len(last) else None
+            if r is None:
+                self.events.append(event)
+                self._bounce(qid, idx, 0, EXPIRED_STATUS, EXPIRED_TEXT, "", now)
+                continue
+            # Deferred before (since this process started): the expiry quotes that
+            # reply and carries its class, as one decided by the deferral itself does.
+            code, enhanced, text, host, ip, r_class, r_rule = r
+            event.update(response={"code": code, "enhanced": enhanced, "text": text},
+                         remote_host=host, remote_ip=ip, bounce_class=r_class,
+                         bounce_rule=r_rule)
+            self.events.append(event)
+            self._bounce(qid, idx, code, enhanced, text, host, now,
+                         note=f"gave up after {attempts} attempt(s)")
         self.returned.append(qid)
 
     def _update(self, qid, idx, state, attempts, due, flags=None) -> None:

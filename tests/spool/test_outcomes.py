@@ -14,7 +14,8 @@ from mta import bus
 from mta.obs import events as ev
 from mta.spool import schedule as sch
 from mta.spool.outcomes import Plan
-from mta.store import Entry, MessageMeta
+from mta.events.shape import sparkpost_event
+from mta.store import Entry, MessageMeta, apply_updates
 
 NOW = 1_800_000_000.0
 ARRIVAL = NOW - 60.0
@@ -158,6 +159,32 @@ def test_expire_bounces_pending_recipients_only():
     assert b"Final-Recipient: rfc822; c@example.net" in dsn
     assert b"Final-Recipient: rfc822; b@example.net" not in dsn
     assert plan.done == ["Q1"]
+
+
+def test_an_expiry_found_at_dispatch_quotes_the_last_deferral_and_its_class():
+    # a deferred, b never tried: both are found too old later (at dispatch, in the
+    # waiting sweep, or REQUEUED past max_age), not by an outcome of their own
+    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
+    plan = make(entries)
+    plan.outcome("Q1", [result(0, bus.DEFERRED, 452, "4.2.2", "mailbox full")], NOW)
+    apply_updates(entries["Q1"], plan.updates["Q1"])
+    plan = make(entries)
+    plan.expire("Q1", [0, 1], NOW + 10)
+    plan.finish(NOW + 10)
+    a, b = plan.events
+    assert (a["type"], a["attempt"], a["response"], a["remote_host"], a["remote_ip"]) == \
+        (ev.EXPIRATION, 1, {"code": 452, "enhanced": "4.2.2", "text": "mailbox full"},
+         "mx.example.net", "127.0.0.2")
+    assert (a["bounce_class"], a["bounce_rule"]) == (22, "temp-mailbox-full")
+    # b has no reply to quote: the expiry's own status and class
+    assert "response" not in b and (b["attempt"], b["bounce_class"]) == (0, 24)
+    shaped = sparkpost_event(a, event_id="1")
+    assert (shaped["bounce_class"], shaped["last_bounce_class"], shaped["last_bounce_rule"]) \
+        == ("24", "22", "temp-mailbox-full")
+    assert "last reply: 452 4.2.2 mailbox full" in shaped["raw_reason"]
+    (_, dsn), = plan.bounces
+    assert b"Status: 5.2.2" in dsn and b"Status: 5.4.7" in dsn
+    assert b"gave up after 1 attempt(s); last reply: 452 4.2.2 mailbox full" in dsn
 
 
 @pytest.mark.parametrize("outcome", [bus.DELIVERED, bus.DEFERRED, bus.FAILED])
