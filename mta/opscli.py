@@ -8,6 +8,11 @@ apart from it so the commands that ask the spool directly stay as they were.
     mta inspect QID [--json]                one message (also ``mta queue inspect``)
     mta drain [--cancel] [--no-wait]        stop accepting, report what remains until zero
     mta upgrade                             start the installed version on the same sockets
+    mta suspend --domain D [...]            hold back mail by domain, campaign, pool, site
+                                            or source (durable); --list shows them
+    mta resume ID                           end a suspension
+    mta bounce --campaign C [...]           bounce every queued recipient matched, with
+                                            a progress bar (--dsn: a DSN to each sender)
 
 They find the admin listener at the first ``[admin] listen`` address (a
 wildcard address is asked on loopback) and send ``MTA_ADMIN_TOKEN``, else the
@@ -23,6 +28,7 @@ import os
 import signal
 import sys
 import time
+import urllib.parse
 
 import click
 
@@ -347,11 +353,128 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _query(**fields) -> str:
+    return urllib.parse.urlencode({k: v for k, v in fields.items() if v not in (None, "")})
+
+
+def _suspension_line(x: dict) -> str:
+    what = " ".join(f"{k}={x[k]}" for k in ("domain", "campaign", "pool", "site", "source")
+                    if x.get(k))
+    until = "until resumed" if not x["until"] else f"ends {_when(x['until'])}"
+    return f"{x['id']}  {what}  {until}  {x['reason'] or '-'}"
+
+
+@click.command("suspend")
+@config_option
+@json_option
+@click.option("--domain", help="recipient domain")
+@click.option("--campaign", help="campaign_id")
+@click.option("--pool", help="egress pool (ip_pool)")
+@click.option("--site", help="receiving site (mta queue summary --by site)")
+@click.option("--source", help="egress source")
+@click.option("--reason", default="", help="why (shown with the suspension)")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True),
+              help="seconds; default: until 'mta resume'")
+@click.option("--list", "listing", is_flag=True, help="show the suspensions in effect")
+def suspend_cmd(config_path, as_json, domain, campaign, pool, site, source, reason, duration,
+                listing):
+    """Hold back queued and new mail to a domain, of a campaign or pool (in the spool), or
+    to a site or from a source (in delivery), until resumed or for --duration seconds.
+
+    Durable across restarts.  The fields given must all match; a site or source
+    suspension takes no domain, campaign or pool."""
+    cl = _client(config_path)
+    if listing:
+        d = cl.ok("GET", "/api/admin/suspensions")
+        if as_json:
+            click.echo(json.dumps(d))
+        else:
+            for x in d["results"]:
+                click.echo(_suspension_line(x))
+            if not d["results"]:
+                click.echo("no suspensions in effect")
+        return
+    q = _query(domain=domain, campaign=campaign, pool=pool, site=site, source=source,
+               reason=reason, duration=None if duration is None else f"{duration:g}")
+    d = cl.ok("POST", f"/api/admin/suspensions?{q}")["suspension"]
+    click.echo(json.dumps(d) if as_json else f"suspended: {_suspension_line(d)}")
+
+
+@click.command("resume")
+@config_option
+@json_option
+@click.argument("sid")
+def resume_cmd(config_path, as_json, sid):
+    """End suspension SID (from 'mta suspend --list')."""
+    d = _client(config_path).ok("DELETE", f"/api/admin/suspensions/{urllib.parse.quote(sid)}")
+    click.echo(json.dumps(d) if as_json else f"resumed: {_suspension_line(d['resumed'])}")
+
+
+@click.command("bounce")
+@config_option
+@json_option
+@click.option("--domain", help="recipient domain")
+@click.option("--site", help="receiving site: the domains delivery knows it serves")
+@click.option("--campaign", help="campaign_id")
+@click.option("--pool", help="egress pool (ip_pool)")
+@click.option("--reason", default="", help="put in each bounce event (and DSN)")
+@click.option("--dsn", is_flag=True, help="also send each sender a DSN")
+@click.option("--no-wait", is_flag=True, help="start the bounce and return at once")
+@click.option("--interval", type=click.FloatRange(0.1, 60), default=0.5, show_default=True,
+              help="seconds between two progress reports")
+def bounce_cmd(config_path, as_json, domain, site, campaign, pool, reason, dsn, no_wait,
+               interval):
+    """Bounce every queued recipient the fields match (all of them must): a bounce event
+    of class 25 (Admin Failure) each, and with --dsn a DSN to the sender."""
+    cl = _client(config_path)
+    q = _query(domain=domain, site=site, campaign=campaign, pool=pool, reason=reason,
+               dsn="1" if dsn else "0")
+    d = cl.ok("POST", f"/api/admin/bounce?{q}")
+    if not no_wait and d["id"] and not d["finished"]:
+        if sys.stdout.isatty() and not as_json:
+            d = _bounce_bar(cl, d, interval)
+        else:
+            while not d["finished"]:
+                if as_json:
+                    click.echo(json.dumps(d))
+                else:
+                    click.echo(f"bounced {d['done']} of {d['total']} recipient(s)")
+                sys.stdout.flush()
+                time.sleep(interval)
+                d = cl.ok("GET", f"/api/admin/bounce/{d['id']}")
+    if as_json:
+        click.echo(json.dumps(d))
+    else:
+        state = "done" if d["finished"] else "started"
+        click.echo(f"bulk bounce {d['id'] or '-'} {state}: {d['done']} of {d['total']} "
+                   "recipient(s) bounced")
+
+
+def _bounce_bar(cl, d, interval):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+
+    with Progress(TextColumn("bouncing"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]:.0f} rcpt/s"), TimeElapsedColumn()) as bar:
+        task = bar.add_task("bounce", total=max(d["total"], 1), rate=0.0)
+        start = time.monotonic()
+        while True:
+            rate = d["done"] / max(time.monotonic() - start, 1e-3)
+            bar.update(task, total=max(d["total"], 1), completed=d["done"], rate=rate)
+            if d["finished"]:
+                return d
+            time.sleep(interval)
+            d = cl.ok("GET", f"/api/admin/bounce/{d['id']}")
+
+
 def register(main, queue) -> None:
     """Add these commands to the ``mta`` group (*main*) and its ``queue`` group."""
     main.add_command(status_cmd)
     main.add_command(inspect_cmd)
     main.add_command(drain_cmd)
     main.add_command(upgrade_cmd)
+    main.add_command(suspend_cmd)
+    main.add_command(resume_cmd)
+    main.add_command(bounce_cmd)
     queue.add_command(summary_cmd)
     queue.add_command(inspect_cmd)

@@ -13,6 +13,22 @@ Routes (JSON; errors are ``{"errors": [{"message": ...}]}``):
 ``GET /api/admin/drain``, ``POST /api/admin/drain``, ``DELETE /api/admin/drain``
     the drain: whether the node is draining, since when, and what remains
     (messages, recipients, jobs in flight); POST starts it, DELETE cancels it.
+``GET /api/admin/suspensions``, ``POST /api/admin/suspensions?FIELD=VALUE...``, ``DELETE /api/admin/suspensions/ID``
+    the operator's suspensions: list, add, resume.  A suspension names any of
+    ``domain``, ``campaign`` and ``pool`` (held back in the spool at dispatch,
+    :mod:`mta.controls`), or ``site`` and/or ``source`` (a delivery
+    suspension: an entry of rule ``admin`` in the adaptive store, which the
+    delivery processes see within a second); with ``reason`` and ``duration``
+    (seconds; none: until resumed).  The same selector again replaces its
+    suspension.  Resuming a site or source suspension also makes the messages
+    delivery handed back meanwhile due at once.  400 names a bad field.
+``POST /api/admin/bounce?FIELD=VALUE...``, ``GET /api/admin/bounce[/ID]``
+    a bulk bounce of every queued recipient that ``domain``, ``site`` (the
+    domains the delivery processes know it serves), ``campaign`` and ``pool``
+    match (at least one of them): each gets a ``bounce`` event of class 25 and,
+    with ``dsn=1``, a DSN to the sender.  POST answers at once with the
+    operation's id and total; GET reports ``done`` of ``total`` per operation
+    until ``finished``.
 ``GET /api/admin/rules``, ``DELETE /api/admin/rules/NAME-OR-ID``
     the suspensions, throttles, back-offs and warm-ups in effect (the response
     rule, reply, source, site, time left; as ``mta rules list --json``), read
@@ -34,8 +50,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
+import math
 import os
+import secrets
 import time
 import urllib.parse
 
@@ -46,6 +65,7 @@ from mta.admin import status as st
 from mta.obs import queue as q
 from mta.queueid import is_qid, shard_of
 from mta.shaping import state as adaptive
+from mta import controls as ctl
 
 log = logging.getLogger("mta.admin")
 
@@ -53,6 +73,17 @@ DRAIN_FLAG = "drain"            # in the run directory; read by the acceptors
 SHARD_TIMEOUT = 5.0             # seconds a spool shard has to answer one question
 QUEUE_CACHE_SECONDS = 1.0       # the status page's queue view is at most this old
 WORKERS = 2                     # threads asking the spool shards
+SUSPEND_FIELDS = ("domain", "campaign", "pool", "site", "source")
+BOUNCE_FIELDS = ("domain", "site", "campaign", "pool")
+MAX_DURATION = 10 * 366 * 86400.0   # seconds a suspension may be given
+FOREVER = 100 * 366 * 86400.0     # a delivery suspension "until resumed" lasts this long
+DELIVERY_SEES = 1.5             # seconds until every delivery process has read the store
+
+
+class BadRequest(Exception):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 class Unavailable(Exception):
@@ -159,9 +190,38 @@ class Api:
 
     # -------------------------------------------------------------- routes
 
-    async def handle(self, method: bytes, path: bytes) -> tuple[int, dict, bytes]:
+    async def handle(self, method: bytes, path: bytes,
+                     query: bytes = b"") -> tuple[int, dict, bytes]:
         """Answer an /api/admin/ request other than health; (status, headers, body)."""
         try:
+            if path == b"/api/admin/suspensions":
+                _only(method, b"GET", b"POST")
+                if method == b"POST":
+                    view = self.suspend(_query(query))
+                    if view["kind"] == "spool":
+                        await self._refresh_shards()
+                    else:        # answered once the delivery processes hold to it
+                        await asyncio.sleep(DELIVERY_SEES)
+                    return _json(200, {"suspension": view})
+                return _json(200, {"results": self.suspensions()})
+            if path.startswith(b"/api/admin/suspensions/"):
+                _only(method, b"DELETE")
+                sid = urllib.parse.unquote(path[len(b"/api/admin/suspensions/"):]
+                                           .decode("latin-1"))
+                return await self.resume(sid)
+            if path == b"/api/admin/bounce":
+                _only(method, b"GET", b"POST")
+                if method == b"POST":
+                    return _json(200, await self.bounce(_query(query)))
+                return _json(200, {"results": await self.bounce_progress("")})
+            if path.startswith(b"/api/admin/bounce/"):
+                _only(method, b"GET")
+                op = urllib.parse.unquote(path[len(b"/api/admin/bounce/"):].decode("latin-1"))
+                found = await self.bounce_progress(op) if op else []
+                if not found:
+                    return _json(404, {"errors": [{"message": f"no bulk bounce {op[:80]!r} "
+                                                              "is known"}]})
+                return _json(200, found[0])
             if path == b"/api/admin/queue":
                 _only(method, b"GET")
                 return _json(200, await self.queue())
@@ -197,6 +257,8 @@ class Api:
                 elif method == b"DELETE":
                     self.set_drain(False)
                 return _json(200, await self.drain_report())
+        except BadRequest as exc:
+            return _json(400, {"errors": [{"message": str(exc), "field": exc.field}]})
         except _MethodNotAllowed as exc:
             return _json(405, {"errors": [{"message": f"use {' or '.join(exc.allowed)} here"}]},
                          {"Allow": ", ".join(exc.allowed)})
@@ -205,6 +267,150 @@ class Api:
                          {"Retry-After": "5"})
         return _json(404, {"errors": [{"message": "no such resource: "
                                                   + path.decode("latin-1")[:200]}]})
+
+    # ------------------------------------------------------- suspensions
+
+    def _suspensions_path(self) -> str:
+        return ctl.path_of(self.settings.state_dir)
+
+    def suspensions(self) -> list[dict]:
+        """Every suspension the operator put in effect (spool and delivery ones)."""
+        now = time.time()
+        try:
+            items = ctl.in_effect(ctl.load(self._suspensions_path()), now)
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"the suspensions file cannot be read: {exc}") from None
+        out = [_spool_view(x) for x in items]
+        for e in adaptive.list_entries(self.adaptive_dir, now):
+            if e.kind == adaptive.SUSPEND and e.rule == adaptive.ADMIN_RULE:
+                out.append(_delivery_view(e))
+        return out
+
+    async def _refresh_shards(self) -> None:
+        """Have every running shard read the suspensions file now (one that is not
+        running reads it when it starts)."""
+        await asyncio.gather(*(self._ask(n, bus.SpoolAdminRefresh)
+                               for n in range(self.settings.shards)), return_exceptions=True)
+
+    def suspend(self, params: dict) -> dict:
+        fields, reason, extra = _fields(params, SUSPEND_FIELDS, ("duration",))
+        duration = extra["duration"]
+        if not fields:
+            raise BadRequest("domain", "name what to suspend: " + ", ".join(SUSPEND_FIELDS))
+        seconds = 0.0
+        if duration:
+            try:
+                seconds = float(duration)
+            except ValueError:
+                seconds = -1.0
+            if not (0 < seconds <= MAX_DURATION) or not math.isfinite(seconds):
+                raise BadRequest("duration", f"duration: seconds, more than 0 and at most "
+                                             f"{MAX_DURATION:.0f}")
+        now = time.time()
+        delivery = {k for k in fields if k in ("site", "source")}
+        if delivery and len(delivery) != len(fields):
+            other = sorted(set(fields) - delivery)[0]
+            raise BadRequest(other, f"{other}: a site or source suspension is delivery's and "
+                                    "takes no domain, campaign or pool")
+        if delivery:
+            site, source = fields.get("site", ""), fields.get("source", "")
+            scope = "source_site" if site and source else ("site" if site else "source")
+            e = adaptive.Entry(id=adaptive.entry_id(adaptive.SUSPEND, scope, source, site),
+                               kind=adaptive.SUSPEND, scope=scope, source=source, site=site,
+                               rule=adaptive.ADMIN_RULE, reply=reason[:adaptive.MAX_REPLY],
+                               stage="admin", created=now,
+                               until=now + (seconds or FOREVER))
+            store = adaptive.Store(self.adaptive_dir)
+            if not store.put(e):
+                raise Unavailable("the adaptive store is full (backoff.max_entries)")
+            view = _delivery_view(e)
+        else:
+            key = "|".join(fields.get(k, "") for k in ctl.SPOOL_FIELDS)
+            sid = "s" + hashlib.blake2b(key.encode("utf-8", "surrogatepass"),
+                                        digest_size=5).hexdigest()
+            path = self._suspensions_path()
+            try:
+                items = [x for x in ctl.in_effect(ctl.load(path), now) if x.id != sid]
+            except (OSError, ValueError) as exc:
+                raise Unavailable(f"the suspensions file cannot be read: {exc}") from None
+            if len(items) >= ctl.MAX_SUSPENSIONS:
+                raise BadRequest("domain", f"{ctl.MAX_SUSPENSIONS} suspensions are in effect "
+                                           "already; resume some first")
+            s = ctl.Suspension(id=sid, reason=reason, created=now,
+                               until=now + seconds if seconds else 0.0, **fields)
+            ctl.save(path, items + [s])
+            view = _spool_view(s)
+        log.warning("suspended by the operator: %s (id %s)%s: %s",
+                    " ".join(f"{k}={v}" for k, v in fields.items()), view["id"],
+                    f" for {seconds:g}s" if seconds else " until resumed", reason or "-")
+        return view
+
+    async def resume(self, sid: str) -> tuple[int, dict, bytes]:
+        path = self._suspensions_path()
+        try:
+            items = ctl.load(path)
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"the suspensions file cannot be read: {exc}") from None
+        gone = [x for x in items if x.id == sid]
+        if gone:
+            ctl.save(path, [x for x in items if x.id != sid])
+            log.warning("resumed by the operator: suspension %s", sid)
+            await self._refresh_shards()
+            return _json(200, {"resumed": _spool_view(gone[0]), "flushed": 0})
+        for e in adaptive.list_entries(self.adaptive_dir):
+            if e.id == sid and e.kind == adaptive.SUSPEND and e.rule == adaptive.ADMIN_RULE:
+                adaptive.cancel_entries(self.adaptive_dir, sid)
+                log.warning("resumed by the operator: suspension %s", sid)
+                # the delivery processes read the store once a second: once they have,
+                await asyncio.sleep(DELIVERY_SEES)
+                # what delivery handed back while it held is due again now
+                replies = await asyncio.gather(*(
+                    self._ask(n, bus.SpoolQueueFlush, True)
+                    for n in range(self.settings.shards)), return_exceptions=True)
+                flushed = sum(r.count for r in replies if isinstance(r, bus.SpoolQueueFlushReply))
+                return _json(200, {"resumed": _delivery_view(e), "flushed": flushed})
+        return _json(404, {"errors": [{"message": f"no suspension {sid[:80]!r} is in effect"}]})
+
+    # ------------------------------------------------------- bulk bounce
+
+    async def bounce(self, params: dict) -> dict:
+        sel, reason, extra = _fields(params, BOUNCE_FIELDS, ("dsn",))
+        dsn = extra["dsn"] or "0"
+        if dsn not in ("0", "1", "true", "false"):
+            raise BadRequest("dsn", "dsn: 0 or 1")
+        if not sel:
+            raise BadRequest("domain", "name what to bounce: domain, site, campaign or pool")
+        domains = [sel["domain"]] if "domain" in sel else []
+        if "site" in sel:
+            known = q.delivery_status(self.settings.run_dir)["sites"].get(sel["site"])
+            if not known or not known["domains"]:
+                raise BadRequest("site", f"site: no delivery process knows site "
+                                         f"{sel['site']!r} (mta queue summary --by site)")
+            site_domains = sorted(known["domains"])
+            domains = [d for d in site_domains if not domains or d in domains]
+            if not domains:
+                return {"id": "", "total": 0, "done": 0, "finished": True}
+        selector = {"domains": domains, "campaign": sel.get("campaign", ""),
+                    "pool": sel.get("pool", "")}
+        op = f"b{int(time.time()):x}{secrets.token_hex(3)}"
+        replies = await asyncio.gather(*(
+            self._ask(n, bus.SpoolAdminBounce, op, selector, reason, dsn in ("1", "true"))
+            for n in range(self.settings.shards)))
+        for r in replies:
+            if r.status != bus.STATUS_OK:
+                raise BadRequest("domain", r.error or "a spool shard refused the selector")
+        return _combine(op, [o for r in replies for o in r.ops])
+
+    async def bounce_progress(self, op: str) -> list[dict]:
+        replies = await asyncio.gather(*(self._ask(n, bus.SpoolAdminProgress, op)
+                                         for n in range(self.settings.shards)))
+        by_op: dict[str, list] = {}
+        for r in replies:
+            for o in r.ops:
+                by_op.setdefault(o["id"], []).append(o)
+        return [_combine(k, v) for k, v in sorted(by_op.items(),
+                                                  key=lambda kv: min(o["started"]
+                                                                     for o in kv[1]))]
 
     async def message(self, raw: bytes) -> tuple[int, dict, bytes]:
         qid = raw.decode("latin-1")
@@ -224,6 +430,56 @@ class Api:
             error = str(exc)
         return st.document(self.reports, self.collector.host_rows(), self.history, view,
                            error, self.draining())
+
+
+def _query(query: bytes) -> dict[str, str]:
+    """A query string's fields (the last of a repeated one); BadRequest when undecodable."""
+    try:
+        pairs = urllib.parse.parse_qsl(query.decode("utf-8"), keep_blank_values=True,
+                                       strict_parsing=False, max_num_fields=20)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest("query", f"query: {exc}") from None
+    return dict(pairs)
+
+
+def _fields(params: dict, selectors: tuple, others: tuple) -> tuple[dict, str, dict]:
+    """(the selector fields given, checked; reason; the *others*, "" when absent) from a
+    query; BadRequest names a field that is bad or not one of these."""
+    sel = {}
+    for k in (*selectors, "reason"):
+        v = params.pop(k, "")
+        if v or k == "reason":
+            try:
+                v = ctl.check_field(k, v)
+            except ValueError as exc:
+                raise BadRequest(k, str(exc)) from None
+            if k != "reason":
+                sel[k] = v
+    extra = {k: params.pop(k, "") for k in others}
+    if params:
+        k = sorted(params)[0]
+        raise BadRequest(k, f"{k}: not a field here (use {', '.join(selectors)}, reason, "
+                            f"{', '.join(others)})")
+    return sel, v, extra
+
+
+def _spool_view(s: ctl.Suspension) -> dict:
+    return {"id": s.id, "kind": "spool", "domain": s.domain or None,
+            "campaign": s.campaign or None, "pool": s.pool or None, "site": None,
+            "source": None, "reason": s.reason, "created": s.created, "until": s.until or None}
+
+
+def _delivery_view(e) -> dict:
+    return {"id": e.id, "kind": "delivery", "domain": None, "campaign": None, "pool": None,
+            "site": e.site or None, "source": e.source or None, "reason": e.reply,
+            "created": e.created, "until": e.until if e.until - e.created < FOREVER else None}
+
+
+def _combine(op: str, parts: list[dict]) -> dict:
+    return {"id": op, "total": sum(p["total"] for p in parts),
+            "done": sum(p["done"] for p in parts),
+            "finished": all(p["finished"] for p in parts),
+            "started": min((p["started"] for p in parts), default=None)}
 
 
 class _MethodNotAllowed(Exception):

@@ -111,7 +111,7 @@ class Admin:
             return 200, {"Content-Type": "text/html; charset=utf-8",
                          "Cache-Control": "no-store"}, page.HTML
         if path.startswith(b"/api/admin/") and self.api is not None:
-            return await self.api.handle(method, path)
+            return await self.api.handle(method, path, target.partition(b"?")[2])
         return _json(404, {"errors": [{"message": f"no such resource: "
                                                   f"{path.decode('latin-1')[:200]}"}]})
 

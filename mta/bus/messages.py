@@ -37,7 +37,8 @@ __all__ = [
     "SpoolMessageCommit", "SpoolMessageCommitted", "SpoolEventsCommit", "MAX_REPORT_EVENTS", "SpoolQueueSummary",
     "SpoolQueueSummaryReply", "SpoolQueueList", "SpoolQueueListReply", "SpoolMessageShow",
     "SpoolMessageShowReply", "SpoolMessageDelete", "SpoolMessageDeleteReply",
-    "SpoolQueueFlush", "SpoolQueueFlushReply", "DeliveryMessageReady", "DeliveryOutcome",
+    "SpoolQueueFlush", "SpoolQueueFlushReply", "SpoolAdminBounce", "SpoolAdminProgress",
+    "SpoolAdminRefresh", "SpoolAdminReply", "DeliveryMessageReady", "DeliveryOutcome",
     "SPOOL_REQUESTS", "SPOOL_REPLIES", "DELIVERY_JOBS", "DELIVERY_OUTCOMES",
     "StatSample", "StatHistogram", "StatsReport", "STATS_REPORTS",
 ]
@@ -188,11 +189,41 @@ class SpoolMessageDeleteReply(Message, tag=10):
 
 class SpoolQueueFlush(Message, tag=13):
     req: int
+    # only the messages delivery REQUEUED (a site or source suspension ended)
+    requeued: bool = False
 
 
 class SpoolQueueFlushReply(Message, tag=14):
     req: int
     count: int
+
+
+class SpoolAdminBounce(Message, tag=16):
+    """Start bouncing every pending recipient *selector* matches (mta.controls)."""
+
+    req: int
+    op: Annotated[str, Meta(min_length=1, max_length=64)]   # the operation's id (node-wide)
+    selector: dict                                      # controls.Selector's fields
+    reason: Annotated[str, Meta(max_length=1000)]
+    dsn: bool                                           # a DSN to each sender too
+
+
+class SpoolAdminProgress(Message, tag=17):
+    req: int
+    op: str                                             # "": every operation the shard knows
+
+
+class SpoolAdminRefresh(Message, tag=19):
+    """The suspensions file changed: read it now (answered with SpoolAdminReply)."""
+
+    req: int
+
+
+class SpoolAdminReply(Message, tag=18):
+    req: int
+    status: int                                         # STATUS_UNKNOWN: no such op / bad selector
+    ops: list[dict]                                     # [{id, total, done, finished, started}]
+    error: str = ""
 
 
 # ------------------------------------------------------- spool <-> delivery
@@ -310,6 +341,10 @@ _TABLE = (
     (DeliveryOutcome, "DELIVERY_OUTCOME", "delivery -> spool"),
     (SpoolQueueFlush, "SPOOL_QUEUE_FLUSH", "cli -> spool"),
     (SpoolQueueFlushReply, "SPOOL_QUEUE_FLUSH_REPLY", "spool -> cli"),
+    (SpoolAdminBounce, "SPOOL_ADMIN_BOUNCE", "admin -> spool"),
+    (SpoolAdminProgress, "SPOOL_ADMIN_PROGRESS", "admin -> spool"),
+    (SpoolAdminRefresh, "SPOOL_ADMIN_REFRESH", "admin -> spool"),
+    (SpoolAdminReply, "SPOOL_ADMIN_REPLY", "spool -> admin"),
     (StatsReport, "ADMIN_STATS_REPORT", "every child -> admin"),
 )
 
@@ -321,9 +356,11 @@ MESSAGES: dict[str, type[Message]] = {name: cls for cls, name, _ in _TABLE}
 
 # What each receiver takes (receive() drops anything else, logged).
 SPOOL_REQUESTS = (SpoolMessageCommit, SpoolEventsCommit, SpoolQueueSummary, SpoolQueueList, SpoolMessageShow,
-                  SpoolMessageDelete, SpoolQueueFlush)
+                  SpoolMessageDelete, SpoolQueueFlush, SpoolAdminBounce, SpoolAdminProgress,
+                  SpoolAdminRefresh)
 SPOOL_REPLIES = (SpoolMessageCommitted, SpoolQueueSummaryReply, SpoolQueueListReply,
-                 SpoolMessageShowReply, SpoolMessageDeleteReply, SpoolQueueFlushReply)
+                 SpoolMessageShowReply, SpoolMessageDeleteReply, SpoolQueueFlushReply,
+                 SpoolAdminReply)
 DELIVERY_JOBS = (DeliveryMessageReady,)
 DELIVERY_OUTCOMES = (DeliveryOutcome,)
 STATS_REPORTS = (StatsReport,)

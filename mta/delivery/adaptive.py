@@ -65,8 +65,8 @@ import time
 import msgspec
 
 from mta.shaping import Limits, glob_regex, load_response_presets, parse_rate
-from mta.shaping.state import (BACKOFF, MAX_REPLY, STORE_DIR, SUSPEND, THROTTLE, WARMUP, Entry,
-                               Store, cancel_entries, entry_id, list_entries)
+from mta.shaping.state import (ADMIN_RULE, BACKOFF, MAX_REPLY, STORE_DIR, SUSPEND, THROTTLE,
+                               WARMUP, Entry, Store, cancel_entries, entry_id, list_entries)
 
 log = logging.getLogger("mta.delivery.adaptive")
 
@@ -223,6 +223,8 @@ class Adaptive:
         self.fired_new = False
         if old is not None and old.until >= until - 1.0 and old.rule == rule.name:
             return old            # already in effect (another job saw the same reply)
+        if old is not None and old.rule == ADMIN_RULE and old.until >= until:
+            return old            # the operator's suspension outlasts this one: it stays
         e = Entry(id=eid, kind=rule.action, scope=scope, source=src, site=st, rule=rule.name,
                   reply=reply[:MAX_REPLY], stage=stage, created=now, until=until,
                   connection_limit=rule.connection_limit,

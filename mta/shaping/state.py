@@ -21,10 +21,11 @@ import msgspec
 
 log = logging.getLogger("mta.delivery.adaptive")
 
-__all__ = ["Entry", "Store", "entry_id", "list_entries", "cancel_entries", "STORE_DIR",
+__all__ = ["ADMIN_RULE", "Entry", "Store", "entry_id", "list_entries", "cancel_entries", "STORE_DIR",
            "SUSPEND", "THROTTLE", "BACKOFF", "WARMUP"]
 
 STORE_DIR = "adaptive"
+ADMIN_RULE = "admin"            # the rule name of a suspension the operator put in effect
 SUSPEND, THROTTLE, BACKOFF, WARMUP = "suspend", "throttle", "backoff", "warmup"
 MAX_REPLY = 300                 # characters of a matched reply kept in an entry
 MAX_FILE = 64 * 1024            # an entry file larger than this is not read

@@ -68,6 +68,7 @@ from mta.dsn import (RecipientFailure, build_dsn, new_message_id, notify_allows,
 from mta.feedback import classify
 from mta.feedback import suppression as sup
 from mta.obs import events as ev
+from mta import controls as ctl
 from mta.spool import schedule as sch
 from mta.store import RCPT_DELAY_NOTIFIED, MessageMeta, start_of
 
@@ -283,6 +284,40 @@ class Plan:
             self._bounce(qid, idx, code, enhanced, text, host, now,
                          note=f"gave up after {attempts} attempt(s)")
         self.returned.append(qid)
+
+    def admin_bounce(self, qid: str, idxs: list[int], now: float, text: str,
+                     dsn: bool) -> int:
+        """The operator bounces recipients *idxs* of *qid* (a bulk bounce,
+        :mod:`mta.controls`): failed, a class-25 bounce event each, and a DSN
+        to the sender when *dsn*.  How many were pending."""
+        e = self.entries.get(qid)
+        if e is None:
+            return 0
+        st = self._state(qid, e)
+        m = e.meta
+        n = 0
+        for idx in idxs:
+            if not 0 <= idx < len(st) or st[idx] != sch.PENDING:
+                continue
+            st[idx] = sch.FAILED
+            self._update(qid, idx, sch.FAILED, e.attempts[idx], 0.0)
+            self.events.append({"type": ev.BOUNCE, "timestamp": now, "queue_id": qid,
+                                "message_id": m.params.get("message_id", ""),
+                                **ev.carried(m.params),
+                                "arrival": m.arrival, "size": e.length, "client": m.client,
+                                "sender": m.sender, "recipient": m.rcpts[idx],
+                                "attempt": e.attempts[idx],
+                                "time_in_queue": round(now - m.arrival, 3),
+                                "response": {"code": ctl.BOUNCE_CODE,
+                                             "enhanced": ctl.BOUNCE_STATUS, "text": text},
+                                "bounce_class": ctl.BOUNCE_CLASS,
+                                "bounce_rule": ctl.BOUNCE_RULE})
+            if dsn:
+                self._bounce(qid, idx, ctl.BOUNCE_CODE, ctl.BOUNCE_STATUS, text, "", now)
+            n += 1
+        if n:
+            self.returned.append(qid)
+        return n
 
     def _update(self, qid, idx, state, attempts, due, flags=None) -> None:
         u = [idx, state, attempts, due]

@@ -33,6 +33,8 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
     (``next_start``: the earliest); ``blocked``: messages waiting for their
     domain's bulk cap (``delivery.max_in_flight_per_domain``);
     ``in_flight_transactional``: the jobs out in the transactional lane;
+    ``suspended_messages``: messages held back at dispatch by the operator's
+    suspensions (:mod:`mta.controls`);
     ``pools``: messages and pending recipients per egress pool; ``campaigns``: the
     same per ``campaign_id`` (``(none)`` without one; at most CAMPAIGNS_MAX named,
     the rest under ``(other)``); ``events_backlog_bytes`` / ``_segments``: spool
@@ -89,6 +91,7 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
              next_attempt=next_attempt, in_flight=len(shard.jobs),
              in_flight_transactional=shard.window.out[TRANSACTIONAL],
              blocked=shard.window.blocked_count(),
+             suspended_messages=len(shard.held),
              scheduled=scheduled, scheduled_messages=scheduled_messages, next_start=next_start,
              domains={k: {"recipients": v[0], "deferred": v[1], "next_attempt": v[2]}
                       for k, v in domains.items()},
@@ -113,11 +116,15 @@ def listing(store, req: int, limit: int) -> bus.SpoolQueueListReply:
     return bus.SpoolQueueListReply(req, out)
 
 
-def flush(store, due, req: int) -> bus.SpoolQueueFlushReply:
-    """Make every deferred recipient due now; reply with how many there were."""
+def flush(store, due, req: int, qids=None) -> bus.SpoolQueueFlushReply:
+    """Make every deferred recipient due now (of messages *qids* only, when given); reply
+    with how many there were."""
     now = time.time()
     count = 0
-    for qid, e in store.entries.items():
+    entries = store.entries
+    items = entries.items() if qids is None else \
+        [(q, entries[q]) for q in qids if q in entries]
+    for qid, e in items:
         hit = False
         for i, st in enumerate(e.state):
             if st == sch.PENDING and e.due[i] > now:
@@ -126,7 +133,8 @@ def flush(store, due, req: int) -> bus.SpoolQueueFlushReply:
                 count += 1
         if hit:
             due.push(now, qid)
-    log.info("queue flush: %d deferred recipient(s) due now", count)
+    log.info("queue flush%s: %d deferred recipient(s) due now",
+             "" if qids is None else " (requeued by delivery)", count)
     return bus.SpoolQueueFlushReply(req, count)
 
 

@@ -45,11 +45,14 @@ import itertools
 import logging
 import time
 
+import msgspec
+
 from mta import bus, feedback
 from mta.feedback import suppression as sup
 from mta.obs import events as ev
 from mta.obs.stats import Pusher
 from mta.queueid import domain_shard, new_qid_for_shard, recipient_domain
+from mta import controls as ctl
 from mta.spool import dispatch as dsp
 from mta.spool import queries
 from mta.spool import schedule as sch
@@ -71,6 +74,7 @@ DRAIN_ON_DISCONNECT = 100       # batches read from a link that went away, at mo
 SPOOLED_DELIVERY_PARAMS = ("BODY", "SMTPUTF8", "ENVID", "RET")
 DSN_RCPT_PARAMS = ("NOTIFY", "ORCPT")
 REQUEUE_LOG_INTERVAL = 10.0     # seconds between log lines about REQUEUED outcomes
+OP_IDLE = 0.2                   # seconds a bulk bounce waits when only jobs out are left
 PRIORITY = {dsp.BULK: bus.PRIORITY_BULK, dsp.TRANSACTIONAL: bus.PRIORITY_TRANSACTIONAL}
 
 
@@ -84,6 +88,18 @@ def _job_params(params: dict, msg_params: dict, idxs: list[int]) -> dict:
         if type(values) is list:
             out[key] = [values[i] if i < len(values) else "" for i in idxs]
     return out
+
+
+def _selector_text(sel: ctl.Selector) -> str:
+    parts = []
+    if sel.domains:
+        parts.append("domain " + ",".join(sel.domains[:5]) + (" ..." if len(sel.domains) > 5
+                                                            else ""))
+    if sel.campaign:
+        parts.append(f"campaign {sel.campaign}")
+    if sel.pool:
+        parts.append(f"pool {sel.pool}")
+    return ", ".join(parts) or "everything"
 
 
 def _settle_gc() -> None:
@@ -151,6 +167,15 @@ class Shard:
         # An outcome later than this means the delivery process is gone or stuck.
         self.job_timeout = (d.connect_timeout + 2 * d.command_timeout + d.data_timeout
                             + d.job_timeout_margin)
+        # the operator's suspensions (by domain, campaign, pool) and the messages
+        # they hold back (looked at again when one ends); bulk bounces by id
+        self.controls = ctl.Watcher(ctl.path_of(self.settings.state_dir), log)
+        self.held: dict[str, None] = {}
+        self.ops: dict[str, ctl.BounceOp] = {}
+        self.op_idle_until = 0.0
+        # messages with recipients delivery REQUEUED: made due at once when a site
+        # or source suspension ends (SpoolQueueFlush requeued=True)
+        self.requeued_qids: dict[str, None] = {}
         self.m = ShardMetrics(self, settings.config.admin.max_label_values)   # /metrics
         self.pusher = None
 
@@ -186,6 +211,7 @@ class Shard:
         self.pusher = Pusher.create(self.m.reg, ctx, self.settings, "spool", self.shard)
         # qids due while delivery[d] was away (a dict as ordered set), per d
         self.parked: list[dict] = [{} for _ in range(len(self.links))]
+        self.controls.refresh(time.time())
 
     def run(self) -> None:
         self.start()
@@ -217,10 +243,11 @@ class Shard:
         nd = self.due.next_due(lanes) if lanes else None
         if nd is not None:
             timeout = max(0, min(timeout, int((nd - time.time()) * 1000) + 1))
-        if self.expire_work:
+        ops = self.op_pending()
+        if self.expire_work or ops:
             timeout = 0
         requests, outcomes, changes = self.poller.wait(timeout)
-        if requests or outcomes or changes or self.expire_work:
+        if requests or outcomes or changes or self.expire_work or ops:
             self.batch(outcomes=outcomes)
         if changes:
             self.follow_links()
@@ -235,6 +262,8 @@ class Shard:
             self.reclaim()
             self.expire_jobs()
             self.expire_waiting()
+            if self.controls.refresh(time.time()):
+                self.release_held()
             self.release_blocked(everything=True)
             self.log_requeued()
             _settle_gc()
@@ -300,6 +329,7 @@ class Shard:
         work, self.expire_work = self.expire_work, []
         for qid, idxs in work:
             plan.expire(qid, idxs, now)
+        op_taken = self.op_work(plan, now) if self.ops else []
         plan.finish(now)
         messages += plan.bounces
         done += plan.done
@@ -336,6 +366,8 @@ class Shard:
             self.last_error = exc.strerror or str(exc)
             abandoned = plan.abandon()
             self.due.push_many([(now + BUSY_RETRY, qid) for qid in abandoned])
+            for op, qid, n in reversed(op_taken):     # (bounced with the next batch)
+                op.todo.appendleft((qid, n))
             # (an expiry that was not recorded is looked at again)
             entries, deadline = self.store.entries, self.policy.deadline
             for qid in abandoned:
@@ -354,6 +386,8 @@ class Shard:
             self.last_error = ""
             self._requeue(plan)
             self._after_commit(new, plan)
+            if op_taken:
+                self.op_committed(op_taken)
             if plan.suppress and self.bounce_rule:
                 self.add_bounce_rule(plan.suppress)
         for peer, req in commit_peers:
@@ -415,6 +449,7 @@ class Shard:
                 if e.state[idx] == sch.PENDING:
                     e.due[idx] = due
                     self.requeued += 1
+            self.requeued_qids[qid] = None
 
     def log_requeued(self) -> None:
         """One INFO line at most every REQUEUE_LOG_INTERVAL about REQUEUED recipients."""
@@ -543,6 +578,13 @@ class Shard:
             groups: dict[str, list[int]] = {}
             for i in ready:
                 groups.setdefault(recipient_domain(m.rcpts[i]), []).append(i)
+            if self.controls.items:
+                match = self.controls.match
+                for domain in [d for d in groups if match(d, m.params) is not None]:
+                    del groups[domain]      # suspended by the operator: held back
+                    self.held[qid] = None
+                if not groups:
+                    continue
             if lane == dsp.BULK:
                 for domain in [d for d in groups if w.domain_full(d, lane)]:
                     del groups[domain]
@@ -584,7 +626,10 @@ class Shard:
         entries = self.store.entries
         discard = self.deadlines.discard
         deadline = self.policy.deadline
+        held, requeued = self.held, self.requeued_qids
         for qid in qids:
+            held.pop(qid, None)
+            requeued.pop(qid, None)
             e = entries.get(qid)
             if e is not None:
                 discard(deadline(start_of(e.meta)), qid)
@@ -681,13 +726,126 @@ class Shard:
         elif t is bus.SpoolQueueList:
             reply = queries.listing(self.store, msg.req, msg.limit)
         elif t is bus.SpoolQueueFlush:
-            reply = queries.flush(self.store, self.due, msg.req)
+            if msg.requeued:
+                qids, self.requeued_qids = list(self.requeued_qids), {}
+                reply = queries.flush(self.store, self.due, msg.req, qids)
+            else:
+                reply = queries.flush(self.store, self.due, msg.req)
+        elif t is bus.SpoolAdminBounce:
+            reply = self.start_bounce(msg)
+        elif t is bus.SpoolAdminRefresh:
+            if self.controls.refresh(time.time()):
+                self.release_held()
+            reply = bus.SpoolAdminReply(msg.req, bus.STATUS_OK, [])
+        elif t is bus.SpoolAdminProgress:
+            ops = [op.view() for op in self.ops.values() if not msg.op or op.op == msg.op]
+            reply = bus.SpoolAdminReply(msg.req, bus.STATUS_OK if ops or not msg.op
+                                        else bus.STATUS_UNKNOWN, ops)
         elif t is bus.SpoolMessageShow:
             reply = queries.show(self.store, msg.req, msg.qid)
         else:
             log.warning("unexpected request %s ignored", msg.NAME)
             return
         self.server.send(peer, reply)
+
+    # --------------------------------------------------- the operator's controls
+
+    def release_held(self) -> None:
+        """A suspension came, went or ran out: the messages held back are due again now
+        (those still suspended are held again at dispatch)."""
+        if self.held:
+            now = time.time()
+            self.due.push_many([(now, qid) for qid in self.held])
+            log.info("suspensions changed: %d held message(s) looked at again",
+                     len(self.held))
+            self.held = {}
+
+    def start_bounce(self, msg: bus.SpoolAdminBounce) -> bus.SpoolAdminReply:
+        """Begin a bulk bounce: note the matching messages now, bounce them batch by batch."""
+        try:
+            sel = msgspec.convert(msg.selector, ctl.Selector)
+        except msgspec.ValidationError as exc:
+            return bus.SpoolAdminReply(msg.req, bus.STATUS_UNKNOWN, [], f"selector: {exc}")
+        old = self.ops.get(msg.op)
+        if old is not None:                       # asked again (a retried request)
+            return bus.SpoolAdminReply(msg.req, bus.STATUS_OK, [old.view()])
+        op = ctl.BounceOp(msg.op, sel, msg.reason, msg.dsn)
+        PENDING = sch.PENDING
+        matches = sel.matches
+        for qid, e in self.store.entries.items():
+            m = e.meta
+            n = sum(1 for i, st in enumerate(e.state)
+                    if st == PENDING and matches(m.rcpts[i], m.params))
+            if n:
+                op.todo.append((qid, n))
+                op.total += n
+        finished = [k for k, o in self.ops.items() if o.finished]
+        for k in finished[:max(0, len(finished) - ctl.OPS_KEPT + 1)]:
+            del self.ops[k]
+        self.ops[op.op] = op
+        if not op.todo:
+            op.finished = time.time()
+        log.warning("bulk bounce %s: %d recipient(s) in %d message(s) (%s) by the operator: %s",
+                    op.op, op.total, len(op.todo), _selector_text(sel), msg.reason or "-")
+        return bus.SpoolAdminReply(msg.req, bus.STATUS_OK, [op.view()])
+
+    def op_pending(self) -> bool:
+        """A bulk bounce has messages to take now (not only ones whose job is out)."""
+        if not self.ops or time.monotonic() < self.op_idle_until or not self.healthy:
+            return False
+        return any(op.todo for op in self.ops.values())
+
+    def op_work(self, plan: Plan, now: float) -> list:
+        """Put up to a batch of each running bulk bounce's messages into *plan*:
+        [(op, qid, recipients)].  A message with a delivery job out waits for its
+        outcome (its recipients may be delivered: they are not bounced twice)."""
+        entries = self.store.entries
+        budget = self.cfg.max_batch_messages
+        taken = []
+        for op in self.ops.values():
+            if not op.todo or budget <= 0:
+                continue
+            waiting = []
+            matches = op.selector.matches
+            text = op.text()
+            while op.todo and budget > 0:
+                qid, n = op.todo.popleft()
+                e = entries.get(qid)
+                if e is None:
+                    op.total -= n                 # finished meanwhile
+                    continue
+                if e.out:
+                    waiting.append((qid, n))
+                    continue
+                m = e.meta
+                idxs = [i for i, st in enumerate(e.state)
+                        if st == sch.PENDING and matches(m.rcpts[i], m.params)]
+                got = plan.admin_bounce(qid, idxs, now, text, op.dsn) if idxs else 0
+                op.total -= n - got               # delivered or expired meanwhile
+                if got:
+                    taken.append((op, qid, got))
+                    budget -= 1
+            op.todo.extend(waiting)
+        if not taken:
+            self.op_idle_until = time.monotonic() + OP_IDLE   # only jobs out: wait for them
+            for op in self.ops.values():
+                self._op_finish(op)
+        return taken
+
+    def op_committed(self, taken: list) -> None:
+        """The batch holding these bounces is durable: count them."""
+        ops = {}
+        for op, _qid, n in taken:
+            op.done += n
+            ops[op.op] = op
+        for op in ops.values():
+            self._op_finish(op)
+
+    def _op_finish(self, op: ctl.BounceOp) -> None:
+        if not op.todo and not op.finished:
+            op.finished = time.time()
+            log.warning("bulk bounce %s: done, %d recipient(s) bounced in %.1fs", op.op,
+                        op.done, op.finished - op.started)
 
     # ------------------------------------------------------------- reclamation
 

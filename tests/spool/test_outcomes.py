@@ -388,3 +388,28 @@ def test_no_rule_no_response_rule_field():
     plan = make(entries)
     plan.outcome("Q1", [result(0, bus.DEFERRED, 451)], NOW)
     assert "response_rule" not in plan.events[0]
+
+
+def test_an_operators_bounce_fails_pending_recipients_with_class_25_and_a_dsn_when_asked():
+    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net", "c@example.org"])}
+    entries["Q1"].state[1] = sch.DELIVERED
+    entries["Q1"].attempts[0] = 2
+    plan = make(entries)
+    assert plan.admin_bounce("Q1", [0, 1, 2], NOW, "bounced by the operator: stop", True) == 2
+    plan.finish(NOW)
+    assert plan.updates == {"Q1": [[0, sch.FAILED, 2, 0.0], [2, sch.FAILED, 0, 0.0]]}
+    a, c = plan.events
+    assert (a["type"], a["recipient"], a["bounce_class"], a["bounce_rule"], a["attempt"]) == \
+        (ev.BOUNCE, "a@example.net", 25, "admin-bounce", 2)
+    assert a["response"] == {"code": 550, "enhanced": "5.0.0",
+                             "text": "bounced by the operator: stop"}
+    assert c["recipient"] == "c@example.org" and plan.done == ["Q1"]
+    (_, dsn), = plan.bounces
+    assert b"Final-Recipient: rfc822; c@example.org" in dsn and b"Status: 5.0.0" in dsn
+    assert b"b@example.net" not in dsn
+    # without a DSN: the events only
+    entries = {"Q2": entry("Q2", ["a@example.net"])}
+    plan = make(entries)
+    assert plan.admin_bounce("Q2", [0], NOW, "x", False) == 1
+    plan.finish(NOW)
+    assert plan.bounces == [] and len(plan.events) == 1 and plan.done == ["Q2"]

@@ -1,0 +1,130 @@
+"""The operator's hands on the real daemon: suspend and resume by domain (durable across a
+restart) and by source (delivery hands the mail back; resuming makes it due at once),
+and a bulk bounce by campaign with its events, DSNs and progress bar (mta suspend,
+resume, bounce; /api/admin/suspensions and /api/admin/bounce)."""
+from __future__ import annotations
+
+import json
+import time
+
+from daemon import wait_until
+from mxlab import IPS, mx
+from test_admin_api import admin_call, message
+from test_drain import on_a_terminal
+
+
+def cli_json(d, *args) -> dict:
+    r = d.cli(*args, "--json")
+    return json.loads(r.stdout.decode().splitlines()[-1])
+
+
+def campaign_message(subject: str, campaign: str) -> bytes:
+    return f'X-MSYS-API: {{"campaign_id": "{campaign}"}}\r\n'.encode() + message(subject)
+
+
+def test_suspend_a_domain_across_a_restart_then_resume_and_a_source(lab):
+    ip = IPS[0]
+    sink = lab.aio(ip)
+    lab.serve(mx("held.test", "mx.held.test", ip) + mx("free.test", "mx.free.test", ip))
+    d = lab.daemon(shards=2)
+
+    # Bad input: a JSON error naming the field.
+    for query, field in (("bogus=1", "bogus"), ("", "domain"), ("domain=a.test&duration=x",
+                                                                "duration"),
+                         ("site=s&campaign=c", "campaign")):
+        st, _, body = admin_call(d, "POST", f"/api/admin/suspensions?{query}")
+        assert st == 400 and body["errors"][0]["field"] == field, (query, body)
+
+    s = cli_json(d, "suspend", "--domain", "Held.Test", "--reason", "complaints")
+    assert (s["kind"], s["domain"], s["reason"], s["until"]) == \
+        ("spool", "held.test", "complaints", None)
+    held = [d.send("a@sender.test", [f"r{i}@held.test"], message(f"h{i}")) for i in range(3)]
+    free = d.send("a@sender.test", ["f@free.test"], message("free"))
+    wait_until(lambda: any(q == free for q, _, _ in sink.deliveries()), 20, "free.test mail")
+
+    def suspended(n):
+        t = cli_json(d, "queue", "summary")["total"]
+        return t if t["suspended_messages"] == n else None
+    wait_until(lambda: suspended(3), 10, "the held.test messages held back", interval=0.3)
+    assert [q for q, _, _ in sink.deliveries()] == [free]
+
+    # Durable: after a restart still suspended, still held, still listed.
+    d.stop()
+    d.start()
+    wait_until(lambda: suspended(3), 15, "held back again after the restart", interval=0.3)
+    time.sleep(1.0)
+    assert [q for q, _, _ in sink.deliveries()] == [free]
+    listed = cli_json(d, "suspend", "--list")["results"]
+    assert [x["id"] for x in listed] == [s["id"]]
+
+    r = cli_json(d, "resume", s["id"])
+    assert r["resumed"]["id"] == s["id"]
+    wait_until(lambda: len(sink.deliveries()) == 4, 20, "the held.test mail after resume")
+    assert sorted(q for q, _, _ in sink.deliveries()) == sorted(held + [free])
+    st, _, body = admin_call(d, "DELETE", f"/api/admin/suspensions/{s['id']}")
+    assert st == 404, body
+
+    # A source suspension is delivery's: the mail is handed back (REQUEUED, no attempt
+    # counted) and is due at once when the operator resumes, not after its requeue delay.
+    src = cli_json(d, "suspend", "--source", "default", "--reason", "ip listed")
+    assert (src["kind"], src["source"]) == ("delivery", "default")
+    rules = admin_call(d, "GET", "/api/admin/rules")[2]["results"]
+    assert [(x["rule"], x["scope"]) for x in rules] == [("admin", "source")]
+    late = d.send("a@sender.test", ["late@free.test"], message("late"))
+    d.wait_log(r"not attempted by delivery|REQUEUED|requeued", timeout=20)
+    time.sleep(1.5)
+    assert late not in [q for q, _, _ in sink.deliveries()]
+    r = cli_json(d, "resume", src["id"])
+    assert r["flushed"] >= 1, r
+    wait_until(lambda: late in [q for q, _, _ in sink.deliveries()], 15,
+               "the requeued message right after resume")
+    events = [e for e in d.events() if e["type"] != "injection"]
+    assert all(e["type"] == "delivery" for e in events), events
+
+
+def test_bulk_bounce_by_campaign_with_events_dsns_and_a_progress_bar(tmp_path):
+    from daemon import Daemon
+    d = Daemon(tmp_path, shards=2)       # delivery held: everything stays queued
+    d.start()
+    try:
+        spring = [d.send("a@sender.test", [f"s{i}@x.test", f"t{i}@y.test"],
+                         campaign_message(f"s{i}", "spring")) for i in range(20)]
+        autumn = [d.send("b@sender.test", [f"a{i}@x.test"], campaign_message(f"a{i}", "autumn"))
+                  for i in range(5)]
+        st, _, body = admin_call(d, "POST", "/api/admin/bounce?source=default")
+        assert st == 400 and body["errors"][0]["field"] == "source", body
+        st, _, body = admin_call(d, "POST", "/api/admin/bounce?reason=x")
+        assert st == 400 and body["errors"][0]["field"] == "domain", body
+
+        out = d.cli("bounce", "--campaign", "spring", "--reason", "campaign cancelled",
+                    "--dsn", "--json").stdout.decode().splitlines()
+        last = json.loads(out[-1])
+        assert last["finished"] and (last["done"], last["total"]) == (40, 40), out
+
+        def bounces():
+            return {(e["queue_id"], e["rcpt_to"]): e for e in d.events()
+                    if e["type"] == "bounce"}
+        got = wait_until(lambda: (lambda b: b if len(b) == 40 else None)(bounces()), 20,
+                         "40 bounce events")
+        assert {q for q, _ in got} == set(spring)
+        for e in got.values():
+            assert (e["bounce_class"], e["bounce_rule"], e["error_code"]) == \
+                ("25", "admin-bounce", "550"), e
+            assert "campaign cancelled" in e["raw_reason"] and e["campaign_id"] == "spring"
+        # Queued now: autumn's five and one DSN per spring message (two recipients each).
+        q = {m["queue_id"]: m for m in d.queue_list()}
+        dsns = [m for m in q.values() if m["sender"] == ""]
+        assert sorted(m["recipients"] for m in dsns) == [["a@sender.test"]] * 20
+        assert set(q) - {m["queue_id"] for m in dsns} == set(autumn)
+        assert all(d.cli("queue", "show", m["queue_id"]).stdout.count(
+            b"campaign cancelled") >= 1 for m in dsns[:3])
+
+        # In a terminal: the progress bar; no DSN this time.
+        text = on_a_terminal(d, "bounce", "--campaign", "autumn")
+        assert "bouncing" in text and "5/5" in text and "done: 5 of 5" in text, text
+        wait_until(lambda: len(bounces()) == 45, 20, "45 bounce events")
+        assert {m["queue_id"] for m in d.queue_list()} == {m["queue_id"] for m in dsns}
+        ops = admin_call(d, "GET", "/api/admin/bounce")[2]["results"]
+        assert [(o["done"], o["finished"]) for o in ops] == [(40, True), (5, True)]
+    finally:
+        d.stop()

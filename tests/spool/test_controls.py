@@ -1,0 +1,43 @@
+"""The operator's suspensions file and selectors (mta/controls.py)."""
+from __future__ import annotations
+
+import logging
+import os
+
+from mta import controls as ctl
+
+
+def test_watcher_reads_changes_matches_all_named_fields_and_drops_what_ran_out(tmp_path):
+    path = str(tmp_path / ctl.FILE)
+    w = ctl.Watcher(path, logging.getLogger("t"))
+    assert w.refresh(100.0) is False and w.items == []         # no file: nothing held
+    ctl.save(path, [ctl.Suspension(id="s1", domain="a.test"),
+                    ctl.Suspension(id="s2", campaign="spring", pool="bulk", until=150.0)])
+    assert w.refresh(101.0) is True
+    assert w.match("a.test", {}).id == "s1"
+    assert w.match("b.test", {"campaign_id": "spring"}) is None      # pool "default"
+    assert w.match("b.test", {"campaign_id": "spring", "ip_pool": "bulk"}).id == "s2"
+    assert w.refresh(120.0) is False                              # nothing changed
+    assert w.refresh(150.0) is True                               # s2 ran out
+    assert w.match("b.test", {"campaign_id": "spring", "ip_pool": "bulk"}) is None
+    os.unlink(path)
+    assert w.refresh(151.0) is True and w.items == []
+
+
+def test_an_unreadable_file_keeps_what_was_read_and_logs(tmp_path, caplog):
+    path = str(tmp_path / ctl.FILE)
+    ctl.save(path, [ctl.Suspension(id="s1", domain="a.test")])
+    w = ctl.Watcher(path, logging.getLogger("t"))
+    w.refresh(1.0)
+    with open(path, "wb") as fh:
+        fh.write(b"[{not json")
+    assert w.refresh(2.0) is False and w.match("a.test", {}).id == "s1"
+    assert "suspensions:" in caplog.text
+
+
+def test_selector_needs_every_named_field():
+    s = ctl.Selector(domains=["x.test", "y.test"], campaign="c")
+    assert s.matches("u@Y.test", {"campaign_id": "c"})
+    assert not s.matches("u@z.test", {"campaign_id": "c"})
+    assert not s.matches("u@x.test", {"campaign_id": "d"})
+    assert ctl.Selector(pool="default").matches("u@z.test", {})
