@@ -17,11 +17,18 @@ upgrade   four SMTP probe threads, one message per connection, back to back, dur
           250: how long a client waited while the roles changed hands), and whether every
           acknowledged message is queued once afterwards.
 
+bounce    (``--bounce N``, alone) N messages of campaign ``bench-bounce`` queued with
+          ``smtp-source -F`` (the campaign in an X-MSYS-API header), then ``mta bounce
+          --campaign bench-bounce --json``; reported: the seconds from the command to
+          every recipient bounced (the spool's count), the rate, the seconds until the
+          event log holds a class-25 bounce event for every one, and whether it does.
+
 Loopback only; every load is bounded in count and time; only the daemon started here is
 stopped (tests/daemon.py stops it by its own PID and process group).
 
 Usage
     python bench/admin_ops.py [--queued 20000] [--reps 20] [--record]
+    python bench/admin_ops.py --bounce 100000 [--record]
 """
 from __future__ import annotations
 
@@ -64,6 +71,41 @@ def fill(d, n: int) -> None:
     subprocess.run(argv, check=True, timeout=600, capture_output=True)
     wait_until(lambda: get(d, "/api/admin/queue")[1]["total"]["messages"] >= n, 120,
                f"{n} messages queued", interval=1.0)
+
+
+def bench_bounce(d, n: int, tmp: str) -> dict:
+    campaign = "bench-bounce"
+    msg = os.path.join(tmp, "campaign.eml")
+    with open(msg, "w") as fh:
+        fh.write(f'X-MSYS-API: {{"campaign_id": "{campaign}"}}\nFrom: <bench@sender.test>\n'
+                 "To: <r@example.net>\nSubject: bulk bounce bench\n\n" + "x" * 70 + "\n")
+    argv = smtp_source_argv(d.port, 10, n, "bench@sender.test", "r@example.net")
+    i = argv.index("-l")            # (-F: the message is the file's, not -l octets)
+    r = subprocess.run(argv[:1] + ["-F", msg] + argv[1:i] + argv[i + 2:], timeout=900,
+                       capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()[-500:]
+    wait_until(lambda: get(d, "/api/admin/queue")[1]["total"]["messages"] >= n, 300,
+               f"{n} messages queued", interval=1.0)
+    t0 = time.monotonic()
+    r = d.cli("bounce", "--campaign", campaign, "--reason", "bench", "--json", timeout=900)
+    took = time.monotonic() - t0
+    last = json.loads(r.stdout.decode().splitlines()[-1])
+    path = os.path.join(d.state_dir, "log", "events.jsonl")
+
+    def bounced() -> int:
+        with open(path, "rb") as fh:
+            return fh.read().count(b'"bounce_rule":"admin-bounce"')
+    wait_until(lambda: bounced() >= last["done"], 600, "the bounce events", interval=1.0)
+    events_s = time.monotonic() - t0
+    ids = set()
+    with open(path, "rb") as fh:
+        for line in fh:
+            e = json.loads(line)
+            if e.get("bounce_rule") == "admin-bounce" and e.get("bounce_class") == "25":
+                ids.add(e["queue_id"])
+    queued = get(d, "/api/admin/queue")[1]["total"]["messages"]
+    return {"n": n, "done": last["done"], "total": last["total"], "finished": last["finished"],
+            "bounce_s": took, "events_s": events_s, "events": len(ids), "left": queued}
 
 
 def bench_api(d, reps: int) -> dict:
@@ -124,7 +166,10 @@ def main() -> int:
     ap.add_argument("--queued", type=int, default=20_000)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--bounce", type=int, default=0, help="run the bulk bounce bench only")
     args = ap.parse_args()
+    if args.bounce:
+        return main_bounce(args)
     with tempfile.TemporaryDirectory(prefix="mta-bench-admin-") as tmp:
         d = Daemon(tmp, acceptors=2, shards=2)
         d.write_config()
@@ -153,6 +198,32 @@ def main() -> int:
                      f"`python bench/admin_ops.py --queued {args.queued} --reps {args.reps} "
                      f"--record`\n\n{text}\n")
     return 0 if up["refused"] == 0 and up["queued_once"] else 1
+
+
+def main_bounce(args) -> int:
+    with tempfile.TemporaryDirectory(prefix="mta-bench-bounce-") as tmp:
+        d = Daemon(tmp, acceptors=2, shards=2)
+        d.write_config()
+        d.start()
+        try:
+            b = bench_bounce(d, args.bounce, tmp)
+        finally:
+            d.cleanup()
+    ok = b["finished"] and b["done"] == b["n"] and b["events"] == b["n"] and b["left"] == 0
+    text = (f"queued: {b['n']} messages of one campaign, 2 shards, delivery held\n\n"
+            f"`mta bounce --campaign`: {b['done']} of {b['total']} recipient(s) bounced in "
+            f"{b['bounce_s']:.1f} s ({b['done'] / b['bounce_s']:.0f}/s); a class-25 bounce "
+            f"event for {b['events']} distinct message(s) in the event log after "
+            f"{b['events_s']:.1f} s; messages left queued: {b['left']}; all bounced with an "
+            f"event: {ok}")
+    print(text)
+    if args.record:
+        stamp = datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC")
+        with open(os.path.join(HERE, "RESULTS.md"), "a") as fh:
+            fh.write(f"\n## Bulk bounce by campaign (issue 11) — {stamp}\n\n"
+                     f"`python bench/admin_ops.py --bounce {args.bounce} --record`\n\n"
+                     f"{text}\n")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
