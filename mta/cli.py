@@ -73,18 +73,26 @@ def serve(config_path):
 
 @main.command("check-config")
 @config_option
-def check_config(config_path):
+@click.option("--json", "as_json", is_flag=True,
+              help="one JSON object: ok, and the keys that need a restart (an error is "
+                   "still said on stderr with exit status 78)")
+def check_config(config_path, as_json):
     """Validate the configuration and say what is wrong, naming the key; against a
     running daemon, also name the keys a reload (SIGHUP) would leave for a restart."""
     from mta import config as mconfig
 
     s = _settings(config_path)
+    active = mconfig.read_active(s.run_dir)
+    later = mconfig.restart_keys(active, s) if active is not None else None
+    if as_json:
+        click.echo(json.dumps({"ok": True, "config": config_path, "acceptors": s.acceptors,
+                               "shards": s.shards, "state_dir": s.state_dir,
+                               "running": active is not None, "needs_restart": later or []}))
+        return
     click.echo(f"ok: {config_path or 'built-in defaults'} ({s.acceptors} acceptor(s), "
                f"{s.shards} spool shard(s), state in {s.state_dir})")
-    active = mconfig.read_active(s.run_dir)
     if active is None:
         return
-    later = mconfig.restart_keys(active, s)
     if later:
         click.echo("needs a restart (a reload leaves these as they are): " + ", ".join(later))
     else:
@@ -351,14 +359,16 @@ def queue(ctx, config_path, as_json, by_domain):
 
 @queue.command("flush")
 @config_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object for machines")
 @click.pass_context
-def queue_flush(ctx, config_path):
+def queue_flush(ctx, config_path, as_json):
     """Make every deferred recipient due now (like postqueue -f)."""
     s = _queue_settings(ctx, config_path)
     from mta import bus
 
     n = sum(r.count for r in _ask_shards(s, bus.SpoolQueueFlush))
-    click.echo(f"{n} deferred recipient(s) scheduled for delivery now")
+    click.echo(json.dumps({"flushed": n}) if as_json else
+               f"{n} deferred recipient(s) scheduled for delivery now")
 
 
 def _queue_settings(ctx, config_path):
@@ -433,9 +443,10 @@ def queue_show(ctx, config_path, qid, raw):
 
 @queue.command("delete")
 @config_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object for machines")
 @click.argument("qids", nargs=-1, required=True)
 @click.pass_context
-def queue_delete(ctx, config_path, qids):
+def queue_delete(ctx, config_path, as_json, qids):
     """Delete queued messages by queue id (ALL, in capitals, deletes everything)."""
     from mta.queueid import is_qid, shard_of
 
@@ -455,7 +466,7 @@ def queue_delete(ctx, config_path, qids):
         by_shard.setdefault(shard_of(q, nshards), []).append(q)
     from mta import bus
 
-    deleted = 0
+    deleted = []
     ctxz = bus.new_context()
     try:
         for n, group in sorted(by_shard.items()):
@@ -471,10 +482,11 @@ def queue_delete(ctx, config_path, qids):
                 click.echo(f"mta: spool[{n}] could not record the deletion (storage error)",
                            err=True)
                 sys.exit(1)
-            deleted += len(reply.deleted)
+            deleted += reply.deleted
     finally:
         ctxz.term()
-    click.echo(f"deleted {deleted} message(s)")
+    click.echo(json.dumps({"deleted": deleted}) if as_json else
+               f"deleted {len(deleted)} message(s)")
 
 
 def _adaptive_dir(settings) -> str:
@@ -529,8 +541,9 @@ def rules_list(config_path, as_json):
 
 @rules.command("cancel")
 @config_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object for machines")
 @click.argument("what")
-def rules_cancel(config_path, what):
+def rules_cancel(config_path, as_json, what):
     """End the suspensions, throttles or back-offs of rule NAME (every one it put in
     effect), or the one entry ID; "backoff" ends every back-off."""
     from mta.shaping.state import cancel_entries
@@ -540,6 +553,12 @@ def rules_cancel(config_path, what):
     if not gone:
         click.echo(f"mta: nothing in effect is called {what!r} (see mta rules list)", err=True)
         sys.exit(1)
+    if as_json:
+        from mta.shaping.state import entry_view
+
+        now = time.time()
+        click.echo(json.dumps({"cancelled": [entry_view(e, now) for e in gone]}))
+        return
     for e in gone:
         click.echo(f"cancelled {e.kind} {e.rule} ({e.id}) source={e.source or '*'} "
                    f"site={e.site or '*'}")

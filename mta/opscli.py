@@ -298,9 +298,10 @@ def _drain_bar(cl, d, deadline, interval):
 
 @click.command("upgrade")
 @config_option
+@json_option
 @click.option("--timeout", type=click.FloatRange(1), default=120.0, show_default=True,
               help="seconds to wait for the new supervisor")
-def upgrade_cmd(config_path, timeout):
+def upgrade_cmd(config_path, as_json, timeout):
     """Start the installed version's supervisor on the running daemon's listening sockets.
 
     Sends SIGUSR2 to the running supervisor (run/mta.pid): it stops accepting,
@@ -319,12 +320,14 @@ def upgrade_cmd(config_path, timeout):
     except ProcessLookupError:
         click.echo(f"mta: the daemon (pid {old}) is not running", err=True)
         sys.exit(EX_UNAVAILABLE)
-    click.echo(f"upgrade asked of supervisor pid {old}")
+    if not as_json:
+        click.echo(f"upgrade asked of supervisor pid {old}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         new = _read_pid(pidfile)
         if new and new != old and _alive(new) and not _alive(old):
-            click.echo(f"upgraded: supervisor pid {new}")
+            click.echo(json.dumps({"old_pid": old, "new_pid": new}) if as_json else
+                       f"upgraded: supervisor pid {new}")
             return
         time.sleep(0.2)
     click.echo(f"mta: no new supervisor after {timeout:g}s; see the daemon's log", err=True)

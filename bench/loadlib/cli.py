@@ -54,6 +54,9 @@ def parse_args(argv, description: str = ""):
                    help="seconds to wait, at most, for an idle machine before each run")
     p.add_argument("--sender", default="sender@example.com")
     p.add_argument("--rcpt", default="rcpt@example.net")
+    p.add_argument("--rcpts", type=int, default=1,
+                   help="recipients per message (smtp-source -r: 1rcpt@..., 2rcpt@...; one "
+                        "domain, so one delivery transaction per message)")
     p.add_argument("--mta-cmd", default=None,
                    help="command that runs the daemon, e.g. 'mta' (default: python -m mta "
                         "from this checkout, or mta from PATH if there is no mta/__main__.py)")

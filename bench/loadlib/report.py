@@ -239,7 +239,8 @@ def results_section_e2e(args, summaries, describe, netns, bg_rates, fstype) -> s
         *([" ".join(args.note), ""] if args.note else []),
         *base_note(args),
         f"Scenario: smtp-source → server → smtp-sink; {args.sessions} smtp-source sessions, "
-        f"{mode}, {args.messages} messages of {args.size} bytes, one recipient each, all to "
+        f"{mode}, {args.messages} messages of {args.size} bytes, "
+        f"{'one recipient' if args.rcpts == 1 else f'{args.rcpts} recipients'} each, all to "
         f"one domain; delivery concurrency {args.concurrency} for both servers; median of "
         f"{args.runs} run(s); targets interleaved (order rotating); fresh server and receiver "
         f"per run; 1 probe + {args.warmup} warm-up messages delivered before each measured "

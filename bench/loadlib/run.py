@@ -210,8 +210,9 @@ def measure_e2e(args, name: str, rundir: Path) -> Run:
         if got != expected:
             errors.append(f"receiver got {got} messages, expected exactly {expected}"
                           + (" (duplicates)" if got > expected else ""))
-        if len(lats) != args.messages:
-            errors.append(f"latency for {len(lats)} of {args.messages} measured messages")
+        n_rcpts = args.messages * getattr(args, "rcpts", 1)   # (one latency per recipient)
+        if len(lats) != n_rcpts:
+            errors.append(f"latency for {len(lats)} of {n_rcpts} measured recipients")
         if lats:
             lats.sort()
             run.lat_n = len(lats)

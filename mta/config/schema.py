@@ -590,7 +590,11 @@ class WebhooksConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "run the webhooks process, which pushes event batches to the [[webhook]] tables and "
         "the webhooks created through /api/v1/webhooks")] = True
     batch_size: Annotated[int, _doc(
-        "most events in one batch (one POST)", ge=1, le=350)] = 100
+        "most events in one batch (one POST; a batch takes what is there, so a small "
+        "backlog goes in small batches). The cost is per batch (two durable commits and a "
+        "POST): 100 carries about 4,500 events/s here, too few for an e2e run at 4 events "
+        "per message (bench/RESULTS.md); SparkPost's own batches hold up to 350",
+        ge=1, le=350)] = 350
     max_in_flight: Annotated[int, _doc(
         "stored batches per webhook not yet acknowledged (being sent or waiting for a "
         "retry); at the bound no new batch is made and the webhook's cursor lags",

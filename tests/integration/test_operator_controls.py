@@ -126,5 +126,12 @@ def test_bulk_bounce_by_campaign_with_events_dsns_and_a_progress_bar(tmp_path):
         assert {m["queue_id"] for m in d.queue_list()} == {m["queue_id"] for m in dsns}
         ops = admin_call(d, "GET", "/api/admin/bounce")[2]["results"]
         assert [(o["done"], o["finished"]) for o in ops] == [(40, True), (5, True)]
+
+        # Every command answers --json: flush, delete, check-config.
+        assert cli_json(d, "queue", "flush") == {"flushed": 0}     # (nothing was deferred)
+        gone = cli_json(d, "queue", "delete", *[m["queue_id"] for m in dsns[:2]])
+        assert sorted(gone["deleted"]) == sorted(m["queue_id"] for m in dsns[:2])
+        c = cli_json(d, "check-config")
+        assert (c["ok"], c["running"], c["shards"], c["needs_restart"]) == (True, True, 2, [])
     finally:
         d.stop()
