@@ -42,7 +42,8 @@ from mta.api.webhookdb import Batch
 
 log = logging.getLogger("mta.webhooks")
 
-READ_LIMIT = 1000          # events read from the store per call
+READ_LIMIT = 1000          # events read from the store per call, at most
+READ_MIN = 64              # and at least (a filtered webhook skips events)
 MAX_READS = 20             # store reads per batch made (then the loop yields)
 CURSOR_SAVE_INTERVAL = 1.0  # seconds: a cursor moved only by non-matching events
 
@@ -190,7 +191,10 @@ class Sender:
         scan = self.scan_seq
         more = False
         for _ in range(MAX_READS):
-            rows = self.store.read(scan, READ_LIMIT)
+            # no more than the batch still takes (rows read past a full batch would be
+            # read and decoded again for the next one); more when a filter skips some
+            limit = min(READ_LIMIT, max(READ_MIN, size - len(events)))
+            rows = self.store.read(scan, limit)
             for seq, ev in rows:
                 if seq > scan + 1 and scan >= self.scan_seq:
                     self.lost(seq - scan - 1)
@@ -204,7 +208,7 @@ class Sender:
             if len(events) >= size:
                 more = True
                 break
-            if len(rows) < READ_LIMIT:
+            if len(rows) < limit:
                 break
         else:
             more = True
