@@ -545,48 +545,83 @@ class Store:
             os.makedirs(directory, exist_ok=True)
         # The synced watermark, when an events process reads this shard's events.
         self.watermark = Watermark(directory, True) if events else None
+        self._replay_budget = 1 << 62     # records per recover_step (set by each call)
 
     # ----------------------------------------------------------------- recovery
 
     def recover(self) -> dict:
         """Rebuild the index from the segment files; return counts for the log."""
-        t0 = time.monotonic()
+        self.recover_start()
+        while not self.recover_step(1 << 62):
+            pass
+        return self.recover_finish()
+
+    def recover_start(self) -> None:
+        """Begin rebuilding the index: find the segment files (their records are read by
+        :meth:`recover_step`).  From here on the store may be written: new records go to
+        a new segment after every one found, so nothing recovered is ever appended to,
+        and a new message (a new queue id) never meets a recovered one.  Until
+        :meth:`recover_finish` the index holds only what has been read so far."""
+        self._t0 = time.monotonic()
         names = sorted(
             (n for n in os.listdir(self.dir) if n.endswith(SEGMENT_SUFFIX)),
             key=lambda n: int(n[: -len(SEGMENT_SUFFIX)]),
         )
-        stats = {"segments": 0, "records": 0, "skipped_bytes": 0, "torn": 0}
+        self._stats = {"segments": 0, "records": 0, "skipped_bytes": 0, "torn": 0}
+        todo = []
         for name in names:
             number = int(name[: -len(SEGMENT_SUFFIX)])
             path = os.path.join(self.dir, name)
             seg = Segment(number, path, None, os.path.getsize(path))
             self.segments[number] = seg
-            stats["segments"] += 1
-            self._replay(seg, stats)
+            self._stats["segments"] += 1
+            todo.append(seg)
+        self._replaying = self._replay_all(todo, self._stats)
+        if self.watermark is not None:
+            # Everything recovered is on disk already (whatever an earlier run
+            # had not synced was either lost at the crash or is read here).
+            last = max(self.segments, default=0)
+            self.watermark.set(last, self.segments[last].size if last else 0)
+
+    def recover_step(self, records: int) -> bool:
+        """Read about *records* more records into the index; True once every one is read."""
+        self._replay_budget = records
+        try:
+            next(self._replaying)
+        except StopIteration:
+            return True
+        return False
+
+    def recover_finish(self) -> dict:
+        """The index is complete: count each segment's live messages; the stats for the log."""
         for seg in list(self.segments.values()):
             seg.live = 0
         for e in self.entries.values():
             self.segments[e.seg].live += 1
+        stats = self._stats
         stats["messages"] = len(self.entries)
-        stats["seconds"] = round(time.monotonic() - t0, 3)
-        if self.watermark is not None:
-            # Everything recovered is on disk now (whatever an earlier run
-            # had not synced was either lost at the crash or is read here).
-            last = max(self.segments, default=0)
-            self.watermark.set(last, self.segments[last].size if last else 0)
+        stats["seconds"] = round(time.monotonic() - self._t0, 3)
         self._start_spare()
         return stats
+
+    def _replay_all(self, todo: list, stats: dict):
+        """Replay *todo* in order, pausing (a yield) after every _replay_budget records."""
+        for seg in todo:
+            yield from self._replay(seg, stats)
 
     def _start_spare(self) -> None:
         if self.preallocate and self.spare is None:
             self.spare = Spare(self.dir, self.segment_size, self.reserve)
 
-    def _replay(self, seg: Segment, stats: dict) -> None:
+    def _replay(self, seg: Segment, stats: dict):
+        """Apply *seg*'s records to the index (a generator: it pauses after every
+        ``_replay_budget`` records, so a shard can serve requests between slices)."""
         if seg.size == 0:
             return
         codec = self.codec
         OK, INCOMPLETE = codec.OK, codec.INCOMPLETE
         magic = codec.MAGIC
+        n = 0
         with open(seg.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             off = 0
             end = len(mm)
@@ -596,6 +631,10 @@ class Store:
                     stats["records"] += 1
                     self._apply(seg, rtype, meta, boff, blen)
                     off = nxt
+                    n += 1
+                    if n >= self._replay_budget:
+                        n = 0
+                        yield
                     continue
                 if _zero_from(mm, off, end):
                     break  # the unused, zero-filled end of a preallocated segment

@@ -586,3 +586,32 @@ def test_recipient_flags_survive_restart_and_compaction(tmp_path, codec):
     apply_updates(again, [[1, PENDING, 3, 200.0]])      # a plain update keeps the flags
     assert again.flag(1) == RCPT_DELAY_NOTIFIED
     st.close()
+
+
+def test_recovery_in_slices_takes_new_messages_in_a_new_segment_meanwhile(tmp_path, codec):
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(n), body(n)) for n in range(300)])
+    put(st, [], done=[qid(n) for n in range(0, 300, 3)])         # a third finished
+    before = contents(st)
+    st.close()
+
+    st = new_store(tmp_path, codec)
+    st.recover_start()
+    old_segments = set(st.segments)
+    assert st.recover_step(50) is False and 0 < len(st.entries) <= 50   # a slice, not all
+    # New mail while the rest is still unread: its own new segment, readable at once.
+    put(st, [(meta(n), body(n)) for n in range(1000, 1010)])
+    assert {st.entries[qid(n)].seg for n in range(1000, 1010)} == {max(old_segments) + 1}
+    assert st.read_body(st.entries[qid(1005)]) == body(1005)
+    while not st.recover_step(50):
+        pass
+    stats = st.recover_finish()
+    want = {**before, **{qid(n): body(n) for n in range(1000, 1010)}}
+    assert contents(st) == want and stats["messages"] == len(want) == 210
+    assert sum(s.live for s in st.segments.values()) == 210
+    crash(st)
+    st.close()
+    # What was written during the slices is read back with the rest after a restart.
+    st2, stats = restart(tmp_path, codec)
+    assert contents(st2) == want
+    st2.close()

@@ -121,6 +121,11 @@ class SpoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     segment_size: Annotated[int, _doc(
         "octets written to a segment file before a new one is started",
         ge=1 * MiB, le=4 * GiB)] = 64 * MiB
+    recovery_slice: Annotated[int, _doc(
+        "records read from the segment files between two looks at the bus while a shard "
+        "rebuilds its queue at start: it takes new mail (written to a new segment) while "
+        "it reads the old ones, and delivers once it has read them all",
+        ge=1, le=10_000_000)] = 2000
     max_batch_messages: Annotated[int, _doc(
         "most messages written and fsynced as one group commit", ge=1, le=100_000)] = 1024
     max_batch_bytes: Annotated[int, _doc(

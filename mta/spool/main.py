@@ -23,8 +23,9 @@ Config:  [spool] (all keys), [delivery] hold, retry_schedule, retry_jitter, max_
          job_timeout_margin;
          [server] hostname, event_log, log_level; [events] max_backlog_bytes.
 
-Start: rebuild the queue from disk, open the bus, tell the supervisor it is
-ready (acceptors are started only then).  SIGTERM: finish the batch in hand,
+Start: open the bus, tell the supervisor it is ready (acceptors are started only
+then), and rebuild the queue from disk a slice at a time, taking new mail meanwhile
+(:meth:`Shard.recover_slice`).  SIGTERM: finish the batch in hand,
 close, exit 0; whatever was not taken is not acknowledged, so nothing is lost.
 SIGHUP is ignored: spool settings take effect at the next start.
 """

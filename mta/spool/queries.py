@@ -33,6 +33,8 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
     (``next_start``: the earliest); ``blocked``: messages waiting for their
     domain's bulk cap (``delivery.max_in_flight_per_domain``);
     ``in_flight_transactional``: the jobs out in the transactional lane;
+    ``recovering``: the shard is still reading its segment files (the counts are
+    of what it has read so far, and the mail it took meanwhile);
     ``suspended_messages``: messages held back at dispatch by the operator's
     suspensions (:mod:`mta.controls`);
     ``pools``: messages and pending recipients per egress pool; ``campaigns``: the
@@ -91,7 +93,7 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
              next_attempt=next_attempt, in_flight=len(shard.jobs),
              in_flight_transactional=shard.window.out[TRANSACTIONAL],
              blocked=shard.window.blocked_count(),
-             suspended_messages=len(shard.held),
+             suspended_messages=len(shard.held), recovering=shard.recovering,
              scheduled=scheduled, scheduled_messages=scheduled_messages, next_start=next_start,
              domains={k: {"recipients": v[0], "deferred": v[1], "next_attempt": v[2]}
                       for k, v in domains.items()},

@@ -176,28 +176,23 @@ class Shard:
         # messages with recipients delivery REQUEUED: made due at once when a site
         # or source suspension ends (SpoolQueueFlush requeued=True)
         self.requeued_qids: dict[str, None] = {}
+        self.recovering = False               # reading the segment files (open())
+        self.recovered_up_to = 0              # the last segment found at start
+        self.deferred: list[tuple[bytes, bus.Message]] = []   # requests that wait for it
+        self.finished_at_start: list[str] = []
         self.m = ShardMetrics(self, settings.config.admin.max_label_values)   # /metrics
         self.pusher = None
 
-    def open(self, ctx) -> None:
-        """Rebuild the queue from disk, then open the bus (requests and delivery links)."""
-        stats = self.store.recover()
-        log.info("recovered queue: messages=%d segments=%d records=%d skipped_bytes=%d "
-                 "seconds=%s", stats["messages"], stats["segments"], stats["records"],
-                 stats["skipped_bytes"], stats["seconds"])
-        self.finished_at_start = []
-        deadline = self.policy.deadline
-        for qid, e in self.store.entries.items():
-            dues = [e.due[i] for i, s in enumerate(e.state) if s == sch.PENDING]
-            if dues:
-                self.due.push(min(dues), qid)
-                self.deadlines.add(deadline(start_of(e.meta)), qid)
-            else:
-                self.finished_at_start.append(qid)
+    def open(self, ctx, wait: bool = False) -> None:
+        """Open the bus (requests and delivery links) and begin rebuilding the queue from
+        disk; the loop reads it a slice at a time (:meth:`recover_slice`), taking new
+        mail meanwhile.  *wait*: read it all before returning."""
+        self.store.recover_start()
+        self.recovering = True
+        self.recovered_up_to = max(self.store.segments, default=0)
         # Fewer young collections: each walks the batch's objects still alive,
         # and a batch allocates thousands (measured: 1 % fewer instructions).
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-        _settle_gc()  # the recovered queue is never walked by the collector
         feedback.configure(self.settings.config.feedback.bounce_rules)  # bounce classes
         self.suppression = sup.open_for(self.settings)
         self.bounce_rule = self.suppression is not None and \
@@ -212,11 +207,49 @@ class Shard:
         # qids due while delivery[d] was away (a dict as ordered set), per d
         self.parked: list[dict] = [{} for _ in range(len(self.links))]
         self.controls.refresh(time.time())
+        self.recover_slice(1 << 62 if wait else self.cfg.recovery_slice)
+
+    def recover_slice(self, records: int) -> None:
+        """Read the next *records* records of the old segments; once all are read,
+        schedule the recovered queue and answer the requests that waited for it.
+
+        While it reads, new mail is taken and made durable as always (into a new
+        segment: nothing read is ever appended to), and acknowledged only after its
+        fsync, so nothing is lost or misreported; what needs the whole queue --
+        dispatch, delivery outcomes, expiry, reclamation, deletes and the
+        operator's questions other than the summary -- waits until the end.
+        """
+        if not self.store.recover_step(records):
+            return
+        stats = self.store.recover_finish()
+        log.info("recovered queue: messages=%d segments=%d records=%d skipped_bytes=%d "
+                 "seconds=%s", stats["messages"], stats["segments"], stats["records"],
+                 stats["skipped_bytes"], stats["seconds"])
+        deadline = self.policy.deadline
+        last = self.recovered_up_to
+        for qid, e in self.store.entries.items():
+            if e.seg > last:
+                continue         # taken during the recovery: already scheduled
+            dues = [e.due[i] for i, s in enumerate(e.state) if s == sch.PENDING]
+            if dues:
+                self.due.push(min(dues), qid)
+                self.deadlines.add(deadline(start_of(e.meta)), qid)
+            else:
+                self.finished_at_start.append(qid)
+        self.recovering = False
+        _settle_gc()  # the recovered queue is never walked by the collector
+        waiting, self.deferred = self.deferred, []
+        for peer, msg in waiting:
+            if type(msg) is bus.SpoolMessageDelete:
+                self.batch(deletes=[(peer, msg)])
+            else:
+                self.query(peer, msg)
+        if self.finished_at_start:
+            self.batch(extra_done=self.finished_at_start)
+            self.finished_at_start = []
 
     def run(self) -> None:
         self.start()
-        if self.finished_at_start:
-            self.batch(extra_done=self.finished_at_start)
         while not self.stopping:
             self.step()
         # Anything that arrived but was not taken is not acknowledged: the
@@ -237,6 +270,9 @@ class Shard:
     def step(self) -> None:
         """One turn of the loop: wait for work, group-commit it, dispatch, housekeeping."""
         timeout = POLL_INTERVAL_MS
+        if self.recovering:
+            self.recover_slice(self.cfg.recovery_slice)
+            timeout = 0
         # Wake for the next due recipient only when dispatch can act on it;
         # otherwise (held, unhealthy, window full) a past due time would spin.
         lanes = self.open_lanes()
@@ -249,13 +285,13 @@ class Shard:
         requests, outcomes, changes = self.poller.wait(timeout)
         if requests or outcomes or changes or self.expire_work or ops:
             self.batch(outcomes=outcomes)
-        if changes:
+        if changes and not self.recovering:
             self.follow_links()
         self.dispatch()
         now = time.monotonic()
         if self.pusher is not None:
             self.pusher.due(now)
-        if now >= self.next_reclaim:
+        if now >= self.next_reclaim and not self.recovering:
             self.next_reclaim = now + RECLAIM_INTERVAL
             if not self.healthy:
                 self.probe()
@@ -270,11 +306,13 @@ class Shard:
 
     # ------------------------------------------------------------ group commit
 
-    def batch(self, extra_done: list[str] | None = None, outcomes: list | None = None) -> None:
+    def batch(self, extra_done: list[str] | None = None, outcomes: list | None = None,
+              deletes: list | None = None) -> None:
         """Take every waiting request and outcome, write them together, sync once, answer.
 
         *outcomes*: the delivery links to read (those the poll found ready);
-        None reads them all.
+        None reads them all (none while the queue is being recovered).  *deletes*:
+        SpoolMessageDelete requests that waited for the recovery, (peer, msg).
         """
         cfg = self.cfg
         server = self.server
@@ -287,11 +325,20 @@ class Shard:
         reports: list[dict] = []   # events of reports read by an acceptor (SpoolEventsCommit)
         plan = self.plan()
         size = 0
+        recovering = self.recovering
+        for peer, msg in deletes or ():
+            qids = [q for q in msg.qids if q in self.store.entries]
+            done += qids
+            delete_peers.append((peer, msg.req, qids))
         while len(messages) < cfg.max_batch_messages and size < cfg.max_batch_bytes:
             got = server.recv()
             if got is None:
                 break
             peer, msg = got
+            if recovering and type(msg) not in (bus.SpoolMessageCommit, bus.SpoolEventsCommit,
+                                                bus.SpoolQueueSummary, bus.SpoolAdminRefresh):
+                self.deferred.append((peer, msg))   # answered once the queue is whole
+                continue
             if type(msg) is bus.SpoolMessageCommit:
                 for env, b in zip(msg.envelopes, msg.bodies):
                     params = env.params
@@ -317,6 +364,8 @@ class Shard:
             else:
                 self.query(peer, msg)
         links = self.links
+        if recovering:
+            outcomes = ()       # (nothing was sent; a job of the last run waits)
         for d in range(len(links)) if outcomes is None else outcomes:
             while len(plan.updates) < cfg.max_batch_messages:
                 msg = links.recv(d)
@@ -525,7 +574,7 @@ class Shard:
 
     def open_lanes(self) -> list[int]:
         """The lanes that may dispatch now (healthy, not held, room in their window)."""
-        if not self.healthy or self.dcfg.hold:
+        if not self.healthy or self.dcfg.hold or self.recovering:
             return []
         room = self.window.room
         return [lane for lane in dsp.LANES if room(lane) > 0]
@@ -542,7 +591,7 @@ class Shard:
 
     def dispatch(self) -> None:
         """Send due recipients to delivery, transactional messages first."""
-        if not self.healthy or self.dcfg.hold:
+        if not self.healthy or self.dcfg.hold or self.recovering:
             return
         self.release_blocked()
         for lane in dsp.LANES:

@@ -1,0 +1,78 @@
+"""A spool shard takes mail while it rebuilds a large queue at start (issue 15, item 2).
+
+The queue a previous run left -- many messages written by the store itself -- is read a
+slice at a time (``spool.recovery_slice``; 1 here, so that reading takes seconds); a
+message sent meanwhile is acknowledged (after its fsync, into a new segment) before the
+shard has read the old ones, which the queue summary says.  Then nothing is lost: every
+old message and the new one are queued; and the same after a kill -9 in the middle of
+the recovery.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from daemon import Daemon, wait_until
+from mta.queueid import new_qid_for_shard
+from mta.store import MessageMeta, Store, shard_dir
+from test_admin_api import admin_call, message
+
+QUEUED = 100_000
+
+
+def fill(d: Daemon, n: int) -> set[str]:
+    """n single-recipient messages in shard 0, as a previous run would have left them."""
+    st = Store(shard_dir(os.path.join(d.state_dir, "spool"), 0), 64 << 20, fsync=False)
+    st.recover()
+    qids = set()
+    body = message("queued before the start")
+    for first in range(0, n, 5000):
+        items = []
+        for i in range(first, min(n, first + 5000)):
+            q = new_qid_for_shard(0, 1)
+            qids.add(q)
+            items.append((MessageMeta(q, "old@sender.test", [f"r{i}@held.test"], time.time(),
+                                      {}, "client.test [127.0.0.1]"), body))
+        new = st.write(items, [])
+        st.sync()
+        st.commit(new, [])
+    st.close()
+    assert len(qids) == n
+    return qids
+
+
+def shard0(d: Daemon) -> dict:
+    st, _, q = admin_call(d, "GET", "/api/admin/queue")
+    assert st == 200, q
+    return q["shards"][0]
+
+
+def test_a_shard_takes_mail_while_it_rebuilds_a_large_queue_and_loses_nothing(tmp_path):
+    d = Daemon(tmp_path, acceptors=1, shards=1, spool={"recovery_slice": 1})
+    old = fill(d, QUEUED)
+    d.start()                                  # ready: the 220 banner answers
+    qid = d.send("new@sender.test", ["new@held.test"], message("during recovery"))
+    s = shard0(d)
+    assert s["recovering"] is True, s          # the 250 came before the old queue was read
+    assert "recovered queue" not in d.log(since_start=True)
+    # A question that needs the whole queue waits for it, and is then answered.
+    t = time.monotonic()
+    listed = d.queue_list()
+    assert {m["queue_id"] for m in listed} == old | {qid}, len(listed)
+    assert "recovered queue: messages=100001 segments=1 records=100000 " in d.log(since_start=True)
+    s = shard0(d)
+    assert (s["recovering"], s["messages"]) == (False, QUEUED + 1), (s, time.monotonic() - t)
+
+    # kill -9 while the next start is still reading: the message taken meanwhile and the
+    # whole old queue are there after the one after.
+    d.stop()
+    d.start()
+    qid2 = d.send("new@sender.test", ["new2@held.test"], message("during recovery 2"))
+    assert shard0(d)["recovering"] is True
+    d.kill9()
+    d.sections["spool"]["recovery_slice"] = 2000
+    d.write_config()
+    d.start()
+    wait_until(lambda: not shard0(d)["recovering"], 60, "the recovery")
+    assert {m["queue_id"] for m in d.queue_list()} == old | {qid, qid2}
+    d.stop()
