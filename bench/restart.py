@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Issue 15, item 2: restart with a large queue -- time to the first 250 and the first delivery.
+
+One daemon (tests/daemon.py), one spool shard, 2 acceptors.  Its spool is filled with
+``--queued`` single-recipient messages of ``--size`` octets written by the store itself
+(records exactly as a shard writes them, without the injection events a live run adds,
+which recovery skips), as a previous run would have left them; then ``mta serve`` is
+started with delivery on, every domain routed to an smtp-sink on loopback, and measured:
+
+- first 250: from starting ``mta serve`` to the first message acknowledged (an SMTP client
+  trying every 50 ms);
+- queue read: the shard's "recovered queue ... seconds=" (it takes mail meanwhile);
+- first delivery: from the start to the first ``delivery`` event in the event log;
+- the spool process's peak RSS (VmHWM) after the recovery, per queued message.
+
+Loopback only; bounded by ``--timeout``; only processes started here are stopped.
+
+    python bench/restart.py [--queued 1000000] [--size 2048] [--record]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import smtplib
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from daemon import HOST, Daemon, free_port  # noqa: E402
+
+from mta.queueid import new_qid_for_shard  # noqa: E402
+from mta.store import MessageMeta, Store, shard_dir  # noqa: E402
+
+
+def fill(d: Daemon, n: int, size: int) -> float:
+    t0 = time.monotonic()
+    st = Store(shard_dir(os.path.join(d.state_dir, "spool"), 0), 64 << 20, fsync=False)
+    st.recover()
+    head = b"From: <old@sender.test>\r\nTo: <r@bench.test>\r\nSubject: queued\r\n\r\n"
+    body = head + b"x" * 76 + b"\r\n"
+    body = (body * (size // len(body) + 1))[:size]
+    for first in range(0, n, 10_000):
+        items = [(MessageMeta(new_qid_for_shard(0, 1), "old@sender.test", [f"r{i}@bench.test"],
+                              time.time(), {}, "client.test [127.0.0.1]"), body)
+                 for i in range(first, min(n, first + 10_000))]
+        new = st.write(items, [])
+        st.commit(new, [])
+    st.sync()
+    os.sync()
+    st.close()
+    return time.monotonic() - t0
+
+
+def first_250(port: int, deadline: float) -> float:
+    while time.monotonic() < deadline:
+        try:
+            with smtplib.SMTP(HOST, port, timeout=10) as c:
+                c.sendmail("new@sender.test", ["new@bench.test"],
+                           b"Subject: after the restart\r\n\r\nhello\r\n")
+                return time.monotonic()
+        except (OSError, smtplib.SMTPException):
+            time.sleep(0.05)
+    raise TimeoutError("no 250")
+
+
+def first_delivery(path: str, deadline: float) -> float:
+    while time.monotonic() < deadline:
+        try:
+            with open(path, "rb") as fh:
+                if b'"type":"delivery"' in fh.read():
+                    return time.monotonic()
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError("no delivery")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--queued", type=int, default=1_000_000)
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--record", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mta-bench-restart-", dir="/var/tmp") as tmp:
+        sink_port = free_port()
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []   # smtp-sink refuses root
+        sink = subprocess.Popen(["smtp-sink", *user, f"{HOST}:{sink_port}", "1000"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        d = Daemon(tmp, acceptors=2, shards=1,
+                   delivery={"hold": False, "route": [{"domain": "*",
+                                                       "hosts": [f"{HOST}:{sink_port}"]}]})
+        try:
+            fill_s = fill(d, args.queued, args.size)
+            t0 = time.monotonic()
+            d.start(wait=False)
+            deadline = t0 + args.timeout
+            t250 = first_250(d.port, deadline) - t0
+            tdel = first_delivery(os.path.join(d.state_dir, "log", "events.jsonl"),
+                                  deadline) - t0
+            while "recovered queue" not in d.log(since_start=True):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no recovery")
+                time.sleep(0.2)
+            read_s = float(re.search(r"recovered queue: .* seconds=([0-9.]+)",
+                                     d.log(since_start=True)).group(1))
+            pid = d.children()["spool[0]"]
+            with open(f"/proc/{pid}/status") as fh:
+                hwm = int(re.search(r"VmHWM:\s+(\d+) kB", fh.read()).group(1)) * 1024
+        except Exception:
+            print(d.log()[-3000:], file=sys.stderr)
+            raise
+        finally:
+            d.cleanup()
+            sink.kill()
+            sink.wait()
+    text = (f"{args.queued:,} queued messages of {args.size} octets in one shard (filled in "
+            f"{fill_s:.1f} s); `mta serve` → first 250 **{t250:.2f} s**, first delivery "
+            f"**{tdel:.2f} s**, queue read in {read_s:.1f} s (the shard took mail meanwhile); "
+            f"spool peak RSS {hwm / 2**20:.0f} MiB = {hwm / args.queued:.0f} bytes per queued "
+            "message")
+    print(text)
+    if args.record:
+        stamp = datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC")
+        with open(os.path.join(HERE, "RESULTS.md"), "a") as fh:
+            fh.write(f"\n## Restart with a large queue (issue 15) — {stamp}\n\n"
+                     f"`python bench/restart.py --queued {args.queued} --size {args.size} "
+                     f"--record`\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
