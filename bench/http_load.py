@@ -60,6 +60,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 LUA = REPO / "bench" / "http_post.lua"
+HERE = REPO / "bench"
 HOST = "127.0.0.1"
 PATH = "/api/v1/transmissions"
 
@@ -202,7 +203,8 @@ master_process on;
 worker_processes {self.args.nginx_workers};
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-events {{ worker_connections 4096; }}
+worker_rlimit_nofile 40000;
+events {{ worker_connections 16384; }}
 http {{
     access_log off;
     client_body_temp_path {d}/client_body;
@@ -315,6 +317,53 @@ def one_run(target, args, body_file: Path) -> dict:
         target.stop()
 
 
+# ------------------------------------------------------------------------ fixed rate
+
+
+def fixed_rate_runs(args, names: list, results: dict, workdir: Path) -> list[dict]:
+    """Each target afresh, warmed up with wrk, then bench/fixed_rate.py at
+    args.fixed_rate x its median wrk rate, once per connection count."""
+    counts = [int(x) for x in args.fixed_connections.split(",") if x.strip()] or \
+        [args.connections]
+    out = []
+    for n in names:
+        rate = round(median(results[n], "rps") * args.fixed_rate)
+        for conns in counts:
+            target = TARGETS[n](args, workdir)
+            target.start()
+            try:
+                if args.warmup > 0:
+                    run_wrk(args, target.url(), args.warmup, workdir / "body.json")
+                r = subprocess.run(
+                    [sys.executable, str(HERE / "fixed_rate.py"), "--url", target.url(),
+                     "--rate", str(rate), "--duration", f"{args.duration:g}",
+                     "--connections", str(conns)],
+                    capture_output=True, text=True, timeout=args.duration + 300)
+                res = json.loads(r.stdout.strip().splitlines()[-1])
+            finally:
+                target.stop()
+            res["target"] = n
+            print(f"fixed rate {n}: {rate}/s over {conns} connections: "
+                  f"p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, errors {res['errors']}, "
+                  f"non-2xx {res['non_2xx']}, unanswered {res['unanswered']}", flush=True)
+            out.append(res)
+    return out
+
+
+def fixed_report(args, fixed: list[dict]) -> str:
+    lines = ["", f"**Fixed rate** (bench/fixed_rate.py, open loop, latency from the scheduled "
+             f"time to the last octet; {args.fixed_rate:g} × each target's median wrk rate, "
+             f"{args.duration:g} s, a fresh instance warmed up with wrk):", "",
+             "| target | connections | rate/s | answered | p50 ms | p90 ms | p99 ms | "
+             "p99.9 ms | max ms | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for f in fixed:
+        lines.append(f"| {f['target']} | {f['connections']:,} | {f['rate']:,.0f} | "
+                     f"{f['completed']:,} of {f['scheduled']:,} | {f['p50_ms']} | "
+                     f"{f['p90_ms']} | {f['p99_ms']} | {f['p999_ms']} | {f['max_ms']} | "
+                     f"{sum(f['errors'].values()) + f['non_2xx']} |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------ report
 
 
@@ -408,6 +457,12 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--json", default=None, help="write the raw results here")
     p.add_argument("--record", action="store_true", help="append a section to RESULTS.md")
+    p.add_argument("--fixed-rate", type=float, default=0.0, metavar="FRACTION",
+                   help="then, per target, bench/fixed_rate.py at FRACTION of its median "
+                        "wrk rate (e.g. 0.5): open-loop p50/p90/p99")
+    p.add_argument("--fixed-connections", default="", metavar="N[,N...]",
+                   help="connection counts for the fixed-rate runs (default: --connections); "
+                        "e.g. 64,10000 (the mta needs [http] max_connections that high)")
     args = p.parse_args(argv)
     if not 1 <= args.duration <= 600 or not 1 <= args.runs <= 20:
         p.error("--duration must be 1..600 s and --runs 1..20")
@@ -441,10 +496,14 @@ def main(argv=None) -> int:
                     failed = True
                     print(res["raw"], file=sys.stderr)
                 results[n].append(res)
+        fixed = fixed_rate_runs(args, names, results, workdir) if args.fixed_rate else []
+        failed = failed or any(f["errors"] or f["non_2xx"] or f["unanswered"] for f in fixed)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     text = report(args, results, len(body), start_machine)
+    if fixed:
+        text += fixed_report(args, fixed)
     print("\n" + text)
     if args.json:
         with open(args.json, "w") as fh:
