@@ -87,7 +87,10 @@ def save(path: str, items: list[Suspension]) -> None:
 
 
 def in_effect(items: list[Suspension], now: float) -> list[Suspension]:
-    return [s for s in items if not s.until or s.until > now]
+    """The suspensions not yet run out (one that names nothing is never in effect: it
+    would hold everything)."""
+    return [s for s in items if (not s.until or s.until > now)
+            and (s.domain or s.campaign or s.pool)]
 
 
 def check_field(name: str, value: str) -> str:
@@ -150,11 +153,15 @@ class Watcher:
 
 
 class Selector(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Which queued recipients a bulk operation takes (every named field must match)."""
+    """Which queued recipients a bulk operation takes (every named field must match;
+    one that names nothing is refused by the shard: it would take the whole queue)."""
 
-    domains: list[str] = []       # recipient domains (a site's, when the operator named one)
+    domains: frozenset[str] = frozenset()   # recipient domains (a site's, when one was named)
     campaign: str = ""
     pool: str = ""
+
+    def empty(self) -> bool:
+        return not (self.domains or self.campaign or self.pool)
 
     def matches(self, rcpt: str, params: dict) -> bool:
         if self.domains and recipient_domain(rcpt) not in self.domains:

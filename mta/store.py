@@ -868,6 +868,11 @@ class Store:
         for e in new:
             old = self.entries.get(e.meta.qid)
             if old is not None:
+                # A compaction copy: what is not on disk goes with it -- the jobs out
+                # (else a message being delivered could be sent again, or bounced by an
+                # operator's bulk bounce) and the last temporary replies.
+                e.out = old.out
+                e.last = old.last
                 self._forget(old)
                 self.segments[old.seg].live -= 1
             self._remember(e)

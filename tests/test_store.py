@@ -615,3 +615,23 @@ def test_recovery_in_slices_takes_new_messages_in_a_new_segment_meanwhile(tmp_pa
     st2, stats = restart(tmp_path, codec)
     assert contents(st2) == want
     st2.close()
+
+
+def test_a_compaction_copy_keeps_the_jobs_out_and_the_last_replies(tmp_path, codec):
+    # Not on disk, so a copy made by compaction must take them over: a message with a
+    # delivery job out would otherwise look idle (dispatched again, or bounced by a bulk
+    # bounce while it is being delivered).
+    st = new_store(tmp_path, codec, segment_size=MiB)
+    qids = fill(st, 0, 25)
+    oldest = min(st.segments)
+    in_oldest = [q for q, e in st.entries.items() if e.seg == oldest]
+    keep = in_oldest[0]
+    put(st, [], done=[q for q in in_oldest if q != keep])
+    st.entries[keep].out = 1
+    reply = (451, "4.2.2", "full", "mx.example.net", "127.0.0.2", 22, "temp-mailbox-full")
+    st.entries[keep].last = [reply]
+    copies, unlinked = reclaim(st)
+    assert [m.qid for m, _ in copies] == [keep] and unlinked[0] == oldest
+    e = st.entries[keep]
+    assert e.seg != oldest and (e.out, e.last) == (1, [reply])
+    assert len(qids) == 25

@@ -80,6 +80,10 @@ FOREVER = 100 * 366 * 86400.0     # a delivery suspension "until resumed" lasts 
 DELIVERY_SEES = 1.5             # seconds until every delivery process has read the store
 
 
+class ServerError(Exception):
+    """A problem of this node's own files (503, with what it is)."""
+
+
 class BadRequest(Exception):
     def __init__(self, field: str, message: str):
         super().__init__(message)
@@ -185,7 +189,7 @@ class Api:
         t = view["total"]
         out["remaining"] = {"messages": t["messages"], "recipients": t["recipients"],
                             "in_flight": t["in_flight"], "deferred": t["deferred"]}
-        out["done"] = out["draining"] and t["messages"] == 0
+        out["done"] = out["draining"] and t["messages"] == 0 and not t.get("recovering")
         return out
 
     # -------------------------------------------------------------- routes
@@ -259,6 +263,8 @@ class Api:
                 return _json(200, await self.drain_report())
         except BadRequest as exc:
             return _json(400, {"errors": [{"message": str(exc), "field": exc.field}]})
+        except ServerError as exc:
+            return _json(503, {"errors": [{"message": str(exc)}]}, {"Retry-After": "5"})
         except _MethodNotAllowed as exc:
             return _json(405, {"errors": [{"message": f"use {' or '.join(exc.allowed)} here"}]},
                          {"Allow": ", ".join(exc.allowed)})
@@ -279,7 +285,7 @@ class Api:
         try:
             items = ctl.in_effect(ctl.load(self._suspensions_path()), now)
         except (OSError, ValueError) as exc:
-            raise Unavailable(f"the suspensions file cannot be read: {exc}") from None
+            raise ServerError(f"the suspensions file cannot be read: {exc}") from None
         out = [_spool_view(x) for x in items]
         for e in adaptive.list_entries(self.adaptive_dir, now):
             if e.kind == adaptive.SUSPEND and e.rule == adaptive.ADMIN_RULE:
@@ -322,7 +328,7 @@ class Api:
                                until=now + (seconds or FOREVER))
             store = adaptive.Store(self.adaptive_dir)
             if not store.put(e):
-                raise Unavailable("the adaptive store is full (backoff.max_entries)")
+                raise ServerError("the adaptive store is full (backoff.max_entries)")
             view = _delivery_view(e)
         else:
             key = "|".join(fields.get(k, "") for k in ctl.SPOOL_FIELDS)
@@ -332,13 +338,16 @@ class Api:
             try:
                 items = [x for x in ctl.in_effect(ctl.load(path), now) if x.id != sid]
             except (OSError, ValueError) as exc:
-                raise Unavailable(f"the suspensions file cannot be read: {exc}") from None
+                raise ServerError(f"the suspensions file cannot be read: {exc}") from None
             if len(items) >= ctl.MAX_SUSPENSIONS:
                 raise BadRequest("domain", f"{ctl.MAX_SUSPENSIONS} suspensions are in effect "
                                            "already; resume some first")
             s = ctl.Suspension(id=sid, reason=reason, created=now,
                                until=now + seconds if seconds else 0.0, **fields)
-            ctl.save(path, items + [s])
+            try:
+                ctl.save(path, items + [s])
+            except OSError as exc:
+                raise ServerError(f"the suspensions file cannot be written: {exc}") from None
             view = _spool_view(s)
         log.warning("suspended by the operator: %s (id %s)%s: %s",
                     " ".join(f"{k}={v}" for k, v in fields.items()), view["id"],
@@ -350,10 +359,13 @@ class Api:
         try:
             items = ctl.load(path)
         except (OSError, ValueError) as exc:
-            raise Unavailable(f"the suspensions file cannot be read: {exc}") from None
+            raise ServerError(f"the suspensions file cannot be read: {exc}") from None
         gone = [x for x in items if x.id == sid]
         if gone:
-            ctl.save(path, [x for x in items if x.id != sid])
+            try:
+                ctl.save(path, [x for x in items if x.id != sid])
+            except OSError as exc:
+                raise ServerError(f"the suspensions file cannot be written: {exc}") from None
             log.warning("resumed by the operator: suspension %s", sid)
             await self._refresh_shards()
             return _json(200, {"resumed": _spool_view(gone[0]), "flushed": 0})
@@ -392,13 +404,25 @@ class Api:
                 return {"id": "", "total": 0, "done": 0, "finished": True}
         selector = {"domains": domains, "campaign": sel.get("campaign", ""),
                     "pool": sel.get("pool", "")}
+        # Every shard must be able to start it now: one still reading its queue would
+        # hold the request past our timeout and start it unseen.
+        recovering = [x["shard"] for x in (await self.queue())["shards"] if x.get("recovering")]
+        if recovering:
+            raise ServerError(f"spool shard(s) {recovering} are still reading their queue "
+                              "after a start; try again in a few seconds")
         op = f"b{int(time.time()):x}{secrets.token_hex(3)}"
         replies = await asyncio.gather(*(
             self._ask(n, bus.SpoolAdminBounce, op, selector, reason, dsn in ("1", "true"))
-            for n in range(self.settings.shards)))
+            for n in range(self.settings.shards)), return_exceptions=True)
+        failed = [f"spool[{n}]: {r}" for n, r in enumerate(replies)
+                  if isinstance(r, BaseException)]
+        if failed:
+            raise ServerError(f"bulk bounce {op} did not start everywhere ({'; '.join(failed)});"
+                              f" the shards that answered are running it (GET "
+                              f"/api/admin/bounce/{op})")
         for r in replies:
             if r.status != bus.STATUS_OK:
-                raise BadRequest("domain", r.error or "a spool shard refused the selector")
+                raise BadRequest("selector", r.error or "a spool shard refused the selector")
         return _combine(op, [o for r in replies for o in r.ops])
 
     async def bounce_progress(self, op: str) -> list[dict]:
@@ -447,13 +471,15 @@ def _fields(params: dict, selectors: tuple, others: tuple) -> tuple[dict, str, d
     query; BadRequest names a field that is bad or not one of these."""
     sel = {}
     for k in (*selectors, "reason"):
-        v = params.pop(k, "")
-        if v or k == "reason":
+        v = params.pop(k, None)
+        if v is not None or k == "reason":
             try:
-                v = ctl.check_field(k, v)
+                v = ctl.check_field(k, v or "")
             except ValueError as exc:
                 raise BadRequest(k, str(exc)) from None
             if k != "reason":
+                if not v:      # (a blank field must not widen the selector to everything)
+                    raise BadRequest(k, f"{k}: empty")
                 sel[k] = v
     extra = {k: params.pop(k, "") for k in others}
     if params:

@@ -223,8 +223,13 @@ class Adaptive:
         self.fired_new = False
         if old is not None and old.until >= until - 1.0 and old.rule == rule.name:
             return old            # already in effect (another job saw the same reply)
-        if old is not None and old.rule == ADMIN_RULE and old.until >= until:
-            return old            # the operator's suspension outlasts this one: it stays
+        if old is not None and old.rule == ADMIN_RULE:
+            # The operator's suspension stays the operator's (listed, resumed by its id):
+            # a rule that holds longer only makes it end later.
+            if old.until >= until or rule.action != SUSPEND:
+                return old
+            e = msgspec.structs.replace(old, until=until)
+            return e if self.store.put(e) else old
         e = Entry(id=eid, kind=rule.action, scope=scope, source=src, site=st, rule=rule.name,
                   reply=reply[:MAX_REPLY], stage=stage, created=now, until=until,
                   connection_limit=rule.connection_limit,

@@ -93,6 +93,8 @@ def merge(shards: list[dict], delivery: dict) -> dict:
         "in_flight": sum(x.get("in_flight", 0) for x in shards),
         "scheduled": sum(x.get("scheduled", 0) for x in shards),
         "suspended_messages": sum(x.get("suspended_messages", 0) for x in shards),
+        # a shard still reading its queue after a start: the counts are not whole yet
+        "recovering": any(x.get("recovering", False) for x in shards),
         "oldest_arrival": _min(x.get("oldest_arrival") for x in shards),
         "next_attempt": _min(x.get("next_attempt") for x in shards),
     }

@@ -93,8 +93,8 @@ def _job_params(params: dict, msg_params: dict, idxs: list[int]) -> dict:
 def _selector_text(sel: ctl.Selector) -> str:
     parts = []
     if sel.domains:
-        parts.append("domain " + ",".join(sel.domains[:5]) + (" ..." if len(sel.domains) > 5
-                                                            else ""))
+        parts.append("domain " + ",".join(sorted(sel.domains)[:5])
+                     + (" ..." if len(sel.domains) > 5 else ""))
     if sel.campaign:
         parts.append(f"campaign {sel.campaign}")
     if sel.pool:
@@ -177,6 +177,7 @@ class Shard:
         # or source suspension ends (SpoolQueueFlush requeued=True)
         self.requeued_qids: dict[str, None] = {}
         self.recovering = False               # reading the segment files (open())
+        self.gc_was_enabled = True
         self.recovered_up_to = 0              # the last segment found at start
         self.deferred: list[tuple[bytes, bus.Message]] = []   # requests that wait for it
         self.finished_at_start: list[str] = []
@@ -189,7 +190,19 @@ class Shard:
         mail meanwhile.  *wait*: read it all before returning."""
         # The recovered queue is made of acyclic objects: the collector would walk
         # them again and again while they are made, for nothing (10 % of the time).
+        self.gc_was_enabled = gc.isenabled()
         gc.disable()
+        try:
+            self._open(ctx, wait)
+        except BaseException:
+            self._restore_gc()
+            raise
+
+    def _restore_gc(self) -> None:
+        if self.gc_was_enabled:
+            gc.enable()
+
+    def _open(self, ctx, wait: bool) -> None:
         self.store.recover_start()
         self.recovering = True
         self.recovered_up_to = max(self.store.segments, default=0)
@@ -260,7 +273,7 @@ class Shard:
         # the recovered queue is never walked by the collector (frozen without a
         # collection first: it made no cycles, and walking a million entries takes ~1 s)
         gc.freeze()
-        gc.enable()
+        self._restore_gc()
         waiting, self.deferred = self.deferred, []
         for peer, msg in waiting:
             if type(msg) is bus.SpoolMessageDelete:
@@ -273,8 +286,12 @@ class Shard:
 
     def run(self) -> None:
         self.start()
-        while not self.stopping:
-            self.step()
+        try:
+            while not self.stopping:
+                self.step()
+        finally:
+            if self.recovering:      # stopped before the queue was read
+                self._restore_gc()
         # Anything that arrived but was not taken is not acknowledged: the
         # acceptors time out and answer 451, so nothing is lost.
         if self.suppression is not None:
@@ -806,6 +823,7 @@ class Shard:
         elif t is bus.SpoolAdminBounce:
             reply = self.start_bounce(msg)
         elif t is bus.SpoolAdminRefresh:
+            self.controls.stamp = None          # asked: read it whatever its stamp says
             if self.controls.refresh(time.time()):
                 self.release_held()
             reply = bus.SpoolAdminReply(msg.req, bus.STATUS_OK, [])
@@ -838,6 +856,9 @@ class Shard:
             sel = msgspec.convert(msg.selector, ctl.Selector)
         except msgspec.ValidationError as exc:
             return bus.SpoolAdminReply(msg.req, bus.STATUS_UNKNOWN, [], f"selector: {exc}")
+        if sel.empty():
+            return bus.SpoolAdminReply(msg.req, bus.STATUS_UNKNOWN, [],
+                                       "selector: names nothing (it would take every message)")
         old = self.ops.get(msg.op)
         if old is not None:                       # asked again (a retried request)
             return bus.SpoolAdminReply(msg.req, bus.STATUS_OK, [old.view()])
@@ -906,11 +927,9 @@ class Shard:
 
     def op_committed(self, taken: list) -> None:
         """The batch holding these bounces is durable: count them."""
-        ops = {}
         for op, _qid, n in taken:
             op.done += n
-            ops[op.op] = op
-        for op in ops.values():
+        for op in self.ops.values():     # (also one whose last messages finished by themselves)
             self._op_finish(op)
 
     def _op_finish(self, op: ctl.BounceOp) -> None:

@@ -41,3 +41,12 @@ def test_selector_needs_every_named_field():
     assert not s.matches("u@z.test", {"campaign_id": "c"})
     assert not s.matches("u@x.test", {"campaign_id": "d"})
     assert ctl.Selector(pool="default").matches("u@z.test", {})
+
+
+def test_a_suspension_that_names_nothing_holds_nothing(tmp_path):
+    path = str(tmp_path / ctl.FILE)
+    ctl.save(path, [ctl.Suspension(id="s0", reason="hand-edited")])
+    w = ctl.Watcher(path, logging.getLogger("t"))
+    w.refresh(1.0)
+    assert w.items == [] and w.match("a.test", {}) is None
+    assert ctl.Selector().empty() and not ctl.Selector(pool="p").empty()
