@@ -142,7 +142,9 @@ class Mta:
         text = (f'[server]\nstate_dir = "{self.dir / "state"}"\nlog_level = "info"\n'
                 f'hostname = "mta.bench"\n\n'
                 f'[smtp]\nlisten = ["{HOST}:{self.smtp_port}"]\nacceptors = {a.acceptors}\n\n'
-                f'[http]\nlisten = ["{HOST}:{self.port}"]\n\n'
+                f'[http]\nlisten = ["{HOST}:{self.port}"]\n'
+                + (f"max_connections = {a.mta_http_max_connections}\n"
+                   if a.mta_http_max_connections else "") + "\n"
                 f'[spool]\nshards = {a.shards}\n\n'
                 f'[delivery]\nhold = true\nprocesses = 1\n')
         for extra in a.mta_config_extra:
@@ -460,6 +462,8 @@ def main(argv=None) -> int:
     p.add_argument("--fixed-rate", type=float, default=0.0, metavar="FRACTION",
                    help="then, per target, bench/fixed_rate.py at FRACTION of its median "
                         "wrk rate (e.g. 0.5): open-loop p50/p90/p99")
+    p.add_argument("--mta-http-max-connections", type=int, default=0,
+                   help="[http] max_connections of the mta (per acceptor; 0: its default)")
     p.add_argument("--fixed-connections", default="", metavar="N[,N...]",
                    help="connection counts for the fixed-rate runs (default: --connections); "
                         "e.g. 64,10000 (the mta needs [http] max_connections that high)")
