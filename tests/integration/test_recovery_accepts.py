@@ -50,32 +50,35 @@ def shard0(d: Daemon) -> dict:
 def test_a_shard_takes_mail_while_it_rebuilds_a_large_queue_and_loses_nothing(tmp_path):
     d = Daemon(tmp_path, acceptors=1, shards=1, spool={"recovery_slice": 1})
     old = fill(d, QUEUED)
-    d.start()                                  # ready: the 220 banner answers
-    qid = d.send("new@sender.test", ["new@held.test"], message("during recovery"))
-    s = shard0(d)
-    assert s["recovering"] is True, s          # the 250 came before the old queue was read
-    assert "recovered queue" not in d.log(since_start=True)
-    # A delete, and a question that needs the whole queue, wait for it; then answered.
-    t = time.monotonic()
-    gone = max(old)              # (the last one written: the last one the shard reads)
-    assert d.cli("queue", "delete", gone).stdout.decode().strip() == "deleted 1 message(s)"
-    old.discard(gone)
-    listed = d.queue_list()
-    assert {m["queue_id"] for m in listed} == old | {qid}, len(listed)
-    assert "recovered queue: messages=100001 segments=1 records=100000 " in d.log(since_start=True)
-    s = shard0(d)
-    assert (s["recovering"], s["messages"]) == (False, QUEUED), (s, time.monotonic() - t)
+    try:
+        d.start()                                  # ready: the 220 banner answers
+        qid = d.send("new@sender.test", ["new@held.test"], message("during recovery"))
+        s = shard0(d)
+        assert s["recovering"] is True, s          # the 250 came before the old queue was read
+        assert "recovered queue" not in d.log(since_start=True)
+        # A delete, and a question that needs the whole queue, wait for it; then answered.
+        t = time.monotonic()
+        gone = max(old)              # (the last one written: the last one the shard reads)
+        assert d.cli("queue", "delete", gone).stdout.decode().strip() == "deleted 1 message(s)"
+        old.discard(gone)
+        listed = d.queue_list()
+        assert {m["queue_id"] for m in listed} == old | {qid}, len(listed)
+        assert "recovered queue: messages=100001 segments=1 records=100000 " in d.log(since_start=True)
+        s = shard0(d)
+        assert (s["recovering"], s["messages"]) == (False, QUEUED), (s, time.monotonic() - t)
 
-    # kill -9 while the next start is still reading: the message taken meanwhile and the
-    # whole old queue are there after the one after.
-    d.stop()
-    d.start()
-    qid2 = d.send("new@sender.test", ["new2@held.test"], message("during recovery 2"))
-    assert shard0(d)["recovering"] is True
-    d.kill9()
-    d.sections["spool"]["recovery_slice"] = 2000
-    d.write_config()
-    d.start()
-    wait_until(lambda: not shard0(d)["recovering"], 60, "the recovery")
-    assert {m["queue_id"] for m in d.queue_list()} == old | {qid, qid2}
-    d.stop()
+        # kill -9 while the next start is still reading: the message taken meanwhile and the
+        # whole old queue are there after the one after.
+        d.stop()
+        d.start()
+        qid2 = d.send("new@sender.test", ["new2@held.test"], message("during recovery 2"))
+        assert shard0(d)["recovering"] is True
+        d.kill9()
+        d.sections["spool"]["recovery_slice"] = 2000
+        d.write_config()
+        d.start()
+        wait_until(lambda: not shard0(d)["recovering"], 60, "the recovery")
+        assert {m["queue_id"] for m in d.queue_list()} == old | {qid, qid2}
+        d.stop()
+    finally:
+        d.cleanup()
