@@ -401,8 +401,9 @@ def _find_from(buf, needle: bytes, off: int, end: int) -> int:
     CPython before 3.11.5 (Debian 12 ships 3.11.2) can read past the end of the
     mapping in mmap.find and crash with SIGSEGV when the mapping ends at a page
     boundary (CPython gh-105235); recovery searches the damaged tail of a
-    preallocated segment, which does.  A slice of an mmap is a bytes copy, and
-    bytes.find stays inside it.  Only a damaged record takes this path.
+    preallocated segment, as does the events process reading one (read_events).
+    A slice of an mmap is a bytes copy, and bytes.find stays inside it.  Only a
+    damaged record takes this path.
     """
     step = ZERO_CHUNK
     keep = len(needle) - 1   # chunks overlap so a match across a boundary is found
@@ -534,7 +535,7 @@ def read_events(codec, buf, off: int, end: int, last: bool, on_events, on_skip=N
             return off
         if _zero_from(buf, off, end):
             return end
-        again = buf.find(codec.MAGIC, off + 1, end)
+        again = _find_from(buf, codec.MAGIC, off + 1, end)   # buf is often an mmap
         nxt = again if again >= 0 else end
         if on_skip is not None:
             on_skip(off, nxt - off)
