@@ -395,6 +395,29 @@ def _zero_from(buf, off: int, end: int) -> bool:
     return True
 
 
+def _find_from(buf, needle: bytes, off: int, end: int) -> int:
+    """buf.find(needle, off, end) for an mmap, searched in copied chunks instead.
+
+    CPython before 3.11.5 (Debian 12 ships 3.11.2) can read past the end of the
+    mapping in mmap.find and crash with SIGSEGV when the mapping ends at a page
+    boundary (CPython gh-105235); recovery searches the damaged tail of a
+    preallocated segment, as does the events process reading one (read_events).
+    A slice of an mmap is a bytes copy, and bytes.find stays inside it.  Only a
+    damaged record takes this path.
+    """
+    step = ZERO_CHUNK
+    keep = len(needle) - 1   # chunks overlap so a match across a boundary is found
+    while off < end:
+        stop = min(end, off + step + keep)
+        i = buf[off:stop].find(needle)
+        if i >= 0:
+            return off + i
+        if stop == end:
+            break
+        off += step
+    return -1
+
+
 class Watermark:
     """The shard's synced watermark: (segment number, offset) in a 16-octet mmap'ed file.
 
@@ -512,7 +535,7 @@ def read_events(codec, buf, off: int, end: int, last: bool, on_events, on_skip=N
             return off
         if _zero_from(buf, off, end):
             return end
-        again = buf.find(codec.MAGIC, off + 1, end)
+        again = _find_from(buf, codec.MAGIC, off + 1, end)   # buf is often an mmap
         nxt = again if again >= 0 else end
         if on_skip is not None:
             on_skip(off, nxt - off)
@@ -639,7 +662,7 @@ class Store:
                 if _zero_from(mm, off, end):
                     break  # the unused, zero-filled end of a preallocated segment
                 # Torn tail or damaged record: skip to the next magic number.
-                again = mm.find(magic, off + 1)
+                again = _find_from(mm, magic, off + 1, end)
                 skipped = (again if again >= 0 else end) - off
                 stats["skipped_bytes"] += skipped
                 if again < 0:

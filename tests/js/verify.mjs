@@ -1,4 +1,5 @@
-// Independent DKIM verifier for tests/test_dkim.py, built on mailauth 4 (Node 20).
+// Independent DKIM verifier for tests/test_dkim.py, built on mailauth 4: 4.9.5 on Node
+// >= 20.18.1, 4.8.2 (tests/js/node18) on Debian 12's Node 18; see tests/setup-deps.d/dkim.sh.
 //
 // Reads one JSON job on stdin:
 //   {"records": {"sel._domainkey.example.com": "v=DKIM1; k=rsa; p=..."},

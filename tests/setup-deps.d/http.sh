@@ -4,7 +4,8 @@
 # - wrk and nginx-light (Debian): the load generator and the peer it is compared with;
 #   nginx's package must not start a system instance (RUNLEVEL=1), bench/http_load.py
 #   starts its own on loopback with its own configuration;
-# - nodejs + npm and the npm `sparkpost` client (tests/js-http/package.json);
+# - nodejs + npm and the npm `sparkpost` client (tests/js-http/package.json; it and the
+#   scripts there run on Debian 12's Node 18 as on Node 20);
 # - the PyPI `sparkpost` client is a test extra of setup.py.
 _http_pkgs=""
 command -v wrk >/dev/null 2>&1 || _http_pkgs="$_http_pkgs wrk"
