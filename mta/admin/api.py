@@ -452,8 +452,16 @@ class Api:
             view = await self.cached_queue()
         except Unavailable as exc:
             error = str(exc)
-        return st.document(self.reports, self.collector.host_rows(), self.history, view,
-                           error, self.draining())
+        doc = st.document(self.reports, self.collector.host_rows(), self.history, view,
+                          error, self.draining())
+        try:       # the operator's suspensions too (as "source": what it holds back)
+            for x in self.suspensions():
+                what = " ".join(f"{k}={x[k]}" for k in SUSPEND_FIELDS if x.get(k))
+                doc["suspensions"].append({"source": f"operator: {what}", "until": x["until"],
+                                           "reason": x["reason"], "id": x["id"]})
+        except ServerError as exc:
+            log.warning("status: %s", exc)
+        return doc
 
 
 def _query(query: bytes) -> dict[str, str]:

@@ -57,6 +57,9 @@ def test_suspend_a_domain_across_a_restart_then_resume_and_a_source(lab):
     assert [q for q, _, _ in sink.deliveries()] == [free]
     listed = cli_json(d, "suspend", "--list")["results"]
     assert [x["id"] for x in listed] == [s["id"]]
+    shown = admin_call(d, "GET", "/api/admin/status")[2]["suspensions"]   # the status page's
+    assert [(x["source"], x["reason"]) for x in shown] == \
+        [("operator: domain=held.test", "complaints")], shown
 
     r = cli_json(d, "resume", s["id"])
     assert r["resumed"]["id"] == s["id"]
