@@ -10,10 +10,9 @@
   shard heals by itself (its once-a-second probe) when the disk works again.
   The spool is on crashfs (tests/crashfs.py) with its error-injection switch.
 
-Not here: the loopback-only rule of the HTTP API without API keys.  "Loopback"
-is ``ipaddress.is_loopback`` of the peer (127.0.0.0/8, ::1, and IPv4-mapped
-forms of them: mta/acceptor/peers.py), so a faithful test needs a client on a
-non-loopback address, which the tests' network rule (loopback only) forbids.
+The loopback-only rule of the HTTP API without API keys is in
+test_loopback_only.py (a client on a non-loopback address, inside a private
+network namespace).
 """
 from __future__ import annotations
 
