@@ -21,6 +21,11 @@ rate       one site with ``[[shaping]] max_message_rate = "50/s"`` (``--rate``),
            final "." arrives (``time.time()``): reported are the largest number of messages
            in any one-second window (the limit's documented bound is rate + burst, burst 1)
            and the average rate from the first to the last arrival as a share of the limit.
+hol        head of line: a site whose receiver accepts TCP and never greets, and another
+           site; ``--messages`` (200) by HTTP to the good site, evenly over 5 s, with and
+           without ``--hung`` (200) messages to the hung site queued first (which then hold
+           its ``connection_limit`` connections); HTTP 200 -> arrival at the good site's
+           receiver, p50/p99/max per run, layouts interleaved over ``--runs`` pairs.
 priority   a site that answers slowly (the asyncio sink waits ``--delay-ms`` 75 ms before its
            reply to the end of data), ``connection_limit`` 5; ``--bulk`` 50,000 messages
            injected over SMTP, then ``--transactional`` 100 messages by HTTP POST
@@ -39,6 +44,7 @@ Usage
     python bench/egress.py spread [--messages 30000] [--runs 1] [--record]
     python bench/egress.py rate [--messages 3000] [--rate 50] [--record]
     python bench/egress.py priority [--bulk 50000] [--transactional 100] [--record]
+    python bench/egress.py hol [--messages 200] [--hung 200] [--runs 2] [--record]
 
 The asyncio sink is also this file: ``python bench/egress.py sink --listen HOST:PORT
 --log FILE [--delay-ms MS]`` (one line per message: arrival time, client address, open
@@ -732,12 +738,13 @@ def scenario_rate(args, workdir: Path) -> tuple[list[str], bool]:
 # Scenario: priority
 
 
-def post_transmission(conn: http.client.HTTPConnection, rcpt: str, i: int) -> tuple[int, bytes]:
+def post_transmission(conn: http.client.HTTPConnection, rcpt: str, i: int,
+                      transactional: bool = True) -> tuple[int, bytes]:
     body = json.dumps({"recipients": [{"address": rcpt}],
                        "content": {"from": "tx@sender.bench.example",
-                                   "subject": f"transactional {i}",
+                                   "subject": f"message {i}",
                                    "text": "Your one-time code is 123456.\n"},
-                       "options": {"transactional": True}}).encode()
+                       "options": {"transactional": transactional}}).encode()
     conn.request("POST", "/api/v1/transmissions", body=body,
                  headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -897,6 +904,149 @@ def scenario_priority(args, workdir: Path) -> tuple[list[str], bool]:
 
 
 # ------------------------------------------------------------------------------------------
+# Scenario: head of line -- a hung site against another site's latency
+
+
+class HungServer:
+    """Accepts TCP connections on host:port and never says a word (a hung receiver)."""
+
+    def __init__(self, host: str):
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+        self.sock.listen(SINK_BACKLOG)
+        self.host, self.port = self.sock.getsockname()
+        self.held: list[socket.socket] = []
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="hung", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stopping:
+            try:
+                c, _ = self.sock.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            self.held.append(c)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.thread.join(5)
+        for c in self.held:
+            c.close()
+        self.sock.close()
+
+
+def hol_run(args, rundir: Path, hung_site: bool) -> dict:
+    """One daemon: optionally --hung messages to a hung site first, then --messages by HTTP
+    to a good site, evenly over --spread-s; HTTP 200 -> arrival at the good receiver."""
+    rundir.mkdir()
+    sink = PySink(rundir, SINK_HOSTS[0], 0.0)
+    hung = HungServer(SINK_HOSTS[1])
+    smtp_port, http_port = free_port(), free_port()
+    delivery = {"connection_limit": args.connection_limit}
+    lines = base_config(rundir / "state", smtp_port, http_port, delivery)
+    lines += route("good.bench.example", sink.host, sink.port)
+    lines += route("hung.bench.example", hung.host, hung.port)
+    daemon = Daemon(rundir, "\n".join(lines) + "\n", smtp_port)
+    sent: dict[str, float] = {}
+    try:
+        sink.start()
+        daemon.start()
+        conn = http.client.HTTPConnection(LOOPBACK, http_port, timeout=30)
+        if hung_site:
+            for i in range(args.hung):
+                status, body = post_transmission(conn, f"h-{i}@hung.bench.example", i, False)
+                if status != 200:
+                    raise RuntimeError(f"POST hung {i}: HTTP {status} {body[:200]!r}")
+            deadline = time.monotonic() + 30
+            while len(hung.held) < args.connection_limit:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the hung site got {len(hung.held)} connections, "
+                                       f"not {args.connection_limit}, in 30 s")
+                time.sleep(POLL_S)
+        step = args.spread_s / max(1, args.messages - 1)
+        start = time.monotonic()
+        for i in range(args.messages):
+            delay = start + i * step - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            rcpt = f"g-{i}@good.bench.example"
+            status, body = post_transmission(conn, rcpt, i, False)
+            if status != 200:
+                raise RuntimeError(f"POST {i}: HTTP {status} {body[:200]!r}")
+            sent[rcpt] = time.time()
+        conn.close()
+        deadline = time.monotonic() + args.timeout
+        while True:
+            arrived = {}
+            for t, _ip, _c, rcpts in sink.records():
+                for r in rcpts:
+                    arrived.setdefault(r, t)
+            if all(r in arrived for r in sent) or time.monotonic() > deadline:
+                break
+            time.sleep(POLL_S)
+        held = len(hung.held)
+    finally:
+        daemon.stop()
+        sink.stop()
+        hung.stop()
+    inf = float("inf")
+    lat = sorted(arrived.get(r, inf) - t for r, t in sent.items())
+    return {"lat": lat, "missing": sum(1 for r in sent if r not in arrived), "held": held}
+
+
+def scenario_hol(args, workdir: Path) -> tuple[list[str], bool]:
+    bg = background_busy_rate(args.idle_sample, args.wait_idle)
+    rows, results = [], {False: [], True: []}
+    for rnd in range(args.runs):
+        for hung_site in (False, True):
+            r = hol_run(args, workdir / f"hol-{rnd}-{'with' if hung_site else 'without'}",
+                        hung_site)
+            results[hung_site].append(r)
+            lat = r["lat"]
+            row = (f"| {rnd + 1} | {'with' if hung_site else 'without'} | {len(lat)} | "
+                   f"{fmt_lat(percentile(lat, 50))} | {fmt_lat(percentile(lat, 99))} | "
+                   f"{fmt_lat(lat[-1])} | {r['held'] if hung_site else '-'} |")
+            print(row)
+            rows.append(row)
+
+    def p99(runs):
+        return max(percentile(r["lat"], 99) for r in runs)
+
+    without, with_ = p99(results[False]), p99(results[True])
+    missing = sum(r["missing"] for rs in results.values() for r in rs)
+    ok = not missing and with_ <= max(2 * without, without + 0.25)
+    out = ["| run | hung site | messages | p50 | p99 | max | connections held by the hung site |",
+           "|---:|---|---:|---:|---:|---:|---:|"] + rows + [
+           "",
+           f"Worst p99 without the hung site {fmt_lat(without)}, with it {fmt_lat(with_)} "
+           f"(ratio {with_ / without:.2f}); not delivered: {missing}.  Background before "
+           f"{bg:.2f} cores; {load_note()} at the end."]
+    if not ok:
+        out.append("**TARGET MISSED**: the hung site delayed the other site (p99 more than "
+                   "doubled and over 250 ms more), or messages were not delivered.")
+    print("\n".join(out[-2:]))
+    desc = ["Scenario: two sites, each a static route: `good.bench.example` to this file's "
+            "asyncio sink on 127.0.0.10 (no delay), `hung.bench.example` to a receiver on "
+            "127.0.0.11 that accepts TCP and never greets.  `connection_limit = "
+            f"{args.connection_limit}`.  Each run is a fresh daemon; 'with': {args.hung} "
+            "messages to the hung site are posted first and the run waits until the hung "
+            f"receiver holds {args.connection_limit} connections; then (both layouts) "
+            f"{args.messages} messages to the good site by HTTP POST, evenly over "
+            f"{args.spread_s:g} s on one keep-alive connection.  Latency: time.time() at the "
+            "POST's 200 -> the receiver's time.time() at the final \".\"; nearest-rank "
+            "percentiles.  Layouts interleaved.", ""] + out
+    cmds = [f"python bench/egress.py hol --messages {args.messages} --hung {args.hung} "
+            f"--runs {args.runs} --connection-limit {args.connection_limit}"
+            + (" --record" if args.record else "")]
+    return section("head of line: a hung site against another site's latency", args, desc,
+                   cmds, {}), ok
+
+
+# ------------------------------------------------------------------------------------------
 # RESULTS.md
 
 
@@ -1043,6 +1193,14 @@ def parse_args(argv):
     q.add_argument("--connection-limit", type=int, default=5)
     q.add_argument("--delivery-processes", type=int, default=0,
                    help="delivery.processes (0: the daemon's default, one per CPU)")
+    h = sub.add_parser("hol", help="another site's latency with and without a hung site")
+    common(h)
+    h.add_argument("--messages", type=int, default=200, help="messages to the good site")
+    h.add_argument("--hung", type=int, default=200, help="messages to the hung site first")
+    h.add_argument("--spread-s", type=float, default=5.0,
+                   help="seconds over which the good site's messages are posted")
+    h.add_argument("--runs", type=int, default=2, help="pairs (without, with) of runs")
+    h.add_argument("--connection-limit", type=int, default=10)
     k = sub.add_parser("sink", help="(internal) the asyncio receiver")
     k.add_argument("--listen", required=True)
     k.add_argument("--log", required=True)
@@ -1064,7 +1222,7 @@ def main(argv=None) -> int:
     ok = False
     try:
         runner = {"spread": scenario_spread, "rate": scenario_rate,
-                  "priority": scenario_priority}[args.scenario]
+                  "priority": scenario_priority, "hol": scenario_hol}[args.scenario]
         try:
             lines, ok = runner(args, workdir)
         except RuntimeError as e:
