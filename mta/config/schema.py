@@ -274,7 +274,8 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "apply the shaping rules shipped for the large mailbox providers "
         "(mta/shaping/presets.toml) before the [[shaping]] rules of this file")] = True
     connect_timeout: Annotated[float, _doc(
-        "seconds to connect and read the greeting", ge=0.1, le=600)] = 30.0
+        "seconds to open the TCP connection (through the source's SOCKS5 proxy, if any); "
+        "the greeting is then waited for as a reply, command_timeout", ge=0.1, le=600)] = 30.0
     command_timeout: Annotated[float, _doc(
         "seconds to wait for a reply to a command (RFC 5321: 5 minutes)",
         ge=0.1, le=3600)] = 300.0

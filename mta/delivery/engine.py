@@ -74,6 +74,7 @@ SITE_FORGET = 3600.0      # seconds an unused domain -> site entry is kept at al
 SLOT_RETRY = 0.05         # seconds between tries for a connection slot another process holds
 IDLE_CHECK = 0.25         # seconds between looks, while idle, for another process's demand
 MAX_SITE_NAME = 200       # longest site name shown; longer ones end in a hash
+STOPPING = "the delivery process is stopping; not attempted"
 MIN_REQUEUE = 1.0         # seconds, at least, before a requeued job comes back
 YIELD_CHECK = 0.05        # seconds between a busy lane's looks for another process's demand
 LEARN_WAIT = 2.0          # seconds the first lookups wait for the shaping rules' domains
@@ -115,6 +116,10 @@ class Target:
         self.starttls = starttls        # None: the lane's shaping decides
         self.tls_verify = tls_verify
         self.source = source or None    # a static route's own source_address
+
+
+class _Stopping(Exception):
+    """A connection attempt given up because the process is stopping (Engine.begin_stop)."""
 
 
 class RouteError(Exception):
@@ -322,12 +327,16 @@ class Engine:
         self.tasks: set[asyncio.Task] = set()
         self.workers: set[asyncio.Task] = set()
         self.stopping = False
+        self.stop_event = asyncio.Event()   # set by begin_stop(): connection attempts give up
         self.processes = max(1, settings.deliveries)   # delivery processes sharing the slots
 
     # --------------------------------------------------------------- intake
 
     def submit(self, job: Job) -> None:
         self.in_flight += 1
+        if self.stopping:
+            self._give_back([job], STOPPING)
+            return
         domain = job.msg.domain
         waiting = self.resolving.get(domain)
         if waiting is not None:
@@ -458,6 +467,9 @@ class Engine:
 
     def _route(self, job: Job, site: Site) -> None:
         """Give *job* to a usable source of its pool, in that (source x site)'s lane."""
+        if self.stopping:
+            self._give_back([job], STOPPING)
+            return
         now = time.time()
         pool = self.pools.get(job.msg.pool)
         if pool is None:       # checked at injection; a pool removed since: its default
@@ -736,7 +748,10 @@ class Engine:
                 if conn is None:
                     try:
                         await self._pace(lane.connect_key, limits.max_connection_rate)
-                        conn, target = await self.connect(lane)
+                        conn, target = await self._connect_unless_stopping(lane)
+                    except _Stopping:
+                        self._give_back([job], STOPPING)
+                        return
                     except SourceUnavailable as exc:
                         self._suspend(src, exc)
                         self._reroute(lane, job)
@@ -755,6 +770,9 @@ class Engine:
                     if src.failures:
                         src.failures = 0
                 await self._pace(lane.message_key, lane.limits.max_message_rate)
+                if self.stopping:       # its transaction has not begun: the spool keeps it
+                    self._give_back([job], STOPPING)
+                    return
                 if time.monotonic() - job.queued_at > self.max_wait:
                     self._hand_back([job], lane)      # paced too long: the spool's turn
                     continue
@@ -965,12 +983,57 @@ class Engine:
         return n
 
     def _hand_back(self, jobs: list, lane: Lane) -> None:
+        self._give_back(jobs, f"waited over {self.max_wait:.0f}s for a connection to site "
+                              f"{lane.site.name} from {lane.source.name}")
+
+    def _give_back(self, jobs: list, text: str) -> None:
+        """Return *jobs*, not attempted, to their spool shards (REQUEUED: no attempt counted)."""
         for job in jobs:
             self.stats["handed_back"] += 1
-            self._finish(job, job.results(
-                REQUEUED, 451, "4.4.5",
-                f"waited over {self.max_wait:.0f}s for a connection to site {lane.site.name} "
-                f"from {lane.source.name}"), MIN_REQUEUE)
+            self._finish(job, job.results(REQUEUED, 451, "4.4.5", text), MIN_REQUEUE)
+
+    async def _connect_unless_stopping(self, lane: Lane):
+        """connect(), given up (raising _Stopping) as soon as begin_stop() is called: a
+        receiver that is slow to answer, or never greets, must not hold up a stop for up to
+        ``connect_timeout``, and nothing is lost (the job goes back to the spool untried)."""
+        if self.stopping:
+            raise _Stopping
+        attempt = self.loop.create_task(self.connect(lane))
+        stop = self.loop.create_task(self.stop_event.wait())
+        try:
+            await asyncio.wait((attempt, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not attempt.done():
+            attempt.cancel()
+            await asyncio.wait((attempt,))
+        if attempt.cancelled():
+            raise _Stopping
+        conn, target = attempt.result()        # raises what connect() raised
+        if self.stopping:
+            conn.abort()
+            raise _Stopping
+        return conn, target
+
+    def begin_stop(self) -> None:
+        """Stop (SIGTERM): take no new job, and give every job whose transaction has not
+        begun -- waiting for its site's address, in a lane, being paced, or waiting for a
+        connection -- back to its spool shard at once.  Transactions under way go on;
+        :meth:`close` ends the rest."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_event.set()
+        for domain, jobs in list(self.resolving.items()):
+            self.resolving[domain] = []
+            self._give_back(jobs, STOPPING)
+        for site in self.sites.values():
+            for lane in site.lanes.values():
+                self._give_back(lane.drain(), STOPPING)
+                lane.wakeup.set()
+                if lane.retry is not None:
+                    lane.retry.cancel()
+                    lane.retry = None
 
     def adaptive_tick(self) -> None:
         """Once a second (the caller's upkeep): read the node's adaptive state (other

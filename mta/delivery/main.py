@@ -16,8 +16,10 @@ The in-flight window is bounded: with 2 x ``delivery.max_in_flight`` jobs in han
 the process stops reading its socket, the bus queue fills to its high-water
 mark and the spool shards hold further jobs back.  Nothing here is durable:
 a job lost in a crash is still pending in its spool shard and is sent again
-(at-least-once).  SIGTERM: stop taking jobs, let transactions in progress
-finish and their outcomes go back (``server.shutdown_timeout``), exit.
+(at-least-once).  SIGTERM: stop taking jobs, hand every job whose transaction
+has not begun back to its shard untried (queued in a lane, paced, waiting for a
+connection or a greeting), let transactions in progress finish and their
+outcomes go back (``server.shutdown_timeout``), exit.
 
 Outcomes are never dropped while their shard is there: when a shard is not
 reading (its queue from us is at the high-water mark, ``spool.queue_high_water``)
@@ -178,6 +180,7 @@ class Delivery:
     async def stop(self, timeout: float) -> None:
         self.stopping = True
         self.server.pause()
+        self.engine.begin_stop()      # jobs not yet in a transaction go back at once
         deadline = self.loop.time() + timeout
         while (self.engine.in_flight or self.held) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)

@@ -216,7 +216,7 @@ class HungServer:
 
 
 def test_a_hung_site_does_not_delay_another_site(lab):
-    """With a receiver that accepts and never greets (connect timeout 30 s), the mail
+    """With a receiver that accepts and never greets (greeting timeout 10 s), the mail
     for another site, queued behind it in the same delivery process, is delivered
     while the hung site's connections are still waiting."""
     lab.serve(mx("hung.test", "mx.hung.test", "127.0.0.12") +
@@ -234,6 +234,32 @@ def test_a_hung_site_does_not_delay_another_site(lab):
         summary = d.queue_summary()
         assert summary["total"]["pending"] == 30, summary["total"]
         assert summary["total"]["deferred"] == 0, summary["total"]
+    finally:
+        hung.stop()
+
+
+def test_stop_gives_back_at_once_what_waits_for_a_hung_site(lab):
+    """SIGTERM does not wait for a receiver that never greets: the jobs waiting for its
+    greeting, and those queued behind them, go back to the spool untried, so the daemon
+    exits without waiting out the greeting (command_timeout, 120 s) or shutdown_timeout
+    (90 s) -- before, it waited for the first of the two.  After a restart every message is still queued,
+    none deferred (no attempt was counted) and no delay event was written."""
+    lab.serve(mx("hung.test", "mx.hung.test", "127.0.0.12"))
+    hung = HungServer("127.0.0.12", lab.port)
+    try:
+        d = lab.daemon(processes=1, command_timeout=120.0,
+                       sections={"server": {"shutdown_timeout": 90.0}})
+        finish(inject(d, "h@hung.test", 30))
+        wait_until(lambda: hung.accepted, 20, "the hung site being tried")
+        started = time.monotonic()
+        assert d.stop(timeout=75) == 0
+        assert time.monotonic() - started < 75
+        assert "the delivery process is stopping; not attempted" in d.log()
+        d.start()
+        total = d.queue_summary()["total"]
+        assert (total["messages"], total["pending"], total["deferred"]) == (30, 30, 0), total
+        assert not [e for e in d.events() if e.get("type") not in ("injection",)], \
+            "only injection events: nothing was attempted"
     finally:
         hung.stop()
 
