@@ -738,6 +738,17 @@ def scenario_rate(args, workdir: Path) -> tuple[list[str], bool]:
 # Scenario: priority
 
 
+def paced(n: int, spread_s: float):
+    """0 .. n-1, each at its time: evenly over *spread_s* seconds from the first."""
+    step = spread_s / max(1, n - 1)
+    start = time.monotonic()
+    for i in range(n):
+        delay = start + i * step - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        yield i
+
+
 def post_transmission(conn: http.client.HTTPConnection, rcpt: str, i: int,
                       transactional: bool = True) -> tuple[int, bytes]:
     body = json.dumps({"recipients": [{"address": rcpt}],
@@ -780,12 +791,7 @@ def scenario_priority(args, workdir: Path) -> tuple[list[str], bool]:
         bulk_before = len(sink.records())
         st0, tx0 = steal_s(), time.time()
         conn = http.client.HTTPConnection(LOOPBACK, http_port, timeout=30)
-        step = args.spread_s / max(1, args.transactional - 1)
-        start = time.monotonic()
-        for i in range(args.transactional):
-            delay = start + i * step - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+        for i in paced(args.transactional, args.spread_s):
             rcpt = f"tx-{i}@{domain}"
             a = time.time()
             status, body = post_transmission(conn, rcpt, i)
@@ -967,12 +973,7 @@ def hol_run(args, rundir: Path, hung_site: bool) -> dict:
                     raise RuntimeError(f"the hung site got {len(hung.held)} connections, "
                                        f"not {args.connection_limit}, in 30 s")
                 time.sleep(POLL_S)
-        step = args.spread_s / max(1, args.messages - 1)
-        start = time.monotonic()
-        for i in range(args.messages):
-            delay = start + i * step - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+        for i in paced(args.messages, args.spread_s):
             rcpt = f"g-{i}@good.bench.example"
             status, body = post_transmission(conn, rcpt, i, False)
             if status != 200:
