@@ -29,7 +29,7 @@ def test_implementation_reports_the_module_really_imported_not_the_variable(monk
     assert native.implementation("record") == "pure-python"
     assert native.implementation("scanner") == "compiled"
     assert native.implementation() == \
-        "mixed (mime compiled, record pure-python, scanner compiled)"
+        "mixed (mime compiled, qindex compiled, record pure-python, scanner compiled)"
 
 
 @pytest.mark.parametrize("pure, want", [("1", "pure-python"), ("0", "compiled"),
