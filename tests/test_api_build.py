@@ -179,7 +179,9 @@ def test_text_only_message():
                                                               "transactional": True}))
     assert m.sender == "sender@example.com" and m.rcpt == "rcpt@example.net"
     assert m.params == {"campaign_id": "c1", "metadata": {"a": 1}, "ip_pool": "pool1",
-                        "transactional": True}
+                        "transactional": True,
+                        # the events' fields, as rendered (not read back from the header)
+                        "friendly_from": "sender@example.com", "subject": "Hello"}
     msg = parse(m)
     assert msg.get_content_type() == "text/plain"
     assert content(msg) == "Hi there\n"

@@ -31,7 +31,9 @@ per connection.  An SMTP session hands each finished message over as one
 an ``X-MSYS-API`` header into the message's params (campaign_id, metadata,
 tags, ip_pool, transactional: carried into every event) and removes it; HTTP
 builds its messages itself.  Both end in :meth:`Acceptor.submit`, which signs,
-prepends the Received header and queues the message for its shard; what is
+reads the Message-ID, From address and Subject once (one pass over the header
+block; From and Subject go into the params, bounded, for every event of the
+message), prepends the Received header and queues the message for its shard; what is
 queued in one loop iteration goes to each shard as one bus request, and
 replies are matched to messages by request number.
 
@@ -77,6 +79,7 @@ from mta.api.transmissions import parse_msys_api
 from mta.config import DEFAULT as DEFAULT_POOL
 from mta.feedback import events_store as events_store_mod
 from mta.feedback import suppression as suppression_list
+from mta.obs import events as ev
 from mta.obs.stats import Pusher
 from mta.queueid import new_qid, shard_of
 
@@ -96,14 +99,21 @@ _ENVELOPE = operator.itemgetter(1)
 _BODY = operator.itemgetter(2)
 
 MAX_MESSAGE_ID = 998     # octets of a Message-ID kept in the envelope (a header line's limit)
+# The fields every event of a message repeats, read once here (the spool reads no content).
+_EVENT_FIELDS = (b"Message-ID", b"From", b"Subject")
 
 
-def _message_id(message: bytes) -> str:
-    """The Message-ID header's value, or '' (for the event log; the spool reads no content)."""
-    value = mime.find_header(message, b"Message-ID")
-    if value is None:
+def _event_fields(message: bytes, params: dict) -> str:
+    """The Message-ID header's value ('' if none); the From address and Subject go into
+    *params* (bounded, mta.obs.events.put_headers) unless they are there already (HTTP
+    inline content: the builder knows them).  One pass over the header block."""
+    mid, frm, subject = mime.find_first(message, _EVENT_FIELDS)
+    if ev.FRIENDLY_FROM not in params and ev.SUBJECT not in params:
+        ev.put_headers(params, mime.first_address(frm) if frm else None,
+                       mime.header_text(subject) if subject else None)
+    if mid is None:
         return ""
-    return value.strip().decode("utf-8", "replace")[:MAX_MESSAGE_ID]
+    return mid.strip().decode("utf-8", "replace")[:MAX_MESSAGE_ID]
 
 
 class Acceptor:
@@ -408,7 +418,7 @@ class Acceptor:
         body = trace(qid) + message
         envelope = bus.Envelope(qid=qid, sender=sender, rcpts=rcpts, params=params,
                                 client=client_info, arrival=time.time(),
-                                message_id=_message_id(message))
+                                message_id=_event_fields(message, params))
         shards = len(self.clients)
         shard = shard_of(qid, shards) if shards > 1 else 0
         self.outbox[shard].append((done, envelope, body, peer))

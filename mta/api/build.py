@@ -56,6 +56,7 @@ from mta import rfcdate
 from mta import mime
 from mta.api import replies as R
 from mta.api.transmissions import MAX_METADATA, MAX_TAGS, Address, Transmission
+from mta.obs import events as ev
 
 MAX_LINE = 998            # octets per line, RFC 5322 2.1.1
 FOLD_AT = 78              # octets per header line where a space allows it
@@ -511,8 +512,9 @@ class Builder:
             body = multipart("mixed", [body] + self.attachments)
         return body
 
-    def _inline(self, i: int, scopes: tuple, name, email, header_to) -> tuple[bytes, str, bool]:
-        """(message, envelope sender candidate, needs SMTPUTF8) for one recipient."""
+    def _inline(self, i: int, scopes: tuple, name, email,
+                header_to) -> tuple[bytes, str, bool, str]:
+        """(message, envelope sender candidate, needs SMTPUTF8, Subject) for one recipient."""
         def field(label: str, tpl: Template) -> str:
             v = tpl.render(scopes)
             if tpl.constant is None and _has_line_break(v):
@@ -540,7 +542,8 @@ class Builder:
             out.append(address_field("To", header_to))
         else:
             out.append(_fold("To", mailbox(name, email)))
-        out.append(unstructured("Subject", field("content.subject", self.subject)))
+        subject = field("content.subject", self.subject)
+        out.append(unstructured("Subject", subject))
         r = rep.get("reply-to")
         if r is not None:
             out.append(address_field(r[0], field(f"content.headers.{r[0]}", r[1])))
@@ -559,7 +562,7 @@ class Builder:
         if not body.endswith(b"\r\n"):
             out.append(b"\r\n")   # the message ends with a line end, as SMTP sends it
         utf8 = not _is_ascii(from_email, email)
-        return b"".join(out), from_email, utf8
+        return b"".join(out), from_email, utf8, subject
 
     # ------------------------------------------------------------- email_rfc822
 
@@ -695,10 +698,15 @@ class Builder:
             message, from_email, eightbit, utf8 = self._rfc822(i, scopes, name, email)
             utf8 = utf8 or not _is_ascii(email)
         else:
-            message, from_email, utf8 = self._inline(i, scopes, name, email, header_to)
+            message, from_email, utf8, subject = self._inline(i, scopes, name, email,
+                                                              header_to)
             eightbit = False
         sender = return_path or from_email or ""
         params = dict(self.base_params)
+        if self.rfc822 is None:
+            # the events' friendly_from and subject, as rendered (email_rfc822: the
+            # acceptor reads them from the message's header)
+            ev.put_headers(params, from_email, subject)
         if meta:
             params["metadata"] = meta
         if tags:

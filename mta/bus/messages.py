@@ -286,6 +286,9 @@ class DeliveryOutcome(Message, tag=12):
     retry_after: float = 0.0                            # REQUEUED: seconds before the next try
     #                                                     (also set by a rule's defer action)
     rule: FiredRule | None = None                       # the response rule that fired, if any
+    # the receiver's session: "1" TLS used, "0" plaintext (STARTTLS not offered or not
+    # asked for), "-1" offered but refused or failed; "" no session (SparkPost's outbound_tls)
+    outbound_tls: Literal["", "1", "0", "-1"] = ""
 
 
 # ------------------------------------------------------------ every child -> admin

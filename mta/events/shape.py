@@ -49,10 +49,18 @@ A ``delivery`` also carries ``error_code`` and ``raw_reason`` (the receiver's
 2xx reply; SparkPost lists them for delays and bounces only; anymail reads
 ``raw_reason`` as the MTA's response).
 
-Not carried: ``friendly_from`` and ``subject`` (the spool does not keep the
-message's headers; left out rather than guessed), ``outbound_tls`` (delivery
-does not report it yet), the template, subaccount and tracking fields (no
-such features).
+``friendly_from`` (the address of the From header, as written) and
+``subject`` (the Subject header, RFC 2047 words decoded, at most
+``mta.obs.events.MAX_SUBJECT`` characters) are read once at injection and
+carried in the message's params; a message without them has no such field.
+
+``outbound_tls`` (``delivery`` and ``delay``, the types SparkPost gives it):
+``"1"`` the receiver's session was encrypted (STARTTLS), ``"0"`` it was not
+(STARTTLS not offered, or turned off for the route), ``"-1"`` STARTTLS was
+offered but refused or its handshake failed; absent when no SMTP session was
+reached (a connection or DNS failure).
+
+Not carried: the template, subaccount and tracking fields (no such features).
 """
 from __future__ import annotations
 
@@ -159,6 +167,10 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
         "recv_method": "rest" if str(internal.get("client", "")).startswith("http") else "esmtp",
         "queue_id": qid,
     }
+    if internal.get("friendly_from"):
+        out["friendly_from"] = internal["friendly_from"]
+    if internal.get("subject"):
+        out["subject"] = internal["subject"]
     if "size" in internal:
         out["msg_size"] = str(int(internal["size"]))
     mid = internal.get("message_id")
@@ -200,6 +212,8 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
     enhanced = resp.get("enhanced") or ""
     text = resp.get("text") or ""
     raw = " ".join(x for x in (str(code) if code else "", enhanced, text) if x)
+    if internal.get("outbound_tls") and kind in ("delivery", "delay"):
+        out["outbound_tls"] = str(internal["outbound_tls"])
     if kind == "delivery":
         # (SparkPost lists these for delay and bounce; the receiver's 250 is as useful)
         out["error_code"] = str(code) if code else ""

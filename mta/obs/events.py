@@ -9,9 +9,9 @@
 ``timestamp`` (epoch seconds), ``queue_id``, ``message_id``, ``sender``,
 ``recipient``, ``arrival``, ``size``, ``client`` and where known
 ``remote_host``, ``remote_ip``, ``response`` {code, enhanced, text},
-``attempt``, ``next_attempt``, ``source``, ``sending_ip``, ``site``,
+``attempt``, ``next_attempt``, ``source``, ``sending_ip``, ``site``, ``outbound_tls``,
 ``bounce_class``, ``bounce_rule``, ``suppressed``, and the message's carried
-injection attributes (:data:`CARRIED`).  A batch's events are encoded once
+injection attributes (:data:`CARRIED`, its From address and Subject included).  A batch's events are encoded once
 (:func:`encode`: one orjson array) into a ``REC_EVENTS`` record written in the
 same group commit as the state changes they describe (:mod:`mta.store`), so
 an event is durable exactly when its change is.  The ``events`` process
@@ -56,10 +56,22 @@ OUT_OF_BAND = "out_of_band"
 SPAM_COMPLAINT = "spam_complaint"
 REPORT_TYPES = (OUT_OF_BAND, SPAM_COMPLAINT)
 
+# The message's From address and Subject, read once at injection (the acceptor,
+# mta.acceptor.main.Acceptor.submit) and kept in its params, so that every later
+# event repeats them without reading the message again.  Bounded, because each
+# event of the message and each queued message in the spool's memory holds them:
+# a longer Subject is cut (the first MAX_SUBJECT characters are kept), a longer
+# From address (none is valid: RFC 5321 allows 64 + 1 + 255) is left out.
+FRIENDLY_FROM = "friendly_from"
+SUBJECT = "subject"
+MAX_SUBJECT = 256               # characters of a Subject kept for the events
+MAX_FRIENDLY_FROM = 320         # characters of a From address kept for the events
+
 # Injection attributes (SparkPost's campaign_id, metadata, tags; X-MSYS-API on
-# SMTP; the HTTP API's transmission id) stored in a message's params and
-# repeated in each of its events.
-CARRIED = ("campaign_id", "metadata", "tags", "ip_pool", "transactional", "transmission_id")
+# SMTP; the HTTP API's transmission id; the From address and Subject above)
+# stored in a message's params and repeated in each of its events.
+CARRIED = ("campaign_id", "metadata", "tags", "ip_pool", "transactional", "transmission_id",
+           FRIENDLY_FROM, SUBJECT)
 _CARRIED_KEYS = frozenset(CARRIED)
 
 _dumps = orjson.dumps
@@ -71,6 +83,17 @@ def carried(params: dict) -> dict:
     if _CARRIED_KEYS.isdisjoint(params):
         return {}  # the common case, decided in C (no loop over CARRIED)
     return {k: params[k] for k in CARRIED if k in params}
+
+
+def put_headers(params: dict, friendly_from: str | None, subject: str | None) -> None:
+    """Record a message's From address and Subject in its *params*, bounded (see above).
+
+    Empty values are not recorded (the events then leave the field out).
+    """
+    if friendly_from and len(friendly_from) <= MAX_FRIENDLY_FROM:
+        params[FRIENDLY_FROM] = friendly_from
+    if subject:
+        params[SUBJECT] = subject[:MAX_SUBJECT]
 
 
 def encode(events: list[dict]) -> bytes:

@@ -58,7 +58,7 @@ from mta.spool import queries
 from mta.spool import schedule as sch
 from mta.spool.metrics import ShardMetrics
 from mta.spool.outcomes import Plan
-from mta.store import MessageMeta, Store, read_cursor, shard_dir, start_of
+from mta.store import MessageMeta, Store, read_cursor, shard_dir, share_params, start_of
 
 log = logging.getLogger("mta.spool")
 
@@ -383,6 +383,7 @@ class Shard:
                 for env, b in zip(msg.envelopes, msg.bodies):
                     params = env.params
                     params["message_id"] = env.message_id
+                    share_params(params)
                     state = None
                     if sup.PARAM in params:
                         state = _suppressed_state(len(env.rcpts), params[sup.PARAM])
@@ -414,7 +415,8 @@ class Shard:
                 self.returned(msg.req, msg.qid)
                 plan.outcome(msg.qid, msg.results, now, source=msg.source,
                              source_ip=msg.source_ip, site=msg.site,
-                             retry_after=msg.retry_after, rule=msg.rule)
+                             retry_after=msg.retry_after, rule=msg.rule,
+                             outbound_tls=msg.outbound_tls)
         work, self.expire_work = self.expire_work, []
         for qid, idxs in work:
             plan.expire(qid, idxs, now)

@@ -41,6 +41,7 @@ def test_injection_is_one_event_per_recipient_with_string_numbers():
     for k in ("num_retries", "bounce_class", "error_code", "raw_reason", "delv_method"):
         assert k not in a
     assert evs[0]["event_id"] != evs[1]["event_id"]
+    assert "friendly_from" not in a and "subject" not in a     # none carried: none shown
     http = sparkpost_event(internal(type="injection", recipient="c@x.test",
                                     client="http [127.0.0.1]", transmission_id="7001"),
                            event_id="1")
@@ -174,3 +175,13 @@ def test_a_reports_event_is_carried_whole_and_gets_its_event_id():
     spam = sparkpost_event({"type": "spam_complaint", "timestamp": T0, "event": {}},
                            event_id="9")
     assert spam == {"type": "spam_complaint", "event_id": "9", "timestamp": str(int(T0))}
+
+
+def test_friendly_from_and_subject_come_from_the_message_params():
+    """Read once at injection and carried (mta.obs.events.CARRIED): every event shows them."""
+    fields = {"friendly_from": "News@Example.ORG", "subject": "Caf\u00e9 deals"}
+    reply = {"code": 250, "enhanced": "2.0.0", "text": "ok"}
+    for kind in ("injection", "delivery", "delay", "bounce", "expiration"):
+        e = sparkpost_event(internal(type=kind, recipient="a@x.test", attempt=1,
+                                     response=reply, **fields), event_id="1")
+        assert (e["friendly_from"], e["subject"]) == ("News@Example.ORG", "Caf\u00e9 deals"), kind
