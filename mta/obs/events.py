@@ -3,9 +3,10 @@
 **Internal events** (built by the spool shard, :mod:`mta.spool.shard` and
 :mod:`mta.spool.outcomes`): plain dicts, one per recipient state change --
 ``type`` one of ``injection`` (one dict per *message*, its recipients in
-``rcpts``), ``delivery``, ``delay``, ``bounce``, ``expiration``, and the
+``rcpts``), ``delivery``, ``delay``, ``bounce``, ``expiration``, the
 ``out_of_band`` / ``spam_complaint`` of a report sent to a bounce domain
-(already in SparkPost's shape, under ``event``: see :data:`REPORT_TYPES`) -- with
+(already in SparkPost's shape, under ``event``: see :data:`REPORT_TYPES`), and
+the refusals an acceptor makes at injection (:data:`REFUSAL_TYPES`) -- with
 ``timestamp`` (epoch seconds), ``queue_id``, ``message_id``, ``sender``,
 ``recipient``, ``arrival``, ``size``, ``client`` and where known
 ``remote_host``, ``remote_ip``, ``response`` {code, enhanced, text},
@@ -55,6 +56,20 @@ EXPIRATION = "expiration"
 OUT_OF_BAND = "out_of_band"
 SPAM_COMPLAINT = "spam_complaint"
 REPORT_TYPES = (OUT_OF_BAND, SPAM_COMPLAINT)
+# Refusals an acceptor makes at injection, about a recipient that never becomes a
+# queued message (SparkPost's names): made durable like reports, through a spool
+# shard's group commit (SpoolEventsCommit), and shaped by mta.events.shape from
+# these fields: ``timestamp``, ``recipient``, ``sender``, ``client``,
+# ``response`` {code, enhanced, text}, ``bounce_class``, where known ``queue_id``
+# (the id given to the refused message), ``remote_addr``, ``rcpt_subs`` and the
+# carried attributes (:data:`CARRIED`).
+POLICY_REJECTION = "policy_rejection"           # SMTP: refused by this node's policy
+GENERATION_FAILURE = "generation_failure"       # HTTP: the recipient's message could not
+GENERATION_REJECTION = "generation_rejection"   # be rendered / was refused while rendered
+REFUSAL_TYPES = (POLICY_REJECTION, GENERATION_FAILURE, GENERATION_REJECTION)
+POLICY_CLASS = "25"     # bounce_class of a refusal by policy (SparkPost's Admin Failure)
+# What an acceptor may hand a spool shard in a SpoolEventsCommit.
+ACCEPTOR_TYPES = REPORT_TYPES + REFUSAL_TYPES
 
 # The message's From address and Subject, read once at injection (the acceptor,
 # mta.acceptor.main.Acceptor.submit) and kept in its params, so that every later

@@ -215,9 +215,7 @@ class Sender:
         if not events:
             self.scan_seq = scan
             return None, more
-        cat = webhook_docs.CATEGORY_OF
-        body = orjson.dumps([{"msys": {cat.get(ev.get("type"), "message_event"): ev}}
-                             for ev in events])
+        body = orjson.dumps([webhook_docs.element(ev) for ev in events])
         b = Batch(str(uuid.uuid4()), self.hook.id, self.hook.target, first, scan, len(events),
                   body, 0, now, 0)
         self.db.add_batch(b, scan)
