@@ -110,3 +110,61 @@ def test_policy_rejections_are_durable_and_reach_log_api_and_webhook(make_daemon
         assert all(list(el["msys"]) == ["message_event"] for el in elements)
     finally:
         r.close()
+
+
+def test_generation_events_for_the_recipients_of_a_created_transmission(make_daemon):
+    """A transmission created for some recipients: the others get generation_failure (a
+    substitution broke the rendering) or generation_rejection (their data broke a rule),
+    in the log, the events API and under msys.gen_event at a webhook; a recipient with
+    no address gets none, and a transmission created for nobody makes no event."""
+    r = Receiver()
+    try:
+        d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
+                        webhooks={"poll_interval": 0.1},
+                        webhook=[{"name": "gen", "target": r.url, "events": REFUSALS}])
+        st, _, out = d.post({
+            "campaign_id": "spring",
+            "recipients": [{"address": "ok@example.net"},
+                           {"address": "Broken@Example.net",
+                            "substitution_data": {"n": "x\r\nBcc: evil@example.org"}},
+                           {"address": "not an address"},
+                           {"address": {"name": "nobody"}}],
+            "content": {"from": SENDER, "subject": "Hi {{n}}", "text": "t"},
+            "substitution_data": {"n": "there"}}, headers={"Authorization": KEY})
+        assert st == 200, out
+        res = out["results"]
+        assert (res["total_accepted_recipients"], res["total_rejected_recipients"]) == (1, 3)
+        tid = res["id"]
+        want = {("generation_failure", "Broken@Example.net"),
+                ("generation_rejection", "not an address")}
+        log = wait_until(lambda: (lambda x: x if set(x) == want else None)(
+            {(e["type"], e["raw_rcpt_to"]): e for e in d.events()
+             if e["type"].startswith("generation")}), 20, "the generation events")
+        gfl = log[("generation_failure", "Broken@Example.net")]
+        assert (gfl["transmission_id"], gfl["campaign_id"], gfl["recv_method"],
+                gfl["error_code"], gfl["friendly_from"]) == (tid, "spring", "rest", "554", SENDER)
+        assert gfl["rcpt_subs"] == {"n": "x\r\nBcc: evil@example.org"}
+        assert gfl["raw_reason"].startswith("554 5.3.3 [internal] Error while rendering")
+        assert "content.subject" in gfl["raw_reason"]
+        assert "bounce_class" not in gfl and "message_id" not in gfl
+        grj = log[("generation_rejection", "not an address")]
+        assert (grj["bounce_class"], grj["transmission_id"]) == ("25", tid)
+        api = wait_until(lambda: (lambda x: x if len(x) == 2 else None)(
+            api_events(d, "generation_failure,generation_rejection")), 20, "the events API")
+        assert {e["event_id"] for e in api} == {e["event_id"] for e in log.values()}
+        r.wait(lambda rr: len(rr.events()) >= 2, 30, "the webhook batch")
+        elements = [el for h in r.batches() for el in h.json]
+        assert sorted((list(el["msys"])[0], el["msys"]["gen_event"]["type"])
+                      for el in elements) == [("gen_event", "generation_failure"),
+                                              ("gen_event", "generation_rejection")]
+        # created for nobody: a 422 and no event
+        st, _, out = d.post({"recipients": [{"address": "bad address"}],
+                             "content": {"from": SENDER, "subject": "s", "text": "t"}},
+                            headers={"Authorization": KEY})
+        assert st == 422, out
+        time.sleep(1.0)
+        assert not [e for e in d.events() if e["raw_rcpt_to"] == "bad address"]
+        assert [e["raw_rcpt_to"] for e in d.events() if e["type"] == "injection"] == \
+            ["ok@example.net"]
+    finally:
+        r.close()
