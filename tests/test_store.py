@@ -17,7 +17,7 @@ import pytest
 
 from mta import native
 from mta.store import (REC_MESSAGE, SEGMENT_SUFFIX, SPARE_READY, SPARE_TMP, MessageMeta, Store,
-                       _enc)
+                       _enc, share_params)
 
 MiB = 1 << 20
 IMPLS = ["pure"] if native.PURE else ["compiled", "pure"]
@@ -133,6 +133,28 @@ def test_write_sync_commit_then_recover_same_entries(tmp_path, codec):
     st3, _ = restart(tmp_path, codec)
     assert set(st3.entries) == set(msgs) | {qid(200)}
     assert len(seg_files(tmp_path)) == 2
+
+
+def test_from_and_subject_survive_a_restart_as_one_string_per_value(tmp_path, codec):
+    """A campaign's messages repeat one From address and Subject: recovered (and
+    committed) envelopes share one string object per value instead of a copy each."""
+    st = new_store(tmp_path, codec)
+    items = []
+    for n in range(6):
+        m = meta(n)
+        m.params.update({"friendly_from": "news@example.org",
+                         "subject": "Spring sale" if n < 5 else "Other"})
+        items.append((m, body(n)))
+    put(st, items)
+    st2, _ = restart(tmp_path, codec)
+    got = [st2.entries[qid(n)].meta.params for n in range(6)]
+    assert [p["subject"] for p in got] == ["Spring sale"] * 5 + ["Other"]
+    assert len({id(p["friendly_from"]) for p in got}) == 1
+    assert len({id(p["subject"]) for p in got[:5]}) == 1
+    # a value that is not a string (a damaged or foreign record) is left as it is
+    params = {"subject": 5, "friendly_from": None}
+    share_params(params)
+    assert params == {"subject": 5, "friendly_from": None}
 
 
 def test_the_two_codecs_read_each_others_segments(tmp_path):

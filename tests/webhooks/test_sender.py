@@ -148,6 +148,23 @@ def test_retry_keeps_id_and_body_then_succeeds(env):
                for r in rows)
 
 
+def test_status_tells_what_is_undelivered_and_retrying(env):
+    """status.json (mta queue, /api/admin/queue): stored batches waiting for a retry, when
+    the next one is due and what the last failed POST got."""
+    store, db, rec, _ = env
+    hook = _hook(rec)
+    db.set_cursor(hook.id, 0)
+    store.append(_events(8))
+    rec.status = 503
+    s = asyncio.run(_run(hook, db, store, _cfg(batch_size=2, retry_schedule=[60.0]),
+                         lambda s: s.status()["retrying_batches"] == 2))
+    st = s.status()
+    assert (st["pending_batches"], st["pending_events"], st["retrying_batches"]) == (2, 4, 2)
+    assert st["next_retry"] > time.time() + 50
+    assert st["last_failure"]["response"] == "HTTP 503"
+    assert st["on_backlog_full"] == "drop_oldest" and st["max_backlog_events"] > 0
+
+
 def test_retry_schedule_then_drop(env, caplog):
     store, db, rec, _ = env
     hook = _hook(rec)
