@@ -279,6 +279,31 @@ def find_header(buf, name):
     return _value(v.p, start, fend)
 
 
+def find_first(buf, names):
+    """Return, for each of names, the value of its first field or None (one pass)."""
+    cdef _View v = _View(buf)
+    cdef list wants = [_name_bytes(n) for n in names]
+    cdef Py_ssize_t k = len(wants), left = len(wants), i
+    cdef list out = [None] * k
+    cdef Py_ssize_t body_start = 0, end, pos = 0, start, first_end = 0, ne
+    cdef bytes w
+    end = _header_end(v.p, v.n, &body_start)
+    while pos < end and left > 0:
+        start = pos
+        pos = _field_end(v.p, pos, end, &first_end)
+        ne = _name_end(v.p, start, first_end)
+        if ne < 0:
+            continue
+        for i in range(k):
+            if out[i] is None:
+                w = <bytes>wants[i]
+                if _name_is(v.p, start, ne, <const unsigned char*>PyBytes_AS_STRING(w),
+                            PyBytes_GET_SIZE(w)):
+                    out[i] = _value(v.p, start, pos)
+                    left -= 1
+    return out
+
+
 # -- editing -----------------------------------------------------------------
 
 cdef bytes _line_end(const unsigned char* p, Py_ssize_t n):

@@ -282,7 +282,8 @@ def _print_delivery(d: dict) -> None:
 @click.pass_context
 def queue(ctx, config_path, as_json, by_domain):
     """Summary of the live queue: per shard, pool, source and site (and domain), deferred,
-    scheduled, oldest age, suspended sources and why."""
+    scheduled, oldest age, suspended sources and why; each webhook's undelivered events,
+    backlog bound and whether it is retrying."""
     ctx.obj = config_path
     if ctx.invoked_subcommand is not None:
         return
@@ -323,9 +324,12 @@ def queue(ctx, config_path, as_json, by_domain):
             t["recipients"] += v["recipients"]
     delivery = _delivery_status(s)
     delivery["pools"] = pools
+    from mta.obs.queue import webhook_rows, webhook_status
+
+    webhooks = webhook_status(s.state_dir, s.config.webhooks.enabled)
     if as_json:
         click.echo(json.dumps({"total": total, "shards": shards, "domains": domains,
-                               "delivery": delivery}))
+                               "delivery": delivery, "webhooks": webhooks}))
         return
     rows = [("SHARD", "MESSAGES", "RECIPIENTS", "PENDING", "DEFERRED", "NEXT RETRY", "BYTES",
              "OLDEST", "SEGMENTS", "HEALTH")]
@@ -349,6 +353,9 @@ def queue(ctx, config_path, as_json, by_domain):
                    f"{total['scheduled']} recipient(s) waiting for their start_time; "
                    f"the first {_when(total['next_start'])}")
     _print_delivery(delivery)
+    if webhooks["webhooks"]:
+        click.echo("")
+        _table(webhook_rows(webhooks, _when))
     if by_domain and domains:
         click.echo("")
         rows = [("DOMAIN", "RECIPIENTS", "DEFERRED", "NEXT RETRY")]

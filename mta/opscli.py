@@ -32,6 +32,8 @@ import urllib.parse
 
 import click
 
+from mta.obs.queue import webhook_rows
+
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
 BY_KEYS = ("domain", "site", "pool", "source", "campaign")
@@ -171,6 +173,9 @@ def summary_cmd(ctx, config_path, as_json, by):
     click.echo(f"total: {t['messages']} message(s), {t['recipients']} recipient(s), "
                f"{t['pending']} pending, {t['deferred']} deferred, {t['in_flight']} in flight, "
                f"{t['bytes']} bytes; next retry {_when(t['next_attempt'])}")
+    if d.get("webhooks", {}).get("webhooks"):
+        click.echo("")
+        _rows(webhook_rows(d["webhooks"], _when))
     for key in by or BY_KEYS:
         groups = d[f"by_{key}"]
         if not groups:

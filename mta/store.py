@@ -117,7 +117,6 @@ class MessageMeta(msgspec.Struct, array_like=True):
 
 START_AT = "start_at"   # params: epoch seconds of options.start_time, when in the future
 
-
 def start_of(meta: MessageMeta) -> float:
     """When a message may first be sent: its arrival, or its scheduled start if later.
 

@@ -132,7 +132,7 @@ class AioSink:
     """
 
     def __init__(self, ip: str, port: int, rcpt=None, data=None, name: str = "",
-                 dsn: bool = False):
+                 dsn: bool = False, tls_context=None):
         self.ip, self.port, self.name = ip, port, name or ip
         self.dsn = dsn                # offer DSN (RFC 3461) and take its parameters
         self.rcpt_params: list[tuple[str, list]] = []   # (address, RCPT parameters), dsn only
@@ -147,9 +147,11 @@ class AioSink:
         self.txns: list[Txn] = []
         self.rejected: list[Txn] = []
         self.rcpt_log: list[tuple[str, str, str]] = []   # (mail_from, address, reply)
+        # tls_context (an ssl.SSLContext with its certificate): STARTTLS is offered
+        tls = {"tls_context": tls_context} if tls_context is not None else {}
         self.ctl = _Controller(self, (_DsnHandler if dsn else _Handler)(self),
                                hostname=ip, port=port,
-                               enable_SMTPUTF8=True, ready_timeout=10)
+                               enable_SMTPUTF8=True, ready_timeout=10, **tls)
 
     def start(self) -> "AioSink":
         self.ctl.start()

@@ -179,7 +179,9 @@ def test_text_only_message():
                                                               "transactional": True}))
     assert m.sender == "sender@example.com" and m.rcpt == "rcpt@example.net"
     assert m.params == {"campaign_id": "c1", "metadata": {"a": 1}, "ip_pool": "pool1",
-                        "transactional": True}
+                        "transactional": True,
+                        # the events' fields, as rendered (not read back from the header)
+                        "friendly_from": "sender@example.com", "subject": "Hello"}
     msg = parse(m)
     assert msg.get_content_type() == "text/plain"
     assert content(msg) == "Hi there\n"
@@ -337,6 +339,39 @@ def test_recipient_errors():
     with pytest.raises(B.RecipientError) as e:
         b.build(3, t.recipients[3])
     assert "recipients[3].tags" in e.value.description
+
+
+def test_a_recipient_that_cannot_be_built_has_a_generation_event():
+    """generation_failure when rendering breaks (a substitution), generation_rejection when
+    the recipient's own data breaks a rule, no event without an address."""
+    t = tx(recipients=[{"address": {"email": "Sub@X.example"}, "metadata": {"k": "r"},
+                        "tags": ["t"], "substitution_data": {"n": "x\r\nBcc: v@x.org"}},
+                       "not an address", {"address": {"name": "no email"}},
+                       {"address": "big@x.example", "metadata": {"m": "x" * 20_000}}],
+           subject="Hi {{n}}", campaign_id="spring", metadata={"k": "t", "c": 1},
+           options={"ip_pool": "p1", "transactional": True})
+    b = B.Builder(t, "mta.test")
+    got = []
+    for i, r in enumerate(t.recipients):
+        with pytest.raises(B.RecipientError) as e:
+            b.build(i, r)
+        got.append((e.value.event, e.value.event and
+                    b.refusal_event(r, e.value.event, e.value.description)))
+    assert [k for k, _ in got] == ["generation_failure", "generation_rejection", None,
+                                   "generation_rejection"]
+    (_, gfl), (_, grj), _, (_, big) = got
+    assert (gfl["type"], gfl["recipient"], gfl["campaign_id"], gfl["ip_pool"],
+            gfl["transactional"], gfl["metadata"], gfl["tags"], gfl["rcpt_subs"]) == (
+        "generation_failure", "Sub@X.example", "spring", "p1", True, {"k": "r", "c": 1}, ["t"],
+        {"n": "x\r\nBcc: v@x.org"})
+    assert gfl["response"]["code"] == 554 and gfl["response"]["enhanced"] == "5.3.3"
+    assert "content.subject" in gfl["response"]["text"] and "bounce_class" not in gfl
+    # the From address does not depend on the recipient; the Subject does
+    assert gfl["friendly_from"] == "sender@example.com" and "subject" not in gfl
+    assert (grj["recipient"], grj["bounce_class"], grj["response"]["enhanced"]) == \
+        ("not an address", "25", "5.7.1")
+    assert "recipients[1].address.email" in grj["response"]["text"]
+    assert big["metadata"] == {"k": "t", "c": 1}      # over its bound: the recipient's left out
 
 
 def test_recipient_metadata_tags_return_path_and_utf8():

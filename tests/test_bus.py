@@ -62,7 +62,7 @@ def test_records_cost_nothing_on_the_wire():
     result = bus.Result(0, bus.DEFERRED, 451, "4.4.1", "t", "h", "i")
     assert bus.encode(bus.DeliveryOutcome(1, QID, [result])) == msgspec.msgpack.encode(
         [12, 1, QID, [[0, "deferred", 451, "4.4.1", "t", "h", "i", False, ""]], "", "", "",
-         0.0, None])
+         0.0, None, ""])
 
 
 @pytest.mark.parametrize("envelopes, bodies", [
@@ -141,6 +141,17 @@ def test_outcome_words_are_the_declared_vocabulary():
     for word in bus.OUTCOMES:
         msg = bus.DeliveryOutcome(1, QID, [bus.Result(0, word, 250, "", "", "", "")])
         assert roundtrip(msg).results[0].outcome == word
+
+
+def test_outbound_tls_is_one_of_sparkposts_values():
+    result = bus.Result(0, bus.DELIVERED, 250, "", "", "", "")
+    for value in ("", "1", "0", "-1"):
+        assert roundtrip(bus.DeliveryOutcome(1, QID, [result], outbound_tls=value)) \
+            .outbound_tls == value
+    frame = msgspec.msgpack.encode([12, 1, QID, [[0, "delivered", 250, "", "", "", "", False,
+                                                 ""]], "", "", "", 0.0, None, "yes"])
+    with pytest.raises(bus.BusError):
+        bus.decode(frame)
 
 
 # ----------------------------------------------------------- the delivery side's ROUTER

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mta import native
+from mta import mime, native
 
 EXT = native.load("mime", pure=False)
 PURE = native.load("mime", pure=True)
@@ -93,6 +93,18 @@ def test_find_header(m):
     assert m.find_headers(MSG, b"x-missing") == []
     assert m.find_header(MSG, b"body  line") is None  # the body is not searched
     assert m.find_header(memoryview(MSG), b"from") == b'"Doe, J" <j@Example.COM>'
+
+
+def test_find_first(m):
+    names = (b"Message-ID", b"from", "SUBJECT", b"to", b"x-empty")
+    assert m.find_first(MSG, names) == [None, b'"Doe, J" <j@Example.COM>', b"hello  world",
+                                        b"a@b.example", b""]
+    assert m.find_first(MSG, ()) == []
+    assert m.find_first(MSG, (b"to", b"to")) == [b"a@b.example", b"a@b.example"]
+    assert m.find_first(b"", (b"from",)) == [None]
+    # the body is not searched; a line without a colon names no field
+    assert m.find_first(b"NoColon\r\n\r\nFrom: x@y\r\n", (b"NoColon", b"From")) == [None, None]
+    assert m.find_first(memoryview(MSG), (b"to",)) == [b"a@b.example"]
 
 
 def test_field_value_and_unfold(m):
@@ -263,6 +275,34 @@ def test_body_canonicalizer_chunks(m):
             assert c.finish() == want, (relaxed, cut)
 
 
+@pytest.mark.parametrize("value, address", [
+    (b"news@example.org", "news@example.org"),
+    (b"News Desk <News@Example.ORG>", "News@Example.ORG"),       # as written
+    (b'"Doe, J" <j@example.com>', "j@example.com"),
+    (b"(the desk) desk@example.com (Desk)", "desk@example.com"),
+    (b"=?utf-8?q?Caf=C3=A9?= <cafe@example.com>", "cafe@example.com"),
+    (b"Team: a@x.example, b@y.example;", "a@x.example"),
+    (b"undisclosed-recipients:;", ""),
+    (b"no address here", ""),
+    (b"", ""),
+    (b"\xc3\xa9t\xc3\xa9 <\xc3\xa9@example.com>", "\xe9@example.com"),   # SMTPUTF8
+])
+def test_first_address(value, address):
+    assert mime.first_address(value) == address
+
+
+@pytest.mark.parametrize("value, text", [
+    (b"Summer deals", "Summer deals"),
+    (b"=?utf-8?q?Caf=C3=A9?= au lait", "Caf\xe9 au lait"),
+    (b"=?ISO-8859-1?B?SWYgeW91IGNhbiByZWFkIHRoaXMgeW8=?=", "If you can read this yo"),
+    (b"\xc3\xa9t\xc3\xa9 sale", "\xe9t\xe9 sale"),                 # RFC 6532 UTF-8
+    (b"\xff broken", "\ufffd broken"),
+    (b"=?x-no-such-charset?q?abc?=", "=?x-no-such-charset?q?abc?="),  # kept, never raised
+])
+def test_header_text(value, text):
+    assert mime.header_text(value) == text
+
+
 def test_header_block_helpers():
     from mta import mime
     assert mime.header_block(MSG) == MSG[:MSG.index(b"\r\n\r\n") + 2]
@@ -290,6 +330,10 @@ def test_twins_agree_on_anything(buf):
     assert EXT.scan_body(buf) == PURE.scan_body(buf)
     assert EXT.scan_body(buf, 3, 7) == PURE.scan_body(buf, 3, 7)
     assert EXT.find_headers(buf, b"from") == PURE.find_headers(buf, b"from")
+    names = (b"from", b"a", b"Z", b"x" * 40)
+    firsts = EXT.find_first(buf, names)
+    assert firsts == PURE.find_first(buf, names)
+    assert firsts == [EXT.find_header(buf, n) for n in names]
     assert EXT.remove_headers(buf, b"from") == PURE.remove_headers(buf, b"from")
     assert EXT.insert_header(buf, b"X: y", 1) == PURE.insert_header(buf, b"X: y", 1)
     assert EXT.unfold(buf) == PURE.unfold(buf)

@@ -145,6 +145,28 @@ def test_write_sync_commit_then_recover_same_entries(tmp_path, codec):
     assert len(seg_files(tmp_path)) == 2
 
 
+def test_from_and_subject_survive_a_restart_and_are_not_kept_in_memory(tmp_path, codec):
+    """A campaign's messages repeat one From address and Subject: they are read back
+    from the records after a restart, and the queue in memory keeps no copy of them --
+    no envelope at all (this replaced sharing one string object per value)."""
+    st = new_store(tmp_path, codec)
+    items = []
+    for n in range(6):
+        m = meta(n)
+        m.params.update({"friendly_from": "news@example.org",
+                         "subject": "Spring sale" if n < 5 else "Other"})
+        items.append((m, body(n)))
+    put(st, items)
+    st2, _ = restart(tmp_path, codec)
+    got = [st2.read_meta(qid(n)).params for n in range(6)]
+    assert [p["subject"] for p in got] == ["Spring sale"] * 5 + ["Other"]
+    assert {p["friendly_from"] for p in got} == {"news@example.org"}
+    # interned: the recipients' domain and the pool, nothing of the From or Subject
+    domains, pools, campaigns, replies = st2.index.tables()
+    assert (pools, campaigns, replies) == (1, 0, 0) and domains == len(
+        {r.rpartition("@")[2] for m, _ in items for r in m.rcpts})
+
+
 def test_the_two_codecs_read_each_others_segments(tmp_path):
     pure = native.load("record", pure=True)
     compiled = native.load("record", pure=False) if "compiled" in IMPLS else pure

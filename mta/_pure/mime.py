@@ -26,6 +26,10 @@ Public API (identical in ``mta._ext.mime`` and ``mta._pure.mime``)::
         Value of the first field called ``name`` (bytes or str, compared
         case-insensitively), unfolded and trimmed of surrounding WSP.
     find_headers(buf, name) -> list[bytes]      every such value, in order.
+    find_first(buf, names) -> list[bytes | None]
+        For each of ``names``, in their order, the value find_header gives
+        (None: no such field), from one pass over the header block that
+        stops once every name is found.
     field_value(raw) -> bytes                   the value of one raw field.
     unfold(value) -> bytes                      drop line breaks (CRLF or LF).
 
@@ -184,6 +188,23 @@ def find_header(buf, name):
         if _same_name(fname, raw, name):
             return field_value(raw)
     return None
+
+
+def find_first(buf, names):
+    """Return, for each of names, the value of its first field or None (one pass)."""
+    wanted = [_name_bytes(n) for n in names]
+    out = [None] * len(wanted)
+    left = len(wanted)
+    if not left:
+        return out
+    for fname, raw, _s, _e in parse_headers(buf):
+        for i, name in enumerate(wanted):
+            if out[i] is None and _same_name(fname, raw, name):
+                out[i] = field_value(raw)
+                left -= 1
+        if not left:
+            break
+    return out
 
 
 def _line_end(buf):

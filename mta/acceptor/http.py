@@ -28,7 +28,12 @@ request does not stall other connections.  The response is sent only when
 every message has its answer from the spool:
 
 - all durable → 200; invalid recipients → 200 with SparkPost's partial shape
-  (code 2000, ``rcpt_to_errors``);
+  (code 2000, ``rcpt_to_errors``), and, the transmission being created, each
+  of them that names an address gets a ``generation_failure`` (its message
+  could not be rendered) or ``generation_rejection`` (its data broke a rule)
+  event, made durable through a spool shard before the response
+  (``Acceptor.commit_events``; if the spool does not take them the response
+  is the same and a warning is logged: the accepted recipients are durable);
 - some durable, others refused by the spool (storage error, timeout, full
   queue) → 200 partial: the refused ones are in ``rcpt_to_errors`` with code
   1901 "temporary failure" and count as rejected — retry those recipients;
@@ -69,6 +74,7 @@ from mta.api import suppression as suppression_api
 from mta.api import webhooks as webhooks_api
 from mta.feedback import events_store
 from mta.api import replies as R
+from mta.obs import events as ev
 
 log = logging.getLogger("mta.acceptor")
 
@@ -750,6 +756,9 @@ class Injection:
         self.accepted = 0
         self.tempfailed = 0
         self.errors: list[tuple[int, dict]] = []
+        # generation_failure / _rejection events of the recipients that could not be
+        # built, recorded (made durable) before the answer if the transmission is created
+        self.refusals: list[dict] = []
         self.built_all = False
         # A decimal id like SparkPost's: microseconds, acceptor slot, counter.
         self.tid = "%d%03d%04d" % (time.time_ns() // 1000, self.a.slot & 0xFF,
@@ -776,12 +785,15 @@ class Injection:
             except build.RecipientError as exc:
                 self.errors.append((i, exc.entry()))
                 svc.pending -= 1
+                if exc.event is not None:
+                    self._refused(i, exc.event, exc.description)
                 continue
             except Exception:
                 log.exception("transmission %s: recipient %d could not be built", self.tid, i)
-                self.errors.append((i, R.error_entry(R.RCPT_INVALID, f"recipients[{i}]: the "
-                                                     "message could not be built")))
+                what = f"recipients[{i}]: the message could not be built"
+                self.errors.append((i, R.error_entry(R.RCPT_INVALID, what)))
                 svc.pending -= 1
+                self._refused(i, ev.GENERATION_FAILURE, what)
                 continue
             params = m.params
             params["transmission_id"] = self.tid
@@ -807,6 +819,19 @@ class Injection:
             self.built_all = True
             self.finish()
 
+    def _refused(self, i: int, kind: str, description: str) -> None:
+        """Keep the generation event of recipient *i* (sent if the transmission is created)."""
+        try:
+            e = self.builder.refusal_event(self.rcpts[i], kind, description)
+        except Exception:       # (a bug must not cost the other recipients their answer)
+            log.exception("transmission %s: no event for recipient %d", self.tid, i)
+            return
+        if e is not None:
+            e.update(timestamp=time.time(), transmission_id=self.tid, client=self.client)
+            if self.pool:
+                e["ip_pool"] = self.pool
+            self.refusals.append(e)
+
     def trace(self, rcpt: str, qid: str) -> bytes:
         lit = ("IPv6:" + self.peer) if ":" in self.peer else self.peer
         return (f"Received: from [{lit}]\r\n\tby {self.a.hostname} (mta) with HTTP id {qid}"
@@ -827,6 +852,15 @@ class Injection:
 
     def finish(self) -> None:
         if not self.built_all or self.waiting:
+            return
+        if self.accepted and self.refusals and self.a.settings.events_enabled:
+            # The transmission is created: its recipients that could not be built get
+            # their generation_* events, on disk before the answer names them.
+            refusals, self.refusals = self.refusals, []
+            self.waiting += 1
+            self.a.commit_events(self.tid, refusals, self._refusals_recorded,
+                                 f"transmission {self.tid}: {len(refusals)} generation "
+                                 "event(s)")
             return
         svc = self.svc
         retry_after = None
@@ -858,3 +892,12 @@ class Injection:
             log.debug("transmission %s: accepted=%d rejected=%d client=%s", self.tid,
                       self.accepted, len(self.errors), self.peer)
         self.session.injected(status, body, self.keep_alive, retry_after)
+
+    def _refusals_recorded(self, ok: bool) -> None:
+        """The spool's answer for the generation events; the response goes out either way
+        (its accepted recipients are durable; the others are named in rcpt_to_errors)."""
+        self.waiting -= 1
+        if not ok:
+            log.warning("transmission %s: the events of the recipients that could not be "
+                        "built were not recorded (the spool did not take them)", self.tid)
+        self.finish()

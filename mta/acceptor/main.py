@@ -31,7 +31,9 @@ per connection.  An SMTP session hands each finished message over as one
 an ``X-MSYS-API`` header into the message's params (campaign_id, metadata,
 tags, ip_pool, transactional: carried into every event) and removes it; HTTP
 builds its messages itself.  Both end in :meth:`Acceptor.submit`, which signs,
-prepends the Received header and queues the message for its shard; what is
+reads the Message-ID, From address and Subject once (one pass over the header
+block; From and Subject go into the params, bounded, for every event of the
+message), prepends the Received header and queues the message for its shard; what is
 queued in one loop iteration goes to each shard as one bus request, and
 replies are matched to messages by request number.
 
@@ -77,6 +79,7 @@ from mta.api.transmissions import parse_msys_api
 from mta.config import DEFAULT as DEFAULT_POOL
 from mta.feedback import events_store as events_store_mod
 from mta.feedback import suppression as suppression_list
+from mta.obs import events as ev
 from mta.obs.stats import Pusher
 from mta.queueid import new_qid, shard_of
 
@@ -96,14 +99,21 @@ _ENVELOPE = operator.itemgetter(1)
 _BODY = operator.itemgetter(2)
 
 MAX_MESSAGE_ID = 998     # octets of a Message-ID kept in the envelope (a header line's limit)
+# The fields every event of a message repeats, read once here (the spool reads no content).
+_EVENT_FIELDS = (b"Message-ID", b"From", b"Subject")
 
 
-def _message_id(message: bytes) -> str:
-    """The Message-ID header's value, or '' (for the event log; the spool reads no content)."""
-    value = mime.find_header(message, b"Message-ID")
-    if value is None:
+def _event_fields(message: bytes, params: dict) -> str:
+    """The Message-ID header's value ('' if none); the From address and Subject go into
+    *params* (bounded, mta.obs.events.put_headers) unless they are there already (HTTP
+    inline content: the builder knows them).  One pass over the header block."""
+    mid, frm, subject = mime.find_first(message, _EVENT_FIELDS)
+    if ev.FRIENDLY_FROM not in params and ev.SUBJECT not in params:
+        ev.put_headers(params, mime.first_address(frm) if frm else None,
+                       mime.header_text(subject) if subject else None)
+    if mid is None:
         return ""
-    return value.strip().decode("utf-8", "replace")[:MAX_MESSAGE_ID]
+    return mid.strip().decode("utf-8", "replace")[:MAX_MESSAGE_ID]
 
 
 class Acceptor:
@@ -239,9 +249,11 @@ class Acceptor:
     def commit(self, msg: smtp.Submission) -> bytes | None:
         """Queue a finished SMTP message; the session hears back through msg.committed().
 
-        Returns None when it was queued, else the SMTP reply that refuses it
-        (an ``X-MSYS-API`` ``options.ip_pool`` that names no pool: 550 5.7.1);
-        then msg.committed() is not called and nothing is spooled.
+        A message refused by policy (an ``X-MSYS-API`` ``options.ip_pool`` that
+        names no pool: 550 5.7.1) is not spooled: its recipients' policy_rejection
+        events are made durable first (:meth:`refuse`), then msg.refused(reply)
+        is called.  Returns None, or with events off the refusing reply at once
+        (then neither callback is called).
         """
         if self.bounce_domains and oob_reports.bounce_domain(msg.rcpts[0], self.bounce_domains):
             self.take_report(msg)   # (the session keeps reports and other mail apart)
@@ -264,7 +276,13 @@ class Acceptor:
         if pool is None:
             log.info("client=%s: X-MSYS-API names an unknown ip_pool %r; refused",
                      msg.peer_ip, params["ip_pool"][:64])
-            return R.unknown_pool(params["ip_pool"])
+            reply = R.unknown_pool(params["ip_pool"])
+            del params["ip_pool"]       # (not a pool: not shown as the events' ip_pool)
+            _event_fields(payload, params)
+            if self.refuse(msg.sender, msg.rcpts, msg.client, msg.peer_ip, reply, params,
+                           lambda ok: msg.refused(reply if ok else R.STORAGE_TEMP)):
+                return None
+            return reply
         if pool != DEFAULT_POOL:
             params["ip_pool"] = pool
         else:
@@ -281,6 +299,33 @@ class Acceptor:
         self.submit(msg.sender, msg.rcpts, params, msg.client, payload,
                     msg.received, msg.committed, msg.peer_ip)
         return None
+
+    def refuse(self, sender: str, rcpts: list[str], client: str, peer_ip: str, reply: bytes,
+               params: dict, done) -> bool:
+        """Record that this node's policy refused *rcpts* with SMTP *reply*; *done(ok)*.
+
+        One ``policy_rejection`` event per recipient (SparkPost's: bounce class
+        25, the reply given as the reason, ``remote_addr`` the client, the
+        attributes of *params* SparkPost repeats), durable through a spool
+        shard before the client hears the refusal (:meth:`commit_events`):
+        done(True) then; done(False) when they could not be recorded -- the
+        client should then get a temporary failure and try again, so that no
+        refusal goes unrecorded.  The refused message gets a queue id of its
+        own (the events' ``message_id``).  Returns False, and done is not
+        called, when events are off ([events] enabled = false): refuse at once.
+        """
+        if not self.settings.events_enabled:
+            return False
+        qid = new_qid(self.slot)
+        now = time.time()
+        code, enhanced, text = R.parts(reply)
+        base = {"type": ev.POLICY_REJECTION, "timestamp": now, "arrival": now, "queue_id": qid,
+                "sender": sender, "client": client, "remote_addr": peer_ip,
+                "response": {"code": code, "enhanced": enhanced, "text": text},
+                "bounce_class": ev.POLICY_CLASS, **ev.carried(params)}
+        self.commit_events(qid, [dict(base, recipient=r) for r in rcpts], done,
+                           f"{qid}: the policy rejection of <{rcpts[0]}>")
+        return True
 
     # ------------------------------------------------------------- reports
 
@@ -332,22 +377,48 @@ class Acceptor:
         if not got.events or not self.settings.events_enabled:
             msg.committed(rid, True)
             return
+        self.commit_events(got.queue_id or rid, got.events,
+                           lambda ok: msg.committed(rid, ok), f"report {rid}")
+
+    def commit_events(self, key: str, events: list[dict], done, what: str) -> None:
+        """Make *events* durable through the spool shard of *key*; *done(ok)* once.
+
+        The events of a report (:data:`mta.obs.events.REPORT_TYPES`) or of
+        refusals at injection (``REFUSAL_TYPES``) go in ``SpoolEventsCommit``
+        requests (at most ``bus.MAX_REPORT_EVENTS`` events each) and are
+        written in that shard's group commit like its own events, so the
+        events process carries them to the log, the events store and webhooks.
+        ok only when the shard has every one on disk; False on a storage
+        error, a full bus or no answer within ``smtp.spool_timeout`` (*what*
+        names them in the log).
+        """
         shards = len(self.clients)
-        key = got.queue_id or rid
         shard = shard_of(key, shards) if shards > 1 else 0
-        env = bus.Envelope(qid=rid, sender=msg.sender, rcpts=msg.rcpts, params={},
-                           client=msg.client, arrival=time.time())
-        box = [(msg.committed, env, b"", msg.peer_ip)]
-        req = next(self.reqs)
-        self.space_pending += RECORD_OVERHEAD
-        if not self.clients[shard].send(bus.SpoolEventsCommit(req, got.events)):
-            self.stats["temp_failed"] += 1
-            log.warning("spool shard %d is not taking events; report %s answered 451",
-                        shard, rid)
-            self._answered(box)
-            msg.committed(rid, False)
-            return
-        self.pending[req] = (box, loop.time() + self.smtp.spool_timeout)
+        deadline = self.loop.time() + self.smtp.spool_timeout
+        chunks = [events[i:i + bus.MAX_REPORT_EVENTS]
+                  for i in range(0, len(events), bus.MAX_REPORT_EVENTS)]
+        left = [len(chunks), True]       # answers still to come, all ok so far
+
+        def answered(_qid: str, ok: bool) -> None:
+            left[0] -= 1
+            left[1] = left[1] and ok
+            if left[0] == 0:
+                done(left[1])
+
+        for chunk in chunks:
+            env = bus.Envelope(qid=key, sender="", rcpts=[""], params={}, client=what,
+                               arrival=0.0)     # (what _on_reply and sweep read)
+            box = [(answered, env, b"", "")]
+            req = next(self.reqs)
+            self.space_pending += RECORD_OVERHEAD
+            if not self.clients[shard].send(bus.SpoolEventsCommit(req, chunk)):
+                self.stats["temp_failed"] += 1
+                log.warning("spool shard %d is not taking events; %s not recorded", shard,
+                            what)
+                self._answered(box)
+                self.loop.call_soon(answered, key, False)   # (never inside the caller)
+                continue
+            self.pending[req] = (box, deadline)
 
     def _read_report(self, msg: smtp.Submission) -> oob_reports.Reading:
         """Parse and match one report (in a worker thread)."""
@@ -408,7 +479,7 @@ class Acceptor:
         body = trace(qid) + message
         envelope = bus.Envelope(qid=qid, sender=sender, rcpts=rcpts, params=params,
                                 client=client_info, arrival=time.time(),
-                                message_id=_message_id(message))
+                                message_id=_event_fields(message, params))
         shards = len(self.clients)
         shard = shard_of(qid, shards) if shards > 1 else 0
         self.outbox[shard].append((done, envelope, body, peer))

@@ -94,3 +94,12 @@ def unknown_pool(name: str) -> bytes:
     if 0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c in "_.-") for c in name):
         return UNKNOWN_POOL_NAMED.format(name=name).encode()
     return UNKNOWN_POOL
+
+
+def parts(reply: bytes) -> tuple[int, str, str]:
+    """(code, enhanced status, text) of a one-line reply, for the event that records it."""
+    code, _, rest = reply.decode("utf-8", "replace").rstrip("\r\n").partition(" ")
+    enhanced, _, text = rest.partition(" ")
+    if enhanced.count(".") != 2 or not enhanced.replace(".", "").isdigit():
+        enhanced, text = "", rest
+    return int(code) if code.isdigit() else 0, enhanced, text

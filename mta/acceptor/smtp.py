@@ -106,7 +106,9 @@ class Submission(msgspec.Struct, frozen=True):
     address.  ``payload`` is the message as received (unstuffed, no Received
     header yet).  ``received(qid)`` returns the Received header to prepend once
     the message has its queue id; ``committed(qid, ok)`` is the spool's answer,
-    called exactly once: ok only when the message is on disk.
+    called exactly once: ok only when the message is on disk; or instead
+    ``refused(reply)``: the message is refused by policy with *reply* (its
+    policy_rejection events are on disk, or *reply* is a temporary failure).
 
     A msgspec Struct: slots and a constructor in C, one per message for about
     a third of what a Python ``__init__`` of eight fields costs.
@@ -120,6 +122,7 @@ class Submission(msgspec.Struct, frozen=True):
     payload: bytes
     received: Callable[[str], bytes]
     committed: Callable[[str, bool], None]
+    refused: Callable[[bytes], None]
 
 
 MAX_PATH = 256          # RFC 5321 4.5.3.1.3, octets in a forward/reverse path
@@ -625,7 +628,7 @@ class Session(asyncio.Protocol):
             return
         refuse = self.a.refuse_suppressed   # suppression.smtp_action = "refuse"
         if refuse is not None and not report and refuse.check(rcpt, False):
-            self.out.append(R.SUPPRESSED)
+            self._refuse_rcpt(rcpt, R.SUPPRESSED)
             return
         self.report = report
         if notify or orcpt or "NOTIFY" in self.params:
@@ -634,6 +637,30 @@ class Session(asyncio.Protocol):
         self.state = _RCPT
         self.out.append(R.RCPT_OK)
         self.a.m.smtp_rcpt_ok.value += 1
+
+    def _refuse_rcpt(self, rcpt: str, reply: bytes) -> None:
+        """Refuse *rcpt* by policy with *reply*, once its policy_rejection event is on disk.
+
+        Input waits (as for a message) until the spool has the event; if it
+        cannot be recorded the client gets 451 4.3.0 and sends the RCPT again
+        later, so that every refusal it sees is in the events.
+        """
+        resume = self.state
+        a = self.a
+
+        def recorded(ok: bool) -> None:
+            if self.closing:
+                return
+            self.out.append(reply if ok else R.STORAGE_TEMP)
+            self.state = resume
+            self.last_activity = self._now()
+            self.process()
+
+        self.state = _WAITING
+        if not a.refuse(self.sender, [rcpt], self.client_text(), self.peer_ip, reply, {},
+                        recorded):
+            self.state = resume
+            self.out.append(reply)      # events are off: nothing to record
 
     def _rcpt_params(self, raw: bytes) -> tuple[str, str] | None:
         """Parse and check RCPT parameters (RFC 3461 NOTIFY, ORCPT): (notify, orcpt).
@@ -786,23 +813,39 @@ class Session(asyncio.Protocol):
             return R.LONG_TEXT_LINE.format(n=self.a.smtp.max_text_line).encode()
         return None
 
-    def _submit(self, payload: bytes) -> None:
-        """Hand the finished message to the acceptor; input waits for committed()."""
-        self.state = _WAITING
+    def client_text(self) -> str:
+        """The client as the envelope and the logs describe it ("helo [ip] user=name")."""
         client = self._client
         if client is None:
             client = f"{self.helo} [{self.peer_ip}]"
             if self.user is not None:
                 client += f" user={self.user}"
             self._client = client
-        refused = self.a.commit(Submission(self.sender, self.rcpts, self.params, client,
-                                           self.peer_ip, payload, self.received_header,
-                                           self.committed))
+        return client
+
+    def _submit(self, payload: bytes) -> None:
+        """Hand the finished message to the acceptor; input waits for committed()."""
+        self.state = _WAITING
+        refused = self.a.commit(Submission(self.sender, self.rcpts, self.params,
+                                           self.client_text(), self.peer_ip, payload,
+                                           self.received_header, self.committed,
+                                           self.refused))
         if refused is not None:
-            self.a.m.smtp_rejected.value += 1
-            self._reset_transaction()
-            self.state = _READY
-            self.reply_error(refused)
+            self._refused(refused)
+
+    def refused(self, reply: bytes) -> None:
+        """The message handed over was refused by policy with *reply* (after its events)."""
+        if self.closing:
+            return
+        self._refused(reply)
+        self.last_activity = self._now()
+        self.process()
+
+    def _refused(self, reply: bytes) -> None:
+        self.a.m.smtp_rejected.value += 1
+        self._reset_transaction()
+        self.state = _READY
+        self.reply_error(reply)
 
     def received_header(self, qid: str) -> bytes:
         """The Received header for the current message, which gets queue id *qid*."""

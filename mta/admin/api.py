@@ -4,7 +4,8 @@ Routes (JSON; errors are ``{"errors": [{"message": ...}]}``):
 
 ``GET /api/admin/queue``
     the node's queue (:func:`mta.obs.queue.merge`): totals, per shard, and by
-    domain, site, pool, source and campaign; 503 when a spool shard does not answer.
+    domain, site, pool, source and campaign, and each webhook's backlog
+    (``webhooks``); 503 when a spool shard does not answer.
 ``GET /api/admin/messages/QID``
     one queued message: envelope, each recipient's state, attempts and next
     attempt; 400 for a malformed queue id, 404 when the message is not queued.
@@ -145,7 +146,9 @@ class Api:
     async def queue(self) -> dict:
         replies = await asyncio.gather(*(self._ask(n, bus.SpoolQueueSummary)
                                          for n in range(self.settings.shards)))
-        view = q.merge([r.summary for r in replies], q.delivery_status(self.settings.run_dir))
+        view = q.merge([r.summary for r in replies], q.delivery_status(self.settings.run_dir),
+                       q.webhook_status(self.settings.state_dir,
+                                        self.settings.config.webhooks.enabled))
         self._cached = (time.monotonic(), view)
         return view
 

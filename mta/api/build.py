@@ -5,7 +5,9 @@ not depend on the recipient (raising :class:`~mta.api.replies.ApiError` 422
 naming the field), compiles the substitution templates and encodes what is
 the same for every recipient (attachments, constant header fields) once.
 :meth:`Builder.build` then makes one recipient's message, or raises
-:class:`RecipientError` (that recipient goes into ``rcpt_to_errors``).
+:class:`RecipientError` (that recipient goes into ``rcpt_to_errors``; its
+``event`` says whether it is a generation_failure or a generation_rejection,
+whose event :meth:`Builder.refusal_event` makes).
 
 Messages (inline content):
 - header fields Date, From, To (``address.header_to``, else built from the
@@ -56,6 +58,7 @@ from mta import rfcdate
 from mta import mime
 from mta.api import replies as R
 from mta.api.transmissions import MAX_METADATA, MAX_TAGS, Address, Transmission
+from mta.obs import events as ev
 
 MAX_LINE = 998            # octets per line, RFC 5322 2.1.1
 FOLD_AT = 78              # octets per header line where a space allows it
@@ -97,13 +100,29 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-class RecipientError(Exception):
-    """This recipient cannot be sent to; it goes into rcpt_to_errors."""
+# The events of recipients that could not be built (in a transmission that was
+# created): RecipientError.event names the type, its reply the reason SparkPost shows.
+FAILURE = (554, "5.3.3", "[internal] Error while rendering the message: ")   # technical
+REJECTION = (554, "5.7.1", "[internal] Recipient refused: ")                # by a rule
+MAX_EVENT_SUBS = 4096   # octets (JSON) of substitution_data an event repeats; more: left out
 
-    def __init__(self, error: R.Error, description: str):
+
+class RecipientError(Exception):
+    """This recipient cannot be sent to; it goes into rcpt_to_errors.
+
+    *event*: the recipient's event when its transmission is created anyway
+    (Builder.refusal_event): ``generation_failure`` when its message could not be
+    rendered (a substitution made a header invalid), ``generation_rejection``
+    when its own data broke a rule (an invalid address or return_path,
+    metadata or tags over their limits); None when there is no recipient to name
+    (no address at all).
+    """
+
+    def __init__(self, error: R.Error, description: str, event: str | None = None):
         super().__init__(description)
         self.error = error
         self.description = description
+        self.event = event
 
     def entry(self) -> dict:
         return R.error_entry(self.error, self.description)
@@ -400,6 +419,17 @@ def _split_address(text: str) -> tuple[str | None, str]:
     return None, text.strip()
 
 
+def _recipient_parts(r) -> tuple:
+    """(email, substitution_data, metadata, tags) of a recipient as given, unchecked."""
+    if isinstance(r, str):
+        return _split_address(r)[1], None, None, None
+    a = r.address
+    if a is None:
+        return "", r.substitution_data, r.metadata, r.tags
+    email = _split_address(a)[1] if isinstance(a, str) else (a.email or "")
+    return email, r.substitution_data, r.metadata, r.tags
+
+
 def _is_ascii(*texts) -> bool:
     return all(t is None or t.isascii() for t in texts)
 
@@ -511,13 +541,14 @@ class Builder:
             body = multipart("mixed", [body] + self.attachments)
         return body
 
-    def _inline(self, i: int, scopes: tuple, name, email, header_to) -> tuple[bytes, str, bool]:
-        """(message, envelope sender candidate, needs SMTPUTF8) for one recipient."""
+    def _inline(self, i: int, scopes: tuple, name, email,
+                header_to) -> tuple[bytes, str, bool, str]:
+        """(message, envelope sender candidate, needs SMTPUTF8, Subject) for one recipient."""
         def field(label: str, tpl: Template) -> str:
             v = tpl.render(scopes)
             if tpl.constant is None and _has_line_break(v):
                 raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: substitution_data puts "
-                                     f"a line break into {label}")
+                                     f"a line break into {label}", ev.GENERATION_FAILURE)
             return v
 
         from_email = field("content.from.email", self.from_email)
@@ -525,7 +556,7 @@ class Builder:
             why = check_email(from_email)
             if why:
                 raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: content.from.email "
-                                     f"{from_email!r} {why}")
+                                     f"{from_email!r} {why}", ev.GENERATION_FAILURE)
         from_name = field("content.from.name", self.from_name) if self.from_name else None
         rep = self.replace
         out = []
@@ -540,7 +571,8 @@ class Builder:
             out.append(address_field("To", header_to))
         else:
             out.append(_fold("To", mailbox(name, email)))
-        out.append(unstructured("Subject", field("content.subject", self.subject)))
+        subject = field("content.subject", self.subject)
+        out.append(unstructured("Subject", subject))
         r = rep.get("reply-to")
         if r is not None:
             out.append(address_field(r[0], field(f"content.headers.{r[0]}", r[1])))
@@ -559,7 +591,7 @@ class Builder:
         if not body.endswith(b"\r\n"):
             out.append(b"\r\n")   # the message ends with a line end, as SMTP sends it
         utf8 = not _is_ascii(from_email, email)
-        return b"".join(out), from_email, utf8
+        return b"".join(out), from_email, utf8, subject
 
     # ------------------------------------------------------------- email_rfc822
 
@@ -616,7 +648,8 @@ class Builder:
         def no_breaks(value: str) -> None:
             if _has_line_break(value):
                 raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: substitution_data puts "
-                                     "a line break into a header of content.email_rfc822")
+                                     "a line break into a header of content.email_rfc822",
+                                     ev.GENERATION_FAILURE)
 
         out = []
         eightbit = self.rfc_8bit
@@ -644,6 +677,44 @@ class Builder:
 
     # --------------------------------------------------------------- recipient
 
+    def refusal_event(self, r, kind: str, description: str) -> dict | None:
+        """The internal *kind* event (mta.obs.events: generation_failure or _rejection)
+        of recipient *r*, whose message could not be built because of *description*;
+        None when *r* names no address.
+
+        What is known without the message: the address as given, the
+        transmission's carried attributes, the recipient's metadata, tags and
+        substitution_data (each left out when over its bound), the From address
+        and Subject when they do not depend on the recipient.  The caller adds
+        the time, the client, the transmission id and the pool.
+        """
+        email, subs, meta, tags = _recipient_parts(r)
+        if not email:
+            return None
+        code, enhanced, lead = FAILURE if kind == ev.GENERATION_FAILURE else REJECTION
+        out = {"type": kind, "recipient": email,
+               "response": {"code": code, "enhanced": enhanced, "text": lead + description},
+               **ev.carried(self.base_params)}
+        if kind == ev.GENERATION_REJECTION:
+            out["bounce_class"] = ev.POLICY_CLASS
+        if isinstance(meta, dict) and meta:
+            meta = {**self.tx_meta, **meta} if self.tx_meta else meta
+            if len(orjson.dumps(meta)) > MAX_METADATA:
+                meta = self.tx_meta     # (the transmission's was checked)
+        else:
+            meta = self.tx_meta
+        if meta:
+            out["metadata"] = meta
+        if isinstance(tags, list) and 0 < len(tags) <= MAX_TAGS:
+            out["tags"] = tags
+        out["rcpt_subs"] = subs if isinstance(subs, dict) and \
+            len(orjson.dumps(subs)) <= MAX_EVENT_SUBS else {}
+        if self.rfc822 is not None:
+            ev.put_headers(out, self.rfc_from, None)
+        else:
+            ev.put_headers(out, self.from_email.constant, self.subject.constant)
+        return out
+
     def build(self, i: int, r) -> Built:
         """One recipient's message; RecipientError when this recipient cannot be sent to."""
         header_to = None
@@ -668,26 +739,27 @@ class Builder:
             if r.metadata:
                 if len(orjson.dumps(r.metadata)) > MAX_METADATA:
                     raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].metadata: larger "
-                                         f"than {MAX_METADATA} bytes")
+                                         f"than {MAX_METADATA} bytes", ev.GENERATION_REJECTION)
                 meta = {**meta, **r.metadata} if meta else r.metadata
             if r.tags:
                 if len(r.tags) > MAX_TAGS:
                     raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].tags: more than "
-                                         f"{MAX_TAGS} tags")
+                                         f"{MAX_TAGS} tags", ev.GENERATION_REJECTION)
                 tags = r.tags
             if r.return_path:
                 why = check_email(r.return_path)
                 if why:
                     raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].return_path: "
-                                         f"{r.return_path!r} {why}")
+                                         f"{r.return_path!r} {why}", ev.GENERATION_REJECTION)
                 return_path = r.return_path
         why = check_email(email)
         if why:
-            raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].address.email: {email!r} {why}")
+            raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].address.email: {email!r} {why}",
+                                 ev.GENERATION_REJECTION)
         for label, v in (("name", name), ("header_to", header_to)):
             if v is not None and _has_line_break(v):
                 raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].address.{label}: "
-                                     "contains a line break (CR or LF)")
+                                     "contains a line break (CR or LF)", ev.GENERATION_REJECTION)
         address = {"email": email, "name": name or "", "header_to": header_to or ""}
         scopes = ((rcpt_sub, {"address": address}, self.tx_sub) if rcpt_sub else
                   ({"address": address}, self.tx_sub))
@@ -695,10 +767,15 @@ class Builder:
             message, from_email, eightbit, utf8 = self._rfc822(i, scopes, name, email)
             utf8 = utf8 or not _is_ascii(email)
         else:
-            message, from_email, utf8 = self._inline(i, scopes, name, email, header_to)
+            message, from_email, utf8, subject = self._inline(i, scopes, name, email,
+                                                              header_to)
             eightbit = False
         sender = return_path or from_email or ""
         params = dict(self.base_params)
+        if self.rfc822 is None:
+            # the events' friendly_from and subject, as rendered (email_rfc822: the
+            # acceptor reads them from the message's header)
+            ev.put_headers(params, from_email, subject)
         if meta:
             params["metadata"] = meta
         if tags:

@@ -175,11 +175,17 @@ def documentation() -> dict:
     return out
 
 
+def element(ev: dict) -> dict:
+    """*ev* as one element of a webhook batch: under its type's category key
+    (``msys.gen_event`` for generation_failure / _rejection, ``msys.message_event``
+    for the message events and any type not listed)."""
+    return {"msys": {CATEGORY_OF.get(ev.get("type"), "message_event"): ev}}
+
+
 def sample(t: str) -> dict:
     """One sample event of type *t* (a known type) as it appears in a batch element."""
     fields = TYPE_FIELDS.get(t, ["type", "event_id", "timestamp"])
-    ev = {f: (t if f == "type" else FIELDS[f][1]) for f in fields}
-    return {"msys": {CATEGORY_OF[t]: ev}}
+    return element({f: (t if f == "type" else FIELDS[f][1]) for f in fields})
 
 
 def samples(types: list[str] | None) -> list[dict]:

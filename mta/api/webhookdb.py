@@ -71,6 +71,11 @@ def dir_in(state_dir: str) -> str:
     return os.path.join(state_dir, "webhooks")
 
 
+def status_path(state_dir: str) -> str:
+    """The webhooks process's status file (rewritten every second; mta.obs.queue reads it)."""
+    return os.path.join(dir_in(state_dir), "status.json")
+
+
 def path_in(state_dir: str) -> str:
     return os.path.join(dir_in(state_dir), DB_NAME)
 

@@ -114,16 +114,18 @@ class SpoolMessageCommitted(Message, tag=2):
     status: int                                         # STATUS_*
 
 
-MAX_REPORT_EVENTS = 2000    # events one report may give (a DSN's recipients, bounded)
+MAX_REPORT_EVENTS = 2000    # events in one SpoolEventsCommit (a larger batch is split)
 
 
 class SpoolEventsCommit(Message, tag=15):
     """Make these events durable (no message to deliver), then answer SpoolMessageCommitted.
 
     The ``out_of_band`` / ``spam_complaint`` events of one report sent to a
-    bounce domain, as internal events (``mta.obs.events.REPORT_TYPES``); the
-    shard writes them in its group commit like its own, so the events process
-    carries them to the log, the events store and webhooks.
+    bounce domain, or the refusals of recipients at injection (policy_rejection,
+    generation_failure, generation_rejection), as internal events
+    (``mta.obs.events.ACCEPTOR_TYPES``); the shard writes them in its group
+    commit like its own, so the events process carries them to the log, the
+    events store and webhooks.
     """
 
     req: int
@@ -286,6 +288,9 @@ class DeliveryOutcome(Message, tag=12):
     retry_after: float = 0.0                            # REQUEUED: seconds before the next try
     #                                                     (also set by a rule's defer action)
     rule: FiredRule | None = None                       # the response rule that fired, if any
+    # the receiver's session: "1" TLS used, "0" plaintext (STARTTLS not offered or not
+    # asked for), "-1" offered but refused or failed; "" no session (SparkPost's outbound_tls)
+    outbound_tls: Literal["", "1", "0", "-1"] = ""
 
 
 # ------------------------------------------------------------ every child -> admin

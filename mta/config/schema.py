@@ -204,7 +204,8 @@ class SuppressionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "SMTP injection of a suppressed recipient: \"bounce\" accepts it and records a "
         "class-25 bounce (as over HTTP); \"refuse\" answers its RCPT with "
         "550 5.7.1 (checked against the non_transactional list, the type of mail without "
-        "X-MSYS-API options.transactional)", pattern="^(bounce|refuse)$")] = "bounce"
+        "X-MSYS-API options.transactional) and records a policy_rejection event",
+        pattern="^(bounce|refuse)$")] = "bounce"
     bounce_rule: Annotated[bool, _doc(
         "add a recipient to the list (source \"Bounce Rule\", type non_transactional) when "
         "its delivery fails permanently as an invalid recipient (bounce class 10: 5.1.1, "

@@ -84,6 +84,11 @@ QUIT_TIMEOUT_MAX = 30.0         # seconds: QUIT waits at most this long (or comm
 SINGLE_WRITE_MAX = 1 << 20      # bytes: up to this size body and "." go out in one write
 
 STARTTLS_MODES = ("none", "opportunistic", "required")
+# Whether a session was encrypted, as SparkPost's ``outbound_tls`` event field says it
+# (:attr:`SmtpConnection.outbound_tls`, :attr:`SmtpConnectError.tls`):
+TLS_USED = "1"          # STARTTLS succeeded
+TLS_NONE = "0"          # plaintext: STARTTLS not offered, or not asked for (starttls = "none")
+TLS_FAILED = "-1"       # offered, but refused or the handshake failed
 
 
 # --- replies ---------------------------------------------------------------------------------
@@ -330,15 +335,18 @@ class SmtpConnectError(SmtpError):
     """No usable session: connect failed, greeting/EHLO/HELO refused, STARTTLS impossible.
 
     ``tls_failed`` is True when the TLS handshake (or the STARTTLS command)
-    failed; the engine may retry that host without TLS.
+    failed; the engine may retry that host without TLS.  ``tls`` is what the
+    delivery's events say of it: TLS_FAILED, TLS_NONE (required, not offered), or
+    "" when the failure had nothing to do with TLS.
     """
 
     def __init__(self, message: str, reply: SmtpReply | None = None,
                  temporary: bool | None = None, tls_failed: bool = False,
-                 stage: str = "connect") -> None:
+                 stage: str = "connect", tls: str = "") -> None:
         super().__init__(message, reply, temporary)
         self.tls_failed = tls_failed
         self.stage = stage          # connect | greeting | ehlo (where it failed)
+        self.tls = tls or (TLS_FAILED if tls_failed else "")
 
 
 class SourceUnavailable(SmtpError):
@@ -532,6 +540,7 @@ class SmtpConnection:
         self._state_before = _State.READY   # the state when the current call began
         self.extensions: dict[str, str] = {}
         self.esmtp = False
+        self.tls_refused = False        # STARTTLS was offered and refused (plaintext)
         self.greeting: SmtpReply | None = None
         self.messages_sent = 0          # messages the server accepted (final 2xx)
         self.transactions = 0           # transactions started (MAIL sent)
@@ -570,6 +579,14 @@ class SmtpConnection:
     def tls_active(self) -> bool:
         t = self._wire.transport
         return t is not None and t.get_extra_info("ssl_object") is not None
+
+    @property
+    def outbound_tls(self) -> str:
+        """TLS_USED, TLS_FAILED (offered, refused: the session went on in plaintext) or
+        TLS_NONE, for the events of what this session sends."""
+        if self.tls_active:
+            return TLS_USED
+        return TLS_FAILED if self.tls_refused else TLS_NONE
 
     @property
     def is_usable(self) -> bool:
@@ -656,7 +673,7 @@ class SmtpConnection:
             if starttls == "required":
                 await self._quit_quietly()
                 raise SmtpConnectError("STARTTLS required but not offered", temporary=True,
-                                       tls_failed=True)
+                                       tls_failed=True, tls=TLS_NONE)
             return
         reply = (await self._command(b"STARTTLS\r\n", "STARTTLS"))[0]
         if reply.code != 220:
@@ -664,6 +681,7 @@ class SmtpConnection:
                 await self._quit_quietly()
                 raise SmtpConnectError("STARTTLS refused", reply, temporary=True,
                                        tls_failed=reply.code != 421, stage="ehlo")
+            self.tls_refused = True
             return          # opportunistic: carry on in plaintext
         await self._start_tls(ctx or _default_tls_context(verify), server_hostname)
         await self._hello(helo_name)

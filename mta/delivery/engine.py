@@ -84,7 +84,7 @@ class Job:
     """One message's recipients for one domain: the spool's job and who sent it."""
 
     __slots__ = ("msg", "peer", "queued_at", "source", "source_ip", "site", "fired",
-                 "retry_after")
+                 "retry_after", "tls")
 
     def __init__(self, msg: DeliveryMessageReady, peer: bytes):
         self.msg = msg              # req, qid, sender, domain, rcpts, params, attempt, body, ...
@@ -95,6 +95,7 @@ class Job:
         self.site = ""              # the name of its site
         self.fired = None           # bus.FiredRule: the response rule its replies matched
         self.retry_after = 0.0      # a rule's defer: seconds before the next try
+        self.tls = ""               # outbound_tls of its session (client.TLS_*); "": none
 
     def results(self, outcome: str, code: int, enhanced: str, text: str, host: str = "",
                 ip: str = "") -> list[Result]:
@@ -125,13 +126,15 @@ class _Stopping(Exception):
 class RouteError(Exception):
     """Routing failed for every recipient of the domain."""
 
-    def __init__(self, outcome: str, code: int, enhanced: str, text: str, fired=None):
+    def __init__(self, outcome: str, code: int, enhanced: str, text: str, fired=None,
+                 tls: str = ""):
         super().__init__(text)
         self.outcome = outcome
         self.code = code
         self.enhanced = enhanced
         self.text = text
         self.fired = fired          # bus.FiredRule when a response rule matched the reply
+        self.tls = tls              # outbound_tls of the last host's failure ("": no session)
 
 
 class Site:
@@ -632,6 +635,7 @@ class Engine:
         limits = lane.limits
         last = None
         lane_fired = None
+        tls = ""                    # how the last host's TLS went, for the events
         for t in list(lane.site.targets):
             # A static route's own source_address applies to the built-in source only.
             address = t.source if (t.source and src.name == "default"
@@ -650,6 +654,7 @@ class Engine:
             except SourceUnavailable:
                 raise
             except smtpc.SmtpConnectError as exc:
+                tls = exc.tls
                 last = (exc.reply.code if exc.reply else 451,
                         (exc.reply.enhanced if exc.reply else None) or "4.4.1",
                         f"{t.host}[{t.ip}]: {exc.reply.text if exc.reply else exc}")
@@ -663,9 +668,10 @@ class Engine:
                         if fired.action == "suspend":     # no other host of the site now
                             raise RouteError(DEFERRED, code if code < 500 else 451,
                                              enh if code < 500 else "4.4.1", text,
-                                             fired) from None
+                                             fired, tls) from None
                         lane_fired = fired
             except (smtpc.SmtpError, OSError) as exc:
+                tls = ""
                 last = (451, "4.4.1", f"{t.host}[{t.ip}]: {type(exc).__name__} {exc}".strip())
             log.info("connect to %s[%s]:%d from %s failed: %s", t.host, t.ip, t.port, src.name,
                      last[2])
@@ -674,7 +680,7 @@ class Engine:
         code, enh, text = last
         # Every host failed: try again later, whatever the last one said.
         raise RouteError(DEFERRED, 451 if code >= 500 else code, "4.4.1" if code >= 500 else enh,
-                         text, lane_fired)
+                         text, lane_fired, tls)
 
     # -------------------------------------------------------------- sources
 
@@ -829,6 +835,7 @@ class Engine:
             del site.lanes[lane.source.name]
 
     def _fail_route(self, job: Job, exc: RouteError) -> None:
+        job.tls = exc.tls
         self._finish(job, job.results(exc.outcome, exc.code, exc.enhanced, exc.text))
 
     async def _send(self, conn, t: Target, job: Job, lane: Lane):
@@ -836,6 +843,7 @@ class Engine:
         host, ip = t.host, t.ip
         m = job.msg
         job.source_ip = getattr(conn, "local_ip", "") or ""
+        job.tls = conn.outbound_tls
         addrs = [r.address for r in m.rcpts]
         eight = m.params.get("BODY", "").upper() == "8BITMIME"
         utf8 = "SMTPUTF8" in m.params

@@ -92,7 +92,7 @@ class Delivery:
         self.m.job_done(job, results)
         self._hand_back(job.peer, bus.DeliveryOutcome(
             m.req, m.qid, results, source=job.source, source_ip=job.source_ip, site=job.site,
-            retry_after=retry_after or job.retry_after, rule=job.fired))
+            retry_after=retry_after or job.retry_after, rule=job.fired, outbound_tls=job.tls))
         address = {r.index: r.address for r in m.rcpts}
         rule = f" rule={job.fired.name}({job.fired.action})" if job.fired is not None else ""
         for r in results:

@@ -20,8 +20,19 @@ consumers that suppress only hard and admin bounces keep the address.  Its
 reason names the expiry: ``554 5.4.7 [internal] message expired: ...`` with the
 last reply, when there was one, after it.  A **suppressed** recipient gets an
 ``injection`` and a class-25 ``bounce`` (SparkPost's current behaviour, as the
-suppression code does); no ``policy_rejection`` is made today, because no
-refusal reaches the spool (a refused RCPT never becomes a message).
+suppression code does).
+
+Refusals at injection (made by an acceptor, :data:`mta.obs.events.REFUSAL_TYPES`)
+have only the fields SparkPost lists for their type (``sparkpost-feedback.md``
+section 2): a ``policy_rejection`` (an SMTP refusal by this node's policy:
+``suppression.smtp_action = "refuse"``, an unknown ``ip_pool`` in X-MSYS-API)
+has no ``msg_size``, ``subject`` or ``routing_domain``, and has
+``remote_addr`` (the client) with ``bounce_class`` 25 and the reply given as
+``raw_reason``; a ``generation_failure`` / ``generation_rejection`` (an HTTP
+recipient whose message could not be rendered / was refused while rendered)
+has no ``message_id``, ``injection_time``, ``msg_from`` or ``msg_size`` (no
+message was made), has ``rcpt_subs``, and the rejection also ``subject`` and
+``bounce_class`` 25.
 
 Reports: an ``out_of_band`` or ``spam_complaint`` (a DSN or ARF report sent
 to a bounce domain) is shaped by the acceptor that read it
@@ -49,10 +60,18 @@ A ``delivery`` also carries ``error_code`` and ``raw_reason`` (the receiver's
 2xx reply; SparkPost lists them for delays and bounces only; anymail reads
 ``raw_reason`` as the MTA's response).
 
-Not carried: ``friendly_from`` and ``subject`` (the spool does not keep the
-message's headers; left out rather than guessed), ``outbound_tls`` (delivery
-does not report it yet), the template, subaccount and tracking fields (no
-such features).
+``friendly_from`` (the address of the From header, as written) and
+``subject`` (the Subject header, RFC 2047 words decoded, at most
+``mta.obs.events.MAX_SUBJECT`` characters) are read once at injection and
+carried in the message's params; a message without them has no such field.
+
+``outbound_tls`` (``delivery`` and ``delay``, the types SparkPost gives it):
+``"1"`` the receiver's session was encrypted (STARTTLS), ``"0"`` it was not
+(STARTTLS not offered, or turned off for the route), ``"-1"`` STARTTLS was
+offered but refused or its handshake failed; absent when no SMTP session was
+reached (a connection or DNS failure).
+
+Not carried: the template, subaccount and tracking fields (no such features).
 """
 from __future__ import annotations
 
@@ -62,6 +81,14 @@ import time
 SPARKPOST_TYPES = ("injection", "delivery", "delay", "bounce", "policy_rejection",
                    "out_of_band", "spam_complaint")
 REPORT_KINDS = ("out_of_band", "spam_complaint")   # mta.obs.events.REPORT_TYPES, pre-shaped
+# mta.obs.events.REFUSAL_TYPES -> the fields of the common set SparkPost leaves out
+REFUSAL_KINDS = {
+    "policy_rejection": ("msg_size", "subject", "routing_domain"),
+    "generation_failure": ("message_id", "injection_time", "msg_from", "msg_size", "subject",
+                           "queue_id", "message_id_header"),
+    "generation_rejection": ("message_id", "injection_time", "msg_from", "msg_size",
+                             "queue_id", "message_id_header"),
+}
 EXPIRY_CLASS = "24"
 EXPIRY_CODE = "554"
 EXPIRY_TEXT = "5.4.7 [internal] message expired: too long in the queue"
@@ -123,6 +150,33 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower() if "@" in address else ""
 
 
+def _reply(internal: dict) -> tuple[int, str]:
+    """(code, "code enhanced text") of an internal event's ``response``."""
+    resp = internal.get("response") or {}
+    code = int(resp.get("code") or 0)
+    enhanced = resp.get("enhanced") or ""
+    text = resp.get("text") or ""
+    return code, " ".join(x for x in (str(code) if code else "", enhanced, text) if x)
+
+
+def _refusal(out: dict, internal: dict, kind: str) -> dict:
+    """A refusal at injection: the common fields its type has, and the refusal's own."""
+    for k in REFUSAL_KINDS[kind]:
+        out.pop(k, None)
+    code, raw = _reply(internal)
+    out["error_code"] = str(code) if code else ""
+    out["raw_reason"] = raw
+    out["reason"] = canonical_reason(raw)
+    if kind != "generation_failure":
+        out["bounce_class"] = str(internal.get("bounce_class") or "25")
+    if kind == "policy_rejection":
+        if internal.get("remote_addr"):
+            out["remote_addr"] = internal["remote_addr"]
+    else:
+        out["rcpt_subs"] = internal.get("rcpt_subs") or {}
+    return out
+
+
 def sparkpost_event(internal: dict, *, event_id: str) -> dict:
     """The flat SparkPost message event for one internal event of one recipient."""
     kind = internal.get("type", "")
@@ -159,6 +213,10 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
         "recv_method": "rest" if str(internal.get("client", "")).startswith("http") else "esmtp",
         "queue_id": qid,
     }
+    if internal.get("friendly_from"):
+        out["friendly_from"] = internal["friendly_from"]
+    if internal.get("subject"):
+        out["subject"] = internal["subject"]
     if "size" in internal:
         out["msg_size"] = str(int(internal["size"]))
     mid = internal.get("message_id")
@@ -183,6 +241,8 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
             out["response_rule_until"] = "%.3f" % rule["until"]
     if kind == "injection":
         return out
+    if kind in REFUSAL_KINDS:
+        return _refusal(out, internal, kind)
     attempt = int(internal.get("attempt") or 0)
     # failed attempts before this one; an expiry is no attempt: all of them failed
     out["num_retries"] = str(attempt if kind == "expiration" else max(0, attempt - 1))
@@ -195,11 +255,9 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
         out["ip_address"] = internal["remote_ip"]
     if internal.get("remote_host"):
         out["remote_host"] = internal["remote_host"]
-    resp = internal.get("response") or {}
-    code = int(resp.get("code") or 0)
-    enhanced = resp.get("enhanced") or ""
-    text = resp.get("text") or ""
-    raw = " ".join(x for x in (str(code) if code else "", enhanced, text) if x)
+    code, raw = _reply(internal)
+    if internal.get("outbound_tls") and kind in ("delivery", "delay"):
+        out["outbound_tls"] = str(internal["outbound_tls"])
     if kind == "delivery":
         # (SparkPost lists these for delay and bounce; the receiver's 250 is as useful)
         out["error_code"] = str(code) if code else ""

@@ -3,10 +3,15 @@
 Exposes the live implementation of the MIME hot path, ``mta._ext.mime`` or its
 pure-Python twin ``mta._pure.mime`` (``MTA_PUREPYTHON=1``), chosen once by
 :func:`mta.native.load`.  The API is documented in ``mta/_pure/mime.py``.
-Used by the acceptors (Received, Message-ID, X-MSYS-API), by DKIM and by
-bounces (the original headers).  No MIME tree is built here: DSN and ARF
+Used by the acceptors (Received, Message-ID, From and Subject for the
+events, X-MSYS-API), by DKIM and by bounces (the original headers).  No MIME tree is built here: DSN and ARF
 parsing off the hot path use the standard library's ``email``.
 """
+import email.errors
+import email.header
+import email.utils
+import re
+
 from mta import native
 
 impl = native.load("mime")
@@ -23,6 +28,7 @@ parse_headers = impl.parse_headers
 iter_headers = impl.iter_headers
 find_header = impl.find_header
 find_headers = impl.find_headers
+find_first = impl.find_first
 field_value = impl.field_value
 unfold = impl.unfold
 insert_header = impl.insert_header
@@ -46,10 +52,52 @@ def body_of(buf) -> memoryview:
     return memoryview(buf)[split_message(buf)[1]:]
 
 
+# The two forms nearly every From field takes: "a@b" and "Name <a@b>" (display name
+# without quotes or comments); anything else goes to email.utils.
+_ADDR = rb"[^\s<>()\[\]\",;:@]+@[^\s<>()\[\]\",;:@]+"
+_BARE = re.compile(_ADDR)
+_NAMED = re.compile(rb"[^\"<(]*<(" + _ADDR + rb")>[ \t]*")
+
+
+def first_address(value) -> str:
+    """The address of the first mailbox of an address field's value (From), '' if none.
+
+    Display names, comments and group syntax are skipped; the address is
+    given as written (not lower-cased).  A regular expression decides the
+    two common forms; only other values pay for ``email.utils``.
+    """
+    v = bytes(value)
+    if _BARE.fullmatch(v):
+        return v.decode("utf-8", "replace")
+    m = _NAMED.fullmatch(v)
+    if m is not None:
+        return m.group(1).decode("utf-8", "replace")
+    for _name, addr in email.utils.getaddresses([v.decode("utf-8", "replace")]):
+        if "@" in addr:
+            return addr
+    return ""
+
+
+def header_text(value) -> str:
+    """An unstructured field's value (Subject) as text: RFC 2047 encoded words decoded.
+
+    Raw UTF-8 (RFC 6532) is taken as it is; undecodable octets, unknown
+    charsets and malformed encoded words are kept or replaced, never raised.
+    Only a value that contains ``=?`` is given to ``email.header``.
+    """
+    text = bytes(value).decode("utf-8", "replace")
+    if "=?" not in text:
+        return text
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+        return text
+
+
 __all__ = [
     "FLAG_8BIT", "FLAG_LONG_LINE", "FLAG_BARE_LF", "FLAG_BARE_CR", "FLAG_NUL", "MAX_LINE",
-    "split_message", "parse_headers", "iter_headers", "find_header", "find_headers",
+    "split_message", "parse_headers", "iter_headers", "find_header", "find_headers", "find_first",
     "field_value", "unfold", "insert_header", "remove_headers", "from_domain",
     "scan_body", "canon_header", "canon_headers", "select_names", "canon_body", "BodyCanonicalizer",
-    "header_block", "body_of", "impl",
+    "header_block", "body_of", "first_address", "header_text", "impl",
 ]

@@ -3,15 +3,16 @@
 **Internal events** (built by the spool shard, :mod:`mta.spool.shard` and
 :mod:`mta.spool.outcomes`): plain dicts, one per recipient state change --
 ``type`` one of ``injection`` (one dict per *message*, its recipients in
-``rcpts``), ``delivery``, ``delay``, ``bounce``, ``expiration``, and the
+``rcpts``), ``delivery``, ``delay``, ``bounce``, ``expiration``, the
 ``out_of_band`` / ``spam_complaint`` of a report sent to a bounce domain
-(already in SparkPost's shape, under ``event``: see :data:`REPORT_TYPES`) -- with
+(already in SparkPost's shape, under ``event``: see :data:`REPORT_TYPES`), and
+the refusals an acceptor makes at injection (:data:`REFUSAL_TYPES`) -- with
 ``timestamp`` (epoch seconds), ``queue_id``, ``message_id``, ``sender``,
 ``recipient``, ``arrival``, ``size``, ``client`` and where known
 ``remote_host``, ``remote_ip``, ``response`` {code, enhanced, text},
-``attempt``, ``next_attempt``, ``source``, ``sending_ip``, ``site``,
+``attempt``, ``next_attempt``, ``source``, ``sending_ip``, ``site``, ``outbound_tls``,
 ``bounce_class``, ``bounce_rule``, ``suppressed``, and the message's carried
-injection attributes (:data:`CARRIED`).  A batch's events are encoded once
+injection attributes (:data:`CARRIED`, its From address and Subject included).  A batch's events are encoded once
 (:func:`encode`: one orjson array) into a ``REC_EVENTS`` record written in the
 same group commit as the state changes they describe (:mod:`mta.store`), so
 an event is durable exactly when its change is.  The ``events`` process
@@ -55,11 +56,37 @@ EXPIRATION = "expiration"
 OUT_OF_BAND = "out_of_band"
 SPAM_COMPLAINT = "spam_complaint"
 REPORT_TYPES = (OUT_OF_BAND, SPAM_COMPLAINT)
+# Refusals an acceptor makes at injection, about a recipient that never becomes a
+# queued message (SparkPost's names): made durable like reports, through a spool
+# shard's group commit (SpoolEventsCommit), and shaped by mta.events.shape from
+# these fields: ``timestamp``, ``recipient``, ``sender``, ``client``,
+# ``response`` {code, enhanced, text}, ``bounce_class``, where known ``queue_id``
+# (the id given to the refused message), ``remote_addr``, ``rcpt_subs`` and the
+# carried attributes (:data:`CARRIED`).
+POLICY_REJECTION = "policy_rejection"           # SMTP: refused by this node's policy
+GENERATION_FAILURE = "generation_failure"       # HTTP: the recipient's message could not
+GENERATION_REJECTION = "generation_rejection"   # be rendered / was refused while rendered
+REFUSAL_TYPES = (POLICY_REJECTION, GENERATION_FAILURE, GENERATION_REJECTION)
+POLICY_CLASS = "25"     # bounce_class of a refusal by policy (SparkPost's Admin Failure)
+# What an acceptor may hand a spool shard in a SpoolEventsCommit.
+ACCEPTOR_TYPES = REPORT_TYPES + REFUSAL_TYPES
+
+# The message's From address and Subject, read once at injection (the acceptor,
+# mta.acceptor.main.Acceptor.submit) and kept in its params, so that every later
+# event repeats them without reading the message again.  Bounded, because each
+# event of the message and each queued message in the spool's memory holds them:
+# a longer Subject is cut (the first MAX_SUBJECT characters are kept), a longer
+# From address (none is valid: RFC 5321 allows 64 + 1 + 255) is left out.
+FRIENDLY_FROM = "friendly_from"
+SUBJECT = "subject"
+MAX_SUBJECT = 256               # characters of a Subject kept for the events
+MAX_FRIENDLY_FROM = 320         # characters of a From address kept for the events
 
 # Injection attributes (SparkPost's campaign_id, metadata, tags; X-MSYS-API on
-# SMTP; the HTTP API's transmission id) stored in a message's params and
-# repeated in each of its events.
-CARRIED = ("campaign_id", "metadata", "tags", "ip_pool", "transactional", "transmission_id")
+# SMTP; the HTTP API's transmission id; the From address and Subject above)
+# stored in a message's params and repeated in each of its events.
+CARRIED = ("campaign_id", "metadata", "tags", "ip_pool", "transactional", "transmission_id",
+           FRIENDLY_FROM, SUBJECT)
 _CARRIED_KEYS = frozenset(CARRIED)
 
 _dumps = orjson.dumps
@@ -71,6 +98,17 @@ def carried(params: dict) -> dict:
     if _CARRIED_KEYS.isdisjoint(params):
         return {}  # the common case, decided in C (no loop over CARRIED)
     return {k: params[k] for k in CARRIED if k in params}
+
+
+def put_headers(params: dict, friendly_from: str | None, subject: str | None) -> None:
+    """Record a message's From address and Subject in its *params*, bounded (see above).
+
+    Empty values are not recorded (the events then leave the field out).
+    """
+    if friendly_from and len(friendly_from) <= MAX_FRIENDLY_FROM:
+        params[FRIENDLY_FROM] = friendly_from
+    if subject:
+        params[SUBJECT] = subject[:MAX_SUBJECT]
 
 
 def encode(events: list[dict]) -> bytes:

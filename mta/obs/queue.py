@@ -12,6 +12,10 @@ Sources of the figures:
   once a second): sites (their domains and hosts), sources (suspended and why) and the
   (source x site) lanes with the jobs waiting in them.
 
+- the webhooks process's status file ``<state_dir>/webhooks/status.json``
+  (rewritten every second, :func:`webhook_status`): per webhook the events not
+  delivered yet, the bound of its backlog, and whether its POSTs are failing.
+
 A message has no site or source until a delivery process has it in a lane, so the
 ``by_site`` and ``by_source`` figures count jobs waiting in delivery, while
 ``by_domain``, ``by_pool`` and ``by_campaign`` count what the spool holds.
@@ -23,7 +27,9 @@ import json
 import os
 import time
 
-STATUS_FRESH = 10.0     # seconds: an older delivery status file is a process that is gone
+from mta.api import webhookdb
+
+STATUS_FRESH = 10.0     # seconds: an older status file is a process that is gone
 
 
 def delivery_status(run_dir: str, now: float | None = None) -> dict:
@@ -78,12 +84,83 @@ def delivery_status(run_dir: str, now: float | None = None) -> dict:
             "lanes": sorted(lanes.values(), key=lambda x: (x["site"], x["source"]))}
 
 
+def webhook_status(state_dir: str, enabled: bool = True, now: float | None = None) -> dict:
+    """Each webhook's backlog, from the webhooks process's status file.
+
+    Per webhook: ``undelivered_events`` (events not yet acknowledged by its
+    target: the ``backlog_events`` after its cursor, which
+    ``webhooks.max_backlog_events`` bounds, plus the ``pending_events`` of
+    stored batches being sent or waiting for a retry), the bound and how much
+    of it is used, ``retrying_batches`` with the ``next_retry`` and the
+    ``last_failure``, and a ``state``: ``ok``, ``retrying`` (POSTs failed and
+    are tried again), ``at bound`` (``on_backlog_full`` applies: oldest events
+    dropped, or the events store's pruning paused), or ``not reporting`` (the
+    status file is older than STATUS_FRESH: the process is gone or stuck; the
+    figures are its last).  ``reporting`` is False then, and when there is no
+    such file or webhooks are off.
+    """
+    out = {"reporting": False, "time": None, "webhooks": []}
+    if not enabled:
+        return out
+    now = time.time() if now is None else now
+    try:
+        with open(webhookdb.status_path(state_dir), "rb") as fh:
+            doc = json.loads(fh.read())
+    except (OSError, ValueError):
+        return out
+    if not isinstance(doc, dict):
+        return out
+    fresh = now - (doc.get("time") or 0) <= STATUS_FRESH
+    out.update(reporting=fresh, time=doc.get("time"))
+    for w in doc.get("webhooks") or ():
+        backlog = w.get("backlog_events", 0)
+        bound = w.get("max_backlog_events") or 0
+        retrying = w.get("retrying_batches", 0)
+        state = "ok"
+        if not fresh:
+            state = "not reporting"
+        elif bound and backlog >= bound:
+            state = "at bound"
+        elif retrying:
+            state = "retrying"
+        out["webhooks"].append({
+            "id": w.get("id"), "name": w.get("name"), "state": state,
+            "undelivered_events": backlog + w.get("pending_events", 0),
+            "backlog_events": backlog, "max_backlog_events": bound,
+            "backlog_percent": round(100.0 * backlog / bound, 1) if bound else None,
+            "on_backlog_full": w.get("on_backlog_full"),
+            "pending_batches": w.get("pending_batches", 0), "retrying_batches": retrying,
+            "next_retry": w.get("next_retry"), "last_failure": w.get("last_failure"),
+            "dropped_events": w.get("dropped_events", 0)})
+    return out
+
+
+def webhook_rows(status: dict, when) -> list[tuple]:
+    """The webhooks table of ``mta queue``: a header row, then one row per webhook;
+    *when(ts)* says a time to come ("in 0:00:12")."""
+    rows = [("WEBHOOK", "UNDELIVERED", "BACKLOG", "BOUND", "USED", "STATE")]
+    for w in status.get("webhooks", ()):
+        state = w["state"]
+        if w["retrying_batches"]:
+            state += f" ({w['retrying_batches']} batch(es), next {when(w['next_retry'])}"
+            if w["last_failure"]:
+                state += f"; last: {w['last_failure'].get('response')}"
+            state += ")"
+        if w["state"] == "at bound":
+            state += f" ({w['on_backlog_full']})"
+        pct = "-" if w["backlog_percent"] is None else f"{w['backlog_percent']:g}%"
+        rows.append((w["name"], str(w["undelivered_events"]), str(w["backlog_events"]),
+                     str(w["max_backlog_events"]), pct, state))
+    return rows
+
+
 def _min(values):
     return min((v for v in values if v is not None), default=None)
 
 
-def merge(shards: list[dict], delivery: dict) -> dict:
-    """One view of the node's queue from the shards' summaries and :func:`delivery_status`."""
+def merge(shards: list[dict], delivery: dict, webhooks: dict | None = None) -> dict:
+    """One view of the node's queue from the shards' summaries, :func:`delivery_status`
+    and :func:`webhook_status`."""
     total = {
         "messages": sum(x.get("messages", 0) for x in shards),
         "recipients": sum(x.get("recipients", 0) for x in shards),
@@ -130,7 +207,8 @@ def merge(shards: list[dict], delivery: dict) -> dict:
             "by_domain": by_domain, "by_site": by_site, "by_pool": by_pool,
             "by_source": by_source, "by_campaign": by_campaign,
             "lanes": delivery.get("lanes", []),
-            "delivery_processes": delivery.get("processes", 0)}
+            "delivery_processes": delivery.get("processes", 0),
+            "webhooks": webhooks if webhooks is not None else webhook_status("", False)}
 
 
 def recipients_view(entry: dict, now: float | None = None) -> dict:

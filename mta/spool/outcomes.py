@@ -143,14 +143,15 @@ class Plan:
 
     def outcome(self, qid: str, results: list[Result], now: float, source: str = "",
                 source_ip: str = "", site: str = "", retry_after: float = 0.0,
-                rule: FiredRule | None = None) -> None:
+                rule: FiredRule | None = None, outbound_tls: str = "") -> None:
         """Record what one delivery job did to its recipients.
 
-        *source*, *source_ip*, *site*, *retry_after*, *rule*: the
-        DeliveryOutcome's fields (the egress source used, its address, the
+        *source*, *source_ip*, *site*, *retry_after*, *rule*, *outbound_tls*:
+        the DeliveryOutcome's fields (the egress source used, its address, the
         receiving site; how long REQUEUED recipients wait, and DEFERRED ones
         when a response rule's ``defer`` action set it; the response rule that
-        fired, recorded in each recipient's event).  A result that carries a
+        fired, and whether the session used TLS, recorded in each recipient's
+        event).  A result that carries a
         ``bounce_class`` (a rule's ``bounce`` action) keeps it, with the rule's
         name as ``bounce_rule``.
         """
@@ -171,6 +172,8 @@ class Plan:
             base["sending_ip"] = source_ip
         if site:
             base["site"] = site
+        if outbound_tls:
+            base["outbound_tls"] = outbound_tls
         if rule is not None:
             base["response_rule"] = {"name": rule.name, "action": rule.action,
                                      "scope": rule.scope, "stage": rule.stage,

@@ -15,10 +15,12 @@ failed or expired only once that record is durable.  What an outcome does to
 a recipient is decided in :mod:`mta.spool.outcomes`; the operator's queries
 are answered by :mod:`mta.spool.queries`.
 
-Reports: a ``SpoolEventsCommit`` (an acceptor read a DSN or ARF report sent to
-a bounce domain) carries only events; they are checked, written in the
-batch's REC_EVENTS record and acknowledged after the same fsync (nothing is
-written for them while no events process reads this shard).
+Reports and refusals: a ``SpoolEventsCommit`` (an acceptor read a DSN or ARF
+report sent to a bounce domain, or refused a recipient at injection: a
+policy_rejection, a generation_failure or _rejection) carries only events;
+they are checked, written in the batch's REC_EVENTS record and acknowledged
+after the same fsync (nothing is written for them while no events process
+reads this shard).
 
 Dispatch: due recipients are grouped by domain (one SMTP transaction per
 message and domain) and sent to a delivery process, transactional messages
@@ -395,7 +397,8 @@ class Shard:
                 self.returned(msg.req, msg.qid)
                 plan.outcome(msg.qid, msg.results, now, source=msg.source,
                              source_ip=msg.source_ip, site=msg.site,
-                             retry_after=msg.retry_after, rule=msg.rule)
+                             retry_after=msg.retry_after, rule=msg.rule,
+                             outbound_tls=msg.outbound_tls)
         work, self.expire_work = self.expire_work, []
         for qid, idxs in work:
             plan.expire(qid, idxs, now)
@@ -469,15 +472,17 @@ class Shard:
                 req, status, qids if status == bus.STATUS_OK else []))
 
     def _take_report(self, msg: bus.SpoolEventsCommit, out: list) -> bool:
-        """Add a report's events to the batch (*out*); False when they cannot be encoded.
+        """Add an acceptor's events to the batch (*out*); False when they cannot be encoded.
 
-        Only ``out_of_band`` / ``spam_complaint`` events are taken (the shard
-        must not die on its input, so they are encoded once here).  Nothing is
-        added while no events process reads this shard's events.
+        Only the types an acceptor makes are taken (``ev.ACCEPTOR_TYPES``: a
+        report's ``out_of_band`` / ``spam_complaint``, a refusal's
+        ``policy_rejection`` / ``generation_*``; the shard must not die on its
+        input, so they are encoded once here).  Nothing is added while no
+        events process reads this shard's events.
         """
         try:
-            if any(e.get("type") not in ev.REPORT_TYPES for e in msg.events):
-                raise ValueError("not a report's event")
+            if any(e.get("type") not in ev.ACCEPTOR_TYPES for e in msg.events):
+                raise ValueError("not an event an acceptor makes")
             ev.encode(msg.events)
         except (TypeError, ValueError) as exc:
             log.warning("dropped a report's events from an acceptor: %s", exc)

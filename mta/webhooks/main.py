@@ -10,8 +10,10 @@ Writes:  cursors and batches in that file (:mod:`mta.api.webhookdb`);
          webhook still needs -- whoever prunes the store passes it as
          ``prune(keep_from_seq=...)`` (:func:`mta.api.webhookdb.read_min_seq`);
          ``<state_dir>/webhooks/status.json``: per webhook its cursor, the
-         store's newest seq, the backlog, pending batches and counters
-         (rewritten every second); log lines.
+         store's newest seq, the backlog, pending and retrying batches, the
+         last failure and counters (rewritten every second; ``mta queue`` and
+         ``/api/admin/queue`` show it, :func:`mta.obs.queue.webhook_status`);
+         log lines.
 Peers:   the webhook targets (HTTP POST, aiohttp); OAuth2 tokens URLs.
 Config:  [webhooks], [[webhook]], [events] (where the store is).
 
@@ -121,10 +123,11 @@ class Webhooks:
             self.last_min_seq = keep
         doc = {"time": time.time(), "head": head, "min_seq": keep,
                "webhooks": [s.status() for s in self.senders.values()]}
-        tmp = os.path.join(self.dir, "status.json.tmp")
+        path = webhookdb.status_path(self.settings.state_dir)
+        tmp = path + ".tmp"
         with open(tmp, "wb") as fh:
             fh.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-        os.replace(tmp, os.path.join(self.dir, "status.json"))
+        os.replace(tmp, path)
 
     async def run(self, stop: asyncio.Event) -> None:
         ids = {wid for wid, _ in self.toml} | {w[0] for w in self.db.webhooks()}

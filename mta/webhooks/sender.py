@@ -74,6 +74,7 @@ class Sender:
         self.token_expires = 0.0
         self.token_lock = asyncio.Lock()
         self.level = 0             # backlog warning level: 0, 50 or 90
+        self.last_failure: dict | None = None    # {"at", "response"} of the last failed POST
         self.head = 0
         self.stats = Stats()
         self.wake = asyncio.Event()
@@ -215,9 +216,7 @@ class Sender:
         if not events:
             self.scan_seq = scan
             return None, more
-        cat = webhook_docs.CATEGORY_OF
-        body = orjson.dumps([{"msys": {cat.get(ev.get("type"), "message_event"): ev}}
-                             for ev in events])
+        body = orjson.dumps([webhook_docs.element(ev) for ev in events])
         b = Batch(str(uuid.uuid4()), self.hook.id, self.hook.target, first, scan, len(events),
                   body, 0, now, 0)
         self.db.add_batch(b, scan)
@@ -331,6 +330,7 @@ class Sender:
         self.stats.failures += 1
         sched = cfg.retry_schedule
         what = f"HTTP {resp.status}" if resp.status else (resp.failure or "no answer")
+        self.last_failure = {"at": now, "response": what}
         if b.attempts > len(sched):
             self.db.attempted(b, False, now, code, resp.failure, resp.latency_ms, None)
             self.pending.pop(b.id, None)
@@ -346,15 +346,25 @@ class Sender:
                  b.id, b.attempts, what, b.next_at - now)
 
     def status(self) -> dict:
+        """What status.json says of this webhook: backlog (events after the cursor, which
+        max_backlog_events bounds), stored batches not yet acknowledged, those waiting
+        for a retry (failed at least once) and when the next one is due, the last failed
+        POST, counters."""
         s = self.stats
+        retrying = [b for b in self.pending.values() if b.failed]
         return {"id": self.hook.id, "name": self.hook.name, "cursor": self.scan_seq,
                 "head": self.head, "backlog_events": max(0, self.head - self.scan_seq),
                 "pending_batches": len(self.pending),
                 "pending_events": sum(b.n for b in self.pending.values()),
+                "retrying_batches": len(retrying),
+                "next_retry": min((b.next_at for b in retrying if b.id not in self.inflight),
+                                  default=None),
+                "last_failure": self.last_failure,
                 "events_sent": s.events, "batches_sent": s.batches,
                 "failed_attempts": s.failures, "dropped_batches": s.dropped_batches,
                 "dropped_events": s.dropped_events,
-                "max_backlog_events": self.cfg.max_backlog_events}
+                "max_backlog_events": self.cfg.max_backlog_events,
+                "on_backlog_full": self.cfg.on_backlog_full}
 
 
 def _with_target(hook: W.Hook, target: str) -> W.Hook:

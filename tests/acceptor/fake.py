@@ -12,8 +12,9 @@ from an in-process spool socket instead of :class:`Acceptor` below).
 - :class:`Transport` keeps what is written, and says whether the session
   paused reading, closed or aborted the connection.
 - :class:`Acceptor` is the real acceptor with the spool replaced: ``submit()``
-  records each message (with its Received header) and answers it ok, not ok,
-  or not yet, as the test says.
+  records each message (with its Received header) and ``commit_events()`` each
+  batch of events (a policy rejection's), and answers them ok, not ok, or not
+  yet, as the test says.
 """
 from __future__ import annotations
 
@@ -220,6 +221,7 @@ class Acceptor(acceptor_main.Acceptor):
             self.ssl_context = TLS_CONTEXT
         self.answer = "ok"
         self.submitted: list[Submitted] = []
+        self.events: list[tuple[str, list]] = []     # (key, events) given to commit_events
         self.held: list = []
 
     def submit(self, sender, rcpts, params, client_info, message, trace, done, peer=""):
@@ -231,6 +233,13 @@ class Acceptor(acceptor_main.Acceptor):
         else:
             self.loop.call_soon(done, qid, self.answer == "ok")
         return qid
+
+    def commit_events(self, key, events, done, what):
+        self.events.append((key, list(events)))
+        if self.answer == "hold":
+            self.held.append((lambda _key, ok: done(ok), key))
+        else:
+            self.loop.call_soon(done, self.answer == "ok")
 
     def answer_held(self, ok: bool) -> None:
         """Answer every held message (at the end of this loop iteration)."""

@@ -62,7 +62,7 @@ def test_commit_takes_one_submission():
         "helo.example [192.0.2.1] user=alice", "192.0.2.1",
         b"X-MSYS-API: {\"campaign_id\": \"c\"}\r\nSubject: x\r\n\r\nbody\r\n",
         lambda qid: b"Received: by test; " + qid.encode() + b"\r\n",
-        lambda qid, ok: answers.append((qid, ok)))
+        lambda qid, ok: answers.append((qid, ok)), lambda reply: answers.append(reply))
     acc.commit(msg)
     loop.run_ready()
     [m] = acc.submitted

@@ -168,6 +168,58 @@ def test_suppressed_rcpt_is_refused_when_configured(impl):
     assert out.startswith(R.SENDER_OK + R.SUPPRESSED + R.RCPT_OK), out
     assert acc.submitted[-1].rcpts == ["ok@example.net"]
     assert "suppressed" not in acc.submitted[-1].params
+    # the refusal is a policy_rejection event, handed to the spool before the 550
+    [(key, [e])] = acc.events
+    assert (e["type"], e["recipient"], e["sender"], e["queue_id"]) == \
+        ("policy_rejection", "BULK@example.net", "s@example.com", key)
+    assert (e["response"], e["bounce_class"], e["remote_addr"], e["client"]) == (
+        {"code": 550, "enhanced": "5.7.1",
+         "text": "Recipient address was suppressed due to customer policy"},
+        "25", "127.0.0.1", "client.example [127.0.0.1]")
+
+
+def test_a_policy_refusal_waits_for_its_event_to_be_durable(impl):
+    """Pipelined input waits while the spool writes the event; if it cannot, 451 (the
+    client tries again later, so no refusal it sees goes unrecorded)."""
+    acc, c = make(impl)
+    acc.suppression = acc.refuse_suppressed = _List({"bulk@example.net": (False, True)})
+    c.send(b"EHLO client.example\r\n")
+    acc.answer = "hold"
+    out = c.send(b"MAIL FROM:<s@example.com>\r\nRCPT TO:<bulk@example.net>\r\n"
+                 b"RCPT TO:<ok@example.net>\r\n")
+    assert out == R.SENDER_OK and len(acc.events) == 1     # nothing more until it is on disk
+    acc.answer_held(True)
+    c.loop.run_ready()
+    assert c.output() == R.SUPPRESSED + R.RCPT_OK
+    acc.answer = "fail"
+    assert c.send(b"RCPT TO:<bulk@example.net>\r\n") == R.STORAGE_TEMP
+    assert c.send(b"DATA\r\n" + MESSAGE + b".\r\n").startswith(R.START_DATA)
+    assert acc.submitted[-1].rcpts == ["ok@example.net"]
+    # the client left while it waited: the late answer is dropped
+    acc.answer = "hold"
+    c.send(b"MAIL FROM:<s@example.com>\r\nRCPT TO:<bulk@example.net>\r\n")
+    c.session.connection_lost(None)
+    acc.answer_held(True)
+    c.loop.run_ready()
+    assert c.output() == b""
+
+
+def test_an_unknown_pool_refuses_the_message_after_its_events(impl):
+    acc, c = make(impl)
+    c.send(b"EHLO client.example\r\n")
+    out = c.transaction(rcpts=("a@example.net", "b@example.net"),
+                        message=b'X-MSYS-API: {"options": {"ip_pool": "nope"}, '
+                                b'"campaign_id": "spring"}\r\nFrom: News <news@example.org>'
+                                b"\r\nSubject: s\r\n\r\nbody\r\n")
+    assert out.endswith(b'550 5.7.1 Unknown ip_pool "nope" in X-MSYS-API\r\n'), out
+    assert acc.submitted == []
+    [(key, evs)] = acc.events
+    assert [(e["type"], e["recipient"], e["queue_id"]) for e in evs] == [
+        ("policy_rejection", "a@example.net", key), ("policy_rejection", "b@example.net", key)]
+    assert (evs[0]["campaign_id"], evs[0]["friendly_from"], evs[0]["response"]["text"]) == \
+        ("spring", "news@example.org", 'Unknown ip_pool "nope" in X-MSYS-API')
+    assert "ip_pool" not in evs[0]
+    assert c.send(b"RSET\r\n") == R.OK        # the session goes on
 
 
 def test_answer_after_the_client_left_is_dropped(impl):

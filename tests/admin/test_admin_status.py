@@ -96,6 +96,53 @@ def test_queue_view_merges_shards_and_delivery_status(tmp_path):
     assert "domains" not in view["shards"][0] and view["delivery_processes"] == 1
 
 
+def test_webhook_backlog_from_the_webhooks_status_file(tmp_path):
+    """mta queue and /api/admin/queue: per webhook the events not delivered yet, the bound
+    and whether it is retrying; a stale file says the process is not reporting."""
+    import json
+    import os
+
+    from mta.api import webhookdb
+
+    now = 1_800_000_000.0
+    os.makedirs(webhookdb.dir_in(str(tmp_path)))
+    hooks = [{"id": "w1", "name": "crm", "backlog_events": 500, "pending_events": 100,
+              "pending_batches": 1, "retrying_batches": 1, "next_retry": now + 12,
+              "last_failure": {"at": now - 1, "response": "HTTP 500"},
+              "max_backlog_events": 1000, "on_backlog_full": "drop_oldest",
+              "dropped_events": 0},
+             {"id": "w2", "name": "full", "backlog_events": 1000, "pending_events": 0,
+              "max_backlog_events": 1000, "on_backlog_full": "pause"},
+             {"id": "w3", "name": "fine", "backlog_events": 0, "pending_events": 0,
+              "max_backlog_events": 1000}]
+
+    def write(t):
+        with open(webhookdb.status_path(str(tmp_path)), "w") as fh:
+            json.dump({"time": t, "head": 10, "webhooks": hooks}, fh)
+    write(now - 1)
+    st = q.webhook_status(str(tmp_path), now=now)
+    assert st["reporting"] is True
+    crm, full, fine = st["webhooks"]
+    assert (crm["undelivered_events"], crm["backlog_events"], crm["max_backlog_events"],
+            crm["backlog_percent"], crm["state"]) == (600, 500, 1000, 50.0, "retrying")
+    assert (crm["next_retry"], crm["last_failure"]["response"]) == (now + 12, "HTTP 500")
+    assert (full["state"], fine["state"]) == ("at bound", "ok")
+    rows = q.webhook_rows(st, lambda ts: "in 0:00:12")
+    assert rows[0] == ("WEBHOOK", "UNDELIVERED", "BACKLOG", "BOUND", "USED", "STATE")
+    assert rows[1] == ("crm", "600", "500", "1000", "50%",
+                       "retrying (1 batch(es), next in 0:00:12; last: HTTP 500)")
+    assert rows[2][-1] == "at bound (pause)"
+    write(now - 60)             # the webhooks process is gone: its last figures, said so
+    st = q.webhook_status(str(tmp_path), now=now)
+    assert not st["reporting"] and {w["state"] for w in st["webhooks"]} == {"not reporting"}
+    assert q.webhook_status(str(tmp_path), enabled=False)["webhooks"] == []
+    assert q.webhook_status(str(tmp_path / "none"))["webhooks"] == []
+    with open(webhookdb.status_path(str(tmp_path)), "w") as fh:
+        fh.write("{not json")
+    assert q.webhook_status(str(tmp_path), now=now) == {"reporting": False, "time": None,
+                                                        "webhooks": []}
+
+
 def test_one_message_view():
     entry = {"qid": "Q", "sender": "s@x", "recipients": ["a@x", "b@x", "c@x"],
              "arrival": 1.0, "size": 10, "params": {"campaign_id": "c", "ip_pool": "p"},

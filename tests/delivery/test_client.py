@@ -669,12 +669,13 @@ def test_aiosmtpd_starttls_opportunistic(tls_material, uv):
     async def main():
         server, port = await start_aiosmtpd(h, tls_context=server_ctx, require_starttls=True)
         conn = await open_to(port)
-        assert conn.tls_active
+        assert conn.tls_active and conn.outbound_tls == "1"
         assert "STARTTLS" not in conn.extensions and "AUTH" in conn.extensions   # re-EHLO'd
         r = await conn.send_message("a@src.test.example", ["x@dst.test.example"], MSG)
         await conn.quit()
         plain = await open_to(port, starttls="none")
         assert not plain.tls_active and "STARTTLS" in plain.extensions
+        assert plain.outbound_tls == "0"            # not asked for: plaintext
         refused = await plain.send_message("a@src.test.example", ["x@dst.test.example"], MSG)
         await plain.quit()
         server.close()
@@ -700,7 +701,7 @@ def test_aiosmtpd_starttls_verified_and_required(tls_material):
         with pytest.raises(SmtpConnectError) as ei:
             await open_to(tls_port, starttls="required", tls_verify=True,
                           tls_server_hostname="other.test.example", tls_context=client_ctx)
-        assert ei.value.tls_failed and ei.value.temporary
+        assert ei.value.tls_failed and ei.value.temporary and ei.value.tls == "-1"
         # the shared verifying context does not trust the test CA
         with pytest.raises(SmtpConnectError) as ei:
             await open_to(tls_port, starttls="required", tls_verify=True,
@@ -709,10 +710,10 @@ def test_aiosmtpd_starttls_verified_and_required(tls_material):
         # required, but not offered
         with pytest.raises(SmtpConnectError) as ei:
             await open_to(plain_port, starttls="required")
-        assert ei.value.tls_failed and ei.value.temporary
+        assert ei.value.tls_failed and ei.value.temporary and ei.value.tls == "0"
         # opportunistic, not offered: plaintext
         conn = await open_to(plain_port)
-        assert not conn.tls_active
+        assert not conn.tls_active and conn.outbound_tls == "0"
         await conn.quit()
         tls_server.close()
         plain_server.close()
@@ -1168,6 +1169,26 @@ def test_source_trouble_is_not_destination_trouble():
     assert not isinstance(mismatch, SourceUnavailable) and "IPv6" in str(mismatch)
 
 
+def test_starttls_refused_goes_on_in_plaintext_and_says_so():
+    # Opportunistic: a 454 to STARTTLS is no reason not to deliver, but the events say
+    # TLS was offered and not negotiated (SparkPost's outbound_tls "-1").
+    async def script(peer):
+        await peer.hello(b"250-PIPELINING\r\n250 STARTTLS\r\n")
+        await peer.until(b"STARTTLS\r\n")
+        peer.send(b"454 4.7.0 TLS not available due to temporary reason\r\n")
+        await peer.until(b"QUIT\r\n")
+        peer.send(b"221 bye\r\n")
+
+    async def main():
+        async with RawServer(script) as srv:
+            conn = await open_to(srv.port, command_timeout=5)
+            tls = (conn.tls_active, conn.tls_refused, conn.outbound_tls)
+            await conn.quit()
+            return tls
+
+    assert run(main()) == (False, True, "-1")
+
+
 def test_raw_starttls_reply_with_injected_data_fails():
     # Plaintext sent behind the STARTTLS go-ahead must never be read as a reply: the client
     # refuses the connection at once, naming the injected reply, and sends nothing more (no
@@ -1190,7 +1211,7 @@ def test_raw_starttls_reply_with_injected_data_fails():
             return ei.value, bytes(peer.buf)
 
     err, after_starttls = run(main())
-    assert err.tls_failed and err.temporary
+    assert err.tls_failed and err.temporary and err.tls == "-1"
     assert str(err).startswith("connection broken at STARTTLS")
     assert err.reply is not None
     assert (err.reply.code, err.reply.enhanced, err.reply.text) == (250, "2.1.0", "injected")

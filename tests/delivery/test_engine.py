@@ -146,6 +146,7 @@ def test_each_recipient_gets_the_outcome_of_its_own_reply():
         (0, bus.DELIVERED, 250, "2.0.0"), (1, bus.DEFERRED, 450, "4.2.1"),
         (2, bus.FAILED, 550, "5.1.1"), (3, bus.DELIVERED, 250, "2.0.0")]
     assert {(r.host, r.ip) for r in results} == {("mx.example.net", "127.0.0.1")}
+    assert j.tls == "0"         # starttls = "none": plaintext (the outcome's outbound_tls)
     # One transaction, to the accepted recipients, with the job's bytes.
     assert peer.messages == [("s@example.com", ["ok1@example.net", "ok2@example.net"], BODY)]
 
@@ -214,6 +215,15 @@ def test_every_host_down_defers():
     (r,) = results
     assert (r.outcome, r.code, r.enhanced) == (bus.DEFERRED, 451, "4.4.1")
     assert "mx.example.net[127.0.0.1]" in r.text
+    assert j.tls == ""          # no session: the events say nothing of TLS
+
+
+def test_tls_required_but_not_offered_defers_and_says_so():
+    (j, results), = deliver([job("example.net", "a")], mx_to_loopback("example.net"), Peer(),
+                            starttls="required")
+    (r,) = results
+    assert r.outcome == bus.DEFERRED and "STARTTLS required but not offered" in r.text
+    assert j.tls == "0"
 
 
 class SevenBitPeer(asyncio.Protocol):

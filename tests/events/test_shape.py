@@ -41,6 +41,7 @@ def test_injection_is_one_event_per_recipient_with_string_numbers():
     for k in ("num_retries", "bounce_class", "error_code", "raw_reason", "delv_method"):
         assert k not in a
     assert evs[0]["event_id"] != evs[1]["event_id"]
+    assert "friendly_from" not in a and "subject" not in a     # none carried: none shown
     http = sparkpost_event(internal(type="injection", recipient="c@x.test",
                                     client="http [127.0.0.1]", transmission_id="7001"),
                            event_id="1")
@@ -174,3 +175,91 @@ def test_a_reports_event_is_carried_whole_and_gets_its_event_id():
     spam = sparkpost_event({"type": "spam_complaint", "timestamp": T0, "event": {}},
                            event_id="9")
     assert spam == {"type": "spam_complaint", "event_id": "9", "timestamp": str(int(T0))}
+
+
+def test_friendly_from_and_subject_come_from_the_message_params():
+    """Read once at injection and carried (mta.obs.events.CARRIED): every event shows them."""
+    fields = {"friendly_from": "News@Example.ORG", "subject": "Caf\u00e9 deals"}
+    reply = {"code": 250, "enhanced": "2.0.0", "text": "ok"}
+    for kind in ("injection", "delivery", "delay", "bounce", "expiration"):
+        e = sparkpost_event(internal(type=kind, recipient="a@x.test", attempt=1,
+                                     response=reply, **fields), event_id="1")
+        assert (e["friendly_from"], e["subject"]) == ("News@Example.ORG", "Caf\u00e9 deals"), kind
+
+
+REFUSED = {"code": 550, "enhanced": "5.7.1",
+           "text": "Recipient address was suppressed due to customer policy"}
+
+
+def test_refusals_have_the_fields_sparkpost_lists_for_them():
+    pol = sparkpost_event(internal(type="policy_rejection", recipient="Sup@X.test",
+                                   response=REFUSED, bounce_class="25", remote_addr="192.0.2.9",
+                                   timestamp=T0, arrival=T0, campaign_id="spring",
+                                   friendly_from="news@example.org", subject="s"),
+                          event_id="21")
+    assert (pol["type"], pol["rcpt_to"], pol["raw_rcpt_to"]) == \
+        ("policy_rejection", "sup@x.test", "Sup@X.test")
+    assert (pol["bounce_class"], pol["error_code"], pol["remote_addr"]) == \
+        ("25", "550", "192.0.2.9")
+    assert pol["raw_reason"] == pol["reason"] == \
+        "550 5.7.1 Recipient address was suppressed due to customer policy"
+    assert (pol["message_id"], pol["msg_from"], pol["recv_method"], pol["campaign_id"],
+            pol["friendly_from"]) == (QID.lower(), "bounces@sender.test", "esmtp", "spring",
+                                      "news@example.org")
+    assert pol["injection_time"] == "2023-11-14T22:13:20.250Z"
+    for k in ("msg_size", "subject", "routing_domain", "num_retries", "delv_method"):
+        assert k not in pol, k
+    render = {"code": 554, "enhanced": "5.3.3",
+              "text": "[internal] Error while rendering content.subject: a line break"}
+    gen = dict(type="generation_failure", recipient="Gen@X.test", queue_id="", message_id="",
+               client="http [127.0.0.1]", transmission_id="88", response=render,
+               rcpt_subs={"name": "x\n"}, subject="hello", friendly_from="shop@example.org")
+    gfl = sparkpost_event(internal(**gen), event_id="22")
+    assert (gfl["error_code"], gfl["recv_method"], gfl["transmission_id"], gfl["rcpt_subs"]) == \
+        ("554", "rest", "88", {"name": "x\n"})
+    assert gfl["raw_reason"].startswith("554 5.3.3 [internal] Error while rendering")
+    for k in ("bounce_class", "message_id", "injection_time", "msg_from", "msg_size",
+              "subject", "queue_id", "remote_addr"):
+        assert k not in gfl, k
+    grj = sparkpost_event(internal(**{**gen, "type": "generation_rejection",
+                                      "bounce_class": "25"}), event_id="23")
+    assert (grj["bounce_class"], grj["subject"], grj["routing_domain"]) == \
+        ("25", "hello", "x.test")
+    assert all(isinstance(v, (str, dict, list)) for e in (pol, gfl, grj) for v in e.values())
+
+
+def test_django_anymail_reads_our_refusals_in_their_webhook_categories():
+    """policy_rejection under msys.message_event, generation_* under msys.gen_event (as the
+    webhooks process wraps them), read by anymail as rejected / failed."""
+    import django
+    from django.conf import settings
+    if not settings.configured:
+        settings.configure(ANYMAIL={"WEBHOOK_SECRET": "user:pass"}, USE_TZ=True)
+        django.setup()
+    from anymail.signals import EventType, RejectReason
+    from anymail.webhooks.sparkpost import SparkPostTrackingWebhookView
+
+    from mta.api.webhook_docs import element
+
+    evs = [sparkpost_event(internal(type="policy_rejection", recipient="Sup@X.test",
+                                    response=REFUSED, bounce_class="25"), event_id="31"),
+           sparkpost_event(internal(type="generation_failure", recipient="Gen@X.test",
+                                    transmission_id="88", response={"code": 554}),
+                           event_id="32"),
+           sparkpost_event(internal(type="generation_rejection", recipient="Rej@X.test",
+                                    transmission_id="88", response={"code": 554},
+                                    bounce_class="25"), event_id="33")]
+    batch = [element(e) for e in evs]
+    assert [list(b["msys"]) for b in batch] == [["message_event"], ["gen_event"],
+                                                ["gen_event"]]
+
+    class Request:
+        body = json.dumps(batch).encode()
+
+    got = SparkPostTrackingWebhookView().parse_events(Request())
+    assert [(g.event_type, g.recipient, g.event_id) for g in got] == [
+        (EventType.REJECTED, "Sup@X.test", "31"), (EventType.FAILED, "Gen@X.test", "32"),
+        (EventType.REJECTED, "Rej@X.test", "33")]
+    assert got[0].reject_reason == RejectReason.BLOCKED
+    assert got[0].mta_response.startswith("550 5.7.1")
+    assert got[1].message_id == got[2].message_id == "88"

@@ -451,3 +451,42 @@ def test_mail_to_webhook_pipeline(make_daemon):
     finally:
         r.close()
         sink.stop()
+
+
+def test_mta_queue_shows_each_webhooks_backlog(make_daemon):
+    """`mta queue` (and --json), `mta queue summary` and /api/admin/queue: per webhook the
+    events not yet delivered, the backlog bound, and that it is retrying while its target
+    fails; back to nothing undelivered once the target answers again."""
+    r = Receiver()
+    r.status = 500
+    try:
+        d = make_daemon(acceptors=1, shards=1,
+                        webhooks={"poll_interval": 0.1, "time_scale": 0.01,
+                                  "max_backlog_events": 5000},
+                        webhook=[{"name": "crm", "target": r.url, "events": ["injection"]}])
+        for i in range(3):
+            d.send("news@example.org", [f"r{i}@example.net"],
+                   b"From: news@example.org\r\nSubject: s\r\n\r\nbody\r\n")
+
+        def crm(view):
+            hooks = [w for w in view["webhooks"]["webhooks"] if w["name"] == "crm"]
+            return hooks[0] if hooks else None
+
+        w = wait_until(lambda: (lambda x: x if x and x["state"] == "retrying" else None)(
+            crm(d.queue_summary())), 30, "the webhook retrying in mta queue --json")
+        assert w["undelivered_events"] == 3 and w["max_backlog_events"] == 5000
+        assert w["retrying_batches"] >= 1 and w["last_failure"]["response"] == "HTTP 500"
+        text = d.cli("queue").stdout.decode()
+        row = [x for x in text.splitlines() if x.startswith("crm ")]
+        assert row and row[0].split()[1:5] == ["3", "0", "5000", "0%"], text
+        assert "retrying" in row[0] and "HTTP 500" in row[0]
+        assert "WEBHOOK" in d.cli("queue", "summary").stdout.decode()
+        st, _, body = d.admin_get("/api/admin/queue")
+        assert st == 200 and crm(json.loads(body))["undelivered_events"] == 3
+        r.status = 200
+        w = wait_until(lambda: (lambda x: x if x and x["state"] == "ok" and
+                                x["undelivered_events"] == 0 else None)(
+            crm(d.queue_summary())), 30, "the backlog delivered")
+        assert {e["rcpt_to"] for e in r.events()} == {f"r{i}@example.net" for i in range(3)}
+    finally:
+        r.close()

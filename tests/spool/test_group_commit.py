@@ -129,3 +129,35 @@ def test_a_storage_error_answers_the_whole_batch_and_nothing_is_queued(rig, monk
 @pytest.fixture(autouse=True)
 def quiet_logs(caplog):
     caplog.set_level(logging.CRITICAL, "mta.spool")
+
+
+def test_an_acceptors_refusal_events_are_written_and_answered_after_the_sync(rig):
+    """SpoolEventsCommit: a policy_rejection (and a generation_*) is written in the batch's
+    REC_EVENTS record, answered after the fdatasync; a type no acceptor makes is refused."""
+    from mta import native
+    from mta.obs import events as ev
+    from mta.store import read_events
+
+    shard, clients, order = rig
+    refusal = {"type": "policy_rejection", "timestamp": time.time(), "recipient": "a@x.test",
+               "response": {"code": 550, "enhanced": "5.7.1", "text": "suppressed"}}
+    gen = {"type": "generation_failure", "timestamp": time.time(), "recipient": "b@x.test"}
+    clients[0].sock.send(bus.encode(bus.SpoolEventsCommit(1, [refusal, gen])))
+    clients[1].sock.send(bus.encode(bus.SpoolEventsCommit(2, [{"type": "delivery"}])))
+    wait_all_requests_arrived(shard, clients)
+    order.clear()
+    shard.step()
+    # the refused request is answered at once, the other after the sync
+    assert sorted(order) == ["SpoolMessageCommitted", "SpoolMessageCommitted", "fdatasync"]
+    assert order[-1] == "SpoolMessageCommitted" and order[-2] == "fdatasync"
+    assert clients[0].sock.poll(5000) and clients[1].sock.poll(5000)
+    assert bus.decode(clients[0].sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
+    assert bus.decode(clients[1].sock.recv()) == \
+        bus.SpoolMessageCommitted(2, bus.STATUS_UNKNOWN)
+    written = []
+    seg = shard.store.current
+    with open(seg.path, "rb") as fh:
+        data = fh.read()
+    read_events(native.load("record"), data, 0, seg.size, True,
+                lambda off, meta: written.extend(ev.decode(meta)))
+    assert written == [refusal, gen]

@@ -433,3 +433,21 @@ def test_an_operators_bounce_fails_pending_recipients_with_class_25_and_a_dsn_wh
     assert plan.admin_bounce("Q2", [0], NOW, "x", False) == 1
     plan.finish(NOW)
     assert plan.bounces == [] and len(plan.events) == 1 and plan.done == ["Q2"]
+
+
+def test_the_sessions_tls_and_the_messages_headers_reach_the_events():
+    """outbound_tls (delivery and delay only, as SparkPost) and the From address and
+    Subject kept in the message's params, in the SparkPost shape of each event."""
+    e = entry("Q1", ["a@example.net", "b@example.net", "c@example.net"],
+              friendly_from="news@example.org", subject="Spring")
+    plan = make(Queue(e))
+    plan.outcome("Q1", [result(0, bus.DELIVERED, 250), result(1, bus.DEFERRED, 451),
+                        result(2, bus.FAILED, 550)], NOW, outbound_tls="-1")
+    shaped = [sparkpost_event(x, event_id=str(i)) for i, x in enumerate(plan.events)]
+    assert [(x["type"], x.get("outbound_tls")) for x in shaped] == \
+        [("delivery", "-1"), ("delay", "-1"), ("bounce", None)]
+    assert {(x["friendly_from"], x["subject"]) for x in shaped} == {("news@example.org",
+                                                                     "Spring")}
+    plan = make(Queue(entry("Q2", ["a@example.net"])))
+    plan.outcome("Q2", [result(0, bus.DEFERRED, 451)], NOW)     # no session: no field
+    assert "outbound_tls" not in sparkpost_event(plan.events[0], event_id="9")

@@ -1,0 +1,105 @@
+"""Fields every event of a message repeats, against the real daemon.
+
+``friendly_from`` and ``subject`` are read once at injection (SMTP, HTTP inline
+content, HTTP ``email_rfc822``) and kept with the message on disk: the delivery
+events written after a restart still carry them.  ``outbound_tls`` tells on each
+delivery and delay whether the receiver's session was encrypted.
+"""
+from __future__ import annotations
+
+import smtplib
+import ssl
+
+import trustme
+from daemon import HOST, free_port, wait_until
+from sinks import AioSink
+
+KEY = "fields-key"
+
+
+def events_of(d, kind: str) -> dict[str, dict]:
+    """The events of type *kind*, by recipient (the last one of each)."""
+    return {e["raw_rcpt_to"]: e for e in d.events() if e["type"] == kind}
+
+
+def inject(d) -> None:
+    """Three messages: SMTP, HTTP inline content (rendered), HTTP email_rfc822."""
+    msg = (b"From: \"Desk, News\" <News@Example.ORG>\r\nTo: smtp@dest.test\r\n"
+           b"Subject: =?utf-8?q?Caf=C3=A9?=\r\n deals\r\n\r\nbody\r\n")
+    with smtplib.SMTP(HOST, d.port, local_hostname="client.test", timeout=30) as s:
+        assert s.sendmail("bounces@example.org", ["smtp@dest.test"], msg) == {}
+    st, _, out = d.post({"recipients": [{"address": "inline@dest.test",
+                                         "substitution_data": {"n": "Ann"}}],
+                         "content": {"from": {"name": "Shop", "email": "shop@example.org"},
+                                     "subject": "Hello {{n}}", "text": "t"}},
+                        headers={"Authorization": KEY})
+    assert st == 200, out
+    st, _, out = d.post({"recipients": ["rfc@dest.test"],
+                         "content": {"email_rfc822": "From: Raw <raw@example.org>\r\n"
+                                                     "Subject: raw {{address.email}}\r\n\r\n"
+                                                     "text\r\n"}},
+                        headers={"Authorization": KEY})
+    assert st == 200, out
+
+
+EXPECTED = {"smtp@dest.test": ("News@Example.ORG", "Caf\u00e9 deals"),
+            "inline@dest.test": ("shop@example.org", "Hello Ann"),
+            "rfc@dest.test": ("raw@example.org", "raw rfc@dest.test")}
+
+
+def test_from_and_subject_in_every_event_across_a_restart(make_daemon):
+    sink = AioSink(HOST, free_port()).start()
+    try:
+        d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]})
+        inject(d)
+        inj = wait_until(lambda: (lambda e: e if len(e) == 3 else None)(
+            events_of(d, "injection")), 20, "the injection events")
+        assert {r: (e.get("friendly_from"), e.get("subject")) for r, e in inj.items()} == \
+            EXPECTED
+        # Delivered only by the next run: the fields come back from the spool's records.
+        d.stop()
+        d.sections["delivery"].update({"hold": False, "route": [
+            {"domain": "*", "starttls": "none", "hosts": [f"{HOST}:{sink.port}"]}]})
+        d.write_config()
+        d.start()
+        dlv = wait_until(lambda: (lambda e: e if len(e) == 3 else None)(
+            events_of(d, "delivery")), 30, "the delivery events")
+        assert {r: (e.get("friendly_from"), e.get("subject")) for r, e in dlv.items()} == \
+            EXPECTED
+        assert all(e["outbound_tls"] == "0" for e in dlv.values())   # starttls = "none"
+    finally:
+        sink.stop()
+
+
+def test_outbound_tls_says_how_each_session_went(make_daemon):
+    """"1" over STARTTLS, "0" to a receiver that offers none, "-1" when it is offered and
+    the handshake fails (here: a certificate the route verifies and cannot trust)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("mx.tls.test").configure_cert(ctx)
+    tls_sink = AioSink(HOST, free_port(), tls_context=ctx).start()
+    # (a receiver of its own: routes to the same hosts share one site, and its options)
+    verify_sink = AioSink(HOST, free_port(), tls_context=ctx).start()
+    plain_sink = AioSink(HOST, free_port()).start()
+    try:
+        d = make_daemon(acceptors=1, shards=1, delivery={
+            "hold": False, "route": [
+                {"domain": "tls.test", "hosts": [f"{HOST}:{tls_sink.port}"]},
+                {"domain": "verify.test", "hosts": [f"{HOST}:{verify_sink.port}"],
+                 "tls_verify": True},
+                {"domain": "plain.test", "hosts": [f"{HOST}:{plain_sink.port}"]}]})
+        msg = b"From: a@example.org\r\nSubject: tls\r\n\r\nbody\r\n"
+        for rcpt in ("a@tls.test", "b@verify.test", "c@plain.test"):
+            d.send("a@example.org", [rcpt], msg)
+        got = wait_until(lambda: (lambda e: e if len(e) == 3 else None)(
+            {r: e for r, e in {**events_of(d, "delay"), **events_of(d, "delivery")}.items()}),
+            30, "a delivery or delay for each")
+        assert {r: (e["type"], e["outbound_tls"]) for r, e in got.items()} == {
+            "a@tls.test": ("delivery", "1"), "b@verify.test": ("delay", "-1"),
+            "c@plain.test": ("delivery", "0")}
+        assert "certificate" in got["b@verify.test"]["raw_reason"].lower()
+        assert [t.rcpt_tos for t in tls_sink.snapshot()] == [["a@tls.test"]]
+        assert verify_sink.snapshot() == []
+    finally:
+        tls_sink.stop()
+        verify_sink.stop()
+        plain_sink.stop()
