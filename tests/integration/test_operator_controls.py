@@ -82,7 +82,9 @@ def test_suspend_a_domain_across_a_restart_then_resume_and_a_source(lab):
     assert r["flushed"] >= 1, r
     wait_until(lambda: late in [q for q, _, _ in sink.deliveries()], 15,
                "the requeued message right after resume")
-    events = [e for e in d.events() if e["type"] != "injection"]
+    # (the receiver has the message before the spool records the outcome and its event)
+    events = wait_until(lambda: (lambda ev: ev if len(ev) >= 5 else None)(
+        [e for e in d.events() if e["type"] != "injection"]), 20, "five outcome events")
     assert sorted(e["type"] for e in events) == ["delivery"] * 5, events   # no bounce, delay
 
 
