@@ -1,4 +1,4 @@
-"""RSS per queued recipient of the spool's queue index, against today's Entry structures.
+"""RSS per queued recipient of the spool's queue index.
 
 Issue "node at scale", item 1: at most 200 bytes of RAM per queued recipient
 with 10 million queued.  Each case runs in a fresh child process, one after the
@@ -8,10 +8,13 @@ domains (weight 1/rank), a few campaigns and pools, 5 % transactional:
 
 - ``a``: the compiled index, 1,000,000 messages x 10 recipients;
 - ``b``: the compiled index, 10,000,000 single-recipient messages;
-- ``c``: the compiled index, 1,000,000 single-recipient messages (the peer of d);
-- ``d``: today's structures, 1,000,000 single-recipient messages: ``Entry``
-  around a ``MessageMeta`` decoded from its msgpack (as recovery makes it),
-  ``Lanes`` and ``Deadlines``.
+- ``c``: the compiled index, 1,000,000 single-recipient messages.
+
+(A case ``d`` measured the structures the index replaced -- ``Entry`` around a
+decoded ``MessageMeta``, ``Lanes``, ``Deadlines`` -- until the shard was ported
+onto the index, which removed them: 1,728 B per single-recipient message at
+commit 0947a24, bench/RESULTS.md.  The whole shard's RSS per queued message
+is bench/restart.py's.)
 
 Reported: VmRSS growth over the fill per queued recipient and per message,
 the fill time, and (compiled cases) the cost per operation of insert, pop
@@ -19,8 +22,8 @@ due, recipient update and delete, timed over OPS operations on the full
 index (each timing includes one Python call per operation).  No network; no
 files.  Run it niced on a shared machine:
 
-    nice -n 10 python bench/queue_memory.py            # a, b, c, d in turn
-    nice -n 10 python bench/queue_memory.py --cases c,d --messages-scale 0.1
+    nice -n 10 python bench/queue_memory.py            # a, b, c in turn
+    nice -n 10 python bench/queue_memory.py --cases c --messages-scale 0.1
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ POOLS = ["default", "mkt", "mkt", "transactional"]
 MAX_AGE = 5 * 86400.0
 OPS = 200_000
 CASES = {"a": ("qindex", 1_000_000, 10), "b": ("qindex", 10_000_000, 1),
-         "c": ("qindex", 1_000_000, 1), "d": ("entries", 1_000_000, 1)}
+         "c": ("qindex", 1_000_000, 1)}
 T0 = 1_760_000_000.0
 QID_BASE = int(T0 * 1e6) << 28
 
@@ -86,40 +89,6 @@ def fill_index(messages: int, rcpts: int, rng: random.Random):
     return q, before, rss(), fill, qindex
 
 
-def fill_entries(messages: int, rcpts: int, rng: random.Random):
-    import msgspec
-
-    from mta.spool import schedule as sch
-    from mta.store import Entry, MessageMeta
-    doms = domain_table(rng)
-    enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(MessageMeta)
-    entries: dict = {}
-    lanes = sch.Lanes(lambda qid: 1 if entries[qid].meta.params.get("transactional") else 0)
-    deadlines = sch.Deadlines(MAX_AGE)
-    bits = rng.getrandbits
-    gc.disable()            # (as the shard does while it recovers)
-    before = rss()
-    t = time.perf_counter()
-    for i in range(messages):
-        qid = "%020X" % (QID_BASE + (i << 8))
-        arrival = T0 + i * 1e-4
-        r = bits(32)
-        params = {"message_id": f"<{qid}@mta.example>", "ip_pool": POOLS[r >> 21 & 3]}
-        if CAMPAIGNS[r >> 23 & 3]:
-            params["campaign_id"] = CAMPAIGNS[r >> 23 & 3]
-        if r >> 16 & 31 == 0:
-            params["transactional"] = True
-        rc = [f"user{bits(24)}@{doms[bits(16)]}" for _ in range(rcpts)]
-        meta = dec.decode(enc.encode(MessageMeta(qid, "bounces@news.example", rc, arrival,
-                                                 params, "127.0.0.1")))
-        entries[qid] = Entry(meta, 1 + i // 20000, (i % 20000) * 3000, 2048)
-        lanes.push(arrival, qid)
-        deadlines.add(arrival + MAX_AGE, qid)
-    fill = time.perf_counter() - t
-    gc.collect()
-    return (entries, lanes, deadlines), before, rss(), fill
-
-
 def op_costs(q, messages: int, rng: random.Random) -> dict:
     """Seconds per operation on the full index, each over OPS operations."""
     n = min(OPS, messages)
@@ -160,25 +129,21 @@ def run_case(name: str, scale: float) -> dict:
     messages = max(1000, int(messages * scale))
     rng = random.Random(15)
     result = {"case": name, "kind": kind, "messages": messages, "rcpts": rcpts}
-    if kind == "qindex":
-        q, before, after, fill, mod = fill_index(messages, rcpts, rng)
-        result["memory"] = q.memory()
-        result["tables"] = q.tables()
-    else:
-        q, before, after, fill = fill_entries(messages, rcpts, rng)
+    q, before, after, fill, mod = fill_index(messages, rcpts, rng)
+    result["memory"] = q.memory()
+    result["tables"] = q.tables()
     grown = after - before
     result.update(rss_before=before, rss_after=after, fill_s=round(fill, 2),
                   bytes_per_rcpt=round(grown / (messages * rcpts), 1),
                   bytes_per_msg=round(grown / messages, 1),
                   fill_us_per_msg=round(fill / messages * 1e6, 2))
-    if kind == "qindex":
-        result["op_ns"] = {k: round(v * 1e9) for k, v in op_costs(q, messages, rng).items()}
+    result["op_ns"] = {k: round(v * 1e9) for k, v in op_costs(q, messages, rng).items()}
     return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="a,b,c,d", help="which of a,b,c,d [a,b,c,d]")
+    ap.add_argument("--cases", default="a,b,c", help="which of a,b,c [a,b,c]")
     ap.add_argument("--messages-scale", type=float, default=1.0,
                     help="multiply every case's message count (a quick look: 0.01)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -202,10 +167,6 @@ def main() -> None:
         if "op_ns" in r:
             print("   ns/op: " + ", ".join(f"{k} {v}" for k, v in r["op_ns"].items()))
             print(f"   allocated: {r['memory']}; interned: {r['tables']}")
-    by = {r["case"]: r for r in results}
-    if "c" in by and "d" in by:
-        print(f"today's structures / index, 1 recipient a message: "
-              f"{by['d']['bytes_per_rcpt'] / by['c']['bytes_per_rcpt']:.1f}x")
     with open("/proc/loadavg") as fh:
         print("load average after:", fh.read().strip())
 

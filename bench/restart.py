@@ -11,7 +11,9 @@ started with delivery on, every domain routed to an smtp-sink on loopback, and m
   trying every 50 ms);
 - queue read: the shard's "recovered queue ... seconds=" (it takes mail meanwhile);
 - first delivery: from the start to the first ``delivery`` event in the event log;
-- the spool process's peak RSS (VmHWM) after the recovery, per queued message.
+- the spool process's peak RSS (VmHWM) after the recovery, per queued message, and
+  beyond that of the same shard started first with an empty spool (the interpreter,
+  the modules and the buffers every shard has: what the queue itself costs).
 
 Loopback only; bounded by ``--timeout``; only processes started here are stopped.
 
@@ -58,6 +60,23 @@ def fill(d: Daemon, n: int, size: int) -> float:
     return time.monotonic() - t0
 
 
+def spool_hwm(d: Daemon) -> int:
+    """The spool shard's peak RSS (VmHWM), in octets."""
+    with open(f"/proc/{d.children()['spool[0]']}/status") as fh:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", fh.read()).group(1)) * 1024
+
+
+def empty_hwm(d: Daemon, timeout: float) -> int:
+    """The spool shard's peak RSS once it has read an empty spool (then stopped)."""
+    d.start(wait=True)
+    try:
+        d.wait_log(r"recovered queue", timeout=timeout)
+        time.sleep(1.0)         # (a turn of its housekeeping, as the measured run has had)
+        return spool_hwm(d)
+    finally:
+        d.stop()
+
+
 def first_250(port: int, deadline: float) -> float:
     while time.monotonic() < deadline:
         try:
@@ -98,6 +117,7 @@ def main() -> int:
                    delivery={"hold": False, "route": [{"domain": "*",
                                                        "hosts": [f"{HOST}:{sink_port}"]}]})
         try:
+            empty = empty_hwm(d, 60.0)
             fill_s = fill(d, args.queued, args.size)
             t0 = time.monotonic()
             d.start(wait=False)
@@ -111,9 +131,7 @@ def main() -> int:
                 time.sleep(0.2)
             read_s = float(re.search(r"recovered queue: .* seconds=([0-9.]+)",
                                      d.log(since_start=True)).group(1))
-            pid = d.children()["spool[0]"]
-            with open(f"/proc/{pid}/status") as fh:
-                hwm = int(re.search(r"VmHWM:\s+(\d+) kB", fh.read()).group(1)) * 1024
+            hwm = spool_hwm(d)
         except Exception:
             print(d.log()[-3000:], file=sys.stderr)
             raise
@@ -125,7 +143,8 @@ def main() -> int:
             f"{fill_s:.1f} s); `mta serve` → first 250 **{t250:.2f} s**, first delivery "
             f"**{tdel:.2f} s**, queue read in {read_s:.1f} s (the shard took mail meanwhile); "
             f"spool peak RSS {hwm / 2**20:.0f} MiB = {hwm / args.queued:.0f} bytes per queued "
-            "message")
+            f"message; {(hwm - empty) / args.queued:.0f} bytes per queued message beyond the "
+            f"{empty / 2**20:.0f} MiB of the shard with an empty spool")
     print(text)
     if args.record:
         stamp = datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC")

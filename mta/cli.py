@@ -594,12 +594,11 @@ def spool_dump(config_path, bodies):
             continue
         st = Store(d, s.config.spool.segment_size, fsync=False)
         st.recover()
-        for qid in sorted(st.entries):
-            e = st.entries[qid]
-            body = st.read_body(e)
-            rec = {"queue_id": qid, "shard": n, "sender": e.meta.sender,
-                   "recipients": e.meta.rcpts, "arrival_time": e.meta.arrival,
-                   "message_size": e.length, "sha256": hashlib.sha256(body).hexdigest()}
+        for qid in st.index.sorted_qids():
+            m, body = st.read_record(qid)
+            rec = {"queue_id": qid, "shard": n, "sender": m.sender,
+                   "recipients": m.rcpts, "arrival_time": m.arrival,
+                   "message_size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
             if bodies:
                 rec["message"] = base64.b64encode(body).decode()
             click.echo(json.dumps(rec))

@@ -141,12 +141,18 @@ class Watcher:
 
     def match(self, domain: str, params: dict) -> Suspension | None:
         """The suspension that holds back a message's recipients at *domain*, if any."""
+        return self.match_values(domain, params.get("campaign_id"),
+                                 params.get("ip_pool") or "default")
+
+    def match_values(self, domain: str, campaign, pool: str) -> Suspension | None:
+        """:meth:`match` given the message's campaign and pool (as the queue index keeps
+        them: the envelope is not in memory at dispatch)."""
         for s in self.items:
             if s.domain and s.domain != domain:
                 continue
-            if s.campaign and s.campaign != params.get("campaign_id"):
+            if s.campaign and s.campaign != campaign:
                 continue
-            if s.pool and s.pool != (params.get("ip_pool") or "default"):
+            if s.pool and s.pool != pool:
                 continue
             return s
         return None

@@ -71,6 +71,7 @@ import zlib
 import msgspec
 
 from mta import native
+from mta.queueid import recipient_domain
 
 log = logging.getLogger("mta.spool")
 
@@ -90,6 +91,7 @@ SPARE_READY = "spare.ready"       # a zero-filled, synced segment waiting to be 
 SPARE_TMP = "spare.tmp"           # one being filled (removed at start: state unknown)
 ZERO_CHUNK = 1 << 20              # octets zero-filled (and synced) per step
 SPARE_RETRY = 30.0                # seconds before trying again after a failure
+RELEASE_STEP = 8 << 20            # recovery lets go of a segment's pages read, per this much
 
 
 class MessageMeta(msgspec.Struct, array_like=True):
@@ -114,30 +116,6 @@ class MessageMeta(msgspec.Struct, array_like=True):
 
 
 START_AT = "start_at"   # params: epoch seconds of options.start_time, when in the future
-
-# Params whose values repeat across a queue (one campaign's From address and Subject,
-# mta.obs.events.FRIENDLY_FROM / SUBJECT): a queued message keeps its params in memory
-# with its envelope, so equal values are made one string object (a bounded cache,
-# emptied when full) instead of a copy per message -- about 100 octets a message
-# for a typical campaign.
-SHARED_PARAMS = ("friendly_from", "subject")
-SHARED_CACHE = 4096     # distinct values remembered (then the cache starts over)
-_shared: dict[str, str] = {}
-
-
-def share_params(params: dict) -> None:
-    """Replace the SHARED_PARAMS values of *params* by an equal string seen before."""
-    for key in SHARED_PARAMS:
-        v = params.get(key)
-        if type(v) is str:
-            seen = _shared.get(v)
-            if seen is not None:
-                params[key] = seen
-            else:
-                if len(_shared) >= SHARED_CACHE:
-                    _shared.clear()
-                _shared[v] = v
-
 
 def start_of(meta: MessageMeta) -> float:
     """When a message may first be sent: its arrival, or its scheduled start if later.
@@ -219,56 +197,42 @@ def shard_dir(spool_dir: str, shard: int) -> str:
     return os.path.join(spool_dir, f"shard-{shard:02d}")
 
 
-class Entry:
-    """A queued message: envelope, recipients' progress, where its body lies on disk."""
-
-    __slots__ = ("meta", "seg", "offset", "length", "state", "attempts", "due", "out", "flags",
-                 "last")
-
-    def __init__(self, meta: MessageMeta, seg: int, offset: int, length: int):
-        self.meta = meta
-        self.seg = seg
-        self.offset = offset
-        self.length = length
-        n = len(meta.rcpts)
-        self.state = list(meta.state) if meta.state else [PENDING] * n
-        self.attempts = list(meta.attempts) if meta.attempts else [0] * n
-        self.due = list(meta.due) if meta.due else [start_of(meta)] * n
-        self.out = 0  # delivery jobs in flight (not persisted)
-        self.flags = list(meta.flags) if meta.flags else None   # RCPT_* bits; None: all 0
-        # per recipient, the last temporary reply (mta.spool.outcomes.Reply) or None; made
-        # at the first deferral, kept in memory only (a restart forgets it): an expiry
-        # found at dispatch quotes it as the deferral path does
-        self.last: list | None = None
-
-    def pending(self) -> int:
-        return sum(1 for s in self.state if s == PENDING)
-
-    def progress_meta(self) -> MessageMeta:
-        """The envelope with the recipients' progress, for a compaction copy."""
-        m = self.meta
-        return MessageMeta(m.qid, m.sender, m.rcpts, m.arrival, m.params, m.client,
-                           self.state, self.attempts, self.due, self.flags)
-
-    def flag(self, idx: int) -> int:
-        """Recipient *idx*'s RCPT_* flags."""
-        f = self.flags
-        return f[idx] if f is not None and 0 <= idx < len(f) else 0
+def _text(v) -> str | None:
+    """A params value as the index interns it: a non-empty str, else None."""
+    return v if type(v) is str and v else None
 
 
-def apply_updates(e: Entry, updates: list) -> None:
-    """Apply [[index, state, attempts, due(, flags)], ...] to an entry (ignoring bad indexes)."""
-    n = len(e.state)
-    for u in updates:
-        idx = u[0]
-        if 0 <= idx < n:
-            e.state[idx] = u[1]
-            e.attempts[idx] = u[2]
-            e.due[idx] = u[3]
-            if len(u) > 4:
-                if e.flags is None:
-                    e.flags = [0] * n
-                e.flags[idx] = u[4]
+def lane_of(params: dict) -> int:
+    """The dispatch lane (mta.spool.dispatch: BULK 0, TRANSACTIONAL 1) of a message."""
+    return 1 if params.get("transactional") is True else 0
+
+
+def pool_of(params: dict) -> str:
+    """A message's egress pool: ``ip_pool``, else "default" (as delivery and selectors)."""
+    return _text(params.get("ip_pool")) or "default"
+
+
+def index_message(index, m: MessageMeta, seg: int, moff: int, mlen: int, blen: int) -> bool:
+    """Put a message record into a QueueIndex (True: it replaced an older copy).
+
+    Only what scheduling, counting and selecting need is kept; the envelope
+    stays on disk, read again with the body (:meth:`Store.read_record`).
+    """
+    p = m.params
+    return index.add(m.qid, seg, moff, mlen, blen, m.arrival, start_of(m), lane_of(p),
+                     pool_of(p), _text(p.get("campaign_id")),
+                     [recipient_domain(r) for r in m.rcpts], m.state, m.attempts, m.due,
+                     m.flags)
+
+
+class Located(msgspec.Struct, array_like=True):
+    """A message record just written: its envelope and where it lies (for :meth:`Store.commit`)."""
+
+    meta: MessageMeta
+    seg: int
+    meta_offset: int
+    meta_len: int
+    body_len: int
 
 
 class Segment:
@@ -403,6 +367,22 @@ class Spare:
             os.close(fd)
         os.rename(self.tmp_path, self.ready_path)
         return True
+
+
+def _release(mm: mmap.mmap, start: int, end: int) -> int:
+    """Drop the pages of *mm* in [start, end) from the process (page-aligned); the new start.
+
+    Why: the pages of a mapped file that were read count in the process's RSS
+    until it is unmapped, and recovery reads a whole segment (64 MiB by default)
+    through one mapping: that was over a quarter of a shard's peak RSS per queued
+    message at a million messages (bench/RESULTS.md).  They stay in the page
+    cache; reading them again (a torn record's search) faults them back in.
+    """
+    end -= end % mmap.PAGESIZE
+    if end > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        return end
+    return start
 
 
 def _zero_from(buf, off: int, end: int) -> bool:
@@ -570,7 +550,8 @@ class Store:
     """The on-disk queue of one shard and its in-memory index."""
 
     def __init__(self, directory: str, segment_size: int, fsync: bool = True,
-                 preallocate: bool = False, reserve: int = 0, events: bool = False):
+                 preallocate: bool = False, reserve: int = 0, events: bool = False,
+                 deadline_width: float = 1.0):
         self.dir = directory
         self.segment_size = segment_size
         self.fsync = fsync
@@ -578,11 +559,11 @@ class Store:
         self.reserve = reserve
         self.spare: Spare | None = None
         self.codec = native.load("record")
-        self.entries: dict[str, Entry] = {}
+        # The queue in memory: no envelope, no Python object per message or recipient
+        # (docs/queue-index.md); *deadline_width*: seconds per deadline bucket.
+        self.index = native.load("qindex").QueueIndex(deadline_width)
         self.segments: dict[int, Segment] = {}   # by number, insertion = age order
         self.current: Segment | None = None
-        self.recipients = 0
-        self.bytes = 0
         self.written = 0                      # octets appended since start (for /metrics)
         self._readers: dict[int, int] = {}   # segment number -> O_RDONLY fd
         if fsync:
@@ -592,6 +573,14 @@ class Store:
         # The synced watermark, when an events process reads this shard's events.
         self.watermark = Watermark(directory, True) if events else None
         self._replay_budget = 1 << 62     # records per recover_step (set by each call)
+
+    @property
+    def recipients(self) -> int:
+        return self.index.recipients
+
+    @property
+    def bytes(self) -> int:
+        return self.index.body_bytes
 
     # ----------------------------------------------------------------- recovery
 
@@ -640,12 +629,11 @@ class Store:
 
     def recover_finish(self) -> dict:
         """The index is complete: count each segment's live messages; the stats for the log."""
-        for seg in list(self.segments.values()):
-            seg.live = 0
-        for e in self.entries.values():
-            self.segments[e.seg].live += 1
+        counts = self.index.segment_counts()
+        for seg in self.segments.values():
+            seg.live = counts.get(seg.number, 0)
         stats = self._stats
-        stats["messages"] = len(self.entries)
+        stats["messages"] = len(self.index)
         stats["seconds"] = round(time.monotonic() - self._t0, 3)
         self._start_spare()
         return stats
@@ -671,6 +659,7 @@ class Store:
         with open(seg.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             off = 0
             end = len(mm)
+            released = 0
             while off < end:
                 status, rtype, meta, boff, blen, nxt = codec.decode(mm, off)
                 if status == OK:
@@ -678,6 +667,8 @@ class Store:
                     self._apply(seg, rtype, meta, boff, blen)
                     off = nxt
                     n += 1
+                    if off - released >= RELEASE_STEP:
+                        released = _release(mm, released, off)
                     if n >= self._replay_budget:
                         n = 0
                         yield
@@ -703,38 +694,22 @@ class Store:
 
     def _apply(self, seg: Segment, rtype: int, meta: bytes, boff: int, blen: int) -> None:
         if rtype == REC_MESSAGE:
-            m = _dec_msg.decode(meta)
-            share_params(m.params)
-            old = self.entries.get(m.qid)
-            if old is not None:
-                self._forget(old)
-            self._remember(Entry(m, seg.number, boff, blen))
+            self._add(_dec_msg.decode(meta), seg.number, boff - len(meta), len(meta), blen)
             seg.total += 1
         elif rtype == REC_DONE:
+            remove = self.index.remove
             for qid in _dec_done.decode(meta).qids:
-                e = self.entries.pop(qid, None)
-                if e is not None:
-                    self.recipients -= len(e.meta.rcpts)
-                    self.bytes -= e.length
+                remove(qid)
         elif rtype == REC_RCPT:
             r = _dec_rcpt.decode(meta)
-            e = self.entries.get(r.qid)
-            if e is not None:
-                apply_updates(e, r.updates)
+            self.index.apply(r.qid, r.updates)
         elif rtype == REC_EVENTS:
             pass        # for the events process only
         else:
             log.warning("segment %s: unknown record type %d ignored", seg.path, rtype)
 
-    def _remember(self, e: Entry) -> None:
-        self.entries[e.meta.qid] = e
-        self.recipients += len(e.meta.rcpts)
-        self.bytes += e.length
-
-    def _forget(self, e: Entry) -> None:
-        del self.entries[e.meta.qid]
-        self.recipients -= len(e.meta.rcpts)
-        self.bytes -= e.length
+    def _add(self, m: MessageMeta, seg: int, moff: int, mlen: int, blen: int) -> bool:
+        return index_message(self.index, m, seg, moff, mlen, blen)
 
     # ------------------------------------------------------------------ writing
 
@@ -786,13 +761,13 @@ class Store:
         self.current = None
 
     def write(self, messages: list, done: list[str], updates: dict | None = None,
-              events: bytes | None = None) -> list[Entry]:
+              events: bytes | None = None) -> list[Located]:
         """Append events, message, recipient-update and DONE records; not yet durable.
 
         *messages* is a list of (MessageMeta, body); *updates* maps a queue id
         to its [[index, state, attempts, due], ...]; *events*, the batch's
-        encoded events, go first (one REC_EVENTS record).  Returns the new
-        entries, which become visible in the index only after :meth:`commit`.
+        encoded events, go first (one REC_EVENTS record).  Returns where the new
+        messages lie, which become visible in the index only after :meth:`commit`.
         """
         seg = self._writable()
         codec = self.codec
@@ -806,10 +781,10 @@ class Store:
         for meta, body in messages:
             mb = _enc.encode(meta)
             hdr = codec.encode_header(REC_MESSAGE, mb, body)
-            boff = pos + len(hdr) + len(mb)
+            moff = pos + len(hdr)
             bufs += (hdr, mb, body)
-            pos = boff + len(body)
-            new.append(Entry(meta, seg.number, boff, len(body)))
+            pos = moff + len(mb) + len(body)
+            new.append(Located(meta, seg.number, moff, len(mb), len(body)))
         if updates:
             for qid, ups in updates.items():
                 mb = _enc.encode(RcptMeta(qid, ups))
@@ -905,48 +880,87 @@ class Store:
         if self.watermark is not None:
             self.watermark.set(seg.number, seg.size)   # a memory write: no system call
 
-    def commit(self, new: list[Entry], done: list[str], updates: dict | None = None) -> list[str]:
-        """Publish a synced batch in the index; return the queue ids actually removed."""
+    def commit(self, new: list[Located], done: list[str],
+               updates: dict | None = None) -> list[str]:
+        """Publish a synced batch in the index; return the queue ids actually removed.
+
+        A compaction copy replaces its message's entry and keeps what is not on
+        disk -- the jobs out (else a message being delivered could be sent again,
+        or bounced by an operator's bulk bounce), its place in the due queue, its
+        deadline and the last temporary replies (QueueIndex.add).
+        """
+        index = self.index
+        segments = self.segments
         if updates:
             for qid, ups in updates.items():
-                e = self.entries.get(qid)
-                if e is not None:
-                    apply_updates(e, ups)
-        for e in new:
-            old = self.entries.get(e.meta.qid)
+                index.apply(qid, ups)
+        for n in new:
+            old = index.location(n.meta.qid)
             if old is not None:
-                # A compaction copy: what is not on disk goes with it -- the jobs out
-                # (else a message being delivered could be sent again, or bounced by an
-                # operator's bulk bounce) and the last temporary replies.
-                e.out = old.out
-                e.last = old.last
-                self._forget(old)
-                self.segments[old.seg].live -= 1
-            self._remember(e)
-            seg = self.segments[e.seg]
+                segments[old[0]].live -= 1
+            self._add(n.meta, n.seg, n.meta_offset, n.meta_len, n.body_len)
+            seg = segments[n.seg]
             seg.live += 1
             seg.total += 1
         removed = []
         for qid in done:
-            e = self.entries.get(qid)
-            if e is not None:
-                self._forget(e)
-                self.segments[e.seg].live -= 1
+            loc = index.location(qid)
+            if loc is not None:
+                index.remove(qid)
+                segments[loc[0]].live -= 1
                 removed.append(qid)
         return removed
 
     # ----------------------------------------------------------------- reading
 
-    def read_body(self, e: Entry) -> bytes:
-        """Read a queued message's bytes from its segment (a cached read descriptor)."""
-        fd = self._readers.get(e.seg)
+    def _reader(self, seg: int) -> int:
+        """A read descriptor of segment *seg* (cached, at most MAX_READERS open)."""
+        fd = self._readers.get(seg)
         if fd is None:
             if len(self._readers) >= MAX_READERS:
                 for old in list(self._readers)[: MAX_READERS // 2]:
                     os.close(self._readers.pop(old))
-            fd = self._readers[e.seg] = os.open(self.segments[e.seg].path,
-                                                os.O_RDONLY | os.O_CLOEXEC)
-        return os.pread(fd, e.length, e.offset)
+            fd = self._readers[seg] = os.open(self.segments[seg].path,
+                                              os.O_RDONLY | os.O_CLOEXEC)
+        return fd
+
+    def _pread(self, seg: int, n: int, off: int) -> bytes:
+        data = os.pread(self._reader(seg), n, off)
+        if len(data) != n:
+            raise OSError(errno.EIO, f"segment {seg}: short read at offset {off}")
+        return data
+
+    def read_record(self, qid: str) -> tuple[MessageMeta, bytes]:
+        """A queued message's envelope and bytes: one read (the meta lies right before the
+        body).  KeyError if it is not queued; OSError if the disk fails."""
+        loc = self.index.location(qid)
+        if loc is None:
+            raise KeyError(qid)
+        seg, off, mlen, blen = loc
+        data = self._pread(seg, mlen + blen, off)
+        return _dec_msg.decode(memoryview(data)[:mlen]), data[mlen:]
+
+    def read_meta(self, qid: str) -> MessageMeta:
+        """A queued message's envelope, read from its record (KeyError, OSError)."""
+        loc = self.index.location(qid)
+        if loc is None:
+            raise KeyError(qid)
+        return _dec_msg.decode(self._pread(loc[0], loc[2], loc[1]))
+
+    def read_body(self, qid: str) -> bytes:
+        """A queued message's bytes, read from its record (KeyError, OSError)."""
+        loc = self.index.location(qid)
+        if loc is None:
+            raise KeyError(qid)
+        seg, off, mlen, blen = loc
+        return self._pread(seg, blen, off + mlen)
+
+    def progress_meta(self, qid: str) -> tuple[MessageMeta, bytes]:
+        """(the envelope with its recipients' progress, the body): a compaction copy."""
+        m, body = self.read_record(qid)
+        state, attempts, due, flags = self.index.progress(qid)
+        return MessageMeta(m.qid, m.sender, m.rcpts, m.arrival, m.params, m.client, state,
+                           attempts, due, flags if any(flags) else None), body
 
     # ------------------------------------------------------------- reclamation
 
@@ -962,7 +976,6 @@ class Store:
         """
         copies: list = []
         unlink: list[Segment] = []
-        by_seg: dict[int, list[Entry]] | None = None
         for seg in list(self.segments.values()):
             if seg is self.current or (hold is not None and seg.number >= hold):
                 break
@@ -971,12 +984,8 @@ class Store:
                 continue
             if seg.total and seg.live / seg.total < live_ratio and \
                     len(copies) + seg.live <= max_copy:
-                if by_seg is None:
-                    by_seg = {}
-                    for e in self.entries.values():
-                        by_seg.setdefault(e.seg, []).append(e)
-                for e in by_seg.get(seg.number, ()):
-                    copies.append((e.progress_meta(), self.read_body(e)))
+                for qid in self.index.in_segment(seg.number):
+                    copies.append(self.progress_meta(qid))
                 unlink.append(seg)
                 continue
             break
@@ -1021,13 +1030,10 @@ class Store:
 
     # ---------------------------------------------------------------- queries
 
-    def summary(self) -> dict:
-        oldest = min((e.meta.arrival for e in self.entries.values()), default=None)
-        return {
-            "messages": len(self.entries),
-            "recipients": self.recipients,
-            "bytes": self.bytes,
-            "oldest_arrival": oldest,
-            "segments": len(self.segments),
-            "disk_bytes": sum(s.size for s in self.segments.values()),
-        }
+    def summary(self, now: float | None = None) -> dict:
+        """The queue's counts (QueueIndex.summary: per domain, pool, campaign, ...) and the
+        segments'."""
+        s = self.index.summary(time.time() if now is None else now)
+        s["segments"] = len(self.segments)
+        s["disk_bytes"] = sum(seg.size for seg in self.segments.values())
+        return s

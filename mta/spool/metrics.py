@@ -26,7 +26,7 @@ class ShardMetrics:
         lb = self.label
         return [
             (COUNTER, "mta_spool_written_bytes_total", lb, st.written),
-            (GAUGE, "mta_spool_queue_messages", lb, len(st.entries)),
+            (GAUGE, "mta_spool_queue_messages", lb, len(st.index)),
             (GAUGE, "mta_spool_queue_recipients", lb, st.recipients),
             (GAUGE, "mta_spool_queue_bytes", lb, st.bytes),
             (GAUGE, "mta_spool_jobs_in_flight", lb, len(sh.jobs)),

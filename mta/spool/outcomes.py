@@ -1,7 +1,8 @@
 """What delivery outcomes and expiry do to a shard's recipients: the spool's policy.
 
-Pure logic over the shard's queue entries, with no socket and no file
-descriptor: :class:`Plan` collects, for one group-commit batch, the records
+Pure logic over the shard's queue index (:mod:`mta.store`'s QueueIndex), with
+no socket and no file descriptor of its own (envelopes and bodies come through
+the callables it is given): :class:`Plan` collects, for one group-commit batch, the records
 to write (recipient updates, bounce messages, finished messages), the events
 to make durable with them (a REC_EVENTS record in the same batch) and the messages to schedule again.  The shard
 (:mod:`mta.spool.shard`) writes, syncs and then applies them; if the write
@@ -70,7 +71,7 @@ from mta.feedback import suppression as sup
 from mta.obs import events as ev
 from mta import controls as ctl
 from mta.spool import schedule as sch
-from mta.store import RCPT_DELAY_NOTIFIED, MessageMeta, start_of
+from mta.store import RCPT_DELAY_NOTIFIED, MessageMeta
 
 log = logging.getLogger("mta.spool")
 
@@ -79,39 +80,26 @@ DEFER_MAX = 7 * 86400.0  # a rule's defer delay is bounded by this (and by max_a
 REQUEUE_MAX = 3600.0     # and at most this (the outcome's retry_after is bounded)
 EXPIRED_STATUS = "4.4.7"  # an expiry found at dispatch: no reply, our own status and text
 EXPIRED_TEXT = "message expired: too long in the queue"
-
-
-_REPLIES: dict[tuple, tuple] = {}
-REPLIES_MAX = 4096   # distinct replies shared between recipients (then start again)
-
-
-def _reply(r: Result, bounce_class, bounce_rule) -> tuple:
-    """Recipient's last temporary reply as a tuple shared by every recipient that got it.
-
-    A site that defers a backlog says the same few things to every recipient:
-    sharing the tuple keeps the memory per deferred recipient at one pointer.
-    """
-    t = (r.code, r.enhanced, r.text, r.host, r.ip, bounce_class, bounce_rule)
-    shared = _REPLIES.get(t)
-    if shared is None:
-        if len(_REPLIES) >= REPLIES_MAX:
-            _REPLIES.clear()
-        shared = _REPLIES[t] = t
-    return shared
+# QueueIndex.info fields
+_BODY_LEN, _START, _OUT = 3, 5, 9
 
 
 class Plan:
     """What one batch's outcomes and expiries change.
 
-    *entries*: the shard's queue (qid -> store Entry); *policy*: its
-    RetryPolicy; *read_body(entry)*: the message as spooled (for bounces);
-    *new_qid()*: a queue id in this shard for a bounce; *hostname*: the
-    reporting MTA named in bounces.
+    *index*: the shard's queue (a QueueIndex); *read_meta(qid)*: a message's
+    envelope (MessageMeta), read from its record -- the index keeps none;
+    *policy*: its RetryPolicy; *read_body(qid)*: the message as spooled (for
+    bounces); *new_qid()*: a queue id in this shard for a bounce; *hostname*:
+    the reporting MTA named in bounces.  The index is only read here, but for
+    the last temporary replies (set at a deferral, as before a commit).
     """
 
-    def __init__(self, entries: dict, policy: sch.RetryPolicy, read_body, new_qid,
+    def __init__(self, index, read_meta, policy: sch.RetryPolicy, read_body, new_qid,
                  hostname: str):
-        self.entries = entries
+        self.index = index
+        self._read_meta = read_meta
+        self._metas: dict[str, MessageMeta] = {}    # read once per batch
         self.policy = policy
         self.read_body = read_body
         self.new_qid = new_qid
@@ -130,11 +118,28 @@ class Plan:
         # (recipient, description): failed as invalid recipients, for the suppression list
         self.suppress: list[tuple[str, str]] = []
 
-    def _state(self, qid, e):
+    def _state(self, qid):
         st = self.states.get(qid)
         if st is None:
-            st = self.states[qid] = list(e.state)
+            st = self.states[qid] = self.index.progress(qid)[0]
         return st
+
+    def _lookup(self, qid: str) -> tuple | None:
+        """(index info, envelope) of *qid*; None if it is not queued, or (logged) when its
+        record cannot be read: the message is then looked at again later, like one whose
+        outcome was not recorded."""
+        info = self.index.info(qid)
+        if info is None:
+            return None
+        m = self._metas.get(qid)
+        if m is None:
+            try:
+                m = self._metas[qid] = self._read_meta(qid)
+            except OSError as exc:
+                log.error("%s: cannot read the message: %s", qid, exc.strerror or exc)
+                self.returned.append(qid)
+                return None
+        return info, m
 
     def outcome(self, qid: str, results: list[Result], now: float, source: str = "",
                 source_ip: str = "", site: str = "", retry_after: float = 0.0,
@@ -150,15 +155,16 @@ class Plan:
         ``bounce_class`` (a rule's ``bounce`` action) keeps it, with the rule's
         name as ``bounce_rule``.
         """
-        e = self.entries.get(qid)
-        if e is None:
+        index = self.index
+        got = self._lookup(qid)
+        if got is None:
             return
+        info, m = got
         self.returned.append(qid)
-        st = self._state(qid, e)
-        m = e.meta
+        st = self._state(qid)
         base = {"timestamp": now, "queue_id": qid,
                 "message_id": m.params.get("message_id", ""), "sender": m.sender,
-                "arrival": m.arrival, "size": e.length, "client": m.client,
+                "arrival": m.arrival, "size": info[_BODY_LEN], "client": m.client,
                 **ev.carried(m.params)}
         if source:
             base["source"] = source
@@ -173,7 +179,7 @@ class Plan:
                                      "scope": rule.scope, "stage": rule.stage,
                                      "until": rule.until}
         policy = self.policy
-        start = start_of(m)
+        start = info[_START]
         for r in results:
             idx = r.index
             if not 0 <= idx < len(st) or st[idx] != sch.PENDING:
@@ -185,7 +191,8 @@ class Plan:
                     continue
                 self.expire(qid, [idx], now)   # past max_age already: not tried again
                 continue
-            attempts = e.attempts[idx] + 1
+            rc = index.recipient(qid, idx)
+            attempts = rc[1] + 1
             event = dict(base, recipient=m.rcpts[idx], remote_host=r.host, remote_ip=r.ip,
                          response={"code": r.code, "enhanced": r.enhanced, "text": r.text},
                          attempt=attempts, time_in_queue=round(now - m.arrival, 3))
@@ -219,7 +226,7 @@ class Plan:
                     self._bounce(qid, idx, r.code, r.enhanced, r.text, r.host, now,
                                  note=f"gave up after {attempts} attempt(s)")
                 else:
-                    flags = e.flag(idx)
+                    flags = rc[3]
                     if (policy.delay_warning and now - start >= policy.delay_warning
                             and not flags & RCPT_DELAY_NOTIFIED):
                         # once per recipient: the flag is written with this update
@@ -246,33 +253,32 @@ class Plan:
                     event["bounce_class"], event["bounce_rule"] = classify(
                         r.code, r.enhanced, r.text)
                 if st[idx] == sch.PENDING:   # deferred: what an expiry at dispatch quotes
-                    if e.last is None:
-                        e.last = [None] * len(st)
-                    e.last[idx] = _reply(r, event["bounce_class"], event["bounce_rule"])
+                    # (interned by the index: recipients given the same reply share it)
+                    index.set_last(qid, idx, (r.code, r.enhanced, r.text, r.host, r.ip,
+                                              event["bounce_class"], event["bounce_rule"]))
             self.events.append(event)
 
     def expire(self, qid: str, idxs: list[int], now: float) -> None:
         """Recipients *idxs* of *qid* are too old to try again: expire and bounce them."""
-        e = self.entries.get(qid)
-        if e is None:
+        index = self.index
+        got = self._lookup(qid)
+        if got is None:
             return
-        st = self._state(qid, e)
-        m = e.meta
+        info, m = got
+        st = self._state(qid)
         bounce_class, bounce_rule = classify(0, EXPIRED_STATUS, EXPIRED_TEXT)
-        last = e.last
         for idx in idxs:
             if st[idx] != sch.PENDING:
                 continue
             st[idx] = sch.EXPIRED
-            attempts = e.attempts[idx]
+            _, attempts, _, _, _, r = index.recipient(qid, idx)
             self._update(qid, idx, sch.EXPIRED, attempts, 0.0)
             event = {"type": ev.EXPIRATION, "timestamp": now, "queue_id": qid,
                      "message_id": m.params.get("message_id", ""), **ev.carried(m.params),
-                     "arrival": m.arrival, "size": e.length, "client": m.client,
+                     "arrival": m.arrival, "size": info[_BODY_LEN], "client": m.client,
                      "sender": m.sender, "recipient": m.rcpts[idx], "attempt": attempts,
                      "time_in_queue": round(now - m.arrival, 3),
                      "bounce_class": bounce_class, "bounce_rule": bounce_rule}
-            r = last[idx] if last is not None and idx < len(last) else None
             if r is None:
                 self.events.append(event)
                 self._bounce(qid, idx, 0, EXPIRED_STATUS, EXPIRED_TEXT, "", now)
@@ -293,23 +299,26 @@ class Plan:
         """The operator bounces recipients *idxs* of *qid* (a bulk bounce,
         :mod:`mta.controls`): failed, a class-25 bounce event each, and a DSN
         to the sender when *dsn*.  How many were pending."""
-        e = self.entries.get(qid)
-        if e is None:
+        index = self.index
+        got = self._lookup(qid)
+        if got is None:
             return 0
-        st = self._state(qid, e)
-        m = e.meta
+        info, m = got
+        st = self._state(qid)
         n = 0
         for idx in idxs:
             if not 0 <= idx < len(st) or st[idx] != sch.PENDING:
                 continue
             st[idx] = sch.FAILED
-            self._update(qid, idx, sch.FAILED, e.attempts[idx], 0.0)
+            attempts = index.recipient(qid, idx)[1]
+            self._update(qid, idx, sch.FAILED, attempts, 0.0)
             self.events.append({"type": ev.BOUNCE, "timestamp": now, "queue_id": qid,
                                 "message_id": m.params.get("message_id", ""),
                                 **ev.carried(m.params),
-                                "arrival": m.arrival, "size": e.length, "client": m.client,
+                                "arrival": m.arrival, "size": info[_BODY_LEN],
+                                "client": m.client,
                                 "sender": m.sender, "recipient": m.rcpts[idx],
-                                "attempt": e.attempts[idx],
+                                "attempt": attempts,
                                 "time_in_queue": round(now - m.arrival, 3),
                                 "response": {"code": ctl.BOUNCE_CODE,
                                              "enhanced": ctl.BOUNCE_STATUS, "text": text},
@@ -337,7 +346,7 @@ class Plan:
         into.setdefault(qid, []).append(r)
 
     def _bounce(self, qid, idx, code, enh, text, host, now, note="") -> None:
-        m = self.entries[qid].meta
+        m = self._metas[qid]
         rcpt = m.rcpts[idx]
         if not notify_allows(_notify(m, idx), "FAILURE"):
             log.info("%s: <%s> failed; no bounce: NOTIFY=%s", qid, rcpt, _notify(m, idx))
@@ -357,19 +366,20 @@ class Plan:
 
     def finish(self, now: float) -> None:
         """Turn recipient states into bounces, finished messages and reschedules."""
-        entries = self.entries
+        index = self.index
         for qid in dict.fromkeys(self.returned):
-            e = entries.get(qid)
-            if e is None:
+            info = index.info(qid)
+            if info is None:
                 continue
-            st = self.states.get(qid, e.state)
+            st = self.states.get(qid) or index.progress(qid)[0]
             if all(s != sch.PENDING for s in st):
-                if not e.out:
+                if not info[_OUT]:
                     self.done.append(qid)
                 continue
             new_due = {u[0]: u[3] for u in self.updates.get(qid, ())}
             new_due.update(self.requeues.get(qid, ()))
-            dues = [new_due.get(i, e.due[i]) for i in range(len(st)) if st[i] == sch.PENDING]
+            due = index.progress(qid)[2]
+            dues = [new_due.get(i, due[i]) for i in range(len(st)) if st[i] == sch.PENDING]
             self.reschedule.append((min(dues) if dues else now, qid))
         for kind, notices in (("bounce", self.failures), ("success notice", self.successes),
                               ("delay notice", self.delays)):
@@ -378,8 +388,7 @@ class Plan:
 
     def _report(self, kind: str, qid: str, fails: list, now: float) -> None:
         """Queue one DSN (*kind*: bounce, success notice, delay notice) for *qid*."""
-        e = self.entries[qid]
-        m = e.meta
+        m = self._metas[qid]
         if not m.sender:
             what = "bouncing a failure" if kind == "bounce" else f"sending a {kind}"
             log.info("%s: not %s of a message with a null sender (recipients: %s)",
@@ -389,7 +398,7 @@ class Plan:
         envid = m.params.get("ENVID")
         try:
             dsn = build_dsn(
-                original=self.read_body(e), envelope_sender=m.sender, failed=fails,
+                original=self.read_body(qid), envelope_sender=m.sender, failed=fails,
                 reporting_mta=self.hostname, arrival_time=m.arrival, queue_id=qid,
                 message_id=message_id, delayed=kind == "delay notice",
                 envid=xtext_decode(envid) if isinstance(envid, str) else None,

@@ -12,10 +12,8 @@ import logging
 import time
 
 from mta import bus
-from mta.queueid import recipient_domain
 from mta.spool import schedule as sch
 from mta.spool.dispatch import TRANSACTIONAL
-from mta.store import start_of
 
 log = logging.getLogger("mta.spool")
 
@@ -43,58 +41,21 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
     segments the events process has not read yet (``events_backlog_warning``:
     over half of ``events.max_backlog_bytes``).
     """
-    store = shard.store
-    s = store.summary()
-    pending = deferred = scheduled = scheduled_messages = 0
-    domains: dict[str, list] = {}
-    pools: dict[str, list] = {}      # pool -> [messages, pending recipients]
-    campaigns: dict[str, list] = {}  # campaign_id -> [messages, pending recipients]
-    next_attempt = next_start = None
-    now = time.time()
-    for e in store.entries.values():
-        p = pools.setdefault(e.meta.params.get("ip_pool", "default"), [0, 0])
-        p[0] += 1
-        n_pending = e.state.count(sch.PENDING)
-        p[1] += n_pending
-        camp = e.meta.params.get("campaign_id") or NO_CAMPAIGN
-        c = campaigns.get(camp)
-        if c is None:
-            if len(campaigns) >= CAMPAIGNS_MAX:
-                camp = OTHER_CAMPAIGN
-            c = campaigns.setdefault(camp, [0, 0])
-        c[0] += 1
-        c[1] += n_pending
-        start = start_of(e.meta)
-        later = start > now
-        counted = False
-        for i, st in enumerate(e.state):
-            if st != sch.PENDING:
-                continue
-            pending += 1
-            if later and not e.attempts[i] and e.due[i] > now:
-                scheduled += 1
-                if not counted:
-                    counted = True
-                    scheduled_messages += 1
-                    if next_start is None or start < next_start:
-                        next_start = start
-            d = domains.setdefault(recipient_domain(e.meta.rcpts[i]), [0, 0, None])
-            d[0] += 1
-            if e.attempts[i]:
-                deferred += 1
-                d[1] += 1
-                due = e.due[i]
-                if d[2] is None or due < d[2]:
-                    d[2] = due
-                if next_attempt is None or due < next_attempt:
-                    next_attempt = due
+    s = shard.store.summary(time.time())
+    campaigns: dict = {}
+    for camp, v in s["campaigns"].items():
+        camp = camp or NO_CAMPAIGN
+        if camp not in campaigns and len(campaigns) >= CAMPAIGNS_MAX:
+            camp = OTHER_CAMPAIGN
+        c = campaigns.setdefault(camp, [0, 0])
+        c[0] += v[0]
+        c[1] += v[1]
+    domains, pools = s["domains"], s["pools"]
     s.update(shard=shard.shard, healthy=shard.healthy, error=shard.last_error,
-             held=shard.dcfg.hold, pending=pending, deferred=deferred,
-             next_attempt=next_attempt, in_flight=len(shard.jobs),
+             held=shard.dcfg.hold, in_flight=len(shard.jobs),
              in_flight_transactional=shard.window.out[TRANSACTIONAL],
              blocked=shard.window.blocked_count(),
              suspended_messages=len(shard.held), recovering=shard.recovering,
-             scheduled=scheduled, scheduled_messages=scheduled_messages, next_start=next_start,
              domains={k: {"recipients": v[0], "deferred": v[1], "next_attempt": v[2]}
                       for k, v in domains.items()},
              pools={k: {"messages": v[0], "recipients": v[1]} for k, v in pools.items()},
@@ -106,49 +67,47 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
 
 
 def listing(store, req: int, limit: int) -> bus.SpoolQueueListReply:
-    """The queued messages in queue-id order, at most *limit* (0: up to LIST_LIMIT_MAX)."""
+    """The queued messages in queue-id order, at most *limit* (0: up to LIST_LIMIT_MAX).
+
+    The envelopes are read from disk (the index keeps none); a message whose
+    record cannot be read is left out (logged).
+    """
     limit = min(limit or LIST_LIMIT_MAX, LIST_LIMIT_MAX)
+    index = store.index
     out = []
-    for qid in sorted(store.entries)[:limit]:
-        e = store.entries[qid]
-        out.append(bus.QueueEntry(qid=qid, sender=e.meta.sender, rcpts=e.meta.rcpts,
-                                  arrival=e.meta.arrival, size=e.length,
-                                  states=[sch.STATE_NAMES[s] for s in e.state],
-                                  attempts=e.attempts, due=e.due))
+    for qid in index.sorted_qids(limit):
+        try:
+            m = store.read_meta(qid)
+        except OSError as exc:
+            log.error("%s: cannot read the message: %s", qid, exc.strerror or exc)
+            continue
+        state, attempts, due, _ = index.progress(qid)
+        out.append(bus.QueueEntry(qid=qid, sender=m.sender, rcpts=m.rcpts,
+                                  arrival=m.arrival, size=index.info(qid)[3],
+                                  states=[sch.STATE_NAMES[s] for s in state],
+                                  attempts=attempts, due=due))
     return bus.SpoolQueueListReply(req, out)
 
 
-def flush(store, due, req: int, qids=None) -> bus.SpoolQueueFlushReply:
+def flush(store, req: int, qids=None) -> bus.SpoolQueueFlushReply:
     """Make every deferred recipient due now (of messages *qids* only, when given); reply
     with how many there were."""
-    now = time.time()
-    count = 0
-    entries = store.entries
-    items = entries.items() if qids is None else \
-        [(q, entries[q]) for q in qids if q in entries]
-    for qid, e in items:
-        hit = False
-        for i, st in enumerate(e.state):
-            if st == sch.PENDING and e.due[i] > now:
-                e.due[i] = now
-                hit = True
-                count += 1
-        if hit:
-            due.push(now, qid)
+    count = store.index.flush(time.time(), qids)
     log.info("queue flush%s: %d deferred recipient(s) due now",
              "" if qids is None else " (requeued by delivery)", count)
     return bus.SpoolQueueFlushReply(req, count)
 
 
 def show(store, req: int, qid: str) -> bus.SpoolMessageShowReply:
-    """One message's envelope, recipients' progress and body."""
-    e = store.entries.get(qid)
-    if e is None:
+    """One message's envelope, recipients' progress and body (read from its record)."""
+    index = store.index
+    if qid not in index:
         return bus.SpoolMessageShowReply(req, bus.STATUS_UNKNOWN, None, b"")
-    m = e.meta
+    m, body = store.read_record(qid)
+    state, attempts, due, _ = index.progress(qid)
     entry = {"qid": m.qid, "sender": m.sender, "recipients": m.rcpts,
-             "arrival": m.arrival, "size": e.length, "params": m.params,
+             "arrival": m.arrival, "size": len(body), "params": m.params,
              "client": m.client,
-             "state": [sch.STATE_NAMES[s] for s in e.state],
-             "attempts": e.attempts, "due": e.due}
-    return bus.SpoolMessageShowReply(req, bus.STATUS_OK, entry, store.read_body(e))
+             "state": [sch.STATE_NAMES[s] for s in state],
+             "attempts": attempts, "due": due}
+    return bus.SpoolMessageShowReply(req, bus.STATUS_OK, entry, body)

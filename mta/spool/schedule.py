@@ -48,7 +48,12 @@ class RetryPolicy:
 
 
 class DueQueue:
-    """A heap of (due time, queue id); stale entries are skipped by the caller."""
+    """A heap of (due time, queue id); stale entries are skipped by the caller.
+
+    (The shard's own due queues and deadlines are the queue index's now,
+    docs/queue-index.md; this and :class:`Deadlines` are the plain-Python
+    forms they were made from.)
+    """
 
     def __init__(self):
         self.heap: list = []
@@ -82,38 +87,6 @@ class DueQueue:
 
     def __len__(self) -> int:
         return len(self.heap)
-
-
-class Lanes:
-    """One DueQueue per dispatch lane (mta.spool.dispatch: BULK, TRANSACTIONAL).
-
-    ``lane_of(qid)`` says which lane a message belongs to; push() and
-    push_many() take (due, qid) like a DueQueue and file each in its lane.
-    """
-
-    def __init__(self, lane_of, lanes: int = 2):
-        self.queues = tuple(DueQueue() for _ in range(lanes))
-        self.lane_of = lane_of
-
-    def push(self, due: float, qid: str) -> None:
-        self.queues[self.lane_of(qid)].push(due, qid)
-
-    def push_many(self, items) -> None:
-        queues, lane_of = self.queues, self.lane_of
-        for due, qid in items:
-            queues[lane_of(qid)].push(due, qid)
-
-    def next_due(self, lanes=None) -> float | None:
-        """The earliest due time of *lanes* (indexes; None: all)."""
-        best = None
-        for i in range(len(self.queues)) if lanes is None else lanes:
-            t = self.queues[i].next_due()
-            if t is not None and (best is None or t < best):
-                best = t
-        return best
-
-    def __len__(self) -> int:
-        return sum(map(len, self.queues))
 
 
 class Deadlines:

@@ -53,14 +53,14 @@ from mta import bus, feedback
 from mta.feedback import suppression as sup
 from mta.obs import events as ev
 from mta.obs.stats import Pusher
-from mta.queueid import domain_shard, new_qid_for_shard, recipient_domain
+from mta.queueid import domain_shard, new_qid_for_shard
 from mta import controls as ctl
 from mta.spool import dispatch as dsp
 from mta.spool import queries
 from mta.spool import schedule as sch
 from mta.spool.metrics import ShardMetrics
 from mta.spool.outcomes import Plan
-from mta.store import MessageMeta, Store, read_cursor, shard_dir, share_params, start_of
+from mta.store import MessageMeta, Store, read_cursor, shard_dir
 
 log = logging.getLogger("mta.spool")
 
@@ -77,6 +77,9 @@ SPOOLED_DELIVERY_PARAMS = ("BODY", "SMTPUTF8", "ENVID", "RET")
 DSN_RCPT_PARAMS = ("NOTIFY", "ORCPT")
 REQUEUE_LOG_INTERVAL = 10.0     # seconds between log lines about REQUEUED outcomes
 OP_IDLE = 0.2                   # seconds a bulk bounce waits when only jobs out are left
+DEADLINE_BUCKETS = 1000         # a message expires at most max_age / this late
+# QueueIndex.info fields
+_START, _POOL, _CAMPAIGN, _OUT = 5, 7, 8, 9
 PRIORITY = {dsp.BULK: bus.PRIORITY_BULK, dsp.TRANSACTIONAL: bus.PRIORITY_TRANSACTIONAL}
 
 
@@ -107,8 +110,9 @@ def _selector_text(sel: ctl.Selector) -> str:
 def _settle_gc() -> None:
     """Collect cyclic garbage, then exempt everything that survived from later collections.
 
-    The queue is tens of thousands of long-lived objects (per message an Entry
-    with its envelope, lists and dicts).  Left in the collector's oldest
+    The shard keeps many long-lived objects (its queue used to be several per
+    message; the queue index holds none, but jobs, plans and the interning
+    tables remain).  Left in the collector's oldest
     generation, every full collection walks all of them, and a growing queue
     triggers one per 25 % of growth: the collector was ~5 % of the shard's
     CPU under load, the more the longer the queue.  Frozen objects are still
@@ -143,18 +147,19 @@ class Shard:
         self.dcfg = settings.config.delivery
         self.shard = shard
         self.events_on = settings.events_enabled    # an events process reads our events
+        self.policy = sch.RetryPolicy(self.dcfg)
+        # The queue (store.index): per lane a due queue, and every queued message's
+        # deadline (start + max_age) in buckets of max_age / DEADLINE_BUCKETS: age is
+        # checked wherever a message waits -- held, parked for an absent delivery
+        # process, or behind an unhealthy disk -- not only when it is dispatched.
         self.store = Store(shard_dir(settings.spool_dir, shard), cfg.segment_size, cfg.fsync,
                            preallocate=cfg.preallocate, reserve=cfg.min_free_bytes,
-                           events=self.events_on)
+                           events=self.events_on,
+                           deadline_width=max(self.policy.max_age / DEADLINE_BUCKETS, 1e-3))
+        self.q = self.store.index
         self.backlog = (0, 0)                   # events backlog: (bytes, segments)
         self.backlog_level = 0                  # 0 fine, 1 warned, 2 over the bound
         self.endpoint = settings.endpoint(f"spool-{shard}")
-        self.policy = sch.RetryPolicy(self.dcfg)
-        self.due = sch.Lanes(self.lane_of)
-        # (arrival + max_age, qid) of every queued message: age is checked
-        # wherever a message waits -- held, parked for an absent delivery
-        # process, or behind an unhealthy disk -- not only when it is dispatched.
-        self.deadlines = sch.Deadlines(self.policy.max_age)
         self.window = dsp.Window(settings.deliveries, self.dcfg.max_in_flight,
                                  self.dcfg.max_in_flight_per_domain, self.dcfg.spread_threshold)
         self.jobs = self.window.jobs          # req -> dispatch.Job
@@ -243,34 +248,10 @@ class Shard:
         log.info("recovered queue: messages=%d segments=%d records=%d skipped_bytes=%d "
                  "seconds=%s", stats["messages"], stats["segments"], stats["records"],
                  stats["skipped_bytes"], stats["seconds"])
-        deadline = self.policy.deadline
-        last = self.recovered_up_to
-        PENDING = sch.PENDING
-        add = self.deadlines.add
-        finished = self.finished_at_start
-        lanes: dict[int, list] = {lane: [] for lane in dsp.LANES}
-        bulk, transactional = lanes[dsp.BULK], lanes[dsp.TRANSACTIONAL]
-        for qid, e in self.store.entries.items():
-            if e.seg > last:
-                continue         # taken during the recovery: already scheduled
-            state = e.state
-            if len(state) == 1:                    # (most messages: one recipient)
-                if state[0] != PENDING:
-                    finished.append(qid)
-                    continue
-                first = e.due[0]
-            else:
-                dues = [e.due[i] for i, s in enumerate(state) if s == PENDING]
-                if not dues:
-                    finished.append(qid)
-                    continue
-                first = min(dues)
-            m = e.meta
-            (transactional if m.params.get("transactional") is True else bulk).append(
-                (first, qid))
-            add(deadline(start_of(m)), qid)
-        for lane, items in lanes.items():
-            self.due.queues[lane].extend(items)
+        # each recovered message at its earliest pending due time, with its deadline;
+        # those none of whose recipients is pending are finished now
+        self.finished_at_start += self.q.schedule_recovered(self.recovered_up_to,
+                                                            self.policy.max_age)
         self.recovering = False
         # the recovered queue is never walked by the collector (frozen without a
         # collection first: it made no cycles, and walking a million entries takes ~1 s)
@@ -318,7 +299,7 @@ class Shard:
         # Wake for the next due recipient only when dispatch can act on it;
         # otherwise (held, unhealthy, window full) a past due time would spin.
         lanes = self.open_lanes()
-        nd = self.due.next_due(lanes) if lanes else None
+        nd = self.q.next_due(lanes) if lanes else None
         if nd is not None:
             timeout = max(0, min(timeout, int((nd - time.time()) * 1000) + 1))
         ops = self.op_pending()
@@ -369,7 +350,7 @@ class Shard:
         size = 0
         recovering = self.recovering
         for peer, msg in deletes or ():
-            qids = [q for q in msg.qids if q in self.store.entries]
+            qids = [q for q in msg.qids if q in self.q]
             done += qids
             delete_peers.append((peer, msg.req, qids))
         while len(messages) < cfg.max_batch_messages and size < cfg.max_batch_bytes:
@@ -385,7 +366,6 @@ class Shard:
                 for env, b in zip(msg.envelopes, msg.bodies):
                     params = env.params
                     params["message_id"] = env.message_id
-                    share_params(params)
                     state = None
                     if sup.PARAM in params:
                         state = _suppressed_state(len(env.rcpts), params[sup.PARAM])
@@ -401,7 +381,7 @@ class Shard:
                 else:
                     server.send(peer, bus.SpoolMessageCommitted(msg.req, bus.STATUS_UNKNOWN))
             elif type(msg) is bus.SpoolMessageDelete:
-                qids = [q for q in msg.qids if q in self.store.entries]
+                qids = [q for q in msg.qids if q in self.q]
                 done += qids
                 delete_peers.append((peer, msg.req, qids))
             else:
@@ -432,7 +412,7 @@ class Shard:
             # Nothing to write (REQUEUED outcomes, repeated ones; reports' events
             # while no events process reads them): schedule only.
             self._requeue(plan)
-            self.due.push_many(plan.reschedule)
+            self._push(plan.reschedule)
             for peer, req in commit_peers:
                 server.send(peer, bus.SpoolMessageCommitted(req, bus.STATUS_OK))
             return
@@ -458,14 +438,16 @@ class Shard:
             self.healthy = False
             self.last_error = exc.strerror or str(exc)
             abandoned = plan.abandon()
-            self.due.push_many([(now + BUSY_RETRY, qid) for qid in abandoned])
+            q = self.q
+            deadline = self.policy.deadline
+            for qid in abandoned:
+                info = q.info(qid)
+                if info is not None:
+                    q.push(qid, now + BUSY_RETRY)
+                    # (an expiry that was not recorded is looked at again)
+                    q.set_deadline(qid, deadline(info[_START]))
             for op, qid, n in reversed(op_taken):     # (bounced with the next batch)
                 op.todo.appendleft((qid, n))
-            # (an expiry that was not recorded is looked at again)
-            entries, deadline = self.store.entries, self.policy.deadline
-            for qid in abandoned:
-                if qid in entries:
-                    self.deadlines.add(deadline(start_of(entries[qid].meta)), qid)
         else:
             self._untrack(done)
             removed = self.store.commit(new, done, plan.updates)
@@ -511,23 +493,20 @@ class Shard:
 
     def plan(self) -> Plan:
         """A fresh Plan over this shard's queue, for one batch."""
-        return Plan(self.store.entries, self.policy, self.store.read_body,
+        return Plan(self.q, self.store.read_meta, self.policy, self.store.read_body,
                     lambda: new_qid_for_shard(self.shard, self.settings.shards),
                     self.settings.hostname)
 
     def returned(self, req: int, qid: str) -> None:
         """The outcome of job *req* came back: it is no longer out."""
-        job = self.window.remove(req)
-        e = self.store.entries.get(qid)
-        if job is not None and e is not None:
-            e.out = max(0, e.out - 1)
+        if self.window.remove(req) is not None:
+            self.q.add_out(qid, -1)
 
-    def lane_of(self, qid: str) -> int:
-        """The dispatch lane of a message: transactional ones go first."""
-        e = self.store.entries.get(qid)
-        if e is not None and e.meta.params.get("transactional") is True:
-            return dsp.TRANSACTIONAL
-        return dsp.BULK
+    def _push(self, items) -> None:
+        """Make each (due, qid) of *items* due then (unless due earlier already)."""
+        push = self.q.push
+        for due, qid in items:
+            push(qid, due)
 
     def _requeue(self, plan: Plan) -> None:
         """REQUEUED recipients: their new due time, in memory only (not an attempt).
@@ -535,14 +514,14 @@ class Shard:
         Not written: after a restart such a recipient is due at its recorded
         time, which has passed, so it is simply tried again.
         """
-        entries = self.store.entries
+        q = self.q
         for qid, items in plan.requeues.items():
-            e = entries.get(qid)
-            if e is None:
+            if qid not in q:
                 continue
             for idx, due in items:
-                if e.state[idx] == sch.PENDING:
-                    e.due[idx] = due
+                r = q.recipient(qid, idx)
+                if r is not None and r[0] == sch.PENDING:
+                    q.set_due(qid, idx, due)
                     self.requeued += 1
             self.requeued_qids[qid] = None
 
@@ -577,17 +556,19 @@ class Shard:
         return out
 
     def _after_commit(self, new: list, plan: Plan) -> None:
-        """Schedule the batch's messages (after the sync)."""
-        due = self.due
-        entries = self.store.entries
-        new = [e for e in new if e.meta.qid in entries]   # (not those finished at once)
-        due.push_many([(min(e.due), e.meta.qid) for e in new])
-        due.push_many(plan.reschedule)
-        deadline = self.policy.deadline
-        add = self.deadlines.add
-        for e in new:
-            if e.meta.attempts is None:  # (a compaction copy keeps its message's entry)
-                add(deadline(start_of(e.meta)), e.meta.qid)
+        """Schedule the batch's messages and give them their deadline (after the sync)."""
+        q = self.q
+        max_age = self.policy.max_age
+        for n in new:
+            qid = n.meta.qid
+            info = q.info(qid)
+            if info is None:
+                continue                    # (finished at once: every recipient suppressed)
+            first = q.first_due(qid)
+            q.push(qid, info[_START] if first is None else first)
+            if n.meta.attempts is None:     # (a compaction copy keeps its message's deadline)
+                q.set_deadline(qid, info[_START] + max_age)
+        self._push(plan.reschedule)
 
     def _suppressed_events(self, out: list, m: MessageMeta, size: int, extra: dict) -> None:
         """The class-25 bounce of each recipient found on the suppression list (no DSN)."""
@@ -633,7 +614,9 @@ class Shard:
         w = self.window
         if w.freed or (everything and w.blocked):
             now = time.time()
-            self.due.queues[dsp.BULK].push_many([(now, q) for q in w.released(everything)])
+            push = self.q.push
+            for qid in w.released(everything):
+                push(qid, now)
 
     def dispatch(self) -> None:
         """Send due recipients to delivery, transactional messages first."""
@@ -650,32 +633,33 @@ class Shard:
         if budget <= 0:
             return
         now = time.time()
-        entries = self.store.entries
+        q = self.q
+        store = self.store
         links = self.links
         up = links.up
         nd = len(links)
-        due = self.due.queues[lane]
         priority = PRIORITY[lane]
-        for qid in due.pop_due(now, min(budget, DISPATCH_BATCH)):
-            e = entries.get(qid)
-            if e is None or e.out:
+        for qid in q.pop_due(lane, now, min(budget, DISPATCH_BATCH)):
+            info = q.info(qid)
+            if info is None or info[_OUT]:
                 continue  # finished, or its outcome is awaited (it reschedules then)
-            ready = [i for i, s in enumerate(e.state) if s == sch.PENDING and e.due[i] <= now]
-            later = [e.due[i] for i, s in enumerate(e.state) if s == sch.PENDING and e.due[i] > now]
-            if later:
-                self.due.push(min(later), qid)
+            ready, later = q.ready(qid, now)
+            if later is not None:
+                q.push(qid, later)
             if not ready:
                 continue
-            m = e.meta
-            if self.policy.expired(start_of(m), now):
+            if self.policy.expired(info[_START], now):
                 self.expire_work.append((qid, ready))
                 continue
+            domains = q.domains(qid)
             groups: dict[str, list[int]] = {}
             for i in ready:
-                groups.setdefault(recipient_domain(m.rcpts[i]), []).append(i)
+                groups.setdefault(domains[i], []).append(i)
+            pool = info[_POOL]
             if self.controls.items:
-                match = self.controls.match
-                for domain in [d for d in groups if match(d, m.params) is not None]:
+                match = self.controls.match_values
+                campaign = info[_CAMPAIGN]
+                for domain in [d for d in groups if match(d, campaign, pool) is not None]:
                     del groups[domain]      # suspended by the operator: held back
                     self.held[qid] = None
                 if not groups:
@@ -687,13 +671,12 @@ class Shard:
                 if not groups:
                     continue
             try:
-                body = self.store.read_body(e)
+                m, body = store.read_record(qid)     # the envelope and the body: one read
             except OSError as exc:
                 log.error("%s: cannot read the message: %s", qid, exc.strerror)
-                self.due.push(now + BUSY_RETRY, qid)
+                q.push(qid, now + BUSY_RETRY)
                 continue
             params = {k: v for k, v in m.params.items() if k in SPOOLED_DELIVERY_PARAMS}
-            pool = m.params.get("ip_pool") or "default"
             for domain, idxs in groups.items():
                 home = domain_shard(domain, nd)
                 if not up[home]:
@@ -701,33 +684,28 @@ class Shard:
                     continue
                 d = w.target(domain, home, up)
                 req = next(self.reqs)
-                attempt = max(e.attempts[i] for i in idxs) + 1
+                attempt = max(q.recipient(qid, i)[1] for i in idxs) + 1
                 job = bus.DeliveryMessageReady(
                     req=req, qid=qid, sender=m.sender, domain=domain,
                     rcpts=[bus.JobRecipient(index=i, address=m.rcpts[i]) for i in idxs],
                     params=_job_params(params, m.params, idxs), attempt=attempt, body=body,
                     pool=pool, priority=priority)
                 if not links.send(d, job):
-                    self.due.push(now + BUSY_RETRY, qid)
+                    q.push(qid, now + BUSY_RETRY)
                     continue
                 w.add(req, qid, idxs, d, domain, lane)
-                e.out += 1
+                q.add_out(qid, 1)
             budget -= 1
             if budget <= 0:
                 break
 
     def _untrack(self, qids: list[str]) -> None:
-        """Finished or deleted messages leave the deadline buckets (before the store forgets them)."""
-        entries = self.store.entries
-        discard = self.deadlines.discard
-        deadline = self.policy.deadline
+        """Finished or deleted messages are no longer held or requeued (the index drops
+        their schedule and deadline itself when the store removes them)."""
         held, requeued = self.held, self.requeued_qids
         for qid in qids:
             held.pop(qid, None)
             requeued.pop(qid, None)
-            e = entries.get(qid)
-            if e is not None:
-                discard(deadline(start_of(e.meta)), qid)
 
     def expire_waiting(self) -> None:
         """Expire the pending recipients of messages past ``delivery.max_age``, wherever they wait.
@@ -736,19 +714,19 @@ class Shard:
         its outcome decides (a deferral past the age limit expires it then).
         """
         now = time.time()
-        entries = self.store.entries
-        for qid in self.deadlines.passed(now):
-            e = entries.get(qid)
-            if e is None:
+        q = self.q
+        for qid in q.passed(now):
+            info = q.info(qid)
+            if info is None:
                 continue                  # finished
-            start = start_of(e.meta)
+            start = info[_START]
             if not self.policy.expired(start, now):
-                self.deadlines.add(self.policy.deadline(start), qid)
+                q.set_deadline(qid, self.policy.deadline(start))
                 continue
-            if e.out:
-                self.deadlines.add(now + BUSY_RETRY, qid)
+            if info[_OUT]:
+                q.set_deadline(qid, now + BUSY_RETRY)
                 continue
-            idxs = [i for i, s in enumerate(e.state) if s == sch.PENDING]
+            idxs = q.pending_idxs(qid)
             if idxs:
                 self.expire_work.append((qid, idxs))
 
@@ -778,10 +756,8 @@ class Shard:
     def _resend(self, reqs: list[int]) -> None:
         for r in reqs:
             qid = self.window.remove(r).qid
-            e = self.store.entries.get(qid)
-            if e is not None:
-                e.out = max(0, e.out - 1)
-                self.due.push(time.time(), qid)
+            if self.q.add_out(qid, -1) >= 0:
+                self.q.push(qid, time.time())
 
     def follow_links(self) -> None:
         """Follow the delivery processes' connections.
@@ -797,7 +773,7 @@ class Shard:
         for d, connected in links.changes():
             if connected:
                 now = time.time()
-                self.due.push_many([(now, qid) for qid in self.parked[d]])
+                self._push([(now, qid) for qid in self.parked[d]])
                 self.parked[d].clear()
                 continue
             # Take the outcomes it sent before it went away first.
@@ -823,9 +799,9 @@ class Shard:
         elif t is bus.SpoolQueueFlush:
             if msg.requeued:
                 qids, self.requeued_qids = list(self.requeued_qids), {}
-                reply = queries.flush(self.store, self.due, msg.req, qids)
+                reply = queries.flush(self.store, msg.req, qids)
             else:
-                reply = queries.flush(self.store, self.due, msg.req)
+                reply = queries.flush(self.store, msg.req)
         elif t is bus.SpoolAdminBounce:
             reply = self.start_bounce(msg)
         elif t is bus.SpoolAdminRefresh:
@@ -851,7 +827,7 @@ class Shard:
         (those still suspended are held again at dispatch)."""
         if self.held:
             now = time.time()
-            self.due.push_many([(now, qid) for qid in self.held])
+            self._push([(now, qid) for qid in self.held])
             log.info("suspensions changed: %d held message(s) looked at again",
                      len(self.held))
             self.held = {}
@@ -869,15 +845,9 @@ class Shard:
         if old is not None:                       # asked again (a retried request)
             return bus.SpoolAdminReply(msg.req, bus.STATUS_OK, [old.view()])
         op = ctl.BounceOp(msg.op, sel, msg.reason, msg.dsn)
-        PENDING = sch.PENDING
-        matches = sel.matches
-        for qid, e in self.store.entries.items():
-            m = e.meta
-            n = sum(1 for i, st in enumerate(e.state)
-                    if st == PENDING and matches(m.rcpts[i], m.params))
-            if n:
-                op.todo.append((qid, n))
-                op.total += n
+        for qid, n in self.q.select(sel.domains, sel.campaign, sel.pool):
+            op.todo.append((qid, n))
+            op.total += n
         finished = [k for k, o in self.ops.items() if o.finished]
         for k in finished[:max(0, len(finished) - ctl.OPS_KEPT + 1)]:
             del self.ops[k]
@@ -898,27 +868,25 @@ class Shard:
         """Put up to a batch of each running bulk bounce's messages into *plan*:
         [(op, qid, recipients)].  A message with a delivery job out waits for its
         outcome (its recipients may be delivered: they are not bounced twice)."""
-        entries = self.store.entries
+        q = self.q
         budget = self.cfg.max_batch_messages
         taken = []
         for op in self.ops.values():
             if not op.todo or budget <= 0:
                 continue
             waiting = []
-            matches = op.selector.matches
+            sel = op.selector
             text = op.text()
             while op.todo and budget > 0:
                 qid, n = op.todo.popleft()
-                e = entries.get(qid)
-                if e is None:
+                info = q.info(qid)
+                if info is None:
                     op.total -= n                 # finished meanwhile
                     continue
-                if e.out:
+                if info[_OUT]:
                     waiting.append((qid, n))
                     continue
-                m = e.meta
-                idxs = [i for i, st in enumerate(e.state)
-                        if st == sch.PENDING and matches(m.rcpts[i], m.params)]
+                idxs = q.matching(qid, sel.domains, sel.campaign, sel.pool)
                 got = plan.admin_bounce(qid, idxs, now, text, op.dsn) if idxs else 0
                 op.total -= n - got               # delivered or expired meanwhile
                 if got:

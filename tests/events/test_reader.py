@@ -73,7 +73,7 @@ def test_events_are_read_up_to_the_watermark_only(tmp_path, codec):
     # recovery ignores REC_EVENTS for the queue
     st.close()
     st2 = new_store(tmp_path, codec)
-    assert sorted(st2.entries) == ["%020X" % 1, "%020X" % 2]
+    assert st2.index.sorted_qids() == ["%020X" % 1, "%020X" % 2]
     assert Watermark(str(tmp_path), False).get() == (max(st2.segments),
                                                      st2.segments[max(st2.segments)].size)
     st2.close()
@@ -159,7 +159,7 @@ def test_reclamation_waits_for_the_cursor(tmp_path, codec):
         st.sync()
         st.commit(new, [])
         n += 1
-    done = list(st.entries)
+    done = st.index.sorted_qids()
     st.commit(st.write([], done), done)
     st.sync()
     segs = sorted(st.segments)

@@ -50,3 +50,41 @@ def test_a_suspension_that_names_nothing_holds_nothing(tmp_path):
     w.refresh(1.0)
     assert w.items == [] and w.match("a.test", {}) is None
     assert ctl.Selector().empty() and not ctl.Selector(pool="p").empty()
+
+
+def test_the_queue_index_selects_what_the_selector_matches():
+    """A bulk bounce takes its recipients from the queue index (the shard keeps no
+    envelope in memory): the same ones Selector.matches picks from the envelopes."""
+    import random
+
+    from mta import native
+    from mta.store import FAILED, MessageMeta, index_message
+
+    rng = random.Random(5)
+    index = native.load("qindex").QueueIndex(1.0)
+    metas = []
+    for n in range(200):
+        params = {}
+        if rng.random() < 0.6:
+            params["campaign_id"] = rng.choice(["c", "d", ""])
+        if rng.random() < 0.6:
+            params["ip_pool"] = rng.choice(["default", "mkt", ""])
+        rcpts = [f"u{i}@{rng.choice(['x.test', 'Y.test', 'z.test'])}"
+                 for i in range(rng.randint(1, 4))]
+        state = [rng.choice([0, 0, FAILED]) for _ in rcpts]
+        m = MessageMeta("%020X" % n, "s@a.test", rcpts, 1.0, params, "c", state)
+        index_message(index, m, 1, 0, 0, 0)
+        metas.append(m)
+    for sel in (ctl.Selector(domains=frozenset({"x.test", "y.test"}), campaign="c"),
+                ctl.Selector(pool="default"), ctl.Selector(pool="mkt", campaign="d"),
+                ctl.Selector(domains=frozenset({"z.test"})), ctl.Selector(campaign="none")):
+        want = {}
+        for m in metas:
+            idxs = [i for i, r in enumerate(m.rcpts)
+                    if m.state[i] == 0 and sel.matches(r, m.params)]
+            if idxs:
+                want[m.qid] = idxs
+        got = index.select(sel.domains, sel.campaign, sel.pool)
+        assert {q: n for q, n in got} == {q: len(i) for q, i in want.items()}, sel
+        for q, idxs in want.items():
+            assert index.matching(q, sel.domains, sel.campaign, sel.pool) == idxs

@@ -129,7 +129,7 @@ def test_bulk_is_capped_per_domain_and_waits_without_spinning(tmp_path):
     assert got == tx + slow[:2] + [other]
     assert shard.window.blocked_count() == 3
     # The blocked messages left the due queue: nothing due wakes the loop.
-    assert shard.due.next_due() is None
+    assert shard.store.index.next_due() is None
     shard.dispatch()
     assert sent(shard) == []
     # One slow.example job comes back: exactly one more goes, the oldest waiting.
@@ -193,19 +193,20 @@ def test_requeued_recipients_wait_retry_after_without_an_attempt(tmp_path):
     shard.links.outcomes[d].append(requeue_outcome(shard, job, 30.0))
     before = time.time()
     shard.batch(outcomes=[d])
-    e = shard.store.entries[qid]
-    assert e.state == [sch.PENDING, sch.PENDING] and e.attempts == [0, 0]
-    assert all(before + 30.0 <= t <= time.time() + 30.0 for t in e.due)
-    assert e.out == 0 and not shard.jobs
+    q = shard.store.index
+    state, attempts, due, _ = q.progress(qid)
+    assert state == [sch.PENDING, sch.PENDING] and attempts == [0, 0]
+    assert all(before + 30.0 <= t <= time.time() + 30.0 for t in due)
+    assert q.info(qid)[9] == 0 and not shard.jobs          # (jobs out)
     assert shard.requeued == 2
     # Not due now: nothing goes out; due at retry_after.
     shard.dispatch()
     assert sent(shard) == []
-    assert before + 30.0 <= shard.due.next_due() <= time.time() + 30.0
+    assert before + 30.0 <= q.next_due() <= time.time() + 30.0
     # The next attempt is still the first one.
     for i in range(2):
-        e.due[i] = time.time()
-    shard.due.push(time.time(), qid)
+        q.set_due(qid, i, time.time())
+    q.push(qid, time.time())
     shard.dispatch()
     [(_, job)] = sent(shard)
     assert job.attempt == 1
@@ -219,27 +220,26 @@ def test_requeued_floor_and_age(tmp_path):
     shard.links.outcomes[d].append(requeue_outcome(shard, job, 0.0))
     t0 = time.time()
     shard.batch(outcomes=[d])
-    assert shard.store.entries[qid].due[0] >= t0 + 1.0     # the floor
+    q = shard.store.index
+    assert q.progress(qid)[2][0] >= t0 + 1.0     # the floor
     # Requeued longer than the age left: kept (the deadline expires it), not expired now.
-    e = shard.store.entries[qid]
-    e.due[0] = time.time()
-    shard.due.push(time.time(), qid)
+    q.set_due(qid, 0, time.time())
+    q.push(qid, time.time())
     shard.dispatch()
     [(d, job)] = sent(shard)
     shard.links.outcomes[d].append(requeue_outcome(shard, job, 3000.0))
     shard.batch(outcomes=[d])
-    assert shard.store.entries[qid].state == [sch.PENDING]
+    assert shard.store.index.progress(qid)[0] == [sch.PENDING]
 
 
 def test_a_scheduled_message_is_due_at_its_start_and_ages_from_it(tmp_path):
     shard = make_shard(tmp_path, max_age=60.0)
     start = time.time() + 3600.0
     qid = queue(shard, ["a@x.example"], start_at=start)
-    e = shard.store.entries[qid]
-    assert e.due == [start]
+    assert shard.store.index.progress(qid)[2] == [start]
     shard.dispatch()
     assert sent(shard) == []
-    assert shard.due.next_due() == start
+    assert shard.store.index.next_due() == start
     # Older than max_age since arrival, but not since its start: not expired.
     assert not shard.policy.expired(start, time.time())
     shard.expire_waiting()
@@ -247,4 +247,4 @@ def test_a_scheduled_message_is_due_at_its_start_and_ages_from_it(tmp_path):
     # Recovery reads the start again from the record.
     shard.store.close()
     again = make_shard(tmp_path, max_age=60.0)
-    assert again.store.entries[qid].due == [start]
+    assert again.store.index.progress(qid)[2] == [start]

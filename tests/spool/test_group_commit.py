@@ -105,7 +105,7 @@ def test_requests_that_arrive_together_share_one_fdatasync_and_are_answered_afte
         assert c.sock.poll(5000), f"no answer to request {req}"
         reply = bus.decode(c.sock.recv())
         assert reply == bus.SpoolMessageCommitted(req, bus.STATUS_OK)
-    assert len(shard.store.entries) == ACCEPTORS * PER_REQUEST
+    assert len(shard.store.index) == ACCEPTORS * PER_REQUEST
 
 
 def test_a_storage_error_answers_the_whole_batch_and_nothing_is_queued(rig, monkeypatch):
@@ -122,7 +122,7 @@ def test_a_storage_error_answers_the_whole_batch_and_nothing_is_queued(rig, monk
     for req, c in enumerate(clients, start=1):
         assert c.sock.poll(5000)
         assert bus.decode(c.sock.recv()) == bus.SpoolMessageCommitted(req, bus.STATUS_STORAGE)
-    assert shard.store.entries == {} and not shard.healthy
+    assert len(shard.store.index) == 0 and not shard.healthy
     assert shard.last_error == "Input/output error"
 
 

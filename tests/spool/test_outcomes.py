@@ -1,6 +1,6 @@
 """What delivery outcomes and expiry do to a shard's recipients (mta/spool/outcomes.py).
 
-Pure logic: real queue entries and a real retry policy (seeded), no disk, no bus.
+Pure logic: a real queue index and a real retry policy (seeded), no disk, no bus.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from mta.obs import events as ev
 from mta.spool import schedule as sch
 from mta.spool.outcomes import Plan
 from mta.events.shape import sparkpost_event
-from mta.store import Entry, MessageMeta, apply_updates
+from mta import native
+from mta.store import MessageMeta, index_message
 
 NOW = 1_800_000_000.0
 ARRIVAL = NOW - 60.0
@@ -31,23 +32,44 @@ def policy(max_age: float = 3600.0) -> sch.RetryPolicy:
     return sch.RetryPolicy(cfg, random.Random(1))
 
 
-def entry(qid: str, rcpts: list[str], sender: str = SENDER) -> Entry:
-    meta = MessageMeta(qid, sender, rcpts, ARRIVAL, {"message_id": "<orig@example.com>",
-                                                      "campaign_id": "c1"}, "c [127.0.0.1]")
-    return Entry(meta, 0, 0, len(ORIGINAL))
+def entry(qid: str, rcpts: list[str], sender: str = SENDER, **params) -> MessageMeta:
+    return MessageMeta(qid, sender, rcpts, ARRIVAL, {"message_id": "<orig@example.com>",
+                                                     "campaign_id": "c1", **params},
+                       "c [127.0.0.1]")
+
+
+class Queue:
+    """A shard's queue as a Plan sees it: the index, and the envelopes its records hold."""
+
+    def __init__(self, *metas: MessageMeta):
+        self.index = native.load("qindex").QueueIndex(1.0)
+        self.metas = {m.qid: m for m in metas}
+        for m in metas:
+            index_message(self.index, m, 0, 0, 0, len(ORIGINAL))
+
+    def set(self, qid: str, idx: int, state: int | None = None,
+            attempts: int | None = None) -> None:
+        """Change recipient *idx*'s state or attempts (its due time stays)."""
+        st, at, due, _, _, _ = self.index.recipient(qid, idx)
+        self.index.update(qid, idx, st if state is None else state,
+                          at if attempts is None else attempts, due)
+
+
+def plan_of(q: Queue, pol: sch.RetryPolicy, new_qid) -> Plan:
+    return Plan(q.index, q.metas.__getitem__, pol, lambda qid: ORIGINAL, new_qid, HOST)
 
 
 def result(index: int, outcome: str, code: int, enh: str = "", text: str = "ok") -> bus.Result:
     return bus.Result(index, outcome, code, enh, text, "mx.example.net", "127.0.0.2")
 
 
-def make(entries: dict, max_age: float = 3600.0) -> Plan:
+def make(entries: Queue, max_age: float = 3600.0) -> Plan:
     qids = iter(f"BOUNCE{n:04d}" for n in range(100))
-    return Plan(entries, policy(max_age), lambda e: ORIGINAL, lambda: next(qids), HOST)
+    return plan_of(entries, policy(max_age), lambda: next(qids))
 
 
 def test_delivered_recipients_finish_the_message():
-    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
     plan = make(entries)
     plan.outcome("Q1", [result(0, bus.DELIVERED, 250), result(1, bus.DELIVERED, 250)], NOW)
     plan.finish(NOW)
@@ -61,8 +83,8 @@ def test_delivered_recipients_finish_the_message():
 
 
 def test_a_message_with_a_job_still_out_is_not_done():
-    entries = {"Q1": entry("Q1", ["a@example.net"])}
-    entries["Q1"].out = 1
+    entries = Queue(entry("Q1", ["a@example.net"]))
+    entries.index.add_out("Q1", 1)
     plan = make(entries)
     plan.outcome("Q1", [result(0, bus.DELIVERED, 250)], NOW)
     plan.finish(NOW)
@@ -70,8 +92,8 @@ def test_a_message_with_a_job_still_out_is_not_done():
 
 
 def test_deferred_recipient_is_rescheduled_by_the_retry_schedule():
-    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
-    entries["Q1"].attempts[0] = 1          # its second failure: the second delay
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
+    entries.set("Q1", 0, attempts=1)          # its second failure: the second delay
     plan = make(entries)
     plan.outcome("Q1", [result(0, bus.DEFERRED, 451, "4.3.0", "try later")], NOW)
     plan.finish(NOW)
@@ -84,7 +106,7 @@ def test_deferred_recipient_is_rescheduled_by_the_retry_schedule():
 
 
 def test_failed_recipient_is_bounced_to_the_sender_with_a_dsn():
-    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
     plan = make(entries)
     plan.outcome("Q1", [result(0, bus.FAILED, 550, "5.1.1", "no such user"),
                         result(1, bus.FAILED, 550, "", "rejected")], NOW)
@@ -103,8 +125,8 @@ def test_failed_recipient_is_bounced_to_the_sender_with_a_dsn():
 
 
 def test_deferral_past_max_age_expires_and_bounces_as_permanent():
-    entries = {"Q1": entry("Q1", ["a@example.net"])}
-    entries["Q1"].attempts[0] = 3
+    entries = Queue(entry("Q1", ["a@example.net"]))
+    entries.set("Q1", 0, attempts=3)
     plan = make(entries, max_age=120.0)    # next try at NOW + 300 > ARRIVAL + 120
     plan.outcome("Q1", [result(0, bus.DEFERRED, 421, "4.7.0", "slow down")], NOW)
     plan.finish(NOW)
@@ -116,8 +138,8 @@ def test_deferral_past_max_age_expires_and_bounces_as_permanent():
 
 
 def test_a_repeated_or_out_of_range_outcome_changes_nothing():
-    entries = {"Q1": entry("Q1", ["a@example.net"])}
-    entries["Q1"].state[0] = sch.DELIVERED
+    entries = Queue(entry("Q1", ["a@example.net"]))
+    entries.set("Q1", 0, state=sch.DELIVERED)
     plan = make(entries)
     plan.outcome("Q1", [result(0, bus.FAILED, 550), result(5, bus.FAILED, 550),
                         result(-1, bus.DELIVERED, 250)], NOW)
@@ -128,7 +150,7 @@ def test_a_repeated_or_out_of_range_outcome_changes_nothing():
 
 
 def test_the_first_of_two_outcomes_in_one_batch_counts():
-    entries = {"Q1": entry("Q1", ["a@example.net"])}
+    entries = Queue(entry("Q1", ["a@example.net"]))
     plan = make(entries)
     plan.outcome("Q1", [result(0, bus.DELIVERED, 250)], NOW)
     plan.outcome("Q1", [result(0, bus.FAILED, 550)], NOW)
@@ -137,7 +159,7 @@ def test_the_first_of_two_outcomes_in_one_batch_counts():
 
 
 def test_null_sender_failures_are_not_bounced():
-    entries = {"Q1": entry("Q1", ["a@example.net"], sender="")}
+    entries = Queue(entry("Q1", ["a@example.net"], sender=""))
     plan = make(entries)
     plan.outcome("Q1", [result(0, bus.FAILED, 550)], NOW)
     plan.finish(NOW)
@@ -146,9 +168,9 @@ def test_null_sender_failures_are_not_bounced():
 
 
 def test_expire_bounces_pending_recipients_only():
-    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net", "c@example.net"])}
-    entries["Q1"].state[1] = sch.DELIVERED
-    entries["Q1"].attempts[0] = 2
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net", "c@example.net"]))
+    entries.set("Q1", 1, state=sch.DELIVERED)
+    entries.set("Q1", 0, attempts=2)
     plan = make(entries)
     plan.expire("Q1", [0, 1, 2], NOW)
     plan.finish(NOW)
@@ -164,10 +186,10 @@ def test_expire_bounces_pending_recipients_only():
 def test_an_expiry_found_at_dispatch_quotes_the_last_deferral_and_its_class():
     # a deferred, b never tried: both are found too old later (at dispatch, in the
     # waiting sweep, or REQUEUED past max_age), not by an outcome of their own
-    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
     plan = make(entries)
     plan.outcome("Q1", [result(0, bus.DEFERRED, 452, "4.2.2", "mailbox full")], NOW)
-    apply_updates(entries["Q1"], plan.updates["Q1"])
+    entries.index.apply("Q1", plan.updates["Q1"])
     plan = make(entries)
     plan.expire("Q1", [0, 1], NOW + 10)
     plan.finish(NOW + 10)
@@ -189,7 +211,7 @@ def test_an_expiry_found_at_dispatch_quotes_the_last_deferral_and_its_class():
 
 @pytest.mark.parametrize("outcome", [bus.DELIVERED, bus.DEFERRED, bus.FAILED])
 def test_abandon_names_every_message_that_came_back_once(outcome):
-    entries = {"Q1": entry("Q1", ["a@example.net"]), "Q2": entry("Q2", ["b@example.net"])}
+    entries = Queue(entry("Q1", ["a@example.net"]), entry("Q2", ["b@example.net"]))
     plan = make(entries)
     plan.outcome("Q1", [result(0, outcome, 250)], NOW)
     plan.outcome("Q2", [result(0, outcome, 250)], NOW)
@@ -201,7 +223,7 @@ def test_abandon_names_every_message_that_came_back_once(outcome):
 
 
 def test_requeued_is_not_an_attempt_and_logs_no_event():
-    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
     plan = make(entries)
     plan.outcome("Q1", [result(0, bus.REQUEUED, 0, text="suspended"),
                         result(1, bus.REQUEUED, 0, text="suspended")], NOW, retry_after=45.0)
@@ -213,7 +235,7 @@ def test_requeued_is_not_an_attempt_and_logs_no_event():
 
 def test_requeued_waits_at_least_the_floor_and_at_most_the_ceiling():
     from mta.spool.outcomes import REQUEUE_MAX, REQUEUE_MIN
-    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
     plan = make(entries)
     plan.outcome("Q1", [result(0, bus.REQUEUED, 0)], NOW, retry_after=0.0)
     plan.outcome("Q1", [result(1, bus.REQUEUED, 0)], NOW, retry_after=1e9)
@@ -223,7 +245,7 @@ def test_requeued_waits_at_least_the_floor_and_at_most_the_ceiling():
 def test_requeued_past_max_age_expires_but_not_before():
     # 60 s old, max_age 100 s, retry_after 3600 s: not expired now (the age
     # check where it waits takes it at its deadline).
-    entries = {"Q1": entry("Q1", ["a@example.net"])}
+    entries = Queue(entry("Q1", ["a@example.net"]))
     plan = make(entries, max_age=100.0)
     plan.outcome("Q1", [result(0, bus.REQUEUED, 0)], NOW, retry_after=3600.0)
     assert plan.updates == {} and "Q1" in plan.requeues
@@ -236,8 +258,8 @@ def test_requeued_past_max_age_expires_but_not_before():
 
 
 def test_events_name_the_source_its_ip_and_the_site():
-    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
-    entries["Q1"].meta.params["ip_pool"] = "mkt"
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
+    entries.metas["Q1"].params["ip_pool"] = "mkt"
     plan = make(entries)
     plan.outcome("Q1", [result(0, bus.DELIVERED, 250), result(1, bus.DEFERRED, 451)], NOW,
                  source="ip-1", source_ip="127.0.0.2", site="mx.example.net")
@@ -253,13 +275,12 @@ def test_age_counts_from_the_start_time():
     # Arrived 60 s ago, scheduled to start 50 s ago; max_age 100 s; a deferral
     # with its next attempt 60 s later: 60 + 60 > 100 from arrival, but from the
     # start (10 + 60 < 100) it is kept.
-    e = entry("Q1", ["a@example.net"])
-    e.meta.params["start_at"] = NOW - 10.0
-    plan = make({"Q1": e}, max_age=100.0)
+    e = entry("Q1", ["a@example.net"], start_at=NOW - 10.0)
+    plan = make(Queue(e), max_age=100.0)
     plan.outcome("Q1", [result(0, bus.DEFERRED, 451)], NOW)
     assert plan.updates["Q1"][0][1] == sch.PENDING
     e2 = entry("Q2", ["a@example.net"])
-    plan = make({"Q2": e2}, max_age=100.0)
+    plan = make(Queue(e2), max_age=100.0)
     plan.outcome("Q2", [result(0, bus.DEFERRED, 451)], NOW)
     assert plan.updates["Q2"][0][1] == sch.EXPIRED
 
@@ -267,9 +288,7 @@ def test_age_counts_from_the_start_time():
 # ------------------------------------------------------------ DSN (RFC 3461 / 3464)
 
 def dsn_entry(qid, rcpts, notify, orcpt=None, **params):
-    e = entry(qid, rcpts)
-    e.meta.params.update(params, NOTIFY=notify, ORCPT=orcpt or [""] * len(rcpts))
-    return e
+    return entry(qid, rcpts, **params, NOTIFY=notify, ORCPT=orcpt or [""] * len(rcpts))
 
 
 def test_notify_decides_who_is_bounced_and_who_gets_a_relayed_notice():
@@ -278,7 +297,7 @@ def test_notify_decides_who_is_bounced_and_who_gets_a_relayed_notice():
     e = dsn_entry("Q1", ["a@x.test", "b@x.test", "c@x.test", "d@x.test"],
                   ["NEVER", "", "SUCCESS", "SUCCESS"],
                   ["", "rfc822;B+2Bo@orig.test", "", ""], ENVID="E+2B1", RET="HDRS")
-    plan = make({"Q1": e})
+    plan = make(Queue(e))
     plan.outcome("Q1", [result(0, bus.FAILED, 550, "5.1.1"), result(1, bus.FAILED, 550, "5.1.1"),
                         result(2, bus.DELIVERED, 250, "2.0.0"),
                         bus.Result(3, bus.DELIVERED, 250, "2.0.0", "ok", "mx", "127.0.0.2",
@@ -300,12 +319,13 @@ def test_notify_decides_who_is_bounced_and_who_gets_a_relayed_notice():
 
 
 def test_delay_notice_once_per_recipient_and_the_flag_is_in_the_update():
-    from mta.store import RCPT_DELAY_NOTIFIED, apply_updates
+    from mta.store import RCPT_DELAY_NOTIFIED
     e = dsn_entry("Q1", ["a@x.test", "b@x.test", "c@x.test"], ["", "FAILURE", "DELAY"])
     pol = policy()
     pol.delay_warning = 30.0            # ARRIVAL is NOW - 60: past it
     qids = iter(["N1", "N2"])
-    plan = Plan({"Q1": e}, pol, lambda e: ORIGINAL, lambda: next(qids), HOST)
+    q = Queue(e)
+    plan = plan_of(q, pol, lambda: next(qids))
     plan.outcome("Q1", [result(i, bus.DEFERRED, 451, "4.2.0") for i in range(3)], NOW)
     plan.finish(NOW)
     [(meta, data)] = plan.bounces
@@ -313,10 +333,10 @@ def test_delay_notice_once_per_recipient_and_the_flag_is_in_the_update():
     assert b"b@x.test" not in data      # NOTIFY=FAILURE: no delay notice
     ups = plan.updates["Q1"]
     assert all(len(u) == 5 and u[4] == RCPT_DELAY_NOTIFIED for u in ups)  # b too: decided
-    apply_updates(e, ups)
+    q.index.apply("Q1", ups)
     for i in range(3):
-        e.state[i] = sch.PENDING
-    plan = Plan({"Q1": e}, pol, lambda e: ORIGINAL, lambda: "N3", HOST)
+        q.set("Q1", i, state=sch.PENDING)
+    plan = plan_of(q, pol, lambda: "N3")
     plan.outcome("Q1", [result(i, bus.DEFERRED, 451, "4.2.0") for i in range(3)], NOW + 5)
     plan.finish(NOW + 5)
     assert plan.bounces == []           # once
@@ -328,7 +348,7 @@ def test_no_delay_notice_before_the_warning_time_or_when_off():
     for warning in (0.0, 120.0):        # off; not yet (the message is 60 s old)
         pol = policy()
         pol.delay_warning = warning
-        plan = Plan({"Q1": e}, pol, lambda e: ORIGINAL, lambda: "N1", HOST)
+        plan = plan_of(Queue(e), pol, lambda: "N1")
         plan.outcome("Q1", [result(0, bus.DEFERRED, 451, "4.2.0")], NOW)
         plan.finish(NOW)
         assert plan.bounces == [] and len(plan.updates["Q1"][0]) == 4
@@ -340,7 +360,7 @@ def fired(action: str, name: str = "gmail-rate", until: float = 0.0) -> bus.Fire
 
 
 def test_a_rules_defer_delay_replaces_the_retry_schedule_and_is_recorded():
-    entries = {"Q1": entry("Q1", ["a@example.net"])}
+    entries = Queue(entry("Q1", ["a@example.net"]))
     plan = make(entries)
     # the schedule would say 60 s; the rule's defer action said 900 s
     plan.outcome("Q1", [result(0, bus.DEFERRED, 451, "4.7.1", "greylisted")], NOW,
@@ -351,8 +371,8 @@ def test_a_rules_defer_delay_replaces_the_retry_schedule_and_is_recorded():
     assert e["type"] == ev.DELAY and e["next_attempt"] == NOW + 900.0
     assert e["response_rule"]["name"] == "greylist" and e["response_rule"]["action"] == "defer"
     # a shorter delay than the schedule's is kept too (greylisting: try again soon)
-    entries = {"Q2": entry("Q2", ["a@example.net"])}
-    entries["Q2"].attempts[0] = 1                         # the schedule: 300 s
+    entries = Queue(entry("Q2", ["a@example.net"]))
+    entries.set("Q2", 0, attempts=1)                         # the schedule: 300 s
     plan = make(entries)
     plan.outcome("Q2", [result(0, bus.DEFERRED, 451)], NOW, retry_after=30.0,
                  rule=fired("defer"))
@@ -361,7 +381,7 @@ def test_a_rules_defer_delay_replaces_the_retry_schedule_and_is_recorded():
 
 
 def test_a_rule_delay_past_max_age_expires_the_recipient():
-    entries = {"Q1": entry("Q1", ["a@example.net"])}
+    entries = Queue(entry("Q1", ["a@example.net"]))
     plan = make(entries, max_age=600.0)
     plan.outcome("Q1", [result(0, bus.DEFERRED, 451)], NOW, retry_after=3600.0,
                  rule=fired("defer"))
@@ -371,7 +391,7 @@ def test_a_rule_delay_past_max_age_expires_the_recipient():
 
 
 def test_a_rules_bounce_class_is_kept_with_the_rule_as_bounce_rule():
-    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net"])}
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
     plan = make(entries)
     res = bus.Result(0, bus.FAILED, 554, "5.7.1", "blocked: poor reputation",
                      "mx.example.net", "127.0.0.2", bounce_class="51")
@@ -384,16 +404,16 @@ def test_a_rules_bounce_class_is_kept_with_the_rule_as_bounce_rule():
 
 
 def test_no_rule_no_response_rule_field():
-    entries = {"Q1": entry("Q1", ["a@example.net"])}
+    entries = Queue(entry("Q1", ["a@example.net"]))
     plan = make(entries)
     plan.outcome("Q1", [result(0, bus.DEFERRED, 451)], NOW)
     assert "response_rule" not in plan.events[0]
 
 
 def test_an_operators_bounce_fails_pending_recipients_with_class_25_and_a_dsn_when_asked():
-    entries = {"Q1": entry("Q1", ["a@example.net", "b@example.net", "c@example.org"])}
-    entries["Q1"].state[1] = sch.DELIVERED
-    entries["Q1"].attempts[0] = 2
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net", "c@example.org"]))
+    entries.set("Q1", 1, state=sch.DELIVERED)
+    entries.set("Q1", 0, attempts=2)
     plan = make(entries)
     assert plan.admin_bounce("Q1", [0, 1, 2], NOW, "bounced by the operator: stop", True) == 2
     plan.finish(NOW)
@@ -408,7 +428,7 @@ def test_an_operators_bounce_fails_pending_recipients_with_class_25_and_a_dsn_wh
     assert b"Final-Recipient: rfc822; c@example.org" in dsn and b"Status: 5.0.0" in dsn
     assert b"b@example.net" not in dsn
     # without a DSN: the events only
-    entries = {"Q2": entry("Q2", ["a@example.net"])}
+    entries = Queue(entry("Q2", ["a@example.net"]))
     plan = make(entries)
     assert plan.admin_bounce("Q2", [0], NOW, "x", False) == 1
     plan.finish(NOW)
@@ -418,9 +438,9 @@ def test_an_operators_bounce_fails_pending_recipients_with_class_25_and_a_dsn_wh
 def test_the_sessions_tls_and_the_messages_headers_reach_the_events():
     """outbound_tls (delivery and delay only, as SparkPost) and the From address and
     Subject kept in the message's params, in the SparkPost shape of each event."""
-    e = entry("Q1", ["a@example.net", "b@example.net", "c@example.net"])
-    e.meta.params.update({"friendly_from": "news@example.org", "subject": "Spring"})
-    plan = make({"Q1": e})
+    e = entry("Q1", ["a@example.net", "b@example.net", "c@example.net"],
+              friendly_from="news@example.org", subject="Spring")
+    plan = make(Queue(e))
     plan.outcome("Q1", [result(0, bus.DELIVERED, 250), result(1, bus.DEFERRED, 451),
                         result(2, bus.FAILED, 550)], NOW, outbound_tls="-1")
     shaped = [sparkpost_event(x, event_id=str(i)) for i, x in enumerate(plan.events)]
@@ -428,6 +448,6 @@ def test_the_sessions_tls_and_the_messages_headers_reach_the_events():
         [("delivery", "-1"), ("delay", "-1"), ("bounce", None)]
     assert {(x["friendly_from"], x["subject"]) for x in shaped} == {("news@example.org",
                                                                      "Spring")}
-    plan = make({"Q2": entry("Q2", ["a@example.net"])})
+    plan = make(Queue(entry("Q2", ["a@example.net"])))
     plan.outcome("Q2", [result(0, bus.DEFERRED, 451)], NOW)     # no session: no field
     assert "outbound_tls" not in sparkpost_event(plan.events[0], event_id="9")
