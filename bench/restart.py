@@ -17,7 +17,11 @@ started with delivery on, every domain routed to an smtp-sink on loopback, and m
 
 Loopback only; bounded by ``--timeout``; only processes started here are stopped.
 
-    python bench/restart.py [--queued 1000000] [--size 2048] [--record]
+    python bench/restart.py [--queued 1000000] [--size 2048] [--rcpts 1] [--record]
+
+With ``--rcpts N`` each message has N recipients in N domains; the figures are then also
+per queued recipient.  The whole process tree's resident memory (supervisor and every
+child, VmRSS after the read) is reported against the same tree on an empty spool.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from mta.queueid import new_qid_for_shard  # noqa: E402
 from mta.store import MessageMeta, Store, shard_dir  # noqa: E402
 
 
-def fill(d: Daemon, n: int, size: int) -> float:
+def fill(d: Daemon, n: int, size: int, rcpts: int = 1) -> float:
     t0 = time.monotonic()
     st = Store(shard_dir(os.path.join(d.state_dir, "spool"), 0), 64 << 20, fsync=False)
     st.recover()
@@ -49,7 +53,8 @@ def fill(d: Daemon, n: int, size: int) -> float:
     body = head + b"x" * 76 + b"\r\n"
     body = (body * (size // len(body) + 1))[:size]
     for first in range(0, n, 10_000):
-        items = [(MessageMeta(new_qid_for_shard(0, 1), "old@sender.test", [f"r{i}@bench.test"],
+        items = [(MessageMeta(new_qid_for_shard(0, 1), "old@sender.test",
+                              [f"r{i}@d{j}.bench.test" for j in range(rcpts)],
                               time.time(), {}, "client.test [127.0.0.1]"), body)
                  for i in range(first, min(n, first + 10_000))]
         new = st.write(items, [])
@@ -66,13 +71,26 @@ def spool_hwm(d: Daemon) -> int:
         return int(re.search(r"VmHWM:\s+(\d+) kB", fh.read()).group(1)) * 1024
 
 
-def empty_hwm(d: Daemon, timeout: float) -> int:
-    """The spool shard's peak RSS once it has read an empty spool (then stopped)."""
+def tree_rss(d: Daemon) -> int:
+    """The resident memory (VmRSS) of the supervisor and every child, in octets."""
+    total = 0
+    for pid in [d.proc.pid, *d.children().values()]:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                total += int(re.search(r"VmRSS:\s+(\d+) kB", fh.read()).group(1)) * 1024
+        except (OSError, AttributeError):
+            pass
+    return total
+
+
+def empty_hwm(d: Daemon, timeout: float) -> tuple[int, int]:
+    """The spool shard's peak RSS once it has read an empty spool, and the whole tree's
+    resident memory then (then stopped)."""
     d.start(wait=True)
     try:
         d.wait_log(r"recovered queue", timeout=timeout)
         time.sleep(1.0)         # (a turn of its housekeeping, as the measured run has had)
-        return spool_hwm(d)
+        return spool_hwm(d), tree_rss(d)
     finally:
         d.stop()
 
@@ -105,6 +123,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--queued", type=int, default=1_000_000)
     ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--rcpts", type=int, default=1,
+                    help="recipients per message (one domain each: r@d0..d{N-1}.bench.test)")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
@@ -117,8 +137,8 @@ def main() -> int:
                    delivery={"hold": False, "route": [{"domain": "*",
                                                        "hosts": [f"{HOST}:{sink_port}"]}]})
         try:
-            empty = empty_hwm(d, 60.0)
-            fill_s = fill(d, args.queued, args.size)
+            empty, empty_tree = empty_hwm(d, 60.0)
+            fill_s = fill(d, args.queued, args.size, args.rcpts)
             t0 = time.monotonic()
             d.start(wait=False)
             deadline = t0 + args.timeout
@@ -132,6 +152,7 @@ def main() -> int:
             read_s = float(re.search(r"recovered queue: .* seconds=([0-9.]+)",
                                      d.log(since_start=True)).group(1))
             hwm = spool_hwm(d)
+            tree = tree_rss(d)
         except Exception:
             print(d.log()[-3000:], file=sys.stderr)
             raise
@@ -139,18 +160,27 @@ def main() -> int:
             d.cleanup()
             sink.kill()
             sink.wait()
-    text = (f"{args.queued:,} queued messages of {args.size} octets in one shard (filled in "
+    n_rcpts = args.queued * args.rcpts
+    text = (f"{args.queued:,} queued messages of {args.size} octets"
+            + (f" and {args.rcpts} recipients ({n_rcpts:,} recipients)" if args.rcpts > 1 else "")
+            + f" in one shard (filled in "
             f"{fill_s:.1f} s); `mta serve` → first 250 **{t250:.2f} s**, first delivery "
             f"**{tdel:.2f} s**, queue read in {read_s:.1f} s (the shard took mail meanwhile); "
             f"spool peak RSS {hwm / 2**20:.0f} MiB = {hwm / args.queued:.0f} bytes per queued "
             f"message; {(hwm - empty) / args.queued:.0f} bytes per queued message beyond the "
-            f"{empty / 2**20:.0f} MiB of the shard with an empty spool")
+            f"{empty / 2**20:.0f} MiB of the shard with an empty spool"
+            + (f"; per queued recipient: {hwm / n_rcpts:.0f} bytes, {(hwm - empty) / n_rcpts:.0f}"
+               " beyond the empty shard" if args.rcpts > 1 else "")
+            + f"; whole process tree after the read {tree / 2**20:.0f} MiB (VmRSS), "
+            f"{(tree - empty_tree) / n_rcpts:.0f} bytes per queued recipient beyond the "
+            f"{empty_tree / 2**20:.0f} MiB of the tree with an empty spool")
     print(text)
     if args.record:
         stamp = datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC")
         with open(os.path.join(HERE, "RESULTS.md"), "a") as fh:
             fh.write(f"\n## Restart with a large queue (issue 15) — {stamp}\n\n"
                      f"`python bench/restart.py --queued {args.queued} --size {args.size} "
+                     f"--rcpts {args.rcpts} "
                      f"--record`\n\n{text}\n")
     return 0
 
