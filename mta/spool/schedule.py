@@ -17,8 +17,6 @@ records); delivery processes only report what happened, and
 """
 from __future__ import annotations
 
-import heapq
-import itertools
 import random
 
 # Recipient states: part of the spool's record format, declared in mta.store.
@@ -45,91 +43,3 @@ class RetryPolicy:
 
     def expired(self, arrival: float, now: float) -> bool:
         return now >= arrival + self.max_age
-
-
-class DueQueue:
-    """A heap of (due time, queue id); stale entries are skipped by the caller.
-
-    (The shard's own due queues and deadlines are the queue index's now,
-    docs/queue-index.md; this and :class:`Deadlines` are the plain-Python
-    forms they were made from.)
-    """
-
-    def __init__(self):
-        self.heap: list = []
-        self.seq = itertools.count()
-
-    def push(self, due: float, qid: str) -> None:
-        heapq.heappush(self.heap, (due, next(self.seq), qid))
-
-    def push_many(self, items) -> None:
-        """push() each (due, qid) of *items*, in order."""
-        heap, seq, push = self.heap, self.seq, heapq.heappush
-        for due, qid in items:
-            push(heap, (due, next(seq), qid))
-
-    def extend(self, items) -> None:
-        """push() every (due, qid) of *items* at once: one heapify, O(n) (a whole
-        recovered queue), rather than n pushes."""
-        heap, seq = self.heap, self.seq
-        heap.extend([(due, next(seq), qid) for due, qid in items])
-        heapq.heapify(heap)
-
-    def pop_due(self, now: float, limit: int) -> list[str]:
-        out = []
-        heap = self.heap
-        while heap and heap[0][0] <= now and len(out) < limit:
-            out.append(heapq.heappop(heap)[2])
-        return out
-
-    def next_due(self) -> float | None:
-        return self.heap[0][0] if self.heap else None
-
-    def __len__(self) -> int:
-        return len(self.heap)
-
-
-class Deadlines:
-    """The queued messages, by when their age limit passes: expiry wherever they wait.
-
-    Buckets of ``width`` seconds (``max_age / BUCKETS``), each a set of queue
-    ids, so a finished message is taken out at once (:meth:`discard`) and
-    memory follows the queue, not everything received within ``max_age``; a
-    bucket is looked at once its last second has passed, so a message expires
-    at most ``width`` late (0.1 % of ``max_age``).  Empty buckets stay until
-    they pass, which bounds them to about BUCKETS.
-    """
-
-    BUCKETS = 1000
-
-    def __init__(self, max_age: float):
-        self.width = max(max_age / self.BUCKETS, 1e-3)
-        self.buckets: dict[int, set] = {}
-        self.keys: list[int] = []           # heap of the buckets' keys
-
-    def _key(self, deadline: float) -> int:
-        return int(deadline / self.width) + 1     # every deadline in bucket k is < k * width
-
-    def add(self, deadline: float, qid: str) -> None:
-        k = self._key(deadline)
-        b = self.buckets.get(k)
-        if b is None:
-            b = self.buckets[k] = set()
-            heapq.heappush(self.keys, k)
-        b.add(qid)
-
-    def discard(self, deadline: float, qid: str) -> None:
-        b = self.buckets.get(self._key(deadline))
-        if b is not None:
-            b.discard(qid)
-
-    def passed(self, now: float) -> list[str]:
-        """Take out and return every queue id whose deadline is before *now*."""
-        out: list[str] = []
-        keys = self.keys
-        while keys and keys[0] * self.width <= now:
-            out += self.buckets.pop(heapq.heappop(keys), ())
-        return out
-
-    def __len__(self) -> int:
-        return sum(map(len, self.buckets.values()))

@@ -1,4 +1,6 @@
-"""The spool's retry policy and due queue (mta/spool/schedule.py), on their own.
+"""The spool's retry policy (mta/spool/schedule.py), on its own.
+
+The due queues and deadline buckets are the queue index's (tests/spool/test_qindex.py).
 
 Pure logic: no daemon, no clock (times are plain numbers), and a seeded
 random.Random where jitter is involved, so every figure here is exact.
@@ -11,8 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from mta import config
-from mta.spool import schedule as sch
-from mta.spool.schedule import DueQueue, RetryPolicy
+from mta.spool.schedule import RetryPolicy
 
 SCHEDULE = [60.0, 300.0, 900.0]
 
@@ -157,115 +158,3 @@ def test_policy_from_the_default_config():
     assert 14400.0 <= p.delay(7) < 15840.0
     assert 14400.0 <= p.delay(100) < 15840.0
     assert p.deadline(0.0) == 5 * 86400.0
-
-
-# ------------------------------------------------------------ DueQueue
-
-
-def test_empty_queue():
-    q = DueQueue()
-    assert len(q) == 0
-    assert q.next_due() is None
-    assert q.pop_due(1e18, 100) == []
-
-
-def test_pops_in_due_order_only_what_is_due():
-    q = DueQueue()
-    for due, qid in ((30.0, "C"), (10.0, "A"), (50.0, "E"), (20.0, "B"), (40.0, "D")):
-        q.push(due, qid)
-    assert len(q) == 5
-    assert q.next_due() == 10.0
-    assert q.pop_due(5.0, 100) == []           # nothing due yet
-    assert q.pop_due(25.0, 100) == ["A", "B"]
-    assert q.next_due() == 30.0
-    assert q.pop_due(30.0, 100) == ["C"]       # due exactly now counts as due
-    assert len(q) == 2
-    assert q.pop_due(1e9, 100) == ["D", "E"]
-    assert len(q) == 0 and q.next_due() is None
-
-
-def test_ties_keep_insertion_order():
-    q = DueQueue()
-    names = [f"Q{i:03d}" for i in range(200)]
-    # a shuffled insertion order, all at one due time, with others around them
-    order = names[:]
-    random.Random(5).shuffle(order)
-    q.push(1.0, "early")
-    for qid in order:
-        q.push(7.0, qid)
-    q.push(9.0, "late")
-    assert q.pop_due(7.0, 1000) == ["early"] + order
-    assert q.pop_due(9.0, 1000) == ["late"]
-
-
-def test_ties_keep_insertion_order_across_push_and_push_many():
-    q = DueQueue()
-    q.push(5.0, "a")
-    q.push_many([(5.0, "b"), (3.0, "x"), (5.0, "c")])
-    q.push(5.0, "d")
-    q.push_many([])
-    assert len(q) == 5
-    assert q.pop_due(5.0, 10) == ["x", "a", "b", "c", "d"]
-
-
-def test_push_many_accepts_any_iterable():
-    q = DueQueue()
-    q.push_many((float(i % 3), f"m{i}") for i in range(6))
-    assert q.pop_due(10.0, 10) == ["m0", "m3", "m1", "m4", "m2", "m5"]
-
-
-def test_pop_due_limit():
-    q = DueQueue()
-    q.push_many((float(i), f"m{i}") for i in range(10))
-    assert q.pop_due(100.0, 3) == ["m0", "m1", "m2"]
-    assert q.next_due() == 3.0 and len(q) == 7
-    assert q.pop_due(100.0, 0) == []
-    assert len(q) == 7
-    assert q.pop_due(4.0, 5) == ["m3", "m4"]     # the limit is at most, not exactly
-    assert q.pop_due(100.0, 100) == [f"m{i}" for i in range(5, 10)]
-
-
-def test_same_qid_may_be_queued_twice():
-    """Stale entries are the caller's business: the queue returns every entry pushed."""
-    q = DueQueue()
-    q.push(2.0, "Q")
-    q.push(1.0, "Q")
-    assert len(q) == 2
-    assert q.pop_due(2.0, 10) == ["Q", "Q"]
-
-
-def test_next_due_follows_later_pushes():
-    q = DueQueue()
-    q.push(10.0, "a")
-    assert q.next_due() == 10.0
-    q.push(4.0, "b")
-    assert q.next_due() == 4.0
-    q.push(8.0, "c")
-    assert q.next_due() == 4.0
-    assert q.pop_due(4.0, 1) == ["b"]
-    assert q.next_due() == 8.0
-
-
-# ------------------------------------------------------------------ Deadlines
-
-def test_deadlines_give_back_what_passed_and_nothing_finished():
-    d = sch.Deadlines(max_age=1000.0)          # buckets of 1 s
-    d.add(100.2, "A")
-    d.add(100.7, "B")
-    d.add(250.0, "C")
-    d.discard(100.7, "B")                      # finished: gone at once
-    assert len(d) == 2
-    assert d.passed(100.5) == []               # (at most one bucket late, never early)
-    assert d.passed(101.0) == ["A"]
-    assert d.passed(101.0) == []
-    assert d.passed(10_000.0) == ["C"] and len(d) == 0
-
-
-def test_deadlines_memory_follows_the_queue_not_the_traffic():
-    d = sch.Deadlines(max_age=432_000.0)
-    for i in range(100_000):                   # received and finished at once, for days
-        t = i * 4.0
-        d.add(t + 432_000.0, f"Q{i}")
-        d.discard(t + 432_000.0, f"Q{i}")
-    assert len(d) == 0
-    assert len(d.buckets) <= sch.Deadlines.BUCKETS + 1 and len(d.keys) == len(d.buckets)
