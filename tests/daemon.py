@@ -428,6 +428,29 @@ class Daemon:
             raise AssertionError(f"HTTP {r.status}: the body is not JSON: {data[:500]!r}") from None
 
 
+    def api(self, method: str, path: str, body=None, key: str | None = None,
+            source: str | None = None, timeout: float = 30.0) -> tuple[int, object]:
+        """One request to the HTTP API on a new connection: (status, decoded JSON, or the raw
+        body when it is empty or not JSON).  *body*: bytes as they are, anything else sent
+        as JSON; *key*: the Authorization header; *source*: the client's address."""
+        data = body if body is None or isinstance(body, (bytes, bytearray)) \
+            else json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json"}
+        if key is not None:
+            hdrs["Authorization"] = key
+        conn = http.client.HTTPConnection(HOST, self.http_port, timeout=timeout,
+                                          source_address=(source, 0) if source else None)
+        try:
+            conn.request(method, path, body=data, headers=hdrs)
+            r = conn.getresponse()
+            raw = r.read()
+        finally:
+            conn.close()
+        try:
+            return r.status, json.loads(raw) if raw else raw
+        except ValueError:
+            return r.status, raw
+
     def admin_get(self, path: str = "/metrics", token: str | None = None,
                   timeout: float = 30.0) -> tuple[int, dict, bytes]:
         """GET *path* from the admin listener: (status, headers with lower-case names, body)."""

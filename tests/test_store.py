@@ -361,13 +361,20 @@ def test_compaction_copies_live_messages_forward_then_unlinks(tmp_path, codec):
     assert stats["skipped_bytes"] == 0
 
 
-def test_crash_between_copy_and_unlink_keeps_one_copy(tmp_path, codec):
+def one_left_in_the_oldest_segment(tmp_path, codec):
+    """A store of 25 messages whose oldest segment holds one live message, *keep*: (store,
+    every qid, the oldest segment's number, the qids that were in it, keep)."""
     st = new_store(tmp_path, codec, segment_size=MiB)
     qids = fill(st, 0, 25)
     oldest = min(st.segments)
     in_oldest = st.index.in_segment(oldest)
     keep = in_oldest[0]
     put(st, [], done=[q for q in in_oldest if q != keep])
+    return st, qids, oldest, in_oldest, keep
+
+
+def test_crash_between_copy_and_unlink_keeps_one_copy(tmp_path, codec):
+    st, qids, oldest, in_oldest, keep = one_left_in_the_oldest_segment(tmp_path, codec)
     copies, unlink = st.reclaim_plan(0.25, 2000)
     assert [m.qid for m, _ in copies] == [keep]
     put(st, copies)
@@ -656,12 +663,7 @@ def test_a_compaction_copy_keeps_the_jobs_out_and_the_last_replies(tmp_path, cod
     # Not on disk, so a copy made by compaction must take them over: a message with a
     # delivery job out would otherwise look idle (dispatched again, or bounced by a bulk
     # bounce while it is being delivered).
-    st = new_store(tmp_path, codec, segment_size=MiB)
-    qids = fill(st, 0, 25)
-    oldest = min(st.segments)
-    in_oldest = st.index.in_segment(oldest)
-    keep = in_oldest[0]
-    put(st, [], done=[q for q in in_oldest if q != keep])
+    st, qids, oldest, in_oldest, keep = one_left_in_the_oldest_segment(tmp_path, codec)
     st.index.add_out(keep, 1)
     reply = (451, "4.2.2", "full", "mx.example.net", "127.0.0.2", 22, "temp-mailbox-full")
     st.index.set_last(keep, 0, reply)

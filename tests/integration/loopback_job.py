@@ -11,7 +11,6 @@ and the test asserts on it.
 """
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
@@ -27,20 +26,10 @@ INSIDE = "127.0.0.9"        # a loopback address other than the listener's
 
 
 def request(d: Daemon, method: str, path: str, source: str, body=None) -> dict:
-    conn = http.client.HTTPConnection(HOST, d.http_port, timeout=30,
-                                      source_address=(source, 0))
-    try:
-        data = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-        r = conn.getresponse()
-        raw = r.read()
-    finally:
-        conn.close()
-    try:
-        parsed = json.loads(raw) if raw else None
-    except ValueError:
-        parsed = {"not json": raw.decode(errors="replace")}
-    return {"status": r.status, "body": parsed}
+    status, parsed = d.api(method, path, body, source=source)
+    if isinstance(parsed, bytes):
+        parsed = {"not json": parsed.decode(errors="replace")} if parsed else None
+    return {"status": status, "body": parsed}
 
 
 def smtp_relay(d: Daemon, source: str) -> list:

@@ -9,14 +9,12 @@ and reaches the events API and a webhook like every other event.
 from __future__ import annotations
 
 import datetime
-import http.client
-import json
 import os
 import sys
 import time
 import urllib.parse
 
-from daemon import HOST, wait_until
+from daemon import wait_until
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "webhooks"))
 from receiver import Receiver  # noqa: E402
@@ -27,15 +25,7 @@ REFUSALS = ["policy_rejection", "generation_failure", "generation_rejection"]
 
 
 def call(d, method: str, path: str, body=None):
-    conn = http.client.HTTPConnection(HOST, d.http_port, timeout=30)
-    try:
-        conn.request(method, path, body=json.dumps(body).encode() if body is not None else None,
-                     headers={"Authorization": KEY, "Content-Type": "application/json"})
-        r = conn.getresponse()
-        raw = r.read()
-    finally:
-        conn.close()
-    return r.status, (json.loads(raw) if raw else raw)
+    return d.api(method, path, body, KEY)
 
 
 def iso(ts: float) -> str:

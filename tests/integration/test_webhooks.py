@@ -34,17 +34,7 @@ TEST_ID = "77c2b630-d712-11e4-9642-efc2723b99c1"
 
 
 def call(d, method: str, path: str, body=None, key: str = KEY):
-    conn = http.client.HTTPConnection(HOST, d.http_port, timeout=30)
-    try:
-        data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) \
-            else body
-        conn.request(method, path, body=data,
-                     headers={"Authorization": key, "Content-Type": "application/json"})
-        r = conn.getresponse()
-        raw = r.read()
-    finally:
-        conn.close()
-    return r.status, (json.loads(raw) if raw else raw)
+    return d.api(method, path, body, key)
 
 
 def child_pid(d, role: str) -> int | None:
