@@ -99,6 +99,7 @@ setup(
             "Cython>=3.0",
             "pytest>=8",
             "pytest-timeout>=2.2",
+            "pytest-xdist>=3.6",   # scripts/run-tests: modules spread over workers (--no-loadscope-reorder)
             "pytest-benchmark>=4",
             "hypothesis>=6.100",
             "aiosmtpd>=1.4",

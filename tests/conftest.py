@@ -10,6 +10,19 @@ from daemon import Daemon  # noqa: E402
 from dnsserver import dns_server  # noqa: E402,F401  (a shared fixture: a real DNS server)
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Modules with a test marked `slow` (the chaos soak: two minutes on its own) come
+    first.  scripts/run-tests spreads whole modules over workers (pytest-xdist,
+    --dist loadfile --no-loadscope-reorder) in collection order: started first, the
+    longest module runs beside the others instead of alone at the end.  The order within
+    a module is kept."""
+    slow = {item.module.__name__ for item in items
+            if item.get_closest_marker("slow") is not None and getattr(item, "module", None)}
+    if slow:
+        items.sort(key=lambda item: getattr(item, "module", None) is None
+                   or item.module.__name__ not in slow)
+
+
 class DaemonFactory:
     """make(**config_sections) -> a Daemon in a directory of its own under *base*, started
     unless start=False (subdir names the directory); close() stops every one it made."""

@@ -25,10 +25,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUEUED_RE = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]{20})")
 
 
+_GIVEN: set[int] = set()   # ports free_port has handed out in this process
+
+
 def free_port(host: str = HOST) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port free on *host* right now, never one already handed out by this process:
+    the kernel may offer a port just closed again at once, and a daemon given the same
+    port for two listeners refuses its configuration."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(100):
+        with socket.socket(family) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
+    raise RuntimeError(f"no fresh free port on {host} in 100 tries")
 
 
 def _key(k: str) -> str:

@@ -58,7 +58,9 @@ CONTROL_TIMEOUT = 10.0  # seconds per unbound-control command
 
 
 def free_port(address: str) -> int:
-    """A port that is free for both UDP and TCP on ``address`` right now."""
+    """A port that is free for both UDP and TCP on ``address`` right now, and not one
+    daemon.free_port has handed out (a listener of a daemon not started yet)."""
+    from daemon import _GIVEN
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             u.bind((address, 0))
@@ -68,7 +70,10 @@ def free_port(address: str) -> int:
                     t.bind((address, port))
                 except OSError:
                     continue
-                return port
+            if port in _GIVEN:
+                continue
+            _GIVEN.add(port)
+            return port
     raise RuntimeError(f"no free port on {address}")
 
 

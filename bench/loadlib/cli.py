@@ -43,6 +43,12 @@ def parse_args(argv, description: str = ""):
                         "limit)")
     p.add_argument("--per-connection", action="store_true",
                    help="one message per connection (smtp-source without -d)")
+    p.add_argument("--wait", type=int, default=0, metavar="SECONDS",
+                   help="each session waits this many whole seconds after each message "
+                        "(smtp-source -w): an offered rate of about --sessions / SECONDS "
+                        "msgs/s, the same for every target, instead of as fast as it accepts; "
+                        "to compare CPU per message at one rate (raise `ulimit -n` and the "
+                        "mta's [smtp] max_connections_per_ip for many sessions)")
     p.add_argument("--warmup", type=int, default=500,
                    help="unmeasured messages sent before each measured batch")
     p.add_argument("--timeout", type=float, default=300.0,
@@ -106,8 +112,9 @@ def parse_args(argv, description: str = ""):
         except tomllib.TOMLDecodeError as e:
             p.error(f"--mta-config-extra {extra!r}: {e}")
     if min(args.sessions, args.messages, args.size, args.runs, args.concurrency) < 1 \
-            or args.warmup < 0:
-        p.error("--sessions, --messages, --size, --runs and --concurrency must be positive")
+            or args.warmup < 0 or args.wait < 0:
+        p.error("--sessions, --messages, --size, --runs and --concurrency must be positive, "
+                "--warmup and --wait not negative")
     return args
 
 
@@ -145,6 +152,7 @@ def main(argv=None, description: str = "") -> int:
           f"targets {','.join(args.target_names)}, {args.runs} run(s), "
           f"{args.sessions} sessions, {args.messages} msgs x {args.size} B, "
           f"{'one per connection' if args.per_connection else 'reused connections'}, "
+          f"{f'each session waiting {args.wait} s after each message, ' if args.wait else ''}"
           f"netns={'private' if netns else 'host'}, workdir {top} ({fstype})")
 
     summaries = {n: Summary(n) for n in args.target_names}

@@ -103,6 +103,9 @@ def results_section(args, summaries, describe, netns, bg_rates, fstype) -> str:
     now = datetime.datetime.now(datetime.timezone.utc)
     mode = ("one message per connection" if args.per_connection
             else "reused connections (-d)")
+    if args.wait:
+        mode += (f", each session pausing {args.wait} s after each message (-w {args.wait}: "
+                 f"about {args.sessions / args.wait:,.0f} msgs/s offered)")
     src = shlex.join(source_command(args, 0, args.messages)).replace(":0", ":PORT")
     lines = [
         "",
@@ -221,6 +224,9 @@ def results_section_e2e(args, summaries, describe, netns, bg_rates, fstype) -> s
     now = datetime.datetime.now(datetime.timezone.utc)
     mode = ("one message per connection" if args.per_connection
             else "reused connections (-d)")
+    if args.wait:
+        mode += (f", each session pausing {args.wait} s after each message (-w {args.wait}: "
+                 f"about {args.sessions / args.wait:,.0f} msgs/s offered)")
     src = shlex.join(source_command(args, 0, args.messages)).replace(":0", ":PORT")
     sink = shlex.join(Receiver.command(0)).replace(":0", ":SINKPORT")
     lines = [

@@ -19,6 +19,8 @@ def source_command(args, port: int, count: int) -> list[str]:
            "-l", str(args.size)]
     if not args.per_connection:
         cmd.append("-d")  # reuse connections
+    if getattr(args, "wait", 0) > 0:
+        cmd += ["-w", str(args.wait)]  # a fixed pause after each message: a paced load
     if getattr(args, "rcpts", 1) > 1:
         cmd += ["-r", str(args.rcpts)]
     cmd += ["-c", "-f", args.sender, "-t", args.rcpt, f"{LOOPBACK}:{port}"]

@@ -21,6 +21,7 @@ import pytest
 import trustme
 import uvloop
 from aiosmtpd.smtp import SMTP as AiosmtpdServer
+from daemon import free_port
 
 from mta.delivery.client import (
     MAX_REPLY_BYTES,
@@ -50,12 +51,6 @@ def run(coro, uv: bool = True):
     factory = uvloop.new_event_loop if uv else None
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(asyncio.wait_for(coro, LOOP_BOUND))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # A corpus of awkward messages: (name, bytes).

@@ -9,13 +9,13 @@ outcome word, code and remote host, and the bytes the peer received.
 from __future__ import annotations
 
 import asyncio
-import socket
 import tempfile
 
 import msgspec
 import pytest
 import uvloop
 from aiosmtpd.smtp import SMTP as AiosmtpdServer
+from daemon import free_port
 
 from mta import bus
 from mta.config import resolve
@@ -69,12 +69,6 @@ class Resolver:
         if isinstance(a, Exception):
             raise a
         return a
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def settings(port: int, shaping=(), **delivery):

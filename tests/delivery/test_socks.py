@@ -22,6 +22,7 @@ import pytest
 import trustme
 import uvloop
 from aiosmtpd.smtp import SMTP as AiosmtpdServer
+from daemon import free_port
 from sinks import AioSink
 
 from mta.delivery import socks
@@ -48,12 +49,6 @@ def run(coro, uv: bool = True):
     factory = uvloop.new_event_loop if uv else None
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(asyncio.wait_for(coro, LOOP_BOUND))
-
-
-def free_port(ip: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(ip: str, port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
