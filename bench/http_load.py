@@ -448,6 +448,9 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds of measured load")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load")
     p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--size", type=int, default=BODY_SIZE, metavar="OCTETS",
+                   help="size of the transmission posted (JSON; the message's text fills "
+                        "it), at least 600 and at most 1,000,000 (nginx takes up to 1 MB)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads")
     p.add_argument("--acceptors", type=int, default=2)
     p.add_argument("--shards", type=int, default=0)
@@ -478,8 +481,10 @@ def main(argv=None) -> int:
         if not (shutil.which(tool) or os.path.exists(f"/usr/sbin/{tool}")):
             p.error(f"{tool} is not installed (see tests/setup-deps.d/http.sh)")
     start_machine = machine()
+    if not 600 <= args.size <= 1_000_000:
+        p.error("--size must be from 600 to 1,000,000 octets")
     workdir = Path(tempfile.mkdtemp(prefix="http-load-", dir=args.workdir))
-    body = make_body()
+    body = make_body(args.size)
     body_file = workdir / "body.json"
     body_file.write_bytes(body)
     results: dict[str, list[dict]] = {n: [] for n in names}

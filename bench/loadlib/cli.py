@@ -49,6 +49,10 @@ def parse_args(argv, description: str = ""):
                         "msgs/s, the same for every target, instead of as fast as it accepts; "
                         "to compare CPU per message at one rate (raise `ulimit -n` and the "
                         "mta's [smtp] max_connections_per_ip for many sessions)")
+    p.add_argument("--random-wait", type=int, default=0, metavar="SECONDS",
+                   help="each session waits a random 0 to SECONDS whole seconds after each "
+                        "message (smtp-source -R): a paced load like --wait, about --sessions "
+                        "/ (SECONDS / 2) msgs/s, whose sessions do not send in step")
     p.add_argument("--warmup", type=int, default=500,
                    help="unmeasured messages sent before each measured batch")
     p.add_argument("--timeout", type=float, default=300.0,
@@ -112,9 +116,9 @@ def parse_args(argv, description: str = ""):
         except tomllib.TOMLDecodeError as e:
             p.error(f"--mta-config-extra {extra!r}: {e}")
     if min(args.sessions, args.messages, args.size, args.runs, args.concurrency) < 1 \
-            or args.warmup < 0 or args.wait < 0:
+            or args.warmup < 0 or args.wait < 0 or args.random_wait < 0:
         p.error("--sessions, --messages, --size, --runs and --concurrency must be positive, "
-                "--warmup and --wait not negative")
+                "--warmup, --wait and --random-wait not negative")
     return args
 
 
@@ -153,6 +157,7 @@ def main(argv=None, description: str = "") -> int:
           f"{args.sessions} sessions, {args.messages} msgs x {args.size} B, "
           f"{'one per connection' if args.per_connection else 'reused connections'}, "
           f"{f'each session waiting {args.wait} s after each message, ' if args.wait else ''}"
+          f"{f'each session waiting 0-{args.random_wait} s after each message, ' if args.random_wait else ''}"
           f"netns={'private' if netns else 'host'}, workdir {top} ({fstype})")
 
     summaries = {n: Summary(n) for n in args.target_names}

@@ -106,6 +106,10 @@ def results_section(args, summaries, describe, netns, bg_rates, fstype) -> str:
     if args.wait:
         mode += (f", each session pausing {args.wait} s after each message (-w {args.wait}: "
                  f"about {args.sessions / args.wait:,.0f} msgs/s offered)")
+    if args.random_wait:
+        mode += (f", each session pausing a random 0-{args.random_wait} s after each message "
+                 f"(-R {args.random_wait}: about {2 * args.sessions / args.random_wait:,.0f} "
+                 "msgs/s offered)")
     src = shlex.join(source_command(args, 0, args.messages)).replace(":0", ":PORT")
     lines = [
         "",
@@ -227,6 +231,10 @@ def results_section_e2e(args, summaries, describe, netns, bg_rates, fstype) -> s
     if args.wait:
         mode += (f", each session pausing {args.wait} s after each message (-w {args.wait}: "
                  f"about {args.sessions / args.wait:,.0f} msgs/s offered)")
+    if args.random_wait:
+        mode += (f", each session pausing a random 0-{args.random_wait} s after each message "
+                 f"(-R {args.random_wait}: about {2 * args.sessions / args.random_wait:,.0f} "
+                 "msgs/s offered)")
     src = shlex.join(source_command(args, 0, args.messages)).replace(":0", ":PORT")
     sink = shlex.join(Receiver.command(0)).replace(":0", ":SINKPORT")
     lines = [

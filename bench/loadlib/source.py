@@ -21,6 +21,8 @@ def source_command(args, port: int, count: int) -> list[str]:
         cmd.append("-d")  # reuse connections
     if getattr(args, "wait", 0) > 0:
         cmd += ["-w", str(args.wait)]  # a fixed pause after each message: a paced load
+    if getattr(args, "random_wait", 0) > 0:
+        cmd += ["-R", str(args.random_wait)]  # a random pause: paced, sessions out of step
     if getattr(args, "rcpts", 1) > 1:
         cmd += ["-r", str(args.rcpts)]
     cmd += ["-c", "-f", args.sender, "-t", args.rcpt, f"{LOOPBACK}:{port}"]
