@@ -15,16 +15,17 @@
 #
 # At full speed the two are compared at different rates (signing halves the rate), so
 # fewer messages share each group commit, wake-up and delivery batch with signing on.
-# PACED (default 1000; 0 skips) adds, per round, 2 KB runs of the mta alone with signing off
-# and on at one offered rate: PACED smtp-source sessions each pausing 1 s after every
-# message (load.py --wait 1), about PACED msgs/s for both, below either's maximum.  The
-# difference in tree CPU per message there is what signing itself adds.
+# PACED (default 500; 0 skips) adds, per round, 2 KB runs of the mta alone with signing off
+# and on at one offered rate: PACED smtp-source sessions each pausing a random 0-2 s after
+# every message (load.py --random-wait 2; a fixed pause would make them send in step, in
+# waves), about PACED msgs/s for both, below either's maximum.  The difference in tree CPU
+# per message there is what signing itself adds.
 set -u
 OUT=${1:?usage: bench/dkim_e2e.sh OUTDIR [ROUNDS] [MESSAGES_2K] [MESSAGES_100K]}
 ROUNDS=${2:-3}
 N2=${3:-20000}
 N100=${4:-5000}
-PACED=${5:-1000}
+PACED=${5:-500}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 ip link set lo up
@@ -60,7 +61,7 @@ for round in $(seq 1 "$ROUNDS"); do
     extra=$'[smtp]\nmax_connections_per_ip = 100000\nmax_connections = 100000'
     [ "$kind" = on ] && extra="$extra"$'\n'"$ON"
     python3 bench/load.py --e2e --netns no --targets mta --size 2048 --sessions "$PACED" \
-        --wait 1 --messages "$N2" --warmup "$PACED" --runs 1 --mta-config-extra "$extra" \
+        --random-wait 2 --messages "$N2" --warmup "$PACED" --runs 1 --mta-config-extra "$extra" \
         > "$f" 2>&1
     echo "paced ~$PACED msgs/s size 2048 dkim $kind round $round: $(figures "$f")"
   done
