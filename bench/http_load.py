@@ -339,7 +339,7 @@ def fixed_rate_runs(args, names: list, results: dict, workdir: Path) -> list[dic
                 r = subprocess.run(
                     [sys.executable, str(HERE / "fixed_rate.py"), "--url", target.url(),
                      "--rate", str(rate), "--duration", f"{args.duration:g}",
-                     "--connections", str(conns)],
+                     "--connections", str(conns)] + (["--prime"] if args.fixed_prime else []),
                     capture_output=True, text=True, timeout=args.duration + 300)
                 res = json.loads(r.stdout.strip().splitlines()[-1])
             finally:
@@ -355,7 +355,9 @@ def fixed_rate_runs(args, names: list, results: dict, workdir: Path) -> list[dic
 def fixed_report(args, fixed: list[dict]) -> str:
     lines = ["", f"**Fixed rate** (bench/fixed_rate.py, open loop, latency from the scheduled "
              f"time to the last octet; {args.fixed_rate:g} × each target's median wrk rate, "
-             f"{args.duration:g} s, a fresh instance warmed up with wrk):", "",
+             f"{args.duration:g} s, a fresh instance warmed up with wrk"
+             f"{'; every connection primed with one unmeasured request first (--fixed-prime)' if args.fixed_prime else ''}"
+             "):", "",
              "| target | connections | rate/s | answered | p50 ms | p90 ms | p99 ms | "
              "p99.9 ms | max ms | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in fixed:
@@ -462,6 +464,10 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--json", default=None, help="write the raw results here")
     p.add_argument("--record", action="store_true", help="append a section to RESULTS.md")
+    p.add_argument("--fixed-prime", action="store_true",
+                   help="fixed-rate runs: one unmeasured request on every connection before "
+                        "the schedule (fixed_rate.py --prime): the steady state of that many "
+                        "open connections, not the server accepting them all at once")
     p.add_argument("--fixed-rate", type=float, default=0.0, metavar="FRACTION",
                    help="then, per target, bench/fixed_rate.py at FRACTION of its median "
                         "wrk rate (e.g. 0.5): open-loop p50/p90/p99")
