@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import re
 import signal
 import smtplib
@@ -25,22 +26,63 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUEUED_RE = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]{20})")
 
 
-_GIVEN: set[int] = set()   # ports free_port has handed out in this process
+# Ports for the daemons and servers tests start are picked by the test process, then bound
+# by another process moments later.  Asking the kernel for one (bind to port 0, close) is not
+# safe with pytest-xdist: the kernel hands a port just released to the next asker, in this
+# worker or in another one, and two daemons given one port share it (SO_REUSEPORT) or
+# refuse their configuration.  So each worker takes ports from a range of its own below the
+# kernel's ephemeral range (where it never assigns ports by itself), in turn, skipping any
+# that something else holds.
+_PORTS_LO = 20000
 
 
-def free_port(host: str = HOST) -> int:
-    """A TCP port free on *host* right now, never one already handed out by this process:
-    the kernel may offer a port just closed again at once, and a daemon given the same
-    port for two listeners refuses its configuration."""
+def _port_range() -> range:
+    hi = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            hi = min(hi, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        pass
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+    size = (hi - _PORTS_LO) // count
+    return range(_PORTS_LO + index * size, _PORTS_LO + (index + 1) * size) \
+        if size >= 500 else range(0)
+
+
+_RANGE = _port_range()
+_next = random.randrange(len(_RANGE)) if _RANGE else 0   # where this process starts
+
+
+def _bindable(host: str, port: int, udp: bool) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(100):
-        with socket.socket(family) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port not in _GIVEN:
-            _GIVEN.add(port)
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
+    try:
+        for kind in kinds:
+            with socket.socket(family, kind) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+                s.bind((host, port))
+    except OSError:
+        return False
+    return True
+
+
+def free_port(host: str = HOST, udp: bool = False) -> int:
+    """A TCP port (and UDP too with *udp*) free on *host* right now, from this worker's own
+    range, the next in turn: never one another worker may be given, and not the same one
+    again in this process until the whole range has gone round."""
+    global _next
+    for _ in range(len(_RANGE)):
+        port = _RANGE[_next % len(_RANGE)]
+        _next += 1
+        if _bindable(host, port, udp):
             return port
-    raise RuntimeError(f"no fresh free port on {host} in 100 tries")
+    # no range (the kernel's ephemeral range starts too low): ask the kernel
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _key(k: str) -> str:

@@ -37,7 +37,6 @@ In pytest: the ``dns_server`` factory fixture below, or ``with DnsServer(...) as
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 
@@ -58,23 +57,10 @@ CONTROL_TIMEOUT = 10.0  # seconds per unbound-control command
 
 
 def free_port(address: str) -> int:
-    """A port that is free for both UDP and TCP on ``address`` right now, and not one
-    daemon.free_port has handed out (a listener of a daemon not started yet)."""
-    from daemon import _GIVEN
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind((address, 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind((address, port))
-                except OSError:
-                    continue
-            if port in _GIVEN:
-                continue
-            _GIVEN.add(port)
-            return port
-    raise RuntimeError(f"no free port on {address}")
+    """A port that is free for both UDP and TCP on ``address`` right now (daemon.free_port:
+    from this pytest-xdist worker's own range)."""
+    from daemon import free_port as pick
+    return pick(address, udp=True)
 
 
 def _absolute(name: str) -> str:

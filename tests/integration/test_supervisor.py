@@ -11,6 +11,12 @@ import pytest
 
 from daemon import HOST, render_config
 
+# Run alone, after the parallel pass (scripts/run-tests): the reload test's connection probe
+# saw a connection reset in 2 of 5 full runs with two pytest-xdist workers (never in 16 runs
+# of this module beside one other module, nor serially this session); the cause is not
+# found yet.  Run serially, this module keeps asserting what it always did.
+pytestmark = pytest.mark.serial
+
 
 class ConnectionProbe(threading.Thread):
     """Open connection after connection and record every one that is not served."""
@@ -26,14 +32,17 @@ class ConnectionProbe(threading.Thread):
 
     def run(self):
         while not self.done.is_set() and time.monotonic() < self.stop_at:
+            stage = "connect"
             try:
                 with socket.create_connection((HOST, self.port), timeout=10) as s:
+                    stage = "banner"
                     f = s.makefile("rb")
                     banner = f.readline()
                     if not banner.startswith(b"220 "):
                         self.failures.append(f"banner {banner!r}")
                         continue
                     self.banners.add(banner.strip())
+                    stage = "ehlo"
                     s.sendall(b"EHLO probe.test\r\n")
                     while True:
                         line = f.readline()
@@ -42,13 +51,14 @@ class ConnectionProbe(threading.Thread):
                     if not line.startswith(b"250 "):
                         self.failures.append(f"ehlo {line!r}")
                         continue
+                    stage = "quit"
                     s.sendall(b"QUIT\r\n")
                     if not f.readline().startswith(b"221"):
                         self.failures.append("quit")
                         continue
                     self.ok += 1
             except Exception as exc:    # asserted by the test, in its own thread
-                self.failures.append(f"{type(exc).__name__}: {exc}")
+                self.failures.append(f"{type(exc).__name__} at {stage}: {exc}")
 
 
 def test_sighup_replaces_acceptors_without_refusing_connections(make_daemon):
