@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -44,7 +43,9 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from loadlib.common import free_port, tool, wait_banner  # noqa: E402
-from loadlib.procs import process_tree, stop_child  # noqa: E402
+from loadlib.procs import stop_child, tree_memory  # noqa: E402
+from loadlib.targets.mta import toml_dumps  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 SESSIONS = 20          # smtp-source sessions per site
 WRK_CONNECTIONS = 8    # wrk connections per site
@@ -52,41 +53,18 @@ READY_TIMEOUT_S = 60.0
 
 
 def metrics(port: int) -> dict[str, float]:
-    """The admin /metrics sums this harness reads, by family (labels summed)."""
+    """The admin /metrics counters and gauges this harness reads, summed over their labels
+    (recipient outcomes: only result="delivered")."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        if name == "mta_delivery_outcomes_total" and 'result="delivered"' not in name_labels:
-            continue
-        try:
-            out[name] = out.get(name, 0.0) + float(value)
-        except ValueError:
-            pass
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name == "mta_delivery_outcomes_total" and \
+                    sample.labels.get("result") != "delivered":
+                continue
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
-
-
-def tree_rss(root: int) -> tuple[int, int]:
-    """(resident, anonymous) octets summed over the tree.  Resident includes file-backed
-    pages mapped in -- chiefly the events store's LMDB map, page cache the kernel can take
-    back -- counted once per process that maps them; anonymous is the processes' own."""
-    rss = anon = 0
-    for pid in process_tree(root):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                text = f.read()
-        except OSError:
-            continue
-        for key, kb in re.findall(r"^(VmRSS|RssAnon):\s+(\d+) kB", text, re.M):
-            if key == "VmRSS":
-                rss += int(kb) * 1024
-            else:
-                anon += int(kb) * 1024
-    return rss, anon
 
 
 def dir_bytes(path: Path) -> int:
@@ -107,19 +85,16 @@ def http_body(domain: str) -> bytes:
 
 
 def config(work: Path, smtp: int, http: int, admin: int, sinks: list[int], rate: int) -> str:
-    lines = [
-        "[server]", f'state_dir = "{work / "state"}"', 'hostname = "mta.burst"', "",
-        "[smtp]", f'listen = ["127.0.0.1:{smtp}"]', "acceptors = 2", "",
-        "[http]", f'listen = ["127.0.0.1:{http}"]', "",
-        "[admin]", f'listen = ["127.0.0.1:{admin}"]', "",
-        "[delivery]", "hold = false", "",
-    ]
-    for i, port in enumerate(sinks):
-        lines += ["[[delivery.route]]", f'domain = "site{i}.example"',
-                  f'hosts = ["127.0.0.1:{port}"]', ""]
-        lines += ["[[shaping]]", f'domain = "site{i}.example"', "connection_limit = 10",
-                  f'max_message_rate = "{rate}/s"', ""]
-    return "\n".join(lines)
+    domains = [f"site{i}.example" for i in range(len(sinks))]
+    return toml_dumps({
+        "server": {"state_dir": str(work / "state"), "hostname": "mta.burst"},
+        "smtp": {"listen": [f"127.0.0.1:{smtp}"], "acceptors": 2},
+        "http": {"listen": [f"127.0.0.1:{http}"]},
+        "admin": {"listen": [f"127.0.0.1:{admin}"]},
+        "delivery": {"hold": False, "route": [
+            {"domain": d, "hosts": [f"127.0.0.1:{port}"]} for d, port in zip(domains, sinks)]},
+        "shaping": [{"domain": d, "connection_limit": 10, "max_message_rate": f"{rate}/s"}
+                    for d in domains]})
 
 
 def main(argv=None) -> int:
@@ -218,7 +193,7 @@ def main(argv=None) -> int:
                                   - base.get("mta_delivery_outcomes_total", 0)),
                  "queued": int(m.get("mta_spool_queue_messages", 0)),
                  "disk": dir_bytes(work / "state")}
-            s["rss"], s["anon"] = tree_rss(mta.pid)
+            s["rss"], s["anon"] = tree_memory(mta.pid)
             samples.append(s)
             if wrks and s["http"] >= n_http:
                 for w in wrks:

@@ -38,8 +38,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
 from daemon import HOST, Daemon, free_port  # noqa: E402
+from loadlib.procs import tree_memory  # noqa: E402
 
 from mta.queueid import new_qid_for_shard  # noqa: E402
 from mta.store import MessageMeta, Store, shard_dir  # noqa: E402
@@ -73,14 +75,7 @@ def spool_hwm(d: Daemon) -> int:
 
 def tree_rss(d: Daemon) -> int:
     """The resident memory (VmRSS) of the supervisor and every child, in octets."""
-    total = 0
-    for pid in [d.proc.pid, *d.children().values()]:
-        try:
-            with open(f"/proc/{pid}/status") as fh:
-                total += int(re.search(r"VmRSS:\s+(\d+) kB", fh.read()).group(1)) * 1024
-        except (OSError, AttributeError):
-            pass
-    return total
+    return tree_memory(d.proc.pid)[0]
 
 
 def empty_hwm(d: Daemon, timeout: float) -> tuple[int, int]:

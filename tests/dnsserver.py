@@ -40,6 +40,7 @@ import os
 import subprocess
 import time
 
+import daemon
 import dns.message
 import pytest
 import dns.rcode
@@ -59,8 +60,7 @@ CONTROL_TIMEOUT = 10.0  # seconds per unbound-control command
 def free_port(address: str) -> int:
     """A port that is free for both UDP and TCP on ``address`` right now (daemon.free_port:
     from this pytest-xdist worker's own range)."""
-    from daemon import free_port as pick
-    return pick(address, udp=True)
+    return daemon.free_port(address, udp=True)
 
 
 def _absolute(name: str) -> str:

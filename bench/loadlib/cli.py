@@ -20,6 +20,7 @@ from .report import (Summary, append_results, print_run, print_run_e2e, ratios, 
                      results_section, results_section_e2e, table, table_e2e, write_json)
 from .revision import build_base, copy_base, snapshot_head_mta, source_revision
 from .run import measure, measure_e2e
+from .source import pacing
 from .targets import (BASE_TARGET, DEFAULT_TARGETS, E2E_DEFAULT_TARGETS, E2E_TARGETS,
                       TARGETS)
 
@@ -115,6 +116,8 @@ def parse_args(argv, description: str = ""):
             tomllib.loads(extra)
         except tomllib.TOMLDecodeError as e:
             p.error(f"--mta-config-extra {extra!r}: {e}")
+    if args.wait and args.random_wait:
+        p.error("--wait and --random-wait exclude each other")
     if min(args.sessions, args.messages, args.size, args.runs, args.concurrency) < 1 \
             or args.warmup < 0 or args.wait < 0 or args.random_wait < 0:
         p.error("--sessions, --messages, --size, --runs and --concurrency must be positive, "
@@ -156,8 +159,7 @@ def main(argv=None, description: str = "") -> int:
           f"targets {','.join(args.target_names)}, {args.runs} run(s), "
           f"{args.sessions} sessions, {args.messages} msgs x {args.size} B, "
           f"{'one per connection' if args.per_connection else 'reused connections'}, "
-          f"{f'each session waiting {args.wait} s after each message, ' if args.wait else ''}"
-          f"{f'each session waiting 0-{args.random_wait} s after each message, ' if args.random_wait else ''}"
+          f"{pacing(args) + ', ' if pacing(args) else ''}"
           f"netns={'private' if netns else 'host'}, workdir {top} ({fstype})")
 
     summaries = {n: Summary(n) for n in args.target_names}

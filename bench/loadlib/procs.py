@@ -6,6 +6,7 @@ process from a later one that reuses its PID, so nothing but our own is ever sig
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,6 +45,27 @@ def process_tree(root: int, procs: dict | None = None) -> dict[int, tuple[int, i
             tree[pid] = procs[pid]
             todo.extend(children[pid])
     return tree
+
+
+def tree_memory(root: int) -> tuple[int, int]:
+    """(resident, anonymous) memory of root and its live descendants, in octets, summed.
+
+    Resident (VmRSS) counts the file-backed pages a process maps -- an LMDB map, shared
+    libraries -- once per process that maps them; anonymous (RssAnon) is each process's
+    own memory, what a queue costs."""
+    rss = anon = 0
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                text = f.read()
+        except OSError:
+            continue
+        for key, kb in re.findall(r"^(VmRSS|RssAnon):\s+(\d+) kB", text, re.M):
+            if key == "VmRSS":
+                rss += int(kb) * 1024
+            else:
+                anon += int(kb) * 1024
+    return rss, anon
 
 
 def kill_leftovers(snapshot: dict[int, tuple[int, int, int]]) -> list[int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .common import BACKGROUND_WARN_CORES, POLL_S, REPO, RESULTS_MD, tool
 from .run import Run
-from .source import source_command
+from .source import pacing, source_command
 from .targets import BASE_TARGET, TARGETS, MtaTarget, Receiver
 
 
@@ -103,13 +103,8 @@ def results_section(args, summaries, describe, netns, bg_rates, fstype) -> str:
     now = datetime.datetime.now(datetime.timezone.utc)
     mode = ("one message per connection" if args.per_connection
             else "reused connections (-d)")
-    if args.wait:
-        mode += (f", each session pausing {args.wait} s after each message (-w {args.wait}: "
-                 f"about {args.sessions / args.wait:,.0f} msgs/s offered)")
-    if args.random_wait:
-        mode += (f", each session pausing a random 0-{args.random_wait} s after each message "
-                 f"(-R {args.random_wait}: about {2 * args.sessions / args.random_wait:,.0f} "
-                 "msgs/s offered)")
+    if pacing(args):
+        mode += ", " + pacing(args)
     src = shlex.join(source_command(args, 0, args.messages)).replace(":0", ":PORT")
     lines = [
         "",
@@ -228,13 +223,8 @@ def results_section_e2e(args, summaries, describe, netns, bg_rates, fstype) -> s
     now = datetime.datetime.now(datetime.timezone.utc)
     mode = ("one message per connection" if args.per_connection
             else "reused connections (-d)")
-    if args.wait:
-        mode += (f", each session pausing {args.wait} s after each message (-w {args.wait}: "
-                 f"about {args.sessions / args.wait:,.0f} msgs/s offered)")
-    if args.random_wait:
-        mode += (f", each session pausing a random 0-{args.random_wait} s after each message "
-                 f"(-R {args.random_wait}: about {2 * args.sessions / args.random_wait:,.0f} "
-                 "msgs/s offered)")
+    if pacing(args):
+        mode += ", " + pacing(args)
     src = shlex.join(source_command(args, 0, args.messages)).replace(":0", ":PORT")
     sink = shlex.join(Receiver.command(0)).replace(":0", ":SINKPORT")
     lines = [

@@ -29,6 +29,18 @@ def source_command(args, port: int, count: int) -> list[str]:
     return cmd
 
 
+def pacing(args) -> str:
+    """How --wait / --random-wait pace the sessions, for reports ("" when they do not)."""
+    if getattr(args, "wait", 0) > 0:
+        return (f"each session pausing {args.wait} s after each message (-w {args.wait}: "
+                f"about {args.sessions / args.wait:,.0f} msgs/s offered)")
+    if getattr(args, "random_wait", 0) > 0:
+        return (f"each session pausing a random 0-{args.random_wait} s after each message "
+                f"(-R {args.random_wait}: about {2 * args.sessions / args.random_wait:,.0f} "
+                "msgs/s offered)")
+    return ""
+
+
 @dataclass
 class SourceRun:
     wall_s: float
