@@ -481,7 +481,6 @@ class Daemon:
         except ValueError:
             raise AssertionError(f"HTTP {r.status}: the body is not JSON: {data[:500]!r}") from None
 
-
     def api(self, method: str, path: str, body=None, key: str | None = None,
             source: str | None = None, timeout: float = 30.0) -> tuple[int, object]:
         """One request to the HTTP API on a new connection: (status, decoded JSON, or the raw
