@@ -127,6 +127,7 @@ class Slot:
 # Listening sockets handed over by the supervisor being upgraded (``mta upgrade``):
 # (address, port) -> sockets, taken by bind_listener before it binds anew.
 _inherited: dict[tuple[str, int], list[socket.socket]] = {}
+_handed_over: set[tuple[str, int]] = set()     # their addresses (the old supervisor's too)
 
 
 def _addr_key(host: str, port: int) -> tuple[str, int]:
@@ -151,6 +152,7 @@ def take_inherited(environ=os.environ) -> int:
             continue
         sk.setblocking(False)
         _inherited.setdefault(_addr_key(host, port), []).append(sk)
+        _handed_over.add(_addr_key(host, port))
         n += 1
     return n
 
@@ -162,6 +164,24 @@ def close_unused_inherited() -> None:
                         *key)
             sk.close()
     _inherited.clear()
+
+
+def check_unclaimed(host: str, port: int) -> None:
+    """OSError (EADDRINUSE) if a socket of another process listens on *host*:*port*.
+
+    SO_REUSEPORT lets any process of the same user bind an address that already
+    listens and join its group: the kernel would split new connections between two
+    daemons (a second ``mta serve`` started by mistake, two configurations given one
+    port), and the connections waiting on the other one's queue are reset when it
+    stops.  A bind without SO_REUSEPORT is refused while anything listens there (or on
+    the wildcard address of that port), so one is tried before the real sockets bind.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # TIME_WAIT is no claim
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((host, port))
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -269,26 +289,37 @@ class Supervisor:
             s = dataclasses.replace(s, shards=existing)
         return s
 
-    @staticmethod
-    def bind_all(listen) -> list:
-        """One listening socket per address; StartupError (nothing left open) if one fails."""
+    def held(self) -> set:
+        """The addresses this supervisor listens on (or took over from the one before)."""
+        return {_addr_key(*sk.getsockname()[:2]) for sl in self.slots.values()
+                for sk in sl.all_socks()} | _handed_over
+
+    def bind_all(self, listen, ours: set = frozenset()) -> list:
+        """One listening socket per address; StartupError (nothing left open) if one fails,
+        or if another process already listens on an address that is not *ours*."""
         socks = []
         for host, port in listen:
             try:
+                if port and _addr_key(host, port) not in ours:
+                    check_unclaimed(host, port)
                 socks.append(bind_listener(host, port))
             except OSError as exc:
                 for x in socks:
                     x.close()
-                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+                why = "another process listens there (another mta serve?)" \
+                    if exc.errno == errno.EADDRINUSE else exc.strerror
+                raise StartupError(f"cannot listen on {host}:{port}: {why}") from None
         return socks
 
     def bind_slots(self, settings, role: str, count: int, listen, http_listen=()) -> dict:
         slots = {}
         try:
             for i in range(count):
-                socks = self.bind_all(listen)
+                ours = self.held() if i == 0 else self.held() | {
+                    _addr_key(*sk.getsockname()[:2]) for sk in slots[(role, 0)].all_socks()}
+                socks = self.bind_all(listen, ours)
                 try:
-                    http_socks = self.bind_all(http_listen)
+                    http_socks = self.bind_all(http_listen, ours)
                 except StartupError:
                     for x in socks:
                         x.close()
@@ -726,11 +757,13 @@ class Supervisor:
                 prev = self.slots.get(("acceptor", i))
                 if prev is not None and same_smtp and same_http:
                     continue
+                ours = self.held() | {_addr_key(*sk.getsockname()[:2])
+                                      for sl in fresh.values() for sk in sl.all_socks()}
                 socks = prev.socks if prev is not None and same_smtp else \
-                    self.bind_all(new.listen)
+                    self.bind_all(new.listen, ours)
                 try:
                     http = prev.http_socks if prev is not None and same_http else \
-                        self.bind_all(new.http_listen)
+                        self.bind_all(new.http_listen, ours)
                 except StartupError:
                     if prev is None or socks is not prev.socks:
                         for x in socks:
