@@ -6,7 +6,9 @@ our events, wrapped as a webhook batch, with the right type, recipient, ids and 
 from __future__ import annotations
 
 import json
+import time
 
+from mta.events import shape
 from mta.events.shape import canonical_reason, event_id, expand, sparkpost_event
 
 T0 = 1_700_000_000.25
@@ -263,3 +265,16 @@ def test_django_anymail_reads_our_refusals_in_their_webhook_categories():
     assert got[0].reject_reason == RejectReason.BLOCKED
     assert got[0].mta_response.startswith("550 5.7.1")
     assert got[1].message_id == got[2].message_id == "88"
+
+
+def test_iso_keeps_one_second_and_agrees_with_strftime_in_any_order():
+    def direct(ts):
+        ms = int(round(ts * 1000))
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + \
+            ".%03dZ" % (ms % 1000)
+    base = 1764790000.0
+    # Within a second, across its end (rounding up into the next), backwards, far apart.
+    times = [base + 0.001, base + 0.5, base + 0.9994, base + 0.9996, base + 1.2, base + 0.3,
+             base - 86400 * 365.25, base + 0.3, 0.0, 4102444799.9999, base + 0.4]
+    assert [shape.iso(t) for t in times] == [direct(t) for t in times]
+    assert shape.iso(base + 0.9996) == "2025-12-03T19:26:41.000Z"
