@@ -127,7 +127,6 @@ class Slot:
 # Listening sockets handed over by the supervisor being upgraded (``mta upgrade``):
 # (address, port) -> sockets, taken by bind_listener before it binds anew.
 _inherited: dict[tuple[str, int], list[socket.socket]] = {}
-_handed_over: set[tuple[str, int]] = set()     # their addresses (the old supervisor's too)
 
 
 def _addr_key(host: str, port: int) -> tuple[str, int]:
@@ -152,7 +151,6 @@ def take_inherited(environ=os.environ) -> int:
             continue
         sk.setblocking(False)
         _inherited.setdefault(_addr_key(host, port), []).append(sk)
-        _handed_over.add(_addr_key(host, port))
         n += 1
     return n
 
@@ -184,11 +182,14 @@ def check_unclaimed(host: str, port: int) -> None:
         s.bind((host, port))
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """A listening TCP socket with SO_REUSEPORT, so several slots share the address."""
+def bind_listener(host: str, port: int, exclusive: bool = False) -> socket.socket:
+    """A listening TCP socket with SO_REUSEPORT, so several slots share the address;
+    *exclusive*: refused (EADDRINUSE) if another process listens there already."""
     left = _inherited.get(_addr_key(host, port))
     if left:
         return left.pop(0)      # handed over by the previous supervisor: already listening
+    if exclusive and port:
+        check_unclaimed(host, port)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -289,20 +290,17 @@ class Supervisor:
             s = dataclasses.replace(s, shards=existing)
         return s
 
-    def held(self) -> set:
-        """The addresses this supervisor listens on (or took over from the one before)."""
-        return {_addr_key(*sk.getsockname()[:2]) for sl in self.slots.values()
-                for sk in sl.all_socks()} | _handed_over
-
-    def bind_all(self, listen, ours: set = frozenset()) -> list:
-        """One listening socket per address; StartupError (nothing left open) if one fails,
-        or if another process already listens on an address that is not *ours*."""
+    def bind_all(self, listen, first: bool) -> list:
+        """One listening socket per address; StartupError (nothing left open) if one fails.
+        *first*: the first of the slots that share these addresses, so an address this
+        supervisor does not listen on yet must not be another process's."""
+        held = {_addr_key(*sk.getsockname()[:2]) for sl in self.slots.values()
+                for sk in sl.all_socks()} if first else ()
         socks = []
         for host, port in listen:
             try:
-                if port and _addr_key(host, port) not in ours:
-                    check_unclaimed(host, port)
-                socks.append(bind_listener(host, port))
+                socks.append(bind_listener(host, port,
+                                           exclusive=first and _addr_key(host, port) not in held))
             except OSError as exc:
                 for x in socks:
                     x.close()
@@ -315,11 +313,9 @@ class Supervisor:
         slots = {}
         try:
             for i in range(count):
-                ours = self.held() if i == 0 else self.held() | {
-                    _addr_key(*sk.getsockname()[:2]) for sk in slots[(role, 0)].all_socks()}
-                socks = self.bind_all(listen, ours)
+                socks = self.bind_all(listen, first=i == 0)
                 try:
-                    http_socks = self.bind_all(http_listen, ours)
+                    http_socks = self.bind_all(http_listen, first=i == 0)
                 except StartupError:
                     for x in socks:
                         x.close()
@@ -757,13 +753,12 @@ class Supervisor:
                 prev = self.slots.get(("acceptor", i))
                 if prev is not None and same_smtp and same_http:
                     continue
-                ours = self.held() | {_addr_key(*sk.getsockname()[:2])
-                                      for sl in fresh.values() for sk in sl.all_socks()}
+                first = not fresh       # the later fresh slots share its addresses
                 socks = prev.socks if prev is not None and same_smtp else \
-                    self.bind_all(new.listen, ours)
+                    self.bind_all(new.listen, first)
                 try:
                     http = prev.http_socks if prev is not None and same_http else \
-                        self.bind_all(new.http_listen, ours)
+                        self.bind_all(new.http_listen, first)
                 except StartupError:
                     if prev is None or socks is not prev.socks:
                         for x in socks:
