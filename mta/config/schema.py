@@ -261,6 +261,11 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     idle_timeout: Annotated[float, _doc(
         "seconds an unused connection is kept open for the next message, where no "
         "[[shaping]] rule sets it", ge=0, le=3600)] = 5.0
+    pipeline_transactions: Annotated[bool, _doc(
+        "when a server offers PIPELINING and the next message for the connection is "
+        "waiting, send its MAIL, RCPT and DATA in the same write as the previous message's "
+        "final dot (RFC 2920 allows message content first in a group); false: one "
+        "transaction at a time")] = True
     max_in_flight_per_domain: Annotated[int, _doc(
         "bulk messages a spool shard has out for delivery to one recipient domain at once, "
         "so that a slow or hung site cannot take the whole window (max_in_flight); "

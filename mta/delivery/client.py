@@ -18,7 +18,10 @@ Hot path cost, per message with PIPELINING: two round trips.  One write of
 ``MAIL``, every ``RCPT`` and ``DATA``; one read of their replies; one write
 of the dot-stuffed message (one ``bytes.replace``, which copies only when a
 line starts with a dot, and one concatenation — no per-line Python work on
-the body); one read of the final reply.  Replies are
+the body); one read of the final reply.  When the caller has the next message
+for the connection at hand (``send_prepared``'s *then*), its envelope goes out
+in the same write as the final dot and its replies come back with the final
+reply: one write and one read per message.  Replies are
 parsed from the connection's own buffer in ``data_received`` (an
 ``asyncio.Protocol``, no stream reader); a waiting call is woken once, when
 every reply it waits for has arrived.  A transaction that leaves the server
@@ -317,6 +320,37 @@ class DeliveryResult:
         return f"DeliveryResult({self.rcpt_replies!r}, {self.data_reply!r})"
 
 
+class Transaction:
+    """One mail transaction made ready for a connection (:meth:`SmtpConnection.prepare`).
+
+    ``result``: the answer when it needs nothing from the server (nothing is
+    sent then); else ``mail`` and ``rcpts`` are the envelope's command lines
+    and ``send_idx`` the indexes of the recipients they name.  ``sent``: the
+    envelope went out ahead, behind the previous message's final dot.
+    """
+
+    __slots__ = ("message", "result", "replies", "send_idx", "mail", "rcpts", "dsn", "sent")
+
+    def __init__(self, message: bytes) -> None:
+        self.message = message
+        self.result: DeliveryResult | None = None
+        self.replies: list[SmtpReply | None] = []
+        self.send_idx: list[int] = []
+        self.mail = b""
+        self.rcpts: list[bytes] = []
+        self.dsn = False
+        self.sent = False
+
+    @property
+    def count(self) -> int:
+        """Replies the pipelined envelope gets: MAIL, each RCPT, DATA."""
+        return len(self.rcpts) + 2
+
+    def envelope(self) -> bytes:
+        """The pipelined envelope: MAIL, every RCPT and DATA, in one piece."""
+        return self.mail + b"".join(self.rcpts) + b"DATA\r\n"
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 class SmtpError(Exception):
@@ -544,6 +578,7 @@ class SmtpConnection:
         self.greeting: SmtpReply | None = None
         self.messages_sent = 0          # messages the server accepted (final 2xx)
         self.transactions = 0           # transactions started (MAIL sent)
+        self._ahead: Transaction | None = None  # sent ahead, not run yet (send_prepared)
 
     # -- properties --
 
@@ -733,7 +768,7 @@ class SmtpConnection:
 
     async def send_message(self, sender: str, recipients: list[str], message: bytes, *,
                            eight_bit: bool = False, smtputf8: bool = False,
-                           dsn: DsnParams | None = None) -> DeliveryResult:
+                           dsn: DsnParams | None = None, then=None) -> DeliveryResult:
         """Run one mail transaction; return one reply per recipient and the data reply.
 
         *message* is the whole message with CRLF line ends, not dot-stuffed.
@@ -741,13 +776,38 @@ class SmtpConnection:
         BODY=8BITMIME; SMTPUTF8 is used when asked or when an address is
         not ASCII.  *dsn*: the RFC 3461 parameters received with the message,
         passed on when the server offers DSN (``result.dsn`` says it did).
+        *then*: see :meth:`send_prepared`.
         Raises Unsupported8Bit / UnsupportedSmtpUtf8 (nothing sent),
         SmtpTimeout, SmtpConnectionLost, SmtpProtocolError.
         """
         self._begin()
         try:
-            result = await self._transaction(sender, recipients, message, eight_bit, smtputf8,
-                                             dsn)
+            txn = self.prepare(sender, recipients, message, eight_bit=eight_bit,
+                               smtputf8=smtputf8, dsn=dsn)
+        except BaseException:
+            self._state = self._state_before
+            raise
+        return await self._run(txn, then)
+
+    async def send_prepared(self, txn: Transaction, then=None) -> DeliveryResult:
+        """Run a transaction made by :meth:`prepare` (its envelope may be on the wire already).
+
+        *then*: None, or a function called with this connection just before
+        the message goes out; it may return the next :class:`Transaction` of
+        this connection (made by :meth:`prepare`), whose envelope is then
+        written behind this message's final dot in the same write (RFC 2920
+        allows message content first in a group: cross-transaction
+        pipelining).  That transaction must be the next one run on this
+        connection, with ``send_prepared``; if this one fails and the
+        connection is no longer usable, it was never run: nothing of its
+        message was sent.  Returns None when nothing should follow.
+        """
+        self._begin()
+        return await self._run(txn, then)
+
+    async def _run(self, txn: Transaction, then) -> DeliveryResult:
+        try:
+            result = await self._transaction(txn, then)
         except BaseException:
             if self._state == _State.BUSY:      # state on the server unknown: give up on it
                 self.close()
@@ -756,27 +816,30 @@ class SmtpConnection:
             self._state = _State.READY
         return result
 
-    async def _transaction(self, sender: str, recipients: list[str], message: bytes,
-                           eight_bit: bool, smtputf8: bool,
-                           dsn: DsnParams | None = None) -> DeliveryResult:
-        """The steps of send_message; leaves _state READY, DIRTY, BUSY (= READY) or CLOSED."""
-        # 1. Checks that need nothing from the server.
+    def prepare(self, sender: str, recipients: list[str], message: bytes, *,
+                eight_bit: bool = False, smtputf8: bool = False,
+                dsn: DsnParams | None = None) -> Transaction:
+        """The transaction's checks and envelope, for this connection; nothing is sent.
+
+        Raises Unsupported8Bit / UnsupportedSmtpUtf8.  A transaction whose
+        answer needs nothing from the server (too big for its SIZE, bad
+        addresses) has ``result`` set.
+        """
         eight_bit = eight_bit or not message.isascii()
         if eight_bit and not self.supports_8bitmime:
-            self._state = self._idle_state()
             raise Unsupported8Bit()
         utf8 = smtputf8 or not sender.isascii() or not all(r.isascii() for r in recipients)
         if utf8 and not self.supports_smtputf8:
-            self._state = self._idle_state()
             raise UnsupportedSmtpUtf8()
         n = len(recipients)
+        txn = Transaction(message)
         limit = self.max_size
         if limit is not None and len(message) > limit:
-            self._state = self._idle_state()
-            return DeliveryResult([REPLY_TOO_BIG] * n, None)
+            txn.result = DeliveryResult([REPLY_TOO_BIG] * n, None)
+            return txn
         if _BAD_ADDRESS.search(sender):
-            self._state = self._idle_state()
-            return DeliveryResult([REPLY_BAD_SENDER] * n, None)
+            txn.result = DeliveryResult([REPLY_BAD_SENDER] * n, None)
+            return txn
         replies: list[SmtpReply | None] = [None] * n
         send_idx = []
         for i, r in enumerate(recipients):
@@ -784,11 +847,11 @@ class SmtpConnection:
                 replies[i] = REPLY_BAD_RCPT
             else:
                 send_idx.append(i)
+        txn.replies = replies
+        txn.send_idx = send_idx
         if not send_idx:
-            self._state = self._idle_state()
-            return DeliveryResult(replies, None)
-
-        # 2. The envelope: MAIL, RCPT..., and DATA too when pipelining.
+            txn.result = DeliveryResult(replies, None)
+            return txn
         params = ""
         if "SIZE" in self.extensions:
             params += " SIZE=%d" % len(message)
@@ -797,32 +860,61 @@ class SmtpConnection:
         if utf8:
             params += " SMTPUTF8"
         enc = "utf-8" if utf8 else "ascii"
-        use_dsn = self.supports_dsn
-        if use_dsn and dsn is not None:
+        txn.dsn = self.supports_dsn
+        if txn.dsn and dsn is not None:
             params += dsn.mail_params()
-            mail = ("MAIL FROM:<%s>%s\r\n" % (sender, params)).encode(enc)
-            rcpts = [("RCPT TO:<%s>%s\r\n" % (recipients[i], dsn.rcpt_params(i))).encode(enc)
-                     for i in send_idx]
+            txn.mail = ("MAIL FROM:<%s>%s\r\n" % (sender, params)).encode(enc)
+            txn.rcpts = [("RCPT TO:<%s>%s\r\n" % (recipients[i], dsn.rcpt_params(i))).encode(enc)
+                         for i in send_idx]
         else:
-            mail = ("MAIL FROM:<%s>%s\r\n" % (sender, params)).encode(enc)
-            rcpts = [("RCPT TO:<%s>\r\n" % recipients[i]).encode(enc) for i in send_idx]
-        rset = self._state_before == _State.DIRTY
-        self.transactions += 1
-        if self.supports_pipelining:
+            txn.mail = ("MAIL FROM:<%s>%s\r\n" % (sender, params)).encode(enc)
+            txn.rcpts = [("RCPT TO:<%s>\r\n" % recipients[i]).encode(enc) for i in send_idx]
+        return txn
+
+    async def _transaction(self, txn: Transaction, then) -> DeliveryResult:
+        """The steps of a transaction; leaves _state READY, DIRTY, BUSY (= READY) or CLOSED."""
+        # 1. An answer that needs nothing from the server.
+        if txn.result is not None:
+            if txn.sent:
+                raise RuntimeError("a transaction with a result was sent")
+            self._state = self._idle_state()
+            return txn.result
+        ahead = self._ahead
+        if ahead is not None and ahead is not txn:
+            raise RuntimeError("another transaction's envelope is on the wire")
+        replies = txn.replies
+        send_idx = txn.send_idx
+        message = txn.message
+        rcpts = txn.rcpts
+
+        # 2. The envelope: MAIL, RCPT..., and DATA too when pipelining.
+        if txn.sent:
+            # written behind the previous message (cross-transaction pipelining)
+            self._ahead = None
+            got = await self._read(txn.count, self.command_timeout, "MAIL")
+            if len(got) < txn.count:
+                got.extend([got[-1]] * (txn.count - len(got)))
+            mail_reply = got[0]
+            rcpt_got = got[1:-1]
+            data_cmd_reply: SmtpReply | None = got[-1]
+        elif self.supports_pipelining:
             # One write; replies: [RSET] MAIL RCPT... DATA.  A 421 cuts them short:
             # whatever it left unanswered gets the 421.
-            count = len(rcpts) + 2 + rset
+            rset = self._state_before == _State.DIRTY
+            self.transactions += 1
+            count = txn.count + rset
             got = await self._command(
-                (b"RSET\r\n" if rset else b"") + mail + b"".join(rcpts) + b"DATA\r\n",
-                "MAIL", count)
+                (b"RSET\r\n" if rset else b"") + txn.envelope(), "MAIL", count)
             if len(got) < count:
                 got.extend([got[-1]] * (count - len(got)))
             if rset:
                 self._check_rset(got.pop(0))
             mail_reply = got[0]
             rcpt_got = got[1:-1]
-            data_cmd_reply: SmtpReply | None = got[-1]
+            data_cmd_reply = got[-1]
         else:
+            rset = self._state_before == _State.DIRTY
+            self.transactions += 1
             data_cmd_reply = None
             rcpt_got = []
             if rset:
@@ -830,7 +922,7 @@ class SmtpConnection:
                 self._check_rset(r)
                 mail_reply = r
             if not rset or mail_reply.is_ok:
-                mail_reply = (await self._command(mail, "MAIL"))[0]
+                mail_reply = (await self._command(txn.mail, "MAIL"))[0]
             if mail_reply.is_ok:
                 for cmd in rcpts:
                     r = (await self._command(cmd, "RCPT"))[0]
@@ -870,26 +962,41 @@ class SmtpConnection:
             return DeliveryResult(replies, data_cmd_reply)
 
         # 4. The message.
-        data_reply = await self._send_data(message)
+        data_reply = await self._send_data(message, then)
         if data_reply.is_ok:
             self.messages_sent += 1
         if self._wire.closing:
             self.close()
-        return DeliveryResult(replies, data_reply, use_dsn)
+        return DeliveryResult(replies, data_reply, txn.dsn)
 
-    async def _send_data(self, message: bytes) -> SmtpReply:
-        """Write the dot-stuffed message and the final dot; return the final reply."""
+    async def _send_data(self, message: bytes, then=None) -> SmtpReply:
+        """Write the dot-stuffed message and the final dot; return the final reply.
+
+        With *then* (see send_prepared), the next transaction's envelope goes
+        out in the same write as the final dot.
+        """
         w = self._wire
         deadline = self._loop.time() + self.data_timeout
+        nxt = then(self) if then is not None and self.supports_pipelining else None
+        after = b""
+        if nxt is not None:
+            if nxt.result is not None or nxt.sent:
+                raise RuntimeError("the next transaction cannot be sent ahead")
+            after = nxt.envelope()
         if len(message) <= SINGLE_WRITE_MAX:
-            self._write(dot_stuff(message))
+            self._write(dot_stuff(message) + after if after else dot_stuff(message))
         else:
             body = message.replace(b"\n.", b"\n..")
             if body[:1] == b".":
                 self._write(b".")
             self._write(body)
-            self._write(b".\r\n" if body[-2:] == b"\r\n" else b"\r\n.\r\n")
+            self._write((b".\r\n" if body[-2:] == b"\r\n" else b"\r\n.\r\n") + after)
         w.owed += 1
+        if nxt is not None:
+            nxt.sent = True
+            self._ahead = nxt
+            self.transactions += 1
+            w.owed += nxt.count
         if w.paused:
             await self._drain(deadline)
         return (await self._read(1, deadline - self._loop.time(), "end of data"))[0]
@@ -903,6 +1010,7 @@ class SmtpConnection:
 
     async def reset(self) -> None:
         """Send RSET: abandon any transaction on the server."""
+        self._not_ahead()
         self._begin()
         try:
             reply = (await self._command(b"RSET\r\n", "RSET"))[0]
@@ -917,6 +1025,7 @@ class SmtpConnection:
 
     async def noop(self) -> SmtpReply:
         """Send NOOP (a liveness check for an idle pooled connection); return the reply."""
+        self._not_ahead()
         self._begin()
         try:
             reply = (await self._command(b"NOOP\r\n", "NOOP"))[0]
@@ -934,7 +1043,9 @@ class SmtpConnection:
         if self._state == _State.BUSY:      # a call is in progress: drop the connection under it
             self.abort()
             return
-        if self._state == _State.CLOSED or self._wire.lost:
+        if self._state == _State.CLOSED or self._wire.lost or self._ahead is not None:
+            # (an envelope sent ahead and never run may have left DATA open: QUIT
+            # would be taken for message text; closing makes the server drop it)
             self.close()
             return
         self._state = _State.BUSY
@@ -976,6 +1087,10 @@ class SmtpConnection:
             raise SmtpConnectionLost("connection is closed")
         self._state_before = st
         self._state = _State.BUSY
+
+    def _not_ahead(self) -> None:
+        if self._ahead is not None:
+            raise RuntimeError("a transaction sent ahead must be run first (send_prepared)")
 
     def _idle_state(self) -> _State:
         return self._state_before

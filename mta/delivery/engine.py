@@ -332,6 +332,8 @@ class Engine:
         self.stopping = False
         self.stop_event = asyncio.Event()   # set by begin_stop(): connection attempts give up
         self.processes = max(1, settings.deliveries)   # delivery processes sharing the slots
+        # cross-transaction pipelining: the next envelope behind the last final dot
+        self.pipeline = self.cfg.pipeline_transactions
 
     # --------------------------------------------------------------- intake
 
@@ -739,9 +741,27 @@ class Engine:
         conn = target = None
         yielded = False
         src = lane.source
+        # The next job, taken while the last message went out (_ahead), with its
+        # transaction when its envelope went out behind that message's final dot.
+        ahead: list = []
+        give_up = [False]       # _ahead found the slot should go to another process
+
+        def chain(c):
+            return self._ahead(lane, c, ahead, give_up)
+
         try:
             while True:
-                job = lane.pop()
+                if ahead:
+                    job, txn = ahead.pop()
+                    if txn is not None and conn is not None and conn.is_usable:
+                        # its transaction has begun: the envelope is on the wire
+                        conn = await self._send(conn, target, job, lane, txn, chain)
+                        if self._after_send(lane, ahead, give_up):
+                            yielded = give_up[0]
+                            return
+                        continue
+                else:
+                    job = lane.pop()
                 if job is None:
                     if self.stopping or not await self._idle(lane):
                         return
@@ -782,18 +802,19 @@ class Engine:
                 if time.monotonic() - job.queued_at > self.max_wait:
                     self._hand_back([job], lane)      # paced too long: the spool's turn
                     continue
-                conn = await self._send(conn, target, job, lane)
-                if self._held(src.name, lane.site.name, time.time()):
-                    self._reroute(lane, None)     # a rule suspended this lane: stop here
+                conn = await self._send(conn, target, job, lane, None, chain)
+                if self._after_send(lane, ahead, give_up):
+                    yielded = give_up[0]
                     return
-                if self._yield_slot(lane):
-                    yielded = True
-                    return
-                if lane.active > lane.limits.connection_limit:
-                    return              # a throttle or back-off lowered the limit
         except Exception:
             log.exception("delivery worker for %s failed", lane.key)
         finally:
+            # the next job, taken but not run (an unexpected error): back to the front
+            # of its lane; nothing of its message was sent (its envelope may have
+            # been: the connection is closed below, not quit)
+            for j, _ in ahead:
+                (lane.urgent if j.msg.priority >= PRIORITY_TRANSACTIONAL
+                 else lane.bulk).appendleft(j)
             lane.active -= 1
             self.limiter.release(slot)
             if conn is not None:
@@ -802,6 +823,63 @@ class Engine:
                 self._kick(lane)
             elif not lane.queued() and lane.active == 0:
                 self._forget(lane)
+
+    def _after_send(self, lane: Lane, ahead: list, give_up: list) -> bool:
+        """After a transaction: True when the worker should stop (give_up: to yield its slot)."""
+        src = lane.source
+        if self._held(src.name, lane.site.name, time.time()):
+            # a rule suspended this lane: stop here; the next job, if taken, goes
+            # with the rest (its envelope, if sent, dies with the connection)
+            for j, _ in ahead:
+                (lane.urgent if j.msg.priority >= PRIORITY_TRANSACTIONAL
+                 else lane.bulk).appendleft(j)
+            ahead.clear()
+            self._reroute(lane, None)
+            return True
+        if ahead:
+            return False            # the next one is under way: _ahead made its checks
+        if give_up[0] or self._yield_slot(lane):
+            give_up[0] = True
+            return True
+        return lane.active > lane.limits.connection_limit   # a throttle lowered the limit
+
+    def _ahead(self, lane: Lane, conn, ahead: list, give_up: list):
+        """Called as a message goes out: the transaction to write behind it, or None.
+
+        Takes the lane's next job when this connection would send it next anyway
+        -- it may carry another message, no rule holds the lane, the slot stays
+        here, the rate has a unit free now -- and, when the connection can send
+        it as it is, prepares its transaction (the caller writes its envelope
+        behind the final dot).  The job is left in *ahead* either way.
+        """
+        if not self.pipeline or self.stopping or not lane.queued():
+            return None
+        limits = lane.limits
+        if conn.messages_sent + 1 >= limits.max_deliveries_per_connection \
+                or lane.active > limits.connection_limit:
+            return None
+        if self._held(lane.source.name, lane.site.name, time.time()):
+            return None
+        if self._yield_slot(lane):
+            give_up[0] = True
+            return None
+        rate = limits.max_message_rate
+        if rate and self.limiter.take(lane.message_key, rate) > 0:
+            return None
+        job = lane.pop()
+        if time.monotonic() - job.queued_at > self.max_wait:
+            ahead.append((job, None))       # the worker hands it back
+            return None
+        sender, addrs, eight, utf8, dsn = self._envelope(job)
+        try:
+            txn = conn.prepare(sender, addrs, job.msg.body, eight_bit=eight, smtputf8=utf8,
+                               dsn=dsn)
+        except (smtpc.Unsupported8Bit, smtpc.UnsupportedSmtpUtf8):
+            txn = None                      # the worker sends it the usual way (and fails it)
+        if txn is not None and txn.result is not None:
+            txn = None
+        ahead.append((job, txn))
+        return txn
 
     def _yield_slot(self, lane: Lane) -> bool:
         """True when this worker should give its connection slot to another process.
@@ -838,23 +916,34 @@ class Engine:
         job.tls = exc.tls
         self._finish(job, job.results(exc.outcome, exc.code, exc.enhanced, exc.text))
 
-    async def _send(self, conn, t: Target, job: Job, lane: Lane):
-        """Send one job over *conn*; return the connection if it can be reused, else None."""
+    def _envelope(self, job: Job):
+        """sender, recipient addresses, 8-bit, SMTPUTF8 and DSN parameters of *job*."""
+        m = job.msg
+        sender = m.sender
+        if self.verp is not None and sender:
+            sender = f"{self.verp[0]}+{m.qid.lower()}@{self.verp[1]}"
+        return (sender, [r.address for r in m.rcpts],
+                m.params.get("BODY", "").upper() == "8BITMIME", "SMTPUTF8" in m.params,
+                smtpc.DsnParams.from_params(m.params))
+
+    async def _send(self, conn, t: Target, job: Job, lane: Lane, txn=None, chain=None):
+        """Send one job over *conn*; return the connection if it can be reused, else None.
+
+        *txn*: its transaction, already on the wire (see _ahead).  *chain*: the
+        connection's ``then`` (the next job's envelope behind this message).
+        """
         host, ip = t.host, t.ip
         m = job.msg
         job.source_ip = getattr(conn, "local_ip", "") or ""
         job.tls = conn.outbound_tls
-        addrs = [r.address for r in m.rcpts]
-        eight = m.params.get("BODY", "").upper() == "8BITMIME"
-        utf8 = "SMTPUTF8" in m.params
         lane.sent += 1
         try:
-            sender = m.sender
-            if self.verp is not None and sender:
-                sender = f"{self.verp[0]}+{m.qid.lower()}@{self.verp[1]}"
-            res = await conn.send_message(sender, addrs, m.body, eight_bit=eight,
-                                          smtputf8=utf8,
-                                          dsn=smtpc.DsnParams.from_params(m.params))
+            if txn is not None:
+                res = await conn.send_prepared(txn, then=chain)
+            else:
+                sender, addrs, eight, utf8, dsn = self._envelope(job)
+                res = await conn.send_message(sender, addrs, m.body, eight_bit=eight,
+                                              smtputf8=utf8, dsn=dsn, then=chain)
         except smtpc.Unsupported8Bit:
             self._finish(job, job.results(
                 FAILED, 554, "5.6.3", f"{host} does not accept 8-bit messages (no 8BITMIME)",

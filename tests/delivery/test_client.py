@@ -1283,3 +1283,218 @@ def test_dsn_params_from_a_job_are_checked_again():
     assert p.rcpt_params(1) == "" and p.rcpt_params(2) == "" and p.rcpt_params(9) == ""
     bad = DsnParams.from_params({"ENVID": "x y\r\nQUIT", "RET": "hdrs", "NOTIFY": "NEVER"})
     assert bad.mail_params() == "" and bad.rcpt_params(0) == ""
+
+
+# --- cross-transaction pipelining: the next envelope behind the final dot ----------------------
+
+def _chained(conn, jobs):
+    """A ``then`` that prepares each of *jobs* (sender, rcpts, message) in turn, and
+    the list of the transactions it made, in order."""
+    made = []
+    it = iter(jobs)
+
+    def then(c):
+        assert c is conn
+        job = next(it, None)
+        if job is None:
+            return None
+        txn = c.prepare(*job)
+        made.append(txn)
+        return txn
+
+    return then, made
+
+
+def test_sink_corpus_chained_byte_exact(sink_factory):
+    """Postfix's smtp-sink takes each next envelope behind the previous final dot."""
+    sink = sink_factory()
+    jobs = []
+    for k, (name, msg) in enumerate(CORPUS):
+        rcpts = [f"r{k}-{j}@dest.test.example" for j in range(k % 3 + 1)]
+        jobs.append(("" if name == "empty" else f"{name}@src.test.example", rcpts, msg))
+
+    async def main():
+        conn = await SmtpConnection.open("127.0.0.1", sink.port, helo_name=HELO,
+                                         command_timeout=5, data_timeout=5)
+        then, made = _chained(conn, jobs[1:])
+        results = [await conn.send_message(*jobs[0], then=then)]
+        while len(results) < len(jobs):
+            results.append(await conn.send_prepared(made[len(results) - 1], then=then))
+        assert all(t.sent for t in made) and len(made) == len(jobs) - 1
+        assert conn.messages_sent == conn.transactions == len(jobs)
+        assert conn.is_usable and (await conn.noop()).is_ok
+        await conn.quit()
+        return results
+
+    results = run(main())
+    assert all(r.all_accepted for r in results)
+    dumps = {d["mail"].split()[0]: d for d in sink.dumps(len(CORPUS))}
+    for k, (name, msg) in enumerate(CORPUS):
+        d = dumps["<>" if name == "empty" else f"<{name}@src.test.example>"]
+        assert d["body"] == as_dumped(msg), name
+        assert d["rcpt"] == [f"<r{k}-{j}@dest.test.example>" for j in range(k % 3 + 1)]
+
+
+def test_raw_next_envelope_goes_out_with_the_final_dot():
+    env1 = b"MAIL FROM:<s@x.test>\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"
+    env2 = b"MAIL FROM:<t@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n"
+    seen = {}
+
+    async def script(peer):
+        await peer.hello()
+        await peer.until(env1)
+        peer.send(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n")
+        before = len(peer.chunks)
+        # the next envelope arrives before the message's reply is sent: a client that
+        # waited for that reply first would time out here
+        seen["dot+env2"] = await peer.until(env2)
+        seen["reads"] = peer.chunks[before:]
+        peer.send(b"250 2.0.0 queued 1\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 no c\r\n"
+                  b"354 go\r\n")
+        seen["body2"] = await peer.until(b"\r\n.\r\n")
+        peer.send(b"250 2.0.0 queued 2\r\n")
+        await peer.until(b"QUIT\r\n")
+        peer.send(b"221 bye\r\n")
+
+    async def main():
+        async with RawServer(script) as srv:
+            conn = await open_to(srv.port, command_timeout=2)
+            then, made = _chained(conn, [("t@x.test", ["b@y.test", "c@y.test"], b"two\r\n")])
+            r1 = await conn.send_message("s@x.test", ["a@y.test"], b"one\r\n", then=then)
+            with pytest.raises(RuntimeError):       # the sent-ahead one must run first
+                await conn.noop()
+            r2 = await conn.send_prepared(made[0], then=then)
+            assert conn.transactions == 2 and conn.messages_sent == 2
+            await conn.quit()
+            return r1, r2
+
+    r1, r2 = run(main())
+    assert r1.accepted(0) and r1.data_reply.text == "queued 1"
+    assert r2.accepted(0) and not r2.accepted(1) and r2.rcpt_replies[1].code == 550
+    assert seen["dot+env2"] == b"one\r\n.\r\n" + env2
+    assert seen["reads"] == [b"one\r\n.\r\n" + env2]      # one write, one segment
+    assert seen["body2"] == b"two\r\n.\r\n"
+
+
+def test_raw_421_after_the_message_the_next_is_not_run():
+    """The server goes away after the message: the next transaction, whose envelope
+    went out ahead, was never run -- nothing of its message is sent; QUIT is not sent
+    into a DATA the server may hold open."""
+    got = {}
+
+    async def script(peer):
+        await peer.hello()
+        await peer.until(b"DATA\r\n")
+        peer.send(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+        await peer.until(b"\r\n.\r\nMAIL FROM:<t@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+        peer.send(b"421 4.3.2 shutting down\r\n")
+        try:
+            await peer.until(b"\r\n", timeout=1)
+        except (EOFError, asyncio.TimeoutError):
+            pass
+        got["after"] = bytes(peer.buf)
+
+    async def main():
+        async with RawServer(script) as srv:
+            conn = await open_to(srv.port, command_timeout=2)
+            then, made = _chained(conn, [("t@x.test", ["b@y.test"], b"two\r\n")])
+            r1 = await conn.send_message("s@x.test", ["a@y.test"], b"one\r\n", then=then)
+            assert r1.data_reply.code == 421 and not conn.is_usable
+            with pytest.raises(SmtpConnectionLost):
+                await conn.send_prepared(made[0])
+            await conn.quit()
+            await asyncio.sleep(0.2)
+            return made
+
+    made = run(main())
+    assert made[0].sent
+    assert got["after"] == b""          # no message text, no QUIT
+
+
+def test_raw_quit_with_an_envelope_ahead_closes_without_quit():
+    got = {}
+
+    async def script(peer):
+        await peer.hello()
+        await peer.until(b"DATA\r\n")
+        peer.send(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+        await peer.until(b"\r\n.\r\n")
+        await peer.until(b"DATA\r\n")
+        peer.send(b"250 queued\r\n250 Ok\r\n250 Ok\r\n354 go\r\n")
+        try:
+            await peer.until(b"\r\n", timeout=2)
+        except EOFError:
+            got["eof"] = True
+        got["after"] = bytes(peer.buf)
+
+    async def main():
+        async with RawServer(script) as srv:
+            conn = await open_to(srv.port, command_timeout=2)
+            then, made = _chained(conn, [("t@x.test", ["b@y.test"], b"two\r\n")])
+            r1 = await conn.send_message("s@x.test", ["a@y.test"], b"one\r\n", then=then)
+            assert r1.accepted(0)
+            await conn.quit()        # the engine's worker gave up before running it
+            await asyncio.sleep(0.3)
+
+    run(main())
+    assert got == {"eof": True, "after": b""}
+
+
+def test_raw_refused_message_then_the_next_goes_on_and_a_refused_envelope_is_reset():
+    seen = []
+
+    async def script(peer):
+        await peer.hello()
+        await peer.until(b"DATA\r\n")
+        peer.send(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+        seen.append(await peer.until(b"DATA\r\n"))
+        # message 1 refused; message 2's only recipient refused, so DATA is too
+        peer.send(b"554 5.7.1 spam\r\n250 Ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n")
+        seen.append(await peer.until(b"DATA\r\n"))
+        peer.send(b"250 2.0.0 Reset\r\n250 Ok\r\n250 Ok\r\n354 go\r\n")
+        seen.append(await peer.until(b"\r\n.\r\n"))
+        peer.send(b"250 2.0.0 queued 3\r\n")
+
+    async def main():
+        async with RawServer(script) as srv:
+            conn = await open_to(srv.port, command_timeout=2)
+            then, made = _chained(conn, [("t@x.test", ["b@y.test"], b"two\r\n")])
+            r1 = await conn.send_message("s@x.test", ["a@y.test"], b"one\r\n", then=then)
+            r2 = await conn.send_prepared(made[0], then=then)   # no body: then is not asked
+            r3 = await conn.send_message("u@x.test", ["c@y.test"], b"three\r\n")
+            conn.close()
+            return r1, r2, r3, made
+
+    r1, r2, r3, made = run(main())
+    assert r1.data_reply.code == 554 and not r1.accepted(0)
+    assert r2.rcpt_replies[0].code == 550 and r2.data_reply is None and not r2.accepted(0)
+    assert len(made) == 1
+    assert r3.accepted(0) and r3.data_reply.text == "queued 3"
+    assert seen == [b"one\r\n.\r\nMAIL FROM:<t@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n",
+                    b"RSET\r\nMAIL FROM:<u@x.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n",
+                    b"three\r\n.\r\n"]
+
+
+def test_raw_no_envelope_ahead_without_pipelining():
+    asked = []
+
+    async def script(peer):
+        await peer.hello(b"250 8BITMIME\r\n")
+        for reply in (b"250 Ok\r\n", b"250 Ok\r\n", b"354 go\r\n"):
+            await peer.until(b"\r\n")
+            peer.send(reply)
+        await peer.until(b"\r\n.\r\n")
+        await asyncio.sleep(0.05)
+        assert not peer.buf             # nothing behind the final dot
+        peer.send(b"250 Ok\r\n")
+
+    async def main():
+        async with RawServer(script) as srv:
+            conn = await open_to(srv.port, command_timeout=2)
+            r = await conn.send_message("s@x.test", ["a@y.test"], b"one\r\n",
+                                        then=lambda c: asked.append(c))
+            conn.close()
+            return r
+
+    assert run(main()).accepted(0)
+    assert asked == []

@@ -300,3 +300,120 @@ def test_jobs_that_wait_too_long_in_a_lane_are_handed_back_never_also_sent():
     assert back and all("waited over 1s" in outcomes[n].text for n in back)
     got = {rcpts[0] for _, rcpts, _ in peer.messages}
     assert got == {f"ok{n}@example.net" for n in delivered}       # nothing handed back went
+
+
+# --- cross-transaction pipelining (delivery.pipeline_transactions) ---------------------------
+
+class PipeSession(asyncio.Protocol):
+    """One connection of PipePeer: a line-by-line SMTP server offering PIPELINING."""
+
+    def __init__(self, peer):
+        self.peer = peer
+        self.buf = b""
+        self.data: list[bytes] | None = None
+        self.mail = b""
+        self.rcpts: list[bytes] = []
+        self.conn = peer.connections = peer.connections + 1
+
+    def connection_made(self, transport):
+        self.t = transport
+        transport.write(b"220 pipe.test ESMTP\r\n")
+
+    def data_received(self, data):
+        self.buf += data
+        while b"\r\n" in self.buf and not self.t.is_closing():
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            if self.data is not None:
+                if line == b".":
+                    self.end_of_data()
+                else:
+                    self.data.append(line[1:] if line.startswith(b".") else line)
+                continue
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                self.t.write(b"250-pipe.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"MAIL":
+                self.mail, self.rcpts = line, []
+                self.t.write(b"250 2.1.0 ok\r\n")
+            elif verb == b"RCPT":
+                self.rcpts.append(line)
+                self.t.write(b"250 2.1.5 ok\r\n")
+            elif verb == b"DATA":
+                self.data = []
+                self.t.write(b"354 go\r\n")
+            elif verb == b"QUIT":
+                self.t.write(b"221 bye\r\n")
+                self.t.close()
+            else:
+                self.t.write(b"250 ok\r\n")
+
+    def end_of_data(self):
+        peer = self.peer
+        n = len(peer.ends)
+        # what the client had sent behind the final dot by the time it was read
+        peer.ends.append((self.conn, self.buf.startswith(b"MAIL FROM:")))
+        self.data = None
+        action = peer.script.get(n)
+        if action == "421":
+            self.t.write(b"421 4.3.2 going away\r\n")
+            self.t.close()
+            return
+        if action == "drop":
+            self.t.abort()
+            return
+        peer.messages.append((self.conn, self.rcpts[0].split(b"<")[1].split(b">")[0].decode()))
+        self.t.write(b"250 2.0.0 queued\r\n")
+
+
+class PipePeer:
+    """PipeSession's server: ``script`` maps the n-th final dot (0-based, all connections)
+    to "421" (answer 421 and close) or "drop" (close without an answer)."""
+
+    def __init__(self, script=None):
+        self.script = script or {}
+        self.connections = 0
+        self.ends: list[tuple[int, bool]] = []    # (connection, next MAIL already there)
+        self.messages: list[tuple[int, str]] = []  # (connection, recipient) accepted
+
+    def __call__(self):            # the protocol factory deliver() serves
+        return PipeSession(self)
+
+
+def test_a_pipelining_peer_gets_each_next_envelope_behind_the_final_dot():
+    peer = PipePeer()
+    jobs = [job("example.net", f"ok{n}", n=n) for n in range(20)]
+    reports = deliver(jobs, mx_to_loopback("example.net"), peer, connection_limit=1)
+    assert all(r.outcome == bus.DELIVERED for _, rs in reports for r in rs)
+    assert sorted(r for _, r in peer.messages) == sorted(f"ok{n}@example.net" for n in range(20))
+    assert peer.connections == 1
+    # every message but the last had the next one's MAIL right behind its final dot
+    assert [ahead for _, ahead in peer.ends] == [True] * 19 + [False]
+
+
+def test_without_pipeline_transactions_each_envelope_waits_for_the_reply():
+    peer = PipePeer()
+    jobs = [job("example.net", f"ok{n}", n=n) for n in range(6)]
+    reports = deliver(jobs, mx_to_loopback("example.net"), peer, connection_limit=1,
+                      pipeline_transactions=False)
+    assert all(r.outcome == bus.DELIVERED for _, rs in reports for r in rs)
+    assert [ahead for _, ahead in peer.ends] == [False] * 6
+
+
+@pytest.mark.parametrize("action", ["421", "drop"])
+def test_a_connection_lost_after_a_message_sends_the_next_once_on_a_new_one(action):
+    """The 4th message's final dot gets a 421 (or the connection drops there): that
+    message is deferred; the 5th, whose envelope went out behind that dot, is sent on a
+    new connection, once; nothing is lost or sent twice."""
+    peer = PipePeer({3: action})
+    jobs = [job("example.net", f"ok{n}", n=n) for n in range(8)]
+    reports = deliver(jobs, mx_to_loopback("example.net"), peer, connection_limit=1)
+    outcome = {j.msg.req: rs[0] for j, rs in reports}
+    assert sorted(outcome) == list(range(8))                    # each job reported once
+    assert outcome[3].outcome == bus.DEFERRED
+    if action == "421":
+        assert outcome[3].code == 421
+    assert all(outcome[n].outcome == bus.DELIVERED for n in range(8) if n != 3)
+    got = [r for _, r in peer.messages]
+    assert sorted(got) == sorted(f"ok{n}@example.net" for n in range(8) if n != 3)  # no dup
+    assert peer.connections == 2
+    assert {c for c, r in peer.messages if r == "ok4@example.net"} == {2}

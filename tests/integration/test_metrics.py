@@ -84,15 +84,17 @@ def test_metrics_count_what_was_injected_and_delivered(lab):
             else None
     m = wait_until(settled, 20, "the delivery outcomes in /metrics", interval=0.3)
     # Each child reports once a second on its own: wait until both shards have reported
-    # after their last batch (a shard that has not reported yet has no series at all).
+    # after their last batch (a shard that has not reported yet has no series at all),
+    # and the acceptor after its last transaction (its count is checked exactly below).
     def spool_settled():
         x = scrape(d)
         shards_empty = all(value(x, "mta_spool_queue_messages", shard=s) == 0
                            for s in ("0", "1"))
         return x if shards_empty and total(x, "mta_spool_commit_batch_messages_sum") == \
-            delivered else None
-    m = wait_until(spool_settled, 20, "both shards' reports after their last batch",
-                   interval=0.3)
+            delivered and (value(x, "mta_smtp_transaction_seconds_count") or 0) >= n_smtp \
+            else None
+    m = wait_until(spool_settled, 20, "both shards' and the acceptor's reports after their "
+                   "last batch", interval=0.3)
 
     # Injection: exactly what was sent.
     assert value(m, "mta_smtp_messages_accepted_total") == n_smtp
