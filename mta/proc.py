@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import setproctitle
 
@@ -18,14 +19,44 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
+class _Formatter(logging.Formatter):
+    """logging.Formatter's line, with the time's text made once a second.
+
+    A delivery process logs a line per recipient (as Postfix's smtp does); the
+    stock formatTime calls localtime() and strftime() for each of them.
+    """
+
+    def __init__(self, fmt: str):
+        super().__init__(fmt)
+        self._second = -1
+        self._text = ""
+
+    def formatTime(self, record, datefmt=None):
+        second = int(record.created)
+        if second != self._second:
+            self._text = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = second
+        return self.default_msec_format % (self._text, record.msecs)
+
+
 def setup_logging(level: str, name: str) -> None:
-    """Diagnostic log to stderr: time, level, process name, message."""
+    """Diagnostic log to stderr: time, level, process name and id, message.
+
+    The process id is written into the format here, in the process that logs
+    (each role calls this after the fork), so records need not look it up;
+    nor the thread, the multiprocessing name or the calling function, which
+    the line does not show.
+    """
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+    logging.logProcesses = False
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None         # (documented: skips the caller's frame lookup)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s %(levelname)s {name}[%(process)d]: %(message)s"))
+    handler.setFormatter(_Formatter(
+        f"%(asctime)s %(levelname)s {name}[{os.getpid()}]: %(message)s"))
     root.addHandler(handler)
     root.setLevel(_LEVELS.get(level, logging.INFO))
 

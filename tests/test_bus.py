@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import msgspec
 import pytest
@@ -256,3 +257,61 @@ def test_events_commit_carries_a_reports_events_and_is_bounded():
                        [{}] * (bus.MAX_REPORT_EVENTS + 1)))
     with pytest.raises(bus.BusError):
         bus.decode(raw(bus.SpoolEventsCommit.__struct_config__.tag, 4, ["not a dict"]))
+
+
+def test_outcomes_go_in_batches_and_come_out_one_by_one_in_order(tmp_path):
+    """DeliveryOutcomes: what a delivery process finished in one loop turn, one message;
+    the shard's DeliveryLinks hands them out one at a time, in order, between single
+    DeliveryOutcome messages, and its Poller says a link has some left to take even when
+    its socket has nothing new."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    ctx = bus.new_context()
+    endpoint = f"ipc://{tmp_path}/delivery-0"
+    jobs = []
+    server = bus.AsyncServer(ctx, loop, endpoint, 100, bus.DELIVERY_JOBS,
+                             lambda peer, msg: jobs.append(peer), logging.getLogger("test"), "job")
+    links = bus.DeliveryLinks(ctx, [endpoint], 100, logging.getLogger("test"))
+    shard_server = bus.Server(ctx, f"ipc://{tmp_path}/spool-0", 10, bus.SPOOL_REQUESTS, None)
+    poller = bus.Poller(shard_server, links)
+    try:
+        deadline = loop.time() + 10
+        while not links.send(0, bus.DeliveryMessageReady(
+                1, QID, "", "example.net", [bus.JobRecipient(0, "r@example.net")], {}, 1, b"x")):
+            assert loop.time() < deadline
+            time.sleep(0.01)
+        while not jobs and loop.time() < deadline:
+            loop.run_until_complete(asyncio.sleep(0.01))
+        peer = jobs[0]
+        assert server.send(peer, bus.DeliveryOutcomes([_outcome(n) for n in range(5)]))
+        assert server.send(peer, _outcome(5))
+        assert server.send(peer, bus.DeliveryOutcomes([_outcome(6), _outcome(7)]))
+        got = []
+        while len(got) < 2 and loop.time() < deadline:
+            _, ready, _ = poller.wait(100)
+            if ready:
+                got.append(links.recv(0).req)       # one at a time, as a batch limit takes
+        assert got == [0, 1]
+        # nothing new on the socket... but three of the first batch are still to take
+        assert links.pending[0] and links.waiting(0)
+        assert poller.wait(0)[1] == [0]
+        while len(got) < 8 and loop.time() < deadline:
+            if poller.wait(100)[1]:
+                while (m := links.recv(0)) is not None:
+                    assert type(m) is bus.DeliveryOutcome
+                    got.append(m.req)
+        assert got == list(range(8))
+        assert links.recv(0) is None and not links.waiting(0) and poller.wait(0)[1] == []
+        # a batch is bounded
+        with pytest.raises(bus.BusError):
+            bus.decode(bus.encode(bus.DeliveryOutcomes(
+                [_outcome(n) for n in range(bus.MAX_OUTCOMES_PER_SEND + 1)])))
+        with pytest.raises(bus.BusError):
+            bus.decode(bus.encode(bus.DeliveryOutcomes([])))
+    finally:
+        links.close()
+        shard_server.close()
+        server.close()
+        bus.close_context(ctx)
+        loop.close()

@@ -39,6 +39,7 @@ __all__ = [
     "SpoolMessageShowReply", "SpoolMessageDelete", "SpoolMessageDeleteReply",
     "SpoolQueueFlush", "SpoolQueueFlushReply", "SpoolAdminBounce", "SpoolAdminProgress",
     "SpoolAdminRefresh", "SpoolAdminReply", "DeliveryMessageReady", "DeliveryOutcome",
+    "DeliveryOutcomes", "MAX_OUTCOMES_PER_SEND",
     "SPOOL_REQUESTS", "SPOOL_REPLIES", "DELIVERY_JOBS", "DELIVERY_OUTCOMES",
     "StatSample", "StatHistogram", "StatsReport", "STATS_REPORTS",
 ]
@@ -293,6 +294,20 @@ class DeliveryOutcome(Message, tag=12):
     outbound_tls: Literal["", "1", "0", "-1"] = ""
 
 
+MAX_OUTCOMES_PER_SEND = 256     # DeliveryOutcome items in one DeliveryOutcomes
+
+
+class DeliveryOutcomes(Message, tag=20):
+    """Several jobs' outcomes in one message, in the order they were finished.
+
+    A delivery process sends what finished in one turn of its loop together
+    (one ZeroMQ message, one wake-up of the shard, instead of one each); the
+    shard takes them exactly as it would the single DeliveryOutcome messages.
+    """
+
+    outcomes: Annotated[list[DeliveryOutcome], Meta(min_length=1, max_length=MAX_OUTCOMES_PER_SEND)]
+
+
 # ------------------------------------------------------------ every child -> admin
 
 class StatSample(Struct, array_like=True, forbid_unknown_fields=True):
@@ -344,6 +359,7 @@ _TABLE = (
     (SpoolMessageDeleteReply, "SPOOL_MESSAGE_DELETE_REPLY", "spool -> cli"),
     (DeliveryMessageReady, "DELIVERY_MESSAGE_READY", "spool -> delivery"),
     (DeliveryOutcome, "DELIVERY_OUTCOME", "delivery -> spool"),
+    (DeliveryOutcomes, "DELIVERY_OUTCOMES", "delivery -> spool"),
     (SpoolQueueFlush, "SPOOL_QUEUE_FLUSH", "cli -> spool"),
     (SpoolQueueFlushReply, "SPOOL_QUEUE_FLUSH_REPLY", "spool -> cli"),
     (SpoolAdminBounce, "SPOOL_ADMIN_BOUNCE", "admin -> spool"),
@@ -367,7 +383,7 @@ SPOOL_REPLIES = (SpoolMessageCommitted, SpoolQueueSummaryReply, SpoolQueueListRe
                  SpoolMessageShowReply, SpoolMessageDeleteReply, SpoolQueueFlushReply,
                  SpoolAdminReply)
 DELIVERY_JOBS = (DeliveryMessageReady,)
-DELIVERY_OUTCOMES = (DeliveryOutcome,)
+DELIVERY_OUTCOMES = (DeliveryOutcome, DeliveryOutcomes)
 STATS_REPORTS = (StatsReport,)
 
 _encode = msgspec.msgpack.Encoder().encode

@@ -21,6 +21,7 @@ would pass a high-water mark returns False and the caller pushes back.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import logging
@@ -29,8 +30,8 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from mta.bus.messages import (DELIVERY_OUTCOMES, STATS_REPORTS, BusError, Message, decode,
-                              encode, receive)
+from mta.bus.messages import (DELIVERY_OUTCOMES, STATS_REPORTS, BusError, DeliveryOutcomes,
+                              Message, decode, encode, receive)
 
 __all__ = ["new_context", "close_context", "Server", "DeliveryLinks", "Poller", "Client",
            "AsyncServer", "SyncClient", "PeerGone", "StatsSender", "StatsReceiver"]
@@ -128,6 +129,8 @@ class DeliveryLinks:
         self.socks = []
         self.monitors = []
         self.up = [False] * len(endpoints)      # delivery[d] is connected
+        # outcomes of a DeliveryOutcomes message not taken yet, per link
+        self.pending: list[collections.deque] = [collections.deque() for _ in endpoints]
         self._log = log
         for endpoint in endpoints:
             s = _socket(ctx, zmq.DEALER, hwm)
@@ -149,7 +152,13 @@ class DeliveryLinks:
         return True
 
     def recv(self, d: int):
-        """The next outcome delivery[d] sent, or None when none is waiting."""
+        """The next DeliveryOutcome delivery[d] sent, or None when none is waiting.
+
+        (One of a DeliveryOutcomes message is taken at a time, like the others.)
+        """
+        pending = self.pending[d]
+        if pending:
+            return pending.popleft()
         sock = self.socks[d]
         while True:
             try:
@@ -157,12 +166,18 @@ class DeliveryLinks:
             except zmq.Again:
                 return None
             msg = receive(frames, DELIVERY_OUTCOMES, self._log, "outcome")
-            if msg is not None:
-                return msg
+            if msg is None:
+                continue
+            if type(msg) is DeliveryOutcomes:
+                if not msg.outcomes:
+                    continue
+                pending.extend(msg.outcomes)
+                return pending.popleft()
+            return msg
 
     def waiting(self, d: int) -> bool:
         """True when delivery[d] has sent something not yet read."""
-        return bool(self.socks[d].get(_EVENTS) & _POLLIN)
+        return bool(self.pending[d]) or bool(self.socks[d].get(_EVENTS) & _POLLIN)
 
     def changes(self) -> list[tuple[int, bool]]:
         """Connection changes since the last call: [(d, connected), ...]; updates ``up``."""
@@ -195,6 +210,7 @@ class Poller:
     _REQUESTS, _CHANGES = -1, -2
 
     def __init__(self, server: Server, links: DeliveryLinks):
+        self._pending = links.pending
         self._items = [(server.sock, _POLLIN)]
         self._kind = {server.sock: self._REQUESTS}
         for d, s in enumerate(links.socks):
@@ -207,12 +223,16 @@ class Poller:
     def wait(self, timeout_ms: int) -> tuple[bool, list[int], bool]:
         """Wait up to *timeout_ms*: (requests waiting, links with outcomes, links changed)."""
         requests = changes = False
-        outcomes = []
+        # outcomes already read, not taken yet (a batch larger than a group commit takes)
+        outcomes = [d for d, p in enumerate(self._pending) if p]
+        if outcomes:
+            timeout_ms = 0
         kind = self._kind
         for sock, _ in _zmq_poll(self._items, timeout_ms):
             k = kind[sock]
             if k >= 0:
-                outcomes.append(k)
+                if k not in outcomes:
+                    outcomes.append(k)
             elif k == self._REQUESTS:
                 requests = True
             else:

@@ -239,6 +239,11 @@ class Lane:
             return self.bulk.popleft()
         return None
 
+    def put_back(self, jobs: list[Job]) -> None:
+        """Jobs taken but not sent: back at the front of their queues, in order."""
+        for j in reversed(jobs):
+            (self.urgent if j.msg.priority >= PRIORITY_TRANSACTIONAL else self.bulk).appendleft(j)
+
     def drain(self) -> list[Job]:
         jobs = list(self.urgent) + list(self.bulk)
         self.urgent.clear()
@@ -812,9 +817,7 @@ class Engine:
             # the next job, taken but not run (an unexpected error): back to the front
             # of its lane; nothing of its message was sent (its envelope may have
             # been: the connection is closed below, not quit)
-            for j, _ in ahead:
-                (lane.urgent if j.msg.priority >= PRIORITY_TRANSACTIONAL
-                 else lane.bulk).appendleft(j)
+            lane.put_back([j for j, _ in ahead])
             lane.active -= 1
             self.limiter.release(slot)
             if conn is not None:
@@ -830,9 +833,7 @@ class Engine:
         if self._held(src.name, lane.site.name, time.time()):
             # a rule suspended this lane: stop here; the next job, if taken, goes
             # with the rest (its envelope, if sent, dies with the connection)
-            for j, _ in ahead:
-                (lane.urgent if j.msg.priority >= PRIORITY_TRANSACTIONAL
-                 else lane.bulk).appendleft(j)
+            lane.put_back([j for j, _ in ahead])
             ahead.clear()
             self._reroute(lane, None)
             return True

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import os
 import signal
@@ -74,6 +75,8 @@ class Delivery:
         self.held_count = 0         # outcomes in self.held
         self.held_total = 0         # outcomes held back since the backlog was last empty
         self.held_since = 0.0
+        self.outbox: dict[bytes, list] = {}     # outcomes of this loop turn, per shard
+        self._flush_due = False
         self._retry = None          # the timer of the next attempt, while any are held
         self.server = bus.AsyncServer(ctx, loop, settings.endpoint(f"delivery-{index}"),
                                       settings.config.spool.queue_high_water, bus.DELIVERY_JOBS,
@@ -108,33 +111,60 @@ class Delivery:
             self.server.resume()
 
     def _hand_back(self, peer: bytes, outcome: bus.DeliveryOutcome) -> None:
-        """Send *outcome* to shard *peer*, or hold it back (in order) while that shard is full."""
+        """Send *outcome* to shard *peer* at the end of this loop turn, with the others
+        finished in it (one DeliveryOutcomes), or hold it back, in order, while that
+        shard is full."""
+        if peer in self.held:
+            self._hold(peer, [outcome])
+            return
+        box = self.outbox.get(peer)
+        if box is None:
+            box = self.outbox[peer] = []
+        box.append(outcome)
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send the outcomes of this loop turn, per shard, in batches."""
+        self._flush_due = False
+        outbox, self.outbox = self.outbox, {}
+        for peer, items in outbox.items():
+            for i in range(0, len(items), bus.MAX_OUTCOMES_PER_SEND):
+                if peer in self.held or not self._send(
+                        peer, items[i:i + bus.MAX_OUTCOMES_PER_SEND]):
+                    self._hold(peer, items[i:])
+                    break
+
+    def _hold(self, peer: bytes, items: list) -> None:
+        """Keep *items* for shard *peer* (its queue is full) and take no new jobs meanwhile."""
         waiting = self.held.get(peer)
         if waiting is None:
-            if self._send(peer, outcome):
-                return
             waiting = self.held[peer] = collections.deque()
-        waiting.append(outcome)
+        waiting.extend(items)
         if not self.held_count:
             self.held_since = self.loop.time()
             self.held_total = 0
             log.warning("%s: a spool shard is not taking outcomes (bus full); holding them "
-                        "back and taking no new jobs until it does", outcome.qid)
-        self.held_count += 1
-        self.held_total += 1
+                        "back and taking no new jobs until it does", items[0].qid)
+        self.held_count += len(items)
+        self.held_total += len(items)
         self.server.pause()
         if self._retry is None:
             self._retry = self.loop.call_later(OUTCOME_RETRY, self._resend_held)
 
-    def _send(self, peer: bytes, outcome: bus.DeliveryOutcome) -> bool:
-        """True when *outcome* is done with: sent, or its shard is gone; False: try later."""
+    def _send(self, peer: bytes, items: list) -> bool:
+        """True when *items* (outcomes for one shard) are done with: sent, or their shard
+        is gone; False: try later."""
+        msg = items[0] if len(items) == 1 else bus.DeliveryOutcomes(items)
         try:
-            return self.server.send(peer, outcome)
+            return self.server.send(peer, msg)
         except bus.PeerGone:
             # A shard that went away lost its job table; its successor (or the
             # same shard, seeing the link drop) dispatches the job again.
-            log.warning("%s: outcome dropped: the spool shard that sent the job is gone; "
-                        "it sends the job again", outcome.qid)
+            log.warning("%s%s: outcome dropped: the spool shard that sent the job is gone; "
+                        "it sends the job again", items[0].qid,
+                        f" and {len(items) - 1} more" if len(items) > 1 else "")
             return True
 
     def _resend_held(self) -> None:
@@ -142,9 +172,13 @@ class Delivery:
         self._retry = None
         for peer in list(self.held):
             waiting = self.held[peer]
-            while waiting and self._send(peer, waiting[0]):
-                waiting.popleft()
-                self.held_count -= 1
+            while waiting:
+                chunk = list(itertools.islice(waiting, bus.MAX_OUTCOMES_PER_SEND))
+                if not self._send(peer, chunk):
+                    break
+                for _ in chunk:
+                    waiting.popleft()
+                self.held_count -= len(chunk)
             if not waiting:
                 del self.held[peer]
         if self.held:
@@ -185,6 +219,7 @@ class Delivery:
         while (self.engine.in_flight or self.held) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         await self.engine.close()
+        self._flush()
         if self.held:
             log.warning("%d outcome(s) not handed back at exit (spool busy); the shards "
                         "send those jobs again", self.held_count)

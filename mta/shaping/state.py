@@ -11,6 +11,7 @@ The decisions themselves are made in :mod:`mta.delivery.adaptive`.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -72,6 +73,7 @@ class Entry(msgspec.Struct, kw_only=True):
         return max(0, math.floor((now - self.decreased) / self.interval)) if self.interval else 0
 
 
+@functools.lru_cache(maxsize=4096)     # (asked at every delivery attempt; a hash each time)
 def entry_id(kind: str, scope: str, source: str, site: str) -> str:
     key = f"{kind if kind in (BACKOFF, WARMUP) else 'rule'}|{kind}|{scope}|{source}|{site}"
     return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()

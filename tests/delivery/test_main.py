@@ -83,14 +83,24 @@ def finish(d, j: Job, req: int) -> None:
     d.report(j, delivered(req))
 
 
-def read_outcomes(shard, wait_ms: int = 200) -> list[int]:
-    """The reqs of the outcomes the shard has, reading until none came for *wait_ms*."""
+def read_messages(shard, wait_ms: int = 200) -> list[list[int]]:
+    """The reqs of the outcomes the shard has, per bus message (a DeliveryOutcome or a
+    DeliveryOutcomes), reading until none came for *wait_ms*."""
     out = []
     while shard.poll(wait_ms):
         msg = bus.decode(shard.recv())
-        assert type(msg) is bus.DeliveryOutcome
-        out.append(msg.req)
+        if type(msg) is bus.DeliveryOutcomes:
+            assert 1 < len(msg.outcomes) <= bus.MAX_OUTCOMES_PER_SEND
+            out.append([o.req for o in msg.outcomes])
+        else:
+            assert type(msg) is bus.DeliveryOutcome
+            out.append([msg.req])
     return out
+
+
+def read_outcomes(shard, wait_ms: int = 200) -> list[int]:
+    """The reqs of the outcomes the shard has, in the order they came."""
+    return [req for m in read_messages(shard, wait_ms) for req in m]
 
 
 def test_outcomes_wait_for_a_full_shard_and_arrive_in_order(rig, caplog):
@@ -99,9 +109,12 @@ def test_outcomes_wait_for_a_full_shard_and_arrive_in_order(rig, caplog):
     run_until(loop, lambda: taken, "the first job")
     peer = taken[0].peer
     with caplog.at_level(logging.INFO, "mta.delivery"):
-        # The shard stops reading while 400 jobs finish: far more than HWM + buffers.
+        # The shard stops reading while 400 jobs finish, 10 in each loop turn (40
+        # messages): far more than HWM + buffers.
         for req in range(1, 401):
             finish(d, Job(job(req), peer), req)
+            if req % 10 == 0:
+                loop.run_until_complete(_tick())
         # Outcomes are held back, and no new job is taken meanwhile.
         shard.send(bus.encode(job(1000)))
         for _ in range(20):
@@ -125,8 +138,25 @@ def test_an_outcome_for_a_shard_that_is_gone_is_dropped_and_logged(rig, caplog):
     d.engine.in_flight += 1
     with caplog.at_level(logging.WARNING, "mta.delivery"):
         finish(d, Job(job(7), b"\0gone-shard"), 7)     # a shard that restarted since
+        loop.run_until_complete(_tick())             # (sent at the end of the loop turn)
     assert f"{QID}: outcome dropped: the spool shard that sent the job is gone" in caplog.text
     # Nothing is held for it: jobs are taken as before.
     shard.send(bus.encode(job(8)))
     run_until(loop, lambda: taken, "the next job")
     assert taken[0].msg.req == 8
+
+
+def test_outcomes_of_one_loop_turn_go_in_one_message_in_order(rig):
+    d, loop, shard, taken = rig
+    shard.send(bus.encode(job(1)))
+    run_until(loop, lambda: taken, "the first job")
+    peer = taken[0].peer
+    finish(d, Job(job(1), peer), 1)
+    loop.run_until_complete(_tick())
+    for req in range(2, 2 + bus.MAX_OUTCOMES_PER_SEND + 3):   # one turn: a batch and a bit
+        finish(d, Job(job(req), peer), req)
+    loop.run_until_complete(_tick())
+    finish(d, Job(job(1000), peer), 1000)
+    loop.run_until_complete(_tick())
+    n = bus.MAX_OUTCOMES_PER_SEND
+    assert read_messages(shard) == [[1], list(range(2, 2 + n)), [2 + n, 3 + n, 4 + n], [1000]]

@@ -4,8 +4,8 @@ Two scenarios with the real daemon, a real DNS server and aiosmtpd receivers
 (the ``lab`` fixture, tests/integration/mxlab.py):
 
 - A spool shard stops reading (SIGSTOP) while its delivery process completes
-  many deliveries.  The outcomes fill the bus to the shard (a small
-  ``spool.queue_high_water``, big outcomes); the delivery process must hold
+  many deliveries, one after another.  The outcomes fill the bus to the shard (a
+  small ``spool.queue_high_water``, big outcomes); the delivery process must hold
   the rest back and hand them over when the shard reads again (SIGCONT):
   every recipient is delivered once, recorded once, and nothing is sent again.
 - A delivery process stops (SIGSTOP) with a job in its socket: its connection
@@ -33,18 +33,24 @@ IP_A = IPS[0]
 
 
 class _GatedHandler(_Handler):
-    """The receiver's handler, holding every end of data until *gate* is set."""
+    """The receiver's handler, holding every end of data until *gate* is set; then
+    answering them one by one, *stagger* seconds apart, in the order they came (so the
+    delivery process finishes each job in a loop turn of its own: outcomes finished in
+    the same turn travel in one bus message)."""
 
-    def __init__(self, sink: AioSink, gate: threading.Event):
+    def __init__(self, sink: AioSink, gate: threading.Event, stagger: float = 0.05):
         super().__init__(sink)
         self.gate = gate
+        self.stagger = stagger
         self.entered = 0      # transactions waiting at (or past) the end of data
 
     async def handle_DATA(self, server, session, envelope):
         with self.sink.lock:
+            turn = self.entered
             self.entered += 1
         while not self.gate.is_set():
             await asyncio.sleep(0.02)
+        await asyncio.sleep(self.stagger * turn)
         return await super().handle_DATA(server, session, envelope)
 
 
