@@ -880,6 +880,8 @@ class Engine:
         if txn is not None and txn.result is not None:
             txn = None
         ahead.append((job, txn))
+        if txn is not None:
+            self.stats["sent_ahead"] += 1     # (in the log line at stop)
         return txn
 
     def _yield_slot(self, lane: Lane) -> bool:
