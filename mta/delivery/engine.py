@@ -760,8 +760,15 @@ class Engine:
                     job, txn = ahead.pop()
                     if txn is not None and conn is not None and conn.is_usable:
                         # its transaction has begun: the envelope is on the wire
+                        if time.monotonic() - job.queued_at > self.max_wait:
+                            # the last message's reply took long: the spool's turn (its
+                            # DATA may be open, so the connection goes, not QUIT)
+                            conn.close()
+                            conn = None
+                            self._hand_back([job], lane)
+                            continue
                         conn = await self._send(conn, target, job, lane, txn, chain)
-                        if self._after_send(lane, ahead, give_up):
+                        if self._after_send(lane, conn, ahead, give_up):
                             yielded = give_up[0]
                             return
                         continue
@@ -808,7 +815,7 @@ class Engine:
                     self._hand_back([job], lane)      # paced too long: the spool's turn
                     continue
                 conn = await self._send(conn, target, job, lane, None, chain)
-                if self._after_send(lane, ahead, give_up):
+                if self._after_send(lane, conn, ahead, give_up):
                     yielded = give_up[0]
                     return
         except Exception:
@@ -827,8 +834,16 @@ class Engine:
             elif not lane.queued() and lane.active == 0:
                 self._forget(lane)
 
-    def _after_send(self, lane: Lane, ahead: list, give_up: list) -> bool:
-        """After a transaction: True when the worker should stop (give_up: to yield its slot)."""
+    def _after_send(self, lane: Lane, conn, ahead: list, give_up: list) -> bool:
+        """After a transaction: True when the worker should stop (give_up: to yield its slot).
+
+        A next job whose envelope is on this (still usable) connection is run
+        next whatever follows (_ahead made these checks for it); any other goes
+        back to the front of the lane, and the checks are made now.
+        """
+        if ahead and (ahead[0][1] is None or conn is None or not conn.is_usable):
+            lane.put_back([j for j, _ in ahead])
+            ahead.clear()
         src = lane.source
         if self._held(src.name, lane.site.name, time.time()):
             # a rule suspended this lane: stop here; the next job, if taken, goes
@@ -868,20 +883,19 @@ class Engine:
         if rate and self.limiter.take(lane.message_key, rate) > 0:
             return None
         job = lane.pop()
+        ahead.append((job, None))           # the worker's next job, whatever follows
         if time.monotonic() - job.queued_at > self.max_wait:
-            ahead.append((job, None))       # the worker hands it back
-            return None
-        sender, addrs, eight, utf8, dsn = self._envelope(job)
+            return None                     # the worker hands it back
         try:
+            sender, addrs, eight, utf8, dsn = self._envelope(job)
             txn = conn.prepare(sender, addrs, job.msg.body, eight_bit=eight, smtputf8=utf8,
                                dsn=dsn)
-        except (smtpc.Unsupported8Bit, smtpc.UnsupportedSmtpUtf8):
-            txn = None                      # the worker sends it the usual way (and fails it)
-        if txn is not None and txn.result is not None:
-            txn = None
-        ahead.append((job, txn))
-        if txn is not None:
-            self.stats["sent_ahead"] += 1     # (in the log line at stop)
+        except Exception:
+            return None     # (8-bit to a 7-bit server...): the worker sends it the usual way
+        if txn.result is not None:
+            return None
+        ahead[-1] = (job, txn)
+        self.stats["sent_ahead"] += 1     # (in the log line at stop)
         return txn
 
     def _yield_slot(self, lane: Lane) -> bool:

@@ -313,6 +313,7 @@ class PipeSession(asyncio.Protocol):
         self.data: list[bytes] | None = None
         self.mail = b""
         self.rcpts: list[bytes] = []
+        self.waiting = False            # a delayed answer is due: read nothing more yet
         self.conn = peer.connections = peer.connections + 1
 
     def connection_made(self, transport):
@@ -321,7 +322,12 @@ class PipeSession(asyncio.Protocol):
 
     def data_received(self, data):
         self.buf += data
-        while b"\r\n" in self.buf and not self.t.is_closing():
+        self.process()
+
+    def process(self):
+        # one command at a time, each answered before the next is looked at (a
+        # delayed answer holds the rest in the buffer, as a real server's would)
+        while b"\r\n" in self.buf and not self.t.is_closing() and not self.waiting:
             line, self.buf = self.buf.split(b"\r\n", 1)
             if self.data is not None:
                 if line == b".":
@@ -361,13 +367,28 @@ class PipeSession(asyncio.Protocol):
         if action == "drop":
             self.t.abort()
             return
+        if isinstance(action, float):       # answer after that many seconds
+            self.waiting = True
+            asyncio.get_running_loop().call_later(action, self.resume)
+            return
+        self.accept()
+
+    def resume(self):
+        self.waiting = False
+        if not self.t.is_closing():
+            self.accept()
+            self.process()
+
+    def accept(self):
+        peer = self.peer
         peer.messages.append((self.conn, self.rcpts[0].split(b"<")[1].split(b">")[0].decode()))
         self.t.write(b"250 2.0.0 queued\r\n")
 
 
 class PipePeer:
     """PipeSession's server: ``script`` maps the n-th final dot (0-based, all connections)
-    to "421" (answer 421 and close) or "drop" (close without an answer)."""
+    to "421" (answer 421 and close), "drop" (close without an answer) or a number of
+    seconds to wait before the 250."""
 
     def __init__(self, script=None):
         self.script = script or {}
@@ -417,3 +438,21 @@ def test_a_connection_lost_after_a_message_sends_the_next_once_on_a_new_one(acti
     assert sorted(got) == sorted(f"ok{n}@example.net" for n in range(8) if n != 3)  # no dup
     assert peer.connections == 2
     assert {c for c, r in peer.messages if r == "ok4@example.net"} == {2}
+
+
+def test_a_job_sent_ahead_that_then_waited_too_long_goes_back_not_out():
+    """max_wait 1 s; the first message's reply takes 1.5 s, while the second's envelope
+    is on the wire behind it: the second is handed back to the spool (REQUEUED, no
+    attempt), its DATA abandoned with the connection -- never sent after the spool may
+    have given up on it; the third, which waited in the lane, goes back too."""
+    peer = PipePeer({0: 1.5})
+    jobs = [job("example.net", f"ok{n}", n=n) for n in range(3)]
+    reports = deliver(jobs, mx_to_loopback("example.net"), peer, connection_limit=1,
+                      job_timeout_margin=2.0)
+    outcome = {j.msg.req: rs[0] for j, rs in reports}
+    assert outcome[0].outcome == bus.DELIVERED
+    assert outcome[1].outcome == outcome[2].outcome == bus.REQUEUED, outcome
+    assert "waited over 1s" in outcome[1].text
+    assert [r for _, r in peer.messages] == ["ok0@example.net"]
+    assert peer.ends[0] == (1, True)        # the second's envelope did go out ahead
+    assert len(peer.ends) == 1              # ... and none of its message
