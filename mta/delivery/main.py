@@ -3,7 +3,9 @@
 Reads:   DELIVERY_MESSAGE_READY from the spool shards (ROUTER ``delivery-<d>``):
          one message's recipients for one domain, with the message.
 Writes:  DELIVERY_OUTCOME back to the spool shard that sent the job (the
-         message's owner), one per job, per-recipient results inside.
+         message's owner), one per job, per-recipient results inside; the
+         outcomes finished in one loop turn go to a shard together, as one
+         DELIVERY_OUTCOMES (at most ``bus.MAX_OUTCOMES_PER_SEND`` each).
 Peers:   receiving mail servers over SMTP; DNS servers (``delivery.nameservers``).
 Config:  [delivery] (all keys), [server] hostname.
 
@@ -25,7 +27,8 @@ Outcomes are never dropped while their shard is there: when a shard is not
 reading (its queue from us is at the high-water mark, ``spool.queue_high_water``)
 an outcome is held back, no new job is taken until every held outcome is
 handed over, and they are sent again every ``OUTCOME_RETRY`` seconds.  The
-backlog is bounded by the window: one outcome per job in hand.  An outcome
+backlog is bounded by the window: one outcome per job in hand.  (The bus's
+high-water mark counts messages, so a batch of outcomes counts once.)  An outcome
 for a shard that is gone (restarted: its queue id for us is unknown) is
 dropped and logged; the shard re-dispatches everything it had out.
 """
