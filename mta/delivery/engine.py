@@ -757,23 +757,22 @@ class Engine:
         try:
             while True:
                 if ahead:
+                    # its transaction has begun on this connection: the envelope is on
+                    # the wire (_after_send left nothing else here)
                     job, txn = ahead.pop()
-                    if txn is not None and conn is not None and conn.is_usable:
-                        # its transaction has begun: the envelope is on the wire
-                        if time.monotonic() - job.queued_at > self.max_wait:
-                            # the last message's reply took long: the spool's turn (its
-                            # DATA may be open, so the connection goes, not QUIT)
-                            conn.close()
-                            conn = None
-                            self._hand_back([job], lane)
-                            continue
-                        conn = await self._send(conn, target, job, lane, txn, chain)
-                        if self._after_send(lane, conn, ahead, give_up):
-                            yielded = give_up[0]
-                            return
+                    if time.monotonic() - job.queued_at > self.max_wait:
+                        # the last message's reply took long: the spool's turn (its
+                        # DATA may be open, so the connection goes, not QUIT)
+                        conn.close()
+                        conn = None
+                        self._hand_back([job], lane)
                         continue
-                else:
-                    job = lane.pop()
+                    conn = await self._send(conn, target, job, lane, txn, chain)
+                    if self._after_send(lane, conn, ahead, give_up):
+                        yielded = give_up[0]
+                        return
+                    continue
+                job = lane.pop()
                 if job is None:
                     if self.stopping or not await self._idle(lane):
                         return
@@ -841,16 +840,14 @@ class Engine:
         next whatever follows (_ahead made these checks for it); any other goes
         back to the front of the lane, and the checks are made now.
         """
-        if ahead and (ahead[0][1] is None or conn is None or not conn.is_usable):
-            lane.put_back([j for j, _ in ahead])
+        held = self._held(lane.source.name, lane.site.name, time.time())
+        if ahead and (held or ahead[0][1] is None or conn is None or not conn.is_usable):
+            # (an envelope sent ahead here dies with its connection: the connection is
+            # gone, or the lane is held and the worker stops, closing it)
+            lane.put_back([ahead[0][0]])
             ahead.clear()
-        src = lane.source
-        if self._held(src.name, lane.site.name, time.time()):
-            # a rule suspended this lane: stop here; the next job, if taken, goes
-            # with the rest (its envelope, if sent, dies with the connection)
-            lane.put_back([j for j, _ in ahead])
-            ahead.clear()
-            self._reroute(lane, None)
+        if held:
+            self._reroute(lane, None)     # a rule suspended this lane: stop here
             return True
         if ahead:
             return False            # the next one is under way: _ahead made its checks
