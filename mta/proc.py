@@ -7,6 +7,7 @@ role has finished starting (sockets bound, spool recovered).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -39,6 +40,61 @@ class _Formatter(logging.Formatter):
         return self.default_msec_format % (self._text, record.msecs)
 
 
+class _TurnHandler(logging.StreamHandler):
+    """StreamHandler whose lines logged inside a running event loop are written
+    together at the end of the loop's turn.
+
+    A delivery process logs a line per recipient: one write() each was about
+    4 % of its CPU under load.  Lines logged outside a loop (the spool's and the
+    events process's own pollers, threads, start and stop), and warnings and
+    errors, are written at once, after any held lines, so the order is kept.
+    :func:`flush_logging` writes what is held (before a child exits).
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._held: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record):
+        try:
+            self._held.append(self.format(record))
+            if record.levelno < logging.WARNING:
+                loop = asyncio._get_running_loop()
+                if loop is not None:
+                    if not self._scheduled:
+                        self._scheduled = True
+                        loop.call_soon(self.flush)
+                    return
+            self._write()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def flush(self):
+        self.acquire()
+        try:
+            self._scheduled = False
+            self._write()
+        finally:
+            self.release()
+
+    def _write(self):
+        if self._held:
+            text = "\n".join(self._held) + "\n"
+            self._held.clear()
+            self.stream.write(text)
+        if hasattr(self.stream, "flush"):
+            self.stream.flush()
+
+
+def flush_logging() -> None:
+    """Write every log line still held for the end of a loop turn."""
+    for h in logging.getLogger().handlers:
+        h.flush()
+
+
 def setup_logging(level: str, name: str) -> None:
     """Diagnostic log to stderr: time, level, process name and id, message.
 
@@ -54,7 +110,7 @@ def setup_logging(level: str, name: str) -> None:
     logging.logThreads = False
     logging.logMultiprocessing = False
     logging._srcfile = None         # (documented: skips the caller's frame lookup)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _TurnHandler(sys.stderr)
     handler.setFormatter(_Formatter(
         f"%(asctime)s %(levelname)s {name}[{os.getpid()}]: %(message)s"))
     root.addHandler(handler)

@@ -277,8 +277,8 @@ def test_outcomes_go_in_batches_and_come_out_one_by_one_in_order(tmp_path):
     poller = bus.Poller(shard_server, links)
     try:
         deadline = loop.time() + 10
-        while not links.send(0, bus.DeliveryMessageReady(
-                1, QID, "", "example.net", [bus.JobRecipient(0, "r@example.net")], {}, 1, b"x")):
+        while not links.send_jobs(0, [bus.DeliveryMessageReady(
+                1, QID, "", "example.net", [bus.JobRecipient(0, "r@example.net")], {}, 1, b"x")]):
             assert loop.time() < deadline
             time.sleep(0.01)
         while not jobs and loop.time() < deadline:
@@ -315,3 +315,63 @@ def test_outcomes_go_in_batches_and_come_out_one_by_one_in_order(tmp_path):
         server.close()
         bus.close_context(ctx)
         loop.close()
+
+
+def _job(req: int, size: int = 1) -> bus.DeliveryMessageReady:
+    return bus.DeliveryMessageReady(req, QID, "", "example.net",
+                                    [bus.JobRecipient(0, "r@example.net")], {}, 1, b"x" * size)
+
+
+def test_jobs_go_in_bounded_batches_in_order_and_a_full_queue_refuses_the_rest(tmp_path):
+    """DeliveryLinks.send_jobs: a dispatch pass's jobs for one process, several to a
+    DeliveryJobs message (bounded in count and octets, a big job alone), in order; when
+    the process's queue is full, how many went, so the shard takes the rest back."""
+    ctx = bus.new_context()
+    endpoint = f"ipc://{tmp_path}/delivery-0"
+    hwm = 3
+    server = bus.Server(ctx, endpoint, hwm, bus.DELIVERY_JOBS, logging.getLogger("test"))
+    links = bus.DeliveryLinks(ctx, [endpoint], hwm, logging.getLogger("test"))
+    big = bus.MAX_JOB_BATCH_BYTES // 2 + 1
+    try:
+        deadline = time.monotonic() + 10
+        while not links.send_jobs(0, [_job(0)]):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        jobs = ([_job(n) for n in range(1, bus.MAX_JOBS_PER_SEND + 3)]
+                + [_job(100, big), _job(101, big), _job(102, 10)])
+        assert links.send_jobs(0, jobs) == len(jobs)
+        got, n = [], 0
+        while n < len(jobs) + 1 and time.monotonic() < deadline:
+            m = server.recv()
+            if m is None:
+                time.sleep(0.01)
+                continue
+            got.append(m[1])
+            n += len(m[1].jobs) if type(m[1]) is bus.DeliveryJobs else 1
+        batches = [m.jobs if type(m) is bus.DeliveryJobs else [m] for m in got]
+        assert [j.req for b in batches for j in b] == [0] + [j.req for j in jobs]
+        for b in batches:
+            assert len(b) <= bus.MAX_JOBS_PER_SEND
+            assert len(b) == 1 or sum(len(j.body) for j in b) <= bus.MAX_JOB_BATCH_BYTES
+        # the first alone; 64; the last small two and the first big one; the second big
+        # one and the small one after it
+        assert [len(b) for b in batches] == [1, bus.MAX_JOBS_PER_SEND, 3, 2]
+        # one job bigger than the bound goes alone
+        assert links.send_jobs(0, [_job(300, bus.MAX_JOB_BATCH_BYTES + 1), _job(301)]) == 2
+        got = []
+        while len(got) < 2 and time.monotonic() < deadline:
+            m = server.recv()
+            if m is None:
+                time.sleep(0.01)
+                continue
+            got.append(m[1])
+        assert [type(m) for m in got] == [bus.DeliveryMessageReady] * 2
+        # a full queue: the link takes what fits and says how many
+        stop = time.monotonic() + 10
+        sent = links.send_jobs(0, [_job(200 + n) for n in range(bus.MAX_JOBS_PER_SEND * 50)])
+        assert 0 < sent < bus.MAX_JOBS_PER_SEND * 50
+        assert time.monotonic() < stop
+    finally:
+        links.close()
+        server.close()
+        bus.close_context(ctx)

@@ -44,3 +44,77 @@ def test_records_are_made_without_the_process_lookups(handler):
     r = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
     assert r.process is None and r.thread is None        # not looked up per record
     assert handler.format(r).endswith(f" INFO delivery[3][{os.getpid()}]: m")
+
+
+class _CountingStream:
+    """A stream that records each write (one write() system call each, for stderr)."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_lines_logged_in_a_loop_turn_are_written_together_in_order(handler):
+    import asyncio
+    stream = _CountingStream()
+    handler.setStream(stream)
+    log = logging.getLogger("mta.test")
+
+    async def main():
+        for i in range(5):
+            log.info("line %d", i)
+        assert stream.writes == []              # held until the turn ends
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(stream.writes) == 1
+        log.info("line 5")
+        log.warning("line 6")                   # a warning: at once, after the held line
+        assert len(stream.writes) == 2
+        log.info("line 7")
+        proc.flush_logging()                    # (a child about to exit)
+        assert len(stream.writes) == 3
+
+    asyncio.run(main())
+    lines = "".join(stream.writes).splitlines()
+    assert [ln.rsplit(": ", 1)[1] for ln in lines] == [f"line {i}" for i in range(8)]
+    assert "WARNING" in lines[6] and "INFO" in lines[5]
+
+
+def test_lines_logged_outside_a_loop_are_written_at_once(handler):
+    stream = _CountingStream()
+    handler.setStream(stream)
+    logging.getLogger("mta.test").info("no loop here")
+    assert len(stream.writes) == 1 and stream.writes[0].endswith("no loop here\n")
+
+
+def test_held_lines_of_a_loop_that_stopped_are_written_by_flush_logging():
+    """A role whose loop stops in the turn that logged (a crash, a stop) and then
+    exits with os._exit, as the supervisor's spawn does, after flush_logging."""
+    import subprocess
+    import sys
+    code = (
+        "import asyncio, logging, os, sys\n"
+        "from mta import proc\n"
+        "proc.setup_logging('info', 'delivery[0]')\n"
+        "loop = asyncio.new_event_loop()\n"
+        "def turn():\n"
+        "    logging.getLogger('x').info('held line')\n"
+        "    loop.stop()\n"
+        "loop.call_soon(turn)\n"
+        "loop.run_forever()\n"
+        "if sys.argv[1] == 'flush':\n"
+        "    proc.flush_logging()\n"
+        "os._exit(3)\n")
+    out = {}
+    for how in ("flush", "none"):
+        r = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 3, r.stderr
+        out[how] = r.stderr
+    assert "INFO delivery[0]" in out["flush"] and out["flush"].rstrip().endswith("held line")
+    assert "held line" not in out["none"]       # (what the flush is for)

@@ -39,7 +39,8 @@ __all__ = [
     "SpoolMessageShowReply", "SpoolMessageDelete", "SpoolMessageDeleteReply",
     "SpoolQueueFlush", "SpoolQueueFlushReply", "SpoolAdminBounce", "SpoolAdminProgress",
     "SpoolAdminRefresh", "SpoolAdminReply", "DeliveryMessageReady", "DeliveryOutcome",
-    "DeliveryOutcomes", "MAX_OUTCOMES_PER_SEND",
+    "DeliveryOutcomes", "MAX_OUTCOMES_PER_SEND", "DeliveryJobs", "MAX_JOBS_PER_SEND",
+    "MAX_JOB_BATCH_BYTES",
     "SPOOL_REQUESTS", "SPOOL_REPLIES", "DELIVERY_JOBS", "DELIVERY_OUTCOMES",
     "StatSample", "StatHistogram", "StatsReport", "STATS_REPORTS",
 ]
@@ -308,6 +309,22 @@ class DeliveryOutcomes(Message, tag=20):
     outcomes: Annotated[list[DeliveryOutcome], Meta(min_length=1, max_length=MAX_OUTCOMES_PER_SEND)]
 
 
+MAX_JOBS_PER_SEND = 64          # DeliveryMessageReady items in one DeliveryJobs
+MAX_JOB_BATCH_BYTES = 1 << 20   # message octets in one DeliveryJobs (a bigger job goes alone)
+
+
+class DeliveryJobs(Message, tag=21):
+    """Several jobs for one delivery process in one message, in dispatch order.
+
+    A shard sends the jobs of one dispatch pass to each process together (one
+    ZeroMQ message, one wake-up of the process, instead of one each); the
+    process takes them exactly as it would the single DeliveryMessageReady
+    messages.  Bounded in count and in message octets (MAX_JOB_BATCH_BYTES).
+    """
+
+    jobs: Annotated[list[DeliveryMessageReady], Meta(min_length=1, max_length=MAX_JOBS_PER_SEND)]
+
+
 # ------------------------------------------------------------ every child -> admin
 
 class StatSample(Struct, array_like=True, forbid_unknown_fields=True):
@@ -358,6 +375,7 @@ _TABLE = (
     (SpoolMessageDelete, "SPOOL_MESSAGE_DELETE", "cli -> spool"),
     (SpoolMessageDeleteReply, "SPOOL_MESSAGE_DELETE_REPLY", "spool -> cli"),
     (DeliveryMessageReady, "DELIVERY_MESSAGE_READY", "spool -> delivery"),
+    (DeliveryJobs, "DELIVERY_JOBS", "spool -> delivery"),
     (DeliveryOutcome, "DELIVERY_OUTCOME", "delivery -> spool"),
     (DeliveryOutcomes, "DELIVERY_OUTCOMES", "delivery -> spool"),
     (SpoolQueueFlush, "SPOOL_QUEUE_FLUSH", "cli -> spool"),
@@ -382,7 +400,7 @@ SPOOL_REQUESTS = (SpoolMessageCommit, SpoolEventsCommit, SpoolQueueSummary, Spoo
 SPOOL_REPLIES = (SpoolMessageCommitted, SpoolQueueSummaryReply, SpoolQueueListReply,
                  SpoolMessageShowReply, SpoolMessageDeleteReply, SpoolQueueFlushReply,
                  SpoolAdminReply)
-DELIVERY_JOBS = (DeliveryMessageReady,)
+DELIVERY_JOBS = (DeliveryMessageReady, DeliveryJobs)
 DELIVERY_OUTCOMES = (DeliveryOutcome, DeliveryOutcomes)
 STATS_REPORTS = (StatsReport,)
 

@@ -30,8 +30,9 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from mta.bus.messages import (DELIVERY_OUTCOMES, STATS_REPORTS, BusError, DeliveryOutcomes,
-                              Message, decode, encode, receive)
+from mta.bus.messages import (DELIVERY_OUTCOMES, MAX_JOB_BATCH_BYTES, MAX_JOBS_PER_SEND,
+                              STATS_REPORTS, BusError, DeliveryJobs, DeliveryOutcomes, Message,
+                              decode, encode, receive)
 
 __all__ = ["new_context", "close_context", "Server", "DeliveryLinks", "Poller", "Client",
            "AsyncServer", "SyncClient", "PeerGone", "StatsSender", "StatsReceiver"]
@@ -143,13 +144,28 @@ class DeliveryLinks:
     def __len__(self) -> int:
         return len(self.socks)
 
-    def send(self, d: int, msg: Message) -> bool:
-        """Hand a job to delivery[d]; False when its queue is full (or it is away)."""
-        try:
-            self.socks[d].send(encode(msg), _NOBLOCK)
-        except zmq.Again:
-            return False
-        return True
+    def send_jobs(self, d: int, jobs: list) -> int:
+        """Hand *jobs* to delivery[d], in order, several to a message (DeliveryJobs, at
+        most MAX_JOBS_PER_SEND and MAX_JOB_BATCH_BYTES of message each, a bigger job
+        alone); how many were sent: the rest did not fit its queue (or it is away)."""
+        sock = self.socks[d]
+        n = len(jobs)
+        sent = 0
+        while sent < n:
+            end = sent + 1
+            size = len(jobs[sent].body)
+            while end < n and end - sent < MAX_JOBS_PER_SEND:
+                size += len(jobs[end].body)
+                if size > MAX_JOB_BATCH_BYTES:
+                    break
+                end += 1
+            msg = jobs[sent] if end - sent == 1 else DeliveryJobs(jobs[sent:end])
+            try:
+                sock.send(encode(msg), _NOBLOCK)
+            except zmq.Again:
+                break
+            sent = end
+        return sent
 
     def recv(self, d: int):
         """The next DeliveryOutcome delivery[d] sent, or None when none is waiting.

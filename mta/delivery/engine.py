@@ -544,7 +544,12 @@ class Engine:
             lane.urgent.append(job)
         else:
             lane.bulk.append(job)
-        self._kick(lane)
+        if lane.retry is None:
+            self._kick(lane)
+        elif lane.idle:
+            # Another process holds the slots this lane asked for: its timer asks
+            # again (SLOT_RETRY) -- asking on every job cost a few fcntl calls each.
+            lane.wakeup.set()
 
     def _kick(self, lane: Lane) -> None:
         """Start connections for *lane* while its queue asks for more and the limits allow."""

@@ -85,12 +85,19 @@ class Delivery:
                                       settings.config.spool.queue_high_water, bus.DELIVERY_JOBS,
                                       self._on_job, log, "job")
 
-    def _on_job(self, peer: bytes, msg: bus.DeliveryMessageReady) -> None:
+    def _on_job(self, peer: bytes, msg: bus.DeliveryMessageReady | bus.DeliveryJobs) -> None:
         if self.stopping:
             return   # not taken: the spool sends it again
-        self.engine.submit(Job(msg, peer))
+        if type(msg) is bus.DeliveryJobs:
+            submit = self.engine.submit
+            for one in msg.jobs:
+                submit(Job(one, peer))
+        else:
+            self.engine.submit(Job(msg, peer))
         if self.engine.in_flight >= self.window:
-            self.server.pause()   # the window is full; jobs wait in the bus
+            # The window is full (a batch may pass it by fewer than MAX_JOBS_PER_SEND;
+            # the shard's own window bounds what is out): jobs wait in the bus.
+            self.server.pause()
 
     def report(self, job: Job, results: list[bus.Result], retry_after: float = 0.0) -> None:
         """Hand one job's outcome back to its spool shard (or hold it until it reads)."""

@@ -623,11 +623,31 @@ class Shard:
         if not self.healthy or self.dcfg.hold or self.recovering:
             return
         self.release_blocked()
+        out: dict[int, list] = {}
         for lane in dsp.LANES:
-            self._dispatch_lane(lane)
+            self._dispatch_lane(lane, out)
+        if out:
+            self._send_jobs(out)
 
-    def _dispatch_lane(self, lane: int) -> None:
-        """Send the due recipients of one lane, grouped by message and domain."""
+    def _send_jobs(self, out: dict[int, list]) -> None:
+        """Send the jobs of a dispatch pass, per delivery process, several to a bus message.
+
+        They were counted out when made (so the pass saw its own jobs in the
+        window's limits); a job its process's queue did not take is no longer
+        out and its message is due again shortly, as if it had not been made.
+        """
+        links, w, q = self.links, self.window, self.q
+        retry = time.time() + BUSY_RETRY
+        for d, jobs in out.items():
+            sent = links.send_jobs(d, jobs)
+            for job in jobs[sent:]:
+                w.remove(job.req)
+                q.add_out(job.qid, -1)
+                q.push(job.qid, retry)
+
+    def _dispatch_lane(self, lane: int, out: dict[int, list]) -> None:
+        """Make jobs of the due recipients of one lane, grouped by message and domain,
+        into *out* (per delivery process)."""
         w = self.window
         budget = w.room(lane)
         if budget <= 0:
@@ -690,11 +710,12 @@ class Shard:
                     rcpts=[bus.JobRecipient(index=i, address=m.rcpts[i]) for i in idxs],
                     params=_job_params(params, m.params, idxs), attempt=attempt, body=body,
                     pool=pool, priority=priority)
-                if not links.send(d, job):
-                    q.push(qid, now + BUSY_RETRY)
-                    continue
                 w.add(req, qid, idxs, d, domain, lane)
                 q.add_out(qid, 1)
+                jobs = out.get(d)
+                if jobs is None:
+                    jobs = out[d] = []
+                jobs.append(job)
             budget -= 1
             if budget <= 0:
                 break

@@ -362,10 +362,12 @@ class Supervisor:
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
+                proc.flush_logging()
                 traceback.print_exc()
                 code = 1
             finally:
                 try:
+                    proc.flush_logging()
                     sys.stderr.flush()
                 finally:
                     os._exit(code)

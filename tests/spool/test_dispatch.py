@@ -35,9 +35,9 @@ class Links:
     def __len__(self):
         return len(self.up)
 
-    def send(self, d, job):
-        self.sent.append((d, job))
-        return True
+    def send_jobs(self, d, jobs):
+        self.sent.extend((d, job) for job in jobs)
+        return len(jobs)
 
     def recv(self, d):
         return self.outcomes[d].pop(0) if self.outcomes[d] else None
@@ -98,6 +98,47 @@ def test_transactional_messages_go_first_with_their_priority_and_pool(tmp_path):
     assert [j.priority for j in jobs] == [bus.PRIORITY_TRANSACTIONAL] * 2 + [bus.PRIORITY_BULK] * 3
     assert [j.pool for j in jobs] == ["default"] * 2 + ["mkt"] * 3
     assert jobs[0].rcpts == [bus.JobRecipient(0, "t0@site.example")] and jobs[0].body == BODY
+
+
+def test_jobs_a_full_delivery_queue_refused_are_taken_back_and_sent_later(tmp_path):
+    """A dispatch pass's jobs go to each process together; those its queue did not take
+    are no longer out (window, the message's count) and their messages are due again
+    shortly, as if never made."""
+    from mta.spool import shard as shard_mod
+    shard = make_shard(tmp_path)
+    qids = [queue(shard, [f"r{i}@a.example"]) for i in range(5)]
+    two = queue(shard, ["x@a.example", "y@b.example"])      # two jobs, two domains
+    calls = []
+
+    def take_three(d, jobs):
+        calls.append(len(jobs))
+        shard.links.sent.extend((d, j) for j in jobs[:3])
+        return 3
+
+    shard.links.send_jobs = take_three
+    before = time.time()
+    shard.dispatch()
+    assert calls == [7]                                      # one pass, one call
+    assert [j.qid for _, j in sent(shard)] == qids[:3]
+    assert len(shard.window) == 3 and shard.window.room(dsp.BULK) == shard.window.max_in_flight - 3
+    idx = shard.store.index
+    for qid in qids[3:] + [two]:
+        assert idx.info(qid)[shard_mod._OUT] == 0            # nothing of it is out
+        due = idx.scheduled(qid)
+        assert due is not None and before + shard_mod.BUSY_RETRY - 1 <= due
+    for qid in qids[:3]:
+        assert idx.info(qid)[shard_mod._OUT] == 1
+    # the queue has room again: they go, each job once
+    del shard.links.send_jobs
+    shard.dispatch()
+    assert sent(shard) == []                                 # not before their retry
+    for qid in qids[3:] + [two]:
+        idx.push(qid, time.time() - 1)                       # (their retry time has come)
+    shard.dispatch()
+    got = sent(shard)
+    assert sorted((j.qid, j.domain) for _, j in got) == sorted(
+        [(q, "a.example") for q in qids[3:]] + [(two, "a.example"), (two, "b.example")])
+    assert len(shard.window) == 7
 
 
 def test_each_lane_has_its_own_window(tmp_path):
