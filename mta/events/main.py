@@ -339,6 +339,7 @@ def main(settings, index: int, ready_fd: int | None) -> None:
     """Entry point of the events child."""
     name = proc.start_role("events", index, settings.config.server.log_level)
     log.info("starting %s", name)
+    proc.keep_heap()
     e = Events(settings)
 
     def stop(signum, frame):
