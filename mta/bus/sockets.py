@@ -84,6 +84,7 @@ class Server:
         # A reply to a peer that went away is dropped, not queued forever.
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.sock.bind(endpoint)
+        self._send_frame = super(zmq.Socket, self.sock).send     # (see _LoopSocket)
         self._takes = takes
         self._log = log
         self._source = source
@@ -107,10 +108,10 @@ class Server:
 
     def send(self, peer: bytes, msg: Message) -> None:
         """Answer *peer*; dropped when it is not reading (it times out and retries)."""
-        sock = self.sock
+        send = self._send_frame
         try:
-            sock.send(peer, _NOBLOCK | _SNDMORE)
-            sock.send(encode(msg), _NOBLOCK)
+            send(peer, _NOBLOCK | _SNDMORE)
+            send(encode(msg), _NOBLOCK)
         except zmq.Again:
             pass
 
@@ -148,7 +149,7 @@ class DeliveryLinks:
         """Hand *jobs* to delivery[d], in order, several to a message (DeliveryJobs, at
         most MAX_JOBS_PER_SEND and MAX_JOB_BATCH_BYTES of message each, a bigger job
         alone); how many were sent: the rest did not fit its queue (or it is away)."""
-        sock = self.socks[d]
+        send = super(zmq.Socket, self.socks[d]).send     # (see _LoopSocket)
         n = len(jobs)
         sent = 0
         while sent < n:
@@ -161,7 +162,7 @@ class DeliveryLinks:
                 end += 1
             msg = jobs[sent] if end - sent == 1 else DeliveryJobs(jobs[sent:end])
             try:
-                sock.send(encode(msg), _NOBLOCK)
+                send(encode(msg), _NOBLOCK)
             except zmq.Again:
                 break
             sent = end
