@@ -48,22 +48,28 @@ class _TurnHandler(logging.StreamHandler):
     4 % of its CPU under load.  Lines logged outside a loop (the spool's and the
     events process's own pollers, threads, start and stop), and warnings and
     errors, are written at once, after any held lines, so the order is kept.
-    :func:`flush_logging` writes what is held (before a child exits).
+    At most MAX_HELD lines wait.  :func:`flush_logging` writes what is held
+    (before a child exits).
     """
+
+    MAX_HELD = 1000
 
     def __init__(self, stream):
         super().__init__(stream)
         self._held: list[str] = []
-        self._scheduled = False
+        self._scheduled = None      # the loop a flush is scheduled on
 
     def emit(self, record):
         try:
-            self._held.append(self.format(record))
-            if record.levelno < logging.WARNING:
+            held = self._held
+            held.append(self.format(record))
+            if record.levelno < logging.WARNING and len(held) < self.MAX_HELD:
                 loop = asyncio._get_running_loop()
                 if loop is not None:
-                    if not self._scheduled:
-                        self._scheduled = True
+                    # (a loop that stopped before its flush ran, and another one
+                    # runs now: that one flushes)
+                    if self._scheduled is not loop:
+                        self._scheduled = loop
                         loop.call_soon(self.flush)
                     return
             self._write()
@@ -75,7 +81,7 @@ class _TurnHandler(logging.StreamHandler):
     def flush(self):
         self.acquire()
         try:
-            self._scheduled = False
+            self._scheduled = None
             self._write()
         finally:
             self.release()

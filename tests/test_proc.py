@@ -148,3 +148,36 @@ def test_keep_heap_stops_the_grow_and_trim_of_every_batch():
         faults[how] = int(r.stdout)
     assert faults["default"] > 200, faults           # (what it is for: some every turn)
     assert faults["keep"] * 10 < faults["default"], faults
+
+
+def test_held_lines_are_bounded_and_a_new_loop_flushes_what_a_stopped_one_left(handler):
+    import asyncio
+    stream = _CountingStream()
+    handler.setStream(stream)
+    log = logging.getLogger("mta.test")
+
+    async def many():
+        for i in range(2500):
+            log.info("n %d", i)
+        # never more than MAX_HELD lines wait for the end of the turn
+        assert 2500 - sum(w.count("\n") for w in stream.writes) < handler.MAX_HELD
+
+    asyncio.run(many())
+    assert sum(w.count("\n") for w in stream.writes) == 2500
+    stream.writes.clear()
+    # a loop that stops in the turn that logged: its flush never runs...
+    loop = asyncio.new_event_loop()
+    loop.call_soon(lambda: (log.info("left behind"), loop.stop()))
+    loop.run_forever()
+    loop.close()
+    assert stream.writes == []
+
+    # ... and the next loop's lines are not held behind it forever
+    async def later():
+        log.info("next loop")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        text = "".join(stream.writes)
+        assert text.index("left behind") < text.index("next loop")
+
+    asyncio.run(later())
