@@ -53,6 +53,7 @@ class _TurnHandler(logging.StreamHandler):
     """
 
     MAX_HELD = 1000
+    PIECE = 4096                # octets of lines written together (PIPE_BUF)
 
     def __init__(self, stream):
         super().__init__(stream)
@@ -70,7 +71,7 @@ class _TurnHandler(logging.StreamHandler):
                     # runs now: that one flushes)
                     if self._scheduled is not loop:
                         self._scheduled = loop
-                        loop.call_soon(self.flush)
+                        loop.call_soon(self._turn_end)
                     return
             self._write()
         except RecursionError:
@@ -86,11 +87,34 @@ class _TurnHandler(logging.StreamHandler):
         finally:
             self.release()
 
+    def _turn_end(self):
+        try:
+            self.flush()
+        except (OSError, ValueError):
+            pass        # stderr is gone or closed: there is nowhere to say so
+
     def _write(self):
-        if self._held:
-            text = "\n".join(self._held) + "\n"
-            self._held.clear()
-            self.stream.write(text)
+        """Write the held lines in pieces of at most PIECE octets, each ending a line.
+
+        All roles share the supervisor's stderr (a pipe, or journald's socket):
+        a write of up to PIPE_BUF (4096) octets is never split, so the lines of
+        two processes never interleave mid-line, as with one write per line.
+        """
+        held = self._held
+        if held:
+            stream = self.stream
+            piece: list[str] = []
+            size = 0
+            for line in held:
+                n = len(line) + 1
+                if piece and (size + n > self.PIECE or not line.isascii()):
+                    stream.write("\n".join(piece) + "\n")
+                    stream.flush()
+                    piece, size = [], 0
+                piece.append(line)
+                size += n if line.isascii() else self.PIECE    # (octets unknown: alone)
+            stream.write("\n".join(piece) + "\n")
+            held.clear()
         if hasattr(self.stream, "flush"):
             self.stream.flush()
 
@@ -123,18 +147,23 @@ def setup_logging(level: str, name: str) -> None:
     root.setLevel(_LEVELS.get(level, logging.INFO))
 
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD = -1, -2      # mallopt parameters (glibc malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3    # mallopt (glibc malloc.h)
 
 
-def keep_heap(trim_threshold: int = 256 << 20, top_pad: int = 16 << 20) -> bool:
+def keep_heap(trim_threshold: int = 64 << 20, top_pad: int = 16 << 20,
+              mmap_threshold: int = 32 << 20) -> bool:
     """Have glibc keep freed heap memory for reuse instead of giving it back at once.
 
     A role that builds and drops a large batch of objects every turn (the
     events process: a poll's events, shaped, encoded twice) otherwise grows
     and trims the heap each time: 4 page faults per message end to end, a
     tenth of that with this.  Its resident size then stays at its peak (plus
-    *top_pad*) rather than falling back between batches.  False where the C
-    library has no mallopt (not glibc): nothing changes.
+    *top_pad*, at most *trim_threshold* of free memory) rather than falling
+    back between batches.  Setting these turns glibc's own adjustment of the
+    mmap threshold off, which would leave it at 128 KiB and map (and fault in)
+    every bigger block anew: it is set to the most that adjustment would
+    reach, *mmap_threshold*.  False where the C library has no mallopt (not
+    glibc): nothing changes.
     """
     try:
         import ctypes
@@ -142,7 +171,9 @@ def keep_heap(trim_threshold: int = 256 << 20, top_pad: int = 16 << 20) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and bool(mallopt(_M_TOP_PAD, top_pad))
+    return all([mallopt(_M_MMAP_THRESHOLD, mmap_threshold), mallopt(_M_TRIM_THRESHOLD,
+                                                                    trim_threshold),
+                mallopt(_M_TOP_PAD, top_pad)])
 
 
 def start_role(role: str, index: int | None, log_level: str) -> str:

@@ -85,6 +85,25 @@ def test_lines_logged_in_a_loop_turn_are_written_together_in_order(handler):
     assert [ln.rsplit(": ", 1)[1] for ln in lines] == [f"line {i}" for i in range(8)]
     assert "WARNING" in lines[6] and "INFO" in lines[5]
 
+    # Many lines of one turn: written in pieces of whole lines, none over PIPE_BUF
+    # octets (roles share stderr: a bigger write could be split, mid-line, by another's);
+    # a line that is not ASCII goes alone.
+    stream.writes.clear()
+
+    async def many():
+        for i in range(300):
+            log.info("to=<r%d@example.net> %s", i, "x" * 100)
+        log.info("to=<ü@example.net> status=sent")
+        log.info("after")
+
+    asyncio.run(many())
+    assert 1 < len(stream.writes) < 20
+    for w in stream.writes:
+        assert w.endswith("\n") and len(w.encode()) <= handler.PIECE
+    assert [w for w in stream.writes if "ü" in w][0].count("\n") == 1
+    got = "".join(stream.writes).splitlines()
+    assert len(got) == 302 and got[-1].endswith("after") and "ü" in got[-2]
+
 
 def test_lines_logged_outside_a_loop_are_written_at_once(handler):
     stream = _CountingStream()
@@ -134,7 +153,8 @@ def test_keep_heap_stops_the_grow_and_trim_of_every_batch():
         "def turn():\n"
         "    events = [bytes(800) + str(i).encode() for i in range(3000)]\n"
         "    data = b''.join(events)\n"
-        "    return len(data)\n"
+        "    big = b'x' * (8 << 20)\n"     # (a big block each turn: not mapped anew)
+        "    return len(data) + len(big)\n"
         "turn()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "for _ in range(200):\n"

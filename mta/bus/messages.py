@@ -310,7 +310,8 @@ class DeliveryOutcomes(Message, tag=20):
 
 
 MAX_JOBS_PER_SEND = 64          # DeliveryMessageReady items in one DeliveryJobs
-MAX_JOB_BATCH_BYTES = 1 << 20   # message octets in one DeliveryJobs (a bigger job goes alone)
+MAX_JOB_BATCH_BYTES = 1 << 20   # octets of message bodies in one DeliveryJobs (a bigger job
+                                # goes alone)
 
 
 class DeliveryJobs(Message, tag=21):
@@ -319,7 +320,7 @@ class DeliveryJobs(Message, tag=21):
     A shard sends the jobs of one dispatch pass to each process together (one
     ZeroMQ message, one wake-up of the process, instead of one each); the
     process takes them exactly as it would the single DeliveryMessageReady
-    messages.  Bounded in count and in message octets (MAX_JOB_BATCH_BYTES).
+    messages.  Bounded in count and in octets of bodies (MAX_JOB_BATCH_BYTES).
     """
 
     jobs: Annotated[list[DeliveryMessageReady], Meta(min_length=1, max_length=MAX_JOBS_PER_SEND)]

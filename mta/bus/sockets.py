@@ -147,7 +147,7 @@ class DeliveryLinks:
 
     def send_jobs(self, d: int, jobs: list) -> int:
         """Hand *jobs* to delivery[d], in order, several to a message (DeliveryJobs, at
-        most MAX_JOBS_PER_SEND and MAX_JOB_BATCH_BYTES of message each, a bigger job
+        most MAX_JOBS_PER_SEND and MAX_JOB_BATCH_BYTES of bodies each, a bigger job
         alone); how many were sent: the rest did not fit its queue (or it is away)."""
         send = super(zmq.Socket, self.socks[d]).send     # (see _LoopSocket)
         n = len(jobs)

@@ -362,9 +362,9 @@ class Supervisor:
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
+                code = 1
                 proc.flush_logging()
                 traceback.print_exc()
-                code = 1
             finally:
                 try:
                     proc.flush_logging()
