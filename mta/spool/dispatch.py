@@ -39,6 +39,9 @@ class Job(NamedTuple):
     proc: int               # the delivery process it was sent to
     domain: str
     lane: int
+    meta: object = None     # the message's envelope as read to make the job (MessageMeta):
+                            # its outcome needs it again, without a read (jobs out are
+                            # bounded by max_in_flight, so are these)
 
 
 class Window:
@@ -85,9 +88,10 @@ class Window:
                 best = d
         return best
 
-    def add(self, req: int, qid: str, idxs: list, proc: int, domain: str, lane: int) -> None:
-        """Job *req* was sent."""
-        self.jobs[req] = Job(qid, idxs, time.monotonic(), proc, domain, lane)
+    def add(self, req: int, qid: str, idxs: list, proc: int, domain: str, lane: int,
+            meta=None) -> None:
+        """Job *req* was sent (*meta*: the envelope it was made from)."""
+        self.jobs[req] = Job(qid, idxs, time.monotonic(), proc, domain, lane, meta)
         self.out[lane] += 1
         counts = self.at.get(domain)
         if counts is None:

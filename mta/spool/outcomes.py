@@ -124,6 +124,11 @@ class Plan:
             st = self.states[qid] = self.index.progress(qid)[0]
         return st
 
+    def known(self, qid: str, meta: MessageMeta) -> None:
+        """*meta*: the envelope of *qid* as read from its record (by the dispatch of the
+        job whose outcome this is), so that it is not read again."""
+        self._metas.setdefault(qid, meta)
+
     def _lookup(self, qid: str) -> tuple | None:
         """(index info, envelope) of *qid*; None if it is not queued, or (logged) when its
         record cannot be read: the message is then looked at again later, like one whose

@@ -394,7 +394,9 @@ class Shard:
                 msg = links.recv(d)
                 if msg is None:
                     break
-                self.returned(msg.req, msg.qid)
+                job = self.returned(msg.req, msg.qid)
+                if job is not None and job.meta is not None:
+                    plan.known(msg.qid, job.meta)       # (not read again)
                 plan.outcome(msg.qid, msg.results, now, source=msg.source,
                              source_ip=msg.source_ip, site=msg.site,
                              retry_after=msg.retry_after, rule=msg.rule,
@@ -497,10 +499,13 @@ class Shard:
                     lambda: new_qid_for_shard(self.shard, self.settings.shards),
                     self.settings.hostname)
 
-    def returned(self, req: int, qid: str) -> None:
-        """The outcome of job *req* came back: it is no longer out."""
-        if self.window.remove(req) is not None:
+    def returned(self, req: int, qid: str) -> dsp.Job | None:
+        """The outcome of job *req* came back: it is no longer out; the job (None if it
+        was not out: a repeated outcome, or one from before a restart)."""
+        job = self.window.remove(req)
+        if job is not None:
             self.q.add_out(qid, -1)
+        return job
 
     def _push(self, items) -> None:
         """Make each (due, qid) of *items* due then (unless due earlier already)."""
@@ -710,7 +715,7 @@ class Shard:
                     rcpts=[bus.JobRecipient(index=i, address=m.rcpts[i]) for i in idxs],
                     params=_job_params(params, m.params, idxs), attempt=attempt, body=body,
                     pool=pool, priority=priority)
-                w.add(req, qid, idxs, d, domain, lane)
+                w.add(req, qid, idxs, d, domain, lane, m)
                 q.add_out(qid, 1)
                 jobs = out.get(d)
                 if jobs is None:

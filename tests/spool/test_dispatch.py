@@ -183,6 +183,41 @@ def test_a_message_with_one_job_taken_and_one_refused_waits_for_the_one_out(tmp_
     assert [(j.qid, j.domain, [r.index for r in j.rcpts]) for _, j in got] == [(qid, b, [1])]
 
 
+def test_an_outcome_uses_the_envelope_its_dispatch_read(tmp_path):
+    """The envelope read to make a job comes back with its outcome's bookkeeping: the
+    outcome is recorded without reading the record again; an outcome the window does not
+    know reads it, as before."""
+    shard = make_shard(tmp_path)
+    done_qid = queue(shard, ["a@x.example"])
+    deferred_qid = queue(shard, ["b@x.example"])
+    shard.dispatch()
+    jobs = {j.qid: (r, j) for r, j in shard.jobs.items()}
+    assert set(jobs) == {done_qid, deferred_qid}
+    reads = []
+    real = shard.store.read_meta
+
+    def counting(qid):
+        reads.append(qid)
+        return real(qid)
+
+    shard.store.read_meta = counting
+    ok = bus.Result(0, bus.DELIVERED, 250, "2.0.0", "ok", "mx", "127.0.0.1")
+    later = bus.Result(0, bus.DEFERRED, 451, "4.3.0", "later", "mx", "127.0.0.1")
+    shard.links.outcomes[0] += [bus.DeliveryOutcome(jobs[done_qid][0], done_qid, [ok]),
+                                bus.DeliveryOutcome(jobs[deferred_qid][0], deferred_qid,
+                                                    [later])]
+    shard.batch()
+    assert reads == []
+    idx = shard.store.index
+    assert idx.info(done_qid) is None                         # delivered: gone
+    assert idx.recipient(deferred_qid, 0)[1] == 1              # one attempt, deferred
+    # an outcome of a job the window does not know (the same one again): read
+    shard.links.outcomes[0].append(bus.DeliveryOutcome(jobs[deferred_qid][0], deferred_qid,
+                                                       [later]))
+    shard.batch()
+    assert reads == [deferred_qid]
+
+
 def test_each_lane_has_its_own_window(tmp_path):
     shard = make_shard(tmp_path, max_in_flight=2)
     bulk = [queue(shard, [f"b{i}@a.example"]) for i in range(3)]
