@@ -60,11 +60,17 @@ class _CountingStream:
         pass
 
 
-def test_lines_logged_in_a_loop_turn_are_written_together_in_order(handler):
-    import asyncio
+@pytest.fixture
+def counted(handler):
+    """The handler writing to a _CountingStream; (the stream, a logger)."""
     stream = _CountingStream()
     handler.setStream(stream)
-    log = logging.getLogger("mta.test")
+    return stream, logging.getLogger("mta.test")
+
+
+def test_lines_logged_in_a_loop_turn_are_written_together_in_order(handler, counted):
+    import asyncio
+    stream, log = counted
 
     async def main():
         for i in range(5):
@@ -170,11 +176,9 @@ def test_keep_heap_stops_the_grow_and_trim_of_every_batch():
     assert faults["keep"] * 10 < faults["default"], faults
 
 
-def test_held_lines_are_bounded_and_a_new_loop_flushes_what_a_stopped_one_left(handler):
+def test_held_lines_are_bounded_and_a_new_loop_flushes_what_a_stopped_one_left(handler, counted):
     import asyncio
-    stream = _CountingStream()
-    handler.setStream(stream)
-    log = logging.getLogger("mta.test")
+    stream, log = counted
 
     async def many():
         for i in range(2500):
