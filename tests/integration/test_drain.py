@@ -27,6 +27,11 @@ def banner(d) -> tuple[int, str]:
         c.close()
 
 
+def acceptors_logged(d, text: str) -> set[str]:
+    """The indexes of the acceptors whose log lines hold *text* (each logs what it sees)."""
+    return set(re.findall(r"acceptor\[(\d+)\]\[\d+\]: " + re.escape(text), d.log()))
+
+
 def on_a_terminal(d, *args) -> str:
     """Run ``mta ARGS`` with its output on a pseudo-terminal; what it wrote there."""
     master, slave = pty.openpty()
@@ -70,6 +75,10 @@ def test_drain_refuses_new_mail_delivers_the_queue_and_reports_zero(lab):
 
     # New connections: 421 4.3.2 (the acceptors look for the drain twice a second).
     # Each acceptor on its own sweep: wait until every one refuses, whichever the kernel picks.
+    # (six banners may all come from the one acceptor that has looked: each acceptor
+    # logs when it sees the flag, so wait for both lines too)
+    wait_until(lambda: acceptors_logged(d, "node draining:") == {"0", "1"}, 10,
+               "both acceptors logging the drain")
     seen = wait_until(lambda: (lambda b: b if all(x[0] == 421 for x in b) else None)(
         [banner(d) for _ in range(6)]), 10, "421 at connect from every acceptor")
     assert all("4.3.2" in text for _, text in seen), seen
@@ -129,6 +138,8 @@ def test_drain_refuses_new_mail_delivers_the_queue_and_reports_zero(lab):
 
     r = d.cli("drain", "--cancel")
     assert "accepting mail" in r.stdout.decode()
+    wait_until(lambda: acceptors_logged(d, "node drain cancelled:") == {"0", "1"}, 10,
+               "both acceptors logging the cancel")
     wait_until(lambda: all(banner(d)[0] == 220 for _ in range(6)), 10,
                "220 from every acceptor after --cancel")
     d.send("a@sender.test", ["after@drain.test"], message("after"))

@@ -107,9 +107,13 @@ def test_status_page_shows_the_api_numbers_under_load(make_daemon, tmp_path):
     load = Load(d)
     load.start()
     try:
-        # (every child -- acceptors, spools, delivery, events, webhooks -- has reported)
-        wait_until(lambda: status(d)["totals"]["accepted_messages"] >= 10 and len(
-            status(d)["processes"]) == 7, 30, "some load accepted", interval=0.3)
+        # (every child -- acceptors, spools, delivery, events, webhooks -- has reported:
+        # a slot is listed from the start, "up" once its child's report is fresh)
+        def reported():
+            s = status(d)
+            return s["totals"]["accepted_messages"] >= 10 and s["ok"] and len(
+                s["processes"]) == 7 and all(p["up"] for p in s["processes"])
+        wait_until(reported, 30, "some load accepted, every child up", interval=0.3)
         before = status(d)
         dom = Dom(chromium(url, "--dump-dom").decode())
         after = status(d)

@@ -462,8 +462,13 @@ def test_mta_queue_shows_each_webhooks_backlog(make_daemon):
             hooks = [w for w in view["webhooks"]["webhooks"] if w["name"] == "crm"]
             return hooks[0] if hooks else None
 
-        w = wait_until(lambda: (lambda x: x if x and x["state"] == "retrying" else None)(
-            crm(d.queue_summary())), 30, "the webhook retrying in mta queue --json")
+        # (status.json is rewritten once a second: a copy taken after the first 500 but
+        # before all three events were scanned shows "retrying" with fewer; wait for the
+        # whole state, which holds while the target keeps answering 500)
+        w = wait_until(lambda: (lambda x: x if x and x["state"] == "retrying" and
+                                x["undelivered_events"] == 3 and x["backlog_events"] == 0
+                                else None)(crm(d.queue_summary())), 30,
+                       "the webhook retrying with all 3 events in mta queue --json")
         assert w["undelivered_events"] == 3 and w["max_backlog_events"] == 5000
         assert w["retrying_batches"] >= 1 and w["last_failure"]["response"] == "HTTP 500"
         text = d.cli("queue").stdout.decode()
