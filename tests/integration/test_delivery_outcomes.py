@@ -130,6 +130,10 @@ def test_a_job_whose_outcome_never_comes_is_sent_again(lab):
     # (stopped before it connects, the shard would only park the job, never send it).
     warm = d.send("alice@sender.test", ["warm@dest.test"], message("warm"))
     dest.wait_for("warm@dest.test")
+    # And its outcome is back at the shard: the receiver has the message before the
+    # delivery process hands the outcome over (at the end of its loop turn), and a
+    # stop in between would leave two jobs for the reaper.
+    wait_queue_empty(d, timeout=20)
     # Stopped, not dead: its connection to the shard stays up, so the shard
     # sees no disconnect (which would send the job again at once).
     os.kill(victim, signal.SIGSTOP)
