@@ -237,7 +237,7 @@ def report(args, samples: list[dict], injected_at, failed: str, start) -> str:
     rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True).stdout.strip()
     lines = ["", f"## Sustained burst (issue 15, item 6) — {start:%Y-%m-%d %H:%M} UTC", "",
-             f"`python3 bench/burst.py --messages {args.messages} --http-share "
+             f"`.venv/bin/python bench/burst.py --messages {args.messages} --http-share "
              f"{args.http_share:g} --sites {args.sites} --site-rate {args.site_rate}` "
              f"(mta at {rev}; inside `unshare --net`). {args.sites} sites, one smtp-sink "
              f"each, the mta shaping each to {args.site_rate} msgs/s; per site one "

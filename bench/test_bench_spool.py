@@ -185,6 +185,40 @@ def test_spool_group_commit(benchmark):
         rig.close()
 
 
+BACKLOG = 200_000       # messages blocked behind one site's per-domain cap
+RELEASED = 20_000       # released one at a time per round
+
+
+def _blocked_window():
+    from mta.spool import dispatch as dsp
+    w = dsp.Window(processes=1, max_in_flight=10, per_domain=1, spread_threshold=10)
+    w.add(0, "first", [0], 0, "slow.example", dsp.BULK)
+    for i in range(BACKLOG):
+        w.block("slow.example", f"q{i:08d}")
+    return (w,), {}
+
+
+def _release_one_at_a_time(w) -> int:
+    from mta.spool import dispatch as dsp
+    n = 0
+    for req in range(RELEASED):
+        w.remove(req)
+        qid = w.released()[0]
+        w.add(req + 1, qid, [0], 0, "slow.example", dsp.BULK)
+        w.block("slow.example", "n" + qid)      # new mail keeps arriving at the back
+        n += 1
+    return n
+
+
+def test_blocked_backlog_release(benchmark):
+    """A throttled site's backlog drained one message per returning job (Window.released):
+    the cost per message must not grow with the backlog (it did: a dict popped from
+    its front walks its deleted slots)."""
+    benchmark.group = f"spool: release {RELEASED:,} of {BACKLOG:,} blocked, one at a time"
+    n = benchmark.pedantic(_release_one_at_a_time, setup=_blocked_window, rounds=5)
+    assert n == RELEASED
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=1000)

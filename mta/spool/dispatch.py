@@ -23,6 +23,7 @@ decides, for the next job, whether it may go and where
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import NamedTuple
 
 BULK = 0
@@ -44,6 +45,44 @@ class Job(NamedTuple):
                             # bounded by max_in_flight, so are these)
 
 
+class Blocked:
+    """The messages waiting for a slot of one domain: a FIFO without repeats.
+
+    Why not a dict as an ordered set: taking from a dict's front walks over the
+    slots of the keys deleted before (CPython keeps them until the dict grows
+    again), so a backlog of N costs O(N) per message taken -- measured in a
+    5-million burst, 88 % of the shard's CPU and injection down six-fold.  A
+    deque takes from its front in O(1); the set keeps a message waiting once.
+    """
+
+    __slots__ = ("order", "members")
+
+    def __init__(self):
+        self.order: deque[str] = deque()
+        self.members: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def add(self, qid: str) -> None:
+        if qid not in self.members:
+            self.members.add(qid)
+            self.order.append(qid)
+
+    def take(self, n: int) -> list[str]:
+        """The *n* (or fewer) messages that waited longest, no longer waiting."""
+        order, members = self.order, self.members
+        out = []
+        while order and len(out) < n:
+            qid = order.popleft()
+            members.discard(qid)
+            out.append(qid)
+        return out
+
+
 class Window:
     """The jobs one shard has out, per lane, per domain and per delivery process."""
 
@@ -57,7 +96,7 @@ class Window:
         self.out = [0, 0]                           # jobs out per lane
         self.bulk_out: dict[str, int] = {}          # domain -> bulk jobs out
         self.at: dict[str, list[int]] = {}          # domain -> jobs out per process
-        self.blocked: dict[str, dict] = {}          # domain -> qids waiting (ordered set)
+        self.blocked: dict[str, Blocked] = {}       # domain -> qids waiting
         self.freed: set[str] = set()                # domains that had a bulk job come back
 
     def __len__(self) -> int:
@@ -123,7 +162,10 @@ class Window:
 
     def block(self, domain: str, qid: str) -> None:
         """Message *qid* waits until a bulk job to *domain* comes back."""
-        self.blocked.setdefault(domain, {})[qid] = None
+        fifo = self.blocked.get(domain)
+        if fifo is None:
+            fifo = self.blocked[domain] = Blocked()
+        fifo.add(qid)
 
     def released(self, everything: bool = False) -> list[str]:
         """Blocked messages that may try again: as many per domain as it has free slots.
@@ -139,11 +181,8 @@ class Window:
             if not waiting:
                 continue
             free = self.per_domain - self.bulk_out.get(domain, 0)
-            while waiting and free > 0:
-                qid = next(iter(waiting))
-                del waiting[qid]
-                out.append(qid)
-                free -= 1
+            if free > 0:
+                out += waiting.take(free)
             if not waiting:
                 del self.blocked[domain]
         self.freed = set()
