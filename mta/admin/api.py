@@ -78,7 +78,8 @@ SUSPEND_FIELDS = ("domain", "campaign", "pool", "site", "source")
 BOUNCE_FIELDS = ("domain", "site", "campaign", "pool")
 MAX_DURATION = 10 * 366 * 86400.0   # seconds a suspension may be given
 FOREVER = 100 * 366 * 86400.0     # a delivery suspension "until resumed" lasts this long
-DELIVERY_SEES = 1.5             # seconds until every delivery process has read the store
+DELIVERY_SEES = 10.0            # seconds to wait, at most, for every delivery process
+                                # to have read the store (they do once a second)
 
 
 class ServerError(Exception):
@@ -208,7 +209,7 @@ class Api:
                     if view["kind"] == "spool":
                         await self._refresh_shards()
                     else:        # answered once the delivery processes hold to it
-                        await asyncio.sleep(DELIVERY_SEES)
+                        await self._delivery_sees(view["id"], True)
                     return _json(200, {"suspension": view})
                 return _json(200, {"results": self.suspensions()})
             if path.startswith(b"/api/admin/suspensions/"):
@@ -357,6 +358,25 @@ class Api:
                     f" for {seconds:g}s" if seconds else " until resumed", reason or "-")
         return view
 
+    async def _delivery_sees(self, eid: str, present: bool) -> None:
+        """Wait until every delivery process has read the adaptive store since now and
+        holds entry *eid* (*present*) or no longer does: its status file says when it
+        last read the store and what it holds.  At most DELIVERY_SEES seconds (a
+        process that is restarting reads the store when it starts)."""
+        since = time.time()
+        paths = [os.path.join(self.settings.run_dir, f"delivery-{d}.status.json")
+                 for d in range(self.settings.deliveries)]
+        deadline = time.monotonic() + DELIVERY_SEES
+        while True:
+            behind = [p for p in paths if not _holds(p, eid, since, present)]
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                log.warning("%d delivery process(es) did not show the change to %s within "
+                            "%.0fs", len(behind), eid, DELIVERY_SEES)
+                return
+            await asyncio.sleep(0.05)
+
     async def resume(self, sid: str) -> tuple[int, dict, bytes]:
         path = self._suspensions_path()
         try:
@@ -377,7 +397,7 @@ class Api:
                 adaptive.cancel_entries(self.adaptive_dir, sid)
                 log.warning("resumed by the operator: suspension %s", sid)
                 # the delivery processes read the store once a second: once they have,
-                await asyncio.sleep(DELIVERY_SEES)
+                await self._delivery_sees(sid, False)
                 # what delivery handed back while it held is due again now
                 replies = await asyncio.gather(*(
                     self._ask(n, bus.SpoolQueueFlush, True)
@@ -504,6 +524,19 @@ def _spool_view(s: ctl.Suspension) -> dict:
     return {"id": s.id, "kind": "spool", "domain": s.domain or None,
             "campaign": s.campaign or None, "pool": s.pool or None, "site": None,
             "source": None, "reason": s.reason, "created": s.created, "until": s.until or None}
+
+
+def _holds(path: str, eid: str, since: float, present: bool) -> bool:
+    """Whether the delivery status file *path* was made from a read of the adaptive
+    store at or after *since* and lists entry *eid* (*present*) or does not."""
+    try:
+        with open(path, "rb") as fh:
+            status = orjson.loads(fh.read())
+    except (OSError, ValueError):
+        return False
+    if status.get("adaptive_read", 0.0) < since:
+        return False
+    return any(e.get("id") == eid for e in status.get("adaptive", ())) == present
 
 
 def _delivery_view(e) -> dict:

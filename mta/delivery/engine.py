@@ -314,6 +314,7 @@ class Engine:
                                           presets=self.cfg.shaping_presets)
         self.limiter = limiter or NodeLimiter(f"{settings.run_dir}/limits")
         # Response rules, back-off, and their durable node-wide state (adaptive.py).
+        self.adaptive_read = 0.0          # when adaptive_tick last read the store (time.time())
         self.adaptive = adaptive or Adaptive(settings.config, settings.state_dir,
                                              scale=self.cfg.time_scale,
                                              presets=self.cfg.shaping_presets,
@@ -830,9 +831,14 @@ class Engine:
             # been: the connection is closed below, not quit)
             lane.put_back([j for j, _ in ahead])
             lane.active -= 1
-            self.limiter.release(slot)
-            if conn is not None:
-                await conn.quit()
+            # The slot is the connection: given back once it is closed, not before
+            # (another process waiting for it would open one more while the
+            # receiver still counts this one, over the site's connection_limit).
+            try:
+                if conn is not None:
+                    await conn.quit()
+            finally:
+                self.limiter.release(slot)
             if lane.queued() and not self.stopping and not yielded:
                 self._kick(lane)
             elif not lane.queued() and lane.active == 0:
@@ -1155,11 +1161,13 @@ class Engine:
         """Once a second (the caller's upkeep): read the node's adaptive state (other
         processes' decisions, cancellations), log back-off steps, apply what changed;
         jobs queued in a lane that is now suspended go elsewhere."""
+        started = time.time()
         try:
             changed = self.adaptive.tick()
         except Exception:
             log.exception("adaptive state upkeep failed")
             return
+        self.adaptive_read = started     # the status file says so (the admin API waits on it)
         if changed:
             self._relimit()
             now = time.time()
@@ -1212,6 +1220,7 @@ class Engine:
             "sites": {s.name: {"domains": sorted(s.domains), "hosts": list(s.hosts)}
                       for s in self.sites.values()},
             "adaptive": self.adaptive.status(),
+            "adaptive_read": self.adaptive_read,
             "warmup": self.warmup.status(list(self.sites.values())) if self.warmup.plans
             else {},
             "sources": {s.name: {"address": s.address or "", "proxy": bool(s.proxy),

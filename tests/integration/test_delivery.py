@@ -59,6 +59,14 @@ def bounce_receptions(d) -> list[dict]:
             if e["type"] == "injection" and e.get("client", "").startswith("bounce of ")]
 
 
+def wait_bounce_receptions(d, n: int, timeout: float = 15.0) -> list[dict]:
+    """The injection events of the daemon's DSNs, once there are *n* of them (an empty
+    queue does not mean the events process has written them yet)."""
+    wait_until(lambda: len(bounce_receptions(d)) >= n, timeout, f"{n} DSN injection event(s)",
+               interval=0.1)
+    return bounce_receptions(d)
+
+
 def check_events(d, expected: dict) -> dict:
     """The event log holds exactly one injection and one terminal event per expected
     (qid, recipient), of the expected type (:func:`event_kind`: an expiry is
@@ -274,7 +282,7 @@ def test_550_for_one_of_three_recipients_bounces_only_that_one(lab):
     assert "Subject: three recipients" in returned
     assert "ann@dest.test" not in b.data.decode() and "cat@dest.test" not in b.data.decode()
 
-    [br] = bounce_receptions(d)
+    [br] = wait_bounce_receptions(d, 1)
     assert br["client"] == f"bounce of {qid}" and br["msg_from"] == ""
     ev = check_events(d, {(qid, "ann@dest.test"): "delivery", (qid, "bob@dest.test"): "bounce",
                           (qid, "cat@dest.test"): "delivery",
@@ -307,7 +315,7 @@ def test_null_mx_and_nxdomain_bounce(lab):
     assert reported["xavier@nothere.void.test"]["Status"] == "5.1.2"
     assert all(r["Action"] == "failed" for r in reported.values())
     expected = {(qid, r): "bounce" for r in rcpts}
-    for br in bounce_receptions(d):
+    for br in wait_bounce_receptions(d, len(sender_mx.snapshot())):
         assert br["client"] == f"bounce of {qid}"
         expected[(br["queue_id"], "alice@sender.test")] = "delivery"
     ev = check_events(d, expected)
@@ -339,7 +347,7 @@ def test_expiry_bounces(lab):
                         "last reply: 451 4.3.0 not now"), diag
     else:
         assert r["Status"] == "5.4.7" and "expired" in diag, r.items()
-    [br] = bounce_receptions(d)
+    [br] = wait_bounce_receptions(d, 1)
     ev = check_events(d, {(qid, "sam@dest.test"): "expiration",
                           (br["queue_id"], "alice@sender.test"): "delivery"})
     e = ev[(qid, "sam@dest.test")]
@@ -529,7 +537,7 @@ def test_event_log_matches_what_the_receivers_saw(lab):
             expected[(qid, r)] = "bounce" if r.startswith("x") else "delivery"
     wait_until(lambda: sender_mx.received() == 5, 20, "five DSNs")
     wait_queue_empty(d)
-    for br in bounce_receptions(d):
+    for br in wait_bounce_receptions(d, 5):
         expected[(br["queue_id"], "alice@sender.test")] = "delivery"
     ev = check_events(d, expected)
 

@@ -109,7 +109,8 @@ def test_outcomes_wait_for_a_shard_that_is_not_reading(lab):
     expected = {(qid, r) for qid, (_, rcpts) in sent.items() for r in rcpts}
     assert set(got) == expected and set(got.values()) == {1}
     check_events(d, {key: "delivery" for key in expected})
-    log = d.log()
+    # (the delivery process logs it once its loop turn ends, after handing them over)
+    log = d.wait_log(r"\d+ held-back outcome\(s\) handed back after [\d.]+s; taking jobs again")
     # Nothing was lost and left to the reaper, nor dropped.
     assert "got no outcome" not in log
     assert "outcome not handed back" not in log and "outcome dropped" not in log
@@ -158,6 +159,7 @@ def test_a_job_whose_outcome_never_comes_is_sent_again(lab):
         assert t.rcpt_tos == ["bob@dest.test"]
     # The spool recorded the delivery once; the later outcome was a repeat.
     check_events(d, {(qid, "bob@dest.test"): "delivery", (warm, "warm@dest.test"): "delivery"})
-    log = d.log()
+    # (a delivery's log line is written after its outcome is handed over)
+    log = d.wait_log(rf"{qid}: to=<bob@dest.test> .*status=delivered", count=2)
     assert "went away" not in log      # no disconnect: it was the reaper
     assert len(re.findall(rf"{qid}: to=<bob@dest.test> .*status=delivered", log)) == 2

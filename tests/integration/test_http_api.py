@@ -606,12 +606,13 @@ def test_idempotency_survives_kill9_of_the_whole_tree_and_ends_with_its_window(m
 def test_reload_moves_the_http_listener(make_daemon):
     d = make_daemon(acceptors=1)
     old_port = d.http_port
+    old_pid = d.children()["acceptor[0]"]
     new_port = free_port()
     d.reload(r"reloaded: accepting SMTP on \S+, HTTP on 127\.0\.0\.1:" + str(new_port),
              http={"listen": [f"{HOST}:{new_port}"]})
     d.http_port = new_port
     assert d.post(simple())[0] == 200
-    time.sleep(1.5)   # the old acceptor has drained
+    d.wait_log(rf"acceptor\[0\] pid={old_pid} exited")   # the old acceptor has drained
     with pytest.raises(OSError):
         socket.create_connection((HOST, old_port), timeout=2).close()
     d.send("a@example.com", ["after@example.net"], b"Subject: x\r\n\r\ny\r\n")  # SMTP kept

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from daemon import HOST, render_config
+from daemon import HOST, render_config, wait_until
 
 # The reload probe saw a connection reset in 2 of 7 full runs on two pytest-xdist workers and
 # never alone.  The cause found (and reproduced by hand): free_port asked the kernel for a
@@ -71,6 +71,8 @@ def test_sighup_replaces_acceptors_without_refusing_connections(make_daemon):
         for n in range(3):
             d.reload(r"reloaded: accepting", smtp={"banner": f"ESMTP reload{n}"})
             time.sleep(0.3)
+        wait_until(lambda: b"220 mta.test ESMTP reload2" in probe.banners, 10,
+                   "the probe meeting the last reload's banner")
     finally:
         probe.done.set()
         probe.join(30)
