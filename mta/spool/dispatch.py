@@ -51,8 +51,9 @@ class Blocked:
     Why not a dict as an ordered set: taking from a dict's front walks over the
     slots of the keys deleted before (CPython keeps them until the dict grows
     again), so a backlog of N costs O(N) per message taken -- measured in a
-    5-million burst, 88 % of the shard's CPU and injection down six-fold.  A
-    deque takes from its front in O(1); the set keeps a message waiting once.
+    5-million burst, 88 % of the shard's CPU, injection down from 2,390 to
+    331 msgs/s.  A deque takes from its front in O(1); the set keeps a message
+    waiting once.
     """
 
     __slots__ = ("order", "members")
