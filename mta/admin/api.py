@@ -364,7 +364,7 @@ class Api:
         last read the store and what it holds.  At most DELIVERY_SEES seconds (a
         process that is restarting reads the store when it starts)."""
         since = time.time()
-        paths = [os.path.join(self.settings.run_dir, f"delivery-{d}.status.json")
+        paths = [q.delivery_status_path(self.settings.run_dir, d)
                  for d in range(self.settings.deliveries)]
         deadline = time.monotonic() + DELIVERY_SEES
         while True:
@@ -529,12 +529,8 @@ def _spool_view(s: ctl.Suspension) -> dict:
 def _holds(path: str, eid: str, since: float, present: bool) -> bool:
     """Whether the delivery status file *path* was made from a read of the adaptive
     store at or after *since* and lists entry *eid* (*present*) or does not."""
-    try:
-        with open(path, "rb") as fh:
-            status = orjson.loads(fh.read())
-    except (OSError, ValueError):
-        return False
-    if status.get("adaptive_read", 0.0) < since:
+    status = q.read_status(path)
+    if status is None or status.get("adaptive_read", 0.0) < since:
         return False
     return any(e.get("id") == eid for e in status.get("adaptive", ())) == present
 

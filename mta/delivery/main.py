@@ -47,6 +47,7 @@ import uvloop
 from mta import bus, proc
 from mta.delivery.engine import Engine, Job
 from mta.delivery.metrics import DeliveryMetrics
+from mta.obs import queue as queue_view
 from mta.obs.stats import Pusher
 
 log = logging.getLogger("mta.delivery")
@@ -71,7 +72,7 @@ class Delivery:
         # Jobs in hand before the socket pauses: a shard's bulk and transactional
         # windows (the shards bound what they send; this bounds the process).
         self.window = 2 * cfg.max_in_flight
-        self.status_path = os.path.join(settings.run_dir, f"delivery-{index}.status.json")
+        self.status_path = queue_view.delivery_status_path(settings.run_dir, index)
         self.stopping = False
         # Outcomes a shard did not take yet (its queue was full), per shard, in order.
         self.held: dict[bytes, collections.deque] = {}

@@ -32,6 +32,21 @@ from mta.api import webhookdb
 STATUS_FRESH = 10.0     # seconds: an older status file is a process that is gone
 
 
+def delivery_status_path(run_dir: str, index: int) -> str:
+    """The status file delivery[index] rewrites about once a second."""
+    return os.path.join(run_dir, f"delivery-{index}.status.json")
+
+
+def read_status(path: str) -> dict | None:
+    """A status file's contents; None if it is missing, being replaced or not a status."""
+    try:
+        with open(path, "rb") as fh:
+            st = json.loads(fh.read())
+    except (OSError, ValueError):
+        return None
+    return st if isinstance(st, dict) else None
+
+
 def delivery_status(run_dir: str, now: float | None = None) -> dict:
     """Sources, sites and (source x site) lanes summed over the delivery processes."""
     sources: dict = {}
@@ -40,12 +55,8 @@ def delivery_status(run_dir: str, now: float | None = None) -> dict:
     processes = 0
     now = time.time() if now is None else now
     for path in sorted(glob.glob(os.path.join(run_dir, "delivery-*.status.json"))):
-        try:
-            with open(path, "rb") as fh:
-                st = json.loads(fh.read())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(st, dict) or now - st.get("time", 0) > STATUS_FRESH:
+        st = read_status(path)
+        if st is None or now - st.get("time", 0) > STATUS_FRESH:
             continue
         processes += 1
         for name, src in st.get("sources", {}).items():
