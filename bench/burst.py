@@ -107,6 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
     p.add_argument("--workdir", default=None, help="parent of the work directory (a disk)")
+    p.add_argument("--until-injected", action="store_true",
+                   help="stop once everything is injected (the queue at its peak: memory "
+                        "per queued message) instead of waiting for the queue to drain")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--record", action="store_true", help="append a section to RESULTS.md")
     args = p.parse_args(argv)
@@ -160,6 +163,9 @@ def main(argv=None) -> int:
                     raise
                 time.sleep(0.2)
 
+        idle_rss, idle_anon = tree_memory(mta.pid)
+        samples.append({"t": 0.0, "smtp": 0, "http": 0, "delivered": 0, "queued": 0,
+                        "disk": dir_bytes(work / "state"), "rss": idle_rss, "anon": idle_anon})
         t0 = time.monotonic()
         sources, wrks = [], []
         for i in range(args.sites):
@@ -209,6 +215,8 @@ def main(argv=None) -> int:
                   f"rss {s['rss'] / 2**20:7.0f} MiB  disk {s['disk'] / 2**20:7.0f} MiB", flush=True)
             if sent and injected_at is None:
                 injected_at = now
+                if args.until_injected:
+                    break
             if sent and s["queued"] == 0 and s["delivered"] >= s["smtp"] + s["http"]:
                 break
             if now > args.timeout:
@@ -238,7 +246,8 @@ def report(args, samples: list[dict], injected_at, failed: str, start) -> str:
                          capture_output=True, text=True).stdout.strip()
     lines = ["", f"## Sustained burst (issue 15, item 6) — {start:%Y-%m-%d %H:%M} UTC", "",
              f"`.venv/bin/python bench/burst.py --messages {args.messages} --http-share "
-             f"{args.http_share:g} --sites {args.sites} --site-rate {args.site_rate}` "
+             f"{args.http_share:g} --sites {args.sites} --site-rate {args.site_rate}"
+             f"{' --until-injected' if args.until_injected else ''}` "
              f"(mta at {rev}; inside `unshare --net`). {args.sites} sites, one smtp-sink "
              f"each, the mta shaping each to {args.site_rate} msgs/s; per site one "
              f"smtp-source ({SESSIONS} sessions) and one wrk ({WRK_CONNECTIONS} connections), "
@@ -249,6 +258,7 @@ def report(args, samples: list[dict], injected_at, failed: str, start) -> str:
         return "\n".join(lines) + "\n"
     last = samples[-1]
     accepted = last["smtp"] + last["http"]
+    idle = samples[0]
     lines += ["| t (s) | accepted SMTP | accepted HTTP | injection msgs/s (interval) | "
               "delivered | queued | anonymous memory, all processes | resident incl. "
               "file-backed | spool on disk |",
@@ -272,6 +282,14 @@ def report(args, samples: list[dict], injected_at, failed: str, start) -> str:
         lastq = rate_of(inj[-q - 1], inj[-1])
         lines += ["", f"Injection rate, first quarter of the injection {first:,.0f} msgs/s, "
                   f"last quarter {lastq:,.0f} msgs/s (ratio {lastq / max(first, 1e-9):.2f})."]
+    if args.until_injected:
+        per = (last["anon"] - idle["anon"]) / max(1, last["queued"])
+        lines += ["", f"Stopped once everything was injected (`--until-injected`): "
+                  f"{last['queued']:,} messages queued, anonymous memory of all mta processes "
+                  f"{idle['anon'] / 2**20:,.0f} MiB before the injection and "
+                  f"{last['anon'] / 2**20:,.0f} MiB at the end: **{per:,.0f} B per queued "
+                  f"message** (single-recipient).", ""]
+        return "\n".join(lines) + "\n"
     lines += ["", f"Accepted {accepted:,} (SMTP {last['smtp']:,}, HTTP {last['http']:,}); "
               f"delivered {last['delivered']:,}; "
               f"{'injection done at ' + format(injected_at, '.0f') + ' s; ' if injected_at else ''}"

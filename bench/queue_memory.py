@@ -8,7 +8,12 @@ domains (weight 1/rank), a few campaigns and pools, 5 % transactional:
 
 - ``a``: the compiled index, 1,000,000 messages x 10 recipients;
 - ``b``: the compiled index, 10,000,000 single-recipient messages;
-- ``c``: the compiled index, 1,000,000 single-recipient messages.
+- ``c``: the compiled index, 1,000,000 single-recipient messages;
+- ``e``: as ``c``, but every message waits behind its domain's per-domain job
+  cap (a throttled burst: not in the due queue, in its domain's FIFO of
+  blocked messages, mta.spool.dispatch) -- the compiled ``QidFifo``;
+- ``f``: as ``e`` with the pure twin's FIFO (a deque of queue-id strings and
+  a set: what the shard used before the compiled one).
 
 (A case ``d`` measured the structures the index replaced -- ``Entry`` around a
 decoded ``MessageMeta``, ``Lanes``, ``Deadlines`` -- until the shard was ported
@@ -22,7 +27,7 @@ due, recipient update and delete, timed over OPS operations on the full
 index (each timing includes one Python call per operation).  No network; no
 files.  Run it niced on a shared machine:
 
-    nice -n 10 python bench/queue_memory.py            # a, b, c in turn
+    nice -n 10 python bench/queue_memory.py            # a, b, c, e, f in turn
     nice -n 10 python bench/queue_memory.py --cases c --messages-scale 0.1
 """
 from __future__ import annotations
@@ -44,7 +49,8 @@ POOLS = ["default", "mkt", "mkt", "transactional"]
 MAX_AGE = 5 * 86400.0
 OPS = 200_000
 CASES = {"a": ("qindex", 1_000_000, 10), "b": ("qindex", 10_000_000, 1),
-         "c": ("qindex", 1_000_000, 1)}
+         "c": ("qindex", 1_000_000, 1), "e": ("qindex+blocked", 1_000_000, 1),
+         "f": ("qindex+blocked (pure FIFO)", 1_000_000, 1)}
 T0 = 1_760_000_000.0
 QID_BASE = int(T0 * 1e6) << 28
 
@@ -65,9 +71,13 @@ def domain_table(rng: random.Random) -> list[str]:
     return rng.choices(names, weights, k=1 << 16)
 
 
-def fill_index(messages: int, rcpts: int, rng: random.Random):
+def fill_index(messages: int, rcpts: int, rng: random.Random, fifo: str = ""):
+    """Fill an index; with *fifo* ("compiled" or "pure"), each message waits in its
+    (first) domain's FIFO of blocked messages instead of the due queue."""
     from mta import native
     qindex = native.load("qindex", pure=False)
+    Fifo = native.load("qindex", pure=fifo == "pure").QidFifo if fifo else None
+    blocked: dict = {}
     doms = domain_table(rng)
     q = qindex.QueueIndex(MAX_AGE / 1000)
     bits = rng.getrandbits
@@ -82,11 +92,17 @@ def fill_index(messages: int, rcpts: int, rng: random.Random):
         add(qid, 1 + i // 20000, (i % 20000) * 3000, 180, 2048, arrival, arrival,
             1 if r >> 16 & 31 == 0 else 0, POOLS[r >> 21 & 3], CAMPAIGNS[r >> 23 & 3],
             domains)
-        push(qid, arrival)
+        if Fifo is None:
+            push(qid, arrival)
+        else:
+            f = blocked.get(domains[0])
+            if f is None:
+                f = blocked[domains[0]] = Fifo()
+            f.add(qid)
         deadline(qid, arrival + MAX_AGE)
     fill = time.perf_counter() - t
     gc.collect()
-    return q, before, rss(), fill, qindex
+    return q, before, rss(), fill, blocked
 
 
 def op_costs(q, messages: int, rng: random.Random) -> dict:
@@ -129,8 +145,13 @@ def run_case(name: str, scale: float) -> dict:
     messages = max(1000, int(messages * scale))
     rng = random.Random(15)
     result = {"case": name, "kind": kind, "messages": messages, "rcpts": rcpts}
-    q, before, after, fill, mod = fill_index(messages, rcpts, rng)
+    fifo = {"e": "compiled", "f": "pure"}.get(name, "")
+    q, before, after, fill, blocked = fill_index(messages, rcpts, rng, fifo)
     result["memory"] = q.memory()
+    if fifo:
+        result["blocked"] = {"fifos": len(blocked), "messages": sum(map(len, blocked.values())),
+                             "allocated": sum(sum(v for k, v in f.memory().items()
+                                                  if k != "sizes") for f in blocked.values())}
     result["tables"] = q.tables()
     grown = after - before
     result.update(rss_before=before, rss_after=after, fill_s=round(fill, 2),
@@ -143,7 +164,7 @@ def run_case(name: str, scale: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="a,b,c", help="which of a,b,c [a,b,c]")
+    ap.add_argument("--cases", default="a,b,c,e,f", help="which of a,b,c,e,f [all]")
     ap.add_argument("--messages-scale", type=float, default=1.0,
                     help="multiply every case's message count (a quick look: 0.01)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -167,6 +188,8 @@ def main() -> None:
         if "op_ns" in r:
             print("   ns/op: " + ", ".join(f"{k} {v}" for k, v in r["op_ns"].items()))
             print(f"   allocated: {r['memory']}; interned: {r['tables']}")
+        if "blocked" in r:
+            print(f"   blocked: {r['blocked']}")
     with open("/proc/loadavg") as fh:
         print("load average after:", fh.read().strip())
 

@@ -187,6 +187,7 @@ def test_spool_group_commit(benchmark):
 
 BACKLOG = 200_000       # messages blocked behind one site's per-domain cap
 RELEASED = 20_000       # released one at a time per round
+QID0 = 0x18A3F2C4B1D2E0300000
 
 
 def _blocked_window():
@@ -194,7 +195,7 @@ def _blocked_window():
     w = dsp.Window(processes=1, max_in_flight=10, per_domain=1, spread_threshold=10)
     w.add(0, "first", [0], 0, "slow.example", dsp.BULK)
     for i in range(BACKLOG):
-        w.block("slow.example", f"q{i:08d}")
+        w.block("slow.example", "%020X" % (QID0 + i))      # queue ids of mta.queueid's shape
     return (w,), {}
 
 
@@ -205,7 +206,7 @@ def _release_one_at_a_time(w) -> int:
         w.remove(req)
         qid = w.released()[0]
         w.add(req + 1, qid, [0], 0, "slow.example", dsp.BULK)
-        w.block("slow.example", "n" + qid)      # new mail keeps arriving at the back
+        w.block("slow.example", "%020X" % (QID0 + BACKLOG + req))    # new mail arrives at the back
         n += 1
     return n
 

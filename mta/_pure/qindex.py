@@ -23,10 +23,15 @@ Orders that callers can see are fixed so both twins agree: bulk walks
 reused last-in first-out); :meth:`pop_due` by (due, sequence of the push
 that set it); :meth:`passed` by bucket, then by when the message entered it;
 :meth:`sorted_qids` by queue id (canonical ids first, then other strings).
+
+:class:`QidFifo` is the spool's other per-message structure: the messages
+waiting for a slot of one recipient domain (mta.spool.dispatch), a FIFO
+without repeats.
 """
 
 import heapq
 import operator
+from collections import deque
 
 PENDING = 0                 # recipient states: mta.store's (PENDING ... EXPIRED)
 LANES = 2                   # mta.spool.dispatch: BULK 0, TRANSACTIONAL 1
@@ -634,4 +639,54 @@ class QueueIndex:
 
     def memory(self) -> dict:
         """Octets held by the native arrays, by structure (the twin holds none: {})."""
+        return {}
+
+
+class QidFifo:
+    """Queue ids in the order they came, each at most once (a FIFO without repeats).
+
+    The messages that wait for a free slot of one recipient domain
+    (:class:`mta.spool.dispatch.Window`): in a throttled burst most of the
+    queue waits here.  The twin is a deque for the order and a set for the
+    membership; the compiled one keeps 16 octets per id plus a hash slot
+    instead of a string and two containers' entries.
+    """
+
+    __slots__ = ("_order", "_members")
+
+    def __init__(self):
+        self._order = deque()
+        self._members = set()
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __iter__(self):
+        return iter(list(self._order))
+
+    def __contains__(self, qid) -> bool:
+        return qid in self._members
+
+    def add(self, qid: str) -> bool:
+        """Append *qid* unless it is already waiting; True if it was appended."""
+        if type(qid) is not str:
+            raise TypeError("a queue id is a str")
+        if qid in self._members:
+            return False
+        self._members.add(qid)
+        self._order.append(qid)
+        return True
+
+    def take(self, n: int) -> list:
+        """The *n* (or fewer) ids that waited longest, no longer waiting."""
+        order, members = self._order, self._members
+        out = []
+        while order and len(out) < n:
+            qid = order.popleft()
+            members.discard(qid)
+            out.append(qid)
+        return out
+
+    def memory(self) -> dict:
+        """Octets held by the native arrays (the twin holds none: {})."""
         return {}

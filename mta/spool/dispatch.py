@@ -23,8 +23,19 @@ decides, for the next job, whether it may go and where
 from __future__ import annotations
 
 import time
-from collections import deque
 from typing import NamedTuple
+
+from mta import native
+
+# The messages waiting for a slot of one domain are a FIFO without repeats, the
+# queue index module's QidFifo (loaded when a Window is made, with the index):
+# compiled, ~24-48 octets per message instead of a string and a deque's and a
+# set's entries (~120), and a throttled burst keeps most of the queue there
+# (bench/queue_memory.py, cases e and f).  Not a dict used as an ordered set:
+# taking from a dict's front walks over the slots of the keys deleted before
+# (CPython keeps them until the dict grows again), so a backlog of N cost O(N)
+# per message taken -- measured in a 5-million burst, 88 % of the shard's CPU,
+# injection down from 2,390 to 331 msgs/s.
 
 BULK = 0
 TRANSACTIONAL = 1
@@ -45,45 +56,6 @@ class Job(NamedTuple):
                             # bounded by max_in_flight, so are these)
 
 
-class Blocked:
-    """The messages waiting for a slot of one domain: a FIFO without repeats.
-
-    Why not a dict as an ordered set: taking from a dict's front walks over the
-    slots of the keys deleted before (CPython keeps them until the dict grows
-    again), so a backlog of N costs O(N) per message taken -- measured in a
-    5-million burst, 88 % of the shard's CPU, injection down from 2,390 to
-    331 msgs/s.  A deque takes from its front in O(1); the set keeps a message
-    waiting once.
-    """
-
-    __slots__ = ("order", "members")
-
-    def __init__(self):
-        self.order: deque[str] = deque()
-        self.members: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self.members)
-
-    def __iter__(self):
-        return iter(self.order)
-
-    def add(self, qid: str) -> None:
-        if qid not in self.members:
-            self.members.add(qid)
-            self.order.append(qid)
-
-    def take(self, n: int) -> list[str]:
-        """The *n* (or fewer) messages that waited longest, no longer waiting."""
-        order, members = self.order, self.members
-        out = []
-        while order and len(out) < n:
-            qid = order.popleft()
-            members.discard(qid)
-            out.append(qid)
-        return out
-
-
 class Window:
     """The jobs one shard has out, per lane, per domain and per delivery process."""
 
@@ -97,7 +69,8 @@ class Window:
         self.out = [0, 0]                           # jobs out per lane
         self.bulk_out: dict[str, int] = {}          # domain -> bulk jobs out
         self.at: dict[str, list[int]] = {}          # domain -> jobs out per process
-        self.blocked: dict[str, Blocked] = {}       # domain -> qids waiting
+        self.fifo = native.load("qindex").QidFifo
+        self.blocked: dict[str, object] = {}        # domain -> QidFifo of qids waiting
         self.freed: set[str] = set()                # domains that had a bulk job come back
 
     def __len__(self) -> int:
@@ -165,7 +138,7 @@ class Window:
         """Message *qid* waits until a bulk job to *domain* comes back."""
         fifo = self.blocked.get(domain)
         if fifo is None:
-            fifo = self.blocked[domain] = Blocked()
+            fifo = self.blocked[domain] = self.fifo()
         fifo.add(qid)
 
     def released(self, everything: bool = False) -> list[str]:

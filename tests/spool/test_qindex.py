@@ -487,3 +487,88 @@ def test_long_random_run_agrees_and_rebuilds_the_arena():
     assert a.tables() == b.tables() and len(a) == len(b)
     for lane in (0, 1):
         assert a.pop_due(lane, math.inf, 1 << 20) == b.pop_due(lane, math.inf, 1 << 20)
+
+
+# ------------------------------------------------------------ QidFifo
+
+def test_fifo_keeps_order_and_each_id_once(mod):
+    f = mod.QidFifo()
+    assert len(f) == 0 and f.take(3) == [] and list(f) == []
+    assert f.add(Q2) is True and f.add(Q1) is True and f.add("odd-1") is True
+    assert f.add(Q2) is False and f.add("odd-1") is False      # waiting already: no-op
+    assert len(f) == 3 and Q1 in f and "odd-1" in f and Q3 not in f and "odd-2" not in f
+    assert list(f) == [Q2, Q1, "odd-1"]
+    assert f.take(0) == [] and f.take(-1) == []
+    assert f.take(2) == [Q2, Q1] and Q2 not in f and len(f) == 1
+    assert f.add(Q2) is True                                    # taken: may wait again
+    assert f.take(10) == ["odd-1", Q2] and len(f) == 0
+    with pytest.raises(TypeError):
+        f.add(5)
+    assert 5 not in f and b"x" not in f
+
+
+def test_fifo_a_canonical_id_and_an_odd_one_with_the_same_hash_are_two(mod):
+    # lower-case hex is not canonical: kept as a string, apart from its upper-case twin
+    f = mod.QidFifo()
+    assert f.add(Q1) and f.add(Q1.lower()) and len(f) == 2
+    assert f.take(2) == [Q1, Q1.lower()]
+
+
+def test_compiled_fifo_grows_and_gives_memory_back():
+    f = COMPILED.QidFifo()
+    small = f.memory()
+    assert small["sizes"] == (16,) and small["ring"] == 16 * 16 and small["hash"] == 32 * 4
+    ids = ["%020X" % (0x18A3F2C4B1D2E0300000 + i) for i in range(100_000)]
+    for q in ids:
+        f.add(q)
+    big = f.memory()
+    assert big["ring"] == 131_072 * 16 and big["hash"] == 262_144 * 4   # ~31 octets per id
+    assert f.take(99_990) == ids[:99_990]
+    assert f.memory()["ring"] <= 64 * 16 and list(f) == ids[99_990:]
+    assert PURE.QidFifo().memory() == {}
+
+
+fifo_op_s = st.one_of(
+    st.tuples(st.just("add"), qid_s),
+    st.tuples(st.just("add"), qid_s),
+    st.tuples(st.just("add"), qid_s),
+    st.tuples(st.just("take"), st.integers(-1, 6)),
+    st.tuples(st.just("contains"), qid_s),
+    st.tuples(st.just("list")),
+)
+
+
+def run_fifo(f, op):
+    if op[0] == "contains":
+        return op[1] in f
+    if op[0] == "list":
+        return list(f), len(f)
+    return getattr(f, op[0])(op[1])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(fifo_op_s, max_size=80))
+def test_fifo_compiled_and_pure_agree(ops):
+    a, b = PURE.QidFifo(), COMPILED.QidFifo()
+    for op in ops:
+        assert run_fifo(a, op) == run_fifo(b, op), op
+    assert list(a) == list(b) and a.take(100) == b.take(100)
+
+
+def test_fifo_long_random_run_agrees_across_growth_and_shrinking():
+    """Phases of mostly adding and mostly taking, so the compiled ring and hash are
+    rebuilt up and down many times, with repeats and odd ids mixed in."""
+    rng = random.Random(16)
+    ids = ["%020X" % rng.getrandbits(80) for _ in range(30_000)] + [f"odd-{i}" for i in range(300)]
+    a, b = PURE.QidFifo(), COMPILED.QidFifo()
+    for phase in range(12):
+        adding = phase % 2 == 0
+        for _ in range(40_000):
+            if rng.random() < (0.8 if adding else 0.2):
+                q = rng.choice(ids)
+                assert a.add(q) == b.add(q)
+            else:
+                n = rng.randrange(1, 8)
+                assert a.take(n) == b.take(n)
+        assert len(a) == len(b) and list(a) == list(b)
+    assert a.take(10**9) == b.take(10**9) and len(b) == 0
