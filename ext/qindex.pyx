@@ -1305,12 +1305,14 @@ cdef class QueueIndex:
 
 cdef enum:
     _FIFO_MIN = 16              # ring entries at least (a power of two)
+    _F_ODD = 1                  # not canonical: the id is in the side table, lo is its hash
+    _F_DEAD = 2                 # discarded: skipped when taken, dropped at the next rebuild
 
 
 ctypedef struct FEnt:
     uint64_t lo
     uint16_t hi
-    uint8_t odd                 # not canonical: the id is in the side table, lo is its hash
+    uint8_t bits                # _F_ODD, _F_DEAD
 
 
 @cython.final
@@ -1318,21 +1320,27 @@ cdef class QidFifo:
     """Queue ids in the order they came, each at most once (a FIFO without repeats).
 
     The messages that wait for a free slot of one recipient domain
-    (:class:`mta.spool.dispatch.Window`).  Why native: in a throttled burst
-    most of the queue waits here, and as a deque of strings plus a set it
-    cost ~120 octets per message beside the index's ~180 (measured in the
-    5 million burst: 319 octets per queued message in the shard).  Here an id
-    is a 16-octet entry of a ring (power-of-two capacity) plus an open-
-    addressing hash of ring positions (4 octets, twice the ring's capacity:
-    at most half full), so ~24-48 octets each.  Both shrink when the FIFO
-    drains to an eighth of the ring (to a quarter to half full).
+    (:class:`mta.spool.dispatch.Window`), are held back by an operator's
+    suspension, or wait for an absent delivery process (the shard).  Why
+    native: in a throttled burst most of the queue waits here, and as a deque
+    of strings plus a set it cost ~120 octets per message beside the index's
+    ~140 (measured in the 5 million burst: 319 octets per queued message in
+    the shard).  Here an id is a 16-octet entry of a ring (power-of-two
+    capacity) plus an open-addressing hash of ring positions (4 octets, twice
+    the ring's capacity: at most half full), so ~24-48 octets each.
+    :meth:`discard` marks an entry dead (out of the hash at once; its ring
+    entry goes when taken past or at the next rebuild, which keeps only live
+    ones).  The ring is rebuilt when full (to twice the live ids, at least:
+    growing, or compacting dead entries) and when the live ids fall to an
+    eighth of it (to a quarter to half full).
     """
 
     cdef FEnt* ring
     cdef uint64_t rmask             # ring capacity - 1
-    cdef uint64_t head              # sequence number of the oldest id
-    cdef uint64_t tail              # sequence number the next id gets
-    cdef uint32_t* table            # ring position + 1; 0 empty
+    cdef uint64_t head              # sequence number of the oldest entry
+    cdef uint64_t tail              # sequence number the next entry gets
+    cdef uint64_t live              # entries not discarded
+    cdef uint32_t* table            # ring position + 1 of each live entry; 0 empty
     cdef uint64_t tmask
     cdef dict odd                   # ring position -> qid str (ids that are not canonical)
 
@@ -1342,6 +1350,8 @@ cdef class QidFifo:
         self.odd = {}
         self.head = 0
         self.tail = 0
+        self.live = 0
+        self.rmask = 0
         self._rebuild(_FIFO_MIN)
 
     def __dealloc__(self):
@@ -1349,8 +1359,8 @@ cdef class QidFifo:
         free(self.table)
 
     cdef int _rebuild(self, uint64_t cap) except -1:
-        """Move the ids, in order, to a ring of *cap* entries (from position 0) and rehash."""
-        cdef uint64_t n = self.tail - self.head, s, i
+        """Move the live ids, in order, to a ring of *cap* entries (from position 0), rehash."""
+        cdef uint64_t n = 0, s, q
         cdef FEnt* ring
         cdef uint32_t* table
         if cap > (<uint64_t>1 << 31):
@@ -1363,11 +1373,15 @@ cdef class QidFifo:
             raise MemoryError()
         memset(table, 0, 2 * cap * sizeof(uint32_t))
         odd = {}
-        for i in range(n):
-            s = (self.head + i) & self.rmask
-            ring[i] = self.ring[s]
-            if ring[i].odd:
-                odd[i] = self.odd[s]
+        if self.ring != NULL:
+            for q in range(self.head, self.tail):
+                s = q & self.rmask
+                if self.ring[s].bits & _F_DEAD:
+                    continue
+                ring[n] = self.ring[s]
+                if ring[n].bits & _F_ODD:
+                    odd[n] = self.odd[s]
+                n += 1
         free(self.ring)
         free(self.table)
         self.ring = ring
@@ -1377,9 +1391,17 @@ cdef class QidFifo:
         self.odd = odd
         self.head = 0
         self.tail = n
-        for i in range(n):
-            self._put(<uint32_t>i)
+        self.live = n
+        for s in range(n):
+            self._put(<uint32_t>s)
         return 0
+
+    cdef uint64_t _fit(self, uint64_t n) noexcept:
+        """The ring capacity for *n* live ids: a power of two, at least twice *n*."""
+        cdef uint64_t cap = _FIFO_MIN
+        while cap < 2 * n:
+            cap *= 2
+        return cap
 
     cdef inline void _put(self, uint32_t pos) noexcept:
         cdef FEnt* r = &self.ring[pos]
@@ -1388,29 +1410,26 @@ cdef class QidFifo:
             i = (i + 1) & self.tmask
         self.table[i] = pos + 1
 
-    cdef bint _has(self, object qid, uint16_t hi, uint64_t lo, uint8_t odd) except -1:
+    cdef int64_t _find(self, object qid, uint16_t hi, uint64_t lo, uint8_t odd) except -2:
+        """The hash slot of live *qid*, -1 if it is not waiting."""
         cdef uint64_t i = _mix(hi, lo) & self.tmask
         cdef uint32_t e
         cdef FEnt* r
         while True:
             e = self.table[i]
             if e == 0:
-                return False
+                return -1
             r = &self.ring[e - 1]
-            if r.lo == lo and r.hi == hi and r.odd == odd:
+            if r.lo == lo and r.hi == hi and (r.bits & _F_ODD) == odd:
                 if not odd or self.odd[e - 1] == qid:
-                    return True
+                    return <int64_t>i
             i = (i + 1) & self.tmask
 
-    cdef void _unput(self, uint32_t pos) noexcept:
-        """Take ring position *pos* out of the hash (backward shift: no tombstones)."""
+    cdef void _unput_at(self, uint64_t i) noexcept:
+        """Empty hash slot *i* (backward shift: no tombstones)."""
         cdef uint64_t mask = self.tmask
-        cdef FEnt* r = &self.ring[pos]
-        cdef uint64_t i = _mix(r.hi, r.lo) & mask
-        cdef uint64_t j, k
-        while self.table[i] != pos + 1:
-            i = (i + 1) & mask
-        j = i
+        cdef uint64_t j = i, k
+        cdef FEnt* r
         while True:
             j = (j + 1) & mask
             if self.table[j] == 0:
@@ -1423,53 +1442,84 @@ cdef class QidFifo:
             i = j
         self.table[i] = 0
 
-    cdef inline int _key(self, object qid, uint16_t* hi, uint64_t* lo) except -1:
-        """Fill *hi*, *lo*; return 1 for an id that is not canonical (lo: its hash)."""
+    cdef void _unput(self, uint32_t pos) noexcept:
+        cdef FEnt* r = &self.ring[pos]
+        cdef uint64_t i = _mix(r.hi, r.lo) & self.tmask
+        while self.table[i] != pos + 1:
+            i = (i + 1) & self.tmask
+        self._unput_at(i)
+
+    cdef inline uint8_t _key(self, object qid, uint16_t* hi, uint64_t* lo) except 0xFF:
+        """Fill *hi*, *lo*; return _F_ODD for an id that is not canonical (lo: its hash)."""
         if type(qid) is not str:
             raise TypeError("a queue id is a str")
         if _parse(qid, hi, lo):
             return 0
         hi[0] = 0
         lo[0] = <uint64_t>hash(qid)
-        return 1
+        return _F_ODD
 
     def __len__(self):
-        return self.tail - self.head
+        return self.live
 
     def __contains__(self, qid):
         cdef uint16_t hi
         cdef uint64_t lo
         if type(qid) is not str:
             return False
-        cdef int odd = self._key(qid, &hi, &lo)
-        return self._has(qid, hi, lo, odd)
+        cdef uint8_t odd = self._key(qid, &hi, &lo)
+        return self._find(qid, hi, lo, odd) >= 0
 
     def __iter__(self):
-        cdef uint64_t s
+        cdef uint64_t q, s
         cdef FEnt* r
         out = []
-        for s in range(self.head, self.tail):
-            r = &self.ring[s & self.rmask]
-            out.append(self.odd[s & self.rmask] if r.odd else _format(r.hi, r.lo))
+        for q in range(self.head, self.tail):
+            s = q & self.rmask
+            r = &self.ring[s]
+            if not (r.bits & _F_DEAD):
+                out.append(self.odd[s] if r.bits & _F_ODD else _format(r.hi, r.lo))
         return iter(out)
 
     def add(self, qid):
         """Append *qid* unless it is already waiting; True if it was appended."""
         cdef uint16_t hi
         cdef uint64_t lo, pos
-        cdef int odd = self._key(qid, &hi, &lo)
-        if self._has(qid, hi, lo, odd):
+        cdef uint8_t odd = self._key(qid, &hi, &lo)
+        if self._find(qid, hi, lo, odd) >= 0:
             return False
         if self.tail - self.head > self.rmask:
-            self._rebuild(2 * (self.rmask + 1))
+            self._rebuild(self._fit(self.live))     # full: grow, or drop the dead ones
         pos = self.tail & self.rmask
         self.ring[pos].lo = lo
         self.ring[pos].hi = hi
-        self.ring[pos].odd = odd
+        self.ring[pos].bits = odd
         if odd:
             self.odd[pos] = qid
         self._put(<uint32_t>pos)
         self.tail += 1
+        self.live += 1
+        return True
+
+    def discard(self, qid):
+        """*qid* no longer waits (if it did); True if it was waiting."""
+        cdef uint16_t hi
+        cdef uint64_t lo
+        cdef int64_t i
+        cdef uint32_t pos
+        if type(qid) is not str:
+            return False
+        cdef uint8_t odd = self._key(qid, &hi, &lo)
+        i = self._find(qid, hi, lo, odd)
+        if i < 0:
+            return False
+        pos = self.table[i] - 1
+        self._unput_at(<uint64_t>i)
+        self.ring[pos].bits |= _F_DEAD
+        if odd:
+            del self.odd[pos]
+        self.live -= 1
+        self._maybe_shrink()
         return True
 
     def take(self, Py_ssize_t n):
@@ -1480,17 +1530,23 @@ cdef class QidFifo:
         while n > 0 and self.head < self.tail:
             pos = self.head & self.rmask
             r = &self.ring[pos]
-            self._unput(<uint32_t>pos)
-            out.append(self.odd.pop(pos) if r.odd else _format(r.hi, r.lo))
             self.head += 1
+            if r.bits & _F_DEAD:
+                continue
+            self._unput(<uint32_t>pos)
+            out.append(self.odd.pop(pos) if r.bits & _F_ODD else _format(r.hi, r.lo))
+            self.live -= 1
             n -= 1
-        cdef uint64_t cap = self.rmask + 1, left = self.tail - self.head
-        if cap > _FIFO_MIN and left * 8 <= cap:
-            cap = _FIFO_MIN
-            while cap < 2 * left:
-                cap *= 2
-            self._rebuild(cap)      # a quarter to half full
+        self._maybe_shrink()
         return out
+
+    cdef int _maybe_shrink(self) except -1:
+        cdef uint64_t cap = self.rmask + 1
+        if self.head == self.tail:
+            self.head = self.tail = 0       # (empty: every entry was taken or dead)
+        if cap > _FIFO_MIN and self.live * 8 <= cap:
+            self._rebuild(self._fit(self.live))
+        return 0
 
     def memory(self):
         """Octets held by the native arrays (allocated)."""

@@ -646,23 +646,28 @@ class QidFifo:
     """Queue ids in the order they came, each at most once (a FIFO without repeats).
 
     The messages that wait for a free slot of one recipient domain
-    (:class:`mta.spool.dispatch.Window`): in a throttled burst most of the
-    queue waits here.  The twin is a deque for the order and a set for the
-    membership; the compiled one keeps 16 octets per id plus a hash slot
-    instead of a string and two containers' entries.
+    (:class:`mta.spool.dispatch.Window`), are held back by an operator's
+    suspension or wait for an absent delivery process (the shard): in a
+    throttled burst most of the queue waits here.  The twin keeps a deque of
+    (sequence, id) and a dict of each waiting id's sequence: an entry whose
+    sequence is not its id's current one was discarded (or taken and added
+    again) and is skipped.  The compiled one keeps 16 octets per id plus a
+    hash slot instead.
     """
 
-    __slots__ = ("_order", "_members")
+    __slots__ = ("_order", "_members", "_seq")
 
     def __init__(self):
         self._order = deque()
-        self._members = set()
+        self._members = {}
+        self._seq = 0
 
     def __len__(self) -> int:
         return len(self._members)
 
     def __iter__(self):
-        return iter(list(self._order))
+        members = self._members
+        return iter([q for s, q in self._order if members.get(q) == s])
 
     def __contains__(self, qid) -> bool:
         return qid in self._members
@@ -673,18 +678,26 @@ class QidFifo:
             raise TypeError("a queue id is a str")
         if qid in self._members:
             return False
-        self._members.add(qid)
-        self._order.append(qid)
+        self._seq += 1
+        self._members[qid] = self._seq
+        self._order.append((self._seq, qid))
         return True
+
+    def discard(self, qid) -> bool:
+        """*qid* no longer waits (if it did); True if it was waiting."""
+        return self._members.pop(qid, None) is not None
 
     def take(self, n: int) -> list:
         """The *n* (or fewer) ids that waited longest, no longer waiting."""
         order, members = self._order, self._members
         out = []
         while order and len(out) < n:
-            qid = order.popleft()
-            members.discard(qid)
-            out.append(qid)
+            s, qid = order.popleft()
+            if members.get(qid) == s:
+                del members[qid]
+                out.append(qid)
+        if not members:
+            order.clear()
         return out
 
     def memory(self) -> dict:

@@ -49,7 +49,7 @@ import time
 
 import msgspec
 
-from mta import bus, feedback
+from mta import bus, feedback, native
 from mta.feedback import suppression as sup
 from mta.obs import events as ev
 from mta.obs.stats import Pusher
@@ -157,6 +157,9 @@ class Shard:
                            events=self.events_on,
                            deadline_width=max(self.policy.max_age / DEADLINE_BUCKETS, 1e-3))
         self.q = self.store.index
+        # messages waiting somewhere other than the due queue (held, parked, blocked
+        # behind a domain's cap): compact FIFOs without repeats (mta.spool.dispatch)
+        self.new_fifo = native.load("qindex").QidFifo
         self.backlog = (0, 0)                   # events backlog: (bytes, segments)
         self.backlog_level = 0                  # 0 fine, 1 warned, 2 over the bound
         self.endpoint = settings.endpoint(f"spool-{shard}")
@@ -177,7 +180,7 @@ class Shard:
         # the operator's suspensions (by domain, campaign, pool) and the messages
         # they hold back (looked at again when one ends); bulk bounces by id
         self.controls = ctl.Watcher(ctl.path_of(self.settings.state_dir), log)
-        self.held: dict[str, None] = {}
+        self.held = self.new_fifo()
         self.ops: dict[str, ctl.BounceOp] = {}
         self.op_idle_until = 0.0
         # messages with recipients delivery REQUEUED: made due at once when a site
@@ -227,8 +230,8 @@ class Shard:
                   for d in range(self.settings.deliveries)], hwm, log)
         self.poller = bus.Poller(self.server, self.links)
         self.pusher = Pusher.create(self.m.reg, ctx, self.settings, "spool", self.shard)
-        # qids due while delivery[d] was away (a dict as ordered set), per d
-        self.parked: list[dict] = [{} for _ in range(len(self.links))]
+        # qids due while delivery[d] was away, per d
+        self.parked = [self.new_fifo() for _ in range(len(self.links))]
         self.controls.refresh(time.time())
         self.recover_slice(1 << 62 if wait else self.cfg.recovery_slice)
 
@@ -686,7 +689,7 @@ class Shard:
                 campaign = info[_CAMPAIGN]
                 for domain in [d for d in groups if match(d, campaign, pool) is not None]:
                     del groups[domain]      # suspended by the operator: held back
-                    self.held[qid] = None
+                    self.held.add(qid)
                 if not groups:
                     continue
             if lane == dsp.BULK:
@@ -705,7 +708,7 @@ class Shard:
             for domain, idxs in groups.items():
                 home = domain_shard(domain, nd)
                 if not up[home]:
-                    self.parked[home][qid] = None   # sent when delivery[home] is back
+                    self.parked[home].add(qid)      # sent when delivery[home] is back
                     continue
                 d = w.target(domain, home, up)
                 req = next(self.reqs)
@@ -730,7 +733,7 @@ class Shard:
         their schedule and deadline itself when the store removes them)."""
         held, requeued = self.held, self.requeued_qids
         for qid in qids:
-            held.pop(qid, None)
+            held.discard(qid)
             requeued.pop(qid, None)
 
     def expire_waiting(self) -> None:
@@ -799,8 +802,8 @@ class Shard:
         for d, connected in links.changes():
             if connected:
                 now = time.time()
-                self._push([(now, qid) for qid in self.parked[d]])
-                self.parked[d].clear()
+                parked = self.parked[d]
+                self._push([(now, qid) for qid in parked.take(len(parked))])
                 continue
             # Take the outcomes it sent before it went away first.
             for _ in range(DRAIN_ON_DISCONNECT):
@@ -851,12 +854,12 @@ class Shard:
     def release_held(self) -> None:
         """A suspension came, went or ran out: the messages held back are due again now
         (those still suspended are held again at dispatch)."""
-        if self.held:
+        held = self.held
+        if held:
             now = time.time()
-            self._push([(now, qid) for qid in self.held])
-            log.info("suspensions changed: %d held message(s) looked at again",
-                     len(self.held))
-            self.held = {}
+            n = len(held)
+            self._push([(now, qid) for qid in held.take(n)])
+            log.info("suspensions changed: %d held message(s) looked at again", n)
 
     def start_bounce(self, msg: bus.SpoolAdminBounce) -> bus.SpoolAdminReply:
         """Begin a bulk bounce: note the matching messages now, bounce them batch by batch."""

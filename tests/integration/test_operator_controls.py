@@ -48,6 +48,11 @@ def test_suspend_a_domain_across_a_restart_then_resume_and_a_source(lab):
         return t if t["suspended_messages"] == n else None
     wait_until(lambda: suspended(3), 10, "the held.test messages held back", interval=0.3)
     assert [q for q, _, _ in sink.deliveries()] == [free]
+    # A held message deleted is no longer counted as held back (nor sent on resume).
+    gone = d.send("a@sender.test", ["gone@held.test"], message("gone"))
+    wait_until(lambda: suspended(4), 10, "a fourth message held back", interval=0.3)
+    assert cli_json(d, "queue", "delete", gone)["deleted"] == [gone]
+    wait_until(lambda: suspended(3), 10, "the deleted one no longer held", interval=0.3)
 
     # Durable: after a restart still suspended, still held, still listed.
     d.stop()

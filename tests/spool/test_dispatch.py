@@ -61,7 +61,7 @@ def make_shard(tmp_path, processes=1, **delivery) -> Shard:
     shard.store.recover()
     shard.server = Server()
     shard.links = Links(processes)
-    shard.parked = [{} for _ in range(processes)]
+    shard.parked = [shard.new_fifo() for _ in range(processes)]
     return shard
 
 

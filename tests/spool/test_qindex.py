@@ -504,7 +504,25 @@ def test_fifo_keeps_order_and_each_id_once(mod):
     assert f.take(10) == ["odd-1", Q2] and len(f) == 0
     with pytest.raises(TypeError):
         f.add(5)
-    assert 5 not in f and b"x" not in f
+    assert 5 not in f and b"x" not in f and f.discard(5) is False
+
+
+def test_fifo_discard(mod):
+    f = mod.QidFifo()
+    for q in (Q1, "odd-1", Q2, Q3):
+        f.add(q)
+    assert f.discard(Q2) is True and f.discard(Q2) is False and f.discard("never") is False
+    assert f.discard("odd-1") is True
+    assert len(f) == 2 and Q2 not in f and list(f) == [Q1, Q3]
+    assert f.add(Q2) is True                    # discarded: waits again, at the back
+    assert list(f) == [Q1, Q3, Q2]
+    assert f.take(2) == [Q1, Q3] and f.take(5) == [Q2] and len(f) == 0
+    # a FIFO whose every entry was discarded takes nothing, and fills again from empty
+    for q in (Q1, Q2):
+        f.add(q)
+        f.discard(q)
+    assert len(f) == 0 and f.take(3) == [] and list(f) == []
+    assert f.add(Q3) and f.take(1) == [Q3]
 
 
 def test_fifo_a_canonical_id_and_an_odd_one_with_the_same_hash_are_two(mod):
@@ -532,6 +550,7 @@ fifo_op_s = st.one_of(
     st.tuples(st.just("add"), qid_s),
     st.tuples(st.just("add"), qid_s),
     st.tuples(st.just("add"), qid_s),
+    st.tuples(st.just("discard"), qid_s),
     st.tuples(st.just("take"), st.integers(-1, 6)),
     st.tuples(st.just("contains"), qid_s),
     st.tuples(st.just("list")),
@@ -557,14 +576,18 @@ def test_fifo_compiled_and_pure_agree(ops):
 
 def test_fifo_long_random_run_agrees_across_growth_and_shrinking():
     """Phases of mostly adding and mostly taking, so the compiled ring and hash are
-    rebuilt up and down many times, with repeats and odd ids mixed in."""
+    rebuilt up and down many times, with repeats, discards and odd ids mixed in."""
     rng = random.Random(16)
     ids = ["%020X" % rng.getrandbits(80) for _ in range(30_000)] + [f"odd-{i}" for i in range(300)]
     a, b = PURE.QidFifo(), COMPILED.QidFifo()
     for phase in range(12):
         adding = phase % 2 == 0
         for _ in range(40_000):
-            if rng.random() < (0.8 if adding else 0.2):
+            r = rng.random()
+            if r < 0.1:
+                q = rng.choice(ids)
+                assert a.discard(q) == b.discard(q)
+            elif r < (0.8 if adding else 0.25):
                 q = rng.choice(ids)
                 assert a.add(q) == b.add(q)
             else:
@@ -572,3 +595,16 @@ def test_fifo_long_random_run_agrees_across_growth_and_shrinking():
                 assert a.take(n) == b.take(n)
         assert len(a) == len(b) and list(a) == list(b)
     assert a.take(10**9) == b.take(10**9) and len(b) == 0
+
+
+def test_compiled_fifo_discarded_entries_do_not_pile_up():
+    # Held back by a suspension, then deleted (a bulk bounce): discarded entries are
+    # dropped when the ring fills and is rebuilt, so it does not grow past the live ids.
+    f = COMPILED.QidFifo()
+    for i in range(200_000):
+        q = "%020X" % (0x18A3F2C4B1D2E0300000 + i)
+        f.add(q)
+        if i >= 10:
+            assert f.discard("%020X" % (0x18A3F2C4B1D2E0300000 + i - 10))
+    assert len(f) == 10 and f.memory()["ring"] <= 64 * 16
+    assert f.take(100) == ["%020X" % (0x18A3F2C4B1D2E0300000 + i) for i in range(199_990, 200_000)]
