@@ -163,11 +163,15 @@ def test_chaos_soak_loses_nothing(tmp_path):
 # window every time; on a real disk the window is the sync's duration.
 
 SLOW_SYNC = '''
-import os, time
+import os, threading, time
 _fdatasync = os.fdatasync
 def _slow(fd):
     with open("/proc/self/cmdline", "rb") as f:
         if f.read().startswith(b"mta: spool"):
+            marks = os.environ.get("SYNC_MARKS")
+            if marks and threading.current_thread() is threading.main_thread():
+                with open(marks, "a") as m:     # a group commit's sync begins
+                    m.write("%f\\n" % time.time())
             time.sleep(float(os.environ.get("SLOW_FDATASYNC", "0")))
     return _fdatasync(fd)
 os.fdatasync = _slow
@@ -176,7 +180,6 @@ os.fdatasync = _slow
 
 def test_kill9_during_the_outcome_sync_keeps_the_terminal_event(make_daemon, tmp_path):
     import signal
-    import time
 
     from daemon import wait_until
     from sinks import AioSink, common_port
@@ -191,11 +194,18 @@ def test_kill9_during_the_outcome_sync_keeps_the_terminal_event(make_daemon, tmp
             "hold": False, "processes": 1,
             "route": [{"domain": "*", "hosts": [f"127.0.0.1:{port}"], "starttls": "none"}]})
         d.env["PYTHONPATH"] = str(site) + os.pathsep + d.env["PYTHONPATH"]
-        d.start(env={"SLOW_FDATASYNC": "2.0"})
+        marks = tmp_path / "syncs"
+        d.start(env={"SLOW_FDATASYNC": "2.0", "SYNC_MARKS": str(marks)})
+
+        def syncs() -> int:
+            return len(marks.read_text().splitlines()) if marks.exists() else 0
+        # The 250 comes after the message's own group commit; the shard's next one is
+        # the batch with the delivery's outcome (nothing else is written meanwhile).
         qid = d.send("a@example.com", ["rcpt@example.net"], b"Subject: gap\r\n\r\nhello\r\n")
+        before = syncs()
         sink.wait_for("rcpt@example.net", timeout=30)
-        # The delivery's outcome is now in the shard's next batch, whose sync takes 2 s.
-        time.sleep(0.5)
+        wait_until(lambda: syncs() > before, 30, "the sync of the batch with the outcome")
+        # It is in that sync now, for 2 s: kill it there.
         old = d.children()["spool[0]"]
         os.kill(old, signal.SIGKILL)
         d.wait_restarted("spool[0]", old)
