@@ -12,8 +12,8 @@ domains (weight 1/rank), a few campaigns and pools, 5 % transactional:
 - ``e``: as ``c``, but every message waits behind its domain's per-domain job
   cap (a throttled burst: not in the due queue, in its domain's FIFO of
   blocked messages, mta.spool.dispatch) -- the compiled ``QidFifo``;
-- ``f``: as ``e`` with the pure twin's FIFO (a deque of queue-id strings and
-  a set: what the shard used before the compiled one).
+- ``f``: as ``e`` with the FIFO the shard used before the compiled one (a deque
+  of queue-id strings and a set, :class:`StrFifo`).
 
 (A case ``d`` measured the structures the index replaced -- ``Entry`` around a
 decoded ``MessageMeta``, ``Lanes``, ``Deadlines`` -- until the shard was ported
@@ -50,9 +50,28 @@ MAX_AGE = 5 * 86400.0
 OPS = 200_000
 CASES = {"a": ("qindex", 1_000_000, 10), "b": ("qindex", 10_000_000, 1),
          "c": ("qindex", 1_000_000, 1), "e": ("qindex+blocked", 1_000_000, 1),
-         "f": ("qindex+blocked (pure FIFO)", 1_000_000, 1)}
+         "f": ("qindex+blocked (deque+set FIFO)", 1_000_000, 1)}
 T0 = 1_760_000_000.0
 QID_BASE = int(T0 * 1e6) << 28
+
+
+class StrFifo:
+    """The blocked-message FIFO before the compiled QidFifo: a deque of qid strings and a set."""
+
+    def __init__(self):
+        from collections import deque
+        self.order, self.members = deque(), set()
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def add(self, qid: str) -> None:
+        if qid not in self.members:
+            self.members.add(qid)
+            self.order.append(qid)
+
+    def memory(self) -> dict:
+        return {}
 
 
 def rss() -> int:
@@ -72,11 +91,12 @@ def domain_table(rng: random.Random) -> list[str]:
 
 
 def fill_index(messages: int, rcpts: int, rng: random.Random, fifo: str = ""):
-    """Fill an index; with *fifo* ("compiled" or "pure"), each message waits in its
-    (first) domain's FIFO of blocked messages instead of the due queue."""
+    """Fill an index; with *fifo* ("compiled", or "strings": :class:`StrFifo`), each message
+    waits in its (first) domain's FIFO of blocked messages instead of the due queue."""
     from mta import native
     qindex = native.load("qindex", pure=False)
-    Fifo = native.load("qindex", pure=fifo == "pure").QidFifo if fifo else None
+    Fifo = (None if not fifo else StrFifo if fifo == "strings"
+            else native.load("qindex", pure=False).QidFifo)
     blocked: dict = {}
     doms = domain_table(rng)
     q = qindex.QueueIndex(MAX_AGE / 1000)
@@ -145,7 +165,7 @@ def run_case(name: str, scale: float) -> dict:
     messages = max(1000, int(messages * scale))
     rng = random.Random(15)
     result = {"case": name, "kind": kind, "messages": messages, "rcpts": rcpts}
-    fifo = {"e": "compiled", "f": "pure"}.get(name, "")
+    fifo = {"e": "compiled", "f": "strings"}.get(name, "")
     q, before, after, fill, blocked = fill_index(messages, rcpts, rng, fifo)
     result["memory"] = q.memory()
     if fifo:
