@@ -1327,7 +1327,8 @@ cdef class QidFifo:
     ~140 (measured in the 5 million burst: 319 octets per queued message in
     the shard).  Here an id is a 16-octet entry of a ring (power-of-two
     capacity) plus an open-addressing hash of ring positions (4 octets, twice
-    the ring's capacity: at most half full), so ~24-48 octets each.
+    the ring's capacity: at most half full), so ~24-48 octets each while it
+    fills (up to 8 times that as it drains, until it shrinks).
     :meth:`discard` marks an entry dead (out of the hash at once; its ring
     entry goes when taken past or at the next rebuild, which keeps only live
     ones).  The ring is rebuilt when full (to twice the live ids, at least:

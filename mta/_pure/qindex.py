@@ -685,7 +685,12 @@ class QidFifo:
 
     def discard(self, qid) -> bool:
         """*qid* no longer waits (if it did); True if it was waiting."""
-        return self._members.pop(qid, None) is not None
+        if self._members.pop(qid, None) is None:
+            return False
+        if len(self._order) > 2 * len(self._members) + 16:     # drop the discarded entries
+            members = self._members
+            self._order = deque(e for e in self._order if members.get(e[1]) == e[0])
+        return True
 
     def take(self, n: int) -> list:
         """The *n* (or fewer) ids that waited longest, no longer waiting."""
