@@ -39,6 +39,7 @@ from mta import native
 
 BULK = 0
 TRANSACTIONAL = 1
+GHOSTS_PER_PASS = 10_000   # blocked messages no longer queued, dropped per domain per release
 LANES = (TRANSACTIONAL, BULK)       # the order the shard dispatches them in
 
 
@@ -141,12 +142,19 @@ class Window:
             fifo = self.blocked[domain] = self.fifo()
         fifo.add(qid)
 
-    def released(self, everything: bool = False) -> list[str]:
+    def released(self, everything: bool = False, alive=None) -> list[str]:
         """Blocked messages that may try again: as many per domain as it has free slots.
 
         Only the domains whose jobs came back since the last call, unless
         *everything* (the shard's once-a-second pass, which also frees slots
         that a released message did not use, e.g. it had been deleted).
+        *alive(qid)*: whether the message is still queued; those that are not
+        (deleted, bounced or expired while they waited) are dropped without
+        taking a slot -- else a bulk bounce of a throttled domain's backlog
+        would leave its new mail waiting behind the ghosts, a slot's worth a
+        second -- at most GHOSTS_PER_PASS per domain and call (taken a slot's
+        worth at a time: a million ghosts cost ~100 passes of ~10 ms, not one
+        pause of the shard).
         """
         domains = list(self.blocked) if everything else self.freed
         out: list[str] = []
@@ -155,8 +163,14 @@ class Window:
             if not waiting:
                 continue
             free = self.per_domain - self.bulk_out.get(domain, 0)
-            if free > 0:
-                out += waiting.take(free)
+            skip = GHOSTS_PER_PASS
+            while free > 0 and waiting and skip > 0:
+                for qid in waiting.take(free):
+                    if alive is None or alive(qid):
+                        out.append(qid)
+                        free -= 1
+                    else:
+                        skip -= 1
             if not waiting:
                 del self.blocked[domain]
         self.freed = set()

@@ -623,7 +623,7 @@ class Shard:
         if w.freed or (everything and w.blocked):
             now = time.time()
             push = self.q.push
-            for qid in w.released(everything):
+            for qid in w.released(everything, self.q.__contains__):
                 push(qid, now)
 
     def dispatch(self) -> None:

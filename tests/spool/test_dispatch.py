@@ -394,3 +394,47 @@ def test_a_long_blocked_backlog_is_released_in_order_once_each():
     assert got == [f"q{i:06d}" for i in range(30_000)]
     assert "slow.example" not in w.blocked
     assert w.released(everything=True) == []
+
+
+def test_blocked_messages_deleted_while_they_wait_do_not_hold_up_their_domain(tmp_path):
+    # A throttled domain's backlog is bounced (here: deleted) while it waits behind the
+    # per-domain cap; the next message to that domain goes as soon as a slot is free,
+    # not after the ghosts have been released one slot at a time.
+    shard = make_shard(tmp_path, max_in_flight_per_domain=1)
+    first = queue(shard, ["r@slow.example"])
+    backlog = [queue(shard, [f"b{i}@slow.example"]) for i in range(300)]
+    shard.dispatch()
+    assert [j.qid for _, j in sent(shard)] == [first]
+    assert shard.window.blocked_count() == 300
+    shard.batch(deletes=[(b"cli", bus.SpoolMessageDelete(1, backlog))])
+    assert not any(q in shard.store.index for q in backlog)
+    new = queue(shard, ["n@slow.example"])
+    shard.dispatch()
+    assert sent(shard) == []                    # blocked: the domain's one slot is out
+    req = next(r for r, j in shard.jobs.items() if j.qid == first)
+    shard.returned(req, first)
+    shard.dispatch()
+    assert [j.qid for _, j in sent(shard)] == [new]
+    assert shard.window.blocked_count() == 0 and "slow.example" not in shard.window.blocked
+
+
+def test_released_skips_what_is_no_longer_queued_without_using_a_slot():
+    w = dsp.Window(processes=1, max_in_flight=10, per_domain=3, spread_threshold=10)
+    for i in range(10):
+        w.block("d.example", f"q{i}")
+    gone = {"q0", "q1", "q3", "q4", "q5"}
+    assert w.released(everything=True, alive=lambda q: q not in gone) == ["q2", "q6", "q7"]
+    assert list(w.blocked["d.example"]) == ["q8", "q9"]
+    assert w.released(everything=True) == ["q8", "q9"] and not w.blocked
+
+
+def test_released_drops_a_bounded_number_of_ghosts_per_pass():
+    w = dsp.Window(processes=1, max_in_flight=10, per_domain=1, spread_threshold=10)
+    n = dsp.GHOSTS_PER_PASS + 5
+    for i in range(n):
+        w.block("d.example", f"g{i}")
+    w.block("d.example", "live")
+    assert w.released(everything=True, alive=lambda q: q == "live") == []
+    assert len(w.blocked["d.example"]) == 6     # the rest next time, not in one long pause
+    assert w.released(everything=True, alive=lambda q: q == "live") == ["live"]
+    assert not w.blocked
