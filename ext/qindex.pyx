@@ -123,6 +123,12 @@ cdef inline uint64_t _mix(uint16_t hi, uint64_t lo) noexcept nogil:
     return z ^ (z >> 31)
 
 
+cdef inline bint _stays(uint64_t i, uint64_t j, uint64_t k) noexcept nogil:
+    """Backward-shift deletion in a linear-probing table: when slot *i* empties, whether the
+    entry in slot *j* (home slot *k*) stays, its home lying cyclically in (i, j]."""
+    return (i <= j and i < k and k <= j) or (i > j and (i < k or k <= j))
+
+
 cdef int _key_cmp(const void* a, const void* b) noexcept nogil:
     cdef const Key* x = <const Key*>a
     cdef const Key* y = <const Key*>b
@@ -406,8 +412,8 @@ cdef class QueueIndex:
                 break
             m = &self.msgs[self.table[j] - 1]
             k = _mix(m.hi, m.lo) & mask
-            if (i <= j and i < k and k <= j) or (i > j and (i < k or k <= j)):
-                continue            # its home lies after the hole: it stays
+            if _stays(i, j, k):
+                continue
             self.table[i] = self.table[j]
             i = j
         self.table[i] = 0
@@ -1437,8 +1443,8 @@ cdef class QidFifo:
                 break
             r = &self.ring[self.table[j] - 1]
             k = _mix(r.hi, r.lo) & mask
-            if (i <= j and i < k and k <= j) or (i > j and (i < k or k <= j)):
-                continue            # its home lies after the hole: it stays
+            if _stays(i, j, k):
+                continue
             self.table[i] = self.table[j]
             i = j
         self.table[i] = 0
