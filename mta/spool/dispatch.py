@@ -153,7 +153,7 @@ class Window:
         taking a slot -- else a bulk bounce of a throttled domain's backlog
         would leave its new mail waiting behind the ghosts, a slot's worth a
         second -- at most GHOSTS_PER_PASS per domain and call (taken a slot's
-        worth at a time: a million ghosts cost ~100 passes of ~10 ms, not one
+        worth at a time: a million ghosts cost ~100 passes of ~5 ms, not one
         pause of the shard).
         """
         domains = list(self.blocked) if everything else self.freed
