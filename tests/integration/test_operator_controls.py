@@ -149,3 +149,39 @@ def test_bulk_bounce_by_campaign_with_events_dsns_and_a_progress_bar(tmp_path):
         assert (c["ok"], c["running"], c["shards"], c["needs_restart"]) == (True, True, 2, [])
     finally:
         d.stop()
+
+
+def test_mail_blocked_behind_a_bounced_backlog_goes_when_a_slot_frees(make_daemon):
+    # A slow site at its per-domain cap (2 jobs out), a campaign's backlog blocked behind
+    # it, then bounced; a message of another campaign, blocked behind the backlog, goes
+    # as soon as the jobs out come back -- not after the bounced ones have been released
+    # a slot's worth at a time (100 of them, ~2 a second: ~50 s).
+    from sinks import AioSink, common_port
+
+    port = common_port(["127.0.0.1"])
+    sink = AioSink("127.0.0.1", port).start()
+    sink.delay = 4.0                    # each end of data waits: the two jobs stay out
+    try:
+        d = make_daemon(acceptors=1, shards=1, delivery={
+            "hold": False, "processes": 1, "max_in_flight_per_domain": 2,
+            "route": [{"domain": "*", "hosts": [f"127.0.0.1:{port}"], "starttls": "none"}]})
+        out = [d.send("a@sender.test", [f"o{i}@slow.test"], message(f"o{i}")) for i in range(2)]
+        backlog = [d.send("a@sender.test", [f"b{i}@slow.test"], campaign_message(f"b{i}", "gone"))
+                   for i in range(100)]
+        new = d.send("a@sender.test", ["n@slow.test"], message("new"))
+        shard = wait_until(lambda: (lambda s: s if s.get("blocked") == 101 else None)(
+            cli_json(d, "queue", "summary")["shards"][0]), 20, "101 messages blocked",
+            interval=0.3)
+        assert (shard["messages"], shard["in_flight"]) == (103, 2), shard
+        last = json.loads(d.cli("bounce", "--campaign", "gone", "--json")
+                          .stdout.decode().splitlines()[-1])
+        assert last["finished"] and last["done"] == 100, last
+        assert {m["queue_id"] for m in d.queue_list()}.isdisjoint(backlog)
+        bounced = time.monotonic()
+        wait_until(lambda: new in [q for q, _, _ in sink.deliveries()], 30,
+                   "the blocked message after the jobs out came back")
+        # the two jobs out take up to 8 s more (one connection), then its own 4 s
+        assert time.monotonic() - bounced < 20
+        assert sorted(q for q, _, _ in sink.deliveries()) == sorted(out + [new])
+    finally:
+        sink.stop()
