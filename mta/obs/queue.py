@@ -181,6 +181,8 @@ def merge(shards: list[dict], delivery: dict, webhooks: dict | None = None) -> d
         "in_flight": sum(x.get("in_flight", 0) for x in shards),
         "scheduled": sum(x.get("scheduled", 0) for x in shards),
         "suspended_messages": sum(x.get("suspended_messages", 0) for x in shards),
+        # waiting for a free slot of their domain (delivery.max_in_flight_per_domain)
+        "blocked": sum(x.get("blocked", 0) for x in shards),
         # a shard still reading its queue after a start: the counts are not whole yet
         "recovering": any(x.get("recovering", False) for x in shards),
         "oldest_arrival": _min(x.get("oldest_arrival") for x in shards),

@@ -78,13 +78,14 @@ def test_queue_view_merges_shards_and_delivery_status(tmp_path):
     view = q.merge([
         shard(0, 2, {"a.test": {"recipients": 3, "deferred": 1, "next_attempt": 50.0}},
               {"default": {"messages": 2, "recipients": 3}},
-              {"c1": {"messages": 2, "recipients": 3}}),
+              {"c1": {"messages": 2, "recipients": 3}}, blocked=2, suspended_messages=1),
         shard(1, 1, {"a.test": {"recipients": 1, "deferred": 0, "next_attempt": None},
                      "b.test": {"recipients": 2, "deferred": 2, "next_attempt": 40.0}},
               {"default": {"messages": 1, "recipients": 3}},
-              {"(none)": {"messages": 1, "recipients": 3}})], d)
+              {"(none)": {"messages": 1, "recipients": 3}}, blocked=1)], d)
     assert view["total"]["messages"] == 3 and view["total"]["recipients"] == 6
     assert view["total"]["oldest_arrival"] == 5.0 and view["total"]["in_flight"] == 2
+    assert (view["total"]["blocked"], view["total"]["suspended_messages"]) == (3, 1)
     assert view["by_domain"]["a.test"] == {"recipients": 4, "deferred": 1, "next_attempt": 50.0}
     assert view["by_domain"]["b.test"]["next_attempt"] == 40.0
     assert view["by_pool"] == {"default": {"messages": 3, "recipients": 6}}
