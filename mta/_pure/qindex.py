@@ -670,7 +670,7 @@ class QidFifo:
         return iter([q for s, q in self._order if members.get(q) == s])
 
     def __contains__(self, qid) -> bool:
-        return qid in self._members
+        return type(qid) is str and qid in self._members
 
     def add(self, qid: str) -> bool:
         """Append *qid* unless it is already waiting; True if it was appended."""
@@ -685,7 +685,7 @@ class QidFifo:
 
     def discard(self, qid) -> bool:
         """*qid* no longer waits (if it did); True if it was waiting."""
-        if self._members.pop(qid, None) is None:
+        if type(qid) is not str or self._members.pop(qid, None) is None:
             return False
         if len(self._order) > 2 * len(self._members) + 16:     # drop the discarded entries
             members = self._members

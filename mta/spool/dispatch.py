@@ -142,19 +142,19 @@ class Window:
             fifo = self.blocked[domain] = self.fifo()
         fifo.add(qid)
 
-    def released(self, everything: bool = False, alive=None) -> list[str]:
+    def released(self, everything: bool = False, release=None) -> list[str]:
         """Blocked messages that may try again: as many per domain as it has free slots.
 
         Only the domains whose jobs came back since the last call, unless
         *everything* (the shard's once-a-second pass, which also frees slots
         that a released message did not use, e.g. it had been deleted).
-        *alive(qid)*: whether the message is still queued; those that are not
-        (deleted, bounced or expired while they waited) are dropped without
-        taking a slot -- else a bulk bounce of a throttled domain's backlog
-        would leave its new mail waiting behind the ghosts, a slot's worth a
-        second -- at most GHOSTS_PER_PASS per domain and call (taken a slot's
-        worth at a time: a million ghosts cost ~100 passes of ~5 ms, not one
-        pause of the shard).
+        *release(qid)*: makes the message due and says whether it is still
+        queued; those that are not (deleted, bounced or expired while they
+        waited) are dropped without taking a slot -- else a bulk bounce of a
+        throttled domain's backlog would leave its new mail waiting behind the
+        ghosts, a slot's worth a second -- at most GHOSTS_PER_PASS per domain
+        and call (taken a slot's worth at a time: a million ghosts cost ~100
+        passes of ~5 ms, not one pause of the shard).
         """
         domains = list(self.blocked) if everything else self.freed
         out: list[str] = []
@@ -166,7 +166,7 @@ class Window:
             skip = GHOSTS_PER_PASS
             while free > 0 and waiting and skip > 0:
                 for qid in waiting.take(free):
-                    if alive is None or alive(qid):
+                    if release is None or release(qid):
                         out.append(qid)
                         free -= 1
                     else:

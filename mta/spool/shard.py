@@ -49,7 +49,7 @@ import time
 
 import msgspec
 
-from mta import bus, feedback, native
+from mta import bus, feedback
 from mta.feedback import suppression as sup
 from mta.obs import events as ev
 from mta.obs.stats import Pusher
@@ -157,15 +157,15 @@ class Shard:
                            events=self.events_on,
                            deadline_width=max(self.policy.max_age / DEADLINE_BUCKETS, 1e-3))
         self.q = self.store.index
-        # messages waiting somewhere other than the due queue (held, parked, blocked
-        # behind a domain's cap): compact FIFOs without repeats (mta.spool.dispatch)
-        self.new_fifo = native.load("qindex").QidFifo
         self.backlog = (0, 0)                   # events backlog: (bytes, segments)
         self.backlog_level = 0                  # 0 fine, 1 warned, 2 over the bound
         self.endpoint = settings.endpoint(f"spool-{shard}")
         self.window = dsp.Window(settings.deliveries, self.dcfg.max_in_flight,
                                  self.dcfg.max_in_flight_per_domain, self.dcfg.spread_threshold)
         self.jobs = self.window.jobs          # req -> dispatch.Job
+        # messages waiting elsewhere than the due queue (held, parked; blocked behind a
+        # domain's cap in the Window): the queue index's compact FIFOs without repeats
+        self.new_fifo = self.window.fifo
         self.reqs = itertools.count(1)
         self.requeued = 0                     # recipients REQUEUED since the last log line
         self.requeue_logged = 0.0
@@ -622,9 +622,8 @@ class Shard:
         w = self.window
         if w.freed or (everything and w.blocked):
             now = time.time()
-            push = self.q.push
-            for qid in w.released(everything, self.q.__contains__):
-                push(qid, now)
+            push = self.q.push          # False for a message no longer queued
+            w.released(everything, lambda qid: push(qid, now))
 
     def dispatch(self) -> None:
         """Send due recipients to delivery, transactional messages first."""

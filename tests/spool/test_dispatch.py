@@ -423,7 +423,7 @@ def test_released_skips_what_is_no_longer_queued_without_using_a_slot():
     for i in range(10):
         w.block("d.example", f"q{i}")
     gone = {"q0", "q1", "q3", "q4", "q5"}
-    assert w.released(everything=True, alive=lambda q: q not in gone) == ["q2", "q6", "q7"]
+    assert w.released(everything=True, release=lambda q: q not in gone) == ["q2", "q6", "q7"]
     assert list(w.blocked["d.example"]) == ["q8", "q9"]
     assert w.released(everything=True) == ["q8", "q9"] and not w.blocked
 
@@ -434,7 +434,7 @@ def test_released_drops_a_bounded_number_of_ghosts_per_pass():
     for i in range(n):
         w.block("d.example", f"g{i}")
     w.block("d.example", "live")
-    assert w.released(everything=True, alive=lambda q: q == "live") == []
+    assert w.released(everything=True, release=lambda q: q == "live") == []
     assert len(w.blocked["d.example"]) == 6     # the rest next time, not in one long pause
-    assert w.released(everything=True, alive=lambda q: q == "live") == ["live"]
+    assert w.released(everything=True, release=lambda q: q == "live") == ["live"]
     assert not w.blocked

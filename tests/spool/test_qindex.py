@@ -504,7 +504,7 @@ def test_fifo_keeps_order_and_each_id_once(mod):
     assert f.take(10) == ["odd-1", Q2] and len(f) == 0
     with pytest.raises(TypeError):
         f.add(5)
-    assert 5 not in f and b"x" not in f and f.discard(5) is False
+    assert 5 not in f and b"x" not in f and [] not in f and f.discard(5) is False
 
 
 def test_fifo_discard(mod):
