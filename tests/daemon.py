@@ -517,6 +517,15 @@ class Daemon:
             conn.close()
 
 
+    def metrics(self) -> dict:
+        """{sample name: value} of /metrics for the samples without labels."""
+        from prometheus_client.parser import text_string_to_metric_families
+        status, _, body = self.admin_get("/metrics")
+        assert status == 200, (status, body[:500])
+        return {s.name: s.value for fam in text_string_to_metric_families(body.decode())
+                for s in fam.samples if not s.labels}
+
+
 class Client:
     """A raw SMTP client for dialogues that smtplib will not produce."""
 

@@ -227,6 +227,21 @@ def test_no_expiry_by_default(keys):
     assert "x" not in tags and abs(int(tags["t"]) - time.time()) < 60
 
 
+def test_signer_counts_signatures_and_their_cpu_time(keys):
+    """The counters behind the mta_dkim_* metrics: one signature per key per message, the
+    CPU time of signing and, inside it, of the key operations; an unsigned message (no key
+    for its From domain) counts nothing."""
+    signer = _signer(keys, RSA, ED)
+    assert (signer.signatures, signer.cpu_seconds, signer.key_cpu_seconds) == (0, 0.0, 0.0)
+    for _ in range(3):
+        assert signer.sign(_corpus("plain.eml")).count(b"DKIM-Signature:") == 2
+    assert signer.signatures == 6
+    assert 0 < signer.key_cpu_seconds < signer.cpu_seconds
+    before = (signer.signatures, signer.cpu_seconds, signer.key_cpu_seconds)
+    assert signer.sign(b"From: a@elsewhere.test\r\n\r\nx\r\n") == b""
+    assert (signer.signatures, signer.cpu_seconds, signer.key_cpu_seconds) == before
+
+
 def test_signature_line_end_follows_message(keys):
     msg = _corpus("lf_line_endings.eml")
     fields = _signer(keys, RSA).sign(msg)

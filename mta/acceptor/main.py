@@ -152,7 +152,8 @@ class Acceptor:
         self.space_total = 1
         self.space_pending = 0      # octets sent to the spool and not answered yet
         self.space_unmeasured = 0   # octets the last statvfs may not have seen
-        self.stats = {"rejected_connections": 0, "accepted": 0, "temp_failed": 0}
+        self.stats = {"rejected_connections": 0, "accepted": 0, "temp_failed": 0,
+                      "dkim_failed": 0}
         self.m = AcceptorMetrics(self, cfg.admin.max_label_values)   # /metrics
         self.clients: list[bus.Client] = []
         self.servers: list = []
@@ -475,6 +476,7 @@ class Acceptor:
             try:
                 message = self.signer.sign_message(message)
             except Exception:
+                self.stats["dkim_failed"] += 1
                 log.exception("%s: DKIM signing failed; the message is queued unsigned", qid)
         body = trace(qid) + message
         envelope = bus.Envelope(qid=qid, sender=sender, rcpts=rcpts, params=params,

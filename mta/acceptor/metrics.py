@@ -36,6 +36,14 @@ class AcceptorMetrics:
             (COUNTER, "mta_smtp_connections_rejected_total", (), a.stats["rejected_connections"]),
             (GAUGE, "mta_smtp_connections_open", (), len(a.sessions)),
         ]
+        signer = a.signer
+        if signer is not None:
+            rows += [
+                (COUNTER, "mta_dkim_signatures_total", (), signer.signatures),
+                (COUNTER, "mta_dkim_signing_failures_total", (), a.stats["dkim_failed"]),
+                (COUNTER, "mta_dkim_signing_cpu_seconds_total", (), signer.cpu_seconds),
+                (COUNTER, "mta_dkim_key_cpu_seconds_total", (), signer.key_cpu_seconds),
+            ]
         if a.http is not None:
             st = a.http.stats
             rows += [

@@ -60,6 +60,16 @@ _FAMILIES = [
            "recipients of HTTP transmissions accepted"),
     Family("mta_http_recipients_rejected_total", COUNTER,
            "recipients of HTTP transmissions rejected"),
+    # --- DKIM signing (acceptors; only with [dkim] keys)
+    Family("mta_dkim_signatures_total", COUNTER, "DKIM signatures made (one per key per message)"),
+    Family("mta_dkim_signing_failures_total", COUNTER,
+           "messages whose signing failed and that were queued unsigned (see the log)"),
+    Family("mta_dkim_signing_cpu_seconds_total", COUNTER,
+           "CPU time spent signing: header and body canonicalisation, hashing and the "
+           "private-key operations"),
+    Family("mta_dkim_key_cpu_seconds_total", COUNTER,
+           "CPU time of the private-key operations alone (part of "
+           "mta_dkim_signing_cpu_seconds_total)"),
     # --- the events process
     Family("mta_events_published_total", COUNTER,
            "message events written to the event log (and the events store); replays after "
