@@ -353,7 +353,9 @@ def fixed_rate_runs(args, names: list, results: dict, workdir: Path) -> list[dic
 
 
 def fixed_report(args, fixed: list[dict]) -> str:
-    lines = ["", f"**Fixed rate** (bench/fixed_rate.py, open loop, latency from the scheduled "
+    engines = sorted({f.get("engine", "python") for f in fixed})
+    engine = f", its {' and '.join(engines)} engine"
+    lines = ["", f"**Fixed rate** (bench/fixed_rate.py{engine}, open loop, latency from the scheduled "
              f"time to the last octet; {args.fixed_rate:g} × each target's median wrk rate, "
              f"{args.duration:g} s, a fresh instance warmed up with wrk"
              f"{'; every connection primed with one unmeasured request first (--fixed-prime)' if args.fixed_prime else ''}"
