@@ -369,7 +369,7 @@ class Signer:
         self._h_cache = {}
         # What signing costs, for the operator (mta_dkim_* metrics): signatures made, the
         # CPU time of sign() as a whole and of its private-key operations alone (this
-        # thread's CPU clock: a syscall of well under a microsecond, next to a 2048-bit
+        # thread's CPU clock: a system call of about half a microsecond, next to a 2048-bit
         # RSA sign of 0.25-0.8 ms).  The key operation measured where it runs, not in a
         # tight loop, is the figure signing's overhead compares with: run once every few
         # milliseconds it costs more than ``openssl speed`` says (bench/RESULTS.md,
