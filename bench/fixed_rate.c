@@ -176,8 +176,10 @@ static void readable(struct conn *c, int releasing)
         }
         c->len += (size_t)n;
         c->buf[c->len] = 0;
-        if (c->state != BUSY)           /* octets nobody asked for */
+        if (c->state != BUSY) {         /* octets nobody asked for: dropped */
+            c->len = 0;
             continue;
+        }
         if (c->need < 0) {
             char *end = memmem(c->buf, c->len, "\r\n\r\n", 4);
             if (!end)
