@@ -55,7 +55,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadlib.targets.mta import merge, toml_dumps  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
@@ -139,17 +143,19 @@ class Mta:
 
     def config(self) -> str:
         a = self.args
-        text = (f'[server]\nstate_dir = "{self.dir / "state"}"\nlog_level = "info"\n'
-                f'hostname = "mta.bench"\n\n'
-                f'[smtp]\nlisten = ["{HOST}:{self.smtp_port}"]\nacceptors = {a.acceptors}\n\n'
-                f'[http]\nlisten = ["{HOST}:{self.port}"]\n'
-                + (f"max_connections = {a.mta_http_max_connections}\n"
-                   if a.mta_http_max_connections else "") + "\n"
-                f'[spool]\nshards = {a.shards}\n\n'
-                f'[delivery]\nhold = true\nprocesses = 1\n')
+        doc = {"server": {"state_dir": str(self.dir / "state"), "log_level": "info",
+                          "hostname": "mta.bench"},
+               "smtp": {"listen": [f"{HOST}:{self.smtp_port}"], "acceptors": a.acceptors},
+               "http": {"listen": [f"{HOST}:{self.port}"]},
+               "spool": {"shards": a.shards},
+               "delivery": {"hold": True, "processes": 1}}
+        if a.mta_http_max_connections:
+            doc["http"]["max_connections"] = a.mta_http_max_connections
+        # --mta-config-extra is merged key by key: it may set keys of the tables above
+        # ([spool] preallocate, [http] ...) as well as add tables of its own.
         for extra in a.mta_config_extra:
-            text += "\n" + extra + "\n"
-        return text
+            merge(doc, tomllib.loads(extra))
+        return toml_dumps(doc)
 
     def start(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
