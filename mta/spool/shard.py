@@ -666,7 +666,14 @@ class Shard:
         up = links.up
         nd = len(links)
         priority = PRIORITY[lane]
-        for qid in q.pop_due(lane, now, min(budget, DISPATCH_BATCH)):
+        lanes = (lane,)
+        for _ in range(DISPATCH_BATCH):
+            # One at a time: a message whose jobs do not fit goes back with its own due
+            # time, still first in line.
+            at = q.next_due(lanes)
+            if at is None or at > now:
+                break
+            qid = q.pop_due(lane, now, 1)[0]
             info = q.info(qid)
             if info is None or info[_OUT]:
                 continue  # finished, or its outcome is awaited (it reschedules then)
@@ -697,6 +704,14 @@ class Shard:
                     w.block(domain, qid)    # due again when a job of the domain returns
                 if not groups:
                     continue
+            # The window counts jobs (one per domain of a message): they are what a
+            # crash may repeat, so max_in_flight bounds them exactly.  A message whose
+            # jobs do not fit waits, due, until enough come back (unless nothing is
+            # out: a message of more domains than the window goes alone).
+            need = sum(1 for domain in groups if up[domain_shard(domain, nd)])
+            if need > budget and w.out[lane] > 0:
+                q.push(qid, at)
+                break
             try:
                 m, body = store.read_record(qid)     # the envelope and the body: one read
             except OSError as exc:
@@ -723,7 +738,7 @@ class Shard:
                 if jobs is None:
                     jobs = out[d] = []
                 jobs.append(job)
-            budget -= 1
+                budget -= 1
             if budget <= 0:
                 break
 

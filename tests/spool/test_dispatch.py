@@ -235,6 +235,48 @@ def test_each_lane_has_its_own_window(tmp_path):
     assert [j.qid for _, j in sent(shard)] == [tx[2]]
 
 
+def test_the_window_counts_jobs_not_messages(tmp_path):
+    """max_in_flight bounds the jobs out -- what a crash may deliver twice -- also when a
+    message makes one job per recipient domain: a message whose jobs do not fit waits,
+    due and first in line, until enough come back; none is lost or sent twice."""
+    shard = make_shard(tmp_path, max_in_flight=4)
+    qids = [queue(shard, [f"a{i}@one.example", f"b{i}@two.example", f"c{i}@three.example"])
+            for i in range(3)]
+    single = queue(shard, ["z@four.example"])
+    shard.dispatch()
+    # 3 jobs fit in 4; the second message's 3 do not (nor does the one behind it jump
+    # the line): 3 out, not 6 or 9.
+    assert sorted((j.qid, j.domain) for _, j in sent(shard)) == \
+        sorted((qids[0], d) for d in ("one.example", "two.example", "three.example"))
+    assert shard.window.out[dsp.BULK] == 3
+    assert shard.store.index.next_due() is not None         # the rest still due
+    done = [r for r, j in shard.jobs.items() if j.qid == qids[0]]
+    shard.returned(done[0], qids[0])                         # 2 out: room for 2 only
+    shard.dispatch()
+    assert sent(shard) == [] and shard.window.out[dsp.BULK] == 2
+    for r in done[1:]:
+        shard.returned(r, qids[0])                           # nothing out: room for 4
+    shard.dispatch()
+    assert {j.qid for _, j in sent(shard)} == {qids[1]} and shard.window.out[dsp.BULK] == 3
+    for r in [r for r, j in shard.jobs.items() if j.qid == qids[1]]:
+        shard.returned(r, qids[1])
+    shard.dispatch()
+    got = [j.qid for _, j in sent(shard)]
+    assert sorted(got) == sorted([qids[2]] * 3 + [single]) and shard.window.out[dsp.BULK] == 4
+
+
+def test_a_message_of_more_domains_than_the_window_goes_alone(tmp_path):
+    shard = make_shard(tmp_path, max_in_flight=2)
+    wide = queue(shard, [f"r@d{i}.example" for i in range(3)])
+    after = queue(shard, ["r@e.example"])
+    shard.dispatch()
+    assert [j.qid for _, j in sent(shard)] == [wide] * 3      # nothing was out: it goes
+    for r in list(shard.jobs):
+        shard.returned(r, wide)
+    shard.dispatch()
+    assert [j.qid for _, j in sent(shard)] == [after]
+
+
 def test_bulk_is_capped_per_domain_and_waits_without_spinning(tmp_path):
     shard = make_shard(tmp_path, max_in_flight_per_domain=2)
     slow = [queue(shard, [f"r{i}@slow.example"]) for i in range(5)]
