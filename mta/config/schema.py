@@ -291,7 +291,9 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "seconds to wait for the reply after the message (RFC 5321: 10 minutes)",
         ge=0.1, le=3600)] = 600.0
     max_in_flight: Annotated[int, _doc(
-        "messages a spool shard has out for delivery at once", ge=1, le=1_000_000)] = 2000
+        "delivery jobs (one message's recipients at one domain) a spool shard has out at "
+        "once, in each of its two lanes (bulk, transactional): what a crash may deliver "
+        "twice", ge=1, le=1_000_000)] = 2000
     job_timeout_margin: Annotated[float, _doc(
         "seconds beyond connect_timeout + 2 x command_timeout + data_timeout that a spool "
         "shard waits for a job's outcome before it sends the job again; a delivery process "
