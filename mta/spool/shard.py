@@ -671,9 +671,10 @@ class Shard:
             # One at a time: a message whose jobs do not fit goes back with its own due
             # time, still first in line.
             at = q.next_due(lanes)
-            if at is None or at > now:
+            taken = q.pop_due(lane, now, 1) if at is not None and at <= now else None
+            if not taken:
                 break
-            qid = q.pop_due(lane, now, 1)[0]
+            qid = taken[0]
             info = q.info(qid)
             if info is None or info[_OUT]:
                 continue  # finished, or its outcome is awaited (it reschedules then)
