@@ -109,7 +109,9 @@ def test_every_scheduled_request_is_answered_and_timed(server, engine):
     assert out["errors"] == {} and out["non_2xx"] == 0 and out["unanswered"] == 0
     assert s.requests == 200 + 4                     # and one unmeasured per connection
     assert 0 < out["p50_ms"] <= out["p99_ms"] <= out["max_ms"] < 5000
-    assert 150 <= out["achieved_per_second"] <= 210
+    # on schedule: never faster than the rate (open loop), not grossly slower (a busy CI
+    # machine may stall a few hundred ms)
+    assert 100 <= out["achieved_per_second"] <= 210
 
 
 @pytest.mark.parametrize("engine", ENGINES)
