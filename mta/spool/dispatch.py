@@ -68,6 +68,7 @@ class Window:
         self.spread = spread_threshold
         self.jobs: dict[int, Job] = {}              # req -> Job
         self.out = [0, 0]                           # jobs out per lane
+        self.wants = [0, 0]     # jobs the lane's first message waits to have room for
         self.bulk_out: dict[str, int] = {}          # domain -> bulk jobs out
         self.at: dict[str, list[int]] = {}          # domain -> jobs out per process
         self.fifo = native.load("qindex").QidFifo
@@ -80,6 +81,12 @@ class Window:
     def room(self, lane: int) -> int:
         """How many more jobs of *lane* may go out now."""
         return self.max_in_flight - self.out[lane]
+
+    def open(self, lane: int) -> bool:
+        """Room in *lane* for its first message: one job, or as many as that message was
+        found to need (at most the whole window); a lane waiting for room is not woken
+        for (its due message would spin the loop)."""
+        return self.room(lane) >= max(1, min(self.wants[lane], self.max_in_flight))
 
     def domain_full(self, domain: str, lane: int) -> bool:
         """Whether a job of *lane* to *domain* must wait (bulk only: the per-domain cap)."""

@@ -611,8 +611,8 @@ class Shard:
         """The lanes that may dispatch now (healthy, not held, room in their window)."""
         if not self.healthy or self.dcfg.hold or self.recovering:
             return []
-        room = self.window.room
-        return [lane for lane in dsp.LANES if room(lane) > 0]
+        is_open = self.window.open
+        return [lane for lane in dsp.LANES if is_open(lane)]
 
     def can_dispatch(self) -> bool:
         return bool(self.open_lanes())
@@ -659,6 +659,7 @@ class Shard:
         budget = w.room(lane)
         if budget <= 0:
             return
+        w.wants[lane] = 0
         now = time.time()
         q = self.q
         store = self.store
@@ -712,6 +713,7 @@ class Shard:
             need = sum(1 for domain in groups if up[domain_shard(domain, nd)])
             if need > budget and w.out[lane] > 0:
                 q.push(qid, at)
+                w.wants[lane] = need        # the lane opens again once they fit
                 break
             try:
                 m, body = store.read_record(qid)     # the envelope and the body: one read

@@ -249,13 +249,16 @@ def test_the_window_counts_jobs_not_messages(tmp_path):
     assert sorted((j.qid, j.domain) for _, j in sent(shard)) == \
         sorted((qids[0], d) for d in ("one.example", "two.example", "three.example"))
     assert shard.window.out[dsp.BULK] == 3
-    assert shard.store.index.next_due() is not None         # the rest still due
+    assert shard.store.index.next_due() is not None         # the rest still due...
+    assert shard.open_lanes() == [dsp.TRANSACTIONAL]         # ...but no wake-up for them
     done = [r for r, j in shard.jobs.items() if j.qid == qids[0]]
     shard.returned(done[0], qids[0])                         # 2 out: room for 2 only
+    assert shard.open_lanes() == [dsp.TRANSACTIONAL]
     shard.dispatch()
     assert sent(shard) == [] and shard.window.out[dsp.BULK] == 2
     for r in done[1:]:
         shard.returned(r, qids[0])                           # nothing out: room for 4
+    assert dsp.BULK in shard.open_lanes()
     shard.dispatch()
     assert {j.qid for _, j in sent(shard)} == {qids[1]} and shard.window.out[dsp.BULK] == 3
     for r in [r for r, j in shard.jobs.items() if j.qid == qids[1]]:
