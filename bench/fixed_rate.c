@@ -63,6 +63,17 @@ static long nlat, cap_lat;
 static long statuses[600], other_status, nerr_closed, nerr_reset, nerr_connect, nerr_other,
             nerr_badresp, answered_prime;
 
+/* realloc, or the end of the run: a benchmark client out of memory has nothing to report. */
+static void *grow(void *p, size_t size)
+{
+    p = realloc(p, size);
+    if (!p) {
+        perror("realloc");
+        exit(2);
+    }
+    return p;
+}
+
 static double now(void)
 {
     struct timespec ts;
@@ -155,11 +166,7 @@ static void readable(struct conn *c, int releasing)
     for (;;) {
         if (c->cap - c->len < 4096) {
             c->cap = c->cap * 2 + 8192;
-            c->buf = realloc(c->buf, c->cap);
-            if (!c->buf) {
-                perror("realloc");
-                exit(2);
-            }
+            c->buf = grow(c->buf, c->cap);
         }
         ssize_t n = read(c->fd, c->buf + c->len, c->cap - c->len - 1);
         if (n == 0) {
@@ -201,11 +208,7 @@ static void readable(struct conn *c, int releasing)
             if (c->measured) {
                 if (nlat == cap_lat) {
                     cap_lat = cap_lat * 2 + 1024;
-                    lat = realloc(lat, cap_lat * sizeof *lat);
-                    if (!lat) {
-                        perror("realloc");
-                        exit(2);
-                    }
+                    lat = grow(lat, cap_lat * sizeof *lat);
                 }
                 lat[nlat++] = now() - c->sched;
                 if (status >= 0 && status < 600)

@@ -709,11 +709,12 @@ class Shard:
             # The window counts jobs (one per domain of a message): they are what a
             # crash may repeat, so max_in_flight bounds them exactly.  A message whose
             # jobs do not fit waits, due, until enough come back (unless nothing is
-            # out: a message of more domains than the window goes alone).
-            need = sum(1 for domain in groups if up[domain_shard(domain, nd)])
-            if need > budget and w.out[lane] > 0:
+            # out: a message of more domains than the window goes alone).  (A domain
+            # whose delivery process is away counts too, though it is parked below:
+            # rare, and it only makes the message wait for a slot it did not need.)
+            if len(groups) > budget and w.out[lane] > 0:
                 q.push(qid, at)
-                w.wants[lane] = need        # the lane opens again once they fit
+                w.wants[lane] = len(groups)     # the lane opens again once they fit
                 break
             try:
                 m, body = store.read_record(qid)     # the envelope and the body: one read
