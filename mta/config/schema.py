@@ -147,9 +147,9 @@ class SpoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     preallocate: Annotated[bool, _doc(
         "zero-fill the next segment file ahead of use in a background thread, so that a "
         "group commit's fdatasync writes only data, not the file's size and block map "
-        "(an idle fsync about twice as fast on ext4; costs one spare segment of disk); off "
-        "by default: under sustained load the fill's writes and syncs slowed the shard's "
-        "commits, p99 2.5-7x higher at 5,000 messages/s (bench/RESULTS.md)")] = False
+        "(an idle fsync about twice as fast on ext4; costs one spare segment of disk); "
+        "under sustained load it measured a higher p99 (bench/RESULTS.md), but off by "
+        "default is not adopted yet (see the README)")] = True
 
 
 class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
