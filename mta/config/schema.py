@@ -147,9 +147,10 @@ class SpoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     preallocate: Annotated[bool, _doc(
         "zero-fill the next segment file ahead of use in a background thread, so that a "
         "group commit's fdatasync writes only data, not the file's size and block map "
-        "(an idle fsync about twice as fast on ext4; costs one spare segment of disk); "
-        "under sustained load it measured a higher p99 (bench/RESULTS.md), but off by "
-        "default is not adopted yet (see the README)")] = True
+        "(an idle fsync about twice as fast on ext4; costs one spare segment of disk); off "
+        "by default: under a sustained load the fill's own writes and syncs slowed the "
+        "shard's commits (p99 higher in 10 of 11 pairs at 5,000 messages/s, "
+        "bench/RESULTS.md)")] = False
 
 
 class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
