@@ -36,7 +36,9 @@ def git_archive(rev: str, dst: Path, *paths: str) -> None:
         sys.exit(f"load.py: git archive failed: {r.stderr.decode(errors='replace')}")
     dst.mkdir()
     with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
-        tar.extractall(dst, filter="data")
+        # The "data" filter where tarfile has it (3.11.4+; Debian 12's 3.11.2 has not):
+        # the archive is this repository's own tree either way.
+        tar.extractall(dst, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
 
 
 def snapshot_head_mta(dst: Path) -> str:
