@@ -147,10 +147,9 @@ class SpoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     preallocate: Annotated[bool, _doc(
         "zero-fill the next segment file ahead of use in a background thread, so that a "
         "group commit's fdatasync writes only data, not the file's size and block map "
-        "(an idle fsync about twice as fast on ext4; costs one spare segment of disk); off "
-        "by default: under a sustained load the fill's own writes and syncs slowed the "
-        "shard's commits (p99 higher in 10 of 11 pairs at 5,000 messages/s, "
-        "bench/RESULTS.md)")] = False
+        "(an idle fsync about twice as fast on ext4; costs one spare segment of disk). "
+        "Off, the full-speed acceptance rate was 13 % lower, but under a sustained "
+        "load at about half of it the p99 was lower (bench/RESULTS.md)")] = True
 
 
 class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
