@@ -309,11 +309,25 @@ class Daemon:
             time.sleep(0.05)
 
     def _group_alive(self) -> bool:
+        """Whether a process of the daemon's group has not exited yet.  An orphaned
+        child that has exited stays a zombie until PID 1 reaps it (seconds, in some
+        containers); it holds no file, socket or memory any more, so it counts as gone."""
         try:
             os.killpg(self.proc.pid, 0)
-            return True
         except ProcessLookupError:
             return False
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    fields = fh.read().rpartition(b")")[2].split()
+            except OSError:
+                continue        # gone meanwhile
+            # fields[0] is the state, fields[2] the process group
+            if int(fields[2]) == self.proc.pid and fields[0] not in (b"Z", b"X"):
+                return True
+        return False
 
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
