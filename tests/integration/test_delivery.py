@@ -682,17 +682,17 @@ def check_after_crash(d, inj, sinks, sender_mx, report_path, strict_events, at_k
     accepted = {(q, r) for q, rcpts in inj.accepted.values() for r in rcpts}
     missing = sorted(accepted - set(counts))
     dupes = sorted(k for k, n in counts.items() if n > 1)
+    # only jobs in flight at the kill may repeat; with one delivery process both
+    # load domains are the same, so a job there carries both of a message's recipients
+    repeated_jobs = {(q, r.rpartition("@")[2]) for q, r in dupes}
     with open(report_path, "w") as f:
         json.dump({"at_kill": at_kill, "accepted": len(accepted),
                    "received": sum(counts.values()),
                    "duplicates": dupes,
-                   "repeated_jobs": len({(q, r.rpartition("@")[2]) for q, r in dupes}),
+                   "repeated_jobs": len(repeated_jobs),
                    "unknown": sorted(set(counts) - accepted)}, f, indent=1)
     assert not missing, f"{len(missing)} accepted recipients never arrived: {missing[:10]}"
     assert max(counts.values()) <= 2, counts.most_common(3)
-    # only jobs in flight at the kill may repeat; with one delivery process both
-    # load domains are the same, so a job there carries both of a message's recipients
-    repeated_jobs = {(q, r.rpartition("@")[2]) for q, r in dupes}
     assert len(repeated_jobs) <= in_flight <= SHARDS * MAX_IN_FLIGHT, (in_flight, dupes)
     assert sender_mx.snapshot() == [], "nothing should have bounced"
     # Events are records of the spool's own group commits, published from a durable
