@@ -205,3 +205,41 @@ def test_held_lines_are_bounded_and_a_new_loop_flushes_what_a_stopped_one_left(h
         assert text.index("left behind") < text.index("next loop")
 
     asyncio.run(later())
+
+
+class _Node:
+    def __init__(self):
+        self.peer = None
+
+
+def _cycle():
+    a, b = _Node(), _Node()
+    a.peer, b.peer = b, a
+    return a
+
+
+def test_gc_settler_collects_then_freezes_and_the_full_pass_frees_what_froze():
+    import gc
+    import weakref
+    s = proc.GcSettler(full_interval=3600.0)
+    was_enabled = gc.isenabled()
+    gc.disable()            # no automatic collection between the steps below
+    try:
+        young = weakref.ref(_cycle())       # cyclic garbage made before a settle
+        assert young() is not None
+        assert s.settle() >= 2 and young() is None
+        assert gc.get_freeze_count() > 0    # the survivors are exempt from now on
+        holder = [_cycle()]                 # alive at the next settle: frozen
+        frozen = weakref.ref(holder[0])
+        s.settle()
+        del holder                          # now garbage, but frozen
+        s.settle()
+        assert frozen() is not None, "a frozen cycle is left to the full pass"
+        s.next_full = 0.0                   # the full pass is due
+        s.settle()
+        assert frozen() is None and s.collected_full >= 2
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()

@@ -681,6 +681,7 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],
         acc.connect_spool(ctx)
         if pusher is not None:
             pusher.run_on(loop)
+        proc.GcSettler().run_on(loop)     # short collector pauses with many connections
         await acc.spool_connected(settings.config.server.ready_timeout)
         await acc.serve(socks, http_socks)
         proc.report_ready(ready_fd)
