@@ -190,13 +190,17 @@ class GcSettler:
     p99 at a fixed rate was 122 ms (bench/RESULTS.md, "The acceptor's collector
     with 10,000 connections").  So, once a second (:meth:`settle`): collect what
     the last second left (only objects not frozen yet are walked), then freeze
-    the survivors, so later collections skip them.  Frozen objects are still
-    freed by reference counting when their connection ends; only a reference
-    cycle among them that becomes garbage after it was frozen would stay, so
-    every *full_interval* seconds (:meth:`full`) everything is unfrozen and
-    collected once (one full-length pause every few minutes instead of every
-    few seconds).  Measured on connection churn, that garbage is well under one
-    object per closed connection.
+    the survivors, so later collections skip them; and the survivors of every
+    full collection the interpreter makes by itself are frozen at once
+    (:meth:`install`), so that when thousands of connections arrive together
+    each full collection walks only what came since the one before, not all of
+    them again.  Frozen objects are still freed by reference counting when their
+    connection ends; only a reference cycle among them that becomes garbage
+    after it was frozen would stay, so every *full_interval* seconds (in
+    :meth:`settle`) everything is unfrozen and collected once (one full-length
+    pause every few minutes instead of every few seconds).  Measured on
+    connection churn, that garbage is well under one object per closed
+    connection.
     """
 
     def __init__(self, settle_interval: float = GC_SETTLE_INTERVAL,
@@ -221,8 +225,29 @@ class GcSettler:
         gc.freeze()
         return n
 
+    @staticmethod
+    def _after_collection(phase: str, info: dict) -> None:
+        # (Called once the collection is over: freezing only moves list heads.)
+        if phase == "stop" and info["generation"] == 2:
+            import gc
+            gc.freeze()
+
+    def install(self) -> None:
+        """Freeze the survivors of every full collection as soon as it ends."""
+        import gc
+        if self._after_collection not in gc.callbacks:
+            gc.callbacks.append(self._after_collection)
+
+    def uninstall(self) -> None:
+        import gc
+        while self._after_collection in gc.callbacks:
+            gc.callbacks.remove(self._after_collection)
+
     def run_on(self, loop) -> None:
-        """Settle every settle_interval seconds on the asyncio *loop*."""
+        """Freeze after full collections, and settle every settle_interval seconds, on
+        the asyncio *loop*."""
+        self.install()
+
         def turn():
             self.settle()
             loop.call_later(self.settle_interval, turn)

@@ -243,3 +243,23 @@ def test_gc_settler_collects_then_freezes_and_the_full_pass_frees_what_froze():
         gc.unfreeze()
         if was_enabled:
             gc.enable()
+
+
+def test_gc_settler_freezes_the_survivors_of_a_full_collection_at_once():
+    import gc
+    s = proc.GcSettler()
+    gc.unfreeze()
+    before = gc.get_freeze_count()
+    s.install()
+    s.install()                             # once only
+    try:
+        assert gc.callbacks.count(s._after_collection) == 1
+        kept = [_Node() for _ in range(100)]
+        gc.collect(1)                       # a young collection freezes nothing
+        assert gc.get_freeze_count() == before
+        gc.collect()                        # a full one: its survivors are frozen
+        assert gc.get_freeze_count() >= before + len(kept)
+    finally:
+        s.uninstall()
+        gc.unfreeze()
+    assert s._after_collection not in gc.callbacks
