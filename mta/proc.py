@@ -8,6 +8,7 @@ role has finished starting (sockets bound, spool recovered).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -176,7 +177,7 @@ def keep_heap(trim_threshold: int = 64 << 20, top_pad: int = 16 << 20,
                 mallopt(_M_TOP_PAD, top_pad)])
 
 
-GC_SETTLE_INTERVAL = 1.0     # seconds between settling collections (keep_gc_short)
+GC_SETTLE_INTERVAL = 1.0     # seconds between settling collections (GcSettler)
 GC_FULL_INTERVAL = 300.0     # seconds between full collections of everything, frozen too
 
 
@@ -204,16 +205,18 @@ class GcSettler:
     """
 
     def __init__(self, settle_interval: float = GC_SETTLE_INTERVAL,
-                 full_interval: float = GC_FULL_INTERVAL):
+                 full_interval: float | None = GC_FULL_INTERVAL):
+        """*full_interval* None: never unfreeze (a process whose long-lived objects
+        form no reference cycles: the spool shard's)."""
         self.settle_interval = settle_interval
         self.full_interval = full_interval
-        self.next_full = time.monotonic() + full_interval
+        self.next_full = (time.monotonic() + full_interval if full_interval is not None
+                          else float("inf"))
         self.collected_full = 0          # garbage the full collections found (a leak check)
 
     def settle(self) -> int:
         """One turn: a full collection and a re-freeze when one is due, else a collection
         of the unfrozen objects and a freeze of what survived.  Returns what was collected."""
-        import gc
         now = time.monotonic()
         if now >= self.next_full:
             self.next_full = now + self.full_interval
@@ -229,17 +232,14 @@ class GcSettler:
     def _after_collection(phase: str, info: dict) -> None:
         # (Called once the collection is over: freezing only moves list heads.)
         if phase == "stop" and info["generation"] == 2:
-            import gc
             gc.freeze()
 
     def install(self) -> None:
         """Freeze the survivors of every full collection as soon as it ends."""
-        import gc
         if self._after_collection not in gc.callbacks:
             gc.callbacks.append(self._after_collection)
 
     def uninstall(self) -> None:
-        import gc
         while self._after_collection in gc.callbacks:
             gc.callbacks.remove(self._after_collection)
 

@@ -1,8 +1,10 @@
 """What every role sets up in mta/proc.py: the diagnostic log line (what the stock
-logging.Formatter writes), lines of a loop turn written together, and keep_heap."""
+logging.Formatter writes), lines of a loop turn written together, keep_heap and GcSettler."""
+import gc
 import logging
 import os
 import random
+import weakref
 
 import pytest
 
@@ -219,8 +221,6 @@ def _cycle():
 
 
 def test_gc_settler_collects_then_freezes_and_the_full_pass_frees_what_froze():
-    import gc
-    import weakref
     s = proc.GcSettler(full_interval=3600.0)
     was_enabled = gc.isenabled()
     gc.disable()            # no automatic collection between the steps below
@@ -246,7 +246,6 @@ def test_gc_settler_collects_then_freezes_and_the_full_pass_frees_what_froze():
 
 
 def test_gc_settler_freezes_the_survivors_of_a_full_collection_at_once():
-    import gc
     s = proc.GcSettler()
     gc.unfreeze()
     before = gc.get_freeze_count()
@@ -263,3 +262,23 @@ def test_gc_settler_freezes_the_survivors_of_a_full_collection_at_once():
         s.uninstall()
         gc.unfreeze()
     assert s._after_collection not in gc.callbacks
+
+
+def test_gc_settler_without_a_full_pass_never_unfreezes():
+    """The spool shard's settler (full_interval None): what froze alive stays frozen."""
+    s = proc.GcSettler(full_interval=None)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        holder = [_cycle()]
+        frozen = weakref.ref(holder[0])
+        s.settle()
+        del holder
+        for _ in range(3):
+            s.settle()
+        assert frozen() is not None and s.collected_full == 0
+    finally:
+        gc.unfreeze()
+        gc.collect()
+        if was_enabled:
+            gc.enable()

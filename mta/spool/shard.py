@@ -49,7 +49,7 @@ import time
 
 import msgspec
 
-from mta import bus, feedback
+from mta import bus, feedback, proc
 from mta.feedback import suppression as sup
 from mta.obs import events as ev
 from mta.obs.stats import Pusher
@@ -105,23 +105,6 @@ def _selector_text(sel: ctl.Selector) -> str:
     if sel.pool:
         parts.append(f"pool {sel.pool}")
     return ", ".join(parts) or "everything"
-
-
-def _settle_gc() -> None:
-    """Collect cyclic garbage, then exempt everything that survived from later collections.
-
-    The shard keeps many long-lived objects (its queue used to be several per
-    message; the queue index holds none, but jobs, plans and the interning
-    tables remain).  Left in the collector's oldest
-    generation, every full collection walks all of them, and a growing queue
-    triggers one per 25 % of growth: the collector was ~5 % of the shard's
-    CPU under load, the more the longer the queue.  Frozen objects are still
-    freed by reference counting when their message is finished; the queue's
-    objects form no reference cycles, so freezing them loses nothing.  Run
-    once a second, each collection here walks only that second's survivors.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 def _suppressed_state(n: int, idxs) -> list[int] | None:
@@ -188,6 +171,14 @@ class Shard:
         self.requeued_qids: dict[str, None] = {}
         self.recovering = False               # reading the segment files (open())
         self.gc_was_enabled = True
+        # Once a second (housekeeping): collect cyclic garbage, then exempt what survived
+        # from later collections.  The shard keeps many long-lived objects (its queue used
+        # to be several per message; the queue index holds none, but jobs, plans and the
+        # interning tables remain); left in the oldest generation, every full collection
+        # walked all of them, one per 25 % of queue growth: ~5 % of the shard's CPU under
+        # load.  They form no reference cycles (frozen, they are still freed by reference
+        # counting), so nothing is ever unfrozen here.
+        self.gc = proc.GcSettler(full_interval=None)
         self.recovered_up_to = 0              # the last segment found at start
         self.deferred: list[tuple[bytes, bus.Message]] = []   # requests that wait for it
         self.finished_at_start: list[str] = []
@@ -328,7 +319,7 @@ class Shard:
                 self.release_held()
             self.release_blocked(everything=True)
             self.log_requeued()
-            _settle_gc()
+            self.gc.settle()
 
     # ------------------------------------------------------------ group commit
 

@@ -158,9 +158,9 @@ def check_spool(dump: list[dict], listed: list[dict], loads: list[LoadClient],
 # ------------------------------------------------------------------ scenarios
 
 def test_kill9_whole_tree_mid_load_loses_nothing_acknowledged(make_daemon):
-    # With preallocated (zero-filled) segments, not the default: the torn tails below are
-    # then followed by zeros, and the rollovers take spare segments (the default's plain
-    # appends are what the other kill -9 tests here and test_powerloss run).
+    # With preallocated (zero-filled) segments, the default: the torn tails below are
+    # then followed by zeros, and the rollovers take spare segments (crash_daemon's plain
+    # appends, preallocate = false, are what the other kill -9 tests here run).
     d = crash_daemon(make_daemon, preallocate=True)
     load = LoadClient(HOST, d.port, connections=8, max_messages=30_000, time_limit=30).start()
     ss = start_smtp_source(d)
