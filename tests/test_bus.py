@@ -381,3 +381,31 @@ def test_jobs_go_in_bounded_batches_in_order_and_a_full_queue_refuses_the_rest(t
         links.close()
         server.close()
         bus.close_context(ctx)
+
+
+def test_a_send_that_fails_still_schedules_a_drain(tmp_path):
+    """A send that fails went through libzmq's command processing like any other and may
+    have consumed the edge of a message that arrived meanwhile: the loop must look at the
+    socket again after it too (a delivery process that dropped an outcome for a gone shard
+    then missed the next job until something else woke it)."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    ctx = bus.new_context()
+    server = bus.AsyncServer(ctx, loop, f"ipc://{tmp_path}/delivery-0", 2, bus.DELIVERY_JOBS,
+                             lambda peer, msg: None, logging.getLogger("test"), "job")
+    client = bus.Client(ctx, loop, f"ipc://{tmp_path}/nobody", 2, bus.SPOOL_REPLIES,
+                        lambda msg: None, logging.getLogger("test"))
+    try:
+        loop.run_until_complete(asyncio.sleep(0.01))     # the drains of start-up are done
+        assert not server._drain_scheduled and not client._drain_scheduled
+        with pytest.raises(bus.PeerGone):
+            server.send(b"\0no-such-peer", _outcome(0))
+        assert server._drain_scheduled
+        assert client.send(_outcome(0)) is False          # no peer: ZMQ_IMMEDIATE refuses
+        assert client._drain_scheduled
+    finally:
+        server.close()
+        client.close()
+        ctx.term()
+        loop.close()

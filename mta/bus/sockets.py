@@ -262,8 +262,8 @@ class _LoopSocket:
 
     ZeroMQ's file descriptor is edge-triggered and also signals on sends: a
     send can consume the edge of messages that arrived meanwhile, after which
-    the reader would never fire again.  So every send, and every resume,
-    schedules one more drain of the socket on the loop.
+    the reader would never fire again.  So every send (sent or not), and every
+    resume, schedules one more drain of the socket on the loop.
     """
 
     def __init__(self, sock, loop):
@@ -304,7 +304,11 @@ class _LoopSocket:
             self._send_frame(encode(msg), _NOBLOCK)
         except zmq.Again:
             return False
-        self._schedule()
+        finally:
+            # Also after a send that failed (a full queue, or a peer that is gone):
+            # libzmq handled the socket's pending commands all the same, and may have
+            # consumed the edge of a message that arrived meanwhile.
+            self._schedule()
         return True
 
     def _drain(self) -> None:
