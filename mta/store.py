@@ -34,18 +34,22 @@ Writes: the shard loop collects every request that arrived while the previous
 fsync ran and hands them to :meth:`Store.write` as one batch: one ``pwritev``
 and one ``fdatasync`` per batch (group commit).  Only after :meth:`Store.sync`
 returns may the shard acknowledge the batch.  Segment files are preallocated
-(zero-filled and synced ahead of use, :class:`Spare`), so that fdatasync has
-only data to write; the zero-filled end of a segment is where its data ends.
+(:class:`Spare`: a finished segment's file reused, else one zero-filled and
+synced ahead of use), so that fdatasync has only data to write.  Records are
+written with their segment's number in the checksum (record version 2), so the
+end of a segment's data is where its records stop: at zeros, or at a record
+of an older segment that used the file before (STALE).
 
 Recovery (:meth:`Store.recover`) reads the segments in order.  A record whose
 checksum fails or whose tail is missing (a torn write at a crash) is skipped;
-the reader resynchronises on the next magic number, so one bad record never
-hides the good ones after it.  A message seen twice (a copy made by
-compaction) keeps its newest location; a DONE record removes it.
+the reader resynchronises on the next record that decodes, so one bad record
+never hides the good ones after it (and if that next one is an older
+segment's, this segment's data ended at the bad record).  A message seen twice
+(a copy made by compaction) keeps its newest location; a DONE record removes it.
 
 Reclamation works from the oldest segment forward so that a DONE record is
 never deleted while the message it finishes still exists on disk: the oldest
-segment is unlinked when nothing in it is queued; when few of its messages are
+segment is unlinked (or its file becomes the spare) when nothing in it is queued; when few of its messages are
 still queued they are copied forward into the current segment first (and
 synced) — a log-structured compaction.  New segment files are made durable
 with a directory fsync before anything in them is acknowledged, and so is a
@@ -236,7 +240,8 @@ class Located(msgspec.Struct, array_like=True):
 
 
 class Segment:
-    __slots__ = ("number", "path", "fd", "size", "live", "total", "failed", "prezeroed")
+    __slots__ = ("number", "path", "fd", "size", "live", "total", "failed", "prezeroed",
+                 "reusable")
 
     def __init__(self, number: int, path: str, fd: int | None, size: int):
         self.number = number
@@ -246,22 +251,41 @@ class Segment:
         self.live = 0      # queued messages whose current copy is here
         self.total = 0     # message records written here
         self.failed = False
-        self.prezeroed = False
+        self.prezeroed = False   # written into an allocated file (zero-filled or reused)
+        # Its file may become the spare when it is finished: its records are of version 2
+        # (written by this version of the code), so none of them can be read as a later
+        # segment's.
+        self.reusable = False
 
 
 class Spare:
-    """The next segment file, zero-filled and synced ahead of use by a background thread.
+    """The next segment file, allocated and written ahead of use.
 
     Why: the fdatasync of an append must also write the file's new size and
     block map; overwriting blocks that already exist writes only the data.  On
     the project's ext4 that is 124 µs instead of 231 µs per group commit, and
     about half the kernel CPU (bench/RESULTS.md), and the shard's clients wait
-    for that fsync on every message.  The file is filled under a name that
-    recovery does not read, renamed ``spare.ready`` once synced, and linked into
-    place as a segment when the shard needs one.  Only speed depends on it: if
-    no spare is ready (still being filled, disk too full, an I/O error), the
-    shard starts an empty segment as before and switches to the spare as soon
-    as one is ready.  The thread only touches its own file.
+    for that fsync on every message.
+
+    Two sources, both made ready under the name ``spare.ready`` and linked
+    into place as a segment when the shard needs one:
+
+    - a finished segment's own file (:meth:`offer`, from :meth:`Store.unlink`):
+      its blocks are allocated and written already, so reusing it costs a
+      rename instead of writing the whole segment size again.  Its old records
+      stay in it; the records of version 2 carry their segment's number, and
+      readers take an older segment's record as the end of the new one's
+      (the record codec's STALE);
+    - a file zero-filled and synced by a background thread under a name that
+      recovery does not read, renamed once synced: at start, and when the
+      current segment is half written and no finished one was offered
+      (:meth:`want`).  So a node that delivers what it accepts, whose old
+      segments finish, writes no zeros beside its load.
+
+    Only speed depends on it: if no spare is ready (still being filled, disk
+    too full, an I/O error), the shard starts an empty segment as before and
+    switches to the spare as soon as one is ready.  The thread only touches
+    its own file.
     """
 
     def __init__(self, directory: str, size: int, reserve: int = 0):
@@ -271,6 +295,8 @@ class Spare:
         self.ready_path = os.path.join(directory, SPARE_READY)
         self.tmp_path = os.path.join(directory, SPARE_TMP)
         self.ready = False
+        self.recycled = 0               # finished segment files reused (for /metrics, tests)
+        self.filled = 0                 # files zero-filled
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
@@ -280,8 +306,9 @@ class Spare:
         except FileNotFoundError:
             pass
         try:
-            # A ready spare of an earlier run was synced before it was renamed.
-            self.ready = os.path.getsize(self.ready_path) == size
+            # A ready spare of an earlier run was synced before it was renamed (or is a
+            # finished segment's file, which may be longer than the segment size).
+            self.ready = os.path.getsize(self.ready_path) >= size
             if not self.ready:
                 os.unlink(self.ready_path)
         except FileNotFoundError:
@@ -306,8 +333,23 @@ class Spare:
             except OSError:
                 pass
             return False
-        finally:
-            self._wake.set()            # fill the next one
+        return True
+
+    def want(self) -> None:
+        """The current segment is filling up: have a spare ready by the time it is full."""
+        if not self.ready:
+            self._wake.set()
+
+    def offer(self, path: str) -> bool:
+        """Make the finished segment file *path* (at least ``size`` octets, its records of
+        version 2) the spare; False if one is ready already.  The caller syncs the
+        directory, as after an unlink (until then a crash may leave it a segment)."""
+        with self._lock:
+            if self.ready:
+                return False
+            os.rename(path, self.ready_path)
+            self.ready = True       # (a fill under way stops and removes its file)
+            self.recycled += 1
         return True
 
     def close(self) -> None:
@@ -337,35 +379,45 @@ class Spare:
                 except OSError:
                     pass
             if made:
-                with self._lock:
-                    self.ready = True
                 self._complained = False
-            else:
-                # Try again later; a take() also wakes us.
+            elif not self.ready:
+                # Try again later; a want() also wakes us.
                 timer = threading.Timer(SPARE_RETRY, self._wake.set)
                 timer.daemon = True
                 timer.start()
 
     def _fill(self) -> bool:
+        """Zero-fill and sync the spare; False if the disk is too full or we stopped.
+        A finished segment offered meanwhile makes it stop (its file is removed)."""
         st = os.statvfs(self.dir)
         if st.f_bavail * st.f_frsize < self.size + self.reserve:
             return False   # not worth crowding out messages for speed
         zero = bytes(ZERO_CHUNK)
+        offered = self.recycled
         fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             off = 0
             while off < self.size:
                 if self._stop:
                     return False
+                if self.recycled != offered:
+                    break      # a finished segment was offered: this one is not needed
                 n = os.pwrite(fd, zero[:min(ZERO_CHUNK, self.size - off)], off)
                 off += n
                 # Synced in steps, so the shard's own fsyncs never queue behind
                 # a whole segment of dirty pages.
                 os.fdatasync(fd)
-            os.fsync(fd)
+            else:
+                os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(self.tmp_path, self.ready_path)
+        with self._lock:
+            if self.ready or self.recycled != offered:
+                os.unlink(self.tmp_path)
+                return True
+            os.rename(self.tmp_path, self.ready_path)
+            self.ready = True
+            self.filled += 1
         return True
 
 
@@ -419,6 +471,41 @@ def _find_from(buf, needle: bytes, off: int, end: int) -> int:
             break
         off += step
     return -1
+
+
+def _own_header(codec, buf, off: int, end: int, segment: int) -> bool:
+    """Whether the octets at *off* begin a record header written for *segment*, whole or
+    cut short (by *end*, or by zeros where a write into a preallocated file stopped):
+    then a record there that does not decode is a torn or damaged record of this
+    segment, not what a reused file still holds beyond the segment's last record.
+    (Only the log and the counts depend on it: either way nothing there is read.)"""
+    head = bytes(buf[off:min(off + 8, end)])
+    own = codec.MAGIC + bytes((0, 0)) + (segment & 0xFFFF).to_bytes(2, "little")
+    for i, octet in enumerate(head):
+        if i == 4:
+            continue                    # any record type
+        if i == 5:
+            good = octet == codec.VERSION_SEGMENT or (
+                octet == codec.VERSION and not any(head[6:]))
+        else:
+            good = octet == own[i] or (i >= 6 and head[5] == codec.VERSION)
+        if not good:
+            return not any(head[i:])    # cut short there: the rest is still zeros
+    return True
+
+
+def _next_record(codec, buf, off: int, end: int, segment: int) -> tuple[int, int]:
+    """After a record at *off* that does not decode: (offset, status) of the next record
+    that does, OK (this segment's) or STALE (an older one's, in a reused file);
+    (-1, CORRUPT) if none does before *end*."""
+    decode = codec.decode
+    while True:
+        off = _find_from(buf, codec.MAGIC, off + 1, end)
+        if off < 0:
+            return -1, codec.CORRUPT
+        status = decode(buf, off, segment=segment)[0]
+        if status == codec.OK or status == codec.STALE:
+            return off, status
 
 
 class Watermark:
@@ -508,24 +595,27 @@ def segment_path(directory: str, number: int) -> str:
 
 
 def read_events(codec, buf, off: int, end: int, last: bool, on_events, on_skip=None,
-                limit: int = 0) -> int:
+                limit: int = 0, segment: int | None = None) -> int:
     """Walk the records of one segment's bytes *buf* from *off*; return where to go on.
 
     *end*: read no record that ends after it (the watermark in the newest
-    segment, else the file's length).  Each REC_EVENTS record is passed to
-    ``on_events(offset, meta)``.  A record that does not decode: in the
-    segment being written (*last*) it may still be on its way (or be the
+    segment, else the file's length).  *segment*: the segment's number (its
+    version-2 records are checked against it).  Each REC_EVENTS record is
+    passed to ``on_events(offset, meta)``.  A record that does not decode: in
+    the segment being written (*last*) it may still be on its way (or be the
     zero-filled rest), so the walk stops there and is tried again later; in
-    an older segment it is skipped up to the next magic number like recovery
-    does (``on_skip(offset, n)``), and the zero-filled end ends the segment
-    (the returned offset is then *end*).  *limit* > 0: stop after that many
-    REC_EVENTS records.
+    an older segment the segment's own records end there if the rest is zero
+    (a preallocated file) or the next record that decodes belongs to an older
+    segment (a reused file: STALE), and the returned offset is then *end*;
+    else it is skipped up to the next record that decodes like recovery does
+    (``on_skip(offset, n)``).  *limit* > 0: stop after that many REC_EVENTS
+    records.
     """
-    OK = codec.OK
+    OK, STALE = codec.OK, codec.STALE
     decode = codec.decode
     taken = 0
     while off < end:
-        status, rtype, meta, boff, blen, nxt = decode(buf, off)
+        status, rtype, meta, boff, blen, nxt = decode(buf, off, segment=segment)
         if status == OK and nxt <= end:
             if rtype == REC_EVENTS:
                 on_events(off, meta)
@@ -536,10 +626,13 @@ def read_events(codec, buf, off: int, end: int, last: bool, on_events, on_skip=N
             continue
         if last:
             return off
-        if _zero_from(buf, off, end):
+        if status == STALE or _zero_from(buf, off, end):
             return end
-        again = _find_from(buf, codec.MAGIC, off + 1, end)   # buf is often an mmap
-        nxt = again if again >= 0 else end
+        nxt, status = _next_record(codec, buf, off, end, segment)
+        if status == STALE or (nxt < 0 and not _own_header(codec, buf, off, end, segment)):
+            return end
+        if nxt < 0:
+            nxt = end
         if on_skip is not None:
             on_skip(off, nxt - off)
         off = nxt
@@ -653,15 +746,19 @@ class Store:
         if seg.size == 0:
             return
         codec = self.codec
-        OK, INCOMPLETE = codec.OK, codec.INCOMPLETE
-        magic = codec.MAGIC
+        OK, INCOMPLETE, STALE = codec.OK, codec.INCOMPLETE, codec.STALE
+        number = seg.number
         n = 0
         with open(seg.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             off = 0
             end = len(mm)
+            # Written by a version that numbers its records (all of a file's records are
+            # of one version): its file may be reused once the segment is finished.
+            seg.reusable = end >= 6 and mm[:4] == codec.MAGIC and \
+                mm[5] == codec.VERSION_SEGMENT
             released = 0
             while off < end:
-                status, rtype, meta, boff, blen, nxt = codec.decode(mm, off)
+                status, rtype, meta, boff, blen, nxt = codec.decode(mm, off, segment=number)
                 if status == OK:
                     stats["records"] += 1
                     self._apply(seg, rtype, meta, boff, blen)
@@ -673,10 +770,14 @@ class Store:
                         n = 0
                         yield
                     continue
-                if _zero_from(mm, off, end):
-                    break  # the unused, zero-filled end of a preallocated segment
-                # Torn tail or damaged record: skip to the next magic number.
-                again = _find_from(mm, magic, off + 1, end)
+                if status == STALE or _zero_from(mm, off, end):
+                    # the unused end of a preallocated segment: zeros, or in a reused
+                    # file the records of the segment it was before
+                    break
+                # Torn tail or damaged record: skip to the next record that decodes.
+                again, found = _next_record(codec, mm, off, end, number)
+                if found == STALE or (again < 0 and not _own_header(codec, mm, off, end, number)):
+                    break  # (a reused file's old contents after this segment's last record)
                 skipped = (again if again >= 0 else end) - off
                 stats["skipped_bytes"] += skipped
                 if again < 0:
@@ -721,12 +822,15 @@ class Store:
         # Written with pwritev at the segment's own write position, not
         # O_APPEND: in a preallocated file the end of the data is not the end
         # of the file.
+        if prezeroed and not self._fit_for(path, number):
+            prezeroed = False
         flags = os.O_WRONLY | os.O_CLOEXEC
         if not prezeroed:
             flags |= os.O_CREAT | os.O_EXCL
         fd = os.open(path, flags, 0o600)
         seg = Segment(number, path, fd, 0)
         seg.prezeroed = prezeroed
+        seg.reusable = True
         self.segments[number] = seg
         if self.fsync:
             # The new directory entry must be durable before its records are acknowledged.
@@ -738,6 +842,28 @@ class Store:
                 self._drop(seg)
                 raise
         return seg
+
+    def _fit_for(self, path: str, number: int) -> bool:
+        """Whether the spare just linked at *path* may become segment *number*: zero-filled,
+        or a finished segment's file whose first record is of an older segment (STALE).
+        (Numbers only grow, since the newest segment is never reclaimed; this makes sure
+        that no record left in the file is ever read as one of the new segment's.)
+        If not, the file is removed."""
+        try:
+            with open(path, "rb") as fh, \
+                    mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                head = mm[:self.codec.HEADER_SIZE]
+                if not any(head) or \
+                        self.codec.decode(mm, 0, segment=number)[0] == self.codec.STALE:
+                    return True
+        except (OSError, ValueError):
+            pass
+        log.warning("the spare segment file is not fit to be segment %d; removed", number)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return False
 
     def _sync_dir(self) -> None:
         sync_dir(self.dir)
@@ -770,30 +896,31 @@ class Store:
         messages lie, which become visible in the index only after :meth:`commit`.
         """
         seg = self._writable()
+        number = seg.number
         codec = self.codec
         bufs = []
         pos = seg.size
         new = []
         if events:
-            hdr = codec.encode_header(REC_EVENTS, events, b"")
+            hdr = codec.encode_header(REC_EVENTS, events, b"", number)
             bufs += (hdr, events)
             pos += len(hdr) + len(events)
         for meta, body in messages:
             mb = _enc.encode(meta)
-            hdr = codec.encode_header(REC_MESSAGE, mb, body)
+            hdr = codec.encode_header(REC_MESSAGE, mb, body, number)
             moff = pos + len(hdr)
             bufs += (hdr, mb, body)
             pos = moff + len(mb) + len(body)
-            new.append(Located(meta, seg.number, moff, len(mb), len(body)))
+            new.append(Located(meta, number, moff, len(mb), len(body)))
         if updates:
             for qid, ups in updates.items():
                 mb = _enc.encode(RcptMeta(qid, ups))
-                hdr = codec.encode_header(REC_RCPT, mb, b"")
+                hdr = codec.encode_header(REC_RCPT, mb, b"", number)
                 bufs += (hdr, mb)
                 pos += len(hdr) + len(mb)
         if done:
             mb = _enc.encode(DoneMeta(done))
-            hdr = codec.encode_header(REC_DONE, mb, b"")
+            hdr = codec.encode_header(REC_DONE, mb, b"", number)
             bufs += (hdr, mb)
             pos += len(hdr) + len(mb)
         self._append(seg, bufs, pos)
@@ -819,6 +946,10 @@ class Store:
             raise
         self.written += end - seg.size
         seg.size = end
+        spare = self.spare
+        if spare is not None and not spare.ready and (
+                not seg.prezeroed or end >= self.segment_size // 2):
+            spare.want()   # (unless a finished segment's file is offered before)
 
     def _write_failed(self, seg: Segment) -> None:
         """A write into *seg* failed: no more writes there; cut off what it left."""
@@ -860,7 +991,7 @@ class Store:
         """
         seg = self._writable()
         mb = _enc.encode(DoneMeta([]))
-        hdr = self.codec.encode_header(REC_DONE, mb, b"")
+        hdr = self.codec.encode_header(REC_DONE, mb, b"", seg.number)
         self._append(seg, [hdr, mb], seg.size + len(hdr) + len(mb))
         self.sync()
 
@@ -1006,15 +1137,32 @@ class Store:
             fd = self._readers.pop(seg.number, None)
             if fd is not None:
                 os.close(fd)
-            try:
-                os.unlink(seg.path)
-            except FileNotFoundError:
-                pass
+            if not self._reuse(seg):
+                try:
+                    os.unlink(seg.path)
+                except FileNotFoundError:
+                    pass
             freed += seg.size
             del self.segments[seg.number]
         if freed and self.fsync:
             self._sync_dir()
         return freed
+
+    def _reuse(self, seg: Segment) -> bool:
+        """Offer a finished segment's file as the next spare instead of removing it."""
+        spare = self.spare
+        if spare is None or spare.ready or not seg.reusable or seg.fd is not None:
+            return False
+        try:
+            # At least the segment size (the last batch of a segment may go past it;
+            # the file is not shortened: that would be a second metadata change that
+            # a crash could separate from the rename).
+            if os.path.getsize(seg.path) < self.segment_size:
+                return False
+            return spare.offer(seg.path)
+        except OSError as exc:
+            log.warning("could not reuse segment file %s: %s", seg.path, exc.strerror or exc)
+            return False
 
     def close(self) -> None:
         self._close_current()

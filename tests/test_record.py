@@ -15,7 +15,7 @@ PURE = native.load("record", pure=True)
 COMPILED = native.load("record", pure=False)
 IMPLS = {"pure": PURE, "compiled": COMPILED}
 
-OK, INCOMPLETE, CORRUPT = PURE.OK, PURE.INCOMPLETE, PURE.CORRUPT
+OK, INCOMPLETE, CORRUPT, STALE = PURE.OK, PURE.INCOMPLETE, PURE.CORRUPT, PURE.STALE
 HEADER = struct.Struct("<4sBBHIII")
 LENGTH_FIELDS = range(8, 16)        # meta_len and body_len
 
@@ -36,7 +36,8 @@ def mod(request):
 def test_constants():
     for impl in IMPLS.values():
         assert (impl.MAGIC, impl.HEADER_SIZE, impl.VERSION) == (b"\x89MTA", 20, 1)
-        assert (impl.OK, impl.INCOMPLETE, impl.CORRUPT) == (0, 1, 2)
+        assert (impl.OK, impl.INCOMPLETE, impl.CORRUPT, impl.STALE) == (0, 1, 2, 3)
+        assert impl.VERSION_SEGMENT == 2
         assert impl.DEFAULT_MAX_RECORD == 1 << 31
 
 
@@ -132,6 +133,94 @@ def test_every_truncation_is_incomplete(mod):
     for end in range(len(record)):
         assert mod.decode(record[:end]) == (INCOMPLETE, 0, None, 0, 0, 0)
         assert mod.decode(record + record[:end], len(record))[0] == INCOMPLETE
+
+
+# -- version 2: records that belong to one segment ---------------------------
+
+SEGMENTS = [1, 7, 0xFFFF, 0x10000, 70_000, 1 << 40]
+
+
+@pytest.mark.parametrize("segment", SEGMENTS)
+@pytest.mark.parametrize("rtype, meta, body", SAMPLES[:3])
+def test_version_2_layout(mod, segment, rtype, meta, body):
+    record = mod.encode(rtype, meta, body, segment)
+    magic, got_rtype, version, generation, meta_len, body_len, crc = HEADER.unpack_from(record)
+    assert (magic, got_rtype, version, generation) == (b"\x89MTA", rtype, 2, segment & 0xFFFF)
+    assert (meta_len, body_len) == (len(meta), len(body))
+    assert crc == zlib.crc32(record[4:16] + meta + body, zlib.crc32(segment.to_bytes(8, "little")))
+    assert mod.encode_header(rtype, meta, body, segment) == record[:20]
+    assert mod.decode(record, segment=segment) == (
+        OK, rtype, meta, 20 + len(meta), len(body), len(record))
+    # Without the segment number it cannot be checked.
+    assert mod.decode(record)[0] == CORRUPT
+
+
+@pytest.mark.parametrize("segment", SEGMENTS)
+def test_a_record_read_in_a_later_segment_is_stale_and_never_ok(mod, segment):
+    record = mod.encode(4, b"meta", b"body" * 50, segment)
+    for later in (segment + 1, segment + 2, segment + 1000, segment + 0xFFFF):
+        assert mod.decode(record, segment=later) == (STALE, 0, None, 0, 0, 0), later
+    # 65,536 numbers later the generation is the same: the checksum still tells
+    # them apart (corrupt: skipped, never taken for the later segment's record).
+    for other in (segment + 0x10000, segment + 0x30000):
+        assert mod.decode(record, segment=other)[0] == CORRUPT
+    # Read in an earlier segment's file (which never happens): corrupt, not stale.
+    for earlier in (segment - 1, segment // 2, 0):
+        if 0 <= earlier < segment:
+            assert mod.decode(record, segment=earlier)[0] == CORRUPT
+    # A damaged stale record is corrupt; a torn one is incomplete.
+    for i in range(4, len(record)):
+        damaged = bytearray(record)
+        damaged[i] ^= 0x01
+        assert mod.decode(damaged, segment=segment + 1)[0] in (CORRUPT, INCOMPLETE), i
+    assert mod.decode(record[:-1], segment=segment + 1)[0] == INCOMPLETE
+
+
+def test_version_1_records_are_read_in_any_segment(mod):
+    record = mod.encode(3, b"m", b"body")
+    for segment in (None, 0, 1, 99, 1 << 40):
+        assert mod.decode(record, segment=segment)[:3] == (OK, 3, b"m")
+
+
+def test_segment_argument_checks(mod):
+    record = mod.encode(1, b"m", b"b", 5)
+    for bad in (-1, 1 << 63, 1 << 70):
+        with pytest.raises(ValueError):
+            mod.encode(1, b"m", b"b", bad)
+        with pytest.raises(ValueError):
+            mod.encode_header(1, b"m", b"b", bad)
+        with pytest.raises(ValueError):
+            mod.decode(record, 0, 100, bad)
+        with pytest.raises(ValueError):
+            mod.Decoder(100, bad)
+    with pytest.raises(TypeError):
+        mod.encode(1, b"m", b"b", 5.0)
+
+
+def test_decoder_of_a_segment_stops_at_an_older_segments_record(mod):
+    own = [mod.encode(1, b"a", b"one", 9), mod.encode(2, b"b", b"two", 9)]
+    older = mod.encode(3, b"c", b"three", 8)
+    for pieces in splits(b"".join(own) + older + own[0], random.Random(5)):
+        decoder = mod.Decoder(segment=9)
+        assert feed_all(decoder, pieces) == [(1, b"a", b"one"), (2, b"b", b"two")]
+        assert decoder.corrupt
+
+
+@settings(max_examples=300, deadline=None)
+@given(rtype=st.integers(0, 255), meta=st.binary(max_size=64), body=st.binary(max_size=300),
+       written=st.integers(0, (1 << 63) - 2), read=st.integers(0, (1 << 63) - 2),
+       near=st.integers(-3, 70_000), flip=st.integers(0, 10_000))
+def test_compiled_matches_pure_across_segments(rtype, meta, body, written, read, near, flip):
+    record = PURE.encode(rtype, meta, body, written)
+    assert COMPILED.encode(rtype, meta, body, written) == record
+    damaged = bytearray(record)
+    damaged[flip % len(damaged)] ^= 1 + flip % 255
+    for seg in (read, written, min(max(written + near, 0), (1 << 63) - 2), None):
+        for rec in (record, bytes(damaged)):
+            got = PURE.decode(rec, 0, 1 << 20, seg)
+            assert COMPILED.decode(rec, 0, 1 << 20, seg) == got
+            if got[0] == OK:
+                assert seg == written   # a version-2 record is valid only in its own segment
 
 
 # -- Decoder ----------------------------------------------------------------

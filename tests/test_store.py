@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import time
 
 import pytest
 
 from mta import native
 from mta.store import (REC_MESSAGE, SEGMENT_SUFFIX, SPARE_READY, SPARE_TMP, MessageMeta, Store,
-                       _enc)
+                       _enc, read_events)
 
 MiB = 1 << 20
 IMPLS = ["pure"] if native.PURE else ["compiled", "pure"]
@@ -431,7 +432,7 @@ def test_random_workload_restart_always_matches_the_model(tmp_path, codec, preal
     prezeroed_used = 0
     model: dict[str, bytes] = {}
     n = 0
-    unlinked_total = copied_total = 0
+    unlinked_total = copied_total = reused_total = 0
     for step in range(120):
         items = []
         for _ in range(rng.randint(0, 4)):
@@ -455,13 +456,21 @@ def test_random_workload_restart_always_matches_the_model(tmp_path, codec, preal
             assert contents(st2) == model, f"step {step}"
             assert stats["skipped_bytes"] == 0
         if step % 10 == 9:   # crash and carry on with the rebuilt store
+            if st.spare is not None:
+                reused_total += st.spare.recycled
             crash(st)
             st, _ = restart(tmp_path, codec, seg_size, preallocate=prealloc)
             assert contents(st) == model
         if prealloc and step % 7 == 0:
+            st.spare.want()
             wait_spare(st)   # so that some segments are certainly preallocated ones
     assert unlinked_total > 10 and copied_total > 0
     assert (prezeroed_used > 10) == prealloc
+    if st.spare is not None:
+        reused_total += st.spare.recycled
+    # Finished segments' files were reused as the next segments (their old records
+    # were never read back: every restart above matched the model).
+    assert (reused_total > 5) == prealloc
     # Disk use tracks the queue: finishing everything and reclaiming frees all
     # but the segment that holds the last DONE record.
     put(st, [], list(model))
@@ -486,10 +495,15 @@ def test_preallocated_segment_is_zero_filled_ahead_and_recovers_cleanly(tmp_path
     # The segment is the whole preallocated file; the data is at its start.
     assert os.path.getsize(seg.path) == MiB and 0 < seg.size < MiB
     put(st, [(meta(2), body(2)), (meta(3), body(3))], done=[qid(1)])
-    # Another spare is made for the next segment.
+    assert st.spare.filled == 1
+    # The next spare is made once the segment is half written (unless a finished
+    # segment's file is offered before: see the reuse tests).
+    fill(st, 10, 6, size=100_000)
+    assert st.current is seg and seg.size > MiB // 2
     wait_spare(st)
+    assert st.spare.filled == 2
     # Fill past the end of the segment: the next one is the new spare.
-    fill(st, 10, 12, size=100_000)
+    fill(st, 16, 6, size=100_000)
     assert st.current.number != seg.number and st.current.prezeroed
     expect = contents(st)
     crash(st)
@@ -526,6 +540,106 @@ def test_torn_write_inside_a_preallocated_segment_at_every_offset(tmp_path, code
     torn_path.write_bytes(full[:at] + rec + full[at + len(rec):])
     st2, stats = restart(d, codec)
     assert contents(st2) == {**intact, qid(3): body(3, 300)} and stats["torn"] == 0
+
+
+def reused_segment(tmp_path, codec):
+    """A store whose current segment is segment 1's file reused (rotated through 1, 2, 3):
+    (store, the reused segment, what is queued, the queue ids that were in segment 1)."""
+    st = new_store(tmp_path, codec, preallocate=True)
+    st._start_spare()
+    wait_spare(st)
+    first = fill(st, 0, 10, size=100_000)           # segment 1, most of its MiB
+    seg1 = st.current
+    assert seg1.prezeroed and all(seg_of(st, q) == seg1.number for q in first)
+    old_end = seg1.size
+    put(st, [], done=first)
+    wait_spare(st)                                   # (filled: segment 1 is past half)
+    fill(st, 10, 2, size=100_000)                    # rolls over to segment 2 (zero-filled)
+    assert st.current.number == seg1.number + 1 and st.spare.recycled == 0
+    _, numbers = reclaim(st)
+    assert numbers == [seg1.number]
+    # Segment 1's file is the spare now: nothing zero-filled for the next one.
+    assert st.spare.recycled == 1 and st.spare.ready
+    assert not os.path.exists(seg1.path) and os.path.getsize(tmp_path / SPARE_READY) >= MiB
+    filled = st.spare.filled
+    n = 12
+    while st.current.number == seg1.number + 1:      # segment 2 fills up; 3 takes the spare
+        fill(st, n, 1, size=100_000)
+        n += 1
+    seg3 = st.current
+    assert seg3.number == seg1.number + 2 and seg3.prezeroed and st.spare.filled == filled
+    later = fill(st, 30, 2, size=1000) + fill(st, 32, 1, size=50_000)
+    assert all(seg_of(st, q) == seg3.number for q in later)
+    assert seg3.size < old_end                       # segment 1's records lie beyond
+    return st, seg3, contents(st), first
+
+
+def test_a_reused_segment_file_never_gives_back_its_old_records(tmp_path, codec):
+    st, seg3, expect, first = reused_segment(tmp_path, codec)
+    data = open(seg3.path, "rb").read()
+    assert len(data) >= MiB
+    # What lies after the new records: segment 1's, whole and valid in segment 1.
+    tail = _find(data, codec.MAGIC, seg3.size)
+    assert tail > 0 and codec.decode(data, tail, segment=seg3.number)[0] == codec.STALE
+    assert codec.decode(data, tail, segment=seg3.number - 2)[0] == codec.OK
+    crash(st)
+    st2, stats = restart(tmp_path, codec)
+    assert contents(st2) == expect
+    assert not set(first) & set(queued(st2))
+    # The old records end the segment quietly: not damage, not a torn tail.
+    assert stats["torn"] == 0 and stats["skipped_bytes"] == 0
+    # The events reader ends the (complete) segment there too, having read only its own.
+    seen = []
+    off = read_events(codec, data, 0, len(data), False, lambda o, m: seen.append(o),
+                      lambda o, n: pytest.fail(f"skipped {n} octets at {o}"),
+                      segment=seg3.number)
+    assert off == len(data)
+
+
+def test_a_torn_write_in_a_reused_segment_at_every_offset(tmp_path, codec):
+    """A crash during a write into a reused file leaves a record followed by the old
+    contents: nothing of it and nothing after it is read; what was synced survives."""
+    st, seg3, expect, first = reused_segment(tmp_path, codec)
+    at = seg3.size
+    crash(st)
+    full = open(seg3.path, "rb").read()
+    rec = codec.encode(REC_MESSAGE, _enc.encode(meta(99)), body(99, 300), seg3.number)
+    d = tmp_path / "torn"
+    d.mkdir()
+    for name in seg_files(tmp_path):
+        if name != os.path.basename(seg3.path):
+            shutil.copy(tmp_path / name, d / name)
+    torn_path = d / os.path.basename(seg3.path)
+    for cut in list(range(1, 40)) + list(range(40, len(rec), 29)):
+        torn_path.write_bytes(full[:at] + rec[:cut] + full[at + cut:])
+        st2, stats = restart(d, codec)
+        assert contents(st2) == expect, f"cut at {cut}"
+        assert not set(first) & set(queued(st2)), f"cut at {cut}"
+    torn_path.write_bytes(full[:at] + rec + full[at + len(rec):])
+    st2, _ = restart(d, codec)
+    assert contents(st2) == {**expect, qid(99): body(99, 300)}
+
+
+def test_a_spare_whose_records_are_not_of_an_older_segment_is_not_used(tmp_path, codec):
+    """Numbers only grow, but should a reused file ever meet a number not above its own
+    (a spool edited by hand), its records would not be stale there: it is removed."""
+    st, seg3, expect, first = reused_segment(tmp_path, codec)
+    kept = {q: b for q, b in expect.items() if seg_of(st, q) != seg3.number}
+    crash(st)
+    # The newest segment's file becomes the spare: the next number is its own again.
+    os.replace(seg3.path, tmp_path / SPARE_READY)
+    st2, _ = restart(tmp_path, codec, preallocate=True)
+    assert st2.spare.ready and contents(st2) == kept
+    put(st2, [(meta(50), body(50))])
+    assert st2.current.number == seg3.number
+    assert not st2.current.prezeroed                 # a fresh file, not that one
+    crash(st2)
+    st3, stats = restart(tmp_path, codec)
+    assert contents(st3) == {**kept, qid(50): body(50)} and stats["skipped_bytes"] == 0
+
+
+def _find(data: bytes, needle: bytes, start: int) -> int:
+    return data.find(needle, start)
 
 
 def test_spare_leftovers_of_a_crash_are_not_trusted(tmp_path, codec):

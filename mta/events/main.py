@@ -202,7 +202,7 @@ class Tail:
                 continue
             end = min(wm_off, len(mm)) if last else len(mm)
             self.off = read_events(self.codec, mm, self.off, end, last, on_events, on_skip,
-                                   limit=MAX_RECORDS_PER_POLL - taken[0])
+                                   limit=MAX_RECORDS_PER_POLL - taken[0], segment=self.seg)
             if taken[0] >= MAX_RECORDS_PER_POLL:
                 return True           # there may be more at once
             if last:

@@ -207,7 +207,9 @@ def add_torn_tails(d) -> list[str]:
         assert segs, f"{shard} has no segment"
         qid = "%013X%02X%05X" % (0x1FFFFFFFFFFF, 0, n)
         meta = MessageMeta(qid, SENDER, [RCPT], time.time(), {}, "torn [127.0.0.1]")
-        rec = codec.encode(REC_MESSAGE, _enc.encode(meta), b"Subject: torn\r\n\r\n" + b"x" * 4000)
+        number = int(segs[-1][:-len(SEGMENT_SUFFIX)])
+        rec = codec.encode(REC_MESSAGE, _enc.encode(meta), b"Subject: torn\r\n\r\n" + b"x" * 4000,
+                           number)
         path = os.path.join(sdir, segs[-1])
         # Where the next write would have gone: after the last whole record.
         # (In a preallocated segment that is before the zero-filled rest of
@@ -215,7 +217,7 @@ def add_torn_tails(d) -> list[str]:
         data = open(path, "rb").read()
         end = 0
         while True:
-            status, *_, nxt = codec.decode(data, end)
+            status, *_, nxt = codec.decode(data, end, segment=number)
             if status != codec.OK:
                 break
             end = nxt

@@ -159,5 +159,5 @@ def test_an_acceptors_refusal_events_are_written_and_answered_after_the_sync(rig
     with open(seg.path, "rb") as fh:
         data = fh.read()
     read_events(native.load("record"), data, 0, seg.size, True,
-                lambda off, meta: written.extend(ev.decode(meta)))
+                lambda off, meta: written.extend(ev.decode(meta)), segment=seg.number)
     assert written == [refusal, gen]
