@@ -98,6 +98,9 @@ _FAMILIES = [
            ("shard",)),
     Family("mta_spool_commit_errors_total", COUNTER, "group commits that failed (EIO, ENOSPC)",
            ("shard",)),
+    Family("mta_spool_segment_files_total", COUNTER,
+           "files made ready for the next segment, by source: reused (a finished segment's "
+           "file) or zero_filled (written by the spare thread)", ("shard", "source")),
     Family("mta_spool_queue_messages", GAUGE, "messages queued", ("shard",)),
     Family("mta_spool_queue_recipients", GAUGE, "recipients of the queued messages",
            ("shard",)),

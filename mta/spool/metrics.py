@@ -24,7 +24,12 @@ class ShardMetrics:
         sh = self.shard
         st = sh.store
         lb = self.label
+        spare = st.spare
         return [
+            (COUNTER, "mta_spool_segment_files_total", lb + ("reused",),
+             spare.recycled if spare is not None else 0),
+            (COUNTER, "mta_spool_segment_files_total", lb + ("zero_filled",),
+             spare.filled if spare is not None else 0),
             (COUNTER, "mta_spool_written_bytes_total", lb, st.written),
             (GAUGE, "mta_spool_queue_messages", lb, len(st.index)),
             (GAUGE, "mta_spool_queue_recipients", lb, st.recipients),

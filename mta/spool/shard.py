@@ -1006,9 +1006,14 @@ class Shard:
                 new = self.store.write(copies, [])
                 self.store.sync()
                 self.store.commit(new, [])
+            spare = self.store.spare
+            reused = spare.recycled if spare is not None else 0
             freed = self.store.unlink(unlink)
             if freed:
-                log.info("reclaimed %d segment(s), %d bytes; copied forward %d message(s)",
-                         len(unlink), freed, len(copies))
+                reused = (spare.recycled if spare is not None else 0) - reused
+                log.info("reclaimed %d segment(s), %d bytes%s; copied forward %d message(s)",
+                         len(unlink), freed,
+                         f" ({reused} file kept as the next segment's)" if reused else "",
+                         len(copies))
         except OSError as exc:
             log.error("reclamation failed: %s", exc.strerror or exc)
