@@ -93,6 +93,7 @@ MAX_READERS = 64        # segment files kept open for reading bodies
 SEGMENT_SUFFIX = ".seg"
 SPARE_READY = "spare.ready"       # a zero-filled, synced segment waiting to be used
 SPARE_TMP = "spare.tmp"           # one being filled (removed at start: state unknown)
+SPARE_REUSED = "spare.reused"     # a finished segment's file waiting to be used again
 ZERO_CHUNK = 1 << 20              # octets zero-filled (and synced) per step
 SPARE_RETRY = 30.0                # seconds before trying again after a failure
 RELEASE_STEP = 8 << 20            # recovery lets go of a segment's pages read, per this much
@@ -267,25 +268,24 @@ class Spare:
     about half the kernel CPU (bench/RESULTS.md), and the shard's clients wait
     for that fsync on every message.
 
-    Two sources, both made ready under the name ``spare.ready`` and linked
-    into place as a segment when the shard needs one:
+    Two kinds, each linked into place as a segment when the shard needs one:
 
-    - a finished segment's own file (:meth:`offer`, from :meth:`Store.unlink`):
-      its blocks are allocated and written already, so reusing it costs a
-      rename instead of writing the whole segment size again.  Its old records
-      stay in it; the records of version 2 carry their segment's number, and
-      readers take an older segment's record as the end of the new one's
-      (the record codec's STALE);
-    - a file zero-filled and synced by a background thread under a name that
-      recovery does not read, renamed once synced: at start, and when the
-      current segment is half written and no finished one was offered
-      (:meth:`want`).  So a node that delivers what it accepts, whose old
-      segments finish, writes no zeros beside its load.
+    - ``spare.reused``: a finished segment's own file (:meth:`offer`, from
+      :meth:`Store.unlink`).  Its blocks are allocated and written already, so
+      reusing it costs a rename instead of writing the whole segment size
+      again.  Its old records stay in it; the records of version 2 carry their
+      segment's number, and readers take an older segment's record as the end
+      of the new one's (the record codec's STALE).  Taken first.
+    - ``spare.ready``: a file zero-filled and synced by a background thread
+      under a name that recovery does not read, renamed once synced; made at
+      start and again whenever the shard took the last one.  While finished
+      segments keep coming (a node that delivers what it accepts) it stays
+      where it is and nothing more is zero-filled beside the load.
 
     Only speed depends on it: if no spare is ready (still being filled, disk
     too full, an I/O error), the shard starts an empty segment as before and
-    switches to the spare as soon as one is ready.  The thread only touches
-    its own file.
+    switches to a spare as soon as one is ready.  The thread only touches its
+    own file.  Disk: up to two segments' worth beyond the queue.
     """
 
     def __init__(self, directory: str, size: int, reserve: int = 0):
@@ -294,8 +294,10 @@ class Spare:
         self.reserve = reserve          # leave at least this much free space
         self.ready_path = os.path.join(directory, SPARE_READY)
         self.tmp_path = os.path.join(directory, SPARE_TMP)
-        self.ready = False
-        self.recycled = 0               # finished segment files reused (for /metrics, tests)
+        self.reused_path = os.path.join(directory, SPARE_REUSED)
+        self.ready = False              # spare.ready is there
+        self.reused = False             # spare.reused is there
+        self.recycled = 0               # finished segment files offered (for /metrics, tests)
         self.filled = 0                 # files zero-filled
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -305,27 +307,39 @@ class Spare:
             os.unlink(self.tmp_path)    # half filled by an earlier run
         except FileNotFoundError:
             pass
-        try:
-            # A ready spare of an earlier run was synced before it was renamed (or is a
-            # finished segment's file, which may be longer than the segment size).
-            self.ready = os.path.getsize(self.ready_path) >= size
-            if not self.ready:
-                os.unlink(self.ready_path)
-        except FileNotFoundError:
-            pass
+        # Ready spares of an earlier run were synced before they were renamed (a finished
+        # segment's file may be longer than the segment size).
+        for attr, path, good in (("ready", self.ready_path, lambda n: n == size),
+                                 ("reused", self.reused_path, lambda n: n >= size)):
+            try:
+                if good(os.path.getsize(path)):
+                    setattr(self, attr, True)
+                else:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
         self._thread = threading.Thread(target=self._run, name="spool-spare", daemon=True)
         self._thread.start()
         self._wake.set()
 
+    @property
+    def available(self) -> bool:
+        return self.reused or self.ready
+
     def take(self, path: str) -> bool:
-        """Give the ready spare the name *path* (which must not exist); False if none."""
+        """Give a ready spare the name *path* (which must not exist); False if none."""
         with self._lock:
-            if not self.ready:
+            if self.reused:
+                self.reused = False
+                source = self.reused_path
+            elif self.ready:
+                self.ready = False
+                source = self.ready_path
+            else:
                 return False
-            self.ready = False
         try:
-            os.link(self.ready_path, path)
-            os.unlink(self.ready_path)
+            os.link(source, path)
+            os.unlink(source)
         except OSError as exc:
             log.warning("could not use the spare segment file: %s", exc.strerror or exc)
             try:
@@ -333,22 +347,20 @@ class Spare:
             except OSError:
                 pass
             return False
+        finally:
+            if source == self.ready_path:
+                self._wake.set()        # fill the next one
         return True
-
-    def want(self) -> None:
-        """The current segment is filling up: have a spare ready by the time it is full."""
-        if not self.ready:
-            self._wake.set()
 
     def offer(self, path: str) -> bool:
         """Make the finished segment file *path* (at least ``size`` octets, its records of
-        version 2) the spare; False if one is ready already.  The caller syncs the
+        version 2) a spare; False if one is there already.  The caller syncs the
         directory, as after an unlink (until then a crash may leave it a segment)."""
         with self._lock:
-            if self.ready:
+            if self.reused:
                 return False
-            os.rename(path, self.ready_path)
-            self.ready = True       # (a fill under way stops and removes its file)
+            os.rename(path, self.reused_path)
+            self.reused = True
             self.recycled += 1
         return True
 
@@ -379,45 +391,36 @@ class Spare:
                 except OSError:
                     pass
             if made:
+                with self._lock:
+                    self.ready = True
+                    self.filled += 1
                 self._complained = False
-            elif not self.ready:
-                # Try again later; a want() also wakes us.
+            else:
+                # Try again later; a take() also wakes us.
                 timer = threading.Timer(SPARE_RETRY, self._wake.set)
                 timer.daemon = True
                 timer.start()
 
     def _fill(self) -> bool:
-        """Zero-fill and sync the spare; False if the disk is too full or we stopped.
-        A finished segment offered meanwhile makes it stop (its file is removed)."""
         st = os.statvfs(self.dir)
         if st.f_bavail * st.f_frsize < self.size + self.reserve:
             return False   # not worth crowding out messages for speed
         zero = bytes(ZERO_CHUNK)
-        offered = self.recycled
         fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             off = 0
             while off < self.size:
                 if self._stop:
                     return False
-                if self.recycled != offered:
-                    break      # a finished segment was offered: this one is not needed
                 n = os.pwrite(fd, zero[:min(ZERO_CHUNK, self.size - off)], off)
                 off += n
                 # Synced in steps, so the shard's own fsyncs never queue behind
                 # a whole segment of dirty pages.
                 os.fdatasync(fd)
-            else:
-                os.fsync(fd)
+            os.fsync(fd)
         finally:
             os.close(fd)
-        with self._lock:
-            if self.ready or self.recycled != offered:
-                os.unlink(self.tmp_path)
-                return True
-            os.rename(self.tmp_path, self.ready_path)
-            self.ready = True
-            self.filled += 1
+        os.rename(self.tmp_path, self.ready_path)
         return True
 
 
@@ -930,7 +933,7 @@ class Store:
         """The segment to append to: the current one, or a new one when it is full or failed."""
         seg = self.current
         if seg is None or seg.failed or seg.size >= self.segment_size or (
-                not seg.prezeroed and self.spare is not None and self.spare.ready):
+                not seg.prezeroed and self.spare is not None and self.spare.available):
             # (An empty segment started while no spare was ready is left as
             # soon as one is: from then on each fsync writes only data.)
             self._close_current()
@@ -946,10 +949,6 @@ class Store:
             raise
         self.written += end - seg.size
         seg.size = end
-        spare = self.spare
-        if spare is not None and not spare.ready and (
-                not seg.prezeroed or end >= self.segment_size // 2):
-            spare.want()   # (unless a finished segment's file is offered before)
 
     def _write_failed(self, seg: Segment) -> None:
         """A write into *seg* failed: no more writes there; cut off what it left."""
@@ -1151,7 +1150,7 @@ class Store:
     def _reuse(self, seg: Segment) -> bool:
         """Offer a finished segment's file as the next spare instead of removing it."""
         spare = self.spare
-        if spare is None or spare.ready or not seg.reusable or seg.fd is not None:
+        if spare is None or spare.reused or not seg.reusable or seg.fd is not None:
             return False
         try:
             # At least the segment size (the last batch of a segment may go past it;

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from mta import native
-from mta.store import (REC_MESSAGE, SEGMENT_SUFFIX, SPARE_READY, SPARE_TMP, MessageMeta, Store,
-                       _enc, read_events)
+from mta.store import (REC_MESSAGE, SEGMENT_SUFFIX, SPARE_READY, SPARE_REUSED, SPARE_TMP,
+                       MessageMeta, Store, _enc, read_events)
 
 MiB = 1 << 20
 IMPLS = ["pure"] if native.PURE else ["compiled", "pure"]
@@ -462,7 +462,6 @@ def test_random_workload_restart_always_matches_the_model(tmp_path, codec, preal
             st, _ = restart(tmp_path, codec, seg_size, preallocate=prealloc)
             assert contents(st) == model
         if prealloc and step % 7 == 0:
-            st.spare.want()
             wait_spare(st)   # so that some segments are certainly preallocated ones
     assert unlinked_total > 10 and copied_total > 0
     assert (prezeroed_used > 10) == prealloc
@@ -495,15 +494,11 @@ def test_preallocated_segment_is_zero_filled_ahead_and_recovers_cleanly(tmp_path
     # The segment is the whole preallocated file; the data is at its start.
     assert os.path.getsize(seg.path) == MiB and 0 < seg.size < MiB
     put(st, [(meta(2), body(2)), (meta(3), body(3))], done=[qid(1)])
-    assert st.spare.filled == 1
-    # The next spare is made once the segment is half written (unless a finished
-    # segment's file is offered before: see the reuse tests).
-    fill(st, 10, 6, size=100_000)
-    assert st.current is seg and seg.size > MiB // 2
+    # Another spare is made for the next segment.
     wait_spare(st)
     assert st.spare.filled == 2
     # Fill past the end of the segment: the next one is the new spare.
-    fill(st, 16, 6, size=100_000)
+    fill(st, 10, 12, size=100_000)
     assert st.current.number != seg.number and st.current.prezeroed
     expect = contents(st)
     crash(st)
@@ -552,22 +547,25 @@ def reused_segment(tmp_path, codec):
     seg1 = st.current
     assert seg1.prezeroed and all(seg_of(st, q) == seg1.number for q in first)
     old_end = seg1.size
-    put(st, [], done=first)
-    wait_spare(st)                                   # (filled: segment 1 is past half)
+    wait_spare(st)
     fill(st, 10, 2, size=100_000)                    # rolls over to segment 2 (zero-filled)
     assert st.current.number == seg1.number + 1 and st.spare.recycled == 0
+    put(st, [], done=first)                          # segment 1's DONE record is in 2
+    wait_spare(st)                                   # the next zero-filled one
     _, numbers = reclaim(st)
     assert numbers == [seg1.number]
-    # Segment 1's file is the spare now: nothing zero-filled for the next one.
-    assert st.spare.recycled == 1 and st.spare.ready
-    assert not os.path.exists(seg1.path) and os.path.getsize(tmp_path / SPARE_READY) >= MiB
+    # Segment 1's file is a spare now, and the one taken first.
+    assert st.spare.recycled == 1 and st.spare.reused and st.spare.ready
+    assert not os.path.exists(seg1.path) and os.path.getsize(tmp_path / SPARE_REUSED) >= MiB
     filled = st.spare.filled
     n = 12
     while st.current.number == seg1.number + 1:      # segment 2 fills up; 3 takes the spare
         fill(st, n, 1, size=100_000)
         n += 1
     seg3 = st.current
-    assert seg3.number == seg1.number + 2 and seg3.prezeroed and st.spare.filled == filled
+    assert seg3.number == seg1.number + 2 and seg3.prezeroed and not st.spare.reused
+    # The zero-filled spare is still there, and nothing more was filled.
+    assert st.spare.ready and st.spare.filled == filled
     later = fill(st, 30, 2, size=1000) + fill(st, 32, 1, size=50_000)
     assert all(seg_of(st, q) == seg3.number for q in later)
     assert seg3.size < old_end                       # segment 1's records lie beyond
@@ -627,9 +625,9 @@ def test_a_spare_whose_records_are_not_of_an_older_segment_is_not_used(tmp_path,
     kept = {q: b for q, b in expect.items() if seg_of(st, q) != seg3.number}
     crash(st)
     # The newest segment's file becomes the spare: the next number is its own again.
-    os.replace(seg3.path, tmp_path / SPARE_READY)
+    os.replace(seg3.path, tmp_path / SPARE_REUSED)
     st2, _ = restart(tmp_path, codec, preallocate=True)
-    assert st2.spare.ready and contents(st2) == kept
+    assert st2.spare.reused and contents(st2) == kept
     put(st2, [(meta(50), body(50))])
     assert st2.current.number == seg3.number
     assert not st2.current.prezeroed                 # a fresh file, not that one

@@ -146,10 +146,10 @@ class SpoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "and exists only for benchmarks")] = True
     preallocate: Annotated[bool, _doc(
         "write each new segment into a file already allocated and written: a finished "
-        "segment's file, reused, else one zero-filled in a background thread once the "
-        "current segment is half written; so that a group commit's fdatasync writes only "
-        "data, not the file's size and block map (an idle fsync about twice as fast on "
-        "ext4; costs one spare segment of disk). "
+        "segment's file, reused, else one zero-filled ahead of use by a background "
+        "thread; so that a group commit's fdatasync writes only data, not the file's size "
+        "and block map (an idle fsync about twice as fast on ext4; costs up to two spare "
+        "segments of disk). "
         "Off, the full-speed acceptance rate was 13 % lower, but under a sustained "
         "load at about half of it the p99 was lower (bench/RESULTS.md)")] = True
 

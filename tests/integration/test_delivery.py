@@ -816,8 +816,9 @@ def test_reused_segment_files_and_kill9_bring_back_nothing_delivered(lab, tmp_pa
         if segments()[-1] > newest:
             break
     assert segments()[-1] > newest, "no new segment after 300 messages"
-    for n in range(n + 1, n + 6):
-        send(n)
+    last = max(second)
+    for m in range(last + 1, last + 6):
+        send(m)
     s.close()
     current = os.path.join(spool, "%016d.seg" % segments()[-1])
     assert os.path.getsize(current) >= 1 << 20       # a whole file: the reused one
