@@ -309,10 +309,13 @@ class Spare:
             pass
         # Ready spares of an earlier run were synced before they were renamed (a finished
         # segment's file may be longer than the segment size).
+        # A spare name on a file that has another one (a segment's: left by an earlier
+        # version's link-then-unlink cut short by a crash) is dropped, never used.
         for attr, path, good in (("ready", self.ready_path, lambda n: n == size),
                                  ("reused", self.reused_path, lambda n: n >= size)):
             try:
-                if good(os.path.getsize(path)):
+                st = os.stat(path)
+                if good(st.st_size) and st.st_nlink == 1:
                     setattr(self, attr, True)
                 else:
                     os.unlink(path)
@@ -338,14 +341,14 @@ class Spare:
             else:
                 return False
         try:
-            os.link(source, path)
-            os.unlink(source)
+            # A rename, not a link and an unlink: at every moment the file has one name,
+            # so a crash can never leave it both a segment and a spare (two segments in
+            # one file).  Only the shard makes segment names, so *path* is free.
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, "exists", path)
+            os.rename(source, path)
         except OSError as exc:
             log.warning("could not use the spare segment file: %s", exc.strerror or exc)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
             return False
         finally:
             if source == self.ready_path:
@@ -497,16 +500,33 @@ def _own_header(codec, buf, off: int, end: int, segment: int) -> bool:
     return True
 
 
-def _next_record(codec, buf, off: int, end: int, segment: int) -> tuple[int, int]:
+def _numbered(codec, buf) -> bool:
+    """Whether a segment's bytes *buf* begin with a version-2 record: all its records are
+    of version 2 (a file's records are all of one version), so a version-1 record found
+    in it is not one of its own -- it can only be old bytes (say, inside the body of a
+    message the file held before it was reused) -- and must not be read as a record."""
+    return len(buf) >= 6 and buf[:4] == codec.MAGIC and buf[5] == codec.VERSION_SEGMENT
+
+
+def _decode(codec, buf, off: int, segment: int, numbered: bool) -> tuple:
+    """codec.decode for segment *segment*, with a version-1 record in a *numbered* segment
+    (see _numbered) answered CORRUPT."""
+    got = codec.decode(buf, off, segment=segment)
+    if numbered and got[0] == codec.OK and buf[off + 5] != codec.VERSION_SEGMENT:
+        return codec.decode(b"", 0)     # (the codec's own "not a record" answer)
+    return got
+
+
+def _next_record(codec, buf, off: int, end: int, segment: int,
+                 numbered: bool = False) -> tuple[int, int]:
     """After a record at *off* that does not decode: (offset, status) of the next record
     that does, OK (this segment's) or STALE (an older one's, in a reused file);
     (-1, CORRUPT) if none does before *end*."""
-    decode = codec.decode
     while True:
         off = _find_from(buf, codec.MAGIC, off + 1, end)
         if off < 0:
             return -1, codec.CORRUPT
-        status = decode(buf, off, segment=segment)[0]
+        status = _decode(codec, buf, off, segment, numbered)[0]
         if status == codec.OK or status == codec.STALE:
             return off, status
 
@@ -615,10 +635,10 @@ def read_events(codec, buf, off: int, end: int, last: bool, on_events, on_skip=N
     records.
     """
     OK, STALE = codec.OK, codec.STALE
-    decode = codec.decode
+    numbered = _numbered(codec, buf)
     taken = 0
     while off < end:
-        status, rtype, meta, boff, blen, nxt = decode(buf, off, segment=segment)
+        status, rtype, meta, boff, blen, nxt = _decode(codec, buf, off, segment, numbered)
         if status == OK and nxt <= end:
             if rtype == REC_EVENTS:
                 on_events(off, meta)
@@ -631,7 +651,7 @@ def read_events(codec, buf, off: int, end: int, last: bool, on_events, on_skip=N
             return off
         if status == STALE or _zero_from(buf, off, end):
             return end
-        nxt, status = _next_record(codec, buf, off, end, segment)
+        nxt, status = _next_record(codec, buf, off, end, segment, numbered)
         if status == STALE or (nxt < 0 and not _own_header(codec, buf, off, end, segment)):
             return end
         if nxt < 0:
@@ -757,11 +777,10 @@ class Store:
             end = len(mm)
             # Written by a version that numbers its records (all of a file's records are
             # of one version): its file may be reused once the segment is finished.
-            seg.reusable = end >= 6 and mm[:4] == codec.MAGIC and \
-                mm[5] == codec.VERSION_SEGMENT
+            numbered = seg.reusable = _numbered(codec, mm)
             released = 0
             while off < end:
-                status, rtype, meta, boff, blen, nxt = codec.decode(mm, off, segment=number)
+                status, rtype, meta, boff, blen, nxt = _decode(codec, mm, off, number, numbered)
                 if status == OK:
                     stats["records"] += 1
                     self._apply(seg, rtype, meta, boff, blen)
@@ -778,7 +797,7 @@ class Store:
                     # file the records of the segment it was before
                     break
                 # Torn tail or damaged record: skip to the next record that decodes.
-                again, found = _next_record(codec, mm, off, end, number)
+                again, found = _next_record(codec, mm, off, end, number, numbered)
                 if found == STALE or (again < 0 and not _own_header(codec, mm, off, end, number)):
                     break  # (a reused file's old contents after this segment's last record)
                 skipped = (again if again >= 0 else end) - off
@@ -847,11 +866,12 @@ class Store:
         return seg
 
     def _fit_for(self, path: str, number: int) -> bool:
-        """Whether the spare just linked at *path* may become segment *number*: zero-filled,
-        or a finished segment's file whose first record is of an older segment (STALE).
-        (Numbers only grow, since the newest segment is never reclaimed; this makes sure
-        that no record left in the file is ever read as one of the new segment's.)
-        If not, the file is removed."""
+        """Whether the spare just named *path* may become segment *number*: zero-filled,
+        or a finished segment's file whose first record is of an older segment (STALE),
+        so that no record left in it can be read as one of the new segment's.  Numbers
+        grow while segments exist; once every segment was reclaimed (an emptied queue
+        at a restart) they start again at 1, and a reused file from a higher number is
+        not fit.  If not fit, the file is removed."""
         try:
             with open(path, "rb") as fh, \
                     mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -861,7 +881,8 @@ class Store:
                     return True
         except (OSError, ValueError):
             pass
-        log.warning("the spare segment file is not fit to be segment %d; removed", number)
+        log.info("the spare segment file's records are not of a segment older than %d: "
+                 "removed, a new file is used", number)
         try:
             os.unlink(path)
         except OSError:
@@ -1156,7 +1177,8 @@ class Store:
             # At least the segment size (the last batch of a segment may go past it;
             # the file is not shortened: that would be a second metadata change that
             # a crash could separate from the rename).
-            if os.path.getsize(seg.path) < self.segment_size:
+            st = os.stat(seg.path)
+            if st.st_size < self.segment_size or st.st_nlink != 1:
                 return False
             return spare.offer(seg.path)
         except OSError as exc:

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from mta import native
-from mta.store import (REC_MESSAGE, SEGMENT_SUFFIX, SPARE_READY, SPARE_REUSED, SPARE_TMP,
+from mta.store import (REC_EVENTS, REC_MESSAGE, SEGMENT_SUFFIX, SPARE_READY, SPARE_REUSED, SPARE_TMP,
                        MessageMeta, Store, _enc, read_events)
 
 MiB = 1 << 20
@@ -521,7 +521,7 @@ def test_torn_write_inside_a_preallocated_segment_at_every_offset(tmp_path, code
     at = seg.size
     crash(st)
     full = open(seg.path, "rb").read()
-    rec = codec.encode(REC_MESSAGE, _enc.encode(meta(3)), body(3, 300))
+    rec = codec.encode(REC_MESSAGE, _enc.encode(meta(3)), body(3, 300), seg.number)
     d = tmp_path / "torn"
     d.mkdir()
     torn_path = d / os.path.basename(seg.path)
@@ -634,6 +634,60 @@ def test_a_spare_whose_records_are_not_of_an_older_segment_is_not_used(tmp_path,
     crash(st2)
     st3, stats = restart(tmp_path, codec)
     assert contents(st3) == {**kept, qid(50): body(50)} and stats["skipped_bytes"] == 0
+
+
+@pytest.mark.parametrize("spare_name", [SPARE_READY, SPARE_REUSED])
+def test_a_spare_name_on_a_segments_file_is_never_used(tmp_path, codec, spare_name):
+    """A file with two names, a segment's and a spare's (a crash between the link and the
+    unlink with which an earlier version moved a spare into place), is never made a
+    spare: two segments would share one file and the later would overwrite the earlier."""
+    st = new_store(tmp_path, codec, preallocate=True)
+    st._start_spare()
+    wait_spare(st)
+    put(st, [(meta(1), body(1, 50_000))])
+    seg = st.current
+    assert seg.prezeroed
+    crash(st)
+    if os.path.exists(tmp_path / spare_name):
+        os.unlink(tmp_path / spare_name)             # (the next zero-filled one)
+    os.link(seg.path, tmp_path / spare_name)
+    st2, _ = restart(tmp_path, codec, preallocate=True)
+    assert not os.path.exists(tmp_path / spare_name) or \
+        os.stat(tmp_path / spare_name).st_ino != os.stat(seg.path).st_ino
+    wait_spare(st2)
+    put(st2, [(meta(2), body(2))])
+    assert os.stat(st2.current.path).st_ino != os.stat(seg.path).st_ino
+    # Nor is a finished segment whose file has another name offered as a spare.
+    put(st2, [], done=[qid(1)])
+    os.link(seg.path, tmp_path / "elsewhere")
+    fill(st2, 10, 12)                                # rolls over: segment 1 is finished
+    _, numbers = reclaim(st2)
+    assert seg.number in numbers and st2.spare.recycled == 0
+    crash(st2)
+    st3, stats = restart(tmp_path, codec)
+    assert set(queued(st3)) == {qid(2)} | {qid(n) for n in range(10, 22)}
+    assert st3.read_body(qid(2)) == body(2) and stats["skipped_bytes"] == 0
+
+
+@pytest.mark.parametrize("gap", [0, 100])
+def test_a_version_1_record_in_a_reused_files_old_bytes_is_not_read(tmp_path, codec, gap):
+    """A segment written with numbered records holds no version-1 record of its own: one
+    found in a reused file's old bytes (say inside an old message's body) is not read."""
+    st, seg3, expect, first = reused_segment(tmp_path, codec)
+    crash(st)
+    data = bytearray(open(seg3.path, "rb").read())
+    at = seg3.size + gap
+    planted = codec.encode(REC_MESSAGE, _enc.encode(meta(77)), body(77, 300))
+    events = codec.encode(REC_EVENTS, b'[{"type":"injection"}]', b"")
+    data[at:at + len(planted) + len(events)] = planted + events
+    with open(seg3.path, "wb") as fh:
+        fh.write(data)
+    st2, stats = restart(tmp_path, codec)
+    assert contents(st2) == expect
+    seen = []
+    read_events(codec, bytes(data), 0, len(data), False, lambda o, m: seen.append(o),
+                segment=seg3.number)
+    assert all(o < seg3.size for o in seen)
 
 
 def _find(data: bytes, needle: bytes, start: int) -> int:
