@@ -6,7 +6,10 @@ Four modes, chosen by the first byte:
    result or the same error class;
 1. ``encode()``/``encode_header()`` of (rtype, meta, body) give the same bytes,
    ``decode()`` gives them back, and a record with one byte changed decodes the
-   same way in both (never OK with other content);
+   same way in both (never OK with other content); the same for a record of a
+   numbered segment (version 2), read in its own segment (OK), in later ones
+   (STALE, or CORRUPT 65,536 numbers on), in an earlier one and with no number
+   (never OK), whole and with the byte changed;
 2. ``Decoder`` over a stream of records (some good, then arbitrary bytes) fed in
    pieces: the same records, ``corrupt``, ``consumed`` and ``pending`` after
    every piece, and the records are the ones encoded;
@@ -22,6 +25,8 @@ from fuzz.common import Divergence, Input, cut, outcome, same, twins
 
 COMPILED, PURE = twins("record")
 MAX_RECORDS = (0, 1, 19, 20, 64, 1 << 16, 1 << 31, -1)
+SEGMENTS = (0, 1, 2, 0xFFFF, 0x10000, 0x10001, 70_000, 1 << 40, (1 << 63) - 2)
+READ_IN = (0, 1, 2, 0xFFFF, 0x10000, 0x1FFFF, -1, -2)    # segment read in - written
 RTYPES = (0, 1, 7, 255, 256, -1)
 BUFFER_TYPES = (bytes, bytearray, memoryview)
 
@@ -74,6 +79,30 @@ def one_input(data: bytes) -> None:
             # CRC-32 catches every one-byte change of what it covers, the magic
             # is compared, a changed length moves the end: never OK.
             raise Divergence(f"a record with byte {flip_at % len(altered)} changed decoded OK")
+        # The same record written for a numbered segment (the numbers are drawn from
+        # bytes read above, so the other paths' inputs keep their meaning).
+        written = SEGMENTS[flip % len(SEGMENTS)]
+        numbered = outcome(COMPILED.encode, rtype, meta, body, written)
+        same("encode with a segment", numbered, outcome(PURE.encode, rtype, meta, body, written))
+        record = numbered[1]
+        altered = bytearray(record)
+        altered[flip_at % len(altered)] ^= flip
+        for delta in (0, READ_IN[flip_at % len(READ_IN)], None):
+            read = None if delta is None else written + delta
+            if read is not None and not 0 <= read <= (1 << 63) - 2:
+                continue
+            for rec in (record, bytes(altered)):
+                c = outcome(COMPILED.decode, rec, 0, 1 << 31, read)
+                same("decode in a segment", c, outcome(PURE.decode, rec, 0, 1 << 31, read))
+                status = c[1][0] if c[0] == "ok" else None
+                if status == PURE.OK and (rec is not record or read != written):
+                    raise Divergence(f"a version-2 record decoded OK outside its own "
+                                     f"segment or altered: {written} read in {read}")
+                if rec is record and read == written and status != PURE.OK:
+                    raise Divergence(f"a version-2 record did not decode in its segment: {c}")
+                if rec is record and delta is not None and 0 < delta < 0x10000 and \
+                        status != PURE.STALE:
+                    raise Divergence(f"a record of {written} read in {read} was not stale")
     elif mode == 2:
         max_record = inp.pick(MAX_RECORDS[:-1])
         n = inp.byte() % 4
@@ -118,3 +147,9 @@ def one_input(data: bytes) -> None:
         buf = PURE.MAGIC + checked + struct.pack("<I", crc) + payload
         same("decode of a built header", outcome(COMPILED.decode, buf, 0, max_record),
              outcome(PURE.decode, memoryview(buf), 0, max_record))
+        # ... and read in a numbered segment (the version-2 checks and their owner
+        # arithmetic with any generation; the number from the header's own fields).
+        segment = SEGMENTS[(rtype + meta_len) % len(SEGMENTS)]
+        same("decode of a built header in a segment",
+             outcome(COMPILED.decode, buf, 0, max_record, segment),
+             outcome(PURE.decode, memoryview(buf), 0, max_record, segment))
