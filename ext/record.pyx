@@ -11,7 +11,7 @@ then body.  Version 1: generation 0, the CRC-32 covers header bytes [4:16],
 meta and body.  Version 2 (written with a segment number): generation is the
 segment number's low 16 bits and the CRC-32 starts with the segment number
 as 8 little-endian bytes, so a record read back in another segment's file (a
-recycled segment file) is told apart: STALE.
+reused segment file) is told apart: STALE.
 
 Cost: ``decode()`` and ``Decoder.feed()`` borrow the caller's buffer through
 the buffer protocol (no copy of the input), parse the header with plain loads
@@ -61,7 +61,7 @@ cdef enum:
     _MAGIC_SIZE = 4
     _RTYPE_AT = 4
     _VERSION_AT = 5
-    _RESERVED_AT = 6
+    _GENERATION_AT = 6
     _META_LEN_AT = 8
     _BODY_LEN_AT = 12
     _CRC_AT = 16                            # header bytes [4:16] are covered by the CRC
@@ -151,7 +151,7 @@ cdef int _parse(const unsigned char* buf, Py_ssize_t size, Py_ssize_t offset,
     if (memcmp(p, _MAGIC_BYTES, _MAGIC_SIZE) != 0
             or meta_len + body_len > <uint64_t>max_record):
         return _CORRUPT
-    generation = <uint32_t>p[_RESERVED_AT] | (<uint32_t>p[_RESERVED_AT + 1] << 8)
+    generation = <uint32_t>p[_GENERATION_AT] | (<uint32_t>p[_GENERATION_AT + 1] << 8)
     if p[_VERSION_AT] == _VERSION:
         if generation != 0:
             return _CORRUPT
@@ -221,13 +221,13 @@ cdef void _fill_header(unsigned char* h, int rtype, const unsigned char* meta, P
     h[_RTYPE_AT] = <unsigned char>rtype
     if segment >= 0:
         h[_VERSION_AT] = _VERSION_SEGMENT
-        h[_RESERVED_AT] = segment & 0xFF
-        h[_RESERVED_AT + 1] = (segment >> 8) & 0xFF
+        h[_GENERATION_AT] = segment & 0xFF
+        h[_GENERATION_AT + 1] = (segment >> 8) & 0xFF
         crc = _seed(<uint64_t>segment)
     else:
         h[_VERSION_AT] = _VERSION
-        h[_RESERVED_AT] = 0
-        h[_RESERVED_AT + 1] = 0
+        h[_GENERATION_AT] = 0
+        h[_GENERATION_AT + 1] = 0
         crc = 0
     _store_u32(h + _META_LEN_AT, <uint32_t>meta_len)
     _store_u32(h + _BODY_LEN_AT, <uint32_t>body_len)

@@ -49,11 +49,12 @@ segment's, this segment's data ended at the bad record).  A message seen twice
 
 Reclamation works from the oldest segment forward so that a DONE record is
 never deleted while the message it finishes still exists on disk: the oldest
-segment is unlinked (or its file becomes the spare) when nothing in it is queued; when few of its messages are
-still queued they are copied forward into the current segment first (and
-synced) — a log-structured compaction.  New segment files are made durable
-with a directory fsync before anything in them is acknowledged, and so is a
-new shard directory in the spool directory (:func:`make_dirs`).
+segment is unlinked (or its file becomes a spare) when nothing in it is
+queued; when few of its messages are still queued they are copied forward into
+the current segment first (and synced) — a log-structured compaction.  New
+segment files are made durable with a directory fsync before anything in them
+is acknowledged, and so is a new shard directory in the spool directory
+(:func:`make_dirs`).
 
 Failure: an OSError from write or fsync (EIO, ENOSPC) is raised to the shard,
 which answers the batch with a storage error; the segment is abandoned and the
@@ -513,7 +514,7 @@ def _decode(codec, buf, off: int, segment: int, numbered: bool) -> tuple:
     (see _numbered) answered CORRUPT."""
     got = codec.decode(buf, off, segment=segment)
     if numbered and got[0] == codec.OK and buf[off + 5] != codec.VERSION_SEGMENT:
-        return codec.decode(b"", 0)     # (the codec's own "not a record" answer)
+        return (codec.CORRUPT, 0, None, 0, 0, 0)
     return got
 
 

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from mta import native
-from mta.store import (REC_EVENTS, REC_MESSAGE, SEGMENT_SUFFIX, SPARE_READY, SPARE_REUSED, SPARE_TMP,
-                       MessageMeta, Store, _enc, read_events)
+from mta.store import (REC_EVENTS, REC_MESSAGE, SEGMENT_SUFFIX, SPARE_READY, SPARE_REUSED,
+                       SPARE_TMP, MessageMeta, Segment, Store, _enc, read_events)
 
 MiB = 1 << 20
 IMPLS = ["pure"] if native.PURE else ["compiled", "pure"]
@@ -509,6 +509,24 @@ def test_preallocated_segment_is_zero_filled_ahead_and_recovers_cleanly(tmp_path
     assert SPARE_TMP not in os.listdir(tmp_path)
 
 
+def torn_writes(tmp_path, seg: Segment, rec: bytes, step: int, keep=()):
+    """*rec* written at the end of segment *seg*'s data as a crash leaves it: cut after
+    each of its first 40 octets, then every *step*, then whole (the last one).  Each is
+    a copy of the segment's file, beside copies of the files named in *keep*, in a
+    directory of its own; yields (cut, that directory)."""
+    full = open(seg.path, "rb").read()
+    at = seg.size
+    d = tmp_path / "torn"
+    d.mkdir()
+    for name in keep:
+        shutil.copy(tmp_path / name, d / name)
+    path = d / os.path.basename(seg.path)
+    for cut in [*range(1, 40), *range(40, len(rec), step), len(rec)]:
+        path.write_bytes(full[:at] + rec[:cut] + full[at + cut:])
+        assert os.path.getsize(path) == len(full)
+        yield cut, d
+
+
 def test_torn_write_inside_a_preallocated_segment_at_every_offset(tmp_path, codec):
     """A crash during a write into a preallocated segment leaves a record whose
     rest is zeros: it is a torn tail, skipped; what was synced before survives."""
@@ -518,23 +536,16 @@ def test_torn_write_inside_a_preallocated_segment_at_every_offset(tmp_path, code
     put(st, [(meta(1), body(1, 500)), (meta(2), body(2, 700))])
     seg = st.current
     assert seg.prezeroed
-    at = seg.size
     crash(st)
-    full = open(seg.path, "rb").read()
     rec = codec.encode(REC_MESSAGE, _enc.encode(meta(3)), body(3, 300), seg.number)
-    d = tmp_path / "torn"
-    d.mkdir()
-    torn_path = d / os.path.basename(seg.path)
     intact = {qid(1): body(1, 500), qid(2): body(2, 700)}
-    for cut in list(range(1, 40)) + list(range(40, len(rec), 23)):
-        torn_path.write_bytes(full[:at] + rec[:cut] + full[at + cut:])
-        assert os.path.getsize(torn_path) == MiB
+    for cut, d in torn_writes(tmp_path, seg, rec, 23):
         st2, stats = restart(d, codec)
-        assert contents(st2) == intact, f"cut at {cut}"
-        assert stats["torn"] == 1, f"cut at {cut}"
-    torn_path.write_bytes(full[:at] + rec + full[at + len(rec):])
-    st2, stats = restart(d, codec)
-    assert contents(st2) == {**intact, qid(3): body(3, 300)} and stats["torn"] == 0
+        if cut < len(rec):
+            assert contents(st2) == intact, f"cut at {cut}"
+            assert stats["torn"] == 1, f"cut at {cut}"
+        else:
+            assert contents(st2) == {**intact, qid(3): body(3, 300)} and stats["torn"] == 0
 
 
 def reused_segment(tmp_path, codec):
@@ -598,29 +609,22 @@ def test_a_torn_write_in_a_reused_segment_at_every_offset(tmp_path, codec):
     """A crash during a write into a reused file leaves a record followed by the old
     contents: nothing of it and nothing after it is read; what was synced survives."""
     st, seg3, expect, first = reused_segment(tmp_path, codec)
-    at = seg3.size
     crash(st)
-    full = open(seg3.path, "rb").read()
     rec = codec.encode(REC_MESSAGE, _enc.encode(meta(99)), body(99, 300), seg3.number)
-    d = tmp_path / "torn"
-    d.mkdir()
-    for name in seg_files(tmp_path):
-        if name != os.path.basename(seg3.path):
-            shutil.copy(tmp_path / name, d / name)
-    torn_path = d / os.path.basename(seg3.path)
-    for cut in list(range(1, 40)) + list(range(40, len(rec), 29)):
-        torn_path.write_bytes(full[:at] + rec[:cut] + full[at + cut:])
-        st2, stats = restart(d, codec)
-        assert contents(st2) == expect, f"cut at {cut}"
-        assert not set(first) & set(queued(st2)), f"cut at {cut}"
-    torn_path.write_bytes(full[:at] + rec + full[at + len(rec):])
-    st2, _ = restart(d, codec)
-    assert contents(st2) == {**expect, qid(99): body(99, 300)}
+    others = [n for n in seg_files(tmp_path) if n != os.path.basename(seg3.path)]
+    for cut, d in torn_writes(tmp_path, seg3, rec, 29, keep=others):
+        st2, _ = restart(d, codec)
+        if cut < len(rec):
+            assert contents(st2) == expect, f"cut at {cut}"
+            assert not set(first) & set(queued(st2)), f"cut at {cut}"
+        else:
+            assert contents(st2) == {**expect, qid(99): body(99, 300)}
 
 
 def test_a_spare_whose_records_are_not_of_an_older_segment_is_not_used(tmp_path, codec):
-    """Numbers only grow, but should a reused file ever meet a number not above its own
-    (a spool edited by hand), its records would not be stale there: it is removed."""
+    """Should a reused file ever meet a number not above its own (after every segment
+    was reclaimed numbers start again at 1; here: a spool edited by hand), its records
+    would not be stale there: it is removed, and a new file is used."""
     st, seg3, expect, first = reused_segment(tmp_path, codec)
     kept = {q: b for q, b in expect.items() if seg_of(st, q) != seg3.number}
     crash(st)
