@@ -647,6 +647,12 @@ class Acceptor:
         self.drain_deadline = self.loop.time() + timeout
         for srv in self.servers:
             srv.close()
+        # A connection accepted in this loop iteration, before the close, still has
+        # its connection_made() queued (uvloop calls it soon, not at the accept), so
+        # its session is not in self.sessions yet.  Let those callbacks run first:
+        # otherwise the drain can find the acceptor idle and the process exit under
+        # a client it has just greeted (seen as a reset at EHLO during a reload).
+        await asyncio.sleep(0)
         http_sessions = self.http.sessions if self.http is not None else set()
         log.info("draining: %d SMTP and %d HTTP session(s) open", len(self.sessions),
                  len(http_sessions))

@@ -1,0 +1,88 @@
+"""An acceptor's drain (SIGTERM, a reload) on a real uvloop loop and real sockets.
+
+uvloop accepts a connection in its poll phase and calls the protocol's
+connection_made() from the ready queue afterwards.  A drain that begins between
+the two must still see that connection as a session: the process exits when the
+drain finds no session open, and a client it had just greeted then reads a reset.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import threading
+import time
+
+import msgspec
+import uvloop
+
+from acceptor import fake
+from mta.acceptor import smtp
+
+
+def _client(port: int, sock: socket.socket, seen: list) -> None:
+    """Read the banner, EHLO, QUIT: record every reply line's start, or the error."""
+    try:
+        sock.settimeout(10)
+        f = sock.makefile("rb")
+        seen.append(f.readline()[:4])
+        sock.sendall(b"EHLO probe.test\r\n")
+        while True:
+            line = f.readline()
+            if not line.startswith(b"250-"):
+                break
+        seen.append(line[:4])
+        sock.sendall(b"QUIT\r\n")
+        seen.append(f.readline()[:4])
+    except OSError as exc:
+        seen.append(type(exc).__name__)
+    finally:
+        sock.close()
+
+
+def test_a_connection_accepted_just_before_the_drain_is_served_before_it_ends():
+    loop = uvloop.new_event_loop()
+    settings = fake.settings()
+    cfg = settings.config
+    settings = dataclasses.replace(settings, config=msgspec.structs.replace(
+        cfg, server=msgspec.structs.replace(cfg.server, shutdown_timeout=5.0)))
+    acc = fake.Acceptor(settings, loop)
+    made = []
+
+    def session():
+        made.append(loop.time())
+        return smtp.Session(acc)
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    seen: list = []
+
+    async def run():
+        acc.servers.append(await loop.create_server(session, sock=listener))
+        client = socket.create_connection(("127.0.0.1", port))
+        time.sleep(0.05)        # the handshake is done: the listener is readable
+        for _ in range(100):    # one loop iteration at a time, until the accept
+            await asyncio.sleep(0)
+            if made:
+                break
+        # The race this test is about: accepted, connection_made() not yet called.
+        assert made and not acc.sessions, "the accept and connection_made() came together"
+        t = threading.Thread(target=_client, args=(port, client, seen), daemon=True)
+        t.start()
+        await acc.drain()       # not in a task of its own: that would start an iteration later
+        # The drain ended: nothing may be left open (the process would exit now).
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        open_after = len(acc.sessions)
+        await loop.run_in_executor(None, t.join, 10)
+        return open_after
+
+    try:
+        open_after = loop.run_until_complete(run())
+    finally:
+        listener.close()
+        loop.close()
+    assert open_after == 0, "the drain ended with a greeted client still connected"
+    assert seen == [b"220 ", b"250 ", b"221 "]
