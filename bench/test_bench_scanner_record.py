@@ -9,7 +9,8 @@ twin side by side:
   dot-stuffed message; then QUIT) fed whole, the same fed in 1460-byte TCP
   segments, and the same with BDAT instead of DATA;
 * record: encode, encode_header, decode and Decoder.feed of one record with
-  100 bytes of meta and a 2 KB body.
+  100 bytes of meta and a 2 KB body, as the spool writes them (version 2: numbered
+  for its segment, SEGMENT below), and decode of a version-1 record (older spools).
 """
 
 import pytest
@@ -87,33 +88,42 @@ def test_scan_bdat_session(benchmark, impl):
 
 
 META = b'{"queue_id":"7Kx2bQ9","sender":"sender@example.com","rcpt":["rcpt@example.net"]}'.ljust(100)
-RECORD = load("record", "pure").encode(1, META, MESSAGE)
+SEGMENT = 1234                      # the segment the records are written for
+RECORD = load("record", "pure").encode(1, META, MESSAGE, SEGMENT)
+RECORD_V1 = load("record", "pure").encode(1, META, MESSAGE)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_record_encode(benchmark, impl):
     benchmark.group = "record: encode, 2 KB body"
     mod = load("record", impl)
-    assert benchmark(mod.encode, 1, META, MESSAGE) == RECORD
+    assert benchmark(mod.encode, 1, META, MESSAGE, SEGMENT) == RECORD
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_record_encode_header(benchmark, impl):
     benchmark.group = "record: encode_header, 2 KB body"
     mod = load("record", impl)
-    assert benchmark(mod.encode_header, 1, META, MESSAGE) == RECORD[:20]
+    assert benchmark(mod.encode_header, 1, META, MESSAGE, SEGMENT) == RECORD[:20]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_record_decode(benchmark, impl):
     benchmark.group = "record: decode, 2 KB body"
     mod = load("record", impl)
-    assert benchmark(mod.decode, RECORD)[0] == mod.OK
+    assert benchmark(mod.decode, RECORD, 0, mod.DEFAULT_MAX_RECORD, SEGMENT)[0] == mod.OK
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_record_decode_version_1(benchmark, impl):
+    benchmark.group = "record: decode of a version-1 record, 2 KB body"
+    mod = load("record", impl)
+    assert benchmark(mod.decode, RECORD_V1)[0] == mod.OK
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_record_decoder_feed(benchmark, impl):
     benchmark.group = "record: Decoder.feed of one whole record, 2 KB body"
     mod = load("record", impl)
-    decoder = mod.Decoder()
+    decoder = mod.Decoder(mod.DEFAULT_MAX_RECORD, SEGMENT)
     assert benchmark(decoder.feed, RECORD) == [(1, META, MESSAGE)]

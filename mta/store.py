@@ -619,12 +619,13 @@ def segment_path(directory: str, number: int) -> str:
 
 
 def read_events(codec, buf, off: int, end: int, last: bool, on_events, on_skip=None,
-                limit: int = 0, segment: int | None = None) -> int:
+                limit: int = 0, *, segment: int | None) -> int:
     """Walk the records of one segment's bytes *buf* from *off*; return where to go on.
 
     *end*: read no record that ends after it (the watermark in the newest
     segment, else the file's length).  *segment*: the segment's number (its
-    version-2 records are checked against it).  Each REC_EVENTS record is
+    version-2 records are checked against it; required, since without it -- None --
+    only version-1 records are read and every version-2 record is damage).  Each REC_EVENTS record is
     passed to ``on_events(offset, meta)``.  A record that does not decode: in
     the segment being written (*last*) it may still be on its way (or be the
     zero-filled rest), so the walk stops there and is tried again later; in
@@ -799,14 +800,16 @@ class Store:
                     break
                 # Torn tail or damaged record: skip to the next record that decodes.
                 again, found = _next_record(codec, mm, off, end, number, numbered)
-                if found == STALE or (again < 0 and not _own_header(codec, mm, off, end, number)):
+                own = _own_header(codec, mm, off, end, number)
+                if (found == STALE or again < 0) and not own:
                     break  # (a reused file's old contents after this segment's last record)
                 skipped = (again if again >= 0 else end) - off
                 stats["skipped_bytes"] += skipped
-                if again < 0:
-                    # Nothing follows: the last write was cut short by a crash
-                    # (a short file, or in a preallocated one a record whose
-                    # rest is still zeros, failing its checksum).
+                if again < 0 or found == STALE:
+                    # Nothing of this segment follows: the last write was cut short
+                    # by a crash (a short file; in a preallocated one a record whose
+                    # rest is still zeros, in a reused one a record whose rest is the
+                    # file's older contents: either fails its checksum).
                     stats["torn"] += 1
                     log.warning("segment %s: %d bytes at offset %d are incomplete or "
                                 "damaged (torn tail: %s); ignored", seg.path, skipped, off,

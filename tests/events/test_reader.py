@@ -16,6 +16,7 @@ from mta.store import (CURSOR, REC_EVENTS, REC_MESSAGE, MessageMeta, Store, Wate
                        read_cursor, read_events, write_cursor)
 
 MiB = 1 << 20
+SEG = 70_001     # a segment number for records made by hand (version 2, as written)
 IMPLS = ["pure"] if native.PURE else ["compiled", "pure"]
 
 
@@ -121,20 +122,21 @@ def test_reader_follows_segments_and_a_torn_record(tmp_path, codec):
 
 
 def test_read_events_stops_at_an_incomplete_record_in_the_newest_segment(codec):
-    rec1 = codec.encode(REC_EVENTS, ev.encode([injection(1)]), b"")
-    rec2 = codec.encode(REC_EVENTS, ev.encode([injection(2)]), b"")
-    other = codec.encode(REC_MESSAGE, b"m", b"body")
+    rec1 = codec.encode(REC_EVENTS, ev.encode([injection(1)]), b"", SEG)
+    rec2 = codec.encode(REC_EVENTS, ev.encode([injection(2)]), b"", SEG)
+    other = codec.encode(REC_MESSAGE, b"m", b"body", SEG)
     buf = rec1 + other + rec2[: len(rec2) // 2]
     seen = []
-    off = read_events(codec, buf, 0, len(buf), True, lambda o, m: seen.append(o))
+    off = read_events(codec, buf, 0, len(buf), True, lambda o, m: seen.append(o), segment=SEG)
     assert seen == [0] and off == len(rec1) + len(other)    # tried again later from there
     # the rest arrives: read from where it stopped
     buf = rec1 + other + rec2
-    off = read_events(codec, buf, off, len(buf), True, lambda o, m: seen.append(o))
+    off = read_events(codec, buf, off, len(buf), True, lambda o, m: seen.append(o), segment=SEG)
     assert seen == [0, len(rec1) + len(other)] and off == len(buf)
     # limit: one record at a time
     seen.clear()
-    off = read_events(codec, buf, 0, len(buf), False, lambda o, m: seen.append(o), limit=1)
+    off = read_events(codec, buf, 0, len(buf), False, lambda o, m: seen.append(o), limit=1,
+                     segment=SEG)
     assert seen == [0] and off == len(rec1)
 
 
