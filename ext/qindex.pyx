@@ -1537,14 +1537,28 @@ cdef class QidFifo:
         while n > 0 and self.head < self.tail:
             pos = self.head & self.rmask
             r = &self.ring[pos]
-            self.head += 1
             if r.bits & _F_DEAD:
+                self.head += 1
                 continue
+            # The id's string first, the FIFO changed after: should making it (or
+            # growing the list) fail, this id still waits and the ones already taken
+            # are returned -- none leaves the FIFO without reaching the caller.
+            try:
+                out.append(self.odd[pos] if r.bits & _F_ODD else _format(r.hi, r.lo))
+            except MemoryError:
+                if not out:
+                    raise
+                break
+            self.head += 1
             self._unput(<uint32_t>pos)
-            out.append(self.odd.pop(pos) if r.bits & _F_ODD else _format(r.hi, r.lo))
+            if r.bits & _F_ODD:
+                del self.odd[pos]
             self.live -= 1
             n -= 1
-        self._maybe_shrink()
+        try:
+            self._maybe_shrink()
+        except MemoryError:
+            pass        # (shrinking is optional: the larger arrays stay)
         return out
 
     cdef int _maybe_shrink(self) except -1:

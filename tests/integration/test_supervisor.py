@@ -20,7 +20,7 @@ from daemon import HOST, render_config, wait_until
 # A later reset at EHLO (once in about a dozen full runs) had another cause: a connection the
 # old acceptor accepted in the loop iteration its drain began in was not yet a session (uvloop
 # calls connection_made() from the ready queue), so the drain found it idle and the process
-# exited under a client it had just greeted (tests/acceptor/test_drain.py).
+# exited under a client it had just greeted (tests/acceptor/test_drain_race.py).
 
 
 class ConnectionProbe(threading.Thread):
