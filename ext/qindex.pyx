@@ -1379,16 +1379,21 @@ cdef class QidFifo:
             free(table)
             raise MemoryError()
         memset(table, 0, 2 * cap * sizeof(uint32_t))
-        odd = {}
-        if self.ring != NULL:
-            for q in range(self.head, self.tail):
-                s = q & self.rmask
-                if self.ring[s].bits & _F_DEAD:
-                    continue
-                ring[n] = self.ring[s]
-                if ring[n].bits & _F_ODD:
-                    odd[n] = self.odd[s]
-                n += 1
+        try:
+            odd = {}
+            if self.ring != NULL:
+                for q in range(self.head, self.tail):
+                    s = q & self.rmask
+                    if self.ring[s].bits & _F_DEAD:
+                        continue
+                    ring[n] = self.ring[s]
+                    if ring[n].bits & _F_ODD:
+                        odd[n] = self.odd[s]
+                    n += 1
+        except BaseException:
+            free(ring)          # (the FIFO is as it was)
+            free(table)
+            raise
         free(self.ring)
         free(self.table)
         self.ring = ring
@@ -1521,18 +1526,23 @@ cdef class QidFifo:
         if i < 0:
             return False
         pos = self.table[i] - 1
+        key = pos if odd else None      # (made before the FIFO changes: it may allocate)
         self._unput_at(<uint64_t>i)
         self.ring[pos].bits |= _F_DEAD
         if odd:
-            del self.odd[pos]
+            del self.odd[key]
         self.live -= 1
-        self._maybe_shrink()
+        try:
+            self._maybe_shrink()
+        except MemoryError:
+            pass        # (shrinking is optional: the larger arrays stay)
         return True
 
     def take(self, Py_ssize_t n):
         """The *n* (or fewer) ids that waited longest, no longer waiting."""
         cdef uint64_t pos
         cdef FEnt* r
+        cdef uint8_t odd
         out = []
         while n > 0 and self.head < self.tail:
             pos = self.head & self.rmask
@@ -1540,19 +1550,25 @@ cdef class QidFifo:
             if r.bits & _F_DEAD:
                 self.head += 1
                 continue
-            # The id's string first, the FIFO changed after: should making it (or
-            # growing the list) fail, this id still waits and the ones already taken
-            # are returned -- none leaves the FIFO without reaching the caller.
+            # Everything that allocates first (the id's string, the odd id's key, the
+            # list's growth), the FIFO changed after: should one fail, this id still
+            # waits and the ones already taken are returned -- none leaves the FIFO
+            # without reaching the caller.
+            odd = r.bits & _F_ODD
             try:
-                out.append(self.odd[pos] if r.bits & _F_ODD else _format(r.hi, r.lo))
+                if odd:
+                    key = pos
+                    out.append(self.odd[key])
+                else:
+                    out.append(_format(r.hi, r.lo))
             except MemoryError:
                 if not out:
                     raise
                 break
             self.head += 1
             self._unput(<uint32_t>pos)
-            if r.bits & _F_ODD:
-                del self.odd[pos]
+            if odd:
+                del self.odd[key]       # (the key object exists: nothing to allocate)
             self.live -= 1
             n -= 1
         try:

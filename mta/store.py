@@ -801,6 +801,10 @@ class Store:
                 # Torn tail or damaged record: skip to the next record that decodes.
                 again, found = _next_record(codec, mm, off, end, number, numbered)
                 own = _own_header(codec, mm, off, end, number)
+                if found == STALE and mm[off:off + 4] != codec.MAGIC:
+                    # (zeros among a reused file's old contents pass for a header cut
+                    # short; a write of ours into that file began with the magic)
+                    own = False
                 if (found == STALE or again < 0) and not own:
                     break  # (a reused file's old contents after this segment's last record)
                 skipped = (again if again >= 0 else end) - off

@@ -605,6 +605,24 @@ def test_a_reused_segment_file_never_gives_back_its_old_records(tmp_path, codec)
     assert off == len(data)
 
 
+def test_zeros_among_a_reused_files_old_contents_are_not_a_torn_tail(tmp_path, codec):
+    """Where the new records end, the file's old contents may hold zeros (inside an old
+    body, say) before its next old record: the segment ends there quietly, as at an old
+    record -- zeros pass for a header of ours cut short only where zeros follow."""
+    st, seg3, expect, first = reused_segment(tmp_path, codec)
+    crash(st)
+    with open(seg3.path, "r+b") as fh:
+        data = fh.read()
+        tail = _find(data, codec.MAGIC, seg3.size)
+        assert tail - seg3.size >= 16          # (the new data ends inside an old record)
+        fh.seek(seg3.size)
+        fh.write(bytes(16))
+    st2, stats = restart(tmp_path, codec)
+    assert contents(st2) == expect
+    assert not set(first) & set(queued(st2))
+    assert stats["torn"] == 0
+
+
 def test_a_torn_write_in_a_reused_segment_at_every_offset(tmp_path, codec):
     """A crash during a write into a reused file leaves a record followed by the old
     contents: nothing of it and nothing after it is read; what was synced survives."""
