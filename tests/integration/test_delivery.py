@@ -923,7 +923,7 @@ def test_power_loss_while_a_reused_segment_file_is_written(lab, tmp_path):
         second.seqs = iter(range(n, n + 40))
         seed = int(os.environ.get("POWERLOSS_SEED") or random.randrange(1 << 32))
         print(f"POWERLOSS_SEED={seed}")
-        cut_after = random.Random(seed).randint(3, 15)
+        cut_after = random.Random(seed).randint(3, 10)
         second.start()
         wait_until(lambda: len(second.accepted) >= cut_after, 60,
                    f"{cut_after} messages of the load acknowledged", interval=0.01)
