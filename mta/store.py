@@ -532,6 +532,25 @@ def _next_record(codec, buf, off: int, end: int, segment: int,
             return off, status
 
 
+def _after_bad_record(codec, buf, off: int, end: int, segment: int,
+                      numbered: bool) -> tuple[int, bool, bool]:
+    """In a finished segment, at a record that does not decode (and is not the zeroed or
+    older rest of the file): (the offset of the next record that decodes, -1 if none;
+    whether this segment's data ends here; whether it ends with a torn record of its own).
+
+    It ends if no record decodes after it, or the next that does is an older segment's
+    (STALE: a reused file's old contents).  It ends *torn* if the octets here begin a
+    header of this segment's (:func:`_own_header`); before old records, only a header
+    that has its magic counts, since zeros among old contents pass for one cut short."""
+    again, found = _next_record(codec, buf, off, end, segment, numbered)
+    if found == codec.STALE:
+        return again, True, (buf[off:off + 4] == codec.MAGIC
+                             and _own_header(codec, buf, off, end, segment))
+    if again < 0:
+        return -1, True, _own_header(codec, buf, off, end, segment)
+    return again, False, False
+
+
 class Watermark:
     """The shard's synced watermark: (segment number, offset) in a 16-octet mmap'ed file.
 
@@ -653,11 +672,11 @@ def read_events(codec, buf, off: int, end: int, last: bool, on_events, on_skip=N
             return off
         if status == STALE or _zero_from(buf, off, end):
             return end
-        nxt, status = _next_record(codec, buf, off, end, segment, numbered)
-        if status == STALE or (nxt < 0 and not _own_header(codec, buf, off, end, segment)):
+        nxt, ends, torn = _after_bad_record(codec, buf, off, end, segment, numbered)
+        if ends:
+            if torn and on_skip is not None:
+                on_skip(off, (nxt if nxt >= 0 else end) - off)
             return end
-        if nxt < 0:
-            nxt = end
         if on_skip is not None:
             on_skip(off, nxt - off)
         off = nxt
@@ -799,17 +818,12 @@ class Store:
                     # file the records of the segment it was before
                     break
                 # Torn tail or damaged record: skip to the next record that decodes.
-                again, found = _next_record(codec, mm, off, end, number, numbered)
-                own = _own_header(codec, mm, off, end, number)
-                if found == STALE and mm[off:off + 4] != codec.MAGIC:
-                    # (zeros among a reused file's old contents pass for a header cut
-                    # short; a write of ours into that file began with the magic)
-                    own = False
-                if (found == STALE or again < 0) and not own:
+                again, ends, torn = _after_bad_record(codec, mm, off, end, number, numbered)
+                if ends and not torn:
                     break  # (a reused file's old contents after this segment's last record)
                 skipped = (again if again >= 0 else end) - off
                 stats["skipped_bytes"] += skipped
-                if again < 0 or found == STALE:
+                if ends:
                     # Nothing of this segment follows: the last write was cut short
                     # by a crash (a short file; in a preallocated one a record whose
                     # rest is still zeros, in a reused one a record whose rest is the
