@@ -290,7 +290,10 @@ class EventStore:
         except lmdb.Error:
             pass
         self._warned = False
-        self._campaigns: dict[str, list[bytes]] = {}   # campaign id -> its index keys
+        # campaign id -> its index keys with their counter prefixes; (index, value) -> the
+        # same for the counted indexes with few values (type, bounce class)
+        self._campaigns: dict[str, list[tuple[bytes, bytes]]] = {}
+        self._prefixes: dict[tuple, tuple[bytes, bytes]] = {}
 
     def close(self) -> None:
         self.env.close()
@@ -318,49 +321,136 @@ class EventStore:
         # order (one call per database instead of one per key, and neighbouring keys
         # land on the pages just touched): a quarter less CPU per event than a put per
         # key, measured in one process (bench/RESULTS.md, "The events store's append").
+        # The keys are those of _index_keys (which prune uses), made here without its
+        # generator and with the repeating ones (type, bounce class, campaign, and the
+        # counter prefixes of those) cached: the events process spent most of its time
+        # in this loop (bench/RESULTS.md, "The events process's append, streamlined").
         now = time.time()
-        counts: dict[bytes, int] = {}
-        per_db: dict[str, list] = {}
+        per_minute: dict[int, dict[bytes, int]] = {}   # minute -> counter prefix -> events
         evs: list = []
         times: list = []
-        counted = COUNTED
+        rcpt: list = []
+        msg: list = []
+        tx: list = []
+        bcls: list = []
+        typ: list = []
+        camp: list = []
+        mid: list = []
+        index_mid = "mid" in self.idx
+        cached = self._cached
+        campaigns = self._campaigns
+        encode = _enc.encode
+        pack_ts = _TS.pack
+        pack_seq = _U64.pack
+        last_minute = -1
+        per = per_minute
+        last_tx = last_tx_prefix = None
         with self.env.begin(write=True) as txn:
             v = txn.get(b"seq", db=self.meta)
             seq = _U64.unpack(v)[0] if v is not None else 0
             ids = self.ids
+            put = txn.put
             for ev in events:
-                ts = event_time(ev, now)
-                tk = _TS.pack(ts, seq + 1)
-                eid = ev.get("event_id")
+                get = ev.get
+                ts = get("timestamp")
+                if ts.__class__ is str:
+                    try:
+                        ms = max(0, int(float(ts) * 1000))
+                    except ValueError:
+                        ms = event_time(ev, now)
+                else:
+                    ms = event_time(ev, now)
+                tk = pack_ts(ms, seq + 1)
+                eid = get("event_id")
                 # (a replayed event: its id is stored, the put adds nothing and says so)
-                if eid not in (None, "") and not txn.put(_key(eid), tk, db=ids,
-                                                         overwrite=False):
+                if eid not in (None, "") and not put(_key(eid), tk, db=ids, overwrite=False):
                     continue
                 seq += 1
-                evs.append((_U64.pack(seq), tk[:8] + _enc.encode(ev)))
-                times.append((tk, _key(ev.get("type") or "")))
-                minute = _MIN.pack(ts // 60000)
-                ck = _ALL + minute
-                counts[ck] = counts.get(ck, 0) + 1
-                for name, k in self._index_keys(ev):
-                    keys = per_db.get(name)
+                evs.append((pack_seq(seq), tk[:8] + encode(ev)))
+                minute = ms // 60000
+                if minute != last_minute:
+                    last_minute = minute
+                    per = per_minute.get(minute)
+                    if per is None:
+                        per = per_minute[minute] = {}
+                per[_ALL] = per.get(_ALL, 0) + 1
+                kind = get("type")
+                entry = cached("type", kind or "")
+                times.append((tk, entry[0]))
+                if kind not in (None, ""):
+                    typ.append((entry[0], tk))
+                    per[entry[1]] = per.get(entry[1], 0) + 1
+                v = get("rcpt_to")
+                if v not in (None, ""):
+                    rcpt.append((_key(v), tk))
+                v = get("message_id")
+                if v not in (None, ""):
+                    msg.append((_key(v), tk))
+                v = get("transmission_id")
+                if v not in (None, ""):
+                    if v != last_tx:
+                        last_tx = v
+                        k = _key(v)
+                        last_tx_prefix = (k, _counter("tx", k))
+                    tx.append((last_tx_prefix[0], tk))
+                    p = last_tx_prefix[1]
+                    per[p] = per.get(p, 0) + 1
+                v = get("bounce_class")
+                if v not in (None, ""):
+                    entry = cached("bcls", v)
+                    bcls.append((entry[0], tk))
+                    per[entry[1]] = per.get(entry[1], 0) + 1
+                if index_mid and kind == "injection":
+                    v = message_id_key(get("message_id_header"))
+                    if v:
+                        mid.append((_key(v), tk))
+                v = get("campaign_id")
+                if v:
+                    v = str(v)
+                    keys = campaigns.get(v)
                     if keys is None:
-                        keys = per_db[name] = []
-                    keys.append((k, tk))
-                    if name in counted:
-                        ck = _counter(name, k) + minute
-                        counts[ck] = counts.get(ck, 0) + 1
+                        keys = self._campaign_keys(v)
+                    for k, p in keys:
+                        camp.append((k, tk))
+                        per[p] = per.get(p, 0) + 1
             if evs:
                 txn.cursor(db=self.ev).putmulti(evs, append=True)
                 times.sort()
                 txn.cursor(db=self.time).putmulti(times)
-                for name, keys in per_db.items():
-                    keys.sort()
-                    txn.cursor(db=self.idx[name]).putmulti(keys)
-            for ck, n in counts.items():
-                self._bump(txn, ck, n)
+                idx = self.idx
+                for name, keys in (("rcpt", rcpt), ("msg", msg), ("tx", tx), ("bcls", bcls),
+                                   ("type", typ), ("mid", mid), ("camp", camp)):
+                    if keys:
+                        keys.sort()
+                        txn.cursor(db=idx[name]).putmulti(keys)
+            for minute, per in per_minute.items():
+                mb = _MIN.pack(minute)
+                for prefix, n in per.items():
+                    self._bump(txn, prefix + mb, n)
             txn.put(b"seq", _U64.pack(seq), db=self.meta)
         return seq
+
+    def _cached(self, name: str, value) -> tuple[bytes, bytes]:
+        """(index key, counter prefix) of a value of a counted index with few values."""
+        ck = (name, value.__class__, value)
+        try:
+            entry = self._prefixes.get(ck)
+        except TypeError:           # (a value that cannot be a dict key: not kept)
+            k = _key(value)
+            return k, _counter(name, k)
+        if entry is None:
+            if len(self._prefixes) >= MAX_CACHED_CAMPAIGNS:
+                self._prefixes.clear()
+            k = _key(value)
+            entry = self._prefixes[ck] = (k, _counter(name, k))
+        return entry
+
+    def _campaign_keys(self, camp: str) -> list[tuple[bytes, bytes]]:
+        """The ``camp`` keys of a campaign id with their counter prefixes (cached)."""
+        if len(self._campaigns) >= MAX_CACHED_CAMPAIGNS:
+            self._campaigns.clear()
+        keys = self._campaigns[camp] = [(k, _counter("camp", k)) for k in campaign_keys(camp)]
+        return keys
 
     def _index_keys(self, ev: dict):
         for name, field in _INDEX_FIELDS:
@@ -376,10 +466,8 @@ class EventStore:
             camp = str(camp)
             keys = self._campaigns.get(camp)
             if keys is None:
-                if len(self._campaigns) >= MAX_CACHED_CAMPAIGNS:
-                    self._campaigns.clear()
-                keys = self._campaigns[camp] = campaign_keys(camp)
-            for k in keys:
+                keys = self._campaign_keys(camp)
+            for k, _ in keys:
                 yield "camp", k
 
     def _bump(self, txn, ck: bytes, delta: int) -> None:

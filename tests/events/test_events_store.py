@@ -218,6 +218,50 @@ def test_prune_keeps_retention_and_unconsumed_events(store):
     assert s.append([ev(0)]) == 101
 
 
+def _entries(store, db) -> list:
+    with store.env.begin(db=db) as txn:
+        return list(txn.cursor().iternext())
+
+
+def test_prune_removes_exactly_what_append_wrote(store):
+    """append makes its index keys and counters itself (fast path); prune finds them again
+    from the stored event (_index_keys). Every kind of key must agree: after a prune of
+    everything, no index entry, no counter and no id is left behind."""
+    events = [
+        ev(0),
+        ev(1, type="injection", message_id_header=" <Abc.1@Example.COM> "),
+        ev(2, type="injection", message_id_header=""),                     # no mid key
+        ev(3, type="bounce", bounce_class="10", campaign_id="Spring Sale - 2026 a b c"),
+        ev(4, type="bounce", bounce_class=10),             # a number: the key "10" as well
+        ev(5, type="delay", bounce_class=True, transmission_id=77),
+        ev(6, type="", campaign_id=""),                     # no type or campaign keys
+        ev(7, timestamp=T0 + 7.5, transmission_id="t0"),    # a number of seconds
+        ev(8, timestamp="2023-11-14T22:14:28Z", rcpt_to="", message_id=""),
+        ev(9, type="spam_complaint", campaign_id=["not", "a", "string"]),
+        ev(10, bounce_class=["unhashable"]),
+    ] + [ev(11 + i, transmission_id="t-shared") for i in range(5)]
+    store.append(events)
+    names = ("rcpt", "msg", "tx", "camp", "bcls", "type", "mid")
+    assert all(_entries(store, store.idx[n]) for n in names)   # every index has keys
+    assert len(_entries(store, store.idx["mid"])) == 1
+    # the counters are those prune will take back: per minute, all events and each
+    # counted index key of each event
+    want: dict[bytes, int] = {}
+    for _, e in store.read(0, 100):
+        minute = S._MIN.pack(S.event_time(e) // 60000)
+        for ck in [S._ALL] + [S._counter(n, k) for n, k in store._index_keys(e)
+                              if n in S.COUNTED]:
+            want[ck + minute] = want.get(ck + minute, 0) + 1
+    got = {k: S._U64.unpack(v)[0] for k, v in _entries(store, store.count_db)}
+    assert got == want
+    assert store.prune(T0 + 10**6, keep_from_seq=10**9) == len(events)
+    for n in names:
+        assert _entries(store, store.idx[n]) == [], n
+    assert _entries(store, store.count_db) == []
+    assert _entries(store, store.ids) == []
+    assert store.count() == 0
+
+
 def test_store_full_is_an_exception_and_prune_frees_space(tmp_path):
     s = S.EventStore(str(tmp_path / "small"), map_size=2 * 1024 * 1024, retention=10 * 86400)
     try:
