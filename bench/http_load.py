@@ -81,13 +81,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_body(size: int = BODY_SIZE) -> bytes:
+def make_body(size: int = BODY_SIZE, sender: str = "news@example.com") -> bytes:
     """A single-recipient transmission of exactly *size* octets, with substitutions."""
     def doc(pad: str) -> bytes:
         return json.dumps({
             "recipients": [{"address": {"email": "reader@example.net", "name": "A Reader"},
                             "substitution_data": {"first": "Ada"}}],
-            "content": {"from": {"email": "news@example.com", "name": "The News"},
+            "content": {"from": {"email": sender, "name": "The News"},
                         "subject": "Today's news for {{first}}",
                         "text": "Hello {{first}},\n\n" + pad + "\n\nTo unsubscribe: "
                                 "https://example.com/u?e={{address.email}}\n"},
