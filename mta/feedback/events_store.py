@@ -344,7 +344,7 @@ class EventStore:
         pack_seq = _U64.pack
         last_minute = -1
         per = per_minute
-        last_tx = last_tx_prefix = None
+        last_tx = last_tx_prefix = last_tx_class = None
         with self.env.begin(write=True) as txn:
             v = txn.get(b"seq", db=self.meta)
             seq = _U64.unpack(v)[0] if v is not None else 0
@@ -375,11 +375,13 @@ class EventStore:
                         per = per_minute[minute] = {}
                 per[_ALL] = per.get(_ALL, 0) + 1
                 kind = get("type")
-                entry = cached("type", kind or "")
-                times.append((tk, entry[0]))
                 if kind not in (None, ""):
+                    entry = cached("type", kind)
+                    times.append((tk, entry[0] if kind else b""))   # (_key(kind or ""))
                     typ.append((entry[0], tk))
                     per[entry[1]] = per.get(entry[1], 0) + 1
+                else:
+                    times.append((tk, b""))
                 v = get("rcpt_to")
                 if v not in (None, ""):
                     rcpt.append((_key(v), tk))
@@ -388,8 +390,8 @@ class EventStore:
                     msg.append((_key(v), tk))
                 v = get("transmission_id")
                 if v not in (None, ""):
-                    if v != last_tx:
-                        last_tx = v
+                    if v.__class__ is not last_tx_class or v != last_tx:   # (1 == True)
+                        last_tx, last_tx_class = v, v.__class__
                         k = _key(v)
                         last_tx_prefix = (k, _counter("tx", k))
                     tx.append((last_tx_prefix[0], tk))

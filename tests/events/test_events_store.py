@@ -239,7 +239,9 @@ def test_prune_removes_exactly_what_append_wrote(store):
         ev(8, timestamp="2023-11-14T22:14:28Z", rcpt_to="", message_id=""),
         ev(9, type="spam_complaint", campaign_id=["not", "a", "string"]),
         ev(10, bounce_class=["unhashable"]),
-    ] + [ev(11 + i, transmission_id="t-shared") for i in range(5)]
+        ev(11, type=0, transmission_id=True),               # falsy but present: indexed
+        ev(12, type=False, transmission_id=1),              # 1 == True, another key
+    ] + [ev(13 + i, transmission_id="t-shared") for i in range(5)]
     store.append(events)
     names = ("rcpt", "msg", "tx", "camp", "bcls", "type", "mid")
     assert all(_entries(store, store.idx[n]) for n in names)   # every index has keys
