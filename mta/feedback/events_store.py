@@ -293,7 +293,7 @@ class EventStore:
         # campaign id -> its index keys with their counter prefixes; (index, value) -> the
         # same for the counted indexes with few values (type, bounce class)
         self._campaigns: dict[str, list[tuple[bytes, bytes]]] = {}
-        self._prefixes: dict[tuple, tuple[bytes, bytes]] = {}
+        self._prefixes: dict[tuple[str, str], tuple[bytes, bytes]] = {}
 
     def close(self) -> None:
         self.env.close()
@@ -344,7 +344,7 @@ class EventStore:
         pack_seq = _U64.pack
         last_minute = -1
         per = per_minute
-        last_tx = last_tx_prefix = last_tx_class = None
+        last_tx = last_tx_prefix = None
         with self.env.begin(write=True) as txn:
             v = txn.get(b"seq", db=self.meta)
             seq = _U64.unpack(v)[0] if v is not None else 0
@@ -390,8 +390,8 @@ class EventStore:
                     msg.append((_key(v), tk))
                 v = get("transmission_id")
                 if v not in (None, ""):
-                    if v.__class__ is not last_tx_class or v != last_tx:   # (1 == True)
-                        last_tx, last_tx_class = v, v.__class__
+                    if v.__class__ is not str or v != last_tx:   # (see _cached)
+                        last_tx = v
                         k = _key(v)
                         last_tx_prefix = (k, _counter("tx", k))
                     tx.append((last_tx_prefix[0], tk))
@@ -433,13 +433,16 @@ class EventStore:
         return seq
 
     def _cached(self, name: str, value) -> tuple[bytes, bytes]:
-        """(index key, counter prefix) of a value of a counted index with few values."""
-        ck = (name, value.__class__, value)
-        try:
-            entry = self._prefixes.get(ck)
-        except TypeError:           # (a value that cannot be a dict key: not kept)
+        """(index key, counter prefix) of a value of a counted index with few values.
+
+        Only strings are kept: values of other types can be equal and print differently
+        (0.0 and -0.0, [1] and [True]), so one could be given the other's key.
+        """
+        if value.__class__ is not str:
             k = _key(value)
             return k, _counter(name, k)
+        ck = (name, value)
+        entry = self._prefixes.get(ck)
         if entry is None:
             if len(self._prefixes) >= MAX_CACHED_CAMPAIGNS:
                 self._prefixes.clear()

@@ -223,11 +223,37 @@ def _entries(store, db) -> list:
         return list(txn.cursor().iternext())
 
 
-def test_prune_removes_exactly_what_append_wrote(store):
-    """append makes its index keys and counters itself (fast path); prune finds them again
-    from the stored event (_index_keys). Every kind of key must agree: after a prune of
-    everything, no index entry, no counter and no id is left behind."""
-    events = [
+INDEXES = ("rcpt", "msg", "tx", "camp", "bcls", "type", "mid")
+
+
+def _implied(store) -> tuple[dict, list, dict]:
+    """The index entries, time entries and counters the stored events imply through
+    _index_keys (what prune deletes), each event at the time and seq it was stored with."""
+    idx: dict[str, list] = {n: [] for n in INDEXES}
+    times = []
+    counts: dict[bytes, int] = {}
+    for seq, raw in _entries(store, store.ev):
+        tk = raw[:8] + seq
+        e = S._dec.decode(raw[8:])
+        times.append((tk, S._key(e.get("type") or "")))
+        minute = S._MIN.pack(S._U64.unpack(tk[:8])[0] // 60000)
+        prefixes = [S._ALL]
+        for n, k in store._index_keys(e):
+            idx[n].append((k, tk))
+            if n in S.COUNTED:
+                prefixes.append(S._counter(n, k))
+        for ck in prefixes:
+            counts[ck + minute] = counts.get(ck + minute, 0) + 1
+    return {n: sorted(v) for n, v in idx.items()}, sorted(times), counts
+
+
+def test_append_writes_exactly_the_keys_prune_finds(store):
+    """append makes its index keys and counters itself (a fast path with caches); prune
+    finds them again from the stored event (_index_keys).  Every index entry, time entry
+    and counter must be what _index_keys implies -- none missing, none different -- for
+    odd values too, over two appends (the caches warm), and a prune of everything must
+    leave nothing behind."""
+    first = [
         ev(0),
         ev(1, type="injection", message_id_header=" <Abc.1@Example.COM> "),
         ev(2, type="injection", message_id_header=""),                     # no mid key
@@ -241,27 +267,29 @@ def test_prune_removes_exactly_what_append_wrote(store):
         ev(10, bounce_class=["unhashable"]),
         ev(11, type=0, transmission_id=True),               # falsy but present: indexed
         ev(12, type=False, transmission_id=1),              # 1 == True, another key
-    ] + [ev(13 + i, transmission_id="t-shared") for i in range(5)]
-    store.append(events)
-    names = ("rcpt", "msg", "tx", "camp", "bcls", "type", "mid")
-    assert all(_entries(store, store.idx[n]) for n in names)   # every index has keys
-    assert len(_entries(store, store.idx["mid"])) == 1
-    # the counters are those prune will take back: per minute, all events and each
-    # counted index key of each event
-    want: dict[bytes, int] = {}
-    for _, e in store.read(0, 100):
-        minute = S._MIN.pack(S.event_time(e) // 60000)
-        for ck in [S._ALL] + [S._counter(n, k) for n, k in store._index_keys(e)
-                              if n in S.COUNTED]:
-            want[ck + minute] = want.get(ck + minute, 0) + 1
-    got = {k: S._U64.unpack(v)[0] for k, v in _entries(store, store.count_db)}
-    assert got == want
-    assert store.prune(T0 + 10**6, keep_from_seq=10**9) == len(events)
-    for n in names:
+        # equal values that print differently: each keeps its own key
+        ev(13, type=0.0, bounce_class=0.0, transmission_id=[1]),
+        ev(14, type=-0.0, bounce_class=-0.0, transmission_id=[True]),
+        ev(15, type=[1], transmission_id={"a": 1}),
+        ev(16, type=[True], transmission_id={"a": 1.0}),
+        ev(17, timestamp=T0 + 3 * 60),                      # another minute
+    ] + [ev(18 + i, transmission_id="t-shared") for i in range(5)]
+    second = [ev(1), ev(3)] + [                             # two replays, then the same
+        ev(100 + i, **{k: v for k, v in e.items() if k not in ("event_id", "timestamp")})
+        for i, e in enumerate(first)]                        # values with the caches warm
+    assert store.append(first) == len(first)
+    assert store.append(second) == 2 * len(first)
+    idx, times, counts = _implied(store)
+    assert all(idx[n] for n in INDEXES)                      # every index has keys
+    for n in INDEXES:
+        assert _entries(store, store.idx[n]) == idx[n], n
+    assert _entries(store, store.time) == times
+    assert {k: S._U64.unpack(v)[0] for k, v in _entries(store, store.count_db)} == counts
+    assert store.prune(T0 + 10**6, keep_from_seq=10**9) == 2 * len(first)
+    for n in INDEXES:
         assert _entries(store, store.idx[n]) == [], n
-    assert _entries(store, store.count_db) == []
-    assert _entries(store, store.ids) == []
-    assert store.count() == 0
+    for db in (store.count_db, store.ids, store.time, store.ev):
+        assert _entries(store, db) == []
 
 
 def test_store_full_is_an_exception_and_prune_frees_space(tmp_path):
