@@ -1164,22 +1164,25 @@ class Store:
             break
         return copies, unlink
 
-    def unlink(self, segments: list[Segment]) -> int:
-        """Delete segments that no longer hold a queued message; return bytes freed.
+    def unlink(self, segments: list[Segment]) -> tuple[int, int]:
+        """Delete segments that no longer hold a queued message; return (bytes freed,
+        files kept as the next spare instead of deleted: 0 or 1).
 
         *segments* is oldest first.  The first one that still holds a queued
         message stops the pass: a newer segment may hold the DONE records of
         other messages in it, and deleting those first would bring the
         finished messages back at the next restart.
         """
-        freed = 0
+        freed = kept = 0
         for seg in segments:
             if seg.live:
                 break  # still needed (e.g. its copies were not made): keep it and all newer
             fd = self._readers.pop(seg.number, None)
             if fd is not None:
                 os.close(fd)
-            if not self._reuse(seg):
+            if self._reuse(seg):
+                kept += 1
+            else:
                 try:
                     os.unlink(seg.path)
                 except FileNotFoundError:
@@ -1188,7 +1191,7 @@ class Store:
             del self.segments[seg.number]
         if freed and self.fsync:
             self._sync_dir()
-        return freed
+        return freed, kept
 
     def _reuse(self, seg: Segment) -> bool:
         """Offer a finished segment's file as the next spare instead of removing it."""

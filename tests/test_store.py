@@ -297,7 +297,10 @@ def reclaim(st: Store, live_ratio: float = 0.25, max_copy: int = 2000) -> tuple[
     if unlink:
         if copies:
             put(st, copies)
-        st.unlink(unlink)
+        recycled = st.spare.recycled if st.spare is not None else 0
+        _, kept = st.unlink(unlink)
+        # (the count the shard's log line gives: files offered as the spare)
+        assert kept == (st.spare.recycled if st.spare is not None else 0) - recycled
     return copies, numbers
 
 

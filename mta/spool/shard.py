@@ -1006,14 +1006,11 @@ class Shard:
                 new = self.store.write(copies, [])
                 self.store.sync()
                 self.store.commit(new, [])
-            spare = self.store.spare
-            reused = spare.recycled if spare is not None else 0
-            freed = self.store.unlink(unlink)
+            freed, kept = self.store.unlink(unlink)
             if freed:
-                reused = (spare.recycled if spare is not None else 0) - reused
                 log.info("reclaimed %d segment(s), %d bytes%s; copied forward %d message(s)",
                          len(unlink), freed,
-                         f" ({reused} file kept as the next segment's)" if reused else "",
+                         f" ({kept} file kept as the next segment's)" if kept else "",
                          len(copies))
         except OSError as exc:
             log.error("reclamation failed: %s", exc.strerror or exc)
