@@ -89,6 +89,7 @@ DEFAULT_CHUNK = 5000               # events deleted per prune transaction
 MAX_ORIGINAL_EVENTS = 1000         # events of an original message read for one report
 MAX_MESSAGE_ID_MATCHES = 8         # messages one Message-ID is looked up in (newest first)
 MAX_CACHED_CAMPAIGNS = 1000       # campaign ids whose index keys the writer keeps
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: a later timestamp is no time
 MAX_SCAN = 500_000                 # index entries one query may read (then: a short page, a cursor)
 
 # Filters of the Events API: parameter -> (event field, how it matches).
@@ -154,16 +155,30 @@ def tokens(text: str, domain: bool = False) -> list[str]:
     return [t for t in (_SPLIT_DOMAIN if domain else _SPLIT).split(text.lower()) if t]
 
 
+def _ms(seconds) -> int | None:
+    """Unix *seconds* as milliseconds (0 for a time before 1970); None unless a time."""
+    try:
+        ms = int(seconds * 1000)
+    except (ValueError, OverflowError):     # NaN, infinity
+        return None
+    return max(0, ms) if ms <= MAX_TIME_MS else None
+
+
 def event_time(ev: dict, now: float | None = None) -> int:
-    """The event's time in milliseconds: ``timestamp`` as Unix seconds (number or string) or ISO."""
+    """The event's time in milliseconds: ``timestamp`` as Unix seconds (number or string) or
+    ISO; now when it is none of these (or beyond MAX_TIME_MS, or not finite)."""
     ts = ev.get("timestamp")
     if isinstance(ts, (int, float)) and not isinstance(ts, bool):
-        return max(0, int(ts * 1000))
-    if isinstance(ts, str) and ts:
+        ms = _ms(ts)
+        if ms is not None:
+            return ms
+    elif isinstance(ts, str) and ts:
         try:
-            return max(0, int(float(ts) * 1000))
+            ms = _ms(float(ts))
         except ValueError:
-            pass
+            ms = None
+        if ms is not None:
+            return ms
         try:
             d = datetime.datetime.fromisoformat(ts.replace("Z", "+00:00"))
             if d.tzinfo is None:
@@ -353,12 +368,11 @@ class EventStore:
             for ev in events:
                 get = ev.get
                 ts = get("timestamp")
-                if ts.__class__ is str:
-                    try:
-                        ms = max(0, int(float(ts) * 1000))
-                    except ValueError:
-                        ms = event_time(ev, now)
-                else:
+                try:            # (the common case, a string of Unix seconds, inline)
+                    ms = int(float(ts) * 1000) if ts.__class__ is str else -1
+                except (ValueError, OverflowError):
+                    ms = -1
+                if not 0 <= ms <= MAX_TIME_MS:
                     ms = event_time(ev, now)
                 tk = pack_ts(ms, seq + 1)
                 eid = get("event_id")

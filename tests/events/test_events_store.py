@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -333,6 +334,25 @@ def test_iso_and_event_time():
     assert S.event_time({"timestamp": "1460989507"}) == 1460989507000
     assert S.event_time({"timestamp": 1460989507.5}) == 1460989507500
     assert S.event_time({"timestamp": "2016-04-18T14:25:07.000+00:00"}) == 1460989507000
+    assert S.event_time({"timestamp": "-5"}) == 0 == S.event_time({"timestamp": -5})
+    # not a time: now
+    for ts in ("inf", "-inf", "nan", "1e400", "1e20", float("inf"), float("nan"), 1e300,
+               10**17, None, "", "soon", True, [1]):
+        assert S.event_time({"timestamp": ts}, now=T0) == T0 * 1000, ts
+
+
+def test_a_timestamp_that_is_no_time_does_not_fail_the_batch(store):
+    """Such a value (NaN, infinity, beyond year 9999) is stored at the time of the append,
+    like a missing one: the events beside it are stored, nothing raises (the events
+    process would otherwise fail on the same record after every restart)."""
+    odd = ["inf", "1e400", "nan", float("inf"), 1e300, 10**17, "-inf"]
+    before = time.time()
+    assert store.append([ev(i, timestamp=ts) for i, ts in enumerate(odd)] + [ev(99)]) == 8
+    after = time.time()
+    stored = [raw for _, raw in _entries(store, store.ev)]
+    times = [S._U64.unpack(raw[:8])[0] for raw in stored]
+    assert all(int(before * 1000) <= t <= int(after * 1000) + 1 for t in times[:-1])
+    assert times[-1] == (T0 + 99) * 1000
 
 
 def test_originals_finds_a_message_by_queue_id_or_by_its_message_id_header(store):
