@@ -27,6 +27,9 @@ N2=${3:-20000}
 N100=${4:-5000}
 PACED=${5:-500}
 cd "$(dirname "$0")/.."
+# the checkout's environment (scripts/install-test-deps makes .venv), else python3 from PATH
+PY=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 mkdir -p "$OUT"
 ip link set lo up
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true   # PACED sessions: a descriptor each, both ends
@@ -45,10 +48,10 @@ for round in $(seq 1 "$ROUNDS"); do
     for kind in $order; do
       f="$OUT/$size-$kind-$round.txt"
       if [ "$kind" = off ]; then
-        python3 bench/load.py --e2e --netns no --targets mta,postfix --size "$size" \
+        "$PY" bench/load.py --e2e --netns no --targets mta,postfix --size "$size" \
             --messages "$n" --runs 1 > "$f" 2>&1
       else
-        python3 bench/load.py --e2e --netns no --targets mta --size "$size" \
+        "$PY" bench/load.py --e2e --netns no --targets mta --size "$size" \
             --messages "$n" --runs 1 --mta-config-extra "$ON" > "$f" 2>&1
       fi
       echo "size $size dkim $kind round $round: $(figures "$f")"
@@ -60,7 +63,7 @@ for round in $(seq 1 "$ROUNDS"); do
     # every session from 127.0.0.1: lift the per-IP limit (200 per acceptor by default)
     extra=$'[smtp]\nmax_connections_per_ip = 100000\nmax_connections = 100000'
     [ "$kind" = on ] && extra="$extra"$'\n'"$ON"
-    python3 bench/load.py --e2e --netns no --targets mta --size 2048 --sessions "$PACED" \
+    "$PY" bench/load.py --e2e --netns no --targets mta --size 2048 --sessions "$PACED" \
         --random-wait 2 --messages "$N2" --warmup "$PACED" --runs 1 --mta-config-extra "$extra" \
         > "$f" 2>&1
     echo "paced ~$PACED msgs/s size 2048 dkim $kind round $round: $(figures "$f")"

@@ -13,6 +13,9 @@ OUT=${1:?usage: bench/metrics_cost.sh OUTDIR [PAIRS] [MESSAGES]}
 PAIRS=${2:-3}
 N=${3:-20000}
 cd "$(dirname "$0")/.."
+# the checkout's environment (scripts/install-test-deps makes .venv), else python3 from PATH
+PY=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 mkdir -p "$OUT"
 ip link set lo up
 OFF=$'[admin]\nenabled = false'
@@ -24,7 +27,7 @@ for mode in e2e accept; do
     for kind in $order; do
       extra=()
       [ "$kind" = off ] && extra=(--mta-config-extra "$OFF")
-      python3 bench/load.py "${flag[@]}" --netns no --targets mta --messages "$N" --runs 1 \
+      "$PY" bench/load.py "${flag[@]}" --netns no --targets mta --messages "$N" --runs 1 \
           "${extra[@]}" > "$OUT/$mode-$kind-$round.txt" 2>&1
       echo "$mode $kind $round: $(grep 'run 1:' "$OUT/$mode-$kind-$round.txt" | \
           grep -o '[0-9,]* msgs/s\|tree [0-9.]* ms\|background [0-9.]* cores' | tr '\n' ' ')"

@@ -14,9 +14,12 @@ OUT=${1:?usage: bench/webhook_e2e.sh OUTDIR [PAIRS] [MESSAGES]}
 PAIRS=${2:-3}
 N=${3:-30000}
 cd "$(dirname "$0")/.."
+# the checkout's environment (scripts/install-test-deps makes .venv), else python3 from PATH
+PY=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 mkdir -p "$OUT"
 ip link set lo up
-python3 bench/webhook_sink.py --port 18090 --out "$OUT/counts.json" --seconds 3600 &
+"$PY" bench/webhook_sink.py --port 18090 --out "$OUT/counts.json" --seconds 3600 &
 SINK=$!
 trap 'kill $SINK 2>/dev/null' EXIT
 sleep 1
@@ -27,7 +30,7 @@ for round in $(seq 1 "$PAIRS"); do
     cp "$OUT/counts.json" "$OUT/counts-before-$kind-$round.json"
     extra=()
     [ "$kind" = live ] && extra=(--mta-config-extra "$HOOK")
-    python3 bench/load.py --e2e --netns no --targets mta --messages "$N" --rcpts 2 --runs 1 \
+    "$PY" bench/load.py --e2e --netns no --targets mta --messages "$N" --rcpts 2 --runs 1 \
         --json "$OUT/$kind-$round.json" "${extra[@]}" > "$OUT/$kind-$round.txt" 2>&1
     cp "$OUT/counts.json" "$OUT/counts-after-$kind-$round.json"
     echo "$kind $round: $(grep 'run 1:' "$OUT/$kind-$round.txt" | grep -o '[0-9,]* msgs/s')"
