@@ -367,13 +367,7 @@ class EventStore:
             put = txn.put
             for ev in events:
                 get = ev.get
-                ts = get("timestamp")
-                try:            # (the common case, a string of Unix seconds, inline)
-                    ms = int(float(ts) * 1000) if ts.__class__ is str else -1
-                except (ValueError, OverflowError):
-                    ms = -1
-                if not 0 <= ms <= MAX_TIME_MS:
-                    ms = event_time(ev, now)
+                ms = event_time(ev, now)
                 tk = pack_ts(ms, seq + 1)
                 eid = get("event_id")
                 # (a replayed event: its id is stored, the put adds nothing and says so)
