@@ -88,7 +88,7 @@ PRUNE_TARGET = 0.7               # ... down to this
 DEFAULT_CHUNK = 5000               # events deleted per prune transaction
 MAX_ORIGINAL_EVENTS = 1000         # events of an original message read for one report
 MAX_MESSAGE_ID_MATCHES = 8         # messages one Message-ID is looked up in (newest first)
-MAX_CACHED_CAMPAIGNS = 1000       # campaign ids whose index keys the writer keeps
+MAX_CACHED_CAMPAIGNS = 1000       # campaign ids (and, apart, type and bounce-class values) whose index keys the writer keeps
 MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: a later timestamp is no time
 MAX_SCAN = 500_000                 # index entries one query may read (then: a short page, a cursor)
 
