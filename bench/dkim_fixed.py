@@ -47,7 +47,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from loadlib.common import CLK_TCK, LOOPBACK, free_port  # noqa: E402
-from loadlib.procs import process_tree, stop_child  # noqa: E402
+from loadlib.procs import process_tree, run_group, stop_child  # noqa: E402
 from loadlib.targets.sink import sink_alive, start_smtp_sink  # noqa: E402
 
 READY_TIMEOUT_S = 60
@@ -185,7 +185,7 @@ class Mta:
         cmd = [sys.executable, str(HERE / "fixed_rate.py"), "--url", self.url, "--rate",
                str(self.args.rate), "--connections", "64", "--from", sender,
                "--duration", str(seconds), "--json", str(out)]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=seconds + 120)
+        run_group(cmd, seconds + 120, check=True)
         return json.loads(out.read_text())
 
     def _settled(self, want: float) -> dict:

@@ -59,6 +59,7 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadlib.procs import run_group  # noqa: E402
 from loadlib.targets.mta import merge, toml_dumps  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -342,11 +343,11 @@ def fixed_rate_runs(args, names: list, results: dict, workdir: Path) -> list[dic
             try:
                 if args.warmup > 0:
                     run_wrk(args, target.url(), args.warmup, workdir / "body.json")
-                r = subprocess.run(
+                r = run_group(
                     [sys.executable, str(HERE / "fixed_rate.py"), "--url", target.url(),
                      "--rate", str(rate), "--duration", f"{args.duration:g}",
                      "--connections", str(conns)] + (["--prime"] if args.fixed_prime else []),
-                    capture_output=True, text=True, timeout=args.duration + 300)
+                    args.duration + 300, text=True)
                 res = json.loads(r.stdout.strip().splitlines()[-1])
             finally:
                 target.stop()

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,31 @@ def test_statuses_and_lost_connections_are_counted(server, engine):
     assert {int(k): v for k, v in out["statuses"].items()} == {200: 74, 503: 25}
     assert out["completed"] == 99 and out["non_2xx"] == 25
     assert out["errors"] == {"connection closed": 1} and out["unanswered"] == 1
+
+
+def test_a_timed_out_load_leaves_none_of_its_processes(tmp_path):
+    """bench/loadlib's run_group (how the harnesses run fixed_rate.py, whose C engine is
+    its child): on a timeout the whole group goes, not only the process started."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from loadlib.procs import run_group
+    pidfile = tmp_path / "grandchild"
+    script = f"sleep 60 >/dev/null 2>&1 & echo $! > {pidfile}; wait"
+    t0 = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_group(["sh", "-c", script], 1.0)
+    assert time.monotonic() - t0 < 20
+    pid = int(pidfile.read_text())
+    for _ in range(100):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                gone = fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            gone = True
+        if gone:
+            break
+        threading.Event().wait(0.05)
+    assert gone, "the load's own child outlived the timeout"
+    r = run_group(["sh", "-c", "echo out; echo err >&2; exit 3"], 10.0, text=True)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
+    with pytest.raises(subprocess.CalledProcessError):
+        run_group(["false"], 10.0, check=True)

@@ -122,3 +122,24 @@ def stop_child(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> Non
         proc.wait(timeout=timeout_s)
 
 
+def run_group(cmd: list[str], timeout_s: float, *, check: bool = False, text: bool = False,
+              **kw) -> subprocess.CompletedProcess:
+    """subprocess.run with captured output, but the command runs in its own session and a
+    timeout SIGKILLs its whole process group (subprocess.run kills only the child, and a
+    load generator's own children -- fixed_rate.py's C engine -- would run on)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text,
+                            start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        raise
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check:
+        r.check_returncode()
+    return r
+
