@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -43,14 +42,12 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from loadlib.common import CLK_TCK, LOOPBACK, free_port  # noqa: E402
-from loadlib.procs import process_tree, run_group, stop_child  # noqa: E402
+from loadlib.procs import process_tree, run_group, start_mta, stop_child  # noqa: E402
 from loadlib.targets.sink import sink_alive, start_smtp_sink  # noqa: E402
 
-READY_TIMEOUT_S = 60
 DRAIN_TIMEOUT_S = 60
 
 
@@ -150,19 +147,7 @@ class Mta:
                 conf += (f'\n[dkim]\nenabled = true\n[[dkim.keys]]\ndomain = "example.com"\n'
                          f'selector = "bench"\nkey_file = "{self.key_file}"\n')
             (d / "mta.toml").write_text(conf)
-            env = {**os.environ,
-                   "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-            self.log = open(d / "mta.log", "ab")
-            self.mta = subprocess.Popen([sys.executable, "-m", "mta", "serve", "-c",
-                                         str(d / "mta.toml")], stdout=self.log,
-                                        stderr=subprocess.STDOUT, env=env, cwd=d,
-                                        start_new_session=True)
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while b"ready: accepting" not in (d / "mta.log").read_bytes():
-                if self.mta.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mta did not start: "
-                                       + (d / "mta.log").read_text()[-2000:])
-                time.sleep(0.05)
+            self.mta, self.log = start_mta(d / "mta.toml", d, d / "mta.log")
             sink_alive(self.sink, d / "sink.out")
         except BaseException:
             self.__exit__(None, None, None)

@@ -59,7 +59,7 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadlib.procs import run_group  # noqa: E402
+from loadlib.procs import run_group, start_mta  # noqa: E402
 from loadlib.targets.mta import merge, toml_dumps  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,18 +162,7 @@ class Mta:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         self.conf.write_text(self.config())
-        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get(
-            "PYTHONPATH", "")}
-        self.log = open(self.dir / "mta.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "-c", str(self.conf)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, cwd=self.dir)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while b"ready: accepting" not in (self.dir / "mta.log").read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mta did not start:\n" +
-                                   (self.dir / "mta.log").read_text()[-3000:])
-            time.sleep(0.05)
+        self.proc, self.log = start_mta(self.conf, self.dir, self.dir / "mta.log")
         wait_http(self.port, lambda: self.proc.poll() is None)
 
     def queued(self) -> int:

@@ -12,8 +12,9 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
-from .common import STOP_TIMEOUT_S
+from .common import READY_TIMEOUT_S, REPO, STOP_TIMEOUT_S
 
 
 def read_procs() -> dict[int, tuple[int, int, int]]:
@@ -142,4 +143,30 @@ def run_group(cmd: list[str], timeout_s: float, *, check: bool = False, text: bo
     if check:
         r.check_returncode()
     return r
+
+
+def start_mta(config: Path, cwd: Path, log_path: Path,
+              timeout_s: float = READY_TIMEOUT_S) -> tuple[subprocess.Popen, object]:
+    """`python -m mta serve -c CONFIG` from this checkout, in its own session, its output
+    appended to *log_path*; returns (process, open log file) once the log says "ready:
+    accepting" (every child up).  A daemon that exits or is not ready within *timeout_s*
+    is stopped and RuntimeError carries the log's tail."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = open(log_path, "ab")
+    proc = None
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "-c", str(config)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while b"ready: accepting" not in log_path.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("mta did not start:\n" + log_path.read_text()[-3000:])
+            time.sleep(0.05)
+    except BaseException:
+        if proc is not None:
+            stop_child(proc)
+        log.close()
+        raise
+    return proc, log
 
