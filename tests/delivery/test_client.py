@@ -121,6 +121,50 @@ def test_reply_parser_whole_bytewise_random():
         assert _parse_in(pieces) == REPLY_EXPECTED
 
 
+ONE_LINE_STREAM = (b"250 2.1.0 Sender ok\r\n250 2.1.5\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+                   b"250 2.0.0 Ok: queued as 4F1234\r\n550 4.1.1 class mismatch\r\n"
+                   b"452 4.5.3\r\n421 4.3.2 \xff bye\r\n250x odd separator\r\n"
+                   b"250 a\rb\r\n251\r\n")
+ONE_LINE_EXPECTED = [
+    SmtpReply(250, "2.1.0", "Sender ok"), SmtpReply(250, "2.1.5", ""),
+    SmtpReply(354, None, "End data with <CR><LF>.<CR><LF>"),
+    SmtpReply(250, "2.0.0", "Ok: queued as 4F1234"),
+    SmtpReply(550, None, "4.1.1 class mismatch"), SmtpReply(452, "4.5.3", ""),
+    SmtpReply(421, "4.3.2", "\ufffd bye"), SmtpReply(250, None, " odd separator"),
+    SmtpReply(250, None, "a\rb"), SmtpReply(251, None, ""),
+]
+
+
+def test_reply_parser_one_line_replies_at_once():
+    """Whole one-line replies arriving together (the fast path) parse exactly as the
+    same bytes fed one at a time (the general path), alone and in any run."""
+    assert _parse_in([ONE_LINE_STREAM]) == ONE_LINE_EXPECTED
+    assert _parse_in([ONE_LINE_STREAM[i:i + 1] for i in range(len(ONE_LINE_STREAM))]) \
+        == ONE_LINE_EXPECTED
+    lines = ONE_LINE_STREAM.split(b"\r\n")[:-1]
+    rnd = random.Random(2920)
+    for _ in range(300):
+        k = rnd.randint(1, 5)
+        picked = [rnd.choice(lines) + b"\r\n" for _ in range(k)]
+        whole = b"".join(picked)
+        assert _parse_in([whole]) == _parse_in([whole[i:i + 1] for i in range(len(whole))])
+    # after a partial reply, or with a continuation, a bare LF or a bad line among them,
+    # the general path decides: the same replies, or the same error
+    for whole in (b"250-first\r\n250 last\r\n", b"250 a\n250 b\r\n",
+                  b"250 ok\r\n\r\n", b"250 ok\r\nxyz\r\n", b"250 ok\r\n650 no\r\n"):
+        try:
+            expected = _parse_in([whole[i:i + 1] for i in range(len(whole))])
+        except SmtpProtocolError:
+            with pytest.raises(SmtpProtocolError):
+                _parse_in([whole])
+        else:
+            assert _parse_in([whole]) == expected
+    p = ReplyParser()
+    assert p.feed(b"250-one\r\n") == []
+    assert p.feed(b"250 two\r\n250 3.0.0 x\r\n") == [SmtpReply(250, None, "one\ntwo"),
+                                                       SmtpReply(250, None, "3.0.0 x")]
+
+
 def test_reply_parser_rejects_garbage_and_long_replies():
     for bad in (b"HTTP/1.1 400 Bad\r\n", b"25\r\n", b"abc def\r\n", b"650 no\r\n", b"\r\n"):
         with pytest.raises(SmtpProtocolError):
