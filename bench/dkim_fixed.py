@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -266,10 +267,23 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, default=2048, help="RSA key size")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work directory (the daemons' state and logs)")
     args = p.parse_args(argv)
     if args.duration <= 0 or args.duration > 600 or args.pairs < 1 or args.pairs > 40:
         p.error("--duration must be in (0, 600] s and --pairs in 1..40")
     work = Path(tempfile.mkdtemp(prefix="dkim-fixed-", dir=args.workdir))
+    try:
+        return measure(args, work)
+    finally:
+        if args.keep:
+            print(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)   # each run's spool: up to ~1 GB
+
+
+def measure(args, work: Path) -> int:
+    """The runs, the bare key operation's figures and the report, in *work*."""
     key_file = work / f"rsa{args.bits}.pem"
     subprocess.run(["openssl", "genrsa", "-out", str(key_file), str(args.bits)], check=True,
                    capture_output=True)
