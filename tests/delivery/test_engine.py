@@ -71,13 +71,17 @@ class Resolver:
         return a
 
 
+# Each engine's state directory, under one directory removed when the tests end.
+_STATE_DIRS = tempfile.TemporaryDirectory(prefix="engine-")
+
+
 def settings(port: int, shaping=(), **delivery):
     """Settings for an engine delivering to 127.0.0.1:*port*; "PORT" in a route's hosts
     is that port; *shaping*: [[shaping]] tables (the presets are left out)."""
     for r in delivery.get("route", ()):
         r["hosts"] = [h.replace("PORT", str(port)) for h in r["hosts"]]
     cfg = msgspec.convert({"server": {"hostname": "mta.test",
-                                      "state_dir": tempfile.mkdtemp(prefix="engine-")},
+                                      "state_dir": tempfile.mkdtemp(dir=_STATE_DIRS.name)},
                            "delivery": {"mx_port": port, "starttls": "none",
                                         "shaping_presets": False, **delivery},
                            "shaping": list(shaping)},
