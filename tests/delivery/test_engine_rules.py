@@ -16,6 +16,10 @@ from mta.config.schema import Config
 from mta.delivery.engine import Engine
 
 
+# Each engine's state directory, under one directory removed when the tests end.
+_STATE_DIRS = tempfile.TemporaryDirectory(prefix="rules-")
+
+
 def run(jobs, rules, sections=None, **delivery):
     """Deliver *jobs* with the [[response_rule]] tables *rules*; [(job, results)], engine."""
     async def main():
@@ -24,7 +28,7 @@ def run(jobs, rules, sections=None, **delivery):
         server = await loop.create_server(peer.protocol, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         cfg = msgspec.convert({
-            "server": {"hostname": "mta.test", "state_dir": tempfile.mkdtemp(prefix="rules-")},
+            "server": {"hostname": "mta.test", "state_dir": tempfile.mkdtemp(dir=_STATE_DIRS.name)},
             "delivery": {"mx_port": port, "starttls": "none", "shaping_presets": False,
                          **delivery},
             "response_rule": rules, **(sections or {})}, Config)
