@@ -153,10 +153,21 @@ def test_log_rotation_retention_and_sigusr1_reopen(make_daemon, sink):
     wait_until(lambda: any(e["raw_rcpt_to"] == rcpts[-1] and e["type"] == "delivery"
                            for e in kept()), 20, "the last delivery event")
 
-    # logrotate: rename the file away, SIGUSR1 to the supervisor, new events go to a new file
-    d.send("a@sender.test", ["before-reopen@dest.test"], b"Subject: x\r\n\r\nbefore\r\n")
-    wait_until(lambda: b"before-reopen@dest.test" in open(log_path, "rb").read(), 20,
-               "an event in the current file")
+    # logrotate: rename the file away, SIGUSR1 to the supervisor, new events go to a new
+    # file.  The message sent before must have its last event in the current file; if its
+    # events crossed the size bound, they went to a file rotated meanwhile: send another.
+    def delivered_in(events, rcpt):
+        return any(e["raw_rcpt_to"] == rcpt and e["type"] == "delivery" for e in events)
+
+    for attempt in range(5):
+        before = f"before-reopen{attempt}@dest.test"
+        d.send("a@sender.test", [before], b"Subject: x\r\n\r\nbefore\r\n")
+        wait_until(lambda rcpt=before: delivered_in(kept(), rcpt), 20, "the delivery event before")
+        with open(log_path, "rb") as fh:
+            if delivered_in([json.loads(x) for x in fh.read().splitlines()], before):
+                break
+    else:
+        raise AssertionError("the events of 5 messages in a row went to rotated files")
     os.rename(log_path, log_path + ".moved")
     d.proc.send_signal(signal.SIGUSR1)
     d.wait_log(r"event log reopened", timeout=10)
@@ -165,7 +176,7 @@ def test_log_rotation_retention_and_sigusr1_reopen(make_daemon, sink):
                open(log_path, "rb").read(), 20, "the new event in the reopened log")
     with open(log_path + ".moved", "rb") as fh:
         moved = [json.loads(x) for x in fh.read().splitlines()]
-    assert "before-reopen@dest.test" in {e["raw_rcpt_to"] for e in moved}
+    assert before in {e["raw_rcpt_to"] for e in moved}
     assert all(e["raw_rcpt_to"] != "after-reopen@dest.test" for e in moved)
 
 
