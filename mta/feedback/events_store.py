@@ -385,7 +385,8 @@ class EventStore:
                 kind = get("type")
                 if kind not in (None, ""):
                     entry = cached("type", kind)
-                    times.append((tk, entry[0] if kind else b""))   # (_key(kind or ""))
+                    # (the time entry keeps _key(kind or ""): b"" for a falsy type, 0 or False)
+                    times.append((tk, entry[0] if kind else b""))
                     typ.append((entry[0], tk))
                     per[entry[1]] = per.get(entry[1], 0) + 1
                 else:
