@@ -27,9 +27,7 @@ N2=${3:-20000}
 N100=${4:-5000}
 PACED=${5:-500}
 cd "$(dirname "$0")/.."
-# the checkout's environment (scripts/install-test-deps makes .venv), else python3 from PATH
-PY=${PYTHON:-python3}
-[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+. bench/python.sh   # PY
 mkdir -p "$OUT"
 ip link set lo up
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true   # PACED sessions: a descriptor each, both ends

@@ -132,7 +132,7 @@ class Mta:
 
     def __enter__(self) -> "Mta":
         d = self.d
-        subprocess.run(["rm", "-rf", str(d)], check=True)
+        shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         self.mta = self.log = None
         sink_port, self.sink = start_smtp_sink(d / "sink.out")

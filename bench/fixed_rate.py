@@ -263,8 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--auth", default="", help="Authorization header value")
     p.add_argument("--body-size", type=int, default=2048)
-    p.add_argument("--from", dest="sender", default="news@example.com",
-                   help="the transmission's From address (bench/http_load.py's body)")
+    p.add_argument("--from", dest="sender", default=None,
+                   help="the transmission's From address (default: bench/http_load.py's)")
     p.add_argument("--drain", type=float, default=10.0,
                    help="seconds to wait for answers after the last scheduled request")
     p.add_argument("--prime", action="store_true",
@@ -281,13 +281,13 @@ def main(argv=None) -> int:
     if soft < args.connections + 64:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sys.path.insert(0, HERE)
-    from http_load import make_body   # the same transmission http_load.py posts
+    from http_load import SENDER, make_body   # the same transmission http_load.py posts
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
-    gen = Generator(args, make_body(args.body_size, args.sender))
+    gen = Generator(args, make_body(args.body_size, args.sender or SENDER))
     binary = c_engine() if args.engine != "python" else None
     if args.engine == "c" and binary is None:
         p.error("--engine c needs a C compiler (cc or gcc)")

@@ -82,7 +82,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_body(size: int = BODY_SIZE, sender: str = "news@example.com") -> bytes:
+SENDER = "news@example.com"     # the transmissions' From address
+
+
+def make_body(size: int = BODY_SIZE, sender: str = SENDER) -> bytes:
     """A single-recipient transmission of exactly *size* octets, with substitutions."""
     def doc(pad: str) -> bytes:
         return json.dumps({

@@ -13,9 +13,7 @@ OUT=${1:?usage: bench/metrics_cost.sh OUTDIR [PAIRS] [MESSAGES]}
 PAIRS=${2:-3}
 N=${3:-20000}
 cd "$(dirname "$0")/.."
-# the checkout's environment (scripts/install-test-deps makes .venv), else python3 from PATH
-PY=${PYTHON:-python3}
-[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+. bench/python.sh   # PY
 mkdir -p "$OUT"
 ip link set lo up
 OFF=$'[admin]\nenabled = false'

@@ -14,9 +14,7 @@ OUT=${1:?usage: bench/webhook_e2e.sh OUTDIR [PAIRS] [MESSAGES]}
 PAIRS=${2:-3}
 N=${3:-30000}
 cd "$(dirname "$0")/.."
-# the checkout's environment (scripts/install-test-deps makes .venv), else python3 from PATH
-PY=${PYTHON:-python3}
-[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+. bench/python.sh   # PY
 mkdir -p "$OUT"
 ip link set lo up
 "$PY" bench/webhook_sink.py --port 18090 --out "$OUT/counts.json" --seconds 3600 &

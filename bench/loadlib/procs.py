@@ -169,4 +169,3 @@ def start_mta(config: Path, cwd: Path, log_path: Path,
         log.close()
         raise
     return proc, log
-
