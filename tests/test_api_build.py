@@ -247,6 +247,35 @@ def test_non_ascii_names_subject_and_long_lines():
     assert plain["Content-Transfer-Encoding"] == "quoted-printable"
 
 
+@pytest.mark.parametrize("text, cte", [
+    ("", b"7bit"),
+    ("x" * 998, b"7bit"),                       # a line of exactly MAX_LINE octets
+    ("a\n" + "x" * 998 + "\nb", b"7bit"),
+    ("x" * 999, b"quoted-printable"),           # one octet over, as the last line
+    ("x" * 999 + "\n", b"quoted-printable"),
+    ("a\n" + "x" * 999 + "\nb", b"quoted-printable"),
+    ("a\r" + "x" * 998, b"7bit"),                # a bare CR ends a line too
+    ("a\r\n" + "x" * 998 + "\r\n", b"7bit"),
+    ("x" * 997 + "é", b"quoted-printable"),      # 8-bit
+    ("a\0b", b"quoted-printable"),              # NUL
+    ("tab\there\n", b"7bit"),
+])
+def test_text_body_transfer_encoding(text, cte):
+    """7bit only for ASCII text without NUL whose lines (LF, CR or CRLF ended) are at most
+    998 octets; quoted-printable otherwise, and the text comes back whole either way."""
+    got_cte, body = B.text_body(text)
+    assert got_cte == cte
+    assert b"\n" not in body.replace(b"\r\n", b"")
+    if cte == b"7bit":
+        assert body == text.replace("\r\n", "\n").replace("\r", "\n").replace(
+            "\n", "\r\n").encode()
+        assert max(len(x) for x in body.split(b"\r\n")) <= 998
+    else:
+        import quopri
+        assert quopri.decodestring(body.replace(b"\r\n", b"\n")).decode("utf-8") == \
+            text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def test_encoded_words_split_on_characters():
     for text in ("é" * 100, "山" * 77, "a€" * 50, "x"):
         words = B.encoded_words(text)
@@ -277,6 +306,24 @@ def test_to_from_header_to_and_custom_headers():
     assert msg["Message-ID"] == "<fixed@example.com>"
     assert msg["Reply-To"] == "Sales <s@example.com>"
     assert len(msg.get_all("Message-ID")) == 1
+
+
+def test_the_message_id_made_is_the_one_in_the_header():
+    """Built.message_id (what the acceptor records without reading the header again) is
+    the Message-ID field's value the acceptor would read, or None when the sender set the
+    field in content.headers (then the header is read)."""
+    from mta.acceptor.main import _event_fields
+    for t in (tx(), tx(from_={"email": "s@example.com", "name": "Zoë"}, subject="Grüße " * 30,
+                       headers={"X-A": "1", "Cc": "c@example.org"}),
+              tx(text=None, html="<p>x</p>", reply_to="r@example.com")):
+        m = one(t)
+        assert m.message_id is not None
+        assert m.message_id == _event_fields(m.message, {})
+    m = one(tx(headers={"message-id": "<Fixed@Example.COM>"}))
+    assert m.message_id is None and _event_fields(m.message, {}) == "<Fixed@Example.COM>"
+    m = one(tx(email_rfc822="From: a@example.com\r\nSubject: s\r\n\r\nbody\r\n", subject=None,
+               text=None))
+    assert m.message_id is None and _event_fields(m.message, {}).startswith("<")
 
 
 @pytest.mark.parametrize("headers, field", [

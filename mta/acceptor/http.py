@@ -811,7 +811,7 @@ class Injection:
             self.waiting += 1
             submit(m.sender, [m.rcpt], m.params, self.client, m.message,
                    functools.partial(self.trace, m.rcpt), functools.partial(self.done, i),
-                   self.peer)
+                   self.peer, m.message_id)
         self.next = end
         if end < len(self.rcpts):
             self.a.loop.call_soon(self.step)

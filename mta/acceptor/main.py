@@ -456,7 +456,8 @@ class Acceptor:
                          ", ".join(a for a, _, _ in entries[:10]), source)
 
     def submit(self, sender: str, rcpts: list[str], params: dict, client_info: str,
-               message: bytes, trace, done, peer: str = "") -> str:
+               message: bytes, trace, done, peer: str = "",
+               message_id: str | None = None) -> str:
         """Send one message to its spool shard; the common path of SMTP and HTTP injection.
 
         *trace(qid)* returns the Received header to prepend; *done(qid, ok)* is
@@ -466,6 +467,10 @@ class Acceptor:
         Messages are not sent one by one: every message submitted during this
         loop iteration for the same shard goes out as one bus request
         (:meth:`_flush_outbox`, scheduled once per iteration).
+
+        *message_id*: the Message-ID the caller wrote into *message* itself, with
+        the From address and Subject already in *params* (HTTP inline content):
+        the header block is then not read for them.
         """
         qid = new_qid(self.slot)
         # DKIM: every message is signed here, once, before it is spooled, so the
@@ -479,9 +484,13 @@ class Acceptor:
                 self.stats["dkim_failed"] += 1
                 log.exception("%s: DKIM signing failed; the message is queued unsigned", qid)
         body = trace(qid) + message
+        if message_id is None or (ev.FRIENDLY_FROM not in params and ev.SUBJECT not in params):
+            message_id = _event_fields(message, params)
+        else:
+            message_id = message_id[:MAX_MESSAGE_ID]
         envelope = bus.Envelope(qid=qid, sender=sender, rcpts=rcpts, params=params,
                                 client=client_info, arrival=time.time(),
-                                message_id=_event_fields(message, params))
+                                message_id=message_id)
         shards = len(self.clients)
         shard = shard_of(qid, shards) if shards > 1 else 0
         self.outbox[shard].append((done, envelope, body, peer))

@@ -7,6 +7,7 @@ delivery and delay whether the receiver's session was encrypted.
 """
 from __future__ import annotations
 
+import re
 import smtplib
 import ssl
 
@@ -67,6 +68,16 @@ def test_from_and_subject_in_every_event_across_a_restart(make_daemon):
         assert {r: (e.get("friendly_from"), e.get("subject")) for r, e in dlv.items()} == \
             EXPECTED
         assert all(e["outbound_tls"] == "0" for e in dlv.values())   # starttls = "none"
+        # message_id_header: the Message-ID field of the message the receiver got (over
+        # HTTP one the mta made: inline content's recorded as the builder made it, without
+        # reading the header again), in both events; the SMTP message has none
+        got = {t.rcpt_tos[0]: re.search(rb"(?im)^Message-ID:[ \t]*(\S+)", t.data)
+               for t in sink.snapshot()}
+        assert set(got) == set(EXPECTED) and got["smtp@dest.test"] is None, got
+        for r in ("inline@dest.test", "rfc@dest.test"):
+            assert inj[r]["message_id_header"] == dlv[r]["message_id_header"] == \
+                got[r].group(1).decode(), r
+        assert not inj["smtp@dest.test"].get("message_id_header")
     finally:
         sink.stop()
 
