@@ -17,6 +17,7 @@ import time
 import pytest
 
 from mta import native
+from mta import store as store_mod
 from mta.store import (REC_EVENTS, REC_MESSAGE, SEGMENT_SUFFIX, SPARE_READY, SPARE_REUSED,
                        SPARE_TMP, MessageMeta, Segment, Store, _enc, read_events)
 
@@ -743,6 +744,22 @@ def test_spare_leftovers_of_a_crash_are_not_trusted(tmp_path, codec):
     put(st, [(meta(1), body(1))])
     assert st.current.prezeroed
     crash(st)
+
+
+def test_a_fill_stopped_half_way_leaves_no_file(tmp_path):
+    """Stopping the spare's thread (the shard closing) while it zero-fills removes the
+    half-filled file instead of leaving it for the next start to find."""
+    spare = store_mod.Spare(str(tmp_path), 256 * store_mod.FILL_STEP)   # 64 MiB: many steps
+    deadline = time.monotonic() + 20
+    while not (tmp_path / SPARE_TMP).exists():
+        assert time.monotonic() < deadline and not spare.ready, "the fill never began"
+        time.sleep(0.0005)
+    spare.close()
+    assert not spare._thread.is_alive()
+    if not spare.ready:         # (stopped before the fill's end: the usual case)
+        assert os.listdir(tmp_path) == []
+    else:
+        assert os.listdir(tmp_path) == [SPARE_READY]
 
 
 def test_no_spare_when_it_would_eat_into_the_free_space_reserve(tmp_path, codec):
