@@ -224,7 +224,8 @@ class Acceptor(acceptor_main.Acceptor):
         self.events: list[tuple[str, list]] = []     # (key, events) given to commit_events
         self.held: list = []
 
-    def submit(self, sender, rcpts, params, client_info, message, trace, done, peer=""):
+    def submit(self, sender, rcpts, params, client_info, message, trace, done, peer="",
+               message_id=None):
         qid = new_qid(self.slot)
         self.submitted.append(Submitted(qid, sender, list(rcpts), dict(params), client_info,
                                         trace(qid), message, peer))
