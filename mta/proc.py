@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import fcntl
 import os
+import resource
 import signal
 import sys
 import time
@@ -252,6 +254,43 @@ class GcSettler:
             self.settle()
             loop.call_later(self.settle_interval, turn)
         loop.call_later(self.settle_interval, turn)
+
+
+FD_TABLE_MARGIN = 1024     # descriptors beyond the connections: bus sockets, files, databases
+
+
+def presize_fd_table(n: int) -> int:
+    """Make this process's descriptor table hold *n* descriptors now, while it has one
+    thread; returns the size asked for (capped by RLIMIT_NOFILE), or 0 if not done.
+
+    Why: the kernel doubles a process's descriptor table as descriptors are opened, and
+    in a process of more than one thread every doubling waits for an RCU grace period.
+    An acceptor (it has ZeroMQ's I/O thread) taking thousands of connections at once
+    stalled 20-95 ms in the kernel (synchronize_rcu) at each doubling, at 256, 512, ...,
+    8192 descriptors (bench/RESULTS.md, "The acceptor's descriptor table").  With one
+    thread no grace period is waited for, and the table never shrinks: asked for here
+    once, it costs 8 octets per slot and never stalls later.  A descriptor number is
+    duplicated to n - 1 and closed again (only if that number is not in use).
+    """
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY:
+        n = min(n, soft)
+    if n < 2:
+        return 0
+    try:
+        fcntl.fcntl(n - 1, fcntl.F_GETFD)
+        return 0            # (in use: the table is that large already)
+    except OSError:
+        pass
+    fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(fd, n - 1, inheritable=False)
+        os.close(n - 1)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+    return n
 
 
 def start_role(role: str, index: int | None, log_level: str) -> str:

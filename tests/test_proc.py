@@ -282,3 +282,43 @@ def test_gc_settler_without_a_full_pass_never_unfreezes():
         gc.collect()
         if was_enabled:
             gc.enable()
+
+
+
+PRESIZE_CHILD = r"""
+import os, resource, threading, time
+from mta import proc
+
+def fdsize():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("FDSize:")).split()[1])
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (6000, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+before = fdsize()
+assert proc.presize_fd_table(5000) == 5000
+grown = fdsize()
+assert proc.presize_fd_table(50000) == 6000            # capped by the soft limit
+capped = fdsize()
+keep = os.open(os.devnull, os.O_RDONLY)
+os.dup2(keep, 5999)
+assert proc.presize_fd_table(6000) == 0                # a number in use is not touched
+os.fstat(5999)
+threading.Thread(target=time.sleep, args=(10,), daemon=True).start()
+fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(5800)]
+print(before, grown, capped, fdsize())
+"""
+
+
+def test_presize_fd_table_grows_the_table_once_and_keeps_descriptors_in_use():
+    """The descriptor table holds the asked-for count at once (FDSize in /proc), capped
+    by RLIMIT_NOFILE; a descriptor number in use is not touched; opening nearly that
+    many afterwards, with a second thread running, does not grow the table again (no
+    doubling, so none of the RCU waits a doubling costs a threaded process)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", PRESIZE_CHILD], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    assert r.returncode == 0, r.stderr
+    before, grown, capped, after = map(int, r.stdout.split())
+    assert before < 5000 <= grown
+    assert capped >= 6000
+    assert after == capped

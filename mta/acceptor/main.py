@@ -679,6 +679,10 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],
          http_fds: list[int] = ()) -> None:
     """Entry point of the acceptor[i] child: SMTP on *listen_fds*, HTTP on *http_fds*."""
     name = proc.start_role("acceptor", slot, settings.config.server.log_level)
+    # Before any thread (the bus's) starts: the table for every connection allowed.
+    cfg = settings.config
+    proc.presize_fd_table(cfg.smtp.max_connections + proc.FD_TABLE_MARGIN +
+                          (cfg.http.max_connections if http_fds else 0))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor replaces us on reload
     log.info("starting %s; hot-path implementation %s", name, native.implementation())
     socks = [socket.socket(fileno=fd) for fd in listen_fds]
