@@ -230,9 +230,8 @@ class ReplyParser:
         code = int(lines[-1][:3])
         texts = [line[4:] for line in lines]
         enhanced = None
-        m = _ENHANCED.match(texts[0])
-        if m is not None and m.group(1)[0] == 0x30 + code // 100:
-            prefix = m.group(0)
+        prefix = _enhanced_prefix(code, texts[0])
+        if prefix is not None:
             enhanced = prefix.rstrip().decode("ascii")
             cut = len(prefix)
             texts = [t[cut:] if t.startswith(prefix) or t == prefix.rstrip() else t
@@ -240,17 +239,24 @@ class ReplyParser:
         return SmtpReply(code, enhanced, b"\n".join(texts).decode("utf-8", "replace"))
 
 
+def _enhanced_prefix(code: int, text: bytes) -> bytes | None:
+    """The RFC 3463 enhanced status code opening *text* with its space, or None (absent,
+    or of another class than the reply's *code*)."""
+    m = _ENHANCED.match(text)
+    if m is not None and m.group(1)[0] == 0x30 + code // 100:
+        return m.group(0)
+    return None
+
+
 def _one_line(line: bytes) -> SmtpReply:
     """The reply of one line (checked: three digits 2xx-5xx first, then not "-")."""
     code = int(line[:3])
     text = line[4:]
-    enhanced = None
-    m = _ENHANCED.match(text)
-    if m is not None and m.group(1)[0] == 0x30 + code // 100:
-        prefix = m.group(0)
-        enhanced = prefix.rstrip().decode("ascii")
-        text = text[len(prefix):]
-    return SmtpReply(code, enhanced, text.decode("utf-8", "replace"))
+    prefix = _enhanced_prefix(code, text)
+    if prefix is None:
+        return SmtpReply(code, None, text.decode("utf-8", "replace"))
+    return SmtpReply(code, prefix.rstrip().decode("ascii"),
+                     text[len(prefix):].decode("utf-8", "replace"))
 
 
 class DsnParams:
