@@ -468,9 +468,9 @@ class Acceptor:
         loop iteration for the same shard goes out as one bus request
         (:meth:`_flush_outbox`, scheduled once per iteration).
 
-        *message_id*: the Message-ID the caller wrote into *message* itself, with
-        the From address and Subject already in *params* (HTTP inline content):
-        the header block is then not read for them.
+        *message_id*: the Message-ID the caller wrote into *message* itself (HTTP
+        inline content, whose builder has put the From address and Subject in
+        *params* too): the header block is then not read.
         """
         qid = new_qid(self.slot)
         # DKIM: every message is signed here, once, before it is spooled, so the
@@ -484,13 +484,10 @@ class Acceptor:
                 self.stats["dkim_failed"] += 1
                 log.exception("%s: DKIM signing failed; the message is queued unsigned", qid)
         body = trace(qid) + message
-        if message_id is None or (ev.FRIENDLY_FROM not in params and ev.SUBJECT not in params):
-            message_id = _event_fields(message, params)
-        else:
-            message_id = message_id[:MAX_MESSAGE_ID]
         envelope = bus.Envelope(qid=qid, sender=sender, rcpts=rcpts, params=params,
                                 client=client_info, arrival=time.time(),
-                                message_id=message_id)
+                                message_id=_event_fields(message, params) if message_id is None
+                                else message_id[:MAX_MESSAGE_ID])
         shards = len(self.clients)
         shard = shard_of(qid, shards) if shards > 1 else 0
         self.outbox[shard].append((done, envelope, body, peer))
