@@ -8,9 +8,9 @@ role has finished starting (sockets bound, spool recovered).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import logging
-import fcntl
 import os
 import resource
 import signal

@@ -6,12 +6,14 @@ with ``policy.default``) to check that what we build is what a mail reader sees.
 import base64
 import email
 import os
+import quopri
 import time
 from email import policy
 
 import orjson
 import pytest
 
+from mta.acceptor.main import _event_fields
 from mta.api import build as B
 from mta.api import idempotency as I
 from mta.api import replies as R
@@ -271,7 +273,6 @@ def test_text_body_transfer_encoding(text, cte):
             "\n", "\r\n").encode()
         assert max(len(x) for x in body.split(b"\r\n")) <= 998
     else:
-        import quopri
         assert quopri.decodestring(body.replace(b"\r\n", b"\n")).decode("utf-8") == \
             text.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -312,7 +313,6 @@ def test_the_message_id_made_is_the_one_in_the_header():
     """Built.message_id (what the acceptor records without reading the header again) is
     the Message-ID field's value the acceptor would read, or None when the sender set the
     field in content.headers (then the header is read)."""
-    from mta.acceptor.main import _event_fields
     for t in (tx(), tx(from_={"email": "s@example.com", "name": "Zoë"}, subject="Grüße " * 30,
                        headers={"X-A": "1", "Cc": "c@example.org"}),
               tx(text=None, html="<p>x</p>", reply_to="r@example.com")):

@@ -4,6 +4,8 @@ import gc
 import logging
 import os
 import random
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -123,8 +125,6 @@ def test_lines_logged_outside_a_loop_are_written_at_once(handler):
 def test_held_lines_of_a_loop_that_stopped_are_written_by_flush_logging():
     """A role whose loop stops in the turn that logged (a crash, a stop) and then
     exits with os._exit, as the supervisor's spawn does, after flush_logging."""
-    import subprocess
-    import sys
     code = (
         "import asyncio, logging, os, sys\n"
         "from mta import proc\n"
@@ -151,8 +151,6 @@ def test_held_lines_of_a_loop_that_stopped_are_written_by_flush_logging():
 def test_keep_heap_stops_the_grow_and_trim_of_every_batch():
     """proc.keep_heap (the events process): a batch of objects built and dropped each
     turn no longer faults fresh pages in every time."""
-    import subprocess
-    import sys
     code = (
         "import resource, sys\n"
         "from mta import proc\n"
@@ -313,8 +311,6 @@ def test_presize_fd_table_grows_the_table_once_and_keeps_descriptors_in_use():
     by RLIMIT_NOFILE; a descriptor number in use is not touched; opening nearly that
     many afterwards, with a second thread running, does not grow the table again (no
     doubling, so none of the RCU waits a doubling costs a threaded process)."""
-    import subprocess
-    import sys
     r = subprocess.run([sys.executable, "-c", PRESIZE_CHILD], capture_output=True, text=True,
                        timeout=60, env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
     assert r.returncode == 0, r.stderr

@@ -899,7 +899,6 @@ def test_recovery_lets_go_of_the_pages_it_has_read_and_reads_everything(tmp_path
     # Pages read through the segment's mapping are released every RELEASE_STEP octets
     # (else a whole segment counts in the shard's RSS); records across a released
     # boundary are read as before.
-    import mta.store as store_mod
     monkeypatch.setattr(store_mod, "RELEASE_STEP", 4096)
     released = []
     real = store_mod._release

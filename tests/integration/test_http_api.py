@@ -14,6 +14,7 @@ import email
 import fcntl
 import json
 import os
+import resource
 import signal
 import smtplib
 import socket
@@ -690,7 +691,6 @@ def test_the_acceptors_descriptor_table_holds_every_allowed_connection_from_the_
     http.max_connections (and a margin) before its threads start, so that taking
     thousands of connections never grows it (each doubling in a threaded process waits
     for an RCU grace period: 20-95 ms stalls of the whole acceptor, measured)."""
-    import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4096:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
