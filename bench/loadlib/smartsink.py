@@ -27,7 +27,8 @@ default policy.  Policies may be replaced while the sink runs
 
 Everything the sink said is recorded as :class:`Seen` (time, client IP,
 connection number, stage, recipient, reply); :meth:`SmartSink.accepted` lists
-the completed transactions.
+the completed transactions; :meth:`SmartSink.connections_from` when each
+connection from a client IP was accepted.
 """
 from __future__ import annotations
 
@@ -126,6 +127,7 @@ class SmartSink:
         self.seen: list[Seen] = []
         self.accepted: list[Accepted] = []
         self.connections = 0
+        self.opened: dict[int, tuple[float, str]] = {}   # connection number: (time, client IP)
         self._lock = threading.Lock()
         self._window: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self._grey: dict[tuple, float] = {}
@@ -169,6 +171,11 @@ class SmartSink:
     def deliveries(self) -> list[Accepted]:
         with self._lock:
             return list(self.accepted)
+
+    def connections_from(self, ip: str) -> list[tuple[float, int]]:
+        """(time accepted, connection number) of every connection from *ip*."""
+        with self._lock:
+            return [(t, c) for c, (t, i) in self.opened.items() if i == ip]
 
     def received(self) -> int:
         with self._lock:
@@ -240,6 +247,8 @@ class SmartSink:
         with self._lock:
             self.connections += 1
             s = _Session(peer[0], self.connections)
+            if len(self.opened) < MAX_SEEN:
+                self.opened[s.conn] = (time.time(), s.ip)
         self._writers.add(writer)
         policy = self._client_policy(s.ip)
 

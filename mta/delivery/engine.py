@@ -791,6 +791,11 @@ class Engine:
                 if conn is None:
                     try:
                         await self._pace(lane.connect_key, limits.max_connection_rate)
+                        if self._held(src.name, lane.site.name, time.time()):
+                            # a rule suspended the lane while this worker waited (another
+                            # connection's reply): no connection to a site that said stop
+                            self._reroute(lane, job)
+                            return
                         conn, target = await self._connect_unless_stopping(lane)
                     except _Stopping:
                         self._give_back([job], STOPPING)
@@ -815,6 +820,12 @@ class Engine:
                 await self._pace(lane.message_key, lane.limits.max_message_rate)
                 if self.stopping:       # its transaction has not begun: the spool keeps it
                     self._give_back([job], STOPPING)
+                    return
+                if self._held(src.name, lane.site.name, time.time()):
+                    # A rule fired (on another connection of this process, or read from
+                    # the node's store) while this connection opened or the job waited
+                    # for its rate: the transaction is not begun, the job goes elsewhere.
+                    self._reroute(lane, job)
                     return
                 if time.monotonic() - job.queued_at > self.max_wait:
                     self._hand_back([job], lane)      # paced too long: the spool's turn

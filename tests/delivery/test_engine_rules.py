@@ -21,7 +21,8 @@ _STATE_DIRS = tempfile.TemporaryDirectory(prefix="rules-")
 
 
 def run(jobs, rules, sections=None, **delivery):
-    """Deliver *jobs* with the [[response_rule]] tables *rules*; [(job, results)], engine."""
+    """Deliver *jobs* with the [[response_rule]] tables *rules*; [(job, results)], engine,
+    and the peer."""
     async def main():
         loop = asyncio.get_running_loop()
         peer = Peer()
@@ -46,7 +47,7 @@ def run(jobs, rules, sections=None, **delivery):
         await done.wait()
         await engine.close()
         server.close()
-        return reports, engine
+        return reports, engine, peer
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(asyncio.wait_for(main(), LOOP_BOUND))
@@ -55,7 +56,7 @@ def run(jobs, rules, sections=None, **delivery):
 def test_bounce_action_fails_the_recipient_now_with_its_class():
     rules = [{"name": "busy-is-dead", "code": 450, "enhanced": "4.2.1", "stages": ["rcpt"],
               "action": "bounce", "bounce_class": "51"}]
-    [(j, results, _)], engine = run([job("a.test", "later1", "ok1")], rules)
+    [(j, results, _)], engine, _ = run([job("a.test", "later1", "ok1")], rules)
     by = {r.index: r for r in results}
     assert (by[0].outcome, by[0].code, by[0].bounce_class) == (bus.FAILED, 450, "51")
     assert by[1].outcome == bus.DELIVERED and by[1].bounce_class == ""
@@ -67,14 +68,14 @@ def test_bounce_action_fails_the_recipient_now_with_its_class():
 
 def test_defer_action_asks_for_its_delay():
     rules = [{"name": "later-later", "code": 450, "action": "defer", "delay": 1200}]
-    [(j, results, _)], _ = run([job("a.test", "later1")], rules, time_scale=0.5)
+    [(j, results, _)], _, _ = run([job("a.test", "later1")], rules, time_scale=0.5)
     assert results[0].outcome == bus.DEFERRED
     assert j.retry_after == 600.0                  # 1200 s x time_scale
     assert j.fired.name == "later-later" and j.fired.id == ""
 
 
 def test_no_rule_no_record_and_5xx_without_a_rule_is_unchanged():
-    [(j, results, _)], _ = run([job("a.test", "bad1", "later1")], [
+    [(j, results, _)], _, _ = run([job("a.test", "bad1", "later1")], [
         {"name": "other", "code": 421, "action": "defer", "delay": 5}])
     assert [r.outcome for r in sorted(results, key=lambda r: r.index)] == \
         [bus.FAILED, bus.DEFERRED]
@@ -85,7 +86,7 @@ def test_suspend_action_requeues_the_rest_of_the_lane():
     rules = [{"name": "stop-it", "code": 450, "action": "suspend", "scope": "source_site",
               "duration": 600}]
     jobs = [job("a.test", "later1", n=0)] + [job("a.test", f"ok{i}", n=i) for i in range(1, 6)]
-    reports, engine = run(jobs, rules, connection_limit=1)
+    reports, engine, _ = run(jobs, rules, connection_limit=1)
     outcomes = [r[1][0].outcome for r in sorted(reports, key=lambda r: r[0].msg.req)]
     assert outcomes[0] == bus.DEFERRED
     # The jobs behind it in the (only) source's lane wait in the spool (not an attempt)
@@ -103,9 +104,23 @@ def test_warmup_wait_overflow_requeues_until_the_hour_rolls_over():
                 "warmup": [{"source": "new", "overflow": "wait",
                             "schedule": [{"day": 1, "hourly": 2}]}]}
     jobs = [job("a.test", f"ok{i}", n=i) for i in range(5)]
-    reports, engine = run(jobs, [], sections=sections, time_scale=0.5)
+    reports, engine, _ = run(jobs, [], sections=sections, time_scale=0.5)
     outcomes = sorted(r[1][0].outcome for r in reports)
     assert outcomes.count(bus.DELIVERED) == 2 and outcomes.count(bus.REQUEUED) == 3
     waits = [r[2] for r in reports if r[1][0].outcome == bus.REQUEUED]
     assert all(1700 <= w <= 1800 for w in waits), waits      # the rest of the hour (x 0.5)
     assert "warm-up cap" in [r for r in reports if r[1][0].outcome == bus.REQUEUED][0][1][0].text
+
+
+def test_a_suspension_stops_the_lanes_other_workers_before_they_connect():
+    """Workers of the lane waiting for its connection rate when a rule suspends it open no
+    connection and begin no transaction: their jobs wait in the spool (REQUEUED)."""
+    rules = [{"name": "stop-it", "code": 450, "action": "suspend", "scope": "source_site",
+              "duration": 600}]
+    sections = {"shaping": [{"mx": "*", "connection_limit": 6, "max_connection_rate": "4/s"}]}
+    jobs = [job("a.test", "later1", n=0)] + [job("a.test", f"ok{i}", n=i) for i in range(1, 6)]
+    reports, _, peer = run(jobs, rules, sections=sections)
+    outcomes = {r[0].msg.req: r[1][0].outcome for r in reports}
+    assert outcomes[0] == bus.DEFERRED
+    assert [outcomes[i] for i in range(1, 6)] == [bus.REQUEUED] * 5, outcomes
+    assert peer.connections == 1
