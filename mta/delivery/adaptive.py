@@ -9,7 +9,12 @@ for sites whose MX hosts match a glob.  Actions:
 - ``suspend``: no mail from the source to the site (``source_site``), from any
   source to the site (``site``) or from the source to any site (``source``)
   for ``duration`` seconds; the jobs go to the pool's other sources, or back to
-  the spool (REQUEUED, no attempt counted) until the suspension ends;
+  the spool (REQUEUED, no attempt counted) until the suspension ends.  In the
+  process that saw the reply it holds at once: each of the lane's workers looks
+  again before it connects and before it begins a transaction, so only the
+  transactions already under way (at most one per open connection) still reach
+  the site; the other processes see it within a second, or at their own first
+  such reply;
 - ``throttle``: the (source x site)'s connection limit and/or message rate are
   lowered for ``duration``, then the shaping limits hold again;
 - ``bounce``: the recipient fails now, with ``bounce_class``;
