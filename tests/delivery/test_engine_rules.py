@@ -117,7 +117,7 @@ def test_a_suspension_stops_the_lanes_other_workers_before_they_connect():
     connection and begin no transaction: their jobs wait in the spool (REQUEUED)."""
     rules = [{"name": "stop-it", "code": 450, "action": "suspend", "scope": "source_site",
               "duration": 600}]
-    sections = {"shaping": [{"mx": "*", "connection_limit": 6, "max_connection_rate": "4/s"}]}
+    sections = {"shaping": [{"mx": "*", "connection_limit": 6, "max_connection_rate": "2/s"}]}
     jobs = [job("a.test", "later1", n=0)] + [job("a.test", f"ok{i}", n=i) for i in range(1, 6)]
     reports, _, peer = run(jobs, rules, sections=sections)
     outcomes = {r[0].msg.req: r[1][0].outcome for r in reports}
