@@ -26,6 +26,11 @@ Method
     rounds: requests/s and latency percentiles as wrk reports them (p50/p90/p99), and for
     the mta durable messages/s = increase of the queue count over the measured run / wrk's
     duration.  A run with socket errors or non-2xx responses is reported as an error.
+    For the mta the report also says where its CPU goes per durable message, process
+    by process (utime+stime and context switches from /proc), under wrk and at each
+    fixed rate: a paced message costs about twice one under wrk's closed loop, which
+    serves many messages per wake-up (RESULTS.md, "Item 4's half rate is nearly a full
+    machine").
 
 Network
     Everything listens on and connects to 127.0.0.1; wrk runs for a bounded duration.
@@ -59,7 +64,7 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadlib.procs import run_group, start_mta  # noqa: E402
+from loadlib.procs import cost_per_message, run_group, start_mta, tree_costs  # noqa: E402
 from loadlib.targets.mta import merge, toml_dumps  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -305,10 +310,13 @@ def one_run(target, args, body_file: Path) -> dict:
         if args.warmup > 0:
             run_wrk(args, target.url(), args.warmup, body_file)
         q0 = target.queued()
+        c0 = tree_costs(target.proc.pid) if target.name == "mta" else None
         res = run_wrk(args, target.url(), args.duration, body_file)
         if target.name == "mta":
+            c1 = tree_costs(target.proc.pid)
             time.sleep(0.5)   # answers still in flight when wrk stopped
             res["durable"] = target.queued() - q0
+            res["cost"] = cost_per_message(c0, c1, res["durable"])
             res["durable_rate"] = res["durable"] / args.duration
             if res["durable"] < res.get("requests", 0) - res["non2xx"]:
                 res["errors"] += 1
@@ -335,12 +343,17 @@ def fixed_rate_runs(args, names: list, results: dict, workdir: Path) -> list[dic
             try:
                 if args.warmup > 0:
                     run_wrk(args, target.url(), args.warmup, workdir / "body.json")
+                c0 = tree_costs(target.proc.pid) if n == "mta" else None
                 r = run_group(
                     [sys.executable, str(HERE / "fixed_rate.py"), "--url", target.url(),
                      "--rate", str(rate), "--duration", f"{args.duration:g}",
                      "--connections", str(conns)] + (["--prime"] if args.fixed_prime else []),
                     args.duration + 300, text=True)
                 res = json.loads(r.stdout.strip().splitlines()[-1])
+                if c0 is not None:
+                    # (the priming requests count too: each made a message durable)
+                    made = res["completed"] + (conns if args.fixed_prime else 0)
+                    res["cost"] = cost_per_message(c0, tree_costs(target.proc.pid), made)
             finally:
                 target.stop()
             res["target"] = n
@@ -370,6 +383,52 @@ def fixed_report(args, fixed: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------ report
+
+COST_ROLES = ("acceptor", "spool", "events")
+
+
+def _by_role(cost: dict) -> dict[str, tuple[float, float]]:
+    """A run's per-process cost summed by role: acceptor[0] and acceptor[1] are
+    "acceptor", everything but COST_ROLES is "other"."""
+    out: dict[str, tuple[float, float]] = {}
+    for title, (us, sw) in cost.items():
+        role = title.split("[", 1)[0]
+        role = role if role in COST_ROLES else "other"
+        u0, s0 = out.get(role, (0.0, 0.0))
+        out[role] = (u0 + us, s0 + sw)
+    return out
+
+
+def cost_report(results: dict, fixed: list[dict]) -> str:
+    """Where the mta's CPU goes per durable message, wrk against the fixed rates."""
+    rows = []
+    wrk = [_by_role(r["cost"]) for r in results.get("mta", []) if r.get("cost")]
+    if wrk:
+        rows.append((f"wrk, {len(wrk)} run(s), median", {
+            role: (statistics.median(c.get(role, (0.0, 0.0))[0] for c in wrk),
+                   statistics.median(c.get(role, (0.0, 0.0))[1] for c in wrk))
+            for role in COST_ROLES + ("other",)}))
+    for f in fixed:
+        if f.get("cost"):
+            rows.append((f"fixed {f['rate']:,.0f}/s, {f['connections']:,} conns",
+                         _by_role(f["cost"])))
+    if not rows:
+        return ""
+    lines = ["", "**Where the mta's CPU goes, per durable message** (utime+stime of each "
+             "process, and its context switches over every thread, from /proc: over the "
+             "measured wrk run, and over the whole fixed-rate client run, its priming "
+             "included; a paced message costs more than one under wrk's closed loop, "
+             "with fewer messages per wake-up):", "",
+             "| load | acceptors µs | spool µs | events µs | other µs | all µs | "
+             "context switches: acceptors / spool / all |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, c in rows:
+        get = [c.get(role, (0.0, 0.0)) for role in COST_ROLES + ("other",)]
+        lines.append(f"| {label} | " + " | ".join(f"{us:.0f}" for us, _ in get) +
+                     f" | {sum(us for us, _ in get):.0f} | {get[0][1]:.2f} / {get[1][1]:.2f}"
+                     f" / {sum(sw for _, sw in get):.2f} |")
+    return "\n".join(lines) + "\n"
+
 
 
 def nginx_version() -> str:
@@ -520,6 +579,7 @@ def main(argv=None) -> int:
     text = report(args, results, len(body), start_machine)
     if fixed:
         text += fixed_report(args, fixed)
+    text += cost_report(results, fixed)
     print("\n" + text)
     if args.json:
         with open(args.json, "w") as fh:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -151,3 +153,41 @@ def test_a_timed_out_load_leaves_none_of_its_processes(tmp_path):
     assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
     with pytest.raises(subprocess.CalledProcessError):
         run_group(["false"], 10.0, check=True)
+
+
+def test_tree_costs_count_each_process_of_a_tree_by_title():
+    """bench/loadlib's tree_costs and cost_per_message (the harness's CPU per message by
+    process): a child that burns CPU is charged for it under its own title, its parent
+    under its title, and a process that appeared between the snapshots is left out."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from loadlib.procs import cost_per_message, process_tree, tree_costs
+    burn = ("import sys, time\n"
+            "sys.stdin.readline()\n"
+            "t = time.process_time()\n"
+            "while time.process_time() - t < 0.3: pass\n"
+            "print('burnt', flush=True); time.sleep(30)\n")
+    parent = subprocess.Popen(["sh", "-c", f"{sys.executable} -c \"$0\"", burn],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(process_tree(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        before = tree_costs(parent.pid)
+        assert set(before) == {"sh", sys.executable}, before
+        parent.stdin.write("go\n")
+        parent.stdin.flush()
+        assert parent.stdout.readline() == "burnt\n"
+        after = tree_costs(parent.pid)
+        after["later"] = (5, 5)                       # not in the first snapshot
+        cost = cost_per_message(before, after, 10)
+        assert set(cost) == {"sh", sys.executable}, cost
+        us, switches = cost[sys.executable]
+        assert 25_000 <= us <= 60_000, cost            # 0.3 s over 10 messages
+        assert switches >= 0 and cost["sh"][0] < 5_000, cost
+        assert cost_per_message(before, after, 0) == {}
+    finally:
+        for pid in process_tree(parent.pid):           # the child, then its shell
+            if pid != parent.pid:
+                os.kill(pid, signal.SIGKILL)
+        parent.kill()
+        parent.wait()

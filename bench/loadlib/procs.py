@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .common import READY_TIMEOUT_S, REPO, STOP_TIMEOUT_S
+from .common import CLK_TCK, READY_TIMEOUT_S, REPO, STOP_TIMEOUT_S
 
 
 def read_procs() -> dict[int, tuple[int, int, int]]:
@@ -67,6 +67,51 @@ def tree_memory(root: int) -> tuple[int, int]:
             else:
                 anon += int(kb) * 1024
     return rss, anon
+
+
+def tree_costs(root: int) -> dict[str, tuple[int, int]]:
+    """{title: (CPU ticks, context switches)} of root and each live descendant: ticks are
+    utime+stime of the process (all its threads), context switches voluntary and not,
+    summed over its threads (/proc/PID/task/*/status).  The title is the first word of
+    the command line with an ``mta: `` prefix dropped ("acceptor[0]"); processes with
+    the same title are summed.  Compare two snapshots with :func:`cost_per_message`."""
+    out: dict[str, tuple[int, int]] = {}
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode("utf-8", "replace")
+            with open(f"/proc/{pid}/stat") as f:
+                data = f.read()
+            switches = 0
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches",
+                                            "nonvoluntary_ctxt_switches")):
+                            switches += int(line.split()[1])
+        except OSError:
+            continue        # (gone meanwhile)
+        rest = data[data.rindex(")") + 2:].split()
+        ticks = int(rest[11]) + int(rest[12])
+        title = title.removeprefix("mta: ") or f"pid {pid}"
+        t0, s0 = out.get(title, (0, 0))
+        out[title] = (t0 + ticks, s0 + switches)
+    return out
+
+
+def cost_per_message(before: dict, after: dict, messages: int) -> dict[str, tuple[float, float]]:
+    """{title: (µs of CPU per message, context switches per message)} between two
+    :func:`tree_costs` snapshots, for the processes in both (one that was restarted
+    between them is left out: its counters began again)."""
+    out = {}
+    if messages <= 0:
+        return out
+    for title, (t1, s1) in after.items():
+        if title in before:
+            t0, s0 = before[title]
+            if t1 >= t0 and s1 >= s0:
+                out[title] = ((t1 - t0) / CLK_TCK * 1e6 / messages, (s1 - s0) / messages)
+    return out
 
 
 def kill_leftovers(snapshot: dict[int, tuple[int, int, int]]) -> list[int]:
