@@ -93,7 +93,7 @@ def tree_costs(root: int) -> dict[str, tuple[int, int]]:
             continue        # (gone meanwhile)
         rest = data[data.rindex(")") + 2:].split()
         ticks = int(rest[11]) + int(rest[12])
-        title = title.removeprefix("mta: ") or f"pid {pid}"
+        title = title.strip().removeprefix("mta: ") or f"pid {pid}"
         t0, s0 = out.get(title, (0, 0))
         out[title] = (t0 + ticks, s0 + switches)
     return out
