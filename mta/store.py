@@ -396,10 +396,15 @@ class Spare:
                                 "start empty (slower fsyncs) until it works",
                                 exc.strerror or exc)
                     self._complained = True
+            if not made:
+                # A fill cut short (an error, or close() meanwhile) leaves its file half
+                # filled: of no use, so it goes now rather than at the next start.
                 try:
                     os.unlink(self.tmp_path)
                 except OSError:
                     pass
+                if self._stop:
+                    return
             if made:
                 with self._lock:
                     self.ready = True
@@ -421,7 +426,6 @@ class Spare:
             off = 0
             while off < self.size:
                 if self._stop:
-                    os.unlink(self.tmp_path)     # (half filled: no use to the next start)
                     return False
                 n = os.pwrite(fd, zero[:min(FILL_STEP, self.size - off)], off)
                 off += n
