@@ -430,7 +430,6 @@ def cost_report(results: dict, fixed: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-
 def nginx_version() -> str:
     r = subprocess.run(["nginx", "-v"], capture_output=True, text=True)
     return (r.stderr or r.stdout).strip().replace("nginx version: ", "")

@@ -282,7 +282,6 @@ def test_gc_settler_without_a_full_pass_never_unfreezes():
             gc.enable()
 
 
-
 PRESIZE_CHILD = r"""
 import os, resource, threading, time
 from mta import proc

@@ -70,18 +70,17 @@ def tree_memory(root: int) -> tuple[int, int]:
 
 
 def tree_costs(root: int) -> dict[str, tuple[int, int]]:
-    """{title: (CPU ticks, context switches)} of root and each live descendant: ticks are
-    utime+stime of the process (all its threads), context switches voluntary and not,
-    summed over its threads (/proc/PID/task/*/status).  The title is the first word of
-    the command line with an ``mta: `` prefix dropped ("acceptor[0]"); processes with
-    the same title are summed.  Compare two snapshots with :func:`cost_per_message`."""
+    """{title: (CPU ticks, context switches)} of root and each live descendant: ticks as
+    :func:`read_procs` counts them (all threads, and children reaped: the supervisor's
+    include a child that died meanwhile), context switches voluntary and not, summed
+    over its threads (/proc/PID/task/*/status).  The title is the first word of the
+    command line with an ``mta: `` prefix dropped ("acceptor[0]"); processes with the
+    same title are summed.  Compare two snapshots with :func:`cost_per_message`."""
     out: dict[str, tuple[int, int]] = {}
-    for pid in process_tree(root):
+    for pid, (_ppid, _start, ticks) in process_tree(root).items():
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 title = f.read().split(b"\0")[0].decode("utf-8", "replace")
-            with open(f"/proc/{pid}/stat") as f:
-                data = f.read()
             switches = 0
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{tid}/status") as f:
@@ -91,8 +90,6 @@ def tree_costs(root: int) -> dict[str, tuple[int, int]]:
                             switches += int(line.split()[1])
         except OSError:
             continue        # (gone meanwhile)
-        rest = data[data.rindex(")") + 2:].split()
-        ticks = int(rest[11]) + int(rest[12])
         title = title.strip().removeprefix("mta: ") or f"pid {pid}"
         t0, s0 = out.get(title, (0, 0))
         out[title] = (t0 + ticks, s0 + switches)
