@@ -267,7 +267,8 @@ def presize_fd_table(n: int) -> int:
     in a process of more than one thread every doubling waits for an RCU grace period.
     An acceptor (it has ZeroMQ's I/O thread) taking thousands of connections at once
     stalled 20-95 ms in the kernel (synchronize_rcu) at each doubling, at 256, 512, ...,
-    8192 descriptors (bench/RESULTS.md, "The acceptor's descriptor table").  With one
+    8192 descriptors (bench/RESULTS.md, "The acceptor's descriptor table"); a delivery
+    process opening connections to slow receivers grows its table the same way.  With one
     thread no grace period is waited for, and the table never shrinks: asked for here
     once, it costs 8 octets per slot and never stalls later.  A descriptor number is
     duplicated to n - 1 and closed again (only if that number is not in use).

@@ -129,6 +129,15 @@ def render_config(sections: dict) -> str:
     return "\n".join(out)
 
 
+def fd_table(pid: int) -> tuple[int, int]:
+    """(FDSize: descriptor slots allocated, soft limit of open files) of process *pid*."""
+    with open(f"/proc/{pid}/status") as fh:
+        size = int(next(line for line in fh if line.startswith("FDSize:")).split()[1])
+    with open(f"/proc/{pid}/limits") as fh:
+        soft = next(line for line in fh if line.startswith("Max open files")).split()[3]
+    return size, (1 << 62 if soft == "unlimited" else int(soft))
+
+
 def wait_until(pred, timeout: float, what: str = "condition", interval: float = 0.02,
                details=None):
     """Poll *pred* until it returns something true; that value, or AssertionError (with

@@ -307,6 +307,9 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+MAX_OPEN_FILES = 4096      # a NodeLimiter's cached files, by default (two descriptors each)
+
+
 class NodeLimiter(Limiter):
     """Limits shared by the processes of one machine, in files under ``directory``.
 
@@ -315,7 +318,7 @@ class NodeLimiter(Limiter):
     bounds the files this limiter keeps open (two descriptors each).
     """
 
-    def __init__(self, directory: str, max_open_files: int = 4096):
+    def __init__(self, directory: str, max_open_files: int = MAX_OPEN_FILES):
         if _SETLK is None:
             raise OSError(errno.ENOSYS, "NodeLimiter needs Linux open file description "
                                         "locks (fcntl.F_OFD_SETLK)")

@@ -45,6 +45,7 @@ import orjson
 import uvloop
 
 from mta import bus, proc
+from mta.delivery import limits
 from mta.delivery.engine import Engine, Job
 from mta.delivery.metrics import DeliveryMetrics
 from mta.obs import queue as queue_view
@@ -239,6 +240,11 @@ class Delivery:
 def main(settings, index: int, ready_fd: int | None) -> None:
     """Entry point of the delivery[d] child."""
     name = proc.start_role("delivery", index, settings.config.server.log_level)
+    # Before any thread (the bus's) starts: the table for the jobs of a full window, each
+    # on its own connection, and every file the node limiter may keep open (each
+    # doubling of the table in a threaded process stalls it, proc.presize_fd_table).
+    proc.presize_fd_table(2 * settings.config.delivery.max_in_flight +
+                          2 * limits.MAX_OPEN_FILES + proc.FD_TABLE_MARGIN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     log.info("starting %s", name)
     loop = uvloop.new_event_loop()

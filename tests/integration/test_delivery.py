@@ -29,7 +29,10 @@ import smtplib
 import threading
 import time
 
-from daemon import HOST, event_kind, queued_id, smtp_transaction, split_received, wait_until
+from daemon import (HOST, event_kind, fd_table, queued_id, smtp_transaction, split_received,
+                    wait_until)
+from mta import proc
+from mta.delivery import limits
 from mta.queueid import domain_shard
 from mxlab import IPS, mx
 from sinks import qid_of
@@ -470,6 +473,46 @@ def test_connection_reuse(lab):
     assert dest.connections <= 2, dest.connections
     assert len({t.conn for t in txns}) == dest.connections
     check_events(d, {(qid_of(t.data), t.rcpt_tos[0]): "delivery" for t in txns})
+
+
+def test_a_delivery_process_sizes_its_descriptor_table_before_a_burst_of_connections(lab):
+    """A delivery process sizes its descriptor table at start, before its threads (the
+    bus's) exist, for a full window of jobs each on its own connection plus the node
+    limiter's files: in a threaded process every doubling of the table waits for an RCU
+    grace period, and an acceptor was measured stalling 20-95 ms at each.  A burst that
+    holds ~160 connections open at once (a slow receiver: the engine opens a connection
+    while its queue for the site is longer than its connections) leaves it as it was."""
+    window = 200                     # max_in_flight: 2 x 200 jobs in hand at most
+    dest = lab.aio(IP_A)
+    dest.delay = 6.0                 # each end of data waits: the connections pile up
+    lab.serve(mx("dest.test", "mx.dest.test", IP_A))
+    d = lab.daemon(connection_limit=400, max_in_flight=window, idle_timeout=30.0)
+    pid = d.children()["delivery[0]"]
+    size, limit = fd_table(pid)
+    want = 2 * window + 2 * limits.MAX_OPEN_FILES + proc.FD_TABLE_MARGIN
+    assert size >= min(want, limit), (size, want, limit)
+    n, sessions = 320, 8
+    replies = []
+
+    def inject(k):
+        with smtplib.SMTP(HOST, d.port, timeout=30) as s:
+            s.ehlo("client.test")
+            for i in range(k, n, sessions):
+                replies.append(smtp_transaction(s, "alice@sender.test", [f"b{i}@dest.test"],
+                                                message(f"burst {i}"))[0])
+    threads = [threading.Thread(target=inject, args=(k,)) for k in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert replies == [250] * n, replies
+    # more descriptors open than a default table (64 slots) holds after one doubling ...
+    wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) > 160, 10,
+               "the delivery process to hold more than 160 descriptors")
+    wait_until(lambda: dest.received() == n, 60, "the burst at the receiver")
+    assert dest.max_open >= 100, dest.max_open     # (they were its connections)
+    assert fd_table(pid)[0] == size                # ... and the table did not grow
+    wait_queue_empty(d)
 
 
 # ------------------------------------------------------------------ the queue CLI

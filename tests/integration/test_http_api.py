@@ -26,7 +26,7 @@ import time
 from email import policy
 
 import pytest
-from daemon import HOST, free_port, wait_until
+from daemon import HOST, fd_table, free_port, wait_until
 from sinks import AioSink
 from sparkpost import SparkPost
 from sparkpost.exceptions import SparkPostAPIException
@@ -676,15 +676,6 @@ def test_back_pressure_429_503_and_connection_limit(make_daemon):
     assert d.post(simple(), headers=AUTH)[0] == 200
 
 
-def _fd_status(pid: int) -> tuple[int, int]:
-    """(FDSize: descriptor slots allocated, soft limit of open files) of process *pid*."""
-    with open(f"/proc/{pid}/status") as fh:
-        size = int(next(line for line in fh if line.startswith("FDSize:")).split()[1])
-    with open(f"/proc/{pid}/limits") as fh:
-        soft = next(line for line in fh if line.startswith("Max open files")).split()[3]
-    return size, (1 << 62 if soft == "unlimited" else int(soft))
-
-
 def test_the_acceptors_descriptor_table_holds_every_allowed_connection_from_the_start(
         make_daemon):
     """An acceptor sizes its descriptor table for smtp.max_connections +
@@ -697,14 +688,14 @@ def test_the_acceptors_descriptor_table_holds_every_allowed_connection_from_the_
     d = make_daemon(acceptors=1, http={"api_keys": [KEY], "max_connections": 6000},
                     smtp={"max_connections": 3000})
     pid = d.children()["acceptor[0]"]
-    size, limit = _fd_status(pid)
+    size, limit = fd_table(pid)
     assert size >= min(6000 + 3000, limit), (size, limit)
     n = min(2000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200, limit - 200)
     socks = [socket.create_connection((HOST, d.http_port)) for _ in range(n)]
     try:
         st, _, _ = d.post(simple(), headers=AUTH)
         assert st == 200
-        assert _fd_status(pid)[0] == size       # the connections did not grow it
+        assert fd_table(pid)[0] == size       # the connections did not grow it
     finally:
         for s in socks:
             s.close()
