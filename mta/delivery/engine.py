@@ -437,7 +437,12 @@ class Engine:
         route = self.routes.get(domain) or self.routes.get("*")
         if route is not None:
             hosts = tuple(f"{t.host}:{t.port}" for t in targets)
-            key = ("route",) + tuple(sorted(set(hosts)))
+            # A route's TLS policy and source address are part of its site: two routes to
+            # one host with different ones must not share the site's targets (each lookup
+            # replaces them, so one route's mail would go with the other's TLS policy).
+            # They share its name, and so its node-wide limits and adaptive state.
+            key = ("route", route.starttls, route.tls_verify, route.source_address) + \
+                tuple(sorted(set(hosts)))
             hostnames = tuple(sorted({t.host.lower() for t in targets}))
         else:
             hostnames = tuple(sorted({t.host.lower().rstrip(".") for t in targets}))
@@ -1203,6 +1208,15 @@ class Engine:
             if not site.domains and not site.lanes:
                 del self.sites[key]
 
+    def _sites_status(self) -> dict:
+        """Site name -> its domains and hosts (routes to one host with different TLS
+        policies are two sites of one name: their domains together)."""
+        out: dict = {}
+        for s in self.sites.values():
+            entry = out.setdefault(s.name, {"domains": [], "hosts": list(s.hosts)})
+            entry["domains"] = sorted(set(entry["domains"]) | s.domains)
+        return out
+
     def status(self) -> dict:
         """What this process is doing, for ``mta queue`` (written to a file by the caller)."""
         now = time.time()
@@ -1228,8 +1242,7 @@ class Engine:
             "time": now,
             "in_flight": self.in_flight,
             "lanes": lanes,
-            "sites": {s.name: {"domains": sorted(s.domains), "hosts": list(s.hosts)}
-                      for s in self.sites.values()},
+            "sites": self._sites_status(),
             "adaptive": self.adaptive.status(),
             "adaptive_read": self.adaptive_read,
             "warmup": self.warmup.status(list(self.sites.values())) if self.warmup.plans

@@ -172,6 +172,28 @@ def test_a_domain_with_its_own_route_is_shaped_by_its_rule():
     assert len(peer.messages) == 1
 
 
+def test_two_routes_to_one_host_keep_their_own_tls_policy():
+    """A route that requires STARTTLS and a smarthost route to the same host:port without
+    it are two sites.  When they shared one, each lookup replaced the site's targets, so
+    the domain that requires TLS went in plaintext after the other's lookup (or the other
+    was deferred for want of TLS).  The peer offers no STARTTLS."""
+    peer = Peer()
+    for first in ("other.test", "partner.test"):        # the lookups in either order
+        peer.messages.clear()
+        jobs = [job(first, "ok", n=0),
+                job({"other.test": "partner.test"}.get(first, "other.test"), "ok", n=1)]
+        reports = deliver(jobs, Resolver({}, {}), peer,
+                          route=[{"domain": "partner.test", "hosts": ["127.0.0.1:PORT"],
+                                  "starttls": "required"},
+                                 {"domain": "*", "hosts": ["127.0.0.1:PORT"],
+                                  "starttls": "none"}])
+        out = {j.msg.domain: rs[0] for j, rs in reports}
+        assert out["other.test"].outcome == bus.DELIVERED, out
+        assert out["partner.test"].outcome == bus.DEFERRED, out
+        assert "TLS" in out["partner.test"].text, out["partner.test"].text
+        assert [m[1] for m in peer.messages] == [["ok@other.test"]]
+
+
 def test_jobs_for_one_domain_share_a_connection():
     peer = Peer()
     jobs = [job("example.net", "ok", n=n) for n in range(5)]
