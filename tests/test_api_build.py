@@ -5,6 +5,7 @@ with ``policy.default``) to check that what we build is what a mail reader sees.
 """
 import base64
 import email
+import json
 import os
 import quopri
 import time
@@ -36,7 +37,7 @@ def tx(**kw) -> T.Transmission:
                 body["content"][key] = v
         else:
             body[k] = v
-    t = T.decode(orjson.dumps(body))
+    t = T.decode(json.dumps(body).encode())    # (json: it writes integers beyond 64 bits)
     T.check(t, 10_000, DEPTH)
     return t
 
@@ -502,6 +503,47 @@ def test_rfc822_8bit_and_line_ends():
     lines_ok(m.message)
     assert m.params.get("BODY") == "8BITMIME"
     assert m.message.count(b"To:") == 1
+
+
+def test_rfc822_rfc2231_boundary_parameter_is_read_not_a_crash():
+    """``boundary*=''abc`` (RFC 2231) is a tuple to the email package: the text parts under
+    it are substituted like those of ``boundary="abc"``; a boundary that is not ASCII
+    leaves the parts alone (the message is still built)."""
+    body = ("From: a@example.com\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: multipart/alternative; {}\r\n\r\n--abc\r\n"
+            "Content-Type: text/plain\r\n\r\nhi {{{{x}}}}\r\n--abc--\r\n")
+    subs = [{"address": "r@example.net", "substitution_data": {"x": "Y"}}]
+    for param, substituted in (("boundary*=''abc", True), ("boundary*0*=''a; boundary*1*=bc", True),
+                               ("boundary*=utf-8''%C3%A9", False), ('boundary="abc"', True)):
+        m = one(tx(email_rfc822=body.format(param), subject=None, text=None, from_=None,
+                   recipients=subs))
+        assert (b"hi Y" in m.message) is substituted, param
+        assert (b"hi {{x}}" in m.message) is not substituted, param
+
+
+BIG = 99999999999999999999999       # beyond 64 bits: JSON decodes it, msgpack cannot carry it
+
+
+def test_integers_beyond_64_bits_are_a_422_naming_the_field():
+    for field in ("metadata", "substitution_data"):
+        with pytest.raises(R.ApiError) as e:
+            tx(**{field: {"a": {"b": BIG}}})
+        assert e.value.status == 422
+        assert e.value.description == f"{field}: a number is outside the 64-bit integer range"
+    t = tx(recipients=[{"address": "r@example.net", "metadata": {"a": BIG},
+                        "substitution_data": {"x": [BIG]}}])
+    with pytest.raises(B.RecipientError) as e:
+        one(t)
+    assert e.value.description == \
+        "recipients[0].metadata: a number is outside the 64-bit integer range"
+    ev = B.Builder(t, "mta.test").refusal_event(t.recipients[0], "generation_rejection", "x")
+    assert ev["rcpt_subs"] == {} and "metadata" not in ev    # (left out, like oversize ones)
+    # substituted, a value holding one is written as JSON still
+    m = one(tx(text="{{x}}", recipients=[{"address": "r@example.net",
+                                            "substitution_data": {"x": {"n": BIG}}}]))
+    assert b'{"n":99999999999999999999999}' in m.message
+    got = T.parse_msys_api(b'{"campaign_id": "c", "metadata": {"k": %d}}' % BIG, DEPTH)
+    assert got.get("campaign_id") == "c"
 
 
 # ------------------------------------------------------------------ X-MSYS-API

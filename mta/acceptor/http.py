@@ -731,7 +731,8 @@ def _num_rcpt_errors(query: bytes) -> int | None:
     for item in query.split(b"&"):
         k, _, v = item.partition(b"=")
         if k == b"num_rcpt_errors" and v.isdigit():
-            return int(v)
+            # (a number of thousands of digits is "all of them", not a ValueError)
+            return int(v) if len(v) <= 9 else 10 ** 9
     return None
 
 

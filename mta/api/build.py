@@ -45,11 +45,12 @@ import base64
 import binascii
 import html as html_mod
 import itertools
+import json
 import os
 import re
 import time
 from email.message import Message
-from email.utils import getaddresses, parseaddr
+from email.utils import collapse_rfc2231_value, getaddresses, parseaddr
 from urllib.parse import quote
 
 import orjson
@@ -132,6 +133,15 @@ class RecipientError(Exception):
 # ---------------------------------------------------------------- substitution
 
 
+def _json_len(value) -> int | None:
+    """Octets of *value* as JSON; None when it holds an integer beyond 64 bits (which
+    JSON decodes but neither the bus's msgpack nor the event log's orjson carries)."""
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        return None
+
+
 def _text_of(value) -> str:
     if isinstance(value, str):
         return value
@@ -141,7 +151,10 @@ def _text_of(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return str(value)
-    return orjson.dumps(value).decode()
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:     # an integer beyond 64 bits somewhere inside
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def lookup(path: tuple, scopes: tuple):
@@ -712,7 +725,7 @@ class Builder:
             out["bounce_class"] = ev.POLICY_CLASS
         if isinstance(meta, dict) and meta:
             meta = {**self.tx_meta, **meta} if self.tx_meta else meta
-            if len(orjson.dumps(meta)) > MAX_METADATA:
+            if (_json_len(meta) or MAX_METADATA + 1) > MAX_METADATA:
                 meta = self.tx_meta     # (the transmission's was checked)
         else:
             meta = self.tx_meta
@@ -721,7 +734,7 @@ class Builder:
         if isinstance(tags, list) and 0 < len(tags) <= MAX_TAGS:
             out["tags"] = tags
         out["rcpt_subs"] = subs if isinstance(subs, dict) and \
-            len(orjson.dumps(subs)) <= MAX_EVENT_SUBS else {}
+            (_json_len(subs) or MAX_EVENT_SUBS + 1) <= MAX_EVENT_SUBS else {}
         if self.rfc822 is not None:
             ev.put_headers(out, self.rfc_from, None)
         else:
@@ -750,7 +763,12 @@ class Builder:
                 name, email, header_to = a.name, a.email, a.header_to
             rcpt_sub = r.substitution_data
             if r.metadata:
-                if len(orjson.dumps(r.metadata)) > MAX_METADATA:
+                n = _json_len(r.metadata)
+                if n is None:
+                    raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].metadata: a number "
+                                         "is outside the 64-bit integer range",
+                                         ev.GENERATION_REJECTION)
+                if n > MAX_METADATA:
                     raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].metadata: larger "
                                          f"than {MAX_METADATA} bytes", ev.GENERATION_REJECTION)
                 meta = {**meta, **r.metadata} if meta else r.metadata
@@ -808,7 +826,12 @@ def _content_type(entity: bytes) -> tuple[str, str | None, str]:
     if ct is not None:
         m["Content-Type"] = ct.decode("latin-1")
     cte = mime.find_header(entity, b"Content-Transfer-Encoding")
-    return (m.get_content_type(), m.get_param("boundary"),
+    boundary = m.get_param("boundary")
+    if isinstance(boundary, tuple):     # RFC 2231 (boundary*=...): (charset, language, text)
+        boundary = collapse_rfc2231_value(boundary)
+    if boundary is not None and not boundary.isascii():
+        boundary = None                 # (not a valid boundary: its parts are not looked at)
+    return (m.get_content_type(), boundary,
             (cte or b"7bit").decode("latin-1").strip().lower())
 
 

@@ -161,8 +161,15 @@ def _check_depth(field: str, value, max_depth: int) -> None:
                          f"{max_depth} levels deep (http.max_json_depth)")
 
 
-def _json_size(value) -> int:
-    return len(orjson.dumps(value))
+def json_size(field: str, value) -> int:
+    """Octets of *value* as JSON; ApiError 422 naming *field* when it holds an integer
+    beyond 64 bits, which JSON decodes but nothing downstream carries (msgpack on the
+    bus, orjson in the event log)."""
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        raise R.ApiError(R.INVALID, f"{field}: a number is outside the 64-bit integer "
+                         "range") from None
 
 
 def check(tx: Transmission, max_recipients: int, max_depth: int) -> None:
@@ -220,9 +227,10 @@ def check(tx: Transmission, max_recipients: int, max_depth: int) -> None:
         raise R.ApiError(R.INVALID, f"campaign_id: longer than {MAX_CAMPAIGN_ID} bytes")
     if tx.description is not None and len(tx.description.encode()) > MAX_DESCRIPTION:
         raise R.ApiError(R.INVALID, f"description: longer than {MAX_DESCRIPTION} bytes")
-    if tx.metadata and _json_size(tx.metadata) > MAX_METADATA:
+    if tx.metadata and json_size("metadata", tx.metadata) > MAX_METADATA:
         raise R.ApiError(R.INVALID, f"metadata: larger than {MAX_METADATA} bytes")
-    if tx.substitution_data and _json_size(tx.substitution_data) > MAX_SUBSTITUTION_DATA:
+    if tx.substitution_data and \
+            json_size("substitution_data", tx.substitution_data) > MAX_SUBSTITUTION_DATA:
         raise R.ApiError(R.INVALID,
                          f"substitution_data: larger than {MAX_SUBSTITUTION_DATA} bytes")
 
@@ -279,10 +287,12 @@ def parse_msys_api(value: bytes, max_depth: int) -> dict | None:
     if isinstance(cid, str) and len(cid.encode()) <= MAX_CAMPAIGN_ID:
         out["campaign_id"] = cid
     meta = obj.get("metadata")
-    if isinstance(meta, dict) and meta and \
-            not too_deep(meta, max_depth) and \
-            _json_size(meta) <= MAX_METADATA:
-        out["metadata"] = meta
+    if isinstance(meta, dict) and meta and not too_deep(meta, max_depth):
+        try:
+            if json_size("metadata", meta) <= MAX_METADATA:
+                out["metadata"] = meta
+        except R.ApiError:
+            pass        # (a number beyond 64 bits: ignored, like metadata too deep)
     tags = obj.get("tags")
     if isinstance(tags, list):
         tags = [t for t in tags if isinstance(t, str)][:MAX_TAGS]

@@ -248,6 +248,17 @@ def test_error_cases_are_sparkpost_shaped_and_the_daemon_keeps_serving(api):
     assert_error(st, body, 404, R.NOT_FOUND, "/api/v1/nothing")
     st, _, body = d.post(ok, path="/api/v1/transmissions/?num_rcpt_errors=3", headers=AUTH)
     assert st == 200
+    # A number of 5,000 digits (past Python's int() limit) means "all of them"; the
+    # Idempotency-Key is finished, so a retry is a replay, not a 409.
+    path = "/api/v1/transmissions?num_rcpt_errors=" + "9" * 5000
+    keyed = {**AUTH, "Idempotency-Key": "digits-5000"}
+    st, _, body = d.post(ok, path=path, headers=keyed)
+    assert st == 200 and body["results"]["total_accepted_recipients"] == 1
+    st, h, again = d.post(ok, path=path, headers=keyed)
+    assert (st, again, h.get("idempotent-replayed")) == (200, body, "true")
+    # An integer beyond 64 bits decodes as JSON but no encoder downstream takes it: 422
+    st, _, body = d.post({**ok, "metadata": {"n": 10 ** 30}}, headers=AUTH)
+    assert_error(st, body, 422, R.INVALID, "metadata: a number is outside the 64-bit")
     with socket.create_connection((HOST, d.http_port)) as s:
         s.sendall(request_bytes(b"", method="GET"))
         st, h, raw = read_response(s.makefile("rb"))
