@@ -159,6 +159,8 @@ class Service:
                      for k in cfg.api_keys}
         self.sessions: set = set()
         self.pending = 0            # messages handed to the spool, not yet answered
+        self.pending_bytes = 0      # ... their octets (built, held until answered)
+        self.paused: collections.deque = collections.deque()  # injections waiting for room
         self.stats = {"requests": 0, "accepted": 0, "rejected": 0, "errors": 0}
         self.store: idempotency.Store | None = None
         self.next_purge = 0.0
@@ -197,6 +199,12 @@ class Service:
     def is_loopback(self, ip: str) -> bool:
         addr = peer_address(ip)
         return addr is not None and addr.is_loopback
+
+    def resume_paused(self) -> None:
+        """Injections that waited for room (http.max_pending_bytes) build again, in turn."""
+        room = self.cfg.max_pending_bytes
+        while self.paused and self.pending_bytes < room:
+            self.loop.call_soon(self.paused.popleft().step)
 
     def authorize(self, header: bytes | None, peer_ip: str) -> str:
         """The idempotency scope of the caller's key ("" without keys); ApiError 401/403."""
@@ -592,7 +600,7 @@ class Session(asyncio.Protocol):
                              "no new mail; retry later or elsewhere", R.RETRY_AFTER_UNAVAILABLE)
         tx = transmissions.decode(req.body)
         transmissions.check(tx, self.cfg.max_recipients, self.cfg.max_json_depth)
-        builder = build.Builder(tx, svc.hostname)
+        builder = build.Builder(tx, svc.hostname, self.cfg.max_message_size)
         requested = self._options(tx, builder)
         key = h.get(b"idempotency-key")
         if key is not None:
@@ -775,12 +783,19 @@ class Injection:
         svc.pending += len(self.rcpts)
 
     def step(self) -> None:
-        """Build and submit the next slice of recipients."""
+        """Build and submit the next slice of recipients (or wait for room: at
+        http.max_pending_bytes of built messages not yet answered, the spool's answers
+        resume the waiting injections, :meth:`done`)."""
         svc = self.svc
         submit = self.a.submit
         build_one = self.builder.build
+        room = svc.cfg.max_pending_bytes
         end = min(self.next + BUILD_SLICE, len(self.rcpts))
         for i in range(self.next, end):
+            if svc.pending_bytes >= room:
+                self.next = i
+                svc.paused.append(self)
+                return
             try:
                 m = build_one(i, self.rcpts[i])
             except build.RecipientError as exc:
@@ -810,8 +825,10 @@ class Injection:
             else:
                 params.pop("ip_pool", None)
             self.waiting += 1
+            size = len(m.message)
+            svc.pending_bytes += size
             submit(m.sender, [m.rcpt], m.params, self.client, m.message,
-                   functools.partial(self.trace, m.rcpt), functools.partial(self.done, i),
+                   functools.partial(self.trace, m.rcpt), functools.partial(self.done, i, size),
                    self.peer, m.message_id)
         self.next = end
         if end < len(self.rcpts):
@@ -838,10 +855,14 @@ class Injection:
         return (f"Received: from [{lit}]\r\n\tby {self.a.hostname} (mta) with HTTP id {qid}"
                 f"\r\n\tfor <{rcpt}>;\r\n\t{build._date.now()}\r\n").encode("utf-8")
 
-    def done(self, i: int, qid: str, ok: bool) -> None:
-        """The spool's answer (or a timeout) for recipient *i*'s message."""
+    def done(self, i: int, size: int, qid: str, ok: bool) -> None:
+        """The spool's answer (or a timeout) for recipient *i*'s message of *size* octets."""
         self.waiting -= 1
-        self.svc.pending -= 1
+        svc = self.svc
+        svc.pending -= 1
+        svc.pending_bytes -= size
+        if svc.paused and svc.pending_bytes < svc.cfg.max_pending_bytes:
+            svc.resume_paused()
         if ok:
             self.accepted += 1
         else:

@@ -171,6 +171,15 @@ class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         ge=1 * KiB, le=1 * GiB)] = 20 * MiB
     max_recipients: Annotated[int, _doc(
         "recipients in one transmission; more gets 422", ge=1, le=1_000_000)] = 10_000
+    max_message_size: Annotated[int, _doc(
+        "largest message one recipient's substitutions may build, in octets; a recipient "
+        "whose message would be larger is refused (rcpt_to_errors, a generation_failure "
+        "event)", ge=1 * KiB, le=2 * GiB - 1)] = 50 * MiB
+    max_pending_bytes: Annotated[int, _doc(
+        "octets of built messages an acceptor may hold waiting for the spool on behalf of "
+        "HTTP requests; at the bound it builds no more until the spool's answers free "
+        "room (a large message to many recipients is built a few at a time)",
+        ge=1 * MiB, le=64 * GiB)] = 256 * MiB
     max_pending_messages: Annotated[int, _doc(
         "messages an acceptor may have waiting for the spool on behalf of HTTP requests; "
         "a request that would exceed it gets 429 with Retry-After", ge=1, le=10_000_000)] = \

@@ -256,6 +256,13 @@ def test_error_cases_are_sparkpost_shaped_and_the_daemon_keeps_serving(api):
     assert st == 200 and body["results"]["total_accepted_recipients"] == 1
     st, h, again = d.post(ok, path=path, headers=keyed)
     assert (st, again, h.get("idempotent-replayed")) == (200, body, "true")
+    # Substitution that would build 180 MB from a 180 KB request: refused at
+    # http.max_message_size (50 MiB), the daemon keeps serving
+    st, _, body = d.post({"recipients": [{"address": "big@example.net",
+                                          "substitution_data": {"x": "v" * 90_000}}],
+                          "content": {"from": "s@example.com", "subject": "s",
+                                      "text": "{{x}}" * 2000}}, headers=AUTH)
+    assert_error(st, body, 422, R.INVALID, "larger than 52428800 octets (http.max_message_size)")
     # An integer beyond 64 bits decodes as JSON but no encoder downstream takes it: 422
     st, _, body = d.post({**ok, "metadata": {"n": 10 ** 30}}, headers=AUTH)
     assert_error(st, body, 422, R.INVALID, "metadata: a number is outside the 64-bit")
