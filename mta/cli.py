@@ -429,6 +429,10 @@ def queue_show(ctx, config_path, qid, raw):
             cl.close()
     finally:
         ctxz.term()
+    if reply.status == bus.STATUS_STORAGE:
+        click.echo(f"mta: {qid} is queued but its record cannot be read (see the log)",
+                   err=True)
+        sys.exit(EX_UNAVAILABLE)
     if reply.status != bus.STATUS_OK:
         click.echo(f"mta: {qid} is not in the queue", err=True)
         sys.exit(1)

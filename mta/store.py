@@ -248,14 +248,15 @@ class Located(msgspec.Struct, array_like=True):
 
 
 class Segment:
-    __slots__ = ("number", "path", "fd", "size", "live", "total", "failed", "prezeroed",
-                 "reusable")
+    __slots__ = ("number", "path", "fd", "size", "synced", "live", "total", "failed",
+                 "prezeroed", "reusable")
 
     def __init__(self, number: int, path: str, fd: int | None, size: int):
         self.number = number
         self.path = path
         self.fd = fd
         self.size = size   # the write position (a recovered segment: the file's size)
+        self.synced = size  # the end of what the last successful fdatasync covered
         self.live = 0      # queued messages whose current copy is here
         self.total = 0     # message records written here
         self.failed = False
@@ -562,6 +563,30 @@ def _after_bad_record(codec, buf, off: int, end: int, segment: int,
     return again, False, False
 
 
+def _sync_recovered(path: str) -> None:
+    """fdatasync a segment file before its records are recovered.
+
+    An earlier run killed between a write and its fdatasync (kill -9 of the shard, not
+    a power cut) left the write in the page cache, not on disk: recovery would read it
+    as durable, publish its events and act on it -- reclaim the segment of messages
+    whose compaction copies it holds -- and a power cut later would take it away.  A
+    segment with nothing unwritten costs one cache flush.  An error is logged: there is
+    nothing better to read than what the file gives.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.error("segment %s: cannot open it to sync it: %s", path, exc.strerror or exc)
+        return
+    try:
+        os.fdatasync(fd)
+    except OSError as exc:
+        log.error("segment %s: fdatasync before recovery failed: %s; what it holds "
+                  "beyond its last sync may not be on disk", path, exc.strerror or exc)
+    finally:
+        os.close(fd)
+
+
 class Watermark:
     """The shard's synced watermark: (segment number, offset) in a 16-octet mmap'ed file.
 
@@ -755,14 +780,16 @@ class Store:
         for name in names:
             number = int(name[: -len(SEGMENT_SUFFIX)])
             path = os.path.join(self.dir, name)
+            if self.fsync:
+                _sync_recovered(path)
             seg = Segment(number, path, None, os.path.getsize(path))
             self.segments[number] = seg
             self._stats["segments"] += 1
             todo.append(seg)
         self._replaying = self._replay_all(todo, self._stats)
         if self.watermark is not None:
-            # Everything recovered is on disk already (whatever an earlier run
-            # had not synced was either lost at the crash or is read here).
+            # Everything recovered is on disk already: whatever an earlier run had
+            # not synced was either lost at the crash or was synced above.
             last = max(self.segments, default=0)
             self.watermark.set(last, self.segments[last].size if last else 0)
 
@@ -1058,9 +1085,19 @@ class Store:
                 os.fdatasync(seg.fd)
             except OSError:
                 # After a failed fsync the kernel may have dropped the dirty pages:
-                # nothing in this segment since the last good sync can be trusted.
+                # nothing in this segment since the last good sync can be trusted.  Its
+                # pages stay readable in the page cache, marked clean, though never
+                # written: a restart of the shard (not of the machine) would recover
+                # them as if durable -- say, a compaction's copies, and then reclaim
+                # the segment of the originals, and a reboot would lose both.  So the
+                # unsynced end is cut off now (best effort, as after a failed write).
                 seg.failed = True
+                try:
+                    os.ftruncate(seg.fd, seg.synced)
+                except OSError:
+                    pass
                 raise
+        seg.synced = seg.size
         if self.watermark is not None:
             self.watermark.set(seg.number, seg.size)   # a memory write: no system call
 

@@ -821,6 +821,59 @@ def test_probe_fails_while_writes_fail_then_heals_in_a_new_segment(tmp_path, cod
     st2.close()
 
 
+def test_a_failed_fsync_cuts_off_what_it_did_not_cover(tmp_path, codec, monkeypatch):
+    """After a failed fdatasync its pages stay readable in the page cache, marked clean but
+    never written.  A compaction's copies written there and read back by a restart of the
+    shard (not of the machine) would move their messages' home to them, the originals'
+    segment would be reclaimed, and a reboot would lose both: so the store cuts the
+    segment back to what its last good sync covered, and a restart does not see them."""
+    st, qids, oldest, in_oldest, keep = one_left_in_the_oldest_segment(tmp_path, codec)
+    copies, unlink = st.reclaim_plan(0.25, 2000)
+    assert [m.qid for m, _ in copies] == [keep] and unlink[0].number == oldest
+    seg = st.current
+    synced = seg.size
+    real = os.fdatasync
+
+    def eio(fd):
+        raise OSError(5, "Input/output error")
+
+    st.write(copies, [])
+    monkeypatch.setattr(os, "fdatasync", eio)
+    with pytest.raises(OSError):
+        st.sync()
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert os.path.getsize(seg.path) == synced          # the copy is gone from the file
+    st2, stats = restart(tmp_path, codec)                 # (the same boot: the page cache)
+    assert seg_of(st2, keep) == oldest                    # still at home: not reclaimable
+    copies2, unlink2 = st2.reclaim_plan(0.25, 2000)
+    assert keep in [m.qid for m, _ in copies2]            # copied again, not unlinked first
+    assert set(queued(st2)) == set(queued(st))
+    st2.close()
+
+
+def test_recovery_syncs_each_segment_before_reading_it(tmp_path, codec, monkeypatch):
+    """A shard killed between a write and its fdatasync leaves the write in the page
+    cache only: recovery syncs each segment file before it trusts (and publishes the
+    events of) what it reads there."""
+    st = new_store(tmp_path, codec, segment_size=MiB)
+    fill(st, 0, 25)
+    st.write([(meta(100), body(100))], [])               # written, never synced: a kill -9
+    synced = []
+    real = os.fdatasync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    before = seg_files(tmp_path)
+    assert len(before) >= 3
+    monkeypatch.setattr(os, "fdatasync", record)
+    st2, _ = restart(tmp_path, codec)
+    assert {os.path.basename(p) for p in synced} >= set(before)
+    assert qid(100) in queued(st2)
+    st2.close()
+
+
 def test_recipient_flags_survive_restart_and_compaction(tmp_path, codec):
     """A recipient's flags (the delay notice sent) are written with its update record,
     read back at recovery, and carried by a compaction copy."""

@@ -465,6 +465,9 @@ class Api:
             return _json(400, {"errors": [{"message": f"not a queue id: {qid[:100]!r}",
                                            "field": "qid"}]})
         reply = await self._ask(shard_of(qid, self.settings.shards), bus.SpoolMessageShow, qid)
+        if reply.status == bus.STATUS_STORAGE:
+            return _json(503, {"errors": [{"message": f"{qid} is queued but its record "
+                                           "cannot be read (see the log)"}]})
         if reply.status != bus.STATUS_OK or reply.entry is None:
             return _json(404, {"errors": [{"message": f"{qid} is not queued"}]})
         return _json(200, q.recipients_view(reply.entry))

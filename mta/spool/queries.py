@@ -103,7 +103,11 @@ def show(store, req: int, qid: str) -> bus.SpoolMessageShowReply:
     index = store.index
     if qid not in index:
         return bus.SpoolMessageShowReply(req, bus.STATUS_UNKNOWN, None, b"")
-    m, body = store.read_record(qid)
+    try:
+        m, body = store.read_record(qid)
+    except OSError as exc:      # (the operator's question must not stop the shard)
+        log.error("%s: cannot read the message: %s", qid, exc.strerror or exc)
+        return bus.SpoolMessageShowReply(req, bus.STATUS_STORAGE, None, b"")
     state, attempts, due, _ = index.progress(qid)
     entry = {"qid": m.qid, "sender": m.sender, "recipients": m.rcpts,
              "arrival": m.arrival, "size": len(body), "params": m.params,

@@ -161,3 +161,30 @@ def test_an_acceptors_refusal_events_are_written_and_answered_after_the_sync(rig
     read_events(native.load("record"), data, 0, seg.size, True,
                 lambda off, meta: written.extend(ev.decode(meta)), segment=seg.number)
     assert written == [refusal, gen]
+
+
+def test_show_of_an_unreadable_record_is_answered_and_the_shard_goes_on(rig, monkeypatch):
+    """``mta queue show`` of a message whose record cannot be read (EIO, EMFILE) gets
+    STATUS_STORAGE; the error used to escape the loop and stop the shard."""
+    shard, clients, order = rig
+    c = clients[0]
+    c.sock.send(commit(1))
+    wait_all_requests_arrived(shard, clients)
+    shard.step()
+    assert bus.decode(c.sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
+    qid = shard.store.index.sorted_qids()[0]
+
+    def eio(*a, **kw):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(shard.store, "read_record", eio)
+    c.sock.send(bus.encode(bus.SpoolMessageShow(7, qid)))
+    wait_all_requests_arrived(shard, clients)
+    shard.step()
+    assert c.sock.poll(5000)
+    assert bus.decode(c.sock.recv()) == bus.SpoolMessageShowReply(7, bus.STATUS_STORAGE, None,
+                                                                   b"")
+    c.sock.send(commit(2))                  # and it still takes mail
+    wait_all_requests_arrived(shard, clients)
+    shard.step()
+    assert bus.decode(c.sock.recv()) == bus.SpoolMessageCommitted(2, bus.STATUS_OK)
