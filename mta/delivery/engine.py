@@ -84,7 +84,7 @@ class Job:
     """One message's recipients for one domain: the spool's job and who sent it."""
 
     __slots__ = ("msg", "peer", "queued_at", "source", "source_ip", "site", "fired",
-                 "retry_after", "tls")
+                 "retry_after", "tls", "reported")
 
     def __init__(self, msg: DeliveryMessageReady, peer: bytes):
         self.msg = msg              # req, qid, sender, domain, rcpts, params, attempt, body, ...
@@ -96,6 +96,7 @@ class Job:
         self.fired = None           # bus.FiredRule: the response rule its replies matched
         self.retry_after = 0.0      # a rule's defer: seconds before the next try
         self.tls = ""               # outbound_tls of its session (client.TLS_*); "": none
+        self.reported = False       # its outcome went to the spool (once, _finish)
 
     def results(self, outcome: str, code: int, enhanced: str, text: str, host: str = "",
                 ip: str = "") -> list[Result]:
@@ -207,7 +208,7 @@ class Lane:
 
     __slots__ = ("source", "site", "key", "connect_key", "message_key", "limits", "urgent", "bulk", "active", "idle",
                  "wakeup", "sent", "retry", "waiting", "rate", "rate_sent", "rate_at",
-                 "yield_check")
+                 "yield_check", "yielding")
 
     def __init__(self, source: Source, site: Site, limits):
         self.source = source
@@ -228,6 +229,7 @@ class Lane:
         self.rate_sent = 0
         self.rate_at = time.monotonic()
         self.yield_check = 0.0     # when to look next for another process wanting a slot
+        self.yielding = 0          # of the workers, those that decided to give theirs up
 
     def queued(self) -> int:
         return len(self.urgent) + len(self.bulk)
@@ -393,6 +395,10 @@ class Engine:
         task.add_done_callback(self.tasks.discard)
 
     def _finish(self, job: Job, results: list[Result], retry_after: float = 0.0) -> None:
+        if job.reported:        # (a bug: one outcome per job, in_flight counted once)
+            log.error("%s: a second outcome for the job was not sent", job.msg.qid)
+            return
+        job.reported = True
         self.in_flight -= 1
         for r in results:
             self.stats[r.outcome] += 1
@@ -570,9 +576,9 @@ class Engine:
                 self._forget(lane)
             return
         limit = lane.limits.connection_limit
-        while lane.active < limit and (lane.active == 0 or lane.queued() > lane.active):
-            if not lane.queued():
-                break
+        # (an empty queue ends the loop through its else: no waiting mark stays behind)
+        while lane.active < limit and lane.queued() and \
+                (lane.active == 0 or lane.queued() > lane.active):
             if lane.active >= self._fair(lane) and self.limiter.others_waiting(lane.key):
                 slot = None         # our share is taken and another process waits: leave it
             else:
@@ -754,7 +760,7 @@ class Engine:
             lane.idle -= 1
 
     async def _worker(self, lane: Lane, slot) -> None:
-        conn = target = None
+        conn = target = job = None
         yielded = False
         src = lane.source
         # The next job, taken while the last message went out (_ahead), with its
@@ -839,14 +845,21 @@ class Engine:
                 if self._after_send(lane, conn, ahead, give_up):
                     yielded = give_up[0]
                     return
-        except Exception:
+        except Exception as exc:
             log.exception("delivery worker for %s failed", lane.key)
+            if job is not None and not job.reported:
+                # its outcome must still go back (else the spool waits job_timeout and
+                # this process's window stays one job smaller for good); REQUEUED: tried
+                # again soon (at least once: its message may have gone out)
+                self._give_back([job], f"the delivery worker failed: {exc}")
         finally:
             # the next job, taken but not run (an unexpected error): back to the front
             # of its lane; nothing of its message was sent (its envelope may have
             # been: the connection is closed below, not quit)
             lane.put_back([j for j, _ in ahead])
             lane.active -= 1
+            if give_up[0]:
+                lane.yielding -= 1
             # The slot is the connection: given back once it is closed, not before
             # (another process waiting for it would open one more while the
             # receiver still counts this one, over the site's connection_limit).
@@ -855,7 +868,11 @@ class Engine:
                     await conn.quit()
             finally:
                 self.limiter.release(slot)
-            if lane.queued() and not self.stopping and not yielded:
+            # A worker that yields its slot leaves the lane to the others; when several
+            # decided so at once (each saw the others still counted) the last ones keep
+            # the lane going at its fair share, or waiting for a slot with its mark set.
+            if lane.queued() and not self.stopping and (
+                    not yielded or lane.active < self._fair(lane)):
                 self._kick(lane)
             elif not lane.queued() and lane.active == 0:
                 self._forget(lane)
@@ -892,7 +909,7 @@ class Engine:
         it as it is, prepares its transaction (the caller writes its envelope
         behind the final dot).  The job is left in *ahead* either way.
         """
-        if not self.pipeline or self.stopping or not lane.queued():
+        if not self.pipeline or self.stopping or give_up[0] or not lane.queued():
             return None
         limits = lane.limits
         if conn.messages_sent + 1 >= limits.max_deliveries_per_connection \
@@ -936,7 +953,13 @@ class Engine:
         if now < lane.yield_check:
             return False
         lane.yield_check = now + YIELD_CHECK
-        return lane.active > self._fair(lane) and self.limiter.others_waiting(lane.key)
+        # (a worker that decided to go still counts in active until its reply is in:
+        # without the yielding ones the next would go too, down past the fair share)
+        if lane.active - lane.yielding > self._fair(lane) and \
+                self.limiter.others_waiting(lane.key):
+            lane.yielding += 1
+            return True
+        return False
 
     def _fair(self, lane: Lane) -> int:
         """A lane's share of its node-wide connection slots when other processes want them."""
@@ -1115,6 +1138,8 @@ class Engine:
                 if stale:
                     self._hand_back(stale, lane)
                     n += len(stale)
+                    if lane.active == 0 and not lane.queued():
+                        self._forget(lane)    # (its waiting mark and retry timer too)
         if n:
             log.info("%d job(s) waited in their lanes over %.1fs; handed back to the spool",
                      n, limit)

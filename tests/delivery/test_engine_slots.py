@@ -1,0 +1,220 @@
+"""The delivery engine's node-wide connection slots, in process: what a lane does when
+other delivery processes want its slots, when its jobs leave while it waits for one,
+and when a worker fails.
+
+A real SMTP peer (aiosmtpd on loopback, its replies to the end of data delayed) and a
+limiter that stands for the node's (mta/delivery/limits.py): it hands out slots up to
+the limit and says, as the test decides, whether another process waits for one.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import uvloop
+
+from mta import bus
+from mta.delivery.engine import Engine
+from test_engine import job, mx_to_loopback, settings
+
+BOUND = 20.0
+
+
+class Limiter:
+    """Slots up to the limit; *others* waiting as the test says; calls recorded."""
+
+    def __init__(self, free: bool = True):
+        self.free = free            # False: every slot is held by other processes
+        self.held = 0
+        self.others = False
+        self.marks: dict[str, bool] = {}
+        self.fail_take = None       # an exception take() raises (EMFILE opening a file)
+
+    def acquire_connection(self, key, limit):
+        if not self.free or self.held >= limit:
+            return None
+        self.held += 1
+        return object()
+
+    def release(self, slot):
+        self.held -= 1
+
+    def connections(self, key):
+        return self.held
+
+    def take(self, key, rate, burst=1, now=None):
+        if self.fail_take is not None:
+            raise self.fail_take
+        return 0.0
+
+    def set_waiting(self, key, waiting):
+        self.marks[key] = waiting
+
+    def others_waiting(self, key):
+        return self.others
+
+    def close(self):
+        pass
+
+
+class SlowPeer:
+    """A minimal SMTP server offering PIPELINING (the engine then sends a connection's
+    next envelope behind each final dot and decides there whether to keep its slot):
+    accepts everything, and answers each end of data after *delay* seconds plus *step*
+    times the connection's number modulo 4 (connections out of step with each other)."""
+
+    def __init__(self, delay: float, step: float = 0.0):
+        self.delay = delay
+        self.step = step
+        self.connections = 0
+
+    def protocol(self):
+        wait = self.delay + self.step * (self.connections % 4)
+        self.connections += 1
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.t = transport
+                self.buf = b""
+                self.data = False
+                self.lines: asyncio.Queue = asyncio.Queue()
+                self.task = asyncio.get_running_loop().create_task(self.serve())
+                transport.write(b"220 peer.test ESMTP\r\n")
+
+            def data_received(self, data):
+                self.lines.put_nowait(data)
+
+            def connection_lost(self, exc):
+                self.task.cancel()
+
+            async def line(self) -> bytes:
+                while b"\r\n" not in self.buf:
+                    self.buf += await self.lines.get()
+                out, _, self.buf = self.buf.partition(b"\r\n")
+                return out
+
+            async def serve(self):
+                while True:
+                    cmd = (await self.line()).upper()
+                    if cmd.startswith(b"EHLO"):
+                        self.t.write(b"250-peer.test\r\n250 PIPELINING\r\n")
+                    elif cmd == b"DATA":
+                        self.t.write(b"354 go on\r\n")
+                        while await self.line() != b".":
+                            pass
+                        await asyncio.sleep(wait)
+                        self.t.write(b"250 2.0.0 queued\r\n")
+                    elif cmd == b"QUIT":
+                        self.t.write(b"221 bye\r\n")
+                        self.t.close()
+                        return
+                    else:
+                        self.t.write(b"250 ok\r\n")
+
+        return Proto()
+
+
+def run(main):
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(asyncio.wait_for(main(), BOUND))
+
+
+async def engine_for(peer, limiter, processes: int = 2, **delivery):
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(peer.protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reports = []
+    eng = Engine(settings(port, **delivery), mx_to_loopback("ex.test"),
+                 lambda j, rs, retry_after=0.0: reports.append((j, rs)), loop, limiter=limiter)
+    eng.processes = processes
+    return eng, server, reports
+
+
+def the_lane(eng):
+    (site,) = eng.sites.values()
+    (lane,) = site.lanes.values()
+    return lane
+
+
+def test_workers_that_yield_their_slots_at_once_leave_the_lane_its_fair_share():
+    """connection_limit 4 over 2 processes (fair share 2); 4 connections busy, then
+    another process waits for a slot.  Every worker sees 4 > 2 at its next message and
+    decides to yield; each counted the others still there, so all four used to go and
+    the lane stood with 28 jobs queued, no connection and no waiting mark until its jobs
+    went back to the spool (max_wait, 30 s).  Now two go, and the lane keeps its share."""
+    async def main():
+        lim = Limiter()
+        peer = SlowPeer(0.3, step=0.06)     # each worker checks in its own moment
+        eng, server, reports = await engine_for(peer, lim, connection_limit=4)
+        n = 40
+        for i in range(n):
+            eng.submit(job("ex.test", f"a{i}", n=i))
+        deadline = time.monotonic() + 5.0
+        while not (eng.sites and the_lane(eng).active == 4 and reports):
+            assert time.monotonic() < deadline, "the lane did not open its 4 connections"
+            await asyncio.sleep(0.05)
+        lane = the_lane(eng)
+        lim.others = True               # another process now wants a slot
+        fewest = 4
+        deadline = time.monotonic() + 15.0
+        while len(reports) < n:
+            assert time.monotonic() < deadline, (len(reports), lane.active, lane.queued())
+            await asyncio.sleep(0.05)
+            if lane.queued():
+                fewest = min(fewest, lane.active)
+                assert lane.active >= 1 or lane.retry is not None, "the lane stands still"
+        assert all(r.outcome == bus.DELIVERED for _, rs in reports for r in rs)
+        # exactly two gave theirs up (the others saw them going): no connection closed
+        # below the share and opened again
+        assert fewest == 2 and peer.connections == 4, (fewest, peer.connections)
+        await eng.close()
+        server.close()
+        assert eng.in_flight == 0
+    run(main)
+
+
+def test_a_lane_whose_jobs_went_back_while_it_waited_for_a_slot_drops_its_waiting_mark():
+    """Every slot held by other processes: the lane marks that it waits and asks again
+    later.  When its jobs go back to the spool (max_wait), the lane is forgotten and its
+    mark cleared -- a mark left behind made the other processes close their idle
+    connections early and keep to their fair share, for as long as this one lived."""
+    async def main():
+        lim = Limiter(free=False)
+        eng, server, reports = await engine_for(SlowPeer(0.0), lim, connection_limit=2)
+        eng.submit(job("ex.test", "a", n=0))
+        await asyncio.sleep(0.3)
+        lane = the_lane(eng)
+        assert lane.waiting and lim.marks[lane.key] is True and lane.retry is not None
+        eng.max_wait = 0.0
+        assert eng.sweep() == 1
+        (j, rs), = reports
+        assert rs[0].outcome == bus.REQUEUED
+        assert lim.marks[lane.key] is False and lane.retry is None
+        assert not any(s.lanes for s in eng.sites.values())
+        await eng.close()
+        server.close()
+        assert eng.in_flight == 0
+    run(main)
+
+
+def test_a_worker_that_fails_gives_its_job_back():
+    """An unexpected error in a worker (here the node limiter's rate file cannot be
+    opened: EMFILE) used to lose the job it held: no outcome went to the spool until its
+    job_timeout, and the process's window stayed one job smaller for good."""
+    async def main():
+        lim = Limiter()
+        lim.fail_take = OSError(24, "Too many open files")
+        eng, server, reports = await engine_for(SlowPeer(0.0), lim, connection_limit=2,
+                                                shaping=[{"domain": "ex.test",
+                                                          "max_message_rate": "100/s"}])
+        eng.submit(job("ex.test", "a", n=0))
+        deadline = time.monotonic() + 5.0
+        while not reports:
+            assert time.monotonic() < deadline, "no outcome for the job"
+            await asyncio.sleep(0.05)
+        (j, rs), = reports
+        assert rs[0].outcome == bus.REQUEUED and "worker failed" in rs[0].text
+        assert eng.in_flight == 0
+        await eng.close()
+        server.close()
+    run(main)
