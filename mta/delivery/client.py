@@ -96,6 +96,18 @@ TLS_FAILED = "-1"       # offered, but refused or the handshake failed
 
 # --- replies ---------------------------------------------------------------------------------
 
+def _expected(r: "SmtpReply") -> bool:
+    """Whether *r* is a reply a command of a transaction may get: 2xx, 4xx or 5xx."""
+    return 200 <= r.code < 300 or 400 <= r.code < 600
+
+
+def _as_failure(r: "SmtpReply", what: str) -> "SmtpReply":
+    """*r* when expected (:func:`_expected`), else a temporary failure that names it."""
+    if _expected(r):
+        return r
+    return SmtpReply(451, "4.5.0", f"unexpected reply to {what}: {r}")
+
+
 class SmtpReply:
     """One server reply: ``code``, ``enhanced`` status ("5.1.1" or None), ``text``.
 
@@ -965,7 +977,22 @@ class SmtpConnection:
                         break
                 rcpt_got.extend([rcpt_got[-1]] * (len(rcpts) - len(rcpt_got)))
 
-        # 3. Sort out the envelope replies.
+        # 3. Sort out the envelope replies.  A 1xx or 3xx here (a server out of step,
+        # or not SMTP) would read as "not refused": it is a temporary failure, and the
+        # connection, whose replies can no longer be matched to commands, goes.
+        if not _expected(mail_reply) or not all(_expected(r) for r in rcpt_got):
+            self.close()
+            mail_reply = _as_failure(mail_reply, "MAIL")
+            if not mail_reply.is_ok:
+                for i in send_idx:
+                    replies[i] = mail_reply
+                return DeliveryResult(replies, None, mail_refused=True)
+            for i, r in zip(send_idx, rcpt_got, strict=True):
+                replies[i] = _as_failure(r, "RCPT")
+            # (the recipients it did accept: the message was not sent)
+            return DeliveryResult(replies, SmtpReply(
+                451, "4.5.0", "the server's replies were out of step with the commands (a "
+                "1xx or 3xx to MAIL or RCPT); the message was not sent"))
         if not mail_reply.is_ok:
             for i in send_idx:
                 replies[i] = mail_reply
@@ -989,6 +1016,11 @@ class SmtpConnection:
         if data_cmd_reply is None:
             data_cmd_reply = (await self._command(b"DATA\r\n", "DATA"))[0]
         if data_cmd_reply.code != 354:
+            if data_cmd_reply.code < 400:
+                # positive, but not "go ahead": nothing was sent, so nothing delivered
+                self.close()
+                return DeliveryResult(replies, SmtpReply(
+                    451, "4.5.0", f"unexpected reply to DATA: {data_cmd_reply}"))
             if self._wire.closing:
                 self.close()
             else:
@@ -997,6 +1029,9 @@ class SmtpConnection:
 
         # 4. The message.
         data_reply = await self._send_data(message, then)
+        if not _expected(data_reply):
+            data_reply = _as_failure(data_reply, "the end of data")
+            self.close()
         if data_reply.is_ok:
             self.messages_sent += 1
         if self._wire.closing:

@@ -1542,3 +1542,45 @@ def test_raw_no_envelope_ahead_without_pipelining():
 
     assert run(main()).accepted(0)
     assert asked == []
+
+
+@pytest.mark.parametrize("replies, where", [
+    # DATA answered 250 instead of 354: the message was never sent
+    (b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n", "DATA"),
+    # a 3xx to RCPT (replies out of step with the commands)
+    (b"250 2.1.0 Ok\r\n354 go\r\n354 go\r\n", "RCPT"),
+    # a 3xx to MAIL
+    (b"354 go\r\n250 2.1.5 Ok\r\n354 go\r\n", "MAIL"),
+])
+def test_a_positive_reply_out_of_place_is_a_temporary_failure_not_a_delivery(replies, where):
+    """Only 2xx, 4xx and 5xx answer MAIL, RCPT and the end of data, and only 354 lets the
+    message go: anything else (a server out of step, or not SMTP) used to read as "not
+    refused" -- a recipient reported delivered whose message was never sent.  Now each is
+    a temporary failure (451 4.5.0) and the connection, whose replies no longer match its
+    commands, is closed."""
+    seen = {}
+
+    async def script(peer):
+        await peer.hello()
+        await peer.until(b"DATA\r\n")
+        peer.send(replies)
+        try:
+            seen["more"] = await peer.until(b"\r\n", timeout=0.5)
+        except (EOFError, asyncio.TimeoutError):
+            seen["more"] = b""
+
+    async def main():
+        async with RawServer(script) as srv:
+            conn = await open_to(srv.port, command_timeout=2)
+            r = await conn.send_message("s@x.test", ["a@y.test"], b"hi\r\n")
+            for _ in range(100):                # (the script's last read ends)
+                if "more" in seen:
+                    break
+                await asyncio.sleep(0.02)
+            return r, conn.is_usable
+
+    r, usable = run(main())
+    assert not r.accepted(0) and not usable
+    decisive = r.reply(0)
+    assert (decisive.code, decisive.enhanced) == (451, "4.5.0"), decisive
+    assert seen["more"] == b""                  # no message text went out
