@@ -521,6 +521,71 @@ def test_rfc822_rfc2231_boundary_parameter_is_read_not_a_crash():
         assert (b"hi {{x}}" in m.message) is not substituted, param
 
 
+def test_rfc822_envelope_sender_from_a_substituted_from_or_refused_when_none():
+    """The envelope sender of email_rfc822 comes from its From field: as substituted for
+    the recipient when the field is a template (it used to be the null sender: MAIL
+    FROM:<>, and the message's bounces lost), and a recipient with no address to send
+    from and no return_path is refused."""
+    raw = "From: {{f}}\r\nSubject: s\r\n\r\nbody\r\n"
+    m = one(tx(email_rfc822=raw, subject=None, text=None, from_=None,
+               recipients=[{"address": "r@example.net",
+                            "substitution_data": {"f": "News <news@example.com>"}}]))
+    assert m.sender == "news@example.com"
+    assert b"From: News <news@example.com>\r\n" in m.message
+    for raw, subs in (("From: undisclosed\r\n\r\nbody\r\n", {}),
+                      ("From: {{f}}\r\n\r\nbody\r\n", {"f": "nobody"})):
+        t = tx(email_rfc822=raw, subject=None, text=None, from_=None,
+               recipients=[{"address": "r@example.net", "substitution_data": subs}])
+        with pytest.raises(B.RecipientError) as e:
+            one(t)
+        assert e.value.description.startswith("recipients[0]: no envelope sender")
+        t = tx(email_rfc822=raw, subject=None, text=None, from_=None, return_path="rp@example.com",
+               recipients=[{"address": "r@example.net", "substitution_data": subs}])
+        assert one(t).sender == "rp@example.com"
+
+
+def test_rfc822_substituted_text_keeps_crlf_and_line_limits():
+    """A value substituted into a text part of email_rfc822 gets the message's CRLF line
+    ends (a bare LF, as in "a\\n.\\nMAIL FROM", went out as it was); a NUL or a line over
+    998 octets, in a text part or the header, refuses the recipient."""
+    raw = RFC822.replace("Subject: Hello {{name}}", "Subject: Hello")
+
+    def build(value):
+        return one(tx(email_rfc822=raw, subject=None, text=None, from_=None,
+                      recipients=[{"address": "r@example.net",
+                                   "substitution_data": {"name": value}}]))
+    m = build("a\n.\nMAIL FROM:<e@v>\rx")
+    lines_ok(m.message)
+    assert b"Dear a\r\n.\r\nMAIL FROM:<e@v>\r\nx, r@example.net" in m.message
+    for value, words in (("a\x00b", "a NUL character"),
+                         ("y" * 1200, "a line longer than 998 octets")):
+        with pytest.raises(B.RecipientError) as e:
+            build(value)
+        assert e.value.description == \
+            f"recipients[0]: substitution_data puts {words} into content.email_rfc822"
+
+
+def test_header_lines_stay_within_998_octets_whatever_the_names_and_subject():
+    """A display name with a word longer than a line, or a value with a long run of
+    spaces (a folded line may not be white space only), goes as encoded words, which
+    fold anywhere; they used to make header lines of 1,900-2,000 octets.  A header name
+    longer than 200 characters is a 422."""
+    long_word = "x" * 1500
+    for kw in ({"recipients": [{"address": {"email": "r@example.net", "name": long_word}}]},
+               {"from_": {"email": "s@example.com", "name": long_word}},
+               {"recipients": [{"address": {"email": "r@example.net",
+                                            "name": '"q" ' + "z" * 1000}}]},
+               {"subject": "a" + " " * 2000 + "b"},
+               {"headers": {"X-Long": "v" + " " * 1500 + "w"}}):
+        m = one(tx(**kw))
+        lines_ok(m.message)
+        assert max(len(x) for x in m.message.split(b"\r\n")) <= 78, kw
+    assert parse(one(tx(subject="a" + " " * 2000 + "b")))["Subject"] == "a" + " " * 2000 + "b"
+    with pytest.raises(R.ApiError) as e:
+        one(tx(headers={"X-" + "a" * 995: "v"}))
+    assert e.value.description == "content.headers: a header name is longer than 200 characters"
+
+
 BIG = 99999999999999999999999       # beyond 64 bits: JSON decodes it, msgpack cannot carry it
 
 

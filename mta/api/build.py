@@ -64,6 +64,9 @@ from mta.obs import events as ev
 MAX_LINE = 998            # octets per line, RFC 5322 2.1.1
 _NOT_7BIT = mime.FLAG_8BIT | mime.FLAG_NUL | mime.FLAG_LONG_LINE   # (text_body)
 FOLD_AT = 78              # octets per header line where a space allows it
+MAX_WORD = 900            # a display name's longest word as it is (longer: encoded words)
+MAX_FIELD_NAME = 200      # characters of a header field name in content.headers
+_SPACE_RUN = " " * 64     # spaces in a row that a header value keeps only encoded
 WORD_OCTETS = 39          # UTF-8 octets per encoded word: "=?utf-8?b?" + 52 + "?=" = 64
 PHRASE_OCTETS = 45        # in display names: "=?utf-8?b?" + 60 + "?=" = 72 (limit 75); names
                           # of up to 45 octets stay one word, which every decoder reads alike
@@ -281,12 +284,17 @@ def _fold(name: str, tokens: list[str]) -> bytes:
 
 
 def unstructured(name: str, value: str) -> bytes:
-    """One unstructured header field (Subject, X-...), encoded and folded."""
+    """One unstructured header field (Subject, X-...), encoded and folded.
+
+    Encoded words instead of the text as it is when a word is too long for a line, or a
+    run of spaces is (a folded line may not be white space only: it could not be
+    folded, and would pass 998 octets).
+    """
     if value.isascii():
         if len(name) + 2 + len(value) <= FOLD_AT:
             return f"{name}: {value}\r\n".encode("ascii")
         tokens = value.split(" ")
-        if all(len(t) < MAX_LINE - 1 - len(name) for t in tokens):
+        if all(len(t) < MAX_LINE - 1 - len(name) for t in tokens) and _SPACE_RUN not in value:
             return _fold(name, tokens)
     return _fold(name, encoded_words(value))
 
@@ -295,14 +303,15 @@ def mailbox(name: str | None, email: str) -> list[str]:
     """The tokens of ``name <email>``: a quoted or encoded display name, then the address."""
     if not name:
         return [email]
-    if name.isascii():
+    if name.isascii() and (len(name) < len(_SPACE_RUN) or _SPACE_RUN not in name):
         if _PHRASE_ATOMS.match(name) and name.strip() == name:
             phrase = name.split(" ")
         else:
             phrase = ('"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"').split(" ")
-    else:
-        phrase = encoded_words(name, PHRASE_OCTETS)
-    return phrase + [f"<{email}>"]
+        if len(name) <= MAX_WORD or all(len(t) <= MAX_WORD for t in phrase):
+            return phrase + [f"<{email}>"]
+    # (not ASCII, or a word no line could hold: encoded words, which fold anywhere)
+    return encoded_words(name, PHRASE_OCTETS) + [f"<{email}>"]
 
 
 def address_field(name: str, value: str) -> bytes:
@@ -324,6 +333,9 @@ def check_field_name(name: str, where: str) -> None:
                          "(CR or LF)")
     if not _FIELD_NAME.match(name):
         raise R.ApiError(R.INVALID, f"{where}: {name!r} is not a valid header name")
+    if len(name) > MAX_FIELD_NAME:
+        raise R.ApiError(R.INVALID, f"{where}: a header name is longer than {MAX_FIELD_NAME} "
+                         "characters")
 
 
 def check_email(addr: str) -> str | None:
@@ -664,8 +676,7 @@ class Builder:
         sender = mime.find_header(data, b"From")
         if sender is None:
             raise R.ApiError(R.REQUIRED, "content.email_rfc822: a From header field is required")
-        _, from_email = parseaddr(sender.decode("utf-8", "replace"))
-        self.rfc_from = from_email if from_email and not check_email(from_email) else None
+        self.rfc_from = _address_in(sender)
         self.rfc_has = {n: mime.find_header(data, n) is not None
                         for n in (b"Date", b"Message-ID", b"To")}
         self.rfc_8bit = bool(flags & mime.FLAG_8BIT)
@@ -701,6 +712,7 @@ class Builder:
         out = []
         eightbit = self.rfc_8bit
         utf8 = False
+        from_email = self.rfc_from
         for p in self.rfc822:
             if not isinstance(p, tuple):
                 out.append(p)
@@ -709,10 +721,26 @@ class Builder:
             if kind == "head":
                 text = tpl.render(scopes, guard=no_breaks, limit=self.max_size)
                 utf8 = not text.isascii()
+                data = text.encode("utf-8", "surrogateescape")
+                if from_email is None:
+                    # the From field as substituted for this recipient (the sender)
+                    from_email = _address_in(mime.find_header(data, b"From"))
             else:
                 text = tpl.render(scopes, html=(kind == "html"), limit=self.max_size)
+                if "\r" in text or "\n" in text:
+                    # line ends as the rest of the message has them (a value's bare LF
+                    # or CR would be one the receiver reads differently)
+                    text = text.replace("\r\n", "\n").replace("\r", "\n") \
+                        .replace("\n", "\r\n")
+                data = text.encode("utf-8", "surrogateescape")
+            flags = mime.scan_body(data, 0, MAX_LINE)
+            if flags & (mime.FLAG_NUL | mime.FLAG_LONG_LINE):
+                what = ("a NUL character" if flags & mime.FLAG_NUL else
+                        f"a line longer than {MAX_LINE} octets")
+                raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: substitution_data puts "
+                                     f"{what} into content.email_rfc822", ev.GENERATION_FAILURE)
             eightbit = eightbit or not text.isascii()
-            out.append(text.encode("utf-8", "surrogateescape"))
+            out.append(data)
         added = []
         if not self.rfc_has[b"Date"]:
             added.append(f"Date: {_date.now()}\r\n".encode())
@@ -720,7 +748,7 @@ class Builder:
             added.append(f"Message-ID: {new_message_id(self.hostname)}\r\n".encode())
         if not self.rfc_has[b"To"]:
             added.append(_fold("To", mailbox(name, email)))
-        return b"".join(added + out), self.rfc_from, eightbit, utf8
+        return b"".join(added + out), from_email, eightbit, utf8
 
     # --------------------------------------------------------------- recipient
 
@@ -831,6 +859,13 @@ class Builder:
                                  f"larger than {self.max_size} octets (http.max_message_size)",
                                  ev.GENERATION_FAILURE) from None
         sender = return_path or from_email or ""
+        if not sender:
+            # (inline content's From is always an address; email_rfc822's may not be --
+            # "From: undisclosed", or one substitution_data made): the null sender is
+            # for bounces, and bounces of this message would be lost
+            raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: no envelope sender: the "
+                                 "From field of content.email_rfc822 has no address to send "
+                                 "from, and there is no return_path", ev.GENERATION_REJECTION)
         params = dict(self.base_params)
         if self.rfc822 is None:
             # the events' friendly_from and subject, as rendered (email_rfc822: the
@@ -845,6 +880,14 @@ class Builder:
         if utf8 or not sender.isascii():
             params["SMTPUTF8"] = ""
         return Built(sender, email, message, params, made)
+
+
+def _address_in(field: bytes | None) -> str | None:
+    """The address of a From field's value, when it is one we can send from."""
+    if field is None:
+        return None
+    _, addr = parseaddr(field.decode("utf-8", "replace"))
+    return addr if addr and not check_email(addr) else None
 
 
 def _content_type(entity: bytes) -> tuple[str, str | None, str]:
