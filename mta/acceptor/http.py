@@ -267,7 +267,12 @@ class Session(asyncio.Protocol):
         self.busy = False          # a transmission is on its way to the spool
         self.broken = False        # a parse error was queued: read nothing more
         self.closing = False
+        self.lingering = False     # the close has begun (_close)
+        self.lost = False          # connection_lost came
+        self.peer_eof = False      # the client shut its side with requests unanswered
         self.reading_paused = False
+        self.writing_paused = False
+        self.write_paused_at = 0.0
         self.expect_continue = False
         self.http10 = False        # the request being answered is HTTP/1.0
         self.out: list[bytes] = []
@@ -291,13 +296,19 @@ class Session(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.svc.sessions.discard(self)
         self.closing = True
+        self.lost = True
         self.queue.clear()
         self.a.session_gone()
 
     def pause_writing(self) -> None:
+        # The client does not read its answers as fast as it sends requests: read
+        # nothing more until it does (else the answers would pile up without bound).
+        self.writing_paused = True
+        self.write_paused_at = self.svc.loop.time()
         self._pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         if len(self.queue) < MAX_QUEUED:
             self._resume_reading()
 
@@ -307,12 +318,42 @@ class Session(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if self.reading_paused and not self.closing and not self.broken:
+        if self.reading_paused and not self.closing and not self.broken \
+                and not self.writing_paused:
             self.reading_paused = False
             self.transport.resume_reading()
 
     def eof_received(self):
+        if self.busy or self.queue:
+            # The client shut its side after its last request (a half-close): its
+            # answers -- a transmission on its way to the spool -- still go out, then
+            # the connection closes (_run).
+            self.peer_eof = True
+            return True
         return False   # close our side too; answers already queued are still written
+
+    def _close(self) -> None:
+        """Close once what is written has gone: the write side first, then what the client
+        still sends is read and dropped until it closes too, so that it reads its answer
+        and not a reset (after a 413 with the body still coming, say).  After
+        http.linger_timeout the connection is aborted, answered or not: a client that
+        never reads cannot keep it (and its place under http.max_connections)."""
+        t = self.transport
+        if self.lingering or t is None:
+            return
+        self.lingering = True
+        if self.peer_eof or not t.can_write_eof():
+            t.close()
+        else:
+            t.write_eof()
+            if self.reading_paused:
+                self.reading_paused = False
+                t.resume_reading()          # data_received() drops it (self.closing)
+        self.svc.loop.call_later(self.cfg.linger_timeout, self._linger_end)
+
+    def _linger_end(self) -> None:
+        if not self.lost and self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.broken or self.closing:
@@ -429,6 +470,8 @@ class Session(asyncio.Protocol):
         """Answer queued requests in order until one has to wait for the spool."""
         while self.queue and not self.busy and not self.closing:
             self._handle(self.queue.popleft())
+        if self.peer_eof and not self.busy and not self.queue:
+            self.closing = True     # every request of a client that shut its side: answered
         self._flush()
         if self.closing:
             return
@@ -443,7 +486,7 @@ class Session(asyncio.Protocol):
             self.transport.write(b"".join(self.out))
             self.out.clear()
         if self.closing and self.transport is not None:
-            self.transport.close()
+            self._close()
 
     def _respond(self, err_or_status, body=None, keep_alive: bool = True,
                  retry_after: int | None = None, extra: bytes = b"") -> None:
@@ -667,6 +710,12 @@ class Session(asyncio.Protocol):
 
     def idle_check(self, now: float, draining: bool, force: bool) -> None:
         """Called by the acceptor's sweep: request and keep-alive timeouts, drain."""
+        if self.writing_paused and not self.lost and \
+                now - self.write_paused_at > self.cfg.request_timeout:
+            # answers unread for request_timeout, requests queued behind them: gone
+            self.closing = True
+            self.transport.abort()
+            return
         if self.closing or self.busy:
             return
         if self.started is not None:
@@ -683,7 +732,7 @@ class Session(asyncio.Protocol):
         idle = now - self.last_activity
         if force or idle > self.cfg.keepalive_timeout or (draining and idle >= DRAIN_IDLE):
             self.closing = True
-            self.transport.close()
+            self._close()
 
 
 def _suppression_call(store, method: bytes, path: bytes, query: bytes, body: bytes,

@@ -186,9 +186,16 @@ class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         100_000
     request_timeout: Annotated[float, _doc(
         "seconds a client may take to send one whole request; slower ones get 408 and "
-        "are disconnected", ge=0.1, le=3600)] = 30.0
+        "are disconnected; also how long its answers may wait unread (the client does "
+        "not read them: it is disconnected)", ge=0.1, le=3600)] = 30.0
     keepalive_timeout: Annotated[float, _doc(
         "seconds an idle keep-alive connection is kept open", ge=0.1, le=3600)] = 60.0
+    linger_timeout: Annotated[float, _doc(
+        "seconds a connection the server closes keeps reading and discarding what the "
+        "client still sends after the last response (so that the client reads the "
+        "response, not a connection reset), and the longest its last responses may take "
+        "to be written; then it is aborted (a client that never reads cannot hold it)",
+        ge=0.1, le=60)] = 2.0
     max_connections: Annotated[int, _doc(
         "concurrent HTTP connections per acceptor; more get 503 and are closed",
         ge=1, le=1_000_000)] = 2000

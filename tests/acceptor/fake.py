@@ -36,6 +36,7 @@ class Loop:
 
     def __init__(self):
         self.ready: list = []
+        self.timers: list = []      # (delay, callback, args) of call_later, never run
         self.now = 0.0
         self.tls_fails = False      # make the next STARTTLS handshake fail
 
@@ -46,7 +47,8 @@ class Loop:
         self.ready.append((cb, args))
 
     def call_later(self, delay, cb, *args):
-        pass    # timers never fire: tests call the periodic checks themselves
+        # timers never fire: tests call the periodic checks (or a recorded timer) themselves
+        self.timers.append((delay, cb, args))
 
     def add_reader(self, fd, cb):
         pass

@@ -719,6 +719,52 @@ def test_the_acceptors_descriptor_table_holds_every_allowed_connection_from_the_
             s.close()
 
 
+def test_a_client_that_never_reads_its_answers_is_disconnected(make_daemon):
+    """Pipelined requests whose answers the client never reads: the acceptor stops
+    reading once its answers back up (they would pile up in memory without bound), and
+    after http.request_timeout with answers unread it drops the connection -- which
+    otherwise stayed open for good, holding a place under http.max_connections."""
+    d = make_daemon(acceptors=1, http={"api_keys": [KEY], "request_timeout": 1.0,
+                                       "max_connections": 3})
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect((HOST, d.http_port))
+    s.setblocking(False)
+    req = b"GET /nothing HTTP/1.1\r\nHost: t\r\n\r\n"
+    sent = 0
+    deadline = time.monotonic() + 20
+    stalled_since = None
+    while time.monotonic() < deadline:      # until the server stops taking requests
+        try:
+            sent += s.send(req * 256)
+            stalled_since = None
+        except BlockingIOError:
+            stalled_since = stalled_since or time.monotonic()
+            if time.monotonic() - stalled_since > 0.5:
+                break
+            time.sleep(0.01)
+    assert stalled_since is not None, f"{sent} octets taken: reading never stopped"
+    s.setblocking(True)
+    s.settimeout(15)
+    # what was answered is still readable, then the connection is gone
+    gone = False
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            if not s.recv(65536):
+                gone = True
+                break
+        except ConnectionResetError:
+            gone = True
+            break
+        except TimeoutError:
+            break
+    s.close()
+    assert gone
+    st, _, body = d.post(simple(), headers=AUTH)         # and the acceptor serves on
+    assert st == 200
+
+
 def test_low_spool_space_is_503(make_daemon):
     d = make_daemon(spool={"min_free_bytes": 1 << 60})
     st, h, body = d.post(simple())
