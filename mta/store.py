@@ -1096,6 +1096,11 @@ class Store:
                     os.ftruncate(seg.fd, seg.synced)
                 except OSError:
                     pass
+                if seg.synced == 0:
+                    # nothing in it was ever durable: no file left behind for every
+                    # batch (and every probe) while the disk fails
+                    self._close_current()
+                    self._drop(seg)
                 raise
         seg.synced = seg.size
         if self.watermark is not None:

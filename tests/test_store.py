@@ -851,6 +851,35 @@ def test_a_failed_fsync_cuts_off_what_it_did_not_cover(tmp_path, codec, monkeypa
     st2.close()
 
 
+def test_failing_fsyncs_leave_no_segment_file_per_batch(tmp_path, codec, monkeypatch):
+    """While fdatasync fails (the data's blocks cannot be written; the directory's can),
+    each batch and each probe starts a new segment; one whose data never became durable
+    is removed again instead of left behind (50 probes made 50 files)."""
+    st = new_store(tmp_path, codec)
+    st.recover()
+    put(st, [(meta(1), body(1))])
+    real = os.fdatasync
+
+    def eio(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    with pytest.raises(OSError):
+        put(st, [(meta(2), body(2))])
+    files = seg_files(tmp_path)
+    for _ in range(20):
+        with pytest.raises(OSError):
+            st.probe()
+    assert seg_files(tmp_path) == files
+    monkeypatch.setattr(os, "fdatasync", real)
+    st.probe()
+    put(st, [(meta(3), body(3))])
+    st.close()
+    st2, _ = restart(tmp_path, codec)
+    assert queued(st2) == [qid(1), qid(3)]
+    st2.close()
+
+
 def test_recovery_syncs_each_segment_before_reading_it(tmp_path, codec, monkeypatch):
     """A shard killed between a write and its fdatasync leaves the write in the page
     cache only: recovery syncs each segment file before it trusts (and publishes the

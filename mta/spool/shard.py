@@ -153,6 +153,9 @@ class Shard:
         self.requeued = 0                     # recipients REQUEUED since the last log line
         self.requeue_logged = 0.0
         self.expire_work: list[tuple[str, list[int]]] = []
+        # messages with no pending recipient left whose DONE is still to be written (found
+        # at dispatch: their last job's outcome never came and it was taken back)
+        self.finish_work: list[str] = []
         self.stopping = False
         self.healthy = True
         self.last_error = ""
@@ -258,8 +261,10 @@ class Shard:
             else:
                 self.query(peer, msg)
         if self.finished_at_start:
-            self.batch(extra_done=self.finished_at_start)
+            # (through finish_work: a batch that fails leaves them due again, not lost)
+            self.finish_work += self.finished_at_start
             self.finished_at_start = []
+            self.batch()
 
     def run(self) -> None:
         self.start()
@@ -297,10 +302,10 @@ class Shard:
         if nd is not None:
             timeout = max(0, min(timeout, int((nd - time.time()) * 1000) + 1))
         ops = self.op_pending()
-        if self.expire_work or ops:
+        if self.expire_work or self.finish_work or ops:
             timeout = 0
         requests, outcomes, changes = self.poller.wait(timeout)
-        if requests or outcomes or changes or self.expire_work or ops:
+        if requests or outcomes or changes or self.expire_work or self.finish_work or ops:
             self.batch(outcomes=outcomes)
         if changes and not self.recovering:
             self.follow_links()
@@ -334,6 +339,15 @@ class Shard:
         cfg = self.cfg
         server = self.server
         now = time.time()
+        finished: list[str] = []
+        if self.finish_work and not self.recovering:
+            q = self.q
+            for qid in dict.fromkeys(self.finish_work):
+                info = q.info(qid)
+                if info is not None and not info[_OUT]:
+                    finished.append(qid)
+            self.finish_work = []
+            extra_done = list(extra_done or ()) + finished
         messages = []      # (MessageMeta, body)
         commit_peers = []  # (peer, req): one answer per request, whatever it carried
         done: list[str] = list(extra_done or ())
@@ -444,6 +458,9 @@ class Shard:
                     q.set_deadline(qid, deadline(info[_START]))
             for op, qid, n in reversed(op_taken):     # (bounced with the next batch)
                 op.todo.appendleft((qid, n))
+            for qid in finished:        # (found at dispatch again, finished then)
+                if q.info(qid) is not None:
+                    q.push(qid, now + BUSY_RETRY)
         else:
             self._untrack(done)
             removed = self.store.commit(new, done, plan.updates)
@@ -674,6 +691,10 @@ class Shard:
             if later is not None:
                 q.push(qid, later)
             if not ready:
+                if later is None:
+                    # no pending recipient left, and no job out: its DONE was waiting for
+                    # an outcome that never came (its delivery process went away)
+                    self.finish_work.append(qid)
                 continue
             if self.policy.expired(info[_START], now):
                 self.expire_work.append((qid, ready))

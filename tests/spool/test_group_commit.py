@@ -188,3 +188,34 @@ def test_show_of_an_unreadable_record_is_answered_and_the_shard_goes_on(rig, mon
     wait_all_requests_arrived(shard, clients)
     shard.step()
     assert bus.decode(c.sock.recv()) == bus.SpoolMessageCommitted(2, bus.STATUS_OK)
+
+
+def test_a_message_left_with_no_pending_recipient_and_no_job_out_is_finished(rig):
+    """Every recipient became terminal while a job was out (say, an operator's bulk
+    bounce), so the DONE waited for that job's outcome; its delivery process went away
+    and the job was taken back.  Dispatch finds nothing to send: it used to drop the
+    message from the schedule and keep it queued (copied forward by every compaction)
+    until the next restart.  Now it is finished: a DONE record, gone after a restart."""
+    from mta.spool import dispatch as dsp
+    from mta.store import FAILED, Store
+    shard, clients, order = rig
+    c = clients[0]
+    c.sock.send(commit(1))
+    wait_all_requests_arrived(shard, clients)
+    shard.step()
+    assert bus.decode(c.sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
+    q = shard.q
+    qid = q.sorted_qids()[0]
+    others = [x for x in q.sorted_qids() if x != qid]
+    q.add_out(qid, 1)                                    # a job out ...
+    q.apply(qid, [[0, FAILED, 1, 0.0]])                  # ... and its recipient failed
+    q.add_out(qid, -1)                                   # the job taken back (_resend)
+    q.push(qid, time.time())
+    shard._dispatch_lane(dsp.BULK, {})
+    assert shard.finish_work == [qid]
+    shard.step()
+    assert qid not in q and all(x in q for x in others)
+    again = Store(shard.store.dir, shard.store.segment_size, fsync=False, preallocate=False)
+    again.recover()
+    assert qid not in again.index and all(x in again.index for x in others)
+    again.close()
