@@ -963,15 +963,25 @@ class SmtpConnection:
             self.transactions += 1
             data_cmd_reply = None
             rcpt_got = []
+            # One command at a time; the envelope as a whole (RSET, MAIL, every RCPT,
+            # DATA) gets command_timeout, as the replies to a pipelined envelope do: the
+            # spool counts on an outcome within connect + 2 x command + data timeouts
+            # (a server taking 20 s per RCPT of 50 must not keep the job past that, or
+            # the spool sends it again while this copy may still be delivered).
+            deadline = self._loop.time() + self.command_timeout
+
+            def left() -> float:
+                return max(0.0, min(self.command_timeout, deadline - self._loop.time()))
+
             if rset:
-                r = (await self._command(b"RSET\r\n", "RSET"))[0]
+                r = (await self._command(b"RSET\r\n", "RSET", timeout=left()))[0]
                 self._check_rset(r)
                 mail_reply = r
             if not rset or mail_reply.is_ok:
-                mail_reply = (await self._command(txn.mail, "MAIL"))[0]
+                mail_reply = (await self._command(txn.mail, "MAIL", timeout=left()))[0]
             if mail_reply.is_ok:
                 for cmd in rcpts:
-                    r = (await self._command(cmd, "RCPT"))[0]
+                    r = (await self._command(cmd, "RCPT", timeout=left()))[0]
                     rcpt_got.append(r)
                     if r.code == 421:
                         break
@@ -1014,7 +1024,7 @@ class SmtpConnection:
                 self._state = _State.DIRTY  # MAIL is open on the server
             return DeliveryResult(replies, None)
         if data_cmd_reply is None:
-            data_cmd_reply = (await self._command(b"DATA\r\n", "DATA"))[0]
+            data_cmd_reply = (await self._command(b"DATA\r\n", "DATA", timeout=left()))[0]
         if data_cmd_reply.code != 354:
             if data_cmd_reply.code < 400:
                 # positive, but not "go ahead": nothing was sent, so nothing delivered

@@ -422,14 +422,14 @@ class Engine:
                         pass
                 site = await self._site_of(domain)
             except RouteError as exc:
-                self.domain_site.pop(domain, None)
+                self._unroute(domain)
                 for job in self.resolving.pop(domain, ()):
                     self._fail_route(job, exc)
                 return
             except Exception as exc:   # never leave the waiting jobs without an outcome
                 log.exception("looking up %s failed", domain)
                 err = RouteError(DEFERRED, 451, "4.4.3", f"routing {domain} failed: {exc}")
-                self.domain_site.pop(domain, None)
+                self._unroute(domain)
                 for job in self.resolving.pop(domain, ()):
                     self._fail_route(job, err)
                 return
@@ -437,6 +437,14 @@ class Engine:
                 self._route(job, site)
         finally:
             self.resolving.pop(domain, None)
+
+    def _unroute(self, domain: str) -> None:
+        """*domain* has no site now (its lookup failed): out of the one it had too, so
+        that site's rules stop shaping for it and the site can be forgotten."""
+        old = self.domain_site.pop(domain, None)
+        if old is not None:
+            old[0].domains.discard(domain)
+            old[0].shaped.discard(domain)
 
     async def _site_of(self, domain: str) -> Site:
         targets = await self.targets(domain)

@@ -1584,3 +1584,29 @@ def test_a_positive_reply_out_of_place_is_a_temporary_failure_not_a_delivery(rep
     decisive = r.reply(0)
     assert (decisive.code, decisive.enhanced) == (451, "4.5.0"), decisive
     assert seen["more"] == b""                  # no message text went out
+
+
+def test_without_pipelining_the_whole_envelope_gets_one_command_timeout():
+    """A server without PIPELINING that takes its time over each command: each reply
+    came within command_timeout, so 50 RCPTs at 20 s each took 1,000 s and the spool,
+    which counts on an outcome within connect + 2 x command + data timeouts, sent the
+    job again meanwhile.  The envelope as a whole now gets one command_timeout, as a
+    pipelined one does."""
+    async def script(peer):
+        await peer.hello(b"250 8BITMIME\r\n")
+        while True:
+            line = await peer.until(b"\r\n")
+            await asyncio.sleep(0.3)
+            peer.send(b"354 go\r\n" if line == b"DATA\r\n" else b"250 ok\r\n")
+
+    async def main():
+        async with RawServer(script) as srv:
+            conn = await open_to(srv.port, command_timeout=1.0)
+            t0 = asyncio.get_running_loop().time()
+            with pytest.raises(SmtpTimeout):
+                await conn.send_message("s@x.test", [f"r{i}@y.test" for i in range(6)],
+                                        b"hi\r\n")
+            return asyncio.get_running_loop().time() - t0
+
+    took = run(main())
+    assert took < 1.5, took         # (one command_timeout, not 8 x 0.3 s)

@@ -218,3 +218,36 @@ def test_a_worker_that_fails_gives_its_job_back():
         await eng.close()
         server.close()
     run(main)
+
+
+def test_a_domain_whose_lookup_fails_leaves_its_old_site():
+    """A domain looked up again (its cached site had expired) whose lookup now fails:
+    it used to stay among the old site's domains (and shaped ones), so that site was
+    never forgotten and a domain rule kept shaping it."""
+    from mta.dns import MxResult
+
+    async def main():
+        resolver = mx_to_loopback("ex.test")
+        lim = Limiter()
+        eng, server, reports = await engine_for(SlowPeer(0.0), lim, connection_limit=2,
+                                                idle_timeout=0.1)
+        eng.resolver = resolver
+        eng.submit(job("ex.test", "a", n=0))
+        deadline = time.monotonic() + 5.0
+        while not reports:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        (site,) = eng.sites.values()
+        assert "ex.test" in site.domains
+        resolver.mx["ex.test"] = MxResult("nxdomain", domain="ex.test")
+        eng.resolving["ex.test"] = []
+        await eng._resolve("ex.test")
+        assert "ex.test" not in site.domains and "ex.test" not in eng.domain_site
+        while site.lanes:                       # its idle connection closes (idle_timeout)
+            assert time.monotonic() < deadline + 5
+            await asyncio.sleep(0.05)
+        eng.forget_old_sites()
+        assert not eng.sites
+        await eng.close()
+        server.close()
+    run(main)
