@@ -818,6 +818,7 @@ class Injection:
         # built, recorded (made durable) before the answer if the transmission is created
         self.refusals: list[dict] = []
         self.built_all = False
+        self.touched = time.monotonic()   # the idempotency row's last touch (begin: now)
         # A decimal id like SparkPost's: microseconds, acceptor slot, counter.
         self.tid = "%d%03d%04d" % (time.time_ns() // 1000, self.a.slot & 0xFF,
                                    next(_tids) % 10000)
@@ -839,6 +840,16 @@ class Injection:
         submit = self.a.submit
         build_one = self.builder.build
         room = svc.cfg.max_pending_bytes
+        if self.key is not None:
+            now = time.monotonic()
+            if now - self.touched > svc.store.stale_after / 4:
+                # still at work: another request with its key must get 409, not take
+                # it over as stale and inject every recipient again
+                self.touched = now
+                try:
+                    svc.store.touch(self.scope, self.key)
+                except Exception as exc:   # sqlite3.Error: the injection goes on
+                    log.error("transmission %s: idempotency store: %s", self.tid, exc)
         end = min(self.next + BUILD_SLICE, len(self.rcpts))
         for i in range(self.next, end):
             if svc.pending_bytes >= room:

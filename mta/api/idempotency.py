@@ -129,6 +129,13 @@ class Store:
         self.db.execute("UPDATE requests SET status = ?, response = ? WHERE scope = ? AND key = ? "
                         "AND owner = ?", (status, response, scope, key, self.pid))
 
+    def touch(self, scope: str, key: str, now: float | None = None) -> None:
+        """The request holding (scope, key) is still at work (a long injection: many
+        recipients, or building paced by the spool's answers): its row is not stale."""
+        now = time.time() if now is None else now
+        self.db.execute("UPDATE requests SET created = ? WHERE scope = ? AND key = ? "
+                        "AND owner = ? AND status IS NULL", (now, scope, key, self.pid))
+
     def abandon(self, scope: str, key: str) -> None:
         """Forget a request that injected nothing, so that it may be retried."""
         self.db.execute("DELETE FROM requests WHERE scope = ? AND key = ? AND owner = ? "

@@ -102,3 +102,30 @@ def test_substitution_past_max_message_size_refuses_the_recipient_without_buildi
     assert [m.rcpts for m in acc.submitted] == [["small@example.net"]]
     # its generation_failure event went to the spool with the accepted one
     assert [e["type"] for _, evs in acc.events for e in evs] == ["generation_failure"]
+
+
+def test_a_long_injection_keeps_its_idempotency_key_from_being_taken_over(tmp_path):
+    """An Idempotency-Key row older than its stale bound is taken over by the next
+    request with that key (its owner is presumed stuck), which injects every recipient
+    again.  A long injection -- many recipients, building paced by the spool -- touches
+    its row as it goes, so a retry meanwhile gets 409, not a second injection."""
+    import time
+
+    from mta.api import idempotency as I
+    loop, acc, svc, session, transport = service(tmp_path, api_keys=["k"])
+    svc.store.stale_after = 0.4
+    raw = json.dumps({"recipients": [f"r{i}@example.net" for i in range(300)],
+                      "content": {"from": "s@example.com", "subject": "s", "text": "hi"}})
+    session.data_received(b"POST /api/v1/transmissions HTTP/1.1\r\nHost: t\r\n"
+                          b"Authorization: k\r\nIdempotency-Key: long-one\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                          % len(raw) + raw.encode())
+    assert len(acc.submitted) == 256                # the first slice; the next one is due
+    time.sleep(0.5)                                  # (longer than the stale bound)
+    loop.run_ready()                                 # the second slice: it touches the row
+    assert len(acc.submitted) == 300
+    other = I.Store(str(tmp_path / "idempotency.sqlite"), 86400.0, 0.4)   # another acceptor
+    scope = svc.authorize(b"k", "127.0.0.1")        # (the key's scope, as the request had)
+    verdict = other.begin(scope, "long-one", I.body_hash(raw.encode()))[0]
+    other.close()
+    assert verdict == I.IN_FLIGHT, verdict
