@@ -17,6 +17,15 @@ so file order is time order.  A segment is a sequence of records framed by the r
                  first in its batch, covered by the batch's fdatasync.  The
                  queue ignores it (recovery skips it, compaction never copies
                  it); the ``events`` process reads it (:func:`read_events`).
+    REC_COMMIT   meta = (offset of the batch's first record, its number of records):
+                 ends every batch.  A segment made by this version begins with one
+                 of no records, written and synced when the segment is made: it is
+                 *batched*, and its records count only once their batch's
+                 REC_COMMIT has been read.  A power cut during a batch's fdatasync
+                 may keep some of its pages and not others; without the rule a
+                 later record of the torn batch (a DONE, an update) could be
+                 replayed while an earlier one (its events, the DSN it made) was
+                 lost.  The batch was never acknowledged, so it goes whole.
 
 Events: ``<shard dir>/synced`` is the shard's *synced watermark*, a small
 mmap'ed file (:class:`Watermark`): after every successful fdatasync the shard
@@ -84,6 +93,9 @@ REC_MESSAGE = 1
 REC_DONE = 2
 REC_RCPT = 3
 REC_EVENTS = 4
+REC_COMMIT = 5
+_COMMIT = struct.Struct("<QI")      # REC_COMMIT: (offset of the batch's first record, records)
+_OPENING = _COMMIT.pack(0, 0)       # a batched segment's first record's meta
 
 WATERMARK = "synced"                # <shard dir>/synced: the synced watermark
 CURSOR = "events.cursor"            # <shard dir>/events.cursor: the events process's position
@@ -249,7 +261,7 @@ class Located(msgspec.Struct, array_like=True):
 
 class Segment:
     __slots__ = ("number", "path", "fd", "size", "synced", "live", "total", "failed",
-                 "prezeroed", "reusable")
+                 "prezeroed", "reusable", "batched", "base")
 
     def __init__(self, number: int, path: str, fd: int | None, size: int):
         self.number = number
@@ -265,6 +277,8 @@ class Segment:
         # (written by this version of the code), so none of them can be read as a later
         # segment's.
         self.reusable = False
+        self.batched = False     # began with an opening REC_COMMIT: batches end with one
+        self.base = 0            # where its first batch begins (after that opening record)
 
 
 class Spare:
@@ -513,6 +527,14 @@ def _own_header(codec, buf, off: int, end: int, segment: int) -> bool:
     return True
 
 
+def _batched(codec, buf, segment: int) -> bool:
+    """Whether a segment's bytes *buf* begin with the opening REC_COMMIT of no records
+    (this version makes its segments so): its records count only once their batch's
+    REC_COMMIT follows (the module docstring)."""
+    got = codec.decode(buf, 0, segment=segment)
+    return got[0] == codec.OK and got[1] == REC_COMMIT and bytes(got[2]) == _OPENING
+
+
 def _numbered(codec, buf) -> bool:
     """Whether a segment's bytes *buf* begin with a version-2 record: all its records are
     of version 2 (a file's records are all of one version), so a version-1 record found
@@ -693,30 +715,64 @@ def read_events(codec, buf, off: int, end: int, last: bool, on_events, on_skip=N
     """
     OK, STALE = codec.OK, codec.STALE
     numbered = _numbered(codec, buf)
+    # In a batched segment a batch's events count once its REC_COMMIT is read (a batch
+    # torn at a crash was never acknowledged: its events describe nothing that happened).
+    batched = segment is not None and _batched(codec, buf, segment)
+    pending: list = []          # (offset, meta) of the events of the batch being read
+    records = 0                 # records of that batch so far
+    batch_at = -1
     taken = 0
     while off < end:
         status, rtype, meta, boff, blen, nxt = _decode(codec, buf, off, segment, numbered)
         if status == OK and nxt <= end:
-            if rtype == REC_EVENTS:
-                on_events(off, meta)
-                taken += 1
-                if taken == limit:
+            if not batched:
+                if rtype == REC_EVENTS:
+                    on_events(off, meta)
+                    taken += 1
+                    if taken == limit:
+                        return nxt
+            elif rtype != REC_COMMIT:
+                if not records:
+                    batch_at = off
+                records += 1
+                if rtype == REC_EVENTS:
+                    pending.append((off, meta))
+            else:
+                first, count = _COMMIT.unpack(meta)
+                if records and first == batch_at and count == records:
+                    for at, events in pending:
+                        on_events(at, events)
+                        taken += 1
+                elif (records or count) and on_skip is not None:
+                    on_skip(batch_at if records else off, nxt - (batch_at if records else off))
+                pending = []
+                records = 0
+                if limit and taken >= limit:
                     return nxt
             off = nxt
             continue
         if last:
-            return off
+            # (a record still on its way, or the zeros after the last: from the start
+            # of the batch under way, again later)
+            return batch_at if records else off
+        # a damaged record; with a batch under way, that batch is broken: none of it
+        had = records > 0
+        broken_at = batch_at if had else off
+        pending = []
+        records = 0
         if status == STALE or _zero_from(buf, off, end):
+            if had and on_skip is not None:
+                on_skip(broken_at, off - broken_at)      # (a batch torn at its end)
             return end
         nxt, ends, torn = _after_bad_record(codec, buf, off, end, segment, numbered)
         if ends:
-            if torn and on_skip is not None:
-                on_skip(off, (nxt if nxt >= 0 else end) - off)
+            if (torn or had) and on_skip is not None:
+                on_skip(broken_at, (nxt if nxt >= 0 else end) - broken_at)
             return end
         if on_skip is not None:
-            on_skip(off, nxt - off)
+            on_skip(broken_at, nxt - broken_at)
         off = nxt
-    return off
+    return batch_at if records else off
 
 
 class Store:
@@ -837,14 +893,41 @@ class Store:
             # Written by a version that numbers its records (all of a file's records are
             # of one version): its file may be reused once the segment is finished.
             numbered = seg.reusable = _numbered(codec, mm)
+            # A batched segment's records count once their batch's REC_COMMIT is read.
+            batched = seg.batched = _batched(codec, mm, number)
+            pending: list = []      # the records of the batch being read
+            batch_at = -1           # where it began
             released = 0
             while off < end:
                 status, rtype, meta, boff, blen, nxt = _decode(codec, mm, off, number, numbered)
                 if status == OK:
                     stats["records"] += 1
-                    self._apply(seg, rtype, meta, boff, blen)
+                    if not batched:
+                        self._apply(seg, rtype, meta, boff, blen)
+                        n += 1
+                    elif rtype != REC_COMMIT:
+                        if not pending:
+                            batch_at = off
+                        pending.append((rtype, meta, boff, blen))
+                    else:
+                        first, count = _COMMIT.unpack(meta)
+                        if pending and first == batch_at and count == len(pending):
+                            batch, pending = pending, []
+                            for p in batch:
+                                self._apply(seg, *p)
+                                n += 1
+                                if n >= self._replay_budget:     # (a slice's bound)
+                                    n = 0
+                                    yield
+                        elif pending or count:
+                            # records of the batch were lost to damage: none of it counts
+                            lost = nxt - (batch_at if pending else off)
+                            stats["skipped_bytes"] += lost
+                            log.warning("segment %s: the batch ending at offset %d lost "
+                                        "records to damage; its %d bytes are ignored",
+                                        seg.path, off, lost)
+                        pending = []
                     off = nxt
-                    n += 1
                     if off - released >= RELEASE_STEP:
                         released = _release(mm, released, off)
                     if n >= self._replay_budget:
@@ -860,6 +943,10 @@ class Store:
                 if ends and not torn:
                     break  # (a reused file's old contents after this segment's last record)
                 skipped = (again if again >= 0 else end) - off
+                if pending:         # the batch under way is broken: none of it counts
+                    skipped += off - batch_at
+                    off = batch_at
+                    pending = []
                 stats["skipped_bytes"] += skipped
                 if ends:
                     # Nothing of this segment follows: the last write was cut short
@@ -874,6 +961,14 @@ class Store:
                 log.warning("segment %s: damaged record at offset %d, %d bytes skipped",
                             seg.path, off, skipped)
                 off = again
+            if pending:
+                # The data ends inside a batch: a write cut short by a crash (its
+                # fdatasync had not returned: the batch was never acknowledged).
+                stats["skipped_bytes"] += off - batch_at
+                stats["torn"] += 1
+                log.warning("segment %s: the batch at offset %d is incomplete (torn tail: "
+                            "%d bytes); ignored", seg.path, batch_at, off - batch_at)
+                pending = []
 
     def _apply(self, seg: Segment, rtype: int, meta: bytes, boff: int, blen: int) -> None:
         if rtype == REC_MESSAGE:
@@ -914,15 +1009,24 @@ class Store:
         seg.prezeroed = prezeroed
         seg.reusable = True
         self.segments[number] = seg
-        if self.fsync:
-            # The new directory entry must be durable before its records are acknowledged.
-            try:
+        try:
+            # The opening REC_COMMIT (no records): the segment is batched (see the
+            # module docstring), on disk before its first batch can be torn.
+            cm = _OPENING
+            hdr = self.codec.encode_header(REC_COMMIT, cm, b"", number)
+            self._writev(fd, [hdr, cm], len(hdr) + len(cm), 0)
+            seg.size = seg.synced = seg.base = len(hdr) + len(cm)
+            seg.batched = True
+            if self.fsync:
+                os.fdatasync(fd)
+                # The new directory entry must be durable before its records are
+                # acknowledged.
                 self._sync_dir()
-            except OSError:
-                os.close(fd)
-                seg.fd = None
-                self._drop(seg)
-                raise
+        except OSError:
+            os.close(fd)
+            seg.fd = None
+            self._drop(seg)
+            raise
         return seg
 
     def _fit_for(self, path: str, number: int) -> bool:
@@ -983,7 +1087,7 @@ class Store:
         number = seg.number
         codec = self.codec
         bufs = []
-        pos = seg.size
+        start = pos = seg.size
         new = []
         if events:
             hdr = codec.encode_header(REC_EVENTS, events, b"", number)
@@ -1007,6 +1111,12 @@ class Store:
             hdr = codec.encode_header(REC_DONE, mb, b"", number)
             bufs += (hdr, mb)
             pos += len(hdr) + len(mb)
+        if seg.batched:
+            count = bool(events) + len(messages) + len(updates or ()) + bool(done)
+            cm = _COMMIT.pack(start, count)
+            hdr = codec.encode_header(REC_COMMIT, cm, b"", number)
+            bufs += (hdr, cm)
+            pos += len(hdr) + len(cm)
         self._append(seg, bufs, pos)
         return new
 
@@ -1038,7 +1148,7 @@ class Store:
             os.ftruncate(seg.fd, seg.size)
         except OSError:
             pass
-        if seg.size == 0:
+        if seg.size <= seg.base:
             # Nothing good was ever written here: do not leave an empty file
             # behind for every failed batch while the disk is full.
             self._close_current()
@@ -1072,7 +1182,14 @@ class Store:
         seg = self._writable()
         mb = _enc.encode(DoneMeta([]))
         hdr = self.codec.encode_header(REC_DONE, mb, b"", seg.number)
-        self._append(seg, [hdr, mb], seg.size + len(hdr) + len(mb))
+        bufs = [hdr, mb]
+        end = seg.size + len(hdr) + len(mb)
+        if seg.batched:
+            cm = _COMMIT.pack(seg.size, 1)
+            chdr = self.codec.encode_header(REC_COMMIT, cm, b"", seg.number)
+            bufs += (chdr, cm)
+            end += len(chdr) + len(cm)
+        self._append(seg, bufs, end)
         self.sync()
 
     def sync(self) -> None:
@@ -1096,7 +1213,7 @@ class Store:
                     os.ftruncate(seg.fd, seg.synced)
                 except OSError:
                     pass
-                if seg.synced == 0:
+                if seg.synced <= seg.base:
                     # nothing in it was ever durable: no file left behind for every
                     # batch (and every probe) while the disk fails
                     self._close_current()

@@ -513,6 +513,12 @@ def test_preallocated_segment_is_zero_filled_ahead_and_recovers_cleanly(tmp_path
     assert SPARE_TMP not in os.listdir(tmp_path)
 
 
+def batch_of(codec, seg: Segment, *records: bytes) -> bytes:
+    """*records* as one batch written at the end of *seg*'s data: with its REC_COMMIT."""
+    meta = store_mod._COMMIT.pack(seg.size, len(records))
+    return b"".join(records) + codec.encode(store_mod.REC_COMMIT, meta, b"", seg.number)
+
+
 def torn_writes(tmp_path, seg: Segment, rec: bytes, step: int, keep=()):
     """*rec* written at the end of segment *seg*'s data as a crash leaves it: cut after
     each of its first 40 octets, then every *step*, then whole (the last one).  Each is
@@ -541,7 +547,8 @@ def test_torn_write_inside_a_preallocated_segment_at_every_offset(tmp_path, code
     seg = st.current
     assert seg.prezeroed
     crash(st)
-    rec = codec.encode(REC_MESSAGE, _enc.encode(meta(3)), body(3, 300), seg.number)
+    rec = batch_of(codec, seg, codec.encode(REC_MESSAGE, _enc.encode(meta(3)), body(3, 300),
+                                          seg.number))
     intact = {qid(1): body(1, 500), qid(2): body(2, 700)}
     for cut, d in torn_writes(tmp_path, seg, rec, 23):
         st2, stats = restart(d, codec)
@@ -632,7 +639,8 @@ def test_a_torn_write_in_a_reused_segment_at_every_offset(tmp_path, codec):
     contents: nothing of it and nothing after it is read; what was synced survives."""
     st, seg3, expect, first = reused_segment(tmp_path, codec)
     crash(st)
-    rec = codec.encode(REC_MESSAGE, _enc.encode(meta(99)), body(99, 300), seg3.number)
+    rec = batch_of(codec, seg3, codec.encode(REC_MESSAGE, _enc.encode(meta(99)),
+                                             body(99, 300), seg3.number))
     others = [n for n in seg_files(tmp_path) if n != os.path.basename(seg3.path)]
     skips: list[int] = []
     for cut, d in torn_writes(tmp_path, seg3, rec, 29, keep=others):
@@ -994,4 +1002,68 @@ def test_recovery_lets_go_of_the_pages_it_has_read_and_reads_everything(tmp_path
     st2, stats = restart(tmp_path, codec)
     assert contents(st2) == expect and stats["skipped_bytes"] == 0
     assert released and all(r % 4096 == 0 for r in released)   # (page-aligned)
+    st2.close()
+
+
+def test_a_batch_torn_out_of_order_is_dropped_whole(tmp_path, codec):
+    """A power cut during a batch's fdatasync may keep some of its pages and lose others,
+    in any order.  A batch holding a bounce (the DSN of X), X's DONE and their events,
+    whose first pages were lost: recovery used to skip to the next record that decodes
+    and apply the DONE -- X finished, its DSN and its events gone.  Now a batch counts
+    only with its REC_COMMIT and every record it names: none of this one does (it was
+    never acknowledged), X stays queued, and the events reader emits none of its events."""
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1), body(1))])
+    seg = st.current
+    start = seg.size
+    events = b'[{"type":"bounce","queue_id":"X"}]'
+    new = st.write([(meta(2), body(2, 20_000))], [qid(1)], None, events)   # bounce + DONE
+    st.sync()
+    st.commit(new, [qid(1)])
+    crash(st)
+    path = last_segment(tmp_path)
+    data = bytearray(open(path, "rb").read())
+    data[start:start + 8192] = bytes(8192)            # its first two pages never written
+    open(path, "wb").write(bytes(data))
+    st2, stats = restart(tmp_path, codec)
+    assert queued(st2) == [qid(1)] and stats["torn"] == 0
+    assert stats["skipped_bytes"] == len(data) - start
+    st2.close()
+    seen = []
+    read_events(codec, bytes(data), 0, len(data), False, lambda o, m: seen.append(m),
+                segment=seg.number)
+    assert seen == []
+    # and whole, the same batch is read: the DONE applied, the events emitted
+    st3 = new_store(tmp_path / "whole", codec)
+    put(st3, [(meta(1), body(1))])
+    new = st3.write([(meta(2), body(2, 20_000))], [qid(1)], None, events)
+    st3.sync()
+    st3.commit(new, [qid(1)])
+    crash(st3)
+    st4, stats = restart(tmp_path / "whole", codec)
+    assert queued(st4) == [qid(2)] and stats["skipped_bytes"] == 0
+    whole = open(last_segment(tmp_path / "whole"), "rb").read()
+    number = int(os.path.basename(last_segment(tmp_path / "whole"))[:16])
+    read_events(codec, whole, 0, len(whole), False, lambda o, m: seen.append(bytes(m)),
+                segment=number)
+    assert seen == [events]
+    st4.close()
+
+
+def test_segments_of_an_earlier_version_are_read_as_before(tmp_path, codec):
+    """A segment that does not begin with the opening REC_COMMIT (written by a version
+    before batches had one) is read record by record, as then."""
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1), body(1))])
+    path = last_segment(tmp_path)
+    number = st.current.number
+    crash(st)
+    st.close()
+    legacy = b"".join([
+        codec.encode(REC_MESSAGE, _enc.encode(meta(5)), body(5), number),
+        codec.encode(REC_MESSAGE, _enc.encode(meta(6)), body(6), number)])
+    with open(path, "wb") as fh:
+        fh.write(legacy)
+    st2, stats = restart(tmp_path, codec)
+    assert queued(st2) == [qid(5), qid(6)] and stats["skipped_bytes"] == 0
     st2.close()

@@ -51,6 +51,9 @@ def rig(tmp_path, monkeypatch):
     shard = Shard(s, 0)
     shard.open(ctx)
     shard.start()
+    # The first segment, made now: a new segment's opening record has its own fdatasync
+    # (mta.store, REC_COMMIT), once per segment, not per batch.
+    shard.store._writable()
     real_send = shard.server.send
 
     def send(peer, msg):
