@@ -901,7 +901,8 @@ class Store:
             while off < end:
                 status, rtype, meta, boff, blen, nxt = _decode(codec, mm, off, number, numbered)
                 if status == OK:
-                    stats["records"] += 1
+                    if rtype != REC_COMMIT:
+                        stats["records"] += 1       # (the queue's records, not the frames)
                     if not batched:
                         self._apply(seg, rtype, meta, boff, blen)
                         n += 1
