@@ -1144,14 +1144,19 @@ class Store:
 
     def _write_failed(self, seg: Segment) -> None:
         """A write into *seg* failed: no more writes there; cut off what it left."""
+        self._abandon(seg, seg.size)
+
+    def _abandon(self, seg: Segment, keep: int) -> None:
+        """No more writes into *seg*: cut it back to *keep* octets (best effort: the
+        partial or unsynced batch goes, so the file stays clean), and remove it when
+        nothing of its own would be left -- not a file behind for every failed batch
+        (and every probe) while the disk fails."""
         seg.failed = True
-        try:  # best effort: cut the partial batch off so the file stays clean
-            os.ftruncate(seg.fd, seg.size)
+        try:
+            os.ftruncate(seg.fd, keep)
         except OSError:
             pass
-        if seg.size <= seg.base:
-            # Nothing good was ever written here: do not leave an empty file
-            # behind for every failed batch while the disk is full.
+        if keep <= seg.base:
             self._close_current()
             self._drop(seg)
 
@@ -1209,16 +1214,7 @@ class Store:
                 # them as if durable -- say, a compaction's copies, and then reclaim
                 # the segment of the originals, and a reboot would lose both.  So the
                 # unsynced end is cut off now (best effort, as after a failed write).
-                seg.failed = True
-                try:
-                    os.ftruncate(seg.fd, seg.synced)
-                except OSError:
-                    pass
-                if seg.synced <= seg.base:
-                    # nothing in it was ever durable: no file left behind for every
-                    # batch (and every probe) while the disk fails
-                    self._close_current()
-                    self._drop(seg)
+                self._abandon(seg, seg.synced)
                 raise
         seg.synced = seg.size
         if self.watermark is not None:

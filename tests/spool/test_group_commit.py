@@ -166,15 +166,21 @@ def test_an_acceptors_refusal_events_are_written_and_answered_after_the_sync(rig
     assert written == [refusal, gen]
 
 
-def test_show_of_an_unreadable_record_is_answered_and_the_shard_goes_on(rig, monkeypatch):
-    """``mta queue show`` of a message whose record cannot be read (EIO, EMFILE) gets
-    STATUS_STORAGE; the error used to escape the loop and stop the shard."""
-    shard, clients, order = rig
+def commit_one(shard, clients) -> None:
+    """One request of PER_REQUEST messages from the first client, committed and answered."""
     c = clients[0]
     c.sock.send(commit(1))
     wait_all_requests_arrived(shard, clients)
     shard.step()
     assert bus.decode(c.sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
+
+
+def test_show_of_an_unreadable_record_is_answered_and_the_shard_goes_on(rig, monkeypatch):
+    """``mta queue show`` of a message whose record cannot be read (EIO, EMFILE) gets
+    STATUS_STORAGE; the error used to escape the loop and stop the shard."""
+    shard, clients, order = rig
+    c = clients[0]
+    commit_one(shard, clients)
     qid = shard.store.index.sorted_qids()[0]
 
     def eio(*a, **kw):
@@ -202,11 +208,7 @@ def test_a_message_left_with_no_pending_recipient_and_no_job_out_is_finished(rig
     from mta.spool import dispatch as dsp
     from mta.store import FAILED, Store
     shard, clients, order = rig
-    c = clients[0]
-    c.sock.send(commit(1))
-    wait_all_requests_arrived(shard, clients)
-    shard.step()
-    assert bus.decode(c.sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
+    commit_one(shard, clients)
     q = shard.q
     qid = q.sorted_qids()[0]
     others = [x for x in q.sorted_qids() if x != qid]
