@@ -109,15 +109,16 @@ class Job:
 class Target:
     """Where to connect, with the options that apply."""
 
-    __slots__ = ("host", "ip", "port", "starttls", "tls_verify", "source")
+    __slots__ = ("host", "ip", "port", "starttls", "tls_verify", "source", "rank")
 
-    def __init__(self, host, ip, port, starttls, tls_verify, source):
+    def __init__(self, host, ip, port, starttls, tls_verify, source, rank: int = 0):
         self.host = host
         self.ip = ip
         self.port = port
         self.starttls = starttls        # None: the lane's shaping decides
         self.tls_verify = tls_verify
         self.source = source or None    # a static route's own source_address
+        self.rank = rank                # an MX host's preference group (0: the first)
 
 
 class _Stopping(Exception):
@@ -460,7 +461,12 @@ class Engine:
             hostnames = tuple(sorted({t.host.lower() for t in targets}))
         else:
             hostnames = tuple(sorted({t.host.lower().rstrip(".") for t in targets}))
-            key = ("mx", self.cfg.mx_port) + hostnames
+            # The hosts with their preference groups: domains whose MX records name the
+            # same hosts in another order of preference are two sites (each lookup
+            # replaces a site's targets: one domain's mail would try its backup first).
+            # They share the name, so the node-wide limits and adaptive state too.
+            key = ("mx", self.cfg.mx_port) + tuple(sorted(
+                {(t.rank, t.host.lower().rstrip(".")) for t in targets}))
         site = self.sites.get(key)
         if site is None:
             name = site_name(hosts if route is not None else hostnames)
@@ -643,7 +649,7 @@ class Engine:
         if mx.status != "ok":
             raise RouteError(DEFERRED, 451, "4.4.3",
                              f"DNS lookup for {domain} failed: {mx.reason or mx.status}")
-        for group in mx.hosts:
+        for rank, group in enumerate(mx.hosts):
             for host in group:
                 try:
                     ips = [host] if _is_ip(host) else await self.resolver.resolve_addresses(host)
@@ -651,7 +657,7 @@ class Engine:
                     log.info("address lookup for %s failed: %s", host, exc)
                     continue
                 for ip in ips:
-                    out.append(Target(host, ip, cfg.mx_port, None, cfg.tls_verify, None))
+                    out.append(Target(host, ip, cfg.mx_port, None, cfg.tls_verify, None, rank))
         if not out:
             raise RouteError(DEFERRED, 451, "4.4.3", f"no address found for the MX hosts of {domain}")
         return out

@@ -482,3 +482,40 @@ def test_a_job_sent_ahead_that_then_waited_too_long_goes_back_not_out():
     assert [r for _, r in peer.messages] == ["ok0@example.net"]
     assert peer.ends[0] == (1, True)        # the second's envelope did go out ahead
     assert len(peer.ends) == 1              # ... and none of its message
+
+
+def test_domains_with_the_same_mx_hosts_in_another_order_each_try_their_own_first():
+    """a.test prefers mx1 (backup mx2), b.test the other way round.  They shared one
+    site, whose targets each lookup replaced: one of the two domains' mail went to its
+    backup first.  Now each tries its own first host."""
+    peer = Peer()
+    port = free_port()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        servers = [await loop.create_server(peer.protocol, ip, port)
+                   for ip in ("127.0.0.1", "127.0.0.2")]
+        reports = []
+        done = asyncio.Event()
+
+        def report(j, results, retry_after=0.0):
+            reports.append((j, results))
+            if len(reports) == 4:
+                done.set()
+
+        resolver = Resolver({"a.test": MxResult("ok", [["mx1.test"], ["mx2.test"]]),
+                             "b.test": MxResult("ok", [["mx2.test"], ["mx1.test"]])},
+                            {"mx1.test": ["127.0.0.1"], "mx2.test": ["127.0.0.2"]})
+        engine = Engine(settings(port), resolver, report, loop)
+        for n, domain in enumerate(("a.test", "b.test", "a.test", "b.test")):
+            engine.submit(job(domain, "ok", n=n))
+        await done.wait()
+        await engine.close()
+        for s in servers:
+            s.close()
+        return reports
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        reports = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    got = {(j.msg.domain, rs[0].outcome, rs[0].host) for j, rs in reports}
+    assert got == {("a.test", bus.DELIVERED, "mx1.test"), ("b.test", bus.DELIVERED, "mx2.test")}
