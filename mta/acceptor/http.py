@@ -921,7 +921,7 @@ class Injection:
         svc = self.svc
         svc.pending -= 1
         svc.pending_bytes -= size
-        if svc.paused and svc.pending_bytes < svc.cfg.max_pending_bytes:
+        if svc.paused:
             svc.resume_paused()
         if ok:
             self.accepted += 1

@@ -58,7 +58,7 @@ import orjson
 from mta import rfcdate
 from mta import mime
 from mta.api import replies as R
-from mta.api.transmissions import MAX_METADATA, MAX_TAGS, Address, Transmission
+from mta.api.transmissions import MAX_METADATA, MAX_TAGS, Address, Transmission, json_len
 from mta.obs import events as ev
 
 MAX_LINE = 998            # octets per line, RFC 5322 2.1.1
@@ -134,15 +134,6 @@ class RecipientError(Exception):
 
 
 # ---------------------------------------------------------------- substitution
-
-
-def _json_len(value) -> int | None:
-    """Octets of *value* as JSON; None when it holds an integer beyond 64 bits (which
-    JSON decodes but neither the bus's msgpack nor the event log's orjson carries)."""
-    try:
-        return len(orjson.dumps(value))
-    except orjson.JSONEncodeError:
-        return None
 
 
 def _text_of(value) -> str:
@@ -774,7 +765,7 @@ class Builder:
             out["bounce_class"] = ev.POLICY_CLASS
         if isinstance(meta, dict) and meta:
             meta = {**self.tx_meta, **meta} if self.tx_meta else meta
-            if (_json_len(meta) or MAX_METADATA + 1) > MAX_METADATA:
+            if (json_len(meta) or MAX_METADATA + 1) > MAX_METADATA:
                 meta = self.tx_meta     # (the transmission's was checked)
         else:
             meta = self.tx_meta
@@ -783,7 +774,7 @@ class Builder:
         if isinstance(tags, list) and 0 < len(tags) <= MAX_TAGS:
             out["tags"] = tags
         out["rcpt_subs"] = subs if isinstance(subs, dict) and \
-            (_json_len(subs) or MAX_EVENT_SUBS + 1) <= MAX_EVENT_SUBS else {}
+            (json_len(subs) or MAX_EVENT_SUBS + 1) <= MAX_EVENT_SUBS else {}
         if self.rfc822 is not None:
             ev.put_headers(out, self.rfc_from, None)
         else:
@@ -812,7 +803,7 @@ class Builder:
                 name, email, header_to = a.name, a.email, a.header_to
             rcpt_sub = r.substitution_data
             if r.metadata:
-                n = _json_len(r.metadata)
+                n = json_len(r.metadata)
                 if n is None:
                     raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].metadata: a number "
                                          "is outside the 64-bit integer range",

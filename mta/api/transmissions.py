@@ -161,15 +161,22 @@ def _check_depth(field: str, value, max_depth: int) -> None:
                          f"{max_depth} levels deep (http.max_json_depth)")
 
 
-def json_size(field: str, value) -> int:
-    """Octets of *value* as JSON; ApiError 422 naming *field* when it holds an integer
-    beyond 64 bits, which JSON decodes but nothing downstream carries (msgpack on the
-    bus, orjson in the event log)."""
+def json_len(value) -> int | None:
+    """Octets of *value* as JSON; None when it holds an integer beyond 64 bits, which
+    JSON decodes but nothing downstream carries (msgpack on the bus, orjson in the event
+    log)."""
     try:
         return len(orjson.dumps(value))
     except orjson.JSONEncodeError:
-        raise R.ApiError(R.INVALID, f"{field}: a number is outside the 64-bit integer "
-                         "range") from None
+        return None
+
+
+def json_size(field: str, value) -> int:
+    """:func:`json_len`, or ApiError 422 naming *field* when it has no size."""
+    n = json_len(value)
+    if n is None:
+        raise R.ApiError(R.INVALID, f"{field}: a number is outside the 64-bit integer range")
+    return n
 
 
 def check(tx: Transmission, max_recipients: int, max_depth: int) -> None:
@@ -287,12 +294,9 @@ def parse_msys_api(value: bytes, max_depth: int) -> dict | None:
     if isinstance(cid, str) and len(cid.encode()) <= MAX_CAMPAIGN_ID:
         out["campaign_id"] = cid
     meta = obj.get("metadata")
-    if isinstance(meta, dict) and meta and not too_deep(meta, max_depth):
-        try:
-            if json_size("metadata", meta) <= MAX_METADATA:
-                out["metadata"] = meta
-        except R.ApiError:
-            pass        # (a number beyond 64 bits: ignored, like metadata too deep)
+    if isinstance(meta, dict) and meta and not too_deep(meta, max_depth) and \
+            (json_len(meta) or MAX_METADATA + 1) <= MAX_METADATA:
+        out["metadata"] = meta    # (a number beyond 64 bits: ignored, like one too deep)
     tags = obj.get("tags")
     if isinstance(tags, list):
         tags = [t for t in tags if isinstance(t, str)][:MAX_TAGS]
