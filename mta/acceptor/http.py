@@ -65,6 +65,7 @@ from email.utils import formatdate
 
 import httptools
 
+from mta.acceptor.closing import close_lingering
 from mta.acceptor.peers import peer_address
 from mta.config import DEFAULT as DEFAULT_POOL
 from mta.feedback import suppression as suppression_list
@@ -333,27 +334,12 @@ class Session(asyncio.Protocol):
         return False   # close our side too; answers already queued are still written
 
     def _close(self) -> None:
-        """Close once what is written has gone: the write side first, then what the client
-        still sends is read and dropped until it closes too, so that it reads its answer
-        and not a reset (after a 413 with the body still coming, say).  After
-        http.linger_timeout the connection is aborted, answered or not: a client that
-        never reads cannot keep it (and its place under http.max_connections)."""
-        t = self.transport
-        if self.lingering or t is None:
+        """Close once the answers are written, lingering (mta.acceptor.closing:
+        http.linger_timeout, then the connection is aborted, answered or not)."""
+        if self.lingering or self.transport is None:
             return
         self.lingering = True
-        if self.peer_eof or not t.can_write_eof():
-            t.close()
-        else:
-            t.write_eof()
-            if self.reading_paused:
-                self.reading_paused = False
-                t.resume_reading()          # data_received() drops it (self.closing)
-        self.svc.loop.call_later(self.cfg.linger_timeout, self._linger_end)
-
-    def _linger_end(self) -> None:
-        if not self.lost and self.transport is not None:
-            self.transport.abort()
+        close_lingering(self, self.svc.loop, self.cfg.linger_timeout, self.peer_eof)
 
     def data_received(self, data: bytes) -> None:
         if self.broken or self.closing:

@@ -70,6 +70,7 @@ import msgspec
 
 from mta import dsn, rfcdate
 from mta.acceptor import replies as R
+from mta.acceptor.closing import close_lingering
 from mta.acceptor import tls_auth
 from mta.acceptor.state import State
 from mta.scancodes import (EV_COMMAND, EV_COMMAND_TOO_LONG, EV_DATA, FLAG_BARE_CR, FLAG_BARE_LF,
@@ -244,6 +245,7 @@ class Session(asyncio.Protocol):
         self.reading_paused = False
         self.writing_paused = False
         self.closing = False
+        self.lost = False          # connection_lost came
         self.auth_exchange: tls_auth.Exchange | None = None
         self.chunk_size = 0         # BDAT: the size of the chunk being read
         self.chunk_last = False     # BDAT: it is the LAST one
@@ -297,6 +299,7 @@ class Session(asyncio.Protocol):
                 a.per_ip.pop(self.peer_ip, None)
         self.state = _CLOSED
         self.closing = True
+        self.lost = True
         a.session_gone()
 
     def pause_writing(self) -> None:
@@ -354,27 +357,15 @@ class Session(asyncio.Protocol):
         after the reply (the client reads it, then end of file) and whatever
         the client still sends is read and dropped until it closes too, or
         for at most ``smtp.linger_timeout`` seconds (then the connection is
-        aborted).  Over TLS the transport's own close (close_notify) is used.
+        aborted).  Over TLS the transport's own close (close_notify) is used,
+        aborted as well if the connection is still there then
+        (:mod:`mta.acceptor.closing`).
         """
         self.out.append(reply)
         self.flush()
         self.closing = True
         self.state = _CLOSED
-        t = self.transport
-        linger = self.a.smtp.linger_timeout
-        if linger <= 0 or not t.can_write_eof():
-            t.close()
-            return
-        t.write_eof()       # FIN once the reply is written; eof_received() then closes
-        if self.reading_paused:
-            self.reading_paused = False
-            t.resume_reading()      # data_received() drops what comes (self.closing)
-        self.a.loop.call_later(linger, self._linger_end, t)
-
-    @staticmethod
-    def _linger_end(transport) -> None:
-        if not transport.is_closing():
-            transport.abort()
+        close_lingering(self, self.a.loop, self.a.smtp.linger_timeout)
 
     def reply_error(self, reply: bytes) -> None:
         """Send an error reply; too many of them end the session."""

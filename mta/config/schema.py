@@ -99,7 +99,9 @@ class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     linger_timeout: Annotated[float, _doc(
         "seconds a session being closed by the server (421, or 221 after QUIT) keeps "
         "reading and discarding what the client still sends after the reply, so that the "
-        "client reads the reply instead of a connection reset; 0 closes at once",
+        "client reads the reply instead of a connection reset; then (over TLS too) it is "
+        "aborted if still open; 0 closes at once (aborted after 5 s if its last replies "
+        "are not written)",
         ge=0, le=60)] = 2.0
     postmaster: Annotated[str, _doc(
         "address that RCPT TO:<Postmaster> (no domain, any case; RFC 5321 4.5.1) is "

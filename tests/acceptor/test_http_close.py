@@ -8,6 +8,8 @@ import json
 
 from test_http_pending import post, response, service
 
+from mta.acceptor import closing
+
 
 def simple() -> dict:
     return {"recipients": ["r@example.net"],
@@ -30,7 +32,7 @@ def test_a_refused_request_is_answered_then_the_connection_lingers_and_is_aborte
     assert transport.reading                    # reads on, to drop what still comes
     session.data_received(b"x" * 5000)          # dropped: no second answer
     assert response(transport)[0] == 413
-    (delay, cb, args), = [t for t in loop.timers if t[1] == session._linger_end]
+    (delay, cb, args), = [t for t in loop.timers if t[1] is closing._abort_unless_lost]
     assert delay == 2.0
     cb(*args)
     assert transport.aborted

@@ -416,3 +416,28 @@ def test_a_relay_client_keeps_reports_and_mail_apart(impl):
     assert out.startswith(R.SENDER_OK + R.RCPT_OK + R.REPORT_SEPARATELY), out
     assert QUEUED.search(out) and acc.submitted[-1].rcpts == ["r@example.net"]
     assert taken == []
+
+
+def test_a_tls_session_the_server_closes_is_aborted_unless_the_client_went(impl):
+    """Over TLS (no half-close) QUIT's 221 is followed by the transport's own close,
+    which waits for unsent output: a client that stopped reading kept the connection
+    (and its place under max_connections) for good.  Now, as the lingering close of a
+    plaintext session, it is aborted after smtp.linger_timeout unless it went by then
+    (mta.acceptor.closing, shared with the HTTP sessions)."""
+    from mta.acceptor import closing
+    for went in (False, True):
+        acc, c = make(impl, tls=True)
+        c.send(b"EHLO client.example\r\n")
+        c.session.data_received(b"STARTTLS\r\n")
+        c.loop.run_ready()
+        c.output()
+        t = c.session.transport
+        assert t.tls
+        assert c.send(b"QUIT\r\n").startswith(b"221")
+        assert t.closed and not t.eof_written and not t.aborted
+        (delay, cb, args), = [x for x in c.loop.timers if x[1] is closing._abort_unless_lost]
+        assert delay == acc.smtp.linger_timeout
+        if went:
+            c.session.connection_lost(None)
+        cb(*args)
+        assert t.aborted is not went
