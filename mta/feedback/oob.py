@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 
+from mta.feedback import suppression as sup
 from mta.feedback.reports import ARF, DSN, Report, status_code
 
 # Fields of the original message an out-of-band event repeats (SparkPost's oob/spm
@@ -35,9 +36,8 @@ CARRIED = ("message_id", "transmission_id", "campaign_id", "template_id", "rcpt_
            "rcpt_tags", "friendly_from", "msg_from", "subject", "msg_size", "ip_pool",
            "sending_ip", "injection_time", "transactional", "recv_method", "queue_id",
            "message_id_header", "routing_domain", "recipient_domain", "egress_source", "site")
-HARD_INVALID = "10"
-SPAM_SOURCE = "Spam Complaint"
-BOUNCE_SOURCE = "Bounce Rule"
+SPAM_SOURCE = sup.SPAM_COMPLAINT
+BOUNCE_SOURCE = sup.BOUNCE_RULE
 VERP_SEPARATOR = "+"
 
 
@@ -65,6 +65,32 @@ def _original_for(originals: list[dict], rcpt: str) -> dict | None:
                 return ev
             best = best or ev
     return best or (originals[0] if originals and not want else None)
+
+
+def _address(rcpt: str) -> bool:
+    """Whether *rcpt* can be a recipient's address (a report may say "redacted" or "")."""
+    local, at, domain = rcpt.rpartition("@")
+    return bool(at and local and domain)
+
+
+def _complainers(header_to: str, originals: list[dict]) -> tuple[list[str], bool]:
+    """(who complained, whether to suppress them), for an ARF report without Original-Rcpt-To.
+
+    The original message's recipients, when it was found, know better than the
+    returned message's To field: receivers redact it ("redacted", Yahoo and Microsoft
+    among them), and a Cc or Bcc recipient is not the one To names.  So To is taken
+    when it is one of the original's recipients, else the original's only
+    recipient.  With several recipients none of whom To names, nobody can be told
+    apart: the event keeps the To field and nobody is suppressed by it (see
+    :func:`report_events`).  Without an original, To is all there is.
+    """
+    known = list(dict.fromkeys(o["raw_rcpt_to"] for o in originals
+                               if o.get("raw_rcpt_to")))
+    if header_to and any(k.lower() == header_to.lower() for k in known):
+        return [header_to], True
+    if len(known) == 1:
+        return known, True
+    return ([header_to] if header_to else []), not known
 
 
 def _base(kind: str, now: float, original: dict | None, rcpt: str, report: Report) -> dict:
@@ -132,12 +158,13 @@ def report_events(report: Report, originals: list[dict], classifier,
             if r.remote_mta:
                 ev["remote_host"] = r.remote_mta
             events.append(ev)
-            if str(cls) == HARD_INVALID and rcpt:
+            if sup.adds_bounce_rule(cls) and _address(rcpt):
                 suppress.append((rcpt, BOUNCE_SOURCE, f"{code}: {raw}"[:1000]))
     elif report.kind == ARF:
-        rcpts = report.original_rcpt_to or ([report.header_to] if report.header_to else [])
-        if not rcpts and originals:
-            rcpts = [originals[0].get("raw_rcpt_to", "")]
+        # (a redacted Original-Rcpt-To, RFC 6590, names nobody)
+        rcpts, sure = [r for r in report.original_rcpt_to if _address(r)], True
+        if not rcpts:
+            rcpts, sure = _complainers(report.header_to, originals)
         for rcpt in rcpts:
             original = _original_for(originals, rcpt) if rcpt else None
             ev = _base("spam_complaint", now, original, rcpt, report)
@@ -148,7 +175,7 @@ def report_events(report: Report, originals: list[dict], classifier,
             if report.user_agent:
                 ev["user_str"] = report.user_agent
             events.append(ev)
-            if rcpt:
+            if sure and _address(rcpt):
                 suppress.append((rcpt, SPAM_SOURCE,
                                  f"{report.feedback_type or 'abuse'} report from "
                                  f"{report.report_from or report.reported_domain or 'unknown'}"))

@@ -52,6 +52,7 @@ TYPE_NAMES = {TRANSACTIONAL: "transactional", NON_TRANSACTIONAL: "non_transactio
 # SparkPost's sources (read-only in the API: entries added there are "Manually Added").
 MANUAL = "Manually Added"
 BOUNCE_RULE = "Bounce Rule"
+INVALID_RECIPIENT_CLASS = "10"   # the bounce class whose failures add a Bounce Rule entry
 SPAM_COMPLAINT = "Spam Complaint"
 SOURCES = (SPAM_COMPLAINT, "List Unsubscribe", BOUNCE_RULE, "Unsubscribe Link", MANUAL,
            "Compliance")
@@ -423,21 +424,16 @@ def _shape(address: str, tname: str, rec: list) -> dict:
             tname: True}
 
 
-def bounce_rule(code: int, enhanced: str, text: str) -> bool:
-    """Whether a permanent failure says the address is invalid (class 10: add it as Bounce Rule).
+def adds_bounce_rule(bounce_class) -> bool:
+    """Whether a permanent failure of this ``bounce_class`` adds its recipient to the list.
 
-    Seam: once :func:`mta.feedback.classify.classify` is merged this asks it
-    for class 10; until then the enhanced codes of a bad mailbox or address
-    (RFC 3463: X.1.1 bad destination mailbox, X.1.2 bad destination system,
-    X.1.3 bad mailbox syntax, X.1.6 moved, X.1.10 null MX) decide.
+    Class 10 (Invalid Recipient) only, as SparkPost's Bounce Rule source does: the
+    class is the one the failure's bounce event reports (the shipped rules, the
+    operator's ``feedback.bounce_rules`` and a response rule's ``bounce_class``), so
+    the list and the events always agree.  A block, a full mailbox or a policy
+    refusal (classes 20-25, 50-54) is about the sender or the message, not the address.
     """
-    if not 500 <= code <= 599:
-        return False
-    try:
-        from mta.feedback.classify import classify   # the classifier, when merged
-    except ImportError:
-        return enhanced in ("5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10")
-    return str(classify(code, enhanced, text)[0]) == "10"
+    return str(bounce_class) == INVALID_RECIPIENT_CLASS
 
 
 def bounce_description(code: int, enhanced: str, text: str) -> str:

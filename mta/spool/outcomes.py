@@ -216,9 +216,6 @@ class Plan:
                 self._update(qid, idx, sch.FAILED, attempts, 0.0)
                 event["type"] = ev.BOUNCE
                 self._bounce(qid, idx, r.code, r.enhanced, r.text, r.host, now)
-                if sup.bounce_rule(r.code, r.enhanced, r.text):
-                    self.suppress.append((m.rcpts[idx],
-                                          sup.bounce_description(r.code, r.enhanced, r.text)))
             else:
                 # a rule's defer action gives the delay (e.g. a short one for a
                 # greylisting reply); otherwise the retry schedule does
@@ -257,6 +254,11 @@ class Plan:
                 else:
                     event["bounce_class"], event["bounce_rule"] = classify(
                         r.code, r.enhanced, r.text)
+                if st[idx] == sch.FAILED and sup.adds_bounce_rule(event["bounce_class"]):
+                    # the class the event reports decides (the operator's rules and a
+                    # response rule's bounce_class included), not a second reading
+                    self.suppress.append((m.rcpts[idx],
+                                          sup.bounce_description(r.code, r.enhanced, r.text)))
                 if st[idx] == sch.PENDING:   # deferred: what an expiry at dispatch quotes
                     # (interned by the index: recipients given the same reply share it)
                     index.set_last(qid, idx, (r.code, r.enhanced, r.text, r.host, r.ip,

@@ -1,4 +1,6 @@
 """Out-of-band bounces and complaints become events that repeat the original message's fields."""
+import pytest
+
 from mta.feedback import oob, reports
 from mta.feedback.classify import Classifier
 
@@ -59,6 +61,47 @@ def test_an_arf_report_is_a_spam_complaint_and_suppresses_the_address():
     assert ev["report_to"] == "fbl@bounce.sender.test"
     assert ev["campaign_id"] == "weekly" and ev["message_id"] == "0123456789abcdef0123"
     assert suppress == [("Reader@receiver.test", oob.SPAM_SOURCE, suppress[0][2])]
+
+
+def _arf_without_rcpt_to(to_field: bytes, rcpt_to_field: bytes = b"") -> bytes:
+    data = ARF_REPORT.replace(b"Original-Rcpt-To: <Reader@receiver.test>\r\n", rcpt_to_field)
+    data = data.replace(b"\nTo: <Reader@receiver.test>\r\n", b"\n" + to_field)
+    assert data.count(b"Reader@receiver.test") == 0
+    return data
+
+
+def _originals(*rcpts: str) -> list[dict]:
+    return [dict(e, rcpt_to=r.lower(), raw_rcpt_to=r) for r in rcpts for e in ORIGINAL]
+
+
+@pytest.mark.parametrize("to_field,rcpt_to_field", [
+    (b"To: redacted\r\n", b""),                              # Yahoo, Microsoft
+    (b"To: <list@receiver.test>\r\n", b""),                  # sent to them by Cc or Bcc
+    (b"To: <list@receiver.test>\r\n", b"Original-Rcpt-To: redacted\r\n")])
+def test_a_complaint_without_its_recipient_suppresses_the_matched_originals(to_field,
+                                                                            rcpt_to_field):
+    r = reports.parse(_arf_without_rcpt_to(to_field, rcpt_to_field))
+    events, suppress = oob.report_events(r, _originals("Reader@receiver.test"), Classifier(),
+                                         now=1796200100.0)
+    assert [a for a, _, _ in suppress] == ["Reader@receiver.test"]
+    assert events[0]["rcpt_to"] == "reader@receiver.test" and events[0]["matched"] == "1"
+    assert events[0]["campaign_id"] == "weekly"
+
+
+def test_a_complaint_that_names_nobody_suppresses_nobody():
+    # redacted, and the original went to two recipients: which one complained is unknown
+    r = reports.parse(_arf_without_rcpt_to(b"To: redacted\r\n"))
+    events, suppress = oob.report_events(
+        r, _originals("Reader@receiver.test", "Other@receiver.test"), Classifier(), now=1.0)
+    assert suppress == [] and len(events) == 1
+    # not found: "redacted" is no address either
+    events, suppress = oob.report_events(r, [], Classifier(), now=1.0)
+    assert suppress == [] and events[0]["matched"] == "0"
+    # two recipients, the To field names one of them: that one
+    r = reports.parse(_arf_without_rcpt_to(b"To: <other@receiver.test>\r\n"))
+    _, suppress = oob.report_events(
+        r, _originals("Reader@receiver.test", "Other@receiver.test"), Classifier(), now=1.0)
+    assert [a for a, _, _ in suppress] == ["other@receiver.test"]
 
 
 def test_a_soft_out_of_band_bounce_does_not_suppress():

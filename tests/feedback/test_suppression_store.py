@@ -109,14 +109,10 @@ def test_bulk_loader(sl):
         sl.load_sorted(["a@x.test"])          # not after the last key: refused
 
 
-@pytest.mark.parametrize("code,enhanced,text,added", [
-    (550, "5.1.1", "<x@example.net>: Recipient address rejected: User unknown", True),
-    (550, "5.7.1", "Message rejected as spam", False),
-    (452, "4.2.2", "Mailbox full, try again later", False),
-    (552, "5.2.2", "Mailbox full", False)])
-def test_bounce_rule_adds_only_invalid_recipients(code, enhanced, text, added):
-    # (the enhanced codes until mta.feedback.classify is merged, its class 10 after)
-    assert S.bounce_rule(code, enhanced, text) is added
+@pytest.mark.parametrize("bounce_class,added", [
+    (10, True), ("10", True), (50, False), (51, False), (22, False), (25, False), (1, False)])
+def test_only_invalid_recipient_failures_add_a_bounce_rule(bounce_class, added):
+    assert S.adds_bounce_rule(bounce_class) is added
 
 
 def _call(sl, method, path, query=b"", body=b""):

@@ -451,3 +451,32 @@ def test_the_sessions_tls_and_the_messages_headers_reach_the_events():
     plan = make(Queue(entry("Q2", ["a@example.net"])))
     plan.outcome("Q2", [result(0, bus.DEFERRED, 451)], NOW)     # no session: no field
     assert "outbound_tls" not in sparkpost_event(plan.events[0], event_id="9")
+
+
+def test_the_bounce_rule_entry_follows_the_class_the_event_reports():
+    # Hard bounces with no enhanced code (class 10 by their text), a 5.1.1 that is a
+    # block of the sender (class 50), a policy refusal under Postfix's "Recipient address
+    # rejected:" prefix, and a response rule's own bounce_class: what goes on the list is
+    # exactly what the bounce events call Invalid Recipient.
+    rcpts = ["a@example.net", "b@example.net", "c@example.net", "d@example.net",
+             "e@example.net", "f@example.net"]
+    entries = Queue(entry("Q1", rcpts))
+    plan = make(entries)
+    plan.outcome("Q1", [
+        result(0, bus.FAILED, 550, "", "No such user here"),
+        result(1, bus.FAILED, 554, "", "delivery error: dd This user doesn't have a "
+                                       "yahoo.com account (b@yahoo.com) [0]"),
+        result(2, bus.FAILED, 550, "5.1.1", "sender blocked"),
+        result(3, bus.FAILED, 550, "5.7.23", "<d@example.net>: Recipient address rejected: "
+                                             "Message rejected due to: SPF fail"),
+        bus.Result(4, bus.FAILED, 554, "5.7.1", "no", "mx.example.net", "127.0.0.2",
+                   bounce_class="10"),
+        result(5, bus.DEFERRED, 450, "4.1.1", "mailbox unknown, try later"),
+    ], NOW, rule=fired("bounce", "rule-10"))
+    plan.finish(NOW)
+    classes = {e["recipient"]: e["bounce_class"] for e in plan.events}
+    assert classes == {"a@example.net": 10, "b@example.net": 10, "c@example.net": 50,
+                       "d@example.net": 50, "e@example.net": 10, "f@example.net": 70}
+    assert [a for a, _ in plan.suppress] == ["a@example.net", "b@example.net",
+                                             "e@example.net"]
+    assert plan.suppress[0][1] == "550: 550 No such user here"
