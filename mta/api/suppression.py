@@ -261,7 +261,8 @@ def _int(q: dict, name: str, lo: int, hi: int, default: int) -> int:
     v = _one(q, name)
     if v is None or v == "":
         return default
-    if not v.isdigit() or not lo <= int(v) <= hi:
+    # (ASCII digits: str.isdigit() also takes "²", which int() refuses)
+    if not (v.isascii() and v.isdigit() and len(v) <= 12) or not lo <= int(v) <= hi:
         raise R.ApiError(R.INVALID, f"{name}: expected a whole number from {lo} to {hi}")
     return int(v)
 
@@ -285,14 +286,21 @@ def search(store: S.SuppressionList, q: dict, max_scan: int = S.MAX_SCAN) -> tup
                     _int(q, "limit", 1, MAX_PER_PAGE, DEFAULT_PER_PAGE))
     cursor_text = _one(q, "cursor")
     cursor = None
+    total = None
     page = 1
     if cursor_text:
+        cursor = b""
         if cursor_text != "initial":
+            # "<index key in hex>.<total>": a later page seeks straight to its key, and the
+            # total counted by the first page comes with it (see SuppressionList.search)
+            key, _, count = cursor_text.partition(".")
             try:
-                cursor = bytes.fromhex(cursor_text)
+                cursor = bytes.fromhex(key)
+                total = int(count) if count.isascii() and count.isdigit() \
+                    and len(count) <= 12 else None
             except ValueError:
                 raise R.ApiError(R.INVALID, "cursor: not a cursor from a links entry") from None
-            if len(cursor) < 9:
+            if len(cursor) < 9 or (count and total is None):
                 raise R.ApiError(R.INVALID, "cursor: not a cursor from a links entry")
     else:
         page = _int(q, "page", 1, MAX_PAGED, 1)
@@ -305,13 +313,14 @@ def search(store: S.SuppressionList, q: dict, max_scan: int = S.MAX_SCAN) -> tup
     rows, total, nxt = store.search(start=start, end=end, types=types, sources=sources,
                                     domain=domain, description=desc, description_strict=strict,
                                     descending=sort == "desc", per_page=per_page, page=page,
-                                    cursor=cursor, max_scan=max_scan)
+                                    cursor=cursor, total=total, max_scan=max_scan)
     links = []
     base = {k: ",".join(v) for k, v in q.items() if k not in ("cursor", "page")}
     if cursor_text:
         links.append({"href": _href({**base, "cursor": "initial"}), "rel": "first"})
         if nxt is not None:
-            links.append({"href": _href({**base, "cursor": nxt.hex()}), "rel": "next"})
+            links.append({"href": _href({**base, "cursor": f"{nxt.hex()}.{total}"}),
+                          "rel": "next"})
     else:
         links.append({"href": _href({**base, "page": "1"}), "rel": "first"})
         if page > 1:

@@ -181,49 +181,57 @@ class SuppressionList:
                types: int = BOTH, sources: frozenset | None = None, domain: str | None = None,
                description: str | None = None, description_strict: bool = False,
                descending: bool = True, per_page: int = 1000, page: int = 1,
-               cursor: bytes | None = None, max_scan: int = MAX_SCAN) -> tuple[list, int, bytes | None]:
+               cursor: bytes | None = None, total: int | None = None,
+               max_scan: int = MAX_SCAN) -> tuple[list, int, bytes | None]:
         """Entries by updated time: (this page, total matching, cursor of the next page or None).
 
-        *cursor* is an index key returned by an earlier call (the walk
-        resumes after it; *page* is then ignored).  At most *max_scan* index
-        rows are read: past that, the total is the count so far.
+        *cursor* pages: ``b""`` for the first page, then an index key returned by
+        the call before (the walk resumes after it; *page* is ignored), with the
+        *total* that call returned.  At most *max_scan* index rows are read per
+        call: past that, the total is the count so far (a lower bound), and a
+        cursor page that is not full ends with a cursor to the last row read, so
+        that a sparse filter over a long list is paged through to its end instead
+        of stopping early.
         """
         lo = _TS.pack(max(0, int(start * 1000))) if start is not None else b""
-        hi = _TS.pack(int(end * 1000) + 1) if end is not None else None
+        # (a range that ends before 1970 holds nothing: every key is at or after 0)
+        hi = _TS.pack(max(0, int(end * 1000) + 1)) if end is not None else None
         dom = "@" + domain.lower().lstrip("@") if domain else None
         desc = description.lower() if description and not description_strict else description
-        skip = 0 if cursor else max(0, (page - 1) * per_page)
+        paging = cursor is not None
+        skip = 0 if paging else max(0, (page - 1) * per_page)
         out: list[dict] = []
-        total = 0
         scanned = 0
         last = None
+        read = None       # the last index row read
         unfiltered = types == BOTH and not sources and not dom and not desc
         with self.env.begin() as txn:
-            if unfiltered and start is None and end is None:
-                total = txn.stat(self.index)["entries"]
-            cur = txn.cursor(db=self.index)
             known = unfiltered and start is None and end is None   # total from the index size
-            # Without a known total every matching row is counted, those before
-            # the cursor too: the walk starts at the range's start and skips them.
-            seek = cursor if known else None
+            if known:
+                total = txn.stat(self.index)["entries"]
+            # A later cursor page seeks to its cursor: the total came with the cursor (a
+            # cursor of an earlier version has none: what follows it is counted)
+            counting = not known and (not cursor or total is None)
+            if counting:
+                total = 0
+            cur = txn.cursor(db=self.index)
             if descending:
-                if seek:
-                    ok = cur.prev() if cur.set_range(seek) else cur.last()
+                if cursor:
+                    ok = cur.prev() if cur.set_range(cursor) else cur.last()
                 elif hi is not None:
                     ok = cur.prev() if cur.set_range(hi) else cur.last()
                 else:
                     ok = cur.last()
                 step = cur.prev
             else:
-                if seek:
-                    ok = cur.set_range(seek)
-                    if ok and cur.key() == seek:
+                if cursor:
+                    ok = cur.set_range(cursor)
+                    if ok and cur.key() == cursor:
                         ok = cur.next()
                 else:
                     ok = cur.set_range(lo) if lo else cur.first()
                 step = cur.next
             more = False
-            before = cursor is not None and not known   # rows up to the cursor: counted only
             rget = txn.get
             while ok:
                 k = cur.key()
@@ -231,7 +239,10 @@ class SuppressionList:
                     break
                 scanned += 1
                 if scanned > max_scan:
+                    if paging and not more and not known:
+                        more, last = True, read     # go on from here on the next page
                     break
+                read = bytes(k)
                 tbit = k[8]
                 addr = k[9:]
                 match = tbit & types
@@ -248,13 +259,8 @@ class SuppressionList:
                                    if not description_strict else desc != entry["description"]):
                         match = False
                 if match:
-                    if not known:
+                    if counting:
                         total += 1
-                    if before:
-                        if (k <= cursor) if not descending else (k >= cursor):
-                            ok = step()
-                            continue
-                        before = False
                     if skip:
                         skip -= 1
                     elif len(out) < per_page:
@@ -262,10 +268,10 @@ class SuppressionList:
                             entry = _one(addr, rget(addr, db=self.rcpt), tbit)
                         if entry is not None:
                             out.append(entry)
-                            last = bytes(k)
+                            last = read
                     else:
                         more = True
-                        if known:
+                        if not counting:
                             break
                 ok = step()
         return out, total, (last if more else None)

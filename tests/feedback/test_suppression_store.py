@@ -178,3 +178,50 @@ def test_api_search_query_forms(sl):
     st, body = _call(sl, b"GET", b"/api/v1/suppression-list",
                      b"from=2017-07-14 02:40:10 00:00&types=non_transactional")
     assert [e["recipient"] for e in body["results"]] == ["q11@x.test", "q10@x.test"]
+
+
+@pytest.mark.parametrize("query,field", [
+    ("per_page=\u00b2", "per_page"), ("limit=\u0661\u0662", "limit"),
+    ("per_page=99999999999999999999999", "per_page")])
+def test_numbers_that_are_not_ascii_digits_are_refused_naming_the_field(sl, query, field):
+    with pytest.raises(R.ApiError) as e:
+        api.handle(sl, b"GET", b"/api/v1/suppression-list", query.encode(), b"")
+    assert e.value.status < 500 and e.value.description.startswith(field + ":")
+
+
+def test_a_range_that_ends_before_1970_is_empty_not_an_error(sl):
+    sl.put_many([("a@x.test", S.BOTH, "")], now=1000.0)
+    st, body = _call(sl, b"GET", b"/api/v1/suppression-list",
+                     b"from=1969-01-01T00:00:00Z&to=1969-12-31T00:00:00Z")
+    assert st == 200 and body["results"] == [] and body["total_count"] == 0
+
+
+@pytest.mark.parametrize("sort", ["desc", "asc"])
+def test_cursor_paging_with_a_filter_reaches_every_entry_past_the_scan_bound(sl, sort):
+    # 300 addresses, every third one transactional only; each call may read 40 index rows
+    # (each address of both types has two): the filtered export must still reach the end,
+    # and every page must say the same total
+    for i in range(300):
+        sl.put_many([(f"u{i:04d}@x.test", S.TRANSACTIONAL if i % 3 == 0 else S.BOTH, "")],
+                    now=1_700_000_000 + i)
+    want = {f"u{i:04d}@x.test" for i in range(300) if i % 3}
+    seen, totals, pages = [], set(), 0
+    q = f"types=non_transactional&per_page=25&sort={sort}&cursor=initial".encode()
+    while pages < 100:
+        pages += 1
+        st, out = api.handle(sl, b"GET", b"/api/v1/suppression-list", q, b"", max_scan=40)
+        body = json.loads(out)
+        assert st == 200
+        seen += [r["recipient"] for r in body["results"]]
+        totals.add(body["total_count"])
+        nxt = [link["href"] for link in body["links"] if link["rel"] == "next"]
+        if not nxt:
+            break
+        q = nxt[0].partition("?")[2].encode()
+    assert len(seen) == len(set(seen)) and set(seen) == want
+    assert seen == sorted(seen, reverse=sort == "desc")
+    assert len(totals) == 1            # (a lower bound: the first page read 40 rows)
+    # without a scan bound in the way, the total is exact
+    st, out = api.handle(sl, b"GET", b"/api/v1/suppression-list",
+                         b"types=non_transactional&cursor=initial", b"")
+    assert json.loads(out)["total_count"] == 200
