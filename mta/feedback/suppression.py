@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import struct
 import time
 
 import logging
 
+import idna
 import lmdb
 import msgspec
 
@@ -85,8 +87,38 @@ def path_in(state_dir: str) -> str:
     return os.path.join(state_dir, "suppression")
 
 
+# RFC 5322 dot-atom (with RFC 6531's UTF-8): a quoted local part that is one says the same
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+"
+                       r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+)*")
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
 def normalize(address: str) -> str:
-    return address.strip().lower()
+    """The one form of a mailbox the list is keyed by, stored and looked up alike.
+
+    Lower case (as SparkPost's list is); a quoted local part that needs no quotes
+    (``"foo"@example.com``) without them; a domain in U-labels as its A-labels
+    (UTS #46: ``bücher.de`` -> ``xn--bcher-kva.de``, the form DNS and delivery use).
+    Otherwise two spellings of one mailbox, one on the list and one in RCPT TO or a
+    transmission, would let mail through.  Plain ASCII addresses without quotes (nearly
+    all) take the first return.
+    """
+    a = address.strip().lower()
+    if a.isascii() and '"' not in a:
+        return a
+    local, at, domain = a.rpartition("@")
+    if not at:
+        return a
+    if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
+        inner = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+        if _DOT_ATOM.fullmatch(inner):
+            local = inner
+    if not domain.isascii():
+        try:
+            domain = idna.encode(domain, uts46=True).decode("ascii").lower()
+        except (idna.IDNAError, UnicodeError, ValueError):
+            pass        # not a domain IDNA can encode: kept as given (delivery refuses it)
+    return f"{local}@{domain}"
 
 
 def iso(ts: float) -> str:
@@ -131,7 +163,7 @@ class SuppressionList:
         The hot path: one read transaction and one B-tree lookup in the memory
         map (about 1-2 us).
         """
-        key = address.lower().encode("utf-8", "surrogateescape")
+        key = normalize(address).encode("utf-8", "surrogateescape")
         if len(key) > MAX_ADDRESS:
             return 0
         try:

@@ -225,3 +225,17 @@ def test_cursor_paging_with_a_filter_reaches_every_entry_past_the_scan_bound(sl,
     st, out = api.handle(sl, b"GET", b"/api/v1/suppression-list",
                          b"types=non_transactional&cursor=initial", b"")
     assert json.loads(out)["total_count"] == 200
+
+
+def test_every_spelling_of_a_listed_mailbox_is_suppressed(sl):
+    sl.put_many([("foo@example.com", S.BOTH, ""), ("user@xn--bcher-kva.de", S.BOTH, ""),
+                 ("Other@BÜCHER.de", S.NON_TRANSACTIONAL, "")])
+    for spelling in ('"foo"@example.com', '"F\\oo"@Example.COM', "user@bücher.de",
+                     "USER@BÜCHER.DE", "other@xn--bcher-kva.de"):
+        assert sl.check(spelling, False), spelling
+    # quotes that change the mailbox are kept: another address
+    assert not sl.check('"foo bar"@example.com', False)
+    assert sl.get("user@bücher.de")[0]["recipient"] == "user@xn--bcher-kva.de"
+    assert [e["recipient"] for e in sl.get("other@xn--bcher-kva.de")] == [
+        "other@xn--bcher-kva.de"]
+    assert sl.delete('"foo"@example.com') == 2 and not sl.check("foo@example.com", False)

@@ -302,6 +302,9 @@ def test_smtp_refuse_mode(make_daemon):
         assert c.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
         code, lines = c.cmd("RCPT TO:<Refused@Example.net>")
         assert code == 550 and lines[0].startswith("5.7.1"), lines
+        # the same mailbox spelt with quotes that change nothing
+        code, lines = c.cmd('RCPT TO:<"refused"@example.net>')
+        assert code == 550 and lines[0].startswith("5.7.1"), lines
         assert c.cmd("RCPT TO:<other@example.net>")[0] == 250
     assert smtp_send(d, ["other@example.net"]) == {}
     assert os.path.isdir(os.path.join(d.state_dir, "suppression"))
