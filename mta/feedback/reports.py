@@ -177,12 +177,30 @@ def _part_text(part) -> str:
         blocks = []
         for block in payload[:MAX_RECIPIENTS + 1]:
             if isinstance(block, email.message.Message):
-                blocks.append("\n".join(f"{k}: {v}" for k, v in block.items()))
+                # (raw_items: items() would turn 8-bit octets into U+FFFD before _utf8)
+                blocks.append(_utf8("\n".join(f"{k}: {v}" for k, v in block.raw_items())))
+                # message/global-delivery-status (RFC 6533) is parsed as one embedded
+                # message: the per-message fields are its header, and the per-recipient
+                # blocks its body, which must not be lost
+                # (as octets: get_payload() would read them as ASCII, 8-bit ones as U+FFFD)
+                rest = None if block.is_multipart() else block.get_payload(decode=True)
+                if isinstance(rest, bytes) and rest.strip():
+                    blocks.append(rest[:MAX_REPORT_SIZE].decode("utf-8", "replace"))
         return "\n\n".join(blocks)
     raw = part.get_payload(decode=True)
     if isinstance(raw, bytes):
         return raw[:MAX_REPORT_SIZE].decode("utf-8", "replace")
     return str(payload or "")
+
+
+def _utf8(text: str) -> str:
+    """*text* as parsed from bytes (8-bit octets as surrogates) with its UTF-8 read as such.
+
+    The global types of RFC 6533 carry UTF-8 addresses unencoded."""
+    if text.isascii():
+        return text
+    return text.encode("ascii", "surrogateescape").decode("utf-8", "replace") \
+        if all(ord(c) < 128 or 0xDC80 <= ord(c) <= 0xDCFF for c in text) else text
 
 
 def _original_headers(part):
@@ -197,6 +215,9 @@ def _original_headers(part):
             return email.message_from_bytes(raw[:MAX_REPORT_SIZE], policy=email.policy.compat32)
         return None
     if ctype in _HEADER_TYPES:
+        payload = part.get_payload()
+        if isinstance(payload, list) and payload and isinstance(payload[0], email.message.Message):
+            return payload[0]      # message/global-headers, parsed as an embedded message
         raw = part.get_payload(decode=True)
         if not isinstance(raw, bytes):
             raw = str(part.get_payload() or "").encode("utf-8", "replace")

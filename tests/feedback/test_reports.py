@@ -244,3 +244,25 @@ def _mutations():
 
 
 test_truncated_and_corrupted_reports_never_raise = _mutations()
+
+
+@pytest.mark.parametrize("rcpt", ["gone@receiver.test", "jöe@receiver.test",
+                                  "gone@bücher.test"])
+def test_our_own_dsns_are_read_back_global_ones_too(rcpt):
+    # mta/dsn.py writes an RFC 6533 global DSN (message/global-delivery-status, 8-bit
+    # UTF-8, message/global-headers) for a UTF-8 address: coming back to a bounce domain
+    # it must still be read, its recipient's UTF-8 intact and the original's Message-ID kept
+    from mta.dsn import RecipientFailure, build_dsn
+    data = build_dsn(original=b"Subject: hi\r\nMessage-ID: <a@b.test>\r\n\r\nbody\r\n",
+                     envelope_sender="s@x.test",
+                     failed=[RecipientFailure(recipient=rcpt, status="5.1.1",
+                                              remote_host="mx.r",
+                                              diagnostic="550 5.1.1 no such user",
+                                              last_attempt=1e9)],
+                     reporting_mta="mta.x", arrival_time=1e9, queue_id="abc", now=1e9)
+    assert (b"message/global-delivery-status" in data) is not rcpt.isascii()
+    r = reports.parse(data)
+    assert r is not None and r.kind == reports.DSN
+    assert [b.final_recipient for b in r.recipients] == [rcpt]
+    assert r.recipients[0].failed and r.message_id == "a@b.test"
+    assert reports.status_code(r.recipients[0])[:2] == (550, "5.1.1")
