@@ -96,8 +96,10 @@ class Plan:
     """
 
     def __init__(self, index, read_meta, policy: sch.RetryPolicy, read_body, new_qid,
-                 hostname: str):
+                 hostname: str, bounce_domains: frozenset = frozenset()):
         self.index = index
+        # feedback.bounce_domains (lower case): a return path there is this node's own
+        self.bounce_domains = bounce_domains
         self._read_meta = read_meta
         self._metas: dict[str, MessageMeta] = {}    # read once per batch
         self.policy = policy
@@ -400,6 +402,16 @@ class Plan:
             what = "bouncing a failure" if kind == "bounce" else f"sending a {kind}"
             log.info("%s: not %s of a message with a null sender (recipients: %s)",
                      qid, what, ", ".join(f.recipient for f in fails))
+            return
+        if m.sender.rpartition("@")[2].lower() in self.bounce_domains:
+            # The return path is one of this node's bounce domains (an HTTP transmission's
+            # return_path, typically): a DSN sent there would come back here as a report,
+            # an out_of_band event repeating the bounce event that already says it all
+            # (SparkPost sends none either).  One such DSN per failed recipient of a
+            # large send would also double its work.
+            log.info("%s: no %s to <%s>, a bounce domain of this node: the events report "
+                     "it (recipients: %s)", qid, kind, m.sender,
+                     ", ".join(f.recipient for f in fails))
             return
         message_id = new_message_id(qid, self.hostname, now)
         envid = m.params.get("ENVID")

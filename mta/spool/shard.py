@@ -131,6 +131,8 @@ class Shard:
         self.shard = shard
         self.events_on = settings.events_enabled    # an events process reads our events
         self.policy = sch.RetryPolicy(self.dcfg)
+        self.bounce_domains = frozenset(d.lower() for d in
+                                        settings.config.feedback.bounce_domains)
         # The queue (store.index): per lane a due queue, and every queued message's
         # deadline (start + max_age) in buckets of max_age / DEADLINE_BUCKETS: age is
         # checked wherever a message waits -- held, parked for an absent delivery
@@ -508,7 +510,7 @@ class Shard:
         """A fresh Plan over this shard's queue, for one batch."""
         return Plan(self.q, self.store.read_meta, self.policy, self.store.read_body,
                     lambda: new_qid_for_shard(self.shard, self.settings.shards),
-                    self.settings.hostname)
+                    self.settings.hostname, self.bounce_domains)
 
     def returned(self, req: int, qid: str) -> dsp.Job | None:
         """The outcome of job *req* came back: it is no longer out; the job (None if it

@@ -480,3 +480,19 @@ def test_the_bounce_rule_entry_follows_the_class_the_event_reports():
     assert [a for a, _ in plan.suppress] == ["a@example.net", "b@example.net",
                                              "e@example.net"]
     assert plan.suppress[0][1] == "550: 550 No such user here"
+
+
+def test_no_dsn_to_a_return_path_on_a_bounce_domain_of_this_node():
+    # an HTTP transmission's return_path at the node's bounce domain: the bounce event is
+    # the report; a DSN would come back to the node as an out_of_band event repeating it
+    entries = Queue(entry("Q1", ["a@example.net"], sender="Bounces@Bounce.Example.ORG"),
+                    entry("Q2", ["b@example.net"]))
+    qids = iter(f"BOUNCE{n:04d}" for n in range(100))
+    plan = Plan(entries.index, entries.metas.__getitem__, policy(), lambda qid: ORIGINAL,
+                lambda: next(qids), HOST, frozenset({"bounce.example.org"}))
+    plan.outcome("Q1", [result(0, bus.FAILED, 550, "5.1.1", "no such user")], NOW)
+    plan.outcome("Q2", [result(0, bus.FAILED, 550, "5.1.1", "no such user")], NOW)
+    plan.finish(NOW)
+    assert [e["type"] for e in plan.events] == [ev.BOUNCE, ev.BOUNCE]
+    assert [m.rcpts for m, _ in plan.bounces] == [[SENDER]]     # Q2's sender only
+    assert sorted(plan.done) == ["Q1", "Q2"]
