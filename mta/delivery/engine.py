@@ -593,7 +593,8 @@ class Engine:
         # (an empty queue ends the loop through its else: no waiting mark stays behind)
         while lane.active < limit and lane.queued() and \
                 (lane.active == 0 or lane.queued() > lane.active):
-            if lane.active >= self._fair(lane) and self.limiter.others_waiting(lane.key):
+            if lane.active >= self._fair(lane) and \
+                    self.limiter.others_waiting(lane.key, lane.waiting):
                 slot = None         # our share is taken and another process waits: leave it
             else:
                 slot = self.limiter.acquire_connection(lane.key, limit)
@@ -766,7 +767,8 @@ class Engine:
                     await asyncio.wait_for(lane.wakeup.wait(), min(left, IDLE_CHECK))
                 except asyncio.TimeoutError:
                     # Another process waits for a slot of this lane: let ours go.
-                    if not lane.queued() and self.limiter.others_waiting(lane.key):
+                    if not lane.queued() and \
+                            self.limiter.others_waiting(lane.key, lane.waiting):
                         return False
                 lane.wakeup.clear()
             return not self.stopping or bool(lane.queued())
@@ -970,7 +972,7 @@ class Engine:
         # (a worker that decided to go still counts in active until its reply is in:
         # without the yielding ones the next would go too, down past the fair share)
         if lane.active - lane.yielding > self._fair(lane) and \
-                self.limiter.others_waiting(lane.key):
+                self.limiter.others_waiting(lane.key, lane.waiting):
             lane.yielding += 1
             return True
         return False

@@ -74,7 +74,12 @@ is nothing to start, nothing to crash, and nothing to clean up after a crash:
   A process holding an *idle* connection to the site closes it early when
   this is true, so process A's idle connections do not hold every slot for
   ``idle_timeout`` while process B's mail waits.  The mark goes when the
-  waiter clears it, closes its limiter, or dies.
+  waiter clears it, closes its limiter, or dies.  Within one process the
+  kernel shows nothing (the lock is its own description's), yet two lanes
+  there can share a key (two sites of one name: an MX site per preference
+  order, a route per TLS policy): the marks are counted per key, the lock
+  held while any lane waits, and ``others_waiting(key, waiting)`` also counts
+  this process's other waiting lanes (*waiting*: whether the asking lane is one).
 
 * **Cheap and bounded**: open files (each a descriptor and a 64-byte shared
   mapping, which holds a duplicate descriptor of its own: two descriptors per
@@ -257,11 +262,13 @@ class Limiter(abc.ABC):
 
     @abc.abstractmethod
     def set_waiting(self, key: str, waiting: bool) -> None:
-        """Mark (or unmark) that this process waits for a slot of ``key``."""
+        """Mark (or unmark) that one more (one fewer) lane of this process waits for a
+        slot of ``key``; every mark set is cleared once."""
 
     @abc.abstractmethod
-    def others_waiting(self, key: str) -> bool:
-        """Whether another process waits for a slot of ``key``."""
+    def others_waiting(self, key: str, waiting: bool = False) -> bool:
+        """Whether another process, or another lane of this one, waits for a slot of
+        ``key``; *waiting*: whether the asking lane's own mark is set."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -283,7 +290,7 @@ class _Entry:
         self.fd = fd
         self.mm = mm
         self.held: set[int] = set()  # slot indexes this process holds
-        self.waiting = False
+        self.waiting = 0             # lanes of this process that wait (the lock: while > 0)
 
     def pinned(self) -> bool:
         return bool(self.held) or self.waiting
@@ -561,22 +568,26 @@ class NodeLimiter(Limiter):
     def set_waiting(self, key: str, waiting: bool) -> None:
         if waiting:
             entry = self._entry(key)
-            if entry is None or entry.waiting:
+            if entry is None:
                 return               # all files pinned: cannot mark (see module doc)
-            fcntl.fcntl(entry.fd, _SETLK, _LOCK_WAIT)   # shared: never conflicts with a reader
-            entry.waiting = True
-            self._pin(entry)
+            entry.waiting += 1
+            if entry.waiting == 1:
+                fcntl.fcntl(entry.fd, _SETLK, _LOCK_WAIT)   # shared: never conflicts
+                self._pin(entry)
         else:
             entry = self._entries.get(key)
             if entry is None or not entry.waiting:
                 return
-            entry.waiting = False
-            fcntl.fcntl(entry.fd, _SETLK, _UNLOCK_WAIT)
-            self._unpin(entry)
+            entry.waiting -= 1
+            if entry.waiting == 0:
+                fcntl.fcntl(entry.fd, _SETLK, _UNLOCK_WAIT)
+                self._unpin(entry)
 
-    def others_waiting(self, key: str) -> bool:
+    def others_waiting(self, key: str, waiting: bool = False) -> bool:
         entry, transient = self._entry_or_transient(key)
         try:
+            if entry.waiting > (1 if waiting else 0):
+                return True          # another lane of this process (see module doc)
             probe = _FLOCK.unpack(fcntl.fcntl(entry.fd, _GETLK, _PROBE_WAIT))
             return probe[0] != fcntl.F_UNLCK
         finally:

@@ -50,7 +50,7 @@ class Limiter:
     def set_waiting(self, key, waiting):
         self.marks[key] = waiting
 
-    def others_waiting(self, key):
+    def others_waiting(self, key, waiting=False):
         return self.others
 
     def close(self):

@@ -467,18 +467,20 @@ def test_waiting_is_seen_across_processes_and_goes_with_the_waiter(agents, limit
     waiter, bystander = agents(), agents()
     assert not limiter.others_waiting(KEY)
     limiter.set_waiting(KEY, True)
-    assert not limiter.others_waiting(KEY)   # our own mark is not "others"
+    assert not limiter.others_waiting(KEY, True)   # the asking lane's own mark: not "others"
     assert bystander("others_waiting", KEY)
     limiter.set_waiting(KEY, False)
     assert not bystander("others_waiting", KEY)
 
     waiter("waiting", KEY, True)
-    waiter("waiting", KEY, True)              # idempotent
+    waiter("waiting", KEY, True)              # two lanes of the waiter wait
     bystander("waiting", KEY, True)
     assert limiter.others_waiting(KEY)
     bystander("waiting", KEY, False)
     assert limiter.others_waiting(KEY)        # the waiter still waits
     assert not limiter.others_waiting(limit_key("ip-2", "mx.example.net", CONNECTIONS))
+    waiter("waiting", KEY, False)
+    assert limiter.others_waiting(KEY)        # one of its lanes still waits
     waiter("waiting", KEY, False)
     assert not limiter.others_waiting(KEY)
     waiter("waiting", KEY, True)
@@ -486,6 +488,24 @@ def test_waiting_is_seen_across_processes_and_goes_with_the_waiter(agents, limit
     waiter.kill9()
     assert not limiter.others_waiting(KEY)
     assert not bystander("others_waiting", KEY)
+
+
+def test_two_lanes_of_one_process_that_share_a_key_see_each_other_wait(agents, limiter):
+    # Two sites of one name (an MX site per preference order, a route per TLS policy)
+    # share a key in one delivery process.  The kernel shows a process nothing of its
+    # own locks: lane B's wait must still reach lane A (whose idle connections then
+    # go), and A's end of waiting must not clear B's mark for the other processes.
+    bystander = agents()
+    limiter.set_waiting(KEY, True)            # lane A
+    limiter.set_waiting(KEY, True)            # lane B
+    assert limiter.others_waiting(KEY, True)  # A asks: B waits
+    assert limiter.others_waiting(KEY)        # a lane that does not wait asks
+    limiter.set_waiting(KEY, False)           # A got its slot
+    assert not limiter.others_waiting(KEY, True)   # B asks: nobody else
+    assert limiter.others_waiting(KEY)        # a third lane asks: B waits
+    assert bystander("others_waiting", KEY)   # and the other processes still see B
+    limiter.set_waiting(KEY, False)
+    assert not limiter.others_waiting(KEY) and not bystander("others_waiting", KEY)
 
 
 # -- rates across processes ----------------------------------------------------------
