@@ -42,6 +42,7 @@ import time
 
 from mta import bus, native, proc
 from mta.api import webhookdb
+from mta.feedback.events_store import StoreFull
 from mta.events.shape import event_id as make_event_id
 from mta.events.shape import expand, sparkpost_event
 from mta.obs import events as ev
@@ -68,7 +69,7 @@ class NullSink:
     def close(self) -> None:
         pass
 
-    def prune(self, now: float, keep_from_seq: int) -> int:
+    def prune(self, now: float, keep_from_seq: int, full: bool = False) -> int:
         return 0
 
     def last_seq(self) -> int:
@@ -243,6 +244,11 @@ class Events:
         self.webhooks_enabled = settings.config.webhooks.enabled
         self.state_dir = settings.state_dir
         self.failed = False
+        # events written to the log but not to the store yet (it was full): the append
+        # is retried with these, not the log write (a read again from the cursors would
+        # write them to the log once more on every retry)
+        self.unstored: list[dict] = []
+        self.store_full = False
         self.reg = Registry(settings.config.admin.max_label_values)
         self.published = self.reg.counter("mta_events_published_total")
         self.pusher = None          # statistics to the admin process (memory, CPU, counts)
@@ -250,12 +256,18 @@ class Events:
     def step(self) -> bool:
         """Read and publish what is new; True if there may be more at once."""
         more = False
+        if self.unstored:
+            self.sink.append(self.unstored)     # StoreFull again: still full
+            self.published.value += len(self.unstored)
+            self.unstored = []
         for t in self.tails:
             out: list[dict] = []
             more |= t.poll(out)
             if out:
                 self.log.write(out)
+                self.unstored = out
                 self.sink.append(out)     # the events store (brief B), when configured
+                self.unstored = []
                 self.published.value += len(out)
                 if self.log.rotation_due(time.time()):
                     self.checkpoint()     # (rotates: the file ends within one read of the bound)
@@ -265,27 +277,34 @@ class Events:
         """Log and store durable, then the cursors; rotate the log if due."""
         self.log.sync()
         self.sink.sync()
-        for t in self.tails:
-            pos = t.position()
-            if pos is not None and pos != t.durable:
-                write_cursor(t.dir, *pos)
-                t.durable = pos
-        if self.log.rotation_due(time.time()):
-            self.log.rotate()
+        # (events not in the store yet keep the cursors, and the log file, where they are)
+        if not self.unstored:
+            for t in self.tails:
+                pos = t.position()
+                if pos is not None and pos != t.durable:
+                    write_cursor(t.dir, *pos)
+                    t.durable = pos
+            if self.log.rotation_due(time.time()):
+                self.log.rotate()
         if time.monotonic() >= self.next_prune:
-            # the store's retention and size bound, in bounded chunks; keep_from_seq:
-            # the lowest seq a webhook has not consumed yet (the webhooks process
-            # publishes it; with webhooks off, or before it first ran: nothing is held)
-            self.next_prune = time.monotonic() + PRUNE_INTERVAL
-            keep = self.sink.last_seq() + 1
-            if self.webhooks_enabled:
-                need = webhookdb.read_min_seq(self.state_dir)
-                if need is not None:
-                    keep = min(keep, need)
-            self.sink.prune(time.time(), keep)
+            self.prune_store()
+
+    def prune_store(self, full: bool = False) -> None:
+        """The store's retention and size bound, in bounded chunks (*full*: an append
+        raised StoreFull, the oldest go too).  keep_from_seq: the lowest seq a webhook
+        has not consumed yet (the webhooks process publishes it; with webhooks off, or
+        before it first ran: nothing is held)."""
+        self.next_prune = time.monotonic() + PRUNE_INTERVAL
+        keep = self.sink.last_seq() + 1
+        if self.webhooks_enabled:
+            need = webhookdb.read_min_seq(self.state_dir)
+            if need is not None:
+                keep = min(keep, need)
+        self.sink.prune(time.time(), keep, full=full)
 
     def rewind(self) -> None:
         """After a write failure: read again from the durable cursors."""
+        self.unstored = []         # (read again, they are written to the log again)
         for t in self.tails:
             t._unmap()
             if t.durable is not None:
@@ -308,8 +327,26 @@ class Events:
                 if self.failed:
                     log.info("event log writes are succeeding again")
                     self.failed = False
+                if self.store_full:
+                    log.info("the events store takes events again")
+                    self.store_full = False
                 if self.pusher is not None:
                     self.pusher.due(now)
+            except StoreFull as exc:
+                # Only a prune makes room, and checkpoint() (which prunes) comes after a
+                # step that succeeded: prune here, then retry the append alone (the
+                # events are in the log already; the cursors stay where they are).
+                if not self.store_full:
+                    log.error("%s; pruning, then storing again every %.0fs", exc.strerror,
+                              ERROR_RETRY)
+                self.store_full = True
+                try:
+                    self.prune_store(full=True)
+                except OSError as exc2:
+                    log.error("pruning the full events store failed: %s",
+                              exc2.strerror or exc2)
+                time.sleep(ERROR_RETRY)
+                continue
             except OSError as exc:
                 if not self.failed:
                     log.error("event log or cursor write failed: %s; reading again from the "

@@ -788,12 +788,15 @@ class EventStore:
     # ------------------------------------------------------------- pruning
 
     def prune(self, now: float, keep_from_seq: int, chunk: int = DEFAULT_CHUNK,
-              max_chunks: int = 1000) -> int:
+              max_chunks: int = 1000, full: bool = False) -> int:
         """Delete events older than the retention (and the oldest when nearly full); how many.
 
         Never deletes an event with seq >= *keep_from_seq*.  At most *chunk*
         events per write transaction, at most *max_chunks* transactions per
-        call (call again later for the rest).
+        call (call again later for the rest).  *full*: an append has just
+        raised :class:`StoreFull`; the oldest are deleted down to PRUNE_TARGET
+        whatever :meth:`usage` says (the pages it counts are not all the map:
+        pages freed but still held by a reader's snapshot fill it too).
         """
         cutoff = int((now - self.retention) * 1000)
         n = 0
@@ -805,9 +808,10 @@ class EventStore:
             if resume is None:
                 break
         used = self.usage()
-        if used > PRUNE_FRACTION * self.map_size:
-            log.warning("events store: %d of %d octets used ([events] store_max_size); "
-                        "deleting the oldest events within the retention", used, self.map_size)
+        if full or used > PRUNE_FRACTION * self.map_size:
+            log.warning("events store: %s; deleting the oldest events within the retention",
+                        "full ([events] store_max_size %d octets)" % self.map_size if full else
+                        "%d of %d octets used ([events] store_max_size)" % (used, self.map_size))
             resume = b""
             for _ in range(max_chunks):
                 k, resume = self._prune_chunk(b"\xff" * 16, keep_from_seq, chunk, resume)
