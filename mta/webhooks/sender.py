@@ -46,6 +46,7 @@ READ_LIMIT = 1000          # events read from the store per call, at most
 READ_MIN = 64              # and at least (a filtered webhook skips events)
 MAX_READS = 20             # store reads per batch made (then the loop yields)
 CURSOR_SAVE_INTERVAL = 1.0  # seconds: a cursor moved only by non-matching events
+ERROR_PAUSE = 1.0          # seconds: next attempt after a send that failed (no retry_schedule)
 
 
 class Stats:
@@ -282,10 +283,23 @@ class Sender:
         except asyncio.CancelledError:
             raise
         except Exception:
+            # (recording the attempt failed -- disk full, the database locked -- or
+            # something unexpected: a batch left due would be POSTed again at once, in
+            # a loop; it waits like after a failed POST)
+            if b.id in self.pending and b.next_at <= self.clock():
+                b.next_at = self.clock() + self._pause(b)
             log.exception("webhook %s: batch %s: sending failed", self.hook.name, b.id)
         finally:
             self.inflight.pop(b.id, None)
             self.wake.set()
+
+    def _pause(self, b: Batch) -> float:
+        """Seconds until the next attempt after *b*'s attempt failed without an answer
+        handled: its retry schedule's step (the last one past the end)."""
+        sched = self.cfg.retry_schedule
+        if not sched:
+            return ERROR_PAUSE
+        return sched[min(max(b.attempts, 1), len(sched)) - 1] * self.cfg.time_scale
 
     async def _token(self, refresh: str | None) -> str | None:
         """The OAuth2 token; a new one when there is none, it expired, or *refresh* (the
@@ -318,32 +332,34 @@ class Sender:
             resp.failure = "oauth2"
         now = self.clock()
         code = str(resp.status)
+        # Memory first, then the database: when recording fails (send() logs it), the
+        # batch is still done with (delivered, dropped) or waits for its next attempt.
         if resp.ok:
-            self.db.attempted(b, True, now, code, "", resp.latency_ms, None)
             self.pending.pop(b.id, None)
             self.stats.batches += 1
             self.stats.events += b.n
             if b.failed:
                 log.info("webhook %s: batch %s delivered at attempt %d", hook.name, b.id,
                          b.attempts)
+            self.db.attempted(b, True, now, code, "", resp.latency_ms, None)
             return
         self.stats.failures += 1
         sched = cfg.retry_schedule
         what = f"HTTP {resp.status}" if resp.status else (resp.failure or "no answer")
         self.last_failure = {"at": now, "response": what}
         if b.attempts > len(sched):
-            self.db.attempted(b, False, now, code, resp.failure, resp.latency_ms, None)
             self.pending.pop(b.id, None)
             self.stats.dropped_batches += 1
             log.warning("webhook %s: batch %s (%d events, seq %d-%d) dropped after %d "
                         "attempts; the last got %s", hook.name, b.id, b.n, b.first_seq,
                         b.last_seq, b.attempts, what)
+            self.db.attempted(b, False, now, code, resp.failure, resp.latency_ms, None)
             return
         b.next_at = now + sched[b.attempts - 1] * cfg.time_scale
         b.failed = 1
-        self.db.attempted(b, False, now, code, resp.failure, resp.latency_ms, b.next_at)
         log.info("webhook %s: batch %s attempt %d got %s; next attempt in %.1fs", hook.name,
                  b.id, b.attempts, what, b.next_at - now)
+        self.db.attempted(b, False, now, code, resp.failure, resp.latency_ms, b.next_at)
 
     def status(self) -> dict:
         """What status.json says of this webhook: backlog (events after the cursor, which

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import logging
 import os
+import sqlite3
 import sys
 import time
 import uuid
@@ -313,3 +314,35 @@ def test_new_webhook_starts_at_events_since_its_creation(env):
     s2 = Sender(hook2, db, store, None, _cfg())
     s2.load(None)
     assert s2.scan_seq == 70
+
+
+class _UnwritableDB(webhookdb.WebhookDB):
+    """The state file takes new batches but no attempt (disk full, database locked)."""
+
+    def attempted(self, *a, **kw):
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+@pytest.mark.parametrize("answer,sched", [(200, [60.0]), (503, [60.0]), (503, [])])
+def test_a_failed_attempt_record_does_not_post_again_at_once(env, tmp_path, answer, sched):
+    """A POST whose attempt cannot be recorded: acknowledged, the batch is done with in
+    memory; refused, it waits for its retry, or is dropped after its last attempt; never
+    POSTed again in a loop."""
+    store, _, rec, _ = env
+    db = _UnwritableDB(webhookdb.path_in(str(tmp_path / "bad")))
+    hook = _hook(rec)
+    db.set_cursor(hook.id, 0)
+    store.append(_events(2))                       # one delivery: one batch
+    rec.status = answer
+    t0 = time.time()
+    s = asyncio.run(_run(hook, db, store, _cfg(retry_schedule=sched),
+                         lambda s: time.time() - t0 > 1.0))
+    db.close()
+    assert len(rec.hits) == 1
+    if answer == 200:
+        assert not s.pending and s.stats.batches == 1 and s.stats.events == 1
+    elif not sched:
+        assert not s.pending and s.stats.dropped_batches == 1
+    else:
+        [b] = s.pending.values()
+        assert b.next_at > time.time() + 50 and s.stats.failures == 1
