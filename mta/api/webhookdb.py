@@ -28,6 +28,8 @@ Tables:
   ``batch-status``) until ``status_retention`` after its last attempt.
 - ``seen``: when each ``[[webhook]]`` table was first seen (a new one gets the
   events stored since then, even if the process restarts before it read any).
+- ``cursor_store``: per webhook id, the id of the events store its cursor's
+  seq refers to (:meth:`mta.feedback.events_store.EventStore.store_id`).
 - ``meta``: ``generation``, bumped by every API change of a webhook, so the
   webhooks process notices changes with one cheap read.
 """
@@ -61,6 +63,7 @@ CREATE INDEX IF NOT EXISTS batch_by_hook ON batch (webhook_id, state, next_at);
 CREATE INDEX IF NOT EXISTS batch_by_ts ON batch (failed, ts);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS seen (webhook_id TEXT PRIMARY KEY, t REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS cursor_store (webhook_id TEXT PRIMARY KEY, store_id INTEGER NOT NULL);
 """
 
 DB_NAME = "webhooks.sqlite"
@@ -186,6 +189,7 @@ class WebhookDB:
             cur = self.db.execute("DELETE FROM webhook WHERE id=?", (wid,))
             if cur.rowcount:
                 self.db.execute("DELETE FROM cursor WHERE webhook_id=?", (wid,))
+                self.db.execute("DELETE FROM cursor_store WHERE webhook_id=?", (wid,))
                 self.db.execute("DELETE FROM batch WHERE webhook_id=?", (wid,))
             self._bump()
         return cur.rowcount > 0
@@ -211,6 +215,18 @@ class WebhookDB:
     def cursors(self) -> dict[str, tuple]:
         return {r[0]: r[1:] for r in self.db.execute(
             "SELECT webhook_id, seq, last_successful, last_failure, dropped FROM cursor")}
+
+    def cursor_store(self, wid: str) -> int | None:
+        """The id of the events store the cursor of *wid* was saved for (None: not known)."""
+        row = self.db.execute("SELECT store_id FROM cursor_store WHERE webhook_id=?",
+                              (wid,)).fetchone()
+        return row[0] if row else None
+
+    def set_cursor_store(self, wid: str, store_id: int) -> None:
+        with self._tx():
+            self.db.execute("INSERT INTO cursor_store (webhook_id, store_id) VALUES (?,?) "
+                            "ON CONFLICT (webhook_id) DO UPDATE SET store_id=excluded.store_id",
+                            (wid, store_id))
 
     def set_cursor(self, wid: str, seq: int, dropped: int = 0) -> None:
         with self._tx():
@@ -292,6 +308,7 @@ class WebhookDB:
             for wid in gone:
                 self.db.execute("DELETE FROM seen WHERE webhook_id=?", (wid,))
                 self.db.execute("DELETE FROM cursor WHERE webhook_id=?", (wid,))
+                self.db.execute("DELETE FROM cursor_store WHERE webhook_id=?", (wid,))
                 self.db.execute("DELETE FROM batch WHERE webhook_id=?", (wid,))
         return len(gone)
 

@@ -36,7 +36,9 @@ big-endian, 8 octets; so byte order is time order):
   ``total_count`` of a page filtered by one of those (or by time only) costs
   a few thousand reads instead of a walk over millions of events: whole
   minutes from the counters, the partial minutes at the ends walked;
-- ``meta``: the last seq.
+- ``meta``: the last seq; the store's id (8 random octets, written when the
+  store is made: a store deleted and made anew -- its seqs start again at 1
+  -- has another, so webhook cursors saved with the old one are reset).
 
 Commits are not synced one by one (LMDB's NOSYNC and NOMETASYNC): the writer
 calls :meth:`sync` at its checkpoints, before it moves its own cursors, so a
@@ -304,6 +306,10 @@ class EventStore:
             self.env.reader_check()
         except lmdb.Error:
             pass
+        if not readonly:
+            with self.env.begin(write=True, db=self.meta) as txn:
+                if txn.get(b"id") is None:
+                    txn.put(b"id", os.urandom(8))
         self._warned = False
         # campaign id -> its index keys with their counter prefixes; (index, value) -> the
         # same for the counted indexes with few values (type, bounce class)
@@ -497,6 +503,13 @@ class EventStore:
         self.env.sync(True)
 
     # ------------------------------------------------------------- reading
+
+    def store_id(self) -> int:
+        """This store's identity (made with it, 63 bits, never 0); 0 when the writer has
+        not given it one yet (a store written before ids existed, opened read-only)."""
+        with self.env.begin(db=self.meta) as txn:
+            v = txn.get(b"id")
+        return ((_U64.unpack(v)[0] >> 1) or 1) if v is not None else 0
 
     def last_seq(self) -> int:
         with self.env.begin(db=self.meta) as txn:

@@ -93,6 +93,22 @@ class Sender:
             self.db.set_cursor(self.hook.id, seq)
         else:
             seq = cur[0]
+        # A store deleted and made anew (the recovery of a damaged one, another
+        # store_path) numbers its events from 1 again: a cursor saved for the old one
+        # would skip every new event up to it, unsaid.  Its id tells; a cursor beyond
+        # the newest event (saved before stores had ids) tells too.
+        sid = self.store.store_id()
+        had = self.db.cursor_store(self.hook.id) if sid else None
+        head = self.store.last_seq()
+        if seq and ((had is not None and had != sid) or seq > head):
+            log.warning("webhook %s: the events store was made anew (%s); its cursor goes "
+                        "from seq %d back to the start of the new one", self.hook.name,
+                        "another store id" if had is not None and had != sid else
+                        "its newest event is seq %d" % head, seq)
+            seq = 0
+            self.db.set_cursor(self.hook.id, seq)
+        if sid and had != sid:
+            self.db.set_cursor_store(self.hook.id, sid)
         self.scan_seq = self.saved_seq = seq
         self.pending = {b.id: b for b in self.db.pending(self.hook.id)}
         if self.pending:

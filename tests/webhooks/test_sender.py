@@ -11,6 +11,7 @@ import asyncio
 import base64
 import logging
 import os
+import shutil
 import sqlite3
 import sys
 import time
@@ -346,3 +347,32 @@ def test_a_failed_attempt_record_does_not_post_again_at_once(env, tmp_path, answ
     else:
         [b] = s.pending.values()
         assert b.next_at > time.time() + 50 and s.stats.failures == 1
+
+
+@pytest.mark.parametrize("new_events", [1200, 300])
+def test_a_store_made_anew_resets_the_cursor(env, tmp_path, caplog, new_events):
+    """The events store deleted and made anew (seqs from 1 again): every new event is
+    sent, whether the new store already holds more events than the old cursor (its id
+    tells) or fewer."""
+    store, db, rec, _ = env
+    hook = _hook(rec, events=TYPES)
+    db.set_cursor(hook.id, 0)
+    store.append(_events(1000))
+    asyncio.run(_run(hook, db, store, _cfg(), lambda s: len(rec.events()) == 1000 and
+                     not s.pending))
+    assert db.cursor(hook.id)[0] == 1000
+    path = store.path
+    store.close()
+    shutil.rmtree(path)
+    store = EventStore(path, map_size=64 << 20, retention=86400)
+    try:
+        store.append(_events(new_events, start=5000))
+        caplog.set_level(logging.INFO, logger="mta.webhooks")
+        asyncio.run(_run(hook, db, store, _cfg(), lambda s: len(rec.events()) >= 1000 +
+                         new_events and not s.pending, timeout=5.0))
+        sent = [e["event_id"] for e in rec.events()[1000:]]
+        assert sorted(sent) == sorted(e["event_id"] for e in _events(new_events, start=5000))
+        assert db.cursor(hook.id)[0] == new_events
+        assert any("events store was made anew" in r.getMessage() for r in caplog.records)
+    finally:
+        store.close()
