@@ -243,7 +243,10 @@ def _date(q: dict, name: str) -> float | None:
                          "YYYY-MM-DDTHH:MM:SSZ (UTC)") from None
     if d.tzinfo is None:
         d = d.replace(tzinfo=datetime.timezone.utc)
-    return d.timestamp()
+    ts = d.timestamp()
+    if ts < 0:      # (the store's times are unsigned: no event is older)
+        raise R.ApiError(BAD_PARAM, f"{name}: {v[0][:64]!r} is before 1970-01-01T00:00:00Z")
+    return ts
 
 
 def search(store: S.EventStore | None, pairs, max_scan: int, now: float) -> tuple[int, bytes]:
@@ -262,7 +265,9 @@ def search(store: S.EventStore | None, pairs, max_scan: int, now: float) -> tupl
     per_page = DEFAULT_PER_PAGE
     if "per_page" in q:
         v = q["per_page"][0].strip()
-        if not v.isdigit() or not 1 <= int(v) <= MAX_PER_PAGE:
+        # (ASCII digits only: str.isdigit() also takes '²', which int() refuses)
+        if not (v.isascii() and v.isdigit() and len(v) <= 9) or \
+                not 1 <= int(v) <= MAX_PER_PAGE:
             raise R.ApiError(BAD_PARAM, f"per_page: {v[:32]!r}; expected a whole number from 1 "
                              f"to {MAX_PER_PAGE}")
         per_page = int(v)

@@ -546,7 +546,9 @@ class Api:
         v = q.get("limit", "")
         if v == "":
             limit = MAX_STATUS_LIMIT
-        elif not v.isdigit() or not 1 <= int(v) <= MAX_STATUS_LIMIT:
+        # (ASCII digits only: str.isdigit() also takes '¹', which int() refuses)
+        elif not (v.isascii() and v.isdigit() and len(v) <= 9) or \
+                not 1 <= int(v) <= MAX_STATUS_LIMIT:
             raise R.ApiError(R.INVALID, f"limit: expected a whole number from 1 to "
                              f"{MAX_STATUS_LIMIT}")
         else:

@@ -604,7 +604,7 @@ class EventStore:
         if unknown:
             raise ValueError(f"unknown filter {unknown[0]}")
         lo = _TS.pack(max(0, int(start * 1000)) if start is not None else 0, 0)
-        hi = _TS.pack(int(end * 1000), 0) if end is not None else b"\xff" * 16
+        hi = _TS.pack(max(0, int(end * 1000)), 0) if end is not None else b"\xff" * 16
         after = decode_cursor(cursor) if cursor and cursor != "initial" else None
         matcher = _Matcher(filters)
         try:

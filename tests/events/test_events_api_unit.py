@@ -90,3 +90,14 @@ def test_unknown_subresource_is_404(store):
     with pytest.raises(R.ApiError) as e:
         api.handle(store, b"GET", b"/api/v1/events/message/nothing", now=NOW)
     assert e.value.status == 404
+
+
+def test_unicode_digits_and_pre_1970_dates_are_400_naming_the_parameter(store):
+    # ('²' is a digit to str.isdigit(), not to int(); the store's times are unsigned)
+    for query, param in [("per_page=%C2%B2", "per_page"), ("per_page=" + "9" * 40, "per_page"),
+                         ("from=1969-01-01T00:00:00Z&to=1969-12-31T00:00:00Z", "from"),
+                         ("to=1969-12-31T00:00:00Z", "to")]:
+        url = b"/api/v1/events/message?" + query.encode()
+        with pytest.raises(R.ApiError) as e:
+            api.handle(store, b"GET", url, now=NOW)
+        assert e.value.status == 400 and e.value.description.startswith(param + ":"), query

@@ -1,0 +1,29 @@
+"""The webhooks API's query parameters in-process (mta.api.webhooks, no daemon)."""
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from mta.acceptor import http as H
+from mta.api import webhooks as W
+from mta.config.schema import Config
+
+
+def test_batch_status_limit_takes_ascii_digits_only(tmp_path):
+    async def go():
+        api = W.Api(str(tmp_path), Config(), asyncio.get_running_loop())
+        try:
+            wid = await api.db(lambda db: db.create({"name": "x", "target": "http://127.0.0.1:9/",
+                                                     "events": ["delivery"]}, 10))
+            path = f"/api/v1/webhooks/{wid}/batch-status".encode()
+            return [await H._webhooks_call(api, b"GET", path, q, b"")
+                    for q in (b"limit=0", b"limit=%C2%B9", b"limit=" + b"9" * 40, b"limit=5")]
+        finally:
+            await api.close()
+    zero, sup, huge, ok = asyncio.run(go())
+    for r in (zero, sup, huge):   # ('¹' is a digit to str.isdigit(), not to int())
+        assert r[0] == 422        # (the answer this API gives a bad limit)
+        [err] = orjson.loads(r[1])["errors"]
+        assert err["description"].startswith("limit:")
+    assert ok[0] == 200 and orjson.loads(ok[1]) == {"results": []}
