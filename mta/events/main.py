@@ -81,12 +81,10 @@ def open_sink(settings):
     cfg = settings.config.events
     if not getattr(cfg, "store", False):
         return NullSink()
-    from mta.feedback.events_store import EventStore   # noqa: PLC0415 (only when configured)
+    from mta.feedback.events_store import EventStore, path_in  # noqa: PLC0415 (when configured)
 
-    path = getattr(cfg, "store_path", "") or "events-store"
-    if not os.path.isabs(path):
-        path = os.path.join(settings.state_dir, path)
-    return EventStore(path, map_size=getattr(cfg, "store_max_size", 1 << 30),
+    # (where the readers -- webhooks, acceptors -- open it: one function decides)
+    return EventStore(path_in(settings), map_size=getattr(cfg, "store_max_size", 1 << 30),
                       retention=getattr(cfg, "retention", 10 * 86400.0))
 
 

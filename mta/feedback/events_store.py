@@ -928,8 +928,18 @@ def iso(ms: int) -> str:
     return d.strftime("%Y-%m-%dT%H:%M:%S") + ".%03d+00:00" % (ms % 1000)
 
 
+DEFAULT_DIR = "events"            # [events] store_path's default
+
+
 def path_in(settings) -> str:
-    return os.path.join(settings.state_dir, settings.config.events.store_path)
+    """The store's directory: [events] store_path, inside state_dir when relative.
+
+    The one place that decides it (the events process writes there, the
+    acceptors and the webhooks process read there); an empty store_path is the
+    default, never state_dir itself.
+    """
+    path = getattr(settings.config.events, "store_path", "") or DEFAULT_DIR
+    return os.path.join(settings.state_dir, path)
 
 
 def open_for(settings, readonly: bool = False) -> EventStore | None:

@@ -385,3 +385,28 @@ def test_originals_finds_a_message_by_queue_id_or_by_its_message_id_header(store
     assert store.originals(message_id="orig-1@sender.test") == []
     with store.env.begin() as txn:
         assert txn.stat(store.idx["mid"])["entries"] == 0
+
+
+def test_the_writer_and_the_readers_open_the_same_directory(tmp_path):
+    """An empty store_path: the events process (open_sink) wrote <state_dir>/events-store
+    while the readers (open_for) opened <state_dir> and found no store."""
+    import types
+
+    from mta.events.main import open_sink
+    cfg = types.SimpleNamespace(store=True, store_path="", store_max_size=MAP,
+                                retention=86400.0)
+    settings = types.SimpleNamespace(state_dir=str(tmp_path),
+                                     config=types.SimpleNamespace(events=cfg))
+    w = open_sink(settings)
+    try:
+        w.append([ev(1)])
+        w.sync()
+        wpath = w.path
+    finally:
+        w.close()          # (LMDB: one handle on an environment per process)
+    r = S.open_for(settings, readonly=True)
+    try:
+        assert r.path == wpath != str(tmp_path)
+        assert [e["event_id"] for _, e in r.read(0, 10)] == ["10001"]
+    finally:
+        r.close()
