@@ -218,6 +218,17 @@ def check_doc(doc, base: dict | None = None, where: str = "") -> dict:
     return out
 
 
+def loggable(url: str) -> str:
+    """*url* for a log line: without its user:password@ and its query and fragment (a
+    target may carry credentials there, as anymail's documented setup does)."""
+    try:
+        u = urllib.parse.urlsplit(url)
+        host = u.netloc.rpartition("@")[2]
+    except ValueError:
+        return "(a target that is not a URL)"
+    return urllib.parse.urlunsplit((u.scheme, host, u.path, "", ""))[:200]
+
+
 def check_target(url, where: str) -> str:
     if not isinstance(url, str) or not url or len(url) > MAX_TARGET:
         raise R.ApiError(R.INVALID if url is not None else R.REQUIRED,

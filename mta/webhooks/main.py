@@ -106,7 +106,7 @@ class Webhooks:
             self.keys[hook.id] = key
             s.start()
             log.info("webhook %s (%s): sending %s to %s from seq %d", hook.name, hook.id,
-                     ",".join(sorted(hook.events)), hook.target, s.scan_seq)
+                     ",".join(sorted(hook.events)), W.loggable(hook.target), s.scan_seq)
         for wid in [w for w in self.senders if w not in seen]:
             s = self.senders.pop(wid)
             self.keys.pop(wid, None)
