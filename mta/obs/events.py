@@ -162,9 +162,18 @@ class RotatingLog:
             return
         data = b"".join([_dumps(e, option=_LINE) for e in events])
         view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError:
+            # (a short write, then ENOSPC: the part written is cut off again, best
+            # effort, so that the retry starts on a line boundary, not after a torn line)
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                pass
+            raise
         if not self.size:
             self.started = time.time()
         self.size += len(data)

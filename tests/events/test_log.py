@@ -76,3 +76,29 @@ def test_reopen_after_an_external_rename(tmp_path):
     log.close()
     assert [e["event_id"] for e in lines(tmp_path / "events.jsonl.1")] == ["0", "1", "2", "3"]
     assert [e["event_id"] for e in lines(path)] == ["4", "5"]
+
+
+def test_a_write_cut_short_by_a_full_disk_leaves_no_torn_line(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    from mta.obs import events as ev
+    p = tmp_path / "events.jsonl"
+    log = new_log(p, rotate_bytes=1 << 30)
+    log.write(batch(0, 2))
+    real = os.write
+    calls = [0]
+
+    def full_disk(fd, data):        # write(2) when the disk fills in the middle of the buffer
+        calls[0] += 1
+        if calls[0] == 1:
+            return real(fd, bytes(data[:40]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ev.os, "write", full_disk)
+    with pytest.raises(OSError):
+        log.write(batch(2, 3))
+    monkeypatch.setattr(ev.os, "write", real)
+    log.write(batch(2, 3))          # space is back: the events process writes them again
+    log.close()
+    assert [e["event_id"] for e in lines(p)] == [str(i) for i in range(5)]
