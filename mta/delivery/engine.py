@@ -451,7 +451,9 @@ class Engine:
         targets = await self.targets(domain)
         route = self.routes.get(domain) or self.routes.get("*")
         if route is not None:
-            hosts = tuple(f"{t.host}:{t.port}" for t in targets)
+            # Lower case, as the MX site's names are (DNS names are case-insensitive): an
+            # operator's site suspension or bounce names the site in lower case.
+            hosts = tuple(f"{t.host.lower()}:{t.port}" for t in targets)
             # A route's TLS policy and source address are part of its site: two routes to
             # one host with different ones must not share the site's targets (each lookup
             # replaces them, so one route's mail would go with the other's TLS policy).

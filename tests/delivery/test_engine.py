@@ -519,3 +519,40 @@ def test_domains_with_the_same_mx_hosts_in_another_order_each_try_their_own_firs
         reports = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
     got = {(j.msg.domain, rs[0].outcome, rs[0].host) for j, rs in reports}
     assert got == {("a.test", bus.DELIVERED, "mx1.test"), ("b.test", bus.DELIVERED, "mx2.test")}
+
+
+def test_an_operator_site_suspension_holds_a_route_site_whose_host_has_capitals():
+    """The admin API lower-cases a site it is given; a route's site is named after its
+    hosts in lower case too (DNS names are case-insensitive), so suspending the site
+    named as `mta queue summary --by site` shows it holds its mail.  Before, the site
+    kept the configured case ("Relay.Example.COM:PORT") and the suspension never
+    matched: the message went out."""
+    from mta.admin.api import Api
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        peer = Peer()
+        server = await loop.create_server(peer.protocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        s = settings(port, route=[{"domain": "r.test", "hosts": ["Relay.Example.COM:PORT"]}])
+        Api(s, loop, None, None, None).suspend({"site": f"Relay.Example.COM:{port}"})
+        reports = []
+        done = asyncio.Event()
+
+        def report(j, results, retry_after=0.0):
+            reports.append(results)
+            done.set()
+
+        engine = Engine(s, Resolver({}, {"Relay.Example.COM": ["127.0.0.1"]}), report, loop)
+        engine.submit(job("r.test", "ok"))
+        await done.wait()
+        names = [site.name for site in engine.sites.values()]
+        await engine.close()
+        server.close()
+        return reports, peer, names, port
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        reports, peer, names, port = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    assert names == [f"relay.example.com:{port}"]
+    assert [r.outcome for rs in reports for r in rs] == [bus.REQUEUED]
+    assert peer.messages == []
