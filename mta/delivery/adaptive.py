@@ -77,6 +77,8 @@ log = logging.getLogger("mta.delivery.adaptive")
 
 SETTLE = 1.5        # seconds for a new back-off rate to reach every process (1 s reads)
 MAX_WINDOW = 20_000  # attempts kept per (source x site) window, at most
+BUSY_WAIT = 0.001    # seconds: Warmup.take's answer when a count's lock is busy
+                    # (held for microseconds by another process; not a full cap)
 
 
 class _Window:
@@ -465,7 +467,8 @@ class Warmup:
         if found is None:
             return 0.0
         for kind, window, left, cap in self._caps(found[1], found[2], now):
-            if self.limiter.count(f"{source}|{site}|{kind}", window, cap, take=False) >= cap:
+            n = self.limiter.count(f"{source}|{site}|{kind}", window, cap, take=False)
+            if n is not None and n >= cap:     # busy (None): take() counts and decides
                 return left
         return 0.0
 
@@ -477,10 +480,16 @@ class Warmup:
             return 0.0
         caps = list(self._caps(found[1], found[2], now))
         for kind, window, left, cap in caps:   # all must have room before any is taken
-            if self.limiter.count(f"{source}|{site}|{kind}", window, cap, take=False) >= cap:
+            n = self.limiter.count(f"{source}|{site}|{kind}", window, cap, take=False)
+            if n is None:
+                return BUSY_WAIT               # another process is counting: ask again soon
+            if n >= cap:
                 return left
         for kind, window, left, cap in caps:
-            if self.limiter.count(f"{source}|{site}|{kind}", window, cap) >= cap:
+            n = self.limiter.count(f"{source}|{site}|{kind}", window, cap)
+            if n is None:
+                return BUSY_WAIT
+            if n >= cap:
                 return left                    # another process took the last one
         return 0.0
 
@@ -496,9 +505,12 @@ class Warmup:
                     continue
                 day, st, first = found
                 info.update(day=day, hourly=st.hourly, daily=st.daily)
-                info["sites"][site.name] = {
-                    kind.split("-")[1]: self.limiter.count(f"{source}|{site.name}|{kind}",
-                                                           window, cap, take=False)
-                    for kind, window, _, cap in self._caps(st, first, now)}
+                counts = {}
+                for kind, window, _, cap in self._caps(st, first, now):
+                    n = self.limiter.count(f"{source}|{site.name}|{kind}", window, cap,
+                                           take=False)
+                    if n is not None:          # busy: left out this time
+                        counts[kind.split("-")[1]] = n
+                info["sites"][site.name] = counts
             out[source] = info
         return out

@@ -532,12 +532,13 @@ class NodeLimiter(Limiter):
 
     # -- counts per fixed window (warm-up caps) ------------------------------
 
-    def count(self, key: str, window: int, cap: int, take: bool = True) -> int:
+    def count(self, key: str, window: int, cap: int, take: bool = True) -> int | None:
         """Count one unit of ``key`` in the fixed window number ``window`` if fewer than
         ``cap`` were counted in it; the count before (``cap`` or more: nothing taken).
-        A new window number starts from zero.  ``take=False`` only reads.  The pair
-        (window, count) lives in the key's file after the rate state, under the same
-        short lock; node-wide like the rest."""
+        A new window number starts from zero.  ``take=False`` only reads.  None: the
+        lock was busy (nothing read or taken; ask again shortly).  The pair (window,
+        count) lives in the key's file after the rate state, under the same short lock;
+        node-wide like the rest."""
         entry, transient = self._entry_or_transient(key)
         try:
             fd, mm = entry.fd, entry.mm
@@ -549,7 +550,9 @@ class NodeLimiter(Limiter):
                     if e.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
             else:
-                return cap           # busy for microseconds: as if full, ask again later
+                # Busy for microseconds: not full (read as full, a warm-up cap would
+                # hold the mail until its hour or day rolled over).
+                return None
             try:
                 stored, n = _COUNT.unpack_from(mm, _COUNT_AT)
                 if stored != window:

@@ -276,6 +276,39 @@ def test_warmup_stages_caps_windows_and_durable_first_use(tmp_path):
     limiter.close()
 
 
+def test_a_busy_warmup_count_is_a_short_wait_never_a_full_cap(tmp_path):
+    """Another process holds a count's lock (for microseconds): take() asks to try again
+    at once and capped() leaves the decision to take(); before, both answered the rest
+    of the hour, as if the cap were reached."""
+    import fcntl
+
+    from mta.delivery import limits
+
+    clock = Clock()
+    s = resolve(msgspec.convert({
+        "server": {"state_dir": str(tmp_path)},
+        "egress": {"source": [{"name": "new", "source_address": "127.0.0.1"}],
+                   "pool": [{"name": "default", "sources": [{"source": "new"}]}]},
+        "warmup": [{"source": "new", "schedule": [{"day": 1, "hourly": 10, "daily": 50}]}]},
+        Config), None)
+    mine = limits.NodeLimiter(str(tmp_path / "limits"))
+    other = limits.NodeLimiter(str(tmp_path / "limits"))
+    w = ad.Warmup(s.config, ad.Store(os.path.join(tmp_path, ad.STORE_DIR)), mine, now=clock)
+    site = type("S", (), {"name": "site", "hosts": ["mx.site"]})()
+    assert w.take("new", "site", site.hosts, clock.t) == 0.0
+    for kind in ("warmup-hour", "warmup-day"):
+        fd = other._entry(f"new|site|{kind}").fd
+        fcntl.fcntl(fd, limits._SETLK, limits._LOCK_RATE)
+        assert 0.0 < w.take("new", "site", site.hosts, clock.t) < 1.0
+        assert w.capped("new", "site", site.hosts, clock.t) == 0.0
+        assert "site" in w.status([site])["new"]["sites"]          # a busy count left out
+        fcntl.fcntl(fd, limits._SETLK, limits._UNLOCK_RATE)
+    assert w.take("new", "site", site.hosts, clock.t) == 0.0
+    assert w.status([site])["new"]["sites"]["site"] == {"hour": 2, "day": 2}
+    mine.close()
+    other.close()
+
+
 @pytest.mark.parametrize("warmup, key", [
     ({"source": "nope", "schedule": [{"day": 1, "hourly": 1}]}, "warmup[0].source"),
     ({"source": "new", "schedule": []}, "warmup[0].schedule"),

@@ -124,3 +124,51 @@ def test_a_suspension_stops_the_lanes_other_workers_before_they_connect():
     assert outcomes[0] == bus.DEFERRED
     assert [outcomes[i] for i in range(1, 6)] == [bus.REQUEUED] * 5, outcomes
     assert peer.connections == 1
+
+
+def test_a_warmup_count_busy_in_another_process_is_not_a_full_cap():
+    """Another delivery process inside its few-microsecond count of the same warm-up key:
+    the job comes back in a second, not when the hour rolls over (the busy lock was read
+    as a full cap: overflow "wait" requeued it for the rest of the hour)."""
+    from mta.delivery import limits
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        peer = Peer()
+        server = await loop.create_server(peer.protocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = msgspec.convert({
+            "server": {"hostname": "mta.test", "state_dir": tempfile.mkdtemp(dir=_STATE_DIRS.name)},
+            "delivery": {"mx_port": port, "starttls": "none", "shaping_presets": False},
+            "egress": {"source": [{"name": "new", "source_address": "127.0.0.1"}],
+                       "pool": [{"name": "default", "sources": [{"source": "new"}]}]},
+            "warmup": [{"source": "new", "overflow": "wait",
+                        "schedule": [{"day": 1, "hourly": 1000}]}]}, Config)
+        s = resolve(cfg, None)
+        reports = []
+        got = asyncio.Event()
+
+        def report(j, results, retry_after=0.0):
+            reports.append((results[0].outcome, retry_after))
+            got.set()
+
+        engine = Engine(s, mx_to_loopback("a.test"), report, loop)
+        other = limits.NodeLimiter(f"{s.run_dir}/limits")       # another delivery process
+        fd = other._entry("new|mx.a.test|warmup-hour").fd
+        limits.fcntl.fcntl(fd, limits._SETLK, limits._LOCK_RATE)
+        engine.submit(job("a.test", "ok1", n=0))
+        await got.wait()
+        limits.fcntl.fcntl(fd, limits._SETLK, limits._UNLOCK_RATE)
+        got.clear()
+        engine.submit(job("a.test", "ok2", n=1))
+        await got.wait()
+        await engine.close()
+        other.close()
+        server.close()
+        return reports, peer
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        reports, peer = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    (first, wait), second = reports
+    assert first == bus.REQUEUED and wait <= 1.0, reports
+    assert second == (bus.DELIVERED, 0.0) and len(peer.messages) == 1
