@@ -556,23 +556,47 @@ def rules_list(config_path, as_json):
 @click.argument("what")
 def rules_cancel(config_path, as_json, what):
     """End the suspensions, throttles or back-offs of rule NAME (every one it put in
-    effect), or the one entry ID; "backoff" ends every back-off."""
-    from mta.shaping.state import cancel_entries
+    effect), or the one entry ID; "backoff" ends every back-off.
+
+    With the daemon running, through its admin API (DELETE /api/admin/rules/...): the
+    mail a suspension handed back to the spool is due again at once.  Without it, in
+    the state directory: that mail waits for its retry time or 'mta queue flush'."""
+    import urllib.parse
+
+    from mta.opscli import AdminClient, _alive, _read_pid
+    from mta.shaping.state import cancel_entries, entry_view
 
     s = _settings(config_path)
-    gone = cancel_entries(_adaptive_dir(s), what)
+    flushed = None
+    pid = _read_pid(os.path.join(s.run_dir, "mta.pid"))
+    if s.admin_listen and pid and _alive(pid):
+        # the daemon's admin API also releases what a suspension held in the spool
+        status, body = AdminClient(s).call(
+            "DELETE", f"/api/admin/rules/{urllib.parse.quote(what, safe='')}")
+        if status not in (200, 404):
+            msg = "; ".join(e.get("message", "") for e in body.get("errors", [])) or str(body)
+            click.echo(f"mta: the admin API answered HTTP {status}: {msg}", err=True)
+            sys.exit(EX_UNAVAILABLE if status == 503 else 1)
+        gone = body.get("cancelled", [])
+        flushed = body.get("flushed", 0)
+    else:
+        now = time.time()
+        gone = [entry_view(e, now, s.config.delivery.time_scale)
+                for e in cancel_entries(_adaptive_dir(s), what)]
     if not gone:
         click.echo(f"mta: nothing in effect is called {what!r} (see mta rules list)", err=True)
         sys.exit(1)
     if as_json:
-        from mta.shaping.state import entry_view
-
-        now = time.time()
-        click.echo(json.dumps({"cancelled": [entry_view(e, now) for e in gone]}))
+        click.echo(json.dumps({"cancelled": gone, "flushed": flushed}))
         return
     for e in gone:
-        click.echo(f"cancelled {e.kind} {e.rule} ({e.id}) source={e.source or '*'} "
-                   f"site={e.site or '*'}")
+        click.echo(f"cancelled {e['kind']} {e['rule']} ({e['id']}) "
+                   f"source={e['source'] or '*'} site={e['site'] or '*'}")
+    if flushed:
+        click.echo(f"{flushed} recipient(s) it held back are due now")
+    elif flushed is None and any(e["kind"] == "suspend" for e in gone):
+        click.echo("the daemon is not running: mail a suspension held back waits for its "
+                   "retry time, or 'mta queue flush'")
 
 
 @main.command("spool-dump")

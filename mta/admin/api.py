@@ -35,7 +35,8 @@ Routes (JSON; errors are ``{"errors": [{"message": ...}]}``):
     rule, reply, source, site, time left; as ``mta rules list --json``), read
     from ``<state_dir>/adaptive/``; DELETE ends those of rule NAME, or the one
     entry ID, as ``mta rules cancel`` (the delivery processes see it within a
-    second); 404 when nothing in effect has that name.
+    second); 404 when nothing in effect has that name.  Ending a suspension also
+    makes the messages delivery handed back meanwhile due at once (``flushed``).
 
 The drain is the file ``<run>/drain``: each acceptor looks for it twice a
 second and, while it exists, answers new SMTP connections and transactions
@@ -252,12 +253,15 @@ class Api:
                 if not gone:
                     return _json(404, {"errors": [{"message": f"nothing in effect is called "
                                                               f"{what[:100]!r}"}]})
-                now = time.time()
                 log.warning("cancelled through the admin API: %s", ", ".join(
                     f"{e.kind} {e.rule} ({e.id})" for e in gone))
+                # as resume(): a rule's suspension held mail back in the spool too
+                flushed = await self._release([e.id for e in gone
+                                               if e.kind == adaptive.SUSPEND])
+                now = time.time()
                 return _json(200, {"cancelled": [
                     adaptive.entry_view(e, now, self.settings.config.delivery.time_scale)
-                    for e in gone]})
+                    for e in gone], "flushed": flushed})
             if path == b"/api/admin/drain":
                 _only(method, b"GET", b"POST", b"DELETE")
                 if method == b"POST":
@@ -396,15 +400,23 @@ class Api:
             if e.id == sid and e.kind == adaptive.SUSPEND and e.rule == adaptive.ADMIN_RULE:
                 adaptive.cancel_entries(self.adaptive_dir, sid)
                 log.warning("resumed by the operator: suspension %s", sid)
-                # the delivery processes read the store once a second: once they have,
-                await self._delivery_sees(sid, False)
-                # what delivery handed back while it held is due again now
-                replies = await asyncio.gather(*(
-                    self._ask(n, bus.SpoolQueueFlush, True)
-                    for n in range(self.settings.shards)), return_exceptions=True)
-                flushed = sum(r.count for r in replies if isinstance(r, bus.SpoolQueueFlushReply))
+                flushed = await self._release([sid])
                 return _json(200, {"resumed": _delivery_view(e), "flushed": flushed})
         return _json(404, {"errors": [{"message": f"no suspension {sid[:80]!r} is in effect"}]})
+
+    async def _release(self, ended: list[str]) -> int:
+        """After the delivery suspensions *ended* (ids) were deleted from the store: make
+        what delivery handed back while they held due at once; how many recipients."""
+        if not ended:
+            return 0
+        # the delivery processes read the store once a second: once they have,
+        for eid in ended:
+            await self._delivery_sees(eid, False)
+        # what delivery handed back while it held is due again now
+        replies = await asyncio.gather(*(
+            self._ask(n, bus.SpoolQueueFlush, True)
+            for n in range(self.settings.shards)), return_exceptions=True)
+        return sum(r.count for r in replies if isinstance(r, bus.SpoolQueueFlushReply))
 
     # ------------------------------------------------------- bulk bounce
 

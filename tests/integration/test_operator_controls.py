@@ -184,3 +184,50 @@ def test_mail_blocked_behind_a_bounced_backlog_goes_when_a_slot_frees(make_daemo
         assert sorted(q for q, _, _ in sink.deliveries()) == sorted(out + [new])
     finally:
         sink.stop()
+
+
+def test_cancelling_a_rules_suspension_makes_the_mail_it_held_due_at_once(lab):
+    """A response rule's suspension hands mail back to the spool until it ends; cancelling
+    it (mta rules cancel, DELETE /api/admin/rules/...) makes that mail due at once, as
+    resuming an operator's suspension does, not after the rest of the rule's duration.
+    Without the daemon the cancel says the mail waits for its retry time."""
+    import os
+
+    from mta.shaping import state
+
+    ip = IPS[0]
+    sink = lab.aio(ip)
+    lab.serve(mx("free.test", "mx.free.test", ip))
+    d = lab.daemon()
+    store = state.Store(os.path.join(d.state_dir, state.STORE_DIR))
+
+    def suspend_site(rule):
+        now = time.time()
+        store.put(state.Entry(id=state.entry_id("suspend", "site", "", "mx.free.test"),
+                              kind="suspend", scope="site", site="mx.free.test", rule=rule,
+                              reply="421 4.7.0 [TSS04] try later", created=now,
+                              until=now + 600))
+
+    def delivered():
+        return [q for q, _, _ in sink.deliveries()]
+
+    for n, (rule, cancel) in enumerate((
+            ("tss04", lambda: d.cli("rules", "cancel", "tss04").stdout.decode()),
+            ("tss05", lambda: admin_call(d, "DELETE", "/api/admin/rules/tss05")[2]))):
+        suspend_site(rule)
+        time.sleep(1.5)                       # the delivery process reads the store
+        held = d.send("a@sender.test", [f"h{n}@free.test"], message(f"held{n}"))
+        d.wait_log(r"not attempted by delivery|REQUEUED|requeued", count=n + 1, timeout=20)
+        time.sleep(1.0)
+        assert held not in delivered()
+        out = cancel()
+        if isinstance(out, str):
+            assert f"cancelled suspend {rule}" in out and "due now" in out, out
+        else:
+            assert [x["rule"] for x in out["cancelled"]] == [rule] and out["flushed"] >= 1, out
+        wait_until(lambda q=held: q in delivered(), 15, "the held message right after the cancel")
+
+    d.stop()
+    suspend_site("tss06")
+    out = d.cli("rules", "cancel", "tss06").stdout.decode()
+    assert "cancelled suspend tss06" in out and "waits for its retry time" in out, out
