@@ -119,6 +119,30 @@ def test_stale_children_gauges_are_left_out_and_health_says_so():
     assert spool["up"] is False and spool["last_report_age"] == 60
 
 
+def test_a_node_wide_0_or_1_gauge_is_the_highest_childs_not_their_sum():
+    """Every delivery process reports a suspended source as 1: /metrics says 1 (not the
+    number of delivery processes) while its connections open still add up."""
+    settings = _settings()
+    settings.deliveries = 4
+    rep = Reports(settings)
+    for i in range(4):
+        reg = Registry()
+        reg.collect(lambda i=i: [
+            (GAUGE, "mta_delivery_source_suspended", ("ip-1",), 1),
+            (GAUGE, "mta_delivery_source_suspended", ("ip-2",), 1 if i == 2 else 0),
+            (GAUGE, "mta_delivery_connections_open", ("ip-3", "mx.site"), 2)])
+        r = reg.snapshot(1, "delivery", i)
+        r.pid = 50 + i
+        rep.add(bus.decode(bus.encode(r)))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(rep, settings))
+    fams = {f.name: f for f in text_string_to_metric_families(
+        generate_latest(registry).decode())}
+    assert {s.labels["source"]: s.value
+            for s in fams["mta_delivery_source_suspended"].samples} == {"ip-1": 1, "ip-2": 1}
+    assert [s.value for s in fams["mta_delivery_connections_open"].samples] == [8]
+
+
 def test_collector_output_parses_as_prometheus_text():
     rep = Reports(_settings())
     rep.add(_report(41, accepted=3, txn=[0.0004, 0.004, 100]))

@@ -4,7 +4,8 @@ Each child pushes a cumulative snapshot (:mod:`mta.obs.stats`); :class:`Reports`
 keeps the latest per (role, index).  When a slot's process is replaced (a new
 pid), the last counters and histograms of the old one are kept as that slot's
 base and added to the new one's, so a summed counter never goes down because a
-child was restarted.  Gauges are taken from fresh reports only.
+child was restarted.  Gauges are taken from fresh reports only, summed or, for a
+family that says so (``combine``: a node-wide 0/1 state), their highest value.
 
 :class:`Collector` is a prometheus_client custom collector: at each scrape it
 sums the series over the children (families in :mod:`mta.obs.catalog`), adds
@@ -20,7 +21,12 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
 from mta.admin import host
-from mta.obs.catalog import COUNTER, FAMILIES, HISTOGRAM
+from mta.obs.catalog import COUNTER, FAMILIES, HISTOGRAM, MAX, SUM
+
+
+def _combine(name: str) -> str:
+    fam = FAMILIES.get(name)
+    return fam.combine if fam is not None else SUM
 
 
 class Slot:
@@ -104,7 +110,8 @@ class Reports:
     # ----------------------------------------------------------------- merging
 
     def merged(self):
-        """(counters, gauges, histograms) summed over the children: {(name, labels): value}."""
+        """(counters, gauges, histograms) summed over the children: {(name, labels): value}
+        (a gauge whose family combines with MAX: the highest child's value)."""
         now = self.clock()
         counters: dict[tuple, float] = {}
         gauges: dict[tuple, float] = {}
@@ -133,7 +140,10 @@ class Reports:
             if self.fresh(slot, now):
                 for s in r.gauges:
                     k = (s.name, tuple(s.labels))
-                    gauges[k] = gauges.get(k, 0) + s.value
+                    if k in gauges and _combine(s.name) == MAX:
+                        gauges[k] = max(gauges[k], s.value)
+                    else:
+                        gauges[k] = gauges.get(k, 0) + s.value
         return counters, gauges, hists
 
 

@@ -25,6 +25,12 @@ BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 OTHER = "other"     # the label value that stands for every value beyond the bound
 
+# How the admin process combines one gauge's values from several children: SUM (each
+# child's share: connections, jobs) or MAX (a state every child reports for the whole
+# node: summed, a 0/1 flag would read the number of processes).
+SUM = "sum"
+MAX = "max"
+
 
 @dataclass(frozen=True)
 class Family:
@@ -33,6 +39,7 @@ class Family:
     help: str
     labels: tuple = ()
     buckets: tuple = ()
+    combine: str = SUM          # gauges only: SUM or MAX over the children
 
 
 _FAMILIES = [
@@ -122,7 +129,7 @@ _FAMILIES = [
            ("site",)),
     Family("mta_delivery_jobs_in_flight", GAUGE, "jobs in hand in the delivery processes"),
     Family("mta_delivery_source_suspended", GAUGE, "1 while an egress source is suspended",
-           ("source",)),
+           ("source",), combine=MAX),
     # --- DNS (the delivery processes' resolvers)
     Family("mta_dns_lookups_total", COUNTER, "DNS queries sent"),
     Family("mta_dns_lookup_seconds", HISTOGRAM, "DNS query latency", buckets=LATENCY),
