@@ -22,7 +22,8 @@ Routes (JSON; errors are ``{"errors": [{"message": ...}]}``):
     delivery processes see within a second); with ``reason`` and ``duration``
     (seconds; none: until resumed).  The same selector again replaces its
     suspension.  Resuming a site or source suspension also makes the messages
-    delivery handed back meanwhile due at once.  400 names a bad field.
+    delivery handed back meanwhile due at once.  400 names a bad field (a
+    ``source`` or ``pool`` the configuration does not have too).
 ``POST /api/admin/bounce?FIELD=VALUE...``, ``GET /api/admin/bounce[/ID]``
     a bulk bounce of every queued recipient that ``domain``, ``site`` (the
     domains the delivery processes know it serves), ``campaign`` and ``pool``
@@ -320,6 +321,12 @@ class Api:
             if not (0 < seconds <= MAX_DURATION) or not math.isfinite(seconds):
                 raise BadRequest("duration", f"duration: seconds, more than 0 and at most "
                                              f"{MAX_DURATION:.0f}")
+        # A typo would be stored and hold nothing: only what the configuration has.
+        for k, known in (("source", self.settings.sources), ("pool", self.settings.pools)):
+            if k in fields and fields[k] not in known:
+                names = sorted(known)
+                raise BadRequest(k, f"{k}: no {k} {fields[k]!r} is configured (there are "
+                                    f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
         now = time.time()
         delivery = {k for k in fields if k in ("site", "source")}
         if delivery and len(delivery) != len(fields):
@@ -334,7 +341,7 @@ class Api:
                                rule=adaptive.ADMIN_RULE, reply=reason[:adaptive.MAX_REPLY],
                                stage="admin", created=now,
                                until=now + (seconds or FOREVER))
-            store = adaptive.Store(self.adaptive_dir)
+            store = adaptive.Store(self.adaptive_dir, self.settings.config.backoff.max_entries)
             if not store.put(e):
                 raise ServerError("the adaptive store is full (backoff.max_entries)")
             view = _delivery_view(e)

@@ -197,3 +197,52 @@ def test_routes_answer_bad_methods_and_paths_with_json(api):
     status, headers, body = loop.run_until_complete(a.handle(b"GET", b"/api/admin/queue"))
     assert status == 503 and headers["Retry-After"] and b"spool[0]" in body
     assert not os.path.exists(a.drain_path)
+
+
+def test_suspensions_take_configured_sources_and_pools_and_the_stores_own_bound(tmp_path):
+    """A source or pool the configuration does not have is a 400 naming the field (a typo
+    was stored and held nothing).  A delivery suspension is refused only at the
+    configured backoff.max_entries: with 10,000 entries in the store and room for
+    20,000 it is recorded (the admin store used the default bound: 503 'store full')."""
+    import msgspec
+
+    from mta.config.schema import Config
+    from mta.shaping import state
+
+    settings = mconfig.resolve(msgspec.convert({
+        "server": {"state_dir": str(tmp_path / "state")},
+        "egress": {"source": [{"name": "ip-1", "source_address": "127.0.0.1"}],
+                   "pool": [{"name": "p1", "sources": [{"source": "ip-1"}]}]},
+        "backoff": {"max_entries": 20_000}}, Config), None)
+    store_dir = os.path.join(settings.state_dir, state.STORE_DIR)
+    os.makedirs(store_dir)
+    enc = msgspec.json.Encoder()
+    for i in range(10_000):
+        e = state.Entry(id=f"e{i:05d}", kind="suspend", scope="site", site=f"mx{i}.test",
+                        rule="r", created=1.0, until=4e9)
+        with open(os.path.join(store_dir, e.id + ".json"), "wb") as fh:
+            fh.write(enc.encode(e))
+    loop = asyncio.new_event_loop()
+    a = admin_api.Api(settings, loop, None, types.SimpleNamespace(), None)
+
+    async def nobody(*args):      # no spool shard or delivery process runs here
+        return None
+    a._ask = a._delivery_sees = nobody
+    try:
+        def post(query):
+            status, _, body = loop.run_until_complete(
+                a.handle(b"POST", b"/api/admin/suspensions", query))
+            return status, json.loads(body)
+        for query, field in ((b"source=ip-9", "source"), (b"pool=nope", "pool"),
+                             (b"pool=P1", "pool")):
+            status, body = post(query)
+            assert status == 400 and body["errors"][0]["field"] == field, (query, body)
+            assert field in body["errors"][0]["message"]
+        status, body = post(b"pool=p1")
+        assert status == 200 and body["suspension"]["pool"] == "p1", body
+        status, body = post(b"source=ip-1")
+        assert status == 200 and body["suspension"]["source"] == "ip-1", body
+        assert len(os.listdir(store_dir)) == 10_001
+    finally:
+        a.close()
+        loop.close()
