@@ -191,6 +191,20 @@ def test_toml_syntax_error_names_the_file(tmp_path):
     assert "broken.toml" in str(exc.value)
 
 
+def test_non_utf8_config_and_rules_files_are_config_errors(tmp_path):
+    # tomllib raises UnicodeDecodeError (not TOMLDecodeError) for bytes that are not UTF-8
+    p = tmp_path / "latin1.toml"
+    p.write_bytes(b'[smtp]\nbanner = "caf\xe9"\n')
+    with pytest.raises(config.ConfigError, match="latin1.toml: not UTF-8"):
+        config.load(str(p))
+    rules = tmp_path / "rules.toml"
+    rules.write_bytes(b'[[rule]]\nname = "caf\xe9"\n')
+    p.write_text(f'[feedback]\nbounce_rules = "{rules}"\n')
+    with pytest.raises(config.ConfigError,
+                       match="feedback.bounce_rules: .*rules.toml: not UTF-8"):
+        config.load(str(p))
+
+
 def test_auth_file_lines_are_validated(tmp_path):
     from mta.passwords import check_password, hash_password, parse_password_file
 

@@ -169,6 +169,9 @@ def load(path: str | None = None, *, cpu_count: int | None = None) -> Settings:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            # tomllib decodes the whole file first; TOML is UTF-8 only
+            raise ConfigError(f"{path}: not UTF-8 (byte {exc.start}): {exc.reason}") from None
     cfg = _decode(raw)
     return resolve(cfg, path, cpu_count=cpu_count)
 

@@ -208,6 +208,9 @@ def load_rules(path: str) -> list[Rule]:
         raise RuleError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise RuleError(f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # tomllib decodes the whole file first; TOML is UTF-8 only
+        raise RuleError(f"{path}: not UTF-8 (byte {exc.start}): {exc.reason}") from None
     return parse_rules(data, path)
 
 

@@ -661,6 +661,12 @@ class Supervisor:
             log.error("reload refused, keeping the running configuration: %s", exc)
             notify.ready(f"reload failed: {exc}; {self.status_line()}")
             return
+        except Exception as exc:
+            # A checker's unforeseen error must not end the supervisor (and orphan
+            # its children): refuse this reload as for an invalid file.
+            log.exception("reload refused, keeping the running configuration: %r", exc)
+            notify.ready(f"reload failed: {exc!r}; {self.status_line()}")
+            return
         old = self.settings
         later = mconfig.restart_keys(old, new)
         if later:

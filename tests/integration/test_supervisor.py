@@ -107,6 +107,23 @@ def test_sighup_with_invalid_config_keeps_running(make_daemon):
     assert [x["queue_id"] for x in d.queue_list()] == [qid]
 
 
+def test_sighup_with_a_non_utf8_config_keeps_running(make_daemon):
+    d = make_daemon()
+    before = d.children()
+    good = open(d.config_path, "rb").read()
+    with open(d.config_path, "wb") as fh:  # a Latin-1 banner
+        fh.write(good.replace(b"[smtp]", b'[smtp]\nbanner = "caf\xe9"', 1))
+    d.proc.send_signal(signal.SIGHUP)
+    text = d.wait_log(r"reload refused")
+    assert "not UTF-8" in text and d.config_path in text
+    assert d.proc.poll() is None and d.children() == before
+    r = d.cli("check-config", check=False)
+    assert r.returncode == 78 and b"not UTF-8" in r.stderr and b"Traceback" not in r.stderr
+    d.write_config(good.decode())
+    qid = d.send("a@example.com", ["b@example.net"], b"Subject: still here\r\n\r\nx\r\n")
+    assert [x["queue_id"] for x in d.queue_list()] == [qid]
+
+
 def new_connection_outcome(port: int, wait: float = 10.0) -> str:
     """What a new SMTP connection gets: "served" (a 220 greeting), "refused" (connect refused
     or reset), "closed" (accepted, then closed without a word), "421", "timeout" (no answer
