@@ -93,6 +93,7 @@ TEMP_FAIL_TTL_SECONDS = 2.0  # default life of a cached temporary failure
 MAX_TEMP_FAIL_TTL_SECONDS = 10.0  # "a few seconds", never more
 DEADLINE_SLACK_SECONDS = 0.25  # the asyncio deadline behind dnspython's lifetime
 EDNS_PAYLOAD_OCTETS = 1232  # DNS flag day 2020 value
+MIN_SERVER_TIMEOUT_SECONDS = 1.0  # the least one nameserver is given (within the lookup's bound)
 
 _LDH_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
 _ALL_DIGITS = re.compile(r"[0-9]+")
@@ -216,7 +217,8 @@ class Resolver:
                  clock: Callable[[], float] = time.monotonic):
         """Set up; no I/O except reading /etc/resolv.conf when ``nameservers`` is empty.
 
-        ``timeout`` bounds one lookup in all (retries included).  ``ipv6=False``
+        ``timeout`` bounds one lookup in all (retries and failover included); each
+        nameserver is given an equal share of it (at least MIN_SERVER_TIMEOUT_SECONDS).  ``ipv6=False``
         skips AAAA lookups.  ``loop`` pins the loop the shared queries run on
         (default: the running loop at call time).  ``clock`` is the monotonic
         clock the cache ages by (tests pass their own).
@@ -246,7 +248,10 @@ class Resolver:
         else:
             res = dns.asyncresolver.Resolver(configure=True)
         res.port = port
-        res.timeout = timeout
+        # ``lifetime`` bounds the lookup; ``timeout`` is one server's share of it, so a
+        # silent first nameserver leaves time to ask the next one.
+        share = timeout / max(1, len(res.nameservers))
+        res.timeout = max(share, min(timeout, MIN_SERVER_TIMEOUT_SECONDS))
         res.lifetime = timeout
         res.cache = None  # ours is below
         res.retry_servfail = False

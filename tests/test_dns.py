@@ -416,6 +416,18 @@ def test_timeout_when_the_server_never_answers(clock):
         run(r.resolve_addresses("mx.example.test"))
 
 
+def test_a_silent_first_nameserver_leaves_time_for_the_second(server, clock):
+    # Each server gets a share of the lookup's bound, not all of it.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.156", server.port))  # receives the queries, never answers
+        r = mdns.Resolver(["127.0.0.156", server.address], port=server.port, timeout=2.0,
+                          clock=clock)
+        mx = run(r.resolve_mx("example.test"))
+        assert silent.recv(512)  # the first server was asked
+    assert mx.status == "ok", mx
+    assert sorted(mx.hosts[0]) == ["mx1.example.test", "mx2.example.test"]
+
+
 def test_explicit_nameservers_never_read_system_config(monkeypatch, server):
     def forbidden(*a, **kw):
         raise AssertionError("the system resolver configuration was read")
