@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 import dns.asyncresolver
 import dns.exception
 import dns.name
+import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 import idna
@@ -210,12 +211,14 @@ def _ip(text: str) -> str | None:
 class Resolver:
     """MX and address resolution through explicit nameservers, with a TTL cache."""
 
-    def __init__(self, nameservers: list[str] | None, *, port: int = 53, timeout: float = 5.0,
+    def __init__(self, nameservers: list[str | tuple[str, int]] | None, *, port: int = 53, timeout: float = 5.0,
                  cache_size: int = 100_000, negative_ttl: float = 300.0, min_ttl: float = 5.0,
                  max_ttl: float = 86400.0, temp_fail_ttl: float = TEMP_FAIL_TTL_SECONDS,
                  ipv6: bool = True, loop: asyncio.AbstractEventLoop | None = None,
                  clock: Callable[[], float] = time.monotonic):
         """Set up; no I/O except reading /etc/resolv.conf when ``nameservers`` is empty.
+
+        Each nameserver is an IP address (asked on ``port``) or an ``(ip, port)`` pair.
 
         ``timeout`` bounds one lookup in all (retries and failover included); each
         nameserver is given an equal share of it (at least MIN_SERVER_TIMEOUT_SECONDS).  ``ipv6=False``
@@ -238,10 +241,14 @@ class Resolver:
         if nameservers:
             servers = []
             for ns in nameservers:
-                ip = _ip(ns)
+                host, ns_port = (ns, port) if isinstance(ns, str) else ns
+                ip = _ip(host)
                 if ip is None:
-                    raise ValueError(f"nameserver {ns!r} is not an IP address")
-                servers.append(ip)
+                    raise ValueError(f"nameserver {host!r} is not an IP address")
+                if not 0 < ns_port < 65536:
+                    raise ValueError(f"nameserver {host!r}: port {ns_port} out of range")
+                # a Nameserver object carries its own port (Resolver.port is one for all)
+                servers.append(dns.nameserver.Do53Nameserver(ip, ns_port))
             # explicit servers only: never read the system configuration
             res = dns.asyncresolver.Resolver(configure=False)
             res.nameservers = servers

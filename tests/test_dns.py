@@ -428,17 +428,30 @@ def test_a_silent_first_nameserver_leaves_time_for_the_second(server, clock):
     assert sorted(mx.hosts[0]) == ["mx1.example.test", "mx2.example.test"]
 
 
+def test_each_nameserver_is_asked_on_its_own_port(server, clock):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.156", 0))  # receives the queries, never answers
+        silent_port = silent.getsockname()[1]
+        r = mdns.Resolver([("127.0.0.156", silent_port), (server.address, server.port)],
+                          timeout=2.0, clock=clock)
+        mx = run(r.resolve_mx("example.test"))
+        assert silent.recv(512)  # the first server was asked, on its port
+    assert mx.status == "ok", mx
+
+
 def test_explicit_nameservers_never_read_system_config(monkeypatch, server):
     def forbidden(*a, **kw):
         raise AssertionError("the system resolver configuration was read")
 
     monkeypatch.setattr(dns.resolver.Resolver, "read_resolv_conf", forbidden)
     r = mdns.Resolver([server.address], port=server.port)
-    assert r._dns.nameservers == [server.address] and r._dns.port == server.port
+    assert [(ns.address, ns.port) for ns in r._dns.nameservers] == [
+        (server.address, server.port)]
     assert run(r.resolve_mx("implicit.example.test")).status == "ok"
 
 
 @pytest.mark.parametrize("kw", [dict(nameservers=["resolver.example"]), dict(port=0),
+                                dict(nameservers=[("127.0.0.153", 0)]),
                                 dict(timeout=0), dict(cache_size=-1),
                                 dict(min_ttl=10, max_ttl=5)])
 def test_bad_settings(kw):

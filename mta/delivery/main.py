@@ -65,9 +65,9 @@ class Delivery:
         self.settings = settings
         self.cfg = cfg
         self.loop = loop
-        ns = [ip for ip, _ in settings.nameservers] or None
-        port = settings.nameservers[0][1] if settings.nameservers else 53
-        self.resolver = dns.Resolver(ns, port=port, timeout=cfg.dns_timeout)
+        # each (ip, port) pair is asked on its own port
+        self.resolver = dns.Resolver(list(settings.nameservers) or None,
+                                     timeout=cfg.dns_timeout)
         self.engine = Engine(settings, self.resolver, self.report, loop)
         self.m = DeliveryMetrics(self, settings.config.admin.max_label_values)   # /metrics
         # Jobs in hand before the socket pauses: a shard's bulk and transactional

@@ -26,6 +26,7 @@ import random
 import re
 import signal
 import smtplib
+import socket
 import threading
 import time
 
@@ -216,6 +217,26 @@ def test_first_mx_down_second_mx_used(lab):
         t = ev[key]["terminal"]
         assert (t["remote_host"], t["ip_address"], t["num_retries"]) == (host, IP_A, "0"), t
         assert ev[key]["transient"] == []
+
+
+def test_each_nameserver_is_asked_on_its_own_port(lab):
+    """delivery.nameservers = [silent:p1, unbound:p2]: the first never answers, the second
+    is asked on its own port (not the first's) in the same lookup, and the mail goes."""
+    good = lab.aio(IP_A)
+    dns = lab.serve(mx("ports.test", "mx.ports.test", IP_A))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.156", 0))   # receives the queries, never answers
+        silent_port = silent.getsockname()[1]
+        assert silent_port != dns.port
+        d = lab.daemon(nameservers=[f"127.0.0.156:{silent_port}",
+                                    f"{dns.address}:{dns.port}"])
+        q = d.send("alice@sender.test", ["a@ports.test"], message("two ports"))
+        wait_until(lambda: good.received() == 1, 15, "delivery through the second nameserver")
+        silent.settimeout(1.0)
+        assert silent.recv(512)           # the first one was asked first
+    wait_queue_empty(d)
+    ev = check_events(d, {(q, "a@ports.test"): "delivery"})
+    assert ev[(q, "a@ports.test")]["transient"] == []   # in the first attempt
 
 
 def test_greylisting_receiver_gets_the_message_on_a_retry(lab):
