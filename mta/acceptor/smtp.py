@@ -246,6 +246,7 @@ class Session(asyncio.Protocol):
         self.writing_paused = False
         self.closing = False
         self.lost = False          # connection_lost came
+        self.peer_eof = False      # the client shut its side while an answer was owed
         self.auth_exchange: tls_auth.Exchange | None = None
         self.chunk_size = 0         # BDAT: the size of the chunk being read
         self.chunk_last = False     # BDAT: it is the LAST one
@@ -338,7 +339,14 @@ class Session(asyncio.Protocol):
             self._pause_reading()
 
     def eof_received(self):
-        return False  # close our side too
+        if self.state == _WAITING and not self.closing and not self.tls:
+            # A half-close after a pipelined session (printf ... | nc -N): the message
+            # handed over still gets its answer, and the input held meanwhile (QUIT)
+            # its own; process() closes once nothing waits.  Over TLS the transport
+            # closes on a close_notify whatever this returns.
+            self.peer_eof = True
+            return True
+        return False  # close our side too; replies already written still go out
 
     def flush(self) -> None:
         """Write the replies collected so far."""
@@ -365,7 +373,7 @@ class Session(asyncio.Protocol):
         self.flush()
         self.closing = True
         self.state = _CLOSED
-        close_lingering(self, self.a.loop, self.a.smtp.linger_timeout)
+        close_lingering(self, self.a.loop, self.a.smtp.linger_timeout, self.peer_eof)
 
     def reply_error(self, reply: bytes) -> None:
         """Send an error reply; too many of them end the session."""
@@ -427,6 +435,12 @@ class Session(asyncio.Protocol):
             if out:     # self.flush(), inlined: this runs after every read
                 self.transport.write(out[0] if len(out) == 1 else b"".join(out))
                 out.clear()
+            if self.peer_eof and self.state != _WAITING:
+                # The client shut its side and has every answer it waited for.
+                self.closing = True
+                self.state = _CLOSED
+                close_lingering(self, self.a.loop, self.a.smtp.linger_timeout, True)
+                return
             # AUTH waits for a continuation line from the client: read on, too.
             if self.reading_paused and not self.writing_paused:
                 st = self.state

@@ -418,6 +418,31 @@ def test_a_relay_client_keeps_reports_and_mail_apart(impl):
     assert taken == []
 
 
+def test_a_half_close_while_the_spool_answers_keeps_the_replies(impl):
+    """The client pipelines a message and QUIT, then shuts its side: the session keeps
+    its own side open until the spool's answer (250) and QUIT's 221 are written, then
+    closes (the client shut its side: a plain close, no lingering)."""
+    acc, c = make(impl)
+    acc.answer = "hold"
+    c.send(b"EHLO client.example\r\n")
+    c.send(b"MAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+           + MESSAGE + b".\r\nQUIT\r\n")
+    t = c.session.transport
+    assert c.session.eof_received() is True      # an answer is owed
+    assert not t.closed
+    acc.answer_held(True)
+    c.loop.run_ready()
+    out = c.output()
+    assert QUEUED.search(out) and out.endswith(b"221 2.0.0 Bye\r\n"), out
+    assert t.closed and not t.eof_written
+    # Nothing owed, or in the middle of a message: closed at once (as before).
+    for sent in (b"", b"MAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+                      b"Subject: half\r\n"):
+        acc, c = make(impl)
+        c.send(b"EHLO client.example\r\n" + sent)
+        assert c.session.eof_received() is False
+
+
 def test_a_tls_session_the_server_closes_is_aborted_unless_the_client_went(impl):
     """Over TLS (no half-close) QUIT's 221 is followed by the transport's own close,
     which waits for unsent output: a client that stopped reading kept the connection

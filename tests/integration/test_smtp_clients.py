@@ -2,9 +2,11 @@
 import base64
 import re
 import smtplib
+import socket
 import subprocess
+import time
 
-from daemon import HOST, free_port, split_received
+from daemon import HOST, free_port, queued_id, split_received
 from loadclient import smtp_source_argv
 from sinks import SmtpSink
 
@@ -52,6 +54,40 @@ def test_smtplib_multiple_recipients_byte_exact(daemon):
     # Everything after our Received header is what the client sent (dot-unstuffed).
     assert raw.endswith(b"\r\n" + body)
     assert raw.count(b"Received:") == 1
+
+
+def half_closed_session(port: int, sent: bytes) -> tuple[list[bytes], float]:
+    """Send *sent* after the greeting, shut the write side (printf ... | nc -N), read to
+    the end: (the reply lines, seconds from the shutdown to the server's end of file)."""
+    with socket.create_connection((HOST, port), timeout=20) as s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220")
+        s.sendall(sent)
+        s.shutdown(socket.SHUT_WR)
+        t0 = time.monotonic()
+        got = f.read()
+        return got.splitlines(), time.monotonic() - t0
+
+
+def test_a_client_that_half_closes_after_a_pipelined_session_gets_every_reply(make_daemon):
+    """The 250s of messages still on their way to the spool (and the 221 of the QUIT
+    held behind them) are written after the client shut its side, then the server
+    closes: a client that got no 250 would send the message again."""
+    d = make_daemon(smtp={"linger_timeout": 30.0})
+    msg = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n" \
+          b"Subject: x\r\n\r\nbody\r\n.\r\n"
+    lines, took = half_closed_session(d.port, b"EHLO c.test\r\n" + msg + msg + b"QUIT\r\n")
+    queued = [queued_id(x[4:].decode()) for x in lines if b"queued as" in x]
+    assert len(queued) == 2 and lines[-1].startswith(b"221"), lines
+    assert sorted(x["queue_id"] for x in d.queue_list()) == sorted(queued)
+    assert took < 10     # closed once answered, not at linger_timeout
+    # With nothing pending, or in the middle of a message, the connection closes at once
+    # (the replies already due still go out).
+    lines, took = half_closed_session(d.port, b"EHLO c.test\r\n")
+    assert lines[-1].startswith(b"250 ") and took < 10, lines
+    lines, took = half_closed_session(d.port, b"EHLO c.test\r\n" + msg[:-5])
+    assert lines[-1].startswith(b"354") and took < 10, lines
+    assert len(d.queue_list()) == 2
 
 
 def test_swaks_pipelined(daemon, tmp_path):
