@@ -164,6 +164,17 @@ def test_defaults(tmp_path):
     ("[[shaping]]\nmx = '*.a.example'\nsource = 'ip-1'\nconnection_limit = 1\n",
      "shaping[0].source"),
     ("[[shaping]]\nmx = '*.a.example'\nstarttls = 'yes'\n", "shaping[0].starttls"),
+    # names sent in the greeting, EHLO and Received: ASCII host names, one line
+    ("[server]\nhostname = 'mx.exämple.com'\n", "server.hostname"),
+    ("[server]\nhostname = \"mx.example.com\\r\\n\"\n", "server.hostname"),
+    ("[server]\nhostname = 'mx example.com'\n", "server.hostname"),
+    ("[server]\nhostname = '[192.0.2.1]'\n", "server.hostname"),
+    ("[delivery]\nhelo_name = 'mx.exämple.com'\n", "delivery.helo_name"),
+    ("[delivery]\nhelo_name = \"mx.example.com\\nQUIT\"\n", "delivery.helo_name"),
+    ("[delivery]\nhelo_name = '[300.1.2.3]'\n", "delivery.helo_name"),
+    ("[[egress.source]]\nname = 'ip-1'\nehlo_name = 'ü.example'\n",
+     "egress.source[0].ehlo_name"),
+    ("[smtp]\nbanner = \"ESMTP\\r\\n250 injected\"\n", "smtp.banner"),
 ])
 def test_errors_name_the_key(tmp_path, text, key):
     p = tmp_path / "c.toml"
@@ -181,6 +192,17 @@ def test_shaping_rules_naming_a_configured_source_pass(tmp_path):
                  "max_message_rate = '3600/h'\n")
     s = config.load(str(p))
     assert [r.source for r in s.config.shaping] == ["ip-1", "default"]
+
+
+def test_host_names_and_address_literals_that_can_be_sent_pass(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[server]\nhostname = 'MX-1.xn--bcher-kva.example'\n"
+                 "[delivery]\nhelo_name = '[IPv6:2001:db8::1]'\n"
+                 "[[egress.source]]\nname = 'ip-1'\nehlo_name = '[192.0.2.1]'\n"
+                 "[smtp]\nbanner = 'ESMTP ready'\n")
+    s = config.load(str(p))
+    assert s.hostname == "MX-1.xn--bcher-kva.example"
+    assert s.helo_name == "[IPv6:2001:db8::1]"
 
 
 def test_toml_syntax_error_names_the_file(tmp_path):

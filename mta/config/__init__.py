@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -213,6 +214,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
             raise ConfigError("smtp.auth_file: AUTH is offered only over TLS; "
                               "set smtp.tls_certificate too")
         users = _read_auth_file(cfg.smtp.auth_file)
+    _check_names(cfg)
     hostname = cfg.server.hostname or socket.gethostname()
     nameservers = _check_delivery(cfg.delivery)
     if cfg.dkim.enabled and cfg.dkim.keys:
@@ -260,6 +262,46 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
 
 
 DEFAULT = "default"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _name_problem(name: str, literal_ok: bool) -> str | None:
+    """Why *name* cannot be sent as a host name (in the greeting, EHLO, Received), or None.
+
+    The SMTP client refuses anything but an ASCII name (or an address literal) in EHLO,
+    so every delivery would fail; CR or LF would end the reply or command early.
+    """
+    from mta.shaping import _check_hostname
+
+    if literal_ok and name.startswith("[") and name.endswith("]"):
+        text = name[1:-1]
+        try:
+            if text[:5].lower() == "ipv6:":
+                ipaddress.IPv6Address(text[5:])
+            else:
+                ipaddress.IPv4Address(text)
+        except ValueError:
+            return "is not an address literal ([192.0.2.1] or [IPv6:2001:db8::1])"
+        return None
+    problem = _check_hostname(name.lower())
+    return problem and f"{problem} (a host name such as mail.example.com is needed)"
+
+
+def _check_names(cfg: Config) -> None:
+    """Validate the names the daemon sends: server.hostname, the EHLO names, the banner."""
+    names = [("server.hostname", cfg.server.hostname, False),
+             ("delivery.helo_name", cfg.delivery.helo_name, True)]
+    names += [(f"egress.source[{i}].ehlo_name", src.ehlo_name, True)
+              for i, src in enumerate(cfg.egress.source)]
+    for key, name, literal_ok in names:
+        problem = name and _name_problem(name, literal_ok)
+        if problem:
+            raise ConfigError(f"{key}: {name!r} {problem}")
+    if _CONTROL.search(cfg.smtp.banner):
+        raise ConfigError("smtp.banner: contains a control character (CR, LF, tab ...); "
+                          "the greeting is one line")
 
 
 def _check_egress(eg, d) -> tuple[dict, dict]:

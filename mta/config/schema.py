@@ -31,8 +31,9 @@ class ServerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "directory for the spool and runtime sockets; relative paths are taken "
         "from the working directory")] = "mta-state"
     hostname: Annotated[str, _doc(
-        "name used in the SMTP greeting and Received headers; empty means the "
-        "machine's host name (no DNS lookup is made)")] = ""
+        "name used in the SMTP greeting and Received headers, in ASCII (an "
+        "internationalised name in its xn-- form); empty means the machine's host name "
+        "(no DNS lookup is made)")] = ""
     log_level: Annotated[str, _doc(
         "diagnostic log level on stderr: debug, info, warning or error")] = "info"
     shutdown_timeout: Annotated[float, _doc(
@@ -258,7 +259,8 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "delivery processes, sharded by recipient domain; 0 = one per CPU",
         ge=0, le=256)] = 0
     helo_name: Annotated[str, _doc(
-        "name sent in EHLO; empty: server.hostname")] = ""
+        "name sent in EHLO (an ASCII host name or an address literal); empty: "
+        "server.hostname")] = ""
     nameservers: Annotated[list[str], _doc(
         "DNS servers for MX lookups as ip or ip:port; empty: the system's resolv.conf")] = \
         msgspec.field(default_factory=list)

@@ -255,6 +255,10 @@ def test_process_titles_and_restart_with_backoff(make_daemon):
     ({"spool": {"segment_size": "big"}}, "spool.segment_size"),
     ({"server": {"log_level": "chatty"}}, "server.log_level"),
     ({"smtp": {"relay_networks": ["10.0.0.0/33"]}}, "smtp.relay_networks[0]"),
+    ({"server": {"hostname": "mx.exämple.com"}}, "server.hostname"),
+    ({"server": {"hostname": "mx.example.com\r\n"}}, "server.hostname"),
+    ({"smtp": {"banner": "ESMTP\r\n250 x"}}, "smtp.banner"),
+    ({"delivery": {"helo_name": "mx.exämple.com"}}, "delivery.helo_name"),
 ])
 def test_check_config_names_the_key(make_daemon, extra, key):
     d = make_daemon(start=False)
