@@ -175,6 +175,13 @@ def test_defaults(tmp_path):
     ("[[egress.source]]\nname = 'ip-1'\nehlo_name = 'ü.example'\n",
      "egress.source[0].ehlo_name"),
     ("[smtp]\nbanner = \"ESMTP\\r\\n250 injected\"\n", "smtp.banner"),
+    # a delay of nan or inf would never retry
+    ("[delivery]\nretry_schedule = [60, nan]\n", "delivery.retry_schedule"),
+    ("[delivery]\nretry_schedule = [inf]\n", "delivery.retry_schedule"),
+    ("[delivery]\nretry_schedule = [0]\n", "delivery.retry_schedule"),
+    ("[webhooks]\nretry_schedule = [1, inf]\n", "webhooks.retry_schedule"),
+    ("[webhooks]\nretry_schedule = [nan]\n", "webhooks.retry_schedule"),
+    ("[events]\nstore_path = ''\n", "events.store_path"),
 ])
 def test_errors_name_the_key(tmp_path, text, key):
     p = tmp_path / "c.toml"

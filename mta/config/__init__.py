@@ -10,6 +10,7 @@ read only their own section.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -229,6 +230,10 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
     _check_shaping(cfg, sources)
     _check_feedback(cfg)
     _check_webhooks(cfg)
+    if not cfg.events.store_path.strip():
+        # The events process and the store's readers would each pick another directory.
+        raise ConfigError("events.store_path: must not be empty (a directory, relative "
+                          "to state_dir)")
     return Settings(
         config=cfg,
         path=os.path.abspath(path) if path else None,
@@ -386,6 +391,9 @@ def _check_webhooks(cfg: Config) -> None:
 
     if len(cfg.webhooks.retry_schedule) > 100:
         raise ConfigError("webhooks.retry_schedule: at most 100 retries")
+    if not all(math.isfinite(x) for x in cfg.webhooks.retry_schedule):
+        raise ConfigError("webhooks.retry_schedule: each delay must be a finite number "
+                          "(inf would never retry)")
     names = set()
     for i, e in enumerate(cfg.webhook):
         if e.name in names:
@@ -501,8 +509,10 @@ def _check_delivery(d) -> tuple:
         ns.append((host, port))
     if d.starttls not in _STARTTLS:
         raise ConfigError(f"delivery.starttls: expected one of {', '.join(_STARTTLS)}")
-    if not d.retry_schedule or any(x <= 0 for x in d.retry_schedule):
-        raise ConfigError("delivery.retry_schedule: needs at least one positive number")
+    # nan <= 0 is False: ask for finite, positive numbers (nan or inf never retries)
+    if not d.retry_schedule or not all(math.isfinite(x) and x > 0 for x in d.retry_schedule):
+        raise ConfigError("delivery.retry_schedule: needs at least one number, each finite "
+                          "and positive")
     if d.source_address:
         try:
             ipaddress.ip_address(d.source_address)

@@ -259,12 +259,14 @@ def test_process_titles_and_restart_with_backoff(make_daemon):
     ({"server": {"hostname": "mx.example.com\r\n"}}, "server.hostname"),
     ({"smtp": {"banner": "ESMTP\r\n250 x"}}, "smtp.banner"),
     ({"delivery": {"helo_name": "mx.exämple.com"}}, "delivery.helo_name"),
+    ({"delivery": {"retry_schedule": [60.0, float("nan")]}}, "delivery.retry_schedule"),
+    ({"events": {"store_path": ""}}, "events.store_path"),
 ])
 def test_check_config_names_the_key(make_daemon, extra, key):
     d = make_daemon(start=False)
     sections = {k: dict(v) for k, v in d.sections.items()}
     for name, keys in extra.items():
-        sections[name].update(keys)
+        sections.setdefault(name, {}).update(keys)
     d.write_config(render_config(sections))
     r = d.cli("check-config", check=False)
     assert r.returncode == 78
