@@ -68,6 +68,8 @@ import dns.rdatatype
 import dns.resolver
 import idna
 
+from mta.literal import address_literal  # noqa: F401 (part of this module's API)
+
 # -- statuses --------------------------------------------------------------------------
 
 OK = "ok"
@@ -186,19 +188,6 @@ def normalize_domain(domain: str) -> str | None:
 
 def _tld_ok(name: str) -> bool:
     return _ALL_DIGITS.fullmatch(name.rsplit(".", 1)[-1]) is None
-
-
-def address_literal(domain: str) -> str | None:
-    """The IP address of an RFC 5321 address literal (``[192.0.2.1]``, ``[IPv6:...]``), else None."""
-    if len(domain) < 3 or domain[0] != "[" or domain[-1] != "]":
-        return None
-    inner = domain[1:-1]
-    try:
-        if inner[:5].lower() == "ipv6:":
-            return str(ipaddress.IPv6Address(inner[5:]))
-        return str(ipaddress.IPv4Address(inner))
-    except ValueError:
-        return None
 
 
 def _ip(text: str) -> str | None:

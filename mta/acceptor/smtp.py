@@ -62,13 +62,13 @@ waiting, or a client that does not read, pauses reading.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import re
 from collections.abc import Callable
 
 import msgspec
 
 from mta import dsn, rfcdate
+from mta.literal import address_literal
 from mta.acceptor import replies as R
 from mta.acceptor.closing import close_lingering
 from mta.acceptor import tls_auth
@@ -152,14 +152,9 @@ _ADDR_UTF8 = _address_re(b"\x80-\xff")
 
 
 def _valid_literal(d: bytes) -> bool:
-    lit = d[1:-1].decode("ascii", "replace")
-    if lit[:5].lower() == "ipv6:":
-        lit = lit[5:]
-    try:
-        ipaddress.ip_address(lit)
-    except ValueError:
-        return False
-    return True
+    # The resolver's own parser: a literal accepted here is one it can route to
+    # ([::1] without "IPv6:", or [IPv6:192.0.2.1], would bounce later).
+    return address_literal(d.decode("ascii", "replace")) is not None
 
 
 def parse_path(raw: bytes, utf8: bool) -> str | None:

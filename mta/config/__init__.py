@@ -281,13 +281,9 @@ def _name_problem(name: str, literal_ok: bool) -> str | None:
     from mta.shaping import _check_hostname
 
     if literal_ok and name.startswith("[") and name.endswith("]"):
-        text = name[1:-1]
-        try:
-            if text[:5].lower() == "ipv6:":
-                ipaddress.IPv6Address(text[5:])
-            else:
-                ipaddress.IPv4Address(text)
-        except ValueError:
+        from mta.literal import address_literal
+
+        if address_literal(name) is None:
             return "is not an address literal ([192.0.2.1] or [IPv6:2001:db8::1])"
         return None
     problem = _check_hostname(name.lower())

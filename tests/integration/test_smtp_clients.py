@@ -90,6 +90,16 @@ def test_a_client_that_half_closes_after_a_pipelined_session_gets_every_reply(ma
     assert len(d.queue_list()) == 2
 
 
+def test_address_literals_the_resolver_cannot_route_are_refused_at_rcpt(daemon):
+    # [::1] lacks the "IPv6:" tag, [IPv6:192.0.2.1] is IPv4 with it: a 250 would bounce later
+    with smtplib.SMTP(HOST, daemon.port) as s:
+        s.ehlo("client.test")
+        s.mail("a@example.com")
+        assert s.rcpt("b@[::1]")[0] == 501
+        assert s.rcpt("b@[IPv6:192.0.2.1]")[0] == 501
+        assert s.rcpt("b@[IPv6:2001:db8::1]")[0] == 250
+
+
 def test_swaks_pipelined(daemon, tmp_path):
     message = (b"From: <s@example.com>\r\nTo: <r@example.net>\r\nSubject: swaks test\r\n"
                b"Message-ID: <swaks.1@example.com>\r\n\r\nhello from swaks\r\n"
