@@ -200,19 +200,19 @@ def _ip(text: str) -> str | None:
 class Resolver:
     """MX and address resolution through explicit nameservers, with a TTL cache."""
 
-    def __init__(self, nameservers: list[str | tuple[str, int]] | None, *, port: int = 53, timeout: float = 5.0,
-                 cache_size: int = 100_000, negative_ttl: float = 300.0, min_ttl: float = 5.0,
-                 max_ttl: float = 86400.0, temp_fail_ttl: float = TEMP_FAIL_TTL_SECONDS,
-                 ipv6: bool = True, loop: asyncio.AbstractEventLoop | None = None,
+    def __init__(self, nameservers: list[str | tuple[str, int]] | None, *, port: int = 53,
+                 timeout: float = 5.0, cache_size: int = 100_000, negative_ttl: float = 300.0,
+                 min_ttl: float = 5.0, max_ttl: float = 86400.0,
+                 temp_fail_ttl: float = TEMP_FAIL_TTL_SECONDS, ipv6: bool = True,
+                 loop: asyncio.AbstractEventLoop | None = None,
                  clock: Callable[[], float] = time.monotonic):
         """Set up; no I/O except reading /etc/resolv.conf when ``nameservers`` is empty.
 
         Each nameserver is an IP address (asked on ``port``) or an ``(ip, port)`` pair.
-
         ``timeout`` bounds one lookup in all (retries and failover included); each
-        nameserver is given an equal share of it (at least MIN_SERVER_TIMEOUT_SECONDS).  ``ipv6=False``
-        skips AAAA lookups.  ``loop`` pins the loop the shared queries run on
-        (default: the running loop at call time).  ``clock`` is the monotonic
+        nameserver is given an equal share of it (at least MIN_SERVER_TIMEOUT_SECONDS).
+        ``ipv6=False`` skips AAAA lookups.  ``loop`` pins the loop the shared queries
+        run on (default: the running loop at call time).  ``clock`` is the monotonic
         clock the cache ages by (tests pass their own).
         """
         if not 0 < port < 65536:
