@@ -531,7 +531,7 @@ def _check_delivery(d) -> tuple:
                     parse_hostport(h)
             except ValueError as exc:
                 raise ConfigError(f"{key}.hosts[{j}]: {exc}") from None
-        if r.starttls not in _STARTTLS:
+        if r.starttls is not None and r.starttls not in _STARTTLS:
             raise ConfigError(f"{key}.starttls: expected one of {', '.join(_STARTTLS)}")
         if r.source_address:
             try:

@@ -244,8 +244,10 @@ class RouteConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "a route of its own (a smarthost)")]
     hosts: Annotated[list[str], _doc(
         "hosts to deliver to, as host or host:port, tried in order")]
-    starttls: Annotated[str, _doc(
-        "none, opportunistic or required")] = "opportunistic"
+    starttls: Annotated[str | None, _doc(
+        "none, opportunistic or required; unset: as the [[shaping]] rules and "
+        "delivery.starttls say for the domain (a route does not weaken a rule's "
+        "\"required\" unless it says so)")] = None
     tls_verify: Annotated[bool, _doc("verify the server certificate and name")] = False
     source_address: Annotated[str, _doc(
         "local IP address to send from (egress IP); empty: the system's choice")] = ""

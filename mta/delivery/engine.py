@@ -78,6 +78,10 @@ STOPPING = "the delivery process is stopping; not attempted"
 MIN_REQUEUE = 1.0         # seconds, at least, before a requeued job comes back
 YIELD_CHECK = 0.05        # seconds between a busy lane's looks for another process's demand
 LEARN_WAIT = 2.0          # seconds the first lookups wait for the shaping rules' domains
+# Opportunistic STARTTLS whose handshake failed: that host is sent to in plaintext for
+# this long (as Postfix's "may" level does), at most so many hosts remembered at once.
+TLS_FALLBACK_SECONDS = 3600.0
+MAX_TLS_FALLBACKS = 10_000
 
 
 class Job:
@@ -336,6 +340,8 @@ class Engine:
         self.in_flight = 0
         self.stats = collections.Counter()
         self.connect_attempts = None    # set for /metrics: .inc((source, site))
+        # (ip, port) -> until when opportunistic STARTTLS is skipped: its handshake failed
+        self.tls_fallback: dict[tuple[str, int], float] = {}
         self.tasks: set[asyncio.Task] = set()
         self.workers: set[asyncio.Task] = set()
         self.stopping = False
@@ -671,7 +677,6 @@ class Engine:
         Returns (connection, Target); raises RouteError when no host will do,
         SourceUnavailable when the source itself cannot be used.
         """
-        cfg = self.cfg
         src = lane.source
         limits = lane.limits
         last = None
@@ -683,14 +688,24 @@ class Engine:
                                    and src.proxy is None) else src.address
             if self.connect_attempts is not None:
                 self.connect_attempts.inc((src.name, lane.site.name))
+            starttls = t.starttls or limits.starttls
             try:
-                conn = await smtpc.SmtpConnection.open(
-                    t.ip, t.port, helo_name=src.ehlo, source_address=address,
-                    socks5=src.proxy,
-                    connect_timeout=cfg.connect_timeout, command_timeout=cfg.command_timeout,
-                    data_timeout=cfg.data_timeout,
-                    starttls=t.starttls or limits.starttls, tls_verify=t.tls_verify,
-                    tls_server_hostname=t.host if not _is_ip(t.host) else None)
+                if starttls == "opportunistic" and self._tls_broken(t.ip, t.port):
+                    starttls = "none"
+                try:
+                    conn = await self._open(t, src, address, starttls)
+                except smtpc.SmtpConnectError as exc:
+                    if not (exc.tls_failed and starttls == "opportunistic"):
+                        raise
+                    # Opportunistic means the mail goes anyway: the handshake failed (an
+                    # old or broken TLS stack), so this host gets it in plaintext, now and
+                    # for TLS_FALLBACK_SECONDS.  Never for "required".
+                    log.info("STARTTLS to %s[%s]:%d failed (%s); sending in plaintext "
+                             "(opportunistic TLS)", t.host, t.ip, t.port, exc)
+                    self._remember_tls_broken(t.ip, t.port)
+                    if self.connect_attempts is not None:
+                        self.connect_attempts.inc((src.name, lane.site.name))
+                    conn = await self._open(t, src, address, "none")
                 return conn, t
             except SourceUnavailable:
                 raise
@@ -722,6 +737,33 @@ class Engine:
         # Every host failed: try again later, whatever the last one said.
         raise RouteError(DEFERRED, 451 if code >= 500 else code, "4.4.1" if code >= 500 else enh,
                          text, lane_fired, tls)
+
+    async def _open(self, t: Target, src, address, starttls: str):
+        cfg = self.cfg
+        return await smtpc.SmtpConnection.open(
+            t.ip, t.port, helo_name=src.ehlo, source_address=address, socks5=src.proxy,
+            connect_timeout=cfg.connect_timeout, command_timeout=cfg.command_timeout,
+            data_timeout=cfg.data_timeout, starttls=starttls, tls_verify=t.tls_verify,
+            tls_server_hostname=t.host if not _is_ip(t.host) else None)
+
+    def _tls_broken(self, ip: str, port: int) -> bool:
+        until = self.tls_fallback.get((ip, port))
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        del self.tls_fallback[(ip, port)]
+        return False
+
+    def _remember_tls_broken(self, ip: str, port: int) -> None:
+        fb = self.tls_fallback
+        if len(fb) >= MAX_TLS_FALLBACKS:
+            now = time.monotonic()
+            for k in [k for k, v in fb.items() if v <= now]:
+                del fb[k]
+            while len(fb) >= MAX_TLS_FALLBACKS:
+                del fb[next(iter(fb))]          # the oldest remembered first
+        fb[(ip, port)] = time.monotonic() + TLS_FALLBACK_SECONDS
 
     # -------------------------------------------------------------- sources
 

@@ -556,3 +556,97 @@ def test_an_operator_site_suspension_holds_a_route_site_whose_host_has_capitals(
     assert names == [f"relay.example.com:{port}"]
     assert [r.outcome for rs in reports for r in rs] == [bus.REQUEUED]
     assert peer.messages == []
+
+
+def test_a_route_without_its_own_starttls_keeps_a_rules_required():
+    # [[shaping]] requires TLS for the domain; its route says nothing of STARTTLS: the
+    # rule holds (the route's default used to be "opportunistic", which won, and the mail
+    # went in plaintext to a server offering no STARTTLS)
+    peer = Peer()
+    (j, results), = deliver([job("bank.test", "ok")], Resolver({}, {}), peer,
+                            route=[{"domain": "bank.test", "hosts": ["127.0.0.1:PORT"]}],
+                            shaping=[{"domain": "bank.test", "starttls": "required"}])
+    (r,) = results
+    assert r.outcome == bus.DEFERRED and "STARTTLS required but not offered" in r.text
+    assert peer.messages == []
+    # a route that says so itself still decides
+    (j, results), = deliver([job("bank.test", "ok")], Resolver({}, {}), peer,
+                            route=[{"domain": "bank.test", "hosts": ["127.0.0.1:PORT"],
+                                    "starttls": "none"}],
+                            shaping=[{"domain": "bank.test", "starttls": "required"}])
+    assert results[0].outcome == bus.DELIVERED and len(peer.messages) == 1
+
+
+class BrokenTlsPeer(asyncio.Protocol):
+    """Offers STARTTLS, answers it 220, then sends what is not TLS and hangs up (an old or
+    broken TLS stack); a session that does not ask for TLS is served in plaintext."""
+
+    connections = 0
+    starttls = 0
+    delivered: list = []
+
+    def connection_made(self, transport):
+        BrokenTlsPeer.connections += 1
+        self.t = transport
+        self.in_data = False
+        transport.write(b"220 peer.test ESMTP\r\n")
+
+    def data_received(self, data):
+        for line in data.split(b"\r\n")[:-1]:
+            if self.in_data:
+                if line == b".":
+                    self.in_data = False
+                    BrokenTlsPeer.delivered.append(self.rcpt)
+                    self.t.write(b"250 2.0.0 queued\r\n")
+                continue
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                self.t.write(b"250-peer.test\r\n250 STARTTLS\r\n")
+            elif verb == b"STAR":
+                BrokenTlsPeer.starttls += 1
+                self.t.write(b"220 2.0.0 go ahead\r\n")
+                self.t.pause_reading()       # the client's ClientHello: answered with junk
+                asyncio.get_running_loop().call_later(0.05, self.junk)
+                return
+            elif verb == b"RCPT":
+                self.rcpt = line[8:]
+                self.t.write(b"250 ok\r\n")
+            elif verb == b"DATA":
+                self.in_data = True
+                self.t.write(b"354 go\r\n")
+            elif verb == b"QUIT":
+                self.t.write(b"221 bye\r\n")
+                self.t.close()
+                return
+            else:
+                self.t.write(b"250 ok\r\n")
+
+    def junk(self):
+        self.t.write(b"this is not a TLS record\r\n" * 4)
+        self.t.close()
+
+
+@pytest.mark.parametrize("policy,outcome", [("opportunistic", bus.DELIVERED),
+                                            ("required", bus.DEFERRED)])
+def test_opportunistic_tls_whose_handshake_fails_goes_in_plaintext(policy, outcome):
+    # As Postfix's "may" level: the mail goes, in plaintext, rather than waiting until it
+    # expires; the host is then sent to in plaintext for a while (no handshake to fail
+    # before each delivery).  "required" never falls back.
+    BrokenTlsPeer.connections = BrokenTlsPeer.starttls = 0
+    BrokenTlsPeer.delivered = []
+    jobs = [job("example.net", "a", n=0), job("example.net", "b", n=1)]
+    # one connection at a time, one message each: the second message's connection comes
+    # after the first one's fallback
+    reports = deliver(jobs, mx_to_loopback("example.net"), BrokenTlsPeer, starttls=policy,
+                      connection_limit=1, max_deliveries_per_connection=1)
+    outs = sorted((j.msg.rcpts[0].address, rs[0].outcome) for j, rs in reports)
+    assert outs == [("a@example.net", outcome), ("b@example.net", outcome)], reports
+    if policy == "required":
+        assert BrokenTlsPeer.delivered == []
+        assert all("TLS" in rs[0].text for _, rs in reports)
+        assert BrokenTlsPeer.starttls == BrokenTlsPeer.connections
+    else:
+        assert sorted(BrokenTlsPeer.delivered) == [b"<a@example.net>", b"<b@example.net>"]
+        assert BrokenTlsPeer.starttls == 1          # tried once, then remembered
+        assert BrokenTlsPeer.connections == 3
+        assert all(j.tls == "0" for j, _ in reports)
