@@ -81,8 +81,12 @@ def check_config(config_path, as_json):
     running daemon, also name the keys a reload (SIGHUP) would leave for a restart."""
     from mta import config as mconfig
 
+    from mta.opscli import _alive, _read_pid
+
     s = _settings(config_path)
-    active = mconfig.read_active(s.run_dir)
+    # (the supervisor leaves active-config.json behind when it stops: the pid decides)
+    pid = _read_pid(os.path.join(s.run_dir, "mta.pid"))
+    active = mconfig.read_active(s.run_dir) if pid and _alive(pid) else None
     later = mconfig.restart_keys(active, s) if active is not None else None
     if as_json:
         click.echo(json.dumps({"ok": True, "config": config_path, "acceptors": s.acceptors,
@@ -238,6 +242,26 @@ def _delivery_status(settings) -> dict:
             "warmup": warmup}
 
 
+_UNTIL_RESUMED = 10 * 366 * 86400.0     # a suspension ending later reads "until resumed"
+
+
+def _source_suspensions(s, sources: dict) -> None:
+    """Add to each source's status the operator's and the response rules' suspensions of
+    the whole source (the adaptive store, as `mta rules list` shows them): the delivery
+    processes' files only know a source they found unusable (its address gone)."""
+    from mta.shaping.state import SUSPEND, list_entries
+
+    now = time.time()
+    for e in list_entries(_adaptive_dir(s), now):
+        src = sources.get(e.source)
+        if e.kind != SUSPEND or e.site or src is None:
+            continue
+        until = e.until or now + _UNTIL_RESUMED
+        if until > (src.get("suspended_until") or 0):
+            src["suspended_until"] = until
+            src["reason"] = f"{e.rule}: {e.reply}" if e.reply else e.rule
+
+
 def _print_delivery(d: dict) -> None:
     if d.get("pools"):
         click.echo("")
@@ -251,7 +275,9 @@ def _print_delivery(d: dict) -> None:
         for name, src in sorted(d["sources"].items()):
             state = "ok"
             if src["suspended_until"]:
-                state = (f"suspended {_when(src['suspended_until'])}: {src['reason']}")
+                until = src["suspended_until"]
+                state = "suspended " + ("until resumed" if until - time.time() > _UNTIL_RESUMED
+                                        else _when(until)) + f": {src['reason']}"
             addr = (src["address"] or "(system's choice)") + (" via SOCKS5" if src["proxy"] else "")
             rows.append((name, addr, str(src["connections"]), f"{src['rate']:.1f}", state))
         _table(rows)
@@ -324,6 +350,7 @@ def queue(ctx, config_path, as_json, by_domain):
             t["recipients"] += v["recipients"]
     delivery = _delivery_status(s)
     delivery["pools"] = pools
+    _source_suspensions(s, delivery["sources"])
     from mta.obs.queue import webhook_rows, webhook_status
 
     webhooks = webhook_status(s.state_dir, s.config.webhooks.enabled)

@@ -60,9 +60,10 @@ class AdminClient:
             conn.request(method, path, headers=headers)
             r = conn.getresponse()
             data = r.read()
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
+            # (HTTPException: something that is not an HTTP server answers there)
             click.echo(f"mta: the admin listener at {self.host}:{self.port} is not answering "
-                       f"({exc}); is 'mta serve' running?", err=True)
+                       f"({type(exc).__name__}: {exc}); is 'mta serve' running?", err=True)
             sys.exit(EX_UNAVAILABLE)
         finally:
             conn.close()
@@ -199,7 +200,8 @@ def summary_cmd(ctx, config_path, as_json, by):
 def inspect_cmd(ctx, config_path, as_json, qid):
     """One queued message: envelope, recipients' states, attempts, next attempt."""
     cl = _client(_config(ctx, config_path))
-    status, d = cl.call("GET", f"/api/admin/messages/{qid}")
+    # (quoted: an id with a space or non-ASCII is the admin API's 400, not a traceback)
+    status, d = cl.call("GET", f"/api/admin/messages/{urllib.parse.quote(qid, safe='')}")
     if status != 200:
         msg = "; ".join(e.get("message", "") for e in d.get("errors", []))
         click.echo(f"mta: {msg or status}", err=True)
@@ -443,11 +445,9 @@ def bounce_cmd(config_path, as_json, domain, site, campaign, pool, reason, dsn, 
             d = _bounce_bar(cl, d, interval)
         else:
             while not d["finished"]:
-                if as_json:
-                    click.echo(json.dumps(d))
-                else:
+                if not as_json:      # (--json: the one object at the end, nothing before)
                     click.echo(f"bounced {d['done']} of {d['total']} recipient(s)")
-                sys.stdout.flush()
+                    sys.stdout.flush()
                 time.sleep(interval)
                 d = cl.ok("GET", f"/api/admin/bounce/{d['id']}")
     if as_json:

@@ -101,6 +101,10 @@ def test_queue_by_domain_pool_campaign_and_one_message(make_daemon):
     assert r.returncode == 1 and b"not queued" in r.stderr
     r = d.cli("inspect", "not-a-qid", check=False)
     assert r.returncode == 1 and b"not a queue id" in r.stderr
+    for odd in ("a b", "\u00e9t\u00e9", "x/../../health"):   # quoted into the path, not a traceback
+        r = d.cli("inspect", odd, check=False)
+        assert r.returncode == 1 and b"not a queue id" in r.stderr, (odd, r.stderr)
+        assert b"Traceback" not in r.stderr
     st, hdrs, err = admin_call(d, "PUT", "/api/admin/queue")
     assert st == 405 and "errors" in err
     st, hdrs, err = admin_call(d, "POST", "/api/admin/queue")

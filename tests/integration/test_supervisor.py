@@ -1,4 +1,5 @@
 """The supervisor: reload without refusing connections, drain on SIGTERM, restarts, sd_notify."""
+import json
 import os
 import re
 import signal
@@ -274,6 +275,17 @@ def test_check_config_names_the_key(make_daemon, extra, key):
     # serve refuses to start with the same message
     r2 = d.cli("serve", check=False)
     assert r2.returncode == 78 and key in r2.stderr.decode()
+
+
+def test_check_config_says_running_only_while_the_daemon_runs(make_daemon):
+    d = make_daemon(acceptors=1, shards=1)
+    out = json.loads(d.cli("check-config", "--json").stdout)
+    assert out["running"] is True and out["needs_restart"] == []
+    assert d.stop() == 0
+    # the supervisor leaves run/active-config.json behind: the pid file decides
+    out = json.loads(d.cli("check-config", "--json").stdout)
+    assert out["running"] is False
+    assert b"reload" not in d.cli("check-config").stdout
 
 
 def test_check_config_ok_and_print_services(make_daemon):
