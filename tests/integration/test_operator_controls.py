@@ -5,6 +5,7 @@ resume, bounce; /api/admin/suspensions and /api/admin/bounce)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from daemon import wait_until
@@ -77,6 +78,11 @@ def test_suspend_a_domain_across_a_restart_then_resume_and_a_source(lab):
     # counted) and is due at once when the operator resumes, not after its requeue delay.
     src = cli_json(d, "suspend", "--source", "default", "--reason", "ip listed")
     assert (src["kind"], src["source"]) == ("delivery", "default")
+    # mta queue shows it in the source's state (it said "ok")
+    shown = json.loads(d.cli("queue", "--json").stdout)["delivery"]["sources"]
+    assert shown["default"]["suspended_until"] and "ip listed" in shown["default"]["reason"]
+    assert re.search(r"^default\s.*suspended until resumed: admin: ip listed",
+                     d.cli("queue").stdout.decode(), re.M)
     rules = admin_call(d, "GET", "/api/admin/rules")[2]["results"]
     assert [(x["rule"], x["scope"]) for x in rules] == [("admin", "source")]
     late = d.send("a@sender.test", ["late@free.test"], message("late"))
@@ -111,8 +117,8 @@ def test_bulk_bounce_by_campaign_with_events_dsns_and_a_progress_bar(tmp_path):
         assert st == 400 and body["errors"][0]["field"] == "campaign", body
 
         out = d.cli("bounce", "--campaign", "spring", "--reason", "campaign cancelled",
-                    "--dsn", "--json").stdout.decode().splitlines()
-        last = json.loads(out[-1])
+                    "--dsn", "--json").stdout.decode()
+        last = json.loads(out)             # one JSON object, no progress lines before it
         assert last["finished"] and (last["done"], last["total"]) == (40, 40), out
 
         def bounces():
