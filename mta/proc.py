@@ -179,6 +179,28 @@ def keep_heap(trim_threshold: int = 64 << 20, top_pad: int = 16 << 20,
                 mallopt(_M_TOP_PAD, top_pad)])
 
 
+_PR_SET_PDEATHSIG = 1        # prctl(2), linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """In a child just forked by *parent* (the supervisor): be sent SIGTERM when it dies.
+
+    A supervisor killed with SIGKILL (outside systemd, which stops the whole
+    cgroup) would otherwise leave its children running for good, holding the
+    listening sockets and the spool shards; the next ``mta serve`` would find its
+    ports taken, or, on other ports, start a second writer of each shard.  SIGTERM
+    is each role's own stop (drain, then exit).  The parent may already be gone
+    between fork and prctl: then the child exits at once.
+    """
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass            # not Linux: the shard lock (mta.spool.shard) still keeps writers apart
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 GC_SETTLE_INTERVAL = 1.0     # seconds between settling collections (GcSettler)
 GC_FULL_INTERVAL = 300.0     # seconds between full collections of everything, frozen too
 

@@ -74,6 +74,7 @@ as a duplicate of a message the client was told to retry — never a loss.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -214,6 +215,47 @@ def make_dirs(path: str) -> None:
             raise
         return
     sync_dir(parent)
+
+
+WRITER_LOCK = "writer.lock"
+
+
+class WriterBusy(OSError):
+    """Another process writes this shard directory."""
+
+
+def lock_writer(directory: str) -> int:
+    """Take *directory*'s writer lock, or raise WriterBusy; returns the descriptor that
+    holds it (kept open for the process's life: the kernel drops the lock when the
+    process ends, however it ends).
+
+    One writer per shard is what the format's durability rests on (each appends to
+    its own segment and reclaims what it thinks finished).  A shard whose supervisor
+    was killed and that lives on, or a second daemon started on the same state
+    directory with other ports, must not write beside it.  flock(2), not fcntl
+    locks: held by the open file description, not lost when some other descriptor
+    of the file is closed.  The file holds the writer's pid, for the message.
+    """
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(os.path.join(directory, WRITER_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        except OSError:
+            holder = "?"
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        raise WriterBusy(errno.EBUSY, f"{directory} is written by another process (pid "
+                                      f"{holder}): another mta on this state directory, or "
+                                      f"one left running by a supervisor that was killed"
+                         ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def shard_dir(spool_dir: str, shard: int) -> str:

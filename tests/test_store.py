@@ -1067,3 +1067,33 @@ def test_segments_of_an_earlier_version_are_read_as_before(tmp_path, codec):
     st2, stats = restart(tmp_path, codec)
     assert queued(st2) == [qid(5), qid(6)] and stats["skipped_bytes"] == 0
     st2.close()
+
+
+def _hold_writer_lock(directory, conn):
+    from mta.store import lock_writer
+    lock_writer(directory)
+    conn.send("held")
+    conn.recv()
+
+
+def test_one_writer_per_shard_directory(tmp_path):
+    # Another process writing the directory (an orphaned shard, a second daemon on the
+    # same state directory): refused with its pid; once it is gone, taken.
+    import multiprocessing
+    from mta.store import WriterBusy, lock_writer
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_hold_writer_lock, args=(str(tmp_path), child), daemon=True)
+    p.start()
+    try:
+        assert parent.poll(10) and parent.recv() == "held"
+        with pytest.raises(WriterBusy) as e:
+            lock_writer(str(tmp_path))
+        assert f"pid {p.pid}" in e.value.strerror
+    finally:
+        p.kill()
+        p.join(10)
+    fd = lock_writer(str(tmp_path))     # the kernel dropped the dead writer's lock
+    with open(tmp_path / "writer.lock") as fh:
+        assert fh.read().strip() == str(os.getpid())
+    os.close(fd)

@@ -36,6 +36,7 @@ import signal
 
 from mta import bus, native, proc
 from mta.spool.shard import Shard
+from mta.store import WriterBusy
 
 log = logging.getLogger("mta.spool")
 
@@ -44,7 +45,13 @@ def main(settings, shard: int, ready_fd: int | None) -> None:
     """Entry point of the spool[n] child."""
     name = proc.start_role("spool", shard, settings.config.server.log_level)
     log.info("starting %s; hot-path implementation %s", name, native.implementation())
-    s = Shard(settings, shard)
+    try:
+        s = Shard(settings, shard)
+    except WriterBusy as exc:
+        # (the supervisor starts this shard again after its back-off: the other writer
+        # may be an orphan on its way out, see proc.die_with_parent)
+        log.error("%s; not starting", exc.strerror)
+        raise SystemExit(1) from None
 
     def stop(signum, frame):
         s.stopping = True

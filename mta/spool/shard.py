@@ -45,6 +45,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import os
 import time
 
 import msgspec
@@ -60,7 +61,7 @@ from mta.spool import queries
 from mta.spool import schedule as sch
 from mta.spool.metrics import ShardMetrics
 from mta.spool.outcomes import Plan
-from mta.store import MessageMeta, Store, read_cursor, shard_dir
+from mta.store import MessageMeta, Store, lock_writer, read_cursor, shard_dir
 
 log = logging.getLogger("mta.spool")
 
@@ -137,6 +138,8 @@ class Shard:
         # deadline (start + max_age) in buckets of max_age / DEADLINE_BUCKETS: age is
         # checked wherever a message waits -- held, parked for an absent delivery
         # process, or behind an unhealthy disk -- not only when it is dispatched.
+        # (before anything of the directory is read or written: one writer per shard)
+        self.writer_lock = lock_writer(shard_dir(settings.spool_dir, shard))
         self.store = Store(shard_dir(settings.spool_dir, shard), cfg.segment_size, cfg.fsync,
                            preallocate=cfg.preallocate, reserve=cfg.min_free_bytes,
                            events=self.events_on,
@@ -281,6 +284,7 @@ class Shard:
         if self.suppression is not None:
             self.suppression.close()
         self.store.close()
+        os.close(self.writer_lock)     # (last: the directory is another writer's now)
         self.server.close()
         self.links.close()
         if self.pusher is not None:

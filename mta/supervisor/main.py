@@ -333,10 +333,12 @@ class Supervisor:
     def spawn(self, slot: Slot, settings) -> Child:
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         entry = next(s.entry for s in table(settings) if s.role == slot.role)
+        me = os.getpid()
         pid = os.fork()
         if pid == 0:  # child
             code = 0
             try:
+                proc.die_with_parent(me)
                 os.close(rfd)
                 # Listening sockets of other slots (and, during a reload, of the
                 # slots being replaced) must not stay open here: the kernel would

@@ -355,3 +355,21 @@ def test_reload_onto_a_port_another_process_listens_on_is_refused(make_daemon):
         other.accept()[0].close()   # the connection came to the other socket, not the daemon
     with socket.create_connection((HOST, d.port), timeout=10) as s:
         assert s.recv(100).startswith(b"220 mta.test ESMTP")
+
+
+def test_children_of_a_supervisor_killed_with_sigkill_stop_and_a_new_start_takes_over(
+        make_daemon):
+    # Outside systemd nothing stops the cgroup: the children learn of their parent's
+    # death (PR_SET_PDEATHSIG) and stop as on SIGTERM, so the ports and the spool shards
+    # are free for the next start (they kept both for good, and a start on other ports
+    # put a second writer on each shard).
+    d = make_daemon(acceptors=1, shards=1)
+    kids = d.children()
+    assert set(kids) >= {"acceptor[0]", "spool[0]", "delivery[0]", "events[0]"}, kids
+    os.kill(d.proc.pid, signal.SIGKILL)
+    d.proc.wait(10)
+    wait_until(lambda: not d._group_alive(), 30, "the orphaned children to stop")
+    d.start()                           # the same ports and state directory
+    qid = d.send("a@sender.test", ["b@example.net"], b"Subject: after\r\n\r\nbody\r\n")
+    assert qid in {m["queue_id"] for m in d.queue_list()}
+    assert "is written by another process" not in d.log()

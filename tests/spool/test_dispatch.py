@@ -8,6 +8,7 @@ sockets, no timing.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import msgspec
@@ -409,6 +410,7 @@ def test_a_scheduled_message_is_due_at_its_start_and_ages_from_it(tmp_path):
     assert shard.expire_work == []
     # Recovery reads the start again from the record.
     shard.store.close()
+    os.close(shard.writer_lock)      # (what the process's end would release)
     again = make_shard(tmp_path, max_age=60.0)
     assert again.store.index.progress(qid)[2] == [start]
 

@@ -66,6 +66,7 @@ def rig(tmp_path, monkeypatch):
     for c in clients:
         c.close()
     shard.store.close()
+    os.close(shard.writer_lock)
     shard.server.close()
     shard.links.close()
     if shard.pusher is not None:
