@@ -235,14 +235,30 @@ class Supervisor:
         with open(pidfile, "w") as fh:
             fh.write(f"{os.getpid()}\n")
         self.pidfile = pidfile
-        # A drain (mta drain) lasts until cancelled or the next start; an upgrade
-        # is not a new start: the supervisor it replaces was draining, so is this one.
+
+    def _end_drain(self) -> None:
+        """A drain (mta drain) lasts until cancelled or the next start; an upgrade is not
+        a new start: the supervisor it replaces was draining, so is this one.  Called once
+        the listening sockets are bound: a start that fails (its ports taken, say by a
+        killed supervisor's children still serving) must leave the drain as it was."""
         if self.upgrade_ready_fd is None:
             try:
-                os.unlink(os.path.join(s.run_dir, DRAIN_FLAG))
+                os.unlink(os.path.join(self.settings.run_dir, DRAIN_FLAG))
                 log.warning("a drain was in effect; this start accepts mail again")
             except FileNotFoundError:
                 pass
+
+    def remove_pidfile(self) -> None:
+        """After a failed start: the pid file, when it still names this process."""
+        path = getattr(self, "pidfile", None)
+        if not path:
+            return
+        try:
+            with open(path) as fh:
+                if fh.read().strip() == str(os.getpid()):
+                    os.unlink(path)
+        except OSError:
+            pass
 
     def _check_not_running(self, pidfile: str) -> None:
         try:
@@ -457,6 +473,7 @@ class Supervisor:
             else:
                 self.slots.update({(svc.role, i): Slot(svc.role, i, []) for i in range(svc.count)})
         close_unused_inherited()
+        self._end_drain()
         self._write_active()
         self.start_children()
         status = self.status_line()
@@ -857,9 +874,11 @@ def serve(config_path: str | None) -> int:
         for c in list(sup.children.values()):
             sup._kill(c.pid, signal.SIGTERM)
         sup._wait_gone(list(sup.children.values()), STOP_GRACE)
+        sup.remove_pidfile()
         return 1
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EROFS, errno.ENOSPC):
             log.error("cannot start: %s", exc)
+            sup.remove_pidfile()
             return 1
         raise

@@ -311,9 +311,17 @@ def test_listen_port_in_use_fails_cleanly(make_daemon):
         d = make_daemon(start=False)
         d.sections["smtp"]["listen"] = [f"{HOST}:{port}"]
         d.write_config()
+        # a drain in effect stays in effect when the start fails (it used to be cancelled
+        # before the ports were tried), and no pid file of the failed start is left
+        run = os.path.join(d.state_dir, "run")
+        os.makedirs(run, exist_ok=True)
+        open(os.path.join(run, "drain"), "w").close()
         d.start(wait=False)
         assert d.proc.wait(30) == 1
         assert "cannot listen on" in d.log()
+        assert os.path.exists(os.path.join(run, "drain"))
+        assert "a drain was in effect" not in d.log()
+        assert not os.path.exists(os.path.join(run, "mta.pid"))
 
 
 @pytest.mark.parametrize("which", ["smtp", "http"])
