@@ -76,7 +76,7 @@ def _report(pid: int, role="acceptor", index=0, accepted=0, txn=(), queue=None, 
 def _settings():
     admin = SimpleNamespace(push_interval=1.0)
     return SimpleNamespace(shards=1, deliveries=1, acceptors=2, spool_dir="/nonexistent",
-                           events_enabled=False,
+                           run_dir="/nonexistent", events_enabled=False,
                            config=SimpleNamespace(admin=admin,
                                                   webhooks=SimpleNamespace(enabled=False)))
 
@@ -117,6 +117,34 @@ def test_stale_children_gauges_are_left_out_and_health_says_so():
     assert ("mta_spool_queue_messages", ("0",)) not in rep.merged()[1]
     spool = next(c for c in rep.health()["children"] if c["role"] == "spool")
     assert spool["up"] is False and spool["last_report_age"] == 60
+
+
+def test_health_is_not_ok_while_a_shard_cannot_write_or_the_node_drains(tmp_path):
+    # what a load balancer's check needs: every child up is not enough when a shard's
+    # disk fails (its mail gets 451) or the operator drains the node
+    settings = _settings()
+    settings.run_dir = str(tmp_path)
+    rep = Reports(settings)
+
+    def everyone(healthy):
+        for pid, (role, index) in enumerate(sorted(rep.slots), 40):
+            reg = Registry()
+            if role == "spool":
+                reg.collect(lambda: [(GAUGE, "mta_spool_healthy", ("0",), healthy)])
+            r = reg.snapshot(1, role, index)
+            r.pid = pid
+            rep.add(bus.decode(bus.encode(r)))
+    everyone(1)
+    h = rep.health()
+    assert h["ok"] is True and h["draining"] is False
+    everyone(0)
+    h = rep.health()
+    spool = next(c for c in h["children"] if c["role"] == "spool")
+    assert spool["up"] is True and spool["healthy"] is False and h["ok"] is False
+    everyone(1)
+    (tmp_path / "drain").write_text("")
+    h = rep.health()
+    assert h["ok"] is False and h["draining"] is True
 
 
 def test_a_node_wide_0_or_1_gauge_is_the_highest_childs_not_their_sum():

@@ -107,7 +107,9 @@ class Admin:
                 return 200, {"Content-Type": CONTENT_TYPE_LATEST}, generate_latest(
                     self.registry)
             if path == b"/api/admin/health":
-                return _json(200, self.reports.health())
+                # (503 when not ok: a load balancer's HTTP check takes the node out)
+                h = self.reports.health()
+                return _json(200 if h["ok"] else 503, h)
             return 200, {"Content-Type": "text/html; charset=utf-8",
                          "Cache-Control": "no-store"}, page.HTML
         if path.startswith(b"/api/admin/") and self.api is not None:

@@ -63,6 +63,10 @@ class Reports:
         self.slots: dict[tuple[str, int], Slot] = {
             k: Slot(*k) for k in expected_slots(settings)}
         self.received = 0
+        # What the supervisor runs now: a reload can change the acceptors' count (the
+        # admin process is not replaced); read from run/active-config.json when it changes.
+        self.expected = set(self.slots)
+        self._active_mtime = None
 
     def add(self, r) -> None:
         key = (r.role, r.index)
@@ -94,16 +98,41 @@ class Reports:
     def fresh(self, slot: Slot, now: float) -> bool:
         return slot.report is not None and now - slot.at <= self.stale_after
 
+    def _expected_now(self) -> set:
+        from mta import config as mconfig
+        run = self.settings.run_dir
+        try:
+            mtime = os.stat(os.path.join(run, mconfig.ACTIVE_NAME)).st_mtime_ns
+        except OSError:
+            return self.expected
+        if mtime != self._active_mtime:
+            self._active_mtime = mtime
+            active = mconfig.read_active(run)
+            if active is not None:
+                self.expected = set(expected_slots(active))
+        return self.expected
+
     def health(self) -> dict:
+        """Whether the node can and should take mail, for a load balancer's check (the
+        admin API answers 503 when not ``ok``): every child the supervisor runs reports,
+        every spool shard can write (else its mail gets 451), and no drain is in effect."""
         now = self.clock()
+        expected = self._expected_now()
         children = []
         for (role, index), slot in sorted(self.slots.items()):
-            children.append({
-                "role": role, "index": index, "pid": slot.pid or None,
-                "up": self.fresh(slot, now),
-                "last_report_age": round(now - slot.at, 3) if slot.report else None,
-            })
-        return {"ok": all(c["up"] for c in children), "children": children,
+            up = self.fresh(slot, now)
+            if (role, index) not in expected and not up:
+                continue            # retired by a reload (its counts are kept for /metrics)
+            c = {"role": role, "index": index, "pid": slot.pid or None, "up": up,
+                 "last_report_age": round(now - slot.at, 3) if slot.report else None}
+            if role == "spool" and up:
+                c["healthy"] = all(g.value for g in slot.report.gauges
+                                   if g.name == "mta_spool_healthy")
+            children.append(c)
+        draining = os.path.exists(os.path.join(self.settings.run_dir, "drain"))
+        return {"ok": all(c["up"] and c.get("healthy", True) for c in children)
+                and not draining,
+                "draining": draining, "children": children,
                 "admin": {"pid": os.getpid(), "reports_received": self.received},
                 "supervisor": {"pid": os.getppid()}}
 

@@ -108,6 +108,9 @@ _FAMILIES = [
     Family("mta_spool_segment_files_total", COUNTER,
            "files made ready for the next segment, by source: reused (a finished segment's "
            "file) or zero_filled (written by the spare thread)", ("shard", "source")),
+    Family("mta_spool_healthy", GAUGE,
+           "1 while the shard can write; 0 after a failed write or sync (EIO, ENOSPC), "
+           "while the acceptors answer 451 for it", ("shard",)),
     Family("mta_spool_queue_messages", GAUGE, "messages queued", ("shard",)),
     Family("mta_spool_queue_recipients", GAUGE, "recipients of the queued messages",
            ("shard",)),

@@ -31,6 +31,7 @@ class ShardMetrics:
             (COUNTER, "mta_spool_segment_files_total", lb + ("zero_filled",),
              spare.filled if spare is not None else 0),
             (COUNTER, "mta_spool_written_bytes_total", lb, st.written),
+            (GAUGE, "mta_spool_healthy", lb, 1 if sh.healthy else 0),
             (GAUGE, "mta_spool_queue_messages", lb, len(st.index)),
             (GAUGE, "mta_spool_queue_recipients", lb, st.recipients),
             (GAUGE, "mta_spool_queue_bytes", lb, st.bytes),

@@ -12,6 +12,7 @@ import os
 import signal
 
 from daemon import wait_until
+from test_admin_api import admin_call
 from mxlab import IPS, mx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -169,8 +170,31 @@ def test_metrics_count_what_was_injected_and_delivered(lab):
     for title, c in got.items():
         assert c["up"] is True and c["pid"] == kids[title], c
         assert 0 <= c["last_report_age"] < 10, c
-    assert health["ok"] is True
+    assert health["ok"] is True and health["draining"] is False
+    assert all(c["healthy"] for c in health["children"] if c["role"] == "spool")
     assert health["admin"]["pid"] == kids["admin[0]"]
+    # a drained node is taken out by a load balancer's HTTP check: 503 until undrained
+    assert admin_call(d, "POST", "/api/admin/drain")[0] == 200
+    st, _, body = d.admin_get("/api/admin/health")
+    assert st == 503 and json.loads(body)["draining"] is True
+    assert admin_call(d, "DELETE", "/api/admin/drain")[0] == 200
+    assert d.admin_get("/api/admin/health")[0] == 200
+
+
+def test_health_follows_a_reload_that_retires_an_acceptor(make_daemon):
+    # The admin process is not replaced by a reload: it learns the new process table
+    # from the supervisor's record of it (it kept waiting for acceptor[1] for good)
+    d = make_daemon(acceptors=2, shards=1)
+    wait_until(lambda: d.admin_get("/api/admin/health")[0] == 200, 20, "health ok")
+    d.reload(smtp={"acceptors": 1})
+
+    def ok():     # (the retired acceptor is listed while it still reports, then not)
+        st, _, body = d.admin_get("/api/admin/health")
+        h = json.loads(body)
+        return h if st == 200 and [c["index"] for c in h["children"]
+                                   if c["role"] == "acceptor"] == [0] else None
+    h = wait_until(ok, 30, "health ok with one acceptor", interval=0.3)
+    assert h["ok"] is True
 
 
 def test_admin_killed_is_restarted_and_counters_continue(make_daemon):

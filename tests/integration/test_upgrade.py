@@ -148,10 +148,11 @@ def test_upgrade_refuses_no_connection_and_loses_or_repeats_no_message(make_daem
     st, _, body = d.post({"recipients": ["h@example.net"],
                           "content": {"from": "p@probe.test", "subject": "s", "text": "x"}})
     assert st == 200, body
-    st, _, health = admin_call(d, "GET", "/api/admin/health")
-    assert st == 200 and health["supervisor"]["pid"] == new
-    wait_until(lambda: admin_call(d, "GET", "/api/admin/health")[2]["ok"], 20,
-               "every child of the new supervisor reporting", interval=0.3)
+    # (503 until every child of the new supervisor reports)
+    health = wait_until(lambda: (lambda r: r[2] if r[0] == 200 else None)(
+        admin_call(d, "GET", "/api/admin/health")), 20,
+        "every child of the new supervisor reporting", interval=0.3)
+    assert health["ok"] and health["supervisor"]["pid"] == new
     log = d.log()
     assert "upgrade: supervisor pid %d took over" % new in log
     assert "took over" in log and "Traceback" not in log
