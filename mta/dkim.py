@@ -320,8 +320,12 @@ class _Key:
         self.relaxed_header = hc == "relaxed"
         self.relaxed_body = bc == "relaxed"
         names = conf.headers if conf.headers is not None else cfg.headers
-        self.sign_names = frozenset(h.lower().encode("ascii") for h in names)
         self.oversign = tuple(h.lower().encode("ascii") for h in cfg.oversign)
+        # An oversigned field is signed too: its extra h= entry then stands for one more
+        # than there are, whatever `headers` lists (else that entry signed the lowest
+        # field of the name, and another could be added above it unnoticed).
+        self.sign_names = frozenset(h.lower().encode("ascii") for h in names) | \
+            frozenset(self.oversign)
         self.expire = conf.expire_seconds if conf.expire_seconds is not None else cfg.expire_seconds
         self.head = (f"DKIM-Signature: v=1; a={conf.algorithm}; c={canon}; "
                      f"d={self.domain}; s={self.selector};").encode("ascii")
@@ -465,6 +469,10 @@ class Signer:
     def _signature(self, key, fields, bh, t, eol):
         names = mime.select_names(fields, key.sign_names)
         names.extend(key.oversign)
+        if b"from" not in names:
+            # RFC 6376 5.4: From is always in h=, a message without one included (then
+            # the signature says there was none); an empty h= was malformed
+            names.append(b"from")
         names = tuple(names)
         ck = (names, eol)
         h_text = self._h_cache.get(ck)

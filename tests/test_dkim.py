@@ -418,3 +418,30 @@ def test_documented_example_config_is_valid(keys):
     signed = signer.sign_message(b"From: a@elsewhere.example\r\nSubject: x\r\n\r\nhi\r\n", NOW)
     assert dkimpy_verify(signed, signer.dns_records()) == [True]
     assert b"d=esp.example.net" in signed
+
+
+def test_an_oversigned_field_is_signed_whatever_headers_lists(keys):
+    # oversign names To, headers does not: the extra h= entry must stand for one more To
+    # than there is, so that a To added on the way breaks the signature (it used to
+    # sign the lowest To instead, and an added one above it verified)
+    msg = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
+    signer = _signer(keys, RSA, headers=["from", "subject"], oversign=["from", "to"])
+    signed = signer.sign_message(msg, NOW)
+    records = signer.dns_records()
+    assert dkimpy_verify(signed, records) == [True]
+    assert dkimpy_verify(b"To: attacker@evil.example\r\n" + signed, records) == [False]
+    assert b"h=from:to:subject:from:to;" in signed.replace(b"\r\n\t", b"")
+
+
+def test_a_message_without_from_has_from_in_h_even_without_oversigning(keys):
+    # RFC 6376 5.4: From is always in h=; with oversign = [] a message without From got
+    # an empty h= whose missing ";" swallowed bh= (a malformed signature)
+    signer = Signer.from_config(DkimConfig(
+        keys=[DkimKey(domain=AUTHOR, selector="s-rsa", key_file=keys["rsa"])], oversign=[],
+        fallback=DkimFallback(domain=AUTHOR)))
+    msg = b"X-Foo: bar\r\nSubject: no from\r\n\r\nbody\r\n"
+    signed = signer.sign_message(msg, NOW)
+    assert [t["h"] for t in _sig_tags(signer.sign(msg, NOW))] == ["subject:from"]
+    records = signer.dns_records()
+    assert dkimpy_verify(signed, records) == [True]
+    assert dkimpy_verify(b"From: forged@example.com\r\n" + signed, records) == [False]
