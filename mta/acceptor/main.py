@@ -71,6 +71,7 @@ import uvloop
 
 from mta import bus, feedback, mime, native, proc
 from mta.acceptor import http, smtp
+from mta.acceptor.state import State
 from mta.acceptor import reports as oob_reports
 from mta.acceptor.metrics import AcceptorMetrics
 from mta.acceptor import replies as R
@@ -87,6 +88,8 @@ log = logging.getLogger("mta.acceptor")
 
 SWEEP_INTERVAL = 0.5     # seconds between timeout / free-space checks
 DRAIN_FLAG = "drain"     # file in the run directory: the node is drained (mta drain)
+# a session in MAIL, RCPT (DATA included), BDAT or WAITING holds a transaction
+_IN_TRANSACTION, _WAITING = State.MAIL, State.WAITING
 RECORD_OVERHEAD = 1024   # octets: generous estimate of a spool record's envelope and framing
 
 # MAIL parameters kept with the message; with DSN's (RFC 3461) ENVID and RET,
@@ -543,6 +546,14 @@ class Acceptor:
             self._drained.set()
 
     # --------------------------------------------------------- housekeeping
+
+    def transactions_open(self) -> int:
+        """Mail on its way in (for a drain's end): SMTP sessions with a transaction begun
+        and not answered, HTTP messages not answered yet or waiting to be built."""
+        n = sum(1 for s in self.sessions if _IN_TRANSACTION <= s.state <= _WAITING)
+        if self.http is not None:
+            n += self.http.pending + len(self.http.paused)
+        return n
 
     def _idle(self) -> bool:
         """No session open and no message waiting for the spool."""

@@ -35,6 +35,7 @@ class AcceptorMetrics:
              self.smtp_rcpt_seen - self.smtp_rcpt_ok.value),
             (COUNTER, "mta_smtp_connections_rejected_total", (), a.stats["rejected_connections"]),
             (GAUGE, "mta_smtp_connections_open", (), len(a.sessions)),
+            (GAUGE, "mta_acceptor_transactions_open", (), a.transactions_open()),
         ]
         signer = a.signer
         if signer is not None:

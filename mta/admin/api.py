@@ -195,7 +195,19 @@ class Api:
         t = view["total"]
         out["remaining"] = {"messages": t["messages"], "recipients": t["recipients"],
                             "in_flight": t["in_flight"], "deferred": t["deferred"]}
-        out["done"] = out["draining"] and t["messages"] == 0 and not t.get("recovering")
+        # Mail still on its way in (a DATA begun before the drain) lands after the queue
+        # looked empty: done also needs every acceptor to say none is open.
+        began = out["since"]
+        if began is None and out["draining"]:
+            try:        # (a flag made by hand: its time)
+                began = os.stat(self.drain_path).st_mtime
+            except OSError:
+                began = None
+        since = time.time() - began if began else 0.0
+        busy, settled = self.reports.transactions_open(since)
+        out["remaining"]["transactions_open"] = busy
+        out["done"] = (out["draining"] and t["messages"] == 0 and not t.get("recovering")
+                       and busy == 0 and settled)
         return out
 
     # -------------------------------------------------------------- routes

@@ -29,6 +29,10 @@ def _combine(name: str) -> str:
     return fam.combine if fam is not None else SUM
 
 
+SEEN_DRAIN = 1.0     # seconds, at most, until every acceptor has seen a drain begin
+                    # (they look for run/drain twice a second)
+
+
 class Slot:
     __slots__ = ("role", "index", "pid", "report", "at", "base_counters", "base_hist")
 
@@ -97,6 +101,24 @@ class Reports:
 
     def fresh(self, slot: Slot, now: float) -> bool:
         return slot.report is not None and now - slot.at <= self.stale_after
+
+    def transactions_open(self, since: float) -> tuple[int, bool]:
+        """(mail on its way in, summed over the acceptors; whether every acceptor the
+        supervisor runs reported it fresh, less than *since* seconds ago minus what an
+        acceptor takes to see a drain): a drain that began *since* seconds ago is done
+        only when this is (0, True)."""
+        now = self.clock()
+        n, settled = 0, True
+        for key in self._expected_now():
+            if key[0] != "acceptor":
+                continue
+            slot = self.slots.get(key)
+            if slot is None or not self.fresh(slot, now) or now - slot.at > since - SEEN_DRAIN:
+                settled = False
+                continue
+            n += sum(int(g.value) for g in slot.report.gauges
+                     if g.name == "mta_acceptor_transactions_open")
+        return n, settled
 
     def _expected_now(self) -> set:
         from mta import config as mconfig

@@ -56,6 +56,10 @@ _FAMILIES = [
     Family("mta_smtp_connections_rejected_total", COUNTER,
            "SMTP connections refused with 421 (too many)"),
     Family("mta_smtp_connections_open", GAUGE, "SMTP sessions open"),
+    Family("mta_acceptor_transactions_open", GAUGE,
+           "mail on its way in: SMTP transactions begun (MAIL accepted) and not yet "
+           "answered, HTTP messages handed to the spool or waiting to be; a drain is done "
+           "only when this is 0 on every acceptor"),
     Family("mta_http_request_seconds", HISTOGRAM,
            "HTTP requests, from the first byte of the request to the last byte of the "
            "response", buckets=LATENCY),

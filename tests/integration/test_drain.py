@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 
-from daemon import wait_until
+from daemon import queued_id, wait_until
 from mxlab import IPS, mx
 from test_admin_api import admin_call, message
 
@@ -147,3 +147,31 @@ def test_drain_refuses_new_mail_delivers_the_queue_and_reports_zero(lab):
     st, _, rep = admin_call(d, "GET", "/api/admin/drain")
     assert rep["draining"] is False
     assert "Traceback" not in d.log()
+
+
+def test_a_drain_is_not_done_while_a_message_is_on_its_way_in(make_daemon):
+    # A DATA begun before the drain is still taken (its client gets 250); until it is
+    # answered the drain is not done, or an operator would take the node down with it
+    # (the queue looked empty, so the report said done).
+    d = make_daemon(acceptors=1, shards=1)     # deliveries held: what lands stays queued
+    with d.session() as c:
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+        assert c.cmd("RCPT TO:<b@example.net>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: late\r\n\r\nstill coming\r\n")
+        st, _, rep = admin_call(d, "POST", "/api/admin/drain")
+        assert st == 200
+
+        def report():
+            return admin_call(d, "GET", "/api/admin/drain")[2]
+        rep = wait_until(lambda: (lambda r: r if r["remaining"]["transactions_open"] == 1
+                                  else None)(report()), 20, "the open transaction reported")
+        assert rep["done"] is False and rep["remaining"]["messages"] == 0
+        code, lines = c.cmd(".")
+        assert code == 250, lines
+    rep = wait_until(lambda: (lambda r: r if r["remaining"]["transactions_open"] == 0
+                              else None)(report()), 20, "no transaction open any more")
+    assert rep["remaining"]["messages"] == 1 and rep["done"] is False
+    # (held, it would wait for ever: the operator deletes it, and the node is empty)
+    d.cli("queue", "delete", queued_id(" ".join(lines)))
+    wait_until(lambda: report()["done"], 20, "the drain done")
