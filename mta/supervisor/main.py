@@ -615,6 +615,12 @@ class Supervisor:
             notify.notify(f"MAINPID={new.pid}", f"STATUS=upgraded: supervisor pid {new.pid}")
             for sk in socks:
                 sk.close()
+            # A stop asked for meanwhile (SIGTERM, SIGINT) is the new supervisor's now:
+            # passed on, not dropped with this process (the node would keep running).
+            stops = [sig for sig in self.signals if sig in (signal.SIGTERM, signal.SIGINT)]
+            if stops:
+                log.info("upgrade: passing the stop asked for meanwhile to pid %d", new.pid)
+                os.kill(new.pid, stops[0])
             return True
         log.error("upgrade failed: the new supervisor did not become ready; starting this "
                   "one's children again")

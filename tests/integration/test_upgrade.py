@@ -16,6 +16,8 @@ import smtplib
 import threading
 import time
 
+import pytest
+
 from daemon import HOST, wait_until
 from test_admin_api import admin_call
 
@@ -194,3 +196,20 @@ def test_a_drained_node_stays_drained_across_an_upgrade_but_not_a_restart(make_d
     assert d.connect().banner[0] == 220
     assert "a drain was in effect" in d.log(since_start=True)
     assert admin_call(d, "GET", "/api/admin/drain")[2]["draining"] is False
+
+
+def test_a_stop_asked_for_during_an_upgrade_stops_the_new_supervisor(make_daemon):
+    # SIGTERM while the old supervisor hands over: the stop is passed on to the new one
+    # (it was dropped with the old process, and the node kept running)
+    d = make_daemon(acceptors=1, shards=1)
+    old = d.proc.pid
+    os.kill(old, signal.SIGUSR2)
+    d.wait_log("upgrade: stopping the children", timeout=20)
+    os.kill(old, signal.SIGTERM)
+    assert d.proc.wait(120) == 0
+    new = supervisor_pid(d)
+    assert "upgrade: supervisor pid %d took over" % new in d.log()
+    wait_until(lambda: not alive(new), 60, "the new supervisor to stop as asked")
+    assert "passing the stop asked for meanwhile" in d.log()
+    with pytest.raises(OSError):
+        d.connect(timeout=2)
