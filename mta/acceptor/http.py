@@ -66,6 +66,7 @@ from email.utils import formatdate
 import httptools
 
 from mta.acceptor.closing import close_lingering
+from mta.acceptor import proxy
 from mta.acceptor.peers import peer_address
 from mta.config import DEFAULT as DEFAULT_POOL
 from mta.feedback import suppression as suppression_list
@@ -277,6 +278,7 @@ class Session(asyncio.Protocol):
         self.expect_continue = False
         self.http10 = False        # the request being answered is HTTP/1.0
         self.out: list[bytes] = []
+        self.proxy: proxy.Reader | None = None   # a balancer's PROXY header, being read
 
     # ------------------------------------------------------------- transport
 
@@ -286,6 +288,22 @@ class Session(asyncio.Protocol):
         self.last_activity = svc.loop.time()
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
+        if self.a.proxy_networks and self.a.behind_proxy(self.peer_ip):
+            # a load balancer: its PROXY header names the client (mta.acceptor.proxy)
+            self.proxy = proxy.Reader(svc.loop, self._proxy_failed)
+            return
+        self._admit()
+
+    def _proxy_failed(self, why: str) -> None:
+        log.warning("HTTP connection from %s, a proxy_protocol_from network: %s; closed",
+                    self.peer_ip, why)
+        self.proxy = None
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _admit(self) -> None:
+        svc = self.svc
         if len(svc.sessions) >= self.cfg.max_connections:
             svc.stats["errors"] += 1
             self._respond(R.ApiError(R.UNAVAILABLE, "too many connections (http.max_connections)",
@@ -295,6 +313,9 @@ class Session(asyncio.Protocol):
         svc.sessions.add(self)
 
     def connection_lost(self, exc) -> None:
+        if self.proxy is not None:
+            self.proxy.cancel()
+            self.proxy = None
         self.svc.sessions.discard(self)
         self.closing = True
         self.lost = True
@@ -343,6 +364,9 @@ class Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.broken or self.closing:
+            return
+        if self.proxy is not None:
+            proxy.take(self, data)
             return
         self.last_activity = self.svc.loop.time()
         if self.in_head:

@@ -139,6 +139,7 @@ class Acceptor:
         self.ssl_context = self._ssl_context()
         self.auth_users = settings.auth_users
         self.relay_networks = settings.relay_networks
+        self.proxy_networks = settings.proxy_networks
         self._ehlo = {}
         self.sessions: set = set()
         self.per_ip: dict[str, int] = {}
@@ -219,6 +220,12 @@ class Acceptor:
             if self._events is not None:
                 self._events.close()
                 self._events = None
+
+    def behind_proxy(self, ip: str) -> bool:
+        """Whether a connection from *ip* comes through a load balancer that sends a
+        PROXY header (server.proxy_protocol_from)."""
+        addr = peer_address(ip)
+        return addr is not None and any(addr in net for net in self.proxy_networks)
 
     def relay_allowed(self, ip: str) -> bool:
         addr = peer_address(ip)

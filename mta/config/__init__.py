@@ -45,6 +45,7 @@ class Settings:
     shards: int
     listen: tuple[tuple[str, int], ...]
     relay_networks: tuple = field(default_factory=tuple)
+    proxy_networks: tuple = field(default_factory=tuple)   # server.proxy_protocol_from
     auth_users: dict = field(default_factory=dict)
     deliveries: int = 1
     event_log: str | None = None
@@ -205,6 +206,12 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
             nets.append(ipaddress.ip_network(item, strict=False))
         except ValueError as exc:
             raise ConfigError(f"smtp.relay_networks[{i}]: {exc}") from None
+    proxies = []
+    for i, item in enumerate(cfg.server.proxy_protocol_from):
+        try:
+            proxies.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as exc:
+            raise ConfigError(f"server.proxy_protocol_from[{i}]: {exc}") from None
     if bool(cfg.smtp.tls_certificate) != bool(cfg.smtp.tls_key):
         raise ConfigError("smtp.tls_key: tls_certificate and tls_key go together")
     if cfg.smtp.tls_certificate:
@@ -253,6 +260,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
         shards=cfg.spool.shards or max(1, ncpu // 4),
         listen=tuple(listen),
         relay_networks=tuple(nets),
+        proxy_networks=tuple(proxies),
         auth_users=users,
         deliveries=cfg.delivery.processes or ncpu,
         event_log=event_log,

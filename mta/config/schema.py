@@ -43,6 +43,13 @@ class ServerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         ge=0.1, le=600)] = 30.0
     ready_timeout: Annotated[float, _doc(
         "seconds a starting child may take to report ready", ge=1, le=3600)] = 60.0
+    proxy_protocol_from: Annotated[list[str], _doc(
+        "networks of the TCP load balancers in front of the SMTP and HTTP listeners "
+        "(HAProxy with send-proxy or send-proxy-v2): a connection from one must begin "
+        "with a PROXY protocol header (v1 or v2), and the client it names is the client "
+        "(relay_networks, per-IP limits, Received, events, the API's loopback rule); "
+        "without one in 5 seconds it is closed.  Empty: no PROXY header is read")] = \
+        msgspec.field(default_factory=list)
     event_log: Annotated[str, _doc(
         "JSON-lines event log in SparkPost's message-event shape (injection, delivery, "
         "delay, bounce), written by the events process and rotated as [events] says; "

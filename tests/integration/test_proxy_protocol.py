@@ -1,0 +1,158 @@
+"""The real daemon behind HAProxy: the PROXY protocol names the client (server.proxy_protocol_from).
+
+HAProxy 2.6 (Debian) in TCP mode forwards SMTP with ``send-proxy-v2`` on one port and
+``send-proxy`` (v1) on another; the test's clients connect to it from 127.0.0.5 and
+127.0.0.6, and HAProxy to the daemon from 127.0.0.4, the one address the daemon takes
+headers from (BALANCER).  Only 127.0.0.5 may relay (smtp.relay_networks): without the
+header every client behind the balancer would be 127.0.0.4, and a balancer on the
+node itself would make every client a loopback one.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from daemon import HOST, Client, free_port, wait_until
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"    # scripts/install-test-deps
+BALANCER = "127.0.0.4"
+
+
+def haproxy_config(v2_port: int, v1_port: int, target: int) -> str:
+    return f"""
+global
+    maxconn 200
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend smtp_v2
+    bind 127.0.0.1:{v2_port}
+    default_backend mta_v2
+backend mta_v2
+    server m 127.0.0.1:{target} send-proxy-v2 source {BALANCER}
+frontend smtp_v1
+    bind 127.0.0.1:{v1_port}
+    default_backend mta_v1
+backend mta_v1
+    server m 127.0.0.1:{target} send-proxy source {BALANCER}
+"""
+
+
+@pytest.fixture
+def balanced(make_daemon, tmp_path):
+    d = make_daemon(acceptors=1, shards=1,
+                    server={"proxy_protocol_from": [f"{BALANCER}/32"]},
+                    smtp={"relay_networks": ["127.0.0.5/32"]})
+    v2_port, v1_port = free_port(), free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(haproxy_config(v2_port, v1_port, d.port))
+    hp = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    try:
+        def listening():
+            for port in (v2_port, v1_port):
+                try:
+                    socket.create_connection((HOST, port), timeout=1).close()
+                except OSError:
+                    return False
+            return True
+        wait_until(listening, 20, "haproxy listening")
+        yield d, v2_port, v1_port
+    finally:
+        hp.terminate()
+        try:
+            hp.wait(10)
+        except subprocess.TimeoutExpired:
+            hp.kill()
+            hp.wait()
+
+
+def transaction(port: int, source: str, rcpt: str) -> tuple[int, list[str]]:
+    c = Client(HOST, port, source=source)
+    try:
+        assert c.banner[0] == 220, c.banner
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+        code, lines = c.cmd(f"RCPT TO:<{rcpt}>")
+        if code != 250:
+            return code, lines
+        assert c.cmd("DATA")[0] == 354
+        return c.cmd(b"Subject: behind haproxy\r\n\r\nhello\r\n.")
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_behind_haproxy_the_client_is_the_one_the_header_names(balanced, version):
+    d, v2_port, v1_port = balanced
+    port = v2_port if version == "v2" else v1_port
+    code, lines = transaction(port, "127.0.0.5", f"ok-{version}@example.net")
+    assert code == 250, lines
+    # 127.0.0.6 is not in relay_networks: through the same balancer it may not relay
+    code, lines = transaction(port, "127.0.0.6", f"no-{version}@example.net")
+    assert code == 554 and "Relay access denied" in " ".join(lines), lines
+    assert d.stop() == 0
+    (m,) = [m for m in d.spool_dump(bodies=True) if m["recipients"] == [f"ok-{version}@example.net"]]
+    head = base64.b64decode(m["message"]).split(b"\r\n\r\n")[0].decode()
+    assert "[127.0.0.5]" in head and f"[{BALANCER}]" not in head, head
+
+
+def test_a_balancer_that_sends_no_header_is_not_served(make_daemon):
+    # a connection from a proxy_protocol_from network without a header gets no greeting
+    # (it must not pass as the balancer: here, a loopback client that could relay)
+    d = make_daemon(acceptors=1, shards=1, server={"proxy_protocol_from": [f"{BALANCER}/32"]})
+    s = socket.create_connection((HOST, d.port), source_address=(BALANCER, 0), timeout=10)
+    try:
+        s.sendall(b"EHLO client.test\r\n")
+        assert s.recv(100) == b""           # closed, not a word
+    finally:
+        s.close()
+    d.wait_log("a proxy_protocol_from network: not a PROXY header; closed")
+    # nothing at all for 5 s: closed as well
+    s = socket.create_connection((HOST, d.port), source_address=(BALANCER, 0), timeout=15)
+    try:
+        t0 = time.monotonic()
+        assert s.recv(100) == b""
+        assert 4 <= time.monotonic() - t0 < 12
+    finally:
+        s.close()
+    # a client from elsewhere is served as ever
+    c = Client(HOST, d.port, source="127.0.0.3")
+    assert c.banner[0] == 220
+    c.close()
+
+
+def test_the_http_api_takes_the_client_from_the_header(make_daemon):
+    # Without api_keys the API serves loopback clients only: behind a balancer on the
+    # node every client would be one.  The test is the balancer here (BALANCER) and names
+    # a client elsewhere (TEST-NET-1: an address in a header, no packet goes there).
+    d = make_daemon(acceptors=1, shards=1, server={"proxy_protocol_from": [f"{BALANCER}/32"]})
+    body = json.dumps({"recipients": ["x@example.net"],
+                       "content": {"from": "a@sender.test", "subject": "s", "text": "t"}})
+    request = (f"POST /api/v1/transmissions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+               f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+               f"{body}").encode()
+
+    def answer(header: bytes) -> bytes:
+        s = socket.create_connection((HOST, d.http_port), source_address=(BALANCER, 0),
+                                     timeout=10)
+        try:
+            s.sendall(header + request)
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+        finally:
+            s.close()
+    far = answer(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 8025\r\n")
+    assert far.split(b"\r\n")[0].split()[1] in (b"401", b"403"), far[:200]
+    near = answer(b"PROXY TCP4 127.0.0.9 127.0.0.1 40000 8025\r\n")
+    assert near.startswith(b"HTTP/1.1 200"), near[:300]
