@@ -118,7 +118,8 @@ ACTIVE_NAME = "active-config.json"   # in run_dir: what the running supervisor a
 def restart_keys(old: Settings, new: Settings) -> list[str]:
     """The settings of *new* that a reload (SIGHUP) of a daemon running *old* does not
     apply -- they wait for the next restart: [spool] and [admin] keys, the shard
-    count, delivery.processes, and turning the events or webhooks process on or off."""
+    count, delivery.processes, turning the events or webhooks process on or off, the
+    state directory, and the host name the spool shards put in their DSNs."""
     out = []
     for section in ("spool", "admin"):
         a = msgspec.to_builtins(getattr(old.config, section))
@@ -132,6 +133,11 @@ def restart_keys(old: Settings, new: Settings) -> list[str]:
         out.append("server.event_log / events.store (the events process on or off)")
     if old.config.webhooks.enabled != new.config.webhooks.enabled:
         out.append("webhooks.enabled")
+    if old.state_dir != new.state_dir:
+        out.append("server.state_dir")
+    elif old.hostname != new.hostname:
+        out.append("server.hostname (in the spool shards' DSNs; the other processes take "
+                   "it now)")
     return out
 
 

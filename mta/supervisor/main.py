@@ -32,7 +32,7 @@ progress, then the spool shards record the last outcomes and stop; exit 0.
 SIGHUP: RELOADING=1; validate the new file; if it is bad keep running and log
 why; if good, replace the acceptors one slot at a time — the new process
 accepts on the slot's socket before the old one stops, so no connection is
-refused; then, when their sections changed (``ROLLED``: [delivery], [egress],
+refused; then, when their sections changed (``ROLLED``: [server], [delivery], [egress],
 [[shaping]], [[response_rule]], [[warmup]], [backoff], [feedback]; [events];
 [webhooks], [[webhook]]), replace the delivery, events and webhooks processes
 one at a time, each stopped as at SIGTERM before its successor starts — then
@@ -83,8 +83,8 @@ FIRST_BACKOFF = 0.2         # seconds
 # SIGHUP: the roles whose processes are replaced when these config sections change
 # ([dkim] is the acceptors', which every reload replaces)
 ROLLED = {"delivery": ("delivery", "egress", "shaping", "response_rule", "warmup", "backoff",
-                       "feedback"),
-          "events": ("events",),
+                       "feedback", "server"),
+          "events": ("events", "server"),
           "webhooks": ("webhooks", "webhook")}
 STOP_GRACE = 10.0           # seconds after the drain for a child to exit before SIGKILL
 LISTEN_BACKLOG = 4096
@@ -745,6 +745,13 @@ class Supervisor:
         if new.config.webhooks.enabled != old.config.webhooks.enabled:
             new = dataclasses.replace(new, config=replace(
                 new.config, webhooks=old.config.webhooks, webhook=old.config.webhook))
+        if new.state_dir != old.state_dir:
+            # every process finds the others (the bus, the run files) under it: a new
+            # acceptor looking in another directory never reported ready
+            new = dataclasses.replace(
+                new, state_dir=old.state_dir, spool_dir=old.spool_dir, run_dir=old.run_dir,
+                event_log=old.event_log, config=replace(new.config, server=replace(
+                    new.config.server, state_dir=old.config.server.state_dir)))
         return new
 
     def _roll(self, role: str, settings) -> None:

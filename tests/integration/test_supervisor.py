@@ -381,3 +381,31 @@ def test_children_of_a_supervisor_killed_with_sigkill_stop_and_a_new_start_takes
     qid = d.send("a@sender.test", ["b@example.net"], b"Subject: after\r\n\r\nbody\r\n")
     assert qid in {m["queue_id"] for m in d.queue_list()}
     assert "is written by another process" not in d.log()
+
+
+def test_a_reload_keeps_the_state_directory_and_says_it_needs_a_restart(make_daemon, tmp_path):
+    # A new state_dir under a running daemon: the new acceptors looked for the spool's
+    # bus and run files in the new one and never reported ready (the reload failed after
+    # ready_timeout).  It is kept until a restart, and the log says so.
+    d = make_daemon(acceptors=1, shards=1)
+    d.reload(server={"state_dir": str(tmp_path / "elsewhere")}, timeout=60)
+    assert re.search(r"reload: server\.state_dir changed; it takes effect at the next "
+                     r"restart", d.log())
+    assert "did not start" not in d.log()
+    # mail is taken (250 from the new acceptor, which found the spool where it was)
+    assert d.send("a@sender.test", ["b@example.net"], b"Subject: after\r\n\r\nbody\r\n")
+    assert not os.path.exists(tmp_path / "elsewhere")
+
+
+def test_a_reload_of_the_host_name_reaches_the_delivery_processes(make_daemon):
+    # [server] changes replace the delivery and events processes (their EHLO name, the
+    # event log), and the spool's DSNs wait for a restart, which the log says
+    d = make_daemon(acceptors=1, shards=1)
+    old = d.children()["delivery[0]"]
+    d.reload(server={"hostname": "renamed.test"}, timeout=60)
+    log = d.log()
+    assert re.search(r"reload: server\.hostname \(in the spool shards' DSNs", log)
+    assert "reload: [server] changed; replacing the delivery process(es)" in log
+    assert d.children()["delivery[0]"] != old
+    with d.session() as c:
+        assert "renamed.test" in " ".join(c.banner[1])
