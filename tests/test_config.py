@@ -182,6 +182,8 @@ def test_defaults(tmp_path):
     ("[webhooks]\nretry_schedule = [1, inf]\n", "webhooks.retry_schedule"),
     ("[webhooks]\nretry_schedule = [nan]\n", "webhooks.retry_schedule"),
     ("[events]\nstore_path = ''\n", "events.store_path"),
+    ("[smtp]\nlisten = ['127.0.0.1:2525', '127.0.0.1:2525']\n", "smtp.listen[1]"),
+    ("[server]\nproxy_protocol_from = ['10.0.0.0/33']\n", "server.proxy_protocol_from[0]"),
 ])
 def test_errors_name_the_key(tmp_path, text, key):
     p = tmp_path / "c.toml"

@@ -203,6 +203,8 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
             ipaddress.ip_address(host)
         except ValueError as exc:
             raise ConfigError(f"smtp.listen[{i}]: {exc}") from None
+        if (host, port) in listen:
+            raise ConfigError(f"smtp.listen[{i}]: {item} is listed twice")
         listen.append((host, port))
     http_listen = _check_http(cfg.http, listen)
     admin_listen = _check_admin(cfg.admin, listen + list(http_listen))
