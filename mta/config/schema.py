@@ -255,7 +255,10 @@ class RouteConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "none, opportunistic or required; unset: as the [[shaping]] rules and "
         "delivery.starttls say for the domain (a route does not weaken a rule's "
         "\"required\" unless it says so)")] = None
-    tls_verify: Annotated[bool, _doc("verify the server certificate and name")] = False
+    tls_verify: Annotated[bool, _doc(
+        "verify the server certificate and name; then STARTTLS is required (as Postfix's "
+        "verify level): a server that does not offer it, or whose certificate fails, "
+        "gets nothing (the mail is deferred)")] = False
     source_address: Annotated[str, _doc(
         "local IP address to send from (egress IP); empty: the system's choice")] = ""
 
@@ -281,7 +284,8 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     starttls: Annotated[str, _doc(
         "STARTTLS for MX deliveries: none, opportunistic or required")] = "opportunistic"
     tls_verify: Annotated[bool, _doc(
-        "verify certificates on MX deliveries (opportunistic TLS does not by default)")] = False
+        "verify certificates on MX deliveries (opportunistic TLS does not by default); "
+        "then STARTTLS is required, as for a route's tls_verify")] = False
     source_address: Annotated[str, _doc(
         "local IP address for MX deliveries; empty: the system's choice")] = ""
     connection_limit: Annotated[int, _doc(

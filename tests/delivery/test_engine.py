@@ -650,3 +650,22 @@ def test_opportunistic_tls_whose_handshake_fails_goes_in_plaintext(policy, outco
         assert BrokenTlsPeer.starttls == 1          # tried once, then remembered
         assert BrokenTlsPeer.connections == 3
         assert all(j.tls == "0" for j, _ in reports)
+
+
+def test_a_verified_route_never_falls_back_to_plaintext():
+    # tls_verify: a server that offers no STARTTLS (or whose TLS fails) gets nothing, so
+    # that a man in the middle cannot strip it
+    peer = Peer()                       # offers no STARTTLS
+    (j, results), = deliver([job("bank.test", "ok")], Resolver({}, {}), peer,
+                            starttls="opportunistic",
+                            route=[{"domain": "bank.test", "hosts": ["127.0.0.1:PORT"],
+                                    "tls_verify": True}])
+    assert results[0].outcome == bus.DEFERRED and "STARTTLS required" in results[0].text
+    assert peer.messages == []
+    BrokenTlsPeer.connections = BrokenTlsPeer.starttls = 0
+    BrokenTlsPeer.delivered = []
+    (j, results), = deliver([job("bank.test", "a")], Resolver({}, {}), BrokenTlsPeer,
+                            starttls="opportunistic",
+                            route=[{"domain": "bank.test", "hosts": ["127.0.0.1:PORT"],
+                                    "tls_verify": True}])
+    assert results[0].outcome == bus.DEFERRED and BrokenTlsPeer.delivered == []
