@@ -236,7 +236,9 @@ def lock_writer(directory: str) -> int:
     locks: held by the open file description, not lost when some other descriptor
     of the file is closed.  The file holds the writer's pid, for the message.
     """
-    os.makedirs(directory, exist_ok=True)
+    # (durably: the directory made here is the one the segments go in, and Store's own
+    # make_dirs would find it made and not sync its entry -- a power cut took it all)
+    make_dirs(directory)
     fd = os.open(os.path.join(directory, WRITER_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                  0o644)
     try:
