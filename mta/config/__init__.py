@@ -185,6 +185,17 @@ def load(path: str | None = None, *, cpu_count: int | None = None) -> Settings:
     return resolve(cfg, path, cpu_count=cpu_count)
 
 
+def _networks(items: list[str], key: str) -> list:
+    """*items* as ip_network objects; ConfigError naming the item that is not one."""
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as exc:
+            raise ConfigError(f"{key}[{i}]: {exc}") from None
+    return out
+
+
 def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> Settings:
     """Check cross-field rules and derive paths and counts."""
     ncpu = cpu_count or len(os.sched_getaffinity(0)) or 1
@@ -208,18 +219,8 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
         listen.append((host, port))
     http_listen = _check_http(cfg.http, listen)
     admin_listen = _check_admin(cfg.admin, listen + list(http_listen))
-    nets = []
-    for i, item in enumerate(cfg.smtp.relay_networks):
-        try:
-            nets.append(ipaddress.ip_network(item, strict=False))
-        except ValueError as exc:
-            raise ConfigError(f"smtp.relay_networks[{i}]: {exc}") from None
-    proxies = []
-    for i, item in enumerate(cfg.server.proxy_protocol_from):
-        try:
-            proxies.append(ipaddress.ip_network(item, strict=False))
-        except ValueError as exc:
-            raise ConfigError(f"server.proxy_protocol_from[{i}]: {exc}") from None
+    nets = _networks(cfg.smtp.relay_networks, "smtp.relay_networks")
+    proxies = _networks(cfg.server.proxy_protocol_from, "server.proxy_protocol_from")
     if bool(cfg.smtp.tls_certificate) != bool(cfg.smtp.tls_key):
         raise ConfigError("smtp.tls_key: tls_certificate and tls_key go together")
     if cfg.smtp.tls_certificate:

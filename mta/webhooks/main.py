@@ -87,8 +87,8 @@ class Webhooks:
         gen = self.db.generation()
         if gen == self.generation:
             return
-        self.generation = gen
         seen = set()
+        complete = True
         for hook, created in self.hooks():
             if not hook.active:
                 continue
@@ -99,9 +99,18 @@ class Webhooks:
             old = self.senders.pop(hook.id, None)
             if old is not None:
                 await old.stop()
+                self.keys.pop(hook.id, None)
                 log.info("webhook %s (%s): changed; restarting its sender", hook.name, hook.id)
             s = Sender(hook, self.db, self.store, self.session, self.cfg)
-            s.load(created)
+            try:
+                s.load(created)          # (SQLite: locked, a full disk)
+            except Exception:
+                # The others still start; this one is tried again at the next look (the
+                # generation is left unseen), where it waited for the next API change.
+                log.exception("webhook %s (%s): cannot load its sender; trying again",
+                              hook.name, hook.id)
+                complete = False
+                continue
             self.senders[hook.id] = s
             self.keys[hook.id] = key
             s.start()
@@ -113,6 +122,8 @@ class Webhooks:
             await s.stop()
             log.info("webhook %s (%s): removed or inactive; its sender stopped", s.hook.name,
                      wid)
+        if complete:
+            self.generation = gen
 
     def publish(self) -> None:
         """Write min_seq (when it changed) and status.json."""

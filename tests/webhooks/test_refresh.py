@@ -1,0 +1,53 @@
+"""The webhooks process starts every webhook's sender, whatever one of them does."""
+from __future__ import annotations
+
+import asyncio
+import types
+
+from mta.api import webhookdb
+from mta.api import webhooks as W
+from mta.config.schema import Config
+from mta.feedback.events_store import EventStore
+from mta.webhooks import main as wmain
+
+
+def test_a_sender_that_cannot_load_holds_back_neither_the_others_nor_itself(tmp_path,
+                                                                          monkeypatch):
+    # Sender.load reads SQLite: a locked or full database raised out of refresh() with
+    # the generation already marked seen, so the webhooks after it got no sender (and
+    # it none) until the next API change
+    store = EventStore(str(tmp_path / "ev"), map_size=64 << 20, retention=86400)
+    db = webhookdb.WebhookDB(webhookdb.path_in(str(tmp_path)))
+    ids = [db.create(W.check_doc({"name": f"h{i}", "events": ["delivery"],
+                                  "target": f"http://127.0.0.1:9/h{i}"}), 10)
+           for i in range(3)]
+    settings = types.SimpleNamespace(config=Config(), state_dir=str(tmp_path))
+    real_load = wmain.Sender.load
+    failing = {"name": "h0", "times": 1}
+
+    def load(self, created):
+        if self.hook.name == failing["name"] and failing["times"]:
+            failing["times"] -= 1
+            raise OSError("database is locked")
+        return real_load(self, created)
+    monkeypatch.setattr(wmain.Sender, "load", load)
+
+    async def go():
+        s = W.new_session()
+        w = wmain.Webhooks(settings, db, store, s)
+        await w.refresh()
+        first = sorted(x.hook.name for x in w.senders.values())
+        await w.refresh()                   # no API change meanwhile: tried again
+        second = sorted(x.hook.name for x in w.senders.values())
+        for x in w.senders.values():
+            await x.stop()
+        await s.close()
+        return first, second
+    try:
+        first, second = asyncio.run(go())
+    finally:
+        db.close()
+        store.close()
+    assert len(ids) == 3
+    assert first == ["h1", "h2"]
+    assert second == ["h0", "h1", "h2"]
