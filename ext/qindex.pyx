@@ -50,6 +50,7 @@ from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
 
 import heapq
+from operator import index as _index
 
 cdef enum:
     _PENDING = 0
@@ -201,14 +202,15 @@ def is_canonical(qid) -> bool:
 
 
 cdef uint8_t _u8(str name, object v) except? 0xFF:
-    cdef Py_ssize_t x = v.__index__()
+    # (operator.index: TypeError for what is no integer, as the pure twin's)
+    cdef Py_ssize_t x = _index(v)
     if x < 0 or x > 0xFF:
         raise ValueError(f"{name} must be in 0..255")
     return <uint8_t>x
 
 
 cdef uint16_t _attempts(object v) except? 0xFFFF:
-    cdef int64_t x = v.__index__()
+    cdef int64_t x = _index(v)
     if x < 0:
         return 0
     if x > _MAX_ATTEMPTS:
@@ -717,14 +719,18 @@ cdef class QueueIndex:
         cdef Msg* m
         cdef Rcpt* r
         cdef uint8_t c_state, c_flags = 0
+        cdef uint16_t c_attempts
         if s == NONE:
             return False
         m = &self.msgs[s]
         if idx < 0 or idx >= m.nrcpt:
             return False
+        # every value converted before anything changes (a bad one leaves the recipient as
+        # it was, in both twins)
         c_state = _u8("state", state)
         if flags is not None:
             c_flags = _u8("flags", flags)
+        c_attempts = _attempts(attempts)
         r = &self.rc[m.rfirst + idx]
         if flags is not None:
             r.flags = c_flags
@@ -733,17 +739,24 @@ cdef class QueueIndex:
         if c_state == _PENDING:
             m.pending += 1
         r.state = c_state
-        r.attempts = _attempts(attempts)
+        r.attempts = c_attempts
         r.due = due
         return True
 
     def apply(self, qid, updates):
         """Apply a REC_RCPT record's [[idx, state, attempts, due(, flags)], ...] (bad
-        indexes ignored); how many applied."""
+        indexes and malformed updates ignored); how many applied."""
         cdef int n = 0
+        cdef tuple a
         for u in updates:
-            if self.update(qid, u[0], u[1], u[2], u[3], u[4] if len(u) > 4 else None):
-                n += 1
+            try:
+                a = tuple(u)
+                if not 4 <= len(a) <= 5:
+                    continue        # not an update: skipped, as a bad index
+                if self.update(qid, *a):
+                    n += 1
+            except (OverflowError, TypeError, ValueError):
+                pass        # a record's update that cannot be one: skipped, as a bad index
         return n
 
     def set_due(self, qid, Py_ssize_t idx, double due):

@@ -287,22 +287,32 @@ class QueueIndex:
         m = self._get(qid)
         if m is None or not 0 <= idx < len(m.state):
             return False
+        # every value converted before anything changes (as the compiled twin)
         state = _u8("state", state)
+        flags = None if flags is None else _u8("flags", flags)
+        attempts = _attempts(attempts)
+        due = float(due)
         if flags is not None:
-            m.flags[idx] = _u8("flags", flags)
+            m.flags[idx] = flags
         m.pending += (state == PENDING) - (m.state[idx] == PENDING)
         m.state[idx] = state
-        m.attempts[idx] = _attempts(attempts)
-        m.due[idx] = float(due)
+        m.attempts[idx] = attempts
+        m.due[idx] = due
         return True
 
     def apply(self, qid, updates) -> int:
         """Apply a REC_RCPT record's [[idx, state, attempts, due(, flags)], ...] (bad
-        indexes ignored); how many applied."""
+        indexes and malformed updates ignored); how many applied."""
         n = 0
         for u in updates:
-            if self.update(qid, u[0], u[1], u[2], u[3], u[4] if len(u) > 4 else None):
-                n += 1
+            try:
+                a = tuple(u)
+                if not 4 <= len(a) <= 5:
+                    continue        # not an update: skipped, as a bad index
+                if self.update(qid, *a):
+                    n += 1
+            except (OverflowError, TypeError, ValueError):
+                pass        # a record's update that cannot be one: skipped, as a bad index
         return n
 
     def set_due(self, qid, idx, due) -> bool:

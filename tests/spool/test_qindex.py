@@ -156,6 +156,24 @@ def test_replace_into_the_other_lane_moves_the_due_entry(mod):
     assert q.pop_due(0, T0 + 9, 9) == [] and q.pop_due(1, T0 + 9, 9) == [Q1]
 
 
+def test_a_malformed_update_changes_nothing_and_apply_skips_it(mod):
+    # A REC_RCPT record whose checksum holds but whose update cannot be one (an index past
+    # 2**63, a state that is no byte): recovery's apply() skips it as it skips a bad index
+    # (the compiled twin raised OverflowError out of recovery), and a failed update()
+    # leaves the recipient as it was (the pure twin had changed its state and counts)
+    q = mod.QueueIndex(1.0)
+    put(q, Q1, ["a", "b"])
+    before = q.progress(Q1), q.info(Q1)
+    for bad in ([0, DELIVERED, 1, "x"], [0, 999, 1, 0.0], [0, DELIVERED, "many", 0.0],
+                [0, DELIVERED, 1, 0.0, 300]):
+        with pytest.raises((TypeError, ValueError, OverflowError)):
+            q.update(Q1, *bad)
+        assert (q.progress(Q1), q.info(Q1)) == before, bad
+    assert q.apply(Q1, [[1 << 64, DELIVERED, 1, 0.0], [0, 999, 1, 0.0], [0],
+                        [1, DELIVERED, 1, 0.0]]) == 1
+    assert q.progress(Q1)[0] == [PENDING, DELIVERED] and q.info(Q1)[-1] == 1
+
+
 def test_updates(mod):
     q = mod.QueueIndex(1.0)
     put(q, Q1, ["a", "b"])
