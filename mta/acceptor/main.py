@@ -87,6 +87,7 @@ from mta.queueid import new_qid, shard_of
 log = logging.getLogger("mta.acceptor")
 
 SWEEP_INTERVAL = 0.5     # seconds between timeout / free-space checks
+SPOOL_CONNECT_WAIT = 5.0  # seconds a starting acceptor waits for the shards' bus, at most
 DRAIN_FLAG = "drain"     # file in the run directory: the node is drained (mta drain)
 # a session in MAIL, RCPT (DATA included), BDAT or WAITING holds a transaction
 _IN_TRANSACTION, _WAITING = State.MAIL, State.WAITING
@@ -716,7 +717,9 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],
         if pusher is not None:
             pusher.run_on(loop)
         proc.GcSettler().run_on(loop)     # short collector pauses with many connections
-        await acc.spool_connected(settings.config.server.ready_timeout)
+        # (a shard that answers connects within milliseconds; one that hangs must not keep
+        # this acceptor from serving the others for ready_timeout)
+        await acc.spool_connected(min(SPOOL_CONNECT_WAIT, settings.config.server.ready_timeout))
         await acc.serve(socks, http_socks)
         proc.report_ready(ready_fd)
         await stop.wait()

@@ -409,3 +409,22 @@ def test_a_reload_of_the_host_name_reaches_the_delivery_processes(make_daemon):
     assert d.children()["delivery[0]"] != old
     with d.session() as c:
         assert "renamed.test" in " ".join(c.banner[1])
+
+
+def test_a_restarted_acceptor_serves_at_once_while_a_shard_hangs(make_daemon):
+    # A shard that hangs (here: stopped) kept a new acceptor from listening for the whole
+    # ready_timeout (60 s by default): it now serves after a few seconds, the hung
+    # shard's messages getting 451 until it is back
+    d = make_daemon(acceptors=1, shards=2)
+    kids = d.children()
+    os.kill(kids["spool[1]"], signal.SIGSTOP)
+    try:
+        os.kill(kids["acceptor[0]"], signal.SIGKILL)
+        t0 = time.monotonic()
+        d.wait_restarted("acceptor[0]", kids["acceptor[0]"])
+        c = d.connect(timeout=30)
+        waited = time.monotonic() - t0
+        assert c.banner[0] == 220 and waited < 15, waited
+        c.close()
+    finally:
+        os.kill(kids["spool[1]"], signal.SIGCONT)
