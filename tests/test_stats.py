@@ -145,6 +145,35 @@ def test_health_is_not_ok_while_a_shard_cannot_write_or_the_node_drains(tmp_path
     (tmp_path / "drain").write_text("")
     h = rep.health()
     assert h["ok"] is False and h["draining"] is True
+    (tmp_path / "drain").unlink()
+    # an acceptor whose spool disk is below spool.min_free_* answers MAIL 452
+    reg = Registry()
+    reg.collect(lambda: [(GAUGE, "mta_acceptor_space_low", (), 1)])
+    r = reg.snapshot(2, "acceptor", 0)
+    r.pid = 90
+    rep.add(bus.decode(bus.encode(r)))
+    h = rep.health()
+    acc = next(c for c in h["children"] if c["role"] == "acceptor" and c["index"] == 0)
+    assert acc["healthy"] is False and h["ok"] is False
+
+
+def test_health_counts_a_child_that_never_reported(tmp_path):
+    # an acceptor the supervisor runs (say, added by a reload) that never reported is
+    # down, whether or not the admin process knew its slot
+    settings = _settings()
+    settings.run_dir = str(tmp_path)
+    rep = Reports(settings)
+    for pid, (role, index) in enumerate(sorted(rep.slots), 40):
+        r = Registry().snapshot(1, role, index)
+        r.pid = pid
+        rep.add(bus.decode(bus.encode(r)))
+    assert rep.health()["ok"] is True
+    rep.expected = rep.expected | {("acceptor", 2)}
+    rep._active_mtime = -1            # (as if read from the supervisor's record)
+    h = rep.health()
+    assert h["ok"] is False
+    assert {"role": "acceptor", "index": 2, "pid": None, "up": False,
+            "last_report_age": None} in h["children"]
 
 
 def test_a_node_wide_0_or_1_gauge_is_the_highest_childs_not_their_sum():

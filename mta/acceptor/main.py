@@ -141,6 +141,7 @@ class Acceptor:
         self.auth_users = settings.auth_users
         self.relay_networks = settings.relay_networks
         self.proxy_networks = settings.proxy_networks
+        self.proxy_pending: set = set()    # connections (SMTP, HTTP) waiting for their header
         self._ehlo = {}
         self.sessions: set = set()
         self.per_ip: dict[str, int] = {}
@@ -566,7 +567,7 @@ class Acceptor:
     def _idle(self) -> bool:
         """No session open and no message waiting for the spool."""
         return not self.sessions and not self.pending and not self.report_tasks and (
-            self.http is None or not self.http.sessions)
+            self.http is None or not self.http.sessions) and not self.proxy_pending
 
     def sweep(self) -> None:
         now = self.loop.time()

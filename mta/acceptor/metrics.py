@@ -36,6 +36,7 @@ class AcceptorMetrics:
             (COUNTER, "mta_smtp_connections_rejected_total", (), a.stats["rejected_connections"]),
             (GAUGE, "mta_smtp_connections_open", (), len(a.sessions)),
             (GAUGE, "mta_acceptor_transactions_open", (), a.transactions_open()),
+            (GAUGE, "mta_acceptor_space_low", (), 1 if a.space_low else 0),
         ]
         signer = a.signer
         if signer is not None:

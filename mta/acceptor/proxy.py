@@ -112,9 +112,10 @@ class Reader:
     """The PROXY header of one connection, read before its protocol begins.
 
     The session (SMTP or HTTP) holds one in ``proxy`` from connection_made until
-    the header is whole; it provides ``_admit()`` (what connection_made does for a
-    direct client), ``_proxy_failed(why)`` (close without a word), ``peer_ip`` and
-    ``data_received``.
+    the header is whole, and in its acceptor's ``proxy_pending`` (counted by the
+    drain, bounded by max_connections); it provides ``_admit()`` (what
+    connection_made does for a direct client), ``_proxy_failed(why)`` (close
+    without a word), ``peer_ip`` and ``data_received``.
     """
 
     __slots__ = ("buf", "timer")
@@ -141,6 +142,7 @@ def take(session, data: bytes) -> None:
         return                  # (parse refuses more than MAX_HEADER)
     reader.cancel()
     session.proxy = None
+    session.a.proxy_pending.discard(session)
     n, client = got
     if client is not None:
         session.peer_ip = client

@@ -141,15 +141,21 @@ class Reports:
         now = self.clock()
         expected = self._expected_now()
         children = []
-        for (role, index), slot in sorted(self.slots.items()):
-            up = self.fresh(slot, now)
+        for role, index in sorted(expected | set(self.slots)):
+            slot = self.slots.get((role, index))
+            up = slot is not None and self.fresh(slot, now)   # (never reported: down)
             if (role, index) not in expected and not up:
                 continue            # retired by a reload (its counts are kept for /metrics)
-            c = {"role": role, "index": index, "pid": slot.pid or None, "up": up,
-                 "last_report_age": round(now - slot.at, 3) if slot.report else None}
+            c = {"role": role, "index": index, "pid": (slot.pid or None) if slot else None,
+                 "up": up, "last_report_age": round(now - slot.at, 3)
+                 if slot is not None and slot.report else None}
             if role == "spool" and up:
                 c["healthy"] = all(g.value for g in slot.report.gauges
                                    if g.name == "mta_spool_healthy")
+            elif role == "acceptor" and up:
+                # the spool's disk below spool.min_free_*: this acceptor's MAIL gets 452
+                c["healthy"] = not any(g.value for g in slot.report.gauges
+                                       if g.name == "mta_acceptor_space_low")
             children.append(c)
         draining = os.path.exists(os.path.join(self.settings.run_dir, "drain"))
         return {"ok": all(c["up"] and c.get("healthy", True) for c in children)

@@ -56,6 +56,9 @@ _FAMILIES = [
     Family("mta_smtp_connections_rejected_total", COUNTER,
            "SMTP connections refused with 421 (too many)"),
     Family("mta_smtp_connections_open", GAUGE, "SMTP sessions open"),
+    Family("mta_acceptor_space_low", GAUGE,
+           "1 while the spool's free space is below spool.min_free_* and MAIL gets 452 "
+           "(HTTP 503)", combine=MAX),
     Family("mta_acceptor_transactions_open", GAUGE,
            "mail on its way in: SMTP transactions begun (MAIL accepted) and not yet "
            "answered, HTTP messages handed to the spool or waiting to be; a drain is done "

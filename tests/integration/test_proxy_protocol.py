@@ -116,6 +116,7 @@ def test_a_balancer_that_sends_no_header_is_not_served(make_daemon):
     finally:
         s.close()
     d.wait_log("a proxy_protocol_from network: not a PROXY header; closed")
+    t_bad = time.monotonic()
     # nothing at all for 5 s: closed as well
     s = socket.create_connection((HOST, d.port), source_address=(BALANCER, 0), timeout=15)
     try:
@@ -128,6 +129,26 @@ def test_a_balancer_that_sends_no_header_is_not_served(make_daemon):
     c = Client(HOST, d.port, source="127.0.0.3")
     assert c.banner[0] == 220
     c.close()
+    # the bad header's connection was closed once: its timer went with it
+    time.sleep(max(0.0, 6.0 - (time.monotonic() - t_bad)))
+    assert d.log().count("a proxy_protocol_from network:") == 2, d.log()[-2000:]
+
+
+def test_a_connection_waiting_for_its_header_survives_a_reload(make_daemon):
+    # The old acceptor's drain did not count it (not a session yet): it saw itself idle
+    # and exited under the connection, whose client got a broken pipe
+    d = make_daemon(acceptors=1, shards=1, server={"proxy_protocol_from": [f"{BALANCER}/32"]})
+    s = socket.create_connection((HOST, d.port), source_address=(BALANCER, 0), timeout=10)
+    try:
+        time.sleep(0.3)
+        d.reload(smtp={"banner": "changed"})
+        s.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n")
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220 "), "the greeting, from the acceptor it began with"
+        s.sendall(b"QUIT\r\n")
+        assert f.readline().startswith(b"221")
+    finally:
+        s.close()
 
 
 def test_the_http_api_takes_the_client_from_the_header(make_daemon):
