@@ -121,6 +121,16 @@ def normalize(address: str) -> str:
     return f"{local}@{domain}"
 
 
+def _keys(address: str) -> tuple[bytes, ...]:
+    """The keys *address* may be stored under: its canonical form (normalize), and the
+    form lists written before this canonical form keep (lower case only) when it is
+    another -- a domain in U-labels, a quoted local part -- so that those entries still
+    suppress, show and delete."""
+    key = normalize(address).encode("utf-8", "surrogateescape")
+    legacy = address.strip().lower().encode("utf-8", "surrogateescape")
+    return (key,) if legacy == key else (key, legacy)
+
+
 def iso(ts: float) -> str:
     """``2017-10-01T12:00:00+00:00`` (SparkPost's form of created/updated)."""
     return datetime.datetime.fromtimestamp(int(ts), datetime.timezone.utc).isoformat()
@@ -163,13 +173,16 @@ class SuppressionList:
         The hot path: one read transaction and one B-tree lookup in the memory
         map (about 1-2 us).
         """
-        key = normalize(address).encode("utf-8", "surrogateescape")
-        if len(key) > MAX_ADDRESS:
-            return 0
+        keys = _keys(address)
         try:
             with self.env.begin(db=self.rcpt, buffers=True) as txn:
-                v = txn.get(key)
-                return v[0] if v is not None else 0
+                out = 0
+                for key in keys:
+                    if len(key) <= MAX_ADDRESS:
+                        v = txn.get(key)
+                        if v is not None:
+                            out |= v[0]
+                return out
         except lmdb.MapResizedError:
             self.env.set_mapsize(0)   # another process grew the map: adopt its size
             return self.flags(address)
@@ -184,14 +197,13 @@ class SuppressionList:
 
     def get(self, address: str, types: int = BOTH) -> list[dict]:
         """The entries of *address* (one per type), as the API shows them."""
-        key = normalize(address).encode("utf-8", "surrogateescape")
-        if len(key) > MAX_ADDRESS:
-            return []
+        out = []
         with self.env.begin(db=self.rcpt) as txn:
-            v = txn.get(key)
-        if v is None:
-            return []
-        return [e for e in _entries(key, v) if TYPES[e["type"]] & types]
+            for key in _keys(address):
+                v = txn.get(key) if len(key) <= MAX_ADDRESS else None
+                if v is not None:
+                    out += [e for e in _entries(key, v) if TYPES[e["type"]] & types]
+        return out
 
     def summary(self) -> dict:
         out = {k: 0 for k in SUMMARY_KEYS.values()}
@@ -415,7 +427,9 @@ class SuppressionList:
 
     def delete(self, address: str, types: int = BOTH) -> int:
         """Remove the records of *address* of *types*; how many were removed."""
-        key = normalize(address).encode("utf-8", "surrogateescape")
+        return sum(self._delete(key, types) for key in _keys(address))
+
+    def _delete(self, key: bytes, types: int) -> int:
         if not key or len(key) > MAX_ADDRESS:
             return 0
         n = 0

@@ -239,3 +239,17 @@ def test_every_spelling_of_a_listed_mailbox_is_suppressed(sl):
     assert [e["recipient"] for e in sl.get("other@xn--bcher-kva.de")] == [
         "other@xn--bcher-kva.de"]
     assert sl.delete('"foo"@example.com') == 2 and not sl.check("foo@example.com", False)
+
+
+def test_entries_stored_before_the_canonical_form_still_count(sl):
+    # a list written by an earlier version keyed a U-label domain and a quoted local part
+    # as given (lower case): those entries must still suppress, show and delete
+    with sl.env.begin(write=True) as txn:
+        for key in ("user@bücher.de", '"foo"@example.com'):
+            k = key.encode()
+            sl._put(txn, key, S.BOTH, S.MANUAL, "old", 1000.0)
+            assert txn.get(k, db=sl.rcpt) is not None
+    for spelling in ("user@bücher.de", "User@Bücher.de", '"foo"@example.com'):
+        assert sl.check(spelling, False) and sl.get(spelling), spelling
+    assert sl.delete("user@bücher.de") == 2 and not sl.check("user@bücher.de", False)
+    assert sl.delete('"foo"@example.com') == 2 and sl.summary()["total"] == 0
