@@ -611,8 +611,9 @@ class Engine:
                 # another process waits): ask them to let idle ones (and busy ones above
                 # their share) go, and look again shortly; our own workers carry on.
                 if not lane.waiting:
-                    lane.waiting = True
-                    self.limiter.set_waiting(lane.key, True)
+                    # (only a mark that was set is this lane's to clear: with every
+                    # limiter file pinned none is, and clearing would take another's)
+                    lane.waiting = self.limiter.set_waiting(lane.key, True)
                 lane.retry = self.loop.call_later(SLOT_RETRY, self._kick, lane)
                 break
             lane.active += 1

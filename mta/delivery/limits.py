@@ -261,9 +261,10 @@ class Limiter(abc.ABC):
         """
 
     @abc.abstractmethod
-    def set_waiting(self, key: str, waiting: bool) -> None:
+    def set_waiting(self, key: str, waiting: bool) -> bool:
         """Mark (or unmark) that one more (one fewer) lane of this process waits for a
-        slot of ``key``; every mark set is cleared once."""
+        slot of ``key``; every mark set is cleared once.  Whether a mark was set (False
+        when every open file is pinned): a lane clears only a mark it set."""
 
     @abc.abstractmethod
     def others_waiting(self, key: str, waiting: bool = False) -> bool:
@@ -568,23 +569,24 @@ class NodeLimiter(Limiter):
 
     # -- demand ---------------------------------------------------------------
 
-    def set_waiting(self, key: str, waiting: bool) -> None:
+    def set_waiting(self, key: str, waiting: bool) -> bool:
         if waiting:
             entry = self._entry(key)
             if entry is None:
-                return               # all files pinned: cannot mark (see module doc)
+                return False         # all files pinned: cannot mark (see module doc)
             entry.waiting += 1
             if entry.waiting == 1:
                 fcntl.fcntl(entry.fd, _SETLK, _LOCK_WAIT)   # shared: never conflicts
                 self._pin(entry)
-        else:
-            entry = self._entries.get(key)
-            if entry is None or not entry.waiting:
-                return
-            entry.waiting -= 1
-            if entry.waiting == 0:
-                fcntl.fcntl(entry.fd, _SETLK, _UNLOCK_WAIT)
-                self._unpin(entry)
+            return True
+        entry = self._entries.get(key)
+        if entry is None or not entry.waiting:
+            return False
+        entry.waiting -= 1
+        if entry.waiting == 0:
+            fcntl.fcntl(entry.fd, _SETLK, _UNLOCK_WAIT)
+            self._unpin(entry)
+        return True
 
     def others_waiting(self, key: str, waiting: bool = False) -> bool:
         entry, transient = self._entry_or_transient(key)

@@ -49,6 +49,7 @@ class Limiter:
 
     def set_waiting(self, key, waiting):
         self.marks[key] = waiting
+        return True
 
     def others_waiting(self, key, waiting=False):
         return self.others

@@ -508,6 +508,26 @@ def test_two_lanes_of_one_process_that_share_a_key_see_each_other_wait(agents, l
     assert not limiter.others_waiting(KEY) and not bystander("others_waiting", KEY)
 
 
+def test_a_mark_that_could_not_be_set_is_not_cleared(agents, lim_dir):
+    # With every open file pinned set_waiting marks nothing and says so; the engine then
+    # does not count the lane as waiting, so it never clears another lane's real mark
+    bystander = agents()
+    one = NodeLimiter(lim_dir, max_open_files=1)
+    try:
+        assert one.set_waiting("x", True) is True          # the one file, pinned
+        assert one.set_waiting(KEY, True) is False         # lane A: nothing free
+        assert one.set_waiting("x", False) is True
+        assert one.set_waiting(KEY, True) is True          # lane B: marked
+        assert bystander("others_waiting", KEY)
+        # (lane A holds no mark: it clears nothing; lane B's stays)
+        assert bystander("others_waiting", KEY)
+        assert one.set_waiting(KEY, False) is True         # lane B done
+        assert not bystander("others_waiting", KEY)
+        assert one.set_waiting(KEY, False) is False        # nothing left to clear
+    finally:
+        one.close()
+
+
 # -- rates across processes ----------------------------------------------------------
 
 def _taker(directory: str, key: str, rate: float, burst: int, seconds: float, start, conn):
