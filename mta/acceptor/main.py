@@ -560,6 +560,10 @@ class Acceptor:
         """Mail on its way in (for a drain's end): SMTP sessions with a transaction begun
         and not answered, HTTP messages not answered yet or waiting to be built."""
         n = sum(1 for s in self.sessions if _IN_TRANSACTION <= s.state <= _WAITING)
+        # SMTP messages at the spool, not answered yet: some of their clients have gone
+        # (so no session counts them), and the message may still land (an overcount only
+        # makes a drain's end wait for the answer)
+        n += len(self.pending)
         if self.http is not None:
             n += self.http.pending + len(self.http.paused)
         return n

@@ -397,6 +397,16 @@ def test_a_reload_keeps_the_state_directory_and_says_it_needs_a_restart(make_dae
     assert not os.path.exists(tmp_path / "elsewhere")
 
 
+def test_a_reload_keeps_the_spool_settings_until_a_restart(make_daemon):
+    # [spool] waits for a restart, and the log says so; the new acceptors looked at the
+    # new spool.directory's free space meanwhile (and, with min_free_percent, refused)
+    d = make_daemon(acceptors=1, shards=1)
+    d.reload(spool={"min_free_percent": 100}, timeout=60)
+    assert re.search(r"reload: .*spool\.min_free_percent.* at the next restart", d.log())
+    time.sleep(1.0)                     # (the acceptors look at the free space twice a second)
+    assert d.send("a@sender.test", ["b@example.net"], b"Subject: s\r\n\r\nbody\r\n")
+
+
 def test_a_reload_of_the_host_name_reaches_the_delivery_processes(make_daemon):
     # [server] changes replace the delivery and events processes (their EHLO name, the
     # event log), and the spool's DSNs wait for a restart, which the log says
