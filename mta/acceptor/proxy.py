@@ -19,8 +19,9 @@ Facts from the protocol's specification (haproxy's doc/proxy-protocol.txt):
 - v2: the 12-octet signature ``\\r\\n\\r\\n\\0\\r\\nQUIT\\n``, a version/command octet
   (0x20 LOCAL, 0x21 PROXY), a family/transport octet (0x11 TCP over IPv4, 0x21 TCP
   over IPv6, ...), a 2-octet big-endian length, then the addresses and TLVs;
-- LOCAL (v2) and UNKNOWN (v1) are the balancer's own connections (health checks):
-  the connection is the balancer's, and its own address stays.
+- LOCAL (v2) and UNKNOWN (v1) are the balancer's own connections (health checks) or
+  clients it cannot name: they are served as a client of no known address (no relay,
+  not the API's loopback client), never as the balancer's own address.
 
 Written here rather than taken from a library: ~60 lines, and the acceptor needs
 it incrementally (the header may come in pieces) with a hard bound on what it
@@ -38,6 +39,7 @@ V1_PREFIX = b"PROXY "
 MAX_V1 = 107                 # octets of a v1 line, CRLF included
 MAX_HEADER = 16 + 1024       # a v2 header with its TLVs; HAProxy sends far less
 HEADER_TIMEOUT = 5.0         # seconds a balancer may take to send the header
+UNKNOWN_CLIENT = "unknown"   # the peer of a LOCAL / UNKNOWN header: no address, no rights
 _V2 = struct.Struct("!12sBBH")
 _FAMILIES = {0x11: (4, 12), 0x12: (4, 12), 0x21: (16, 36), 0x22: (16, 36)}   # TCP/UDP
 
@@ -144,8 +146,10 @@ def take(session, data: bytes) -> None:
     session.proxy = None
     session.a.proxy_pending.discard(session)
     n, client = got
-    if client is not None:
-        session.peer_ip = client
+    # LOCAL / UNKNOWN: the balancer's own connection (a health check) or a client it
+    # cannot name.  Either way not the balancer's address, which on the node itself
+    # would be a loopback client (relay_networks, the keyless API): an unknown one.
+    session.peer_ip = client if client is not None else UNKNOWN_CLIENT
     session._admit()
     if reader.buf[n:] and not session.closing:
         session.data_received(reader.buf[n:])

@@ -893,8 +893,11 @@ class Session(asyncio.Protocol):
                 with_ += "S"
             if self.user is not None:
                 with_ += "A"
-            lit = ("IPv6:" + self.peer_ip) if ":" in self.peer_ip else self.peer_ip
-            head = self._received_head = (f"Received: from {self.helo} ([{lit}])\r\n"
+            ip = self.peer_ip
+            # (a balancer's LOCAL / UNKNOWN header: no address to give, RFC 5321 TCP-info)
+            tcp = "unknown" if ip == proxy.UNKNOWN_CLIENT else \
+                f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+            head = self._received_head = (f"Received: from {self.helo} ({tcp})\r\n"
                                           f"\tby {self.a.hostname} (mta) with {with_} id ")
         rcpts = self.rcpts
         if len(rcpts) == 1:

@@ -85,7 +85,7 @@ FIRST_BACKOFF = 0.2         # seconds
 ROLLED = {"delivery": ("delivery", "egress", "shaping", "response_rule", "warmup", "backoff",
                        "feedback", "server"),
           "events": ("events", "server"),
-          "webhooks": ("webhooks", "webhook")}
+          "webhooks": ("webhooks", "webhook", "events")}     # (events: the store it reads)
 STOP_GRACE = 10.0           # seconds after the drain for a child to exit before SIGKILL
 LISTEN_BACKLOG = 4096
 DRAIN_FLAG = "drain"        # run/drain: the node is drained (written by the admin process)

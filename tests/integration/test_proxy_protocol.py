@@ -177,3 +177,30 @@ def test_the_http_api_takes_the_client_from_the_header(make_daemon):
     assert far.split(b"\r\n")[0].split()[1] in (b"401", b"403"), far[:200]
     near = answer(b"PROXY TCP4 127.0.0.9 127.0.0.1 40000 8025\r\n")
     assert near.startswith(b"HTTP/1.1 200"), near[:300]
+
+
+def test_a_header_that_names_no_client_gives_no_rights(make_daemon):
+    # PROXY UNKNOWN (v1) or LOCAL (v2): a client the balancer cannot name, or its own
+    # check.  Served, but not as the balancer's address -- which on the node would be a
+    # loopback client allowed to relay (the default relay_networks)
+    d = make_daemon(acceptors=1, shards=1,
+                    server={"proxy_protocol_from": [f"{BALANCER}/32"]},
+                    smtp={"relay_networks": ["127.0.0.0/8"]})
+    for header in (b"PROXY UNKNOWN\r\n",
+                   b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"):
+        s = socket.create_connection((HOST, d.port), source_address=(BALANCER, 0),
+                                     timeout=10)
+        try:
+            s.sendall(header)
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"220 ")
+            s.sendall(b"EHLO check.test\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            s.sendall(b"MAIL FROM:<a@sender.test>\r\n")
+            assert f.readline().startswith(b"250")
+            s.sendall(b"RCPT TO:<b@example.net>\r\n")
+            reply = f.readline()
+            assert reply.startswith(b"554") and b"Relay access denied" in reply, reply
+        finally:
+            s.close()

@@ -438,3 +438,13 @@ def test_a_restarted_acceptor_serves_at_once_while_a_shard_hangs(make_daemon):
         c.close()
     finally:
         os.kill(kids["spool[1]"], signal.SIGCONT)
+
+
+def test_a_reload_of_the_events_store_replaces_the_webhooks_process_too(make_daemon):
+    # the webhooks process reads the events store: a new store_path replaced the events
+    # process (the writer) and left the webhooks process reading the old store
+    d = make_daemon(acceptors=1, shards=1)
+    old = d.children()["webhooks[0]"]
+    d.reload(events={"store_path": "events-2"}, timeout=60)
+    assert "reload: [events] changed; replacing the webhooks process(es)" in d.log()
+    assert d.children()["webhooks[0]"] != old
