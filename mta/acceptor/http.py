@@ -288,24 +288,14 @@ class Session(asyncio.Protocol):
         self.last_activity = svc.loop.time()
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
-        a = self.a
-        if a.proxy_networks and a.behind_proxy(self.peer_ip):
-            # a load balancer: its PROXY header names the client (mta.acceptor.proxy)
-            if len(a.proxy_pending) >= self.cfg.max_connections:
-                self._proxy_failed("too many connections waiting for their PROXY header")
-                return
-            self.proxy = proxy.Reader(svc.loop, self._proxy_failed)
-            a.proxy_pending.add(self)
-            return
+        if proxy.begin(self, self.cfg.max_connections):
+            return      # a load balancer: its PROXY header names the client
         self._admit()
 
     def _proxy_failed(self, why: str) -> None:
         log.warning("HTTP connection from %s, a proxy_protocol_from network: %s; closed",
                     self.peer_ip, why)
-        if self.proxy is not None:
-            self.proxy.cancel()
-            self.proxy = None
-            self.a.proxy_pending.discard(self)
+        proxy.forget(self)
         self.closing = True
         if self.transport is not None:
             self.transport.abort()
@@ -321,10 +311,7 @@ class Session(asyncio.Protocol):
         svc.sessions.add(self)
 
     def connection_lost(self, exc) -> None:
-        if self.proxy is not None:
-            self.proxy.cancel()
-            self.proxy = None
-            self.a.proxy_pending.discard(self)
+        proxy.forget(self)
         self.svc.sessions.discard(self)
         self.closing = True
         self.lost = True

@@ -32,7 +32,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-__all__ = ["ProxyError", "parse", "Reader", "take", "MAX_HEADER", "HEADER_TIMEOUT"]
+__all__ = ["ProxyError", "parse", "Reader", "begin", "forget", "take", "MAX_HEADER",
+           "HEADER_TIMEOUT", "UNKNOWN_CLIENT"]
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
@@ -130,6 +131,28 @@ class Reader:
         self.timer.cancel()
 
 
+def begin(session, limit: int) -> bool:
+    """In *session*'s connection_made: True when its peer is a balancer, whose header is
+    now awaited (or, past *limit* connections waiting for theirs, refused)."""
+    a = session.a
+    if not (a.proxy_networks and a.behind_proxy(session.peer_ip)):
+        return False
+    if len(a.proxy_pending) >= limit:
+        session._proxy_failed("too many connections waiting for their PROXY header")
+        return True
+    session.proxy = Reader(a.loop, session._proxy_failed)
+    a.proxy_pending.add(session)
+    return True
+
+
+def forget(session) -> None:
+    """*session* awaits its header no more (it failed, or the connection is gone)."""
+    if session.proxy is not None:
+        session.proxy.cancel()
+        session.proxy = None
+        session.a.proxy_pending.discard(session)
+
+
 def take(session, data: bytes) -> None:
     """Feed *data* to *session*'s PROXY header; once it is whole, the client it names is
     the session's peer, the session is admitted and gets what followed the header."""
@@ -142,9 +165,7 @@ def take(session, data: bytes) -> None:
         return
     if got is None:
         return                  # (parse refuses more than MAX_HEADER)
-    reader.cancel()
-    session.proxy = None
-    session.a.proxy_pending.discard(session)
+    forget(session)
     n, client = got
     # LOCAL / UNKNOWN: the balancer's own connection (a health check) or a client it
     # cannot name.  Either way not the balancer's address, which on the node itself

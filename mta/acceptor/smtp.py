@@ -268,23 +268,14 @@ class Session(asyncio.Protocol):
         self.last_activity = self._now()
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
-        if a.proxy_networks and a.behind_proxy(self.peer_ip):
-            # a load balancer: its PROXY header names the client (mta.acceptor.proxy)
-            if len(a.proxy_pending) >= a.smtp.max_connections:
-                self._proxy_failed("too many connections waiting for their PROXY header")
-                return
-            self.proxy = proxy.Reader(a.loop, self._proxy_failed)
-            a.proxy_pending.add(self)
-            return
+        if proxy.begin(self, a.smtp.max_connections):
+            return      # a load balancer: its PROXY header names the client
         self._admit()
 
     def _proxy_failed(self, why: str) -> None:
         log.warning("connection from %s, a proxy_protocol_from network: %s; closed",
                     self.peer_ip, why)
-        if self.proxy is not None:
-            self.proxy.cancel()
-            self.proxy = None
-            self.a.proxy_pending.discard(self)
+        proxy.forget(self)
         self.closing = True
         self.state = _CLOSED
         if self.transport is not None:
@@ -316,10 +307,7 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         a = self.a
-        if self.proxy is not None:
-            self.proxy.cancel()
-            self.proxy = None
-            self.a.proxy_pending.discard(self)
+        proxy.forget(self)
         if self in a.sessions:
             a.sessions.discard(self)
             n = a.per_ip.get(self.peer_ip, 1) - 1
