@@ -745,11 +745,13 @@ class Supervisor:
         if new.config.webhooks.enabled != old.config.webhooks.enabled:
             new = dataclasses.replace(new, config=replace(
                 new.config, webhooks=old.config.webhooks, webhook=old.config.webhook))
-        if new.config.spool != old.config.spool or new.spool_dir != old.spool_dir:
-            # [spool] waits for a restart (restart_keys): the new acceptors would look at
-            # another spool directory's free space
-            new = dataclasses.replace(new, spool_dir=old.spool_dir,
-                                      config=replace(new.config, spool=old.config.spool))
+        if new.spool_dir != old.spool_dir:
+            # the spool stays where its shards write until a restart: the new acceptors
+            # would look at another directory's free space (spool.min_free_* do apply at
+            # a reload, to the acceptors' 452)
+            new = dataclasses.replace(new, spool_dir=old.spool_dir, config=replace(
+                new.config, spool=replace(new.config.spool,
+                                          directory=old.config.spool.directory)))
         if new.state_dir != old.state_dir:
             # every process finds the others (the bus, the run files) under it: a new
             # acceptor looking in another directory never reported ready

@@ -397,14 +397,16 @@ def test_a_reload_keeps_the_state_directory_and_says_it_needs_a_restart(make_dae
     assert not os.path.exists(tmp_path / "elsewhere")
 
 
-def test_a_reload_keeps_the_spool_settings_until_a_restart(make_daemon):
-    # [spool] waits for a restart, and the log says so; the new acceptors looked at the
-    # new spool.directory's free space meanwhile (and, with min_free_percent, refused)
+def test_a_reload_keeps_the_spool_directory_until_a_restart(make_daemon):
+    # spool.directory waits for a restart, and the log says so: the new acceptors looked
+    # at the free space of the new (here: missing) directory meanwhile, so the floor set
+    # in the same reload (spool.min_free_percent, which a reload applies) held nothing
     d = make_daemon(acceptors=1, shards=1)
-    d.reload(spool={"min_free_percent": 100}, timeout=60)
-    assert re.search(r"reload: .*spool\.min_free_percent.* at the next restart", d.log())
+    d.reload(spool={"directory": "spool-elsewhere", "min_free_percent": 100}, timeout=60)
+    assert re.search(r"reload: .*spool\.directory.* at the next restart", d.log())
     time.sleep(1.0)                     # (the acceptors look at the free space twice a second)
-    assert d.send("a@sender.test", ["b@example.net"], b"Subject: s\r\n\r\nbody\r\n")
+    with d.session() as c:
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 452
 
 
 def test_a_reload_of_the_host_name_reaches_the_delivery_processes(make_daemon):
