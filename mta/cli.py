@@ -81,12 +81,11 @@ def check_config(config_path, as_json):
     running daemon, also name the keys a reload (SIGHUP) would leave for a restart."""
     from mta import config as mconfig
 
-    from mta.opscli import _alive, _read_pid
+    from mta.opscli import daemon_running
 
     s = _settings(config_path)
     # (the supervisor leaves active-config.json behind when it stops: the pid decides)
-    pid = _read_pid(os.path.join(s.run_dir, "mta.pid"))
-    active = mconfig.read_active(s.run_dir) if pid and _alive(pid) else None
+    active = mconfig.read_active(s.run_dir) if daemon_running(s) else None
     later = mconfig.restart_keys(active, s) if active is not None else None
     if as_json:
         click.echo(json.dumps({"ok": True, "config": config_path, "acceptors": s.acceptors,
@@ -590,20 +589,15 @@ def rules_cancel(config_path, as_json, what):
     the state directory: that mail waits for its retry time or 'mta queue flush'."""
     import urllib.parse
 
-    from mta.opscli import AdminClient, _alive, _read_pid
+    from mta.opscli import AdminClient, daemon_running
     from mta.shaping.state import cancel_entries, entry_view
 
     s = _settings(config_path)
     flushed = None
-    pid = _read_pid(os.path.join(s.run_dir, "mta.pid"))
-    if s.admin_listen and pid and _alive(pid):
+    if s.admin_listen and daemon_running(s):
         # the daemon's admin API also releases what a suspension held in the spool
-        status, body = AdminClient(s).call(
-            "DELETE", f"/api/admin/rules/{urllib.parse.quote(what, safe='')}")
-        if status not in (200, 404):
-            msg = "; ".join(e.get("message", "") for e in body.get("errors", [])) or str(body)
-            click.echo(f"mta: the admin API answered HTTP {status}: {msg}", err=True)
-            sys.exit(EX_UNAVAILABLE if status == 503 else 1)
+        body = AdminClient(s).ok(
+            "DELETE", f"/api/admin/rules/{urllib.parse.quote(what, safe='')}", allow=(200, 404))
         gone = body.get("cancelled", [])
         flushed = body.get("flushed", 0)
     else:

@@ -341,6 +341,12 @@ def upgrade_cmd(config_path, as_json, timeout):
     sys.exit(1)
 
 
+def daemon_running(settings) -> bool:
+    """Whether the supervisor of *settings*' state directory runs (its pid file's pid)."""
+    pid = _read_pid(os.path.join(settings.run_dir, "mta.pid"))
+    return bool(pid) and _alive(pid)
+
+
 def _read_pid(path: str) -> int:
     try:
         with open(path) as fh:

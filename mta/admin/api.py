@@ -65,6 +65,7 @@ import orjson
 
 from mta import bus
 from mta.admin import status as st
+from mta.admin.metrics import DRAIN_FLAG   # (run/drain; read by the acceptors)
 from mta.obs import queue as q
 from mta.queueid import is_qid, shard_of
 from mta.shaping import state as adaptive
@@ -72,7 +73,6 @@ from mta import controls as ctl
 
 log = logging.getLogger("mta.admin")
 
-DRAIN_FLAG = "drain"            # in the run directory; read by the acceptors
 SHARD_TIMEOUT = 5.0             # seconds a spool shard has to answer one question
 QUEUE_CACHE_SECONDS = 1.0       # the status page's queue view is at most this old
 WORKERS = 2                     # threads asking the spool shards
@@ -170,7 +170,13 @@ class Api:
             return {"draining": False, "since": None}
         except (OSError, ValueError):
             info = {}
-        return {"draining": True, "since": info.get("since") if isinstance(info, dict) else None}
+        since = info.get("since") if isinstance(info, dict) else None
+        if since is None:
+            try:        # (a flag made by hand: its time)
+                since = os.stat(self.drain_path).st_mtime
+            except OSError:
+                pass
+        return {"draining": True, "since": since}
 
     def set_drain(self, on: bool) -> None:
         if on:
@@ -197,13 +203,7 @@ class Api:
                             "in_flight": t["in_flight"], "deferred": t["deferred"]}
         # Mail still on its way in (a DATA begun before the drain) lands after the queue
         # looked empty: done also needs every acceptor to say none is open.
-        began = out["since"]
-        if began is None and out["draining"]:
-            try:        # (a flag made by hand: its time)
-                began = os.stat(self.drain_path).st_mtime
-            except OSError:
-                began = None
-        since = time.time() - began if began else 0.0
+        since = time.time() - out["since"] if out["since"] else 0.0
         busy, settled = self.reports.transactions_open(since)
         out["remaining"]["transactions_open"] = busy
         out["done"] = (out["draining"] and t["messages"] == 0 and not t.get("recovering")

@@ -29,6 +29,7 @@ def _combine(name: str) -> str:
     return fam.combine if fam is not None else SUM
 
 
+DRAIN_FLAG = "drain"     # run/drain: the node is drained (written by mta.admin.api)
 SEEN_DRAIN = 1.0     # seconds, at most, until every acceptor has seen a drain begin
                     # (they look for run/drain twice a second)
 
@@ -157,7 +158,7 @@ class Reports:
                 c["healthy"] = not any(g.value for g in slot.report.gauges
                                        if g.name == "mta_acceptor_space_low")
             children.append(c)
-        draining = os.path.exists(os.path.join(self.settings.run_dir, "drain"))
+        draining = os.path.exists(os.path.join(self.settings.run_dir, DRAIN_FLAG))
         return {"ok": all(c["up"] and c.get("healthy", True) for c in children)
                 and not draining,
                 "draining": draining, "children": children,
