@@ -120,6 +120,12 @@ def _event_fields(message: bytes, params: dict) -> str:
     return mid.strip().decode("utf-8", "replace")[:MAX_MESSAGE_ID]
 
 
+def _in_networks(ip: str, nets) -> bool:
+    """Whether client address *ip* (as the transport gives it) is in one of *nets*."""
+    addr = peer_address(ip)
+    return addr is not None and any(addr in net for net in nets)
+
+
 class Acceptor:
     """State shared by the sessions of one acceptor process."""
 
@@ -226,12 +232,10 @@ class Acceptor:
     def behind_proxy(self, ip: str) -> bool:
         """Whether a connection from *ip* comes through a load balancer that sends a
         PROXY header (server.proxy_protocol_from)."""
-        addr = peer_address(ip)
-        return addr is not None and any(addr in net for net in self.proxy_networks)
+        return _in_networks(ip, self.proxy_networks)
 
     def relay_allowed(self, ip: str) -> bool:
-        addr = peer_address(ip)
-        return addr is not None and any(addr in net for net in self.relay_networks)
+        return _in_networks(ip, self.relay_networks)
 
     # ------------------------------------------------------------- the spool
 

@@ -310,8 +310,8 @@ class Sender:
             self.wake.set()
 
     def _pause(self, b: Batch) -> float:
-        """Seconds until the next attempt after *b*'s attempt failed without an answer
-        handled: its retry schedule's step (the last one past the end)."""
+        """Seconds until *b*'s next attempt after its attempt failed: its retry schedule's
+        step (the last one past the end, for an attempt whose answer was not handled)."""
         sched = self.cfg.retry_schedule
         if not sched:
             return ERROR_PAUSE
@@ -371,7 +371,7 @@ class Sender:
                         b.last_seq, b.attempts, what)
             self.db.attempted(b, False, now, code, resp.failure, resp.latency_ms, None)
             return
-        b.next_at = now + sched[b.attempts - 1] * cfg.time_scale
+        b.next_at = now + self._pause(b)
         b.failed = 1
         log.info("webhook %s: batch %s attempt %d got %s; next attempt in %.1fs", hook.name,
                  b.id, b.attempts, what, b.next_at - now)
