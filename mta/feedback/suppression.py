@@ -126,9 +126,12 @@ def _keys(address: str) -> tuple[bytes, ...]:
     form lists written before this canonical form keep (lower case only) when it is
     another -- a domain in U-labels, a quoted local part -- so that those entries still
     suppress, show and delete."""
-    key = normalize(address).encode("utf-8", "surrogateescape")
-    legacy = address.strip().lower().encode("utf-8", "surrogateescape")
-    return (key,) if legacy == key else (key, legacy)
+    legacy = address.strip().lower()
+    # (the hot path -- a plain ASCII address without quotes -- lower-cases it once)
+    key = legacy if legacy.isascii() and '"' not in legacy else normalize(address)
+    if key == legacy:
+        return (key.encode("utf-8", "surrogateescape"),)
+    return key.encode("utf-8", "surrogateescape"), legacy.encode("utf-8", "surrogateescape")
 
 
 def iso(ts: float) -> str:
