@@ -32,7 +32,8 @@ progress, then the spool shards record the last outcomes and stop; exit 0.
 SIGHUP: RELOADING=1; validate the new file; if it is bad keep running and log
 why; if good, replace the acceptors one slot at a time — the new process
 accepts on the slot's socket before the old one stops, so no connection is
-refused; then, when their sections changed (``ROLLED``: [server], [delivery], [egress],
+refused (the old one finishes its sessions; one still there after the shutdown
+timeout, the spool timeout and STOP_GRACE is killed); then, when their sections changed (``ROLLED``: [server], [delivery], [egress],
 [[shaping]], [[response_rule]], [[warmup]], [backoff], [feedback]; [events];
 [webhooks], [[webhook]]), replace the delivery, events and webhooks processes
 one at a time, each stopped as at SIGTERM before its successor starts — then
@@ -106,6 +107,7 @@ class Child:
     ready_fd: int | None
     ready: bool = False
     retired: bool = False      # replaced or stopping: do not restart
+    kill_at: float | None = None   # retired by a reload: SIGKILL if still here then (monotonic)
 
 
 @dataclasses.dataclass
@@ -528,6 +530,7 @@ class Supervisor:
             if signal.SIGTERM in sigs or signal.SIGINT in sigs:
                 return self.shutdown()
             self.reap()
+            self.kill_overdue()
             if signal.SIGUSR2 in sigs and self.upgrade():
                 return 0
             if signal.SIGHUP in sigs:
@@ -660,6 +663,27 @@ class Supervisor:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+    def _retire(self, child: Child, settings) -> None:
+        """SIGTERM *child*, replaced by a reload, without waiting for it: it finishes
+        its sessions within the shutdown timeout (the spool's answer may add
+        spool_timeout).  Should it still be here STOP_GRACE after that -- stopped, or
+        wedged in a system call -- kill_overdue() ends it, so that a reload never
+        leaves an old process behind for good."""
+        cfg = settings.config
+        child.retired = True
+        child.kill_at = time.monotonic() + cfg.server.shutdown_timeout + \
+            cfg.smtp.spool_timeout + STOP_GRACE
+        self._kill(child.pid, signal.SIGTERM)
+
+    def kill_overdue(self) -> None:
+        now = time.monotonic()
+        for c in list(self.children.values()):
+            if c.kill_at is not None and now >= c.kill_at:
+                log.error("%s[%d] pid=%d, replaced by a reload, did not stop in time; "
+                          "killing it", c.role, c.index, c.pid)
+                c.kill_at = None
+                self._kill(c.pid, signal.SIGKILL)
 
     def _wait_gone(self, victims: list[Child], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -854,8 +878,7 @@ class Supervisor:
                 self._close_unshared(fresh)
                 raise StartupError(f"new acceptor[{i}] did not start")
             if old_child is not None and old_child.pid in self.children:
-                old_child.retired = True
-                self._kill(old_child.pid, signal.SIGTERM)
+                self._retire(old_child, new)
             if previous is not None and previous is not slot:
                 kept = slot.all_socks()
                 for sk in previous.all_socks():
@@ -864,8 +887,7 @@ class Supervisor:
         for i in range(new.acceptors, old.acceptors):
             slot = self.slots.pop(("acceptor", i))
             if slot.child is not None:
-                slot.child.retired = True
-                self._kill(slot.child.pid, signal.SIGTERM)
+                self._retire(slot.child, new)
             for sk in slot.all_socks():
                 sk.close()
 

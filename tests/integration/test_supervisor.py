@@ -450,3 +450,33 @@ def test_a_reload_of_the_events_store_replaces_the_webhooks_process_too(make_dae
     d.reload(events={"store_path": "events-2"}, timeout=60)
     assert "reload: [events] changed; replacing the webhooks process(es)" in d.log()
     assert d.children()["webhooks[0]"] != old
+
+
+def test_an_acceptor_replaced_by_a_reload_that_does_not_stop_is_killed(make_daemon):
+    """A reload SIGTERMs the old acceptor and does not wait for it.  One that never
+    exits (here: stopped, so the SIGTERM stays pending; in life, wedged) must not stay
+    for good holding its listening sockets' share and its memory: after the shutdown
+    timeout, the spool timeout and the stop grace the supervisor kills it."""
+    d = make_daemon(server={"shutdown_timeout": 0.5}, smtp={"spool_timeout": 0.5})
+    old = d.children()["acceptor[0]"]
+    os.kill(old, signal.SIGSTOP)
+    try:
+        d.reload(r"reloaded: accepting", smtp={"banner": "ESMTP after"})
+        new = d.children()["acceptor[0]"]
+        assert new != old
+        assert os.path.exists(f"/proc/{old}"), "the stopped acceptor went by itself"
+        d.wait_log(rf"acceptor\[0\] pid={old}, replaced by a reload, did not stop in "
+                   rf"time; killing it", timeout=30)
+        d.wait_log(rf"acceptor\[0\] pid={old} exited \(signal 9\)", timeout=10)
+        wait_until(lambda: not os.path.exists(f"/proc/{old}"), 10, "the old acceptor reaped")
+    finally:
+        try:
+            os.kill(old, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    # the new acceptor serves; the supervisor did not treat the kill as a crash
+    with smtplib.SMTP(HOST, d.port, timeout=10) as s:
+        code, _ = s.ehlo("probe.test")
+        assert code == 250
+    assert d.children()["acceptor[0]"] == new
+    assert "restarting in" not in d.log()
