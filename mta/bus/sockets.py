@@ -470,6 +470,10 @@ class StatsSender:
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock.connect(endpoint)
 
+    def writable(self) -> bool:
+        """Whether a send now would go (connected, below the high-water mark)."""
+        return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT)
+
     def send(self, msg: Message) -> bool:
         try:
             self.sock.send(encode(msg), _NOBLOCK)

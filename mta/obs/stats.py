@@ -184,6 +184,9 @@ class Registry:
         return bus.StatsReport(seq, role, index, os.getpid(), counters, gauges, histograms)
 
 
+RETRY_DROPPED = 0.2     # seconds: the next try after a snapshot was dropped
+
+
 class Pusher:
     """Sends a process's snapshot to the admin process every ``admin.push_interval`` seconds."""
 
@@ -208,6 +211,9 @@ class Pusher:
 
     def push(self) -> bool:
         """Send one snapshot now; False when it was dropped (admin absent or busy)."""
+        if not self.sender.writable():
+            self.dropped += 1           # (not even built)
+            return False
         self.seq += 1
         try:
             report = self.registry.snapshot(self.seq, self.role, self.index)
@@ -220,18 +226,23 @@ class Pusher:
         self.dropped += 1
         return False
 
+    def _after(self, sent: bool) -> float:
+        """Seconds to the next push.  A dropped one -- above all the first, sent before
+        the connection to the admin process is up (nothing queues for an absent admin)
+        -- is tried again soon: a child not heard from reads as down (``mta status``:
+        DEGRADED; the health check: 503) for as long as the interval."""
+        return self.interval if sent else min(self.interval, RETRY_DROPPED)
+
     def due(self, now: float) -> None:
         """For a synchronous loop: push when the interval has passed (*now*: monotonic)."""
         if now >= self.next_at:
-            self.next_at = now + self.interval
-            self.push()
+            self.next_at = now + self._after(self.push())
 
     def run_on(self, loop) -> None:
         """For an asyncio loop: push every interval until :meth:`close`."""
         def tick():
-            self.push()
-            self._timer = loop.call_later(self.interval, tick)
-        self._timer = loop.call_later(min(self.interval, 0.2), tick)
+            self._timer = loop.call_later(self._after(self.push()), tick)
+        self._timer = loop.call_later(min(self.interval, RETRY_DROPPED), tick)
 
     def close(self) -> None:
         if self._timer is not None:

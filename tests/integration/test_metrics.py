@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 from daemon import wait_until
 from test_admin_api import admin_call
@@ -268,3 +269,20 @@ def test_admin_disabled_runs_no_admin_process(make_daemon):
     assert {"spool[0]", "acceptor[0]", "delivery[0]"} <= set(d.children())
     d.send("a@example.com", ["b@example.net"], message("no admin"))
     assert len(d.queue_list()) == 1
+
+
+def test_every_child_reports_soon_after_start_with_a_long_push_interval(make_daemon):
+    """A child's first statistics snapshot may be sent before its connection to the
+    admin process is up (it is then dropped: nothing queues for an absent admin).  It
+    must be sent again soon, not a whole push interval later: until then the child
+    reads as down, `mta status` says DEGRADED and the health check answers 503 to the
+    load balancer, for a node that is up."""
+    d = make_daemon(admin={"push_interval": 20.0})
+    t0 = time.monotonic()
+
+    def ok():
+        st, _, body = d.admin_get("/api/admin/health")
+        return json.loads(body) if st == 200 else None
+    h = wait_until(ok, 10, "health ok", interval=0.1)
+    assert h["ok"] is True and all(c["up"] for c in h["children"]), h
+    assert time.monotonic() - t0 < 10
