@@ -58,8 +58,15 @@ def _shard_count(settings) -> int:
 
 @click.group()
 @click.version_option(package_name="mta")
-def main():
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML configuration file for the command that follows (as its own "
+                   "-c; that one wins)")
+def main(config_path):
     """mta: a high-volume outbound Mail Transfer Agent."""
+    if config_path is not None:
+        # Each command reads its -c, else $MTA_CONFIG: `mta -c FILE queue` as
+        # `mta queue -c FILE`, the way postfix -c and postqueue -c are typed.
+        os.environ["MTA_CONFIG"] = config_path
 
 
 @main.command()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import subprocess
+import sys
 
 from daemon import HOST, wait_until
 from mxlab import IPS, mx
@@ -207,3 +210,26 @@ def test_rules_in_effect_listed_and_cancelled_through_the_admin_api(make_daemon)
     assert d.cli("rules", "list", "--json").stdout.strip() == b""
     assert ad.list_entries(os.path.join(d.state_dir, ad.STORE_DIR)) == []   # off the disk
     assert "cancelled through the admin API: suspend tss04" in d.log()
+
+
+def test_the_config_file_may_be_named_before_the_command(make_daemon):
+    """`mta -c FILE queue` (as postfix -c / postqueue -c are typed) reads FILE, as
+    `mta queue -c FILE` does; without it the command reads the built-in defaults,
+    which name another state directory."""
+    d = make_daemon()
+    qid = d.send("a@example.com", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n")
+    env = {k: v for k, v in {**os.environ, **d.env}.items() if k != "MTA_CONFIG"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "mta", *args], capture_output=True,
+                              timeout=60, env=env, cwd=d.dir)
+    before = run("-c", d.config_path, "queue", "list")
+    assert before.returncode == 0, before.stderr
+    assert [json.loads(x)["queue_id"] for x in before.stdout.decode().splitlines()] == [qid]
+    after = run("-c", d.config_path, "status", "--json")
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout)["queue"]["total"]["messages"] == 1
+    # the command's own -c wins over the one before it
+    wrong = run("-c", "/nonexistent/mta.toml", "queue", "list", "-c", d.config_path)
+    assert wrong.returncode == 0, wrong.stderr
+    assert [json.loads(x)["queue_id"] for x in wrong.stdout.decode().splitlines()] == [qid]
