@@ -34,10 +34,12 @@ missing.
 Substitution: ``{{ name }}`` and dotted paths ``{{ address.email }}``;
 ``{{{ name }}}`` inserts HTML unescaped.  A name is looked up in the
 recipient's ``substitution_data``, then in the recipient itself (``address``:
-email, name, header_to), then in the transmission's ``substitution_data``; a
-missing one renders empty.  Values are HTML-escaped in HTML parts.  Nothing
-else of a template language is interpreted (no code, no loops): other
-``{{ ... }}`` text is left as written.
+email, name, header_to), then in the recipient's ``metadata``, then in the
+transmission's ``substitution_data``, then in its ``metadata`` (SparkPost's
+order: metadata is substitution data too); a missing one renders empty.
+Values are HTML-escaped in HTML parts.  Nothing else of a template language
+is interpreted (no code, no loops): other ``{{ ... }}`` text is left as
+written.
 """
 from __future__ import annotations
 
@@ -785,6 +787,7 @@ class Builder:
         """One recipient's message; RecipientError when this recipient cannot be sent to."""
         header_to = None
         rcpt_sub = None
+        rcpt_meta = None
         meta = self.tx_meta
         tags = None
         return_path = self.return_path
@@ -812,6 +815,7 @@ class Builder:
                     raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].metadata: larger "
                                          f"than {MAX_METADATA} bytes", ev.GENERATION_REJECTION)
                 meta = {**meta, **r.metadata} if meta else r.metadata
+                rcpt_meta = r.metadata
             if r.tags:
                 if len(r.tags) > MAX_TAGS:
                     raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].tags: more than "
@@ -832,8 +836,10 @@ class Builder:
                 raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].address.{label}: "
                                      "contains a line break (CR or LF)", ev.GENERATION_REJECTION)
         address = {"email": email, "name": name or "", "header_to": header_to or ""}
-        scopes = ((rcpt_sub, {"address": address}, self.tx_sub) if rcpt_sub else
-                  ({"address": address}, self.tx_sub))
+        # SparkPost's order: the recipient's substitution_data, then its metadata, then
+        # the transmission's substitution_data, then its metadata
+        scopes = tuple(s for s in (rcpt_sub, {"address": address}, rcpt_meta, self.tx_sub,
+                                   self.tx_meta) if s)
         made = None
         try:
             if self.rfc822 is not None:

@@ -1,0 +1,56 @@
+"""SparkPost compatibility cases found in review: substitution sources and defaults,
+attachment types, AMP content, suppression-list search parameters (in process)."""
+from __future__ import annotations
+
+import base64
+import email
+import json
+from email import policy
+
+import orjson
+import pytest
+
+from mta.api import build as B
+from mta.api import suppression as sup_api
+from mta.api import transmissions as T
+from mta.feedback import suppression as S
+
+
+def tx(body: dict) -> T.Transmission:
+    t = T.decode(json.dumps(body).encode())
+    T.check(t, 10_000, 32)
+    return t
+
+
+def built(body: dict, i: int = 0) -> B.Built:
+    t = tx(body)
+    return B.Builder(t, "mta.test").build(i, t.recipients[i])
+
+
+def parsed(body: dict, i: int = 0):
+    return email.message_from_bytes(built(body, i).message, policy=policy.default)
+
+
+def text_of(msg, ctype="text/plain") -> str:
+    part = next(p for p in msg.walk() if p.get_content_type() == ctype)
+    return part.get_content().replace("\r\n", "\n")
+
+
+CONTENT = {"from": "sender@example.com", "subject": "Hello"}
+
+
+def test_metadata_is_substitution_data_after_substitution_data():
+    # SparkPost looks a key up in the recipient's substitution_data, then the
+    # recipient's metadata, then the transmission's substitution_data, then its metadata.
+    body = {"metadata": {"user_type": "students", "place": "tx-place", "both": "tx-meta"},
+            "substitution_data": {"both": "tx-subs", "discount": "25"},
+            "recipients": [{"address": "a@example.net", "metadata": {"place": "Bedrock"},
+                            "substitution_data": {"first": "Wilma"}},
+                           "b@example.net"],
+            "content": {**CONTENT, "subject": "{{first}} {{user_type}}",
+                        "text": "{{first}}|{{place}}|{{user_type}}|{{both}}|{{discount}}"}}
+    msg = parsed(body)
+    assert text_of(msg).strip() == "Wilma|Bedrock|students|tx-subs|25"
+    assert msg["Subject"] == "Wilma students"
+    assert text_of(parsed(body, 1)).strip() == "|tx-place|students|tx-subs|25"
+
