@@ -54,3 +54,22 @@ def test_metadata_is_substitution_data_after_substitution_data():
     assert msg["Subject"] == "Wilma students"
     assert text_of(parsed(body, 1)).strip() == "|tx-place|students|tx-subs|25"
 
+
+def test_or_gives_a_default_value():
+    body = {"recipients": [{"address": "a@example.net", "substitution_data": {"name": "Ann"}},
+                           "b@example.net"],
+            "substitution_data": {"fallback": "Friend"},
+            "content": {**CONTENT, "subject": "Hi {{ name or 'Customer' }}",
+                        "text": "Hi {{name or \"you great person\"}}, "
+                                "{{ nick or name or fallback }}!",
+                        "html": "<p>{{ name or '<b>there</b>' }} {{{ name or '<i>x</i>' }}}</p>"}}
+    a = parsed(body)
+    assert a["Subject"] == "Hi Ann"
+    assert text_of(a).strip() == "Hi Ann, Ann!"
+    assert text_of(a, "text/html").strip() == "<p>Ann Ann</p>"
+    b = parsed(body, 1)
+    assert b["Subject"] == "Hi Customer"
+    assert text_of(b).strip() == "Hi you great person, Friend!"
+    # a default literal is escaped in HTML like any value, except in {{{ }}}
+    assert text_of(b, "text/html").strip() == "<p>&lt;b&gt;there&lt;/b&gt; <i>x</i></p>"
+

@@ -32,7 +32,8 @@ transfer-encoded (as SparkPost does); Date, Message-ID and To are added when
 missing.
 
 Substitution: ``{{ name }}`` and dotted paths ``{{ address.email }}``;
-``{{{ name }}}`` inserts HTML unescaped.  A name is looked up in the
+``{{{ name }}}`` inserts HTML unescaped; ``{{ name or 'default' }}`` (or
+another path, or a number) gives a value for a missing, null or false one.  A name is looked up in the
 recipient's ``substitution_data``, then in the recipient itself (``address``:
 email, name, header_to), then in the recipient's ``metadata``, then in the
 transmission's ``substitution_data``, then in its ``metadata`` (SparkPost's
@@ -88,8 +89,13 @@ _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")           # RFC 5322 ftext
 _MIME_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*"
                         r"(\s*;\s*[\x20-\x7e]*)?\Z")
 _PHRASE_ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]+\Z")
-_TAG = re.compile(r"\{\{\{\s*([A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z_][A-Za-z0-9_-]*)*)\s*\}\}\}"
-                  r"|\{\{\s*([A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z_][A-Za-z0-9_-]*)*)\s*\}\}")
+_PATH = r"[A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z_][A-Za-z0-9_-]*)*"
+# a default after "or": another path, a quoted string or a number
+_OPERAND = _PATH + r"""|'[^'{}\r\n]*'|"[^"{}\r\n]*"|-?[0-9]+(?:\.[0-9]+)?"""
+_EXPR = rf"{_PATH}(?:\s+or\s+(?:{_OPERAND}))*"
+_TAG = re.compile(rf"\{{\{{\{{\s*({_EXPR})\s*\}}\}}\}}|\{{\{{\s*({_EXPR})\s*\}}\}}")
+_ALT = re.compile(rf"\s+or\s+({_OPERAND})")
+_PATH_RE = re.compile(_PATH)
 _BAD_LOCAL = frozenset(' <>()[]\\,;:"@')
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -191,7 +197,18 @@ class Template:
             if m.start() > pos:
                 self.parts.append(text[pos:m.start()])
             raw = m.group(1) is not None
-            self.parts.append((tuple((m.group(1) or m.group(2)).split(".")), raw))
+            expr = m.group(1) or m.group(2)
+            first = _PATH_RE.match(expr).group()
+            path = tuple(first.split("."))
+            alts = _ALT.findall(expr, len(first))
+            if alts:
+                # {{ a or b or 'text' }}: the first that is there (not missing, null
+                # or false); a quoted string or a number is the value as written
+                self.parts.append((path, raw, tuple(
+                    a[1:-1] if a[0] in "'\"" else a if a[0] in "-0123456789" else
+                    tuple(a.split(".")) for a in alts)))
+            else:
+                self.parts.append((path, raw))
             pos = m.end()
         if pos < len(text):
             self.parts.append(text[pos:])
@@ -214,7 +231,13 @@ class Template:
             if isinstance(p, str):
                 out.append(p)
                 continue
-            value = _text_of(lookup(p[0], scopes))
+            value = lookup(p[0], scopes)
+            if len(p) > 2:
+                for alt in p[2]:
+                    if value is not None and value is not False:
+                        break
+                    value = alt if isinstance(alt, str) else lookup(alt, scopes)
+            value = _text_of(value)
             if guard is not None:
                 guard(value)
             if html and not p[1]:
