@@ -73,3 +73,18 @@ def test_or_gives_a_default_value():
     # a default literal is escaped in HTML like any value, except in {{{ }}}
     assert text_of(b, "text/html").strip() == "<p>&lt;b&gt;there&lt;/b&gt; <i>x</i></p>"
 
+
+def test_attachment_type_is_applied_as_given_with_its_parameters():
+    data = "prix: 5 €\n".encode()
+    body = {"recipients": ["a@example.net"],
+            "content": {**CONTENT, "text": "see attached",
+                        "attachments": [{"name": "prices.csv",
+                                         "type": 'text/csv; charset="UTF-8"',
+                                         "data": base64.b64encode(data).decode()}]}}
+    msg = parsed(body)
+    att = next(p for p in msg.walk() if p.get_filename() == "prices.csv")
+    assert att.get_content_type() == "text/csv"
+    assert att.get_content_charset() == "utf-8"
+    assert att.get_content() == data.decode()
+    assert not any(p.defects for p in msg.walk())
+

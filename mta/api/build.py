@@ -74,6 +74,7 @@ WORD_OCTETS = 39          # UTF-8 octets per encoded word: "=?utf-8?b?" + 52 + "
 PHRASE_OCTETS = 45        # in display names: "=?utf-8?b?" + 60 + "?=" = 72 (limit 75); names
                           # of up to 45 octets stay one word, which every decoder reads alike
 MAX_ATTACHMENT_NAME = 255
+MAX_TYPE = 900            # characters of an attachment's type with its parameters
 MAX_NESTING = 8           # multipart levels searched for text parts of email_rfc822
 TEMPLATE_CACHE = 512      # compiled templates kept for reuse (then the cache starts over)
 TEMPLATE_CACHE_TEXT = 64 * 1024   # longest text whose compiled form is kept
@@ -445,8 +446,14 @@ def attachment_part(att, where: str, inline: bool) -> bytes:
         raw = binascii.a2b_base64("".join(att.data.split()).encode("ascii"), strict_mode=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
         raise R.ApiError(R.INVALID, f"{where}.data: not valid base64") from None
-    ctype = att.type.split(";", 1)[0].strip()
-    head = ["Content-Type: " + ctype + ";"] + [" " + p + ";" for p in _param("name", name)]
+    if len(att.type) > MAX_TYPE:
+        raise R.ApiError(R.INVALID, f"{where}.type: longer than {MAX_TYPE} characters")
+    # the type as given, with its parameters (SparkPost: "charset" when needed), then
+    # the name; a parameter per line
+    ctype, _, given = att.type.partition(";")
+    params = [p.strip() for p in given.split(";") if p.strip()] if given else []
+    head = ["Content-Type: " + ctype.strip() + ";"] + [" " + p + ";" for p in params] + \
+        [" " + p + ";" for p in _param("name", name)]
     head[-1] = head[-1][:-1]
     disp = ["Content-Disposition: " + ("inline" if inline else "attachment") + ";"]
     disp += [" " + p + ";" for p in _param("filename", name)]
