@@ -88,3 +88,26 @@ def test_attachment_type_is_applied_as_given_with_its_parameters():
     assert att.get_content() == data.decode()
     assert not any(p.defects for p in msg.walk())
 
+
+def test_amp_html_is_a_text_x_amp_html_part():
+    amp = "<!doctype html><html ⚡4email><body>Hi {{name}}</body></html>"
+    body = {"recipients": [{"address": "a@example.net", "substitution_data": {"name": "<Ann>"}}],
+            "content": {**CONTENT, "text": "Hi {{name}}", "html": "<p>Hi {{name}}</p>",
+                        "amp_html": amp}}
+    msg = parsed(body)
+    assert msg.get_content_type() == "multipart/alternative"
+    # AMP's rule: the text/x-amp-html part before the text/html part
+    assert [p.get_content_type() for p in msg.iter_parts()] == [
+        "text/plain", "text/x-amp-html", "text/html"]
+    assert text_of(msg, "text/x-amp-html").strip() == \
+        "<!doctype html><html ⚡4email><body>Hi &lt;Ann&gt;</body></html>"
+    # with text only: still an alternative of two
+    body["content"].pop("html")
+    msg = parsed(body)
+    assert [p.get_content_type() for p in msg.iter_parts()] == ["text/plain", "text/x-amp-html"]
+    # AMP alone is not enough (SparkPost: html or text is required too)
+    body["content"].pop("text")
+    with pytest.raises(Exception) as e:
+        tx(body)
+    assert "content.html or content.text" in str(e.value)
+

@@ -16,7 +16,8 @@ Messages (inline content):
   ``Reply-To`` there replaces the built one); non-ASCII text is written as
   RFC 2047 encoded words (display names and unstructured values), lines are
   folded at spaces to 78 octets where possible and never exceed 998;
-- body: text/plain, text/html, or multipart/alternative of both; with
+- body: text/plain, text/html, or multipart/alternative of both (and of
+  ``amp_html`` as text/x-amp-html, between them, when it is given); with
   ``inline_images`` the HTML part becomes multipart/related with the images
   (Content-ID ``<name>``); with ``attachments`` the whole is the first part of
   multipart/mixed.  Text parts are UTF-8, 7bit when they are ASCII with short
@@ -582,6 +583,7 @@ class Builder:
         self.reply_to = template(c.reply_to) if c.reply_to else None
         self.text = template(c.text) if c.text is not None else None
         self.html = template(c.html) if c.html is not None else None
+        self.amp = template(c.amp_html) if c.amp_html is not None else None
         self.headers: list[tuple[str, Template]] = []
         self.replace: dict[str, tuple[str, Template]] = {}
         for name, value in (c.headers or {}).items():
@@ -608,6 +610,10 @@ class Builder:
         limit = self.max_size
         if self.text is not None:
             alts.append(text_part("plain", self.text.render(scopes, limit=limit)))
+        if self.amp is not None:
+            # AMP for email: the text/x-amp-html part goes before the text/html one
+            alts.append(text_part("x-amp-html", self.amp.render(scopes, html=True,
+                                                                limit=limit)))
         if self.html is not None:
             part = text_part("html", self.html.render(scopes, html=True, limit=limit))
             if self.images:

@@ -76,6 +76,7 @@ class Content(Struct):
     subject: str | None = None
     text: str | None = None
     html: str | None = None
+    amp_html: str | None = None
     reply_to: str | None = None
     headers: dict[str, str] | None = None
     attachments: list[Attachment] | None = None
