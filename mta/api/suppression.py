@@ -206,12 +206,18 @@ def _body(body: bytes):
 
 # ------------------------------------------------------------------- search
 
+_LISTS = frozenset(("types", "sources"))     # the parameters that are comma-separated lists
+
+
 def _query(query: bytes) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     if not query:
         return out
     for k, v in urllib.parse.parse_qsl(query.decode("utf-8", "replace"), keep_blank_values=True):
         k = k.split("[", 1)[0]          # node's qs: types[0]=a
+        if k not in _LISTS:             # (a description or domain may hold a comma)
+            out.setdefault(k, []).append(v.strip())
+            continue
         for part in v.split(","):
             out.setdefault(k, []).append(part.strip())
     return out
