@@ -134,3 +134,11 @@ def test_search_description_and_domain_keep_their_commas(sl):
     st, body = sup_api.handle(sl, b"GET", sup_api.PATH,
                               b"types=transactional,non_transactional", b"")
     assert orjson.loads(body)["total_count"] == 2
+
+
+def test_an_ab_test_is_refused_as_not_supported_not_as_a_missing_from():
+    from mta.api import replies as R
+    with pytest.raises(R.ApiError) as e:
+        tx({"recipients": ["a@example.net"], "content": {"ab_test_id": "password_reset"}})
+    assert (e.value.status, e.value.error.code) == (422, "1603")
+    assert "content.ab_test_id" in e.value.description

@@ -83,6 +83,7 @@ class Content(Struct):
     inline_images: list[Attachment] | None = None
     email_rfc822: str | None = None
     template_id: str | None = None
+    ab_test_id: str | None = None
 
 
 class Options(Struct):
@@ -215,6 +216,8 @@ def check(tx: Transmission, max_recipients: int, max_depth: int) -> None:
     if c.template_id is not None:
         raise R.ApiError(R.NOT_SUPPORTED,
                          "content.template_id: stored templates are not supported")
+    if c.ab_test_id is not None:
+        raise R.ApiError(R.NOT_SUPPORTED, "content.ab_test_id: A/B tests are not supported")
     if c.email_rfc822 is None:
         if c.from_ is None:
             raise R.ApiError(R.REQUIRED, "content.from is required")
