@@ -242,6 +242,9 @@ def drain_cmd(config_path, as_json, cancel, no_wait, timeout, interval):
         click.echo(json.dumps(d) if as_json else
                    f"draining: {d['remaining']['messages']} message(s) remain")
         return
+    if d.get("delivery_held") and d["remaining"]["messages"]:
+        click.echo("mta: delivery is held ([delivery] hold = true): the queue does not "
+                   "empty until a reload without it", err=True)
     deadline = time.monotonic() + timeout if timeout else None
     tty = sys.stdout.isatty() and not as_json
     if tty:

@@ -206,6 +206,8 @@ class Api:
         since = time.time() - out["since"] if out["since"] else 0.0
         busy, settled = self.reports.transactions_open(since)
         out["remaining"]["transactions_open"] = busy
+        # ([delivery] hold: the queue does not empty, so the drain is never done)
+        out["delivery_held"] = any(x.get("held") for x in view.get("shards", ()))
         out["done"] = (out["draining"] and t["messages"] == 0 and not t.get("recovering")
                        and busy == 0 and settled)
         return out

@@ -71,7 +71,7 @@ def test_drain_refuses_new_mail_delivers_the_queue_and_reports_zero(lab):
     st, _, rep = admin_call(d, "POST", "/api/admin/drain")
     assert st == 200 and rep["draining"] is True and rep["done"] is False
     assert rep["remaining"]["messages"] == n and rep["remaining"]["recipients"] == n
-    assert rep["since"] > 0
+    assert rep["since"] > 0 and rep["delivery_held"] is False
 
     # New connections: 421 4.3.2 (the acceptors look for the drain twice a second).
     # Each acceptor on its own sweep: wait until every one refuses, whichever the kernel picks.
@@ -172,6 +172,11 @@ def test_a_drain_is_not_done_while_a_message_is_on_its_way_in(make_daemon):
     rep = wait_until(lambda: (lambda r: r if r["remaining"]["transactions_open"] == 0
                               else None)(report()), 20, "no transaction open any more")
     assert rep["remaining"]["messages"] == 1 and rep["done"] is False
-    # (held, it would wait for ever: the operator deletes it, and the node is empty)
+    assert rep["delivery_held"] is True
+    # held, it would wait for ever; `mta drain` says why instead of only counting
+    r = d.cli("drain", "--timeout", "1", "--interval", "0.2", check=False)
+    assert r.returncode == 1
+    assert b"delivery is held ([delivery] hold = true)" in r.stderr, r.stderr
+    # the operator deletes it, and the node is empty
     d.cli("queue", "delete", queued_id(" ".join(lines)))
     wait_until(lambda: report()["done"], 20, "the drain done")
