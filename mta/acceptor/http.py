@@ -57,7 +57,6 @@ import binascii
 import collections
 import functools
 import hashlib
-import itertools
 import logging
 import os
 import time
@@ -89,7 +88,35 @@ STALE_MARGIN = 10.0      # seconds added to the longest a request can take, for 
 
 PATH = b"/api/v1/transmissions"
 
-_tids = itertools.count()
+
+class TransmissionIds:
+    """Decimal transmission ids that fit a signed 64-bit integer, as SparkPost's do
+    (17-18 digits): customers keep them in BIGINT columns.  The bits, high to low:
+    milliseconds since 2020-01-01 (41 bits: until 2089), the acceptor slot (8), a
+    counter within the millisecond (14).  Increasing within an acceptor even when
+    the wall clock steps back (the last millisecond is kept until the clock passes
+    it) or a millisecond's counter runs out (the next millisecond is taken)."""
+
+    EPOCH_MS = 1_577_836_800_000
+    SLOT_BITS = 8
+    COUNT_BITS = 14
+
+    def __init__(self, slot: int, clock=time.time_ns):
+        self.slot = (slot & ((1 << self.SLOT_BITS) - 1)) << self.COUNT_BITS
+        self.clock = clock
+        self.ms = 0
+        self.count = 0
+
+    def next(self) -> str:
+        ms = self.clock() // 1_000_000 - self.EPOCH_MS
+        if ms > self.ms:
+            self.ms, self.count = ms, 0
+        else:
+            self.count += 1
+            if self.count >> self.COUNT_BITS:
+                self.ms, self.count = self.ms + 1, 0
+        return str((self.ms << (self.SLOT_BITS + self.COUNT_BITS)) | self.slot | self.count)
+
 
 _WANTED = frozenset((b"content-type", b"content-length", b"authorization", b"idempotency-key",
                      b"expect"))
@@ -154,6 +181,7 @@ class Service:
 
     def __init__(self, acceptor):
         self.a = acceptor
+        self.tids = TransmissionIds(acceptor.slot)
         self.cfg = cfg = acceptor.settings.config.http
         self.loop = acceptor.loop
         self.hostname = acceptor.hostname
@@ -825,9 +853,7 @@ class Injection:
         self.refusals: list[dict] = []
         self.built_all = False
         self.touched = time.monotonic()   # the idempotency row's last touch (begin: now)
-        # A decimal id like SparkPost's: microseconds, acceptor slot, counter.
-        self.tid = "%d%03d%04d" % (time.time_ns() // 1000, self.a.slot & 0xFF,
-                                   next(_tids) % 10000)
+        self.tid = svc.tids.next()
         self.client = f"http [{session.peer_ip}]"
         self.peer = session.peer_ip
         # The suppression list applies unless options.skip_suppression; the type

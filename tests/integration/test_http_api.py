@@ -149,7 +149,7 @@ def test_python_sparkpost_client(delivering):
                       "data": base64.b64encode(ATTACHMENT).decode()}],
         campaign="cmp-py", metadata={"source": "python"})
     assert r["total_accepted_recipients"] == 1 and r["total_rejected_recipients"] == 0
-    assert r["id"].isdigit()
+    assert r["id"].isdigit() and int(r["id"]) < 2**63      # (a BIGINT, as SparkPost's)
     r2 = sp.transmissions.send(
         recipients=["py2@example.net"],
         email_rfc822="From: Sender <sender@example.com>\nSubject: raw for {{address.email}}\n"
@@ -928,7 +928,7 @@ def test_authorize_without_keys_serves_loopback_only():
     def service(keys):
         s = config.load(None)
         s = SimpleNamespace(config=SimpleNamespace(http=s.config.http.__class__(api_keys=keys)))
-        return H.Service(SimpleNamespace(settings=s, loop=None, hostname="h"))
+        return H.Service(SimpleNamespace(settings=s, loop=None, hostname="h", slot=0))
 
     open_svc = service([])
     for ip in ("127.0.0.1", "127.3.4.5", "::1", "::ffff:127.0.0.1"):
