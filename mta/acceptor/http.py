@@ -93,9 +93,11 @@ class TransmissionIds:
     """Decimal transmission ids that fit a signed 64-bit integer, as SparkPost's do
     (17-18 digits): customers keep them in BIGINT columns.  The bits, high to low:
     milliseconds since 2020-01-01 (41 bits: until 2089), the acceptor slot (8), a
-    counter within the millisecond (14).  Increasing within an acceptor even when
-    the wall clock steps back (the last millisecond is kept until the clock passes
-    it) or a millisecond's counter runs out (the next millisecond is taken)."""
+    counter within the millisecond (14), which starts at a random point in each
+    process: during a reload the old and the new acceptor of one slot both answer
+    for a moment.  Ids of later milliseconds are larger; the last millisecond is
+    kept while the wall clock is behind it, and when a millisecond's 16,384 ids
+    are used up the next one is taken."""
 
     EPOCH_MS = 1_577_836_800_000
     SLOT_BITS = 8
@@ -104,18 +106,19 @@ class TransmissionIds:
     def __init__(self, slot: int, clock=time.time_ns):
         self.slot = (slot & ((1 << self.SLOT_BITS) - 1)) << self.COUNT_BITS
         self.clock = clock
+        self.start = int.from_bytes(os.urandom(2), "big") & ((1 << self.COUNT_BITS) - 1)
         self.ms = 0
-        self.count = 0
+        self.n = 0                  # ids given in self.ms
 
     def next(self) -> str:
         ms = self.clock() // 1_000_000 - self.EPOCH_MS
         if ms > self.ms:
-            self.ms, self.count = ms, 0
-        else:
-            self.count += 1
-            if self.count >> self.COUNT_BITS:
-                self.ms, self.count = self.ms + 1, 0
-        return str((self.ms << (self.SLOT_BITS + self.COUNT_BITS)) | self.slot | self.count)
+            self.ms, self.n = ms, 0
+        elif self.n >> self.COUNT_BITS:
+            self.ms, self.n = self.ms + 1, 0
+        count = (self.start + self.n) & ((1 << self.COUNT_BITS) - 1)
+        self.n += 1
+        return str((self.ms << (self.SLOT_BITS + self.COUNT_BITS)) | self.slot | count)
 
 
 _WANTED = frozenset((b"content-type", b"content-length", b"authorization", b"idempotency-key",
