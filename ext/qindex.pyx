@@ -1075,7 +1075,8 @@ cdef class QueueIndex:
 
     def flush(self, double now, qids=None):
         """Make every pending recipient due later than *now* due now (of *qids* only, when
-        given), queueing its message at *now*; how many recipients."""
+        given), queueing its message at *now*; how many recipients.  A message whose start
+        (options.start_time) is still after *now* is left scheduled: it was never tried."""
         cdef uint32_t s
         cdef Py_ssize_t count = 0
         if qids is None:
@@ -1097,6 +1098,8 @@ cdef class QueueIndex:
         cdef Rcpt* r
         cdef uint32_t i
         cdef Py_ssize_t n = 0
+        if m.start > now:
+            return 0                    # scheduled (start_time ahead): never tried yet
         for i in range(m.nrcpt):
             r = &self.rc[m.rfirst + i]
             if r.state == _PENDING and r.due > now:

@@ -514,13 +514,16 @@ class QueueIndex:
 
     def flush(self, now, qids=None) -> int:
         """Make every pending recipient due later than *now* due now (of *qids* only, when
-        given), queueing its message at *now*; how many recipients."""
+        given), queueing its message at *now*; how many recipients.  A message whose start
+        (options.start_time) is still after *now* is left scheduled: it was never tried."""
         if qids is None:
             msgs = list(self._walk())
         else:
             msgs = [self._slots[self._by_qid[q]] for q in qids if q in self._by_qid]
         count = 0
         for m in msgs:
+            if m.start > now:
+                continue
             hit = False
             for i, s in enumerate(m.state):
                 if s == PENDING and m.due[i] > now:

@@ -90,7 +90,8 @@ def listing(store, req: int, limit: int) -> bus.SpoolQueueListReply:
 
 
 def flush(store, req: int, qids=None) -> bus.SpoolQueueFlushReply:
-    """Make every deferred recipient due now (of messages *qids* only, when given); reply
+    """Make every deferred recipient due now (of messages *qids* only, when given; a message
+    whose options.start_time is still ahead stays scheduled: it was never tried); reply
     with how many there were."""
     count = store.index.flush(time.time(), qids)
     log.info("queue flush%s: %d deferred recipient(s) due now",

@@ -485,3 +485,27 @@ def test_released_drops_a_bounded_number_of_ghosts_per_pass():
     assert len(w.blocked["d.example"]) == 6     # the rest next time, not in one long pause
     assert w.released(everything=True, release=lambda q: q == "live") == ["live"]
     assert not w.blocked
+
+
+def test_a_queue_flush_leaves_a_scheduled_message_until_its_start(tmp_path):
+    # `mta queue flush` retries the *deferred* recipients now; a message whose
+    # options.start_time is still ahead was never attempted and stays scheduled
+    # (README: start_time messages are kept scheduled, durably, until then).
+    from mta.spool import queries
+    shard = make_shard(tmp_path)
+    start = time.time() + 3600.0
+    later = queue(shard, ["a@x.example"], start_at=start)
+    now_qid = queue(shard, ["b@x.example"])
+    shard.dispatch()
+    [(d, job)] = sent(shard)
+    assert job.qid == now_qid
+    deferred = bus.DeliveryOutcome(req=job.req, qid=now_qid, results=[
+        bus.Result(0, bus.DEFERRED, 451, "4.3.0", "try later", "mx", "127.0.0.1")])
+    shard.links.outcomes[d].append(deferred)
+    shard.batch(outcomes=[d])
+    assert shard.store.index.progress(now_qid)[1] == [1]
+    reply = queries.flush(shard.store, 7)
+    assert reply.count == 1                     # the deferred one only
+    assert shard.store.index.progress(later)[2] == [start]
+    shard.dispatch()
+    assert [j.qid for _, j in sent(shard)] == [now_qid]

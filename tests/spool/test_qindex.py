@@ -336,6 +336,17 @@ def test_flush(mod):
     assert q.progress(Q1)[2] == [T0, T0 - 5, T0 + 50] and q.scheduled(Q1) == T0
 
 
+def test_flush_leaves_a_message_whose_start_is_ahead(mod):
+    # options.start_time still ahead: never tried, so nothing to retry now
+    q = mod.QueueIndex(1.0)
+    put(q, Q1, ["a"], start=T0 + 3600, due=[T0 + 3600])
+    put(q, Q2, ["a"], due=[T0 + 70])
+    assert q.flush(T0) == 1
+    assert q.progress(Q1)[2] == [T0 + 3600] and q.scheduled(Q1) is None
+    assert q.flush(T0, [Q1]) == 0
+    assert q.flush(T0 + 3600, [Q1]) == 0        # (due at its start: nothing later)
+
+
 def test_select_and_matching(mod):
     q = mod.QueueIndex(1.0)
     put(q, Q1, ["a", "b", "a"], campaign="spring", pool="mkt",
