@@ -431,6 +431,10 @@ class Shard:
             self._push(plan.reschedule)
             for peer, req in commit_peers:
                 server.send(peer, bus.SpoolMessageCommitted(req, bus.STATUS_OK))
+            # (a delete of messages no longer queued: nothing to write, and the answer
+            # is that none was deleted -- left unanswered, the CLI timed out)
+            for peer, req, qids in delete_peers:
+                server.send(peer, bus.SpoolMessageDeleteReply(req, bus.STATUS_OK, qids))
             return
         status = bus.STATUS_OK
         events = None

@@ -509,3 +509,20 @@ def test_a_queue_flush_leaves_a_scheduled_message_until_its_start(tmp_path):
     assert shard.store.index.progress(later)[2] == [start]
     shard.dispatch()
     assert [j.qid for _, j in sent(shard)] == [now_qid]
+
+
+def test_a_delete_of_messages_no_longer_queued_is_answered(tmp_path):
+    # `mta queue delete` of a message that was delivered meanwhile (or a typo'd id): the
+    # batch has nothing to write, and the request must still get its reply (deleted:
+    # none), not be left for the CLI to time out as "spool[n] is not answering".
+    shard = make_shard(tmp_path)
+    replies = []
+    shard.server.send = lambda peer, msg: replies.append((peer, msg))
+    gone = new_qid(0)
+    shard.batch(deletes=[(b"cli", bus.SpoolMessageDelete(5, [gone]))])
+    assert replies == [(b"cli", bus.SpoolMessageDeleteReply(5, bus.STATUS_OK, []))]
+    # and one that names a queued message as well as a gone one
+    qid = queue(shard, ["a@x.example"])
+    replies.clear()
+    shard.batch(deletes=[(b"cli", bus.SpoolMessageDelete(6, [gone, qid]))])
+    assert replies == [(b"cli", bus.SpoolMessageDeleteReply(6, bus.STATUS_OK, [qid]))]
