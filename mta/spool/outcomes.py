@@ -307,11 +307,12 @@ class Plan:
                      dsn: bool) -> int:
         """The operator bounces recipients *idxs* of *qid* (a bulk bounce,
         :mod:`mta.controls`): failed, a class-25 bounce event each, and a DSN
-        to the sender when *dsn*.  How many were pending."""
+        to the sender when *dsn*.  How many were pending; None when its record could not
+        be read (logged): the caller takes it again later."""
         index = self.index
         got = self._lookup(qid)
         if got is None:
-            return 0
+            return None if index.info(qid) is not None else 0
         info, m = got
         st = self._state(qid)
         n = 0

@@ -957,6 +957,9 @@ class Shard:
                     continue
                 idxs = q.matching(qid, sel.domains, sel.campaign, sel.pool)
                 got = plan.admin_bounce(qid, idxs, now, text, op.dsn) if idxs else 0
+                if got is None:                   # (its record could not be read: later)
+                    waiting.append((qid, n))
+                    continue
                 op.total -= n - got               # delivered or expired meanwhile
                 if got:
                     taken.append((op, qid, got))

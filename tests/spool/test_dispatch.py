@@ -526,3 +526,26 @@ def test_a_delete_of_messages_no_longer_queued_is_answered(tmp_path):
     replies.clear()
     shard.batch(deletes=[(b"cli", bus.SpoolMessageDelete(6, [gone, qid]))])
     assert replies == [(b"cli", bus.SpoolMessageDeleteReply(6, bus.STATUS_OK, [qid]))]
+
+
+def test_a_bulk_bounce_takes_again_a_message_it_could_not_read(tmp_path):
+    # A read error on one message's record (EIO) during a bulk bounce must not drop it
+    # from the operation: it is bounced once the record reads again, not delivered.
+    shard = make_shard(tmp_path, hold=True)
+    qid = queue(shard, ["a@x.example"])
+    reply = shard.start_bounce(bus.SpoolAdminBounce(1, "op1", {"domains": ["x.example"]},
+                                                    "test", False))
+    assert reply.status == bus.STATUS_OK and reply.ops[0]["total"] == 1
+    real = shard.store.read_meta
+
+    def failing(q):
+        raise OSError(5, "Input/output error")
+
+    shard.store.read_meta = failing
+    shard.batch()
+    assert qid in shard.store.index
+    shard.store.read_meta = real
+    shard.op_idle_until = 0.0
+    shard.batch()
+    assert qid not in shard.store.index
+    assert shard.ops["op1"].done == 1
