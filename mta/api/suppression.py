@@ -80,7 +80,11 @@ def handle(store: S.SuppressionList, method: bytes, path: bytes, query: bytes, b
             return bulk(store, _body(body))
         raise R.ApiError(BAD_METHOD, f"{method.decode('latin-1')} is not allowed on "
                          "/api/v1/suppression-list; use GET or PUT")
-    recipient = urllib.parse.unquote(rest.decode("utf-8", "replace"))
+    try:
+        recipient = urllib.parse.unquote_to_bytes(rest).decode("utf-8")
+    except UnicodeDecodeError:
+        raise R.ApiError(R.INVALID, "recipient: the path's address is not valid UTF-8") \
+            from None
     if recipient == "summary" and method == b"GET":
         return _json(200, {"results": store.summary()})
     if method == b"GET":
@@ -191,7 +195,8 @@ def _address(addr, where: str) -> str:
         raise R.ApiError(R.INVALID, f"{where}: expected an email address string")
     a = addr.strip()
     local, at, domain = a.rpartition("@")
-    if not at or not local or not domain or any(c.isspace() for c in a) or \
+    if not at or not local or not domain or \
+            any(c.isspace() or c < " " or c == "\x7f" for c in a) or \
             len(a.encode("utf-8", "surrogateescape")) > S.MAX_ADDRESS:
         raise R.ApiError(R.INVALID, f"{where}: {addr[:320]!r} is not a valid email address")
     return a

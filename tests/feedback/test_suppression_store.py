@@ -253,3 +253,21 @@ def test_entries_stored_before_the_canonical_form_still_count(sl):
         assert sl.check(spelling, False) and sl.get(spelling), spelling
     assert sl.delete("user@bücher.de") == 2 and not sl.check("user@bücher.de", False)
     assert sl.delete('"foo"@example.com') == 2 and sl.summary()["total"] == 0
+
+
+@pytest.mark.parametrize("method, path, body", [
+    (b"PUT", b"/api/v1/suppression-list/a%00b@x.test", {"type": "transactional"}),
+    (b"PUT", b"/api/v1/suppression-list/a%01b@x.test", {"type": "transactional"}),
+    (b"PUT", b"/api/v1/suppression-list/a%7Fb@x.test", {"type": "transactional"}),
+    (b"PUT", b"/api/v1/suppression-list/a%FFb@x.test", {"type": "transactional"}),
+    (b"PUT", b"/api/v1/suppression-list/a\xffb@x.test", {"type": "transactional"}),
+    (b"GET", b"/api/v1/suppression-list/a%FFb@x.test", b""),
+    (b"PUT", b"/api/v1/suppression-list", {"recipients": [
+        {"recipient": "a\x00b@x.test", "type": "transactional"}]}),
+])
+def test_an_address_with_a_control_character_or_not_utf8_is_refused(sl, method, path, body):
+    # (stored, NUL and U+FFFD made entries no mail could match and nobody could type)
+    with pytest.raises(R.ApiError) as e:
+        _call(sl, method, path, body=body)
+    assert e.value.status == 422 and "recipient" in e.value.description, e.value.description
+    assert _call(sl, b"GET", b"/api/v1/suppression-list/summary")[1]["results"]["total"] == 0
