@@ -178,7 +178,10 @@ class ReplyParser:
     one; several when the server answered pipelined commands at once).
     Lines end in CRLF (a bare LF is tolerated).  A line that does not start
     with a three-digit code 2xx-5xx, or a reply longer than the bound, raises
-    :class:`SmtpProtocolError`; the parser is unusable after that.
+    :class:`SmtpProtocolError`; the parser is unusable after that.  The replies
+    *data* completed before the bad line are the exception's ``replies``: they
+    were said (a 250 to the final dot followed by a stray empty line in the same
+    segment is still a delivery).
     """
 
     __slots__ = ("_buf", "_lines", "_size")
@@ -222,16 +225,16 @@ class ReplyParser:
             start = nl + 1
             self._size += len(line) + 2
             if self._size > MAX_REPLY_BYTES:
-                raise SmtpProtocolError("reply longer than %d bytes" % MAX_REPLY_BYTES)
+                raise _broken("reply longer than %d bytes" % MAX_REPLY_BYTES, out)
             if len(line) < 3 or not (0x32 <= line[0] <= 0x35) or not line[:3].isdigit():
-                raise SmtpProtocolError("malformed reply line %r" % line[:40])
+                raise _broken("malformed reply line %r" % line[:40], out)
             self._lines.append(line)
             if line[3:4] != b"-":
                 out.append(self._finish())
         if start:
             del buf[:start]
         if self._size + len(buf) > MAX_REPLY_BYTES:
-            raise SmtpProtocolError("reply longer than %d bytes" % MAX_REPLY_BYTES)
+            raise _broken("reply longer than %d bytes" % MAX_REPLY_BYTES, out)
         return out
 
     def _finish(self) -> SmtpReply:
@@ -249,6 +252,13 @@ class ReplyParser:
             texts = [t[cut:] if t.startswith(prefix) or t == prefix.rstrip() else t
                      for t in texts]
         return SmtpReply(code, enhanced, b"\n".join(texts).decode("utf-8", "replace"))
+
+
+def _broken(why: str, replies: list[SmtpReply]) -> SmtpProtocolError:
+    """The parser's error, with the *replies* completed before the bad part."""
+    exc = SmtpProtocolError(why)
+    exc.replies = replies
+    return exc
 
 
 def _enhanced_prefix(code: int, text: bytes) -> bytes | None:
@@ -519,11 +529,18 @@ class _Wire(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
             return
+        broken = None
         try:
             replies = self.parser.feed(data)
         except SmtpProtocolError as exc:
-            self._fail(exc)
-            return
+            # the replies before the bad line were said: they count (a 250 to the final
+            # dot is a delivery whatever follows it in the same segment)
+            broken, replies = exc, getattr(exc, "replies", [])
+        self._take(replies)
+        if broken is not None and self.error is None:
+            self._fail(broken)
+
+    def _take(self, replies: list[SmtpReply]) -> None:
         if not replies:
             return
         for reply in replies:

@@ -1610,3 +1610,39 @@ def test_without_pipelining_the_whole_envelope_gets_one_command_timeout():
 
     took = run(main())
     assert took < 1.5, took         # (one command_timeout, not 8 x 0.3 s)
+
+
+@pytest.mark.parametrize("after", [b"\r\n", b"garbage\r\n", b"250-" + b"x" * MAX_REPLY_BYTES])
+def test_a_final_250_followed_by_a_bad_line_in_the_same_segment_is_a_delivery(after):
+    """The server took the message (250 to the final dot), then broke the protocol in the
+    same TCP segment (a stray empty line, a garbage line, an over-long reply).  The parser
+    raised on the bad line and every reply of that segment was thrown away with it: the
+    message was reported not delivered (deferred) and sent again -- a duplicate -- while
+    the same bytes in two segments gave a delivery.  The replies before the bad line
+    count; the connection is dropped all the same."""
+    p = ReplyParser()
+    with pytest.raises(SmtpProtocolError) as ei:
+        p.feed(b"250 2.0.0 queued as X\r\n" + after)
+    assert [r.code for r in ei.value.replies] == [250]
+
+    async def script(peer):
+        await peer.hello()
+        await peer.until(b"DATA\r\n")
+        peer.send(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+        await peer.until(b"\r\n.\r\n")
+        peer.send(b"250 2.0.0 queued as X\r\n" + after)
+        await asyncio.sleep(LOOP_BOUND)
+
+    async def main():
+        async with RawServer(script) as srv:
+            conn = await open_to(srv.port, command_timeout=2)
+            r = await conn.send_message("s@x.test", ["a@y.test"], b"hi\r\n")
+            for _ in range(100):                # the bad line is seen: not reused
+                if not conn.is_usable:
+                    break
+                await asyncio.sleep(0.01)
+            return r, conn.is_usable, conn.messages_sent
+
+    r, usable, sent = run(main())
+    assert r.accepted(0) and r.data_reply.text == "queued as X"
+    assert sent == 1 and not usable
