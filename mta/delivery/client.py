@@ -461,7 +461,14 @@ class SmtpTimeout(SmtpError):
 
 
 class SmtpConnectionLost(SmtpError):
-    """The connection is gone mid-session (the server hung up, or see SmtpProtocolError)."""
+    """The connection is gone mid-session (the server hung up, or see SmtpProtocolError).
+
+    ``unsent`` is True when it went during a transaction before any of its message
+    was written (while its envelope was answered): nothing of it can have been
+    delivered.
+    """
+
+    unsent = False
 
     def __init__(self, message: str, reply: SmtpReply | None = None) -> None:
         SmtpError.__init__(self, message, reply, True)
@@ -642,6 +649,7 @@ class SmtpConnection:
         self.messages_sent = 0          # messages the server accepted (final 2xx)
         self.transactions = 0           # transactions started (MAIL sent)
         self._ahead: Transaction | None = None  # sent ahead, not run yet (send_prepared)
+        self._body_sent = False         # the current transaction's message is being written
 
     # -- properties --
 
@@ -869,9 +877,12 @@ class SmtpConnection:
         return await self._run(txn, then)
 
     async def _run(self, txn: Transaction, then) -> DeliveryResult:
+        self._body_sent = False
         try:
             result = await self._transaction(txn, then)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, SmtpConnectionLost) and not self._body_sent:
+                exc.unsent = True               # (lost during the envelope)
             if self._state == _State.BUSY:      # state on the server unknown: give up on it
                 self.close()
             raise
@@ -1072,6 +1083,7 @@ class SmtpConnection:
         out in the same write as the final dot.
         """
         w = self._wire
+        self._body_sent = True
         deadline = self._loop.time() + self.data_timeout
         nxt = then(self) if then is not None and self.supports_pipelining else None
         after = b""

@@ -88,7 +88,7 @@ class Job:
     """One message's recipients for one domain: the spool's job and who sent it."""
 
     __slots__ = ("msg", "peer", "queued_at", "source", "source_ip", "site", "fired",
-                 "retry_after", "tls", "reported")
+                 "retry_after", "tls", "reported", "refreshed")
 
     def __init__(self, msg: DeliveryMessageReady, peer: bytes):
         self.msg = msg              # req, qid, sender, domain, rcpts, params, attempt, body, ...
@@ -101,6 +101,7 @@ class Job:
         self.retry_after = 0.0      # a rule's defer: seconds before the next try
         self.tls = ""               # outbound_tls of its session (client.TLS_*); "": none
         self.reported = False       # its outcome went to the spool (once, _finish)
+        self.refreshed = False      # sent again on a new connection after a reused one died
 
     def results(self, outcome: str, code: int, enhanced: str, text: str, host: str = "",
                 ip: str = "") -> list[Result]:
@@ -1084,6 +1085,19 @@ class Engine:
                 FAILED, 553, "5.6.7", f"{host} does not support SMTPUTF8", host, ip))
             return conn if conn.is_usable else None
         except (smtpc.SmtpError, OSError) as exc:
+            if type(exc) is smtpc.SmtpConnectionLost and exc.unsent and \
+                    conn.transactions > 1 and not job.refreshed:
+                # A reused connection the server closed (one message per connection, its
+                # idle timeout) before it answered this envelope: nothing of the message
+                # went out and the server said nothing of it -- not an attempt.  It goes
+                # first on a new connection (once; a new one's failure defers it).
+                conn.close()
+                job.refreshed = True
+                if self.stopping:
+                    self._give_back([job], STOPPING)
+                else:
+                    lane.put_back([job])
+                return None
             self._attempted(lane, False)
             self._finish(job, job.results(
                 DEFERRED, 451, "4.4.2", f"{host}[{ip}]: {type(exc).__name__}: {exc}", host, ip))

@@ -669,3 +669,61 @@ def test_a_verified_route_never_falls_back_to_plaintext():
                             route=[{"domain": "bank.test", "hosts": ["127.0.0.1:PORT"],
                                     "tls_verify": True}])
     assert results[0].outcome == bus.DEFERRED and BrokenTlsPeer.delivered == []
+
+
+class OneMessageSession(PipeSession):
+    """Takes one message per connection: its 250, then it reads nothing more and hangs
+    up a moment later (the next envelope, if any, is never answered).  With
+    ``refuse_all``, connections after the first hang up at the first MAIL."""
+
+    def accept(self):
+        super().accept()
+        self.waiting = True
+        asyncio.get_running_loop().call_later(0.02, self.t.close)
+
+    def process(self):
+        if self.peer.refuse_all and self.conn > 1 and b"MAIL" in self.buf:
+            self.t.close()
+            return
+        super().process()
+
+
+class OneMessagePeer(PipePeer):
+    def __init__(self, refuse_all=False):
+        super().__init__()
+        self.refuse_all = refuse_all
+
+    def __call__(self):
+        return OneMessageSession(self)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_reused_connection_the_server_closed_before_answering_sends_the_next_on_a_new_one(
+        pipeline):
+    """A server that takes one message per connection and hangs up just after its 250
+    (a legal policy).  The connection still looked usable, so the next envelope went
+    out on it (behind the final dot, or just after the reply) and was never answered:
+    that job was deferred -- an attempt, a delay event, a retry minutes later -- every
+    second message, though nothing of it was sent and the server said nothing of it.
+    It now goes out at once on a new connection."""
+    peer = OneMessagePeer()
+    jobs = [job("example.net", f"ok{n}", n=n) for n in range(4)]
+    reports = deliver(jobs, mx_to_loopback("example.net"), peer, connection_limit=1,
+                      pipeline_transactions=pipeline)
+    outcome = {j.msg.req: rs[0] for j, rs in reports}
+    assert sorted(outcome) == [0, 1, 2, 3]
+    assert all(r.outcome == bus.DELIVERED for r in outcome.values()), outcome
+    assert sorted(r for _, r in peer.messages) == [f"ok{n}@example.net" for n in range(4)]
+    assert peer.connections == 4
+
+
+def test_a_job_whose_new_connection_dies_too_is_deferred_once():
+    """The retry on a new connection is made once: when that one is lost before its
+    envelope is answered too, the job is deferred (no loop)."""
+    peer = OneMessagePeer(refuse_all=True)
+    jobs = [job("example.net", f"ok{n}", n=n) for n in range(2)]
+    reports = deliver(jobs, mx_to_loopback("example.net"), peer, connection_limit=1)
+    outcome = {j.msg.req: rs[0] for j, rs in reports}
+    assert outcome[0].outcome == bus.DELIVERED
+    assert outcome[1].outcome == bus.DEFERRED and "SmtpConnectionLost" in outcome[1].text
+    assert peer.connections == 2
