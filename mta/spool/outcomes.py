@@ -78,6 +78,7 @@ log = logging.getLogger("mta.spool")
 REQUEUE_MIN = 1.0        # seconds: a REQUEUED recipient waits at least this long
 DEFER_MAX = 7 * 86400.0  # a rule's defer delay is bounded by this (and by max_age)
 REQUEUE_MAX = 3600.0     # and at most this (the outcome's retry_after is bounded)
+READ_RETRY = 60.0        # seconds: an expiry that could not read the record tries again
 EXPIRED_STATUS = "4.4.7"  # an expiry found at dispatch: no reply, our own status and text
 EXPIRED_TEXT = "message expired: too long in the queue"
 # QueueIndex.info fields
@@ -272,6 +273,10 @@ class Plan:
         index = self.index
         got = self._lookup(qid)
         if got is None:
+            if index.info(qid) is not None:
+                # its record could not be read (logged): its deadline was taken, so it
+                # is filed again, or it would stay queued past max_age for good
+                index.set_deadline(qid, now + READ_RETRY)
             return
         info, m = got
         st = self._state(qid)

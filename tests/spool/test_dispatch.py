@@ -549,3 +549,29 @@ def test_a_bulk_bounce_takes_again_a_message_it_could_not_read(tmp_path):
     shard.batch()
     assert qid not in shard.store.index
     assert shard.ops["op1"].done == 1
+
+
+def test_an_expiry_that_could_not_read_the_record_is_tried_again(tmp_path):
+    # A read error (EIO) on the record while the message expires must not leave it
+    # queued for good: its deadline was taken, so it is filed again for a retry.
+    shard = make_shard(tmp_path, hold=True, max_age=60.0)
+    qid = queue(shard, ["a@x.example"])
+    shard.policy.expired = lambda start, now: True      # (an hour later, say)
+    shard.store.index.set_deadline(qid, time.time() - 1.0)
+    real = shard.store.read_meta
+
+    def failing(q):
+        raise OSError(5, "Input/output error")
+
+    shard.store.read_meta = failing
+    shard.expire_waiting()
+    assert shard.expire_work == [(qid, [0])]
+    shard.batch()
+    assert qid in shard.store.index             # not expired: the record did not read
+    shard.store.read_meta = real
+    shard.expire_waiting()                      # (its deadline is a little ahead now)
+    assert shard.expire_work == []
+    assert qid in shard.store.index.passed(time.time() + 180.0)
+    shard.expire_work = [(qid, [0])]            # ... as expire_waiting then files it
+    shard.batch()
+    assert qid not in shard.store.index
