@@ -113,13 +113,20 @@ def _read_auth_file(path: str) -> dict[str, str]:
 
 
 ACTIVE_NAME = "active-config.json"   # in run_dir: what the running supervisor applied
+# [delivery] keys the spool shards read at their start only (a reload of the others,
+# hold, retry_schedule, retry_jitter, delay_warning_time and the timeouts, reaches them
+# too: the supervisor SIGHUPs them): deadlines filed and the dispatch window's size
+SPOOL_START_KEYS = ("max_age", "time_scale", "max_in_flight", "max_in_flight_per_domain",
+                    "spread_threshold")
 
 
 def restart_keys(old: Settings, new: Settings) -> list[str]:
     """The settings of *new* that a reload (SIGHUP) of a daemon running *old* does not
     apply -- they wait for the next restart: [spool] and [admin] keys, the shard
-    count, delivery.processes, turning the events or webhooks process on or off, the
-    state directory, and the host name the spool shards put in their DSNs."""
+    count, delivery.processes, the [delivery] keys the spool shards read at start
+    (SPOOL_START_KEYS: the delivery processes take them now), turning the events or
+    webhooks process on or off, the state directory, and the host name the spool
+    shards put in their DSNs."""
     out = []
     for section in ("spool", "admin"):
         a = msgspec.to_builtins(getattr(old.config, section))
@@ -127,6 +134,8 @@ def restart_keys(old: Settings, new: Settings) -> list[str]:
         out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if old.shards != new.shards and "spool.shards" not in out:
         out.append("spool.shards")
+    out += [f"delivery.{k} (the spool shards')" for k in SPOOL_START_KEYS
+            if getattr(old.config.delivery, k) != getattr(new.config.delivery, k)]
     if old.deliveries != new.deliveries:
         out.append("delivery.processes")
     if old.events_enabled != new.events_enabled:

@@ -266,7 +266,8 @@ class RouteConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     hold: Annotated[bool, _doc(
         "keep every message queued and deliver nothing (like Postfix's hold queue); "
-        "held messages still expire after max_age; takes effect at the next start")] = False
+        "held messages still expire after max_age; a reload applies it (jobs already out "
+        "finish)")] = False
     processes: Annotated[int, _doc(
         "delivery processes, sharded by recipient domain; 0 = one per CPU",
         ge=0, le=256)] = 0
@@ -343,7 +344,7 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "random spread added to each retry delay, as a fraction of it", ge=0, le=1)] = 0.1
     max_age: Annotated[float, _doc(
         "seconds a message may stay queued before its undelivered recipients expire "
-        "and bounce (5 days)", ge=1)] = 5 * 86400.0
+        "and bounce (5 days); takes effect at the next start", ge=1)] = 5 * 86400.0
     delay_warning_time: Annotated[float, _doc(
         "seconds after which the sender of a message still deferred gets a delay notice "
         "(RFC 3464 \"delayed\"), once per recipient that did not opt out with NOTIFY "

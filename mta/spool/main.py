@@ -27,7 +27,11 @@ Start: open the bus, tell the supervisor it is ready (acceptors are started only
 then), and rebuild the queue from disk a slice at a time, taking new mail meanwhile
 (:meth:`Shard.recover_slice`).  SIGTERM: finish the batch in hand,
 close, exit 0; whatever was not taken is not acknowledged, so nothing is lost.
-SIGHUP is ignored: spool settings take effect at the next start.
+SIGHUP (from the supervisor, after a reload it applied): the shard takes the
+[delivery] keys it can change while it runs from the supervisor's record of the
+active configuration -- hold, retry_schedule, retry_jitter, delay_warning_time and
+the timeouts its job timeout is made of; the rest (SPOOL_START_KEYS in
+mta.config, and [spool]) takes effect at the next start.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ log = logging.getLogger("mta.spool")
 def main(settings, shard: int, ready_fd: int | None) -> None:
     """Entry point of the spool[n] child."""
     name = proc.start_role("spool", shard, settings.config.server.log_level)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)    # (until the shard can take a reload)
     log.info("starting %s; hot-path implementation %s", name, native.implementation())
     try:
         s = Shard(settings, shard)
@@ -56,8 +61,11 @@ def main(settings, shard: int, ready_fd: int | None) -> None:
     def stop(signum, frame):
         s.stopping = True
 
+    def reload(signum, frame):
+        s.reload_wanted = True
+
     signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, reload)
     ctx = bus.new_context()
     try:
         s.open(ctx)

@@ -51,6 +51,7 @@ import time
 import msgspec
 
 from mta import bus, feedback, proc
+from mta import config as mconfig
 from mta.feedback import suppression as sup
 from mta.obs import events as ev
 from mta.obs.stats import Pusher
@@ -121,6 +122,12 @@ def _suppressed_state(n: int, idxs) -> list[int] | None:
     return state if hit else None
 
 
+def _job_timeout(d) -> float:
+    """Seconds after which a job's outcome is not coming (its delivery process is gone
+    or stuck): the job is sent again."""
+    return d.connect_timeout + 2 * d.command_timeout + d.data_timeout + d.job_timeout_margin
+
+
 class Shard:
     """The request loop of one shard."""
 
@@ -162,12 +169,10 @@ class Shard:
         # at dispatch: their last job's outcome never came and it was taken back)
         self.finish_work: list[str] = []
         self.stopping = False
+        self.reload_wanted = False            # SIGHUP: apply_reload() at the next turn
         self.healthy = True
         self.last_error = ""
-        d = self.dcfg
-        # An outcome later than this means the delivery process is gone or stuck.
-        self.job_timeout = (d.connect_timeout + 2 * d.command_timeout + d.data_timeout
-                            + d.job_timeout_margin)
+        self.job_timeout = _job_timeout(self.dcfg)
         # the operator's suspensions (by domain, campaign, pool) and the messages
         # they hold back (looked at again when one ends); bulk bounces by id
         self.controls = ctl.Watcher(ctl.path_of(self.settings.state_dir), log)
@@ -295,8 +300,33 @@ class Shard:
         """Prepare the loop for :meth:`step` (after :meth:`open`)."""
         self.next_reclaim = time.monotonic() + RECLAIM_INTERVAL
 
+    def apply_reload(self) -> None:
+        """SIGHUP: take the [delivery] keys a running shard can change from the active
+        configuration the supervisor recorded (the others stay as at start)."""
+        self.reload_wanted = False
+        active = mconfig.read_active(self.settings.run_dir)
+        if active is None:
+            log.warning("reload: the active configuration cannot be read; "
+                        "[delivery] stays as it was")
+            return
+        old = self.dcfg
+        new = msgspec.structs.replace(active.config.delivery, **{
+            k: getattr(old, k) for k in mconfig.SPOOL_START_KEYS})
+        if new == old:
+            return
+        self.dcfg = new
+        self.policy = sch.RetryPolicy(new)
+        self.job_timeout = _job_timeout(new)
+        if new.hold != old.hold:
+            log.warning("reload: delivery %s", "held: no new job goes out (those out "
+                        "finish)" if new.hold else "no longer held")
+        else:
+            log.info("reload: [delivery] retry schedule and timeouts taken")
+
     def step(self) -> None:
         """One turn of the loop: wait for work, group-commit it, dispatch, housekeeping."""
+        if self.reload_wanted:
+            self.apply_reload()
         timeout = POLL_INTERVAL_MS
         if self.recovering:
             self.recover_slice(self.cfg.recovery_slice)

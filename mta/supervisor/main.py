@@ -731,6 +731,12 @@ class Supervisor:
             return
         self.settings = new
         self._write_active()
+        if new.config.delivery != old.config.delivery:
+            # the spool shards are not replaced: they take from the record just written
+            # what of [delivery] they can change while they run (hold, retries, timeouts)
+            for c in list(self.children.values()):
+                if c.role == "spool":
+                    self._kill(c.pid, signal.SIGHUP)
         for role, sections in ROLLED.items():
             changed = [k for k in sections
                        if getattr(new.config, k) != getattr(old.config, k)]

@@ -93,3 +93,44 @@ def test_reload_applies_delivery_settings_and_keeps_every_job(make_daemon):
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_reload_holds_and_releases_delivery(make_daemon):
+    # [delivery] hold is the spool's: the shards are not replaced by a reload, so they
+    # must take it then (it was logged as applied while mail kept going out), and
+    # check-config must name the keys they read only at start.
+    a = AioSink(HOST, free_port(), name="A").start()
+    try:
+        d = make_daemon(acceptors=1, shards=2, delivery={"hold": False, "route": route(a)})
+        spools = {k: v for k, v in d.children().items() if k.startswith("spool")}
+        d.send("s@example.com", ["first@example.net"], message("first"))
+        wait_until(lambda: a.received() == 1, 30, "the first message at A")
+
+        d.sections["delivery"]["hold"] = True
+        d.write_config()
+        out = d.cli("check-config").stdout.decode()
+        assert "a reload (SIGHUP) applies every change" in out, out
+        d.reload(r"reload: delivery held", delivery={"hold": True}, timeout=30)
+        d.wait_log(r"reload: delivery held", count=2, timeout=30)   # (both shards)
+        qids = [d.send("s@example.com", [f"held{i}@example.net"], message(f"held{i}"))
+                for i in range(4)]
+        time.sleep(2.0)
+        assert a.received() == 1, "mail went out while delivery was held"
+        assert sorted(x["queue_id"] for x in d.queue_list()) == sorted(qids)
+        assert all(s["held"] for s in d.queue_summary()["shards"])
+
+        d.reload(r"reload: delivery no longer held", delivery={"hold": False}, timeout=30)
+        wait_until(lambda: a.received() == 5, 30, "the held mail at A after the release")
+        assert {k: v for k, v in d.children().items() if k.startswith("spool")} == spools
+
+        # what the shards read only at their start is named, and left as it was
+        d.sections["delivery"]["max_age"] = 7200.0
+        d.write_config()
+        out = d.cli("check-config").stdout.decode()
+        assert "delivery.max_age (the spool shards')" in out, out
+        log = d.reload(delivery={"max_age": 7200.0})
+        assert "delivery.max_age (the spool shards') changed; it takes effect at the " \
+            "next restart" in log
+        assert "Traceback" not in d.log()
+    finally:
+        a.stop()
