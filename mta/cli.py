@@ -574,7 +574,8 @@ def rules_list(config_path, as_json):
             left = f"day {int(max(0.0, now - e.created) // day_len) + 1}"
             limits = "see [[warmup]]"
         else:
-            left = str(datetime.timedelta(seconds=max(0, int(e.until - now))))
+            left = "until resumed" if e.until - now > _UNTIL_RESUMED else \
+                str(datetime.timedelta(seconds=max(0, int(e.until - now))))
             limits = " ".join(x for x in (
                 f"conn={e.connection_limit}" if e.connection_limit else "",
                 f"rate={e.max_message_rate * 60:.1f}/m" if e.max_message_rate else "") if x)

@@ -255,8 +255,9 @@ def drain_cmd(config_path, as_json, cancel, no_wait, timeout, interval):
         click.echo("mta: the drain was cancelled", err=True)
         sys.exit(1)
     if not d["done"]:
-        click.echo(f"mta: {d['remaining']['messages']} message(s) remain after {timeout:g}s",
-                   err=True)
+        click.echo(f"mta: {d['remaining']['messages']} message(s) remain after {timeout:g}s; "
+                   "the node is still draining (refusing mail): 'mta drain --cancel' "
+                   "accepts mail again", err=True)
         sys.exit(1)
     if not as_json:
         click.echo("drained: the queue is empty; the node accepts no mail until "

@@ -96,9 +96,12 @@ class Admin:
             return 200, {"Content-Type": "text/html; charset=utf-8",
                          "Cache-Control": "no-store"}, page.HTML
         if not self.authorized(headers):
-            return _json(401, {"errors": [{"message": "a bearer token is required "
-                                                      "(Authorization: Bearer TOKEN)"}]},
-                         {"WWW-Authenticate": 'Bearer realm="mta admin"'})
+            given = b"authorization" in headers
+            return _json(401, {"errors": [{"message": (
+                "the token is not one of [admin] tokens" if given else
+                "a bearer token is required (Authorization: Bearer TOKEN)")}]},
+                {"WWW-Authenticate": 'Bearer realm="mta admin"' + (
+                    ', error="invalid_token"' if given else "")})
         if path in (b"/metrics", b"/api/admin/health", b"/", b"/index.html"):
             if method not in (b"GET", b"HEAD"):
                 return _json(405, {"errors": [{"message": "only GET is served here"}]},

@@ -17,7 +17,10 @@ class Service:
     entry: str           # "module:function" run in the child
     listen: tuple        # (host, port) pairs each slot listens on; () for none
     restart: str         # "always": a child that exits is started again, with back-off
-    reload: str          # what SIGHUP does: "replace" (one slot at a time) or "keep"
+    reload: str          # what SIGHUP does: "replace" (one slot at a time, always),
+                         # "if-changed" (the same when its sections changed: ROLLED in
+                         # supervisor.main), "sighup" (kept; takes what it can, the
+                         # spool's [delivery] keys) or "keep"
     http_listen: tuple = ()   # (host, port) pairs of the HTTP injection API, per slot
 
 
@@ -32,13 +35,13 @@ def table(settings) -> list[Service]:
     admin = [Service("admin", 1, "mta.admin.main:main", (), "always", "keep",
                      settings.admin_listen)] if settings.admin_listen else []
     return admin + [
-        Service("spool", settings.shards, "mta.spool.main:main", (), "always", "keep"),
-    ] + ([Service("events", 1, "mta.events.main:main", (), "always", "keep")]
+        Service("spool", settings.shards, "mta.spool.main:main", (), "always", "sighup"),
+    ] + ([Service("events", 1, "mta.events.main:main", (), "always", "if-changed")]
          if settings.events_enabled else []) + (
-        [Service("webhooks", 1, "mta.webhooks.main:main", (), "always", "keep")]
+        [Service("webhooks", 1, "mta.webhooks.main:main", (), "always", "if-changed")]
         if settings.config.webhooks.enabled else []) + [
         Service("delivery", settings.deliveries, "mta.delivery.main:main", (), "always",
-                "keep"),
+                "if-changed"),
         Service("acceptor", settings.acceptors, "mta.acceptor.main:main", settings.listen,
                 "always", "replace", settings.http_listen),
     ]

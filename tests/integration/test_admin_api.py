@@ -148,6 +148,11 @@ def test_api_needs_the_token_and_the_cli_sends_it(make_daemon):
         st, _, body = admin_call(d, method, path)
         assert st == 401, (method, path, st)
     assert not d.log().count("drain started")
+    assert "a bearer token is required" in body["errors"][0]["message"]
+    # a wrong token is told apart from a missing one
+    st, headers, body = admin_call(d, "GET", "/api/admin/queue", token="wrong")
+    assert st == 401 and "not one of [admin] tokens" in body["errors"][0]["message"], body
+    assert 'error="invalid_token"' in headers["www-authenticate"]
     assert admin_call(d, "GET", "/api/admin/queue", token="t0ken")[0] == 200
     # The page itself holds no data and loads without a token.
     st, headers, _ = d.admin_get("/")

@@ -177,6 +177,7 @@ def test_a_drain_is_not_done_while_a_message_is_on_its_way_in(make_daemon):
     r = d.cli("drain", "--timeout", "1", "--interval", "0.2", check=False)
     assert r.returncode == 1
     assert b"delivery is held ([delivery] hold = true)" in r.stderr, r.stderr
+    assert b"still draining" in r.stderr and b"mta drain --cancel" in r.stderr, r.stderr
     # the operator deletes it, and the node is empty
     d.cli("queue", "delete", queued_id(" ".join(lines)))
     wait_until(lambda: report()["done"], 20, "the drain done")

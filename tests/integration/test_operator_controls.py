@@ -85,6 +85,9 @@ def test_suspend_a_domain_across_a_restart_then_resume_and_a_source(lab):
                      d.cli("queue").stdout.decode(), re.M)
     rules = admin_call(d, "GET", "/api/admin/rules")[2]["results"]
     assert [(x["rule"], x["scope"]) for x in rules] == [("admin", "source")]
+    # (the table says so too, not "36599 days, 23:59:58" left)
+    assert re.search(r"^admin\s.*\suntil resumed\s", d.cli("rules", "list").stdout.decode(),
+                     re.M), d.cli("rules", "list").stdout.decode()
     late = d.send("a@sender.test", ["late@free.test"], message("late"))
     d.wait_log(r"not attempted by delivery|REQUEUED|requeued", timeout=20)
     time.sleep(1.5)

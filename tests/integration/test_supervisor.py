@@ -295,8 +295,11 @@ def test_check_config_ok_and_print_services(make_daemon):
     out = d.cli("print-services").stdout.decode()
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["ROLE", "COUNT", "LISTEN"]
-    assert re.search(r"^spool\s+2\s+-\s+always", out, re.M)
-    assert re.search(r"^events\s+1\s+-\s+always\s+keep\s+mta\.events\.main:main", out, re.M)
+    assert re.search(r"^spool\s+2\s+-\s+always\s+sighup", out, re.M)
+    # (replaced by a reload that changes its sections, as delivery and webhooks)
+    assert re.search(r"^events\s+1\s+-\s+always\s+if-changed\s+mta\.events\.main:main", out,
+                     re.M)
+    assert re.search(r"^delivery\s+\d+\s+-\s+always\s+if-changed\s", out, re.M)
     # started after the spool (it reads what the shards recovered), before delivery
     roles = [x.split()[0] for x in lines[1:]]
     assert roles.index("spool") < roles.index("events") < roles.index("delivery"), roles
