@@ -478,9 +478,14 @@ def queue_show(ctx, config_path, qid, raw):
                f"arrival: {datetime.datetime.fromtimestamp(e['arrival']).isoformat()}\n"
                f"size: {e['size']}\nclient: {e['client']}\n"
                f"message_id: {e['params'].get('message_id', '')}")
-    for r, st, a, d in zip(e["recipients"], e["state"], e["attempts"], e["due"]):
+    last = e.get("last") or [None] * len(e["recipients"])
+    for r, st, a, d, why in zip(e["recipients"], e["state"], e["attempts"], e["due"], last):
         retry = f", next attempt {_when(d)}" if st == "pending" and a else ""
         click.echo(f"recipient: <{r}> {st}, {a} attempt(s){retry}")
+        if why:
+            at = f" ({why['host']}[{why['ip']}])" if why.get("host") else ""
+            words = " ".join(str(x) for x in (why["code"], why["enhanced"], why["text"]) if x)
+            click.echo(f"  last reply: {words}{at}")
     click.echo("")
     sys.stdout.buffer.write(body)
 

@@ -216,6 +216,11 @@ def inspect_cmd(ctx, config_path, as_json, qid):
     for r in d["recipients"]:
         nxt = f", next attempt {_when(r['next_attempt'])}" if r["next_attempt"] else ""
         click.echo(f"recipient: <{r['address']}> {r['state']}, {r['attempts']} attempt(s){nxt}")
+        last = r.get("last_reply")
+        if last:
+            at = f" ({last['host']}[{last['ip']}])" if last.get("host") else ""
+            words = " ".join(str(x) for x in (last["code"], last["enhanced"], last["text"]) if x)
+            click.echo(f"  last reply: {words}{at}")
 
 
 @click.command("drain")

@@ -229,13 +229,17 @@ def recipients_view(entry: dict, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     params = entry.get("params") or {}
     rcpts = []
+    last = entry.get("last") or []
     for i, addr in enumerate(entry.get("recipients", [])):
         state = entry["state"][i]
         attempts = entry["attempts"][i]
         due = entry["due"][i] if state == "pending" else None
         rcpts.append({"address": addr, "state": state, "attempts": attempts,
                       "next_attempt": due,
-                      "due_in_seconds": None if due is None else round(max(0.0, due - now), 3)})
+                      "due_in_seconds": None if due is None else round(max(0.0, due - now), 3),
+                      # the last deferral's reply (known since the shard's start), as
+                      # Postfix's mailq shows why a message waits
+                      "last_reply": last[i] if i < len(last) else None})
     pending = [r["next_attempt"] for r in rcpts if r["next_attempt"] is not None]
     return {"queue_id": entry.get("qid"), "sender": entry.get("sender"),
             "arrival_time": entry.get("arrival"), "message_size": entry.get("size"),

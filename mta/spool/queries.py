@@ -110,9 +110,15 @@ def show(store, req: int, qid: str) -> bus.SpoolMessageShowReply:
         log.error("%s: cannot read the message: %s", qid, exc.strerror or exc)
         return bus.SpoolMessageShowReply(req, bus.STATUS_STORAGE, None, b"")
     state, attempts, due, _ = index.progress(qid)
+    last = []               # each recipient's last deferral (since this process started)
+    for i in range(len(state)):
+        got = index.recipient(qid, i)
+        r = got[5] if got is not None else None
+        last.append(None if r is None else {"code": r[0], "enhanced": r[1], "text": r[2],
+                                            "host": r[3], "ip": r[4]})
     entry = {"qid": m.qid, "sender": m.sender, "recipients": m.rcpts,
              "arrival": m.arrival, "size": len(body), "params": m.params,
              "client": m.client,
              "state": [sch.STATE_NAMES[s] for s in state],
-             "attempts": attempts, "due": due}
+             "attempts": attempts, "due": due, "last": last}
     return bus.SpoolMessageShowReply(req, bus.STATUS_OK, entry, body)

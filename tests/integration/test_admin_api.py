@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -238,3 +239,24 @@ def test_the_config_file_may_be_named_before_the_command(make_daemon):
     wrong = run("-c", "/nonexistent/mta.toml", "queue", "list", "-c", d.config_path)
     assert wrong.returncode == 0, wrong.stderr
     assert [json.loads(x)["queue_id"] for x in wrong.stdout.decode().splitlines()] == [qid]
+
+
+def test_inspect_shows_a_deferred_recipients_last_reply(make_daemon):
+    """As Postfix's mailq shows why a message waits: the last deferral's reply, its host."""
+    from daemon import free_port
+    port = free_port()          # nobody listens there: each attempt is refused
+    d = make_daemon(delivery={"hold": False, "route": [
+        {"domain": "*", "starttls": "none", "hosts": [f"{HOST}:{port}"]}]})
+    qid = d.send("a@sender.test", ["x@refused.test"], message("refused"))
+
+    def deferred():
+        st, _, m = admin_call(d, "GET", f"/api/admin/messages/{qid}")
+        return m if st == 200 and m["recipients"][0]["attempts"] >= 1 else None
+    m = wait_until(deferred, 30, "the first attempt deferred")
+    last = m["recipients"][0]["last_reply"]
+    assert last["code"] == 451 and last["enhanced"].startswith("4.") and last["text"], last
+    assert f"{HOST}" in (last["host"] + last["ip"] + last["text"]), last
+    for cmd in (("inspect", qid), ("queue", "show", qid)):
+        text = d.cli(*cmd).stdout.decode()
+        assert re.search(r"recipient: <x@refused.test> pending, \d+ attempt\(s\), next "
+                         r"attempt .*\n  last reply: 451 4\.\d+\.\d+ ", text), (cmd, text)
