@@ -534,6 +534,8 @@ class Builder:
         c = tx.content
         self.tx_sub = tx.substitution_data or {}
         self.tx_meta = tx.metadata or None
+        # the transmission's substitution scopes, after the recipient's (build)
+        self.tx_scopes = tuple(x for x in (self.tx_sub, self.tx_meta) if x)
         base: dict = {}
         if tx.campaign_id:
             base["campaign_id"] = tx.campaign_id
@@ -874,8 +876,10 @@ class Builder:
         address = {"email": email, "name": name or "", "header_to": header_to or ""}
         # SparkPost's order: the recipient's substitution_data, then its metadata, then
         # the transmission's substitution_data, then its metadata
-        scopes = tuple(s for s in (rcpt_sub, {"address": address}, rcpt_meta, self.tx_sub,
-                                   self.tx_meta) if s)
+        scope = {"address": address}
+        scopes = (rcpt_sub, scope) if rcpt_sub else (scope,)
+        scopes = scopes + (rcpt_meta,) + self.tx_scopes if rcpt_meta else \
+            scopes + self.tx_scopes
         made = None
         try:
             if self.rfc822 is not None:
