@@ -381,6 +381,10 @@ def queue(ctx, config_path, as_json, by_domain):
                  str(total["pending"]), str(total["deferred"]), _when(total["next_attempt"]),
                  str(total["bytes"]), _age(total["oldest_arrival"]), "", ""))
     _table(rows)
+    held = sum(x.get("suspended_messages", 0) for x in shards)
+    if held:
+        click.echo(f"suspended: {held} message(s) held back by the operator's suspensions "
+                   "(mta suspend --list)")
     if total["scheduled"]:
         click.echo(f"scheduled: {total['scheduled_messages']} message(s), "
                    f"{total['scheduled']} recipient(s) waiting for their start_time; "

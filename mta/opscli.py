@@ -174,6 +174,9 @@ def summary_cmd(ctx, config_path, as_json, by):
     click.echo(f"total: {t['messages']} message(s), {t['recipients']} recipient(s), "
                f"{t['pending']} pending, {t['deferred']} deferred, {t['in_flight']} in flight, "
                f"{t['bytes']} bytes; next retry {_when(t['next_attempt'])}")
+    if t.get("suspended_messages"):
+        click.echo(f"suspended: {t['suspended_messages']} message(s) held back by the "
+                   "operator's suspensions (mta suspend --list)")
     if d.get("webhooks", {}).get("webhooks"):
         click.echo("")
         _rows(webhook_rows(d["webhooks"], _when))

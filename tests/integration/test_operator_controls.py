@@ -49,6 +49,10 @@ def test_suspend_a_domain_across_a_restart_then_resume_and_a_source(lab):
         return t if t["suspended_messages"] == n else None
     wait_until(lambda: suspended(3), 10, "the held.test messages held back", interval=0.3)
     assert [q for q, _, _ in sink.deliveries()] == [free]
+    # the text of both queue views says so too (it was in --json only)
+    for cmd in (("queue",), ("queue", "summary")):
+        out = d.cli(*cmd).stdout.decode()
+        assert "suspended: 3 message(s) held back by the operator's suspensions" in out, out
     # A held message deleted is no longer counted as held back (nor sent on resume).
     gone = d.send("a@sender.test", ["gone@held.test"], message("gone"))
     wait_until(lambda: suspended(4), 10, "a fourth message held back", interval=0.3)
