@@ -79,6 +79,7 @@ REQUEUE_MIN = 1.0        # seconds: a REQUEUED recipient waits at least this lon
 DEFER_MAX = 7 * 86400.0  # a rule's defer delay is bounded by this (and by max_age)
 REQUEUE_MAX = 3600.0     # and at most this (the outcome's retry_after is bounded)
 READ_RETRY = 60.0        # seconds: an expiry that could not read the record tries again
+DELETED_TEXT = "deleted by the operator (mta queue delete)"
 EXPIRED_STATUS = "4.4.7"  # an expiry found at dispatch: no reply, our own status and text
 EXPIRED_TEXT = "message expired: too long in the queue"
 # QueueIndex.info fields
@@ -111,6 +112,7 @@ class Plan:
         self.states: dict[str, list[int]] = {}  # qid -> states after this batch
         self.failures: dict[str, list] = {}    # qid -> [RecipientFailure, ...] to bounce
         self.events: list[dict] = []
+        self.deleted_qids: set[str] = set()     # (deleted in this batch: events once)
         self.reschedule: list[tuple[float, str]] = []   # (due, qid)
         self.bounces: list = []                # (MessageMeta, DSN bytes)
         self.done: list[str] = []
@@ -327,24 +329,46 @@ class Plan:
             st[idx] = sch.FAILED
             attempts = index.recipient(qid, idx)[1]
             self._update(qid, idx, sch.FAILED, attempts, 0.0)
-            self.events.append({"type": ev.BOUNCE, "timestamp": now, "queue_id": qid,
-                                "message_id": m.params.get("message_id", ""),
-                                **ev.carried(m.params),
-                                "arrival": m.arrival, "size": info[_BODY_LEN],
-                                "client": m.client,
-                                "sender": m.sender, "recipient": m.rcpts[idx],
-                                "attempt": attempts,
-                                "time_in_queue": round(now - m.arrival, 3),
-                                "response": {"code": ctl.BOUNCE_CODE,
-                                             "enhanced": ctl.BOUNCE_STATUS, "text": text},
-                                "bounce_class": ctl.BOUNCE_CLASS,
-                                "bounce_rule": ctl.BOUNCE_RULE})
+            self._admin_event(qid, idx, info, m, attempts, now, text)
             if dsn:
                 self._bounce(qid, idx, ctl.BOUNCE_CODE, ctl.BOUNCE_STATUS, text, "", now)
             n += 1
         if n:
             self.returned.append(qid)
         return n
+
+    def deleted(self, qid: str, now: float) -> None:
+        """The operator deletes *qid* (``mta queue delete``): a class-25 bounce event for
+        each recipient still pending, no DSN, so that the event stream and the webhooks
+        see every message end (Postfix logs "removed").  The caller writes its DONE; a
+        record that cannot be read (logged) is deleted without events."""
+        if qid in self.deleted_qids:
+            return
+        self.deleted_qids.add(qid)
+        got = self._lookup(qid)
+        if got is None:
+            return
+        info, m = got
+        st = self._state(qid)
+        index = self.index
+        for idx in range(len(st)):
+            if st[idx] == sch.PENDING:
+                self._admin_event(qid, idx, info, m, index.recipient(qid, idx)[1], now,
+                                  DELETED_TEXT)
+
+    def _admin_event(self, qid, idx, info, m, attempts, now, text) -> None:
+        self.events.append({"type": ev.BOUNCE, "timestamp": now, "queue_id": qid,
+                            "message_id": m.params.get("message_id", ""),
+                            **ev.carried(m.params),
+                            "arrival": m.arrival, "size": info[_BODY_LEN],
+                            "client": m.client,
+                            "sender": m.sender, "recipient": m.rcpts[idx],
+                            "attempt": attempts,
+                            "time_in_queue": round(now - m.arrival, 3),
+                            "response": {"code": ctl.BOUNCE_CODE,
+                                         "enhanced": ctl.BOUNCE_STATUS, "text": text},
+                            "bounce_class": ctl.BOUNCE_CLASS,
+                            "bounce_rule": ctl.BOUNCE_RULE})
 
     def _update(self, qid, idx, state, attempts, due, flags=None) -> None:
         u = [idx, state, attempts, due]

@@ -395,6 +395,8 @@ class Shard:
         recovering = self.recovering
         for peer, msg in deletes or ():
             qids = [q for q in msg.qids if q in self.q]
+            for qid in qids:
+                plan.deleted(qid, now)
             done += qids
             delete_peers.append((peer, msg.req, qids))
         while len(messages) < cfg.max_batch_messages and size < cfg.max_batch_bytes:
@@ -426,6 +428,8 @@ class Shard:
                     server.send(peer, bus.SpoolMessageCommitted(msg.req, bus.STATUS_UNKNOWN))
             elif type(msg) is bus.SpoolMessageDelete:
                 qids = [q for q in msg.qids if q in self.q]
+                for qid in qids:
+                    plan.deleted(qid, now)
                 done += qids
                 delete_peers.append((peer, msg.req, qids))
             else:

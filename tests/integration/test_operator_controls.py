@@ -101,9 +101,14 @@ def test_suspend_a_domain_across_a_restart_then_resume_and_a_source(lab):
     wait_until(lambda: late in [q for q, _, _ in sink.deliveries()], 15,
                "the requeued message right after resume")
     # (the receiver has the message before the spool records the outcome and its event)
-    events = wait_until(lambda: (lambda ev: ev if len(ev) >= 5 else None)(
-        [e for e in d.events() if e["type"] != "injection"]), 20, "five outcome events")
-    assert sorted(e["type"] for e in events) == ["delivery"] * 5, events   # no bounce, delay
+    events = wait_until(lambda: (lambda ev: ev if len(ev) >= 6 else None)(
+        [e for e in d.events() if e["type"] != "injection"]), 20, "six outcome events")
+    # five deliveries (no bounce, no delay), and the deleted message's end: a class-25
+    # (Admin Failure) bounce, so that the event stream sees every message end
+    assert sorted(e["type"] for e in events) == ["bounce"] + ["delivery"] * 5, events
+    [gone_ev] = [e for e in events if e["type"] == "bounce"]
+    assert (gone_ev["rcpt_to"], gone_ev["bounce_class"]) == ("gone@held.test", "25"), gone_ev
+    assert "deleted by the operator" in gone_ev["raw_reason"], gone_ev
 
 
 def test_bulk_bounce_by_campaign_with_events_dsns_and_a_progress_bar(tmp_path):
