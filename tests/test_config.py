@@ -258,6 +258,20 @@ def test_dkim_missing_key_file_names_the_path(tmp_path):
     assert f"{tmp_path}/missing.pem" in str(exc.value)
 
 
+def test_every_dkim_key_problem_is_named(tmp_path):
+    # (only the first was, with "and 1 more problem(s)": the operator fixed one, ran
+    # check-config again, and only then learnt of the next)
+    p = tmp_path / "c.toml"
+    p.write_text("".join(f'[[dkim.keys]]\ndomain = "d{i}.example"\nselector = "s1"\n'
+                         f'key_file = "{tmp_path}/missing{i}.pem"\n' for i in range(12)))
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(p))
+    text = str(exc.value)
+    for i in range(10):
+        assert f"dkim.keys[{i}].key_file" in text and f"missing{i}.pem" in text, text
+    assert "dkim.keys[10]" not in text and "(and 2 more problem(s))" in text, text
+
+
 def test_an_overflow_pool_must_exist_and_be_another_pool(tmp_path):
     import msgspec
 

@@ -112,6 +112,7 @@ def _read_auth_file(path: str) -> dict[str, str]:
         raise ConfigError(f"smtp.auth_file: {path}: {exc}") from None
 
 
+MAX_PROBLEMS = 10       # DKIM key problems named in one error (then a count)
 ACTIVE_NAME = "active-config.json"   # in run_dir: what the running supervisor applied
 # [delivery] keys the spool shards read at their start only (a reload of the others,
 # hold, retry_schedule, retry_jitter, delay_warning_time and the timeouts, reaches them
@@ -248,8 +249,9 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
 
         problems = dkim.validate(cfg.dkim)
         if problems:
-            raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more problem(s))"
-                                             if len(problems) > 1 else ""))
+            raise ConfigError("; ".join(problems[:MAX_PROBLEMS]) + (
+                f" (and {len(problems) - MAX_PROBLEMS} more problem(s))"
+                if len(problems) > MAX_PROBLEMS else ""))
     event_log = os.path.join(state_dir, cfg.server.event_log) if cfg.server.event_log else None
     sources, pools = _check_egress(cfg.egress, cfg.delivery)
     _check_shaping(cfg, sources)
