@@ -353,6 +353,10 @@ class Plan:
         index = self.index
         for idx in range(len(st)):
             if st[idx] == sch.PENDING:
+                # (ended here: an outcome, expiry or bulk bounce later in the same batch
+                # -- the deletes are taken first -- finds it no longer pending; nothing
+                # is written for it, its message's DONE is)
+                st[idx] = sch.FAILED
                 self._admin_event(qid, idx, info, m, index.recipient(qid, idx)[1], now,
                                   DELETED_TEXT)
 
@@ -408,8 +412,8 @@ class Plan:
         index = self.index
         for qid in dict.fromkeys(self.returned):
             info = index.info(qid)
-            if info is None:
-                continue
+            if info is None or qid in self.deleted_qids:
+                continue            # (a deleted one: the caller writes its DONE)
             st = self.states.get(qid) or index.progress(qid)[0]
             if all(s != sch.PENDING for s in st):
                 if not info[_OUT]:

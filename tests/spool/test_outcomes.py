@@ -496,3 +496,21 @@ def test_no_dsn_to_a_return_path_on_a_bounce_domain_of_this_node():
     assert [e["type"] for e in plan.events] == [ev.BOUNCE, ev.BOUNCE]
     assert [m.rcpts for m, _ in plan.bounces] == [[SENDER]]     # Q2's sender only
     assert sorted(plan.done) == ["Q1", "Q2"]
+
+
+def test_a_deleted_message_gets_one_terminal_event_per_recipient_in_its_batch():
+    # `mta queue delete` and the outcome of a job still out for the message, read in the
+    # same batch: the deletes are taken first (class-25 bounce events), and the outcome
+    # must not give the same recipients a second terminal event, nor a DSN, nor list the
+    # message twice as done.
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
+    plan = make(entries)
+    plan.deleted("Q1", NOW)
+    plan.outcome("Q1", [result(0, bus.DELIVERED, 250), result(1, bus.FAILED, 550, "5.1.1")],
+                 NOW)
+    plan.expire("Q1", [0, 1], NOW)
+    plan.finish(NOW)
+    assert [(e["type"], e["recipient"]) for e in plan.events] == [
+        (ev.BOUNCE, "a@example.net"), (ev.BOUNCE, "b@example.net")]
+    assert all(e["bounce_class"] == 25 for e in plan.events)
+    assert plan.bounces == [] and plan.updates == {} and plan.done == []
