@@ -316,7 +316,11 @@ class Shard:
             return
         self.dcfg = new
         self.policy = sch.RetryPolicy(new)
-        self.job_timeout = _job_timeout(new)
+        # Never lowered while running: the delivery processes are replaced after this
+        # SIGHUP, one at a time, and the old ones finish their jobs (and take new ones
+        # meanwhile) under the old timeouts; a job out longer than a lowered bound would
+        # be sent again while its first copy may still be delivered.  (Raised: at once.)
+        self.job_timeout = max(self.job_timeout, _job_timeout(new))
         if new.hold != old.hold:
             log.warning("reload: delivery %s", "held: no new job goes out (those out "
                         "finish)" if new.hold else "no longer held")

@@ -575,3 +575,37 @@ def test_an_expiry_that_could_not_read_the_record_is_tried_again(tmp_path):
     shard.expire_work = [(qid, [0])]            # ... as expire_waiting then files it
     shard.batch()
     assert qid not in shard.store.index
+
+
+def _reload_to(shard, **delivery):
+    """Record, as the supervisor does before its SIGHUP, *shard*'s settings with
+    *delivery* changed, and let the shard take them."""
+    import dataclasses
+    from mta import config as mconfig
+    s = shard.settings
+    new = dataclasses.replace(s, config=msgspec.structs.replace(
+        s.config, delivery=msgspec.structs.replace(s.config.delivery, **delivery)))
+    os.makedirs(new.run_dir, exist_ok=True)
+    mconfig.write_active(new, None)
+    shard.apply_reload()
+
+
+def test_a_reload_lowering_the_timeouts_does_not_resend_jobs_still_out(tmp_path):
+    # A reload that lowers the delivery timeouts reaches the shard (SIGHUP) before the
+    # delivery processes are replaced; the old ones finish their jobs under the old
+    # timeouts.  A job out for longer than the new bound but shorter than the old one is
+    # not lost: sent again, its message would go out twice.
+    shard = make_shard(tmp_path, data_timeout=600.0)
+    before = shard.job_timeout
+    qid = queue(shard, ["a@x.example"])
+    shard.dispatch()
+    [(d, job)] = sent(shard)
+    _reload_to(shard, data_timeout=30.0)
+    assert shard.dcfg.data_timeout == 30.0
+    out = shard.window.jobs[job.req]
+    # (out for longer than the new bound, not the old one)
+    shard.window.jobs[job.req] = out._replace(sent_at=out.sent_at - (before - 60.0))
+    shard.expire_jobs()
+    assert job.req in shard.window.jobs
+    shard.dispatch()
+    assert sent(shard) == []
