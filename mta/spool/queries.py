@@ -112,7 +112,9 @@ def show(store, req: int, qid: str) -> bus.SpoolMessageShowReply:
     state, attempts, due, _ = index.progress(qid)
     last = []               # each recipient's last deferral (since this process started)
     for i in range(len(state)):
-        got = index.recipient(qid, i)
+        # (only while it waits: a recipient delivered or failed since keeps its last
+        # deferral in the index, which is not its last reply)
+        got = index.recipient(qid, i) if state[i] == sch.PENDING else None
         r = got[5] if got is not None else None
         last.append(None if r is None else {"code": r[0], "enhanced": r[1], "text": r[2],
                                             "host": r[3], "ip": r[4]})
