@@ -337,11 +337,14 @@ class Plan:
             self.returned.append(qid)
         return n
 
-    def deleted(self, qid: str, now: float) -> None:
+    def deleted(self, qid: str, now: float, out=()) -> None:
         """The operator deletes *qid* (``mta queue delete``): a class-25 bounce event for
         each recipient still pending, no DSN, so that the event stream and the webhooks
         see every message end (Postfix logs "removed").  The caller writes its DONE; a
-        record that cannot be read (logged) is deleted without events."""
+        record that cannot be read (logged) is deleted without events.  Recipients
+        *out* (in a delivery job still out) get none: they may be delivered yet, and
+        their outcome, if it comes in this batch, says what happened (one that comes
+        later finds the message gone: no event, as before there were any)."""
         if qid in self.deleted_qids:
             return
         self.deleted_qids.add(qid)
@@ -352,7 +355,7 @@ class Plan:
         st = self._state(qid)
         index = self.index
         for idx in range(len(st)):
-            if st[idx] == sch.PENDING:
+            if st[idx] == sch.PENDING and idx not in out:
                 # (ended here: an outcome, expiry or bulk bounce later in the same batch
                 # -- the deletes are taken first -- finds it no longer pending; nothing
                 # is written for it, its message's DONE is)

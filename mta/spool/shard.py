@@ -400,7 +400,7 @@ class Shard:
         for peer, msg in deletes or ():
             qids = [q for q in msg.qids if q in self.q]
             for qid in qids:
-                plan.deleted(qid, now)
+                plan.deleted(qid, now, self._out_idxs(qid))
             done += qids
             delete_peers.append((peer, msg.req, qids))
         while len(messages) < cfg.max_batch_messages and size < cfg.max_batch_bytes:
@@ -433,7 +433,7 @@ class Shard:
             elif type(msg) is bus.SpoolMessageDelete:
                 qids = [q for q in msg.qids if q in self.q]
                 for qid in qids:
-                    plan.deleted(qid, now)
+                    plan.deleted(qid, now, self._out_idxs(qid))
                 done += qids
                 delete_peers.append((peer, msg.req, qids))
             else:
@@ -598,6 +598,14 @@ class Shard:
                      self.requeued)
             self.requeued = 0
             self.requeue_logged = now
+
+    def _out_idxs(self, qid: str) -> set:
+        """The recipients of *qid* in delivery jobs still out (a delete is rare: the jobs
+        out, at most max_in_flight, are looked through)."""
+        info = self.q.info(qid)
+        if info is None or not info[_OUT]:
+            return set()
+        return {i for j in self.jobs.values() if j.qid == qid for i in j.idxs}
 
     def _batch_events(self, messages: list, plan: Plan) -> list[dict]:
         """The batch's internal events (:mod:`mta.obs.events`), written with its records.

@@ -14,6 +14,7 @@ import time
 import msgspec
 
 from mta import bus
+from mta.obs import events as ev
 from mta.config import resolve
 from mta.config.schema import Config
 from mta.queueid import domain_shard, new_qid
@@ -597,7 +598,7 @@ def test_a_reload_lowering_the_timeouts_does_not_resend_jobs_still_out(tmp_path)
     # not lost: sent again, its message would go out twice.
     shard = make_shard(tmp_path, data_timeout=600.0)
     before = shard.job_timeout
-    qid = queue(shard, ["a@x.example"])
+    queue(shard, ["a@x.example"])
     shard.dispatch()
     [(d, job)] = sent(shard)
     _reload_to(shard, data_timeout=30.0)
@@ -634,3 +635,42 @@ def test_queue_show_gives_a_last_reply_only_for_recipients_still_waiting(tmp_pat
     assert e["state"] == ["delivered", "pending"]
     assert e["last"][0] is None
     assert e["last"][1]["code"] == 452
+
+
+def test_a_delete_gives_no_bounce_event_to_recipients_whose_job_is_out(tmp_path):
+    # `mta queue delete` of a message whose delivery job is out: its recipients may be
+    # delivered yet, so the delete must not report them bounced (a webhook consumer
+    # could suppress a subscriber who got the mail); those not in the job get their
+    # class-25 bounce.  If the job's outcome comes in the same batch, it says what
+    # happened to its recipients.
+    shard = make_shard(tmp_path, max_in_flight_per_domain=1)
+    written = []
+    real = shard._batch_events
+
+    def capture(messages, plan):
+        out = real(messages, plan)
+        written.extend(out)
+        return out
+    shard._batch_events = capture
+    qid = queue(shard, ["a@x.example", "b@y.example"])     # two domains: two jobs
+    shard.dispatch()
+    jobs = sent(shard)
+    assert len(jobs) == 2
+    (d, job_a), = [(d, j) for d, j in jobs if j.rcpts[0].index == 0]
+    # the job for b came back (deferred): b waits in the queue, a's job is still out
+    (d_b, job_b), = [(d, j) for d, j in jobs if j.rcpts[0].index == 1]
+    shard.links.outcomes[d_b].append(bus.DeliveryOutcome(req=job_b.req, qid=qid, results=[
+        bus.Result(1, bus.DEFERRED, 451, "4.3.0", "try later", "mx.y.example", "")]))
+    shard.batch(outcomes=[d_b])
+    written.clear()
+    shard.batch(deletes=[(b"cli", bus.SpoolMessageDelete(1, [qid]))])
+    assert qid not in shard.store.index
+    ends = [(e["type"], e["recipient"], e.get("bounce_class")) for e in written
+            if e["type"] != ev.INJECTION]
+    assert ends == [(ev.BOUNCE, "b@y.example", 25)], ends
+    # a's outcome, later: the message is gone; nothing breaks, no second event
+    written.clear()
+    shard.links.outcomes[d].append(bus.DeliveryOutcome(req=job_a.req, qid=qid, results=[
+        bus.Result(0, bus.DELIVERED, 250, "2.0.0", "ok", "mx.x.example", "")]))
+    shard.batch(outcomes=[d])
+    assert [e for e in written if e.get("recipient") == "b@y.example"] == []
