@@ -321,10 +321,13 @@ def start_role(role: str, index: int | None, log_level: str) -> str:
     name = f"{role}[{index}]" if index is not None else role
     setproctitle.setproctitle(f"mta: {name}")
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)
     # Ctrl-C in a terminal reaches the whole process group; only the supervisor acts on it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGHUP is the supervisor's (a reload); a child that takes it (the spool shards)
+    # installs its handler when it can act on it -- until then one must not end it
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setup_logging(log_level, name)
     return name
 

@@ -317,3 +317,19 @@ def test_presize_fd_table_grows_the_table_once_and_keeps_descriptors_in_use():
     assert before < 5000 <= grown
     assert capped >= 6000
     assert after == capped
+
+
+def test_a_new_child_ignores_sighup_until_its_role_takes_it():
+    # The supervisor SIGHUPs the spool shards at a reload; one just forked, before it
+    # installed its handler, must not be ended by it (SIG_DFL terminates)
+    import subprocess
+    import sys
+    code = ("import os, signal, time\n"
+            "from mta import proc\n"
+            "proc.start_role('spool', 0, 'warning')\n"
+            "assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN\n"
+            "os.kill(os.getpid(), signal.SIGHUP)\n"
+            "time.sleep(0.1)\n"
+            "print('alive')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == b"alive", r

@@ -48,7 +48,6 @@ log = logging.getLogger("mta.spool")
 def main(settings, shard: int, ready_fd: int | None) -> None:
     """Entry point of the spool[n] child."""
     name = proc.start_role("spool", shard, settings.config.server.log_level)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)    # (until the shard can take a reload)
     log.info("starting %s; hot-path implementation %s", name, native.implementation())
     try:
         s = Shard(settings, shard)
