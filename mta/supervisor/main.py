@@ -730,11 +730,15 @@ class Supervisor:
             notify.ready(f"reload failed: {exc}; {self.status_line()}")
             return
         self.settings = new
-        self._write_active()
+        recorded = self._write_active()
         if new.config.delivery != old.config.delivery:
             # the spool shards are not replaced: they take from the record just written
             # what of [delivery] they can change while they run (hold, retries, timeouts)
-            for c in list(self.children.values()):
+            if not recorded:
+                log.error("reload: the spool shards keep [delivery] as it was (hold, "
+                          "retries, timeouts) until a restart: the record they read "
+                          "could not be written")
+            for c in list(self.children.values()) if recorded else ():
                 if c.role == "spool":
                     self._kill(c.pid, signal.SIGHUP)
         for role, sections in ROLLED.items():
@@ -748,12 +752,14 @@ class Supervisor:
         log.info("reloaded: %s", status)
         notify.ready(status)
 
-    def _write_active(self) -> None:
+    def _write_active(self) -> bool:
         try:
             mconfig.write_active(self.settings, self.config_path)
         except OSError as exc:
             log.warning("cannot record the active configuration in %s: %s",
                         self.settings.run_dir, exc)
+            return False
+        return True
 
     def _keep_restart_only(self, old, new):
         """*new*, with what only a restart changes put back to *old*'s (restart_keys

@@ -134,3 +134,21 @@ def test_a_reload_holds_and_releases_delivery(make_daemon):
         assert "Traceback" not in d.log()
     finally:
         a.stop()
+
+
+def test_a_reload_whose_record_cannot_be_written_says_the_spool_keeps_delivery(make_daemon):
+    # The shards read [delivery] from the supervisor's record of the active
+    # configuration; when it cannot be written they keep theirs, and the log says so
+    # rather than that [delivery] was applied.
+    import os
+    d = make_daemon(acceptors=1, shards=1)
+    blocker = os.path.join(d.state_dir, "run", "active-config.json.tmp")
+    os.mkdir(blocker)                      # (open(..., "wb") of it fails: a directory)
+    try:
+        log = d.reload(r"reloaded: ", delivery={"hold": False})
+    finally:
+        os.rmdir(blocker)
+    assert "cannot record the active configuration" in log
+    assert "the spool shards keep [delivery] as it was" in log
+    assert "reload: delivery no longer held" not in d.log()
+    assert all(s["held"] for s in d.queue_summary()["shards"])
