@@ -142,3 +142,22 @@ def test_an_ab_test_is_refused_as_not_supported_not_as_a_missing_from():
         tx({"recipients": ["a@example.net"], "content": {"ab_test_id": "password_reset"}})
     assert (e.value.status, e.value.error.code) == (422, "1603")
     assert "content.ab_test_id" in e.value.description
+
+
+def test_attachment_type_parameters_with_a_quoted_semicolon_and_a_name_of_their_own():
+    # a quoted value may hold ";" (it is one parameter, not two), and a name given in
+    # the type does not make a second name parameter beside the attachment's own
+    data = b"a;b\n"
+    body = {"recipients": ["a@example.net"],
+            "content": {**CONTENT, "text": "see attached",
+                        "attachments": [{"name": "x.csv",
+                                         "type": 'text/csv; name="old.csv"; '
+                                                 'header="present; quoted"; charset=us-ascii',
+                                         "data": base64.b64encode(data).decode()}]}}
+    msg = parsed(body)
+    att = next(p for p in msg.walk() if p.get_filename() == "x.csv")
+    assert att.get_param("header") == "present; quoted"
+    assert att.get_param("name") == "x.csv"
+    assert str(att["Content-Type"]).lower().count("name=") == 1, str(att["Content-Type"])
+    assert att.get_content_charset() == "us-ascii"
+    assert not any(p.defects for p in msg.walk())

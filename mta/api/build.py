@@ -433,6 +433,26 @@ def _param(key: str, value: str) -> list[str]:
             for i, p in enumerate(pieces)]
 
 
+def _type_params(given: str) -> list[str]:
+    """The parameters after a media type, split at the semicolons outside quoted
+    strings (RFC 2045's quoted-string may hold one), each stripped."""
+    out, cur, quoted, escaped = [], [], False, False
+    for c in given:
+        if escaped:
+            escaped = False
+        elif c == "\\" and quoted:
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif c == ";" and not quoted:
+            out.append("".join(cur).strip())
+            cur = []
+            continue
+        cur.append(c)
+    out.append("".join(cur).strip())
+    return [p for p in out if p]
+
+
 def attachment_part(att, where: str, inline: bool) -> bytes:
     """One base64 attachment or inline image; ApiError 422 naming the field when it is bad."""
     if _has_line_break(att.type) or not _MIME_TYPE.match(att.type):
@@ -452,7 +472,9 @@ def attachment_part(att, where: str, inline: bool) -> bytes:
     # the type as given, with its parameters (SparkPost: "charset" when needed), then
     # the name; a parameter per line
     ctype, _, given = att.type.partition(";")
-    params = [p.strip() for p in given.split(";") if p.strip()] if given else []
+    params = [p for p in _type_params(given)
+              if p.split("=", 1)[0].strip().lower() not in ("name", "name*")] \
+        if given else []
     head = ["Content-Type: " + ctype.strip() + ";"] + [" " + p + ";" for p in params] + \
         [" " + p + ";" for p in _param("name", name)]
     head[-1] = head[-1][:-1]
