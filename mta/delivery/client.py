@@ -225,16 +225,17 @@ class ReplyParser:
             start = nl + 1
             self._size += len(line) + 2
             if self._size > MAX_REPLY_BYTES:
-                raise _broken("reply longer than %d bytes" % MAX_REPLY_BYTES, out)
+                raise SmtpProtocolError("reply longer than %d bytes" % MAX_REPLY_BYTES,
+                                        replies=out)
             if len(line) < 3 or not (0x32 <= line[0] <= 0x35) or not line[:3].isdigit():
-                raise _broken("malformed reply line %r" % line[:40], out)
+                raise SmtpProtocolError("malformed reply line %r" % line[:40], replies=out)
             self._lines.append(line)
             if line[3:4] != b"-":
                 out.append(self._finish())
         if start:
             del buf[:start]
         if self._size + len(buf) > MAX_REPLY_BYTES:
-            raise _broken("reply longer than %d bytes" % MAX_REPLY_BYTES, out)
+            raise SmtpProtocolError("reply longer than %d bytes" % MAX_REPLY_BYTES, replies=out)
         return out
 
     def _finish(self) -> SmtpReply:
@@ -252,13 +253,6 @@ class ReplyParser:
             texts = [t[cut:] if t.startswith(prefix) or t == prefix.rstrip() else t
                      for t in texts]
         return SmtpReply(code, enhanced, b"\n".join(texts).decode("utf-8", "replace"))
-
-
-def _broken(why: str, replies: list[SmtpReply]) -> SmtpProtocolError:
-    """The parser's error, with the *replies* completed before the bad part."""
-    exc = SmtpProtocolError(why)
-    exc.replies = replies
-    return exc
 
 
 def _enhanced_prefix(code: int, text: bytes) -> bytes | None:
@@ -476,7 +470,13 @@ class SmtpConnectionLost(SmtpError):
 
 class SmtpProtocolError(SmtpConnectionLost):
     """The server broke the protocol (malformed or over-long reply, RSET refused), so the
-    client dropped the connection: handled like a lost connection."""
+    client dropped the connection: handled like a lost connection.  ``replies``: those
+    the parser completed before the bad part (they were said)."""
+
+    def __init__(self, message: str, reply: SmtpReply | None = None, *,
+                 replies: list | tuple = ()) -> None:
+        SmtpConnectionLost.__init__(self, message, reply)
+        self.replies = list(replies)
 
 
 class Unsupported8Bit(SmtpError):
@@ -542,7 +542,7 @@ class _Wire(asyncio.Protocol):
         except SmtpProtocolError as exc:
             # the replies before the bad line were said: they count (a 250 to the final
             # dot is a delivery whatever follows it in the same segment)
-            broken, replies = exc, getattr(exc, "replies", [])
+            broken, replies = exc, exc.replies
         self._take(replies)
         if broken is not None and self.error is None:
             self._fail(broken)
