@@ -357,7 +357,7 @@ def queue(ctx, config_path, as_json, by_domain):
     delivery = _delivery_status(s)
     delivery["pools"] = pools
     _source_suspensions(s, delivery["sources"])
-    from mta.obs.queue import webhook_rows, webhook_status
+    from mta.obs.queue import suspended_line, webhook_rows, webhook_status
 
     webhooks = webhook_status(s.state_dir, s.config.webhooks.enabled)
     if as_json:
@@ -381,10 +381,9 @@ def queue(ctx, config_path, as_json, by_domain):
                  str(total["pending"]), str(total["deferred"]), _when(total["next_attempt"]),
                  str(total["bytes"]), _age(total["oldest_arrival"]), "", ""))
     _table(rows)
-    held = sum(x.get("suspended_messages", 0) for x in shards)
+    held = suspended_line(sum(x.get("suspended_messages", 0) for x in shards))
     if held:
-        click.echo(f"suspended: {held} message(s) held back by the operator's suspensions "
-                   "(mta suspend --list)")
+        click.echo(held)
     if total["scheduled"]:
         click.echo(f"scheduled: {total['scheduled_messages']} message(s), "
                    f"{total['scheduled']} recipient(s) waiting for their start_time; "
@@ -482,14 +481,14 @@ def queue_show(ctx, config_path, qid, raw):
                f"arrival: {datetime.datetime.fromtimestamp(e['arrival']).isoformat()}\n"
                f"size: {e['size']}\nclient: {e['client']}\n"
                f"message_id: {e['params'].get('message_id', '')}")
+    from mta.obs.queue import last_reply_line
+
     last = e.get("last") or [None] * len(e["recipients"])
     for r, st, a, d, why in zip(e["recipients"], e["state"], e["attempts"], e["due"], last):
         retry = f", next attempt {_when(d)}" if st == "pending" and a else ""
         click.echo(f"recipient: <{r}> {st}, {a} attempt(s){retry}")
         if why:
-            at = f" ({why['host']}[{why['ip']}])" if why.get("host") else ""
-            words = " ".join(str(x) for x in (why["code"], why["enhanced"], why["text"]) if x)
-            click.echo(f"  last reply: {words}{at}")
+            click.echo(last_reply_line(why))
     click.echo("")
     sys.stdout.buffer.write(body)
 

@@ -32,7 +32,7 @@ import urllib.parse
 
 import click
 
-from mta.obs.queue import webhook_rows
+from mta.obs.queue import last_reply_line, suspended_line, webhook_rows
 
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
@@ -175,8 +175,7 @@ def summary_cmd(ctx, config_path, as_json, by):
                f"{t['pending']} pending, {t['deferred']} deferred, {t['in_flight']} in flight, "
                f"{t['bytes']} bytes; next retry {_when(t['next_attempt'])}")
     if t.get("suspended_messages"):
-        click.echo(f"suspended: {t['suspended_messages']} message(s) held back by the "
-                   "operator's suspensions (mta suspend --list)")
+        click.echo(suspended_line(t["suspended_messages"]))
     if d.get("webhooks", {}).get("webhooks"):
         click.echo("")
         _rows(webhook_rows(d["webhooks"], _when))
@@ -219,11 +218,8 @@ def inspect_cmd(ctx, config_path, as_json, qid):
     for r in d["recipients"]:
         nxt = f", next attempt {_when(r['next_attempt'])}" if r["next_attempt"] else ""
         click.echo(f"recipient: <{r['address']}> {r['state']}, {r['attempts']} attempt(s){nxt}")
-        last = r.get("last_reply")
-        if last:
-            at = f" ({last['host']}[{last['ip']}])" if last.get("host") else ""
-            words = " ".join(str(x) for x in (last["code"], last["enhanced"], last["text"]) if x)
-            click.echo(f"  last reply: {words}{at}")
+        if r.get("last_reply"):
+            click.echo(last_reply_line(r["last_reply"]))
 
 
 @click.command("drain")

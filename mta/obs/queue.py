@@ -146,6 +146,22 @@ def webhook_status(state_dir: str, enabled: bool = True, now: float | None = Non
     return out
 
 
+def last_reply_line(last: dict | None) -> str:
+    """The line under a recipient in ``mta inspect`` and ``mta queue show``: its last
+    deferral's reply and host (as mailq shows why a message waits); "" when none."""
+    if not last:
+        return ""
+    at = f" ({last['host']}[{last['ip']}])" if last.get("host") else ""
+    words = " ".join(str(x) for x in (last["code"], last["enhanced"], last["text"]) if x)
+    return f"  last reply: {words}{at}"
+
+
+def suspended_line(messages: int) -> str:
+    """What the operator's suspensions hold back, under the queue views ("" for none)."""
+    return f"suspended: {messages} message(s) held back by the operator's suspensions " \
+        "(mta suspend --list)" if messages else ""
+
+
 def webhook_rows(status: dict, when) -> list[tuple]:
     """The webhooks table of ``mta queue``: a header row, then one row per webhook;
     *when(ts)* says a time to come ("in 0:00:12")."""
