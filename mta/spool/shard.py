@@ -398,11 +398,7 @@ class Shard:
         size = 0
         recovering = self.recovering
         for peer, msg in deletes or ():
-            qids = [q for q in msg.qids if q in self.q]
-            for qid in qids:
-                plan.deleted(qid, now, self._out_idxs(qid))
-            done += qids
-            delete_peers.append((peer, msg.req, qids))
+            done += self._delete(plan, now, peer, msg, delete_peers)
         while len(messages) < cfg.max_batch_messages and size < cfg.max_batch_bytes:
             got = server.recv()
             if got is None:
@@ -431,11 +427,7 @@ class Shard:
                 else:
                     server.send(peer, bus.SpoolMessageCommitted(msg.req, bus.STATUS_UNKNOWN))
             elif type(msg) is bus.SpoolMessageDelete:
-                qids = [q for q in msg.qids if q in self.q]
-                for qid in qids:
-                    plan.deleted(qid, now, self._out_idxs(qid))
-                done += qids
-                delete_peers.append((peer, msg.req, qids))
+                done += self._delete(plan, now, peer, msg, delete_peers)
             else:
                 self.query(peer, msg)
         links = self.links
@@ -598,6 +590,16 @@ class Shard:
                      self.requeued)
             self.requeued = 0
             self.requeue_logged = now
+
+    def _delete(self, plan: Plan, now: float, peer, msg, delete_peers: list) -> list[str]:
+        """A SpoolMessageDelete in a batch: the ids of it still queued (their DONE is
+        written with the batch; each pending recipient's event by plan.deleted), and its
+        answer noted in *delete_peers*."""
+        qids = [q for q in msg.qids if q in self.q]
+        for qid in qids:
+            plan.deleted(qid, now, self._out_idxs(qid))
+        delete_peers.append((peer, msg.req, qids))
+        return qids
 
     def _out_idxs(self, qid: str) -> set:
         """The recipients of *qid* in delivery jobs still out (a delete is rare: the jobs

@@ -537,9 +537,7 @@ class Supervisor:
                 self.reload()
             if signal.SIGUSR1 in sigs:
                 # logrotate: the events process reopens the event log by name
-                for c in list(self.children.values()):
-                    if c.role == "events":
-                        self._kill(c.pid, signal.SIGUSR1)
+                self._signal_role("events", signal.SIGUSR1)
             self.restart_due()
 
     def shutdown(self) -> int:
@@ -664,6 +662,11 @@ class Supervisor:
         except ProcessLookupError:
             pass
 
+    def _signal_role(self, role: str, sig: int) -> None:
+        for c in list(self.children.values()):
+            if c.role == role:
+                self._kill(c.pid, sig)
+
     def _retire(self, child: Child, settings) -> None:
         """SIGTERM *child*, replaced by a reload, without waiting for it: it finishes
         its sessions within the shutdown timeout (the spool's answer may add
@@ -734,13 +737,12 @@ class Supervisor:
         if new.config.delivery != old.config.delivery:
             # the spool shards are not replaced: they take from the record just written
             # what of [delivery] they can change while they run (hold, retries, timeouts)
-            if not recorded:
+            if recorded:
+                self._signal_role("spool", signal.SIGHUP)
+            else:
                 log.error("reload: the spool shards keep [delivery] as it was (hold, "
                           "retries, timeouts) until a restart: the record they read "
                           "could not be written")
-            for c in list(self.children.values()) if recorded else ():
-                if c.role == "spool":
-                    self._kill(c.pid, signal.SIGHUP)
         for role, sections in ROLLED.items():
             changed = [k for k in sections
                        if getattr(new.config, k) != getattr(old.config, k)]
