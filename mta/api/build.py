@@ -433,24 +433,13 @@ def _param(key: str, value: str) -> list[str]:
             for i, p in enumerate(pieces)]
 
 
-def _type_params(given: str) -> list[str]:
-    """The parameters after a media type, split at the semicolons outside quoted
-    strings (RFC 2045's quoted-string may hold one), each stripped."""
-    out, cur, quoted, escaped = [], [], False, False
-    for c in given:
-        if escaped:
-            escaped = False
-        elif c == "\\" and quoted:
-            escaped = True
-        elif c == '"':
-            quoted = not quoted
-        elif c == ";" and not quoted:
-            out.append("".join(cur).strip())
-            cur = []
-            continue
-        cur.append(c)
-    out.append("".join(cur).strip())
-    return [p for p in out if p]
+def _type_params(ctype: str) -> list[tuple[str, str]]:
+    """The parameters of a media type as given, (name, value) unquoted (the standard
+    library's reading: quoted strings, RFC 2231 values), to be written again by
+    :func:`_param`."""
+    m = Message()
+    m["Content-Type"] = ctype
+    return [(k, collapse_rfc2231_value(v)) for k, v in m.get_params()[1:]]
 
 
 def attachment_part(att, where: str, inline: bool) -> bytes:
@@ -472,9 +461,8 @@ def attachment_part(att, where: str, inline: bool) -> bytes:
     # the type as given, with its parameters (SparkPost: "charset" when needed), then
     # the name; a parameter per line
     ctype, _, given = att.type.partition(";")
-    params = [p for p in _type_params(given)
-              if p.split("=", 1)[0].strip().lower() not in ("name", "name*")] \
-        if given else []
+    params = [p for k, v in _type_params(att.type) if k.lower() != "name"
+              for p in _param(k, v)] if given else []
     head = ["Content-Type: " + ctype.strip() + ";"] + [" " + p + ";" for p in params] + \
         [" " + p + ";" for p in _param("name", name)]
     head[-1] = head[-1][:-1]
