@@ -271,3 +271,20 @@ def test_an_address_with_a_control_character_or_not_utf8_is_refused(sl, method, 
         _call(sl, method, path, body=body)
     assert e.value.status == 422 and "recipient" in e.value.description, e.value.description
     assert _call(sl, b"GET", b"/api/v1/suppression-list/summary")[1]["results"]["total"] == 0
+
+
+def test_search_description_and_domain_keep_their_commas(sl):
+    sl.put_many([("a@example.com", S.NON_TRANSACTIONAL, "bounced, then complained"),
+                 ("b@example.com", S.NON_TRANSACTIONAL, "then complained")], now=1000.0)
+    st, body = api.handle(sl, b"GET", api.PATH,
+                              b"description=bounced%2C+then&types=non_transactional", b"")
+    res = json.loads(body)
+    assert st == 200 and [e["recipient"] for e in res["results"]] == ["a@example.com"]
+    st, body = api.handle(sl, b"GET", api.PATH,
+                              b"description=bounced%2C+then+complained&description_strict=true",
+                              b"")
+    assert [e["recipient"] for e in json.loads(body)["results"]] == ["a@example.com"]
+    # lists are still comma-separated
+    st, body = api.handle(sl, b"GET", api.PATH,
+                              b"types=transactional,non_transactional", b"")
+    assert json.loads(body)["total_count"] == 2

@@ -612,25 +612,26 @@ def test_a_reload_lowering_the_timeouts_does_not_resend_jobs_still_out(tmp_path)
     assert sent(shard) == []
 
 
+def answer_the_job(shard, *results) -> None:
+    """Dispatch the one job due and give its outcome (*results*) back in a batch."""
+    shard.dispatch()
+    [(d, job)] = sent(shard)
+    shard.links.outcomes[d].append(bus.DeliveryOutcome(req=job.req, qid=job.qid,
+                                                       results=list(results)))
+    shard.batch(outcomes=[d])
+
+
 def test_queue_show_gives_a_last_reply_only_for_recipients_still_waiting(tmp_path):
     # `mta queue show` / inspect print "last reply" under each recipient: a recipient
     # deferred once and delivered since must not read as if a 451 was its last reply.
     from mta.spool import queries
     shard = make_shard(tmp_path)
     qid = queue(shard, ["a@x.example", "b@x.example"])
-    shard.dispatch()
-    [(d, job)] = sent(shard)
-    shard.links.outcomes[d].append(bus.DeliveryOutcome(req=job.req, qid=qid, results=[
-        bus.Result(0, bus.DEFERRED, 451, "4.3.0", "try later", "mx", "127.0.0.1"),
-        bus.Result(1, bus.DEFERRED, 451, "4.3.0", "try later", "mx", "127.0.0.1")]))
-    shard.batch(outcomes=[d])
+    answer_the_job(shard, bus.Result(0, bus.DEFERRED, 451, "4.3.0", "try later", "mx", ""),
+                   bus.Result(1, bus.DEFERRED, 451, "4.3.0", "try later", "mx", ""))
     queries.flush(shard.store, 1)
-    shard.dispatch()
-    [(d, job)] = sent(shard)
-    shard.links.outcomes[d].append(bus.DeliveryOutcome(req=job.req, qid=qid, results=[
-        bus.Result(0, bus.DELIVERED, 250, "2.0.0", "ok", "mx", "127.0.0.1"),
-        bus.Result(1, bus.DEFERRED, 452, "4.2.2", "full", "mx", "127.0.0.1")]))
-    shard.batch(outcomes=[d])
+    answer_the_job(shard, bus.Result(0, bus.DELIVERED, 250, "2.0.0", "ok", "mx", ""),
+                   bus.Result(1, bus.DEFERRED, 452, "4.2.2", "full", "mx", ""))
     e = queries.show(shard.store, 2, qid).entry
     assert e["state"] == ["delivered", "pending"]
     assert e["last"][0] is None

@@ -1,5 +1,5 @@
-"""SparkPost compatibility cases found in review: substitution sources and defaults,
-attachment types, AMP content, suppression-list search parameters (in process)."""
+"""SparkPost compatibility of the Transmissions API, in process: substitution sources and
+defaults, attachment types, AMP content, refused features."""
 from __future__ import annotations
 
 import base64
@@ -7,13 +7,10 @@ import email
 import json
 from email import policy
 
-import orjson
 import pytest
 
 from mta.api import build as B
-from mta.api import suppression as sup_api
 from mta.api import transmissions as T
-from mta.feedback import suppression as S
 
 
 def tx(body: dict) -> T.Transmission:
@@ -110,30 +107,6 @@ def test_amp_html_is_a_text_x_amp_html_part():
     with pytest.raises(Exception) as e:
         tx(body)
     assert "content.html or content.text" in str(e.value)
-
-
-@pytest.fixture
-def sl(tmp_path):
-    s = S.SuppressionList(str(tmp_path / "sup"), 16 * 1024 * 1024)
-    yield s
-    s.close()
-
-
-def test_search_description_and_domain_keep_their_commas(sl):
-    sl.put_many([("a@example.com", S.NON_TRANSACTIONAL, "bounced, then complained"),
-                 ("b@example.com", S.NON_TRANSACTIONAL, "then complained")], now=1000.0)
-    st, body = sup_api.handle(sl, b"GET", sup_api.PATH,
-                              b"description=bounced%2C+then&types=non_transactional", b"")
-    res = orjson.loads(body)
-    assert st == 200 and [e["recipient"] for e in res["results"]] == ["a@example.com"]
-    st, body = sup_api.handle(sl, b"GET", sup_api.PATH,
-                              b"description=bounced%2C+then+complained&description_strict=true",
-                              b"")
-    assert [e["recipient"] for e in orjson.loads(body)["results"]] == ["a@example.com"]
-    # lists are still comma-separated
-    st, body = sup_api.handle(sl, b"GET", sup_api.PATH,
-                              b"types=transactional,non_transactional", b"")
-    assert orjson.loads(body)["total_count"] == 2
 
 
 def test_an_ab_test_is_refused_as_not_supported_not_as_a_missing_from():
