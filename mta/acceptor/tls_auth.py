@@ -151,7 +151,7 @@ def auth_continue(session, line: bytes) -> None:
         _login_user(session, exchange, line)
     else:
         try:
-            password = base64.b64decode(line, validate=True)
+            password = _decode(line)
         except (binascii.Error, ValueError):
             session.reply_error(R.AUTH_BAD_BASE64)
             return
@@ -165,9 +165,18 @@ def _ask(session, exchange: Exchange, challenge: bytes) -> None:
     session.out.append(challenge)
 
 
+def _decode(b64: bytes) -> bytes:
+    """A SASL response: base64, where a single "=" is the empty response (RFC 4954,
+    section 4: an initial response of zero length is sent as "=").  Raises
+    binascii.Error when it is not base64."""
+    if b64 == b"=":
+        return b""
+    return base64.b64decode(b64, validate=True)
+
+
 def _login_user(session, exchange: Exchange, b64: bytes) -> None:
     try:
-        exchange.user = base64.b64decode(b64, validate=True).decode("utf-8")
+        exchange.user = _decode(b64).decode("utf-8")
     except (binascii.Error, ValueError):
         session.state = _READY
         session.reply_error(R.AUTH_BAD_BASE64)
@@ -176,13 +185,22 @@ def _login_user(session, exchange: Exchange, b64: bytes) -> None:
 
 
 def _plain(session, b64: bytes) -> None:
-    """PLAIN: authzid NUL authcid NUL password (RFC 4616); the authzid is ignored."""
+    """PLAIN: authzid NUL authcid NUL password (RFC 4616); the authzid is ignored.
+
+    A response that is not base64 is a 501; one that is, but is no PLAIN message
+    (not three parts, a user name that is not UTF-8, the empty response "="), is a
+    535 like wrong credentials (RFC 4954, section 6)."""
     try:
-        raw = base64.b64decode(b64, validate=True)
-        _authzid, authcid, password = raw.split(b"\0")
-        user = authcid.decode("utf-8")
+        raw = _decode(b64)
     except (binascii.Error, ValueError):
         session.reply_error(R.AUTH_BAD_BASE64)
+        return
+    try:
+        _authzid, authcid, password = raw.split(b"\0")
+        user = authcid.decode("utf-8")
+    except ValueError:
+        log.info("client=%s sent a malformed AUTH PLAIN response", session.peer_ip)
+        session.reply_error(R.AUTH_FAILED)
         return
     _check(session, user, password)
 

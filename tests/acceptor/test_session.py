@@ -466,3 +466,30 @@ def test_a_tls_session_the_server_closes_is_aborted_unless_the_client_went(impl)
             c.session.connection_lost(None)
         cb(*args)
         assert t.aborted is not went
+
+
+def test_an_empty_sasl_response_is_an_equals_sign(impl):
+    """RFC 4954: a zero-length response is sent as "=".  It is the empty response, not
+    bad base64 (501): for PLAIN it is no credentials (535), for LOGIN an empty user name.
+    A PLAIN response that decodes but is not authzid NUL authcid NUL password is a 535
+    too; only what is not base64 stays a 501."""
+    import base64
+
+    acc, c = make(impl, auth={"alice": "secret"}, tls=True)
+    c.send(b"EHLO client.example\r\nSTARTTLS\r\n")
+    c.send(b"EHLO client.example\r\n")
+    assert c.send(b"AUTH PLAIN =\r\n") == R.AUTH_FAILED
+    assert c.send(b"AUTH PLAIN\r\n") == R.AUTH_CHALLENGE_EMPTY
+    assert c.send(b"=\r\n") == R.AUTH_FAILED
+    two_parts = base64.b64encode(b"alice\0secret")
+    assert c.send(b"AUTH PLAIN " + two_parts + b"\r\n") == R.AUTH_FAILED
+    not_utf8 = base64.b64encode(b"\0\xffalice\0secret")
+    assert c.send(b"AUTH PLAIN " + not_utf8 + b"\r\n") == R.AUTH_FAILED
+    assert c.send(b"AUTH PLAIN !!\r\n") == R.AUTH_BAD_BASE64
+    assert c.send(b"AUTH LOGIN =\r\n") == R.AUTH_PASSWORD
+    assert c.send(base64.b64encode(b"secret") + b"\r\n") == R.AUTH_FAILED
+    assert c.session.user is None
+    # A password of zero length, sent as "=", is checked (and is not alice's).
+    assert c.send(b"AUTH LOGIN " + base64.b64encode(b"alice") + b"\r\n") == R.AUTH_PASSWORD
+    assert c.send(b"=\r\n") == R.AUTH_FAILED
+    assert c.send(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n") == R.AUTH_OK

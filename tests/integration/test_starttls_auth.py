@@ -160,6 +160,9 @@ def test_auth_plain(mta, client_ctx):
         assert c.reply_bytes() == R.AUTH_FAILED
         c.send(b"AUTH PLAIN " + plain("nobody", PASSWORD) + b"\r\n")
         assert c.reply_bytes() == R.AUTH_FAILED
+        # "=" is the empty response (RFC 4954): no credentials, not undecodable base64.
+        c.send(b"AUTH PLAIN =\r\n")
+        assert c.reply_bytes() == R.AUTH_FAILED
         # Not authenticated after failures: relaying is refused.
         assert relay(c) == R.RELAY_DENIED
         c.send(b"RSET\r\n")
