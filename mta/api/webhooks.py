@@ -203,7 +203,13 @@ def check_doc(doc, base: dict | None = None, where: str = "") -> dict:
     if not isinstance(headers, dict) or len(headers) > MAX_HEADERS:
         raise R.ApiError(R.INVALID, f"{where}custom_headers: expected an object of at most "
                          f"{MAX_HEADERS} header fields")
+    seen: set[str] = set()
     for k, v in headers.items():
+        if k.lower() in seen:
+            # Field names are case-insensitive: the request would carry one of the two.
+            raise R.ApiError(R.INVALID, f"{where}custom_headers.{k[:64]}: given twice "
+                             "(header field names do not depend on case)")
+        seen.add(k.lower())
         if not _TOKEN.match(k) or k.lower() in RESERVED_HEADERS:
             raise R.ApiError(R.INVALID, f"{where}custom_headers.{k[:64]}: not a header field "
                              "name that may be set")

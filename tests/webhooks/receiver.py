@@ -25,6 +25,7 @@ class Hit:
     body: bytes
     status: int = 0
     json: object = None
+    names: list = None      # every header field name as sent, in order (duplicates kept)
 
 
 @dataclass
@@ -53,7 +54,8 @@ class Receiver:
                 body = self.rfile.read(n)
                 if self.path == "/token":
                     return rec._token(self, body)
-                hit = Hit(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                hit = Hit(self.path, {k.lower(): v for k, v in self.headers.items()}, body,
+                          names=[k.lower() for k in self.headers.keys()])
                 try:
                     hit.json = json.loads(body)
                 except ValueError:

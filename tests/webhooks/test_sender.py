@@ -127,6 +127,45 @@ def test_basic_auth_header(env):
         assert h.headers["authorization"] == "Basic " + base64.b64encode(b"u:p:w").decode()
 
 
+def test_custom_headers_never_double_the_senders_own(env):
+    """A custom header named like one the sender sets, in another case ("authorization",
+    "user-agent"), is replaced by the sender's, not sent beside it: a receiver would see
+    two Authorization fields (most frameworks keep the first, the customer's)."""
+    store, db, rec, _ = env
+    hook = _hook(rec, auth_type="basic", auth_credentials={"username": "u", "password": "p"},
+                 custom_headers={"authorization": "Bearer stale", "user-agent": "mine",
+                                 "x-messagesystems-webhook-token": "custom", "X-Customer": "a"},
+                 auth_token="legacy")
+    db.set_cursor(hook.id, 0)
+    store.append(_events(8))
+    asyncio.run(_run(hook, db, store, _cfg(), lambda s: len(rec.events()) == 4))
+    for h in rec.batches():
+        assert h.names.count("authorization") == 1
+        assert h.names.count("user-agent") == 1
+        assert h.names.count("x-messagesystems-webhook-token") == 1
+        assert h.headers["authorization"] == "Basic " + base64.b64encode(b"u:p").decode()
+        assert h.headers["user-agent"] == "SparkPost"
+        assert h.headers["x-messagesystems-webhook-token"] == "legacy"
+        assert h.headers["x-customer"] == "a"
+
+
+def test_custom_headers_of_one_name_in_two_cases_are_refused():
+    """Header field names are case-insensitive: two custom headers that differ only in
+    case would be sent as two fields, so the API refuses them (422 naming the field)."""
+    doc = {"name": "n", "target": "http://127.0.0.1:9/", "events": ["delivery"],
+           "custom_headers": {"X-Tenant": "a", "x-tenant": "b"}}
+    with pytest.raises(W.R.ApiError) as err:
+        W.check_doc(doc)
+    assert err.value.status == 422
+    assert err.value.description.startswith("custom_headers.x-tenant:")
+    # Without an auth type, a custom Authorization is the customer's own and is sent.
+    hook = W.Hook(id="h", name="n", target="http://127.0.0.1:9/", events=frozenset(["delivery"]),
+                  custom_headers={"authorization": "Bearer theirs"})
+    h = W.headers_for(hook, "b", None)
+    assert [k for k in h if k.lower() == "authorization"] == ["authorization"]
+    assert h["authorization"] == "Bearer theirs"
+
+
 def test_retry_keeps_id_and_body_then_succeeds(env):
     store, db, rec, _ = env
     hook = _hook(rec)
