@@ -62,6 +62,7 @@ none of whose recipients is pending, and with no delivery job out, is done.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 from mta.bus import DELIVERED, FAILED, REQUEUED, FiredRule, Result
 from mta.dsn import (RecipientFailure, build_dsn, new_message_id, notify_allows, orcpt_text,
@@ -113,6 +114,8 @@ class Plan:
         self.failures: dict[str, list] = {}    # qid -> [RecipientFailure, ...] to bounce
         self.events: list[dict] = []
         self.deleted_qids: set[str] = set()     # (deleted in this batch: events once)
+        # deleted in this batch with recipients in jobs still out (Plan.deleted)
+        self.deleted_out: dict[str, DeletedOut] = {}
         self.reschedule: list[tuple[float, str]] = []   # (due, qid)
         self.bounces: list = []                # (MessageMeta, DSN bytes)
         self.done: list[str] = []
@@ -172,22 +175,8 @@ class Plan:
         info, m = got
         self.returned.append(qid)
         st = self._state(qid)
-        base = {"timestamp": now, "queue_id": qid,
-                "message_id": m.params.get("message_id", ""), "sender": m.sender,
-                "arrival": m.arrival, "size": info[_BODY_LEN], "client": m.client,
-                **ev.carried(m.params)}
-        if source:
-            base["source"] = source
-        if source_ip:
-            base["sending_ip"] = source_ip
-        if site:
-            base["site"] = site
-        if outbound_tls:
-            base["outbound_tls"] = outbound_tls
-        if rule is not None:
-            base["response_rule"] = {"name": rule.name, "action": rule.action,
-                                     "scope": rule.scope, "stage": rule.stage,
-                                     "until": rule.until}
+        base = _outcome_base(qid, m, info[_BODY_LEN], now, source, source_ip, site,
+                             outbound_tls, rule)
         policy = self.policy
         start = info[_START]
         for r in results:
@@ -270,6 +259,48 @@ class Plan:
                                               event["bounce_class"], event["bounce_rule"]))
             self.events.append(event)
 
+    def outcome_of_deleted(self, qid: str, gone: "DeletedOut", results: list[Result],
+                           now: float, source: str = "", source_ip: str = "", site: str = "",
+                           rule: FiredRule | None = None, outbound_tls: str = "") -> None:
+        """The outcome of a job that was out when the operator deleted its message.
+
+        Its recipients got no event at the delete (they could still be delivered):
+        this is their last word.  Delivered: a delivery event.  Failed: a bounce
+        event with the server's reply and class (and the suppression a hard bounce
+        adds), no DSN.  Anything else (deferred, requeued): the delete's class-25
+        bounce event.  Each recipient once; *gone* forgets those answered."""
+        m, size, attempts = gone.meta, gone.size, gone.attempts
+        base = _outcome_base(qid, m, size, now, source, source_ip, site, outbound_tls, rule)
+        for r in results:
+            idx = r.index
+            tried = attempts.pop(idx, None)
+            if tried is None:
+                continue        # not out at the delete, or answered already
+            if r.outcome == DELIVERED or r.outcome == FAILED:
+                event = dict(base, recipient=m.rcpts[idx], remote_host=r.host,
+                             remote_ip=r.ip, attempt=tried + 1,
+                             response={"code": r.code, "enhanced": r.enhanced,
+                                       "text": r.text},
+                             time_in_queue=round(now - m.arrival, 3))
+                if r.outcome == DELIVERED:
+                    event["type"] = ev.DELIVERY
+                else:
+                    event["type"] = ev.BOUNCE
+                    if r.bounce_class:
+                        event["bounce_class"] = int(r.bounce_class) if \
+                            r.bounce_class.isdigit() else r.bounce_class
+                        event["bounce_rule"] = rule.name if rule is not None \
+                            else "response_rule"
+                    else:
+                        event["bounce_class"], event["bounce_rule"] = classify(
+                            r.code, r.enhanced, r.text)
+                    if sup.adds_bounce_rule(event["bounce_class"]):
+                        self.suppress.append((m.rcpts[idx], sup.bounce_description(
+                            r.code, r.enhanced, r.text)))
+                self.events.append(event)
+            else:
+                self._admin_event(qid, idx, size, m, tried, now, DELETED_TEXT)
+
     def expire(self, qid: str, idxs: list[int], now: float) -> None:
         """Recipients *idxs* of *qid* are too old to try again: expire and bounce them."""
         index = self.index
@@ -329,7 +360,7 @@ class Plan:
             st[idx] = sch.FAILED
             attempts = index.recipient(qid, idx)[1]
             self._update(qid, idx, sch.FAILED, attempts, 0.0)
-            self._admin_event(qid, idx, info, m, attempts, now, text)
+            self._admin_event(qid, idx, info[_BODY_LEN], m, attempts, now, text)
             if dsn:
                 self._bounce(qid, idx, ctl.BOUNCE_CODE, ctl.BOUNCE_STATUS, text, "", now)
             n += 1
@@ -342,9 +373,10 @@ class Plan:
         each recipient still pending, no DSN, so that the event stream and the webhooks
         see every message end (Postfix logs "removed").  The caller writes its DONE; a
         record that cannot be read (logged) is deleted without events.  Recipients
-        *out* (in a delivery job still out) get none: they may be delivered yet, and
-        their outcome, if it comes in this batch, says what happened (one that comes
-        later finds the message gone: no event, as before there were any)."""
+        *out* (in a delivery job still out) get none now: they may be delivered yet.
+        Their outcome says what happened: in this batch, as for any message; in a
+        later one, from what is kept of them in ``deleted_out`` (the caller keeps it
+        once the batch is written; :meth:`outcome_of_deleted`)."""
         if qid in self.deleted_qids:
             return
         self.deleted_qids.add(qid)
@@ -354,20 +386,27 @@ class Plan:
         info, m = got
         st = self._state(qid)
         index = self.index
+        kept: dict[int, int] = {}
         for idx in range(len(st)):
-            if st[idx] == sch.PENDING and idx not in out:
-                # (ended here: an outcome, expiry or bulk bounce later in the same batch
-                # -- the deletes are taken first -- finds it no longer pending; nothing
-                # is written for it, its message's DONE is)
-                st[idx] = sch.FAILED
-                self._admin_event(qid, idx, info, m, index.recipient(qid, idx)[1], now,
-                                  DELETED_TEXT)
+            if st[idx] != sch.PENDING:
+                continue
+            if idx in out:
+                kept[idx] = index.recipient(qid, idx)[1]
+                continue
+            # (ended here: an outcome, expiry or bulk bounce later in the same batch
+            # -- the deletes are taken first -- finds it no longer pending; nothing
+            # is written for it, its message's DONE is)
+            st[idx] = sch.FAILED
+            self._admin_event(qid, idx, info[_BODY_LEN], m, index.recipient(qid, idx)[1],
+                              now, DELETED_TEXT)
+        if kept:
+            self.deleted_out[qid] = DeletedOut(m, info[_BODY_LEN], kept)
 
-    def _admin_event(self, qid, idx, info, m, attempts, now, text) -> None:
+    def _admin_event(self, qid, idx, size, m, attempts, now, text) -> None:
         self.events.append({"type": ev.BOUNCE, "timestamp": now, "queue_id": qid,
                             "message_id": m.params.get("message_id", ""),
                             **ev.carried(m.params),
-                            "arrival": m.arrival, "size": info[_BODY_LEN],
+                            "arrival": m.arrival, "size": size,
                             "client": m.client,
                             "sender": m.sender, "recipient": m.rcpts[idx],
                             "attempt": attempts,
@@ -472,6 +511,38 @@ class Plan:
     def abandon(self) -> list[str]:
         """The batch was not recorded: the messages whose outcomes must be tried again."""
         return list(dict.fromkeys(self.returned))
+
+
+class DeletedOut(NamedTuple):
+    """What is kept of a deleted message whose recipients were in delivery jobs still
+    out: enough for their outcome's events (:meth:`Plan.outcome_of_deleted`)."""
+
+    meta: MessageMeta
+    size: int
+    attempts: dict          # recipient index -> attempts before the job; popped as answered
+
+
+def _outcome_base(qid: str, m: MessageMeta, size: int, now: float, source: str,
+                  source_ip: str, site: str, outbound_tls: str,
+                  rule: FiredRule | None) -> dict:
+    """The fields every recipient's event of one job's outcome shares."""
+    base = {"timestamp": now, "queue_id": qid,
+            "message_id": m.params.get("message_id", ""), "sender": m.sender,
+            "arrival": m.arrival, "size": size, "client": m.client,
+            **ev.carried(m.params)}
+    if source:
+        base["source"] = source
+    if source_ip:
+        base["sending_ip"] = source_ip
+    if site:
+        base["site"] = site
+    if outbound_tls:
+        base["outbound_tls"] = outbound_tls
+    if rule is not None:
+        base["response_rule"] = {"name": rule.name, "action": rule.action,
+                                 "scope": rule.scope, "stage": rule.stage,
+                                 "until": rule.until}
+    return base
 
 
 def _param(m: MessageMeta, key: str, idx: int) -> str:

@@ -158,6 +158,8 @@ class Shard:
         self.window = dsp.Window(settings.deliveries, self.dcfg.max_in_flight,
                                  self.dcfg.max_in_flight_per_domain, self.dcfg.spread_threshold)
         self.jobs = self.window.jobs          # req -> dispatch.Job
+        # deleted messages with recipients in jobs still out (Plan.outcome_of_deleted)
+        self.deleted_out: dict = {}
         # messages waiting elsewhere than the due queue (held, parked; blocked behind a
         # domain's cap in the Window): the queue index's compact FIFOs without repeats
         self.new_fifo = self.window.fifo
@@ -439,6 +441,16 @@ class Shard:
                 if msg is None:
                     break
                 job = self.returned(msg.req, msg.qid)
+                gone = self.deleted_out.get(msg.qid)
+                if gone is not None:
+                    # deleted while this job was out (mta queue delete): its last word
+                    if job is not None:
+                        plan.outcome_of_deleted(msg.qid, gone, msg.results, now,
+                                                source=msg.source, source_ip=msg.source_ip,
+                                                site=msg.site, rule=msg.rule,
+                                                outbound_tls=msg.outbound_tls)
+                        self._forget_deleted(msg.qid)
+                    continue
                 if job is not None and job.meta is not None:
                     plan.known(msg.qid, job.meta)       # (not read again)
                 plan.outcome(msg.qid, msg.results, now, source=msg.source,
@@ -454,7 +466,8 @@ class Shard:
         done += plan.done
         # (written after their message records: finished in the same batch)
         done += suppressed_done
-        if not messages and not done and not plan.updates and not reports:
+        if not messages and not done and not plan.updates and not reports \
+                and not plan.events:
             # Nothing to write (REQUEUED outcomes, repeated ones; reports' events
             # while no events process reads them): schedule only.
             self._requeue(plan)
@@ -514,6 +527,8 @@ class Shard:
             self.last_error = ""
             self._requeue(plan)
             self._after_commit(new, plan)
+            if plan.deleted_out:
+                self._keep_deleted(plan.deleted_out)
             if op_taken:
                 self.op_committed(op_taken)
             if plan.suppress and self.bounce_rule:
@@ -600,6 +615,27 @@ class Shard:
             plan.deleted(qid, now, self._out_idxs(qid))
         delete_peers.append((peer, msg.req, qids))
         return qids
+
+    def _keep_deleted(self, deleted_out: dict) -> None:
+        """Deleted messages (now written) with recipients in jobs still out: kept until
+        those jobs answer or are given up, so that their outcome still makes events
+        (at most max_in_flight, like the jobs).  Recipients whose outcome came in the
+        delete's own batch are no longer out, and are not kept."""
+        for qid, gone in deleted_out.items():
+            out = {i for j in self.jobs.values() if j.qid == qid for i in j.idxs}
+            for idx in [i for i in gone.attempts if i not in out]:
+                del gone.attempts[idx]
+            if gone.attempts:
+                self.deleted_out[qid] = gone
+
+    def _forget_deleted(self, qid: str) -> None:
+        """A job of deleted *qid* answered or was given up: forget it once none is out."""
+        gone = self.deleted_out.get(qid)
+        if gone is not None and not any(j.qid == qid for j in self.jobs.values()):
+            if gone.attempts:
+                log.info("%s: deleted, and %d recipient(s) of it in a delivery job that "
+                         "never answered: no event for them", qid, len(gone.attempts))
+            del self.deleted_out[qid]
 
     def _out_idxs(self, qid: str) -> set:
         """The recipients of *qid* in delivery jobs still out (a delete is rare: the jobs
@@ -873,7 +909,9 @@ class Shard:
     def _resend(self, reqs: list[int]) -> None:
         for r in reqs:
             qid = self.window.remove(r).qid
-            if self.q.add_out(qid, -1) >= 0:
+            if qid in self.deleted_out:
+                self._forget_deleted(qid)       # (deleted meanwhile: not sent again)
+            elif self.q.add_out(qid, -1) >= 0:
                 self.q.push(qid, time.time())
 
     def follow_links(self) -> None:

@@ -249,3 +249,28 @@ def test_cancelling_a_rules_suspension_makes_the_mail_it_held_due_at_once(lab):
     suspend_site("tss06")
     out = d.cli("rules", "cancel", "tss06").stdout.decode()
     assert "cancelled suspend tss06" in out and "waits for its retry time" in out, out
+
+
+def test_a_message_deleted_while_its_delivery_is_out_ends_with_that_delivery(lab):
+    # `mta queue delete` while the message is in a delivery job: the job goes on (the
+    # receiver has it), and what it did is the recipient's last event -- here a
+    # delivery, once -- not silence after the injection, nor a "deleted" bounce for
+    # mail the receiver took.  The other recipient, not in a job, ends with the delete.
+    ip = IPS[0]
+    sink = lab.aio(ip)
+    sink.delay = 4.0                    # the end of data waits: the job stays out
+    lab.serve(mx("slow.test", "mx.slow.test", ip))
+    d = lab.daemon(shards=1)
+    cli_json(d, "suspend", "--domain", "later.test")       # b's recipient waits
+    qid = d.send("a@sender.test", ["r@slow.test", "w@later.test"], message("slow"))
+    wait_until(lambda: any(a == "r@slow.test" for _, a, _ in sink.rcpt_log), 20,
+               "the recipient's RCPT at the receiver")
+    assert cli_json(d, "queue", "delete", qid)["deleted"] == [qid]
+    sink.wait_for("r@slow.test", timeout=20)
+    ends = wait_until(lambda: (lambda ev: ev if len(ev) >= 2 else None)(
+        [e for e in d.events() if e["type"] != "injection"]), 20, "both recipients' ends")
+    time.sleep(1.0)                     # (nothing more comes)
+    ends = [e for e in d.events() if e["type"] != "injection"]
+    got = sorted((e["rcpt_to"], e["type"], e.get("bounce_class")) for e in ends)
+    assert got == [("r@slow.test", "delivery", None), ("w@later.test", "bounce", "25")], ends
+    d.wait_log(r"deleted by operator: " + qid, timeout=5)

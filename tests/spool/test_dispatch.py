@@ -14,6 +14,7 @@ import time
 import msgspec
 
 from mta import bus
+from mta import controls as ctl
 from mta.obs import events as ev
 from mta.config import resolve
 from mta.config.schema import Config
@@ -669,9 +670,65 @@ def test_a_delete_gives_no_bounce_event_to_recipients_whose_job_is_out(tmp_path)
     ends = [(e["type"], e["recipient"], e.get("bounce_class")) for e in written
             if e["type"] != ev.INJECTION]
     assert ends == [(ev.BOUNCE, "b@y.example", 25)], ends
-    # a's outcome, later: the message is gone; nothing breaks, no second event
+    # a's outcome, later: the message is gone, but a was delivered, and says so once
     written.clear()
     shard.links.outcomes[d].append(bus.DeliveryOutcome(req=job_a.req, qid=qid, results=[
         bus.Result(0, bus.DELIVERED, 250, "2.0.0", "ok", "mx.x.example", "")]))
     shard.batch(outcomes=[d])
-    assert [e for e in written if e.get("recipient") == "b@y.example"] == []
+    assert [(e["type"], e["recipient"], e["queue_id"], e["response"]["code"])
+            for e in written] == [(ev.DELIVERY, "a@x.example", qid, 250)], written
+    assert shard.deleted_out == {}
+    written.clear()
+    shard.links.outcomes[d].append(bus.DeliveryOutcome(req=job_a.req, qid=qid, results=[
+        bus.Result(0, bus.DELIVERED, 250, "2.0.0", "ok", "mx.x.example", "")]))
+    shard.batch(outcomes=[d])                   # repeated (at least once): nothing more
+    assert written == []
+
+
+def test_the_jobs_out_of_a_deleted_message_end_each_recipient_once(tmp_path):
+    # Deleted while three jobs were out (three domains): each outcome that comes later
+    # makes its recipient's last event -- the server's bounce (with its class, no DSN),
+    # the delete's class-25 bounce for one deferred -- and a job that never answers is
+    # not sent again.  Nothing of the message is kept once no job of it is out.
+    shard = make_shard(tmp_path, max_in_flight_per_domain=1)
+    written = []
+    real = shard._batch_events
+
+    def capture(messages, plan):
+        out = real(messages, plan)
+        written.extend(out)
+        return out
+    shard._batch_events = capture
+    suppressed = []
+    shard.bounce_rule = True                    # (suppression.bounce_rule, as by default)
+    shard.add_bounce_rule = suppressed.extend
+    qid = queue(shard, ["a@x.example", "b@y.example", "c@z.example"])
+    shard.dispatch()
+    jobs = {j.rcpts[0].index: (d, j) for d, j in sent(shard)}
+    assert sorted(jobs) == [0, 1, 2]
+    written.clear()
+    shard.batch(deletes=[(b"cli", bus.SpoolMessageDelete(1, [qid]))])
+    assert qid not in shard.store.index
+    assert [e for e in written if e["type"] != ev.INJECTION] == []
+    assert sorted(shard.deleted_out[qid].attempts) == [0, 1, 2]
+    d, job = jobs[0]
+    shard.links.outcomes[d].append(bus.DeliveryOutcome(req=job.req, qid=qid, results=[
+        bus.Result(0, bus.FAILED, 550, "5.1.1", "no such user", "mx.x.example", "")]))
+    d, job = jobs[1]
+    shard.links.outcomes[d].append(bus.DeliveryOutcome(req=job.req, qid=qid, results=[
+        bus.Result(1, bus.DEFERRED, 451, "4.3.0", "try later", "mx.y.example", "")]))
+    shard.batch(outcomes=sorted({jobs[0][0], jobs[1][0]}))
+    got = sorted((e["recipient"], e["type"], e["bounce_class"], e["response"]["code"])
+                 for e in written)
+    assert got == [("a@x.example", ev.BOUNCE, 10, 550),
+                   ("b@y.example", ev.BOUNCE, 25, ctl.BOUNCE_CODE)], got
+    assert [r for r, _ in suppressed] == ["a@x.example"]    # a hard bounce is a hard bounce
+    assert sorted(shard.deleted_out[qid].attempts) == [2]
+    # c's job never answers: given up after the job timeout, and not sent again
+    written.clear()
+    req = jobs[2][1].req
+    shard.window.jobs[req] = shard.window.jobs[req]._replace(sent_at=0.0)
+    shard.expire_jobs()
+    assert shard.deleted_out == {} and shard.window.jobs == {}
+    shard.dispatch()
+    assert sent(shard) == []
