@@ -422,6 +422,8 @@ def suspend_cmd(config_path, as_json, domain, campaign, pool, site, source, reas
                reason=reason, duration=None if duration is None else f"{duration:g}")
     d = cl.ok("POST", f"/api/admin/suspensions?{q}")["suspension"]
     click.echo(json.dumps(d) if as_json else f"suspended: {_suspension_line(d)}")
+    if d.get("note") and not as_json:
+        click.echo(f"note: {d['note']}", err=True)
 
 
 @click.command("resume")

@@ -359,6 +359,14 @@ class Api:
             if not store.put(e):
                 raise ServerError("the adaptive store is full (backoff.max_entries)")
             view = _delivery_view(e)
+            if site:
+                known = q.delivery_status(self.settings.run_dir)["sites"]
+                if site not in known:
+                    # Kept all the same (a site is named once delivery routes mail to
+                    # it), but a typo would hold nothing: say so.
+                    view["note"] = (f"no delivery process routes mail to a site named "
+                                    f"{site!r} now (mta queue summary --by site lists "
+                                    "them); the suspension holds when one does")
         else:
             key = "|".join(fields.get(k, "") for k in ctl.SPOOL_FIELDS)
             sid = "s" + hashlib.blake2b(key.encode("utf-8", "surrogatepass"),

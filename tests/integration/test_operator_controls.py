@@ -110,6 +110,17 @@ def test_suspend_a_domain_across_a_restart_then_resume_and_a_source(lab):
     assert (gone_ev["rcpt_to"], gone_ev["bounce_class"]) == ("gone@held.test", "25"), gone_ev
     assert "deleted by the operator" in gone_ev["raw_reason"], gone_ev
 
+    # A site no delivery process routes mail to (a typo?) is suspended all the same, but
+    # the answer says so; a site delivery knows gets no such note.
+    r = d.cli("suspend", "--site", "mx.free.tset")
+    assert r.stdout.decode().startswith("suspended: ")
+    assert "note: no delivery process routes mail to a site named 'mx.free.tset'" \
+        in r.stderr.decode(), r.stderr
+    wait_until(lambda: "mx.free.test" in json.loads(
+        d.cli("queue", "--json").stdout)["delivery"]["sites"], 10, "the site in the status")
+    known = cli_json(d, "suspend", "--site", "mx.free.test")
+    assert known["site"] == "mx.free.test" and "note" not in known, known
+
 
 def test_bulk_bounce_by_campaign_with_events_dsns_and_a_progress_bar(tmp_path):
     from daemon import Daemon
