@@ -461,7 +461,10 @@ class Api:
             known = q.delivery_status(self.settings.run_dir)["sites"].get(sel["site"])
             if not known or not known["domains"]:
                 raise BadRequest("site", f"site: no delivery process knows site "
-                                         f"{sel['site']!r} (mta queue summary --by site)")
+                                         f"{sel['site']!r} (mta queue summary --by site); "
+                                         "a site is known once delivery routes mail to it "
+                                         "since its last start or reload: --domain names "
+                                         "the recipient domains themselves")
             site_domains = sorted(known["domains"])
             domains = [d for d in site_domains if not domains or d in domains]
             if not domains:

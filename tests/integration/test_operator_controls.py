@@ -133,6 +133,10 @@ def test_bulk_bounce_by_campaign_with_events_dsns_and_a_progress_bar(tmp_path):
                   for i in range(5)]
         st, _, body = admin_call(d, "POST", "/api/admin/bounce?source=default")
         assert st == 400 and body["errors"][0]["field"] == "source", body
+        # (delivery held: no site is known yet; the answer says how to name the mail)
+        st, _, body = admin_call(d, "POST", "/api/admin/bounce?site=mx.x.test")
+        assert st == 400 and body["errors"][0]["field"] == "site", body
+        assert "--domain names the recipient domains" in body["errors"][0]["message"], body
         st, _, body = admin_call(d, "POST", "/api/admin/bounce?reason=x")
         assert st == 400 and body["errors"][0]["field"] == "domain", body
         # a blank field never widens the bounce to the whole queue
