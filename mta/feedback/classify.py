@@ -15,7 +15,8 @@ operator can override any shipped rule.  Each rule is a ``[[rule]]`` table:
 - ``enhanced`` (optional): the enhanced status code, exact (``"5.1.1"``) or
   a prefix ending in a dot (``"5.1."``, ``"4."``);
 - ``text`` (optional): a regular expression searched (not anchored) in the
-  reply text, case-insensitively.
+  reply text, case-insensitively; the text of a reply of several lines is
+  their texts joined with spaces.
 
 A rule matches when all the keys it has match; a rule with none of the three
 is refused.  The first rule that matches decides.  The shipped file is kept
@@ -270,6 +271,11 @@ class Classifier:
         else:
             return UNDETERMINED
         text = text or ""
+        if "\n" in text:
+            # A reply over several lines comes with its lines' texts joined by line
+            # breaks (the delivery client's SmtpReply): a phrase a receiver folded
+            # ("unusual rate of" / "unsolicited mail") is still the phrase.
+            text = " ".join(text.split("\n")).replace("\r", "")
         for r in bucket:
             if r.lo <= code <= r.hi and r.matches(code, enhanced, text):
                 return r.bounce_class, r.name

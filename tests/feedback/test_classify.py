@@ -55,6 +55,44 @@ def test_corpus_classifies_100_percent():
     assert not wrong, f"{len(wrong)} misclassified:\n" + "\n".join(wrong)
 
 
+def _folded(reply: str, width: int) -> bytes:
+    """*reply* as a receiver sends it over several lines of about *width* characters, each
+    with the code (and enhanced code) in front: ``550-5.7.28 ...`` up to ``550 5.7.28 ...``."""
+    code, enhanced, text = parse_reply(reply)
+    words, lines, line = text.split(" "), [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}" if line else w
+    lines.append(line)
+    head = f" {enhanced}" if enhanced else ""
+    return b"".join(f"{code}{'-' if i < len(lines) - 1 else ' '}{head.lstrip()}"
+                    f"{' ' if head else ''}{t}\r\n".encode()
+                    for i, t in enumerate(lines))
+
+
+def test_corpus_classifies_the_same_over_several_lines():
+    """Receivers fold long replies (Gmail at about 70 characters); the delivery client
+    joins the lines' texts with a line break, and a phrase broken there is still the
+    phrase."""
+    from mta.delivery.client import ReplyParser
+
+    c = Classifier()
+    wrong = []
+    for n, want, reply in corpus():
+        if not parse_reply(reply)[0]:
+            continue                    # (no reply code: not a reply from the wire)
+        for width in (20, 33, 47, 60, 72):
+            [r] = ReplyParser().feed(_folded(reply, width))
+            got, rule = c.classify(r.code, r.enhanced, r.text)
+            if got != want:
+                wrong.append(f"line {n}, width {width}: want {want}, got {got} ({rule}): "
+                             f"{r.text!r}")
+    assert not wrong, f"{len(wrong)} misclassified:\n" + "\n".join(wrong[:20])
+
+
 def test_rule_names_are_recorded():
     c = Classifier()
     assert c.classify(550, "5.1.1", "The email account that you tried to reach does not "

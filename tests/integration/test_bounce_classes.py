@@ -23,10 +23,18 @@ GMAIL_RATE_LIMITED = (
     "421 4.7.28 originating from your IP address. Mail has been temporarily rate limited. - gsmtp")
 INBOX_FULL = "452 4.2.2 The recipient's inbox is out of storage space. - gsmtp"
 ODD = "550 5.0.0 Something this table has never seen"
+# Gmail's IP block as it comes on the wire: the phrase that names it ("unusual rate of
+# unsolicited mail") is broken over two lines
+GMAIL_IP_BLOCKED = (
+    "550-5.7.28 [127.0.0.1] Our system has detected an unusual rate of\r\n"
+    "550-5.7.28 unsolicited mail originating from your IP address. To protect our\r\n"
+    "550-5.7.28 users from spam, mail sent from your IP address has been blocked.\r\n"
+    "550 5.7.28 https://support.google.com/mail/?p=UnsolicitedIPError - gsmtp")
 
 # A 421 closes the session, so the rate-limited recipient has a domain (and MX) of her own.
 REPLIES = {"bob@dest.test": GMAIL_NO_SUCH_USER, "carol@rate.test": GMAIL_RATE_LIMITED,
-           "dave@dest.test": INBOX_FULL, "eve@dest.test": ODD}
+           "dave@dest.test": INBOX_FULL, "eve@dest.test": ODD,
+           "frank@dest.test": GMAIL_IP_BLOCKED}
 
 
 class OnlyQid:
@@ -67,7 +75,8 @@ def test_events_carry_bounce_class_and_rule(lab, tmp_path):
                           (qid, "bob@dest.test"): "bounce",
                           (qid, "carol@rate.test"): "expiration",
                           (qid, "dave@dest.test"): "expiration",
-                          (qid, "eve@dest.test"): "bounce"})
+                          (qid, "eve@dest.test"): "bounce",
+                          (qid, "frank@dest.test"): "bounce"})
     ann = ev[(qid, "ann@dest.test")]["terminal"]
     assert "bounce_class" not in ann and "bounce_rule" not in ann
 
@@ -97,6 +106,11 @@ def test_events_carry_bounce_class_and_rule(lab, tmp_path):
 
     eve = ev[(qid, "eve@dest.test")]["terminal"]
     assert (eve["bounce_class"], eve["bounce_rule"]) == ("1", "undetermined")
+
+    # A reply over several lines is classified as its text reads, lines joined: a spam
+    # block (51), not the generic mail block (50) that "blocked" alone would give
+    frank = ev[(qid, "frank@dest.test")]["terminal"]
+    assert (frank["bounce_class"], frank["bounce_rule"]) == ("51", "spam-block"), frank
 
 
 def test_bad_operator_rules_are_refused_naming_the_rule(make_daemon, tmp_path):
