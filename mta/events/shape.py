@@ -37,7 +37,8 @@ message was made), has ``rcpt_subs``, and the rejection also ``subject`` and
 Reports: an ``out_of_band`` or ``spam_complaint`` (a DSN or ARF report sent
 to a bounce domain) is shaped by the acceptor that read it
 (:mod:`mta.feedback.oob`, repeating the original message's fields); here it
-only gets its ``event_id``.
+only gets its ``event_id`` and its ``reason`` made from ``raw_reason`` as
+every other event's is.
 
 Ids: ``message_id`` is the spool's queue id in lower case (20 hex digits, the
 format of SparkPost's own message ids); ``transmission_id`` is the HTTP API's
@@ -199,6 +200,9 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
         out["type"] = kind
         out["event_id"] = event_id
         out.setdefault("timestamp", str(int(float(internal.get("timestamp") or 0.0))))
+        if out.get("raw_reason"):
+            # (canonicalised as every other event's: a DSN quotes addresses and IPs)
+            out["reason"] = canonical_reason(out["raw_reason"])
         return out
     ts = float(internal.get("timestamp") or 0.0)
     arrival = float(internal.get("arrival") or ts)

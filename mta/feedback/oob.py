@@ -31,11 +31,14 @@ from mta.feedback import suppression as sup
 from mta.feedback.reports import ARF, DSN, Report, status_code
 
 # Fields of the original message an out-of-band event repeats (SparkPost's oob/spm
-# columns in sparkpost-feedback.md section 2, plus our own ids).
+# columns in sparkpost-feedback.md section 2, plus our own ids); ip_address and
+# num_retries are those of the original's delivery (the receiving host, the attempts
+# before it).
 CARRIED = ("message_id", "transmission_id", "campaign_id", "template_id", "rcpt_meta",
            "rcpt_tags", "friendly_from", "msg_from", "subject", "msg_size", "ip_pool",
            "sending_ip", "injection_time", "transactional", "recv_method", "queue_id",
-           "message_id_header", "routing_domain", "recipient_domain", "egress_source", "site")
+           "message_id_header", "routing_domain", "recipient_domain", "egress_source", "site",
+           "ip_address", "num_retries")
 SPAM_SOURCE = sup.SPAM_COMPLAINT
 BOUNCE_SOURCE = sup.BOUNCE_RULE
 VERP_SEPARATOR = "+"

@@ -177,6 +177,12 @@ def test_a_reports_event_is_carried_whole_and_gets_its_event_id():
     spam = sparkpost_event({"type": "spam_complaint", "timestamp": T0, "event": {}},
                            event_id="9")
     assert spam == {"type": "spam_complaint", "event_id": "9", "timestamp": str(int(T0))}
+    # its reason is canonicalised like an in-band bounce's (a DSN quotes addresses, IPs)
+    raw = "550 5.1.1 <gone@x.test>: host 192.0.2.7 said: no such user"
+    out = sparkpost_event({"type": "out_of_band", "timestamp": T0,
+                           "event": dict(made, raw_reason=raw, reason=raw)}, event_id="10")
+    assert out["raw_reason"] == raw
+    assert out["reason"] == "550 5.1.1 <...@...>: host a.b.c.d said: no such user"
 
 
 def test_friendly_from_and_subject_come_from_the_message_params():

@@ -17,7 +17,7 @@ ORIGINAL = [
      "rcpt_meta": {"user": "7"}, "rcpt_tags": ["news"], "ip_pool": "marketing",
      "sending_ip": "127.0.0.5", "msg_from": "bounces@bounce.sender.test",
      "timestamp": "1796200001", "injection_time": "2026-12-02T10:00:00.000Z",
-     "queue_id": "0123456789ABCDEF0123"},
+     "queue_id": "0123456789ABCDEF0123", "ip_address": "127.0.0.9", "num_retries": "2"},
 ]
 
 
@@ -32,6 +32,8 @@ def test_a_failed_dsn_recipient_is_an_out_of_band_event_of_the_original_message(
     assert ev["transmission_id"] == "42" and ev["campaign_id"] == "weekly"
     assert ev["rcpt_meta"] == {"user": "7"} and ev["rcpt_tags"] == ["news"]
     assert ev["sending_ip"] == "127.0.0.5" and ev["ip_pool"] == "marketing"
+    # the receiving host and the attempts of the delivery it bounced after
+    assert (ev["ip_address"], ev["num_retries"]) == ("127.0.0.9", "2")
     assert ev["bounce_class"] == "10" and ev["error_code"] == "550"
     assert ev["raw_reason"].startswith("550 5.1.1 <gone@receiver.test>")
     assert ev["matched"] == "1"

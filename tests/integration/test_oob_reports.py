@@ -197,6 +197,12 @@ def test_dsn_and_arf_reports_become_events_and_suppressions_and_are_not_relayed(
         assert gone["transmission_id"] == ids["oob-a"] and gone["campaign_id"] == "oob-a"
         assert gone["message_id"] == a["message_id"] and gone["matched"] == "1"
         assert gone["event_id"] and "5.1.1" in gone["raw_reason"]
+        # reason is canonicalised as for an in-band bounce (addresses as ...@...), and the
+        # fields SparkPost gives an out_of_band event from the delivery come from it
+        assert gone["raw_reason"] == "550 5.1.1 <gone@example.com>: User unknown", gone
+        assert gone["reason"] == "550 5.1.1 <...@...>: User unknown", gone
+        assert (gone["ip_address"], gone["num_retries"]) == \
+            (a["ip_address"], a["num_retries"]), (gone, a)
         full = by_rcpt["full@example.com"]
         assert full["bounce_class"] == "22", full           # Mailbox Full (soft)
         assert full["transmission_id"] == ids["oob-b"] and full["campaign_id"] == "oob-b"
@@ -209,6 +215,8 @@ def test_dsn_and_arf_reports_become_events_and_suppressions_and_are_not_relayed(
         assert spam["transmission_id"] == ids["oob-a"] and spam["campaign_id"] == "oob-a"
         assert spam["message_id"] == a_ok["message_id"] and spam["matched"] == "1"
         assert spam["report_by"] == "staff@fbl.provider.test"
+        assert (spam["ip_address"], spam["num_retries"]) == \
+            (a_ok["ip_address"], a_ok["num_retries"]), (spam, a_ok)
         # the messages filter finds them with the original message's other events
         kinds = {e["type"] for e in events(d, messages=a["message_id"])}
         assert kinds >= {"injection", "delivery", "out_of_band"}, kinds
