@@ -95,6 +95,9 @@ class Webhooks:
             seen.add(hook.id)
             key = hook.key()
             if self.keys.get(hook.id) == key:
+                # nothing it sends changed; its name (status.json, metrics, log lines)
+                # may have
+                self.senders[hook.id].hook = hook
                 continue
             old = self.senders.pop(hook.id, None)
             if old is not None:

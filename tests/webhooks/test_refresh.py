@@ -51,3 +51,37 @@ def test_a_sender_that_cannot_load_holds_back_neither_the_others_nor_itself(tmp_
     assert len(ids) == 3
     assert first == ["h1", "h2"]
     assert second == ["h0", "h1", "h2"]
+
+
+def test_a_renamed_webhook_is_shown_by_its_new_name(tmp_path):
+    # PUT /api/v1/webhooks/{id} {"name": ...} changes nothing the sender sends, so its
+    # sender goes on (no restart: a POST in flight is not abandoned); but status.json,
+    # `mta queue`, the metrics' name label and the log lines kept the old name until the
+    # process restarted
+    store = EventStore(str(tmp_path / "ev"), map_size=64 << 20, retention=86400)
+    db = webhookdb.WebhookDB(webhookdb.path_in(str(tmp_path)))
+    doc = W.check_doc({"name": "crm", "events": ["delivery"],
+                       "target": "http://127.0.0.1:9/crm"})
+    wid = db.create(doc, 10)
+    settings = types.SimpleNamespace(config=Config(), state_dir=str(tmp_path))
+
+    async def go():
+        s = W.new_session()
+        w = wmain.Webhooks(settings, db, store, s)
+        await w.refresh()
+        before = w.senders[wid]
+        db.update(wid, W.check_doc({"name": "crm-eu"}, doc))
+        await w.refresh()
+        after = w.senders[wid]
+        names = [x["name"] for x in (before.status(), after.status())]
+        for x in w.senders.values():
+            await x.stop()
+        await s.close()
+        return before is after, names
+    try:
+        same, names = asyncio.run(go())
+    finally:
+        db.close()
+        store.close()
+    assert same
+    assert names == ["crm-eu", "crm-eu"]
