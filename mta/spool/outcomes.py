@@ -232,7 +232,7 @@ class Plan:
                             diag = f"{r.code} {r.enhanced} {r.text}".strip() if r.code \
                                 else r.text
                             self._notice(self.delays, qid, m, idx, RecipientFailure(
-                                recipient=m.rcpts[idx], status=r.enhanced or None,
+                                recipient=m.rcpts[idx], status=_delay_status(r),
                                 remote_host=r.host or None, diagnostic=diag,
                                 last_attempt=now, action="delayed",
                                 retry_until=policy.deadline(start)))
@@ -555,3 +555,12 @@ def _param(m: MessageMeta, key: str, idx: int) -> str:
 
 def _notify(m: MessageMeta, idx: int) -> str:
     return _param(m, "NOTIFY", idx)
+
+
+def _delay_status(r: Result) -> str:
+    """The Status of a deferred recipient in a delay notice: always 4.x.x, as its
+    Action ("delayed") says -- a 5xx that a response rule's defer action kept in the
+    queue too (the server's reply is quoted as it was in Diagnostic-Code)."""
+    if r.enhanced and r.enhanced[0] in "45":
+        return "4" + r.enhanced[1:]
+    return "4.0.0"

@@ -343,6 +343,27 @@ def test_delay_notice_once_per_recipient_and_the_flag_is_in_the_update():
     assert all(len(u) == 4 for u in plan.updates["Q1"])
 
 
+def test_a_delay_notice_reports_a_deferred_5xx_with_a_temporary_status():
+    """A 5xx that a response rule's defer action kept in the queue is still being
+    retried: its delay notice says 4.x.x (RFC 3463), not the permanent 5.x.x that a
+    sender's mail program would read as a failure."""
+    import email
+    e = entry("Q1", ["a@x.test", "b@x.test"])
+    pol = policy()
+    pol.delay_warning = 30.0            # ARRIVAL is NOW - 60: past it
+    plan = plan_of(Queue(e), pol, lambda: "N1")
+    plan.outcome("Q1", [result(0, bus.DEFERRED, 550, "5.7.1", "rate limited, try later"),
+                        result(1, bus.DEFERRED, 554, "", "too busy")], NOW,
+                 retry_after=600.0, rule=fired("defer", "rate-5xx"))
+    plan.finish(NOW)
+    [(_, data)] = plan.bounces
+    per_msg, a, b = email.message_from_bytes(data).get_payload()[1].get_payload()
+    assert (a["Action"], a["Status"]) == ("delayed", "4.7.1")
+    assert (b["Action"], b["Status"]) == ("delayed", "4.0.0")
+    # what the server said is quoted as it was
+    assert a["Diagnostic-Code"] == "smtp; 550 5.7.1 rate limited, try later"
+
+
 def test_no_delay_notice_before_the_warning_time_or_when_off():
     e = entry("Q1", ["a@x.test"])
     for warning in (0.0, 120.0):        # off; not yet (the message is 60 s old)
