@@ -15,7 +15,7 @@ Layout (``multipart/report; report-type=delivery-status``):
    (when the client gave ENVID), ``X-Queue-ID``, ``Arrival-Date``; per
    recipient ``Original-Recipient`` (ORCPT, when given), ``Final-Recipient``,
    ``Action``, ``Status``, ``Remote-MTA``, ``Diagnostic-Code``,
-   ``Last-Attempt-Date``, ``Will-Retry-Until`` (delay notices).
+   ``Last-Attempt-Date`` (when it was attempted), ``Will-Retry-Until`` (delay notices).
 3. ``text/rfc822-headers``: the original header block only (up to the first
    empty line, CRLF CRLF -- or LF LF in a message with bare LFs; all of the
    message when there is none), line ends made CRLF, capped at
@@ -85,7 +85,7 @@ class RecipientFailure:
     status: str | None  # enhanced ("5.1.1") or basic ("550") code, if known
     remote_host: str | None  # the server that replied, if any ("mx1.example.com")
     diagnostic: str  # its reply ("550 5.1.1 <a@b>: no such user") or our explanation
-    last_attempt: float  # Unix time of the last attempt
+    last_attempt: float | None  # Unix time of the last attempt; None: never attempted
     action: str = "failed"
     original_recipient: str | None = None  # ORCPT as given by the client (type; address)
     retry_until: float | None = None  # delay notices: when we give up
@@ -445,7 +445,8 @@ def _status_part(mta, queue_id, envid, arrival, rcpts, utf8: bool) -> bytes:
         if said:
             kind = "smtp" if _REPLY.match(said) else "x-local"
             fields += _fold("Diagnostic-Code", f"{kind}; {said}")
-        fields += _fold("Last-Attempt-Date", rfc5322_date(r.last_attempt))
+        if r.last_attempt is not None:  # (none for a recipient never tried, RFC 3464 2.3.7)
+            fields += _fold("Last-Attempt-Date", rfc5322_date(r.last_attempt))
         if action == "delayed" and r.retry_until:
             fields += _fold("Will-Retry-Until", rfc5322_date(r.retry_until))
     ctype = "message/global-delivery-status" if utf8 else "message/delivery-status"

@@ -148,6 +148,16 @@ def test_delay_notice():
     assert email.utils.parsedate_to_datetime(bob["Will-Retry-Until"]).timestamp() == NOW + 5 * 86400
 
 
+def test_no_last_attempt_date_for_a_recipient_never_tried():
+    f = failures()
+    f[2].last_attempt = None           # expired (or bounced by the operator) untried
+    raw = make(failed=f)
+    assert_wire_clean(raw)
+    _, (bob, carol, dave) = status_blocks(parse(raw))
+    assert bob["Last-Attempt-Date"] and carol["Last-Attempt-Date"]
+    assert "Last-Attempt-Date" not in dave
+
+
 def test_utf8_original_headers_stay_7bit_and_round_trip():
     original = (b"From: =?utf-8?q?J=C3=BCrgen?= <j@sender.test>\r\n"
                 b"Subject: Gr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln \xe2\x80\x94 \xf0\x9f\x93\xa8\r\n"

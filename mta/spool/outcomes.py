@@ -328,7 +328,8 @@ class Plan:
                      "bounce_class": bounce_class, "bounce_rule": bounce_rule}
             if r is None:
                 self.events.append(event)
-                self._bounce(qid, idx, 0, EXPIRED_STATUS, EXPIRED_TEXT, "", now)
+                self._bounce(qid, idx, 0, EXPIRED_STATUS, EXPIRED_TEXT, "", now,
+                             tried=attempts > 0)
                 continue
             # Deferred before (since this process started): the expiry quotes that
             # reply and carries its class, as one decided by the deferral itself does.
@@ -362,7 +363,8 @@ class Plan:
             self._update(qid, idx, sch.FAILED, attempts, 0.0)
             self._admin_event(qid, idx, info[_BODY_LEN], m, attempts, now, text)
             if dsn:
-                self._bounce(qid, idx, ctl.BOUNCE_CODE, ctl.BOUNCE_STATUS, text, "", now)
+                self._bounce(qid, idx, ctl.BOUNCE_CODE, ctl.BOUNCE_STATUS, text, "", now,
+                             tried=attempts > 0)
             n += 1
         if n:
             self.returned.append(qid)
@@ -430,7 +432,9 @@ class Plan:
             r.original_recipient = orcpt_text(orcpt)
         into.setdefault(qid, []).append(r)
 
-    def _bounce(self, qid, idx, code, enh, text, host, now, note="") -> None:
+    def _bounce(self, qid, idx, code, enh, text, host, now, note="", tried=True) -> None:
+        """Add recipient *idx* to the bounce of *qid*; *tried*: it had a delivery attempt
+        (one never tried has no Last-Attempt-Date in the report)."""
         m = self._metas[qid]
         rcpt = m.rcpts[idx]
         if not notify_allows(_notify(m, idx), "FAILURE"):
@@ -447,7 +451,7 @@ class Plan:
             status = "5" + status[1:]  # expired after temporary failures: now permanent
         self._notice(self.failures, qid, m, idx,
                      RecipientFailure(recipient=rcpt, status=status, remote_host=host or None,
-                                      diagnostic=diag, last_attempt=now))
+                                      diagnostic=diag, last_attempt=now if tried else None))
 
     def finish(self, now: float) -> None:
         """Turn recipient states into bounces, finished messages and reschedules."""

@@ -209,6 +209,35 @@ def test_an_expiry_found_at_dispatch_quotes_the_last_deferral_and_its_class():
     assert b"gave up after 1 attempt(s); last reply: 452 4.2.2 mailbox full" in dsn
 
 
+def test_a_recipient_never_tried_has_no_last_attempt_date_in_its_bounce():
+    """RFC 3464 2.3.7: Last-Attempt-Date is the time of the last delivery attempt; a
+    recipient that expired or was bounced by the operator before any attempt had none,
+    so its report has no such field (it said the time of the expiry or bounce)."""
+    import email
+
+    def last_attempt(dsn: bytes) -> dict:
+        _, *per_rcpt = email.message_from_bytes(dsn).get_payload()[1].get_payload()
+        return {r["Final-Recipient"].split("; ")[1]: r["Last-Attempt-Date"] for r in per_rcpt}
+
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
+    entries.set("Q1", 0, attempts=2)
+    plan = make(entries)
+    plan.expire("Q1", [0, 1], NOW)
+    plan.finish(NOW)
+    (_, dsn), = plan.bounces
+    got = last_attempt(dsn)
+    assert got["a@example.net"] is not None and got["b@example.net"] is None
+
+    entries = Queue(entry("Q2", ["a@example.net", "b@example.net"]))
+    entries.set("Q2", 0, attempts=1)
+    plan = make(entries)
+    assert plan.admin_bounce("Q2", [0, 1], NOW, "bounced by the operator: stop", True) == 2
+    plan.finish(NOW)
+    (_, dsn), = plan.bounces
+    got = last_attempt(dsn)
+    assert got["a@example.net"] is not None and got["b@example.net"] is None
+
+
 @pytest.mark.parametrize("outcome", [bus.DELIVERED, bus.DEFERRED, bus.FAILED])
 def test_abandon_names_every_message_that_came_back_once(outcome):
     entries = Queue(entry("Q1", ["a@example.net"]), entry("Q2", ["b@example.net"]))
