@@ -486,6 +486,14 @@ class Unsupported8Bit(SmtpError):
         super().__init__("server does not offer 8BITMIME", REPLY_NEED_8BITMIME, False)
 
 
+def _header_block(message: bytes) -> bytes:
+    """The message's header block: up to its first empty line (all of it when none)."""
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        end = message.find(b"\n\n")
+    return message if end < 0 else message[:end]
+
+
 class UnsupportedSmtpUtf8(SmtpError):
     """The transaction needs SMTPUTF8 and the server does not offer it; nothing was sent."""
 
@@ -902,9 +910,20 @@ class SmtpConnection:
         eight_bit = eight_bit or not message.isascii()
         if eight_bit and not self.supports_8bitmime:
             raise Unsupported8Bit()
-        utf8 = smtputf8 or not sender.isascii() or not all(r.isascii() for r in recipients)
-        if utf8 and not self.supports_smtputf8:
-            raise UnsupportedSmtpUtf8()
+        utf8 = not sender.isascii() or not all(r.isascii() for r in recipients)
+        if utf8:
+            if not self.supports_smtputf8:
+                raise UnsupportedSmtpUtf8()
+        elif smtputf8:
+            # The client said SMTPUTF8 (some say it on every MAIL), but the addresses
+            # are ASCII: only a header that is not needs it.  Where the server offers
+            # it, it is passed on as asked; where not, the message goes without it,
+            # as Postfix's client does, rather than bouncing mail nothing in which
+            # needs it (RFC 6531 3.2 asks for SMTPUTF8 where the message needs it).
+            if self.supports_smtputf8:
+                utf8 = True
+            elif not _header_block(message).isascii():
+                raise UnsupportedSmtpUtf8()
         n = len(recipients)
         txn = Transaction(message)
         limit = self.max_size

@@ -675,18 +675,32 @@ def test_aiosmtpd_smtputf8():
         r = await c1.send_message("a@src.test.example", [rcpt], MSG)
         with pytest.raises(UnsupportedSmtpUtf8):
             await c2.send_message("a@src.test.example", [rcpt], MSG)
+        # Received with SMTPUTF8 (some clients say it on every MAIL), a UTF-8 header:
+        # it needs SMTPUTF8, nothing is sent to a server without it.
+        utf8_header = "Subject: Grüße\r\n".encode() + MSG
         with pytest.raises(UnsupportedSmtpUtf8):
-            await c2.send_message("a@src.test.example", ["x@dst.test.example"], MSG, smtputf8=True)
+            await c2.send_message("a@src.test.example", ["x@dst.test.example"], utf8_header,
+                                  smtputf8=True)
         assert h2.mails == [] and c2.is_usable
+        # ... but ASCII addresses and headers need nothing of it: sent without SMTPUTF8
+        # (as Postfix does), not bounced; where it is offered it is passed on as asked.
+        r2 = await c2.send_message("a@src.test.example", ["x@dst.test.example"], MSG,
+                                   smtputf8=True)
+        r3 = await c1.send_message("a@src.test.example", ["y@dst.test.example"], MSG,
+                                   smtputf8=True)
         for c in (c1, c2):
             await c.quit()
         s1.close()
         s2.close()
-        return r, h1
+        return r, h1, r2, h2, r3
 
-    r, h1 = run(main())
+    r, h1, r2, h2, r3 = run(main())
     assert r.accepted(0)
     assert h1.messages[0][1] == [rcpt] and "SMTPUTF8" in h1.messages[0][3]
+    assert r2.accepted(0) and r3.accepted(0)
+    assert h2.messages[0][1] == ["x@dst.test.example"] and h2.messages[0][2] == MSG
+    assert "SMTPUTF8" not in h2.messages[0][3]
+    assert h1.messages[1][1] == ["y@dst.test.example"] and "SMTPUTF8" in h1.messages[1][3]
 
 
 @pytest.fixture(scope="module")

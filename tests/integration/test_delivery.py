@@ -348,6 +348,30 @@ def test_null_mx_and_nxdomain_bounce(lab):
     assert ev[(qid, "xavier@nothere.void.test")]["terminal"]["error_code"] == "550"
 
 
+def test_smtputf8_mail_that_needs_none_goes_to_a_server_without_it(lab):
+    # Some clients say SMTPUTF8 on every MAIL.  With ASCII addresses and headers nothing
+    # in the message needs it: Postfix's smtp-sink (no SMTPUTF8 in its EHLO) gets it,
+    # without the parameter.  One with a UTF-8 header does need it and bounces 5.6.7.
+    sink = lab.smtp_sink(IP_B)
+    lab.serve(mx("sink.test", "mx.sink.test", IP_B) + mx("sender.test", "mx.sender.test",
+                                                          IP_B))
+    d = lab.daemon()
+    plain = d.send("alice@sender.test", ["bob@sink.test"], message("ascii only"),
+                   ["SMTPUTF8"])
+    d.send("alice@sender.test", ["cat@sink.test"],
+           message("ascii", extra="X-Greeting: Grüße\r\n".encode()), ["SMTPUTF8"])
+    wait_queue_empty(d)
+    got = {q: m for q, _, m in sink.deliveries() if m.rcpt_tos != ["alice@sender.test"]}
+    assert list(got) == [plain], got
+    assert got[plain].rcpt_tos == ["bob@sink.test"]
+    assert "SMTPUTF8" not in got[plain].mail_args.upper(), got[plain].mail_args
+    ends = {e["rcpt_to"]: e for e in d.events() if e["type"] in ("delivery", "bounce")
+            and e["rcpt_to"] != "alice@sender.test"}
+    assert ends["bob@sink.test"]["type"] == "delivery"
+    assert (ends["cat@sink.test"]["type"], ends["cat@sink.test"]["error_code"]) == \
+        ("bounce", "553"), ends["cat@sink.test"]
+
+
 def test_expiry_bounces(lab):
     slow = lab.aio(IP_A, rcpt=lambda s, a, f: "451 4.3.0 not now")
     sender_mx = lab.aio(IP_B)
