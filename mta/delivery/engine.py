@@ -46,7 +46,8 @@ owns the message decides when to retry and when to bounce.
 
 8-bit messages: a server without 8BITMIME gets nothing; the recipients fail
 with 554 5.6.3 (we do not down-convert: rewriting a signed message would break
-its DKIM signature).  Likewise SMTPUTF8 (553 5.6.7).
+its DKIM signature).  Likewise SMTPUTF8 (553 5.6.7) when an address or a header
+needs it; mail received with SMTPUTF8 that needs none goes without it.
 """
 from __future__ import annotations
 
