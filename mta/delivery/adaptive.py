@@ -14,7 +14,8 @@ for sites whose MX hosts match a glob.  Actions:
   again before it connects and before it begins a transaction, so only the
   transactions already under way (at most one per open connection) still reach
   the site; the other processes see it within a second, or at their own first
-  such reply;
+  such reply.  A suspension in effect is extended by a longer one of the same
+  scope, never cut short by another rule's shorter one;
 - ``throttle``: the (source x site)'s connection limit and/or message rate are
   lowered for ``duration``, then the shaping limits hold again;
 - ``bounce``: the recipient fails now, with ``bounce_class``;
@@ -230,6 +231,11 @@ class Adaptive:
         self.fired_new = False
         if old is not None and old.until >= until - 1.0 and old.rule == rule.name:
             return old            # already in effect (another job saw the same reply)
+        if old is not None and rule.action == SUSPEND and old.rule != ADMIN_RULE \
+                and old.until >= until:
+            # A longer suspension of the same scope holds (another rule's: a block for a
+            # day); a shorter one must not end it early.
+            return old
         if old is not None and old.rule == ADMIN_RULE:
             # The operator's suspension stays the operator's (listed, resumed by its id):
             # a rule that holds longer only makes it end later.

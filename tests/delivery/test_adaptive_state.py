@@ -339,3 +339,24 @@ def test_only_deferrals_about_the_site_count_for_backoff(tmp_path):
     assert b.slows(450, "4.2.1", "rcpt") and not b.slows(451, "4.7.0", "rcpt")
     with pytest.raises(msgspec.ValidationError, match="rcpt_signals"):
         config(tmp_path, rcpt_signals=["5.7.1"])
+
+
+def test_a_shorter_suspension_does_not_replace_a_longer_one_in_effect(tmp_path):
+    clock = Clock()
+    a = make(tmp_path, clock, [
+        {"name": "day-block", "text": "TS03", "action": "suspend", "duration": 86400},
+        {"name": "hour-block", "text": "TSS04", "action": "suspend", "duration": 3600}])
+    long = a.fire(a.rules.match("mail", 421, "", "TS03", []), "ip-2", "s", "421 TS03", "mail")
+    clock.t += 10
+    kept = a.fire(a.rules.match("mail", 421, "", "TSS04", []), "ip-2", "s", "421 TSS04",
+                  "mail")
+    assert kept is long and not a.fired_new
+    assert a.suspended("ip-2", "s").rule == "day-block"
+    assert a.suspended("ip-2", "s", clock.t + 3700) is not None
+    # ... while a longer one does replace a shorter one (the site said more)
+    b = make(tmp_path / "b", clock, [
+        {"name": "day-block", "text": "TS03", "action": "suspend", "duration": 86400},
+        {"name": "hour-block", "text": "TSS04", "action": "suspend", "duration": 3600}])
+    b.fire(b.rules.match("mail", 421, "", "TSS04", []), "ip-2", "s", "421 TSS04", "mail")
+    e = b.fire(b.rules.match("mail", 421, "", "TS03", []), "ip-2", "s", "421 TS03", "mail")
+    assert e.rule == "day-block" and e.until == clock.t + 86400 and b.fired_new

@@ -270,3 +270,36 @@ def test_warmup_overflow_goes_to_the_pools_overflow_pool(lab):
     time.sleep(2.0)     # a few dispatch rounds (the cap holds for 360 s)
     assert not clients(limited, "a"), clients(limited, "a")
     assert d.queue_summary()["total"]["messages"] == 3
+
+
+def test_a_shorter_rule_does_not_cut_short_a_longer_suspension_in_effect(lab):
+    """One transaction's recipients draw two replies: the first fires a day-long
+    suspension (a "permanently deferred" block), the second a rule that suspends the same
+    source x site for an hour.  The day-long suspension stays in effect: a later reply
+    matching a shorter rule (a transaction already under way, another process that has
+    not read the store yet) must not end a longer suspension early."""
+    lab.serve(mx(LIMITED, SITE, "127.0.0.10"))
+
+    def rcpt(sink, address, mail_from):
+        if address.startswith("blocked"):
+            return "450 4.7.1 [TS03] All messages from you permanently deferred"
+        if address.startswith("busy"):
+            return "450 4.7.0 [TSS04] Messages temporarily deferred"
+        return None
+    sink = lab.aio("127.0.0.10", rcpt=rcpt)
+    rules_cfg = [{"name": "day-block", "text": r"\[TS03\]", "mx": "*.limited.test",
+                  "action": "suspend", "scope": "source_site", "duration": 86400},
+                 {"name": "hour-block", "text": r"\[TSS04\]", "mx": "*.limited.test",
+                  "action": "suspend", "scope": "source_site", "duration": 3600}]
+    d = lab.daemon(time_scale=0.01, sections={
+        "egress": {"source": [{"name": "ip-2", "source_address": "127.0.0.2"}],
+                   "pool": [{"name": "default", "sources": [{"source": "ip-2"}]}]},
+        "response_rule": rules_cfg, "backoff": {"enabled": False}})
+    d.send(SENDER, [f"blocked1@{LIMITED}", f"busy1@{LIMITED}"],
+           b"Subject: two replies\r\n\r\nhi\r\n")
+    wait_until(lambda: len(sink.rcpt_log) >= 2, 30, "both recipients answered")
+    assert [a for _, a, _ in sink.rcpt_log] == [f"blocked1@{LIMITED}", f"busy1@{LIMITED}"]
+    [r] = wait_until(lambda: rules(d) or None, 10, "the suspension in mta rules list")
+    # 86400 s x time_scale 0.01 = 864 s; the hour-long rule would leave 36 s
+    assert (r["kind"], r["source"], r["site"]) == ("suspend", "ip-2", SITE), r
+    assert r["rule"] == "day-block" and r["left"] > 600, r
