@@ -837,7 +837,7 @@ class Engine:
         give_up = [False]       # _ahead found the slot should go to another process
 
         def chain(c):
-            return self._ahead(lane, c, ahead, give_up)
+            return self._ahead(lane, c, ahead, give_up, slot)
 
         try:
             while True:
@@ -853,7 +853,7 @@ class Engine:
                         self._hand_back([job], lane)
                         continue
                     conn = await self._send(conn, target, job, lane, txn, chain)
-                    if self._after_send(lane, conn, ahead, give_up):
+                    if self._after_send(lane, conn, ahead, give_up, slot):
                         yielded = give_up[0]
                         return
                     continue
@@ -862,6 +862,9 @@ class Engine:
                     if self.stopping or not await self._idle(lane):
                         return
                     continue
+                if self._over_limit(lane, slot):
+                    lane.put_back([job])      # the limit was lowered while this one idled
+                    return
                 limits = lane.limits
                 if conn is not None and (not conn.is_usable or
                                          conn.messages_sent >= limits.max_deliveries_per_connection):
@@ -910,7 +913,7 @@ class Engine:
                     self._hand_back([job], lane)      # paced too long: the spool's turn
                     continue
                 conn = await self._send(conn, target, job, lane, None, chain)
-                if self._after_send(lane, conn, ahead, give_up):
+                if self._after_send(lane, conn, ahead, give_up, slot):
                     yielded = give_up[0]
                     return
         except Exception as exc:
@@ -945,7 +948,7 @@ class Engine:
             elif not lane.queued() and lane.active == 0:
                 self._forget(lane)
 
-    def _after_send(self, lane: Lane, conn, ahead: list, give_up: list) -> bool:
+    def _after_send(self, lane: Lane, conn, ahead: list, give_up: list, slot=None) -> bool:
         """After a transaction: True when the worker should stop (give_up: to yield its slot).
 
         A next job whose envelope is on this (still usable) connection is run
@@ -966,9 +969,19 @@ class Engine:
         if give_up[0] or self._yield_slot(lane):
             give_up[0] = True
             return True
-        return lane.active > lane.limits.connection_limit   # a throttle lowered the limit
+        return self._over_limit(lane, slot)     # a throttle lowered the limit
 
-    def _ahead(self, lane: Lane, conn, ahead: list, give_up: list):
+    def _over_limit(self, lane: Lane, slot) -> bool:
+        """Whether the worker holding *slot* is one too many now that the lane's connection
+        limit was lowered (a throttle, a back-off): the limit holds node-wide, so the
+        connections that stay are those on the slots below it, whichever processes hold
+        them -- not up to the limit in each process."""
+        index = getattr(slot, "index", None)
+        if index is None:           # (a limiter without slot numbers: this process's count)
+            return lane.active > lane.limits.connection_limit
+        return index >= lane.limits.connection_limit
+
+    def _ahead(self, lane: Lane, conn, ahead: list, give_up: list, slot=None):
         """Called as a message goes out: the transaction to write behind it, or None.
 
         Takes the lane's next job when this connection would send it next anyway
@@ -981,7 +994,7 @@ class Engine:
             return None
         limits = lane.limits
         if conn.messages_sent + 1 >= limits.max_deliveries_per_connection \
-                or lane.active > limits.connection_limit:
+                or self._over_limit(lane, slot):
             return None
         if self._held(lane.source.name, lane.site.name, time.time()):
             return None

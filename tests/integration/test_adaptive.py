@@ -303,3 +303,49 @@ def test_a_shorter_rule_does_not_cut_short_a_longer_suspension_in_effect(lab):
     # 86400 s x time_scale 0.01 = 864 s; the hour-long rule would leave 36 s
     assert (r["kind"], r["source"], r["site"]) == ("suspend", "ip-2", SITE), r
     assert r["rule"] == "day-block" and r["left"] > 600, r
+
+
+def test_a_throttle_holds_its_connection_limit_node_wide(lab):
+    """Two delivery processes send to one site (two of its domains, one per process) over
+    four connections; the site answers "451 4.7.500 Server busy" once and the rule
+    throttles the source x site to one connection.  From then on the node keeps one
+    connection open to the site, not one per delivery process."""
+    from test_egress import finish, inject, on_two_processes
+
+    one, two = on_two_processes([f"b{n}.test" for n in range(40)])
+    records = [f"{one}. 300 IN MX 10 mx.busy.test.", f"{two}. 300 IN MX 10 mx.busy.test.",
+               "mx.busy.test. 300 IN A 127.0.0.10"]
+    lab.serve(records, zones=[one, two, "busy.test"])
+    state = {"busy": False, "said": 0}
+
+    def data(sink, txn):
+        if state["busy"] and not state["said"]:
+            state["said"] += 1
+            return "451 4.7.500 Server busy. Please try again later"
+        return None
+    sink = lab.aio("127.0.0.10", data=data)
+    sink.delay = 0.2                       # slow: the connections stay busy
+    d = lab.daemon(processes=2, time_scale=0.1, sections={
+        "shaping": [{"mx": "*.busy.test", "connection_limit": 4}],
+        "response_rule": [{"name": "server-busy", "enhanced": "4.7.500",
+                           "mx": "*.busy.test", "action": "throttle",
+                           "connection_limit": 1, "duration": 3600}],
+        "backoff": {"enabled": False}})
+    finish(inject(d, f"a@{one}", 150), inject(d, f"b@{two}", 150))
+    # both processes send, over more than one connection each at times
+    wait_until(lambda: sink.max_open >= 3 and len({t.rcpt_tos[0].split("@")[1]
+                                                   for t in sink.snapshot()}) == 2,
+               60, "both processes sending over several connections", interval=0.1)
+    state["busy"] = True
+    [r] = wait_until(lambda: [x for x in rules(d) if x["kind"] == "throttle"] or None, 30,
+                     "the throttle in mta rules list", interval=0.1)
+    assert r["connection_limit"] == 1 and r["site"] == "mx.busy.test", r
+    time.sleep(SETTLED + 1.0)              # every process has read it; workers over it quit
+    before = sink.received()
+    samples = []
+    for _ in range(60):
+        samples.append(sink.open_now)
+        time.sleep(0.05)
+    assert sink.received() > before        # mail still flows meanwhile
+    # (a hand-over between the processes may overlap for a moment; two for good is not)
+    assert sum(n >= 2 for n in samples) <= len(samples) // 4, samples
