@@ -478,9 +478,11 @@ class Warmup:
                 return left
         return 0.0
 
-    def take(self, source: str, site: str, hosts, now: float) -> float:
+    def take(self, source: str, site: str, hosts, now: float,
+             counted: list | None = None) -> float:
         """Count one message of *source* to *site*: 0.0 when counted, else the seconds
-        until the full window rolls over (then nothing is counted)."""
+        until the full window rolls over (then nothing is counted).  *counted* gets the
+        (key, window) of each count taken, for :meth:`give_back`."""
         found = self.stage(source, hosts, now)
         if found is None:
             return 0.0
@@ -491,13 +493,23 @@ class Warmup:
                 return BUSY_WAIT               # another process is counting: ask again soon
             if n >= cap:
                 return left
+        taken = []
         for kind, window, left, cap in caps:
-            n = self.limiter.count(f"{source}|{site}|{kind}", window, cap)
-            if n is None:
-                return BUSY_WAIT
-            if n >= cap:
-                return left                    # another process took the last one
+            key = f"{source}|{site}|{kind}"
+            n = self.limiter.count(key, window, cap)
+            if n is None or n >= cap:          # busy, or another process took the last one
+                self.give_back(taken)
+                return BUSY_WAIT if n is None else left
+            taken.append((key, window))
+        if counted is not None:
+            counted.extend(taken)
         return 0.0
+
+    def give_back(self, counted) -> None:
+        """Uncount what :meth:`take` counted for a message that was not sent (it went
+        back to the spool, or to another source): the cap is for what the source sends."""
+        for key, window in counted:
+            self.limiter.uncount(key, window)
 
     def status(self, sites) -> dict:
         """Per warming source: day, stage caps, and this hour's / day's counts per site."""

@@ -89,7 +89,7 @@ class Job:
     """One message's recipients for one domain: the spool's job and who sent it."""
 
     __slots__ = ("msg", "peer", "queued_at", "source", "source_ip", "site", "fired",
-                 "retry_after", "tls", "reported", "refreshed")
+                 "retry_after", "tls", "reported", "refreshed", "warm")
 
     def __init__(self, msg: DeliveryMessageReady, peer: bytes):
         self.msg = msg              # req, qid, sender, domain, rcpts, params, attempt, body, ...
@@ -103,6 +103,7 @@ class Job:
         self.tls = ""               # outbound_tls of its session (client.TLS_*); "": none
         self.reported = False       # its outcome went to the spool (once, _finish)
         self.refreshed = False      # sent again on a new connection after a reused one died
+        self.warm: list = []        # warm-up counts taken for it, until it is sent (Warmup)
 
     def results(self, outcome: str, code: int, enhanced: str, text: str, host: str = "",
                 ip: str = "") -> list[Result]:
@@ -516,6 +517,9 @@ class Engine:
         if self.stopping:
             self._give_back([job], STOPPING)
             return
+        if job.warm:     # routed again, unsent (its source was suspended): not its count
+            self.warmup.give_back(job.warm)
+            job.warm = []
         now = time.time()
         pool = self.pools.get(job.msg.pool)
         if pool is None:       # checked at injection; a pool removed since: its default
@@ -548,7 +552,7 @@ class Engine:
                 continue
             if name is None or name not in warm.plans:
                 break
-            wait = warm.take(name, site.name, site.hosts, now)
+            wait = warm.take(name, site.name, site.hosts, now, job.warm)
             if wait <= 0:
                 break
             if warm.overflow(name) == "wait":
@@ -922,7 +926,7 @@ class Engine:
                 # its outcome must still go back (else the spool waits job_timeout and
                 # this process's window stays one job smaller for good); REQUEUED: tried
                 # again soon (at least once: its message may have gone out)
-                self._give_back([job], f"the delivery worker failed: {exc}")
+                self._give_back([job], f"the delivery worker failed: {exc}", unsent=False)
         finally:
             # the next job, taken but not run (an unexpected error): back to the front
             # of its lane; nothing of its message was sent (its envelope may have
@@ -1243,10 +1247,15 @@ class Engine:
         self._give_back(jobs, f"waited over {self.max_wait:.0f}s for a connection to site "
                               f"{lane.site.name} from {lane.source.name}")
 
-    def _give_back(self, jobs: list, text: str) -> None:
-        """Return *jobs*, not attempted, to their spool shards (REQUEUED: no attempt counted)."""
+    def _give_back(self, jobs: list, text: str, unsent: bool = True) -> None:
+        """Return *jobs*, not attempted, to their spool shards (REQUEUED: no attempt counted);
+        *unsent*: nothing of them went out, so the warm-up counts they took are given back."""
         for job in jobs:
             self.stats["handed_back"] += 1
+            if job.warm:
+                if unsent:
+                    self.warmup.give_back(job.warm)
+                job.warm = []
             self._finish(job, job.results(REQUEUED, 451, "4.4.5", text), MIN_REQUEUE)
 
     async def _connect_unless_stopping(self, lane: Lane):

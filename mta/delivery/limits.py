@@ -280,6 +280,11 @@ class Limiter(abc.ABC):
         ``cap`` were; the count before.  (Warm-up caps; see NodeLimiter.count.)"""
         raise NotImplementedError
 
+    def uncount(self, key: str, window: int) -> None:
+        """Give back one unit counted in window number ``window`` of ``key`` (nothing
+        when that window is over).  (A warm-up count whose message was not sent.)"""
+        raise NotImplementedError
+
 
 class _Entry:
     """One key's open file in this process, and what this process holds of it."""
@@ -561,6 +566,27 @@ class NodeLimiter(Limiter):
                 if take and n < cap:
                     _COUNT.pack_into(mm, _COUNT_AT, window, n + 1)
                 return n
+            finally:
+                fcntl.fcntl(fd, _SETLK, _UNLOCK_RATE)
+        finally:
+            if transient:
+                entry.close()
+
+    def uncount(self, key: str, window: int) -> None:
+        entry, transient = self._entry_or_transient(key)
+        try:
+            fd, mm = entry.fd, entry.mm
+            while True:         # (held for microseconds by another process: wait it out)
+                try:
+                    fcntl.fcntl(fd, _SETLK, _LOCK_RATE)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+            try:
+                stored, n = _COUNT.unpack_from(mm, _COUNT_AT)
+                if stored == window and n > 0:
+                    _COUNT.pack_into(mm, _COUNT_AT, window, n - 1)
             finally:
                 fcntl.fcntl(fd, _SETLK, _UNLOCK_RATE)
         finally:

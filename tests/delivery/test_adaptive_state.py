@@ -360,3 +360,32 @@ def test_a_shorter_suspension_does_not_replace_a_longer_one_in_effect(tmp_path):
     b.fire(b.rules.match("mail", 421, "", "TSS04", []), "ip-2", "s", "421 TSS04", "mail")
     e = b.fire(b.rules.match("mail", 421, "", "TS03", []), "ip-2", "s", "421 TS03", "mail")
     assert e.rule == "day-block" and e.until == clock.t + 86400 and b.fired_new
+
+
+def test_a_warmup_count_given_back_frees_the_cap_in_its_window_only(tmp_path):
+    from mta.delivery.limits import NodeLimiter
+
+    clock = Clock()
+    s = resolve(msgspec.convert({
+        "server": {"state_dir": str(tmp_path)},
+        "egress": {"source": [{"name": "new", "source_address": "127.0.0.1"}],
+                   "pool": [{"name": "default", "sources": [{"source": "new"}]}]},
+        "warmup": [{"source": "new", "schedule": [{"day": 1, "hourly": 2, "daily": 3}]}]},
+        Config), None)
+    limiter = NodeLimiter(str(tmp_path / "limits"))
+    w = ad.Warmup(s.config, ad.Store(os.path.join(tmp_path, ad.STORE_DIR)), limiter, now=clock)
+    counted: list = []
+    assert w.take("new", "s", [], clock.t, counted) == 0.0
+    assert w.take("new", "s", [], clock.t) == 0.0
+    assert w.capped("new", "s", [], clock.t) > 0 and len(counted) == 2   # hour and day
+    w.give_back(counted)                 # that message was not sent: room again
+    assert w.capped("new", "s", [], clock.t) == 0.0
+    assert w.take("new", "s", [], clock.t, counted) == 0.0
+    clock.t += 3600                      # next hour: its count starts at 0 regardless
+    w.give_back(counted[2:])
+    assert w.status([type("S", (), {"name": "s", "hosts": []})()])["new"]["sites"]["s"] == \
+        {"hour": 0, "day": 1}
+    assert w.take("new", "s", [], clock.t) == 0.0
+    assert w.take("new", "s", [], clock.t) == 0.0
+    assert w.take("new", "s", [], clock.t) > 0      # the daily cap of 3, less one given back
+    limiter.close()

@@ -349,3 +349,25 @@ def test_a_throttle_holds_its_connection_limit_node_wide(lab):
     assert sink.received() > before        # mail still flows meanwhile
     # (a hand-over between the processes may overlap for a moment; two for good is not)
     assert sum(n >= 2 for n in samples) <= len(samples) // 4, samples
+
+
+def test_warmup_counts_what_a_source_sends_not_what_waited_and_went_back(lab):
+    """ip-3 may send 10 an hour to the site (day 1) and 2 a second ([[shaping]]); 10
+    messages come at once.  The ones that wait in ip-3's lane past the delivery process's
+    limit go back to the spool unsent and come again: they must not use up the hour's
+    cap, else ip-3 sends two or three of its ten and the rest waits for the next hour."""
+    lab.serve(mx(LIMITED, SITE, "127.0.0.10"))
+    limited = smart(lab, "127.0.0.10")
+    d = lab.daemon(time_scale=0.1, job_timeout_margin=2.0, sections={
+        "egress": {"source": [{"name": "ip-3", "source_address": "127.0.0.3"}],
+                   "pool": [{"name": "default", "sources": [{"source": "ip-3"}]}]},
+        "shaping": [{"mx": "*.limited.test", "source": "ip-3", "max_message_rate": "2/s"}],
+        "warmup": [{"source": "ip-3", "overflow": "wait",
+                    "schedule": [{"day": 1, "hourly": 10}, {"day": 2, "hourly": 1000}]}],
+        "backoff": {"enabled": False}})
+    send_many(d, LIMITED, 10, "h")
+    # (the hour is 360 s at time_scale 0.1: what ip-3 sends within a minute is this hour's)
+    wait_until(lambda: sum(clients(limited, "h").values()) >= 10, 60,
+               "the ten messages within ip-3's hourly cap", interval=0.2)
+    assert clients(limited, "h") == {"127.0.0.3": 10}
+    assert re.search(r"handed back|waited over", d.log()), "no job waited over max_wait"
