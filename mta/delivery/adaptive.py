@@ -82,6 +82,11 @@ BUSY_WAIT = 0.001    # seconds: Warmup.take's answer when a count's lock is busy
                     # (held for microseconds by another process; not a full cap)
 
 
+def _no_looser(kept, new) -> bool:
+    """A throttle's limit *kept* holds back at least as much as *new* (None: no limit)."""
+    return new is None or (kept is not None and kept <= new)
+
+
 class _Window:
     """One (source x site)'s recent attempts, with a running count of the deferred."""
 
@@ -235,6 +240,14 @@ class Adaptive:
                 and old.until >= until:
             # A longer suspension of the same scope holds (another rule's: a block for a
             # day); a shorter one must not end it early.
+            return old
+        if old is not None and rule.action == THROTTLE and old.kind == THROTTLE \
+                and old.rule != ADMIN_RULE and old.until >= until \
+                and _no_looser(old.connection_limit, rule.connection_limit) \
+                and _no_looser(old.max_message_rate, rule.max_message_rate):
+            # Likewise a throttle at least as strict that holds as long: Gmail's
+            # "try again later" (2 connections) must not lift its rate limit (60/m and
+            # 2 connections) early.
             return old
         if old is not None and old.rule == ADMIN_RULE:
             # The operator's suspension stays the operator's (listed, resumed by its id):

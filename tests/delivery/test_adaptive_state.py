@@ -389,3 +389,34 @@ def test_a_warmup_count_given_back_frees_the_cap_in_its_window_only(tmp_path):
     assert w.take("new", "s", [], clock.t) == 0.0
     assert w.take("new", "s", [], clock.t) > 0      # the daily cap of 3, less one given back
     limiter.close()
+
+
+def test_a_looser_throttle_does_not_replace_a_stricter_one_in_effect(tmp_path):
+    # Gmail's "try again later" (2 connections, no rate) came after its rate limit (60/m
+    # and 2 connections) on the same source x site: the rate limit stays until its end.
+    clock = Clock()
+    rules = [{"name": "rate-limited", "text": "4.7.28", "action": "throttle",
+              "max_message_rate": "60/m", "connection_limit": 2, "duration": 900},
+             {"name": "try-later", "text": "try again later", "action": "throttle",
+              "connection_limit": 2, "duration": 600},
+             {"name": "one-conn", "text": "one at a time", "action": "throttle",
+              "connection_limit": 1, "duration": 600}]
+    a = make(tmp_path, clock, rules)
+    strict = a.fire(a.rules.match("mail", 421, "", "4.7.28", []), "ip-2", "s", "421 4.7.28",
+                    "mail")
+    clock.t += 10
+    kept = a.fire(a.rules.match("mail", 421, "", "try again later", []), "ip-2", "s",
+                  "421 try again later", "mail")
+    assert kept is strict and not a.fired_new
+    lim = a.adjust("ip-2", "s", BASE)
+    assert (lim.connection_limit, lim.max_message_rate) == (2, 1.0)
+    # one stricter in any limit still replaces it (what the site said last, and more)
+    e = a.fire(a.rules.match("mail", 421, "", "one at a time", []), "ip-2", "s",
+               "421 one at a time", "mail")
+    assert e.rule == "one-conn" and a.fired_new
+    # and so does one as loose that holds longer (the old one would end first)
+    b = make(tmp_path / "b", clock, rules[1:2] + [dict(rules[0], duration=300)])
+    b.fire(b.rules.match("mail", 421, "", "4.7.28", []), "ip-2", "s", "421 4.7.28", "mail")
+    e = b.fire(b.rules.match("mail", 421, "", "try again later", []), "ip-2", "s",
+               "421 try again later", "mail")
+    assert e.rule == "try-later" and b.fired_new
