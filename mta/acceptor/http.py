@@ -526,8 +526,11 @@ class Session(asyncio.Protocol):
             self._close()
 
     def _respond(self, err_or_status, body=None, keep_alive: bool = True,
-                 retry_after: int | None = None, extra: bytes = b"") -> None:
-        """Queue a response: an ApiError, or (status, JSON body)."""
+                 retry_after: int | None = None, extra: bytes = b"",
+                 head_only: bool = False) -> None:
+        """Queue a response: an ApiError, or (status, JSON body); *head_only*: to a HEAD
+        request, whose answer has the Content-Length of the body but not the body
+        (RFC 9110 9.3.2: the client reads no body after it)."""
         if isinstance(err_or_status, R.ApiError):
             status, body, retry_after = err_or_status.status, err_or_status.body(), \
                 err_or_status.retry_after
@@ -554,7 +557,7 @@ class Session(asyncio.Protocol):
         elif self.http10:
             head.append(b"Connection: keep-alive\r\n")
         head.append(b"\r\n")
-        self.out.append(b"".join(head) + body)
+        self.out.append(b"".join(head) if head_only else b"".join(head) + body)
 
     def _handle(self, req: Request) -> None:
         svc = self.svc
@@ -576,9 +579,11 @@ class Session(asyncio.Protocol):
             else:
                 self._transmission(req)
         except R.ApiError as err:
+            # (no resource takes HEAD: its answer is an error, here or _suppression_done)
             svc.stats["errors"] += 1
             extra = b"Allow: POST\r\n" if err.error is R.BAD_METHOD else b""
-            self._respond(err.status, err.body(), req.keep_alive, err.retry_after, extra)
+            self._respond(err.status, err.body(), req.keep_alive, err.retry_after, extra,
+                          req.method == b"HEAD")
         except Exception:   # a bug or the idempotency database: answer, keep serving
             log.exception("HTTP request from %s failed", self.peer_ip)
             svc.stats["errors"] += 1
@@ -589,7 +594,8 @@ class Session(asyncio.Protocol):
                 self.transport.abort()
                 return
             self._respond(R.ApiError(R.UNAVAILABLE, "the request could not be processed; "
-                                     "retry later", R.RETRY_AFTER_UNAVAILABLE), keep_alive=False)
+                                     "retry later", R.RETRY_AFTER_UNAVAILABLE), keep_alive=False,
+                          head_only=req.method == b"HEAD")
 
     def _suppression(self, req: Request) -> None:
         """``/api/v1/suppression-list`` (mta.api.suppression), or ApiError.
@@ -614,13 +620,14 @@ class Session(asyncio.Protocol):
         self.busy = True
         fut = svc.loop.run_in_executor(None, _suppression_call, store, req.method, path, query,
                                        req.body, self.a.settings.config.suppression.max_search_scan)
-        fut.add_done_callback(functools.partial(self._suppression_done, req.keep_alive))
+        fut.add_done_callback(functools.partial(self._suppression_done, req.keep_alive,
+                                                 req.method == b"HEAD"))
 
-    def _suppression_done(self, keep_alive: bool, fut) -> None:
+    def _suppression_done(self, keep_alive: bool, head_only: bool, fut) -> None:
         status, body, retry_after = fut.result()
         if status >= 400:
             self.svc.stats["errors"] += 1
-        self.injected(status, body, keep_alive, retry_after)
+        self.injected(status, body, keep_alive, retry_after, head_only)
 
     def _events(self, req: Request) -> None:
         """``/api/v1/events/message`` (mta.api.events), or ApiError; in a worker thread."""
@@ -632,7 +639,8 @@ class Session(asyncio.Protocol):
         self.busy = True
         fut = svc.loop.run_in_executor(None, _events_call, svc, req.method, req.url,
                                        cfg.query_max_scan)
-        fut.add_done_callback(functools.partial(self._suppression_done, req.keep_alive))
+        fut.add_done_callback(functools.partial(self._suppression_done, req.keep_alive,
+                                                 req.method == b"HEAD"))
 
     def _webhooks(self, req: Request) -> None:
         """``/api/v1/webhooks`` (mta.api.webhooks), or ApiError.
@@ -655,7 +663,8 @@ class Session(asyncio.Protocol):
         self.busy = True
         task = svc.loop.create_task(_webhooks_call(svc.webhooks, req.method, path, query,
                                                    req.body))
-        task.add_done_callback(functools.partial(self._suppression_done, req.keep_alive))
+        task.add_done_callback(functools.partial(self._suppression_done, req.keep_alive,
+                                                 req.method == b"HEAD"))
 
     def _transmission(self, req: Request) -> None:
         """Check a request and start its injection, or raise ApiError."""
@@ -732,13 +741,13 @@ class Session(asyncio.Protocol):
         return requested
 
     def injected(self, status: int, body: bytes, keep_alive: bool,
-                 retry_after: int | None) -> None:
+                 retry_after: int | None, head_only: bool = False) -> None:
         """An injection's answer: send it, then go on with the requests behind it."""
         self.busy = False
         if self.closing:
             return
         self.last_activity = self.svc.loop.time()
-        self._respond(status, body, keep_alive, retry_after)
+        self._respond(status, body, keep_alive, retry_after, head_only=head_only)
         if self.cur is not None:
             self.started = self.svc.loop.time()   # its clock starts now that it is next
         self._run()

@@ -64,8 +64,9 @@ def request_bytes(body: bytes, headers: dict | None = None, method: str = "POST"
     return head.encode() + b"\r\n" + body
 
 
-def read_response(f) -> tuple[int, dict, bytes]:
-    """One response from a socket makefile('rb'): (status, headers, body)."""
+def read_response(f, head: bool = False) -> tuple[int, dict, bytes]:
+    """One response from a socket makefile('rb'): (status, headers, body); *head*: the
+    answer to a HEAD request, which has no body whatever its Content-Length says."""
     line = f.readline()
     if not line:
         raise ConnectionError("closed")
@@ -77,7 +78,7 @@ def read_response(f) -> tuple[int, dict, bytes]:
             break
         k, _, v = line.decode().partition(":")
         headers[k.strip().lower()] = v.strip()
-    body = f.read(int(headers.get("content-length", 0)))
+    body = b"" if head else f.read(int(headers.get("content-length", 0)))
     return status, headers, body
 
 
@@ -446,6 +447,25 @@ def test_keepalive_pipelining_expect_continue_http10(api):
         s.sendall(request_bytes(good, version="1.0"))
         st, h, _ = read_response(s.makefile("rb"))
         assert st == 200 and h["connection"] == "close" and closed(s)
+
+
+def test_head_is_answered_without_a_body(api):
+    """RFC 9110 9.3.2: a response to HEAD has no content.  A client on a kept-alive
+    connection (curl -I, a balancer's health check) reads the status and the header
+    fields only; a JSON body after them was read as the beginning of its next response."""
+    d = api
+    good = json.dumps(simple(["head@example.net"])).encode()
+    with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+        f = s.makefile("rb")
+        s.sendall(request_bytes(b"", method="HEAD") + request_bytes(b"", method="HEAD", path="/")
+                  + request_bytes(b"", method="HEAD", path="/api/v1/suppression-list")
+                  + request_bytes(b"", method="HEAD", path="/api/v1/events/message")
+                  + request_bytes(good))
+        got = [read_response(f, head=True)[:2] for _ in range(4)]
+        assert [g[0] for g in got] == [405, 404, 405, 405]
+        assert all(int(h["content-length"]) > 0 for _, h in got)   # as GET would have
+        st, _, raw = read_response(f)
+        assert st == 200 and json.loads(raw)["results"]["total_accepted_recipients"] == 1
 
 
 def test_slow_client_is_cut_off(api):
