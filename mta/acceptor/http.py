@@ -581,9 +581,8 @@ class Session(asyncio.Protocol):
         except R.ApiError as err:
             # (no resource takes HEAD: its answer is an error, here or _suppression_done)
             svc.stats["errors"] += 1
-            extra = b"Allow: POST\r\n" if err.error is R.BAD_METHOD else b""
-            self._respond(err.status, err.body(), req.keep_alive, err.retry_after, extra,
-                          req.method == b"HEAD")
+            self._respond(err.status, err.body(), req.keep_alive, err.retry_after,
+                          err.header_lines(), req.method == b"HEAD")
         except Exception:   # a bug or the idempotency database: answer, keep serving
             log.exception("HTTP request from %s failed", self.peer_ip)
             svc.stats["errors"] += 1
@@ -624,10 +623,10 @@ class Session(asyncio.Protocol):
                                                  req.method == b"HEAD"))
 
     def _suppression_done(self, keep_alive: bool, head_only: bool, fut) -> None:
-        status, body, retry_after = fut.result()
+        status, body, retry_after, extra = fut.result()
         if status >= 400:
             self.svc.stats["errors"] += 1
-        self.injected(status, body, keep_alive, retry_after, head_only)
+        self.injected(status, body, keep_alive, retry_after, head_only, extra)
 
     def _events(self, req: Request) -> None:
         """``/api/v1/events/message`` (mta.api.events), or ApiError; in a worker thread."""
@@ -675,7 +674,7 @@ class Session(asyncio.Protocol):
                              + path[:200].decode("latin-1") + "; use POST /api/v1/transmissions")
         if req.method != b"POST":
             raise R.ApiError(R.BAD_METHOD, f"{req.method.decode('latin-1')} is not allowed on "
-                             "/api/v1/transmissions; use POST")
+                             "/api/v1/transmissions; use POST", allow="POST")
         h = req.headers
         scope = svc.authorize(h.get(b"authorization"), self.peer_ip)
         ctype = h.get(b"content-type", b"").partition(b";")[0].strip().lower()
@@ -741,13 +740,13 @@ class Session(asyncio.Protocol):
         return requested
 
     def injected(self, status: int, body: bytes, keep_alive: bool,
-                 retry_after: int | None, head_only: bool = False) -> None:
+                 retry_after: int | None, head_only: bool = False, extra: bytes = b"") -> None:
         """An injection's answer: send it, then go on with the requests behind it."""
         self.busy = False
         if self.closing:
             return
         self.last_activity = self.svc.loop.time()
-        self._respond(status, body, keep_alive, retry_after, head_only=head_only)
+        self._respond(status, body, keep_alive, retry_after, extra, head_only)
         if self.cur is not None:
             self.started = self.svc.loop.time()   # its clock starts now that it is next
         self._run()
@@ -782,49 +781,51 @@ class Session(asyncio.Protocol):
 
 
 def _suppression_call(store, method: bytes, path: bytes, query: bytes, body: bytes,
-                      max_scan: int) -> tuple[int, bytes, int | None]:
-    """One suppression-list request, in a worker thread: (status, body, Retry-After)."""
+                      max_scan: int) -> tuple[int, bytes, int | None, bytes]:
+    """One suppression-list request, in a worker thread: (status, body, Retry-After,
+    header field lines to add)."""
     try:
         status, out = suppression_api.handle(store, method, path, query, body, max_scan)
-        return status, out, None
+        return status, out, None, b""
     except R.ApiError as err:
-        return err.status, err.body(), err.retry_after
+        return err.status, err.body(), err.retry_after, err.header_lines()
     except Exception:   # lmdb.Error, a bug: answered, logged, the acceptor keeps serving
         log.exception("suppression list request %s %s failed", method.decode("latin-1"),
                       path[:200].decode("latin-1"))
         return 503, R.error_body(R.UNAVAILABLE, "the suppression list could not be read or "
-                                 "written; retry later"), R.RETRY_AFTER_UNAVAILABLE
+                                 "written; retry later"), R.RETRY_AFTER_UNAVAILABLE, b""
 
 
 async def _webhooks_call(api, method: bytes, path: bytes, query: bytes,
-                         body: bytes) -> tuple[int, bytes, int | None]:
-    """One webhooks API request: (status, body, Retry-After)."""
+                         body: bytes) -> tuple[int, bytes, int | None, bytes]:
+    """One webhooks API request: (status, body, Retry-After, header field lines)."""
     try:
         status, out = await api.handle(method, path, query, body)
-        return status, out, None
+        return status, out, None, b""
     except R.ApiError as err:
-        return err.status, err.body(), err.retry_after
+        return err.status, err.body(), err.retry_after, err.header_lines()
     except Exception:   # sqlite3.Error, a bug: answered, logged, the acceptor keeps serving
         log.exception("webhooks API request %s %s failed", method.decode("latin-1"),
                       path[:200].decode("latin-1"))
         return 503, R.error_body(R.UNAVAILABLE, "the webhooks could not be read or written; "
-                                 "retry later"), R.RETRY_AFTER_UNAVAILABLE
+                                 "retry later"), R.RETRY_AFTER_UNAVAILABLE, b""
 
 
 def _events_call(svc: Service, method: bytes, url: bytes,
-                 max_scan: int) -> tuple[int, bytes, int | None]:
-    """One events API request, in a worker thread: (status, body, Retry-After)."""
+                 max_scan: int) -> tuple[int, bytes, int | None, bytes]:
+    """One events API request, in a worker thread: (status, body, Retry-After, header
+    field lines)."""
     try:
         store = svc.events_store() if method == b"GET" else None
         status, out = events_api.handle(store, method, url, max_scan)
-        return status, out, None
+        return status, out, None, b""
     except R.ApiError as err:
-        return err.status, err.body(), err.retry_after
+        return err.status, err.body(), err.retry_after, err.header_lines()
     except Exception:   # lmdb.Error, a bug: answered, logged, the acceptor keeps serving
         log.exception("events API request %s %s failed", method.decode("latin-1"),
                       url[:200].decode("latin-1"))
         return 503, R.error_body(R.UNAVAILABLE, "the events store could not be read; retry "
-                                 "later"), R.RETRY_AFTER_UNAVAILABLE
+                                 "later"), R.RETRY_AFTER_UNAVAILABLE, b""
 
 
 def _num_rcpt_errors(query: bytes) -> int | None:

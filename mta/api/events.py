@@ -168,7 +168,7 @@ def handle(store: S.EventStore | None, method: bytes, url: bytes,
     rest = path[len(PATH):].strip(b"/")
     if method != b"GET":
         raise R.ApiError(BAD_METHOD, f"{method.decode('latin-1')} is not allowed on "
-                         f"{path[:200].decode('latin-1')}; use GET")
+                         f"{path[:200].decode('latin-1')}; use GET", allow="GET")
     pairs = _pairs(query)
     if rest == b"documentation":
         return 200, orjson.dumps({"results": documentation()})

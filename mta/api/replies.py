@@ -68,13 +68,23 @@ RETRY_AFTER_UNAVAILABLE = 5  # seconds, Retry-After of 503
 
 
 class ApiError(Exception):
-    """A request that is answered with an error response."""
+    """A request that is answered with an error response.
 
-    def __init__(self, error: Error, description: str, retry_after: int | None = None):
+    *allow*: the methods the resource takes, for the Allow header of a 405
+    (RFC 9110 15.5.6: a 405 must name them), e.g. ``"GET, PUT"``.
+    """
+
+    def __init__(self, error: Error, description: str, retry_after: int | None = None,
+                 allow: str = ""):
         super().__init__(description)
         self.error = error
         self.description = description
         self.retry_after = retry_after
+        self.allow = allow
+
+    def header_lines(self) -> bytes:
+        """The header field lines this answer adds (Allow), CRLF-terminated; b"" if none."""
+        return f"Allow: {self.allow}\r\n".encode() if self.allow else b""
 
     @property
     def status(self) -> int:

@@ -79,7 +79,7 @@ def handle(store: S.SuppressionList, method: bytes, path: bytes, query: bytes, b
         if method == b"PUT":
             return bulk(store, _body(body))
         raise R.ApiError(BAD_METHOD, f"{method.decode('latin-1')} is not allowed on "
-                         "/api/v1/suppression-list; use GET or PUT")
+                         "/api/v1/suppression-list; use GET or PUT", allow="GET, PUT")
     try:
         recipient = urllib.parse.unquote_to_bytes(rest).decode("utf-8")
     except UnicodeDecodeError:
@@ -117,7 +117,8 @@ def handle(store: S.SuppressionList, method: bytes, path: bytes, query: bytes, b
         store.delete(address, tbits)
         return 204, b""
     raise R.ApiError(BAD_METHOD, f"{method.decode('latin-1')} is not allowed on "
-                     "/api/v1/suppression-list/{recipient}; use GET, PUT or DELETE")
+                     "/api/v1/suppression-list/{recipient}; use GET, PUT or DELETE",
+                     allow="GET, PUT, DELETE")
 
 
 def store_put(store: S.SuppressionList, items: list) -> int:

@@ -597,7 +597,7 @@ def _said(resp: Response) -> str:
 
 def _bad_method(method: bytes, where: str, allowed: str) -> R.ApiError:
     return R.ApiError(R.BAD_METHOD, f"{method.decode('latin-1')} is not allowed on {where}; "
-                      f"use {allowed}")
+                      f"use {allowed}", allow=allowed.replace(" or ", ", "))
 
 
 def _body(body: bytes):

@@ -468,6 +468,26 @@ def test_head_is_answered_without_a_body(api):
         assert st == 200 and json.loads(raw)["results"]["total_accepted_recipients"] == 1
 
 
+def test_every_405_names_the_allowed_methods(api):
+    """RFC 9110 15.5.6: a 405 response carries Allow.  The transmissions resource had it;
+    the suppression list, the events and the webhooks resources answered 405 without."""
+    d = api
+    cases = [("GET", "/api/v1/transmissions", "POST"),
+             ("PATCH", "/api/v1/suppression-list", "GET, PUT"),
+             ("POST", "/api/v1/suppression-list/a@example.net", "GET, PUT, DELETE"),
+             ("POST", "/api/v1/events/message", "GET"),
+             ("DELETE", "/api/v1/webhooks", "GET, POST"),
+             ("POST", "/api/v1/webhooks/some-id", "GET, PUT, DELETE"),
+             ("GET", "/api/v1/webhooks/some-id/validate", "POST")]
+    with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+        f = s.makefile("rb")
+        for method, path, allow in cases:
+            s.sendall(request_bytes(b"", method=method, path=path))
+            st, h, raw = read_response(f)
+            assert_error(st, json.loads(raw), 405, R.BAD_METHOD, method)
+            assert h.get("allow") == allow, (method, path, h)
+
+
 def test_slow_client_is_cut_off(api):
     d = api
     t0 = time.monotonic()
