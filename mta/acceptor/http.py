@@ -20,8 +20,9 @@ keep-alive connections are closed after ``http.keepalive_timeout``.  Timeouts
 are checked by the acceptor's sweep (every 0.5 s): no timer per request.
 
 A transmission (see :mod:`mta.api`): authorize (``http.api_keys``; none
-configured → loopback clients only), Content-Type ``application/json``,
-decode and check, then ``Idempotency-Key``, then one message per recipient
+configured → loopback clients only), Content-Type ``application/json`` and
+no content coding (a compressed body is a 415 with ``Accept-Encoding:
+identity``), decode and check, then ``Idempotency-Key``, then one message per recipient
 built and handed to ``Acceptor.submit`` — the same path, bus and group-committed
 spool as SMTP — ``BUILD_SLICE`` recipients per loop iteration so a large
 request does not stall other connections.  The response is sent only when
@@ -122,7 +123,7 @@ class TransmissionIds:
 
 
 _WANTED = frozenset((b"content-type", b"content-length", b"authorization", b"idempotency-key",
-                     b"expect"))
+                     b"expect", b"content-encoding"))
 
 REASONS = {
     100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
@@ -133,6 +134,27 @@ REASONS = {
 }
 _STATUS_LINES = {code: f"HTTP/1.1 {code} {text}\r\n".encode() for code, text in REASONS.items()}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _json_body(h: dict[bytes, bytes]) -> None:
+    """A request body must be JSON (Content-Type) and not compressed (Content-Encoding):
+    ApiError 415 otherwise."""
+    ctype = h.get(b"content-type", b"").partition(b";")[0].strip().lower()
+    if ctype != b"application/json":
+        raise R.ApiError(R.UNSUPPORTED_TYPE, "Content-Type must be application/json")
+    if b"content-encoding" in h:
+        _identity_only(h[b"content-encoding"])
+
+
+def _identity_only(coding: bytes) -> None:
+    """A Content-Encoding other than identity: ApiError 415 with Accept-Encoding (RFC 9110
+    15.5.16).  A gzip body would otherwise be answered as broken JSON, and a plain body
+    labelled gzip taken as it is."""
+    coding = coding.strip().lower()
+    if coding and coding != b"identity":
+        raise R.ApiError(R.UNSUPPORTED_TYPE, f"Content-Encoding "
+                         f"{coding[:64].decode('latin-1')} is not supported: send the body "
+                         "uncompressed", accept_encoding="identity")
 
 
 class _HttpDate:
@@ -612,9 +634,7 @@ class Session(asyncio.Protocol):
             raise R.ApiError(R.NOT_FOUND, "the suppression list is disabled "
                              "(suppression.enabled)")
         if req.method == b"PUT":
-            ctype = req.headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
-            if ctype != b"application/json":
-                raise R.ApiError(R.UNSUPPORTED_TYPE, "Content-Type must be application/json")
+            _json_body(req.headers)
         path, _, query = req.url.partition(b"?")
         self.busy = True
         fut = svc.loop.run_in_executor(None, _suppression_call, store, req.method, path, query,
@@ -652,9 +672,7 @@ class Session(asyncio.Protocol):
         svc = self.svc
         svc.authorize(req.headers.get(b"authorization"), self.peer_ip)
         if req.method in (b"POST", b"PUT"):
-            ctype = req.headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
-            if ctype != b"application/json":
-                raise R.ApiError(R.UNSUPPORTED_TYPE, "Content-Type must be application/json")
+            _json_body(req.headers)
         if svc.webhooks is None:
             svc.webhooks = webhooks_api.Api(self.a.settings.state_dir, self.a.settings.config,
                                             svc.loop)
@@ -680,6 +698,8 @@ class Session(asyncio.Protocol):
         ctype = h.get(b"content-type", b"").partition(b";")[0].strip().lower()
         if ctype != b"application/json":
             raise R.ApiError(R.UNSUPPORTED_TYPE, "Content-Type must be application/json")
+        if b"content-encoding" in h:
+            _identity_only(h[b"content-encoding"])
         if self.a.space_low:
             raise R.ApiError(R.UNAVAILABLE, "the spool is low on disk space; retry later",
                              R.RETRY_AFTER_UNAVAILABLE)

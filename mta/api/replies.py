@@ -71,20 +71,27 @@ class ApiError(Exception):
     """A request that is answered with an error response.
 
     *allow*: the methods the resource takes, for the Allow header of a 405
-    (RFC 9110 15.5.6: a 405 must name them), e.g. ``"GET, PUT"``.
+    (RFC 9110 15.5.6: a 405 must name them), e.g. ``"GET, PUT"``;
+    *accept_encoding*: the content codings a request body may have, for the
+    Accept-Encoding header of a 415 about one (RFC 9110 15.5.16).
     """
 
     def __init__(self, error: Error, description: str, retry_after: int | None = None,
-                 allow: str = ""):
+                 allow: str = "", accept_encoding: str = ""):
         super().__init__(description)
         self.error = error
         self.description = description
         self.retry_after = retry_after
         self.allow = allow
+        self.accept_encoding = accept_encoding
 
     def header_lines(self) -> bytes:
-        """The header field lines this answer adds (Allow), CRLF-terminated; b"" if none."""
-        return f"Allow: {self.allow}\r\n".encode() if self.allow else b""
+        """The header field lines this answer adds (Allow, Accept-Encoding), each
+        CRLF-terminated; b"" if none."""
+        lines = f"Allow: {self.allow}\r\n" if self.allow else ""
+        if self.accept_encoding:
+            lines += f"Accept-Encoding: {self.accept_encoding}\r\n"
+        return lines.encode()
 
     @property
     def status(self) -> int:

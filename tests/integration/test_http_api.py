@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import email
 import fcntl
+import gzip
+import http.client
 import json
 import os
 import resource
@@ -486,6 +488,34 @@ def test_every_405_names_the_allowed_methods(api):
             st, h, raw = read_response(f)
             assert_error(st, json.loads(raw), 405, R.BAD_METHOD, method)
             assert h.get("allow") == allow, (method, path, h)
+
+
+def test_a_compressed_body_is_refused_with_415_naming_content_encoding(api):
+    """RFC 9110 8.4 / 15.5.16: a body in a content coding the server does not take is a
+    415 that says so, with Accept-Encoding naming what it takes.  A gzip-compressed
+    transmission (HTTP clients compress on request) was answered 400 "Problems parsing
+    request as json", as if the JSON were broken; and a client that labelled a plain
+    body gzip had it taken as JSON."""
+    d = api
+    body = json.dumps(simple(["gzip@example.net"])).encode()
+    for path, method in (("/api/v1/transmissions", "POST"),
+                         ("/api/v1/suppression-list", "PUT"),
+                         ("/api/v1/webhooks", "POST")):
+        for coding, data in (("gzip", gzip.compress(body)), ("br", body), ("gzip", body)):
+            conn = http.client.HTTPConnection(HOST, d.http_port, timeout=10)
+            try:
+                conn.request(method, path, body=data, headers={
+                    **AUTH, "Content-Type": "application/json", "Content-Encoding": coding})
+                r = conn.getresponse()
+                resp = json.loads(r.read())
+            finally:
+                conn.close()
+            assert_error(r.status, resp, 415, R.UNSUPPORTED_TYPE, "Content-Encoding")
+            assert coding in resp["errors"][0]["description"]
+            assert r.getheader("Accept-Encoding") == "identity"
+    # "identity" is no coding at all
+    st, _, resp = d.post(body, headers={**AUTH, "Content-Encoding": "identity"})
+    assert st == 200 and resp["results"]["total_accepted_recipients"] == 1
 
 
 def test_slow_client_is_cut_off(api):
