@@ -11,8 +11,8 @@ read ahead, then reading pauses).  ``Expect: 100-continue`` is answered when
 the request is next in line and its announced size is acceptable.
 
 Limits, each answered with a SparkPost-shaped JSON error, after which the
-connection is closed: request line + header fields over
-``http.max_header_size`` → 431; a body over ``http.max_body_size`` → 413 (as
+connection is closed: a request URI over ``http.max_header_size`` → 414,
+request line + header fields over it → 431; a body over ``http.max_body_size`` → 413 (as
 soon as Content-Length says so, or when the chunks add up); a request not
 complete within ``http.request_timeout`` of its first byte → 408 (slow
 clients); more than ``http.max_connections`` per acceptor → 503.  Idle
@@ -128,7 +128,7 @@ _WANTED = frozenset((b"content-type", b"content-length", b"authorization", b"ide
 REASONS = {
     100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
     404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-    413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content",
+    413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type", 422: "Unprocessable Content",
     429: "Too Many Requests", 431: "Request Header Fields Too Large",
     503: "Service Unavailable", 507: "Insufficient Storage",
 }
@@ -467,7 +467,10 @@ class Session(asyncio.Protocol):
         self.url_parts.append(url)
         self.head_size += len(url)
         if self.head_size > self.cfg.max_header_size:
-            raise _Reject(self._too_many_header_octets())
+            # (only the URI is counted yet: it alone is too long)
+            raise _Reject(R.ApiError(R.URI_TOO_LONG, "the request URI exceeds "
+                                     f"{self.cfg.max_header_size} octets "
+                                     "(http.max_header_size)"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value) + 4

@@ -43,6 +43,7 @@ BAD_METHOD = Error(405, "invalid HTTP method", "1102")
 REQUEST_TIMEOUT = Error(408, "request timeout", "1200")
 IN_PROGRESS = Error(409, "request in progress", "1301")            # same Idempotency-Key
 TOO_LARGE = Error(413, "request entity too large", "1300")
+URI_TOO_LONG = Error(414, "request URI too long", "1200")
 UNSUPPORTED_TYPE = Error(415, "unsupported media type", "1200")
 HEADERS_TOO_LARGE = Error(431, "request header fields too large", "1200")
 

@@ -518,6 +518,28 @@ def test_a_compressed_body_is_refused_with_415_naming_content_encoding(api):
     assert st == 200 and resp["results"]["total_accepted_recipients"] == 1
 
 
+def test_a_request_uri_longer_than_the_header_limit_is_414(api):
+    """RFC 9110 15.5.15: a target URI longer than the server will read is 414 URI Too Long
+    (431 is for the header fields).  A client told 431 looks for large headers or cookies
+    while its query string is at fault."""
+    d = api
+    for sent in ("whole", "in pieces"):
+        with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+            data = request_bytes(b"{}", path="/api/v1/transmissions?" + "n=1&" * 2500)
+            if sent == "whole":
+                s.sendall(data)
+            else:
+                for i in range(0, 9000, 1000):
+                    s.sendall(data[i:i + 1000])
+                    time.sleep(0.01)
+            st, h, raw = read_response(s.makefile("rb"))
+            body = json.loads(raw)
+            assert st == 414, body
+            assert "URI" in body["errors"][0]["description"]
+            assert "http.max_header_size" in body["errors"][0]["description"]
+            assert h["connection"] == "close" and closed(s)
+
+
 def test_slow_client_is_cut_off(api):
     d = api
     t0 = time.monotonic()
