@@ -8,7 +8,8 @@ HTTP/1.1 with keep-alive.  Pipelined requests are parsed as they arrive and
 answered strictly in order, one at a time: a request whose messages are on
 their way to the spool holds the ones behind it (at most ``MAX_QUEUED`` are
 read ahead, then reading pauses).  ``Expect: 100-continue`` is answered when
-the request is next in line and its announced size is acceptable.
+the request is next in line and its announced size is acceptable (never to an
+HTTP/1.0 request: 1.0 clients know no interim responses).
 
 Limits, each answered with a SparkPost-shaped JSON error, after which the
 connection is closed: a request URI over ``http.max_header_size`` → 414,
@@ -488,7 +489,8 @@ class Session(asyncio.Protocol):
         if length is not None and length.strip().isdigit() and \
                 int(length) > self.cfg.max_body_size:
             raise _Reject(self._too_large())
-        if h.get(b"expect", b"").strip().lower() == b"100-continue":
+        if h.get(b"expect", b"").strip().lower() == b"100-continue" and \
+                self.parser.get_http_version() != "1.0":   # (no 1xx to HTTP/1.0: RFC 9110 15.2)
             if not self.queue and not self.busy:
                 self.transport.write(CONTINUE)
             else:

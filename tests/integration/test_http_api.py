@@ -540,6 +540,25 @@ def test_a_request_uri_longer_than_the_header_limit_is_414(api):
             assert h["connection"] == "close" and closed(s)
 
 
+def test_no_100_continue_to_an_http10_client(api):
+    """RFC 9110 10.1.1 and 15.2: a 100-continue expectation in an HTTP/1.0 request is
+    ignored, and no 1xx goes to an HTTP/1.0 client, which does not know interim
+    responses and takes the 100 for the answer.  Its request is answered once."""
+    d = api
+    good = json.dumps(simple(["continue10@example.net"])).encode()
+    with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+        f = s.makefile("rb")
+        head = request_bytes(good, {"Expect": "100-continue"}, version="1.0")
+        split = head.index(b"\r\n\r\n") + 4
+        s.sendall(head[:split])
+        time.sleep(0.3)     # (an HTTP/1.0 client does not wait: the body is on its way)
+        s.sendall(head[split:])
+        st, h, raw = read_response(f)
+        assert st == 200, raw
+        assert json.loads(raw)["results"]["total_accepted_recipients"] == 1
+        assert h["connection"] == "close" and closed(s)
+
+
 def test_slow_client_is_cut_off(api):
     d = api
     t0 = time.monotonic()
