@@ -117,6 +117,16 @@ def _where(exc: msgspec.ValidationError) -> str:
     return f"{path or 'body'}: {text}"
 
 
+def _why(exc: msgspec.DecodeError) -> str:
+    """What is wrong with a body that is not JSON, in the decoder's words ("JSON is
+    malformed: trailing comma in object (byte 7)", "Input data was truncated")."""
+    text = str(exc)
+    if "UTF-8" in text:
+        # JSON is UTF-8 (RFC 8259 8.1), whatever charset the Content-Type names
+        return "the body is not valid UTF-8 (JSON text is UTF-8)"
+    return text[:200]
+
+
 def decode(body: bytes) -> Transmission:
     """Decode a request body; ApiError 400 (not JSON) or 422 (a field of the wrong type).
 
@@ -127,8 +137,9 @@ def decode(body: bytes) -> Transmission:
         return _decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise R.ApiError(R.INVALID, _where(exc)) from None
-    except msgspec.DecodeError:
-        raise R.ApiError(R.BAD_JSON, "Problems parsing request as json") from None
+    except msgspec.DecodeError as exc:
+        raise R.ApiError(R.BAD_JSON, "Problems parsing request as json: " + _why(exc)) \
+            from None
     except RecursionError:
         raise R.ApiError(R.INVALID, "body: JSON objects and arrays nested too deep "
                          "(see http.max_json_depth)") from None

@@ -559,6 +559,26 @@ def test_no_100_continue_to_an_http10_client(api):
         assert h["connection"] == "close" and closed(s)
 
 
+def test_a_body_that_is_not_json_says_what_is_wrong_with_it(api):
+    """A 400 for a body that does not parse says why: not UTF-8 (JSON is UTF-8, RFC 8259,
+    whatever charset the Content-Type names), cut short, or where the JSON breaks.  Each
+    was the same bare "Problems parsing request as json", and a client that sent
+    Latin-1 text had nothing to go on."""
+    d = api
+    good = json.dumps(simple(["utf8@example.net"], text="café"), ensure_ascii=False).encode()
+    latin1 = good.decode().encode("latin-1")
+    for body, ctype, words in (
+            (latin1, "application/json; charset=ISO-8859-1", "not valid UTF-8"),
+            (latin1, "application/json", "not valid UTF-8"),
+            (good[:-5], "application/json", "truncated"),
+            (good[:-1] + b",}", "application/json", f"byte {len(good)}")):
+        st, _, resp = d.post(body, headers={**AUTH, "Content-Type": ctype})
+        assert_error(st, resp, 400, R.BAD_JSON, "Problems parsing request as json: ")
+        assert words in resp["errors"][0]["description"], resp
+    st, _, resp = d.post(good, headers={**AUTH, "Content-Type": "application/json; charset=utf-8"})
+    assert st == 200 and resp["results"]["total_accepted_recipients"] == 1
+
+
 def test_slow_client_is_cut_off(api):
     d = api
     t0 = time.monotonic()
