@@ -35,8 +35,9 @@ transaction).  What happens to it:
    providers; [delivery] defaults).  Lanes are independent tasks: a slow,
    hung or suspended site delays nothing but itself.
 
-Hosts are tried in order: a refused connection, a timeout or a 4xx/5xx
-greeting moves on to the next host.  When every host failed, the job and
+Hosts are tried in order (the MX hosts of one preference in a new random order
+for each connection): a refused connection, a timeout or a 4xx/5xx greeting
+moves on to the next host.  When every host failed, the job and
 everything queued in its lane are deferred (the same answer holds for them).
 
 Outcome per recipient -- ``delivered``, ``deferred`` (4xx, connection or DNS
@@ -56,6 +57,7 @@ import collections
 import hashlib
 import ipaddress
 import logging
+import random
 import time
 
 from mta.bus import (DEFERRED, DELIVERED, FAILED, PRIORITY_TRANSACTIONAL, REQUEUED,
@@ -267,6 +269,29 @@ def _is_ip(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _shuffled_by_preference(targets: list[Target]) -> list[Target]:
+    """An MX site's targets with the hosts of each preference in a new random order.
+
+    RFC 5321 §5.1: equal preferences share the load.  The site's list lives as long
+    as the site (SITE_TTL), so it is shuffled for each connection, not once; each
+    host's addresses stay together and in their order.
+    """
+    out: list[Target] = []
+    i, n = 0, len(targets)
+    while i < n:
+        rank = targets[i].rank
+        hosts: dict[str, list[Target]] = {}
+        while i < n and targets[i].rank == rank:
+            hosts.setdefault(targets[i].host, []).append(targets[i])
+            i += 1
+        group = list(hosts.values())
+        if len(group) > 1:
+            random.shuffle(group)
+        for h in group:
+            out.extend(h)
+    return out
 
 
 def site_name(hosts) -> str:
@@ -689,7 +714,10 @@ class Engine:
         last = None
         lane_fired = None
         tls = ""                    # how the last host's TLS went, for the events
-        for t in list(lane.site.targets):
+        targets = lane.site.targets
+        if lane.site.key[0] == "mx":
+            targets = _shuffled_by_preference(targets)
+        for t in list(targets):
             # A static route's own source_address applies to the built-in source only.
             address = t.source if (t.source and src.name == "default"
                                    and src.proxy is None) else src.address
