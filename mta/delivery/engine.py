@@ -12,7 +12,10 @@ transaction).  What happens to it:
    ``(alt1.|alt2.|)gmail-smtp-in.l.google.com``, so operators can read it.  A
    domain's site is trusted for SITE_TTL seconds, then looked up again in the
    background.  Null MX, NXDOMAIN and a domain without addresses fail its
-   jobs permanently; a DNS timeout or SERVFAIL defers them.
+   jobs permanently; a DNS timeout or SERVFAIL defers them.  An MX host whose
+   address and port are one of our own SMTP listeners is this MTA: only better
+   MX hosts are used, and when it is the best the jobs fail with 5.4.6 (the
+   mail would loop).
 2. **Source.**  The message's pool (``DeliveryMessageReady.pool``, checked at
    injection) names weighted egress sources; the job goes to one of those that
    may send now, by smooth weighted round robin (so 3:1 weights give exactly
@@ -54,10 +57,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hashlib
 import ipaddress
 import logging
 import random
+import socket
 import time
 
 from mta.bus import (DEFERRED, DELIVERED, FAILED, PRIORITY_TRANSACTIONAL, REQUEUED,
@@ -271,6 +276,21 @@ def _is_ip(text: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1024)
+def _local_address(ip: str) -> bool:
+    """True when *ip* is an address of this host (loopback, or one it can bind)."""
+    addr = ipaddress.ip_address(ip)
+    if addr.is_loopback:
+        return True
+    try:
+        with socket.socket(socket.AF_INET6 if addr.version == 6 else socket.AF_INET,
+                           socket.SOCK_DGRAM) as s:
+            s.bind((ip, 0))
+        return True
+    except OSError:
+        return False
+
+
 def _shuffled_by_preference(targets: list[Target]) -> list[Target]:
     """An MX site's targets with the hosts of each preference in a new random order.
 
@@ -375,6 +395,11 @@ class Engine:
         self.stopping = False
         self.stop_event = asyncio.Event()   # set by begin_stop(): connection attempts give up
         self.processes = max(1, settings.deliveries)   # delivery processes sharing the slots
+        # Our own SMTP listeners: an MX address (at mx_port) that is one of them is this
+        # MTA -- sending there would loop (see targets()).
+        own = [(ipaddress.ip_address(h), p) for h, p in settings.listen]
+        self.own_listeners = {(str(a), p) for a, p in own if not a.is_unspecified}
+        self.own_any_address = {p for a, p in own if a.is_unspecified}
         # cross-transaction pipelining: the next envelope behind the last final dot
         self.pipeline = self.cfg.pipeline_transactions
 
@@ -690,18 +715,33 @@ class Engine:
         if mx.status != "ok":
             raise RouteError(DEFERRED, 451, "4.4.3",
                              f"DNS lookup for {domain} failed: {mx.reason or mx.status}")
+        unknown = len(mx.hosts)     # the best preference with a host whose lookup failed
         for rank, group in enumerate(mx.hosts):
             for host in group:
                 try:
                     ips = [host] if _is_ip(host) else await self.resolver.resolve_addresses(host)
                 except DnsTempError as exc:  # one MX host's addresses: try the next host
                     log.info("address lookup for %s failed: %s", host, exc)
+                    unknown = min(unknown, rank)
                     continue
                 for ip in ips:
                     out.append(Target(host, ip, cfg.mx_port, None, cfg.tls_verify, None, rank))
+        # An MX host that is this MTA: only the better ones may get the mail (RFC 5321
+        # §5.1: we are their backup); when we are the best, the mail has nowhere to go
+        # but round again (Postfix: "loops back to myself").
+        mine = [t.rank for t in out if self._is_self(t.ip, t.port)]
+        if mine:
+            out = [t for t in out if t.rank < min(mine)]
+            if not out and unknown >= min(mine):
+                raise RouteError(FAILED, 554, "5.4.6", f"mail for {domain} loops back to myself")
         if not out:
             raise RouteError(DEFERRED, 451, "4.4.3", f"no address found for the MX hosts of {domain}")
         return out
+
+    def _is_self(self, ip: str, port: int) -> bool:
+        """True when *ip*:*port* is one of this MTA's own SMTP listeners."""
+        return (ip, port) in self.own_listeners or (
+            port in self.own_any_address and _local_address(ip))
 
     async def connect(self, lane: Lane):
         """Open a connection from the lane's source to the first host of its site that answers.

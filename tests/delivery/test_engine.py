@@ -75,16 +75,17 @@ class Resolver:
 _STATE_DIRS = tempfile.TemporaryDirectory(prefix="engine-")
 
 
-def settings(port: int, shaping=(), **delivery):
+def settings(port: int, shaping=(), smtp=None, **delivery):
     """Settings for an engine delivering to 127.0.0.1:*port*; "PORT" in a route's hosts
-    is that port; *shaping*: [[shaping]] tables (the presets are left out)."""
+    is that port; *shaping*: [[shaping]] tables (the presets are left out); *smtp*: the
+    [smtp] section (its listeners are this MTA's own addresses)."""
     for r in delivery.get("route", ()):
         r["hosts"] = [h.replace("PORT", str(port)) for h in r["hosts"]]
     cfg = msgspec.convert({"server": {"hostname": "mta.test",
                                       "state_dir": tempfile.mkdtemp(dir=_STATE_DIRS.name)},
                            "delivery": {"mx_port": port, "starttls": "none",
                                         "shaping_presets": False, **delivery},
-                           "shaping": list(shaping)},
+                           "shaping": list(shaping), **({"smtp": smtp} if smtp else {})},
                           Config)
     return resolve(cfg, None)
 
@@ -226,6 +227,32 @@ def test_an_mx_host_without_address_is_skipped_for_the_next():
                          "mx2.example.net": ["127.0.0.1"]})
     (j, results), = deliver([job("example.net", "ok")], resolver, peer)
     assert [(r.outcome, r.host) for r in results] == [(bus.DELIVERED, "mx2.example.net")]
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0", "[::]", "127.0.0.1"])
+def test_an_mx_that_is_a_listener_of_ours_bounces_as_a_loop(listen):
+    """The domain's MX host resolves to this MTA (a wildcard listener on mx_port takes
+    every local address): 554 5.4.6 at once, nothing is sent anywhere."""
+    port = free_port()
+    (j, results), = deliver([job("example.net", "a")], mx_to_loopback("example.net"),
+                            port=port, smtp={"listen": [f"{listen}:{port}"]})
+    (r,) = results
+    assert (r.outcome, r.code, r.enhanced) == (bus.FAILED, 554, "5.4.6"), r
+    assert "loops back to myself" in r.text
+
+
+def test_a_better_mx_whose_lookup_failed_defers_a_loop():
+    """We are MX 20; MX 10's addresses are unknown for now (SERVFAIL): deferred, not
+    bounced as a loop -- MX 10 may well take the mail on the next try."""
+    port = free_port()
+    resolver = Resolver({"example.net": MxResult("ok", [["mx1.example.net"],
+                                                        ["mx2.example.net"]])},
+                        {"mx1.example.net": DnsTempError("SERVFAIL"),
+                         "mx2.example.net": ["127.0.0.1"]})
+    (j, results), = deliver([job("example.net", "a")], resolver, port=port,
+                            smtp={"listen": [f"127.0.0.1:{port}"]})
+    (r,) = results
+    assert (r.outcome, r.code, r.enhanced) == (bus.DEFERRED, 451, "4.4.3"), r
 
 
 def test_every_host_down_defers():

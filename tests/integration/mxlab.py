@@ -43,16 +43,18 @@ class Lab:
         self.dns = self._dns_server(records, **kw)
         return self.dns
 
-    def daemon(self, acceptors=1, shards=2, processes=1, sections=None, **delivery):
+    def daemon(self, acceptors=1, shards=2, processes=1, sections=None, start=True,
+               **delivery):
         """The daemon, delivering through the lab: **delivery adds to (or overrides) its
-        [delivery] settings; *sections* are other config sections ({"dkim": {...}})."""
+        [delivery] settings; *sections* are other config sections ({"dkim": {...}});
+        start=False: made, not started."""
         cfg = {"hold": False, "processes": processes,
                "nameservers": [f"{self.dns.address}:{self.dns.port}"],
                "mx_port": self.port, "connect_timeout": 5.0, "command_timeout": 10.0,
                "data_timeout": 10.0}
         cfg.update(delivery)
         return self._make_daemon(acceptors=acceptors, shards=shards, delivery=cfg,
-                                 **(sections or {}))
+                                 start=start, **(sections or {}))
 
     def close(self):
         for s in self.sinks:

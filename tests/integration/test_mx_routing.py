@@ -11,6 +11,7 @@ import time
 
 from daemon import wait_until
 from mxlab import IPS, mx
+from test_delivery import parse_dsn
 
 IP_A, IP_B, IP_C, IP_D, IP_E, IP_F = IPS
 
@@ -41,3 +42,63 @@ def test_equal_preference_mx_hosts_share_the_connections(lab):
     wait_queue_empty(d)
     # 2 * 2**-24 chance of a false failure
     assert a.received() > 0 and b.received() > 0, (a.received(), b.received())
+
+
+def dsn_statuses(sink) -> dict:
+    """{recipient: its per-recipient DSN fields} of every DSN *sink* received."""
+    out = {}
+    for t in sink.snapshot():
+        assert t.mail_from == "" and t.rcpt_tos == ["alice@sender.test"]
+        for r in parse_dsn(t.data)[2]:
+            out[r["Final-Recipient"].split(";", 1)[1].strip()] = r
+    return out
+
+
+def test_an_mx_that_is_this_mta_bounces_instead_of_looping(lab):
+    """The domain's only MX host is this MTA itself (its address and port are one of our
+    SMTP listeners): like Postfix, the mail bounces "loops back to myself" (5.4.6) at
+    once, instead of being accepted from ourselves and sent round again and again."""
+    sender_mx = lab.aio(IP_B)
+    lab.serve(mx("loop.test", "mx.loop.test", IP_E) + mx("sender.test", "mx.sender.test", IP_B))
+    d = lab.daemon(start=False)
+    d.sections["smtp"]["listen"].append(f"{IP_E}:{lab.port}")   # MX host = ourselves
+    d.write_config()
+    d.start()
+    qid = d.send("alice@sender.test", ["lou@loop.test"], message("loop"))
+    wait_until(lambda: sender_mx.received() >= 1, 20, "the DSN at the sender's MX")
+    r = dsn_statuses(sender_mx)["lou@loop.test"]
+    assert r["Action"] == "failed" and r["Status"] == "5.4.6", r
+    assert "loops back to myself" in r["Diagnostic-Code"], r
+    # the message went nowhere: the only other message accepted is the DSN (its event
+    # may come a little after the DSN itself)
+    def others():
+        return [e.get("client", "") for e in d.events()
+                if e["type"] == "injection" and e["queue_id"] != qid]
+    wait_until(others, 15, "the DSN's injection event")
+    wait_queue_empty(d)
+    assert others() == [f"bounce of {qid}"], others()
+
+
+def test_a_backup_mx_that_is_this_mta_sends_only_to_the_better_ones(lab):
+    """We are MX 20 of the domain: the mail goes to MX 10, and when MX 10 is down it
+    waits (deferred) -- never to ourselves or to MX 30 (RFC 5321 §5.1)."""
+    worse = lab.aio(IP_C)
+    lab.serve(mx("backup.test", "mx1.backup.test", IP_A, 10)
+              + mx("backup.test", "mx2.backup.test", IP_E, 20)
+              + mx("backup.test", "mx3.backup.test", IP_C, 30))
+    # retries every 0.3 s (300 s scaled by 0.001)
+    d = lab.daemon(start=False, retry_schedule=[300.0], time_scale=0.001, retry_jitter=0.0)
+    d.sections["smtp"]["listen"].append(f"{IP_E}:{lab.port}")   # MX 20 = ourselves
+    d.write_config()
+    d.start()
+    qid = d.send("alice@sender.test", ["bea@backup.test"], message("backup"))
+    wait_until(lambda: any(e["type"] == "delay" for e in d.events()), 20,
+               "a delay event (MX 10 is down)")
+    good = lab.aio(IP_A)
+    wait_until(lambda: good.received() == 1, 30, "delivery to MX 10 once it is up")
+    wait_queue_empty(d)
+    assert worse.received() == 0
+    delays = [e for e in d.events() if e["type"] == "delay"]
+    assert delays and all("mx1.backup.test" in e["raw_reason"] for e in delays), delays
+    # nothing came back to us
+    assert [e["queue_id"] for e in d.events() if e["type"] == "injection"] == [qid]
