@@ -21,7 +21,9 @@ Rules, in order (``MxResult.status``):
 - MX query.  NXDOMAIN -> ``nxdomain`` (permanent).  SERVFAIL, REFUSED, a
   timeout or a network error -> ``temp_fail`` (retry later).
 - MX records whose exchanges are all "." -> ``null_mx`` (RFC 7505: the domain
-  takes no mail; permanent).  A "." among real MX records is ignored.
+  takes no mail; permanent).  A "." among real MX records is ignored, and so
+  is an exchange that is an IP address (``MX 10 192.0.2.1.``: not a host name,
+  never used as an address); when no other is left, ``no_address``.
 - MX records -> ``ok``: host names grouped by preference, lowest first; each
   group is shuffled on every call, so equal preferences share the load.
 - No MX (NODATA) -> the domain itself is the implicit MX if it has an A or
@@ -288,6 +290,9 @@ class Resolver:
         if mx.kind == _LK_OK:
             groups = _groups(mx.records)
             if not groups:
+                if any(host != "." for _, host in mx.records):
+                    return MxResult(NO_ADDRESS, [], f"{name}: MX records name no host "
+                                    "(an IP address is not a host name)", name)
                 return MxResult(NULL_MX, [], f"{name}: null MX, the domain accepts no mail", name)
             for g in groups:
                 if len(g) > 1:
@@ -472,10 +477,12 @@ def _host(exchange: dns.name.Name) -> str:
 
 
 def _groups(records: tuple) -> list[list[str]]:
-    """MX (preference, host) pairs as host groups by preference, lowest first; "." dropped."""
+    """MX (preference, host) pairs as host groups by preference, lowest first; "." and
+    IP addresses dropped (an MX names a host, RFC 5321 §5.1; Postfix and Exim ignore
+    an MX record whose "name" is an address)."""
     best: dict[str, int] = {}
     for pref, host in records:
-        if host == "." or not host:
+        if host == "." or not host or _ip(host) is not None:
             continue
         if host not in best or pref < best[host]:
             best[host] = pref

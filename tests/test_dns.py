@@ -35,6 +35,10 @@ RECORDS = [
     "nullmx.example.test. 300 IN MX 0 .",
     "mixed.example.test. 300 IN MX 0 .",
     "mixed.example.test. 300 IN MX 10 mx1.example.test.",
+    # an MX whose "host name" is an IP address, beside a real one, and alone
+    "numeric.example.test. 300 IN MX 10 127.0.0.1.",
+    "numeric.example.test. 300 IN MX 20 mx3.example.test.",
+    "allnumeric.example.test. 300 IN MX 10 127.0.0.1.",
     # an MX whose target is a CNAME, in the same zone and across zones
     "cname.example.test. 300 IN MX 10 alias.example.test.",
     "alias.example.test. 300 IN CNAME mx2.example.test.",
@@ -187,6 +191,15 @@ def test_servfail_is_temporary(make, server):
 def test_refused_is_temporary(make):
     mx = run(make().resolve_mx("elsewhere.zz"))  # not a test zone (".test" is unbound's own)
     assert mx.status == "temp_fail" and "REFUSED" in mx.reason
+
+
+def test_an_mx_naming_an_ip_address_is_ignored(make):
+    r = make()
+    mx = run(r.resolve_mx("numeric.example.test"))
+    assert (mx.status, mx.hosts) == ("ok", [["mx3.example.test"]])
+    mx = run(r.resolve_mx("allnumeric.example.test"))
+    assert (mx.status, mx.hosts) == ("no_address", []) and mx.permanent, mx
+    assert "IP address" in mx.reason
 
 
 def test_cname_mx_target(make):

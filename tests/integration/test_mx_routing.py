@@ -102,3 +102,16 @@ def test_a_backup_mx_that_is_this_mta_sends_only_to_the_better_ones(lab):
     assert delays and all("mx1.backup.test" in e["raw_reason"] for e in delays), delays
     # nothing came back to us
     assert [e["queue_id"] for e in d.events() if e["type"] == "injection"] == [qid]
+
+
+def test_an_mx_record_naming_an_ip_address_is_not_used(lab):
+    """``MX 10 127.0.0.12.`` is not a host name (RFC 5321 §5.1): like Postfix and Exim
+    the record is ignored and the mail goes to the next MX, never to that address."""
+    numeric, good = lab.aio(IP_C), lab.aio(IP_A)
+    lab.serve([f"numeric.test. 300 IN MX 10 {IP_C}."]
+              + mx("numeric.test", "mx2.numeric.test", IP_A, 20))
+    d = lab.daemon()
+    d.send("alice@sender.test", ["nic@numeric.test"], message("numeric mx"))
+    wait_until(lambda: good.received() == 1, 20, "delivery to the MX with a name")
+    wait_queue_empty(d)
+    assert numeric.received() == 0 and numeric.connections == 0
