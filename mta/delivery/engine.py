@@ -90,6 +90,12 @@ LEARN_WAIT = 2.0          # seconds the first lookups wait for the shaping rules
 # this long (as Postfix's "may" level does), at most so many hosts remembered at once.
 TLS_FALLBACK_SECONDS = 3600.0
 MAX_TLS_FALLBACKS = 10_000
+# A domain's MX hosts whose addresses are looked up (the best first), and the addresses
+# one connection attempt to an MX site tries (Postfix: smtp_mx_address_limit = 5): a
+# domain with a hundred unreachable MX addresses costs one attempt at most this many
+# connect timeouts (the spool waits for a job's outcome about one), not a hundred.
+MAX_MX_HOSTS = 10
+MAX_CONNECT_ADDRESSES = 5
 
 
 class Job:
@@ -716,16 +722,16 @@ class Engine:
             raise RouteError(DEFERRED, 451, "4.4.3",
                              f"DNS lookup for {domain} failed: {mx.reason or mx.status}")
         unknown = len(mx.hosts)     # the best preference with a host whose lookup failed
-        for rank, group in enumerate(mx.hosts):
-            for host in group:
-                try:
-                    ips = [host] if _is_ip(host) else await self.resolver.resolve_addresses(host)
-                except DnsTempError as exc:  # one MX host's addresses: try the next host
-                    log.info("address lookup for %s failed: %s", host, exc)
-                    unknown = min(unknown, rank)
-                    continue
-                for ip in ips:
-                    out.append(Target(host, ip, cfg.mx_port, None, cfg.tls_verify, None, rank))
+        hosts = [(rank, host) for rank, group in enumerate(mx.hosts) for host in group]
+        for rank, host in hosts[:MAX_MX_HOSTS]:
+            try:
+                ips = [host] if _is_ip(host) else await self.resolver.resolve_addresses(host)
+            except DnsTempError as exc:  # one MX host's addresses: try the next host
+                log.info("address lookup for %s failed: %s", host, exc)
+                unknown = min(unknown, rank)
+                continue
+            for ip in ips:
+                out.append(Target(host, ip, cfg.mx_port, None, cfg.tls_verify, None, rank))
         # An MX host that is this MTA: only the better ones may get the mail (RFC 5321
         # §5.1: we are their backup); when we are the best, the mail has nowhere to go
         # but round again (Postfix: "loops back to myself").
@@ -754,10 +760,10 @@ class Engine:
         last = None
         lane_fired = None
         tls = ""                    # how the last host's TLS went, for the events
-        targets = lane.site.targets
+        targets = list(lane.site.targets)
         if lane.site.key[0] == "mx":
-            targets = _shuffled_by_preference(targets)
-        for t in list(targets):
+            targets = _shuffled_by_preference(targets)[:MAX_CONNECT_ADDRESSES]
+        for t in targets:
             # A static route's own source_address applies to the built-in source only.
             address = t.source if (t.source and src.name == "default"
                                    and src.proxy is None) else src.address

@@ -20,6 +20,7 @@ from daemon import free_port
 from mta import bus
 from mta.config import resolve
 from mta.config.schema import Config
+from mta.delivery import engine as engine_mod
 from mta.delivery.engine import Engine, Job
 from mta.dns import DnsTempError, MxResult
 
@@ -253,6 +254,26 @@ def test_a_better_mx_whose_lookup_failed_defers_a_loop():
                             smtp={"listen": [f"127.0.0.1:{port}"]})
     (r,) = results
     assert (r.outcome, r.code, r.enhanced) == (bus.DEFERRED, 451, "4.4.3"), r
+
+
+def test_the_mx_hosts_looked_up_and_the_addresses_tried_are_bounded():
+    """A domain with 30 MX hosts of 3 addresses each (none listening): at most
+    MAX_MX_HOSTS hosts are looked up and one attempt tries MAX_CONNECT_ADDRESSES."""
+    hosts = [f"mx{n}.example.net" for n in range(30)]
+    resolver = Resolver({"example.net": MxResult("ok", [[h] for h in hosts])},
+                        {h: ["127.0.0.1", "127.0.0.2", "127.0.0.3"] for h in hosts})
+    looked_up = []
+    plain = resolver.resolve_addresses
+
+    async def counted(host):
+        looked_up.append(host)
+        return await plain(host)
+
+    resolver.resolve_addresses = counted
+    (j, results), = deliver([job("example.net", "a")], resolver, port=free_port())
+    (r,) = results
+    assert (r.outcome, r.code) == (bus.DEFERRED, 451), r
+    assert looked_up == hosts[:engine_mod.MAX_MX_HOSTS]
 
 
 def test_every_host_down_defers():

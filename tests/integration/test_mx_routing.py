@@ -7,6 +7,7 @@ server got the mail, and the DSN a bounce sends back.
 """
 from __future__ import annotations
 
+import re
 import time
 
 from daemon import wait_until
@@ -115,3 +116,18 @@ def test_an_mx_record_naming_an_ip_address_is_not_used(lab):
     wait_until(lambda: good.received() == 1, 20, "delivery to the MX with a name")
     wait_queue_empty(d)
     assert numeric.received() == 0 and numeric.connections == 0
+
+
+def test_one_attempt_tries_a_bounded_number_of_mx_addresses(lab):
+    """A domain whose MX host has 30 addresses, none answering: one attempt tries a few
+    (as Postfix's smtp_mx_address_limit), so that an attempt costs a bounded number of
+    connect timeouts -- the spool sends a job again when its outcome takes longer."""
+    lab.serve(["many.test. 300 IN MX 10 mx.many.test."]
+              + [f"mx.many.test. 300 IN A 127.0.1.{n}" for n in range(1, 31)])
+    d = lab.daemon()
+    qid = d.send("alice@sender.test", ["mo@many.test"], message("many addresses"))
+    wait_until(lambda: any(e["type"] == "delay" for e in d.events()), 20, "the delay event")
+    [delay] = [e for e in d.events() if e["type"] == "delay"]
+    assert delay["queue_id"] == qid
+    tried = re.findall(r"connect to mx\.many\.test\[(127\.0\.1\.\d+)\]", d.log())
+    assert 1 <= len(tried) <= 5, tried
