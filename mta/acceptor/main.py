@@ -275,9 +275,17 @@ class Acceptor:
         if self.bounce_domains and oob_reports.bounce_domain(msg.rcpts[0], self.bounce_domains):
             self.take_report(msg)   # (the session keeps reports and other mail apart)
             return None
+        payload = msg.payload
+        hops = mime.count_headers(payload, b"Received")
+        if hops > self.smtp.max_hops:
+            # A mail loop (two servers each routing the domain to the other, an MX that
+            # leads back here through a balancer): refused before it is queued again.
+            log.warning("client=%s: a message with %d Received fields (smtp.max_hops %d) "
+                        "refused as a mail loop; from=<%s>", msg.peer_ip, hops,
+                        self.smtp.max_hops, msg.sender)
+            return R.TOO_MANY_HOPS
         sp = msg.params
         params = {k: v for k, v in sp.items() if k in SPOOLED_SMTP_PARAMS} if sp else {}
-        payload = msg.payload
         api = mime.find_header(payload, b"X-MSYS-API")
         if api is not None:
             # SparkPost's SMTP injection attributes: recorded, then removed.

@@ -58,6 +58,7 @@ BARE_LINE_END = b"550 5.6.0 Bare CR or LF in message text; lines must end with C
 NUL_IN_TEXT = b"550 5.6.0 NUL character in message text\r\n"
 LONG_TEXT_LINE = "550 5.6.0 Message text line longer than {n} octets\r\n"
 TOO_BIG = b"552 5.3.4 Message size exceeds fixed limit\r\n"
+TOO_MANY_HOPS = b"554 5.4.6 Too many hops: the message has been here before (a mail loop)\r\n"
 UNKNOWN_POOL = b"550 5.7.1 Unknown ip_pool in X-MSYS-API\r\n"
 UNKNOWN_POOL_NAMED = "550 5.7.1 Unknown ip_pool \"{name}\" in X-MSYS-API\r\n"
 NO_VALID_RCPTS = b"554 5.5.1 No valid recipients\r\n"

@@ -86,6 +86,10 @@ class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         ge=100, le=100_000)] = 1000
     max_errors: Annotated[int, _doc(
         "error replies in one session before it is closed with 421", ge=1, le=10_000)] = 20
+    max_hops: Annotated[int, _doc(
+        "Received header fields a message may arrive with; more is a mail loop and gets "
+        "554 5.4.6 at the end of DATA (Postfix's hopcount_limit; RFC 5321 6.3)",
+        ge=1, le=10_000)] = 50
     command_timeout: Annotated[float, _doc(
         "seconds to wait for the next command (RFC 5321 4.5.3.2: 5 minutes)",
         ge=1, le=3600)] = 300.0

@@ -493,3 +493,17 @@ def test_an_empty_sasl_response_is_an_equals_sign(impl):
     assert c.send(b"AUTH LOGIN " + base64.b64encode(b"alice") + b"\r\n") == R.AUTH_PASSWORD
     assert c.send(b"=\r\n") == R.AUTH_FAILED
     assert c.send(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n") == R.AUTH_OK
+
+
+def test_more_received_fields_than_max_hops_is_a_loop(impl):
+    """RFC 5321 6.3: over smtp.max_hops Received fields, the end of DATA gets 554 5.4.6,
+    nothing is submitted, and the session goes on; at the limit the message is taken."""
+    acc, c = make(impl, {"max_hops": 3})
+    c.send(b"EHLO client.example\r\n")
+    head = R.SENDER_OK + R.RCPT_OK + R.START_DATA
+    assert c.transaction(message=b"Received: a\r\nreceived: b\r\nRECEIVED: c\r\n"
+                                 b"Received: d\r\n" + MESSAGE) == head + R.TOO_MANY_HOPS
+    assert acc.submitted == []
+    assert QUEUED.search(c.transaction(message=b"Received: a\r\nReceived: b\r\n"
+                                               b"Received: c\r\n" + MESSAGE))
+    assert len(acc.submitted) == 1

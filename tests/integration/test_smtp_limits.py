@@ -506,3 +506,29 @@ def test_quit(mta):
         c.send(b"QUIT\r\nNOOP\r\n")
         assert c.reply_bytes() == R.BYE
         assert c.closed()
+
+
+def test_a_message_with_too_many_received_fields_is_a_mail_loop(mta):
+    # RFC 5321 6.3: a loop shows as ever more Received fields.  Over smtp.max_hops (50,
+    # as Postfix's hopcount_limit) the end of DATA gets 554 5.4.6 and nothing is queued;
+    # at the limit (in any case of the name, folded or not) the message is taken.
+    def with_hops(n: int) -> bytes:
+        hops = b"".join(b"%s: from h%d.example.net by mx.example.org; Mon, 1 Jan 2024 "
+                        b"00:00:00 +0000\r\n" % (b"received" if i % 7 else b"RECEIVED", i)
+                        for i in range(n))
+        return hops + b"Received: from x\r\n\tby y; Mon, 1 Jan 2024 00:00:00 +0000\r\n" \
+            b"Subject: loop\r\n\r\nbody\r\n.\r\n"
+    before = set(queued(mta))
+    with mta.session() as c:
+        r = c.exchange(b"MAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+                       + with_hops(50), 4)
+        assert r[:3] == [R.SENDER_OK, R.RCPT_OK, R.START_DATA]
+        assert r[3] == R.TOO_MANY_HOPS, r[3]
+        # the session goes on: the next transaction, at the limit, is taken
+        r = c.exchange(b"MAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+                       + with_hops(49), 4)
+        assert r[:3] == [R.SENDER_OK, R.RCPT_OK, R.START_DATA]
+        qid = queued_id(r[3])
+    assert set(queued(mta)) - before == {qid}
+    mta.wait_log(r"51 Received fields \(smtp\.max_hops 50\) refused as a mail loop",
+                 timeout=5)
