@@ -101,6 +101,33 @@ def test_reports_sum_children_and_keep_a_replaced_process_counts():
     assert counters[("mta_smtp_messages_accepted_total", ())] == 5 + 7 + 2
 
 
+def test_a_replaced_process_still_reporting_is_counted_once():
+    """At a reload the old acceptor of a slot finishes its sessions, reporting, while its
+    successor runs: each report of one was taken for a restart of the other and its
+    whole count added to the slot's base again."""
+    now = [100.0]
+    rep = Reports(_settings(), clock=lambda: now[0])
+    rep.add(_report(11, index=0, accepted=5, txn=[0.001]))
+    rep.add(_report(21, index=0, accepted=1, txn=[0.002], seq=1))      # the successor
+    for seq in range(2, 6):             # both report, in turn
+        rep.add(_report(11, index=0, accepted=6, txn=[0.001, 0.001], seq=seq))
+        rep.add(_report(21, index=0, accepted=2, txn=[0.002], seq=seq))
+    counters, _, hists = rep.merged()
+    assert counters[("mta_smtp_messages_accepted_total", ())] == 6 + 2
+    assert sum(hists[("mta_smtp_transaction_seconds", ())][0]) == 3
+    acc = next(c for c in rep.health()["children"] if c["role"] == "acceptor"
+               and c["index"] == 0)
+    assert acc["pid"] == 21             # the newest process is the slot's
+    # The old one leaves; its last counts stay.  Many restarts later (its report folded
+    # into the base) the sum is still every process's last count, once.
+    now[0] += 60
+    for pid in range(100, 120):
+        rep.add(_report(pid, index=0, accepted=1, seq=1))
+    counters, _, _ = rep.merged()
+    assert counters[("mta_smtp_messages_accepted_total", ())] == 6 + 2 + 20
+    assert len(rep.slots[("acceptor", 0)].older) <= 8
+
+
 def test_stale_children_gauges_are_left_out_and_health_says_so():
     now = [100.0]
     rep = Reports(_settings(), clock=lambda: now[0])

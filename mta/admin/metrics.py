@@ -1,11 +1,15 @@
 """The admin process's view of every child: latest reports, merged into metric families.
 
 Each child pushes a cumulative snapshot (:mod:`mta.obs.stats`); :class:`Reports`
-keeps the latest per (role, index).  When a slot's process is replaced (a new
-pid), the last counters and histograms of the old one are kept as that slot's
-base and added to the new one's, so a summed counter never goes down because a
-child was restarted.  Gauges are taken from fresh reports only, summed or, for a
-family that says so (``combine``: a node-wide 0/1 state), their highest value.
+keeps the latest per (role, index) and process.  When a slot's process is
+replaced (a new pid), the old one's latest report stays counted beside the new
+one's (at a reload the old acceptor finishes its sessions, still reporting,
+while its successor runs: each process's latest counts are added once, not its
+every report), so a summed counter never goes down because a child was
+restarted; past ``MAX_OLDER`` replaced processes the oldest one's counts are
+folded into the slot's base.  Gauges are taken from fresh reports only, summed
+or, for a family that says so (``combine``: a node-wide 0/1 state), their
+highest value.
 
 :class:`Collector` is a prometheus_client custom collector: at each scrape it
 sums the series over the children (families in :mod:`mta.obs.catalog`), adds
@@ -34,17 +38,31 @@ SEEN_DRAIN = 1.0     # seconds, at most, until every acceptor has seen a drain b
                     # (they look for run/drain twice a second)
 
 
+MAX_OLDER = 8       # replaced processes of a slot whose latest report is kept as it is
+
+
 class Slot:
-    __slots__ = ("role", "index", "pid", "report", "at", "base_counters", "base_hist")
+    __slots__ = ("role", "index", "pid", "report", "at", "older", "folded", "base_counters",
+                 "base_hist")
 
     def __init__(self, role: str, index: int):
         self.role = role
         self.index = index
-        self.pid = 0
+        self.pid = 0                # the slot's newest process
         self.report = None
-        self.at = 0.0               # monotonic time of the last report
+        self.at = 0.0               # monotonic time of its last report
+        # pid -> (latest report, its time) of the processes it replaced: one may still
+        # report (an acceptor finishing its sessions after a reload)
+        self.older: dict[int, tuple] = {}
+        self.folded: list[int] = []     # pids whose counts are in the base (bounded)
         self.base_counters: dict[tuple, float] = {}
         self.base_hist: dict[tuple, tuple[list, float]] = {}
+
+    def reports(self):
+        """(report, time) of the newest process and of the ones it replaced."""
+        if self.report is not None:
+            yield self.report, self.at
+        yield from self.older.values()
 
 
 def expected_slots(settings) -> list[tuple[str, int]]:
@@ -80,17 +98,29 @@ class Reports:
             if len(self.slots) > 4096:
                 return          # bounded: a stray sender cannot grow this without end
             slot = self.slots[key] = Slot(*key)
-        if slot.report is not None and slot.pid != r.pid:
-            self._fold(slot)
+        now = self.clock()
+        self.received += 1
+        if slot.report is None or slot.pid == r.pid:
+            pass
+        elif r.pid in slot.older:       # a replaced process still at work
+            slot.older[r.pid] = (r, now)
+            return
+        elif r.pid in slot.folded:      # (its counts are in the base already)
+            return
+        else:                           # a new process for the slot
+            slot.older[slot.pid] = (slot.report, slot.at)
+            if len(slot.older) > MAX_OLDER:
+                pid = min(slot.older, key=lambda p: slot.older[p][1])
+                self._fold(slot, slot.older.pop(pid)[0])
+                slot.folded = (slot.folded + [pid])[-4 * MAX_OLDER:]
         slot.pid = r.pid
         slot.report = r
-        slot.at = self.clock()
-        self.received += 1
+        slot.at = now
 
     @staticmethod
-    def _fold(slot: Slot) -> None:
-        """The old process of *slot* is gone: keep its cumulative values as the base."""
-        old = slot.report
+    def _fold(slot: Slot, old) -> None:
+        """A replaced process of *slot*: keep its cumulative values (report *old*) as the
+        base."""
         for s in old.counters:
             k = (s.name, tuple(s.labels))
             slot.base_counters[k] = slot.base_counters.get(k, 0) + s.value
@@ -117,8 +147,8 @@ class Reports:
             if slot is None or not self.fresh(slot, now) or now - slot.at > since - SEEN_DRAIN:
                 settled = False
                 continue
-            n += sum(int(g.value) for g in slot.report.gauges
-                     if g.name == "mta_acceptor_transactions_open")
+            n += sum(int(g.value) for r, at in slot.reports() if now - at <= self.stale_after
+                     for g in r.gauges if g.name == "mta_acceptor_transactions_open")
         return n, settled
 
     def _expected_now(self) -> set:
@@ -187,15 +217,14 @@ class Reports:
                 counters[k] = counters.get(k, 0) + v
             for k, (counts, total) in slot.base_hist.items():
                 add_hist(k, counts, total)
-            r = slot.report
-            if r is None:
-                continue
-            for s in r.counters:
-                k = (s.name, tuple(s.labels))
-                counters[k] = counters.get(k, 0) + s.value
-            for h in r.histograms:
-                add_hist((h.name, tuple(h.labels)), h.counts, h.sum)
-            if self.fresh(slot, now):
+            for r, at in slot.reports():
+                for s in r.counters:
+                    k = (s.name, tuple(s.labels))
+                    counters[k] = counters.get(k, 0) + s.value
+                for h in r.histograms:
+                    add_hist((h.name, tuple(h.labels)), h.counts, h.sum)
+                if now - at > self.stale_after:
+                    continue
                 for s in r.gauges:
                     k = (s.name, tuple(s.labels))
                     if k in gauges and _combine(s.name) == MAX:

@@ -240,6 +240,40 @@ def test_restarted_child_does_not_take_its_counts_away(make_daemon):
                "3 + 1 messages in /metrics", interval=0.3)
 
 
+def test_a_reload_does_not_multiply_the_counters_of_an_acceptor_finishing_its_sessions(
+        make_daemon):
+    """At a reload the new acceptor of a slot starts before the old one leaves, and the
+    old one finishes its sessions meanwhile: both report for the same slot.  Each was
+    taken for the slot's restart, its counts added once more at every report: with no
+    traffic, mta_smtp_messages_accepted_total grew by its whole value every second."""
+    d = make_daemon(acceptors=1, shards=1)
+    for i in range(3):
+        d.send("a@example.com", [f"b{i}@example.net"], message(f"m{i}"))
+    wait_until(lambda: value(scrape(d), "mta_smtp_messages_accepted_total") == 3, 20,
+               "3 messages in /metrics", interval=0.3)
+    old = d.children()["acceptor[0]"]
+    with d.session() as c:          # a transaction open on the old acceptor
+        assert c.cmd("MAIL FROM:<a@example.com>")[0] == 250
+        d.reload()
+        new = wait_until(lambda: (lambda p: p if p != old else None)(
+            d.children().get("acceptor[0]")), 20, "the new acceptor[0]")
+        assert new != old
+        seen = set()
+        for _ in range(12):         # both report (once a second) for a few seconds
+            seen.add(value(scrape(d), "mta_smtp_messages_accepted_total"))
+            time.sleep(0.3)
+        assert seen == {3}, seen
+        assert c.cmd("RCPT TO:<late@example.net>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(message("late") + b".\r\n")
+        assert c.reply()[0] == 250
+    # the old acceptor's last message counts once, and the sum stays put after it left
+    wait_until(lambda: value(scrape(d), "mta_smtp_messages_accepted_total") == 4, 20,
+               "the old acceptor's last message counted", interval=0.3)
+    time.sleep(2.5)
+    assert value(scrape(d), "mta_smtp_messages_accepted_total") == 4
+
+
 def test_tokens_are_required_when_configured(make_daemon):
     d = make_daemon(admin={"tokens": ["s3cret-token"]})
     for path in ("/metrics", "/api/admin/health"):
