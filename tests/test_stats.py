@@ -203,6 +203,38 @@ def test_health_counts_a_child_that_never_reported(tmp_path):
             "last_report_age": None} in h["children"]
 
 
+def test_child_up_lists_the_children_the_supervisor_runs(tmp_path):
+    """mta_child_up follows the process table as the health check does: a child added
+    by a reload that never reported is 0; one retired by a reload is not listed."""
+    settings = _settings()
+    settings.run_dir = str(tmp_path)
+    now = [100.0]
+    rep = Reports(settings, clock=lambda: now[0])
+    for pid, (role, index) in enumerate(sorted(rep.slots), 40):
+        r = Registry().snapshot(1, role, index)
+        r.pid = pid
+        rep.add(bus.decode(bus.encode(r)))
+    # a reload: acceptor[1] retired, acceptor[2] added
+    rep.expected = (rep.expected - {("acceptor", 1)}) | {("acceptor", 2)}
+    rep._active_mtime = -1            # (as if read from the supervisor's record)
+    now[0] += 60
+    for role, index in (("spool", 0), ("delivery", 0), ("acceptor", 0)):
+        r = Registry().snapshot(2, role, index)
+        r.pid = 60 + index
+        rep.add(bus.decode(bus.encode(r)))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(rep, settings))
+    fams = {f.name: f for f in text_string_to_metric_families(
+        generate_latest(registry).decode())}
+    up = {(s.labels["role"], s.labels["index"]): s.value
+          for s in fams["mta_child_up"].samples}
+    assert up == {("spool", "0"): 1, ("delivery", "0"): 1, ("acceptor", "0"): 1,
+                  ("acceptor", "2"): 0}
+    ages = {(s.labels["role"], s.labels["index"])
+            for s in fams["mta_child_report_age_seconds"].samples}
+    assert ages == {("spool", "0"), ("delivery", "0"), ("acceptor", "0")}
+
+
 def test_a_node_wide_0_or_1_gauge_is_the_highest_childs_not_their_sum():
     """Every delivery process reports a suspended source as 1: /metrics says 1 (not the
     number of delivery processes) while its connections open still add up."""

@@ -293,11 +293,18 @@ class Collector:
     def _host(self, put) -> None:
         now = self.reports.clock()
         # Processes: every child that reported, the supervisor and this process.
+        # As the health check: the children the supervisor runs now (one added by a
+        # reload that never reported is down; one retired by a reload is not listed
+        # once it stopped reporting: its counts stay in the sums).
         procs = [("supervisor", "0", os.getppid()), ("admin", "0", os.getpid())]
-        for slot in self.reports.slots.values():
-            up = self.reports.fresh(slot, now)
-            put("mta_child_up", (slot.role, str(slot.index)), 1 if up else 0)
-            if slot.report is not None:
+        expected = self.reports._expected_now()
+        for key in sorted(expected | set(self.reports.slots)):
+            slot = self.reports.slots.get(key)
+            up = slot is not None and self.reports.fresh(slot, now)
+            if key not in expected and not up:
+                continue
+            put("mta_child_up", (key[0], str(key[1])), 1 if up else 0)
+            if slot is not None and slot.report is not None:
                 put("mta_child_report_age_seconds", (slot.role, str(slot.index)),
                     round(now - slot.at, 3))
                 if up:

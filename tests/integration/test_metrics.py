@@ -196,6 +196,15 @@ def test_health_follows_a_reload_that_retires_an_acceptor(make_daemon):
                                    if c["role"] == "acceptor"] == [0] else None
     h = wait_until(ok, 30, "health ok with one acceptor", interval=0.3)
     assert h["ok"] is True
+    # /metrics agrees: the retired acceptor is not a child that is down (an alert on
+    # mta_child_up == 0 fired for good after such a reload), and its counts stay
+    m = scrape(d)
+    ups = {dict(lb)["index"]: v for (n, lb), v in m.items()
+           if n == "mta_child_up" and dict(lb)["role"] == "acceptor"}
+    assert ups == {"0": 1}, ups
+    assert not [lb for (n, lb), v in m.items() if n == "mta_child_report_age_seconds"
+                and dict(lb) == {"role": "acceptor", "index": "1"}]
+    assert value(m, "mta_smtp_connections_total") >= 1
 
 
 def test_admin_killed_is_restarted_and_counters_continue(make_daemon):
