@@ -133,6 +133,8 @@ def status_cmd(config_path, as_json):
     state = "draining" if d["draining"] else ("ok" if d["ok"] else "DEGRADED")
     r, t = d["rates"], d["totals"]
     click.echo(f"state: {state}")
+    for p in d.get("problems", ()):
+        click.echo(f"problem: {p}")
     click.echo(f"rates: injection {r['injection_per_second']:g}/s, delivery "
                f"{r['delivery_per_second']:g}/s (last {r['window_seconds']:g}s)")
     click.echo(f"totals: accepted {t['accepted_messages']:g}, delivered {t['delivered']:g}, "
@@ -152,10 +154,24 @@ def status_cmd(config_path, as_json):
         click.echo(f"suspended: {s['source']} until {_when(s['until'])}: {s['reason']}")
     rows = [("PROCESS", "PID", "STATE", "CPU S", "RSS")]
     for p in d["processes"]:
-        rows.append((f"{p['role']}[{p['index']}]", p["pid"] or "-", "up" if p["up"] else "DOWN",
+        state = "DOWN" if not p["up"] else "up" if p.get("healthy", True) else (
+            "up, CANNOT WRITE" if p["role"] == "spool" else "up, space low")
+        rows.append((f"{p['role']}[{p['index']}]", p["pid"] or "-", state,
                      "-" if p["cpu_seconds"] is None else f"{p['cpu_seconds']:.2f}",
                      "-" if p["memory_bytes"] is None else f"{p['memory_bytes'] // 1024}K"))
     _rows(rows)
+    if d.get("spool_free_bytes") is not None:
+        click.echo(f"spool: {_size(d['spool_free_bytes'])} free of "
+                   f"{_size(d.get('spool_size_bytes'))}")
+
+
+def _size(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
 
 
 @click.command("summary")

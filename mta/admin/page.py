@@ -34,6 +34,7 @@ svg{width:100%;height:120px;display:block}.err{color:#c62828}
 <body>
 <header><h1>mta</h1><span id="state">loading</span><span id="updated"></span>
 <span id="error" class="err"></span></header>
+<div id="problems" class="err" style="padding:6px 18px"></div>
 <main>
 <section><h2>Rates</h2>
 <div class="kv"><span>injection</span><span><b id="rate-injection" class="big">-</b><span class="unit">msg/s</span></span>
@@ -133,6 +134,8 @@ function render(d){
   lines($("chart-rates"), [d.history.injection_rate, d.history.delivery_rate], ["#1565c0","#2e7d32"]);
   lines($("chart-queue"), [d.history.queue_messages], ["#6a1b9a"]);
   $("error").textContent = d.queue_error ? ("queue: " + d.queue_error) : "";
+  var pr=$("problems"); clear(pr); (d.problems||[]).forEach(function(p){
+    var e=document.createElement("div"); e.className="problem"; e.textContent=p; pr.appendChild(e);});
   if(d.queue){
     var q=d.queue.total;
     set("queue-messages", q.messages); set("queue-recipients", q.recipients);
@@ -153,7 +156,9 @@ function render(d){
   var up=d.processes.filter(function(p){return p.up;}).length;
   set("children-up", up); set("children-total", d.processes.length);
   table("table-processes", ["process","pid","state","cpu s","memory"], d.processes.map(function(p){
-    return [p.role+"["+p.index+"]", p.pid, {cls: p.up ? "up" : "down", text: p.up ? "up" : "DOWN"},
+    var ok=p.up && p.healthy!==false;
+    return [p.role+"["+p.index+"]", p.pid, {cls: ok ? "up" : "down", text: !p.up ? "DOWN" :
+            (ok ? "up" : (p.role==="spool" ? "up, CANNOT WRITE" : "up, space low"))},
             num(p.cpu_seconds), bytes(p.memory_bytes)];}));
   set("spool-free", bytes(d.spool_free_bytes));
   set("disk-device", d.disk.device); set("disk-io", (d.disk.reads===undefined) ? "-" : d.disk.reads+" / "+d.disk.writes);

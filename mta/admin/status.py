@@ -139,6 +139,25 @@ def document(reports, host_rows: dict, history: History, queue: dict | None,
     for c in health["children"]:
         lab = (c["role"], str(c["index"]))
         processes.append({**c, "cpu_seconds": cpu.get(lab), "memory_bytes": mem.get(lab)})
+    # What "not ok" is about, and what ok does not say: the node takes mail but sends
+    # nothing while [delivery] hold is on.
+    problems = []
+    for c in health["children"]:
+        name = f"{c['role']}[{c['index']}]"
+        if not c["up"]:
+            age = c["last_report_age"]
+            problems.append(f"{name} is not reporting" + (
+                " (never reported)" if age is None else f" (last report {age:.0f}s ago)"))
+        elif c.get("healthy") is False and c["role"] == "spool":
+            problems.append(f"{name} cannot write (EIO, ENOSPC; see the log): its mail "
+                            "gets 451")
+        elif c.get("healthy") is False:
+            problems.append(f"{name}: the spool's free space is below spool.min_free_bytes "
+                            "or min_free_percent: MAIL gets 452, HTTP injection 503")
+    held = None if queue is None else any(x.get("held") for x in queue.get("shards", ()))
+    if held:
+        problems.append("delivery is held ([delivery] hold = true): mail is accepted and "
+                        "queued, none is sent")
     suspensions = []
     if queue is not None:
         for name, src in sorted(queue["by_source"].items()):
@@ -166,6 +185,8 @@ def document(reports, host_rows: dict, history: History, queue: dict | None,
         "time": time.time(),
         "ok": health["ok"],
         "draining": drain.get("draining", False),
+        "delivery_held": held,
+        "problems": problems,
         "totals": t,
         "rates": {"injection_per_second": history.rate("accepted_messages"),
                   "delivery_per_second": history.rate("delivered"),

@@ -142,6 +142,42 @@ def test_status_and_health_report_every_child(make_daemon):
     assert "state: ok" in text and "spool[1]" in text and "acceptor[1]" in text
 
 
+def test_status_says_why_the_node_is_degraded_and_that_delivery_is_held(make_daemon):
+    """The spool's disk below spool.min_free_bytes (MAIL gets 452) and [delivery] hold:
+    `mta status` said "state: DEGRADED" with every process "up" and nothing on why, and
+    "ok" for a node that sends nothing (the page likewise)."""
+    free = os.statvfs(os.path.dirname(os.path.abspath(__file__))).f_bavail
+    d = make_daemon(acceptors=1, shards=1, spool={"min_free_bytes": 1 << 60},
+                    delivery={"hold": True})
+    with d.session() as c:
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 452
+
+    def degraded():
+        st, _, s = admin_call(d, "GET", "/api/admin/status")
+        return s if st == 200 and not s["ok"] and all(p["up"] for p in s["processes"]) \
+            else None
+    s = wait_until(degraded, 20, "the status with every child up and not ok", interval=0.3)
+    assert s["delivery_held"] is True
+    assert any("acceptor[0]" in p and "min_free" in p for p in s["problems"]), s["problems"]
+    assert any("hold" in p for p in s["problems"]), s["problems"]
+    acc = next(p for p in s["processes"] if p["role"] == "acceptor")
+    assert acc["healthy"] is False
+    text = d.cli("status").stdout.decode()
+    assert "state: DEGRADED" in text, text
+    assert re.search(r"^problem: acceptor\[0\].*min_free", text, re.M), text
+    assert re.search(r"^problem: .*hold", text, re.M), text
+    assert re.search(r"^acceptor\[0\] .*up, space low", text, re.M), text
+    assert re.search(r"^spool: .* free of ", text, re.M) and free, text
+    # with room again and delivery let go, it is ok and says nothing of either
+    d.reload(spool={"min_free_bytes": 0}, delivery={"hold": False})
+    d.wait_ready()
+    s = wait_until(lambda: (lambda x: x if x["ok"] and not x["problems"] else None)(
+        admin_call(d, "GET", "/api/admin/status")[2]), 30, "the status ok", interval=0.3)
+    assert s["delivery_held"] is False
+    text = d.cli("status").stdout.decode()
+    assert "state: ok" in text and "problem:" not in text, text
+
+
 def test_api_needs_the_token_and_the_cli_sends_it(make_daemon):
     d = make_daemon(admin={"tokens": ["t0ken"]})
     for method, path in (("GET", "/api/admin/queue"), ("GET", "/api/admin/status"),

@@ -149,6 +149,9 @@ def test_status_page_shows_the_api_numbers_under_load(make_daemon, tmp_path):
     assert "smtp_transaction" in dom.text["table-latency"]
     assert str(s["latency_seconds"]["smtp_transaction"]["count"]) in dom.text["table-latency"]
     assert dom.text.get("error", "").strip() == ""
+    # delivery is held: "ok" (it takes mail) does not hide that none goes out
+    assert s["delivery_held"] is True
+    assert "delivery is held" in dom.text.get("problems", ""), dom.text.get("problems")
 
     # A picture of it (docs/status-page.png is one made this way).
     shot = tmp_path / "status.png"
