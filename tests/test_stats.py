@@ -44,6 +44,8 @@ def test_top_n_keeps_the_largest_and_sums_the_rest():
     assert top_n({"a": 1}, 2) == [(("a",), 1)]
     pairs = top_n({("s", "x"): 4, ("s", "y"): 9}, 1, 2)
     assert pairs == [(("s", "y"), 9), ((OTHER, OTHER), 4)]
+    # an "other" among the keys (children's values summed) is kept, not dropped
+    assert top_n({"a": 5, OTHER: 3}, 2) == [(("a",), 5), ((OTHER,), 3)]
 
 
 def test_registry_rejects_undeclared_and_mislabelled_families():
@@ -292,3 +294,55 @@ def test_catalog_follows_the_naming_conventions():
         if fam.kind == "histogram":
             assert fam.buckets and list(fam.buckets) == sorted(fam.buckets), name
         assert "ms" not in name.split("_"), name
+
+
+def test_traffic_labels_stay_bounded_over_processes_and_restarts():
+    """Each delivery process admits its own first admin.max_label_values sites; summed in
+    the admin process, N processes (and every restart of one: the old counts stay) made
+    N times as many series, without end as restarts went on."""
+    settings = _settings()
+    settings.deliveries = 2
+    settings.config.admin.max_label_values = 2
+    now = [100.0]
+    rep = Reports(settings, clock=lambda: now[0])
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(rep, settings))
+
+    def delivery(index, pid, sites):
+        reg = Registry(max_label_values=2)
+        k = reg.keyed("mta_delivery_connection_attempts_total")
+        for site in sites:
+            k.inc(("default", site), 3)
+        reg.collect(lambda: [(GAUGE, "mta_delivery_connections_open", ("default", s), 1)
+                             for s in sites] + [(GAUGE, "mta_delivery_queue_jobs", (s,), 2)
+                                                for s in sites])
+        r = reg.snapshot(1, "delivery", index)
+        r.pid = pid
+        rep.add(bus.decode(bus.encode(r)))
+
+    def scrape():
+        samples: dict[str, dict] = {}
+        for f in text_string_to_metric_families(generate_latest(registry).decode()):
+            for s in f.samples:
+                if s.name.startswith("mta_delivery_"):
+                    samples.setdefault(s.name, {})[s.labels["site"]] = s.value
+        return {name: samples[name] for name in ("mta_delivery_connection_attempts_total",
+                             "mta_delivery_connections_open", "mta_delivery_queue_jobs")}
+    delivery(0, 10, ["a", "b", "c"])
+    delivery(1, 11, ["d", "e"])
+    m = scrape()
+    for name, series in m.items():
+        assert len(series) <= 3 and OTHER in series, (name, series)
+    attempts = m["mta_delivery_connection_attempts_total"]
+    assert sum(attempts.values()) == 5 * 3
+    assert m["mta_delivery_connections_open"][OTHER] >= 1
+    assert sum(m["mta_delivery_queue_jobs"].values()) == 5 * 2
+    # restarts with new sites each time: still bounded, and no series goes down
+    for pid in range(20, 30):
+        delivery(0, pid, [f"s{pid}", f"t{pid}"])
+        m2 = scrape()
+        a2 = m2["mta_delivery_connection_attempts_total"]
+        assert len(a2) <= 3, a2
+        assert all(a2.get(k, 0) >= v for k, v in attempts.items()), (attempts, a2)
+        attempts = a2
+    assert sum(attempts.values()) == 5 * 3 + 10 * 2 * 3

@@ -25,7 +25,8 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
 from mta.admin import host
-from mta.obs.catalog import COUNTER, FAMILIES, HISTOGRAM, MAX, SUM
+from mta.obs.catalog import COUNTER, FAMILIES, HISTOGRAM, MAX, OTHER, SUM
+from mta.obs.stats import top_n
 
 
 def _combine(name: str) -> str:
@@ -86,6 +87,11 @@ class Reports:
         self.slots: dict[tuple[str, int], Slot] = {
             k: Slot(*k) for k in expected_slots(settings)}
         self.received = 0
+        # Label values from traffic (sites) are bounded in each child, but each admits its
+        # own, and a restarted one new ones: bounded here too, over the sum.  A counter's
+        # label values keep their series once admitted (the rest: "other", for good).
+        self.max_label_values = getattr(settings.config.admin, "max_label_values", 50)
+        self.admitted: dict[str, set] = {}
         # What the supervisor runs now: a reload can change the acceptors' count (the
         # admin process is not replaced); read from run/active-config.json when it changes.
         self.expected = set(self.slots)
@@ -231,7 +237,31 @@ class Reports:
                         gauges[k] = max(gauges[k], s.value)
                     else:
                         gauges[k] = gauges.get(k, 0) + s.value
+        self._bound(counters, gauges)
         return counters, gauges, hists
+
+    def _bound(self, counters: dict, gauges: dict) -> None:
+        limit = self.max_label_values
+        for k in sorted(k for k in counters if FAMILIES.get(k[0]) is not None
+                        and FAMILIES[k[0]].traffic):
+            name, labels = k
+            other = (OTHER,) * len(labels)
+            admitted = self.admitted.setdefault(name, set())
+            if labels == other or labels in admitted:
+                continue
+            if len(admitted) < limit:
+                admitted.add(labels)
+                continue
+            v = counters.pop(k)
+            counters[(name, other)] = counters.get((name, other), 0) + v
+        by_name: dict[str, dict] = {}
+        for k in [k for k in gauges if FAMILIES.get(k[0]) is not None
+                  and FAMILIES[k[0]].traffic]:
+            by_name.setdefault(k[0], {})[k[1]] = gauges.pop(k)
+        for name, values in by_name.items():
+            width = len(FAMILIES[name].labels)
+            for labels, v in top_n(values, limit, width):
+                gauges[(name, labels)] = v
 
 
 class Collector:

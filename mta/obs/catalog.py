@@ -40,6 +40,9 @@ class Family:
     labels: tuple = ()
     buckets: tuple = ()
     combine: str = SUM          # gauges only: SUM or MAX over the children
+    # label values from traffic (sites): bounded by admin.max_label_values in each child
+    # and again over the children summed (each child admits its own)
+    traffic: bool = False
 
 
 _FAMILIES = [
@@ -132,11 +135,11 @@ _FAMILIES = [
            "delivery jobs, from their arrival in a delivery process to their outcome",
            buckets=LATENCY),
     Family("mta_delivery_connection_attempts_total", COUNTER,
-           "connections tried, by source and site", ("source", "site")),
+           "connections tried, by source and site", ("source", "site"), traffic=True),
     Family("mta_delivery_connections_open", GAUGE, "connections open, by source and site",
-           ("source", "site")),
+           ("source", "site"), traffic=True),
     Family("mta_delivery_queue_jobs", GAUGE, "jobs waiting in the delivery processes, by site",
-           ("site",)),
+           ("site",), traffic=True),
     Family("mta_delivery_jobs_in_flight", GAUGE, "jobs in hand in the delivery processes"),
     Family("mta_delivery_source_suspended", GAUGE, "1 while an egress source is suspended",
            ("source",), combine=MAX),

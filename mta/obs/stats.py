@@ -100,13 +100,15 @@ def top_n(values: dict, limit: int, width: int = 1) -> list[tuple[tuple, float]]
     items = sorted(values.items(), key=lambda kv: kv[1], reverse=True)
     out = []
     rest = 0
-    for i, (k, v) in enumerate(items):
+    spilled = False         # (an "other" among the keys, as in sums of children, is kept)
+    for k, v in items:
         key = k if isinstance(k, tuple) else (k,)
-        if i < limit and key != (OTHER,) * width:
+        if len(out) < limit and key != (OTHER,) * width:
             out.append((key, v))
         else:
             rest += v
-    if len(items) > limit:
+            spilled = True
+    if spilled:
         out.append(((OTHER,) * width, rest))
     return out
 
