@@ -457,10 +457,13 @@ class Signer:
         A message that is all header (no empty line) gets the empty line that
         ends its header block: the signature is the same either way, but some
         verifiers (mailauth, OpenDKIM with simple header canonicalisation) see
-        no header block without it.
+        no header block without it.  So does an empty message that is signed
+        (by a fallback key): the field(s) and the empty line.
         """
         fields = self.sign(message, now)
-        if message and mime.split_message(message)[0] == len(message):
+        if not message:
+            return fields + b"\r\n" if fields else b""
+        if mime.split_message(message)[0] == len(message):
             eol = _eol(message)
             tail = eol if message.endswith(b"\n") else eol + eol
             return fields + bytes(message) + tail

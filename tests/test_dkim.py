@@ -403,6 +403,23 @@ def test_headers_only_message_gets_its_empty_line(keys):
     assert signer.sign_message(b"From: a@example.com", NOW).endswith(b"From: a@example.com\r\n\r\n")
 
 
+def test_empty_message_gets_its_empty_line(keys, tmp_path):
+    # An empty message (DATA or BDAT LAST with nothing in it) signed by a fallback key:
+    # the DKIM-Signature field was the whole message, with no empty line after it, and
+    # mailauth saw no signature at all ("none"), OpenDKIM a syntax error.
+    signer = Signer.from_config(DkimConfig(
+        keys=[DkimKey(domain=ESP, selector="esp", key_file=keys["esp"])],
+        fallback=DkimFallback(domain=ESP)))
+    fields = signer.sign(b"", NOW)
+    signed = signer.sign_message(b"", NOW)
+    assert fields and signed == fields + b"\r\n"
+    records = signer.dns_records()
+    assert dkimpy_verify(signed, records) == [True]
+    got = mailauth_verify({"empty": signed}, records, str(tmp_path), now_ms=(NOW + 60) * 1000)
+    assert [r["result"] for r in got["empty"]] == ["pass"], got
+    assert _signer(keys, RSA).sign_message(b"", NOW) == b""  # unsigned: left as it was
+
+
 def test_documented_example_config_is_valid(keys):
     doc = mdkim.__doc__
     start = doc.index("    [dkim]\n")
