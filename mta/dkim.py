@@ -81,6 +81,7 @@ from mta import mime
 RSA_MIN_BITS = 1024
 RSA_MAX_BITS = 4096
 FOLD_WIDTH = 76  # characters per line of the DKIM-Signature fields we write
+LINE_MAX = 78  # RFC 5322 2.1.1: the first line (v= a= c= d= s=) is folded only beyond it
 B64_PIECE = 72  # characters of b= per folded line
 
 ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
@@ -327,8 +328,16 @@ class _Key:
         self.sign_names = frozenset(h.lower().encode("ascii") for h in names) | \
             frozenset(self.oversign)
         self.expire = conf.expire_seconds if conf.expire_seconds is not None else cfg.expire_seconds
-        self.head = (f"DKIM-Signature: v=1; a={conf.algorithm}; c={canon}; "
-                     f"d={self.domain}; s={self.selector};").encode("ascii")
+        # v= a= c= d= s=, folded before a tag that would take the line past LINE_MAX
+        lines = ["DKIM-Signature: v=1;"]
+        for tag in (f"a={conf.algorithm};", f"c={canon};", f"d={self.domain};",
+                    f"s={self.selector};"):
+            if len(lines[-1]) + 1 + len(tag) > LINE_MAX:
+                lines.append("\t" + tag)
+            else:
+                lines[-1] += " " + tag
+        self.head = {eol: eol.join(line.encode("ascii") for line in lines)
+                     for eol in (b"\r\n", b"\n")}
         self.record = public_record(private)
         self.subdomains = conf.subdomains
 
@@ -487,7 +496,7 @@ class Signer:
             times = b"\tt=%d; x=%d;" % (t, t + key.expire)
         else:
             times = b"\tt=%d;" % t
-        unsigned = b"".join((key.head, eol, times, eol, h_text, eol, b"\tbh=", bh, b";",
+        unsigned = b"".join((key.head[eol], eol, times, eol, h_text, eol, b"\tbh=", bh, b";",
                              eol, b"\tb="))
         data = mime.canon_headers(fields, names, key.relaxed_header)
         data += mime.canon_header(unsigned, key.relaxed_header)[:-2]

@@ -222,6 +222,33 @@ def test_signature_tags(keys):
     assert rsa_tags["bh"] == ed_tags["bh"]  # one body hash for both
 
 
+def test_signature_lines_stay_within_78_characters(keys, tmp_path):
+    # RFC 5322 2.1.1: lines SHOULD be at most 78 characters.  The first line held
+    # v=, a=, c=, d= and s= whatever their length: 81 characters for Ed25519 with
+    # d=example.com; s=ed2026, 300 with a long domain (still a valid signature).
+    long_domain = ".".join(("a" * 60, "b" * 60, "c" * 60, "example"))
+    specs = (("example.com", "ed2026", "ed", "ed25519-sha256"),
+             ("xn--bcher-kva.example", "rsa2026", "rsa", "rsa-sha256"),
+             (long_domain, "sel" + "x" * 20, "ed", "ed25519-sha256"))
+    for domain, selector, key, alg in specs:
+        signer = Signer.from_config(DkimConfig(
+            keys=[DkimKey(domain=domain, selector=selector, key_file=keys[key], algorithm=alg)],
+            canonicalization="simple/simple", expire_seconds=86400))
+        msg = (b"From: a@" + domain.encode() + b"\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+               b"Subject: x\r\n\r\nbody\r\n")
+        for eol in (b"\r\n", b"\n"):
+            fields = signer.sign(msg.replace(b"\r\n", eol), NOW)
+            assert fields.endswith(eol) and (eol == b"\n") == (b"\r" not in fields)
+            for line in fields[:-len(eol)].split(eol):
+                # only a d= value too long for a line of its own may make one longer
+                assert len(line) <= 78 or line == b"\td=" + domain.encode() + b";", line
+        signed = signer.sign_message(msg, NOW)
+        assert dkimpy_verify(signed, signer.dns_records()) == [True], domain
+        got = mailauth_verify({"m": signed}, signer.dns_records(), str(tmp_path),
+                              now_ms=(NOW + 60) * 1000)
+        assert [r["result"] for r in got["m"]] == ["pass"], (domain, got)
+
+
 def test_no_expiry_by_default(keys):
     tags = _sig_tags(_signer(keys, RSA).sign(_corpus("plain.eml")))[0]
     assert "x" not in tags and abs(int(tags["t"]) - time.time()) < 60
