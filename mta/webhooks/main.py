@@ -67,6 +67,7 @@ class Webhooks:
         self.toml = W.config_docs(settings.config.webhook)
         self.senders: dict[str, Sender] = {}
         self.keys: dict[str, bytes] = {}
+        self.carried: dict = {}         # webhook id -> Stats of a sender being replaced
         self.generation = -1
         self.last_min_seq: int | None = None
         self.dir = webhookdb.dir_in(settings.state_dir)
@@ -104,7 +105,11 @@ class Webhooks:
                 await old.stop()
                 self.keys.pop(hook.id, None)
                 log.info("webhook %s (%s): changed; restarting its sender", hook.name, hook.id)
+                # (its counters go on: the mta_webhook_*_total series must not go down)
+                self.carried[hook.id] = old.stats
             s = Sender(hook, self.db, self.store, self.session, self.cfg)
+            if hook.id in self.carried:
+                s.stats = self.carried[hook.id]
             try:
                 s.load(created)          # (SQLite: locked, a full disk)
             except Exception:
@@ -116,6 +121,7 @@ class Webhooks:
                 continue
             self.senders[hook.id] = s
             self.keys[hook.id] = key
+            self.carried.pop(hook.id, None)
             s.start()
             log.info("webhook %s (%s): sending %s to %s from seq %d", hook.name, hook.id,
                      ",".join(sorted(hook.events)), W.loggable(hook.target), s.scan_seq)

@@ -85,3 +85,38 @@ def test_a_renamed_webhook_is_shown_by_its_new_name(tmp_path):
         store.close()
     assert same
     assert names == ["crm-eu", "crm-eu"]
+
+
+def test_a_changed_webhooks_counters_go_on(tmp_path):
+    # A change of what a sender sends (its target, its auth) restarts the sender; its
+    # counters (mta_webhook_*_total) must go on from where they were, not start at 0:
+    # a counter that goes down is read by Prometheus as a reset, and the sum of two
+    # webhooks of one name would drop part-way.
+    store = EventStore(str(tmp_path / "ev"), map_size=64 << 20, retention=86400)
+    db = webhookdb.WebhookDB(webhookdb.path_in(str(tmp_path)))
+    doc = W.check_doc({"name": "crm", "events": ["delivery"],
+                       "target": "http://127.0.0.1:9/crm"})
+    wid = db.create(doc, 10)
+    settings = types.SimpleNamespace(config=Config(), state_dir=str(tmp_path))
+
+    async def go():
+        s = W.new_session()
+        w = wmain.Webhooks(settings, db, store, s)
+        await w.refresh()
+        before = w.senders[wid]
+        before.stats.batches, before.stats.events, before.stats.failures = 3, 250, 2
+        db.update(wid, W.check_doc({"target": "http://127.0.0.1:9/crm-v2"}, doc))
+        await w.refresh()
+        after = w.senders[wid]
+        counts = (after.stats.batches, after.stats.events, after.stats.failures)
+        for x in w.senders.values():
+            await x.stop()
+        await s.close()
+        return before is after, counts
+    try:
+        same, counts = asyncio.run(go())
+    finally:
+        db.close()
+        store.close()
+    assert not same                 # restarted: its target changed
+    assert counts == (3, 250, 2)
