@@ -741,6 +741,12 @@ class Engine:
             if not out and unknown >= min(mine):
                 raise RouteError(FAILED, 554, "5.4.6", f"mail for {domain} loops back to myself")
         if not out:
+            if unknown == len(mx.hosts) and len(hosts) <= MAX_MX_HOSTS:
+                # Every MX host was looked up and none has an address (NXDOMAIN or no
+                # A/AAAA, not a failure to ask): nothing will change on a retry but the
+                # DNS itself; Postfix bounces it too ("Host not found", 5.4.4).
+                raise RouteError(FAILED, 550, "5.4.4",
+                                 f"no MX host of {domain} has an address")
             raise RouteError(DEFERRED, 451, "4.4.3", f"no address found for the MX hosts of {domain}")
         return out
 

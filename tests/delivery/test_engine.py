@@ -230,6 +230,22 @@ def test_an_mx_host_without_address_is_skipped_for_the_next():
     assert [(r.outcome, r.host) for r in results] == [(bus.DELIVERED, "mx2.example.net")]
 
 
+def test_mx_hosts_that_all_have_no_address_bounce_and_a_lookup_failure_defers():
+    """Every MX host of the domain exists in the MX records only (NXDOMAIN or no A/AAAA):
+    a retry cannot help, so the recipients bounce 5.4.4 at once, as Postfix does, not
+    after max_age of retries.  If any of them could not be looked up, they wait."""
+    mx = MxResult("ok", [["mx1.example.net"], ["mx2.example.net"]])
+    (j, results), = deliver([job("example.net", "a", "b")], Resolver(
+        {"example.net": mx}, {"mx1.example.net": [], "mx2.example.net": []}))
+    assert [(r.outcome, r.code, r.enhanced) for r in results] == \
+        [(bus.FAILED, 550, "5.4.4")] * 2, results
+    assert "no MX host of example.net has an address" in results[0].text
+    (j, results), = deliver([job("example.net", "a")], Resolver(
+        {"example.net": mx}, {"mx1.example.net": [],
+                              "mx2.example.net": DnsTempError("timeout")}))
+    assert [(r.outcome, r.code, r.enhanced) for r in results] == [(bus.DEFERRED, 451, "4.4.3")]
+
+
 @pytest.mark.parametrize("listen", ["0.0.0.0", "[::]", "127.0.0.1"])
 def test_an_mx_that_is_a_listener_of_ours_bounces_as_a_loop(listen):
     """The domain's MX host resolves to this MTA (a wildcard listener on mx_port takes

@@ -348,6 +348,23 @@ def test_null_mx_and_nxdomain_bounce(lab):
     assert ev[(qid, "xavier@nothere.void.test")]["terminal"]["error_code"] == "550"
 
 
+def test_an_mx_host_without_an_address_bounces_at_once(lab):
+    # ghost.test's only MX host has no address record: a retry cannot help, so the
+    # recipient bounces 5.4.4 at the first attempt (as Postfix does), not after max_age.
+    sender_mx = lab.aio(IP_B)
+    lab.serve(["ghost.test. 300 IN MX 10 mx.ghost.test."]
+              + mx("sender.test", "mx.sender.test", IP_B))
+    d = lab.daemon()
+    qid = d.send("alice@sender.test", ["gina@ghost.test"], message("ghost"))
+    wait_queue_empty(d)
+    [t] = [t for t in sender_mx.snapshot() if t.rcpt_tos == ["alice@sender.test"]]
+    _, per_msg, (r,) = parse_dsn(t.data)
+    assert per_msg["X-Queue-ID"] == qid
+    assert (r["Action"], r["Status"]) == ("failed", "5.4.4"), r
+    [e] = [e for e in d.events() if e["type"] == "bounce" and e["rcpt_to"] == "gina@ghost.test"]
+    assert e["error_code"] == "550" and e["num_retries"] == "0", e
+
+
 def test_smtputf8_mail_that_needs_none_goes_to_a_server_without_it(lab):
     # Some clients say SMTPUTF8 on every MAIL.  With ASCII addresses and headers nothing
     # in the message needs it: Postfix's smtp-sink (no SMTPUTF8 in its EHLO) gets it,
