@@ -75,6 +75,8 @@ import time
 import lmdb
 import msgspec
 
+from mta.store import make_dirs, sync_dir
+
 log = logging.getLogger("mta.feedback.events_store")
 
 _U64 = struct.Struct(">Q")
@@ -279,7 +281,7 @@ class EventStore:
         self.retention = retention
         self.readonly = readonly
         if not readonly:
-            os.makedirs(path, exist_ok=True)
+            make_dirs(path)
         elif not os.path.exists(os.path.join(path, "data.mdb")):
             raise FileNotFoundError(f"events store {path}: not created yet")
         try:
@@ -310,6 +312,10 @@ class EventStore:
             with self.env.begin(write=True, db=self.meta) as txn:
                 if txn.get(b"id") is None:
                     txn.put(b"id", os.urandom(8))
+            # The names of data.mdb and lock.mdb, durable before the first sync() counts
+            # (the writer moves its cursors after a sync: a power cut must not take the
+            # file those events are in).
+            sync_dir(path)
         self._warned = False
         # campaign id -> its index keys with their counter prefixes; (index, value) -> the
         # same for the counted indexes with few values (type, bounce class)

@@ -42,6 +42,8 @@ import time
 
 import orjson
 
+from mta.store import make_dirs
+
 log = logging.getLogger("mta.events")
 
 # Internal event types (the spool's); the SparkPost names are made in mta.events.shape.
@@ -138,8 +140,11 @@ class RotatingLog:
         self.size = 0
         self.started = 0.0       # when the current file's first line was written
         if path:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            # (durably, the directory and the file's name in it: the events process moves
+            # its cursors past what it synced here, a power cut must not take the file)
+            make_dirs(os.path.dirname(path) or ".")
             self._open()
+            _sync_dir(os.path.dirname(path) or ".")
 
     def _open(self) -> None:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
@@ -259,6 +264,7 @@ class RotatingLog:
             os.close(self.fd)
             self.fd = -1
         self._open()
+        _sync_dir(os.path.dirname(self.path) or ".")     # (a new file's name: as at start)
         log.info("event log reopened: %s", self.path)
 
     def close(self) -> None:
