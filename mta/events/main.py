@@ -42,13 +42,13 @@ import time
 
 from mta import bus, native, proc
 from mta.api import webhookdb
-from mta.feedback.events_store import StoreFull
+from mta.feedback.events_store import StoreDamaged, StoreFull
 from mta.events.shape import event_id as make_event_id
 from mta.events.shape import expand, sparkpost_event
 from mta.obs import events as ev
 from mta.obs.stats import Pusher, Registry
 from mta.store import (Watermark, read_cursor, read_events, segment_numbers, segment_path,
-                       shard_dir, write_cursor)
+                       shard_dir, sync_dir, write_cursor)
 
 log = logging.getLogger("mta.events")
 
@@ -77,15 +77,44 @@ class NullSink:
 
 
 def open_sink(settings):
-    """The events store when ``[events] store`` is on (brief B's EventStore), else a NullSink."""
+    """The events store when ``[events] store`` is on (brief B's EventStore), else a NullSink.
+
+    A store a power cut left damaged (it is written without a sync per commit) is set
+    aside as ``<dir>.damaged-<UTC time>`` and a new one made, with an error logged: it
+    holds events also in the event log, and a process that cannot start would publish
+    none at all (the webhooks see the new store's id and start at its beginning).
+    """
     cfg = settings.config.events
     if not getattr(cfg, "store", False):
         return NullSink()
     from mta.feedback.events_store import EventStore, path_in  # noqa: PLC0415 (when configured)
 
     # (where the readers -- webhooks, acceptors -- open it: one function decides)
-    return EventStore(path_in(settings), map_size=getattr(cfg, "store_max_size", 1 << 30),
-                      retention=getattr(cfg, "retention", 10 * 86400.0))
+    path = path_in(settings)
+
+    def make():
+        return EventStore(path, map_size=getattr(cfg, "store_max_size", 1 << 30),
+                          retention=getattr(cfg, "retention", 10 * 86400.0))
+    try:
+        return make()
+    except StoreDamaged as exc:
+        set_aside(path, exc)
+        return make()
+
+
+def set_aside(path: str, exc: OSError) -> None:
+    """Rename the damaged store *path* out of the way (durably) and say so."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target = f"{path.rstrip(os.sep)}.damaged-{stamp}"
+    n = 1
+    while os.path.exists(target):
+        target = f"{path.rstrip(os.sep)}.damaged-{stamp}.{n}"
+        n += 1
+    os.rename(path, target)
+    sync_dir(os.path.dirname(os.path.abspath(path)))
+    log.error("%s; set aside as %s, a new, empty store is made (its events are in the "
+              "event log; delete the damaged copy when it is not needed)", exc.strerror,
+              target)
 
 
 class Tail:
@@ -344,6 +373,15 @@ class Events:
                     log.error("pruning the full events store failed: %s",
                               exc2.strerror or exc2)
                 time.sleep(ERROR_RETRY)
+                continue
+            except StoreDamaged as exc:
+                # (found by a write, not at the open: a power cut damaged a page the
+                # open does not read) made anew like at the start, then everything
+                # since the cursors goes to the new store (and the log) again
+                self.sink.close()
+                set_aside(self.sink.path, exc)
+                self.sink = open_sink(self.settings)
+                self.rewind()
                 continue
             except OSError as exc:
                 if not self.failed:

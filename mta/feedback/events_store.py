@@ -45,8 +45,9 @@ calls :meth:`sync` at its checkpoints, before it moves its own cursors, so a
 crash replays the events since the last checkpoint (skipped by event_id).  A
 process crash loses nothing committed (the page cache holds it); after a power
 loss LMDB documents that unsynced transactions can be lost or the environment
-damaged; it holds only derived data (the event log has the events): deleting
-its directory starts an empty one.
+damaged; it holds only derived data (the event log has the events): the events
+process sets a store it cannot read aside and starts an empty one
+(:class:`StoreDamaged`, :func:`mta.events.main.open_sink`).
 
 Results are newest first (descending time, then seq); the paging cursor is
 the (time, seq) of the last event of a page, base64-encoded: a keyset cursor,
@@ -141,6 +142,19 @@ def _counter(name: str, key: bytes) -> bytes:
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(dict)
+
+
+# What LMDB says of an environment a power cut left damaged (the writer runs with
+# NOSYNC, see the module's text): no LMDB file, a page of the wrong kind, a page beyond
+# the end of the file.
+DAMAGED = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError)
+
+
+class StoreDamaged(OSError):
+    """The store's files are not a readable LMDB environment (errno EIO)."""
+
+    def __init__(self, path: str, exc: Exception):
+        super().__init__(errno.EIO, f"events store {path} is damaged: {exc}")
 
 
 class StoreFull(OSError):
@@ -288,8 +302,23 @@ class EventStore:
             self.env = lmdb.open(path, map_size=map_size, max_dbs=16, subdir=True,
                                  readonly=readonly, readahead=False, sync=False, metasync=False,
                                  max_readers=max_readers)
+        except DAMAGED as exc:
+            raise StoreDamaged(path, exc) from None
         except lmdb.Error as exc:
             raise OSError(f"events store {path}: {exc}") from None
+        try:
+            self._open_dbs(readonly)
+        except DAMAGED as exc:
+            self.env.close()
+            raise StoreDamaged(path, exc) from None
+        self._warned = False
+        # campaign id -> its index keys with their counter prefixes; (index, value) -> the
+        # same for the counted indexes with few values (type, bounce class)
+        self._campaigns: dict[str, list[tuple[bytes, bytes]]] = {}
+        self._prefixes: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+
+    def _open_dbs(self, readonly: bool) -> None:
+        path = self.path
         create = not readonly
         self.ev = self.env.open_db(b"ev", create=create)
         self.time = self.env.open_db(b"time", create=create)
@@ -316,11 +345,6 @@ class EventStore:
             # (the writer moves its cursors after a sync: a power cut must not take the
             # file those events are in).
             sync_dir(path)
-        self._warned = False
-        # campaign id -> its index keys with their counter prefixes; (index, value) -> the
-        # same for the counted indexes with few values (type, bounce class)
-        self._campaigns: dict[str, list[tuple[bytes, bytes]]] = {}
-        self._prefixes: dict[tuple[str, str], tuple[bytes, bytes]] = {}
 
     def close(self) -> None:
         self.env.close()
@@ -342,6 +366,8 @@ class EventStore:
         except lmdb.MapFullError:
             raise StoreFull(f"the events store is full ({self.map_size} octets, "
                             "[events] store_max_size)") from None
+        except DAMAGED as exc:
+            raise StoreDamaged(self.path, exc) from None
 
     def _append(self, events: list[dict]) -> int:
         # Keys are gathered per database and written with one putmulti each, in key

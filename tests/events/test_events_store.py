@@ -410,3 +410,58 @@ def test_the_writer_and_the_readers_open_the_same_directory(tmp_path):
         assert [e["event_id"] for _, e in r.read(0, 10)] == ["10001"]
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("damage", ["zeros", "garbage", "first_page_only", "pages_zeroed"])
+def test_a_store_a_power_cut_damaged_is_set_aside_and_made_anew(tmp_path, caplog, damage):
+    """The writer syncs at its checkpoints only (NOSYNC): after a power cut data.mdb may be
+    zeros, half a page, or meta pages pointing at pages never written.  The events process
+    must start anyway (it used to raise at every start: the supervisor restarted it in a
+    loop and no event was published): the damaged store is renamed aside, an error
+    logged, a new one made."""
+    import types
+
+    from mta.events.main import open_sink
+    cfg = types.SimpleNamespace(store=True, store_path="events", store_max_size=MAP,
+                                retention=86400.0)
+    settings = types.SimpleNamespace(state_dir=str(tmp_path),
+                                     config=types.SimpleNamespace(events=cfg))
+    w = open_sink(settings)
+    w.append([ev(i) for i in range(2000)])
+    w.sync()
+    path = w.path
+    w.close()
+    data_path = os.path.join(path, "data.mdb")
+    with open(data_path, "rb") as fh:
+        data = fh.read()
+    damaged = {"zeros": bytes(8192), "garbage": os.urandom(16384),
+               "first_page_only": data[:4096],
+               "pages_zeroed": data[:8192] + bytes(len(data) - 8192)}[damage]
+    with open(data_path, "wb") as fh:
+        fh.write(damaged)
+    with caplog.at_level("ERROR", logger="mta.events"):
+        w = open_sink(settings)
+    try:
+        assert w.path == path and w.last_seq() == 0
+        assert w.append([ev(1)]) == 1
+    finally:
+        w.close()
+    aside = [n for n in os.listdir(tmp_path) if n.startswith("events.damaged-")]
+    assert len(aside) == 1, os.listdir(tmp_path)
+    with open(os.path.join(tmp_path, aside[0], "data.mdb"), "rb") as fh:
+        assert fh.read() == damaged            # kept as it was, for whoever looks
+    assert "damaged" in caplog.text and aside[0] in caplog.text
+
+
+def test_damage_found_by_an_append_is_said_as_such(store):
+    """A page a power cut damaged that the open does not read: the append says
+    StoreDamaged (the events process makes the store anew, not a restart loop)."""
+    import lmdb
+
+    store.append([ev(1)])
+
+    def broken(events):
+        raise lmdb.CorruptedError("MDB_CORRUPTED: Located page was wrong type")
+    store._append = broken
+    with pytest.raises(S.StoreDamaged):
+        store.append([ev(2)])
