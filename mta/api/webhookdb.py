@@ -42,6 +42,8 @@ import uuid
 
 import orjson
 
+from mta.store import make_dirs, sync_dir
+
 PENDING = 0
 DELIVERED = 1
 DROPPED = 2
@@ -96,7 +98,7 @@ def read_min_seq(state_dir: str) -> int | None:
 
 
 def write_min_seq(state_dir: str, seq: int) -> None:
-    """Replace the min_seq file atomically (write, fsync, rename)."""
+    """Replace the min_seq file atomically and durably (write, fsync, rename, fsync dir)."""
     d = dir_in(state_dir)
     tmp = os.path.join(d, MIN_SEQ_NAME + ".tmp")
     with open(tmp, "wb") as fh:
@@ -104,6 +106,7 @@ def write_min_seq(state_dir: str, seq: int) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, os.path.join(d, MIN_SEQ_NAME))
+    sync_dir(d)
 
 
 class Batch:
@@ -130,7 +133,9 @@ class WebhookDB:
     """One connection to the webhooks' SQLite file (open it after fork)."""
 
     def __init__(self, path: str, timeout: float = 10.0):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # (durably: SQLite syncs the file and, when it makes the WAL, the directory's
+        # entries, never the directory's own name -- a power cut took them all)
+        make_dirs(os.path.dirname(path))
         self.path = path
         self.db = sqlite3.connect(path, timeout=timeout, isolation_level=None,
                                   check_same_thread=False)

@@ -43,6 +43,8 @@ import idna
 import lmdb
 import msgspec
 
+from mta.store import make_dirs, sync_dir
+
 log = logging.getLogger("mta.suppression")
 
 TRANSACTIONAL = 1
@@ -148,13 +150,17 @@ class SuppressionList:
 
     def __init__(self, path: str, max_size: int, *, sync: bool = True,
                  max_readers: int = 512):
-        os.makedirs(path, exist_ok=True)
+        make_dirs(path)
         try:
             self.env = lmdb.open(path, map_size=max_size, max_dbs=4, subdir=True,
                                  readahead=False, sync=sync, metasync=sync,
                                  max_readers=max_readers)
         except lmdb.Error as exc:
             raise OSError(f"suppression list {path}: {exc}") from None
+        if sync:
+            # data.mdb's name, durable like its commits (they are synced one by one; a
+            # power cut must not take the file with the entries already answered for)
+            sync_dir(path)
         self.path = path
         self.max_size = max_size
         self.rcpt = self.env.open_db(b"rcpt")

@@ -225,9 +225,11 @@ class Supervisor:
 
     def prepare(self) -> None:
         s = self.settings
-        for d in (s.state_dir, s.run_dir):
-            os.makedirs(d, exist_ok=True)
-        store.make_dirs(s.spool_dir)   # durable: a power cut must not take the spool away
+        # durable: a power cut must not take the spool away, nor the state directory
+        # with the spool and every other store in it
+        store.make_dirs(s.state_dir)
+        os.makedirs(s.run_dir, exist_ok=True)
+        store.make_dirs(s.spool_dir)
         self.settings = s = self._fix_shard_count(s)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
