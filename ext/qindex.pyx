@@ -140,6 +140,24 @@ cdef int _key_cmp(const void* a, const void* b) noexcept nogil:
     return 0
 
 
+cdef void _sift_down(Key* keys, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
+    """Restore the max-heap (by _key_cmp) of *keys*[:n] below position *i*."""
+    cdef Py_ssize_t c
+    cdef Key k
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            return
+        if c + 1 < n and _key_cmp(&keys[c + 1], &keys[c]) > 0:
+            c += 1
+        if _key_cmp(&keys[c], &keys[i]) <= 0:
+            return
+        k = keys[i]
+        keys[i] = keys[c]
+        keys[c] = k
+        i = c
+
+
 cdef void* _grow(void* p, size_t* cap, size_t need, size_t item) except NULL:
     """realloc *p* to at least *need* items (x1.5 steps); MemoryError if it cannot."""
     cdef size_t c = cap[0]
@@ -1200,26 +1218,53 @@ cdef class QueueIndex:
                 out[k] = out.get(k, 0) + 1
         return out
 
-    def sorted_qids(self, Py_ssize_t limit=0):
+    def sorted_qids(self, Py_ssize_t limit=0, after=""):
         """Queue ids in order (canonical ones by value, then the others as strings);
-        at most *limit* (0: all)."""
-        cdef uint32_t s, n = 0, i
-        cdef Key* keys = <Key*>malloc((self.count + 1) * sizeof(Key))
+        only those after queue id *after* ("": from the first); at most *limit* (0: all).
+
+        With a limit the work is one walk of the index and a sort of *limit* ids (the
+        smallest kept in a heap), not a sort of the whole queue: a page of a long
+        queue (``mta queue list``) costs the shard little."""
+        cdef uint32_t s, i
+        cdef Py_ssize_t n = 0, cap, j
+        cdef uint16_t ahi = 0
+        cdef uint64_t alo = 0
+        cdef bint canon_after = False, odd_after = False
+        cdef Key k
+        if after:
+            if _parse(after, &ahi, &alo):
+                canon_after = True
+            else:
+                odd_after = True        # every canonical id comes before it
+        if limit <= 0 or limit > self.count:
+            limit = self.count
+        cap = limit
+        cdef Key* keys = <Key*>malloc((cap + 1) * sizeof(Key))
         if keys == NULL:
             raise MemoryError()
         try:
-            for s in range(self.mlen):
-                if (self.msgs[s].bits & _BIT_LIVE) and not (self.msgs[s].bits & _BIT_ODD):
-                    keys[n].lo, keys[n].hi, keys[n].slot = self.msgs[s].lo, self.msgs[s].hi, s
+            for s in range(self.mlen if not odd_after else 0):
+                if not (self.msgs[s].bits & _BIT_LIVE) or (self.msgs[s].bits & _BIT_ODD):
+                    continue
+                k.lo, k.hi, k.slot = self.msgs[s].lo, self.msgs[s].hi, s
+                if canon_after and (k.hi < ahi or (k.hi == ahi and k.lo <= alo)):
+                    continue
+                if n < cap:
+                    keys[n] = k
                     n += 1
+                    if n == cap:            # full: a max-heap from now on
+                        for j in range(cap // 2 - 1, -1, -1):
+                            _sift_down(keys, cap, j)
+                elif cap and _key_cmp(&k, &keys[0]) < 0:
+                    keys[0] = k
+                    _sift_down(keys, cap, 0)
             qsort(keys, n, sizeof(Key), _key_cmp)
-            if limit <= 0 or limit > self.count:
-                limit = self.count
-            out = [_format(keys[i].hi, keys[i].lo) for i in range(min(<Py_ssize_t>n, limit))]
+            out = [_format(keys[i].hi, keys[i].lo) for i in range(<uint32_t>n)]
         finally:
             free(keys)
         if len(out) < limit:
-            out += sorted(self.odd)[:limit - len(out)]
+            odd = sorted(q for q in self.odd if not odd_after or q > after)
+            out += odd[:limit - len(out)]
         return out
 
     def summary(self, double now):

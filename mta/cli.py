@@ -32,6 +32,7 @@ import click
 
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
+DELETE_CHUNK = 1000     # queue ids in one request of `mta queue delete`
 
 config_option = click.option(
     "-c", "--config", "config_path", type=click.Path(dir_okay=False), envvar="MTA_CONFIG",
@@ -152,6 +153,39 @@ def _ask_shards(settings, request, *values, timeout: float = 5.0):
     finally:
         ctx.term()
     return out
+
+
+def _queue_pages(settings, limit: int = 0):
+    """The queued messages (QueueEntry), shard after shard, at most *limit* per shard (0:
+    all), asked a page at a time (mta.spool.queries.listing): the shard reads a page of
+    envelopes between two batches, not the whole queue at once, and the entries are
+    given out as each page comes."""
+    from mta import bus
+
+    ctx = bus.new_context()
+    try:
+        for n in range(_shard_count(settings)):
+            endpoint = settings.endpoint(f"spool-{n}")
+            if not os.path.exists(endpoint[len("ipc://"):]):
+                raise TimeoutError(f"spool[{n}] is not running")
+            cl = bus.SyncClient(ctx, endpoint)
+            try:
+                after, left = "", limit
+                while True:
+                    reply = cl.call(bus.SpoolQueueList, max(left, 0), after, timeout=30.0)
+                    yield from reply.entries[:left] if limit else reply.entries
+                    left -= len(reply.entries)
+                    if not reply.last or (limit and left <= 0):
+                        break
+                    after = reply.last
+            finally:
+                cl.close()
+    except TimeoutError as exc:
+        click.echo(f"mta: the daemon is not answering ({exc}); is 'mta serve' running "
+                   f"with state in {settings.state_dir}?", err=True)
+        sys.exit(EX_UNAVAILABLE)
+    finally:
+        ctx.term()
 
 
 def _age(arrival) -> str:
@@ -425,17 +459,14 @@ def _queue_settings(ctx, config_path):
 def queue_list(ctx, config_path, limit):
     """Queued messages as JSON lines (queue_id, sender, recipients, arrival_time, size)."""
     s = _queue_settings(ctx, config_path)
-    from mta import bus
-
-    for reply in _ask_shards(s, bus.SpoolQueueList, limit, timeout=30.0):
-        for e in reply.entries:
-            click.echo(json.dumps({
-                "queue_id": e.qid, "sender": e.sender, "recipients": e.rcpts,
-                "arrival_time": e.arrival, "message_size": e.size,
-                "recipient_state": [
-                    {"address": r, "state": st, "attempts": a,
-                     "next_attempt": d if st == "pending" and a else None}
-                    for r, st, a, d in zip(e.rcpts, e.states, e.attempts, e.due)]}))
+    for e in _queue_pages(s, max(limit, 0)):
+        click.echo(json.dumps({
+            "queue_id": e.qid, "sender": e.sender, "recipients": e.rcpts,
+            "arrival_time": e.arrival, "message_size": e.size,
+            "recipient_state": [
+                {"address": r, "state": st, "attempts": a,
+                 "next_attempt": d if st == "pending" and a else None}
+                for r, st, a, d in zip(e.rcpts, e.states, e.attempts, e.due)]}))
 
 
 @queue.command("show")
@@ -504,11 +535,8 @@ def queue_delete(ctx, config_path, as_json, qids):
 
     s = _queue_settings(ctx, config_path)
     nshards = _shard_count(s)
-    if list(qids) == ["ALL"]:
-        from mta import bus
-
-        qids = [e.qid for r in _ask_shards(s, bus.SpoolQueueList, 0, timeout=30.0)
-                for e in r.entries]
+    if list(qids) == ["ALL"]:        # (what is queued now: mail that comes meanwhile stays)
+        qids = [e.qid for e in _queue_pages(s)]
     bad = [q for q in qids if not is_qid(q)]
     if bad:
         click.echo(f"mta: not queue ids: {' '.join(bad)}", err=True)
@@ -524,17 +552,21 @@ def queue_delete(ctx, config_path, as_json, qids):
         for n, group in sorted(by_shard.items()):
             cl = bus.SyncClient(ctxz, s.endpoint(f"spool-{n}"))
             try:
-                reply = cl.call(bus.SpoolMessageDelete, group, timeout=30.0)
+                # DELETE_CHUNK at a time: the shard writes each delete in one batch (and
+                # reads each envelope for its events), taking no mail meanwhile
+                for i in range(0, len(group), DELETE_CHUNK):
+                    reply = cl.call(bus.SpoolMessageDelete, group[i:i + DELETE_CHUNK],
+                                    timeout=30.0)
+                    if reply.status != bus.STATUS_OK:
+                        click.echo(f"mta: spool[{n}] could not record the deletion (storage "
+                                   f"error); {len(deleted)} message(s) deleted", err=True)
+                        sys.exit(1)
+                    deleted += reply.deleted
             except TimeoutError:
                 click.echo(f"mta: spool[{n}] is not answering", err=True)
                 sys.exit(EX_UNAVAILABLE)
             finally:
                 cl.close()
-            if reply.status != bus.STATUS_OK:
-                click.echo(f"mta: spool[{n}] could not record the deletion (storage error)",
-                           err=True)
-                sys.exit(1)
-            deleted += reply.deleted
     finally:
         ctxz.term()
     click.echo(json.dumps({"deleted": deleted}) if as_json else

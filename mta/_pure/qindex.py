@@ -591,11 +591,15 @@ class QueueIndex:
             out[m.seg] = out.get(m.seg, 0) + 1
         return out
 
-    def sorted_qids(self, limit=0) -> list:
+    def sorted_qids(self, limit=0, after="") -> list:
         """Queue ids in order (canonical ones by value, then the others as strings);
-        at most *limit* (0: all)."""
-        canon = sorted(q for q in self._by_qid if is_canonical(q))
-        odd = sorted(q for q in self._by_qid if not is_canonical(q))
+        only those after queue id *after* ("": from the first); at most *limit* (0: all)."""
+        # (canonical ids are 20 upper-case hex digits: as strings in the order of their value)
+        canon_after = not after or is_canonical(after)
+        canon = sorted(q for q in self._by_qid if is_canonical(q) and canon_after
+                       and q > after)
+        odd = sorted(q for q in self._by_qid if not is_canonical(q)
+                     and (canon_after or q > after))
         out = canon + odd
         return out[:limit] if limit > 0 else out
 

@@ -146,8 +146,12 @@ class SpoolQueueSummaryReply(Message, tag=4):
 
 
 class SpoolQueueList(Message, tag=5):
+    """One page of the queue (mta.spool.queries.listing): ask again from the reply's
+    ``last`` until it is ""."""
+
     req: int
     limit: int                                          # 0: no limit (up to the shard's own)
+    after: str = ""                                     # from the queue id after this one
 
 
 class QueueEntry(Struct, array_like=True, forbid_unknown_fields=True):
@@ -166,6 +170,7 @@ class QueueEntry(Struct, array_like=True, forbid_unknown_fields=True):
 class SpoolQueueListReply(Message, tag=6):
     req: int
     entries: list[QueueEntry]
+    last: str = ""                                      # the next page's ``after``; "": done
 
 
 class SpoolMessageShow(Message, tag=7):

@@ -17,7 +17,8 @@ from mta.spool.dispatch import TRANSACTIONAL
 
 log = logging.getLogger("mta.spool")
 
-LIST_LIMIT_MAX = 1_000_000      # entries one SPOOL_QUEUE_LIST reply may carry
+LIST_PAGE = 1000                # messages one SPOOL_QUEUE_LIST reply carries at most,
+LIST_PAGE_RECIPIENTS = 20_000   # and recipients (a message is never split over two)
 CAMPAIGNS_MAX = 1000            # campaigns named in one summary; the rest count as "(other)"
 OTHER_CAMPAIGN = "(other)"
 NO_CAMPAIGN = "(none)"
@@ -66,16 +67,25 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
     return bus.SpoolQueueSummaryReply(req, s)
 
 
-def listing(store, req: int, limit: int) -> bus.SpoolQueueListReply:
-    """The queued messages in queue-id order, at most *limit* (0: up to LIST_LIMIT_MAX).
+def listing(store, req: int, limit: int, after: str = "") -> bus.SpoolQueueListReply:
+    """One page of the queued messages in queue-id order: those after queue id *after*
+    ("": from the first), at most *limit* (0, or more than LIST_PAGE: LIST_PAGE) and about
+    LIST_PAGE_RECIPIENTS recipients.  The reply's ``last`` is the next page's *after*
+    ("": this was the last page).
 
-    The envelopes are read from disk (the index keeps none); a message whose
+    A page, not the queue: the envelopes are read from disk (the index keeps none), and
+    the shard takes no mail while it reads them; a page costs it milliseconds, and
+    ``mta queue list`` asks for the next one when it has this one.  A message whose
     record cannot be read is left out (logged).
     """
-    limit = min(limit or LIST_LIMIT_MAX, LIST_LIMIT_MAX)
+    page = min(limit, LIST_PAGE) if limit > 0 else LIST_PAGE
     index = store.index
+    qids = index.sorted_qids(page, after)
     out = []
-    for qid in index.sorted_qids(limit):
+    rcpts = 0
+    last = ""
+    for qid in qids:
+        last = qid
         try:
             m = store.read_meta(qid)
         except OSError as exc:
@@ -86,7 +96,12 @@ def listing(store, req: int, limit: int) -> bus.SpoolQueueListReply:
                                   arrival=m.arrival, size=index.info(qid)[3],
                                   states=[sch.STATE_NAMES[s] for s in state],
                                   attempts=attempts, due=due))
-    return bus.SpoolQueueListReply(req, out)
+        rcpts += len(m.rcpts)
+        if rcpts >= LIST_PAGE_RECIPIENTS:
+            break
+    if len(qids) < page and (not qids or last == qids[-1]):
+        last = ""           # the queue's end
+    return bus.SpoolQueueListReply(req, out, last)
 
 
 def flush(store, req: int, qids=None) -> bus.SpoolQueueFlushReply:

@@ -950,7 +950,7 @@ class Shard:
         if t is bus.SpoolQueueSummary:
             reply = queries.summary(self, msg.req)
         elif t is bus.SpoolQueueList:
-            reply = queries.listing(self.store, msg.req, msg.limit)
+            reply = queries.listing(self.store, msg.req, msg.limit, msg.after)
         elif t is bus.SpoolQueueFlush:
             if msg.requeued:
                 qids, self.requeued_qids = list(self.requeued_qids), {}

@@ -37,6 +37,31 @@ def put(q, qid, domains=("a.example",), seg=1, lane=dispatch.BULK, start=T0, poo
     return q.add(qid, seg, 100, 10, 2000, T0, start, lane, pool, campaign, list(domains), **kw)
 
 
+def test_sorted_qids_pages_walk_the_queue_once_in_order(mod):
+    # mta queue list asks a page at a time: the smallest *limit* ids after the last one
+    # seen, whatever order they were added in, each once
+    q = mod.QueueIndex(1.0)
+    rnd = random.Random(7)
+    qids = ["%020X" % rnd.randrange(16 ** 20) for _ in range(500)]
+    for i, qid in enumerate(qids):
+        put(q, qid, seg=1 + i % 5)
+    for qid in qids[::3]:
+        q.remove(qid)
+    want = sorted(set(qids) - set(qids[::3]))
+    for limit in (1, 7, 64, 333, 1000):
+        got, after = [], ""
+        while True:
+            page = q.sorted_qids(limit, after)
+            assert len(page) <= limit
+            if not page:
+                break
+            got += page
+            after = page[-1]
+        assert got == want
+    assert q.sorted_qids(5, want[10]) == want[11:16]
+    assert q.sorted_qids(5, "%020X" % (int(want[10], 16) + 1)) == want[11:16]   # not queued
+
+
 def test_constants_match_the_spool():
     for impl in IMPLS.values():
         assert impl.PENDING == PENDING
@@ -118,6 +143,11 @@ def test_odd_queue_ids_live_in_a_side_table(mod):
     assert q.sorted_qids(3) == [Q1, Q2, sorted(odd)[0]]
     assert [mod.is_canonical(x) for x in (Q1, odd[0], odd[1], 5)] == [True, False, False,
                                                                       False]
+    # pages: after a queue id (queued or not, canonical or odd), at most a limit
+    assert q.sorted_qids(2, Q1) == [Q2, sorted(odd)[0]]
+    assert q.sorted_qids(0, Q3) == sorted(odd)
+    assert q.sorted_qids(0, sorted(odd)[2]) == sorted(odd)[3:]
+    assert q.sorted_qids(0, sorted(odd)[-1]) == []
     assert q.info("short")[0] == 2
     for qid in odd:
         q.push(qid, T0)
