@@ -382,6 +382,9 @@ def queue(ctx, config_path, as_json, by_domain):
         "next_start": min((x["next_start"] for x in shards
                            if x.get("next_start") is not None), default=None),
     }
+    from mta.obs.queue import DOMAINS_MAX, top
+
+    domains = top(domains, DOMAINS_MAX, "recipients")
     pools: dict[str, dict] = {}
     for x in shards:
         for name, v in x.get("pools", {}).items():

@@ -23,6 +23,7 @@ A message has no site or source until a delivery process has it in a lane, so th
 from __future__ import annotations
 
 import glob
+import heapq
 import json
 import os
 import time
@@ -30,6 +31,9 @@ import time
 from mta.api import webhookdb
 
 STATUS_FRESH = 10.0     # seconds: an older status file is a process that is gone
+DOMAINS_MAX = 1000      # recipient domains named in a queue view; the rest under OTHER
+CAMPAIGNS_MAX = 1000    # campaigns named in a queue view; the rest under OTHER
+OTHER = "(other)"
 
 
 def delivery_status_path(run_dir: str, index: int) -> str:
@@ -185,6 +189,29 @@ def _min(values):
     return min((v for v in values if v is not None), default=None)
 
 
+def top(groups: dict, n: int, by: str) -> dict:
+    """*groups* (name -> counts) cut to the *n* largest by count *by*, the others summed
+    under OTHER (``next_attempt``: the earliest); *groups* itself when there are no more.
+
+    A queue of 100,000 recipient domains is a view of n + 1 of them, not 100,000
+    (a shard's summary, the admin API, ``mta queue summary --by domain``); the totals
+    are kept.  Cut in each shard and again over the node, a domain that is large on
+    one shard and small on another may be counted partly under OTHER.
+    """
+    if len(groups) <= n:
+        return groups
+    keep = heapq.nlargest(n, (k for k in groups if k != OTHER), key=lambda k: groups[k][by])
+    out = {k: groups[k] for k in keep}
+    rest: dict = {}
+    for k, v in groups.items():
+        if k in out:
+            continue
+        for f, x in v.items():
+            rest[f] = _min((rest.get(f), x)) if f == "next_attempt" else rest.get(f, 0) + x
+    out[OTHER] = rest
+    return out
+
+
 def merge(shards: list[dict], delivery: dict, webhooks: dict | None = None) -> dict:
     """One view of the node's queue from the shards' summaries, :func:`delivery_status`
     and :func:`webhook_status`."""
@@ -233,8 +260,9 @@ def merge(shards: list[dict], delivery: dict, webhooks: dict | None = None) -> d
     return {"total": total,
             "shards": [{k: v for k, v in x.items() if k not in ("domains", "campaigns")}
                        for x in shards],
-            "by_domain": by_domain, "by_site": by_site, "by_pool": by_pool,
-            "by_source": by_source, "by_campaign": by_campaign,
+            "by_domain": top(by_domain, DOMAINS_MAX, "recipients"), "by_site": by_site,
+            "by_pool": by_pool, "by_source": by_source,
+            "by_campaign": top(by_campaign, CAMPAIGNS_MAX, "messages"),
             "lanes": delivery.get("lanes", []),
             "delivery_processes": delivery.get("processes", 0),
             "webhooks": webhooks if webhooks is not None else webhook_status("", False)}

@@ -12,6 +12,7 @@ import logging
 import time
 
 from mta import bus
+from mta.obs.queue import CAMPAIGNS_MAX, DOMAINS_MAX, top
 from mta.spool import schedule as sch
 from mta.spool.dispatch import TRANSACTIONAL
 
@@ -19,8 +20,6 @@ log = logging.getLogger("mta.spool")
 
 LIST_PAGE = 1000                # messages one SPOOL_QUEUE_LIST reply carries at most,
 LIST_PAGE_RECIPIENTS = 20_000   # and recipients (a message is never split over two)
-CAMPAIGNS_MAX = 1000            # campaigns named in one summary; the rest count as "(other)"
-OTHER_CAMPAIGN = "(other)"
 NO_CAMPAIGN = "(none)"
 
 
@@ -36,32 +35,30 @@ def summary(shard, req: int) -> bus.SpoolQueueSummaryReply:
     of what it has read so far, and the mail it took meanwhile);
     ``suspended_messages``: messages held back at dispatch by the operator's
     suspensions (:mod:`mta.controls`);
+    ``domains``: per recipient domain, recipients pending, deferred, next attempt (the
+    DOMAINS_MAX with the most recipients named, the rest summed under ``(other)``);
     ``pools``: messages and pending recipients per egress pool; ``campaigns``: the
-    same per ``campaign_id`` (``(none)`` without one; at most CAMPAIGNS_MAX named,
-    the rest under ``(other)``); ``events_backlog_bytes`` / ``_segments``: spool
+    same per ``campaign_id`` (``(none)`` without one; the CAMPAIGNS_MAX with the most
+    messages named, the rest under ``(other)``); ``events_backlog_bytes`` / ``_segments``: spool
     segments the events process has not read yet (``events_backlog_warning``:
     over half of ``events.max_backlog_bytes``).
     """
     s = shard.store.summary(time.time())
     campaigns: dict = {}
     for camp, v in s["campaigns"].items():
-        camp = camp or NO_CAMPAIGN
-        if camp not in campaigns and len(campaigns) >= CAMPAIGNS_MAX:
-            camp = OTHER_CAMPAIGN
-        c = campaigns.setdefault(camp, [0, 0])
-        c[0] += v[0]
-        c[1] += v[1]
+        c = campaigns.setdefault(str(camp or NO_CAMPAIGN), {"messages": 0, "recipients": 0})
+        c["messages"] += v[0]
+        c["recipients"] += v[1]
     domains, pools = s["domains"], s["pools"]
     s.update(shard=shard.shard, healthy=shard.healthy, error=shard.last_error,
              held=shard.dcfg.hold, in_flight=len(shard.jobs),
              in_flight_transactional=shard.window.out[TRANSACTIONAL],
              blocked=shard.window.blocked_count(),
              suspended_messages=len(shard.held), recovering=shard.recovering,
-             domains={k: {"recipients": v[0], "deferred": v[1], "next_attempt": v[2]}
-                      for k, v in domains.items()},
+             domains=top({k: {"recipients": v[0], "deferred": v[1], "next_attempt": v[2]}
+                          for k, v in domains.items()}, DOMAINS_MAX, "recipients"),
              pools={k: {"messages": v[0], "recipients": v[1]} for k, v in pools.items()},
-             campaigns={str(k): {"messages": v[0], "recipients": v[1]}
-                        for k, v in campaigns.items()},
+             campaigns=top(campaigns, CAMPAIGNS_MAX, "messages"),
              events_backlog_bytes=shard.backlog[0], events_backlog_segments=shard.backlog[1],
              events_backlog_warning=shard.backlog_level > 0)
     return bus.SpoolQueueSummaryReply(req, s)

@@ -97,6 +97,35 @@ def test_queue_view_merges_shards_and_delivery_status(tmp_path):
     assert "domains" not in view["shards"][0] and view["delivery_processes"] == 1
 
 
+def test_queue_view_names_the_largest_domains_and_campaigns_and_sums_the_rest(tmp_path):
+    # A queue to 100,000 recipient domains: /api/admin/queue (and mta queue summary
+    # --by domain) had a row for every one of them, from every shard.
+    n = q.DOMAINS_MAX
+    shards = [shard(k, n, {f"d{k}-{i}.test": {"recipients": 1 + (i == 7) * 50, "deferred": 1,
+                                              "next_attempt": 100.0 - k - i / n}
+                           for i in range(n)},
+                    {"default": {"messages": n, "recipients": n + 50}},
+                    {f"c{k}-{i}": {"messages": 1 + (i == 9) * 50, "recipients": 1}
+                     for i in range(q.CAMPAIGNS_MAX)}) for k in range(3)]
+    view = q.merge(shards, q.delivery_status(str(tmp_path)))
+    doms, camps = view["by_domain"], view["by_campaign"]
+    assert len(doms) == n + 1 and len(camps) == q.CAMPAIGNS_MAX + 1
+    assert all(doms[f"d{k}-7.test"]["recipients"] == 51 for k in range(3))
+    assert all(camps[f"c{k}-9"]["messages"] == 51 for k in range(3))
+    # nothing is lost: the rest is under (other), with the earliest next attempt
+    assert sum(v["recipients"] for v in doms.values()) == 3 * (n + 50)
+    assert sum(v["deferred"] for v in doms.values()) == 3 * n
+    assert sum(v["messages"] for v in camps.values()) == 3 * (q.CAMPAIGNS_MAX + 50)
+    assert doms[q.OTHER]["next_attempt"] == min(
+        x["next_attempt"] for s in shards for x in s["domains"].values()
+        if x["recipients"] == 1)
+    # a shard's own (other) is summed into the node's
+    small = q.merge([shard(0, 1, {"a.test": {"recipients": 2, "deferred": 0, "next_attempt": None},
+                                  q.OTHER: {"recipients": 9, "deferred": 1, "next_attempt": 5.0}},
+                           {}, {})], q.delivery_status(str(tmp_path)))
+    assert small["by_domain"][q.OTHER] == {"recipients": 9, "deferred": 1, "next_attempt": 5.0}
+
+
 def test_webhook_backlog_from_the_webhooks_status_file(tmp_path):
     """mta queue and /api/admin/queue: per webhook the events not delivered yet, the bound
     and whether it is retrying; a stale file says the process is not reporting."""

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import time
 
+from test_dispatch import make_shard
+
+from mta.obs import queue as q
 from mta.queueid import new_qid_for_shard
 from mta.spool import queries
 from mta.store import MessageMeta, Store
@@ -75,3 +78,27 @@ def test_a_page_is_bounded_by_recipients_too(tmp_path):
         assert sizes[0] == per_page and len(sizes) == -(-60 // per_page)
     finally:
         st.close()
+
+
+def test_a_summary_names_the_largest_domains_and_campaigns_and_sums_the_rest(tmp_path):
+    # Mail to more recipient domains than a view names: the shard's summary had one entry
+    # per domain (100,000 domains: 100,000 rows in mta queue summary --by domain), and of
+    # the campaigns it named the first CAMPAIGNS_MAX it had seen, not the largest.
+    shard = make_shard(tmp_path)
+    n = q.DOMAINS_MAX + 200
+    items = [(MessageMeta(new_qid_for_shard(0, 1), "s@sender.example", [f"r@d{i}.example"],
+                          time.time(), {"campaign_id": f"c{i}"}, "client.test [127.0.0.1]"),
+              BODY) for i in range(n)]
+    # the last domain and the last campaign seen are the largest
+    items += [(MessageMeta(new_qid_for_shard(0, 1), "s@sender.example",
+                           [f"r{j}@d{n - 1}.example" for j in range(3)], time.time(),
+                           {"campaign_id": f"c{n - 1}"}, "client.test [127.0.0.1]"), BODY)
+              for _ in range(5)]
+    shard.store.commit(shard.store.write(items, []), [])
+    s = queries.summary(shard, 1).summary
+    assert len(s["domains"]) == q.DOMAINS_MAX + 1 and len(s["campaigns"]) == q.CAMPAIGNS_MAX + 1
+    assert s["domains"][f"d{n - 1}.example"]["recipients"] == 16
+    assert s["campaigns"][f"c{n - 1}"] == {"messages": 6, "recipients": 16}
+    assert sum(v["recipients"] for v in s["domains"].values()) == s["recipients"] == n + 15
+    assert sum(v["messages"] for v in s["campaigns"].values()) == s["messages"] == n + 5
+    assert s["domains"][q.OTHER]["recipients"] == 200
