@@ -24,6 +24,7 @@ not from a links entry, a URI over 4096 characters).
 from __future__ import annotations
 
 import datetime
+import re
 import time
 import urllib.parse
 
@@ -42,6 +43,7 @@ TO_LAG = 60.0              # to: one minute before now
 BAD_PARAM = R.Error(400, "invalid params", "1200")
 BAD_METHOD = R.Error(405, "invalid HTTP method", "1102")
 
+_OFFSET = re.compile(r"[0-9]{2}(:?[0-9]{2})?")
 PARAMS = frozenset(("from", "to", "cursor", "per_page", "delimiter")) | frozenset(S.FILTERS)
 
 # ------------------------------------------------------------ the data table
@@ -231,9 +233,10 @@ def _date(q: dict, name: str) -> float | None:
     text = v[0].strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
-    # a "+" of an offset sent unencoded arrives as a space
-    if len(text) > 6 and text[-6] == " ":
-        text = text[:-6] + "+" + text[-5:]
+    # a "+" of an offset sent unencoded arrives as a space (+00:00, +0000, +00)
+    head, space, tail = text.rpartition(" ")
+    if space and _OFFSET.fullmatch(tail) and ("T" in head or ":" in head):
+        text = head + "+" + tail
     try:
         if len(text) > 40:
             raise ValueError
