@@ -321,8 +321,13 @@ def start_role(role: str, index: int | None, log_level: str) -> str:
     name = f"{role}[{index}]" if index is not None else role
     setproctitle.setproctitle(f"mta: {name}")
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    # SIGUSR1 (reopen the event log) and SIGUSR2 (upgrade) are the supervisor's too, but
+    # logrotate's `systemctl kill -s USR1` signals every process of the unit: with the
+    # default action each child died.  The events process installs its own SIGUSR1 handler.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     # Ctrl-C in a terminal reaches the whole process group; only the supervisor acts on it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGHUP is the supervisor's (a reload); a child that takes it (the spool shards)

@@ -483,3 +483,23 @@ def test_an_acceptor_replaced_by_a_reload_that_does_not_stop_is_killed(make_daem
         assert code == 250
     assert d.children()["acceptor[0]"] == new
     assert "restarting in" not in d.log()
+
+
+def test_sigusr1_to_every_process_of_the_unit_reopens_the_log_and_ends_no_child(make_daemon):
+    # logrotate's `systemctl kill -s USR1 mta` (--kill-whom=all, the default) signals every
+    # process of the unit, not only the supervisor: every child but the events process
+    # kept SIGUSR1's default action and died, resetting the sessions in flight
+    d = make_daemon(acceptors=1, shards=1)
+    kids = d.children()
+    with d.session() as c:
+        assert c.cmd("MAIL FROM:<a@example.com>")[0] == 250
+        for pid in [d.proc.pid, *kids.values()]:
+            os.kill(pid, signal.SIGUSR1)
+        d.wait_log(r"event log reopened", timeout=10)
+        assert c.cmd("RCPT TO:<b@example.net>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        code, text = c.cmd(b"Subject: rotated\r\n\r\nx\r\n.")
+        assert code == 250, text
+    time.sleep(1.0)             # (a child that died is seen by the supervisor within 0.25 s)
+    assert d.children() == kids
+    assert "died" not in d.log()
