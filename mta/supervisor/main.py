@@ -560,16 +560,26 @@ class Supervisor:
         log.info("stopped")
         return 0
 
+    @staticmethod
+    def _stop_grace(settings) -> float:
+        """How long a child SIGTERMed (at a stop, or replaced by a reload) is given before
+        SIGKILL: its drain (an acceptor waits for the spool's answers besides; a delivery
+        process gives its transactions under way 10 s more), then STOP_GRACE."""
+        cfg = settings.config
+        return cfg.server.shutdown_timeout + cfg.smtp.spool_timeout + STOP_GRACE
+
+    def _stop_asked(self) -> bool:
+        return any(sig in (signal.SIGTERM, signal.SIGINT) for sig in self.signals)
+
     def _stop_children(self) -> None:
         """Stop every child, role by role in reverse table order (acceptors first)."""
-        cfg = self.settings.config
-        grace = cfg.server.shutdown_timeout + cfg.smtp.spool_timeout
+        grace = self._stop_grace(self.settings)
         for svc in reversed(table(self.settings)):
             victims = [c for c in self.children.values() if c.role == svc.role]
             for c in victims:
                 c.retired = True
                 self._kill(c.pid, signal.SIGTERM)
-            self._wait_gone(victims, grace + STOP_GRACE)
+            self._wait_gone(victims, grace)
 
     # --------------------------------------------------------------- upgrade
 
@@ -809,9 +819,15 @@ class Supervisor:
         started when it has exited: the spool shards park the due jobs of a delivery
         process that is away and give them to its successor, and send again at once the
         jobs the old one took with it unstarted (at least once; nothing is lost).
+        A stop (SIGTERM) asked for meanwhile ends the roll: the processes not replaced
+        yet stay, and are stopped with the others at once.
         """
-        grace = settings.config.server.shutdown_timeout + STOP_GRACE
+        grace = self._stop_grace(settings)
         for key in sorted(k for k in self.slots if k[0] == role):
+            if self._stop_asked():
+                log.info("reload: a stop was asked for; %s[%d] and the rest are left as "
+                         "they are", role, key[1])
+                return
             slot = self.slots[key]
             old = slot.child
             if old is not None and old.pid in self.children:

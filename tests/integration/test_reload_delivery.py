@@ -4,6 +4,8 @@ flight is lost or delivered twice; what needs a restart is named in the log."""
 from __future__ import annotations
 
 import collections
+import re
+import signal
 import threading
 import time
 
@@ -152,3 +154,55 @@ def test_a_reload_whose_record_cannot_be_written_says_the_spool_keeps_delivery(m
     assert "the spool shards keep [delivery] as it was" in log
     assert "reload: delivery no longer held" not in d.log()
     assert all(s["held"] for s in d.queue_summary()["shards"])
+
+
+def hung_transactions(make_daemon, processes: int):
+    """A daemon delivering to a receiver that never answers the end of data, with a
+    transaction under way in each of its *processes* delivery processes."""
+    a = AioSink(HOST, free_port(), name="A").start()
+    a.delay = 600.0                     # (the end of data is never answered)
+    d = make_daemon(acceptors=1, shards=1, server={"shutdown_timeout": 2.0},
+                    delivery={"hold": False, "processes": processes, "route": route(a)})
+    for i in range(4 * processes):      # (domains spread over the delivery processes)
+        d.send("s@example.com", [f"r@d{i}.example"], message(f"hung{i}"))
+    wait_until(lambda: a.open_now >= processes and len(a.rcpt_log) >= processes, 30,
+               "transactions under way at A")
+    return a, d
+
+
+def test_a_delivery_process_replaced_by_a_reload_during_a_hung_transaction_is_not_killed(
+        make_daemon):
+    # A delivery process stops (SIGTERM) in shutdown_timeout, then gives its busy
+    # transactions 10 s more to end before it cancels them; a reload gave it only
+    # shutdown_timeout + 10 s in all, so each one with a transaction to a receiver that
+    # does not answer was killed ("did not stop in time; killing it"), its last outcomes
+    # and final counters with it -- as a stop, which gives it longer, never did
+    a, d = hung_transactions(make_daemon, 1)
+    try:
+        old = d.children()["delivery[0]"]
+        d.reload(delivery={"retry_schedule": [5.0, 10.0]}, timeout=90)
+        assert "did not stop in time" not in d.log()
+        assert f"delivery[0] pid={old} exited (exit status 0)" in d.log()
+    finally:
+        a.stop()
+
+
+def test_a_stop_during_a_reload_does_not_wait_for_the_rest_of_the_delivery_processes(
+        make_daemon):
+    # SIGTERM while a reload replaces the delivery processes one at a time: the
+    # supervisor went on replacing each of them (each taking as long as a stop when a
+    # transaction hangs) before it began to stop, so `systemctl stop` right after a
+    # reload took the processes' count times longer than a stop
+    a, d = hung_transactions(make_daemon, 3)
+    try:
+        d.sections["delivery"]["retry_schedule"] = [5.0, 10.0]
+        d.write_config()
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_log(r"replacing the delivery process\(es\) one at a time")
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(120) == 0
+        log = d.log()
+        assert "reload: a stop was asked for; delivery[1] and the rest are left as they are" in log, log
+        assert len(re.findall(r"started delivery\[[12]\]", log)) == 2     # (the first start)
+    finally:
+        a.stop()
