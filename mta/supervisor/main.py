@@ -44,7 +44,8 @@ SIGUSR2 (``mta upgrade``): stop the children as at SIGTERM but keep the
 listening sockets open (connections wait in the backlog), start ``mta serve``
 -- the installed version -- with them ($MTA_INHERIT_FDS), wait for its ready
 byte ($MTA_UPGRADE_READY_FD), send MAINPID= to systemd and exit 0; if it does
-not come up, start the children again and carry on (:meth:`Supervisor.upgrade`).
+not come up, start the children again and carry on, or, should they not start, stop
+and exit 1 (:meth:`Supervisor.upgrade`).
 At start ``run/drain`` (``mta drain``) is removed: a fresh start accepts mail
 (an upgrade keeps it).
 SIGUSR1: passed to the events process, which reopens the event log by name
@@ -533,8 +534,10 @@ class Supervisor:
                 return self.shutdown()
             self.reap()
             self.kill_overdue()
-            if signal.SIGUSR2 in sigs and self.upgrade():
-                return 0
+            if signal.SIGUSR2 in sigs:
+                status = self.upgrade()
+                if status is not None:
+                    return status
             if signal.SIGHUP in sigs:
                 self.reload()
             if signal.SIGUSR1 in sigs:
@@ -583,7 +586,7 @@ class Supervisor:
 
     # --------------------------------------------------------------- upgrade
 
-    def upgrade(self) -> bool:
+    def upgrade(self) -> int | None:
         """SIGUSR2 (``mta upgrade``): hand the listening sockets to a new supervisor.
 
         The children stop as at SIGTERM (acceptors finish their sessions, delivery
@@ -593,7 +596,9 @@ class Supervisor:
         version -- starts with the sockets (their fds in $MTA_INHERIT_FDS) and
         says on a pipe when it is ready; this supervisor then exits 0.  If the
         new one fails or is not ready in time, this one starts its children
-        again on the same sockets and keeps running.  True: exit now.
+        again on the same sockets and keeps running.  Returns the exit status when this
+        process is to exit now (1: its children could not be started again, so that a
+        service manager restarts the node), else None.
         """
         cfg = self.settings.config
         log.info("upgrade: stopping the children; the listening sockets stay open")
@@ -634,7 +639,7 @@ class Supervisor:
             if stops:
                 log.info("upgrade: passing the stop asked for meanwhile to pid %d", new.pid)
                 os.kill(new.pid, stops[0])
-            return True
+            return 0
         log.error("upgrade failed: the new supervisor did not become ready; starting this "
                   "one's children again")
         if new is not None and new.poll() is None:
@@ -650,10 +655,12 @@ class Supervisor:
         try:
             self.start_children()
         except StartupError as exc:
-            log.error("cannot start the children again: %s", exc)
-            return self.shutdown() == 0
+            log.error("cannot start the children again: %s; stopping (exit status 1)",
+                      exc)
+            self.shutdown()
+            return 1
         notify.ready(f"upgrade failed; {self.status_line()}")
-        return False
+        return None
 
     def _await_byte(self, fd: int, timeout: float) -> bytes:
         deadline = time.monotonic() + timeout

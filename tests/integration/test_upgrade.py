@@ -9,6 +9,7 @@ the new one serves SMTP, HTTP and the admin listener on the same ports.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
@@ -213,3 +214,28 @@ def test_a_stop_asked_for_during_an_upgrade_stops_the_new_supervisor(make_daemon
     assert "passing the stop asked for meanwhile" in d.log()
     with pytest.raises(OSError):
         d.connect(timeout=2)
+
+
+def test_a_supervisor_that_cannot_start_its_children_after_a_failed_upgrade_exits_1(
+        make_daemon):
+    # The new supervisor fails, and the old one cannot start its children again (here a
+    # shard's writer lock is taken as its spool process stops; in life, the children of a
+    # new supervisor killed for not being ready, still stopping): the old one stopped and
+    # exited 0, so systemd (Restart=on-failure) left the node down for good
+    d = make_daemon(acceptors=1, shards=1)
+    lock_path = os.path.join(d.state_dir, "spool", "shard-00", "writer.lock")
+    fd = os.open(lock_path, os.O_RDWR)
+    try:
+        locker = threading.Thread(target=fcntl.flock, args=(fd, fcntl.LOCK_EX), daemon=True)
+        locker.start()                  # (waits while the running shard holds it)
+        good = open(d.config_path).read()
+        d.write_config(good + "\n[nonsense]\nkey = 1\n")     # the new supervisor refuses it
+        os.kill(d.proc.pid, signal.SIGUSR2)
+        assert d.proc.wait(180) == 1
+        d.write_config(good)
+        log = d.log()
+        assert "upgrade failed: the new supervisor did not become ready" in log
+        assert "cannot start the children again" in log
+        assert not locker.is_alive()
+    finally:
+        os.close(fd)
