@@ -96,7 +96,7 @@ def test_fuzzed_http_requests(make_daemon):
         inp.pos = 3 + 2 * (inp.data[2] % 8 if len(data) > 2 else 0)  # skip keys, peer, cuts
         request, _ = http_api.requests(inp)
         out = _converse(d.http_port, request, rng)
-        http_api.check_responses(out)
+        http_api.check_responses(out, http_api.head_requests(request))
         statuses.update(int(out[9:12]) for _ in [0] if out[:5] == b"HTTP/")
     # (A transmission's 200 may not come: the client's end of file arrives with the request,
     # and the server closes without waiting for the spool; the valid request below gets it.)

@@ -140,6 +140,14 @@ def test_a_5xx_or_a_logged_traceback_in_the_http_path_is_found(monkeypatch):
     monkeypatch.setattr(transmissions, "decode", broken)
     with pytest.raises(Divergence, match="logged at ERROR"):
         ha.one_input(seed)
+    # The answer to a HEAD has its Content-Length and no body; to anything else, its body.
+    bodiless = (b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 14\r\nAllow: GET\r\n"
+                b"\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 14\r\n\r\n")
+    ha.check_responses(bodiless, heads=2)
+    with pytest.raises(Divergence, match="not JSON"):
+        ha.check_responses(bodiless)
+    assert ha.head_requests(b"HEAD / HTTP/1.1\r\n\r\nGET /HEAD HTTP/1.1\r\n\r\n"
+                            b"HEAD /x HTTP/1.1\r\n\r\n") == 2
     with pytest.raises(Divergence, match="a 503 for bad input"):
         ha.check_responses(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 26\r\n\r\n"
                            b'{"errors":[{"message":1}]}')
