@@ -300,7 +300,7 @@ class EventStore:
             raise FileNotFoundError(f"events store {path}: not created yet")
         try:
             self.env = lmdb.open(path, map_size=map_size, max_dbs=16, subdir=True,
-                                 readonly=readonly, readahead=False, sync=False, metasync=False,
+                                 readonly=readonly, readahead=False, sync=True, metasync=False,
                                  max_readers=max_readers)
         except DAMAGED as exc:
             raise StoreDamaged(path, exc) from None
