@@ -40,14 +40,17 @@ big-endian, 8 octets; so byte order is time order):
   store is made: a store deleted and made anew -- its seqs start again at 1
   -- has another, so webhook cursors saved with the old one are reset).
 
-Commits are not synced one by one (LMDB's NOSYNC and NOMETASYNC): the writer
-calls :meth:`sync` at its checkpoints, before it moves its own cursors, so a
-crash replays the events since the last checkpoint (skipped by event_id).  A
-process crash loses nothing committed (the page cache holds it); after a power
-loss LMDB documents that unsynced transactions can be lost or the environment
-damaged; it holds only derived data (the event log has the events): the events
-process sets a store it cannot read aside and starts an empty one
-(:class:`StoreDamaged`, :func:`mta.events.main.open_sink`).
+Each commit syncs its data pages but not its meta page (LMDB's NOMETASYNC):
+LMDB keeps the environment whole across a power loss that way and may lose only
+the last commits, which the writer reads again from its cursors (it calls
+:meth:`sync` at its checkpoints, before it moves them; repeated events are
+skipped by event_id).  With NOSYNC as well, as before, a power cut could leave
+a meta page on disk that names data pages that never got there: a damaged
+store, and with it every event the webhooks had not sent yet (measured end to
+end, the synced commits cost nothing visible: bench/RESULTS.md, stop 38).  A
+store damaged all the same (a disk that lies about its flushes) is set aside
+and made anew by the events process (:class:`StoreDamaged`,
+:func:`mta.events.main.open_sink`).
 
 Results are newest first (descending time, then seq); the paging cursor is
 the (time, seq) of the last event of a page, base64-encoded: a keyset cursor,
@@ -144,9 +147,9 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(dict)
 
 
-# What LMDB says of an environment a power cut left damaged (the writer runs with
-# NOSYNC, see the module's text): no LMDB file, a page of the wrong kind, a page beyond
-# the end of the file.
+# What LMDB says of an environment a power cut left damaged (see the module's text: a
+# disk that lies about its flushes): no LMDB file, a page of the wrong kind, a page
+# beyond the end of the file.
 DAMAGED = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError)
 
 
@@ -300,7 +303,9 @@ class EventStore:
             raise FileNotFoundError(f"events store {path}: not created yet")
         try:
             self.env = lmdb.open(path, map_size=map_size, max_dbs=16, subdir=True,
-                                 readonly=readonly, readahead=False, sync=True, metasync=False,
+                                 readonly=readonly, readahead=False,
+                                 # (each commit's data synced, its meta page with the next)
+                                 sync=True, metasync=False,
                                  max_readers=max_readers)
         except DAMAGED as exc:
             raise StoreDamaged(path, exc) from None

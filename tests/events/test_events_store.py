@@ -465,3 +465,11 @@ def test_damage_found_by_an_append_is_said_as_such(store):
     store._append = broken
     with pytest.raises(S.StoreDamaged):
         store.append([ev(2)])
+
+
+def test_the_writer_syncs_each_commits_data(store):
+    # NOSYNC lets a power cut leave a meta page on disk that names data pages that never
+    # got there (LMDB's documentation): a damaged store, and the webhooks' unsent events
+    # with it.  The writer syncs each commit's data (its meta page goes with the next).
+    flags = store.env.flags()
+    assert flags["sync"] is True and flags["metasync"] is False, flags
