@@ -122,6 +122,31 @@ def decode(payload) -> list[dict]:
     return orjson.loads(payload)
 
 
+def _cut_torn_tail(fd: int, size: int, step: int = 65536) -> int:
+    """Cut a file of lines back to its last complete line; its new size.
+
+    A kill -9 in the middle of a write of many lines leaves part of one (the kernel
+    stops a write at a fatal signal between pages), and so does a power cut (a
+    tail of zeros).  Both are past the last checkpoint (a checkpoint syncs the
+    log after its writes returned), so the events process writes those events
+    again from its cursors; cut here, the fragment does not glue itself to the
+    first of them, which would make two events one line no reader can parse."""
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    end = size
+    while end > 0:
+        start = max(0, end - step)
+        i = os.pread(fd, end - start, start).rfind(b"\n")
+        if i >= 0:
+            end = start + i + 1
+            break
+        end = start
+    log.warning("event log: cut %d octet(s) of a torn last line (written again from the "
+                "cursors)", size - end)
+    os.ftruncate(fd, end)
+    return end
+
+
 class RotatingLog:
     """The JSON-lines log: buffered appends, sync, rotation by size and age, retention.
 
@@ -147,9 +172,9 @@ class RotatingLog:
             _sync_dir(os.path.dirname(path) or ".")
 
     def _open(self) -> None:
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                           0o640)
-        self.size = os.fstat(self.fd).st_size
+        self.size = _cut_torn_tail(self.fd, os.fstat(self.fd).st_size)
         self.started = self._first_timestamp() if self.size else 0.0
 
     def _first_timestamp(self) -> float:

@@ -102,3 +102,31 @@ def test_a_write_cut_short_by_a_full_disk_leaves_no_torn_line(tmp_path, monkeypa
     log.write(batch(2, 3))          # space is back: the events process writes them again
     log.close()
     assert [e["event_id"] for e in lines(p)] == [str(i) for i in range(5)]
+
+
+def test_a_torn_last_line_left_by_a_kill_or_a_power_cut_is_cut_at_open(tmp_path):
+    # kill -9 in the middle of a write of many lines leaves part of one; a power cut can
+    # leave zeros.  Both are past the last checkpoint: the events process writes those
+    # events again, and they must start on a line of their own (before, the fragment
+    # and the next event made one line no reader could parse; the chaos soak saw one).
+    for tail in (b'{"type":"delivery","event_id":"2","pa', b"\0" * 5000,
+                 b'{"x":"' + b"y" * 200_000):          # longer than one step back
+        p = tmp_path / "events.jsonl"
+        log = new_log(p, rotate_bytes=1 << 30)
+        log.write(batch(0, 2))
+        log.close()
+        with open(p, "ab") as f:
+            f.write(tail)
+        log = new_log(p, rotate_bytes=1 << 30)
+        log.write(batch(2, 2))
+        log.close()
+        assert [e["event_id"] for e in lines(p)] == ["0", "1", "2", "3"], tail[:20]
+        os.unlink(p)
+    # all of a file one torn line: nothing is left of it
+    from mta.obs.events import _cut_torn_tail
+    p = tmp_path / "one.jsonl"
+    p.write_bytes(b'{"type":"deliv')
+    fd = os.open(p, os.O_RDWR)
+    assert _cut_torn_tail(fd, os.fstat(fd).st_size, step=4) == 0
+    os.close(fd)
+    assert p.read_bytes() == b""
