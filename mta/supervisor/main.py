@@ -355,7 +355,13 @@ class Supervisor:
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         entry = next(s.entry for s in table(settings) if s.role == slot.role)
         me = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            # (EAGAIN at the unit's TasksMax, ENOMEM): the caller decides; no pipe left
+            os.close(rfd)
+            os.close(wfd)
+            raise
         if pid == 0:  # child
             code = 0
             try:
@@ -464,7 +470,20 @@ class Supervisor:
         for slot in self.slots.values():
             if slot.child is None and slot.restart_at is not None and now >= slot.restart_at:
                 slot.restart_at = None
-                self.spawn(slot, self.settings)
+                self._respawn(slot, self.settings)
+
+    def _respawn(self, slot: Slot, settings) -> Child | None:
+        """Start *slot*'s process again; when it cannot be forked (the unit's TasksMax,
+        memory), try again after the slot's back-off instead of ending the supervisor --
+        and with it every other process of the node."""
+        try:
+            return self.spawn(slot, settings)
+        except OSError as exc:
+            slot.restart_at = time.monotonic() + slot.backoff
+            log.error("%s[%d] could not be started (%s); trying again in %.1fs", slot.role,
+                      slot.index, exc.strerror or exc, slot.backoff)
+            slot.backoff = min(slot.backoff * 2, settings.config.server.restart_backoff_max)
+            return None
 
     # --------------------------------------------------------------- running
 
@@ -843,8 +862,9 @@ class Supervisor:
                 self._wait_gone([old], grace)
             slot.child = None
             slot.restart_at = None
-            child = self.spawn(slot, settings)
-            if not self.wait_ready([child], settings.config.server.ready_timeout):
+            child = self._respawn(slot, settings)
+            if child is not None and not self.wait_ready([child],
+                                                         settings.config.server.ready_timeout):
                 log.error("%s[%d] did not start after the reload; it is restarted as after "
                           "a crash", role, key[1])
 
@@ -906,16 +926,22 @@ class Supervisor:
             if previous is not None and previous is not slot:
                 slot.child = None
             self.outgoing = [x for x in [previous, *fresh.values()] if x is not None]
-            child = self.spawn(slot, new)
-            if not self.wait_ready([child], new.config.server.ready_timeout):
-                self._kill(child.pid, signal.SIGKILL)
+            why = f"new acceptor[{i}] did not start"
+            try:
+                child = self.spawn(slot, new)
+            except OSError as exc:          # (fork: the unit's TasksMax, memory)
+                child = None
+                why = f"new acceptor[{i}] could not be started ({exc.strerror or exc})"
+            if child is None or not self.wait_ready([child], new.config.server.ready_timeout):
+                if child is not None:
+                    self._kill(child.pid, signal.SIGKILL)
                 if previous is not None:
                     self.slots[key] = previous
                     previous.child = old_child
                 if previous is not slot:
                     self._close_unshared({key: slot})
                 self._close_unshared(fresh)
-                raise StartupError(f"new acceptor[{i}] did not start")
+                raise StartupError(why)
             if old_child is not None and old_child.pid in self.children:
                 self._retire(old_child, new)
             if previous is not None and previous is not slot:
