@@ -192,6 +192,21 @@ _LOCK_SLOT = [_flock(fcntl.F_WRLCK, SLOT_BASE + i) for i in range(_SLOT_CACHE)]
 _UNLOCK_SLOT = [_flock(fcntl.F_UNLCK, SLOT_BASE + i) for i in range(_SLOT_CACHE)]
 
 
+def _lock_rate(fd: int) -> bool:
+    """Take a key's rate lock, which another process holds for microseconds at a time:
+    False when it was still busy after _RATE_LOCK_TRIES attempts (the caller answers
+    "busy", never waits: a process stopped while holding it must not stall this one's
+    event loop)."""
+    for _ in range(_RATE_LOCK_TRIES):
+        try:
+            fcntl.fcntl(fd, _SETLK, _LOCK_RATE)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+    return False
+
+
 def _lock_slot(i: int) -> bytes:
     return _LOCK_SLOT[i] if i < _SLOT_CACHE else _flock(fcntl.F_WRLCK, SLOT_BASE + i)
 
@@ -501,14 +516,7 @@ class NodeLimiter(Limiter):
                     and tat - t <= burst * interval + _RESET_HORIZON:
                 return max(tat - t - allowance, 1e-9)
             fd = entry.fd
-            for _ in range(_RATE_LOCK_TRIES):
-                try:
-                    fcntl.fcntl(fd, _SETLK, _LOCK_RATE)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-            else:
+            if not _lock_rate(fd):
                 return min(_RATE_BUSY_WAIT, interval)
             try:
                 tat, stored = _STATE.unpack_from(mm, 0)
@@ -548,14 +556,7 @@ class NodeLimiter(Limiter):
         entry, transient = self._entry_or_transient(key)
         try:
             fd, mm = entry.fd, entry.mm
-            for _ in range(_RATE_LOCK_TRIES):
-                try:
-                    fcntl.fcntl(fd, _SETLK, _LOCK_RATE)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-            else:
+            if not _lock_rate(fd):
                 # Busy for microseconds: not full (read as full, a warm-up cap would
                 # hold the mail until its hour or day rolled over).
                 return None
@@ -576,13 +577,8 @@ class NodeLimiter(Limiter):
         entry, transient = self._entry_or_transient(key)
         try:
             fd, mm = entry.fd, entry.mm
-            while True:         # (held for microseconds by another process: wait it out)
-                try:
-                    fcntl.fcntl(fd, _SETLK, _LOCK_RATE)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
+            if not _lock_rate(fd):
+                return      # (busy: the unit stays counted, the cap errs towards less)
             try:
                 stored, n = _COUNT.unpack_from(mm, _COUNT_AT)
                 if stored == window and n > 0:

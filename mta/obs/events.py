@@ -42,7 +42,7 @@ import time
 
 import orjson
 
-from mta.store import make_dirs
+from mta.store import make_dirs, sync_dir
 
 log = logging.getLogger("mta.events")
 
@@ -169,7 +169,7 @@ class RotatingLog:
             # its cursors past what it synced here, a power cut must not take the file)
             make_dirs(os.path.dirname(path) or ".")
             self._open()
-            _sync_dir(os.path.dirname(path) or ".")
+            sync_dir(os.path.dirname(path) or ".")
 
     def _open(self) -> None:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
@@ -239,7 +239,7 @@ class RotatingLog:
         os.close(self.fd)
         self.fd = -1
         self._open()
-        _sync_dir(os.path.dirname(self.path) or ".")
+        sync_dir(os.path.dirname(self.path) or ".")
         log.info("event log rotated to %s", target)
         self.prune()
         return target
@@ -289,7 +289,7 @@ class RotatingLog:
             os.close(self.fd)
             self.fd = -1
         self._open()
-        _sync_dir(os.path.dirname(self.path) or ".")     # (a new file's name: as at start)
+        sync_dir(os.path.dirname(self.path) or ".")     # (a new file's name: as at start)
         log.info("event log reopened: %s", self.path)
 
     def close(self) -> None:
@@ -301,9 +301,3 @@ class RotatingLog:
                 self.fd = -1
 
 
-def _sync_dir(path: str) -> None:
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -20,6 +20,8 @@ import time
 
 import msgspec
 
+from mta.store import sync_dir
+
 log = logging.getLogger("mta.delivery.adaptive")
 
 __all__ = ["ADMIN_RULE", "Entry", "Store", "entry_id", "list_entries", "cancel_entries", "STORE_DIR",
@@ -93,7 +95,7 @@ class Store:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             # (its name made durable: put() syncs the entries in it, not the directory's
             # own name in its parent -- a power cut took the first entries with it)
-            _sync_dir(os.path.dirname(os.path.abspath(directory)))
+            sync_dir(os.path.dirname(os.path.abspath(directory)))
         self.entries: dict[str, Entry] = {}
         self._seen: dict[str, int] = {}          # file name -> st_mtime_ns read
         self.removed: list[Entry] = []           # gone from disk since the caller looked
@@ -190,7 +192,7 @@ class Store:
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            _sync_dir(self.directory)
+            sync_dir(self.directory)
         except OSError as exc:
             log.warning("cannot record %s %s for %s/%s: %s", entry.kind, entry.rule,
                         entry.source, entry.site, exc)
@@ -215,14 +217,6 @@ class Store:
             pass
         except OSError as exc:
             log.warning("cannot remove %s: %s", self.path(eid), exc)
-
-
-def _sync_dir(path: str) -> None:
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def entry_view(e: Entry, now: float, time_scale: float = 1.0) -> dict:
