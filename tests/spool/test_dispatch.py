@@ -639,13 +639,8 @@ def test_queue_show_gives_a_last_reply_only_for_recipients_still_waiting(tmp_pat
     assert e["last"][1]["code"] == 452
 
 
-def test_a_delete_gives_no_bounce_event_to_recipients_whose_job_is_out(tmp_path):
-    # `mta queue delete` of a message whose delivery job is out: its recipients may be
-    # delivered yet, so the delete must not report them bounced (a webhook consumer
-    # could suppress a subscriber who got the mail); those not in the job get their
-    # class-25 bounce.  If the job's outcome comes in the same batch, it says what
-    # happened to its recipients.
-    shard = make_shard(tmp_path, max_in_flight_per_domain=1)
+def capture_events(shard) -> list:
+    """The list that every event *shard*'s batches write from now on is added to."""
     written = []
     real = shard._batch_events
 
@@ -654,6 +649,17 @@ def test_a_delete_gives_no_bounce_event_to_recipients_whose_job_is_out(tmp_path)
         written.extend(out)
         return out
     shard._batch_events = capture
+    return written
+
+
+def test_a_delete_gives_no_bounce_event_to_recipients_whose_job_is_out(tmp_path):
+    # `mta queue delete` of a message whose delivery job is out: its recipients may be
+    # delivered yet, so the delete must not report them bounced (a webhook consumer
+    # could suppress a subscriber who got the mail); those not in the job get their
+    # class-25 bounce.  If the job's outcome comes in the same batch, it says what
+    # happened to its recipients.
+    shard = make_shard(tmp_path, max_in_flight_per_domain=1)
+    written = capture_events(shard)
     qid = queue(shard, ["a@x.example", "b@y.example"])     # two domains: two jobs
     shard.dispatch()
     jobs = sent(shard)
@@ -691,14 +697,7 @@ def test_the_jobs_out_of_a_deleted_message_end_each_recipient_once(tmp_path):
     # the delete's class-25 bounce for one deferred -- and a job that never answers is
     # not sent again.  Nothing of the message is kept once no job of it is out.
     shard = make_shard(tmp_path, max_in_flight_per_domain=1)
-    written = []
-    real = shard._batch_events
-
-    def capture(messages, plan):
-        out = real(messages, plan)
-        written.extend(out)
-        return out
-    shard._batch_events = capture
+    written = capture_events(shard)
     suppressed = []
     shard.bounce_rule = True                    # (suppression.bounce_rule, as by default)
     shard.add_bounce_rule = suppressed.extend
