@@ -57,12 +57,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import hashlib
 import ipaddress
 import logging
 import random
-import socket
 import time
 
 from mta.bus import (DEFERRED, DELIVERED, FAILED, PRIORITY_TRANSACTIONAL, REQUEUED,
@@ -282,19 +280,48 @@ def _is_ip(text: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=1024)
+LOCAL_ADDRESSES_TTL = 60.0      # seconds: this host's addresses are read again after it
+_local = [0.0, frozenset()]     # (when read, the addresses)
+
+
+def _read_local_addresses() -> frozenset:
+    """This host's own addresses, from the kernel's tables: every IPv4 address the local
+    routing table marks "host LOCAL" (/proc/net/fib_trie) and every IPv6 address of an
+    interface (/proc/net/if_inet6).  Not "can it be bound": with ip_nonlocal_bind (usual
+    beside keepalived) any address can, and every MX would look like this MTA.  Empty
+    where the tables cannot be read: then only loopback and the listeners' own
+    addresses are known as ours (a loop missed, never a bounce for nothing)."""
+    out = set()
+    try:
+        with open("/proc/net/fib_trie") as f:
+            last = None
+            for line in f:
+                if "|--" in line:
+                    last = line.rsplit(None, 1)[-1]
+                elif "/32 host LOCAL" in line and last is not None:
+                    out.add(last)
+    except OSError:
+        pass
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                word = line.split(None, 1)[0] if line.strip() else ""
+                if len(word) == 32:
+                    out.add(str(ipaddress.IPv6Address(int(word, 16))))
+    except (OSError, ValueError):
+        pass
+    return frozenset(out)
+
+
 def _local_address(ip: str) -> bool:
-    """True when *ip* is an address of this host (loopback, or one it can bind)."""
+    """True when *ip* is an address of this host (loopback, or one of its interfaces')."""
     addr = ipaddress.ip_address(ip)
     if addr.is_loopback:
         return True
-    try:
-        with socket.socket(socket.AF_INET6 if addr.version == 6 else socket.AF_INET,
-                           socket.SOCK_DGRAM) as s:
-            s.bind((ip, 0))
-        return True
-    except OSError:
-        return False
+    now = time.monotonic()
+    if now - _local[0] > LOCAL_ADDRESSES_TTL or not _local[0]:
+        _local[0], _local[1] = now, _read_local_addresses()
+    return str(addr) in _local[1]
 
 
 def _shuffled_by_preference(targets: list[Target]) -> list[Target]:

@@ -791,3 +791,18 @@ def test_a_job_whose_new_connection_dies_too_is_deferred_once():
     assert outcome[0].outcome == bus.DELIVERED
     assert outcome[1].outcome == bus.DEFERRED and "SmtpConnectionLost" in outcome[1].text
     assert peer.connections == 2
+
+
+def test_an_address_this_host_could_bind_is_not_taken_for_its_own(monkeypatch):
+    """With ip_nonlocal_bind (usual beside keepalived), any address can be bound: asked
+    that way, every MX of a wildcard listener's node looked like this MTA, and all mail
+    bounced 5.4.6 as a loop.  Ours are the kernel's own addresses (and loopback)."""
+    import socket
+
+    from mta.delivery import engine
+    monkeypatch.setattr(socket.socket, "bind", lambda self, address: None)
+    monkeypatch.setattr(engine, "_local", [0.0, frozenset()])
+    assert not engine._local_address("192.0.2.55")
+    assert not engine._local_address("2001:db8::55")
+    assert engine._local_address("127.0.0.1") and engine._local_address("::1")
+    assert "127.0.0.1" in engine._read_local_addresses()
