@@ -441,9 +441,10 @@ class Shard:
                 if msg is None:
                     break
                 job = self.returned(msg.req, msg.qid)
-                gone = self.deleted_out.get(msg.qid)
+                # deleted while this job was out (mta queue delete), in an earlier batch
+                # or in this one: its outcome is its recipients' last word
+                gone = self.deleted_out.get(msg.qid) or plan.deleted_out.get(msg.qid)
                 if gone is not None:
-                    # deleted while this job was out (mta queue delete): its last word
                     if job is not None:
                         plan.outcome_of_deleted(msg.qid, gone, msg.results, now,
                                                 source=msg.source, source_ip=msg.source_ip,

@@ -731,3 +731,30 @@ def test_the_jobs_out_of_a_deleted_message_end_each_recipient_once(tmp_path):
     assert shard.deleted_out == {} and shard.window.jobs == {}
     shard.dispatch()
     assert sent(shard) == []
+
+
+def test_a_job_that_answers_in_the_batch_of_its_messages_delete_ends_its_recipients(tmp_path):
+    # The delete and the job's outcome read in one batch (a `queue delete ALL` with many
+    # jobs out): the outcome is the recipients' last word as in a later batch -- the
+    # delete's class-25 bounce for one handed back (REQUEUED; before: no event at all),
+    # the server's bounce for one refused, with no DSN for a message that is gone.
+    shard = make_shard(tmp_path, max_in_flight_per_domain=1)
+    written = capture_events(shard)
+    shard.bounce_rule = False                   # (suppression off here)
+    qid = queue(shard, ["a@x.example", "b@y.example"])
+    shard.dispatch()
+    jobs = {j.rcpts[0].index: (d, j) for d, j in sent(shard)}
+    written.clear()
+    for idx, result in ((0, bus.Result(0, bus.REQUEUED, 0, "", "source busy", "", "")),
+                        (1, bus.Result(1, bus.FAILED, 550, "5.1.1", "no such user",
+                                       "mx.y.example", ""))):
+        d, job = jobs[idx]
+        shard.links.outcomes[d].append(bus.DeliveryOutcome(req=job.req, qid=qid,
+                                                           results=[result]))
+    shard.batch(deletes=[(b"cli", bus.SpoolMessageDelete(1, [qid]))],
+                outcomes=sorted({d for d, _ in jobs.values()}))
+    assert qid not in shard.store.index
+    got = sorted((e["recipient"], e["type"], e["bounce_class"]) for e in written)
+    assert got == [("a@x.example", ev.BOUNCE, 25), ("b@y.example", ev.BOUNCE, 10)], written
+    assert len(shard.store.index) == 0          # no DSN queued for the deleted message
+    assert shard.deleted_out == {} and shard.window.jobs == {}
