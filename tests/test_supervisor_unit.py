@@ -5,6 +5,8 @@ import errno
 import os
 import time
 
+import pytest
+
 from mta import config as mconfig
 from mta.supervisor import main as sup_main
 
@@ -28,4 +30,9 @@ def test_a_child_that_cannot_be_forked_is_tried_again_later(tmp_path, monkeypatc
     assert slot.child is None
     assert slot.restart_at is not None and slot.restart_at > time.monotonic()
     assert slot.backoff > before
+    assert len(os.listdir("/proc/self/fd")) == fds
+    # Every other caller (a first start, a reload, an upgrade's fallback) gets the
+    # StartupError it handles, not an OSError that would end the supervisor.
+    with pytest.raises(sup_main.StartupError, match=r"cannot start delivery\[0\]"):
+        sup.spawn(slot, sup.settings)
     assert len(os.listdir("/proc/self/fd")) == fds

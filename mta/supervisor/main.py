@@ -357,11 +357,14 @@ class Supervisor:
         me = os.getpid()
         try:
             pid = os.fork()
-        except OSError:
-            # (EAGAIN at the unit's TasksMax, ENOMEM): the caller decides; no pipe left
+        except OSError as exc:
+            # (EAGAIN at the unit's TasksMax, ENOMEM): a StartupError, which every caller
+            # takes -- a restart tries again later, a reload or an upgrade's fallback
+            # keeps what runs, a first start ends with the reason; no pipe left open
             os.close(rfd)
             os.close(wfd)
-            raise
+            raise StartupError(f"cannot start {slot.role}[{slot.index}]: "
+                               f"{exc.strerror or exc}") from None
         if pid == 0:  # child
             code = 0
             try:
@@ -478,10 +481,9 @@ class Supervisor:
         and with it every other process of the node."""
         try:
             return self.spawn(slot, settings)
-        except OSError as exc:
+        except StartupError as exc:
             slot.restart_at = time.monotonic() + slot.backoff
-            log.error("%s[%d] could not be started (%s); trying again in %.1fs", slot.role,
-                      slot.index, exc.strerror or exc, slot.backoff)
+            log.error("%s; trying again in %.1fs", exc, slot.backoff)
             slot.backoff = min(slot.backoff * 2, settings.config.server.restart_backoff_max)
             return None
 
@@ -929,9 +931,9 @@ class Supervisor:
             why = f"new acceptor[{i}] did not start"
             try:
                 child = self.spawn(slot, new)
-            except OSError as exc:          # (fork: the unit's TasksMax, memory)
+            except StartupError as exc:     # (fork: the unit's TasksMax, memory)
                 child = None
-                why = f"new acceptor[{i}] could not be started ({exc.strerror or exc})"
+                why = str(exc)
             if child is None or not self.wait_ready([child], new.config.server.ready_timeout):
                 if child is not None:
                     self._kill(child.pid, signal.SIGKILL)
