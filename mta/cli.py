@@ -130,12 +130,12 @@ def print_services(config_path):
     click.echo(render(table(s)))
 
 
-def _ask_shards(settings, request, *values, timeout: float = 5.0):
-    """Send a request to every spool shard of the running daemon; return their replies."""
+def _over_shards(settings, each):
+    """What ``each(client)`` yields for every spool shard of the running daemon, shard
+    after shard; a shard that is not running or not answering ends the command."""
     from mta import bus
 
     ctx = bus.new_context()
-    out = []
     try:
         for n in range(_shard_count(settings)):
             endpoint = settings.endpoint(f"spool-{n}")
@@ -143,7 +143,7 @@ def _ask_shards(settings, request, *values, timeout: float = 5.0):
                 raise TimeoutError(f"spool[{n}] is not running")
             cl = bus.SyncClient(ctx, endpoint)
             try:
-                out.append(cl.call(request, *values, timeout=timeout))
+                yield from each(cl)
             finally:
                 cl.close()
     except TimeoutError as exc:
@@ -152,7 +152,12 @@ def _ask_shards(settings, request, *values, timeout: float = 5.0):
         sys.exit(EX_UNAVAILABLE)
     finally:
         ctx.term()
-    return out
+
+
+def _ask_shards(settings, request, *values, timeout: float = 5.0):
+    """Send a request to every spool shard of the running daemon; return their replies."""
+    return list(_over_shards(settings,
+                             lambda cl: [cl.call(request, *values, timeout=timeout)]))
 
 
 def _queue_pages(settings, limit: int = 0):
@@ -162,30 +167,16 @@ def _queue_pages(settings, limit: int = 0):
     given out as each page comes."""
     from mta import bus
 
-    ctx = bus.new_context()
-    try:
-        for n in range(_shard_count(settings)):
-            endpoint = settings.endpoint(f"spool-{n}")
-            if not os.path.exists(endpoint[len("ipc://"):]):
-                raise TimeoutError(f"spool[{n}] is not running")
-            cl = bus.SyncClient(ctx, endpoint)
-            try:
-                after, left = "", limit
-                while True:
-                    reply = cl.call(bus.SpoolQueueList, max(left, 0), after, timeout=30.0)
-                    yield from reply.entries[:left] if limit else reply.entries
-                    left -= len(reply.entries)
-                    if not reply.last or (limit and left <= 0):
-                        break
-                    after = reply.last
-            finally:
-                cl.close()
-    except TimeoutError as exc:
-        click.echo(f"mta: the daemon is not answering ({exc}); is 'mta serve' running "
-                   f"with state in {settings.state_dir}?", err=True)
-        sys.exit(EX_UNAVAILABLE)
-    finally:
-        ctx.term()
+    def pages(cl):
+        after, left = "", limit
+        while True:
+            reply = cl.call(bus.SpoolQueueList, max(left, 0), after, timeout=30.0)
+            yield from reply.entries[:left] if limit else reply.entries
+            left -= len(reply.entries)
+            if not reply.last or (limit and left <= 0):
+                return
+            after = reply.last
+    return _over_shards(settings, pages)
 
 
 def _age(arrival) -> str:
