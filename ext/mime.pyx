@@ -268,22 +268,6 @@ cdef Py_ssize_t _find(const unsigned char* p, Py_ssize_t n, bytes want,
     return -1
 
 
-def count_headers(buf, name):
-    """How many fields called name the header block has (the acceptor's hop count)."""
-    cdef bytes want = _name_bytes(name)
-    cdef _View v = _View(buf)
-    cdef Py_ssize_t body_start = 0, end, pos = 0, start, first_end = 0, ne, n = 0
-    end = _header_end(v.p, v.n, &body_start)
-    while pos < end:
-        start = pos
-        pos = _field_end(v.p, pos, end, &first_end)
-        ne = _name_end(v.p, start, first_end)
-        if _name_is(v.p, start, ne, <const unsigned char*>PyBytes_AS_STRING(want),
-                    PyBytes_GET_SIZE(want)):
-            n += 1
-    return n
-
-
 def find_header(buf, name):
     """Return the value of the first field called name, or None."""
     cdef bytes want = _name_bytes(name)

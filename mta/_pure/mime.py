@@ -181,12 +181,6 @@ def find_headers(buf, name):
     return [field_value(raw) for fname, raw, _s, _e in parse_headers(buf) if _same_name(fname, raw, name)]
 
 
-def count_headers(buf, name):
-    """How many fields called name the header block has (the acceptor's hop count)."""
-    name = _name_bytes(name)
-    return sum(1 for fname, raw, _s, _e in parse_headers(buf) if _same_name(fname, raw, name))
-
-
 def find_header(buf, name):
     """Return the value of the first field called name, or None."""
     name = _name_bytes(name)

@@ -276,7 +276,7 @@ class Acceptor:
             self.take_report(msg)   # (the session keeps reports and other mail apart)
             return None
         payload = msg.payload
-        hops = mime.count_headers(payload, b"Received")
+        hops = len(mime.find_headers(payload, b"Received"))
         if hops > self.smtp.max_hops:
             # A mail loop (two servers each routing the domain to the other, an MX that
             # leads back here through a balancer): refused before it is queued again.

@@ -28,7 +28,6 @@ parse_headers = impl.parse_headers
 iter_headers = impl.iter_headers
 find_header = impl.find_header
 find_headers = impl.find_headers
-count_headers = impl.count_headers
 find_first = impl.find_first
 field_value = impl.field_value
 unfold = impl.unfold
@@ -97,8 +96,7 @@ def header_text(value) -> str:
 
 __all__ = [
     "FLAG_8BIT", "FLAG_LONG_LINE", "FLAG_BARE_LF", "FLAG_BARE_CR", "FLAG_NUL", "MAX_LINE",
-    "split_message", "parse_headers", "iter_headers", "find_header", "find_headers", "count_headers",
-    "find_first",
+    "split_message", "parse_headers", "iter_headers", "find_header", "find_headers", "find_first",
     "field_value", "unfold", "insert_header", "remove_headers", "from_domain",
     "scan_body", "canon_header", "canon_headers", "select_names", "canon_body", "BodyCanonicalizer",
     "header_block", "body_of", "first_address", "header_text", "impl",
