@@ -17,7 +17,10 @@ for sites whose MX hosts match a glob.  Actions:
   such reply.  A suspension in effect is extended by a longer one of the same
   scope, never cut short by another rule's shorter one;
 - ``throttle``: the (source x site)'s connection limit and/or message rate are
-  lowered for ``duration``, then the shaping limits hold again;
+  lowered for ``duration``, then the shaping limits hold again.  A throttle that
+  fires while another is in effect for the same source x site merges with it:
+  each limit is the stricter of the two, until the later end (``rules list``
+  names both rules, newest first);
 - ``bounce``: the recipient fails now, with ``bounce_class``;
 - ``defer``: the recipient is deferred and the outcome asks for ``delay``
   seconds before the next try (``DeliveryOutcome.retry_after``).
@@ -82,9 +85,12 @@ BUSY_WAIT = 0.001    # seconds: Warmup.take's answer when a count's lock is busy
                     # (held for microseconds by another process; not a full cap)
 
 
-def _no_looser(kept, new) -> bool:
-    """A throttle's limit *kept* holds back at least as much as *new* (None: no limit)."""
-    return new is None or (kept is not None and kept <= new)
+def _stricter(a, b):
+    """The stricter of two throttle limits (None: no limit)."""
+    return b if a is None else a if b is None else min(a, b)
+
+
+MAX_MERGED = 4      # rule names a merged throttle keeps (" + "-joined, newest first)
 
 
 class _Window:
@@ -241,14 +247,23 @@ class Adaptive:
             # A longer suspension of the same scope holds (another rule's: a block for a
             # day); a shorter one must not end it early.
             return old
+        conn, rate, name = rule.connection_limit, rule.max_message_rate, rule.name
         if old is not None and rule.action == THROTTLE and old.kind == THROTTLE \
-                and old.rule != ADMIN_RULE and old.until >= until \
-                and _no_looser(old.connection_limit, rule.connection_limit) \
-                and _no_looser(old.max_message_rate, rule.max_message_rate):
-            # Likewise a throttle at least as strict that holds as long: Gmail's
-            # "try again later" (2 connections) must not lift its rate limit (60/m and
-            # 2 connections) early.
-            return old
+                and old.rule != ADMIN_RULE and old.until > now:
+            # Throttles of one source x site merge: each limit is the stricter of the two,
+            # until the later end.  Gmail's "try again later" (2 connections, 10 min) after
+            # its rate limit (60/m and 2 connections, 15 min) must not lift the rate limit,
+            # whichever ends first; a stricter connection limit must not either.  The
+            # stricter limit may so hold longer than its own rule said: while the site
+            # still complains, that errs on the side it asked for.
+            conn = _stricter(old.connection_limit, conn)
+            rate = _stricter(old.max_message_rate, rate)
+            if old.until >= until - 1.0 and \
+                    (conn, rate) == (old.connection_limit, old.max_message_rate):
+                return old        # as strict, and as long: nothing to write
+            until = max(until, old.until)
+            names = [name] + [n for n in old.rule.split(" + ") if n != name]
+            name = " + ".join(names[:MAX_MERGED])
         if old is not None and old.rule == ADMIN_RULE:
             # The operator's suspension stays the operator's (listed, resumed by its id):
             # a rule that holds longer only makes it end later.
@@ -256,17 +271,16 @@ class Adaptive:
                 return old
             e = msgspec.structs.replace(old, until=until)
             return e if self.store.put(e) else old
-        e = Entry(id=eid, kind=rule.action, scope=scope, source=src, site=st, rule=rule.name,
+        e = Entry(id=eid, kind=rule.action, scope=scope, source=src, site=st, rule=name,
                   reply=reply[:MAX_REPLY], stage=stage, created=now, until=until,
-                  connection_limit=rule.connection_limit,
-                  max_message_rate=rule.max_message_rate)
+                  connection_limit=conn, max_message_rate=rate)
         if not self.store.put(e):
             return None
         self.fired_new = True
         log.warning("response rule %s: %s %s for %.0fs (source=%s site=%s, id %s) after "
-                    "%s reply: %s", rule.name, rule.action,
+                    "%s reply: %s", name, rule.action,
                     {"source_site": "source x site", "site": "site", "source": "source"}[scope],
-                    rule.duration, src or "*", st or "*", eid, stage, reply[:MAX_REPLY])
+                    until - now, src or "*", st or "*", eid, stage, reply[:MAX_REPLY])
         return e
 
     # -- back-off -------------------------------------------------------------

@@ -410,13 +410,33 @@ def test_a_looser_throttle_does_not_replace_a_stricter_one_in_effect(tmp_path):
     assert kept is strict and not a.fired_new
     lim = a.adjust("ip-2", "s", BASE)
     assert (lim.connection_limit, lim.max_message_rate) == (2, 1.0)
-    # one stricter in any limit still replaces it (what the site said last, and more)
+    # one stricter in one limit and looser in the other takes the stricter of each:
+    # 1 connection, and still 60/m, until the rate limit's own (later) end
     e = a.fire(a.rules.match("mail", 421, "", "one at a time", []), "ip-2", "s",
                "421 one at a time", "mail")
-    assert e.rule == "one-conn" and a.fired_new
-    # and so does one as loose that holds longer (the old one would end first)
+    assert e.rule == "one-conn + rate-limited" and a.fired_new
+    assert (e.connection_limit, e.max_message_rate, e.until) == (1, 1.0, strict.until)
+    lim = a.adjust("ip-2", "s", BASE)
+    assert (lim.connection_limit, lim.max_message_rate) == (1, 1.0)
+    # and one as loose that holds longer keeps the rate limit until its own end: the
+    # site's "try again later" must not lift the rate limit it set before
     b = make(tmp_path / "b", clock, rules[1:2] + [dict(rules[0], duration=300)])
     b.fire(b.rules.match("mail", 421, "", "4.7.28", []), "ip-2", "s", "421 4.7.28", "mail")
+    clock.t += 100
     e = b.fire(b.rules.match("mail", 421, "", "try again later", []), "ip-2", "s",
                "421 try again later", "mail")
-    assert e.rule == "try-later" and b.fired_new
+    assert e.rule == "try-later + rate-limited" and b.fired_new
+    assert (e.connection_limit, e.max_message_rate, e.until) == (2, 1.0, clock.t + 600)
+    lim = b.adjust("ip-2", "s", BASE)
+    assert (lim.connection_limit, lim.max_message_rate) == (2, 1.0)
+    clock.t += 250                       # past the rate limit's own end: still held
+    assert b.adjust("ip-2", "s", BASE).max_message_rate == 1.0
+    # the same reply again extends it, and names each rule once
+    e = b.fire(b.rules.match("mail", 421, "", "try again later", []), "ip-2", "s",
+               "421 try again later", "mail")
+    assert (e.rule, e.max_message_rate, e.until) == ("try-later + rate-limited", 1.0,
+                                                     clock.t + 600)
+    clock.t += 601                       # past the merged end: the shaping limits again
+    lim = b.adjust("ip-2", "s", BASE)
+    assert (lim.connection_limit, lim.max_message_rate) == \
+        (BASE.connection_limit, BASE.max_message_rate)
