@@ -124,14 +124,14 @@ class TransmissionIds:
 
 
 _WANTED = frozenset((b"content-type", b"content-length", b"authorization", b"idempotency-key",
-                     b"expect", b"content-encoding"))
+                     b"expect", b"content-encoding", b"transfer-encoding"))
 
 REASONS = {
     100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
     404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
     413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type", 422: "Unprocessable Content",
     429: "Too Many Requests", 431: "Request Header Fields Too Large",
-    503: "Service Unavailable", 507: "Insufficient Storage",
+    501: "Not Implemented", 503: "Service Unavailable", 507: "Insufficient Storage",
 }
 _STATUS_LINES = {code: f"HTTP/1.1 {code} {text}\r\n".encode() for code, text in REASONS.items()}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -145,6 +145,18 @@ def _json_body(h: dict[bytes, bytes]) -> None:
         raise R.ApiError(R.UNSUPPORTED_TYPE, "Content-Type must be application/json")
     if b"content-encoding" in h:
         _identity_only(h[b"content-encoding"])
+
+
+def _chunked_only(codings: bytes) -> None:
+    """A transfer coding other than chunked (RFC 9112 6.1): ApiError 501, after which the
+    connection closes.  httptools takes ``gzip, chunked`` apart as chunks, and the gzip
+    stream inside would be answered as broken JSON."""
+    for c in codings.split(b","):
+        c = c.strip().lower()
+        if c and c != b"chunked":
+            raise _Reject(R.ApiError(R.NOT_IMPLEMENTED, f"the transfer coding "
+                                     f"{c[:64].decode('latin-1')} is not supported: send "
+                                     "the body as it is, or chunked"))
 
 
 def _identity_only(coding: bytes) -> None:
@@ -479,7 +491,10 @@ class Session(asyncio.Protocol):
             raise _Reject(self._too_many_header_octets())
         name = name.lower()
         if name in _WANTED:
-            self.cur.headers[name] = value
+            h = self.cur.headers
+            if name in h and name == b"transfer-encoding":
+                value = h[name] + b"," + value     # (one list over several lines)
+            h[name] = value
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -489,12 +504,28 @@ class Session(asyncio.Protocol):
         if length is not None and length.strip().isdigit() and \
                 int(length) > self.cfg.max_body_size:
             raise _Reject(self._too_large())
+        if b"transfer-encoding" in h:
+            _chunked_only(h[b"transfer-encoding"])
         if h.get(b"expect", b"").strip().lower() == b"100-continue" and \
                 self.parser.get_http_version() != "1.0":   # (no 1xx to HTTP/1.0: RFC 9110 15.2)
             if not self.queue and not self.busy:
+                err = self._refusal(h)
+                if err is not None:
+                    raise _Reject(err)
                 self.transport.write(CONTINUE)
             else:
                 self.expect_continue = True
+
+    def _refusal(self, h: dict[bytes, bytes]) -> R.ApiError | None:
+        """Why a request that expects 100-continue will be refused whatever its body
+        (the API key: every resource asks for it), or None.  The client then gets that
+        answer instead of the 100 and the connection closes, its body unread (RFC 9110
+        10.1.1), rather than uploading it for nothing."""
+        try:
+            self.svc.authorize(h.get(b"authorization"), self.peer_ip)
+        except R.ApiError as err:
+            return err
+        return None
 
     def _too_large(self) -> R.ApiError:
         return R.ApiError(R.TOO_LARGE, f"the request body exceeds {self.cfg.max_body_size} "
@@ -541,6 +572,11 @@ class Session(asyncio.Protocol):
             return
         if not self.busy and not self.queue and self.expect_continue and self.cur is not None:
             self.expect_continue = False
+            err = self._refusal(self.cur.headers)
+            if err is not None:
+                self._fail(err)
+                self._run()
+                return
             self.transport.write(CONTINUE)
         if len(self.queue) < MAX_QUEUED // 2:
             self._resume_reading()

@@ -46,6 +46,7 @@ TOO_LARGE = Error(413, "request entity too large", "1300")
 URI_TOO_LONG = Error(414, "request URI too long", "1200")
 UNSUPPORTED_TYPE = Error(415, "unsupported media type", "1200")
 HEADERS_TOO_LARGE = Error(431, "request header fields too large", "1200")
+NOT_IMPLEMENTED = Error(501, "not implemented", "1200")            # a transfer coding
 
 # The transmission.
 INVALID = Error(422, "invalid data format/type", "1300")

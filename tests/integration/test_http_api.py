@@ -1076,3 +1076,52 @@ def test_authorize_without_keys_serves_loopback_only():
         with pytest.raises(R.ApiError) as e:
             keyed.authorize(bad, "127.0.0.1")
         assert e.value.status == 401
+
+
+def test_no_100_continue_to_a_client_whose_key_is_refused(api):
+    """RFC 9110 10.1.1: a server that will refuse the request need not ask for its body.
+    A client that waits for 100 Continue before it uploads (curl, .NET, a 10 MB
+    transmission) with a wrong or missing API key gets its 401 at once, without the
+    100, and the connection is closed (its body is never read) -- not a 100, a whole
+    upload, then the 401.  A kept-alive connection's next request waits its turn: the
+    expectation is judged when it is next in line."""
+    d = api
+    good = json.dumps(simple(["keyless@example.net"])).encode()
+    for auth in ({"Authorization": "not-the-key"}, {"Authorization": ""}):
+        with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+            f = s.makefile("rb")
+            head = request_bytes(good, {"Expect": "100-continue", **auth})
+            s.sendall(head[:head.index(b"\r\n\r\n") + 4])
+            st, h, raw = read_response(f)
+            assert st == 401, raw
+            assert json.loads(raw)["errors"][0]["message"]
+            assert h["connection"] == "close" and closed(s)
+    with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+        f = s.makefile("rb")
+        head = request_bytes(good, {"Expect": "100-continue", "Authorization": "wrong"})
+        s.sendall(request_bytes(good) + head[:head.index(b"\r\n\r\n") + 4])
+        assert read_response(f)[0] == 200
+        st, h, raw = read_response(f)
+        assert st == 401, raw
+        assert h["connection"] == "close" and closed(s)
+    # a good key still gets its 100 (test_keepalive_pipelining_expect_continue_http10)
+
+
+def test_a_transfer_coding_it_does_not_know_is_501(api):
+    """RFC 9112 6.1: a server that receives a transfer coding it does not understand
+    should answer 501 (Not Implemented) and close.  ``Transfer-Encoding: gzip, chunked``
+    is a gzip stream in chunks: read as plain chunks it is not JSON, and the answer was
+    a 400 that blamed the JSON."""
+    d = api
+    good = json.dumps(simple(["coding@example.net"])).encode()
+    for coding in ("gzip, chunked", "deflate,chunked"):
+        with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+            f = s.makefile("rb")
+            body = gzip.compress(good)
+            head = request_bytes(b"", {"Transfer-Encoding": coding}).replace(
+                b"Content-Length: 0\r\n", b"")
+            s.sendall(head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+            st, h, raw = read_response(f)
+            assert st == 501, (coding, raw)
+            assert "transfer coding" in json.loads(raw)["errors"][0]["description"]
+            assert h["connection"] == "close" and closed(s)
