@@ -8,8 +8,11 @@ HTTP/1.1 with keep-alive.  Pipelined requests are parsed as they arrive and
 answered strictly in order, one at a time: a request whose messages are on
 their way to the spool holds the ones behind it (at most ``MAX_QUEUED`` are
 read ahead, then reading pauses).  ``Expect: 100-continue`` is answered when
-the request is next in line and its announced size is acceptable (never to an
-HTTP/1.0 request: 1.0 clients know no interim responses).
+the request is next in line, its announced size is acceptable and its API key
+is accepted -- otherwise that refusal is the answer, with its body unread and the
+connection closed (never to an HTTP/1.0 request: 1.0 clients know no interim
+responses).  A transfer coding other than ``chunked`` is a 501, and the
+connection closes (RFC 9112 6.1).
 
 Limits, each answered with a SparkPost-shaped JSON error, after which the
 connection is closed: a request URI over ``http.max_header_size`` → 414,
