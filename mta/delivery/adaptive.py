@@ -48,7 +48,8 @@ anything; each step is logged ("back-off ... step N, rate R/s").
 
 **Node-wide and durable.**  Suspensions, throttles and back-offs are entries,
 one small JSON file each in ``<state_dir>/adaptive/`` (written to a temporary
-file, fsync'd, renamed), named by a hash of what they apply to, so the same
+file, fsync'd, renamed; a temporary file whose writer was killed is removed by
+the next process that opens the store), named by a hash of what they apply to, so the same
 (rule scope, source, site) has one entry that a new firing replaces.  Every
 delivery process reads the directory once a second (a listing and a stat per
 file; files are re-read only when changed), so a decision one process makes

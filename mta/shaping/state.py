@@ -100,7 +100,33 @@ class Store:
         self._seen: dict[str, int] = {}          # file name -> st_mtime_ns read
         self.removed: list[Entry] = []           # gone from disk since the caller looked
         self._warned = False
+        self._sweep_temporary()
         self.refresh()
+
+    def _sweep_temporary(self) -> None:
+        """Remove the temporary files of writers that died mid-write (kill -9 between
+        the open and the rename of :meth:`put`: ``<id>.json.<pid>.tmp``).  A file
+        whose writer is alive is left to it.  Nothing reads them, but without this they
+        would pile up in the directory for ever, one per killed write."""
+        try:
+            names = [n for n in os.listdir(self.directory) if n.endswith(".tmp")]
+        except OSError:
+            return
+        for name in names:
+            pid = name[:-4].rpartition(".")[2]
+            if not pid.isdigit():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue                        # its writer is alive (or the pid reused)
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue                        # alive, someone else's
+            try:
+                os.unlink(os.path.join(self.directory, name))
+            except OSError:
+                pass
 
     def path(self, eid: str) -> str:
         return os.path.join(self.directory, eid + ".json")

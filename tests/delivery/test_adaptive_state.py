@@ -440,3 +440,22 @@ def test_a_looser_throttle_does_not_replace_a_stricter_one_in_effect(tmp_path):
     lim = b.adjust("ip-2", "s", BASE)
     assert (lim.connection_limit, lim.max_message_rate) == \
         (BASE.connection_limit, BASE.max_message_rate)
+
+
+def test_temporary_files_of_a_writer_killed_mid_write_are_removed(tmp_path):
+    # put() writes <id>.json.<pid>.tmp, syncs, renames; a kill -9 between left the file
+    # in the store for ever.  The next process to open the store removes those whose
+    # writer is gone, and leaves a live writer's alone.
+    import subprocess
+    import sys
+    d = tmp_path / "adaptive"
+    d.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    dead = d / f"abc123.json.{p.pid}.tmp"
+    live = d / f"def456.json.{os.getpid()}.tmp"
+    for f in (dead, live):
+        f.write_text('{"id": "abc123", "kind": "suspe')
+    store = ad.Store(str(d))
+    assert not dead.exists() and live.exists()
+    assert store.entries == {}
