@@ -33,6 +33,8 @@ from mta.api import webhookdb
 STATUS_FRESH = 10.0     # seconds: an older status file is a process that is gone
 DOMAINS_MAX = 1000      # recipient domains named in a queue view; the rest under OTHER
 CAMPAIGNS_MAX = 1000    # campaigns named in a queue view; the rest under OTHER
+SITES_MAX = 1000        # sites named in a queue view (the most queued); the rest under OTHER
+LANES_MAX = 1000        # (source x site) lanes listed (the most queued); the rest counted
 OTHER = "(other)"
 
 
@@ -257,15 +259,41 @@ def merge(shards: list[dict], delivery: dict, webhooks: dict | None = None) -> d
                         "suspended_until": s["suspended_until"] or None,
                         "reason": s["reason"]}
                  for name, s in delivery.get("sources", {}).items()}
+    lanes = delivery.get("lanes", [])
+    omitted = max(0, len(lanes) - LANES_MAX)
+    if omitted:
+        lanes = sorted(heapq.nlargest(LANES_MAX, lanes, key=lambda x: x["queued"]),
+                       key=lambda x: (x["site"], x["source"]))
     return {"total": total,
             "shards": [{k: v for k, v in x.items() if k not in ("domains", "campaigns")}
                        for x in shards],
-            "by_domain": top(by_domain, DOMAINS_MAX, "recipients"), "by_site": by_site,
+            "by_domain": top(by_domain, DOMAINS_MAX, "recipients"),
+            "by_site": _top_sites(by_site),
             "by_pool": by_pool, "by_source": by_source,
             "by_campaign": top(by_campaign, CAMPAIGNS_MAX, "messages"),
-            "lanes": delivery.get("lanes", []),
+            "lanes": lanes, "lanes_omitted": omitted,
             "delivery_processes": delivery.get("processes", 0),
             "webhooks": webhooks if webhooks is not None else webhook_status("", False)}
+
+
+def _top_sites(sites: dict) -> dict:
+    """*sites* cut to the SITES_MAX with the most queued, the others summed under OTHER
+    (``sites``: how many; no domains or hosts listed).  A broadcast to a million
+    domains has tens of thousands of sites in delivery at once: the admin API and the
+    status page name the ones that matter, as for domains (:func:`top`)."""
+    if len(sites) <= SITES_MAX:
+        return sites
+    keep = heapq.nlargest(SITES_MAX, sites, key=lambda k: (sites[k]["queued"],
+                                                           sites[k]["connections"]))
+    out = {k: sites[k] for k in keep}
+    rest = {"domains": [], "hosts": [], "queued": 0, "connections": 0, "rate": 0.0, "sites": 0}
+    for k, v in sites.items():
+        if k not in out:
+            for f in ("queued", "connections", "rate"):
+                rest[f] += v[f]
+            rest["sites"] += 1
+    out[OTHER] = rest
+    return out
 
 
 def recipients_view(entry: dict, now: float | None = None) -> dict:

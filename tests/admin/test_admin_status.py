@@ -126,6 +126,33 @@ def test_queue_view_names_the_largest_domains_and_campaigns_and_sums_the_rest(tm
     assert small["by_domain"][q.OTHER] == {"recipients": 9, "deferred": 1, "next_attempt": 5.0}
 
 
+def test_queue_view_names_the_most_queued_sites_and_lanes_and_sums_the_rest(tmp_path):
+    # A broadcast to many domains has thousands of sites in delivery at once:
+    # /api/admin/queue and the status page listed every site and every lane.
+    n = q.SITES_MAX + 500
+    status = {"time": 1e12, "sources": {"ip-1": {"address": "192.0.2.1", "proxy": None,
+                                                  "suspended_until": 0, "reason": ""}},
+              "sites": {f"mx.s{i}.test": {"domains": [f"s{i}.test"], "hosts": [f"mx.s{i}.test"]}
+                        for i in range(n)},
+              "lanes": [{"source": "ip-1", "site": f"mx.s{i}.test", "queued": 1 + (i % 7 == 0) * 9,
+                         "transactional": 0, "connections": 1, "node_connections": 1,
+                         "rate": 0.5, "connection_limit": 10, "max_message_rate": 0}
+                        for i in range(n)]}
+    (tmp_path / "delivery-0.status.json").write_text(json.dumps(status))
+    view = q.merge([shard(0, 1, {}, {}, {})], q.delivery_status(str(tmp_path), now=1e12))
+    sites, lanes = view["by_site"], view["lanes"]
+    assert len(sites) == q.SITES_MAX + 1 and len(lanes) == q.LANES_MAX
+    assert view["lanes_omitted"] == 500
+    # the busiest are named; nothing is lost from the sums
+    assert all(sites[f"mx.s{i}.test"]["queued"] == 10 for i in range(0, n, 7))
+    assert sum(v["queued"] for v in sites.values()) == sum(ln["queued"]
+                                                           for ln in status["lanes"])
+    assert sites[q.OTHER]["sites"] == 500 and sites[q.OTHER]["connections"] == 500
+    assert all(ln["queued"] == 10 for ln in lanes if ln["site"].endswith(("s0.test",)))
+    assert lanes == sorted(lanes, key=lambda x: (x["site"], x["source"]))
+    assert view["by_source"]["ip-1"]["queued"] == sum(ln["queued"] for ln in status["lanes"])
+
+
 def test_webhook_backlog_from_the_webhooks_status_file(tmp_path):
     """mta queue and /api/admin/queue: per webhook the events not delivered yet, the bound
     and whether it is retrying; a stale file says the process is not reporting."""
