@@ -33,7 +33,10 @@ transaction).  What happens to it:
    ``max_connection_rate`` connections (node-wide too), reuses a connection
    for ``max_deliveries_per_connection`` messages and keeps it
    ``idle_timeout`` seconds -- less when another process is waiting for a
-   slot of that lane.  The limits come from :mod:`mta.shaping` (rules by
+   slot of that lane.  A reused connection that the server ends before it
+   answers the next envelope (closed, or a 421 to MAIL that no response rule
+   takes) sends that job once on a new connection, not counted as an
+   attempt.  The limits come from :mod:`mta.shaping` (rules by
    domain, MX pattern or site, optionally per source; presets for the large
    providers; [delivery] defaults).  Lanes are independent tasks: a slow,
    hung or suspended site delays nothing but itself.
@@ -1228,6 +1231,20 @@ class Engine:
                 DEFERRED, 451, "4.4.2", f"{host}[{ip}]: {type(exc).__name__}: {exc}", host, ip))
             conn.close()
             return None
+        if res.mail_refused and conn.transactions > 1 and not job.refreshed and \
+                res.rcpt_replies and self._closed_at_mail(res.rcpt_replies[0], lane):
+            # A reused connection that the server ends with a 421 to this MAIL (its
+            # messages-per-session limit or idle timeout, in words): it said nothing of
+            # this message.  As for a connection lost before its envelope was answered,
+            # the job goes first on a new connection, once -- no attempt, no back-off
+            # evidence; a 421 there too is the server's answer, and defers it.
+            conn.close()
+            job.refreshed = True
+            if self.stopping:
+                self._give_back([job], STOPPING)
+            else:
+                lane.put_back([job])
+            return None
         results = []
         slowed = False        # a deferral that asks the site's sender to slow down
         for k, rcpt in enumerate(m.rcpts):
@@ -1286,6 +1303,12 @@ class Engine:
         return FiredRule(name=rule.name, id=entry.id if entry else "", action=rule.action,
                          scope=rule.scope, reply=reply[:300], stage=stage,
                          until=entry.until if entry else 0.0)
+
+    def _closed_at_mail(self, r, lane: Lane) -> bool:
+        """A 421 to MAIL that no response rule takes (a rule's 421 -- Gmail's "try again
+        later" -- is the site asking to slow down, and goes the way of every deferral)."""
+        return r.code == 421 and self.adaptive.rules.match(
+            "mail", 421, r.enhanced or "", r.text, lane.site.hosts) is None
 
     def _rule(self, name: str):
         for r in self.adaptive.rules.rules:

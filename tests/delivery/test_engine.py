@@ -82,7 +82,9 @@ def settings(port: int, shaping=(), smtp=None, **delivery):
     [smtp] section (its listeners are this MTA's own addresses)."""
     for r in delivery.get("route", ()):
         r["hosts"] = [h.replace("PORT", str(port)) for h in r["hosts"]]
-    cfg = msgspec.convert({"server": {"hostname": "mta.test",
+    rules = delivery.pop("response_rule", ())     # ([[response_rule]], not [delivery])
+    cfg = msgspec.convert({"response_rule": list(rules),
+                           "server": {"hostname": "mta.test",
                                       "state_dir": tempfile.mkdtemp(dir=_STATE_DIRS.name)},
                            "delivery": {"mx_port": port, "starttls": "none",
                                         "shaping_presets": False, **delivery},
@@ -790,6 +792,92 @@ def test_a_job_whose_new_connection_dies_too_is_deferred_once():
     outcome = {j.msg.req: rs[0] for j, rs in reports}
     assert outcome[0].outcome == bus.DELIVERED
     assert outcome[1].outcome == bus.DEFERRED and "SmtpConnectionLost" in outcome[1].text
+    assert peer.connections == 2
+
+
+class ClosingAtMailSession(PipeSession):
+    """Takes one message per connection, then answers the next MAIL with 421 and closes
+    (a server's messages-per-session limit or idle timeout, said in words).  With
+    ``refuse_all``, connections after the first give the 421 to their first MAIL."""
+
+    def process(self):
+        # a line at a time through PipeSession's loop, looking at each MAIL first
+        p = self.peer
+        while b"\r\n" in self.buf and not self.t.is_closing() and not self.waiting:
+            line, _, rest = self.buf.partition(b"\r\n")
+            if self.data is None and line[:4].upper() == b"MAIL" and \
+                    (self.done or (p.refuse_all and self.conn > 1)):
+                self.t.write(b"421 4.7.0 pipe.test Too many messages for this session, "
+                             b"closing connection\r\n")
+                self.t.close()
+                p.closed_at_mail += 1
+                return
+            self.buf = line + b"\r\n"
+            super().process()
+            self.buf += rest
+
+    def end_of_data(self):
+        super().end_of_data()
+        self.done = True
+
+    done = False
+
+
+class ClosingAtMailPeer(PipePeer):
+    def __init__(self, refuse_all=False):
+        super().__init__()
+        self.refuse_all = refuse_all
+        self.closed_at_mail = 0
+
+    def __call__(self):
+        return ClosingAtMailSession(self)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_421_to_mail_on_a_reused_connection_sends_the_job_on_a_new_one(pipeline):
+    """A server that closes a reused connection with a 421 to its next MAIL (Exchange's
+    "Too many messages for this session", an idle timeout) said nothing of that message:
+    it was deferred -- an attempt, a delay event, back-off evidence against the site and
+    a retry minutes later -- every second message.  With no response rule for that
+    reply, it now goes out at once on a new connection, as for a connection lost
+    before its envelope was answered."""
+    peer = ClosingAtMailPeer()
+    jobs = [job("example.net", f"ok{n}", n=n) for n in range(4)]
+    reports = deliver(jobs, mx_to_loopback("example.net"), peer, connection_limit=1,
+                      pipeline_transactions=pipeline)
+    outcome = {j.msg.req: rs[0] for j, rs in reports}
+    assert sorted(outcome) == [0, 1, 2, 3]
+    assert all(r.outcome == bus.DELIVERED for r in outcome.values()), outcome
+    assert sorted(r for _, r in peer.messages) == [f"ok{n}@example.net" for n in range(4)]
+    assert peer.closed_at_mail == 3 and peer.connections == 4
+
+
+def test_a_421_to_mail_that_a_response_rule_takes_is_a_deferral_as_before():
+    """A 421 a response rule matches is the site asking to slow down (Gmail's "try again
+    later"): the rule fires and the job is deferred, not sent again at once."""
+    peer = ClosingAtMailPeer()
+    jobs = [job("example.net", f"ok{n}", n=n) for n in range(2)]
+    rule = {"name": "too-many", "code": 421, "text": "too many messages", "action": "defer",
+            "delay": 60}
+    reports = deliver(jobs, mx_to_loopback("example.net"), peer, connection_limit=1,
+                      pipeline_transactions=False, response_rule=[rule])
+    outcome = {j.msg.req: (j, rs[0]) for j, rs in reports}
+    assert outcome[0][1].outcome == bus.DELIVERED
+    j1, r1 = outcome[1]
+    assert r1.outcome == bus.DEFERRED and r1.code == 421 and j1.fired.name == "too-many"
+    assert peer.connections == 1
+
+
+def test_a_421_to_mail_on_the_new_connection_too_defers_once():
+    """The new connection is tried once: a 421 to its first MAIL defers the job with the
+    server's reply (no loop of connections)."""
+    peer = ClosingAtMailPeer(refuse_all=True)
+    jobs = [job("example.net", f"ok{n}", n=n) for n in range(2)]
+    reports = deliver(jobs, mx_to_loopback("example.net"), peer, connection_limit=1)
+    outcome = {j.msg.req: rs[0] for j, rs in reports}
+    assert outcome[0].outcome == bus.DELIVERED
+    assert outcome[1].outcome == bus.DEFERRED and outcome[1].code == 421, outcome[1]
+    assert "Too many messages" in outcome[1].text
     assert peer.connections == 2
 
 
