@@ -434,7 +434,8 @@ class Warmup:
     starts the warm-up again).  Counts are node-wide, per (source x site), in
     fixed windows counted from the first use (hour 0, 1, ...; day 0, 1, ...;
     3600 and 86400 seconds x ``delivery.time_scale``) kept by the limiter (in
-    the run directory: they survive restarts, not a reboot); a source at
+    the run directory: they survive restarts, and a reboot carries them over);
+    a source at
     its cap for a site sends no more there until the window rolls over, and its
     mail goes to the pool's other sources (``overflow = "other_sources"``) or
     waits in the queue (``"wait"``).

@@ -24,7 +24,8 @@ is nothing to start, nothing to crash, and nothing to clean up after a crash:
   limits by accident, which a fixed-size hashed table would do).  The
   per-boot subdirectory makes the CLOCK_MONOTONIC times stored in the files
   meaningful (the clock restarts at boot) and lets a new boot remove the old
-  boot's files, which no live process can still use.  Within one boot files
+  boot's files, which no live process can still use -- after carrying over
+  their counts (warm-up caps), which are wall-clock windows and stay true.  Within one boot files
   are never deleted: unlinking a file that another process still has open
   would split the key into two independent states.  A file costs one inode
   and one block (a few KB), so a node with 10,000 active (source x site x
@@ -363,7 +364,7 @@ class NodeLimiter(Limiter):
         boot = _boot_id()
         self.directory = os.path.join(directory, boot)
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        _remove_other_boots(directory, boot)
+        _carry_counts_and_remove_other_boots(directory, boot)
         self._entries: dict[str, _Entry] = {}
         self._idle: OrderedDict[str, _Entry] = OrderedDict()  # unpinned, LRU first
         self._generation = 0
@@ -687,12 +688,73 @@ def _boot_id() -> str:
     return boot if _BOOT_DIR.match(boot) else "boot"
 
 
-def _remove_other_boots(directory: str, boot: str) -> None:
-    """Remove the state of earlier boots: no process alive now can use it."""
+def _carry_counts_and_remove_other_boots(directory: str, boot: str) -> None:
+    """Remove the state of earlier boots (no process alive now can use it), first
+    carrying their counts into this boot's files.
+
+    The counts (warm-up caps: :meth:`NodeLimiter.count`) are per window of wall-clock
+    time, so unlike the rate state (CLOCK_MONOTONIC) and the slots (locks) they mean
+    the same after a reboot.  Dropped with the old boot's files, a reboot in the
+    middle of a warm-up day gave its sources a whole day's cap again.  A file of this
+    boot that exists already is left as it is: it was carried by an earlier start
+    (one that died before the removal) or counted since.  All under an exclusive
+    lock on *directory*, so two processes starting at once carry once; the carried
+    files reach the disk (one ``sync``) before the old ones are removed.
+    """
     try:
-        names = os.listdir(directory)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return
-    for name in names:
-        if name != boot and _BOOT_DIR.match(name):
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)
+        try:
+            names = [n for n in os.listdir(directory) if n != boot and _BOOT_DIR.match(n)]
+        except OSError:
+            return
+        carried = 0
+        for name in names:
+            carried += _carry_counts(os.path.join(directory, name),
+                                     os.path.join(directory, boot))
+        if carried:
+            os.sync()
+            log.info("limiter: %d warm-up count(s) of an earlier boot carried over", carried)
+        for name in names:
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    finally:
+        os.close(dfd)       # (and the lock with it)
+
+
+def _carry_counts(old: str, new: str) -> int:
+    """Copy the non-zero count pairs of the files in *old* into new files of the same
+    names in *new*; how many were copied."""
+    try:
+        names = os.listdir(old)
+    except OSError:
+        return 0
+    n = 0
+    for name in names:
+        try:
+            with open(os.path.join(old, name), "rb") as fh:
+                data = fh.read(FILE_SIZE)
+        except OSError:
+            continue
+        if len(data) < _COUNT_AT + _COUNT.size:
+            continue
+        window, count = _COUNT.unpack_from(data, _COUNT_AT)
+        if count <= 0:
+            continue
+        state = bytearray(FILE_SIZE)
+        _COUNT.pack_into(state, _COUNT_AT, window, count)
+        try:
+            fd = os.open(os.path.join(new, name),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError:
+            continue        # (exists: carried or counted already)
+        try:
+            os.write(fd, state)
+            n += 1
+        except OSError as exc:
+            log.warning("limiter: cannot carry a count into %s: %s", new, exc)
+        finally:
+            os.close(fd)
+    return n

@@ -575,3 +575,35 @@ def test_two_processes_share_one_rate(lim_dir, burst):
     # together about the rate, not twice it; and not starved either (loose:
     # the machine is shared, a process may be descheduled for a while)
     assert len(times) >= 0.5 * rate * span
+
+
+def test_a_reboot_carries_the_counts_over_but_not_the_rates(lim_dir, tmp_path, monkeypatch):
+    """Warm-up caps count in wall-clock windows: a reboot in the middle of a warm-up day
+    must not give the source its whole day again.  The rate state (CLOCK_MONOTONIC
+    times) means nothing after a reboot and starts afresh; the old boot's files go."""
+    boot_file = tmp_path / "boot_id"
+    monkeypatch.setattr(limits, "_BOOT_ID", str(boot_file))
+    boot_file.write_text("11111111-2222-3333-4444-555555555555\n")
+    before = NodeLimiter(lim_dir)
+    for _ in range(7):
+        assert before.count("ip-1|gmail|warmup-day", 3, 100) is not None
+    assert before.count("ip-1|gmail|warmup-hour", 40, 2) == 0
+    before.take("ip-1|gmail|rate", 0.001)          # a rate state far ahead of the next boot
+    before.close()
+    boot_file.write_text("66666666-7777-8888-9999-aaaaaaaaaaaa\n")
+    after = NodeLimiter(lim_dir)
+    try:
+        assert after.count("ip-1|gmail|warmup-day", 3, 100, take=False) == 7
+        assert after.count("ip-1|gmail|warmup-hour", 40, 2) == 1
+        assert after.count("ip-1|gmail|warmup-hour", 40, 2) == 2     # at its cap: not taken
+        assert after.count("ip-1|gmail|warmup-day", 4, 100, take=False) == 0   # next day
+        assert after.take("ip-1|gmail|rate", 0.001) == 0.0            # the rate: afresh
+        assert os.listdir(lim_dir) == ["66666666-7777-8888-9999-aaaaaaaaaaaa"]
+    finally:
+        after.close()
+    # a second start in the same boot carries nothing again and keeps what it counted
+    again = NodeLimiter(lim_dir)
+    try:
+        assert again.count("ip-1|gmail|warmup-day", 3, 100, take=False) == 7
+    finally:
+        again.close()
