@@ -767,6 +767,11 @@ class Session(asyncio.Protocol):
         self.scanner.start_chunk(size, last)
 
     def cmd_rset(self, arg: bytes) -> None:
+        if arg.strip():
+            # RSET takes no argument (RFC 5321 4.1.1.5); as with Postfix, the
+            # transaction stays as it was.
+            self.reply_error(R.SYNTAX)
+            return
         if self.state not in (_CONNECTED,):
             self.state = _READY
         self._reset_transaction()
