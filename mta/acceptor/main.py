@@ -214,13 +214,22 @@ class Acceptor:
         return r
 
     def events_store(self):
-        """The events store (read-only), None when off or not created yet; blocking (a thread)."""
+        """The events store (read-only), None when off or not created yet; blocking (a thread).
+
+        A store the events process set aside and made anew is followed here (one stat
+        per call: EventStore.successor).  The old handle is not closed: a request in
+        another thread may be reading it; it closes when the last one lets it go.
+        """
         with self._events_lock:
             if self._events is None:
                 try:
                     self._events = events_store_mod.open_for(self.settings, readonly=True)
                 except FileNotFoundError:
                     return None
+            else:
+                new = self._events.successor()
+                if new is not None:
+                    self._events = new
             return self._events
 
     def close_events_store(self) -> None:

@@ -82,7 +82,9 @@ def open_sink(settings):
     A store a power cut left damaged (it is written without a sync per commit) is set
     aside as ``<dir>.damaged-<UTC time>`` and a new one made, with an error logged: it
     holds events also in the event log, and a process that cannot start would publish
-    none at all (the webhooks see the new store's id and start at its beginning).
+    none at all.  The readers (the webhooks process, the acceptors) see that the data
+    file at the path is another one and open it (EventStore.successor); the webhooks see
+    the new store's id and start at its beginning.
     """
     cfg = settings.config.events
     if not getattr(cfg, "store", False):

@@ -52,6 +52,18 @@ store damaged all the same (a disk that lies about its flushes) is set aside
 and made anew by the events process (:class:`StoreDamaged`,
 :func:`mta.events.main.open_sink`).
 
+Readers follow a store made anew: an LMDB handle reads the files it opened,
+and after a set-aside those are in ``<dir>.damaged-<time>``, so a reader
+would serve the old store until it restarted (the webhooks would send nothing
+again).  Each handle keeps the (device, inode) of the ``data.mdb`` it opened;
+:meth:`EventStore.successor` compares it with the file at the path (one stat)
+and opens the new store when they differ.  The readers ask once per look, not
+per event: the webhooks process at each ``webhooks.poll_interval`` (its
+senders are then restarted on the new handle, and a cursor saved for another
+store id starts at the new store's beginning: :meth:`mta.webhooks.sender.Sender.load`),
+an acceptor at each events API request or report it reads.  A new store not
+readable yet (no id committed yet) is looked at again next time.
+
 Results are newest first (descending time, then seq); the paging cursor is
 the (time, seq) of the last event of a page, base64-encoded: a keyset cursor,
 stable while new events arrive (they are newer than the cursor).
@@ -297,9 +309,14 @@ class EventStore:
         self.map_size = map_size
         self.retention = retention
         self.readonly = readonly
+        self.max_readers = max_readers
+        self._told = False         # successor(): the new store's open failure was logged
+        # The data file this handle reads (device, inode), taken before the open: a file
+        # put there between the stat and the open only makes successor() open it again.
+        self.file = _identity(path)
         if not readonly:
             make_dirs(path)
-        elif not os.path.exists(os.path.join(path, "data.mdb")):
+        elif self.file is None:
             raise FileNotFoundError(f"events store {path}: not created yet")
         try:
             self.env = lmdb.open(path, map_size=map_size, max_dbs=16, subdir=True,
@@ -311,6 +328,8 @@ class EventStore:
             raise StoreDamaged(path, exc) from None
         except lmdb.Error as exc:
             raise OSError(f"events store {path}: {exc}") from None
+        if self.file is None:
+            self.file = _identity(path)        # (the writer has just made it)
         try:
             self._open_dbs(readonly)
         except DAMAGED as exc:
@@ -353,6 +372,39 @@ class EventStore:
 
     def close(self) -> None:
         self.env.close()
+
+    def replaced(self) -> bool:
+        """Whether the store at this handle's path is no longer the one it reads (the
+        events process set it aside and made a new one there, or it is gone).  One stat."""
+        return _identity(self.path) != self.file
+
+    def successor(self) -> EventStore | None:
+        """A read-only handle on the store now at this one's path when it was replaced
+        (see the module's text, "Readers follow a store made anew"); None while it is
+        not: the same one, none there yet, or one that cannot be read yet (damaged, or
+        made but without its id yet) -- the caller keeps this handle and asks again at
+        its next poll or request."""
+        if not self.replaced():
+            return None
+        try:
+            new = EventStore(self.path, map_size=self.map_size, retention=self.retention,
+                             readonly=True, max_readers=self.max_readers)
+        except (OSError, lmdb.Error) as exc:
+            if not self._told:
+                self._told = True
+                log.warning("events store %s: the store there is not the one read until now, "
+                            "and it cannot be read yet (%s); trying again", self.path, exc)
+            return None
+        try:
+            ready = new.store_id() != 0
+        except lmdb.Error:
+            ready = False
+        if not ready:         # (made, its first transaction not committed yet)
+            new.close()
+            return None
+        log.warning("events store %s was made anew (the old one set aside); reading the new "
+                    "one", self.path)
+        return new
 
     # ------------------------------------------------------------- writing
 
@@ -942,6 +994,15 @@ class EventStore:
             self._bump(txn, ck, d)
         counts.clear()
         return n
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the store's data file at *path*; None when there is none."""
+    try:
+        st = os.stat(os.path.join(path, "data.mdb"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _dedupe(it):

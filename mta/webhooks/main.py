@@ -1,6 +1,8 @@
 """webhooks[0]: push SparkPost event batches to the configured webhooks, at least once.
 
-Reads:   the events store (read-only: ``read(after_seq, limit)``, ``last_seq()``);
+Reads:   the events store (read-only: ``read(after_seq, limit)``, ``last_seq()``; one
+         made anew at its path after a set-aside is followed at the next poll,
+         :meth:`Webhooks.follow_store`);
          the webhooks' SQLite file ``<state_dir>/webhooks/webhooks.sqlite``
          (the API-created webhooks, written by the acceptors; its
          ``generation`` is polled every ``webhooks.poll_interval`` seconds, so an
@@ -134,6 +136,31 @@ class Webhooks:
         if complete:
             self.generation = gen
 
+    async def follow_store(self) -> None:
+        """Read the new events store when the events process set the old one aside and
+        made another at its path (one stat per look: EventStore.successor).
+
+        Every sender stops (cursor saved, in-flight POSTs abandoned: their batches stay
+        stored) and starts again on the new store at the next refresh(): Sender.load
+        sees a cursor saved for another store id and starts at the new store's first
+        event, so no cursor beyond its end skips its events.  Batches stored from the
+        old store are still sent (they hold their bodies); events the events process
+        reads again from its cursors into the new store may be sent a second time, with
+        the same event_id (at least once, as after any crash).
+        """
+        new = self.store.successor()
+        if new is None:
+            return
+        for wid, s in list(self.senders.items()):
+            await s.stop()
+            self.carried[wid] = s.stats      # (counters go on, as for a changed webhook)
+        self.senders.clear()
+        self.keys.clear()
+        self.generation = -1                 # refresh() starts them all again
+        self.last_min_seq = None
+        old, self.store = self.store, new
+        old.close()
+
     def publish(self) -> None:
         """Write min_seq (when it changed) and status.json."""
         head = self.store.last_seq()
@@ -157,6 +184,7 @@ class Webhooks:
         next_status = next_purge = 0.0
         while not stop.is_set():
             try:
+                await self.follow_store()
                 await self.refresh()
                 now = time.time()
                 if now >= next_status:
@@ -240,6 +268,7 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
         if store is None:
             return
         session = W.new_session()
+        w = None
         try:
             w = Webhooks(settings, db, store, session)
             w.started = started
@@ -247,7 +276,7 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
             await w.run(stop)
         finally:
             await session.close()
-            store.close()
+            (w.store if w is not None else store).close()   # (follow_store may replace it)
 
     try:
         loop.run_until_complete(run())

@@ -473,3 +473,46 @@ def test_the_writer_syncs_each_commits_data(store):
     # with it.  The writer syncs each commit's data (its meta page goes with the next).
     flags = store.env.flags()
     assert flags["sync"] is True and flags["metasync"] is False, flags
+
+
+def test_a_reader_follows_a_store_set_aside_and_made_anew(tmp_path, caplog):
+    """A read-only handle (webhooks, acceptors) reads the files it opened: after the events
+    process set the store aside and made a new one at the path, successor() gives a handle
+    on the new one -- not while the one there is the same, missing or unreadable."""
+    import types
+
+    from mta.events.main import open_sink, set_aside
+    cfg = types.SimpleNamespace(store=True, store_path="events", store_max_size=MAP,
+                                retention=86400.0)
+    settings = types.SimpleNamespace(state_dir=str(tmp_path),
+                                     config=types.SimpleNamespace(events=cfg))
+    # (one process may not open the same files twice, LMDB's rule: the writer is closed
+    # before a reader opens them)
+    w = open_sink(settings)
+    w.append([ev(i) for i in range(5)])
+    w.close()
+    r = S.open_for(settings, readonly=True)
+    new = None
+    try:
+        assert r.successor() is None and r.last_seq() == 5
+        set_aside(w.path, OSError(5, "damaged"))
+        assert r.successor() is None            # nothing there yet
+        os.makedirs(w.path)
+        with open(os.path.join(w.path, "data.mdb"), "wb") as fh:
+            fh.write(bytes(8192))               # there, not readable
+        with caplog.at_level("WARNING", logger="mta.feedback.events_store"):
+            assert r.successor() is None
+            assert r.successor() is None
+        assert caplog.text.count("cannot be read yet") == 1
+        os.unlink(os.path.join(w.path, "data.mdb"))
+        w = open_sink(settings)
+        w.append([ev(100)])
+        w.close()
+        new = r.successor()
+        assert new is not None and new.store_id() != r.store_id()
+        assert [e["event_id"] for _, e in new.read(0, 10)] == [ev(100)["event_id"]]
+        assert new.successor() is None
+    finally:
+        r.close()
+        if new is not None:
+            new.close()

@@ -496,3 +496,80 @@ def test_mta_queue_shows_each_webhooks_backlog(make_daemon):
         assert {e["rcpt_to"] for e in r.events()} == {f"r{i}@example.net" for i in range(3)}
     finally:
         r.close()
+
+
+def _api_events(d, rcpt: str) -> list[dict]:
+    """The events API's events of *rcpt* (from an hour ago to an hour ahead: its default
+    ``to`` is one minute ago)."""
+    import urllib.parse
+
+    from test_events_api import iso_param
+    now = time.time()
+    q = urllib.parse.urlencode({"recipients": rcpt, "from": iso_param(now - 3600),
+                                "to": iso_param(now + 3600)})
+    conn = http.client.HTTPConnection(HOST, d.http_port, timeout=30)
+    try:
+        conn.request("GET", "/api/v1/events/message?" + q, headers={"Authorization": KEY})
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 200, body
+    return body["results"]
+
+
+def _mail(d, rcpt: str) -> None:
+    d.send("news@example.org", [rcpt],
+           b"From: news@example.org\r\nTo: " + rcpt.encode() + b"\r\nSubject: s\r\n\r\nbody\r\n")
+
+
+def test_a_store_set_aside_is_read_anew_by_webhooks_and_the_events_api(make_daemon):
+    """The events process sets a damaged store aside and makes a new one at the same path
+    (mta.events.main.set_aside); the webhooks process and the acceptors, which hold the
+    store open, must notice and read the new one -- without a restart of theirs.  They
+    used to keep the old, renamed environment: the webhook got no event again and the
+    events API answered from the old store until those processes restarted."""
+    r = Receiver()
+    try:
+        d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
+                        webhooks={"poll_interval": 0.1},
+                        webhook=[{"name": "crm", "target": r.url, "events": ["injection"]}])
+
+        def at_hook(rcpt):
+            return [e for e in r.events() if e["rcpt_to"] == rcpt]
+        _mail(d, "before@example.net")
+        r.wait(lambda rr: at_hook("before@example.net"), 30, "the first injection")
+        assert len(wait_until(lambda: _api_events(d, "before@example.net"), 30,
+                              "the first injection in the events API")) == 1
+        kids = d.children()
+        readers = {k: v for k, v in kids.items()
+                   if k.startswith(("webhooks", "acceptor", "http"))}
+        assert "webhooks[0]" in readers, kids
+        # A power cut's damage, as tests/events/test_events_store.py makes it: data.mdb
+        # zeros.  (Put in by a rename while the events process is stopped, so that the
+        # readers' maps of the old file stay whole; then the events process dies and is
+        # started again by the supervisor, which finds the damage at its open.)
+        old = kids["events[0]"]
+        path = os.path.join(d.state_dir, "events")
+        os.kill(old, signal.SIGSTOP)
+        try:
+            with open(os.path.join(path, "data.mdb.tmp"), "wb") as fh:
+                fh.write(bytes(8192))
+            os.replace(os.path.join(path, "data.mdb.tmp"), os.path.join(path, "data.mdb"))
+        finally:
+            os.kill(old, signal.SIGKILL)
+        d.wait_restarted("events[0]", old, timeout=30)
+        d.wait_log(r"set aside as .*events\.damaged-", timeout=30)
+        assert [n for n in os.listdir(d.state_dir) if n.startswith("events.damaged-")]
+        _mail(d, "after@example.net")
+        r.wait(lambda rr: at_hook("after@example.net"), 30,
+               "the injection stored in the new store at the webhook")
+        got = wait_until(lambda: _api_events(d, "after@example.net"), 30,
+                         "the injection stored in the new store in the events API")
+        assert [e["type"] for e in got] == ["injection"]
+        assert len(at_hook("after@example.net")) == 1
+        # neither reader was restarted for it
+        now = d.children()
+        assert {k: now.get(k) for k in readers} == readers, (readers, now)
+    finally:
+        r.close()
