@@ -30,6 +30,12 @@ Tables:
   events stored since then, even if the process restarts before it read any).
 - ``cursor_store``: per webhook id, the id of the events store its cursor's
   seq refers to (:meth:`mta.feedback.events_store.EventStore.store_id`).
+- ``inactive``: per webhook id made inactive (``active: false``, by the API or
+  seen so in a ``[[webhook]]`` table), ``until``: when it was made active again
+  (NULL while it is inactive, or when a configuration change made it active:
+  then the start of the webhooks process that sees it active).  The sender that
+  starts for it moves its cursor past the events stored before ``until``
+  (:meth:`mta.webhooks.sender.Sender.load`) and deletes the row.
 - ``meta``: ``generation``, bumped by every API change of a webhook, so the
   webhooks process notices changes with one cheap read.
 """
@@ -66,6 +72,7 @@ CREATE INDEX IF NOT EXISTS batch_by_ts ON batch (failed, ts);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS seen (webhook_id TEXT PRIMARY KEY, t REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS cursor_store (webhook_id TEXT PRIMARY KEY, store_id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS inactive (webhook_id TEXT PRIMARY KEY, until REAL);
 """
 
 DB_NAME = "webhooks.sqlite"
@@ -178,15 +185,50 @@ class WebhookDB:
                 return None
             self.db.execute("INSERT INTO webhook (id, doc, created, updated) VALUES (?,?,?,?)",
                             (wid, orjson.dumps(doc), now, now))
+            if not doc.get("active", True):
+                self._set_inactive(wid, None)
             self._bump()
         return wid
 
     def update(self, wid: str, doc: dict) -> bool:
+        """Replace the doc of *wid*; a change of ``active`` is recorded (``inactive``)."""
+        now = time.time()
         with self._tx():
+            row = self.db.execute("SELECT doc FROM webhook WHERE id=?", (wid,)).fetchone()
             cur = self.db.execute("UPDATE webhook SET doc=?, updated=? WHERE id=?",
-                                  (orjson.dumps(doc), time.time(), wid))
+                                  (orjson.dumps(doc), now, wid))
+            if row is not None:
+                was = orjson.loads(row[0]).get("active", True)
+                now_active = doc.get("active", True)
+                if was and not now_active:
+                    self._set_inactive(wid, None)
+                elif now_active and not was:
+                    self._set_inactive(wid, now)
             self._bump()
         return cur.rowcount > 0
+
+    def _set_inactive(self, wid: str, until: float | None) -> None:
+        self.db.execute("INSERT INTO inactive (webhook_id, until) VALUES (?,?) "
+                        "ON CONFLICT (webhook_id) DO UPDATE SET until=excluded.until",
+                        (wid, until))
+
+    def mark_inactive(self, wid: str) -> None:
+        """The webhooks process saw *wid* inactive (a [[webhook]] table: the API records
+        its own changes); a row already there is kept."""
+        with self._tx():
+            self.db.execute("INSERT OR IGNORE INTO inactive (webhook_id, until) VALUES (?, NULL)",
+                            (wid,))
+
+    def inactive(self, wid: str) -> tuple[float | None] | None:
+        """(until,) when *wid* was inactive since its sender last started, else None."""
+        return self.db.execute("SELECT until FROM inactive WHERE webhook_id=?",
+                               (wid,)).fetchone()
+
+    def resume(self, wid: str, seq: int) -> None:
+        """A webhook active again: its cursor at *seq* and its inactive row gone, at once."""
+        with self._tx():
+            self._set_cursor(wid, seq)
+            self.db.execute("DELETE FROM inactive WHERE webhook_id=?", (wid,))
 
     def delete(self, wid: str) -> bool:
         """Remove a webhook, its cursor and its batches (pending ones are not sent)."""
@@ -195,6 +237,7 @@ class WebhookDB:
             if cur.rowcount:
                 self.db.execute("DELETE FROM cursor WHERE webhook_id=?", (wid,))
                 self.db.execute("DELETE FROM cursor_store WHERE webhook_id=?", (wid,))
+                self.db.execute("DELETE FROM inactive WHERE webhook_id=?", (wid,))
                 self.db.execute("DELETE FROM batch WHERE webhook_id=?", (wid,))
             self._bump()
         return cur.rowcount > 0
@@ -307,13 +350,15 @@ class WebhookDB:
     def forget(self, keep: set[str]) -> int:
         """Delete cursors and batches of webhooks not in *keep* (removed from the TOML)."""
         ids = [r[0] for r in self.db.execute("SELECT webhook_id FROM cursor")] + \
-            [r[0] for r in self.db.execute("SELECT DISTINCT webhook_id FROM batch")]
+            [r[0] for r in self.db.execute("SELECT DISTINCT webhook_id FROM batch")] + \
+            [r[0] for r in self.db.execute("SELECT webhook_id FROM inactive")]
         gone = set(ids) - keep
         with self._tx():
             for wid in gone:
                 self.db.execute("DELETE FROM seen WHERE webhook_id=?", (wid,))
                 self.db.execute("DELETE FROM cursor WHERE webhook_id=?", (wid,))
                 self.db.execute("DELETE FROM cursor_store WHERE webhook_id=?", (wid,))
+                self.db.execute("DELETE FROM inactive WHERE webhook_id=?", (wid,))
                 self.db.execute("DELETE FROM batch WHERE webhook_id=?", (wid,))
         return len(gone)
 

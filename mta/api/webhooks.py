@@ -17,7 +17,10 @@ Calls (all under ``/api/v1``; shapes from the reference's tables):
 - ``GET /webhooks[?timezone=]``, ``GET /webhooks/{id}[?timezone=]``
   (``last_successful`` / ``last_failure`` as ``YYYY-MM-DD HH:MM:SS`` in the zone).
 - ``PUT /webhooks/{id}``: any create field; a changed target (or auth) is
-  tested again.  ``DELETE /webhooks/{id}``: 204; its pending batches are not sent.
+  tested again.  ``active: false`` stops its sender; made active again, it
+  starts at the events since then: those of its inactive time are not sent
+  (:meth:`mta.webhooks.sender.Sender.resume`).  ``DELETE /webhooks/{id}``:
+  204; its pending batches are not sent.
 - ``POST /webhooks/{id}/validate``: ``{"message": payload}`` or a bare array;
   200 with the target's response, or 400 when it did not answer 200.
 - ``GET /webhooks/{id}/batch-status[?limit=]``: batches that failed at least

@@ -71,6 +71,7 @@ class Webhooks:
         self.keys: dict[str, bytes] = {}
         self.carried: dict = {}         # webhook id -> Stats of a sender being replaced
         self.generation = -1
+        self.marked: set[str] = set()    # [[webhook]] tables recorded as inactive
         self.last_min_seq: int | None = None
         self.dir = webhookdb.dir_in(settings.state_dir)
         # A [[webhook]] seen for the first time gets the events since this start.
@@ -94,6 +95,12 @@ class Webhooks:
         complete = True
         for hook, created in self.hooks():
             if not hook.active:
+                if hook.read_only and hook.id not in self.marked:
+                    # (the API records its own changes; a [[webhook]] table's reach the
+                    # process only at its start: what it misses while inactive is not sent
+                    # once a new configuration makes it active, Sender.load)
+                    self.db.mark_inactive(hook.id)
+                    self.marked.add(hook.id)
                 continue
             seen.add(hook.id)
             key = hook.key()

@@ -25,7 +25,8 @@ the body; after ``1 + len(retry_schedule)`` attempts the batch is dropped
 again when the target answers 400 or 401 (that POST is then repeated once at
 once with the new token).  After kill -9 the stored batches are sent again
 with their ids and bodies, and reading resumes after the stored cursor: at
-least once.
+least once.  A webhook made active again after ``active: false`` does not get
+the events of its inactive time (:meth:`Sender.resume`).
 """
 from __future__ import annotations
 
@@ -109,11 +110,36 @@ class Sender:
             self.db.set_cursor(self.hook.id, seq)
         if sid and had != sid:
             self.db.set_cursor_store(self.hook.id, sid)
+        seq = self.resume(seq)
         self.scan_seq = self.saved_seq = seq
         self.pending = {b.id: b for b in self.db.pending(self.hook.id)}
         if self.pending:
             log.info("webhook %s: %d stored batch(es) to send again", self.hook.name,
                      len(self.pending))
+
+    def resume(self, seq: int) -> int:
+        """The cursor of a webhook that was inactive since its sender last ran: past the
+        events stored before it was made active again (WebhookDB.inactive), *seq* if later.
+
+        ``active: false`` means "do not send me these" (the reference does not say what
+        SparkPost does): the events of its inactive time are not sent when it is made
+        active again, nor those it had not read yet when it was made inactive (the
+        store is not held back for an inactive webhook either: min_seq counts the
+        running senders only).  Batches already stored are still sent: they were made
+        while it was active.  A [[webhook]] table made active by a new configuration
+        starts at the events since this process's start.
+        """
+        row = self.db.inactive(self.hook.id)
+        if row is None:
+            return seq
+        since = row[0] if row[0] is not None else self.clock()
+        start = self.start_seq(since)
+        if start > seq:
+            log.info("webhook %s: active again; the %d event(s) stored while it was inactive "
+                     "are not sent", self.hook.name, start - seq)
+            seq = start
+        self.db.resume(self.hook.id, seq)
+        return seq
 
     def start_seq(self, created: float | None) -> int:
         """The seq after which a new webhook starts: the last event older than *created*

@@ -573,3 +573,66 @@ def test_a_store_set_aside_is_read_anew_by_webhooks_and_the_events_api(make_daem
         assert {k: now.get(k) for k in readers} == readers, (readers, now)
     finally:
         r.close()
+
+
+def test_a_webhook_made_active_again_does_not_send_what_happened_while_inactive(make_daemon):
+    """``active: false`` means "do not send me these" (the reference says nothing of what
+    SparkPost does with them): events that happen while a webhook is inactive are not sent
+    when a PUT makes it active again; the events after that are.  It used to resume from
+    its old cursor and send the whole backlog of its inactive time."""
+    r = Receiver()
+    try:
+        d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
+                        webhooks={"poll_interval": 0.1})
+        st, body = call(d, "POST", "/api/v1/webhooks",
+                        {"name": "crm", "target": r.url, "events": ["injection"]})
+        assert st == 200, body
+        wid = body["results"]["id"]
+
+        def at_hook(rcpt):
+            return [e for e in r.events() if e["rcpt_to"] == rcpt]
+        _mail(d, "first@example.net")
+        r.wait(lambda rr: at_hook("first@example.net"), 30, "the first injection")
+        st, _ = call(d, "PUT", f"/api/v1/webhooks/{wid}", {"active": False})
+        assert st == 200
+        d.wait_log(r"webhook crm \(.*\): removed or inactive", timeout=30)
+        _mail(d, "while@example.net")
+        _mail(d, "while2@example.net")
+        wait_until(lambda: _api_events(d, "while2@example.net"), 30,
+                   "the inactive time's injections stored")
+        time.sleep(2.2)           # (event times are whole seconds)
+        st, _ = call(d, "PUT", f"/api/v1/webhooks/{wid}", {"active": True})
+        assert st == 200
+        st, body = call(d, "GET", f"/api/v1/webhooks/{wid}")
+        assert body["results"]["active"] is True
+        _mail(d, "after@example.net")
+        # (a sender reads in seq order: an event of the inactive time would come before)
+        r.wait(lambda rr: at_hook("after@example.net"), 30, "the injection after re-activation")
+        assert {e["rcpt_to"] for e in r.events()} == {"first@example.net", "after@example.net"}
+    finally:
+        r.close()
+
+
+def test_a_config_webhook_made_active_does_not_send_what_happened_while_inactive(make_daemon):
+    """The same for a [[webhook]] table: ``active = false`` in the configuration, mail sent,
+    then the daemon restarted with ``active = true``: the events of its inactive time are
+    not sent (they used to be: the webhook started at its first sight, while inactive)."""
+    r = Receiver()
+    try:
+        hook = {"name": "crm", "target": r.url, "events": ["injection"], "active": False}
+        d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
+                        webhooks={"poll_interval": 0.1}, webhook=[hook])
+        _mail(d, "while@example.net")
+        wait_until(lambda: _api_events(d, "while@example.net"), 30,
+                   "the inactive time's injection stored")
+        assert d.stop() == 0
+        time.sleep(2.2)           # (event times are whole seconds)
+        d.sections["webhook"] = [dict(hook, active=True)]
+        d.write_config()
+        d.start()
+        _mail(d, "after@example.net")
+        r.wait(lambda rr: [e for e in rr.events() if e["rcpt_to"] == "after@example.net"], 30,
+               "the injection after the webhook was made active")
+        assert {e["rcpt_to"] for e in r.events()} == {"after@example.net"}
+    finally:
+        r.close()

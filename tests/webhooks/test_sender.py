@@ -415,3 +415,30 @@ def test_a_store_made_anew_resets_the_cursor(env, tmp_path, caplog, new_events):
         assert any("events store was made anew" in r.getMessage() for r in caplog.records)
     finally:
         store.close()
+
+
+def test_a_webhook_created_inactive_starts_at_its_activation(env):
+    """A webhook created with ``active: false`` and made active later by a PUT: its first
+    sender starts at the events stored since the activation, not since its creation (the
+    events of its inactive time are not sent); a PUT that changes something else keeps
+    no such mark."""
+    store, db, rec, _ = env
+    t0 = time.time()
+    wid = db.create({"name": "test", "target": rec.url, "events": ["delivery"],
+                     "active": False}, 10)
+    store.append(_events(8, 0, ts=t0 - 5))            # while inactive (made at t0 - 20)
+    assert db.inactive(wid) == (None,)
+    doc = db.get(wid)
+    assert db.update(wid, dict(doc, name="renamed"))   # (still inactive: no change)
+    assert db.inactive(wid) == (None,)
+    db.update(wid, dict(doc, active=True))
+    until = db.inactive(wid)[0]
+    assert until is not None and until >= t0
+    store.append(_events(8, 100, ts=until + 5))         # after the activation
+    hook = _hook(rec, events=("delivery",), id=wid)
+    asyncio.run(_run(hook, db, store, _cfg(), lambda s: s.stats.events >= 2,
+                     created=t0 - 20))
+    assert {e["event_id"] for e in rec.events()} == {"10101", "10105"}
+    assert db.inactive(wid) is None and db.cursor(wid)[0] == 16
+    db.update(wid, dict(db.get(wid), name="again"))
+    assert db.inactive(wid) is None
