@@ -69,6 +69,7 @@ from email.utils import formatdate
 
 import httptools
 
+from mta import browser
 from mta.acceptor.closing import close_lingering
 from mta.acceptor import proxy
 from mta.acceptor.peers import peer_address
@@ -127,7 +128,8 @@ class TransmissionIds:
 
 
 _WANTED = frozenset((b"content-type", b"content-length", b"authorization", b"idempotency-key",
-                     b"expect", b"content-encoding", b"transfer-encoding"))
+                     b"expect", b"content-encoding", b"transfer-encoding", b"host",
+                     b"origin", b"sec-fetch-site"))
 
 REASONS = {
     100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
@@ -277,11 +279,20 @@ class Service:
         while self.paused and self.pending_bytes < room:
             self.loop.call_soon(self.paused.popleft().step)
 
-    def authorize(self, header: bytes | None, peer_ip: str) -> str:
-        """The idempotency scope of the caller's key ("" without keys); ApiError 401/403."""
+    def authorize(self, header: bytes | None, peer_ip: str, h: dict | None = None) -> str:
+        """The idempotency scope of the caller's key ("" without keys); ApiError 401/403.
+
+        Without keys, loopback clients are served -- but not a browser's request (*h*:
+        the request's header fields) whose Host names another machine: a page of the
+        attacker's whose name was rebound to 127.0.0.1 (DNS rebinding) would send mail
+        through this node and read its events (:mod:`mta.browser`)."""
         if not self.keys:
             if self.is_loopback(peer_ip):
-                return ""
+                why = browser.rebound(h) if h else None
+                if why is None:
+                    return ""
+                raise R.ApiError(R.FORBIDDEN, f"no API keys are configured (http.api_keys): "
+                                 f"{why}")
             raise R.ApiError(R.FORBIDDEN, "no API keys are configured (http.api_keys): only "
                              "loopback clients are served")
         if not header:
@@ -525,7 +536,7 @@ class Session(asyncio.Protocol):
         answer instead of the 100 and the connection closes, its body unread (RFC 9110
         10.1.1), rather than uploading it for nothing."""
         try:
-            self.svc.authorize(h.get(b"authorization"), self.peer_ip)
+            self.svc.authorize(h.get(b"authorization"), self.peer_ip, h)
         except R.ApiError as err:
             return err
         return None
@@ -672,7 +683,7 @@ class Session(asyncio.Protocol):
         behind a transmission.
         """
         svc = self.svc
-        svc.authorize(req.headers.get(b"authorization"), self.peer_ip)
+        svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers)
         store = self.a.suppression
         if store is None:
             raise R.ApiError(R.NOT_FOUND, "the suppression list is disabled "
@@ -695,7 +706,7 @@ class Session(asyncio.Protocol):
     def _events(self, req: Request) -> None:
         """``/api/v1/events/message`` (mta.api.events), or ApiError; in a worker thread."""
         svc = self.svc
-        svc.authorize(req.headers.get(b"authorization"), self.peer_ip)
+        svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers)
         cfg = self.a.settings.config.events
         if not cfg.store:
             raise R.ApiError(R.NOT_FOUND, "the events store is disabled ([events] store)")
@@ -714,7 +725,7 @@ class Session(asyncio.Protocol):
         transmission.
         """
         svc = self.svc
-        svc.authorize(req.headers.get(b"authorization"), self.peer_ip)
+        svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers)
         if req.method in (b"POST", b"PUT"):
             _json_body(req.headers)
         if svc.webhooks is None:
@@ -738,7 +749,7 @@ class Session(asyncio.Protocol):
             raise R.ApiError(R.BAD_METHOD, f"{req.method.decode('latin-1')} is not allowed on "
                              "/api/v1/transmissions; use POST", allow="POST")
         h = req.headers
-        scope = svc.authorize(h.get(b"authorization"), self.peer_ip)
+        scope = svc.authorize(h.get(b"authorization"), self.peer_ip, h)
         ctype = h.get(b"content-type", b"").partition(b";")[0].strip().lower()
         if ctype != b"application/json":
             raise R.ApiError(R.UNSUPPORTED_TYPE, "Content-Type must be application/json")

@@ -26,7 +26,9 @@ close``; a request body is not read).  ``/metrics``: Prometheus text format
 (:mod:`mta.admin.page`).  The rest of ``/api/admin/`` (queue, messages,
 status, drain) is :mod:`mta.admin.api`; it asks the spool shards over the bus.
 With ``admin.tokens`` set every request needs ``Authorization: Bearer TOKEN``
-(401 otherwise).  A request head over 16 KiB gets 431; other paths 404;
+(401 otherwise).  A POST or DELETE that a browser marks as another site's
+(``Sec-Fetch-Site``, ``Origin``) gets 403, and so does, without tokens, a browser's
+request whose ``Host`` is not a loopback name (DNS rebinding; :mod:`mta.browser`).  A request head over 16 KiB gets 431; other paths 404;
 other methods 405; every error is a JSON body.
 SIGTERM: close the listener, exit.  SIGHUP is ignored ([admin] changes need a
 restart; the supervisor says so).
@@ -43,7 +45,7 @@ import orjson
 import uvloop
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from mta import bus, proc
+from mta import browser, bus, proc
 from mta.admin import page
 from mta.admin.api import Api
 from mta.admin.metrics import Collector, Reports
@@ -53,7 +55,8 @@ log = logging.getLogger("mta.admin")
 MAX_HEAD = 16 * 1024        # octets of request line and header fields
 REQUEST_TIMEOUT = 10.0      # seconds a client has to send its request head
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+            404: "Not Found",
             405: "Method Not Allowed", 408: "Request Timeout",
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
@@ -83,6 +86,19 @@ class Admin:
             ok |= hmac.compare_digest(t, token)
         return ok
 
+    def from_a_browser_elsewhere(self, method: bytes, headers: dict) -> str | None:
+        """Why a request is another site's page acting through a browser (mta.browser),
+        or None: a POST or DELETE that Sec-Fetch-Site or Origin marks as cross-site,
+        and -- when no token is asked for -- a browser's request whose Host is not a
+        loopback name (DNS rebinding)."""
+        if method in (b"POST", b"DELETE"):
+            why = browser.cross_site(headers)
+            if why:
+                return f"a cross-site request is refused ({why})"
+        if not self.tokens:
+            return browser.rebound(headers)
+        return None
+
     async def respond(self, method: bytes, target: bytes,
                       headers: dict) -> tuple[int, dict, bytes]:
         path = target.partition(b"?")[0]
@@ -90,6 +106,9 @@ class Admin:
             return _json(405, {"errors": [{"message": "only GET, POST and DELETE are served "
                                                       "here"}]},
                          {"Allow": "GET, HEAD, POST, DELETE"})
+        refused = self.from_a_browser_elsewhere(method, headers)
+        if refused:
+            return _json(403, {"errors": [{"message": refused}]})
         if path in (b"/", b"/index.html") and method in (b"GET", b"HEAD"):
             # The page holds no data (its script asks the API, with the token
             # from the URL fragment), so it is served without a token.

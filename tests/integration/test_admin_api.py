@@ -20,11 +20,12 @@ from mxlab import IPS, mx
 from mta.queueid import new_qid
 
 
-def admin_call(d, method: str, path: str, token: str | None = None):
+def admin_call(d, method: str, path: str, token: str | None = None, headers=None):
     """(status, headers with lower-case names, decoded JSON body) from the admin listener."""
     conn = http.client.HTTPConnection(HOST, d.admin_port, timeout=30)
     try:
-        conn.request(method, path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        conn.request(method, path, headers={
+            **({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})})
         r = conn.getresponse()
         body = r.read()
         return r.status, {k.lower(): v for k, v in r.getheaders()}, json.loads(body)
@@ -195,6 +196,50 @@ def test_api_needs_the_token_and_the_cli_sends_it(make_daemon):
     st, headers, _ = d.admin_get("/")
     assert st == 200 and headers["content-type"].startswith("text/html")
     assert json.loads(d.cli("queue", "summary", "--json").stdout)["total"]["messages"] == 0
+
+
+def test_a_page_of_another_site_cannot_act_through_the_operators_browser(make_daemon):
+    """Without tokens the admin listener serves loopback.  An operator's browser there
+    (or at the end of an SSH tunnel to it, how the status page is looked at) runs any
+    site's scripts: a form of another site POSTed to /api/admin/drain (the answer cannot
+    be read, the drain is done), or a name rebound to 127.0.0.1 (DNS rebinding) reading
+    and changing everything.  Both are refused; the mta commands and same-origin
+    requests of the status page are not."""
+    d = make_daemon()
+    me = f"{HOST}:{d.admin_port}"
+    for extra in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                  {"Sec-Fetch-Site": "cross-site", "Origin": f"http://{me}"},
+                  {"Sec-Fetch-Site": "same-site"}):
+        for method, path in (("POST", "/api/admin/drain"),
+                             ("POST", "/api/admin/bounce?domain=example.net"),
+                             ("DELETE", "/api/admin/drain")):
+            st, _, body = admin_call(d, method, path, headers=extra)
+            assert st == 403, (extra, method, path, st, body)
+            assert "cross-site" in body["errors"][0]["message"]
+    assert not d.log().count("drain started")
+    assert admin_call(d, "GET", "/api/admin/drain")[2]["draining"] is False
+    # DNS rebinding: the page's own origin, but the Host is the attacker's name
+    rebound = {"Host": f"rebind.evil.example:{d.admin_port}", "Sec-Fetch-Site": "same-origin"}
+    for path in ("/api/admin/queue", "/api/admin/status", "/metrics", "/"):
+        st, _, body = admin_call(d, "GET", path, headers=rebound)
+        assert st == 403 and "Host rebind.evil.example" in body["errors"][0]["message"], \
+            (path, st)
+    # a program that is not a browser may use another name of this machine
+    assert admin_call(d, "GET", "/api/admin/queue", headers={"Host": "mta.internal:8026"})[0] \
+        == 200
+    st, _, _ = admin_call(d, "POST", "/api/admin/drain",
+                          headers={"Host": f"rebind.evil.example:{d.admin_port}",
+                                   "Origin": f"http://rebind.evil.example:{d.admin_port}"})
+    assert st == 403 and not d.log().count("drain started")
+    # the status page's own request (same origin), a tunnel's localhost, and the CLI
+    for extra in ({"Origin": f"http://{me}", "Sec-Fetch-Site": "same-origin"},
+                  {"Host": "localhost:9000"}, {"Host": f"[::1]:{d.admin_port}"}):
+        assert admin_call(d, "GET", "/api/admin/queue", headers=extra)[0] == 200, extra
+    st, _, body = admin_call(d, "POST", "/api/admin/drain",
+                             headers={"Origin": f"http://{me}", "Sec-Fetch-Site": "same-origin"})
+    assert st == 200 and body["draining"] is True
+    assert d.cli("drain", "--cancel").returncode == 0
+    assert admin_call(d, "GET", "/api/admin/drain")[2]["draining"] is False
 
 
 def test_site_and_source_come_from_the_delivery_processes(lab):

@@ -1107,6 +1107,41 @@ def test_no_100_continue_to_a_client_whose_key_is_refused(api):
     # a good key still gets its 100 (test_keepalive_pipelining_expect_continue_http10)
 
 
+def test_without_keys_a_browser_page_rebound_to_loopback_is_refused(make_daemon):
+    """Without http.api_keys loopback clients are served.  A page of the attacker's whose
+    name was rebound to 127.0.0.1 (DNS rebinding) is same-origin with the API in the
+    victim's browser: it could send mail through this node and read its events.  A
+    browser's request (Sec-Fetch-Site or Origin) for another Host is refused; one for
+    127.0.0.1 or localhost, and a program's by any name, are served."""
+    d = make_daemon(acceptors=1, shards=1)
+    good = json.dumps(simple(["rebind@example.net"])).encode()
+
+    def post(path, body, headers):
+        h = {"Host": "127.0.0.1", "Content-Type": "application/json",
+             "Content-Length": str(len(body)), **headers}
+        head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items())
+        with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+            s.sendall(head.encode() + b"\r\n" + body)
+            return read_response(s.makefile("rb"))
+    evil = {"Host": f"rebind.evil.example:{d.http_port}", "Sec-Fetch-Site": "same-origin",
+            "Origin": f"http://rebind.evil.example:{d.http_port}"}
+    for path, body in (("/api/v1/transmissions", good),
+                       ("/api/v1/webhooks", b'{"name":"x","target":"http://127.0.0.1:1/",'
+                                            b'"events":["delivery"]}')):
+        st, _, raw = post(path, body, evil)
+        assert st == 403 and b"rebind.evil.example" in raw, (path, st, raw)
+    st, _, raw = post("/api/v1/transmissions", good, {"Host": f"localhost:{d.http_port}",
+                                                       "Sec-Fetch-Site": "same-origin"})
+    assert st == 200, raw
+    st, _, raw = post("/api/v1/transmissions", good, {"Host": "mta.internal"})
+    assert st == 200, raw
+    with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+        s.sendall(b"GET /api/v1/events/message HTTP/1.1\r\nHost: rebind.evil.example\r\n"
+                  b"Sec-Fetch-Site: same-origin\r\n\r\n")
+        st, _, raw = read_response(s.makefile("rb"))
+        assert st == 403, raw
+
+
 def test_a_transfer_coding_it_does_not_know_is_501(api):
     """RFC 9112 6.1: a server that receives a transfer coding it does not understand
     should answer 501 (Not Implemented) and close.  ``Transfer-Encoding: gzip, chunked``
