@@ -11,7 +11,8 @@ so file order is time order.  A segment is a sequence of records framed by the r
     REC_MESSAGE  meta = MessageMeta (msgspec msgpack), body = the message
     REC_DONE     meta = DoneMeta: these queue ids are finished
     REC_RCPT     meta = RcptMeta: recipient state changes of one message
-                 (delivered / failed / expired, or attempts and next due time)
+                 (delivered / failed / expired, or attempts and next due time;
+                 RCPT_* flags, and what an owed bounce will say)
     REC_EVENTS   meta = the batch's events (one orjson array of the internal
                  event dicts of :mod:`mta.obs.events`), body empty; written
                  first in its batch, covered by the batch's fdatasync.  The
@@ -138,6 +139,8 @@ class MessageMeta(msgspec.Struct, array_like=True):
     attempts: list[int] | None = None
     due: list[float] | None = None
     flags: list[int] | None = None      # per recipient RCPT_* bits; None: all 0
+    # a copy's owed bounces: the report of each recipient with RCPT_BOUNCE_OWED (RcptMeta)
+    owed: list[list] | None = None
 
 
 START_AT = "start_at"   # params: epoch seconds of options.start_time, when in the future
@@ -164,10 +167,14 @@ class RcptMeta(msgspec.Struct, array_like=True):
     """Recipient updates of one message: [[index, state, attempts, due(, flags)], ...].
 
     The fifth element, when present, replaces the recipient's RCPT_* flags.
+    *owed*: for each update that sets RCPT_BOUNCE_OWED, what its bounce will say:
+    [index, status, remote host, diagnostic, last attempt (None: never tried)] (a
+    trailing field: a version without it ignores it, and reads None from one without).
     """
 
     qid: str
     updates: list[list]
+    owed: list[list] | None = None
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -183,6 +190,10 @@ EXPIRED = 3
 TERMINAL = (DELIVERED, FAILED, EXPIRED)
 # Recipient flags, as stored in records (a bit set; absent = 0).
 RCPT_DELAY_NOTIFIED = 1     # the sender was sent a delay notice for it (RFC 3464 "delayed")
+# It failed while other delivery jobs of its message were out: a bounce (DSN) to the
+# sender is owed for it, and the record that set the flag holds what it will say
+# (RcptMeta.owed).  Cleared in the batch that queues the DSN (mta.spool.outcomes).
+RCPT_BOUNCE_OWED = 2
 STATE_NAMES = {PENDING: "pending", DELIVERED: "delivered", FAILED: "failed", EXPIRED: "expired"}
 
 
@@ -846,6 +857,11 @@ class Store:
         # The synced watermark, when an events process reads this shard's events.
         self.watermark = Watermark(directory, True) if events else None
         self._replay_budget = 1 << 62     # records per recover_step (set by each call)
+        # Bounces owed (RCPT_BOUNCE_OWED): qid -> {recipient index: [status, remote host,
+        # diagnostic, last attempt]}, as the records that set the flags said; kept in step
+        # with the index's flags by whatever applies records (recovery, commit), so that a
+        # restart finds every owed bounce without a walk of the queue.
+        self.owed: dict[str, dict[int, list]] = {}
 
     @property
     def recipients(self) -> int:
@@ -1021,18 +1037,49 @@ class Store:
             seg.total += 1
         elif rtype == REC_DONE:
             remove = self.index.remove
+            owed = self.owed
             for qid in _dec_done.decode(meta).qids:
                 remove(qid)
+                if owed:
+                    owed.pop(qid, None)
         elif rtype == REC_RCPT:
             r = _dec_rcpt.decode(meta)
             self.index.apply(r.qid, r.updates)
+            if r.owed or r.qid in self.owed:
+                self._owe(r.qid, r.owed)
         elif rtype == REC_EVENTS:
             pass        # for the events process only
         else:
             log.warning("segment %s: unknown record type %d ignored", seg.path, rtype)
 
     def _add(self, m: MessageMeta, seg: int, moff: int, mlen: int, blen: int) -> bool:
-        return index_message(self.index, m, seg, moff, mlen, blen)
+        replaced = index_message(self.index, m, seg, moff, mlen, blen)
+        if m.owed or self.owed and m.qid in self.owed:
+            self.owed.pop(m.qid, None)      # a copy says it all (its flags, its reports)
+            self._owe(m.qid, m.owed)
+        return replaced
+
+    def _owe(self, qid: str, notes: list | None) -> None:
+        """Keep :attr:`owed` in step with *qid*'s RCPT_BOUNCE_OWED flags in the index,
+        after a record changed them; *notes*: the record's reports ([index, status,
+        remote host, diagnostic, last attempt], ...).  A report of a recipient whose flag
+        is not set (any more) is dropped, as is one that is malformed."""
+        held = self.owed.get(qid) or {}
+        for n in notes or ():
+            if type(n) is list and len(n) == 5 and type(n[0]) is int:
+                status, host, diag, last = n[1:]
+                if (status is None or type(status) is str) and type(host) is str and \
+                        type(diag) is str and (last is None or type(last) in (int, float)):
+                    held[n[0]] = [status, host, diag, last]
+        recipient = self.index.recipient
+        for idx in list(held):
+            r = recipient(qid, idx)
+            if r is None or not r[3] & RCPT_BOUNCE_OWED:
+                del held[idx]
+        if held:
+            self.owed[qid] = held
+        else:
+            self.owed.pop(qid, None)
 
     # ------------------------------------------------------------------ writing
 
@@ -1120,13 +1167,15 @@ class Store:
         self.current = None
 
     def write(self, messages: list, done: list[str], updates: dict | None = None,
-              events: bytes | None = None) -> list[Located]:
+              events: bytes | None = None, owed: dict | None = None) -> list[Located]:
         """Append events, message, recipient-update and DONE records; not yet durable.
 
         *messages* is a list of (MessageMeta, body); *updates* maps a queue id
-        to its [[index, state, attempts, due], ...]; *events*, the batch's
-        encoded events, go first (one REC_EVENTS record).  Returns where the new
-        messages lie, which become visible in the index only after :meth:`commit`.
+        to its [[index, state, attempts, due(, flags)], ...]; *owed* a queue id
+        (one of *updates*) to the reports of the bounces its updates make owed
+        (RcptMeta.owed); *events*, the batch's encoded events, go first (one
+        REC_EVENTS record).  Returns where the new messages lie, which become
+        visible in the index only after :meth:`commit`.
         """
         seg = self._writable()
         number = seg.number
@@ -1147,7 +1196,7 @@ class Store:
             new.append(Located(meta, number, moff, len(mb), len(body)))
         if updates:
             for qid, ups in updates.items():
-                mb = _enc.encode(RcptMeta(qid, ups))
+                mb = _enc.encode(RcptMeta(qid, ups, owed.get(qid) if owed else None))
                 hdr = codec.encode_header(REC_RCPT, mb, b"", number)
                 bufs += (hdr, mb)
                 pos += len(hdr) + len(mb)
@@ -1265,7 +1314,7 @@ class Store:
             self.watermark.set(seg.number, seg.size)   # a memory write: no system call
 
     def commit(self, new: list[Located], done: list[str],
-               updates: dict | None = None) -> list[str]:
+               updates: dict | None = None, owed: dict | None = None) -> list[str]:
         """Publish a synced batch in the index; return the queue ids actually removed.
 
         A compaction copy replaces its message's entry and keeps what is not on
@@ -1278,6 +1327,9 @@ class Store:
         if updates:
             for qid, ups in updates.items():
                 index.apply(qid, ups)
+                notes = owed.get(qid) if owed else None
+                if notes or qid in self.owed:
+                    self._owe(qid, notes)
         for n in new:
             old = index.location(n.meta.qid)
             if old is not None:
@@ -1293,6 +1345,8 @@ class Store:
                 index.remove(qid)
                 segments[loc[0]].live -= 1
                 removed.append(qid)
+                if self.owed:
+                    self.owed.pop(qid, None)
         return removed
 
     # ----------------------------------------------------------------- reading
@@ -1343,8 +1397,10 @@ class Store:
         """(the envelope with its recipients' progress, the body): a compaction copy."""
         m, body = self.read_record(qid)
         state, attempts, due, flags = self.index.progress(qid)
+        held = self.owed.get(qid)
         return MessageMeta(m.qid, m.sender, m.rcpts, m.arrival, m.params, m.client, state,
-                           attempts, due, flags if any(flags) else None), body
+                           attempts, due, flags if any(flags) else None,
+                           [[i, *n] for i, n in held.items()] if held else None), body
 
     # ------------------------------------------------------------- reclamation
 

@@ -940,6 +940,50 @@ def test_recipient_flags_survive_restart_and_compaction(tmp_path, codec):
     st.close()
 
 
+def test_owed_bounces_survive_restart_and_compaction_until_cleared(tmp_path, codec):
+    """A recipient's RCPT_BOUNCE_OWED flag and what its bounce will say (RcptMeta.owed)
+    are read back at recovery (Store.owed, no walk of the queue), carried by a
+    compaction copy, dropped once an update clears the flag or a DONE ends the message."""
+    from mta.store import FAILED, PENDING, RCPT_BOUNCE_OWED
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1, nrcpt=3), body(1)), (meta(2, nrcpt=2), body(2))])
+    report = ["5.1.1", "mx.one.test", "550 5.1.1 no such user", 1_800_000_000.5]
+    ups = {qid(1): [[0, FAILED, 1, 0.0, RCPT_BOUNCE_OWED], [1, PENDING, 1, 500.0]],
+           qid(2): [[1, FAILED, 1, 0.0, RCPT_BOUNCE_OWED]]}
+    owed = {qid(1): [[0, *report]], qid(2): [[1, "5.0.0", "", "refused", None]]}
+    new = st.write([], [], ups, None, owed)
+    st.sync()
+    st.commit(new, [], ups, owed)
+    want = {qid(1): {0: report}, qid(2): {1: ["5.0.0", "", "refused", None]}}
+    assert st.owed == want
+    st.close()
+    st, _ = restart(tmp_path, codec)
+    assert st.owed == want
+    assert st.index.progress(qid(1))[3] == [RCPT_BOUNCE_OWED, 0, 0]
+    # a compaction copy carries the flags and the reports; read back from it alone
+    copies = [st.progress_meta(qid(1)), st.progress_meta(qid(2))]
+    assert copies[0][0].owed == [[0, *report]]
+    st.close()
+    st = new_store(tmp_path / "copied", codec)
+    st.recover()
+    put(st, copies)
+    assert st.owed == want
+    st.close()
+    st, _ = restart(tmp_path / "copied", codec)
+    assert st.owed == want
+    # the batch that queues the bounce clears the flag: nothing owed after a restart
+    clear = {qid(1): [[0, FAILED, 1, 0.0, 0]]}
+    new = st.write([], [qid(2)], clear)
+    st.sync()
+    st.commit(new, [qid(2)], clear)
+    assert st.owed == {}
+    st.close()
+    st, _ = restart(tmp_path / "copied", codec)
+    assert st.owed == {} and st.index.progress(qid(1))[3] == [0, 0, 0]
+    assert qid(2) not in st.index
+    st.close()
+
+
 def test_recovery_in_slices_takes_new_messages_in_a_new_segment_meanwhile(tmp_path, codec):
     st = new_store(tmp_path, codec)
     put(st, [(meta(n), body(n)) for n in range(300)])

@@ -53,11 +53,27 @@ again.  The notice goes out at the first deferral after the warning time, so
 with long retry intervals it may come up to one interval later.
 
 Recipients found too old at dispatch expire the same way (:meth:`Plan.expire`).
-A bounce is an RFC 3464 DSN to the envelope sender, one per message and batch
-for all its failed recipients (success and delay notices likewise, each its
-own), queued as a new message with a null sender; a message with a null
-sender is never bounced (the failure is logged).  A message
-none of whose recipients is pending, and with no delivery job out, is done.
+A bounce is an RFC 3464 DSN to the envelope sender, queued as a new message
+with a null sender; a message with a null sender is never bounced (the
+failure is logged).  A message none of whose recipients is pending, and with
+no delivery job out, is done.
+
+One bounce per message for every recipient that failed while any of its
+delivery jobs were out (as Postfix sends one per queue pass), not one per
+batch: a message of several domains has a job per domain, and their outcomes
+come back in different batches.  A failure whose message still has other jobs
+out after the batch's outcomes (the index's out count) is *held*: its update
+record sets ``RCPT_BOUNCE_OWED`` (:mod:`mta.store`) and carries what the
+bounce will say (``RcptMeta.owed``).  The batch in which the message has no
+job out any more -- its last outcome, an expiry, a bulk bounce, its end found
+at dispatch, its delete, or the first batch after a restart (no job is out
+then; :meth:`Plan.settle`) -- queues one DSN for the held recipients and this
+batch's failures, and writes updates clearing their flags, in the same group
+commit as the DSN message: a crash before it leaves the flags, and the bounce
+is sent after the restart; a crash after it leaves the DSN queued and the
+flags cleared: never lost, never twice.  A message is never finished with a
+bounce owed (its DONE goes with the DSN).  Success and delay notices are not
+held: one per message and batch, each its own.
 """
 from __future__ import annotations
 
@@ -72,7 +88,7 @@ from mta.feedback import suppression as sup
 from mta.obs import events as ev
 from mta import controls as ctl
 from mta.spool import schedule as sch
-from mta.store import RCPT_DELAY_NOTIFIED, MessageMeta
+from mta.store import RCPT_BOUNCE_OWED, RCPT_DELAY_NOTIFIED, MessageMeta
 
 log = logging.getLogger("mta.spool")
 
@@ -94,13 +110,17 @@ class Plan:
     envelope (MessageMeta), read from its record -- the index keeps none;
     *policy*: its RetryPolicy; *read_body(qid)*: the message as spooled (for
     bounces); *new_qid()*: a queue id in this shard for a bounce; *hostname*:
-    the reporting MTA named in bounces.  The index is only read here, but for
-    the last temporary replies (set at a deferral, as before a commit).
+    the reporting MTA named in bounces; *owed*: the bounces owed
+    (:attr:`mta.store.Store.owed`: qid -> {recipient index: report}), read only.
+    The index is only read here, but for the last temporary replies (set at a
+    deferral, as before a commit).
     """
 
     def __init__(self, index, read_meta, policy: sch.RetryPolicy, read_body, new_qid,
-                 hostname: str, bounce_domains: frozenset = frozenset()):
+                 hostname: str, bounce_domains: frozenset = frozenset(),
+                 owed: dict | None = None):
         self.index = index
+        self.owed = {} if owed is None else owed
         # feedback.bounce_domains (lower case): a return path there is this node's own
         self.bounce_domains = bounce_domains
         self._read_meta = read_meta
@@ -111,7 +131,9 @@ class Plan:
         self.hostname = hostname
         self.updates: dict[str, list] = {}     # qid -> [[idx, state, attempts, due], ...]
         self.states: dict[str, list[int]] = {}  # qid -> states after this batch
-        self.failures: dict[str, list] = {}    # qid -> [RecipientFailure, ...] to bounce
+        self.failures: dict[str, list] = {}    # qid -> [(idx, RecipientFailure), ...] failed
+        self.owe: dict[str, list] = {}         # qid -> [[idx, report...], ...]: held (RcptMeta)
+        self.settling: list[str] = []          # qids whose owed bounce is looked at (settle)
         self.events: list[dict] = []
         self.deleted_qids: set[str] = set()     # (deleted in this batch: events once)
         # deleted in this batch with recipients in jobs still out (Plan.deleted)
@@ -427,9 +449,7 @@ class Plan:
     def _notice(self, into: dict, qid: str, m: MessageMeta, idx: int,
                 r: RecipientFailure) -> None:
         """Add *r* (for recipient *idx*) to a notice of *qid*, with its ORCPT if it had one."""
-        orcpt = _param(m, "ORCPT", idx)
-        if orcpt:
-            r.original_recipient = orcpt_text(orcpt)
+        _orcpt(m, idx, r)
         into.setdefault(qid, []).append(r)
 
     def _bounce(self, qid, idx, code, enh, text, host, now, note="", tried=True) -> None:
@@ -449,9 +469,84 @@ class Plan:
                                                      else "4.0.0")
         if status.startswith("4"):
             status = "5" + status[1:]  # expired after temporary failures: now permanent
-        self._notice(self.failures, qid, m, idx,
-                     RecipientFailure(recipient=rcpt, status=status, remote_host=host or None,
-                                      diagnostic=diag, last_attempt=now if tried else None))
+        r = RecipientFailure(recipient=rcpt, status=status, remote_host=host or None,
+                             diagnostic=diag, last_attempt=now if tried else None)
+        _orcpt(m, idx, r)
+        self.failures.setdefault(qid, []).append((idx, r))
+
+    def settle(self, qid: str) -> None:
+        """Look at *qid*'s owed bounce in this batch though no outcome of it came: the
+        first batch after a restart (no job is out), or its end found at dispatch."""
+        if qid in self.owed:
+            self.settling.append(qid)
+
+    def _bounceable(self, m: MessageMeta) -> bool:
+        """A bounce of *m* would be sent (:meth:`_report` says why not when not)."""
+        return bool(m.sender) and \
+            m.sender.rpartition("@")[2].lower() not in self.bounce_domains
+
+    def _bounces(self, now: float) -> None:
+        """Hold this batch's failures whose message still has jobs out; queue one bounce
+        for each message that has none (or is deleted) with the failures held before."""
+        index, owed, failures = self.index, self.owed, self.failures
+        qids = dict.fromkeys(failures)
+        if owed:
+            for qid in (*self.returned, *self.deleted_qids, *self.settling):
+                if qid in owed:
+                    qids[qid] = None
+        for qid in qids:
+            info = index.info(qid)
+            if info is None:
+                continue
+            new = failures.get(qid, ())
+            if qid in self.deleted_qids or not info[_OUT]:
+                self._release(qid, new, now)
+            elif new:
+                m = self._metas[qid]
+                if self._bounceable(m):
+                    self._hold(qid, new, info[_OUT])
+                else:
+                    self._report("bounce", qid, [r for _, r in new], now)   # (logged)
+
+    def _hold(self, qid: str, new: list, out: int) -> None:
+        """Recipients of *new* ((idx, RecipientFailure)) failed while *out* other jobs
+        of *qid* are out: their updates set RCPT_BOUNCE_OWED and carry the report."""
+        ups = {u[0]: u for u in self.updates.get(qid, ())}
+        notes = self.owe.setdefault(qid, [])
+        for idx, r in new:
+            u = ups[idx]        # (every failure is an update of this batch)
+            if len(u) > 4:
+                u[4] |= RCPT_BOUNCE_OWED
+            else:                # (the flags it had, e.g. a delay notice sent, stay)
+                u.append(self.index.recipient(qid, idx)[3] | RCPT_BOUNCE_OWED)
+            notes.append([idx, r.status, r.remote_host or "", r.diagnostic, r.last_attempt])
+        log.info("%s: bounce for %d recipient(s) held: %d delivery job(s) of the message "
+                 "still out", qid, len(new), out)
+
+    def _release(self, qid: str, new, now: float) -> None:
+        """Queue *qid*'s one bounce: the recipients whose bounce was owed, then *new*; the
+        owed ones' flags are cleared in the same batch (unless the message ends in it)."""
+        held = self.owed.get(qid)
+        fails = []
+        if held:
+            if qid not in self._metas and self._lookup(qid) is None:
+                return      # (its record cannot be read, logged: the bounce stays owed)
+            m = self._metas[qid]
+            index = self.index
+            ending = qid in self.deleted_qids or qid in self.done
+            for idx, (status, host, diag, last) in sorted(held.items()):
+                r = RecipientFailure(recipient=m.rcpts[idx], status=status,
+                                     remote_host=host or None, diagnostic=diag,
+                                     last_attempt=last)
+                _orcpt(m, idx, r)
+                fails.append(r)
+                if not ending:
+                    st, attempts, due, flags = index.recipient(qid, idx)[:4]
+                    self._update(qid, idx, st, attempts, due, flags & ~RCPT_BOUNCE_OWED)
+            self.returned.append(qid)   # (a batch not written: looked at again)
+        fails += [r for _, r in new]
+        if fails:
+            self._report("bounce", qid, fails, now)
 
     def finish(self, now: float) -> None:
         """Turn recipient states into bounces, finished messages and reschedules."""
@@ -470,7 +565,8 @@ class Plan:
             due = index.progress(qid)[2]
             dues = [new_due.get(i, due[i]) for i in range(len(st)) if st[i] == sch.PENDING]
             self.reschedule.append((min(dues) if dues else now, qid))
-        for kind, notices in (("bounce", self.failures), ("success notice", self.successes),
+        self._bounces(now)
+        for kind, notices in (("success notice", self.successes),
                               ("delay notice", self.delays)):
             for qid, fails in notices.items():
                 self._report(kind, qid, fails, now)
@@ -555,6 +651,13 @@ def _param(m: MessageMeta, key: str, idx: int) -> str:
     if type(values) is list and idx < len(values) and type(values[idx]) is str:
         return values[idx]
     return ""
+
+
+def _orcpt(m: MessageMeta, idx: int, r: RecipientFailure) -> None:
+    """Recipient *idx*'s ORCPT, if it had one, into its report *r*."""
+    orcpt = _param(m, "ORCPT", idx)
+    if orcpt:
+        r.original_recipient = orcpt_text(orcpt)
 
 
 def _notify(m: MessageMeta, idx: int) -> str:

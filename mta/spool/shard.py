@@ -170,6 +170,10 @@ class Shard:
         # messages with no pending recipient left whose DONE is still to be written (found
         # at dispatch: their last job's outcome never came and it was taken back)
         self.finish_work: list[str] = []
+        # messages with a bounce owed (Store.owed) that may have no job out any more (the
+        # first batch after a restart, a job taken back): their bounce is looked at in
+        # the next batch (Plan.settle)
+        self.settle_work: list[str] = []
         self.stopping = False
         self.reload_wanted = False            # SIGHUP: apply_reload() at the next turn
         self.healthy = True
@@ -272,7 +276,9 @@ class Shard:
                 self.batch(deletes=[(peer, msg)])
             else:
                 self.query(peer, msg)
-        if self.finished_at_start:
+        # bounces owed at the crash or stop: no job is out now, so they go in this batch
+        self.settle_work += self.store.owed
+        if self.finished_at_start or self.settle_work:
             # (through finish_work: a batch that fails leaves them due again, not lost)
             self.finish_work += self.finished_at_start
             self.finished_at_start = []
@@ -344,10 +350,11 @@ class Shard:
         if nd is not None:
             timeout = max(0, min(timeout, int((nd - time.time()) * 1000) + 1))
         ops = self.op_pending()
-        if self.expire_work or self.finish_work or ops:
+        work = self.expire_work or self.finish_work or self.settle_work or ops
+        if work:
             timeout = 0
         requests, outcomes, changes = self.poller.wait(timeout)
-        if requests or outcomes or changes or self.expire_work or self.finish_work or ops:
+        if requests or outcomes or changes or work:
             self.batch(outcomes=outcomes)
         if changes and not self.recovering:
             self.follow_links()
@@ -397,6 +404,12 @@ class Shard:
         suppressed_done: list[str] = []   # new messages whose every recipient is suppressed
         reports: list[dict] = []   # events of reports read by an acceptor (SpoolEventsCommit)
         plan = self.plan()
+        for qid in finished:
+            plan.settle(qid)        # (its DONE goes with the bounce it owes)
+        if self.settle_work and not self.recovering:
+            for qid in dict.fromkeys(self.settle_work):
+                plan.settle(qid)
+            self.settle_work = []
         size = 0
         recovering = self.recovering
         for peer, msg in deletes or ():
@@ -487,7 +500,7 @@ class Shard:
             if batch_events:
                 events = ev.encode(batch_events)
         try:
-            new = self.store.write(messages, done, plan.updates, events)
+            new = self.store.write(messages, done, plan.updates, events, plan.owe)
             t = time.perf_counter()
             self.store.sync()
             self.m.fsync.observe(time.perf_counter() - t)
@@ -515,9 +528,10 @@ class Shard:
             for qid in finished:        # (found at dispatch again, finished then)
                 if q.info(qid) is not None:
                     q.push(qid, now + BUSY_RETRY)
+            self.settle_work += plan.settling     # (their bounce is looked at again)
         else:
             self._untrack(done)
-            removed = self.store.commit(new, done, plan.updates)
+            removed = self.store.commit(new, done, plan.updates, plan.owe)
             deleted = set(removed) - set(plan.done) - set(extra_done or ()) - \
                 set(suppressed_done)
             if deleted:
@@ -564,7 +578,7 @@ class Shard:
         """A fresh Plan over this shard's queue, for one batch."""
         return Plan(self.q, self.store.read_meta, self.policy, self.store.read_body,
                     lambda: new_qid_for_shard(self.shard, self.settings.shards),
-                    self.settings.hostname, self.bounce_domains)
+                    self.settings.hostname, self.bounce_domains, self.store.owed)
 
     def returned(self, req: int, qid: str) -> dsp.Job | None:
         """The outcome of job *req* came back: it is no longer out; the job (None if it
@@ -752,7 +766,8 @@ class Shard:
             sent = links.send_jobs(d, jobs)
             for job in jobs[sent:]:
                 w.remove(job.req)
-                q.add_out(job.qid, -1)
+                if q.add_out(job.qid, -1) == 0:
+                    self._settle_later(job.qid)
                 q.push(job.qid, retry)
 
     def _dispatch_lane(self, lane: int, out: dict[int, list]) -> None:
@@ -912,8 +927,19 @@ class Shard:
             qid = self.window.remove(r).qid
             if qid in self.deleted_out:
                 self._forget_deleted(qid)       # (deleted meanwhile: not sent again)
-            elif self.q.add_out(qid, -1) >= 0:
-                self.q.push(qid, time.time())
+            else:
+                left = self.q.add_out(qid, -1)
+                if left >= 0:
+                    self.q.push(qid, time.time())
+                if left == 0:
+                    self._settle_later(qid)
+
+    def _settle_later(self, qid: str) -> None:
+        """*qid* has no job out any more though no outcome said so (a job taken back or
+        not sent): a bounce it owes is looked at in the next batch -- its message may
+        not be sent again soon (held by a suspension, parked, behind a full domain)."""
+        if qid in self.store.owed:
+            self.settle_work.append(qid)
 
     def follow_links(self) -> None:
         """Follow the delivery processes' connections.

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import email
 import email.policy
+import os
+import re
+import signal
 import smtplib
 import time
 
 from daemon import HOST, queued_id, split_received, wait_until
 from mxlab import IPS, mx
+
+from mta.queueid import shard_of
 
 IP_A, IP_B = IPS[0], IPS[1]
 ZONES = mx("dest.test", "mx.dest.test", IP_A) + mx("sender.test", "mx.sender.test", IP_B)
@@ -195,3 +200,89 @@ def test_delay_notice_once_and_not_again_after_a_restart(lab):
     wait_until(lambda: attempts() >= seen + 3, 30, "three attempts after the restart")
     assert sender_mx.received() == 1
     assert [q["queue_id"] for q in d.queue_list()] == [qid]   # still deferred, not lost
+
+
+# ---------------------------------------- one bounce per message for several domains
+
+IP_C = IPS[2]
+TWO_DOMAINS = ZONES + mx("other.test", "mx.other.test", IP_C)
+
+
+def final_recipients(per_rcpt) -> list[str]:
+    return sorted(r["Final-Recipient"] for r in per_rcpt)
+
+
+def test_failures_at_two_domains_at_different_times_make_one_bounce(lab):
+    """A message to two domains is two delivery jobs; the first fails at once, the
+    other minutes -- here seconds -- later: their outcomes come in different group
+    commits, and the sender gets one DSN listing both (as Postfix: one per pass)."""
+    dest = lab.aio(IP_A, rcpt=lambda s, a, f: "550 5.1.1 no such user")
+    slow = lab.aio(IP_C, data=lambda s, t: "554 5.7.1 refused after a while")
+    slow.delay = 3.0
+    sender_mx = lab.aio(IP_B)
+    lab.serve(TWO_DOMAINS)
+    d = lab.daemon()
+    qid = send(d, [("ann@dest.test", ""), ("bob@other.test", " ORCPT=rfc822;bob@orig.test")],
+               message("two domains, two refusals"))
+    wait_until(lambda: sender_mx.received() >= 1, 30, "the bounce at the sender's MX")
+    wait_until(lambda: queue_empty(d), 30, "the queue to empty", interval=0.2)
+    assert len(slow.rejected) == 1 and dest.received() == 0
+    [b] = sender_mx.snapshot()            # (every DSN queued was delivered: queue empty)
+    msg, per_msg, per_rcpt, returned = report(b.data)
+    assert per_msg["X-Queue-ID"] == qid
+    assert final_recipients(per_rcpt) == ["rfc822; ann@dest.test", "rfc822; bob@other.test"]
+    by = {r["Final-Recipient"]: r for r in per_rcpt}
+    ann, bob = by["rfc822; ann@dest.test"], by["rfc822; bob@other.test"]
+    assert ann["Status"] == "5.1.1" and ann["Remote-MTA"] == "dns; mx.dest.test"
+    assert "550 5.1.1 no such user" in ann["Diagnostic-Code"]
+    assert bob["Status"] == "5.7.1" and bob["Remote-MTA"] == "dns; mx.other.test"
+    assert bob["Original-Recipient"] == "rfc822; bob@orig.test"
+    # the first failure was held while the other job was out (not bounced in its batch)
+    assert re.search(rf"{qid}: bounce for 1 recipient\(s\) held", d.log())
+    bounces = [e for e in d.events() if e["type"] == "bounce" and e.get("message_id")
+               and e["rcpt_to"] in ("ann@dest.test", "bob@other.test")]
+    assert len(bounces) == 2            # the events are not held: one each, at once
+
+
+def test_a_held_bounce_survives_kill9_of_the_spool_shard_and_is_sent_once(lab):
+    """kill -9 of the message's spool shard after the first failure is durable and
+    while the other domain's job is still out (a slow receiver): the bounce was
+    owed, not sent; the restarted shard sends it in its first batch.  A second kill
+    after that sends nothing again (the flags were cleared with the DSN)."""
+    dest = lab.aio(IP_A, rcpt=lambda s, a, f: "550 5.1.1 no such user")
+    slow = lab.aio(IP_C)
+    slow.delay = 12.0                     # bob's job stays out through the kills
+    sender_mx = lab.aio(IP_B)
+    lab.serve(TWO_DOMAINS)
+    d = lab.daemon(data_timeout=40.0)
+    qid = send(d, [("ann@dest.test", ""), ("bob@other.test", "")],
+               message("held across a crash"))
+    title = f"spool[{shard_of(qid, 2)}]"
+
+    def ann_bounced():                    # the event is durable once it is in the log
+        return any(e["type"] == "bounce" and e["rcpt_to"] == "ann@dest.test"
+                   for e in d.events())
+
+    wait_until(ann_bounced, 30, "ann's failure recorded", interval=0.1)
+    time.sleep(1.5)       # (a bounce queued with the failure would have arrived by now)
+    assert sender_mx.received() == 0      # held: bob's job is out
+    assert re.search(rf"{qid}: bounce for 1 recipient\(s\) held", d.log())
+    for _ in range(2):
+        old = d.children()[title]
+        os.kill(old, signal.SIGKILL)
+        new = d.wait_restarted(title, old)
+        d.wait_log(rf"{re.escape(title)}\[{new}\]: recovered queue", timeout=20)
+        wait_until(lambda: sender_mx.received() >= 1, 20, "the bounce after the restart")
+        # (sent by the restart, not by bob's outcome: his job is still out, he pending)
+        assert slow.received() == 0 and qid in {q["queue_id"] for q in d.queue_list()}
+    slow.delay = 0.0
+    slow.wait_for("bob@other.test", timeout=60)
+    wait_until(lambda: queue_empty(d), 60, "the queue to empty", interval=0.2)
+    [b] = sender_mx.snapshot()
+    msg, per_msg, per_rcpt, returned = report(b.data)
+    assert per_msg["X-Queue-ID"] == qid
+    [r] = per_rcpt
+    assert r["Final-Recipient"] == "rfc822; ann@dest.test" and r["Status"] == "5.1.1"
+    assert "550 5.1.1 no such user" in r["Diagnostic-Code"]
+    assert r["Remote-MTA"] == "dns; mx.dest.test" and r["Last-Attempt-Date"]
+    assert dest.received() == 0

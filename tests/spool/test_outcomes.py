@@ -4,6 +4,7 @@ Pure logic: a real queue index and a real retry policy (seeded), no disk, no bus
 """
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from mta.spool import schedule as sch
 from mta.spool.outcomes import Plan
 from mta.events.shape import sparkpost_event
 from mta import native
-from mta.store import MessageMeta, index_message
+from mta.store import RCPT_BOUNCE_OWED, MessageMeta, Store, index_message
 
 NOW = 1_800_000_000.0
 ARRIVAL = NOW - 60.0
@@ -564,3 +565,222 @@ def test_a_deleted_message_gets_one_terminal_event_per_recipient_in_its_batch():
         (ev.BOUNCE, "a@example.net"), (ev.BOUNCE, "b@example.net")]
     assert all(e["bounce_class"] == 25 for e in plan.events)
     assert plan.bounces == [] and plan.updates == {} and plan.done == []
+
+
+# ------------------------------------------- one bounce per message, held across batches
+
+class Spool:
+    """A shard's store on disk and the plans of its batches, each written, synced and
+    published as the shard does (mta.spool.shard.Shard.batch); :meth:`restart` reads it
+    back from disk alone, as after kill -9."""
+
+    def __init__(self, path, *metas: MessageMeta):
+        self.path = str(path)
+        self.bounce_qids = (f"BOUNCE{n:04d}" for n in itertools.count())
+        self.st = self._open()
+        new = self.st.write([(m, ORIGINAL) for m in metas], [])
+        self.st.sync()
+        self.st.commit(new, [])
+
+    def _open(self) -> Store:
+        st = Store(self.path, 1 << 20, fsync=True)
+        st.recover()
+        return st
+
+    def restart(self) -> None:
+        self.st = self._open()      # (the old one dropped unclosed: a crash)
+
+    def plan(self) -> Plan:
+        st = self.st
+        return Plan(st.index, st.read_meta, policy(), st.read_body,
+                    lambda: next(self.bounce_qids), HOST, owed=st.owed)
+
+    def commit(self, plan: Plan, done=()) -> None:
+        done = [*plan.done, *done]
+        new = self.st.write(plan.bounces, done, plan.updates, None, plan.owe)
+        self.st.sync()
+        self.st.commit(new, done, plan.updates, plan.owe)
+
+    def flags(self, qid: str) -> list[int]:
+        return self.st.index.progress(qid)[3]
+
+
+def two_domains(tmp_path, sender: str = SENDER, **params) -> Spool:
+    """Q1 to a@one.example and b@two.example, a delivery job out for each."""
+    sp = Spool(tmp_path, entry("Q1", ["a@one.example", "b@two.example"], sender=sender,
+                               **params))
+    sp.st.index.add_out("Q1", 2)
+    return sp
+
+
+def first_fails(sp: Spool) -> Plan:
+    """The batch of the first job's outcome (a@one.example refused); the other job is
+    still out."""
+    sp.st.index.add_out("Q1", -1)              # (Shard.returned)
+    plan = sp.plan()
+    plan.outcome("Q1", [result(0, bus.FAILED, 550, "5.1.1", "no such user")], NOW)
+    plan.finish(NOW)
+    return plan
+
+
+def rcpts_of(dsn: bytes) -> list[str]:
+    return re.findall(r"Final-Recipient: rfc822; (\S+)", dsn.decode())
+
+
+def test_a_failure_while_another_job_is_out_is_held_and_bounced_with_the_next(tmp_path):
+    sp = two_domains(tmp_path)
+    plan = first_fails(sp)
+    assert plan.bounces == [] and plan.done == []
+    assert [e["type"] for e in plan.events] == [ev.BOUNCE]    # the event is not held
+    assert plan.updates == {"Q1": [[0, sch.FAILED, 1, 0.0, RCPT_BOUNCE_OWED]]}
+    sp.commit(plan)
+    assert sp.st.owed == {"Q1": {0: ["5.1.1", "mx.example.net", "550 5.1.1 no such user",
+                                     NOW]}}
+    # the other job's outcome, a later batch: no job out, one DSN for both
+    sp.st.index.add_out("Q1", -1)
+    plan = sp.plan()
+    plan.outcome("Q1", [result(1, bus.FAILED, 550, "5.7.1", "blocked")], NOW + 9)
+    plan.finish(NOW + 9)
+    (meta, dsn), = plan.bounces
+    assert meta.rcpts == [SENDER] and meta.sender == ""
+    assert rcpts_of(dsn) == ["a@one.example", "b@two.example"]
+    assert b"550 5.1.1 no such user" in dsn and b"550 5.7.1 blocked" in dsn
+    assert plan.done == ["Q1"] and plan.owe == {}
+    sp.commit(plan)
+    assert sp.st.owed == {}
+    sp.restart()
+    assert "Q1" not in sp.st.index and sp.st.read_body(meta.qid) == dsn
+
+
+def test_a_held_bounce_is_sent_once_after_a_crash(tmp_path):
+    # kill -9 after the failure was recorded, before the DSN: the restarted shard's first
+    # batch sends it (Plan.settle), with what the server said; the flags are cleared in
+    # that same batch, so another crash after it sends nothing again.
+    sp = two_domains(tmp_path, ORCPT=["rfc822;a@orig.example", ""],
+                     NOTIFY=["FAILURE", "FAILURE"])
+    sp.commit(first_fails(sp))
+    sp.restart()                                # no job out any more
+    assert sp.flags("Q1") == [RCPT_BOUNCE_OWED, 0]
+    assert set(sp.st.owed) == {"Q1"}
+    plan = sp.plan()
+    plan.settle("Q1")
+    plan.finish(NOW + 5)
+    (meta, dsn), = plan.bounces
+    assert rcpts_of(dsn) == ["a@one.example"]
+    assert b"550 5.1.1 no such user" in dsn and b"Remote-MTA: dns; mx.example.net" in dsn
+    assert b"Original-Recipient: rfc822; a@orig.example" in dsn
+    assert b"Last-Attempt-Date" in dsn
+    assert plan.updates == {"Q1": [[0, sch.FAILED, 1, 0.0, 0]]}
+    assert plan.done == []                      # b@two.example is still to be tried
+    sp.commit(plan)
+    sp.restart()
+    assert sp.st.owed == {} and sp.flags("Q1") == [0, 0]
+    assert meta.qid in sp.st.index and "Q1" in sp.st.index
+    plan = sp.plan()
+    plan.settle("Q1")
+    plan.finish(NOW + 6)
+    assert plan.bounces == [] and plan.updates == {}
+
+
+def test_a_crash_before_the_held_bounce_was_written_loses_nothing(tmp_path):
+    # the batch that would have sent it was not written (a failed write, or kill -9
+    # before its fsync): the bounce is still owed, and sent by the next batch
+    sp = two_domains(tmp_path)
+    sp.commit(first_fails(sp))
+    sp.st.index.add_out("Q1", -1)
+    plan = sp.plan()
+    plan.outcome("Q1", [result(1, bus.FAILED, 550, "5.7.1", "blocked")], NOW + 9)
+    plan.finish(NOW + 9)
+    assert len(plan.bounces) == 1 and "Q1" in plan.abandon()   # ... never written
+    sp.restart()
+    plan = sp.plan()
+    plan.settle("Q1")
+    plan.finish(NOW + 10)
+    (_, dsn), = plan.bounces
+    assert rcpts_of(dsn) == ["a@one.example"]   # b's outcome was lost: it is tried again
+
+
+def test_a_deferral_of_the_last_job_out_sends_the_held_bounce(tmp_path):
+    sp = two_domains(tmp_path)
+    sp.commit(first_fails(sp))
+    sp.st.index.add_out("Q1", -1)
+    plan = sp.plan()
+    plan.outcome("Q1", [result(1, bus.DEFERRED, 451, "4.3.0", "later")], NOW + 9)
+    plan.finish(NOW + 9)
+    (_, dsn), = plan.bounces
+    assert rcpts_of(dsn) == ["a@one.example"]
+    assert plan.updates == {"Q1": [[1, sch.PENDING, 1, NOW + 9 + 60],
+                                   [0, sch.FAILED, 1, 0.0, 0]]}
+    assert plan.done == [] and plan.reschedule == [(NOW + 9 + 60, "Q1")]
+    sp.commit(plan)
+    assert sp.st.owed == {}
+
+
+def test_a_held_bounce_and_an_expiry_at_dispatch_make_one_dsn(tmp_path):
+    # the other job was taken back (its process died); the message, found too old at
+    # dispatch, expires: one DSN for the held failure and the expiry
+    sp = two_domains(tmp_path)
+    sp.commit(first_fails(sp))
+    sp.st.index.add_out("Q1", -1)               # (Shard._resend)
+    plan = sp.plan()
+    plan.expire("Q1", [1], NOW + 7200)
+    plan.finish(NOW + 7200)
+    (_, dsn), = plan.bounces
+    assert rcpts_of(dsn) == ["a@one.example", "b@two.example"]
+    assert plan.done == ["Q1"]
+
+
+def test_a_deleted_message_sends_the_bounce_it_owed(tmp_path):
+    sp = two_domains(tmp_path)
+    sp.commit(first_fails(sp))
+    plan = sp.plan()
+    plan.deleted("Q1", NOW + 3, out={1})        # b's job is still out
+    plan.finish(NOW + 3)
+    (_, dsn), = plan.bounces
+    assert rcpts_of(dsn) == ["a@one.example"]
+    assert plan.updates == {}                   # (its DONE is written with the DSN)
+    sp.commit(plan, done=["Q1"])
+    assert sp.st.owed == {}
+
+
+def test_a_finished_message_found_at_dispatch_sends_the_bounce_it_owed(tmp_path):
+    # b's outcome never came: its job was taken back, then b expired ... the message's
+    # end is found at dispatch (Shard.finish_work) and settled with its DONE
+    sp = two_domains(tmp_path)
+    sp.commit(first_fails(sp))
+    sp.st.index.add_out("Q1", -1)
+    sp.st.index.update("Q1", 1, sch.DELIVERED, 1, 0.0)
+    plan = sp.plan()
+    plan.settle("Q1")
+    plan.finish(NOW + 3)
+    (_, dsn), = plan.bounces
+    assert rcpts_of(dsn) == ["a@one.example"]
+
+
+@pytest.mark.parametrize("sender,params", [
+    ("", {}),                                                     # a null sender
+    ("bounces@bounce.example.org", {}),                           # a bounce domain's
+    (SENDER, {"NOTIFY": ["NEVER", "FAILURE"], "ORCPT": ["", ""]}),  # NOTIFY=NEVER
+])
+def test_nothing_is_held_for_a_failure_that_gets_no_bounce(tmp_path, sender, params):
+    sp = two_domains(tmp_path, sender=sender, **params)
+    sp.st.index.add_out("Q1", -1)
+    plan = Plan(sp.st.index, sp.st.read_meta, policy(), sp.st.read_body,
+                lambda: "BOUNCE", HOST, frozenset({"bounce.example.org"}), sp.st.owed)
+    plan.outcome("Q1", [result(0, bus.FAILED, 550, "5.1.1", "no such user")], NOW)
+    plan.finish(NOW)
+    assert plan.bounces == [] and plan.owe == {}
+    assert plan.updates == {"Q1": [[0, sch.FAILED, 1, 0.0]]}
+
+
+def test_failures_in_one_batch_with_no_job_left_out_bounce_at_once(tmp_path):
+    # both jobs' outcomes in the same batch: nothing held, one DSN (as before)
+    sp = two_domains(tmp_path)
+    sp.st.index.add_out("Q1", -2)
+    plan = sp.plan()
+    plan.outcome("Q1", [result(0, bus.FAILED, 550, "5.1.1", "no such user")], NOW)
+    plan.outcome("Q1", [result(1, bus.FAILED, 550, "5.7.1", "blocked")], NOW)
+    plan.finish(NOW)
+    (_, dsn), = plan.bounces
+    assert rcpts_of(dsn) == ["a@one.example", "b@two.example"]
+    assert plan.owe == {} and all(len(u) == 4 for u in plan.updates["Q1"])

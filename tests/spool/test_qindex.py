@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from mta import native
 from mta.spool import dispatch
-from mta.store import DELIVERED, EXPIRED, FAILED, PENDING, RCPT_DELAY_NOTIFIED
+from mta.store import (DELIVERED, EXPIRED, FAILED, PENDING, RCPT_BOUNCE_OWED,
+                       RCPT_DELAY_NOTIFIED)
 
 PURE = native.load("qindex", pure=True)
 COMPILED = native.load("qindex", pure=False)
@@ -105,6 +106,22 @@ def test_progress_given_with_the_record(mod):
                               [0, RCPT_DELAY_NOTIFIED, 0])
     assert q.info(Q1)[-1] == 1
     assert q.pending_idxs(Q1) == [1] and q.first_due(Q1) == T0 + 5
+
+
+def test_recipient_flags_are_a_bit_set_kept_as_recorded(mod):
+    # the bounce owed (mta.spool.outcomes) beside the delay notice sent: an update's
+    # fifth element replaces the bits, one without it keeps them, a copy carries them
+    q = mod.QueueIndex(1.0)
+    put(q, Q1, ["a", "b"], flags=[RCPT_DELAY_NOTIFIED, 0])
+    both = RCPT_DELAY_NOTIFIED | RCPT_BOUNCE_OWED
+    assert q.apply(Q1, [[0, FAILED, 2, 0.0, both], [1, FAILED, 1, 0.0, RCPT_BOUNCE_OWED]]) == 2
+    assert q.progress(Q1)[3] == [both, RCPT_BOUNCE_OWED]
+    assert q.apply(Q1, [[1, FAILED, 1, 0.0]]) == 1 and q.recipient(Q1, 1)[3] == RCPT_BOUNCE_OWED
+    state, attempts, due, flags = q.progress(Q1)
+    put(q, Q1, ["a", "b"], state=state, attempts=attempts, due=due, flags=flags)
+    assert q.progress(Q1)[3] == [both, RCPT_BOUNCE_OWED]
+    assert q.apply(Q1, [[0, FAILED, 2, 0.0, both & ~RCPT_BOUNCE_OWED]]) == 1
+    assert q.progress(Q1)[3] == [RCPT_DELAY_NOTIFIED, RCPT_BOUNCE_OWED]
 
 
 def test_bad_arguments(mod):
