@@ -225,3 +225,47 @@ def test_a_message_left_with_no_pending_recipient_and_no_job_out_is_finished(rig
     again.recover()
     assert qid not in again.index and all(x in again.index for x in others)
     again.close()
+
+
+def test_a_bounce_owed_goes_out_when_the_last_job_is_taken_back(rig):
+    """Recipient 0 of a message to two domains failed while the other domain's job
+    was out: its bounce is owed (held).  That job is then taken back (its delivery
+    process went away) and the message is not sent again now (delivery held here; a
+    suspension, an absent process or a full domain do the same): the bounce goes in
+    the next batch, not whenever the message is next tried, and the flag is cleared
+    with it -- after a restart nothing is owed and the DSN is queued."""
+    from mta.spool import dispatch as dsp
+    from mta.store import FAILED, RCPT_BOUNCE_OWED, Store
+    shard, clients, order = rig
+    qid = new_qid(0)
+    env = bus.Envelope(qid=qid, sender="s@example.com", rcpts=["a@one.test", "b@two.test"],
+                       params={}, client="c [127.0.0.1]", arrival=time.time(),
+                       message_id="<two@example.com>")
+    clients[0].sock.send(bus.encode(bus.SpoolMessageCommit(
+        1, [env], [b"Subject: two\r\n\r\nbody\r\n"])))
+    wait_all_requests_arrived(shard, clients)
+    shard.step()
+    assert bus.decode(clients[0].sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
+    q, st = shard.q, shard.store
+    q.add_out(qid, 1)                                    # b's job, out
+    shard.window.add(99, qid, [1], 0, "two.test", dsp.BULK)
+    ups = {qid: [[0, FAILED, 1, 0.0, RCPT_BOUNCE_OWED]]}  # a failed: held (Plan._hold)
+    owed = {qid: [[0, "5.1.1", "mx.one.test", "550 5.1.1 no such user", time.time()]]}
+    new = st.write([], [], ups, None, owed)
+    st.sync()
+    st.commit(new, [], ups, owed)
+    assert set(st.owed) == {qid}
+    shard.step()                                         # nothing to do: still held
+    assert len(q) == 1 and set(st.owed) == {qid}
+    shard._resend([99])                                  # (Shard.follow_links)
+    shard.step()
+    assert st.owed == {} and q.recipient(qid, 0)[3] == 0
+    [bounce] = [x for x in q.sorted_qids() if x != qid]
+    m, dsn = st.read_record(bounce)
+    assert m.sender == "" and m.rcpts == ["s@example.com"]
+    assert b"Final-Recipient: rfc822; a@one.test" in dsn and b"b@two.test" not in dsn
+    assert b"550 5.1.1 no such user" in dsn
+    again = Store(st.dir, st.segment_size, fsync=False, preallocate=False)
+    again.recover()
+    assert again.owed == {} and bounce in again.index and qid in again.index
+    again.close()
