@@ -305,8 +305,16 @@ class Shard:
             self.pusher.close()
 
     def start(self) -> None:
-        """Prepare the loop for :meth:`step` (after :meth:`open`)."""
+        """Prepare the loop for :meth:`step` (after :meth:`open`).
+
+        The supervisor's record of the active configuration is taken at the first
+        turn (:meth:`apply_reload`): a reload applied between this process's fork
+        and the moment its SIGHUP handler was set (a SIGHUP is ignored until then,
+        mta.proc.start_role) would otherwise leave this shard on the [delivery] it
+        was forked with until the next reload."""
         self.next_reclaim = time.monotonic() + RECLAIM_INTERVAL
+        if mconfig.read_active(self.settings.run_dir) is not None:
+            self.reload_wanted = True
 
     def apply_reload(self) -> None:
         """SIGHUP: take the [delivery] keys a running shard can change from the active

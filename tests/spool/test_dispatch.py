@@ -592,6 +592,32 @@ def _reload_to(shard, **delivery):
     shard.apply_reload()
 
 
+def test_a_reload_before_the_shard_listened_for_it_is_taken_at_its_first_turn(tmp_path):
+    # The supervisor records the new configuration, then sends SIGHUP.  A shard forked
+    # just before (a restart after a crash, during the reload) ignores SIGHUP until its
+    # handler is set: it kept the old [delivery] (hold, retries) until the next reload.
+    shard = make_shard(tmp_path)
+    assert shard.dcfg.hold is False
+    import dataclasses
+    from mta import config as mconfig
+    s = shard.settings
+    os.makedirs(s.run_dir, exist_ok=True)
+    mconfig.write_active(dataclasses.replace(s, config=msgspec.structs.replace(
+        s.config, delivery=msgspec.structs.replace(s.config.delivery, hold=True))), None)
+    shard.start()
+    assert shard.reload_wanted          # (step() begins with it: the first turn)
+    shard.apply_reload()
+    assert shard.dcfg.hold is True
+    # with the record as the shard started, nothing changes at its first turn
+    same = make_shard(tmp_path / "same")
+    os.makedirs(same.settings.run_dir, exist_ok=True)
+    mconfig.write_active(same.settings, None)
+    before = same.dcfg
+    same.start()
+    same.apply_reload()
+    assert same.dcfg is before
+
+
 def test_a_reload_lowering_the_timeouts_does_not_resend_jobs_still_out(tmp_path):
     # A reload that lowers the delivery timeouts reaches the shard (SIGHUP) before the
     # delivery processes are replaced; the old ones finish their jobs under the old
