@@ -20,7 +20,8 @@ message's own line end; b"" when no key applies); the signed message is
 sends.  Nothing is signed twice and the message is never copied to sign it.
 
 Signatures are relaxed/relaxed by default, over the fields of a default list
-that are present (From is required and over-signed: listed once more than it
+that are present (but for a field with VT or FF in it, which verifiers do not
+agree on: see ``sign``) (From is required and over-signed: listed once more than it
 occurs, so no From can be added later), with ``t=`` always, ``x=`` when
 ``expire_seconds`` is set, and never ``l=``.  Private-key operations go
 through ``cryptography`` (OpenSSL): rsa-sha256 with 1024- to 4096-bit keys,
@@ -447,6 +448,14 @@ class Signer:
         body = memoryview(message)[body_start:]
         body_hashes = {}
         out = []
+        # VT or FF in a field: RFC 6376's relaxed canonicalisation keeps them (they are not
+        # WSP; dkimpy agrees), mailauth folds them as white space, and OpenDKIM's check of
+        # such a field fails even with simple canonicalisation.  No signature of it would
+        # hold everywhere, so such fields (From excepted: it is always signed) are left
+        # out of h=, and out of over-signing: the signature holds for every verifier over
+        # the rest.  (Obsolete syntax, RFC 5322 4.2: rare, and usually a bug upstream.)
+        head = bytes(memoryview(message)[:header_end])      # (a copy of the header block)
+        odd = _vt_ff_names(fields) if _VT in head or _FF in head else None
         for key in keys:
             bh = body_hashes.get(key.relaxed_body)
             if bh is None:
@@ -455,7 +464,7 @@ class Signer:
                 c.update(body)
                 c.finish()
                 bh = body_hashes[key.relaxed_body] = _b2a(h.digest(), newline=False)
-            out.append(self._signature(key, fields, bh, t, eol))
+            out.append(self._signature(key, fields, bh, t, eol, odd))
         self.signatures += len(out)
         self.cpu_seconds += _cpu() - start
         return b"".join(out)
@@ -478,9 +487,11 @@ class Signer:
             return fields + bytes(message) + tail
         return fields + bytes(message)
 
-    def _signature(self, key, fields, bh, t, eol):
+    def _signature(self, key, fields, bh, t, eol, odd=None):
         names = mime.select_names(fields, key.sign_names)
         names.extend(key.oversign)
+        if odd:
+            names = [n for n in names if n not in odd]
         if b"from" not in names:
             # RFC 6376 5.4: From is always in h=, a message without one included (then
             # the signature says there was none); an empty h= was malformed
@@ -512,6 +523,14 @@ class Signer:
 
 
 _cpu = time.thread_time
+_VT, _FF = b"\x0b", b"\x0c"
+
+
+def _vt_ff_names(fields) -> frozenset:
+    """The lower-case names of fields with VT or FF in them, From excepted."""
+    return frozenset(bytes(name).lower() for name, raw, _s, _e in fields
+                     if (_VT in bytes(raw) or _FF in bytes(raw))
+                     and bytes(name).lower() != b"from")
 
 
 def _eol(message):

@@ -489,3 +489,29 @@ def test_a_message_without_from_has_from_in_h_even_without_oversigning(keys):
     records = signer.dns_records()
     assert dkimpy_verify(signed, records) == [True]
     assert dkimpy_verify(b"From: forged@example.com\r\n" + signed, records) == [False]
+
+
+def test_a_field_with_vt_or_ff_is_left_out_so_that_every_verifier_agrees(keys, tmp_path):
+    # RFC 6376's relaxed canonicalisation keeps VT and FF (they are not WSP), and dkimpy
+    # agrees; mailauth folds them as white space, and OpenDKIM fails such a field even
+    # with simple canonicalisation: a signature over one held for one verifier and not
+    # another.  Such fields are left out of h= (From excepted), and the signature holds
+    # everywhere.
+    signer = _signer(keys, RSA)
+    date = "Date: Tue, 24 Nov 2026 09:30:00 +0000\r\n"     # (OpenDKIM wants one)
+    odd = (f"From: Sender <s@{AUTHOR}>\r\nTo: r@example.net\r\n{date}"
+           "Subject: form\x0cfeed and vertical\x0btab\r\nX-Note: a \x0b b\r\n\r\n"
+           "body\r\n").encode()
+    plain = odd.replace(b"\x0c", b" ").replace(b"\x0b", b" ")
+    records = signer.dns_records()
+    signed = {"odd": signer.sign_message(odd, NOW), "plain": signer.sign_message(plain, NOW)}
+    h = {k: re.search(rb"h=([^;]*);", v).group(1).replace(b"\r\n\t", b"") for k, v in signed.items()}
+    assert b"subject" not in h["odd"] and b"subject" in h["plain"], h
+    assert h["odd"].startswith(b"from:to:date") and h["odd"].endswith(b":from"), h
+    for name, msg in signed.items():
+        assert dkimpy_verify(msg, records) == [True], name
+    got = mailauth_verify(signed, records, str(tmp_path), now_ms=(NOW + 60) * 1000)
+    verdict = opendkim_verify(signed, records, str(tmp_path))
+    for name in signed:
+        assert [r["result"] for r in got[name]] == ["pass"], (name, got[name])
+        assert verdict[name]["rc"] == 0, (name, verdict[name])
