@@ -529,42 +529,67 @@ def queue_delete(ctx, config_path, as_json, qids):
 
     s = _queue_settings(ctx, config_path)
     nshards = _shard_count(s)
-    if list(qids) == ["ALL"]:        # (what is queued now: mail that comes meanwhile stays)
-        qids = [e.qid for e in _queue_pages(s)]
-    bad = [q for q in qids if not is_qid(q)]
-    if bad:
-        click.echo(f"mta: not queue ids: {' '.join(bad)}", err=True)
-        sys.exit(1)
-    by_shard: dict[int, list[str]] = {}
-    for q in qids:
-        by_shard.setdefault(shard_of(q, nshards), []).append(q)
+    everything = list(qids) == ["ALL"]
+    if not everything:
+        bad = [q for q in qids if not is_qid(q)]
+        if bad:
+            click.echo(f"mta: not queue ids: {' '.join(bad)}", err=True)
+            sys.exit(1)
     from mta import bus
 
-    deleted = []
+    # Deleted a chunk at a time as the ids come: with ALL, as the listing pages come (what
+    # is queued now: mail that comes meanwhile stays), so the command holds one chunk per
+    # shard, not the ids of a queue of millions (the listing is in queue-id order, which
+    # the deletes behind its cursor do not disturb).  Only --json keeps the ids, to print.
+    deleted: list[str] = []
+    count = 0
+    pending: dict[int, list[str]] = {}
+    clients: dict[int, object] = {}
     ctxz = bus.new_context()
+
+    def flush(n: int) -> None:
+        nonlocal count
+        group = pending.pop(n, None)
+        if not group:
+            return
+        cl = clients.get(n)
+        if cl is None:
+            cl = clients[n] = bus.SyncClient(ctxz, s.endpoint(f"spool-{n}"))
+        try:
+            # the shard writes each delete in one batch (and reads each envelope for its
+            # events), taking no mail meanwhile: DELETE_CHUNK at most
+            reply = cl.call(bus.SpoolMessageDelete, group, timeout=30.0)
+        except TimeoutError:
+            click.echo(f"mta: spool[{n}] is not answering; {count} message(s) deleted",
+                       err=True)
+            sys.exit(EX_UNAVAILABLE)
+        if reply.status != bus.STATUS_OK:
+            click.echo(f"mta: spool[{n}] could not record the deletion (storage "
+                       f"error); {count} message(s) deleted", err=True)
+            sys.exit(1)
+        count += len(reply.deleted)
+        if as_json:
+            deleted.extend(reply.deleted)
+
+    started = time.time()
     try:
-        for n, group in sorted(by_shard.items()):
-            cl = bus.SyncClient(ctxz, s.endpoint(f"spool-{n}"))
-            try:
-                # DELETE_CHUNK at a time: the shard writes each delete in one batch (and
-                # reads each envelope for its events), taking no mail meanwhile
-                for i in range(0, len(group), DELETE_CHUNK):
-                    reply = cl.call(bus.SpoolMessageDelete, group[i:i + DELETE_CHUNK],
-                                    timeout=30.0)
-                    if reply.status != bus.STATUS_OK:
-                        click.echo(f"mta: spool[{n}] could not record the deletion (storage "
-                                   f"error); {len(deleted)} message(s) deleted", err=True)
-                        sys.exit(1)
-                    deleted += reply.deleted
-            except TimeoutError:
-                click.echo(f"mta: spool[{n}] is not answering", err=True)
-                sys.exit(EX_UNAVAILABLE)
-            finally:
-                cl.close()
+        # (ALL: what was queued when the command began; later mail, listed behind the
+        # cursor as the pages come, stays)
+        for qid in (e.qid for e in _queue_pages(s) if (e.arrival or 0.0) <= started) \
+                if everything else qids:
+            n = shard_of(qid, nshards)
+            group = pending.setdefault(n, [])
+            group.append(qid)
+            if len(group) >= DELETE_CHUNK:
+                flush(n)
+        for n in sorted(pending):
+            flush(n)
     finally:
+        for cl in clients.values():
+            cl.close()
         ctxz.term()
     click.echo(json.dumps({"deleted": deleted}) if as_json else
-               f"deleted {len(deleted)} message(s)")
+               f"deleted {count} message(s)")
 
 
 def _adaptive_dir(settings) -> str:

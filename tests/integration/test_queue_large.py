@@ -20,7 +20,7 @@ from mta.store import MessageMeta, Store, shard_dir
 BODY = b"Subject: queued\r\n\r\nhello\r\n"
 
 
-def fill(d, shards: int, per_shard: int) -> set[str]:
+def fill(d, shards: int, per_shard: int, arrival: float | None = None) -> set[str]:
     qids = set()
     for n in range(shards):
         st = Store(shard_dir(os.path.join(d.state_dir, "spool"), n), 64 << 20, fsync=False)
@@ -30,7 +30,8 @@ def fill(d, shards: int, per_shard: int) -> set[str]:
             qid = new_qid_for_shard(n, shards)
             qids.add(qid)
             items.append((MessageMeta(qid, "old@sender.test", [f"r{i}@d{i % 5}.test"],
-                                      time.time(), {}, "client.test [127.0.0.1]"), BODY))
+                                      arrival or time.time(), {}, "client.test [127.0.0.1]"),
+                          BODY))
         st.commit(st.write(items, []), [])
         st.sync()
         st.close()
@@ -56,3 +57,24 @@ def test_queue_list_and_delete_all_go_a_page_at_a_time(make_daemon):
     assert batches and max(len(b.split()) for b in batches) <= DELETE_CHUNK
     assert sum(len(b.split()) for b in batches) == len(qids)
     assert d.queue_list() == []
+
+
+def test_delete_all_deletes_what_was_queued_when_it_began(make_daemon):
+    """``queue delete ALL`` deletes as the listing's pages come (it no longer holds the ids
+    of the whole queue first: millions of them in the command's memory), so mail queued
+    after it began would be listed too: it stays.  Stand-in for such mail: messages
+    whose arrival is later than the command's start."""
+    d = make_daemon(acceptors=1, shards=2)
+    d.stop()
+    old = fill(d, 2, queries.LIST_PAGE + 20)
+    d.start()
+    d.wait_log(r"recovered queue: messages=%d" % (queries.LIST_PAGE + 20), count=2,
+               timeout=60)
+    d.stop()
+    later = fill(d, 2, 30, arrival=time.time() + 3600)
+    d.start()
+    d.wait_log(r"recovered queue: messages=%d" % (queries.LIST_PAGE + 50), count=2,
+               timeout=60)
+    out = d.cli("queue", "delete", "ALL").stdout
+    assert out.strip() == f"deleted {len(old)} message(s)".encode(), out
+    assert {e["queue_id"] for e in d.queue_list()} == later
