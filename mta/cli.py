@@ -13,6 +13,7 @@
     mta status / inspect QID       the node at a glance / one message (admin API)
     mta drain [--cancel]           stop accepting, report what remains until zero
     mta upgrade                    hand the sockets to a new supervisor (SIGUSR2)
+    mta reload                     reload (SIGHUP) and wait until it is over (ExecReload)
     mta spool-dump [-c FILE]       read the spool files directly (daemon stopped), like postcat
     mta passwd USER                make an auth_file line (password from stdin)
 

@@ -8,6 +8,7 @@ apart from it so the commands that ask the spool directly stay as they were.
     mta inspect QID [--json]                one message (also ``mta queue inspect``)
     mta drain [--cancel] [--no-wait]        stop accepting, report what remains until zero
     mta upgrade                             start the installed version on the same sockets
+    mta reload [--pid PID]                  SIGHUP, and wait until the reload is over
     mta suspend --domain D [...]            hold back mail by domain, campaign, pool, site
                                             or source (durable); --list shows them
     mta resume ID                           end a suspension
@@ -365,6 +366,76 @@ def upgrade_cmd(config_path, as_json, timeout):
     sys.exit(1)
 
 
+@click.command("reload")
+@config_option
+@click.option("--pid", type=click.IntRange(1), default=None,
+              help="the supervisor's pid (systemd's $MAINPID; default: run/mta.pid)")
+@click.option("--timeout", type=click.FloatRange(1), default=300.0, show_default=True,
+              help="seconds to wait for the reload to finish")
+def reload_cmd(config_path, pid, timeout):
+    """Reload the running daemon's configuration and wait until it is in effect.
+
+    Checks the file first (an error in it is named, exit 78, and nothing is
+    signalled), sends SIGHUP to the supervisor, and waits for the record
+    (run/reload.json) of a reload that read the file after the signal: exit 0
+    once the new acceptors accept (and the processes a changed section rolls are
+    replaced), 1 with the reason when the supervisor refused the reload or it
+    failed (what ran before keeps running), 1 after --timeout, 69 when no daemon
+    runs or it exits meanwhile.  ``ExecReload=`` in contrib/mta.service, so that
+    ``systemctl reload mta`` returns when the reload is over.
+    """
+    from mta import config as mconfig
+    from mta.supervisor.main import RELOAD_RECORD
+
+    try:
+        s = mconfig.load(config_path)
+    except mconfig.ConfigError as exc:
+        click.echo(f"mta: configuration error: {exc}; the daemon was not asked to reload",
+                   err=True)
+        sys.exit(EX_CONFIG)
+    pidfile = os.path.join(s.run_dir, "mta.pid")
+    pid = pid or _read_pid(pidfile)
+    if not pid or not _alive(pid):
+        click.echo(f"mta: no running daemon ({pidfile} names none that runs); not "
+                   "reloaded", err=True)
+        sys.exit(EX_UNAVAILABLE)
+    # (CLOCK_MONOTONIC, as the supervisor stamps its record: one clock for the host;
+    # taken before the signal, so a reload stamped later read the file as it is now)
+    asked = time.clock_gettime(time.CLOCK_MONOTONIC)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        click.echo(f"mta: the daemon (pid {pid}) is not running; not reloaded", err=True)
+        sys.exit(EX_UNAVAILABLE)
+    path = os.path.join(s.run_dir, RELOAD_RECORD)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path, "rb") as fh:
+                rec = json.loads(fh.read())
+        except (OSError, ValueError):
+            rec = {}
+        if rec.get("read_at", 0) > asked and rec.get("state") in ("done", "failed"):
+            for key in rec.get("later") or ():
+                click.echo(f"mta: {key} changed: it takes effect at the next restart",
+                           err=True)
+            if rec["state"] == "failed":
+                click.echo(f"mta: {rec.get('error') or 'reload failed'}; see the daemon's "
+                           "log", err=True)
+                sys.exit(1)
+            click.echo(f"reloaded: {rec.get('status', '')}")
+            return
+        # an upgrade meanwhile hands the signal on to the new supervisor, which reloads
+        if not _alive(pid) and not daemon_running(s):
+            click.echo(f"mta: the daemon (pid {pid}) exited before the reload finished",
+                       err=True)
+            sys.exit(EX_UNAVAILABLE)
+        time.sleep(0.05)
+    click.echo(f"mta: the reload did not finish in {timeout:g}s; see the daemon's log",
+               err=True)
+    sys.exit(1)
+
+
 def daemon_running(settings) -> bool:
     """Whether the supervisor of *settings*' state directory runs (its pid file's pid)."""
     pid = _read_pid(os.path.join(settings.run_dir, "mta.pid"))
@@ -513,6 +584,7 @@ def register(main, queue) -> None:
     main.add_command(inspect_cmd)
     main.add_command(drain_cmd)
     main.add_command(upgrade_cmd)
+    main.add_command(reload_cmd)
     main.add_command(suspend_cmd)
     main.add_command(resume_cmd)
     main.add_command(bounce_cmd)

@@ -40,6 +40,10 @@ one at a time, each stopped as at SIGTERM before its successor starts — then
 READY=1.  Spool and admin settings, and what changes the process table
 (delivery.processes, turning the events or webhooks process on or off), take
 effect at the next restart; the log names them.
+Each reload's outcome is recorded in ``run/reload.json`` (:meth:`Supervisor.report_reload`):
+``mta reload`` (systemd's ExecReload) sends the SIGHUP and waits for the record of a
+reload that read the file after its signal, so that ``systemctl reload`` returns when
+the new configuration serves, or fails with the reason.
 SIGUSR2 (``mta upgrade``): stop the children as at SIGTERM but keep the
 listening sockets open (connections wait in the backlog), start ``mta serve``
 -- the installed version -- with them ($MTA_INHERIT_FDS), wait for its ready
@@ -91,6 +95,7 @@ ROLLED = {"delivery": ("delivery", "egress", "shaping", "response_rule", "warmup
 STOP_GRACE = 10.0           # seconds after the drain for a child to exit before SIGKILL
 LISTEN_BACKLOG = 4096
 DRAIN_FLAG = "drain"        # run/drain: the node is drained (written by the admin process)
+RELOAD_RECORD = "reload.json"   # run/reload.json: the last reload's outcome (mta reload)
 INHERIT_ENV = "MTA_INHERIT_FDS"          # upgrade: the listening sockets' fds, as JSON
 UPGRADE_READY_ENV = "MTA_UPGRADE_READY_FD"   # upgrade: the new supervisor writes b"R" here
 
@@ -743,20 +748,44 @@ class Supervisor:
 
     # ---------------------------------------------------------------- reload
 
+    def report_reload(self, read_at: float, state: str, error: str = "",
+                      later: list[str] = ()) -> None:
+        """Record the outcome of the reload that read the file at *read_at* (seconds of
+        CLOCK_MONOTONIC, one clock for every process of the host) in run/reload.json:
+        *state* "reloading", "done" (the new acceptors accept and each replaced process
+        has been told to stop; the old acceptors stop accepting at once) or "failed"
+        (*error*: why; what ran before runs on).  ``mta reload`` takes the first record
+        whose *read_at* is later than its own signal: that reload read the file as the
+        operator left it.  A file, not the admin API, so that it works with the admin
+        listener off and while the admin process is replaced or down."""
+        doc = {"pid": os.getpid(), "read_at": read_at, "state": state, "error": error,
+               "later": list(later), "status": self.status_line()}
+        path = os.path.join(self.settings.run_dir, RELOAD_RECORD)
+        try:
+            with open(path + ".tmp", "wb") as fh:
+                fh.write(msgspec.json.encode(doc))
+            os.replace(path + ".tmp", path)
+        except OSError as exc:
+            log.warning("cannot record the reload's outcome in %s: %s", path, exc)
+
     def reload(self) -> None:
         notify.reloading()
         log.info("reloading %s", self.config_path or "built-in defaults")
+        read_at = time.clock_gettime(time.CLOCK_MONOTONIC)
+        self.report_reload(read_at, "reloading")
         try:
             new = mconfig.load(self.config_path)
             new = dataclasses.replace(new, shards=self.settings.shards)
         except mconfig.ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
+            self.report_reload(read_at, "failed", f"reload refused: {exc}")
             notify.ready(f"reload failed: {exc}; {self.status_line()}")
             return
         except Exception as exc:
             # A checker's unforeseen error must not end the supervisor (and orphan
             # its children): refuse this reload as for an invalid file.
             log.exception("reload refused, keeping the running configuration: %r", exc)
+            self.report_reload(read_at, "failed", f"reload refused: {exc!r}")
             notify.ready(f"reload failed: {exc!r}; {self.status_line()}")
             return
         old = self.settings
@@ -770,6 +799,8 @@ class Supervisor:
             self._replace_acceptors(old, new)
         except StartupError as exc:
             log.error("reload failed, keeping what runs: %s", exc)
+            self.report_reload(read_at, "failed", f"reload failed, keeping what runs: {exc}",
+                               later)
             notify.ready(f"reload failed: {exc}; {self.status_line()}")
             return
         self.settings = new
@@ -792,6 +823,7 @@ class Supervisor:
                 self._roll(role, new)
         status = self.status_line()
         log.info("reloaded: %s", status)
+        self.report_reload(read_at, "done", later=later)
         notify.ready(status)
 
     def _write_active(self) -> bool:

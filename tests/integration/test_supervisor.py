@@ -503,3 +503,56 @@ def test_sigusr1_to_every_process_of_the_unit_reopens_the_log_and_ends_no_child(
     time.sleep(1.0)             # (a child that died is seen by the supervisor within 0.25 s)
     assert d.children() == kids
     assert "died" not in d.log()
+
+
+def test_mta_reload_returns_once_the_new_configuration_serves(make_daemon):
+    # `systemctl reload` runs ExecReload, `mta reload`: it must return only when the roll
+    # is over, so a "reload, then check" sees the new acceptors -- no waiting here.
+    d = make_daemon(acceptors=2)
+    before = d.children()
+    for n in range(2):
+        d.sections["smtp"]["banner"] = f"ESMTP waited{n}"
+        d.write_config()
+        r = d.cli("reload", timeout=120)
+        assert "reloaded: accepting SMTP" in r.stdout.decode(), r
+        for _ in range(2):
+            with d.connect() as c:
+                assert c.banner == (220, [f"mta.test ESMTP waited{n}"])
+    after = d.children()
+    assert after["acceptor[0]"] != before["acceptor[0]"]
+    assert after["acceptor[1]"] != before["acceptor[1]"]
+    assert after["spool[0]"] == before["spool[0]"]
+    assert len(re.findall(r"reloaded: accepting", d.log())) == 2
+
+
+def test_mta_reload_of_a_bad_file_names_the_error_and_the_daemon_keeps_serving(make_daemon):
+    d = make_daemon(acceptors=1)
+    before = d.children()
+    good = open(d.config_path).read()
+    # An error the file shows (the command checks it before it signals anyone) ...
+    d.write_config(good.replace("[smtp]", "[smtp]\nmax_recipients = 5"))
+    r = d.cli("reload", check=False)
+    assert r.returncode == 78 and b"smtp.max_recipients" in r.stderr, r
+    assert b"not asked to reload" in r.stderr
+    # ... and one only the supervisor meets: another process listens on the new port.
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind((HOST, 0))
+        other.listen(16)
+        port = other.getsockname()[1]
+        d.write_config(good.replace(f'listen = ["{HOST}:{d.port}"]',
+                                    f'listen = ["{HOST}:{d.port}", "{HOST}:{port}"]', 1))
+        assert str(port) in open(d.config_path).read()
+        r = d.cli("reload", check=False, timeout=120)
+        assert r.returncode == 1, r
+        err = r.stderr.decode()
+        assert "reload failed" in err and \
+            f"cannot listen on {HOST}:{port}: another process listens there" in err, err
+    assert "reload failed" in d.log()
+    assert d.children() == before
+    d.write_config(good)
+    qid = d.send("a@example.com", ["b@example.net"], b"Subject: still here\r\n\r\nx\r\n")
+    assert [x["queue_id"] for x in d.queue_list()] == [qid]
+    assert d.stop() == 0
+    r = d.cli("reload", check=False)
+    assert r.returncode == 69 and b"no running daemon" in r.stderr, r
