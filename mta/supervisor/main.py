@@ -47,9 +47,10 @@ the new configuration serves, or fails with the reason.
 SIGUSR2 (``mta upgrade``): stop the children as at SIGTERM but keep the
 listening sockets open (connections wait in the backlog), start ``mta serve``
 -- the installed version -- with them ($MTA_INHERIT_FDS), wait for its ready
-byte ($MTA_UPGRADE_READY_FD), send MAINPID= to systemd and exit 0; if it does
-not come up, start the children again and carry on, or, should they not start, stop
-and exit 1 (:meth:`Supervisor.upgrade`).
+byte ($MTA_UPGRADE_READY_FD), send MAINPID= to systemd, pass on a stop or a
+reload asked for meanwhile, and exit 0; if it does not come up, start the children
+again and carry on, or, should they not start, stop and exit 1
+(:meth:`Supervisor.upgrade`).
 At start ``run/drain`` (``mta drain``) is removed: a fresh start accepts mail
 (an upgrade keeps it).
 SIGUSR1: passed to the events process, which reopens the event log by name
@@ -561,7 +562,7 @@ class Supervisor:
             self.reap()
             self.kill_overdue()
             if signal.SIGUSR2 in sigs:
-                status = self.upgrade()
+                status = self.upgrade(reload_asked=signal.SIGHUP in sigs)
                 if status is not None:
                     return status
             if signal.SIGHUP in sigs:
@@ -612,7 +613,7 @@ class Supervisor:
 
     # --------------------------------------------------------------- upgrade
 
-    def upgrade(self) -> int | None:
+    def upgrade(self, reload_asked: bool = False) -> int | None:
         """SIGUSR2 (``mta upgrade``): hand the listening sockets to a new supervisor.
 
         The children stop as at SIGTERM (acceptors finish their sessions, delivery
@@ -625,6 +626,13 @@ class Supervisor:
         again on the same sockets and keeps running.  Returns the exit status when this
         process is to exit now (1: its children could not be started again, so that a
         service manager restarts the node), else None.
+
+        A reload asked for with the upgrade or during it (*reload_asked*: a SIGHUP
+        taken with the SIGUSR2; or one that came while this waited) is the new
+        supervisor's: passed on once it is ready, as a stop is.  It may have read the
+        file before the change, and ``mta reload`` waits for a reload that read it
+        after its signal.  (After a failed upgrade this one reloads: the SIGHUP stays
+        in its queue.)
         """
         cfg = self.settings.config
         log.info("upgrade: stopping the children; the listening sockets stay open")
@@ -665,6 +673,10 @@ class Supervisor:
             if stops:
                 log.info("upgrade: passing the stop asked for meanwhile to pid %d", new.pid)
                 os.kill(new.pid, stops[0])
+            elif reload_asked or signal.SIGHUP in self.signals:
+                log.info("upgrade: passing the reload asked for meanwhile to pid %d",
+                         new.pid)
+                os.kill(new.pid, signal.SIGHUP)
             return 0
         log.error("upgrade failed: the new supervisor did not become ready; starting this "
                   "one's children again")

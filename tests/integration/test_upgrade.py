@@ -239,3 +239,32 @@ def test_a_supervisor_that_cannot_start_its_children_after_a_failed_upgrade_exit
         assert not locker.is_alive()
     finally:
         os.close(fd)
+
+
+def test_a_reload_asked_for_during_an_upgrade_is_applied_by_the_new_supervisor(make_daemon):
+    # SIGHUP (systemctl reload, mta reload) sent to the old supervisor while the new one
+    # starts: the new one read the file before the change, so the old one must hand the
+    # reload on; it was dropped with the old process.
+    d = make_daemon(acceptors=1, shards=1)
+    old = d.proc.pid
+    os.kill(old, signal.SIGUSR2)
+    d.wait_log(r"upgrade: took over \d+ listening socket", timeout=60)   # its file is read
+    new = wait_until(lambda: d.children().get("supervisor"), 30, "the new supervisor")
+    os.kill(new, signal.SIGSTOP)        # held before it is ready, so the old one waits
+    try:
+        d.sections["smtp"]["banner"] = "ESMTP after-upgrade"
+        d.write_config()
+        os.kill(old, signal.SIGHUP)
+        time.sleep(0.5)
+        assert alive(old)
+    finally:
+        os.kill(new, signal.SIGCONT)
+    assert d.proc.wait(120) == 0
+    assert supervisor_pid(d) == new
+    wait_until(lambda: d.connect().banner == (220, ["mta.test ESMTP after-upgrade"]), 30,
+               "the new supervisor applying the reload", interval=0.3)
+    log = d.log()
+    assert f"upgrade: passing the reload asked for meanwhile to pid {new}" in log
+    assert "Traceback" not in log
+    os.kill(new, signal.SIGTERM)
+    wait_until(lambda: not alive(new), 60, "the new supervisor to stop")
