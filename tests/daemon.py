@@ -265,11 +265,14 @@ class Daemon:
 
     # ------------------------------------------------------------- lifecycle
 
-    def start(self, wait: bool = True, env: dict | None = None) -> "Daemon":
+    def start(self, wait: bool = True, env: dict | None = None,
+              python: list[str] | None = None) -> "Daemon":
+        """*python*: the command that runs ``-m mta serve`` (default: this python; a
+        wrapper that sets something up and execs it)."""
         logf = open(self.log_path, "ab")
         self.log_mark = logf.tell()   # where this run's log starts (restarts append)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mta", "serve", "-c", self.config_path],
+            [*(python or [sys.executable]), "-m", "mta", "serve", "-c", self.config_path],
             stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
             env={**self.env, **(env or {})}, cwd=self.dir)
         logf.close()

@@ -105,6 +105,21 @@ class StartupError(Exception):
     pass
 
 
+def readable(fds, timeout: float) -> list[int]:
+    """The descriptors of *fds* that can be read (data, or the writer gone) within
+    *timeout* seconds.  poll(), not select(): select() takes no descriptor from
+    FD_SETSIZE (1024) on, and the supervisor's pipes are numbered after whatever it
+    holds -- a listening socket per acceptor slot and address, descriptors inherited
+    from whoever started it (ValueError at the first wait, the node down)."""
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    try:
+        return [fd for fd, _ in p.poll(max(0, int(timeout * 1000)))]
+    except InterruptedError:
+        return []
+
+
 @dataclasses.dataclass
 class Child:
     role: str
@@ -424,11 +439,7 @@ class Supervisor:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            try:
-                r, _, _ = select.select(list(waiting), [], [], min(left, TICK))
-            except InterruptedError:
-                r = []
-            for fd in r:
+            for fd in readable(waiting, min(left, TICK)):
                 c = waiting.pop(fd)
                 data = os.read(fd, 1)
                 os.close(fd)
@@ -547,10 +558,7 @@ class Supervisor:
             signal.signal(sig, self.on_signal)
         self.start()
         while True:
-            try:
-                select.select([rfd], [], [], TICK)
-            except InterruptedError:
-                pass
+            readable([rfd], TICK)
             try:
                 while os.read(rfd, 512):
                     pass
@@ -706,11 +714,7 @@ class Supervisor:
             left = deadline - time.monotonic()
             if left <= 0:
                 return b""
-            try:
-                r, _, _ = select.select([fd], [], [], min(left, TICK))
-            except InterruptedError:
-                continue
-            if r:
+            if readable([fd], min(left, TICK)):
                 return os.read(fd, 1)
 
     def _kill(self, pid: int, sig: int) -> None:

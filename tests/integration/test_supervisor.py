@@ -556,3 +556,45 @@ def test_mta_reload_of_a_bad_file_names_the_error_and_the_daemon_keeps_serving(m
     assert d.stop() == 0
     r = d.cli("reload", check=False)
     assert r.returncode == 69 and b"no running daemon" in r.stderr, r
+
+
+# Opens N descriptors (inheritable, so they survive the exec) under a raised soft
+# RLIMIT_NOFILE, then execs the rest of its arguments with this python.
+FD_WRAPPER = """
+import os, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+for _ in range(int(sys.argv[1])):
+    os.set_inheritable(os.open(os.devnull, os.O_RDONLY), True)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+def test_a_supervisor_started_with_descriptors_above_1024_serves_reloads_and_upgrades(
+        make_daemon, tmp_path):
+    # select() takes no descriptor from 1024 on (ValueError): a supervisor that inherits
+    # many (or holds many listening sockets) must wait on its pipes some other way.
+    import resource
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 2048:
+        pytest.skip("the hard RLIMIT_NOFILE is below 2048")
+    wrapper = tmp_path / "many_fds.py"
+    wrapper.write_text(FD_WRAPPER)
+    d = make_daemon(acceptors=2, start=False)
+    d.start(python=[os.sys.executable, str(wrapper), "1100"])
+    assert len(os.listdir(f"/proc/{d.proc.pid}/fd")) > 1100
+    qid = d.send("a@example.com", ["b@example.net"], b"Subject: high fds\r\n\r\nx\r\n")
+    d.sections["smtp"]["banner"] = "ESMTP high-fds"
+    d.write_config()
+    assert "reloaded: accepting" in d.cli("reload", timeout=120).stdout.decode()
+    with d.connect() as c:
+        assert c.banner == (220, ["mta.test ESMTP high-fds"])
+    d.cli("upgrade", timeout=180)
+    assert d.proc.wait(30) == 0
+    new = int(open(os.path.join(d.state_dir, "run", "mta.pid")).read())
+    qid2 = d.send("a@example.com", ["b@example.net"], b"Subject: upgraded\r\n\r\nx\r\n")
+    assert sorted(x["queue_id"] for x in d.queue_list()) == sorted([qid, qid2])
+    assert "ValueError" not in d.log() and "Traceback" not in d.log()
+    os.kill(new, signal.SIGTERM)
+    wait_until(lambda: not os.path.exists(f"/proc/{new}") or
+               open(f"/proc/{new}/stat").read().rpartition(")")[2].split()[0] == "Z",
+               60, "the new supervisor to stop")
