@@ -271,6 +271,30 @@ def lock_writer(directory: str) -> int:
     return fd
 
 
+def lock_holder(directory: str) -> int | None:
+    """Whether another process holds *directory*'s writer lock (lock_writer): None when
+    nobody does (the lock is taken and let go at once), else the pid the file names (0
+    if it names none)."""
+    try:
+        fd = os.open(os.path.join(directory, WRITER_LOCK), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        try:
+            return int(os.pread(fd, 32, 0).decode("ascii", "replace").strip() or 0)
+        except ValueError:
+            return 0
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def shard_dir(spool_dir: str, shard: int) -> str:
     """The directory of shard *shard*'s segment files under *spool_dir*."""
     return os.path.join(spool_dir, f"shard-{shard:02d}")

@@ -49,8 +49,9 @@ listening sockets open (connections wait in the backlog), start ``mta serve``
 -- the installed version -- with them ($MTA_INHERIT_FDS), wait for its ready
 byte ($MTA_UPGRADE_READY_FD), send MAINPID= to systemd, pass on a stop or a
 reload asked for meanwhile, and exit 0; if it does not come up, start the children
-again and carry on, or, should they not start, stop and exit 1
-(:meth:`Supervisor.upgrade`).
+again (once the spool shards' writer locks are free: a new supervisor that died left
+its children, :meth:`Supervisor._await_shard_writers`) and carry on, or, should they
+not start, stop and exit 1 (:meth:`Supervisor.upgrade`).
 At start ``run/drain`` (``mta drain``) is removed: a fresh start accepts mail
 (an upgrade keeps it).
 SIGUSR1: passed to the events process, which reopens the event log by name
@@ -103,6 +104,15 @@ UPGRADE_READY_ENV = "MTA_UPGRADE_READY_FD"   # upgrade: the new supervisor write
 
 class StartupError(Exception):
     pass
+
+
+def _title(pid: int) -> str:
+    """The process title of *pid* (``mta: spool[0]``); "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().split(b"\0")[0].decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
 def readable(fds, timeout: float) -> list[int]:
@@ -698,6 +708,7 @@ class Supervisor:
         with open(self.pidfile, "w") as fh:
             fh.write(f"{os.getpid()}\n")
         self.stopping = False
+        self._await_shard_writers()
         try:
             self.start_children()
         except StartupError as exc:
@@ -707,6 +718,61 @@ class Supervisor:
             return 1
         notify.ready(f"upgrade failed; {self.status_line()}")
         return None
+
+    def _await_shard_writers(self) -> None:
+        """After a failed upgrade, before this supervisor's spool shards start again:
+        wait until no process holds a shard's writer lock.
+
+        A new supervisor that died (killed, say) leaves its children behind; each is
+        sent SIGTERM as it dies (proc.die_with_parent) and stops as at a stop, but a
+        spool shard may take its stop's grace to record its last outcomes -- or never
+        stop (stopped, wedged in a system call).  A shard of ours started meanwhile
+        finds the lock held and does not start, and this supervisor, its children not
+        started again, would stop the node.  So: wait up to a stop's grace
+        (_stop_grace) for the locks; then SIGKILL each holder the lock file names that
+        is an mta spool process (its title) -- the orphans; another process is named
+        in the log and left alone (the shard then reports it, and the start fails as
+        before); then wait STOP_GRACE more for the kernel to let go of the locks."""
+        s = self.settings
+        dirs = {i: store.shard_dir(s.spool_dir, i) for i in range(s.shards)}
+
+        def held() -> dict[int, int]:
+            out = {}
+            for i, d in dirs.items():
+                pid = store.lock_holder(d)
+                if pid is not None:
+                    out[i] = pid
+            return out
+
+        busy = held()
+        if not busy:
+            return
+        grace = self._stop_grace(s)
+        log.warning("upgrade: spool shard(s) %s still written by the processes the new "
+                    "supervisor left; waiting up to %.0fs for pid(s) %s to stop",
+                    ", ".join(map(str, busy)), grace, ", ".join(map(str, busy.values())))
+        for wait, kill in ((grace, True), (STOP_GRACE, False)):
+            deadline = time.monotonic() + wait
+            while busy and time.monotonic() < deadline:
+                time.sleep(0.1)
+                busy = held()
+            if not busy:
+                log.info("upgrade: the spool shards' writer locks are free")
+                return
+            if not kill:
+                break
+            for i, pid in busy.items():
+                if pid and pid != os.getpid() and pid not in self.children and \
+                        _title(pid).startswith("mta: spool"):
+                    log.error("upgrade: spool shard %d is still written by pid %d, left by "
+                              "the new supervisor; killing it", i, pid)
+                    self._kill(pid, signal.SIGKILL)
+                else:
+                    log.error("upgrade: spool shard %d is written by pid %s, not a spool "
+                              "process this supervisor can tell was left by the new one; "
+                              "not killed", i, pid or "?")
+        log.error("upgrade: spool shard(s) %s still written by another process; their "
+                  "start fails", ", ".join(map(str, busy)))
 
     def _await_byte(self, fd: int, timeout: float) -> bytes:
         deadline = time.monotonic() + timeout

@@ -268,3 +268,60 @@ def test_a_reload_asked_for_during_an_upgrade_is_applied_by_the_new_supervisor(m
     assert "Traceback" not in log
     os.kill(new, signal.SIGTERM)
     wait_until(lambda: not alive(new), 60, "the new supervisor to stop")
+
+
+def children_of(pid: int) -> dict[str, int]:
+    """Process title ('spool[0]') -> pid of *pid*'s live children."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rpartition(")")[2].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                title = fh.read().split(b"\0")[0].decode()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and title.startswith("mta: "):
+            out[title[5:].strip()] = int(entry)
+    return out
+
+
+def test_a_new_supervisor_killed_mid_upgrade_leaves_no_second_shard_writer(make_daemon):
+    # The new supervisor dies (SIGKILL) after its spool shard took the shard's writer
+    # lock; the shard, orphaned, is sent SIGTERM but here cannot act on it (stopped).
+    # The old supervisor starting its own shard at once found the lock held: its
+    # children did not start, and it stopped (exit 1), the node down.  It must wait for
+    # the lock, then kill the orphan it names, and serve again.
+    d = make_daemon(acceptors=1, shards=1, server={"shutdown_timeout": 1.0},
+                    smtp={"spool_timeout": 1.0})
+    qid = d.send("a@probe.test", ["r@example.net"], b"Subject: before\r\n\r\nx\r\n")
+    old = d.proc.pid
+    lock = os.path.join(d.state_dir, "spool", "shard-00", "writer.lock")
+    os.kill(old, signal.SIGUSR2)
+    d.wait_log(r"upgrade: took over \d+ listening socket", timeout=60)
+    new = wait_until(lambda: d.children().get("supervisor"), 30, "the new supervisor")
+
+    def new_shard_locked():
+        pid = children_of(new).get("spool[0]")
+        return pid if pid and open(lock).read().strip() == str(pid) else None
+
+    orphan = wait_until(new_shard_locked, 60, "the new supervisor's shard holding its lock")
+    os.kill(orphan, signal.SIGSTOP)
+    try:
+        os.kill(new, signal.SIGKILL)
+        d.wait_log("upgrade failed", timeout=60)
+        text = d.wait_log(rf"spool shard 0 is still written by pid {orphan}.*killing it",
+                          timeout=60)
+        assert re.search(rf"waiting up to [\d.]+s for pid\(s\) {orphan} ", text), text
+    finally:
+        if alive(orphan):
+            os.kill(orphan, signal.SIGCONT)
+    assert not alive(orphan)
+    wait_until(lambda: {"spool[0]", "acceptor[0]"} <= set(d.children()), 60,
+               "the old supervisor's children started again")
+    assert d.proc.poll() is None and supervisor_pid(d) == old
+    qid2 = d.send("a@probe.test", ["r@example.net"], b"Subject: after\r\n\r\nx\r\n")
+    assert sorted(e["queue_id"] for e in d.queue_list()) == sorted([qid, qid2])
+    assert d.stop() == 0
