@@ -271,6 +271,13 @@ class Supervisor:
         with open(pidfile, "w") as fh:
             fh.write(f"{os.getpid()}\n")
         self.pidfile = pidfile
+        # A reload record of an earlier run is no answer to a reload of this one: it
+        # is stamped with CLOCK_MONOTONIC, which starts again at a boot (mta reload
+        # would take a record of the last boot's daemon for one later than its signal).
+        try:
+            os.unlink(os.path.join(s.run_dir, RELOAD_RECORD))
+        except FileNotFoundError:
+            pass
 
     def _end_drain(self) -> None:
         """A drain (mta drain) lasts until cancelled or the next start; an upgrade is not

@@ -598,3 +598,16 @@ def test_a_supervisor_started_with_descriptors_above_1024_serves_reloads_and_upg
     wait_until(lambda: not os.path.exists(f"/proc/{new}") or
                open(f"/proc/{new}/stat").read().rpartition(")")[2].split()[0] == "Z",
                60, "the new supervisor to stop")
+
+
+def test_mta_reload_takes_no_record_of_an_earlier_run(make_daemon):
+    # CLOCK_MONOTONIC starts again at a boot: a record left by a daemon of the last boot
+    # can look newer than the signal; a start removes it.
+    d = make_daemon(acceptors=1, start=False)
+    os.makedirs(os.path.join(d.state_dir, "run"), exist_ok=True)
+    with open(os.path.join(d.state_dir, "run", "reload.json"), "w") as fh:
+        json.dump({"pid": 1, "read_at": 1e12, "state": "failed", "error": "stale record",
+                   "later": [], "status": ""}, fh)
+    d.start()
+    r = d.cli("reload", check=False, timeout=120)
+    assert r.returncode == 0 and b"stale" not in r.stderr, r
