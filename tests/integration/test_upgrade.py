@@ -248,9 +248,11 @@ def test_a_reload_asked_for_during_an_upgrade_is_applied_by_the_new_supervisor(m
     d = make_daemon(acceptors=1, shards=1)
     old = d.proc.pid
     os.kill(old, signal.SIGUSR2)
-    d.wait_log(r"upgrade: took over \d+ listening socket", timeout=60)   # its file is read
-    new = wait_until(lambda: d.children().get("supervisor"), 30, "the new supervisor")
-    os.kill(new, signal.SIGSTOP)        # held before it is ready, so the old one waits
+    # once it has read its file (it logs the sockets it took after), held before it is
+    # ready, so that the old one waits
+    new = wait_until(lambda: "upgrade: took over" in d.log() and
+                     d.children().get("supervisor"), 60, "the new supervisor", interval=0.005)
+    os.kill(new, signal.SIGSTOP)
     try:
         d.sections["smtp"]["banner"] = "ESMTP after-upgrade"
         d.write_config()
@@ -271,7 +273,8 @@ def test_a_reload_asked_for_during_an_upgrade_is_applied_by_the_new_supervisor(m
 
 
 def children_of(pid: int) -> dict[str, int]:
-    """Process title ('spool[0]') -> pid of *pid*'s live children."""
+    """Process title ('spool[0]') -> pid of *pid*'s live children (one just forked, still
+    with its parent's title: 'supervisor<pid>')."""
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -284,7 +287,8 @@ def children_of(pid: int) -> dict[str, int]:
         except (OSError, UnicodeDecodeError):
             continue
         if int(fields[1]) == pid and fields[0] != "Z" and title.startswith("mta: "):
-            out[title[5:].strip()] = int(entry)
+            out[title[5:].strip() + ("" if title != "mta: supervisor" else entry)] = \
+                int(entry)
     return out
 
 
@@ -302,6 +306,11 @@ def test_a_new_supervisor_killed_mid_upgrade_leaves_no_second_shard_writer(make_
     os.kill(old, signal.SIGUSR2)
     d.wait_log(r"upgrade: took over \d+ listening socket", timeout=60)
     new = wait_until(lambda: d.children().get("supervisor"), 30, "the new supervisor")
+    # Held as soon as it has forked its second child (admin[0], then spool[0]; a child
+    # has its parent's title until it sets its own), so it cannot become ready.
+    wait_until(lambda: len(children_of(new)) >= 2, 60, "the new supervisor's spool[0]",
+               interval=0.005)
+    os.kill(new, signal.SIGSTOP)
 
     def new_shard_locked():
         pid = children_of(new).get("spool[0]")
