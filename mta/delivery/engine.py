@@ -1217,15 +1217,8 @@ class Engine:
                     conn.transactions > 1 and not job.refreshed:
                 # A reused connection the server closed (one message per connection, its
                 # idle timeout) before it answered this envelope: nothing of the message
-                # went out and the server said nothing of it -- not an attempt.  It goes
-                # first on a new connection (once; a new one's failure defers it).
-                conn.close()
-                job.refreshed = True
-                if self.stopping:
-                    self._give_back([job], STOPPING)
-                else:
-                    lane.put_back([job])
-                return None
+                # went out and the server said nothing of it -- not an attempt.
+                return self._send_again(conn, job, lane)
             self._attempted(lane, False)
             self._finish(job, job.results(
                 DEFERRED, 451, "4.4.2", f"{host}[{ip}]: {type(exc).__name__}: {exc}", host, ip))
@@ -1238,13 +1231,7 @@ class Engine:
             # this message.  As for a connection lost before its envelope was answered,
             # the job goes first on a new connection, once -- no attempt, no back-off
             # evidence; a 421 there too is the server's answer, and defers it.
-            conn.close()
-            job.refreshed = True
-            if self.stopping:
-                self._give_back([job], STOPPING)
-            else:
-                lane.put_back([job])
-            return None
+            return self._send_again(conn, job, lane)
         results = []
         slowed = False        # a deferral that asks the site's sender to slow down
         for k, rcpt in enumerate(m.rcpts):
@@ -1303,6 +1290,17 @@ class Engine:
         return FiredRule(name=rule.name, id=entry.id if entry else "", action=rule.action,
                          scope=rule.scope, reply=reply[:300], stage=stage,
                          until=entry.until if entry else 0.0)
+
+    def _send_again(self, conn, job: Job, lane: Lane) -> None:
+        """*job* goes first on a new connection (once: a failure there defers it), the
+        reused *conn* that the server ended before it said anything of the job closed."""
+        conn.close()
+        job.refreshed = True
+        if self.stopping:
+            self._give_back([job], STOPPING)
+        else:
+            lane.put_back([job])
+        return None
 
     def _closed_at_mail(self, r, lane: Lane) -> bool:
         """A 421 to MAIL that no response rule takes (a rule's 421 -- Gmail's "try again
