@@ -412,6 +412,15 @@ def test_the_writer_and_the_readers_open_the_same_directory(tmp_path):
         r.close()
 
 
+def _sink_settings(tmp_path):
+    """The settings open_sink reads: an events store in *tmp_path*."""
+    import types
+    cfg = types.SimpleNamespace(store=True, store_path="events", store_max_size=MAP,
+                                retention=86400.0)
+    return types.SimpleNamespace(state_dir=str(tmp_path),
+                                 config=types.SimpleNamespace(events=cfg))
+
+
 @pytest.mark.parametrize("damage", ["zeros", "garbage", "first_page_only", "pages_zeroed"])
 def test_a_store_a_power_cut_damaged_is_set_aside_and_made_anew(tmp_path, caplog, damage):
     """The writer syncs at its checkpoints only (NOSYNC): after a power cut data.mdb may be
@@ -419,13 +428,8 @@ def test_a_store_a_power_cut_damaged_is_set_aside_and_made_anew(tmp_path, caplog
     must start anyway (it used to raise at every start: the supervisor restarted it in a
     loop and no event was published): the damaged store is renamed aside, an error
     logged, a new one made."""
-    import types
-
     from mta.events.main import open_sink
-    cfg = types.SimpleNamespace(store=True, store_path="events", store_max_size=MAP,
-                                retention=86400.0)
-    settings = types.SimpleNamespace(state_dir=str(tmp_path),
-                                     config=types.SimpleNamespace(events=cfg))
+    settings = _sink_settings(tmp_path)
     w = open_sink(settings)
     w.append([ev(i) for i in range(2000)])
     w.sync()
@@ -479,13 +483,8 @@ def test_a_reader_follows_a_store_set_aside_and_made_anew(tmp_path, caplog):
     """A read-only handle (webhooks, acceptors) reads the files it opened: after the events
     process set the store aside and made a new one at the path, successor() gives a handle
     on the new one -- not while the one there is the same, missing or unreadable."""
-    import types
-
     from mta.events.main import open_sink, set_aside
-    cfg = types.SimpleNamespace(store=True, store_path="events", store_max_size=MAP,
-                                retention=86400.0)
-    settings = types.SimpleNamespace(state_dir=str(tmp_path),
-                                     config=types.SimpleNamespace(events=cfg))
+    settings = _sink_settings(tmp_path)
     # (one process may not open the same files twice, LMDB's rule: the writer is closed
     # before a reader opens them)
     w = open_sink(settings)
