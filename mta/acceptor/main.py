@@ -70,7 +70,7 @@ import time
 import uvloop
 
 from mta import bus, feedback, mime, native, proc
-from mta.acceptor import http, smtp
+from mta.acceptor import http, smtp, tls_auth
 from mta.acceptor.state import State
 from mta.acceptor import reports as oob_reports
 from mta.acceptor.metrics import AcceptorMetrics
@@ -145,6 +145,8 @@ class Acceptor:
         self.postmaster = cfg.smtp.postmaster or f"postmaster@{self.hostname}"
         self.ssl_context = self._ssl_context()
         self.auth_users = settings.auth_users
+        self.auth_failures = tls_auth.Failures(   # per client address
+            cfg.smtp.max_auth_failures, cfg.smtp.auth_failure_window, loop.time)
         self.relay_networks = settings.relay_networks
         self.proxy_networks = settings.proxy_networks
         self.proxy_pending: set = set()    # connections (SMTP, HTTP) waiting for their header

@@ -36,6 +36,9 @@ TOO_MANY_RCPTS = b"452 4.5.3 Too many recipients\r\n"
 REPORT_SEPARATELY = (b"452 4.5.3 Reports to a bounce domain and mail to relay go in separate "
                      b"transactions\r\n")
 AUTH_TEMP = b"454 4.7.0 Temporary authentication failure\r\n"
+# smtp.max_auth_failures from the client's address within smtp.auth_failure_window.
+AUTH_LOCKED = (b"454 4.7.0 Too many failed authentication attempts from your address, "
+               b"try again later\r\n")
 LINE_TOO_LONG = b"500 5.5.2 Line too long\r\n"
 UNKNOWN = b"500 5.5.2 Command not recognized\r\n"
 SYNTAX = b"501 5.5.4 Syntax error in parameters or arguments\r\n"

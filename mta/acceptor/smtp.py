@@ -30,7 +30,8 @@ Config:  [smtp] max_connections, max_connections_per_ip, max_command_line,
          max_text_line, max_message_size, max_recipients, max_errors,
          max_buffered_input, command_timeout, data_timeout, linger_timeout,
          postmaster; through the
-         acceptor relay_networks, banner, tls_certificate/tls_key, auth_file.
+         acceptor relay_networks, banner, tls_certificate/tls_key, auth_file,
+         max_auth_failures, auth_failure_window (tls_auth.py).
 
 Hot path: ``data_received`` feeds the scanner, then :meth:`Session.process`
 pulls events one at a time, so pipelined commands are handled in order and a

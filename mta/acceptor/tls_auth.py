@@ -21,6 +21,28 @@ session holds its input.  An authenticated client may relay from any address;
 its user name goes into the Received header (ESMTPSA) and the message's client
 description.  A failed check is an error reply (counted towards
 ``smtp.max_errors``); a check that raises is 454 4.7.0, not counted.
+
+What the client's credentials may not do:
+
+- guess without end.  ``smtp.max_errors`` ends one connection, but a client may
+  open another (``max_connections_per_ip`` at a time), and each guess costs a
+  PBKDF2 in the acceptor's worker threads -- shared with the reading of
+  reports and the HTTP API's store calls.  So every 535 counts against the
+  client's address (:class:`Failures`): past ``smtp.max_auth_failures`` within
+  ``smtp.auth_failure_window`` seconds, AUTH from it gets 454 4.7.0 without a
+  check, whatever the password, until the window has passed.  Per acceptor
+  process (as ``max_connections_per_ip``), and forgotten when the acceptor is
+  replaced (a reload).  The right password is refused too: otherwise the
+  reply would still tell a guess from the others.
+- act as someone else.  A PLAIN authorization identity (authzid) other than
+  the user is refused (535): RFC 4616 2 allows it only where the user may act
+  as that identity, and nobody may here; the same name, or none, is the user.
+- write the logs.  A user name is the client's text, and one with a line break
+  would put a line of its choosing after "authentication failed for" (a
+  forged "authenticated as", or an address for a log watcher to ban).  No
+  user in ``smtp.auth_file`` has a control character in its name (the file
+  is read line by line), so such a name is refused without a check and logged
+  escaped.
 """
 from __future__ import annotations
 
@@ -28,6 +50,7 @@ import asyncio
 import base64
 import binascii
 import logging
+from collections.abc import Callable
 
 from mta.acceptor import replies as R
 from mta.passwords import check_password
@@ -185,7 +208,8 @@ def _login_user(session, exchange: Exchange, b64: bytes) -> None:
 
 
 def _plain(session, b64: bytes) -> None:
-    """PLAIN: authzid NUL authcid NUL password (RFC 4616); the authzid is ignored.
+    """PLAIN: authzid NUL authcid NUL password (RFC 4616); an authzid, if any, must be
+    the authcid (the module docstring says why).
 
     A response that is not base64 is a 501; one that is, but is no PLAIN message
     (not three parts, a user name that is not UTF-8, the empty response "="), is a
@@ -196,19 +220,37 @@ def _plain(session, b64: bytes) -> None:
         session.reply_error(R.AUTH_BAD_BASE64)
         return
     try:
-        _authzid, authcid, password = raw.split(b"\0")
+        authzid, authcid, password = raw.split(b"\0")
         user = authcid.decode("utf-8")
     except ValueError:
         log.info("client=%s sent a malformed AUTH PLAIN response", session.peer_ip)
-        session.reply_error(R.AUTH_FAILED)
+        _failed(session)
+        return
+    if authzid and authzid != authcid:
+        log.info("client=%s: AUTH PLAIN asked to act as another user (authzid); refused",
+                 session.peer_ip)
+        _failed(session)
         return
     _check(session, user, password)
 
 
 def _check(session, user: str, password: bytes) -> None:
-    """Check the password in a worker thread; hold the session meanwhile."""
-    session.state = _WAITING
+    """Check the password in a worker thread; hold the session meanwhile.
+
+    Not for a client past its failed attempts (454), nor for a user name that
+    cannot be in the file (535): see the module docstring."""
     a = session.a
+    if a.auth_failures.locked(session.peer_ip):
+        log.info("client=%s: AUTH refused unchecked, too many failed attempts from it",
+                 session.peer_ip)
+        session.reply_error(R.AUTH_LOCKED)
+        return
+    if not user.isprintable():
+        log.info("client=%s authentication failed for %s (a user name with control "
+                 "characters, refused unchecked)", session.peer_ip, ascii(user))
+        _failed(session)
+        return
+    session.state = _WAITING
     fut = a.loop.run_in_executor(None, check_password, a.auth_users, user, password)
     fut.add_done_callback(lambda f: _checked(session, f, user))
 
@@ -229,7 +271,62 @@ def _checked(session, fut, user: str) -> None:
         log.info("client=%s authenticated as %s", session.peer_ip, user)
     elif ok is False:
         log.info("client=%s authentication failed for %s", session.peer_ip, user)
-        session.reply_error(R.AUTH_FAILED)
+        _failed(session)
     session.flush()
     if not session.closing:
         session.process()
+
+
+def _failed(session) -> None:
+    """Answer 535, and count the failure against the client's address."""
+    session.a.auth_failures.failed(session.peer_ip)
+    session.reply_error(R.AUTH_FAILED)
+
+
+class Failures:
+    """Failed AUTH attempts per client address, in windows of *window* seconds.
+
+    A window opens at an address's first failure and holds *limit* of them;
+    once it is full, :meth:`locked` is true until *window* seconds after it
+    opened.  At most *capacity* addresses are remembered: when full, the
+    windows that have passed are dropped, then the oldest quarter (a client
+    with many addresses can push its own out, which gives it no more guesses
+    than its addresses already do).
+    """
+
+    __slots__ = ("limit", "window", "now", "capacity", "by_ip")
+
+    def __init__(self, limit: int, window: float, now: Callable[[], float],
+                 capacity: int = 65536):
+        self.limit = limit
+        self.window = window
+        self.now = now
+        self.capacity = capacity
+        self.by_ip: dict[str, tuple[float, int]] = {}   # ip -> (window opened, failures)
+
+    def locked(self, ip: str) -> bool:
+        got = self.by_ip.get(ip)
+        if got is None:
+            return False
+        if self.now() - got[0] >= self.window:
+            del self.by_ip[ip]
+            return False
+        return got[1] >= self.limit
+
+    def failed(self, ip: str) -> None:
+        now = self.now()
+        by_ip = self.by_ip
+        got = by_ip.pop(ip, None)
+        if got is None or now - got[0] >= self.window:
+            if len(by_ip) >= self.capacity:
+                self._make_room(now)
+            got = (now, 0)
+        by_ip[ip] = (got[0], got[1] + 1)    # (re-inserted: the dict stays in window order)
+
+    def _make_room(self, now: float) -> None:
+        by_ip = self.by_ip
+        for ip in [ip for ip, (opened, _) in by_ip.items() if now - opened >= self.window]:
+            del by_ip[ip]
+        if len(by_ip) >= self.capacity:
+            for ip in list(by_ip)[:max(1, self.capacity // 4)]:
+                del by_ip[ip]

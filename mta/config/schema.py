@@ -86,6 +86,14 @@ class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         ge=100, le=100_000)] = 1000
     max_errors: Annotated[int, _doc(
         "error replies in one session before it is closed with 421", ge=1, le=10_000)] = 20
+    max_auth_failures: Annotated[int, _doc(
+        "failed AUTH attempts (535) from one client address within auth_failure_window, "
+        "per acceptor; past them AUTH from it gets 454 4.7.0 without a password check "
+        "until the window has passed (a bound on password guessing across connections)",
+        ge=1, le=1_000_000)] = 10
+    auth_failure_window: Annotated[float, _doc(
+        "seconds from a client address's first failed AUTH attempt in which "
+        "max_auth_failures count", ge=1, le=86400)] = 300.0
     max_hops: Annotated[int, _doc(
         "Received header fields a message may arrive with; more is a mail loop and gets "
         "554 5.4.6 at the end of DATA (Postfix's hopcount_limit; RFC 5321 6.3)",

@@ -327,6 +327,30 @@ def test_a_password_check_that_fails_is_a_temporary_error(impl):
     assert c.send(b"NOOP\r\n") == R.OK
 
 
+def test_failed_auth_is_bounded_per_client_across_sessions(impl):
+    """smtp.max_auth_failures: past them AUTH gets 454 4.7.0, the right password too and
+    in a new session, without a check; another client is not affected."""
+    def tls_client(acc, peer):
+        c = Client(acc, peer)
+        c.send(b"EHLO client.example\r\nSTARTTLS\r\n")
+        c.send(b"EHLO client.example\r\n")
+        return c
+
+    acc, c = make(impl, {"max_auth_failures": 2}, auth={"alice": "secret"}, tls=True,
+                  peer=("192.0.2.7", 4000))
+    c.send(b"EHLO client.example\r\nSTARTTLS\r\n")
+    c.send(b"EHLO client.example\r\n")
+    wrong = b"AUTH PLAIN AGFsaWNlAHdyb25n\r\n"
+    right = b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"
+    assert c.send(wrong) == R.AUTH_FAILED
+    c = tls_client(acc, ("192.0.2.7", 4001))
+    assert c.send(wrong) == R.AUTH_FAILED
+    assert c.send(right) == R.AUTH_LOCKED
+    assert tls_client(acc, ("192.0.2.7", 4002)).send(right) == R.AUTH_LOCKED
+    assert c.session.user is None and c.session.errors == 2
+    assert tls_client(acc, fake.PEER).send(right) == R.AUTH_OK
+
+
 def test_x_msys_api_ip_pool_is_checked_and_recorded(impl):
     """The pool: X-MSYS-API options.ip_pool, else by sending domain; unknown -> 550 after DATA."""
     import dataclasses
@@ -507,3 +531,30 @@ def test_more_received_fields_than_max_hops_is_a_loop(impl):
     assert QUEUED.search(c.transaction(message=b"Received: a\r\nReceived: b\r\n"
                                                b"Received: c\r\n" + MESSAGE))
     assert len(acc.submitted) == 1
+
+
+def test_failed_auth_memory_is_bounded():
+    """tls_auth.Failures remembers at most *capacity* addresses: windows that have passed
+    go first, then the oldest quarter; a window lasts *window* seconds from its first
+    failure."""
+    from mta.acceptor.tls_auth import Failures
+
+    clock = [0.0]
+    f = Failures(2, 10.0, lambda: clock[0], capacity=8)
+    f.failed("victim")
+    assert not f.locked("victim")
+    f.failed("victim")
+    assert f.locked("victim")
+    clock[0] = 5.0
+    for n in range(100):
+        f.failed(f"10.0.0.{n}")
+        assert len(f.by_ip) <= 8
+    assert "victim" not in f.by_ip        # the oldest window went first
+    f.failed("a")
+    f.failed("a")
+    assert f.locked("a")
+    clock[0] = 15.0                       # every window opened at 5.0 has passed
+    assert not f.locked("a")
+    for n in range(8):
+        f.failed(f"10.1.0.{n}")           # room made by dropping the passed windows
+    assert set(f.by_ip) == {f"10.1.0.{n}" for n in range(8)}

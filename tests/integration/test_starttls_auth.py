@@ -33,23 +33,28 @@ def client_ctx(ca):
     return ctx
 
 
-@pytest.fixture(scope="module")
-def mta(make_module_daemon, tmp_path_factory, ca):
-    tmp = tmp_path_factory.mktemp("tls")
+def tls_daemon(factory, tmp, ca, **smtp):
+    """A daemon (made by *factory* in *tmp*) with STARTTLS and AUTH for USER and SLOW_USER;
+    *smtp*: more [smtp] keys."""
     cert = ca.issue_cert("mta.test", HOST)
     cert_path, key_path, auth_path = tmp / "cert.pem", tmp / "key.pem", tmp / "users"
     cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
     cert.private_key_pem.write_to_path(str(key_path))
-    d = make_module_daemon(
+    d = factory(
         start=False, acceptors=1, shards=1,
         smtp={"tls_certificate": str(cert_path), "tls_key": str(key_path),
-              "auth_file": str(auth_path), "relay_networks": ["127.0.0.2/32"],
-              "max_connections_per_ip": 4, "max_buffered_input": 4096})
+              "auth_file": str(auth_path), "relay_networks": ["127.0.0.2/32"], **smtp})
     line = d.cli("passwd", "--iterations", "10000", USER,
                  input=PASSWORD.encode() + b"\n").stdout.decode()
     assert line.startswith(USER + ":pbkdf2_sha256$10000$")
     auth_path.write_text(f"# test users\n{line}{SLOW_USER}:{hash_password(PASSWORD)}\n")
     return d.start()
+
+
+@pytest.fixture(scope="module")
+def mta(make_module_daemon, tmp_path_factory, ca):
+    return tls_daemon(make_module_daemon, tmp_path_factory.mktemp("tls"), ca,
+                      max_connections_per_ip=4, max_buffered_input=4096)
 
 
 def starttls(c, ctx) -> None:
@@ -68,9 +73,9 @@ def plain(user: str, password: str) -> bytes:
     return base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
 
 
-def tls_session(mta, ctx):
+def tls_session(mta, ctx, source: str | None = None):
     """A session that said EHLO, STARTTLS and EHLO again: (client, the extensions offered)."""
-    c = mta.session()
+    c = mta.session(source=source)
     starttls(c, ctx)
     code, ext = c.cmd("EHLO client.test")
     assert code == 250
@@ -271,6 +276,83 @@ def test_relay_by_network_or_authentication(mta, client_ctx):
     with mta.session(source="127.0.0.2") as c:
         assert relay(c) == R.RCPT_OK
     c, _ = tls_session(mta, client_ctx)
+    with c:
+        c.send(b"AUTH PLAIN " + plain(USER, PASSWORD) + b"\r\n")
+        assert c.reply_bytes() == R.AUTH_OK
+        assert relay(c) == R.RCPT_OK
+
+
+
+def test_auth_plain_authorization_identity_must_be_the_user(mta, client_ctx):
+    """RFC 4616 2: an authzid other than the authcid fails unless the user may act as it,
+    and no user here may act as another: alice's password with authzid "bob" is a 535.
+    An authzid equal to the user is the same as none."""
+    c, _ = tls_session(mta, client_ctx, source="127.0.0.10")
+    with c:
+        as_bob = base64.b64encode(b"bob\0" + USER.encode() + b"\0" + PASSWORD.encode())
+        c.send(b"AUTH PLAIN " + as_bob + b"\r\n")
+        assert c.reply_bytes() == R.AUTH_FAILED
+        assert relay(c) == R.RELAY_DENIED
+        assert c.cmd("RSET")[0] == 250
+        as_self = base64.b64encode(f"{USER}\0{USER}\0{PASSWORD}".encode())
+        c.send(b"AUTH PLAIN " + as_self + b"\r\n")
+        assert c.reply_bytes() == R.AUTH_OK
+        assert relay(c) == R.RCPT_OK
+
+
+def test_an_auth_user_name_cannot_forge_log_lines(mta, client_ctx):
+    """The user name an AUTH exchange sends is the client's text: one with a line break
+    (or any control character) would write a log line of its choosing after "authentication
+    failed for" -- a forged "authenticated as" line, or one a log watcher bans an address
+    for.  It is refused like wrong credentials, and logged escaped."""
+    forged = "2026-01-01 00:00:00,000 INFO acceptor[0][1]: client=203.0.113.9 forged"
+    failures = mta.log().count("authentication failed for")
+    c, _ = tls_session(mta, client_ctx, source="127.0.0.11")
+    with c:
+        c.send(b"AUTH PLAIN " + plain("mallory\n" + forged, PASSWORD) + b"\r\n")
+        assert c.reply_bytes() == R.AUTH_FAILED
+        c.send(b"AUTH LOGIN " + b64(USER + "\r" + forged).encode() + b"\r\n")
+        assert c.reply_bytes() == R.AUTH_PASSWORD
+        c.send(b64(PASSWORD).encode() + b"\r\n")
+        assert c.reply_bytes() == R.AUTH_FAILED
+        assert relay(c) == R.RELAY_DENIED
+    text = mta.wait_log("authentication failed for", count=failures + 2)
+    assert not [line for line in text.splitlines() if line.startswith(forged[:20])]
+    assert "client=203.0.113.9 forged" in text      # escaped, on the failure's own line
+
+
+def test_failed_auth_from_one_address_is_bounded_across_connections(make_daemon, tmp_path,
+                                                                       ca, client_ctx):
+    """smtp.max_auth_failures within smtp.auth_failure_window: past that many failed
+    attempts from one address, AUTH from it gets 454 4.7.0 without a password check --
+    the right password included, in any new connection -- until the window has passed.
+    Without it a client guesses without end (max_errors only ends one connection, and
+    it may hold max_connections_per_ip of them), each guess a PBKDF2 in the acceptor's
+    worker threads.  Other addresses are not affected."""
+    d = tls_daemon(make_daemon, tmp_path, ca, max_auth_failures=3, auth_failure_window=3)
+    guesser = "127.0.0.12"
+    for n in range(3):
+        c, _ = tls_session(d, client_ctx, source=guesser)
+        with c:
+            c.send(b"AUTH PLAIN " + plain(USER, f"guess {n}") + b"\r\n")
+            assert c.reply_bytes() == R.AUTH_FAILED
+    started = time.monotonic()
+    c, _ = tls_session(d, client_ctx, source=guesser)
+    with c:
+        c.send(b"AUTH PLAIN " + plain(USER, PASSWORD) + b"\r\n")
+        assert c.reply_bytes() == R.AUTH_LOCKED
+        c.send(b"AUTH LOGIN " + b64(USER).encode() + b"\r\n")
+        assert c.reply_bytes() == R.AUTH_PASSWORD
+        c.send(b64(PASSWORD).encode() + b"\r\n")
+        assert c.reply_bytes() == R.AUTH_LOCKED
+        assert relay(c) == R.RELAY_DENIED
+    c, _ = tls_session(d, client_ctx, source="127.0.0.13")
+    with c:
+        c.send(b"AUTH PLAIN " + plain(USER, PASSWORD) + b"\r\n")
+        assert c.reply_bytes() == R.AUTH_OK
+    assert time.monotonic() - started < 3, "too slow to see the lock inside its window"
+    time.sleep(max(0.0, started + 3.2 - time.monotonic()))
+    c, _ = tls_session(d, client_ctx, source=guesser)
     with c:
         c.send(b"AUTH PLAIN " + plain(USER, PASSWORD) + b"\r\n")
         assert c.reply_bytes() == R.AUTH_OK
