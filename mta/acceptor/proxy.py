@@ -99,6 +99,11 @@ def _v1(line: bytes) -> str | None:
         return None
     if words[0] not in (b"TCP4", b"TCP6") or len(words) != 5:
         raise ProxyError("PROXY v1: expected TCP4, TCP6 or UNKNOWN and four fields")
+    # No IPv6 zone ("fe80::1%eth0"): no balancer names one, and ip_address takes a zone of
+    # any characters but "%" -- a line break too -- that would follow the address into the
+    # Received header and the logs (and "::1%x" is inside ::1/128).
+    if b"%" in words[1] or b"%" in words[2]:
+        raise ProxyError("PROXY v1: bad address or port")
     try:
         src = ipaddress.ip_address(words[1].decode("ascii"))
         ipaddress.ip_address(words[2].decode("ascii"))

@@ -43,6 +43,8 @@ def test_a_header_in_pieces_waits_for_the_rest(whole):
     b"PROXY TCP4 192.0.2.7 127.0.0.1 40000\r\n",            # a field short
     b"PROXY TCP4 2001:db8::7 127.0.0.1 1 2\r\n",            # v6 address under TCP4
     b"PROXY TCP4 192.0.2.7 127.0.0.1 1 70000\r\n",          # port out of range
+    b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n",                 # an IPv6 zone: no balancer sends one
+    b"PROXY TCP6 2001:db8::7 ::1%x\nX:y 1 2\r\n",
     b"PROXY UDP4 192.0.2.7 127.0.0.1 1 2\r\n",
     b"PROXY TCP4 " + b"1" * 200,                            # no CRLF within 107 octets
     SIG + b"\x11\x11\x00\x0c" + bytes(12),                  # version 1 in a v2 header

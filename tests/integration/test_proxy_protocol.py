@@ -134,6 +134,24 @@ def test_a_balancer_that_sends_no_header_is_not_served(make_daemon):
     assert d.log().count("a proxy_protocol_from network:") == 2, d.log()[-2000:]
 
 
+def test_a_v1_address_with_a_zone_is_not_a_client(make_daemon):
+    # Python's ip_address takes an IPv6 zone ("fe80::1%eth0") of any characters but "%"
+    # and spaces -- a line break too -- and "::1%zone" is in ::1/128 (the default
+    # relay_networks).  A balancer names no zone (HAProxy prints addresses without one):
+    # a header with one is not a header, closed like any other, so no text of it goes
+    # into a Received header or a log line as the client's address.
+    d = make_daemon(acceptors=1, shards=1, server={"proxy_protocol_from": [f"{BALANCER}/32"]})
+    for src in (b"::1%x\nX-Injected:yes", b"fe80::1%eth0"):
+        s = socket.create_connection((HOST, d.port), source_address=(BALANCER, 0), timeout=10)
+        try:
+            s.sendall(b"PROXY TCP6 " + src + b" ::1 40000 25\r\nEHLO client.test\r\n")
+            assert s.recv(100) == b"", src      # closed, not a word
+        finally:
+            s.close()
+    d.wait_log("a proxy_protocol_from network: PROXY v1: bad address or port; closed", count=2)
+    assert "X-Injected" not in d.log()
+
+
 def test_a_connection_waiting_for_its_header_survives_a_reload(make_daemon):
     # The old acceptor's drain did not count it (not a session yet): it saw itself idle
     # and exited under the connection, whose client got a broken pipe
