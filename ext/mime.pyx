@@ -668,8 +668,14 @@ def canon_headers(list fields, names, bint relaxed):
     cdef const unsigned char* w
     cdef Py_ssize_t wn
     cdef tuple f
-    cdef object n
+    cdef object n, start
     cdef bytes res
+    # Where the next search for a name starts: below the field its last search took
+    # (every field of that name further down is used), -1 once none is left.  h= names
+    # each occurrence of a field, so without it a header block of many fields of one
+    # name was walked again past the used ones for each: quadratic (250,000 To fields
+    # held the acceptor's loop for seconds).
+    cdef dict cursor = {}
     if type(names) is tuple:
         wanted = <tuple>names
     else:
@@ -697,9 +703,11 @@ def canon_headers(list fields, names, bint relaxed):
             fs[i].raw_n = PyBytes_GET_SIZE(<bytes>f[1])
             fs[i].used = False
         for j in range(nw):
-            w = <const unsigned char*>PyBytes_AS_STRING(<bytes>wanted[j])
-            wn = PyBytes_GET_SIZE(<bytes>wanted[j])
-            i = nf - 1
+            n = wanted[j]
+            w = <const unsigned char*>PyBytes_AS_STRING(<bytes>n)
+            wn = PyBytes_GET_SIZE(<bytes>n)
+            start = cursor.get(n)
+            i = nf - 1 if start is None else <Py_ssize_t>start
             while i >= 0:  # bottom-up: the lowest unused field of that name
                 if (not fs[i].used and fs[i].name_n == wn
                         and _name_is(fs[i].name, 0, wn, w, wn)):
@@ -710,6 +718,7 @@ def canon_headers(list fields, names, bint relaxed):
                         o += _simple_into(fs[i].raw, fs[i].raw_n, out + o)
                     break
                 i -= 1
+            cursor[n] = i - 1 if i >= 0 else -1
         res = _bytes(out, o)
     finally:
         free(fs)

@@ -248,6 +248,19 @@ def test_canon_headers_selection(m):
     assert m.canon_headers(fields, [b"B"], False) == b"B: x\r\n"
 
 
+def test_canon_headers_many_fields_of_one_name(m):
+    """Each h= entry takes the lowest field of its name not taken yet (in any case of the
+    name); linear in the fields, however many share a name (the compiled one searched
+    from the bottom each time: quadratic)."""
+    buf = b"To: 1\r\nFrom: f\r\nto: 2\r\nTO: 3\r\nSubject: s\r\n\r\n"
+    fields = m.parse_headers(buf)
+    assert m.canon_headers(fields, [b"to", b"from", b"To", b"subject", b"to", b"to"], True) == \
+        b"to:3\r\nfrom:f\r\nto:2\r\nsubject:s\r\nto:1\r\n"
+    n = 200_000
+    fields = m.parse_headers(b"To: x\r\n" * n + b"\r\n")
+    assert m.canon_headers(fields, [b"to"] * (n + 1), True) == b"to:x\r\n" * n
+
+
 def test_select_names(m):
     fields = m.parse_headers(b"From: a\r\nX-Skip: 1\r\nSUBJECT: s\r\nnocolon\r\nsubject: t\r\n\r\n")
     assert m.select_names(fields, frozenset({b"from", b"subject"})) == [b"from", b"subject", b"subject"]
