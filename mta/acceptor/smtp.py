@@ -26,7 +26,8 @@ Hands over: each finished message as one :class:`Submission` to
          ``Acceptor.commit`` (``main.py``), which sends it to its spool shard
          over the bus; the session itself talks to no other process.
 Peers:   the SMTP client; the spool shards only through ``Acceptor``.
-Config:  [smtp] max_connections, max_connections_per_ip, max_command_line,
+Config:  [smtp] max_connections, max_connections_per_ip (per client as
+         ``peers.client_key`` counts it: ipv6_client_prefix), max_command_line,
          max_text_line, max_message_size, max_recipients, max_errors,
          max_buffered_input, command_timeout, data_timeout, linger_timeout,
          postmaster; through the
@@ -73,6 +74,7 @@ from mta import dsn, rfcdate
 from mta.literal import address_literal
 from mta.acceptor import replies as R
 from mta.acceptor.closing import close_lingering
+from mta.acceptor.peers import client_key
 from mta.acceptor import proxy
 from mta.acceptor import tls_auth
 from mta.acceptor.state import State
@@ -235,6 +237,7 @@ class Session(asyncio.Protocol):
         self.transport = None
         self.out: list[bytes] = []
         self.peer_ip = ""
+        self.client_key = ""        # the client as per-client limits count it (peers.py)
         self.relay_ok = False
         self.tls = False
         self.user: str | None = None
@@ -295,12 +298,13 @@ class Session(asyncio.Protocol):
             a.stats["rejected_connections"] += 1
             self.close_with(R.TOO_MANY_CONNECTIONS)
             return
-        n = a.per_ip.get(self.peer_ip, 0)
+        key = self.client_key = client_key(self.peer_ip, a.smtp.ipv6_client_prefix)
+        n = a.per_ip.get(key, 0)
         if n >= a.smtp.max_connections_per_ip:
             a.stats["rejected_connections"] += 1
             self.close_with(R.TOO_MANY_FROM_IP)
             return
-        a.per_ip[self.peer_ip] = n + 1
+        a.per_ip[key] = n + 1
         a.sessions.add(self)
         a.m.smtp_connections.value += 1
         self.relay_ok = a.relay_allowed(self.peer_ip)
@@ -311,11 +315,11 @@ class Session(asyncio.Protocol):
         proxy.forget(self)
         if self in a.sessions:
             a.sessions.discard(self)
-            n = a.per_ip.get(self.peer_ip, 1) - 1
+            n = a.per_ip.get(self.client_key, 1) - 1
             if n:
-                a.per_ip[self.peer_ip] = n
+                a.per_ip[self.client_key] = n
             else:
-                a.per_ip.pop(self.peer_ip, None)
+                a.per_ip.pop(self.client_key, None)
         self.state = _CLOSED
         self.closing = True
         self.lost = True

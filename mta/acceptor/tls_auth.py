@@ -28,7 +28,8 @@ What the client's credentials may not do:
   open another (``max_connections_per_ip`` at a time), and each guess costs a
   PBKDF2 in the acceptor's worker threads -- shared with the reading of
   reports and the HTTP API's store calls.  So every 535 counts against the
-  client's address (:class:`Failures`): past ``smtp.max_auth_failures`` within
+  client (:class:`Failures`; an IPv6 client by its network, as
+  ``peers.client_key`` says): past ``smtp.max_auth_failures`` within
   ``smtp.auth_failure_window`` seconds, AUTH from it gets 454 4.7.0 without a
   check, whatever the password, until the window has passed.  Per acceptor
   process (as ``max_connections_per_ip``), and forgotten when the acceptor is
@@ -240,7 +241,7 @@ def _check(session, user: str, password: bytes) -> None:
     Not for a client past its failed attempts (454), nor for a user name that
     cannot be in the file (535): see the module docstring."""
     a = session.a
-    if a.auth_failures.locked(session.peer_ip):
+    if a.auth_failures.locked(session.client_key):
         log.info("client=%s: AUTH refused unchecked, too many failed attempts from it",
                  session.peer_ip)
         session.reply_error(R.AUTH_LOCKED)
@@ -279,7 +280,7 @@ def _checked(session, fut, user: str) -> None:
 
 def _failed(session) -> None:
     """Answer 535, and count the failure against the client's address."""
-    session.a.auth_failures.failed(session.peer_ip)
+    session.a.auth_failures.failed(session.client_key)
     session.reply_error(R.AUTH_FAILED)
 
 

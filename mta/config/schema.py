@@ -70,8 +70,14 @@ class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: Annotated[int, _doc(
         "concurrent connections per acceptor; more get 421", ge=1, le=1_000_000)] = 2000
     max_connections_per_ip: Annotated[int, _doc(
-        "concurrent connections from one client IP per acceptor; more get 421",
+        "concurrent connections from one client (an IPv4 address, an IPv6 network of "
+        "ipv6_client_prefix bits) per acceptor; more get 421",
         ge=1, le=1_000_000)] = 200
+    ipv6_client_prefix: Annotated[int, _doc(
+        "an IPv6 client counts as its network of this many bits for max_connections_per_ip "
+        "and max_auth_failures (an IPv6 host usually has a /64 to itself and could take a "
+        "new address for each connection); 128: per address. IPv4 clients count per "
+        "address", ge=32, le=128)] = 64
     max_command_line: Annotated[int, _doc(
         "longest command line in octets including CRLF (RFC 5321: at least 512)",
         ge=512, le=65536)] = 2048
@@ -87,12 +93,13 @@ class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_errors: Annotated[int, _doc(
         "error replies in one session before it is closed with 421", ge=1, le=10_000)] = 20
     max_auth_failures: Annotated[int, _doc(
-        "failed AUTH attempts (535) from one client address within auth_failure_window, "
+        "failed AUTH attempts (535) from one client (as max_connections_per_ip counts it) "
+        "within auth_failure_window, "
         "per acceptor; past them AUTH from it gets 454 4.7.0 without a password check "
         "until the window has passed (a bound on password guessing across connections)",
         ge=1, le=1_000_000)] = 10
     auth_failure_window: Annotated[float, _doc(
-        "seconds from a client address's first failed AUTH attempt in which "
+        "seconds from a client's first failed AUTH attempt in which "
         "max_auth_failures count", ge=1, le=86400)] = 300.0
     max_hops: Annotated[int, _doc(
         "Received header fields a message may arrive with; more is a mail loop and gets "

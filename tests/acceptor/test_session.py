@@ -329,7 +329,8 @@ def test_a_password_check_that_fails_is_a_temporary_error(impl):
 
 def test_failed_auth_is_bounded_per_client_across_sessions(impl):
     """smtp.max_auth_failures: past them AUTH gets 454 4.7.0, the right password too and
-    in a new session, without a check; another client is not affected."""
+    in a new session, without a check; another client is not affected.  An IPv6 client
+    counts by its /64 (smtp.ipv6_client_prefix)."""
     def tls_client(acc, peer):
         c = Client(acc, peer)
         c.send(b"EHLO client.example\r\nSTARTTLS\r\n")
@@ -337,17 +338,18 @@ def test_failed_auth_is_bounded_per_client_across_sessions(impl):
         return c
 
     acc, c = make(impl, {"max_auth_failures": 2}, auth={"alice": "secret"}, tls=True,
-                  peer=("192.0.2.7", 4000))
+                  peer=("2001:db8::1", 4000))
     c.send(b"EHLO client.example\r\nSTARTTLS\r\n")
     c.send(b"EHLO client.example\r\n")
     wrong = b"AUTH PLAIN AGFsaWNlAHdyb25n\r\n"
     right = b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"
     assert c.send(wrong) == R.AUTH_FAILED
-    c = tls_client(acc, ("192.0.2.7", 4001))
+    c = tls_client(acc, ("2001:db8::ffff:2", 4001))     # the same /64: the same client
     assert c.send(wrong) == R.AUTH_FAILED
     assert c.send(right) == R.AUTH_LOCKED
-    assert tls_client(acc, ("192.0.2.7", 4002)).send(right) == R.AUTH_LOCKED
+    assert tls_client(acc, ("2001:db8::3", 4002)).send(right) == R.AUTH_LOCKED
     assert c.session.user is None and c.session.errors == 2
+    assert tls_client(acc, ("2001:db8:1::1", 4003)).send(right) == R.AUTH_OK
     assert tls_client(acc, fake.PEER).send(right) == R.AUTH_OK
 
 

@@ -152,6 +152,37 @@ def test_a_v1_address_with_a_zone_is_not_a_client(make_daemon):
     assert "X-Injected" not in d.log()
 
 
+def test_ipv6_clients_of_one_network_count_as_one_client(make_daemon):
+    # An IPv6 host usually has a /64 of its own: counted per address, one client took
+    # every connection slot (max_connections_per_ip was no bound) by using a new address
+    # of its network for each.  Clients named by the balancer (the test has no IPv6
+    # addresses but ::1 to connect from): per /64 (smtp.ipv6_client_prefix), the same
+    # as without one.
+    d = make_daemon(acceptors=1, shards=1, server={"proxy_protocol_from": [f"{BALANCER}/32"]},
+                    smtp={"max_connections_per_ip": 2})
+    held = []
+
+    def greeting(client: bytes) -> bytes:
+        s = socket.create_connection((HOST, d.port), source_address=(BALANCER, 0), timeout=10)
+        held.append(s)
+        family, to = (b"TCP6", b"::1") if b":" in client else (b"TCP4", b"127.0.0.1")
+        s.sendall(b"PROXY " + family + b" " + client + b" " + to + b" 40000 25\r\n")
+        return s.makefile("rb").readline()
+
+    try:
+        assert greeting(b"2001:db8:0:1::1").startswith(b"220 ")
+        assert greeting(b"2001:db8:0:1::2").startswith(b"220 ")
+        assert greeting(b"2001:db8:0:1:ffff:ffff:ffff:3") == \
+            b"421 4.7.0 Too many connections from your address, try again later\r\n"
+        assert greeting(b"2001:db8:0:2::1").startswith(b"220 ")    # another /64
+        assert greeting(b"192.0.2.1").startswith(b"220 ")          # IPv4: per address
+        assert greeting(b"192.0.2.2").startswith(b"220 ")
+        assert greeting(b"192.0.2.3").startswith(b"220 ")
+    finally:
+        for s in held:
+            s.close()
+
+
 def test_a_connection_waiting_for_its_header_survives_a_reload(make_daemon):
     # The old acceptor's drain did not count it (not a session yet): it saw itself idle
     # and exited under the connection, whose client got a broken pipe
