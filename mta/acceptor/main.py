@@ -461,7 +461,8 @@ class Acceptor:
         if self.classifier is None:
             self.classifier = feedback.Classifier.from_file(
                 self.settings.config.feedback.bounce_rules)
-        return oob_reports.read(msg.payload, msg.rcpts, self.events_store(), self.classifier)
+        return oob_reports.read(msg.payload, msg.rcpts, self.events_store(), self.classifier,
+                                unmatched=self.settings.config.feedback.suppress_unmatched)
 
     def _suppress(self, rid: str, items: list) -> None:
         """Add a report's suppression entries (in a worker thread); failures are logged.

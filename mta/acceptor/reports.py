@@ -78,7 +78,7 @@ def find_originals(store, qids: list[str], message_id: str) -> list[dict]:
 
 
 def read(payload: bytes, rcpts: list[str], store, classifier,
-         now: float | None = None) -> Reading:
+         now: float | None = None, unmatched: bool = False) -> Reading:
     """Parse one report and make its events and suppression entries.
 
     *store*: the events store (``originals()``) or None; *classifier*: a
@@ -94,7 +94,7 @@ def read(payload: bytes, rcpts: list[str], store, classifier,
     if report is None:
         return Reading()
     originals = find_originals(store, verp_candidates(rcpts, report), report.message_id)
-    events, suppress = oob.report_events(report, originals, classifier, now)
+    events, suppress = oob.report_events(report, originals, classifier, now, unmatched)
     internal = [{"type": e["type"], "timestamp": now, "event": e} for e in events
                 if e.get("type") in ev.REPORT_TYPES]
     qid = originals[0].get("message_id", "") if originals else ""

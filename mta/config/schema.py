@@ -595,6 +595,13 @@ class FeedbackConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "quoted Message-ID) or an RFC 5965 ARF report (a spam_complaint event and a "
         "\"Spam Complaint\" suppression entry), never relayed; empty: none",
         max_length=100)] = []
+    suppress_unmatched: Annotated[bool, _doc(
+        "an out-of-band bounce or complaint whose original message is not found in the "
+        "events store (pruned, or the store off) still adds what it names to the "
+        "suppression list; false (the default): only recipients of a message found are "
+        "suppressed -- a report comes from anyone, unauthenticated, and a made-up one "
+        "could otherwise suppress any address.  Unmatched reports give their events "
+        "(matched \"0\") either way")] = False
     verp: Annotated[str, _doc(
         "a local part: when set, the MAIL FROM of every message delivered with a non-null "
         "sender becomes <verp>+<queue id>@<the first of bounce_domains> (VERP), so that "

@@ -20,6 +20,13 @@ A report whose original message cannot be found still gives its events (with
 the fields the report itself carries), marked ``"matched": "0"``; the
 operator can see such reports rather than lose them.
 
+Only a recipient of the original message is suppressed (the report's recipient
+is one of those the stored events name).  Anyone can send a report to a bounce
+domain -- no authentication, from any client -- so a made-up DSN or complaint
+naming a thousand addresses would otherwise put them all on the list.  An
+unmatched report (its message pruned from the events store, or the store
+off) suppresses only with ``feedback.suppress_unmatched`` (*unmatched* here).
+
 ``event_id`` is left to the events process, which numbers each event by its
 durable position in the spool (as for every other event).
 """
@@ -128,13 +135,23 @@ def _base(kind: str, now: float, original: dict | None, rcpt: str, report: Repor
     return ev
 
 
+def _sent_to(original: dict | None, rcpt: str) -> bool:
+    """Whether *original* (the stored event :func:`_original_for` found) is of *rcpt*:
+    the report names a recipient the message went to."""
+    return original is not None and original.get("rcpt_to", "").lower() == rcpt.lower()
+
+
 def report_events(report: Report, originals: list[dict], classifier,
-                  now: float | None = None) -> tuple[list[dict], list[tuple[str, str, str]]]:
+                  now: float | None = None, unmatched: bool = False
+                  ) -> tuple[list[dict], list[tuple[str, str, str]]]:
     """(events, suppression entries) for *report*.
 
     *originals*: the events stored for the original message (any order; empty
     when it was not found).  *classifier*: :class:`mta.feedback.classify.Classifier`.
-    Suppression entries are ``(address, source, description)``, all non-transactional.
+    Suppression entries are ``(address, source, description)``, all non-transactional,
+    for recipients of the original message only; *unmatched*
+    (``feedback.suppress_unmatched``): also those of a report whose message was not
+    found.
     """
     now = time.time() if now is None else now
     events: list[dict] = []
@@ -161,7 +178,8 @@ def report_events(report: Report, originals: list[dict], classifier,
             if r.remote_mta:
                 ev["remote_host"] = r.remote_mta
             events.append(ev)
-            if sup.adds_bounce_rule(cls) and _address(rcpt):
+            if sup.adds_bounce_rule(cls) and _address(rcpt) and \
+                    (_sent_to(original, rcpt) if originals else unmatched):
                 suppress.append((rcpt, BOUNCE_SOURCE, f"{code}: {raw}"[:1000]))
     elif report.kind == ARF:
         # (a redacted Original-Rcpt-To, RFC 6590, names nobody)
@@ -178,7 +196,8 @@ def report_events(report: Report, originals: list[dict], classifier,
             if report.user_agent:
                 ev["user_str"] = report.user_agent
             events.append(ev)
-            if sure and _address(rcpt):
+            if sure and _address(rcpt) and \
+                    (_sent_to(original, rcpt) if originals else unmatched):
                 suppress.append((rcpt, SPAM_SOURCE,
                                  f"{report.feedback_type or 'abuse'} report from "
                                  f"{report.report_from or report.reported_domain or 'unknown'}"))

@@ -121,3 +121,25 @@ def test_verp_queue_id():
     assert oob.verp_queue_id("bounces+0123ABCD@bounce.sender.test") == "0123abcd"
     assert oob.verp_queue_id("bounces@bounce.sender.test") == ""
     assert oob.verp_queue_id("bounces+xyz@bounce.sender.test") == ""
+
+
+def test_only_a_recipient_of_the_message_found_is_suppressed():
+    # A report to a bounce domain comes from anyone, unauthenticated: a made-up DSN or
+    # complaint naming addresses the message never went to (or naming a message not
+    # found) put them all on the suppression list.
+    dsn = reports.parse(POSTFIX_DSN.replace(b"gone@receiver.test", b"victim@else.test")
+                        .replace(b"Gone@receiver.test", b"Victim@else.test"))
+    events, suppress = oob.report_events(dsn, ORIGINAL, Classifier(), now=1.0)
+    assert events and events[0]["rcpt_to"] == "victim@else.test" and suppress == []
+    arf = reports.parse(ARF_REPORT)            # Original-Rcpt-To: Reader@receiver.test
+    orig = [dict(e, rcpt_to="someone@receiver.test", raw_rcpt_to="someone@receiver.test")
+            for e in ORIGINAL]
+    events, suppress = oob.report_events(arf, orig, Classifier(), now=1.0)
+    assert events and suppress == []
+    # not found: nothing, unless feedback.suppress_unmatched
+    for r in (reports.parse(POSTFIX_DSN), arf):
+        events, suppress = oob.report_events(r, [], Classifier(), now=1.0)
+        assert events[0]["matched"] == "0" and suppress == []
+        _, suppress = oob.report_events(r, [], Classifier(), now=1.0, unmatched=True)
+        assert [a.lower() for a, _, _ in suppress] in (["gone@receiver.test"],
+                                                        ["reader@receiver.test"])

@@ -19,6 +19,8 @@ import smtplib
 import time
 import urllib.parse
 
+import pytest
+
 from daemon import HOST, free_port, wait_until
 from sinks import AioSink
 
@@ -256,12 +258,14 @@ def test_dsn_and_arf_reports_become_events_and_suppressions_and_are_not_relayed(
         sink.stop()
 
 
-def test_reports_are_matched_by_nothing_when_the_events_store_is_off(make_daemon):
+@pytest.mark.parametrize("unmatched", [False, True])
+def test_reports_are_matched_by_nothing_when_the_events_store_is_off(make_daemon, unmatched):
     """[events] store = false: the report is still read; its events (matched "0") go to
-    the event log, and the complaint still suppresses."""
+    the event log; the complaint suppresses only with feedback.suppress_unmatched (a
+    report comes from anyone: see the test below)."""
     d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
                     server={"event_log": "events.jsonl"}, events={"store": False},
-                    feedback={"bounce_domains": [BOUNCES]})
+                    feedback={"bounce_domains": [BOUNCES], "suppress_unmatched": unmatched})
     code, text = smtp_send(d, "staff@fbl.provider.test", [f"fbl@{BOUNCES}"],
                            arf("<nowhere@sender.example.org>", "reader@example.com"))
     assert code == 250, text
@@ -278,7 +282,38 @@ def test_reports_are_matched_by_nothing_when_the_events_store_is_off(make_daemon
     assert ev["matched"] == "0" and ev["rcpt_to"] == "reader@example.com"
     assert ev["message_id_header"] == "nowhere@sender.example.org" and ev["event_id"]
     status, body = call(d, "/api/v1/suppression-list/reader@example.com")
-    assert status == 200 and body["results"][0]["source"] == "Spam Complaint", body
+    if unmatched:
+        assert status == 200 and body["results"][0]["source"] == "Spam Complaint", body
+    else:
+        assert status == 404, body
+
+
+def test_a_made_up_report_from_anyone_suppresses_nobody(make_daemon):
+    """A client with no right to relay and no authentication sent a made-up complaint and
+    a made-up hard bounce to the bounce domain, naming addresses of its choice (about a
+    message never sent): every one of them was on the suppression list two seconds later,
+    and the sender's mail to them was refused from then on.  Their events still come
+    (matched "0"), so the operator sees them; the list is untouched."""
+    d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
+                    smtp={"relay_networks": ["192.0.2.0/24"]},   # loopback may not relay
+                    feedback={"bounce_domains": [BOUNCES]})
+    victims = ["ceo@customer.example", "buyer@customer.example"]
+    code, text = smtp_send(d, "staff@fbl.provider.test", [f"fbl@{BOUNCES}"],
+                           arf("<forged@sender.example.org>", victims[0]))
+    assert code == 250, text
+    code, text = smtp_send(d, "", [f"bounces@{BOUNCES}"],
+                           dsn("forged-2@sender.example.org", victims[1], "5.1.1",
+                               f"550 5.1.1 <{victims[1]}>: User unknown"))
+    assert code == 250, text
+    got = wait_until(lambda: events(d, events="spam_complaint,out_of_band") if len(
+        events(d, events="spam_complaint,out_of_band")) == 2 else None, 60,
+        "the two reports' events")
+    assert sorted(e["rcpt_to"] for e in got) == sorted(victims)
+    assert all(e["matched"] == "0" for e in got), got
+    time.sleep(1.0)         # (an addition would be there by now: see the store-off test)
+    for v in victims:
+        status, body = call(d, f"/api/v1/suppression-list/{v}")
+        assert status == 404, (v, body)
 
 
 def test_verp_return_path_names_the_message_and_brings_its_bounce_back(make_daemon):
