@@ -32,11 +32,17 @@ official clients put addresses in the path unencoded).  Errors are 422
 (``invalid data format/type``, code 1300) naming the field; a full list is
 507.  Entries added here get the source "Manually Added"; list-specific
 entries (``list_id``) and subaccounts are not supported (a ``list_id`` in a
-PUT is a 422; ``X-MSYS-SUBACCOUNT`` is ignored).
+PUT is a 422; ``X-MSYS-SUBACCOUNT`` is ignored).  A search or DELETE with
+``list_id=x`` asks for that list's entries, so it finds none (an empty page,
+404) and never touches the account-level entries; ``list_id=`` (empty) is the
+account-level entries, i.e. all of them; a malformed id is 400 "invalid
+list_id".  A ``domain`` searched for in U-labels is matched in A-labels, the
+form the list keeps.
 """
 from __future__ import annotations
 
 import datetime
+import re
 import urllib.parse
 
 import orjson
@@ -54,6 +60,11 @@ NOT_FOUND = R.Error(404, "Recipient could not be found", "1600")
 COMPLIANCE = R.Error(403, "Recipient could not be removed - Compliance", "1100")
 FULL = R.Error(507, "Unable to update suppression list", "1902")
 BAD_METHOD = R.Error(405, "invalid HTTP method", "1102")
+BAD_LIST_ID = R.Error(400, "invalid list_id", "1300")
+
+# SparkPost's list_id: RFC 2919-style, alphanumerics, "-", "_" and "." without a
+# leading, trailing or doubled dot, 1-255 characters
+_LIST_ID = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 
 
 def matches(path: bytes) -> bool:
@@ -101,6 +112,10 @@ def handle(store: S.SuppressionList, method: bytes, path: bytes, query: bytes, b
         store_put(store, [(_address(recipient, "recipient"), tbits, desc)])
         return _message("Suppression list successfully updated")
     if method == b"DELETE":
+        if _list_specific(q):
+            # (no list-specific entry is kept, so that list has none of this recipient;
+            # the account-level entry is not that list's and stays)
+            raise R.ApiError(NOT_FOUND, f"{recipient[:320]} is not on that list")
         tbits = S.BOTH
         if body.strip():
             doc = _body(body)
@@ -279,7 +294,21 @@ def _int(q: dict, name: str, lo: int, hi: int, default: int) -> int:
     return int(v)
 
 
+def _list_specific(q: dict) -> bool:
+    """Whether the query's ``list_id`` names a list (SparkPost: left out, every entry;
+    ``list_id=`` empty, the account-level entries only; ``list_id=x``, list x's only).
+    An id that is not one is 400 "invalid list_id"."""
+    v = _one(q, "list_id")
+    if not v:
+        return False
+    if len(v) > 255 or not _LIST_ID.fullmatch(v):
+        raise R.ApiError(BAD_LIST_ID, f"list_id: {v[:64]!r} is not a list id (letters, "
+                         "digits, '-', '_' and single inner dots; 1-255 characters)")
+    return True
+
+
 def search(store: S.SuppressionList, q: dict, max_scan: int = S.MAX_SCAN) -> tuple[int, bytes]:
+    list_only = _list_specific(q)
     start = _date(q, "from")
     end = _date(q, "to")
     if start is not None and end is not None and start > end:
@@ -320,12 +349,21 @@ def search(store: S.SuppressionList, q: dict, max_scan: int = S.MAX_SCAN) -> tup
             raise R.ApiError(R.INVALID, f"page: only the first {MAX_PAGED} results can be "
                              "paged to; use cursor=initial and the next links")
     domain = _one(q, "domain") or None
+    if domain is not None:
+        # the list keeps domains in A-labels (S.normalize): a U-label domain is one too
+        domain = S.normalize("x@" + domain.lstrip("@"))[2:]
     desc = _one(q, "description") or None
     strict = (_one(q, "description_strict") or "").lower() == "true"
-    rows, total, nxt = store.search(start=start, end=end, types=types, sources=sources,
-                                    domain=domain, description=desc, description_strict=strict,
-                                    descending=sort == "desc", per_page=per_page, page=page,
-                                    cursor=cursor, total=total, max_scan=max_scan)
+    if list_only:
+        # one list's entries: none are kept (a PUT with a list_id is refused)
+        rows, total, nxt = [], 0, None
+    else:
+        rows, total, nxt = store.search(start=start, end=end, types=types, sources=sources,
+                                        domain=domain, description=desc,
+                                        description_strict=strict,
+                                        descending=sort == "desc", per_page=per_page,
+                                        page=page, cursor=cursor, total=total,
+                                        max_scan=max_scan)
     links = []
     base = {k: ",".join(v) for k, v in q.items() if k not in ("cursor", "page")}
     if cursor_text:

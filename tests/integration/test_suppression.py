@@ -324,3 +324,52 @@ def test_list_full_is_a_clear_error(make_daemon):
     assert st == 200, body
     assert S.SuppressionList(os.path.join(d.state_dir, "suppression"),
                              1024 * 1024).check("small@full.test", True)
+
+
+def test_list_id_selects_list_specific_entries_only(lab):
+    """``list_id=x`` on search and DELETE means that list's entries only (none here:
+    list-specific entries are not kept); it must not reach the account-level entry."""
+    d, sink = lab
+    st, _, body = call(d, "PUT", "/api/v1/suppression-list/listed@lists.test",
+                       {"type": "non_transactional"})
+    assert st == 200, body
+    st, _, body = call(d, "DELETE", "/api/v1/suppression-list/listed@lists.test?list_id=news")
+    assert st == 404 and body["errors"][0]["message"] == "Recipient could not be found"
+    st, _, body = call(d, "GET", "/api/v1/suppression-list/listed@lists.test")
+    assert st == 200 and [e["type"] for e in body["results"]] == ["non_transactional"]
+    st, _, body = call(d, "GET", "/api/v1/suppression-list?domain=lists.test&list_id=news")
+    assert st == 200 and body["results"] == [] and body["total_count"] == 0
+    st, _, body = call(d, "GET", "/api/v1/suppression-list?domain=lists.test&list_id=")
+    assert st == 200 and [e["recipient"] for e in body["results"]] == ["listed@lists.test"]
+    for bad in ("..news", "news.", "a..b", "x" * 256, "n%40ws"):
+        st, _, body = call(d, "GET", f"/api/v1/suppression-list?list_id={bad}")
+        assert st == 400 and "list_id" in body["errors"][0]["message"], (bad, body)
+        st, _, body = call(d, "DELETE", f"/api/v1/suppression-list/listed@lists.test"
+                                        f"?list_id={bad}")
+        assert st == 400, (bad, body)
+    st, _, body = call(d, "DELETE", "/api/v1/suppression-list/listed@lists.test?list_id=")
+    assert st == 204
+    assert smtp_send(d, ["listed@lists.test"]) == {}
+    sink.wait_for("listed@lists.test")      # off the list: delivered
+
+
+def test_domain_search_takes_either_spelling_of_an_idn_domain(lab):
+    d, sink = lab
+    st, _, body = call(d, "PUT", "/api/v1/suppression-list", {"recipients": [
+        {"recipient": "u1@b\u00fccher.example", "type": "non_transactional"},
+        {"recipient": "u2@xn--bcher-kva.example", "type": "non_transactional"}]})
+    assert st == 200, body
+    for dom in ("b%C3%BCcher.example", "xn--bcher-kva.example", "XN--BCHER-KVA.example"):
+        st, _, body = call(d, "GET", f"/api/v1/suppression-list?domain={dom}")
+        assert st == 200 and sorted(e["recipient"] for e in body["results"]) == \
+            ["u1@xn--bcher-kva.example", "u2@xn--bcher-kva.example"], (dom, body)
+    # and both spellings are suppressed at injection, whichever was listed
+    assert smtp_send(d, ["u1@xn--bcher-kva.example", "ok@xn--bcher-kva.example"]) == {}
+    st, _, out = d.post(transmission(["u2@b\u00fccher.example"]),
+                        headers={"Authorization": KEY})
+    assert st == 200, out
+    sink.wait_for("ok@xn--bcher-kva.example")
+    wait_until(lambda: bounces(d, "u1@xn--bcher-kva.example"), 20, "the SMTP bounce")
+    wait_until(lambda: [e for e in d.events() if e["type"] == "bounce"
+                        and e["rcpt_to"].startswith("u2@")], 20, "the HTTP bounce")
+    assert not [r for _, r, _ in sink.deliveries() if r.startswith(("u1@", "u2@"))]
