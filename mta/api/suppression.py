@@ -11,8 +11,11 @@ Calls (SparkPost's shapes and messages):
   MAX_BULK entries, each ``recipient`` (or the deprecated ``email``) and
   ``type`` (or the deprecated booleans ``transactional`` /
   ``non_transactional``; both true: two records), optional ``description``.
-  All or nothing: one bad entry is a 422 naming it (``recipients[3].type:
-  ...``) and nothing is written.
+  All or nothing: nothing is written when an entry is bad.  Malformed
+  recipients are SparkPost's 400 "PUT body contains N invalid or malformed
+  recipient(s): a, b" (all of them named; the description names the first
+  one's field); a bad or missing type is its 400 "Type must be one of: ..." /
+  "Must supply a suppression type", as on the single PUT.
 - ``PUT /api/v1/suppression-list/{recipient}``: ``type`` or the booleans,
   ``description``.
 - ``GET /api/v1/suppression-list/{recipient}[?types=]``: its records (one
@@ -28,9 +31,11 @@ Calls (SparkPost's shapes and messages):
 - ``GET /api/v1/suppression-list/summary``: records per source and total.
 
 The recipient in the path is percent-decoded (``+`` stays a plus: the
-official clients put addresses in the path unencoded).  Errors are 422
-(``invalid data format/type``, code 1300) naming the field; a full list is
-507.  Entries added here get the source "Manually Added"; list-specific
+official clients put addresses in the path unencoded).  Errors that SparkPost
+documents keep its status and message (400 for the PUT errors above, an
+invalid ``from``/``to`` date and ``list_id``); other bad input is 422
+(``invalid data format/type``, code 1300); every error's description names
+the field; a full list is 507.  Entries added here get the source "Manually Added"; list-specific
 entries (``list_id``) and subaccounts are not supported (a ``list_id`` in a
 PUT is a 422; ``X-MSYS-SUBACCOUNT`` is ignored).  A search or DELETE with
 ``list_id=x`` asks for that list's entries, so it finds none (an empty page,
@@ -61,6 +66,8 @@ COMPLIANCE = R.Error(403, "Recipient could not be removed - Compliance", "1100")
 FULL = R.Error(507, "Unable to update suppression list", "1902")
 BAD_METHOD = R.Error(405, "invalid HTTP method", "1102")
 BAD_LIST_ID = R.Error(400, "invalid list_id", "1300")
+BAD_TYPE = R.Error(400, "Type must be one of: 'transactional', 'non_transactional'", "1300")
+NO_TYPE = R.Error(400, "Must supply a suppression type", "1400")
 
 # SparkPost's list_id: RFC 2919-style, alphanumerics, "-", "_" and "." without a
 # leading, trailing or doubled dot, 1-255 characters
@@ -152,16 +159,30 @@ def bulk(store: S.SuppressionList, doc) -> tuple[int, bytes]:
     if len(rcpts) > MAX_BULK:
         raise R.ApiError(R.INVALID, f"recipients: {len(rcpts)} entries; at most {MAX_BULK} "
                          "in one request")
-    items = []
+    # Every malformed recipient first, named in one 400 as SparkPost does (the
+    # description names the first one's field); then each entry's other fields.
+    bad: list[str] = []
+    first = None
+    addresses = []
     for i, e in enumerate(rcpts):
         where = f"recipients[{i}]"
-        if not isinstance(e, dict):
-            raise R.ApiError(R.INVALID, f"{where}: expected an object")
-        addr = e.get("recipient", e.get("email"))
-        if addr is None:
-            raise R.ApiError(R.REQUIRED, f"{where}.recipient is required")
-        address = _address(addr, f"{where}.recipient")
-        tbits, desc = _entry_fields(e, where + ".")
+        addr = e.get("recipient", e.get("email")) if isinstance(e, dict) else None
+        try:
+            if addr is None:
+                raise R.ApiError(R.REQUIRED, f"{where}.recipient is required"
+                                 if isinstance(e, dict) else f"{where}: expected an object")
+            addresses.append(_address(addr, f"{where}.recipient"))
+        except R.ApiError as exc:
+            bad.append(addr[:320] if isinstance(addr, str) and addr.strip() else where)
+            first = first or exc
+    if bad:
+        shown = ", ".join(bad[:20]) + (", ..." if len(bad) > 20 else "")
+        raise R.ApiError(R.Error(400, f"PUT body contains {len(bad)} invalid or malformed "
+                                 f"recipient(s): {shown}", first.error.code),
+                         first.description)
+    items = []
+    for i, (e, address) in enumerate(zip(rcpts, addresses)):
+        tbits, desc = _entry_fields(e, f"recipients[{i}].")
         items.append((address, tbits, desc))
     store_put(store, items)
     return _message("Suppression List successfully updated")
@@ -185,7 +206,7 @@ def _entry_fields(e: dict, where: str) -> tuple[int, str]:
             if v:
                 tbits |= bit
         if not tbits:
-            raise R.ApiError(R.REQUIRED, f"{where}type: Must supply a suppression type "
+            raise R.ApiError(NO_TYPE, f"{where}type: Must supply a suppression type "
                              "(type, or transactional / non_transactional: true)")
     desc = e.get("description")
     if desc is None:
@@ -201,7 +222,7 @@ def _entry_fields(e: dict, where: str) -> tuple[int, str]:
 def _type_name(t, where: str) -> int:
     bit = S.TYPES.get(t) if isinstance(t, str) else None
     if bit is None:
-        raise R.ApiError(R.INVALID, f"{where}: Type must be one of: 'transactional', "
+        raise R.ApiError(BAD_TYPE, f"{where}: Type must be one of: 'transactional', "
                          "'non_transactional'")
     return bit
 
@@ -277,7 +298,8 @@ def _date(q: dict, name: str) -> float | None:
         except ValueError:
             pass
     if d is None:
-        raise R.ApiError(R.INVALID, f"{name}: {v[:64]!r} must be a valid date "
+        raise R.ApiError(R.Error(400, f"{name} must be a valid date", "1300"),
+                         f"{name}: {v[:64]!r} must be a valid date "
                          "(YYYY-MM-DDTHH:MM:SS with a UTC offset)")
     if d.tzinfo is None:
         d = d.replace(tzinfo=datetime.timezone.utc)
