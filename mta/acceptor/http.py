@@ -17,7 +17,9 @@ connection closes (RFC 9112 6.1).
 Limits, each answered with a SparkPost-shaped JSON error, after which the
 connection is closed: a request URI over ``http.max_header_size`` → 414,
 request line + header fields over it → 431; a body over ``http.max_body_size`` → 413 (as
-soon as Content-Length says so, or when the chunks add up); a request not
+soon as Content-Length says so, or when the chunks add up; a suppression-list PUT with
+a valid key may be as large as ``suppression.max_body_size``, SparkPost's 50 MB, when
+that is more); a request not
 complete within ``http.request_timeout`` of its first byte → 408 (slow
 clients); more than ``http.max_connections`` per acceptor → 503.  Idle
 keep-alive connections are closed after ``http.keepalive_timeout``.  Timeouts
@@ -340,6 +342,7 @@ class Session(asyncio.Protocol):
         self.url_parts: list[bytes] = []
         self.body_parts: list[bytes] = []
         self.body_size = 0
+        self.body_limit = self.cfg.max_body_size    # of the request being read
         self.head_size = 0
         self.head_bytes = 0        # raw octets read while the header block was incomplete
         self.in_head = True
@@ -514,9 +517,17 @@ class Session(asyncio.Protocol):
         self.in_head = False
         self.head_bytes = 0
         h = self.cur.headers
+        self.body_limit = limit = self.cfg.max_body_size
+        if self.parser.get_method() == b"PUT" and \
+                suppression_api.matches(b"".join(self.url_parts).partition(b"?")[0]) and \
+                self._refusal(h) is None:
+            # a bulk suppression-list PUT: up to SparkPost's 50 MB (10,000 entries); only
+            # for a caller with a key, so that anyone who can connect cannot make each
+            # connection hold more than http.max_body_size
+            self.body_limit = limit = max(
+                limit, self.a.settings.config.suppression.max_body_size)
         length = h.get(b"content-length")
-        if length is not None and length.strip().isdigit() and \
-                int(length) > self.cfg.max_body_size:
+        if length is not None and length.strip().isdigit() and int(length) > limit:
             raise _Reject(self._too_large())
         if b"transfer-encoding" in h:
             _chunked_only(h[b"transfer-encoding"])
@@ -531,10 +542,11 @@ class Session(asyncio.Protocol):
                 self.expect_continue = True
 
     def _refusal(self, h: dict[bytes, bytes]) -> R.ApiError | None:
-        """Why a request that expects 100-continue will be refused whatever its body
-        (the API key: every resource asks for it), or None.  The client then gets that
+        """Why a request will be refused whatever its body (the API key: every resource
+        asks for it), or None.  A request that expects 100-continue then gets that
         answer instead of the 100 and the connection closes, its body unread (RFC 9110
-        10.1.1), rather than uploading it for nothing."""
+        10.1.1), rather than uploading it for nothing; a suppression-list PUT gets its
+        larger body bound only when it is not refused."""
         try:
             self.svc.authorize(h.get(b"authorization"), self.peer_ip, h)
         except R.ApiError as err:
@@ -542,12 +554,14 @@ class Session(asyncio.Protocol):
         return None
 
     def _too_large(self) -> R.ApiError:
-        return R.ApiError(R.TOO_LARGE, f"the request body exceeds {self.cfg.max_body_size} "
-                          "octets (http.max_body_size)")
+        what = "http.max_body_size" if self.body_limit == self.cfg.max_body_size else \
+            "suppression.max_body_size"
+        return R.ApiError(R.TOO_LARGE, f"the request body exceeds {self.body_limit} "
+                          f"octets ({what})")
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
-        if self.body_size > self.cfg.max_body_size:
+        if self.body_size > self.body_limit:
             raise _Reject(self._too_large())
         self.body_parts.append(body)
 

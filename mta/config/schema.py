@@ -262,6 +262,11 @@ class SuppressionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_search_scan: Annotated[int, _doc(
         "index rows one GET /api/v1/suppression-list search may read; past it total_count "
         "counts only what was read", ge=1000, le=100_000_000)] = 1_000_000
+    max_body_size: Annotated[int, _doc(
+        "octets of a PUT /api/v1/suppression-list request body (SparkPost takes 50 MB: "
+        "10,000 entries with long descriptions exceed http.max_body_size); the larger "
+        "of this and http.max_body_size applies to it when it carries a valid API key "
+        "(without one: http.max_body_size)", ge=1 * MiB, le=1 * GiB)] = 50 * MiB
 
 
 class RouteConfig(Struct, forbid_unknown_fields=True, kw_only=True):

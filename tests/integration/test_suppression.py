@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import smtplib
+import socket
 import subprocess
 import time
 
@@ -402,3 +403,29 @@ def test_bulk_put_errors_are_sparkposts_400s(lab):
     assert st == 400 and body["errors"][0]["message"] == "from must be a valid date", body
     st, _, body = call(d, "GET", "/api/v1/suppression-list/good@bad-put.test")
     assert st == 404
+
+
+def test_a_bulk_put_up_to_sparkposts_50_mb_is_taken(lab):
+    """10,000 entries with long non-ASCII descriptions (21 MB: over the transmissions'
+    http.max_body_size, within SparkPost's 50 MB for this call) are all written; a body
+    announced over 50 MB is still a 413."""
+    d, _ = lab
+    body = json.dumps({"recipients": [
+        {"recipient": f"bulk{i:05d}@big-put.test", "type": "non_transactional",
+         "description": "\u00e9" * S.MAX_DESCRIPTION} for i in range(10_000)]},
+        ensure_ascii=False).encode()
+    assert 20 * 1024 * 1024 < len(body) < 50_000_000
+    st, _, out = call(d, "PUT", "/api/v1/suppression-list", body)
+    assert st == 200, out
+    st, _, out = call(d, "GET", "/api/v1/suppression-list?domain=big-put.test&per_page=1")
+    assert st == 200 and out["total_count"] == 10_000
+    # over 50 MB; over http.max_body_size without a valid key (the larger bound is the
+    # customer's, not anyone's who can connect): 413 at once, the body not read
+    for key, length in ((KEY, 60_000_000), ("wrong", 30_000_000), ("", 30_000_000)):
+        with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+            s.sendall(b"PUT /api/v1/suppression-list HTTP/1.1\r\nHost: x\r\n"
+                      + (b"Authorization: " + key.encode() + b"\r\n" if key else b"")
+                      + b"Content-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % length)
+            reply = s.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 413 "), (key, reply[:200])
