@@ -370,10 +370,7 @@ def search(store: S.SuppressionList, q: dict, max_scan: int = S.MAX_SCAN) -> tup
         if (page - 1) * per_page >= MAX_PAGED:
             raise R.ApiError(R.INVALID, f"page: only the first {MAX_PAGED} results can be "
                              "paged to; use cursor=initial and the next links")
-    domain = _one(q, "domain") or None
-    if domain is not None:
-        # the list keeps domains in A-labels (S.normalize): a U-label domain is one too
-        domain = S.normalize("x@" + domain.lstrip("@"))[2:]
+    domain = _one(q, "domain") or None       # (either spelling: SuppressionList.search)
     desc = _one(q, "description") or None
     strict = (_one(q, "description_strict") or "").lower() == "true"
     if list_only:

@@ -136,6 +136,21 @@ def _keys(address: str) -> tuple[bytes, ...]:
     return key.encode("utf-8", "surrogateescape"), legacy.encode("utf-8", "surrogateescape")
 
 
+def _domain_suffixes(domain: str) -> tuple[str, ...]:
+    """The key endings of addresses at *domain*, spelt either way: ``@`` and its canonical
+    form (A-labels, as keys are written), and its U-labels when it has any (the keys of
+    lists written before the canonical form, see _keys)."""
+    given = domain.strip().lower().lstrip("@")
+    canonical = normalize("x@" + given)[2:]
+    forms = {canonical, given}
+    if "xn--" in canonical:
+        try:
+            forms.add(idna.decode(canonical).lower())
+        except (idna.IDNAError, UnicodeError, ValueError):
+            pass
+    return tuple("@" + f for f in sorted(forms))
+
+
 def iso(ts: float) -> str:
     """``2017-10-01T12:00:00+00:00`` (SparkPost's form of created/updated)."""
     return datetime.datetime.fromtimestamp(int(ts), datetime.timezone.utc).isoformat()
@@ -244,12 +259,12 @@ class SuppressionList:
         call: past that, the total is the count so far (a lower bound), and a
         cursor page that is not full ends with a cursor to the last row read, so
         that a sparse filter over a long list is paged through to its end instead
-        of stopping early.
+        of stopping early.  *domain* matches in A-labels and U-labels alike.
         """
         lo = _TS.pack(max(0, int(start * 1000))) if start is not None else b""
         # (a range that ends before 1970 holds nothing: every key is at or after 0)
         hi = _TS.pack(max(0, int(end * 1000) + 1)) if end is not None else None
-        dom = "@" + domain.lower().lstrip("@") if domain else None
+        dom = _domain_suffixes(domain) if domain else None
         desc = description.lower() if description and not description_strict else description
         paging = cursor is not None
         skip = 0 if paging else max(0, (page - 1) * per_page)

@@ -429,3 +429,19 @@ def test_a_bulk_put_up_to_sparkposts_50_mb_is_taken(lab):
                       b"Content-Length: %d\r\n\r\n" % length)
             reply = s.recv(4096)
         assert reply.startswith(b"HTTP/1.1 413 "), (key, reply[:200])
+
+
+def test_a_domain_search_finds_entries_kept_in_either_spelling(make_daemon):
+    """A list written before domains were kept in A-labels has U-label keys: a domain
+    search finds them and the A-label ones, spelt either way."""
+    d = make_daemon(start=False, acceptors=1, shards=1, http={"api_keys": [KEY]})
+    old = S.SuppressionList(os.path.join(d.state_dir, "suppression"), 1 << 24)
+    with old.env.begin(write=True) as txn:        # as an earlier version stored it
+        old._put(txn, "old@b\u00fccher.example", S.NON_TRANSACTIONAL, S.MANUAL, "", 1000.0)
+    old.put_many([("new@b\u00fccher.example", S.NON_TRANSACTIONAL, "")])
+    old.close()
+    d.start()
+    for dom in ("b%C3%BCcher.example", "xn--bcher-kva.example"):
+        st, _, body = call(d, "GET", f"/api/v1/suppression-list?domain={dom}")
+        assert st == 200 and sorted(e["recipient"] for e in body["results"]) == \
+            ["new@xn--bcher-kva.example", "old@b\u00fccher.example"], (dom, body)
