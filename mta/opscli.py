@@ -385,7 +385,6 @@ def reload_cmd(config_path, pid, timeout):
     ``systemctl reload mta`` returns when the reload is over.
     """
     from mta import config as mconfig
-    from mta.supervisor.main import RELOAD_RECORD
 
     try:
         s = mconfig.load(config_path)
@@ -407,7 +406,7 @@ def reload_cmd(config_path, pid, timeout):
     except ProcessLookupError:
         click.echo(f"mta: the daemon (pid {pid}) is not running; not reloaded", err=True)
         sys.exit(EX_UNAVAILABLE)
-    path = os.path.join(s.run_dir, RELOAD_RECORD)
+    path = os.path.join(s.run_dir, mconfig.RELOAD_RECORD)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

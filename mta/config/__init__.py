@@ -114,6 +114,7 @@ def _read_auth_file(path: str) -> dict[str, str]:
 
 MAX_PROBLEMS = 10       # DKIM key problems named in one error (then a count)
 ACTIVE_NAME = "active-config.json"   # in run_dir: what the running supervisor applied
+RELOAD_RECORD = "reload.json"        # in run_dir: the last reload's outcome (mta reload)
 # [delivery] keys the spool shards read at their start only (a reload of the others,
 # hold, retry_schedule, retry_jitter, delay_warning_time and the timeouts, reaches them
 # too: the supervisor SIGHUPs them): deadlines filed and the dispatch window's size

@@ -97,7 +97,6 @@ ROLLED = {"delivery": ("delivery", "egress", "shaping", "response_rule", "warmup
 STOP_GRACE = 10.0           # seconds after the drain for a child to exit before SIGKILL
 LISTEN_BACKLOG = 4096
 DRAIN_FLAG = "drain"        # run/drain: the node is drained (written by the admin process)
-RELOAD_RECORD = "reload.json"   # run/reload.json: the last reload's outcome (mta reload)
 INHERIT_ENV = "MTA_INHERIT_FDS"          # upgrade: the listening sockets' fds, as JSON
 UPGRADE_READY_ENV = "MTA_UPGRADE_READY_FD"   # upgrade: the new supervisor writes b"R" here
 
@@ -275,7 +274,7 @@ class Supervisor:
         # is stamped with CLOCK_MONOTONIC, which starts again at a boot (mta reload
         # would take a record of the last boot's daemon for one later than its signal).
         try:
-            os.unlink(os.path.join(s.run_dir, RELOAD_RECORD))
+            os.unlink(os.path.join(s.run_dir, mconfig.RELOAD_RECORD))
         except FileNotFoundError:
             pass
 
@@ -849,7 +848,7 @@ class Supervisor:
         listener off and while the admin process is replaced or down."""
         doc = {"pid": os.getpid(), "read_at": read_at, "state": state, "error": error,
                "later": list(later), "status": self.status_line()}
-        path = os.path.join(self.settings.run_dir, RELOAD_RECORD)
+        path = os.path.join(self.settings.run_dir, mconfig.RELOAD_RECORD)
         try:
             with open(path + ".tmp", "wb") as fh:
                 fh.write(msgspec.json.encode(doc))
