@@ -59,6 +59,10 @@ Refusals of single commands are not exceptions: they are replies in the
 transaction: every command not yet answered gets that 421, and the
 connection is no longer usable.  A message larger than the server's SIZE gets
 a synthetic ``552 5.3.4`` for every recipient without being sent.
+Recipients refused with 452 after another of the transaction was accepted
+(the server's recipient limit, RFC 5321 4.5.3.1.10) are named by
+``DeliveryResult.over_limit()``; the caller sends them in the next transaction,
+and no envelope is sent ahead behind that message's final dot.
 """
 from __future__ import annotations
 
@@ -99,6 +103,27 @@ TLS_FAILED = "-1"       # offered, but refused or the handshake failed
 def _expected(r: "SmtpReply") -> bool:
     """Whether *r* is a reply a command of a transaction may get: 2xx, 4xx or 5xx."""
     return 200 <= r.code < 300 or 400 <= r.code < 600
+
+
+def _over_limit(replies: list) -> list[int]:
+    """Indexes of the recipients refused for the server's recipient limit: a 452 (or
+    4.5.3 "too many recipients") after a recipient of the same transaction was accepted.
+
+    RFC 5321 4.5.3.1.10: a server out of room for more RCPTs says 452; the
+    client sends the others in another transaction, at once.  A 452 before
+    any acceptance is not read so: nothing shows a limit then (the server may
+    be out of storage), and another transaction could only get the same.
+    """
+    out = []
+    seen_ok = False
+    for i, r in enumerate(replies):
+        if r is None:
+            continue
+        if r.is_ok:
+            seen_ok = True
+        elif seen_ok and (r.code == 452 or (r.is_temp and r.enhanced == "4.5.3")):
+            out.append(i)
+    return out
 
 
 def _as_failure(r: "SmtpReply", what: str) -> "SmtpReply":
@@ -310,6 +335,12 @@ class DsnParams:
                  for x in (orcpt if isinstance(orcpt, list) else ())]
         return cls(envid, ret, notify, orcpt)
 
+    def subset(self, indexes: list[int]) -> DsnParams:
+        """These parameters for the recipients at *indexes* only (in that order)."""
+        def pick(values: list[str]) -> list[str]:
+            return [values[i] if i < len(values) else "" for i in indexes]
+        return DsnParams(self.envid, self.ret, pick(self.notify), pick(self.orcpt))
+
     def mail_params(self) -> str:
         out = ""
         if self.ret:
@@ -360,6 +391,14 @@ class DeliveryResult:
         if not r.is_ok or self.data_reply is None:
             return r
         return self.data_reply
+
+    def over_limit(self) -> list[int]:
+        """The recipients to send again now, in another transaction: refused only for the
+        server's recipient limit (see _over_limit) in a transaction that delivered."""
+        d = self.data_reply
+        if d is None or not d.is_ok:
+            return []
+        return _over_limit(self.rcpt_replies)
 
     @property
     def all_accepted(self) -> bool:
@@ -1084,7 +1123,11 @@ class SmtpConnection:
                 self._state = _State.DIRTY
             return DeliveryResult(replies, data_cmd_reply)
 
-        # 4. The message.
+        # 4. The message.  Recipients refused for the server's recipient limit go again
+        # in the next transaction on this connection (the caller's, DeliveryResult.
+        # over_limit): no other envelope may be sent ahead of theirs.
+        if then is not None and _over_limit(replies):
+            then = None
         data_reply = await self._send_data(message, then)
         if not _expected(data_reply):
             data_reply = _as_failure(data_reply, "the end of data")

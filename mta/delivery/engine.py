@@ -99,6 +99,15 @@ MAX_MX_HOSTS = 10
 MAX_CONNECT_ADDRESSES = 5
 
 
+def _decisive(res, k: int):
+    """(reply, stage) that decides recipient *k* of a DeliveryResult: its RCPT reply
+    ("mail" when MAIL was refused) unless accepted, then the reply to the data."""
+    r = res.rcpt_replies[k]
+    if r.code < 400 and res.data_reply is not None:
+        return res.data_reply, "data"
+    return r, "mail" if res.mail_refused else "rcpt"
+
+
 class Job:
     """One message's recipients for one domain: the spool's job and who sent it."""
 
@@ -1232,14 +1241,12 @@ class Engine:
             # the job goes first on a new connection, once -- no attempt, no back-off
             # evidence; a 421 there too is the server's answer, and defers it.
             return self._send_again(conn, job, lane)
+        decided = [_decisive(res, k) for k in range(len(m.rcpts))]
+        await self._send_over_limit(conn, job, res, decided, f"{host}[{ip}]")
         results = []
         slowed = False        # a deferral that asks the site's sender to slow down
         for k, rcpt in enumerate(m.rcpts):
-            r = res.rcpt_replies[k]
-            stage = "mail" if res.mail_refused else "rcpt"
-            if r.code < 400 and res.data_reply is not None:
-                r = res.data_reply
-                stage = "data"
+            r, stage = decided[k]
             outcome = DELIVERED if r.code < 400 else DEFERRED if r.code < 500 else FAILED
             if outcome == DEFERRED and not slowed:
                 slowed = self.adaptive.slows(r.code, r.enhanced or "", stage)
@@ -1272,6 +1279,41 @@ class Engine:
             conn.close()
             return None
         return conn
+
+    async def _send_over_limit(self, conn, job: Job, res, decided: list, where: str) -> None:
+        """Send the recipients the server refused for its recipient limit (452 after an
+        acceptance, ``DeliveryResult.over_limit``) again, in the next transactions on
+        *conn*, updating *decided* (reply, stage per recipient).
+
+        RFC 5321 4.5.3.1.10 and Postfix: a server's "too many recipients" is no
+        deferral -- the rest go in another transaction, at once, within the same
+        attempt (deferring them would cost an attempt per hundred recipients and
+        bounce the tail of a large job).  Bounded: each transaction run here
+        delivered at least one recipient, so the rest shrink every round.  A
+        failure of the connection on the way defers those not sent, as any
+        connection failure does.  (These transactions are the same message: they
+        take no unit of the lane's message rate.)
+        """
+        pending = res.over_limit()
+        rounds = 0
+        while pending and rounds < len(decided):
+            rounds += 1
+            if not conn.is_usable:
+                break
+            sender, addrs, eight, utf8, dsn = self._envelope(job)
+            try:
+                sub = await conn.send_message(
+                    sender, [addrs[k] for k in pending], job.msg.body, eight_bit=eight,
+                    smtputf8=utf8, dsn=dsn.subset(pending) if dsn is not None else None)
+            except (smtpc.SmtpError, OSError) as exc:
+                text = f"{where}: {type(exc).__name__}: {exc}"
+                for k in pending:
+                    decided[k] = (smtpc.SmtpReply(451, "4.4.2", text), "data")
+                conn.close()
+                return
+            for j, k in enumerate(pending):
+                decided[k] = _decisive(sub, j)
+            pending = [pending[j] for j in sub.over_limit()]
 
     # ------------------------------------------------------------- adaptive
 

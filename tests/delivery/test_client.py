@@ -1341,6 +1341,19 @@ def test_dsn_params_from_a_job_are_checked_again():
     assert p.rcpt_params(1) == "" and p.rcpt_params(2) == "" and p.rcpt_params(9) == ""
     bad = DsnParams.from_params({"ENVID": "x y\r\nQUIT", "RET": "hdrs", "NOTIFY": "NEVER"})
     assert bad.mail_params() == "" and bad.rcpt_params(0) == ""
+    # the recipients sent again in another transaction keep their own parameters
+    sub = p.subset([2, 0])
+    assert sub.mail_params() == p.mail_params()
+    assert sub.rcpt_params(0) == "" and sub.rcpt_params(1) == p.rcpt_params(0)
+
+
+def test_over_limit_names_the_452s_after_an_acceptance_in_a_delivered_transaction():
+    ok, ok_data = SmtpReply(250, "2.1.5", "ok"), SmtpReply(250, "2.0.0", "queued")
+    limit, other = SmtpReply(452, "4.5.3", "Too many recipients"), SmtpReply(450, "4.2.1", "busy")
+    r = DeliveryResult([limit, ok, other, limit, SmtpReply(451, "4.5.3", "too many")], ok_data)
+    assert r.over_limit() == [3, 4]         # not the 452 before any acceptance, nor the 450
+    assert DeliveryResult([ok, limit], SmtpReply(451, "4.3.0", "later")).over_limit() == []
+    assert DeliveryResult([ok, limit], None).over_limit() == []
 
 
 # --- cross-transaction pipelining: the next envelope behind the final dot ----------------------

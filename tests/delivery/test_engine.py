@@ -894,3 +894,64 @@ def test_an_address_this_host_could_bind_is_not_taken_for_its_own(monkeypatch):
     assert not engine._local_address("2001:db8::55")
     assert engine._local_address("127.0.0.1") and engine._local_address("::1")
     assert "127.0.0.1" in engine._read_local_addresses()
+
+
+# --- a server's recipient limit (RFC 5321 4.5.3.1.10) -----------------------------------------
+
+class RcptLimitSession(PipeSession):
+    """Takes at most ``peer.limit`` recipients per transaction; the next get 452 4.5.3."""
+
+    def data_received(self, data):
+        # one line at a time to PipeSession, but a RCPT over the limit is answered here
+        self.pending = getattr(self, "pending", b"") + data
+        while b"\r\n" in self.pending and not self.t.is_closing():
+            line, self.pending = self.pending.split(b"\r\n", 1)
+            if self.data is None and line[:4].upper() == b"RCPT" and \
+                    len(self.rcpts) >= self.peer.limit:
+                self.t.write(b"452 4.5.3 Too many recipients\r\n")
+                continue
+            self.buf += line + b"\r\n"
+            self.process()
+
+    def accept(self):
+        self.peer.transactions.append(
+            (self.conn, [r.split(b"<")[1].split(b">")[0].decode() for r in self.rcpts]))
+        self.t.write(b"250 2.0.0 queued\r\n")
+
+
+class RcptLimitPeer(PipePeer):
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+        self.transactions: list[tuple[int, list[str]]] = []
+
+    def __call__(self):
+        return RcptLimitSession(self)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_recipients_over_the_servers_limit_go_in_another_transaction_at_once(pipeline):
+    """A server that takes two recipients per transaction answers the others 452 4.5.3
+    "too many recipients": they are sent in the next transactions on the same connection,
+    in the same attempt (RFC 5321 4.5.3.1.10), not deferred; the job behind gets its own
+    transaction after them (its envelope is not sent ahead of theirs)."""
+    peer = RcptLimitPeer(2)
+    jobs = [job("example.net", "a", "b", "c", "d", "e", n=0), job("example.net", "f", n=1)]
+    reports = deliver(jobs, mx_to_loopback("example.net"), peer, connection_limit=1,
+                      pipeline_transactions=pipeline)
+    outcomes = {r.index: (r.outcome, r.code) for j, rs in reports if j.msg.req == 0 for r in rs}
+    assert outcomes == {i: (bus.DELIVERED, 250) for i in range(5)}
+    assert peer.connections == 1
+    assert peer.transactions == [(1, ["a@example.net", "b@example.net"]),
+                                 (1, ["c@example.net", "d@example.net"]),
+                                 (1, ["e@example.net"]), (1, ["f@example.net"])]
+
+
+def test_a_452_to_the_first_recipient_is_a_deferral():
+    """With nothing accepted in the transaction, a 452 is the server's state (out of
+    room), not a recipient limit: the recipients are deferred as before."""
+    peer = RcptLimitPeer(0)
+    (j, results), = deliver([job("example.net", "a", "b")], mx_to_loopback("example.net"),
+                            peer, connection_limit=1)
+    assert [(r.outcome, r.code) for r in results] == [(bus.DEFERRED, 452)] * 2
+    assert peer.transactions == []
