@@ -47,7 +47,10 @@ server's reply, or a synthetic one, or None) and ``.temporary``.
   aborted.
 - :class:`SmtpConnectionLost`: the server hung up mid-conversation.  If that
   happens after the final "." was sent, the message may have been delivered
-  anyway (RFC 1047): a retry can duplicate it, never lose it.
+  anyway (RFC 1047): a retry can duplicate it, never lose it.  Not raised when
+  it hung up after refusing MAIL or a RCPT with 5xx (Exim's "drop"): that is a
+  :class:`DeliveryResult` with its refusals, and ``REPLY_LOST`` (451 4.4.2)
+  for what it left unanswered.
 - :class:`SmtpProtocolError` (a kind of SmtpConnectionLost): an unparseable
   or over-long reply (``MAX_REPLY_BYTES``), an unsolicited reply, or RSET
   refused; the connection is aborted.
@@ -189,6 +192,7 @@ REPLY_NEED_SMTPUTF8 = SmtpReply(
     553, "5.6.7", "Non-ASCII address or header: server does not offer SMTPUTF8")
 REPLY_BAD_SENDER = SmtpReply(553, "5.1.7", "Bad sender address syntax")
 REPLY_BAD_RCPT = SmtpReply(553, "5.1.3", "Bad recipient address syntax")
+REPLY_LOST = SmtpReply(451, "4.4.2", "connection lost before the server answered")
 
 # "5.1.1 " at the start of a reply line (RFC 3463: class.subject.detail).
 _ENHANCED = re.compile(rb"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
@@ -1023,7 +1027,10 @@ class SmtpConnection:
         if txn.sent:
             # written behind the previous message (cross-transaction pipelining)
             self._ahead = None
-            got = await self._read(txn.count, self.command_timeout, "MAIL")
+            try:
+                got = await self._read(txn.count, self.command_timeout, "MAIL")
+            except SmtpConnectionLost as exc:
+                got = self._said_before_lost(exc, txn.count, 0)
             if len(got) < txn.count:
                 got.extend([got[-1]] * (txn.count - len(got)))
             mail_reply = got[0]
@@ -1035,8 +1042,11 @@ class SmtpConnection:
             rset = self._state_before == _State.DIRTY
             self.transactions += 1
             count = txn.count + rset
-            got = await self._command(
-                (b"RSET\r\n" if rset else b"") + txn.envelope(), "MAIL", count)
+            try:
+                got = await self._command(
+                    (b"RSET\r\n" if rset else b"") + txn.envelope(), "MAIL", count)
+            except SmtpConnectionLost as exc:
+                got = self._said_before_lost(exc, count, rset)
             if len(got) < count:
                 got.extend([got[-1]] * (count - len(got)))
             if rset:
@@ -1066,11 +1076,19 @@ class SmtpConnection:
             if not rset or mail_reply.is_ok:
                 mail_reply = (await self._command(txn.mail, "MAIL", timeout=left()))[0]
             if mail_reply.is_ok:
-                for cmd in rcpts:
-                    r = (await self._command(cmd, "RCPT", timeout=left()))[0]
-                    rcpt_got.append(r)
-                    if r.code == 421:
-                        break
+                try:
+                    for cmd in rcpts:
+                        r = (await self._command(cmd, "RCPT", timeout=left()))[0]
+                        rcpt_got.append(r)
+                        if r.code == 421:
+                            break
+                except SmtpConnectionLost:
+                    # lost after a refusal (see _said_before_lost): the replies stand
+                    if not any(r.is_perm for r in rcpt_got):
+                        raise
+                    self.abort()
+                    rcpt_got.extend([REPLY_LOST] * (len(rcpts) - len(rcpt_got)))
+                    data_cmd_reply = REPLY_LOST
                 rcpt_got.extend([rcpt_got[-1]] * (len(rcpts) - len(rcpt_got)))
 
         # 3. Sort out the envelope replies.  A 1xx or 3xx here (a server out of step,
@@ -1106,11 +1124,17 @@ class SmtpConnection:
         if not accepted:
             if data_cmd_reply is not None and data_cmd_reply.code == 354:
                 self.close()                # no recipient, yet DATA open: cannot recover
-            else:
+            elif self._state == _State.BUSY:
                 self._state = _State.DIRTY  # MAIL is open on the server
             return DeliveryResult(replies, None)
         if data_cmd_reply is None:
-            data_cmd_reply = (await self._command(b"DATA\r\n", "DATA", timeout=left()))[0]
+            try:
+                data_cmd_reply = (await self._command(b"DATA\r\n", "DATA", timeout=left()))[0]
+            except SmtpConnectionLost:
+                if not any(r.is_perm for r in rcpt_got):    # (see _said_before_lost)
+                    raise
+                self.abort()
+                data_cmd_reply = REPLY_LOST
         if data_cmd_reply.code != 354:
             if data_cmd_reply.code < 400:
                 # positive, but not "go ahead": nothing was sent, so nothing delivered
@@ -1119,7 +1143,7 @@ class SmtpConnection:
                     451, "4.5.0", f"unexpected reply to DATA: {data_cmd_reply}"))
             if self._wire.closing:
                 self.close()
-            else:
+            elif self._state == _State.BUSY:    # (not when the connection is gone)
                 self._state = _State.DIRTY
             return DeliveryResult(replies, data_cmd_reply)
 
@@ -1170,6 +1194,27 @@ class SmtpConnection:
         if w.paused:
             await self._drain(deadline)
         return (await self._read(1, deadline - self._loop.time(), "end of data"))[0]
+
+    def _said_before_lost(self, exc: SmtpConnectionLost, count: int, rset: int
+                          ) -> list[SmtpReply]:
+        """The *count* replies to a pipelined [RSET] envelope whose connection was lost
+        (*exc*) before all came: those that came, the rest REPLY_LOST -- when MAIL or a
+        RCPT was refused (5xx) before the loss; else *exc* is raised again.
+
+        A server that refuses and then hangs up (Exim's "drop" ACL verb, a server
+        that drops a client after a bad recipient) has said its word on those: its
+        refusal decides them, not a lost connection that would defer them, and get
+        the same at every retry until the message expires.  Nothing was sent.
+        """
+        said = list(self._wire.replies)
+        self._wire.replies.clear()
+        self.abort()
+        if rset and (not said or not said[0].is_ok):
+            raise exc
+        envelope = said[rset:count - 1]
+        if not any(r.is_perm for r in envelope):
+            raise exc
+        return said[:count] + [REPLY_LOST] * (count - len(said))
 
     def _check_rset(self, reply: SmtpReply) -> None:
         if not reply.is_ok and reply.code != 421:

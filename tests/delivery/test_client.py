@@ -1673,3 +1673,42 @@ def test_a_final_250_followed_by_a_bad_line_in_the_same_segment_is_a_delivery(af
     r, usable, sent = run(main())
     assert r.accepted(0) and r.data_reply.text == "queued as X"
     assert sent == 1 and not usable
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize("said, expected", [
+    # Exim's "drop" ACL verb: the refusal, then the connection closed
+    (b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.7.1 Go away\r\n", [None, (550, "5.7.1")]),
+    (b"550 5.7.1 Sender refused\r\n", [(550, "5.7.1"), (550, "5.7.1")]),
+    (b"250 2.1.0 Ok\r\n550 5.1.1 No such user\r\n", [(550, "5.1.1"), None]),
+])
+def test_a_refusal_followed_by_a_hang_up_is_the_servers_answer(pipelining, said, expected):
+    """A server that refuses MAIL or a RCPT and then closes the connection (Exim's "drop")
+    has said its word on those: they are its refusal in the result, not a lost connection
+    that defers every recipient again and again; a recipient it did not answer (None
+    above), or accepted, is a temporary failure (451 4.4.2): nothing was sent."""
+    async def script(peer):
+        await peer.hello(b"250-PIPELINING\r\n250 8BITMIME\r\n" if pipelining else
+                         b"250 8BITMIME\r\n")
+        lines = said.split(b"\r\n")[:-1]
+        if pipelining:
+            await peer.until(b"DATA\r\n")
+            peer.send(said)
+        else:
+            for line in lines:
+                await peer.until(b"\r\n")
+                peer.send(line + b"\r\n")
+        peer.transport.close()
+
+    async def main():
+        async with RawServer(script) as srv:
+            conn = await open_to(srv.port, command_timeout=2)
+            r = await conn.send_message("s@x.test", ["a@y.test", "b@y.test"], b"hi\r\n")
+            # (one command at a time, a refused MAIL is the end: the hang-up comes later)
+            assert not conn.is_usable or not pipelining
+            return r
+
+    r = run(main())
+    got = [(r.reply(i).code, r.reply(i).enhanced) for i in range(2)]
+    assert got == [e or (451, "4.4.2") for e in expected]
+    assert not r.accepted(0) and not r.accepted(1)

@@ -955,3 +955,32 @@ def test_a_452_to_the_first_recipient_is_a_deferral():
                             peer, connection_limit=1)
     assert [(r.outcome, r.code) for r in results] == [(bus.DEFERRED, 452)] * 2
     assert peer.transactions == []
+
+
+class DroppingSession(PipeSession):
+    """Refuses a RCPT for "bad..." with 550 and hangs up at once (Exim's "drop")."""
+
+    def data_received(self, data):
+        self.pending = getattr(self, "pending", b"") + data
+        while b"\r\n" in self.pending and not self.t.is_closing():
+            line, self.pending = self.pending.split(b"\r\n", 1)
+            if self.data is None and line[:4].upper() == b"RCPT" and b"<bad" in line:
+                self.t.write(b"550 5.7.1 Go away\r\n")
+                self.t.close()
+                return
+            self.buf += line + b"\r\n"
+            self.process()
+
+
+class DroppingPeer(PipePeer):
+    def __call__(self):
+        return DroppingSession(self)
+
+
+def test_a_recipient_refused_before_the_server_hangs_up_fails_the_others_are_deferred():
+    peer = DroppingPeer()
+    (j, results), = deliver([job("example.net", "ok", "bad", "other")],
+                            mx_to_loopback("example.net"), peer, connection_limit=1)
+    assert [(r.outcome, r.code, r.enhanced) for r in results] == [
+        (bus.DEFERRED, 451, "4.4.2"), (bus.FAILED, 550, "5.7.1"), (bus.DEFERRED, 451, "4.4.2")]
+    assert peer.messages == []
