@@ -984,3 +984,54 @@ def test_a_recipient_refused_before_the_server_hangs_up_fails_the_others_are_def
     assert [(r.outcome, r.code, r.enhanced) for r in results] == [
         (bus.DEFERRED, 451, "4.4.2"), (bus.FAILED, 550, "5.7.1"), (bus.DEFERRED, 451, "4.4.2")]
     assert peer.messages == []
+
+
+# --- the server's SIZE (RFC 1870) --------------------------------------------------------------
+
+class SizedSession(PipeSession):
+    """Offers ``SIZE <peer.size>`` (the keyword alone when size is None); keeps MAIL lines."""
+
+    def data_received(self, data):
+        self.pending = getattr(self, "pending", b"") + data
+        while b"\r\n" in self.pending and not self.t.is_closing():
+            line, self.pending = self.pending.split(b"\r\n", 1)
+            if self.data is None and line[:4].upper() == b"EHLO":
+                size = b"" if self.peer.size is None else b" %d" % self.peer.size
+                self.t.write(b"250-pipe.test\r\n250-PIPELINING\r\n250-SIZE%s\r\n"
+                             b"250 8BITMIME\r\n" % size)
+                continue
+            if self.data is None and line[:4].upper() == b"MAIL":
+                self.peer.mails.append(line)
+            self.buf += line + b"\r\n"
+            self.process()
+
+
+class SizedPeer(PipePeer):
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+        self.mails: list[bytes] = []
+
+    def __call__(self):
+        return SizedSession(self)
+
+
+BIG = BODY + b"x" * 2000 + b"\r\n"
+
+
+@pytest.mark.parametrize("size, big_outcome", [
+    (1000, (bus.FAILED, 552, "5.3.4")), (None, (bus.DELIVERED, 250, "2.0.0")),
+    (0, (bus.DELIVERED, 250, "2.0.0"))])
+def test_a_message_over_the_servers_size_bounces_unsent_and_size_goes_on_mail(size, big_outcome):
+    """SIZE 1000: the 2 kB message is not sent (a bounce, 552 5.3.4, RFC 1870), the small
+    ones before and after it go, each MAIL with SIZE=; SIZE alone or SIZE 0 is no limit."""
+    peer = SizedPeer(size)
+    jobs = [job("example.net", f"r{n}", n=n, body=BIG if n == 1 else BODY) for n in range(3)]
+    reports = deliver(jobs, mx_to_loopback("example.net"), peer, connection_limit=1)
+    got = {j.msg.req: [(r.outcome, r.code, r.enhanced) for r in rs] for j, rs in reports}
+    assert got == {0: [(bus.DELIVERED, 250, "2.0.0")], 1: [big_outcome],
+                   2: [(bus.DELIVERED, 250, "2.0.0")]}
+    sent = [len(BODY), len(BIG), len(BODY)] if big_outcome[0] == bus.DELIVERED else \
+        [len(BODY)] * 2
+    assert peer.mails == [b"MAIL FROM:<s@example.com> SIZE=%d" % n for n in sent]
+    assert peer.connections == 1
