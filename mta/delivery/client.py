@@ -273,7 +273,7 @@ class ReplyParser:
         self._lines = []
         self._size = 0
         code = int(lines[-1][:3])
-        texts = [line[4:] for line in lines]
+        texts = [_line_text(line) for line in lines]
         enhanced = None
         prefix = _enhanced_prefix(code, texts[0])
         if prefix is not None:
@@ -293,10 +293,17 @@ def _enhanced_prefix(code: int, text: bytes) -> bytes | None:
     return None
 
 
+def _line_text(line: bytes) -> bytes:
+    """The text of a reply line: after the code and its separator (space or hyphen), or
+    right after the code when neither follows it ("550User unknown": a broken server's
+    line ends its reply and keeps all of its text)."""
+    return line[4:] if line[3:4] in (b" ", b"-") else line[3:]
+
+
 def _one_line(line: bytes) -> SmtpReply:
     """The reply of one line (checked: three digits 2xx-5xx first, then not "-")."""
     code = int(line[:3])
-    text = line[4:]
+    text = _line_text(line)
     prefix = _enhanced_prefix(code, text)
     if prefix is None:
         return SmtpReply(code, None, text.decode("utf-8", "replace"))

@@ -130,7 +130,7 @@ ONE_LINE_EXPECTED = [
     SmtpReply(354, None, "End data with <CR><LF>.<CR><LF>"),
     SmtpReply(250, "2.0.0", "Ok: queued as 4F1234"),
     SmtpReply(550, None, "4.1.1 class mismatch"), SmtpReply(452, "4.5.3", ""),
-    SmtpReply(421, "4.3.2", "\ufffd bye"), SmtpReply(250, None, " odd separator"),
+    SmtpReply(421, "4.3.2", "\ufffd bye"), SmtpReply(250, None, "x odd separator"),
     SmtpReply(250, None, "a\rb"), SmtpReply(251, None, ""),
 ]
 
@@ -163,6 +163,18 @@ def test_reply_parser_one_line_replies_at_once():
     assert p.feed(b"250-one\r\n") == []
     assert p.feed(b"250 two\r\n250 3.0.0 x\r\n") == [SmtpReply(250, None, "one\ntwo"),
                                                        SmtpReply(250, None, "3.0.0 x")]
+
+
+def test_reply_text_right_after_the_code_is_kept_whole():
+    """A line with neither space nor hyphen after the code ("550User unknown", seen from
+    old or broken servers) ends its reply, and its text starts right after the code: the
+    first character is not dropped as if it were the separator (nor the enhanced code's
+    first digit)."""
+    stream = b"550User unknown\r\n250\r\n550-5.1.1 first\r\n5505.1.1 second\r\n"
+    expected = [SmtpReply(550, None, "User unknown"), SmtpReply(250, None, ""),
+                SmtpReply(550, "5.1.1", "first\nsecond")]
+    assert _parse_in([stream]) == expected
+    assert _parse_in([stream[i:i + 1] for i in range(len(stream))]) == expected
 
 
 def test_reply_parser_rejects_garbage_and_long_replies():
