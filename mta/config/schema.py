@@ -345,10 +345,14 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "seconds to open the TCP connection (through the source's SOCKS5 proxy, if any); "
         "the greeting is then waited for as a reply, command_timeout", ge=0.1, le=600)] = 30.0
     command_timeout: Annotated[float, _doc(
-        "seconds to wait for a reply to a command (RFC 5321: 5 minutes)",
-        ge=0.1, le=3600)] = 300.0
+        "seconds to wait for the greeting, a reply to a command, or all the replies to a "
+        "message's envelope (MAIL, every RCPT, DATA) together (RFC 5321: 5 minutes a "
+        "command)", ge=0.1, le=3600)] = 300.0
     data_timeout: Annotated[float, _doc(
-        "seconds to wait for the reply after the message (RFC 5321: 10 minutes)",
+        "seconds to send the message and get the reply after it, together: a server that "
+        "stops reading it is given up on at this bound too (RFC 5321 suggests 3 minutes a "
+        "block written and 10 for the reply; one bound for the whole lets the spool count "
+        "on an outcome within connect + 2 x command + data timeouts)",
         ge=0.1, le=3600)] = 600.0
     max_in_flight: Annotated[int, _doc(
         "delivery jobs (one message's recipients at one domain) a spool shard has out at "
