@@ -1289,16 +1289,22 @@ class Engine:
         deferral -- the rest go in another transaction, at once, within the same
         attempt (deferring them would cost an attempt per hundred recipients and
         bounce the tail of a large job).  Bounded: each transaction run here
-        delivered at least one recipient, so the rest shrink every round.  A
+        delivered at least one recipient, so the rest shrink every round; and one
+        starts only when, even at its own timeouts (command + data), it ends within
+        the spool's job timeout (connect + 2 x command + data timeouts, + margin,
+        counted from the job's arrival here): else the spool, having sent the job
+        again, and this process could both deliver.  The rest keep the 452.  A
         failure of the connection on the way defers those not sent, as any
         connection failure does.  (These transactions are the same message: they
         take no unit of the lane's message rate.)
         """
         pending = res.over_limit()
         rounds = 0
+        cfg = self.cfg
         while pending and rounds < len(decided):
             rounds += 1
-            if not conn.is_usable:
+            if not conn.is_usable or time.monotonic() - job.queued_at > \
+                    cfg.connect_timeout + cfg.command_timeout:
                 break
             sender, addrs, eight, utf8, dsn = self._envelope(job)
             try:

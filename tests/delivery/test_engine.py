@@ -1035,3 +1035,19 @@ def test_a_message_over_the_servers_size_bounces_unsent_and_size_goes_on_mail(si
         [len(BODY)] * 2
     assert peer.mails == [b"MAIL FROM:<s@example.com> SIZE=%d" % n for n in sent]
     assert peer.connections == 1
+
+
+def test_recipients_over_the_limit_are_not_sent_again_past_the_spools_job_timeout():
+    """Another transaction for the rest starts only if, even at its own timeouts, it ends
+    before the spool's job timeout (connect + 2 x command + data timeouts, + margin): else
+    the spool, having sent the job again, and this one could both deliver.  Here the
+    first message's reply took longer than connect + command timeouts: the rest are
+    deferred with the server's 452, not sent."""
+    peer = RcptLimitPeer(2)
+    peer.script = {0: 1.5}          # the first final dot is answered after 1.5 s
+    (j, results), = deliver([job("example.net", "a", "b", "c")], mx_to_loopback("example.net"),
+                            peer, connection_limit=1, connect_timeout=0.1,
+                            command_timeout=0.5, data_timeout=5.0)
+    assert [(r.outcome, r.code) for r in results] == [
+        (bus.DELIVERED, 250), (bus.DELIVERED, 250), (bus.DEFERRED, 452)]
+    assert peer.transactions == [(1, ["a@example.net", "b@example.net"])]
