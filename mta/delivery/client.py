@@ -663,7 +663,15 @@ _TLS_CONTEXTS: dict[bool, ssl.SSLContext] = {}
 
 
 def _default_tls_context(verify: bool) -> ssl.SSLContext:
-    """The shared client SSLContext: verifying (system CAs) or opportunistic (CERT_NONE)."""
+    """The shared client SSLContext: verifying (system CAs) or opportunistic (CERT_NONE).
+
+    Floor: TLS 1.2 for both, set here (as the acceptor's), not left to the host's
+    OpenSSL policy, which decides whether an old server gets TLS 1.0 or nothing.
+    A server that speaks only TLS 1.0/1.1 fails the handshake; opportunistically
+    the engine then sends to it in plaintext (engine.TLS_FALLBACK_SECONDS), as to
+    any host whose handshake fails -- Postfix's "may" level would use TLS 1.0
+    there; we keep one floor (those plaintext sessions say outbound_tls 0).
+    """
     ctx = _TLS_CONTEXTS.get(verify)
     if ctx is None:
         if verify:
@@ -672,6 +680,7 @@ def _default_tls_context(verify: bool) -> ssl.SSLContext:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         _TLS_CONTEXTS[verify] = ctx
     return ctx
 

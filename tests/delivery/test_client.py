@@ -1724,3 +1724,34 @@ def test_a_refusal_followed_by_a_hang_up_is_the_servers_answer(pipelining, said,
     got = [(r.reply(i).code, r.reply(i).enhanced) for i in range(2)]
     assert got == [e or (451, "4.4.2") for e in expected]
     assert not r.accepted(0) and not r.accepted(1)
+
+
+def test_the_tls_floor_is_tls_1_2_whatever_the_hosts_openssl_policy():
+    """Both shared client contexts refuse a server that speaks only TLS 1.1 (or older):
+    the floor is set here, not left to the host's OpenSSL configuration (with a laxer
+    one, the opportunistic context negotiated TLS 1.0).  Opportunistically, the engine
+    then sends to that host in plaintext (test_engine's broken-handshake tests)."""
+    import warnings
+
+    from mta.delivery.client import _default_tls_context
+    for verify in (False, True):
+        assert _default_tls_context(verify).minimum_version == ssl.TLSVersion.TLSv1_2
+    ca = trustme.CA()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("mx.test.example").configure_cert(server_ctx)
+    server_ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        server_ctx.minimum_version = ssl.TLSVersion.TLSv1
+        server_ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+
+    async def main():
+        server, port = await start_aiosmtpd(Handler(), tls_context=server_ctx)
+        try:
+            with pytest.raises(SmtpConnectError) as ei:
+                await open_to(port)             # opportunistic, the shared context
+            assert ei.value.tls_failed and ei.value.tls == "-1"
+        finally:
+            server.close()
+
+    run(main())
