@@ -1755,3 +1755,37 @@ def test_the_tls_floor_is_tls_1_2_whatever_the_hosts_openssl_policy():
             server.close()
 
     run(main())
+
+
+def test_starttls_advertised_twice_and_again_after_tls_is_done_once(tls_material):
+    """A server listing STARTTLS twice in its EHLO reply, and again after the upgrade
+    (RFC 3207 4.2 says it must not): one STARTTLS, then the transaction, inside TLS."""
+    server_ctx, _ = tls_material
+    seen = {}
+
+    async def script(peer):
+        ehlo = b"250-PIPELINING\r\n250-STARTTLS\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
+        await peer.hello(ehlo)
+        seen["starttls"] = await peer.until(b"\r\n")
+        peer.send(b"220 2.0.0 go ahead\r\n")
+        loop = asyncio.get_running_loop()
+        peer.transport = await loop.start_tls(peer.transport, peer, server_ctx,
+                                              server_side=True)
+        seen["ehlo"] = await peer.until(b"\r\n")
+        peer.send(b"250-raw.test.example\r\n" + ehlo)
+        seen["envelope"] = await peer.until(b"DATA\r\n")
+        peer.send(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n")
+        await peer.until(b"\r\n.\r\n")
+        peer.send(b"250 2.0.0 Ok\r\n")
+
+    async def main():
+        async with RawServer(script) as srv:
+            conn = await open_to(srv.port, command_timeout=2)
+            assert conn.tls_active and conn.outbound_tls == "1"
+            r = await conn.send_message("s@x.test", ["a@y.test"], b"hi\r\n")
+            conn.close()
+            return r
+
+    assert run(main()).accepted(0)
+    assert seen["starttls"] == b"STARTTLS\r\n" and seen["ehlo"].startswith(b"EHLO ")
+    assert seen["envelope"] == b"MAIL FROM:<s@x.test>\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"
