@@ -110,9 +110,11 @@ def _expected(r: "SmtpReply") -> bool:
 
 def _over_limit(replies: list) -> list[int]:
     """Indexes of the recipients refused for the server's recipient limit: a 452 (or
-    4.5.3 "too many recipients") after a recipient of the same transaction was accepted.
+    4.5.3 "too many recipients", or RFC 821's 552 with 5.5.3) after a recipient of
+    the same transaction was accepted.
 
-    RFC 5321 4.5.3.1.10: a server out of room for more RCPTs says 452; the
+    RFC 5321 4.5.3.1.10: a server out of room for more RCPTs says 452 (RFC 821
+    said 552: clients SHOULD take that as temporary); the
     client sends the others in another transaction, at once.  A 452 before
     any acceptance is not read so: nothing shows a limit then (the server may
     be out of storage), and another transaction could only get the same.
@@ -124,7 +126,8 @@ def _over_limit(replies: list) -> list[int]:
             continue
         if r.is_ok:
             seen_ok = True
-        elif seen_ok and (r.code == 452 or (r.is_temp and r.enhanced == "4.5.3")):
+        elif seen_ok and (r.code == 452 or (r.is_temp and r.enhanced == "4.5.3")
+                          or (r.code == 552 and r.enhanced == "5.5.3")):
             out.append(i)
     return out
 

@@ -1320,6 +1320,11 @@ class Engine:
             for j, k in enumerate(pending):
                 decided[k] = _decisive(sub, j)
             pending = [pending[j] for j in sub.over_limit()]
+        for k in pending:
+            # not sent again: RFC 821's 552 5.5.3 is temporary too (4.5.3.1.10), a deferral
+            r, stage = decided[k]
+            if r.code == 552:
+                decided[k] = (smtpc.SmtpReply(452, "4.5.3", r.text), stage)
 
     # ------------------------------------------------------------- adaptive
 

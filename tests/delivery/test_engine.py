@@ -908,7 +908,7 @@ class RcptLimitSession(PipeSession):
             line, self.pending = self.pending.split(b"\r\n", 1)
             if self.data is None and line[:4].upper() == b"RCPT" and \
                     len(self.rcpts) >= self.peer.limit:
-                self.t.write(b"452 4.5.3 Too many recipients\r\n")
+                self.t.write(self.peer.reply)
                 continue
             self.buf += line + b"\r\n"
             self.process()
@@ -920,9 +920,10 @@ class RcptLimitSession(PipeSession):
 
 
 class RcptLimitPeer(PipePeer):
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, reply: bytes = b"452 4.5.3 Too many recipients\r\n"):
         super().__init__()
         self.limit = limit
+        self.reply = reply
         self.transactions: list[tuple[int, list[str]]] = []
 
     def __call__(self):
@@ -1037,13 +1038,15 @@ def test_a_message_over_the_servers_size_bounces_unsent_and_size_goes_on_mail(si
     assert peer.connections == 1
 
 
-def test_recipients_over_the_limit_are_not_sent_again_past_the_spools_job_timeout():
+@pytest.mark.parametrize("reply", [b"452 4.5.3 Too many recipients\r\n",
+                                   b"552 5.5.3 Too many recipients\r\n"])
+def test_recipients_over_the_limit_are_not_sent_again_past_the_spools_job_timeout(reply):
     """Another transaction for the rest starts only if, even at its own timeouts, it ends
     before the spool's job timeout (connect + 2 x command + data timeouts, + margin): else
     the spool, having sent the job again, and this one could both deliver.  Here the
     first message's reply took longer than connect + command timeouts: the rest are
-    deferred with the server's 452, not sent."""
-    peer = RcptLimitPeer(2)
+    deferred with the server's 452 (RFC 821's 552 5.5.3 too: a temporary), not sent."""
+    peer = RcptLimitPeer(2, reply)
     peer.script = {0: 1.5}          # the first final dot is answered after 1.5 s
     (j, results), = deliver([job("example.net", "a", "b", "c")], mx_to_loopback("example.net"),
                             peer, connection_limit=1, connect_timeout=0.1,
@@ -1051,3 +1054,20 @@ def test_recipients_over_the_limit_are_not_sent_again_past_the_spools_job_timeou
     assert [(r.outcome, r.code) for r in results] == [
         (bus.DELIVERED, 250), (bus.DELIVERED, 250), (bus.DEFERRED, 452)]
     assert peer.transactions == [(1, ["a@example.net", "b@example.net"])]
+
+
+def test_a_552_5_5_3_too_many_recipients_is_the_same_limit_not_a_bounce():
+    """RFC 5321 4.5.3.1.10: RFC 821 had 552 for "too many recipients", and clients SHOULD
+    take it as temporary so that the rest go in another transaction: 552 5.5.3 (RFC 3463
+    X.5.3, too many recipients) after an acceptance is that limit, not a bounce; before
+    any acceptance it is the server's policy for the message, and a bounce."""
+    peer = RcptLimitPeer(2, b"552 5.5.3 Too many recipients\r\n")
+    (j, results), = deliver([job("example.net", "a", "b", "c")], mx_to_loopback("example.net"),
+                            peer, connection_limit=1)
+    assert [(r.outcome, r.code) for r in results] == [(bus.DELIVERED, 250)] * 3
+    assert [rs for _, rs in peer.transactions] == [["a@example.net", "b@example.net"],
+                                                   ["c@example.net"]]
+    peer = RcptLimitPeer(0, b"552 5.5.3 Too many recipients\r\n")
+    (j, results), = deliver([job("example.net", "a")], mx_to_loopback("example.net"),
+                            peer, connection_limit=1)
+    assert [(r.outcome, r.code) for r in results] == [(bus.FAILED, 552)]
