@@ -131,3 +131,25 @@ def test_one_attempt_tries_a_bounded_number_of_mx_addresses(lab):
     assert delay["queue_id"] == qid
     tried = re.findall(r"connect to mx\.many\.test\[(127\.0\.1\.\d+)\]", d.log())
     assert 1 <= len(tried) <= 5, tried
+
+
+def test_a_refusing_greeting_sends_the_mail_to_the_next_mx_and_when_all_refuse_defers(lab):
+    """A 5xx greeting (RFC 5321 3.1: "554 no SMTP service here") from the best MX host:
+    the mail goes to the next one, as for a host that does not answer.  When every host
+    refuses so, the message is deferred (a delay event), not bounced: a refusal at the
+    greeting is about the connecting address, not the message -- as Postfix's default
+    (smtp_skip_5xx_greeting = yes: "skip" the server, a soft error)."""
+    lab.smtp_sink(IP_A, ["-f", "CONNECT"])        # 5xx greeting
+    b = lab.aio(IP_B)
+    lab.serve(mx("refuse.test", "mx1.refuse.test", IP_A, 10)
+              + mx("refuse.test", "mx2.refuse.test", IP_B, 20)
+              + mx("allrefuse.test", "mx.allrefuse.test", IP_A, 10))
+    d = lab.daemon()
+    d.send("alice@sender.test", ["r@refuse.test"], message("greeting refused"))
+    b.wait_for("r@refuse.test", 20)
+    qid = d.send("alice@sender.test", ["a@allrefuse.test"], message("all refuse"))
+    wait_until(lambda: any(e["type"] == "delay" and e["queue_id"] == qid
+                           for e in d.events()), 20, "the delay event")
+    assert not any(e["type"] == "bounce" for e in d.events())
+    [delay] = [e for e in d.events() if e["type"] == "delay" and e["queue_id"] == qid]
+    assert delay["error_code"].startswith("4"), delay
