@@ -153,3 +153,32 @@ def test_a_refusing_greeting_sends_the_mail_to_the_next_mx_and_when_all_refuse_d
     assert not any(e["type"] == "bounce" for e in d.events())
     [delay] = [e for e in d.events() if e["type"] == "delay" and e["queue_id"] == qid]
     assert delay["error_code"].startswith("4"), delay
+
+
+def test_a_receivers_recipient_limit_delivers_every_recipient_in_one_attempt(lab):
+    """A receiver taking two recipients per transaction answers the others "452 4.5.3 Too
+    many recipients": the daemon sends them in further transactions at once (RFC 5321
+    4.5.3.1.10), so all five are delivered in the one attempt -- delivery events, no delay
+    (before, three were deferred and waited for a retry, one limit's worth per attempt)."""
+    taken = [0]
+
+    def rcpt(sink, address, mail_from):
+        if taken[0] >= 2:
+            return "452 4.5.3 Too many recipients"
+        taken[0] += 1
+        return None
+
+    def data(sink, txn):
+        taken[0] = 0
+        return None
+
+    sink = lab.aio(IP_A, rcpt=rcpt, data=data)
+    lab.serve(mx("limit.test", "mx.limit.test", IP_A, 10))
+    d = lab.daemon()
+    rcpts = [f"r{i}@limit.test" for i in range(5)]
+    qid = d.send("alice@sender.test", rcpts, message("recipient limit"))
+    wait_until(lambda: sum(e["type"] == "delivery" and e["queue_id"] == qid
+                           for e in d.events()) == 5, 20, "five delivery events")
+    assert not [e for e in d.events() if e["type"] == "delay"]
+    assert sorted(r for t in sink.snapshot() for r in t.rcpt_tos) == rcpts
+    assert [len(t.rcpt_tos) for t in sink.snapshot()] == [2, 2, 1]
