@@ -117,7 +117,8 @@ def _over_limit(replies: list) -> list[int]:
     said 552: clients SHOULD take that as temporary); the
     client sends the others in another transaction, at once.  A 452 before
     any acceptance is not read so: nothing shows a limit then (the server may
-    be out of storage), and another transaction could only get the same.
+    be out of storage), and another transaction could only get the same; nor
+    is a 452 whose enhanced code names another trouble (4.2.2 mailbox full).
     """
     out = []
     seen_ok = False
@@ -126,7 +127,8 @@ def _over_limit(replies: list) -> list[int]:
             continue
         if r.is_ok:
             seen_ok = True
-        elif seen_ok and (r.code == 452 or (r.is_temp and r.enhanced == "4.5.3")
+        elif seen_ok and ((r.code == 452 and r.enhanced in (None, "4.5.3"))
+                          or (r.is_temp and r.enhanced == "4.5.3")
                           or (r.code == 552 and r.enhanced == "5.5.3")):
             out.append(i)
     return out

@@ -1366,6 +1366,10 @@ def test_over_limit_names_the_452s_after_an_acceptance_in_a_delivered_transactio
     assert r.over_limit() == [3, 4]         # not the 452 before any acceptance, nor the 450
     assert DeliveryResult([ok, limit], SmtpReply(451, "4.3.0", "later")).over_limit() == []
     assert DeliveryResult([ok, limit], None).over_limit() == []
+    # a 452 whose enhanced code names the recipient's own trouble (4.2.2 mailbox full,
+    # RFC 3463) is that recipient's deferral, not the server's recipient limit
+    full = SmtpReply(452, "4.2.2", "Mailbox full")
+    assert DeliveryResult([ok, full, SmtpReply(452, None, "x")], ok_data).over_limit() == [2]
 
 
 # --- cross-transaction pipelining: the next envelope behind the final dot ----------------------
