@@ -49,7 +49,10 @@ everything queued in its lane are deferred (the same answer holds for them).
 Outcome per recipient -- ``delivered``, ``deferred`` (4xx, connection or DNS
 trouble), ``failed`` (5xx) or ``requeued`` (not attempted) -- with the reply,
 the remote host, the source, its address and the site; the spool shard that
-owns the message decides when to retry and when to bounce.
+owns the message decides when to retry and when to bounce.  Recipients a
+server refuses for its recipient limit ("452 4.5.3 too many recipients" after
+it accepted others) are sent in further transactions on the same connection
+within the same attempt (RFC 5321 4.5.3.1.10; Engine._send_over_limit).
 
 8-bit messages: a server without 8BITMIME gets nothing; the recipients fail
 with 554 5.6.3 (we do not down-convert: rewriting a signed message would break
