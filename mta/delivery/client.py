@@ -1171,7 +1171,7 @@ class SmtpConnection:
         # 4. The message.  Recipients refused for the server's recipient limit go again
         # in the next transaction on this connection (the caller's, DeliveryResult.
         # over_limit): no other envelope may be sent ahead of theirs.
-        if then is not None and _over_limit(replies):
+        if then is not None and len(replies) > 1 and _over_limit(replies):
             then = None
         data_reply = await self._send_data(message, then)
         if not _expected(data_reply):

@@ -1245,7 +1245,10 @@ class Engine:
             # evidence; a 421 there too is the server's answer, and defers it.
             return self._send_again(conn, job, lane)
         decided = [_decisive(res, k) for k in range(len(m.rcpts))]
-        await self._send_over_limit(conn, job, res, decided, f"{host}[{ip}]")
+        if len(decided) > 1:        # (a limit shows only after an acceptance: one of two)
+            over = res.over_limit()
+            if over:
+                await self._send_over_limit(conn, job, res, decided, f"{host}[{ip}]", over)
         results = []
         slowed = False        # a deferral that asks the site's sender to slow down
         for k, rcpt in enumerate(m.rcpts):
@@ -1283,9 +1286,10 @@ class Engine:
             return None
         return conn
 
-    async def _send_over_limit(self, conn, job: Job, res, decided: list, where: str) -> None:
-        """Send the recipients the server refused for its recipient limit (452 after an
-        acceptance, ``DeliveryResult.over_limit``) again, in the next transactions on
+    async def _send_over_limit(self, conn, job: Job, res, decided: list, where: str,
+                               pending: list[int]) -> None:
+        """Send the recipients the server refused for its recipient limit (*pending*: 452
+        after an acceptance, ``DeliveryResult.over_limit``) again, in the next transactions on
         *conn*, updating *decided* (reply, stage per recipient).
 
         RFC 5321 4.5.3.1.10 and Postfix: a server's "too many recipients" is no
@@ -1301,7 +1305,6 @@ class Engine:
         connection failure does.  (These transactions are the same message: they
         take no unit of the lane's message rate.)
         """
-        pending = res.over_limit()
         rounds = 0
         cfg = self.cfg
         while pending and rounds < len(decided):
