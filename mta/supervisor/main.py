@@ -715,6 +715,10 @@ class Supervisor:
             fh.write(f"{os.getpid()}\n")
         self.stopping = False
         self._await_shard_writers()
+        # The new supervisor may have recorded its configuration before it died: the
+        # record is this one's again, or the spool shards started now take the other's
+        # [delivery] at their first turn (Shard.start) -- a hold lifted, say.
+        self._write_active()
         try:
             self.start_children()
         except StartupError as exc:
@@ -915,11 +919,22 @@ class Supervisor:
         notify.ready(status)
 
     def _write_active(self) -> bool:
+        """Record this supervisor's configuration (run/active-config.json), which the
+        spool shards take [delivery] from.  A record that cannot be written is removed:
+        another's (an earlier run's, a new supervisor's that died in an upgrade) would be
+        taken for this one's; without one a shard keeps what it was started with."""
         try:
             mconfig.write_active(self.settings, self.config_path)
         except OSError as exc:
             log.warning("cannot record the active configuration in %s: %s",
                         self.settings.run_dir, exc)
+            try:
+                os.unlink(os.path.join(self.settings.run_dir, mconfig.ACTIVE_NAME))
+            except FileNotFoundError:
+                pass
+            except OSError as exc2:
+                log.error("cannot remove the record of another configuration in %s: %s",
+                          self.settings.run_dir, exc2)
             return False
         return True
 

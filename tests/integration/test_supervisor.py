@@ -611,3 +611,24 @@ def test_mta_reload_takes_no_record_of_an_earlier_run(make_daemon):
     d.start()
     r = d.cli("reload", check=False, timeout=120)
     assert r.returncode == 0 and b"stale" not in r.stderr, r
+
+
+def test_a_start_that_cannot_record_its_configuration_leaves_no_earlier_record(make_daemon):
+    # run/active-config.json is what the spool shards take [delivery] from (at their
+    # first turn and at each SIGHUP).  A start that could not write it left the last
+    # run's, and the shards took that run's [delivery]: here a hold lifted that the
+    # running configuration has.
+    d = make_daemon(acceptors=1, shards=1, delivery={"hold": False})
+    d.stop()
+    run = os.path.join(d.state_dir, "run")
+    assert json.loads(open(os.path.join(run, "active-config.json"), "rb").read())[
+        "config"]["delivery"]["hold"] is False
+    os.mkdir(os.path.join(run, "active-config.json.tmp"))    # (the write fails)
+    d.sections["delivery"]["hold"] = True
+    d.write_config()
+    d.start()
+    d.wait_log("cannot record the active configuration", since_start=True)
+    time.sleep(1.0)       # (the shard's first turns)
+    assert "delivery no longer held" not in d.log(since_start=True)
+    assert not os.path.exists(os.path.join(run, "active-config.json"))
+    assert d.stop() == 0

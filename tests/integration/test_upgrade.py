@@ -10,6 +10,7 @@ the new one serves SMTP, HTTP and the admin listener on the same ports.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import signal
@@ -333,4 +334,34 @@ def test_a_new_supervisor_killed_mid_upgrade_leaves_no_second_shard_writer(make_
     assert d.proc.poll() is None and supervisor_pid(d) == old
     qid2 = d.send("a@probe.test", ["r@example.net"], b"Subject: after\r\n\r\nx\r\n")
     assert sorted(e["queue_id"] for e in d.queue_list()) == sorted([qid, qid2])
+    assert d.stop() == 0
+
+
+def test_after_a_failed_upgrade_the_active_record_is_the_old_supervisors_again(make_daemon):
+    # The new supervisor records the configuration it read (run/active-config.json) before
+    # it starts its children; killed after that, it left its record behind, and the old
+    # supervisor's spool shards, which take that record at their first turn (and at each
+    # SIGHUP), ran the [delivery] of a file the old supervisor never applied: here
+    # delivery no longer held, though the running configuration holds it.
+    d = make_daemon(acceptors=1, shards=1, server={"shutdown_timeout": 1.0},
+                    smtp={"spool_timeout": 1.0})
+    old = d.proc.pid
+    active = os.path.join(d.state_dir, "run", "active-config.json")
+    d.sections["delivery"]["hold"] = False       # in the file, not applied (no reload)
+    d.write_config()
+    os.kill(old, signal.SIGUSR2)
+    d.wait_log(r"upgrade: took over \d+ listening socket", timeout=60)
+    new = wait_until(lambda: d.children().get("supervisor"), 30, "the new supervisor")
+    # (its first child forked: the record written just before, with hold = false)
+    wait_until(lambda: len(children_of(new)) >= 1, 60, "the new supervisor's children",
+               interval=0.005)
+    os.kill(new, signal.SIGKILL)
+    d.wait_log("upgrade failed", timeout=60)
+    wait_until(lambda: {"spool[0]", "acceptor[0]"} <= set(d.children()), 90,
+               "the old supervisor's children started again")
+    assert d.proc.poll() is None and supervisor_pid(d) == old
+    with open(active, "rb") as fh:
+        assert json.loads(fh.read())["config"]["delivery"]["hold"] is True
+    time.sleep(1.0)       # (the shard's first turns)
+    assert "delivery no longer held" not in d.log().rsplit("upgrade failed", 1)[1]
     assert d.stop() == 0
