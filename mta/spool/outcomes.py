@@ -134,6 +134,9 @@ class Plan:
         self.failures: dict[str, list] = {}    # qid -> [(idx, RecipientFailure), ...] failed
         self.owe: dict[str, list] = {}         # qid -> [[idx, report...], ...]: held (RcptMeta)
         self.settling: list[str] = []          # qids whose owed bounce is looked at (settle)
+        # qids whose owed bounce could not be queued (their record unreadable): not to be
+        # finished in this batch (the caller leaves out of its DONE those it decided on)
+        self.unsettled: list[str] = []
         self.events: list[dict] = []
         self.deleted_qids: set[str] = set()     # (deleted in this batch: events once)
         # deleted in this batch with recipients in jobs still out (Plan.deleted)
@@ -530,7 +533,13 @@ class Plan:
         fails = []
         if held:
             if qid not in self._metas and self._lookup(qid) is None:
-                return      # (its record cannot be read, logged: the bounce stays owed)
+                # (its record cannot be read, logged: the bounce stays owed, and the
+                # message is not finished without it -- but for an operator's delete)
+                if qid not in self.deleted_qids:
+                    self.unsettled.append(qid)
+                    if qid in self.done:
+                        self.done.remove(qid)
+                return
             m = self._metas[qid]
             index = self.index
             ending = qid in self.deleted_qids or qid in self.done

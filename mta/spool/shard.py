@@ -61,7 +61,7 @@ from mta.spool import dispatch as dsp
 from mta.spool import queries
 from mta.spool import schedule as sch
 from mta.spool.metrics import ShardMetrics
-from mta.spool.outcomes import Plan
+from mta.spool.outcomes import READ_RETRY, Plan
 from mta.store import MessageMeta, Store, lock_writer, read_cursor, shard_dir
 
 log = logging.getLogger("mta.spool")
@@ -484,6 +484,16 @@ class Shard:
             plan.expire(qid, idxs, now)
         op_taken = self.op_work(plan, now) if self.ops else []
         plan.finish(now)
+        if plan.unsettled and finished:
+            # found finished at dispatch, but the bounce they owe could not be made (their
+            # record unreadable now): not finished without it; found again later
+            keep = set(plan.unsettled) & set(finished)
+            if keep:
+                done = [x for x in done if x not in keep]
+                extra_done = [x for x in extra_done if x not in keep]
+                finished = [x for x in finished if x not in keep]
+                for qid in keep:
+                    self.q.push(qid, now + READ_RETRY)     # (as an expiry's read error)
         messages += plan.bounces
         done += plan.done
         # (written after their message records: finished in the same batch)

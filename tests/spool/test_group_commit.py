@@ -269,3 +269,46 @@ def test_a_bounce_owed_goes_out_when_the_last_job_is_taken_back(rig):
     again.recover()
     assert again.owed == {} and bounce in again.index and qid in again.index
     again.close()
+
+
+def test_a_finished_message_whose_owed_bounce_cannot_be_read_is_not_finished(rig):
+    """A message found at dispatch with no recipient pending (Shard.finish_work) owes a
+    bounce, but its record cannot be read now (an I/O error): its DONE was written all
+    the same and the bounce owed went with it.  It stays queued with its bounce owed,
+    and once it can be read the bounce and the DONE go together."""
+    from mta.store import DELIVERED, FAILED, RCPT_BOUNCE_OWED
+    shard, clients, order = rig
+    qid = new_qid(0)
+    env = bus.Envelope(qid=qid, sender="s@example.com", rcpts=["a@one.test", "b@two.test"],
+                       params={}, client="c [127.0.0.1]", arrival=time.time(),
+                       message_id="<two@example.com>")
+    clients[0].sock.send(bus.encode(bus.SpoolMessageCommit(
+        1, [env], [b"Subject: two\r\n\r\nbody\r\n"])))
+    wait_all_requests_arrived(shard, clients)
+    shard.step()
+    assert bus.decode(clients[0].sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
+    q, st = shard.q, shard.store
+    ups = {qid: [[0, FAILED, 1, 0.0, RCPT_BOUNCE_OWED], [1, DELIVERED, 1, 0.0]]}
+    owed = {qid: [[0, "5.1.1", "mx.one.test", "550 5.1.1 no such user", time.time()]]}
+    new = st.write([], [], ups, None, owed)
+    st.sync()
+    st.commit(new, [], ups, owed)
+    read_meta = st.read_meta
+
+    def unreadable(x):
+        if x == qid:
+            raise OSError(5, "Input/output error")
+        return read_meta(x)
+
+    st.read_meta = unreadable
+    shard.finish_work.append(qid)         # (its end found at dispatch)
+    shard.step()
+    assert qid in q.sorted_qids() and set(st.owed) == {qid}
+    assert q.sorted_qids() == [qid]       # (no bounce could be made)
+    st.read_meta = read_meta
+    shard.finish_work.append(qid)         # (found at dispatch again, later)
+    shard.step()
+    [bounce] = q.sorted_qids()
+    assert bounce != qid and st.owed == {}
+    m, dsn = st.read_record(bounce)
+    assert m.rcpts == ["s@example.com"] and b"550 5.1.1 no such user" in dsn
