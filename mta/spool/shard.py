@@ -174,6 +174,9 @@ class Shard:
         # first batch after a restart, a job taken back): their bounce is looked at in
         # the next batch (Plan.settle)
         self.settle_work: list[str] = []
+        # (monotonic) settle_work waits until then after a batch that could not be written:
+        # taken again at once, a storage failure would make the loop spin on it
+        self.settle_after = 0.0
         self.stopping = False
         self.reload_wanted = False            # SIGHUP: apply_reload() at the next turn
         self.healthy = True
@@ -358,7 +361,13 @@ class Shard:
         if nd is not None:
             timeout = max(0, min(timeout, int((nd - time.time()) * 1000) + 1))
         ops = self.op_pending()
-        work = self.expire_work or self.finish_work or self.settle_work or ops
+        settle = bool(self.settle_work)
+        if settle:
+            wait = self.settle_after - time.monotonic()
+            if wait > 0:
+                settle = False
+                timeout = min(timeout, int(wait * 1000) + 1)
+        work = self.expire_work or self.finish_work or settle or ops
         if work:
             timeout = 0
         requests, outcomes, changes = self.poller.wait(timeout)
@@ -414,7 +423,7 @@ class Shard:
         plan = self.plan()
         for qid in finished:
             plan.settle(qid)        # (its DONE goes with the bounce it owes)
-        if self.settle_work and not self.recovering:
+        if self.settle_work and not self.recovering and time.monotonic() >= self.settle_after:
             for qid in dict.fromkeys(self.settle_work):
                 plan.settle(qid)
             self.settle_work = []
@@ -546,7 +555,9 @@ class Shard:
             for qid in finished:        # (found at dispatch again, finished then)
                 if q.info(qid) is not None:
                     q.push(qid, now + BUSY_RETRY)
-            self.settle_work += plan.settling     # (their bounce is looked at again)
+            if plan.settling:       # (their bounce is looked at again, in a moment)
+                self.settle_work += plan.settling
+                self.settle_after = time.monotonic() + BUSY_RETRY
         else:
             self._untrack(done)
             removed = self.store.commit(new, done, plan.updates, plan.owe)

@@ -312,3 +312,52 @@ def test_a_finished_message_whose_owed_bounce_cannot_be_read_is_not_finished(rig
     assert bounce != qid and st.owed == {}
     m, dsn = st.read_record(bounce)
     assert m.rcpts == ["s@example.com"] and b"550 5.1.1 no such user" in dsn
+
+
+def test_a_bounce_owed_during_a_storage_failure_does_not_spin_the_shard(rig):
+    """A bounce owed whose batch cannot be written (disk full) was looked at again in
+    the very next turn, which never waited: the shard retried the write in a busy loop
+    for as long as the storage failed.  It is looked at again a moment later, as the
+    messages of a batch not written are, and goes out once writes succeed."""
+    from mta.store import FAILED, RCPT_BOUNCE_OWED
+    shard, clients, order = rig
+    qid = new_qid(0)
+    env = bus.Envelope(qid=qid, sender="s@example.com", rcpts=["a@one.test", "b@two.test"],
+                       params={}, client="c [127.0.0.1]", arrival=time.time(),
+                       message_id="<two@example.com>")
+    clients[0].sock.send(bus.encode(bus.SpoolMessageCommit(
+        1, [env], [b"Subject: two\r\n\r\nbody\r\n"])))
+    wait_all_requests_arrived(shard, clients)
+    shard.step()
+    assert bus.decode(clients[0].sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
+    q, st = shard.q, shard.store
+    # (b pending, its job taken back: delivery is held here)
+    ups = {qid: [[0, FAILED, 1, 0.0, RCPT_BOUNCE_OWED]]}
+    owed = {qid: [[0, "5.1.1", "mx.one.test", "550 5.1.1 no such user", time.time()]]}
+    new = st.write([], [], ups, None, owed)
+    st.sync()
+    st.commit(new, [], ups, owed)
+    write = st.write
+    writes = []
+
+    def full(*a, **k):
+        writes.append(1)
+        raise OSError(28, "No space left on device")
+
+    st.write = full
+    shard.settle_work.append(qid)
+    deadline = time.monotonic() + 0.5
+    for _ in range(5000):
+        if time.monotonic() >= deadline:
+            break
+        shard.step()
+    assert 1 <= len(writes) <= 3
+    st.write = write
+    deadline = time.monotonic() + 10.0
+    for _ in range(5000):
+        if not st.owed or time.monotonic() >= deadline:
+            break
+        shard.step()
+    assert len(q) == 2 and st.owed == {} and q.recipient(qid, 0)[3] == 0
+    [bounce] = [x for x in q.sorted_qids() if x != qid]
+    assert st.read_record(bounce)[0].rcpts == ["s@example.com"]
