@@ -544,19 +544,25 @@ class Shard:
             abandoned = plan.abandon()
             q = self.q
             deadline = self.policy.deadline
+            owed = self.store.owed
+            settle = list(plan.settling)
             for qid in abandoned:
                 info = q.info(qid)
                 if info is not None:
                     q.push(qid, now + BUSY_RETRY)
                     # (an expiry that was not recorded is looked at again)
                     q.set_deadline(qid, deadline(info[_START]))
+                    if qid in owed and not info[_OUT]:
+                        # (its last job came back in this batch: its bounce owed is looked
+                        # at as for a job taken back -- it may not be sent again soon)
+                        settle.append(qid)
             for op, qid, n in reversed(op_taken):     # (bounced with the next batch)
                 op.todo.appendleft((qid, n))
             for qid in finished:        # (found at dispatch again, finished then)
                 if q.info(qid) is not None:
                     q.push(qid, now + BUSY_RETRY)
-            if plan.settling:       # (their bounce is looked at again, in a moment)
-                self.settle_work += plan.settling
+            if settle:              # (their bounce is looked at again, in a moment)
+                self.settle_work += settle
                 self.settle_after = time.monotonic() + BUSY_RETRY
         else:
             self._untrack(done)

@@ -361,3 +361,51 @@ def test_a_bounce_owed_during_a_storage_failure_does_not_spin_the_shard(rig):
     assert len(q) == 2 and st.owed == {} and q.recipient(qid, 0)[3] == 0
     [bounce] = [x for x in q.sorted_qids() if x != qid]
     assert st.read_record(bounce)[0].rcpts == ["s@example.com"]
+
+
+def test_a_bounce_owed_whose_last_outcome_was_not_written_goes_out_all_the_same(rig):
+    """The last job out of a message that owes a bounce comes back in a batch that
+    cannot be written (disk full): the message is tried again later -- but delivery is
+    held here (or its domain suspended), so it is not, and the bounce stayed owed until
+    it was.  It is looked at once writes succeed, as for a job taken back."""
+    from mta.spool import dispatch as dsp
+    from mta.store import FAILED, RCPT_BOUNCE_OWED
+    shard, clients, order = rig
+    qid = new_qid(0)
+    env = bus.Envelope(qid=qid, sender="s@example.com", rcpts=["a@one.test", "b@two.test"],
+                       params={}, client="c [127.0.0.1]", arrival=time.time(),
+                       message_id="<two@example.com>")
+    clients[0].sock.send(bus.encode(bus.SpoolMessageCommit(
+        1, [env], [b"Subject: two\r\n\r\nbody\r\n"])))
+    wait_all_requests_arrived(shard, clients)
+    shard.step()
+    assert bus.decode(clients[0].sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
+    q, st = shard.q, shard.store
+    q.add_out(qid, 1)                                    # b's job, out
+    shard.window.add(99, qid, [1], 0, "two.test", dsp.BULK)
+    ups = {qid: [[0, FAILED, 1, 0.0, RCPT_BOUNCE_OWED]]}
+    owed = {qid: [[0, "5.1.1", "mx.one.test", "550 5.1.1 no such user", time.time()]]}
+    new = st.write([], [], ups, None, owed)
+    st.sync()
+    st.commit(new, [], ups, owed)
+    outcomes = [bus.DeliveryOutcome(99, qid, [bus.Result(1, bus.DEFERRED, 451, "4.3.0",
+                                                         "try later", "mx.two.test",
+                                                         "127.0.0.2")])]
+    shard.links.recv = lambda d: outcomes.pop() if outcomes else None
+    write = st.write
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    st.write = full
+    shard.batch(outcomes=[0])
+    assert not outcomes and set(st.owed) == {qid} and q.info(qid)[9] == 0
+    st.write = write
+    deadline = time.monotonic() + 10.0
+    for _ in range(5000):
+        if not st.owed or time.monotonic() >= deadline:
+            break
+        shard.step()
+    assert st.owed == {} and len(q) == 2
+    [bounce] = [x for x in q.sorted_qids() if x != qid]
+    assert st.read_record(bounce)[0].rcpts == ["s@example.com"]
