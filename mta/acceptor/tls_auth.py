@@ -290,9 +290,12 @@ class Failures:
     A window opens at an address's first failure and holds *limit* of them;
     once it is full, :meth:`locked` is true until *window* seconds after it
     opened.  At most *capacity* addresses are remembered: when full, the
-    windows that have passed are dropped, then the oldest quarter (a client
-    with many addresses can push its own out, which gives it no more guesses
-    than its addresses already do).
+    windows that have passed are dropped, then the quarter that failed least
+    recently (a client with many addresses can push its own out, which gives it
+    no more guesses than its addresses already do).  Every address counts,
+    loopback and relay_networks too: an application that keeps failing from
+    behind one address (a NAT, a balancer without PROXY, 127.0.0.1) locks AUTH
+    for every client there until the window has passed.
     """
 
     __slots__ = ("limit", "window", "now", "capacity", "by_ip")
@@ -322,7 +325,8 @@ class Failures:
             if len(by_ip) >= self.capacity:
                 self._make_room(now)
             got = (now, 0)
-        by_ip[ip] = (got[0], got[1] + 1)    # (re-inserted: the dict stays in window order)
+        by_ip[ip] = (got[0], got[1] + 1)    # (re-inserted: last failure last, so room is
+        #                                     made from the least recently failed)
 
     def _make_room(self, now: float) -> None:
         by_ip = self.by_ip
