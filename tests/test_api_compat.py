@@ -134,3 +134,17 @@ def test_attachment_type_parameters_with_a_quoted_semicolon_and_a_name_of_their_
     assert str(att["Content-Type"]).lower().count("name=") == 1, str(att["Content-Type"])
     assert att.get_content_charset() == "us-ascii"
     assert not any(p.defects for p in msg.walk())
+
+
+def test_perform_substitutions_false_leaves_every_field_as_written():
+    opts = {"options": {"perform_substitutions": False}, "substitution_data": {"x": "X"},
+            "recipients": [{"address": "a@example.net", "substitution_data": {"x": "Y"}}]}
+    msg = parsed({**opts, "content": {"from": {"name": "{{x}}", "email": "s@example.com"},
+                                      "subject": "S {{x}}", "text": "T {{x}} {{{x}}}",
+                                      "headers": {"X-Tag": "{{x}}"}}})
+    assert (msg["From"].addresses[0].display_name, msg["Subject"], msg["X-Tag"]) == \
+        ("{{x}}", "S {{x}}", "{{x}}")
+    assert text_of(msg).strip() == "T {{x}} {{{x}}}"
+    raw = "From: s@example.com\nSubject: R {{x}}\n\nBody {{x}}\n"
+    msg = parsed({**opts, "content": {"email_rfc822": raw}})
+    assert msg["Subject"] == "R {{x}}" and text_of(msg) == "Body {{x}}\n"

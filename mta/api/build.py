@@ -41,7 +41,8 @@ transmission's ``substitution_data``, then in its ``metadata`` (SparkPost's
 order: metadata is substitution data too); a missing one renders empty.
 Values are HTML-escaped in HTML parts.  Nothing else of a template language
 is interpreted (no code, no loops): other ``{{ ... }}`` text is left as
-written.
+written.  ``options.perform_substitutions: false`` (SparkPost's switch) turns
+all of it off: every field and part is sent as written, ``{{ }}`` included.
 """
 from __future__ import annotations
 
@@ -252,6 +253,14 @@ class Template:
 
 
 _templates: dict[str, Template] = {}
+
+
+def literal(text: str) -> Template:
+    """A Template that renders *text* as it is, ``{{ }}`` included
+    (``options.perform_substitutions: false``)."""
+    t = Template("")
+    t.constant = text
+    return t
 
 
 def template(text: str) -> Template:
@@ -562,6 +571,9 @@ class Builder:
             if o.start_time:
                 base["start_time"] = o.start_time
         self.base_params = base
+        # options.perform_substitutions: false -- every text as written
+        self.substitute = o is None or o.perform_substitutions is not False
+        self.tpl = template if self.substitute else literal
         self.return_path = None
         if tx.return_path:
             why = check_email(tx.return_path)
@@ -585,17 +597,18 @@ class Builder:
                              ("content.subject", c.subject), ("content.reply_to", c.reply_to)):
             if value is not None and _has_line_break(value):
                 raise R.ApiError(R.INVALID, f"{field}: contains a line break (CR or LF)")
-        if "{{" not in from_email:
+        tpl = self.tpl
+        if "{{" not in from_email or not self.substitute:
             why = check_email(from_email)
             if why:
                 raise R.ApiError(R.INVALID, f"content.from.email: {from_email!r} {why}")
-        self.from_name = template(from_name) if from_name else None
-        self.from_email = template(from_email)
-        self.subject = template(c.subject)
-        self.reply_to = template(c.reply_to) if c.reply_to else None
-        self.text = template(c.text) if c.text is not None else None
-        self.html = template(c.html) if c.html is not None else None
-        self.amp = template(c.amp_html) if c.amp_html is not None else None
+        self.from_name = tpl(from_name) if from_name else None
+        self.from_email = tpl(from_email)
+        self.subject = tpl(c.subject)
+        self.reply_to = tpl(c.reply_to) if c.reply_to else None
+        self.text = tpl(c.text) if c.text is not None else None
+        self.html = tpl(c.html) if c.html is not None else None
+        self.amp = tpl(c.amp_html) if c.amp_html is not None else None
         self.headers: list[tuple[str, Template]] = []
         self.replace: dict[str, tuple[str, Template]] = {}
         for name, value in (c.headers or {}).items():
@@ -608,9 +621,9 @@ class Builder:
                 raise R.ApiError(R.INVALID, f"content.headers.{name}: set by the MTA from "
                                  "content; not allowed in headers")
             if low in _REPLACING:
-                self.replace[low] = (name, template(value))
+                self.replace[low] = (name, tpl(value))
             else:
-                self.headers.append((name, template(value)))
+                self.headers.append((name, tpl(value)))
         self.attachments = [attachment_part(a, f"content.attachments[{i}]", False)
                             for i, a in enumerate(c.attachments or ())]
         self.images = [attachment_part(a, f"content.inline_images[{i}]", True)
@@ -723,7 +736,7 @@ class Builder:
         self.rfc_8bit = bool(flags & mime.FLAG_8BIT)
         # Pieces: constant bytes and templates (header block, first text parts).
         pieces: list = []
-        if b"{{" in data:
+        if b"{{" in data and self.substitute:
             head = data[:body_start]
             pieces.append(("head", Template(head.decode("utf-8", "surrogateescape"))))
             found: dict = {}

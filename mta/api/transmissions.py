@@ -92,6 +92,7 @@ class Options(Struct):
     sandbox: bool | None = None
     skip_suppression: bool | None = None
     ip_pool: str | None = None
+    perform_substitutions: bool | None = None
 
 
 class Transmission(Struct):

@@ -1160,3 +1160,31 @@ def test_a_transfer_coding_it_does_not_know_is_501(api):
             assert st == 501, (coding, raw)
             assert "transfer coding" in json.loads(raw)["errors"][0]["description"]
             assert h["connection"] == "close" and closed(s)
+
+
+# ------------------------------------------------ SparkPost fields, as delivered
+
+
+def test_perform_substitutions_false_delivers_the_content_as_written(delivering):
+    # options.perform_substitutions: false (SparkPost) -- a sender whose content holds
+    # {{ }} of its own (a template for another system, a code sample) gets it as written;
+    # true, or absent, substitutes as before.
+    d, sink = delivering
+    written = "Use {{ name }} and {{{ raw }}} in {{address.email}}"
+    for rcpt, opt in (("ps-off@example.net", False), ("ps-on@example.net", True)):
+        st, _, body = d.post({
+            "options": {"perform_substitutions": opt},
+            "substitution_data": {"name": "N", "raw": "<b>"},
+            "recipients": [rcpt],
+            "content": {"from": "sender@example.com", "subject": "Subj {{name}}",
+                        "text": written, "html": "<p>" + written + "</p>"}}, headers=AUTH)
+        assert st == 200 and body["results"]["total_accepted_recipients"] == 1, body
+    off = delivered(sink, "ps-off@example.net")
+    assert off["Subject"] == "Subj {{name}}"
+    parts = {p.get_content_type(): p.get_content().strip() for p in off.walk()
+             if p.get_content_maintype() == "text"}
+    assert parts == {"text/plain": written, "text/html": "<p>" + written + "</p>"}
+    on = delivered(sink, "ps-on@example.net")
+    assert on["Subject"] == "Subj N"
+    assert on.get_body(("plain",)).get_content().strip() == \
+        "Use N and <b> in ps-on@example.net"
