@@ -148,3 +148,16 @@ def test_perform_substitutions_false_leaves_every_field_as_written():
     raw = "From: s@example.com\nSubject: R {{x}}\n\nBody {{x}}\n"
     msg = parsed({**opts, "content": {"email_rfc822": raw}})
     assert msg["Subject"] == "R {{x}}" and text_of(msg) == "Body {{x}}\n"
+
+
+def test_a_header_address_that_is_not_ascii_asks_for_smtputf8():
+    c = {**CONTENT, "text": "t"}
+    plain = built({"recipients": [{"address": {"email": "a@example.net", "name": "Jörg"}}],
+                   "content": {**c, "reply_to": "Jörg <j@example.net>"}})
+    assert "SMTPUTF8" not in plain.params and plain.message.isascii()   # encoded words
+    for body in ({"recipients": [{"address": {"email": "a@example.net",
+                                              "header_to": "jörg@example.net"}}], "content": c},
+                 {"recipients": ["a@example.net"], "content": {**c, "reply_to": "ü@example.net"}},
+                 {"recipients": ["a@example.net"],
+                  "content": {**c, "headers": {"CC": "ü@example.net"}}}):
+        assert "SMTPUTF8" in built(body).params, body

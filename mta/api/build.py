@@ -22,6 +22,8 @@ Messages (inline content):
   (Content-ID ``<name>``); with ``attachments`` the whole is the first part of
   multipart/mixed.  Text parts are UTF-8, 7bit when they are ASCII with short
   lines, quoted-printable otherwise; attachments are base64 in 76-octet lines.
+- an address that is not ASCII (address.header_to, Cc, Reply-To) is written as
+  it is, in UTF-8 (RFC 6532), and the message is then sent with SMTPUTF8;
 - A CR or LF in any header name or value is refused: the email package would
   write a header *name* containing CRLF as it is, so names and values are
   checked here before anything is built.
@@ -699,11 +701,15 @@ class Builder:
             v = field(f"content.headers.{hname}", tpl)
             out.append(address_field(hname, v) if hname.lower() in _ADDRESS_FIELDS
                        else unstructured(hname, v))
+        # SMTPUTF8 when an address is not ASCII: the envelope's, or one written as it is
+        # into the header (header_to, Cc, Reply-To: RFC 6532 allows UTF-8 there only in
+        # mail sent with SMTPUTF8); everything else non-ASCII is in encoded words
+        utf8 = not _is_ascii(from_email, email) or \
+            not all(line.isascii() for line in out)
         body = self._body(scopes)
         out.append(body)
         if not body.endswith(b"\r\n"):
             out.append(b"\r\n")   # the message ends with a line end, as SMTP sends it
-        utf8 = not _is_ascii(from_email, email)
         return b"".join(out), from_email, utf8, subject, made
 
     # ------------------------------------------------------------- email_rfc822

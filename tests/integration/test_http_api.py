@@ -1188,3 +1188,31 @@ def test_perform_substitutions_false_delivers_the_content_as_written(delivering)
     assert on["Subject"] == "Subj N"
     assert on.get_body(("plain",)).get_content().strip() == \
         "Use N and <b> in ps-on@example.net"
+
+
+def test_a_non_ascii_address_in_a_header_field_is_sent_with_smtputf8(delivering):
+    # An internationalised address (RFC 6531) in To (address.header_to), Cc or Reply-To
+    # is written as it is, in UTF-8: the message then needs SMTPUTF8, even when the
+    # envelope addresses are ASCII -- without it the header is 8-bit mail the receiver
+    # was never told about (RFC 6532 3.3 needs SMTPUTF8 for a UTF-8 header).
+    d, sink = delivering
+    for rcpt, content_extra, header_to in (
+            ("u8-to@example.net", {}, "Jörg <jörg@example.net>"),
+            ("u8-cc@example.net", {"headers": {"Cc": "ünï@example.net"}}, None),
+            ("u8-rt@example.net", {"reply_to": "ünï@example.net"}, None)):
+        address = {"email": rcpt}
+        if header_to:
+            address["header_to"] = header_to
+        st, _, body = d.post({
+            "recipients": [{"address": address}],
+            "content": {"from": "sender@example.com", "subject": "s", "text": "t",
+                        **content_extra}}, headers=AUTH)
+        assert st == 200 and body["results"]["total_accepted_recipients"] == 1, body
+    for rcpt, field, want in (("u8-to@example.net", "To", "jörg@example.net"),
+                              ("u8-cc@example.net", "Cc", "ünï@example.net"),
+                              ("u8-rt@example.net", "Reply-To", "ünï@example.net")):
+        txn = sink.wait_for(rcpt)
+        assert "SMTPUTF8" in [o.upper() for o in txn.mail_options], (rcpt, txn.mail_options)
+        # (the header is UTF-8: read as text, which is how the email package takes it)
+        msg = email.message_from_string(txn.data.decode("utf-8"), policy=policy.default)
+        assert msg[field].addresses[0].addr_spec == want
