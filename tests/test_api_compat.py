@@ -161,3 +161,14 @@ def test_a_header_address_that_is_not_ascii_asks_for_smtputf8():
                  {"recipients": ["a@example.net"],
                   "content": {**c, "headers": {"CC": "ü@example.net"}}}):
         assert "SMTPUTF8" in built(body).params, body
+
+
+def test_rfc2231_pieces_of_a_long_name_hold_whole_characters():
+    from urllib.parse import unquote_to_bytes
+    name = "€" * 40 + "é" * 7 + ".txt"
+    pieces = B._param("filename", name)
+    assert len(pieces) > 1
+    values = [p.partition("=")[2].removeprefix("utf-8''") for p in pieces]
+    for v in values:
+        unquote_to_bytes(v).decode("utf-8")         # (raises on half a character)
+    assert b"".join(unquote_to_bytes(v) for v in values).decode() == name

@@ -78,6 +78,7 @@ WORD_OCTETS = 39          # UTF-8 octets per encoded word: "=?utf-8?b?" + 52 + "
 PHRASE_OCTETS = 45        # in display names: "=?utf-8?b?" + 60 + "?=" = 72 (limit 75); names
                           # of up to 45 octets stay one word, which every decoder reads alike
 MAX_ATTACHMENT_NAME = 255
+PARAM_PIECE = 60          # characters of a %-encoded RFC 2231 continuation (whole characters)
 MAX_TYPE = 900            # characters of an attachment's type with its parameters
 MAX_NESTING = 8           # multipart levels searched for text parts of email_rfc822
 TEMPLATE_CACHE = 512      # compiled templates kept for reuse (then the cache starts over)
@@ -430,14 +431,18 @@ def _param(key: str, value: str) -> list[str]:
     """``key="value"``, or RFC 2231 ``key*0*=utf-8''...`` pieces when it is not plain ASCII."""
     if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
         return [f'{key}="{value}"']
-    enc = quote(value, safe="")
+    # Pieces of whole characters, not only whole %XX: readers that decode each
+    # continuation on its own (the email package's parser, some mail clients) would
+    # find half a UTF-8 sequence at the end of one piece and the rest in the next.
     pieces = []
-    while enc:
-        cut = min(60, len(enc))
-        while cut < len(enc) and "%" in enc[cut - 2:cut]:   # do not split %XX
-            cut -= 1
-        pieces.append(enc[:cut])
-        enc = enc[cut:]
+    piece = ""
+    for ch in value:
+        enc = quote(ch, safe="")
+        if piece and len(piece) + len(enc) > PARAM_PIECE:
+            pieces.append(piece)
+            piece = ""
+        piece += enc
+    pieces.append(piece)
     if len(pieces) == 1:
         return [f"{key}*=utf-8''{pieces[0]}"]
     return [f"{key}*{i}*={'utf-8' + chr(39) * 2 if i == 0 else ''}{p}"

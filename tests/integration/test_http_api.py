@@ -1216,3 +1216,24 @@ def test_a_non_ascii_address_in_a_header_field_is_sent_with_smtputf8(delivering)
         # (the header is UTF-8: read as text, which is how the email package takes it)
         msg = email.message_from_string(txn.data.decode("utf-8"), policy=policy.default)
         assert msg[field].addresses[0].addr_spec == want
+
+
+def test_a_long_non_ascii_attachment_name_is_split_between_characters(delivering):
+    # RFC 2231 continuations (name*0*=, name*1*=, ...) of a long UTF-8 file name: each
+    # piece holds whole characters -- readers that decode piece by piece (the email
+    # package's header parser among them) find no broken character at a cut.
+    d, sink = delivering
+    name = "Résumé — année 2026 für Größe " * 4 + "€.pdf"
+    st, _, body = d.post({"recipients": ["att-u8@example.net"], "content": {
+        "from": "sender@example.com", "subject": "s", "text": "t",
+        "attachments": [{"name": name, "type": "application/pdf",
+                         "data": base64.b64encode(ATTACHMENT).decode()}]}}, headers=AUTH)
+    assert st == 200, body
+    msg = delivered(sink, "att-u8@example.net")
+    [att] = [p for p in msg.walk() if p.get_content_type() == "application/pdf"]
+    assert att.get_content() == ATTACHMENT and att.get_filename() == name
+    for field in ("Content-Type", "Content-Disposition"):
+        assert b"*1*=" in att.as_bytes()                      # (it was split)
+        assert not att[field].defects, (field, att[field].defects)
+    assert att["Content-Disposition"].params["filename"] == name
+    assert att["Content-Type"].params["name"] == name
