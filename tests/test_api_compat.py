@@ -172,3 +172,18 @@ def test_rfc2231_pieces_of_a_long_name_hold_whole_characters():
     for v in values:
         unquote_to_bytes(v).decode("utf-8")         # (raises on half a character)
     assert b"".join(unquote_to_bytes(v) for v in values).decode() == name
+
+
+@pytest.mark.parametrize("text,refused", [
+    ("{{if a}}x{{end}}", True), ("{{ each items }}{{loop_var}}{{ end }}", True),
+    ("{{ else }}", True), ("{{elseif b == 'x'}}", True), ("{{{ end }}}", True),
+    ("{{ endpoint }} {{ iffy }} {{ elsewhere }} {{ each_day }} {{ending}}", False)])
+def test_template_blocks_are_refused_and_names_like_them_are_not(text, refused):
+    body = {"recipients": ["a@example.net"], "substitution_data": {"endpoint": "E"},
+            "content": {**CONTENT, "text": text}}
+    if refused:
+        with pytest.raises(T.R.ApiError) as e:
+            built(body)
+        assert e.value.status == 422 and e.value.description.startswith("content.text: ")
+    else:
+        assert text_of(parsed(body)).startswith("E    ")

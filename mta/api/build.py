@@ -43,7 +43,10 @@ transmission's ``substitution_data``, then in its ``metadata`` (SparkPost's
 order: metadata is substitution data too); a missing one renders empty.
 Values are HTML-escaped in HTML parts.  Nothing else of a template language
 is interpreted (no code, no loops): other ``{{ ... }}`` text is left as
-written.  ``options.perform_substitutions: false`` (SparkPost's switch) turns
+written, except the blocks of SparkPost's language (``{{ if x }}``,
+``{{ elseif x }}``, ``{{ else }}``, ``{{ end }}``, ``{{ each x }}``), which
+are a 422 naming the field: rendered as values they would go out half done
+to every recipient (``{{ end }}`` emptied, ``{{ if x }}`` as written).  ``options.perform_substitutions: false`` (SparkPost's switch) turns
 all of it off: every field and part is sent as written, ``{{ }}`` included.
 """
 from __future__ import annotations
@@ -102,6 +105,8 @@ _EXPR = rf"{_PATH}(?:\s+or\s+(?:{_OPERAND}))*"
 _TAG = re.compile(rf"\{{\{{\{{\s*({_EXPR})\s*\}}\}}\}}|\{{\{{\s*({_EXPR})\s*\}}\}}")
 _ALT = re.compile(rf"\s+or\s+({_OPERAND})")
 _PATH_RE = re.compile(_PATH)
+# the block statements of SparkPost's template language (not supported)
+_BLOCK = re.compile(r"\{\{\{?\s*(?:(?:if|elseif|unless|each)\s[^{}]*|else|end)\s*\}?\}\}")
 _BAD_LOCAL = frozenset(' <>()[]\\,;:"@')
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -264,6 +269,17 @@ def literal(text: str) -> Template:
     t = Template("")
     t.constant = text
     return t
+
+
+def no_blocks(field: str, text: str | None) -> None:
+    """ApiError 422 naming *field* when *text* uses a block of the template language."""
+    if text and "{{" in text:
+        m = _BLOCK.search(text)
+        if m:
+            raise R.ApiError(R.INVALID, f"{field}: {m.group()[:64]!r}: the template "
+                             "language's blocks ({{if}}, {{elseif}}, {{else}}, {{end}}, "
+                             "{{each}}) are not supported; only values are substituted "
+                             "({{ name }}, {{{ name }}}, {{ name or 'default' }})")
 
 
 def template(text: str) -> Template:
@@ -605,6 +621,15 @@ class Builder:
             if value is not None and _has_line_break(value):
                 raise R.ApiError(R.INVALID, f"{field}: contains a line break (CR or LF)")
         tpl = self.tpl
+        if self.substitute:
+            for field, value in (("content.from.name", from_name),
+                                 ("content.from.email", from_email),
+                                 ("content.subject", c.subject), ("content.reply_to", c.reply_to),
+                                 ("content.text", c.text), ("content.html", c.html),
+                                 ("content.amp_html", c.amp_html),
+                                 *((f"content.headers.{k}", v)
+                                   for k, v in (c.headers or {}).items())):
+                no_blocks(field, value)
         if "{{" not in from_email or not self.substitute:
             why = check_email(from_email)
             if why:
@@ -748,15 +773,17 @@ class Builder:
         # Pieces: constant bytes and templates (header block, first text parts).
         pieces: list = []
         if b"{{" in data and self.substitute:
-            head = data[:body_start]
-            pieces.append(("head", Template(head.decode("utf-8", "surrogateescape"))))
+            head = data[:body_start].decode("utf-8", "surrogateescape")
+            no_blocks("content.email_rfc822", head)
+            pieces.append(("head", Template(head)))
             found: dict = {}
             _text_ranges(data, 0, len(data), 0, found)
             pos = body_start
             for start, end, subtype in sorted(found.values()):
                 pieces.append(data[pos:start])
-                pieces.append((subtype, Template(data[start:end].decode("utf-8",
-                                                                        "surrogateescape"))))
+                part = data[start:end].decode("utf-8", "surrogateescape")
+                no_blocks("content.email_rfc822", part)
+                pieces.append((subtype, Template(part)))
                 pos = end
             pieces.append(data[pos:])
             if all(not isinstance(p, tuple) or p[1].constant is not None for p in pieces):

@@ -1237,3 +1237,31 @@ def test_a_long_non_ascii_attachment_name_is_split_between_characters(delivering
         assert not att[field].defects, (field, att[field].defects)
     assert att["Content-Disposition"].params["filename"] == name
     assert att["Content-Type"].params["name"] == name
+
+
+def test_template_blocks_are_refused_not_sent_half_rendered(api):
+    # SparkPost's template language has blocks ({{if}} ... {{else}} ... {{end}},
+    # {{each}}); this MTA substitutes values only.  A transmission using them is a 422
+    # naming the field -- it used to go out with {{end}} and {{else}} emptied (as
+    # missing values) and {{if ...}} left as written, to every recipient.
+    d = api
+    before = queued(d)
+    for field, text in (("content.text", "{{if vip}}VIP{{else}}hi{{end}}"),
+                        ("content.html", "<ul>{{ each items }}<li>{{loop_var}}</li>{{ end }}"),
+                        ("content.subject", "Hi {{ if name }}{{name}}{{ end }}")):
+        c = {"from": "sender@example.com", "subject": "s", "text": "t"}
+        c[field.split(".")[1]] = text
+        st, _, body = d.post({"recipients": ["blocks@example.net"], "content": c},
+                             headers=AUTH)
+        assert_error(st, body, 422, R.INVALID, field + ": ")
+        assert "{{if}}" in body["errors"][0]["description"], body
+    st, _, body = d.post({"recipients": ["blocks@example.net"], "content": {
+        "email_rfc822": "From: s@example.com\nSubject: s\n\n{{if a}}x{{end}}\n"}}, headers=AUTH)
+    assert_error(st, body, 422, R.INVALID, "content.email_rfc822: ")
+    assert queued(d) == before
+    # Plain values, or blocks with substitutions switched off, are accepted.
+    st, _, body = d.post({"recipients": ["blocks@example.net"], "substitution_data": {"end": 1},
+                          "options": {"perform_substitutions": False},
+                          "content": {"from": "sender@example.com", "subject": "s",
+                                      "text": "{{if vip}}VIP{{end}}"}}, headers=AUTH)
+    assert st == 200, body
