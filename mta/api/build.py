@@ -30,9 +30,9 @@ Messages (inline content):
 
 ``email_rfc822``: line ends are made CRLF; the message must have a From field,
 no NUL and no line over 998 octets.  Substitutions apply to the top-level
-header fields and to the first text/plain and text/html parts that are not
-transfer-encoded (as SparkPost does); Date, Message-ID and To are added when
-missing.
+header fields and to the first text/plain, text/html and text/x-amp-html
+(AMP: escaped as HTML) parts that are not transfer-encoded (as SparkPost
+does); Date, Message-ID and To are added when missing.
 
 Substitution: ``{{ name }}`` and dotted paths ``{{ address.email }}``;
 ``{{{ name }}}`` inserts HTML unescaped; ``{{ name or 'default' }}`` (or
@@ -83,6 +83,8 @@ PHRASE_OCTETS = 45        # in display names: "=?utf-8?b?" + 60 + "?=" = 72 (lim
 MAX_ATTACHMENT_NAME = 255
 PARAM_PIECE = 60          # characters of a %-encoded RFC 2231 continuation (whole characters)
 MAX_TYPE = 900            # characters of an attachment's type with its parameters
+# the parts of email_rfc822 substituted in (the first of each type, as SparkPost)
+_RFC822_TEXT = ("text/plain", "text/html", "text/x-amp-html")
 MAX_NESTING = 8           # multipart levels searched for text parts of email_rfc822
 TEMPLATE_CACHE = 512      # compiled templates kept for reuse (then the cache starts over)
 TEMPLATE_CACHE_TEXT = 64 * 1024   # longest text whose compiled form is kept
@@ -818,7 +820,7 @@ class Builder:
                     # the From field as substituted for this recipient (the sender)
                     from_email = _address_in(mime.find_header(data, b"From"))
             else:
-                text = tpl.render(scopes, html=(kind == "html"), limit=self.max_size)
+                text = tpl.render(scopes, html=(kind != "plain"), limit=self.max_size)
                 if "\r" in text or "\n" in text:
                     # line ends as the rest of the message has them (a value's bare LF
                     # or CR would be one the receiver reads differently)
@@ -1005,7 +1007,8 @@ def _content_type(entity: bytes) -> tuple[str, str | None, str]:
 
 
 def _text_ranges(data: bytes, start: int, end: int, depth: int, found: dict) -> None:
-    """Record in *found* the body ranges of the first text/plain and text/html parts.
+    """Record in *found* the body ranges of the first text/plain, text/html and
+    text/x-amp-html parts.
 
     Only parts without a transfer encoding (7bit, 8bit, binary) are taken:
     substituting into quoted-printable or base64 text would need decoding.
@@ -1033,7 +1036,7 @@ def _text_ranges(data: bytes, start: int, end: int, depth: int, found: dict) -> 
                 return
             _text_ranges(data, body_start + line_end + 2, body_start + nxt, depth + 1, found)
             pos = nxt + 2
-    elif ctype in ("text/plain", "text/html") and cte in ("7bit", "8bit", "binary"):
+    elif ctype in _RFC822_TEXT and cte in ("7bit", "8bit", "binary"):
         sub = ctype[5:]
         if sub not in found and body_start < end:
             found[sub] = (body_start, end, sub)

@@ -1265,3 +1265,24 @@ def test_template_blocks_are_refused_not_sent_half_rendered(api):
                           "content": {"from": "sender@example.com", "subject": "s",
                                       "text": "{{if vip}}VIP{{end}}"}}, headers=AUTH)
     assert st == 200, body
+
+
+def test_email_rfc822_substitutes_in_its_amp_part_too(delivering):
+    # SparkPost substitutes in email_rfc822's top-level header fields and in its first
+    # text, HTML and AMP parts; the AMP part (text/x-amp-html) is HTML: values escaped.
+    d, sink = delivering
+    raw = ("From: s@example.com\nSubject: amp {{x}}\nMIME-Version: 1.0\n"
+           'Content-Type: multipart/alternative; boundary="b1"\n\n'
+           "--b1\nContent-Type: text/plain\n\nT {{x}}\n"
+           "--b1\nContent-Type: text/x-amp-html\n\n<p>A {{x}} {{{x}}}</p>\n"
+           "--b1\nContent-Type: text/html\n\n<p>H {{x}}</p>\n--b1--\n")
+    st, _, body = d.post({"recipients": [{"address": "amp-rfc@example.net",
+                                          "substitution_data": {"x": "<i>"}}],
+                          "content": {"email_rfc822": raw}}, headers=AUTH)
+    assert st == 200, body
+    msg = delivered(sink, "amp-rfc@example.net")
+    got = {p.get_content_type(): p.get_content().strip() for p in msg.walk()
+           if p.get_content_maintype() == "text"}
+    assert msg["Subject"] == "amp <i>"
+    assert got == {"text/plain": "T <i>", "text/x-amp-html": "<p>A &lt;i&gt; <i></p>",
+                   "text/html": "<p>H &lt;i&gt;</p>"}
