@@ -290,7 +290,9 @@ class Service:
         through this node and read its events (:mod:`mta.browser`)."""
         if not self.keys:
             if self.is_loopback(peer_ip):
-                why = browser.rebound(h) if h else None
+                # (a browser's request carries one of these: others go straight through)
+                why = browser.rebound(h) if h and (b"sec-fetch-site" in h or b"origin" in h) \
+                    else None
                 if why is None:
                     return ""
                 raise R.ApiError(R.FORBIDDEN, f"no API keys are configured (http.api_keys): "

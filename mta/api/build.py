@@ -197,14 +197,18 @@ class Template:
     seen recently (senders repeat the same content request after request).
     """
 
-    __slots__ = ("parts", "constant", "fixed")
+    __slots__ = ("parts", "constant", "fixed", "block")
 
     def __init__(self, text: str):
         self.constant = text if "{{" not in text else None
         self.parts: list = []
         self.fixed = 0
+        self.block = None       # the first block of the template language in it (no_blocks)
         if self.constant is not None:
             return
+        m = _BLOCK.search(text)
+        if m:
+            self.block = m.group()
         pos = 0
         for m in _TAG.finditer(text):
             if m.start() > pos:
@@ -278,10 +282,22 @@ def no_blocks(field: str, text: str | None) -> None:
     if text and "{{" in text:
         m = _BLOCK.search(text)
         if m:
-            raise R.ApiError(R.INVALID, f"{field}: {m.group()[:64]!r}: the template "
-                             "language's blocks ({{if}}, {{elseif}}, {{else}}, {{end}}, "
-                             "{{each}}) are not supported; only values are substituted "
-                             "({{ name }}, {{{ name }}}, {{ name or 'default' }})")
+            _refuse_block(field, m.group())
+
+
+def _refuse_block(field: str, block: str) -> None:
+    raise R.ApiError(R.INVALID, f"{field}: {block[:64]!r}: the template "
+                     "language's blocks ({{if}}, {{elseif}}, {{else}}, {{end}}, "
+                     "{{each}}) are not supported; only values are substituted "
+                     "({{ name }}, {{{ name }}}, {{ name or 'default' }})")
+
+
+def _unblocked(field: str, t: Template) -> Template:
+    """*t*, or ApiError 422 naming *field* when it uses a block (found once per compiled
+    text: the template cache keeps the answer, so a repeated content costs a lookup)."""
+    if t.block is not None:
+        _refuse_block(field, t.block)
+    return t
 
 
 def template(text: str) -> Template:
@@ -623,26 +639,19 @@ class Builder:
             if value is not None and _has_line_break(value):
                 raise R.ApiError(R.INVALID, f"{field}: contains a line break (CR or LF)")
         tpl = self.tpl
-        if self.substitute:
-            for field, value in (("content.from.name", from_name),
-                                 ("content.from.email", from_email),
-                                 ("content.subject", c.subject), ("content.reply_to", c.reply_to),
-                                 ("content.text", c.text), ("content.html", c.html),
-                                 ("content.amp_html", c.amp_html),
-                                 *((f"content.headers.{k}", v)
-                                   for k, v in (c.headers or {}).items())):
-                no_blocks(field, value)
         if "{{" not in from_email or not self.substitute:
             why = check_email(from_email)
             if why:
                 raise R.ApiError(R.INVALID, f"content.from.email: {from_email!r} {why}")
-        self.from_name = tpl(from_name) if from_name else None
-        self.from_email = tpl(from_email)
-        self.subject = tpl(c.subject)
-        self.reply_to = tpl(c.reply_to) if c.reply_to else None
-        self.text = tpl(c.text) if c.text is not None else None
-        self.html = tpl(c.html) if c.html is not None else None
-        self.amp = tpl(c.amp_html) if c.amp_html is not None else None
+        # (a literal Template -- no substitutions -- has no block)
+        self.from_name = _unblocked("content.from.name", tpl(from_name)) if from_name else None
+        self.from_email = _unblocked("content.from.email", tpl(from_email))
+        self.subject = _unblocked("content.subject", tpl(c.subject))
+        self.reply_to = _unblocked("content.reply_to", tpl(c.reply_to)) if c.reply_to else None
+        self.text = _unblocked("content.text", tpl(c.text)) if c.text is not None else None
+        self.html = _unblocked("content.html", tpl(c.html)) if c.html is not None else None
+        self.amp = _unblocked("content.amp_html", tpl(c.amp_html)) \
+            if c.amp_html is not None else None
         self.headers: list[tuple[str, Template]] = []
         self.replace: dict[str, tuple[str, Template]] = {}
         for name, value in (c.headers or {}).items():
@@ -654,10 +663,11 @@ class Builder:
             if low in _RESERVED:
                 raise R.ApiError(R.INVALID, f"content.headers.{name}: set by the MTA from "
                                  "content; not allowed in headers")
+            t = _unblocked(f"content.headers.{name}", tpl(value))
             if low in _REPLACING:
-                self.replace[low] = (name, tpl(value))
+                self.replace[low] = (name, t)
             else:
-                self.headers.append((name, tpl(value)))
+                self.headers.append((name, t))
         self.attachments = [attachment_part(a, f"content.attachments[{i}]", False)
                             for i, a in enumerate(c.attachments or ())]
         self.images = [attachment_part(a, f"content.inline_images[{i}]", True)
@@ -736,8 +746,7 @@ class Builder:
         # SMTPUTF8 when an address is not ASCII: the envelope's, or one written as it is
         # into the header (header_to, Cc, Reply-To: RFC 6532 allows UTF-8 there only in
         # mail sent with SMTPUTF8); everything else non-ASCII is in encoded words
-        utf8 = not _is_ascii(from_email, email) or \
-            not all(line.isascii() for line in out)
+        utf8 = not _is_ascii(from_email, email) or not b"".join(out).isascii()
         body = self._body(scopes)
         out.append(body)
         if not body.endswith(b"\r\n"):
