@@ -227,6 +227,25 @@ def test_a_message_left_with_no_pending_recipient_and_no_job_out_is_finished(rig
     again.close()
 
 
+def _two_domain_message(shard, clients) -> str:
+    """Spool, through the shard's bus, a message to a@one.test and b@two.test; its qid."""
+    qid = new_qid(0)
+    env = bus.Envelope(qid=qid, sender="s@example.com", rcpts=["a@one.test", "b@two.test"],
+                       params={}, client="c [127.0.0.1]", arrival=time.time(),
+                       message_id="<two@example.com>")
+    clients[0].sock.send(bus.encode(bus.SpoolMessageCommit(
+        1, [env], [b"Subject: two\r\n\r\nbody\r\n"])))
+    wait_all_requests_arrived(shard, clients)
+    shard.step()
+    assert bus.decode(clients[0].sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
+    return qid
+
+
+def _a_bounce_owed(qid: str) -> dict:
+    """The report of recipient 0's bounce owed (RcptMeta.owed), as Plan._hold makes it."""
+    return {qid: [[0, "5.1.1", "mx.one.test", "550 5.1.1 no such user", time.time()]]}
+
+
 def test_a_bounce_owed_goes_out_when_the_last_job_is_taken_back(rig):
     """Recipient 0 of a message to two domains failed while the other domain's job
     was out: its bounce is owed (held).  That job is then taken back (its delivery
@@ -237,20 +256,12 @@ def test_a_bounce_owed_goes_out_when_the_last_job_is_taken_back(rig):
     from mta.spool import dispatch as dsp
     from mta.store import FAILED, RCPT_BOUNCE_OWED, Store
     shard, clients, order = rig
-    qid = new_qid(0)
-    env = bus.Envelope(qid=qid, sender="s@example.com", rcpts=["a@one.test", "b@two.test"],
-                       params={}, client="c [127.0.0.1]", arrival=time.time(),
-                       message_id="<two@example.com>")
-    clients[0].sock.send(bus.encode(bus.SpoolMessageCommit(
-        1, [env], [b"Subject: two\r\n\r\nbody\r\n"])))
-    wait_all_requests_arrived(shard, clients)
-    shard.step()
-    assert bus.decode(clients[0].sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
+    qid = _two_domain_message(shard, clients)
     q, st = shard.q, shard.store
     q.add_out(qid, 1)                                    # b's job, out
     shard.window.add(99, qid, [1], 0, "two.test", dsp.BULK)
     ups = {qid: [[0, FAILED, 1, 0.0, RCPT_BOUNCE_OWED]]}  # a failed: held (Plan._hold)
-    owed = {qid: [[0, "5.1.1", "mx.one.test", "550 5.1.1 no such user", time.time()]]}
+    owed = _a_bounce_owed(qid)
     new = st.write([], [], ups, None, owed)
     st.sync()
     st.commit(new, [], ups, owed)
@@ -278,18 +289,10 @@ def test_a_finished_message_whose_owed_bounce_cannot_be_read_is_not_finished(rig
     and once it can be read the bounce and the DONE go together."""
     from mta.store import DELIVERED, FAILED, RCPT_BOUNCE_OWED
     shard, clients, order = rig
-    qid = new_qid(0)
-    env = bus.Envelope(qid=qid, sender="s@example.com", rcpts=["a@one.test", "b@two.test"],
-                       params={}, client="c [127.0.0.1]", arrival=time.time(),
-                       message_id="<two@example.com>")
-    clients[0].sock.send(bus.encode(bus.SpoolMessageCommit(
-        1, [env], [b"Subject: two\r\n\r\nbody\r\n"])))
-    wait_all_requests_arrived(shard, clients)
-    shard.step()
-    assert bus.decode(clients[0].sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
+    qid = _two_domain_message(shard, clients)
     q, st = shard.q, shard.store
     ups = {qid: [[0, FAILED, 1, 0.0, RCPT_BOUNCE_OWED], [1, DELIVERED, 1, 0.0]]}
-    owed = {qid: [[0, "5.1.1", "mx.one.test", "550 5.1.1 no such user", time.time()]]}
+    owed = _a_bounce_owed(qid)
     new = st.write([], [], ups, None, owed)
     st.sync()
     st.commit(new, [], ups, owed)
@@ -321,19 +324,11 @@ def test_a_bounce_owed_during_a_storage_failure_does_not_spin_the_shard(rig):
     messages of a batch not written are, and goes out once writes succeed."""
     from mta.store import FAILED, RCPT_BOUNCE_OWED
     shard, clients, order = rig
-    qid = new_qid(0)
-    env = bus.Envelope(qid=qid, sender="s@example.com", rcpts=["a@one.test", "b@two.test"],
-                       params={}, client="c [127.0.0.1]", arrival=time.time(),
-                       message_id="<two@example.com>")
-    clients[0].sock.send(bus.encode(bus.SpoolMessageCommit(
-        1, [env], [b"Subject: two\r\n\r\nbody\r\n"])))
-    wait_all_requests_arrived(shard, clients)
-    shard.step()
-    assert bus.decode(clients[0].sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
+    qid = _two_domain_message(shard, clients)
     q, st = shard.q, shard.store
     # (b pending, its job taken back: delivery is held here)
     ups = {qid: [[0, FAILED, 1, 0.0, RCPT_BOUNCE_OWED]]}
-    owed = {qid: [[0, "5.1.1", "mx.one.test", "550 5.1.1 no such user", time.time()]]}
+    owed = _a_bounce_owed(qid)
     new = st.write([], [], ups, None, owed)
     st.sync()
     st.commit(new, [], ups, owed)
@@ -371,20 +366,12 @@ def test_a_bounce_owed_whose_last_outcome_was_not_written_goes_out_all_the_same(
     from mta.spool import dispatch as dsp
     from mta.store import FAILED, RCPT_BOUNCE_OWED
     shard, clients, order = rig
-    qid = new_qid(0)
-    env = bus.Envelope(qid=qid, sender="s@example.com", rcpts=["a@one.test", "b@two.test"],
-                       params={}, client="c [127.0.0.1]", arrival=time.time(),
-                       message_id="<two@example.com>")
-    clients[0].sock.send(bus.encode(bus.SpoolMessageCommit(
-        1, [env], [b"Subject: two\r\n\r\nbody\r\n"])))
-    wait_all_requests_arrived(shard, clients)
-    shard.step()
-    assert bus.decode(clients[0].sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
+    qid = _two_domain_message(shard, clients)
     q, st = shard.q, shard.store
     q.add_out(qid, 1)                                    # b's job, out
     shard.window.add(99, qid, [1], 0, "two.test", dsp.BULK)
     ups = {qid: [[0, FAILED, 1, 0.0, RCPT_BOUNCE_OWED]]}
-    owed = {qid: [[0, "5.1.1", "mx.one.test", "550 5.1.1 no such user", time.time()]]}
+    owed = _a_bounce_owed(qid)
     new = st.write([], [], ups, None, owed)
     st.sync()
     st.commit(new, [], ups, owed)
