@@ -29,6 +29,7 @@ Peers:   the SMTP client; the spool shards only through ``Acceptor``.
 Config:  [smtp] max_connections, max_connections_per_ip (per client as
          ``peers.client_key`` counts it: ipv6_client_prefix), max_command_line,
          max_text_line, max_message_size, max_recipients, max_errors,
+         max_junk_commands,
          max_buffered_input, command_timeout, data_timeout, linger_timeout,
          postmaster; through the
          acceptor relay_networks, banner, tls_certificate/tls_key, auth_file,
@@ -244,6 +245,7 @@ class Session(asyncio.Protocol):
         self.helo = ""
         self.esmtp = False
         self.errors = 0
+        self.junk = 0               # NOOP, RSET, VRFY, HELP since the last message queued
         self.last_activity = 0.0
         self.reading_paused = False
         self.writing_paused = False
@@ -399,6 +401,18 @@ class Session(asyncio.Protocol):
         self.closing = True
         self.state = _CLOSED
         close_lingering(self, self.a.loop, self.a.smtp.linger_timeout, self.peer_eof)
+
+    def _junk(self, reply: bytes) -> None:
+        """Answer a command that moves no mail (NOOP, RSET, VRFY, HELP): past
+        ``smtp.max_junk_commands`` of them since the session's last message queued, each
+        counts as an error, so that a client that only talks is closed after
+        ``max_errors`` more (Postfix's smtpd_junk_command_limit).  A client that keeps
+        sending mail -- an RSET before each MAIL -- is never closed by it."""
+        self.junk += 1
+        if self.junk > self.a.smtp.max_junk_commands:
+            self.reply_error(reply)
+        else:
+            self.out.append(reply)
 
     def reply_error(self, reply: bytes) -> None:
         """Send an error reply; too many of them end the session."""
@@ -781,10 +795,10 @@ class Session(asyncio.Protocol):
             self.state = _READY
         self._reset_transaction()
         self.scanner.reset_message()
-        self.out.append(R.OK)
+        self._junk(R.OK)
 
     def cmd_noop(self, arg: bytes) -> None:
-        self.out.append(R.OK)
+        self._junk(R.OK)
 
     def cmd_quit(self, arg: bytes) -> None:
         self.close_with(R.BYE)
@@ -793,13 +807,13 @@ class Session(asyncio.Protocol):
         if not arg.strip():
             self.reply_error(R.SYNTAX)
         else:
-            self.out.append(R.VRFY)
+            self._junk(R.VRFY)
 
     def cmd_expn(self, arg: bytes) -> None:
         self.reply_error(R.NOT_IMPLEMENTED)
 
     def cmd_help(self, arg: bytes) -> None:
-        self.out.append(R.HELP)
+        self._junk(R.HELP)
 
     # -------------------------------------------------------------- messages
 
@@ -910,6 +924,7 @@ class Session(asyncio.Protocol):
         if ok:
             self.out.append((_QUEUED_HEAD + qid + _QUEUED_TAIL).encode())
             m.smtp_accepted.value += 1
+            self.junk = 0
         else:
             self.out.append(R.STORAGE_TEMP)
             m.smtp_rejected.value += 1

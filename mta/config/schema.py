@@ -92,6 +92,10 @@ class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         ge=100, le=100_000)] = 1000
     max_errors: Annotated[int, _doc(
         "error replies in one session before it is closed with 421", ge=1, le=10_000)] = 20
+    max_junk_commands: Annotated[int, _doc(
+        "NOOP, RSET, VRFY and HELP commands in a session since its last message was queued; "
+        "past them each one counts as an error (max_errors), so that a client that only "
+        "talks is closed (Postfix's smtpd_junk_command_limit)", ge=1, le=1_000_000)] = 100
     max_auth_failures: Annotated[int, _doc(
         "failed AUTH attempts (535) from one client (as max_connections_per_ip counts it) "
         "within auth_failure_window, "

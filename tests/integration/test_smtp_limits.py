@@ -25,7 +25,7 @@ QUEUED = re.compile(rb"250 2\.0\.0 Ok: queued as ([0-9A-Za-z]+)\r\n\Z")
 # (one acceptor, one shard; started once, shared by the module's tests).
 SMTP_SETTINGS = {
     "mta": {"max_message_size": MAX_SIZE, "max_recipients": 100},
-    "strict": {"max_errors": 3, "max_connections_per_ip": 2},
+    "strict": {"max_errors": 3, "max_connections_per_ip": 2, "max_junk_commands": 5},
     "hasty": {"command_timeout": 1, "data_timeout": 1},
 }
 
@@ -162,6 +162,26 @@ def test_max_errors_closes_the_session(strict):
         assert [c.reply_bytes() for _ in range(5)] == \
             [R.UNKNOWN, R.OK, R.BAD_SENDER, R.NEED_MAIL, R.TOO_MANY_ERRORS]
         assert c.closed()
+
+
+def test_a_client_that_only_talks_is_closed_one_that_sends_mail_is_not(strict):
+    """smtp.max_junk_commands (Postfix's smtpd_junk_command_limit): a session of NOOPs,
+    RSETs, VRFYs and HELPs held a connection slot for ever (a NOOP every 299 s beats the
+    command timeout).  Past the limit each one counts as an error, and max_errors more
+    close it.  The count starts again at each message queued: a client that sends RSET
+    before every MAIL is never closed by it."""
+    with strict.session() as c:
+        got = c.exchange(b"NOOP\r\n" * 5 + b"RSET\r\nVRFY someone\r\nHELP\r\n", 8)
+        assert got[:6] == [R.OK] * 6 and got[6] == R.VRFY and got[7] == R.HELP, got
+        assert c.reply_bytes() == R.TOO_MANY_ERRORS and c.closed()
+    with strict.session() as c:
+        for _ in range(8):          # 8 x (RSET, NOOP, a message): 16 junk commands
+            assert one(c, b"RSET") == R.OK and one(c, b"NOOP") == R.OK
+            assert one(c, b"MAIL FROM:<s@example.com>") == R.SENDER_OK
+            assert one(c, b"RCPT TO:<r@example.net>") == R.RCPT_OK
+            assert one(c, b"DATA") == R.START_DATA
+            queued_id(one(c, MSG[:-2]))
+        assert one(c, b"QUIT") == R.BYE
 
 
 def read_to_eof(sock) -> bytes:
