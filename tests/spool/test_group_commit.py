@@ -241,6 +241,27 @@ def _two_domain_message(shard, clients) -> str:
     return qid
 
 
+def _record(st, ups: dict, owed: dict) -> None:
+    """Write, sync and publish recipient updates with the bounces they make owed."""
+    new = st.write([], [], ups, None, owed)
+    st.sync()
+    st.commit(new, [], ups, owed)
+
+
+def _owed_bounce_goes_out(shard, qid: str) -> None:
+    """Turn the shard (at most 10 s) until nothing is owed: the bounce of *qid*'s
+    recipient 0 is then queued to its sender, and its flag cleared."""
+    q, st = shard.q, shard.store
+    deadline = time.monotonic() + 10.0
+    for _ in range(5000):
+        if not st.owed or time.monotonic() >= deadline:
+            break
+        shard.step()
+    assert st.owed == {} and len(q) == 2 and q.recipient(qid, 0)[3] == 0
+    [bounce] = [x for x in q.sorted_qids() if x != qid]
+    assert st.read_record(bounce)[0].rcpts == ["s@example.com"]
+
+
 def _a_bounce_owed(qid: str) -> dict:
     """The report of recipient 0's bounce owed (RcptMeta.owed), as Plan._hold makes it."""
     return {qid: [[0, "5.1.1", "mx.one.test", "550 5.1.1 no such user", time.time()]]}
@@ -262,9 +283,7 @@ def test_a_bounce_owed_goes_out_when_the_last_job_is_taken_back(rig):
     shard.window.add(99, qid, [1], 0, "two.test", dsp.BULK)
     ups = {qid: [[0, FAILED, 1, 0.0, RCPT_BOUNCE_OWED]]}  # a failed: held (Plan._hold)
     owed = _a_bounce_owed(qid)
-    new = st.write([], [], ups, None, owed)
-    st.sync()
-    st.commit(new, [], ups, owed)
+    _record(st, ups, owed)
     assert set(st.owed) == {qid}
     shard.step()                                         # nothing to do: still held
     assert len(q) == 1 and set(st.owed) == {qid}
@@ -293,9 +312,7 @@ def test_a_finished_message_whose_owed_bounce_cannot_be_read_is_not_finished(rig
     q, st = shard.q, shard.store
     ups = {qid: [[0, FAILED, 1, 0.0, RCPT_BOUNCE_OWED], [1, DELIVERED, 1, 0.0]]}
     owed = _a_bounce_owed(qid)
-    new = st.write([], [], ups, None, owed)
-    st.sync()
-    st.commit(new, [], ups, owed)
+    _record(st, ups, owed)
     read_meta = st.read_meta
 
     def unreadable(x):
@@ -325,13 +342,11 @@ def test_a_bounce_owed_during_a_storage_failure_does_not_spin_the_shard(rig):
     from mta.store import FAILED, RCPT_BOUNCE_OWED
     shard, clients, order = rig
     qid = _two_domain_message(shard, clients)
-    q, st = shard.q, shard.store
+    st = shard.store
     # (b pending, its job taken back: delivery is held here)
     ups = {qid: [[0, FAILED, 1, 0.0, RCPT_BOUNCE_OWED]]}
     owed = _a_bounce_owed(qid)
-    new = st.write([], [], ups, None, owed)
-    st.sync()
-    st.commit(new, [], ups, owed)
+    _record(st, ups, owed)
     write = st.write
     writes = []
 
@@ -348,14 +363,7 @@ def test_a_bounce_owed_during_a_storage_failure_does_not_spin_the_shard(rig):
         shard.step()
     assert 1 <= len(writes) <= 3
     st.write = write
-    deadline = time.monotonic() + 10.0
-    for _ in range(5000):
-        if not st.owed or time.monotonic() >= deadline:
-            break
-        shard.step()
-    assert len(q) == 2 and st.owed == {} and q.recipient(qid, 0)[3] == 0
-    [bounce] = [x for x in q.sorted_qids() if x != qid]
-    assert st.read_record(bounce)[0].rcpts == ["s@example.com"]
+    _owed_bounce_goes_out(shard, qid)
 
 
 def test_a_bounce_owed_whose_last_outcome_was_not_written_goes_out_all_the_same(rig):
@@ -372,9 +380,7 @@ def test_a_bounce_owed_whose_last_outcome_was_not_written_goes_out_all_the_same(
     shard.window.add(99, qid, [1], 0, "two.test", dsp.BULK)
     ups = {qid: [[0, FAILED, 1, 0.0, RCPT_BOUNCE_OWED]]}
     owed = _a_bounce_owed(qid)
-    new = st.write([], [], ups, None, owed)
-    st.sync()
-    st.commit(new, [], ups, owed)
+    _record(st, ups, owed)
     outcomes = [bus.DeliveryOutcome(99, qid, [bus.Result(1, bus.DEFERRED, 451, "4.3.0",
                                                          "try later", "mx.two.test",
                                                          "127.0.0.2")])]
@@ -388,11 +394,4 @@ def test_a_bounce_owed_whose_last_outcome_was_not_written_goes_out_all_the_same(
     shard.batch(outcomes=[0])
     assert not outcomes and set(st.owed) == {qid} and q.info(qid)[9] == 0
     st.write = write
-    deadline = time.monotonic() + 10.0
-    for _ in range(5000):
-        if not st.owed or time.monotonic() >= deadline:
-            break
-        shard.step()
-    assert st.owed == {} and len(q) == 2
-    [bounce] = [x for x in q.sorted_qids() if x != qid]
-    assert st.read_record(bounce)[0].rcpts == ["s@example.com"]
+    _owed_bounce_goes_out(shard, qid)
