@@ -216,6 +216,27 @@ def event_kind(e: dict) -> str:
     return e["type"]
 
 
+
+def mta_children(parent: int, zombies: bool = False) -> list[tuple[str, int]]:
+    """(title without "mta: ", pid) of *parent*'s mta children ('spool[0]'; one just
+    forked still has its parent's title), *zombies* (exited, not reaped) among them."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) != parent or (fields[0] == "Z" and not zombies):
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                title = fh.read().split(b"\0")[0].decode()
+        except (OSError, ValueError, IndexError, UnicodeDecodeError):
+            continue
+        if title.startswith("mta: "):
+            out.append((title[5:].strip(), int(pid)))
+    return out
+
 class Daemon:
     """One ``mta serve`` under test."""
 
@@ -389,23 +410,7 @@ class Daemon:
 
     def children(self) -> dict[str, int]:
         """Map process title ('spool[0]', 'acceptor[1]') to PID for the live children."""
-        out = {}
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/stat") as fh:
-                    stat = fh.read()
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                if ppid != self.proc.pid:
-                    continue
-                with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                    title = fh.read().split(b"\0")[0].decode()
-            except (OSError, ValueError, IndexError):
-                continue
-            if title.startswith("mta: "):
-                out[title[5:].strip()] = int(pid)
-        return out
+        return {title: pid for title, pid in mta_children(self.proc.pid, zombies=True)}
 
     def cli(self, *args, check: bool = True, timeout: float = 60.0,
             input: bytes | None = None) -> subprocess.CompletedProcess:

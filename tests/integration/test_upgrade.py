@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from daemon import HOST, wait_until
+from daemon import HOST, mta_children, wait_until
 from test_admin_api import admin_call
 
 
@@ -276,21 +276,8 @@ def test_a_reload_asked_for_during_an_upgrade_is_applied_by_the_new_supervisor(m
 def children_of(pid: int) -> dict[str, int]:
     """Process title ('spool[0]') -> pid of *pid*'s live children (one just forked, still
     with its parent's title: 'supervisor<pid>')."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rpartition(")")[2].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                title = fh.read().split(b"\0")[0].decode()
-        except (OSError, UnicodeDecodeError):
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z" and title.startswith("mta: "):
-            out[title[5:].strip() + ("" if title != "mta: supervisor" else entry)] = \
-                int(entry)
-    return out
+    return {title + (str(child) if title == "supervisor" else ""): child
+            for title, child in mta_children(pid)}
 
 
 def test_a_new_supervisor_killed_mid_upgrade_leaves_no_second_shard_writer(make_daemon):
