@@ -33,6 +33,7 @@ import urllib.parse
 
 import click
 
+from mta import proc
 from mta.obs.queue import last_reply_line, suspended_line, webhook_rows
 
 EX_UNAVAILABLE = 69
@@ -357,7 +358,7 @@ def upgrade_cmd(config_path, as_json, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         new = _read_pid(pidfile)
-        if new and new != old and _alive(new) and not _alive(old):
+        if new and new != old and proc.alive(new) and not proc.alive(old):
             click.echo(json.dumps({"old_pid": old, "new_pid": new}) if as_json else
                        f"upgraded: supervisor pid {new}")
             return
@@ -394,7 +395,7 @@ def reload_cmd(config_path, pid, timeout):
         sys.exit(EX_CONFIG)
     pidfile = os.path.join(s.run_dir, "mta.pid")
     pid = pid or _read_pid(pidfile)
-    if not pid or not _alive(pid):
+    if not pid or not proc.alive(pid):
         click.echo(f"mta: no running daemon ({pidfile} names none that runs); not "
                    "reloaded", err=True)
         sys.exit(EX_UNAVAILABLE)
@@ -425,7 +426,7 @@ def reload_cmd(config_path, pid, timeout):
             click.echo(f"reloaded: {rec.get('status', '')}")
             return
         # an upgrade meanwhile hands the signal on to the new supervisor, which reloads
-        if not _alive(pid) and not daemon_running(s):
+        if not proc.alive(pid) and not daemon_running(s):
             click.echo(f"mta: the daemon (pid {pid}) exited before the reload finished",
                        err=True)
             sys.exit(EX_UNAVAILABLE)
@@ -438,7 +439,7 @@ def reload_cmd(config_path, pid, timeout):
 def daemon_running(settings) -> bool:
     """Whether the supervisor of *settings*' state directory runs (its pid file's pid)."""
     pid = _read_pid(os.path.join(settings.run_dir, "mta.pid"))
-    return bool(pid) and _alive(pid)
+    return bool(pid) and proc.alive(pid)
 
 
 def _read_pid(path: str) -> int:
@@ -447,20 +448,6 @@ def _read_pid(path: str) -> int:
             return int(fh.read().strip() or 0)
     except (OSError, ValueError):
         return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:        # a zombie (exited, not yet reaped) is not running
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _query(**fields) -> str:

@@ -122,6 +122,32 @@ class _TurnHandler(logging.StreamHandler):
             self.stream.flush()
 
 
+def alive(pid: int) -> bool:
+    """Whether process *pid* runs: it exists (ours or another user's) and is not a
+    zombie (exited, not yet reaped).  A pid reused since is taken for alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def title(pid: int) -> str:
+    """The process title of *pid* (``mta: spool[0]``: its first argument); "" if it is
+    gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().split(b"\0")[0].decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def flush_logging() -> None:
     """Write every log line still held for the end of a loop turn."""
     for h in logging.getLogger().handlers:

@@ -33,6 +33,8 @@ import os
 import sqlite3
 import time
 
+from mta import proc
+
 NEW, REPLAY, MISMATCH, IN_FLIGHT = "new", "replay", "mismatch", "in_flight"
 
 BUSY_TIMEOUT_MS = 5000     # wait for another acceptor's transaction at most this long
@@ -55,16 +57,6 @@ CREATE INDEX IF NOT EXISTS requests_created ON requests (created);
 
 def body_hash(body: bytes) -> bytes:
     return hashlib.sha256(body).digest()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Store:
@@ -112,7 +104,7 @@ class Store:
                 if status is not None:
                     db.execute("COMMIT")
                     return REPLAY, status, response
-                if (owner == self.pid or _alive(owner)) and created >= now - self.stale_after:
+                if (owner == self.pid or proc.alive(owner)) and created >= now - self.stale_after:
                     db.execute("COMMIT")
                     return IN_FLIGHT, None, None
             db.execute("INSERT OR REPLACE INTO requests (scope, key, body_hash, created, owner, "

@@ -20,6 +20,7 @@ import time
 
 import msgspec
 
+from mta import proc
 from mta.store import sync_dir
 
 log = logging.getLogger("mta.delivery.adaptive")
@@ -116,13 +117,8 @@ class Store:
             pid = name[:-4].rpartition(".")[2]
             if not pid.isdigit():
                 continue
-            try:
-                os.kill(int(pid), 0)
+            if proc.alive(int(pid)):
                 continue                        # its writer is alive (or the pid reused)
-            except ProcessLookupError:
-                pass
-            except OSError:
-                continue                        # alive, someone else's
             try:
                 os.unlink(os.path.join(self.directory, name))
             except OSError:

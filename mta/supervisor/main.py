@@ -105,15 +105,6 @@ class StartupError(Exception):
     pass
 
 
-def _title(pid: int) -> str:
-    """The process title of *pid* (``mta: spool[0]``); "" if it is gone."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().split(b"\0")[0].decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
 def readable(fds, timeout: float) -> list[int]:
     """The descriptors of *fds* that can be read (data, or the writer gone) within
     *timeout* seconds.  poll(), not select(): select() takes no descriptor from
@@ -773,7 +764,7 @@ class Supervisor:
                 break
             for i, pid in busy.items():
                 if pid and pid != os.getpid() and pid not in self.children and \
-                        _title(pid).startswith("mta: spool"):
+                        proc.title(pid).startswith("mta: spool"):
                     log.error("upgrade: spool shard %d is still written by pid %d, left by "
                               "the new supervisor; killing it", i, pid)
                     self._kill(pid, signal.SIGKILL)
