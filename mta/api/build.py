@@ -203,7 +203,7 @@ class Template:
         self.constant = text if "{{" not in text else None
         self.parts: list = []
         self.fixed = 0
-        self.block = None       # the first block of the template language in it (no_blocks)
+        self.block = None       # the first block of the template language in it (_unblocked)
         if self.constant is not None:
             return
         m = _BLOCK.search(text)
@@ -277,26 +277,15 @@ def literal(text: str) -> Template:
     return t
 
 
-def no_blocks(field: str, text: str | None) -> None:
-    """ApiError 422 naming *field* when *text* uses a block of the template language."""
-    if text and "{{" in text:
-        m = _BLOCK.search(text)
-        if m:
-            _refuse_block(field, m.group())
-
-
-def _refuse_block(field: str, block: str) -> None:
-    raise R.ApiError(R.INVALID, f"{field}: {block[:64]!r}: the template "
-                     "language's blocks ({{if}}, {{elseif}}, {{else}}, {{end}}, "
-                     "{{each}}) are not supported; only values are substituted "
-                     "({{ name }}, {{{ name }}}, {{ name or 'default' }})")
-
-
 def _unblocked(field: str, t: Template) -> Template:
-    """*t*, or ApiError 422 naming *field* when it uses a block (found once per compiled
-    text: the template cache keeps the answer, so a repeated content costs a lookup)."""
+    """*t*, or ApiError 422 naming *field* when it uses a block of the template language
+    (found once per compiled text: the template cache keeps the answer, so a repeated
+    content costs a lookup)."""
     if t.block is not None:
-        _refuse_block(field, t.block)
+        raise R.ApiError(R.INVALID, f"{field}: {t.block[:64]!r}: the template "
+                         "language's blocks ({{if}}, {{elseif}}, {{else}}, {{end}}, "
+                         "{{each}}) are not supported; only values are substituted "
+                         "({{ name }}, {{{ name }}}, {{ name or 'default' }})")
     return t
 
 
@@ -785,16 +774,14 @@ class Builder:
         pieces: list = []
         if b"{{" in data and self.substitute:
             head = data[:body_start].decode("utf-8", "surrogateescape")
-            no_blocks("content.email_rfc822", head)
-            pieces.append(("head", Template(head)))
+            pieces.append(("head", _unblocked("content.email_rfc822", Template(head))))
             found: dict = {}
             _text_ranges(data, 0, len(data), 0, found)
             pos = body_start
             for start, end, subtype in sorted(found.values()):
                 pieces.append(data[pos:start])
                 part = data[start:end].decode("utf-8", "surrogateescape")
-                no_blocks("content.email_rfc822", part)
-                pieces.append((subtype, Template(part)))
+                pieces.append((subtype, _unblocked("content.email_rfc822", Template(part))))
                 pos = end
             pieces.append(data[pos:])
             if all(not isinstance(p, tuple) or p[1].constant is not None for p in pieces):
