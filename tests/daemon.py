@@ -255,7 +255,10 @@ class Daemon:
             "smtp": {"listen": [f"{HOST}:{self.port}"], "acceptors": acceptors},
             "http": {"listen": [f"{HOST}:{self.http_port}"]},
             "admin": {"listen": [f"{HOST}:{self.admin_port}"]},
-            "spool": {"shards": shards, "min_free_bytes": 0},
+            # 4 MiB segments, not the default 64: every daemon test zero-fills a
+            # segment and a spare per shard at start, and smaller ones roll over
+            # (and are reused) within a test's traffic.
+            "spool": {"shards": shards, "min_free_bytes": 0, "segment_size": 4 << 20},
             # Acceptance tests keep mail queued; delivery tests turn this off and
             # point the resolver at their own DNS server on loopback.
             "delivery": {"hold": True, "processes": 1},
