@@ -181,7 +181,11 @@ class Acceptor:
         self.bounce_domains = oob_reports.normalize_domains(cfg.feedback.bounce_domains)
         self.classifier = None          # made at the first report (feedback.bounce_rules)
         self.report_tasks: set = set()  # reports being read, stored or committed
-        self.report_stats = {"dsn": 0, "arf": 0, "unparsed": 0, "matched": 0}
+        # Reports being parsed or waiting for a reader (feedback.report_readers
+        # at once; feedback.max_waiting_reports more wait, beyond that 451).
+        self.reports_unread = 0
+        self._report_readers: asyncio.Semaphore | None = None   # made in the loop
+        self.report_stats = {"dsn": 0, "arf": 0, "unparsed": 0, "matched": 0, "deferred": 0}
         # The events store, read-only, opened when first needed (the events
         # process may create it after this acceptor starts); one handle per
         # process (LMDB), shared with the events API (http.Service.events_store).
@@ -284,8 +288,7 @@ class Acceptor:
         (then neither callback is called).
         """
         if self.bounce_domains and oob_reports.bounce_domain(msg.rcpts[0], self.bounce_domains):
-            self.take_report(msg)   # (the session keeps reports and other mail apart)
-            return None
+            return self.take_report(msg)   # (the session keeps reports and other mail apart)
         payload = msg.payload
         hops = len(mime.find_headers(payload, b"Received"))
         if hops > self.smtp.max_hops:
@@ -365,8 +368,13 @@ class Acceptor:
 
     # ------------------------------------------------------------- reports
 
-    def take_report(self, msg: smtp.Submission) -> None:
+    def take_report(self, msg: smtp.Submission) -> bytes | None:
         """A message to a bounce domain: read it as a report; msg.committed() when done.
+
+        Returns the 451 reply instead when ``feedback.max_waiting_reports``
+        reports already wait for one of the ``feedback.report_readers``: a
+        report comes from anyone, unauthenticated, and costs CPU by the octet
+        (only ``feedback.max_report_size`` octets of it are parsed).
 
         In a worker thread: parse it and find its original message in the
         events store (:mod:`mta.acceptor.reports`), then add its suppression
@@ -376,6 +384,16 @@ class Acceptor:
         disk (451 otherwise, like a message).  A report that is not a DSN or
         ARF report is accepted, logged and dropped; nothing is ever relayed.
         """
+        fb = self.settings.config.feedback
+        if self.reports_unread >= fb.report_readers + fb.max_waiting_reports:
+            self.report_stats["deferred"] += 1
+            log.warning("a report from %s deferred: %d report(s) being read or waiting "
+                        "(feedback.report_readers %d, max_waiting_reports %d)", msg.peer_ip,
+                        self.reports_unread, fb.report_readers, fb.max_waiting_reports)
+            return R.REPORTS_BUSY
+        if self._report_readers is None:
+            self._report_readers = asyncio.Semaphore(fb.report_readers)
+        self.reports_unread += 1
         rid = new_qid(self.slot)
         task = self.loop.create_task(self._report(msg, rid))
         self.report_tasks.add(task)
@@ -391,11 +409,14 @@ class Acceptor:
     async def _report(self, msg: smtp.Submission, rid: str) -> None:
         loop = self.loop
         try:
-            got = await loop.run_in_executor(None, self._read_report, msg)
+            async with self._report_readers:
+                got = await loop.run_in_executor(None, self._read_report, msg)
         except Exception:
             log.exception("%s: reading a report from %s failed; accepted and dropped", rid,
                           msg.peer_ip)
             got = oob_reports.Reading()
+        finally:
+            self.reports_unread -= 1
         st = self.report_stats
         if not got.kind:
             st["unparsed"] += 1
@@ -461,8 +482,9 @@ class Acceptor:
         if self.classifier is None:
             self.classifier = feedback.Classifier.from_file(
                 self.settings.config.feedback.bounce_rules)
-        return oob_reports.read(msg.payload, msg.rcpts, self.events_store(), self.classifier,
-                                unmatched=self.settings.config.feedback.suppress_unmatched)
+        fb = self.settings.config.feedback
+        return oob_reports.read(msg.payload[:fb.max_report_size], msg.rcpts, self.events_store(), self.classifier,
+                                unmatched=fb.suppress_unmatched)
 
     def _suppress(self, rid: str, items: list) -> None:
         """Add a report's suppression entries (in a worker thread); failures are logged.

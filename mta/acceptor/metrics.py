@@ -38,6 +38,12 @@ class AcceptorMetrics:
             (GAUGE, "mta_acceptor_transactions_open", (), a.transactions_open()),
             (GAUGE, "mta_acceptor_space_low", (), 1 if a.space_low else 0),
         ]
+        rs = a.report_stats
+        if a.bounce_domains:
+            rows += [(COUNTER, "mta_feedback_reports_total", (kind,), rs[kind])
+                     for kind in ("dsn", "arf", "unparsed", "deferred")]
+            rows += [(COUNTER, "mta_feedback_reports_matched_total", (), rs["matched"]),
+                     (GAUGE, "mta_feedback_reports_unread", (), a.reports_unread)]
         signer = a.signer
         if signer is not None:
             rows += [

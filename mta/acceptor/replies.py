@@ -29,6 +29,7 @@ TOO_MANY_FROM_IP = b"421 4.7.0 Too many connections from your address, try again
 TOO_MANY_ERRORS = b"421 4.7.0 Too many errors, closing connection\r\n"
 TIMEOUT = b"421 4.4.2 Timeout, closing connection\r\n"
 STORAGE_TEMP = b"451 4.3.0 Temporary storage problem, try again later\r\n"
+REPORTS_BUSY = b"451 4.3.2 Too many reports waiting to be read, try again later\r\n"
 STORAGE_FULL = b"452 4.3.1 Insufficient system storage, try again later\r\n"
 TOO_MANY_RCPTS = b"452 4.5.3 Too many recipients\r\n"
 # A report recipient (feedback.bounce_domains) and a recipient to relay in one

@@ -615,6 +615,18 @@ class FeedbackConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "suppressed -- a report comes from anyone, unauthenticated, and a made-up one "
         "could otherwise suppress any address.  Unmatched reports give their events "
         "(matched \"0\") either way")] = False
+    max_report_size: Annotated[int, _doc(
+        "octets of a report to a bounce domain that are parsed; the rest (in a DSN or ARF "
+        "report, the returned message after its header) is not read.  A report comes from "
+        "anyone, and parsing costs CPU by the octet (about 0.3 s per MiB of crafted "
+        "MIME)", ge=64 * KiB, le=10 * MiB)] = 1 * MiB
+    report_readers: Annotated[int, _doc(
+        "reports parsed at once per acceptor, each in a worker thread beside the "
+        "acceptor's event loop", ge=1, le=32)] = 1
+    max_waiting_reports: Annotated[int, _doc(
+        "reports per acceptor that may wait for a reader; one more gets 451 4.3.2 at once "
+        "(its sender tries again later) instead of holding its payload in memory",
+        ge=0, le=100_000)] = 100
     verp: Annotated[str, _doc(
         "a local part: when set, the MAIL FROM of every message delivered with a non-null "
         "sender becomes <verp>+<queue id>@<the first of bounce_domains> (VERP), so that "

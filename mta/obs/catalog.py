@@ -87,6 +87,15 @@ _FAMILIES = [
     Family("mta_dkim_key_cpu_seconds_total", COUNTER,
            "CPU time of the private-key operations alone (part of "
            "mta_dkim_signing_cpu_seconds_total)"),
+    # --- reports to the bounce domains (feedback.bounce_domains), read by the acceptors
+    Family("mta_feedback_reports_total", COUNTER,
+           "mail to a bounce domain, by what it was: dsn or arf (a report read), unparsed "
+           "(neither; accepted and dropped), deferred (451: feedback.max_waiting_reports "
+           "already waiting)", ("kind",)),
+    Family("mta_feedback_reports_matched_total", COUNTER,
+           "reports whose original message was found in the events store"),
+    Family("mta_feedback_reports_unread", GAUGE,
+           "reports being parsed or waiting for a reader (feedback.report_readers)"),
     # --- the events process
     Family("mta_events_published_total", COUNTER,
            "message events written to the event log (and the events store); replays after "

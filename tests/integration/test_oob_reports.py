@@ -20,8 +20,9 @@ import time
 import urllib.parse
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import HOST, free_port, wait_until
+from daemon import HOST, Client, free_port, wait_until
 from sinks import AioSink
 
 KEY = "oob-key"
@@ -360,3 +361,66 @@ def test_verp_needs_a_bounce_domain(tmp_path):
     with pytest.raises(ConfigError, match=r"feedback\.verp: needs feedback\.bounce_domains"):
         resolve(msgspec.convert({"server": {"state_dir": str(tmp_path)},
                                  "feedback": {"verp": "bounces"}}, Config), None)
+
+
+def crafted_report(parts: int) -> bytes:
+    """A DSN whose returned message is *parts* tiny MIME parts: parsing it costs CPU by
+    the octet (about 0.3 s per MiB), which a report from anyone must not be free to do."""
+    inner = b"--C\r\nContent-Type: text/plain\r\n\r\ny\r\n" * parts
+    return dsn("crafted@sender.example.org", "x@example.com", "5.1.1",
+               "550 5.1.1 unknown").replace(
+        b"--B1\r\nContent-Type: text/rfc822-headers\r\n",
+        b"--B1\r\nContent-Type: multipart/mixed; boundary=\"C\"\r\n\r\n" + inner
+        + b"--C--\r\n--B1\r\nContent-Type: text/rfc822-headers\r\n")
+
+
+def test_reports_are_read_one_at_a_time_and_only_their_first_octets(make_daemon):
+    """Parsing a report costs CPU by the octet, and anyone may send one: a client with
+    many connections had the acceptor parse 10 MB reports in every worker thread at once
+    beside its event loop.  Now feedback.report_readers parse at once,
+    feedback.max_waiting_reports wait, one more gets 451 4.3.2 at once (and is sent again
+    later, as a 4xx is); and only feedback.max_report_size octets of a report are read."""
+    limit = 4 << 20
+    d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
+                    smtp={"relay_networks": ["192.0.2.0/24"]},
+                    feedback={"bounce_domains": [BOUNCES], "report_readers": 1,
+                              "max_waiting_reports": 1, "max_report_size": limit})
+    big = crafted_report(200_000)            # 7 MB: its first 4 MiB take a second or more
+    assert len(big) > limit + (1 << 20)
+    conns = []
+    for _ in range(3):
+        c = Client(HOST, d.port, timeout=60)
+        for line in (b"EHLO mx.isp.test", b"MAIL FROM:<>", f"RCPT TO:<b@{BOUNCES}>".encode(),
+                     b"DATA"):
+            c.send(line + b"\r\n")
+            code, _ = c.reply()
+            assert code in (250, 354), (line, code)
+        conns.append(c)
+    for c in conns:
+        c.send(big + b"\r\n.\r\n")
+    # the first is being read, the second waits, the third is one too many
+    code, text = conns[2].reply()
+    assert code == 451 and text[0].startswith("4.3.2"), (code, text)
+    for c in conns[:2]:
+        code, text = c.reply()
+        assert code == 250, (code, text)
+        c.close()
+    conns[2].close()
+    # A report whose delivery-status part starts beyond max_report_size is not read.
+    late = dsn("late@sender.example.org", "late@example.com", "5.1.1", "550 5.1.1 unknown")
+    late = late.replace(b"Your message could not be delivered.",
+                        b"Your message could not be delivered.\r\n" * ((limit // 38) + 10))
+    code, text = smtp_send(d, "", [f"bounces@{BOUNCES}"], late)
+    assert code == 250, text
+    d.wait_log(r"is not a DSN or ARF report", timeout=30)
+    got = wait_until(lambda: events(d, events="out_of_band") or None, 60, "the DSN's event")
+    assert [e["rcpt_to"] for e in got] == ["x@example.com", "x@example.com"], got
+    def counts():
+        status, _, body = d.admin_get("/metrics")
+        assert status == 200
+        got = {s.labels["kind"]: s.value
+               for fam in text_string_to_metric_families(body.decode())
+               for s in fam.samples if s.name == "mta_feedback_reports_total"}
+        return got if got.get("unparsed") else None     # (pushed about once a second)
+    assert wait_until(counts, 30, "the report counts in /metrics") == {
+        "dsn": 2, "arf": 0, "unparsed": 1, "deferred": 1}
