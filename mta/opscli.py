@@ -17,7 +17,7 @@ apart from it so the commands that ask the spool directly stay as they were.
 
 They find the admin listener at the first ``[admin] listen`` address (a
 wildcard address is asked on loopback) and send ``MTA_ADMIN_TOKEN``, else the
-first of ``[admin] tokens``, as the bearer token.  Exit status as :mod:`mta.cli`:
+first of ``[admin] tokens`` (else of ``read_tokens``), as the bearer token.  Exit status as :mod:`mta.cli`:
 69 when the daemon does not answer, 1 for an error it reported.
 """
 from __future__ import annotations
@@ -52,7 +52,8 @@ class AdminClient:
             host = "::1"
         self.host, self.port = host, port
         cfg = settings.config.admin
-        self.token = os.environ.get("MTA_ADMIN_TOKEN") or (cfg.tokens[0] if cfg.tokens else None)
+        self.token = os.environ.get("MTA_ADMIN_TOKEN") or next(
+            iter(cfg.tokens or cfg.read_tokens), None)
         self.timeout = timeout
 
     def call(self, method: str, path: str) -> tuple[int, dict]:

@@ -25,8 +25,8 @@ close``; a request body is not read).  ``/metrics``: Prometheus text format
 3 x push_interval + 2 s), last report age.  ``/``: the live status page
 (:mod:`mta.admin.page`).  The rest of ``/api/admin/`` (queue, messages,
 status, drain) is :mod:`mta.admin.api`; it asks the spool shards over the bus.
-With ``admin.tokens`` set every request needs ``Authorization: Bearer TOKEN``
-(401 otherwise).  A POST or DELETE that a browser marks as another site's
+With ``admin.tokens`` or ``admin.read_tokens`` set every request needs
+``Authorization: Bearer TOKEN`` (401 otherwise); a read token's POST or DELETE gets 403.  A POST or DELETE that a browser marks as another site's
 (``Sec-Fetch-Site``, ``Origin``) gets 403, and so does, without tokens, a browser's
 request whose ``Host`` is not a loopback name (DNS rebinding; :mod:`mta.browser`).  A request head over 16 KiB gets 431; other paths 404;
 other methods 405; every error is a JSON body.
@@ -53,6 +53,7 @@ from mta.admin.metrics import Collector, Reports
 log = logging.getLogger("mta.admin")
 
 MAX_HEAD = 16 * 1024        # octets of request line and header fields
+NONE, READ, ACT = 0, 1, 2   # what a request's token allows (Admin.access)
 REQUEST_TIMEOUT = 10.0      # seconds a client has to send its request head
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
@@ -72,19 +73,24 @@ class Admin:
         self.registry.register(self.collector)
         self.api = None             # mta.admin.api.Api, set by main() once the bus is up
         self.tokens = [t.encode() for t in self.cfg.tokens]
+        self.read_tokens = [t.encode() for t in self.cfg.read_tokens]
         self.sessions: set = set()
 
-    def authorized(self, headers: dict) -> bool:
-        if not self.tokens:
-            return True
+    def access(self, headers: dict) -> int:
+        """What the request's token allows: ACT (any token of admin.tokens, or none is
+        asked for), READ (one of admin.read_tokens) or NONE."""
+        if not self.tokens and not self.read_tokens:
+            return ACT
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         if scheme.lower() != b"bearer":
-            return False
+            return NONE
         token = token.strip()
-        ok = False
+        act = read = False
         for t in self.tokens:       # every token compared: no early exit to time
-            ok |= hmac.compare_digest(t, token)
-        return ok
+            act |= hmac.compare_digest(t, token)
+        for t in self.read_tokens:
+            read |= hmac.compare_digest(t, token)
+        return ACT if act else READ if read else NONE
 
     def from_a_browser_elsewhere(self, method: bytes, headers: dict) -> str | None:
         """Why a request is another site's page acting through a browser (mta.browser),
@@ -95,7 +101,7 @@ class Admin:
             why = browser.cross_site(headers)
             if why:
                 return f"a cross-site request is refused ({why})"
-        if not self.tokens:
+        if not self.tokens and not self.read_tokens:
             return browser.rebound(headers)
         return None
 
@@ -114,13 +120,19 @@ class Admin:
             # from the URL fragment), so it is served without a token.
             return 200, {"Content-Type": "text/html; charset=utf-8",
                          "Cache-Control": "no-store"}, page.HTML
-        if not self.authorized(headers):
+        access = self.access(headers)
+        if access == NONE:
             given = b"authorization" in headers
             return _json(401, {"errors": [{"message": (
                 "the token is not one of [admin] tokens" if given else
                 "a bearer token is required (Authorization: Bearer TOKEN)")}]},
                 {"WWW-Authenticate": 'Bearer realm="mta admin"' + (
                     ', error="invalid_token"' if given else "")})
+        if access == READ and method not in (b"GET", b"HEAD"):
+            return _json(403, {"errors": [{"message": (
+                "this token may only read (admin.read_tokens): a POST or DELETE needs one "
+                "of admin.tokens")}]},
+                {"WWW-Authenticate": 'Bearer realm="mta admin", error="insufficient_scope"'})
         if path in (b"/metrics", b"/api/admin/health", b"/", b"/index.html"):
             if method not in (b"GET", b"HEAD"):
                 return _json(405, {"errors": [{"message": "only GET is served here"}]},

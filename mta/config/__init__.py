@@ -493,9 +493,14 @@ def _check_http(h, smtp_listen: list) -> tuple:
 
 def _check_admin(a, used: list) -> tuple:
     """Validate [admin]; return its listen addresses (none when it is disabled)."""
-    for i, tok in enumerate(a.tokens):
-        if not tok or not tok.isascii() or not tok.isprintable() or " " in tok:
-            raise ConfigError(f"admin.tokens[{i}]: expected printable ASCII without spaces")
+    for key in ("tokens", "read_tokens"):
+        for i, tok in enumerate(getattr(a, key)):
+            if not tok or not tok.isascii() or not tok.isprintable() or " " in tok:
+                raise ConfigError(f"admin.{key}[{i}]: expected printable ASCII without spaces")
+    for i, tok in enumerate(a.read_tokens):
+        if tok in a.tokens:
+            raise ConfigError(f"admin.read_tokens[{i}]: also in admin.tokens (a token there "
+                              "may act; one that may only read belongs in read_tokens alone)")
     if not a.enabled:
         return ()
     if not a.listen:
@@ -510,9 +515,9 @@ def _check_admin(a, used: list) -> tuple:
             raise ConfigError(f"admin.listen[{i}]: {exc}") from None
         if (host, port) in used or (host, port) in out:
             raise ConfigError(f"admin.listen[{i}]: {item} is already used by another listener")
-        if not addr.is_loopback and not a.tokens:
+        if not addr.is_loopback and not a.tokens and not a.read_tokens:
             raise ConfigError(f"admin.tokens: required when admin.listen[{i}] ({item}) is not "
-                              "a loopback address")
+                              "a loopback address (or admin.read_tokens)")
         out.append((host, port))
     return tuple(out)
 

@@ -762,8 +762,14 @@ class AdminConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "loopback needs tokens")] = msgspec.field(default_factory=lambda: ["127.0.0.1:8026"])
     tokens: Annotated[list[str], _doc(
         "bearer tokens (Authorization: Bearer TOKEN) the admin listener accepts; required "
-        "when it listens on an address that is not loopback; empty: no token is asked "
-        "for")] = msgspec.field(default_factory=list)
+        "when it listens on an address that is not loopback (or read_tokens); empty, "
+        "with no read_tokens: no token is asked for")] = msgspec.field(default_factory=list)
+    read_tokens: Annotated[list[str], _doc(
+        "bearer tokens that may only read: GET and HEAD (/metrics, health, status, the "
+        "queue and message views) are served, POST and DELETE (drain, bounce, suspend, "
+        "resume, delete) get 403 -- for Prometheus and dashboards, as PowerMTA's "
+        "\"monitor\" access; with read_tokens and no tokens nothing can be changed over "
+        "the listener")] = msgspec.field(default_factory=list)
     push_interval: Annotated[float, _doc(
         "seconds between two statistics snapshots of each process", ge=0.1, le=60)] = 1.0
     max_label_values: Annotated[int, _doc(

@@ -341,3 +341,45 @@ def test_inspect_shows_a_deferred_recipients_last_reply(make_daemon):
         text = d.cli(*cmd).stdout.decode()
         assert re.search(r"recipient: <x@refused.test> pending, \d+ attempt\(s\), next "
                          r"attempt .*\n  last reply: 451 4\.\d+\.\d+ ", text), (cmd, text)
+
+
+def test_a_read_token_reads_everything_and_changes_nothing(make_daemon):
+    """Every admin token could act: the token given to Prometheus or a load balancer's
+    check could drain the node or bounce its whole queue.  A token of admin.read_tokens
+    reads (metrics, health, status, queue) and its POST or DELETE gets 403."""
+    d = make_daemon(admin={"tokens": ["act-t0ken"], "read_tokens": ["read-t0ken"]})
+    for path in ("/metrics", "/api/admin/health", "/api/admin/status", "/api/admin/queue",
+                 "/api/admin/drain"):
+        st, _, _ = d.admin_get(path, token="read-t0ken")
+        assert st in (200, 503), (path, st)       # (health: 503 until every child reports)
+        assert d.admin_get(path)[0] == 401, path
+    for method, path in (("POST", "/api/admin/drain"),
+                         ("POST", "/api/admin/bounce?domain=example.net"),
+                         ("DELETE", "/api/admin/drain")):
+        st, headers, body = admin_call(d, method, path, token="read-t0ken")
+        assert st == 403 and "may only read" in body["errors"][0]["message"], (path, st, body)
+        assert 'error="insufficient_scope"' in headers["www-authenticate"]
+    assert not d.log().count("drain started")
+    assert admin_call(d, "GET", "/api/admin/drain", token="read-t0ken")[2]["draining"] is False
+    # the acting token acts
+    st, _, body = admin_call(d, "POST", "/api/admin/drain", token="act-t0ken")
+    assert st == 200 and body["draining"] is True
+    # the mta commands send a read token when that is all the config has
+    d.sections["admin"] = {"listen": d.sections["admin"]["listen"],
+                           "read_tokens": ["read-t0ken"]}
+    d.write_config()
+    assert "draining" in d.cli("status").stdout.decode()
+    r = d.cli("drain", "--cancel", check=False)
+    assert r.returncode == 1 and "may only read" in (r.stdout + r.stderr).decode(), r
+
+
+def test_read_tokens_are_checked(make_daemon):
+    for admin, key in (({"listen": ["0.0.0.0:8026"], "read_tokens": ["ok"]}, None),
+                       ({"read_tokens": ["has space"]}, "admin.read_tokens[0]"),
+                       ({"tokens": ["same"], "read_tokens": ["same"]}, "admin.read_tokens[0]")):
+        d = make_daemon(start=False, admin=admin)
+        r = d.cli("check-config", check=False)
+        if key is None:
+            assert r.returncode == 0, r
+        else:
+            assert r.returncode == 78 and key in r.stderr.decode(), r
