@@ -166,6 +166,14 @@ def _chunked_only(codings: bytes) -> None:
                                      "the body as it is, or chunked"))
 
 
+def _grants(listed: list[str]) -> frozenset[str]:
+    """A limited key's grants (http.key_grants); webhooks:modify includes webhooks:view."""
+    grants = set(listed)
+    if "webhooks:modify" in grants:
+        grants.add("webhooks:view")
+    return frozenset(grants)
+
+
 def _identity_only(coding: bytes) -> None:
     """A Content-Encoding other than identity: ApiError 415 with Accept-Encoding (RFC 9110
     15.5.16).  A gzip body would otherwise be answered as broken JSON, and a plain body
@@ -230,8 +238,12 @@ class Service:
         self.cfg = cfg = acceptor.settings.config.http
         self.loop = acceptor.loop
         self.hostname = acceptor.hostname
-        self.keys = {self._digest(k.encode()): self._digest(k.encode())[:32]
+        # sha256 of a key -> (its idempotency scope, its grants or None for all)
+        self.keys = {self._digest(k.encode()): (self._digest(k.encode())[:32], None)
                      for k in cfg.api_keys}
+        self.keys.update({self._digest(k.encode()): (self._digest(k.encode())[:32],
+                                                     _grants(grants))
+                          for k, grants in cfg.key_grants.items()})
         self.sessions: set = set()
         self.pending = 0            # messages handed to the spool, not yet answered
         self.pending_bytes = 0      # ... their octets (built, held until answered)
@@ -281,8 +293,11 @@ class Service:
         while self.paused and self.pending_bytes < room:
             self.loop.call_soon(self.paused.popleft().step)
 
-    def authorize(self, header: bytes | None, peer_ip: str, h: dict | None = None) -> str:
+    def authorize(self, header: bytes | None, peer_ip: str, h: dict | None = None,
+                  grant: str | None = None) -> str:
         """The idempotency scope of the caller's key ("" without keys); ApiError 401/403.
+
+        *grant*: what the request needs of the key (http.key_grants); None: a valid key.
 
         Without keys, loopback clients are served -- but not a browser's request (*h*:
         the request's header fields) whose Host names another machine: a page of the
@@ -309,10 +324,14 @@ class Service:
             except (binascii.Error, ValueError):
                 raise R.ApiError(R.UNAUTHORIZED, "the Authorization header is not valid "
                                  "Basic credentials") from None
-        scope = self.keys.get(self._digest(key))
-        if scope is None:
+        found = self.keys.get(self._digest(key))
+        if found is None:
             raise R.ApiError(R.UNAUTHORIZED, "the API key in the Authorization header is not "
                              "valid")
+        scope, grants = found
+        if grants is not None and grant is not None and grant not in grants:
+            raise R.ApiError(R.FORBIDDEN, f"the API key has no {grant} grant "
+                             "(http.key_grants)")
         return scope
 
     def sweep(self, now: float, draining: bool, force: bool) -> None:
@@ -699,7 +718,8 @@ class Session(asyncio.Protocol):
         behind a transmission.
         """
         svc = self.svc
-        svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers)
+        svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers,
+                      "suppression_lists:manage")
         store = self.a.suppression
         if store is None:
             raise R.ApiError(R.NOT_FOUND, "the suppression list is disabled "
@@ -722,7 +742,8 @@ class Session(asyncio.Protocol):
     def _events(self, req: Request) -> None:
         """``/api/v1/events/message`` (mta.api.events), or ApiError; in a worker thread."""
         svc = self.svc
-        svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers)
+        svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers,
+                      "message_events:view")
         cfg = self.a.settings.config.events
         if not cfg.store:
             raise R.ApiError(R.NOT_FOUND, "the events store is disabled ([events] store)")
@@ -741,7 +762,8 @@ class Session(asyncio.Protocol):
         transmission.
         """
         svc = self.svc
-        svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers)
+        svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers,
+                      "webhooks:view" if req.method in (b"GET", b"HEAD") else "webhooks:modify")
         if req.method in (b"POST", b"PUT"):
             _json_body(req.headers)
         if svc.webhooks is None:
@@ -765,7 +787,7 @@ class Session(asyncio.Protocol):
             raise R.ApiError(R.BAD_METHOD, f"{req.method.decode('latin-1')} is not allowed on "
                              "/api/v1/transmissions; use POST", allow="POST")
         h = req.headers
-        scope = svc.authorize(h.get(b"authorization"), self.peer_ip, h)
+        scope = svc.authorize(h.get(b"authorization"), self.peer_ip, h, "transmissions:modify")
         ctype = h.get(b"content-type", b"").partition(b";")[0].strip().lower()
         if ctype != b"application/json":
             raise R.ApiError(R.UNSUPPORTED_TYPE, "Content-Type must be application/json")

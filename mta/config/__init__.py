@@ -113,6 +113,9 @@ def _read_auth_file(path: str) -> dict[str, str]:
 
 
 MAX_PROBLEMS = 10       # DKIM key problems named in one error (then a count)
+# SparkPost's API key grants that http.key_grants may list (webhooks:modify includes view).
+API_GRANTS = ("transmissions:modify", "message_events:view", "suppression_lists:manage",
+              "webhooks:view", "webhooks:modify")
 ACTIVE_NAME = "active-config.json"   # in run_dir: what the running supervisor applied
 RELOAD_RECORD = "reload.json"        # in run_dir: the last reload's outcome (mta reload)
 # [delivery] keys the spool shards read at their start only (a reload of the others,
@@ -484,10 +487,19 @@ def _check_http(h, smtp_listen: list) -> tuple:
         if (host, port) in smtp_listen or (host, port) in out:
             raise ConfigError(f"http.listen[{i}]: {item} is already used by another listener")
         out.append((host, port))
-    for i, key in enumerate(h.api_keys):
+    for what, key in [*((f"api_keys[{i}]", k) for i, k in enumerate(h.api_keys)),
+                      *(("key_grants: a key", k) for k in h.key_grants)]:
         if not key or not key.isascii() or not key.isprintable() or " " in key or ":" in key:
-            raise ConfigError(f"http.api_keys[{i}]: expected printable ASCII without spaces "
+            raise ConfigError(f"http.{what}: expected printable ASCII without spaces "
                               "or colons")
+    for key, grants in h.key_grants.items():
+        if key in h.api_keys:
+            raise ConfigError("http.key_grants: a key that is also in http.api_keys (which "
+                              "has every grant)")
+        for g in grants:
+            if g not in API_GRANTS:
+                raise ConfigError(f"http.key_grants: unknown grant {g[:60]!r} (known: "
+                                  f"{', '.join(API_GRANTS)})")
     return tuple(out)
 
 

@@ -194,8 +194,17 @@ class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         msgspec.field(default_factory=lambda: ["127.0.0.1:8025"])
     api_keys: Annotated[list[str], _doc(
         "API keys accepted in the Authorization header (the key itself, or Basic with the "
-        "key as user name); empty: no key is needed and only loopback clients are served")] = \
+        "key as user name), each with every grant; empty (and no key_grants): no key is "
+        "needed and only loopback clients are served")] = \
         msgspec.field(default_factory=list)
+    key_grants: Annotated[dict[str, list[str]], _doc(
+        "more API keys, each limited to the grants listed, as SparkPost's keys are: "
+        "transmissions:modify (POST /api/v1/transmissions), message_events:view (the "
+        "events API), suppression_lists:manage (the suppression-list API), webhooks:view "
+        "(GET of the webhooks API) and webhooks:modify (all of it). A request its key has "
+        "no grant for gets 403 naming the grant: the key an application sends mail with "
+        "need not read every recipient's events or delete suppressions")] = \
+        msgspec.field(default_factory=dict)
     max_header_size: Annotated[int, _doc(
         "octets of request line and header fields; more gets 431 and the connection is "
         "closed", ge=1 * KiB, le=1 * MiB)] = 16 * KiB

@@ -1286,3 +1286,70 @@ def test_email_rfc822_substitutes_in_its_amp_part_too(delivering):
     assert msg["Subject"] == "amp <i>"
     assert got == {"text/plain": "T <i>", "text/x-amp-html": "<p>A &lt;i&gt; <i></p>",
                    "text/html": "<p>H &lt;i&gt;</p>"}
+
+
+def test_a_key_has_only_the_grants_listed_for_it(make_daemon):
+    """Every API key could do everything: the key an application sends mail with could
+    read every recipient's events, empty the suppression list and point webhooks
+    elsewhere.  A key of http.key_grants has only its grants, as SparkPost's keys;
+    a request it has none for gets 403 naming the grant and changes nothing."""
+    d = make_daemon(acceptors=1, shards=1, http={
+        "api_keys": [KEY],
+        "key_grants": {"send-only": ["transmissions:modify"],
+                       "reader": ["message_events:view", "webhooks:view"],
+                       "lists": ["suppression_lists:manage", "webhooks:modify"]}})
+    body = {"recipients": [{"address": "a@example.com"}],
+            "content": {"from": "s@sender.example", "subject": "s", "text": "t"}}
+    events = "/api/v1/events/message"
+    entry = "/api/v1/suppression-list/kept@example.com"
+    hook = {"name": "h", "target": "http://127.0.0.1:9/", "events": ["delivery"]}
+    assert d.api("PUT", entry, {"type": "non_transactional"}, key=KEY)[0] == 200
+    allowed = {
+        "send-only": [("POST", "/api/v1/transmissions", body)],
+        "reader": [("GET", events, None), ("GET", "/api/v1/webhooks", None)],
+        "lists": [("GET", entry, None), ("GET", "/api/v1/webhooks", None)],
+    }
+    refused = {
+        "send-only": [("GET", events, None, "message_events:view"),
+                      ("DELETE", entry, None, "suppression_lists:manage"),
+                      ("GET", "/api/v1/webhooks", None, "webhooks:view")],
+        "reader": [("POST", "/api/v1/transmissions", body, "transmissions:modify"),
+                   ("DELETE", entry, None, "suppression_lists:manage"),
+                   ("POST", "/api/v1/webhooks", hook, "webhooks:modify")],
+        "lists": [("POST", "/api/v1/transmissions", body, "transmissions:modify"),
+                  ("GET", events, None, "message_events:view")],
+    }
+    for key, calls in allowed.items():
+        for method, path, data in calls:
+            status, got = d.api(method, path, data, key=key)
+            assert status == 200, (key, method, path, status, got)
+    for key, calls in refused.items():
+        for method, path, data, grant in calls:
+            status, got = d.api(method, path, data, key=key)
+            assert status == 403, (key, method, path, status, got)
+            assert f"no {grant} grant" in got["errors"][0]["description"], got
+    # nothing refused took effect: one message (send-only's), the entry kept, no webhook
+    status, got = d.api("GET", entry, key=KEY)
+    assert status == 200 and got["results"], got
+    assert d.api("GET", "/api/v1/webhooks", key=KEY)[1]["results"] == []
+    queued = d.queue_list()         # (a 200 is durable: the one message is queued)
+    assert len(queued) == 1 and "a@example.com" in json.dumps(queued[0]), queued
+    # a key with every grant, and the unknown key
+    assert d.api("GET", events, key=KEY)[0] == 200
+    assert d.api("GET", events, key="nobody")[0] == 401
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[http.key_grants]\nk1 = ['transmissions:send']\n", "unknown grant 'transmissions:send'"),
+    ("[http]\napi_keys = ['k1']\n[http.key_grants]\nk1 = ['webhooks:view']\n",
+     "also in http.api_keys"),
+    ("[http.key_grants]\n'a b' = ['webhooks:view']\n", "http.key_grants: a key"),
+])
+def test_key_grants_are_checked(tmp_path, text, key):
+    from mta import config
+
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(p))
+    assert key in str(e.value), str(e.value)
