@@ -339,6 +339,17 @@ def _local_address(ip: str) -> bool:
     return str(addr) in _local[1]
 
 
+def _connects_to(ip: str) -> str:
+    """The address a connection to *ip* reaches: an IPv4-mapped IPv6 address's IPv4 one,
+    and for 0.0.0.0 or :: (which name no host) this host's loopback, as the kernel does."""
+    addr = ipaddress.ip_address(ip)
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_unspecified:
+        return "127.0.0.1" if addr.version == 4 else "::1"
+    return str(addr)
+
+
 def _shuffled_by_preference(targets: list[Target]) -> list[Target]:
     """An MX site's targets with the hosts of each preference in a new random order.
 
@@ -794,6 +805,7 @@ class Engine:
 
     def _is_self(self, ip: str, port: int) -> bool:
         """True when *ip*:*port* is one of this MTA's own SMTP listeners."""
+        ip = _connects_to(ip)
         return (ip, port) in self.own_listeners or (
             port in self.own_any_address and _local_address(ip))
 

@@ -260,6 +260,24 @@ def test_an_mx_that_is_a_listener_of_ours_bounces_as_a_loop(listen):
     assert "loops back to myself" in r.text
 
 
+@pytest.mark.parametrize("listen, ip", [
+    ("0.0.0.0", "0.0.0.0"), ("127.0.0.1", "0.0.0.0"), ("[::]", "::"),
+    ("127.0.0.1", "::ffff:127.0.0.1"), ("0.0.0.0", "::ffff:127.0.0.1")])
+def test_an_mx_address_that_reaches_this_host_in_disguise_bounces_as_a_loop(listen, ip):
+    """An MX host whose address is 0.0.0.0 or :: (a connection to them goes to this
+    host's loopback) or an IPv4-mapped IPv6 one (goes to that IPv4 address): the same
+    loop as 127.0.0.1, which a listener on 127.0.0.1 relays for by default.  Anyone
+    whose domain's MX said so made every message to it go round max_hops times."""
+    port = free_port()
+    resolver = Resolver({"example.net": MxResult("ok", [["mx.example.net"]])},
+                        {"mx.example.net": [ip]})
+    (j, results), = deliver([job("example.net", "a")], resolver, port=port,
+                            smtp={"listen": [f"{listen}:{port}"]}, connect_timeout=2.0)
+    (r,) = results
+    assert (r.outcome, r.code, r.enhanced) == (bus.FAILED, 554, "5.4.6"), r
+    assert "loops back to myself" in r.text
+
+
 def test_a_better_mx_whose_lookup_failed_defers_a_loop():
     """We are MX 20; MX 10's addresses are unknown for now (SERVFAIL): deferred, not
     bounced as a loop -- MX 10 may well take the mail on the next try."""
