@@ -355,7 +355,10 @@ def _shuffled_by_preference(targets: list[Target]) -> list[Target]:
 
     RFC 5321 §5.1: equal preferences share the load.  The site's list lives as long
     as the site (SITE_TTL), so it is shuffled for each connection, not once; each
-    host's addresses stay together and in their order.
+    host's addresses stay together, its IPv4 ones first, each family in a new random
+    order too (Postfix's smtp_randomize_addresses): a host published with several
+    addresses gets its connections spread over them, not all at the first address of
+    the cached answer.
     """
     out: list[Target] = []
     i, n = 0, len(targets)
@@ -369,6 +372,12 @@ def _shuffled_by_preference(targets: list[Target]) -> list[Target]:
         if len(group) > 1:
             random.shuffle(group)
         for h in group:
+            if len(h) > 1:
+                v4 = [t for t in h if ":" not in t.ip]
+                v6 = [t for t in h if ":" in t.ip]
+                random.shuffle(v4)
+                random.shuffle(v6)
+                h = v4 + v6
             out.extend(h)
     return out
 

@@ -605,6 +605,47 @@ def test_domains_with_the_same_mx_hosts_in_another_order_each_try_their_own_firs
     assert got == {("a.test", bus.DELIVERED, "mx1.test"), ("b.test", bus.DELIVERED, "mx2.test")}
 
 
+def test_the_addresses_of_one_mx_host_share_the_connections():
+    """One MX host with two addresses (DNS round robin, as large receivers publish their
+    MX hosts): each new connection picks one of them at random, as Postfix does
+    (smtp_randomize_addresses).  They were tried in the order of the cached answer, so
+    every connection went to the first address for as long as the site was known."""
+    peers = {"127.0.0.1": Peer(), "127.0.0.2": Peer()}
+    port = free_port()
+    n = 24
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        servers = [await loop.create_server(p.protocol, ip, port) for ip, p in peers.items()]
+        reports = []
+        done = asyncio.Event()
+
+        def report(j, results, retry_after=0.0):
+            reports.append((j, results))
+            if len(reports) == n:
+                done.set()
+
+        resolver = Resolver({"example.net": MxResult("ok", [["mx.example.net"]])},
+                            {"mx.example.net": ["127.0.0.1", "127.0.0.2"]})
+        # one message a connection: every message opens its own
+        engine = Engine(settings(port, max_deliveries_per_connection=1), resolver, report,
+                        loop)
+        for i in range(n):
+            engine.submit(job("example.net", "ok", n=i))
+        await done.wait()
+        await engine.close()
+        for s in servers:
+            s.close()
+        return reports
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        reports = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    assert all(rs[0].outcome == bus.DELIVERED for _, rs in reports)
+    got = {ip: len(p.messages) for ip, p in peers.items()}
+    # 2 * 2**-24 chance of a false failure
+    assert sum(got.values()) == n and min(got.values()) > 0, got
+
+
 def test_an_operator_site_suspension_holds_a_route_site_whose_host_has_capitals():
     """The admin API lower-cases a site it is given; a route's site is named after its
     hosts in lower case too (DNS names are case-insensitive), so suspending the site
