@@ -76,7 +76,7 @@ from mta.delivery import client as smtpc
 from mta.delivery.adaptive import Adaptive, Warmup
 from mta.delivery.limits import CONNECTION_RATE, CONNECTIONS, MESSAGE_RATE, NodeLimiter, limit_key
 from mta.delivery.client import Socks5Proxy, SourceUnavailable
-from mta.dns import DnsTempError
+from mta.dns import DnsTempError, normalize_domain
 from mta.shaping import Shaping
 
 log = logging.getLogger("mta.delivery")
@@ -287,6 +287,13 @@ class Lane:
         return jobs
 
 
+def _route_key(domain: str) -> str:
+    """A route's domain as the routes are looked up by: its A-label form, in lower case
+    and without the final dot ("*" and an address literal as they are)."""
+    domain = domain.lower().rstrip(".")
+    return normalize_domain(domain) or domain
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -423,7 +430,9 @@ class Engine:
         self.resolver = resolver
         self.report = report        # report(job, results, retry_after=0.0) -> None
         self.loop = loop
-        self.routes = {r.domain.lower().rstrip("."): r for r in self.cfg.route}
+        # by the domain's A-label form (RFC 5890): a route written "bücher.de" takes the
+        # mail to "xn--bcher-kva.de" too, and the other way round (see _route_of)
+        self.routes = {_route_key(r.domain): r for r in self.cfg.route}
         self.sources = {name: Source(cfg, self.helo) for name, cfg in settings.sources.items()}
         fb = settings.config.feedback
         # VERP: the return path names the message (feedback.verp at the first bounce domain)
@@ -515,7 +524,8 @@ class Engine:
         # ('*'), whose site its rule does not shape: not looked up at all then.)
         await asyncio.gather(*(learn(d) for d in self.rule_domains
                                if d not in self.domain_site and d not in self.resolving
-                               and (d in self.routes or "*" not in self.routes)))
+                               and (self._route_of(d) is not None
+                                    or "*" not in self.routes)))
 
     def _task(self, coro) -> None:
         task = self.loop.create_task(coro)
@@ -576,7 +586,8 @@ class Engine:
 
     async def _site_of(self, domain: str) -> Site:
         targets = await self.targets(domain)
-        route = self.routes.get(domain) or self.routes.get("*")
+        own = self._route_of(domain)
+        route = own or self.routes.get("*")
         if route is not None:
             # Lower case, as the MX site's names are (DNS names are case-insensitive): an
             # operator's site suspension or bounce names the site in lower case.
@@ -607,7 +618,7 @@ class Engine:
             old[0].shaped.discard(domain)
         self.domain_site[domain] = (site, self.loop.time())
         site.domains.add(domain)
-        if domain not in site.shaped and (route is None or domain in self.routes):
+        if domain not in site.shaped and (route is None or own is not None):
             site.shaped.add(domain)
             for lane in site.lanes.values():     # a domain rule may now apply to the site
                 lane.limits = self._limits(lane.source, site)
@@ -754,7 +765,7 @@ class Engine:
     async def targets(self, domain: str) -> list[Target]:
         """Candidate hosts for *domain*, in the order to try them."""
         cfg = self.cfg
-        route = self.routes.get(domain) or self.routes.get("*")
+        route = self._route_of(domain) or self.routes.get("*")
         out: list[Target] = []
         if route is not None:
             for h in route.hosts:
@@ -811,6 +822,10 @@ class Engine:
                                  f"no MX host of {domain} has an address")
             raise RouteError(DEFERRED, 451, "4.4.3", f"no address found for the MX hosts of {domain}")
         return out
+
+    def _route_of(self, domain: str):
+        """*domain*'s own [[delivery.route]] (not '*'), or None."""
+        return self.routes.get(_route_key(domain)) if self.routes else None
 
     def _is_self(self, ip: str, port: int) -> bool:
         """True when *ip*:*port* is one of this MTA's own SMTP listeners."""

@@ -198,6 +198,28 @@ def test_two_routes_to_one_host_keep_their_own_tls_policy():
         assert [m[1] for m in peer.messages] == [["ok@other.test"]]
 
 
+@pytest.mark.parametrize("route_domain, domain", [
+    ("bücher.test", "xn--bcher-kva.test"), ("xn--bcher-kva.test", "bücher.test"),
+    ("BÜCHER.test", "bücher.test")])
+def test_a_route_for_an_idn_domain_takes_its_mail_in_either_form(route_domain, domain):
+    """A U-label and its A-label (RFC 5890) are one domain: a route written in one form
+    takes the mail addressed in the other (SMTPUTF8 senders write U-labels, the others
+    A-labels).  Such mail went past the route, to the domain's public MX hosts (here the
+    resolver knows none: it would be deferred)."""
+    peer = Peer()
+
+    def utf8_peer():
+        peer.connections += 1
+        return AiosmtpdServer(peer, hostname="peer.test", decode_data=False,
+                              enable_SMTPUTF8=True)
+
+    params = {} if domain.isascii() else {"SMTPUTF8": ""}
+    (j, results), = deliver([job(domain, "ok", params=params)], Resolver({}, {}), utf8_peer,
+                            route=[{"domain": route_domain, "hosts": ["127.0.0.1:PORT"]}])
+    assert [r.outcome for r in results] == [bus.DELIVERED], results
+    assert [m[1] for m in peer.messages] == [[f"ok@{domain}"]]
+
+
 def test_jobs_for_one_domain_share_a_connection():
     peer = Peer()
     jobs = [job("example.net", "ok", n=n) for n in range(5)]
