@@ -13,9 +13,9 @@ transaction).  What happens to it:
    domain's site is trusted for SITE_TTL seconds, then looked up again in the
    background.  Null MX, NXDOMAIN and a domain without addresses fail its
    jobs permanently; a DNS timeout or SERVFAIL defers them.  An MX host whose
-   address and port are one of our own SMTP listeners is this MTA: only better
-   MX hosts are used, and when it is the best the jobs fail with 5.4.6 (the
-   mail would loop).
+   address and port are one of our own SMTP listeners, or whose server greets
+   with our own host name, is this MTA: only better MX hosts are used, and when
+   it is the best the jobs fail with 5.4.6 (the mail would loop).
 2. **Source.**  The message's pool (``DeliveryMessageReady.pool``, checked at
    injection) names weighted egress sources; the job goes to one of those that
    may send now, by smooth weighted round robin (so 3:1 weights give exactly
@@ -427,6 +427,10 @@ class Engine:
         # the longest a job waits in this process before it is handed back (sweep)
         self.max_wait = self.cfg.job_timeout_margin / 2
         self.helo = settings.helo_name
+        # our own greeting's name: an MX server that greets with it is this MTA (connect());
+        # not "localhost", which many small servers greet with and names no host of ours
+        name = (settings.hostname or "").lower().rstrip(".")
+        self.own_name = "" if name in ("localhost", "localhost.localdomain") else name
         self.resolver = resolver
         self.report = report        # report(job, results, retry_after=0.0) -> None
         self.loop = loop
@@ -876,6 +880,17 @@ class Engine:
                     if self.connect_attempts is not None:
                         self.connect_attempts.inc((src.name, lane.site.name))
                     conn = await self._open(t, src, address, "none")
+                if lane.site.key[0] == "mx" and self._greets_as_me(conn):
+                    # This MTA behind a NAT, a port forward or a load balancer: only the
+                    # better MX hosts may take the mail (see targets()), and they failed.
+                    await conn.quit()
+                    log.warning("%s[%s]:%d greeted me with my own hostname %s", t.host, t.ip,
+                                t.port, self.own_name)
+                    if any(o.rank < t.rank for o in targets):
+                        break
+                    raise RouteError(FAILED, 554, "5.4.6",
+                                     f"mail for {lane.site.name} loops back to myself "
+                                     f"({t.host}[{t.ip}] greeted me with my own hostname)")
                 return conn, t
             except SourceUnavailable:
                 raise
@@ -915,6 +930,14 @@ class Engine:
             connect_timeout=cfg.connect_timeout, command_timeout=cfg.command_timeout,
             data_timeout=cfg.data_timeout, starttls=starttls, tls_verify=t.tls_verify,
             tls_server_hostname=t.host if not _is_ip(t.host) else None)
+
+    def _greets_as_me(self, conn) -> bool:
+        """True when *conn*'s server greeted with our own host name (Postfix's check)."""
+        greeting = conn.greeting
+        if greeting is None or not self.own_name:
+            return False
+        words = greeting.text.split(None, 1)
+        return bool(words) and words[0].lower() == self.own_name
 
     def _tls_broken(self, ip: str, port: int) -> bool:
         until = self.tls_fallback.get((ip, port))

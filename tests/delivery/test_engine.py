@@ -76,7 +76,7 @@ class Resolver:
 _STATE_DIRS = tempfile.TemporaryDirectory(prefix="engine-")
 
 
-def settings(port: int, shaping=(), smtp=None, **delivery):
+def settings(port: int, shaping=(), smtp=None, hostname="mta.test", **delivery):
     """Settings for an engine delivering to 127.0.0.1:*port*; "PORT" in a route's hosts
     is that port; *shaping*: [[shaping]] tables (the presets are left out); *smtp*: the
     [smtp] section (its listeners are this MTA's own addresses)."""
@@ -84,7 +84,7 @@ def settings(port: int, shaping=(), smtp=None, **delivery):
         r["hosts"] = [h.replace("PORT", str(port)) for h in r["hosts"]]
     rules = delivery.pop("response_rule", ())     # ([[response_rule]], not [delivery])
     cfg = msgspec.convert({"response_rule": list(rules),
-                           "server": {"hostname": "mta.test",
+                           "server": {"hostname": hostname,
                                       "state_dir": tempfile.mkdtemp(dir=_STATE_DIRS.name)},
                            "delivery": {"mx_port": port, "starttls": "none",
                                         "shaping_presets": False, **delivery},
@@ -298,6 +298,38 @@ def test_an_mx_address_that_reaches_this_host_in_disguise_bounces_as_a_loop(list
     (r,) = results
     assert (r.outcome, r.code, r.enhanced) == (bus.FAILED, 554, "5.4.6"), r
     assert "loops back to myself" in r.text
+
+
+def test_an_mx_host_that_greets_with_our_own_name_bounces_as_a_loop():
+    """The MX host's address is not ours, but the server there greets with our own host
+    name (server.hostname): it is this MTA behind a NAT, a port forward or a load
+    balancer.  As Postfix ("host ... greeted me with my own hostname"), the mail bounces
+    554 5.4.6 instead of being relayed to ourselves round and round up to max_hops."""
+    peer = Peer()
+
+    def us():
+        peer.connections += 1
+        return AiosmtpdServer(peer, hostname="MTA.test", decode_data=False)
+
+    (j, results), = deliver([job("example.net", "ok")], mx_to_loopback("example.net"), us)
+    (r,) = results
+    assert (r.outcome, r.code, r.enhanced) == (bus.FAILED, 554, "5.4.6"), r
+    assert "loops back to myself" in r.text
+    # We are MX 20 (RFC 5321 5.1: only better hosts may get the mail) and MX 10 does not
+    # answer now: deferred until it does, not bounced, and never sent to ourselves.
+    resolver = Resolver({"example.net": MxResult("ok", [["mx1.example.net"],
+                                                        ["mx2.example.net"]])},
+                        {"mx1.example.net": ["127.0.0.2"], "mx2.example.net": ["127.0.0.1"]})
+    (j, results), = deliver([job("example.net", "ok")], resolver, us)
+    (r,) = results
+    assert (r.outcome, r.code) == (bus.DEFERRED, 451), r
+    assert "mx1.example.net[127.0.0.2]" in r.text, r
+    assert peer.messages == []
+    # "localhost" names no host in particular: many small servers greet with it
+    (j, results), = deliver([job("example.net", "ok")], mx_to_loopback("example.net"),
+                            lambda: AiosmtpdServer(peer, hostname="localhost",
+                                                   decode_data=False), hostname="localhost")
+    assert [r.outcome for r in results] == [bus.DELIVERED], results
 
 
 def test_a_better_mx_whose_lookup_failed_defers_a_loop():
