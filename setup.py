@@ -92,7 +92,7 @@ setup(
         "lmdb>=1.4",        # the suppression list (mta.feedback.suppression)
         "prometheus-client>=0.20",   # /metrics exposition in the admin process
         "rich>=13",         # progress bars of long operator commands (mta drain)
-        "aiohttp>=3.9",     # webhook POSTs (mta.api.webhooks, the webhooks process)
+        "aiohttp>=3.12",    # webhook POSTs (mta.api.webhooks, the webhooks process); socket_factory
     ],
     extras_require={
         "test": [

@@ -33,14 +33,18 @@ the name (:func:`config_id`) and they carry ``"read_only": true``; PUT and
 DELETE on them are 403.  Unknown fields are ignored (as SparkPost does);
 ``exception_subaccounts`` and ``subaccount_id`` are accepted and ignored (no
 subaccounts).  Any port is accepted in a target (SparkPost allows 80 and 443
-only; an MTA's operator points webhooks at their own services).
+only; an MTA's operator points webhooks at their own services), and any address
+but the admin listener's (:func:`admin_guard`).
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import datetime
+import errno
+import ipaddress
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -275,12 +279,49 @@ class TokenError(Exception):
         self.resp = resp
 
 
-def new_session():
-    """An aiohttp ClientSession for webhook requests (no proxies from the environment)."""
+def new_session(admin: tuple = ()):
+    """An aiohttp ClientSession for webhook requests (no proxies from the environment)
+    that never connects to this node's admin listener (*admin*: its (ip, port) pairs,
+    Settings.admin_listen; :func:`admin_guard`)."""
     import aiohttp
 
     return aiohttp.ClientSession(trust_env=False, skip_auto_headers=("User-Agent",),
-                                 connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=60))
+                                 connector=aiohttp.TCPConnector(
+                                     limit=256, ttl_dns_cache=60,
+                                     socket_factory=admin_guard(admin)))
+
+
+def admin_guard(admin: tuple):
+    """aiohttp's socket_factory for webhook requests: a socket, or OSError for an address
+    that reaches the admin listener (*admin*: its (ip, port) pairs).
+
+    That listener asks no token on loopback, and the webhook POSTs (the create's
+    test POST, validate, the OAuth2 tokens URL, the batches) come from this node:
+    aimed at it, an API key would drain the node or suspend or bulk-bounce its
+    queue.  Checked on the address connected to (after name resolution): an admin
+    port on a loopback or unspecified address (0.0.0.0 connects to this host), an
+    IPv4-mapped one, or an admin listener's own address.  Other addresses, internal
+    ones included, are the operator's to reach (README, Webhooks).
+    """
+    if not admin:
+        return None
+    ports = frozenset(p for _, p in admin)
+    hosts = frozenset(ipaddress.ip_address(h) for h, _ in admin)
+
+    def factory(addr_info):
+        family, type_, proto, _, sockaddr = addr_info
+        if sockaddr[1] in ports:
+            try:
+                ip = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
+            except ValueError:
+                ip = None
+            if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if ip is not None and (ip.is_loopback or ip.is_unspecified or ip in hosts):
+                raise OSError(errno.EACCES, f"{sockaddr[0]} port {sockaddr[1]} is this "
+                              "node's admin listener ([admin] listen): not connected to")
+        return socket.socket(family, type_, proto)
+    return factory
 
 
 def headers_for(hook: Hook, batch_id: str, token: str | None) -> dict:
@@ -353,8 +394,9 @@ async def fetch_token(session, hook: Hook, timeout: float) -> tuple[str, int]:
 class Api:
     """What the API needs in one acceptor: the state file, an HTTP session, the config."""
 
-    def __init__(self, state_dir: str, config, loop):
+    def __init__(self, state_dir: str, config, loop, admin: tuple = ()):
         self.state_dir = state_dir
+        self.admin = admin          # the admin listener's (ip, port) pairs: never a target
         self.cfg = config.webhooks
         self.toml = config_docs(config.webhook)
         self.loop = loop
@@ -373,7 +415,7 @@ class Api:
 
     def session(self):
         if self._session is None:
-            self._session = new_session()
+            self._session = new_session(self.admin)
         return self._session
 
     async def close(self) -> None:

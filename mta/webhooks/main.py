@@ -274,7 +274,7 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
                     pass
         if store is None:
             return
-        session = W.new_session()
+        session = W.new_session(settings.admin_listen)
         w = None
         try:
             w = Webhooks(settings, db, store, session)

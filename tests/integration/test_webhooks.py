@@ -209,6 +209,56 @@ def test_validate_both_forms(apid, rec):
     call(apid, "DELETE", f"/api/v1/webhooks/{wid}")
 
 
+def _draining(d) -> bool:
+    st, _, raw = d.admin_get("/api/admin/drain")
+    assert st == 200, raw[:300]
+    return json.loads(raw)["draining"]
+
+
+def _undrain(d) -> None:
+    conn = http.client.HTTPConnection(HOST, d.admin_port, timeout=30)
+    try:
+        conn.request("DELETE", "/api/admin/drain")
+        conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+def test_an_api_key_does_not_reach_the_admin_listener_through_a_webhook(apid, rec):
+    """The admin listener on loopback asks no token; the webhooks' POSTs come from this
+    node, so a webhook (or OAuth2 tokens URL) aimed at it would let any API key holder
+    drain the node, suspend or bulk-bounce its queue (the create's test POST alone does
+    it).  The node never connects there: create answers 400 and nothing is created."""
+    assert not _draining(apid)
+    drain = "http://{}:%d/api/admin/drain" % apid.admin_port
+    creds = {"client_id": "cid", "client_secret": "secret",
+             "grant_type": "client_credentials"}
+    docs = [_new(rec, name="admin-1", target=drain.format(HOST)),
+            _new(rec, name="admin-2", target=drain.format("0.0.0.0")),
+            _new(rec, name="admin-3", target=drain.format("[::ffff:127.0.0.1]")),
+            _new(rec, name="admin-4", auth_type="oauth2", auth_request_details={
+                "url": drain.format(HOST), "body": creds})]
+    try:
+        for doc in docs:
+            st, body = call(apid, "POST", "/api/v1/webhooks", doc)
+            assert st == 400, (doc, body)
+            assert "admin listener" in body["errors"][0]["description"], body
+            assert not _draining(apid), doc
+        # an existing webhook cannot be moved there either
+        st, body = call(apid, "POST", "/api/v1/webhooks", _new(rec, name="admin-5"))
+        assert st == 200, body
+        wid = body["results"]["id"]
+        st, body = call(apid, "PUT", f"/api/v1/webhooks/{wid}",
+                        {"target": drain.format(HOST)})
+        assert st == 400 and not _draining(apid), body
+        call(apid, "DELETE", f"/api/v1/webhooks/{wid}")
+    finally:
+        _undrain(apid)
+    st, body = call(apid, "GET", "/api/v1/webhooks")
+    assert not {"admin-1", "admin-2", "admin-3", "admin-4"} & \
+        {w["name"] for w in body["results"]}
+
+
 def test_documentation_and_samples(apid):
     st, body = call(apid, "GET", "/api/v1/webhooks/events/documentation")
     assert st == 200
