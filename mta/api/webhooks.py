@@ -29,8 +29,8 @@ Calls (all under ``/api/v1``; shapes from the reference's tables):
 
 Webhooks from the configuration file (``[[webhook]]``) are listed and can be
 read, validated and asked for their batch status; their id is derived from
-the name (:func:`config_id`) and they carry ``"read_only": true``; PUT and
-DELETE on them are 403.  Unknown fields are ignored (as SparkPost does);
+the name (:func:`config_id`) and they carry ``"read_only": true`` and show no
+secrets (:meth:`Api._view`); PUT and DELETE on them are 403.  Unknown fields are ignored (as SparkPost does);
 ``exception_subaccounts`` and ``subaccount_id`` are accepted and ignored (no
 subaccounts).  Any port is accepted in a target (SparkPost allows 80 and 443
 only; an MTA's operator points webhooks at their own services), and any address
@@ -493,7 +493,20 @@ class Api:
                "last_successful": _when(cur[1] if cur else None, tz),
                "last_failure": _when(cur[2] if cur else None, tz)}
         if read_only:
+            # A [[webhook]] table is the operator's: its secrets are not an API key
+            # holder's to read (SparkPost shows auth_token as "" too); the sender and
+            # validate use them from the configuration.
             out["read_only"] = True
+            out["target"] = loggable(out["target"])
+            if "password" in out["auth_credentials"]:
+                out["auth_credentials"] = dict(out["auth_credentials"], password="")
+            details = dict(out["auth_request_details"])      # (a copy: the config's)
+            if isinstance(details.get("body"), dict) and "client_secret" in details["body"]:
+                details["body"] = dict(details["body"], client_secret="")
+            if isinstance(details.get("url"), str):
+                details["url"] = loggable(details["url"])
+            out["auth_request_details"] = details
+            out["custom_headers"] = {k: "" for k in out["custom_headers"]}
         return out
 
     async def list(self, q: dict) -> tuple[int, bytes]:
