@@ -224,6 +224,13 @@ def check_doc(doc, base: dict | None = None, where: str = "") -> dict:
             raise R.ApiError(R.INVALID, f"{where}custom_headers.{k[:64]}: expected a "
                              f"one-line string of at most {MAX_HEADER_VALUE} characters")
     out["custom_headers"] = dict(headers)
+    if "@" in urllib.parse.urlsplit(out["target"]).netloc and \
+            (at != "none" or "authorization" in seen):
+        # (aiohttp sends the target's user:password@ as Basic credentials and refuses a
+        # request that has an Authorization header too: no POST would reach the target)
+        raise R.ApiError(R.INVALID, f"{where}target: carries user:password@ credentials; "
+                         "they are the Basic credentials sent, so auth_type must be none "
+                         "and custom_headers without Authorization")
     token = out.get("auth_token") or ""
     if not isinstance(token, str) or "\r" in token or "\n" in token or len(token) > 1024:
         raise R.ApiError(R.INVALID, f"{where}auth_token: expected a one-line string")

@@ -27,3 +27,25 @@ def test_batch_status_limit_takes_ascii_digits_only(tmp_path):
         [err] = orjson.loads(r[1])["errors"]
         assert err["description"].startswith("limit:")
     assert ok[0] == 200 and orjson.loads(ok[1]) == {"results": []}
+
+
+def test_a_target_with_credentials_takes_no_other_authorization():
+    """aiohttp sends a target's user:password@ as Basic credentials and refuses a request
+    that also has an Authorization header (auth_type basic or oauth2, or a custom
+    Authorization): every POST of such a webhook failed without reaching the target, and
+    a [[webhook]] table's batches were dropped after the last retry.  The API and the
+    configuration refuse it, naming the target."""
+    base = {"name": "n", "target": "http://user:pw@127.0.0.1:9/", "events": ["delivery"]}
+    for extra in ({"auth_type": "basic", "auth_credentials": {"username": "u",
+                                                              "password": "p"}},
+                  {"auth_type": "oauth2", "auth_request_details": {
+                      "url": "http://127.0.0.1:9/token", "body": {"client_id": "c"}}},
+                  {"custom_headers": {"authorization": "Bearer x"}}):
+        try:
+            W.check_doc(dict(base, **extra))
+        except W.R.ApiError as err:
+            assert err.status == 422 and err.description.startswith("target:"), extra
+        else:
+            raise AssertionError(f"accepted: {extra}")
+    # a target's credentials alone are the Basic credentials sent (anymail's setup)
+    assert W.check_doc(base)["target"] == base["target"]
