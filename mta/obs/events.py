@@ -177,6 +177,18 @@ class RotatingLog:
         self.size = _cut_torn_tail(self.fd, os.fstat(self.fd).st_size)
         self.started = self._first_timestamp() if self.size else 0.0
 
+    def _open_named(self) -> None:
+        """_open(), then its name made durable; left closed if that fails (the events
+        process moves its cursors past what it synced in this file: a power cut must not
+        take the file's name)."""
+        self._open()
+        try:
+            sync_dir(os.path.dirname(self.path) or ".")
+        except OSError:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+
     def _first_timestamp(self) -> float:
         """The timestamp of the first line of an existing file (its age), else now."""
         try:
@@ -188,8 +200,13 @@ class RotatingLog:
 
     def write(self, events: list[dict]) -> None:
         """Append *events*, one line each (one write for all of them)."""
-        if self.fd < 0 or not events:
+        if not self.path or not events:
             return
+        if self.fd < 0:
+            # (a reopen or a rotation failed once the old file was closed: the events
+            # process reads again from its cursors and writes here, into the file opened
+            # anew -- not nowhere while its cursors move on)
+            self._open_named()
         data = b"".join([_dumps(e, option=_LINE) for e in events])
         view = memoryview(data)
         try:
@@ -238,8 +255,7 @@ class RotatingLog:
         os.rename(self.path, target)
         os.close(self.fd)
         self.fd = -1
-        self._open()
-        sync_dir(os.path.dirname(self.path) or ".")
+        self._open_named()
         log.info("event log rotated to %s", target)
         self.prune()
         return target
@@ -288,8 +304,7 @@ class RotatingLog:
         finally:
             os.close(self.fd)
             self.fd = -1
-        self._open()
-        sync_dir(os.path.dirname(self.path) or ".")     # (a new file's name: as at start)
+        self._open_named()     # (a new file's name: as at start)
         log.info("event log reopened: %s", self.path)
 
     def close(self) -> None:

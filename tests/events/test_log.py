@@ -130,3 +130,32 @@ def test_a_torn_last_line_left_by_a_kill_or_a_power_cut_is_cut_at_open(tmp_path)
     assert _cut_torn_tail(fd, os.fstat(fd).st_size, step=4) == 0
     os.close(fd)
     assert p.read_bytes() == b""
+
+
+def test_a_reopen_whose_sync_fails_does_not_end_the_log(tmp_path, monkeypatch):
+    # SIGUSR1 (logrotate) while the disk fails: reopen() syncs the old file first; the
+    # failed sync made the events process read again from its cursors, but the log was
+    # left closed (fd -1, as if no event_log were configured): every later write and sync
+    # did nothing, the cursors moved on, and the events were missing from the log.
+    import errno
+
+    import pytest
+
+    from mta.obs import events as ev
+    p = tmp_path / "events.jsonl"
+    log = new_log(p, rotate_bytes=1 << 30)
+    log.write(batch(0, 2))
+    log.sync()
+    real = os.fdatasync
+
+    def eio(fd):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(ev.os, "fdatasync", eio)
+    with pytest.raises(OSError):
+        log.reopen()
+    monkeypatch.setattr(ev.os, "fdatasync", real)
+    log.write(batch(2, 3))          # the disk works again: read again from the cursors
+    log.sync()
+    log.close()
+    assert [e["event_id"] for e in lines(p)] == [str(i) for i in range(5)]
+
