@@ -163,6 +163,7 @@ class RotatingLog:
         self.max_total_bytes = max_total_bytes
         self.fd = -1
         self.size = 0
+        self.synced = 0          # the file's size when the last fdatasync returned
         self.started = 0.0       # when the current file's first line was written
         if path:
             # (durably, the directory and the file's name in it: the events process moves
@@ -174,7 +175,7 @@ class RotatingLog:
     def _open(self) -> None:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                           0o640)
-        self.size = _cut_torn_tail(self.fd, os.fstat(self.fd).st_size)
+        self.size = self.synced = _cut_torn_tail(self.fd, os.fstat(self.fd).st_size)
         self.started = self._first_timestamp() if self.size else 0.0
 
     def _open_named(self) -> None:
@@ -227,7 +228,23 @@ class RotatingLog:
 
     def sync(self) -> None:
         if self.fd >= 0:
-            os.fdatasync(self.fd)
+            try:
+                os.fdatasync(self.fd)
+            except OSError:
+                # The kernel may have dropped the pages written since the last good
+                # sync while the file keeps its size; the events process writes those
+                # events again (from its cursors), and behind a stretch that is zeros
+                # on disk the first of them would be a line no reader can parse.  Cut
+                # back to what the last good sync covered (best effort, as after a
+                # failed write; never longer: copytruncate may have emptied the file).
+                try:
+                    if os.fstat(self.fd).st_size > self.synced:
+                        os.ftruncate(self.fd, self.synced)
+                        self.size = self.synced
+                except OSError:
+                    pass
+                raise
+            self.synced = self.size
 
     def rotation_due(self, now: float) -> bool:
         if self.fd < 0 or not self.size:

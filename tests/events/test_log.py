@@ -159,3 +159,33 @@ def test_a_reopen_whose_sync_fails_does_not_end_the_log(tmp_path, monkeypatch):
     log.close()
     assert [e["event_id"] for e in lines(p)] == [str(i) for i in range(5)]
 
+
+def test_a_failed_sync_cuts_the_log_back_to_its_last_synced_line(tmp_path, monkeypatch):
+    # After fdatasync fails (EIO) the kernel may have dropped the written pages while the
+    # file keeps its size; the events process writes those events again from its cursors.
+    # Appended after the lost stretch, they followed octets that are zeros on disk once a
+    # later sync succeeds, glued to the first event written again (a line no reader can
+    # parse), and the page cache held every one of them twice.  Cut back to what the last
+    # good sync covered, each event is there once, each on its own line.
+    import errno
+
+    import pytest
+
+    from mta.obs import events as ev
+    p = tmp_path / "events.jsonl"
+    log = new_log(p, rotate_bytes=1 << 30)
+    log.write(batch(0, 2))
+    log.sync()
+    log.write(batch(2, 2))
+    real = os.fdatasync
+
+    def eio(fd):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(ev.os, "fdatasync", eio)
+    with pytest.raises(OSError):
+        log.sync()
+    monkeypatch.setattr(ev.os, "fdatasync", real)
+    log.write(batch(2, 2))          # read again from the cursors
+    log.sync()
+    log.close()
+    assert [e["event_id"] for e in lines(p)] == [str(i) for i in range(4)]
