@@ -101,3 +101,18 @@ def test_the_state_directory_the_supervisor_makes_survives_a_power_cut(fs, tmp_p
     sup.prepare()
     fs.crash()
     assert os.path.isfile(os.path.join(state, "spool", "SHARDS"))
+
+
+def test_a_cancelled_adaptive_entry_stays_cancelled_after_a_power_cut(fs, state):
+    """An operator's cancel (DELETE /api/admin/rules/..., POST .../resume, mta rules cancel)
+    unlinked the entry's file and answered, but the directory was not synced: a power cut
+    brought the suspension back, holding the site's mail again until it ran out."""
+    from mta.shaping.state import cancel_entries, list_entries
+
+    d = os.path.join(state, "adaptive")
+    st = Store(d)
+    assert st.put(Entry(id="e1", kind="suspend", scope="site", site="mx.example.com",
+                        rule="r", until=4_000_000_000.0))
+    assert [e.id for e in cancel_entries(d, "e1")] == ["e1"]
+    fs.crash()
+    assert list_entries(d) == []

@@ -279,4 +279,8 @@ def cancel_entries(directory: str, what: str, now: float | None = None) -> list[
                 gone.append(e)
             except FileNotFoundError:
                 pass
+    if gone:
+        # (durably: the operator is told it is cancelled, and a power cut must not
+        # bring a suspension back)
+        sync_dir(directory)
     return gone
