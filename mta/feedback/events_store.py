@@ -40,16 +40,19 @@ big-endian, 8 octets; so byte order is time order):
   store is made: a store deleted and made anew -- its seqs start again at 1
   -- has another, so webhook cursors saved with the old one are reset).
 
-Each commit syncs its data pages but not its meta page (LMDB's NOMETASYNC):
-LMDB keeps the environment whole across a power loss that way and may lose only
-the last commits, which the writer reads again from its cursors (it calls
-:meth:`sync` at its checkpoints, before it moves them; repeated events are
-skipped by event_id).  With NOSYNC as well, as before, a power cut could leave
-a meta page on disk that names data pages that never got there: a damaged
-store, and with it every event the webhooks had not sent yet (measured end to
-end, the synced commits cost nothing visible: bench/RESULTS.md, stop 38).  A
-store damaged all the same (a disk that lies about its flushes) is set aside
-and made anew by the events process (:class:`StoreDamaged`,
+Each commit is durable when it returns: its data pages synced, then its meta
+page (LMDB's default sync and metasync).  Readers see a commit as soon as it
+returns, and the webhooks move their cursor past what they read, durably, at
+once: with NOMETASYNC, as before, a power cut took the last commit back, the
+events process stored other events under the same seqs after the restart (it
+reads again from its cursors), and the webhooks' cursor skipped them -- never
+sent.  With NOSYNC as well, as before that, a power cut could leave a meta page
+on disk that names data pages that never got there: a damaged store, and with
+it every event the webhooks had not sent yet (measured end to end, the synced
+data pages cost nothing visible: bench/RESULTS.md, stop 38; the meta page's
+sync is one more small synced write per commit of the events process, not
+measured).  A store damaged all the same (a disk that lies about its flushes)
+is set aside and made anew by the events process (:class:`StoreDamaged`,
 :func:`mta.events.main.open_sink`).
 
 Readers follow a store made anew: an LMDB handle reads the files it opened,
@@ -321,8 +324,9 @@ class EventStore:
         try:
             self.env = lmdb.open(path, map_size=map_size, max_dbs=16, subdir=True,
                                  readonly=readonly, readahead=False,
-                                 # (each commit's data synced, its meta page with the next)
-                                 sync=True, metasync=False,
+                                 # (each commit durable when it returns: readers act
+                                 # on it at once, see the module docstring)
+                                 sync=True, metasync=True,
                                  max_readers=max_readers)
         except DAMAGED as exc:
             raise StoreDamaged(path, exc) from None
@@ -412,7 +416,7 @@ class EventStore:
         """Store *events* in one transaction; the last seq assigned (the previous one if none).
 
         An event whose ``event_id`` is already stored is skipped (a replay
-        after a crash).  Durable after :meth:`sync`.  StoreFull when the map
+        after a crash).  Durable when it returns.  StoreFull when the map
         is full (nothing of this call is kept).
         """
         try:
