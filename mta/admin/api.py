@@ -356,8 +356,11 @@ class Api:
                                stage="admin", created=now,
                                until=now + (seconds or FOREVER))
             store = adaptive.Store(self.adaptive_dir, self.settings.config.backoff.max_entries)
-            if not store.put(e):
-                raise ServerError("the adaptive store is full (backoff.max_entries)")
+            try:
+                if not store.put(e, strict=True):
+                    raise ServerError("the adaptive store is full (backoff.max_entries)")
+            except OSError as exc:
+                raise ServerError(f"the adaptive store cannot be written: {exc}") from None
             view = _delivery_view(e)
             if site:
                 known = q.delivery_status(self.settings.run_dir)["sites"]

@@ -195,8 +195,12 @@ class Store:
         self._seen[eid] = st.st_mtime_ns
         return entry
 
-    def put(self, entry: Entry) -> bool:
-        """Write *entry* durably (replacing one with the same id); False when full."""
+    def put(self, entry: Entry, strict: bool = False) -> bool:
+        """Write *entry* durably (replacing one with the same id); False when full.
+
+        A write that fails is logged and the entry held in this process only (a
+        delivery process's own); *strict*: the OSError is raised instead and nothing
+        is held (a process that only writes it for the others: the admin API)."""
         if entry.id not in self.entries and len(self.entries) >= self.max_entries:
             if not self._warned:
                 self._warned = True
@@ -222,6 +226,8 @@ class Store:
                 os.unlink(tmp)
             except OSError:
                 pass
+            if strict:
+                raise
             # Still holds in this process.
         self.entries[entry.id] = entry
         try:

@@ -302,3 +302,44 @@ def test_suspensions_take_configured_sources_and_pools_and_the_stores_own_bound(
     finally:
         a.close()
         loop.close()
+
+
+def test_a_delivery_suspension_that_cannot_be_written_is_not_answered_as_made(tmp_path,
+                                                                           monkeypatch):
+    """The store's put() logged a failed write (disk full, EIO) and answered True, meant
+    for a delivery process, whose own copy holds in memory: the admin API then answered
+    200 "suspended" for an entry no delivery process would ever read, and mail went on.
+    It says 503, as for a spool suspension whose file cannot be written."""
+    import errno
+
+    import msgspec
+
+    from mta.config.schema import Config
+    from mta.shaping import state
+
+    settings = mconfig.resolve(msgspec.convert({
+        "server": {"state_dir": str(tmp_path / "state")},
+        "egress": {"source": [{"name": "ip-1", "source_address": "127.0.0.1"}],
+                   "pool": [{"name": "p1", "sources": [{"source": "ip-1"}]}]}}, Config), None)
+    loop = asyncio.new_event_loop()
+    a = admin_api.Api(settings, loop, None, types.SimpleNamespace(), None)
+
+    async def nobody(*args):      # no spool shard or delivery process runs here
+        return None
+    a._ask = a._delivery_sees = nobody
+    store_dir = os.path.join(settings.state_dir, state.STORE_DIR)
+    os.makedirs(store_dir)
+
+    def eio(fd):
+        raise OSError(errno.EIO, "Input/output error")
+    try:
+        monkeypatch.setattr(state.os, "fsync", eio)
+        status, _, body = loop.run_until_complete(
+            a.handle(b"POST", b"/api/admin/suspensions", b"source=ip-1"))
+        monkeypatch.undo()
+        on_disk = state.list_entries(store_dir)
+        assert (status, on_disk != []) in ((200, True), (503, False)), (status, body)
+        assert status == 503 and b"cannot" in body, body
+    finally:
+        a.close()
+        loop.close()
