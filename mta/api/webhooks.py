@@ -50,7 +50,7 @@ import time
 import urllib.parse
 import uuid
 import zoneinfo
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as dataclass_replace
 
 import orjson
 
@@ -551,7 +551,8 @@ class Api:
                 token, expires = await fetch_token(self.session(), hook, self.cfg.timeout)
             except TokenError as exc:
                 raise _ResponseError(TOKEN_FAILED, "auth_request_details.url: the tokens URL "
-                                     f"answered {_said(exc.resp)}", exc.resp) from None
+                                     f"answered {_said(exc.resp)}",
+                                     _cut(exc.resp, self.cfg.max_response_body)) from None
             doc = dict(doc, auth_credentials={"access_token": token, "expires_in": expires})
         resp = await post(self.session(), hook, TEST_BODY, TEST_BATCH_ID, self.cfg.timeout,
                           token, self.cfg.max_response_body)
@@ -613,7 +614,8 @@ class Api:
                 token, _ = await fetch_token(self.session(), hook, self.cfg.timeout)
             except TokenError as exc:
                 raise _ResponseError(TOKEN_FAILED, "auth_request_details.url: the tokens URL "
-                                     f"answered {_said(exc.resp)}", exc.resp) from None
+                                     f"answered {_said(exc.resp)}",
+                                     _cut(exc.resp, self.cfg.max_response_body)) from None
         resp = await post(self.session(), hook, orjson.dumps(payload), TEST_BATCH_ID,
                           self.cfg.timeout, token, self.cfg.max_response_body)
         view = {"status": resp.status, "headers": resp.headers, "body": resp.body}
@@ -651,6 +653,15 @@ class _ResponseError(R.ApiError):
         entry["response"] = {"status": self.resp.status, "headers": self.resp.headers,
                              "body": self.resp.body}
         return orjson.dumps({"errors": [entry]})
+
+
+def _cut(resp: Response, max_body: int) -> Response:
+    """*resp* with at most *max_body* characters of its body: the tokens URL's answer is
+    read up to 64 KiB (its token), but what the API shows of it is bounded as the
+    target's is (webhooks.max_response_body)."""
+    if len(resp.body) <= max_body:
+        return resp
+    return dataclass_replace(resp, body=resp.body[:max_body])
 
 
 def _said(resp: Response) -> str:

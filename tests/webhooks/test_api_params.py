@@ -49,3 +49,55 @@ def test_a_target_with_credentials_takes_no_other_authorization():
             raise AssertionError(f"accepted: {extra}")
     # a target's credentials alone are the Basic credentials sent (anymail's setup)
     assert W.check_doc(base)["target"] == base["target"]
+
+
+def test_the_tokens_urls_answer_is_shown_within_max_response_body(tmp_path):
+    """webhooks.max_response_body bounds what the API shows of a target's answer (an
+    operator lowers it to limit what validate reveals of internal services); the tokens
+    URL's answer to a failed OAuth2 request was shown up to 64 KiB all the same."""
+    import asyncio
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import orjson
+
+    from mta.acceptor import http as H
+    from mta.api import webhooks as W
+    from mta.config.schema import Config, WebhooksConfig
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b"SECRET-PAGE " * 2000          # 24 KB
+            self.send_response(401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    doc = {"name": "h", "target": f"http://127.0.0.1:{port}/in", "events": ["delivery"],
+           "auth_type": "oauth2", "auth_request_details": {
+               "url": f"http://127.0.0.1:{port}/token",
+               "body": {"client_id": "c", "client_secret": "s",
+                        "grant_type": "client_credentials"}}}
+
+    async def go():
+        api = W.Api(str(tmp_path), Config(webhooks=WebhooksConfig(max_response_body=100)),
+                    asyncio.get_running_loop())
+        try:
+            return await H._webhooks_call(api, b"POST", b"/api/v1/webhooks", b"",
+                                          orjson.dumps(doc))
+        finally:
+            await api.close()
+    try:
+        status, body, _, _ = asyncio.run(go())
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    err = orjson.loads(body)["errors"][0]
+    assert status == 400 and err["response"]["status"] == 401, (status, err)
+    assert 0 < len(err["response"]["body"]) <= 100, len(err["response"]["body"])
