@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 
@@ -388,6 +389,8 @@ class Sender:
         self.stats.failures += 1
         sched = cfg.retry_schedule
         what = f"HTTP {resp.status}" if resp.status else (resp.failure or "no answer")
+        if not resp.status and resp.body:   # why: the connection's error (refused, TLS...)
+            what += f" ({_scrubbed(resp.body)})"
         self.last_failure = {"at": now, "response": what}
         if b.attempts > len(sched):
             self.pending.pop(b.id, None)
@@ -440,3 +443,13 @@ def _timestamp(ev: dict) -> float | None:
         return float(ts)
     except (TypeError, ValueError):
         return None
+
+
+_URL_SECRETS = re.compile(r"(?<=//)[^/@\s]*@|\?[^\s\]'\")]*")
+
+
+def _scrubbed(text: str) -> str:
+    """An error's text for the log and status: without the user:password@ and the query
+    of a URL it may quote (a target's credentials are never logged)."""
+    return _URL_SECRETS.sub("", text)[:200]
+

@@ -442,3 +442,26 @@ def test_a_webhook_created_inactive_starts_at_its_activation(env):
     assert db.inactive(wid) is None and db.cursor(wid)[0] == 16
     db.update(wid, dict(db.get(wid), name="again"))
     assert db.inactive(wid) is None
+
+
+def test_a_failed_connection_is_logged_with_its_reason(env, caplog):
+    """A batch that found no connection was logged as "got connection": the reason
+    (refused, name unknown, TLS) was in the attempt's record only.  It is logged now, and
+    a user:password@ of the target stays out of the log."""
+    store, db, _, _ = env
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                                   # nothing listens there: refused
+    hook = W.Hook(id="hook-1", name="test", target=f"http://u:S3CRET@127.0.0.1:{port}/in",
+                  events=frozenset(["delivery"]))
+    db.set_cursor(hook.id, 0)
+    store.append(_events(4))
+    caplog.set_level(logging.INFO, logger="mta.webhooks")
+    asyncio.run(_run(hook, db, store, _cfg(retry_schedule=[0.05]),
+                     lambda s: s.stats.dropped_batches == 1))
+    msgs = [r.getMessage() for r in caplog.records]
+    failed = [m for m in msgs if "attempt 1 got connection" in m]
+    assert failed and f"127.0.0.1:{port}" in failed[0], msgs
+    assert not [m for m in msgs if "S3CRET" in m], msgs
