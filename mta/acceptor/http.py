@@ -166,6 +166,17 @@ def _chunked_only(codings: bytes) -> None:
                                      "the body as it is, or chunked"))
 
 
+def _grant_of(method: bytes, route: bytes) -> str:
+    """The grant (http.key_grants) a request for *route* needs, as the routes ask it."""
+    if suppression_api.matches(route):
+        return "suppression_lists:manage"
+    if events_api.matches(route):
+        return "message_events:view"
+    if webhooks_api.matches(route):
+        return "webhooks:view" if method in (b"GET", b"HEAD") else "webhooks:modify"
+    return "transmissions:modify"
+
+
 def _grants(listed: list[str]) -> frozenset[str]:
     """A limited key's grants (http.key_grants); webhooks:modify includes webhooks:view."""
     grants = set(listed)
@@ -541,7 +552,7 @@ class Session(asyncio.Protocol):
         self.body_limit = limit = self.cfg.max_body_size
         if self.parser.get_method() == b"PUT" and \
                 suppression_api.matches(b"".join(self.url_parts).partition(b"?")[0]) and \
-                self._refusal(h) is None:
+                self._refusal(h, "suppression_lists:manage") is None:
             # a bulk suppression-list PUT: up to SparkPost's 50 MB (10,000 entries); only
             # for a caller with a key, so that anyone who can connect cannot make each
             # connection hold more than http.max_body_size
@@ -555,21 +566,22 @@ class Session(asyncio.Protocol):
         if h.get(b"expect", b"").strip().lower() == b"100-continue" and \
                 self.parser.get_http_version() != "1.0":   # (no 1xx to HTTP/1.0: RFC 9110 15.2)
             if not self.queue and not self.busy:
-                err = self._refusal(h)
+                err = self._refusal(h, _grant_of(self.parser.get_method(),
+                                                 b"".join(self.url_parts).partition(b"?")[0]))
                 if err is not None:
                     raise _Reject(err)
                 self.transport.write(CONTINUE)
             else:
                 self.expect_continue = True
 
-    def _refusal(self, h: dict[bytes, bytes]) -> R.ApiError | None:
+    def _refusal(self, h: dict[bytes, bytes], grant: str | None) -> R.ApiError | None:
         """Why a request will be refused whatever its body (the API key: every resource
         asks for it), or None.  A request that expects 100-continue then gets that
         answer instead of the 100 and the connection closes, its body unread (RFC 9110
         10.1.1), rather than uploading it for nothing; a suppression-list PUT gets its
         larger body bound only when it is not refused."""
         try:
-            self.svc.authorize(h.get(b"authorization"), self.peer_ip, h)
+            self.svc.authorize(h.get(b"authorization"), self.peer_ip, h, grant)
         except R.ApiError as err:
             return err
         return None

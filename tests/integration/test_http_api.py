@@ -1334,6 +1334,14 @@ def test_a_key_has_only_the_grants_listed_for_it(make_daemon):
     assert d.api("GET", "/api/v1/webhooks", key=KEY)[1]["results"] == []
     queued = d.queue_list()         # (a 200 is durable: the one message is queued)
     assert len(queued) == 1 and "a@example.com" in json.dumps(queued[0]), queued
+    # a request that expects 100-continue hears its 403 before it uploads the body
+    with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+        f = s.makefile("rb")
+        s.sendall(request_bytes(json.dumps(body).encode(), {
+            "Expect": "100-continue", "Authorization": "lists"}).partition(b"\r\n\r\n")[0]
+            + b"\r\n\r\n")
+        st, _, raw = read_response(f)
+        assert st == 403 and b"transmissions:modify" in raw, (st, raw)
     # a key with every grant, and the unknown key
     assert d.api("GET", events, key=KEY)[0] == 200
     assert d.api("GET", events, key="nobody")[0] == 401
