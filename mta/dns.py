@@ -39,6 +39,9 @@ RFC 2308), or ``negative_ttl`` when there is no SOA, clamped to
 ``temp_fail_ttl`` seconds only (a few: enough to absorb a burst of deliveries
 to one broken domain, never long enough to delay mail after the DNS recovers).
 At most ``cache_size`` entries, least recently used evicted first.
+A result says how long it holds (``MxResult.ttl``, ``resolve_addresses_ttl``):
+what is left of the TTL of the answers it was made from, at least ``min_ttl``,
+so a caller keeping it (delivery's sites) lets it go when the DNS does.
 Single-flight: concurrent lookups of one (name, type) share one query, and a
 caller that gives up (is cancelled) does not cancel it for the others.
 
@@ -138,6 +141,9 @@ class MxResult:
     reason: str = ""
     domain: str = ""  # ASCII (A-label) form
     implicit: bool = False  # no MX: the domain itself is the MX
+    # seconds the answer holds (what is left of its cached TTL, at least min_ttl);
+    # None: no DNS answer behind it (an address literal, an invalid name, a failure)
+    ttl: float | None = None
 
     @property
     def permanent(self) -> bool:
@@ -157,13 +163,14 @@ class MxResult:
 class _Lookup:
     """The outcome of one (name, type) query, as cached."""
 
-    __slots__ = ("kind", "records", "ttl", "reason")
+    __slots__ = ("kind", "records", "ttl", "reason", "expires")
 
     def __init__(self, kind: int, records: tuple, ttl: float, reason: str = ""):
         self.kind = kind
         self.records = records  # MX: ((preference, host), ...); A/AAAA: (address, ...)
         self.ttl = ttl
         self.reason = reason
+        self.expires = 0.0  # on the resolver's clock, set when it is fetched
 
 
 def normalize_domain(domain: str) -> str | None:
@@ -297,15 +304,17 @@ class Resolver:
             for g in groups:
                 if len(g) > 1:
                     random.shuffle(g)
-            return MxResult(OK, groups, "", name)
+            return MxResult(OK, groups, "", name, ttl=self._left((mx,)))
         # NODATA: the domain itself is the implicit MX (RFC 5321 §5.1)
         try:
-            addresses = await self.resolve_addresses(name)
+            addresses, ttl = await self.resolve_addresses_ttl(name)
         except DnsTempError as e:
             return MxResult(TEMP_FAIL, [], str(e), name)
         if not addresses:
             return MxResult(NO_ADDRESS, [], f"{name}: no MX and no A/AAAA record", name)
-        return MxResult(OK, [[name]], "", name, implicit=True)
+        # as long as both hold: the MX records may appear, the addresses change
+        return MxResult(OK, [[name]], "", name, implicit=True,
+                        ttl=min(ttl, self._left((mx,))))
 
     async def resolve_addresses(self, host: str) -> list[str]:
         """A host's IPv4 then IPv6 addresses ([] when it has none).
@@ -313,12 +322,20 @@ class Resolver:
         An IP literal is returned as it is.  Raises ``DnsTempError`` when no
         address was found and a lookup failed temporarily.
         """
+        return (await self.resolve_addresses_ttl(host))[0]
+
+    async def resolve_addresses_ttl(self, host: str) -> tuple[list[str], float]:
+        """A host's addresses as ``resolve_addresses``, and the seconds they hold.
+
+        The seconds are what is left of the TTL of the answers that gave an
+        address (at least ``min_ttl``; ``max_ttl`` for an IP literal or none).
+        """
         ip = _ip(host)
         if ip is not None:
-            return [ip]
+            return [ip], self._max_ttl
         name = normalize_domain(host)
         if name is None:
-            return []
+            return [], self._max_ttl
         if self._ipv6:
             a, aaaa = self._cached((name, _A)), self._cached((name, _AAAA))
             if a is None and aaaa is None:  # both in parallel; no task when cached
@@ -329,13 +346,15 @@ class Resolver:
                 aaaa = await self._lookup(name, _AAAA)
             found = list(a.records) + list(aaaa.records)
             failed = [lk.reason for lk in (a, aaaa) if lk.kind == _LK_TEMP]
+            used = (a, aaaa)
         else:
             a = await self._lookup(name, _A)
             found = list(a.records)
             failed = [a.reason] if a.kind == _LK_TEMP else []
+            used = (a,)
         if not found and failed:
             raise DnsTempError("; ".join(failed))
-        return found
+        return found, self._left([lk for lk in used if lk.kind == _LK_OK])
 
     def cache_stats(self) -> dict[str, int]:
         """Counters since start, for metrics.
@@ -351,6 +370,13 @@ class Resolver:
         out["capacity"] = self._cache_size
         out["inflight"] = len(self._inflight)
         return out
+
+    def _left(self, lookups) -> float:
+        """Seconds the answers of *lookups* still hold, the least of them, clamped to
+        [min_ttl, max_ttl] (max_ttl for none)."""
+        now = self._clock()
+        left = min((lk.expires - now for lk in lookups), default=self._max_ttl)
+        return min(max(left, self._min_ttl), self._max_ttl)
 
     def clear(self) -> None:
         """Forget every cached answer (e.g. on reload)."""
@@ -405,6 +431,7 @@ class Resolver:
         self._stats["queries"] += 1
         t = time.monotonic()
         result = await self._query(*key)
+        result.expires = self._clock() + result.ttl
         if self.query_seconds is not None:
             self.query_seconds.observe(time.monotonic() - t)
         if result.kind != _LK_OK:

@@ -52,6 +52,10 @@ RECORDS = [
     "short.example.test. 1 IN MX 10 mx1.example.test.",
     "short-expiry.example.test. 1 IN MX 10 mx1.example.test.",
     "long.example.test. 86400 IN MX 10 mx1.example.test.",
+    # how long an answer holds: MX 120 s, its host's address 30 s; implicit MX 40 s
+    "held.example.test. 120 IN MX 10 held-mx.example.test.",
+    "held-mx.example.test. 30 IN A 127.0.0.50",
+    "held-implicit.example.test. 40 IN A 127.0.0.51",
 ]
 SOA_MINIMUM = 60  # seconds: the negative TTL of the test zones
 # unbound caches too, and hands out what is left of a TTL: each TTL test uses
@@ -291,6 +295,23 @@ def test_ttl_clamped_to_min_and_max(make, server, clock):
     clock.advance(55)
     run(r.resolve_mx("long.example.test"))
     assert server.query_count() == before + 4
+
+
+def test_answers_say_how_long_they_hold(make, clock):
+    """What is left of the TTL: a caller keeping a result (delivery's sites) knows when
+    the DNS lets it go, at least min_ttl from now; an address literal has none."""
+    r = make(min_ttl=5)
+    assert 118 <= run(r.resolve_mx("held.example.test")).ttl <= 120
+    addresses, ttl = run(r.resolve_addresses_ttl("held-mx.example.test"))
+    assert addresses == ["127.0.0.50"] and 28 <= ttl <= 30
+    # NODATA for MX (the SOA's 60 s) and the address (40 s): the least
+    assert 38 <= run(r.resolve_mx("held-implicit.example.test")).ttl <= 40
+    clock.advance(20)  # from the cache: what is left
+    assert 98 <= run(r.resolve_mx("held.example.test")).ttl <= 100
+    assert 8 <= run(r.resolve_addresses_ttl("held-mx.example.test"))[1] <= 10
+    clock.advance(9)   # about a second left: min_ttl
+    assert run(r.resolve_addresses_ttl("held-mx.example.test"))[1] == 5
+    assert run(r.resolve_mx("[127.0.0.1]")).ttl is None
 
 
 def test_negative_caching_uses_soa_minimum(make, server, clock):

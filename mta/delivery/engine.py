@@ -10,12 +10,16 @@ transaction).  What happens to it:
    share one site (MX rollup: every domain Google hosts is one site), so they
    share connections and limits.  A site is named from its host names, e.g.
    ``(alt1.|alt2.|)gmail-smtp-in.l.google.com``, so operators can read it.  A
-   domain's site is trusted for SITE_TTL seconds, then looked up again in the
-   background.  Null MX, NXDOMAIN and a domain without addresses fail its
-   jobs permanently; a DNS timeout or SERVFAIL defers them.  An MX host whose
-   address and port are one of our own SMTP listeners, or whose server greets
-   with our own host name, is this MTA: only better MX hosts are used, and when
-   it is the best the jobs fail with 5.4.6 (the mail would loop).
+   domain's site is trusted for as long as the DNS answers it was made from hold
+   (the least TTL of its MX and address records, at least the resolver's
+   min_ttl, at most SITE_TTL seconds); the next job then waits for it to be
+   looked up again, so a receiver that fails over by DNS gets its mail at the new
+   address once the old one's TTL is over.  Null MX, NXDOMAIN and a domain
+   without addresses fail its jobs permanently; a DNS timeout or SERVFAIL
+   defers them.  An MX host whose address and port are one of our own SMTP
+   listeners, or whose server greets with our own host name, is this MTA: only
+   better MX hosts are used, and when it is the best the jobs fail with 5.4.6
+   (the mail would loop).
 2. **Source.**  The message's pool (``DeliveryMessageReady.pool``, checked at
    injection) names weighted egress sources; the job goes to one of those that
    may send now, by smooth weighted round robin (so 3:1 weights give exactly
@@ -81,7 +85,7 @@ from mta.shaping import Shaping
 
 log = logging.getLogger("mta.delivery")
 
-SITE_TTL = 300.0          # seconds a domain's site is used before it is looked up again
+SITE_TTL = 300.0          # seconds a domain's site is used at most (less when its TTL says)
 SITE_FORGET = 3600.0      # seconds an unused domain -> site entry is kept at all
 SLOT_RETRY = 0.05         # seconds between tries for a connection slot another process holds
 IDLE_CHECK = 0.25         # seconds between looks, while idle, for another process's demand
@@ -361,11 +365,11 @@ def _shuffled_by_preference(targets: list[Target]) -> list[Target]:
     """An MX site's targets with the hosts of each preference in a new random order.
 
     RFC 5321 §5.1: equal preferences share the load.  The site's list lives as long
-    as the site (SITE_TTL), so it is shuffled for each connection, not once; each
-    host's addresses stay together, its IPv4 ones first, each family in a new random
-    order too (Postfix's smtp_randomize_addresses): a host published with several
-    addresses gets its connections spread over them, not all at the first address of
-    the cached answer.
+    as its DNS answers (up to SITE_TTL), so it is shuffled for each connection, not
+    once; each host's addresses stay together, its IPv4 ones first, each family in a
+    new random order too (Postfix's smtp_randomize_addresses): a host published with
+    several addresses gets its connections spread over them, not all at the first
+    address of the cached answer.
     """
     out: list[Target] = []
     i, n = 0, len(targets)
@@ -464,7 +468,8 @@ class Engine:
                                     if r.domain and not r.domain.startswith("*")})
         self.learning: asyncio.Future | None = None
         self.sites: dict[tuple, Site] = {}
-        self.domain_site: dict[str, tuple[Site, float]] = {}   # domain -> (site, looked up at)
+        # domain -> (site, looked up at, until when (loop time) its DNS answers hold)
+        self.domain_site: dict[str, tuple[Site, float, float]] = {}
         self.resolving: dict[str, list[Job]] = {}                # domain -> jobs waiting for it
         self.in_flight = 0
         self.stats = collections.Counter()
@@ -497,13 +502,11 @@ class Engine:
             waiting.append(job)
             return
         known = self.domain_site.get(domain)
-        if known is not None:
-            site, at = known
-            if self.loop.time() - at > SITE_TTL:
-                self.resolving[domain] = []       # route now, look up again meanwhile
-                self._task(self._resolve(domain))
-            self._route(job, site)
+        if known is not None and self.loop.time() < known[2]:
+            self._route(job, known[0])
             return
+        # unknown, or its DNS answers expired: not to the old hosts, which the
+        # receiver may have left (failover by DNS), but to the ones looked up now
         self.resolving[domain] = [job]
         self._task(self._resolve(domain))
 
@@ -589,7 +592,7 @@ class Engine:
             old[0].shaped.discard(domain)
 
     async def _site_of(self, domain: str) -> Site:
-        targets = await self.targets(domain)
+        targets, ttl = await self.targets(domain)
         own = self._route_of(domain)
         route = own or self.routes.get("*")
         if route is not None:
@@ -620,7 +623,8 @@ class Engine:
         if old is not None and old[0] is not site:
             old[0].domains.discard(domain)
             old[0].shaped.discard(domain)
-        self.domain_site[domain] = (site, self.loop.time())
+        now = self.loop.time()
+        self.domain_site[domain] = (site, now, now + min(ttl, SITE_TTL))
         site.domains.add(domain)
         if domain not in site.shaped and (route is None or own is not None):
             site.shaped.add(domain)
@@ -766,28 +770,35 @@ class Engine:
         if lane.idle and lane.queued():
             lane.wakeup.set()
 
-    async def targets(self, domain: str) -> list[Target]:
-        """Candidate hosts for *domain*, in the order to try them."""
+    async def targets(self, domain: str) -> tuple[list[Target], float]:
+        """Candidate hosts for *domain*, in the order to try them, and the seconds the
+        DNS answers they come from hold (the least TTL left of them; SITE_TTL: none)."""
         cfg = self.cfg
         route = self._route_of(domain) or self.routes.get("*")
         out: list[Target] = []
+        ttl = SITE_TTL
         if route is not None:
             for h in route.hosts:
                 if h.startswith("[") or h.count(":") == 1:
                     host, port = parse_hostport(h)
                 else:
                     host, port = h, cfg.mx_port
-                try:
-                    ips = [host] if _is_ip(host) else await self.resolver.resolve_addresses(host)
-                except DnsTempError as exc:
-                    log.info("address lookup for route host %s failed: %s", host, exc)
-                    continue
+                if _is_ip(host):
+                    ips = [host]
+                else:
+                    try:
+                        ips, left = await self.resolver.resolve_addresses_ttl(host)
+                    except DnsTempError as exc:
+                        log.info("address lookup for route host %s failed: %s", host, exc)
+                        continue
+                    if ips:
+                        ttl = min(ttl, left)
                 for ip in ips:
                     out.append(Target(host, ip, port, route.starttls, route.tls_verify,
                                       route.source_address))
             if not out:
                 raise RouteError(DEFERRED, 451, "4.4.3", f"no address for route hosts of {domain}")
-            return out
+            return out, ttl
         mx = await self.resolver.resolve_mx(domain)
         if mx.status == "null_mx":
             raise RouteError(FAILED, 556, "5.1.10", f"{domain} does not accept mail (null MX)")
@@ -798,15 +809,22 @@ class Engine:
         if mx.status != "ok":
             raise RouteError(DEFERRED, 451, "4.4.3",
                              f"DNS lookup for {domain} failed: {mx.reason or mx.status}")
+        if mx.ttl is not None:
+            ttl = min(ttl, mx.ttl)
         unknown = len(mx.hosts)     # the best preference with a host whose lookup failed
         hosts = [(rank, host) for rank, group in enumerate(mx.hosts) for host in group]
         for rank, host in hosts[:MAX_MX_HOSTS]:
-            try:
-                ips = [host] if _is_ip(host) else await self.resolver.resolve_addresses(host)
-            except DnsTempError as exc:  # one MX host's addresses: try the next host
-                log.info("address lookup for %s failed: %s", host, exc)
-                unknown = min(unknown, rank)
-                continue
+            if _is_ip(host):
+                ips = [host]
+            else:
+                try:
+                    ips, left = await self.resolver.resolve_addresses_ttl(host)
+                except DnsTempError as exc:  # one MX host's addresses: try the next host
+                    log.info("address lookup for %s failed: %s", host, exc)
+                    unknown = min(unknown, rank)
+                    continue
+                if ips:
+                    ttl = min(ttl, left)
             for ip in ips:
                 out.append(Target(host, ip, cfg.mx_port, None, cfg.tls_verify, None, rank))
         # An MX host that is this MTA: only the better ones may get the mail (RFC 5321
@@ -825,7 +843,7 @@ class Engine:
                 raise RouteError(FAILED, 550, "5.4.4",
                                  f"no MX host of {domain} has an address")
             raise RouteError(DEFERRED, 451, "4.4.3", f"no address found for the MX hosts of {domain}")
-        return out
+        return out, ttl
 
     def _route_of(self, domain: str):
         """*domain*'s own [[delivery.route]] (not '*'), or None."""
@@ -1573,7 +1591,7 @@ class Engine:
     def forget_old_sites(self) -> None:
         """Drop domain -> site entries unused for SITE_FORGET, and sites nobody uses."""
         now = self.loop.time()
-        for domain, (site, at) in list(self.domain_site.items()):
+        for domain, (site, at, _) in list(self.domain_site.items()):
             if now - at > SITE_FORGET and domain not in self.resolving:
                 del self.domain_site[domain]
                 site.domains.discard(domain)

@@ -61,6 +61,7 @@ class Resolver:
     def __init__(self, mx: dict, addresses: dict):
         self.mx = mx
         self.addresses = addresses
+        self.ttl: dict = {}         # host -> seconds its addresses hold (default 300)
 
     async def resolve_mx(self, domain):
         return self.mx[domain]
@@ -70,6 +71,9 @@ class Resolver:
         if isinstance(a, Exception):
             raise a
         return a
+
+    async def resolve_addresses_ttl(self, host):
+        return await self.resolve_addresses(host), self.ttl.get(host, 300.0)
 
 
 # Each engine's state directory, under one directory removed when the tests end.
@@ -657,6 +661,56 @@ def test_domains_with_the_same_mx_hosts_in_another_order_each_try_their_own_firs
         reports = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
     got = {(j.msg.domain, rs[0].outcome, rs[0].host) for j, rs in reports}
     assert got == {("a.test", bus.DELIVERED, "mx1.test"), ("b.test", bus.DELIVERED, "mx2.test")}
+
+
+@pytest.mark.parametrize("ttl_of", ["mx", "address", "route"])
+def test_a_site_is_looked_up_again_when_its_dns_answers_expire(ttl_of):
+    """The MX host moves from 127.0.0.1 to 127.0.0.2 (failover by DNS) and the answer
+    that said 127.0.0.1 had a TTL of 0.3 s (its MX records', its host's addresses' or a
+    route host's): the first job after that goes to 127.0.0.2.  The site was kept 300 s
+    whatever the TTL, and the job that found it old still went to the old host."""
+    peers = {"127.0.0.1": Peer(), "127.0.0.2": Peer()}
+    port = free_port()
+    ttl = 0.3
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        servers = [await loop.create_server(p.protocol, ip, port) for ip, p in peers.items()]
+        reports = []
+        got = asyncio.Queue()
+
+        def report(j, results, retry_after=0.0):
+            reports.append((j, results))
+            got.put_nowait(j)
+
+        resolver = Resolver({"example.net": MxResult("ok", [["mx.example.net"]], ttl=ttl
+                                                     if ttl_of == "mx" else 300.0)},
+                            {"mx.example.net": ["127.0.0.1"]})
+        if ttl_of != "mx":
+            resolver.ttl["mx.example.net"] = ttl
+        route = [{"domain": "example.net", "hosts": ["mx.example.net"]}] \
+            if ttl_of == "route" else []
+        # one message a connection: each job connects to the site's hosts of the time
+        engine = Engine(settings(port, route=route, max_deliveries_per_connection=1),
+                        resolver, report, loop)
+        engine.submit(job("example.net", "ok", n=0))
+        await got.get()
+        resolver.addresses["mx.example.net"] = ["127.0.0.2"]
+        engine.submit(job("example.net", "ok", n=1))      # within the TTL: the old host
+        await got.get()
+        await asyncio.sleep(ttl + 0.1)
+        engine.submit(job("example.net", "ok", n=2))
+        await got.get()
+        await engine.close()
+        for s in servers:
+            s.close()
+        return reports
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        reports = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    assert [rs[0].outcome for _, rs in reports] == [bus.DELIVERED] * 3
+    # the first two at the old address, the last (after the TTL) at the new one
+    assert [len(p.messages) for p in peers.values()] == [2, 1]
 
 
 def test_the_addresses_of_one_mx_host_share_the_connections():

@@ -182,3 +182,25 @@ def test_a_receivers_recipient_limit_delivers_every_recipient_in_one_attempt(lab
     assert not [e for e in d.events() if e["type"] == "delay"]
     assert sorted(r for t in sink.snapshot() for r in t.rcpt_tos) == rcpts
     assert [len(t.rcpt_tos) for t in sink.snapshot()] == [2, 2, 1]
+
+
+def test_a_receiver_failing_over_by_dns_gets_the_next_mail_once_the_ttl_is_over(lab):
+    """A receiver moves its MX host to a new address (failover by DNS) and publishes it
+    with a short TTL: once that TTL is over, the next message goes to the new address at
+    once -- not to the dead old one (deferred) for as long as the daemon kept the site
+    (its own 300 s, whatever the TTL said)."""
+    ttl = 5       # seconds: the resolver's min_ttl, the least it keeps an answer
+    old, new = lab.aio(IP_A), lab.aio(IP_B)
+    dns = lab.serve(["failover.test. 300 IN MX 10 mx.failover.test.",
+                     f"mx.failover.test. {ttl} IN A {IP_A}"])
+    d = lab.daemon()
+    d.send("alice@sender.test", ["first@failover.test"], message("before failover"))
+    old.wait_for("first@failover.test", 20)
+    old.stop()
+    dns.remove("mx.failover.test")
+    dns.add([f"mx.failover.test. {ttl} IN A {IP_B}"])
+    time.sleep(ttl + 1)
+    qid = d.send("alice@sender.test", ["next@failover.test"], message("after failover"))
+    new.wait_for("next@failover.test", 15)
+    wait_queue_empty(d)
+    assert not [e for e in d.events() if e["type"] == "delay" and e["queue_id"] == qid]
