@@ -184,6 +184,13 @@ def test_defaults(tmp_path):
     ("[events]\nstore_path = ''\n", "events.store_path"),
     ("[smtp]\nlisten = ['127.0.0.1:2525', '127.0.0.1:2525']\n", "smtp.listen[1]"),
     ("[server]\nproxy_protocol_from = ['10.0.0.0/33']\n", "server.proxy_protocol_from[0]"),
+    # one domain's two forms (U-label, A-label) are one route key: the last silently won
+    ("[[delivery.route]]\ndomain = 'bücher.de'\nhosts = ['10.0.0.5:25']\n"
+     "[[delivery.route]]\ndomain = 'xn--bcher-kva.de'\nhosts = ['10.0.0.6:25']\n",
+     "delivery.route[1].domain"),
+    ("[[delivery.route]]\ndomain = 'XN--BCHER-KVA.de'\nhosts = ['10.0.0.5:25']\n"
+     "[[delivery.route]]\ndomain = 'Bücher.de.'\nhosts = ['10.0.0.6:25']\n",
+     "delivery.route[1].domain"),
 ])
 def test_errors_name_the_key(tmp_path, text, key):
     p = tmp_path / "c.toml"

@@ -560,15 +560,20 @@ def _check_delivery(d) -> tuple:
             ipaddress.ip_address(d.source_address)
         except ValueError:
             raise ConfigError("delivery.source_address: not an IP address") from None
-    seen = set()
+    if d.route:     # (mta.dns loads dnspython: only for a config that has routes)
+        from mta.dns import normalize_domain
+    seen: dict[str, int] = {}
     for i, r in enumerate(d.route):
         key = f"delivery.route[{i}]"
         dom = r.domain.lower().rstrip(".")
         if not dom or (dom != "*" and " " in dom):
             raise ConfigError(f"{key}.domain: expected a domain name or \"*\"")
-        if dom in seen:
-            raise ConfigError(f"{key}.domain: {dom} has two routes")
-        seen.add(dom)
+        # as delivery keys the routes: by the A-label form (bücher.de = xn--bcher-kva.de)
+        ascii_dom = normalize_domain(dom) or dom
+        if ascii_dom in seen:
+            raise ConfigError(f"{key}.domain: {dom} has two routes: delivery.route"
+                              f"[{seen[ascii_dom]}] is the same domain ({ascii_dom})")
+        seen[ascii_dom] = i
         if not r.hosts:
             raise ConfigError(f"{key}.hosts: at least one host is needed")
         for j, h in enumerate(r.hosts):
