@@ -76,6 +76,20 @@ def test_match_by_wildcard_domain_takes_subdomains_only():
         assert limits(rules, domains=(d,)).connection_limit == 10, d
 
 
+def test_a_domain_rule_takes_the_mail_to_either_form_of_an_idn_domain():
+    """A rule is written in the A-label form (check-config asks for it); the mail's
+    domain comes as the sender wrote it, the U-label form with SMTPUTF8.  The rule
+    for xn--bcher-kva.example did not shape the mail to bücher.example."""
+    rules = [rule(domain="xn--bcher-kva.example", connection_limit=3),
+             rule(domain="*.xn--mnchen-3ya.example", connection_limit=4)]
+    for d in ("bücher.example", "BÜCHER.example.", "xn--bcher-kva.example"):
+        assert limits(rules, domains=(d,)).connection_limit == 3, d
+    for d in ("mx.münchen.example", "a.b.xn--mnchen-3ya.example"):
+        assert limits(rules, domains=(d,)).connection_limit == 4, d
+    for d in ("münchen.example", "bucher.example", "sub.bücher.example"):
+        assert limits(rules, domains=(d,)).connection_limit == 10, d
+
+
 def test_a_domain_rule_shapes_the_whole_site_once_its_domain_is_queued():
     sh = shaping.Shaping([rule(domain="gmail.com", connection_limit=2)], DELIVERY,
                          presets=False)

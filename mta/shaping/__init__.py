@@ -14,8 +14,10 @@ A shaping rule (``[[shaping]]`` in the configuration, :class:`ShapingRule` in
   site matches, e.g. ``*.google.com``;
 - ``site``: the site's name as ``mta queue`` shows it, compared whole.
 
-All names compare case-insensitively, without a trailing dot.  With ``source``
-a rule applies only to deliveries from that egress source.
+All names compare case-insensitively, without a trailing dot; a domain rule
+is written in the A-label form and takes the mail to the U-label form of its
+domain too (``xn--bcher-kva.de`` shapes the mail to ``bücher.de``).  With
+``source`` a rule applies only to deliveries from that egress source.
 
 **Order.**  Every rule that matches applies, in this order: the shipped
 presets (``presets.toml`` next to this file; ``delivery.shaping_presets =
@@ -447,6 +449,11 @@ class Shaping:
             return value
 
     def _domain_rules(self, domain: str) -> tuple[_Rule, ...]:
+        if not domain.isascii():
+            # The U-label form (bücher.de, mail sent with SMTPUTF8): the rules are in
+            # the A-label form (check asks for it).  Once per domain (memoized).
+            from mta.dns import normalize_domain
+            domain = normalize_domain(domain) or domain
         out = list(self._exact.get(domain, ()))
         if self._suffix:
             rest = domain
