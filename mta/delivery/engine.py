@@ -14,7 +14,9 @@ transaction).  What happens to it:
    (the least TTL of its MX and address records, at least the resolver's
    min_ttl, at most SITE_TTL seconds); the next job then waits for it to be
    looked up again, so a receiver that fails over by DNS gets its mail at the new
-   address once the old one's TTL is over.  Null MX, NXDOMAIN and a domain
+   address once the old one's TTL is over; when that lookup fails for now (a
+   timeout, SERVFAIL), the expired site is used STALE_TTL more at a time (RFC
+   8767), at most SITE_FORGET after its last answer.  Null MX, NXDOMAIN and a domain
    without addresses fail its jobs permanently; a DNS timeout or SERVFAIL
    defers them.  An MX host whose address and port are one of our own SMTP
    listeners, or whose server greets with our own host name, is this MTA: only
@@ -87,6 +89,7 @@ log = logging.getLogger("mta.delivery")
 
 SITE_TTL = 300.0          # seconds a domain's site is used at most (less when its TTL says)
 SITE_FORGET = 3600.0      # seconds an unused domain -> site entry is kept at all
+STALE_TTL = 30.0          # seconds an expired site is used again when its lookup failed
 SLOT_RETRY = 0.05         # seconds between tries for a connection slot another process holds
 IDLE_CHECK = 0.25         # seconds between looks, while idle, for another process's demand
 MAX_SITE_NAME = 200       # longest site name shown; longer ones end in a hash
@@ -567,6 +570,19 @@ class Engine:
                         pass
                 site = await self._site_of(domain)
             except RouteError as exc:
+                old = self.domain_site.get(domain)
+                if exc.outcome == DEFERRED and old is not None:
+                    # Its answers expired and the lookup fails for now (a timeout,
+                    # SERVFAIL): the hosts they named take the mail meanwhile, STALE_TTL
+                    # at a time (RFC 8767's serve-stale; at most SITE_FORGET after the
+                    # last answer), rather than every job to the domain deferred.
+                    log.info("looking up %s again failed (%s); its hosts of %.0f s ago "
+                             "are used %.0f s more", domain, exc.text,
+                             self.loop.time() - old[1], STALE_TTL)
+                    self.domain_site[domain] = (old[0], old[1], self.loop.time() + STALE_TTL)
+                    for job in self.resolving.pop(domain, ()):
+                        self._route(job, old[0])
+                    return
                 self._unroute(domain)
                 for job in self.resolving.pop(domain, ()):
                     self._fail_route(job, exc)

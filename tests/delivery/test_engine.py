@@ -713,6 +713,48 @@ def test_a_site_is_looked_up_again_when_its_dns_answers_expire(ttl_of):
     assert [len(p.messages) for p in peers.values()] == [2, 1]
 
 
+def test_an_expired_site_whose_lookup_fails_for_now_still_takes_the_mail():
+    """RFC 8767 (serve-stale): the domain's answers expired and the resolver times out or
+    says SERVFAIL for a while: its last hosts take the mail, STALE_TTL at a time, rather
+    than every job to the domain deferred; NXDOMAIN (permanent) is not served stale."""
+    peer = Peer()
+    port = free_port()
+    ttl = 0.3
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(peer.protocol, "127.0.0.1", port)
+        reports = []
+        got = asyncio.Queue()
+
+        def report(j, results, retry_after=0.0):
+            reports.append((j, results))
+            got.put_nowait(j)
+
+        resolver = Resolver({"example.net": MxResult("ok", [["mx.example.net"]], ttl=ttl)},
+                            {"mx.example.net": ["127.0.0.1"]})
+        engine = Engine(settings(port), resolver, report, loop)
+        engine.submit(job("example.net", "ok", n=0))
+        await got.get()
+        await asyncio.sleep(ttl + 0.1)
+        resolver.mx["example.net"] = MxResult("temp", reason="SERVFAIL")
+        engine.submit(job("example.net", "ok", n=1))          # expired, lookup fails: stale
+        await got.get()
+        assert engine.domain_site["example.net"][2] > loop.time() + 20   # STALE_TTL more
+        engine.domain_site["example.net"] = engine.domain_site["example.net"][:2] + (0.0,)
+        resolver.mx["example.net"] = MxResult("nxdomain", reason="NXDOMAIN")
+        engine.submit(job("example.net", "ok", n=2))          # the domain is gone: bounce
+        await got.get()
+        await engine.close()
+        server.close()
+        return reports
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        reports = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    assert [rs[0].outcome for _, rs in reports] == [bus.DELIVERED, bus.DELIVERED, bus.FAILED]
+    assert len(peer.messages) == 2
+
+
 def test_the_addresses_of_one_mx_host_share_the_connections():
     """One MX host with two addresses (DNS round robin, as large receivers publish their
     MX hosts): each new connection picks one of them at random, as Postfix does
