@@ -294,8 +294,9 @@ class RouteConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "\"required\" unless it says so)")] = None
     tls_verify: Annotated[bool, _doc(
         "verify the server certificate and name; then STARTTLS is required (as Postfix's "
-        "verify level): a server that does not offer it, or whose certificate fails, "
-        "gets nothing (the mail is deferred)")] = False
+        "verify level), whatever starttls, delivery.starttls or a [[shaping]] rule says: "
+        "a server that does not offer it, or whose certificate fails, gets nothing (the "
+        "mail is deferred)")] = False
     source_address: Annotated[str, _doc(
         "local IP address to send from (egress IP); empty: the system's choice")] = ""
 
@@ -323,7 +324,8 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "STARTTLS for MX deliveries: none, opportunistic or required")] = "opportunistic"
     tls_verify: Annotated[bool, _doc(
         "verify certificates on MX deliveries (opportunistic TLS does not by default); "
-        "then STARTTLS is required, as for a route's tls_verify")] = False
+        "then STARTTLS is required, whatever starttls or a [[shaping]] rule says, as for "
+        "a route's tls_verify")] = False
     source_address: Annotated[str, _doc(
         "local IP address for MX deliveries; empty: the system's choice")] = ""
     connection_limit: Annotated[int, _doc(

@@ -892,10 +892,11 @@ class Engine:
             if self.connect_attempts is not None:
                 self.connect_attempts.inc((src.name, lane.site.name))
             starttls = t.starttls or limits.starttls
-            if t.tls_verify and starttls == "opportunistic":
+            if t.tls_verify:
                 # A verified certificate or nothing (Postfix's "verify" level): neither a
-                # server that stops offering STARTTLS nor a certificate that fails may
-                # turn it into plaintext.
+                # server that stops offering STARTTLS, nor a certificate that fails, nor
+                # a "none" of delivery.starttls or a shaping rule may turn it into
+                # plaintext.
                 starttls = "required"
             try:
                 if starttls == "opportunistic" and self._tls_broken(t.ip, t.port):

@@ -946,6 +946,24 @@ def test_a_verified_route_never_falls_back_to_plaintext():
     assert results[0].outcome == bus.DEFERRED and BrokenTlsPeer.delivered == []
 
 
+@pytest.mark.parametrize("where", ["route", "delivery"])
+def test_tls_verify_is_not_undone_by_starttls_none(where):
+    # tls_verify says "a verified certificate or nothing": a starttls = "none" from
+    # delivery.starttls or a shaping rule (the route says none of its own) must not send
+    # the mail in clear to a server that offers no STARTTLS
+    peer = Peer()                       # offers no STARTTLS
+    if where == "route":
+        kw = {"route": [{"domain": "bank.test", "hosts": ["127.0.0.1:PORT"],
+                         "tls_verify": True}]}
+        resolver = Resolver({}, {})
+    else:
+        kw = {"tls_verify": True}
+        resolver = mx_to_loopback("bank.test")
+    (j, results), = deliver([job("bank.test", "ok")], resolver, peer, starttls="none", **kw)
+    assert results[0].outcome == bus.DEFERRED and "STARTTLS required" in results[0].text
+    assert peer.messages == []
+
+
 class OneMessageSession(PipeSession):
     """Takes one message per connection: its 250, then it reads nothing more and hangs
     up a moment later (the next envelope, if any, is never answered).  With
