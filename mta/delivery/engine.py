@@ -966,6 +966,17 @@ class Engine:
             data_timeout=cfg.data_timeout, starttls=starttls, tls_verify=t.tls_verify,
             tls_server_hostname=t.host if not _is_ip(t.host) else None)
 
+    @staticmethod
+    def _in_clear(lane: Lane, conn) -> bool:
+        """True when *conn* is not encrypted and the site's rules (its limits say
+        "required") decide its STARTTLS: a rule that requires TLS came to apply to the
+        site after *conn* opened (a domain of a wildcard rule got mail), and the
+        connection must not carry the mail.  A route's own starttls decides for itself."""
+        if conn.tls_active:
+            return False
+        targets = lane.site.targets
+        return not (targets and targets[0].starttls)
+
     def _greets_as_me(self, conn) -> bool:
         """True when *conn*'s server greeted with our own host name (Postfix's check)."""
         greeting = conn.greeting
@@ -1087,7 +1098,9 @@ class Engine:
                     return
                 limits = lane.limits
                 if conn is not None and (not conn.is_usable or
-                                         conn.messages_sent >= limits.max_deliveries_per_connection):
+                                         conn.messages_sent >= limits.max_deliveries_per_connection
+                                         or limits.starttls == "required" and
+                                         self._in_clear(lane, conn)):
                     await conn.quit()
                     conn = None
                 if conn is None:
@@ -1214,7 +1227,8 @@ class Engine:
             return None
         limits = lane.limits
         if conn.messages_sent + 1 >= limits.max_deliveries_per_connection \
-                or self._over_limit(lane, slot):
+                or self._over_limit(lane, slot) \
+                or limits.starttls == "required" and self._in_clear(lane, conn):
             return None
         if self._held(lane.source.name, lane.site.name, time.time()):
             return None

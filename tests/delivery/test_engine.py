@@ -852,6 +852,76 @@ def test_a_route_without_its_own_starttls_keeps_a_rules_required():
     assert results[0].outcome == bus.DELIVERED and len(peer.messages) == 1
 
 
+class HookedPipeSession(PipeSession):
+    """A PipeSession (PIPELINING, no STARTTLS) that calls its peer's ``on_rcpt`` when a
+    RCPT comes, and reads what came with it a moment later."""
+
+    def data_received(self, data):
+        rcpts = [line[8:] for line in data.split(b"\r\n") if line[:8].upper() == b"RCPT TO:"]
+        if not rcpts:
+            return super().data_received(data)
+        for r in rcpts:
+            self.peer.on_rcpt(r.decode())
+        asyncio.get_running_loop().call_later(0.2, super().data_received, data)
+
+
+@pytest.mark.parametrize("when", ["idle", "ahead"])
+def test_a_plaintext_connection_is_not_reused_once_the_site_requires_tls(when):
+    # shop.test and x.bank.test share their MX host, so one site; a rule requires TLS for
+    # *.bank.test (a wildcard: its sites are known only once such a domain has mail).
+    # shop.test's mail went first, in plaintext (the server offers no STARTTLS); when
+    # x.bank.test's mail came, the site's STARTTLS became "required" -- and shop.test's
+    # plaintext connection took the mail all the same: kept open, idle ("idle"), or
+    # still sending, with x.bank.test's envelope written behind shop.test's final dot
+    # ("ahead": pipelined transactions).
+    engine = None
+    peer = PipePeer()
+
+    def on_rcpt(address):
+        if address == "<ok@shop.test>" and when == "ahead":
+            engine.submit(job("x.bank.test", "ok", n=1))
+
+    peer.on_rcpt = on_rcpt
+    resolver = Resolver({d: MxResult("ok", [["mx.shared.test"]], domain=d)
+                         for d in ("shop.test", "x.bank.test")},
+                        {"mx.shared.test": ["127.0.0.1"]})
+
+    async def main():
+        nonlocal engine
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: HookedPipeSession(peer), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reports = []
+        got = asyncio.Event()
+
+        def report(j, results, retry_after=0.0):
+            reports.append((j, results))
+            got.set()
+
+        engine = Engine(settings(port, starttls="opportunistic", idle_timeout=30,
+                                 connection_limit=1,
+                                 shaping=[{"domain": "*.bank.test", "starttls": "required"}]),
+                        resolver, report, loop)
+        engine.submit(job("shop.test", "ok"))
+        await got.wait()
+        got.clear()
+        if when == "idle":
+            engine.submit(job("x.bank.test", "ok", n=1))
+        while len(reports) < 2:
+            await got.wait()
+            got.clear()
+        await engine.close()
+        server.close()
+        return reports
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        reports = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    assert [(j.msg.domain, rs[0].outcome) for j, rs in reports] == \
+        [("shop.test", bus.DELIVERED), ("x.bank.test", bus.DEFERRED)], reports
+    assert "STARTTLS required" in reports[1][1][0].text
+    assert [rcpt for _, rcpt in peer.messages] == ["ok@shop.test"]
+
+
 class BrokenTlsPeer(asyncio.Protocol):
     """Offers STARTTLS, answers it 220, then sends what is not TLS and hangs up (an old or
     broken TLS stack); a session that does not ask for TLS is served in plaintext."""
