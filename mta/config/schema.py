@@ -289,9 +289,9 @@ class RouteConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     hosts: Annotated[list[str], _doc(
         "hosts to deliver to, as host or host:port, tried in order")]
     starttls: Annotated[str | None, _doc(
-        "none, opportunistic or required; unset: as the [[shaping]] rules and "
-        "delivery.starttls say for the domain (a route does not weaken a rule's "
-        "\"required\" unless it says so)")] = None
+        "none, opportunistic or required (as delivery.starttls); unset: as the "
+        "[[shaping]] rules and delivery.starttls say for the domain (a route does not "
+        "weaken a rule's \"required\" unless it says so)")] = None
     tls_verify: Annotated[bool, _doc(
         "verify the server certificate and name; then STARTTLS is required (as Postfix's "
         "verify level), whatever starttls, delivery.starttls or a [[shaping]] rule says: "
@@ -321,7 +321,10 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     mx_port: Annotated[int, _doc(
         "TCP port for MX and address-record deliveries", ge=1, le=65535)] = 25
     starttls: Annotated[str, _doc(
-        "STARTTLS for MX deliveries: none, opportunistic or required")] = "opportunistic"
+        "STARTTLS for MX deliveries: none, opportunistic (when offered; a failed "
+        "handshake: plaintext) or required (encrypted or not sent; the certificate is "
+        "not checked, as Postfix's encrypt level: tls_verify checks it and the MX host "
+        "name)")] = "opportunistic"
     tls_verify: Annotated[bool, _doc(
         "verify certificates on MX deliveries (opportunistic TLS does not by default); "
         "then STARTTLS is required, whatever starttls or a [[shaping]] rule says, as for "
@@ -485,7 +488,8 @@ class ShapingRule(Struct, forbid_unknown_fields=True, kw_only=True):
     idle_timeout: Annotated[Annotated[float, Meta(ge=0, le=3600)] | None, _doc(
         "seconds an unused connection is kept open (0-3600)")] = None
     starttls: Annotated[str | None, _doc(
-        "none, opportunistic or required")] = None
+        "none, opportunistic or required (as delivery.starttls: required is encryption, "
+        "the certificate is not checked)")] = None
 
 
 RULE_STAGES = ("connect", "greeting", "ehlo", "mail", "rcpt", "data")

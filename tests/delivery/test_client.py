@@ -772,6 +772,12 @@ def test_aiosmtpd_starttls_verified_and_required(tls_material):
             await open_to(tls_port, starttls="required", tls_verify=True,
                           tls_server_hostname="mx.test.example")
         assert ei.value.tls_failed
+        # required without tls_verify is encryption only (as documented): an unknown CA
+        # and another name do not matter
+        conn = await open_to(tls_port, starttls="required",
+                             tls_server_hostname="other.test.example")
+        assert conn.tls_active and conn.outbound_tls == "1"
+        await conn.quit()
         # required, but not offered
         with pytest.raises(SmtpConnectError) as ei:
             await open_to(plain_port, starttls="required")
