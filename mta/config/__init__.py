@@ -560,6 +560,15 @@ def _check_delivery(d) -> tuple:
             ipaddress.ip_address(d.source_address)
         except ValueError:
             raise ConfigError("delivery.source_address: not an IP address") from None
+    if d.tls_ca_file:
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        try:
+            ctx.load_verify_locations(cafile=d.tls_ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"delivery.tls_ca_file: cannot load {d.tls_ca_file}: "
+                              f"{exc}") from None
     if d.route:     # (mta.dns loads dnspython: only for a config that has routes)
         from mta.dns import normalize_domain
     seen: dict[str, int] = {}

@@ -329,6 +329,10 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "verify certificates on MX deliveries (opportunistic TLS does not by default); "
         "then STARTTLS is required, whatever starttls or a [[shaping]] rule says, as for "
         "a route's tls_verify")] = False
+    tls_ca_file: Annotated[str, _doc(
+        "a PEM file of CA certificates trusted by tls_verify (delivery's and the routes') "
+        "besides the system's: for a smarthost or partner whose certificate a private CA "
+        "signed; empty: the system's CAs alone")] = ""
     source_address: Annotated[str, _doc(
         "local IP address for MX deliveries; empty: the system's choice")] = ""
     connection_limit: Annotated[int, _doc(

@@ -667,6 +667,15 @@ def _timed_out(fut: asyncio.Future) -> None:
 _TLS_CONTEXTS: dict[bool, ssl.SSLContext] = {}
 
 
+def verifying_tls_context(ca_file: str) -> ssl.SSLContext:
+    """A verifying client SSLContext that trusts *ca_file*'s CAs besides the system's
+    (delivery.tls_ca_file), with the shared contexts' TLS 1.2 floor."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.load_verify_locations(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
 def _default_tls_context(verify: bool) -> ssl.SSLContext:
     """The shared client SSLContext: verifying (system CAs) or opportunistic (CERT_NONE).
 

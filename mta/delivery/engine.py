@@ -431,6 +431,9 @@ class Engine:
                  adaptive=None):
         self.settings = settings
         self.cfg = settings.config.delivery
+        # tls_verify's context when delivery.tls_ca_file adds CAs (else the client's shared one)
+        self.verify_ctx = smtpc.verifying_tls_context(self.cfg.tls_ca_file) \
+            if self.cfg.tls_ca_file else None
         # the longest a job waits in this process before it is handed back (sweep)
         self.max_wait = self.cfg.job_timeout_margin / 2
         self.helo = settings.helo_name
@@ -964,7 +967,8 @@ class Engine:
             t.ip, t.port, helo_name=src.ehlo, source_address=address, socks5=src.proxy,
             connect_timeout=cfg.connect_timeout, command_timeout=cfg.command_timeout,
             data_timeout=cfg.data_timeout, starttls=starttls, tls_verify=t.tls_verify,
-            tls_server_hostname=t.host if not _is_ip(t.host) else None)
+            tls_server_hostname=t.host if not _is_ip(t.host) else None,
+            tls_context=self.verify_ctx if t.tls_verify else None)
 
     @staticmethod
     def _in_clear(lane: Lane, conn) -> bool:

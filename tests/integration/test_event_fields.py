@@ -114,3 +114,40 @@ def test_outbound_tls_says_how_each_session_went(make_daemon):
         tls_sink.stop()
         verify_sink.stop()
         plain_sink.stop()
+
+
+def test_tls_ca_file_lets_tls_verify_trust_a_private_ca(make_daemon, tmp_path):
+    """A smarthost whose certificate a private CA signed could not be verified at all:
+    tls_verify trusted only the system's CAs, so such a route deferred every message
+    (or the operator turned verification off).  delivery.tls_ca_file adds that CA; a
+    certificate of another CA is still refused."""
+    private, other = trustme.CA(), trustme.CA()
+    good_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    private.issue_cert(HOST).configure_cert(good_ctx)
+    bad_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    other.issue_cert(HOST).configure_cert(bad_ctx)
+    good, bad = (AioSink(HOST, free_port(), tls_context=c).start() for c in (good_ctx, bad_ctx))
+    ca_file = tmp_path / "private-ca.pem"
+    private.cert_pem.write_to_path(str(ca_file))
+    try:
+        d = make_daemon(acceptors=1, shards=1, delivery={
+            "hold": False, "tls_ca_file": str(ca_file), "route": [
+                {"domain": "good.test", "hosts": [f"{HOST}:{good.port}"], "tls_verify": True},
+                {"domain": "bad.test", "hosts": [f"{HOST}:{bad.port}"], "tls_verify": True}]})
+        msg = b"From: a@example.org\r\nSubject: ca\r\n\r\nbody\r\n"
+        for rcpt in ("a@good.test", "b@bad.test"):
+            d.send("a@example.org", [rcpt], msg)
+        got = wait_until(lambda: (lambda e: e if len(e) == 2 else None)(
+            {**events_of(d, "delay"), **events_of(d, "delivery")}), 30, "both outcomes")
+        assert {r: (e["type"], e["outbound_tls"]) for r, e in got.items()} == {
+            "a@good.test": ("delivery", "1"), "b@bad.test": ("delay", "-1")}
+        assert [t.rcpt_tos for t in good.snapshot()] == [["a@good.test"]]
+        assert bad.snapshot() == []
+    finally:
+        good.stop()
+        bad.stop()
+    # a file that is no CA bundle is named by check-config
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    d2 = make_daemon(start=False, delivery={"tls_ca_file": str(tmp_path / "junk.pem")})
+    r = d2.cli("check-config", check=False)
+    assert r.returncode == 78 and "delivery.tls_ca_file" in r.stderr.decode(), r
