@@ -330,3 +330,30 @@ def test_check_config_accepts_good_rules(tmp_path):
         '[[shaping]]\nsite = "mx.example.net"\nsource = "default"\nidle_timeout = 1.5\n'))
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ok: ")
+
+
+def test_a_domain_rule_does_not_loosen_starttls_for_the_whole_site():
+    """Rules of the domains that share a site merge, the later winning: a rule with
+    starttls = "opportunistic" for one domain Google hosts turned the presets' (or the
+    operator's) "required" into "opportunistic" for all of gmail.com.  A domain rule's
+    starttls now only tightens; an mx or site rule still overrides it."""
+    mx = ("aspmx.l.google.com",)
+    rules = [rule(mx="*.google.com", starttls="required"),
+             rule(domain="partner.example", starttls="opportunistic", connection_limit=3)]
+    sh = shaping.Shaping(rules, DELIVERY, presets=False)
+    got = sh.limits("g", mx, ["gmail.com", "partner.example"], "default")
+    assert got.starttls == "required" and got.connection_limit == 3
+    # two domain rules: the stricter holds, in either order
+    for order in ((0, 1), (1, 0)):
+        pair = [rule(domain="bank.example", starttls="required"),
+                rule(domain="shop.example", starttls="none")]
+        sh = shaping.Shaping([pair[i] for i in order], DELIVERY, presets=False)
+        assert sh.limits("s", ("mx.host.example",), ["bank.example", "shop.example"],
+                         "default").starttls == "required"
+    # a domain rule tightens the default; an mx rule may loosen as before
+    sh = shaping.Shaping([rule(domain="bank.example", starttls="required")], DELIVERY,
+                         presets=False)
+    assert sh.limits("s", ("mx.h",), ["bank.example"], "default").starttls == "required"
+    sh = shaping.Shaping([rule(domain="bank.example", starttls="required"),
+                          rule(mx="mx.h", starttls="opportunistic")], DELIVERY, presets=False)
+    assert sh.limits("s", ("mx.h",), ["bank.example"], "default").starttls == "opportunistic"

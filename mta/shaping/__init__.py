@@ -24,7 +24,10 @@ presets (``presets.toml`` next to this file; ``delivery.shaping_presets =
 false`` leaves them out), then the operator's rules without ``source`` in file
 order, then the operator's rules naming a source, in file order.  A key set by
 a later rule overrides the same key of an earlier one; a rule that leaves a
-key unset leaves the earlier value.  Keys no rule sets come from
+key unset leaves the earlier value.  Except ``starttls`` of a ``domain`` rule:
+it may make it stricter (none < opportunistic < required), never looser, since
+the site's sessions carry the mail of every domain that shares its MX hosts;
+an ``mx`` or ``site`` rule overrides it as any key.  Keys no rule sets come from
 ``[delivery]`` (``connection_limit``, ``max_deliveries_per_connection``,
 ``idle_timeout``, ``starttls``); by default there is no rate limit.
 
@@ -58,6 +61,7 @@ __all__ = ["Limits", "Shaping", "parse_rate", "load_presets", "check", "PRESETS_
            "STARTTLS_MODES", "check_response_rules", "load_response_presets", "glob_regex"]
 
 STARTTLS_MODES = ("none", "opportunistic", "required")
+_TLS_RANK = {m: i for i, m in enumerate(STARTTLS_MODES)}
 PRESETS_FILE = "presets.toml"
 LIMIT_KEYS = ("connection_limit", "max_deliveries_per_connection", "max_message_rate",
               "max_connection_rate", "idle_timeout", "starttls")
@@ -498,7 +502,14 @@ class Shaping:
         values = dict(self._defaults)
         applied = []
         for r in self.matching(site, key[3], key[2], source):
+            tls = values["starttls"]
             values.update(r.values)
+            if r.kind == "domain" and _TLS_RANK[values["starttls"]] < _TLS_RANK[tls]:
+                # A domain rule speaks for its domain, but the site's sessions carry
+                # every domain's mail: its starttls may require more, never less (a
+                # rule for a domain Google hosts must not turn the presets' "required"
+                # for all of gmail.com into "opportunistic").
+                values["starttls"] = tls
             applied.append(r.label)
         result = Limits(rules=tuple(applied), **values)
         self._cache[key] = result
