@@ -34,6 +34,7 @@ import asyncio
 import logging
 import re
 import time
+import urllib.parse
 import uuid
 
 import orjson
@@ -362,14 +363,13 @@ class Sender:
         cfg = self.cfg
         hook = self.hook
         b.attempts += 1
+        to = _with_target(hook, b.target)
         try:
-            token = await self._token(None)
-            resp = await W.post(self.session, _with_target(hook, b.target), b.body, b.id,
-                                cfg.timeout, token, 512)
-            if hook.auth_type == "oauth2" and resp.status in (400, 401):
+            token = await self._token(None) if to.auth_type == "oauth2" else None
+            resp = await W.post(self.session, to, b.body, b.id, cfg.timeout, token, 512)
+            if to.auth_type == "oauth2" and resp.status in (400, 401):
                 token = await self._token(token)
-                resp = await W.post(self.session, _with_target(hook, b.target), b.body, b.id,
-                                    cfg.timeout, token, 512)
+                resp = await W.post(self.session, to, b.body, b.id, cfg.timeout, token, 512)
         except W.TokenError as exc:
             resp = exc.resp
             resp.failure = "oauth2"
@@ -429,12 +429,29 @@ class Sender:
 
 
 def _with_target(hook: W.Hook, target: str) -> W.Hook:
-    """A stored batch keeps the target it was made for."""
+    """A stored batch keeps the target it was made for.  When the webhook has moved to
+    another origin (scheme, host, port) since, its credentials (auth, custom headers,
+    token) are its new target's: the batch goes to the old one without them, as a
+    browser drops Authorization on a redirect elsewhere (the old target's own
+    user:password@ in its URL is its own)."""
     if hook.target == target:
         return hook
     from dataclasses import replace
 
+    if _origin(target) != _origin(hook.target):
+        return replace(hook, target=target, auth_type="none", auth_credentials={},
+                       auth_request_details={}, custom_headers={}, auth_token="")
     return replace(hook, target=target)
+
+
+def _origin(url: str) -> tuple:
+    u = urllib.parse.urlsplit(url)
+    try:
+        port = u.port
+    except ValueError:
+        port = None
+    return u.scheme.lower(), (u.hostname or "").lower(), port or (
+        443 if u.scheme.lower() == "https" else 80)
 
 
 def _timestamp(ev: dict) -> float | None:

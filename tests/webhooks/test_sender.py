@@ -465,3 +465,31 @@ def test_a_failed_connection_is_logged_with_its_reason(env, caplog):
     failed = [m for m in msgs if "attempt 1 got connection" in m]
     assert failed and f"127.0.0.1:{port}" in failed[0], msgs
     assert not [m for m in msgs if "S3CRET" in m], msgs
+
+
+def test_a_batch_for_the_old_target_does_not_carry_the_new_targets_credentials(env):
+    """A PUT moved the webhook to another host with new credentials: its batches still
+    retrying keep their old target (as SparkPost's do) but were sent there with the
+    new basic-auth password and custom headers.  They now go without them."""
+    store, db, old, _ = env
+    new = Receiver()
+    try:
+        first = _hook(old)
+        db.set_cursor(first.id, 0)
+        store.append(_events(8))
+        old.status = 503
+        asyncio.run(_run(first, db, store, _cfg(retry_schedule=[0.3]),
+                         lambda s: len(old.hits) >= 1))
+        assert db.pending(first.id)
+        old.status = 200
+        moved = _hook(new, auth_type="basic",
+                      auth_credentials={"username": "u", "password": "NEW-S3CRET"},
+                      custom_headers={"X-Api-Key": "NEW-KEY"})
+        asyncio.run(_run(moved, db, store, _cfg(retry_schedule=[0.3]),
+                         lambda s: not db.pending(moved.id)))
+        sent = [h for h in old.hits if h.status == 200]
+        assert sent, old.hits
+        for h in sent:
+            assert "authorization" not in h.headers and "x-api-key" not in h.headers, h.headers
+    finally:
+        new.close()
