@@ -1125,7 +1125,6 @@ class Engine:
                         return
                     except RouteError as exc:
                         self._attempted(lane, False)
-                        job.fired = exc.fired
                         self._fail_route(job, exc)
                         if self._held(src.name, lane.site.name, time.time()):
                             self._reroute(lane, None)     # a rule suspended this lane
@@ -1297,6 +1296,14 @@ class Engine:
 
     def _fail_route(self, job: Job, exc: RouteError) -> None:
         job.tls = exc.tls
+        fired = exc.fired
+        if fired is not None:
+            # (every job of the lane it fails: the site said it of them all)
+            job.fired = fired
+            if fired.action == "defer" and exc.outcome == DEFERRED:
+                # a defer rule matching a connect, greeting or EHLO reply: its delay, as
+                # for one matching a reply to the envelope (_send)
+                job.retry_after = max(job.retry_after, self._delay(fired.name))
         self._finish(job, job.results(exc.outcome, exc.code, exc.enhanced, exc.text))
 
     def _envelope(self, job: Job):

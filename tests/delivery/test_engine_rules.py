@@ -20,13 +20,13 @@ from mta.delivery.engine import Engine
 _STATE_DIRS = tempfile.TemporaryDirectory(prefix="rules-")
 
 
-def run(jobs, rules, sections=None, **delivery):
+def run(jobs, rules, sections=None, protocol=None, **delivery):
     """Deliver *jobs* with the [[response_rule]] tables *rules*; [(job, results)], engine,
-    and the peer."""
+    and the peer (*protocol*: the server's protocol factory instead of the Peer's)."""
     async def main():
         loop = asyncio.get_running_loop()
         peer = Peer()
-        server = await loop.create_server(peer.protocol, "127.0.0.1", 0)
+        server = await loop.create_server(protocol or peer.protocol, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         cfg = msgspec.convert({
             "server": {"hostname": "mta.test", "state_dir": tempfile.mkdtemp(dir=_STATE_DIRS.name)},
@@ -72,6 +72,31 @@ def test_defer_action_asks_for_its_delay():
     assert results[0].outcome == bus.DEFERRED
     assert j.retry_after == 600.0                  # 1200 s x time_scale
     assert j.fired.name == "later-later" and j.fired.id == ""
+
+
+class Busy(asyncio.Protocol):
+    """A server that greets every connection with 421 "too many connections" and closes."""
+
+    def connection_made(self, transport):
+        transport.write(b"421 4.7.0 too many connections from your IP, try again later\r\n")
+        transport.close()
+
+
+def test_a_defer_rule_on_the_greeting_asks_for_its_delay_for_the_whole_lane():
+    # A site that says "try later" at the greeting says it of every job queued for it:
+    # a defer rule matching that reply must give its delay to them all, not let the
+    # retry schedule bring them back in a minute to be refused again.
+    rules = [{"name": "busy-site", "code": 421, "stages": ["greeting"], "action": "defer",
+              "delay": 1200}]
+    jobs = [job("a.test", "ok1", n=0), job("a.test", "ok2", n=1), job("a.test", "ok3", n=2)]
+    reports, _, _ = run(jobs, rules, protocol=Busy, time_scale=0.5, connection_limit=1)
+    assert len(reports) == 3
+    for j, results, retry_after in reports:
+        assert [r.outcome for r in results] == [bus.DEFERRED]
+        assert results[0].code == 421 and "too many connections" in results[0].text
+        assert max(retry_after, j.retry_after) == 600.0     # 1200 s x time_scale
+        assert j.fired is not None and (j.fired.name, j.fired.action, j.fired.stage) == \
+            ("busy-site", "defer", "greeting")
 
 
 def test_no_rule_no_record_and_5xx_without_a_rule_is_unchanged():
