@@ -50,7 +50,11 @@ transaction).  What happens to it:
 Hosts are tried in order (the MX hosts of one preference in a new random order
 for each connection): a refused connection, a timeout or a 4xx/5xx greeting
 moves on to the next host.  When every host failed, the job and
-everything queued in its lane are deferred (the same answer holds for them).
+everything queued in its lane are deferred (the same answer holds for them),
+and so are the jobs for that (source x site) that come in the next
+``retry_schedule[0]`` seconds, without a connection each ("delivery
+temporarily suspended: ...", like Postfix's dead destination); the first
+job after that tries the site again.
 
 Outcome per recipient -- ``delivered``, ``deferred`` (4xx, connection or DNS
 trouble), ``failed`` (5xx) or ``requeued`` (not attempted) -- with the reply,
@@ -182,7 +186,7 @@ class RouteError(Exception):
 class Site:
     """A set of receiving hosts, shared by every domain whose mail goes to them."""
 
-    __slots__ = ("key", "name", "hosts", "targets", "domains", "shaped", "lanes")
+    __slots__ = ("key", "name", "hosts", "targets", "domains", "shaped", "lanes", "down")
 
     def __init__(self, key: tuple, name: str, hosts: tuple[str, ...]):
         self.key = key
@@ -195,6 +199,9 @@ class Site:
         # smarthost ('*') carries for gmail.com must not shape the smarthost as Gmail.
         self.shaped: set[str] = set()
         self.lanes: dict[str, Lane] = {}        # by source name
+        # source name -> (until, RouteError): every host failed from that source; the
+        # jobs that come meanwhile get the same answer without a connection (Engine.down)
+        self.down: dict[str, tuple[float, RouteError]] = {}
 
 
 class Source:
@@ -494,6 +501,12 @@ class Engine:
         self.own_any_address = {p for a, p in own if a.is_unspecified}
         # cross-transaction pipelining: the next envelope behind the last final dot
         self.pipeline = self.cfg.pipeline_transactions
+        # Seconds a (source x site) none of whose hosts took a connection is not tried
+        # again (Postfix's "dead destination"): the first retry interval.  The spool
+        # sends the next jobs for it as soon as the failed ones come back; each would
+        # cost a connection to a site that is down (one per dispatch pass when it
+        # refuses: hundreds a second), for as long as its mail is queued.
+        self.down = self.cfg.retry_schedule[0] * self.cfg.time_scale
 
     # --------------------------------------------------------------- intake
 
@@ -732,6 +745,16 @@ class Engine:
             return
         source = sources[name]
         job.source = name
+        if site.down:
+            down = site.down.get(name)
+            if down is not None:
+                if down[0] > now:       # every host failed a moment ago: the same answer
+                    if job.warm:
+                        self.warmup.give_back(job.warm)
+                        job.warm = []
+                    self._fail_route(job, down[1])
+                    return
+                del site.down[name]
         lane = site.lanes.get(name)
         if lane is None:
             lane = site.lanes[name] = Lane(source, site, self._limits(source, site))
@@ -1125,6 +1148,10 @@ class Engine:
                         return
                     except RouteError as exc:
                         self._attempted(lane, False)
+                        if exc.outcome == DEFERRED and exc.fired is None and self.down > 0:
+                            lane.site.down[src.name] = (time.time() + self.down, RouteError(
+                                DEFERRED, exc.code, exc.enhanced,
+                                f"delivery temporarily suspended: {exc.text}"))
                         self._fail_route(job, exc)
                         if self._held(src.name, lane.site.name, time.time()):
                             self._reroute(lane, None)     # a rule suspended this lane
@@ -1135,6 +1162,8 @@ class Engine:
                         return
                     if src.failures:
                         src.failures = 0
+                    if lane.site.down:
+                        lane.site.down.pop(src.name, None)     # (it answers again)
                 await self._pace(lane.message_key, lane.limits.max_message_rate)
                 if self.stopping:       # its transaction has not begun: the spool keeps it
                     self._give_back([job], STOPPING)

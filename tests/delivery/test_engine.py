@@ -1368,3 +1368,60 @@ def test_a_552_5_5_3_too_many_recipients_is_the_same_limit_not_a_bounce():
     (j, results), = deliver([job("example.net", "a")], mx_to_loopback("example.net"),
                             peer, connection_limit=1)
     assert [(r.outcome, r.code) for r in results] == [(bus.FAILED, 552)]
+
+
+class Down(asyncio.Protocol):
+    """A site that is down: every connection is greeted with 421 and closed (counted)."""
+
+    connections = 0
+
+    def connection_made(self, transport):
+        Down.connections += 1
+        transport.write(b"421 4.3.2 service not available, closing channel\r\n")
+        transport.close()
+
+
+def test_a_site_down_is_not_connected_to_again_for_each_job_until_its_first_retry():
+    # Postfix's "dead destination": once every host of a site failed, the jobs that come
+    # for it in the next moments (the spool sends the next ones as soon as these come
+    # back) get the same answer without a connection each; a site that refuses would
+    # otherwise see a connection per dispatch pass, hundreds a second, for as long as
+    # its mail is queued.  After the first retry interval it is tried again.
+    Down.connections = 0
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Down, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reports = []
+        got = asyncio.Event()
+
+        def report(j, results, retry_after=0.0):
+            reports.append(results)
+            got.set()
+
+        async def one(n):
+            got.clear()
+            engine.submit(job("down.test", f"r{n}", n=n))
+            await got.wait()
+
+        engine = Engine(settings(port, time_scale=0.01, connection_limit=1),
+                        mx_to_loopback("down.test"), report, loop)
+        for n in range(5):
+            await one(n)
+        seen = Down.connections
+        await asyncio.sleep(0.7)            # the first retry interval: 60 s x time_scale
+        await one(5)
+        await engine.close()
+        server.close()
+        return reports, seen
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        reports, seen = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    assert len(reports) == 6
+    for results in reports:
+        [r] = results
+        assert (r.outcome, r.code, r.enhanced) == (bus.DEFERRED, 421, "4.3.2"), r
+        assert "service not available" in r.text
+    assert seen == 1                        # one connection for the five jobs
+    assert Down.connections == 2            # tried again once the interval passed
