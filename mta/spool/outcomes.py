@@ -245,7 +245,7 @@ class Plan:
                     self._update(qid, idx, sch.EXPIRED, attempts, 0.0)
                     event["type"] = ev.EXPIRATION
                     self._bounce(qid, idx, r.code, r.enhanced, r.text, r.host, now,
-                                 note=f"gave up after {attempts} attempt(s)")
+                                 note=f"gave up after {attempts} attempt(s)", expired=True)
                 else:
                     flags = rc[3]
                     if (policy.delay_warning and now - start >= policy.delay_warning
@@ -354,7 +354,7 @@ class Plan:
             if r is None:
                 self.events.append(event)
                 self._bounce(qid, idx, 0, EXPIRED_STATUS, EXPIRED_TEXT, "", now,
-                             tried=attempts > 0)
+                             tried=attempts > 0, expired=True)
                 continue
             # Deferred before (since this process started): the expiry quotes that
             # reply and carries its class, as one decided by the deferral itself does.
@@ -364,7 +364,7 @@ class Plan:
                          bounce_rule=r_rule)
             self.events.append(event)
             self._bounce(qid, idx, code, enhanced, text, host, now,
-                         note=f"gave up after {attempts} attempt(s)")
+                         note=f"gave up after {attempts} attempt(s)", expired=True)
         self.returned.append(qid)
 
     def admin_bounce(self, qid: str, idxs: list[int], now: float, text: str,
@@ -455,9 +455,11 @@ class Plan:
         _orcpt(m, idx, r)
         into.setdefault(qid, []).append(r)
 
-    def _bounce(self, qid, idx, code, enh, text, host, now, note="", tried=True) -> None:
+    def _bounce(self, qid, idx, code, enh, text, host, now, note="", tried=True,
+                expired=False) -> None:
         """Add recipient *idx* to the bounce of *qid*; *tried*: it had a delivery attempt
-        (one never tried has no Last-Attempt-Date in the report)."""
+        (one never tried has no Last-Attempt-Date in the report); *expired*: it is given
+        up for its age (delivery.max_age), not failed by a reply."""
         m = self._metas[qid]
         rcpt = m.rcpts[idx]
         if not notify_allows(_notify(m, idx), "FAILURE"):
@@ -468,10 +470,17 @@ class Plan:
             # Our words are not the server's: not inside its reply (an "smtp;"
             # Diagnostic-Code quotes what the server said, RFC 3464 2.3.6).
             diag = f"{note}; last reply: {diag}"
-        status = enh if enh and enh[0] in "45" else ("5.0.0" if code >= 500 or not code
-                                                     else "4.0.0")
-        if status.startswith("4"):
-            status = "5" + status[1:]  # expired after temporary failures: now permanent
+        if expired:
+            # RFC 3463: X.4.7 "delivery time expired", a persistent transient failure
+            # (class 4: a temporary condition lasted until we gave up).  Not the last
+            # reply's code made permanent: "450 4.1.1" (a recipient check that could not
+            # be made) is no "5.1.1 bad mailbox"; the diagnostic quotes that reply.
+            status = EXPIRED_STATUS
+        else:
+            status = enh if enh and enh[0] in "45" else ("5.0.0" if code >= 500 or not code
+                                                         else "4.0.0")
+            if status.startswith("4"):
+                status = "5" + status[1:]  # a 4xx a response rule bounced: permanent
         r = RecipientFailure(recipient=rcpt, status=status, remote_host=host or None,
                              diagnostic=diag, last_attempt=now if tried else None)
         _orcpt(m, idx, r)

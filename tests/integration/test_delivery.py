@@ -408,11 +408,13 @@ def test_expiry_bounces(lab):
     assert r["Final-Recipient"] == "rfc822; sam@dest.test"
     assert r["Action"] == "failed"
     diag = " ".join(r["Diagnostic-Code"].split())
-    if r["Status"] == "5.3.0":     # the last reply is known: it is quoted
+    # delivery time expired (RFC 3463: a persistent transient failure), either way
+    assert r["Status"] == "4.4.7", r.items()
+    if "last reply" in diag:        # the last reply is known: it is quoted
         assert diag == (f"x-local; gave up after {len(tries)} attempt(s); "
                         "last reply: 451 4.3.0 not now"), diag
     else:
-        assert r["Status"] == "5.4.7" and "expired" in diag, r.items()
+        assert "expired" in diag, r.items()
     [br] = wait_bounce_receptions(d, 1)
     ev = check_events(d, {(qid, "sam@dest.test"): "expiration",
                           (br["queue_id"], "alice@sender.test"): "delivery"})

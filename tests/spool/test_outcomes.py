@@ -134,8 +134,29 @@ def test_deferral_past_max_age_expires_and_bounces_as_permanent():
     assert plan.updates == {"Q1": [[0, sch.EXPIRED, 4, 0.0]]}
     assert plan.events[0]["type"] == ev.EXPIRATION and plan.done == ["Q1"]
     (_, dsn), = plan.bounces
-    assert b"Status: 5.7.0" in dsn                    # 4.7.0, now permanent
+    assert b"Status: 4.4.7" in dsn                    # delivery time expired
     assert b"gave up after 4 attempt(s); last reply: 421 4.7.0 slow down" in dsn
+
+
+def test_an_expiry_reports_delivery_time_expired_not_the_last_reply_made_permanent():
+    # RFC 3463: X.4.7 "delivery time expired" is "useful only as a persistent transient
+    # error"; class 4 is the one for a temporary condition that persisted until we gave
+    # up.  The last reply's code made permanent told the sender what no server said: a
+    # "450 4.1.1" of a recipient check that could not be made (Postfix's unverified
+    # recipient, temporary) became "5.1.1 bad destination mailbox", which a sender's
+    # bounce processing takes as an address to drop for good.
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
+    entries.set("Q1", 0, attempts=3)
+    plan = make(entries, max_age=120.0)    # next try at NOW + 300 > ARRIVAL + 120
+    plan.outcome("Q1", [result(0, bus.DEFERRED, 450, "4.1.1",
+                               "Recipient address rejected: unverified address")], NOW)
+    plan.expire("Q1", [1], NOW)             # never tried: found too old
+    plan.finish(NOW)
+    (_, dsn), = plan.bounces
+    assert dsn.count(b"Action: failed") == 2
+    assert dsn.count(b"Status: 4.4.7") == 2 and b"Status: 5." not in dsn
+    # the receiver's last reply is still quoted
+    assert b"last reply: 450 4.1.1 Recipient address rejected" in b" ".join(dsn.split())
 
 
 def test_a_repeated_or_out_of_range_outcome_changes_nothing():
@@ -178,7 +199,7 @@ def test_expire_bounces_pending_recipients_only():
     assert plan.updates == {"Q1": [[0, sch.EXPIRED, 2, 0.0], [2, sch.EXPIRED, 0, 0.0]]}
     assert [e["recipient"] for e in plan.events] == ["a@example.net", "c@example.net"]
     (_, dsn), = plan.bounces
-    assert b"Status: 5.4.7" in dsn
+    assert dsn.count(b"Status: 4.4.7") == 2
     assert b"Final-Recipient: rfc822; c@example.net" in dsn
     assert b"Final-Recipient: rfc822; b@example.net" not in dsn
     assert plan.done == ["Q1"]
@@ -206,7 +227,7 @@ def test_an_expiry_found_at_dispatch_quotes_the_last_deferral_and_its_class():
         == ("24", "22", "temp-mailbox-full")
     assert "last reply: 452 4.2.2 mailbox full" in shaped["raw_reason"]
     (_, dsn), = plan.bounces
-    assert b"Status: 5.2.2" in dsn and b"Status: 5.4.7" in dsn
+    assert dsn.count(b"Status: 4.4.7") == 2 and b"Status: 5." not in dsn
     assert b"gave up after 1 attempt(s); last reply: 452 4.2.2 mailbox full" in dsn
 
 
