@@ -14,6 +14,15 @@ decides, for the next job, whether it may go and where
   it leaves the due queue (the loop does not spin on it) and waits in its
   domain's FIFO until a job of that domain comes back (:meth:`Window.released`).
   Transactional jobs are not capped per domain.
+- **Requeued as a whole.** A job that delivery REQUEUED (no source of the
+  message's pool may send to the site now: a response rule's suspension, a
+  warm-up cap; or its queue there was full) says the same of every message of
+  that domain and pool until its ``retry_after``: they wait in the spool
+  until then (:meth:`Window.pause`), requeued as delivery would have, rather
+  than each being read and sent to be told so -- a freed slot of the cap
+  would otherwise take the next one, and a suspended site's whole backlog
+  would go through delivery once per suspension.  A queue flush ends every
+  pause (a suspension cancelled by the operator ends with one).
 - **Spreading.** A domain's jobs go to its home delivery process
   (``domain_shard(domain, n)``) until ``delivery.spread_threshold`` are out
   there; then each next job goes to the process with the fewest jobs out for
@@ -74,6 +83,7 @@ class Window:
         self.fifo = native.load("qindex").QidFifo
         self.blocked: dict[str, object] = {}        # domain -> QidFifo of qids waiting
         self.freed: set[str] = set()                # domains that had a bulk job come back
+        self.paused: dict[tuple, float] = {}        # (domain, pool) -> until (time.time())
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -141,6 +151,28 @@ class Window:
             if domain in self.blocked:
                 self.freed.add(domain)
         return job
+
+    def pause(self, domain: str, pool, until: float) -> None:
+        """Delivery REQUEUED a job of *pool* to *domain* until *until*: so are the others."""
+        self.paused[(domain, pool)] = until
+
+    def paused_until(self, domain: str, pool, now: float) -> float:
+        """Until when jobs of *pool* to *domain* wait (0.0: they may go now)."""
+        until = self.paused.get((domain, pool))
+        if until is None:
+            return 0.0
+        if until <= now:
+            del self.paused[(domain, pool)]
+            return 0.0
+        return until
+
+    def unpause(self, now: float | None = None) -> None:
+        """End the pauses that ran out by *now* (None: all of them)."""
+        if now is None:
+            self.paused.clear()
+        else:
+            for key in [k for k, until in self.paused.items() if until <= now]:
+                del self.paused[key]
 
     def block(self, domain: str, qid: str) -> None:
         """Message *qid* waits until a bulk job to *domain* comes back."""

@@ -30,7 +30,9 @@ a domain's jobs to its home process until ``delivery.spread_threshold`` are
 out there, then spread (:mod:`mta.spool.dispatch`).  A job carries the
 message's egress pool (``params["ip_pool"]``, else "default") and priority.
 A REQUEUED outcome (delivery could not attempt it) makes the recipients due
-again after its ``retry_after``, with no attempt counted and no event.  A job whose outcome never comes back
+again after its ``retry_after``, with no attempt counted and no event, and
+the other messages of its domain and pool wait until then as well
+(``Window.pause``).  A job whose outcome never comes back
 is dispatched again: at once when its delivery process disconnects (it died;
 see :meth:`Shard.follow_links`), else after the delivery timeouts plus
 ``delivery.job_timeout_margin`` (:meth:`Shard.expire_jobs`): at-least-once.
@@ -61,7 +63,7 @@ from mta.spool import dispatch as dsp
 from mta.spool import queries
 from mta.spool import schedule as sch
 from mta.spool.metrics import ShardMetrics
-from mta.spool.outcomes import READ_RETRY, Plan
+from mta.spool.outcomes import READ_RETRY, REQUEUE_MAX, REQUEUE_MIN, Plan
 from mta.store import MessageMeta, Store, lock_writer, read_cursor, shard_dir
 
 log = logging.getLogger("mta.spool")
@@ -389,6 +391,7 @@ class Shard:
             if self.controls.refresh(time.time()):
                 self.release_held()
             self.release_blocked(everything=True)
+            self.window.unpause(time.time())
             self.log_requeued()
             self.gc.settle()
 
@@ -484,6 +487,12 @@ class Shard:
                     continue
                 if job is not None and job.meta is not None:
                     plan.known(msg.qid, job.meta)       # (not read again)
+                if job is not None and msg.results and \
+                        all(r.outcome == bus.REQUEUED for r in msg.results):
+                    info = self.q.info(msg.qid)
+                    if info is not None:      # the same answer for the domain and pool
+                        wait = min(max(msg.retry_after, REQUEUE_MIN), REQUEUE_MAX)
+                        self.window.pause(job.domain, info[_POOL], now + wait)
                 plan.outcome(msg.qid, msg.results, now, source=msg.source,
                              source_ip=msg.source_ip, site=msg.site,
                              retry_after=msg.retry_after, rule=msg.rule,
@@ -857,6 +866,18 @@ class Shard:
                     self.held.add(qid)
                 if not groups:
                     continue
+            if w.paused:
+                # delivery REQUEUED a job of this domain and pool a moment ago: these
+                # wait too, as it would have requeued them (in memory, no attempt)
+                for domain in [d for d in groups if w.paused_until(d, pool, now)]:
+                    until = w.paused[(domain, pool)]
+                    for i in groups.pop(domain):
+                        q.set_due(qid, i, until)
+                        self.requeued += 1
+                    self.requeued_qids[qid] = None
+                    q.push(qid, until)
+                if not groups:
+                    continue
             if lane == dsp.BULK:
                 for domain in [d for d in groups if w.domain_full(d, lane)]:
                     del groups[domain]
@@ -1014,6 +1035,7 @@ class Shard:
         elif t is bus.SpoolQueueList:
             reply = queries.listing(self.store, msg.req, msg.limit, msg.after)
         elif t is bus.SpoolQueueFlush:
+            self.window.unpause()       # (what delivery answered may have changed)
             if msg.requeued:
                 qids, self.requeued_qids = list(self.requeued_qids), {}
                 reply = queries.flush(self.store, msg.req, qids)

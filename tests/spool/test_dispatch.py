@@ -369,10 +369,12 @@ def test_requeued_recipients_wait_retry_after_without_an_attempt(tmp_path):
     shard.dispatch()
     assert sent(shard) == []
     assert before + 30.0 <= q.next_due() <= time.time() + 30.0
-    # The next attempt is still the first one.
+    # The next attempt is still the first one.  (As if the wait had passed: the
+    # domain's pause with it.)
     for i in range(2):
         q.set_due(qid, i, time.time())
     q.push(qid, time.time())
+    shard.window.unpause()
     shard.dispatch()
     [(_, job)] = sent(shard)
     assert job.attempt == 1
@@ -391,11 +393,47 @@ def test_requeued_floor_and_age(tmp_path):
     # Requeued longer than the age left: kept (the deadline expires it), not expired now.
     q.set_due(qid, 0, time.time())
     q.push(qid, time.time())
+    shard.window.unpause()          # (as if the floor had passed)
     shard.dispatch()
     [(d, job)] = sent(shard)
     shard.links.outcomes[d].append(requeue_outcome(shard, job, 3000.0))
     shard.batch(outcomes=[d])
     assert shard.store.index.progress(qid)[0] == [sch.PENDING]
+
+
+def test_a_requeued_domain_waits_as_a_whole_instead_of_cycling_its_backlog(tmp_path):
+    # A site suspended by a response rule (Yahoo's TSS04: an hour) answers REQUEUED to
+    # every job of the pool for it.  Each one that came back freed a slot of the domain's
+    # cap, so the next message behind it was read from disk and sent, body and all,
+    # only to come back REQUEUED too: the domain's whole backlog went through delivery
+    # once per suspension.  The answer holds for every message of that domain and pool
+    # until the wait ends: they wait in the spool, requeued as delivery would have.
+    shard = make_shard(tmp_path, max_in_flight_per_domain=3)
+    other_pool = queue(shard, ["p@x.example"], pool="mkt")
+    qids = [queue(shard, [f"r{i}@x.example"]) for i in range(6)]
+    other_domain = queue(shard, ["o@y.example"])
+    shard.dispatch()
+    jobs = sent(shard)
+    assert sorted(j.qid for _, j in jobs) == sorted([other_pool] + qids[:2] + [other_domain])
+    t0 = time.time()
+    for d, j in jobs:
+        if j.qid in qids:
+            shard.links.outcomes[d].append(requeue_outcome(shard, j, 3000.0))
+    shard.batch(outcomes=[0])
+    shard.dispatch()
+    assert sent(shard) == []                 # nothing more of x.example in pool default
+    shard.release_blocked(everything=True)
+    shard.dispatch()
+    assert sent(shard) == []
+    q = shard.store.index
+    for qid in qids:
+        state, attempts, due, _ = q.progress(qid)
+        assert state == [sch.PENDING] and attempts == [0], qid       # no attempt
+        assert t0 + 3000.0 <= due[0] <= time.time() + 3000.0, qid
+    # the suspension is cancelled (mta rules cancel): they are due at once, and go
+    shard.query(b"cli", bus.SpoolQueueFlush(1, True))
+    shard.dispatch()
+    assert len(sent(shard)) == 2                 # (the domain's cap: mkt's job is out)
 
 
 def test_a_scheduled_message_is_due_at_its_start_and_ages_from_it(tmp_path):
