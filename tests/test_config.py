@@ -296,3 +296,22 @@ def test_an_overflow_pool_must_exist_and_be_another_pool(tmp_path):
     ok = resolve(msgspec.convert({"server": {"state_dir": str(tmp_path)},
                                   "egress": eg("default")}, Config), None)
     assert ok.config.egress.pool[0].overflow_pool == "default"
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[suppression]\nbounce_rule = false\n', "suppression.bounce_rule"),
+    ('[suppression]\nenabled = false\n', "suppression.enabled"),
+    ('[feedback]\nbounce_domains = ["bounces.test"]\n', "feedback.bounce_domains"),
+    ('[events]\nmax_backlog_bytes = 2000000000\n', "events.max_backlog_bytes"),
+])
+def test_a_reload_names_what_the_spool_shards_read_only_at_start(tmp_path, text, key):
+    # The spool shards are not replaced at a reload (SIGHUP takes some [delivery] keys):
+    # what else of the file they read at start stays until a restart -- a Bounce Rule
+    # turned off went on suppressing recipients -- and mta reload, the supervisor's log
+    # and mta check-config said nothing of it.
+    base = f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
+    old_path, new_path = tmp_path / "old.toml", tmp_path / "new.toml"
+    old_path.write_text(base)
+    new_path.write_text(base + text)
+    later = config.restart_keys(config.load(str(old_path)), config.load(str(new_path)))
+    assert any(k.startswith(key) for k in later), later

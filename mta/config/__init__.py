@@ -123,13 +123,19 @@ RELOAD_RECORD = "reload.json"        # in run_dir: the last reload's outcome (mt
 # too: the supervisor SIGHUPs them): deadlines filed and the dispatch window's size
 SPOOL_START_KEYS = ("max_age", "time_scale", "max_in_flight", "max_in_flight_per_domain",
                     "spread_threshold")
+# What else the spool shards read only at start (they are not replaced at a reload)
+SPOOL_READ_AT_START = (("feedback", "bounce_rules"), ("feedback", "bounce_domains"),
+                       ("suppression", "enabled"), ("suppression", "path"),
+                       ("suppression", "max_size"), ("suppression", "bounce_rule"),
+                       ("events", "max_backlog_bytes"))
 
 
 def restart_keys(old: Settings, new: Settings) -> list[str]:
     """The settings of *new* that a reload (SIGHUP) of a daemon running *old* does not
     apply -- they wait for the next restart: [spool] and [admin] keys, the shard
     count, delivery.processes, the [delivery] keys the spool shards read at start
-    (SPOOL_START_KEYS: the delivery processes take them now), turning the events or
+    (SPOOL_START_KEYS: the delivery processes take them now) and of the other sections
+    (SPOOL_READ_AT_START: the bounce classes, the Bounce Rule), turning the events or
     webhooks process on or off, the state directory, and the host name the spool
     shards put in their DSNs."""
     out = []
@@ -141,6 +147,8 @@ def restart_keys(old: Settings, new: Settings) -> list[str]:
         out.append("spool.shards")
     out += [f"delivery.{k} (the spool shards')" for k in SPOOL_START_KEYS
             if getattr(old.config.delivery, k) != getattr(new.config.delivery, k)]
+    out += [f"{sec}.{k} (the spool shards')" for sec, k in SPOOL_READ_AT_START
+            if getattr(getattr(old.config, sec), k) != getattr(getattr(new.config, sec), k)]
     if old.deliveries != new.deliveries:
         out.append("delivery.processes")
     if old.events_enabled != new.events_enabled:

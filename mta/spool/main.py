@@ -21,7 +21,9 @@ Config:  [spool] (all keys), [delivery] hold, retry_schedule, retry_jitter, max_
          time_scale, max_in_flight, max_in_flight_per_domain, spread_threshold,
          connect_timeout, command_timeout, data_timeout,
          job_timeout_margin;
-         [server] hostname, event_log, log_level; [events] max_backlog_bytes.
+         [server] hostname, event_log, log_level; [events] max_backlog_bytes;
+         [feedback] bounce_rules, bounce_domains; [suppression] enabled, path,
+         max_size, bounce_rule.
 
 Start: open the bus, tell the supervisor it is ready (acceptors are started only
 then), and rebuild the queue from disk a slice at a time, taking new mail meanwhile
@@ -31,7 +33,7 @@ SIGHUP (from the supervisor, after a reload it applied): the shard takes the
 [delivery] keys it can change while it runs from the supervisor's record of the
 active configuration -- hold, retry_schedule, retry_jitter, delay_warning_time and
 the timeouts its job timeout is made of; the rest (SPOOL_START_KEYS in
-mta.config, and [spool]) takes effect at the next start.
+mta.config, SPOOL_READ_AT_START, and [spool]) takes effect at the next start.
 """
 from __future__ import annotations
 
