@@ -64,6 +64,7 @@ import urllib.parse
 import orjson
 
 from mta import bus
+from mta import config as mconfig
 from mta.admin import status as st
 from mta.admin.metrics import DRAIN_FLAG   # (run/drain; read by the acceptors)
 from mta.obs import queue as q
@@ -335,8 +336,11 @@ class Api:
             if not (0 < seconds <= MAX_DURATION) or not math.isfinite(seconds):
                 raise BadRequest("duration", f"duration: seconds, more than 0 and at most "
                                              f"{MAX_DURATION:.0f}")
-        # A typo would be stored and hold nothing: only what the configuration has.
-        for k, known in (("source", self.settings.sources), ("pool", self.settings.pools)):
+        # A typo would be stored and hold nothing: only what the configuration has -- the
+        # one the supervisor applies now (a reload adds and removes sources and pools, and
+        # this process is not replaced); as at start when its record cannot be read.
+        active = mconfig.read_active(self.settings.run_dir) or self.settings
+        for k, known in (("source", active.sources), ("pool", active.pools)):
             if k in fields and fields[k] not in known:
                 names = sorted(known)
                 raise BadRequest(k, f"{k}: no {k} {fields[k]!r} is configured (there are "
@@ -355,7 +359,7 @@ class Api:
                                rule=adaptive.ADMIN_RULE, reply=reason[:adaptive.MAX_REPLY],
                                stage="admin", created=now,
                                until=now + (seconds or FOREVER))
-            store = adaptive.Store(self.adaptive_dir, self.settings.config.backoff.max_entries)
+            store = adaptive.Store(self.adaptive_dir, active.config.backoff.max_entries)
             try:
                 if not store.put(e, strict=True):
                     raise ServerError("the adaptive store is full (backoff.max_entries)")

@@ -16,7 +16,9 @@ Peers:   every child (reports in); the spool shards (asked for queue summaries a
          single messages over the bus, :mod:`mta.admin.api`); HTTP clients
          (Prometheus, curl, the ``mta`` commands, the status page).
 Config:  [admin] (all keys); [spool] directory, shards; [delivery] processes;
-         [smtp] acceptors (the children expected in the health report).
+         [smtp] acceptors (the children expected in the health report); [egress]
+         source and pool names and backoff.max_entries (suspensions), from the
+         supervisor's record of what it applies now (run/active-config.json).
 
 HTTP: GET, HEAD, POST and DELETE; one request per connection (``Connection:
 close``; a request body is not read).  ``/metrics``: Prometheus text format

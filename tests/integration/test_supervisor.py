@@ -632,3 +632,19 @@ def test_a_start_that_cannot_record_its_configuration_leaves_no_earlier_record(m
     assert "delivery no longer held" not in d.log(since_start=True)
     assert not os.path.exists(os.path.join(run, "active-config.json"))
     assert d.stop() == 0
+
+
+def test_a_pool_added_by_a_reload_can_be_suspended_over_the_admin_api(make_daemon):
+    # The admin process is not replaced at a reload: it checked a suspension's pool or
+    # source against the egress names it was started with, so a pool a reload added
+    # (and the delivery processes use) was refused 400 "no pool ... is configured"
+    # until a restart, and one the reload removed was still taken.
+    from test_admin_api import admin_call
+    d = make_daemon(acceptors=1, shards=1,
+                    egress={"pool": [{"name": "bulk", "sources": [{"source": "default"}]}]})
+    d.reload(egress={"pool": [{"name": "fresh", "sources": [{"source": "default"}]}]},
+             timeout=60)
+    st, _, body = admin_call(d, "POST", "/api/admin/suspensions?pool=fresh&reason=x")
+    assert st == 200, body
+    st, _, body = admin_call(d, "POST", "/api/admin/suspensions?pool=bulk&reason=x")
+    assert st == 400 and body["errors"][0]["field"] == "pool", body
