@@ -382,8 +382,9 @@ def reload_cmd(config_path, pid, timeout):
     (run/reload.json) of a reload that read the file after the signal: exit 0
     once the new acceptors accept (and the processes a changed section rolls are
     replaced), 1 with the reason when the supervisor refused the reload or it
-    failed (what ran before keeps running), 1 after --timeout, 69 when no daemon
-    runs or it exits meanwhile.  ``ExecReload=`` in contrib/mta.service, so that
+    failed (what ran before keeps running), 1 after --timeout, 1 at once (the signal
+    sent) when the file moves the state directory, where the daemon does not record
+    it, 69 when no daemon runs or it exits meanwhile.  ``ExecReload=`` in contrib/mta.service, so that
     ``systemctl reload mta`` returns when the reload is over.
     """
     from mta import config as mconfig
@@ -408,6 +409,14 @@ def reload_cmd(config_path, pid, timeout):
     except ProcessLookupError:
         click.echo(f"mta: the daemon (pid {pid}) is not running; not reloaded", err=True)
         sys.exit(EX_UNAVAILABLE)
+    if not os.path.isdir(s.run_dir):
+        # The file names another state directory, which a running daemon keeps until a
+        # restart: it records the outcome in its own, not here, and nothing would come.
+        click.echo(f"mta: server.state_dir changed: it takes effect at the next restart; "
+                   f"the daemon (pid {pid}) was asked to reload the rest, and its outcome "
+                   f"is recorded in its own state directory ({s.run_dir} does not exist); "
+                   "see the daemon's log", err=True)
+        sys.exit(1)
     path = os.path.join(s.run_dir, mconfig.RELOAD_RECORD)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

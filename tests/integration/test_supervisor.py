@@ -648,3 +648,26 @@ def test_a_pool_added_by_a_reload_can_be_suspended_over_the_admin_api(make_daemo
     assert st == 200, body
     st, _, body = admin_call(d, "POST", "/api/admin/suspensions?pool=bulk&reason=x")
     assert st == 400 and body["errors"][0]["field"] == "pool", body
+
+
+def test_mta_reload_of_a_file_that_moves_the_state_directory_does_not_hang(make_daemon,
+                                                                            tmp_path):
+    # systemd's ExecReload (mta reload --pid $MAINPID) waited for the reload's record in
+    # the state directory the new file names, where the daemon -- which keeps its own
+    # until a restart -- never writes: it failed only after --timeout (290 s in the
+    # unit), saying nothing of why.  It says so at once; the daemon applies the rest.
+    d = make_daemon(acceptors=1, shards=1)
+    d.sections["server"]["state_dir"] = str(tmp_path / "elsewhere")
+    d.sections["smtp"]["banner"] = "ESMTP moved"
+    d.write_config()
+    t0 = time.monotonic()
+    r = d.cli("reload", "--pid", str(d.proc.pid), "--timeout", "120", check=False,
+              timeout=150)
+    assert time.monotonic() - t0 < 30, r
+    assert r.returncode == 1, r
+    err = r.stderr.decode()
+    assert "server.state_dir" in err and "next restart" in err, err
+    d.wait_log(r"reloaded: ")
+    with d.connect() as c:
+        assert c.banner == (220, ["mta.test ESMTP moved"])
+    assert not os.path.exists(tmp_path / "elsewhere")
