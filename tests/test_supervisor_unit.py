@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 
 import pytest
 
 from mta import config as mconfig
 from mta.supervisor import main as sup_main
+from mta.supervisor import services
 
 
 def test_a_child_that_cannot_be_forked_is_tried_again_later(tmp_path, monkeypatch):
@@ -36,3 +38,45 @@ def test_a_child_that_cannot_be_forked_is_tried_again_later(tmp_path, monkeypatc
     with pytest.raises(sup_main.StartupError, match=r"cannot start delivery\[0\]"):
         sup.spawn(slot, sup.settings)
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_child_told_to_stop_while_it_starts_stops(tmp_path, monkeypatch):
+    # A child inherits the supervisor's SIGTERM handler, which only notes the signal,
+    # until its role's start_role resets it -- after the role's modules are imported (a
+    # few hundred ms the first time).  A SIGTERM meanwhile (a stop just after a restart
+    # of a crashing child; the supervisor's death, PR_SET_PDEATHSIG) was lost: the child
+    # started and served on, the stop waited out its grace and killed it, and an orphan
+    # kept its sockets and spool shard.  Here the import takes 1 s.
+    (tmp_path / "slow_role_mod.py").write_text(
+        "import time\ntime.sleep(1.0)\n"
+        "def main(settings, index, ready_fd):\n    time.sleep(5)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "mta.toml"
+    path.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n')
+    sup = sup_main.Supervisor(mconfig.load(str(path)), str(path))
+    monkeypatch.setattr(sup_main, "table", lambda settings: [
+        services.Service("slow", 1, "slow_role_mod:main", (), "always", "keep")])
+    signal.signal(signal.SIGTERM, sup.on_signal)      # as in Supervisor.run
+    child = None
+    try:
+        child = sup.spawn(sup_main.Slot("slow", 0, []), sup.settings)
+        time.sleep(0.3)
+        os.kill(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 3
+        while True:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+            if pid:
+                break
+            assert time.monotonic() < deadline, "the child did not stop"
+            time.sleep(0.05)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if child is not None:
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+                os.waitpid(child.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            if child.ready_fd is not None:
+                os.close(child.ready_fd)

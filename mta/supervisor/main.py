@@ -396,6 +396,11 @@ class Supervisor:
         if pid == 0:  # child
             code = 0
             try:
+                # Not the supervisor's handler, which only notes it: a stop (or the
+                # supervisor's death) before start_role, while the role's modules are
+                # imported, must end this process, not be lost.  (The other signals the
+                # handler takes are ignored until then, as start_role does.)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 proc.die_with_parent(me)
                 os.close(rfd)
                 # Listening sockets of other slots (and, during a reload, of the
