@@ -833,6 +833,10 @@ class Supervisor:
                 deadline = time.monotonic() + STOP_GRACE
             time.sleep(0.05)
             self.reap()
+            if not self.stopping:
+                # a reload's roll waits here, a drain per process: a child of another
+                # role that died meanwhile is started again as at any other time
+                self.restart_due()
 
     # ---------------------------------------------------------------- reload
 

@@ -671,3 +671,26 @@ def test_mta_reload_of_a_file_that_moves_the_state_directory_does_not_hang(make_
     with d.connect() as c:
         assert c.banner == (220, ["mta.test ESMTP moved"])
     assert not os.path.exists(tmp_path / "elsewhere")
+
+
+def test_a_child_that_dies_while_a_reload_replaces_delivery_is_restarted_at_once(
+        make_daemon):
+    # A reload replaces the delivery processes one at a time, each given its drain (up to
+    # shutdown_timeout + spool_timeout + 10 s) to finish its transactions; a child of
+    # another role that died meanwhile was restarted only when the whole roll was over:
+    # an acceptor (or a spool shard: its mail 451) stayed down for minutes.
+    d = make_daemon(acceptors=2, shards=1)
+    delivery = d.children()["delivery[0]"]
+    os.kill(delivery, signal.SIGSTOP)           # a delivery process slow to stop
+    try:
+        d.sections["delivery"]["connect_timeout"] = 17.0
+        d.write_config()
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_log(r"replacing the delivery process\(es\) one at a time", timeout=30)
+        acceptor = d.children()["acceptor[1]"]
+        os.kill(acceptor, signal.SIGKILL)
+        d.wait_restarted("acceptor[1]", acceptor, timeout=10)
+        assert d.children()["delivery[0]"] == delivery      # (the roll is still waiting)
+    finally:
+        os.kill(delivery, signal.SIGCONT)
+    d.wait_log(r"reloaded: ", timeout=60)
