@@ -906,7 +906,7 @@ class Engine:
         src = lane.source
         limits = lane.limits
         last = None
-        lane_fired = None
+        lane_fired = fired_reply = None
         tls = ""                    # how the last host's TLS went, for the events
         targets = list(lane.site.targets)
         if lane.site.key[0] == "mx":
@@ -971,7 +971,7 @@ class Engine:
                             raise RouteError(DEFERRED, code if code < 500 else 451,
                                              enh if code < 500 else "4.4.1", text,
                                              fired, tls) from None
-                        lane_fired = fired
+                        lane_fired, fired_reply = fired, last
             except (smtpc.SmtpError, OSError) as exc:
                 tls = ""
                 last = (451, "4.4.1", f"{t.host}[{t.ip}]: {type(exc).__name__} {exc}".strip())
@@ -979,6 +979,11 @@ class Engine:
                      last[2])
         if last is None:
             raise RouteError(DEFERRED, 451, "4.4.3", f"no address for site {lane.site.name}")
+        if lane_fired is not None and lane_fired.action == "bounce":
+            # the operator's rule says what that reply (a 554 greeting of a site that
+            # refuses this source for good) means: the jobs fail, as at the envelope
+            code, enh, text = fired_reply
+            raise RouteError(FAILED, code, enh, text, lane_fired, tls)
         code, enh, text = last
         # Every host failed: try again later, whatever the last one said.
         raise RouteError(DEFERRED, 451 if code >= 500 else code, "4.4.1" if code >= 500 else enh,
@@ -1333,7 +1338,11 @@ class Engine:
                 # a defer rule matching a connect, greeting or EHLO reply: its delay, as
                 # for one matching a reply to the envelope (_send)
                 job.retry_after = max(job.retry_after, self._delay(fired.name))
-        self._finish(job, job.results(exc.outcome, exc.code, exc.enhanced, exc.text))
+        results = job.results(exc.outcome, exc.code, exc.enhanced, exc.text)
+        if fired is not None and fired.action == "bounce" and exc.outcome == FAILED:
+            for r in results:
+                r.bounce_class = self._bounce_class(fired.name)
+        self._finish(job, results)
 
     def _envelope(self, job: Job):
         """sender, recipient addresses, 8-bit, SMTPUTF8 and DSN parameters of *job*."""

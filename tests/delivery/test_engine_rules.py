@@ -99,6 +99,32 @@ def test_a_defer_rule_on_the_greeting_asks_for_its_delay_for_the_whole_lane():
             ("busy-site", "defer", "greeting")
 
 
+class Refusing(asyncio.Protocol):
+    """A server that greets every connection with 554 (this source is refused) and closes."""
+
+    def connection_made(self, transport):
+        transport.write(b"554 5.7.1 Service unavailable; client host blocked using "
+                        b"zen.example\r\n")
+        transport.close()
+
+
+def test_a_bounce_rule_on_the_greeting_fails_the_jobs():
+    # A bounce rule says what a reply means wherever it comes: one that matched the
+    # greeting only deferred the jobs (connect() ended every host's failure in a
+    # deferral), so they came back until they expired.
+    rules = [{"name": "blocked-for-good", "code": 554, "stages": ["greeting"],
+              "action": "bounce", "bounce_class": "51"}]
+    jobs = [job("a.test", "ok1", n=0), job("a.test", "ok2", n=1)]
+    reports, _, _ = run(jobs, rules, protocol=Refusing, connection_limit=1)
+    assert len(reports) == 2
+    for j, results, _ in reports:
+        assert [(r.outcome, r.code, r.enhanced, r.bounce_class) for r in results] == [
+            (bus.FAILED, 554, "5.7.1", "51")], results
+        assert "blocked" in results[0].text
+        assert j.fired is not None and (j.fired.name, j.fired.action) == \
+            ("blocked-for-good", "bounce")
+
+
 def test_no_rule_no_record_and_5xx_without_a_rule_is_unchanged():
     [(j, results, _)], _, _ = run([job("a.test", "bad1", "later1")], [
         {"name": "other", "code": 421, "action": "defer", "delay": 5}])
