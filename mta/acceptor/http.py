@@ -566,13 +566,16 @@ class Session(asyncio.Protocol):
         if h.get(b"expect", b"").strip().lower() == b"100-continue" and \
                 self.parser.get_http_version() != "1.0":   # (no 1xx to HTTP/1.0: RFC 9110 15.2)
             if not self.queue and not self.busy:
-                err = self._refusal(h, _grant_of(self.parser.get_method(),
-                                                 b"".join(self.url_parts).partition(b"?")[0]))
+                err = self._refusal(h, self._grant())
                 if err is not None:
                     raise _Reject(err)
                 self.transport.write(CONTINUE)
             else:
                 self.expect_continue = True
+
+    def _grant(self) -> str:
+        """The grant (http.key_grants) the request being read needs."""
+        return _grant_of(self.parser.get_method(), b"".join(self.url_parts).partition(b"?")[0])
 
     def _refusal(self, h: dict[bytes, bytes], grant: str | None) -> R.ApiError | None:
         """Why a request will be refused whatever its body (the API key: every resource
@@ -633,7 +636,7 @@ class Session(asyncio.Protocol):
             return
         if not self.busy and not self.queue and self.expect_continue and self.cur is not None:
             self.expect_continue = False
-            err = self._refusal(self.cur.headers)
+            err = self._refusal(self.cur.headers, self._grant())
             if err is not None:
                 self._fail(err)
                 self._run()

@@ -1342,6 +1342,19 @@ def test_a_key_has_only_the_grants_listed_for_it(make_daemon):
             + b"\r\n\r\n")
         st, _, raw = read_response(f)
         assert st == 403 and b"transmissions:modify" in raw, (st, raw)
+    # ... and so does one whose expectation waited behind a kept-alive connection's
+    # request in progress (judged when it is next in line): its 403, no 100, no upload
+    with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+        f = s.makefile("rb")
+        waiting = request_bytes(json.dumps(body).encode(), {
+            "Expect": "100-continue", "Authorization": "lists"})
+        s.sendall(request_bytes(json.dumps(body).encode())
+                  + waiting[:waiting.index(b"\r\n\r\n") + 4])
+        assert read_response(f)[0] == 200
+        st, h, raw = read_response(f)
+        assert st == 403 and b"transmissions:modify" in raw, (st, raw)
+        assert h["connection"] == "close" and closed(s)
+    assert len(d.queue_list()) == 2         # the first one alone was added
     # a key with every grant, and the unknown key
     assert d.api("GET", events, key=KEY)[0] == 200
     assert d.api("GET", events, key="nobody")[0] == 401
