@@ -51,10 +51,10 @@ Hosts are tried in order (the MX hosts of one preference in a new random order
 for each connection): a refused connection, a timeout or a 4xx/5xx greeting
 moves on to the next host.  When every host failed, the job and
 everything queued in its lane are deferred (the same answer holds for them),
-and so are the jobs for that (source x site) that come in the next
-``retry_schedule[0]`` seconds, without a connection each ("delivery
-temporarily suspended: ...", like Postfix's dead destination); the first
-job after that tries the site again.
+and, unless another connection of that (source x site) works, so are the jobs
+for it that come in the next ``retry_schedule[0]`` seconds, without a
+connection each ("delivery temporarily suspended: ...", like Postfix's dead
+destination); the first job after that tries the site again.
 
 Outcome per recipient -- ``delivered``, ``deferred`` (4xx, connection or DNS
 trouble), ``failed`` (5xx) or ``requeued`` (not attempted) -- with the reply,
@@ -1153,7 +1153,10 @@ class Engine:
                         return
                     except RouteError as exc:
                         self._attempted(lane, False)
-                        if exc.outcome == DEFERRED and exc.fired is None and self.down > 0:
+                        if exc.outcome == DEFERRED and exc.fired is None and \
+                                self.down > 0 and lane.active == 1:
+                            # (not while another connection of the lane works: a site
+                            # that refuses one more connection is not down)
                             lane.site.down[src.name] = (time.time() + self.down, RouteError(
                                 DEFERRED, exc.code, exc.enhanced,
                                 f"delivery temporarily suspended: {exc.text}"))

@@ -1425,3 +1425,78 @@ def test_a_site_down_is_not_connected_to_again_for_each_job_until_its_first_retr
         assert "service not available" in r.text
     assert seen == 1                        # one connection for the five jobs
     assert Down.connections == 2            # tried again once the interval passed
+
+
+class OneAtATimeSession(PipeSession):
+    """A PipeSession while no other connection of its peer is open; else the site's
+    "421 too many connections" greeting (many receivers limit a sender's connections)."""
+
+    def connection_made(self, transport):
+        self.t = transport
+        if self.peer.open:
+            self.busy = True
+            transport.write(b"421 4.7.0 too many connections from your address\r\n")
+            transport.close()
+            return
+        self.busy = False
+        self.peer.open += 1
+        transport.write(b"220 pipe.test ESMTP\r\n")
+
+    def connection_lost(self, exc):
+        if not self.busy:
+            self.peer.open -= 1
+
+
+class OneAtATimePeer(PipePeer):
+    open = 0
+
+    def __call__(self):
+        return OneAtATimeSession(self)
+
+
+def test_a_refused_extra_connection_does_not_hold_a_site_whose_connection_works():
+    # The dead-site hold is for a site none of whose hosts answers.  A second connection
+    # refused ("421 too many connections") while the first one delivers says nothing of
+    # the site: the jobs that come next go out over the working connection, as before,
+    # not deferred "delivery temporarily suspended" for the first retry interval.
+    peer = OneAtATimePeer()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(peer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reports = []
+        got = asyncio.Event()
+
+        def report(j, results, retry_after=0.0):
+            reports.append(results)
+            got.set()
+
+        engine = Engine(settings(port, connection_limit=2, idle_timeout=30),
+                        mx_to_loopback("busy.test"), report, loop)
+        engine.submit(job("busy.test", "a0", n=0))    # the first connection: kept open
+        while len(reports) < 1:
+            got.clear()
+            await got.wait()
+        for n in range(1, 5):               # a burst: the lane opens a second connection
+            engine.submit(job("busy.test", f"a{n}", n=n))
+        while len(reports) < 5:
+            got.clear()
+            await got.wait()
+        first = peer.connections
+        for n in range(5, 8):               # more mail while the first connection is open
+            engine.submit(job("busy.test", f"b{n}", n=n))
+            while len(reports) < n + 1:
+                got.clear()
+                await got.wait()
+        await engine.close()
+        server.close()
+        return reports, first
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        reports, first = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    assert first == 2                       # the second connection was refused
+    later = [r for results in reports[5:] for r in results]
+    assert [(r.outcome, r.code) for r in later] == [(bus.DELIVERED, 250)] * 3, later
+    assert {rcpt for _, rcpt in peer.messages} >= {"b5@busy.test", "b6@busy.test",
+                                                    "b7@busy.test"}
