@@ -725,7 +725,9 @@ class Engine:
             if wait <= 0:
                 break
             if warm.overflow(name) == "wait":
-                job.source = ""
+                # (this source's answer, named: the spool holds back this job alone, the
+                # pool's other sources take their share of the site's mail meanwhile)
+                job.source = name
                 self._finish(job, job.results(
                     REQUEUED, 451, "4.4.5",
                     f"source {name} is at its warm-up cap for site {site.name}; "

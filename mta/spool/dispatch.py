@@ -14,9 +14,9 @@ decides, for the next job, whether it may go and where
   it leaves the due queue (the loop does not spin on it) and waits in its
   domain's FIFO until a job of that domain comes back (:meth:`Window.released`).
   Transactional jobs are not capped per domain.
-- **Requeued as a whole.** A job that delivery REQUEUED (no source of the
-  message's pool may send to the site now: a response rule's suspension, a
-  warm-up cap; or its queue there was full) says the same of every message of
+- **Requeued as a whole.** A job that delivery REQUEUED naming no source (no
+  source of the message's pool may send to the site now: a response rule's
+  suspension, warm-up caps) says the same of every message of
   that domain and pool until its ``retry_after``: they wait in the spool
   until then (:meth:`Window.pause`), requeued as delivery would have, rather
   than each being read and sent to be told so -- a freed slot of the cap

@@ -30,9 +30,9 @@ a domain's jobs to its home process until ``delivery.spread_threshold`` are
 out there, then spread (:mod:`mta.spool.dispatch`).  A job carries the
 message's egress pool (``params["ip_pool"]``, else "default") and priority.
 A REQUEUED outcome (delivery could not attempt it) makes the recipients due
-again after its ``retry_after``, with no attempt counted and no event, and
-the other messages of its domain and pool wait until then as well
-(``Window.pause``).  A job whose outcome never comes back
+again after its ``retry_after``, with no attempt counted and no event, and,
+when it names no source (none of the pool's may send to the site), the other
+messages of its domain and pool wait until then as well (``Window.pause``).  A job whose outcome never comes back
 is dispatched again: at once when its delivery process disconnects (it died;
 see :meth:`Shard.follow_links`), else after the delivery timeouts plus
 ``delivery.job_timeout_margin`` (:meth:`Shard.expire_jobs`): at-least-once.
@@ -487,8 +487,11 @@ class Shard:
                     continue
                 if job is not None and job.meta is not None:
                     plan.known(msg.qid, job.meta)       # (not read again)
-                if job is not None and msg.results and \
+                if job is not None and not msg.source and msg.results and \
                         all(r.outcome == bus.REQUEUED for r in msg.results):
+                    # (no source: none of the pool's may send to the site; one named is
+                    # that source's own answer -- a warm-up cap with overflow "wait" --
+                    # and the pool's other sources take their share meanwhile)
                     info = self.q.info(msg.qid)
                     if info is not None:      # the same answer for the domain and pool
                         wait = min(max(msg.retry_after, REQUEUE_MIN), REQUEUE_MAX)

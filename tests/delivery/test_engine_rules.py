@@ -223,3 +223,22 @@ def test_a_warmup_count_busy_in_another_process_is_not_a_full_cap():
     (first, wait), second = reports
     assert first == bus.REQUEUED and wait <= 1.0, reports
     assert second == (bus.DELIVERED, 0.0) and len(peer.messages) == 1
+
+
+def test_a_warmup_wait_requeue_names_its_source_and_the_pools_others_deliver():
+    # The spool holds a domain and pool back as a whole after a REQUEUED that names no
+    # source (none of the pool's may send); a warming source at its cap with overflow
+    # "wait" speaks for itself alone: it names itself, and the others deliver meanwhile.
+    sections = {"egress": {"source": [{"name": "new", "source_address": "127.0.0.1"},
+                                      {"name": "old"}],
+                           "pool": [{"name": "default", "sources": [{"source": "new"},
+                                                                    {"source": "old"}]}]},
+                "warmup": [{"source": "new", "overflow": "wait",
+                            "schedule": [{"day": 1, "hourly": 1}]}]}
+    jobs = [job("a.test", f"ok{i}", n=i) for i in range(6)]
+    reports, _, peer = run(jobs, [], sections=sections)
+    requeued = [j for j, results, _ in reports if results[0].outcome == bus.REQUEUED]
+    delivered = [j for j, results, _ in reports if results[0].outcome == bus.DELIVERED]
+    assert requeued and {j.source for j in requeued} == {"new"}, [j.source for j in requeued]
+    assert len(delivered) == 6 - len(requeued) and len(peer.messages) == len(delivered)
+    assert {j.source for j in delivered} == {"new", "old"}

@@ -345,10 +345,12 @@ def test_spreading_skips_a_process_that_is_down(tmp_path):
     assert w.at == {} and w.out == [0, 0] and w.bulk_out == {}
 
 
-def requeue_outcome(shard, job, retry_after):
+def requeue_outcome(shard, job, retry_after, source="ip-1"):
+    """*source*: the one delivery picked ("": none of the pool's may send, as delivery
+    says when every source of the pool is suspended for the site)."""
     return bus.DeliveryOutcome(req=job.req, qid=job.qid, results=[
         bus.Result(r.index, bus.REQUEUED, 0, "", "source suspended", "", "")
-        for r in job.rcpts], source="ip-1", retry_after=retry_after)
+        for r in job.rcpts], source=source, retry_after=retry_after)
 
 
 def test_requeued_recipients_wait_retry_after_without_an_attempt(tmp_path):
@@ -418,7 +420,7 @@ def test_a_requeued_domain_waits_as_a_whole_instead_of_cycling_its_backlog(tmp_p
     t0 = time.time()
     for d, j in jobs:
         if j.qid in qids:
-            shard.links.outcomes[d].append(requeue_outcome(shard, j, 3000.0))
+            shard.links.outcomes[d].append(requeue_outcome(shard, j, 3000.0, source=""))
     shard.batch(outcomes=[0])
     shard.dispatch()
     assert sent(shard) == []                 # nothing more of x.example in pool default
@@ -434,6 +436,27 @@ def test_a_requeued_domain_waits_as_a_whole_instead_of_cycling_its_backlog(tmp_p
     shard.query(b"cli", bus.SpoolQueueFlush(1, True))
     shard.dispatch()
     assert len(sent(shard)) == 2                 # (the domain's cap: mkt's job is out)
+
+
+def test_a_requeue_for_one_sources_warmup_cap_holds_back_that_job_alone(tmp_path):
+    # warmup overflow = "wait": a warming source at its cap requeues the job it was
+    # picked for until the hour or day rolls over (the answer names that source); the
+    # pool's other sources take the domain's next mail meanwhile.  The whole domain and
+    # pool waited with it -- up to an hour -- though only that source was at its cap.
+    shard = make_shard(tmp_path, max_in_flight_per_domain=3)
+    qids = [queue(shard, [f"r{i}@x.example"]) for i in range(4)]
+    shard.dispatch()
+    jobs = sent(shard)
+    assert sorted(j.qid for _, j in jobs) == sorted(qids[:3])
+    d, first = jobs[0]
+    shard.links.outcomes[d].append(requeue_outcome(shard, first, 3000.0, source="new"))
+    shard.batch(outcomes=[0])
+    shard.release_blocked(everything=True)
+    shard.dispatch()
+    assert [j.qid for _, j in sent(shard)] == [qids[3]]     # the next one goes
+    q = shard.store.index
+    state, attempts, due, _ = q.progress(first.qid)
+    assert state == [sch.PENDING] and attempts == [0] and due[0] >= time.time() + 2900
 
 
 def test_a_scheduled_message_is_due_at_its_start_and_ages_from_it(tmp_path):
