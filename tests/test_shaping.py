@@ -350,6 +350,15 @@ def test_a_domain_rule_does_not_loosen_starttls_for_the_whole_site():
         sh = shaping.Shaping([pair[i] for i in order], DELIVERY, presets=False)
         assert sh.limits("s", ("mx.host.example",), ["bank.example", "shop.example"],
                          "default").starttls == "required"
+    # a domain rule that matches every domain of the site (a partner on MX hosts of its
+    # own) may still loosen what the presets or delivery.starttls say
+    sh = shaping.Shaping([rule(mx="mx.partner.example", starttls="required"),
+                          rule(domain="partner.example", starttls="opportunistic")],
+                         DELIVERY, presets=False)
+    own = ("mx.partner.example",)
+    assert sh.limits("p", own, ["partner.example"], "default").starttls == "opportunistic"
+    assert sh.limits("p", own, ["partner.example", "other.example"],
+                     "default").starttls == "required"
     # a domain rule tightens the default; an mx rule may loosen as before
     sh = shaping.Shaping([rule(domain="bank.example", starttls="required")], DELIVERY,
                          presets=False)

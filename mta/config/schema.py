@@ -493,8 +493,9 @@ class ShapingRule(Struct, forbid_unknown_fields=True, kw_only=True):
         "seconds an unused connection is kept open (0-3600)")] = None
     starttls: Annotated[str | None, _doc(
         "none, opportunistic or required (as delivery.starttls: required is encryption, "
-        "the certificate is not checked); a domain rule's may only tighten what earlier "
-        "rules set for the site (its sessions carry every domain sharing its MX hosts)")] \
+        "the certificate is not checked); a domain rule's loosens what earlier rules set "
+        "for the site only when it matches every domain queued there (the site's "
+        "sessions carry every domain sharing its MX hosts)")] \
         = None
 
 

@@ -25,9 +25,10 @@ false`` leaves them out), then the operator's rules without ``source`` in file
 order, then the operator's rules naming a source, in file order.  A key set by
 a later rule overrides the same key of an earlier one; a rule that leaves a
 key unset leaves the earlier value.  Except ``starttls`` of a ``domain`` rule:
-it may make it stricter (none < opportunistic < required), never looser, since
-the site's sessions carry the mail of every domain that shares its MX hosts;
-an ``mx`` or ``site`` rule overrides it as any key.  Keys no rule sets come from
+it may make it stricter (none < opportunistic < required), but looser only when
+it matches every domain queued for the site, since the site's sessions carry the
+mail of every domain that shares its MX hosts; an ``mx`` or ``site`` rule
+overrides it as any key.  Keys no rule sets come from
 ``[delivery]`` (``connection_limit``, ``max_deliveries_per_connection``,
 ``idle_timeout``, ``starttls``); by default there is no rate limit.
 
@@ -452,6 +453,12 @@ class Shaping:
                 cache.popitem(last=False)
             return value
 
+    def _covers(self, rule: _Rule, domains: frozenset) -> bool:
+        """True when the domain *rule* matches every one of *domains* (the site's)."""
+        return bool(domains) and all(
+            rule in self._memo(self._by_domain, _norm(d), self._domain_rules, self._cache_size)
+            for d in domains)
+
     def _domain_rules(self, domain: str) -> tuple[_Rule, ...]:
         if not domain.isascii():
             # The U-label form (bücher.de, mail sent with SMTPUTF8): the rules are in
@@ -504,11 +511,13 @@ class Shaping:
         for r in self.matching(site, key[3], key[2], source):
             tls = values["starttls"]
             values.update(r.values)
-            if r.kind == "domain" and _TLS_RANK[values["starttls"]] < _TLS_RANK[tls]:
+            if r.kind == "domain" and _TLS_RANK[values["starttls"]] < _TLS_RANK[tls] and \
+                    not self._covers(r, key[2]):
                 # A domain rule speaks for its domain, but the site's sessions carry
-                # every domain's mail: its starttls may require more, never less (a
-                # rule for a domain Google hosts must not turn the presets' "required"
-                # for all of gmail.com into "opportunistic").
+                # every domain's mail: its starttls may require less only when it
+                # matches every domain queued for the site (a partner on MX hosts of
+                # its own), not for all of gmail.com because one domain Google hosts
+                # has a rule saying "opportunistic".
                 values["starttls"] = tls
             applied.append(r.label)
         result = Limits(rules=tuple(applied), **values)
