@@ -505,8 +505,8 @@ class Api:
             # validate use them from the configuration.
             out["read_only"] = True
             out["target"] = loggable(out["target"])
-            if "password" in out["auth_credentials"]:
-                out["auth_credentials"] = dict(out["auth_credentials"], password="")
+            out["auth_credentials"] = {k: "" if k in ("password", "access_token") else v
+                                       for k, v in out["auth_credentials"].items()}
             details = dict(out["auth_request_details"])      # (a copy: the config's)
             if isinstance(details.get("body"), dict) and "client_secret" in details["body"]:
                 details["body"] = dict(details["body"], client_secret="")

@@ -59,7 +59,9 @@ def test_a_config_webhooks_secrets_are_not_shown_through_the_api(tmp_path):
                      auth_type="oauth2", auth_request_details={
                          "url": "http://127.0.0.1:9/token",
                          "body": {"client_id": "cid", "client_secret": "S3CRET4",
-                                  "grant_type": "client_credentials"}})])
+                                  "grant_type": "client_credentials"}},
+                     # (a token written in the table: as the one SparkPost keeps)
+                     auth_credentials={"access_token": "S3CRET5", "expires_in": "3600"})])
 
     async def go():
         api = W.Api(str(tmp_path), cfg, asyncio.get_running_loop())
