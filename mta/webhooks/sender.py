@@ -441,6 +441,14 @@ def _with_target(hook: W.Hook, target: str) -> W.Hook:
     if _origin(target) != _origin(hook.target):
         return replace(hook, target=target, auth_type="none", auth_credentials={},
                        auth_request_details={}, custom_headers={}, auth_token="")
+    u = urllib.parse.urlsplit(target)
+    if u.username is not None or u.password is not None:
+        # the old target carries its own credentials, which aiohttp sends as Basic and
+        # will not send beside another Authorization (the request would never go)
+        return replace(hook, target=target, auth_type="none", auth_credentials={},
+                       auth_request_details={}, custom_headers={
+                           k: v for k, v in hook.custom_headers.items()
+                           if k.lower() != "authorization"})
     return replace(hook, target=target)
 
 

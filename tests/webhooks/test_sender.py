@@ -493,3 +493,28 @@ def test_a_batch_for_the_old_target_does_not_carry_the_new_targets_credentials(e
             assert "authorization" not in h.headers and "x-api-key" not in h.headers, h.headers
     finally:
         new.close()
+
+
+def test_a_batch_for_an_old_target_with_its_own_credentials_is_still_sent(env):
+    """The old target carried user:password@ and an update moved the webhook (same host)
+    to basic auth: its retrying batches went with both, which aiohttp refuses to send, so
+    they failed as 'connection' until dropped.  They go with the old target's own."""
+    store, db, rec, _ = env
+    base = rec.url.split("//", 1)[1]
+    first = W.Hook(id="hook-1", name="test", target=f"http://old:OLDPW@{base}",
+                   events=frozenset(["delivery"]))
+    db.set_cursor(first.id, 0)
+    store.append(_events(8))
+    rec.status = 503
+    asyncio.run(_run(first, db, store, _cfg(retry_schedule=[0.3]),
+                     lambda s: len(rec.hits) >= 1))
+    rec.status = 200
+    moved = W.Hook(id="hook-1", name="test", target=rec.url + "moved",
+                   events=frozenset(["delivery"]), auth_type="basic",
+                   auth_credentials={"username": "new", "password": "NEWPW"})
+    s = asyncio.run(_run(moved, db, store, _cfg(retry_schedule=[0.3]),
+                         lambda s: not db.pending(moved.id)))
+    assert s.stats.batches >= 1 and s.stats.dropped_batches == 0
+    ok = [h for h in rec.hits if h.status == 200]
+    assert ok and all(h.headers["authorization"] == "Basic " + base64.b64encode(
+        b"old:OLDPW").decode() for h in ok), [h.headers.get("authorization") for h in ok]
