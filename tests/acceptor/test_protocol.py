@@ -72,3 +72,34 @@ def test_commit_takes_one_submission():
     assert m.message == b"Subject: x\r\n\r\nbody\r\n"
     assert m.received == b"Received: by test; " + m.qid.encode() + b"\r\n"
     assert answers == [(m.qid, True)]
+
+
+def test_a_report_beyond_the_waiting_bound_gets_451_at_once():
+    """feedback.report_readers are parsing and feedback.max_waiting_reports wait: one more
+    report is refused with REPORTS_BUSY (451 4.3.2) at once, not parsed, not held; mail
+    that is not a report is not concerned."""
+    import dataclasses
+
+    import msgspec
+
+    base = fake.settings()
+    cfg = msgspec.structs.replace(base.config, feedback=msgspec.structs.replace(
+        base.config.feedback, bounce_domains=["bounces.example"], report_readers=1,
+        max_waiting_reports=2))
+    loop = fake.Loop()
+    acc = fake.Acceptor(dataclasses.replace(base, config=cfg), loop)
+    answers = []
+
+    def submission(rcpt):
+        return smtp.Submission("", [rcpt], {}, "mx.isp.example [192.0.2.9]", "192.0.2.9",
+                               b"Subject: report\r\n\r\nbody\r\n",
+                               lambda qid: b"Received: x\r\n",
+                               lambda qid, ok: answers.append((qid, ok)), answers.append)
+    acc.reports_unread = 3                 # one being read, two waiting: the bound
+    assert acc.commit(submission("b@bounces.example")) == R.REPORTS_BUSY
+    assert R.REPORTS_BUSY.startswith(b"451 4.3.2 ")
+    assert acc.report_stats["deferred"] == 1 and acc.reports_unread == 3
+    assert acc.report_tasks == set() and answers == []
+    assert acc.commit(submission("r@example.net")) is None     # a message: spooled
+    loop.run_ready()
+    assert [m.rcpts for m in acc.submitted] == [["r@example.net"]]
