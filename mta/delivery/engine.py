@@ -827,16 +827,13 @@ class Engine:
                     host, port = parse_hostport(h)
                 else:
                     host, port = h, cfg.mx_port
-                if _is_ip(host):
-                    ips = [host]
-                else:
-                    try:
-                        ips, left = await self.resolver.resolve_addresses_ttl(host)
-                    except DnsTempError as exc:
-                        log.info("address lookup for route host %s failed: %s", host, exc)
-                        continue
-                    if ips:
-                        ttl = min(ttl, left)
+                try:
+                    ips, left = await self._addresses(host)
+                except DnsTempError as exc:
+                    log.info("address lookup for route host %s failed: %s", host, exc)
+                    continue
+                if ips:
+                    ttl = min(ttl, left)
                 for ip in ips:
                     out.append(Target(host, ip, port, route.starttls, route.tls_verify,
                                       route.source_address))
@@ -858,17 +855,14 @@ class Engine:
         unknown = len(mx.hosts)     # the best preference with a host whose lookup failed
         hosts = [(rank, host) for rank, group in enumerate(mx.hosts) for host in group]
         for rank, host in hosts[:MAX_MX_HOSTS]:
-            if _is_ip(host):
-                ips = [host]
-            else:
-                try:
-                    ips, left = await self.resolver.resolve_addresses_ttl(host)
-                except DnsTempError as exc:  # one MX host's addresses: try the next host
-                    log.info("address lookup for %s failed: %s", host, exc)
-                    unknown = min(unknown, rank)
-                    continue
-                if ips:
-                    ttl = min(ttl, left)
+            try:
+                ips, left = await self._addresses(host)
+            except DnsTempError as exc:  # one MX host's addresses: try the next host
+                log.info("address lookup for %s failed: %s", host, exc)
+                unknown = min(unknown, rank)
+                continue
+            if ips:
+                ttl = min(ttl, left)
             for ip in ips:
                 out.append(Target(host, ip, cfg.mx_port, None, cfg.tls_verify, None, rank))
         # An MX host that is this MTA: only the better ones may get the mail (RFC 5321
@@ -888,6 +882,13 @@ class Engine:
                                  f"no MX host of {domain} has an address")
             raise RouteError(DEFERRED, 451, "4.4.3", f"no address found for the MX hosts of {domain}")
         return out, ttl
+
+    async def _addresses(self, host: str) -> tuple[list[str], float]:
+        """*host*'s addresses and the seconds they hold (an address: itself, SITE_TTL);
+        DnsTempError as the resolver's."""
+        if _is_ip(host):
+            return [host], SITE_TTL
+        return await self.resolver.resolve_addresses_ttl(host)
 
     def _route_of(self, domain: str):
         """*domain*'s own [[delivery.route]] (not '*'), or None."""
@@ -1006,7 +1007,7 @@ class Engine:
         "required") decide its STARTTLS: a rule that requires TLS came to apply to the
         site after *conn* opened (a domain of a wildcard rule got mail), and the
         connection must not carry the mail.  A route's own starttls decides for itself."""
-        if conn.tls_active:
+        if lane.limits.starttls != "required" or conn.tls_active:
             return False
         targets = lane.site.targets
         return not (targets and targets[0].starttls)
@@ -1133,8 +1134,7 @@ class Engine:
                 limits = lane.limits
                 if conn is not None and (not conn.is_usable or
                                          conn.messages_sent >= limits.max_deliveries_per_connection
-                                         or limits.starttls == "required" and
-                                         self._in_clear(lane, conn)):
+                                         or self._in_clear(lane, conn)):
                     await conn.quit()
                     conn = None
                 if conn is None:
@@ -1270,7 +1270,7 @@ class Engine:
         limits = lane.limits
         if conn.messages_sent + 1 >= limits.max_deliveries_per_connection \
                 or self._over_limit(lane, slot) \
-                or limits.starttls == "required" and self._in_clear(lane, conn):
+                or self._in_clear(lane, conn):
             return None
         if self._held(lane.source.name, lane.site.name, time.time()):
             return None
