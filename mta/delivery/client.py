@@ -668,11 +668,10 @@ _TLS_CONTEXTS: dict[bool, ssl.SSLContext] = {}
 
 
 def verifying_tls_context(ca_file: str) -> ssl.SSLContext:
-    """A verifying client SSLContext that trusts *ca_file*'s CAs besides the system's
-    (delivery.tls_ca_file), with the shared contexts' TLS 1.2 floor."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    """A verifying client SSLContext as the shared one, that trusts *ca_file*'s CAs
+    besides the system's (delivery.tls_ca_file)."""
+    ctx = _new_tls_context(True)
     ctx.load_verify_locations(cafile=ca_file)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 
 
@@ -688,14 +687,18 @@ def _default_tls_context(verify: bool) -> ssl.SSLContext:
     """
     ctx = _TLS_CONTEXTS.get(verify)
     if ctx is None:
-        if verify:
-            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        else:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        _TLS_CONTEXTS[verify] = ctx
+        ctx = _TLS_CONTEXTS[verify] = _new_tls_context(verify)
+    return ctx
+
+
+def _new_tls_context(verify: bool) -> ssl.SSLContext:
+    if verify:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 
 
