@@ -438,18 +438,17 @@ def _with_target(hook: W.Hook, target: str) -> W.Hook:
         return hook
     from dataclasses import replace
 
-    if _origin(target) != _origin(hook.target):
-        return replace(hook, target=target, auth_type="none", auth_credentials={},
-                       auth_request_details={}, custom_headers={}, auth_token="")
+    moved = _origin(target) != _origin(hook.target)
     u = urllib.parse.urlsplit(target)
-    if u.username is not None or u.password is not None:
-        # the old target carries its own credentials, which aiohttp sends as Basic and
-        # will not send beside another Authorization (the request would never go)
-        return replace(hook, target=target, auth_type="none", auth_credentials={},
-                       auth_request_details={}, custom_headers={
-                           k: v for k, v in hook.custom_headers.items()
-                           if k.lower() != "authorization"})
-    return replace(hook, target=target)
+    # (an old target's own user:password@ is sent as Basic, and aiohttp will not send it
+    # beside another Authorization: the request would never go)
+    if not moved and u.username is None and u.password is None:
+        return replace(hook, target=target)
+    return replace(hook, target=target, auth_type="none", auth_credentials={},
+                   auth_request_details={}, auth_token="" if moved else hook.auth_token,
+                   custom_headers={} if moved else {
+                       k: v for k, v in hook.custom_headers.items()
+                       if k.lower() != "authorization"})
 
 
 def _origin(url: str) -> tuple:
