@@ -184,7 +184,7 @@ class Acceptor:
         # Reports being parsed or waiting for a reader (feedback.report_readers
         # at once; feedback.max_waiting_reports more wait, beyond that 451).
         self.reports_unread = 0
-        self._report_readers: asyncio.Semaphore | None = None   # made in the loop
+        self._report_readers = asyncio.Semaphore(cfg.feedback.report_readers)
         self.report_stats = {"dsn": 0, "arf": 0, "unparsed": 0, "matched": 0, "deferred": 0}
         # The events store, read-only, opened when first needed (the events
         # process may create it after this acceptor starts); one handle per
@@ -391,8 +391,6 @@ class Acceptor:
                         "(feedback.report_readers %d, max_waiting_reports %d)", msg.peer_ip,
                         self.reports_unread, fb.report_readers, fb.max_waiting_reports)
             return R.REPORTS_BUSY
-        if self._report_readers is None:
-            self._report_readers = asyncio.Semaphore(fb.report_readers)
         self.reports_unread += 1
         rid = new_qid(self.slot)
         task = self.loop.create_task(self._report(msg, rid))
@@ -483,8 +481,8 @@ class Acceptor:
             self.classifier = feedback.Classifier.from_file(
                 self.settings.config.feedback.bounce_rules)
         fb = self.settings.config.feedback
-        return oob_reports.read(msg.payload[:fb.max_report_size], msg.rcpts, self.events_store(), self.classifier,
-                                unmatched=fb.suppress_unmatched)
+        return oob_reports.read(msg.payload[:fb.max_report_size], msg.rcpts, self.events_store(),
+                                self.classifier, unmatched=fb.suppress_unmatched)
 
     def _suppress(self, rid: str, items: list) -> None:
         """Add a report's suppression entries (in a worker thread); failures are logged.
