@@ -104,15 +104,18 @@ def job(domain: str, *locals_: str, n: int = 0, body: bytes = BODY, params=None)
 
 
 def deliver(jobs, resolver, peer=None, port: int | None = None, bound: float = LOOP_BOUND,
-            **delivery):
+            peers: dict | None = None, **delivery):
     """Run the engine on *jobs* until every one has reported; return [(job, results)].
 
-    *peer*: a Peer, or a protocol factory, served on loopback in the same loop.
+    *peer*: a Peer, or a protocol factory, served on loopback in the same loop;
+    *peers*: {loopback address: Peer}, each served on *port*.
     """
     async def main():
         loop = asyncio.get_running_loop()
         server = None
         p = port
+        others = [await loop.create_server(x.protocol, ip, port)
+                  for ip, x in (peers or {}).items()]
         if peer is not None:
             factory = peer.protocol if isinstance(peer, Peer) else peer
             server = await loop.create_server(factory, "127.0.0.1", 0)
@@ -130,8 +133,9 @@ def deliver(jobs, resolver, peer=None, port: int | None = None, bound: float = L
             engine.submit(j)
         await done.wait()
         await engine.close()
-        if server is not None:
-            server.close()
+        for s in [server, *others]:
+            if s is not None:
+                s.close()
         assert engine.in_flight == 0
         return reports
 
@@ -761,35 +765,12 @@ def test_the_addresses_of_one_mx_host_share_the_connections():
     (smtp_randomize_addresses).  They were tried in the order of the cached answer, so
     every connection went to the first address for as long as the site was known."""
     peers = {"127.0.0.1": Peer(), "127.0.0.2": Peer()}
-    port = free_port()
     n = 24
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        servers = [await loop.create_server(p.protocol, ip, port) for ip, p in peers.items()]
-        reports = []
-        done = asyncio.Event()
-
-        def report(j, results, retry_after=0.0):
-            reports.append((j, results))
-            if len(reports) == n:
-                done.set()
-
-        resolver = Resolver({"example.net": MxResult("ok", [["mx.example.net"]])},
-                            {"mx.example.net": ["127.0.0.1", "127.0.0.2"]})
-        # one message a connection: every message opens its own
-        engine = Engine(settings(port, max_deliveries_per_connection=1), resolver, report,
-                        loop)
-        for i in range(n):
-            engine.submit(job("example.net", "ok", n=i))
-        await done.wait()
-        await engine.close()
-        for s in servers:
-            s.close()
-        return reports
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        reports = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    resolver = Resolver({"example.net": MxResult("ok", [["mx.example.net"]])},
+                        {"mx.example.net": ["127.0.0.1", "127.0.0.2"]})
+    # one message a connection: every message opens its own
+    reports = deliver([job("example.net", "ok", n=i) for i in range(n)], resolver,
+                      port=free_port(), peers=peers, max_deliveries_per_connection=1)
     assert all(rs[0].outcome == bus.DELIVERED for _, rs in reports)
     got = {ip: len(p.messages) for ip, p in peers.items()}
     # 2 * 2**-24 chance of a false failure
