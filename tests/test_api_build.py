@@ -359,6 +359,42 @@ def test_bad_content_fields_are_422_naming_the_field(kw, field):
     assert e.value.status == 422 and e.value.description.startswith(field), e.value.description
 
 
+@pytest.mark.parametrize("kw, field", [
+    ({"subject": "Ring\x07ring"}, "content.subject"),
+    ({"subject": "Esc\x1b[2J"}, "content.subject"),
+    ({"from_": {"email": "s@example.com", "name": "Bell\x07"}}, "content.from.name"),
+    ({"from_": "Bell\x07 <s@example.com>"}, "content.from.name"),
+    ({"reply_to": "Sales\x08 <s@example.com>"}, "content.reply_to"),
+    ({"headers": {"X-Ok": "a\x07b"}}, "content.headers.X-Ok"),
+    ({"headers": {"X-Ok": "del\x7f"}}, "content.headers.X-Ok"),
+    ({"headers": {"Cc": "Cé\x0b <c@example.org>"}}, "content.headers.Cc"),
+])
+def test_control_characters_in_header_values_are_422_naming_the_field(kw, field):
+    """C0 controls other than TAB (and DEL) are not header text (RFC 5322 3.2.5: VCHAR
+    and WSP): refused, never written into the message (a BEL, an ESC sequence)."""
+    with pytest.raises(R.ApiError) as e:
+        one(tx(**kw))
+    assert e.value.status == 422 and e.value.description.startswith(field), e.value.description
+    assert "control character" in e.value.description
+
+
+def test_control_characters_from_a_recipient_or_substitution_are_its_rcpt_to_error():
+    t = tx(recipients=[{"address": {"email": "a@example.net", "name": "A\x07"}},
+                       {"address": {"email": "b@example.net", "header_to": "B\x1b <b@x.org>"}},
+                       {"address": "c@example.net", "substitution_data": {"n": "\x07"}},
+                       {"address": "d@example.net", "substitution_data": {"n": "tab\tok"}}],
+           subject="Hi {{n}}", headers={"X-Tab": "a\tb"})
+    b = B.Builder(t, "mta.test")
+    for i, where in enumerate(("recipients[0].address.name", "recipients[1].address.header_to",
+                               "content.subject")):
+        with pytest.raises(B.RecipientError) as e:
+            b.build(i, t.recipients[i])
+        assert where in e.value.description and "control character" in e.value.description
+    raw = b.build(3, t.recipients[3]).message     # TAB is white space: kept
+    assert b"Subject: Hi tab\tok\r\n" in raw and b"X-Tab: a\tb\r\n" in raw
+    assert not any(c < 0x20 and c not in (9, 10, 13) for c in raw)
+
+
 def test_substitution_cannot_inject_header_lines():
     t = tx(recipients=[{"address": "a@example.net", "substitution_data": {"n": "x\r\nBcc: v@x.org"}},
                        "b@example.net"],

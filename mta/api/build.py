@@ -26,7 +26,10 @@ Messages (inline content):
   it is, in UTF-8 (RFC 6532), and the message is then sent with SMTPUTF8;
 - A CR or LF in any header name or value is refused: the email package would
   write a header *name* containing CRLF as it is, so names and values are
-  checked here before anything is built.
+  checked here before anything is built; so is any other C0 control character
+  but TAB (and DEL) in a value (Subject, names, content.headers, a substituted
+  value), which RFC 5322 does not allow there and a reader would act on (BEL,
+  an ESC sequence).
 
 ``email_rfc822``: line ends are made CRLF; the message must have a From field,
 no NUL and no line over 998 octets.  Substitutions apply to the top-level
@@ -99,6 +102,9 @@ _ADDRESS_FIELDS = frozenset(("to", "cc", "bcc", "reply-to", "sender"))
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")           # RFC 5322 ftext
 _MIME_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*"
                         r"(\s*;\s*[\x20-\x7e]*)?\Z")
+# C0 controls but TAB, and DEL: not header text (RFC 5322 3.2.5: VCHAR and WSP); CR and
+# LF would start a new field, the others reach the reader (a BEL, an ESC sequence)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _PHRASE_ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]+\Z")
 _PATH = r"[A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z_][A-Za-z0-9_-]*)*"
 # a default after "or": another path, a quoted string or a number
@@ -306,6 +312,17 @@ def template(text: str) -> Template:
 
 def _has_line_break(text: str) -> bool:
     return "\r" in text or "\n" in text or "\0" in text
+
+
+def _unfit(text: str) -> str | None:
+    """Why *text* cannot be in a header field value ("a line break (CR or LF)", "a
+    control character (U+0007)"), or None when it can (one regex search)."""
+    m = _CONTROL.search(text)
+    if m is None:
+        return None
+    c = m.group()
+    return "a line break (CR or LF)" if c in "\r\n" else \
+        f"a control character (U+{ord(c):04X})"
 
 
 def encoded_words(text: str, octets: int = WORD_OCTETS) -> list[str]:
@@ -625,8 +642,9 @@ class Builder:
             from_name, from_email = _split_address(c.from_)
         for field, value in (("content.from.name", from_name), ("content.from.email", from_email),
                              ("content.subject", c.subject), ("content.reply_to", c.reply_to)):
-            if value is not None and _has_line_break(value):
-                raise R.ApiError(R.INVALID, f"{field}: contains a line break (CR or LF)")
+            why = value is not None and _unfit(value)
+            if why:
+                raise R.ApiError(R.INVALID, f"{field}: contains {why}")
         tpl = self.tpl
         if "{{" not in from_email or not self.substitute:
             why = check_email(from_email)
@@ -645,9 +663,9 @@ class Builder:
         self.replace: dict[str, tuple[str, Template]] = {}
         for name, value in (c.headers or {}).items():
             check_field_name(name, "content.headers")
-            if _has_line_break(value):
-                raise R.ApiError(R.INVALID, f"content.headers.{name}: the value contains a line "
-                                 "break (CR or LF)")
+            why = _unfit(value)
+            if why:
+                raise R.ApiError(R.INVALID, f"content.headers.{name}: the value contains {why}")
             low = name.lower()
             if low in _RESERVED:
                 raise R.ApiError(R.INVALID, f"content.headers.{name}: set by the MTA from "
@@ -688,9 +706,10 @@ class Builder:
         made here or None) for one recipient."""
         def field(label: str, tpl: Template) -> str:
             v = tpl.render(scopes, limit=self.max_size)
-            if tpl.constant is None and _has_line_break(v):
+            why = tpl.constant is None and _unfit(v)
+            if why:
                 raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: substitution_data puts "
-                                     f"a line break into {label}", ev.GENERATION_FAILURE)
+                                     f"{why} into {label}", ev.GENERATION_FAILURE)
             return v
 
         from_email = field("content.from.email", self.from_email)
@@ -794,9 +813,10 @@ class Builder:
                                                                   bool]:
         """(message, From address, 8-bit, UTF-8 header) for one recipient."""
         def no_breaks(value: str) -> None:
-            if _has_line_break(value):
+            why = _unfit(value)
+            if why:
                 raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: substitution_data puts "
-                                     "a line break into a header of content.email_rfc822",
+                                     f"{why} into a header of content.email_rfc822",
                                      ev.GENERATION_FAILURE)
 
         out = []
@@ -929,9 +949,10 @@ class Builder:
             raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].address.email: {email!r} {why}",
                                  ev.GENERATION_REJECTION)
         for label, v in (("name", name), ("header_to", header_to)):
-            if v is not None and _has_line_break(v):
+            why = v is not None and _unfit(v)
+            if why:
                 raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].address.{label}: "
-                                     "contains a line break (CR or LF)", ev.GENERATION_REJECTION)
+                                     f"contains {why}", ev.GENERATION_REJECTION)
         address = {"email": email, "name": name or "", "header_to": header_to or ""}
         # SparkPost's order: the recipient's substitution_data, then its metadata, then
         # the transmission's substitution_data, then its metadata
