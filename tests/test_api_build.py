@@ -164,6 +164,26 @@ def test_substitution_names_paths_and_precedence():
     assert render("{{first}}", {}, addr, tx_data) == "Default"
 
 
+def test_numbers_render_as_sparkpost_renders_them():
+    """A JSON number that is a float renders as JavaScript writes a number (SparkPost's
+    template language doc: "price": 5.00 renders "Price: 5"), not as Python's repr
+    ("5.0"); integers are written with all their digits, as sent."""
+    data = {"whole": 5.00, "one": 1.0, "price": 39.99, "neg": -1.5, "zero": -0.0,
+            "e20": 1e20, "big": 1.2345678901234568e20, "e21": 1e21, "e300": 1.5e300,
+            "small": 0.000001, "tiny": 1e-7, "tinier": 1.5e-10, "int": 2 ** 63 - 1,
+            "long": 12345678901234567, "yes": True, "no": False}
+    text = "|".join("{{%s}}" % k for k in data)
+    t = tx(text=text, substitution_data=data)
+    assert content(parse(one(t))) == "|".join((
+        "5", "1", "39.99", "-1.5", "0", "100000000000000000000", "123456789012345680000",
+        "1e+21", "1.5e+300", "0.000001", "1e-7", "1.5e-10", "9223372036854775807",
+        "12345678901234567", "true", "false")) + "\n"
+    t = tx(subject="Total {{t}}", html="<p>{{t}}</p>", text=None,
+           recipients=[{"address": "a@example.net", "substitution_data": {"t": 20.0}}])
+    msg = parse(one(t))
+    assert msg["Subject"] == "Total 20" and "<p>20</p>" in content(msg)
+
+
 def test_substitution_escapes_html_and_runs_no_code():
     data = {"name": "<b>&\"x\"</b>"}
     assert render("<p>{{name}}</p>", data, html=True) == "<p>&lt;b&gt;&amp;&quot;x&quot;&lt;/b&gt;</p>"

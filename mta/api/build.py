@@ -43,7 +43,9 @@ another path, or a number) gives a value for a missing, null or false one.  A na
 recipient's ``substitution_data``, then in the recipient itself (``address``:
 email, name, header_to), then in the recipient's ``metadata``, then in the
 transmission's ``substitution_data``, then in its ``metadata`` (SparkPost's
-order: metadata is substitution data too); a missing one renders empty.
+order: metadata is substitution data too); a missing one renders empty, a
+number as JavaScript writes it (5.0 as "5", as SparkPost renders it), true and
+false as words.
 Values are HTML-escaped in HTML parts.  Nothing else of a template language
 is interpreted (no code, no loops): other ``{{ ... }}`` text is left as
 written, except the blocks of SparkPost's language (``{{ if x }}``,
@@ -163,6 +165,37 @@ class RecipientError(Exception):
 # ---------------------------------------------------------------- substitution
 
 
+def js_number(value: float) -> str:
+    """A float as JavaScript writes a number (ECMA-262 Number::toString): 5.0 as "5",
+    -0.0 as "0", 1e20 in digits, 1e21 as "1e+21", 1e-7 as "1e-7".
+
+    SparkPost renders numbers so (its template language doc: 5.00 renders "5");
+    the digits are Python's repr's, the same shortest ones that read back as the
+    value.  (JSON has no NaN or Infinity, and the decoder refuses 1e400.)
+    """
+    if value == 0:
+        return "0"
+    r = repr(abs(value))
+    mant, _, exp = r.partition("e")
+    whole, _, frac = mant.partition(".")
+    digits = whole + frac
+    n = len(whole) + (int(exp) if exp else 0)     # value = 0.DIGITS x 10**n
+    z = len(digits) - len(digits.lstrip("0"))
+    digits = digits[z:].rstrip("0")
+    n -= z
+    k = len(digits)
+    sign = "-" if value < 0 else ""
+    if k <= n <= 21:
+        return sign + digits + "0" * (n - k)
+    if 0 < n <= 21:
+        return sign + digits[:n] + "." + digits[n:]
+    if -6 < n <= 0:
+        return sign + "0." + "0" * -n + digits
+    e = n - 1
+    return (sign + digits[0] + ("." + digits[1:] if k > 1 else "") + "e"
+            + ("+" if e > 0 else "-") + str(abs(e)))
+
+
 def _text_of(value) -> str:
     if isinstance(value, str):
         return value
@@ -170,8 +203,10 @@ def _text_of(value) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
+    if type(value) is float:
+        return js_number(value)
+    if isinstance(value, int):
+        return str(value)   # all its digits, as sent (a JavaScript number would round them)
     try:
         return orjson.dumps(value).decode()
     except orjson.JSONEncodeError:     # an integer beyond 64 bits somewhere inside
