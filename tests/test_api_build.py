@@ -330,6 +330,37 @@ def test_to_from_header_to_and_custom_headers():
     assert len(msg.get_all("Message-ID")) == 1
 
 
+def test_a_display_name_with_an_unquoted_comma_names_one_mailbox():
+    """"Müller, Hans <h@example.com>" (a comma left unquoted in the name) is one mailbox:
+    written with its name quoted or encoded, never as two addresses ("Müller" and
+    "Hans <h@...>", the first one raw UTF-8 that needs SMTPUTF8)."""
+    def addrs(msg, field):
+        return [(a.display_name, a.addr_spec) for a in msg[field].addresses]
+
+    for name in ("Müller, Hans", "Doe, John"):
+        m = one(tx(recipients=[f"{name} <h@example.com>"], from_=f"{name} <f@example.com>"))
+        msg = parse(m)
+        assert (m.rcpt, m.sender) == ("h@example.com", "f@example.com")
+        assert addrs(msg, "To") == [(name, "h@example.com")]
+        assert addrs(msg, "From") == [(name, "f@example.com")]
+        assert m.message.isascii() and "SMTPUTF8" not in m.params
+    m = one(tx(recipients=[{"address": {"email": "h@example.com",
+                                        "header_to": "Müller, Hans <h@example.com>"}}],
+               headers={"Cc": "Müller, Hans <c@example.org>, Zoë <z@example.org>, a@example.org",
+                        "X-Tag": "Grüße, alle"},
+               reply_to="Müller Hans, Dr. (Vertrieb) <r@example.org>"))
+    msg = parse(m)
+    assert addrs(msg, "To") == [("Müller, Hans", "h@example.com")]
+    assert addrs(msg, "Cc") == [("Müller, Hans", "c@example.org"), ("Zoë", "z@example.org"),
+                                ("", "a@example.org")]
+    assert addrs(msg, "Reply-To") == [("Müller Hans, Dr. (Vertrieb)", "r@example.org")]
+    assert msg["X-Tag"] == "Grüße, alle"
+    assert m.message.isascii() and "SMTPUTF8" not in m.params
+    # two addresses in one recipient's address are still not read as one
+    with pytest.raises(B.RecipientError):
+        one(tx(recipients=["a@example.org, Hans <h@example.com>"]))
+
+
 def test_the_message_id_made_is_the_one_in_the_header():
     """Built.message_id (what the acceptor records without reading the header again) is
     the Message-ID field's value the acceptor would read, or None when the sender set the

@@ -24,6 +24,9 @@ Messages (inline content):
   lines, quoted-printable otherwise; attachments are base64 in 76-octet lines.
 - an address that is not ASCII (address.header_to, Cc, Reply-To) is written as
   it is, in UTF-8 (RFC 6532), and the message is then sent with SMTPUTF8;
+- a display name whose comma is not quoted (``Müller, Hans <h@x>``, in a
+  recipient's address or content.from given as a string, or a non-ASCII address
+  field) is one mailbox's name, written quoted or encoded, not two addresses;
 - A CR or LF in any header name or value is refused: the email package would
   write a header *name* containing CRLF as it is, so names and values are
   checked here before anything is built; so is any other C0 control character
@@ -423,12 +426,79 @@ def address_field(name: str, value: str) -> bytes:
     """An address header field (To, Cc, Reply-To) from text such as ``A <a@x>, b@y``."""
     if value.isascii():
         return unstructured(name, value)
+    pairs = getaddresses([value])
+    if not all("@" in addr for _, addr in pairs):
+        # getaddresses cuts a display name at an unquoted comma ("Müller, Hans <h@x>":
+        # "Müller", then "Hans <h@x>") and drops what it cannot read: read it again
+        pairs = _address_list(value)
     tokens: list[str] = []
-    for display, addr in getaddresses([value]):
+    for display, addr in pairs:
         if tokens:
             tokens[-1] += ","
         tokens += mailbox(display, addr) if addr else encoded_words(display)
     return _fold(name, tokens) if tokens else unstructured(name, value)
+
+
+def _one_mailbox(text: str) -> tuple[str, str]:
+    """(name, address) of ``Müller, Hans <h@x>``: a display name and one address in
+    <>, the name's comma left unquoted (RFC 5322 wants it quoted, which parseaddr
+    holds to); ("", "") when *text* is not that, or its name holds an address too."""
+    text = text.strip()
+    lt = text.find("<")
+    if lt < 0 or text[-1] != ">" or "<" in text[lt + 1:] or ">" in text[:-1]:
+        return "", ""
+    phrase, addr = text[:lt].strip(), text[lt + 1:-1].strip()
+    if "@" in phrase or "," in addr:
+        return "", ""
+    return phrase, addr
+
+
+def _address_list(value: str) -> list[tuple[str, str]]:
+    """(name, address) of each mailbox in *value*, leniently: split at the commas outside
+    quoted strings, comments and <>; a piece with no address is the start of a display
+    name cut at an unquoted comma and goes with the next one (a last such piece: a name
+    without an address, address "")."""
+    pieces = []
+    start = depth = 0
+    quoted = angle = escaped = False
+    for i, c in enumerate(value):
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif quoted:
+            quoted = c != '"'
+        elif c == '"':
+            quoted = True
+        elif c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+        elif c == "<" and not depth:
+            angle = True
+        elif c == ">":
+            angle = False
+        elif c == "," and not depth and not angle:
+            pieces.append(value[start:i])
+            start = i + 1
+    pieces.append(value[start:])
+    out = []
+    head = ""
+    for p in pieces:
+        if not p.strip():
+            continue
+        p = head + "," + p if head else p
+        display, addr = parseaddr(p)
+        if "@" not in addr:
+            display, addr = _one_mailbox(p)
+        if addr:
+            out.append((display, addr))
+            head = ""
+        else:
+            head = p
+    if head.strip():
+        out.append((head.strip(), ""))
+    return out
 
 
 def check_field_name(name: str, where: str) -> None:
@@ -581,9 +651,12 @@ def new_message_id(hostname: str) -> str:
 
 
 def _split_address(text: str) -> tuple[str | None, str]:
-    """``Name <a@b>`` or ``a@b`` → (name, email)."""
+    """``Name <a@b>`` or ``a@b`` → (name, email); the field holds one address, so in
+    ``Müller, Hans <h@x>`` the unquoted comma is the name's (:func:`_one_mailbox`)."""
     if "<" in text:
         name, email = parseaddr(text)
+        if not email:
+            name, email = _one_mailbox(text)
         return (name or None), email
     return None, text.strip()
 

@@ -1222,6 +1222,30 @@ def test_a_non_ascii_address_in_a_header_field_is_sent_with_smtputf8(delivering)
         assert msg[field].addresses[0].addr_spec == want
 
 
+def test_a_display_name_with_an_unquoted_comma_is_delivered_as_one_mailbox(delivering):
+    # "Müller, Hans <h@...>" as a recipient's address or as content.from, and in
+    # address.header_to: one mailbox with its name encoded (RFC 2047); the recipient was
+    # refused ("address.email: '' is empty") and header_to went out as two addresses,
+    # the first of them "Müller" in raw UTF-8 (then only with SMTPUTF8)
+    d, sink = delivering
+    st, _, body = d.post({"recipients": ["Müller, Hans <comma-1@example.net>",
+                                         {"address": {"email": "comma-2@example.net",
+                                                      "header_to": "Müller, Hans "
+                                                                   "<comma-2@example.net>"}}],
+                          "content": {"from": "Bäcker, Anna <anna@example.com>",
+                                      "subject": "s", "text": "t"}}, headers=AUTH)
+    assert st == 200 and body["results"]["total_accepted_recipients"] == 2, body
+    for rcpt in ("comma-1@example.net", "comma-2@example.net"):
+        txn = sink.wait_for(rcpt)
+        assert txn.data.isascii() and "SMTPUTF8" not in [o.upper() for o in txn.mail_options]
+        msg = email.message_from_bytes(txn.data, policy=policy.default)
+        assert [(a.display_name, a.addr_spec) for a in msg["To"].addresses] == \
+            [("Müller, Hans", rcpt)]
+        assert [(a.display_name, a.addr_spec) for a in msg["From"].addresses] == \
+            [("Bäcker, Anna", "anna@example.com")]
+        assert txn.mail_from == "anna@example.com"
+
+
 def test_a_long_non_ascii_attachment_name_is_split_between_characters(delivering):
     # RFC 2231 continuations (name*0*=, name*1*=, ...) of a long UTF-8 file name: each
     # piece holds whole characters -- readers that decode piece by piece (the email
