@@ -112,6 +112,12 @@ def test_wrong_types_are_422_naming_the_field(body, field):
     ({"recipients": ["a@b.example"], "content": {"from": "a@b.example", "subject": "s",
                                                   "text": "t", "attachments": [{"name": "a"}]}},
      "1400", "content.attachments[0].type"),
+    # inline images are shown by the HTML part (<img src="cid:NAME">): without one they
+    # would be dropped from every message
+    ({"recipients": ["a@b.example"], "content": {
+        "from": "a@b.example", "subject": "s", "text": "t", "amp_html": "<p>a</p>",
+        "inline_images": [{"name": "i.png", "type": "image/png", "data": "AAAA"}]}},
+     "1300", "content.inline_images: "),
     ({"recipients": ["a@b.example"], "campaign_id": "x" * 65,
       "content": {"from": "a@b.example", "subject": "s", "text": "t"}}, "1300", "campaign_id"),
 ])

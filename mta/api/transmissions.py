@@ -239,6 +239,11 @@ def check(tx: Transmission, max_recipients: int, max_depth: int) -> None:
             raise R.ApiError(R.REQUIRED, "content.subject is required")
         if c.text is None and c.html is None:
             raise R.ApiError(R.REQUIRED, "content.html or content.text is required")
+        if c.inline_images and c.html is None:
+            # (shown by <img src="cid:NAME"> in the HTML part: without one, every
+            # message would go out without them)
+            raise R.ApiError(R.INVALID, "content.inline_images: inline images need "
+                             "content.html, whose <img src=\"cid:NAME\"> shows them")
         for field, items in (("attachments", c.attachments), ("inline_images", c.inline_images)):
             for i, a in enumerate(items or ()):
                 for attr in ("name", "type", "data"):
