@@ -814,6 +814,7 @@ class Session(asyncio.Protocol):
         if self.a.node_draining:
             raise R.ApiError(R.UNAVAILABLE, "this node is draining (mta drain) and accepts "
                              "no new mail; retry later or elsewhere", R.RETRY_AFTER_UNAVAILABLE)
+        limit = _num_rcpt_errors(query)    # (before an Idempotency-Key is taken)
         tx = transmissions.decode(req.body)
         transmissions.check(tx, self.cfg.max_recipients, self.cfg.max_json_depth)
         builder = build.Builder(tx, svc.hostname, self.cfg.max_message_size)
@@ -843,7 +844,6 @@ class Session(asyncio.Protocol):
             raise R.ApiError(R.TOO_MANY_REQUESTS, "too many messages are waiting for the "
                              "spool (http.max_pending_messages); retry later",
                              R.RETRY_AFTER_BUSY)
-        limit = _num_rcpt_errors(query)
         self.busy = True
         Injection(self, req, tx, builder, scope, key, limit, requested).step()
 
@@ -957,12 +957,17 @@ def _events_call(svc: Service, method: bytes, url: bytes,
 
 
 def _num_rcpt_errors(query: bytes) -> int | None:
-    """SparkPost's ``num_rcpt_errors`` query parameter: how many rcpt_to_errors to return."""
+    """SparkPost's ``num_rcpt_errors`` query parameter: how many rcpt_to_errors to return
+    (0: none; None: all); ApiError 422 naming it when its value is not a count (empty: not
+    given)."""
     if not query:
         return None
     for item in query.split(b"&"):
         k, _, v = item.partition(b"=")
-        if k == b"num_rcpt_errors" and v.isdigit():
+        if k == b"num_rcpt_errors" and v:
+            if not v.isdigit():
+                raise R.ApiError(R.INVALID, f"num_rcpt_errors: {v[:32].decode('latin-1')!r} "
+                                 "is not a number of errors (0 or more)")
             # (a number of thousands of digits is "all of them", not a ValueError)
             return int(v) if len(v) <= 9 else 10 ** 9
     return None

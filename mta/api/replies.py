@@ -114,12 +114,13 @@ def error_body(error: Error, description: str) -> bytes:
 
 def success_body(accepted: int, rejected: int, tid: str,
                  rcpt_errors: list[dict] | None = None) -> bytes:
-    """The 200 body; with *rcpt_errors* it is SparkPost's partial-acceptance shape."""
+    """The 200 body; with *rejected* recipients it is SparkPost's partial-acceptance
+    shape, listing *rcpt_errors* (as many as num_rcpt_errors asks: none for 0)."""
     results = {"total_rejected_recipients": rejected, "total_accepted_recipients": accepted,
                "id": tid}
-    if not rcpt_errors:
+    if not rejected:
         return orjson.dumps({"results": results})
     return orjson.dumps({
         "errors": [{"message": PARTIAL_MESSAGE, "code": PARTIAL_CODE}],
-        "results": {"rcpt_to_errors": rcpt_errors, **results},
+        "results": {"rcpt_to_errors": rcpt_errors or [], **results},
     })

@@ -304,6 +304,33 @@ def test_error_cases_are_sparkpost_shaped_and_the_daemon_keeps_serving(api):
                           + qid.encode())
 
 
+def test_num_rcpt_errors_limits_the_errors_listed_and_a_bad_value_is_a_422(api):
+    # SparkPost's num_rcpt_errors query parameter: "Maximum number of recipient errors
+    # that this call can return" -- 0 lists none (the answer still says the transmission
+    # has validation errors); a value that is not a count is refused, naming it, before
+    # anything is injected or an Idempotency-Key is taken.
+    d = api
+    three = simple(["good@example.net", "bad one@example.net", {"address": {"name": "x"}}])
+    path = "/api/v1/transmissions?num_rcpt_errors="
+    for value, listed in (("1", 1), ("0", 0), ("", 2), ("99", 2)):
+        st, _, body = d.post(three, path=path + value, headers=AUTH)
+        assert st == 200, (value, body)
+        res = body["results"]
+        assert (res["total_accepted_recipients"], res["total_rejected_recipients"]) == (1, 2)
+        assert body["errors"] == [{"message": R.PARTIAL_MESSAGE, "code": "2000"}]
+        assert len(res["rcpt_to_errors"]) == listed, (value, body)
+    before = queued(d)
+    for value in ("-1", "abc", "1.5", "3x", "%2B3"):
+        st, _, body = d.post(three, path=path + value, headers=AUTH)
+        assert_error(st, body, 422, R.INVALID, "num_rcpt_errors")
+    keyed = {**AUTH, "Idempotency-Key": "num-rcpt-errors-bad-then-good"}
+    st, _, body = d.post(three, path=path + "-1", headers=keyed)
+    assert_error(st, body, 422, R.INVALID, "num_rcpt_errors")
+    st, h, body = d.post(three, path=path + "1", headers=keyed)
+    assert st == 200 and "idempotent-replayed" not in h, body
+    assert queued(d) == before + 1
+
+
 def nested(depth: int) -> bytes:
     """JSON of *depth* nested objects: {"a":{"a":...{"a":1}...}} (the value itself is level 1)."""
     return b'{"a":' * depth + b"1" + b"}" * depth
