@@ -16,7 +16,8 @@ Rules, in order (``MxResult.status``):
 - The domain is IDNA-encoded (``idna``, UTS #46, IDNA 2008) and checked
   (LDH labels of 1-63 octets, at most 253 octets, a TLD that is not all
   digits); a bad one is ``nxdomain`` (permanent; the reason says "invalid
-  domain name") without a query.  An address literal
+  domain name") without a query.  A host name whose addresses are looked up
+  (an MX target) is checked so too, but may hold underscores (RFC 2181 §11).  An address literal
   (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``) is its own route: no lookup.
 - MX query.  NXDOMAIN -> ``nxdomain`` (permanent).  SERVFAIL, REFUSED, a
   timeout or a network error -> ``temp_fail`` (retry later).
@@ -195,6 +196,17 @@ def normalize_domain(domain: str) -> str | None:
     return name
 
 
+def normalize_host(host: str) -> str | None:
+    """``normalize_domain`` for a host name from the DNS (an MX or CNAME target) or a
+    route: its labels may also hold underscores (RFC 2181 §11), a mail domain's not."""
+    name = normalize_domain(host)
+    if name is None and isinstance(host, str) and "_" in host and host.isascii():
+        # each underscore checked as a letter would be (an ASCII name only changes case)
+        if normalize_domain(host.replace("_", "x")) is not None:
+            name = (host[:-1] if host.endswith(".") else host).lower()
+    return name
+
+
 def _tld_ok(name: str) -> bool:
     return _ALL_DIGITS.fullmatch(name.rsplit(".", 1)[-1]) is None
 
@@ -333,7 +345,7 @@ class Resolver:
         ip = _ip(host)
         if ip is not None:
             return [ip], self._max_ttl
-        name = normalize_domain(host)
+        name = normalize_host(host)
         if name is None:
             return [], self._max_ttl
         if self._ipv6:

@@ -56,6 +56,12 @@ RECORDS = [
     "held.example.test. 120 IN MX 10 held-mx.example.test.",
     "held-mx.example.test. 30 IN A 127.0.0.50",
     "held-implicit.example.test. 40 IN A 127.0.0.51",
+    # host names with an underscore (RFC 2181 §11): an MX target, a CNAME target
+    "under.example.test. 300 IN MX 10 mx_1.example.test.",
+    "mx_1.example.test. 300 IN A 127.0.0.60",
+    "under-cname.example.test. 300 IN MX 10 mail_alias.example.test.",
+    "mail_alias.example.test. 300 IN CNAME smtp_in.other.test.",
+    "smtp_in.other.test. 300 IN A 127.0.0.61",
 ]
 SOA_MINIMUM = 60  # seconds: the negative TTL of the test zones
 # unbound caches too, and hands out what is left of a TTL: each TTL test uses
@@ -214,6 +220,25 @@ def test_cname_mx_target(make):
     far = run(r.resolve_mx("far.example.test"))
     assert far.hosts == [["far-alias.example.test"]]
     assert run(r.resolve_addresses("far-alias.example.test")) == ["127.0.0.40"]
+
+
+def test_host_names_with_an_underscore(make):
+    """An MX or CNAME target may hold an underscore (RFC 2181 §11; real MX hosts do):
+    its addresses are looked up -- a recipient domain with one stays invalid."""
+    r = make()
+    mx = run(r.resolve_mx("under.example.test"))
+    assert (mx.status, mx.hosts) == ("ok", [["mx_1.example.test"]])
+    assert run(r.resolve_addresses("mx_1.example.test")) == ["127.0.0.60"]
+    assert run(r.resolve_addresses("MX_1.Example.Test.")) == ["127.0.0.60"]
+    mx = run(r.resolve_mx("under-cname.example.test"))
+    assert (mx.status, mx.hosts) == ("ok", [["mail_alias.example.test"]])
+    assert run(r.resolve_addresses("mail_alias.example.test")) == ["127.0.0.61"]
+    mx = run(r.resolve_mx("mx_1.example.test"))
+    assert mx.status == "nxdomain" and "invalid" in mx.reason
+    assert mdns.normalize_domain("mx_1.example.test") is None
+    assert mdns.normalize_host("mx_1.Example.TEST.") == "mx_1.example.test"
+    for bad in ("mx_1..test", "mx_1.-a.test", "mx_1.test-", "mx 1.test", "_.1", "mx_\r.test"):
+        assert mdns.normalize_host(bad) is None, bad
 
 
 @pytest.mark.parametrize("domain", ["bücher.test", "BÜCHER.TEST", "xn--bcher-kva.test",

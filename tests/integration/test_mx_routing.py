@@ -204,3 +204,22 @@ def test_a_receiver_failing_over_by_dns_gets_the_next_mail_once_the_ttl_is_over(
     new.wait_for("next@failover.test", 15)
     wait_queue_empty(d)
     assert not [e for e in d.events() if e["type"] == "delay" and e["queue_id"] == qid]
+
+
+def test_an_mx_host_name_with_an_underscore_gets_the_mail(lab):
+    """MX hosts named with an underscore (``mx_1.example.com``: legal in the DNS, RFC 2181
+    §11, and found in the wild), directly and as a CNAME's target: the mail goes to them
+    (before, their addresses were never looked up and the mail bounced 5.4.4 "no MX host
+    has an address")."""
+    a, b = lab.aio(IP_A), lab.aio(IP_B)
+    lab.serve(mx("under.test", "mx_1.under.test", IP_A)
+              + ["alias.test. 300 IN MX 10 smtp_alias.alias.test.",
+                 "smtp_alias.alias.test. 300 IN CNAME smtp_in.alias.test.",
+                 f"smtp_in.alias.test. 300 IN A {IP_B}"])
+    d = lab.daemon()
+    d.send("alice@sender.test", ["u@under.test"], message("underscore mx"))
+    d.send("alice@sender.test", ["c@alias.test"], message("underscore cname"))
+    a.wait_for("u@under.test", 20)
+    b.wait_for("c@alias.test", 20)
+    wait_queue_empty(d)
+    assert not [e for e in d.events() if e["type"] in ("bounce", "delay")]
