@@ -318,6 +318,10 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     dns_timeout: Annotated[float, _doc(
         "seconds one DNS lookup may take before it counts as a temporary failure",
         ge=0.1, le=120)] = 5.0
+    ipv6: Annotated[bool, _doc(
+        "send over IPv6 too: look up MX hosts' AAAA records and connect to IPv6 addresses "
+        "(of MX hosts, routes and address literals); false on a host without IPv6 "
+        "egress: IPv4 only (Postfix's inet_protocols = ipv4)")] = True
     mx_port: Annotated[int, _doc(
         "TCP port for MX and address-record deliveries", ge=1, le=65535)] = 25
     starttls: Annotated[str, _doc(

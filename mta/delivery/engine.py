@@ -21,7 +21,8 @@ transaction).  What happens to it:
    defers them.  An MX host whose address and port are one of our own SMTP
    listeners, or whose server greets with our own host name, is this MTA: only
    better MX hosts are used, and when it is the best the jobs fail with 5.4.6
-   (the mail would loop).
+   (the mail would loop).  With ``delivery.ipv6`` off no AAAA record is looked
+   up and no IPv6 address (a route's, an address literal) is a host's.
 2. **Source.**  The message's pool (``DeliveryMessageReady.pool``, checked at
    injection) names weighted egress sources; the job goes to one of those that
    may send now, by smooth weighted round robin (so 3:1 weights give exactly
@@ -884,10 +885,10 @@ class Engine:
         return out, ttl
 
     async def _addresses(self, host: str) -> tuple[list[str], float]:
-        """*host*'s addresses and the seconds they hold (an address: itself, SITE_TTL);
-        DnsTempError as the resolver's."""
+        """*host*'s addresses and the seconds they hold (an address: itself, SITE_TTL;
+        an IPv6 one nothing when delivery.ipv6 is off); DnsTempError as the resolver's."""
         if _is_ip(host):
-            return [host], SITE_TTL
+            return ([host] if self.cfg.ipv6 or ":" not in host else []), SITE_TTL
         return await self.resolver.resolve_addresses_ttl(host)
 
     def _route_of(self, domain: str):

@@ -67,7 +67,7 @@ class Delivery:
         self.loop = loop
         # each (ip, port) pair is asked on its own port
         self.resolver = dns.Resolver(list(settings.nameservers) or None,
-                                     timeout=cfg.dns_timeout)
+                                     timeout=cfg.dns_timeout, ipv6=cfg.ipv6)
         self.engine = Engine(settings, self.resolver, self.report, loop)
         self.m = DeliveryMetrics(self, settings.config.admin.max_label_values)   # /metrics
         # Jobs in hand before the socket pauses: a shard's bulk and transactional

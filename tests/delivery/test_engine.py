@@ -308,6 +308,23 @@ def test_an_mx_address_that_reaches_this_host_in_disguise_bounces_as_a_loop(list
     assert "loops back to myself" in r.text
 
 
+@pytest.mark.parametrize("ipv6", [True, False])
+def test_with_ipv6_off_a_routes_ipv6_address_is_not_connected_to(ipv6):
+    """delivery.ipv6 = false: an IPv6 address a route names (no lookup, so not left out
+    with the AAAA records) is not connected to either: the route's mail waits (4.4.3) and
+    the peer there sees nothing; with the default it gets the mail."""
+    peer = Peer()
+    (j, results), = deliver([job("routed.test", "ok")], Resolver({}, {}), port=free_port(),
+                            peers={"::1": peer}, ipv6=ipv6,
+                            route=[{"domain": "routed.test", "hosts": ["[::1]:PORT"]}])
+    (r,) = results
+    if ipv6:
+        assert r.outcome == bus.DELIVERED and len(peer.messages) == 1, r
+    else:
+        assert (r.outcome, r.code, r.enhanced) == (bus.DEFERRED, 451, "4.4.3"), r
+        assert peer.connections == 0
+
+
 def test_an_mx_host_that_greets_with_our_own_name_bounces_as_a_loop():
     """The MX host's address is not ours, but the server there greets with our own host
     name (server.hostname): it is this MTA behind a NAT, a port forward or a load

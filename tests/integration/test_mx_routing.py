@@ -223,3 +223,30 @@ def test_an_mx_host_name_with_an_underscore_gets_the_mail(lab):
     b.wait_for("c@alias.test", 20)
     wait_queue_empty(d)
     assert not [e for e in d.events() if e["type"] in ("bounce", "delay")]
+
+
+def test_with_ipv6_off_an_mx_hosts_ipv6_address_is_never_used(lab):
+    """``delivery.ipv6 = false`` (a host without IPv6 egress, Postfix's inet_protocols =
+    ipv4): an MX host with an A and an AAAA record is sent to at its IPv4 address only --
+    while that address refuses connections, the mail waits for it (deferred), it does not
+    go to the IPv6 one; with the default, the IPv6 address takes it."""
+    v6 = lab.aio("::1")
+    lab.serve(mx("dual.test", "mx.dual.test", IP_A) + ["mx.dual.test. 300 IN AAAA ::1"])
+    # the default: IPv4 refuses, so the IPv6 address gets the mail
+    d = lab.daemon()
+    d.send("alice@sender.test", ["both@dual.test"], message("ipv6 on"))
+    v6.wait_for("both@dual.test", 20)
+    wait_queue_empty(d)
+    d.stop()
+    assert v6.received() == 1
+    d = lab.daemon(ipv6=False, retry_schedule=[2000.0], time_scale=0.001, retry_jitter=0.0)
+    qid = d.send("alice@sender.test", ["four@dual.test"], message("ipv6 off"))
+    wait_until(lambda: any(e["type"] == "delay" and e["queue_id"] == qid
+                           for e in d.events()), 20, "the delay event")
+    [delay] = [e for e in d.events() if e["type"] == "delay"]
+    assert IP_A in delay["raw_reason"] and "::1" not in delay["raw_reason"], delay
+    v4 = lab.aio(IP_A)
+    v4.wait_for("four@dual.test", 20)
+    wait_queue_empty(d)
+    assert v6.received() == 1 and v6.connections == 1
+    assert "[::1]" not in d.log()
