@@ -349,6 +349,11 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     idle_timeout: Annotated[float, _doc(
         "seconds an unused connection is kept open for the next message, where no "
         "[[shaping]] rule sets it", ge=0, le=3600)] = 5.0
+    connection_max_age: Annotated[float, _doc(
+        "seconds after it opened that a connection takes no new message (its current "
+        "one ends, then QUIT), however busy: the next goes on a new connection, to the "
+        "receiver's addresses as the DNS now gives them (Postfix's "
+        "smtp_connection_reuse_time_limit)", ge=1, le=86400)] = 300.0
     pipeline_transactions: Annotated[bool, _doc(
         "when a server offers PIPELINING and the next message for the connection is "
         "waiting, send its MAIL, RCPT and DATA in the same write as the previous message's "

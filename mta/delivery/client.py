@@ -731,6 +731,7 @@ class SmtpConnection:
         self.tls_refused = False        # STARTTLS was offered and refused (plaintext)
         self.greeting: SmtpReply | None = None
         self.messages_sent = 0          # messages the server accepted (final 2xx)
+        self.opened_at = loop.time()    # when the session was set up (the loop's clock)
         self.transactions = 0           # transactions started (MAIL sent)
         self._ahead: Transaction | None = None  # sent ahead, not run yet (send_prepared)
         self._body_sent = False         # the current transaction's message is being written

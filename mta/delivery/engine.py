@@ -40,7 +40,10 @@ transaction).  What happens to it:
    ``max_connection_rate`` connections (node-wide too), reuses a connection
    for ``max_deliveries_per_connection`` messages and keeps it
    ``idle_timeout`` seconds -- less when another process is waiting for a
-   slot of that lane.  A reused connection that the server ends before it
+   slot of that lane.  A connection ``delivery.connection_max_age`` seconds
+   old takes no new transaction (its current one ends, then QUIT): the next
+   message of the lane goes on a new one, to the site's hosts as the DNS now
+   says.  A reused connection that the server ends before it
    answers the next envelope (closed, or a 421 to MAIL that no response rule
    takes) sends that job once on a new connection, not counted as an
    attempt.  The limits come from :mod:`mta.shaping` (rules by
@@ -444,6 +447,7 @@ class Engine:
             if self.cfg.tls_ca_file else None
         # the longest a job waits in this process before it is handed back (sweep)
         self.max_wait = self.cfg.job_timeout_margin / 2
+        self.max_age = self.cfg.connection_max_age     # a connection's, for new transactions
         self.helo = settings.helo_name
         # our own greeting's name: an MX server that greets with it is this MTA (connect());
         # not "localhost", which many small servers greet with and names no host of ours
@@ -1072,12 +1076,15 @@ class Engine:
                 return
             await asyncio.sleep(wait)
 
-    async def _idle(self, lane: Lane) -> bool:
-        """Wait for the lane's next job; False when the connection should close instead."""
+    async def _idle(self, lane: Lane, conn=None) -> bool:
+        """Wait for the lane's next job; False when the connection should close instead
+        (*conn*, the worker's: no longer than until it is max_age old)."""
         lane.wakeup.clear()
         lane.idle += 1
         try:
             deadline = self.loop.time() + lane.limits.idle_timeout
+            if conn is not None:
+                deadline = min(deadline, conn.opened_at + self.max_age)
             while not lane.queued() and not self.stopping:
                 left = deadline - self.loop.time()
                 if left <= 0:
@@ -1126,15 +1133,17 @@ class Engine:
                     continue
                 job = lane.pop()
                 if job is None:
-                    if self.stopping or not await self._idle(lane):
+                    if self.stopping or not await self._idle(lane, conn):
                         return
                     continue
                 if self._over_limit(lane, slot):
                     lane.put_back([job])      # the limit was lowered while this one idled
                     return
                 limits = lane.limits
+                # (max_age: the one clock read a transaction costs, here or in _ahead)
                 if conn is not None and (not conn.is_usable or
                                          conn.messages_sent >= limits.max_deliveries_per_connection
+                                         or self.loop.time() - conn.opened_at >= self.max_age
                                          or self._in_clear(lane, conn)):
                     await conn.quit()
                     conn = None
@@ -1270,6 +1279,7 @@ class Engine:
             return None
         limits = lane.limits
         if conn.messages_sent + 1 >= limits.max_deliveries_per_connection \
+                or self.loop.time() - conn.opened_at >= self.max_age \
                 or self._over_limit(lane, slot) \
                 or self._in_clear(lane, conn):
             return None

@@ -238,6 +238,34 @@ def test_jobs_for_one_domain_share_a_connection():
     assert len(peer.messages) == 5 and peer.connections == 1
 
 
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_busy_connection_takes_no_new_transaction_past_its_max_age(pipeline):
+    """delivery.connection_max_age: a connection kept busy (never idle, far from
+    max_deliveries_per_connection) gives up after that many seconds -- its transaction
+    ends, it is closed with QUIT and the next message goes on a new one (which follows
+    a DNS change) -- whether the next envelope would go behind the final dot or not."""
+    class SlowPeer(Peer):
+        quits = 0
+
+        async def handle_DATA(self, server, session, envelope):
+            await asyncio.sleep(0.3)
+            return await super().handle_DATA(server, session, envelope)
+
+        async def handle_QUIT(self, server, session, envelope):
+            self.quits += 1
+            return "221 bye"
+
+    peer = SlowPeer()
+    jobs = [job("example.net", "ok", n=n) for n in range(8)]      # 2.4 s of messages
+    reports = deliver(jobs, mx_to_loopback("example.net"), peer, connection_limit=1,
+                      connection_max_age=1.0, pipeline_transactions=pipeline)
+    assert all(r.outcome == bus.DELIVERED for _, rs in reports for r in rs)
+    assert len(peer.messages) == 8
+    # (about 1 s of messages each: 2 or 3, more only on a very slow machine)
+    assert 2 <= peer.connections < 8 and peer.quits == peer.connections, \
+        (peer.connections, peer.quits)
+
+
 @pytest.mark.parametrize("mx, outcome, code, enhanced", [
     (MxResult("null_mx", domain="example.net"), bus.FAILED, 556, "5.1.10"),
     (MxResult("nxdomain", domain="example.net"), bus.FAILED, 550, "5.1.2"),

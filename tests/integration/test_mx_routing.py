@@ -250,3 +250,26 @@ def test_with_ipv6_off_an_mx_hosts_ipv6_address_is_never_used(lab):
     wait_queue_empty(d)
     assert v6.received() == 1 and v6.connections == 1
     assert "[::1]" not in d.log()
+
+
+def test_a_connection_kept_open_ends_at_its_max_age_and_the_next_mail_follows_the_dns(lab):
+    """A receiver moves its MX host to a new address while our connection to the old one
+    is open (idle_timeout long, the old server still up): the connection is closed with
+    QUIT once it is delivery.connection_max_age old, and the next message, after the
+    TTL, goes to the new address -- before, it went over that connection to the old
+    address for as long as idle_timeout (or max_deliveries_per_connection) let it."""
+    ttl = 5
+    old, new = lab.aio(IP_A), lab.aio(IP_B)
+    dns = lab.serve(["moved.test. 300 IN MX 10 mx.moved.test.",
+                     f"mx.moved.test. {ttl} IN A {IP_A}"])
+    d = lab.daemon(idle_timeout=60.0, connection_max_age=3.0)
+    d.send("alice@sender.test", ["first@moved.test"], message("before the move"))
+    old.wait_for("first@moved.test", 20)
+    dns.remove("mx.moved.test")
+    dns.add([f"mx.moved.test. {ttl} IN A {IP_B}"])
+    wait_until(lambda: old.open_now == 0, 10, "the old connection closed at its max age")
+    time.sleep(ttl + 1)
+    d.send("alice@sender.test", ["next@moved.test"], message("after the move"))
+    new.wait_for("next@moved.test", 15)
+    wait_queue_empty(d)
+    assert (old.received(), old.connections) == (1, 1)
