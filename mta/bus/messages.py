@@ -40,6 +40,7 @@ __all__ = [
     "SpoolQueueFlush", "SpoolQueueFlushReply", "SpoolAdminBounce", "SpoolAdminProgress",
     "SpoolAdminRefresh", "SpoolAdminReply", "DeliveryMessageReady", "DeliveryOutcome",
     "DeliveryOutcomes", "MAX_OUTCOMES_PER_SEND", "DeliveryJobs", "MAX_JOBS_PER_SEND",
+    "DeliveryQueueFlush",
     "MAX_JOB_BATCH_BYTES",
     "SPOOL_REQUESTS", "SPOOL_REPLIES", "DELIVERY_JOBS", "DELIVERY_OUTCOMES",
     "StatSample", "StatHistogram", "StatsReport", "STATS_REPORTS",
@@ -331,6 +332,14 @@ class DeliveryJobs(Message, tag=21):
     jobs: Annotated[list[DeliveryMessageReady], Meta(min_length=1, max_length=MAX_JOBS_PER_SEND)]
 
 
+class DeliveryQueueFlush(Message, tag=22):
+    """The operator flushed the queue (mta queue flush): end every dead-site hold now.
+
+    Sent by each shard to every delivery process ahead of the jobs the flush made
+    due, so that they find the sites that failed a moment ago open again.
+    """
+
+
 # ------------------------------------------------------------ every child -> admin
 
 class StatSample(Struct, array_like=True, forbid_unknown_fields=True):
@@ -384,6 +393,7 @@ _TABLE = (
     (DeliveryJobs, "DELIVERY_JOBS", "spool -> delivery"),
     (DeliveryOutcome, "DELIVERY_OUTCOME", "delivery -> spool"),
     (DeliveryOutcomes, "DELIVERY_OUTCOMES", "delivery -> spool"),
+    (DeliveryQueueFlush, "DELIVERY_QUEUE_FLUSH", "spool -> delivery"),
     (SpoolQueueFlush, "SPOOL_QUEUE_FLUSH", "cli -> spool"),
     (SpoolQueueFlushReply, "SPOOL_QUEUE_FLUSH_REPLY", "spool -> cli"),
     (SpoolAdminBounce, "SPOOL_ADMIN_BOUNCE", "admin -> spool"),
@@ -406,7 +416,7 @@ SPOOL_REQUESTS = (SpoolMessageCommit, SpoolEventsCommit, SpoolQueueSummary, Spoo
 SPOOL_REPLIES = (SpoolMessageCommitted, SpoolQueueSummaryReply, SpoolQueueListReply,
                  SpoolMessageShowReply, SpoolMessageDeleteReply, SpoolQueueFlushReply,
                  SpoolAdminReply)
-DELIVERY_JOBS = (DeliveryMessageReady, DeliveryJobs)
+DELIVERY_JOBS = (DeliveryMessageReady, DeliveryJobs, DeliveryQueueFlush)
 DELIVERY_OUTCOMES = (DeliveryOutcome, DeliveryOutcomes)
 STATS_REPORTS = (StatsReport,)
 

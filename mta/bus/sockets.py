@@ -176,6 +176,15 @@ class DeliveryLinks:
             sent = end
         return sent
 
+    def send(self, d: int, msg: Message) -> bool:
+        """Hand one message (not a job) to delivery[d]; False when it did not fit its
+        queue (or it is away)."""
+        try:
+            super(zmq.Socket, self.socks[d]).send(encode(msg), _NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
     def recv(self, d: int):
         """The next DeliveryOutcome delivery[d] sent, or None when none is waiting.
 

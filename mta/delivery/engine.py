@@ -58,7 +58,8 @@ everything queued in its lane are deferred (the same answer holds for them),
 and, unless another connection of that (source x site) works, so are the jobs
 for it that come in the next ``retry_schedule[0]`` seconds, without a
 connection each ("delivery temporarily suspended: ...", like Postfix's dead
-destination); the first job after that tries the site again.
+destination); the first job after that tries the site again, as does the first
+after ``mta queue flush`` (:meth:`Engine.flush`).
 
 Outcome per recipient -- ``delivered``, ``deferred`` (4xx, connection or DNS
 trouble), ``failed`` (5xx) or ``requeued`` (not attempted) -- with the reply,
@@ -1660,6 +1661,19 @@ class Engine:
                 if lane.retry is not None:
                     lane.retry.cancel()
                     lane.retry = None
+
+    def flush(self) -> int:
+        """The operator flushed the queue: every (source x site) held after all its hosts
+        failed is tried again by its next job; how many were held."""
+        n = 0
+        for site in self.sites.values():
+            if site.down:
+                n += len(site.down)
+                site.down.clear()
+        if n:
+            log.info("queue flush: %d (source x site) hold(s) after failed connections "
+                     "ended", n)
+        return n
 
     def adaptive_tick(self) -> None:
         """Once a second (the caller's upkeep): read the node's adaptive state (other

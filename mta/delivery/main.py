@@ -1,7 +1,8 @@
 """delivery[d]: sends the messages of the recipient domains that hash to d.
 
 Reads:   DELIVERY_MESSAGE_READY from the spool shards (ROUTER ``delivery-<d>``):
-         one message's recipients for one domain, with the message.
+         one message's recipients for one domain, with the message;
+         DELIVERY_QUEUE_FLUSH (``mta queue flush``): the dead-site holds end.
 Writes:  DELIVERY_OUTCOME back to the spool shard that sent the job (the
          message's owner), one per job, per-recipient results inside; the
          outcomes finished in one loop turn go to a shard together, as one
@@ -87,13 +88,17 @@ class Delivery:
                                       settings.config.spool.queue_high_water, bus.DELIVERY_JOBS,
                                       self._on_job, log, "job")
 
-    def _on_job(self, peer: bytes, msg: bus.DeliveryMessageReady | bus.DeliveryJobs) -> None:
+    def _on_job(self, peer: bytes, msg: bus.DeliveryMessageReady | bus.DeliveryJobs |
+                bus.DeliveryQueueFlush) -> None:
         if self.stopping:
             return   # not taken: the spool sends it again
         if type(msg) is bus.DeliveryJobs:
             submit = self.engine.submit
             for one in msg.jobs:
                 submit(Job(one, peer))
+        elif type(msg) is bus.DeliveryQueueFlush:
+            self.engine.flush()         # (ahead of the jobs the flush made due)
+            return
         else:
             self.engine.submit(Job(msg, peer))
         if self.engine.in_flight >= self.window:

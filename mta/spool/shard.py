@@ -32,7 +32,9 @@ message's egress pool (``params["ip_pool"]``, else "default") and priority.
 A REQUEUED outcome (delivery could not attempt it) makes the recipients due
 again after its ``retry_after``, with no attempt counted and no event, and,
 when it names no source (none of the pool's may send to the site), the other
-messages of its domain and pool wait until then as well (``Window.pause``).  A job whose outcome never comes back
+messages of its domain and pool wait until then as well (``Window.pause``).  The
+operator's flush (``mta queue flush``) goes to every delivery process too
+(DELIVERY_QUEUE_FLUSH, ahead of the jobs it makes due: their dead-site holds end).  A job whose outcome never comes back
 is dispatched again: at once when its delivery process disconnects (it died;
 see :meth:`Shard.follow_links`), else after the delivery timeouts plus
 ``delivery.job_timeout_margin`` (:meth:`Shard.expire_jobs`): at-least-once.
@@ -193,6 +195,9 @@ class Shard:
         # messages with recipients delivery REQUEUED: made due at once when a site
         # or source suspension ends (SpoolQueueFlush requeued=True)
         self.requeued_qids: dict[str, None] = {}
+        # delivery processes a flush's DeliveryQueueFlush did not reach yet (their queue
+        # was full): it goes before the next jobs sent to them (_send_flush)
+        self.flush_owed: set[int] = set()
         self.recovering = False               # reading the segment files (open())
         self.gc_was_enabled = True
         # Once a second (housekeeping): collect cyclic garbage, then exempt what survived
@@ -809,13 +814,26 @@ class Shard:
         """
         links, w, q = self.links, self.window, self.q
         retry = time.time() + BUSY_RETRY
+        if self.flush_owed:
+            self._send_flush()
         for d, jobs in out.items():
-            sent = links.send_jobs(d, jobs)
+            # (none behind a flush that has not reached the process: they would find
+            # the dead-site holds it ends)
+            sent = links.send_jobs(d, jobs) if d not in self.flush_owed else 0
             for job in jobs[sent:]:
                 w.remove(job.req)
                 if q.add_out(job.qid, -1) == 0:
                     self._settle_later(job.qid)
                 q.push(job.qid, retry)
+
+    def _send_flush(self) -> None:
+        """Tell the delivery processes in ``flush_owed`` that the queue was flushed; those
+        whose queue is full stay owed.  One that is away has no hold to end (a new one
+        starts without)."""
+        links = self.links
+        for d in list(self.flush_owed):
+            if not links.up[d] or links.send(d, bus.DeliveryQueueFlush()):
+                self.flush_owed.discard(d)
 
     def _dispatch_lane(self, lane: int, out: dict[int, list]) -> None:
         """Make jobs of the due recipients of one lane, grouped by message and domain,
@@ -1043,6 +1061,10 @@ class Shard:
                 qids, self.requeued_qids = list(self.requeued_qids), {}
                 reply = queries.flush(self.store, msg.req, qids)
             else:
+                # every delivery process ends its dead-site holds, before the jobs
+                # this flush makes due reach it (Postfix's flush re-enables dead sites)
+                self.flush_owed.update(range(len(self.links)))
+                self._send_flush()
                 reply = queries.flush(self.store, msg.req)
         elif t is bus.SpoolAdminBounce:
             reply = self.start_bounce(msg)

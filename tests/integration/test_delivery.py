@@ -626,6 +626,33 @@ def test_queue_shows_deferred_and_flush_makes_them_due(lab):
     assert all(ev[(qid, r)]["terminal"]["num_retries"] == "1" for r in rcpts)
 
 
+def test_flush_ends_the_dead_site_hold_of_a_site_that_answers_again(lab):
+    """A site none of whose hosts answered is not connected to again for the first retry
+    interval (the dead-site hold in each delivery process).  The operator who fixed the
+    receiving side and runs ``mta queue flush`` gets an attempt now (Postfix's flush
+    re-enables a dead destination too), not a deferral "delivery temporarily suspended"
+    without a connection."""
+    lab.serve(mx("dest.test", "mx.dest.test", IP_A))
+    # nothing listens at IP_A yet: every connection is refused, the site is held
+    d = lab.daemon(retry_schedule=[3600.0], retry_jitter=0.0)
+    m = message("dead site")
+    qid = d.send("alice@sender.test", ["u1@dest.test"], m)
+    wait_until(lambda: any(e["type"] == "delay" for e in d.events()), 20, "the deferral")
+    dest = lab.aio(IP_A)                    # the receiving side is fixed
+    out = d.cli("queue", "flush").stdout.decode()
+    assert out.strip() == "1 deferred recipient(s) scheduled for delivery now"
+    wait_until(lambda: dest.received() == 1 or
+               sum(e["type"] == "delay" for e in d.events()) > 1, 15,
+               "an attempt after the flush")
+    delays = [e for e in d.events() if e["type"] == "delay"]
+    assert dest.received() == 1, [e["raw_reason"] for e in delays]
+    [t] = dest.snapshot()
+    assert t.rcpt_tos == ["u1@dest.test"]
+    received_ok(t.data, m, qid)
+    wait_queue_empty(d)
+    check_events(d, {(qid, "u1@dest.test"): "delivery"})
+
+
 # ------------------------------------------------------------------- event log
 
 def test_event_log_matches_what_the_receivers_saw(lab):
