@@ -14,8 +14,10 @@ least once -- finds it no longer pending and is ignored):
 - ``delivered`` -> DELIVERED;
 - ``failed`` (5xx, null MX, NXDOMAIN) -> FAILED, and the sender gets a bounce;
 - ``deferred`` -> pending again after the retry schedule
-  (:class:`~mta.spool.schedule.RetryPolicy`), or EXPIRED and bounced when that
-  next attempt would come after ``delivery.max_age``;
+  (:class:`~mta.spool.schedule.RetryPolicy`) or a response rule's delay, at the
+  latest at the message's deadline (start + ``delivery.max_age``), when its last
+  attempt is made; EXPIRED and bounced when it is deferred at or past the
+  deadline (that last attempt, or one dispatched just before);
 - ``requeued`` (delivery could not attempt it: no source of its pool may send
   now, or the site's queue is full) -> due again after the outcome's
   ``retry_after`` (REQUEUE_MIN..REQUEUE_MAX seconds), in memory only
@@ -237,10 +239,13 @@ class Plan:
                 self._bounce(qid, idx, r.code, r.enhanced, r.text, r.host, now)
             else:
                 # a rule's defer action gives the delay (e.g. a short one for a
-                # greylisting reply); otherwise the retry schedule does
-                due = now + (min(retry_after, DEFER_MAX) if retry_after > 0
-                             else policy.delay(attempts))
-                if due >= policy.deadline(start):
+                # greylisting reply); otherwise the retry schedule does -- at the
+                # latest the message's deadline: its last attempt is made then, and a
+                # deferral of that one (or of any past the deadline) expires it
+                deadline = policy.deadline(start)
+                due = min(now + (min(retry_after, DEFER_MAX) if retry_after > 0
+                                 else policy.delay(attempts)), deadline)
+                if now >= deadline:
                     st[idx] = sch.EXPIRED
                     self._update(qid, idx, sch.EXPIRED, attempts, 0.0)
                     event["type"] = ev.EXPIRATION
@@ -260,7 +265,7 @@ class Plan:
                                 recipient=m.rcpts[idx], status=_delay_status(r),
                                 remote_host=r.host or None, diagnostic=diag,
                                 last_attempt=now, action="delayed",
-                                retry_until=policy.deadline(start)))
+                                retry_until=deadline))
                     else:
                         self._update(qid, idx, sch.PENDING, attempts, due)
                     event["type"] = ev.DELAY

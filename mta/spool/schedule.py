@@ -11,7 +11,10 @@ records); delivery processes only report what happened, and
   instead of arriving together.  ``time_scale`` multiplies every delay and
   ``max_age`` (tests run a whole schedule in seconds).
 - A recipient older than ``max_age`` expires: at dispatch time, or when a
-  failure's next attempt would come after the deadline.  Age counts from the
+  failure comes at or after the deadline.  A next attempt that would come after
+  the deadline is made at the deadline instead (the last one; the shard
+  dispatches a recipient due exactly then though the deadline is reached, see
+  :meth:`RetryPolicy.last_attempt`).  Age counts from the
   message's start (:func:`mta.store.start_of`: its arrival, or its
   ``options.start_time`` when later): callers pass that as *arrival*.
 """
@@ -43,3 +46,8 @@ class RetryPolicy:
 
     def expired(self, arrival: float, now: float) -> bool:
         return now >= arrival + self.max_age
+
+    def last_attempt(self, arrival: float, due: float) -> bool:
+        """A recipient due at *due* is due for its last attempt, set at the deadline
+        (:mod:`mta.spool.outcomes`): tried then, though the deadline is reached."""
+        return due == arrival + self.max_age

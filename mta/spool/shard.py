@@ -872,8 +872,15 @@ class Shard:
                     self.finish_work.append(qid)
                 continue
             if self.policy.expired(info[_START], now):
-                self.expire_work.append((qid, ready))
-                continue
+                # past its deadline: expired, but for the last attempt of a recipient a
+                # deferral made due at the deadline itself (outcomes.Plan.outcome)
+                start, last = info[_START], self.policy.last_attempt
+                gone = [i for i in ready if not last(start, q.recipient(qid, i)[2])]
+                if gone:
+                    self.expire_work.append((qid, gone))
+                    if len(gone) == len(ready):
+                        continue
+                    ready = [i for i in ready if i not in gone]
             domains = q.domains(qid)
             groups: dict[str, list[int]] = {}
             for i in ready:

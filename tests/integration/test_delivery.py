@@ -436,6 +436,39 @@ def test_expiry_bounces(lab):
     assert int(term["queue_time"]) < 5000
 
 
+def test_the_last_retry_is_made_at_max_age_not_one_interval_before(lab):
+    """A deferral whose next retry would come after delivery.max_age does not expire the
+    recipient at once: its last attempt is made at the message's deadline (arrival +
+    max_age), and it expires when that one is deferred too.  max_age 1 h, retries after
+    5, 10, 20 and 40 min (scaled by 0.001): tries at 0, 5, 15 and 35 min, then the next
+    would be at 75 min -- the recipient used to be bounced at 35 min; it is tried at 60."""
+    tried = []
+
+    def defer(s, a, f):
+        tried.append(time.time())
+        return "451 4.3.0 not now"
+    lab.aio(IP_A, rcpt=defer)
+    sender_mx = lab.aio(IP_B)
+    lab.serve(mx("dest.test", "mx.dest.test", IP_A) + mx("sender.test", "mx.sender.test", IP_B))
+    d = lab.daemon(retry_schedule=[300.0, 600.0, 1200.0, 2400.0], time_scale=0.001,
+                   retry_jitter=0.0, max_age=3600.0)
+    sent = time.time()
+    qid = d.send("alice@sender.test", ["sam@dest.test"], message("last retry at max_age"))
+    wait_until(lambda: sender_mx.received() >= 1, 20, "the expiry DSN")
+    wait_queue_empty(d)
+    [br] = wait_bounce_receptions(d, 1)
+    ev = check_events(d, {(qid, "sam@dest.test"): "expiration",
+                          (br["queue_id"], "alice@sender.test"): "delivery"})
+    ev = ev[(qid, "sam@dest.test")]
+    offsets = [round(t - sent, 2) for t in tried]
+    assert len(tried) == 5, offsets
+    assert 3.59 <= tried[-1] - sent < 4.0, offsets          # at max_age (3.6 s), not 2.1 s
+    assert len(ev["transient"]) == 4                        # the last deferral expired it
+    last_due = float(ev["transient"][-1]["next_attempt"]) - sent
+    assert 3.59 <= last_due < 3.7, last_due
+    assert ev["terminal"]["num_retries"] == "5"
+
+
 def test_held_messages_expire_too(make_daemon):
     """Age is checked wherever a message waits: held (delivery.hold) as well as queued.
 

@@ -478,6 +478,29 @@ def test_a_scheduled_message_is_due_at_its_start_and_ages_from_it(tmp_path):
     assert again.store.index.progress(qid)[2] == [start]
 
 
+def test_a_recipient_due_at_the_deadline_gets_its_last_attempt_though_it_is_reached(tmp_path):
+    # A deferral whose next retry would pass max_age makes the recipient due at the
+    # message's deadline (its last attempt; outcomes.Plan.outcome): dispatched then,
+    # though the deadline is reached by the time the shard looks.  A recipient that
+    # waited past the deadline for anything else still expires at dispatch.
+    shard = make_shard(tmp_path, max_age=60.0)
+    arrival = time.time() - 61.0
+    qid = new_qid(0)
+    meta = MessageMeta(qid, "s@example.com", ["a@x.example", "b@x.example"], arrival,
+                       {"message_id": "<m@example.com>"}, "c")
+    new = shard.store.write([(meta, BODY)], [])
+    shard.store.commit(new, [])
+    shard._after_commit(new, shard.plan())
+    q = shard.store.index
+    q.set_due(qid, 0, arrival + 60.0)        # a's last attempt, at the deadline
+    q.set_due(qid, 1, arrival + 30.0)        # b: due long ago, waited past it
+    q.push(qid, arrival + 30.0)
+    shard.dispatch()
+    [(_, job)] = sent(shard)
+    assert [r.address for r in job.rcpts] == ["a@x.example"]
+    assert shard.expire_work == [(qid, [1])]
+
+
 def test_a_long_blocked_backlog_is_released_in_order_once_each():
     # A throttled site in a burst: tens of thousands of messages blocked behind its
     # per-domain cap, released one per job that comes back while new ones keep

@@ -128,7 +128,7 @@ def test_failed_recipient_is_bounced_to_the_sender_with_a_dsn():
 def test_deferral_past_max_age_expires_and_bounces_as_permanent():
     entries = Queue(entry("Q1", ["a@example.net"]))
     entries.set("Q1", 0, attempts=3)
-    plan = make(entries, max_age=120.0)    # next try at NOW + 300 > ARRIVAL + 120
+    plan = make(entries, max_age=60.0)     # deferred at ARRIVAL + 60: the last attempt
     plan.outcome("Q1", [result(0, bus.DEFERRED, 421, "4.7.0", "slow down")], NOW)
     plan.finish(NOW)
     assert plan.updates == {"Q1": [[0, sch.EXPIRED, 4, 0.0]]}
@@ -136,6 +136,34 @@ def test_deferral_past_max_age_expires_and_bounces_as_permanent():
     (_, dsn), = plan.bounces
     assert b"Status: 4.4.7" in dsn                    # delivery time expired
     assert b"gave up after 4 attempt(s); last reply: 421 4.7.0 slow down" in dsn
+
+
+def test_a_retry_past_max_age_is_made_at_max_age_and_expires_if_deferred_again():
+    # max_age 1 h, retries after 5, 10, 20, 40 min: the fourth try (at 35 min) is
+    # deferred; the next would be at 75 min.  It is made at 60 min, the message's
+    # deadline, not given up at 35; deferred at 60 min too, the recipient expires.
+    cfg = SimpleNamespace(retry_schedule=[300, 600, 1200, 2400], retry_jitter=0.0,
+                          time_scale=1.0, max_age=3600.0)
+    entries = Queue(entry("Q1", ["a@example.net"]))
+    entries.set("Q1", 0, attempts=3)
+    at = ARRIVAL + 35 * 60
+    qids = iter(["BOUNCE0000"])
+    plan = plan_of(entries, sch.RetryPolicy(cfg), lambda: next(qids))
+    plan.outcome("Q1", [result(0, bus.DEFERRED, 451, "4.3.0", "later")], at)
+    plan.finish(at)
+    assert plan.updates == {"Q1": [[0, sch.PENDING, 4, ARRIVAL + 3600.0]]}
+    assert plan.reschedule == [(ARRIVAL + 3600.0, "Q1")] and plan.bounces == []
+    (e,) = plan.events
+    assert e["type"] == ev.DELAY and e["next_attempt"] == ARRIVAL + 3600.0
+    entries.index.update("Q1", 0, sch.PENDING, 4, ARRIVAL + 3600.0)
+    at = ARRIVAL + 3600.2                   # the last attempt's deferral
+    plan = plan_of(entries, sch.RetryPolicy(cfg), lambda: next(qids))
+    plan.outcome("Q1", [result(0, bus.DEFERRED, 451, "4.3.0", "later")], at)
+    plan.finish(at)
+    assert plan.updates == {"Q1": [[0, sch.EXPIRED, 5, 0.0]]}
+    assert plan.events[0]["type"] == ev.EXPIRATION and plan.done == ["Q1"]
+    (_, dsn), = plan.bounces
+    assert b"gave up after 5 attempt(s)" in dsn
 
 
 def test_an_expiry_reports_delivery_time_expired_not_the_last_reply_made_permanent():
@@ -147,7 +175,7 @@ def test_an_expiry_reports_delivery_time_expired_not_the_last_reply_made_permane
     # bounce processing takes as an address to drop for good.
     entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
     entries.set("Q1", 0, attempts=3)
-    plan = make(entries, max_age=120.0)    # next try at NOW + 300 > ARRIVAL + 120
+    plan = make(entries, max_age=60.0)     # deferred at ARRIVAL + 60: the last attempt
     plan.outcome("Q1", [result(0, bus.DEFERRED, 450, "4.1.1",
                                "Recipient address rejected: unverified address")], NOW)
     plan.expire("Q1", [1], NOW)             # never tried: found too old
@@ -325,13 +353,18 @@ def test_events_name_the_source_its_ip_and_the_site():
 def test_age_counts_from_the_start_time():
     # Arrived 60 s ago, scheduled to start 50 s ago; max_age 100 s; a deferral
     # with its next attempt 60 s later: 60 + 60 > 100 from arrival, but from the
-    # start (10 + 60 < 100) it is kept.
+    # start (10 + 60 < 100) it is kept, due then.
     e = entry("Q1", ["a@example.net"], start_at=NOW - 10.0)
     plan = make(Queue(e), max_age=100.0)
     plan.outcome("Q1", [result(0, bus.DEFERRED, 451)], NOW)
-    assert plan.updates["Q1"][0][1] == sch.PENDING
+    assert plan.updates["Q1"][0][1:] == [sch.PENDING, 1, NOW + 60.0]
+    # Counted from arrival, the next attempt is its last, at arrival + max_age; one
+    # deferred at that age expires.
     e2 = entry("Q2", ["a@example.net"])
     plan = make(Queue(e2), max_age=100.0)
+    plan.outcome("Q2", [result(0, bus.DEFERRED, 451)], NOW)
+    assert plan.updates["Q2"][0][1:] == [sch.PENDING, 1, ARRIVAL + 100.0]
+    plan = make(Queue(e2), max_age=60.0)
     plan.outcome("Q2", [result(0, bus.DEFERRED, 451)], NOW)
     assert plan.updates["Q2"][0][1] == sch.EXPIRED
 
@@ -453,12 +486,19 @@ def test_a_rules_defer_delay_replaces_the_retry_schedule_and_is_recorded():
 
 
 def test_a_rule_delay_past_max_age_expires_the_recipient():
+    # (after its last attempt, made at the deadline rather than the rule's delay)
     entries = Queue(entry("Q1", ["a@example.net"]))
     plan = make(entries, max_age=600.0)
     plan.outcome("Q1", [result(0, bus.DEFERRED, 451)], NOW, retry_after=3600.0,
                  rule=fired("defer"))
     plan.finish(NOW)
-    assert plan.updates == {"Q1": [[0, sch.EXPIRED, 1, 0.0]]}
+    assert plan.updates == {"Q1": [[0, sch.PENDING, 1, ARRIVAL + 600.0]]}
+    entries.index.update("Q1", 0, sch.PENDING, 1, ARRIVAL + 600.0)
+    plan = make(entries, max_age=600.0)
+    plan.outcome("Q1", [result(0, bus.DEFERRED, 451)], ARRIVAL + 600.0, retry_after=3600.0,
+                 rule=fired("defer"))
+    plan.finish(ARRIVAL + 600.0)
+    assert plan.updates == {"Q1": [[0, sch.EXPIRED, 2, 0.0]]}
     assert [e["type"] for e in plan.events] == [ev.EXPIRATION]
 
 

@@ -139,8 +139,8 @@ def test_time_scale_shrinks_max_age():
 
 
 def test_a_retry_due_after_the_deadline_is_recognisable():
-    """The spool gives up when the next attempt would come at or after the deadline:
-    the policy gives it the two numbers to compare."""
+    """The spool makes the last attempt at the deadline when the next one would come
+    at or after it: the policy gives it the two numbers to compare."""
     p = policy(schedule=[100.0], max_age=250.0)
     arrival = 0.0
     due = [arrival]
