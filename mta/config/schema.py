@@ -407,7 +407,8 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     delay_warning_time: Annotated[float, _doc(
         "seconds after which the sender of a message still deferred gets a delay notice "
         "(RFC 3464 \"delayed\"), once per recipient that did not opt out with NOTIFY "
-        "(RFC 3461); 0 = never (like Postfix's delay_warning_time)", ge=0, le=30 * 86400)] = 0.0
+        "(RFC 3461), at most one per message in that time; 0 = never (like Postfix's "
+        "delay_warning_time)", ge=0, le=30 * 86400)] = 0.0
     time_scale: Annotated[float, _doc(
         "multiplies retry_schedule, max_age and delay_warning_time; only for tests (e.g. 0.001)",
         gt=0, le=1)] = 1.0

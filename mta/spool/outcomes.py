@@ -52,7 +52,13 @@ start), once per recipient, unless its NOTIFY lacks DELAY (no NOTIFY: yes).
 "Once" is durable: the recipient's update record carries the flag
 ``RCPT_DELAY_NOTIFIED`` (:mod:`mta.store`), so a restart does not send it
 again.  The notice goes out at the first deferral after the warning time, so
-with long retry intervals it may come up to one interval later.
+with long retry intervals it may come up to one interval later.  One notice
+per message and ``delay_warning_time`` at most: a message whose recipients are
+deferred in several batches (several sites) gets one for those of the first;
+the others are named in the next, at their first deferral an interval later
+(the time of a message's last notice is kept in memory while it has recipients
+left to name; after a restart, one with a recipient named already waits an
+interval from the start).
 
 Recipients found too old at dispatch expire the same way (:meth:`Plan.expire`).
 A bounce is an RFC 3464 DSN to the envelope sender, queued as a new message
@@ -120,9 +126,17 @@ class Plan:
 
     def __init__(self, index, read_meta, policy: sch.RetryPolicy, read_body, new_qid,
                  hostname: str, bounce_domains: frozenset = frozenset(),
-                 owed: dict | None = None):
+                 owed: dict | None = None, noticed: dict | None = None,
+                 started: float = 0.0):
         self.index = index
         self.owed = {} if owed is None else owed
+        # qid -> when its last delay notice went (Shard.delay_noticed: kept only while it
+        # has recipients a later one could name), read here but for entries over the
+        # interval; *started*: when the shard started (an earlier notice's time is lost)
+        self.noticed = {} if noticed is None else noticed
+        self.started = started
+        self._notice_ok: dict[str, bool] = {}   # qid -> a delay notice may go in this batch
+        self.notice_more: list[str] = []        # qids noticed with recipients left to name
         # feedback.bounce_domains (lower case): a return path there is this node's own
         self.bounce_domains = bounce_domains
         self._read_meta = read_meta
@@ -254,7 +268,8 @@ class Plan:
                 else:
                     flags = rc[3]
                     if (policy.delay_warning and now - start >= policy.delay_warning
-                            and not flags & RCPT_DELAY_NOTIFIED):
+                            and not flags & RCPT_DELAY_NOTIFIED
+                            and self._may_notice(qid, now)):
                         # once per recipient: the flag is written with this update
                         flags |= RCPT_DELAY_NOTIFIED
                         self._update(qid, idx, sch.PENDING, attempts, due, flags)
@@ -448,6 +463,21 @@ class Plan:
                             "bounce_class": ctl.BOUNCE_CLASS,
                             "bounce_rule": ctl.BOUNCE_RULE})
 
+    def _may_notice(self, qid: str, now: float) -> bool:
+        """A delay notice of *qid* may go in this batch: none went in the last
+        ``delay_warning_time`` (one per message and interval, however many batches
+        its deferrals come in; the recipients it could not name wait for the next)."""
+        ok = self._notice_ok.get(qid)
+        if ok is None:
+            last = self.noticed.get(qid)
+            if last is None and any(f & RCPT_DELAY_NOTIFIED for f in self.index.progress(qid)[3]):
+                last = self.started     # (one went before this process started, or not long)
+            ok = last is None or now - last >= self.policy.delay_warning
+            if ok and qid in self.noticed:
+                del self.noticed[qid]   # (over: this batch's notice decides again)
+            self._notice_ok[qid] = ok
+        return ok
+
     def _update(self, qid, idx, state, attempts, due, flags=None) -> None:
         u = [idx, state, attempts, due]
         if flags is not None:
@@ -593,6 +623,18 @@ class Plan:
                               ("delay notice", self.delays)):
             for qid, fails in notices.items():
                 self._report(kind, qid, fails, now)
+        for qid in self.delays:
+            # recipients still pending that this notice did not name (in another job,
+            # not yet deferred): the message's next notice waits an interval
+            st = self.states.get(qid)
+            if st is None or sch.PENDING not in st:
+                continue
+            flags = self.index.progress(qid)[3]
+            named = {u[0] for u in self.updates.get(qid, ())
+                     if len(u) > 4 and u[4] & RCPT_DELAY_NOTIFIED}
+            if any(s == sch.PENDING and i not in named and not flags[i] & RCPT_DELAY_NOTIFIED
+                   for i, s in enumerate(st)):
+                self.notice_more.append(qid)
 
     def _report(self, kind: str, qid: str, fails: list, now: float) -> None:
         """Queue one DSN (*kind*: bounce, success notice, delay notice) for *qid*."""

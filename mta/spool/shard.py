@@ -195,6 +195,10 @@ class Shard:
         # messages with recipients delivery REQUEUED: made due at once when a site
         # or source suspension ends (SpoolQueueFlush requeued=True)
         self.requeued_qids: dict[str, None] = {}
+        # qid -> when its last delay notice went, while it has recipients a later one
+        # could name (one per message and delay_warning_time; outcomes.Plan._may_notice)
+        self.delay_noticed: dict[str, float] = {}
+        self.started = time.time()
         # delivery processes a flush's DeliveryQueueFlush did not reach yet (their queue
         # was full): it goes before the next jobs sent to them (_send_flush)
         self.flush_owed: set[int] = set()
@@ -594,6 +598,8 @@ class Shard:
             self.last_error = ""
             self._requeue(plan)
             self._after_commit(new, plan)
+            for qid in plan.notice_more:
+                self.delay_noticed[qid] = now
             if plan.deleted_out:
                 self._keep_deleted(plan.deleted_out)
             if op_taken:
@@ -630,7 +636,8 @@ class Shard:
         """A fresh Plan over this shard's queue, for one batch."""
         return Plan(self.q, self.store.read_meta, self.policy, self.store.read_body,
                     lambda: new_qid_for_shard(self.shard, self.settings.shards),
-                    self.settings.hostname, self.bounce_domains, self.store.owed)
+                    self.settings.hostname, self.bounce_domains, self.store.owed,
+                    self.delay_noticed, self.started)
 
     def returned(self, req: int, qid: str) -> dsp.Job | None:
         """The outcome of job *req* came back: it is no longer out; the job (None if it
@@ -955,10 +962,11 @@ class Shard:
     def _untrack(self, qids: list[str]) -> None:
         """Finished or deleted messages are no longer held or requeued (the index drops
         their schedule and deadline itself when the store removes them)."""
-        held, requeued = self.held, self.requeued_qids
+        held, requeued, noticed = self.held, self.requeued_qids, self.delay_noticed
         for qid in qids:
             held.discard(qid)
             requeued.pop(qid, None)
+            noticed.pop(qid, None)
 
     def expire_waiting(self) -> None:
         """Expire the pending recipients of messages past ``delivery.max_age``, wherever they wait.

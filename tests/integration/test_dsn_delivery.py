@@ -212,6 +212,38 @@ def final_recipients(per_rcpt) -> list[str]:
     return sorted(r["Final-Recipient"] for r in per_rcpt)
 
 
+def test_a_message_deferred_at_two_sites_gets_one_delay_notice_per_interval(lab):
+    """A message to two domains is two delivery jobs; both deferred past
+    delay_warning_time, their outcomes come in different group commits (one site is
+    slower).  The sender gets at most one delay notice per message in each
+    delay_warning_time, not one per batch; a recipient left out of one is in the next
+    (each recipient's once)."""
+    warning = 3.0
+    notices = []                          # (arrival time, recipients)
+
+    def took(s, txn):
+        _, _, per_rcpt, _ = report(txn.data)
+        notices.append((time.time(), sorted(r["Final-Recipient"] for r in per_rcpt)))
+    lab.aio(IP_A, rcpt=lambda s, a, f: "451 4.2.0 try again later")
+    slow = lab.aio(IP_C, data=lambda s, t: "451 4.3.0 busy, later")
+    slow.delay = 1.0                      # its deferrals come a second after the other's
+    lab.aio(IP_B, data=took)
+    lab.serve(TWO_DOMAINS)
+    d = lab.daemon(retry_schedule=[0.5], retry_jitter=0.0, delay_warning_time=warning,
+                   max_age=3600.0)
+    qid = send(d, [("ann@dest.test", ""), ("bob@other.test", "")], message("two sites"))
+    wait_until(lambda: len({r for _, rs in notices for r in rs}) == 2, 30,
+               "delay notices naming both recipients")
+    time.sleep(2.0)                       # (more deferrals of both: nothing more is sent)
+    times = [t for t, _ in notices]
+    assert sorted(r for _, rs in notices for r in rs) == \
+        ["rfc822; ann@dest.test", "rfc822; bob@other.test"], notices    # each once
+    assert all(b - a >= warning - 0.3 for a, b in zip(times, times[1:])), \
+        [round(t - times[0], 2) for t in times]
+    assert len(notices) <= 2
+    assert qid in {q["queue_id"] for q in d.queue_list()}
+
+
 def test_failures_at_two_domains_at_different_times_make_one_bounce(lab):
     """A message to two domains is two delivery jobs; the first fails at once, the
     other minutes -- here seconds -- later: their outcomes come in different group

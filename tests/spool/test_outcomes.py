@@ -427,6 +427,47 @@ def test_delay_notice_once_per_recipient_and_the_flag_is_in_the_update():
     assert all(len(u) == 4 for u in plan.updates["Q1"])
 
 
+def test_one_delay_notice_per_message_and_interval_whatever_the_batches():
+    # A message to two sites: a's job is deferred in one batch, b's in the next.  One
+    # notice (naming a); b is named in the next, not before the warning time has passed
+    # again -- then b alone (a was named).  A shard that restarted does not know when a
+    # notice went: a message with a recipient named already waits an interval from then.
+    from mta.store import RCPT_DELAY_NOTIFIED
+    e = entry("Q1", ["a@x.test", "b@y.test"])
+    pol = policy()
+    pol.delay_warning = 30.0            # ARRIVAL is NOW - 60: past it
+    q = Queue(e)
+    noticed = {}
+    qids = iter(f"N{n}" for n in range(10))
+
+    def batch(idx, at, started=0.0):
+        plan = Plan(q.index, q.metas.__getitem__, pol, lambda qid: ORIGINAL,
+                    lambda: next(qids), HOST, noticed=noticed, started=started)
+        plan.outcome("Q1", [result(idx, bus.DEFERRED, 451, "4.2.0")], at)
+        plan.finish(at)
+        q.index.apply("Q1", plan.updates["Q1"])
+        for qid in plan.notice_more:    # (as the shard does once the batch is written)
+            noticed[qid] = at
+        return [d for _, d in plan.bounces]
+
+    [n1] = batch(0, NOW)
+    assert b"a@x.test" in n1 and b"b@y.test" not in n1
+    assert noticed == {"Q1": NOW}       # b is still to be named
+    assert batch(1, NOW + 2) == []      # another batch, the same interval: none
+    assert not q.index.recipient("Q1", 1)[3] & RCPT_DELAY_NOTIFIED
+    assert batch(0, NOW + 10) == [] and batch(1, NOW + 29) == []
+    [n2] = batch(1, NOW + 31)
+    assert b"b@y.test" in n2 and b"a@x.test" not in n2
+    assert batch(0, NOW + 100) == [] and batch(1, NOW + 100) == []   # each once
+    # after a restart: no time kept; one recipient named already
+    q2 = Queue(entry("Q1", ["a@x.test", "b@y.test"]))
+    q2.index.update("Q1", 0, sch.PENDING, 1, NOW, RCPT_DELAY_NOTIFIED)
+    q, noticed = q2, {}
+    assert batch(1, NOW, started=NOW - 10) == []
+    [n3] = batch(1, NOW + 21, started=NOW - 10)
+    assert b"b@y.test" in n3
+
+
 def test_a_delay_notice_reports_a_deferred_5xx_with_a_temporary_status():
     """A 5xx that a response rule's defer action kept in the queue is still being
     retried: its delay notice says 4.x.x (RFC 3463), not the permanent 5.x.x that a
