@@ -75,6 +75,7 @@ RECLAIM_INTERVAL = 1.0          # seconds between reclamation passes
 RECLAIM_MAX_COPY = 2000         # messages copied forward per pass (bounds the pause)
 DISPATCH_BATCH = 500            # due messages looked at per dispatch pass
 BUSY_RETRY = 1.0                # seconds before retrying a job the bus would not take
+LAST_TRY_GRACE = 10.0           # seconds a last attempt due at the deadline may wait to go
 GC_YOUNG_THRESHOLD = 10_000     # allocations between young GC collections (CPython: 700)
 DRAIN_ON_DISCONNECT = 100       # batches read from a link that went away, at most
 # reception parameters a delivery job needs; DSN's NOTIFY and ORCPT (lists parallel to
@@ -988,6 +989,14 @@ class Shard:
                 q.set_deadline(qid, now + BUSY_RETRY)
                 continue
             idxs = q.pending_idxs(qid)
+            if idxs and now < start + self.policy.max_age + LAST_TRY_GRACE:
+                # a recipient made due at the deadline for its last attempt gets it:
+                # this sweep may come before the dispatch pass that sends it
+                last = self.policy.last_attempt
+                keep = [i for i in idxs if last(start, q.recipient(qid, i)[2])]
+                if keep:
+                    q.set_deadline(qid, now + BUSY_RETRY)
+                    idxs = [i for i in idxs if i not in keep]
             if idxs:
                 self.expire_work.append((qid, idxs))
 

@@ -21,6 +21,7 @@ from mta.config.schema import Config
 from mta.queueid import domain_shard, new_qid
 from mta.spool import dispatch as dsp
 from mta.spool import schedule as sch
+from mta.spool import shard as shard_mod
 from mta.spool.shard import Shard
 from mta.store import MessageMeta
 
@@ -499,6 +500,40 @@ def test_a_recipient_due_at_the_deadline_gets_its_last_attempt_though_it_is_reac
     [(_, job)] = sent(shard)
     assert [r.address for r in job.rcpts] == ["a@x.example"]
     assert shard.expire_work == [(qid, [1])]
+
+
+def test_the_expiry_sweep_leaves_a_last_attempt_due_at_the_deadline_to_its_dispatch(tmp_path):
+    # The once-a-second sweep (expire_waiting) may run after the deadline and before
+    # the dispatch pass that sends the recipient due at it: that one is left for its
+    # last attempt (for LAST_TRY_GRACE), the others expire; past the grace it expires.
+    shard = make_shard(tmp_path, max_age=60.0)
+    arrival = time.time() - 61.0
+    qid = new_qid(0)
+    meta = MessageMeta(qid, "s@example.com", ["a@x.example", "b@x.example"], arrival,
+                       {"message_id": "<m@example.com>"}, "c")
+    new = shard.store.write([(meta, BODY)], [])
+    shard.store.commit(new, [])
+    shard._after_commit(new, shard.plan())
+    q = shard.store.index
+    q.set_due(qid, 0, arrival + 60.0)        # a's last attempt, at the deadline
+    q.set_due(qid, 1, arrival + 30.0)        # b: waited past the deadline
+    shard.expire_waiting()
+    assert shard.expire_work == [(qid, [1])]
+    shard.expire_work.clear()
+    shard.dispatch()                          # (b is not yet expired in the index)
+    assert [r.address for _, j in sent(shard) for r in j.rcpts] == ["a@x.example"]
+    # a recipient still waiting for it past the grace expires
+    late = make_shard(tmp_path / "late", max_age=60.0)
+    arrival = time.time() - 60.0 - shard_mod.LAST_TRY_GRACE - 1.0
+    qid = new_qid(0)
+    meta = MessageMeta(qid, "s@example.com", ["a@x.example"], arrival,
+                       {"message_id": "<m@example.com>"}, "c")
+    new = late.store.write([(meta, BODY)], [])
+    late.store.commit(new, [])
+    late._after_commit(new, late.plan())
+    late.store.index.set_due(qid, 0, arrival + 60.0)
+    late.expire_waiting()
+    assert late.expire_work == [(qid, [0])]
 
 
 def test_a_long_blocked_backlog_is_released_in_order_once_each():
