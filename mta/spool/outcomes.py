@@ -257,7 +257,7 @@ class Plan:
                 # latest the message's deadline: its last attempt is made then, and a
                 # deferral of that one (or of any past the deadline) expires it
                 deadline = policy.deadline(start)
-                due = min(now + (min(retry_after, DEFER_MAX) if retry_after > 0
+                due = min(now + (policy.spread(min(retry_after, DEFER_MAX)) if retry_after > 0
                                  else policy.delay(attempts)), deadline)
                 if now >= deadline:
                     st[idx] = sch.EXPIRED

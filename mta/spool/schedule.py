@@ -41,6 +41,11 @@ class RetryPolicy:
         base = self.schedule[min(max(attempts, 1), len(self.schedule)) - 1] * self.scale
         return base * (1.0 + self.jitter * self.rng.random())
 
+    def spread(self, delay: float) -> float:
+        """*delay* (a response rule's) with the schedule's jitter added: recipients a rule
+        deferred together are not all due again in the same second."""
+        return delay * (1.0 + self.jitter * self.rng.random())
+
     def deadline(self, arrival: float) -> float:
         return arrival + self.max_age
 

@@ -526,6 +526,22 @@ def test_a_rules_defer_delay_replaces_the_retry_schedule_and_is_recorded():
     assert plan.updates == {"Q2": [[0, sch.PENDING, 2, NOW + 30.0]]}
 
 
+def test_a_rules_defer_delay_is_spread_by_the_retry_jitter():
+    # 200 recipients a rule deferred in one batch are not all due in the same second:
+    # each waits the rule's delay plus up to retry_jitter of it (never less)
+    rcpts = [f"r{i}@example.net" for i in range(200)]
+    entries = Queue(entry("Q1", rcpts))
+    cfg = SimpleNamespace(retry_schedule=[60, 300], retry_jitter=0.1, time_scale=1.0,
+                          max_age=86400.0)
+    plan = plan_of(entries, sch.RetryPolicy(cfg, random.Random(7)), lambda: "BOUNCE0000")
+    plan.outcome("Q1", [result(i, bus.DEFERRED, 421, "4.7.0", "slow down")
+                        for i in range(200)], NOW, retry_after=600.0, rule=fired("defer"))
+    plan.finish(NOW)
+    dues = [u[3] for u in plan.updates["Q1"]]
+    assert all(NOW + 600.0 <= d <= NOW + 660.0 for d in dues)
+    assert len({int(d) for d in dues}) >= 30
+
+
 def test_a_rule_delay_past_max_age_expires_the_recipient():
     # (after its last attempt, made at the deadline rather than the rule's delay)
     entries = Queue(entry("Q1", ["a@example.net"]))
