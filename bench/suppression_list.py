@@ -3,6 +3,7 @@
 
     python bench/suppression_list.py build DIR [--count 10000000] [--max-size 8G]
     python bench/suppression_list.py lookup DIR [--count 10000000] [--lookups 1000000]
+    python bench/suppression_list.py search DIR [--rounds 3]
 
 ``build`` writes DIR (an LMDB environment in the daemon's format: point
 ``suppression.path`` at it) with *count* entries ``user%09d@domain%04d.test``
@@ -11,6 +12,11 @@
 HTTP API.  ``lookup`` times :meth:`SuppressionList.check`, the injection
 path's call, for random present and random absent addresses (one read
 transaction each, as at injection), and reports the median of 5 rounds.
+``search`` times :meth:`SuppressionList.search` as GET /api/v1/suppression-list
+calls it (first page of 1000, total counted) on a list that ``build`` wrote:
+by source (every entry matches, and none does), and, for comparison, by type
+(read from the index key alone) and by description (reads every record);
+the median of *rounds* runs each.
 Everything is local files; no network.
 """
 from __future__ import annotations
@@ -72,15 +78,35 @@ def lookup(args) -> None:
     sl.close()
 
 
+def search(args) -> None:
+    sl = S.SuppressionList(args.dir, size(args.max_size))
+    n = sl.count()
+    cases = (("sources=Manually Added (all)", {"sources": frozenset({S.MANUAL})}, n),
+             ("sources=Bounce Rule (none)", {"sources": frozenset({S.BOUNCE_RULE})}, 0),
+             ("types=transactional (none)", {"types": S.TRANSACTIONAL}, 0),
+             ("description=benchmark (all)", {"description": "benchmark"}, n))
+    for name, query, want in cases:
+        rounds = []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            rows, total, _ = sl.search(per_page=1000, cursor=b"", **query)
+            rounds.append(time.perf_counter() - t0)
+            assert total == want and len(rows) == min(want, 1000), (name, total, len(rows))
+        print(f"{name}: median {statistics.median(rounds):.2f} s (rounds: "
+              f"{', '.join(f'{r:.2f}' for r in rounds)}; {n} entries)")
+    sl.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    p.add_argument("action", choices=("build", "lookup"))
+    p.add_argument("action", choices=("build", "lookup", "search"))
     p.add_argument("dir")
     p.add_argument("--count", type=int, default=10_000_000)
     p.add_argument("--lookups", type=int, default=1_000_000)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-size", default="8G")
     args = p.parse_args()
-    (build if args.action == "build" else lookup)(args)
+    {"build": build, "lookup": lookup, "search": search}[args.action](args)
 
 
 if __name__ == "__main__":
