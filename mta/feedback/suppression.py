@@ -19,8 +19,10 @@ Layout (three named databases):
   then msgpack ``{type: [source, description, created, updated]}``: one
   record per (recipient, type), as SparkPost keeps them.
 - ``updated``: the search index, key = updated time (8 octets, big-endian
-  milliseconds) + type octet + address; no value.  Search and its paging walk
-  it in time order.
+  milliseconds) + type octet + address; value = the entry's source as one
+  octet (SOURCE_CODES), so that a search by source reads no record.  Search
+  and its paging walk it in time order.  A row without that octet (written by
+  an earlier version) has the record read for its source.
 - ``counts``: records per source (``summary``), kept in the same transaction
   as the records.
 
@@ -61,6 +63,10 @@ SPAM_COMPLAINT = "Spam Complaint"
 SOURCES = (SPAM_COMPLAINT, "List Unsubscribe", BOUNCE_RULE, "Unsubscribe Link", MANUAL,
            "Compliance")
 SUMMARY_KEYS = {s: s.lower().replace(" ", "_") for s in SOURCES}
+# A source as the value of its entry's index row (stored: a code is never renumbered or
+# reused).  A source not here has an empty value, as rows written before had.
+SOURCE_CODES = {SPAM_COMPLAINT: b"\x01", "List Unsubscribe": b"\x02", BOUNCE_RULE: b"\x03",
+                "Unsubscribe Link": b"\x04", MANUAL: b"\x05", "Compliance": b"\x06"}
 
 MAX_ADDRESS = 320            # octets of an address kept (LMDB keys: at most 511)
 MAX_DESCRIPTION = 1024       # characters of a description kept
@@ -265,6 +271,8 @@ class SuppressionList:
         # (a range that ends before 1970 holds nothing: every key is at or after 0)
         hi = _TS.pack(max(0, int(end * 1000) + 1)) if end is not None else None
         dom = _domain_suffixes(domain) if domain else None
+        codes = frozenset(SOURCE_CODES[s] for s in sources if s in SOURCE_CODES) \
+            if sources else None
         desc = description.lower() if description and not description_strict else description
         paging = cursor is not None
         skip = 0 if paging else max(0, (page - 1) * per_page)
@@ -317,14 +325,20 @@ class SuppressionList:
                 if match and dom is not None:
                     match = addr.decode("utf-8", "surrogateescape").endswith(dom)
                 entry = None
-                if match and (sources or desc):
-                    entry = _one(addr, rget(addr, db=self.rcpt), tbit)
+                if match and codes is not None:
+                    code = cur.value()      # (one octet: the record is not read)
+                    if code:
+                        match = code in codes
+                    else:                   # a row of an earlier version: the record says
+                        entry = _one(addr, rget(addr, db=self.rcpt), tbit)
+                        match = entry is not None and entry["source"] in sources
+                if match and desc:
+                    if entry is None:
+                        entry = _one(addr, rget(addr, db=self.rcpt), tbit)
                     if entry is None:
                         match = False
-                    elif sources and entry["source"] not in sources:
-                        match = False
-                    elif desc and (desc not in entry["description"].lower()
-                                   if not description_strict else desc != entry["description"]):
+                    elif (desc not in entry["description"].lower()
+                          if not description_strict else desc != entry["description"]):
                         match = False
                 if match:
                     if counting:
@@ -390,7 +404,7 @@ class SuppressionList:
             else:
                 src = source
             recs[tname] = [src, description, created, now]
-            txn.put(_index_key(now, tbit, key), b"", db=self.index)
+            txn.put(_index_key(now, tbit, key), SOURCE_CODES.get(src, b""), db=self.index)
             self._count(txn, src, 1)
             n += 1
         flags = sum(TYPES[t] for t in recs)
@@ -421,6 +435,7 @@ class SuppressionList:
         recs = {TYPE_NAMES[b]: [source, description, now, now]
                 for b in (TRANSACTIONAL, NON_TRANSACTIONAL) if tbits & b}
         value = bytes((tbits,)) + _enc.encode(recs)
+        code = SOURCE_CODES.get(source, b"")
         n = 0
         it = iter(addresses)
         while True:
@@ -437,7 +452,7 @@ class SuppressionList:
                     ci = txn.cursor(db=self.index)
                     for b in (TRANSACTIONAL, NON_TRANSACTIONAL):
                         if tbits & b:
-                            ci.putmulti([(tb + bytes((b,)) + k, b"") for k in chunk],
+                            ci.putmulti([(tb + bytes((b,)) + k, code) for k in chunk],
                                         append=True)
                     k = source.encode()
                     v = txn.get(k, db=self.counts)

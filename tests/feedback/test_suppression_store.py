@@ -294,3 +294,81 @@ def test_search_description_and_domain_keep_their_commas(sl):
     st, body = api.handle(sl, b"GET", api.PATH,
                               b"types=transactional,non_transactional", b"")
     assert json.loads(body)["total_count"] == 2
+
+
+def _fill_every_way(sl):
+    """Entries written every way an index row is: the bulk loader, a new entry, an update
+    that changes its source and one that keeps it, a delete of one of two types."""
+    sl.load_sorted(["l0@x.test", "l1@x.test", "l2@y.test"], S.BOTH, S.BOUNCE_RULE, now=900.0)
+    sl.put_many([(f"m{i}@x.test", S.BOTH, f"manual {i}") for i in range(4)], now=1000.0)
+    sl.put_many([("s0@y.test", S.NON_TRANSACTIONAL, "fbl")], S.SPAM_COMPLAINT, now=1001.0)
+    sl.put_many([("m0@x.test", S.NON_TRANSACTIONAL, "550 5.1.1")], S.BOUNCE_RULE, now=1002.0)
+    sl.put_many([("l1@x.test", S.TRANSACTIONAL, "again")], now=1003.0)   # keeps Bounce Rule
+    sl.put_many([("s0@y.test", S.NON_TRANSACTIONAL, "")], S.BOUNCE_RULE, now=1004.0)
+    assert sl.delete("l0@x.test", S.TRANSACTIONAL) == 1
+    assert sl.delete("m3@x.test") == 2
+
+
+def _searches(sl):
+    out = []
+    for query in ({"sources": frozenset({S.BOUNCE_RULE})},
+                  {"sources": frozenset({S.MANUAL, S.SPAM_COMPLAINT})},
+                  {"sources": frozenset({S.SPAM_COMPLAINT})},
+                  {"sources": frozenset({S.BOUNCE_RULE}), "types": S.TRANSACTIONAL},
+                  {"sources": frozenset({S.BOUNCE_RULE}), "domain": "y.test"},
+                  {"sources": frozenset({S.MANUAL}), "description": "MANUAL"},
+                  {"sources": frozenset({S.MANUAL}), "descending": False, "start": 1000.0}):
+        rows, total, _ = sl.search(per_page=100, **query)
+        out.append(([(r["recipient"], r["type"], r["source"], r["description"])
+                     for r in rows], total))
+        # paged by cursor, one entry a page: the same entries
+        seen, nxt = [], b""
+        while nxt is not None:
+            page, t, nxt = sl.search(per_page=1, cursor=nxt, total=total if nxt else None,
+                                     **query)
+            assert t == total
+            seen += [(r["recipient"], r["type"], r["source"], r["description"]) for r in page]
+        assert seen == out[-1][0]
+    return out
+
+
+def test_a_search_by_source_finds_the_source_in_the_index(sl):
+    # every index row carries its entry's source (one octet): a search by source reads
+    # the index alone, not each entry's record (4-5 s at a million entries)
+    _fill_every_way(sl)
+    with sl.env.begin() as txn:
+        rows = list(txn.cursor(db=sl.index))
+        for k, v in rows:
+            (e,) = [e for e in sl.get(k[9:].decode()) if S.TYPES[e["type"]] == k[8]]
+            assert v == S.SOURCE_CODES[e["source"]], (k, v, e["source"])
+    assert len(rows) == sl.summary()["total"] == 12
+    nt, t = "non_transactional", "transactional"
+    assert _searches(sl)[:3] == [
+        ([("s0@y.test", nt, "Bounce Rule", ""), ("l1@x.test", t, "Bounce Rule", "again"),
+          ("m0@x.test", nt, "Bounce Rule", "550 5.1.1"), ("l2@y.test", nt, "Bounce Rule", ""),
+          ("l1@x.test", nt, "Bounce Rule", ""), ("l0@x.test", nt, "Bounce Rule", ""),
+          ("l2@y.test", t, "Bounce Rule", "")], 7),
+        ([("m2@x.test", nt, "Manually Added", "manual 2"),
+          ("m1@x.test", nt, "Manually Added", "manual 1"),
+          ("m2@x.test", t, "Manually Added", "manual 2"),
+          ("m1@x.test", t, "Manually Added", "manual 1"),
+          ("m0@x.test", t, "Manually Added", "manual 0")], 5),
+        ([], 0)]
+
+
+def test_a_list_written_before_the_index_kept_the_source_is_searched_alike(sl, tmp_path):
+    # a list written by an earlier version has no source in its index rows: its record
+    # is read, and every search gives the same answer, also with the two kinds of row mixed
+    _fill_every_way(sl)
+    want = _searches(sl)
+    assert want[0][1] == 7 and want[1][1] == 5 and want[3][1] == 2 and want[4][1] == 3
+    for which in ("every row", "every other row"):
+        with sl.env.begin(write=True) as txn:
+            rows = list(txn.cursor(db=sl.index))
+            for i, (k, _) in enumerate(rows):
+                if which == "every row" or i % 2:
+                    txn.put(k, b"", db=sl.index)
+        sl.close()
+        sl = S.SuppressionList(str(tmp_path / "sup"), 16 * 1024 * 1024)
+        assert _searches(sl) == want, which
+    sl.close()
