@@ -415,6 +415,13 @@ class Session(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _proxy_refused(self) -> None:
+        log.warning("HTTP connection from %s: a PROXY protocol header, from an address not in "
+                    "server.proxy_protocol_from; closed", self.peer_ip)
+        self._fail(R.ApiError(R.BAD_REQUEST, "a PROXY protocol header is not accepted from "
+                              "this address"))
+        self._run()
+
     def _admit(self) -> None:
         svc = self.svc
         if len(svc.sessions) >= self.cfg.max_connections:

@@ -9,8 +9,10 @@ starts each connection with a header that names the client; a connection from
 a network in ``proxy_protocol_from`` must begin with one (else it is closed
 without a word: a balancer that does not send it is misconfigured, and a client
 there must not pass as the balancer), and the address it names is the client's
-from then on.  A connection from anywhere else is served as before, a header
-included (to SMTP it is an unknown command).
+from then on.  A connection from anywhere else is served as before, but one
+whose first read is a PROXY header is closed (SMTP 421, HTTP 400) and logged: a
+balancer missing from ``proxy_protocol_from`` (its clients would pass as the
+balancer's address), or a client that names itself another.
 
 Facts from the protocol's specification (haproxy's doc/proxy-protocol.txt):
 
@@ -32,7 +34,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-__all__ = ["ProxyError", "parse", "Reader", "begin", "forget", "take", "MAX_HEADER",
+__all__ = ["ProxyError", "parse", "Reader", "DIRECT", "begin", "forget", "take", "MAX_HEADER",
            "HEADER_TIMEOUT", "UNKNOWN_CLIENT"]
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -123,7 +125,8 @@ class Reader:
     the header is whole, and in its acceptor's ``proxy_pending`` (counted by the
     drain, bounded by max_connections); it provides ``_admit()`` (what
     connection_made does for a direct client), ``_proxy_failed(why)`` (close
-    without a word), ``peer_ip`` and ``data_received``.
+    without a word), ``_proxy_refused()`` (a direct client's header: reply, close,
+    log), ``peer_ip`` and ``data_received``.
     """
 
     __slots__ = ("buf", "timer")
@@ -136,11 +139,26 @@ class Reader:
         self.timer.cancel()
 
 
+class _Direct:
+    """``proxy`` of a session whose peer is not a balancer, until its first read: a
+    PROXY header there is refused (take)."""
+
+    __slots__ = ()
+
+    def cancel(self) -> None:
+        pass
+
+
+DIRECT = _Direct()
+
+
 def begin(session, limit: int) -> bool:
     """In *session*'s connection_made: True when its peer is a balancer, whose header is
     now awaited (or, past *limit* connections waiting for theirs, refused)."""
     a = session.a
     if not (a.proxy_networks and a.behind_proxy(session.peer_ip)):
+        # (its first read passes through take(), as a balancer's does: no cost per read)
+        session.proxy = DIRECT
         return False
     if len(a.proxy_pending) >= limit:
         session._proxy_failed("too many connections waiting for their PROXY header")
@@ -160,8 +178,17 @@ def forget(session) -> None:
 
 def take(session, data: bytes) -> None:
     """Feed *data* to *session*'s PROXY header; once it is whole, the client it names is
-    the session's peer, the session is admitted and gets what followed the header."""
+    the session's peer, the session is admitted and gets what followed the header.
+    A direct client's first read (DIRECT): refused when it is a PROXY header, else
+    the session gets it."""
     reader = session.proxy
+    if reader is DIRECT:
+        session.proxy = None
+        if data.startswith(V1_PREFIX) or data.startswith(V2_SIGNATURE):
+            session._proxy_refused()
+        else:
+            session.data_received(data)
+        return
     reader.buf += data
     try:
         got = parse(reader.buf)

@@ -28,6 +28,9 @@ TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections, try again later\r\n"
 TOO_MANY_FROM_IP = b"421 4.7.0 Too many connections from your address, try again later\r\n"
 TOO_MANY_ERRORS = b"421 4.7.0 Too many errors, closing connection\r\n"
 TIMEOUT = b"421 4.4.2 Timeout, closing connection\r\n"
+# A PROXY header from a client not in server.proxy_protocol_from (mta/acceptor/proxy.py).
+PROXY_NOT_ACCEPTED = (b"421 4.7.0 A PROXY protocol header is not accepted from your address, "
+                      b"closing connection\r\n")
 STORAGE_TEMP = b"451 4.3.0 Temporary storage problem, try again later\r\n"
 REPORTS_BUSY = b"451 4.3.2 Too many reports waiting to be read, try again later\r\n"
 STORAGE_FULL = b"452 4.3.1 Insufficient system storage, try again later\r\n"

@@ -287,6 +287,11 @@ class Session(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _proxy_refused(self) -> None:
+        log.warning("connection from %s: a PROXY protocol header, from an address not in "
+                    "server.proxy_protocol_from; closed", self.peer_ip)
+        self.close_with(R.PROXY_NOT_ACCEPTED)
+
     def _admit(self) -> None:
         a = self.a
         transport = self.transport

@@ -48,7 +48,8 @@ class ServerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "(HAProxy with send-proxy or send-proxy-v2): a connection from one must begin "
         "with a PROXY protocol header (v1 or v2), and the client it names is the client "
         "(relay_networks, per-IP limits, Received, events, the API's loopback rule); "
-        "without one in 5 seconds it is closed.  Empty: no PROXY header is read")] = \
+        "without one in 5 seconds it is closed; a header from any other client is refused "
+        "(SMTP 421, HTTP 400) and logged.  Empty: no PROXY header is taken")] = \
         msgspec.field(default_factory=list)
     event_log: Annotated[str, _doc(
         "JSON-lines event log in SparkPost's message-event shape (injection, delivery, "

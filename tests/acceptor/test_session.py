@@ -561,3 +561,16 @@ def test_failed_auth_memory_is_bounded():
     for n in range(8):
         f.failed(f"10.1.0.{n}")           # room made by dropping the passed windows
     assert set(f.by_ip) == {f"10.1.0.{n}" for n in range(8)}
+
+
+@pytest.mark.parametrize("header", [b"PROXY TCP4 127.0.0.9 127.0.0.1 40000 25\r\n",
+                                    b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes(12)])
+def test_a_proxy_header_from_a_client_is_refused(impl, header):
+    # (from a balancer that is not in server.proxy_protocol_from, or a client that
+    # names itself another: the session must not go on as this peer's address)
+    acc, c = make(impl)
+    assert c.send(header + b"EHLO x\r\nMAIL FROM:<a@b.test>\r\n") == R.PROXY_NOT_ACCEPTED
+    assert c.transport.closed
+    acc, c = make(impl)                 # the first read only: later a command like any
+    c.send(b"EHLO x\r\n")
+    assert c.send(b"PROXY x\r\n") == R.UNKNOWN and not c.transport.closed

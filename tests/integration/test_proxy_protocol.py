@@ -13,6 +13,7 @@ import base64
 import json
 import shutil
 import socket
+import struct
 import subprocess
 import time
 
@@ -253,3 +254,44 @@ def test_a_header_that_names_no_client_gives_no_rights(make_daemon):
             assert reply.startswith(b"554") and b"Relay access denied" in reply, reply
         finally:
             s.close()
+
+
+V2_HEADER = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes([127, 0, 0, 9, 127, 0, 0, 1])
+             + struct.pack("!HH", 40000, 25))
+
+
+@pytest.mark.parametrize("header", [b"PROXY TCP4 127.0.0.9 127.0.0.1 40000 25\r\n", V2_HEADER],
+                         ids=["v1", "v2"])
+def test_a_header_from_a_balancer_not_listed_is_refused_and_logged(make_daemon, header):
+    # A second balancer the operator has not listed in proxy_protocol_from (or a client
+    # naming itself someone else): its header was an unknown command (500) and the
+    # session went on as the balancer's address -- on the node a loopback client that
+    # may relay (the default relay_networks) -- with nothing in the log.  Now the
+    # connection is closed after a 421, and the log says why.
+    d = make_daemon(acceptors=1, shards=1, server={"proxy_protocol_from": [f"{BALANCER}/32"]})
+    s = socket.create_connection((HOST, d.port), source_address=("127.0.0.7", 0), timeout=10)
+    try:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        s.sendall(header + b"EHLO client.test\r\nMAIL FROM:<a@sender.test>\r\n"
+                  b"RCPT TO:<b@example.net>\r\n")
+        assert f.readline() == (b"421 4.7.0 A PROXY protocol header is not accepted from "
+                                b"your address, closing connection\r\n")
+        assert f.readline() == b""
+    finally:
+        s.close()
+    d.wait_log("connection from 127.0.0.7: a PROXY protocol header, from an address not in "
+               "server.proxy_protocol_from; closed")
+    s = socket.create_connection((HOST, d.http_port), source_address=("127.0.0.7", 0),
+                                 timeout=10)
+    try:
+        s.sendall(header + b"GET /api/v1/transmissions HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    finally:
+        s.close()
+    assert out.startswith(b"HTTP/1.1 400 ") and b"PROXY protocol header" in out, out
+    d.wait_log("HTTP connection from 127.0.0.7: a PROXY protocol header, from an address "
+               "not in server.proxy_protocol_from; closed")
+    assert d.stop() == 0 and d.spool_dump() == []
