@@ -90,8 +90,7 @@ def parse(buf: bytes) -> tuple[int, str | None] | None:
         size, need = _FAMILIES[fam]
         if length < need:
             raise ProxyError("PROXY v2: address block too short")
-        src = buf[_V2.size:_V2.size + size]
-        return total, str(ipaddress.ip_address(src))
+        return total, _client(ipaddress.ip_address(buf[_V2.size:_V2.size + size]))
     raise ProxyError("not a PROXY header")
 
 
@@ -115,7 +114,16 @@ def _v1(line: bytes) -> str | None:
     if src.version != (4 if words[0] == b"TCP4" else 6) or \
             not all(0 <= p <= 65535 for p in ports):
         raise ProxyError("PROXY v1: bad address or port")
-    return str(src)
+    return _client(src)
+
+
+def _client(addr) -> str:
+    """The client at *addr* as the acceptor names it: an IPv4 client that the balancer
+    took on an IPv6 socket (``bind :::25 v4v6``) is sent as ``::ffff:a.b.c.d``, and
+    is named by its IPv4 address (Received, logs, events), as it would be directly."""
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
 
 
 class Reader:

@@ -24,6 +24,10 @@ def v2(cmd=0x21, fam=0x11, addrs=None, tlv=b"") -> bytes:
     (v2(tlv=b"\x03\x00\x04abcd") + b"rest", (35, "192.0.2.7")),
     (v2(fam=0x21, addrs=bytes(15) + b"\x01" + bytes(16) + b"\x00\x19\x00\x19"),
      (52, "::1")),
+    # an IPv4 client taken on the balancer's IPv6 socket: named by its IPv4 address
+    (b"PROXY TCP6 ::ffff:192.0.2.7 ::ffff:127.0.0.1 40000 25\r\n", (55, "192.0.2.7")),
+    (v2(fam=0x21, addrs=bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 7]) + bytes(10)
+        + b"\xff\xff" + bytes([127, 0, 0, 1]) + b"\x00\x19\x00\x19"), (52, "192.0.2.7")),
     (v2(cmd=0x20, fam=0x00, addrs=b""), (16, None)),       # LOCAL: a health check
     (v2(fam=0x31, addrs=bytes(216)), (232, None)),         # AF_UNIX: the balancer's own
 ])

@@ -25,8 +25,11 @@ HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"    # scripts/install-te
 BALANCER = "127.0.0.4"
 
 
-def haproxy_config(v2_port: int, v1_port: int, target: int) -> str:
-    return f"""
+def haproxy_config(ports: dict[str, int], target: int) -> str:
+    """Frontends for the test's clients: v2 and v1, each also on an IPv6 socket that takes
+    IPv4 clients (``bind ipv6@::ffff:...``, as ``bind :::25 v4v6`` does), whose
+    addresses HAProxy then sends as IPv4-mapped IPv6 ones (TCP6 ::ffff:127.0.0.5)."""
+    out = """
 global
     maxconn 200
 defaults
@@ -34,17 +37,18 @@ defaults
     timeout connect 5s
     timeout client 30s
     timeout server 30s
-frontend smtp_v2
-    bind 127.0.0.1:{v2_port}
-    default_backend mta_v2
-backend mta_v2
-    server m 127.0.0.1:{target} send-proxy-v2 source {BALANCER}
-frontend smtp_v1
-    bind 127.0.0.1:{v1_port}
-    default_backend mta_v1
-backend mta_v1
-    server m 127.0.0.1:{target} send-proxy source {BALANCER}
 """
+    for name, port in ports.items():
+        bind = f"ipv6@::ffff:127.0.0.1:{port}" if name.endswith("mapped") else \
+            f"127.0.0.1:{port}"
+        send = "send-proxy-v2" if name.startswith("v2") else "send-proxy"
+        out += f"""frontend smtp_{name}
+    bind {bind}
+    default_backend mta_{name}
+backend mta_{name}
+    server m 127.0.0.1:{target} {send} source {BALANCER}
+"""
+    return out
 
 
 @pytest.fixture
@@ -52,21 +56,21 @@ def balanced(make_daemon, tmp_path):
     d = make_daemon(acceptors=1, shards=1,
                     server={"proxy_protocol_from": [f"{BALANCER}/32"]},
                     smtp={"relay_networks": ["127.0.0.5/32"]})
-    v2_port, v1_port = free_port(), free_port()
+    ports = {name: free_port() for name in ("v2", "v1", "v2-mapped", "v1-mapped")}
     cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(haproxy_config(v2_port, v1_port, d.port))
+    cfg.write_text(haproxy_config(ports, d.port))
     hp = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
     try:
         def listening():
-            for port in (v2_port, v1_port):
+            for port in ports.values():
                 try:
                     socket.create_connection((HOST, port), timeout=1).close()
                 except OSError:
                     return False
             return True
         wait_until(listening, 20, "haproxy listening")
-        yield d, v2_port, v1_port
+        yield d, ports
     finally:
         hp.terminate()
         try:
@@ -91,10 +95,12 @@ def transaction(port: int, source: str, rcpt: str) -> tuple[int, list[str]]:
         c.close()
 
 
-@pytest.mark.parametrize("version", ["v2", "v1"])
+@pytest.mark.parametrize("version", ["v2", "v1", "v2-mapped", "v1-mapped"])
 def test_behind_haproxy_the_client_is_the_one_the_header_names(balanced, version):
-    d, v2_port, v1_port = balanced
-    port = v2_port if version == "v2" else v1_port
+    # (-mapped: the header names the IPv4 client as ::ffff:127.0.0.5, which went into the
+    # Received header and the logs as "IPv6:::ffff:7f00:5": an IPv4 client is named as one)
+    d, ports = balanced
+    port = ports[version]
     code, lines = transaction(port, "127.0.0.5", f"ok-{version}@example.net")
     assert code == 250, lines
     # 127.0.0.6 is not in relay_networks: through the same balancer it may not relay
