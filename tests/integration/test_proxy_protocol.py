@@ -20,6 +20,7 @@ import time
 import pytest
 
 from daemon import HOST, Client, free_port, wait_until
+from test_admin_api import admin_call
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"    # scripts/install-test-deps
 BALANCER = "127.0.0.4"
@@ -301,3 +302,98 @@ def test_a_header_from_a_balancer_not_listed_is_refused_and_logged(make_daemon, 
     d.wait_log("HTTP connection from 127.0.0.7: a PROXY protocol header, from an address "
                "not in server.proxy_protocol_from; closed")
     assert d.stop() == 0 and d.spool_dump() == []
+
+
+def haproxy_states(stats_socket: str) -> dict[str, str]:
+    """{backend: the status of its one server (UP, DOWN, ...)} from HAProxy's stats socket."""
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.settimeout(5)
+        s.connect(stats_socket)
+        s.sendall(b"show stat\n")
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    finally:
+        s.close()
+    rows = [line.split(",") for line in out.decode().splitlines()
+            if line and not line.startswith("#")]
+    return {r[0]: r[17] for r in rows if r[1] == "m"}
+
+
+def test_haproxy_checks_take_a_draining_node_out_and_its_session_finishes(make_daemon,
+                                                                         tmp_path):
+    # HAProxy's own checks, sent through the PROXY protocol as LOCAL (v2): `option smtpchk`
+    # on the SMTP port reads the drain's 421 at the greeting, `option httpchk` the admin
+    # listener's 503 (README).  Either takes the node out -- new connections are not sent
+    # to it -- while a message already in DATA through the balancer is taken (250).
+    d = make_daemon(acceptors=1, shards=1, server={"proxy_protocol_from": [f"{BALANCER}/32"]})
+    smtp_port, http_port = free_port(), free_port()
+    stats = str(tmp_path / "haproxy.sock")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(f"""
+global
+    maxconn 200
+    stats socket {stats} mode 600 level admin
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout check 2s
+listen smtpchk
+    bind 127.0.0.1:{smtp_port}
+    option smtpchk EHLO lb.test
+    server m 127.0.0.1:{d.port} send-proxy-v2 source {BALANCER} check inter 300 fall 2 rise 1
+listen httpchk
+    bind 127.0.0.1:{http_port}
+    option httpchk
+    http-check send meth GET uri /api/admin/health
+    server m 127.0.0.1:{d.port} send-proxy-v2 source {BALANCER} check port {d.admin_port} inter 300 fall 2 rise 1
+""")
+    hp = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+    try:
+        def states(want: str):
+            try:
+                got = haproxy_states(stats)
+            except OSError:
+                return None
+            return got if got and set(got.values()) == {want} else None
+        wait_until(lambda: states("UP"), 20, "both checks passing")
+        c = Client(HOST, smtp_port, source="127.0.0.5")
+        try:
+            assert c.banner[0] == 220
+            assert c.cmd("EHLO client.test")[0] == 250
+            assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 250
+            assert c.cmd("RCPT TO:<in-flight@example.net>")[0] == 250
+            assert c.cmd("DATA")[0] == 354
+            assert admin_call(d, "POST", "/api/admin/drain")[0] == 200
+            wait_until(lambda: states("DOWN"), 20, "both checks failing")
+            code, lines = c.cmd(b"Subject: in flight\r\n\r\nhello\r\n.")
+            assert code == 250, lines
+        finally:
+            c.close()
+        for port in (smtp_port, http_port):     # no server left: HAProxy closes at once
+            s = socket.create_connection((HOST, port), source_address=("127.0.0.5", 0),
+                                         timeout=10)
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass
+            finally:
+                s.close()
+        assert admin_call(d, "DELETE", "/api/admin/drain")[0] == 200
+        wait_until(lambda: states("UP"), 20, "both checks passing after the cancel")
+        code, _ = transaction(smtp_port, "127.0.0.5", "after@example.net")
+        assert code == 250
+    finally:
+        hp.terminate()
+        try:
+            hp.wait(10)
+        except subprocess.TimeoutExpired:
+            hp.kill()
+            hp.wait()
+    assert d.stop() == 0
+    assert sorted(r for m in d.spool_dump() for r in m["recipients"]) == [
+        "after@example.net", "in-flight@example.net"]
