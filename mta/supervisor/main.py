@@ -3,7 +3,9 @@
 Reads:   the configuration file (at start and on SIGHUP; validated whole by
          :func:`mta.config.load`); the process table (``services.table``);
          ``spool/SHARDS``, the shard count the spool was created with;
-         ``run/mta.pid``, to refuse a second daemon on the same state directory;
+         ``run/mta.pid``, to refuse a second daemon on the same state directory
+         (and ``run/mta.lock``, flock(2)ed for the daemon's life, so that two started
+         at the same instant do not both pass that check);
          one "ready" byte per child on a pipe.
 Writes:  the listening sockets (one SO_REUSEPORT socket per acceptor slot and
          address, SMTP and HTTP, held open here for the daemon's life), ``run/mta.pid``,
@@ -61,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import importlib
 import ipaddress
 import json
@@ -98,6 +101,8 @@ STOP_GRACE = 10.0           # seconds after the drain for a child to exit before
 LISTEN_BACKLOG = 4096
 DRAIN_FLAG = "drain"        # run/drain: the node is drained (written by the admin process)
 INHERIT_ENV = "MTA_INHERIT_FDS"          # upgrade: the listening sockets' fds, as JSON
+LOCK_ENV = "MTA_LOCK_FD"                 # upgrade: the fd holding run/mta.lock
+LOCK_NAME = "mta.lock"                   # in run_dir: flocked by the running supervisor
 UPGRADE_READY_ENV = "MTA_UPGRADE_READY_FD"   # upgrade: the new supervisor writes b"R" here
 
 
@@ -242,6 +247,8 @@ class Supervisor:
         # Upgrade: the pipe on which this supervisor tells the one it replaces it is ready.
         fd = os.environ.pop(UPGRADE_READY_ENV, None)
         self.upgrade_ready_fd = int(fd) if fd and fd.isdigit() else None
+        fd = os.environ.pop(LOCK_ENV, None)
+        self.lock_fd = int(fd) if fd and fd.isdigit() else None
 
     # --------------------------------------------------------------- set-up
 
@@ -251,13 +258,16 @@ class Supervisor:
         # with the spool and every other store in it
         store.make_dirs(s.state_dir)
         os.makedirs(s.run_dir, exist_ok=True)
+        # first, before this start writes anything: a second daemon on this state
+        # directory must leave the first one's files (and its ports) alone
+        self._lock_run_dir()
+        pidfile = os.path.join(s.run_dir, "mta.pid")
+        self._check_not_running(pidfile)
         store.make_dirs(s.spool_dir)
         self.settings = s = self._fix_shard_count(s)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        pidfile = os.path.join(s.run_dir, "mta.pid")
-        self._check_not_running(pidfile)
         with open(pidfile, "w") as fh:
             fh.write(f"{os.getpid()}\n")
         self.pidfile = pidfile
@@ -292,6 +302,53 @@ class Supervisor:
                     os.unlink(path)
         except OSError:
             pass
+
+    def _lock_run_dir(self) -> None:
+        """Take run/mta.lock (flock) for this supervisor's life, or StartupError naming
+        the daemon that holds it.
+
+        The pid file alone is checked, then written: two starts at the same instant
+        both passed the check, and the one that failed later (the ports, the spool
+        shards' locks) had written its pid and record files over the other's, and
+        removed the pid file as it went.  flock(2): the kernel lets go when the process
+        ends, however it ends.  The children do not keep it (spawn closes it there), so
+        a supervisor killed with SIGKILL leaves no lock; an upgrade hands the
+        descriptor to the new supervisor ($MTA_LOCK_FD), which holds it with this one
+        and alone once it exits.
+        """
+        path = os.path.join(self.settings.run_dir, LOCK_NAME)
+        fd = self.lock_fd
+        if fd is not None and not self._is_lock_file(fd, path):
+            log.warning("$%s names no descriptor of %s; ignored", LOCK_ENV, path)
+            fd = None
+        if fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            try:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            except OSError:
+                holder = "?"
+            os.close(fd)
+            self.lock_fd = None
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise StartupError(f"another mta (pid {holder}) uses "
+                               f"{self.settings.state_dir}") from None
+        os.set_inheritable(fd, False)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.lock_fd = fd
+
+    @staticmethod
+    def _is_lock_file(fd: int, path: str) -> bool:
+        """Whether *fd* (inherited) is open on the file at *path*."""
+        try:
+            a, b = os.fstat(fd), os.stat(path)
+        except OSError:
+            return False
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
     def _check_not_running(self, pidfile: str) -> None:
         try:
@@ -416,6 +473,8 @@ class Supervisor:
                         os.close(c.ready_fd)
                 if self.upgrade_ready_fd is not None:
                     os.close(self.upgrade_ready_fd)
+                if self.lock_fd is not None:
+                    os.close(self.lock_fd)      # (the supervisor's lock stays: not LOCK_UN)
                 mod_name, func = entry.split(":")
                 fn = getattr(importlib.import_module(mod_name), func)
                 if slot.socks or slot.http_socks:
@@ -665,14 +724,16 @@ class Supervisor:
         argv = [sys.executable, "-m", "mta", "serve"]
         if self.config_path:
             argv += ["-c", self.config_path]
-        env = {**os.environ, INHERIT_ENV: json.dumps(fds), UPGRADE_READY_ENV: str(wfd)}
+        env = {**os.environ, INHERIT_ENV: json.dumps(fds), UPGRADE_READY_ENV: str(wfd),
+               LOCK_ENV: str(self.lock_fd)}
         try:
             os.unlink(self.pidfile)     # the new supervisor writes its own
         except OSError:
             pass
         new = None
         try:
-            new = subprocess.Popen(argv, env=env, pass_fds=[*fds, wfd], close_fds=True)
+            new = subprocess.Popen(argv, env=env, pass_fds=[*fds, wfd, self.lock_fd],
+                                   close_fds=True)
         except OSError as exc:
             log.error("upgrade: cannot start %s: %s", argv[0], exc)
         os.close(wfd)

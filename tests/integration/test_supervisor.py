@@ -694,3 +694,69 @@ def test_a_child_that_dies_while_a_reload_replaces_delivery_is_restarted_at_once
     finally:
         os.kill(delivery, signal.SIGCONT)
     d.wait_log(r"reloaded: ", timeout=60)
+
+
+# Runs `mta serve` (its arguments) with the supervisor's pid-file check widened into a
+# window: a process that passed it waits until the other start passed it too (at most 5 s),
+# as two starts at the same instant do.
+SAME_INSTANT_WRAPPER = """
+import os, runpy, sys, time
+from mta.supervisor import main as m
+marks = sys.argv.pop(1)
+check = m.Supervisor._check_not_running
+def passed(self, pidfile):
+    check(self, pidfile)
+    open(os.path.join(marks, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 5
+    while len(os.listdir(marks)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+m.Supervisor._check_not_running = passed
+sys.argv = sys.argv[2:]
+runpy.run_module("mta", run_name="__main__")
+"""
+
+
+def test_two_starts_at_the_same_instant_on_one_state_directory_leave_one_serving(
+        make_daemon, tmp_path):
+    # The pid file was checked, then written: two starts at once both passed the check,
+    # both wrote their pid and the record files, bound the ports and started children;
+    # the loser (the spool shards' lock, the ports) removed the winner's pid file as it
+    # failed.  The second must refuse before it touches anything.
+    wrapper = tmp_path / "same_instant.py"
+    wrapper.write_text(SAME_INSTANT_WRAPPER)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    a = make_daemon(acceptors=2, shards=1, start=False)
+    b = make_daemon(acceptors=2, shards=1, start=False)
+    b.port, b.http_port, b.admin_port = a.port, a.http_port, a.admin_port
+    b.sections, b.state_dir = a.sections, a.state_dir
+    b.write_config()
+    python = [os.sys.executable, str(wrapper), str(marks)]
+    a.start(wait=False, python=python)
+    b.start(wait=False, python=python)
+    wait_until(lambda: a.proc.poll() is not None or b.proc.poll() is not None, 60,
+               "one of the two starts to give up")
+    loser, winner = (a, b) if a.proc.poll() is not None else (b, a)
+    assert loser.proc.returncode == 1, loser.log()
+    winner.wait_ready(60)
+    run = os.path.join(a.state_dir, "run")
+    assert open(os.path.join(run, "mta.pid")).read().strip() == str(winner.proc.pid)
+    assert re.search(rf"cannot start: another mta \(pid {winner.proc.pid}\) uses "
+                     rf"{re.escape(a.state_dir)}", loser.log()), loser.log()
+    assert "started " not in loser.log()           # no child of its own, ever
+    assert os.path.exists(os.path.join(run, "active-config.json"))
+    for _ in range(20):
+        with socket.create_connection((HOST, a.port), timeout=10) as s:
+            assert s.recv(100).startswith(b"220 mta.test ESMTP")
+    qid = winner.send("a@example.com", ["b@example.net"], b"Subject: one\r\n\r\nx\r\n")
+    assert [x["queue_id"] for x in winner.queue_list()] == [qid]
+    assert winner.cli("reload", timeout=120).returncode == 0
+    assert winner.stop() == 0
+    # the lock is the daemon's for its life only: a start after it (even one killed with
+    # SIGKILL, whose lock the kernel lets go) is not refused
+    winner.start()
+    os.kill(winner.proc.pid, signal.SIGKILL)
+    winner.proc.wait(10)
+    wait_until(lambda: not winner._group_alive(), 30, "the orphaned children to stop")
+    winner.start()
+    assert winner.stop() == 0

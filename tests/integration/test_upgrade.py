@@ -352,3 +352,25 @@ def test_after_a_failed_upgrade_the_active_record_is_the_old_supervisors_again(m
     time.sleep(1.0)       # (the shard's first turns)
     assert "delivery no longer held" not in d.log().rsplit("upgrade failed", 1)[1]
     assert d.stop() == 0
+
+
+def test_the_state_directory_lock_passes_to_the_new_supervisor(make_daemon):
+    # run/mta.lock (flock) keeps a second daemon off the state directory for the running
+    # one's life: an upgrade hands it on, so a start after the old supervisor exited is
+    # still refused, naming the new one, and leaves its pid file and ports alone.
+    d = make_daemon(acceptors=1, shards=1)
+    d.cli("upgrade", timeout=180)
+    new = supervisor_pid(d)
+    assert new != d.proc.pid and d.proc.wait(30) == 0
+    with open(os.path.join(d.state_dir, "run", "mta.pid"), "w") as fh:
+        fh.write("0\n")             # (a pid file that names nobody: the lock alone refuses)
+    d.start(wait=False)
+    assert d.proc.wait(30) == 1
+    assert f"cannot start: another mta (pid {new}) uses {d.state_dir}" in \
+        d.log(since_start=True)
+    assert open(os.path.join(d.state_dir, "run", "mta.pid")).read() == "0\n"
+    assert d.connect().banner[0] == 220
+    os.kill(new, signal.SIGTERM)
+    wait_until(lambda: not alive(new), 60, "the new supervisor to stop")
+    d.start()
+    assert d.connect().banner[0] == 220
