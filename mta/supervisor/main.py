@@ -38,7 +38,8 @@ refused (the old one finishes its sessions; one still there after the shutdown
 timeout, the spool timeout and STOP_GRACE is killed); then, when their sections changed (``ROLLED``: [server], [delivery], [egress],
 [[shaping]], [[response_rule]], [[warmup]], [backoff], [feedback]; [events];
 [webhooks], [[webhook]]), replace the delivery, events and webhooks processes
-one at a time, each stopped as at SIGTERM before its successor starts — then
+one at a time, each stopped as at SIGTERM before its successor starts (one that
+does not start ends its role's roll and fails the reload, naming it) — then
 READY=1.  Spool and admin settings, and what changes the process table
 (delivery.processes, turning the events or webhooks process on or off), take
 effect at the next restart; the log names them.
@@ -244,6 +245,9 @@ class Supervisor:
         self.signals: list[int] = []
         self.stopping = False
         self.outgoing: list[Slot] = []   # during a reload: slots being replaced or not yet used
+        # roles a reload's roll left part-done (a new process did not start): the next
+        # reload replaces them whether their sections changed or not
+        self.unrolled: set[str] = set()
         # Upgrade: the pipe on which this supervisor tells the one it replaces it is ready.
         fd = os.environ.pop(UPGRADE_READY_ENV, None)
         self.upgrade_ready_fd = int(fd) if fd and fd.isdigit() else None
@@ -967,14 +971,22 @@ class Supervisor:
                 log.error("reload: the spool shards keep [delivery] as it was (hold, "
                           "retries, timeouts) until a restart: the record they read "
                           "could not be written")
+        failed = []
         for role, sections in ROLLED.items():
-            changed = [k for k in sections
+            changed = [f"[{k}]" for k in sections
                        if getattr(new.config, k) != getattr(old.config, k)]
+            if role in self.unrolled:
+                changed.append("a roll left part-done")
             if changed and any(key[0] == role for key in self.slots):
                 log.info("reload: %s changed; replacing the %s process(es) one at a time",
-                         ", ".join(f"[{k}]" for k in changed), role)
-                self._roll(role, new)
+                         ", ".join(changed), role)
+                failed += self._roll(role, new)
         status = self.status_line()
+        if failed:
+            why = "; ".join(failed)
+            self.report_reload(read_at, "failed", f"reload failed: {why}", later)
+            notify.ready(f"reload failed: {why}; {status}")
+            return
         log.info("reloaded: %s", status)
         self.report_reload(read_at, "done", later=later)
         notify.ready(status)
@@ -1035,8 +1047,9 @@ class Supervisor:
                     new.config.server, state_dir=old.config.server.state_dir)))
         return new
 
-    def _roll(self, role: str, settings) -> None:
-        """Replace the processes of *role* one at a time with ones that read *settings*.
+    def _roll(self, role: str, settings) -> list[str]:
+        """Replace the processes of *role* one at a time with ones that read *settings*;
+        returns what went wrong ([] if nothing did).
 
         Each old process is stopped as at SIGTERM -- a delivery process finishes the
         transactions it has started and hands back its outcomes -- and its successor is
@@ -1045,13 +1058,19 @@ class Supervisor:
         jobs the old one took with it unstarted (at least once; nothing is lost).
         A stop (SIGTERM) asked for meanwhile ends the roll: the processes not replaced
         yet stay, and are stopped with the others at once.
+        A new process that does not start ends it too: it is started again as after a
+        crash, and the old processes not replaced yet keep serving (replaced alike,
+        their successors might not start either) until the next reload replaces them
+        (``unrolled``); the reload is reported failed, naming it.
         """
         grace = self._stop_grace(settings)
-        for key in sorted(k for k in self.slots if k[0] == role):
+        self.unrolled.discard(role)
+        keys = sorted(k for k in self.slots if k[0] == role)
+        for n, key in enumerate(keys):
             if self._stop_asked():
                 log.info("reload: a stop was asked for; %s[%d] and the rest are left as "
                          "they are", role, key[1])
-                return
+                return []
             slot = self.slots[key]
             old = slot.child
             if old is not None and old.pid in self.children:
@@ -1061,10 +1080,18 @@ class Supervisor:
             slot.child = None
             slot.restart_at = None
             child = self._respawn(slot, settings)
-            if child is not None and not self.wait_ready([child],
-                                                         settings.config.server.ready_timeout):
-                log.error("%s[%d] did not start after the reload; it is restarted as after "
-                          "a crash", role, key[1])
+            if child is None or not self.wait_ready([child],
+                                                    settings.config.server.ready_timeout):
+                rest = ", ".join(f"{role}[{k[1]}]" for k in keys[n + 1:])
+                why = f"{role}[{key[1]}] did not start with the new configuration; it " \
+                    "is started again as after a crash" + (
+                        f"; {rest} not replaced (the next reload replaces them)"
+                        if rest else "")
+                log.error("reload failed: %s", why)
+                if rest:
+                    self.unrolled.add(role)
+                return [why]
+        return []
 
     def _fresh_slots(self, old, new) -> dict:
         """New slots for the acceptors whose addresses changed (or that are new).

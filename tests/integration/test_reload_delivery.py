@@ -206,3 +206,68 @@ def test_a_stop_during_a_reload_does_not_wait_for_the_rest_of_the_delivery_proce
         assert len(re.findall(r"started delivery\[[12]\]", log)) == 2     # (the first start)
     finally:
         a.stop()
+
+
+# Runs `mta serve` (its arguments) with every delivery process started while the file
+# named first exists failing at its start, as one that cannot start does.
+FAILING_DELIVERY_WRAPPER = """
+import os, runpy, sys
+from mta import proc
+flag = sys.argv.pop(1)
+start_role = proc.start_role
+def start(role, index, log_level):
+    if role == "delivery" and os.path.exists(flag):
+        raise SystemExit(3)
+    return start_role(role, index, log_level)
+proc.start_role = start
+sys.argv = sys.argv[2:]
+runpy.run_module("mta", run_name="__main__")
+"""
+
+
+def test_a_reload_whose_new_delivery_process_does_not_start_is_reported_failed(
+        make_daemon, tmp_path):
+    # A new delivery process that did not start was only logged: the reload was
+    # recorded as done (mta reload exit 0, systemd READY=1), and the roll went on to
+    # stop the next old process too, whose successor fails alike -- no delivery at all.
+    # mta reload must fail naming it, and the processes not replaced yet keep serving.
+    import os
+    import sys
+    a = AioSink(HOST, free_port(), name="A").start()
+    try:
+        wrapper = tmp_path / "failing_delivery.py"
+        wrapper.write_text(FAILING_DELIVERY_WRAPPER)
+        flag = tmp_path / "fail"
+        d = make_daemon(acceptors=1, shards=1, start=False,
+                        delivery={"hold": False, "processes": 2, "route": route(a)})
+        d.start(python=[sys.executable, str(wrapper), str(flag)])
+        before = d.children()
+        flag.touch()
+        d.sections["delivery"]["connect_timeout"] = 17.0
+        d.sections["smtp"]["banner"] = "ESMTP reloaded"
+        d.write_config()
+        r = d.cli("reload", check=False, timeout=120)
+        assert r.returncode == 1, r
+        err = r.stderr.decode()
+        assert "delivery[0]" in err and "did not start" in err, err
+        assert re.search(r"ERROR supervisor\[\d+\]: reload failed: delivery\[0\] did not "
+                         r"start", d.log()), d.log()[-3000:]
+        assert "reloaded: " not in d.log()
+        # delivery[1] was not replaced: it still runs, with what it was started with
+        assert d.children().get("delivery[1]") == before["delivery[1]"]
+        with d.connect() as c:                  # the rest of the reload is in effect
+            assert c.banner == (220, ["mta.test ESMTP reloaded"])
+        # once it can start, delivery[0] is started again as after a crash: mail flows
+        os.unlink(flag)
+        wait_until(lambda: "delivery[0]" in d.children() and
+                   d.children()["delivery[0]"] != before["delivery[0]"], 30,
+                   "delivery[0] started again")
+        for i in range(6):      # (domains spread over the delivery processes)
+            d.send("s@example.com", [f"r@d{i}.example"], message(f"after{i}"))
+        wait_until(lambda: a.received() >= 6, 60, "the mail at A")
+        # the next reload (the file unchanged) replaces what the failed one left
+        r = d.cli("reload", timeout=120)
+        assert "reloaded: " in r.stdout.decode(), r
+        assert d.children()["delivery[1]"] != before["delivery[1]"]
+    finally:
+        a.stop()
