@@ -176,6 +176,12 @@ def setup_logging(level: str, name: str) -> None:
     root.setLevel(_LEVELS.get(level, logging.INFO))
 
 
+def set_log_level(level: str) -> None:
+    """Log at *level* from now on (a reload's server.log_level, in a process it does not
+    replace)."""
+    logging.getLogger().setLevel(_LEVELS.get(level, logging.INFO))
+
+
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3    # mallopt (glibc malloc.h)
 
 

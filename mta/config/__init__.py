@@ -136,8 +136,9 @@ def restart_keys(old: Settings, new: Settings) -> list[str]:
     count, delivery.processes, the [delivery] keys the spool shards read at start
     (SPOOL_START_KEYS: the delivery processes take them now) and of the other sections
     (SPOOL_READ_AT_START: the bounce classes, the Bounce Rule), turning the events or
-    webhooks process on or off, the state directory, and the host name the spool
-    shards put in their DSNs."""
+    webhooks process on or off, the state directory, the host name the spool
+    shards put in their DSNs, and the log level of the admin and webhooks processes
+    (the others take it: replaced, or the supervisor and the spool shards, told)."""
     out = []
     for section in ("spool", "admin"):
         a = msgspec.to_builtins(getattr(old.config, section))
@@ -160,6 +161,12 @@ def restart_keys(old: Settings, new: Settings) -> list[str]:
     elif old.hostname != new.hostname:
         out.append("server.hostname (in the spool shards' DSNs; the other processes take "
                    "it now)")
+    if old.config.server.log_level != new.config.server.log_level:
+        kept = [role for role, on in (("admin", new.admin_listen),
+                                      ("webhooks", new.config.webhooks.enabled)) if on]
+        if kept:
+            out.append(f"server.log_level (the {' and '.join(kept)} process"
+                       f"{'es' if len(kept) > 1 else ''}')")
     return out
 
 

@@ -141,6 +141,7 @@ class Shard:
         self.settings = settings
         self.cfg = cfg
         self.dcfg = settings.config.delivery
+        self.log_level = settings.config.server.log_level    # a reload may change it
         self.shard = shard
         self.events_on = settings.events_enabled    # an events process reads our events
         self.policy = sch.RetryPolicy(self.dcfg)
@@ -332,14 +333,18 @@ class Shard:
             self.reload_wanted = True
 
     def apply_reload(self) -> None:
-        """SIGHUP: take the [delivery] keys a running shard can change from the active
-        configuration the supervisor recorded (the others stay as at start)."""
+        """SIGHUP: take the [delivery] keys a running shard can change, and the log level,
+        from the active configuration the supervisor recorded (the others stay as at
+        start)."""
         self.reload_wanted = False
         active = mconfig.read_active(self.settings.run_dir)
         if active is None:
             log.warning("reload: the active configuration cannot be read; "
                         "[delivery] stays as it was")
             return
+        if active.config.server.log_level != self.log_level:
+            self.log_level = active.config.server.log_level
+            proc.set_log_level(self.log_level)
         old = self.dcfg
         new = msgspec.structs.replace(active.config.delivery, **{
             k: getattr(old, k) for k in mconfig.SPOOL_START_KEYS})

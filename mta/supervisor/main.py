@@ -31,7 +31,8 @@ keeps dying quickly (up to ``server.restart_backoff_max``).
 SIGTERM/SIGINT: STOPPING=1; roles stop in reverse table order: acceptors
 drain (``server.shutdown_timeout``), delivery finishes transactions in
 progress, then the spool shards record the last outcomes and stop; exit 0.
-SIGHUP: RELOADING=1; validate the new file; if it is bad keep running and log
+SIGHUP: RELOADING=1; validate the new file (a new server.log_level is this
+process's at once, and the spool shards', told as below); if it is bad keep running and log
 why; if good, replace the acceptors one slot at a time — the new process
 accepts on the slot's socket before the old one stops, so no connection is
 refused (the old one finishes its sessions; one still there after the shutdown
@@ -961,16 +962,21 @@ class Supervisor:
             notify.ready(f"reload failed: {exc}; {self.status_line()}")
             return
         self.settings = new
+        level = new.config.server.log_level
+        if level != old.config.server.log_level:
+            proc.set_log_level(level)
         recorded = self._write_active()
-        if new.config.delivery != old.config.delivery:
+        if new.config.delivery != old.config.delivery or \
+                level != old.config.server.log_level:
             # the spool shards are not replaced: they take from the record just written
-            # what of [delivery] they can change while they run (hold, retries, timeouts)
+            # what of [delivery] they can change while they run (hold, retries, timeouts),
+            # and the log level
             if recorded:
                 self._signal_role("spool", signal.SIGHUP)
             else:
                 log.error("reload: the spool shards keep [delivery] as it was (hold, "
-                          "retries, timeouts) until a restart: the record they read "
-                          "could not be written")
+                          "retries, timeouts) and server.log_level until a restart: the "
+                          "record they read could not be written")
         failed = []
         for role, sections in ROLLED.items():
             changed = [f"[{k}]" for k in sections

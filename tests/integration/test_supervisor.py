@@ -760,3 +760,28 @@ def test_two_starts_at_the_same_instant_on_one_state_directory_leave_one_serving
     wait_until(lambda: not winner._group_alive(), 30, "the orphaned children to stop")
     winner.start()
     assert winner.stop() == 0
+
+
+def test_a_reload_of_the_log_level_reaches_the_processes_it_does_not_replace(make_daemon):
+    # server.log_level reached only the processes a reload replaces (the acceptors, the
+    # delivery and events processes): the supervisor and the spool shards logged on at
+    # the old level, and nothing said so.  They take it now; the admin and webhooks
+    # processes, which have no way to, are named as needing a restart.
+    d = make_daemon(acceptors=1, shards=1)
+    spool = d.children()["spool[0]"]
+    for level in ("warning", "info"):
+        d.sections["server"]["log_level"] = level
+        d.write_config()
+        r = d.cli("reload", timeout=120)
+        assert "reloaded: " in r.stdout.decode(), r
+        assert re.search(r"server\.log_level \(the admin and webhooks processes'\) "
+                         r"changed: it takes effect at the next restart",
+                         r.stderr.decode()), r
+        d.cli("queue", "flush")
+        if level == "warning":
+            time.sleep(1.0)
+            assert "queue flush" not in d.log()     # (an info line of the shard's)
+            assert "reloaded: " not in d.log()      # (the supervisor's)
+    d.wait_log(rf"INFO spool\[0\]\[{spool}\]: queue flush", timeout=10)
+    assert re.search(r"INFO supervisor\[\d+\]: reloaded: ", d.log()), d.log()[-2000:]
+    assert d.children()["spool[0]"] == spool        # (not replaced)
