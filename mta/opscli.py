@@ -409,12 +409,12 @@ def reload_cmd(config_path, pid, timeout):
     except ProcessLookupError:
         click.echo(f"mta: the daemon (pid {pid}) is not running; not reloaded", err=True)
         sys.exit(EX_UNAVAILABLE)
-    if not os.path.isdir(s.run_dir):
+    if not _runs_in(pid, s.run_dir):
         # The file names another state directory, which a running daemon keeps until a
         # restart: it records the outcome in its own, not here, and nothing would come.
         click.echo(f"mta: server.state_dir changed: it takes effect at the next restart; "
                    f"the daemon (pid {pid}) was asked to reload the rest, and its outcome "
-                   f"is recorded in its own state directory ({s.run_dir} does not exist); "
+                   f"is recorded in its own state directory ({s.run_dir} is not it); "
                    "see the daemon's log", err=True)
         sys.exit(1)
     path = os.path.join(s.run_dir, mconfig.RELOAD_RECORD)
@@ -450,6 +450,21 @@ def daemon_running(settings) -> bool:
     """Whether the supervisor of *settings*' state directory runs (its pid file's pid)."""
     pid = _read_pid(os.path.join(settings.run_dir, "mta.pid"))
     return bool(pid) and proc.alive(pid)
+
+
+def _runs_in(pid: int, run_dir: str) -> bool:
+    """Whether the supervisor *pid* uses *run_dir*: it holds its lock open
+    (run/mta.lock); where that cannot be told (no lock file: a daemon of an earlier
+    version; its descriptors unreadable), whether the pid file there names it.  A
+    directory that exists is not the daemon's for that: a former state directory."""
+    if not os.path.isdir(run_dir):
+        return False
+    from mta import config as mconfig
+
+    held = proc.holds_open(pid, os.path.join(run_dir, mconfig.SUPERVISOR_LOCK))
+    if held is not None:
+        return held
+    return _read_pid(os.path.join(run_dir, "mta.pid")) == pid
 
 
 def _read_pid(path: str) -> int:

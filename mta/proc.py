@@ -148,6 +148,24 @@ def title(pid: int) -> str:
         return ""
 
 
+def holds_open(pid: int, path: str) -> bool | None:
+    """Whether process *pid* has the file at *path* open; None when that cannot be
+    told (its descriptors cannot be read: another user's, or it is gone; no such file)."""
+    try:
+        want = os.stat(path)
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue            # (closed meanwhile)
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            return True
+    return False
+
+
 def flush_logging() -> None:
     """Write every log line still held for the end of a loop turn."""
     for h in logging.getLogger().handlers:

@@ -118,6 +118,7 @@ API_GRANTS = ("transmissions:modify", "message_events:view", "suppression_lists:
               "webhooks:view", "webhooks:modify")
 ACTIVE_NAME = "active-config.json"   # in run_dir: what the running supervisor applied
 RELOAD_RECORD = "reload.json"        # in run_dir: the last reload's outcome (mta reload)
+SUPERVISOR_LOCK = "mta.lock"         # in run_dir: flocked by the running supervisor
 # [delivery] keys the spool shards read at their start only (a reload of the others,
 # hold, retry_schedule, retry_jitter, delay_warning_time and the timeouts, reaches them
 # too: the supervisor SIGHUPs them): deadlines filed and the dispatch window's size

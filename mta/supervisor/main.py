@@ -104,7 +104,6 @@ LISTEN_BACKLOG = 4096
 DRAIN_FLAG = "drain"        # run/drain: the node is drained (written by the admin process)
 INHERIT_ENV = "MTA_INHERIT_FDS"          # upgrade: the listening sockets' fds, as JSON
 LOCK_ENV = "MTA_LOCK_FD"                 # upgrade: the fd holding run/mta.lock
-LOCK_NAME = "mta.lock"                   # in run_dir: flocked by the running supervisor
 UPGRADE_READY_ENV = "MTA_UPGRADE_READY_FD"   # upgrade: the new supervisor writes b"R" here
 
 
@@ -321,7 +320,7 @@ class Supervisor:
         descriptor to the new supervisor ($MTA_LOCK_FD), which holds it with this one
         and alone once it exits.
         """
-        path = os.path.join(self.settings.run_dir, LOCK_NAME)
+        path = os.path.join(self.settings.run_dir, mconfig.SUPERVISOR_LOCK)
         fd = self.lock_fd
         if fd is not None and not self._is_lock_file(fd, path):
             log.warning("$%s names no descriptor of %s; ignored", LOCK_ENV, path)

@@ -673,6 +673,30 @@ def test_mta_reload_of_a_file_that_moves_the_state_directory_does_not_hang(make_
     assert not os.path.exists(tmp_path / "elsewhere")
 
 
+def test_mta_reload_that_moves_the_state_directory_to_one_with_a_run_directory_answers_at_once(
+        make_daemon, tmp_path):
+    # The same, when the directory the file names has a run/ already (a former state
+    # directory, one made ahead of a move): mta reload took it for the daemon's and waited
+    # there for the record the daemon writes in its own -- its whole --timeout.
+    d = make_daemon(acceptors=1, shards=1)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "run").mkdir(parents=True)
+    d.sections["server"]["state_dir"] = str(elsewhere)
+    d.sections["smtp"]["banner"] = "ESMTP moved"
+    d.write_config()
+    t0 = time.monotonic()
+    r = d.cli("reload", "--pid", str(d.proc.pid), "--timeout", "120", check=False,
+              timeout=150)
+    assert time.monotonic() - t0 < 30, r
+    assert r.returncode == 1, r
+    err = r.stderr.decode()
+    assert "server.state_dir" in err and "next restart" in err, err
+    d.wait_log(r"reloaded: ")
+    with d.connect() as c:
+        assert c.banner == (220, ["mta.test ESMTP moved"])
+    assert os.listdir(elsewhere / "run") == []
+
+
 def test_a_child_that_dies_while_a_reload_replaces_delivery_is_restarted_at_once(
         make_daemon):
     # A reload replaces the delivery processes one at a time, each given its drain (up to
