@@ -279,6 +279,7 @@ class SmtpSink:
                 raise RuntimeError(f"smtp-sink exited {self.proc.returncode}: {self.stderr()}")
             try:
                 with socket.create_connection((self.ip, self.port), timeout=1) as s:
+                    s.settimeout(max(1.0, deadline - time.monotonic()))   # (-W CONNECT:n)
                     if re.match(rb"[245]\d\d[ -]", s.recv(100)):   # 421 with -Q CONNECT
                         s.sendall(b"QUIT\r\n")
                         return self

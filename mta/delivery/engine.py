@@ -449,6 +449,9 @@ class Engine:
         # the longest a job waits in this process before it is handed back (sweep)
         self.max_wait = self.cfg.job_timeout_margin / 2
         self.max_age = self.cfg.connection_max_age     # a connection's, for new transactions
+        # the latest (since it came) a job's transaction may begin: it ends (command +
+        # data timeouts) a margin before the spool's job timeout sends the job again
+        self.send_by = self.cfg.connect_timeout + self.cfg.command_timeout
         self.helo = settings.helo_name
         # our own greeting's name: an MX server that greets with it is this MTA (connect());
         # not "localhost", which many small servers greet with and names no host of ours
@@ -1142,6 +1145,7 @@ class Engine:
                     return
                 limits = lane.limits
                 # (max_age: the one clock read a transaction costs, here or in _ahead)
+                took = 0.0      # seconds its own connection took to open (none: 0)
                 if conn is not None and (not conn.is_usable or
                                          conn.messages_sent >= limits.max_deliveries_per_connection
                                          or self.loop.time() - conn.opened_at >= self.max_age
@@ -1156,7 +1160,9 @@ class Engine:
                             # connection's reply): no connection to a site that said stop
                             self._reroute(lane, job)
                             return
+                        began = time.monotonic()
                         conn, target = await self._connect_unless_stopping(lane)
+                        took = time.monotonic() - began
                     except _Stopping:
                         self._give_back([job], STOPPING)
                         return
@@ -1185,6 +1191,10 @@ class Engine:
                         src.failures = 0
                     if lane.site.down:
                         lane.site.down.pop(src.name, None)     # (it answers again)
+                    if took > self.max_wait and \
+                            time.monotonic() - job.queued_at > self.send_by:
+                        self._opened_too_late(job, lane, conn, target, took)
+                        continue
                 await self._pace(lane.message_key, lane.limits.max_message_rate)
                 if self.stopping:       # its transaction has not begun: the spool keeps it
                     self._give_back([job], STOPPING)
@@ -1195,8 +1205,12 @@ class Engine:
                     # for its rate: the transaction is not begun, the job goes elsewhere.
                     self._reroute(lane, job)
                     return
-                if time.monotonic() - job.queued_at > self.max_wait:
-                    self._hand_back([job], lane)      # paced too long: the spool's turn
+                waited = time.monotonic() - job.queued_at
+                if waited > self.max_wait and (took <= self.max_wait or waited > self.send_by):
+                    # paced too long: the spool's turn -- not for the time its own
+                    # connection took (a site slow to greet: it would come back to
+                    # another slow connection, and again, never an attempt)
+                    self._hand_back([job], lane)
                     continue
                 conn = await self._send(conn, target, job, lane, None, chain)
                 if self._after_send(lane, conn, ahead, give_up, slot):
@@ -1603,6 +1617,18 @@ class Engine:
             log.info("%d job(s) waited in their lanes over %.1fs; handed back to the spool",
                      n, limit)
         return n
+
+    def _opened_too_late(self, job: Job, lane: Lane, conn, t: Target, took: float) -> None:
+        """*job*'s own connection took *took* seconds to open (greeting, EHLO, STARTTLS),
+        so long that its transaction could outlast the spool's job timeout: an attempt
+        that timed out (deferred, fed to back-off), not a job handed back untried.  The
+        connection stays for the lane's next jobs."""
+        self._attempted(lane, False)
+        job.source_ip = getattr(conn, "local_ip", "") or ""
+        job.tls = conn.outbound_tls
+        self._finish(job, job.results(
+            DEFERRED, 451, "4.4.1", f"{t.host}[{t.ip}]: connection setup (greeting, EHLO, "
+            f"STARTTLS) took {took:.1f}s: too slow to send the message", t.host, t.ip))
 
     def _hand_back(self, jobs: list, lane: Lane) -> None:
         self._give_back(jobs, f"waited over {self.max_wait:.0f}s for a connection to site "
