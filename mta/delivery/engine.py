@@ -67,7 +67,8 @@ the remote host, the source, its address and the site; the spool shard that
 owns the message decides when to retry and when to bounce.  Recipients a
 server refuses for its recipient limit ("452 4.5.3 too many recipients" after
 it accepted others) are sent in further transactions on the same connection
-within the same attempt (RFC 5321 4.5.3.1.10; Engine._send_over_limit).
+within the same attempt (RFC 5321 4.5.3.1.10; Engine._send_over_limit), each
+one more message to the site: a unit of its ``max_message_rate``.
 
 8-bit messages: a server without 8BITMIME gets nothing; the recipients fail
 with 554 5.6.3 (we do not down-convert: rewriting a signed message would break
@@ -1080,6 +1081,21 @@ class Engine:
                 return
             await asyncio.sleep(wait)
 
+    async def _pace_until(self, lane: Lane, until: float) -> bool:
+        """Take a unit of the lane's message rate, waiting for it until *until*
+        (time.monotonic()) at most; False, nothing taken, when it would come later or
+        the process stops meanwhile."""
+        while True:
+            rate = lane.limits.max_message_rate
+            if not rate:
+                return True
+            wait = self.limiter.take(lane.message_key, rate)
+            if wait <= 0:
+                return True
+            if self.stopping or time.monotonic() + wait > until:
+                return False
+            await asyncio.sleep(min(wait, IDLE_CHECK))
+
     async def _idle(self, lane: Lane, conn=None) -> bool:
         """Wait for the lane's next job; False when the connection should close instead
         (*conn*, the worker's: no longer than until it is max_age old)."""
@@ -1436,7 +1452,7 @@ class Engine:
         if len(decided) > 1:        # (a limit shows only after an acceptance: one of two)
             over = res.over_limit()
             if over:
-                await self._send_over_limit(conn, job, res, decided, f"{host}[{ip}]", over)
+                await self._send_over_limit(conn, job, lane, decided, f"{host}[{ip}]", over)
         results = []
         slowed = False        # a deferral that asks the site's sender to slow down
         for k, rcpt in enumerate(m.rcpts):
@@ -1474,7 +1490,7 @@ class Engine:
             return None
         return conn
 
-    async def _send_over_limit(self, conn, job: Job, res, decided: list, where: str,
+    async def _send_over_limit(self, conn, job: Job, lane: Lane, decided: list, where: str,
                                pending: list[int]) -> None:
         """Send the recipients the server refused for its recipient limit (*pending*: 452
         after an acceptance, ``DeliveryResult.over_limit``) again, in the next transactions on
@@ -1490,15 +1506,17 @@ class Engine:
         counted from the job's arrival here): else the spool, having sent the job
         again, and this process could both deliver.  The rest keep the 452.  A
         failure of the connection on the way defers those not sent, as any
-        connection failure does.  (These transactions are the same message: they
-        take no unit of the lane's message rate.)
+        connection failure does.  Each transaction is one more message to the site:
+        it takes a unit of the lane's message rate first, as the first did (a sender
+        must not pass a site's rate by giving a message more recipients than its
+        server takes at once), waited for only while that bound allows.
         """
         rounds = 0
-        cfg = self.cfg
+        until = job.queued_at + self.send_by
         while pending and rounds < len(decided):
             rounds += 1
-            if not conn.is_usable or time.monotonic() - job.queued_at > \
-                    cfg.connect_timeout + cfg.command_timeout:
+            if not conn.is_usable or time.monotonic() > until or \
+                    not await self._pace_until(lane, until) or not conn.is_usable:
                 break
             sender, addrs, eight, utf8, dsn = self._envelope(job)
             try:

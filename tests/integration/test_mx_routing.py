@@ -184,6 +184,40 @@ def test_a_receivers_recipient_limit_delivers_every_recipient_in_one_attempt(lab
     assert [len(t.rcpt_tos) for t in sink.snapshot()] == [2, 2, 1]
 
 
+def test_transactions_for_a_recipient_limit_take_units_of_the_sites_message_rate(lab):
+    """The site's max_message_rate is one message every 2 s; its server takes two
+    recipients per transaction.  The five recipients of one message go in three
+    transactions (the receiver counts three messages): each takes a unit of the rate, so
+    they are 2 s apart -- they used to follow each other at once, and a sender passed any
+    site's rate by giving its messages more recipients than the server takes at once."""
+    taken = [0]
+
+    def rcpt(sink, address, mail_from):
+        if taken[0] >= 2:
+            return "452 4.5.3 Too many recipients"
+        taken[0] += 1
+        return None
+
+    def data(sink, txn):
+        taken[0] = 0
+        return None
+
+    sink = lab.aio(IP_A, rcpt=rcpt, data=data)
+    lab.serve(mx("limit.test", "mx.limit.test", IP_A, 10))
+    d = lab.daemon(sections={"shaping": [{"mx": "mx.limit.test",
+                                          "max_message_rate": "30/m"}]})
+    rcpts = [f"r{i}@limit.test" for i in range(5)]
+    qid = d.send("alice@sender.test", rcpts, message("recipient limit, paced"))
+    wait_until(lambda: sum(e["type"] == "delivery" and e["queue_id"] == qid
+                           for e in d.events()) == 5, 30, "five delivery events")
+    assert not [e for e in d.events() if e["type"] == "delay"]   # still the one attempt
+    txns = sink.snapshot()
+    assert sorted(r for t in txns for r in t.rcpt_tos) == rcpts
+    assert [len(t.rcpt_tos) for t in txns] == [2, 2, 1]
+    gaps = [b.at - a.at for a, b in zip(txns, txns[1:])]
+    assert all(g >= 1.8 for g in gaps), gaps
+
+
 def test_a_receiver_failing_over_by_dns_gets_the_next_mail_once_the_ttl_is_over(lab):
     """A receiver moves its MX host to a new address (failover by DNS) and publishes it
     with a short TTL: once that TTL is over, the next message goes to the new address at
