@@ -1455,14 +1455,27 @@ class Engine:
                 await self._send_over_limit(conn, job, lane, decided, f"{host}[{ip}]", over)
         results = []
         slowed = False        # a deferral that asks the site's sender to slow down
+        matched = None        # (id(reply), stage) -> the rule it fired (None: none)
         for k, rcpt in enumerate(m.rcpts):
             r, stage = decided[k]
             outcome = DELIVERED if r.code < 400 else DEFERRED if r.code < 500 else FAILED
             if outcome == DEFERRED and not slowed:
                 slowed = self.adaptive.slows(r.code, r.enhanced or "", stage)
             bounce_class = ""
-            if r.code >= 400 and (k == 0 or stage == "rcpt" or job.fired is None):
-                fired = self._apply_rule(lane, stage, r.code, r.enhanced or "", r.text)
+            if r.code >= 400:
+                # Each reply is matched once, and decides only the recipients it was given
+                # (MAIL's, the data reply: all of them): a rule that another recipient's
+                # RCPT reply fired says nothing of this one (a bounce rule for one
+                # "mailbox full" failed the rest of the job's deferrals, a connection lost
+                # after the dot -- possibly delivered -- too, with its class).
+                if matched is None:
+                    matched = {}
+                key = (id(r), stage)
+                if key in matched:
+                    fired = matched[key]
+                else:
+                    fired = matched[key] = self._apply_rule(lane, stage, r.code,
+                                                            r.enhanced or "", r.text)
                 if fired is not None:
                     if job.fired is None:
                         job.fired = fired
@@ -1472,8 +1485,6 @@ class Engine:
                     elif fired.action == "defer":
                         outcome = DEFERRED
                         job.retry_after = max(job.retry_after, self._delay(fired.name))
-            elif r.code >= 400 and job.fired is not None and job.fired.action == "bounce":
-                outcome, bounce_class = FAILED, self._bounce_class(job.fired.name)
             results.append(Result(index=rcpt.index, outcome=outcome, code=r.code,
                                   enhanced=r.enhanced or "", text=r.text, host=host, ip=ip,
                                   dsn=res.dsn, bounce_class=bounce_class))
@@ -1524,9 +1535,10 @@ class Engine:
                     sender, [addrs[k] for k in pending], job.msg.body, eight_bit=eight,
                     smtputf8=utf8, dsn=dsn.subset(pending) if dsn is not None else None)
             except (smtpc.SmtpError, OSError) as exc:
-                text = f"{where}: {type(exc).__name__}: {exc}"
+                lost = (smtpc.SmtpReply(451, "4.4.2", f"{where}: {type(exc).__name__}: {exc}"),
+                        "data")       # (one reply, given to each: one match of the rules)
                 for k in pending:
-                    decided[k] = (smtpc.SmtpReply(451, "4.4.2", text), "data")
+                    decided[k] = lost
                 conn.close()
                 return
             for j, k in enumerate(pending):

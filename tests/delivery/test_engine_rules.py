@@ -66,6 +66,26 @@ def test_bounce_action_fails_the_recipient_now_with_its_class():
     assert engine.stats["rule:busy-is-dead"] == 1
 
 
+class DataLater(Peer):
+    """The Peer, answering every message's end of data "451 4.3.0" (try again later)."""
+
+    async def handle_DATA(self, server, session, envelope):
+        return "451 4.3.0 try again later"
+
+
+def test_a_bounce_rule_fired_by_one_rcpt_reply_leaves_the_others_replies_alone():
+    # later1's RCPT reply fires the bounce rule; ok1 was accepted and its message got a
+    # 451 at the end of data: deferred -- it used to fail with later1's rule and class.
+    rules = [{"name": "busy-is-dead", "code": 450, "enhanced": "4.2.1", "stages": ["rcpt"],
+              "action": "bounce", "bounce_class": "51"}]
+    [(j, results, _)], _, _ = run([job("a.test", "later1", "ok1")], rules,
+                                  protocol=DataLater().protocol)
+    by = {r.index: r for r in results}
+    assert (by[0].outcome, by[0].code, by[0].bounce_class) == (bus.FAILED, 450, "51")
+    assert (by[1].outcome, by[1].code, by[1].bounce_class) == (bus.DEFERRED, 451, "")
+    assert j.fired is not None and j.fired.name == "busy-is-dead"
+
+
 def test_defer_action_asks_for_its_delay():
     rules = [{"name": "later-later", "code": 450, "action": "defer", "delay": 1200}]
     [(j, results, _)], _, _ = run([job("a.test", "later1")], rules, time_scale=0.5)

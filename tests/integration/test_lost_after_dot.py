@@ -1,0 +1,99 @@
+"""A connection lost after the final dot of a message, before the server's reply: the
+message may have been delivered (RFC 1047), so its recipients are deferred -- sent again
+later, a duplicate rather than a loss -- and nothing says they bounced.
+
+The real daemon, a real DNS server and an aiosmtpd receiver that takes two recipients
+per transaction ("452 4.5.3 Too many recipients" for more, RFC 5321 4.5.3.1.10: the
+daemon sends those in the next transaction on the same connection), refuses a full
+mailbox with "452 4.2.2" (which the operator's response rule bounces), and cuts the
+connection after the second transaction's message, never answering it.  The recipient
+of that transaction was bounced with the full mailbox's rule and class (the rule that
+fired for another recipient's RCPT reply was applied to every later failure of the job
+whose reply was not an RCPT reply): a bounce event, a DSN saying it failed and, the
+rule's class being a hard bounce, an entry in the suppression list, for a message its
+server may well have taken.
+"""
+from __future__ import annotations
+
+from daemon import wait_until
+from mxlab import IPS, mx
+from sinks import AioSink, _Handler
+from test_delivery import message, parse_dsn
+
+IP_A, IP_B = IPS[0], IPS[1]
+FULL = "452 4.2.2 Mailbox full"
+RULES = [{"name": "full-is-gone", "code": 452, "enhanced": "4.2.2", "stages": ["rcpt"],
+          "action": "bounce", "bounce_class": "10"}]
+
+
+class _CutAfterSecondDot(_Handler):
+    """Two recipients a transaction; full@ refused; the second message received (kept in
+    ``cut``) and its connection aborted before the reply."""
+
+    def __init__(self, sink: AioSink):
+        super().__init__(sink)
+        self.cut: list = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("full@"):
+            return FULL
+        if len(envelope.rcpt_tos) >= 2:
+            return "452 4.5.3 Too many recipients"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.sink.received():
+            self.cut.append(list(envelope.rcpt_tos))
+            server.transport.abort()
+            return "250 2.0.0 never said"
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_a_recipient_whose_reply_was_lost_after_the_dot_is_deferred_not_bounced(lab):
+    dest = AioSink(IP_A, lab.port)
+    handler = dest.ctl.handler = _CutAfterSecondDot(dest)
+    lab.sinks.append(dest)
+    dest.start()
+    sender_mx = lab.aio(IP_B)
+    lab.serve(mx("dest.test", "mx.dest.test", IP_A) + mx("sender.test", "mx.sender.test", IP_B))
+    d = lab.daemon(retry_schedule=[3600.0], retry_jitter=0.0,
+                   sections={"response_rule": RULES})
+    rcpts = ["ann@dest.test", "full@dest.test", "bob@dest.test", "cat@dest.test"]
+    qid = d.send("alice@sender.test", rcpts, message("lost after the dot"))
+    wait_until(lambda: sender_mx.received() >= 1, 20, "the DSN at the sender's MX")
+
+    [t] = dest.snapshot()
+    assert t.rcpt_tos == ["ann@dest.test", "bob@dest.test"]
+    assert handler.cut == [["cat@dest.test"]]      # sent; its server said nothing of it
+    def ended():
+        return {e["raw_rcpt_to"]: e for e in d.events()
+                if e["queue_id"] == qid and e["type"] in ("delivery", "bounce")}
+    wait_until(lambda: len(ended()) >= 3, 15, "the three terminal events")
+    ev = ended()
+    assert {r: e["type"] for r, e in ev.items()} == {
+        "ann@dest.test": "delivery", "full@dest.test": "bounce", "bob@dest.test": "delivery"}
+    full = ev["full@dest.test"]
+    assert full["bounce_class"] == "10" and full["raw_reason"].startswith(FULL), full
+    # cat: deferred, an attempt counted, due again by the retry schedule
+    delays = [e for e in d.events() if e["type"] == "delay" and e["queue_id"] == qid]
+    assert [e["raw_rcpt_to"] for e in delays] == ["cat@dest.test"], delays
+    assert delays[0]["raw_reason"].startswith("451 4.4.2 "), delays[0]
+    assert not [e for e in d.events() if e["type"] == "bounce"
+                and e["raw_rcpt_to"] == "cat@dest.test"]
+    [entry] = d.queue_list()
+    states = {s["address"]: s for s in entry["recipient_state"]}
+    assert states["cat@dest.test"]["state"] == "pending", states
+    assert states["cat@dest.test"]["attempts"] == 1, states
+    # The DSN names the full mailbox alone.
+    [b] = sender_mx.snapshot()
+    _, _, per_rcpt = parse_dsn(b.data)
+    assert [r["Final-Recipient"] for r in per_rcpt] == ["rfc822; full@dest.test"]
+    assert "cat@dest.test" not in b.data.decode()
+    # Only the full mailbox went on the suppression list (the rule's class 10 is a hard
+    # bounce): cat's next mail is not refused at injection.
+
+    def suppressed():
+        status, body = d.api("GET", "/api/v1/suppression-list?domain=dest.test")
+        assert status == 200, body
+        return sorted(e["recipient"] for e in body["results"]) or None
+    assert wait_until(suppressed, 10, "the full mailbox suppressed") == ["full@dest.test"]
