@@ -47,7 +47,8 @@ server's reply, or a synthetic one, or None) and ``.temporary``.
   aborted.
 - :class:`SmtpConnectionLost`: the server hung up mid-conversation.  If that
   happens after the final "." was sent, the message may have been delivered
-  anyway (RFC 1047): a retry can duplicate it, never lose it.  Not raised when
+  anyway (RFC 1047): a retry can duplicate it, never lose it.  Once the message
+  was on its way, ``rcpt_replies`` says which recipients it was for.  Not raised when
   it hung up after refusing MAIL or a RCPT with 5xx (Exim's "drop"): that is a
   :class:`DeliveryResult` with its refusals, and ``REPLY_LOST`` (451 4.4.2)
   for what it left unanswered.
@@ -459,7 +460,14 @@ class Transaction:
 # --- errors ----------------------------------------------------------------------------------
 
 class SmtpError(Exception):
-    """Base of every client error: ``.reply`` (SmtpReply or None), ``.temporary``."""
+    """Base of every client error: ``.reply`` (SmtpReply or None), ``.temporary``.
+
+    ``rcpt_replies``: when raised once the message was on its way (the envelope
+    answered, DATA 354), each recipient's reply to its RCPT (as in
+    ``DeliveryResult.rcpt_replies``): the server's refusals stand; else None.
+    """
+
+    rcpt_replies: list | None = None
 
     def __init__(self, message: str, reply: SmtpReply | None = None,
                  temporary: bool | None = None) -> None:
@@ -1186,7 +1194,11 @@ class SmtpConnection:
         # over_limit): no other envelope may be sent ahead of theirs.
         if then is not None and len(replies) > 1 and _over_limit(replies):
             then = None
-        data_reply = await self._send_data(message, then)
+        try:
+            data_reply = await self._send_data(message, then)
+        except SmtpError as exc:
+            exc.rcpt_replies = replies      # (lost or timed out: not of the refused ones)
+            raise
         if not _expected(data_reply):
             data_reply = _as_failure(data_reply, "the end of data")
             self.close()

@@ -1435,11 +1435,17 @@ class Engine:
                 # idle timeout) before it answered this envelope: nothing of the message
                 # went out and the server said nothing of it -- not an attempt.
                 return self._send_again(conn, job, lane)
-            self._attempted(lane, False)
-            self._finish(job, job.results(
-                DEFERRED, 451, "4.4.2", f"{host}[{ip}]: {type(exc).__name__}: {exc}", host, ip))
             conn.close()
-            return None
+            text = f"{host}[{ip}]: {type(exc).__name__}: {exc}"
+            said = exc.rcpt_replies if isinstance(exc, smtpc.SmtpError) else None
+            if said is None or all(r.is_ok for r in said):
+                self._attempted(lane, False)
+                self._finish(job, job.results(DEFERRED, 451, "4.4.2", text, host, ip))
+                return None
+            # Lost (or timed out) once the message was on its way: the recipients it
+            # was for are deferred (possibly delivered, RFC 1047); those the server had
+            # refused keep its answer, as when the transaction ends.
+            res = smtpc.DeliveryResult(said, smtpc.SmtpReply(451, "4.4.2", text))
         if res.mail_refused and conn.transactions > 1 and not job.refreshed and \
                 res.rcpt_replies and self._closed_at_mail(res.rcpt_replies[0], lane):
             # A reused connection that the server ends with a 421 to this MAIL (its
@@ -1537,8 +1543,10 @@ class Engine:
             except (smtpc.SmtpError, OSError) as exc:
                 lost = (smtpc.SmtpReply(451, "4.4.2", f"{where}: {type(exc).__name__}: {exc}"),
                         "data")       # (one reply, given to each: one match of the rules)
-                for k in pending:
-                    decided[k] = lost
+                said = exc.rcpt_replies if isinstance(exc, smtpc.SmtpError) else None
+                for j, k in enumerate(pending):
+                    # (a refusal said before the message went stands)
+                    decided[k] = lost if said is None or said[j].is_ok else (said[j], "rcpt")
                 conn.close()
                 return
             for j, k in enumerate(pending):

@@ -1142,6 +1142,28 @@ def test_raw_connection_dropped_mid_data():
     run(main())
 
 
+def test_raw_connection_lost_after_the_dot_names_what_each_recipient_was_told():
+    """Lost before the reply to the dot: the message may have been delivered to the
+    recipients the server took; the exception says which (the others' refusals stand)."""
+    async def script(peer):
+        await peer.hello()
+        await peer.until(b"DATA\r\n")
+        peer.send(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 no such user\r\n354 go\r\n")
+        await peer.until(b"\r\n.\r\n")
+        peer.transport.abort()
+
+    async def main():
+        async with RawServer(script) as srv:
+            conn = await open_to(srv.port, command_timeout=2, data_timeout=2)
+            with pytest.raises(SmtpConnectionLost) as ei:
+                await conn.send_message("s@x.test", ["a@y.test", "b@y.test"], b"hi\r\n")
+            assert not ei.value.unsent and not conn.is_usable
+            assert [(r.code, r.enhanced) for r in ei.value.rcpt_replies] == [
+                (250, "2.1.5"), (550, "5.1.1")]
+
+    run(main())
+
+
 def test_raw_421_mid_transaction():
     async def script(peer):
         await peer.hello()

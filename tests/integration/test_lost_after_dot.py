@@ -22,38 +22,50 @@ from test_delivery import message, parse_dsn
 
 IP_A, IP_B = IPS[0], IPS[1]
 FULL = "452 4.2.2 Mailbox full"
+BAD = "550 5.1.1 No such user"
 RULES = [{"name": "full-is-gone", "code": 452, "enhanced": "4.2.2", "stages": ["rcpt"],
           "action": "bounce", "bounce_class": "10"}]
 
 
-class _CutAfterSecondDot(_Handler):
-    """Two recipients a transaction; full@ refused; the second message received (kept in
-    ``cut``) and its connection aborted before the reply."""
+class _CutAfterDot(_Handler):
+    """Two recipients a transaction; full@ and bad@ refused; the message of transaction
+    number *cut* received (its recipients kept in ``cut``) and its connection aborted
+    before the reply."""
 
-    def __init__(self, sink: AioSink):
+    def __init__(self, sink: AioSink, cut: int):
         super().__init__(sink)
+        self.at = cut
+        self.n = 0
         self.cut: list = []
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if address.startswith("full@"):
             return FULL
+        if address.startswith("bad@"):
+            return BAD
         if len(envelope.rcpt_tos) >= 2:
             return "452 4.5.3 Too many recipients"
         return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
 
     async def handle_DATA(self, server, session, envelope):
-        if self.sink.received():
+        self.n += 1
+        if self.n == self.at:
             self.cut.append(list(envelope.rcpt_tos))
             server.transport.abort()
             return "250 2.0.0 never said"
         return await super().handle_DATA(server, session, envelope)
 
 
-def test_a_recipient_whose_reply_was_lost_after_the_dot_is_deferred_not_bounced(lab):
+def cutting_sink(lab, cut: int) -> tuple[AioSink, _CutAfterDot]:
     dest = AioSink(IP_A, lab.port)
-    handler = dest.ctl.handler = _CutAfterSecondDot(dest)
+    handler = dest.ctl.handler = _CutAfterDot(dest, cut)
     lab.sinks.append(dest)
     dest.start()
+    return dest, handler
+
+
+def test_a_recipient_whose_reply_was_lost_after_the_dot_is_deferred_not_bounced(lab):
+    dest, handler = cutting_sink(lab, 2)
     sender_mx = lab.aio(IP_B)
     lab.serve(mx("dest.test", "mx.dest.test", IP_A) + mx("sender.test", "mx.sender.test", IP_B))
     d = lab.daemon(retry_schedule=[3600.0], retry_jitter=0.0,
@@ -97,3 +109,37 @@ def test_a_recipient_whose_reply_was_lost_after_the_dot_is_deferred_not_bounced(
         assert status == 200, body
         return sorted(e["recipient"] for e in body["results"]) or None
     assert wait_until(suppressed, 10, "the full mailbox suppressed") == ["full@dest.test"]
+
+
+def test_a_recipient_refused_before_a_connection_lost_after_the_dot_is_bounced(lab):
+    """One transaction: ann accepted, bad refused "550 5.1.1", the connection lost after
+    the message.  ann is deferred (possibly delivered); the server's 550 for bad stands
+    -- it was deferred with ann's lost connection, got a delay event instead of its
+    bounce, and came back to be refused again (or, past max_age, expired as a 4.4.7 with
+    no hard bounce class, so not suppressed)."""
+    dest, handler = cutting_sink(lab, 1)
+    sender_mx = lab.aio(IP_B)
+    lab.serve(mx("dest.test", "mx.dest.test", IP_A) + mx("sender.test", "mx.sender.test", IP_B))
+    d = lab.daemon(retry_schedule=[3600.0], retry_jitter=0.0)
+    qid = d.send("alice@sender.test", ["ann@dest.test", "bad@dest.test"],
+                 message("refused, then lost"))
+    wait_until(lambda: [e for e in d.events() if e["queue_id"] == qid
+                        and e["type"] in ("delay", "bounce")], 20, "the outcome's events")
+    assert handler.cut == [["ann@dest.test"]] and dest.snapshot() == []
+    wait_until(lambda: sender_mx.received() >= 1, 20, "the DSN at the sender's MX")
+    ev = {e["raw_rcpt_to"]: e for e in d.events()
+          if e["queue_id"] == qid and e["type"] in ("delay", "bounce")}
+    assert {r: e["type"] for r, e in ev.items()} == {"ann@dest.test": "delay",
+                                                     "bad@dest.test": "bounce"}, ev
+    assert ev["bad@dest.test"]["raw_reason"].startswith(BAD), ev
+    assert ev["bad@dest.test"]["bounce_class"] == "10", ev
+    assert ev["ann@dest.test"]["raw_reason"].startswith("451 4.4.2 "), ev
+    [entry] = d.queue_list()
+    states = {s["address"]: s for s in entry["recipient_state"]}
+    assert states["ann@dest.test"]["state"] == "pending", states
+    assert states["ann@dest.test"]["attempts"] == 1, states
+    assert states["bad@dest.test"]["state"] != "pending", states
+    [b] = sender_mx.snapshot()
+    _, _, per_rcpt = parse_dsn(b.data)
+    assert [(r["Final-Recipient"], r["Status"]) for r in per_rcpt] == [
+        ("rfc822; bad@dest.test", "5.1.1")]
