@@ -184,6 +184,14 @@ def test_defaults(tmp_path):
     ("[events]\nstore_path = ''\n", "events.store_path"),
     ("[smtp]\nlisten = ['127.0.0.1:2525', '127.0.0.1:2525']\n", "smtp.listen[1]"),
     ("[server]\nproxy_protocol_from = ['10.0.0.0/33']\n", "server.proxy_protocol_from[0]"),
+    # the HAProxy agent-check port: validated as admin.listen, no address used twice
+    ("[admin]\nagent_listen = ['127.0.0.1']\n", "admin.agent_listen[0]"),
+    ("[admin]\nagent_listen = ['agent.example:5555']\n", "admin.agent_listen[0]"),
+    ("[admin]\nagent_listen = ['127.0.0.1:8026']\n", "admin.agent_listen[0]"),
+    ("[admin]\nagent_listen = ['127.0.0.1:2525']\n", "admin.agent_listen[0]"),
+    ("[admin]\nagent_listen = ['127.0.0.1:5555', '127.0.0.1:5555']\n",
+     "admin.agent_listen[1]"),
+    ("[admin]\nenabled = false\nagent_listen = ['127.0.0.1:5555']\n", "admin.agent_listen"),
     # one domain's two forms (U-label, A-label) are one route key: the last silently won
     ("[[delivery.route]]\ndomain = 'bücher.de'\nhosts = ['10.0.0.5:25']\n"
      "[[delivery.route]]\ndomain = 'xn--bcher-kva.de'\nhosts = ['10.0.0.6:25']\n",
@@ -198,6 +206,15 @@ def test_errors_name_the_key(tmp_path, text, key):
     with pytest.raises(config.ConfigError) as exc:
         config.load(str(p))
     assert key in str(exc.value)
+
+
+def test_agent_listen_needs_no_token_on_any_address(tmp_path):
+    # (it says nothing secret: it listens where the balancer reaches it)
+    p = tmp_path / "c.toml"
+    p.write_text("[admin]\nagent_listen = ['0.0.0.0:5555', '[::1]:5556']\n")
+    s = config.load(str(p))
+    assert s.agent_listen == (("0.0.0.0", 5555), ("::1", 5556))
+    assert config.load(None).agent_listen == ()
 
 
 def test_shaping_rules_naming_a_configured_source_pass(tmp_path):

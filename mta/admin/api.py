@@ -110,6 +110,9 @@ class Api:
         self.pool = concurrent.futures.ThreadPoolExecutor(WORKERS, "admin-spool")
         self.history = st.History()
         self.drain_path = os.path.join(settings.run_dir, DRAIN_FLAG)
+        # when a drain was last cancelled here: the agent check (mta.admin.agent) says
+        # drain SEEN_DRAIN more, until the acceptors have seen it too
+        self.drain_cancelled = float("-inf")
         self._cached: tuple[float, dict] | None = None
         self._timer = None
 
@@ -194,6 +197,7 @@ class Api:
                 os.unlink(self.drain_path)
             except FileNotFoundError:
                 return
+            self.drain_cancelled = time.monotonic()
             log.warning("drain cancelled: the node accepts mail again")
 
     async def drain_report(self) -> dict:

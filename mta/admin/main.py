@@ -6,12 +6,15 @@ free of ZeroMQ and event loops), forked first and stopped last.
 Reads:   ADMIN_STATS_REPORT from every child on the bus endpoint ``admin-stats`` (PULL;
          each child pushes a cumulative snapshot every ``admin.push_interval``
          seconds, dropped when this process is absent or slow); HTTP requests on
-         the listening sockets the supervisor made for ``admin.listen`` (kept
-         open by the supervisor across restarts of this process); at scrape
+         the listening sockets the supervisor made for ``admin.listen``, and
+         HAProxy's agent checks on those for ``admin.agent_listen``
+         (:mod:`mta.admin.agent`; both kept open by the supervisor across
+         restarts of this process); at scrape
          time /proc (the children's CPU and memory, the spool device's
          /proc/diskstats line, /proc/net/snmp and /proc/net/netstat) and the
          spool file system's free space.
-Writes:  HTTP responses; log lines; ``<run>/drain`` (POST/DELETE /api/admin/drain).
+Writes:  HTTP responses; the agent-check line; log lines; ``<run>/drain`` (POST/DELETE
+         /api/admin/drain).
 Peers:   every child (reports in); the spool shards (asked for queue summaries and
          single messages over the bus, :mod:`mta.admin.api`); HTTP clients
          (Prometheus, curl, the ``mta`` commands, the status page).
@@ -49,6 +52,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from mta import browser, bus, proc
 from mta.admin import page
+from mta.admin.agent import AgentSession
 from mta.admin.api import Api
 from mta.admin.metrics import Collector, Reports
 
@@ -241,7 +245,8 @@ class Session(asyncio.Protocol):
 
 
 def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> None:
-    """Entry point of the admin child; *http_fds* are its listening sockets."""
+    """Entry point of the admin child; *http_fds* are its listening sockets, *fds* the
+    HAProxy agent-check ones (admin.agent_listen, :mod:`mta.admin.agent`)."""
     name = proc.start_role("admin", index, settings.config.server.log_level)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     log.info("starting %s", name)
@@ -253,11 +258,14 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
                                  admin.reports.add, log)
     admin.api = Api(settings, loop, ctx, admin.reports, admin.collector)
     socks = [socket.socket(fileno=fd) for fd in http_fds]
+    agent_socks = [socket.socket(fileno=fd) for fd in fds]
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
     async def run():
         servers = [await loop.create_server(lambda: Session(admin), sock=s) for s in socks]
+        servers += [await loop.create_server(lambda: AgentSession(admin), sock=s)
+                    for s in agent_socks]
         admin.api.start()
         proc.report_ready(ready_fd)
         await stop.wait()

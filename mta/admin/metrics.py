@@ -84,6 +84,7 @@ class Reports:
         self.clock = clock
         interval = settings.config.admin.push_interval
         self.stale_after = 3 * interval + 2.0
+        self.started = clock()
         self.slots: dict[tuple[str, int], Slot] = {
             k: Slot(*k) for k in expected_slots(settings)}
         self.received = 0
@@ -95,6 +96,7 @@ class Reports:
         # What the supervisor runs now: a reload can change the acceptors' count (the
         # admin process is not replaced); read from run/active-config.json when it changes.
         self.expected = set(self.slots)
+        self.active = None      # that record's Settings, once read (the agent's spool.min_free_*)
         self._active_mtime = None
 
     def add(self, r) -> None:
@@ -169,6 +171,7 @@ class Reports:
             active = mconfig.read_active(run)
             if active is not None:
                 self.expected = set(expected_slots(active))
+                self.active = active
         return self.expected
 
     def health(self) -> dict:

@@ -54,6 +54,7 @@ class Settings:
     helo_name: str = ""
     http_listen: tuple[tuple[str, int], ...] = ()
     admin_listen: tuple[tuple[str, int], ...] = ()   # () when admin.enabled is false
+    agent_listen: tuple[tuple[str, int], ...] = ()   # admin.agent_listen, served by admin[0]
     # [egress], resolved: every source by name (the built-in "default" one
     # included), and every pool by name as ((source name, weight), ...).
     sources: dict = field(default_factory=dict)
@@ -248,7 +249,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
             raise ConfigError(f"smtp.listen[{i}]: {item} is listed twice")
         listen.append((host, port))
     http_listen = _check_http(cfg.http, listen)
-    admin_listen = _check_admin(cfg.admin, listen + list(http_listen))
+    admin_listen, agent_listen = _check_admin(cfg.admin, listen + list(http_listen))
     nets = _networks(cfg.smtp.relay_networks, "smtp.relay_networks")
     proxies = _networks(cfg.server.proxy_protocol_from, "server.proxy_protocol_from")
     if bool(cfg.smtp.tls_certificate) != bool(cfg.smtp.tls_key):
@@ -309,6 +310,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
         helo_name=cfg.delivery.helo_name or hostname,
         http_listen=http_listen,
         admin_listen=admin_listen,
+        agent_listen=agent_listen,
         sources=sources,
         pools=pools,
     )
@@ -519,8 +521,9 @@ def _check_http(h, smtp_listen: list) -> tuple:
     return tuple(out)
 
 
-def _check_admin(a, used: list) -> tuple:
-    """Validate [admin]; return its listen addresses (none when it is disabled)."""
+def _check_admin(a, used: list) -> tuple[tuple, tuple]:
+    """Validate [admin]; return its listen and agent_listen addresses (none when it is
+    disabled)."""
     for key in ("tokens", "read_tokens"):
         for i, tok in enumerate(getattr(a, key)):
             if not tok or not tok.isascii() or not tok.isprintable() or " " in tok:
@@ -530,7 +533,10 @@ def _check_admin(a, used: list) -> tuple:
             raise ConfigError(f"admin.read_tokens[{i}]: also in admin.tokens (a token there "
                               "may act; one that may only read belongs in read_tokens alone)")
     if not a.enabled:
-        return ()
+        if a.agent_listen:
+            raise ConfigError("admin.agent_listen: served by the admin process, which "
+                              "admin.enabled = false turns off")
+        return (), ()
     if not a.listen:
         raise ConfigError("admin.listen: at least one address is needed (or set "
                           "admin.enabled = false)")
@@ -547,7 +553,18 @@ def _check_admin(a, used: list) -> tuple:
             raise ConfigError(f"admin.tokens: required when admin.listen[{i}] ({item}) is not "
                               "a loopback address (or admin.read_tokens)")
         out.append((host, port))
-    return tuple(out)
+    agent = []
+    for i, item in enumerate(a.agent_listen):
+        try:
+            host, port = parse_hostport(item)
+            ipaddress.ip_address(host)
+        except ValueError as exc:
+            raise ConfigError(f"admin.agent_listen[{i}]: {exc}") from None
+        if (host, port) in used or (host, port) in out or (host, port) in agent:
+            raise ConfigError(f"admin.agent_listen[{i}]: {item} is already used by another "
+                              "listener")
+        agent.append((host, port))
+    return tuple(out), tuple(agent)
 
 
 _STARTTLS = ("none", "opportunistic", "required")

@@ -812,6 +812,16 @@ class AdminConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: Annotated[int, _doc(
         "concurrent connections to the admin listener; more are closed", ge=1,
         le=10_000)] = 64
+    agent_listen: Annotated[list[str], _doc(
+        "addresses of the HAProxy agent-check port (agent-check agent-port P), as "
+        "host:port; empty: none.  Each connection gets one line and is closed: \"drain\" "
+        "while the node is drained, \"down ready #why\" while it cannot take mail (no "
+        "spool shard up and able to write, no acceptor up, or every acceptor's spool "
+        "below spool.min_free_*), else \"up ready N%\", N lowered from 100 (to 10 at "
+        "least) by the spool's free space between spool.min_free_* and twice it and "
+        "by the share of spool shards that cannot write; the webhooks and events "
+        "processes do not count.  No token: it says nothing secret, so listen where "
+        "the balancer reaches it")] = msgspec.field(default_factory=list)
 
 
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):

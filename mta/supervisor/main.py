@@ -619,6 +619,8 @@ class Supervisor:
         http = f", HTTP on {http}" if http else ""
         admin = ", ".join(f"{h}:{p}" for h, p in s.admin_listen)
         http += f", admin on {admin}" if admin else ""
+        agent = ", ".join(f"{h}:{p}" for h, p in s.agent_listen)
+        http += f", HAProxy agent on {agent}" if agent else ""
         return (f"accepting SMTP on {listen}{http}; {s.acceptors} acceptor(s), {s.shards} "
                 f"spool shard(s), {s.deliveries} delivery process(es)")
 
@@ -1024,7 +1026,8 @@ class Supervisor:
         replace = msgspec.structs.replace
         if new.config.admin != old.config.admin:
             new = dataclasses.replace(new, config=replace(new.config, admin=old.config.admin),
-                                      admin_listen=old.admin_listen)
+                                      admin_listen=old.admin_listen,
+                                      agent_listen=old.agent_listen)
         if new.deliveries != old.deliveries:
             new = dataclasses.replace(new, deliveries=old.deliveries, config=replace(
                 new.config, delivery=replace(new.config.delivery,

@@ -28,12 +28,14 @@ def table(settings) -> list[Service]:
     """The services for *settings*, in start order.
 
     The admin process comes first (and stops last), so ``/metrics`` sees the
-    whole start and the whole drain; it has its own listening socket (held
-    here, like the acceptors', so a restarted admin process finds it) and no
-    row at all when ``admin.enabled`` is false.
+    whole start and the whole drain; it has its own listening sockets (held
+    here, like the acceptors', so a restarted admin process finds them: the
+    HAProxy agent-check port, ``admin.agent_listen``, in its ``listen``, and the
+    admin listener in its ``http_listen``) and no row at all when
+    ``admin.enabled`` is false.
     """
-    admin = [Service("admin", 1, "mta.admin.main:main", (), "always", "keep",
-                     settings.admin_listen)] if settings.admin_listen else []
+    admin = [Service("admin", 1, "mta.admin.main:main", settings.agent_listen, "always",
+                     "keep", settings.admin_listen)] if settings.admin_listen else []
     return admin + [
         Service("spool", settings.shards, "mta.spool.main:main", (), "always", "sighup"),
     ] + ([Service("events", 1, "mta.events.main:main", (), "always", "if-changed")]
