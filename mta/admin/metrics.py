@@ -7,8 +7,9 @@ one's (at a reload the old acceptor finishes its sessions, still reporting,
 while its successor runs: each process's latest counts are added once, not its
 every report), so a summed counter never goes down because a child was
 restarted; past ``MAX_OLDER`` replaced processes the oldest one's counts are
-folded into the slot's base.  Gauges are taken from fresh reports only, summed
-or, for a family that says so (``combine``: a node-wide 0/1 state), their
+folded into the slot's base.  Gauges are taken from fresh reports only, and of
+a replaced process only while it runs (a restarted shard's queue is not the dead
+one's last report plus its own), summed or, for a family that says so (``combine``: a node-wide 0/1 state), their
 highest value.
 
 :class:`Collector` is a prometheus_client custom collector: at each scrape it
@@ -24,6 +25,7 @@ import time
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
+from mta import proc
 from mta.admin import host
 from mta.obs.catalog import COUNTER, FAMILIES, HISTOGRAM, MAX, OTHER, SUM
 from mta.obs.stats import top_n
@@ -64,6 +66,12 @@ class Slot:
         if self.report is not None:
             yield self.report, self.at
         yield from self.older.values()
+
+    def running(self, r) -> bool:
+        """Whether report *r*'s process may still be at work: the slot's newest, or one
+        it replaced that has not exited (an acceptor finishing its sessions after a
+        reload; a crashed or killed one's last gauges are not the slot's any more)."""
+        return r is self.report or proc.alive(r.pid)
 
 
 def expected_slots(settings) -> list[tuple[str, int]]:
@@ -156,6 +164,7 @@ class Reports:
                 settled = False
                 continue
             n += sum(int(g.value) for r, at in slot.reports() if now - at <= self.stale_after
+                     and slot.running(r)
                      for g in r.gauges if g.name == "mta_acceptor_transactions_open")
         return n, settled
 
@@ -232,7 +241,7 @@ class Reports:
                     counters[k] = counters.get(k, 0) + s.value
                 for h in r.histograms:
                     add_hist((h.name, tuple(h.labels)), h.counts, h.sum)
-                if now - at > self.stale_after:
+                if now - at > self.stale_after or not slot.running(r):
                     continue
                 for s in r.gauges:
                     k = (s.name, tuple(s.labels))

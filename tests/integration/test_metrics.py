@@ -329,3 +329,27 @@ def test_every_child_reports_soon_after_start_with_a_long_push_interval(make_dae
     h = wait_until(ok, 10, "health ok", interval=0.1)
     assert h["ok"] is True and all(c["up"] for c in h["children"]), h
     assert time.monotonic() - t0 < 10
+
+
+def test_a_restarted_shard_gauges_are_not_counted_twice(make_daemon):
+    """A shard killed and restarted: its queue is the new process's, not the new one's
+    plus what the dead one last reported (counted for seconds after it died: the queue
+    read doubled and mta_spool_healthy read 2)."""
+    d = make_daemon(acceptors=1, shards=1)
+    for i in range(4):
+        d.send("a@example.com", [f"b{i}@example.net"], message(f"m{i}"))
+    wait_until(lambda: value(scrape(d), "mta_spool_queue_messages", shard="0") == 4, 20,
+               "4 messages queued in /metrics", interval=0.3)
+    old = d.children()["spool[0]"]
+    os.kill(old, signal.SIGKILL)
+    d.wait_restarted("spool[0]", old)
+    seen_queue, seen_healthy = set(), set()
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        m = scrape(d)
+        seen_queue.add(value(m, "mta_spool_queue_messages", shard="0"))
+        seen_healthy.add(value(m, "mta_spool_healthy", shard="0"))
+        time.sleep(0.2)
+    assert max(v for v in seen_queue if v is not None) == 4, seen_queue
+    assert max(v for v in seen_healthy if v is not None) == 1, seen_healthy
+    assert value(scrape(d), "mta_spool_queue_messages", shard="0") == 4
