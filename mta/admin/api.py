@@ -45,9 +45,11 @@ second and, while it exists, answers new SMTP connections and transactions
 supervisor removes it when it starts (a fresh start accepts mail).
 
 The spool shards are asked over the bus (SPOOL_QUEUE_SUMMARY, SPOOL_MESSAGE_SHOW)
-in a small thread pool, so a slow shard never stalls the listener; answers to
-the status page are cached for ``QUEUE_CACHE_SECONDS`` so a page left open costs
-the shards at most one summary per that time.
+in a thread pool (a thread per shard: all are asked at once), so a slow shard never
+stalls the listener; answers to the status page are cached for
+``QUEUE_CACHE_SECONDS`` and made once for the status requests that come
+meanwhile, so a page left open costs the shards at most one summary per that
+time, and shards that do not answer hold ``mta status`` for ``SHARD_TIMEOUT``.
 """
 from __future__ import annotations
 
@@ -76,7 +78,9 @@ log = logging.getLogger("mta.admin")
 
 SHARD_TIMEOUT = 5.0             # seconds a spool shard has to answer one question
 QUEUE_CACHE_SECONDS = 1.0       # the status page's queue view is at most this old
-WORKERS = 2                     # threads asking the spool shards
+WORKERS = 2                     # threads asking the spool shards, at least (one per shard:
+                                # every shard is asked at once, so shards that do not
+                                # answer hold a request for one SHARD_TIMEOUT, not one each)
 SUSPEND_FIELDS = ("domain", "campaign", "pool", "site", "source")
 BOUNCE_FIELDS = ("domain", "site", "campaign", "pool")
 MAX_DURATION = 10 * 366 * 86400.0   # seconds a suspension may be given
@@ -107,13 +111,15 @@ class Api:
         self.ctx = ctx
         self.reports = reports
         self.collector = collector
-        self.pool = concurrent.futures.ThreadPoolExecutor(WORKERS, "admin-spool")
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(WORKERS, settings.shards),
+                                                          "admin-spool")
         self.history = st.History()
         self.drain_path = os.path.join(settings.run_dir, DRAIN_FLAG)
         # when a drain was last cancelled here: the agent check (mta.admin.agent) says
         # drain SEEN_DRAIN more, until the acceptors have seen it too
         self.drain_cancelled = float("-inf")
         self._cached: tuple[float, dict] | None = None
+        self._asking: asyncio.Future | None = None     # the status's queue view being made
         self._timer = None
 
     # ----------------------------------------------------------- sampling
@@ -160,9 +166,14 @@ class Api:
         return view
 
     async def cached_queue(self) -> dict:
+        """The queue view, at most QUEUE_CACHE_SECONDS old; status requests that come while
+        it is being made wait for that one (they asked every shard again each, behind
+        one another in the pool, when shards did not answer)."""
         if self._cached is not None and time.monotonic() - self._cached[0] < QUEUE_CACHE_SECONDS:
             return self._cached[1]
-        return await self.queue()
+        if self._asking is None or self._asking.done():
+            self._asking = self.loop.create_task(self.queue())
+        return await asyncio.shield(self._asking)
 
     # -------------------------------------------------------------- drain
 

@@ -383,3 +383,51 @@ def test_read_tokens_are_checked(make_daemon):
             assert r.returncode == 0, r
         else:
             assert r.returncode == 78 and key in r.stderr.decode(), r
+
+
+def test_status_answers_within_the_shard_timeout_when_the_shards_do_not_answer(make_daemon):
+    """Every spool shard stalled (a disk that hangs their writes: when the operator runs
+    `mta status`): the shards were asked two at a time, 5 s each, and every request
+    that came meanwhile asked them all again behind the others -- the answer came
+    after (shards / 2) x 5 s and more for each status page or `mta status` open,
+    past the command's 30 s with 16 shards.  It comes after one shard timeout, saying
+    which shard does not answer."""
+    import signal
+    import threading
+    import time
+    from mta.admin.api import QUEUE_CACHE_SECONDS, SHARD_TIMEOUT
+    d = make_daemon(acceptors=1, shards=4)
+    wait_until(lambda: admin_call(d, "GET", "/api/admin/status")[2]["ok"], 20,
+               "the status ok", interval=0.3)
+    spools = [pid for title, pid in d.children().items() if title.startswith("spool[")]
+    assert len(spools) == 4
+    took, answers = [], []
+
+    def ask():
+        t0 = time.monotonic()
+        st, _, s = admin_call(d, "GET", "/api/admin/status")
+        took.append(time.monotonic() - t0)
+        answers.append((st, s))
+    for pid in spools:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(QUEUE_CACHE_SECONDS + 0.2)       # (no answer from before served)
+        threads = [threading.Thread(target=ask) for _ in range(3)]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        r = d.cli("status", check=False)
+        cli_took = time.monotonic() - t0
+        for t in threads:
+            t.join(60)
+    finally:
+        for pid in spools:
+            os.kill(pid, signal.SIGCONT)
+    assert r.returncode == 0, r
+    assert "queue: unknown (spool[" in r.stdout.decode(), r.stdout
+    assert cli_took < SHARD_TIMEOUT + 3, cli_took
+    assert len(answers) == 3 and all(st == 200 and s["queue"] is None
+                                     and "did not answer" in s["queue_error"]
+                                     for st, s in answers), answers
+    assert max(took) < SHARD_TIMEOUT + 3, took
