@@ -353,3 +353,29 @@ def test_a_restarted_shard_gauges_are_not_counted_twice(make_daemon):
     assert max(v for v in seen_queue if v is not None) == 4, seen_queue
     assert max(v for v in seen_healthy if v is not None) == 1, seen_healthy
     assert value(scrape(d), "mta_spool_queue_messages", shard="0") == 4
+
+
+def test_label_values_from_the_configuration_are_escaped_in_the_exposition(make_daemon):
+    """A webhook's name is free text (a [[webhook]] table, or the webhooks API): quotes,
+    a backslash, a newline and non-ASCII in it must come out escaped as the text format
+    says, so that Prometheus's parser reads every family and the name back as it is."""
+    from daemon import free_port
+    name = 'ops "main" \\ hook\nété ☃'
+    d = make_daemon(acceptors=1, shards=1, webhooks={"poll_interval": 0.1},
+                    webhook=[{"name": name, "target": f"http://127.0.0.1:{free_port()}/",
+                              "events": ["injection"]}])
+    d.send("a@example.com", ["b@example.net"], message("m"))
+
+    def failed():
+        m = scrape(d)
+        return m if (value(m, "mta_webhook_failed_attempts_total", webhook=name) or 0) >= 1 \
+            else None
+    m = wait_until(failed, 30, "the webhook's failed POST in /metrics", interval=0.3)
+    assert value(m, "mta_webhook_events_sent_total", webhook=name) == 0
+    assert value(m, "mta_smtp_messages_accepted_total") == 1
+    # HELP and TYPE once per family, before its samples
+    _, _, body = d.admin_get("/metrics")
+    text = body.decode()
+    for kind in ("HELP", "TYPE"):
+        names = [ln.split()[2] for ln in text.splitlines() if ln.startswith(f"# {kind} ")]
+        assert len(names) == len(set(names)), kind
