@@ -13,7 +13,8 @@ Routes (JSON; errors are ``{"errors": [{"message": ...}]}``):
     everything the status page shows (:mod:`mta.admin.status`).
 ``GET /api/admin/drain``, ``POST /api/admin/drain``, ``DELETE /api/admin/drain``
     the drain: whether the node is draining, since when, and what remains
-    (messages, recipients, jobs in flight); POST starts it, DELETE cancels it.
+    (messages, recipients, jobs in flight); POST starts it, DELETE cancels it (done
+    also when a shard does not answer: the 503 then says that it was).
 ``GET /api/admin/suspensions``, ``POST /api/admin/suspensions?FIELD=VALUE...``, ``DELETE /api/admin/suspensions/ID``
     the operator's suspensions: list, add, resume.  A suspension names any of
     ``domain``, ``campaign`` and ``pool`` (held back in the spool at dispatch,
@@ -299,7 +300,16 @@ class Api:
                     self.set_drain(True)
                 elif method == b"DELETE":
                     self.set_drain(False)
-                return _json(200, await self.drain_report())
+                try:
+                    return _json(200, await self.drain_report())
+                except Unavailable as exc:
+                    if method == b"GET":
+                        raise
+                    # (done all the same: the error must not read as if it were not)
+                    raise Unavailable(f"{exc}; the drain is " + (
+                        "started: the node refuses new mail until 'mta drain --cancel'"
+                        if method == b"POST" else "cancelled: the node accepts mail "
+                        "again")) from None
         except BadRequest as exc:
             return _json(400, {"errors": [{"message": str(exc), "field": exc.field}]})
         except ServerError as exc:

@@ -181,3 +181,27 @@ def test_a_drain_is_not_done_while_a_message_is_on_its_way_in(make_daemon):
     # the operator deletes it, and the node is empty
     d.cli("queue", "delete", queued_id(" ".join(lines)))
     wait_until(lambda: report()["done"], 20, "the drain done")
+
+
+def test_mta_drain_says_the_drain_took_effect_when_the_spool_does_not_answer(make_daemon):
+    """A shard not answering (a stalled disk, the moment an operator drains the node):
+    `mta drain` failed with only "the spool is not answering", exit 69, though the node
+    was draining -- refusing all new mail until someone cancels it; --cancel likewise,
+    with the node accepting mail again.  The error says what was done."""
+    import signal
+    d = make_daemon(acceptors=1, shards=1)
+    spool = d.children()["spool[0]"]
+    os.kill(spool, signal.SIGSTOP)
+    try:
+        r = d.cli("drain", "--no-wait", check=False)
+        assert r.returncode == 69, r
+        assert b"did not answer" in r.stderr, r.stderr
+        assert b"the drain is started" in r.stderr, r.stderr
+        assert b"mta drain --cancel" in r.stderr, r.stderr
+        wait_until(lambda: banner(d)[0] == 421, 10, "new connections refused")
+        r = d.cli("drain", "--cancel", check=False)
+        assert r.returncode == 69, r
+        assert b"the drain is cancelled" in r.stderr, r.stderr
+        wait_until(lambda: banner(d)[0] == 220, 10, "new connections taken again")
+    finally:
+        os.kill(spool, signal.SIGCONT)
