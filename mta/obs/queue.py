@@ -19,6 +19,8 @@ Sources of the figures:
 A message has no site or source until a delivery process has it in a lane, so the
 ``by_site`` and ``by_source`` figures count jobs waiting in delivery, while
 ``by_domain``, ``by_pool`` and ``by_campaign`` count what the spool holds.
+Each site names at most SITE_DOMAINS_MAX of its domains (``domains_total``: how
+many it has).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ STATUS_FRESH = 10.0     # seconds: an older status file is a process that is gon
 DOMAINS_MAX = 1000      # recipient domains named in a queue view; the rest under OTHER
 CAMPAIGNS_MAX = 1000    # campaigns named in a queue view; the rest under OTHER
 SITES_MAX = 1000        # sites named in a queue view (the most queued); the rest under OTHER
+SITE_DOMAINS_MAX = 20   # domains named per site in a queue view (domains_total: all of them)
 LANES_MAX = 1000        # (source x site) lanes listed (the most queued); the rest counted
 OTHER = "(other)"
 
@@ -250,8 +253,11 @@ def merge(shards: list[dict], delivery: dict, webhooks: dict | None = None) -> d
             t = by_campaign.setdefault(name, {"messages": 0, "recipients": 0})
             t["messages"] += v["messages"]
             t["recipients"] += v["recipients"]
-    by_site = {name: {"domains": s["domains"], "hosts": s["hosts"], "queued": s["queued"],
-                      "connections": s["connections"], "rate": s["rate"]}
+    # (a site of a provider holds every domain it hosts that mail went to, hundreds of
+    # thousands after a broadcast: a few are named, to know the site by)
+    by_site = {name: {"domains": s["domains"][:SITE_DOMAINS_MAX],
+                      "domains_total": len(s["domains"]), "hosts": s["hosts"],
+                      "queued": s["queued"], "connections": s["connections"], "rate": s["rate"]}
                for name, s in delivery.get("sites", {}).items()}
     by_source = {name: {"address": s["address"], "queued": s["queued"],
                         "connections": s["connections"], "rate": s["rate"],
@@ -286,10 +292,11 @@ def _top_sites(sites: dict) -> dict:
     keep = heapq.nlargest(SITES_MAX, sites, key=lambda k: (sites[k]["queued"],
                                                            sites[k]["connections"]))
     out = {k: sites[k] for k in keep}
-    rest = {"domains": [], "hosts": [], "queued": 0, "connections": 0, "rate": 0.0, "sites": 0}
+    rest = {"domains": [], "domains_total": 0, "hosts": [], "queued": 0, "connections": 0,
+            "rate": 0.0, "sites": 0}
     for k, v in sites.items():
         if k not in out:
-            for f in ("queued", "connections", "rate"):
+            for f in ("domains_total", "queued", "connections", "rate"):
                 rest[f] += v[f]
             rest["sites"] += 1
     out[OTHER] = rest
