@@ -346,3 +346,32 @@ def test_traffic_labels_stay_bounded_over_processes_and_restarts():
         assert all(a2.get(k, 0) >= v for k, v in attempts.items()), (attempts, a2)
         attempts = a2
     assert sum(attempts.values()) == 5 * 3 + 10 * 2 * 3
+
+
+def test_a_slot_follows_its_running_process_when_reports_came_in_reverse_order():
+    """An admin process (re)started while a reload's old acceptor still finishes its
+    sessions may hear the old one last and take it for the slot's newest: once it
+    exited, the slot read as down for good (health 503, mta_child_up 0) though its
+    successor reported every second."""
+    import subprocess
+    import sys
+    new = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    old = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        now = [100.0]
+        rep = Reports(_settings(), clock=lambda: now[0])
+        rep.add(_report(new.pid, index=0, accepted=2))
+        rep.add(_report(old.pid, index=0, accepted=5))     # heard last
+        old.kill()
+        old.wait()
+        for seq in range(2, 8):
+            now[0] += 1.0
+            rep.add(_report(new.pid, index=0, accepted=2 + seq, seq=seq))
+        acc = next(c for c in rep.health()["children"] if c["role"] == "acceptor"
+                   and c["index"] == 0)
+        assert acc["up"] is True and acc["pid"] == new.pid, acc
+        counters, _, _ = rep.merged()
+        assert counters[("mta_smtp_messages_accepted_total", ())] == 5 + 2 + 7
+    finally:
+        new.kill()
+        new.wait()

@@ -119,8 +119,13 @@ class Reports:
         if slot.report is None or slot.pid == r.pid:
             pass
         elif r.pid in slot.older:       # a replaced process still at work
-            slot.older[r.pid] = (r, now)
-            return
+            if proc.alive(slot.pid):
+                slot.older[r.pid] = (r, now)
+                return
+            # the one taken for the newest has exited, this one runs: it is the slot's
+            # (an admin process started during a reload may hear the old acceptor last)
+            del slot.older[r.pid]
+            slot.older[slot.pid] = (slot.report, slot.at)
         elif r.pid in slot.folded:      # (its counts are in the base already)
             return
         else:                           # a new process for the slot
