@@ -134,7 +134,7 @@ class Submission(msgspec.Struct, frozen=True):
     refused: Callable[[bytes], None]
 
 
-MAX_PATH = 256          # RFC 5321 4.5.3.1.3, octets in a forward/reverse path
+MAX_PATH = 256          # RFC 5321 4.5.3.1.3, octets in a forward/reverse path, <> included
 MAX_LOCAL_PART = 64     # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255        # RFC 5321 4.5.3.1.2
 MAX_HELO = 255
@@ -171,7 +171,7 @@ def parse_path(raw: bytes, utf8: bool) -> str | None:
     Returns None when the syntax is not acceptable.  A source route
     (``<@a,@b:user@c>``) is accepted and dropped, as RFC 5321 asks.
     """
-    if not 2 <= len(raw) <= MAX_PATH + 2 or raw[0] != 0x3C or raw[-1] != 0x3E:
+    if not 2 <= len(raw) <= MAX_PATH or raw[0] != 0x3C or raw[-1] != 0x3E:
         return None
     addr = raw[1:-1]
     if not addr:
