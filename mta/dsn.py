@@ -24,9 +24,11 @@ Layout (``multipart/report; report-type=delivery-status``):
 Status: the recipient's enhanced code when it has one, else the one in its
 server reply (``550 5.1.1 ...``), else the class of the basic code (``550`` ->
 ``5.0.0``), else ``5.0.0`` for failed and ``4.0.0`` for delayed recipients.
-Diagnostic-Code is ``smtp;`` when the diagnostic is an SMTP reply (a
-multi-line reply is joined into one line, its repeated codes dropped) and
-``x-local;`` for our own explanations (DNS failure, connection refused, ...).
+Diagnostic-Code is ``smtp;`` when the diagnostic is an SMTP reply of the
+recipient's ``remote_host`` (a multi-line reply is joined into one line, its
+repeated codes dropped) and ``x-local;`` for our own explanations (DNS
+failure, connection refused, ...), those with a reply code included (the loop
+check's "554 5.4.6", a dead site's "451 4.4.1": no remote host said them).
 
 8-bit data.  The notice itself is 7-bit whenever it can be, so that it reaches
 any sender's server, with or without 8BITMIME:
@@ -443,7 +445,9 @@ def _status_part(mta, queue_id, envid, arrival, rcpts, utf8: bool) -> bytes:
             fields += _fold("Remote-MTA", f"dns; {_reply_text(r.remote_host, utf8)}")
         said = _reply_text(r.diagnostic, utf8)
         if said:
-            kind = "smtp" if _REPLY.match(said) else "x-local"
+            # "smtp" only for what a remote server replied (RFC 3464 2.3.6): our own
+            # errors ("554 5.4.6 ... loops back to myself") have a reply code, no host
+            kind = "smtp" if r.remote_host and _REPLY.match(said) else "x-local"
             fields += _fold("Diagnostic-Code", f"{kind}; {said}")
         if r.last_attempt is not None:  # (none for a recipient never tried, RFC 3464 2.3.7)
             fields += _fold("Last-Attempt-Date", rfc5322_date(r.last_attempt))

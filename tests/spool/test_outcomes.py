@@ -902,3 +902,41 @@ def test_failures_in_one_batch_with_no_job_left_out_bounce_at_once(tmp_path):
     (_, dsn), = plan.bounces
     assert rcpts_of(dsn) == ["a@one.example", "b@two.example"]
     assert plan.owe == {} and all(len(u) == 4 for u in plan.updates["Q1"])
+
+
+def test_our_own_errors_are_x_local_diagnostics_and_only_a_servers_reply_is_smtp():
+    """RFC 3464 2.3.6: diagnostic-type "smtp" is for a reply received from the remote
+    server.  Our own errors (the loop check, a dead site's hold: a result with no
+    remote host) carry a reply code too, but no server said them: "x-local"."""
+    import email
+
+    def diagnostics(dsn: bytes) -> dict:
+        _, *per_rcpt = email.message_from_bytes(dsn).get_payload()[1].get_payload()
+        return {r["Final-Recipient"].split("; ")[1]:
+                (r["Diagnostic-Code"], r["Remote-MTA"]) for r in per_rcpt}
+
+    def ours(index, outcome, code, enh, text):
+        return bus.Result(index, outcome, code, enh, text, "", "")
+
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
+    plan = make(entries)
+    plan.outcome("Q1", [ours(0, bus.FAILED, 554, "5.4.6",
+                             "mail for example.net loops back to myself"),
+                        result(1, bus.FAILED, 550, "5.1.1", "no such user")], NOW)
+    plan.finish(NOW)
+    (_, dsn), = plan.bounces
+    assert diagnostics(dsn) == {
+        "a@example.net": ("x-local; 554 5.4.6 mail for example.net loops back to myself",
+                          None),
+        "b@example.net": ("smtp; 550 5.1.1 no such user", "dns; mx.example.net")}
+
+    pol = policy()
+    pol.delay_warning = 30.0            # ARRIVAL is NOW - 60: past it
+    plan = plan_of(Queue(entry("Q2", ["a@example.net"])), pol, lambda: "N1")
+    plan.outcome("Q2", [ours(0, bus.DEFERRED, 451, "4.4.1",
+                             "delivery temporarily suspended: mx.example.net[192.0.2.1]: "
+                             "ConnectionRefusedError")], NOW)
+    plan.finish(NOW)
+    (_, dsn), = plan.bounces
+    [(diag, mta)] = diagnostics(dsn).values()
+    assert diag.startswith("x-local; 451 4.4.1 delivery temporarily suspended") and mta is None
