@@ -298,10 +298,13 @@ class Plan:
                     # response rule's bounce_class included), not a second reading
                     self.suppress.append((m.rcpts[idx],
                                           sup.bounce_description(r.code, r.enhanced, r.text)))
-                if st[idx] == sch.PENDING:   # deferred: what an expiry at dispatch quotes
-                    # (interned by the index: recipients given the same reply share it)
+                if st[idx] == sch.PENDING:   # deferred: what an expiry at dispatch quotes,
+                    # and when (its Last-Attempt-Date, to the second as the field says it);
+                    # interned by the index: recipients given the same reply in the same
+                    # second share it
                     index.set_last(qid, idx, (r.code, r.enhanced, r.text, r.host, r.ip,
-                                              event["bounce_class"], event["bounce_rule"]))
+                                              event["bounce_class"], event["bounce_rule"],
+                                              int(now)))
             self.events.append(event)
 
     def outcome_of_deleted(self, qid: str, gone: "DeletedOut", results: list[Result],
@@ -372,18 +375,20 @@ class Plan:
                      "time_in_queue": round(now - m.arrival, 3),
                      "bounce_class": bounce_class, "bounce_rule": bounce_rule}
             if r is None:
+                # never tried, or tried before this process started: when is not known
+                # (the record keeps no time), so no Last-Attempt-Date is made up
                 self.events.append(event)
-                self._bounce(qid, idx, 0, EXPIRED_STATUS, EXPIRED_TEXT, "", now,
-                             tried=attempts > 0, expired=True)
+                self._bounce(qid, idx, 0, EXPIRED_STATUS, EXPIRED_TEXT, "", None,
+                             expired=True)
                 continue
             # Deferred before (since this process started): the expiry quotes that
             # reply and carries its class, as one decided by the deferral itself does.
-            code, enhanced, text, host, ip, r_class, r_rule = r
+            code, enhanced, text, host, ip, r_class, r_rule, tried_at = r
             event.update(response={"code": code, "enhanced": enhanced, "text": text},
                          remote_host=host, remote_ip=ip, bounce_class=r_class,
                          bounce_rule=r_rule)
             self.events.append(event)
-            self._bounce(qid, idx, code, enhanced, text, host, now,
+            self._bounce(qid, idx, code, enhanced, text, host, tried_at,
                          note=f"gave up after {attempts} attempt(s)", expired=True)
         self.returned.append(qid)
 
@@ -404,12 +409,13 @@ class Plan:
             if not 0 <= idx < len(st) or st[idx] != sch.PENDING:
                 continue
             st[idx] = sch.FAILED
-            attempts = index.recipient(qid, idx)[1]
+            _, attempts, _, _, _, last = index.recipient(qid, idx)
             self._update(qid, idx, sch.FAILED, attempts, 0.0)
             self._admin_event(qid, idx, info[_BODY_LEN], m, attempts, now, text)
             if dsn:
-                self._bounce(qid, idx, ctl.BOUNCE_CODE, ctl.BOUNCE_STATUS, text, "", now,
-                             tried=attempts > 0)
+                # (its last attempt's time if it was deferred since this process started)
+                self._bounce(qid, idx, ctl.BOUNCE_CODE, ctl.BOUNCE_STATUS, text, "",
+                             last[7] if last is not None else None)
             n += 1
         if n:
             self.returned.append(qid)
@@ -490,11 +496,12 @@ class Plan:
         _orcpt(m, idx, r)
         into.setdefault(qid, []).append(r)
 
-    def _bounce(self, qid, idx, code, enh, text, host, now, note="", tried=True,
+    def _bounce(self, qid, idx, code, enh, text, host, tried_at, note="",
                 expired=False) -> None:
-        """Add recipient *idx* to the bounce of *qid*; *tried*: it had a delivery attempt
-        (one never tried has no Last-Attempt-Date in the report); *expired*: it is given
-        up for its age (delivery.max_age), not failed by a reply."""
+        """Add recipient *idx* to the bounce of *qid*; *tried_at*: the time of its last
+        delivery attempt, its Last-Attempt-Date (None: never tried, or not known -- the
+        report has none); *expired*: it is given up for its age (delivery.max_age), not
+        failed by a reply."""
         m = self._metas[qid]
         rcpt = m.rcpts[idx]
         if not notify_allows(_notify(m, idx), "FAILURE"):
@@ -517,7 +524,7 @@ class Plan:
             if status.startswith("4"):
                 status = "5" + status[1:]  # a 4xx a response rule bounced: permanent
         r = RecipientFailure(recipient=rcpt, status=status, remote_host=host or None,
-                             diagnostic=diag, last_attempt=now if tried else None)
+                             diagnostic=diag, last_attempt=tried_at)
         _orcpt(m, idx, r)
         self.failures.setdefault(qid, []).append((idx, r))
 

@@ -263,29 +263,57 @@ def test_a_recipient_never_tried_has_no_last_attempt_date_in_its_bounce():
     """RFC 3464 2.3.7: Last-Attempt-Date is the time of the last delivery attempt; a
     recipient that expired or was bounced by the operator before any attempt had none,
     so its report has no such field (it said the time of the expiry or bounce)."""
+    import datetime
     import email
+    import email.utils
 
     def last_attempt(dsn: bytes) -> dict:
         _, *per_rcpt = email.message_from_bytes(dsn).get_payload()[1].get_payload()
         return {r["Final-Recipient"].split("; ")[1]: r["Last-Attempt-Date"] for r in per_rcpt}
 
-    entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
-    entries.set("Q1", 0, attempts=2)
-    plan = make(entries)
+    def tried_at(qid: str, when: float) -> Queue:
+        """a deferred at *when* (in this process), b never tried."""
+        entries = Queue(entry(qid, ["a@example.net", "b@example.net"]))
+        entries.set(qid, 0, attempts=1)
+        plan = make(entries)
+        plan.outcome(qid, [result(0, bus.DEFERRED, 451, "4.3.0", "later")], when)
+        entries.index.apply(qid, plan.updates[qid])
+        return entries
+
+    def date(ts: float) -> str:
+        return email.utils.format_datetime(
+            datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)).replace("-0000", "+0000")
+
+    # the time of that attempt, not the expiry's or the operator's bounce's
+    plan = make(tried_at("Q1", NOW - 50))
     plan.expire("Q1", [0, 1], NOW)
     plan.finish(NOW)
     (_, dsn), = plan.bounces
     got = last_attempt(dsn)
-    assert got["a@example.net"] is not None and got["b@example.net"] is None
+    assert got["a@example.net"] == date(NOW - 50) and got["b@example.net"] is None
 
-    entries = Queue(entry("Q2", ["a@example.net", "b@example.net"]))
-    entries.set("Q2", 0, attempts=1)
-    plan = make(entries)
+    plan = make(tried_at("Q2", NOW - 40))
     assert plan.admin_bounce("Q2", [0, 1], NOW, "bounced by the operator: stop", True) == 2
     plan.finish(NOW)
     (_, dsn), = plan.bounces
     got = last_attempt(dsn)
-    assert got["a@example.net"] is not None and got["b@example.net"] is None
+    assert got["a@example.net"] == date(NOW - 40) and got["b@example.net"] is None
+
+
+def test_an_expiry_after_a_restart_makes_up_no_last_attempt_date():
+    """Tried twice before a restart: when is not known (the record keeps no time, the
+    last reply is in memory only), so the expiry's bounce has no Last-Attempt-Date --
+    it said the time of the expiry, an attempt that never was."""
+    import email
+    entries = Queue(entry("Q1", ["a@example.net"]))      # (as recovered: no last reply)
+    entries.set("Q1", 0, attempts=2)
+    plan = make(entries)
+    plan.expire("Q1", [0], NOW)
+    plan.finish(NOW)
+    (_, dsn), = plan.bounces
+    _, a = email.message_from_bytes(dsn).get_payload()[1].get_payload()
+    assert a["Final-Recipient"] == "rfc822; a@example.net" and a["Action"] == "failed"
+    assert a["Last-Attempt-Date"] is None
 
 
 @pytest.mark.parametrize("outcome", [bus.DELIVERED, bus.DEFERRED, bus.FAILED])
