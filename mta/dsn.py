@@ -45,6 +45,10 @@ any sender's server, with or without 8BITMIME:
   DSN: ``message/global-delivery-status`` with ``utf-8`` address types,
   ``message/global-headers``, UTF-8 text, ``8bit`` transfer encoding.  Such a
   notice must be sent with SMTPUTF8 (``needs_smtputf8(dsn)`` tells).
+- An ORCPT of type ``utf-8`` (or one whose address is not ASCII) does not make
+  the notice global: its Original-Recipient is ``utf-8;`` with the address as
+  utf-8-addr-xtext (``\\x{FC}``) in a 7-bit notice, as utf-8-addr-unitext (the
+  UTF-8 itself) in a global one (RFC 6533 §3).
 - Remote replies are reduced to printable text (control characters and, in
   7-bit notices, non-ASCII characters become ``?``).
 """
@@ -100,6 +104,7 @@ MAX_ENVID = 100      # octets of the ENVID value, xtext-encoded (RFC 3461 §4.4)
 MAX_ORCPT = 500      # octets of the ORCPT value, addr-type and xtext (RFC 3461 §4.2)
 # 33-126 but "+" and "=", or +HH (RFC 3461 asks for upper-case hex; lower case is read too)
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-Fa-f]{2})*")
+_EMBEDDED = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")   # RFC 6533 EmbeddedUnicodeChar
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+")   # an RFC 822 atom
 
 
@@ -162,6 +167,24 @@ def parse_orcpt(value: str) -> str | None:
     return value
 
 
+def utf8_addr_decode(value: str) -> str:
+    """A utf-8-addr-xtext or -unitext (RFC 6533 3) decoded: "\\x{FC}" -> "ü"."""
+    if "\\x{" not in value:
+        return value
+
+    def char(m: re.Match) -> str:
+        n = int(m.group(1), 16)
+        return chr(n) if n <= 0x10FFFF and not 0xD800 <= n <= 0xDFFF else m.group(0)
+    return _EMBEDDED.sub(char, value)
+
+
+def utf8_addr_encode(addr: str, unitext: bool) -> str:
+    """*addr* as utf-8-addr-xtext (RFC 6533 3: all but printable ASCII other than
+    "+", "=", "\\" as \\x{HEX}), or as utf-8-addr-unitext (non-ASCII kept)."""
+    return "".join(ch if ("!" <= ch <= "~" and ch not in "+=\\") or (unitext and ch > "\x7f")
+                   else "\\x{%02X}" % ord(ch) for ch in addr)
+
+
 def orcpt_text(value: str) -> str:
     """An ORCPT as it goes into Original-Recipient: "rfc822; user+x@example.com"."""
     addr_type, _, addr = value.partition(";")
@@ -217,8 +240,8 @@ def build_dsn(*, original: bytes, envelope_sender: str, failed: list[RecipientFa
         if action not in ACTIONS:
             raise ValueError(f"unknown DSN action {r.action!r}")
         rcpts.append((r, action, dsn_status(r.status, r.diagnostic, action)))
-    utf8 = not sender.isascii() or any(
-        not r.recipient.isascii() or not (r.original_recipient or "").isascii() for r in failed)
+    # (an ORCPT does not decide: in a 7-bit notice it is utf-8-addr-xtext)
+    utf8 = not sender.isascii() or any(not r.recipient.isascii() for r in failed)
 
     success = all(a in ("delivered", "relayed") for _, a, _ in rcpts)
     text = _text_part(mta, rcpts, delayed, utf8, success)
@@ -424,6 +447,20 @@ def _address(addr: str, utf8: bool) -> str:
     return ("utf-8; " if utf8 and not addr.isascii() else "rfc822; ") + addr
 
 
+def _original_recipient(value: str, utf8: bool) -> str:
+    """An ORCPT ("type; address") as its Original-Recipient field says it: a utf-8 one,
+    or one whose address is not ASCII, as utf-8-addr-unitext in a global notice and
+    utf-8-addr-xtext in a 7-bit one (RFC 6533 3); others as given."""
+    orcpt = _clean(value).strip()
+    addr_type, sep, addr = orcpt.partition(";")
+    if not sep:
+        return _address(orcpt, utf8)
+    if addr_type.strip().lower() != "utf-8" and addr.isascii():
+        return orcpt
+    space = addr[:len(addr) - len(addr.lstrip())]
+    return f"utf-8;{space}{utf8_addr_encode(utf8_addr_decode(addr.strip()), utf8)}"
+
+
 def _status_part(mta, queue_id, envid, arrival, rcpts, utf8: bool) -> bytes:
     fields = []
     fields += _fold("Reporting-MTA", f"dns; {mta}")
@@ -434,10 +471,8 @@ def _status_part(mta, queue_id, envid, arrival, rcpts, utf8: bool) -> bytes:
     for r, action, status in rcpts:
         fields.append("")
         if r.original_recipient:
-            orcpt = _clean(r.original_recipient).strip()
-            if ";" not in orcpt:
-                orcpt = _address(orcpt, utf8)
-            fields += _fold("Original-Recipient", orcpt)
+            fields += _fold("Original-Recipient", _original_recipient(r.original_recipient,
+                                                                      utf8))
         fields += _fold("Final-Recipient", _address(r.recipient, utf8))
         fields += _fold("Action", action)
         fields += _fold("Status", status)

@@ -241,6 +241,19 @@ def test_utf8_addresses_make_a_global_dsn():
     assert parse(raw).get_content_type() == "multipart/report"
 
 
+def test_a_non_ascii_original_recipient_keeps_a_notice_7bit_as_utf8_addr_xtext():
+    # RFC 6533 3: utf-8-addr-xtext in a 7-bit notice; its addresses alone decide
+    # whether the notice must be a global one (sent only with SMTPUTF8)
+    f = [RecipientFailure("jw@rcpt.test", "5.1.1", "mx.rcpt.test", "550 5.1.1 unknown", NOW,
+                          original_recipient="utf-8; jürgen+x=1@bücher.test")]
+    raw = make(failed=f)
+    assert_wire_clean(raw)
+    assert raw.isascii() and not needs_smtputf8(raw)
+    _, (r,) = status_blocks(parse(raw))
+    assert r["Original-Recipient"] == r"utf-8; j\x{FC}rgen\x{2B}x\x{3D}1@b\x{FC}cher.test"
+    assert r["Final-Recipient"] == "rfc822; jw@rcpt.test"
+
+
 def test_original_recipient_and_orcpt_type():
     f = [RecipientFailure("bob@rcpt.test", "5.1.1", None, "550 5.1.1 no", NOW,
                           original_recipient="rfc822;Bob@Rcpt.test")]

@@ -430,6 +430,29 @@ def test_notify_decides_who_is_bounced_and_who_gets_a_relayed_notice():
     assert reports["relayed"]["Status"] == "2.0.0"
 
 
+def test_a_utf8_orcpt_is_written_back_in_the_form_of_its_notice():
+    r"""RFC 6533 3: an ORCPT of type utf-8 comes as utf-8-addr-xtext (non-ASCII and
+    "+", "=", "\", space as \x{HEX}).  A global DSN (a recipient not ASCII) gives it
+    back as utf-8-addr-unitext: the UTF-8 characters themselves, only the ASCII
+    specials escaped; a 7-bit DSN as utf-8-addr-xtext."""
+    orcpt = r"utf-8;J\x{FC}rgen\x{2B}tag@b\x{FC}cher.test"
+
+    def original_recipient(rcpt: str) -> tuple[bytes, bytes]:
+        e = dsn_entry("Q1", [rcpt], [""], [orcpt])
+        plan = make(Queue(e))
+        plan.outcome("Q1", [result(0, bus.FAILED, 550, "5.1.1")], NOW)
+        plan.finish(NOW)
+        (_, dsn), = plan.bounces
+        return re.search(rb"\r\nOriginal-Recipient: (.*)\r\n", dsn).group(1), dsn
+
+    got, dsn = original_recipient("jürgen@bücher.test")
+    assert b"Content-Type: message/global-delivery-status" in dsn
+    assert got == r"utf-8; Jürgen\x{2B}tag@bücher.test".encode()
+    got, dsn = original_recipient("jw@example.net")
+    assert dsn.isascii() and b"Content-Type: message/delivery-status" in dsn
+    assert got == rb"utf-8; J\x{FC}rgen\x{2B}tag@b\x{FC}cher.test"
+
+
 def test_delay_notice_once_per_recipient_and_the_flag_is_in_the_update():
     from mta.store import RCPT_DELAY_NOTIFIED
     e = dsn_entry("Q1", ["a@x.test", "b@x.test", "c@x.test"], ["", "FAILURE", "DELAY"])
