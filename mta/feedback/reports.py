@@ -40,6 +40,8 @@ import quopri
 import re
 from dataclasses import dataclass, field
 
+from mta.dsn import utf8_addr_decode
+
 __all__ = ["Report", "ReportedRecipient", "parse", "status_code", "MAX_REPORT_SIZE",
            "MAX_RECIPIENTS"]
 
@@ -107,6 +109,17 @@ def _strip_type(value: str) -> str:
     if sep and head.strip() and " " not in head.strip():
         return rest.strip()
     return value
+
+
+def _recipient(value: str) -> str:
+    """A Final- or Original-Recipient's address: ``rfc822; a@b`` -> ``a@b``; a ``utf-8``
+    one decoded from utf-8-addr-xtext or -unitext (``j\\x{FC}rgen@b`` -> ``jürgen@b``,
+    RFC 6533 3)."""
+    value = _clip(value)
+    head, sep, rest = value.partition(";")
+    if sep and head.strip().lower() == "utf-8":
+        return _bare(utf8_addr_decode(rest.strip()))
+    return _bare(_strip_type(value))
 
 
 def _bare(address: str) -> str:
@@ -284,8 +297,8 @@ def _read_dsn(report: Report, text: str) -> None:
         if "final-recipient" not in block and "original-recipient" not in block:
             continue
         report.recipients.append(ReportedRecipient(
-            final_recipient=_bare(_strip_type(block.get("final-recipient", ""))),
-            original_recipient=_bare(_strip_type(block.get("original-recipient", ""))),
+            final_recipient=_recipient(block.get("final-recipient", "")),
+            original_recipient=_recipient(block.get("original-recipient", "")),
             action=_clip(block.get("action", "")).lower().split(" ")[0],
             status=_clip(block.get("status", "")).split(" ")[0],
             diagnostic=_strip_type(block.get("diagnostic-code", "")),

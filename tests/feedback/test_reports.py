@@ -266,3 +266,47 @@ def test_our_own_dsns_are_read_back_global_ones_too(rcpt):
     assert [b.final_recipient for b in r.recipients] == [rcpt]
     assert r.recipients[0].failed and r.message_id == "a@b.test"
     assert reports.status_code(r.recipients[0])[:2] == (550, "5.1.1")
+
+
+def test_utf8_recipients_of_a_dsn_are_decoded():
+    # RFC 6533 3: a utf-8 address type is utf-8-addr-xtext in a 7-bit report ("\x{FC}"),
+    # utf-8-addr-unitext in a global one: the events and the suppression list get the
+    # address itself, not its escaped form
+    data = msg("""\
+From: MAILER-DAEMON@mx.receiver.test
+To: bounces@bounce.sender.test
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B1"
+
+--B1
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.receiver.test
+
+Original-Recipient: utf-8; J\\x{FC}rgen@receiver.test
+Final-Recipient: utf-8; j\\x{FC}rgen@receiver.test
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550 5.1.1 no such user
+
+Final-Recipient: utf-8; plain+tag@receiver.test
+Action: failed
+Status: 5.1.1
+
+--B1--
+""")
+    r = reports.parse(data)
+    assert [(b.final_recipient, b.original_recipient) for b in r.recipients] == [
+        ("jürgen@receiver.test", "Jürgen@receiver.test"), ("plain+tag@receiver.test", "")]
+    from mta.dsn import RecipientFailure, build_dsn
+    dsn = build_dsn(original=b"Subject: hi\r\n\r\nbody\r\n", envelope_sender="s@x.test",
+                    failed=[RecipientFailure(recipient="jo@receiver.test", status="5.1.1",
+                                             remote_host="mx.r",
+                                             diagnostic="550 5.1.1 no such user",
+                                             last_attempt=1e9,
+                                             original_recipient="utf-8; jö@receiver.test")],
+                    reporting_mta="mta.x", arrival_time=1e9, queue_id="abc", now=1e9)
+    assert b"\\x{F6}" in dsn
+    r = reports.parse(dsn)
+    assert [(b.final_recipient, b.original_recipient) for b in r.recipients] == [
+        ("jo@receiver.test", "jö@receiver.test")]
