@@ -106,6 +106,8 @@ MAX_ORCPT = 500      # octets of the ORCPT value, addr-type and xtext (RFC 3461 
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-Fa-f]{2})*")
 _EMBEDDED = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")   # RFC 6533 EmbeddedUnicodeChar
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+")   # an RFC 822 atom
+# RFC 6533 utf-8-addr-unitext: printable ASCII but "+", "=", "\\", or UTF-8, or \\x{HEX}
+_UNITEXT = re.compile(r"(?:[!-*,-<>-\[\]-~\x80-\U0010FFFF]|\\x\{[0-9A-Fa-f]{1,6}\})+")
 
 
 def parse_notify(value: str) -> str | None:
@@ -157,12 +159,21 @@ def xtext_encode(value: str) -> str:
     return "".join(out)
 
 
-def parse_orcpt(value: str) -> str | None:
-    """An ORCPT value ("rfc822;user+2Bx@example.com") checked, as given; None when invalid."""
+def parse_orcpt(value: str, utf8: bool = False) -> str | None:
+    """An ORCPT value ("rfc822;user+2Bx@example.com") checked, as given; None when invalid.
+
+    *utf8*: the transaction uses SMTPUTF8, so a ``utf-8`` address may be
+    utf-8-addr-unitext, UTF-8 itself (RFC 6533 3); otherwise the value is xtext.
+    """
     if len(value) > MAX_ORCPT:
         return None
     addr_type, sep, addr = value.partition(";")
-    if not sep or not addr or _ADDR_TYPE.fullmatch(addr_type) is None or not valid_xtext(addr):
+    if not sep or not addr or _ADDR_TYPE.fullmatch(addr_type) is None:
+        return None
+    if addr.isascii():
+        return value if valid_xtext(addr) else None
+    if not utf8 or addr_type.lower() != "utf-8" or len(value.encode("utf-8")) > MAX_ORCPT \
+            or _UNITEXT.fullmatch(addr) is None:
         return None
     return value
 

@@ -197,10 +197,11 @@ def parse_path(raw: bytes, utf8: bool) -> str | None:
         return None
 
 
-def parse_params(raw: bytes) -> dict[str, str] | None:
+def parse_params(raw: bytes, utf8: bool = False) -> dict[str, str] | None:
     """Split ESMTP parameters ``KEY=VALUE KEY`` into an upper-cased dict.
 
-    None on bad syntax, and when a keyword is given twice.
+    None on bad syntax, and when a keyword is given twice.  Values are ASCII;
+    *utf8* (a transaction with SMTPUTF8) lets them be UTF-8 (RFC 6533 3's ORCPT).
     """
     out = {}
     for word in raw.split():
@@ -211,7 +212,7 @@ def parse_params(raw: bytes) -> dict[str, str] | None:
             k = key.decode("ascii").upper()
             if k in out:
                 return None
-            out[k] = value.decode("ascii")
+            out[k] = value.decode("utf-8" if utf8 else "ascii")
         except UnicodeDecodeError:
             return None
     return out
@@ -716,7 +717,8 @@ class Session(asyncio.Protocol):
 
         "" for one not given; None when refused (the error reply is sent).
         """
-        params = parse_params(raw) if self.esmtp else None
+        utf8 = "SMTPUTF8" in self.params
+        params = parse_params(raw, utf8) if self.esmtp else None
         if params is None:
             self.reply_error(R.SYNTAX)
             return None
@@ -728,7 +730,7 @@ class Session(asyncio.Protocol):
                     self.reply_error(R.BAD_NOTIFY)
                     return None
             elif key == "ORCPT":
-                orcpt = dsn.parse_orcpt(value)
+                orcpt = dsn.parse_orcpt(value, utf8)
                 if orcpt is None:
                     self.reply_error(R.BAD_ORCPT)
                     return None

@@ -348,7 +348,7 @@ class DsnParams:
         ret = ret if isinstance(ret, str) and dsn.parse_ret(ret) == ret else ""
         notify = [x if isinstance(x, str) and dsn.parse_notify(x) == x else ""
                   for x in (notify if isinstance(notify, list) else ())]
-        orcpt = [x if isinstance(x, str) and dsn.parse_orcpt(x) else ""
+        orcpt = [x if isinstance(x, str) and dsn.parse_orcpt(x) else _orcpt_xtext(x)
                  for x in (orcpt if isinstance(orcpt, list) else ())]
         return cls(envid, ret, notify, orcpt)
 
@@ -373,6 +373,14 @@ class DsnParams:
         if i < len(self.orcpt) and self.orcpt[i]:
             out += " ORCPT=" + self.orcpt[i]
         return out
+
+
+def _orcpt_xtext(value) -> str:
+    """A utf-8 ORCPT taken as UTF-8 (utf-8-addr-unitext, a transaction with SMTPUTF8) as
+    utf-8-addr-xtext, which any server takes (RFC 6533 3); "" for anything else."""
+    if not isinstance(value, str) or dsn.parse_orcpt(value, True) is None:
+        return ""
+    return "utf-8;" + dsn.utf8_addr_encode(dsn.utf8_addr_decode(value.partition(";")[2]), False)
 
 
 class DeliveryResult:

@@ -410,6 +410,32 @@ def test_dsn_parameters_reach_the_spool(impl):
     assert acc.submitted[-1].params == {}
 
 
+def test_a_utf8_orcpt_is_taken_with_smtputf8_only(impl):
+    """RFC 6533 3: with SMTPUTF8, ORCPT's utf-8 address may be utf-8-addr-unitext (the
+    UTF-8 itself); without it, or malformed, it is refused."""
+    acc, c = make(impl)
+    c.send(b"EHLO client.example\r\n")
+    orcpt = "ORCPT=utf-8;j\u00fcrgen\\x{E9}@example.net".encode()
+    out = c.send(b"MAIL FROM:<s@example.com> SMTPUTF8\r\n"
+                 b"RCPT TO:<a@example.net> " + orcpt + b"\r\n"
+                 b"RCPT TO:<b@example.net> ORCPT=rfc822;b\xc3\xbc@example.net\r\n"
+                 b"RCPT TO:<b@example.net> ORCPT=utf-8;b+\xc3\xbc@example.net\r\n"
+                 b"RCPT TO:<b@example.net> ORCPT=utf-8;b\\\xc3\xbc@example.net\r\n"
+                 b"RCPT TO:<b@example.net> ORCPT=utf-8;b\xff@example.net\r\n"
+                 b"DATA\r\n" + MESSAGE + b".\r\n")
+    assert out.count(R.RCPT_OK) == 1 and out.count(R.BAD_ORCPT) == 3 and \
+        out.count(R.SYNTAX) == 1 and QUEUED.search(out), out
+    [m] = acc.submitted
+    assert m.params["ORCPT"] == ["utf-8;j\u00fcrgen\\x{E9}@example.net"]
+    # without SMTPUTF8: refused (xtext, ASCII only), the xtext form taken
+    out = c.send(b"MAIL FROM:<s@example.com>\r\n"
+                 b"RCPT TO:<a@example.net> " + orcpt + b"\r\n"
+                 b"RCPT TO:<a@example.net> ORCPT=utf-8;j\\x{FC}rgen@example.net\r\n"
+                 b"DATA\r\n" + MESSAGE + b".\r\n")
+    assert out.count(R.RCPT_OK) == 1 and R.SYNTAX in out and QUEUED.search(out), out
+    assert acc.submitted[-1].params["ORCPT"] == ["utf-8;j\\x{FC}rgen@example.net"]
+
+
 def test_reports_to_a_bounce_domain_are_taken_from_anyone_and_never_relayed(impl):
     """feedback.bounce_domains: RCPT to a return path needs no relay permission; such a
     transaction holds only report recipients (452 4.5.3 for the other kind) and goes to

@@ -1385,6 +1385,12 @@ def test_dsn_params_from_a_job_are_checked_again():
     sub = p.subset([2, 0])
     assert sub.mail_params() == p.mail_params()
     assert sub.rcpt_params(0) == "" and sub.rcpt_params(1) == p.rcpt_params(0)
+    # a utf-8 ORCPT taken as UTF-8 (utf-8-addr-unitext, with SMTPUTF8) goes on as
+    # utf-8-addr-xtext, which any next hop takes (RFC 6533 3)
+    p = DsnParams.from_params({"NOTIFY": ["", ""],
+                               "ORCPT": ["utf-8;j\u00fcrgen\\x{E9}@x.test", "rfc822;\u00fc@x"]})
+    assert p.rcpt_params(0) == " ORCPT=utf-8;j\\x{FC}rgen\\x{E9}@x.test"
+    assert p.rcpt_params(1) == ""
 
 
 def test_over_limit_names_the_452s_after_an_acceptance_in_a_delivered_transaction():
