@@ -270,6 +270,9 @@ class Result(Struct, array_like=True, forbid_unknown_fields=True):
     ip: str
     dsn: bool = False                                   # the next hop took NOTIFY/ORCPT (DSN)
     bounce_class: str = ""                              # set by a response rule's bounce action
+    # the response rule its own reply fired (none: None); trailing, so that a Result
+    # of a delivery process of the version before (no rule) still decodes
+    rule: FiredRule | None = None
 
 
 class FiredRule(Struct, array_like=True, forbid_unknown_fields=True):
@@ -295,7 +298,8 @@ class DeliveryOutcome(Message, tag=12):
     site: str = ""                                      # the receiving site's name
     retry_after: float = 0.0                            # REQUEUED: seconds before the next try
     #                                                     (also set by a rule's defer action)
-    rule: FiredRule | None = None                       # the response rule that fired, if any
+    rule: FiredRule | None = None                       # the job's first fired rule (its
+    #                                                     log line; each Result has its own)
     # the receiver's session: "1" TLS used, "0" plaintext (STARTTLS not offered or not
     # asked for), "-1" offered but refused or failed; "" no session (SparkPost's outbound_tls)
     outbound_tls: Literal["", "1", "0", "-1"] = ""

@@ -25,8 +25,9 @@ for sites whose MX hosts match a glob.  Actions:
 - ``defer``: the recipient is deferred and the outcome asks for ``delay``
   seconds before the next try (``DeliveryOutcome.retry_after``).
 
-The rule that fired goes back in ``DeliveryOutcome.rule`` (name, entry id,
-action, scope, the reply, the stage, the end time).
+The rule a recipient's reply fired goes back in its ``Result.rule`` (name,
+entry id, action, scope, the reply, the stage, the end time), the job's first
+in ``DeliveryOutcome.rule``.
 
 **Automatic back-off**, without any rule: each delivery process keeps, per
 (source x site), the results of its attempts over the last ``backoff.window``

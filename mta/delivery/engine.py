@@ -1386,9 +1386,12 @@ class Engine:
                 # for one matching a reply to the envelope (_send)
                 job.retry_after = max(job.retry_after, self._delay(fired.name))
         results = job.results(exc.outcome, exc.code, exc.enhanced, exc.text)
-        if fired is not None and fired.action == "bounce" and exc.outcome == FAILED:
+        if fired is not None:
+            bounce_class = self._bounce_class(fired.name) \
+                if fired.action == "bounce" and exc.outcome == FAILED else ""
             for r in results:
-                r.bounce_class = self._bounce_class(fired.name)
+                r.rule = fired
+                r.bounce_class = bounce_class
         self._finish(job, results)
 
     def _envelope(self, job: Job):
@@ -1468,6 +1471,7 @@ class Engine:
             if outcome == DEFERRED and not slowed:
                 slowed = self.adaptive.slows(r.code, r.enhanced or "", stage)
             bounce_class = ""
+            fired = None
             if r.code >= 400:
                 # Each reply is matched once, and decides only the recipients it was given
                 # (MAIL's, the data reply: all of them): a rule that another recipient's
@@ -1493,7 +1497,7 @@ class Engine:
                         job.retry_after = max(job.retry_after, self._delay(fired.name))
             results.append(Result(index=rcpt.index, outcome=outcome, code=r.code,
                                   enhanced=r.enhanced or "", text=r.text, host=host, ip=ip,
-                                  dsn=res.dsn, bounce_class=bounce_class))
+                                  dsn=res.dsn, bounce_class=bounce_class, rule=fired))
         # Back-off judges the site, not the recipients: a transaction that delivered
         # counts as taken; one whose deferrals were all about their recipients (a
         # greylisted address, a full mailbox) counts neither way.

@@ -203,11 +203,11 @@ class Plan:
         *source*, *source_ip*, *site*, *retry_after*, *rule*, *outbound_tls*:
         the DeliveryOutcome's fields (the egress source used, its address, the
         receiving site; how long REQUEUED recipients wait, and DEFERRED ones
-        when a response rule's ``defer`` action set it; the response rule that
-        fired, and whether the session used TLS, recorded in each recipient's
-        event).  A result that carries a
-        ``bounce_class`` (a rule's ``bounce`` action) keeps it, with the rule's
-        name as ``bounce_rule``.
+        when a response rule's ``defer`` action set it; the job's first fired
+        rule; whether the session used TLS, recorded in each recipient's event).
+        A recipient's event names the rule its own reply fired (``Result.rule``,
+        ``response_rule``); a result that carries a ``bounce_class`` (a rule's
+        ``bounce`` action) keeps it, with the rule's name as ``bounce_rule``.
         """
         index = self.index
         got = self._lookup(qid)
@@ -217,7 +217,7 @@ class Plan:
         self.returned.append(qid)
         st = self._state(qid)
         base = _outcome_base(qid, m, info[_BODY_LEN], now, source, source_ip, site,
-                             outbound_tls, rule)
+                             outbound_tls)
         policy = self.policy
         start = info[_START]
         for r in results:
@@ -236,6 +236,8 @@ class Plan:
             event = dict(base, recipient=m.rcpts[idx], remote_host=r.host, remote_ip=r.ip,
                          response={"code": r.code, "enhanced": r.enhanced, "text": r.text},
                          attempt=attempts, time_in_queue=round(now - m.arrival, 3))
+            if r.rule is not None:
+                event["response_rule"] = _rule_field(r.rule)
             if r.outcome == DELIVERED:
                 st[idx] = sch.DELIVERED
                 self._update(qid, idx, sch.DELIVERED, attempts, 0.0)
@@ -289,7 +291,7 @@ class Plan:
                 if r.bounce_class:       # decided by the response rule that fired
                     event["bounce_class"] = int(r.bounce_class) if \
                         r.bounce_class.isdigit() else r.bounce_class
-                    event["bounce_rule"] = rule.name if rule is not None else "response_rule"
+                    event["bounce_rule"] = _bounce_rule(r, rule)
                 else:
                     event["bounce_class"], event["bounce_rule"] = classify(
                         r.code, r.enhanced, r.text)
@@ -318,7 +320,7 @@ class Plan:
         adds), no DSN.  Anything else (deferred, requeued): the delete's class-25
         bounce event.  Each recipient once; *gone* forgets those answered."""
         m, size, attempts = gone.meta, gone.size, gone.attempts
-        base = _outcome_base(qid, m, size, now, source, source_ip, site, outbound_tls, rule)
+        base = _outcome_base(qid, m, size, now, source, source_ip, site, outbound_tls)
         for r in results:
             idx = r.index
             tried = attempts.pop(idx, None)
@@ -330,6 +332,8 @@ class Plan:
                              response={"code": r.code, "enhanced": r.enhanced,
                                        "text": r.text},
                              time_in_queue=round(now - m.arrival, 3))
+                if r.rule is not None:
+                    event["response_rule"] = _rule_field(r.rule)
                 if r.outcome == DELIVERED:
                     event["type"] = ev.DELIVERY
                 else:
@@ -337,8 +341,7 @@ class Plan:
                     if r.bounce_class:
                         event["bounce_class"] = int(r.bounce_class) if \
                             r.bounce_class.isdigit() else r.bounce_class
-                        event["bounce_rule"] = rule.name if rule is not None \
-                            else "response_rule"
+                        event["bounce_rule"] = _bounce_rule(r, rule)
                     else:
                         event["bounce_class"], event["bounce_rule"] = classify(
                             r.code, r.enhanced, r.text)
@@ -695,8 +698,7 @@ class DeletedOut(NamedTuple):
 
 
 def _outcome_base(qid: str, m: MessageMeta, size: int, now: float, source: str,
-                  source_ip: str, site: str, outbound_tls: str,
-                  rule: FiredRule | None) -> dict:
+                  source_ip: str, site: str, outbound_tls: str) -> dict:
     """The fields every recipient's event of one job's outcome shares."""
     base = {"timestamp": now, "queue_id": qid,
             "message_id": m.params.get("message_id", ""), "sender": m.sender,
@@ -710,11 +712,21 @@ def _outcome_base(qid: str, m: MessageMeta, size: int, now: float, source: str,
         base["site"] = site
     if outbound_tls:
         base["outbound_tls"] = outbound_tls
-    if rule is not None:
-        base["response_rule"] = {"name": rule.name, "action": rule.action,
-                                 "scope": rule.scope, "stage": rule.stage,
-                                 "until": rule.until}
     return base
+
+
+def _rule_field(rule: FiredRule) -> dict:
+    """An event's ``response_rule``: the rule a recipient's own reply fired."""
+    return {"name": rule.name, "action": rule.action, "scope": rule.scope,
+            "stage": rule.stage, "until": rule.until}
+
+
+def _bounce_rule(r: Result, rule: FiredRule | None) -> str:
+    """The ``bounce_rule`` of a result whose class a rule's bounce action set: that rule
+    (the job's *rule* from a delivery process of the version before, which names none
+    per result)."""
+    rule = r.rule or rule
+    return rule.name if rule is not None else "response_rule"
 
 
 def _param(m: MessageMeta, key: str, idx: int) -> str:

@@ -262,3 +262,24 @@ def test_a_warmup_wait_requeue_names_its_source_and_the_pools_others_deliver():
     assert requeued and {j.source for j in requeued} == {"new"}, [j.source for j in requeued]
     assert len(delivered) == 6 - len(requeued) and len(peer.messages) == len(delivered)
     assert {j.source for j in delivered} == {"new", "old"}
+
+
+def test_each_result_carries_the_rule_its_own_reply_fired():
+    # the spool's events name each recipient's rule: later1's RCPT reply fired the bounce
+    # rule; ok1's end-of-data 451 fired none
+    rules = [{"name": "busy-is-dead", "code": 450, "enhanced": "4.2.1", "stages": ["rcpt"],
+              "action": "bounce", "bounce_class": "51"}]
+    [(j, results, _)], _, _ = run([job("a.test", "later1", "ok1")], rules,
+                                  protocol=DataLater().protocol)
+    by = {r.index: r for r in results}
+    assert by[0].rule is not None and (by[0].rule.name, by[0].rule.action) == \
+        ("busy-is-dead", "bounce")
+    assert by[1].rule is None
+
+
+def test_a_rule_on_the_greeting_is_each_results_rule():
+    rules = [{"name": "busy-site", "code": 421, "stages": ["greeting"], "action": "defer",
+              "delay": 1200}]
+    [(j, results, _)], _, _ = run([job("a.test", "ok1", "ok2")], rules, protocol=Busy,
+                                  time_scale=0.5)
+    assert [r.rule.name for r in results] == ["busy-site", "busy-site"]

@@ -560,8 +560,10 @@ def test_a_rules_defer_delay_replaces_the_retry_schedule_and_is_recorded():
     entries = Queue(entry("Q1", ["a@example.net"]))
     plan = make(entries)
     # the schedule would say 60 s; the rule's defer action said 900 s
-    plan.outcome("Q1", [result(0, bus.DEFERRED, 451, "4.7.1", "greylisted")], NOW,
-                 retry_after=900.0, rule=fired("defer", "greylist"))
+    grey = fired("defer", "greylist")
+    plan.outcome("Q1", [bus.Result(0, bus.DEFERRED, 451, "4.7.1", "greylisted",
+                                   "mx.example.net", "127.0.0.2", rule=grey)], NOW,
+                 retry_after=900.0, rule=grey)
     plan.finish(NOW)
     assert plan.updates == {"Q1": [[0, sch.PENDING, 1, NOW + 900.0]]}
     (e,) = plan.events
@@ -613,14 +615,22 @@ def test_a_rule_delay_past_max_age_expires_the_recipient():
 def test_a_rules_bounce_class_is_kept_with_the_rule_as_bounce_rule():
     entries = Queue(entry("Q1", ["a@example.net", "b@example.net"]))
     plan = make(entries)
+    block = fired("bounce", "reputation-block")
     res = bus.Result(0, bus.FAILED, 554, "5.7.1", "blocked: poor reputation",
-                     "mx.example.net", "127.0.0.2", bounce_class="51")
+                     "mx.example.net", "127.0.0.2", bounce_class="51", rule=block)
     plan.outcome("Q1", [res, result(1, bus.FAILED, 550, "5.1.1", "no such user")], NOW,
-                 rule=fired("bounce", "reputation-block"))
+                 rule=block)
     a, b = plan.events
     assert (a["bounce_class"], a["bounce_rule"]) == (51, "reputation-block")
     assert b["bounce_class"] == 10 and b["bounce_rule"] != "reputation-block"
-    assert a["response_rule"]["action"] == "bounce"
+    assert a["response_rule"]["action"] == "bounce" and "response_rule" not in b
+    # a result of a delivery process of the version before names no rule of its own:
+    # its class's rule is the job's
+    entries = Queue(entry("Q2", ["a@example.net"]))
+    plan = make(entries)
+    res.rule = None
+    plan.outcome("Q2", [res], NOW, rule=block)
+    assert plan.events[0]["bounce_rule"] == "reputation-block"
 
 
 def test_no_rule_no_response_rule_field():
@@ -991,3 +1001,25 @@ def test_our_own_errors_are_x_local_diagnostics_and_only_a_servers_reply_is_smtp
     (_, dsn), = plan.bounces
     [(diag, mta)] = diagnostics(dsn).values()
     assert diag.startswith("x-local; 451 4.4.1 delivery temporarily suspended") and mta is None
+
+
+def test_each_recipients_event_names_the_rule_its_own_reply_fired():
+    # one RCPT reply fired a bounce rule: the recipient delivered in the same job, and
+    # the one deferred by a reply no rule matched, name no rule (the job's first rule,
+    # DeliveryOutcome.rule, is no one else's); one deferred by another rule names that one
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net", "c@example.net",
+                                 "d@example.net"]))
+    plan = make(entries)
+    full, grey = fired("bounce", "mailbox-full"), fired("defer", "greylist")
+    res = [bus.Result(0, bus.FAILED, 452, "4.2.2", "mailbox full", "mx.example.net",
+                      "127.0.0.2", bounce_class="22", rule=full),
+           result(1, bus.DELIVERED, 250, "2.0.0", "ok"),
+           result(2, bus.DEFERRED, 451, "4.3.0", "try later"),
+           bus.Result(3, bus.DEFERRED, 450, "4.7.1", "greylisted", "mx.example.net",
+                      "127.0.0.2", rule=grey)]
+    plan.outcome("Q1", res, NOW, retry_after=300.0, rule=full)
+    a, b, c, d = plan.events
+    assert a["response_rule"]["name"] == "mailbox-full" and a["bounce_rule"] == "mailbox-full"
+    assert "response_rule" not in b and "response_rule" not in c
+    assert c["bounce_rule"] != "mailbox-full"
+    assert d["response_rule"]["name"] == "greylist" and d["response_rule"]["action"] == "defer"
