@@ -28,7 +28,8 @@ Diagnostic-Code is ``smtp;`` when the diagnostic is an SMTP reply of the
 recipient's ``remote_host`` (a multi-line reply is joined into one line, its
 repeated codes dropped) and ``x-local;`` for our own explanations (DNS
 failure, connection refused, ...), those with a reply code included (the loop
-check's "554 5.4.6", a dead site's "451 4.4.1": no remote host said them).
+check's "554 5.4.6", a dead site's "451 4.4.1": no remote host said them; a
+``local`` one about a host: "553 5.6.7 mx does not support SMTPUTF8").
 
 8-bit data.  The notice itself is 7-bit whenever it can be, so that it reaches
 any sender's server, with or without 8BITMIME:
@@ -95,6 +96,7 @@ class RecipientFailure:
     action: str = "failed"
     original_recipient: str | None = None  # ORCPT as given by the client (type; address)
     retry_until: float | None = None  # delay notices: when we give up
+    local: bool = False  # the diagnostic is ours, not a reply of remote_host (x-local)
 
 
 # -- RFC 3461 parameters (NOTIFY, ORCPT on RCPT; ENVID, RET on MAIL) -------------------------
@@ -439,7 +441,8 @@ def _text_part(mta: str, rcpts, delayed: bool, utf8: bool, success: bool = False
             lines += _wrap(f"Remote host: {_reply_text(r.remote_host, utf8)}", "    ")
         said = _reply_text(r.diagnostic, utf8)
         if said:
-            label = "Reply" if r.remote_host and _REPLY.match(said) else "Reason"
+            label = "Reply" if r.remote_host and not r.local and _REPLY.match(said) \
+                else "Reason"
             lines += _wrap(f"{label}: {said}", "    ")
         if action == "delayed" and r.retry_until:
             lines.append(f"    Will retry until: {rfc5322_date(r.retry_until)}")
@@ -492,8 +495,10 @@ def _status_part(mta, queue_id, envid, arrival, rcpts, utf8: bool) -> bytes:
         said = _reply_text(r.diagnostic, utf8)
         if said:
             # "smtp" only for what a remote server replied (RFC 3464 2.3.6): our own
-            # errors ("554 5.4.6 ... loops back to myself") have a reply code, no host
-            kind = "smtp" if r.remote_host and _REPLY.match(said) else "x-local"
+            # errors ("554 5.4.6 ... loops back to myself") have a reply code, no host,
+            # or are *local* ("553 5.6.7 mx does not support SMTPUTF8")
+            kind = "smtp" if r.remote_host and not r.local and _REPLY.match(said) \
+                else "x-local"
             fields += _fold("Diagnostic-Code", f"{kind}; {said}")
         if r.last_attempt is not None:  # (none for a recipient never tried, RFC 3464 2.3.7)
             fields += _fold("Last-Attempt-Date", rfc5322_date(r.last_attempt))

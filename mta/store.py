@@ -168,8 +168,9 @@ class RcptMeta(msgspec.Struct, array_like=True):
 
     The fifth element, when present, replaces the recipient's RCPT_* flags.
     *owed*: for each update that sets RCPT_BOUNCE_OWED, what its bounce will say:
-    [index, status, remote host, diagnostic, last attempt (None: never tried)] (a
-    trailing field: a version without it ignores it, and reads None from one without).
+    [index, status, remote host, diagnostic, last attempt (None: never tried)(, True:
+    the diagnostic is ours, not the host's reply -- only then)] (a trailing field: a
+    version without it ignores it, and reads None from one without).
     """
 
     qid: str
@@ -882,7 +883,7 @@ class Store:
         self.watermark = Watermark(directory, True) if events else None
         self._replay_budget = 1 << 62     # records per recover_step (set by each call)
         # Bounces owed (RCPT_BOUNCE_OWED): qid -> {recipient index: [status, remote host,
-        # diagnostic, last attempt]}, as the records that set the flags said; kept in step
+        # diagnostic, last attempt(, True: local)]}, as the records that set the flags said; kept in step
         # with the index's flags by whatever applies records (recovery, commit), so that a
         # restart finds every owed bounce without a walk of the queue.
         self.owed: dict[str, dict[int, list]] = {}
@@ -1090,11 +1091,12 @@ class Store:
         is not set (any more) is dropped, as is one that is malformed."""
         held = self.owed.get(qid) or {}
         for n in notes or ():
-            if type(n) is list and len(n) == 5 and type(n[0]) is int:
-                status, host, diag, last = n[1:]
+            if type(n) is list and (len(n) == 5 or len(n) == 6 and n[5] is True) and \
+                    type(n[0]) is int:
+                status, host, diag, last = n[1:5]
                 if (status is None or type(status) is str) and type(host) is str and \
                         type(diag) is str and (last is None or type(last) in (int, float)):
-                    held[n[0]] = [status, host, diag, last]
+                    held[n[0]] = n[1:]
         recipient = self.index.recipient
         for idx in list(held):
             r = recipient(qid, idx)

@@ -62,8 +62,8 @@ def test_records_cost_nothing_on_the_wire():
     assert frame == msgspec.msgpack.encode([2, 5, 0])
     result = bus.Result(0, bus.DEFERRED, 451, "4.4.1", "t", "h", "i")
     assert bus.encode(bus.DeliveryOutcome(1, QID, [result])) == msgspec.msgpack.encode(
-        [12, 1, QID, [[0, "deferred", 451, "4.4.1", "t", "h", "i", False, "", None]], "", "",
-         "", 0.0, None, ""])
+        [12, 1, QID, [[0, "deferred", 451, "4.4.1", "t", "h", "i", False, "", None, False]],
+         "", "", "", 0.0, None, ""])
 
 
 @pytest.mark.parametrize("envelopes, bodies", [
@@ -144,7 +144,7 @@ def test_a_result_of_the_previous_version_still_decodes():
                                     ["r", "", "bounce", "site", "554 5.7.1 t", "rcpt", 0.0],
                                     ""])
     [r] = bus.decode(frame).results
-    assert (r.outcome, r.bounce_class, r.rule) == ("failed", "51", None)
+    assert (r.outcome, r.bounce_class, r.rule, r.local) == ("failed", "51", None, False)
     rule = bus.FiredRule("r", "", "bounce", "site", "554 5.7.1 t", "rcpt")
     r = roundtrip(bus.DeliveryOutcome(1, QID, [bus.Result(0, bus.FAILED, 554, "", "", "", "",
                                                           rule=rule)])).results[0]

@@ -273,6 +273,9 @@ class Result(Struct, array_like=True, forbid_unknown_fields=True):
     # the response rule its own reply fired (none: None); trailing, so that a Result
     # of a delivery process of the version before (no rule) still decodes
     rule: FiredRule | None = None
+    # the text is ours, though *host* is set ("... does not accept 8-bit messages", a
+    # connection lost, a reply the delivery client made up): no reply received
+    local: bool = False
 
 
 class FiredRule(Struct, array_like=True, forbid_unknown_fields=True):

@@ -84,7 +84,7 @@ from mta.delivery import socks
 from mta.delivery.socks import Socks5Proxy
 
 __all__ = [
-    "DeliveryResult", "SmtpConnectError", "SmtpConnection", "SmtpConnectionLost",
+    "DeliveryResult", "LocalReply", "SmtpConnectError", "SmtpConnection", "SmtpConnectionLost",
     "SmtpError", "SmtpProtocolError", "SmtpReply", "SmtpTimeout", "Socks5Proxy",
     "SourceUnavailable", "Unsupported8Bit", "UnsupportedSmtpUtf8", "ReplyParser", "dot_stuff",
 ]
@@ -139,7 +139,7 @@ def _as_failure(r: "SmtpReply", what: str) -> "SmtpReply":
     """*r* when expected (:func:`_expected`), else a temporary failure that names it."""
     if _expected(r):
         return r
-    return SmtpReply(451, "4.5.0", f"unexpected reply to {what}: {r}")
+    return LocalReply(451, "4.5.0", f"unexpected reply to {what}: {r}")
 
 
 class SmtpReply:
@@ -151,6 +151,7 @@ class SmtpReply:
     """
 
     __slots__ = ("code", "enhanced", "text")
+    local = False           # made up by this client (LocalReply), not said by the server
 
     def __init__(self, code: int, enhanced: str | None, text: str) -> None:
         self.code = code
@@ -190,15 +191,23 @@ class SmtpReply:
         return f"SmtpReply({self.code}, {self.enhanced!r}, {self.text!r})"
 
 
+class LocalReply(SmtpReply):
+    """A reply this client made up (no server said it): a DSN quotes it as our own
+    words (``x-local``), not as the server's (``smtp``, RFC 3464 2.3.6)."""
+
+    __slots__ = ()
+    local = True
+
+
 # Synthetic replies: what the client reports when it decides not to send.
-REPLY_TOO_BIG = SmtpReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-REPLY_NEED_8BITMIME = SmtpReply(
+REPLY_TOO_BIG = LocalReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+REPLY_NEED_8BITMIME = LocalReply(
     554, "5.6.3", "Conversion required but not supported: server does not offer 8BITMIME")
-REPLY_NEED_SMTPUTF8 = SmtpReply(
+REPLY_NEED_SMTPUTF8 = LocalReply(
     553, "5.6.7", "Non-ASCII address or header: server does not offer SMTPUTF8")
-REPLY_BAD_SENDER = SmtpReply(553, "5.1.7", "Bad sender address syntax")
-REPLY_BAD_RCPT = SmtpReply(553, "5.1.3", "Bad recipient address syntax")
-REPLY_LOST = SmtpReply(451, "4.4.2", "connection lost before the server answered")
+REPLY_BAD_SENDER = LocalReply(553, "5.1.7", "Bad sender address syntax")
+REPLY_BAD_RCPT = LocalReply(553, "5.1.3", "Bad recipient address syntax")
+REPLY_LOST = LocalReply(451, "4.4.2", "connection lost before the server answered")
 
 # "5.1.1 " at the start of a reply line (RFC 3463: class.subject.detail).
 _ENHANCED = re.compile(rb"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
@@ -1154,7 +1163,7 @@ class SmtpConnection:
             for i, r in zip(send_idx, rcpt_got, strict=True):
                 replies[i] = _as_failure(r, "RCPT")
             # (the recipients it did accept: the message was not sent)
-            return DeliveryResult(replies, SmtpReply(
+            return DeliveryResult(replies, LocalReply(
                 451, "4.5.0", "the server's replies were out of step with the commands (a "
                 "1xx or 3xx to MAIL or RCPT); the message was not sent"))
         if not mail_reply.is_ok:
@@ -1189,7 +1198,7 @@ class SmtpConnection:
             if data_cmd_reply.code < 400:
                 # positive, but not "go ahead": nothing was sent, so nothing delivered
                 self.close()
-                return DeliveryResult(replies, SmtpReply(
+                return DeliveryResult(replies, LocalReply(
                     451, "4.5.0", f"unexpected reply to DATA: {data_cmd_reply}"))
             if self._wire.closing:
                 self.close()

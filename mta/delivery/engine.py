@@ -119,6 +119,19 @@ MAX_MX_HOSTS = 10
 MAX_CONNECT_ADDRESSES = 5
 
 
+def _in_words(exc: BaseException) -> str:
+    """What a connection's failure was, for the sender's notice: the error's own words
+    ("connection lost waiting for the end of data reply", "Connection refused"), no
+    class name."""
+    if isinstance(exc, smtpc.SmtpError):
+        return str(exc) or "connection failed"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or "connection failed"
+    return str(exc) or "failed"
+
+
 def _decisive(res, k: int):
     """(reply, stage) that decides recipient *k* of a DeliveryResult: its RCPT reply
     ("mail" when MAIL was refused) unless accepted, then the reply to the data."""
@@ -149,10 +162,11 @@ class Job:
         self.warm: list = []        # warm-up counts taken for it, until it is sent (Warmup)
 
     def results(self, outcome: str, code: int, enhanced: str, text: str, host: str = "",
-                ip: str = "") -> list[Result]:
-        """The same result for every recipient of the job."""
+                ip: str = "", local: bool = False) -> list[Result]:
+        """The same result for every recipient of the job; *local*: *host* said none of
+        it, the text is ours (Result.local)."""
         return [Result(index=r.index, outcome=outcome, code=code, enhanced=enhanced, text=text,
-                       host=host, ip=ip)
+                       host=host, ip=ip, local=local)
                 for r in self.msg.rcpts]
 
 
@@ -987,7 +1001,7 @@ class Engine:
                         lane_fired, fired_reply = fired, last
             except (smtpc.SmtpError, OSError) as exc:
                 tls = ""
-                last = (451, "4.4.1", f"{t.host}[{t.ip}]: {type(exc).__name__} {exc}".strip())
+                last = (451, "4.4.1", f"{t.host}[{t.ip}]: {_in_words(exc)}")
             log.info("connect to %s[%s]:%d from %s failed: %s", t.host, t.ip, t.port, src.name,
                      last[2])
         if last is None:
@@ -1425,11 +1439,11 @@ class Engine:
         except smtpc.Unsupported8Bit:
             self._finish(job, job.results(
                 FAILED, 554, "5.6.3", f"{host} does not accept 8-bit messages (no 8BITMIME)",
-                host, ip))
+                host, ip, True))
             return conn if conn.is_usable else None
         except smtpc.UnsupportedSmtpUtf8:
             self._finish(job, job.results(
-                FAILED, 553, "5.6.7", f"{host} does not support SMTPUTF8", host, ip))
+                FAILED, 553, "5.6.7", f"{host} does not support SMTPUTF8", host, ip, True))
             return conn if conn.is_usable else None
         except (smtpc.SmtpError, OSError) as exc:
             if type(exc) is smtpc.SmtpConnectionLost and exc.unsent and \
@@ -1439,16 +1453,16 @@ class Engine:
                 # went out and the server said nothing of it -- not an attempt.
                 return self._send_again(conn, job, lane)
             conn.close()
-            text = f"{host}[{ip}]: {type(exc).__name__}: {exc}"
+            text = f"{host}[{ip}]: {_in_words(exc)}"
             said = exc.rcpt_replies if isinstance(exc, smtpc.SmtpError) else None
             if said is None or all(r.is_ok for r in said):
                 self._attempted(lane, False)
-                self._finish(job, job.results(DEFERRED, 451, "4.4.2", text, host, ip))
+                self._finish(job, job.results(DEFERRED, 451, "4.4.2", text, host, ip, True))
                 return None
             # Lost (or timed out) once the message was on its way: the recipients it
             # was for are deferred (possibly delivered, RFC 1047); those the server had
             # refused keep its answer, as when the transaction ends.
-            res = smtpc.DeliveryResult(said, smtpc.SmtpReply(451, "4.4.2", text))
+            res = smtpc.DeliveryResult(said, smtpc.LocalReply(451, "4.4.2", text))
         if res.mail_refused and conn.transactions > 1 and not job.refreshed and \
                 res.rcpt_replies and self._closed_at_mail(res.rcpt_replies[0], lane):
             # A reused connection that the server ends with a 421 to this MAIL (its
@@ -1497,7 +1511,8 @@ class Engine:
                         job.retry_after = max(job.retry_after, self._delay(fired.name))
             results.append(Result(index=rcpt.index, outcome=outcome, code=r.code,
                                   enhanced=r.enhanced or "", text=r.text, host=host, ip=ip,
-                                  dsn=res.dsn, bounce_class=bounce_class, rule=fired))
+                                  dsn=res.dsn, bounce_class=bounce_class, rule=fired,
+                                  local=r.local))
         # Back-off judges the site, not the recipients: a transaction that delivered
         # counts as taken; one whose deferrals were all about their recipients (a
         # greylisted address, a full mailbox) counts neither way.
@@ -1545,7 +1560,7 @@ class Engine:
                     sender, [addrs[k] for k in pending], job.msg.body, eight_bit=eight,
                     smtputf8=utf8, dsn=dsn.subset(pending) if dsn is not None else None)
             except (smtpc.SmtpError, OSError) as exc:
-                lost = (smtpc.SmtpReply(451, "4.4.2", f"{where}: {type(exc).__name__}: {exc}"),
+                lost = (smtpc.LocalReply(451, "4.4.2", f"{where}: {_in_words(exc)}"),
                         "data")       # (one reply, given to each: one match of the rules)
                 said = exc.rcpt_replies if isinstance(exc, smtpc.SmtpError) else None
                 for j, k in enumerate(pending):
@@ -1670,7 +1685,7 @@ class Engine:
         job.tls = conn.outbound_tls
         self._finish(job, job.results(
             DEFERRED, 451, "4.4.1", f"{t.host}[{t.ip}]: connection setup (greeting, EHLO, "
-            f"STARTTLS) took {took:.1f}s: too slow to send the message", t.host, t.ip))
+            f"STARTTLS) took {took:.1f}s: too slow to send the message", t.host, t.ip, True))
 
     def _hand_back(self, jobs: list, lane: Lane) -> None:
         self._give_back(jobs, f"waited over {self.max_wait:.0f}s for a connection to site "

@@ -252,7 +252,7 @@ class Plan:
                 st[idx] = sch.FAILED
                 self._update(qid, idx, sch.FAILED, attempts, 0.0)
                 event["type"] = ev.BOUNCE
-                self._bounce(qid, idx, r.code, r.enhanced, r.text, r.host, now)
+                self._bounce(qid, idx, r.code, r.enhanced, r.text, r.host, now, local=r.local)
             else:
                 # a rule's defer action gives the delay (e.g. a short one for a
                 # greylisting reply); otherwise the retry schedule does -- at the
@@ -266,7 +266,8 @@ class Plan:
                     self._update(qid, idx, sch.EXPIRED, attempts, 0.0)
                     event["type"] = ev.EXPIRATION
                     self._bounce(qid, idx, r.code, r.enhanced, r.text, r.host, now,
-                                 note=f"gave up after {attempts} attempt(s)", expired=True)
+                                 note=f"gave up after {attempts} attempt(s)", expired=True,
+                                 local=r.local)
                 else:
                     flags = rc[3]
                     if (policy.delay_warning and now - start >= policy.delay_warning
@@ -282,7 +283,7 @@ class Plan:
                                 recipient=m.rcpts[idx], status=_delay_status(r),
                                 remote_host=r.host or None, diagnostic=diag,
                                 last_attempt=now, action="delayed",
-                                retry_until=deadline))
+                                retry_until=deadline, local=r.local))
                     else:
                         self._update(qid, idx, sch.PENDING, attempts, due)
                     event["type"] = ev.DELAY
@@ -500,11 +501,11 @@ class Plan:
         into.setdefault(qid, []).append(r)
 
     def _bounce(self, qid, idx, code, enh, text, host, tried_at, note="",
-                expired=False) -> None:
+                expired=False, local=False) -> None:
         """Add recipient *idx* to the bounce of *qid*; *tried_at*: the time of its last
         delivery attempt, its Last-Attempt-Date (None: never tried, or not known -- the
         report has none); *expired*: it is given up for its age (delivery.max_age), not
-        failed by a reply."""
+        failed by a reply; *local*: *host* said none of *text* (Result.local)."""
         m = self._metas[qid]
         rcpt = m.rcpts[idx]
         if not notify_allows(_notify(m, idx), "FAILURE"):
@@ -527,7 +528,7 @@ class Plan:
             if status.startswith("4"):
                 status = "5" + status[1:]  # a 4xx a response rule bounced: permanent
         r = RecipientFailure(recipient=rcpt, status=status, remote_host=host or None,
-                             diagnostic=diag, last_attempt=tried_at)
+                             diagnostic=diag, last_attempt=tried_at, local=local)
         _orcpt(m, idx, r)
         self.failures.setdefault(qid, []).append((idx, r))
 
@@ -576,7 +577,10 @@ class Plan:
                 u[4] |= RCPT_BOUNCE_OWED
             else:                # (the flags it had, e.g. a delay notice sent, stay)
                 u.append(self.index.recipient(qid, idx)[3] | RCPT_BOUNCE_OWED)
-            notes.append([idx, r.status, r.remote_host or "", r.diagnostic, r.last_attempt])
+            note = [idx, r.status, r.remote_host or "", r.diagnostic, r.last_attempt]
+            if r.local:
+                note.append(True)   # (only then: a report of a real reply keeps 5 items)
+            notes.append(note)
         log.info("%s: bounce for %d recipient(s) held: %d delivery job(s) of the message "
                  "still out", qid, len(new), out)
 
@@ -597,10 +601,10 @@ class Plan:
             m = self._metas[qid]
             index = self.index
             ending = qid in self.deleted_qids or qid in self.done
-            for idx, (status, host, diag, last) in sorted(held.items()):
+            for idx, (status, host, diag, last, *local) in sorted(held.items()):
                 r = RecipientFailure(recipient=m.rcpts[idx], status=status,
                                      remote_host=host or None, diagnostic=diag,
-                                     last_attempt=last)
+                                     last_attempt=last, local=bool(local))
                 _orcpt(m, idx, r)
                 fails.append(r)
                 if not ending:

@@ -634,6 +634,8 @@ def test_aiosmtpd_size_limit():
     r, small = run(main())
     assert r.rcpt_replies == [REPLY_TOO_BIG, REPLY_TOO_BIG] and r.data_reply is None
     assert r.rcpt_replies[0].code == 552 and r.rcpt_replies[0].enhanced == "5.3.4"
+    assert r.rcpt_replies[0].local        # (made up here: no server said it)
+    assert not small.reply(0).local
     assert small.accepted(0)
     assert f"SIZE={len(MSG)}" in h.messages[0][3]
 
@@ -1660,6 +1662,7 @@ def test_a_positive_reply_out_of_place_is_a_temporary_failure_not_a_delivery(rep
     assert not r.accepted(0) and not usable
     decisive = r.reply(0)
     assert (decisive.code, decisive.enhanced) == (451, "4.5.0"), decisive
+    assert decisive.local                       # our words on the server's reply
     assert seen["more"] == b""                  # no message text went out
 
 

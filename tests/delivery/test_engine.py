@@ -465,6 +465,7 @@ def test_an_8bit_message_is_not_sent_to_a_server_without_8bitmime():
     (j, results), = deliver([job("example.net", "ok", body=body, params={"BODY": "8BITMIME"})],
                             mx_to_loopback("example.net"), SevenBitPeer)
     assert [(r.outcome, r.code, r.enhanced) for r in results] == [(bus.FAILED, 554, "5.6.3")]
+    assert results[0].local and results[0].host     # our verdict on that host, no reply
     assert SevenBitPeer.commands[0].upper().startswith(b"EHLO")
     assert not any(c.upper().startswith((b"MAIL", b"DATA")) for c in SevenBitPeer.commands)
 
@@ -1120,7 +1121,12 @@ def test_a_job_whose_new_connection_dies_too_is_deferred_once():
     reports = deliver(jobs, mx_to_loopback("example.net"), peer, connection_limit=1)
     outcome = {j.msg.req: rs[0] for j, rs in reports}
     assert outcome[0].outcome == bus.DELIVERED
-    assert outcome[1].outcome == bus.DEFERRED and "SmtpConnectionLost" in outcome[1].text
+    # said in words, with the host: ours, not the server's reply (x-local in a DSN)
+    lost = outcome[1]
+    assert lost.outcome == bus.DEFERRED and "connection lost" in lost.text, lost
+    assert "Smtp" not in lost.text and "Error" not in lost.text and lost.local
+    assert lost.text.startswith(f"{lost.host}[{lost.ip}]: ") and lost.host
+    assert not outcome[0].local
     assert peer.connections == 2
 
 

@@ -1023,3 +1023,63 @@ def test_each_recipients_event_names_the_rule_its_own_reply_fired():
     assert "response_rule" not in b and "response_rule" not in c
     assert c["bounce_rule"] != "mailbox-full"
     assert d["response_rule"]["name"] == "greylist" and d["response_rule"]["action"] == "defer"
+
+
+def test_our_own_errors_about_a_remote_host_are_x_local_diagnostics():
+    """A result with a remote host whose text we made up (Result.local: the host lacks
+    8BITMIME, the connection was lost after the message went) is no reply received:
+    its Diagnostic-Code is x-local (RFC 3464 2.3.6), its Remote-MTA stays; in a bounce,
+    a bounce held for another job of the message, and a delay notice."""
+    import email
+
+    def diagnostics(dsn: bytes) -> dict:
+        _, *per_rcpt = email.message_from_bytes(dsn).get_payload()[1].get_payload()
+        return {r["Final-Recipient"].split("; ")[1]:
+                (" ".join(r["Diagnostic-Code"].split()), r["Remote-MTA"]) for r in per_rcpt}
+
+    def ours(index, outcome, code, enh, text):
+        return bus.Result(index, outcome, code, enh, text, "mx.example.net", "127.0.0.2",
+                          local=True)
+
+    eight = "mx.example.net does not accept 8-bit messages (no 8BITMIME)"
+    entries = Queue(entry("Q1", ["a@example.net", "b@example.net", "c@example.org"]))
+    plan = make(entries)
+    plan.outcome("Q1", [ours(0, bus.FAILED, 554, "5.6.3", eight),
+                        result(1, bus.FAILED, 550, "5.1.1", "no such user")], NOW)
+    plan.finish(NOW)
+    (_, dsn), = plan.bounces
+    assert diagnostics(dsn) == {
+        "a@example.net": (f"x-local; 554 5.6.3 {eight}", "dns; mx.example.net"),
+        "b@example.net": ("smtp; 550 5.1.1 no such user", "dns; mx.example.net")}
+    assert b"Reason: 554 5.6.3" in dsn and b"Reply: 550 5.1.1" in dsn
+
+    pol = policy()
+    pol.delay_warning = 30.0            # ARRIVAL is NOW - 60: past it
+    plan = plan_of(Queue(entry("Q2", ["a@example.net"])), pol, lambda: "N1")
+    lost = ("mx.example.net[127.0.0.2]: connection lost waiting for the end of data reply")
+    plan.outcome("Q2", [ours(0, bus.DEFERRED, 451, "4.4.2", lost)], NOW)
+    plan.finish(NOW)
+    (_, dsn), = plan.bounces
+    assert diagnostics(dsn) == {"a@example.net": (f"x-local; 451 4.4.2 {lost}",
+                                                  "dns; mx.example.net")}
+
+
+def test_a_held_bounce_of_our_own_error_stays_x_local_across_a_restart(tmp_path):
+    sp = two_domains(tmp_path)
+    sp.st.index.add_out("Q1", -1)
+    plan = sp.plan()
+    text = "mx.example.net does not support SMTPUTF8"
+    plan.outcome("Q1", [bus.Result(0, bus.FAILED, 553, "5.6.7", text, "mx.example.net",
+                                   "127.0.0.2", local=True)], NOW)
+    plan.finish(NOW)
+    assert plan.bounces == []
+    sp.commit(plan)
+    sp.restart()                    # (what the bounce will say is read back from disk)
+    sp.st.index.add_out("Q1", -1)
+    plan = sp.plan()
+    plan.outcome("Q1", [result(1, bus.FAILED, 550, "5.7.1", "blocked")], NOW + 9)
+    plan.finish(NOW + 9)
+    (_, dsn), = plan.bounces
+    assert f"Diagnostic-Code: x-local; 553 5.6.7 {text}".encode() in dsn
+    assert b"Diagnostic-Code: smtp; 550 5.7.1 blocked" in dsn
+    assert dsn.count(b"Remote-MTA: dns; mx.example.net") == 2
