@@ -208,10 +208,12 @@ def _delivery_status(settings) -> dict:
     """What the delivery processes are doing, from the status files they write each second.
 
     Sources (suspended and why, by any process), sites (their domains and
-    hosts), and the (source x site) lanes summed over the processes: jobs
-    queued, connections (own, and node-wide), current rate.
+    hosts, from the processes' sites files), and the (source x site) lanes summed
+    over the processes: jobs queued, connections (own, and node-wide), current rate.
     """
     import glob
+
+    from mta.obs.queue import read_sites
 
     sources: dict = {}
     sites: dict = {}
@@ -245,7 +247,7 @@ def _delivery_status(settings) -> dict:
             if src["suspended_until"] > cur["suspended_until"]:
                 cur["suspended_until"] = src["suspended_until"]
                 cur["reason"] = src["reason"]
-        for name, site in st.get("sites", {}).items():
+        for name, site in read_sites(path, st).items():
             cur = sites.setdefault(name, {"domains": set(), "hosts": site["hosts"],
                                           "queued": 0, "connections": 0, "rate": 0.0})
             cur["domains"].update(site["domains"])
@@ -263,10 +265,12 @@ def _delivery_status(settings) -> dict:
         if ln["source"] in sources:
             sources[ln["source"]]["connections"] += ln["connections"]
             sources[ln["source"]]["rate"] += ln["rate"]
-        if ln["site"] in sites:
-            sites[ln["site"]]["queued"] += ln["queued"]
-            sites[ln["site"]]["connections"] += ln["connections"]
-            sites[ln["site"]]["rate"] += ln["rate"]
+        # (a site newer than its process's sites file, written every few seconds: no domains)
+        site = sites.setdefault(ln["site"], {"domains": set(), "hosts": [], "queued": 0,
+                                             "connections": 0, "rate": 0.0})
+        site["queued"] += ln["queued"]
+        site["connections"] += ln["connections"]
+        site["rate"] += ln["rate"]
     for site in sites.values():
         site["domains"] = sorted(site["domains"])
     return {"processes": processes, "sources": sources, "sites": sites,

@@ -505,6 +505,9 @@ class Engine:
                                     if r.domain and not r.domain.startswith("*")})
         self.learning: asyncio.Future | None = None
         self.sites: dict[tuple, Site] = {}
+        # Bumped when a site gains or loses a domain, or comes or goes: the caller rewrites
+        # the sites file (sites_status()) only then, not with every status.
+        self.sites_version = 0
         # domain -> (site, looked up at, until when (loop time) its DNS answers hold)
         self.domain_site: dict[str, tuple[Site, float, float]] = {}
         self.resolving: dict[str, list[Job]] = {}                # domain -> jobs waiting for it
@@ -646,6 +649,7 @@ class Engine:
         if old is not None:
             old[0].domains.discard(domain)
             old[0].shaped.discard(domain)
+            self.sites_version += 1
 
     async def _site_of(self, domain: str) -> Site:
         targets, ttl = await self.targets(domain)
@@ -674,14 +678,18 @@ class Engine:
         if site is None:
             name = site_name(hosts if route is not None else hostnames)
             site = self.sites[key] = Site(key, name, hostnames)
+            self.sites_version += 1
         site.targets = targets
         old = self.domain_site.get(domain)
         if old is not None and old[0] is not site:
             old[0].domains.discard(domain)
             old[0].shaped.discard(domain)
+            self.sites_version += 1
         now = self.loop.time()
         self.domain_site[domain] = (site, now, now + min(ttl, SITE_TTL))
-        site.domains.add(domain)
+        if domain not in site.domains:
+            site.domains.add(domain)
+            self.sites_version += 1
         if domain not in site.shaped and (route is None or own is not None):
             site.shaped.add(domain)
             for lane in site.lanes.values():     # a domain rule may now apply to the site
@@ -1789,21 +1797,31 @@ class Engine:
                 del self.domain_site[domain]
                 site.domains.discard(domain)
                 site.shaped.discard(domain)
+                self.sites_version += 1
         for key, site in list(self.sites.items()):
             if not site.domains and not site.lanes:
                 del self.sites[key]
+                self.sites_version += 1
 
-    def _sites_status(self) -> dict:
-        """Site name -> its domains and hosts (routes to one host with different TLS
-        policies are two sites of one name: their domains together)."""
+    def sites_status(self) -> dict:
+        """Site name -> its domains (in no order) and hosts, for the sites file (routes to
+        one host with different TLS policies are two sites of one name: their domains
+        together).  A provider's site can hold hundreds of thousands of domains: the
+        caller writes this when sites_version changed, not every second."""
         out: dict = {}
         for s in self.sites.values():
-            entry = out.setdefault(s.name, {"domains": [], "hosts": list(s.hosts)})
-            entry["domains"] = sorted(set(entry["domains"]) | s.domains)
+            entry = out.get(s.name)
+            if entry is None:
+                out[s.name] = {"domains": s.domains, "hosts": list(s.hosts)}
+            else:
+                entry["domains"] = entry["domains"] | s.domains
+        for entry in out.values():
+            entry["domains"] = list(entry["domains"])
         return out
 
     def status(self) -> dict:
-        """What this process is doing, for ``mta queue`` (written to a file by the caller)."""
+        """What this process is doing, for ``mta queue`` (written to a file by the caller
+        each second; the sites and their domains are in :meth:`sites_status`)."""
         now = time.time()
         lanes = []
         mono = time.monotonic()
@@ -1827,7 +1845,6 @@ class Engine:
             "time": now,
             "in_flight": self.in_flight,
             "lanes": lanes,
-            "sites": self._sites_status(),
             "adaptive": self.adaptive.status(),
             "adaptive_read": self.adaptive_read,
             "warmup": self.warmup.status(list(self.sites.values())) if self.warmup.plans

@@ -13,8 +13,11 @@ Config:  [delivery] (all keys), [server] hostname.
 The spool sends a domain's jobs to its home process (by hash), and spreads a
 domain busier than that over the others; the limits of a (source x site) hold
 node-wide whatever the split (:mod:`mta.delivery.limits`).  Once a second the
-process writes what it is doing -- lanes, sites, suspended sources -- to
-``<run_dir>/delivery-<d>.status.json`` for ``mta queue``.
+process writes what it is doing -- lanes, suspended sources -- to
+``<run_dir>/delivery-<d>.status.json`` for ``mta queue``; the sites with their
+domains (a provider's site can hold hundreds of thousands) go to
+``<run_dir>/delivery-<d>.sites.json``, rewritten only when a site gained or lost
+a domain, at most every ``SITES_INTERVAL`` seconds.
 The in-flight window is bounded: with 2 x ``delivery.max_in_flight`` jobs in hand
 the process stops reading its socket, the bus queue fills to its high-water
 mark and the spool shards hold further jobs back.  Nothing here is durable:
@@ -41,6 +44,7 @@ import itertools
 import logging
 import os
 import signal
+import time
 
 import orjson
 import uvloop
@@ -56,6 +60,7 @@ log = logging.getLogger("mta.delivery")
 
 OUTCOME_RETRY = 0.02    # seconds between attempts to hand held-back outcomes to a busy shard
 STATUS_INTERVAL = 1.0   # seconds between writes of the status file
+SITES_INTERVAL = 5.0    # seconds at least between two writes of the sites file (when changed)
 
 
 class Delivery:
@@ -75,6 +80,9 @@ class Delivery:
         # windows (the shards bound what they send; this bounds the process).
         self.window = 2 * cfg.max_in_flight
         self.status_path = queue_view.delivery_status_path(settings.run_dir, index)
+        self.sites_path = queue_view.delivery_sites_path(settings.run_dir, index)
+        self.sites_written = -1                 # the engine's sites_version in the sites file
+        self.sites_written_at = float("-inf")   # when (loop time)
         self.stopping = False
         # Outcomes a shard did not take yet (its queue was full), per shard, in order.
         self.held: dict[bytes, collections.deque] = {}
@@ -214,19 +222,25 @@ class Delivery:
             try:
                 self.write_status()
             except OSError as exc:
-                log.warning("cannot write %s: %s", self.status_path, exc)
+                log.warning("cannot write %s: %s", exc.filename or self.status_path, exc)
             n += 1
             if n % 60 == 0:
                 self.engine.forget_old_sites()
             await asyncio.sleep(STATUS_INTERVAL)
 
     def write_status(self) -> None:
+        """Write the status file; first the sites file, if a site changed and the last
+        one is SITES_INTERVAL old (a process started anew writes it before its first
+        status, so a fresh status never goes with its predecessor's sites)."""
+        version = self.engine.sites_version
+        now = self.loop.time()
+        if version != self.sites_written and now - self.sites_written_at >= SITES_INTERVAL:
+            _write(self.sites_path, {"time": time.time(), "pid": os.getpid(),
+                                     "sites": self.engine.sites_status()})
+            self.sites_written, self.sites_written_at = version, now
         status = self.engine.status()
         status["pid"] = os.getpid()
-        tmp = self.status_path + ".tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(orjson.dumps(status))
-        os.replace(tmp, self.status_path)
+        _write(self.status_path, status)
 
     async def stop(self, timeout: float) -> None:
         self.stopping = True
@@ -240,6 +254,14 @@ class Delivery:
         if self.held:
             log.warning("%d outcome(s) not handed back at exit (spool busy); the shards "
                         "send those jobs again", self.held_count)
+
+
+def _write(path: str, doc: dict) -> None:
+    """Replace the file *path* with *doc* in JSON (readers see the old or the new one)."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(orjson.dumps(doc))
+    os.replace(tmp, path)
 
 
 def main(settings, index: int, ready_fd: int | None) -> None:

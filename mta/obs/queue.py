@@ -9,8 +9,12 @@ Sources of the figures:
   messages, recipients pending and deferred, per recipient domain, per pool and per
   campaign;
 - the delivery processes' status files ``<run>/delivery-<d>.status.json`` (written about
-  once a second): sites (their domains and hosts), sources (suspended and why) and the
-  (source x site) lanes with the jobs waiting in them.
+  once a second): sources (suspended and why) and the (source x site) lanes with the
+  jobs waiting in them; and their sites files ``<run>/delivery-<d>.sites.json``
+  (rewritten when a site gained or lost a domain, at most every few seconds): the sites,
+  their domains and hosts.  A sites file is parsed again only when it changed (a site
+  can hold hundreds of thousands of domains); a status file written before there were
+  sites files has the sites in it.
 
 - the webhooks process's status file ``<state_dir>/webhooks/status.json``
   (rewritten every second, :func:`webhook_status`): per webhook the events not
@@ -30,6 +34,8 @@ import json
 import os
 import time
 
+import orjson
+
 from mta.api import webhookdb
 
 STATUS_FRESH = 10.0     # seconds: an older status file is a process that is gone
@@ -46,6 +52,61 @@ def delivery_status_path(run_dir: str, index: int) -> str:
     return os.path.join(run_dir, f"delivery-{index}.status.json")
 
 
+def delivery_sites_path(run_dir: str, index: int) -> str:
+    """The sites file delivery[index] rewrites when a site gained or lost a domain."""
+    return os.path.join(run_dir, f"delivery-{index}.sites.json")
+
+
+# sites file path -> ((inode, size, mtime) of the file parsed, its sites)
+_sites_read: dict[str, tuple[tuple, dict]] = {}
+# the sites of each process last merged (the objects), and what they made
+_sites_merged: list = [[], {}]
+_NO_SITES: dict = {}      # (the same object each time: what is merged from it is kept)
+
+
+def read_sites(status_path: str, status: dict) -> dict:
+    """Site name -> domains and hosts of the delivery process whose status file is
+    *status_path* (*status*, its contents): from its sites file, parsed only when it
+    changed since the last call, or from the status file itself (written so by a
+    process older than sites files: an upgrade).  {} if there is none yet."""
+    if "sites" in status:
+        return status["sites"]
+    path = status_path.removesuffix(".status.json") + ".sites.json"
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            known = _sites_read.get(path)
+            if known is not None and known[0] == stamp:
+                return known[1]
+            doc = orjson.loads(fh.read())      # (megabytes: a few times faster than json)
+    except (OSError, ValueError):
+        return _NO_SITES
+    sites = doc.get("sites") if isinstance(doc, dict) else None
+    if not isinstance(sites, dict):
+        return _NO_SITES
+    _sites_read[path] = (stamp, sites)
+    return sites
+
+
+def _merge_sites(each: list[dict]) -> dict:
+    """Site name -> its domains (sorted) and hosts over the processes' sites *each*;
+    the last answer again while every process's sites are the same objects (their
+    files did not change: hundreds of thousands of domains are not sorted again)."""
+    last, merged = _sites_merged
+    if len(last) == len(each) and all(a is b for a, b in zip(last, each)):
+        return merged
+    merged = {}
+    for sites in each:
+        for name, site in sites.items():
+            cur = merged.setdefault(name, {"domains": set(), "hosts": site.get("hosts", [])})
+            cur["domains"].update(site.get("domains", []))
+    for site in merged.values():
+        site["domains"] = sorted(site["domains"])
+    _sites_merged[:] = [each, merged]
+    return merged
+
+
 def read_status(path: str) -> dict | None:
     """A status file's contents; None if it is missing, being replaced or not a status."""
     try:
@@ -57,10 +118,12 @@ def read_status(path: str) -> dict | None:
 
 
 def delivery_status(run_dir: str, now: float | None = None) -> dict:
-    """Sources, sites and (source x site) lanes summed over the delivery processes."""
+    """Sources, sites and (source x site) lanes summed over the delivery processes.
+
+    A site's ``domains`` list is shared with the next calls: not to be changed."""
     sources: dict = {}
-    sites: dict = {}
     lanes: dict = {}
+    each = []
     processes = 0
     now = time.time() if now is None else now
     for path in sorted(glob.glob(os.path.join(run_dir, "delivery-*.status.json"))):
@@ -76,10 +139,7 @@ def delivery_status(run_dir: str, now: float | None = None) -> dict:
             if src.get("suspended_until", 0) > cur["suspended_until"]:
                 cur["suspended_until"] = src["suspended_until"]
                 cur["reason"] = src.get("reason", "")
-        for name, site in st.get("sites", {}).items():
-            cur = sites.setdefault(name, {"domains": set(), "hosts": site.get("hosts", []),
-                                          "queued": 0, "connections": 0, "rate": 0.0})
-            cur["domains"].update(site.get("domains", []))
+        each.append(read_sites(path, st))
         for ln in st.get("lanes", []):
             key = (ln["source"], ln["site"])
             cur = lanes.setdefault(key, {"source": ln["source"], "site": ln["site"],
@@ -91,15 +151,19 @@ def delivery_status(run_dir: str, now: float | None = None) -> dict:
                 cur[k] += ln.get(k, 0)
             cur["node_connections"] = max(cur["node_connections"],
                                           ln.get("node_connections", 0))
+    sites = {name: {"domains": s["domains"], "hosts": s["hosts"], "queued": 0,
+                    "connections": 0, "rate": 0.0}
+             for name, s in _merge_sites(each).items()}
     for ln in lanes.values():
         if ln["source"] in sources:
             for k in ("connections", "rate", "queued"):
                 sources[ln["source"]][k] += ln[k]
-        if ln["site"] in sites:
-            for k in ("connections", "rate", "queued"):
-                sites[ln["site"]][k] += ln[k]
-    for site in sites.values():
-        site["domains"] = sorted(site["domains"])
+        site = sites.get(ln["site"])
+        if site is None:    # newer than its process's sites file (written every few seconds)
+            site = sites[ln["site"]] = {"domains": [], "hosts": [], "queued": 0,
+                                        "connections": 0, "rate": 0.0}
+        for k in ("connections", "rate", "queued"):
+            site[k] += ln[k]
     return {"processes": processes, "sources": sources, "sites": sites,
             "lanes": sorted(lanes.values(), key=lambda x: (x["site"], x["source"]))}
 

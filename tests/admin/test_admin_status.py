@@ -174,6 +174,53 @@ def test_queue_view_names_a_few_domains_of_a_site_and_counts_them(tmp_path):
     assert len(json.dumps(view)) < 100_000
 
 
+def test_sites_come_from_the_sites_files_parsed_again_only_when_they_change(tmp_path,
+                                                                          monkeypatch):
+    # The delivery processes write their sites (a provider's can hold hundreds of
+    # thousands of domains) to a file of their own when they change, not to the status
+    # file each second; the admin process parsed megabytes on its event loop for each
+    # queue view.  A site's full list is still there (mta bounce --site bounces them).
+    big = [f"d{i}.test" for i in range(3 * q.SITE_DOMAINS_MAX)]
+    for n, domains in enumerate((big[::2], big[1::2])):
+        status = {"time": 1e12, "sources": {}, "lanes": [
+            {"source": "ip-1", "site": "mx.big.test", "queued": 2, "transactional": 0,
+             "connections": 1, "node_connections": 2, "rate": 1.0,
+             "connection_limit": 10, "max_message_rate": 0}]}
+        (tmp_path / f"delivery-{n}.status.json").write_text(json.dumps(status))
+        (tmp_path / f"delivery-{n}.sites.json").write_text(json.dumps(
+            {"time": 1.0, "pid": 1, "sites": {"mx.big.test": {"domains": domains,
+                                                              "hosts": ["mx.big.test"]}}}))
+    parsed = []
+
+    class Counting:
+        @staticmethod
+        def loads(data):
+            parsed.append(len(data))
+            return json.loads(data)
+    monkeypatch.setattr(q, "orjson", Counting)
+    for _ in range(3):
+        d = q.delivery_status(str(tmp_path), now=1e12)
+        assert d["sites"]["mx.big.test"]["domains"] == sorted(big)
+        assert d["sites"]["mx.big.test"]["queued"] == 4
+        view = q.merge([shard(0, 1, {}, {}, {})], d)
+        assert view["by_site"]["mx.big.test"]["domains_total"] == len(big)
+    assert len(parsed) == 2             # each sites file once
+    # a process writes its sites file again: that one is parsed again
+    new = tmp_path / "delivery-1.sites.json.tmp"
+    new.write_text(json.dumps({"time": 2.0, "pid": 1, "sites": {
+        "mx.big.test": {"domains": big[1::2] + ["new.test"], "hosts": ["mx.big.test"]}}}))
+    os.replace(new, tmp_path / "delivery-1.sites.json")
+    d = q.delivery_status(str(tmp_path), now=1e12)
+    assert d["sites"]["mx.big.test"]["domains"] == sorted(big + ["new.test"])
+    assert len(parsed) == 3
+    # a lane to a site newer than its process's sites file is counted all the same
+    status["lanes"][0]["site"] = "mx.newer.test"
+    (tmp_path / "delivery-1.status.json").write_text(json.dumps(status))
+    d = q.delivery_status(str(tmp_path), now=1e12)
+    assert d["sites"]["mx.newer.test"]["queued"] == 2
+    assert d["sites"]["mx.big.test"]["queued"] == 2
+
+
 def test_webhook_backlog_from_the_webhooks_status_file(tmp_path):
     """mta queue and /api/admin/queue: per webhook the events not delivered yet, the bound
     and whether it is retrying; a stale file says the process is not reporting."""

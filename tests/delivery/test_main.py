@@ -10,6 +10,7 @@ held back; an outcome for a shard that is gone is dropped, not held forever.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 
@@ -160,3 +161,102 @@ def test_outcomes_of_one_loop_turn_go_in_one_message_in_order(rig):
     loop.run_until_complete(_tick())
     n = bus.MAX_OUTCOMES_PER_SEND
     assert read_messages(shard) == [[1], list(range(2, 2 + n)), [2 + n, 3 + n, 4 + n], [1000]]
+
+
+def test_the_sites_file_is_rewritten_when_a_site_gains_a_domain_not_every_second(tmp_path,
+                                                                                monkeypatch):
+    # A provider's site (MX rollup) holds hundreds of thousands of domains after a
+    # broadcast: every domain of every site, sorted, went into the status file every
+    # second -- a third of the delivery loop's time and 16 MB a second to write, parsed
+    # again by the admin process for each queue view.  They go to a file of their own,
+    # rewritten only when a site gains or loses a domain.
+    from test_engine import Peer, Resolver, job
+
+    from mta.delivery import engine as engine_mod
+    from mta.delivery import main as delivery_main
+    from mta.dns import MxResult
+    from mta.obs import queue as q
+
+    monkeypatch.setattr(delivery_main, "SITES_INTERVAL", 1.0)
+    domains = ("a.test", "b.test", "c.test")
+    peer = Peer()
+    loop = uvloop.new_event_loop()
+    server = loop.run_until_complete(loop.create_server(peer.protocol, "127.0.0.1", 0))
+    cfg = msgspec.convert({"server": {"state_dir": str(tmp_path), "hostname": "mta.test"},
+                           "delivery": {"mx_port": server.sockets[0].getsockname()[1],
+                                        "starttls": "none", "shaping_presets": False}}, Config)
+    settings = resolve(cfg, None)
+    os.makedirs(settings.run_dir)
+    ctx = bus.new_context()
+    d = Delivery(settings, 0, loop, ctx)
+    d.engine.resolver = Resolver({x: MxResult("ok", [["mx.big.test"]], domain=x)
+                                  for x in domains}, {"mx.big.test": ["127.0.0.1"]})
+    reports = []
+    d.engine.report = lambda j, results, retry_after=0.0: reports.append(results)
+    sites_path = os.path.join(settings.run_dir, "delivery-0.sites.json")
+
+    def site_domains():
+        try:
+            with open(sites_path, "rb") as fh:
+                return set(json.loads(fh.read())["sites"]["mx.big.test"]["domains"])
+        except (OSError, KeyError):
+            return set()
+
+    async def until(pred, what, timeout):
+        deadline = loop.time() + timeout
+        while not pred():
+            assert loop.time() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.02)
+
+    async def send(*to):
+        n = len(reports)
+        for x in to:
+            d.engine.submit(job(x, "ok"))
+        await until(lambda: len(reports) == n + len(to), "the deliveries", 10)
+
+    async def main():
+        upkeep = loop.create_task(d.upkeep())
+        try:
+            await send("a.test", "b.test")
+            await until(lambda: site_domains() == {"a.test", "b.test"}, "the sites file", 5)
+            was = os.stat(sites_path)
+            status_was = os.stat(d.status_path).st_mtime_ns
+            # mail keeps flowing to the domains the site has: the status file is
+            # rewritten each second, the sites file is not
+            end = loop.time() + 2.5
+            while loop.time() < end:
+                await send("a.test", "b.test")
+                await asyncio.sleep(0.1)
+            now = os.stat(sites_path)       # (though SITES_INTERVAL passed twice)
+            assert (now.st_ino, now.st_mtime_ns, now.st_size) == \
+                (was.st_ino, was.st_mtime_ns, was.st_size)
+            assert os.stat(d.status_path).st_mtime_ns != status_was
+            with open(d.status_path, "rb") as fh:
+                assert "sites" not in json.loads(fh.read())
+            # a domain joins the site: the sites file says so within SITES_INTERVAL
+            await send("c.test")
+            await until(lambda: site_domains() == set(domains), "c.test in the sites file",
+                        delivery_main.SITES_INTERVAL + 2)
+            # (the admin's and mta queue's view: the site's full list, for bounce --site)
+            await until(lambda: os.stat(d.status_path).st_mtime_ns > os.stat(
+                sites_path).st_mtime_ns, "a status file after the sites file", 3)
+            assert q.delivery_status(settings.run_dir)["sites"]["mx.big.test"]["domains"] \
+                == list(domains)
+            # the domains are forgotten (unused for SITE_FORGET): the file says so too
+            monkeypatch.setattr(engine_mod, "SITE_FORGET", -1.0)
+            d.engine.forget_old_sites()
+            await until(lambda: not site_domains(), "the domains gone from the sites file",
+                        delivery_main.SITES_INTERVAL + 2)
+        finally:
+            upkeep.cancel()
+            await d.engine.close()
+
+    try:
+        loop.run_until_complete(asyncio.wait_for(main(), 30))
+        assert len(peer.messages) == len(reports) and all(
+            r.outcome == bus.DELIVERED for results in reports for r in results)
+    finally:
+        server.close()
+        d.server.close()
+        ctx.term()
+        loop.close()
