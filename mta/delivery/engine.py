@@ -1437,6 +1437,7 @@ class Engine:
         job.source_ip = getattr(conn, "local_ip", "") or ""
         job.tls = conn.outbound_tls
         lane.sent += 1
+        lost = None         # the reply made up for a connection lost once the message went
         try:
             if txn is not None:
                 res = await conn.send_prepared(txn, then=chain)
@@ -1470,7 +1471,8 @@ class Engine:
             # Lost (or timed out) once the message was on its way: the recipients it
             # was for are deferred (possibly delivered, RFC 1047); those the server had
             # refused keep its answer, as when the transaction ends.
-            res = smtpc.DeliveryResult(said, smtpc.LocalReply(451, "4.4.2", text))
+            # (no server said it: no response rule matches it, and the site failed)
+            res = smtpc.DeliveryResult(said, lost := smtpc.LocalReply(451, "4.4.2", text))
         if res.mail_refused and conn.transactions > 1 and not job.refreshed and \
                 res.rcpt_replies and self._closed_at_mail(res.rcpt_replies[0], lane):
             # A reused connection that the server ends with a 421 to this MAIL (its
@@ -1494,7 +1496,9 @@ class Engine:
                 slowed = self.adaptive.slows(r.code, r.enhanced or "", stage)
             bounce_class = ""
             fired = None
-            if r.code >= 400:
+            # (a reply the client made up -- a connection lost, too big for the server's
+            # SIZE, out of step -- is no server's: no response rule matches it)
+            if r.code >= 400 and not isinstance(r, smtpc.LocalReply):
                 # Each reply is matched once, and decides only the recipients it was given
                 # (MAIL's, the data reply: all of them): a rule that another recipient's
                 # RCPT reply fired says nothing of this one (a bounce rule for one
@@ -1524,7 +1528,9 @@ class Engine:
         # Back-off judges the site, not the recipients: a transaction that delivered
         # counts as taken; one whose deferrals were all about their recipients (a
         # greylisted address, a full mailbox) counts neither way.
-        if any(x.outcome == DELIVERED for x in results):
+        if lost is not None:
+            self._attempted(lane, False)
+        elif any(x.outcome == DELIVERED for x in results):
             self._attempted(lane, True)
         elif slowed:
             self._attempted(lane, False)

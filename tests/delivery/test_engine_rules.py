@@ -283,3 +283,33 @@ def test_a_rule_on_the_greeting_is_each_results_rule():
     [(j, results, _)], _, _ = run([job("a.test", "ok1", "ok2")], rules, protocol=Busy,
                                   time_scale=0.5)
     assert [r.rule.name for r in results] == ["busy-site", "busy-site"]
+
+
+class CutAfterDot(Peer):
+    """The Peer, hanging up once it has a message, before its reply: it may have been
+    delivered (RFC 1047)."""
+
+    async def handle_DATA(self, server, session, envelope):
+        server.transport.abort()
+        return "250 2.0.0 never said"
+
+
+def test_a_connection_lost_after_the_dot_is_no_reply_for_the_rules():
+    # A broad rule of the operator's for a 451 (no stage named): a connection lost after
+    # the dot is no server's reply and must not fire it -- ok1's message may have been
+    # delivered.  With bad1 refused at RCPT the lost connection went through the rules
+    # (bounced with the rule's class, suppressed) and was not counted for back-off; with
+    # ok1 alone it was deferred.
+    rules = [{"name": "451-is-gone", "code": 451, "action": "bounce", "bounce_class": "10"}]
+    for rcpts in (("ok1",), ("ok1", "bad1")):
+        [(j, results, _)], engine, _ = run([job("a.test", *rcpts)], rules,
+                                           protocol=CutAfterDot().protocol)
+        by = {r.index: r for r in results}
+        assert (by[0].outcome, by[0].code, by[0].enhanced, by[0].bounce_class) == \
+            (bus.DEFERRED, 451, "4.4.2", ""), (rcpts, by[0])
+        if len(rcpts) > 1:
+            assert (by[1].outcome, by[1].code, by[1].enhanced) == (bus.FAILED, 550, "5.1.1")
+        assert j.fired is None and engine.stats["rule:451-is-gone"] == 0
+        # the site failed this attempt: back-off hears of it, as of any lost connection
+        (w,) = engine.adaptive.attempts.values()
+        assert (len(w.q), w.fails) == (1, 1), (rcpts, w.q)
