@@ -313,3 +313,39 @@ def test_a_connection_lost_after_the_dot_is_no_reply_for_the_rules():
         # the site failed this attempt: back-off hears of it, as of any lost connection
         (w,) = engine.adaptive.attempts.values()
         assert (len(w.q), w.fails) == (1, 1), (rcpts, w.q)
+
+
+class OneAtATimeCutSecond(Peer):
+    """One recipient a transaction ("452 4.5.3" to more); the second message's connection
+    cut before its reply."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if envelope.rcpt_tos:
+            return "452 4.5.3 Too many recipients"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+    async def handle_DATA(self, server, session, envelope):
+        self.n += 1
+        if self.n == 2:
+            server.transport.abort()
+            return "250 2.0.0 never said"
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_a_connection_lost_in_a_recipient_limit_transaction_is_no_reply_for_the_rules():
+    # ok2 goes in the second transaction (the server takes one recipient at a time),
+    # whose connection is lost after the dot: possibly delivered, deferred -- not
+    # bounced by the operator's rule for a 451, which no server said
+    rules = [{"name": "451-is-gone", "code": 451, "action": "bounce", "bounce_class": "10"}]
+    peer = OneAtATimeCutSecond()
+    [(j, results, _)], engine, _ = run([job("a.test", "ok1", "ok2")], rules,
+                                       protocol=peer.protocol)
+    by = {r.index: r for r in results}
+    assert by[0].outcome == bus.DELIVERED and len(peer.messages) == 1
+    assert (by[1].outcome, by[1].code, by[1].enhanced, by[1].bounce_class) == \
+        (bus.DEFERRED, 451, "4.4.2", ""), by[1]
+    assert j.fired is None and engine.stats["rule:451-is-gone"] == 0
