@@ -759,3 +759,16 @@ def test_idempotency_dead_owner_is_taken_over(tmp_path):
     os.waitpid(pid, 0)
     assert s.begin("scope", "k", I.body_hash(b"x"))[0] == I.NEW
     s.close()
+
+
+def test_a_long_address_field_of_commas_is_read_in_linear_time():
+    # The lenient reading of an unquoted comma in a display name must not re-read the
+    # whole field for every comma: a header_to of a few kilobytes of commas (a
+    # non-ASCII one, so that it is read) held the acceptor's event loop for seconds
+    # (8 KB: 15 s, 64 KB: a quarter of an hour), every session of the process waiting.
+    value = "Müller" + ", x" * 4000 + ", Hans <h@example.com>"
+    t = time.perf_counter()
+    m = one(tx(recipients=[{"address": {"email": "h@example.com", "header_to": value}}]))
+    assert time.perf_counter() - t < 2.0
+    assert m.rcpt == "h@example.com"
+    assert parse(m)["To"].addresses[-1].addr_spec == "h@example.com"

@@ -483,22 +483,38 @@ def _address_list(value: str) -> list[tuple[str, str]]:
             start = i + 1
     pieces.append(value[start:])
     out = []
-    head = ""
+    head: list[str] = []        # the pieces of a display name read so far
     for p in pieces:
         if not p.strip():
             continue
-        p = head + "," + p if head else p
-        display, addr = parseaddr(p)
-        if "@" not in addr:
-            display, addr = _one_mailbox(p)
-        if addr:
-            out.append((display, addr))
-            head = ""
-        else:
-            head = p
-    if head.strip():
-        out.append((head.strip(), ""))
+        display, addr = _mailbox_of(p)
+        if not addr:
+            head.append(p)
+            continue
+        if head:
+            # the name's start goes with it, read once: each piece is read alone first,
+            # so that a field of many commas is read in linear time
+            name = ",".join(head)
+            head = []
+            joined = _mailbox_of(name + "," + p)
+            if joined[1]:
+                display, addr = joined
+            elif name.strip():
+                out.append((name.strip(), ""))
+        out.append((display, addr))
+    name = ",".join(head).strip()
+    if name:
+        out.append((name, ""))
     return out
+
+
+def _mailbox_of(text: str) -> tuple[str, str]:
+    """(name, address) of one mailbox, its name's comma unquoted or not; ("", "") or
+    no "@" in the address when *text* is none."""
+    display, addr = parseaddr(text)
+    if "@" not in addr:
+        display, addr = _one_mailbox(text)
+    return display, addr
 
 
 def check_field_name(name: str, where: str) -> None:
