@@ -886,9 +886,14 @@ class Shard:
                 continue
             if self.policy.expired(info[_START], now):
                 # past its deadline: expired, but for the last attempt of a recipient a
-                # deferral made due at the deadline itself (outcomes.Plan.outcome)
+                # deferral made due at the deadline itself (outcomes.Plan.outcome), for
+                # LAST_TRY_GRACE as the sweep leaves it (not again and again: a job of it
+                # that got no outcome is sent again at once, its due time unchanged)
                 start, last = info[_START], self.policy.last_attempt
-                gone = [i for i in ready if not last(start, q.recipient(qid, i)[2])]
+                if now < start + self.policy.max_age + LAST_TRY_GRACE:
+                    gone = [i for i in ready if not last(start, q.recipient(qid, i)[2])]
+                else:
+                    gone = ready
                 if gone:
                     self.expire_work.append((qid, gone))
                     if len(gone) == len(ready):

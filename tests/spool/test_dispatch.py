@@ -536,6 +536,34 @@ def test_the_expiry_sweep_leaves_a_last_attempt_due_at_the_deadline_to_its_dispa
     assert late.expire_work == [(qid, [0])]
 
 
+def test_a_last_attempt_whose_job_got_no_outcome_is_not_sent_again_past_the_grace(
+        tmp_path, monkeypatch):
+    # The last attempt (due at the deadline) goes; its job gets no outcome (its delivery
+    # process died, or did not answer within the job timeout) and is sent again -- but
+    # not past the deadline's grace: it expires then, as the sweep would expire it.  It
+    # was dispatched again at every job timeout or crash, for as long as that went on,
+    # the message never expiring (its sweep waits while a job is out).
+    shard = make_shard(tmp_path, max_age=60.0)
+    arrival = time.time() - 61.0
+    qid = new_qid(0)
+    meta = MessageMeta(qid, "s@example.com", ["a@x.example"], arrival,
+                       {"message_id": "<m@example.com>"}, "c")
+    new = shard.store.write([(meta, BODY)], [])
+    shard.store.commit(new, [])
+    shard._after_commit(new, shard.plan())
+    q = shard.store.index
+    q.set_due(qid, 0, arrival + 60.0)        # its last attempt, at the deadline
+    q.push(qid, arrival + 60.0)
+    shard.dispatch()
+    [(_, job)] = sent(shard)
+    later = time.time() + shard_mod.LAST_TRY_GRACE + 600.0     # (a job timeout later)
+    monkeypatch.setattr(shard_mod.time, "time", lambda: later)
+    shard._resend([job.req])                 # no outcome came: sent again...
+    shard.dispatch()
+    assert sent(shard) == []                 # ... not any more: past max_age and grace
+    assert shard.expire_work == [(qid, [0])]
+
+
 def test_a_long_blocked_backlog_is_released_in_order_once_each():
     # A throttled site in a burst: tens of thousands of messages blocked behind its
     # per-domain cap, released one per job that comes back while new ones keep
