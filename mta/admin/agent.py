@@ -32,10 +32,10 @@ through count: the webhooks and events processes, and delivery, being down do no
 change the answer (they do /api/admin/health's).
 
 What the balancer sends (``agent-send``) is read and dropped, MAX_SEND octets at most;
-a connection is closed after TIMEOUT seconds at most, and counts with the admin
-listener's against ``admin.max_connections`` (over it: the line, then closed at
-once).  No token is asked for: the line says nothing secret, so listen where the
-balancer reaches it.
+a connection is closed after TIMEOUT seconds at most, and ``admin.max_connections``
+of them are kept at once (over it: the line, then closed at once), apart from the
+admin listener's, which they cannot take up.  No token is asked for: the line says
+nothing secret, so listen where the balancer reaches it.
 """
 from __future__ import annotations
 
@@ -107,10 +107,10 @@ class AgentSession(asyncio.Protocol):
         young = reports.clock() - reports.started < reports.stale_after
         transport.write(line(health, host.free_space(a.settings.spool_dir), spool_cfg,
                              young).encode())
-        if len(a.sessions) >= a.cfg.max_connections:
+        if len(a.agent_sessions) >= a.cfg.max_connections:
             transport.close()
             return
-        a.sessions.add(self)
+        a.agent_sessions.add(self)
         transport.write_eof()
         self.timer = a.loop.call_later(TIMEOUT, transport.abort)
 
@@ -123,6 +123,6 @@ class AgentSession(asyncio.Protocol):
         return False            # the balancer read the line and closed: close too
 
     def connection_lost(self, exc) -> None:
-        self.admin.sessions.discard(self)
+        self.admin.agent_sessions.discard(self)
         if self.timer is not None:
             self.timer.cancel()

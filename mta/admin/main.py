@@ -81,6 +81,8 @@ class Admin:
         self.tokens = [t.encode() for t in self.cfg.tokens]
         self.read_tokens = [t.encode() for t in self.cfg.read_tokens]
         self.sessions: set = set()
+        # the HAProxy agent's (mta.admin.agent), bounded apart: they ask for no token
+        self.agent_sessions: set = set()
 
     def access(self, headers: dict) -> int:
         """What the request's token allows: ACT (any token of admin.tokens, or none is

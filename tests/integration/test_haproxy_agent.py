@@ -218,3 +218,26 @@ def test_the_agent_port_answers_at_once_and_across_a_restart_of_the_admin_proces
         assert ask(agent, timeout=5) == b"up ready 100%\n"
         time.sleep(0.3)
     assert d.stop() == 0
+
+
+def test_agent_connections_do_not_take_the_admin_listeners_connections(make_daemon):
+    # The agent port asks for no token; its connections counted against the admin
+    # listener's admin.max_connections, so whoever reaches it could hold them (each one
+    # for the agent's TIMEOUT, reconnecting) and the health check, /metrics and the mta
+    # commands got "503 too many connections" -- a balancer's httpchk took the node out.
+    agent = free_port()
+    d = make_daemon(acceptors=1, shards=1,
+                    admin={"agent_listen": [f"{HOST}:{agent}"], "max_connections": 2})
+    wait_until(lambda: admin_call(d, "GET", "/api/admin/health")[0] == 200, timeout=20)
+    held = [socket.create_connection((HOST, agent), timeout=5) for _ in range(2)]
+    try:
+        for s in held:
+            assert s.recv(100) == b"up ready 100%\n"      # (and left open)
+        st, _, body = admin_call(d, "GET", "/api/admin/health")
+        assert st == 200, body
+        # the agent keeps its own bound: one more than it takes gets the line and is closed
+        assert ask(agent, timeout=2) == b"up ready 100%\n"
+    finally:
+        for s in held:
+            s.close()
+    assert d.stop() == 0
