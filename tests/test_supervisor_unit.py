@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import signal
 import time
@@ -80,3 +81,36 @@ def test_a_child_told_to_stop_while_it_starts_stops(tmp_path, monkeypatch):
                 pass
             if child.ready_fd is not None:
                 os.close(child.ready_fd)
+
+
+def test_an_upgrades_lock_of_another_state_directory_is_let_go(tmp_path, monkeypatch):
+    # An upgrade to a configuration that moves server.state_dir hands over the old
+    # directory's run/mta.lock ($MTA_LOCK_FD): the new supervisor takes the new
+    # directory's lock and closes the old one, so the old directory is not kept locked
+    # by it and its children.  A descriptor that is not a lock file is left alone.
+    old = tmp_path / "old" / "run"
+    old.mkdir(parents=True)
+    old_lock = str(old / mconfig.SUPERVISOR_LOCK)
+    held = os.open(old_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)     # (the upgraded daemon's lock)
+    other = os.open(str(tmp_path / "not-a-lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    path = tmp_path / "mta.toml"
+    path.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n')
+    for fd in (held, other):
+        monkeypatch.setenv(sup_main.LOCK_ENV, str(fd))
+        sup = sup_main.Supervisor(mconfig.load(str(path)), str(path))
+        os.makedirs(sup.settings.run_dir, exist_ok=True)
+        sup._lock_run_dir()
+        try:
+            assert os.readlink(f"/proc/self/fd/{sup.lock_fd}") == \
+                os.path.join(sup.settings.run_dir, mconfig.SUPERVISOR_LOCK)
+            if fd == other:
+                assert os.readlink(f"/proc/self/fd/{other}").endswith("not-a-lock")
+                os.close(other)
+        finally:
+            os.close(sup.lock_fd)
+    probe = os.open(old_lock, os.O_RDWR)
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)   # the old directory is free
+    finally:
+        os.close(probe)

@@ -324,6 +324,15 @@ class Supervisor:
         fd = self.lock_fd
         if fd is not None and not self._is_lock_file(fd, path):
             log.warning("$%s names no descriptor of %s; ignored", LOCK_ENV, path)
+            try:
+                # the lock of the state directory the upgraded daemon had (a config
+                # that moves server.state_dir): let go, or this process and its
+                # children would keep that directory locked
+                if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == \
+                        mconfig.SUPERVISOR_LOCK:
+                    os.close(fd)
+            except OSError:
+                pass
             fd = None
         if fd is None:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
