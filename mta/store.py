@@ -254,22 +254,34 @@ def lock_writer(directory: str) -> int:
     fd = os.open(os.path.join(directory, WRITER_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                  0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        try:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-        except OSError:
-            holder = "?"
+        holder = flock_pid(fd)
+    except OSError:
         os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise
+        raise
+    if holder is not None:
+        os.close(fd)
         raise WriterBusy(errno.EBUSY, f"{directory} is written by another process (pid "
                                       f"{holder}): another mta on this state directory, or "
-                                      f"one left running by a supervisor that was killed"
-                         ) from None
+                                      f"one left running by a supervisor that was killed")
+    return fd
+
+
+def flock_pid(fd: int) -> str | None:
+    """Take an exclusive flock(2) on *fd* without waiting, and write this process's pid
+    in its file: None.  When another process holds it: the pid its file names ("?"
+    when none can be read), nothing taken.  Other errors raise."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        try:
+            return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        except OSError:
+            return "?"
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return None
 
 
 def lock_holder(directory: str) -> int | None:

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import importlib
 import ipaddress
 import json
@@ -337,21 +336,16 @@ class Supervisor:
         if fd is None:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            try:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-            except OSError:
-                holder = "?"
+            holder = store.flock_pid(fd)
+        except OSError:
             os.close(fd)
             self.lock_fd = None
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            raise StartupError(f"another mta (pid {holder}) uses "
-                               f"{self.settings.state_dir}") from None
+            raise
+        if holder is not None:
+            os.close(fd)
+            self.lock_fd = None
+            raise StartupError(f"another mta (pid {holder}) uses {self.settings.state_dir}")
         os.set_inheritable(fd, False)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.lock_fd = fd
 
     @staticmethod

@@ -15,7 +15,7 @@ import pytest
 
 from daemon import HOST, free_port, wait_until
 from test_admin_api import admin_call
-from test_proxy_protocol import HAPROXY
+from test_proxy_protocol import HAPROXY, haproxy_stat
 
 
 def ask(port: int, send: bytes = b"", timeout: float = 10.0) -> bytes:
@@ -71,19 +71,7 @@ def greeting(port: int) -> bytes:
 
 def server_rows(stats_socket: str) -> dict[str, tuple[str, str]]:
     """{server: (status, weight)} of the backend "smtp" from HAProxy's ``show stat``."""
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.settimeout(5)
-        s.connect(stats_socket)
-        s.sendall(b"show stat\n")
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    finally:
-        s.close()
-    rows = [line.split(",") for line in out.decode().splitlines()
-            if line and not line.startswith("#")]
-    return {r[1]: (r[17], r[18]) for r in rows if r[0] == "smtp"
+    return {r[1]: (r[17], r[18]) for r in haproxy_stat(stats_socket) if r[0] == "smtp"
             and r[1] not in ("FRONTEND", "BACKEND")}
 
 

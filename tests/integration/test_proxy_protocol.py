@@ -304,8 +304,9 @@ def test_a_header_from_a_balancer_not_listed_is_refused_and_logged(make_daemon, 
     assert d.stop() == 0 and d.spool_dump() == []
 
 
-def haproxy_states(stats_socket: str) -> dict[str, str]:
-    """{backend: the status of its one server (UP, DOWN, ...)} from HAProxy's stats socket."""
+def haproxy_stat(stats_socket: str) -> list[list[str]]:
+    """The rows of HAProxy's ``show stat`` (CSV fields: 0 proxy, 1 server, 17 status,
+    18 weight), from its stats socket."""
     s = socket.socket(socket.AF_UNIX)
     try:
         s.settimeout(5)
@@ -316,9 +317,13 @@ def haproxy_states(stats_socket: str) -> dict[str, str]:
             out += chunk
     finally:
         s.close()
-    rows = [line.split(",") for line in out.decode().splitlines()
+    return [line.split(",") for line in out.decode().splitlines()
             if line and not line.startswith("#")]
-    return {r[0]: r[17] for r in rows if r[1] == "m"}
+
+
+def haproxy_states(stats_socket: str) -> dict[str, str]:
+    """{backend: the status of its one server (UP, DOWN, ...)} from HAProxy's stats socket."""
+    return {r[0]: r[17] for r in haproxy_stat(stats_socket) if r[1] == "m"}
 
 
 def test_haproxy_checks_take_a_draining_node_out_and_its_session_finishes(make_daemon,
