@@ -238,16 +238,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
             f"{cfg.server.log_level!r}")
     if not cfg.smtp.listen:
         raise ConfigError("smtp.listen: at least one address is needed")
-    listen = []
-    for i, item in enumerate(cfg.smtp.listen):
-        try:
-            host, port = parse_hostport(item)
-            ipaddress.ip_address(host)
-        except ValueError as exc:
-            raise ConfigError(f"smtp.listen[{i}]: {exc}") from None
-        if (host, port) in listen:
-            raise ConfigError(f"smtp.listen[{i}]: {item} is listed twice")
-        listen.append((host, port))
+    listen = _addresses("smtp.listen", cfg.smtp.listen, [])
     http_listen = _check_http(cfg.http, listen)
     admin_listen, agent_listen = _check_admin(cfg.admin, listen + list(http_listen))
     nets = _networks(cfg.smtp.relay_networks, "smtp.relay_networks")
@@ -495,16 +486,7 @@ def _check_shaping(cfg: Config, sources: dict) -> None:
 
 def _check_http(h, smtp_listen: list) -> tuple:
     """Validate the [http] section; return its listen addresses as (host, port) pairs."""
-    out = []
-    for i, item in enumerate(h.listen):
-        try:
-            host, port = parse_hostport(item)
-            ipaddress.ip_address(host)
-        except ValueError as exc:
-            raise ConfigError(f"http.listen[{i}]: {exc}") from None
-        if (host, port) in smtp_listen or (host, port) in out:
-            raise ConfigError(f"http.listen[{i}]: {item} is already used by another listener")
-        out.append((host, port))
+    out = _addresses("http.listen", h.listen, smtp_listen)
     for what, key in [*((f"api_keys[{i}]", k) for i, k in enumerate(h.api_keys)),
                       *(("key_grants: a key", k) for k in h.key_grants)]:
         if not key or not key.isascii() or not key.isprintable() or " " in key or ":" in key:
@@ -540,31 +522,33 @@ def _check_admin(a, used: list) -> tuple[tuple, tuple]:
     if not a.listen:
         raise ConfigError("admin.listen: at least one address is needed (or set "
                           "admin.enabled = false)")
-    out = []
-    for i, item in enumerate(a.listen):
-        try:
-            host, port = parse_hostport(item)
-            addr = ipaddress.ip_address(host)
-        except ValueError as exc:
-            raise ConfigError(f"admin.listen[{i}]: {exc}") from None
-        if (host, port) in used or (host, port) in out:
-            raise ConfigError(f"admin.listen[{i}]: {item} is already used by another listener")
-        if not addr.is_loopback and not a.tokens and not a.read_tokens:
-            raise ConfigError(f"admin.tokens: required when admin.listen[{i}] ({item}) is not "
-                              "a loopback address (or admin.read_tokens)")
-        out.append((host, port))
-    agent = []
-    for i, item in enumerate(a.agent_listen):
+    out = _addresses("admin.listen", a.listen, used)
+    for i, (host, _) in enumerate(out):
+        if not ipaddress.ip_address(host).is_loopback and not a.tokens and not a.read_tokens:
+            raise ConfigError(f"admin.tokens: required when admin.listen[{i}] "
+                              f"({a.listen[i]}) is not a loopback address (or "
+                              "admin.read_tokens)")
+    agent = _addresses("admin.agent_listen", a.agent_listen, used + out)
+    return tuple(out), tuple(agent)
+
+
+def _addresses(key: str, items: list, used: list) -> list[tuple[str, int]]:
+    """The (host, port) of each listen address of setting *key* (``host:port``, the host
+    an IP address); ConfigError naming the entry when one is bad, listed twice, or
+    among *used* (another listener's)."""
+    out: list[tuple[str, int]] = []
+    for i, item in enumerate(items):
         try:
             host, port = parse_hostport(item)
             ipaddress.ip_address(host)
         except ValueError as exc:
-            raise ConfigError(f"admin.agent_listen[{i}]: {exc}") from None
-        if (host, port) in used or (host, port) in out or (host, port) in agent:
-            raise ConfigError(f"admin.agent_listen[{i}]: {item} is already used by another "
-                              "listener")
-        agent.append((host, port))
-    return tuple(out), tuple(agent)
+            raise ConfigError(f"{key}[{i}]: {exc}") from None
+        if (host, port) in out:
+            raise ConfigError(f"{key}[{i}]: {item} is listed twice")
+        if (host, port) in used:
+            raise ConfigError(f"{key}[{i}]: {item} is already used by another listener")
+        out.append((host, port))
+    return out
 
 
 _STARTTLS = ("none", "opportunistic", "required")
