@@ -1093,30 +1093,19 @@ class Engine:
 
     # -------------------------------------------------------------- workers
 
-    async def _pace(self, key: str, rate: float | None) -> None:
-        """Wait for the node-wide rate *rate* (per second) of *key* to allow one more."""
+    async def _pace(self, key: str, rate: float | None, until: float | None = None) -> bool:
+        """Wait for the node-wide rate *rate* (per second) of *key* to allow one more:
+        True.  With *until* (time.monotonic()): False, nothing taken, when that would
+        come later or the process stops meanwhile."""
         if not rate:
-            return
+            return True
         while True:
             wait = self.limiter.take(key, rate)
             if wait <= 0:
-                return
-            await asyncio.sleep(wait)
-
-    async def _pace_until(self, lane: Lane, until: float) -> bool:
-        """Take a unit of the lane's message rate, waiting for it until *until*
-        (time.monotonic()) at most; False, nothing taken, when it would come later or
-        the process stops meanwhile."""
-        while True:
-            rate = lane.limits.max_message_rate
-            if not rate:
                 return True
-            wait = self.limiter.take(lane.message_key, rate)
-            if wait <= 0:
-                return True
-            if self.stopping or time.monotonic() + wait > until:
+            if until is not None and (self.stopping or time.monotonic() + wait > until):
                 return False
-            await asyncio.sleep(min(wait, IDLE_CHECK))
+            await asyncio.sleep(wait)
 
     async def _idle(self, lane: Lane, conn=None) -> bool:
         """Wait for the lane's next job; False when the connection should close instead
@@ -1566,7 +1555,8 @@ class Engine:
         while pending and rounds < len(decided):
             rounds += 1
             if not conn.is_usable or time.monotonic() > until or \
-                    not await self._pace_until(lane, until) or not conn.is_usable:
+                    not await self._pace(lane.message_key, lane.limits.max_message_rate,
+                                         until) or not conn.is_usable:
                 break
             sender, addrs, eight, utf8, dsn = self._envelope(job)
             try:
