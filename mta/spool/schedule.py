@@ -26,6 +26,9 @@ import random
 from mta.store import DELIVERED, EXPIRED, FAILED, PENDING, STATE_NAMES, TERMINAL  # noqa: F401
 
 
+LAST_TRY_GRACE = 10.0   # seconds a last attempt due at the deadline may wait to go
+
+
 class RetryPolicy:
     def __init__(self, cfg, rng: random.Random | None = None):
         self.schedule = list(cfg.retry_schedule)
@@ -38,12 +41,12 @@ class RetryPolicy:
 
     def delay(self, attempts: int) -> float:
         """Seconds to wait after the *attempts*-th failed attempt (1-based)."""
-        base = self.schedule[min(max(attempts, 1), len(self.schedule)) - 1] * self.scale
-        return base * (1.0 + self.jitter * self.rng.random())
+        return self.spread(self.schedule[min(max(attempts, 1), len(self.schedule)) - 1]
+                           * self.scale)
 
     def spread(self, delay: float) -> float:
-        """*delay* (a response rule's) with the schedule's jitter added: recipients a rule
-        deferred together are not all due again in the same second."""
+        """*delay* with the jitter added (the schedule's, and a response rule's): the
+        recipients deferred together are not all due again in the same second."""
         return delay * (1.0 + self.jitter * self.rng.random())
 
     def deadline(self, arrival: float) -> float:
@@ -52,7 +55,9 @@ class RetryPolicy:
     def expired(self, arrival: float, now: float) -> bool:
         return now >= arrival + self.max_age
 
-    def last_attempt(self, arrival: float, due: float) -> bool:
-        """A recipient due at *due* is due for its last attempt, set at the deadline
-        (:mod:`mta.spool.outcomes`): tried then, though the deadline is reached."""
-        return due == arrival + self.max_age
+    def last_attempt(self, arrival: float, due: float, now: float) -> bool:
+        """A recipient due at *due* waits for its last attempt, set at the deadline
+        (:mod:`mta.spool.outcomes`): it is sent though the deadline is reached, until
+        LAST_TRY_GRACE after it (not again and again: a job of it that got no outcome)."""
+        deadline = arrival + self.max_age
+        return due == deadline and now < deadline + LAST_TRY_GRACE

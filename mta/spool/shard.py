@@ -75,7 +75,6 @@ RECLAIM_INTERVAL = 1.0          # seconds between reclamation passes
 RECLAIM_MAX_COPY = 2000         # messages copied forward per pass (bounds the pause)
 DISPATCH_BATCH = 500            # due messages looked at per dispatch pass
 BUSY_RETRY = 1.0                # seconds before retrying a job the bus would not take
-LAST_TRY_GRACE = 10.0           # seconds a last attempt due at the deadline may wait to go
 GC_YOUNG_THRESHOLD = 10_000     # allocations between young GC collections (CPython: 700)
 DRAIN_ON_DISCONNECT = 100       # batches read from a link that went away, at most
 # reception parameters a delivery job needs; DSN's NOTIFY and ORCPT (lists parallel to
@@ -886,14 +885,10 @@ class Shard:
                 continue
             if self.policy.expired(info[_START], now):
                 # past its deadline: expired, but for the last attempt of a recipient a
-                # deferral made due at the deadline itself (outcomes.Plan.outcome), for
-                # LAST_TRY_GRACE as the sweep leaves it (not again and again: a job of it
-                # that got no outcome is sent again at once, its due time unchanged)
+                # deferral made due at the deadline itself (outcomes.Plan.outcome), as
+                # the sweep leaves it (RetryPolicy.last_attempt)
                 start, last = info[_START], self.policy.last_attempt
-                if now < start + self.policy.max_age + LAST_TRY_GRACE:
-                    gone = [i for i in ready if not last(start, q.recipient(qid, i)[2])]
-                else:
-                    gone = ready
+                gone = [i for i in ready if not last(start, q.recipient(qid, i)[2], now)]
                 if gone:
                     self.expire_work.append((qid, gone))
                     if len(gone) == len(ready):
@@ -999,11 +994,11 @@ class Shard:
                 q.set_deadline(qid, now + BUSY_RETRY)
                 continue
             idxs = q.pending_idxs(qid)
-            if idxs and now < start + self.policy.max_age + LAST_TRY_GRACE:
+            if idxs:
                 # a recipient made due at the deadline for its last attempt gets it:
                 # this sweep may come before the dispatch pass that sends it
                 last = self.policy.last_attempt
-                keep = [i for i in idxs if last(start, q.recipient(qid, i)[2])]
+                keep = [i for i in idxs if last(start, q.recipient(qid, i)[2], now)]
                 if keep:
                     q.set_deadline(qid, now + BUSY_RETRY)
                     idxs = [i for i in idxs if i not in keep]

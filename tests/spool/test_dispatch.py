@@ -524,7 +524,7 @@ def test_the_expiry_sweep_leaves_a_last_attempt_due_at_the_deadline_to_its_dispa
     assert [r.address for _, j in sent(shard) for r in j.rcpts] == ["a@x.example"]
     # a recipient still waiting for it past the grace expires
     late = make_shard(tmp_path / "late", max_age=60.0)
-    arrival = time.time() - 60.0 - shard_mod.LAST_TRY_GRACE - 1.0
+    arrival = time.time() - 60.0 - sch.LAST_TRY_GRACE - 1.0
     qid = new_qid(0)
     meta = MessageMeta(qid, "s@example.com", ["a@x.example"], arrival,
                        {"message_id": "<m@example.com>"}, "c")
@@ -556,7 +556,7 @@ def test_a_last_attempt_whose_job_got_no_outcome_is_not_sent_again_past_the_grac
     q.push(qid, arrival + 60.0)
     shard.dispatch()
     [(_, job)] = sent(shard)
-    later = time.time() + shard_mod.LAST_TRY_GRACE + 600.0     # (a job timeout later)
+    later = time.time() + sch.LAST_TRY_GRACE + 600.0     # (a job timeout later)
     monkeypatch.setattr(shard_mod.time, "time", lambda: later)
     shard._resend([job.req])                 # no outcome came: sent again...
     shard.dispatch()
