@@ -357,6 +357,14 @@ def _flatten_reply(text: str) -> str:
     return " ".join(w for w in words if w)
 
 
+def _said_by_server(r: RecipientFailure, said: str) -> bool:
+    """Whether *said* (r's diagnostic) is a reply its remote server gave: "smtp" in a
+    Diagnostic-Code (RFC 3464 2.3.6).  Our own errors ("554 5.4.6 ... loops back to
+    myself") have a reply code but no host, or are *local* ("553 5.6.7 mx does not
+    support SMTPUTF8")."""
+    return bool(r.remote_host) and not r.local and _REPLY.match(said) is not None
+
+
 def _reply_text(text: str | None, utf8: bool) -> str:
     out = _clean(_flatten_reply(text or "")).strip()
     return out if utf8 else _NON_ASCII.sub("?", out)
@@ -441,8 +449,7 @@ def _text_part(mta: str, rcpts, delayed: bool, utf8: bool, success: bool = False
             lines += _wrap(f"Remote host: {_reply_text(r.remote_host, utf8)}", "    ")
         said = _reply_text(r.diagnostic, utf8)
         if said:
-            label = "Reply" if r.remote_host and not r.local and _REPLY.match(said) \
-                else "Reason"
+            label = "Reply" if _said_by_server(r, said) else "Reason"
             lines += _wrap(f"{label}: {said}", "    ")
         if action == "delayed" and r.retry_until:
             lines.append(f"    Will retry until: {rfc5322_date(r.retry_until)}")
@@ -494,11 +501,7 @@ def _status_part(mta, queue_id, envid, arrival, rcpts, utf8: bool) -> bytes:
             fields += _fold("Remote-MTA", f"dns; {_reply_text(r.remote_host, utf8)}")
         said = _reply_text(r.diagnostic, utf8)
         if said:
-            # "smtp" only for what a remote server replied (RFC 3464 2.3.6): our own
-            # errors ("554 5.4.6 ... loops back to myself") have a reply code, no host,
-            # or are *local* ("553 5.6.7 mx does not support SMTPUTF8")
-            kind = "smtp" if r.remote_host and not r.local and _REPLY.match(said) \
-                else "x-local"
+            kind = "smtp" if _said_by_server(r, said) else "x-local"
             fields += _fold("Diagnostic-Code", f"{kind}; {said}")
         if r.last_attempt is not None:  # (none for a recipient never tried, RFC 3464 2.3.7)
             fields += _fold("Last-Attempt-Date", rfc5322_date(r.last_attempt))
