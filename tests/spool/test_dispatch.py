@@ -479,6 +479,18 @@ def test_a_scheduled_message_is_due_at_its_start_and_ages_from_it(tmp_path):
     assert again.store.index.progress(qid)[2] == [start]
 
 
+def queued_at(shard: Shard, arrival: float, rcpts: list[str]) -> str:
+    """Queue one message that arrived at *arrival* (its deadline: arrival + max_age);
+    its queue id."""
+    qid = new_qid(0)
+    meta = MessageMeta(qid, "s@example.com", rcpts, arrival,
+                       {"message_id": "<m@example.com>"}, "c")
+    new = shard.store.write([(meta, BODY)], [])
+    shard.store.commit(new, [])
+    shard._after_commit(new, shard.plan())
+    return qid
+
+
 def test_a_recipient_due_at_the_deadline_gets_its_last_attempt_though_it_is_reached(tmp_path):
     # A deferral whose next retry would pass max_age makes the recipient due at the
     # message's deadline (its last attempt; outcomes.Plan.outcome): dispatched then,
@@ -486,12 +498,7 @@ def test_a_recipient_due_at_the_deadline_gets_its_last_attempt_though_it_is_reac
     # waited past the deadline for anything else still expires at dispatch.
     shard = make_shard(tmp_path, max_age=60.0)
     arrival = time.time() - 61.0
-    qid = new_qid(0)
-    meta = MessageMeta(qid, "s@example.com", ["a@x.example", "b@x.example"], arrival,
-                       {"message_id": "<m@example.com>"}, "c")
-    new = shard.store.write([(meta, BODY)], [])
-    shard.store.commit(new, [])
-    shard._after_commit(new, shard.plan())
+    qid = queued_at(shard, arrival, ["a@x.example", "b@x.example"])
     q = shard.store.index
     q.set_due(qid, 0, arrival + 60.0)        # a's last attempt, at the deadline
     q.set_due(qid, 1, arrival + 30.0)        # b: due long ago, waited past it
@@ -508,12 +515,7 @@ def test_the_expiry_sweep_leaves_a_last_attempt_due_at_the_deadline_to_its_dispa
     # last attempt (for LAST_TRY_GRACE), the others expire; past the grace it expires.
     shard = make_shard(tmp_path, max_age=60.0)
     arrival = time.time() - 61.0
-    qid = new_qid(0)
-    meta = MessageMeta(qid, "s@example.com", ["a@x.example", "b@x.example"], arrival,
-                       {"message_id": "<m@example.com>"}, "c")
-    new = shard.store.write([(meta, BODY)], [])
-    shard.store.commit(new, [])
-    shard._after_commit(new, shard.plan())
+    qid = queued_at(shard, arrival, ["a@x.example", "b@x.example"])
     q = shard.store.index
     q.set_due(qid, 0, arrival + 60.0)        # a's last attempt, at the deadline
     q.set_due(qid, 1, arrival + 30.0)        # b: waited past the deadline
@@ -525,12 +527,7 @@ def test_the_expiry_sweep_leaves_a_last_attempt_due_at_the_deadline_to_its_dispa
     # a recipient still waiting for it past the grace expires
     late = make_shard(tmp_path / "late", max_age=60.0)
     arrival = time.time() - 60.0 - sch.LAST_TRY_GRACE - 1.0
-    qid = new_qid(0)
-    meta = MessageMeta(qid, "s@example.com", ["a@x.example"], arrival,
-                       {"message_id": "<m@example.com>"}, "c")
-    new = late.store.write([(meta, BODY)], [])
-    late.store.commit(new, [])
-    late._after_commit(new, late.plan())
+    qid = queued_at(late, arrival, ["a@x.example"])
     late.store.index.set_due(qid, 0, arrival + 60.0)
     late.expire_waiting()
     assert late.expire_work == [(qid, [0])]
@@ -545,12 +542,7 @@ def test_a_last_attempt_whose_job_got_no_outcome_is_not_sent_again_past_the_grac
     # the message never expiring (its sweep waits while a job is out).
     shard = make_shard(tmp_path, max_age=60.0)
     arrival = time.time() - 61.0
-    qid = new_qid(0)
-    meta = MessageMeta(qid, "s@example.com", ["a@x.example"], arrival,
-                       {"message_id": "<m@example.com>"}, "c")
-    new = shard.store.write([(meta, BODY)], [])
-    shard.store.commit(new, [])
-    shard._after_commit(new, shard.plan())
+    qid = queued_at(shard, arrival, ["a@x.example"])
     q = shard.store.index
     q.set_due(qid, 0, arrival + 60.0)        # its last attempt, at the deadline
     q.push(qid, arrival + 60.0)
