@@ -201,81 +201,14 @@ def _when(ts) -> str:
     return "now" if secs <= 0 else f"in {datetime.timedelta(seconds=secs)}"
 
 
-STATUS_FRESH = 10.0     # seconds: an older delivery status file is a process that is gone
-
-
 def _delivery_status(settings) -> dict:
-    """What the delivery processes are doing, from the status files they write each second.
+    """What the delivery processes are doing, from the status files they write each second
+    (:func:`mta.obs.queue.delivery_status`, as the admin API shows it): sources
+    (suspended and why, by any process), sites (their domains and hosts), the (source x
+    site) lanes summed over the processes, and the warm-up counts."""
+    from mta.obs.queue import delivery_status
 
-    Sources (suspended and why, by any process), sites (their domains and
-    hosts, from the processes' sites files), and the (source x site) lanes summed
-    over the processes: jobs queued, connections (own, and node-wide), current rate.
-    """
-    import glob
-
-    from mta.obs.queue import read_sites
-
-    sources: dict = {}
-    sites: dict = {}
-    lanes: dict = {}
-    warmup: dict = {}
-    processes = 0
-    now = time.time()
-    for path in sorted(glob.glob(os.path.join(settings.run_dir, "delivery-*.status.json"))):
-        try:
-            with open(path, "rb") as fh:
-                st = json.loads(fh.read())
-        except (OSError, ValueError):
-            continue
-        if now - st.get("time", 0) > STATUS_FRESH:
-            continue
-        processes += 1
-        for name, w in st.get("warmup", {}).items():      # warm-up: node-wide counts
-            cur = warmup.setdefault(name, {"day": None, "hourly": None, "daily": None,
-                                           "sites": {}})
-            for k in ("day", "hourly", "daily"):
-                if w.get(k) is not None:
-                    cur[k] = w[k]
-            for site, counts in w.get("sites", {}).items():
-                have = cur["sites"].setdefault(site, {})
-                for k, v in counts.items():
-                    have[k] = max(have.get(k, 0), v)
-        for name, src in st.get("sources", {}).items():
-            cur = sources.setdefault(name, {"address": src["address"], "proxy": src["proxy"],
-                                            "suspended_until": 0.0, "reason": "",
-                                            "connections": 0, "rate": 0.0})
-            if src["suspended_until"] > cur["suspended_until"]:
-                cur["suspended_until"] = src["suspended_until"]
-                cur["reason"] = src["reason"]
-        for name, site in read_sites(path, st).items():
-            cur = sites.setdefault(name, {"domains": set(), "hosts": site["hosts"],
-                                          "queued": 0, "connections": 0, "rate": 0.0})
-            cur["domains"].update(site["domains"])
-        for ln in st.get("lanes", []):
-            key = (ln["source"], ln["site"])
-            cur = lanes.setdefault(key, {"source": ln["source"], "site": ln["site"],
-                                         "queued": 0, "transactional": 0, "connections": 0,
-                                         "node_connections": 0, "rate": 0.0,
-                                         "connection_limit": ln["connection_limit"],
-                                         "max_message_rate": ln["max_message_rate"]})
-            for k in ("queued", "transactional", "connections", "rate"):
-                cur[k] += ln[k]
-            cur["node_connections"] = max(cur["node_connections"], ln["node_connections"])
-    for ln in lanes.values():
-        if ln["source"] in sources:
-            sources[ln["source"]]["connections"] += ln["connections"]
-            sources[ln["source"]]["rate"] += ln["rate"]
-        # (a site newer than its process's sites file, written every few seconds: no domains)
-        site = sites.setdefault(ln["site"], {"domains": set(), "hosts": [], "queued": 0,
-                                             "connections": 0, "rate": 0.0})
-        site["queued"] += ln["queued"]
-        site["connections"] += ln["connections"]
-        site["rate"] += ln["rate"]
-    for site in sites.values():
-        site["domains"] = sorted(site["domains"])
-    return {"processes": processes, "sources": sources, "sites": sites,
-            "lanes": sorted(lanes.values(), key=lambda x: (x["site"], x["source"])),
-            "warmup": warmup}
+    return delivery_status(settings.run_dir)
 
 
 _UNTIL_RESUMED = 10 * 366 * 86400.0     # a suspension ending later reads "until resumed"

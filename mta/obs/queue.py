@@ -118,11 +118,13 @@ def read_status(path: str) -> dict | None:
 
 
 def delivery_status(run_dir: str, now: float | None = None) -> dict:
-    """Sources, sites and (source x site) lanes summed over the delivery processes.
+    """Sources, sites and (source x site) lanes summed over the delivery processes, and
+    the warm-up plans' counts node-wide.
 
     A site's ``domains`` list is shared with the next calls: not to be changed."""
     sources: dict = {}
     lanes: dict = {}
+    warmup: dict = {}
     each = []
     processes = 0
     now = time.time() if now is None else now
@@ -131,6 +133,16 @@ def delivery_status(run_dir: str, now: float | None = None) -> dict:
         if st is None or now - st.get("time", 0) > STATUS_FRESH:
             continue
         processes += 1
+        for name, w in st.get("warmup", {}).items():      # warm-up: node-wide counts
+            cur = warmup.setdefault(name, {"day": None, "hourly": None, "daily": None,
+                                           "sites": {}})
+            for k in ("day", "hourly", "daily"):
+                if w.get(k) is not None:
+                    cur[k] = w[k]
+            for site, counts in w.get("sites", {}).items():
+                have = cur["sites"].setdefault(site, {})
+                for k, v in counts.items():
+                    have[k] = max(have.get(k, 0), v)
         for name, src in st.get("sources", {}).items():
             cur = sources.setdefault(name, {"address": src.get("address"),
                                             "proxy": src.get("proxy"),
@@ -165,7 +177,8 @@ def delivery_status(run_dir: str, now: float | None = None) -> dict:
         for k in ("connections", "rate", "queued"):
             site[k] += ln[k]
     return {"processes": processes, "sources": sources, "sites": sites,
-            "lanes": sorted(lanes.values(), key=lambda x: (x["site"], x["source"]))}
+            "lanes": sorted(lanes.values(), key=lambda x: (x["site"], x["source"])),
+            "warmup": warmup}
 
 
 def webhook_status(state_dir: str, enabled: bool = True, now: float | None = None) -> dict:
