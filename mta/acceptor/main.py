@@ -149,6 +149,7 @@ class Acceptor:
             cfg.smtp.max_auth_failures, cfg.smtp.auth_failure_window, loop.time)
         self.relay_networks = settings.relay_networks
         self.proxy_networks = settings.proxy_networks
+        self.proxy_timeout = cfg.server.proxy_protocol_timeout
         self.proxy_pending: set = set()    # connections (SMTP, HTTP) waiting for their header
         self._ehlo = {}
         self.sessions: set = set()

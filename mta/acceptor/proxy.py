@@ -35,13 +35,12 @@ import ipaddress
 import struct
 
 __all__ = ["ProxyError", "parse", "Reader", "DIRECT", "begin", "forget", "take", "MAX_HEADER",
-           "HEADER_TIMEOUT", "UNKNOWN_CLIENT"]
+           "UNKNOWN_CLIENT"]
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
 MAX_V1 = 107                 # octets of a v1 line, CRLF included
 MAX_HEADER = 16 + 1024       # a v2 header with its TLVs; HAProxy sends far less
-HEADER_TIMEOUT = 5.0         # seconds a balancer may take to send the header
 UNKNOWN_CLIENT = "unknown"   # the peer of a LOCAL / UNKNOWN header: no address, no rights
 _V2 = struct.Struct("!12sBBH")
 _FAMILIES = {0x11: (4, 12), 0x12: (4, 12), 0x21: (16, 36), 0x22: (16, 36)}   # TCP/UDP
@@ -139,9 +138,9 @@ class Reader:
 
     __slots__ = ("buf", "timer")
 
-    def __init__(self, loop, on_timeout):
+    def __init__(self, loop, timeout: float, on_timeout):
         self.buf = b""
-        self.timer = loop.call_later(HEADER_TIMEOUT, on_timeout, "no PROXY header in time")
+        self.timer = loop.call_later(timeout, on_timeout, "no PROXY header in time")
 
     def cancel(self) -> None:
         self.timer.cancel()
@@ -171,7 +170,7 @@ def begin(session, limit: int) -> bool:
     if len(a.proxy_pending) >= limit:
         session._proxy_failed("too many connections waiting for their PROXY header")
         return True
-    session.proxy = Reader(a.loop, session._proxy_failed)
+    session.proxy = Reader(a.loop, a.proxy_timeout, session._proxy_failed)
     a.proxy_pending.add(session)
     return True
 

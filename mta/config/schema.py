@@ -48,9 +48,14 @@ class ServerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "(HAProxy with send-proxy or send-proxy-v2): a connection from one must begin "
         "with a PROXY protocol header (v1 or v2), and the client it names is the client "
         "(relay_networks, per-IP limits, Received, events, the API's loopback rule); "
-        "without one in 5 seconds it is closed; a header from any other client is refused "
-        "(SMTP 421, HTTP 400) and logged.  Empty: no PROXY header is taken")] = \
-        msgspec.field(default_factory=list)
+        "without one within proxy_protocol_timeout it is closed; a header from any other "
+        "client is refused (SMTP 421, HTTP 400) and logged.  Empty: no PROXY header is "
+        "taken")] = msgspec.field(default_factory=list)
+    proxy_protocol_timeout: Annotated[float, _doc(
+        "seconds a connection from a proxy_protocol_from network may take to send its "
+        "PROXY header before it is closed (Postfix's smtpd_upstream_proxy_timeout); "
+        "such connections count against max_connections while they wait",
+        ge=0.1, le=300)] = 5.0
     event_log: Annotated[str, _doc(
         "JSON-lines event log in SparkPost's message-event shape (injection, delivery, "
         "delay, bounce), written by the events process and rotated as [events] says; "

@@ -142,6 +142,32 @@ def test_a_balancer_that_sends_no_header_is_not_served(make_daemon):
     assert d.log().count("a proxy_protocol_from network:") == 2, d.log()[-2000:]
 
 
+def test_the_wait_for_the_header_is_the_configured_one(make_daemon):
+    # server.proxy_protocol_timeout (Postfix's smtpd_upstream_proxy_timeout): a balancer
+    # across a slow link may be given longer, a busy node less; fixed at 5 s before
+    d = make_daemon(acceptors=1, shards=1, server={"proxy_protocol_from": [f"{BALANCER}/32"],
+                                                   "proxy_protocol_timeout": 1.0})
+    s = socket.create_connection((HOST, d.port), source_address=(BALANCER, 0), timeout=15)
+    try:
+        t0 = time.monotonic()
+        assert s.recv(100) == b""
+        assert 0.8 <= time.monotonic() - t0 < 3.5
+    finally:
+        s.close()
+    d.wait_log("a proxy_protocol_from network: no PROXY header in time; closed")
+    # a header sent after 1.5 s is still taken when the wait is 3 s
+    d.stop()
+    d = make_daemon(acceptors=1, shards=1, server={"proxy_protocol_from": [f"{BALANCER}/32"],
+                                                   "proxy_protocol_timeout": 3.0})
+    s = socket.create_connection((HOST, d.port), source_address=(BALANCER, 0), timeout=15)
+    try:
+        time.sleep(1.5)
+        s.sendall(b"PROXY TCP4 127.0.0.5 127.0.0.1 40000 25\r\n")
+        assert s.recv(100).startswith(b"220 ")
+    finally:
+        s.close()
+
+
 def test_a_v1_address_with_a_zone_is_not_a_client(make_daemon):
     # Python's ip_address takes an IPv6 zone ("fe80::1%eth0") of any characters but "%"
     # and spaces -- a line break too -- and "::1%zone" is in ::1/128 (the default
