@@ -412,7 +412,8 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "seconds a message may stay queued before its undelivered recipients expire "
         "and bounce (5 days); takes effect at the next start", ge=1)] = 5 * 86400.0
     delay_warning_time: Annotated[float, _doc(
-        "seconds after which the sender of a message still deferred gets a delay notice "
+        "seconds in the queue after which the sender of a message still undelivered "
+        "(deferred, or waiting untried: suspended, rate-limited) gets a delay notice "
         "(RFC 3464 \"delayed\"), once per recipient that did not opt out with NOTIFY "
         "(RFC 3461), at most one per message in that time; 0 = never (like Postfix's "
         "delay_warning_time)", ge=0, le=30 * 86400)] = 0.0

@@ -46,19 +46,24 @@ message in a bounce (within ``mta.dsn.MAX_RETURNED_MESSAGE``), otherwise the
 headers; ENVID and ORCPT go into the report (Original-Envelope-Id,
 Original-Recipient).
 
-Delay notices (``delivery.delay_warning_time``, 0 = off): at a deferral of a
-recipient whose message has waited at least that long (counted from its
+Delay notices (``delivery.delay_warning_time``, 0 = off): for a recipient
+still pending whose message has waited at least that long (counted from its
 start), once per recipient, unless its NOTIFY lacks DELAY (no NOTIFY: yes).
 "Once" is durable: the recipient's update record carries the flag
 ``RCPT_DELAY_NOTIFIED`` (:mod:`mta.store`), so a restart does not send it
-again.  The notice goes out at the first deferral after the warning time, so
-with long retry intervals it may come up to one interval later.  One notice
-per message and ``delay_warning_time`` at most: a message whose recipients are
-deferred in several batches (several sites) gets one for those of the first;
-the others are named in the next, at their first deferral an interval later
-(the time of a message's last notice is kept in memory while it has recipients
-left to name; after a restart, one with a recipient named already waits an
-interval from the start).
+again.  By time in queue, as Postfix and PowerMTA warn: at a deferral after the
+warning time, and for recipients that are not being deferred -- handed back
+(REQUEUED) again and again, held by the operator's suspension, never tried --
+when the shard's expiry sweep, which files each message for its warning time
+before its deadline, finds it (:meth:`Plan.remind`; at most a deadline bucket,
+``max_age`` / 1000, late).  One notice per message and ``delay_warning_time``
+at most: a message whose recipients are deferred in several batches (several
+sites) gets one for those of the first; the others are named in the next, an
+interval later, at their deferral or by the sweep (the time of a message's last
+notice is kept in memory while it has recipients left to name; after a
+restart, one with a recipient named already waits an interval from the start).
+A recipient never deferred (or not since the process started) is reported with
+our own Status 4.0.0 and words; a deferred one with its last reply.
 
 Recipients found too old at dispatch expire the same way (:meth:`Plan.expire`).
 A bounce is an RFC 3464 DSN to the envelope sender, queued as a new message
@@ -107,6 +112,10 @@ READ_RETRY = 60.0        # seconds: an expiry that could not read the record tri
 DELETED_TEXT = "deleted by the operator (mta queue delete)"
 EXPIRED_STATUS = "4.4.7"  # an expiry found at dispatch: no reply, our own status and text
 EXPIRED_TEXT = "message expired: too long in the queue"
+# a delay notice of a recipient with no temporary reply to quote (never tried, or not
+# since this process started): our own status and text
+WAITING_STATUS = "4.0.0"
+WAITING_TEXT = "not delivered yet: still waiting in the queue"
 # QueueIndex.info fields
 _BODY_LEN, _START, _OUT = 3, 5, 9
 
@@ -164,6 +173,7 @@ class Plan:
         self.requeues: dict[str, list] = {}    # qid -> [(idx, due), ...]: REQUEUED, not written
         self.successes: dict[str, list] = {}   # qid -> [RecipientFailure, ...]: "relayed"
         self.delays: dict[str, list] = {}      # qid -> [RecipientFailure, ...]: delay notice
+        self.look: dict[str, float] = {}       # qid -> when the expiry sweep looks again
         # (recipient, description): failed as invalid recipients, for the suppression list
         self.suppress: list[tuple[str, str]] = []
 
@@ -395,6 +405,65 @@ class Plan:
             self._bounce(qid, idx, code, enhanced, text, host, tried_at,
                          note=f"gave up after {attempts} attempt(s)", expired=True)
         self.returned.append(qid)
+
+    def remind(self, qid: str, now: float) -> None:
+        """Delay notices by time in queue: the recipients of *qid* still pending and not
+        named in one yet, its message having waited ``delay_warning_time`` -- deferred,
+        handed back (REQUEUED), held by a suspension or never tried alike (those this
+        batch's outcomes decided on are theirs).  Same rules as at a deferral: the flag
+        written, NOTIFY obeyed, one notice per message and interval.  :attr:`look` says
+        when the shard's expiry sweep looks at *qid* again."""
+        index, policy = self.index, self.policy
+        info = index.info(qid)
+        if info is None:
+            return
+        start = info[_START]
+        deadline = policy.deadline(start)
+        warn = policy.delay_warning
+        if not warn or now < start + warn:
+            self.look[qid] = start + policy.first_look()    # (off since, or not yet)
+            return
+        st = self._state(qid)
+        flags = index.progress(qid)[3]
+        decided = {u[0] for u in self.updates.get(qid, ())}
+        waiting = [i for i, s in enumerate(st) if s == sch.PENDING and i not in decided
+                   and not flags[i] & RCPT_DELAY_NOTIFIED]
+        if not waiting:
+            self.look[qid] = deadline
+            return
+        if not self._may_notice(qid, now):
+            last = self.noticed.get(qid, self.started)
+            self.look[qid] = min(max(last + warn, now + 1.0), deadline)
+            return
+        got = self._lookup(qid)
+        if got is None:
+            self.look[qid] = min(now + READ_RETRY, deadline)
+            return
+        m = got[1]
+        for idx in waiting:
+            _, attempts, due, fl, _, last = index.recipient(qid, idx)
+            # once per recipient: the flag is written with this update
+            self._update(qid, idx, sch.PENDING, attempts, due, fl | RCPT_DELAY_NOTIFIED)
+            if not notify_allows(_notify(m, idx), "DELAY"):
+                continue
+            if last is None:
+                r = RecipientFailure(recipient=m.rcpts[idx], status=WAITING_STATUS,
+                                     remote_host=None, diagnostic=WAITING_TEXT,
+                                     last_attempt=None, action="delayed",
+                                     retry_until=deadline, local=True)
+            else:       # deferred before (since this process started): that reply
+                code, enhanced, text, host, _, _, _, tried_at = last
+                status = "4" + enhanced[1:] if enhanced and enhanced[0] in "45" \
+                    else WAITING_STATUS
+                r = RecipientFailure(recipient=m.rcpts[idx], status=status,
+                                     remote_host=host or None,
+                                     diagnostic=f"{code} {enhanced} {text}".strip() if code
+                                     else text,
+                                     last_attempt=tried_at, action="delayed",
+                                     retry_until=deadline)
+            self._notice(self.delays, qid, m, idx, r)
+        # (recipients this batch's outcomes left unnamed: the next notice, an interval on)
+        self.look[qid] = min(now + warn, deadline)
 
     def admin_bounce(self, qid: str, idxs: list[int], now: float, text: str,
                      dsn: bool) -> int:

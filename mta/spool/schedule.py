@@ -52,6 +52,13 @@ class RetryPolicy:
     def deadline(self, arrival: float) -> float:
         return arrival + self.max_age
 
+    def first_look(self) -> float:
+        """Seconds after its start at which the shard's expiry sweep first looks at a
+        message: when its delay notice is due (``delay_warning_time``), if that comes
+        before its deadline, else the deadline."""
+        warn = self.delay_warning
+        return min(warn, self.max_age) if warn else self.max_age
+
     def expired(self, arrival: float, now: float) -> bool:
         return now >= arrival + self.max_age
 

@@ -172,6 +172,8 @@ class Shard:
         self.requeued = 0                     # recipients REQUEUED since the last log line
         self.requeue_logged = 0.0
         self.expire_work: list[tuple[str, list[int]]] = []
+        # messages the sweep found waiting past delay_warning_time (Plan.remind)
+        self.notice_work: list[str] = []
         # messages with no pending recipient left whose DONE is still to be written (found
         # at dispatch: their last job's outcome never came and it was taken back)
         self.finish_work: list[str] = []
@@ -278,8 +280,9 @@ class Shard:
                  stats["skipped_bytes"], stats["seconds"])
         # each recovered message at its earliest pending due time, with its deadline;
         # those none of whose recipients is pending are finished now
+        # (or, before it, when its delay notice is due: RetryPolicy.first_look)
         self.finished_at_start += self.q.schedule_recovered(self.recovered_up_to,
-                                                            self.policy.max_age)
+                                                            self.policy.first_look())
         self.recovering = False
         # the recovered queue is never walked by the collector (frozen without a
         # collection first: it made no cycles, and walking a million entries takes ~1 s)
@@ -383,7 +386,7 @@ class Shard:
             if wait > 0:
                 settle = False
                 timeout = min(timeout, int(wait * 1000) + 1)
-        work = self.expire_work or self.finish_work or settle or ops
+        work = self.expire_work or self.notice_work or self.finish_work or settle or ops
         if work:
             timeout = 0
         requests, outcomes, changes = self.poller.wait(timeout)
@@ -517,6 +520,11 @@ class Shard:
         work, self.expire_work = self.expire_work, []
         for qid, idxs in work:
             plan.expire(qid, idxs, now)
+        if self.notice_work:        # (after the outcomes: those they decide on are theirs)
+            n = cfg.max_batch_messages
+            work, self.notice_work = self.notice_work[:n], self.notice_work[n:]
+            for qid in work:
+                plan.remind(qid, now)
         op_taken = self.op_work(plan, now) if self.ops else []
         plan.finish(now)
         if plan.unsettled and finished:
@@ -539,6 +547,7 @@ class Shard:
             # while no events process reads them): schedule only.
             self._requeue(plan)
             self._push(plan.reschedule)
+            self._look_again(plan.look)
             for peer, req in commit_peers:
                 server.send(peer, bus.SpoolMessageCommitted(req, bus.STATUS_OK))
             # (a delete of messages no longer queued: nothing to write, and the answer
@@ -569,15 +578,16 @@ class Shard:
             self.last_error = exc.strerror or str(exc)
             abandoned = plan.abandon()
             q = self.q
-            deadline = self.policy.deadline
+            first_look = self.policy.first_look()
             owed = self.store.owed
             settle = list(plan.settling)
             for qid in abandoned:
                 info = q.info(qid)
                 if info is not None:
                     q.push(qid, now + BUSY_RETRY)
-                    # (an expiry that was not recorded is looked at again)
-                    q.set_deadline(qid, deadline(info[_START]))
+                    # (an expiry, or a delay notice, that was not recorded is looked
+                    # at again)
+                    q.set_deadline(qid, info[_START] + first_look)
                     if qid in owed and not info[_OUT]:
                         # (its last job came back in this batch: its bounce owed is looked
                         # at as for a job taken back -- it may not be sent again soon)
@@ -590,6 +600,8 @@ class Shard:
             if settle:              # (their bounce is looked at again, in a moment)
                 self.settle_work += settle
                 self.settle_after = time.monotonic() + BUSY_RETRY
+            # (a delay notice not written: looked for again in a moment)
+            self._look_again(dict.fromkeys(plan.look, now + BUSY_RETRY))
         else:
             self._untrack(done)
             removed = self.store.commit(new, done, plan.updates, plan.owe)
@@ -603,6 +615,7 @@ class Shard:
             self.last_error = ""
             self._requeue(plan)
             self._after_commit(new, plan)
+            self._look_again(plan.look)
             for qid in plan.notice_more:
                 self.delay_noticed[qid] = now
             if plan.deleted_out:
@@ -657,6 +670,12 @@ class Shard:
         push = self.q.push
         for due, qid in items:
             push(qid, due)
+
+    def _look_again(self, look: dict) -> None:
+        """File each message of *look* (qid -> time) for the sweep to look at then."""
+        set_deadline = self.q.set_deadline
+        for qid, t in look.items():
+            set_deadline(qid, t)
 
     def _requeue(self, plan: Plan) -> None:
         """REQUEUED recipients: their new due time, in memory only (not an attempt).
@@ -747,7 +766,7 @@ class Shard:
     def _after_commit(self, new: list, plan: Plan) -> None:
         """Schedule the batch's messages and give them their deadline (after the sync)."""
         q = self.q
-        max_age = self.policy.max_age
+        first_look = self.policy.first_look()   # (the deadline, or the delay notice's time)
         for n in new:
             qid = n.meta.qid
             info = q.info(qid)
@@ -756,7 +775,7 @@ class Shard:
             first = q.first_due(qid)
             q.push(qid, info[_START] if first is None else first)
             if n.meta.attempts is None:     # (a compaction copy keeps its message's deadline)
-                q.set_deadline(qid, info[_START] + max_age)
+                q.set_deadline(qid, info[_START] + first_look)
         self._push(plan.reschedule)
 
     def _suppressed_events(self, out: list, m: MessageMeta, size: int, extra: dict) -> None:
@@ -979,6 +998,9 @@ class Shard:
 
         A message with a delivery job out is looked at again a little later:
         its outcome decides (a deferral past the age limit expires it then).
+        One not yet expired but past ``delivery.delay_warning_time`` (filed for
+        then: RetryPolicy.first_look) is looked at in the next batch for delay
+        notices (:meth:`Plan.remind`), which files it again.
         """
         now = time.time()
         q = self.q
@@ -988,7 +1010,13 @@ class Shard:
                 continue                  # finished
             start = info[_START]
             if not self.policy.expired(start, now):
-                q.set_deadline(qid, self.policy.deadline(start))
+                warn = self.policy.delay_warning
+                if warn and now >= start + warn:
+                    # waited delay_warning_time: a delay notice for those who had none,
+                    # deferred or not (handed back, held, never tried); filed again then
+                    self.notice_work.append(qid)
+                else:
+                    q.set_deadline(qid, start + self.policy.first_look())
                 continue
             if info[_OUT]:
                 q.set_deadline(qid, now + BUSY_RETRY)

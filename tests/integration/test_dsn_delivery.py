@@ -202,6 +202,32 @@ def test_delay_notice_once_and_not_again_after_a_restart(lab):
     assert [q["queue_id"] for q in d.queue_list()] == [qid]   # still deferred, not lost
 
 
+def test_a_recipient_never_tried_gets_its_delay_notice_by_time_in_queue(lab):
+    """A recipient whose site the operator suspended is never tried, so never deferred:
+    it still gets its delay notice once it has waited delay_warning_time (as Postfix and
+    PowerMTA warn by time in queue), once, and not for NOTIFY without DELAY."""
+    dest = lab.aio(IP_A)
+    sender_mx = lab.aio(IP_B)
+    lab.serve(ZONES)
+    d = lab.daemon(delay_warning_time=2.0, max_age=3600.0)
+    d.cli("suspend", "--domain", "dest.test", "--reason", "complaints")
+    qid = send(d, [("dee@dest.test", " ORCPT=rfc822;dee@orig.test"),
+                   ("fay@dest.test", " NOTIFY=FAILURE")], message("held back"), " ENVID=held-1")
+    wait_until(lambda: sender_mx.received() >= 1, 30, "the delay notice")
+    [n] = sender_mx.snapshot()
+    msg, per_msg, per_rcpt, _ = report(n.data)
+    assert msg["Subject"] == "Delayed Mail (still being retried)"
+    assert per_msg["X-Queue-ID"] == qid and per_msg["Original-Envelope-Id"] == "held-1"
+    [r] = per_rcpt                     # fay asked for failure notices only
+    assert r["Final-Recipient"] == "rfc822; dee@dest.test"
+    assert r["Original-Recipient"] == "rfc822; dee@orig.test"
+    assert r["Action"] == "delayed" and r["Status"].startswith("4.")
+    assert r["Will-Retry-Until"] and "Last-Attempt-Date" not in r   # (never tried)
+    time.sleep(5.0)                    # (two more intervals: no second notice)
+    assert sender_mx.received() == 1 and dest.received() == 0
+    assert [q["queue_id"] for q in d.queue_list()] == [qid]
+
+
 # ---------------------------------------- one bounce per message for several domains
 
 IP_C = IPS[2]

@@ -383,6 +383,62 @@ def test_requeued_recipients_wait_retry_after_without_an_attempt(tmp_path):
     assert job.attempt == 1
 
 
+def test_a_recipient_handed_back_again_and_again_gets_its_delay_notice(tmp_path):
+    # Never deferred (delivery REQUEUEs it: a rate limit, a suspended source), so no
+    # deferral ever sends its delay notice: the expiry sweep finds its message past
+    # delay_warning_time and the next batch queues the notice to the sender, the flag
+    # written with it; once.
+    from mta.store import RCPT_DELAY_NOTIFIED
+    shard = make_shard(tmp_path, delay_warning_time=30.0, max_age=3600.0)
+    qid = queued_at(shard, time.time() - 40.0, ["a@x.example"])
+    q = shard.store.index
+    for _ in range(3):
+        shard.dispatch()
+        [(d, job)] = sent(shard)
+        shard.links.outcomes[d].append(requeue_outcome(shard, job, 30.0))
+        shard.batch(outcomes=[d])
+        q.set_due(qid, 0, time.time())      # (as if the wait had passed)
+        q.push(qid, time.time())
+        shard.window.unpause()
+    assert len(q) == 1
+    shard.expire_waiting()
+    assert shard.notice_work == [qid]
+    shard.batch()
+    assert shard.notice_work == []
+    [notice] = [x for x in q.sorted_qids() if x != qid]
+    meta, body = shard.store.read_record(notice)
+    assert meta.sender == "" and meta.rcpts == ["s@example.com"]
+    assert b"Action: delayed" in body and b"Final-Recipient: rfc822; a@x.example" in body
+    assert q.recipient(qid, 0)[:2] == (sch.PENDING, 0)       # no attempt counted
+    assert q.recipient(qid, 0)[3] & RCPT_DELAY_NOTIFIED
+    # once: looked at again (filed then), nothing more goes
+    q.set_deadline(qid, time.time() - 10.0)
+    shard.expire_waiting()
+    shard.batch()
+    assert len(q) == 2
+
+
+def test_a_batch_that_could_not_be_written_keeps_its_messages_delay_notice_look(tmp_path):
+    # A write error leaves a batch's outcomes unrecorded and their messages filed again
+    # for the expiry sweep: at their delay notice's time still, not only at the deadline
+    # (then a recipient never deferred again would get no notice by time in queue).
+    shard = make_shard(tmp_path, delay_warning_time=30.0, max_age=3600.0)
+    qid = queue(shard, ["a@x.example"])
+    start = shard.store.index.info(qid)[5]
+    shard.dispatch()
+    [(d, job)] = sent(shard)
+    shard.links.outcomes[d].append(bus.DeliveryOutcome(req=job.req, qid=qid, results=[
+        bus.Result(0, bus.DEFERRED, 451, "4.3.0", "later", "mx.x.example", "127.0.0.2")]))
+
+    def failing(*args, **kw):
+        raise OSError(5, "Input/output error")
+
+    shard.store.write = failing
+    shard.batch(outcomes=[d])
+    assert not shard.healthy
+    assert qid in shard.store.index.passed(start + 30.0 + 3.6 + 0.1)
+
+
 def test_requeued_floor_and_age(tmp_path):
     shard = make_shard(tmp_path, max_age=60.0)
     qid = queue(shard, ["a@x.example"])

@@ -551,6 +551,75 @@ def test_no_delay_notice_before_the_warning_time_or_when_off():
         assert plan.bounces == [] and len(plan.updates["Q1"][0]) == 4
 
 
+def test_a_recipient_waiting_untried_gets_its_delay_notice_by_time_in_queue():
+    """The expiry sweep's look (Plan.remind) names in a delay notice every recipient still
+    pending past delay_warning_time and not named yet, whether it was deferred (its reply
+    quoted) or never tried (held by a suspension, handed back: our own words); the flag
+    is written for each, NOTIFY obeyed; a second look names no one again."""
+    import email
+    from mta.store import RCPT_DELAY_NOTIFIED
+    e = dsn_entry("Q1", ["a@x.test", "b@x.test", "c@x.test", "d@x.test"],
+                  ["", "FAILURE", "", ""])
+    pol = policy()
+    pol.delay_warning = 30.0            # ARRIVAL is NOW - 60: past it
+    q = Queue(e)
+    q.index.set_last("Q1", 2, (451, "4.2.0", "mailbox busy", "mx.x.test", "127.0.0.2",
+                               "21", "soft", int(NOW - 20)))
+    q.set("Q1", 2, attempts=1)
+    q.set("Q1", 3, state=sch.DELIVERED)
+    qids = iter(["N1", "N2"])
+    plan = plan_of(q, pol, lambda: next(qids))
+    plan.remind("Q1", NOW)
+    plan.finish(NOW)
+    [(meta, data)] = plan.bounces
+    assert meta.rcpts == [SENDER]
+    per_msg, a, c = email.message_from_bytes(data).get_payload()[1].get_payload()
+    assert (a["Final-Recipient"], a["Action"], a["Status"]) == \
+        ("rfc822; a@x.test", "delayed", "4.0.0")
+    assert a["Last-Attempt-Date"] is None and a["Will-Retry-Until"]
+    assert (c["Final-Recipient"], c["Status"]) == ("rfc822; c@x.test", "4.2.0")
+    assert c["Diagnostic-Code"] == "smtp; 451 4.2.0 mailbox busy" and c["Last-Attempt-Date"]
+    ups = plan.updates["Q1"]
+    assert [(u[0], u[1], u[2], u[4]) for u in ups] == \
+        [(0, sch.PENDING, 0, RCPT_DELAY_NOTIFIED), (1, sch.PENDING, 0, RCPT_DELAY_NOTIFIED),
+         (2, sch.PENDING, 1, RCPT_DELAY_NOTIFIED)]      # b too (NOTIFY=FAILURE: decided)
+    assert plan.reschedule == [] and plan.events == []  # (nothing else changes)
+    q.index.apply("Q1", ups)
+    plan = plan_of(q, pol, lambda: next(qids))
+    plan.remind("Q1", NOW + 100)
+    plan.finish(NOW + 100)
+    assert plan.bounces == [] and plan.updates == {}    # once
+    assert plan.look == {"Q1": ARRIVAL + 3600.0}        # (next: at its deadline)
+
+
+def test_a_look_for_delay_notices_leaves_this_batchs_outcomes_and_keeps_the_interval():
+    e = entry("Q1", ["a@x.test", "b@x.test", "c@x.test"])
+    pol = policy()
+    pol.delay_warning = 30.0            # ARRIVAL is NOW - 60: past it
+    # not yet (a message 20 s old): looked at again at its warning time
+    q = Queue(MessageMeta("Q2", SENDER, ["a@x.test"], NOW - 20, {}, ""))
+    plan = plan_of(q, pol, lambda: "N0")
+    plan.remind("Q2", NOW)
+    assert plan.updates == {} and plan.look == {"Q2": NOW + 10}
+    # a notice went 10 s ago: none now, looked at again when the interval is over
+    q = Queue(e)
+    plan = Plan(q.index, q.metas.__getitem__, pol, lambda qid: ORIGINAL, lambda: "N1", HOST,
+                noticed={"Q1": NOW - 10})
+    plan.remind("Q1", NOW)
+    plan.finish(NOW)
+    assert plan.bounces == [] and plan.updates == {} and plan.look == {"Q1": NOW + 20}
+    # in the same batch: a delivered, b REQUEUED, c deferred (its own notice): one
+    # notice naming b and c
+    plan = plan_of(q, pol, lambda: "N2")
+    plan.outcome("Q1", [result(0, bus.DELIVERED, 250), result(1, bus.REQUEUED, 0),
+                        result(2, bus.DEFERRED, 451, "4.2.0", "later")], NOW, retry_after=5)
+    plan.remind("Q1", NOW)
+    plan.finish(NOW)
+    [(_, data)] = plan.bounces
+    assert re.findall(rb"Final-Recipient: rfc822; (\S+)", data) == [b"c@x.test", b"b@x.test"]
+    assert sorted(u[0] for u in plan.updates["Q1"]) == [0, 1, 2]   # each once
+
+
 def fired(action: str, name: str = "gmail-rate", until: float = 0.0) -> bus.FiredRule:
     return bus.FiredRule(name, "", action, "source_site", "421 4.7.28 unusual rate", "rcpt",
                          until)
