@@ -406,8 +406,8 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         msgspec.field(default_factory=lambda: [60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0,
                                                14400.0])
     retry_jitter: Annotated[float, _doc(
-        "random spread added to each retry delay (and a response rule's defer delay), as a "
-        "fraction of it", ge=0, le=1)] = 0.1
+        "random spread added to each retry delay (and a response rule's defer delay, and the "
+        "wait of mail delivery handed back untried), as a fraction of it", ge=0, le=1)] = 0.1
     max_age: Annotated[float, _doc(
         "seconds a message may stay queued before its undelivered recipients expire "
         "and bounce (5 days); takes effect at the next start", ge=1)] = 5 * 86400.0

@@ -20,7 +20,8 @@ least once -- finds it no longer pending and is ignored):
   deadline (that last attempt, or one dispatched just before);
 - ``requeued`` (delivery could not attempt it: no source of its pool may send
   now, or the site's queue is full) -> due again after the outcome's
-  ``retry_after`` (REQUEUE_MIN..REQUEUE_MAX seconds), in memory only
+  ``retry_after`` (REQUEUE_MIN..REQUEUE_MAX seconds) plus up to ``retry_jitter``
+  of it (one due time for the job's recipients), in memory only
   (:attr:`Plan.requeues`): no attempt counted, no record, no event.  Only a
   recipient already past ``max_age`` expires; one that is not yet is never
   expired early because of the wait (the age check wherever it waits takes it
@@ -230,14 +231,19 @@ class Plan:
                              outbound_tls)
         policy = self.policy
         start = info[_START]
+        requeue_due = 0.0
         for r in results:
             idx = r.index
             if not 0 <= idx < len(st) or st[idx] != sch.PENDING:
                 continue  # a repeated outcome (at-least-once): the first one counts
             if r.outcome == REQUEUED:
                 if not policy.expired(start, now):
-                    wait = min(max(retry_after, REQUEUE_MIN), REQUEUE_MAX)
-                    self.requeues.setdefault(qid, []).append((idx, now + wait))
+                    if not requeue_due:
+                        # spread by the retry jitter, as a deferral is (never before the
+                        # wait asked for); one due time for the job: one transaction again
+                        requeue_due = now + policy.spread(
+                            min(max(retry_after, REQUEUE_MIN), REQUEUE_MAX))
+                    self.requeues.setdefault(qid, []).append((idx, requeue_due))
                     continue
                 self.expire(qid, [idx], now)   # past max_age already: not tried again
                 continue

@@ -30,9 +30,10 @@ a domain's jobs to its home process until ``delivery.spread_threshold`` are
 out there, then spread (:mod:`mta.spool.dispatch`).  A job carries the
 message's egress pool (``params["ip_pool"]``, else "default") and priority.
 A REQUEUED outcome (delivery could not attempt it) makes the recipients due
-again after its ``retry_after``, with no attempt counted and no event, and,
-when it names no source (none of the pool's may send to the site), the other
-messages of its domain and pool wait until then as well (``Window.pause``).  The
+again after its ``retry_after`` (spread by ``delivery.retry_jitter``), with no
+attempt counted and no event, and, when it names no source (none of the pool's
+may send to the site), the other messages of its domain and pool wait until
+then as well (``Window.pause``; each spread likewise).  The
 operator's flush (``mta queue flush``) goes to every delivery process too
 (DELIVERY_QUEUE_FLUSH, ahead of the jobs it makes due: their dead-site holds end).  A job whose outcome never comes back
 is dispatched again: at once when its delivery process disconnects (it died;
@@ -930,7 +931,9 @@ class Shard:
                 # delivery REQUEUED a job of this domain and pool a moment ago: these
                 # wait too, as it would have requeued them (in memory, no attempt)
                 for domain in [d for d in groups if w.paused_until(d, pool, now)]:
-                    until = w.paused[(domain, pool)]
+                    # (spread by the retry jitter as a requeue is: a suspended site's
+                    # backlog is not all due again in the second its pause ends)
+                    until = now + self.policy.spread(w.paused[(domain, pool)] - now)
                     for i in groups.pop(domain):
                         q.set_due(qid, i, until)
                         self.requeued += 1

@@ -289,3 +289,32 @@ def test_a_message_deleted_while_its_delivery_is_out_ends_with_that_delivery(lab
     got = sorted((e["rcpt_to"], e["type"], e.get("bounce_class")) for e in ends)
     assert got == [("r@slow.test", "delivery", None), ("w@later.test", "bounce", "25")], ends
     d.wait_log(r"deleted by operator: " + qid, timeout=5)
+
+
+def test_mail_handed_back_by_a_suspended_source_is_due_again_spread_not_in_lockstep(lab):
+    """Every source of the pool suspended: delivery hands each job back (REQUEUED, no
+    source) and the spool holds the domain's other mail until the wait ends.  Their
+    due times are spread by delivery.retry_jitter, as a deferral's are -- not all in
+    the one second the wait ends (a site's whole backlog at once, at every repeat) --
+    and none before the wait delivery asked for (here the spool's ceiling, an hour)."""
+    ip = IPS[0]
+    sink = lab.aio(ip)
+    lab.serve(mx("free.test", "mx.free.test", ip))
+    d = lab.daemon(shards=1, retry_jitter=0.1)
+    cli_json(d, "suspend", "--source", "default", "--reason", "ip listed")
+    t0 = time.time()
+    qids = [d.send("a@sender.test", [f"r{i}@free.test"], message(f"m{i}")) for i in range(30)]
+
+    def dues():
+        got = {}
+        for qid in qids:        # (GET /api/admin/messages/QID: each recipient's next try)
+            st, _, body = admin_call(d, "GET", f"/api/admin/messages/{qid}")
+            assert st == 200, body
+            got[qid] = body["recipients"][0]["next_attempt"]
+        return got if all(t and t > t0 + 60 for t in got.values()) else None
+    got = wait_until(dues, 30, "every message handed back or held", interval=0.5)
+    assert sorted(got) == sorted(qids)
+    t1 = time.time()
+    assert all(t0 + 3600.0 <= t <= t1 + 3600.0 * 1.1 for t in got.values()), got
+    assert len({round(t) for t in got.values()}) >= 15, sorted(got.values())
+    assert sink.deliveries() == []

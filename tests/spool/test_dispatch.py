@@ -355,7 +355,7 @@ def requeue_outcome(shard, job, retry_after, source="ip-1"):
 
 
 def test_requeued_recipients_wait_retry_after_without_an_attempt(tmp_path):
-    shard = make_shard(tmp_path)
+    shard = make_shard(tmp_path, retry_jitter=0.0)     # (the spread: a test of its own)
     qid = queue(shard, ["a@x.example", "b@x.example"])
     shard.dispatch()
     [(d, job)] = sent(shard)
@@ -467,7 +467,7 @@ def test_a_requeued_domain_waits_as_a_whole_instead_of_cycling_its_backlog(tmp_p
     # only to come back REQUEUED too: the domain's whole backlog went through delivery
     # once per suspension.  The answer holds for every message of that domain and pool
     # until the wait ends: they wait in the spool, requeued as delivery would have.
-    shard = make_shard(tmp_path, max_in_flight_per_domain=3)
+    shard = make_shard(tmp_path, max_in_flight_per_domain=3, retry_jitter=0.0)
     other_pool = queue(shard, ["p@x.example"], pool="mkt")
     qids = [queue(shard, [f"r{i}@x.example"]) for i in range(6)]
     other_domain = queue(shard, ["o@y.example"])
@@ -493,6 +493,33 @@ def test_a_requeued_domain_waits_as_a_whole_instead_of_cycling_its_backlog(tmp_p
     shard.query(b"cli", bus.SpoolQueueFlush(1, True))
     shard.dispatch()
     assert len(sent(shard)) == 2                 # (the domain's cap: mkt's job is out)
+
+
+def test_messages_held_by_a_domains_pause_are_due_again_spread_not_all_at_its_end(tmp_path):
+    # A pause (delivery REQUEUED a job naming no source) holds every message of the
+    # domain and pool until it ends; they were all made due at its very end, so a
+    # suspended site's backlog came due in the same second, in lockstep at every
+    # repeat.  Each is due at the end plus up to retry_jitter of its wait, never before.
+    shard = make_shard(tmp_path, retry_jitter=0.1)
+    first = queue(shard, ["r@x.example"])
+    shard.dispatch()
+    [(d, job)] = sent(shard)
+    shard.links.outcomes[d].append(requeue_outcome(shard, job, 600.0, source=""))
+    shard.batch(outcomes=[0])
+    until = shard.window.paused[("x.example", "default")]
+    t0 = time.time()
+    qids = [queue(shard, [f"r{i}@x.example", f"s{i}@x.example"]) for i in range(100)]
+    shard.dispatch()
+    assert sent(shard) == []
+    q = shard.store.index
+    dues = []
+    for qid in qids:
+        _, attempts, due, _ = q.progress(qid)
+        assert attempts == [0, 0] and due[0] == due[1], qid     # (one job again)
+        assert until <= due[0] <= until + 0.1 * (until - t0) + 0.01, qid
+        dues.append(due[0])
+    assert len({round(x) for x in dues}) >= 20
+    assert until <= q.progress(first)[2][0] <= until + 60.0       # (the job's own)
 
 
 def test_a_requeue_for_one_sources_warmup_cap_holds_back_that_job_alone(tmp_path):

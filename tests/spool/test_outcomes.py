@@ -349,6 +349,28 @@ def test_requeued_waits_at_least_the_floor_and_at_most_the_ceiling():
     assert plan.requeues == {"Q1": [(0, NOW + REQUEUE_MIN), (1, NOW + REQUEUE_MAX)]}
 
 
+def test_requeued_waits_are_spread_by_the_retry_jitter_a_jobs_recipients_together():
+    # 200 jobs handed back in one batch with the same retry_after (a rate limit's wait)
+    # are not all due again in the same second, in lockstep at every repeat: each waits
+    # retry_after plus up to retry_jitter of it (never less: delivery said "not before");
+    # a job's recipients keep one due time (one transaction again, not one each)
+    metas = [entry(f"Q{n:03d}", ["a@example.net", "b@example.net"]) for n in range(200)]
+    entries = Queue(*metas)
+    cfg = SimpleNamespace(retry_schedule=[60, 300], retry_jitter=0.1, time_scale=1.0,
+                          max_age=86400.0)
+    plan = plan_of(entries, sch.RetryPolicy(cfg, random.Random(7)), lambda: "BOUNCE0000")
+    for m in metas:
+        plan.outcome(m.qid, [result(0, bus.REQUEUED, 0), result(1, bus.REQUEUED, 0)], NOW,
+                     retry_after=600.0)
+    plan.finish(NOW)
+    dues = []
+    for m in metas:
+        (_, a), (_, b) = plan.requeues[m.qid]
+        assert a == b and NOW + 600.0 <= a <= NOW + 660.0
+        dues.append(a)
+    assert len({int(d) for d in dues}) >= 30
+
+
 def test_requeued_past_max_age_expires_but_not_before():
     # 60 s old, max_age 100 s, retry_after 3600 s: not expired now (the age
     # check where it waits takes it at its deadline).
