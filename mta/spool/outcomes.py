@@ -232,6 +232,7 @@ class Plan:
         policy = self.policy
         start = info[_START]
         requeue_due = 0.0
+        defer_due: dict[int, float] = {}   # attempts -> due: one draw of the jitter per job
         for r in results:
             idx = r.index
             if not 0 <= idx < len(st) or st[idx] != sch.PENDING:
@@ -274,9 +275,14 @@ class Plan:
                 # greylisting reply); otherwise the retry schedule does -- at the
                 # latest the message's deadline: its last attempt is made then, and a
                 # deferral of that one (or of any past the deadline) expires it
+                # (recipients deferred together are due together -- one transaction
+                # again -- so the jitter is drawn once per job and schedule step)
                 deadline = policy.deadline(start)
-                due = min(now + (policy.spread(min(retry_after, DEFER_MAX)) if retry_after > 0
-                                 else policy.delay(attempts)), deadline)
+                due = defer_due.get(attempts)
+                if due is None:
+                    due = defer_due[attempts] = min(
+                        now + (policy.spread(min(retry_after, DEFER_MAX)) if retry_after > 0
+                               else policy.delay(attempts)), deadline)
                 if now >= deadline:
                     st[idx] = sch.EXPIRED
                     self._update(qid, idx, sch.EXPIRED, attempts, 0.0)

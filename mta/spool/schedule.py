@@ -46,7 +46,8 @@ class RetryPolicy:
 
     def spread(self, delay: float) -> float:
         """*delay* with the jitter added (the schedule's, and a response rule's): the
-        recipients deferred together are not all due again in the same second."""
+        messages deferred together are not all due again in the same second (a job's
+        recipients share one draw: :meth:`mta.spool.outcomes.Plan.outcome`)."""
         return delay * (1.0 + self.jitter * self.rng.random())
 
     def deadline(self, arrival: float) -> float:

@@ -671,19 +671,49 @@ def test_a_rules_defer_delay_replaces_the_retry_schedule_and_is_recorded():
 
 
 def test_a_rules_defer_delay_is_spread_by_the_retry_jitter():
-    # 200 recipients a rule deferred in one batch are not all due in the same second:
+    # 200 messages a rule deferred in one batch are not all due in the same second:
     # each waits the rule's delay plus up to retry_jitter of it (never less)
-    rcpts = [f"r{i}@example.net" for i in range(200)]
-    entries = Queue(entry("Q1", rcpts))
+    metas = [entry(f"Q{i}", [f"r{i}@example.net"]) for i in range(200)]
+    entries = Queue(*metas)
     cfg = SimpleNamespace(retry_schedule=[60, 300], retry_jitter=0.1, time_scale=1.0,
                           max_age=86400.0)
     plan = plan_of(entries, sch.RetryPolicy(cfg, random.Random(7)), lambda: "BOUNCE0000")
-    plan.outcome("Q1", [result(i, bus.DEFERRED, 421, "4.7.0", "slow down")
-                        for i in range(200)], NOW, retry_after=600.0, rule=fired("defer"))
+    for m in metas:
+        plan.outcome(m.qid, [result(0, bus.DEFERRED, 421, "4.7.0", "slow down")], NOW,
+                     retry_after=600.0, rule=fired("defer"))
     plan.finish(NOW)
-    dues = [u[3] for u in plan.updates["Q1"]]
+    dues = [u[3] for ups in plan.updates.values() for u in ups]
+    assert len(dues) == 200
     assert all(NOW + 600.0 <= d <= NOW + 660.0 for d in dues)
     assert len({int(d) for d in dues}) >= 30
+
+
+@pytest.mark.parametrize("retry_after", [0.0, 600.0])
+def test_the_recipients_of_one_job_deferred_together_are_due_together(retry_after):
+    # one transaction refused with 4xx (or a rule's defer) is tried again as one
+    # transaction: a draw of the jitter per recipient split a 20-recipient message into
+    # up to 20 transactions at the next attempt (the queue takes only recipients due)
+    rcpts = [f"r{i}@example.net" for i in range(20)]
+    entries = Queue(entry("Q1", rcpts))
+    cfg = SimpleNamespace(retry_schedule=[600, 1200], retry_jitter=0.1, time_scale=1.0,
+                          max_age=86400.0)
+    plan = plan_of(entries, sch.RetryPolicy(cfg, random.Random(7)), lambda: "BOUNCE0000")
+    plan.outcome("Q1", [result(i, bus.DEFERRED, 451, "4.3.0", "try later")
+                        for i in range(20)], NOW, retry_after=retry_after,
+                 rule=fired("defer") if retry_after else None)
+    plan.finish(NOW)
+    dues = {u[3] for u in plan.updates["Q1"]}
+    assert len(dues) == 1 and NOW + 600.0 <= dues.pop() <= NOW + 660.0
+    # ... and another message of the same batch draws its own
+    entries = Queue(*[entry(f"Q{i}", rcpts[:2]) for i in range(30)])
+    plan = plan_of(entries, sch.RetryPolicy(cfg, random.Random(7)), lambda: "BOUNCE0000")
+    for i in range(30):
+        plan.outcome(f"Q{i}", [result(j, bus.DEFERRED, 451, "4.3.0", "later")
+                                for j in range(2)], NOW, retry_after=retry_after,
+                     rule=fired("defer") if retry_after else None)
+    plan.finish(NOW)
+    assert len({ups[0][3] for ups in plan.updates.values()}) >= 20
+    assert all(ups[0][3] == ups[1][3] for ups in plan.updates.values())
 
 
 def test_a_rule_delay_past_max_age_expires_the_recipient():
