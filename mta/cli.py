@@ -679,7 +679,8 @@ def passwd(user, iterations):
 
 
 def _register_operator_commands():
-    """status, inspect, drain, upgrade and queue summary/inspect (mta/opscli.py)."""
+    """status, inspect, drain, upgrade and queue summary/inspect/suspend/resume/bounce
+    (mta/opscli.py)."""
     from mta.opscli import register
 
     register(main, queue)

@@ -15,6 +15,8 @@ apart from it so the commands that ask the spool directly stay as they were.
     mta bounce --campaign C [...]           bounce every queued recipient matched, with
                                             a progress bar (--dsn: a DSN to each sender)
 
+``suspend``, ``resume`` and ``bounce`` also answer under ``mta queue``, as ``inspect`` does.
+
 They find the admin listener at the first ``[admin] listen`` address (a
 wildcard address is asked on loopback) and send ``MTA_ADMIN_TOKEN``, else the
 first of ``[admin] tokens`` (else of ``read_tokens``), as the bearer token.  Exit status as :mod:`mta.cli`:
@@ -498,14 +500,15 @@ def _suspension_line(x: dict) -> str:
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True),
               help="seconds; default: until 'mta resume'")
 @click.option("--list", "listing", is_flag=True, help="show the suspensions in effect")
-def suspend_cmd(config_path, as_json, domain, campaign, pool, site, source, reason, duration,
-                listing):
+@click.pass_context
+def suspend_cmd(ctx, config_path, as_json, domain, campaign, pool, site, source, reason,
+                duration, listing):
     """Hold back queued and new mail to a domain, of a campaign or pool (in the spool), or
     to a site or from a source (in delivery), until resumed or for --duration seconds.
 
     Durable across restarts.  The fields given must all match; a site or source
     suspension takes no domain, campaign or pool."""
-    cl = _client(config_path)
+    cl = _client(_config(ctx, config_path))
     if listing:
         d = cl.ok("GET", "/api/admin/suspensions")
         if as_json:
@@ -528,9 +531,10 @@ def suspend_cmd(config_path, as_json, domain, campaign, pool, site, source, reas
 @config_option
 @json_option
 @click.argument("sid")
-def resume_cmd(config_path, as_json, sid):
+@click.pass_context
+def resume_cmd(ctx, config_path, as_json, sid):
     """End suspension SID (from 'mta suspend --list')."""
-    d = _client(config_path).ok("DELETE", f"/api/admin/suspensions/{urllib.parse.quote(sid)}")
+    d = _client(_config(ctx, config_path)).ok("DELETE", f"/api/admin/suspensions/{urllib.parse.quote(sid)}")
     click.echo(json.dumps(d) if as_json else f"resumed: {_suspension_line(d['resumed'])}")
 
 
@@ -546,11 +550,12 @@ def resume_cmd(config_path, as_json, sid):
 @click.option("--no-wait", is_flag=True, help="start the bounce and return at once")
 @click.option("--interval", type=click.FloatRange(0.1, 60), default=0.5, show_default=True,
               help="seconds between two progress reports")
-def bounce_cmd(config_path, as_json, domain, site, campaign, pool, reason, dsn, no_wait,
+@click.pass_context
+def bounce_cmd(ctx, config_path, as_json, domain, site, campaign, pool, reason, dsn, no_wait,
                interval):
     """Bounce every queued recipient the fields match (all of them must): a bounce event
     of class 25 (Admin Failure) each, and with --dsn a DSN to the sender."""
-    cl = _client(config_path)
+    cl = _client(_config(ctx, config_path))
     q = _query(domain=domain, site=site, campaign=campaign, pool=pool, reason=reason,
                dsn="1" if dsn else "0")
     d = cl.ok("POST", f"/api/admin/bounce?{q}")
@@ -601,3 +606,6 @@ def register(main, queue) -> None:
     main.add_command(bounce_cmd)
     queue.add_command(summary_cmd)
     queue.add_command(inspect_cmd)
+    queue.add_command(suspend_cmd)
+    queue.add_command(resume_cmd)
+    queue.add_command(bounce_cmd)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 
 from daemon import wait_until
@@ -318,3 +320,26 @@ def test_mail_handed_back_by_a_suspended_source_is_due_again_spread_not_in_locks
     assert all(t0 + 3600.0 <= t <= t1 + 3600.0 * 1.1 for t in got.values()), got
     assert len({round(t) for t in got.values()}) >= 15, sorted(got.values())
     assert sink.deliveries() == []
+
+
+def test_suspend_resume_and_bounce_also_answer_under_mta_queue(make_daemon):
+    """The operator's verbs are also ``mta queue suspend|resume|bounce`` (DESIGN.md's
+    "queue summary/inspect/flush/suspend/resume/bounce"), as ``queue inspect`` is
+    ``inspect``; with the group's own -c (``mta queue -c FILE suspend``) too."""
+    d = make_daemon(acceptors=1, shards=1)
+    qid = d.send("s@src.test", ["r@held.test"], message("held"))
+    r = subprocess.run([sys.executable, "-m", "mta", "queue", "-c", d.config_path, "suspend",
+                        "--domain", "held.test", "--json"], capture_output=True, timeout=60,
+                       env={k: v for k, v in d.env.items() if k != "MTA_CONFIG"}, cwd=d.dir)
+    assert r.returncode == 0, r.stderr.decode()
+    s = json.loads(r.stdout)
+    assert s["domain"] == "held.test", s
+    listed = cli_json(d, "queue", "suspend", "--list")["results"]
+    assert [x["id"] for x in listed] == [s["id"]], listed
+    assert cli_json(d, "queue", "resume", s["id"])["resumed"]["id"] == s["id"]
+    assert cli_json(d, "suspend", "--list")["results"] == []
+    done = cli_json(d, "queue", "bounce", "--domain", "held.test", "--reason", "gone")
+    assert (done["total"], done["done"], done["finished"]) == (1, 1, True), done
+    wait_until(lambda: [(e["type"], e.get("bounce_class")) for e in d.events()
+                        if e["queue_id"] == qid] == [("injection", None), ("bounce", "25")],
+               10, "the bounce event")
