@@ -686,3 +686,20 @@ def test_a_config_webhook_made_active_does_not_send_what_happened_while_inactive
         assert {e["rcpt_to"] for e in r.events()} == {"after@example.net"}
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("sections,key", [
+    ({"webhooks": {"enabled": False}}, "[webhooks] enabled"),
+    ({"events": {"store": False}}, "[events] store"),
+])
+def test_no_webhook_is_taken_when_none_can_be_sent(make_daemon, rec, sections, key):
+    """With the webhooks process off, or no events store for it to read, a webhook made
+    through the API would get 200 and never a batch: the API answers 404 naming the key,
+    as the events API does without its store, and the receiver is not even tested."""
+    d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]}, **sections)
+    before = len(rec.hits)
+    for method, path, body in (("POST", "/api/v1/webhooks", _new(rec)),
+                               ("GET", "/api/v1/webhooks", None)):
+        st, got = call(d, method, path, body)
+        assert st == 404 and key in got["errors"][0]["description"], (method, st, got)
+    assert len(rec.hits) == before
