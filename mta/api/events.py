@@ -75,6 +75,8 @@ FIELDS = {
     "sending_ip": ("Address the message left from", "127.0.0.1"),
     "ip_address": ("Address of the receiving mail server", "127.0.0.2"),
     "injection_time": ("When the message was accepted", "2016-04-18T14:25:07.000Z"),
+    "scheduled_time": ("Unix time the message was scheduled for (options.start_time); "
+                       "only on a scheduled message's events", "1460989507"),
     "queue_time": ("Milliseconds from injection to this attempt", "12"),
     "num_retries": ("Failed attempts before this one", "0"),
     "delv_method": ("How the message was delivered", "esmtp"),
@@ -96,7 +98,7 @@ _COMMON = ("type", "event_id", "timestamp", "transmission_id", "campaign_id", "t
            "recipient_domain", "rcpt_meta", "rcpt_tags", "friendly_from", "ip_pool",
            "sending_ip", "transactional")
 _MSG = ("message_id", "injection_time", "msg_from", "msg_size", "subject", "routing_domain",
-        "recv_method")
+        "scheduled_time", "recv_method")
 _ATTEMPT = ("delv_method", "ip_address", "num_retries", "queue_time")
 _FAILURE = ("bounce_class", "error_code", "raw_reason", "reason")
 TYPES = {
@@ -108,10 +110,10 @@ TYPES = {
     "spam_complaint": _COMMON + _MSG + ("fbtype", "report_by", "report_to"),
     "policy_rejection": _COMMON + ("message_id", "injection_time", "msg_from", "recv_method",
                                    "remote_addr") + _FAILURE,
-    "generation_failure": _COMMON + ("routing_domain", "recv_method", "error_code",
-                                     "raw_reason", "reason"),
-    "generation_rejection": _COMMON + ("routing_domain", "recv_method", "subject")
-    + _FAILURE,
+    "generation_failure": _COMMON + ("routing_domain", "scheduled_time", "recv_method",
+                                     "error_code", "raw_reason", "reason"),
+    "generation_rejection": _COMMON + ("routing_domain", "scheduled_time", "recv_method",
+                                       "subject") + _FAILURE,
 }
 # Types a filter may name: the message events above and SparkPost's others.
 EVENT_TYPES = frozenset(TYPES) | frozenset((

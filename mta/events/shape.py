@@ -236,6 +236,8 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
         out["subject"] = internal["subject"]
     if "size" in internal:
         out["msg_size"] = str(int(internal["size"]))
+    if internal.get("start_at"):
+        out["scheduled_time"] = str(int(internal["start_at"]))   # options.start_time
     mid = internal.get("message_id")
     if mid:
         out["message_id_header"] = mid

@@ -45,7 +45,7 @@ CARRIED = ("message_id", "transmission_id", "campaign_id", "template_id", "rcpt_
            "rcpt_tags", "friendly_from", "msg_from", "subject", "msg_size", "ip_pool",
            "sending_ip", "injection_time", "transactional", "recv_method", "queue_id",
            "message_id_header", "routing_domain", "recipient_domain", "egress_source", "site",
-           "ip_address", "num_retries")
+           "ip_address", "num_retries", "scheduled_time")
 SPAM_SOURCE = sup.SPAM_COMPLAINT
 BOUNCE_SOURCE = sup.BOUNCE_RULE
 VERP_SEPARATOR = "+"

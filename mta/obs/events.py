@@ -85,10 +85,11 @@ MAX_SUBJECT = 256               # characters of a Subject kept for the events
 MAX_FRIENDLY_FROM = 320         # characters of a From address kept for the events
 
 # Injection attributes (SparkPost's campaign_id, metadata, tags; X-MSYS-API on
-# SMTP; the HTTP API's transmission id; the From address and Subject above)
-# stored in a message's params and repeated in each of its events.
+# SMTP; the HTTP API's transmission id and options.start_time as start_at, epoch
+# seconds, when it was ahead; the From address and Subject above) stored in a
+# message's params and repeated in each of its events.
 CARRIED = ("campaign_id", "metadata", "tags", "ip_pool", "transactional", "transmission_id",
-           FRIENDLY_FROM, SUBJECT)
+           FRIENDLY_FROM, SUBJECT, "start_at")
 _CARRIED_KEYS = frozenset(CARRIED)
 
 _dumps = orjson.dumps

@@ -126,3 +126,17 @@ def test_start_time_holds_the_message_until_then_across_kill9(lab):
                              and e["type"] == "delivery"], 10, "the delivery event")
     assert len(ev) == 1 and float(ev[0]["event_time"]) >= start and \
         ev[0]["num_retries"] == "0"
+
+
+def test_a_scheduled_message_s_events_carry_scheduled_time(make_daemon):
+    """SparkPost's events of a message sent with options.start_time carry
+    ``scheduled_time`` (Unix seconds, a string, like every number of theirs); one sent
+    at once has none.  The acceptor kept start_time in the message's params "for
+    events", and no event said it."""
+    d = make_daemon(acceptors=1, shards=1)
+    start = int(time.time()) + 3600
+    assert d.post(tx("later@dest.example", start_time=iso(start)))[0] == 200
+    assert d.post(tx("now@dest.example"))[0] == 200
+    later, now = reception(d, "later@dest.example"), reception(d, "now@dest.example")
+    assert later.get("scheduled_time") == str(start), later
+    assert "scheduled_time" not in now, now
