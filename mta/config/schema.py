@@ -658,7 +658,7 @@ class FeedbackConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_report_size: Annotated[int, _doc(
         "octets of a report to a bounce domain that are parsed; the rest (in a DSN or ARF "
         "report, the returned message after its header) is not read.  A report comes from "
-        "anyone, and parsing costs CPU by the octet (about 0.3 s per MiB of crafted "
+        "anyone, and parsing costs CPU by the octet (up to about 1 s per MiB of crafted "
         "MIME)", ge=64 * KiB, le=10 * MiB)] = 1 * MiB
     report_readers: Annotated[int, _doc(
         "reports parsed at once per acceptor, each in a worker thread beside the "

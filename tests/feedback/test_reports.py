@@ -226,6 +226,30 @@ def test_sizes_are_bounded():
     assert len(r.recipients[0].diagnostic) <= reports.MAX_FIELD
 
 
+def test_a_crafted_content_type_costs_no_more_than_its_size():
+    """A Content-Type of thousands of parameters, or of one unclosed quote before
+    thousands of ';', folded into short lines: the email package reads its parameters
+    in time quadratic in its length (a 100 kB one took ~10 s, 1 MiB a quarter of an
+    hour of a report reader); only MAX_FIELD characters of a field are read."""
+    import time
+    dsn = ("--Q\nContent-Type: message/delivery-status\n\n"
+           "Final-Recipient: rfc822; a@r.test\nAction: failed\nStatus: 5.1.1\n\n--Q--\n")
+    for params in (";\n a=b" * 15_000, '; a="' + (";\n " + ";" * 76) * 1300):
+        data = msg("MIME-Version: 1.0\nContent-Type: multipart/report; "
+                   f"report-type=delivery-status; boundary=Q{params}\n\n{dsn}")
+        took = time.process_time()
+        reports.parse(data)
+        assert time.process_time() - took < 1.0, len(data)
+    # A part's own header, inside the report, likewise.
+    data = msg("MIME-Version: 1.0\nContent-Type: multipart/report; "
+               "report-type=delivery-status; boundary=Q\n\n--Q\n"
+               'Content-Type: multipart/mixed; boundary=R; a="' + (";\n " + ";" * 76) * 1300
+               + f"\n\n--R--\n{dsn}")
+    took = time.process_time()
+    reports.parse(data)
+    assert time.process_time() - took < 1.0
+
+
 def _mutations():
     from hypothesis import given, settings
     from hypothesis import strategies as st

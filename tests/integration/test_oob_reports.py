@@ -365,7 +365,7 @@ def test_verp_needs_a_bounce_domain(tmp_path):
 
 def crafted_report(parts: int) -> bytes:
     """A DSN whose returned message is *parts* tiny MIME parts: parsing it costs CPU by
-    the octet (about 0.3 s per MiB), which a report from anyone must not be free to do."""
+    the octet (up to about 1 s per MiB), which a report from anyone must not be free to do."""
     inner = b"--C\r\nContent-Type: text/plain\r\n\r\ny\r\n" * parts
     return dsn("crafted@sender.example.org", "x@example.com", "5.1.1",
                "550 5.1.1 unknown").replace(
