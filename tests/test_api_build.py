@@ -598,6 +598,32 @@ def test_rfc822_8bit_and_line_ends():
     assert m.message.count(b"To:") == 1
 
 
+def test_rfc822_crafted_content_types_cost_no_more_than_their_size():
+    """The Content-Type fields of email_rfc822 are read (for the text parts to substitute
+    into) on the acceptor's event loop, by the email package, in time quadratic in a
+    field's length: one folded field of ';' after an unclosed quote (100 kB: ~4 s), or
+    thousands of parts of one long field each, held every other client of the acceptor.
+    Only one line's worth of a field and MAX_PARTS parts are read; the message is built
+    as sent."""
+    subs = [{"address": "r@example.net", "substitution_data": {"x": "Y"}}]
+    head = "From: a@example.com\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+    text = "--abc\r\nContent-Type: text/plain\r\n\r\nhi {{x}}\r\n"
+    crafted = 'multipart/mixed; boundary=abc; a="' + (";\r\n " + ";" * 76) * 1300
+    one_line = 'multipart/mixed; boundary=abc; a="' + ";" * 900
+    for body in (head + f"Content-Type: {crafted}\r\n\r\n{text}--abc--\r\n",
+                 head + "Content-Type: multipart/mixed; boundary=abc\r\n\r\n"
+                 + f"--abc\r\nContent-Type: {one_line}\r\n\r\n\r\n" * 5000
+                 + f"{text}--abc--\r\n"):
+        took = time.process_time()
+        m = one(tx(email_rfc822=body, subject=None, text=None, from_=None, recipients=subs))
+        assert time.process_time() - took < 1.0, len(body)
+        assert m.message.endswith(b"\r\n--abc--\r\n")
+    # Within the bounds the text part is still found.
+    m = one(tx(email_rfc822=head + "Content-Type: multipart/mixed; boundary=abc\r\n\r\n"
+               + f"{text}--abc--\r\n", subject=None, text=None, from_=None, recipients=subs))
+    assert b"hi Y" in m.message
+
+
 def test_rfc822_rfc2231_boundary_parameter_is_read_not_a_crash():
     """``boundary*=''abc`` (RFC 2231) is a tuple to the email package: the text parts under
     it are substituted like those of ``boundary="abc"``; a boundary that is not ASCII

@@ -94,6 +94,8 @@ MAX_TYPE = 900            # characters of an attachment's type with its paramete
 # the parts of email_rfc822 substituted in (the first of each type, as SparkPost)
 _RFC822_TEXT = ("text/plain", "text/html", "text/x-amp-html")
 MAX_NESTING = 8           # multipart levels searched for text parts of email_rfc822
+MAX_PARTS = 256           # parts of email_rfc822 looked at for them (on the event loop:
+                          # reading a Content-Type costs up to ~0.7 ms, see _content_type)
 TEMPLATE_CACHE = 512      # compiled templates kept for reuse (then the cache starts over)
 TEMPLATE_CACHE_TEXT = 64 * 1024   # longest text whose compiled form is kept
 
@@ -919,7 +921,7 @@ class Builder:
             head = data[:body_start].decode("utf-8", "surrogateescape")
             pieces.append(("head", _unblocked("content.email_rfc822", Template(head))))
             found: dict = {}
-            _text_ranges(data, 0, len(data), 0, found)
+            _text_ranges(data, 0, len(data), 0, found, [MAX_PARTS])
             pos = body_start
             for start, end, subtype in sorted(found.values()):
                 pieces.append(data[pos:start])
@@ -1136,7 +1138,9 @@ def _content_type(entity: bytes) -> tuple[str, str | None, str]:
     m = Message()
     ct = mime.find_header(entity, b"Content-Type")
     if ct is not None:
-        m["Content-Type"] = ct.decode("latin-1")
+        # Only a line's worth: the email package reads parameters in time quadratic in
+        # the field's length (a folded field of ';' after an open quote: minutes per MiB).
+        m["Content-Type"] = ct[:MAX_LINE].decode("latin-1")
     cte = mime.find_header(entity, b"Content-Transfer-Encoding")
     boundary = m.get_param("boundary")
     if isinstance(boundary, tuple):     # RFC 2231 (boundary*=...): (charset, language, text)
@@ -1147,13 +1151,17 @@ def _content_type(entity: bytes) -> tuple[str, str | None, str]:
             (cte or b"7bit").decode("latin-1").strip().lower())
 
 
-def _text_ranges(data: bytes, start: int, end: int, depth: int, found: dict) -> None:
+def _text_ranges(data: bytes, start: int, end: int, depth: int, found: dict,
+                 left: list[int]) -> None:
     """Record in *found* the body ranges of the first text/plain, text/html and
-    text/x-amp-html parts.
+    text/x-amp-html parts, of the first *left[0]* parts (counted down).
 
     Only parts without a transfer encoding (7bit, 8bit, binary) are taken:
     substituting into quoted-printable or base64 text would need decoding.
     """
+    if left[0] <= 0:
+        return
+    left[0] -= 1
     entity = data[start:end]
     hdr_end, body_off = mime.split_message(entity)
     ctype, boundary, cte = _content_type(entity[:hdr_end])
@@ -1175,7 +1183,10 @@ def _text_ranges(data: bytes, start: int, end: int, depth: int, found: dict) -> 
             nxt = body.find(b"\r\n" + delim, line_end)
             if nxt < 0:
                 return
-            _text_ranges(data, body_start + line_end + 2, body_start + nxt, depth + 1, found)
+            _text_ranges(data, body_start + line_end + 2, body_start + nxt, depth + 1, found,
+                         left)
+            if left[0] <= 0:
+                return
             pos = nxt + 2
     elif ctype in _RFC822_TEXT and cte in ("7bit", "8bit", "binary"):
         sub = ctype[5:]
