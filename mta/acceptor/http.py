@@ -11,7 +11,9 @@ read ahead, then reading pauses).  ``Expect: 100-continue`` is answered when
 the request is next in line, its announced size is acceptable and its API key
 is accepted -- otherwise that refusal is the answer, with its body unread and the
 connection closed (never to an HTTP/1.0 request: 1.0 clients know no interim
-responses).  A transfer coding other than ``chunked`` is a 501, and the
+responses).  Without the expectation too, a request with a body whose API key
+is refused gets that answer once its header is in, its body unread, and the
+connection closes: only a caller with a key has its body held.  A transfer coding other than ``chunked`` is a 501, and the
 connection closes (RFC 9112 6.1).
 
 Limits, each answered with a SparkPost-shaped JSON error, after which the
@@ -579,6 +581,12 @@ class Session(asyncio.Protocol):
                 self.transport.write(CONTINUE)
             else:
                 self.expect_continue = True
+        elif b"transfer-encoding" in h or (length is not None and length.strip() != b"0"):
+            # A body is read and held only for a caller the key will let in: anyone who
+            # can connect could otherwise make every connection hold http.max_body_size.
+            err = self._refusal(h, self._grant())
+            if err is not None:
+                raise _Reject(err)
 
     def _grant(self) -> str:
         """The grant (http.key_grants) the request being read needs."""

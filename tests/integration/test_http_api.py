@@ -1138,6 +1138,39 @@ def test_no_100_continue_to_a_client_whose_key_is_refused(api):
     # a good key still gets its 100 (test_keepalive_pipelining_expect_continue_http10)
 
 
+def test_a_body_is_not_read_for_a_client_whose_key_is_refused(api):
+    """A request with a body and a wrong or missing API key gets its 401 as soon as its
+    header is in, and the connection is closed, its body never read -- not only with
+    Expect: 100-continue.  The acceptor read and held the whole body first (up to
+    http.max_body_size, 20 MiB by default) from anyone who could connect, on each of
+    http.max_connections connections (40 GiB), before it looked at the key; with a
+    slow body, it answered nothing but 408 after http.request_timeout."""
+    d = api
+    for auth, extra in (({"Authorization": "not-the-key"}, {}), ({"Authorization": ""}, {}),
+                        ({"Authorization": "not-the-key"}, {"Transfer-Encoding": "chunked"})):
+        with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+            f = s.makefile("rb")
+            head = request_bytes(b"", {**auth, **extra}).replace(
+                b"Content-Length: 0\r\n", b"" if extra else b"Content-Length: 2000000\r\n")
+            t0 = time.monotonic()
+            s.sendall(head + b"{" * 1000)
+            s.settimeout(1.5)       # (http.request_timeout 2: a 408 comes after it)
+            st, h, raw = read_response(f)
+            assert st == 401, raw
+            assert time.monotonic() - t0 < 1.5
+            assert h["connection"] == "close" and closed(s)
+    # A good key's request is read and served; one without a body is answered as before.
+    good = json.dumps(simple(["bodykey@example.net"])).encode()
+    with socket.create_connection((HOST, d.http_port), timeout=10) as s:
+        f = s.makefile("rb")
+        s.sendall(request_bytes(good))
+        assert read_response(f)[0] == 200
+        s.sendall(request_bytes(b"", {"Authorization": "x"}, method="GET",
+                                path="/api/v1/nothing-here").replace(
+                                    b"Content-Length: 0\r\n", b""))
+        assert read_response(f)[0] in (401, 404)
+
+
 def test_without_keys_a_browser_page_rebound_to_loopback_is_refused(make_daemon):
     """Without http.api_keys loopback clients are served.  A page of the attacker's whose
     name was rebound to 127.0.0.1 (DNS rebinding) is same-origin with the API in the
