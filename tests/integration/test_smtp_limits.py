@@ -414,6 +414,50 @@ def test_bdat_three_chunks_stored_byte_exact(mta):
     assert rest.split(b"\r\n", 1)[1] == b"".join(chunks)
 
 
+def test_bdat_in_tiny_chunks_takes_the_memory_of_its_octets(make_daemon):
+    """smtp.max_message_size bounds the memory a message takes while it is received.
+    Each BDAT chunk was kept as its own bytes object until LAST: in 2-octet chunks a
+    message took over 20 times its size (2 MB: 45 MB of the acceptor; one of the
+    50 MiB max_message_size, a GB, on every connection).  Now about its octets, and
+    the message is stored byte-exact."""
+    d = make_daemon(acceptors=1, shards=1)
+    [pid] = [p for t, p in d.children().items() if t.startswith("acceptor")]
+
+    def rss_kib():
+        with open(f"/proc/{pid}/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+    msg = b"From: s@example.com\r\nSubject: tiny\r\n\r\n" + (b"x" * 98 + b"\r\n") * 20_000
+    replies = bytearray()
+    with socket.create_connection((HOST, d.port), timeout=30) as s:
+        def drain():
+            while True:
+                got = s.recv(1 << 20)
+                if not got:
+                    return
+                replies.extend(got)
+                if b" queued as " in replies[-200:]:
+                    return
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        before = rss_kib()
+        s.sendall(b"EHLO client.test\r\nMAIL FROM:<tiny@example.com>\r\n"
+                  b"RCPT TO:<r@example.net>\r\n")
+        s.sendall(b"".join(b"BDAT 2\r\n" + msg[i:i + 2] for i in range(0, len(msg) - 2, 2)))
+        deadline = time.monotonic() + 60
+        while replies.count(chunk_ok(2)) < len(msg) // 2 - 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        grown = rss_kib() - before
+        assert grown < 16 * 1024, f"the acceptor grew by {grown} KiB for a message of " \
+                                  f"{len(msg)} octets"
+        s.sendall(b"BDAT 2 LAST\r\n" + msg[-2:])
+        reader.join(30)
+    last = bytes(replies).split(b"\r\n")[-2] + b"\r\n"
+    qid = queued_id(last)
+    raw = d.cli("queue", "show", "--raw", qid).stdout
+    assert raw.split(b";\r\n\t", 1)[1].split(b"\r\n", 1)[1] == msg
+
+
 def test_bdat_out_of_sequence_consumes_the_chunk(mta):
     with mta.connect() as c:
         # Before EHLO: the chunk (which looks like a QUIT) is read and refused.
