@@ -348,6 +348,8 @@ _SHA256 = hashes.SHA256()
 _b2a = binascii.b2a_base64
 _sha256 = hashlib.sha256
 _H_CACHE_MAX = 512  # distinct h= lists remembered (folded text)
+_H_CACHE_NAMES = 64  # of at most this many names (a long one, of a message of many
+                     # repeated fields, costs ~65 octets a name: folded each time instead)
 
 
 def _fold_h(names, eol):
@@ -497,12 +499,15 @@ class Signer:
             # the signature says there was none); an empty h= was malformed
             names.append(b"from")
         names = tuple(names)
-        ck = (names, eol)
-        h_text = self._h_cache.get(ck)
-        if h_text is None:
-            if len(self._h_cache) >= _H_CACHE_MAX:
-                self._h_cache.clear()
-            h_text = self._h_cache[ck] = _fold_h(names, eol)
+        if len(names) > _H_CACHE_NAMES:
+            h_text = _fold_h(names, eol)
+        else:
+            ck = (names, eol)
+            h_text = self._h_cache.get(ck)
+            if h_text is None:
+                if len(self._h_cache) >= _H_CACHE_MAX:
+                    self._h_cache.clear()
+                h_text = self._h_cache[ck] = _fold_h(names, eol)
         if key.expire:
             times = b"\tt=%d; x=%d;" % (t, t + key.expire)
         else:
