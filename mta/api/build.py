@@ -98,6 +98,7 @@ MAX_PARTS = 256           # parts of email_rfc822 looked at for them (on the eve
                           # reading a Content-Type costs up to ~0.7 ms, see _content_type)
 TEMPLATE_CACHE = 512      # compiled templates kept for reuse (then the cache starts over)
 TEMPLATE_CACHE_TEXT = 64 * 1024   # longest text whose compiled form is kept
+TEMPLATE_CACHE_PARTS = 256  # and most pieces (a substitution's takes ~115 octets)
 
 # Header fields the MTA writes itself; content.headers may not set them.
 _RESERVED = frozenset(("content-type", "content-transfer-encoding", "mime-version", "from",
@@ -340,7 +341,7 @@ def template(text: str) -> Template:
     t = _templates.get(text)
     if t is None:
         t = Template(text)
-        if len(text) <= TEMPLATE_CACHE_TEXT:
+        if len(text) <= TEMPLATE_CACHE_TEXT and len(t.parts) <= TEMPLATE_CACHE_PARTS:
             if len(_templates) >= TEMPLATE_CACHE:
                 _templates.clear()
             _templates[text] = t
