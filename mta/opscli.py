@@ -28,6 +28,7 @@ import datetime
 import http.client
 import json
 import os
+import select
 import signal
 import sys
 import time
@@ -39,6 +40,7 @@ from mta import proc
 from mta.obs.queue import last_reply_line, suspended_line, webhook_rows
 
 EX_UNAVAILABLE = 69
+FIRST_ANSWER = 3.0      # seconds without a first answer before the admin process is probed
 EX_CONFIG = 78
 BY_KEYS = ("domain", "site", "pool", "source", "campaign")
 
@@ -53,6 +55,7 @@ class AdminClient:
         elif host == "::":
             host = "::1"
         self.host, self.port = host, port
+        self.settings = settings
         cfg = settings.config.admin
         self.token = os.environ.get("MTA_ADMIN_TOKEN") or next(
             iter(cfg.tokens or cfg.read_tokens), None)
@@ -63,6 +66,7 @@ class AdminClient:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
             conn.request(method, path, headers=headers)
+            self._await_answer(conn, headers)
             r = conn.getresponse()
             data = r.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -77,6 +81,41 @@ class AdminClient:
         except ValueError:
             body = {"errors": [{"message": data[:200].decode("latin-1")}]}
         return r.status, body
+
+    def _await_answer(self, conn, headers) -> None:
+        """Wait up to the timeout for the first octets of *conn*'s answer, asking the
+        admin process on a second connection whether it answers at all each
+        FIRST_ANSWER seconds without them; exit (69) naming it when it does not.
+
+        The supervisor holds the listening socket, so a connection is taken by the
+        kernel even while the admin process is stopped or wedged: without this an
+        operator waited the whole timeout for a bare "timed out".  An answer that is
+        slow because the admin process waits for the spool shards (SHARD_TIMEOUT each)
+        is still waited for: the admin process answers the probe meanwhile."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or select.select([conn.sock], [], [], min(left, FIRST_ANSWER))[0]:
+                return          # (timed out: getresponse says so, as before)
+            probe = http.client.HTTPConnection(self.host, self.port, timeout=FIRST_ANSWER)
+            try:
+                probe.request("GET", "/api/admin/health", headers=headers)
+                probe.getresponse().read()
+                continue        # (any answer, 401 too: the admin process serves)
+            except TimeoutError:
+                pass
+            except (OSError, http.client.HTTPException):
+                return          # (refused, reset: getresponse says so, as before)
+            finally:
+                probe.close()
+            pid = admin_pid(self.settings)
+            who = f"the admin process (pid {pid}) is not answering" if pid else \
+                "the admin process is not answering (none runs now)"
+            click.echo(f"mta: {who}: the admin listener at {self.host}:"
+                       f"{self.port} takes connections (the supervisor holds its socket) "
+                       f"but nothing answered in {2 * FIRST_ANSWER:g}s; it may be stopped "
+                       "or wedged (see the daemon's log)", err=True)
+            sys.exit(EX_UNAVAILABLE)
 
     def ok(self, method: str, path: str, allow=(200,)) -> dict:
         status, body = self.call(method, path)
@@ -452,6 +491,24 @@ def daemon_running(settings) -> bool:
     """Whether the supervisor of *settings*' state directory runs (its pid file's pid)."""
     pid = _read_pid(os.path.join(settings.run_dir, "mta.pid"))
     return bool(pid) and proc.alive(pid)
+
+
+def admin_pid(settings) -> int:
+    """The pid of the running supervisor's admin process (its title), 0 if none."""
+    sup = _read_pid(os.path.join(settings.run_dir, "mta.pid"))
+    if not sup:
+        return 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                ppid = int(fh.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == sup and proc.title(int(name)).startswith("mta: admin"):
+            return int(name)
+    return 0
 
 
 def _runs_in(pid: int, run_dir: str) -> bool:

@@ -431,3 +431,41 @@ def test_status_answers_within_the_shard_timeout_when_the_shards_do_not_answer(m
                                      and "did not answer" in s["queue_error"]
                                      for st, s in answers), answers
     assert max(took) < SHARD_TIMEOUT + 3, took
+
+
+def test_a_hung_admin_process_is_named_within_seconds_and_a_slow_answer_still_waited_for(
+        make_daemon):
+    """The supervisor holds the admin listener's socket, so against a stopped (or wedged)
+    admin process the connect succeeds and nothing answers: `mta status` waited its 30 s
+    and said only that the listener was not answering.  It must say within a few seconds
+    that the admin process does not answer, naming it; an answer that takes longer
+    because the admin process waits for a spool shard must still be waited for."""
+    import signal
+    import time
+    d = make_daemon(acceptors=1, shards=1)
+    admin = d.children()["admin[0]"]
+    os.kill(admin, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = d.cli("status", check=False, timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(admin, signal.SIGCONT)
+    err = r.stderr.decode()
+    assert r.returncode == 69, r
+    assert f"the admin process (pid {admin}) is not answering" in err, err
+    assert took < 10, took
+    assert "state: ok" in d.cli("status").stdout.decode()
+    # a spool shard that does not answer: the admin process answers after its
+    # SHARD_TIMEOUT (5 s), later than the CLI's first wait, and that answer is shown
+    spool = d.children()["spool[0]"]
+    os.kill(spool, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = d.cli("queue", "summary", check=False, timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(spool, signal.SIGCONT)
+    out = (r.stdout + r.stderr).decode()
+    assert "admin process" not in out and "spool[0] did not answer" in out, (r, took)
+    assert took >= 4, took
