@@ -39,8 +39,9 @@ refused (the old one finishes its sessions; one still there after the shutdown
 timeout, the spool timeout and STOP_GRACE is killed); then, when their sections changed (``ROLLED``: [server], [delivery], [egress],
 [[shaping]], [[response_rule]], [[warmup]], [backoff], [feedback]; [events];
 [webhooks], [[webhook]]), replace the delivery, events and webhooks processes
-one at a time, each stopped as at SIGTERM before its successor starts (one that
-does not start ends its role's roll and fails the reload, naming it) — then
+in ROLL_ROUNDS rounds at most (one at a time up to that many), each stopped as at
+SIGTERM before its successor starts (one that does not start ends its role's roll
+and fails the reload, naming it) — then
 READY=1.  Spool and admin settings, and what changes the process table
 (delivery.processes, turning the events or webhooks process on or off), take
 effect at the next restart; the log names them.
@@ -99,6 +100,7 @@ ROLLED = {"delivery": ("delivery", "egress", "shaping", "response_rule", "warmup
           "events": ("events", "server"),
           "webhooks": ("webhooks", "webhook", "events")}     # (events: the store it reads)
 STOP_GRACE = 10.0           # seconds after the drain for a child to exit before SIGKILL
+ROLL_ROUNDS = 4             # a reload replaces a role's processes in this many rounds at most
 LISTEN_BACKLOG = 4096
 DRAIN_FLAG = "drain"        # run/drain: the node is drained (written by the admin process)
 INHERIT_ENV = "MTA_INHERIT_FDS"          # upgrade: the listening sockets' fds, as JSON
@@ -987,9 +989,11 @@ class Supervisor:
                        if getattr(new.config, k) != getattr(old.config, k)]
             if role in self.unrolled:
                 changed.append("a roll left part-done")
-            if changed and any(key[0] == role for key in self.slots):
-                log.info("reload: %s changed; replacing the %s process(es) one at a time",
-                         ", ".join(changed), role)
+            count = sum(1 for key in self.slots if key[0] == role)
+            if changed and count:
+                size = self._roll_size(count)
+                log.info("reload: %s changed; replacing the %s process(es) %s at a time",
+                         ", ".join(changed), role, "one" if size == 1 else size)
                 failed += self._roll(role, new)
         status = self.status_line()
         if failed:
@@ -1058,15 +1062,25 @@ class Supervisor:
                     new.config.server, state_dir=old.config.server.state_dir)))
         return new
 
-    def _roll(self, role: str, settings) -> list[str]:
-        """Replace the processes of *role* one at a time with ones that read *settings*;
-        returns what went wrong ([] if nothing did).
+    @staticmethod
+    def _roll_size(count: int) -> int:
+        """How many of a role's *count* processes a reload replaces at a time."""
+        return max(1, -(-count // ROLL_ROUNDS))
 
-        Each old process is stopped as at SIGTERM -- a delivery process finishes the
-        transactions it has started and hands back its outcomes -- and its successor is
-        started when it has exited: the spool shards park the due jobs of a delivery
-        process that is away and give them to its successor, and send again at once the
-        jobs the old one took with it unstarted (at least once; nothing is lost).
+    def _roll(self, role: str, settings) -> list[str]:
+        """Replace the processes of *role* with ones that read *settings*, in ROLL_ROUNDS
+        rounds at most (one at a time up to that many processes); returns what went
+        wrong ([] if nothing did).
+
+        The old processes of a round are stopped together as at SIGTERM -- a delivery
+        process finishes the transactions it has started and hands back its outcomes
+        -- and their successors are started when they have exited: the spool shards
+        park the due jobs of a delivery process that is away and give them to its
+        successor, and send again at once the jobs the old one took with it unstarted
+        (at least once; nothing is lost).  The rest serve meanwhile.  One at a time, a
+        reload of many busy processes took their count times a stop (up to
+        shutdown_timeout + 10 s each), past what ``mta reload`` waits (the unit's
+        --timeout); in rounds it takes ROLL_ROUNDS of them at most, whatever the count.
         A stop (SIGTERM) asked for meanwhile ends the roll: the processes not replaced
         yet stay, and are stopped with the others at once.
         A new process that does not start ends it too: it is started again as after a
@@ -1077,31 +1091,45 @@ class Supervisor:
         grace = self._stop_grace(settings)
         self.unrolled.discard(role)
         keys = sorted(k for k in self.slots if k[0] == role)
-        for n, key in enumerate(keys):
+        size = self._roll_size(len(keys))
+        for n in range(0, len(keys), size):
             if self._stop_asked():
                 log.info("reload: a stop was asked for; %s[%d] and the rest are left as "
-                         "they are", role, key[1])
+                         "they are", role, keys[n][1])
                 return []
-            slot = self.slots[key]
-            old = slot.child
-            if old is not None and old.pid in self.children:
+            batch = keys[n:n + size]
+            for key in batch:       # (a restart due meanwhile is this roll's to make)
+                self.slots[key].restart_at = None
+            olds = [self.slots[key].child for key in batch]
+            olds = [c for c in olds if c is not None and c.pid in self.children]
+            for old in olds:
                 old.retired = True
                 self._kill(old.pid, signal.SIGTERM)
-                self._wait_gone([old], grace)
-            slot.child = None
-            slot.restart_at = None
-            child = self._respawn(slot, settings)
-            if child is None or not self.wait_ready([child],
-                                                    settings.config.server.ready_timeout):
-                rest = ", ".join(f"{role}[{k[1]}]" for k in keys[n + 1:])
-                why = f"{role}[{key[1]}] did not start with the new configuration; it " \
-                    "is started again as after a crash" + (
-                        f"; {rest} not replaced (the next reload replaces them)"
-                        if rest else "")
-                log.error("reload failed: %s", why)
-                if rest:
-                    self.unrolled.add(role)
-                return [why]
+            self._wait_gone(olds, grace)
+            started = []
+            for key in batch:
+                slot = self.slots[key]
+                slot.child = None
+                started.append((key, self._respawn(slot, settings)))
+            # (one at a time, to tell which did not start; one that died while another
+            # was waited for is reaped already, its pipe closed)
+            deadline = time.monotonic() + settings.config.server.ready_timeout
+            failed = [key for key, child in started
+                      if child is None or child.pid not in self.children or not
+                      self.wait_ready([child], max(deadline - time.monotonic(), TICK))]
+            if not failed:
+                continue
+            names = ", ".join(f"{role}[{key[1]}]" for key in failed)
+            rest = ", ".join(f"{role}[{k[1]}]" for k in keys[n + size:])
+            why = f"{names} did not start with the new configuration; " + (
+                "it is" if len(failed) == 1 else "they are") + \
+                " started again as after a crash" + (
+                    f"; {rest} not replaced (the next reload replaces them)"
+                    if rest else "")
+            log.error("reload failed: %s", why)
+            if rest:
+                self.unrolled.add(role)
+            return [why]
         return []
 
     def _fresh_slots(self, old, new) -> dict:

@@ -156,13 +156,15 @@ def test_a_reload_whose_record_cannot_be_written_says_the_spool_keeps_delivery(m
     assert all(s["held"] for s in d.queue_summary()["shards"])
 
 
-def hung_transactions(make_daemon, processes: int):
+def hung_transactions(make_daemon, processes: int, **delivery):
     """A daemon delivering to a receiver that never answers the end of data, with a
-    transaction under way in each of its *processes* delivery processes."""
+    transaction under way in each of its *processes* delivery processes (*delivery*:
+    more [delivery] keys)."""
     a = AioSink(HOST, free_port(), name="A").start()
     a.delay = 600.0                     # (the end of data is never answered)
     d = make_daemon(acceptors=1, shards=1, server={"shutdown_timeout": 2.0},
-                    delivery={"hold": False, "processes": processes, "route": route(a)})
+                    delivery={"hold": False, "processes": processes, "route": route(a),
+                              **delivery})
     for i in range(4 * processes):      # (domains spread over the delivery processes)
         d.send("s@example.com", [f"r@d{i}.example"], message(f"hung{i}"))
     wait_until(lambda: a.open_now >= processes and len(a.rcpt_log) >= processes, 30,
@@ -271,3 +273,78 @@ def test_a_reload_whose_new_delivery_process_does_not_start_is_reported_failed(
         assert d.children()["delivery[1]"] != before["delivery[1]"]
     finally:
         a.stop()
+
+
+def test_a_reload_of_many_delivery_processes_takes_a_few_of_their_stops_not_each(
+        make_daemon):
+    # A reload replaced the delivery processes one at a time, each stopped (it finishes
+    # its transactions: up to shutdown_timeout + 10 s) before its successor started: with
+    # 16 processes busy it took 16 such stops, past mta reload's wait in the unit
+    # (--timeout 290 s, shutdown_timeout 30 s: 16 x 40 s).  They are replaced a quarter
+    # at a time now -- never all away at once -- and no job is lost.
+    n = 16
+    # (one site: its connection_limit, 10, is the node's, shared by the processes)
+    a, d = hung_transactions(make_daemon, n, connection_limit=4 * n)
+    try:
+        old = {k: v for k, v in d.children().items() if k.startswith("delivery")}
+        assert len(old) == n
+        mark = len(d.log())
+        d.sections["delivery"]["retry_schedule"] = [1.0, 5.0]
+        d.write_config()
+        a.delay = 0.0       # (the transactions under way still hang; new ones do not)
+        t0 = time.monotonic()
+        r = d.cli("reload", "--timeout", "100", check=False, timeout=150)
+        took = time.monotonic() - t0
+        assert r.returncode == 0, (r, d.log()[-3000:])
+        print(f"reload of {n} busy delivery processes: {took:.1f}s")
+        new = {k: v for k, v in d.children().items() if k.startswith("delivery")}
+        assert set(new) == set(old) and not set(new.values()) & set(old.values())
+        log = d.log()[mark:]
+        assert "did not stop in time" not in log
+        # at no moment were more than a quarter of them away
+        away = most = 0
+        for m in re.finditer(r"started delivery\[\d+\]|delivery\[\d+\] pid=\d+ exited", log):
+            away += -1 if m.group().startswith("started") else 1
+            most = max(most, away)
+        assert away == 0 and most == n // 4, (most, log[-3000:])
+        # every job in flight across the reload is delivered
+        wait_until(lambda: d.queue_summary()["total"]["messages"] == 0, 60, "an empty queue",
+                   details=lambda: f"{a.received()} {d.queue_summary()['total']}\n"
+                   f"{d.log()[-4000:]}")
+        got = collections.Counter(r for t in a.snapshot() for r in t.rcpt_tos)
+        assert set(got) == {f"r@d{i}.example" for i in range(4 * n)}
+    finally:
+        a.stop()
+
+
+def test_a_round_of_new_delivery_processes_that_do_not_start_ends_the_roll(
+        make_daemon, tmp_path):
+    # replaced a quarter at a time: the ones of the round that did not start are named,
+    # the later rounds' keep serving, and nothing of the supervisor's breaks
+    import os
+    import sys
+    wrapper = tmp_path / "failing_delivery.py"
+    wrapper.write_text(FAILING_DELIVERY_WRAPPER)
+    flag = tmp_path / "fail"
+    d = make_daemon(acceptors=1, shards=1, start=False, delivery={"processes": 8})
+    d.start(python=[sys.executable, str(wrapper), str(flag)])
+    before = d.children()
+    flag.touch()
+    d.sections["delivery"]["connect_timeout"] = 17.0
+    d.write_config()
+    r = d.cli("reload", check=False, timeout=120)
+    assert r.returncode == 1, r
+    err = r.stderr.decode()
+    assert "delivery[0], delivery[1] did not start with the new configuration; they are " \
+        "started again as after a crash; delivery[2], delivery[3], delivery[4], " \
+        "delivery[5], delivery[6], delivery[7] not replaced" in err, err
+    now = d.children()
+    assert all(now.get(f"delivery[{i}]") == before[f"delivery[{i}]"] for i in range(2, 8))
+    os.unlink(flag)
+    wait_until(lambda: all(f"delivery[{i}]" in d.children() for i in (0, 1)), 30,
+               "delivery[0] and [1] started again")
+    r = d.cli("reload", timeout=120)
+    assert "reloaded: " in r.stdout.decode(), r
+    assert "replacing the delivery process(es) 2 at a time" in d.log()
+    assert not set(d.children().values()) & {before[f"delivery[{i}]"] for i in range(8)}
+    assert "Traceback" not in d.log()
