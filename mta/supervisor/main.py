@@ -953,6 +953,7 @@ class Supervisor:
             notify.ready(f"reload failed: {exc!r}; {self.status_line()}")
             return
         old = self.settings
+        _note_unsent_webhooks(new)
         later = mconfig.restart_keys(old, new)
         if later:
             log.warning("reload: %s changed; %s at the next restart (mta check-config "
@@ -1221,6 +1222,16 @@ class Supervisor:
                 sk.close()
 
 
+def _note_unsent_webhooks(settings) -> None:
+    """[[webhook]] tables are kept while no batch can go -- an operator may turn the
+    webhooks off for a while -- but not in silence (at the start and at each reload)."""
+    cfg = settings.config
+    why = "[webhooks] enabled = false" if not cfg.webhooks.enabled else \
+        "[events] store = false" if not cfg.events.store else None
+    if cfg.webhook and why:
+        log.warning("%d [[webhook]] table(s) are not sent: %s", len(cfg.webhook), why)
+
+
 def serve(config_path: str | None) -> int:
     """Run the daemon in the foreground until SIGTERM; return the exit status."""
     try:
@@ -1238,6 +1249,7 @@ def serve(config_path: str | None) -> int:
         sup.prepare()
         log.info("mta starting: state_dir=%s config=%s", settings.state_dir,
                  config_path or "built-in defaults")
+        _note_unsent_webhooks(settings)
         return sup.run()
     except StartupError as exc:
         log.error("cannot start: %s", exc)

@@ -703,3 +703,22 @@ def test_no_webhook_is_taken_when_none_can_be_sent(make_daemon, rec, sections, k
         st, got = call(d, method, path, body)
         assert st == 404 and key in got["errors"][0]["description"], (method, st, got)
     assert len(rec.hits) == before
+
+
+@pytest.mark.parametrize("sections,key", [
+    ({"webhooks": {"enabled": False}}, "[webhooks] enabled = false"),
+    ({"events": {"store": False}}, "[events] store = false"),
+])
+def test_webhook_tables_that_cannot_be_sent_are_named_at_start_and_reload(make_daemon, rec,
+                                                                          sections, key):
+    """[[webhook]] tables while no batch can go (the webhooks process off, or no events
+    store for it to read) are kept -- an operator may turn webhooks off for a while --
+    but the log says at the start and at each reload that they are not sent (with the
+    webhooks process off, nothing at all said so)."""
+    d = make_daemon(acceptors=1, shards=1,
+                    webhook=[{"name": "crm", "target": rec.url, "events": ["delivery"]}],
+                    **sections)
+    said = re.escape(f"1 [[webhook]] table(s) are not sent: {key}")
+    d.wait_log(said)
+    d.reload()
+    d.wait_log(said, count=2)
