@@ -287,6 +287,7 @@ class Plan:
                     st[idx] = sch.EXPIRED
                     self._update(qid, idx, sch.EXPIRED, attempts, 0.0)
                     event["type"] = ev.EXPIRATION
+                    _log_expired(qid, m.rcpts[idx], attempts, r.code, r.enhanced, r.text)
                     self._bounce(qid, idx, r.code, r.enhanced, r.text, r.host, now,
                                  note=f"gave up after {attempts} attempt(s)", expired=True,
                                  local=r.local)
@@ -403,6 +404,7 @@ class Plan:
             if r is None:
                 # never tried, or tried before this process started: when is not known
                 # (the record keeps no time), so no Last-Attempt-Date is made up
+                _log_expired(qid, m.rcpts[idx], attempts, 0, "", "")
                 self.events.append(event)
                 self._bounce(qid, idx, 0, EXPIRED_STATUS, EXPIRED_TEXT, "", None,
                              expired=True)
@@ -410,6 +412,7 @@ class Plan:
             # Deferred before (since this process started): the expiry quotes that
             # reply and carries its class, as one decided by the deferral itself does.
             code, enhanced, text, host, ip, r_class, r_rule, tried_at = r
+            _log_expired(qid, m.rcpts[idx], attempts, code, enhanced, text)
             event.update(response={"code": code, "enhanced": enhanced, "text": text},
                          remote_host=host, remote_ip=ip, bounce_class=r_class,
                          bounce_rule=r_rule)
@@ -804,6 +807,14 @@ def _rule_field(rule: FiredRule) -> dict:
     """An event's ``response_rule``: the rule a recipient's own reply fired."""
     return {"name": rule.name, "action": rule.action, "scope": rule.scope,
             "stage": rule.stage, "until": rule.until}
+
+
+def _log_expired(qid: str, rcpt: str, attempts: int, code: int, enh: str, text: str) -> None:
+    """The diagnostic log's line for a recipient given up for its age, as the delivery
+    processes' for an attempt (the last of which they logged "status=deferred")."""
+    reply = " (%s)" % " ".join(filter(None, (str(code), enh, text))) if code else ""
+    log.info("%s: to=<%s> status=expired, gave up after %d attempt(s)%s", qid, rcpt,
+             attempts, reply)
 
 
 def _bounce_rule(r: Result, rule: FiredRule | None) -> str:

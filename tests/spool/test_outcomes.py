@@ -5,6 +5,7 @@ Pure logic: a real queue index and a real retry policy (seeded), no disk, no bus
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import re
 from types import SimpleNamespace
@@ -215,6 +216,23 @@ def test_null_sender_failures_are_not_bounced():
     plan.finish(NOW)
     assert plan.bounces == [] and plan.done == ["Q1"]
     assert plan.updates == {"Q1": [[0, sch.FAILED, 1, 0.0]]}
+
+
+def test_an_expiry_is_logged_with_its_queue_id_and_recipient(caplog):
+    # The delivery process logs the last attempt "status=deferred"; the spool expires the
+    # recipient: the diagnostic log says so, as Postfix's "status=expired", or an operator
+    # following the queue id sees a deferral and then nothing.
+    caplog.set_level(logging.INFO, "mta.spool")
+    entries = Queue(entry("Q1", ["a@example.net"]), entry("Q2", ["b@example.net"]))
+    entries.set("Q1", 0, attempts=3)
+    plan = make(entries, max_age=60.0)
+    plan.outcome("Q1", [result(0, bus.DEFERRED, 421, "4.7.0", "slow down")], NOW)
+    plan.expire("Q2", [0], NOW)
+    plan.finish(NOW)
+    lines = [r.getMessage() for r in caplog.records if "status=expired" in r.getMessage()]
+    assert lines == ["Q1: to=<a@example.net> status=expired, gave up after 4 attempt(s) "
+                     "(421 4.7.0 slow down)",
+                     "Q2: to=<b@example.net> status=expired, gave up after 0 attempt(s)"]
 
 
 def test_expire_bounces_pending_recipients_only():
