@@ -208,6 +208,20 @@ def test_errors_name_the_key(tmp_path, text, key):
     assert key in str(exc.value)
 
 
+def test_an_unreadable_tls_file_says_why(tmp_path):
+    # "cannot read key.pem" alone left the operator to guess between a wrong path and
+    # the daemon's user lacking permission (the unit runs it as mta); the DKIM key and
+    # the auth_file say why
+    (tmp_path / "cert.pem").write_text("x")
+    p = tmp_path / "c.toml"
+    p.write_text(f"[smtp]\ntls_certificate = '{tmp_path}/cert.pem'\n"
+                 f"tls_key = '{tmp_path}/key.pem'\n")
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(p))
+    assert str(exc.value) == f"smtp.tls_key: cannot read {tmp_path}/key.pem: " \
+        "No such file or directory"
+
+
 def test_agent_listen_needs_no_token_on_any_address(tmp_path):
     # (it says nothing secret: it listens where the balancer reaches it)
     p = tmp_path / "c.toml"

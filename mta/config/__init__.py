@@ -622,8 +622,11 @@ def _check_tls(cert: str, key: str) -> None:
     import ssl
 
     for name, p in (("tls_certificate", cert), ("tls_key", key)):
-        if not os.access(p, os.R_OK):
-            raise ConfigError(f"smtp.{name}: cannot read {p}")
+        try:
+            with open(p, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"smtp.{name}: cannot read {p}: {exc.strerror}") from None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         ctx.load_cert_chain(cert, key)
