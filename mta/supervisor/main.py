@@ -1245,8 +1245,10 @@ def serve(config_path: str | None) -> int:
     if inherited:
         log.info("upgrade: took over %d listening socket(s)", inherited)
     sup = Supervisor(settings, config_path)
+    prepared = False
     try:
         sup.prepare()
+        prepared = True
         log.info("mta starting: state_dir=%s config=%s", settings.state_dir,
                  config_path or "built-in defaults")
         _note_unsent_webhooks(settings)
@@ -1260,7 +1262,9 @@ def serve(config_path: str | None) -> int:
         sup.remove_pidfile()
         return 1
     except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EROFS, errno.ENOSPC):
+        # before the children: the state directory and its files as the host has them
+        # (a state_dir naming a file or a path through one, no permission, no space)
+        if not prepared or exc.errno in (errno.EACCES, errno.EROFS, errno.ENOSPC):
             log.error("cannot start: %s", exc)
             sup.remove_pidfile()
             return 1

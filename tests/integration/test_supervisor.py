@@ -327,6 +327,23 @@ def test_listen_port_in_use_fails_cleanly(make_daemon):
         assert not os.path.exists(os.path.join(run, "mta.pid"))
 
 
+@pytest.mark.parametrize("where", ["a file", "inside a file"])
+def test_a_state_directory_that_cannot_be_made_fails_cleanly(make_daemon, where):
+    # A state_dir that names a file (or a path through one) stopped the start with a
+    # Python traceback ending in FileExistsError or NotADirectoryError; only EACCES, EROFS
+    # and ENOSPC were said as "cannot start: ..."
+    d = make_daemon(start=False)
+    path = os.path.join(d.dir, "mta.toml.bak")
+    open(path, "w").close()
+    d.sections["server"]["state_dir"] = path if where == "a file" else f"{path}/state"
+    d.write_config()
+    d.start(wait=False)
+    assert d.proc.wait(30) == 1
+    assert re.search(r"ERROR supervisor\[\d+\]: cannot start: .*mta\.toml\.bak", d.log()), \
+        d.log()
+    assert "Traceback" not in d.log()
+
+
 @pytest.mark.parametrize("which", ["smtp", "http"])
 def test_a_second_daemon_on_a_port_in_use_is_refused(make_daemon, which):
     # SO_REUSEPORT would let the second daemon join the first one's listening group: the
