@@ -389,7 +389,8 @@ def _queue_settings(ctx, config_path):
 @click.option("--limit", type=int, default=0, help="at most this many per shard (0: all)")
 @click.pass_context
 def queue_list(ctx, config_path, limit):
-    """Queued messages as JSON lines (queue_id, sender, recipients, arrival_time, size)."""
+    """Queued messages as JSON lines (queue_id, sender, recipients, arrival_time,
+    message_size, recipient_state)."""
     s = _queue_settings(ctx, config_path)
     for e in _queue_pages(s, max(limit, 0)):
         click.echo(json.dumps({
