@@ -672,6 +672,11 @@ class Session(asyncio.Protocol):
             self.out.append(R.REPORT_SEPARATELY)
             return
         if not (report or self.relay_ok or self.user is not None):
+            # (no event is made of it; the log is where an operator finds a client that
+            # should be in relay_networks -- a refusal costs this line, not an accepted RCPT)
+            log.info("client=%s: relay access denied: from=<%s> to=<%s> (not in "
+                     "smtp.relay_networks, not authenticated)", self.peer_ip, self.sender,
+                     rcpt)
             self.reply_error(R.RELAY_DENIED)
             return
         if len(self.rcpts) >= self.a.smtp.max_recipients:

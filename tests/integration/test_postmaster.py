@@ -5,6 +5,7 @@ A bare ``<Postmaster>`` (no domain, any case) must be accepted.  It stands for
 ordinary recipient: it is queued, delivered to that address, and relay rules
 apply to it (a client that may not relay gets 554 5.7.1, not an open door).
 """
+import re
 import smtplib
 import subprocess
 
@@ -72,6 +73,21 @@ def test_postmaster_is_configurable_and_relay_rules_apply(make_daemon, sink):
         assert s.mail("s@example.com")[0] == 250
         assert s.rcpt("<Postmaster>") == (554, R.RELAY_DENIED[4:-2])
     assert d2.queue_summary()["total"]["messages"] == 0
+
+
+def test_a_relay_refusal_is_logged_with_the_client_sender_and_recipient(make_daemon):
+    # The most common misconfiguration (an application server missing from
+    # smtp.relay_networks, as from Postfix's mynetworks) left no trace: no event (by
+    # design) and no log line, so the operator had only the client's word for the 554.
+    d = make_daemon(acceptors=1, shards=1, smtp={"relay_networks": ["192.0.2.0/24"]})
+    with smtplib.SMTP(HOST, d.port) as s:
+        s.ehlo("client.test")
+        assert s.mail("app@example.com")[0] == 250
+        assert s.rcpt("<user@example.net>") == (554, R.RELAY_DENIED[4:-2])
+    wait_until(lambda: "relay access denied" in d.log(), 10, "the refusal logged")
+    assert re.search(r"INFO acceptor\[0\]\[\d+\]: client=127\.0\.0\.1: relay access denied: "
+                     r"from=<app@example\.com> to=<user@example\.net> \(not in "
+                     r"smtp\.relay_networks, not authenticated\)", d.log()), d.log()
 
 
 @pytest.mark.parametrize("value", ["no-at-sign", "two@@example.org", "a b@example.org"])
