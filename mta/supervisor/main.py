@@ -1241,6 +1241,11 @@ def serve(config_path: str | None) -> int:
         return 78  # EX_CONFIG
     proc.setup_logging(settings.config.server.log_level, "supervisor")
     setproctitle.setproctitle("mta: supervisor")
+    # Nothing the daemon and its children make is for other users: the stores hold
+    # recipients and message data, run/active-config.json the API keys and admin
+    # tokens, webhooks.sqlite webhook credentials (the spool and the event log set
+    # their own modes).  A stricter umask of the operator's stays.
+    os.umask(os.umask(0o027) | 0o027)
     inherited = take_inherited()
     if inherited:
         log.info("upgrade: took over %d listening socket(s)", inherited)

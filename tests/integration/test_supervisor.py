@@ -327,6 +327,29 @@ def test_listen_port_in_use_fails_cleanly(make_daemon):
         assert not os.path.exists(os.path.join(run, "mta.pid"))
 
 
+def test_no_file_of_the_state_directory_is_readable_by_other_users(make_daemon):
+    # The spool segments were 0600 and the event log 0640, but the events store and the
+    # suppression list (LMDB: every recipient, subject and metadata), webhooks.sqlite
+    # (the API's webhooks with their credentials, batches of events) and
+    # idempotency.sqlite were made 0644 under the usual umask 022, in a state directory
+    # others may enter (systemd's StateDirectory= is 0755): any local user read them.
+    d = make_daemon(acceptors=1, shards=1)
+    d.send("a@example.com", ["b@example.net"], b"Subject: one\r\n\r\nx\r\n")
+    wait_until(lambda: os.path.exists(os.path.join(d.state_dir, "log", "events.jsonl")),
+               30, "the event log")
+    open_to_others = []
+    for top, dirs, files in os.walk(d.state_dir):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            if st.st_mode & 0o007 and not os.path.islink(path):
+                open_to_others.append(f"{oct(st.st_mode & 0o777)} {path}")
+    names = {os.path.basename(p.split()[1]) for p in open_to_others}
+    assert not names & {"data.mdb", "webhooks.sqlite", "idempotency.sqlite"}, \
+        "\n".join(open_to_others)
+    assert open_to_others == [], "\n".join(open_to_others)
+
+
 @pytest.mark.parametrize("where", ["a file", "inside a file"])
 def test_a_state_directory_that_cannot_be_made_fails_cleanly(make_daemon, where):
     # A state_dir that names a file (or a path through one) stopped the start with a
