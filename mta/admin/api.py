@@ -617,7 +617,9 @@ def _holds(path: str, eid: str, since: float, present: bool) -> bool:
 def _delivery_view(e) -> dict:
     return {"id": e.id, "kind": "delivery", "domain": None, "campaign": None, "pool": None,
             "site": e.site or None, "source": e.source or None, "reason": e.reply,
-            "created": e.created, "until": e.until if e.until - e.created < FOREVER else None}
+            # (half: now + FOREVER - now may round to a little less than FOREVER)
+            "created": e.created,
+            "until": e.until if e.until - e.created < FOREVER / 2 else None}
 
 
 def _combine(op: str, parts: list[dict]) -> dict:
