@@ -124,6 +124,9 @@ _FAMILIES = [
            ("shard",)),
     Family("mta_spool_commit_errors_total", COUNTER, "group commits that failed (EIO, ENOSPC)",
            ("shard",)),
+    Family("mta_spool_recipients_ended_total", COUNTER,
+           "recipients the spool ended without a delivery outcome: expired (delivery.max_age) "
+           "or bounced_by_operator (mta bounce)", ("shard", "reason")),
     Family("mta_spool_segment_files_total", COUNTER,
            "files made ready for the next segment, by source: reused (a finished segment's "
            "file) or zero_filled (written by the spare thread)", ("shard", "source")),

@@ -18,7 +18,15 @@ class ShardMetrics:
         self.fsync = reg.histogram("mta_spool_fsync_seconds", label)
         self.batch = reg.histogram("mta_spool_commit_batch_messages", label)
         self.errors = reg.counter("mta_spool_commit_errors_total", label)
+        self.expired = reg.counter("mta_spool_recipients_ended_total", label, "expired")
+        self.operator_bounced = reg.counter("mta_spool_recipients_ended_total", label,
+                                            "bounced_by_operator")
         reg.collect(self._collect)
+
+    def ended(self, plan) -> None:
+        """A written batch's recipients ended by the spool (expired, the operator's bounce)."""
+        self.expired.value += plan.expired
+        self.operator_bounced.value += plan.operator_bounced
 
     def _collect(self) -> list:
         sh = self.shard

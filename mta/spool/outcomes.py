@@ -177,6 +177,10 @@ class Plan:
         self.look: dict[str, float] = {}       # qid -> when the expiry sweep looks again
         # (recipient, description): failed as invalid recipients, for the suppression list
         self.suppress: list[tuple[str, str]] = []
+        # recipients ended by the spool itself, not by a delivery outcome (counted for
+        # mta_spool_recipients_ended_total once the batch is written)
+        self.expired = 0
+        self.operator_bounced = 0
 
     def _state(self, qid):
         st = self.states.get(qid)
@@ -286,6 +290,7 @@ class Plan:
                 if now >= deadline:
                     st[idx] = sch.EXPIRED
                     self._update(qid, idx, sch.EXPIRED, attempts, 0.0)
+                    self.expired += 1
                     event["type"] = ev.EXPIRATION
                     _log_expired(qid, m.rcpts[idx], attempts, r.code, r.enhanced, r.text)
                     self._bounce(qid, idx, r.code, r.enhanced, r.text, r.host, now,
@@ -395,6 +400,7 @@ class Plan:
             st[idx] = sch.EXPIRED
             _, attempts, _, _, _, r = index.recipient(qid, idx)
             self._update(qid, idx, sch.EXPIRED, attempts, 0.0)
+            self.expired += 1
             event = {"type": ev.EXPIRATION, "timestamp": now, "queue_id": qid,
                      "message_id": m.params.get("message_id", ""), **ev.carried(m.params),
                      "arrival": m.arrival, "size": info[_BODY_LEN], "client": m.client,
@@ -507,6 +513,7 @@ class Plan:
             n += 1
         if n:
             self.returned.append(qid)
+            self.operator_bounced += n
         return n
 
     def deleted(self, qid: str, now: float, out=()) -> None:

@@ -617,6 +617,8 @@ class Shard:
             self._requeue(plan)
             self._after_commit(new, plan)
             self._look_again(plan.look)
+            if plan.expired or plan.operator_bounced:
+                self.m.ended(plan)
             for qid in plan.notice_more:
                 self.delay_noticed[qid] = now
             if plan.deleted_out:

@@ -434,6 +434,10 @@ def test_expiry_bounces(lab):
         assert float(term["event_time"]) >= float(transient[-1]["next_attempt"]) - 0.001
     assert term["num_retries"] == str(len(tries))    # every attempt failed
     assert int(term["queue_time"]) < 5000
+    # the operator's counter of recipients the spool ended (the delivery processes'
+    # outcomes count the attempts, an expiry is none of them)
+    wait_until(lambda: labelled(d, "mta_spool_recipients_ended_total", reason="expired") == 1,
+               10, "the expiry counted")
 
 
 def test_the_last_retry_is_made_at_max_age_not_one_interval_before(lab):

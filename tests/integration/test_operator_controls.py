@@ -343,3 +343,16 @@ def test_suspend_resume_and_bounce_also_answer_under_mta_queue(make_daemon):
     wait_until(lambda: [(e["type"], e.get("bounce_class")) for e in d.events()
                         if e["queue_id"] == qid] == [("injection", None), ("bounce", "25")],
                10, "the bounce event")
+    # ... and counted, as an expiry is (an operator alerts on recipients ended untried)
+    wait_until(lambda: ended(d, "bounced_by_operator") == 1, 10, "the counter")
+    assert ended(d, "expired") == 0
+
+
+def ended(d, reason: str) -> float:
+    """mta_spool_recipients_ended_total{reason}: recipients the spool itself ended."""
+    from prometheus_client.parser import text_string_to_metric_families
+    status, _, body = d.admin_get("/metrics")
+    assert status == 200
+    return sum(s.value for fam in text_string_to_metric_families(body.decode())
+               for s in fam.samples if s.name == "mta_spool_recipients_ended_total"
+               and s.labels.get("reason") == reason)
