@@ -734,6 +734,13 @@ class WebhooksConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "run the webhooks process, which pushes event batches to the [[webhook]] tables and "
         "the webhooks created through /api/v1/webhooks; false: none is sent, and "
         "/api/v1/webhooks answers 404")] = True
+    unmatched_reports: Annotated[bool, _doc(
+        "send the out_of_band and spam_complaint events of reports to a bounce domain whose "
+        "original message was not found (matched \"0\") to the webhooks too; false (the "
+        "default): they stay in the event log and the events API -- a report comes from "
+        "anyone, unauthenticated, and a made-up one would have the webhooks' consumers (an "
+        "application that unsubscribes bounced or complaining addresses) act on addresses "
+        "of its sender's choosing")] = False
     batch_size: Annotated[int, _doc(
         "most events in one batch (one POST; a batch takes what is there, so a small "
         "backlog goes in small batches). The cost is per batch (two durable commits and a "

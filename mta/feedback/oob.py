@@ -18,7 +18,8 @@ report returned, or by the queue id a VERP return path carries), and calls
 
 A report whose original message cannot be found still gives its events (with
 the fields the report itself carries), marked ``"matched": "0"``; the
-operator can see such reports rather than lose them.
+operator can see such reports rather than lose them (in the event log and the
+events API; the webhooks skip them unless ``webhooks.unmatched_reports``).
 
 Only a recipient of the original message is suppressed (the report's recipient
 is one of those the stored events name).  Anyone can send a report to a bounce

@@ -232,6 +232,9 @@ class Sender:
         """Read after the cursor and store the next batch; (batch or None, more to read)."""
         want = self.hook.events
         size = self.cfg.batch_size
+        # (a report nobody's message was found for -- anyone can send one -- is the
+        # operator's, in the event log, unless webhooks.unmatched_reports)
+        unmatched = self.cfg.unmatched_reports
         events = []
         first = None
         scan = self.scan_seq
@@ -245,7 +248,7 @@ class Sender:
                 if seq > scan + 1 and scan >= self.scan_seq:
                     self.lost(seq - scan - 1)
                 scan = seq
-                if ev.get("type") in want:
+                if ev.get("type") in want and (unmatched or ev.get("matched") != "0"):
                     events.append(ev)
                     if first is None:
                         first = seq

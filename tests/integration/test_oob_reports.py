@@ -317,6 +317,53 @@ def test_a_made_up_report_from_anyone_suppresses_nobody(make_daemon):
         assert status == 404, (v, body)
 
 
+@pytest.mark.parametrize("send_them", [False, True])
+def test_a_made_up_report_does_not_reach_the_webhooks(make_daemon, send_them):
+    """A made-up complaint about an address of the sender's choosing went to every
+    webhook as a spam_complaint: a customer's app that unsubscribes complainers (what
+    django-anymail's tracking signals are for) acted on it.  Reports whose message is not
+    found (matched "0") stay in the event log and the events API, for the operator; the
+    webhooks get them with webhooks.unmatched_reports only.  A matched report's events go."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "webhooks"))
+    from receiver import Receiver
+    rec = Receiver()
+    sink = AioSink(HOST, free_port()).start()
+    try:
+        d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
+                        feedback={"bounce_domains": [BOUNCES]},
+                        webhooks={"poll_interval": 0.2, "unmatched_reports": send_them},
+                        webhook=[{"name": "app", "target": rec.url,
+                                  "events": ["delivery", "spam_complaint"]}],
+                        delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                             "hosts": [f"{HOST}:{sink.port}"]}]})
+        code, text = smtp_send(d, "staff@fbl.provider.test", [f"fbl@{BOUNCES}"],
+                               arf("<forged@sender.example.org>", "ceo@customer.example"))
+        assert code == 250, text
+        wait_until(lambda: events(d, events="spam_complaint"), 60, "the complaint's event")
+        # a real message, delivered, then complained about: matched
+        qid = d.send("news@sender.example.org", ["reader@example.com"],
+                     b"From: news@sender.example.org\r\nMessage-ID: <real-1@sender.example.org>"
+                     b"\r\nSubject: real\r\n\r\nhello\r\n")
+        sink.wait_for("reader@example.com")
+        wait_until(lambda: events(d, recipients="reader@example.com", events="delivery"), 60,
+                   "the delivery event")
+        code, text = smtp_send(d, "staff@fbl.provider.test", [f"fbl@{BOUNCES}"],
+                               arf("<real-1@sender.example.org>", "reader@example.com"))
+        assert code == 250, text
+        rec.wait(lambda r: any(e["type"] == "spam_complaint" and
+                               e["rcpt_to"] == "reader@example.com" for e in r.events()),
+                 60, "the matched complaint at the webhook")
+        time.sleep(1.0)
+        sent = [(e["type"], e["rcpt_to"]) for e in rec.events()]
+        assert ("delivery", "reader@example.com") in sent and qid
+        assert (("spam_complaint", "ceo@customer.example") in sent) is send_them, sent
+    finally:
+        sink.stop()
+        rec.close()
+
+
 def test_verp_return_path_names_the_message_and_brings_its_bounce_back(make_daemon):
     """feedback.verp: the receiver sees MAIL FROM:<bounces+<queue id>@bounce domain>; an
     asynchronous bounce sent there, quoting nothing of the original, becomes the
