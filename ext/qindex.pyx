@@ -1091,16 +1091,26 @@ cdef class QueueIndex:
             self.set_deadline(self._qid(s), m.start + max_age)
         return finished
 
-    def flush(self, double now, qids=None):
+    def flush(self, double now, qids=None, domains=None):
         """Make every pending recipient due later than *now* due now (of *qids* only, when
-        given), queueing its message at *now*; how many recipients.  A message whose start
-        (options.start_time) is still after *now* is left scheduled: it was never tried."""
+        given; at one of *domains* only, when given), queueing its message at *now*; how
+        many recipients.  A message whose start (options.start_time) is still after *now*
+        is left scheduled: it was never tried."""
         cdef uint32_t s
         cdef Py_ssize_t count = 0
+        dids = None
+        if domains is not None:
+            dids = bytearray(len(self.domains_.values))
+            for d in domains:
+                got = self.domains_.ids.get(d)
+                if got is not None:
+                    dids[got] = 1
+            if not any(dids):
+                return 0
         if qids is None:
             for s in range(self.mlen):
                 if self.msgs[s].bits & _BIT_LIVE:
-                    count += self._flush_one(s, now)
+                    count += self._flush_one(s, now, dids)
         else:
             slots = []
             for q in qids:
@@ -1108,19 +1118,23 @@ cdef class QueueIndex:
                 if s != NONE:
                     slots.append(s)
             for s in slots:
-                count += self._flush_one(s, now)
+                count += self._flush_one(s, now, dids)
         return count
 
-    cdef Py_ssize_t _flush_one(self, uint32_t s, double now) except -1:
+    cdef Py_ssize_t _flush_one(self, uint32_t s, double now, object dids) except -1:
         cdef Msg* m = &self.msgs[s]
         cdef Rcpt* r
         cdef uint32_t i
         cdef Py_ssize_t n = 0
+        cdef const unsigned char[:] dmap
+        cdef bint any_domain = dids is None
         if m.start > now:
             return 0                    # scheduled (start_time ahead): never tried yet
+        if not any_domain:
+            dmap = dids
         for i in range(m.nrcpt):
             r = &self.rc[m.rfirst + i]
-            if r.state == _PENDING and r.due > now:
+            if r.state == _PENDING and r.due > now and (any_domain or dmap[r.domain]):
                 r.due = now
                 n += 1
         if n:

@@ -6,7 +6,8 @@
     mta print-services [-c FILE]   the process table
     mta queue [-c FILE] [--json]   live queue summary, asked of the running daemon
     mta queue list|show|delete     list queued messages, show one, delete some
-    mta queue flush                retry every deferred recipient now
+    mta queue flush                retry every deferred recipient now (--domain D,
+                                   --queue-id QID: theirs only)
     mta rules list [--json]        suspensions, throttles and back-offs in effect
     mta rules cancel NAME|ID       end them (every delivery process sees it within a second)
     mta queue summary [--by KEY]   by domain, site, pool, source, campaign (admin API)
@@ -34,6 +35,7 @@ import click
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
 DELETE_CHUNK = 1000     # queue ids in one request of `mta queue delete`
+FLUSH_CHUNK = 100       # of `mta queue flush --queue-id` (the admin API's FLUSH_QIDS)
 
 config_option = click.option(
     "-c", "--config", "config_path", type=click.Path(dir_okay=False), envvar="MTA_CONFIG",
@@ -369,15 +371,54 @@ def queue(ctx, config_path, as_json, by_domain):
 @queue.command("flush")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="one JSON object for machines")
+@click.option("--domain", help="only the recipients at this domain (like postqueue -s)")
+@click.option("--queue-id", "qids", multiple=True, metavar="QID",
+              help="only this message's recipients (like postqueue -i); repeatable")
 @click.pass_context
-def queue_flush(ctx, config_path, as_json):
-    """Make every deferred recipient due now (like postqueue -f)."""
-    s = _queue_settings(ctx, config_path)
-    from mta import bus
+def queue_flush(ctx, config_path, as_json, domain, qids):
+    """Make every deferred recipient due now (like postqueue -f), and end the holds of
+    sites whose hosts all failed a moment ago; suspensions stay.
 
-    n = sum(r.count for r in _ask_shards(s, bus.SpoolQueueFlush))
-    click.echo(json.dumps({"flushed": n}) if as_json else
-               f"{n} deferred recipient(s) scheduled for delivery now")
+    With --domain or --queue-id (both: that domain's recipients of those messages),
+    only theirs, and only the holds of those domains' sites (through the admin API).
+    Exit status 1 when a queue id is not queued."""
+    s = _queue_settings(ctx, config_path)
+    if domain is None and not qids:
+        from mta import bus
+
+        n = sum(r.count for r in _ask_shards(s, bus.SpoolQueueFlush))
+        click.echo(json.dumps({"flushed": n}) if as_json else
+                   f"{n} deferred recipient(s) scheduled for delivery now")
+        return
+    import urllib.parse
+
+    from mta.opscli import AdminClient
+    from mta.queueid import is_qid
+
+    bad = [q for q in qids if not is_qid(q)]
+    if bad:
+        click.echo(f"mta: not queue ids: {' '.join(bad)}", err=True)
+        sys.exit(1)
+    cl = AdminClient(s)
+    qids = list(dict.fromkeys(qids))
+    n, missing = 0, []
+    for i in range(0, max(len(qids), 1), FLUSH_CHUNK):
+        fields = ([("domain", domain)] if domain is not None else []) + \
+            [("qid", q) for q in qids[i:i + FLUSH_CHUNK]]
+        body = cl.ok("POST", "/api/admin/flush?" + urllib.parse.urlencode(fields),
+                     allow=(200, 404) if qids else (200,))
+        n += body.get("flushed", 0)
+        missing += body.get("not_queued", [])
+    if as_json:
+        click.echo(json.dumps({"flushed": n, "not_queued": missing}))
+    else:
+        what = " and ".join(x for x in (
+            f"at {domain.strip().lower()}" if domain is not None else "",
+            f"of {len(qids) - len(missing)} message(s)" if qids else "") if x)
+        click.echo(f"{n} deferred recipient(s) {what} scheduled for delivery now")
+    if missing:
+        click.echo(f"mta: not queued: {' '.join(missing)}", err=True)
+        sys.exit(1)
 
 
 def _queue_settings(ctx, config_path):

@@ -512,21 +512,27 @@ class QueueIndex:
             self.set_deadline(m.qid, m.start + max_age)
         return finished
 
-    def flush(self, now, qids=None) -> int:
+    def flush(self, now, qids=None, domains=None) -> int:
         """Make every pending recipient due later than *now* due now (of *qids* only, when
-        given), queueing its message at *now*; how many recipients.  A message whose start
-        (options.start_time) is still after *now* is left scheduled: it was never tried."""
+        given; at one of *domains* only, when given), queueing its message at *now*; how
+        many recipients.  A message whose start (options.start_time) is still after *now*
+        is left scheduled: it was never tried."""
         if qids is None:
             msgs = list(self._walk())
         else:
             msgs = [self._slots[self._by_qid[q]] for q in qids if q in self._by_qid]
+        dids = None
+        if domains is not None:
+            dids = {self._domains.ids[d] for d in domains if d in self._domains.ids}
+            if not dids:
+                return 0
         count = 0
         for m in msgs:
             if m.start > now:
                 continue
             hit = False
             for i, s in enumerate(m.state):
-                if s == PENDING and m.due[i] > now:
+                if s == PENDING and m.due[i] > now and (dids is None or m.domain[i] in dids):
                     m.due[i] = float(now)
                     hit = True
                     count += 1

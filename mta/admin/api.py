@@ -32,6 +32,13 @@ Routes (JSON; errors are ``{"errors": [{"message": ...}]}``):
     with ``dsn=1``, a DSN to the sender.  POST answers at once with the
     operation's id and total; GET reports ``done`` of ``total`` per operation
     until ``finished``.
+``POST /api/admin/flush[?domain=D][&qid=QID...]``
+    ``mta queue flush``: every deferred recipient (none of the fields), those at
+    recipient domain ``domain``, of the messages ``qid`` (repeated; at most
+    FLUSH_QIDS), or both, is due now; the delivery processes end their dead-site
+    holds (after every host of a site failed) of those domains' sites only.
+    Suspensions stay.  ``{"flushed": N, "not_queued": [QID...]}``; 400 for a
+    malformed domain or queue id, 404 when none of the ``qid`` is queued.
 ``GET /api/admin/rules``, ``DELETE /api/admin/rules/NAME-OR-ID``
     the suspensions, throttles, back-offs and warm-ups in effect (the response
     rule, reply, source, site, time left; as ``mta rules list --json``), read
@@ -86,6 +93,7 @@ SUSPEND_FIELDS = ("domain", "campaign", "pool", "site", "source")
 BOUNCE_FIELDS = ("domain", "site", "campaign", "pool")
 MAX_DURATION = 10 * 366 * 86400.0   # seconds a suspension may be given
 FOREVER = 100 * 366 * 86400.0     # a delivery suspension "until resumed" lasts this long
+FLUSH_QIDS = 100                # queue ids one flush request names at most
 DELIVERY_SEES = 10.0            # seconds to wait, at most, for every delivery process
                                 # to have read the store (they do once a second)
 
@@ -263,6 +271,9 @@ class Api:
                     return _json(404, {"errors": [{"message": f"no bulk bounce {op[:80]!r} "
                                                               "is known"}]})
                 return _json(200, found[0])
+            if path == b"/api/admin/flush":
+                _only(method, b"POST")
+                return await self.flush(query)
             if path == b"/api/admin/queue":
                 _only(method, b"GET")
                 return _json(200, await self.queue())
@@ -479,6 +490,58 @@ class Api:
             for n in range(self.settings.shards)), return_exceptions=True)
         return sum(r.count for r in replies if isinstance(r, bus.SpoolQueueFlushReply))
 
+    # ------------------------------------------------------------- flush
+
+    async def flush(self, query: bytes) -> tuple[int, dict, bytes]:
+        """``mta queue flush [--domain D] [--queue-id QID...]`` (the module's doc)."""
+        try:
+            pairs = urllib.parse.parse_qsl(query.decode("utf-8"), keep_blank_values=True,
+                                           max_num_fields=FLUSH_QIDS + 1)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise BadRequest("query", f"query: {exc} (at most {FLUSH_QIDS} queue ids in "
+                                      "one request)") from None
+        domains: list[str] = []
+        qids: list[str] = []
+        for k, v in pairs:
+            if k == "domain":
+                if domains:
+                    raise BadRequest(k, "domain: one domain a request")
+                try:
+                    d = ctl.check_field(k, v)
+                except ValueError as exc:
+                    raise BadRequest(k, str(exc)) from None
+                if not _is_domain(d):
+                    raise BadRequest(k, f"domain: not a domain name: {v[:100]!r}")
+                domains.append(d)
+            elif k == "qid":
+                if not is_qid(v):
+                    raise BadRequest(k, f"qid: not a queue id: {v[:100]!r}")
+                if v not in qids:
+                    qids.append(v)
+            else:
+                raise BadRequest(k, f"{k[:100]}: not a field here (use domain, qid)")
+        if len(qids) > FLUSH_QIDS:
+            raise BadRequest("qid", f"qid: at most {FLUSH_QIDS} queue ids in one request")
+        if not qids:
+            replies = await asyncio.gather(*(self._ask(n, bus.SpoolQueueFlush, False, domains)
+                                             for n in range(self.settings.shards)))
+        else:
+            by_shard: dict[int, list[str]] = {}
+            for qid in qids:
+                by_shard.setdefault(shard_of(qid, self.settings.shards), []).append(qid)
+            replies = await asyncio.gather(*(
+                self._ask(n, bus.SpoolQueueFlush, False, domains, group)
+                for n, group in by_shard.items()))
+        body = {"flushed": sum(r.count for r in replies),
+                "not_queued": [q for r in replies for q in r.unknown]}
+        log.info("queue flushed through the admin API%s: %d recipient(s) due now",
+                 "".join(f" domain={d}" for d in domains) + "".join(f" qid={q}" for q in qids),
+                 body["flushed"])
+        if qids and len(body["not_queued"]) == len(qids):
+            body["errors"] = [{"message": f"not queued: {' '.join(qids)}", "field": "qid"}]
+            return _json(404, body)
+        return _json(200, body)
+
     # ------------------------------------------------------- bulk bounce
 
     async def bounce(self, params: dict) -> dict:
@@ -564,6 +627,16 @@ class Api:
         except ServerError as exc:
             log.warning("status: %s", exc)
         return doc
+
+
+def _is_domain(d: str) -> bool:
+    """Whether *d* (lower case) can be a recipient domain: a domain literal, or labels
+    of letters (an IDN's too), digits, '-' and '_' of at most 63 characters each."""
+    if d.startswith("[") and d.endswith("]"):
+        return 2 < len(d) <= 255 and not any(c.isspace() for c in d)
+    return 0 < len(d) <= 255 and all(
+        0 < len(label) <= 63 and all(c.isalnum() or c in "-_" for c in label)
+        for label in d.split("."))
 
 
 def _query(query: bytes) -> dict[str, str]:

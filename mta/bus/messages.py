@@ -40,7 +40,7 @@ __all__ = [
     "SpoolQueueFlush", "SpoolQueueFlushReply", "SpoolAdminBounce", "SpoolAdminProgress",
     "SpoolAdminRefresh", "SpoolAdminReply", "DeliveryMessageReady", "DeliveryOutcome",
     "DeliveryOutcomes", "MAX_OUTCOMES_PER_SEND", "DeliveryJobs", "MAX_JOBS_PER_SEND",
-    "DeliveryQueueFlush",
+    "DeliveryQueueFlush", "MAX_FLUSH_NAMES",
     "MAX_JOB_BATCH_BYTES",
     "SPOOL_REQUESTS", "SPOOL_REPLIES", "DELIVERY_JOBS", "DELIVERY_OUTCOMES",
     "StatSample", "StatHistogram", "StatsReport", "STATS_REPORTS",
@@ -76,6 +76,8 @@ PRIORITY_BULK = 0
 PRIORITY_TRANSACTIONAL = 1
 
 QueueId = Annotated[str, Meta(min_length=1, max_length=MAX_QID)]
+MAX_FLUSH_NAMES = 1000   # domains or queue ids one selective flush names at most
+Domain = Annotated[str, Meta(min_length=1, max_length=255)]
 Outcome = Literal["delivered", "deferred", "failed", "requeued"]
 
 
@@ -201,11 +203,16 @@ class SpoolQueueFlush(Message, tag=13):
     req: int
     # only the messages delivery REQUEUED (a site or source suspension ended)
     requeued: bool = False
+    # only the recipients at these domains (mta queue flush --domain), of these messages
+    # (--queue-id); neither: every deferred recipient
+    domains: Annotated[list[Domain], Meta(max_length=MAX_FLUSH_NAMES)] = []
+    qids: Annotated[list[QueueId], Meta(max_length=MAX_FLUSH_NAMES)] = []
 
 
 class SpoolQueueFlushReply(Message, tag=14):
     req: int
     count: int
+    unknown: list[str] = []         # the qids asked for that are not queued
 
 
 class SpoolAdminBounce(Message, tag=16):
@@ -340,11 +347,14 @@ class DeliveryJobs(Message, tag=21):
 
 
 class DeliveryQueueFlush(Message, tag=22):
-    """The operator flushed the queue (mta queue flush): end every dead-site hold now.
+    """The operator flushed the queue (mta queue flush): end every dead-site hold now
+    (with *domains*: only those of the sites these domains go to).
 
     Sent by each shard to every delivery process ahead of the jobs the flush made
     due, so that they find the sites that failed a moment ago open again.
     """
+
+    domains: Annotated[list[Domain], Meta(max_length=MAX_FLUSH_NAMES)] = []
 
 
 # ------------------------------------------------------------ every child -> admin

@@ -59,7 +59,8 @@ and, unless another connection of that (source x site) works, so are the jobs
 for it that come in the next ``retry_schedule[0]`` seconds, without a
 connection each ("delivery temporarily suspended: ...", like Postfix's dead
 destination); the first job after that tries the site again, as does the first
-after ``mta queue flush`` (:meth:`Engine.flush`).
+after ``mta queue flush`` (:meth:`Engine.flush`; ``--domain``/``--queue-id``: of the
+sites of the domains flushed).
 
 Outcome per recipient -- ``delivered``, ``deferred`` (4xx, connection or DNS
 trouble), ``failed`` (5xx) or ``requeued`` (not attempted) -- with the reply,
@@ -1749,17 +1750,23 @@ class Engine:
                     lane.retry.cancel()
                     lane.retry = None
 
-    def flush(self) -> int:
+    def flush(self, domains=()) -> int:
         """The operator flushed the queue: every (source x site) held after all its hosts
-        failed is tried again by its next job; how many were held."""
+        failed is tried again by its next job (with *domains*: only those of the sites
+        this process routes these domains to; one it has not routed yet has no hold
+        here); how many were held."""
+        if domains:
+            sites = {k[0] for k in map(self.domain_site.get, domains) if k is not None}
+        else:
+            sites = self.sites.values()
         n = 0
-        for site in self.sites.values():
+        for site in sites:
             if site.down:
                 n += len(site.down)
                 site.down.clear()
         if n:
             log.info("queue flush: %d (source x site) hold(s) after failed connections "
-                     "ended", n)
+                     "ended%s", n, f" (of {len(domains)} domain(s))" if domains else "")
         return n
 
     def adaptive_tick(self) -> None:

@@ -2,7 +2,8 @@
 
 Reads:   DELIVERY_MESSAGE_READY from the spool shards (ROUTER ``delivery-<d>``):
          one message's recipients for one domain, with the message;
-         DELIVERY_QUEUE_FLUSH (``mta queue flush``): the dead-site holds end.
+         DELIVERY_QUEUE_FLUSH (``mta queue flush``): the dead-site holds end (of the
+         sites of the domains it names, if any).
 Writes:  DELIVERY_OUTCOME back to the spool shard that sent the job (the
          message's owner), one per job, per-recipient results inside; the
          outcomes finished in one loop turn go to a shard together, as one
@@ -105,7 +106,7 @@ class Delivery:
             for one in msg.jobs:
                 submit(Job(one, peer))
         elif type(msg) is bus.DeliveryQueueFlush:
-            self.engine.flush()         # (ahead of the jobs the flush made due)
+            self.engine.flush(msg.domains)  # (ahead of the jobs the flush made due)
             return
         else:
             self.engine.submit(Job(msg, peer))

@@ -22,7 +22,8 @@ decides, for the next job, whether it may go and where
   than each being read and sent to be told so -- a freed slot of the cap
   would otherwise take the next one, and a suspended site's whole backlog
   would go through delivery once per suspension.  A queue flush ends every
-  pause (a suspension cancelled by the operator ends with one).
+  pause (a suspension cancelled by the operator ends with one; a flush of some
+  domains or messages, those of their domains).
 - **Spreading.** A domain's jobs go to its home delivery process
   (``domain_shard(domain, n)``) until ``delivery.spread_threshold`` are out
   there; then each next job goes to the process with the fewest jobs out for
@@ -166,9 +167,13 @@ class Window:
             return 0.0
         return until
 
-    def unpause(self, now: float | None = None) -> None:
-        """End the pauses that ran out by *now* (None: all of them)."""
-        if now is None:
+    def unpause(self, now: float | None = None, domains=None) -> None:
+        """End the pauses that ran out by *now* (None: all of them; of *domains* only,
+        when given)."""
+        if domains is not None:
+            for key in [k for k in self.paused if k[0] in domains]:
+                del self.paused[key]
+        elif now is None:
             self.paused.clear()
         else:
             for key in [k for k, until in self.paused.items() if until <= now]:

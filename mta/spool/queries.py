@@ -111,6 +111,28 @@ def flush(store, req: int, qids=None) -> bus.SpoolQueueFlushReply:
     return bus.SpoolQueueFlushReply(req, count)
 
 
+def flush_some(store, req: int, domains: list, qids: list):
+    """``mta queue flush --domain / --queue-id``: make the deferred recipients at *domains*
+    (any, when none is given) of the messages *qids* (any, when none is given) due now.
+    (The reply, which names the *qids* not queued; the domains whose sites' dead-site
+    holds end: *domains*, else those of the named messages' pending recipients.)"""
+    index = store.index
+    known = [q for q in qids if q in index]
+    unknown = [q for q in qids if q not in index]
+    count = index.flush(time.time(), known if qids else None, domains or None)
+    holds = set(domains)
+    if not domains:
+        for qid in known:
+            at = index.domains(qid)
+            # (a domain DELIVERY_QUEUE_FLUSH cannot carry has no site anyway)
+            holds.update(d for d in (at[i] for i in index.pending_idxs(qid))
+                         if 0 < len(d) <= 255)
+    log.info("queue flush (%s): %d deferred recipient(s) due now",
+             " ".join([f"domain={d}" for d in domains] + [f"queue_id={q}" for q in qids])[:500],
+             count)
+    return bus.SpoolQueueFlushReply(req, count, unknown), holds
+
+
 def show(store, req: int, qid: str) -> bus.SpoolMessageShowReply:
     """One message's envelope, recipients' progress and body (read from its record)."""
     index = store.index

@@ -35,7 +35,8 @@ attempt counted and no event, and, when it names no source (none of the pool's
 may send to the site), the other messages of its domain and pool wait until
 then as well (``Window.pause``; each spread likewise).  The
 operator's flush (``mta queue flush``) goes to every delivery process too
-(DELIVERY_QUEUE_FLUSH, ahead of the jobs it makes due: their dead-site holds end).  A job whose outcome never comes back
+(DELIVERY_QUEUE_FLUSH, ahead of the jobs it makes due: their dead-site holds end; with
+``--domain`` or ``--queue-id``, those of the sites of the domains flushed).  A job whose outcome never comes back
 is dispatched again: at once when its delivery process disconnects (it died;
 see :meth:`Shard.follow_links`), else after the delivery timeouts plus
 ``delivery.job_timeout_margin`` (:meth:`Shard.expire_jobs`): at-least-once.
@@ -205,7 +206,8 @@ class Shard:
         self.started = time.time()
         # delivery processes a flush's DeliveryQueueFlush did not reach yet (their queue
         # was full): it goes before the next jobs sent to them (_send_flush)
-        self.flush_owed: set[int] = set()
+        # (process -> the domains whose sites' holds end; None: every site's)
+        self.flush_owed: dict[int, set[str] | None] = {}
         self.recovering = False               # reading the segment files (open())
         self.gc_was_enabled = True
         # Once a second (housekeeping): collect cyclic garbage, then exempt what survived
@@ -865,9 +867,21 @@ class Shard:
         whose queue is full stay owed.  One that is away has no hold to end (a new one
         starts without)."""
         links = self.links
-        for d in list(self.flush_owed):
-            if not links.up[d] or links.send(d, bus.DeliveryQueueFlush()):
-                self.flush_owed.discard(d)
+        for d, domains in list(self.flush_owed.items()):
+            if not links.up[d] or links.send(d, bus.DeliveryQueueFlush(
+                    sorted(domains) if domains is not None else [])):
+                del self.flush_owed[d]
+
+    def _owe_flush(self, domains: set[str] | None) -> None:
+        """Every delivery process is to end the dead-site holds of the sites of *domains*
+        (None: all of them) before the next jobs this shard sends it."""
+        owed = self.flush_owed
+        for d in range(len(self.links)):
+            if d in owed and owed[d] is None:
+                continue
+            merged = None if domains is None else domains | owed.get(d, set())
+            # (more than one message may name: every site's)
+            owed[d] = merged if merged is None or len(merged) <= bus.MAX_FLUSH_NAMES else None
 
     def _dispatch_lane(self, lane: int, out: dict[int, list]) -> None:
         """Make jobs of the due recipients of one lane, grouped by message and domain,
@@ -1118,14 +1132,23 @@ class Shard:
         elif t is bus.SpoolQueueList:
             reply = queries.listing(self.store, msg.req, msg.limit, msg.after)
         elif t is bus.SpoolQueueFlush:
-            self.window.unpause()       # (what delivery answered may have changed)
             if msg.requeued:
+                self.window.unpause()       # (what delivery answered may have changed)
                 qids, self.requeued_qids = list(self.requeued_qids), {}
                 reply = queries.flush(self.store, msg.req, qids)
+            elif msg.domains or msg.qids:
+                # (mta queue flush --domain / --queue-id) as below, for those domains only
+                reply, domains = queries.flush_some(self.store, msg.req, msg.domains,
+                                                    msg.qids)
+                if domains:
+                    self.window.unpause(domains=domains)
+                    self._owe_flush(domains)
+                    self._send_flush()
             else:
+                self.window.unpause()       # (what delivery answered may have changed)
                 # every delivery process ends its dead-site holds, before the jobs
                 # this flush makes due reach it (Postfix's flush re-enables dead sites)
-                self.flush_owed.update(range(len(self.links)))
+                self._owe_flush(None)
                 self._send_flush()
                 reply = queries.flush(self.store, msg.req)
         elif t is bus.SpoolAdminBounce:

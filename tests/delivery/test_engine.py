@@ -1499,6 +1499,47 @@ def test_a_flush_ends_the_hold_of_a_site_that_was_down():
     assert (held, Down.connections) == (1, 2)
 
 
+def test_a_flush_of_some_domains_ends_the_holds_of_their_sites_only():
+    # mta queue flush --domain / --queue-id: the DeliveryQueueFlush names the domains;
+    # a site of other domains stays held
+    Down.connections = 0
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Down, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reports = []
+        got = asyncio.Event()
+
+        def report(j, results, retry_after=0.0):
+            reports.append(results)
+            got.set()
+
+        async def one(n):
+            got.clear()
+            engine.submit(job("down.test", f"r{n}", n=n))
+            await got.wait()
+
+        engine = Engine(settings(port, connection_limit=1),       # a 60 s hold
+                        mx_to_loopback("down.test"), report, loop)
+        await one(0)
+        await one(1)                        # held: no connection
+        assert engine.flush(["other.test"]) == 0
+        await one(2)                        # still held
+        held = Down.connections
+        assert engine.flush(["other.test", "down.test"]) == 1
+        await one(3)                        # tried again
+        await engine.close()
+        server.close()
+        return reports, held
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        reports, held = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    assert "temporarily suspended" in reports[2][0].text
+    assert "temporarily suspended" not in reports[3][0].text
+    assert (held, Down.connections) == (1, 2)
+
+
 class OneAtATimeSession(PipeSession):
     """A PipeSession while no other connection of its peer is open; else the site's
     "421 too many connections" greeting (many receivers limit a sender's connections)."""

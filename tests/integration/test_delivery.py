@@ -690,6 +690,73 @@ def test_flush_ends_the_dead_site_hold_of_a_site_that_answers_again(lab):
     check_events(d, {(qid, "u1@dest.test"): "delivery"})
 
 
+def test_flush_of_a_domain_or_a_queue_id_makes_only_that_mail_go(lab):
+    """``mta queue flush --domain D`` (postqueue -s) and ``--queue-id QID`` (postqueue -i):
+    only the deferred recipients at that domain, of that message, are tried now; the
+    other deferred mail, of the same message too, waits for its retry time."""
+    from test_admin_api import admin_call
+
+    mode = {"defer": True}
+    dest = lab.aio(IP_A, rcpt=lambda s, a, f: "451 4.3.2 try later" if mode["defer"] else None)
+    lab.serve(mx("one.test", "mx.one.test", IP_A) + mx("two.test", "mx.two.test", IP_A))
+    d = lab.daemon(retry_schedule=[3600.0], retry_jitter=0.0)
+    both = d.send("alice@sender.test", ["u1@one.test", "u2@two.test"], message("both"))
+    m2 = d.send("alice@sender.test", ["v@two.test"], message("m2"))
+    m3 = d.send("alice@sender.test", ["x@two.test"], message("m3"))
+    wait_until(lambda: sum(e["type"] == "delay" for e in d.events()) == 4, 20, "four delays")
+    mode["defer"] = False
+
+    def delivered():
+        return sorted(r for _, r, _ in dest.deliveries())
+
+    out = d.cli("queue", "flush", "--domain", "One.Test").stdout.decode()
+    assert out.strip() == "1 deferred recipient(s) at one.test scheduled for delivery now"
+    wait_until(lambda: delivered() == ["u1@one.test"], 10, "u1@one.test after the flush")
+    time.sleep(1.0)
+    assert delivered() == ["u1@one.test"]            # two.test waits, of `both` too
+    assert d.queue_summary()["total"]["deferred"] == 3
+
+    r = json.loads(d.cli("queue", "flush", "--queue-id", m2, "--json").stdout)
+    assert r == {"flushed": 1, "not_queued": []}
+    wait_until(lambda: delivered() == ["u1@one.test", "v@two.test"], 10, "m2 after the flush")
+    time.sleep(1.0)
+    assert delivered() == ["u1@one.test", "v@two.test"]
+    assert d.queue_summary()["total"]["deferred"] == 2
+
+    # Bad input: exit status 1 and what is wrong; nothing flushed.
+    gone = "18A3F2C4B1D2E0300009"
+    r = d.cli("queue", "flush", "--queue-id", gone, check=False)
+    assert r.returncode == 1 and f"not queued: {gone}" in r.stderr.decode(), r
+    assert "0 deferred recipient(s) of 0 message(s)" in r.stdout.decode(), r
+    r = d.cli("queue", "flush", "--queue-id", "nonsense", check=False)
+    assert r.returncode == 1 and "not queue ids: nonsense" in r.stderr.decode(), r
+    r = d.cli("queue", "flush", "--domain", "u@two.test", check=False)
+    assert r.returncode == 1 and "domain: not a domain name: 'u@two.test'" in \
+        r.stderr.decode(), r
+    r = d.cli("queue", "flush", "--domain", "nowhere.test")       # (nothing queued there)
+    assert r.stdout.decode().strip() == \
+        "0 deferred recipient(s) at nowhere.test scheduled for delivery now"
+    for query, field in (("domain=a%40b.test", "domain"), ("domain=", "domain"),
+                         ("domain=a..test", "domain"), ("qid=xyz", "qid"),
+                         ("domain=a.test&domain=b.test", "domain"), ("bogus=1", "bogus"),
+                         ("qid=" + "&qid=".join([gone] * 102), "query")):
+        st, _, body = admin_call(d, "POST", f"/api/admin/flush?{query}")
+        assert st == 400 and body["errors"][0]["field"] == field, (query, body)
+    st, _, body = admin_call(d, "POST", f"/api/admin/flush?qid={gone}")
+    assert st == 404 and body["not_queued"] == [gone] and body["flushed"] == 0, body
+    st, _, body = admin_call(d, "GET", "/api/admin/flush")
+    assert st == 405, body
+    time.sleep(0.5)
+    assert delivered() == ["u1@one.test", "v@two.test"]
+
+    out = d.cli("queue", "flush").stdout.decode()
+    assert out.strip() == "2 deferred recipient(s) scheduled for delivery now"
+    wait_queue_empty(d)
+    assert delivered() == ["u1@one.test", "u2@two.test", "v@two.test", "x@two.test"]
+    check_events(d, {(both, "u1@one.test"): "delivery", (both, "u2@two.test"): "delivery",
+                     (m2, "v@two.test"): "delivery", (m3, "x@two.test"): "delivery"})
+
+
 # ------------------------------------------------------------------- event log
 
 def test_event_log_matches_what_the_receivers_saw(lab):

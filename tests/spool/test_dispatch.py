@@ -43,6 +43,10 @@ class Links:
         self.sent.extend((d, job) for job in jobs)
         return len(jobs)
 
+    def send(self, d, msg):
+        self.sent.append((d, msg))
+        return True
+
     def recv(self, d):
         return self.outcomes[d].pop(0) if self.outcomes[d] else None
 
@@ -733,6 +737,67 @@ def test_a_queue_flush_leaves_a_scheduled_message_until_its_start(tmp_path):
     assert shard.store.index.progress(later)[2] == [start]
     shard.dispatch()
     assert [j.qid for _, j in sent(shard)] == [now_qid]
+
+
+def test_a_flush_of_a_domain_or_a_message_makes_only_its_recipients_due(tmp_path):
+    # mta queue flush --domain / --queue-id: the deferred recipients at that domain (of
+    # that message) are due now, the others keep waiting; the delivery processes end the
+    # dead-site holds of those domains' sites only, ahead of the jobs
+    shard = make_shard(tmp_path)
+    replies = []
+    shard.server.send = lambda peer, msg: replies.append(msg)
+    both = queue(shard, ["a@x.example", "b@y.example"])
+    other = queue(shard, ["c@y.example"])
+    shard.dispatch()
+    jobs = [j for _, j in sent(shard)]
+    assert len(jobs) == 3
+    for j in jobs:
+        shard.links.outcomes[0].append(bus.DeliveryOutcome(req=j.req, qid=j.qid, results=[
+            bus.Result(r.index, bus.DEFERRED, 451, "4.3.0", "try later", "mx", "127.0.0.1")
+            for r in j.rcpts]))
+    shard.batch(outcomes=[0])
+    shard.dispatch()
+    assert sent(shard) == []
+
+    shard.query(b"cli", bus.SpoolQueueFlush(1, domains=["x.example"]))
+    assert replies.pop() == bus.SpoolQueueFlushReply(1, 1)
+    assert shard.store.index.progress(other)[2][0] > time.time() + 10
+    shard.dispatch()
+    out = sent(shard)
+    assert out[0] == (0, bus.DeliveryQueueFlush(["x.example"]))      # (first)
+    assert [(j.qid, j.domain) for _, j in out[1:]] == [(both, "x.example")]
+    job = out[1][1]
+    shard.links.outcomes[0].append(bus.DeliveryOutcome(req=job.req, qid=both, results=[
+        bus.Result(job.rcpts[0].index, bus.DELIVERED, 250, "2.0.0", "ok", "mx",
+                   "127.0.0.1")]))
+    shard.batch(outcomes=[0])
+
+    shard.query(b"cli", bus.SpoolQueueFlush(2, qids=[other, "18A3F2C4B1D2E0300009"]))
+    assert replies.pop() == bus.SpoolQueueFlushReply(2, 1, ["18A3F2C4B1D2E0300009"])
+    shard.dispatch()
+    out = sent(shard)
+    assert out[0] == (0, bus.DeliveryQueueFlush(["y.example"]))
+    assert [(j.qid, j.domain) for _, j in out[1:]] == [(other, "y.example")]
+    job = out[1][1]
+    shard.links.outcomes[0].append(bus.DeliveryOutcome(req=job.req, qid=other, results=[
+        bus.Result(0, bus.DELIVERED, 250, "2.0.0", "ok", "mx", "127.0.0.1")]))
+    shard.batch(outcomes=[0])
+    assert shard.store.index.progress(both)[2][1] > time.time() + 10   # b@y.example waits
+
+    shard.query(b"cli", bus.SpoolQueueFlush(3, domains=["nowhere.example"]))
+    assert replies.pop() == bus.SpoolQueueFlushReply(3, 0)
+    shard.dispatch()
+    assert sent(shard) == [(0, bus.DeliveryQueueFlush(["nowhere.example"]))]
+
+    # a suspended domain stays suspended: its flushed recipients are held back again
+    from mta import controls as ctl
+    ctl.save(ctl.path_of(str(tmp_path)), [ctl.Suspension(id="s1", domain="y.example")])
+    shard.query(b"cli", bus.SpoolAdminRefresh(4))
+    shard.query(b"cli", bus.SpoolQueueFlush(5, domains=["y.example"]))
+    assert replies.pop() == bus.SpoolQueueFlushReply(5, 1)
+    shard.dispatch()
+    assert sent(shard) == [(0, bus.DeliveryQueueFlush(["y.example"]))]
+    assert list(shard.held) == [both], (list(shard.held), both, other)
 
 
 def test_a_delete_of_messages_no_longer_queued_is_answered(tmp_path):

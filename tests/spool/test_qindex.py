@@ -383,6 +383,19 @@ def test_flush(mod):
     assert q.progress(Q1)[2] == [T0, T0 - 5, T0 + 50] and q.scheduled(Q1) == T0
 
 
+def test_flush_of_domains_makes_only_their_recipients_due(mod):
+    # mta queue flush --domain: the message's recipients elsewhere keep waiting
+    q = mod.QueueIndex(1.0)
+    put(q, Q1, ["a", "b", "a"], due=[T0 + 50, T0 + 60, T0 + 70])
+    put(q, Q2, ["b"], due=[T0 + 80])
+    assert q.flush(T0, None, ["nowhere"]) == 0
+    assert q.scheduled(Q1) is None and q.scheduled(Q2) is None
+    assert q.flush(T0, None, ["a"]) == 2
+    assert q.progress(Q1)[2] == [T0, T0 + 60, T0] and q.scheduled(Q1) == T0
+    assert q.progress(Q2)[2] == [T0 + 80] and q.scheduled(Q2) is None
+    assert q.flush(T0, [Q1], ["b"]) == 1 and q.progress(Q2)[2] == [T0 + 80]
+
+
 def test_flush_leaves_a_message_whose_start_is_ahead(mod):
     # options.start_time still ahead: never tried, so nothing to retry now
     q = mod.QueueIndex(1.0)
@@ -485,7 +498,8 @@ op_s = st.one_of(
     st.tuples(st.just("clear_deadline"), qid_s),
     st.tuples(st.just("passed"), time_s),
     st.tuples(st.just("ready"), qid_s, time_s),
-    st.tuples(st.just("flush"), time_s, st.one_of(st.none(), st.lists(qid_s, max_size=4))),
+    st.tuples(st.just("flush"), time_s, st.one_of(st.none(), st.lists(qid_s, max_size=4)),
+              st.one_of(st.none(), st.sets(st.sampled_from(DOMAINS + ["nowhere"])))),
     st.tuples(st.just("select"), st.one_of(st.none(), st.sets(st.sampled_from(DOMAINS))),
               st.sampled_from(["", "c1"]), st.sampled_from(["", "mkt"])),
     st.tuples(st.just("matching"), qid_s, st.sets(st.sampled_from(DOMAINS)),
