@@ -438,6 +438,11 @@ class Plan:
         info = index.info(qid)
         if info is None:
             return
+        if qid in self.deleted_qids:
+            # (deleted in this batch: its recipients out are not "delayed"; filed again
+            # should the batch not be written)
+            self.look[qid] = now
+            return
         start = info[_START]
         deadline = policy.deadline(start)
         warn = policy.delay_warning

@@ -523,12 +523,12 @@ class Shard:
         work, self.expire_work = self.expire_work, []
         for qid, idxs in work:
             plan.expire(qid, idxs, now)
-        if self.notice_work:        # (after the outcomes: those they decide on are theirs)
-            n = cfg.max_batch_messages
+        op_taken = self.op_work(plan, now) if self.ops else []
+        if self.notice_work:        # (after the outcomes and the operator's bounces: those
+            n = cfg.max_batch_messages      # they decide on are theirs)
             work, self.notice_work = self.notice_work[:n], self.notice_work[n:]
             for qid in work:
                 plan.remind(qid, now)
-        op_taken = self.op_work(plan, now) if self.ops else []
         plan.finish(now)
         if plan.unsettled and finished:
             # found finished at dispatch, but the bounce they owe could not be made (their

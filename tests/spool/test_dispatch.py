@@ -1071,3 +1071,45 @@ def test_a_job_that_answers_in_the_batch_of_its_messages_delete_ends_its_recipie
     assert got == [("a@x.example", ev.BOUNCE, 25), ("b@y.example", ev.BOUNCE, 10)], written
     assert len(shard.store.index) == 0          # no DSN queued for the deleted message
     assert shard.deleted_out == {} and shard.window.jobs == {}
+
+
+def test_no_delay_notice_for_a_message_deleted_or_bounced_by_the_operator_in_its_batch(
+        tmp_path):
+    # The sweep found the message past delay_warning_time; the batch that looks at it
+    # for a delay notice (Plan.remind) also takes the operator's delete of it (its job
+    # still out) or a bulk bounce of it: the sender got a "delayed" DSN for a message the
+    # operator had deleted, and a "delayed" one with the bounce, for the same recipient.
+    shard = make_shard(tmp_path, delay_warning_time=30.0, max_age=3600.0)
+    q = shard.store.index
+    qid = queued_at(shard, time.time() - 40.0, ["a@x.example"])
+    shard.dispatch()
+    [(d, job)] = sent(shard)                      # (its job is out)
+    shard.expire_waiting()
+    assert shard.notice_work == [qid]
+    real = shard.store.write
+
+    def failing(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    shard.store.write = failing                   # (a delete not written: still queued,
+    shard.batch(deletes=[(b"cli", bus.SpoolMessageDelete(1, [qid]))])
+    assert qid in q and qid in q.passed(time.time() + 5.0)     # and looked at again)
+    shard.store.write = real
+    shard.healthy = True
+    shard.notice_work = [qid]
+    shard.batch(deletes=[(b"cli", bus.SpoolMessageDelete(2, [qid]))])
+    assert qid not in q
+    assert len(q) == 0                            # no DSN queued
+    # a bulk bounce (with its DSN) of a message the sweep found in the same batch
+    shard = make_shard(tmp_path / "op", delay_warning_time=30.0, max_age=3600.0, hold=True)
+    q = shard.store.index
+    qid = queued_at(shard, time.time() - 40.0, ["a@x.example"])
+    shard.start_bounce(bus.SpoolAdminBounce(1, "op1", {"domains": ["x.example"]}, "test",
+                                            True))
+    shard.expire_waiting()
+    assert shard.notice_work == [qid]
+    shard.batch()
+    assert qid not in q
+    [dsn] = q.sorted_qids()
+    body = shard.store.read_record(dsn)[1]
+    assert b"Action: failed" in body and b"Action: delayed" not in body
