@@ -356,7 +356,10 @@ class Shard:
         if new == old:
             return
         self.dcfg = new
+        first_look = self.policy.first_look()
         self.policy = sch.RetryPolicy(new)
+        if self.policy.first_look() < first_look:
+            self._look_sooner()
         # Never lowered while running: the delivery processes are replaced after this
         # SIGHUP, one at a time, and the old ones finish their jobs (and take new ones
         # meanwhile) under the old timeouts; a job out longer than a lowered bound would
@@ -681,6 +684,18 @@ class Shard:
         set_deadline = self.q.set_deadline
         for qid, t in look.items():
             set_deadline(qid, t)
+
+    def _look_sooner(self) -> None:
+        """``delay_warning_time`` was turned on or lowered (a reload): every message filed
+        for the sweep is filed again at its new first look (RetryPolicy.first_look), as
+        the queue was filed for the old one, or for its deadline; the sweep files each
+        again as it finds it (once, on a reload: a walk of the queue)."""
+        q = self.q
+        first_look = self.policy.first_look()
+        for qid in q.passed(float("inf")):
+            info = q.info(qid)
+            if info is not None:
+                q.set_deadline(qid, info[_START] + first_look)
 
     def _requeue(self, plan: Plan) -> None:
         """REQUEUED recipients: their new due time, in memory only (not an attempt).

@@ -1113,3 +1113,27 @@ def test_no_delay_notice_for_a_message_deleted_or_bounced_by_the_operator_in_its
     [dsn] = q.sorted_qids()
     body = shard.store.read_record(dsn)[1]
     assert b"Action: failed" in body and b"Action: delayed" not in body
+
+
+def test_a_reload_turning_delay_notices_on_or_sooner_files_the_queue_for_them(tmp_path):
+    # delivery.delay_warning_time reaches a running shard at a reload; the messages
+    # queued before it were filed for the sweep at the old warning time (or, with
+    # notices off, at their deadline only), so one that waited untried (a suspended site,
+    # handed back) got no notice however long it waited past the new one.
+    shard = make_shard(tmp_path, max_age=3600.0)            # (notices off)
+    old = queued_at(shard, time.time() - 40.0, ["a@x.example"])
+    young = queued_at(shard, time.time(), ["b@x.example"])
+    _reload_to(shard, delay_warning_time=30.0)
+    shard.expire_waiting()
+    assert shard.notice_work == [old]
+    shard.batch()
+    q = shard.store.index
+    [notice] = [x for x in q.sorted_qids() if x not in (old, young)]
+    assert b"Action: delayed" in shard.store.read_record(notice)[1]
+    assert young in q.passed(time.time() + 30.0 + 3.6 + 0.1)   # (at its own time)
+    # lowered: filed for the new time, not the old one
+    shard = make_shard(tmp_path / "lower", max_age=3600.0, delay_warning_time=600.0)
+    old = queued_at(shard, time.time() - 40.0, ["a@x.example"])
+    _reload_to(shard, delay_warning_time=30.0)
+    shard.expire_waiting()
+    assert shard.notice_work == [old]
