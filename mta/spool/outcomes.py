@@ -451,13 +451,18 @@ class Plan:
             return
         st = self._state(qid)
         flags = index.progress(qid)[3]
-        decided = {u[0] for u in self.updates.get(qid, ())}
-        waiting = [i for i, s in enumerate(st) if s == sch.PENDING and i not in decided
-                   and not flags[i] & RCPT_DELAY_NOTIFIED]
-        if not waiting:
+        # (recipient -> named by this batch's outcomes; those they decided on are theirs)
+        decided = {u[0]: len(u) > 4 and u[4] & RCPT_DELAY_NOTIFIED
+                   for u in self.updates.get(qid, ())}
+        left = [i for i, s in enumerate(st) if s == sch.PENDING
+                and not flags[i] & RCPT_DELAY_NOTIFIED and not decided.get(i)]
+        if not left:
             self.look[qid] = deadline
             return
-        if not self._may_notice(qid, now):
+        waiting = [i for i in left if i not in decided]
+        if not waiting or not self._may_notice(qid, now):
+            # (one deferred in this batch and not named: within the interval of the
+            # message's last notice; looked at again when it is over)
             last = self.noticed.get(qid, self.started)
             self.look[qid] = min(max(last + warn, now + 1.0), deadline)
             return

@@ -660,6 +660,33 @@ def test_a_look_for_delay_notices_leaves_this_batchs_outcomes_and_keeps_the_inte
     assert sorted(u[0] for u in plan.updates["Q1"]) == [0, 1, 2]   # each once
 
 
+def test_a_look_for_delay_notices_comes_back_for_one_deferred_in_its_batch_unnamed():
+    # After a restart (a notice of the message went before it: a recipient's flag), the
+    # first look and b's deferral come in one batch, both within the interval from the
+    # start: b is not named, and the look must come back when the interval is over --
+    # it was filed for the deadline, so b, never deferred again (its site suspended,
+    # handed back), got no notice at all.
+    from mta.store import RCPT_DELAY_NOTIFIED
+    pol = policy()
+    pol.delay_warning = 30.0            # ARRIVAL is NOW - 60: past it
+    q = Queue(entry("Q1", ["a@x.test", "b@y.test"]))
+    q.index.apply("Q1", [[0, sch.PENDING, 1, NOW + 100, RCPT_DELAY_NOTIFIED]])
+    plan = Plan(q.index, q.metas.__getitem__, pol, lambda qid: ORIGINAL, lambda: "N1", HOST,
+                noticed={}, started=NOW - 10)
+    plan.outcome("Q1", [result(1, bus.DEFERRED, 451, "4.3.0", "later")], NOW)
+    plan.remind("Q1", NOW)
+    plan.finish(NOW)
+    assert plan.bounces == []                           # (within the interval)
+    assert plan.look == {"Q1": NOW - 10 + 30}           # then b is named
+    q.index.apply("Q1", plan.updates["Q1"])
+    plan = Plan(q.index, q.metas.__getitem__, pol, lambda qid: ORIGINAL, lambda: "N2", HOST,
+                noticed={}, started=NOW - 10)
+    plan.remind("Q1", NOW + 20)
+    plan.finish(NOW + 20)
+    [(_, data)] = plan.bounces
+    assert re.findall(rb"Final-Recipient: rfc822; (\S+)", data) == [b"b@y.test"]
+
+
 def fired(action: str, name: str = "gmail-rate", until: float = 0.0) -> bus.FiredRule:
     return bus.FiredRule(name, "", action, "source_site", "421 4.7.28 unusual rate", "rcpt",
                          until)
