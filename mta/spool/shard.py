@@ -392,7 +392,10 @@ class Shard:
             if wait > 0:
                 settle = False
                 timeout = min(timeout, int(wait * 1000) + 1)
-        work = self.expire_work or self.notice_work or self.finish_work or settle or ops
+        # (delay-notice looks wait while writes fail: taken at once, a batch's worth at a
+        # time, they would make the loop spin on a full disk)
+        notices = self.healthy and bool(self.notice_work)
+        work = self.expire_work or notices or self.finish_work or settle or ops
         if work:
             timeout = 0
         requests, outcomes, changes = self.poller.wait(timeout)
@@ -527,8 +530,8 @@ class Shard:
         for qid, idxs in work:
             plan.expire(qid, idxs, now)
         op_taken = self.op_work(plan, now) if self.ops else []
-        if self.notice_work:        # (after the outcomes and the operator's bounces: those
-            n = cfg.max_batch_messages      # they decide on are theirs)
+        if self.notice_work and self.healthy:   # (after the outcomes and the operator's
+            n = cfg.max_batch_messages          # bounces: those they decide on are theirs)
             work, self.notice_work = self.notice_work[:n], self.notice_work[n:]
             for qid in work:
                 plan.remind(qid, now)

@@ -366,6 +366,53 @@ def test_a_bounce_owed_during_a_storage_failure_does_not_spin_the_shard(rig):
     _owed_bounce_goes_out(shard, qid)
 
 
+def test_delay_notice_looks_during_a_storage_failure_do_not_spin_the_shard(rig):
+    """The messages the sweep found past delay_warning_time are looked at a batch's
+    worth at a time; while the spool could not write (disk full), each turn took the
+    next ones without waiting, built their notices (reading each message) and failed
+    again, back to back: a busy loop as long as the backlog lasted, renewed every
+    second.  They wait until writes succeed, then their notices go out."""
+    shard, clients, order = rig
+    for req, c in enumerate(clients, start=1):
+        c.sock.send(commit(req))
+    wait_all_requests_arrived(shard, clients)
+    shard.step()
+    for c in clients:
+        assert c.sock.poll(5000)
+        c.sock.recv()
+    q, st = shard.q, shard.store
+    qids = q.sorted_qids()
+    assert len(qids) == ACCEPTORS * PER_REQUEST
+    shard.policy.delay_warning = 0.001
+    shard.cfg = msgspec.structs.replace(shard.cfg, max_batch_messages=1)
+    shard.notice_work = list(qids)                 # (as the sweep finds them)
+    write = st.write
+    writes = []
+
+    def full(*a, **k):
+        writes.append(1)
+        raise OSError(28, "No space left on device")
+
+    st.write = full
+    deadline = time.monotonic() + 0.5
+    for _ in range(5000):
+        if time.monotonic() >= deadline:
+            break
+        shard.step()
+    assert 1 <= len(writes) <= 3, len(writes)
+    st.write = write
+    deadline = time.monotonic() + 10.0
+    while len(q) < 2 * len(qids) - len(writes) and time.monotonic() < deadline:
+        shard.step()
+    notices = [st.read_record(x) for x in q.sorted_qids() if x not in qids]
+    assert all(b"Action: delayed" in body for _, body in notices)
+    noticed = {m.client.rpartition(" ")[2] for m, _ in notices}
+    assert len(noticed) == len(notices) == len(qids) - len(writes)
+    # (those of the batches not written: looked at again, at the sweep's next bucket)
+    again = set(q.passed(time.time() + 2.0 + q.width))
+    assert set(qids) - noticed <= again
+
+
 def test_a_bounce_owed_whose_last_outcome_was_not_written_goes_out_all_the_same(rig):
     """The last job out of a message that owes a bounce comes back in a batch that
     cannot be written (disk full): the message is tried again later -- but delivery is
