@@ -431,9 +431,10 @@ class Plan:
         """Delay notices by time in queue: the recipients of *qid* still pending and not
         named in one yet, its message having waited ``delay_warning_time`` -- deferred,
         handed back (REQUEUED), held by a suspension or never tried alike (those this
-        batch's outcomes decided on are theirs).  Same rules as at a deferral: the flag
-        written, NOTIFY obeyed, one notice per message and interval.  :attr:`look` says
-        when the shard's expiry sweep looks at *qid* again."""
+        batch's outcomes decided on are theirs; one with a job out waits for its outcome).
+        Same rules as at a deferral: the flag written, NOTIFY obeyed, one notice per
+        message and interval.  :attr:`look` says when the shard's expiry sweep looks at
+        *qid* again."""
         index, policy = self.index, self.policy
         info = index.info(qid)
         if info is None:
@@ -448,6 +449,11 @@ class Plan:
         warn = policy.delay_warning
         if not warn or now < start + warn:
             self.look[qid] = start + policy.first_look()    # (off since, or not yet)
+            return
+        if info[_OUT]:
+            # a job of it is out: its recipients may be delivered in a moment, and a
+            # deferral names them (that outcome decides); looked at again after it
+            self.look[qid] = min(now + 1.0, deadline)
             return
         st = self._state(qid)
         flags = index.progress(qid)[3]

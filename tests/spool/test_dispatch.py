@@ -1137,3 +1137,23 @@ def test_a_reload_turning_delay_notices_on_or_sooner_files_the_queue_for_them(tm
     _reload_to(shard, delay_warning_time=30.0)
     shard.expire_waiting()
     assert shard.notice_work == [old]
+
+
+def test_no_delay_notice_for_a_recipient_whose_delivery_is_under_way(tmp_path):
+    # The sweep's look (Plan.remind) came while the message's job was out: the sender
+    # got a "delayed" DSN for a recipient delivered a moment later.  Its outcome decides
+    # (a deferral names it, as always); the message is looked at again after it.
+    shard = make_shard(tmp_path, delay_warning_time=30.0, max_age=3600.0)
+    q = shard.store.index
+    qid = queued_at(shard, time.time() - 40.0, ["a@x.example"])
+    shard.dispatch()
+    [(d, job)] = sent(shard)
+    shard.expire_waiting()
+    assert shard.notice_work == [qid]
+    shard.batch()
+    assert q.sorted_qids() == [qid]                           # no notice (yet)
+    assert qid in q.passed(time.time() + 1.0 + q.width)       # looked at again
+    shard.links.outcomes[d].append(bus.DeliveryOutcome(req=job.req, qid=qid, results=[
+        bus.Result(0, bus.DELIVERED, 250, "2.0.0", "ok", "mx.x.example", "127.0.0.2")]))
+    shard.batch(outcomes=[d])
+    assert len(q) == 0                                        # delivered: no DSN at all
