@@ -48,6 +48,7 @@ when the disk does.
 """
 from __future__ import annotations
 
+import collections
 import gc
 import itertools
 import logging
@@ -175,7 +176,7 @@ class Shard:
         self.requeue_logged = 0.0
         self.expire_work: list[tuple[str, list[int]]] = []
         # messages the sweep found waiting past delay_warning_time (Plan.remind)
-        self.notice_work: list[str] = []
+        self.notice_work: collections.deque[str] = collections.deque()
         # messages with no pending recipient left whose DONE is still to be written (found
         # at dispatch: their last job's outcome never came and it was taken back)
         self.finish_work: list[str] = []
@@ -532,9 +533,9 @@ class Shard:
         op_taken = self.op_work(plan, now) if self.ops else []
         if self.notice_work and self.healthy:   # (after the outcomes and the operator's
             n = cfg.max_batch_messages          # bounces: those they decide on are theirs)
-            work, self.notice_work = self.notice_work[:n], self.notice_work[n:]
-            for qid in work:
-                plan.remind(qid, now)
+            work = self.notice_work     # (a deque: a backlog of a million is not copied
+            for _ in range(min(n, len(work))):      # again for each batch taken from it)
+                plan.remind(work.popleft(), now)
         plan.finish(now)
         if plan.unsettled and finished:
             # found finished at dispatch, but the bounce they owe could not be made (their

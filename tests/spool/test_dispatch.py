@@ -8,6 +8,7 @@ sockets, no timing.
 """
 from __future__ import annotations
 
+import collections
 import os
 import time
 
@@ -406,9 +407,9 @@ def test_a_recipient_handed_back_again_and_again_gets_its_delay_notice(tmp_path)
         shard.window.unpause()
     assert len(q) == 1
     shard.expire_waiting()
-    assert shard.notice_work == [qid]
+    assert list(shard.notice_work) == [qid]
     shard.batch()
-    assert shard.notice_work == []
+    assert list(shard.notice_work) == []
     [notice] = [x for x in q.sorted_qids() if x != qid]
     meta, body = shard.store.read_record(notice)
     assert meta.sender == "" and meta.rcpts == ["s@example.com"]
@@ -1085,7 +1086,7 @@ def test_no_delay_notice_for_a_message_deleted_or_bounced_by_the_operator_in_its
     shard.dispatch()
     [(d, job)] = sent(shard)                      # (its job is out)
     shard.expire_waiting()
-    assert shard.notice_work == [qid]
+    assert list(shard.notice_work) == [qid]
     real = shard.store.write
 
     def failing(*a, **k):
@@ -1096,7 +1097,7 @@ def test_no_delay_notice_for_a_message_deleted_or_bounced_by_the_operator_in_its
     assert qid in q and qid in q.passed(time.time() + 5.0)     # and looked at again)
     shard.store.write = real
     shard.healthy = True
-    shard.notice_work = [qid]
+    shard.notice_work = collections.deque([qid])
     shard.batch(deletes=[(b"cli", bus.SpoolMessageDelete(2, [qid]))])
     assert qid not in q
     assert len(q) == 0                            # no DSN queued
@@ -1107,7 +1108,7 @@ def test_no_delay_notice_for_a_message_deleted_or_bounced_by_the_operator_in_its
     shard.start_bounce(bus.SpoolAdminBounce(1, "op1", {"domains": ["x.example"]}, "test",
                                             True))
     shard.expire_waiting()
-    assert shard.notice_work == [qid]
+    assert list(shard.notice_work) == [qid]
     shard.batch()
     assert qid not in q
     [dsn] = q.sorted_qids()
@@ -1125,7 +1126,7 @@ def test_a_reload_turning_delay_notices_on_or_sooner_files_the_queue_for_them(tm
     young = queued_at(shard, time.time(), ["b@x.example"])
     _reload_to(shard, delay_warning_time=30.0)
     shard.expire_waiting()
-    assert shard.notice_work == [old]
+    assert list(shard.notice_work) == [old]
     shard.batch()
     q = shard.store.index
     [notice] = [x for x in q.sorted_qids() if x not in (old, young)]
@@ -1136,7 +1137,7 @@ def test_a_reload_turning_delay_notices_on_or_sooner_files_the_queue_for_them(tm
     old = queued_at(shard, time.time() - 40.0, ["a@x.example"])
     _reload_to(shard, delay_warning_time=30.0)
     shard.expire_waiting()
-    assert shard.notice_work == [old]
+    assert list(shard.notice_work) == [old]
 
 
 def test_no_delay_notice_for_a_recipient_whose_delivery_is_under_way(tmp_path):
@@ -1149,7 +1150,7 @@ def test_no_delay_notice_for_a_recipient_whose_delivery_is_under_way(tmp_path):
     shard.dispatch()
     [(d, job)] = sent(shard)
     shard.expire_waiting()
-    assert shard.notice_work == [qid]
+    assert list(shard.notice_work) == [qid]
     shard.batch()
     assert q.sorted_qids() == [qid]                           # no notice (yet)
     assert qid in q.passed(time.time() + 1.0 + q.width)       # looked at again

@@ -7,6 +7,7 @@ measure how fast; this says it is still one sync per batch, and in order).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -385,7 +386,7 @@ def test_delay_notice_looks_during_a_storage_failure_do_not_spin_the_shard(rig):
     assert len(qids) == ACCEPTORS * PER_REQUEST
     shard.policy.delay_warning = 0.001
     shard.cfg = msgspec.structs.replace(shard.cfg, max_batch_messages=1)
-    shard.notice_work = list(qids)                 # (as the sweep finds them)
+    shard.notice_work = collections.deque(qids)                 # (as the sweep finds them)
     write = st.write
     writes = []
 
