@@ -138,6 +138,63 @@ def fd_table(pid: int) -> tuple[int, int]:
     return size, (1 << 62 if soft == "unlimited" else int(soft))
 
 
+class NotifySocket:
+    """A fake systemd: the datagram socket $NOTIFY_SOCKET names, each message kept with
+    when it came (monotonic) and the pid that sent it (SO_PASSCRED)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(path)
+        self.got: list[tuple[float, int, list[str]]] = []     # (when, pid, lines)
+
+    def receive(self, timeout: float) -> tuple[float, int, list[str]] | None:
+        """The next message within *timeout* seconds (kept in ``got``), or None."""
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        except (TimeoutError, BlockingIOError):
+            return None
+        pid = 0
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = int.from_bytes(cdata[:4], sys.byteorder)
+        msg = (time.monotonic(), pid, data.decode().split("\n"))
+        self.got.append(msg)
+        return msg
+
+    def expect(self, line: str, timeout: float = 60.0) -> tuple[float, int, list[str]]:
+        """The next message holding *line* (those before it are kept too)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.receive(deadline - time.monotonic())
+            if msg is None:
+                raise AssertionError(f"no {line} within {timeout}s; got {self.got[-5:]}")
+            if line in msg[2]:
+                return msg
+
+    def collect(self, seconds: float) -> None:
+        """Receive for *seconds*."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.receive(deadline - time.monotonic())
+
+    def pings(self, since: float = 0.0, until: float = float("inf")) -> list[tuple[float, int]]:
+        """(when, pid) of the WATCHDOG=1 messages received in [since, until]."""
+        return [(t, pid) for t, pid, lines in self.got
+                if "WATCHDOG=1" in lines and since <= t <= until]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def max_gap(times: list[float], start: float, end: float) -> float:
+    """The longest stretch of [start, end] without one of *times*."""
+    edges = [start, *sorted(t for t in times if start <= t <= end), end]
+    return max(b - a for a, b in zip(edges, edges[1:]))
+
+
 def wait_until(pred, timeout: float, what: str = "condition", interval: float = 0.02,
                details=None):
     """Poll *pred* until it returns something true; that value, or AssertionError (with

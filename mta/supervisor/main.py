@@ -9,7 +9,9 @@ Reads:   the configuration file (at start and on SIGHUP; validated whole by
          one "ready" byte per child on a pipe.
 Writes:  the listening sockets (one SO_REUSEPORT socket per acceptor slot and
          address, SMTP and HTTP, held open here for the daemon's life), ``run/mta.pid``,
-         ``spool/SHARDS`` (at first start); sd_notify messages; the diagnostic log.
+         ``spool/SHARDS`` (at first start); sd_notify messages (WATCHDOG=1 at half
+         of $WATCHDOG_USEC, from each wait of its loop: readable(), pause()); the
+         diagnostic log.
 Peers:   its children, by fork/wait and signals (SIGTERM to stop, SIGKILL when
          one does not), and systemd through $NOTIFY_SOCKET.  It takes no part in
          the bus: it creates no ZeroMQ context, event loop or spool file, so
@@ -117,7 +119,10 @@ def readable(fds, timeout: float) -> list[int]:
     *timeout* seconds.  poll(), not select(): select() takes no descriptor from
     FD_SETSIZE (1024) on, and the supervisor's pipes are numbered after whatever it
     holds -- a listening socket per acceptor slot and address, descriptors inherited
-    from whoever started it (ValueError at the first wait, the node down)."""
+    from whoever started it (ValueError at the first wait, the node down).
+    Every wait of the supervisor goes through this or :func:`pause`, which feed
+    systemd's watchdog (:func:`notify.watchdog`)."""
+    notify.watchdog()
     p = select.poll()
     for fd in fds:
         p.register(fd, select.POLLIN)
@@ -125,6 +130,12 @@ def readable(fds, timeout: float) -> list[int]:
         return [fd for fd, _ in p.poll(max(0, int(timeout * 1000)))]
     except InterruptedError:
         return []
+
+
+def pause(seconds: float) -> None:
+    """Sleep *seconds* (a fraction of a TICK), the watchdog fed first."""
+    notify.watchdog()
+    time.sleep(seconds)
 
 
 @dataclasses.dataclass
@@ -737,6 +748,10 @@ class Supervisor:
             argv += ["-c", self.config_path]
         env = {**os.environ, INHERIT_ENV: json.dumps(fds), UPGRADE_READY_ENV: str(wfd),
                LOCK_ENV: str(self.lock_fd)}
+        if notify.watchdog_usec():
+            # the new supervisor pings from its start (this one until it exits): without
+            # $WATCHDOG_PID, since systemd's names this process
+            env["WATCHDOG_USEC"] = str(notify.watchdog_usec())
         try:
             os.unlink(self.pidfile)     # the new supervisor writes its own
         except OSError:
@@ -774,9 +789,10 @@ class Supervisor:
                   "one's children again")
         if new is not None and new.poll() is None:
             new.terminate()
-            try:
-                new.wait(cfg.server.shutdown_timeout + STOP_GRACE)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + cfg.server.shutdown_timeout + STOP_GRACE
+            while new.poll() is None and time.monotonic() < deadline:
+                pause(0.05)
+            if new.poll() is None:
                 new.kill()
                 new.wait()
         with open(self.pidfile, "w") as fh:
@@ -832,7 +848,7 @@ class Supervisor:
         for wait, kill in ((grace, True), (STOP_GRACE, False)):
             deadline = time.monotonic() + wait
             while busy and time.monotonic() < deadline:
-                time.sleep(0.1)
+                pause(0.1)
                 busy = held()
             if not busy:
                 log.info("upgrade: the spool shards' writer locks are free")
@@ -903,7 +919,7 @@ class Supervisor:
                                   c.role, c.index, c.pid)
                         self._kill(c.pid, signal.SIGKILL)
                 deadline = time.monotonic() + STOP_GRACE
-            time.sleep(0.05)
+            pause(0.05)
             self.reap()
             if not self.stopping:
                 # a reload's roll waits here, a drain per process: a child of another
@@ -1247,6 +1263,7 @@ def serve(config_path: str | None) -> int:
     # their own modes).  A stricter umask of the operator's stays.
     os.umask(os.umask(0o027) | 0o027)
     inherited = take_inherited()
+    notify.take_watchdog()
     if inherited:
         log.info("upgrade: took over %d listening socket(s)", inherited)
     sup = Supervisor(settings, config_path)

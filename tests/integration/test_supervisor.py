@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from daemon import HOST, render_config, wait_until
+from daemon import HOST, NotifySocket, max_gap, render_config, wait_until
 
 # The reload probe saw a connection reset in 2 of 7 full runs on two pytest-xdist workers and
 # never alone.  The cause found (and reproduced by hand): free_port asked the kernel for a
@@ -215,6 +215,67 @@ def test_sd_notify_ready_reloading_stopping(make_daemon, tmp_path):
     expect("STOPPING=1")
     assert d.proc.wait(30) == 0
     sock.close()
+
+
+WATCHDOG_USEC = 1_000_000      # WatchdogSec=1s, as systemd passes it
+
+
+def test_watchdog_pings_while_idle_and_through_a_long_reload_and_none_when_stopped(
+        make_daemon, tmp_path):
+    # WatchdogSec=: systemd kills and restarts a supervisor that sends no WATCHDOG=1 within
+    # the interval.  The supervisor (not its children) pings at least once an interval
+    # while idle and all through a reload that waits a stop's grace for a delivery process
+    # that does not stop (SIGSTOP); a supervisor that is stopped itself sends none.
+    ns = NotifySocket(str(tmp_path / "notify.sock"))
+    d = make_daemon(start=False, acceptors=1, shards=1, server={"shutdown_timeout": 1.0},
+                    smtp={"spool_timeout": 1.0})
+    d.start(env={"NOTIFY_SOCKET": ns.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)})
+    ready = ns.expect("READY=1")[0]
+    ns.collect(3)
+    idle = ns.pings(ready)
+    assert {pid for _, pid in idle} == {d.proc.pid}
+    assert max_gap([t for t, _ in idle], ready, time.monotonic()) < 1.0
+    # the roll of [delivery] waits 1 + 1 + STOP_GRACE s for the stopped process, then kills it
+    os.kill(d.children()["delivery[0]"], signal.SIGSTOP)
+    d.sections["delivery"]["helo_name"] = "other.test"
+    d.write_config()
+    d.proc.send_signal(signal.SIGHUP)
+    began = ns.expect("RELOADING=1")[0]
+    done = ns.expect("READY=1")[0]
+    assert done - began > 10
+    assert "did not stop in time; killing it" in d.log()
+    during = ns.pings(began, done)
+    assert {pid for _, pid in during} == {d.proc.pid}
+    assert max_gap([t for t, _ in during], began, done) < 1.0
+    # a wedged supervisor (stopped): nothing, until it runs again
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        ns.collect(0.3)                 # (a ping sent as it stopped)
+        stopped = time.monotonic()
+        ns.collect(2.5)
+        assert ns.pings(stopped) == []
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    ns.collect(1.5)
+    assert len(ns.pings(resumed)) >= 2
+    d.proc.send_signal(signal.SIGTERM)
+    ns.expect("STOPPING=1")
+    assert d.proc.wait(30) == 0
+    ns.close()
+
+
+def test_no_watchdog_pings_when_watchdog_pid_names_another_process(make_daemon, tmp_path):
+    # $WATCHDOG_PID: the watchdog is that process's (sd_watchdog_enabled); the supervisor
+    # started by another that was given it sends no WATCHDOG=1
+    ns = NotifySocket(str(tmp_path / "notify.sock"))
+    d = make_daemon(start=False, acceptors=1, shards=1)
+    d.start(env={"NOTIFY_SOCKET": ns.path, "WATCHDOG_USEC": str(WATCHDOG_USEC),
+                 "WATCHDOG_PID": str(os.getpid())})
+    ns.expect("READY=1")
+    ns.collect(2)
+    assert ns.pings() == []
+    ns.close()
 
 
 def test_process_titles_and_restart_with_backoff(make_daemon):

@@ -15,12 +15,13 @@ import os
 import re
 import signal
 import smtplib
+import sys
 import threading
 import time
 
 import pytest
 
-from daemon import HOST, mta_children, wait_until
+from daemon import HOST, NotifySocket, max_gap, mta_children, wait_until
 from test_admin_api import admin_call
 
 
@@ -374,3 +375,38 @@ def test_the_state_directory_lock_passes_to_the_new_supervisor(make_daemon):
     wait_until(lambda: not alive(new), 60, "the new supervisor to stop")
     d.start()
     assert d.connect().banner[0] == 220
+
+
+def test_the_new_supervisor_takes_over_the_watchdog_pings(make_daemon, tmp_path):
+    # WatchdogSec= (NotifyAccess=all): systemd restarts the unit when no WATCHDOG=1 came
+    # within the interval; it names the supervisor it starts in $WATCHDOG_PID.  Through an
+    # upgrade the old supervisor pings until it exits, the new one from its start on.
+    ns = NotifySocket(str(tmp_path / "notify.sock"))
+    d = make_daemon(start=False, acceptors=1, shards=1)
+    d.start(env={"NOTIFY_SOCKET": ns.path, "WATCHDOG_USEC": "1000000"},
+            python=["/bin/sh", "-c", 'export WATCHDOG_PID=$$; exec "$0" "$@"',
+                    sys.executable])
+    ready = ns.expect("READY=1")[0]
+    ns.collect(1.5)
+    assert {pid for _, pid in ns.pings(ready)} == {d.proc.pid}
+    cli = threading.Thread(target=d.cli, args=("upgrade",), kwargs={"timeout": 180})
+    began = time.monotonic()
+    cli.start()
+    handed = ns.expect("READY=1", timeout=180)
+    deadline = time.monotonic() + 60
+    while d.proc.poll() is None and time.monotonic() < deadline:
+        ns.receive(0.05)                # (MAINPID=, then the old supervisor exits)
+    gone = time.monotonic()
+    cli.join(180)
+    new = supervisor_pid(d)
+    assert new and new != d.proc.pid and d.proc.wait(30) == 0
+    assert any(f"MAINPID={new}" in lines for _, pid, lines in ns.got if pid == d.proc.pid)
+    ns.collect(2)
+    end = time.monotonic()
+    assert max_gap([t for t, _ in ns.pings(began)], began, end) < 1.0
+    assert handed[1] == new
+    after = ns.pings(gone)
+    assert len(after) >= 2 and {pid for _, pid in after} == {new}
+    os.kill(new, signal.SIGTERM)
+    wait_until(lambda: not alive(new), 60, "the new supervisor to stop")
+    ns.close()
