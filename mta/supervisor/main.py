@@ -10,7 +10,9 @@ Reads:   the configuration file (at start and on SIGHUP; validated whole by
 Writes:  the listening sockets (one SO_REUSEPORT socket per acceptor slot and
          address, SMTP and HTTP, held open here for the daemon's life), ``run/mta.pid``,
          ``spool/SHARDS`` (at first start); sd_notify messages (WATCHDOG=1 at half
-         of $WATCHDOG_USEC, from each wait of its loop: readable(), pause()); the
+         of $WATCHDOG_USEC, from each wait of its loop: readable(), pause(); a live
+         STATUS= line at most every STATUS_EVERY seconds, from the children it
+         runs, run/drain and the delivery processes' status files); the
          diagnostic log.
 Peers:   its children, by fork/wait and signals (SIGTERM to stop, SIGKILL when
          one does not), and systemd through $NOTIFY_SOCKET.  It takes no part in
@@ -87,6 +89,7 @@ import setproctitle
 
 from mta import config as mconfig
 from mta import proc, store
+from mta.obs import queue as queue_view
 from mta.supervisor import notify
 from mta.supervisor.services import table
 
@@ -108,6 +111,7 @@ DRAIN_FLAG = "drain"        # run/drain: the node is drained (written by the adm
 INHERIT_ENV = "MTA_INHERIT_FDS"          # upgrade: the listening sockets' fds, as JSON
 LOCK_ENV = "MTA_LOCK_FD"                 # upgrade: the fd holding run/mta.lock
 UPGRADE_READY_ENV = "MTA_UPGRADE_READY_FD"   # upgrade: the new supervisor writes b"R" here
+STATUS_EVERY = 5.0          # seconds: the live STATUS= line is sent at most this often
 
 
 class StartupError(Exception):
@@ -265,6 +269,9 @@ class Supervisor:
         self.upgrade_ready_fd = int(fd) if fd and fd.isdigit() else None
         fd = os.environ.pop(LOCK_ENV, None)
         self.lock_fd = int(fd) if fd and fd.isdigit() else None
+        self.status_at = time.monotonic() + STATUS_EVERY    # the next live STATUS= line
+        self.status_sent = ""
+        self.status_note = ""       # the last reload or upgrade failed: said in each line
 
     # --------------------------------------------------------------- set-up
 
@@ -640,6 +647,48 @@ class Supervisor:
         return (f"accepting SMTP on {listen}{http}; {s.acceptors} acceptor(s), {s.shards} "
                 f"spool shard(s), {s.deliveries} delivery process(es)")
 
+    def send_live_status(self) -> None:
+        """STATUS= for ``systemctl status``: :meth:`live_status`, sent when it changed,
+        at most every STATUS_EVERY seconds, and only under systemd."""
+        now = time.monotonic()
+        if now < self.status_at or not notify.enabled():
+            return
+        self.status_at = now + STATUS_EVERY
+        text = self.live_status()
+        if text != self.status_sent:
+            self.status_sent = text
+            notify.status(text)
+
+    def live_status(self) -> str:
+        """One line on what the node does now: accepting or draining, the processes up
+        (the slots waiting for a restart named), and what the delivery processes send --
+        from their status files (rewritten each second for ``mta queue``; read here
+        every STATUS_EVERY seconds at most, nothing added to a child's work); and
+        whether the last reload or upgrade failed (READY=1 said why)."""
+        s = self.settings
+        state = "draining (mta drain): no new mail" \
+            if os.path.exists(os.path.join(s.run_dir, DRAIN_FLAG)) else "accepting"
+        down = [f"{sl.role}[{sl.index}]" for sl in self.slots.values() if sl.child is None]
+        up = f"{len(self.slots) - len(down)}/{len(self.slots)} processes up"
+        if down:
+            up += f" ({', '.join(down[:3])}{', ...' if len(down) > 3 else ''} restarting)"
+        rate = 0.0
+        flight = waiting = reports = 0
+        now = time.time()
+        for i in range(s.deliveries):
+            st = queue_view.read_status(queue_view.delivery_status_path(s.run_dir, i))
+            if st is None or now - st.get("time", 0) > queue_view.STATUS_FRESH:
+                continue
+            reports += 1
+            flight += st.get("in_flight", 0)
+            for lane in st.get("lanes", ()):
+                rate += lane.get("rate", 0)
+                waiting += lane.get("queued", 0)
+        out = f"; out {rate:,.0f} msg/s, {flight:,} in flight ({waiting:,} waiting)" \
+            if reports else ""
+        note = f"; {self.status_note}" if self.status_note else ""
+        return f"{state}; {up}{out}{note}"
+
     def on_signal(self, signum, frame) -> None:
         self.signals.append(signum)
 
@@ -672,6 +721,7 @@ class Supervisor:
                 # logrotate: the events process reopens the event log by name
                 self._signal_role("events", signal.SIGUSR1)
             self.restart_due()
+            self.send_live_status()
 
     def shutdown(self) -> int:
         log.info("stopping")
@@ -702,14 +752,19 @@ class Supervisor:
     def _stop_asked(self) -> bool:
         return any(sig in (signal.SIGTERM, signal.SIGINT) for sig in self.signals)
 
-    def _stop_children(self) -> None:
-        """Stop every child, role by role in reverse table order (acceptors first)."""
+    def _stop_children(self, what: str = "stopping") -> None:
+        """Stop every child, role by role in reverse table order (acceptors first); the
+        STATUS= line says, prefixed with *what*, which role it waits for."""
         grace = self._stop_grace(self.settings)
         for svc in reversed(table(self.settings)):
             victims = [c for c in self.children.values() if c.role == svc.role]
             for c in victims:
                 c.retired = True
                 self._kill(c.pid, signal.SIGTERM)
+            if victims:
+                rest = sum(1 for c in self.children.values() if c.role != svc.role)
+                notify.status(f"{what}: {len(victims)} {svc.role} process(es) finishing; "
+                              f"{rest} more to stop")
             self._wait_gone(victims, grace)
 
     # --------------------------------------------------------------- upgrade
@@ -739,7 +794,7 @@ class Supervisor:
         log.info("upgrade: stopping the children; the listening sockets stay open")
         notify.reloading()
         self.stopping = True
-        self._stop_children()
+        self._stop_children("upgrading")
         socks = [sk for sl in self.slots.values() for sk in sl.all_socks()]
         fds = [sk.fileno() for sk in socks]
         rfd, wfd = os.pipe()
@@ -810,6 +865,7 @@ class Supervisor:
                       exc)
             self.shutdown()
             return 1
+        self.status_note = "last upgrade failed"
         notify.ready(f"upgrade failed; {self.status_line()}")
         return None
 
@@ -959,6 +1015,7 @@ class Supervisor:
         except mconfig.ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.report_reload(read_at, "failed", f"reload refused: {exc}")
+            self.status_note = f"last reload failed: {exc}"
             notify.ready(f"reload failed: {exc}; {self.status_line()}")
             return
         except Exception as exc:
@@ -966,6 +1023,7 @@ class Supervisor:
             # its children): refuse this reload as for an invalid file.
             log.exception("reload refused, keeping the running configuration: %r", exc)
             self.report_reload(read_at, "failed", f"reload refused: {exc!r}")
+            self.status_note = f"last reload failed: {exc!r}"
             notify.ready(f"reload failed: {exc!r}; {self.status_line()}")
             return
         old = self.settings
@@ -982,6 +1040,7 @@ class Supervisor:
             log.error("reload failed, keeping what runs: %s", exc)
             self.report_reload(read_at, "failed", f"reload failed, keeping what runs: {exc}",
                                later)
+            self.status_note = f"last reload failed: {exc}"
             notify.ready(f"reload failed: {exc}; {self.status_line()}")
             return
         self.settings = new
@@ -1016,10 +1075,12 @@ class Supervisor:
         if failed:
             why = "; ".join(failed)
             self.report_reload(read_at, "failed", f"reload failed: {why}", later)
+            self.status_note = f"last reload failed: {why}"
             notify.ready(f"reload failed: {why}; {status}")
             return
         log.info("reloaded: %s", status)
         self.report_reload(read_at, "done", later=later)
+        self.status_note = ""
         notify.ready(status)
 
     def _write_active(self) -> bool:

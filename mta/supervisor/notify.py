@@ -34,6 +34,11 @@ def notify(*lines: str) -> bool:
         return False
 
 
+def enabled() -> bool:
+    """Whether there is a systemd to tell ($NOTIFY_SOCKET)."""
+    return bool(os.environ.get("NOTIFY_SOCKET"))
+
+
 def ready(status: str) -> bool:
     return notify("READY=1", f"STATUS={status}")
 

@@ -278,6 +278,50 @@ def test_no_watchdog_pings_when_watchdog_pid_names_another_process(make_daemon, 
     ns.close()
 
 
+def test_sd_notify_status_is_a_live_summary_at_most_every_few_seconds(make_daemon, tmp_path):
+    # systemctl status shows the last STATUS=: after READY=1 it says what the node does
+    # now (accepting or draining, the processes up, what delivery sends), sent again when
+    # that changes but not more often than every few seconds; a stop says what it waits for
+    ns = NotifySocket(str(tmp_path / "notify.sock"))
+    d = make_daemon(start=False, acceptors=1, shards=1)
+    d.start(env={"NOTIFY_SOCKET": ns.path})
+    ready = ns.expect("READY=1")[0]
+
+    def statuses(since):
+        return [(t, line[7:]) for t, _, lines in ns.got if t >= since
+                for line in lines if line.startswith("STATUS=") and "READY=1" not in lines]
+
+    ns.collect(12)
+    live = statuses(ready)
+    assert live, ns.got
+    # admin, spool, events, webhooks, delivery, acceptor; delivery held: nothing goes out
+    assert live[-1][1] == "accepting; 6/6 processes up; out 0 msg/s, 0 in flight (0 waiting)"
+    assert all(b - a >= 4.5 for (a, _), (b, _) in zip(live, live[1:])), live
+    d.cli("drain", "--no-wait")
+    drained = time.monotonic()
+    ns.collect(7)
+    assert [x for _, x in statuses(drained)] == [
+        "draining (mta drain): no new mail; 6/6 processes up; out 0 msg/s, 0 in flight "
+        "(0 waiting)"]
+    # a reload that failed is said in each line until one succeeds
+    good = open(d.config_path).read()
+    d.write_config(good.replace("[smtp]", "[smtp]\nmax_recipients = 5"))
+    d.proc.send_signal(signal.SIGHUP)
+    ns.expect("READY=1")
+    refused = time.monotonic()
+    ns.collect(6)
+    (_, line), = statuses(refused)
+    assert line.startswith("draining (mta drain): no new mail; 6/6 processes up; out 0 "
+                           "msg/s, 0 in flight (0 waiting); last reload failed: ")
+    assert "smtp.max_recipients" in line
+    d.write_config(good)
+    d.proc.send_signal(signal.SIGTERM)
+    ns.expect("STOPPING=1")
+    ns.expect("STATUS=stopping: 1 delivery process(es) finishing; 4 more to stop", timeout=30)
+    assert d.proc.wait(60) == 0
+    ns.close()
+
+
 def test_process_titles_and_restart_with_backoff(make_daemon):
     d = make_daemon(acceptors=2, shards=2)
     kids = d.children()
