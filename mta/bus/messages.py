@@ -29,7 +29,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 __all__ = [
-    "BusError", "Message", "MESSAGES", "encode", "decode", "receive", "MAX_QID",
+    "BusError", "Message", "MESSAGES", "encode", "encode_request", "decode", "receive", "MAX_QID",
     "STATUS_OK", "STATUS_STORAGE", "STATUS_UNKNOWN",
     "DELIVERED", "DEFERRED", "FAILED", "REQUEUED", "OUTCOMES",
     "PRIORITY_BULK", "PRIORITY_TRANSACTIONAL",
@@ -445,6 +445,28 @@ _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError, Type
 def encode(msg: Message) -> bytes:
     """The one wire frame of *msg*."""
     return _encode(msg)
+
+
+def encode_request(msg: Message) -> bytes:
+    """The frame of *msg* without its trailing fields that are at their default: a
+    request of the command-line tools, which a running daemon of the version before
+    (the package upgraded, ``mta upgrade`` not run yet) decodes too -- decoding refuses
+    an extra field, and fields are only ever added at the end, with a default.  (A walk
+    of the message's fields: not for the hot path.)"""
+    cls = type(msg)
+    values = [getattr(msg, name) for name in cls.__struct_fields__]
+    n = len(values)
+    for f in reversed(msgspec.structs.fields(cls)):
+        if f.default is not msgspec.NODEFAULT:
+            default = f.default
+        elif f.default_factory is not msgspec.NODEFAULT:
+            default = f.default_factory()
+        else:
+            break
+        if values[n - 1] != default:
+            break
+        n -= 1
+    return _encode([cls.__struct_config__.tag, *values[:n]])
 
 
 def decode(frame) -> Message:

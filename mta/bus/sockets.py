@@ -32,7 +32,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from mta.bus.messages import (DELIVERY_OUTCOMES, MAX_JOB_BATCH_BYTES, MAX_JOBS_PER_SEND,
                               STATS_REPORTS, BusError, DeliveryJobs, DeliveryOutcomes, Message,
-                              decode, encode, receive)
+                              decode, encode, encode_request, receive)
 
 __all__ = ["new_context", "close_context", "Server", "DeliveryLinks", "Poller", "Client",
            "AsyncServer", "SyncClient", "PeerGone", "StatsSender", "StatsReceiver"]
@@ -446,7 +446,8 @@ class SyncClient:
     def call(self, request_class: type[Message], *values, timeout: float = 5.0) -> Message:
         """Send a *request_class* request (its ``req`` is filled in); return the reply."""
         req = next(self._reqs)
-        self.sock.send(encode(request_class(req, *values)))
+        # (as a daemon of the version before takes it too: mta queue flush before mta upgrade)
+        self.sock.send(encode_request(request_class(req, *values)))
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
