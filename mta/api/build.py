@@ -341,7 +341,11 @@ def template(text: str) -> Template:
     t = _templates.get(text)
     if t is None:
         t = Template(text)
-        if len(text) <= TEMPLATE_CACHE_TEXT and len(t.parts) <= TEMPLATE_CACHE_PARTS:
+        # (a substitution's defaults are pieces too: {{ a or b or ... }}, thousands of
+        # them in one, cost as much as as many substitutions; counted on a miss only)
+        if len(text) <= TEMPLATE_CACHE_TEXT and len(t.parts) + sum(
+                len(p[2]) for p in t.parts if type(p) is tuple and len(p) > 2) \
+                <= TEMPLATE_CACHE_PARTS:
             if len(_templates) >= TEMPLATE_CACHE:
                 _templates.clear()
             _templates[text] = t
