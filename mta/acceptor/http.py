@@ -804,13 +804,15 @@ class Session(asyncio.Protocol):
         svc = self.svc
         svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers,
                       "webhooks:view" if req.method in (b"GET", b"HEAD") else "webhooks:modify")
-        # (a webhook taken here would get 200 and never a batch)
+        # (a webhook made or changed here would get 200 and never a batch; the ones there
+        # are may still be listed and deleted)
         cfg = self.a.settings.config
-        if not cfg.webhooks.enabled:
-            raise R.ApiError(R.NOT_FOUND, "webhooks are disabled ([webhooks] enabled)")
-        if not cfg.events.store:
-            raise R.ApiError(R.NOT_FOUND, "webhooks send the events store's events, and it is "
-                             "disabled ([events] store)")
+        if req.method in (b"POST", b"PUT"):
+            if not cfg.webhooks.enabled:
+                raise R.ApiError(R.NOT_FOUND, "webhooks are disabled ([webhooks] enabled)")
+            if not cfg.events.store:
+                raise R.ApiError(R.NOT_FOUND, "webhooks send the events store's events, and "
+                                 "it is disabled ([events] store)")
         if req.method in (b"POST", b"PUT"):
             _json_body(req.headers)
         if svc.webhooks is None:

@@ -704,8 +704,8 @@ class EventsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # --- the events store and GET /api/v1/events/message (mta/feedback/events_store.py) ---
     store: Annotated[bool, _doc(
         "keep message events in the events store and serve GET /api/v1/events/message; "
-        "false: no store, the API answers 404, and so does /api/v1/webhooks (the webhooks "
-        "send what the store holds)")] = True
+        "false: no store, the API answers 404, and so do POST and PUT /api/v1/webhooks "
+        "(the webhooks send what the store holds)")] = True
     store_path: Annotated[str, _doc(
         "LMDB directory of the events store (written by the events process, read by the "
         "acceptors); relative paths are inside state_dir")] = "events"
@@ -732,8 +732,8 @@ DEFAULT_WEBHOOK_RETRIES = [60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 2700.0, 36
 class WebhooksConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: Annotated[bool, _doc(
         "run the webhooks process, which pushes event batches to the [[webhook]] tables and "
-        "the webhooks created through /api/v1/webhooks; false: none is sent, and "
-        "/api/v1/webhooks answers 404")] = True
+        "the webhooks created through /api/v1/webhooks; false: none is sent, and POST and "
+        "PUT /api/v1/webhooks answer 404 (the webhooks there may be listed and deleted)")] = True
     unmatched_reports: Annotated[bool, _doc(
         "send the out_of_band and spam_complaint events of reports to a bounce domain whose "
         "original message was not found (matched \"0\") to the webhooks too; false (the "

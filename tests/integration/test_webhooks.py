@@ -699,10 +699,13 @@ def test_no_webhook_is_taken_when_none_can_be_sent(make_daemon, rec, sections, k
     d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]}, **sections)
     before = len(rec.hits)
     for method, path, body in (("POST", "/api/v1/webhooks", _new(rec)),
-                               ("GET", "/api/v1/webhooks", None)):
+                               ("PUT", f"/api/v1/webhooks/{TEST_ID}", {"name": "x"})):
         st, got = call(d, method, path, body)
         assert st == 404 and key in got["errors"][0]["description"], (method, st, got)
     assert len(rec.hits) == before
+    # the webhooks there are may still be listed (and deleted) while none is sent
+    st, got = call(d, "GET", "/api/v1/webhooks")
+    assert st == 200 and got["results"] == [], got
 
 
 @pytest.mark.parametrize("sections,key", [
