@@ -393,8 +393,9 @@ def queue_flush(ctx, config_path, as_json, domain, qids):
     import urllib.parse
 
     from mta.opscli import AdminClient
-    from mta.queueid import is_qid
+    from mta.queueid import is_qid, normal_qid
 
+    qids = [normal_qid(q) for q in qids]
     bad = [q for q in qids if not is_qid(q)]
     if bad:
         click.echo(f"mta: not queue ids: {' '.join(bad)}", err=True)
@@ -451,8 +452,9 @@ def queue_list(ctx, config_path, limit):
 def queue_show(ctx, config_path, qid, raw):
     """Show one queued message: envelope, then the message."""
     from mta import bus
-    from mta.queueid import is_qid, shard_of
+    from mta.queueid import is_qid, normal_qid, shard_of
 
+    qid = normal_qid(qid)
     if not is_qid(qid):
         click.echo(f"mta: {qid!r} is not a queue id", err=True)
         sys.exit(1)
@@ -505,12 +507,13 @@ def queue_show(ctx, config_path, qid, raw):
 @click.pass_context
 def queue_delete(ctx, config_path, as_json, qids):
     """Delete queued messages by queue id (ALL, in capitals, deletes everything)."""
-    from mta.queueid import is_qid, shard_of
+    from mta.queueid import is_qid, normal_qid, shard_of
 
     s = _queue_settings(ctx, config_path)
     nshards = _shard_count(s)
     everything = list(qids) == ["ALL"]
     if not everything:
+        qids = [normal_qid(q) for q in qids]
         bad = [q for q in qids if not is_qid(q)]
         if bad:
             click.echo(f"mta: not queue ids: {' '.join(bad)}", err=True)

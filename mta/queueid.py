@@ -39,6 +39,13 @@ def is_qid(text: str) -> bool:
     return text == text.upper()
 
 
+def normal_qid(text: str) -> str:
+    """*text* in upper case, as queue ids are made, when it is ASCII: the events carry
+    the id in lower case (``message_id``, the VERP return path), and an operator copies
+    it from there.  (Not a queue id when it was not one before: see :func:`is_qid`.)"""
+    return text.upper() if text.isascii() else text
+
+
 def new_qid_for_shard(shard: int, shards: int) -> str:
     """A queue id made by spool shard *shard* for its own new message (a bounce)."""
     counter = (next(_counter) % (0x100000 // shards)) * shards + shard   # < 2**20

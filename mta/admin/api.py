@@ -78,7 +78,7 @@ from mta import config as mconfig
 from mta.admin import status as st
 from mta.admin.metrics import DRAIN_FLAG   # (run/drain; read by the acceptors)
 from mta.obs import queue as q
-from mta.queueid import is_qid, shard_of
+from mta.queueid import is_qid, normal_qid, shard_of
 from mta.shaping import state as adaptive
 from mta import controls as ctl
 
@@ -514,6 +514,7 @@ class Api:
                     raise BadRequest(k, f"domain: not a domain name: {v[:100]!r}")
                 domains.append(d)
             elif k == "qid":
+                v = normal_qid(v)
                 if not is_qid(v):
                     raise BadRequest(k, f"qid: not a queue id: {v[:100]!r}")
                 if v not in qids:
@@ -599,7 +600,7 @@ class Api:
                                                                      for o in kv[1]))]
 
     async def message(self, raw: bytes) -> tuple[int, dict, bytes]:
-        qid = raw.decode("latin-1")
+        qid = normal_qid(raw.decode("latin-1"))
         if not is_qid(qid):
             return _json(400, {"errors": [{"message": f"not a queue id: {qid[:100]!r}",
                                            "field": "qid"}]})
