@@ -433,6 +433,9 @@ class AsyncServer(_LoopSocket):
             self._on_request(frames[0], msg)
 
 
+CHECK_EVERY = 5.0   # seconds a SyncClient waits for a reply before it asks its check
+
+
 class SyncClient:
     """Blocking request/reply with a timeout, for the command-line tools."""
 
@@ -443,16 +446,24 @@ class SyncClient:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
 
-    def call(self, request_class: type[Message], *values, timeout: float = 5.0) -> Message:
-        """Send a *request_class* request (its ``req`` is filled in); return the reply."""
+    def call(self, request_class: type[Message], *values, timeout: float = 5.0,
+             check=None) -> Message:
+        """Send a *request_class* request (its ``req`` is filled in); return the reply.
+
+        *check*: called each CHECK_EVERY seconds without a reply, for a long *timeout*;
+        it raises TimeoutError when waiting on is pointless (no daemon runs)."""
         req = next(self._reqs)
         # (as a daemon of the version before takes it too: mta queue flush before mta upgrade)
         self.sock.send(encode_request(request_class(req, *values)))
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000)):
-                raise TimeoutError(f"no reply to {request_class.NAME} within {timeout:g}s")
+            step = left if check is None else min(left, CHECK_EVERY)
+            if left <= 0 or not self.sock.poll(int(step * 1000)):
+                if left <= step:
+                    raise TimeoutError(f"no reply to {request_class.NAME} within {timeout:g}s")
+                check()
+                continue
             frames = self.sock.recv_multipart()
             if len(frames) != 1:
                 raise BusError("malformed reply")

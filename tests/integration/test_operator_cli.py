@@ -4,6 +4,7 @@ a message back."""
 from __future__ import annotations
 
 import json
+import time
 
 from test_admin_api import admin_call, message
 
@@ -31,3 +32,18 @@ def test_a_queue_id_in_lower_case_as_the_events_carry_it(make_daemon):
     for bad in ("zz" + low[2:], low[:-1], "ALL".lower()):
         r = d.cli("queue", "show", bad, check=False)
         assert r.returncode == 1 and b"not a queue id" in r.stderr, r
+
+
+def test_queue_list_and_delete_say_at_once_that_no_daemon_answers(make_daemon):
+    """After the daemon died (kill -9: its sockets' files stay), `mta queue list` and
+    `mta queue delete` waited 30 s before saying it does not answer; the other
+    commands 5 s."""
+    d = make_daemon(acceptors=1, shards=2)
+    qid = d.send("a@sender.test", ["x@one.test"], message("gone"))
+    d.kill9()
+    for args in (("queue",), ("queue", "list"), ("queue", "delete", qid)):
+        t0 = time.monotonic()
+        r = d.cli(*args, check=False)
+        took = time.monotonic() - t0
+        assert r.returncode == 69 and b"not answering" in r.stderr, (args, r)
+        assert took < 8, (args, took)
