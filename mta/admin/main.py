@@ -61,6 +61,8 @@ log = logging.getLogger("mta.admin")
 MAX_HEAD = 16 * 1024        # octets of request line and header fields
 NONE, READ, ACT = 0, 1, 2   # what a request's token allows (Admin.access)
 REQUEST_TIMEOUT = 10.0      # seconds a client has to send its request head
+ANSWER_STALL = 10.0         # seconds an answer may wait unread (its buffer not draining)
+                            # before the connection is aborted
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
             404: "Not Found",
@@ -173,6 +175,7 @@ class Session(asyncio.Protocol):
         self.transport = None
         self.done = False
         self.timer = None
+        self.lost = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -185,6 +188,7 @@ class Session(asyncio.Protocol):
         self.timer = a.loop.call_later(REQUEST_TIMEOUT, self._timeout)
 
     def connection_lost(self, exc) -> None:
+        self.lost = True
         self.admin.sessions.discard(self)
         if self.timer is not None:
             self.timer.cancel()
@@ -244,6 +248,20 @@ class Session(asyncio.Protocol):
         self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
                              + (body if method != b"HEAD" else b""))
         self.transport.close()
+        # A close waits for the unsent answer for ever: a client that never reads a
+        # large one (a queue view, /metrics) would keep its slot of max_connections.
+        self.admin.loop.call_later(ANSWER_STALL, self._unread,
+                                   self.transport.get_write_buffer_size())
+
+    def _unread(self, before: int) -> None:
+        """Abort the connection when its answer did not drain since the last look."""
+        if self.lost:
+            return
+        left = self.transport.get_write_buffer_size()
+        if left < before:
+            self.admin.loop.call_later(ANSWER_STALL, self._unread, left)
+        else:
+            self.transport.abort()
 
 
 def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> None:

@@ -47,3 +47,42 @@ def test_queue_list_and_delete_say_at_once_that_no_daemon_answers(make_daemon):
         took = time.monotonic() - t0
         assert r.returncode == 69 and b"not answering" in r.stderr, (args, r)
         assert took < 8, (args, took)
+
+
+def test_an_answer_never_read_does_not_keep_its_admin_connection(make_daemon):
+    """The admin listener closed a connection after writing its answer with no bound: a
+    client that never reads a large answer (a message's view, /metrics) kept its slot among
+    admin.max_connections for ever, and once all were taken every request got 503."""
+    import socket
+
+    from daemon import HOST
+    from mta.admin.main import ANSWER_STALL
+
+    d = make_daemon(acceptors=1, shards=1, admin={"max_connections": 3},
+                    smtp={"max_recipients": 30000})
+    # a message of 30,000 recipients: its view is ~7 MB, more than the kernel buffers
+    # (a smaller answer is taken whole by the kernel, and the connection closed)
+    qid = d.send("a@sender.test", [f"{'r' * 58}{i}@{'d' * 60}.test" for i in range(30000)],
+                 message("big"))
+    st, _, _ = admin_call(d, "GET", f"/api/admin/messages/{qid}")
+    assert st == 200
+    hogs = []
+    try:
+        for _ in range(3):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            s.connect((HOST, d.admin_port))
+            s.sendall(f"GET /api/admin/messages/{qid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            hogs.append(s)
+        time.sleep(1.0)
+        assert admin_call(d, "GET", "/api/admin/status")[0] == 503   # every slot taken
+        t0 = time.monotonic()
+        while True:
+            st = admin_call(d, "GET", "/api/admin/status")[0]
+            if st == 200:
+                break
+            assert time.monotonic() - t0 < ANSWER_STALL + 5, st
+            time.sleep(0.5)
+    finally:
+        for s in hogs:
+            s.close()
