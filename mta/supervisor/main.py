@@ -1197,6 +1197,11 @@ class Supervisor:
                       self.wait_ready([child], max(deadline - time.monotonic(), TICK))]
             if not failed:
                 continue
+            for key, child in started:
+                # alive but not ready in time: killed (as a new acceptor is), so the
+                # slot is started again as after a crash, not kept by it for ever
+                if key in failed and child is not None and child.pid in self.children:
+                    self._kill(child.pid, signal.SIGKILL)
             names = ", ".join(f"{role}[{key[1]}]" for key in failed)
             rest = ", ".join(f"{role}[{k[1]}]" for k in keys[n + size:])
             why = f"{names} did not start with the new configuration; " + (

@@ -227,6 +227,55 @@ runpy.run_module("mta", run_name="__main__")
 """
 
 
+HANGING_DELIVERY_WRAPPER = """
+import os, runpy, sys, time
+from mta import proc
+flag = sys.argv.pop(1)
+start_role = proc.start_role
+def start(role, index, log_level):
+    name = start_role(role, index, log_level)
+    while role == "delivery" and os.path.exists(flag):
+        time.sleep(0.1)         # alive, never ready
+    return name
+proc.start_role = start
+sys.argv = sys.argv[2:]
+runpy.run_module("mta", run_name="__main__")
+"""
+
+
+def test_a_new_delivery_process_that_never_reports_ready_is_killed_and_started_again(
+        make_daemon, tmp_path):
+    # A successor that stayed alive but never reported ready within ready_timeout was
+    # neither killed nor restarted, though the reload's error said "it is started again
+    # as after a crash": its slot kept a process that never became ready (no delivery
+    # by it, ever).  It is killed, and the slot started again.
+    import os
+    import sys
+    wrapper = tmp_path / "hanging_delivery.py"
+    wrapper.write_text(HANGING_DELIVERY_WRAPPER)
+    flag = tmp_path / "hang"
+    d = make_daemon(acceptors=1, shards=1, start=False, server={"ready_timeout": 3.0},
+                    delivery={"processes": 1})
+    d.start(python=[sys.executable, str(wrapper), str(flag)])
+    before = d.children()["delivery[0]"]
+    flag.touch()
+    d.sections["delivery"]["connect_timeout"] = 17.0
+    d.write_config()
+    r = d.cli("reload", check=False, timeout=120)
+    assert r.returncode == 1 and "delivery[0] did not start" in r.stderr.decode(), r
+    hung = int(re.findall(r"started delivery\[0\] pid=(\d+)", d.log())[-1])
+    assert hung != before
+    # killed (not left in the slot, alive and never ready)
+    wait_until(lambda: hung not in d.children().values(), 10, "the hung one killed")
+    os.unlink(flag)
+    wait_until(lambda: d.children().get("delivery[0]") not in (None, hung, before) and
+               re.search(rf"started delivery\[0\] pid={d.children()['delivery[0]']}",
+                         d.log()), 20, "delivery[0] started again")
+    # and it reports ready: the next reload replaces it
+    r = d.cli("reload", timeout=120)
+    assert "reloaded: " in r.stdout.decode(), r
+
+
 def test_a_reload_whose_new_delivery_process_does_not_start_is_reported_failed(
         make_daemon, tmp_path):
     # A new delivery process that did not start was only logged: the reload was
