@@ -356,10 +356,14 @@ def queue(ctx, config_path, as_json, by_domain):
                        f"{x['events_backlog_segments']} segment(s))")
         rows.append((str(x["shard"]), str(x["messages"]), str(x["recipients"]),
                      str(x.get("pending", 0)), str(x.get("deferred", 0)),
-                     _when(x.get("next_attempt")), str(x["bytes"]), _age(x["oldest_arrival"]),
+                     "held" if x.get("held") and x.get("next_attempt") is not None else
+                     _when(x.get("next_attempt")),
+                     str(x["bytes"]), _age(x["oldest_arrival"]),
                      str(x["segments"]), health))
     rows.append(("total", str(total["messages"]), str(total["recipients"]),
-                 str(total["pending"]), str(total["deferred"]), _when(total["next_attempt"]),
+                 str(total["pending"]), str(total["deferred"]),
+                 "held" if total["next_attempt"] is not None and
+                 all(x.get("held") for x in shards) else _when(total["next_attempt"]),
                  str(total["bytes"]), _age(total["oldest_arrival"]), "", ""))
     _table(rows)
     held = suspended_line(sum(x.get("suspended_messages", 0) for x in shards))
@@ -503,9 +507,14 @@ def queue_show(ctx, config_path, qid, raw):
                f"message_id: {e['params'].get('message_id', '')}")
     from mta.obs.queue import last_reply_line
 
+    from mta.opscli import _next_attempt
+
     last = e.get("last") or [None] * len(e["recipients"])
-    for r, st, a, d, why in zip(e["recipients"], e["state"], e["attempts"], e["due"], last):
-        retry = f", next attempt {_when(d)}" if st == "pending" and a else ""
+    susp = e.get("suspended") or [None] * len(e["recipients"])
+    for r, st, a, d, why, x in zip(e["recipients"], e["state"], e["attempts"], e["due"], last,
+                                   susp):
+        retry = f", next attempt {_next_attempt(d, e.get('held'), [{'suspended': x}])}" \
+            if st == "pending" and a else ""
         click.echo(f"recipient: <{r}> {st}, {a} attempt(s){retry}")
         if why:
             click.echo(last_reply_line(why))

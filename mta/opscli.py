@@ -152,6 +152,22 @@ def _when(ts) -> str:
     return "now" if secs <= 0 else f"in {datetime.timedelta(seconds=secs)}"
 
 
+def _next_attempt(ts, held, pending: list[dict]) -> str:
+    """When *pending* (recipient views) are tried next: "held (...)" under [delivery]
+    hold, "suspended until ..." when the operator's suspensions hold every one back
+    (the first to end), else the time (:func:`_when`)."""
+    if held and pending:
+        return f"held ({held})"
+    susp = [r.get("suspended") for r in pending]
+    if not susp or not all(susp):
+        return _when(ts)
+    ends = [x for x in susp if x["until"] is not None]
+    x = min(ends, key=lambda x: x["until"]) if ends else susp[0]
+    until = "resumed" if x["until"] is None else \
+        datetime.datetime.fromtimestamp(x["until"]).isoformat(timespec="seconds")
+    return f"suspended until {until}" + (f" ({x['reason']})" if x["reason"] else "")
+
+
 def _rows(rows) -> None:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -272,11 +288,14 @@ def inspect_cmd(ctx, config_path, as_json, qid):
         click.echo(json.dumps(d))
         return
     arrival = datetime.datetime.fromtimestamp(d["arrival_time"]).isoformat()
+    pending = [r for r in d["recipients"] if r["next_attempt"] is not None]
     click.echo(f"queue_id: {d['queue_id']}\nsender: <{d['sender']}>\narrival: {arrival}\n"
                f"size: {d['message_size']}\ncampaign_id: {d['campaign_id'] or '-'}\n"
-               f"ip_pool: {d['ip_pool'] or '-'}\nnext attempt: {_when(d['next_attempt'])}")
+               f"ip_pool: {d['ip_pool'] or '-'}\nnext attempt: "
+               f"{_next_attempt(d['next_attempt'], d.get('held'), pending)}")
     for r in d["recipients"]:
-        nxt = f", next attempt {_when(r['next_attempt'])}" if r["next_attempt"] else ""
+        nxt = f", next attempt {_next_attempt(r['next_attempt'], d.get('held'), [r])}" \
+            if r["next_attempt"] else ""
         click.echo(f"recipient: <{r['address']}> {r['state']}, {r['attempts']} attempt(s){nxt}")
         if r.get("last_reply"):
             click.echo(last_reply_line(r["last_reply"]))

@@ -386,6 +386,7 @@ def recipients_view(entry: dict, now: float | None = None) -> dict:
     params = entry.get("params") or {}
     rcpts = []
     last = entry.get("last") or []
+    suspended = entry.get("suspended") or []
     for i, addr in enumerate(entry.get("recipients", [])):
         state = entry["state"][i]
         attempts = entry["attempts"][i]
@@ -395,11 +396,15 @@ def recipients_view(entry: dict, now: float | None = None) -> dict:
                       "due_in_seconds": None if due is None else round(max(0.0, due - now), 3),
                       # the last deferral's reply (known since the shard's start), as
                       # Postfix's mailq shows why a message waits
-                      "last_reply": last[i] if i < len(last) else None})
+                      "last_reply": last[i] if i < len(last) else None,
+                      # the operator's suspension that holds it back ({id, until, reason})
+                      "suspended": suspended[i] if i < len(suspended) else None})
     pending = [r["next_attempt"] for r in rcpts if r["next_attempt"] is not None]
     return {"queue_id": entry.get("qid"), "sender": entry.get("sender"),
             "arrival_time": entry.get("arrival"), "message_size": entry.get("size"),
             "client": entry.get("client"),
             "campaign_id": params.get("campaign_id"), "ip_pool": params.get("ip_pool"),
             "params": params, "recipients": rcpts,
-            "next_attempt": min(pending, default=None)}
+            "next_attempt": min(pending, default=None),
+            # what holds every recipient back whatever its next_attempt ("[delivery] hold")
+            "held": entry.get("held")}

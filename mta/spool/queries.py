@@ -13,6 +13,7 @@ import time
 
 from mta import bus
 from mta.obs.queue import CAMPAIGNS_MAX, DOMAINS_MAX, top
+from mta.queueid import recipient_domain
 from mta.spool import schedule as sch
 from mta.spool.dispatch import TRANSACTIONAL
 
@@ -133,8 +134,11 @@ def flush_some(store, req: int, domains: list, qids: list):
     return bus.SpoolQueueFlushReply(req, count, unknown), holds
 
 
-def show(store, req: int, qid: str) -> bus.SpoolMessageShowReply:
-    """One message's envelope, recipients' progress and body (read from its record)."""
+def show(store, req: int, qid: str, hold: bool = False,
+         controls=None) -> bus.SpoolMessageShowReply:
+    """One message's envelope, recipients' progress and body (read from its record);
+    what holds it back from its next attempt: ``held`` ([delivery] *hold*) and each
+    pending recipient's operator's suspension (``suspended``, from *controls*)."""
     index = store.index
     if qid not in index:
         return bus.SpoolMessageShowReply(req, bus.STATUS_UNKNOWN, None, b"")
@@ -152,9 +156,16 @@ def show(store, req: int, qid: str) -> bus.SpoolMessageShowReply:
         r = got[5] if got is not None else None
         last.append(None if r is None else {"code": r[0], "enhanced": r[1], "text": r[2],
                                             "host": r[3], "ip": r[4]})
+    suspended = []
+    for i, rcpt in enumerate(m.rcpts):
+        x = controls.match(recipient_domain(rcpt), m.params) \
+            if controls is not None and state[i] == sch.PENDING else None
+        suspended.append(None if x is None else {"id": x.id, "until": x.until or None,
+                                                 "reason": x.reason})
     entry = {"qid": m.qid, "sender": m.sender, "recipients": m.rcpts,
              "arrival": m.arrival, "size": len(body), "params": m.params,
              "client": m.client,
              "state": [sch.STATE_NAMES[s] for s in state],
-             "attempts": attempts, "due": due, "last": last}
+             "attempts": attempts, "due": due, "last": last,
+             "held": "[delivery] hold" if hold else None, "suspended": suspended}
     return bus.SpoolMessageShowReply(req, bus.STATUS_OK, entry, body)

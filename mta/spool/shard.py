@@ -1182,7 +1182,7 @@ class Shard:
             reply = bus.SpoolAdminReply(msg.req, bus.STATUS_OK if ops or not msg.op
                                         else bus.STATUS_UNKNOWN, ops)
         elif t is bus.SpoolMessageShow:
-            reply = queries.show(self.store, msg.req, msg.qid)
+            reply = queries.show(self.store, msg.req, msg.qid, self.dcfg.hold, self.controls)
         else:
             log.warning("unexpected request %s ignored", msg.NAME)
             return

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+from daemon import wait_until
 from test_admin_api import admin_call, message
 
 
@@ -86,3 +87,41 @@ def test_an_answer_never_read_does_not_keep_its_admin_connection(make_daemon):
     finally:
         for s in hogs:
             s.close()
+
+
+def test_inspect_says_what_holds_a_message_instead_of_now(make_daemon, lab):
+    """`mta inspect` said "next attempt: now" (and `mta queue` NEXT RETRY "now") for mail
+    that cannot go now: [delivery] hold, or its domain suspended by the operator."""
+    d = make_daemon(acceptors=1, shards=1)          # ([delivery] hold = true)
+    qid = d.send("a@sender.test", ["x@one.test"], message("held"))
+    out = d.cli("inspect", qid).stdout.decode()
+    assert "next attempt: held ([delivery] hold)" in out and ": now" not in out, out
+    body = json.loads(d.cli("inspect", qid, "--json").stdout)
+    assert body["held"] == "[delivery] hold", body
+
+    from mxlab import IPS, mx
+    ip = IPS[0]
+    lab.aio(ip, rcpt=lambda s, a, f: "451 4.3.0 later" if a.startswith("later@") else None)
+    lab.serve(mx("held.test", "mx.held.test", ip))
+    d = lab.daemon(shards=1, retry_schedule=[1.0], retry_jitter=0.0)
+    # deferred once, its retry due in a second; then [delivery] hold by a reload
+    qid = d.send("a@sender.test", ["later@held.test"], message("deferred"))
+    wait_until(lambda: json.loads(d.cli("inspect", qid, "--json").stdout)["recipients"][0]
+               ["attempts"] == 1, 20, "the first attempt")
+    d.reload(delivery={"hold": True})
+    time.sleep(1.5)
+    rows = d.cli("queue").stdout.decode().splitlines()
+    shard = next(r for r in rows if r.startswith("0 "))
+    assert " held " in shard and " now " not in shard, rows
+    out = d.cli("inspect", qid).stdout.decode()
+    assert "next attempt: held ([delivery] hold)" in out and "now" not in out, out
+    d.reload(delivery={"hold": False})
+    s = json.loads(d.cli("suspend", "--domain", "held.test", "--reason", "complaints",
+                         "--json").stdout.decode().splitlines()[-1])
+    qid = d.send("a@sender.test", ["r@held.test"], message("suspended"))
+    out = d.cli("inspect", qid).stdout.decode()
+    assert "next attempt: suspended until resumed (complaints)" in out, out
+    assert ", now" not in out and ": now" not in out, out
+    body = json.loads(d.cli("inspect", qid, "--json").stdout)
+    assert body["recipients"][0]["suspended"] == {
+        "id": s["id"], "until": None, "reason": "complaints"}, body
