@@ -412,8 +412,8 @@ def queue_flush(ctx, config_path, as_json, domain, qids):
     from mta.opscli import AdminClient
     from mta.queueid import is_qid, normal_qid
 
+    bad = [q for q in qids if not is_qid(normal_qid(q))]    # (as the operator typed them)
     qids = [normal_qid(q) for q in qids]
-    bad = [q for q in qids if not is_qid(q)]
     if bad:
         click.echo(f"mta: not queue ids: {' '.join(bad)}", err=True)
         sys.exit(1)
@@ -471,10 +471,10 @@ def queue_show(ctx, config_path, qid, raw):
     from mta import bus
     from mta.queueid import is_qid, normal_qid, shard_of
 
-    qid = normal_qid(qid)
-    if not is_qid(qid):
+    if not is_qid(normal_qid(qid)):
         click.echo(f"mta: {qid!r} is not a queue id", err=True)
         sys.exit(1)
+    qid = normal_qid(qid)
     s = _queue_settings(ctx, config_path)
     n = shard_of(qid, _shard_count(s))
     ctxz = bus.new_context()
@@ -535,8 +535,8 @@ def queue_delete(ctx, config_path, as_json, qids):
     nshards = _shard_count(s)
     everything = list(qids) == ["ALL"]
     if not everything:
+        bad = [q for q in qids if not is_qid(normal_qid(q))]    # (as the operator typed them)
         qids = [normal_qid(q) for q in qids]
-        bad = [q for q in qids if not is_qid(q)]
         if bad:
             click.echo(f"mta: not queue ids: {' '.join(bad)}", err=True)
             sys.exit(1)

@@ -514,9 +514,9 @@ class Api:
                     raise BadRequest(k, f"domain: not a domain name: {v[:100]!r}")
                 domains.append(d)
             elif k == "qid":
-                v = normal_qid(v)
-                if not is_qid(v):
+                if not is_qid(normal_qid(v)):
                     raise BadRequest(k, f"qid: not a queue id: {v[:100]!r}")
+                v = normal_qid(v)
                 if v not in qids:
                     qids.append(v)
             else:
@@ -600,9 +600,10 @@ class Api:
                                                                      for o in kv[1]))]
 
     async def message(self, raw: bytes) -> tuple[int, dict, bytes]:
-        qid = normal_qid(raw.decode("latin-1"))
+        given = raw.decode("latin-1")
+        qid = normal_qid(given)
         if not is_qid(qid):
-            return _json(400, {"errors": [{"message": f"not a queue id: {qid[:100]!r}",
+            return _json(400, {"errors": [{"message": f"not a queue id: {given[:100]!r}",
                                            "field": "qid"}]})
         reply = await self._ask(shard_of(qid, self.settings.shards), bus.SpoolMessageShow, qid)
         if reply.status == bus.STATUS_STORAGE:
