@@ -433,7 +433,7 @@ class AsyncServer(_LoopSocket):
             self._on_request(frames[0], msg)
 
 
-CHECK_EVERY = 5.0   # seconds a SyncClient waits for a reply before it asks its check
+CHECK_EVERY = 1.0   # seconds a SyncClient waits for a reply before it asks its check (cheap)
 
 
 class SyncClient:

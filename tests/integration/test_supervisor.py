@@ -291,7 +291,7 @@ def test_sd_notify_status_is_a_live_summary_at_most_every_few_seconds(make_daemo
         return [(t, line[7:]) for t, _, lines in ns.got if t >= since
                 for line in lines if line.startswith("STATUS=") and "READY=1" not in lines]
 
-    ns.collect(12)
+    ns.collect(8)
     live = statuses(ready)
     assert live, ns.got
     # admin, spool, events, webhooks, delivery, acceptor; delivery held: nothing goes out
