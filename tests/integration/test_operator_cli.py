@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from daemon import wait_until
 from test_admin_api import admin_call, message
 
@@ -50,6 +52,7 @@ def test_queue_list_and_delete_say_at_once_that_no_daemon_answers(make_daemon):
         assert took < 8, (args, took)
 
 
+@pytest.mark.slow     # (its module goes first: see tests/conftest.py)
 def test_an_answer_never_read_does_not_keep_its_admin_connection(make_daemon):
     """The admin listener closed a connection after writing its answer with no bound: a
     client that never reads a large answer (a message's view, /metrics) kept its slot among

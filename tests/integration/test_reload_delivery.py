@@ -9,6 +9,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 from daemon import HOST, free_port, wait_until
 from sinks import AioSink
 
@@ -324,6 +326,7 @@ def test_a_reload_whose_new_delivery_process_does_not_start_is_reported_failed(
         a.stop()
 
 
+@pytest.mark.slow     # (its module goes first: see tests/conftest.py)
 def test_a_reload_of_many_delivery_processes_takes_a_few_of_their_stops_not_each(
         make_daemon):
     # A reload replaced the delivery processes one at a time, each stopped (it finishes

@@ -220,6 +220,7 @@ def test_sd_notify_ready_reloading_stopping(make_daemon, tmp_path):
 WATCHDOG_USEC = 1_000_000      # WatchdogSec=1s, as systemd passes it
 
 
+@pytest.mark.slow     # (its module goes first: see tests/conftest.py)
 def test_watchdog_pings_while_idle_and_through_a_long_reload_and_none_when_stopped(
         make_daemon, tmp_path):
     # WatchdogSec=: systemd kills and restarts a supervisor that sends no WATCHDOG=1 within
@@ -278,6 +279,7 @@ def test_no_watchdog_pings_when_watchdog_pid_names_another_process(make_daemon, 
     ns.close()
 
 
+@pytest.mark.slow     # (its module goes first: see tests/conftest.py)
 def test_sd_notify_status_is_a_live_summary_at_most_every_few_seconds(make_daemon, tmp_path):
     # systemctl status shows the last STATUS=: after READY=1 it says what the node does
     # now (accepting or draining, the processes up, what delivery sends), sent again when
