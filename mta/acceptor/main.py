@@ -731,14 +731,20 @@ class Acceptor:
         http_sessions = self.http.sessions if self.http is not None else set()
         log.info("draining: %d SMTP and %d HTTP session(s) open", len(self.sessions),
                  len(http_sessions))
-        if not self._idle():
+        # (the event may have been set during that sleep(0): a session that ended then
+        # found the acceptor idle before the queued connection_made() added its own --
+        # waiting on it as it was let the process exit under a client whose request it
+        # was reading; so idle is what is waited for, the event only says when to look)
+        end = self.loop.time() + timeout + self.smtp.spool_timeout + 2 * SWEEP_INTERVAL
+        while not self._idle():
+            self._drained.clear()
             try:
-                await asyncio.wait_for(self._drained.wait(),
-                                       timeout + self.smtp.spool_timeout + 2 * SWEEP_INTERVAL)
+                await asyncio.wait_for(self._drained.wait(), max(0.0, end - self.loop.time()))
             except asyncio.TimeoutError:
                 for s in list(self.sessions) + list(http_sessions):
                     if s.transport is not None:
                         s.transport.abort()
+                break
 
 
 def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],

@@ -88,3 +88,43 @@ def test_a_connection_accepted_just_before_the_drain_is_served_before_it_ends():
         loop.close()
     assert open_after == 0, "the drain ended with a greeted client still connected"
     assert seen == [b"220 ", b"250 ", b"221 "]
+
+
+def test_a_session_that_ends_in_the_drains_first_turn_does_not_end_it_for_one_just_accepted():
+    # The drain's sleep(0) lets queued connection_made() calls add their sessions.  A
+    # session that ended in that same turn, before such a call, found the acceptor idle
+    # for an instant and set the drain's event; the drain then saw the new session open
+    # ("draining: 0 SMTP and 1 HTTP session(s) open"), waited on the event already set,
+    # and the process exited under a client whose request it was reading (seen in CI as
+    # "Remote end closed connection without response" during a reload).
+    loop = uvloop.new_event_loop()
+    settings = fake.settings()
+    cfg = settings.config
+    settings = dataclasses.replace(settings, config=msgspec.structs.replace(
+        cfg, server=msgspec.structs.replace(cfg.server, shutdown_timeout=5.0)))
+    acc = fake.Acceptor(settings, loop)
+    done, new = object(), object()
+    acc.sessions.add(done)
+
+    class Server:
+        def close(self) -> None:
+            def turn():
+                acc.sessions.discard(done)      # its client closed: the acceptor idle...
+                acc.session_gone()
+                acc.sessions.add(new)           # ... until this connection_made()
+            loop.call_soon(turn)
+            loop.call_later(0.3, lambda: (acc.sessions.discard(new), acc.session_gone()))
+
+    acc.servers.append(Server())
+
+    async def run():
+        t0 = loop.time()
+        await acc.drain()
+        return loop.time() - t0, len(acc.sessions)
+
+    try:
+        took, left = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    assert left == 0, "the drain ended with a session open"
+    assert took >= 0.25, took
