@@ -40,13 +40,17 @@ def _client(port: int, sock: socket.socket, seen: list) -> None:
         sock.close()
 
 
-def test_a_connection_accepted_just_before_the_drain_is_served_before_it_ends():
-    loop = uvloop.new_event_loop()
+def _acceptor(loop) -> fake.Acceptor:
+    """The real acceptor on *loop*, with a drain of up to 5 s."""
     settings = fake.settings()
     cfg = settings.config
-    settings = dataclasses.replace(settings, config=msgspec.structs.replace(
-        cfg, server=msgspec.structs.replace(cfg.server, shutdown_timeout=5.0)))
-    acc = fake.Acceptor(settings, loop)
+    return fake.Acceptor(dataclasses.replace(settings, config=msgspec.structs.replace(
+        cfg, server=msgspec.structs.replace(cfg.server, shutdown_timeout=5.0))), loop)
+
+
+def test_a_connection_accepted_just_before_the_drain_is_served_before_it_ends():
+    loop = uvloop.new_event_loop()
+    acc = _acceptor(loop)
     made = []
 
     def session():
@@ -98,11 +102,7 @@ def test_a_session_that_ends_in_the_drains_first_turn_does_not_end_it_for_one_ju
     # and the process exited under a client whose request it was reading (seen in CI as
     # "Remote end closed connection without response" during a reload).
     loop = uvloop.new_event_loop()
-    settings = fake.settings()
-    cfg = settings.config
-    settings = dataclasses.replace(settings, config=msgspec.structs.replace(
-        cfg, server=msgspec.structs.replace(cfg.server, shutdown_timeout=5.0)))
-    acc = fake.Acceptor(settings, loop)
+    acc = _acceptor(loop)
     done, new = object(), object()
     acc.sessions.add(done)
 
