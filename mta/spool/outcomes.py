@@ -308,7 +308,7 @@ class Plan:
                             diag = f"{r.code} {r.enhanced} {r.text}".strip() if r.code \
                                 else r.text
                             self._notice(self.delays, qid, m, idx, RecipientFailure(
-                                recipient=m.rcpts[idx], status=_delay_status(r),
+                                recipient=m.rcpts[idx], status=_delay_status(r.enhanced),
                                 remote_host=r.host or None, diagnostic=diag,
                                 last_attempt=now, action="delayed",
                                 retry_until=deadline, local=r.local))
@@ -490,9 +490,7 @@ class Plan:
                                      retry_until=deadline, local=True)
             else:       # deferred before (since this process started): that reply
                 code, enhanced, text, host, _, _, _, tried_at = last
-                status = "4" + enhanced[1:] if enhanced and enhanced[0] in "45" \
-                    else WAITING_STATUS
-                r = RecipientFailure(recipient=m.rcpts[idx], status=status,
+                r = RecipientFailure(recipient=m.rcpts[idx], status=_delay_status(enhanced),
                                      remote_host=host or None,
                                      diagnostic=f"{code} {enhanced} {text}".strip() if code
                                      else text,
@@ -867,10 +865,11 @@ def _notify(m: MessageMeta, idx: int) -> str:
     return _param(m, "NOTIFY", idx)
 
 
-def _delay_status(r: Result) -> str:
-    """The Status of a deferred recipient in a delay notice: always 4.x.x, as its
-    Action ("delayed") says -- a 5xx that a response rule's defer action kept in the
-    queue too (the server's reply is quoted as it was in Diagnostic-Code)."""
-    if r.enhanced and r.enhanced[0] in "45":
-        return "4" + r.enhanced[1:]
-    return "4.0.0"
+def _delay_status(enhanced: str) -> str:
+    """The Status of a deferred recipient in a delay notice, from its reply's enhanced
+    code: always 4.x.x, as its Action ("delayed") says -- a 5xx that a response rule's
+    defer action kept in the queue too (the server's reply is quoted as it was in
+    Diagnostic-Code); WAITING_STATUS without one."""
+    if enhanced and enhanced[0] in "45":
+        return "4" + enhanced[1:]
+    return WAITING_STATUS
