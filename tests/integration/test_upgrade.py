@@ -224,7 +224,10 @@ def test_a_supervisor_that_cannot_start_its_children_after_a_failed_upgrade_exit
     # shard's writer lock is taken as its spool process stops; in life, the children of a
     # new supervisor killed for not being ready, still stopping): the old one stopped and
     # exited 0, so systemd (Restart=on-failure) left the node down for good
-    d = make_daemon(acceptors=1, shards=1)
+    # (short stop timeouts: the supervisor waits a child's stop grace, then STOP_GRACE,
+    # for a lock another process holds -- 45 s with the tests' defaults)
+    d = make_daemon(acceptors=1, shards=1, server={"shutdown_timeout": 1.0},
+                    smtp={"spool_timeout": 1.0})
     lock_path = os.path.join(d.state_dir, "spool", "shard-00", "writer.lock")
     fd = os.open(lock_path, os.O_RDWR)
     try:
