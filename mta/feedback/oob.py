@@ -142,6 +142,20 @@ def _sent_to(original: dict | None, rcpt: str) -> bool:
     return original is not None and original.get("rcpt_to", "").lower() == rcpt.lower()
 
 
+def _dsn_recipient(originals: list[dict], r) -> tuple[str, dict | None]:
+    """(the recipient a DSN block is about, its original's event): its Original-Recipient,
+    else its Final-Recipient -- also when only the Final-Recipient is a recipient of the
+    message found: the Original-Recipient may be the sender's own ORCPT passed on (RFC 3461
+    4.2), an address before its list or alias expansion that the message never went to."""
+    rcpt = r.original_recipient or r.final_recipient
+    original = _original_for(originals, rcpt) if rcpt else None
+    if original is None and r.original_recipient and r.final_recipient:
+        final = _original_for(originals, r.final_recipient)
+        if final is not None:
+            return r.final_recipient, final
+    return rcpt, original
+
+
 def report_events(report: Report, originals: list[dict], classifier,
                   now: float | None = None, unmatched: bool = False
                   ) -> tuple[list[dict], list[tuple[str, str, str]]]:
@@ -161,8 +175,7 @@ def report_events(report: Report, originals: list[dict], classifier,
         for r in report.recipients:
             if not r.failed:
                 continue        # delayed / delivered / relayed notices are not bounces
-            rcpt = r.original_recipient or r.final_recipient
-            original = _original_for(originals, rcpt) if rcpt else None
+            rcpt, original = _dsn_recipient(originals, r)
             if not rcpt and original:
                 rcpt = original.get("raw_rcpt_to", "")
             code, enhanced, text = status_code(r)

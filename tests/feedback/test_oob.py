@@ -143,3 +143,17 @@ def test_only_a_recipient_of_the_message_found_is_suppressed():
         _, suppress = oob.report_events(r, [], Classifier(), now=1.0, unmatched=True)
         assert [a.lower() for a, _, _ in suppress] in (["gone@receiver.test"],
                                                         ["reader@receiver.test"])
+
+
+def test_a_dsn_whose_original_recipient_is_the_senders_orcpt_matches_its_final_recipient():
+    # The client's ORCPT (the address before its own list or alias expansion) is passed
+    # on to the next hop, whose DSN quotes it as Original-Recipient; the address the
+    # message went to is the Final-Recipient.  The event is of that recipient, matched.
+    dsn = reports.parse(POSTFIX_DSN.replace(b"Original-Recipient: rfc822;Gone@receiver.test",
+                                            b"Original-Recipient: rfc822;team@sender.test"))
+    events, suppress = oob.report_events(dsn, ORIGINAL, Classifier(), now=1796200100.0)
+    assert len(events) == 1
+    ev = events[0]
+    assert ev["matched"] == "1" and ev["rcpt_to"] == "gone@receiver.test"
+    assert ev["transmission_id"] == "42" and ev["campaign_id"] == "weekly"
+    assert [a for a, _, _ in suppress] == ["gone@receiver.test"]
