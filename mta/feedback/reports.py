@@ -233,6 +233,16 @@ def _utf8(text: str) -> str:
         if all(ord(c) < 128 or 0xDC80 <= ord(c) <= 0xDCFF for c in text) else text
 
 
+def _header(msg, name: str) -> str:
+    """The first *name* field (lower case) of the returned message, its UTF-8 read as such
+    (RFC 6532 header fields of message/global, or raw 8-bit ones): ``get()`` would give
+    each 8-bit octet as U+FFFD."""
+    for key, value in msg.raw_items():
+        if key.lower() == name:
+            return _utf8(str(value))
+    return ""
+
+
 def _original_headers(part):
     """The returned message's header block as a Message, or None."""
     ctype = part.get_content_type()
@@ -289,12 +299,12 @@ def parse(data: bytes) -> Report | None:
             except Exception:
                 original = None
     if original is not None:
-        report.message_id = _bare(original.get("Message-ID", "") or "")
-        report.subject = _clip(original.get("Subject", ""))
-        report.header_from = _bare(original.get("From", ""))
-        report.header_to = _bare(original.get("To", ""))
+        report.message_id = _bare(_header(original, "message-id"))
+        report.subject = _clip(_header(original, "subject"))
+        report.header_from = _bare(_header(original, "from"))
+        report.header_to = _bare(_header(original, "to"))
         if not report.original_mail_from:
-            report.original_mail_from = _bare(original.get("Return-Path", "") or "")
+            report.original_mail_from = _bare(_header(original, "return-path"))
     if report.kind == DSN and not report.recipients:
         return None     # a delivery-status part with no recipient says nothing usable
     return report

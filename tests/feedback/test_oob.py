@@ -157,3 +157,21 @@ def test_a_dsn_whose_original_recipient_is_the_senders_orcpt_matches_its_final_r
     assert ev["matched"] == "1" and ev["rcpt_to"] == "gone@receiver.test"
     assert ev["transmission_id"] == "42" and ev["campaign_id"] == "weekly"
     assert [a for a, _, _ in suppress] == ["gone@receiver.test"]
+
+
+def test_a_complaint_about_a_utf8_message_reads_its_returned_header_fields_as_utf8():
+    # The returned message of SMTPUTF8 mail (message/global, RFC 6532) has its header
+    # fields in UTF-8: the To field names the complainer, the Subject and From are the
+    # event's when the message is not found -- each octet was read as U+FFFD
+    data = _arf_without_rcpt_to("To: <Jürgen@receiver.test>\r\n".encode())
+    data = data.replace(b"Content-Type: message/rfc822", b"Content-Type: message/global")
+    data = data.replace(b"Subject: Weekly news\r\nMessage-ID",
+                        "Subject: Grüße\r\nMessage-ID".encode())
+    data = data.replace(b"From: <news@sender.test>", "From: <nöws@sender.test>".encode())
+    r = reports.parse(data)
+    _, suppress = oob.report_events(
+        r, _originals("Reader@receiver.test", "Jürgen@receiver.test"), Classifier(), now=1.0)
+    assert [a for a, _, _ in suppress] == ["Jürgen@receiver.test"]
+    events, _ = oob.report_events(r, [], Classifier(), now=1.0)
+    assert events[0]["rcpt_to"] == "jürgen@receiver.test"
+    assert events[0]["subject"] == "Grüße" and events[0]["friendly_from"] == "nöws@sender.test"
