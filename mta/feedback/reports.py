@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import binascii
 import email
+import email.errors
 import email.policy
 import quopri
 import re
@@ -191,10 +192,11 @@ def _part_text(part) -> str:
     payload = part.get_payload()
     cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
     if isinstance(payload, list) and cte in ("base64", "quoted-printable"):
-        # Parsed as headers before decoding: the encoded text is the body of the
-        # first (header-less) block.  Decode it ourselves.
-        encoded = "".join(str(b.get_payload() or "") for b in payload
-                          if isinstance(b, email.message.Message))
+        # Parsed as header blocks before decoding: the encoded text is put together
+        # again (base64 is the body of one header-less block; quoted-printable keeps
+        # the blank lines, and so the fields, of the groups) and decoded here.
+        encoded = "\n\n".join(_block_source(b) for b in payload
+                              if isinstance(b, email.message.Message))
         try:
             if cte == "base64":
                 raw = binascii.a2b_base64("".join(encoded.split()))
@@ -221,6 +223,20 @@ def _part_text(part) -> str:
     if isinstance(raw, bytes):
         return raw[:MAX_REPORT_SIZE].decode("utf-8", "replace")
     return str(payload or "")
+
+
+def _block_source(block) -> str:
+    """The text one header block of a parsed delivery-status part was read from: its
+    fields, then its body -- right after them when a line that is no field began it,
+    else after the blank line that ended them (message/global-delivery-status, parsed
+    as one embedded message)."""
+    head = "\n".join(f"{k}: {v}" for k, v in block.raw_items())
+    body = str(block.get_payload() or "")
+    if not head or not body:
+        return head or body
+    joined = any(isinstance(d, email.errors.MissingHeaderBodySeparatorDefect)
+                 for d in block.defects)
+    return head + ("\n" if joined else "\n\n") + body
 
 
 def _utf8(text: str) -> str:

@@ -194,6 +194,51 @@ Content-Transfer-Encoding: base64
     assert r.message_id == ""
 
 
+@pytest.mark.parametrize("ctype", ["message/delivery-status",
+                                   "message/global-delivery-status"])
+def test_a_quoted_printable_delivery_status_gives_every_block(ctype):
+    # A global DSN (RFC 6533: UTF-8, so a transfer encoding on a 7-bit path) or any
+    # delivery-status part in quoted-printable: its blank lines stay blank, so the email
+    # package reads its groups as header blocks, the encoded text is not one body
+    status = """\
+Reporting-MTA: dns; mx.r.test
+
+Final-Recipient: utf-8; j=C3=BCrgen@r.test
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550 5.1.1 <j=C3=BCrgen@r.test>: the mailbox does not exist=
+ here, no such user
+
+Final-Recipient: rfc822; x@r.test
+Action: failed
+Status: 5.2.2
+Diagnostic-Code: smtp; 552 5.2.2 over quota
+"""
+    data = msg(f"""\
+From: postmaster@r.test
+To: b@bounce.sender.test
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary=X
+
+--X
+Content-Type: text/plain
+
+failed
+--X
+Content-Type: {ctype}
+Content-Transfer-Encoding: quoted-printable
+
+{status}
+--X--
+""")
+    r = reports.parse(data)
+    assert r is not None and r.reporting_mta == "mx.r.test"
+    assert [(x.final_recipient, x.action, x.status) for x in r.recipients] == [
+        ("jürgen@r.test", "failed", "5.1.1"), ("x@r.test", "failed", "5.2.2")]
+    assert r.recipients[0].diagnostic == \
+        "550 5.1.1 <jürgen@r.test>: the mailbox does not exist here, no such user"
+
+
 @pytest.mark.parametrize("data", [
     b"",
     b"From: a@b\r\nSubject: out of office\r\n\r\nI am away.\r\n",
