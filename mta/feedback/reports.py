@@ -195,15 +195,8 @@ def _part_text(part) -> str:
         # Parsed as header blocks before decoding: the encoded text is put together
         # again (base64 is the body of one header-less block; quoted-printable keeps
         # the blank lines, and so the fields, of the groups) and decoded here.
-        encoded = "\n\n".join(_block_source(b) for b in payload
-                              if isinstance(b, email.message.Message))
-        try:
-            if cte == "base64":
-                raw = binascii.a2b_base64("".join(encoded.split()))
-            else:
-                raw = quopri.decodestring(encoded.encode("ascii", "replace"))
-        except (binascii.Error, ValueError):
-            return ""
+        raw = _decode(cte, "\n\n".join(_block_source(b) for b in payload
+                                        if isinstance(b, email.message.Message)))
         return raw[:MAX_REPORT_SIZE].decode("utf-8", "replace")
     if isinstance(payload, list):
         blocks = []
@@ -225,11 +218,21 @@ def _part_text(part) -> str:
     return str(payload or "")
 
 
+def _decode(cte: str, encoded: str) -> bytes:
+    """*encoded* decoded from base64 or quoted-printable (b"" when it is broken)."""
+    try:
+        if cte == "base64":
+            return binascii.a2b_base64("".join(encoded.split()))
+        return quopri.decodestring(encoded.encode("ascii", "replace"))
+    except (binascii.Error, ValueError):
+        return b""
+
+
 def _block_source(block) -> str:
-    """The text one header block of a parsed delivery-status part was read from: its
-    fields, then its body -- right after them when a line that is no field began it,
-    else after the blank line that ended them (message/global-delivery-status, parsed
-    as one embedded message)."""
+    """The text one header block of a part parsed before it was decoded was read from:
+    its fields, then its body -- right after them when a line that is no field began it,
+    else after the blank line that ended them (a message/* part other than
+    message/delivery-status, parsed as one embedded message)."""
     head = "\n".join(f"{k}: {v}" for k, v in block.raw_items())
     body = str(block.get_payload() or "")
     if not head or not body:
@@ -262,8 +265,16 @@ def _header(msg, name: str) -> str:
 def _original_headers(part):
     """The returned message's header block as a Message, or None."""
     ctype = part.get_content_type()
+    payload = part.get_payload()
+    if ctype in _MESSAGE_TYPES + _HEADER_TYPES and isinstance(payload, list) and payload \
+            and isinstance(payload[0], email.message.Message):
+        cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+        if cte in ("base64", "quoted-printable"):
+            # (message/global and message/global-headers may come encoded, RFC 6532 3.7:
+            # parsed as a message before decoding, so read again from the decoded text)
+            raw = _decode(cte, _block_source(payload[0]))
+            return email.message_from_bytes(raw[:MAX_REPORT_SIZE], policy=_POLICY)
     if ctype in _MESSAGE_TYPES:
-        payload = part.get_payload()
         if isinstance(payload, list) and payload and isinstance(payload[0], email.message.Message):
             return payload[0]
         raw = part.get_payload(decode=True)
@@ -271,7 +282,6 @@ def _original_headers(part):
             return email.message_from_bytes(raw[:MAX_REPORT_SIZE], policy=_POLICY)
         return None
     if ctype in _HEADER_TYPES:
-        payload = part.get_payload()
         if isinstance(payload, list) and payload and isinstance(payload[0], email.message.Message):
             return payload[0]      # message/global-headers, parsed as an embedded message
         raw = part.get_payload(decode=True)

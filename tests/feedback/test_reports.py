@@ -239,6 +239,27 @@ Content-Transfer-Encoding: quoted-printable
         "550 5.1.1 <jürgen@r.test>: the mailbox does not exist here, no such user"
 
 
+@pytest.mark.parametrize("cte", ["base64", "quoted-printable"])
+@pytest.mark.parametrize("ctype", ["message/global-headers", "message/global"])
+def test_returned_global_headers_in_a_transfer_encoding_are_decoded(ctype, cte):
+    # message/global and message/global-headers (RFC 6532, 6533) may be sent in base64
+    # or quoted-printable: their Message-ID (the match to our message when no VERP
+    # address names it) and To were read from the encoded text, i.e. not at all
+    import base64
+    import quopri
+    headers = "Message-ID: <orig-9@sender.test>\r\nTo: <jürgen@r.test>\r\n" \
+        "Subject: Grüße\r\n\r\n".encode()
+    body = base64.encodebytes(headers) if cte == "base64" else quopri.encodestring(headers)
+    data = POSTFIX_DSN.split(b"--B1\r\nContent-Description: Undelivered Message Headers")[0]
+    data += (f"--B1\r\nContent-Type: {ctype}\r\nContent-Transfer-Encoding: {cte}\r\n\r\n"
+             .encode() + body.replace(b"\n", b"\r\n").replace(b"\r\r", b"\r")
+             + b"\r\n--B1--\r\n")
+    r = reports.parse(data)
+    assert r is not None and len(r.recipients) == 2
+    assert (r.message_id, r.header_to, r.subject) == ("orig-9@sender.test", "jürgen@r.test",
+                                                     "Grüße")
+
+
 @pytest.mark.parametrize("data", [
     b"",
     b"From: a@b\r\nSubject: out of office\r\n\r\nI am away.\r\n",
