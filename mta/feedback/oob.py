@@ -7,7 +7,8 @@ report returned, or by the queue id a VERP return path carries), and calls
 :func:`report_events`.  What comes back is
 
 - one ``out_of_band`` event per *failed* recipient of a DSN, or one
-  ``spam_complaint`` event per complaining recipient of an ARF report, each a
+  ``spam_complaint`` event per complaining recipient of an ARF report (none for
+  one whose Feedback-Type is no complaint, :data:`NOT_COMPLAINTS`), each a
   flat SparkPost message event that repeats the original message's fields
   (message_id, transmission_id, campaign_id, rcpt_meta, rcpt_tags, ip_pool,
   sending_ip, msg_from, subject, ...), so consumers see it as theirs; and
@@ -50,6 +51,9 @@ CARRIED = ("message_id", "transmission_id", "campaign_id", "template_id", "rcpt_
 SPAM_SOURCE = sup.SPAM_COMPLAINT
 BOUNCE_SOURCE = sup.BOUNCE_RULE
 VERP_SEPARATOR = "+"
+# ARF feedback types that are no complaint (no spam_complaint event, nobody suppressed):
+# a recipient's "this is not spam" (RFC 6430), an SPF/DKIM/DMARC failure report (RFC 6591)
+NOT_COMPLAINTS = ("not-spam", "auth-failure")
 
 
 def verp_queue_id(return_path: str) -> str:
@@ -195,7 +199,7 @@ def report_events(report: Report, originals: list[dict], classifier,
             if sup.adds_bounce_rule(cls) and _address(rcpt) and \
                     (_sent_to(original, rcpt) if originals else unmatched):
                 suppress.append((rcpt, BOUNCE_SOURCE, f"{code}: {raw}"[:1000]))
-    elif report.kind == ARF:
+    elif report.kind == ARF and report.feedback_type not in NOT_COMPLAINTS:
         # (a redacted Original-Rcpt-To, RFC 6590, names nobody)
         rcpts, sure = [r for r in report.original_rcpt_to if _address(r)], True
         if not rcpts:

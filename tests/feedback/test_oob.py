@@ -175,3 +175,20 @@ def test_a_complaint_about_a_utf8_message_reads_its_returned_header_fields_as_ut
     events, _ = oob.report_events(r, [], Classifier(), now=1.0)
     assert events[0]["rcpt_to"] == "jürgen@receiver.test"
     assert events[0]["subject"] == "Grüße" and events[0]["friendly_from"] == "nöws@sender.test"
+
+
+@pytest.mark.parametrize("fbtype", [b"not-spam", b"auth-failure"])
+def test_an_arf_report_that_is_no_complaint_neither_suppresses_nor_counts_as_one(fbtype):
+    # RFC 6430 not-spam: the recipient says the message is NOT spam; RFC 6591
+    # auth-failure: a receiver's SPF/DKIM/DMARC failure report, nobody complained --
+    # a spam_complaint event and a Spam Complaint suppression for them are wrong
+    r = reports.parse(ARF_REPORT.replace(b"Feedback-Type: abuse", b"Feedback-Type: " + fbtype))
+    orig = [dict(e, rcpt_to="reader@receiver.test", raw_rcpt_to="Reader@receiver.test")
+            for e in ORIGINAL]
+    events, suppress = oob.report_events(r, orig, Classifier(), now=1796200100.0)
+    assert suppress == [] and [e["type"] for e in events] == []
+    # the RFC 5965 complaint types are complaints
+    for t in (b"abuse", b"fraud", b"virus", b"other"):
+        r = reports.parse(ARF_REPORT.replace(b"Feedback-Type: abuse", b"Feedback-Type: " + t))
+        events, suppress = oob.report_events(r, orig, Classifier(), now=1796200100.0)
+        assert [e["type"] for e in events] == ["spam_complaint"] and len(suppress) == 1
