@@ -66,12 +66,13 @@ def verp_candidates(rcpts: list[str], report: rpt.Report | None) -> list[str]:
     return out[:MAX_VERP_CANDIDATES]
 
 
-def find_originals(store, qids: list[str], message_id: str) -> list[dict]:
-    """The stored events of the original message ([] without a store or a match)."""
+def find_originals(store, qids: list[str], message_id: str, rcpts=()) -> list[dict]:
+    """The stored events of the original message ([] without a store or a match); those
+    of *rcpts* (the addresses the report names) when it has any."""
     if store is None or not (qids or message_id):
         return []
     try:
-        return store.originals(queue_ids=qids, message_id=message_id)
+        return store.originals(queue_ids=qids, message_id=message_id, recipients=rcpts)
     except Exception as exc:    # lmdb.Error, a damaged store: match nothing, log
         log.warning("events store lookup for a report failed: %s", exc)
         return []
@@ -93,7 +94,8 @@ def read(payload: bytes, rcpts: list[str], store, classifier,
         report = None
     if report is None:
         return Reading()
-    originals = find_originals(store, verp_candidates(rcpts, report), report.message_id)
+    originals = find_originals(store, verp_candidates(rcpts, report), report.message_id,
+                               oob.named(report))
     events, suppress = oob.report_events(report, originals, classifier, now, unmatched)
     internal = [{"type": e["type"], "timestamp": now, "event": e} for e in events
                 if e.get("type") in ev.REPORT_TYPES]

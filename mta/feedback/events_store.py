@@ -622,7 +622,7 @@ class EventStore:
                     break
         return out
 
-    def originals(self, *, queue_ids=(), message_id: str = "",
+    def originals(self, *, queue_ids=(), message_id: str = "", recipients=(),
                   limit: int = MAX_ORIGINAL_EVENTS) -> list[dict]:
         """The stored events of one original message (for a report about it), newest first.
 
@@ -630,10 +630,13 @@ class EventStore:
         VERP return path) that has events, else the one whose injection
         carried the ``Message-ID`` header *message_id* (angle brackets
         optional).  At most *limit* events; [] when nothing matches.
+        *recipients* (the addresses the report names, lower case): only their
+        events when the message has any -- a message of many recipients has more
+        than *limit* events, and theirs need not be among its newest.
         """
         for qid in queue_ids:
             if qid:
-                found = self.query({"messages": [str(qid).lower()]}, per_page=limit)[0]
+                found = self._message_events(str(qid).lower(), recipients, limit)
                 if found:
                     return found
         mid = message_id_key(message_id)
@@ -659,10 +662,19 @@ class EventStore:
                     if len(qids) >= MAX_MESSAGE_ID_MATCHES:
                         break
         for qid in qids:   # newest first: a Message-ID used twice finds the latest message
-            found = self.query({"messages": [qid]}, per_page=limit)[0]
+            found = self._message_events(qid, recipients, limit)
             if found:
                 return found
         return []
+
+    def _message_events(self, qid: str, recipients, limit: int) -> list[dict]:
+        """The events of message *qid*: of *recipients* only when it has any of theirs."""
+        if recipients:
+            found = self.query({"messages": [qid], "recipients": list(recipients)},
+                               per_page=limit)[0]
+            if found:
+                return found
+        return self.query({"messages": [qid]}, per_page=limit)[0]
 
     def count(self) -> int:
         with self.env.begin() as txn:

@@ -51,6 +51,7 @@ CARRIED = ("message_id", "transmission_id", "campaign_id", "template_id", "rcpt_
 SPAM_SOURCE = sup.SPAM_COMPLAINT
 BOUNCE_SOURCE = sup.BOUNCE_RULE
 VERP_SEPARATOR = "+"
+MAX_NAMED = 100     # recipients of a report whose events are looked up by address
 # ARF feedback types that are no complaint (no spam_complaint event, nobody suppressed):
 # a recipient's "this is not spam" (RFC 6430), an SPF/DKIM/DMARC failure report (RFC 6591)
 NOT_COMPLAINTS = ("not-spam", "auth-failure")
@@ -68,6 +69,19 @@ def verp_queue_id(return_path: str) -> str:
     except ValueError:
         return ""
     return tag.lower()
+
+
+def named(report: Report) -> list[str]:
+    """The recipients' addresses *report* names (lower case), whose events of the original
+    message are looked up (:func:`report_events` matches its recipients to those); [] when
+    it names none or more than MAX_NAMED (the message's newest events are taken then)."""
+    if report.kind == DSN:
+        addrs = [a for r in report.recipients if r.failed
+                 for a in (r.original_recipient, r.final_recipient)]
+    else:
+        addrs = [*report.original_rcpt_to, report.header_to]
+    out = list(dict.fromkeys(a.lower() for a in addrs if _address(a)))
+    return out if len(out) <= MAX_NAMED else []
 
 
 def _original_for(originals: list[dict], rcpt: str) -> dict | None:

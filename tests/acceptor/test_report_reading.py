@@ -166,3 +166,35 @@ def test_a_failing_store_matches_nothing():
     got = reports.read(dsn("Message-ID: <orig@sender.test>"), ["bounces@b.test"], Broken(),
                        Classifier())
     assert got.kind == rpt.DSN and not got.matched and len(got.events) == 1
+
+
+def test_a_report_about_one_recipient_of_a_message_with_many_finds_that_recipient(tmp_path):
+    # An SMTP message of 1,000 recipients (smtp.max_recipients) has thousands of events
+    # (injection, delivery, then its readers' opens): the report's recipient, who opened
+    # nothing, was looked for among the message's newest 1,000 only (MAX_ORIGINAL_EVENTS),
+    # so its bounce or complaint matched nothing and suppressed nobody
+    s = S.EventStore(str(tmp_path / "events"), map_size=1 << 27, retention=10 * 86400)
+    try:
+        evs = []
+        for i in range(1000):
+            for n, kind in enumerate(("injection", "delivery", "open")):
+                if kind == "open" and i < 2:
+                    continue
+                evs.append({"timestamp": str(T0 + n * 100 + i // 100), "type": kind,
+                            "event_id": str(len(evs) + 1), "message_id": QID,
+                            "transmission_id": "42", "campaign_id": "spring",
+                            "rcpt_to": f"r{i}@receiver.test", "raw_rcpt_to": f"R{i}@receiver.test",
+                            "injection_time": "2023-11-14T22:13:20.000Z"})
+        s.append(evs)
+        got = reports.read(dsn("Subject: News").replace(b"Gone@", b"R0@"),
+                           [f"bounces+{QID}@b.test"], s, Classifier(), now=T0 + 300)
+        assert got.matched
+        assert got.events[0]["event"]["matched"] == "1"
+        assert got.events[0]["event"]["campaign_id"] == "spring"
+        assert [a for a, _, _ in got.suppress] == ["R0@receiver.test"]
+        got = reports.read(arf(f"bounces+{QID}@b.test").replace(b"reader@", b"r1@"),
+                           ["fbl@b.test"], s, Classifier(), now=T0 + 300)
+        assert [a for a, _, _ in got.suppress] == ["r1@receiver.test"]
+        assert got.events[0]["event"]["matched"] == "1"
+    finally:
+        s.close()
