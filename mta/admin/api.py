@@ -8,7 +8,10 @@ Routes (JSON; errors are ``{"errors": [{"message": ...}]}``):
     (``webhooks``); 503 when a spool shard does not answer.
 ``GET /api/admin/messages/QID``
     one queued message: envelope, each recipient's state, attempts and next
-    attempt; 400 for a malformed queue id, 404 when the message is not queued.
+    attempt, and what holds a pending one back (``suspended``: the operator's
+    suspension of its domain, campaign or pool, or delivery's of every source
+    of its pool at its site); 400 for a malformed queue id, 404 when the
+    message is not queued.
 ``GET /api/admin/status``
     everything the status page shows (:mod:`mta.admin.status`).
 ``GET /api/admin/drain``, ``POST /api/admin/drain``, ``DELETE /api/admin/drain``
@@ -78,7 +81,7 @@ from mta import config as mconfig
 from mta.admin import status as st
 from mta.admin.metrics import DRAIN_FLAG   # (run/drain; read by the acceptors)
 from mta.obs import queue as q
-from mta.queueid import is_qid, normal_qid, shard_of
+from mta.queueid import is_qid, normal_qid, recipient_domain, shard_of
 from mta.shaping import state as adaptive
 from mta import controls as ctl
 
@@ -611,7 +614,76 @@ class Api:
                                            "cannot be read (see the log)"}]})
         if reply.status != bus.STATUS_OK or reply.entry is None:
             return _json(404, {"errors": [{"message": f"{qid} is not queued"}]})
-        return _json(200, q.recipients_view(reply.entry))
+        view = q.recipients_view(reply.entry)
+        self._delivery_holds(view)
+        return _json(200, view)
+
+    def _delivery_holds(self, view: dict, now: float | None = None) -> None:
+        """Mark the pending recipients of *view* that delivery holds back: every source of
+        the message's pool suspended, for the recipient's site or as a whole -- by a
+        response rule, by the operator (``mta suspend --site/--source``) or because it
+        cannot connect.  Delivery hands such mail back without an attempt, so the spool
+        knows only its next look; the recipient's ``suspended`` (otherwise the spool's
+        suspension that holds it) names the one of these that ends first, with the
+        ``site`` and ``source``.  Read from the adaptive store and the delivery
+        processes' status files: nothing on a delivery path pays for it."""
+        pending = [r for r in view["recipients"]
+                   if r["next_attempt"] is not None and r["suspended"] is None]
+        if not pending:
+            return
+        now = time.time() if now is None else now
+        entries = {e.id: e for e in adaptive.list_entries(self.adaptive_dir, now)
+                   if e.kind == adaptive.SUSPEND and e.until > now}
+        status = q.delivery_status(self.settings.run_dir, now)
+        down = {name: s for name, s in status["sources"].items()
+                if s["suspended_until"] > now}
+        if not entries and not down:
+            return
+        active = mconfig.read_active(self.settings.run_dir) or self.settings
+        # (as delivery picks: the recorded pool, "default" when none is; one removed
+        # since: egress.default_pool)
+        pool = view.get("ip_pool") or mconfig.DEFAULT
+        if pool not in active.pools:
+            pool = active.config.egress.default_pool
+        members = [s for s, _ in active.pools.get(pool, ())]
+        if not members:
+            return
+        wanted = {recipient_domain(r["address"]) for r in pending}
+        site_of = {}                  # (a site's domains: up to hundreds of thousands)
+        for name, s in status["sites"].items():
+            for d in s["domains"]:
+                if d in wanted:
+                    site_of[d] = name
+        for r in pending:
+            site = site_of.get(recipient_domain(r["address"]), "")
+            holds = []
+            for src in members:
+                hold = None
+                for eid in ((adaptive.entry_id(adaptive.SUSPEND, "source_site", src, site),
+                             adaptive.entry_id(adaptive.SUSPEND, "site", "", site))
+                            if site else ()) + (
+                        adaptive.entry_id(adaptive.SUSPEND, "source", src, ""),):
+                    e = entries.get(eid)
+                    if e is not None:
+                        who = "the operator" if e.rule == adaptive.ADMIN_RULE \
+                            else f"rule {e.rule}"
+                        view_e = _delivery_view(e)
+                        hold = {"id": e.id, "until": view_e["until"], "site": site or None,
+                                "source": src,
+                                "reason": f"{_hold_scope(e, src, site)} suspended by {who}"
+                                          + (f": {e.reply}" if e.reply else "")}
+                        break
+                if hold is None and src in down:
+                    hold = {"id": None, "until": down[src]["suspended_until"],
+                            "site": site or None, "source": src,
+                            "reason": f"source {src} cannot send: {down[src]['reason']}"}
+                if hold is None:
+                    break           # this source may send: nothing holds the recipient
+                holds.append(hold)
+            else:
+                # every source held: the first to end frees it ("until resumed" last)
+                r["suspended"] = min(holds, key=lambda h: (h["until"] is None,
+                                                           h["until"] or 0.0))
 
     async def status(self) -> dict:
         view, error = None, None
@@ -687,6 +759,13 @@ def _holds(path: str, eid: str, since: float, present: bool) -> bool:
     if status is None or status.get("adaptive_read", 0.0) < since:
         return False
     return any(e.get("id") == eid for e in status.get("adaptive", ())) == present
+
+
+def _hold_scope(e, source: str, site: str) -> str:
+    """What a delivery suspension *e* holds, in words, for mail from *source* to *site*."""
+    if e.scope == "source_site":
+        return f"source {source} at site {site}"
+    return f"site {site}" if e.scope == "site" else f"source {source}"
 
 
 def _delivery_view(e) -> dict:

@@ -427,3 +427,60 @@ def test_a_delivery_suspension_until_resumed_reads_so_whatever_the_clock(now):
     e = adaptive.Entry(id="x", kind=adaptive.SUSPEND, scope="site", site="mx.example",
                        created=now, until=now + 3600.0)
     assert admin_api._delivery_view(e)["until"] == now + 3600.0
+
+
+def test_a_recipient_is_held_by_delivery_only_when_every_source_of_its_pool_is(tmp_path):
+    # GET /api/admin/messages/QID names delivery's suspensions (rules, mta suspend --site
+    # or --source, a source that cannot connect) only when they stop every source of the
+    # message's pool for the recipient's site: one source free sends the mail
+    from mta.shaping import state as adaptive
+    run_dir, store_dir = tmp_path / "run", tmp_path / "adaptive"
+    run_dir.mkdir()
+    now = 1_000_000.0
+    (run_dir / "delivery-0.status.json").write_text(json.dumps({
+        "time": now, "lanes": [], "sources": {
+            "ip-3": {"address": "192.0.2.3", "suspended_until": now + 50.0,
+                     "reason": "cannot bind 192.0.2.3"}}}))
+    (run_dir / "delivery-0.sites.json").write_text(json.dumps({"sites": {
+        "mx.big.test": {"domains": ["big.test", "big2.test"], "hosts": ["mx.big.test"]}}}))
+    store = adaptive.Store(str(store_dir))
+
+    def suspend(scope, source, site, until, rule="tss04"):
+        store.put(adaptive.Entry(id=adaptive.entry_id(adaptive.SUSPEND, scope, source, site),
+                                 kind=adaptive.SUSPEND, scope=scope, source=source,
+                                 site=site, rule=rule, reply="421 [TSS04] try later",
+                                 created=now - 1, until=until))
+    settings = types.SimpleNamespace(
+        run_dir=str(run_dir), pools={"default": (("default", 1),),
+                                     "p": (("ip-1", 1), ("ip-2", 1), ("ip-3", 1))},
+        config=types.SimpleNamespace(egress=types.SimpleNamespace(default_pool="default")))
+    api = types.SimpleNamespace(settings=settings, adaptive_dir=str(store_dir))
+
+    def holds(pool, *addresses, spool_held=None):
+        view = {"ip_pool": pool, "recipients": [
+            {"address": a, "next_attempt": now + 60, "suspended": spool_held}
+            for a in addresses]}
+        admin_api.Api._delivery_holds(api, view, now)
+        return [r["suspended"] for r in view["recipients"]]
+
+    suspend("source_site", "ip-1", "mx.big.test", now + 100.0)
+    # ip-2 free, ip-3 down: nothing holds the mail of pool p
+    assert holds("p", "a@big.test") == [None]
+    suspend("site", "", "mx.big.test", now + 30.0, rule=adaptive.ADMIN_RULE)
+    # now all three are held there: the first to end is named (ip-2's, the site's)
+    [h] = holds("p", "a@big2.test")
+    assert (h["site"], h["source"], h["until"]) == ("mx.big.test", "ip-2", now + 30.0), h
+    assert h["reason"] == "site mx.big.test suspended by the operator: 421 [TSS04] try later"
+    # another site's domain (or one delivery has not routed yet) is not held by them
+    assert holds("p", "a@small.test") == [None]
+    # (a site's suspension holds every source: the pool "default", none recorded, too)
+    assert holds(None, "a@big.test")[0]["source"] == "default"
+    assert holds(None, "a@small.test") == [None]
+    # a source suspension holds at every site, known or not
+    suspend("source", "default", "", now + 7200.0)
+    [h] = holds(None, "a@small.test")
+    assert (h["site"], h["source"], h["until"]) == (None, "default", now + 7200.0), h
+    assert h["reason"].startswith("source default suspended by rule tss04: 421 ")
+    # the spool's own suspension (a domain's, by the operator) is kept as it is
+    spool = {"id": "s1", "until": None, "reason": "complaints"}
+    assert holds(None, "a@small.test", spool_held=spool) == [spool]

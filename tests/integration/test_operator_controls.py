@@ -98,6 +98,14 @@ def test_suspend_a_domain_across_a_restart_then_resume_and_a_source(lab):
     d.wait_log(r"not attempted by delivery|REQUEUED|requeued", timeout=20)
     time.sleep(1.5)
     assert late not in [q for q, _, _ in sink.deliveries()]
+    # mta inspect says what holds it (it said "next attempt: in 0:00:0x", the hand-back's
+    # wait, as for a suspension of a domain it names the operator's)
+    out = d.cli("inspect", late).stdout.decode()
+    assert re.search(r"^next attempt: suspended until resumed \(source default suspended by "
+                     r"the operator: ip listed\)$", out, re.M), out
+    [shown] = cli_json(d, "inspect", late)["recipients"]
+    assert (shown["suspended"]["source"], shown["suspended"]["until"]) == \
+        ("default", None), shown
     r = cli_json(d, "resume", src["id"])
     assert r["flushed"] >= 1, r
     wait_until(lambda: late in [q for q, _, _ in sink.deliveries()], 15,
@@ -122,6 +130,14 @@ def test_suspend_a_domain_across_a_restart_then_resume_and_a_source(lab):
         d.cli("queue", "--json").stdout)["delivery"]["sites"], 10, "the site in the status")
     known = cli_json(d, "suspend", "--site", "mx.free.test")
     assert known["site"] == "mx.free.test" and "note" not in known, known
+    # mail to the site waits, and mta inspect names the site's suspension
+    site_held = d.send("a@sender.test", ["s@free.test"], message("site held"))
+    [shown] = wait_until(lambda: (lambda rs: rs if rs[0]["suspended"] else None)(
+        cli_json(d, "inspect", site_held)["recipients"]), 10, "the site's hold shown")
+    assert (shown["suspended"]["site"], shown["suspended"]["until"],
+            shown["suspended"]["reason"]) == \
+        ("mx.free.test", None, "site mx.free.test suspended by the operator"), shown
+    assert site_held not in [q for q, _, _ in sink.deliveries()]
 
 
 def test_bulk_bounce_by_campaign_with_events_dsns_and_a_progress_bar(tmp_path):
