@@ -163,6 +163,37 @@ def _ask_shards(settings, request, *values, timeout: float = 5.0):
                              lambda cl: [cl.call(request, *values, timeout=timeout)]))
 
 
+def _ask_each_shard(settings, request, *values, timeout: float = 5.0):
+    """Send a request to every spool shard of the running daemon, each on its own:
+    (the replies of the shards that answered, what became of the others: "spool[N] ...").
+    A shard that does not answer does not keep the request from the others (a flush:
+    theirs is done all the same); none asked after one that did not answer when no
+    daemon runs at all (killed: its sockets' files stay)."""
+    from mta import bus
+    from mta.opscli import daemon_running
+
+    ctx = bus.new_context()
+    replies, errors = [], []
+    try:
+        for n in range(_shard_count(settings)):
+            endpoint = settings.endpoint(f"spool-{n}")
+            if not os.path.exists(endpoint[len("ipc://"):]):
+                errors.append(f"spool[{n}] is not running")
+                continue
+            cl = bus.SyncClient(ctx, endpoint)
+            try:
+                replies.append(cl.call(request, *values, timeout=timeout))
+            except TimeoutError:
+                errors.append(f"spool[{n}] did not answer within {timeout:g}s")
+                if not replies and not daemon_running(settings):
+                    break
+            finally:
+                cl.close()
+    finally:
+        ctx.term()
+    return replies, errors
+
+
 def _daemon_check(settings):
     """A SyncClient check for a long request (a page of a big queue, a chunk of deletes):
     it ends the wait when no daemon runs (killed: its sockets' files stay and take the
@@ -403,9 +434,19 @@ def queue_flush(ctx, config_path, as_json, domain, qids):
     if domain is None and not qids:
         from mta import bus
 
-        n = sum(r.count for r in _ask_shards(s, bus.SpoolQueueFlush))
+        replies, errors = _ask_each_shard(s, bus.SpoolQueueFlush)
+        if not replies:
+            click.echo(f"mta: the daemon is not answering ({'; '.join(errors)}); is 'mta "
+                       f"serve' running with state in {s.state_dir}?", err=True)
+            sys.exit(EX_UNAVAILABLE)
+        n = sum(r.count for r in replies)
         click.echo(json.dumps({"flushed": n}) if as_json else
                    f"{n} deferred recipient(s) scheduled for delivery now")
+        if errors:
+            # (the others' mail was flushed: said, and the exit status says the rest)
+            click.echo(f"mta: {'; '.join(errors)}: its deferred mail was not flushed "
+                       "(run the flush again once it answers)", err=True)
+            sys.exit(EX_UNAVAILABLE)
         return
     import urllib.parse
 

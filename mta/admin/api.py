@@ -528,16 +528,31 @@ class Api:
             raise BadRequest("qid", f"qid: at most {FLUSH_QIDS} queue ids in one request")
         if not qids:
             replies = await asyncio.gather(*(self._ask(n, bus.SpoolQueueFlush, False, domains)
-                                             for n in range(self.settings.shards)))
+                                             for n in range(self.settings.shards)),
+                                           return_exceptions=True)
         else:
             by_shard: dict[int, list[str]] = {}
             for qid in qids:
                 by_shard.setdefault(shard_of(qid, self.settings.shards), []).append(qid)
             replies = await asyncio.gather(*(
                 self._ask(n, bus.SpoolQueueFlush, False, domains, group)
-                for n, group in by_shard.items()))
+                for n, group in by_shard.items()), return_exceptions=True)
+        failed = [r for r in replies if isinstance(r, BaseException)]
+        replies = [r for r in replies if not isinstance(r, BaseException)]
+        for exc in failed:
+            if not isinstance(exc, Unavailable):
+                raise exc
         body = {"flushed": sum(r.count for r in replies),
                 "not_queued": [q for r in replies for q in r.unknown]}
+        if failed:
+            # The shards that answered flushed their mail: said, not lost in the error
+            # of the one that did not (the operator runs it again once that one is back).
+            what = "; ".join(str(e) for e in failed)
+            if replies:
+                what += (f"; the other spool shard(s) flushed {body['flushed']} deferred "
+                         "recipient(s)")
+            log.warning("queue flush through the admin API: %s", what)
+            raise Unavailable(what)
         log.info("queue flushed through the admin API%s: %d recipient(s) due now",
                  "".join(f" domain={d}" for d in domains) + "".join(f" qid={q}" for q in qids),
                  body["flushed"])

@@ -757,6 +757,60 @@ def test_flush_of_a_domain_or_a_queue_id_makes_only_that_mail_go(lab):
                      (m2, "v@two.test"): "delivery", (m3, "x@two.test"): "delivery"})
 
 
+def test_a_flush_with_a_shard_not_answering_flushes_the_others_and_says_so(lab):
+    """``mta queue flush`` while one spool shard does not answer: the shards before it
+    were flushed, those after it not even asked, and the error read "the daemon is not
+    answering ... is 'mta serve' running?"; through the admin API (--domain) the others
+    were flushed but the answer said only that the spool was not answering.  Every
+    shard that answers is flushed now, and the error names the one that did not."""
+    from mta.queueid import shard_of
+
+    mode = {"defer": True}
+    dest = lab.aio(IP_A, rcpt=lambda s, a, f: "451 4.3.2 try later" if mode["defer"] else None)
+    lab.serve(mx("dest.test", "mx.dest.test", IP_A))
+    d = lab.daemon(shards=2, retry_schedule=[3600.0], retry_jitter=0.0)
+    qids = [d.send("alice@sender.test", [f"u{i}@dest.test"], message(f"m{i}"))
+            for i in range(12)]
+    on = {n: sorted(q for q in qids if shard_of(q, 2) == n) for n in (0, 1)}
+    assert on[0] and on[1], on                       # (12 messages: both shards hold some)
+    wait_until(lambda: sum(e["type"] == "delay" for e in d.events()) == 12, 20,
+               "twelve delays")
+    mode["defer"] = False
+
+    def delivered():
+        return sorted(q for q, _, _ in dest.deliveries())
+
+    # through the admin API: spool[1] stopped, spool[0]'s mail goes
+    stopped = d.children()["spool[1]"]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        r = d.cli("queue", "flush", "--domain", "dest.test", check=False, timeout=60)
+        err = r.stderr.decode()
+        assert r.returncode == 69, r                 # EX_UNAVAILABLE
+        assert f"spool[1] did not answer within 5s; the other spool shard(s) flushed " \
+               f"{len(on[0])} deferred recipient(s)" in err, err
+        wait_until(lambda: delivered() == on[0], 10, "spool[0]'s mail, flushed")
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    wait_until(lambda: d.queue_summary()["total"]["messages"] == len(on[1]), 10,
+               "spool[0]'s deliveries recorded")
+    # the CLI's own flush: spool[0] stopped now, the shard after it is asked all the same
+    stopped = d.children()["spool[0]"]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        r = d.cli("queue", "flush", check=False, timeout=60)
+        assert r.returncode == 69, r
+        assert r.stdout.decode().strip() == \
+            f"{len(on[1])} deferred recipient(s) scheduled for delivery now", r
+        assert "mta: spool[0] did not answer within 5s: its deferred mail was not flushed" \
+            in r.stderr.decode(), r
+        wait_until(lambda: delivered() == sorted(qids), 10, "spool[1]'s mail, flushed")
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    wait_queue_empty(d)
+    assert delivered() == sorted(qids)
+
+
 # ------------------------------------------------------------------- event log
 
 def test_event_log_matches_what_the_receivers_saw(lab):
