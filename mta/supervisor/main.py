@@ -763,8 +763,13 @@ class Supervisor:
                 self._kill(c.pid, signal.SIGTERM)
             if victims:
                 rest = sum(1 for c in self.children.values() if c.role != svc.role)
-                notify.status(f"{what}: {len(victims)} {svc.role} process(es) finishing; "
-                              f"{rest} more to stop")
+                # EXTEND_TIMEOUT_USEC: past the unit's TimeoutStopSec (300 s in
+                # contrib/mta.service) systemd waits while each role's stop is under way
+                # -- a shutdown_timeout of up to an hour is the operator's to choose --
+                # and kills the node only when a role takes longer than its grace
+                notify.notify(f"EXTEND_TIMEOUT_USEC={int((grace + STOP_GRACE) * 1e6)}",
+                              f"STATUS={what}: {len(victims)} {svc.role} process(es) "
+                              f"finishing; {rest} more to stop")
             self._wait_gone(victims, grace)
 
     # --------------------------------------------------------------- upgrade

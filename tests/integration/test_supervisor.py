@@ -319,7 +319,12 @@ def test_sd_notify_status_is_a_live_summary_at_most_every_few_seconds(make_daemo
     d.write_config(good)
     d.proc.send_signal(signal.SIGTERM)
     ns.expect("STOPPING=1")
-    ns.expect("STATUS=stopping: 1 delivery process(es) finishing; 4 more to stop", timeout=30)
+    _, _, lines = ns.expect("STATUS=stopping: 1 delivery process(es) finishing; 4 more to "
+                            "stop", timeout=30)
+    # ... and asks systemd to wait past TimeoutStopSec while each role stops, up to its
+    # grace (shutdown_timeout 5 s + spool_timeout 20 s + 10 s) and 10 s more: a long
+    # shutdown_timeout was cut short by the unit's 300 s (SIGKILL)
+    assert "EXTEND_TIMEOUT_USEC=45000000" in lines, lines
     assert d.proc.wait(60) == 0
     ns.close()
 
