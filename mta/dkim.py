@@ -23,7 +23,9 @@ Signatures are relaxed/relaxed by default, over the fields of a default list
 that are present (but for a field with VT or FF in it, which verifiers do not
 agree on: see ``sign``) (From is required and over-signed: listed once more than it
 occurs, so no From can be added later), with ``t=`` always, ``x=`` when
-``expire_seconds`` is set, and never ``l=``.  Private-key operations go
+``expire_seconds`` is set (counted from the message's scheduled start when that
+is later: ``options.start_time`` holds it in the queue for up to 3 days), and
+never ``l=``.  Private-key operations go
 through ``cryptography`` (OpenSSL): rsa-sha256 with 1024- to 4096-bit keys,
 ed25519-sha256.  Canonicalisation is ``mta.mime`` (compiled hot path).
 
@@ -435,8 +437,14 @@ class Signer:
             return keys + tuple(k for k in self._fallback if k not in keys)
         return keys
 
-    def sign(self, message, now: float | None = None) -> bytes:
-        """Return the DKIM-Signature field(s) to prepend to message (b"" if none)."""
+    def sign(self, message, now: float | None = None,
+             scheduled: float | None = None) -> bytes:
+        """Return the DKIM-Signature field(s) to prepend to message (b"" if none).
+
+        *scheduled*: when the message may first leave (``options.start_time``), if
+        later than now: x= counts from it, or a message scheduled beyond
+        ``expire_seconds`` left with its signature expired.
+        """
         if not self._enabled:
             return b""
         keys = self.keys_for(mime.from_domain(message))
@@ -447,6 +455,7 @@ class Signer:
         fields = mime.parse_headers(message, header_end)
         eol = _eol(message)
         t = int(time.time() if now is None else now)
+        x = t if scheduled is None or scheduled <= t else int(scheduled)   # x= counts from
         body = memoryview(message)[body_start:]
         body_hashes = {}
         out = []
@@ -466,12 +475,13 @@ class Signer:
                 c.update(body)
                 c.finish()
                 bh = body_hashes[key.relaxed_body] = _b2a(h.digest(), newline=False)
-            out.append(self._signature(key, fields, bh, t, eol, odd))
+            out.append(self._signature(key, fields, bh, t, x, eol, odd))
         self.signatures += len(out)
         self.cpu_seconds += _cpu() - start
         return b"".join(out)
 
-    def sign_message(self, message, now: float | None = None) -> bytes:
+    def sign_message(self, message, now: float | None = None,
+                     scheduled: float | None = None) -> bytes:
         """Return message with its DKIM-Signature field(s) in front, ready to send.
 
         A message that is all header (no empty line) gets the empty line that
@@ -480,7 +490,7 @@ class Signer:
         no header block without it.  So does an empty message that is signed
         (by a fallback key): the field(s) and the empty line.
         """
-        fields = self.sign(message, now)
+        fields = self.sign(message, now, scheduled)
         if not message:
             return fields + b"\r\n" if fields else b""
         if mime.split_message(message)[0] == len(message):
@@ -489,7 +499,7 @@ class Signer:
             return fields + bytes(message) + tail
         return fields + bytes(message)
 
-    def _signature(self, key, fields, bh, t, eol, odd=None):
+    def _signature(self, key, fields, bh, t, x, eol, odd=None):
         names = mime.select_names(fields, key.sign_names)
         names.extend(key.oversign)
         if odd:
@@ -509,7 +519,7 @@ class Signer:
                     self._h_cache.clear()
                 h_text = self._h_cache[ck] = _fold_h(names, eol)
         if key.expire:
-            times = b"\tt=%d; x=%d;" % (t, t + key.expire)
+            times = b"\tt=%d; x=%d;" % (t, x + key.expire)
         else:
             times = b"\tt=%d;" % t
         unsigned = b"".join((key.head[eol], eol, times, eol, h_text, eol, b"\tbh=", bh, b";",

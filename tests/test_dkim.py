@@ -540,3 +540,22 @@ def test_a_message_of_many_signed_fields_leaves_no_memory_behind(keys):
     assert left < 1_000_000, f"{left} octets left behind by three signed messages"
     msg = b"From: a@example.com\r\n" + b"To: x\r\n" * 300 + b"\r\nbody\r\n"
     assert dkimpy_verify(signer.sign_message(msg), signer.dns_records()) == [True]
+
+
+def test_expiry_counts_from_a_scheduled_start(keys, tmp_path):
+    """options.start_time holds a message in the queue for up to 3 days; it is signed at
+    injection, and x= counted from then: with expire_seconds shorter than the wait, every
+    such message left with its signature expired (mailauth: "expired").  x= counts from
+    the start; t= stays the signing time."""
+    signer = _signer(keys, RSA, expire_seconds=3600)
+    start = NOW + 2 * 86400
+    msg = _corpus("plain.eml")
+    signed = {"scheduled": signer.sign_message(msg, NOW, start),
+              "past": signer.sign_message(msg, NOW, NOW - 600)}
+    tags = _sig_tags(signer.sign(msg, NOW, start))[0]
+    assert (tags["t"], tags["x"]) == (str(NOW), str(start + 3600))
+    assert _sig_tags(signer.sign(msg, NOW, NOW - 600))[0]["x"] == str(NOW + 3600)
+    got = mailauth_verify(signed, signer.dns_records(), str(tmp_path),
+                          now_ms=(start + 60) * 1000)
+    assert [r["result"] for r in got["scheduled"]] == ["pass"], got["scheduled"]
+    assert "expired" in got["past"][0]["comment"]

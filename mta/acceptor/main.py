@@ -83,6 +83,7 @@ from mta.feedback import suppression as suppression_list
 from mta.obs import events as ev
 from mta.obs.stats import Pusher
 from mta.queueid import new_qid, shard_of
+from mta.store import START_AT
 
 log = logging.getLogger("mta.acceptor")
 
@@ -533,10 +534,11 @@ class Acceptor:
         # DKIM: every message is signed here, once, before it is spooled, so the
         # signature is made once however many delivery attempts follow, and a
         # retry sends exactly the bytes that were signed.  The spool and the
-        # delivery processes never modify the message after this point.
+        # delivery processes never modify the message after this point.  A message
+        # held until options.start_time gets its x= counted from then.
         if self.signer is not None:
             try:
-                message = self.signer.sign_message(message)
+                message = self.signer.sign_message(message, None, params.get(START_AT))
             except Exception:
                 self.stats["dkim_failed"] += 1
                 log.exception("%s: DKIM signing failed; the message is queued unsigned", qid)

@@ -1,9 +1,12 @@
 """Messages injected over SMTP are DKIM-signed once, in the acceptor, before they are spooled."""
+import datetime
+import re
 import time
 
 import dkim as dkimpy
 
 from daemon import queued_id, wait_until
+from dkimtools.verifiers import mailauth_verify
 from mta.dkim import public_record
 
 
@@ -93,3 +96,27 @@ def test_many_fields_of_a_signed_name_do_not_stall_the_acceptor(make_daemon, dki
     raw = d.cli("queue", "show", "--raw", queued_id(" ".join(lines))).stdout
     h = raw.split(b"\th=", 1)[1].split(b";", 1)[0]
     assert h.replace(b"\r\n\t ", b"").replace(b" ", b"").split(b":").count(b"to") == n
+
+
+def test_a_scheduled_message_is_not_signed_to_expire_before_it_leaves(make_daemon, dkim_keys,
+                                                                      tmp_path):
+    """An HTTP transmission with options.start_time waits in the queue until then; x= is
+    counted from that start (it was counted from the injection: with expire_seconds
+    shorter than the wait the message left with an expired signature)."""
+    d = make_daemon(acceptors=1, shards=1, dkim={"expire_seconds": 600, "keys": [
+        {"domain": "signer.test", "selector": "ed1", "key_file": dkim_keys.files["ed"],
+         "algorithm": "ed25519-sha256"}]})
+    start = int(time.time()) + 7200
+    st, _, body = d.post({"recipients": ["later@dest.example"],
+                          "content": {"from": "news@signer.test", "subject": "later",
+                                      "text": "scheduled"},
+                          "options": {"start_time": datetime.datetime.fromtimestamp(
+                              start, datetime.timezone.utc).isoformat()}})
+    assert st == 200, body
+    [q] = d.queue_list()
+    raw = d.cli("queue", "show", "--raw", q["queue_id"]).stdout
+    records = {"ed1._domainkey.signer.test": public_record(dkim_keys.ed)}
+    got = mailauth_verify({"m": raw}, records, str(tmp_path), now_ms=(start + 60) * 1000)
+    assert [r["result"] for r in got["m"]] == ["pass"], got["m"]
+    x = int(re.search(rb"\bx=(\d+);", raw).group(1))
+    assert x >= start + 600
