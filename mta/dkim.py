@@ -13,7 +13,10 @@ when it starts (a bad or missing key is caught before that, when the
 configuration is loaded: ``mta check-config``, ``mta serve`` and SIGHUP call
 ``validate(cfg)``, never at send time) and calls ``signer.sign_message(message)``
 once per message, before the message is spooled; the spool and delivery
-processes send the signed bytes as they are.  ``sign`` returns the
+processes send the signed bytes as they are.  The spool shards sign the
+notices they write themselves (DSNs, From MAILER-DAEMON@server.hostname: the
+key of that domain, or the fallback) with a ``Signer`` of their own, built at
+start and again when a reload changes ``[dkim]``.  ``sign`` returns the
 DKIM-Signature field(s) to put in front of the message (bytes, ending in the
 message's own line end; b"" when no key applies); the signed message is
 ``fields + message`` (``sign_message`` does that) and is what every attempt
@@ -57,10 +60,11 @@ Configuration, as the ``[dkim]`` section of the main TOML file::
     domain = "esp.example.net"             # as esp.example.net; mode = "always"
     mode = "unmatched"                     # signs every message with it as well
 
-Reload: nothing is swapped inside a process.  On SIGHUP the supervisor loads
+Reload: nothing is swapped inside an acceptor.  On SIGHUP the supervisor loads
 and validates the new file (a bad key refuses the reload and the running
 acceptors keep their signers), then replaces the acceptors one at a time; each
-new one builds its own ``Signer`` (keys read and parsed there, once).
+new one builds its own ``Signer`` (keys read and parsed there, once).  The
+spool shards, which are not replaced, build a new one for their DSNs.
 
 Hot path (per message): one header scan, one pass over the body into SHA-256
 (shared by every signature with the same body canonicalisation), one header

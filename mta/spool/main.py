@@ -23,7 +23,7 @@ Config:  [spool] (all keys), [delivery] hold, retry_schedule, retry_jitter, max_
          job_timeout_margin;
          [server] hostname, event_log, log_level; [events] max_backlog_bytes;
          [feedback] bounce_rules, bounce_domains; [suppression] enabled, path,
-         max_size, bounce_rule.
+         max_size, bounce_rule; [dkim] (its DSNs are signed as the acceptors sign mail).
 
 Start: open the bus, tell the supervisor it is ready (acceptors are started only
 then), and rebuild the queue from disk a slice at a time, taking new mail meanwhile
@@ -32,7 +32,7 @@ close, exit 0; whatever was not taken is not acknowledged, so nothing is lost.
 SIGHUP (from the supervisor, after a reload it applied): the shard takes the
 [delivery] keys it can change while it runs from the supervisor's record of the
 active configuration -- hold, retry_schedule, retry_jitter, delay_warning_time and
-the timeouts its job timeout is made of -- and server.log_level; the rest (SPOOL_START_KEYS in
+the timeouts its job timeout is made of -- server.log_level and [dkim]; the rest (SPOOL_START_KEYS in
 mta.config, SPOOL_READ_AT_START, and [spool]) takes effect at the next start.
 """
 from __future__ import annotations

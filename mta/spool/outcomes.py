@@ -129,7 +129,8 @@ class Plan:
     *policy*: its RetryPolicy; *read_body(qid)*: the message as spooled (for
     bounces); *new_qid()*: a queue id in this shard for a bounce; *hostname*:
     the reporting MTA named in bounces; *owed*: the bounces owed
-    (:attr:`mta.store.Store.owed`: qid -> {recipient index: report}), read only.
+    (:attr:`mta.store.Store.owed`: qid -> {recipient index: report}), read only;
+    *sign(message)*: the notice with its DKIM-Signature field(s) (None: unsigned).
     The index is only read here, but for the last temporary replies (set at a
     deferral, as before a commit).
     """
@@ -137,8 +138,9 @@ class Plan:
     def __init__(self, index, read_meta, policy: sch.RetryPolicy, read_body, new_qid,
                  hostname: str, bounce_domains: frozenset = frozenset(),
                  owed: dict | None = None, noticed: dict | None = None,
-                 started: float = 0.0):
+                 started: float = 0.0, sign=None):
         self.index = index
+        self.sign = sign
         self.owed = {} if owed is None else owed
         # qid -> when its last delay notice went (Shard.delay_noticed: kept only while it
         # has recipients a later one could name), read here but for entries over the
@@ -785,6 +787,12 @@ class Plan:
         except Exception:
             log.exception("%s: could not build the %s", qid, kind)
             return
+        if self.sign is not None:
+            try:
+                dsn = self.sign(dsn)
+            except Exception:
+                log.exception("%s: DKIM signing of the %s failed; it is queued unsigned",
+                              qid, kind)
         bqid = self.new_qid()
         self.bounces.append((MessageMeta(bqid, "", [m.sender], now,
                                          {"message_id": message_id}, f"{kind} of {qid}"),

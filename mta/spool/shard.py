@@ -149,6 +149,12 @@ class Shard:
         self.policy = sch.RetryPolicy(self.dcfg)
         self.bounce_domains = frozenset(d.lower() for d in
                                         settings.config.feedback.bounce_domains)
+        # The notices this shard writes (bounces, delay and success notices, From
+        # MAILER-DAEMON@server.hostname) are signed as the acceptors sign mail: [dkim],
+        # by the From domain (a key for the host name's domain, or a fallback)
+        self.dkim = None
+        self.signer = None
+        self._set_signer(settings.config.dkim)
         # The queue (store.index): per lane a due queue, and every queued message's
         # deadline (start + max_age) in buckets of max_age / DEADLINE_BUCKETS: age is
         # checked wherever a message waits -- held, parked for an absent delivery
@@ -338,10 +344,24 @@ class Shard:
         if mconfig.read_active(self.settings.run_dir) is not None:
             self.reload_wanted = True
 
+    def _set_signer(self, cfg) -> None:
+        """Sign this shard's notices with the keys of *cfg* ([dkim]) from now on.  Keys that
+        cannot be loaded (changed on disk since the configuration was checked) leave the
+        signer as it was (none at start): logged, and the shard goes on."""
+        signer = None
+        if cfg.enabled and cfg.keys:
+            from mta.dkim import DkimConfigError, Signer
+            try:
+                signer = Signer.from_config(cfg)
+            except DkimConfigError as exc:
+                log.error("DKIM: %s; notices (DSNs) are signed as before", exc)
+                return
+        self.dkim, self.signer = cfg, signer
+
     def apply_reload(self) -> None:
-        """SIGHUP: take the [delivery] keys a running shard can change, and the log level,
-        from the active configuration the supervisor recorded (the others stay as at
-        start)."""
+        """SIGHUP: take the [delivery] keys a running shard can change, the log level and
+        [dkim] (the notices' signer) from the active configuration the supervisor
+        recorded (the others stay as at start)."""
         self.reload_wanted = False
         active = mconfig.read_active(self.settings.run_dir)
         if active is None:
@@ -351,6 +371,8 @@ class Shard:
         if active.config.server.log_level != self.log_level:
             self.log_level = active.config.server.log_level
             proc.set_log_level(self.log_level)
+        if active.config.dkim != self.dkim:
+            self._set_signer(active.config.dkim)
         old = self.dcfg
         new = msgspec.structs.replace(active.config.delivery, **{
             k: getattr(old, k) for k in mconfig.SPOOL_START_KEYS})
@@ -667,7 +689,8 @@ class Shard:
         return Plan(self.q, self.store.read_meta, self.policy, self.store.read_body,
                     lambda: new_qid_for_shard(self.shard, self.settings.shards),
                     self.settings.hostname, self.bounce_domains, self.store.owed,
-                    self.delay_noticed, self.started)
+                    self.delay_noticed, self.started,
+                    self.signer.sign_message if self.signer is not None else None)
 
     def returned(self, req: int, qid: str) -> dsp.Job | None:
         """The outcome of job *req* came back: it is no longer out; the job (None if it

@@ -1054,16 +1054,16 @@ class Supervisor:
             proc.set_log_level(level)
         recorded = self._write_active()
         if new.config.delivery != old.config.delivery or \
-                level != old.config.server.log_level:
+                level != old.config.server.log_level or new.config.dkim != old.config.dkim:
             # the spool shards are not replaced: they take from the record just written
             # what of [delivery] they can change while they run (hold, retries, timeouts),
-            # and the log level
+            # the log level and [dkim] (the keys that sign their DSNs)
             if recorded:
                 self._signal_role("spool", signal.SIGHUP)
             else:
                 log.error("reload: the spool shards keep [delivery] as it was (hold, "
-                          "retries, timeouts) and server.log_level until a restart: the "
-                          "record they read could not be written")
+                          "retries, timeouts), server.log_level and [dkim] until a "
+                          "restart: the record they read could not be written")
         failed = []
         for role, sections in ROLLED.items():
             changed = [f"[{k}]" for k in sections

@@ -6,7 +6,7 @@ import time
 import dkim as dkimpy
 
 from daemon import queued_id, wait_until
-from dkimtools.verifiers import mailauth_verify
+from dkimtools.verifiers import dkimpy_verify, mailauth_verify
 from mta.dkim import public_record
 
 
@@ -120,3 +120,35 @@ def test_a_scheduled_message_is_not_signed_to_expire_before_it_leaves(make_daemo
     assert [r["result"] for r in got["m"]] == ["pass"], got["m"]
     x = int(re.search(rb"\bx=(\d+);", raw).group(1))
     assert x >= start + 600
+
+
+def test_dsns_are_signed_and_a_reload_changes_their_key(make_daemon, dkim_keys, tmp_path):
+    """A DSN is a message the spool writes itself (From MAILER-DAEMON@server.hostname):
+    it went unsigned whatever [dkim] said -- a key for that domain, a fallback with mode
+    "always" -- while everything the acceptors take in is signed.  It is signed by the
+    same rules; a reload that changes [dkim] changes the key of the next one."""
+    key = {"domain": "mta.test", "selector": "old", "key_file": dkim_keys.files["ed"],
+           "algorithm": "ed25519-sha256"}
+    d = make_daemon(acceptors=1, shards=1, dkim={"keys": [key]})
+    records = {"old._domainkey.mta.test": public_record(dkim_keys.ed),
+               "new._domainkey.mta.test": public_record(dkim_keys.rsa)}
+
+    def dsn_of(domain):
+        d.send("alice@src.test", [f"r@{domain}"],
+               b"From: alice@src.test\r\nSubject: s\r\n\r\nbody\r\n")
+        d.cli("queue", "bounce", "--domain", domain, "--reason", "gone", "--dsn")
+        [q] = wait_until(lambda: [q for q in d.queue_list() if q["sender"] == ""
+                                  and q["queue_id"] not in seen], 15, "the DSN")
+        seen.add(q["queue_id"])
+        return d.cli("queue", "show", "--raw", q["queue_id"]).stdout
+
+    seen = set()
+    first = dsn_of("one.test")
+    assert b"From: Mail Delivery System <MAILER-DAEMON@mta.test>" in first
+    d.reload(dkim={"keys": [{**key, "selector": "new", "key_file": dkim_keys.files["rsa"],
+                             "algorithm": "rsa-sha256"}]})
+    second = dsn_of("two.test")
+    assert dkimpy_verify(first, records) == [True] and dkimpy_verify(second, records) == [True]
+    got = mailauth_verify({"first": first, "second": second}, records, str(tmp_path))
+    assert [(r["result"], r.get("selector")) for r in got["first"]] == [("pass", "old")], got
+    assert [(r["result"], r.get("selector")) for r in got["second"]] == [("pass", "new")], got
