@@ -310,6 +310,19 @@ def test_every_dkim_key_problem_is_named(tmp_path):
     assert "dkim.keys[10]" not in text and "(and 2 more problem(s))" in text, text
 
 
+def test_a_dkim_fallback_without_keys_is_refused(tmp_path):
+    # [dkim] was checked only when it had keys: a fallback naming a domain with no key
+    # (every [[dkim.keys]] table left out, or commented out in a rotation) passed
+    # check-config, and all mail went unsigned without a word
+    p = tmp_path / "c.toml"
+    p.write_text('[dkim.fallback]\ndomain = "esp.example.net"\nmode = "always"\n')
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(p))
+    assert "dkim.fallback: no key in dkim.keys for esp.example.net" in str(exc.value)
+    p.write_text('[dkim]\nenabled = false\n[dkim.fallback]\ndomain = "esp.example.net"\n')
+    config.load(str(p))     # (signing off: nothing to check)
+
+
 def test_an_overflow_pool_must_exist_and_be_another_pool(tmp_path):
     import msgspec
 

@@ -256,7 +256,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
     _check_names(cfg)
     hostname = cfg.server.hostname or socket.gethostname()
     nameservers = _check_delivery(cfg.delivery)
-    if cfg.dkim.enabled and cfg.dkim.keys:
+    if cfg.dkim.enabled and (cfg.dkim.keys or cfg.dkim.fallback is not None):
         from mta import dkim
 
         problems = dkim.validate(cfg.dkim)
