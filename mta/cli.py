@@ -4,6 +4,7 @@
     mta check-config [-c FILE]     validate; errors name the key
     mta print-config --example     every key with its default and doc, as TOML
     mta print-services [-c FILE]   the process table
+    mta dkim-records [-c FILE]     the DNS TXT records of the [dkim] keys, to publish
     mta queue [-c FILE] [--json]   live queue summary, asked of the running daemon
     mta queue list|show|delete     list queued messages, show one, delete some
     mta queue flush                retry every deferred recipient now (--domain D,
@@ -732,6 +733,34 @@ def rules_cancel(config_path, as_json, what):
     elif flushed is None and any(e["kind"] == "suspend" for e in gone):
         click.echo("the daemon is not running: mail a suspension held back waits for its "
                    "retry time, or 'mta queue flush'")
+
+
+@main.command("dkim-records")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object for machines")
+def dkim_records(config_path, as_json):
+    """Print the DNS TXT record of every [dkim] key (SELECTOR._domainkey.DOMAIN), in zone
+    file form, to publish before signing with it (a rotation: the new selector's first)."""
+    from mta.dkim import DkimConfigError, Signer
+
+    cfg = _settings(config_path).config.dkim
+    try:
+        records = Signer.from_config(cfg).dns_records() if cfg.keys else {}
+    except DkimConfigError as exc:
+        click.echo(f"mta: configuration error: {exc}", err=True)
+        sys.exit(EX_CONFIG)
+    if as_json:
+        click.echo(json.dumps({"records": [{"name": n, "type": "TXT", "value": v}
+                                           for n, v in records.items()]}))
+        return
+    if not records:
+        click.echo("mta: no [[dkim.keys]] configured", err=True)
+        sys.exit(1)
+    for name, value in records.items():
+        # (a TXT record is made of strings of at most 255 octets: an RSA-2048 key's is
+        # longer, so it is given in pieces, which resolvers join)
+        parts = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+        click.echo(f"{name}. IN TXT ( {parts} )")
 
 
 @main.command("spool-dump")

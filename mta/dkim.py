@@ -6,7 +6,7 @@ signer for mail no key matches (or for all mail, next to the author's own).
 Reads: the ``[dkim]`` section of the configuration (``DkimConfig`` below) and
 the private key files it names, once at start and on reload.  Writes nothing.
 Talks to no peer: the public keys live in DNS, published by the operator
-(``Signer.dns_records()`` prints them).
+(``Signer.dns_records()`` gives them; ``mta dkim-records`` prints them).
 
 Used by the acceptor: each acceptor process builds ``Signer.from_config(cfg)``
 when it starts (a bad or missing key is caught before that, when the

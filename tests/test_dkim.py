@@ -8,6 +8,7 @@ unbound started by the test in a private network namespace) and with Node
 altered after signing must fail with all three.
 """
 import base64
+import json
 import glob
 import os
 import re
@@ -559,3 +560,46 @@ def test_expiry_counts_from_a_scheduled_start(keys, tmp_path):
                           now_ms=(start + 60) * 1000)
     assert [r["result"] for r in got["scheduled"]] == ["pass"], got["scheduled"]
     assert "expired" in got["past"][0]["comment"]
+
+
+def test_mta_dkim_records_prints_what_verifiers_find_in_dns(keys, tmp_path):
+    # The operator publishes each key's TXT record before signing with it: the module
+    # said `Signer.dns_records()` prints them, but no command did.  `mta dkim-records`
+    # prints them in zone-file form (an RSA-2048 record, longer than a TXT string's 255
+    # octets, in pieces), and the record a verifier reads from that signs as the daemon's
+    # signer signs.
+    import sys
+    conf = tmp_path / "mta.toml"
+    conf.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n\n'
+                    f'[[dkim.keys]]\ndomain = "{AUTHOR}"\nselector = "rsa2026"\n'
+                    f'key_file = "{keys["rsa"]}"\n\n'
+                    f'[[dkim.keys]]\ndomain = "{AUTHOR}"\nselector = "ed2026"\n'
+                    f'key_file = "{keys["ed"]}"\nalgorithm = "ed25519-sha256"\n')
+    run = subprocess.run([sys.executable, "-m", "mta", "dkim-records", "-c", str(conf)],
+                         capture_output=True, timeout=60)
+    assert run.returncode == 0, run
+    records = {}
+    for line in run.stdout.decode().splitlines():
+        m = re.fullmatch(r'(\S+)\. IN TXT \( ((?:"[^"]{1,255}" ?)+) \)', line)
+        assert m, line
+        records[m.group(1)] = "".join(re.findall(r'"([^"]*)"', m.group(2)))
+    assert set(records) == {f"rsa2026._domainkey.{AUTHOR}", f"ed2026._domainkey.{AUTHOR}"}
+    assert records[f"rsa2026._domainkey.{AUTHOR}"].startswith("v=DKIM1; k=rsa; p=")
+    assert '" "' in run.stdout.decode()             # (the RSA one, in pieces)
+    signer = Signer.from_config(DkimConfig(keys=[
+        DkimKey(domain=AUTHOR, selector="rsa2026", key_file=keys["rsa"]),
+        DkimKey(domain=AUTHOR, selector="ed2026", key_file=keys["ed"],
+                algorithm="ed25519-sha256")]))
+    signed = signer.sign_message(b"From: a@" + AUTHOR.encode() + b"\r\nTo: b@x.test\r\n"
+                                 b"Subject: records\r\n\r\nbody\r\n")
+    assert dkimpy_verify(signed, records) == [True, True]
+    as_json = json.loads(subprocess.run(
+        [sys.executable, "-m", "mta", "dkim-records", "-c", str(conf), "--json"],
+        capture_output=True, timeout=60, check=True).stdout)
+    assert {r["name"]: r["value"] for r in as_json["records"]} == records
+    # no keys: said, exit status 1
+    bare = tmp_path / "bare.toml"
+    bare.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n')
+    run = subprocess.run([sys.executable, "-m", "mta", "dkim-records", "-c", str(bare)],
+                         capture_output=True, timeout=60)
+    assert run.returncode == 1 and b"no [[dkim.keys]] configured" in run.stderr, run
