@@ -359,3 +359,15 @@ def test_a_reload_names_what_the_spool_shards_read_only_at_start(tmp_path, text,
     new_path.write_text(base + text)
     later = config.restart_keys(config.load(str(old_path)), config.load(str(new_path)))
     assert any(k.startswith(key) for k in later), later
+
+
+def test_a_nameserver_given_as_a_bare_ipv6_address_is_that_address_on_port_53(tmp_path):
+    """delivery.nameservers takes "ip or ip:port": a bare IPv6 address is an ip (its port
+    needs the brackets, "[::1]:5353", as every host:port here).  "::1" was refused and
+    "2001:db8::a:1" read as 2001:db8::a port 1 -- every MX lookup to the wrong server."""
+    p = tmp_path / "c.toml"
+    p.write_text("[delivery]\nnameservers = ['::1', '2001:db8::a:1', '[2001:db8::53]:5353',"
+                 " '[::1]', '192.0.2.53', '192.0.2.53:5353']\n")
+    assert config.load(str(p)).nameservers == (
+        ("::1", 53), ("2001:db8::a:1", 53), ("2001:db8::53", 5353), ("::1", 53),
+        ("192.0.2.53", 53), ("192.0.2.53", 5353))

@@ -532,6 +532,14 @@ def _check_admin(a, used: list) -> tuple[tuple, tuple]:
     return tuple(out), tuple(agent)
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _addresses(key: str, items: list, used: list) -> list[tuple[str, int]]:
     """The (host, port) of each listen address of setting *key* (``host:port``, the host
     an IP address); ConfigError naming the entry when one is bad, listed twice, or
@@ -559,9 +567,13 @@ def _check_delivery(d) -> tuple:
     ns = []
     for i, item in enumerate(d.nameservers):
         try:
-            host, port = parse_hostport(item) if ":" in item.strip("[]") or item.startswith("[") \
-                else (item, 53)
-            ipaddress.ip_address(host)
+            # a bare address (an IPv6 one too: "2001:db8::a:1" is not 2001:db8::a port 1)
+            # is on port 53; a port follows an IPv4 address or an IPv6 one in brackets
+            host, port = item.strip("[]") if item.startswith("[") and item.endswith("]") \
+                else item, 53
+            if not _is_ip(host):
+                host, port = parse_hostport(item)
+                ipaddress.ip_address(host)
         except ValueError:
             raise ConfigError(f"delivery.nameservers[{i}]: expected an IP address or ip:port, "
                               f"got {item!r}") from None
