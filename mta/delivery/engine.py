@@ -946,6 +946,12 @@ class Engine:
         tls = ""                    # how the last host's TLS went, for the events
         targets = list(lane.site.targets)
         if lane.site.key[0] == "mx":
+            if src.address and src.proxy is None:
+                # A source bound to one IP version reaches no address of the other: they
+                # must not fill the attempt's MAX_CONNECT_ADDRESSES (kept when they are
+                # all there is, for the reason the deferral gives).
+                v6 = ":" in src.address
+                targets = [t for t in targets if (":" in t.ip) == v6] or targets
             targets = _shuffled_by_preference(targets)[:MAX_CONNECT_ADDRESSES]
         for t in targets:
             # A static route's own source_address applies to the built-in source only.

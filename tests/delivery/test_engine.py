@@ -1578,3 +1578,20 @@ def test_a_refused_extra_connection_does_not_hold_a_site_whose_connection_works(
     assert [(r.outcome, r.code) for r in later] == [(bus.DELIVERED, 250)] * 3, later
     assert {rcpt for _, rcpt in peer.messages} >= {"b5@busy.test", "b6@busy.test",
                                                     "b7@busy.test"}
+
+
+def test_an_ipv6_source_reaches_the_ipv6_address_of_a_host_with_many_ipv4_ones():
+    """A source sending from an IPv6 address (delivery.source_address = ::1) to an MX host
+    with six A records and one AAAA (as big providers publish): the addresses it cannot
+    reach from there are not among the MAX_CONNECT_ADDRESSES of an attempt, so the mail
+    goes to the IPv6 one -- it was deferred for ever ("source ::1 cannot reach an IPv4
+    address"), the five tried being IPv4 ones."""
+    peer = Peer()
+    v4 = [f"127.0.0.{n}" for n in range(2, 8)]
+    resolver = Resolver({"example.net": MxResult("ok", [["mx.example.net"]])},
+                        {"mx.example.net": v4 + ["::1"]})
+    (j, results), = deliver([job("example.net", "ok")], resolver, port=free_port(),
+                            peers={"::1": peer}, source_address="::1")
+    (r,) = results
+    assert (r.outcome, r.ip) == (bus.DELIVERED, "::1"), r
+    assert len(peer.messages) == 1
