@@ -371,3 +371,23 @@ def test_a_nameserver_given_as_a_bare_ipv6_address_is_that_address_on_port_53(tm
     assert config.load(str(p)).nameservers == (
         ("::1", 53), ("2001:db8::a:1", 53), ("2001:db8::53", 5353), ("::1", 53),
         ("192.0.2.53", 53), ("192.0.2.53", 5353))
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[smtp]\nlisten = ['::1:2525']\n", "smtp.listen[0]"),
+    ("[http]\nlisten = ['2001:db8::1:8080']\n", "http.listen[0]"),
+    ("[admin]\nagent_listen = ['::1:5555']\n", "admin.agent_listen[0]"),
+    # (check-config passed it, and the delivery processes died at start on it)
+    ("[[egress.source]]\nname = 'p'\nsocks5_proxy = '::1:1080'\n",
+     "egress.source[0].socks5_proxy"),
+])
+def test_an_ipv6_address_and_port_need_the_brackets(tmp_path, text, key):
+    """host:port with a bare IPv6 host is ambiguous ("::1:2525" is an IPv6 address too):
+    a ConfigError that names the key and the [v6]:port form, not a guess."""
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(p))
+    assert str(exc.value).startswith(key + ": ") and "[" in str(exc.value), exc.value
+    p.write_text(text.replace("'::1:", "'[::1]:").replace("'2001:db8::1:", "'[2001:db8::1]:"))
+    config.load(str(p))

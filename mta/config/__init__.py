@@ -84,6 +84,9 @@ def parse_hostport(text: str) -> tuple[str, int]:
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
+        if ":" in host:     # "::1:2525" is an IPv6 address too: which is meant?
+            raise ValueError(f"expected host:port with an IPv6 host in brackets "
+                             f"([2001:db8::1]:25), got {text!r}")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected host:port, got {text!r}")
     return host, int(port)
