@@ -658,8 +658,10 @@ class Engine:
         route = own or self.routes.get("*")
         if route is not None:
             # Lower case, as the MX site's names are (DNS names are case-insensitive): an
-            # operator's site suspension or bounce names the site in lower case.
-            hosts = tuple(f"{t.host.lower()}:{t.port}" for t in targets)
+            # operator's site suspension or bounce names the site in lower case.  An
+            # IPv6 host in brackets: "::1:2525" would be an address of its own.
+            hosts = tuple(f"[{t.host.lower()}]:{t.port}" if ":" in t.host
+                          else f"{t.host.lower()}:{t.port}" for t in targets)
             # A route's TLS policy and source address are part of its site: two routes to
             # one host with different ones must not share the site's targets (each lookup
             # replaces them, so one route's mail would go with the other's TLS policy).

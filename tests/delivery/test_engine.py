@@ -1595,3 +1595,16 @@ def test_an_ipv6_source_reaches_the_ipv6_address_of_a_host_with_many_ipv4_ones()
     (r,) = results
     assert (r.outcome, r.ip) == (bus.DELIVERED, "::1"), r
     assert len(peer.messages) == 1
+
+
+def test_a_route_to_an_ipv6_host_names_its_site_with_the_address_in_brackets():
+    """The site of a route to [::1]:PORT (its name is what logs, /metrics labels, the
+    status page and the queue commands show): "[::1]:PORT" -- "::1:PORT" is an IPv6
+    address of its own, and said nothing of the port."""
+    peer = Peer()
+    port = free_port()
+    (j, results), = deliver([job("routed.test", "ok")], Resolver({}, {}), port=port,
+                            peers={"::1": peer},
+                            route=[{"domain": "routed.test", "hosts": ["[::1]:PORT"]}])
+    assert [r.outcome for r in results] == [bus.DELIVERED]
+    assert j.site == f"[::1]:{port}"
