@@ -83,6 +83,12 @@ DESTINATION_ERRNO = {
 }
 
 
+def hostport(host: str, port: int) -> str:
+    """``host:port`` for logs and replies, an IPv6 address in brackets ("::1:25" would
+    be an address of its own)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class Socks5Proxy:
     """Where the proxy is and how to log in: ``host``, ``port``, ``username``, ``password``.
@@ -121,7 +127,7 @@ class Socks5Proxy:
     @property
     def name(self) -> str:
         """``host:port`` for logs and errors (never the password)."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return hostport(self.host, self.port)
 
 
 class ProxyUnavailable(Exception):
@@ -307,7 +313,7 @@ async def connect(proxy: Socks5Proxy, host: str, port: int, timeout: float, *,
     except (asyncio.TimeoutError, TimeoutError):
         sock.close()
         if ex.stage == "connect request":
-            raise DestinationError(errno.ETIMEDOUT, f"connect to {host}:{port} through proxy "
+            raise DestinationError(errno.ETIMEDOUT, f"connect to {hostport(host, port)} through proxy "
                                    f"{proxy.name} timed out") from None
         raise ProxyUnavailable(f"proxy {proxy.name} did not answer the {ex.stage} within "
                                f"{timeout:g} s") from None

@@ -1608,3 +1608,15 @@ def test_a_route_to_an_ipv6_host_names_its_site_with_the_address_in_brackets():
                             route=[{"domain": "routed.test", "hosts": ["[::1]:PORT"]}])
     assert [r.outcome for r in results] == [bus.DELIVERED]
     assert j.site == f"[::1]:{port}"
+
+
+def test_a_refused_connection_to_an_ipv6_host_names_it_in_brackets():
+    """The reason of a deferral (the delay event's raw_reason, a bounce's Diagnostic-Code
+    after max_age) names where the connection went: "[::1]:PORT", not "::1:PORT" (an
+    IPv6 address of its own)."""
+    port = free_port()
+    (j, results), = deliver([job("routed.test", "ok")], Resolver({}, {}), port=port,
+                            route=[{"domain": "routed.test", "hosts": ["[::1]:PORT"]}])
+    (r,) = results
+    assert (r.outcome, r.code) == (bus.DEFERRED, 451), r
+    assert f"connect to [::1]:{port} failed" in r.text, r
