@@ -207,13 +207,15 @@ class RouteError(Exception):
 class Site:
     """A set of receiving hosts, shared by every domain whose mail goes to them."""
 
-    __slots__ = ("key", "name", "hosts", "targets", "domains", "shaped", "lanes", "down")
+    __slots__ = ("key", "name", "hosts", "targets", "family", "domains", "shaped", "lanes",
+                 "down")
 
     def __init__(self, key: tuple, name: str, hosts: tuple[str, ...]):
         self.key = key
         self.name = name
         self.hosts = hosts                      # host names (lower case), for shaping's mx rules
         self.targets: list[Target] = []         # in the order to try them
+        self.family = 0     # 4 or 6: every target is an address of that IP version (_family)
         self.domains: set[str] = set()
         # The domains shaping rules are matched against: all of an MX site's; for a
         # static route's site only the domains with a route of their own -- mail that a
@@ -228,7 +230,8 @@ class Site:
 class Source:
     """An egress source and its suspension."""
 
-    __slots__ = ("name", "address", "ehlo", "proxy", "suspended_until", "failures", "reason")
+    __slots__ = ("name", "address", "ehlo", "proxy", "family", "suspended_until", "failures",
+                 "reason")
 
     def __init__(self, cfg, default_ehlo: str):
         self.name = cfg.name
@@ -238,6 +241,10 @@ class Source:
         if cfg.socks5_proxy:
             self.proxy = Socks5Proxy.parse(cfg.socks5_proxy, cfg.socks5_username,
                                            cfg.socks5_password)
+        # 4 or 6: bound to an address of that IP version, which reaches none of the other
+        # (0: the system's choice, or a proxy that connects for it)
+        self.family = 0 if not self.address or self.proxy else \
+            6 if ":" in self.address else 4
         self.suspended_until = 0.0
         self.failures = 0
         self.reason = ""
@@ -249,12 +256,13 @@ class Source:
 class Pool:
     """A weighted set of sources; picks by smooth weighted round robin among the usable ones."""
 
-    __slots__ = ("name", "members", "current")
+    __slots__ = ("name", "members", "current", "bound")
 
     def __init__(self, name: str, members):
         self.name = name
         self.members = list(members)            # [(source name, weight)]
         self.current = {s: 0 for s, _ in self.members}
+        self.bound = False      # a member is bound to one IP version (Source.family)
 
     def pick(self, usable) -> str | None:
         total = 0
@@ -392,6 +400,15 @@ def _connects_to(ip: str) -> str:
     return str(addr)
 
 
+def _family(targets: list[Target]) -> int:
+    """4 or 6 when every one of *targets* is an address of that IP version and none has a
+    source address of its own (a route's), else 0."""
+    v6 = {":" in t.ip for t in targets}
+    if len(v6) != 1 or any(t.source for t in targets):
+        return 0
+    return 6 if v6.pop() else 4
+
+
 def _shuffled_by_preference(targets: list[Target]) -> list[Target]:
     """An MX site's targets with the hosts of each preference in a new random order.
 
@@ -484,6 +501,8 @@ class Engine:
         # VERP: the return path names the message (feedback.verp at the first bounce domain)
         self.verp = (fb.verp, fb.bounce_domains[0].lower()) if fb.verp else None
         self.pools = {name: Pool(name, members) for name, members in settings.pools.items()}
+        for pool in self.pools.values():
+            pool.bound = any(self.sources[s].family for s, _ in pool.members)
         # warm-up overflow: pool -> the pool that takes its mail when its sources are capped
         self.overflow = {p.name: p.overflow_pool for p in settings.config.egress.pool
                          if p.overflow_pool}
@@ -683,6 +702,7 @@ class Engine:
             site = self.sites[key] = Site(key, name, hostnames)
             self.sites_version += 1
         site.targets = targets
+        site.family = _family(targets)
         old = self.domain_site.get(domain)
         if old is not None and old[0] is not site:
             old[0].domains.discard(domain)
@@ -734,9 +754,15 @@ class Engine:
         held = self._held
         warm = self.warmup
         capped: dict[str, float] = {}     # warming sources at a cap: seconds to the rollover
+        # Sources bound to the other IP version than every address of the site reach none
+        # of them (each attempt deferred: "cannot reach an IPv4 address"): passed over
+        # while another source of the pool may send (a pool with a bound source only).
+        fam = site.family
+        avoid = [s for s, _ in pool.members if sources[s].family not in (0, fam)] \
+            if fam and pool.bound else ()
 
         def usable(s):
-            if held(s, site.name, now) > now or s in capped:
+            if s in avoid or held(s, site.name, now) > now or s in capped:
                 return False
             if s in warm.plans and warm.overflow(s) == "other_sources":
                 wait = warm.capped(s, site.name, site.hosts, now)
@@ -749,6 +775,9 @@ class Engine:
         first = pool
         while True:
             name = pool.pick(usable)
+            if name is None and avoid:
+                avoid = ()      # no other may send now: as before (each says why)
+                continue
             if name is None and capped and pool is first and first.name in self.overflow:
                 # every usable source of the pool is at its warm-up cap for this site:
                 # the pool's overflow pool takes the mail (one hop)

@@ -349,3 +349,18 @@ def test_a_connection_lost_in_a_recipient_limit_transaction_is_no_reply_for_the_
     assert (by[1].outcome, by[1].code, by[1].enhanced, by[1].bounce_class) == \
         (bus.DEFERRED, 451, "4.4.2", ""), by[1]
     assert j.fired is None and engine.stats["rule:451-is-gone"] == 0
+
+
+def test_a_pools_source_of_the_other_ip_version_than_the_site_does_not_take_its_mail():
+    # A dual-stack pool (one source bound to an IPv6 address, one to an IPv4 one) and a
+    # site whose only address is IPv4: the IPv6 source reaches nothing there ("source ::1
+    # cannot reach an IPv4 address"), and every other message the round robin gave it was
+    # deferred to its next retry.  The pool's source that can reach the site takes them.
+    sections = {"egress": {"source": [{"name": "v6", "source_address": "::1"},
+                                      {"name": "v4", "source_address": "127.0.0.1"}],
+                           "pool": [{"name": "default", "sources": [{"source": "v6"},
+                                                                    {"source": "v4"}]}]}}
+    jobs = [job("a.test", f"ok{i}", n=i) for i in range(6)]
+    reports, _, peer = run(jobs, [], sections=sections)
+    assert [results[0].outcome for _, results, _ in reports] == [bus.DELIVERED] * 6, reports
+    assert {j.source for j, _, _ in reports} == {"v4"} and len(peer.messages) == 6
