@@ -5,6 +5,7 @@ import errno
 import fcntl
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -114,3 +115,26 @@ def test_an_upgrades_lock_of_another_state_directory_is_let_go(tmp_path, monkeyp
         fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)   # the old directory is free
     finally:
         os.close(probe)
+
+
+def test_an_ipv6_listener_is_named_in_brackets(tmp_path):
+    # The ready / reloaded line (the log, systemctl status) and a listener's failure named
+    # [::1]:PORT as "::1:PORT" -- an IPv6 address of its own, with no port.
+    from daemon import free_port
+
+    port, taken = free_port(), socket.socket(socket.AF_INET6)
+    taken.bind(("::1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    path = tmp_path / "mta.toml"
+    path.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
+                    f'[smtp]\nlisten = ["127.0.0.1:{port}", "[::1]:{port}"]\n'
+                    f'[admin]\nagent_listen = ["[::1]:{busy}"]\n')
+    sup = sup_main.Supervisor(mconfig.load(str(path)), str(path))
+    line = sup.status_line()
+    assert f"SMTP on 127.0.0.1:{port}, [::1]:{port}," in line, line
+    assert f"HAProxy agent on [::1]:{busy};" in line, line
+    with pytest.raises(sup_main.StartupError) as exc:
+        sup.bind_all([("::1", busy)], first=True)
+    assert str(exc.value).startswith(f"cannot listen on [::1]:{busy}: "), exc.value
+    taken.close()

@@ -91,7 +91,7 @@ from mta import config as mconfig
 from mta import proc, store
 from mta.obs import queue as queue_view
 from mta.supervisor import notify
-from mta.supervisor.services import table
+from mta.supervisor.services import hostport, table
 
 log = logging.getLogger("mta.supervisor")
 
@@ -204,8 +204,8 @@ def take_inherited(environ=os.environ) -> int:
 def close_unused_inherited() -> None:
     for key, socks in _inherited.items():
         for sk in socks:
-            log.warning("inherited socket for %s:%d not used by this configuration; closed",
-                        *key)
+            log.warning("inherited socket for %s not used by this configuration; closed",
+                        hostport(*key))
             sk.close()
     _inherited.clear()
 
@@ -439,7 +439,7 @@ class Supervisor:
                     x.close()
                 why = "another process listens there (another mta serve?)" \
                     if exc.errno == errno.EADDRINUSE else exc.strerror
-                raise StartupError(f"cannot listen on {host}:{port}: {why}") from None
+                raise StartupError(f"cannot listen on {hostport(host, port)}: {why}") from None
         return socks
 
     def bind_slots(self, settings, role: str, count: int, listen, http_listen=()) -> dict:
@@ -637,12 +637,12 @@ class Supervisor:
 
     def status_line(self) -> str:
         s = self.settings
-        listen = ", ".join(f"{h}:{p}" for h, p in s.listen)
-        http = ", ".join(f"{h}:{p}" for h, p in s.http_listen)
+        listen = ", ".join(hostport(h, p) for h, p in s.listen)
+        http = ", ".join(hostport(h, p) for h, p in s.http_listen)
         http = f", HTTP on {http}" if http else ""
-        admin = ", ".join(f"{h}:{p}" for h, p in s.admin_listen)
+        admin = ", ".join(hostport(h, p) for h, p in s.admin_listen)
         http += f", admin on {admin}" if admin else ""
-        agent = ", ".join(f"{h}:{p}" for h, p in s.agent_listen)
+        agent = ", ".join(hostport(h, p) for h, p in s.agent_listen)
         http += f", HAProxy agent on {agent}" if agent else ""
         return (f"accepting SMTP on {listen}{http}; {s.acceptors} acceptor(s), {s.shards} "
                 f"spool shard(s), {s.deliveries} delivery process(es)")

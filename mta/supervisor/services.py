@@ -49,10 +49,16 @@ def table(settings) -> list[Service]:
     ]
 
 
+def hostport(host: str, port: int) -> str:
+    """A listen address as written in the config: an IPv6 one in brackets ("::1:25"
+    would be an address of its own)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def render(services: list[Service]) -> str:
     """A human-readable table for ``mta print-services``."""
     def addrs(pairs) -> str:
-        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in pairs) or "-"
+        return ",".join(hostport(h, p) for h, p in pairs) or "-"
 
     rows = [("ROLE", "COUNT", "LISTEN", "RESTART", "ON RELOAD", "ENTRY", "HTTP")]
     for s in services:
