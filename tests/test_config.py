@@ -391,3 +391,22 @@ def test_an_ipv6_address_and_port_need_the_brackets(tmp_path, text, key):
     assert str(exc.value).startswith(key + ": ") and "[" in str(exc.value), exc.value
     p.write_text(text.replace("'::1:", "'[::1]:").replace("'2001:db8::1:", "'[2001:db8::1]:"))
     config.load(str(p))
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[delivery]\nipv6 = false\nsource_address = '::1'\n", "delivery.source_address"),
+    ("[delivery]\nipv6 = false\n[[delivery.route]]\ndomain = 'a.test'\nhosts = ['10.0.0.5']\n"
+     "source_address = '2001:db8::5'\n", "delivery.route[0].source_address"),
+    ("[delivery]\nipv6 = false\n[[egress.source]]\nname = 'v6'\n"
+     "source_address = '2001:db8::5'\n", "egress.source[0].source_address"),
+])
+def test_an_ipv6_source_address_with_ipv6_off_is_an_error(tmp_path, text, key):
+    """delivery.ipv6 = false connects to no IPv6 address: a source bound to one would reach
+    nothing, and every message it took was deferred until it expired."""
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(p))
+    assert str(exc.value).startswith(key + ": ") and "delivery.ipv6" in str(exc.value)
+    p.write_text(text.replace("ipv6 = false", "ipv6 = true"))
+    config.load(str(p))

@@ -369,6 +369,8 @@ def _check_egress(eg, d) -> tuple[dict, dict]:
             except ValueError:
                 raise ConfigError(f"{key}.source_address: not an IP address: "
                                   f"{src.source_address!r}") from None
+            if not src.socks5_proxy:    # (with one, the proxy connects: its address)
+                _ipv6_off(f"{key}.source_address", src.source_address, d)
         if src.socks5_proxy:
             try:
                 parse_hostport(src.socks5_proxy)
@@ -592,6 +594,7 @@ def _check_delivery(d) -> tuple:
             ipaddress.ip_address(d.source_address)
         except ValueError:
             raise ConfigError("delivery.source_address: not an IP address") from None
+        _ipv6_off("delivery.source_address", d.source_address, d)
     if d.tls_ca_file:
         import ssl
 
@@ -630,7 +633,16 @@ def _check_delivery(d) -> tuple:
                 ipaddress.ip_address(r.source_address)
             except ValueError:
                 raise ConfigError(f"{key}.source_address: not an IP address") from None
+            _ipv6_off(f"{key}.source_address", r.source_address, d)
     return tuple(ns)
+
+
+def _ipv6_off(key: str, address: str, d) -> None:
+    """ConfigError when *address*, a source address connected from, is an IPv6 one and
+    delivery.ipv6 is off: it would reach nothing (no IPv6 address is connected to)."""
+    if not d.ipv6 and ":" in address:
+        raise ConfigError(f"{key}: {address} is an IPv6 address, and delivery.ipv6 = false "
+                          "connects to no IPv6 address (it would reach nothing)")
 
 
 def _check_tls(cert: str, key: str) -> None:
