@@ -144,6 +144,10 @@ class Acceptor:
         self.helo_reply = R.HELO.format(host=self.hostname).encode()
         # RCPT TO:<Postmaster> (RFC 5321 4.5.1): the mailbox it stands for here.
         self.postmaster = cfg.smtp.postmaster or f"postmaster@{self.hostname}"
+        # delivery.ipv6 = false connects to no IPv6 address: an IPv6 address literal is
+        # delivered only through a '*' route (a smarthost), else refused at RCPT
+        self.ipv6_literals = cfg.delivery.ipv6 or any(r.domain == "*" for r in
+                                                      cfg.delivery.route)
         self.ssl_context = self._ssl_context()
         self.auth_users = settings.auth_users
         self.auth_failures = tls_auth.Failures(   # per client address

@@ -73,6 +73,8 @@ RELAY_DENIED = b"554 5.7.1 Relay access denied\r\n"
 # suppression.smtp_action = "refuse": RCPT of a recipient on the suppression list
 # (5.7.1: delivery not authorized, RFC 3463; SparkPost's reason text).
 SUPPRESSED = b"550 5.7.1 Recipient address was suppressed due to customer policy\r\n"
+# delivery.ipv6 = false (and no '*' route): an IPv6 address literal could never be delivered
+NO_IPV6_ROUTE = b"550 5.4.4 Unable to route: no mail is sent over IPv6 from here\r\n"
 NEED_SMTPUTF8 = b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n"
 BAD_PARAM = b"555 5.5.4 Unsupported parameter\r\n"
 BAD_NOTIFY = b"501 5.5.4 Invalid NOTIFY parameter (NEVER, or SUCCESS, FAILURE, DELAY)\r\n"

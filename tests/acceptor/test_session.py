@@ -6,13 +6,16 @@ to the acceptor, the Received header, reading paused and resumed, connection lim
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
+import msgspec
 import pytest
 
 from acceptor import fake
 from mta.acceptor import replies as R
 from mta.acceptor import smtp
+from mta.config.schema import RouteConfig
 
 IMPLS = ["compiled", "pure"]
 QUEUED = re.compile(rb"250 2\.0\.0 Ok: queued as ([0-9A-F]{20})\r\n")
@@ -600,3 +603,24 @@ def test_a_proxy_header_from_a_client_is_refused(impl, header):
     acc, c = make(impl)                 # the first read only: later a command like any
     c.send(b"EHLO x\r\n")
     assert c.send(b"PROXY x\r\n") == R.UNKNOWN and not c.transport.closed
+
+
+@pytest.mark.parametrize("smarthost", [False, True])
+def test_an_ipv6_address_literal_is_refused_at_rcpt_when_delivery_sends_no_ipv6(impl,
+                                                                               smarthost):
+    # delivery.ipv6 = false connects to no IPv6 address: RCPT TO:<b@[IPv6:2001:db8::1]>
+    # got 250 and the message bounced later ("no MX host of [IPv6:2001:db8::1] has an
+    # address"); it is refused now.  A '*' route (a smarthost) carries it: taken.
+    s = fake.settings()
+    d = msgspec.structs.replace(s.config.delivery, ipv6=False, route=[
+        RouteConfig(domain="*", hosts=["192.0.2.25"])] if smarthost else [])
+    acc = fake.Acceptor(dataclasses.replace(
+        s, config=msgspec.structs.replace(s.config, delivery=d)), fake.Loop(),
+        pure=impl == "pure")
+    c = Client(acc)
+    c.output()
+    c.send(b"EHLO client.example\r\n")
+    out = c.send(b"MAIL FROM:<s@example.com>\r\nRCPT TO:<b@[IPv6:2001:db8::1]>\r\n"
+                 b"RCPT TO:<c@[192.0.2.1]>\r\n")
+    assert out.split(b"\r\n")[1:3] == [
+        R.RCPT_OK.rstrip() if smarthost else R.NO_IPV6_ROUTE.rstrip(), R.RCPT_OK.rstrip()]
