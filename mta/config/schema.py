@@ -65,7 +65,8 @@ class ServerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 
 class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     listen: Annotated[list[str], _doc(
-        "addresses the SMTP acceptors listen on, as host:port ([v6]:port for IPv6)")] = msgspec.field(
+        "addresses the SMTP acceptors listen on, as host:port ([v6]:port for IPv6; an "
+        "IPv6 listener takes IPv6 clients only: list 0.0.0.0:25 beside [::]:25)")] = msgspec.field(
         default_factory=lambda: ["127.0.0.1:2525"])
     acceptors: Annotated[int, _doc(
         "SMTP acceptor processes, each with its own SO_REUSEPORT socket; 0 = one per two "
