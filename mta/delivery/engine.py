@@ -1260,7 +1260,13 @@ class Engine:
                             time.monotonic() - job.queued_at > self.send_by:
                         self._opened_too_late(job, lane, conn, target, took)
                         continue
-                await self._pace(lane.message_key, lane.limits.max_message_rate)
+                # Waited for only while the job may still be sent (below): a unit taken
+                # by a job then handed back is lost, and the next job waits a whole
+                # interval for its own -- at a rate slower than one per max_wait, none
+                # would ever be sent.  Handed back untaken, the unit is the next job's.
+                paced = await self._pace(
+                    lane.message_key, lane.limits.max_message_rate,
+                    job.queued_at + (self.send_by if took > self.max_wait else self.max_wait))
                 if self.stopping:       # its transaction has not begun: the spool keeps it
                     self._give_back([job], STOPPING)
                     return
@@ -1271,7 +1277,8 @@ class Engine:
                     self._reroute(lane, job)
                     return
                 waited = time.monotonic() - job.queued_at
-                if waited > self.max_wait and (took <= self.max_wait or waited > self.send_by):
+                if not paced or \
+                        waited > self.max_wait and (took <= self.max_wait or waited > self.send_by):
                     # paced too long: the spool's turn -- not for the time its own
                     # connection took (a site slow to greet: it would come back to
                     # another slow connection, and again, never an attempt)
