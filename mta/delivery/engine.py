@@ -815,9 +815,6 @@ class Engine:
             down = site.down.get(name)
             if down is not None:
                 if down[0] > now:       # every host failed a moment ago: the same answer
-                    if job.warm:
-                        self.warmup.give_back(job.warm)
-                        job.warm = []
                     self._fail_route(job, down[1])
                     return
                 del site.down[name]
@@ -1433,6 +1430,11 @@ class Engine:
 
     def _fail_route(self, job: Job, exc: RouteError) -> None:
         job.tls = exc.tls
+        if job.warm:
+            # no transaction began (no connection, or the site refused it before MAIL):
+            # the warm-up cap is for what the source sends
+            self.warmup.give_back(job.warm)
+            job.warm = []
         fired = exc.fired
         if fired is not None:
             # (every job of the lane it fails: the site said it of them all)

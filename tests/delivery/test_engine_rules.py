@@ -4,6 +4,7 @@ against a real SMTP peer on loopback (tests/delivery/test_engine.py's Peer: loca
 from __future__ import annotations
 
 import asyncio
+import time
 import tempfile
 
 import msgspec
@@ -364,3 +365,21 @@ def test_a_pools_source_of_the_other_ip_version_than_the_site_does_not_take_its_
     reports, _, peer = run(jobs, [], sections=sections)
     assert [results[0].outcome for _, results, _ in reports] == [bus.DELIVERED] * 6, reports
     assert {j.source for j, _, _ in reports} == {"v4"} and len(peer.messages) == 6
+
+
+def test_a_warming_source_whose_connection_fails_keeps_its_cap_for_what_it_sends():
+    """The site greets with 421 (nothing of the five messages is sent): the warm-up counts
+    the jobs took are given back, as for a job handed back.  They were kept -- one per
+    job failed with the connection, and per job queued in the lane then -- so a receiver
+    down for a moment used up a warming source's hour (or day) with nothing sent."""
+    sections = {"egress": {"source": [{"name": "new", "source_address": "127.0.0.1"}],
+                           "pool": [{"name": "default", "sources": [{"source": "new"}]}]},
+                "warmup": [{"source": "new", "overflow": "wait",
+                            "schedule": [{"day": 1, "hourly": 10, "daily": 100}]}]}
+    jobs = [job("a.test", f"ok{i}", n=i) for i in range(5)]
+    reports, engine, _ = run(jobs, [], sections=sections, protocol=Busy)
+    assert [r[1][0].outcome for r in reports] == [bus.DEFERRED] * 5
+    first = engine.warmup.first_use("new", create=False)
+    for kind, window, _, cap in engine.warmup._caps(
+            engine.warmup.stage("new", ("mx.a.test",), first)[1], first, time.time()):
+        assert engine.limiter.count(f"new|mx.a.test|{kind}", window, cap, take=False) == 0
