@@ -475,10 +475,11 @@ def _check_shaping(cfg: Config, sources: dict) -> None:
             raise ConfigError(f"{key}.source: {w.source!r} has an earlier [[warmup]] table")
         seen.add(w.source)
         if w.mx:
-            try:
-                shaping.glob_regex(w.mx)
-            except ValueError as exc:
-                raise ConfigError(f"{key}.mx: {exc}") from None
+            # (as a shaping or response rule's: a glob no host name matches would leave
+            # the source unwarmed, at full volume from its first day)
+            why = shaping._mx_problem(w.mx)
+            if why:
+                raise ConfigError(f"{key}.mx: {w.mx!r} {why}")
         if not w.schedule:
             raise ConfigError(f"{key}.schedule: at least one stage ({{day = 1, hourly = N}})")
         days = [st.day for st in w.schedule]

@@ -314,6 +314,12 @@ def test_a_busy_warmup_count_is_a_short_wait_never_a_full_cap(tmp_path):
     ({"source": "new", "schedule": []}, "warmup[0].schedule"),
     ({"source": "new", "schedule": [{"day": 2, "hourly": 1}]}, "warmup[0].schedule"),
     ({"source": "new", "schedule": [{"day": 1}], "overflow": "drop"}, "warmup[0].overflow"),
+    # an mx glob no host name can match (a comma for a dot, a space): the warm-up would
+    # hold for no site, and the new source send at full volume from its first day
+    ({"source": "new", "mx": "*.google,com", "schedule": [{"day": 1, "hourly": 1}]},
+     "warmup[0].mx"),
+    ({"source": "new", "mx": "*.google .com", "schedule": [{"day": 1, "hourly": 1}]},
+     "warmup[0].mx"),
 ])
 def test_bad_warmup_is_refused_naming_the_key(tmp_path, warmup, key):
     with pytest.raises(ConfigError) as exc:
