@@ -199,6 +199,14 @@ def test_defaults(tmp_path):
     ("[[delivery.route]]\ndomain = 'XN--BCHER-KVA.de'\nhosts = ['10.0.0.5:25']\n"
      "[[delivery.route]]\ndomain = 'Bücher.de.'\nhosts = ['10.0.0.6:25']\n",
      "delivery.route[1].domain"),
+    # a sender's domain is looked up in lower case: these never matched, and the mail of
+    # the domain went out from the default pool's addresses
+    ("[egress]\ndomain_pool = {'MyBrand.example' = 'default'}\n",
+     "egress.domain_pool.MyBrand.example"),
+    ("[egress]\ndomain_pool = {'@mybrand.example' = 'default'}\n",
+     "egress.domain_pool.@mybrand.example"),
+    ("[egress]\ndomain_pool = {'mybrand.example.' = 'default'}\n",
+     "egress.domain_pool.mybrand.example."),
 ])
 def test_errors_name_the_key(tmp_path, text, key):
     p = tmp_path / "c.toml"

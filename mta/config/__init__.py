@@ -406,6 +406,11 @@ def _check_egress(eg, d) -> tuple[dict, dict]:
     if eg.default_pool not in pools:
         raise ConfigError(f"egress.default_pool: no pool is called {eg.default_pool!r}")
     for dom, pool in eg.domain_pool.items():
+        if not dom or dom != dom.strip().lower().rstrip(".") or "@" in dom:
+            # (pool_for looks the sender's domain up as it is after the "@", in lower case)
+            raise ConfigError(f"egress.domain_pool.{dom}: a sending domain in lower case, "
+                              "without '@' or a final dot (e.g. mybrand.example): "
+                              "as written no sender's domain matches it")
         if pool not in pools:
             raise ConfigError(f"egress.domain_pool.{dom}: no pool is called {pool!r}")
     if eg.suspend_time_max < eg.suspend_time:
