@@ -85,6 +85,7 @@ SETTLE = 1.5        # seconds for a new back-off rate to reach every process (1 
 MAX_WINDOW = 20_000  # attempts kept per (source x site) window, at most
 BUSY_WAIT = 0.001    # seconds: Warmup.take's answer when a count's lock is busy
                     # (held for microseconds by another process; not a full cap)
+MAX_STATUS_SITES = 1000  # sites whose warm-up counts a process's status shows, at most
 
 
 def _stricter(a, b):
@@ -452,6 +453,10 @@ class Warmup:
         self.hour = 3600.0 * scale
         self.day = 86400.0 * scale
         self.now = now
+        # the sites this process counted a warming source's message for (the latest
+        # MAX_STATUS_SITES): the ones whose counts the status shows -- not every site
+        # known, a count read (and a limiter file) per site and cap each second
+        self.counted_sites: dict[str, None] = {}
 
     def first_use(self, source: str, create: bool = True) -> float | None:
         eid = entry_id(WARMUP, "source", source, "")
@@ -533,6 +538,11 @@ class Warmup:
             taken.append((key, window))
         if counted is not None:
             counted.extend(taken)
+        sites = self.counted_sites
+        if site not in sites:
+            sites[site] = None
+            if len(sites) > MAX_STATUS_SITES:
+                del sites[next(iter(sites))]
         return 0.0
 
     def give_back(self, counted) -> None:

@@ -1896,8 +1896,9 @@ class Engine:
             "lanes": lanes,
             "adaptive": self.adaptive.status(),
             "adaptive_read": self.adaptive_read,
-            "warmup": self.warmup.status(list(self.sites.values())) if self.warmup.plans
-            else {},
+            "warmup": self.warmup.status([s for s in self.sites.values()
+                                          if s.name in self.warmup.counted_sites])
+            if self.warmup.plans else {},
             "sources": {s.name: {"address": s.address or "", "proxy": bool(s.proxy),
                                  "suspended_until": s.suspended_until
                                  if not s.usable(now) else 0.0,

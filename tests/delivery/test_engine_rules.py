@@ -383,3 +383,48 @@ def test_a_warming_source_whose_connection_fails_keeps_its_cap_for_what_it_sends
     for kind, window, _, cap in engine.warmup._caps(
             engine.warmup.stage("new", ("mx.a.test",), first)[1], first, time.time()):
         assert engine.limiter.count(f"new|mx.a.test|{kind}", window, cap, take=False) == 0
+
+
+def test_the_warmup_status_reads_the_counts_of_the_sites_a_source_was_counted_for():
+    """The status (written each second) showed a warming source's counts for every site
+    the process knew -- a count read, and a limiter file created, per site and cap each
+    second: with the thousands of sites a node sends to in an hour, seconds of the event
+    loop's time a second, and files for sites the source never sent to.  It reads those
+    of the sites the process counted the source's messages for."""
+    import os
+
+    from mta.delivery.engine import Site
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        peer = Peer()
+        server = await loop.create_server(peer.protocol, "127.0.0.1", 0)
+        cfg = msgspec.convert({
+            "server": {"hostname": "mta.test",
+                       "state_dir": tempfile.mkdtemp(dir=_STATE_DIRS.name)},
+            "delivery": {"mx_port": server.sockets[0].getsockname()[1], "starttls": "none",
+                         "shaping_presets": False},
+            "egress": {"source": [{"name": "new", "source_address": "127.0.0.1"}],
+                       "pool": [{"name": "default", "sources": [{"source": "new"}]}]},
+            "warmup": [{"source": "new", "schedule": [{"day": 1, "hourly": 10,
+                                                        "daily": 100}]}]}, Config)
+        s = resolve(cfg, None)
+        got = asyncio.Event()
+        engine = Engine(s, mx_to_loopback("a.test"), lambda j, rs, retry_after=0.0: got.set(),
+                        loop)
+        engine.submit(job("a.test", "ok1"))
+        await got.wait()
+        for n in range(200):        # sites of other domains, known, never sent to here
+            site = Site(("mx", n), f"mx.other{n}.test", (f"mx.other{n}.test",))
+            engine.sites[site.key] = site
+        status = engine.status()
+        files = len(os.listdir(engine.limiter.directory))
+        await engine.close()
+        server.close()
+        return status, files, peer
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        status, files, peer = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    assert len(peer.messages) == 1
+    assert status["warmup"]["new"]["sites"] == {"mx.a.test": {"hour": 1, "day": 1}}
+    assert files < 10, files
