@@ -330,6 +330,11 @@ class Lane:
         return jobs
 
 
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _route_key(domain: str) -> str:
     """A route's domain as the routes are looked up by: its A-label form, in lower case
     and without the final dot ("*" and an address literal as they are)."""
@@ -540,6 +545,7 @@ class Engine:
         self.workers: set[asyncio.Task] = set()
         self.stopping = False
         self.stop_event = asyncio.Event()   # set by begin_stop(): connection attempts give up
+        self.pacing: set[asyncio.Future] = set()   # _pace's waits, which begin_stop ends
         self.processes = max(1, settings.deliveries)   # delivery processes sharing the slots
         # Our own SMTP listeners: an MX address (at mx_port) that is one of them is this
         # MTA -- sending there would loop (see targets()).
@@ -1130,17 +1136,25 @@ class Engine:
 
     async def _pace(self, key: str, rate: float | None, until: float | None = None) -> bool:
         """Wait for the node-wide rate *rate* (per second) of *key* to allow one more:
-        True.  With *until* (time.monotonic()): False, nothing taken, when that would
-        come later or the process stops meanwhile."""
+        True.  False, nothing taken, when the process stops meanwhile (begin_stop ends
+        the wait at once), or with *until* (time.monotonic()) when that would come later."""
         if not rate:
             return True
         while True:
             wait = self.limiter.take(key, rate)
             if wait <= 0:
                 return True
-            if until is not None and (self.stopping or time.monotonic() + wait > until):
+            if self.stopping or until is not None and time.monotonic() + wait > until:
                 return False
-            await asyncio.sleep(wait)
+            # (asyncio.sleep's own future and timer, which begin_stop can end)
+            fut = self.loop.create_future()
+            timer = self.loop.call_later(wait, _wake, fut)
+            self.pacing.add(fut)
+            try:
+                await fut
+            finally:
+                self.pacing.discard(fut)
+                timer.cancel()
 
     async def _idle(self, lane: Lane, conn=None) -> bool:
         """Wait for the lane's next job; False when the connection should close instead
@@ -1785,6 +1799,8 @@ class Engine:
             return
         self.stopping = True
         self.stop_event.set()
+        for fut in self.pacing:
+            _wake(fut)
         for domain, jobs in list(self.resolving.items()):
             self.resolving[domain] = []
             self._give_back(jobs, STOPPING)

@@ -1660,3 +1660,41 @@ def test_a_rate_slower_than_max_wait_still_sends_at_that_rate():
         runner.run(asyncio.wait_for(main(), LOOP_BOUND))
     # one at once, then one a second: 5 in 4.6 s (4 at least on a slow machine)
     assert 4 <= len(peer.messages) <= 5, [m[1] for m in peer.messages]
+
+
+def test_a_stop_gives_back_at_once_a_job_waiting_for_its_sites_message_rate():
+    """begin_stop() gives every job whose transaction has not begun back to the spool at
+    once, "being paced" included: one waiting for a unit of its site's max_message_rate
+    (one each 10 s here) came back only when the unit was due -- a stop (and each
+    delivery process a reload replaces) waited that long, or was cut off at its
+    shutdown_timeout and the job left to the spool's job timeout."""
+    peer = Peer()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(peer.protocol, "127.0.0.1", 0)
+        outcomes = []
+        engine = Engine(settings(server.sockets[0].getsockname()[1],
+                                 shaping=[{"domain": "example.net",
+                                           "max_message_rate": "6/m"}]),
+                        mx_to_loopback("example.net"),
+                        lambda j, rs, retry_after=0.0: outcomes.append(
+                            (rs[0].outcome, loop.time())), loop)
+        for n in range(2):
+            engine.submit(job("example.net", f"ok{n}", n=n))
+        while not outcomes:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)            # the second one waits for its unit
+        stopped = loop.time()
+        engine.begin_stop()
+        while len(outcomes) < 2 and loop.time() - stopped < 15:
+            await asyncio.sleep(0.05)
+        await engine.close()
+        server.close()
+        return outcomes, stopped
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        outcomes, stopped = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    assert [o for o, _ in outcomes] == [bus.DELIVERED, bus.REQUEUED], outcomes
+    assert outcomes[1][1] - stopped < 1.0, outcomes[1][1] - stopped
+    assert len(peer.messages) == 1
