@@ -208,7 +208,7 @@ class Site:
     """A set of receiving hosts, shared by every domain whose mail goes to them."""
 
     __slots__ = ("key", "name", "hosts", "targets", "family", "domains", "shaped", "lanes",
-                 "down")
+                 "down", "plain")
 
     def __init__(self, key: tuple, name: str, hosts: tuple[str, ...]):
         self.key = key
@@ -225,6 +225,8 @@ class Site:
         # source name -> (until, RouteError): every host failed from that source; the
         # jobs that come meanwhile get the same answer without a connection (Engine.down)
         self.down: dict[str, tuple[float, RouteError]] = {}
+        # a domain that no domain rule matches has been among shaped (see _site_of)
+        self.plain = False
 
 
 class Source:
@@ -721,8 +723,16 @@ class Engine:
             self.sites_version += 1
         if domain not in site.shaped and (route is None or own is not None):
             site.shaped.add(domain)
-            for lane in site.lanes.values():     # a domain rule may now apply to the site
-                lane.limits = self._limits(lane.source, site)
+            # A domain rule may now apply to the site, or (the first of its domains that
+            # no domain rule matches) no longer speak for all of them; another domain
+            # changes nothing -- asking at each, a provider's site gaining thousands of
+            # domains an hour cost a pass over all of them per domain.
+            matched = self.shaping.shapes_domain(domain)
+            if matched or not site.plain:
+                for lane in site.lanes.values():
+                    lane.limits = self._limits(lane.source, site)
+            if not matched:
+                site.plain = True
         return site
 
     def _limits(self, source: Source, site: Site):

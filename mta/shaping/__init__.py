@@ -496,11 +496,31 @@ class Shaping:
 
     # -- the answer -------------------------------------------------------
 
+    def shapes_domain(self, domain: str) -> bool:
+        """Whether a domain rule matches *domain* (of any source)."""
+        return bool((self._exact or self._suffix) and self._memo(
+            self._by_domain, _norm(domain), self._domain_rules, self._cache_size))
+
     def limits(self, site: str, mx_hosts: tuple[str, ...], domains: Iterable[str],
                source: str) -> Limits:
         """The limits for deliveries from *source* to *site* (whose MX hosts are
         *mx_hosts* and whose queued recipient domains are *domains*)."""
-        key = (site, source, frozenset(domains), tuple(mx_hosts))
+        # Only the domains a domain rule matches decide, and whether there are others
+        # (a rule's looser starttls must match them all): the answer is cached by
+        # those.  By the whole set, a provider's site gaining a domain at a time kept
+        # a copy of its thousands of domains per answer (gigabytes).
+        matched: frozenset = frozenset()
+        others = False
+        if self._exact or self._suffix:
+            shapes = self.shapes_domain
+            found = []
+            for d in domains:
+                if shapes(d):
+                    found.append(d)
+                else:
+                    others = True
+            matched = frozenset(found)
+        key = (site, source, matched, others, tuple(mx_hosts))
         try:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -508,11 +528,11 @@ class Shaping:
             pass
         values = dict(self._defaults)
         applied = []
-        for r in self.matching(site, key[3], key[2], source):
+        for r in self.matching(site, key[4], matched, source):
             tls = values["starttls"]
             values.update(r.values)
             if r.kind == "domain" and _TLS_RANK[values["starttls"]] < _TLS_RANK[tls] and \
-                    not self._covers(r, key[2]):
+                    (others or not self._covers(r, matched)):
                 # A domain rule speaks for its domain, but the site's sessions carry
                 # every domain's mail: its starttls may require less only when it
                 # matches every domain queued for the site (a partner on MX hosts of

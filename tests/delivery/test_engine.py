@@ -1698,3 +1698,37 @@ def test_a_stop_gives_back_at_once_a_job_waiting_for_its_sites_message_rate():
     assert [o for o, _ in outcomes] == [bus.DELIVERED, bus.REQUEUED], outcomes
     assert outcomes[1][1] - stopped < 1.0, outcomes[1][1] - stopped
     assert len(peer.messages) == 1
+
+
+def test_domains_joining_a_site_do_not_each_recompute_its_limits():
+    """3,000 domains on one provider's MX host join its site, which has a lane: its limits
+    are asked for again when a domain rule matches the one that joins (and once for the
+    first that none matches), not at each -- each was a pass over all the site's domains,
+    quadratic in them (a provider's site gains thousands an hour)."""
+    domains = [f"company{i}.example" for i in range(3000)] + ["partner.example"]
+    resolver = Resolver({d: MxResult("ok", [["aspmx.l.google.test"]], domain=d)
+                         for d in domains}, {"aspmx.l.google.test": ["127.0.0.1"]})
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(settings(free_port(), shaping=[
+            {"domain": "partner.example", "connection_limit": 3}]), resolver, None, loop)
+        site = await engine._site_of(domains[0])
+        lane = site.lanes["default"] = engine_mod.Lane(
+            engine.sources["default"], site, engine._limits(engine.sources["default"], site))
+        asked = []
+        real = engine.shaping.limits
+        engine.shaping.limits = lambda *a: asked.append(a) or real(*a)
+        for d in domains[1:-1]:
+            await engine._site_of(d)
+        before_partner = len(asked), lane.limits.connection_limit
+        await engine._site_of(domains[-1])
+        site.lanes.clear()
+        await engine.close()
+        return before_partner, len(asked), lane.limits.connection_limit
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        (asked_before, limit_before), asked, limit = runner.run(
+            asyncio.wait_for(main(), LOOP_BOUND))
+    assert asked_before <= 1 and limit_before == 10, asked_before
+    assert asked == asked_before + 1 and limit == 3
