@@ -208,7 +208,7 @@ class Site:
     """A set of receiving hosts, shared by every domain whose mail goes to them."""
 
     __slots__ = ("key", "name", "hosts", "targets", "family", "domains", "shaped", "lanes",
-                 "down", "plain")
+                 "down", "plain", "rotation")
 
     def __init__(self, key: tuple, name: str, hosts: tuple[str, ...]):
         self.key = key
@@ -227,6 +227,7 @@ class Site:
         self.down: dict[str, tuple[float, RouteError]] = {}
         # a domain that no domain rule matches has been among shaped (see _site_of)
         self.plain = False
+        self.rotation: dict[str, dict[str, int]] = {}   # pool name -> its Pool.pick state
 
 
 class Source:
@@ -258,22 +259,23 @@ class Source:
 class Pool:
     """A weighted set of sources; picks by smooth weighted round robin among the usable ones."""
 
-    __slots__ = ("name", "members", "current", "bound")
+    __slots__ = ("name", "members", "bound")
 
     def __init__(self, name: str, members):
         self.name = name
         self.members = list(members)            # [(source name, weight)]
-        self.current = {s: 0 for s, _ in self.members}
         self.bound = False      # a member is bound to one IP version (Source.family)
 
-    def pick(self, usable) -> str | None:
+    def pick(self, usable, current: dict) -> str | None:
+        """*current*: the rotation's state, one per site (Site.rotation): the weights hold
+        for each site, whatever the order of the jobs of several sites (one rotation
+        for all gave a site one source when its jobs alternated with another's)."""
         total = 0
         best = None
-        current = self.current
         for src, weight in self.members:
             if not usable(src):
                 continue
-            current[src] += weight
+            current[src] = current.get(src, 0) + weight
             total += weight
             if best is None or current[src] > current[best]:
                 best = src
@@ -790,7 +792,7 @@ class Engine:
         job.site = site.name
         first = pool
         while True:
-            name = pool.pick(usable)
+            name = pool.pick(usable, site.rotation.setdefault(pool.name, {}))
             if name is None and avoid:
                 avoid = ()      # no other may send now: as before (each says why)
                 continue

@@ -428,3 +428,51 @@ def test_the_warmup_status_reads_the_counts_of_the_sites_a_source_was_counted_fo
     assert len(peer.messages) == 1
     assert status["warmup"]["new"]["sites"] == {"mx.a.test": {"hour": 1, "day": 1}}
     assert files < 10, files
+
+
+def test_a_pools_weights_hold_for_each_site_whatever_the_order_of_the_jobs():
+    """Pool of two sources, weights 1:1; the jobs alternate between two sites (each
+    message has a recipient at each).  The rotation was the pool's, over all sites: the
+    first site got every message from one source and the second from the other -- a
+    site saw one of the pool's addresses, and half the pool's connections to it."""
+    sections = {"egress": {"source": [{"name": "s1", "source_address": "127.0.0.1"},
+                                      {"name": "s2", "source_address": "127.0.0.2"}],
+                           "pool": [{"name": "default", "sources": [
+                               {"source": "s1"}, {"source": "s2"}]}]}}
+    jobs = [job("a.test" if n % 2 == 0 else "b.test", f"ok{n}", n=n) for n in range(12)]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        peer = Peer()
+        server = await loop.create_server(peer.protocol, "127.0.0.1", 0)
+        cfg = msgspec.convert({
+            "server": {"hostname": "mta.test",
+                       "state_dir": tempfile.mkdtemp(dir=_STATE_DIRS.name)},
+            "delivery": {"mx_port": server.sockets[0].getsockname()[1], "starttls": "none",
+                         "shaping_presets": False}, **sections}, Config)
+        reports = []
+        done = asyncio.Event()
+
+        def report(j, results, retry_after=0.0):
+            reports.append(j)
+            if len(reports) == len(jobs):
+                done.set()
+
+        engine = Engine(resolve(cfg, None), mx_to_loopback("a.test", "b.test"), report, loop)
+        for j in jobs[:2]:          # (both sites known: the rest are routed as they come)
+            engine.submit(j)
+        await asyncio.sleep(0.5)
+        for j in jobs[2:]:
+            engine.submit(j)
+        await done.wait()
+        await engine.close()
+        server.close()
+        return reports
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        reports = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    by_site: dict = {}
+    for j in reports:
+        by_site.setdefault(j.msg.domain, []).append(j.source)
+    assert sorted(by_site["a.test"]) == ["s1"] * 3 + ["s2"] * 3, by_site
+    assert sorted(by_site["b.test"]) == ["s1"] * 3 + ["s2"] * 3, by_site
