@@ -512,6 +512,7 @@ class Engine:
         self.pools = {name: Pool(name, members) for name, members in settings.pools.items()}
         for pool in self.pools.values():
             pool.bound = any(self.sources[s].family for s, _ in pool.members)
+        self.unknown_pools: set[str] = set()     # pools of queued mail not configured: warned
         # warm-up overflow: pool -> the pool that takes its mail when its sources are capped
         self.overflow = {p.name: p.overflow_pool for p in settings.config.egress.pool
                          if p.overflow_pool}
@@ -765,8 +766,12 @@ class Engine:
         now = time.time()
         pool = self.pools.get(job.msg.pool)
         if pool is None:       # checked at injection; a pool removed since: its default
-            log.warning("%s: pool %r is not configured (any more); using %r", job.msg.qid,
-                        job.msg.pool, self.egress.default_pool)
+            if job.msg.pool not in self.unknown_pools:
+                # (once per pool: a line per job, each retry again, flooded the log)
+                self.unknown_pools.add(job.msg.pool)
+                log.warning("pool %r is not configured (any more); its queued mail (%s "
+                            "first) goes by egress.default_pool %r", job.msg.pool,
+                            job.msg.qid, self.egress.default_pool)
             pool = self.pools[self.egress.default_pool]
         sources = self.sources
         held = self._held

@@ -476,3 +476,18 @@ def test_a_pools_weights_hold_for_each_site_whatever_the_order_of_the_jobs():
         by_site.setdefault(j.msg.domain, []).append(j.source)
     assert sorted(by_site["a.test"]) == ["s1"] * 3 + ["s2"] * 3, by_site
     assert sorted(by_site["b.test"]) == ["s1"] * 3 + ["s2"] * 3, by_site
+
+
+def test_mail_of_a_pool_a_reload_removed_goes_by_the_default_pool_with_one_warning(caplog):
+    """Queued messages name a pool the configuration no longer has (a reload removed or
+    renamed it): they go by egress.default_pool, as the README says, and the log says so
+    once per pool -- not once per job, each retry again (a line per queued message)."""
+    jobs = [job("a.test", f"ok{n}", n=n) for n in range(5)]
+    for j in jobs:
+        j.msg = msgspec.structs.replace(j.msg, pool="gone")
+    with caplog.at_level("WARNING", logger="mta.delivery"):
+        reports, _, peer = run(jobs, [])
+    assert [r[1][0].outcome for r in reports] == [bus.DELIVERED] * 5
+    assert {r[0].source for r in reports} == {"default"}
+    warned = [r for r in caplog.records if "'gone'" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
