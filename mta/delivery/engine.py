@@ -595,17 +595,19 @@ class Engine:
             rules = list(shaping.load_presets()) + rules
         return rules
 
-    async def _learn_rule_domains(self) -> None:
-        async def learn(domain):
-            try:
-                await self._site_of(domain)
-            except RouteError as exc:
-                log.debug("shaping rule domain %s: %s", domain, exc.text)
-            except Exception:
-                log.exception("looking up the shaping rule domain %s failed", domain)
+    async def _learn(self, domain: str) -> None:
+        """Look up the site of a shaping rule's domain."""
+        try:
+            await self._site_of(domain)
+        except RouteError as exc:
+            log.debug("shaping rule domain %s: %s", domain, exc.text)
+        except Exception:
+            log.exception("looking up the shaping rule domain %s failed", domain)
 
+    async def _learn_rule_domains(self) -> None:
         # (A domain without a route of its own would be learnt through the smarthost
         # ('*'), whose site its rule does not shape: not looked up at all then.)
+        learn = self._learn
         await asyncio.gather(*(learn(d) for d in self.rule_domains
                                if d not in self.domain_site and d not in self.resolving
                                and (self._route_of(d) is not None
@@ -1874,12 +1876,23 @@ class Engine:
     def forget_old_sites(self) -> None:
         """Drop domain -> site entries unused for SITE_FORGET, and sites nobody uses."""
         now = self.loop.time()
+        rule_domains = set(self.rule_domains)
         for domain, (site, at, _) in list(self.domain_site.items()):
             if now - at > SITE_FORGET and domain not in self.resolving:
+                if domain in rule_domains:
+                    # A domain rule's domain, learnt for its rule to shape its site here
+                    # whether or not this process has mail for it: looked up again (its
+                    # MX hosts may have moved), not forgotten -- without it, the lanes
+                    # made here after an hour had the site's limits without the rule.
+                    self._task(self._learn(domain))
+                    continue
                 del self.domain_site[domain]
                 site.domains.discard(domain)
                 site.shaped.discard(domain)
                 self.sites_version += 1
+        if self.rule_domains and self.learning is not None and self.learning.done():
+            # (and those whose lookup failed, at start or since: tried again)
+            self._task(self._learn_rule_domains())
         for key, site in list(self.sites.items()):
             if not site.domains and not site.lanes:
                 del self.sites[key]

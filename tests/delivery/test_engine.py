@@ -1732,3 +1732,65 @@ def test_domains_joining_a_site_do_not_each_recompute_its_limits():
             asyncio.wait_for(main(), LOOP_BOUND))
     assert asked_before <= 1 and limit_before == 10, asked_before
     assert asked == asked_before + 1 and limit == 3
+
+
+def test_a_domain_rules_site_is_not_forgotten_by_a_process_without_mail_for_it():
+    """A rule for rule.test shapes the site of its MX host, which other.test shares; this
+    process has mail for other.test only.  It looked rule.test up at start so the rule
+    applies here too -- but an hour later forget_old_sites dropped rule.test (no mail for
+    it here, so never looked up again) and a lane made after that had the default
+    limits: this process then opened up to 10 connections where the node's limit was 2."""
+    domains = ["rule.test", "other.test"]
+    resolver = Resolver({d: MxResult("ok", [["mx.shared.test"]], domain=d) for d in domains},
+                        {"mx.shared.test": ["127.0.0.1"]})
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(settings(free_port(), shaping=[
+            {"domain": "rule.test", "connection_limit": 2}]), resolver, None, loop)
+        engine.learning = loop.create_task(engine._learn_rule_domains())
+        await engine.learning
+        site = await engine._site_of("other.test")
+        src = engine.sources["default"]
+        assert engine._limits(src, site).connection_limit == 2
+        # an hour on: other.test was looked up again (its mail), rule.test was not
+        for d, (s, at, until) in list(engine.domain_site.items()):
+            if d == "rule.test":
+                engine.domain_site[d] = (s, at - engine_mod.SITE_FORGET - 1, until)
+        engine.forget_old_sites()
+        await asyncio.sleep(0.1)
+        limit = engine._limits(src, site).connection_limit
+        await engine.close()
+        return limit
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(asyncio.wait_for(main(), LOOP_BOUND)) == 2
+
+
+def test_a_domain_rules_site_not_found_at_start_is_looked_up_again():
+    """The lookup of a rule's domain failed at start (a DNS timeout): it was never tried
+    again, and in a process without mail for that domain its rule never shaped its site."""
+    resolver = Resolver({"rule.test": MxResult("temp_fail", reason="timeout",
+                                               domain="rule.test"),
+                         "other.test": MxResult("ok", [["mx.shared.test"]],
+                                                domain="other.test")},
+                        {"mx.shared.test": ["127.0.0.1"]})
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(settings(free_port(), shaping=[
+            {"domain": "rule.test", "connection_limit": 2}]), resolver, None, loop)
+        engine.learning = loop.create_task(engine._learn_rule_domains())
+        await engine.learning
+        site = await engine._site_of("other.test")
+        src = engine.sources["default"]
+        before = engine._limits(src, site).connection_limit
+        resolver.mx["rule.test"] = MxResult("ok", [["mx.shared.test"]], domain="rule.test")
+        engine.forget_old_sites()           # (the upkeep's, once a minute)
+        await asyncio.sleep(0.1)
+        after = engine._limits(src, site).connection_limit
+        await engine.close()
+        return before, after
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(asyncio.wait_for(main(), LOOP_BOUND)) == (10, 2)
