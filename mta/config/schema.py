@@ -352,8 +352,9 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "all delivery processes of the node, where no [[shaping]] rule sets it",
         ge=1, le=10_000)] = 10
     max_deliveries_per_connection: Annotated[int, _doc(
-        "messages sent over one connection before it is closed, where no [[shaping]] rule "
-        "sets it", ge=1, le=1_000_000)] = 1000
+        "messages sent over one connection before it is closed (transactions begun, the "
+        "ones the server refused too), where no [[shaping]] rule sets it",
+        ge=1, le=1_000_000)] = 1000
     idle_timeout: Annotated[float, _doc(
         "seconds an unused connection is kept open for the next message, where no "
         "[[shaping]] rule sets it", ge=0, le=3600)] = 5.0

@@ -1242,7 +1242,7 @@ class Engine:
                 # (max_age: the one clock read a transaction costs, here or in _ahead)
                 took = 0.0      # seconds its own connection took to open (none: 0)
                 if conn is not None and (not conn.is_usable or
-                                         conn.messages_sent >= limits.max_deliveries_per_connection
+                                         conn.transactions >= limits.max_deliveries_per_connection
                                          or self.loop.time() - conn.opened_at >= self.max_age
                                          or self._in_clear(lane, conn)):
                     await conn.quit()
@@ -1395,7 +1395,9 @@ class Engine:
         if not self.pipeline or self.stopping or give_up[0] or not lane.queued():
             return None
         limits = lane.limits
-        if conn.messages_sent + 1 >= limits.max_deliveries_per_connection \
+        # (transactions begun, this one's included: refused or deferred ones count too,
+        # as a site that limits messages per connection counts them)
+        if conn.transactions >= limits.max_deliveries_per_connection \
                 or self.loop.time() - conn.opened_at >= self.max_age \
                 or self._over_limit(lane, slot) \
                 or self._in_clear(lane, conn):

@@ -1794,3 +1794,20 @@ def test_a_domain_rules_site_not_found_at_start_is_looked_up_again():
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(asyncio.wait_for(main(), LOOP_BOUND)) == (10, 2)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_max_deliveries_per_connection_counts_transactions_the_server_refused(pipeline):
+    """max_deliveries_per_connection 1: every message on a connection of its own, also
+    after one whose recipients the server refused (no DATA: nothing accepted).  Only
+    accepted messages counted, so a connection took transactions without end while the
+    server refused or deferred them (a greylisting site, a list of unknown users) -- past
+    the limit a site sets per connection."""
+    peer = Peer()
+    jobs = [job("example.net", "bad1", n=0), job("example.net", "later1", n=1),
+            job("example.net", "ok1", n=2)]
+    reports = deliver(jobs, mx_to_loopback("example.net"), peer, connection_limit=1,
+                      max_deliveries_per_connection=1, pipeline_transactions=pipeline)
+    assert sorted(rs[0].outcome for _, rs in reports) == \
+        sorted([bus.DELIVERED, bus.DEFERRED, bus.FAILED])
+    assert peer.connections == 3
