@@ -1175,9 +1175,10 @@ class Engine:
                 self.pacing.discard(fut)
                 timer.cancel()
 
-    async def _idle(self, lane: Lane, conn=None) -> bool:
+    async def _idle(self, lane: Lane, conn=None, slot=None) -> bool:
         """Wait for the lane's next job; False when the connection should close instead
-        (*conn*, the worker's: no longer than until it is max_age old)."""
+        (*conn*, the worker's: no longer than until it is max_age old; *slot*, its: not
+        once the lane's limit was lowered below it)."""
         lane.wakeup.clear()
         lane.idle += 1
         try:
@@ -1196,6 +1197,10 @@ class Engine:
                             self.limiter.others_waiting(lane.key, lane.waiting):
                         return False
                 lane.wakeup.clear()
+                if slot is not None and self._over_limit(lane, slot):
+                    # a throttle or back-off lowered the limit: an idle connection over
+                    # it goes now, not at idle_timeout (the site asked for fewer)
+                    return False
             return not self.stopping or bool(lane.queued())
         finally:
             lane.idle -= 1
@@ -1232,7 +1237,7 @@ class Engine:
                     continue
                 job = lane.pop()
                 if job is None:
-                    if self.stopping or not await self._idle(lane, conn):
+                    if self.stopping or not await self._idle(lane, conn, slot):
                         return
                     continue
                 if self._over_limit(lane, slot):

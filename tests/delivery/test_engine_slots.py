@@ -252,3 +252,55 @@ def test_a_domain_whose_lookup_fails_leaves_its_old_site():
         await eng.close()
         server.close()
     run(main)
+
+
+def test_idle_connections_over_a_lowered_limit_close_without_waiting_for_idle_timeout():
+    """Four connections to the site, idle (idle_timeout 30 s); a throttle lowers the
+    source x site's limit to one: the idle ones over it close now.  They stayed open
+    until idle_timeout, while the site that asked for fewer saw them all."""
+    from mta.delivery.adaptive import THROTTLE, Entry, entry_id
+
+    peer = SlowPeer(0.3)
+    open_now = [0]
+
+    def factory():
+        p = peer.protocol()
+        lost = p.connection_lost
+
+        def counted(exc):
+            open_now[0] -= 1
+            lost(exc)
+        p.connection_lost = counted
+        open_now[0] += 1
+        return p
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        reports = []
+        eng = Engine(settings(server.sockets[0].getsockname()[1], connection_limit=4,
+                              idle_timeout=30.0),
+                     mx_to_loopback("ex.test"), lambda j, rs, retry_after=0.0:
+                     reports.append(rs[0].outcome), loop)
+        for n in range(8):
+            eng.submit(job("ex.test", f"ok{n}", n=n))
+        while len(reports) < 8:
+            await asyncio.sleep(0.05)
+        idle = open_now[0]
+        lane = the_lane(eng)
+        now = time.time()
+        eng.adaptive.store.put(Entry(
+            id=entry_id(THROTTLE, "source_site", "default", lane.site.name), kind=THROTTLE,
+            scope="source_site", source="default", site=lane.site.name, rule="busy",
+            created=now, until=now + 600, connection_limit=1))
+        eng._relimit()                       # (as a throttle fired here, or read: tick)
+        assert lane.limits.connection_limit == 1
+        await asyncio.sleep(1.0)
+        after = open_now[0]
+        await eng.close()
+        server.close()
+        return reports, idle, after
+
+    reports, idle, after = run(main)
+    assert reports == [bus.DELIVERED] * 8
+    assert idle == 4 and after == 1, (idle, after)
