@@ -1153,17 +1153,23 @@ class Engine:
 
     # -------------------------------------------------------------- workers
 
-    async def _pace(self, key: str, rate: float | None, until: float | None = None) -> bool:
+    async def _pace(self, key: str, rate: float | None, until: float | None = None,
+                    late: list | None = None) -> bool:
         """Wait for the node-wide rate *rate* (per second) of *key* to allow one more:
         True.  False, nothing taken, when the process stops meanwhile (begin_stop ends
-        the wait at once), or with *until* (time.monotonic()) when that would come later."""
+        the wait at once), or with *until* (time.monotonic()) when that would come later
+        (then the seconds until a unit is due go in *late*)."""
         if not rate:
             return True
         while True:
             wait = self.limiter.take(key, rate)
             if wait <= 0:
                 return True
-            if self.stopping or until is not None and time.monotonic() + wait > until:
+            if self.stopping:
+                return False
+            if until is not None and time.monotonic() + wait > until:
+                if late is not None:
+                    late.append(wait)
                 return False
             # (asyncio.sleep's own future and timer, which begin_stop can end)
             fut = self.loop.create_future()
@@ -1299,9 +1305,11 @@ class Engine:
                 # by a job then handed back is lost, and the next job waits a whole
                 # interval for its own -- at a rate slower than one per max_wait, none
                 # would ever be sent.  Handed back untaken, the unit is the next job's.
+                late: list = []
                 paced = await self._pace(
                     lane.message_key, lane.limits.max_message_rate,
-                    job.queued_at + (self.send_by if took > self.max_wait else self.max_wait))
+                    job.queued_at + (self.send_by if took > self.max_wait else self.max_wait),
+                    late)
                 if self.stopping:       # its transaction has not begun: the spool keeps it
                     self._give_back([job], STOPPING)
                     return
@@ -1316,8 +1324,10 @@ class Engine:
                         waited > self.max_wait and (took <= self.max_wait or waited > self.send_by):
                     # paced too long: the spool's turn -- not for the time its own
                     # connection took (a site slow to greet: it would come back to
-                    # another slow connection, and again, never an attempt)
-                    self._hand_back([job], lane)
+                    # another slow connection, and again, never an attempt); one that
+                    # cannot have a unit of the rate in time comes again when one is due
+                    # (in a second, a slow site's queue went back and forth each second)
+                    self._hand_back([job], lane, late[0] if late else MIN_REQUEUE)
                     continue
                 conn = await self._send(conn, target, job, lane, None, chain)
                 if self._after_send(lane, conn, ahead, give_up, slot):
@@ -1778,20 +1788,23 @@ class Engine:
             DEFERRED, 451, "4.4.1", f"{t.host}[{t.ip}]: connection setup (greeting, EHLO, "
             f"STARTTLS) took {took:.1f}s: too slow to send the message", t.host, t.ip, True))
 
-    def _hand_back(self, jobs: list, lane: Lane) -> None:
+    def _hand_back(self, jobs: list, lane: Lane, wait: float = MIN_REQUEUE) -> None:
         self._give_back(jobs, f"waited over {self.max_wait:.0f}s for a connection to site "
-                              f"{lane.site.name} from {lane.source.name}")
+                              f"{lane.site.name} from {lane.source.name}", wait=wait)
 
-    def _give_back(self, jobs: list, text: str, unsent: bool = True) -> None:
-        """Return *jobs*, not attempted, to their spool shards (REQUEUED: no attempt counted);
-        *unsent*: nothing of them went out, so the warm-up counts they took are given back."""
+    def _give_back(self, jobs: list, text: str, unsent: bool = True,
+                   wait: float = MIN_REQUEUE) -> None:
+        """Return *jobs*, not attempted, to their spool shards (REQUEUED: no attempt counted,
+        due again in *wait* seconds); *unsent*: nothing of them went out, so the warm-up
+        counts they took are given back."""
         for job in jobs:
             self.stats["handed_back"] += 1
             if job.warm:
                 if unsent:
                     self.warmup.give_back(job.warm)
                 job.warm = []
-            self._finish(job, job.results(REQUEUED, 451, "4.4.5", text), MIN_REQUEUE)
+            self._finish(job, job.results(REQUEUED, 451, "4.4.5", text),
+                         max(MIN_REQUEUE, wait))
 
     async def _connect_unless_stopping(self, lane: Lane):
         """connect(), given up (raising _Stopping) as soon as begin_stop() is called: a

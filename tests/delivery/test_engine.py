@@ -104,8 +104,9 @@ def job(domain: str, *locals_: str, n: int = 0, body: bytes = BODY, params=None)
 
 
 def deliver(jobs, resolver, peer=None, port: int | None = None, bound: float = LOOP_BOUND,
-            peers: dict | None = None, **delivery):
-    """Run the engine on *jobs* until every one has reported; return [(job, results)].
+            peers: dict | None = None, report_retry: bool = False, **delivery):
+    """Run the engine on *jobs* until every one has reported; return [(job, results)]
+    (*report_retry*: [(job, results, retry_after)]).
 
     *peer*: a Peer, or a protocol factory, served on loopback in the same loop;
     *peers*: {loopback address: Peer}, each served on *port*.
@@ -124,7 +125,7 @@ def deliver(jobs, resolver, peer=None, port: int | None = None, bound: float = L
         done = asyncio.Event()
 
         def report(j, results, retry_after=0.0):
-            reports.append((j, results))
+            reports.append((j, results, retry_after) if report_retry else (j, results))
             if len(reports) == len(jobs):
                 done.set()
 
@@ -1811,3 +1812,19 @@ def test_max_deliveries_per_connection_counts_transactions_the_server_refused(pi
     assert sorted(rs[0].outcome for _, rs in reports) == \
         sorted([bus.DELIVERED, bus.DEFERRED, bus.FAILED])
     assert peer.connections == 3
+
+
+def test_a_job_handed_back_for_its_sites_message_rate_comes_again_when_a_unit_is_due():
+    """One message every 10 s, max_wait 0.5 s: the jobs that cannot have a unit in time
+    go back to the spool asking to come again when the next one is due -- asked for in
+    a second, a deep queue to a slow site went back and forth every second (the lane
+    hands back every job it cannot send in time at once)."""
+    peer = Peer()
+    reports = deliver([job("example.net", f"ok{n}", n=n) for n in range(3)],
+                      mx_to_loopback("example.net"), peer, job_timeout_margin=1.0,
+                      shaping=[{"domain": "example.net", "max_message_rate": "6/m"}],
+                      report_retry=True)
+    outcomes = sorted((rs[0].outcome, retry) for _, rs, retry in reports)
+    assert [o for o, _ in outcomes] == [bus.DELIVERED, bus.REQUEUED, bus.REQUEUED], outcomes
+    assert all(8.0 <= retry <= 10.0 for o, retry in outcomes if o == bus.REQUEUED), outcomes
+    assert len(peer.messages) == 1
