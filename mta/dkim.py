@@ -166,7 +166,9 @@ class DkimConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     canonicalization: Annotated[Canonicalization, _doc(
         "header/body canonicalisation (c=).")] = "relaxed/relaxed"
     expire_seconds: Annotated[Seconds | None, _doc(
-        "Signature lifetime: x= is t= plus this; none: no x=.")] = None
+        "Signature lifetime: x= is t= plus this; none: no x=.  Mail is signed once, at "
+        "injection: one queued longer (a retry) leaves with an expired signature (the log "
+        "says so at start when this is under delivery.max_age).")] = None
 
 
 class DkimConfigError(ValueError):

@@ -1033,6 +1033,7 @@ class Supervisor:
             return
         old = self.settings
         _note_unsent_webhooks(new)
+        _note_short_dkim_expiry(new)
         later = mconfig.restart_keys(old, new)
         if later:
             log.warning("reload: %s changed; %s at the next restart (mta check-config "
@@ -1319,6 +1320,22 @@ def _note_unsent_webhooks(settings) -> None:
         log.warning("%d [[webhook]] table(s) are not sent: %s", len(cfg.webhook), why)
 
 
+def _note_short_dkim_expiry(settings) -> None:
+    """A DKIM signature made at injection with an x= sooner than the message may stay
+    queued: mail retried after it leaves with an expired signature (receivers ignore
+    it).  Kept -- a short lifetime is the operator's choice -- but not in silence."""
+    cfg = settings.config
+    if not cfg.dkim.enabled:
+        return
+    queued = cfg.delivery.max_age * cfg.delivery.time_scale
+    short = sorted({f"{k.domain} ({k.selector})" for k in cfg.dkim.keys
+                    if (k.expire_seconds or cfg.dkim.expire_seconds or queued) < queued})
+    if short:
+        log.warning("DKIM signatures of %s expire (x=) sooner than delivery.max_age (%gs): "
+                    "mail still queued after that leaves with an expired signature",
+                    ", ".join(short[:5]) + (", ..." if len(short) > 5 else ""), queued)
+
+
 def serve(config_path: str | None) -> int:
     """Run the daemon in the foreground until SIGTERM; return the exit status."""
     try:
@@ -1345,6 +1362,7 @@ def serve(config_path: str | None) -> int:
         log.info("mta starting: state_dir=%s config=%s", settings.state_dir,
                  config_path or "built-in defaults")
         _note_unsent_webhooks(settings)
+        _note_short_dkim_expiry(settings)
         return sup.run()
     except StartupError as exc:
         log.error("cannot start: %s", exc)

@@ -152,3 +152,25 @@ def test_dsns_are_signed_and_a_reload_changes_their_key(make_daemon, dkim_keys, 
     got = mailauth_verify({"first": first, "second": second}, records, str(tmp_path))
     assert [(r["result"], r.get("selector")) for r in got["first"]] == [("pass", "old")], got
     assert [(r["result"], r.get("selector")) for r in got["second"]] == [("pass", "new")], got
+
+
+def test_a_signature_lifetime_shorter_than_the_queue_s_is_named_at_start_and_reload(
+        make_daemon, dkim_keys):
+    # Mail is signed once, at injection: with dkim.expire_seconds (x=) shorter than
+    # delivery.max_age, a message deferred past it leaves with an expired signature, and
+    # nothing said so.  Kept (the operator's choice), but the log names the keys at the
+    # start and at each reload; a lifetime as long as the queue's is not named.
+    keys = [{"domain": "signer.test", "selector": "rsa1", "key_file": dkim_keys.files["rsa"]},
+            {"domain": "other.test", "selector": "ed1", "key_file": dkim_keys.files["ed"],
+             "algorithm": "ed25519-sha256", "expire_seconds": 10 * 86400}]
+    d = make_daemon(acceptors=1, shards=1, dkim={"keys": keys, "expire_seconds": 3600})
+    said = ("DKIM signatures of signer.test (rsa1) expire (x=) sooner than "
+            "delivery.max_age (432000s): mail still queued after that leaves with an "
+            "expired signature")
+    d.wait_log(re.escape(said))
+    assert "other.test (ed1)" not in d.log()
+    d.reload(dkim={"keys": keys, "expire_seconds": 3600})
+    wait_until(lambda: d.log().count(said) == 2, 20, "the line again at the reload")
+    d.reload(dkim={"keys": keys, "expire_seconds": 6 * 86400})
+    time.sleep(0.5)
+    assert d.log().count(said) == 2
