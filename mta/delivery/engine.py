@@ -259,12 +259,15 @@ class Source:
 class Pool:
     """A weighted set of sources; picks by smooth weighted round robin among the usable ones."""
 
-    __slots__ = ("name", "members", "bound")
+    __slots__ = ("name", "members", "bound", "current")
 
     def __init__(self, name: str, members):
         self.name = name
         self.members = list(members)            # [(source name, weight)]
         self.bound = False      # a member is bound to one IP version (Source.family)
+        # the rotation of the sites' first picks, whose state a site's own starts from
+        # (each starting afresh, every site's first message went from one source)
+        self.current: dict[str, int] = {}
 
     def pick(self, usable, current: dict) -> str | None:
         """*current*: the rotation's state, one per site (Site.rotation): the weights hold
@@ -799,7 +802,12 @@ class Engine:
         job.site = site.name
         first = pool
         while True:
-            name = pool.pick(usable, site.rotation.setdefault(pool.name, {}))
+            current = site.rotation.get(pool.name)
+            if current is None:
+                name = pool.pick(usable, pool.current)
+                site.rotation[pool.name] = dict(pool.current)
+            else:
+                name = pool.pick(usable, current)
             if name is None and avoid:
                 avoid = ()      # no other may send now: as before (each says why)
                 continue

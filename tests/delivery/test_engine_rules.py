@@ -491,3 +491,46 @@ def test_mail_of_a_pool_a_reload_removed_goes_by_the_default_pool_with_one_warni
     assert {r[0].source for r in reports} == {"default"}
     warned = [r for r in caplog.records if "'gone'" in r.getMessage()]
     assert len(warned) == 1, [r.getMessage() for r in warned]
+
+
+def test_a_pools_weights_hold_over_sites_of_one_message_each():
+    """Pool of two sources, weights 1:1; ten sites, one message each (the long tail of a
+    campaign).  With a rotation per site that starts afresh, each site's first message
+    went from the first source: every one of them, the other source sent nothing."""
+    sections = {"egress": {"source": [{"name": "s1", "source_address": "127.0.0.1"},
+                                      {"name": "s2", "source_address": "127.0.0.2"}],
+                           "pool": [{"name": "default", "sources": [
+                               {"source": "s1"}, {"source": "s2"}]}]}}
+    domains = [f"d{n}.test" for n in range(10)]
+    jobs = [job(d, "ok", n=n) for n, d in enumerate(domains)]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        peer = Peer()
+        server = await loop.create_server(peer.protocol, "127.0.0.1", 0)
+        cfg = msgspec.convert({
+            "server": {"hostname": "mta.test",
+                       "state_dir": tempfile.mkdtemp(dir=_STATE_DIRS.name)},
+            "delivery": {"mx_port": server.sockets[0].getsockname()[1], "starttls": "none",
+                         "shaping_presets": False}, **sections}, Config)
+        reports = []
+        done = asyncio.Event()
+
+        def report(j, results, retry_after=0.0):
+            reports.append(j)
+            if len(reports) == len(jobs):
+                done.set()
+
+        engine = Engine(resolve(cfg, None), mx_to_loopback(*domains), report, loop)
+        for j in jobs:
+            engine.submit(j)
+        await done.wait()
+        await engine.close()
+        server.close()
+        return reports, peer
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        reports, peer = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    assert len(peer.messages) == 10
+    assert sorted(j.source for j in reports) == ["s1"] * 5 + ["s2"] * 5, \
+        [(j.msg.domain, j.source) for j in reports]
