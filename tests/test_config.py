@@ -372,12 +372,13 @@ def test_a_reload_names_what_the_spool_shards_read_only_at_start(tmp_path, text,
 def test_a_nameserver_given_as_a_bare_ipv6_address_is_that_address_on_port_53(tmp_path):
     """delivery.nameservers takes "ip or ip:port": a bare IPv6 address is an ip (its port
     needs the brackets, "[::1]:5353", as every host:port here).  "::1" was refused and
-    "2001:db8::a:1" read as 2001:db8::a port 1 -- every MX lookup to the wrong server."""
+    "2001:db8::a:1" read as 2001:db8::a port 1 -- every MX lookup to the wrong server
+    (refused now, as either reading may be meant: see the next test)."""
     p = tmp_path / "c.toml"
-    p.write_text("[delivery]\nnameservers = ['::1', '2001:db8::a:1', '[2001:db8::53]:5353',"
+    p.write_text("[delivery]\nnameservers = ['::1', '2001:db8::53', '[2001:db8::53]:5353',"
                  " '[::1]', '192.0.2.53', '192.0.2.53:5353']\n")
     assert config.load(str(p)).nameservers == (
-        ("::1", 53), ("2001:db8::a:1", 53), ("2001:db8::53", 5353), ("::1", 53),
+        ("::1", 53), ("2001:db8::53", 53), ("2001:db8::53", 5353), ("::1", 53),
         ("192.0.2.53", 53), ("192.0.2.53", 5353))
 
 
@@ -418,3 +419,17 @@ def test_an_ipv6_source_address_with_ipv6_off_is_an_error(tmp_path, text, key):
     assert str(exc.value).startswith(key + ": ") and "delivery.ipv6" in str(exc.value)
     p.write_text(text.replace("ipv6 = false", "ipv6 = true"))
     config.load(str(p))
+
+
+@pytest.mark.parametrize("item", ["::1:53", "::1:5353", "2001:db8::a:1"])
+def test_a_nameserver_that_reads_as_an_ipv6_address_or_as_one_with_a_port_is_refused(
+        tmp_path, item):
+    """"::1:53" was ::1 on port 53 until bare IPv6 addresses were taken ("::1" was
+    refused, so an operator wrote this); read since as the address ::1:53 on port 53,
+    every MX lookup went to a server that is not there, without a word.  Either reading
+    may be meant: a ConfigError asks for the brackets."""
+    p = tmp_path / "c.toml"
+    p.write_text(f"[delivery]\nnameservers = ['{item}']\n")
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(p))
+    assert "delivery.nameservers[0]" in str(exc.value) and f"[{item}]" in str(exc.value)

@@ -585,6 +585,14 @@ def _check_delivery(d) -> tuple:
             if not _is_ip(host):
                 host, port = parse_hostport(item)
                 ipaddress.ip_address(host)
+            elif not item.startswith("[") and _is_ip(item.rpartition(":")[0]) and \
+                    item.rpartition(":")[2].isdigit():
+                # "::1:53": the address ::1:53, or ::1 on port 53 (as read before bare
+                # IPv6 addresses were taken)? Silently the one, it was meant as the other.
+                raise ConfigError(f"delivery.nameservers[{i}]: {item!r} is an IPv6 address "
+                                  f"or one with a port: write [{item.rpartition(':')[0]}]:"
+                                  f"{item.rpartition(':')[2]} for that port, or [{item}] "
+                                  "for the address (port 53)")
         except ValueError:
             raise ConfigError(f"delivery.nameservers[{i}]: expected an IP address or ip:port, "
                               f"got {item!r}") from None
