@@ -225,7 +225,9 @@ class Site:
         # source name -> (until, RouteError): every host failed from that source; the
         # jobs that come meanwhile get the same answer without a connection (Engine.down)
         self.down: dict[str, tuple[float, RouteError]] = {}
-        # a domain that no domain rule matches has been among shaped (see _site_of)
+        # a domain that no domain rule matches has been among shaped (see _site_of); False
+        # again when one leaves it: the next that joins has the lanes' limits asked again
+        # (a domain rule's looser starttls must not stay with the domain back)
         self.plain = False
         self.rotation: dict[str, dict[str, int]] = {}   # pool name -> its Pool.pick state
 
@@ -685,6 +687,7 @@ class Engine:
         if old is not None:
             old[0].domains.discard(domain)
             old[0].shaped.discard(domain)
+            old[0].plain = False
             self.sites_version += 1
 
     async def _site_of(self, domain: str) -> Site:
@@ -723,6 +726,7 @@ class Engine:
         if old is not None and old[0] is not site:
             old[0].domains.discard(domain)
             old[0].shaped.discard(domain)
+            old[0].plain = False
             self.sites_version += 1
         now = self.loop.time()
         self.domain_site[domain] = (site, now, now + min(ttl, SITE_TTL))
@@ -1917,6 +1921,7 @@ class Engine:
                 del self.domain_site[domain]
                 site.domains.discard(domain)
                 site.shaped.discard(domain)
+                site.plain = False
                 self.sites_version += 1
         if self.rule_domains and self.learning is not None and self.learning.done():
             # (and those whose lookup failed, at start or since: tried again)

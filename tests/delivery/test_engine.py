@@ -1828,3 +1828,39 @@ def test_a_job_handed_back_for_its_sites_message_rate_comes_again_when_a_unit_is
     assert [o for o, _ in outcomes] == [bus.DELIVERED, bus.REQUEUED, bus.REQUEUED], outcomes
     assert all(8.0 <= retry <= 10.0 for o, retry in outcomes if o == bus.REQUEUED), outcomes
     assert len(peer.messages) == 1
+
+
+def test_a_domain_forgotten_and_back_on_its_site_keeps_a_domain_rules_looser_tls_off():
+    """tls.example has a rule with starttls = "none"; other.example, without one, shares
+    its MX host, so the site's lanes require TLS (the rule speaks for its domain alone).
+    other.example unused for an hour is forgotten; a lane made then has the rule's "none";
+    when other.example's mail comes back its domain joins the site again -- and the lane
+    must require TLS again: it kept "none", other.example's mail sent in clear."""
+    resolver = Resolver({d: MxResult("ok", [["mx.shared.test"]], domain=d)
+                         for d in ("tls.example", "other.example")},
+                        {"mx.shared.test": ["127.0.0.1"]})
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(settings(free_port(), shaping=[
+            {"domain": "tls.example", "starttls": "none"}], starttls="required"),
+            resolver, None, loop)
+        src = engine.sources["default"]
+        site = await engine._site_of("tls.example")
+        await engine._site_of("other.example")
+        assert engine._limits(src, site).starttls == "required"
+        old, _, expires = engine.domain_site["other.example"]
+        engine.domain_site["other.example"] = (old, loop.time() - engine_mod.SITE_FORGET - 1,
+                                               expires)
+        engine.forget_old_sites()
+        assert "other.example" not in site.shaped
+        lane = site.lanes["default"] = engine_mod.Lane(src, site, engine._limits(src, site))
+        before = lane.limits.starttls
+        await engine._site_of("other.example")
+        site.lanes.clear()
+        await engine.close()
+        return before, lane.limits.starttls
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        before, after = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    assert (before, after) == ("none", "required")
