@@ -201,12 +201,10 @@ def test_defaults(tmp_path):
      "delivery.route[1].domain"),
     # a sender's domain is looked up in lower case: these never matched, and the mail of
     # the domain went out from the default pool's addresses
-    ("[egress]\ndomain_pool = {'MyBrand.example' = 'default'}\n",
-     "egress.domain_pool.MyBrand.example"),
     ("[egress]\ndomain_pool = {'@mybrand.example' = 'default'}\n",
      "egress.domain_pool.@mybrand.example"),
-    ("[egress]\ndomain_pool = {'mybrand.example.' = 'default'}\n",
-     "egress.domain_pool.mybrand.example."),
+    ("[egress]\ndomain_pool = {'MyBrand.example' = 'default', 'mybrand.example.' = "
+     "'default'}\n", "mybrand.example is listed twice"),
 ])
 def test_errors_name_the_key(tmp_path, text, key):
     p = tmp_path / "c.toml"
@@ -433,3 +431,19 @@ def test_a_nameserver_that_reads_as_an_ipv6_address_or_as_one_with_a_port_is_ref
     with pytest.raises(config.ConfigError) as exc:
         config.load(str(p))
     assert "delivery.nameservers[0]" in str(exc.value) and f"[{item}]" in str(exc.value)
+
+
+def test_a_domain_pool_key_in_capitals_or_with_a_final_dot_matches_its_senders(tmp_path):
+    # egress.domain_pool keys are looked up by the sender's domain in lower case: a key
+    # written 'MyBrand.example' or 'mybrand.example.' matched no sender (the mail went
+    # from the default pool); it is taken as the domain it names
+    p = tmp_path / "c.toml"
+    p.write_text("[[egress.source]]\nname = 'b'\nsource_address = '127.0.0.2'\n"
+                 "[[egress.pool]]\nname = 'brand'\nsources = [{source = 'b'}]\n"
+                 "[egress]\ndomain_pool = {'MyBrand.example' = 'brand', "
+                 "'other.example.' = 'brand'}\n")
+    s = config.load(str(p))
+    assert s.pool_for(None, "news@mybrand.example") == "brand"
+    assert s.pool_for(None, "news@MYBRAND.EXAMPLE") == "brand"
+    assert s.pool_for(None, "x@other.example") == "brand"
+    assert s.pool_for(None, "x@third.example") == "default"

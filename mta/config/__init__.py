@@ -405,14 +405,21 @@ def _check_egress(eg, d) -> tuple[dict, dict]:
                                  if pool.overflow_pool != pool.name else "the pool itself"))
     if eg.default_pool not in pools:
         raise ConfigError(f"egress.default_pool: no pool is called {eg.default_pool!r}")
+    by_domain: dict = {}
     for dom, pool in eg.domain_pool.items():
-        if not dom or dom != dom.strip().lower().rstrip(".") or "@" in dom:
-            # (pool_for looks the sender's domain up as it is after the "@", in lower case)
-            raise ConfigError(f"egress.domain_pool.{dom}: a sending domain in lower case, "
-                              "without '@' or a final dot (e.g. mybrand.example): "
-                              "as written no sender's domain matches it")
+        # (pool_for looks the sender's domain up as it is after the "@", in lower case: a
+        # key in capitals or with a final dot is taken so, as DNS names compare)
+        key = dom.strip().lower().rstrip(".")
+        if not key or "@" in key:
+            raise ConfigError(f"egress.domain_pool.{dom}: a sending domain (e.g. "
+                              "mybrand.example), without '@': as written no sender's "
+                              "domain matches it")
+        if key in by_domain:
+            raise ConfigError(f"egress.domain_pool.{dom}: {key} is listed twice")
         if pool not in pools:
             raise ConfigError(f"egress.domain_pool.{dom}: no pool is called {pool!r}")
+        by_domain[key] = pool
+    eg.domain_pool = by_domain
     if eg.suspend_time_max < eg.suspend_time:
         raise ConfigError("egress.suspend_time_max: less than egress.suspend_time")
     return sources, pools
