@@ -380,23 +380,22 @@ def test_a_nameserver_given_as_a_bare_ipv6_address_is_that_address_on_port_53(tm
         ("192.0.2.53", 53), ("192.0.2.53", 5353))
 
 
-@pytest.mark.parametrize("text, key", [
-    ("[smtp]\nlisten = ['::1:2525']\n", "smtp.listen[0]"),
-    ("[http]\nlisten = ['2001:db8::1:8080']\n", "http.listen[0]"),
-    ("[admin]\nagent_listen = ['::1:5555']\n", "admin.agent_listen[0]"),
-    # (check-config passed it, and the delivery processes died at start on it)
-    ("[[egress.source]]\nname = 'p'\nsocks5_proxy = '::1:1080'\n",
-     "egress.source[0].socks5_proxy"),
-])
-def test_an_ipv6_address_and_port_need_the_brackets(tmp_path, text, key):
-    """host:port with a bare IPv6 host is ambiguous ("::1:2525" is an IPv6 address too):
-    a ConfigError that names the key and the [v6]:port form, not a guess."""
+def test_an_ipv6_address_and_port_without_brackets(tmp_path):
+    """A listen address is host:port: "::1:2525" (with a bare IPv6 host) is [::1]:2525, as
+    it was before the brackets were asked for anywhere (a file with it must still start);
+    a socks5_proxy so written passed check-config, then the delivery processes died at
+    their start on it: a ConfigError that names the key and the [v6]:port form."""
     p = tmp_path / "c.toml"
-    p.write_text(text)
+    p.write_text("[smtp]\nlisten = ['::1:2525']\n[admin]\nagent_listen = ['::1:5555']\n")
+    s = config.load(str(p))
+    assert s.config.smtp.listen == ["::1:2525"]
+    assert config.parse_hostport("::1:2525") == ("::1", 2525)
+    p.write_text("[[egress.source]]\nname = 'p'\nsocks5_proxy = '::1:1080'\n")
     with pytest.raises(config.ConfigError) as exc:
         config.load(str(p))
-    assert str(exc.value).startswith(key + ": ") and "[" in str(exc.value), exc.value
-    p.write_text(text.replace("'::1:", "'[::1]:").replace("'2001:db8::1:", "'[2001:db8::1]:"))
+    assert str(exc.value).startswith("egress.source[0].socks5_proxy: ") and \
+        "[2001:db8::1]:25" in str(exc.value), exc.value
+    p.write_text("[[egress.source]]\nname = 'p'\nsocks5_proxy = '[::1]:1080'\n")
     config.load(str(p))
 
 

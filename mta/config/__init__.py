@@ -78,13 +78,15 @@ class Settings:
         return "ipc://" + os.path.join(self.run_dir, name)
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    """Split 'host:port' or '[v6]:port' into (host, port)."""
+def parse_hostport(text: str, brackets: bool = False) -> tuple[str, int]:
+    """Split 'host:port' or '[v6]:port' into (host, port).  A bare IPv6 host
+    ('::1:2525': the last ':' starts the port) is taken as such unless *brackets*,
+    where it is a ValueError (what parses it later needs them)."""
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
-        if ":" in host:     # "::1:2525" is an IPv6 address too: which is meant?
+        if brackets and ":" in host:
             raise ValueError(f"expected host:port with an IPv6 host in brackets "
                              f"([2001:db8::1]:25), got {text!r}")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -373,7 +375,9 @@ def _check_egress(eg, d) -> tuple[dict, dict]:
                 _ipv6_off(f"{key}.source_address", src.source_address, d)
         if src.socks5_proxy:
             try:
-                parse_hostport(src.socks5_proxy)
+                # (brackets: the delivery processes' proxy parser needs them, and
+                # stopped at their start on a bare IPv6 host)
+                parse_hostport(src.socks5_proxy, brackets=True)
             except ValueError as exc:
                 raise ConfigError(f"{key}.socks5_proxy: {exc}") from None
         elif src.socks5_username or src.socks5_password:
