@@ -812,13 +812,14 @@ class Engine:
                 site.rotation[pool.name] = dict(pool.current)
             else:
                 name = pool.pick(usable, current)
-            if name is None and avoid:
-                avoid = ()      # no other may send now: as before (each says why)
-                continue
             if name is None and capped and pool is first and first.name in self.overflow:
                 # every usable source of the pool is at its warm-up cap for this site:
-                # the pool's overflow pool takes the mail (one hop)
+                # the pool's overflow pool takes the mail (one hop) -- before a source of
+                # the other IP version would (it reaches none of the site's addresses)
                 pool = self.pools[self.overflow[first.name]]
+                continue
+            if name is None and avoid:
+                avoid = ()      # no other may send now: as before (each says why)
                 continue
             if name is None or name not in warm.plans:
                 break

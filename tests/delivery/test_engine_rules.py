@@ -367,6 +367,27 @@ def test_a_pools_source_of_the_other_ip_version_than_the_site_does_not_take_its_
     assert {j.source for j, _, _ in reports} == {"v4"} and len(peer.messages) == 6
 
 
+def test_a_warming_pools_overflow_goes_before_a_source_of_the_other_ip_version():
+    # A dual-stack pool whose IPv4 source warms up (at its cap after one message) and an
+    # IPv4-only site: the pool's overflow pool takes the rest, not the IPv6 source, which
+    # reaches none of the site's addresses (each message it took was deferred: "source
+    # ::1 cannot reach an IPv4 address")
+    sections = {"egress": {"source": [{"name": "v4", "source_address": "127.0.0.1"},
+                                      {"name": "v6", "source_address": "::1"},
+                                      {"name": "spill", "source_address": "127.0.0.1"}],
+                           "pool": [{"name": "default", "overflow_pool": "extra",
+                                     "sources": [{"source": "v4"}, {"source": "v6"}]},
+                                    {"name": "extra", "sources": [{"source": "spill"}]}]},
+                "warmup": [{"source": "v4", "overflow": "other_sources",
+                            "schedule": [{"day": 1, "hourly": 1}]}]}
+    jobs = [job("a.test", f"ok{i}", n=i) for i in range(4)]
+    reports, _, peer = run(jobs, [], sections=sections)
+    assert [results[0].outcome for _, results, _ in reports] == [bus.DELIVERED] * 4, \
+        [(j.source, results[0].text) for j, results, _ in reports]
+    assert sorted(j.source for j, _, _ in reports) == ["spill"] * 3 + ["v4"]
+    assert len(peer.messages) == 4
+
+
 def test_a_warming_source_whose_connection_fails_keeps_its_cap_for_what_it_sends():
     """The site greets with 421 (nothing of the five messages is sent): the warm-up counts
     the jobs took are given back, as for a job handed back.  They were kept -- one per
