@@ -148,6 +148,9 @@ class Acceptor:
         # delivered only through a '*' route (a smarthost), else refused at RCPT
         self.ipv6_literals = cfg.delivery.ipv6 or any(r.domain == "*" for r in
                                                       cfg.delivery.route)
+        # ... or a route of its own (its domain the literal, as routes are looked up)
+        self.literal_routes = frozenset(r.domain.lower() for r in cfg.delivery.route
+                                        if r.domain.startswith("["))
         self.ssl_context = self._ssl_context()
         self.auth_users = settings.auth_users
         self.auth_failures = tls_auth.Failures(   # per client address

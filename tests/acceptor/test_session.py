@@ -605,15 +605,16 @@ def test_a_proxy_header_from_a_client_is_refused(impl, header):
     assert c.send(b"PROXY x\r\n") == R.UNKNOWN and not c.transport.closed
 
 
-@pytest.mark.parametrize("smarthost", [False, True])
-def test_an_ipv6_address_literal_is_refused_at_rcpt_when_delivery_sends_no_ipv6(impl,
-                                                                               smarthost):
+@pytest.mark.parametrize("route", ["", "*", "[IPv6:2001:db8::1]", "[IPv6:2001:db8::2]"])
+def test_an_ipv6_address_literal_is_refused_at_rcpt_when_delivery_sends_no_ipv6(impl, route):
     # delivery.ipv6 = false connects to no IPv6 address: RCPT TO:<b@[IPv6:2001:db8::1]>
     # got 250 and the message bounced later ("no MX host of [IPv6:2001:db8::1] has an
-    # address"); it is refused now.  A '*' route (a smarthost) carries it: taken.
+    # address"); it is refused now.  A '*' route (a smarthost) or the literal's own route
+    # carries it: taken (a route of another literal does not).
+    smarthost = route in ("*", "[IPv6:2001:db8::1]")
     s = fake.settings()
     d = msgspec.structs.replace(s.config.delivery, ipv6=False, route=[
-        RouteConfig(domain="*", hosts=["192.0.2.25"])] if smarthost else [])
+        RouteConfig(domain=route, hosts=["192.0.2.25"])] if route else [])
     acc = fake.Acceptor(dataclasses.replace(
         s, config=msgspec.structs.replace(s.config, delivery=d)), fake.Loop(),
         pure=impl == "pure")
