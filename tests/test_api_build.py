@@ -200,6 +200,36 @@ def test_substitution_escapes_html_and_runs_no_code():
         assert render(text, {"a": 1}) == text
 
 
+def test_reserved_variables_name_the_recipient_and_envelope_sender():
+    """SparkPost's reserved variables: ``email`` and ``email_id`` (as ``address.email``)
+    the recipient's address, ``env_from`` and ``return_path`` the envelope sender (the
+    return_path, else the From address); they rendered empty (an unsubscribe link's
+    ``?u={{email}}`` went out naming nobody)."""
+    t = tx(text="{{email}}|{{email_id}}|{{env_from}}|{{return_path}}|{{address.email}}",
+           recipients=["rcpt@example.net",
+                       {"address": {"email": "b@example.net"}, "return_path": "vb@example.com"},
+                       {"address": "c@example.net", "substitution_data": {"email": "own"}}])
+    assert content(parse(one(t))) == \
+        "rcpt@example.net|rcpt@example.net|sender@example.com|sender@example.com|" \
+        "rcpt@example.net\n"
+    assert content(parse(one(t, 1))) == \
+        "b@example.net|b@example.net|vb@example.com|vb@example.com|b@example.net\n"
+    # the recipient's own substitution_data comes first, as for any name
+    assert content(parse(one(t, 2))).startswith("own|c@example.net|")
+    # a From substituted per recipient: the envelope sender is that address
+    t = tx(from_="{{f}}", text="{{env_from}}",
+           recipients=[{"address": "d@example.net", "substitution_data": {"f": "n@example.org"}}])
+    m = one(t)
+    assert m.sender == "n@example.org" and content(parse(m)) == "n@example.org\n"
+    # email_rfc822: the same names, in the header and the text parts
+    raw = "From: s@example.com\r\nSubject: to {{email}}\r\n\r\n{{env_from}} {{email}}\r\n"
+    m = one(tx(email_rfc822=raw, subject=None, text=None, from_=None,
+               recipients=["r@example.net"]))
+    msg = parse(m)
+    assert msg["Subject"] == "to r@example.net"
+    assert content(msg) == "s@example.com r@example.net\n"
+
+
 # --------------------------------------------------------------- MIME building
 
 

@@ -46,7 +46,9 @@ another path, or a number) gives a value for a missing, null or false one.  A na
 recipient's ``substitution_data``, then in the recipient itself (``address``:
 email, name, header_to), then in the recipient's ``metadata``, then in the
 transmission's ``substitution_data``, then in its ``metadata`` (SparkPost's
-order: metadata is substitution data too); a missing one renders empty, a
+order: metadata is substitution data too); SparkPost's reserved ``email`` and
+``email_id`` are the recipient's address, ``env_from`` and ``return_path`` the
+envelope sender; a missing one renders empty, a
 number as JavaScript writes it (5.0 as "5", as SparkPost renders it), true and
 false as words.
 Values are HTML-escaped in HTML parts.  Nothing else of a template language
@@ -831,10 +833,10 @@ class Builder:
             body = multipart("mixed", [body] + self.attachments)
         return body
 
-    def _inline(self, i: int, scopes: tuple, name, email,
+    def _inline(self, i: int, scopes: tuple, scope: dict, name, email,
                 header_to) -> tuple[bytes, str, bool, str, str | None]:
         """(message, envelope sender candidate, needs SMTPUTF8, Subject, the Message-ID
-        made here or None) for one recipient."""
+        made here or None) for one recipient (*scope*: its reserved variables)."""
         def field(label: str, tpl: Template) -> str:
             v = tpl.render(scopes, limit=self.max_size)
             why = tpl.constant is None and _unfit(v)
@@ -849,6 +851,8 @@ class Builder:
             if why:
                 raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: content.from.email "
                                      f"{from_email!r} {why}", ev.GENERATION_FAILURE)
+            if not scope["env_from"]:
+                scope["env_from"] = scope["return_path"] = from_email
         from_name = field("content.from.name", self.from_name) if self.from_name else None
         rep = self.replace
         out = []
@@ -940,9 +944,10 @@ class Builder:
             pieces.append(data)
         self.rfc822 = pieces
 
-    def _rfc822(self, i: int, scopes: tuple, name, email) -> tuple[bytes, str | None, bool,
-                                                                  bool]:
-        """(message, From address, 8-bit, UTF-8 header) for one recipient."""
+    def _rfc822(self, i: int, scopes: tuple, scope: dict, name,
+                email) -> tuple[bytes, str | None, bool, bool]:
+        """(message, From address, 8-bit, UTF-8 header) for one recipient (*scope*: its
+        reserved variables)."""
         def no_breaks(value: str) -> None:
             why = _unfit(value)
             if why:
@@ -966,6 +971,8 @@ class Builder:
                 if from_email is None:
                     # the From field as substituted for this recipient (the sender)
                     from_email = _address_in(mime.find_header(data, b"From"))
+                    if from_email and not scope["env_from"]:
+                        scope["env_from"] = scope["return_path"] = from_email
             else:
                 text = tpl.render(scopes, html=(kind != "plain"), limit=self.max_size)
                 if "\r" in text or "\n" in text:
@@ -1085,20 +1092,27 @@ class Builder:
                 raise RecipientError(R.RCPT_INVALID, f"recipients[{i}].address.{label}: "
                                      f"contains {why}", ev.GENERATION_REJECTION)
         address = {"email": email, "name": name or "", "header_to": header_to or ""}
+        # SparkPost's reserved variables: email and email_id are address.email, env_from
+        # and return_path the envelope sender (a From substituted per recipient: set
+        # when it is rendered, for what follows it)
+        env_from = return_path or (self.rfc_from if self.rfc822 is not None else
+                                   self.from_email.constant) or ""
+        scope = {"address": address, "email": email, "email_id": email,
+                 "env_from": env_from, "return_path": env_from}
         # SparkPost's order: the recipient's substitution_data, then its metadata, then
         # the transmission's substitution_data, then its metadata
-        scope = {"address": address}
         scopes = (rcpt_sub, scope) if rcpt_sub else (scope,)
         scopes = scopes + (rcpt_meta,) + self.tx_scopes if rcpt_meta else \
             scopes + self.tx_scopes
         made = None
         try:
             if self.rfc822 is not None:
-                message, from_email, eightbit, utf8 = self._rfc822(i, scopes, name, email)
+                message, from_email, eightbit, utf8 = self._rfc822(i, scopes, scope, name,
+                                                                   email)
                 utf8 = utf8 or not _is_ascii(email)
             else:
-                message, from_email, utf8, subject, made = self._inline(i, scopes, name, email,
-                                                                        header_to)
+                message, from_email, utf8, subject, made = self._inline(i, scopes, scope, name,
+                                                                        email, header_to)
                 eightbit = False
             if self.max_size and len(message) > self.max_size:
                 raise TooLarge(len(message))
