@@ -230,6 +230,33 @@ def test_reserved_variables_name_the_recipient_and_envelope_sender():
     assert content(msg) == "s@example.com r@example.net\n"
 
 
+def test_a_value_in_a_link_is_url_encoded():
+    """SparkPost URL-encodes a value substituted into a link (text from http:// or
+    https:// to the next space, quote or angle bracket) of the html, amp_html and text
+    parts, instead of HTML-escaping it; {{{ }}} inserts it as it is.  It was escaped for
+    HTML only: ?e={{address.email}} of a+b@example.net sent "+" (a space to the site
+    reading the query) and "Daily Deal!" a space that ended the link in a text part."""
+    link = "https://x.example/u?e={{address.email}}&o={{o}}"
+    t = tx(subject="{{o}} https://x.example/?o={{o}}",
+           text=f"Go {link} or <{link}>, {{{{o}}}}",
+           html=f'<a href="{link}">{{{{o}}}}</a> <a href="https://{{{{{{host}}}}}}/">x</a>',
+           recipients=[{"address": "a+b@example.net",
+                        "substitution_data": {"o": "Daily Deal! & more", "host": "h.example/a b"}}])
+    msg = parse(one(t))
+    url = "https://x.example/u?e=a%2Bb%40example.net&o=Daily%20Deal%21%20%26%20more"
+    text, html = (content(p) for p in msg.walk() if not p.is_multipart())
+    assert text == f"Go {url} or <{url}>, Daily Deal! & more"
+    assert html == f'<a href="{url}">Daily Deal! &amp; more</a> ' \
+        '<a href="https://h.example/a b/">x</a>'
+    # a header is no link: the value as it is
+    assert msg["Subject"] == "Daily Deal! & more https://x.example/?o=Daily Deal! & more"
+    # email_rfc822's text parts alike
+    raw = "From: s@example.com\r\n\r\nhttp://x.example/?e={{email}}\r\n"
+    m = one(tx(email_rfc822=raw, subject=None, text=None, from_=None,
+               recipients=["a+b@example.net"]))
+    assert content(parse(m)) == "http://x.example/?e=a%2Bb%40example.net\n"
+
+
 # --------------------------------------------------------------- MIME building
 
 

@@ -51,7 +51,9 @@ order: metadata is substitution data too); SparkPost's reserved ``email`` and
 envelope sender; a missing one renders empty, a
 number as JavaScript writes it (5.0 as "5", as SparkPost renders it), true and
 false as words.
-Values are HTML-escaped in HTML parts.  Nothing else of a template language
+Values are HTML-escaped in HTML parts; in a link of a part (text from http://
+or https:// to a space, quote or angle bracket) they are URL-encoded instead,
+as SparkPost does ({{{ }}}: as they are).  Nothing else of a template language
 is interpreted (no code, no loops): other ``{{ ... }}`` text is left as
 written, except the blocks of SparkPost's language (``{{ if x }}``,
 ``{{ elseif x }}``, ``{{ else }}``, ``{{ end }}``, ``{{ each x }}``), which
@@ -123,6 +125,9 @@ _EXPR = rf"{_PATH}(?:\s+or\s+(?:{_OPERAND}))*"
 _TAG = re.compile(rf"\{{\{{\{{\s*({_EXPR})\s*\}}\}}\}}|\{{\{{\s*({_EXPR})\s*\}}\}}")
 _ALT = re.compile(rf"\s+or\s+({_OPERAND})")
 _PATH_RE = re.compile(_PATH)
+# a link of the parts' text, where a value is URL-encoded: from its scheme to one of these
+_SCHEME = re.compile(r"https?://", re.IGNORECASE)
+_LINK_ENDS = (" ", "\t", "\r", "\n", '"', "'", "<", ">")
 # the block statements of SparkPost's template language (not supported)
 _BLOCK = re.compile(r"\{\{\{?\s*(?:(?:if|elseif|unless|each)\s[^{}]*|else|end)\s*\}?\}\}")
 _BAD_LOCAL = frozenset(' <>()[]\\,;:"@')
@@ -259,10 +264,16 @@ class Template:
         if m:
             self.block = m.group()
         pos = 0
+        link = False        # in a link (text from http:// or https:// to a space, quote, <>)
         for m in _TAG.finditer(text):
             if m.start() > pos:
-                self.parts.append(text[pos:m.start()])
-            raw = m.group(1) is not None
+                chunk = text[pos:m.start()]
+                self.parts.append(chunk)
+                cut = max(chunk.rfind(c) for c in _LINK_ENDS) + 1   # 0: the link goes on
+                if cut or not link:
+                    link = _SCHEME.search(chunk, cut) is not None
+            # 1: {{{ }}}, as it is; 2: {{ }} in a link, URL-encoded in the parts (render)
+            raw = 1 if m.group(1) is not None else 2 if link else 0
             expr = m.group(1) or m.group(2)
             first = _PATH_RE.match(expr).group()
             path = tuple(first.split("."))
@@ -283,8 +294,12 @@ class Template:
         # the characters of the constant parts (render's size bound adds the values')
         self.fixed = sum(len(p) for p in self.parts if isinstance(p, str))
 
-    def render(self, scopes: tuple, html: bool = False, guard=None, limit: int = 0) -> str:
+    def render(self, scopes: tuple, html: bool = False, guard=None, limit: int = 0,
+               links: bool = False) -> str:
         """The text for *scopes*; *guard(value)* may refuse a substituted value by raising.
+
+        *links*: a part's text, whose values in a link are URL-encoded (as SparkPost
+        does in the html, amp_html and text parts; a header field has no links).
 
         *limit* (characters; 0: none): TooLarge as soon as the text would pass it, before
         it is joined -- a 90 KB value substituted 2,000 times would otherwise make 180 MB.
@@ -306,7 +321,9 @@ class Template:
             value = _text_of(value)
             if guard is not None:
                 guard(value)
-            if html and not p[1]:
+            if p[1] == 2 and links:
+                value = quote(value, safe="")
+            elif html and p[1] != 1:
                 value = html_mod.escape(value)
             out.append(value)
             n += len(value)
@@ -818,13 +835,14 @@ class Builder:
         alts = []
         limit = self.max_size
         if self.text is not None:
-            alts.append(text_part("plain", self.text.render(scopes, limit=limit)))
+            alts.append(text_part("plain", self.text.render(scopes, limit=limit, links=True)))
         if self.amp is not None:
             # AMP for email: the text/x-amp-html part goes before the text/html one
             alts.append(text_part("x-amp-html", self.amp.render(scopes, html=True,
-                                                                limit=limit)))
+                                                                limit=limit, links=True)))
         if self.html is not None:
-            part = text_part("html", self.html.render(scopes, html=True, limit=limit))
+            part = text_part("html", self.html.render(scopes, html=True, limit=limit,
+                                                      links=True))
             if self.images:
                 part = multipart("related", [part] + self.images)
             alts.append(part)
@@ -974,7 +992,8 @@ class Builder:
                     if from_email and not scope["env_from"]:
                         scope["env_from"] = scope["return_path"] = from_email
             else:
-                text = tpl.render(scopes, html=(kind != "plain"), limit=self.max_size)
+                text = tpl.render(scopes, html=(kind != "plain"), limit=self.max_size,
+                                  links=True)
                 if "\r" in text or "\n" in text:
                     # line ends as the rest of the message has them (a value's bare LF
                     # or CR would be one the receiver reads differently)
