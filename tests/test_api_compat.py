@@ -109,6 +109,39 @@ def test_amp_html_is_a_text_x_amp_html_part():
     assert "content.html or content.text" in str(e.value)
 
 
+def test_amp_mustache_templates_keep_their_expressions():
+    """SparkPost leaves the {{ }} expressions inside an amp-mustache template of the AMP
+    part as written (the reader's client fills them from its amp-list), but for those
+    naming "sparkpost"; they were substituted, mostly as empty, and the list rendered
+    blank for every reader."""
+    amp = ('<p>{{name}}</p><amp-list src="https://x.example/c.json"><template '
+           'type="amp-mustache">{{sparkpost_name}}: {{#items}}<b>{{name}}</b> {{{price}}}'
+           '{{/items}}</template></amp-list><p>{{name}}</p>'
+           '<script type="text/plain" template="amp-mustache">{{ name }}</script>')
+    body = {"recipients": [{"address": "a@example.net",
+                            "substitution_data": {"name": "Ann", "sparkpost_name": "S"}}],
+            "content": {**CONTENT, "text": "{{name}}", "html": amp, "amp_html": amp}}
+    msg = parsed(body)
+    assert text_of(msg, "text/x-amp-html").strip() == (
+        '<p>Ann</p><amp-list src="https://x.example/c.json"><template '
+        'type="amp-mustache">S: {{#items}}<b>{{name}}</b> {{{price}}}'
+        '{{/items}}</template></amp-list><p>Ann</p>'
+        '<script type="text/plain" template="amp-mustache">{{ name }}</script>')
+    # the HTML part is no AMP: all substituted
+    assert "<b>Ann</b>" in text_of(msg, "text/html")
+    # email_rfc822's AMP part alike
+    raw = ("From: s@example.com\r\nContent-Type: multipart/alternative; boundary=b\r\n\r\n"
+           "--b\r\nContent-Type: text/plain\r\n\r\n{{name}}\r\n"
+           "--b\r\nContent-Type: text/x-amp-html\r\n\r\n" + amp + "\r\n--b--\r\n")
+    body = {"recipients": [{"address": "a@example.net",
+                            "substitution_data": {"name": "Ann", "sparkpost_name": "S"}}],
+            "content": {"email_rfc822": raw}}
+    msg = parsed(body)
+    assert text_of(msg, "text/x-amp-html").startswith(
+        '<p>Ann</p><amp-list src="https://x.example/c.json"><template '
+        'type="amp-mustache">S: {{#items}}<b>{{name}}</b> {{{price}}}')
+
+
 def test_an_ab_test_is_refused_as_not_supported_not_as_a_missing_from():
     from mta.api import replies as R
     with pytest.raises(R.ApiError) as e:

@@ -53,7 +53,9 @@ number as JavaScript writes it (5.0 as "5", as SparkPost renders it), true and
 false as words.
 Values are HTML-escaped in HTML parts; in a link of a part (text from http://
 or https:// to a space, quote or angle bracket) they are URL-encoded instead,
-as SparkPost does ({{{ }}}: as they are).  Nothing else of a template language
+as SparkPost does ({{{ }}}: as they are).  In the AMP part, the expressions
+inside an amp-mustache template are the reader's client's and stay as written,
+but for those naming "sparkpost" (SparkPost's rule).  Nothing else of a template language
 is interpreted (no code, no loops): other ``{{ ... }}`` text is left as
 written, except the blocks of SparkPost's language (``{{ if x }}``,
 ``{{ elseif x }}``, ``{{ else }}``, ``{{ end }}``, ``{{ each x }}``), which
@@ -65,6 +67,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import html as html_mod
 import itertools
 import json
@@ -127,6 +130,8 @@ _ALT = re.compile(rf"\s+or\s+({_OPERAND})")
 _PATH_RE = re.compile(_PATH)
 # a link of the parts' text, where a value is URL-encoded: from its scheme to one of these
 _SCHEME = re.compile(r"https?://", re.IGNORECASE)
+# the start tag of an AMP part's amp-mustache template (with "amp-mustache" in it)
+_MUSTACHE_OPEN = re.compile(r"<(template|script)\b[^<>]*>", re.IGNORECASE)
 _LINK_ENDS = (" ", "\t", "\r", "\n", '"', "'", "<", ">")
 # the block statements of SparkPost's template language (not supported)
 _BLOCK = re.compile(r"\{\{\{?\s*(?:(?:if|elseif|unless|each)\s[^{}]*|else|end)\s*\}?\}\}")
@@ -253,7 +258,7 @@ class Template:
 
     __slots__ = ("parts", "constant", "fixed", "block")
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, amp: bool = False):
         self.constant = text if "{{" not in text else None
         self.parts: list = []
         self.fixed = 0
@@ -265,7 +270,11 @@ class Template:
             self.block = m.group()
         pos = 0
         link = False        # in a link (text from http:// or https:// to a space, quote, <>)
+        # AMP: the amp-mustache templates, whose expressions are the reader's client's
+        mustache = _mustache_ranges(text) if amp else ()
         for m in _TAG.finditer(text):
+            if mustache and _kept_for_amp(m, mustache):
+                continue        # (as written: a piece of the text between tags)
             if m.start() > pos:
                 chunk = text[pos:m.start()]
                 self.parts.append(chunk)
@@ -332,10 +341,40 @@ class Template:
         return "".join(out)
 
 
-_templates: dict[str, Template] = {}
+def _mustache_ranges(text: str) -> list:
+    """[start, end) of the content of each amp-mustache template of AMP *text*
+    (``<template type="amp-mustache">``, ``<script template="amp-mustache">``), in
+    order; one that is not closed runs to the end."""
+    out = []
+    low = None
+    pos = 0
+    while True:
+        m = _MUSTACHE_OPEN.search(text, pos)
+        if m is None:
+            return out
+        pos = m.end()
+        if "amp-mustache" not in m.group().lower():
+            continue
+        if low is None:
+            low = text.lower()
+        end = low.find("</" + m.group(1).lower(), pos)
+        end = len(text) if end < 0 else end
+        out.append((pos, end))
+        pos = end
 
 
-def literal(text: str) -> Template:
+def _kept_for_amp(m, ranges: list) -> bool:
+    """Whether tag *m* is in one of the amp-mustache *ranges* and is not SparkPost's
+    (its expression does not name "sparkpost"): it is then left as written."""
+    start = m.start()
+    k = bisect.bisect_right(ranges, (start, len(m.string) + 1)) - 1
+    return k >= 0 and start < ranges[k][1] and "sparkpost" not in m.group().lower()
+
+
+_templates: dict = {}
+
+
+def literal(text: str, amp: bool = False) -> Template:
     """A Template that renders *text* as it is, ``{{ }}`` included
     (``options.perform_substitutions: false``)."""
     t = Template("")
@@ -355,11 +394,13 @@ def _unblocked(field: str, t: Template) -> Template:
     return t
 
 
-def template(text: str) -> Template:
-    """The compiled Template of *text*, from a small cache (templates are immutable)."""
-    t = _templates.get(text)
+def template(text: str, amp: bool = False) -> Template:
+    """The compiled Template of *text*, from a small cache (templates are immutable);
+    *amp*: the AMP part's, whose amp-mustache templates keep their expressions."""
+    key = ("amp", text) if amp else text
+    t = _templates.get(key)
     if t is None:
-        t = Template(text)
+        t = Template(text, amp)
         # (a substitution's defaults are pieces too: {{ a or b or ... }}, thousands of
         # them in one, cost as much as as many substitutions; counted on a miss only)
         if len(text) <= TEMPLATE_CACHE_TEXT and len(t.parts) + sum(
@@ -367,7 +408,7 @@ def template(text: str) -> Template:
                 <= TEMPLATE_CACHE_PARTS:
             if len(_templates) >= TEMPLATE_CACHE:
                 _templates.clear()
-            _templates[text] = t
+            _templates[key] = t
     return t
 
 
@@ -807,7 +848,7 @@ class Builder:
         self.reply_to = _unblocked("content.reply_to", tpl(c.reply_to)) if c.reply_to else None
         self.text = _unblocked("content.text", tpl(c.text)) if c.text is not None else None
         self.html = _unblocked("content.html", tpl(c.html)) if c.html is not None else None
-        self.amp = _unblocked("content.amp_html", tpl(c.amp_html)) \
+        self.amp = _unblocked("content.amp_html", tpl(c.amp_html, True)) \
             if c.amp_html is not None else None
         self.headers: list[tuple[str, Template]] = []
         self.replace: dict[str, tuple[str, Template]] = {}
@@ -953,7 +994,8 @@ class Builder:
             for start, end, subtype in sorted(found.values()):
                 pieces.append(data[pos:start])
                 part = data[start:end].decode("utf-8", "surrogateescape")
-                pieces.append((subtype, _unblocked("content.email_rfc822", Template(part))))
+                pieces.append((subtype, _unblocked("content.email_rfc822",
+                                                   Template(part, subtype == "x-amp-html"))))
                 pos = end
             pieces.append(data[pos:])
             if all(not isinstance(p, tuple) or p[1].constant is not None for p in pieces):
