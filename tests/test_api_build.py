@@ -257,6 +257,27 @@ def test_a_value_in_a_link_is_url_encoded():
     assert content(parse(m)) == "http://x.example/?e=a%2Bb%40example.net\n"
 
 
+def test_square_bracket_paths_and_the_length_operator():
+    """SparkPost's nested paths with square brackets: an array's item by its index, from 1
+    (``{{ children[1] }}``, ``{{ cart[2].name }}``), a key quoted (``{{ a['city'] }}``) or
+    named by another value (``{{ a[part] }}``), and ``{{ #list }}``, its length.  They
+    went out as written, braces and all, to every recipient."""
+    data = {"children": ["Rusty", "Audrey"], "cart": [{"name": "Jacket"}, {"name": "Gloves"}],
+            "a": {"city": "SF", "street": "Howard", "odd key": 1}, "part": "street", "i": 2,
+            "s": "<x>"}
+    assert render("{{ children[1] }} and {{children[2]}}|{{ cart[2].name }}|{{cart[3].name}}|"
+                  "{{ a['city'] }} {{ a[\"odd key\"] }}|{{ a[part] }}|{{ children[i] }}|"
+                  "{{children[0]}}{{ a[1] }}{{ children.x }}|{{ #children }} {{#a.city}} "
+                  "{{#missing}}|{{ cart[9].name or children[1] }}", data) == \
+        "Rusty and Audrey|Gloves||SF 1|Howard|Audrey||2 2 |Rusty"
+    assert render("<p>{{ cart[1]['name'] }} {{{ s }}} {{ #children }}</p>", data, html=True) == \
+        "<p>Jacket <x> 2</p>"
+    t = tx(subject="For {{ kids[1] }}", text="{{ #kids }}",
+           recipients=[{"address": "a@example.net", "substitution_data": {"kids": ["Ann", "Bo"]}}])
+    msg = parse(one(t))
+    assert msg["Subject"] == "For Ann" and content(msg) == "2\n"
+
+
 # --------------------------------------------------------------- MIME building
 
 

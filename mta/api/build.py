@@ -40,7 +40,10 @@ header fields and to the first text/plain, text/html and text/x-amp-html
 (AMP: escaped as HTML) parts that are not transfer-encoded (as SparkPost
 does); Date, Message-ID and To are added when missing.
 
-Substitution: ``{{ name }}`` and dotted paths ``{{ address.email }}``;
+Substitution: ``{{ name }}`` and paths ``{{ address.email }}``, with SparkPost's
+square brackets (``{{ cart[1].name }}``: arrays count from 1; ``{{ a['key'] }}``,
+``{{ a[other.name] }}``: the key or index another value holds); ``{{ #list }}`` is
+an array's length;
 ``{{{ name }}}`` inserts HTML unescaped; ``{{ name or 'default' }}`` (or
 another path, or a number) gives a value for a missing, null or false one.  A name is looked up in the
 recipient's ``substitution_data``, then in the recipient itself (``address``:
@@ -121,13 +124,20 @@ _MIME_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9
 # LF would start a new field, the others reach the reader (a BEL, an ESC sequence)
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _PHRASE_ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]+\Z")
-_PATH = r"[A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z_][A-Za-z0-9_-]*)*"
+_NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
+_DOTTED = rf"{_NAME}(?:\.{_NAME})*"
+# a path: names with dots, and square brackets holding an array's index (from 1), a
+# quoted key or another dotted path whose value is the key or index
+_INDEX = rf"""\[\s*(?:[0-9]+|'[^'{{}}\r\n]*'|"[^"{{}}\r\n]*"|{_DOTTED})\s*\]"""
+_PATH = rf"{_NAME}(?:\.{_NAME}|{_INDEX})*"
 # a default after "or": another path, a quoted string or a number
 _OPERAND = _PATH + r"""|'[^'{}\r\n]*'|"[^"{}\r\n]*"|-?[0-9]+(?:\.[0-9]+)?"""
-_EXPR = rf"{_PATH}(?:\s+or\s+(?:{_OPERAND}))*"
+# "#path": the length of an array
+_EXPR = rf"#\s*{_PATH}|{_PATH}(?:\s+or\s+(?:{_OPERAND}))*"
 _TAG = re.compile(rf"\{{\{{\{{\s*({_EXPR})\s*\}}\}}\}}|\{{\{{\s*({_EXPR})\s*\}}\}}")
 _ALT = re.compile(rf"\s+or\s+({_OPERAND})")
 _PATH_RE = re.compile(_PATH)
+_STEP = re.compile(rf"""\.?({_NAME})|\[\s*(?:([0-9]+)|'([^']*)'|"([^"]*)"|({_DOTTED}))\s*\]""")
 # a link of the parts' text, where a value is URL-encoded: from its scheme to one of these
 _SCHEME = re.compile(r"https?://", re.IGNORECASE)
 # the start tag of an AMP part's amp-mustache template (with "amp-mustache" in it)
@@ -231,16 +241,50 @@ def _text_of(value) -> str:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+LENGTH = object()     # the last step of a path "#name": the array's length
+
+
+def path_of(text: str) -> tuple:
+    """The steps of path *text* (``a.b[2]['c'][d.e]``): a key (str), an array's index
+    from 1 (int), another path whose value is the key or index (tuple)."""
+    steps: list = []
+    for m in _STEP.finditer(text):
+        name, index, q1, q2, var = m.groups()
+        steps.append(name if name is not None else int(index) if index is not None else
+                     q1 if q1 is not None else q2 if q2 is not None else
+                     tuple(var.split(".")))
+    return tuple(steps)
+
+
+def _step(value, step, scopes: tuple):
+    """*value*'s item at an index or a key named by another path; its length (LENGTH)."""
+    if step is LENGTH:
+        return len(value) if isinstance(value, (list, str)) else None
+    if type(step) is tuple:
+        step = lookup(step, scopes)
+        if isinstance(value, dict):
+            return value.get(step) if isinstance(step, str) else None
+        if type(step) is float and step.is_integer():
+            step = int(step)
+    if isinstance(value, list) and type(step) is int and 1 <= step <= len(value):
+        return value[step - 1]
+    return None
+
+
 def lookup(path: tuple, scopes: tuple):
-    """The value of a dotted *path* in the first scope that has its first name; None if none."""
+    """The value of *path* (path_of) in the first scope that has its first name; None if
+    none."""
     head = path[0]
     for scope in scopes:
         if head in scope:
             value = scope[head]
             for name in path[1:]:
-                if not isinstance(value, dict) or name not in value:
+                if isinstance(value, dict) and name in value:
+                    value = value[name]
+                elif type(name) is str:
                     return None
-                value = value[name]
+                else:           # (an index, a key named by a path, the length)
+                    value = _step(value, name, scopes)
             return value
     return None
 
@@ -284,15 +328,19 @@ class Template:
             # 1: {{{ }}}, as it is; 2: {{ }} in a link, URL-encoded in the parts (render)
             raw = 1 if m.group(1) is not None else 2 if link else 0
             expr = m.group(1) or m.group(2)
+            if expr[0] == "#":
+                self.parts.append((path_of(expr) + (LENGTH,), raw))
+                pos = m.end()
+                continue
             first = _PATH_RE.match(expr).group()
-            path = tuple(first.split("."))
+            path = path_of(first)
             alts = _ALT.findall(expr, len(first))
             if alts:
                 # {{ a or b or 'text' }}: the first that is there (not missing, null
                 # or false); a quoted string or a number is the value as written
                 self.parts.append((path, raw, tuple(
                     a[1:-1] if a[0] in "'\"" else a if a[0] in "-0123456789" else
-                    tuple(a.split(".")) for a in alts)))
+                    path_of(a) for a in alts)))
             else:
                 self.parts.append((path, raw))
             pos = m.end()
