@@ -29,7 +29,7 @@ def tx(**kw) -> T.Transmission:
             "content": {"from": "sender@example.com", "subject": "Hello", "text": "Hi there"}}
     for k, v in kw.items():
         if k in ("subject", "text", "html", "headers", "attachments", "inline_images", "reply_to",
-                 "from_", "email_rfc822"):
+                 "from_", "email_rfc822", "amp_html"):
             key = "from" if k == "from_" else k
             if v is None:
                 body["content"].pop(key, None)
@@ -276,6 +276,26 @@ def test_square_bracket_paths_and_the_length_operator():
            recipients=[{"address": "a@example.net", "substitution_data": {"kids": ["Ann", "Bo"]}}])
     msg = parse(one(t))
     assert msg["Subject"] == "For Ann" and content(msg) == "2\n"
+
+
+def test_brace_macros_write_braces():
+    """SparkPost's macros opening_double_curly() and its kin write the braces themselves
+    ("{{", "}}", "{{{", "}}}"), the documented way to send braces; they went out as
+    written, the macro's name and all."""
+    assert render("{{ opening_double_curly() }}name{{closing_double_curly()}} "
+                  "{{ opening_triple_curly() }}x{{{ closing_triple_curly() }}} {{n}}",
+                  {"n": 1}, html=True) == "{{name}} {{{x}}} 1"
+    # in an amp-mustache template they are SparkPost's, not the reader's client's
+    t = tx(amp_html='<template type="amp-mustache">{{ opening_double_curly() }}x'
+                    '{{ closing_double_curly() }}</template>', html="<p>h</p>")
+    amp = next(p for p in parse(one(t)).walk() if p.get_content_type() == "text/x-amp-html")
+    assert content(amp) == '<template type="amp-mustache">{{x}}</template>'
+    # a From address so written is checked as written out, as is one whose {{ }} is no
+    # expression (it went out as the envelope sender unchecked)
+    for bad in ("{{ opening_double_curly() }} x@example.com", "{{ a b }}@example.com"):
+        with pytest.raises(R.ApiError) as e:
+            B.Builder(tx(from_=bad), "mta.test")
+        assert "content.from.email" in e.value.description
 
 
 # --------------------------------------------------------------- MIME building

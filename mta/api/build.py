@@ -43,7 +43,8 @@ does); Date, Message-ID and To are added when missing.
 Substitution: ``{{ name }}`` and paths ``{{ address.email }}``, with SparkPost's
 square brackets (``{{ cart[1].name }}``: arrays count from 1; ``{{ a['key'] }}``,
 ``{{ a[other.name] }}``: the key or index another value holds); ``{{ #list }}`` is
-an array's length;
+an array's length; the macros ``{{ opening_double_curly() }}`` (and
+closing_, _triple_) write braces;
 ``{{{ name }}}`` inserts HTML unescaped; ``{{ name or 'default' }}`` (or
 another path, or a number) gives a value for a missing, null or false one.  A name is looked up in the
 recipient's ``substitution_data``, then in the recipient itself (``address``:
@@ -132,8 +133,11 @@ _INDEX = rf"""\[\s*(?:[0-9]+|'[^'{{}}\r\n]*'|"[^"{{}}\r\n]*"|{_DOTTED})\s*\]"""
 _PATH = rf"{_NAME}(?:\.{_NAME}|{_INDEX})*"
 # a default after "or": another path, a quoted string or a number
 _OPERAND = _PATH + r"""|'[^'{}\r\n]*'|"[^"{}\r\n]*"|-?[0-9]+(?:\.[0-9]+)?"""
-# "#path": the length of an array
-_EXPR = rf"#\s*{_PATH}|{_PATH}(?:\s+or\s+(?:{_OPERAND}))*"
+# "#path": the length of an array; the macros that write braces
+_EXPR = rf"#\s*{_PATH}|(?:opening|closing)_(?:double|triple)_curly\(\s*\)|" \
+    rf"{_PATH}(?:\s+or\s+(?:{_OPERAND}))*"
+_BRACES = {"opening_double": "{{", "closing_double": "}}", "opening_triple": "{{{",
+           "closing_triple": "}}}"}
 _TAG = re.compile(rf"\{{\{{\{{\s*({_EXPR})\s*\}}\}}\}}|\{{\{{\s*({_EXPR})\s*\}}\}}")
 _ALT = re.compile(rf"\s+or\s+({_OPERAND})")
 _PATH_RE = re.compile(_PATH)
@@ -328,6 +332,10 @@ class Template:
             # 1: {{{ }}}, as it is; 2: {{ }} in a link, URL-encoded in the parts (render)
             raw = 1 if m.group(1) is not None else 2 if link else 0
             expr = m.group(1) or m.group(2)
+            if expr.endswith(")"):          # opening_double_curly() ...: braces
+                self.parts.append(_BRACES[expr[:expr.index("_curly")]])
+                pos = m.end()
+                continue
             if expr[0] == "#":
                 self.parts.append((path_of(expr) + (LENGTH,), raw))
                 pos = m.end()
@@ -347,7 +355,7 @@ class Template:
         if pos < len(text):
             self.parts.append(text[pos:])
         if not any(isinstance(p, tuple) for p in self.parts):
-            self.constant = text
+            self.constant = "".join(self.parts)     # (a macro's braces written)
         # the characters of the constant parts (render's size bound adds the values')
         self.fixed = sum(len(p) for p in self.parts if isinstance(p, str))
 
@@ -413,10 +421,12 @@ def _mustache_ranges(text: str) -> list:
 
 def _kept_for_amp(m, ranges: list) -> bool:
     """Whether tag *m* is in one of the amp-mustache *ranges* and is not SparkPost's
-    (its expression does not name "sparkpost"): it is then left as written."""
+    (its expression names "sparkpost", or is a macro writing braces): it is then left
+    as written."""
     start = m.start()
     k = bisect.bisect_right(ranges, (start, len(m.string) + 1)) - 1
-    return k >= 0 and start < ranges[k][1] and "sparkpost" not in m.group().lower()
+    return k >= 0 and start < ranges[k][1] and "sparkpost" not in m.group().lower() \
+        and not m.group().rstrip("}").rstrip().endswith(")")
 
 
 _templates: dict = {}
@@ -885,13 +895,13 @@ class Builder:
             if why:
                 raise R.ApiError(R.INVALID, f"{field}: contains {why}")
         tpl = self.tpl
-        if "{{" not in from_email or not self.substitute:
-            why = check_email(from_email)
-            if why:
-                raise R.ApiError(R.INVALID, f"content.from.email: {from_email!r} {why}")
         # (a literal Template -- no substitutions -- has no block)
         self.from_name = _unblocked("content.from.name", tpl(from_name)) if from_name else None
         self.from_email = _unblocked("content.from.email", tpl(from_email))
+        if self.from_email.constant is not None:    # (else checked as rendered)
+            why = check_email(self.from_email.constant)
+            if why:
+                raise R.ApiError(R.INVALID, f"content.from.email: {from_email!r} {why}")
         self.subject = _unblocked("content.subject", tpl(c.subject))
         self.reply_to = _unblocked("content.reply_to", tpl(c.reply_to)) if c.reply_to else None
         self.text = _unblocked("content.text", tpl(c.text)) if c.text is not None else None
