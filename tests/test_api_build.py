@@ -298,6 +298,36 @@ def test_brace_macros_write_braces():
         assert "content.from.email" in e.value.description
 
 
+def test_render_dynamic_content():
+    """{{ render_dynamic_content(dynamic_html.x) }} renders the substitution value as a
+    template of its own (its expressions substituted, the chunk not escaped), as
+    SparkPost does for dynamic_html, dynamic_plain and dynamic_amp_html; it went out as
+    written.  A chunk rendering another chunk renders it empty (no loop); one with the
+    template language's blocks, which are not supported, is that recipient's
+    generation_failure (it would go out half done)."""
+    data = {"dynamic_html": {"a": '<a href="http://x.example/?q={{username}}">Hi {{name}}</a>',
+                             "loop": "x{{ render_dynamic_content(dynamic_html.loop) }}y",
+                             "blocks": "{{ if name }}x{{ end }}"},
+            "dynamic_plain": {"a": "Hi {{name}}"}, "username": "a b", "which": "a", "offers": [1]}
+    t = tx(html="<p>{{ render_dynamic_content(dynamic_html.a) }}|"
+                "{{{render_dynamic_content(dynamic_html[which])}}}|"
+                "{{ render_dynamic_content(dynamic_html.loop) }}|"
+                "{{ render_dynamic_content(dynamic_html.none) }}</p>",
+           text="{{ render_dynamic_content(dynamic_plain.a) }}", substitution_data=data,
+           recipients=[{"address": "a@example.net", "substitution_data": {"name": "<N>"}},
+                       {"address": "b@example.net", "substitution_data": {
+                           "dynamic_plain": {"a": "{{ each offers }}x{{ end }}"}}}])
+    text, html = (content(p) for p in parse(one(t)).walk() if not p.is_multipart())
+    a = '<a href="http://x.example/?q=a%20b">Hi &lt;N&gt;</a>'
+    assert html == f"<p>{a}|{a}|xy|</p>"
+    assert text == "Hi <N>"
+    with pytest.raises(B.RecipientError) as e:
+        one(t, 1)
+    assert e.value.event == "generation_failure"
+    assert "recipients[1]: " in e.value.description and "{{ each offers }}" in \
+        e.value.description
+
+
 # --------------------------------------------------------------- MIME building
 
 

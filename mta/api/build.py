@@ -44,7 +44,9 @@ Substitution: ``{{ name }}`` and paths ``{{ address.email }}``, with SparkPost's
 square brackets (``{{ cart[1].name }}``: arrays count from 1; ``{{ a['key'] }}``,
 ``{{ a[other.name] }}``: the key or index another value holds); ``{{ #list }}`` is
 an array's length; the macros ``{{ opening_double_curly() }}`` (and
-closing_, _triple_) write braces;
+closing_, _triple_) write braces; ``{{ render_dynamic_content(dynamic_html.x) }}``
+renders that value as a template of its own, unescaped (SparkPost's dynamic
+content; one with blocks is the recipient's generation_failure);
 ``{{{ name }}}`` inserts HTML unescaped; ``{{ name or 'default' }}`` (or
 another path, or a number) gives a value for a missing, null or false one.  A name is looked up in the
 recipient's ``substitution_data``, then in the recipient itself (``address``:
@@ -133,9 +135,9 @@ _INDEX = rf"""\[\s*(?:[0-9]+|'[^'{{}}\r\n]*'|"[^"{{}}\r\n]*"|{_DOTTED})\s*\]"""
 _PATH = rf"{_NAME}(?:\.{_NAME}|{_INDEX})*"
 # a default after "or": another path, a quoted string or a number
 _OPERAND = _PATH + r"""|'[^'{}\r\n]*'|"[^"{}\r\n]*"|-?[0-9]+(?:\.[0-9]+)?"""
-# "#path": the length of an array; the macros that write braces
+# "#path": the length of an array; the macros that write braces; dynamic content
 _EXPR = rf"#\s*{_PATH}|(?:opening|closing)_(?:double|triple)_curly\(\s*\)|" \
-    rf"{_PATH}(?:\s+or\s+(?:{_OPERAND}))*"
+    rf"render_dynamic_content\(\s*{_PATH}\s*\)|{_PATH}(?:\s+or\s+(?:{_OPERAND}))*"
 _BRACES = {"opening_double": "{{", "closing_double": "}}", "opening_triple": "{{{",
            "closing_triple": "}}}"}
 _TAG = re.compile(rf"\{{\{{\{{\s*({_EXPR})\s*\}}\}}\}}|\{{\{{\s*({_EXPR})\s*\}}\}}")
@@ -297,6 +299,11 @@ class TooLarge(Exception):
     """A recipient's message would pass the builder's size bound (http.max_message_size)."""
 
 
+class DynamicBlock(Exception):
+    """Dynamic content (render_dynamic_content()) uses the template language's blocks,
+    which are not supported; the first is the argument."""
+
+
 class Template:
     """A text with ``{{ }}`` substitutions, compiled once, rendered per recipient.
 
@@ -332,6 +339,10 @@ class Template:
             # 1: {{{ }}}, as it is; 2: {{ }} in a link, URL-encoded in the parts (render)
             raw = 1 if m.group(1) is not None else 2 if link else 0
             expr = m.group(1) or m.group(2)
+            if expr.startswith("render_dynamic_content"):
+                self.parts.append((path_of(expr[expr.index("(") + 1:].strip(" \t\r\n)")), 3))
+                pos = m.end()
+                continue
             if expr.endswith(")"):          # opening_double_curly() ...: braces
                 self.parts.append(_BRACES[expr[:expr.index("_curly")]])
                 pos = m.end()
@@ -360,11 +371,13 @@ class Template:
         self.fixed = sum(len(p) for p in self.parts if isinstance(p, str))
 
     def render(self, scopes: tuple, html: bool = False, guard=None, limit: int = 0,
-               links: bool = False) -> str:
+               links: bool = False, nested: bool = False) -> str:
         """The text for *scopes*; *guard(value)* may refuse a substituted value by raising.
 
         *links*: a part's text, whose values in a link are URL-encoded (as SparkPost
         does in the html, amp_html and text parts; a header field has no links).
+        *nested*: the text is dynamic content, whose own render_dynamic_content() is
+        empty (a chunk rendering itself would never end).
 
         *limit* (characters; 0: none): TooLarge as soon as the text would pass it, before
         it is joined -- a 90 KB value substituted 2,000 times would otherwise make 180 MB.
@@ -383,6 +396,17 @@ class Template:
                     if value is not None and value is not False:
                         break
                     value = alt if isinstance(alt, str) else lookup(alt, scopes)
+            if p[1] == 3:
+                # render_dynamic_content(): the value is a template, rendered unescaped
+                value = "" if nested or not isinstance(value, str) else \
+                    dynamic(value).render(scopes, html, guard, limit, links, True)
+                if guard is not None:
+                    guard(value)
+                out.append(value)
+                n += len(value)
+                if limit and n > limit:
+                    raise TooLarge(n)
+                continue
             value = _text_of(value)
             if guard is not None:
                 guard(value)
@@ -449,6 +473,15 @@ def _unblocked(field: str, t: Template) -> Template:
                          "language's blocks ({{if}}, {{elseif}}, {{else}}, {{end}}, "
                          "{{each}}) are not supported; only values are substituted "
                          "({{ name }}, {{{ name }}}, {{ name or 'default' }})")
+    return t
+
+
+def dynamic(text: str) -> Template:
+    """The compiled Template of dynamic content *text*; DynamicBlock when it has a block
+    of the template language (it would go out half done)."""
+    t = template(text)
+    if t.block is not None:
+        raise DynamicBlock(t.block)
     return t
 
 
@@ -1239,6 +1272,10 @@ class Builder:
             raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: the message would be "
                                  f"larger than {self.max_size} octets (http.max_message_size)",
                                  ev.GENERATION_FAILURE) from None
+        except DynamicBlock as e:
+            raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: dynamic content "
+                                 f"{e.args[0][:64]!r}: the template language's blocks are "
+                                 "not supported", ev.GENERATION_FAILURE) from None
         sender = return_path or from_email or ""
         if not sender:
             # (inline content's From is always an address; email_rfc822's may not be --
