@@ -169,18 +169,25 @@ def test_attachment_type_parameters_with_a_quoted_semicolon_and_a_name_of_their_
     assert not any(p.defects for p in msg.walk())
 
 
-def test_perform_substitutions_false_leaves_every_field_as_written():
+def test_perform_substitutions_false_leaves_the_parts_as_written_not_the_headers():
+    # SparkPost: false "disables substitutions in the text, html, amp, and email_rfc822
+    # content parts ... Headers are still passed to the substitution engine", those of
+    # email_rfc822 too; they were sent as written
     opts = {"options": {"perform_substitutions": False}, "substitution_data": {"x": "X"},
             "recipients": [{"address": "a@example.net", "substitution_data": {"x": "Y"}}]}
     msg = parsed({**opts, "content": {"from": {"name": "{{x}}", "email": "s@example.com"},
                                       "subject": "S {{x}}", "text": "T {{x}} {{{x}}}",
+                                      "html": "<p>{{x}}</p>", "amp_html": "<p>{{x}}</p>",
+                                      "reply_to": "{{x}} <r@example.com>",
                                       "headers": {"X-Tag": "{{x}}"}}})
-    assert (msg["From"].addresses[0].display_name, msg["Subject"], msg["X-Tag"]) == \
-        ("{{x}}", "S {{x}}", "{{x}}")
+    assert (msg["From"].addresses[0].display_name, msg["Subject"], msg["X-Tag"],
+            msg["Reply-To"]) == ("Y", "S Y", "Y", "Y <r@example.com>")
     assert text_of(msg).strip() == "T {{x}} {{{x}}}"
+    assert text_of(msg, "text/html").strip() == text_of(msg, "text/x-amp-html").strip() == \
+        "<p>{{x}}</p>"
     raw = "From: s@example.com\nSubject: R {{x}}\n\nBody {{x}}\n"
     msg = parsed({**opts, "content": {"email_rfc822": raw}})
-    assert msg["Subject"] == "R {{x}}" and text_of(msg) == "Body {{x}}\n"
+    assert msg["Subject"] == "R Y" and text_of(msg) == "Body {{x}}\n"
 
 
 def test_a_header_address_that_is_not_ascii_asks_for_smtputf8():

@@ -67,7 +67,9 @@ written, except the blocks of SparkPost's language (``{{ if x }}``,
 ``{{ elseif x }}``, ``{{ else }}``, ``{{ end }}``, ``{{ each x }}``), which
 are a 422 naming the field: rendered as values they would go out half done
 to every recipient (``{{ end }}`` emptied, ``{{ if x }}`` as written).  ``options.perform_substitutions: false`` (SparkPost's switch) turns
-all of it off: every field and part is sent as written, ``{{ }}`` included.
+it off in the parts (text, html, amp_html; email_rfc822's body), sent as
+written, ``{{ }}`` included; the header fields are still substituted, as
+SparkPost does.
 """
 from __future__ import annotations
 
@@ -900,7 +902,8 @@ class Builder:
             if o.start_time:
                 base["start_time"] = o.start_time
         self.base_params = base
-        # options.perform_substitutions: false -- every text as written
+        # options.perform_substitutions: false -- the parts' text as written (the header
+        # fields are still substituted, as SparkPost does)
         self.substitute = o is None or o.perform_substitutions is not False
         self.tpl = template if self.substitute else literal
         self.return_path = None
@@ -927,16 +930,18 @@ class Builder:
             why = value is not None and _unfit(value)
             if why:
                 raise R.ApiError(R.INVALID, f"{field}: contains {why}")
-        tpl = self.tpl
+        tpl = self.tpl      # the parts'; the header fields' are always substituted
         # (a literal Template -- no substitutions -- has no block)
-        self.from_name = _unblocked("content.from.name", tpl(from_name)) if from_name else None
-        self.from_email = _unblocked("content.from.email", tpl(from_email))
+        self.from_name = _unblocked("content.from.name", template(from_name)) \
+            if from_name else None
+        self.from_email = _unblocked("content.from.email", template(from_email))
         if self.from_email.constant is not None:    # (else checked as rendered)
             why = check_email(self.from_email.constant)
             if why:
                 raise R.ApiError(R.INVALID, f"content.from.email: {from_email!r} {why}")
-        self.subject = _unblocked("content.subject", tpl(c.subject))
-        self.reply_to = _unblocked("content.reply_to", tpl(c.reply_to)) if c.reply_to else None
+        self.subject = _unblocked("content.subject", template(c.subject))
+        self.reply_to = _unblocked("content.reply_to", template(c.reply_to)) \
+            if c.reply_to else None
         self.text = _unblocked("content.text", tpl(c.text)) if c.text is not None else None
         self.html = _unblocked("content.html", tpl(c.html)) if c.html is not None else None
         self.amp = _unblocked("content.amp_html", tpl(c.amp_html, True)) \
@@ -952,7 +957,7 @@ class Builder:
             if low in _RESERVED:
                 raise R.ApiError(R.INVALID, f"content.headers.{name}: set by the MTA from "
                                  "content; not allowed in headers")
-            t = _unblocked(f"content.headers.{name}", tpl(value))
+            t = _unblocked(f"content.headers.{name}", template(value))
             if low in _REPLACING:
                 self.replace[low] = (name, t)
             else:
@@ -1076,11 +1081,12 @@ class Builder:
         self.rfc_8bit = bool(flags & mime.FLAG_8BIT)
         # Pieces: constant bytes and templates (header block, first text parts).
         pieces: list = []
-        if b"{{" in data and self.substitute:
+        if b"{{" in data:
             head = data[:body_start].decode("utf-8", "surrogateescape")
             pieces.append(("head", _unblocked("content.email_rfc822", Template(head))))
             found: dict = {}
-            _text_ranges(data, 0, len(data), 0, found, [MAX_PARTS])
+            if self.substitute:     # (false: the header only, as SparkPost)
+                _text_ranges(data, 0, len(data), 0, found, [MAX_PARTS])
             pos = body_start
             for start, end, subtype in sorted(found.values()):
                 pieces.append(data[pos:start])

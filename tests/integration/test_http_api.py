@@ -1269,7 +1269,8 @@ def test_a_transfer_coding_it_does_not_know_is_501(api):
 def test_perform_substitutions_false_delivers_the_content_as_written(delivering):
     # options.perform_substitutions: false (SparkPost) -- a sender whose content holds
     # {{ }} of its own (a template for another system, a code sample) gets it as written;
-    # true, or absent, substitutes as before.
+    # the header fields are still substituted (SparkPost's rule); true, or absent,
+    # substitutes everywhere.
     d, sink = delivering
     written = "Use {{ name }} and {{{ raw }}} in {{address.email}}"
     for rcpt, opt in (("ps-off@example.net", False), ("ps-on@example.net", True)):
@@ -1281,7 +1282,7 @@ def test_perform_substitutions_false_delivers_the_content_as_written(delivering)
                         "text": written, "html": "<p>" + written + "</p>"}}, headers=AUTH)
         assert st == 200 and body["results"]["total_accepted_recipients"] == 1, body
     off = delivered(sink, "ps-off@example.net")
-    assert off["Subject"] == "Subj {{name}}"
+    assert off["Subject"] == "Subj N"
     parts = {p.get_content_type(): p.get_content().strip() for p in off.walk()
              if p.get_content_maintype() == "text"}
     assert parts == {"text/plain": written, "text/html": "<p>" + written + "</p>"}
