@@ -328,6 +328,32 @@ def test_render_dynamic_content():
         e.value.description
 
 
+@pytest.mark.parametrize("kw,field,line,shown", [
+    ({"text": "Hi\n{{ first name }}"}, "content.text", 2, "{{ first name }}"),
+    ({"html": "<p>{{ price - 5 }}</p>"}, "content.html", 1, "{{ price - 5 }}"),
+    ({"subject": "Hi {{ name }"}, "content.subject", 1, "{{ name }"),
+    ({"headers": {"X-A": "{{#if vip}}"}}, "content.headers.X-A", 1, "{{#if vip}}"),
+    ({"email_rfc822": "From: s@example.com\n\nok\n\n{{ a.b[c d] }}\n", "subject": None,
+      "text": None, "from_": None}, "content.email_rfc822", 5, "{{ a.b[c d] }}")])
+def test_an_expression_the_language_cannot_read_is_a_422_naming_the_field_and_line(
+        kw, field, line, shown):
+    """A {{ that starts no expression the builder renders (a syntax error, or what it does
+    not support: arithmetic, another language's {{#if}}) went out as written to every
+    recipient; SparkPost refuses such content (422, code 3000, "substitution language
+    syntax error in template content", naming the part and line), and so does the
+    builder.  perform_substitutions false leaves the parts alone, and an amp-mustache
+    template's own {{ }} are the reader's client's."""
+    with pytest.raises(R.ApiError) as e:
+        B.Builder(tx(**kw), "mta.test")
+    assert (e.value.error.status, e.value.error.code) == (422, "3000")
+    d = e.value.description
+    assert d.startswith(f"{field}: line {line}: ") and repr(shown) in d, d
+    if "headers" not in kw and "subject" not in kw:
+        B.Builder(tx(**kw, options={"perform_substitutions": False}), "mta.test")
+    B.Builder(tx(amp_html='<template type="amp-mustache">{{/a}}{{^a}}x{{/a}}</template>'),
+              "mta.test")
+
+
 # --------------------------------------------------------------- MIME building
 
 

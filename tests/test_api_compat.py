@@ -120,7 +120,8 @@ def test_amp_mustache_templates_keep_their_expressions():
            '<script type="text/plain" template="amp-mustache">{{ name }}</script>')
     body = {"recipients": [{"address": "a@example.net",
                             "substitution_data": {"name": "Ann", "sparkpost_name": "S"}}],
-            "content": {**CONTENT, "text": "{{name}}", "html": amp, "amp_html": amp}}
+            "content": {**CONTENT, "text": "{{name}}", "amp_html": amp,
+                        "html": '<template type="amp-mustache"><b>{{name}}</b></template>'}}
     msg = parsed(body)
     assert text_of(msg, "text/x-amp-html").strip() == (
         '<p>Ann</p><amp-list src="https://x.example/c.json"><template '

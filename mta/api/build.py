@@ -61,15 +61,17 @@ Values are HTML-escaped in HTML parts; in a link of a part (text from http://
 or https:// to a space, quote or angle bracket) they are URL-encoded instead,
 as SparkPost does ({{{ }}}: as they are).  In the AMP part, the expressions
 inside an amp-mustache template are the reader's client's and stay as written,
-but for those naming "sparkpost" (SparkPost's rule).  Nothing else of a template language
-is interpreted (no code, no loops): other ``{{ ... }}`` text is left as
-written, except the blocks of SparkPost's language (``{{ if x }}``,
-``{{ elseif x }}``, ``{{ else }}``, ``{{ end }}``, ``{{ each x }}``), which
-are a 422 naming the field: rendered as values they would go out half done
-to every recipient (``{{ end }}`` emptied, ``{{ if x }}`` as written).  ``options.perform_substitutions: false`` (SparkPost's switch) turns
-it off in the parts (text, html, amp_html; email_rfc822's body), sent as
-written, ``{{ }}`` included; the header fields are still substituted, as
-SparkPost does.
+but for those naming "sparkpost" (SparkPost's rule).  Nothing else of a
+template language is interpreted (no code, no loops): the blocks of
+SparkPost's language (``{{ if x }}``, ``{{ elseif x }}``, ``{{ else }}``,
+``{{ end }}``, ``{{ each x }}``) are a 422 naming the field: rendered as values
+they would go out half done to every recipient (``{{ end }}`` emptied,
+``{{ if x }}`` as written); so is any other ``{{`` that starts no expression
+(code 3000, naming the field and line, as SparkPost answers a syntax error),
+but inside an amp-mustache template.  ``options.perform_substitutions: false``
+(SparkPost's switch) turns it off in the parts (text, html, amp_html;
+email_rfc822's body), sent as written, ``{{ }}`` included; the header fields
+are still substituted, as SparkPost does.
 """
 from __future__ import annotations
 
@@ -313,13 +315,14 @@ class Template:
     seen recently (senders repeat the same content request after request).
     """
 
-    __slots__ = ("parts", "constant", "fixed", "block")
+    __slots__ = ("parts", "constant", "fixed", "block", "error")
 
     def __init__(self, text: str, amp: bool = False):
         self.constant = text if "{{" not in text else None
         self.parts: list = []
         self.fixed = 0
         self.block = None       # the first block of the template language in it (_unblocked)
+        self.error = None       # (line, text) of the first {{ that starts no expression
         if self.constant is not None:
             return
         m = _BLOCK.search(text)
@@ -329,7 +332,12 @@ class Template:
         link = False        # in a link (text from http:// or https:// to a space, quote, <>)
         # AMP: the amp-mustache templates, whose expressions are the reader's client's
         mustache = _mustache_ranges(text) if amp else ()
+        stray = -1          # the first {{ outside the tags (and amp-mustache templates)
+        scan = 0
         for m in _TAG.finditer(text):
+            if stray < 0:
+                stray = _stray(text, scan, m.start(), mustache)
+            scan = m.end()
             if mustache and _kept_for_amp(m, mustache):
                 continue        # (as written: a piece of the text between tags)
             if m.start() > pos:
@@ -367,6 +375,12 @@ class Template:
             pos = m.end()
         if pos < len(text):
             self.parts.append(text[pos:])
+        if stray < 0:
+            stray = _stray(text, scan, len(text), mustache)
+        if stray >= 0:
+            seg = text[stray:stray + 64].split("\n", 1)[0]
+            end = seg.find("}}", 2)
+            self.error = (text.count("\n", 0, stray) + 1, seg[:end + 2] if end > 0 else seg)
         if not any(isinstance(p, tuple) for p in self.parts):
             self.constant = "".join(self.parts)     # (a macro's braces written)
         # the characters of the constant parts (render's size bound adds the values')
@@ -445,6 +459,18 @@ def _mustache_ranges(text: str) -> list:
         pos = end
 
 
+def _stray(text: str, start: int, end: int, ranges) -> int:
+    """Where the first ``{{`` of *text*[start:end] is that is not in one of the
+    amp-mustache *ranges*; -1 when there is none."""
+    i = text.find("{{", start, end)
+    while i >= 0 and ranges:
+        k = bisect.bisect_right(ranges, (i, len(text) + 1)) - 1
+        if k < 0 or i >= ranges[k][1]:
+            return i
+        i = text.find("{{", ranges[k][1], end)
+    return i
+
+
 def _kept_for_amp(m, ranges: list) -> bool:
     """Whether tag *m* is in one of the amp-mustache *ranges* and is not SparkPost's
     (its expression names "sparkpost", or is a macro writing braces): it is then left
@@ -466,15 +492,22 @@ def literal(text: str, amp: bool = False) -> Template:
     return t
 
 
-def _unblocked(field: str, t: Template) -> Template:
+def _unblocked(field: str, t: Template, line0: int = 0) -> Template:
     """*t*, or ApiError 422 naming *field* when it uses a block of the template language
-    (found once per compiled text: the template cache keeps the answer, so a repeated
-    content costs a lookup)."""
+    or a ``{{`` that starts no expression (its line: *line0* + the line in *t*) (found
+    once per compiled text: the template cache keeps the answer, so a repeated content
+    costs a lookup)."""
     if t.block is not None:
         raise R.ApiError(R.INVALID, f"{field}: {t.block[:64]!r}: the template "
                          "language's blocks ({{if}}, {{elseif}}, {{else}}, {{end}}, "
                          "{{each}}) are not supported; only values are substituted "
                          "({{ name }}, {{{ name }}}, {{ name or 'default' }})")
+    if t.error is not None:
+        # (SparkPost refuses such content too: code 3000, naming the part and line)
+        raise R.ApiError(R.SYNTAX, f"{field}: line {line0 + t.error[0]}: {t.error[1]!r} is "
+                         "not an expression of the template language (values, paths, "
+                         "defaults with or, #length and macros are; braces are written "
+                         "with {{ opening_double_curly() }})")
     return t
 
 
@@ -482,8 +515,8 @@ def dynamic(text: str) -> Template:
     """The compiled Template of dynamic content *text*; DynamicBlock when it has a block
     of the template language (it would go out half done)."""
     t = template(text)
-    if t.block is not None:
-        raise DynamicBlock(t.block)
+    if t.block is not None or t.error is not None:
+        raise DynamicBlock(t.block or t.error[1])
     return t
 
 
@@ -1092,7 +1125,8 @@ class Builder:
                 pieces.append(data[pos:start])
                 part = data[start:end].decode("utf-8", "surrogateescape")
                 pieces.append((subtype, _unblocked("content.email_rfc822",
-                                                   Template(part, subtype == "x-amp-html"))))
+                                                   Template(part, subtype == "x-amp-html"),
+                                                   data.count(b"\n", 0, start))))
                 pos = end
             pieces.append(data[pos:])
             if all(not isinstance(p, tuple) or p[1].constant is not None for p in pieces):

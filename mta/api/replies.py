@@ -13,7 +13,8 @@ Bodies have SparkPost's shapes:
 
 Codes follow SparkPost's extended error codes where one fits (1300 invalid
 data format/type, 1400 required field is missing, 1101 invalid URI, 1102
-invalid HTTP method, 1603 resource not found, 2000 partial acceptance).  The
+invalid HTTP method, 1603 resource not found, 2000 partial acceptance, 3000
+template syntax error).  The
 description always names the field or the limit concerned; it never carries
 internals such as exception names.
 """
@@ -53,6 +54,7 @@ INVALID = Error(422, "invalid data format/type", "1300")
 REQUIRED = Error(422, "required field is missing", "1400")
 NOT_SUPPORTED = Error(422, "resource not found", "1603")           # stored templates/lists
 KEY_REUSED = Error(422, "invalid data format/type", "1301")        # Idempotency-Key, new body
+SYNTAX = Error(422, "substitution language syntax error in template content", "3000")
 
 # Pressure.
 TOO_MANY_REQUESTS = Error(429, "too many requests", "1900")
