@@ -722,6 +722,34 @@ def test_rfc822_substitution_and_added_fields():
     assert content(parts[2]) == "{{name}} stays in the attachment"
 
 
+def test_rfc822_header_values_substituted_with_non_ascii_text_are_encoded_words():
+    """A non-ASCII value substituted into a header field of email_rfc822 went out as raw
+    UTF-8, the message then sent with SMTPUTF8: a receiver without it refused it (553
+    5.6.7) and the recipient bounced.  SparkPost writes such a value as RFC 2047 encoded
+    words; so does the builder (display names in address fields; an address that is not
+    ASCII still needs SMTPUTF8)."""
+    raw = ("From: {{f}} <s@example.com>\nTo: {{t}} <r@example.net>\nSubject: Hallo {{t}}\n"
+           "X-Ok: plain\nX-Long: {{long}}\nContent-Type: text/plain; charset=utf-8\n\n"
+           "Body {{t}}\n")
+    subs = {"f": "Jörg Müller, Vertrieb", "t": "Zoë", "long": "é" * 80}
+    m = one(tx(email_rfc822=raw, subject=None, text=None, from_=None,
+               recipients=[{"address": "r@example.net", "substitution_data": subs}]))
+    head = m.message[:m.message.index(b"\r\n\r\n")]
+    assert head.isascii() and "SMTPUTF8" not in m.params and m.sender == "s@example.com"
+    lines_ok(m.message)
+    msg = parse(m)
+    assert msg["From"].addresses[0].display_name == "Jörg Müller, Vertrieb"
+    assert msg["From"].addresses[0].addr_spec == "s@example.com"
+    assert str(msg["To"]) == "Zoë <r@example.net>" and msg["Subject"] == "Hallo Zoë"
+    assert msg["X-Ok"] == "plain" and msg["X-Long"] == "é" * 80
+    assert content(msg) == "Body Zoë\n"
+    # an address that is not ASCII cannot be encoded: SMTPUTF8 as before
+    m = one(tx(email_rfc822="From: s@example.com\nCc: {{c}}\n\nx\n", subject=None, text=None,
+               from_=None, recipients=[{"address": "r@example.net",
+                                        "substitution_data": {"c": "zoë@example.net"}}]))
+    assert "SMTPUTF8" in m.params and parse(m)["Cc"] == "zoë@example.net"
+
+
 def test_rfc822_header_substitution_cannot_add_lines():
     t = tx(email_rfc822=RFC822, subject=None, text=None, from_=None,
            recipients=[{"address": "r@example.net", "substitution_data": {"name": "x\nBcc: y@z"}}])

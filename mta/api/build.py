@@ -38,7 +38,10 @@ Messages (inline content):
 no NUL and no line over 998 octets.  Substitutions apply to the top-level
 header fields and to the first text/plain, text/html and text/x-amp-html
 (AMP: escaped as HTML) parts that are not transfer-encoded (as SparkPost
-does); Date, Message-ID and To are added when missing.
+does); a header field that is not ASCII once substituted is written again
+with RFC 2047 encoded words, as SparkPost does (an address that is not ASCII
+stays as it is, sent with SMTPUTF8); Date, Message-ID and To are added when
+missing.
 
 Substitution: ``{{ name }}`` and paths ``{{ address.email }}``, with SparkPost's
 square brackets (``{{ cart[1].name }}``: arrays count from 1; ``{{ a['key'] }}``,
@@ -1157,6 +1160,8 @@ class Builder:
             kind, tpl = p
             if kind == "head":
                 text = tpl.render(scopes, guard=no_breaks, limit=self.max_size)
+                if not text.isascii():
+                    text = _encoded_head(text)
                 utf8 = not text.isascii()
                 data = text.encode("utf-8", "surrogateescape")
                 if from_email is None:
@@ -1338,6 +1343,32 @@ class Builder:
         if utf8 or not sender.isascii():
             params["SMTPUTF8"] = ""
         return Built(sender, email, message, params, made)
+
+
+def _encoded_head(head: str) -> str:
+    """The header block *head* (as rendered) with each field that is not ASCII written
+    again as :func:`unstructured` or :func:`address_field` write it (RFC 2047 encoded
+    words; an address that is not ASCII stays as it is), as SparkPost encodes a header
+    value that has 8-bit data after substitution; the other fields as they are."""
+    data = head.encode("utf-8", "surrogateescape")
+    end = mime.split_message(data)[0]
+    out = []
+    pos = 0
+    for name, raw, start, stop in mime.parse_headers(data, end):
+        if raw.isascii() or not name:
+            continue
+        try:
+            value = raw[len(name) + 1:].decode("utf-8")
+        except UnicodeDecodeError:      # (8-bit text that is not UTF-8: as it is)
+            continue
+        value = re.sub(r"\r?\n(?=[ \t])", "", value).strip(" \t\r\n")
+        fname = name.decode("ascii")
+        low = fname.lower()
+        out += [data[pos:start], address_field(fname, value)
+                if low in _ADDRESS_FIELDS or low == "from" else unstructured(fname, value)]
+        pos = stop
+    out.append(data[pos:])
+    return b"".join(out).decode("utf-8", "surrogateescape")
 
 
 def _address_in(field: bytes | None) -> str | None:
