@@ -302,9 +302,9 @@ def test_render_dynamic_content():
     """{{ render_dynamic_content(dynamic_html.x) }} renders the substitution value as a
     template of its own (its expressions substituted, the chunk not escaped), as
     SparkPost does for dynamic_html, dynamic_plain and dynamic_amp_html; it went out as
-    written.  A chunk rendering another chunk renders it empty (no loop); one with the
-    template language's blocks, which are not supported, is that recipient's
-    generation_failure (it would go out half done)."""
+    written.  A chunk rendering another chunk renders it empty (no loop); one that is no
+    template (a block without its end) is that recipient's generation_failure (it
+    would go out half done)."""
     data = {"dynamic_html": {"a": '<a href="http://x.example/?q={{username}}">Hi {{name}}</a>',
                              "loop": "x{{ render_dynamic_content(dynamic_html.loop) }}y",
                              "blocks": "{{ if name }}x{{ end }}"},
@@ -316,7 +316,7 @@ def test_render_dynamic_content():
            text="{{ render_dynamic_content(dynamic_plain.a) }}", substitution_data=data,
            recipients=[{"address": "a@example.net", "substitution_data": {"name": "<N>"}},
                        {"address": "b@example.net", "substitution_data": {
-                           "dynamic_plain": {"a": "{{ each offers }}x{{ end }}"}}}])
+                           "dynamic_plain": {"a": "{{ each offers }}x"}}}])
     text, html = (content(p) for p in parse(one(t)).walk() if not p.is_multipart())
     a = '<a href="http://x.example/?q=a%20b">Hi &lt;N&gt;</a>'
     assert html == f"<p>{a}|{a}|xy|</p>"
@@ -352,6 +352,113 @@ def test_an_expression_the_language_cannot_read_is_a_422_naming_the_field_and_li
         B.Builder(tx(**kw, options={"perform_substitutions": False}), "mta.test")
     B.Builder(tx(amp_html='<template type="amp-mustache">{{/a}}{{^a}}x{{/a}}</template>'),
               "mta.test")
+
+
+def test_if_elseif_else_end_with_sparkpost_conditions():
+    """SparkPost's {{ if }} / {{ elseif }} / {{ else }} / {{ end }}, with ==, !=, <, >, <=,
+    >=, and, or, not, parentheses, #length and empty(); a condition holds unless it is
+    null (missing) or false -- "", 0 and [] hold, as in SparkPost (Lua).  They were a
+    422: a migrating sender's templates could not be sent at all."""
+    data = {"state": "MD", "age": 31, "vip": True, "no": False, "zero": 0, "s": "",
+            "cart": [], "kids": ["a", "b"], "o": {}, "n": None, "price": 39.99}
+    cases = {
+        "{{if state == 'MD'}}y{{end}}": "y", '{{ if state != "MD" then }}y{{ end }}': "",
+        "{{if age > 30 and state == 'MD'}}y{{else}}n{{end}}": "y",
+        "{{if age >= 32}}a{{elseif age <= 31}}b{{else}}c{{end}}": "b",
+        "{{if age < 31 or not vip}}a{{elseif (n or no)}}b{{else}}c{{end}}": "c",
+        "{{if not (age < 31 or no)}}y{{end}}": "y", "{{if price == 39.99}}y{{end}}": "y",
+        "{{if zero}}0{{end}}{{if s}}s{{end}}{{if cart}}c{{end}}{{if o}}o{{end}}": "0sco",
+        "{{if missing}}m{{end}}{{if n}}n{{end}}{{if no}}f{{end}}{{if not missing}}!{{end}}": "!",
+        "{{if #kids == 2}}two{{end}}|{{if empty(cart)}}empty{{end}}|"
+        "{{if not empty(kids)}}full{{end}}|{{ if empty(missing) }}none{{ end }}":
+            "two|empty|full|none",
+        "{{if age == '31'}}str{{else}}num{{end}}{{if vip == 1}}!{{end}}": "num",
+        "{{if age > 'x'}}?{{end}}{{if missing < 3}}?{{end}}": "",
+        "{{if kids[2] == 'b'}}{{kids[2]}}{{if vip}}!{{end}}{{end}}": "b!",
+    }
+    for text, want in cases.items():
+        assert render(text, data) == want, text
+
+
+def test_each_with_loop_var_loop_vars_and_loop_index():
+    """{{ each list }} ... {{ end }}: loop_var the item, loop_index its place, and
+    loop_vars.<name of the list> the item of each loop (nested loops); nothing for an
+    empty or missing list.  The statements' own line ends are not written (SparkPost:
+    a statement alone on its line leaves no blank line)."""
+    data = {"children": ["Rusty", "Audrey"],
+            "cart": [{"name": "Jacket", "price": 39.99, "parts": [{"k": "v2"}, {"k": "v1"}]},
+                     {"name": "Gloves", "price": 5.0}], "none": [], "x": "<b>"}
+    assert render("{{ each children }}\nYou have a child named {{loop_var}}\n{{ end }}\n",
+                  data) == "You have a child named Rusty\nYou have a child named Audrey\n"
+    assert render("Items:\n{{each cart}}\nItem: {{loop_var.name}}, Price: {{loop_var.price}}\n"
+                  "{{end}}\nDone", data) == \
+        "Items:\nItem: Jacket, Price: 39.99\nItem: Gloves, Price: 5\nDone"
+    assert render("---\n{{each cart}}\nItem: {{loop_vars.cart.name}}\n"
+                  "{{each loop_vars.cart.parts}}\n  Nested: {{loop_vars.parts.k}} "
+                  "of {{loop_vars.cart.name}}\n{{end}}\n---\n{{end}}\n", data) == \
+        "---\nItem: Jacket\n  Nested: v2 of Jacket\n  Nested: v1 of Jacket\n---\n" \
+        "Item: Gloves\n---\n"
+    assert render("{{each children}}{{loop_index}}:{{loop_var}} {{end}}|"
+                  "{{each none}}x{{end}}{{each missing}}x{{end}}{{each x}}x{{end}}|"
+                  "{{ if not empty(cart) }}<t>{{ each cart }}<r>{{loop_var.name}}</r>"
+                  "{{ end }}</t>{{ else }}Buy something!{{ end }}", data, html=True) == \
+        "1:Rusty 2:Audrey ||<t><r>Jacket</r><r>Gloves</r></t>"
+    assert render("{{ if x }}\nBaltimore\n{{ end }}, Maryland", data) == "Baltimore, Maryland"
+    assert render("{{ if x }}\nBaltimore\n{{ end }}\nMaryland", data) == "Baltimore\nMaryland"
+    # in a message: the subject, the parts, per recipient
+    t = tx(subject="{{if vip}}VIP: {{end}}Hi", text="{{each kids}}{{loop_var}};{{end}}",
+           html="<p>{{if vip}}{{ each kids }}<i>{{loop_var}}</i>{{ end }}{{else}}-{{end}}</p>",
+           recipients=[{"address": "a@example.net",
+                        "substitution_data": {"vip": True, "kids": ["A&B", "C"]}},
+                       "b@example.net"])
+    text, html = (content(p) for p in parse(one(t)).walk() if not p.is_multipart())
+    assert parse(one(t))["Subject"] == "VIP: Hi" and text == "A&B;C;"
+    assert html == "<p><i>A&amp;B</i><i>C</i></p>"
+    assert parse(one(t, 1))["Subject"] == "Hi"
+
+
+def test_statements_are_bounded():
+    """Loops that would render more than MAX_LOOP_STEPS pieces per text and recipient
+    (items times the pieces of the loop's body: nested loops of a few hundred items, or
+    a loop of many pieces over a long list, hold the acceptor's event loop for seconds
+    even when they write nothing) are that recipient's generation_failure; more than
+    MAX_NESTING_BLOCKS statements open at once, or a condition of more than
+    MAX_CONDITION tokens, a 422."""
+    t = tx(text="{{each a}}{{each a}}{{loop_var}}{{end}}{{end}}",
+           recipients=[{"address": "a@example.net", "substitution_data": {"a": [1] * 400}},
+                       {"address": "b@example.net", "substitution_data": {"a": [1] * 300}}])
+    start = time.monotonic()
+    with pytest.raises(B.RecipientError) as e:
+        one(t)
+    assert e.value.event == "generation_failure" and "100000 pieces" in e.value.description
+    assert content(parse(one(t, 1))) == "1" * 90_000 + "\n"
+    t = tx(text="{{each a}}" + "{{b}}" * 1000 + "{{end}}",
+           recipients=[{"address": "a@example.net", "substitution_data": {"a": [1] * 200}}])
+    with pytest.raises(B.RecipientError) as e:
+        one(t)
+    assert time.monotonic() - start < 2
+    n = B.MAX_NESTING_BLOCKS
+    B.Builder(tx(text="{{if a}}" * n + "x" + "{{end}}" * n), "mta.test")
+    for text in ("{{if a}}" * (n + 1) + "x" + "{{end}}" * (n + 1),
+                 "{{if " + "not " * B.MAX_CONDITION + "a}}x{{end}}",
+                 "{{if " + "(" * 1000 + "a" + ")" * 1000 + "}}x{{end}}"):
+        with pytest.raises(R.ApiError) as e:
+            B.Builder(tx(text=text), "mta.test")
+        assert e.value.error.code == "3000"
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("{{ if a }}x", "{{ if a }}"), ("x{{ end }}", "{{ end }}"), ("{{ else }}", "{{ else }}"),
+    ("{{ each a }}{{ else }}{{ end }}", "{{ else }}"), ("{{ if a == }}x{{ end }}", "{{ if a == }}"),
+    ("{{ if (a }}x{{ end }}", "{{ if (a }}"), ("{{ each 'a' }}x{{ end }}", "{{ each 'a' }}"),
+    ("{{ if a }}{{ else }}{{ elseif b }}{{ end }}", "{{ elseif b }}"),
+    ("{{{ if a }}}x{{ end }}", "{{{ if a }}}")])
+def test_a_block_that_is_not_closed_or_not_read_is_a_422(text, shown):
+    with pytest.raises(R.ApiError) as e:
+        B.Builder(tx(text="line 1\n" + text), "mta.test")
+    assert e.value.error.code == "3000"
+    assert e.value.description.startswith("content.text: line 2: ") and shown in \
+        e.value.description, e.value.description
 
 
 # --------------------------------------------------------------- MIME building
@@ -750,6 +857,20 @@ def test_rfc822_header_values_substituted_with_non_ascii_text_are_encoded_words(
     assert "SMTPUTF8" in m.params and parse(m)["Cc"] == "zoë@example.net"
 
 
+def test_rfc822_statements_in_the_header_keep_its_lines():
+    """A statement ending a header line of email_rfc822 took that line's end with it
+    (the rule that keeps a statement alone on its line from leaving a blank one): the
+    next field was joined to the Subject.  In the header block, line ends stay."""
+    raw = ("From: s@example.com\nSubject: {{ if a }}A{{ else }}B{{ end }}\n"
+           "X-A: {{ if a }}yes{{ end }}  \nTo: t@example.net\n\n{{ if a }}\nbody\n{{ end }}\nend\n")
+    for a, subject, xa in ((1, "A", "yes"), (None, "B", "")):
+        m = one(tx(email_rfc822=raw, subject=None, text=None, from_=None,
+                   recipients=[{"address": "r@example.net", "substitution_data": {"a": a}}]))
+        msg = parse(m)
+        assert (msg["Subject"], msg["X-A"], msg["To"]) == (subject, xa, "t@example.net")
+        assert content(msg) == ("body\nend\n" if a else "end\n")
+
+
 def test_rfc822_header_substitution_cannot_add_lines():
     t = tx(email_rfc822=RFC822, subject=None, text=None, from_=None,
            recipients=[{"address": "r@example.net", "substitution_data": {"name": "x\nBcc: y@z"}}])
@@ -1030,4 +1151,30 @@ def test_the_template_cache_keeps_little_of_a_substitution_of_many_defaults():
     few = B.template("Hi {{name or nick or 'there'}}")
     assert B.template("Hi {{name or nick or 'there'}}") is few  # (still reused)
     assert few.render(({"nick": "Bo"},)) == "Hi Bo"
+    B._templates.clear()
+
+
+@pytest.mark.parametrize("text", [
+    ("{{if a}}" + "{{a}}" * 13_000)[:B.TEMPLATE_CACHE_TEXT - 20] + "{{end}}",
+    ("{{if " + " and ".join(["a"] * 120) + "}}x{{end}}") * 90,
+    ("{{each a}}{{if b}}" + "{{a}}" * 13_000)[:B.TEMPLATE_CACHE_TEXT - 30] + "{{end}}{{end}}"])
+def test_the_template_cache_keeps_little_of_a_template_of_many_statements(text):
+    """The bound on the pieces of a kept template counts those inside statements and
+    their conditions too: 13,000 substitutions inside one {{ if }}, or a hundred
+    conditions of a hundred names, are a piece or two at the top of the template."""
+    import gc
+    import tracemalloc
+    B._templates.clear()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(30):
+            t = B.template(text + str(i))
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert t.error is None and kept < 6_000_000, f"{kept} octets kept for 30 templates"
+    out = t.render(({"a": [1], "b": 1},))       # (renders as if it were kept)
+    assert out.startswith("[1][1]") or out.startswith("xx")
     B._templates.clear()

@@ -49,7 +49,7 @@ square brackets (``{{ cart[1].name }}``: arrays count from 1; ``{{ a['key'] }}``
 an array's length; the macros ``{{ opening_double_curly() }}`` (and
 closing_, _triple_) write braces; ``{{ render_dynamic_content(dynamic_html.x) }}``
 renders that value as a template of its own, unescaped (SparkPost's dynamic
-content; one with blocks is the recipient's generation_failure);
+content; one that is no template is the recipient's generation_failure);
 ``{{{ name }}}`` inserts HTML unescaped; ``{{ name or 'default' }}`` (or
 another path, or a number) gives a value for a missing, null or false one.  A name is looked up in the
 recipient's ``substitution_data``, then in the recipient itself (``address``:
@@ -64,14 +64,26 @@ Values are HTML-escaped in HTML parts; in a link of a part (text from http://
 or https:// to a space, quote or angle bracket) they are URL-encoded instead,
 as SparkPost does ({{{ }}}: as they are).  In the AMP part, the expressions
 inside an amp-mustache template are the reader's client's and stay as written,
-but for those naming "sparkpost" (SparkPost's rule).  Nothing else of a
-template language is interpreted (no code, no loops): the blocks of
-SparkPost's language (``{{ if x }}``, ``{{ elseif x }}``, ``{{ else }}``,
-``{{ end }}``, ``{{ each x }}``) are a 422 naming the field: rendered as values
-they would go out half done to every recipient (``{{ end }}`` emptied,
-``{{ if x }}`` as written); so is any other ``{{`` that starts no expression
-(code 3000, naming the field and line, as SparkPost answers a syntax error),
-but inside an amp-mustache template.  ``options.perform_substitutions: false``
+but for those naming "sparkpost" (SparkPost's rule).
+
+Statements: ``{{ if c }}`` ... ``{{ elseif c }}`` ... ``{{ else }}`` ...
+``{{ end }}``, where a condition is made of values (paths, quoted strings,
+numbers, true, false, nil, ``#list``, ``empty(list)``), the relations == != <
+> <= >=, not, and, or and parentheses, and holds unless it is null (missing) or
+false ("", 0 and [] hold; values compare without conversion, "1" is not 1, and
+an order between other than two numbers or two strings does not hold);
+``{{ each list }}`` ... ``{{ end }}`` repeats for each item, with ``loop_var``,
+``loop_index`` (from 1) and ``loop_vars.<name of the list>`` (nested loops).
+The spaces and the line end after a statement are not written (after
+``{{ end }}`` followed by text on its line: the line end before it), so a
+statement alone on its line leaves no blank line.  Bounds: MAX_NESTING_BLOCKS
+statements open at once, MAX_CONDITION tokens in a condition, MAX_LOOP_STEPS
+pieces rendered by loops (items x the pieces of the loop's body) per text and
+recipient (more: its generation_failure).
+Any ``{{`` that starts no expression or statement, and a statement out of
+place or not closed, is a 422 (code 3000, naming the field and line, as
+SparkPost answers a syntax error), but inside an amp-mustache template.
+Arithmetic (``{{ price - 5 }}``) is not supported (such a 422).  ``options.perform_substitutions: false``
 (SparkPost's switch) turns it off in the parts (text, html, amp_html;
 email_rfc822's body), sent as written, ``{{ }}`` included; the header fields
 are still substituted, as SparkPost does.
@@ -156,8 +168,23 @@ _SCHEME = re.compile(r"https?://", re.IGNORECASE)
 # the start tag of an AMP part's amp-mustache template (with "amp-mustache" in it)
 _MUSTACHE_OPEN = re.compile(r"<(template|script)\b[^<>]*>", re.IGNORECASE)
 _LINK_ENDS = (" ", "\t", "\r", "\n", '"', "'", "<", ">")
-# the block statements of SparkPost's template language (not supported)
-_BLOCK = re.compile(r"\{\{\{?\s*(?:(?:if|elseif|unless|each)\s[^{}]*|else|end)\s*\}?\}\}")
+# a statement of SparkPost's template language (groups 1 and 2: if, elseif, each and
+# its argument; 3: else, end), with the spaces and the line end after it, which are
+# not written (SparkPost: a statement alone on its line leaves no blank line); then a
+# value (_TAG, groups 4 and 5)
+_ITEM = re.compile(r"(?<!\{)\{\{\s*(?:(if|elseif|each)\s+([^{}]*?)|(else|end))\s*\}\}[ \t]*(\r?\n)?|"
+                   + _TAG.pattern)
+# the tokens of a condition: an operator or parenthesis, a quoted string, a number, a
+# path or keyword (and, or, not, true, false, nil, then, empty), anything else (an error)
+_TOKEN = re.compile(rf"""\s*(?:(==|!=|<=|>=|<|>|\(|\)|\#)|('[^']*'|"[^"]*")|"""
+                    rf"""(-?[0-9]+(?:\.[0-9]+)?)(?![A-Za-z_])|({_PATH})|(\S))""")
+_RELATIONS = frozenset(("==", "!=", "<", ">", "<=", ">="))
+_STATEMENTS = frozenset(("if", "elseif", "else", "end", "each"))
+_CONSTANTS = {"true": True, "false": False, "nil": None}
+MAX_NESTING_BLOCKS = 32   # statements open at once in a template
+MAX_CONDITION = 256       # tokens of a condition
+MAX_LOOP_STEPS = 100_000  # pieces rendered by {{ each }} loops (items x the pieces of the
+                          # loop's body) per rendered text and recipient
 _BAD_LOCAL = frozenset(' <>()[]\\,;:"@')
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -306,9 +333,9 @@ class TooLarge(Exception):
     """A recipient's message would pass the builder's size bound (http.max_message_size)."""
 
 
-class DynamicBlock(Exception):
-    """Dynamic content (render_dynamic_content()) uses the template language's blocks,
-    which are not supported; the first is the argument."""
+class DynamicError(Exception):
+    """Dynamic content (render_dynamic_content()) that is no template: a ``{{`` that
+    starts no expression, a block without its end (the argument: its text)."""
 
 
 class Template:
@@ -318,51 +345,68 @@ class Template:
     seen recently (senders repeat the same content request after request).
     """
 
-    __slots__ = ("parts", "constant", "fixed", "block", "error")
+    __slots__ = ("parts", "constant", "fixed", "error")
 
-    def __init__(self, text: str, amp: bool = False):
+    def __init__(self, text: str, amp: bool = False, head: bool = False):
+        # *amp*: the AMP part's text (amp-mustache templates); *head*: a header block
+        # (email_rfc822's), whose line ends a statement does not take
         self.constant = text if "{{" not in text else None
         self.parts: list = []
         self.fixed = 0
-        self.block = None       # the first block of the template language in it (_unblocked)
         self.error = None       # (line, text) of the first {{ that starts no expression
         if self.constant is not None:
             return
-        m = _BLOCK.search(text)
-        if m:
-            self.block = m.group()
         pos = 0
+        # the statements open ({{ if }}, {{ each }}): [block, the list its parts go to,
+        # where it starts]
+        stack: list = []
+        parts = self.parts
         link = False        # in a link (text from http:// or https:// to a space, quote, <>)
         # AMP: the amp-mustache templates, whose expressions are the reader's client's
         mustache = _mustache_ranges(text) if amp else ()
         stray = -1          # the first {{ outside the tags (and amp-mustache templates)
         scan = 0
-        for m in _TAG.finditer(text):
+        for m in _ITEM.finditer(text):
             if stray < 0:
                 stray = _stray(text, scan, m.start(), mustache)
             scan = m.end()
-            if mustache and _kept_for_amp(m, mustache):
+            word = m.group(1) or m.group(3)
+            if word is None and mustache and _kept_for_amp(m, mustache):
                 continue        # (as written: a piece of the text between tags)
             if m.start() > pos:
                 chunk = text[pos:m.start()]
-                self.parts.append(chunk)
+                if word == "end" and m.group(4) is None and m.end() < len(text) and \
+                        not head:
+                    # text after {{ end }} on its line: the line end before it goes
+                    # (SparkPost: "Baltimore\n{{ end }}, Maryland" is one line)
+                    chunk = re.sub(r"\r?\n[ \t]*\Z", "", chunk)
+                parts.append(chunk)
                 cut = max(chunk.rfind(c) for c in _LINK_ENDS) + 1   # 0: the link goes on
                 if cut or not link:
                     link = _SCHEME.search(chunk, cut) is not None
+            pos = m.end()
+            if word is not None:
+                if head and m.group(4):
+                    pos -= len(m.group(4))      # (the field's line end stays)
+                parts = _statement(word, m.group(2), stack, self.parts, m.start())
+                if parts is None:       # (an error: shown as the text of the statement)
+                    stray = m.start() if stray < 0 else stray
+                    break
+                continue
             # 1: {{{ }}}, as it is; 2: {{ }} in a link, URL-encoded in the parts (render)
-            raw = 1 if m.group(1) is not None else 2 if link else 0
-            expr = m.group(1) or m.group(2)
+            raw = 1 if m.group(5) is not None else 2 if link else 0
+            expr = m.group(5) or m.group(6)
+            if expr in _STATEMENTS:     # ({{{ end }}}: no value)
+                stray = m.start() if stray < 0 else stray
+                break
             if expr.startswith("render_dynamic_content"):
-                self.parts.append((path_of(expr[expr.index("(") + 1:].strip(" \t\r\n)")), 3))
-                pos = m.end()
+                parts.append((path_of(expr[expr.index("(") + 1:].strip(" \t\r\n)")), 3))
                 continue
             if expr.endswith(")"):          # opening_double_curly() ...: braces
-                self.parts.append(_BRACES[expr[:expr.index("_curly")]])
-                pos = m.end()
+                parts.append(_BRACES[expr[:expr.index("_curly")]])
                 continue
             if expr[0] == "#":
-                self.parts.append((path_of(expr) + (LENGTH,), raw))
-                pos = m.end()
+                parts.append((path_of(expr) + (LENGTH,), raw))
                 continue
             first = _PATH_RE.match(expr).group()
             path = path_of(first)
@@ -370,21 +414,25 @@ class Template:
             if alts:
                 # {{ a or b or 'text' }}: the first that is there (not missing, null
                 # or false); a quoted string or a number is the value as written
-                self.parts.append((path, raw, tuple(
+                parts.append((path, raw, tuple(
                     a[1:-1] if a[0] in "'\"" else a if a[0] in "-0123456789" else
                     path_of(a) for a in alts)))
             else:
-                self.parts.append((path, raw))
-            pos = m.end()
-        if pos < len(text):
-            self.parts.append(text[pos:])
-        if stray < 0:
-            stray = _stray(text, scan, len(text), mustache)
+                parts.append((path, raw))
+        else:
+            if pos < len(text):
+                parts.append(text[pos:])
+            if stack and stray < 0:
+                stray = stack[-1][2]    # a statement without its {{ end }}
+            if stray < 0:
+                stray = _stray(text, scan, len(text), mustache)
         if stray >= 0:
             seg = text[stray:stray + 64].split("\n", 1)[0]
             end = seg.find("}}", 2)
+            end += seg.startswith("{{{") and seg[end + 2:end + 3] == "}"
             self.error = (text.count("\n", 0, stray) + 1, seg[:end + 2] if end > 0 else seg)
-        if not any(isinstance(p, tuple) for p in self.parts):
+            self.parts = [text]     # (never rendered by the builder: _unblocked refuses it)
+        if all(isinstance(p, str) for p in self.parts):
             self.constant = "".join(self.parts)     # (a macro's braces written)
         # the characters of the constant parts (render's size bound adds the values')
         self.fixed = sum(len(p) for p in self.parts if isinstance(p, str))
@@ -403,41 +451,58 @@ class Template:
         """
         if self.constant is not None:
             return self.constant
-        out = []
-        n = self.fixed
-        for p in self.parts:
-            if isinstance(p, str):
-                out.append(p)
-                continue
-            value = lookup(p[0], scopes)
-            if len(p) > 2:
-                for alt in p[2]:
-                    if value is not None and value is not False:
-                        break
-                    value = alt if isinstance(alt, str) else lookup(alt, scopes)
-            if p[1] == 3:
-                # render_dynamic_content(): the value is a template, rendered unescaped
-                value = "" if nested or not isinstance(value, str) else \
-                    dynamic(value).render(scopes, html, guard, limit, links, True)
-                if guard is not None:
-                    guard(value)
-                out.append(value)
-                n += len(value)
-                if limit and n > limit:
-                    raise TooLarge(n)
-                continue
-            value = _text_of(value)
-            if guard is not None:
-                guard(value)
-            if p[1] == 2 and links:
-                value = quote(value, safe="")
-            elif html and p[1] != 1:
-                value = html_mod.escape(value)
+        if not nested:
+            _steps[0] = 0
+        return _render(self.parts, scopes, html, guard, limit, links, nested, self.fixed)
+
+
+_steps = [0]     # items looped over by the text being rendered (MAX_LOOP_STEPS)
+
+
+def _render(parts: list, scopes: tuple, html: bool, guard, limit: int, links: bool,
+            nested: bool, n: int) -> str:
+    """*parts* rendered (Template.render; *n*: the length of their constant text)."""
+    out = []
+    for p in parts:
+        if isinstance(p, str):
+            out.append(p)
+            continue
+        if type(p) is not tuple:        # a block: {{ if }}, {{ each }}
+            value = p.render(scopes, html, guard, limit, links, nested)
             out.append(value)
             n += len(value)
             if limit and n > limit:
                 raise TooLarge(n)
-        return "".join(out)
+            continue
+        value = lookup(p[0], scopes)
+        if len(p) > 2:
+            for alt in p[2]:
+                if value is not None and value is not False:
+                    break
+                value = alt if isinstance(alt, str) else lookup(alt, scopes)
+        if p[1] == 3:
+            # render_dynamic_content(): the value is a template, rendered unescaped
+            value = "" if nested or not isinstance(value, str) else \
+                dynamic(value).render(scopes, html, guard, limit, links, True)
+            if guard is not None:
+                guard(value)
+            out.append(value)
+            n += len(value)
+            if limit and n > limit:
+                raise TooLarge(n)
+            continue
+        value = _text_of(value)
+        if guard is not None:
+            guard(value)
+        if p[1] == 2 and links:
+            value = quote(value, safe="")
+        elif html and p[1] != 1:
+            value = html_mod.escape(value)
+        out.append(value)
+        n += len(value)
+        if limit and n > limit:
+            raise TooLarge(n)
+    return "".join(out)
 
 
 def _mustache_ranges(text: str) -> list:
@@ -484,6 +549,267 @@ def _kept_for_amp(m, ranges: list) -> bool:
         and not m.group().rstrip("}").rstrip().endswith(")")
 
 
+class LoopLimit(Exception):
+    """A text's {{ each }} loops would render more than MAX_LOOP_STEPS pieces."""
+
+
+def _truthy(value) -> bool:
+    """A condition holds unless null (missing) or false -- "", 0, [] hold (SparkPost's,
+    Lua's rule)."""
+    return value is not None and value is not False
+
+
+def _same(a, b) -> bool:
+    """``a == b`` as SparkPost (Lua) compares: no conversions ("1" is not 1, true not 1);
+    arrays and objects only to themselves."""
+    if a is None or b is None or type(a) is bool or type(b) is bool:
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) or \
+            isinstance(a, str) and isinstance(b, str):
+        return a == b
+    return a is b
+
+
+def _evaluate(node: tuple, scopes: tuple):
+    """The value of condition *node* (:func:`_condition`) for *scopes*."""
+    kind = node[0]
+    if kind == "v":
+        return lookup(node[1], scopes)
+    if kind == "c":
+        return node[1]
+    if kind == "not":
+        return not _truthy(_evaluate(node[1], scopes))
+    if kind == "and":
+        a = _evaluate(node[1], scopes)
+        return _evaluate(node[2], scopes) if _truthy(a) else a
+    if kind == "or":
+        a = _evaluate(node[1], scopes)
+        return a if _truthy(a) else _evaluate(node[2], scopes)
+    if kind == "empty":
+        v = lookup(node[1], scopes)
+        return not v if isinstance(v, (list, dict)) else v is None
+    op, a, b = node[1], _evaluate(node[2], scopes), _evaluate(node[3], scopes)
+    if op == "==":
+        return _same(a, b)
+    if op == "!=":
+        return not _same(a, b)
+    # an order: between numbers or between strings (else false, where Lua fails)
+    if not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and
+            type(a) is not bool and type(b) is not bool or
+            isinstance(a, str) and isinstance(b, str)):
+        return False
+    return a < b if op == "<" else a > b if op == ">" else a <= b if op == "<=" else a >= b
+
+
+def _condition(text: str) -> tuple | None:
+    """The compiled condition of an {{ if }} or {{ elseif }} (a tree of tuples), or None
+    when it is not one: paths, quoted strings, numbers, true, false, nil, #path,
+    empty(path), the relations == != < > <= >=, not, and, or, parentheses; a
+    trailing ``then`` is allowed."""
+    tokens: list = []
+    pos = 0
+    while True:
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            break
+        pos = m.end()
+        op, quoted, number, path, bad = m.groups()
+        if bad is not None or len(tokens) >= MAX_CONDITION:
+            return None
+        if op is not None:
+            tokens.append(op)
+        elif quoted is not None:
+            tokens.append(("c", quoted[1:-1]))
+        elif number is not None:
+            tokens.append(("c", float(number) if "." in number else int(number)))
+        elif path in _CONSTANTS:
+            tokens.append(("c", _CONSTANTS[path]))
+        elif path in ("and", "or", "not", "then", "empty"):
+            tokens.append(path)
+        else:
+            tokens.append(("v", path_of(path)))
+    if text[pos:].strip():
+        return None
+    if tokens and tokens[-1] == "then":
+        tokens.pop()
+    if not tokens or "then" in tokens or tokens.count("(") > MAX_NESTING_BLOCKS:
+        return None
+    at = [0]
+
+    def peek():
+        return tokens[at[0]] if at[0] < len(tokens) else None
+
+    def take(want=None):
+        t = peek()
+        if t is None or want is not None and t != want:
+            raise ValueError(want)
+        at[0] += 1
+        return t
+
+    def either():           # a or b or ...
+        node = both()
+        while peek() == "or":
+            take()
+            node = ("or", node, both())
+        return node
+
+    def both():             # a and b and ...
+        node = negation()
+        while peek() == "and":
+            take()
+            node = ("and", node, negation())
+        return node
+
+    def negation():
+        nots = 0
+        while peek() == "not":
+            take()
+            nots += 1
+        node = relation()
+        for _ in range(nots):
+            node = ("not", node)
+        return node
+
+    def relation():
+        node = operand()
+        if peek() in _RELATIONS:
+            op = take()
+            node = ("cmp", op, node, operand())
+        return node
+
+    def operand():
+        t = take()
+        if t == "(":
+            node = either()
+            take(")")
+            return node
+        if t == "#":
+            v = take()
+            if type(v) is not tuple or v[0] != "v":
+                raise ValueError(t)
+            return ("v", v[1] + (LENGTH,))
+        if t == "empty":
+            take("(")
+            v = take()
+            take(")")
+            if type(v) is not tuple or v[0] != "v":
+                raise ValueError(t)
+            return ("empty", v[1])
+        if type(t) is not tuple:
+            raise ValueError(t)
+        return t
+
+    try:
+        node = either()
+    except ValueError:
+        return None
+    return node if at[0] == len(tokens) else None
+
+
+class _If:
+    """{{ if }} ... {{ elseif }} ... {{ else }} ... {{ end }}: the parts of the first
+    branch whose condition holds, else those of the else."""
+
+    __slots__ = ("branches", "other")
+
+    def __init__(self):
+        self.branches: list = []    # (condition, parts)
+        self.other = None           # the parts after {{ else }}
+
+    def render(self, scopes, html, guard, limit, links, nested) -> str:
+        for cond, parts in self.branches:
+            if _truthy(_evaluate(cond, scopes)):
+                return _render(parts, scopes, html, guard, limit, links, nested,
+                               sum(len(p) for p in parts if type(p) is str))
+        parts = self.other
+        return "" if parts is None else _render(parts, scopes, html, guard, limit, links,
+                                                nested, sum(len(p) for p in parts
+                                                            if type(p) is str))
+
+
+class _Each:
+    """{{ each list }} ... {{ end }}: the parts for each item of an array, with loop_var
+    (the item), loop_index (its place, from 1 as the language's indexes) and
+    loop_vars.<name of the list> (the items of the loops it is in)."""
+
+    __slots__ = ("path", "name", "parts", "cost")
+
+    def __init__(self, path: tuple):
+        self.path = path
+        self.name = next(s for s in reversed(path) if type(s) is str)
+        self.parts: list = []
+        self.cost = 0           # the pieces of one pass (_pieces(parts), set at its end)
+
+    def render(self, scopes, html, guard, limit, links, nested) -> str:
+        items = lookup(self.path, scopes)
+        if not isinstance(items, list) or not items:
+            return ""
+        # (the work, not the output, is what is bounded: an item may render nothing)
+        _steps[0] += len(items) * self.cost
+        if _steps[0] > MAX_LOOP_STEPS:
+            raise LoopLimit(_steps[0])
+        outer = lookup(("loop_vars",), scopes)
+        fixed = sum(len(p) for p in self.parts if type(p) is str)
+        out = []
+        n = 0
+        for i, item in enumerate(items, 1):
+            loop_vars = {**outer, self.name: item} if isinstance(outer, dict) else \
+                {self.name: item}
+            text = _render(self.parts, ({"loop_var": item, "loop_index": i,
+                                         "loop_vars": loop_vars},) + scopes,
+                           html, guard, limit, links, nested, fixed)
+            out.append(text)
+            n += len(text)
+            if limit and n > limit:
+                raise TooLarge(n)
+        return "".join(out)
+
+
+def _statement(word: str, arg: str | None, stack: list, top: list, start: int) -> list | None:
+    """Take statement *word* (if, elseif, else, end, each; *arg*: its condition or list)
+    at *start* into the blocks open on *stack* ([block, its current parts, start]);
+    the parts list what follows goes to, or None when the statement is an error."""
+    current = stack[-1][1] if stack else top
+    if word in ("if", "each"):
+        if len(stack) >= MAX_NESTING_BLOCKS:
+            return None
+        if word == "if":
+            cond = _condition(arg)
+            if cond is None:
+                return None
+            node = _If()
+            node.branches.append((cond, []))
+            parts = node.branches[-1][1]
+        else:
+            if not _PATH_RE.fullmatch(arg):
+                return None
+            node = _Each(path_of(arg))
+            parts = node.parts
+        current.append(node)
+        stack.append([node, parts, start])
+        return parts
+    if not stack:
+        return None
+    frame = stack[-1]
+    node = frame[0]
+    if word == "end":
+        stack.pop()
+        if type(node) is _Each:
+            node.cost = max(1, _pieces(node.parts))
+        return stack[-1][1] if stack else top
+    if type(node) is not _If or node.other is not None:
+        return None
+    if word == "else":
+        node.other = frame[1] = []
+        return frame[1]
+    cond = _condition(arg)          # elseif
+    if cond is None:
+        return None
+    node.branches.append((cond, []))
+    frame[1] = node.branches[-1][1]
+    return frame[1]
+
+
 _templates: dict = {}
 
 
@@ -496,30 +822,49 @@ def literal(text: str, amp: bool = False) -> Template:
 
 
 def _unblocked(field: str, t: Template, line0: int = 0) -> Template:
-    """*t*, or ApiError 422 naming *field* when it uses a block of the template language
-    or a ``{{`` that starts no expression (its line: *line0* + the line in *t*) (found
-    once per compiled text: the template cache keeps the answer, so a repeated content
-    costs a lookup)."""
-    if t.block is not None:
-        raise R.ApiError(R.INVALID, f"{field}: {t.block[:64]!r}: the template "
-                         "language's blocks ({{if}}, {{elseif}}, {{else}}, {{end}}, "
-                         "{{each}}) are not supported; only values are substituted "
-                         "({{ name }}, {{{ name }}}, {{ name or 'default' }})")
+    """*t*, or ApiError 422 naming *field* when it is no template: a ``{{`` that starts
+    no expression or statement, a statement out of place or not closed (its line:
+    *line0* + the line in *t*) (found once per compiled text: the template cache keeps
+    the answer, so a repeated content costs a lookup)."""
     if t.error is not None:
         # (SparkPost refuses such content too: code 3000, naming the part and line)
         raise R.ApiError(R.SYNTAX, f"{field}: line {line0 + t.error[0]}: {t.error[1]!r} is "
-                         "not an expression of the template language (values, paths, "
-                         "defaults with or, #length and macros are; braces are written "
-                         "with {{ opening_double_curly() }})")
+                         "not an expression or statement of the template language, or "
+                         "is out of place or not closed (braces are written with "
+                         "{{ opening_double_curly() }})")
     return t
 
 
+def _pieces(parts: list) -> int:
+    """The pieces of compiled *parts*: each part, a substitution's defaults, and inside
+    statements their parts and their conditions' nodes."""
+    n = len(parts)
+    for p in parts:
+        if type(p) is tuple:
+            n += len(p[2]) if len(p) > 2 else 0
+        elif type(p) is _If:
+            n += sum(_nodes(c) + _pieces(b) for c, b in p.branches) + \
+                (_pieces(p.other) if p.other else 0)
+        elif type(p) is _Each:
+            n += _pieces(p.parts)
+    return n
+
+
+def _nodes(cond: tuple) -> int:
+    """The nodes of a compiled condition."""
+    return 1 + sum(_nodes(c) for c in cond[1:] if type(c) is tuple and c and
+                   type(c[0]) is str and c[0] in _NODE_KINDS)
+
+
+_NODE_KINDS = frozenset(("v", "c", "not", "and", "or", "cmp", "empty"))
+
+
 def dynamic(text: str) -> Template:
-    """The compiled Template of dynamic content *text*; DynamicBlock when it has a block
-    of the template language (it would go out half done)."""
+    """The compiled Template of dynamic content *text*; DynamicError when it is no
+    template (it would go out half done)."""
     t = template(text)
-    if t.block is not None or t.error is not None:
-        raise DynamicBlock(t.block or t.error[1])
+    if t.error is not None:
+        raise DynamicError(t.error[1])
     return t
 
 
@@ -532,9 +877,7 @@ def template(text: str, amp: bool = False) -> Template:
         t = Template(text, amp)
         # (a substitution's defaults are pieces too: {{ a or b or ... }}, thousands of
         # them in one, cost as much as as many substitutions; counted on a miss only)
-        if len(text) <= TEMPLATE_CACHE_TEXT and len(t.parts) + sum(
-                len(p[2]) for p in t.parts if type(p) is tuple and len(p) > 2) \
-                <= TEMPLATE_CACHE_PARTS:
+        if len(text) <= TEMPLATE_CACHE_TEXT and _pieces(t.parts) <= TEMPLATE_CACHE_PARTS:
             if len(_templates) >= TEMPLATE_CACHE:
                 _templates.clear()
             _templates[key] = t
@@ -967,7 +1310,7 @@ class Builder:
             if why:
                 raise R.ApiError(R.INVALID, f"{field}: contains {why}")
         tpl = self.tpl      # the parts'; the header fields' are always substituted
-        # (a literal Template -- no substitutions -- has no block)
+        # (a literal Template -- no substitutions -- has no error)
         self.from_name = _unblocked("content.from.name", template(from_name)) \
             if from_name else None
         self.from_email = _unblocked("content.from.email", template(from_email))
@@ -1119,7 +1462,8 @@ class Builder:
         pieces: list = []
         if b"{{" in data:
             head = data[:body_start].decode("utf-8", "surrogateescape")
-            pieces.append(("head", _unblocked("content.email_rfc822", Template(head))))
+            pieces.append(("head", _unblocked("content.email_rfc822",
+                                              Template(head, head=True))))
             found: dict = {}
             if self.substitute:     # (false: the header only, as SparkPost)
                 _text_ranges(data, 0, len(data), 0, found, [MAX_PARTS])
@@ -1317,10 +1661,15 @@ class Builder:
             raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: the message would be "
                                  f"larger than {self.max_size} octets (http.max_message_size)",
                                  ev.GENERATION_FAILURE) from None
-        except DynamicBlock as e:
+        except DynamicError as e:
             raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: dynamic content "
-                                 f"{e.args[0][:64]!r}: the template language's blocks are "
-                                 "not supported", ev.GENERATION_FAILURE) from None
+                                 f"{e.args[0][:64]!r} is not a template the template "
+                                 "language can read", ev.GENERATION_FAILURE) from None
+        except LoopLimit:
+            raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: the template's {{{{ each "
+                                 f"}}}} loops would render more than {MAX_LOOP_STEPS} pieces "
+                                 "(items times the pieces of the loop)",
+                                 ev.GENERATION_FAILURE) from None
         sender = return_path or from_email or ""
         if not sender:
             # (inline content's From is always an address; email_rfc822's may not be --

@@ -1365,32 +1365,59 @@ def test_a_long_non_ascii_attachment_name_is_split_between_characters(delivering
     assert att["Content-Type"].params["name"] == name
 
 
-def test_template_blocks_are_refused_not_sent_half_rendered(api):
-    # SparkPost's template language has blocks ({{if}} ... {{else}} ... {{end}},
-    # {{each}}); this MTA substitutes values only.  A transmission using them is a 422
-    # naming the field -- it used to go out with {{end}} and {{else}} emptied (as
-    # missing values) and {{if ...}} left as written, to every recipient.
+def test_template_blocks_render_and_broken_ones_are_refused(api):
+    # SparkPost's template language has statements ({{if}} ... {{elseif}} ... {{else}}
+    # ... {{end}}, {{each}}): they are rendered per recipient (they were a 422, so a
+    # migrating sender's templates could not be sent); one out of place or not closed is
+    # a 422 naming the field and line (SparkPost's code 3000) -- never sent half rendered.
     d = api
     before = queued(d)
-    for field, text in (("content.text", "{{if vip}}VIP{{else}}hi{{end}}"),
-                        ("content.html", "<ul>{{ each items }}<li>{{loop_var}}</li>{{ end }}"),
-                        ("content.subject", "Hi {{ if name }}{{name}}{{ end }}")):
+    for field, text, shown in (
+            ("content.text", "{{if vip}}VIP{{else}}hi", "{{if vip}}"),
+            ("content.html", "<ul>{{ each items }}<li>{{loop_var}}</li>", "{{ each items }}"),
+            ("content.subject", "Hi {{ if name }}{{name}}{{ end }}{{ end }}", "{{ end }}")):
         c = {"from": "sender@example.com", "subject": "s", "text": "t"}
         c[field.split(".")[1]] = text
         st, _, body = d.post({"recipients": ["blocks@example.net"], "content": c},
                              headers=AUTH)
-        assert_error(st, body, 422, R.INVALID, field + ": ")
-        assert "{{if}}" in body["errors"][0]["description"], body
+        assert_error(st, body, 422, R.SYNTAX, field + ": line 1: ")
+        assert repr(shown) in body["errors"][0]["description"], body
     st, _, body = d.post({"recipients": ["blocks@example.net"], "content": {
-        "email_rfc822": "From: s@example.com\nSubject: s\n\n{{if a}}x{{end}}\n"}}, headers=AUTH)
-    assert_error(st, body, 422, R.INVALID, "content.email_rfc822: ")
+        "email_rfc822": "From: s@example.com\nSubject: s\n\n{{if a}}x{{else}}\n"}}, headers=AUTH)
+    assert_error(st, body, 422, R.SYNTAX, "content.email_rfc822: line 4: ")
     assert queued(d) == before
-    # Plain values, or blocks with substitutions switched off, are accepted.
-    st, _, body = d.post({"recipients": ["blocks@example.net"], "substitution_data": {"end": 1},
-                          "options": {"perform_substitutions": False},
-                          "content": {"from": "sender@example.com", "subject": "s",
-                                      "text": "{{if vip}}VIP{{end}}"}}, headers=AUTH)
-    assert st == 200, body
+    # Statements as SparkPost writes them, or anything with substitutions switched off
+    # in the parts, are accepted.
+    for opts, text in (({}, "{{if vip}}VIP{{elseif n > 2}}many{{else}}hi{{end}}"),
+                       ({"perform_substitutions": False}, "{{if vip}}VIP")):
+        st, _, body = d.post({"recipients": ["blocks@example.net"], "options": opts,
+                              "substitution_data": {"n": 3},
+                              "content": {"from": "sender@example.com", "subject": "s",
+                                          "text": text}}, headers=AUTH)
+        assert st == 200, body
+
+
+def test_template_statements_are_rendered_per_recipient(delivering):
+    d, sink = delivering
+    st, _, body = d.post({
+        "substitution_data": {"shop": "Big Store"},
+        "recipients": [{"address": "stmt-a@example.net",
+                        "substitution_data": {"cart": [{"name": "Jacket", "price": 39.99},
+                                                       {"name": "Gloves", "price": 5.0}]}},
+                       "stmt-b@example.net"],
+        "content": {"from": "sender@example.com",
+                    "subject": "{{ if not empty(cart) }}Your cart{{ else }}Hello{{ end }}",
+                    "text": "{{shop}}:\n{{ each cart }}\n- {{loop_var.name}}: {{loop_var.price}}\n"
+                            "{{ end }}\n{{ if #cart > 1 }}\n{{#cart}} items\n{{ end }}\nBye"}},
+        headers=AUTH)
+    assert st == 200 and body["results"]["total_accepted_recipients"] == 2, body
+    a = delivered(sink, "stmt-a@example.net")
+    assert a["Subject"] == "Your cart"
+    assert a.get_content().replace("\r\n", "\n") == \
+        "Big Store:\n- Jacket: 39.99\n- Gloves: 5\n2 items\nBye\n"
+    b = delivered(sink, "stmt-b@example.net")
+    assert b["Subject"] == "Hello" and b.get_content().replace("\r\n", "\n") == \
+        "Big Store:\nBye\n"
 
 
 def test_email_rfc822_substitutes_in_its_amp_part_too(delivering):
