@@ -168,6 +168,10 @@ _SCHEME = re.compile(r"https?://", re.IGNORECASE)
 # the start tag of an AMP part's amp-mustache template (with "amp-mustache" in it)
 _MUSTACHE_OPEN = re.compile(r"<(template|script)\b[^<>]*>", re.IGNORECASE)
 _LINK_ENDS = (" ", "\t", "\r", "\n", '"', "'", "<", ">")
+# what a value in a link is written with: RFC 3986's unreserved characters as they are,
+# every other octet %XX (quote(value, safe=""))
+_URL_UNSAFE = re.compile(r"[^A-Za-z0-9_.~-]")
+_URL_TABLE = {c: f"%{c:02X}" for c in range(128) if _URL_UNSAFE.match(chr(c))}
 # a statement of SparkPost's template language (groups 1 and 2: if, elseif, each and
 # its argument; 3: else, end), with the spaces and the line end after it, which are
 # not written (SparkPost: a statement alone on its line leaves no blank line); then a
@@ -495,7 +499,10 @@ def _render(parts: list, scopes: tuple, html: bool, guard, limit: int, links: bo
         if guard is not None:
             guard(value)
         if p[1] == 2 and links:
-            value = quote(value, safe="")
+            if _URL_UNSAFE.search(value) is not None:
+                # (a table for ASCII: a third of quote()'s time, per value in a link)
+                value = value.translate(_URL_TABLE) if value.isascii() else \
+                    quote(value, safe="")
         elif html and p[1] != 1:
             value = html_mod.escape(value)
         out.append(value)
