@@ -191,6 +191,17 @@ def test_perform_substitutions_false_leaves_the_parts_as_written_not_the_headers
     assert msg["Subject"] == "R Y" and text_of(msg) == "Body {{x}}\n"
 
 
+def test_amp_mustache_templates_in_a_loop_take_its_loop_var():
+    # SparkPost's rule for amp-mustache templates: expressions using loop_var are its
+    # own, not the reader's client's; they were left as written
+    amp = ('{{ each items }}<template type="amp-mustache">{{loop_var.name}} '
+           '{{loop_vars.items.name}} {{name}}</template>{{ end }}')
+    body = {"recipients": ["a@example.net"], "substitution_data": {"items": [{"name": "A"}]},
+            "content": {**CONTENT, "text": "t", "amp_html": amp}}
+    assert text_of(parsed(body), "text/x-amp-html").strip() == \
+        '<template type="amp-mustache">A A {{name}}</template>'
+
+
 def test_a_header_address_that_is_not_ascii_asks_for_smtputf8():
     c = {**CONTENT, "text": "t"}
     plain = built({"recipients": [{"address": {"email": "a@example.net", "name": "Jörg"}}],

@@ -64,7 +64,7 @@ Values are HTML-escaped in HTML parts; in a link of a part (text from http://
 or https:// to a space, quote or angle bracket) they are URL-encoded instead,
 as SparkPost does ({{{ }}}: as they are).  In the AMP part, the expressions
 inside an amp-mustache template are the reader's client's and stay as written,
-but for those naming "sparkpost" (SparkPost's rule).
+but for those naming "sparkpost" or using loop_var (SparkPost's rule).
 
 Statements: ``{{ if c }}`` ... ``{{ elseif c }}`` ... ``{{ else }}`` ...
 ``{{ end }}``, where a condition is made of values (paths, quoted strings,
@@ -548,12 +548,15 @@ def _stray(text: str, start: int, end: int, ranges) -> int:
 
 def _kept_for_amp(m, ranges: list) -> bool:
     """Whether tag *m* is in one of the amp-mustache *ranges* and is not SparkPost's
-    (its expression names "sparkpost", or is a macro writing braces): it is then left
-    as written."""
+    (its expression names "sparkpost" or uses loop_var, or is a macro writing braces):
+    it is then left as written."""
     start = m.start()
     k = bisect.bisect_right(ranges, (start, len(m.string) + 1)) - 1
-    return k >= 0 and start < ranges[k][1] and "sparkpost" not in m.group().lower() \
-        and not m.group().rstrip("}").rstrip().endswith(")")
+    if k < 0 or start >= ranges[k][1]:
+        return False
+    tag = m.group()
+    return "sparkpost" not in tag.lower() and "loop_var" not in tag and \
+        not tag.rstrip("}").rstrip().endswith(")")
 
 
 class LoopLimit(Exception):
