@@ -290,6 +290,11 @@ def test_brace_macros_write_braces():
                     '{{ closing_double_curly() }}</template>', html="<p>h</p>")
     amp = next(p for p in parse(one(t)).walk() if p.get_content_type() == "text/x-amp-html")
     assert content(amp) == '<template type="amp-mustache">{{x}}</template>'
+    # email_rfc822: its header and parts with braces only (no value to substitute)
+    raw = ("From: s@example.com\nSubject: {{ opening_double_curly() }}x{{closing_double_curly()}}"
+           "\n\nbody {{ opening_triple_curly() }}\n")
+    msg = parse(one(tx(email_rfc822=raw, subject=None, text=None, from_=None)))
+    assert msg["Subject"] == "{{x}}" and content(msg) == "body {{{\n"
     # a From address so written is checked as written out, as is one whose {{ }} is no
     # expression (it went out as the envelope sender unchecked)
     for bad in ("{{ opening_double_curly() }} x@example.com", "{{ a b }}@example.com"):

@@ -1487,7 +1487,10 @@ class Builder:
                 pos = end
             pieces.append(data[pos:])
             if all(not isinstance(p, tuple) or p[1].constant is not None for p in pieces):
-                pieces = [data]
+                # the same for every recipient: as written, or with a macro's braces
+                pieces = [b"".join(p if not isinstance(p, tuple) else
+                                   p[1].constant.encode("utf-8", "surrogateescape")
+                                   for p in pieces)]
         else:
             pieces.append(data)
         self.rfc822 = pieces
