@@ -21,9 +21,11 @@ from mta.delivery.engine import Engine
 _STATE_DIRS = tempfile.TemporaryDirectory(prefix="rules-")
 
 
-def run(jobs, rules, sections=None, protocol=None, **delivery):
+def run(jobs, rules, sections=None, protocol=None, domains=("a.test",), first=0, **delivery):
     """Deliver *jobs* with the [[response_rule]] tables *rules*; [(job, results)], engine,
-    and the peer (*protocol*: the server's protocol factory instead of the Peer's)."""
+    and the peer (*protocol*: the server's protocol factory instead of the Peer's;
+    *domains*: those whose MX is the peer; *first*: that many jobs submitted, and the
+    rest half a second later, once their sites are known)."""
     async def main():
         loop = asyncio.get_running_loop()
         peer = Peer()
@@ -42,8 +44,10 @@ def run(jobs, rules, sections=None, protocol=None, **delivery):
             if len(reports) == len(jobs):
                 done.set()
 
-        engine = Engine(resolve(cfg, None), mx_to_loopback("a.test"), report, loop)
-        for j in jobs:
+        engine = Engine(resolve(cfg, None), mx_to_loopback(*domains), report, loop)
+        for n, j in enumerate(jobs):
+            if first and n == first:
+                await asyncio.sleep(0.5)
             engine.submit(j)
         await done.wait()
         await engine.close()
@@ -52,6 +56,13 @@ def run(jobs, rules, sections=None, protocol=None, **delivery):
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+
+
+# a pool of two sources of weight 1, bound to two loopback addresses
+TWO_SOURCES = {"egress": {"source": [{"name": "s1", "source_address": "127.0.0.1"},
+                                     {"name": "s2", "source_address": "127.0.0.2"}],
+                          "pool": [{"name": "default", "sources": [
+                              {"source": "s1"}, {"source": "s2"}]}]}}
 
 
 def test_bounce_action_fails_the_recipient_now_with_its_class():
@@ -456,44 +467,12 @@ def test_a_pools_weights_hold_for_each_site_whatever_the_order_of_the_jobs():
     message has a recipient at each).  The rotation was the pool's, over all sites: the
     first site got every message from one source and the second from the other -- a
     site saw one of the pool's addresses, and half the pool's connections to it."""
-    sections = {"egress": {"source": [{"name": "s1", "source_address": "127.0.0.1"},
-                                      {"name": "s2", "source_address": "127.0.0.2"}],
-                           "pool": [{"name": "default", "sources": [
-                               {"source": "s1"}, {"source": "s2"}]}]}}
     jobs = [job("a.test" if n % 2 == 0 else "b.test", f"ok{n}", n=n) for n in range(12)]
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        peer = Peer()
-        server = await loop.create_server(peer.protocol, "127.0.0.1", 0)
-        cfg = msgspec.convert({
-            "server": {"hostname": "mta.test",
-                       "state_dir": tempfile.mkdtemp(dir=_STATE_DIRS.name)},
-            "delivery": {"mx_port": server.sockets[0].getsockname()[1], "starttls": "none",
-                         "shaping_presets": False}, **sections}, Config)
-        reports = []
-        done = asyncio.Event()
-
-        def report(j, results, retry_after=0.0):
-            reports.append(j)
-            if len(reports) == len(jobs):
-                done.set()
-
-        engine = Engine(resolve(cfg, None), mx_to_loopback("a.test", "b.test"), report, loop)
-        for j in jobs[:2]:          # (both sites known: the rest are routed as they come)
-            engine.submit(j)
-        await asyncio.sleep(0.5)
-        for j in jobs[2:]:
-            engine.submit(j)
-        await done.wait()
-        await engine.close()
-        server.close()
-        return reports
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        reports = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    # (both sites known before the rest are routed as they come)
+    reports, _, _ = run(jobs, [], sections=TWO_SOURCES, domains=("a.test", "b.test"),
+                        first=2)
     by_site: dict = {}
-    for j in reports:
+    for j, _, _ in reports:
         by_site.setdefault(j.msg.domain, []).append(j.source)
     assert sorted(by_site["a.test"]) == ["s1"] * 3 + ["s2"] * 3, by_site
     assert sorted(by_site["b.test"]) == ["s1"] * 3 + ["s2"] * 3, by_site
@@ -518,40 +497,9 @@ def test_a_pools_weights_hold_over_sites_of_one_message_each():
     """Pool of two sources, weights 1:1; ten sites, one message each (the long tail of a
     campaign).  With a rotation per site that starts afresh, each site's first message
     went from the first source: every one of them, the other source sent nothing."""
-    sections = {"egress": {"source": [{"name": "s1", "source_address": "127.0.0.1"},
-                                      {"name": "s2", "source_address": "127.0.0.2"}],
-                           "pool": [{"name": "default", "sources": [
-                               {"source": "s1"}, {"source": "s2"}]}]}}
     domains = [f"d{n}.test" for n in range(10)]
     jobs = [job(d, "ok", n=n) for n, d in enumerate(domains)]
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        peer = Peer()
-        server = await loop.create_server(peer.protocol, "127.0.0.1", 0)
-        cfg = msgspec.convert({
-            "server": {"hostname": "mta.test",
-                       "state_dir": tempfile.mkdtemp(dir=_STATE_DIRS.name)},
-            "delivery": {"mx_port": server.sockets[0].getsockname()[1], "starttls": "none",
-                         "shaping_presets": False}, **sections}, Config)
-        reports = []
-        done = asyncio.Event()
-
-        def report(j, results, retry_after=0.0):
-            reports.append(j)
-            if len(reports) == len(jobs):
-                done.set()
-
-        engine = Engine(resolve(cfg, None), mx_to_loopback(*domains), report, loop)
-        for j in jobs:
-            engine.submit(j)
-        await done.wait()
-        await engine.close()
-        server.close()
-        return reports, peer
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        reports, peer = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    reports, _, peer = run(jobs, [], sections=TWO_SOURCES, domains=domains)
     assert len(peer.messages) == 10
-    assert sorted(j.source for j in reports) == ["s1"] * 5 + ["s2"] * 5, \
-        [(j.msg.domain, j.source) for j in reports]
+    assert sorted(j.source for j, _, _ in reports) == ["s1"] * 5 + ["s2"] * 5, \
+        [(j.msg.domain, j.source) for j, _, _ in reports]
