@@ -1735,6 +1735,17 @@ def test_domains_joining_a_site_do_not_each_recompute_its_limits():
     assert asked == asked_before + 1 and limit == 3
 
 
+async def _learnt_rule_engine(resolver):
+    """An engine with a rule (connection_limit 2) for rule.test, once it has looked up the
+    rule's domain as at start; the site of other.test and the default source."""
+    loop = asyncio.get_running_loop()
+    engine = Engine(settings(free_port(), shaping=[
+        {"domain": "rule.test", "connection_limit": 2}]), resolver, None, loop)
+    engine.learning = loop.create_task(engine._learn_rule_domains())
+    await engine.learning
+    return engine, await engine._site_of("other.test"), engine.sources["default"]
+
+
 def test_a_domain_rules_site_is_not_forgotten_by_a_process_without_mail_for_it():
     """A rule for rule.test shapes the site of its MX host, which other.test shares; this
     process has mail for other.test only.  It looked rule.test up at start so the rule
@@ -1746,13 +1757,7 @@ def test_a_domain_rules_site_is_not_forgotten_by_a_process_without_mail_for_it()
                         {"mx.shared.test": ["127.0.0.1"]})
 
     async def main():
-        loop = asyncio.get_running_loop()
-        engine = Engine(settings(free_port(), shaping=[
-            {"domain": "rule.test", "connection_limit": 2}]), resolver, None, loop)
-        engine.learning = loop.create_task(engine._learn_rule_domains())
-        await engine.learning
-        site = await engine._site_of("other.test")
-        src = engine.sources["default"]
+        engine, site, src = await _learnt_rule_engine(resolver)
         assert engine._limits(src, site).connection_limit == 2
         # an hour on: other.test was looked up again (its mail), rule.test was not
         for d, (s, at, until) in list(engine.domain_site.items()):
@@ -1778,13 +1783,7 @@ def test_a_domain_rules_site_not_found_at_start_is_looked_up_again():
                         {"mx.shared.test": ["127.0.0.1"]})
 
     async def main():
-        loop = asyncio.get_running_loop()
-        engine = Engine(settings(free_port(), shaping=[
-            {"domain": "rule.test", "connection_limit": 2}]), resolver, None, loop)
-        engine.learning = loop.create_task(engine._learn_rule_domains())
-        await engine.learning
-        site = await engine._site_of("other.test")
-        src = engine.sources["default"]
+        engine, site, src = await _learnt_rule_engine(resolver)
         before = engine._limits(src, site).connection_limit
         resolver.mx["rule.test"] = MxResult("ok", [["mx.shared.test"]], domain="rule.test")
         engine.forget_old_sites()           # (the upkeep's, once a minute)
