@@ -151,17 +151,24 @@ def _over_shards(settings, each):
             finally:
                 cl.close()
     except TimeoutError as exc:
-        click.echo(f"mta: the daemon is not answering ({exc}); is 'mta serve' running "
-                   f"with state in {settings.state_dir}?", err=True)
-        sys.exit(EX_UNAVAILABLE)
+        _not_answering(settings, str(exc))
     finally:
         ctx.term()
 
 
+def _not_answering(settings, why: str):
+    click.echo(f"mta: the daemon is not answering ({why}); is 'mta serve' running "
+               f"with state in {settings.state_dir}?", err=True)
+    sys.exit(EX_UNAVAILABLE)
+
+
 def _ask_shards(settings, request, *values, timeout: float = 5.0):
-    """Send a request to every spool shard of the running daemon; return their replies."""
-    return list(_over_shards(settings,
-                             lambda cl: [cl.call(request, *values, timeout=timeout)]))
+    """Send a request to every spool shard of the running daemon; return their replies
+    (a shard that does not answer ends the command, naming it)."""
+    replies, errors = _ask_each_shard(settings, request, *values, timeout=timeout)
+    if errors:
+        _not_answering(settings, "; ".join(errors))
+    return replies
 
 
 def _ask_each_shard(settings, request, *values, timeout: float = 5.0):
@@ -437,9 +444,7 @@ def queue_flush(ctx, config_path, as_json, domain, qids):
 
         replies, errors = _ask_each_shard(s, bus.SpoolQueueFlush)
         if not replies:
-            click.echo(f"mta: the daemon is not answering ({'; '.join(errors)}); is 'mta "
-                       f"serve' running with state in {s.state_dir}?", err=True)
-            sys.exit(EX_UNAVAILABLE)
+            _not_answering(s, "; ".join(errors))
         n = sum(r.count for r in replies)
         click.echo(json.dumps({"flushed": n}) if as_json else
                    f"{n} deferred recipient(s) scheduled for delivery now")
