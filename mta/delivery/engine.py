@@ -231,6 +231,12 @@ class Site:
         self.plain = False
         self.rotation: dict[str, dict[str, int]] = {}   # pool name -> its Pool.pick state
 
+    def forget(self, domain: str) -> None:
+        """*domain* no longer goes to this site (forgotten, unrouted, or moved)."""
+        self.domains.discard(domain)
+        self.shaped.discard(domain)
+        self.plain = False
+
 
 class Source:
     """An egress source and its suspension."""
@@ -685,9 +691,7 @@ class Engine:
         that site's rules stop shaping for it and the site can be forgotten."""
         old = self.domain_site.pop(domain, None)
         if old is not None:
-            old[0].domains.discard(domain)
-            old[0].shaped.discard(domain)
-            old[0].plain = False
+            old[0].forget(domain)
             self.sites_version += 1
 
     async def _site_of(self, domain: str) -> Site:
@@ -724,9 +728,7 @@ class Engine:
         site.family = _family(targets)
         old = self.domain_site.get(domain)
         if old is not None and old[0] is not site:
-            old[0].domains.discard(domain)
-            old[0].shaped.discard(domain)
-            old[0].plain = False
+            old[0].forget(domain)
             self.sites_version += 1
         now = self.loop.time()
         self.domain_site[domain] = (site, now, now + min(ttl, SITE_TTL))
@@ -1920,9 +1922,7 @@ class Engine:
                     self._task(self._learn(domain))
                     continue
                 del self.domain_site[domain]
-                site.domains.discard(domain)
-                site.shaped.discard(domain)
-                site.plain = False
+                site.forget(domain)
                 self.sites_version += 1
         if self.rule_domains and self.learning is not None and self.learning.done():
             # (and those whose lookup failed, at start or since: tried again)
