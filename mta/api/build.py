@@ -473,38 +473,30 @@ def _render(parts: list, scopes: tuple, html: bool, guard, limit: int, links: bo
             continue
         if type(p) is not tuple:        # a block: {{ if }}, {{ each }}
             value = p.render(scopes, html, guard, limit, links, nested)
-            out.append(value)
-            n += len(value)
-            if limit and n > limit:
-                raise TooLarge(n)
-            continue
-        value = lookup(p[0], scopes)
-        if len(p) > 2:
-            for alt in p[2]:
-                if value is not None and value is not False:
-                    break
-                value = alt if isinstance(alt, str) else lookup(alt, scopes)
-        if p[1] == 3:
-            # render_dynamic_content(): the value is a template, rendered unescaped
-            value = "" if nested or not isinstance(value, str) else \
-                dynamic(value).render(scopes, html, guard, limit, links, True)
-            if guard is not None:
-                guard(value)
-            out.append(value)
-            n += len(value)
-            if limit and n > limit:
-                raise TooLarge(n)
-            continue
-        value = _text_of(value)
-        if guard is not None:
-            guard(value)
-        if p[1] == 2 and links:
-            if _URL_UNSAFE.search(value) is not None:
-                # (a table for ASCII: a third of quote()'s time, per value in a link)
-                value = value.translate(_URL_TABLE) if value.isascii() else \
-                    quote(value, safe="")
-        elif html and p[1] != 1:
-            value = html_mod.escape(value)
+        else:
+            value = lookup(p[0], scopes)
+            if len(p) > 2:
+                for alt in p[2]:
+                    if value is not None and value is not False:
+                        break
+                    value = alt if isinstance(alt, str) else lookup(alt, scopes)
+            if p[1] == 3:
+                # render_dynamic_content(): the value is a template, rendered unescaped
+                value = "" if nested or not isinstance(value, str) else \
+                    dynamic(value).render(scopes, html, guard, limit, links, True)
+                if guard is not None:
+                    guard(value)
+            else:
+                value = _text_of(value)
+                if guard is not None:
+                    guard(value)
+                if p[1] == 2 and links:
+                    if _URL_UNSAFE.search(value) is not None:
+                        # (a table for ASCII: a third of quote()'s time, per value in a link)
+                        value = value.translate(_URL_TABLE) if value.isascii() else \
+                            quote(value, safe="")
+                elif html and p[1] != 1:
+                    value = html_mod.escape(value)
         out.append(value)
         n += len(value)
         if limit and n > limit:
