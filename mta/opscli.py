@@ -71,7 +71,8 @@ class AdminClient:
             data = r.read()
         except (OSError, http.client.HTTPException) as exc:
             # (HTTPException: something that is not an HTTP server answers there)
-            click.echo(f"mta: the admin listener at {self.host}:{self.port} is not answering "
+            from mta.config import hostport
+            click.echo(f"mta: the admin listener at {hostport(self.host, self.port)} is not answering "
                        f"({type(exc).__name__}: {exc}); is 'mta serve' running?", err=True)
             sys.exit(EX_UNAVAILABLE)
         finally:
@@ -111,8 +112,9 @@ class AdminClient:
             pid = admin_pid(self.settings)
             who = f"the admin process (pid {pid}) is not answering" if pid else \
                 "the admin process is not answering (none runs now)"
-            click.echo(f"mta: {who}: the admin listener at {self.host}:"
-                       f"{self.port} takes connections (the supervisor holds its socket) "
+            from mta.config import hostport
+            click.echo(f"mta: {who}: the admin listener at "
+                       f"{hostport(self.host, self.port)} takes connections (the supervisor holds its socket) "
                        f"but nothing answered in {2 * FIRST_ANSWER:g}s; it may be stopped "
                        "or wedged (see the daemon's log)", err=True)
             sys.exit(EX_UNAVAILABLE)

@@ -24,7 +24,8 @@ from mta.passwords import parse_password_file
 
 from .schema import SECTIONS, TOP_LEVEL_TABLES, Config
 
-__all__ = ["Config", "ConfigError", "Settings", "load", "example_toml", "parse_hostport"]
+__all__ = ["Config", "ConfigError", "Settings", "load", "example_toml", "hostport",
+           "parse_hostport"]
 
 
 class ConfigError(Exception):
@@ -76,6 +77,12 @@ class Settings:
     def endpoint(self, name: str) -> str:
         """The ZeroMQ ipc endpoint for a named socket in the run directory."""
         return "ipc://" + os.path.join(self.run_dir, name)
+
+
+def hostport(host: str, port: int) -> str:
+    """*host* and *port* as ``host:port`` is written (parse_hostport's inverse): an IPv6
+    host in brackets, for "::1:25" would be an address of its own."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_hostport(text: str, brackets: bool = False) -> tuple[str, int]:

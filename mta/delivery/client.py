@@ -81,6 +81,7 @@ from collections import deque
 
 from mta import dsn
 from mta.delivery import socks
+from mta.config import hostport
 from mta.delivery.socks import Socks5Proxy
 
 __all__ = [
@@ -859,7 +860,7 @@ class SmtpConnection:
         except OSError as exc:
             sock.close()
             why = socks.describe_os_error(exc)
-            raise SmtpConnectError(f"connect to {socks.hostport(host, port)} failed ({why})",
+            raise SmtpConnectError(f"connect to {hostport(host, port)} failed ({why})",
                                    temporary=True) from None
         conn = cls(loop, wire, command_timeout, data_timeout)
         conn.host, conn.port = host, port
@@ -1483,7 +1484,7 @@ async def _connect_direct(loop: asyncio.AbstractEventLoop, host: str, port: int,
             infos = await asyncio.wait_for(
                 loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
         except (asyncio.TimeoutError, TimeoutError, OSError) as exc:
-            raise SmtpConnectError(f"connect to {socks.hostport(host, port)}: address lookup failed ({exc})",
+            raise SmtpConnectError(f"connect to {hostport(host, port)}: address lookup failed ({exc})",
                                    temporary=True) from None
         addrs = [(fam, sa) for fam, _, _, _, sa in infos]
     last = None
@@ -1510,7 +1511,7 @@ async def _connect_direct(loop: asyncio.AbstractEventLoop, host: str, port: int,
                 await asyncio.wait_for(loop.sock_connect(sock, sockaddr),
                                        max(deadline - loop.time(), 0))
             except (asyncio.TimeoutError, TimeoutError):
-                raise SmtpConnectError(f"connect to {socks.hostport(host, port)} timed out",
+                raise SmtpConnectError(f"connect to {hostport(host, port)} timed out",
                                        temporary=True) from None
             except OSError as exc:
                 if exc.errno in _SOURCE_ERRNOS:
@@ -1524,7 +1525,7 @@ async def _connect_direct(loop: asyncio.AbstractEventLoop, host: str, port: int,
             sock.close()
             raise
         return sock, sock.getsockname()[0]
-    raise SmtpConnectError(f"connect to {socks.hostport(host, port)} failed ({last or 'no address'})",
+    raise SmtpConnectError(f"connect to {hostport(host, port)} failed ({last or 'no address'})",
                            temporary=True)
 
 
@@ -1537,10 +1538,10 @@ async def _connect_via_proxy(loop: asyncio.AbstractEventLoop, host: str, port: i
     except socks.ProxyUnavailable as exc:
         raise SourceUnavailable(exc.reason, proxy.name) from None
     except socks.DestinationError as exc:
-        raise SmtpConnectError(f"connect to {socks.hostport(host, port)} failed ({exc.strerror})",
+        raise SmtpConnectError(f"connect to {hostport(host, port)} failed ({exc.strerror})",
                                temporary=True) from None
     except ValueError as exc:
-        raise SmtpConnectError(f"connect to {socks.hostport(host, port)} impossible ({exc})",
+        raise SmtpConnectError(f"connect to {hostport(host, port)} impossible ({exc})",
                                temporary=True) from None
     unspecified = bnd_addr in ("0.0.0.0", "::") or not bnd_addr
     return sock, (source or None) if unspecified else bnd_addr

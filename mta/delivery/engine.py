@@ -88,7 +88,7 @@ import time
 
 from mta.bus import (DEFERRED, DELIVERED, FAILED, PRIORITY_TRANSACTIONAL, REQUEUED,
                      DeliveryMessageReady, FiredRule, Result)
-from mta.config import parse_hostport
+from mta.config import hostport, parse_hostport
 from mta.delivery import client as smtpc
 from mta.delivery.adaptive import Adaptive, Warmup
 from mta.delivery.limits import CONNECTION_RATE, CONNECTIONS, MESSAGE_RATE, NodeLimiter, limit_key
@@ -702,8 +702,7 @@ class Engine:
             # Lower case, as the MX site's names are (DNS names are case-insensitive): an
             # operator's site suspension or bounce names the site in lower case.  An
             # IPv6 host in brackets: "::1:2525" would be an address of its own.
-            hosts = tuple(f"[{t.host.lower()}]:{t.port}" if ":" in t.host
-                          else f"{t.host.lower()}:{t.port}" for t in targets)
+            hosts = tuple(hostport(t.host.lower(), t.port) for t in targets)
             # A route's TLS policy and source address are part of its site: two routes to
             # one host with different ones must not share the site's targets (each lookup
             # replaces them, so one route's mail would go with the other's TLS policy).

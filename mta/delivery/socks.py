@@ -41,6 +41,8 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
+from mta.config import hostport
+
 __all__ = [
     "DestinationError", "ProxyUnavailable", "Socks5Proxy", "connect", "describe_os_error",
     "encode_address",
@@ -81,12 +83,6 @@ DESTINATION_ERRNO = {
     # the source for it would stop its mail to every other site.
     0x08: errno.EAFNOSUPPORT,
 }
-
-
-def hostport(host: str, port: int) -> str:
-    """``host:port`` for logs and replies, an IPv6 address in brackets ("::1:25" would
-    be an address of its own)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,9 +89,10 @@ import setproctitle
 
 from mta import config as mconfig
 from mta import proc, store
+from mta.config import hostport
 from mta.obs import queue as queue_view
 from mta.supervisor import notify
-from mta.supervisor.services import hostport, table
+from mta.supervisor.services import table
 
 log = logging.getLogger("mta.supervisor")
 

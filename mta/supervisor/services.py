@@ -9,6 +9,8 @@ start), then the spool, which records those outcomes before it stops.
 """
 from dataclasses import dataclass
 
+from mta.config import hostport
+
 
 @dataclass(frozen=True)
 class Service:
@@ -47,12 +49,6 @@ def table(settings) -> list[Service]:
         Service("acceptor", settings.acceptors, "mta.acceptor.main:main", settings.listen,
                 "always", "replace", settings.http_listen),
     ]
-
-
-def hostport(host: str, port: int) -> str:
-    """A listen address as written in the config: an IPv6 one in brackets ("::1:25"
-    would be an address of its own)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def render(services: list[Service]) -> str:
