@@ -561,7 +561,8 @@ def _check_admin(a, used: list) -> tuple[tuple, tuple]:
     return tuple(out), tuple(agent)
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
+    """Whether *text* is an IPv4 or IPv6 address."""
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -600,10 +601,10 @@ def _check_delivery(d) -> tuple:
             # is on port 53; a port follows an IPv4 address or an IPv6 one in brackets
             host, port = item.strip("[]") if item.startswith("[") and item.endswith("]") \
                 else item, 53
-            if not _is_ip(host):
+            if not is_ip(host):
                 host, port = parse_hostport(item)
                 ipaddress.ip_address(host)
-            elif not item.startswith("[") and _is_ip(item.rpartition(":")[0]) and \
+            elif not item.startswith("[") and is_ip(item.rpartition(":")[0]) and \
                     item.rpartition(":")[2].isdigit():
                 # "::1:53": the address ::1:53, or ::1 on port 53 (as read before bare
                 # IPv6 addresses were taken)? Silently the one, it was meant as the other.

@@ -88,7 +88,7 @@ import time
 
 from mta.bus import (DEFERRED, DELIVERED, FAILED, PRIORITY_TRANSACTIONAL, REQUEUED,
                      DeliveryMessageReady, FiredRule, Result)
-from mta.config import hostport, parse_hostport
+from mta.config import hostport, is_ip, parse_hostport
 from mta.delivery import client as smtpc
 from mta.delivery.adaptive import Adaptive, Warmup
 from mta.delivery.limits import CONNECTION_RATE, CONNECTIONS, MESSAGE_RATE, NodeLimiter, limit_key
@@ -355,14 +355,6 @@ def _route_key(domain: str) -> str:
     and without the final dot ("*" and an address literal as they are)."""
     domain = domain.lower().rstrip(".")
     return normalize_domain(domain) or domain
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False
 
 
 LOCAL_ADDRESSES_TTL = 60.0      # seconds: this host's addresses are read again after it
@@ -986,7 +978,7 @@ class Engine:
     async def _addresses(self, host: str) -> tuple[list[str], float]:
         """*host*'s addresses and the seconds they hold (an address: itself, SITE_TTL;
         an IPv6 one nothing when delivery.ipv6 is off); DnsTempError as the resolver's."""
-        if _is_ip(host):
+        if is_ip(host):
             return ([host] if self.cfg.ipv6 or ":" not in host else []), SITE_TTL
         return await self.resolver.resolve_addresses_ttl(host)
 
@@ -1104,7 +1096,7 @@ class Engine:
             t.ip, t.port, helo_name=src.ehlo, source_address=address, socks5=src.proxy,
             connect_timeout=cfg.connect_timeout, command_timeout=cfg.command_timeout,
             data_timeout=cfg.data_timeout, starttls=starttls, tls_verify=t.tls_verify,
-            tls_server_hostname=t.host if not _is_ip(t.host) else None,
+            tls_server_hostname=t.host if not is_ip(t.host) else None,
             tls_context=self.verify_ctx if t.tls_verify else None)
 
     @staticmethod
