@@ -145,12 +145,13 @@ class Acceptor:
         # RCPT TO:<Postmaster> (RFC 5321 4.5.1): the mailbox it stands for here.
         self.postmaster = cfg.smtp.postmaster or f"postmaster@{self.hostname}"
         # delivery.ipv6 = false connects to no IPv6 address: an IPv6 address literal is
-        # delivered only through a '*' route (a smarthost), else refused at RCPT
-        self.ipv6_literals = cfg.delivery.ipv6 or any(r.domain == "*" for r in
-                                                      cfg.delivery.route)
-        # ... or a route of its own (its domain the literal, as routes are looked up)
-        self.literal_routes = frozenset(r.domain.lower() for r in cfg.delivery.route
-                                        if r.domain.startswith("["))
+        # delivered only through a '*' route (a smarthost) or a route of its own (its
+        # domain the literal, as routes are looked up), else refused at RCPT.  None:
+        # every literal is delivered; else the literals routed.
+        routes = cfg.delivery.route
+        self.ipv6_literal_routes = None if cfg.delivery.ipv6 or \
+            any(r.domain == "*" for r in routes) else \
+            frozenset(r.domain.lower() for r in routes if r.domain.startswith("["))
         self.ssl_context = self._ssl_context()
         self.auth_users = settings.auth_users
         self.auth_failures = tls_auth.Failures(   # per client address

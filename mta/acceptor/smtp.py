@@ -679,10 +679,11 @@ class Session(asyncio.Protocol):
                      rcpt)
             self.reply_error(R.RELAY_DENIED)
             return
-        if rcpt[-1] == "]" and not self.a.ipv6_literals and ":" in rcpt.rpartition("@")[2] \
-                and rcpt.rpartition("@")[2].lower() not in self.a.literal_routes:
-            self.out.append(R.NO_IPV6_ROUTE)     # ([IPv6:...]: it would bounce later)
-            return
+        if rcpt[-1] == "]" and self.a.ipv6_literal_routes is not None:
+            literal = rcpt.rpartition("@")[2].lower()
+            if ":" in literal and literal not in self.a.ipv6_literal_routes:
+                self.out.append(R.NO_IPV6_ROUTE)     # ([IPv6:...]: it would bounce later)
+                return
         if len(self.rcpts) >= self.a.smtp.max_recipients:
             self.out.append(R.TOO_MANY_RCPTS)
             return
