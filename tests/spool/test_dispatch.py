@@ -1040,7 +1040,10 @@ def test_the_jobs_out_of_a_deleted_message_end_each_recipient_once(tmp_path):
     # c's job never answers: given up after the job timeout, and not sent again
     written.clear()
     req = jobs[2][1].req
-    shard.window.jobs[req] = shard.window.jobs[req]._replace(sent_at=0.0)
+    # (sent longer ago than the job timeout by the monotonic clock: not its zero, which is
+    # the boot, less than a job timeout before on a machine just started)
+    shard.window.jobs[req] = shard.window.jobs[req]._replace(
+        sent_at=time.monotonic() - shard.job_timeout - 1)
     shard.expire_jobs()
     assert shard.deleted_out == {} and shard.window.jobs == {}
     shard.dispatch()
