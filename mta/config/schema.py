@@ -626,9 +626,10 @@ class BackoffConfig(Struct, forbid_unknown_fields=True, kw_only=True):
                             _doc(
         "enhanced codes that make a deferral of single recipients (a 4xx to RCPT) count "
         "as the site asking to slow down; other RCPT deferrals (greylisting, a full "
-        "mailbox, an unknown user's 450) are about the recipient and count neither way. "
-        "A 421, a deferral at connect, greeting, EHLO, MAIL or DATA, and a connection "
-        "that fails always count")] = msgspec.field(
+        "mailbox, an unknown user's 450) are about the recipient and count neither way, "
+        "and so do DATA deferrals with a 4.2.x or 4.7.x code not listed here (greylisting "
+        "after DATA, 451 4.7.1). A 421, a deferral at connect, greeting, EHLO or MAIL, "
+        "one at DATA with another code or none, and a connection that fails always count")] = msgspec.field(
         default_factory=lambda: ["4.7.0", "4.7.28", "4.7.500", "4.7.650"])
     max_entries: Annotated[int, _doc(
         "most suspensions, throttles and back-offs kept at once (in the state directory, "

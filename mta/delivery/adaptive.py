@@ -85,6 +85,9 @@ log = logging.getLogger("mta.delivery.adaptive")
 SETTLE = 1.5        # seconds for a new back-off rate to reach every process (1 s reads)
 MIN_SPAN = 1.0      # seconds of attempts, at least, before a window is judged
 MAX_WINDOW = 20_000  # attempts kept per (source x site) window, at most
+# Subjects of enhanced status codes (RFC 3463) that speak of the message or its
+# recipients, not of the receiving system: mailbox status, security or policy status.
+_ABOUT_THE_MESSAGE = (["2"], ["7"])
 BUSY_WAIT = 0.001    # seconds: Warmup.take's answer when a count's lock is busy
                     # (held for microseconds by another process; not a full cap)
 MAX_STATUS_SITES = 1000  # sites whose warm-up counts a process's status shows, at most
@@ -297,9 +300,15 @@ class Adaptive:
 
     def slows(self, code: int, enhanced: str, stage: str) -> bool:
         """Whether a deferral (4xx) says the site wants less from this source, rather
-        than something about one recipient: a 421, any 4xx before RCPT or to DATA, and a
-        RCPT 4xx only with one of ``[backoff] rcpt_signals``."""
-        return code == 421 or stage != "rcpt" or enhanced in self.rcpt_signals
+        than something about the message: a 421, any 4xx before RCPT, one with one of
+        ``[backoff] rcpt_signals``, and a 4xx to DATA unless its enhanced code is about
+        the mailbox (4.2.x) or policy (4.7.x): greylisting after DATA (451 4.7.1) defers
+        every first attempt of a new sender and is no rate limit, as at RCPT."""
+        if code == 421 or enhanced in self.rcpt_signals:
+            return True
+        if stage == "rcpt":
+            return False
+        return stage != "data" or enhanced.split(".")[1:2] not in _ABOUT_THE_MESSAGE
 
     def record(self, source: str, site: str, ok: bool, attempted_rate: float | None = None,
                base=None) -> bool:

@@ -333,14 +333,20 @@ def test_bad_warmup_is_refused_naming_the_key(tmp_path, warmup, key):
 
 def test_only_deferrals_about_the_site_count_for_backoff(tmp_path):
     a = make(tmp_path, Clock())
-    # the site asks to slow down: a 421 anywhere, any 4xx before RCPT or to DATA,
-    # a RCPT 4xx with a rate/policy code
+    # the site asks to slow down: a 421 anywhere, any 4xx before RCPT, one to DATA
+    # about the system, a 4xx with a rate/policy code
     assert a.slows(421, "4.7.0", "rcpt") and a.slows(421, "", "connect")
     assert a.slows(451, "4.3.0", "mail") and a.slows(452, "4.3.1", "data")
     assert a.slows(451, "4.7.500", "rcpt") and a.slows(450, "4.7.28", "rcpt")
     # about one recipient: greylisting, a full mailbox, a busy mailbox
     assert not a.slows(450, "4.2.0", "rcpt") and not a.slows(451, "4.7.1", "rcpt")
     assert not a.slows(452, "4.2.2", "rcpt") and not a.slows(451, "", "rcpt")
+    # after DATA: the system's trouble or no enhanced code counts; greylisting (4.7.1)
+    # and a mailbox's (4.2.x) do not, a signal does
+    assert a.slows(451, "4.3.0", "data") and a.slows(451, "", "data")
+    assert a.slows(451, "4.4.5", "data") and a.slows(451, "4.7.500", "data")
+    assert not a.slows(451, "4.7.1", "data") and not a.slows(452, "4.2.2", "data")
+    assert a.slows(421, "4.7.1", "data")
     b = make(tmp_path / "b", Clock(), rcpt_signals=["4.2.1"])
     assert b.slows(450, "4.2.1", "rcpt") and not b.slows(451, "4.7.0", "rcpt")
     with pytest.raises(msgspec.ValidationError, match="rcpt_signals"):

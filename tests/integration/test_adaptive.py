@@ -191,6 +191,37 @@ def test_backoff_lowers_the_rate_and_recovers_step_by_step(lab):
     assert rules(d) == []
 
 
+def test_greylisting_after_data_does_not_put_a_new_sender_in_back_off(lab):
+    """A receiver that greylists after DATA (451 4.7.1, as Exim's and milter-greylist's
+    set-ups do) defers every first attempt of a new sender: that is about the message,
+    not the rate.  A burst to it (breaking news to a company's staff) is not slowed to
+    [backoff] min_rate; every message goes at its first retry."""
+    import threading
+    seen: set = set()
+    lock = threading.Lock()
+
+    def greylist(sink, txn):
+        with lock:
+            if tuple(txn.rcpt_tos) not in seen:
+                seen.add(tuple(txn.rcpt_tos))
+                return "451 4.7.1 Greylisted, please try again later"
+        return None
+
+    sink = lab.aio("127.0.0.10", data=greylist)
+    lab.serve(mx(LIMITED, SITE, "127.0.0.10"))
+    # retries after 1 s; back-off's window 0.6 s, its steps every 0.6 s (x time_scale)
+    d = lab.daemon(retry_schedule=[100.0, 200.0], retry_jitter=0.0, time_scale=0.01)
+    send_many(d, LIMITED, 40, "g")
+    # without back-off each goes at its first retry, a second after its greylisting; at
+    # min_rate (1/m, growing by 1/m a step) the last would take over a minute
+    wait_until(lambda: sink.received() >= 40, 20, "all 40 delivered at their retry",
+               details=lambda: f"{sink.received()} delivered, {len(sink.rejected)} "
+               f"greylisted\n" + d.log()[-2000:])
+    assert len(sink.rejected) == 40     # each was greylisted once
+    assert "back-off begins" not in d.log()
+    assert rules(d) == []
+
+
 def delivery_status(d) -> list[dict]:
     out = []
     for path in sorted(glob.glob(os.path.join(d.state_dir, "run", "delivery-*.status.json"))):
