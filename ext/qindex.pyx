@@ -1141,6 +1141,39 @@ cdef class QueueIndex:
             self._schedule(s, now)
         return n
 
+    def step_back(self, double now, double by):
+        """The wall clock was stepped back by *by* seconds: every pending due time later
+        than *now* comes *by* earlier (not before *now*) and its message is queued at its
+        earliest; how many recipients.  A recipient never tried whose message's start
+        (options.start_time, after its arrival) is still ahead keeps it: that is an
+        instant the client named, not one counted from the clock."""
+        cdef uint32_t s, i
+        cdef Msg* m
+        cdef Rcpt* r
+        cdef bint scheduled, got
+        cdef double first
+        cdef Py_ssize_t count = 0
+        for s in range(self.mlen):
+            m = &self.msgs[s]
+            if not (m.bits & _BIT_LIVE):
+                continue
+            scheduled = m.start > m.arrival and m.start > now
+            got = False
+            first = 0
+            for i in range(m.nrcpt):
+                r = &self.rc[m.rfirst + i]
+                if r.state != _PENDING or not r.due > now or \
+                        (scheduled and r.attempts == 0 and r.due == m.start):
+                    continue
+                r.due = r.due - by if r.due - by > now else now
+                count += 1
+                if not got or r.due < first:
+                    first = r.due
+                    got = True
+            if got:
+                self._schedule(s, first)
+        return count
+
     cdef object _matcher(self, domains, campaign, pool):
         """(bytearray over domain ids or None, campaign id, pool id; 0: any); None when
         nothing can match (a named campaign or pool no message has)."""

@@ -395,3 +395,35 @@ def report_ready(fd: int | None) -> None:
         os.write(fd, b"R")
     finally:
         os.close(fd)
+
+
+CLOCK_STEP = 2.0    # seconds the wall clock must fall behind the monotonic one to count
+
+
+class ClockStepWatch:
+    """Notices the wall clock (``time.time``) being stepped back (NTP/chrony after a
+    boot with the clock ahead, an operator's ``date -s``), against the monotonic clock.
+
+    Times kept as wall-clock instants (a retry's due time, a pause's end) then come
+    later by the step than they were meant to: a queue waits that much longer.  A
+    step forward is not reported: the monotonic clock stops while the machine is
+    suspended, so a resume looks just like one, and the time that passed then is real.
+    """
+
+    __slots__ = ("offset", "wall", "mono", "least")
+
+    def __init__(self, wall=None, mono=None, least: float = CLOCK_STEP):
+        # (None: time.time and time.monotonic, looked up at each call)
+        self.wall, self.mono, self.least = wall, mono, least
+        self.offset = self._offset()
+
+    def _offset(self) -> float:
+        return (self.wall or time.time)() - (self.mono or time.monotonic)()
+
+    def stepped_back(self) -> float:
+        """Seconds the wall clock went back since the last call (0.0: none, or less than
+        *least*: NTP's slewing moves it by at most half a millisecond a second)."""
+        offset = self._offset()
+        back = self.offset - offset
+        self.offset = offset
+        return back if back >= self.least else 0.0

@@ -333,3 +333,17 @@ def test_a_new_child_ignores_sighup_until_its_role_takes_it():
             "print('alive')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == b"alive", r
+
+
+def test_clock_step_watch_reports_a_step_back_once_and_never_a_forward_one():
+    t = {"wall": 1_800_000_000.0, "mono": 100.0}
+    w = proc.ClockStepWatch(wall=lambda: t["wall"], mono=lambda: t["mono"])
+    t["wall"] += 1.0005                 # slewed: a second and a half millisecond
+    t["mono"] += 1.0
+    assert w.stepped_back() == 0.0
+    t["wall"] -= 3599.0                 # a second later, stepped back an hour
+    t["mono"] += 1.0
+    assert w.stepped_back() == pytest.approx(3600.0)
+    assert w.stepped_back() == 0.0      # (reported once)
+    t["wall"] += 86400.0                # forward (a resume from suspend looks the same)
+    assert w.stepped_back() == 0.0

@@ -540,6 +540,29 @@ class QueueIndex:
                 self._schedule(self._by_qid[m.qid], m, float(now))
         return count
 
+    def step_back(self, now, by) -> int:
+        """The wall clock was stepped back by *by* seconds: every pending due time later
+        than *now* comes *by* earlier (not before *now*) and its message is queued at its
+        earliest; how many recipients.  A recipient never tried whose message's start
+        (options.start_time, after its arrival) is still ahead keeps it: that is an
+        instant the client named, not one counted from the clock."""
+        now, by = float(now), float(by)
+        count = 0
+        for m in list(self._walk()):
+            scheduled = m.start > m.arrival and m.start > now
+            first = None
+            for i, s in enumerate(m.state):
+                if s != PENDING or not m.due[i] > now or \
+                        scheduled and not m.attempts[i] and m.due[i] == m.start:
+                    continue
+                m.due[i] = max(now, m.due[i] - by)
+                count += 1
+                if first is None or m.due[i] < first:
+                    first = m.due[i]
+            if first is not None:
+                self._schedule(self._by_qid[m.qid], m, first)
+        return count
+
     def _matcher(self, domains, campaign, pool):
         """(domain ids or None, campaign id or None, pool id or None); False: nothing can
         match (a named campaign or pool no message has)."""

@@ -157,6 +157,11 @@ class Window:
         """Delivery REQUEUED a job of *pool* to *domain* until *until*: so are the others."""
         self.paused[(domain, pool)] = until
 
+    def step_back(self, now: float, by: float) -> None:
+        """The wall clock went back by *by* seconds: the pauses end that much earlier."""
+        for key, until in self.paused.items():
+            self.paused[key] = max(now, until - by)
+
     def paused_until(self, domain: str, pool, now: float) -> float:
         """Until when jobs of *pool* to *domain* wait (0.0: they may go now)."""
         until = self.paused.get((domain, pool))

@@ -211,6 +211,7 @@ class Shard:
         # could name (one per message and delay_warning_time; outcomes.Plan._may_notice)
         self.delay_noticed: dict[str, float] = {}
         self.started = time.time()
+        self.clock = proc.ClockStepWatch()     # the wall clock stepped back (watch_clock)
         # delivery processes a flush's DeliveryQueueFlush did not reach yet (their queue
         # was full): it goes before the next jobs sent to them (_send_flush)
         # (process -> the domains whose sites' holds end; None: every site's)
@@ -432,6 +433,7 @@ class Shard:
             self.pusher.due(now)
         if now >= self.next_reclaim and not self.recovering:
             self.next_reclaim = now + RECLAIM_INTERVAL
+            self.watch_clock()
             if not self.healthy:
                 self.probe()
             self.reclaim()
@@ -1093,6 +1095,29 @@ class Shard:
                     idxs = [i for i in idxs if i not in keep]
             if idxs:
                 self.expire_work.append((qid, idxs))
+
+    def watch_clock(self) -> None:
+        """Once a second: when the wall clock was stepped back, the due times set before
+        (retries, hand-backs, pauses, delay notices' intervals) come as much earlier.
+
+        They are wall-clock instants (durable: a restart keeps them); left as they
+        were, every deferred recipient would wait the step longer -- an hour's step
+        back, an hour's stall.  A start_time still ahead is the client's instant and
+        stays; deadlines stay (a message expires no sooner for it).  Cost: one pass
+        over the queue index per step (milliseconds for a million messages).
+        """
+        back = self.clock.stepped_back()
+        if not back:
+            return
+        now = time.time()
+        moved = self.q.step_back(now, back)
+        self.window.step_back(now, back)
+        noticed = self.delay_noticed
+        for qid, at in noticed.items():
+            noticed[qid] = at - back
+        self.started -= back
+        log.warning("the wall clock went back %.0fs: %d recipient(s) waiting to be retried "
+                    "are due that much earlier", back, moved)
 
     def probe(self) -> None:
         """While unhealthy, see whether the disk takes writes again (once a second).

@@ -1161,3 +1161,63 @@ def test_no_delay_notice_for_a_recipient_whose_delivery_is_under_way(tmp_path):
         bus.Result(0, bus.DELIVERED, 250, "2.0.0", "ok", "mx.x.example", "127.0.0.2")]))
     shard.batch(outcomes=[d])
     assert len(q) == 0                                        # delivered: no DSN at all
+
+
+def test_a_wall_clock_stepped_back_does_not_hold_up_the_retries(tmp_path, monkeypatch):
+    # NTP steps the clock back an hour (the machine booted with it ahead).  A recipient
+    # deferred just before is due again 300 s after its attempt, not an hour and 300 s;
+    # a domain's pause ends when it was meant to; a message whose options.start_time is
+    # ahead keeps its instant (the client's, not counted from the clock).
+    shard = make_shard(tmp_path, retry_schedule=[300.0], retry_jitter=0.0)
+    retried = queue(shard, ["a@x.example"])
+    start = time.time() + 7200.0
+    scheduled = queue(shard, ["b@y.example"], start_at=start)
+    shard.dispatch()
+    [(d, job)] = sent(shard)
+    shard.links.outcomes[d].append(bus.DeliveryOutcome(req=job.req, qid=retried, results=[
+        bus.Result(0, bus.DEFERRED, 451, "4.3.0", "try later", "mx", "127.0.0.1")]))
+    shard.batch(outcomes=[d])
+    q = shard.store.index
+    deferred_at = time.time()
+    shard.window.pause("z.example", "default", deferred_at + 60.0)
+    real = time.time
+    step = 3600.0
+    monkeypatch.setattr(shard_mod.time, "time", lambda: real() - step)
+    shard.watch_clock()
+    due = q.progress(retried)[2][0]
+    assert deferred_at - step + 299.0 <= due <= real() - step + 300.0
+    assert q.progress(scheduled)[2] == [start]
+    assert shard.window.paused_until("z.example", "default", real() - step) \
+        <= deferred_at - step + 60.0
+    # nothing before its time...
+    shard.dispatch()
+    assert sent(shard) == []
+    # ... and it goes 300 s after its attempt, by the clock as it is now
+    monkeypatch.setattr(shard_mod.time, "time", lambda: real() - step + 301.0)
+    shard.watch_clock()                     # (an hour ahead again: not a step back)
+    shard.dispatch()
+    assert [j.qid for _, j in sent(shard)] == [retried]
+    assert q.progress(scheduled)[2] == [start]
+
+
+def test_a_message_taken_while_the_clock_was_ahead_is_not_held_back_by_it(tmp_path,
+                                                                        monkeypatch):
+    # Accepted (and held back: its domain paused) while the clock was a day ahead; once
+    # it is set right the message is due as soon as the pause it waited for ends,
+    # not a day later.
+    shard = make_shard(tmp_path, retry_jitter=0.0)
+    real = time.time
+    ahead = 86400.0
+    monkeypatch.setattr(shard_mod.time, "time", lambda: real() + ahead)
+    shard.clock = shard_mod.proc.ClockStepWatch()
+    qid = queue(shard, ["a@x.example"])
+    shard.dispatch()
+    [(d, job)] = sent(shard)
+    shard.links.outcomes[d].append(requeue_outcome(shard, job, 30.0, source=""))
+    shard.batch(outcomes=[d])
+    monkeypatch.setattr(shard_mod.time, "time", real)
+    shard.watch_clock()
+    monkeypatch.setattr(shard_mod.time, "time", lambda: real() + 31.0)
+    shard.watch_clock()
+    shard.dispatch()
+    assert [j.qid for _, j in sent(shard)] == [qid]

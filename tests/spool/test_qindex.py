@@ -698,3 +698,20 @@ def test_compiled_fifo_discarded_entries_do_not_pile_up():
             assert f.discard("%020X" % (0x18A3F2C4B1D2E0300000 + i - 10))
     assert len(f) == 10 and f.memory()["ring"] <= 64 * 16
     assert f.take(100) == ["%020X" % (0x18A3F2C4B1D2E0300000 + i) for i in range(199_990, 200_000)]
+
+
+def test_step_back_moves_the_due_times_after_now_earlier(mod):
+    # The wall clock went back 100 s: what was due later than now comes 100 s earlier
+    # (not before now); a message whose start_time is ahead keeps it for the
+    # recipients never tried; what is done or already due stays.
+    q = mod.QueueIndex(1.0)
+    put(q, Q1, ["a", "b", "c", "d"], state=[PENDING, PENDING, PENDING, DELIVERED],
+        due=[T0 + 150, T0 + 50, T0 - 5, T0 + 500])
+    q.add(Q2, 1, 100, 10, 2000, T0 - 10, T0 + 3600, dispatch.BULK, "default", None,
+          ["a", "b"], attempts=[0, 1], due=[T0 + 3600, T0 + 3600])
+    assert q.step_back(T0, 100.0) == 3
+    assert q.progress(Q1)[2] == [T0 + 50, T0, T0 - 5, T0 + 500]
+    assert q.scheduled(Q1) == T0
+    assert q.progress(Q2)[2] == [T0 + 3600, T0 + 3500]
+    assert q.scheduled(Q2) == T0 + 3500
+    assert q.step_back(T0 + 5000, 100.0) == 0
