@@ -222,7 +222,7 @@ class Site:
         # smarthost ('*') carries for gmail.com must not shape the smarthost as Gmail.
         self.shaped: set[str] = set()
         self.lanes: dict[str, Lane] = {}        # by source name
-        # source name -> (until, RouteError): every host failed from that source; the
+        # source name -> (until, time.monotonic(); RouteError): every host failed from that source; the
         # jobs that come meanwhile get the same answer without a connection (Engine.down)
         self.down: dict[str, tuple[float, RouteError]] = {}
         # a domain that no domain rule matches has been among shaped (see _site_of); False
@@ -241,7 +241,7 @@ class Site:
 class Source:
     """An egress source and its suspension."""
 
-    __slots__ = ("name", "address", "ehlo", "proxy", "family", "suspended_until", "failures",
+    __slots__ = ("name", "address", "ehlo", "proxy", "family", "resume_at", "failures",
                  "reason")
 
     def __init__(self, cfg, default_ehlo: str):
@@ -256,12 +256,21 @@ class Source:
         # (0: the system's choice, or a proxy that connects for it)
         self.family = 0 if not self.address or self.proxy else \
             6 if ":" in self.address else 4
-        self.suspended_until = 0.0
+        # time.monotonic() at which a suspension ends (0.0: none): an interval of this
+        # process, which a step of the wall clock must not stretch or cut
+        self.resume_at = 0.0
         self.failures = 0
         self.reason = ""
 
-    def usable(self, now: float) -> bool:
-        return now >= self.suspended_until
+    def usable(self) -> bool:
+        return not self.resume_at or time.monotonic() >= self.resume_at
+
+    def suspended_until(self, now: float) -> float:
+        """The wall-clock instant (*now*: time.time()) the suspension ends; 0.0: none."""
+        if not self.resume_at:
+            return 0.0
+        left = self.resume_at - time.monotonic()
+        return now + left if left > 0 else 0.0
 
 
 class Pool:
@@ -751,7 +760,7 @@ class Engine:
     def _held(self, source: str, site: str, now: float) -> float:
         """Until when (wall clock) *source* may not send to *site*; 0.0: it may now."""
         src = self.sources[source]
-        until = src.suspended_until if not src.usable(now) else 0.0
+        until = src.suspended_until(now)
         e = self.adaptive.suspended(source, site, now)
         if e is not None:
             until = max(until, e.until)
@@ -845,7 +854,7 @@ class Engine:
         if site.down:
             down = site.down.get(name)
             if down is not None:
-                if down[0] > now:       # every host failed a moment ago: the same answer
+                if down[0] > time.monotonic():  # every host failed a moment ago: the same answer
                     self._fail_route(job, down[1])
                     return
                 del site.down[name]
@@ -1140,13 +1149,12 @@ class Engine:
     # -------------------------------------------------------------- sources
 
     def _suspend(self, src: Source, exc: Exception) -> None:
-        now = time.time()
-        if not src.usable(now):
+        if not src.usable():
             return      # another lane found out first
         eg = self.egress
         period = min(eg.suspend_time * (2 ** min(src.failures, 30)), eg.suspend_time_max)
         src.failures += 1
-        src.suspended_until = now + period
+        src.resume_at = time.monotonic() + period
         src.reason = str(exc)
         log.warning("source %s suspended for %.0fs: %s; its mail goes to the other sources "
                     "of its pools", src.name, period, src.reason)
@@ -1288,7 +1296,7 @@ class Engine:
                                 self.down > 0 and lane.active == 1:
                             # (not while another connection of the lane works: a site
                             # that refuses one more connection is not down)
-                            lane.site.down[src.name] = (time.time() + self.down, RouteError(
+                            lane.site.down[src.name] = (time.monotonic() + self.down, RouteError(
                                 DEFERRED, exc.code, exc.enhanced,
                                 f"delivery temporarily suspended: {exc.text}"))
                         self._fail_route(job, exc)
@@ -1971,9 +1979,8 @@ class Engine:
                                           if s.name in self.warmup.counted_sites])
             if self.warmup.plans else {},
             "sources": {s.name: {"address": s.address or "", "proxy": bool(s.proxy),
-                                 "suspended_until": s.suspended_until
-                                 if not s.usable(now) else 0.0,
-                                 "reason": s.reason if not s.usable(now) else ""}
+                                 "suspended_until": s.suspended_until(now),
+                                 "reason": s.reason if not s.usable() else ""}
                         for s in self.sources.values()},
         }
 

@@ -51,8 +51,7 @@ class DeliveryMetrics:
         rows += [(GAUGE, "mta_delivery_queue_jobs", k, v)
                  for k, v in top_n(queued, self.limit)]
         rows.append((GAUGE, "mta_delivery_jobs_in_flight", (), eng.in_flight))
-        now = time.time()
-        rows += [(GAUGE, "mta_delivery_source_suspended", (name,), 0 if s.usable(now) else 1)
+        rows += [(GAUGE, "mta_delivery_source_suspended", (name,), 0 if s.usable() else 1)
                  for name, s in eng.sources.items()]
         st = self.delivery.resolver.cache_stats()
         rows += [

@@ -1863,3 +1863,38 @@ def test_a_domain_forgotten_and_back_on_its_site_keeps_a_domain_rules_looser_tls
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         before, after = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
     assert (before, after) == ("none", "required")
+
+
+def test_a_source_suspension_lasts_its_period_whatever_the_wall_clock_does(monkeypatch):
+    # A source that could not be used is suspended for egress.suspend_time: an interval
+    # of this process.  The wall clock stepped back an hour meanwhile (NTP) must not
+    # keep it suspended an hour longer -- its mail handed back to the spool with a
+    # wait of an hour -- nor one stepped forward end it at once.
+    real_wall, real_mono = engine_mod.time.time, engine_mod.time.monotonic
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(settings(free_port()), mx_to_loopback("x.test"),
+                        lambda *a, **k: None, loop)
+        src = next(iter(engine.sources.values()))
+        period = engine.egress.suspend_time
+        engine._suspend(src, engine_mod.SourceUnavailable("cannot bind"))
+        out = []
+        for step in (-3600.0, 0.0, 86400.0):
+            monkeypatch.setattr(engine_mod.time, "time", lambda s=step: real_wall() + s)
+            now = engine_mod.time.time()
+            out.append((engine._held(src.name, "x.test", now) - now,
+                        engine.status()["sources"][src.name]["suspended_until"] - now))
+        monkeypatch.setattr(engine_mod.time, "monotonic", lambda: real_mono() + period + 1)
+        out.append((engine._held(src.name, "x.test", engine_mod.time.time()),
+                    engine.status()["sources"][src.name]["suspended_until"]))
+        monkeypatch.setattr(engine_mod.time, "monotonic", real_mono)
+        monkeypatch.setattr(engine_mod.time, "time", real_wall)
+        await engine.close()
+        return out, period
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        out, period = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    for left, shown in out[:3]:
+        assert 0 < left <= period and 0 < shown <= period
+    assert out[3] == (0.0, 0.0)
