@@ -899,6 +899,9 @@ class Store:
         # with the index's flags by whatever applies records (recovery, commit), so that a
         # restart finds every owed bounce without a walk of the queue.
         self.owed: dict[str, dict[int, list]] = {}
+        # The latest arrival of the message records recovered: the clock read at least
+        # that when the daemon last ran (later than now: it was set back meanwhile)
+        self.latest_arrival = 0.0
 
     @property
     def recipients(self) -> int:
@@ -1070,8 +1073,11 @@ class Store:
 
     def _apply(self, seg: Segment, rtype: int, meta: bytes, boff: int, blen: int) -> None:
         if rtype == REC_MESSAGE:
-            self._add(_dec_msg.decode(meta), seg.number, boff - len(meta), len(meta), blen)
+            m = _dec_msg.decode(meta)
+            self._add(m, seg.number, boff - len(meta), len(meta), blen)
             seg.total += 1
+            if m.arrival > self.latest_arrival:
+                self.latest_arrival = m.arrival
         elif rtype == REC_DONE:
             remove = self.index.remove
             owed = self.owed

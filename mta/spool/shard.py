@@ -294,6 +294,7 @@ class Shard:
         # (or, before it, when its delay notice is due: RetryPolicy.first_look)
         self.finished_at_start += self.q.schedule_recovered(self.recovered_up_to,
                                                             self.policy.first_look())
+        self._clock_behind_spool()
         self.recovering = False
         # the recovered queue is never walked by the collector (frozen without a
         # collection first: it made no cycles, and walking a million entries takes ~1 s)
@@ -1118,6 +1119,22 @@ class Shard:
         self.started -= back
         log.warning("the wall clock went back %.0fs: %d recipient(s) waiting to be retried "
                     "are due that much earlier", back, moved)
+
+    def _clock_behind_spool(self) -> None:
+        """After recovery: when the newest message on disk arrived later than now, the
+        clock was set back while the daemon was down (it ran ahead before); the due
+        times recorded then come that much earlier, as :meth:`watch_clock` does for a
+        step while running -- else the mail taken meanwhile (never tried: due at its
+        arrival) would wait until the clock caught up, and `mta queue flush` would
+        leave it as scheduled.  Ages still count from the recorded arrival."""
+        now = time.time()
+        behind = self.store.latest_arrival - now
+        if behind < proc.CLOCK_STEP:
+            return
+        moved = self.q.step_back(now, behind)
+        log.warning("the clock is behind the spool: its newest message arrived %.0fs from "
+                    "now (the clock was set back while the daemon was down?); %d "
+                    "recipient(s) due later are due that much earlier", behind, moved)
 
     def probe(self) -> None:
         """While unhealthy, see whether the disk takes writes again (once a second).
