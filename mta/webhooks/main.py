@@ -193,13 +193,15 @@ class Webhooks:
             try:
                 await self.follow_store()
                 await self.refresh()
-                now = time.time()
+                # (intervals of this process: monotonic, so that a step of the wall
+                # clock back does not stop the status for as long)
+                now = time.monotonic()
                 if now >= next_status:
                     next_status = now + STATUS_INTERVAL
                     self.publish()
                 if now >= next_purge:
                     next_purge = now + PURGE_INTERVAL
-                    self.db.purge(now, self.cfg.status_retention)
+                    self.db.purge(time.time(), self.cfg.status_retention)
             except Exception:
                 log.exception("webhooks: housekeeping failed")
             try:

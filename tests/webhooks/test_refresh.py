@@ -105,3 +105,42 @@ def test_a_changed_webhooks_counters_go_on(tmp_path):
     before, after = _change(tmp_path, {"target": "http://127.0.0.1:9/crm-v2"}, prime)
     assert before is not after              # restarted: its target changed
     assert (after.stats.batches, after.stats.events, after.stats.failures) == (3, 250, 2)
+
+
+def test_the_status_goes_on_being_written_after_the_wall_clock_is_stepped_back(
+        tmp_path, monkeypatch):
+    # The status file (each webhook's backlog, for `mta queue` and the status page) is
+    # written once a second: an interval of the process, which NTP stepping the wall
+    # clock back an hour must not stop for an hour.
+    store = EventStore(str(tmp_path / "ev"), map_size=64 << 20, retention=86400)
+    db = webhookdb.WebhookDB(webhookdb.path_in(str(tmp_path)))
+    settings = types.SimpleNamespace(config=Config(), state_dir=str(tmp_path))
+    real = wmain.time.time
+    writes = []
+
+    async def go():
+        s = W.new_session()
+        w = wmain.Webhooks(settings, db, store, s)
+        w.publish = lambda: writes.append(wmain.time.time())
+        stop = asyncio.Event()
+        task = asyncio.create_task(w.run(stop))
+        for _ in range(100):
+            if writes:
+                break
+            await asyncio.sleep(0.05)
+        monkeypatch.setattr(wmain.time, "time", lambda: real() - 3600.0)
+        before = len(writes)
+        await asyncio.sleep(3 * wmain.STATUS_INTERVAL + 2 * settings.config.webhooks.poll_interval)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await s.close()
+        return before
+    try:
+        before = asyncio.run(go())
+    finally:
+        monkeypatch.setattr(wmain.time, "time", real)
+        db.close()
+        store.close()
+    assert before >= 1
+    # (the last one is run's at its stop)
+    assert len(writes) - 1 - before >= 2, writes
