@@ -13,7 +13,7 @@ uses it, like every resolver (DESIGN invariant 5).
 
 Rules, in order (``MxResult.status``):
 
-- The domain is IDNA-encoded (``idna``, UTS #46, IDNA 2008) and checked
+- The domain is IDNA-encoded (``mta.idn``: UTS #46, IDNA 2008) and checked
   (LDH labels of 1-63 octets, at most 253 octets, a TLD that is not all
   digits); a bad one is ``nxdomain`` (permanent; the reason says "invalid
   domain name") without a query.  A host name whose addresses are looked up
@@ -60,7 +60,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -72,8 +71,9 @@ import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
-import idna
 
+from mta.idn import MAX_LABEL_OCTETS, MAX_NAME_OCTETS  # noqa: F401 (this module's API too)
+from mta.idn import normalize_domain  # noqa: F401 (part of this module's API)
 from mta.literal import address_literal  # noqa: F401 (part of this module's API)
 
 # -- statuses --------------------------------------------------------------------------
@@ -96,16 +96,11 @@ DSN_STATUS = {
 
 # -- limits (units in the names) -------------------------------------------------------
 
-MAX_NAME_OCTETS = 253  # RFC 1035, without the final dot
-MAX_LABEL_OCTETS = 63
 TEMP_FAIL_TTL_SECONDS = 2.0  # default life of a cached temporary failure
 MAX_TEMP_FAIL_TTL_SECONDS = 10.0  # "a few seconds", never more
 DEADLINE_SLACK_SECONDS = 0.25  # the asyncio deadline behind dnspython's lifetime
 EDNS_PAYLOAD_OCTETS = 1232  # DNS flag day 2020 value
 MIN_SERVER_TIMEOUT_SECONDS = 1.0  # the least one nameserver is given (within the lookup's bound)
-
-_LDH_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
-_ALL_DIGITS = re.compile(r"[0-9]+")
 
 _A = dns.rdatatype.A
 _AAAA = dns.rdatatype.AAAA
@@ -174,28 +169,6 @@ class _Lookup:
         self.expires = 0.0  # on the resolver's clock, set when it is fetched
 
 
-def normalize_domain(domain: str) -> str | None:
-    """The ASCII (A-label), lower-case form of a domain without its final dot, or None if invalid."""
-    if not isinstance(domain, str):
-        return None
-    name = domain[:-1] if domain.endswith(".") else domain
-    if not name:
-        return None
-    if name.isascii():
-        name = name.lower()
-        # fast path: plain LDH names (no idna work); xn-- labels still get checked
-        if "xn--" not in name:
-            ok = _LDH_NAME.fullmatch(name) is not None
-            return name if ok and _tld_ok(name) and len(name) <= MAX_NAME_OCTETS else None
-    try:
-        name = idna.encode(name, uts46=True).decode("ascii").lower()
-    except (idna.IDNAError, UnicodeError, ValueError):
-        return None
-    if len(name) > MAX_NAME_OCTETS or _LDH_NAME.fullmatch(name) is None or not _tld_ok(name):
-        return None
-    return name
-
-
 def normalize_host(host: str) -> str | None:
     """``normalize_domain`` for a host name from the DNS (an MX or CNAME target) or a
     route: its labels may also hold underscores (RFC 2181 §11), a mail domain's not."""
@@ -205,10 +178,6 @@ def normalize_host(host: str) -> str | None:
         if normalize_domain(host.replace("_", "x")) is not None:
             name = (host[:-1] if host.endswith(".") else host).lower()
     return name
-
-
-def _tld_ok(name: str) -> bool:
-    return _ALL_DIGITS.fullmatch(name.rsplit(".", 1)[-1]) is None
 
 
 def _ip(text: str) -> str | None:

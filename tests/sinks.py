@@ -3,7 +3,8 @@
 - :class:`AioSink`: aiosmtpd in a thread, with scriptable replies.  It records
   every connection, every RCPT it was offered (with the reply it gave) and
   every completed transaction (:class:`Txn`: envelope and the exact bytes of
-  the message as received, dot-unstuffed, CRLF kept).
+  the message as received, dot-unstuffed, CRLF kept).  It offers SMTPUTF8
+  unless made with ``smtputf8=False`` (a peer that has not heard of RFC 6531).
 - :class:`SmtpSink`: Postfix's ``smtp-sink`` (our own child, stopped by its
   PID) dumping every transaction to a file (``-d``); :meth:`SmtpSink.messages`
   parses the dumps (see smtp-sink(1), DUMP FILE FORMAT: its own X-* headers
@@ -132,7 +133,7 @@ class AioSink:
     """
 
     def __init__(self, ip: str, port: int, rcpt=None, data=None, name: str = "",
-                 dsn: bool = False, tls_context=None):
+                 dsn: bool = False, tls_context=None, smtputf8: bool = True):
         self.ip, self.port, self.name = ip, port, name or ip
         self.dsn = dsn                # offer DSN (RFC 3461) and take its parameters
         self.rcpt_params: list[tuple[str, list]] = []   # (address, RCPT parameters), dsn only
@@ -151,7 +152,7 @@ class AioSink:
         tls = {"tls_context": tls_context} if tls_context is not None else {}
         self.ctl = _Controller(self, (_DsnHandler if dsn else _Handler)(self),
                                hostname=ip, port=port,
-                               enable_SMTPUTF8=True, ready_timeout=10, **tls)
+                               enable_SMTPUTF8=smtputf8, ready_timeout=10, **tls)
 
     def start(self) -> "AioSink":
         self.ctl.start()

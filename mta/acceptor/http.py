@@ -84,6 +84,7 @@ from mta.api import events as events_api
 from mta.api import suppression as suppression_api
 from mta.api import webhooks as webhooks_api
 from mta.feedback import events_store
+from mta.idn import ascii_address
 from mta.api import replies as R
 from mta.obs import events as ev
 
@@ -1124,6 +1125,9 @@ class Injection:
 
     def trace(self, rcpt: str, qid: str) -> bytes:
         lit = ("IPv6:" + self.peer) if ":" in self.peer else self.peer
+        # (the recipient's ASCII form where it has one: a U-label domain in this field
+        # alone would make the message need SMTPUTF8 on its way to every server)
+        rcpt = ascii_address(rcpt) or rcpt
         return (f"Received: from [{lit}]\r\n\tby {self.a.hostname} (mta) with HTTP id {qid}"
                 f"\r\n\tfor <{rcpt}>;\r\n\t{build._date.now()}\r\n").encode("utf-8")
 

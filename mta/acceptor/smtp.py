@@ -72,6 +72,7 @@ from collections.abc import Callable
 import msgspec
 
 from mta import dsn, rfcdate
+from mta.idn import ascii_address
 from mta.literal import address_literal
 from mta.acceptor import replies as R
 from mta.acceptor.closing import close_lingering
@@ -940,7 +941,10 @@ class Session(asyncio.Protocol):
                                           f"\tby {self.a.hostname} (mta) with {with_} id ")
         rcpts = self.rcpts
         if len(rcpts) == 1:
-            return f"{head}{qid}\r\n\tfor <{rcpts[0]}>;\r\n\t{_date.now()}\r\n".encode()
+            # (in its ASCII form where it has one: a U-label domain in this field alone
+            # would make the message need SMTPUTF8 on its way to every server)
+            rcpt = ascii_address(rcpts[0]) or rcpts[0]
+            return f"{head}{qid}\r\n\tfor <{rcpt}>;\r\n\t{_date.now()}\r\n".encode()
         return f"{head}{qid};\r\n\t{_date.now()}\r\n".encode()
 
     def committed(self, qid: str, ok: bool) -> None:

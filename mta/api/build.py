@@ -109,6 +109,7 @@ from mta import rfcdate
 from mta import mime
 from mta.api import replies as R
 from mta.api.transmissions import MAX_METADATA, MAX_TAGS, Address, Transmission, json_len
+from mta.idn import ascii_address
 from mta.obs import events as ev
 
 MAX_LINE = 998            # octets per line, RFC 5322 2.1.1
@@ -949,7 +950,13 @@ def unstructured(name: str, value: str) -> bytes:
 
 
 def mailbox(name: str | None, email: str) -> list[str]:
-    """The tokens of ``name <email>``: a quoted or encoded display name, then the address."""
+    """The tokens of ``name <email>``: a quoted or encoded display name, then the address.
+
+    The address is written in its all-ASCII form where it has one (a U-label domain as
+    its A-labels): as it is, it would make the message need SMTPUTF8 (RFC 6532), which
+    a receiving server without it refuses; a UTF-8 local part stays as it is.
+    """
+    email = ascii_address(email) or email
     if not name:
         return [email]
     if name.isascii() and (len(name) < len(_SPACE_RUN) or _SPACE_RUN not in name):

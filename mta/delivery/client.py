@@ -57,7 +57,11 @@ server's reply, or a synthetic one, or None) and ``.temporary``.
   refused; the connection is aborted.
 - :class:`Unsupported8Bit` / :class:`UnsupportedSmtpUtf8`: the message needs
   an extension the server does not offer; nothing was sent and the
-  connection stays usable.
+  connection stays usable.  A non-ASCII envelope goes to a server without
+  SMTPUTF8 in its all-ASCII form when it has one (U-label domains as A-labels,
+  ASCII local parts); a recipient without one gets ``REPLY_NEED_SMTPUTF8``
+  (553 5.6.7) while the others go; a sender without one, no recipient with
+  one, or a UTF-8 header raises.
 Refusals of single commands are not exceptions: they are replies in the
 :class:`DeliveryResult`.  A 421 reply (the server is closing) ends the
 transaction: every command not yet answered gets that 421, and the
@@ -81,6 +85,7 @@ from collections import deque
 
 from mta import dsn
 from mta.delivery import socks
+from mta.idn import ascii_address
 from mta.config import hostport
 from mta.delivery.socks import Socks5Proxy
 
@@ -567,6 +572,31 @@ class Unsupported8Bit(SmtpError):
         super().__init__("server does not offer 8BITMIME", REPLY_NEED_8BITMIME, False)
 
 
+def _ascii_envelope(sender: str, recipients: list[str], message: bytes):
+    """(sender, recipients, indexes of the recipients without an ASCII form) of an envelope
+    for a server without SMTPUTF8: each address in its all-ASCII form (mta.idn), a
+    recipient without one as "" in the list and its index in the third.
+
+    Raises UnsupportedSmtpUtf8 when the message cannot go at all: its header block is
+    not ASCII, the sender or every recipient has no ASCII form.
+    """
+    if not _header_block(message).isascii():
+        raise UnsupportedSmtpUtf8()
+    ascii_sender = ascii_address(sender)
+    if ascii_sender is None:
+        raise UnsupportedSmtpUtf8()
+    out, missing = [], []
+    for i, r in enumerate(recipients):
+        a = ascii_address(r) if r else r
+        if a is None:
+            missing.append(i)
+            a = ""
+        out.append(a)
+    if len(missing) == len(recipients):
+        raise UnsupportedSmtpUtf8()
+    return ascii_sender, out, missing
+
+
 def _header_block(message: bytes) -> bytes:
     """The message's header block: up to its first empty line (all of it when none)."""
     end = message.find(b"\r\n\r\n")
@@ -1014,9 +1044,16 @@ class SmtpConnection:
         if eight_bit and not self.supports_8bitmime:
             raise Unsupported8Bit()
         utf8 = not sender.isascii() or not all(r.isascii() for r in recipients)
+        need_utf8: list[int] = []
         if utf8:
             if not self.supports_smtputf8:
-                raise UnsupportedSmtpUtf8()
+                # No SMTPUTF8: the envelope goes in its all-ASCII form where it has one
+                # (a U-label domain as its A-labels, RFC 5890 2.3.2.1), as Postfix's
+                # client does; an address without one (a UTF-8 local part) is refused
+                # here, the others go.  A UTF-8 header needs SMTPUTF8 whatever the
+                # envelope: nothing is sent then.  (Only for non-ASCII addresses.)
+                sender, recipients, need_utf8 = _ascii_envelope(sender, recipients, message)
+                utf8 = False
         elif smtputf8:
             # The client said SMTPUTF8 (some say it on every MAIL), but the addresses
             # are ASCII: only a header that is not needs it.  Where the server offers
@@ -1043,6 +1080,8 @@ class SmtpConnection:
                 replies[i] = REPLY_BAD_RCPT
             else:
                 send_idx.append(i)
+        for i in need_utf8:
+            replies[i] = REPLY_NEED_SMTPUTF8
         txn.replies = replies
         txn.send_idx = send_idx
         if not send_idx:

@@ -717,6 +717,40 @@ def test_aiosmtpd_smtputf8():
     assert h1.messages[1][1] == ["y@dst.test.example"] and "SMTPUTF8" in h1.messages[1][3]
 
 
+def test_aiosmtpd_idn_envelope_downgraded_for_a_server_without_smtputf8():
+    # A U-label domain with an ASCII local part has an all-ASCII form (its A-labels):
+    # a server without SMTPUTF8 gets that (as Postfix's client sends it), not a 553
+    # 5.6.7 bounce.  A UTF-8 local part has none: that recipient alone gets 553 5.6.7.
+    rcpts = ["jo@bücher.example", "ü@bücher.example", "x@XN--BCHER-KVA.example"]
+
+    async def main():
+        h = Handler()
+        s, p = await start_aiosmtpd(h)
+        c = await open_to(p)
+        assert not c.supports_smtputf8
+        r = await c.send_message("news@bäckerei.example", rcpts, MSG)
+        # ... a UTF-8 header still needs SMTPUTF8: nothing is sent
+        with pytest.raises(UnsupportedSmtpUtf8):
+            await c.send_message("a@src.test.example", ["jo@bücher.example"],
+                                 "Subject: Grüße\r\n".encode() + MSG)
+        # ... and so does a sender whose local part is UTF-8
+        with pytest.raises(UnsupportedSmtpUtf8):
+            await c.send_message("jörg@src.test.example", ["jo@bücher.example"], MSG)
+        assert c.is_usable
+        await c.quit()
+        s.close()
+        return r, h
+
+    r, h = run(main())
+    assert len(h.mails) == 1 and len(h.messages) == 1
+    mail_from, got_rcpts, data, options = h.messages[0]
+    assert mail_from == "news@xn--bckerei-5wa.example" and "SMTPUTF8" not in options
+    assert got_rcpts == ["jo@xn--bcher-kva.example", "x@XN--BCHER-KVA.example"]   # (ASCII: as given)
+    assert data == MSG
+    assert r.accepted(0) and r.accepted(2) and not r.accepted(1)
+    assert (r.reply(1).code, r.reply(1).enhanced) == (553, "5.6.7")
+
+
 @pytest.fixture(scope="module")
 def tls_material():
     ca = trustme.CA()
