@@ -76,6 +76,10 @@ SUPPRESSED = b"550 5.7.1 Recipient address was suppressed due to customer policy
 # delivery.ipv6 = false (and no '*' route): an IPv6 address literal could never be delivered
 NO_IPV6_ROUTE = b"550 5.4.4 Unable to route: no mail is sent over IPv6 from here\r\n"
 NEED_SMTPUTF8 = b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n"
+# A domain in U-labels or with an xn-- label that is no valid IDN (bad punycode, a code
+# point IDNA 2008 does not allow, a label over 63 octets as A-labels): it would bounce.
+BAD_SENDER_DOMAIN = b"553 5.1.7 Invalid internationalised domain name in sender address\r\n"
+BAD_RCPT_DOMAIN = b"553 5.1.3 Invalid internationalised domain name in recipient address\r\n"
 BAD_PARAM = b"555 5.5.4 Unsupported parameter\r\n"
 BAD_NOTIFY = b"501 5.5.4 Invalid NOTIFY parameter (NEVER, or SUCCESS, FAILURE, DELAY)\r\n"
 BAD_ORCPT = b"501 5.5.4 Invalid ORCPT parameter (addr-type;xtext)\r\n"

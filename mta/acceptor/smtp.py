@@ -17,7 +17,9 @@ the client in a transaction of its own) and is read, not relayed
 (``Acceptor.take_report``, ``reports.py``).  ``RCPT TO:<Postmaster>`` (no
 domain, any case: RFC 5321 4.5.1) stands for ``smtp.postmaster``
 (postmaster@ server.hostname by default) and is then a recipient like any
-other, relay rules included: this MTA has no local mailboxes.
+other, relay rules included: this MTA has no local mailboxes.  A domain in
+U-labels or with an ``xn--`` label that is not a valid IDN (``mta.idn``) gets
+553 5.1.3 at RCPT (5.1.7 at MAIL) instead of a bounce after the 250.
 
 Reads:   the client's bytes, through the SMTP input scanner
          (``native.load("scanner")``: ``ext/scanner.pyx`` or its pure twin).
@@ -72,7 +74,7 @@ from collections.abc import Callable
 import msgspec
 
 from mta import dsn, rfcdate
-from mta.idn import ascii_address
+from mta.idn import ascii_address, domain_problem
 from mta.literal import address_literal
 from mta.acceptor import replies as R
 from mta.acceptor.closing import close_lingering
@@ -584,6 +586,10 @@ class Session(asyncio.Protocol):
             else:
                 self.reply_error(R.BAD_SENDER)
             return
+        if (not sender.isascii() or "n--" in sender or "N--" in sender) and \
+                domain_problem(sender.rpartition("@")[2]) is not None:
+            self.reply_error(R.BAD_SENDER_DOMAIN)     # (an IDN: its bounces could not go)
+            return
         self.sender = sender
         self.params = params
         self.state = _MAIL
@@ -665,6 +671,10 @@ class Session(asyncio.Protocol):
                 self.reply_error(R.BAD_RCPT)
             if not rcpt:
                 return
+        if (not rcpt.isascii() or "n--" in rcpt or "N--" in rcpt) and \
+                domain_problem(rcpt.rpartition("@")[2]) is not None:
+            self.reply_error(R.BAD_RCPT_DOMAIN)       # (an IDN delivery could not route)
+            return
         domains = self.a.bounce_domains
         # A report to a return path (feedback.bounce_domains) is taken from anyone;
         # reports and mail to relay never share a transaction (the first decides).

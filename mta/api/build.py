@@ -109,7 +109,7 @@ from mta import rfcdate
 from mta import mime
 from mta.api import replies as R
 from mta.api.transmissions import MAX_METADATA, MAX_TAGS, Address, Transmission, json_len
-from mta.idn import ascii_address
+from mta.idn import ascii_address, domain_problem
 from mta.obs import events as ev
 
 MAX_LINE = 998            # octets per line, RFC 5322 2.1.1
@@ -1080,7 +1080,8 @@ def check_field_name(name: str, where: str) -> None:
 def check_email(addr: str) -> str | None:
     """Why *addr* is not an acceptable email address, or None when it is."""
     if _PLAIN_EMAIL.match(addr) and len(addr) <= 320 and addr.index("@") <= 64:
-        return None   # the common case: ASCII dot-atoms
+        # the common case: ASCII dot-atoms (one with an xn-- label: checked as an IDN)
+        return None if "n--" not in addr and "N--" not in addr else _idn_problem(addr)
     if not addr:
         return "is empty"
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in addr):
@@ -1097,7 +1098,15 @@ def check_email(addr: str) -> str | None:
         if not label or len(label) > 63 or label[0] == "-" or label[-1] == "-" or \
                 not all(c.isalnum() or c == "-" or ord(c) > 0x7F for c in label):
             return "has an invalid domain"
-    return None
+    return _idn_problem(addr)
+
+
+def _idn_problem(addr: str) -> str | None:
+    """Why the domain of *addr* is not an internationalised name delivery can route
+    (bad punycode, a code point IDNA 2008 does not allow, a label over 63 octets as
+    A-labels), or None: accepted, it would only bounce later."""
+    why = domain_problem(addr.rpartition("@")[2])
+    return None if why is None else "has an invalid domain: it " + why
 
 
 # ------------------------------------------------------------------ MIME parts

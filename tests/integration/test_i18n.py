@@ -104,3 +104,45 @@ def test_utf8_local_parts_go_with_smtputf8_where_it_is_offered(lab):
     got = u8.wait_for("ünï@u8.example")
     assert got.mail_from == "jörg@bäckerei.example"
     assert "SMTPUTF8" in [o.upper() for o in got.mail_options]
+
+
+BAD_DOMAINS = ("xn--zz.example",            # not valid punycode
+               "☃.example",                 # a code point IDNA 2008 does not allow
+               "一凥嗊妯嶔慹敞楃洨焍瓲磗粼股蒆衫豐逵鐚響.example",  # 60 octets of UTF-8, over 63 as A-labels
+               "ü" * 60 + ".example")       # 60 characters (the API counted characters)
+
+
+def test_invalid_idn_domains_are_refused_at_injection_not_bounced_later(lab):
+    # Accepted, each of these bounced after the 250 / 200 (or went to a smarthost as
+    # it was); now SMTP answers 553 5.1.3 (5.1.7 for the sender) and the API names the
+    # recipient (partial acceptance) or content.from.email (422).
+    d, u8, plain = lab
+    before = len(d.events())
+    c = d.session()
+    try:
+        assert c.cmd("MAIL FROM:<s@☃.example> SMTPUTF8")[:2] == \
+            (553, ["5.1.7 Invalid internationalised domain name in sender address"])
+        assert c.cmd("MAIL FROM:<s@example.com> SMTPUTF8")[0] == 250
+        for dom in BAD_DOMAINS[:3]:
+            code, lines = c.cmd(f"RCPT TO:<r@{dom}>")
+            assert (code, lines) == \
+                (553, ["5.1.3 Invalid internationalised domain name in recipient address"]), dom
+        assert c.cmd("RCPT TO:<r@XN--BCHER-KVA.example>")[0] == 250
+    finally:
+        c.close()
+    st, _, body = d.post({"recipients": ["ok@bücher.example"] + [f"r@{x}" for x in BAD_DOMAINS],
+                          "content": {"from": "s@example.com", "subject": "s", "text": "t"}},
+                         headers=AUTH)
+    assert st == 200, body
+    res = body["results"]
+    assert (res["total_accepted_recipients"], res["total_rejected_recipients"]) == (1, 4), body
+    for i, err in enumerate(res["rcpt_to_errors"], 1):
+        assert err["code"] == "1300", err
+        assert err["description"].startswith(f"recipients[{i}].address.email: ") and \
+            "invalid domain" in err["description"], err
+    st, _, body = d.post({"recipients": ["ok2@example.net"],
+                          "content": {"from": "s@xn--zz.example", "subject": "s", "text": "t"}},
+                         headers=AUTH)
+    assert st == 422 and "content.from.email" in body["errors"][0]["description"], body
+    plain.wait_for("ok@xn--bcher-kva.example")
+    assert not [e for e in d.events()[before:] if e["type"] == "bounce"]
