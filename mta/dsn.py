@@ -41,8 +41,9 @@ any sender's server, with or without 8BITMIME:
   choice over ``message/global-headers``: that type needs 8-bit transport and
   is meant for SMTPUTF8 mail only.)  The same happens to header lines longer
   than 998 octets.
-- Only when the envelope sender or a recipient address is not ASCII (mail
-  that needed SMTPUTF8 in the first place) is the notice an RFC 6533 "global"
+- Only when the envelope sender or a recipient address is not ASCII and has
+  no ASCII form (a UTF-8 local part: an address whose domain alone is in
+  U-labels is written with its A-labels) is the notice an RFC 6533 "global"
   DSN: ``message/global-delivery-status`` with ``utf-8`` address types,
   ``message/global-headers``, UTF-8 text, ``8bit`` transfer encoding.  Such a
   notice must be sent with SMTPUTF8 (``needs_smtputf8(dsn)`` tells).
@@ -55,11 +56,14 @@ any sender's server, with or without 8BITMIME:
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 import secrets
 import textwrap
 from dataclasses import dataclass
+
+from mta.idn import ascii_address
 
 CRLF = b"\r\n"
 MAX_LINE = 998  # octets per line, RFC 5322 §2.1.1, without CRLF
@@ -247,13 +251,18 @@ def build_dsn(*, original: bytes, envelope_sender: str, failed: list[RecipientFa
     if not mta or not mta.isascii() or " " in mta:
         raise ValueError(f"reporting_mta must be an ASCII host name: {reporting_mta!r}")
     now = datetime.datetime.now(datetime.timezone.utc).timestamp() if now is None else now
+    # An address in U-labels with an ASCII local part is written in its A-label form:
+    # only an address without an ASCII form makes the notice a global one, which a
+    # server without SMTPUTF8 may not take.  (An ORCPT does not decide: in a 7-bit
+    # notice it is utf-8-addr-xtext.)
+    sender = ascii_address(sender) or sender
+    failed = [r if r.recipient.isascii() else _in_ascii(r) for r in failed]
     rcpts = []
     for r in failed:
         action = "delayed" if delayed else r.action
         if action not in ACTIONS:
             raise ValueError(f"unknown DSN action {r.action!r}")
         rcpts.append((r, action, dsn_status(r.status, r.diagnostic, action)))
-    # (an ORCPT does not decide: in a 7-bit notice it is utf-8-addr-xtext)
     utf8 = not sender.isascii() or any(not r.recipient.isascii() for r in failed)
 
     success = all(a in ("delivered", "relayed") for _, a, _ in rcpts)
@@ -287,6 +296,12 @@ def build_dsn(*, original: bytes, envelope_sender: str, failed: list[RecipientFa
         body += b"--" + boundary + CRLF + part
     body += b"--" + boundary + b"--" + CRLF
     return body
+
+
+def _in_ascii(r: RecipientFailure) -> RecipientFailure:
+    """*r* with its recipient in its all-ASCII form when it has one (mta.idn)."""
+    a = ascii_address(r.recipient)
+    return r if a is None else dataclasses.replace(r, recipient=a)
 
 
 def needs_smtputf8(dsn: bytes) -> bool:

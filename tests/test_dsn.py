@@ -337,3 +337,23 @@ def test_success_notice_and_ret_full():
     out = build_dsn(original=big, envelope_sender="s@y.test", failed=[r],
                     reporting_mta="mta.test", arrival_time=0.0, queue_id="Q", ret_full=True)
     assert b"message/rfc822" not in out and b"text/rfc822-headers" in out
+
+
+def test_idn_domains_with_ascii_local_parts_keep_a_notice_7bit():
+    # A U-label domain has an ASCII form: the notice names the addresses in A-labels and
+    # stays 7-bit, so a sender's server without SMTPUTF8 takes it (a global notice
+    # would have needed SMTPUTF8 there only for these domains).
+    f = [RecipientFailure("jo@bücher.test", "5.1.1", "mx.xn--bcher-kva.test",
+                          "550 5.1.1 unknown", NOW)]
+    raw = make(failed=f, envelope_sender="alvaro@bäckerei.test")
+    assert_wire_clean(raw)
+    assert raw.isascii() and not needs_smtputf8(raw)
+    msg = parse(raw)
+    assert msg["To"].addresses[0].addr_spec == "alvaro@xn--bckerei-5wa.test"
+    _, (r,) = status_blocks(msg)
+    assert r["Final-Recipient"] == "rfc822; jo@xn--bcher-kva.test"
+    # ... a UTF-8 local part has none: that notice is still a global one
+    f.append(RecipientFailure("jörg@bücher.test", "5.1.1", None, "550 5.1.1 unknown", NOW))
+    raw = make(failed=f, envelope_sender="alvaro@bäckerei.test")
+    assert needs_smtputf8(raw) and "Final-Recipient: utf-8; jörg@bücher.test".encode() in raw
+    assert b"Final-Recipient: rfc822; jo@xn--bcher-kva.test" in raw

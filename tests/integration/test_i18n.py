@@ -21,9 +21,14 @@ AUTH = {"Authorization": KEY}
 
 @pytest.fixture(scope="module")
 def lab(make_module_daemon):
-    """(daemon, sink with SMTPUTF8, sink without): u8.example goes to the first."""
+    """(daemon, sink with SMTPUTF8, sink without): u8.example goes to the first; the
+    second refuses unknown* with 550 5.1.1."""
     u8 = AioSink(HOST, free_port(), name="u8").start()
-    plain = AioSink(HOST, free_port(), name="plain", smtputf8=False).start()
+    def rcpt(sink, address, mail_from):
+        if address.startswith("unknown"):
+            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+        return None
+    plain = AioSink(HOST, free_port(), name="plain", smtputf8=False, rcpt=rcpt).start()
     d = None
     try:
         d = make_module_daemon(
@@ -146,3 +151,23 @@ def test_invalid_idn_domains_are_refused_at_injection_not_bounced_later(lab):
     assert st == 422 and "content.from.email" in body["errors"][0]["description"], body
     plain.wait_for("ok@xn--bcher-kva.example")
     assert not [e for e in d.events()[before:] if e["type"] == "bounce"]
+
+
+def test_the_bounce_to_an_idn_sender_reaches_its_server_without_smtputf8(lab):
+    # The notice to news@bäckerei.example of a failed unknown-1@bücher.example was a global
+    # (RFC 6533) one -- "To: <news@bäckerei.example>", message/global-delivery-status --
+    # only for their U-labels; the sender's server, without SMTPUTF8, could not be
+    # sent it and the sender never learnt of the bounce.  It is a 7-bit notice now.
+    d, u8, plain = lab
+    with smtplib.SMTP(HOST, d.port, local_hostname="client.test", timeout=30) as s:
+        refused = s.sendmail("news@bäckerei.example", ["unknown-1@bücher.example"],
+                             b"From: news@example.com\r\nSubject: gone\r\n\r\nbody\r\n",
+                             mail_options=["SMTPUTF8"])
+        assert refused == {}
+    notice = plain.wait_for("news@xn--bckerei-5wa.example")
+    assert notice.mail_from == "" and notice.data.isascii()
+    msg = email.message_from_bytes(notice.data, policy=policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    status = msg.get_payload()[1]
+    assert status.get_content_type() == "message/delivery-status"
+    assert b"Final-Recipient: rfc822; unknown-1@xn--bcher-kva.example" in notice.data
