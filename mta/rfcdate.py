@@ -8,18 +8,26 @@ from email.utils import formatdate
 
 
 class DateCache:
-    __slots__ = ("second", "text")
+    """The current time as an RFC 5322 date: local time, or with *utc* in UTC written
+    with the offset ``+0000`` (``formatdate`` writes ``-0000``, which RFC 5322 3.3
+    reserves for "the local time zone is unknown")."""
 
-    def __init__(self):
+    __slots__ = ("second", "text", "utc")
+
+    def __init__(self, utc: bool = False):
         self.second = -1
         self.text = ""
+        self.utc = utc
 
     def now(self) -> str:
-        """The current local time as an RFC 5322 date."""
+        """The current time as an RFC 5322 date."""
         s = int(time.time())
         if s != self.second:
             self.second = s
-            self.text = formatdate(s, localtime=True)
+            if self.utc:
+                self.text = formatdate(s)[:-5] + "+0000"
+            else:
+                self.text = formatdate(s, localtime=True)
         return self.text
 
 

@@ -117,6 +117,26 @@ def test_find_first(m):
     assert m.find_first(memoryview(MSG), (b"to",)) == [b"a@b.example"]
 
 
+ACCEPTOR_NAMES = (b"Message-ID", b"From", b"Subject", b"Date")   # mta.acceptor.main
+
+
+@pytest.mark.parametrize("msg, want", [
+    (b"DATE :  Mon, 1 Jan 2026 \r\n\t10:00 +0000\r\nmessage-id: <m>\r\n\r\n",
+     [b"<m>", None, None, b"Mon, 1 Jan 2026 \t10:00 +0000"]),
+    (b"Resent-Date: x\r\nX-Date: y\r\nDates: z\r\n\r\nDate: body\r\n", [None] * 4),
+    (b"Date:\r\nDate: second\r\nFrom: f\r\n", [None, b"f", None, b""]),
+    (b"Subject: s\r\nDate\r\n: no name\r\nDate: d\r\n\r\n", [None, None, b"s", b"d"]),
+    (b"Subject: s\nDate: lf\n\nb\n", [None, None, b"s", b"lf"]),
+    (b"", [None] * 4),
+])
+def test_find_first_notices_date_in_the_acceptors_pass(m, msg, want):
+    """smtp.add_missing_headers looks for Date in the pass that finds the events' fields:
+    both implementations give find_header's answer for each name."""
+    assert m.find_first(msg, ACCEPTOR_NAMES) == want
+    assert want == [PURE.find_header(msg, n) for n in ACCEPTOR_NAMES]
+    assert EXT.find_first(msg, ACCEPTOR_NAMES) == PURE.find_first(msg, ACCEPTOR_NAMES)
+
+
 def test_field_value_and_unfold(m):
     assert m.field_value(b"Subject: a\r\n\tb \r\n") == b"a\tb"
     assert m.field_value(b"X:\r\n") == b""

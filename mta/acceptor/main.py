@@ -33,7 +33,9 @@ tags, ip_pool, transactional: carried into every event) and removes it; HTTP
 builds its messages itself.  Both end in :meth:`Acceptor.submit`, which signs,
 reads the Message-ID, From address and Subject once (one pass over the header
 block; From and Subject go into the params, bounded, for every event of the
-message), prepends the Received header and queues the message for its shard; what is
+message; with ``smtp.add_missing_headers`` the same pass looks for Date, and a
+Message-ID ``<qid@hostname>`` and a Date missing from SMTP mail are put in front
+before signing), prepends the Received header and queues the message for its shard; what is
 queued in one loop iteration goes to each shard as one bus request, and
 replies are matched to messages by request number.
 
@@ -69,7 +71,7 @@ import time
 
 import uvloop
 
-from mta import bus, feedback, mime, native, proc
+from mta import bus, feedback, mime, native, proc, rfcdate
 from mta.acceptor import http, smtp, tls_auth
 from mta.acceptor.state import State
 from mta.acceptor import reports as oob_reports
@@ -104,8 +106,21 @@ _ENVELOPE = operator.itemgetter(1)
 _BODY = operator.itemgetter(2)
 
 MAX_MESSAGE_ID = 998     # octets of a Message-ID kept in the envelope (a header line's limit)
-# The fields every event of a message repeats, read once here (the spool reads no content).
+# The fields every event of a message repeats, read once here (the spool reads no content);
+# with Date, the fields smtp.add_missing_headers looks for, in the same pass.
 _EVENT_FIELDS = (b"Message-ID", b"From", b"Subject")
+_EVENT_AND_DATE = _EVENT_FIELDS + (b"Date",)
+
+# smtp.add_missing_headers, as the acceptor compares it per message
+ADD_OFF, ADD_LOCAL, ADD_ALL = 0, 1, 2
+_ADD_MODES = {"off": ADD_OFF, "local": ADD_LOCAL, "all": ADD_ALL}
+_utc_date = rfcdate.DateCache(utc=True)
+
+
+def _put_from_subject(params: dict, frm, subject) -> None:
+    if ev.FRIENDLY_FROM not in params and ev.SUBJECT not in params:
+        ev.put_headers(params, mime.first_address(frm) if frm else None,
+                       mime.header_text(subject) if subject else None)
 
 
 def _event_fields(message: bytes, params: dict) -> str:
@@ -113,12 +128,37 @@ def _event_fields(message: bytes, params: dict) -> str:
     *params* (bounded, mta.obs.events.put_headers) unless they are there already (HTTP
     inline content: the builder knows them).  One pass over the header block."""
     mid, frm, subject = mime.find_first(message, _EVENT_FIELDS)
-    if ev.FRIENDLY_FROM not in params and ev.SUBJECT not in params:
-        ev.put_headers(params, mime.first_address(frm) if frm else None,
-                       mime.header_text(subject) if subject else None)
+    _put_from_subject(params, frm, subject)
     if mid is None:
         return ""
     return mid.strip().decode("utf-8", "replace")[:MAX_MESSAGE_ID]
+
+
+def add_missing_headers(message: bytes, params: dict, qid: str, domain: str) -> tuple[bytes, str]:
+    """*message* with a Message-ID and a Date put in front when its header block has none
+    (smtp.add_missing_headers), and its Message-ID as _event_fields gives it.
+
+    The Message-ID made is ``<qid@domain>`` (a queue id is unique on its node, the
+    host name tells the nodes apart); the Date is now, in UTC.  The From address and
+    Subject go into *params* as _event_fields puts them: one pass over the header block
+    finds all four.  A message that has both is returned as it is (the same object).
+    """
+    mid, frm, subject, date = mime.find_first(message, _EVENT_AND_DATE)
+    _put_from_subject(params, frm, subject)
+    if mid is not None:
+        made = b""
+        mid_text = mid.strip().decode("utf-8", "replace")[:MAX_MESSAGE_ID]
+    else:
+        mid_text = f"<{qid}@{domain}>"
+        made = f"Message-ID: {mid_text}\r\n".encode()
+    if date is None:
+        made += f"Date: {_utc_date.now()}\r\n".encode()
+    return (made + message if made else message), mid_text
+
+
+def _is_loopback(ip: str) -> bool:
+    addr = peer_address(ip)
+    return addr is not None and addr.is_loopback
 
 
 def _in_networks(ip: str, nets) -> bool:
@@ -136,6 +176,7 @@ class Acceptor:
         self.smtp = cfg.smtp
         self.spool_cfg = cfg.spool
         self.max_json_depth = cfg.http.max_json_depth   # X-MSYS-API metadata, as over HTTP
+        self.add_missing = _ADD_MODES[cfg.smtp.add_missing_headers]
         self.slot = slot
         self.loop = loop
         self.hostname = settings.hostname
@@ -345,8 +386,11 @@ class Acceptor:
             idxs = [i for i, r in enumerate(msg.rcpts) if check(r, tr)]
             if idxs:
                 params[suppression_list.PARAM] = idxs
+        mode = self.add_missing
         self.submit(msg.sender, msg.rcpts, params, msg.client, payload,
-                    msg.received, msg.committed, msg.peer_ip)
+                    msg.received, msg.committed, msg.peer_ip,
+                    add_missing=mode == ADD_ALL or (mode == ADD_LOCAL and
+                                                    _is_loopback(msg.peer_ip)))
         return None
 
     def refuse(self, sender: str, rcpts: list[str], client: str, peer_ip: str, reply: bytes,
@@ -523,7 +567,7 @@ class Acceptor:
 
     def submit(self, sender: str, rcpts: list[str], params: dict, client_info: str,
                message: bytes, trace, done, peer: str = "",
-               message_id: str | None = None) -> str:
+               message_id: str | None = None, add_missing: bool = False) -> str:
         """Send one message to its spool shard; the common path of SMTP and HTTP injection.
 
         *trace(qid)* returns the Received header to prepend; *done(qid, ok)* is
@@ -536,9 +580,14 @@ class Acceptor:
 
         *message_id*: the Message-ID the caller wrote into *message* itself (HTTP
         inline content, whose builder has put the From address and Subject in
-        *params* too): the header block is then not read.
+        *params* too): the header block is then not read.  *add_missing*
+        (smtp.add_missing_headers, SMTP only): a Message-ID and a Date are put in
+        front of a header block that has none (:func:`add_missing_headers`), before the
+        message is signed, so that a signature covers them when its h= names them.
         """
         qid = new_qid(self.slot)
+        if add_missing:
+            message, message_id = add_missing_headers(message, params, qid, self.hostname)
         # DKIM: every message is signed here, once, before it is spooled, so the
         # signature is made once however many delivery attempts follow, and a
         # retry sends exactly the bytes that were signed.  The spool and the

@@ -49,7 +49,9 @@ Messages: only CRLF "." CRLF ends DATA (the scanner guarantees it).  A message
 that contains a bare CR or LF is rejected with 550 5.6.0 — never normalised —
 so no second message can be smuggled inside one; so is one with a NUL or an
 over-long line (550 5.6.0) or over the size limit (552 5.3.4).  A Received
-header is prepended; the rest of the message is kept byte-exact.
+header is prepended; the rest of the message is kept byte-exact (unless
+``smtp.add_missing_headers`` puts a missing Message-ID and Date in front, and
+DKIM signing its fields: ``Acceptor.submit``).
 
 Failure and pressure: while the spool has its message, the session holds
 further input (buffered, not processed); 250 only once the shard says the

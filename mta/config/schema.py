@@ -148,6 +148,15 @@ class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_buffered_input: Annotated[int, _doc(
         "octets of pipelined input buffered per session before reading pauses",
         ge=4 * KiB, le=64 * MiB)] = 256 * KiB
+    add_missing_headers: Annotated[str, _doc(
+        "add a Message-ID (<queue id@server.hostname>) and a Date (UTC) to SMTP mail whose "
+        "header block has none, after the Received field and before DKIM signing (as "
+        "Postfix's always_add_missing_headers and local_header_rewrite_clients do; RFC "
+        "6409 8.2, 8.3): \"off\" sends the message as it came (only Received is added); "
+        "\"local\" for loopback clients (127.0.0.0/8, ::1; the client a PROXY header "
+        "names); \"all\" for every client (all relayed mail comes from relay_networks or "
+        "authenticated clients). Mail over HTTP always gets both",
+        pattern="^(off|local|all)$")] = "off"
 
 
 class SpoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -202,6 +202,7 @@ class Submitted:
     received: bytes
     message: bytes
     peer: str
+    add_missing: bool = False       # smtp.add_missing_headers applies to it
 
 
 TLS_CONTEXT = object()   # stands for an ssl.SSLContext: the fake loop's start_tls ignores it
@@ -227,10 +228,10 @@ class Acceptor(acceptor_main.Acceptor):
         self.held: list = []
 
     def submit(self, sender, rcpts, params, client_info, message, trace, done, peer="",
-               message_id=None):
+               message_id=None, add_missing=False):
         qid = new_qid(self.slot)
         self.submitted.append(Submitted(qid, sender, list(rcpts), dict(params), client_info,
-                                        trace(qid), message, peer))
+                                        trace(qid), message, peer, add_missing))
         if self.answer == "hold":
             self.held.append((done, qid))
         else:
