@@ -625,3 +625,23 @@ def test_an_ipv6_address_literal_is_refused_at_rcpt_when_delivery_sends_no_ipv6(
                  b"RCPT TO:<c@[192.0.2.1]>\r\n")
     assert out.split(b"\r\n")[1:3] == [
         R.RCPT_OK.rstrip() if smarthost else R.NO_IPV6_ROUTE.rstrip(), R.RCPT_OK.rstrip()]
+
+
+@pytest.mark.parametrize("literal", [b"[IPv6:::1%\nX-Injected: yes]", b"[IPv6:fe80::1%eth0]",
+                                     b"[IPv6:::1%\rDATA]",
+                                     b"[IPv6:::1%\x00]"])
+@pytest.mark.parametrize("peer", [fake.PEER, ("192.0.2.7", 4000)])
+def test_an_ipv6_literal_with_a_zone_is_refused(impl, literal, peer, caplog):
+    # ipaddress takes a zone of any characters but "%": RCPT TO:<v@[IPv6:::1%\nX: y]>
+    # (a bare LF is no line end) got 250, the LF went into the Received header ("for <...>")
+    # and, from a client that may not relay, into the "relay access denied" log line.
+    acc, c = make(impl, peer=peer)
+    c.send(b"EHLO client.example\r\n")
+    with caplog.at_level("INFO", logger="mta.acceptor"):
+        out = c.send(b"MAIL FROM:<s@example.com>\r\nRCPT TO:<v@" + literal + b">\r\n"
+                     b"MAIL FROM:<v@" + literal + b">\r\nRSET\r\n")
+    assert out == R.SENDER_OK + R.BAD_RCPT + R.NESTED_MAIL + R.OK, out
+    out = c.send(b"MAIL FROM:<v@" + literal + b">\r\n")
+    assert out == R.BAD_SENDER, out
+    assert acc.submitted == []
+    assert not any("\n" in r.getMessage() or "\r" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,45 @@
+"""What a hostile or careless client can do to the daemon, tried against ``mta serve``.
+
+The relay client is 127.0.0.1 (``smtp.relay_networks``); a client from 127.0.0.2 may
+not relay.  Each test asserts on the replies, the queue and the daemon's log.
+"""
+import pytest
+
+from daemon import QUEUED_RE
+
+
+@pytest.fixture(scope="module")
+def mta(make_module_daemon):
+    return make_module_daemon(acceptors=1, shards=1,
+                              smtp={"relay_networks": ["127.0.0.1/32"]})
+
+
+def _injected(d) -> list[str]:
+    return [line for line in d.log().splitlines() if "X-Injected" in line and
+            not line.startswith("20")]
+
+
+@pytest.mark.parametrize("source", ["127.0.0.1", "127.0.0.2"])
+def test_an_ipv6_literal_zone_cannot_carry_a_line_break(mta, source):
+    # RCPT TO:<v@[IPv6:::1%\nX-Injected: yes]>: ipaddress takes any zone, a bare LF is no
+    # line end; it got 250 and its LF went into the Received header (a relay client) or
+    # the "relay access denied" log line (anyone) as a line of the client's choosing.
+    c = mta.connect(source=source)
+    try:
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("MAIL FROM:<a@example.com>")[0] == 250
+        assert c.cmd(b"RCPT TO:<v@[IPv6:::1%\nX-Injected: yes]>")[0] == 501
+        assert c.cmd(b"RCPT TO:<v@[IPv6:fe80::1%eth0]>")[0] == 501
+        assert c.cmd("RSET")[0] == 250
+        assert c.cmd(b"MAIL FROM:<v@[IPv6:::1%\nX-Injected: yes]>")[0] == 501
+        # the same transaction with a literal that is one still goes through
+        if source == "127.0.0.1":
+            assert c.cmd("MAIL FROM:<a@example.com>")[0] == 250
+            assert c.cmd("RCPT TO:<v@[IPv6:::1]>")[0] == 250
+            assert c.cmd("DATA")[0] == 354
+            code, text = c.cmd(b"Subject: t\r\n\r\nbody\r\n.")
+            assert code == 250 and QUEUED_RE.search(text[0])
+        assert c.cmd("QUIT")[0] == 221
+    finally:
+        c.close()
+    assert _injected(mta) == []
