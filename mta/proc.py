@@ -23,11 +23,25 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
+def _escaped(text: str) -> str:
+    """*text* with each character that is not printable written as its escape
+    (``\\n``, ``\\r``, ``\\x1b``, ``\\u2028``)."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 class _Formatter(logging.Formatter):
     """logging.Formatter's line, with the time's text made once a second.
 
     A delivery process logs a line per recipient (as Postfix's smtp does); the
     stock formatTime calls localtime() and strftime() for each of them.
+
+    A message is one line, printable: much of what is logged is someone else's
+    text -- a receiving server's reply (its lines joined with LF), a client's
+    addresses, a report's fields -- and a line break there would write a line
+    of its choosing (a forged "status=sent", an address for a log watcher to
+    ban), a CR or an ESC sequence would rewrite what a terminal shows.  Such
+    characters are written escaped (``\\n``, ``\\x1b``).  A traceback, which
+    follows the message, keeps its lines.  Costs one str.isprintable() per line.
     """
 
     def __init__(self, fmt: str):
@@ -41,6 +55,11 @@ class _Formatter(logging.Formatter):
             self._text = time.strftime(self.default_time_format, self.converter(record.created))
             self._second = second
         return self.default_msec_format % (self._text, record.msecs)
+
+    def formatMessage(self, record):
+        if not record.message.isprintable():
+            record.message = _escaped(record.message)
+        return super().formatMessage(record)
 
 
 class _TurnHandler(logging.StreamHandler):

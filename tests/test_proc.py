@@ -347,3 +347,20 @@ def test_clock_step_watch_reports_a_step_back_once_and_never_a_forward_one():
     assert w.stepped_back() == 0.0      # (reported once)
     t["wall"] += 86400.0                # forward (a resume from suspend looks the same)
     assert w.stepped_back() == 0.0
+
+
+def test_a_logged_message_is_one_printable_line_and_a_traceback_keeps_its_lines():
+    # (someone else's text in a message -- a server's reply, a client's address -- must
+    # not write lines of its own, nor CR / ESC sequences for a terminal)
+    f = proc._Formatter("%(levelname)s x: %(message)s")
+    rec = logging.LogRecord("t", logging.INFO, "", 0, "reply (%s)", ("550 a\nINFO forged\r\x1b[2J\x00 é",),
+                            None)
+    assert f.format(rec) == "INFO x: reply (550 a\\nINFO forged\\r\\x1b[2J\\x00 é)"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = logging.LogRecord("t", logging.ERROR, "", 0, "failed: %s", ("a\nb",),
+                                sys.exc_info())
+    out = f.format(rec).split("\n")
+    assert out[0] == "ERROR x: failed: a\\nb" and out[1] == "Traceback (most recent call last):"
+    assert out[-1] == "ValueError: boom"

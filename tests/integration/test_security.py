@@ -6,6 +6,7 @@ not relay.  Each test asserts on the replies, the queue and the daemon's log.
 import pytest
 
 from daemon import QUEUED_RE
+from mxlab import IPS, mx
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +44,28 @@ def test_an_ipv6_literal_zone_cannot_carry_a_line_break(mta, source):
     finally:
         c.close()
     assert _injected(mta) == []
+
+
+FORGED = "2026-01-01 00:00:00,000 INFO delivery[0][1]: FORGED: to=<x@y.test> status=delivered"
+
+
+def test_a_receiving_servers_reply_cannot_write_lines_into_the_log(lab):
+    # The delivery log line quotes the server's reply; a multi-line reply (its lines joined
+    # with LF) wrote the server's second line as a log line of its own, and a bare CR, an
+    # ESC or a NUL inside a line went into the log as it came.
+    replies = {"lf@dest.test": f"550-5.1.1 no such user\r\n550 5.1.1 {FORGED}",
+               "cr@dest.test": f"550 5.1.1 no such user\r{FORGED}",
+               "esc@dest.test": "550 5.1.1 no such user \x1b[2J\x1b[H\x00 cleared"}
+    lab.aio(IPS[0], rcpt=lambda s, a, f: replies.get(a))
+    lab.serve(mx("dest.test", "mx.dest.test", IPS[0]))
+    d = lab.daemon()
+    qid = d.send("alice@sender.test", list(replies), b"Subject: t\r\n\r\nbody\r\n")
+    for rcpt in replies:
+        d.wait_log(rf"{qid}: to=<{rcpt}> .*status=failed")
+    log = d.log()
+    for line in log.split("\n"):
+        assert not line.startswith("2026-01-01"), line
+        if qid in line and "status=failed" in line:
+            assert line.isprintable(), repr(line)
+            assert "FORGED" in line or "esc@" in line
+    assert "\r" not in log and "\x1b" not in log and "\x00" not in log
