@@ -123,6 +123,7 @@ cdef class Scanner:
     cdef bint _at_line_start        # DATA mode: the next byte starts a line
     cdef Py_ssize_t _chunk_left     # BDAT mode: chunk bytes still to come
     cdef bint _chunk_last
+    cdef bint _chunk_keep           # BDAT mode: false, the chunk is read and dropped
 
     # The message in progress.
     cdef int _flags
@@ -143,6 +144,7 @@ cdef class Scanner:
         self._max_message = _limit("max_message", max_message, 0)
         self._mode = _MODE_COMMAND
         self._at_line_start = True
+        self._chunk_keep = True
         self.reset_message()
 
     def __dealloc__(self):
@@ -190,12 +192,14 @@ cdef class Scanner:
         self.reset_message()
         self._at_line_start = True
 
-    def start_chunk(self, size, last):
-        """Switch to BDAT mode for exactly *size* bytes; *last* ends the message."""
+    def start_chunk(self, size, last, keep=True):
+        """Switch to BDAT mode for exactly *size* bytes; *last* ends the message;
+        *keep* false: read and drop the chunk (see the pure twin)."""
         cdef Py_ssize_t n = _limit("size", size, 0)
         self._enter(_MODE_CHUNK)
         self._chunk_left = n
         self._chunk_last = bool(last)
+        self._chunk_keep = bool(keep)
 
     def reset_message(self):
         """Forget the message in progress (flags, size, line state, content)."""
@@ -352,16 +356,20 @@ cdef class Scanner:
         cdef object payload = None
         cdef int flags
         if take:
-            self._account_text(p, take)
-            if self._grow_size(take):
-                if take == self._chunk_left and self._out_len == 0:
-                    payload = PyBytes_FromStringAndSize(<const char*>p, take)
-                else:
-                    self._keep(p, take)
+            if self._chunk_keep:
+                self._account_text(p, take)
+                if self._grow_size(take):
+                    if take == self._chunk_left and self._out_len == 0:
+                        payload = PyBytes_FromStringAndSize(<const char*>p, take)
+                    else:
+                        self._keep(p, take)
             self._start += take
             self._chunk_left -= take
         if self._chunk_left:
             return None
+        if not self._chunk_keep:
+            self._mode = _MODE_COMMAND
+            return (_EV_CHUNK, b"", 0)
         if payload is None:
             payload = self._payload()
         if not self._chunk_last:

@@ -650,3 +650,32 @@ def test_chunks_match_reference(chunks, limit, data):
                     scanner.start_chunk(len(chunks[len(events)]), len(events) == len(chunks) - 1)
         assert events == expected
         assert scanner.buffered == 0
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_a_chunk_not_kept_is_read_and_dropped(mod, last):
+    # (a BDAT the session refuses -- no transaction -- must still be read, RFC 3030; it
+    # was held whole, up to max_message, for a client that may not even relay)
+    s = mod.Scanner(512, 1000, 1 << 20)
+    s.feed(b"BDAT 5\r\nabcde")                  # a kept chunk of a message in progress
+    ev = s.next()
+    s.start_chunk(5, False)
+    assert s.next() == (EV_CHUNK, b"abcde", 0)
+    s.start_chunk(3 << 20, last, False)        # larger than max_message: no FLAG_TOO_BIG
+    piece = b"\r\n.\r\n\x00x\ry\n" * 6000
+    sent = 0
+    while sent + len(piece) <= 3 << 20:
+        s.feed(piece)
+        sent += len(piece)
+        assert s.next() is None
+        assert s.buffered < 1024, s.buffered   # nothing held
+    s.feed(b"z" * ((3 << 20) - sent) + b"NOOP\r\n")
+    assert s.next() == (EV_CHUNK, b"", 0)
+    assert s.mode == mod.MODE_COMMAND
+    assert s.next() == (EV_COMMAND, b"NOOP", 0)
+    # the message in progress goes on (the dropped chunk's NUL and bare CR / LF are
+    # not its flags)
+    s.start_chunk(2, True)
+    s.feed(b"fg")
+    assert s.next() == (EV_CHUNK, b"fg", 0)
+    assert ev == (EV_COMMAND, b"BDAT 5", 0)

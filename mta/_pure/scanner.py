@@ -83,7 +83,7 @@ class Scanner:
     __slots__ = (
         "_max_command_line", "_max_text_line", "_max_message",
         "_buf", "_mode", "_scan", "_overflow", "_at_line_start",
-        "_chunk_left", "_chunk_last",
+        "_chunk_left", "_chunk_last", "_chunk_keep",
         "_flags", "_size", "_line_len", "_cr_pending", "_out",
     )
 
@@ -98,6 +98,7 @@ class Scanner:
         self._at_line_start = True  # DATA mode: the next byte starts a line
         self._chunk_left = 0
         self._chunk_last = False
+        self._chunk_keep = True
         self._out = bytearray()
         self.reset_message()
 
@@ -131,12 +132,19 @@ class Scanner:
         self.reset_message()
         self._at_line_start = True
 
-    def start_chunk(self, size, last):
-        """Switch to BDAT mode for exactly *size* bytes; *last* ends the message."""
+    def start_chunk(self, size, last, keep=True):
+        """Switch to BDAT mode for exactly *size* bytes; *last* ends the message.
+
+        *keep* false: a chunk to be refused, which RFC 3030 asks to be read all
+        the same (its size is all that tells where the next command starts): its
+        octets are dropped as they come, neither scanned nor held, its event has
+        an empty payload and no flags, and a message in progress stays as it was.
+        """
         size = _limit("size", size, 0)
         self._enter(MODE_CHUNK)
         self._chunk_left = size
         self._chunk_last = bool(last)
+        self._chunk_keep = bool(keep)
 
     def reset_message(self):
         """Forget the message in progress (flags, size, line state, content)."""
@@ -227,10 +235,16 @@ class Scanner:
     def _next_chunk(self):
         take = min(self._chunk_left, len(self._buf))
         if take:
-            self._consume(take)
+            if self._chunk_keep:
+                self._consume(take)
+            else:
+                del self._buf[:take]
             self._chunk_left -= take
         if self._chunk_left:
             return None
+        if not self._chunk_keep:
+            self._mode = MODE_COMMAND
+            return (EV_CHUNK, b"", 0)
         if not self._chunk_last:
             event = (EV_CHUNK, self._payload(), self._flags)
             self._out = bytearray()

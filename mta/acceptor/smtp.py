@@ -810,11 +810,14 @@ class Session(asyncio.Protocol):
             self.state = _BDAT
             self.chunk_last = last
             self.chunk_ok = True
+            self.scanner.start_chunk(size, last)
         else:
-            # RFC 3030: the chunk must still be read, then rejected.
+            # RFC 3030: the chunk must still be read, then rejected -- read, not held:
+            # a client that may not relay (no RCPT taken) made the session hold up
+            # to max_message_size per connection, max_connections_per_ip at a time.
             self.chunk_last = last
             self.chunk_ok = False
-        self.scanner.start_chunk(size, last)
+            self.scanner.start_chunk(size, last, False)
 
     def cmd_rset(self, arg: bytes) -> None:
         if arg.strip():

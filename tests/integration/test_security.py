@@ -3,6 +3,8 @@
 The relay client is 127.0.0.1 (``smtp.relay_networks``); a client from 127.0.0.2 may
 not relay.  Each test asserts on the replies, the queue and the daemon's log.
 """
+import time
+
 import pytest
 
 from daemon import QUEUED_RE
@@ -69,3 +71,38 @@ def test_a_receiving_servers_reply_cannot_write_lines_into_the_log(lab):
             assert line.isprintable(), repr(line)
             assert "FORGED" in line or "esc@" in line
     assert "\r" not in log and "\x1b" not in log and "\x00" not in log
+
+
+def _rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
+
+
+def test_a_refused_bdat_chunk_is_read_not_held(mta):
+    # BDAT with no transaction (a client that may not relay has no RCPT taken) must be
+    # read all the same (RFC 3030); it was held whole, up to smtp.max_message_size: 50 MiB
+    # per connection, max_connections_per_ip (200) connections at a time per acceptor.
+    [pid] = [p for name, p in mta.children().items() if name.startswith("acceptor")]
+    before = _rss_mib(pid)
+    clients = []
+    size, piece = 40 << 20, b"A" * (1 << 20)
+    try:
+        for _ in range(4):
+            c = mta.connect(source="127.0.0.2")
+            clients.append(c)
+            assert c.cmd("EHLO client.test")[0] == 250
+            assert c.cmd("MAIL FROM:<a@example.com>")[0] == 250
+            assert c.cmd("RCPT TO:<b@example.net>")[0] == 554     # no relay
+            c.send(b"BDAT %d LAST\r\n" % size)
+            for _ in range(size // len(piece) - 1):
+                c.send(piece)
+        time.sleep(0.5)
+        grown = _rss_mib(pid) - before
+        assert grown < 40, f"the acceptor grew by {grown} MiB"    # it held 4 x 39 MiB
+        for c in clients:       # each chunk ends: refused, and the session goes on
+            c.send(piece)
+            assert c.reply()[0] == 503
+            assert c.cmd("NOOP")[0] == 250
+    finally:
+        for c in clients:
+            c.close()
