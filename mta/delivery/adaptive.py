@@ -311,14 +311,11 @@ class Adaptive:
         return stage != "data" or enhanced.split(".")[1:2] not in _ABOUT_THE_MESSAGE
 
     def record(self, source: str, site: str, ok: bool, attempted_rate: float | None = None,
-               base=None, spread=None) -> bool:
+               base=None) -> bool:
         """One attempt's result for (source, site); True when back-off state changed.
 
         *base*: the shaping limits (a Limits, or a function returning them, asked only
-        when a decision is made).  *spread*: a function returning how many times this
-        process's share the node sends to (source, site) (its connections node-wide over
-        its own), asked only when a decision is made; without it, the number of
-        delivery processes."""
+        when a decision is made)."""
         if not self.enabled:
             return False
         key = (source, site)
@@ -364,16 +361,11 @@ class Adaptive:
         # reached by a burst reads as a higher rate than it is: an over-estimate, like the
         # one below, which the next decrease corrects, where an under-estimate would take
         # many recovery steps.  For the node: this process sees its share of a (source x
-        # site) spread over several processes, so its counts are scaled by how many times
-        # its share the node sends there: its connections node-wide over this process's
-        # own, as the engine reads them from the limiter (not by the number of processes:
-        # a site one process serves alone read as that many times the rate it took).
+        # site) spread over several processes, so its counts are scaled by their number
+        # (an over-estimate when not spread).
         span = min(self.window, seen * len(q) / (len(q) - 1))
-        factor = self.processes
-        if spread is not None:
-            factor = min(float(self.processes), max(1.0, spread()))
-        accepted = (len(q) - fails) / span * factor
-        attempted = len(q) / span * factor
+        accepted = (len(q) - fails) / span * self.processes
+        attempted = len(q) / span * self.processes
         if callable(base):
             base = base()
         shaping_rate = base.max_message_rate if base is not None else None

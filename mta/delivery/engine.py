@@ -1745,17 +1745,8 @@ class Engine:
         """Feed automatic back-off one attempt's result; apply a change at once."""
         if self.adaptive.record(lane.source.name, lane.site.name, ok,
                                 attempted_rate=lane.rate or None,
-                                base=lambda: self._base_limits(lane),
-                                spread=lambda: self._spread(lane)):
+                                base=lambda: self._base_limits(lane)):
             self._relimit()
-
-    def _spread(self, lane: Lane) -> float:
-        """How many times this process's share the node sends to the lane's (source x
-        site): its connections node-wide (the limiter's slots) over this process's own;
-        the number of delivery processes when this one holds none."""
-        if lane.active <= 0:
-            return float(self.adaptive.processes)
-        return self.limiter.connections(lane.key) / lane.active
 
     def _relimit(self) -> None:
         """Limits again for every lane (a throttle or back-off began, stepped or ended)."""

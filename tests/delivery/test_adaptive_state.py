@@ -510,25 +510,3 @@ def test_backoff_judges_the_rate_over_the_time_its_evidence_covers(tmp_path):
         c.record("ip-4", "s", ok=i % 2 == 0, base=shaped)
     [e] = c.store.entries.values()
     assert e.rate == pytest.approx(0.8 * 11 / (0.3 * 22 / 21))
-
-
-def test_backoff_scales_a_process_view_by_the_share_it_sends(tmp_path):
-    """Two delivery processes.  When this one alone sends to the site (it holds every
-    connection there), what it saw the site take is what the node saw: not twice it.
-    When the node's connections there are twice its own, it is half the node's view."""
-    def run(directory, spread):
-        clock = Clock()
-        s = config(directory)
-        a = ad.Adaptive(s.config, s.state_dir, presets=False, now=clock, processes=2)
-        shaped = msgspec.structs.replace(BASE, max_message_rate=500.0)
-        for i in range(150):
-            clock.t += 0.01                     # 100 attempts/s, every other deferred
-            a.record("ip-2", "s", ok=i % 2 == 0, base=shaped, spread=spread)
-        [e] = a.store.entries.values()
-        return e.rate
-    alone = run(tmp_path / "a", lambda: 1.0)
-    assert alone == pytest.approx(0.8 * 50.0, rel=0.05)
-    assert run(tmp_path / "b", lambda: 2.0) == pytest.approx(2 * alone)
-    # never more than the number of processes, never less than this one's own view
-    assert run(tmp_path / "c", lambda: 7.0) == pytest.approx(2 * alone)
-    assert run(tmp_path / "d", lambda: 0.5) == pytest.approx(alone)
