@@ -614,7 +614,7 @@ class BackoffConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         gt=0, le=1)] = 0.1
     decrease: Annotated[float, _doc(
         "on entering back-off the rate becomes this share of the rate the site accepted over "
-        "the time the window's attempts cover (0.8: a fifth less than it has shown it takes); each further decrease "
+        "the window (0.8: a fifth less than it has shown it takes); each further decrease "
         "(too many deferrals again) multiplies the rate in effect by it", gt=0, lt=1)] = 0.8
     recover_step: Annotated[float, _doc(
         "additive increase: after each recover_interval without a new decrease the rate "

@@ -31,10 +31,9 @@ in ``DeliveryOutcome.rule``.
 
 **Automatic back-off**, without any rule: each delivery process keeps, per
 (source x site), the results of its attempts over the last ``backoff.window``
-seconds.  With at least ``min_attempts`` of them, covering a second at least,
-and a share of deferrals above ``threshold``, the (source x site) enters
-back-off: its message rate becomes ``decrease`` x the rate the site accepted
-over the time those attempts cover (never
+seconds.  With at least ``min_attempts`` of them and a share of deferrals
+above ``threshold``, the (source x site) enters back-off: its message rate
+becomes ``decrease`` x the rate the site accepted over the window (never
 under ``min_rate``, never above the shaping rate), its connection limit
 shrinks in proportion.  Still too many deferrals -- judged only on attempts
 made after the last decrease reached every process -- multiply the rate in
@@ -83,7 +82,6 @@ from mta.shaping.state import (ADMIN_RULE, BACKOFF, MAX_REPLY, STORE_DIR, SUSPEN
 log = logging.getLogger("mta.delivery.adaptive")
 
 SETTLE = 1.5        # seconds for a new back-off rate to reach every process (1 s reads)
-MIN_SPAN = 1.0      # seconds of attempts, at least, before a window is judged
 MAX_WINDOW = 20_000  # attempts kept per (source x site) window, at most
 # Subjects of enhanced status codes (RFC 3463) that speak of the message or its
 # recipients, not of the receiving system: mailbox status, security or policy status.
@@ -175,11 +173,6 @@ class Adaptive:
         self.store = Store(os.path.join(state_dir, STORE_DIR), b.max_entries)
         self.enabled = b.enabled
         self.window = b.window * scale
-        # The shortest time a window's evidence must cover before it is judged: results
-        # come back in bursts (a pipelined transaction's recipients at one instant), and
-        # a count over less than this says nothing about a rate.  Not scaled by
-        # time_scale: it is about how results arrive, not a policy duration.
-        self.min_span = min(MIN_SPAN, self.window / 2)
         self.min_attempts = b.min_attempts
         self.threshold = b.threshold
         self.decrease = b.decrease
@@ -343,9 +336,6 @@ class Adaptive:
         fails = w.fails
         if fails / len(q) <= self.threshold:
             return False
-        seen = now - q[0][0]
-        if seen < self.min_span:
-            return False
         # Another process may have decided a moment ago (we read the store once a second):
         # look at the file itself before deciding again.
         fresh = self.store.reread(eid)
@@ -353,17 +343,12 @@ class Adaptive:
             old = fresh
             if now - old.decreased < SETTLE:
                 return False
-        # Rates over the time the evidence covers: its n attempts stand for n intervals,
-        # the first of which began before the first result came back.  (Spreading the
-        # counts over the whole window whatever they covered made a site that deferred
-        # part of a fast send a tenth of a second into it look as if it took a 600th of
-        # its rate: recovering from that took days.)  A provider's per-period limit
-        # reached by a burst reads as a higher rate than it is: an over-estimate, like the
-        # one below, which the next decrease corrects, where an under-estimate would take
-        # many recovery steps.  For the node: this process sees its share of a (source x
-        # site) spread over several processes, so its counts are scaled by their number
-        # (an over-estimate when not spread).
-        span = min(self.window, seen * len(q) / (len(q) - 1))
+        # Rates over the whole window (a provider's limit is per period: a burst in the
+        # first second says nothing about the minute), for the node: this process sees
+        # its share of a (source x site) spread over several processes, so its counts are
+        # scaled by their number (an over-estimate when not spread, which the next
+        # decrease corrects; an under-estimate would take many steps to recover).
+        span = self.window
         accepted = (len(q) - fails) / span * self.processes
         attempted = len(q) / span * self.processes
         if callable(base):

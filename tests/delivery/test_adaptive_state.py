@@ -164,8 +164,8 @@ def test_backoff_enters_on_deferrals_and_recovers_step_by_step(tmp_path):
     assert changed is True
     [e] = a.store.entries.values()
     assert e.kind == "backoff" and e.level == 1 and e.ceiling == 20.0
-    # half of what the site took over the time the attempts cover: 5 in 5 s
-    assert e.rate == pytest.approx(0.5)
+    # half of what the site took over the window: 5 in 10 s
+    assert e.rate == pytest.approx(0.25)
     lim = a.adjust("ip-2", "s", shaped)
     assert lim.max_message_rate == pytest.approx(e.rate)
     assert lim.connection_limit == 1                  # in proportion to the rate
@@ -471,42 +471,3 @@ def test_temporary_files_of_a_writer_killed_mid_write_are_removed(tmp_path):
     store = ad.Store(str(d))
     assert not dead.exists() and live.exists()
     assert store.entries == {}
-
-
-def test_backoff_judges_the_rate_over_the_time_its_evidence_covers(tmp_path):
-    """A site that takes 50/s from a source sent 100/s, every other attempt deferred.
-    Back-off must start, a second into the send, from about what the site took (50/s),
-    not from that second's count spread over the whole minute's window (0.8 x 50 / 60 s
-    = 0.67/s: with recovery by a tenth of that a minute, hours to get back to 50/s)."""
-    clock = Clock()
-    a = make(tmp_path, clock)                       # the defaults: a 60 s window
-    shaped = msgspec.structs.replace(BASE, max_message_rate=500.0)
-    for i in range(150):
-        clock.t += 0.01                             # 100 attempts/s, every other deferred
-        a.record("ip-2", "s", ok=i % 2 == 0, base=shaped)
-    [e] = a.store.entries.values()
-    took = 50.0
-    assert 0.5 * 0.8 * took <= e.rate <= 0.8 * 100.0, e
-    assert e.failed_at == pytest.approx(100.0, rel=0.2)
-    # Results that come back together (one pipelined transaction's recipients) are not
-    # judged until the evidence covers a second: at one instant they say nothing of a rate.
-    b = make(tmp_path / "b", clock)
-    for i in range(20):
-        b.record("ip-3", "s", ok=i % 2 == 0, base=shaped)
-    assert not b.store.entries
-    clock.t += 1.0
-    for i in range(20):
-        b.record("ip-3", "s", ok=i % 2 == 0, base=shaped)
-    [e] = b.store.entries.values()
-    # judged at the first deferral once a second is covered: 11 of 22 accepted, the 22
-    # results standing for 22 intervals (the first began before its result came back)
-    assert e.rate == pytest.approx(0.8 * 11 / (1.0 * 22 / 21))
-    # A window shorter than two seconds needs half of it covered.
-    c = make(tmp_path / "c", clock, window=0.5)
-    for i in range(20):
-        c.record("ip-4", "s", ok=i % 2 == 0, base=shaped)
-    clock.t += 0.3
-    for i in range(20):
-        c.record("ip-4", "s", ok=i % 2 == 0, base=shaped)
-    [e] = c.store.entries.values()
-    assert e.rate == pytest.approx(0.8 * 11 / (0.3 * 22 / 21))
