@@ -37,6 +37,7 @@ EX_UNAVAILABLE = 69
 EX_CONFIG = 78
 DELETE_CHUNK = 1000     # queue ids in one request of `mta queue delete`
 FLUSH_CHUNK = 100       # of `mta queue flush --queue-id` (the admin API's FLUSH_QIDS)
+LANES_SHOWN = 20        # source x site lanes `mta queue` lists (the busiest; --json: all)
 
 config_option = click.option(
     "-c", "--config", "config_path", type=click.Path(dir_okay=False), envvar="MTA_CONFIG",
@@ -102,10 +103,14 @@ def check_config(config_path, as_json):
     if as_json:
         click.echo(json.dumps({"ok": True, "config": config_path, "acceptors": s.acceptors,
                                "shards": s.shards, "state_dir": s.state_dir,
-                               "running": active is not None, "needs_restart": later or []}))
+                               "running": active is not None, "needs_restart": later or [],
+                               "nodes": s.config.cluster.nodes}))
         return
     click.echo(f"ok: {config_path or 'built-in defaults'} ({s.acceptors} acceptor(s), "
                f"{s.shards} spool shard(s), state in {s.state_dir})")
+    if s.config.cluster.nodes > 1:
+        click.echo(f"shaping limits are this node's share: 1/{s.config.cluster.nodes} "
+                   f"([cluster] nodes = {s.config.cluster.nodes})")
     if active is None:
         return
     if later:
@@ -286,6 +291,10 @@ def _source_suspensions(s, sources: dict) -> None:
 
 
 def _print_delivery(d: dict) -> None:
+    if d.get("nodes", 1) > 1:
+        click.echo("")
+        click.echo(f"shaping limits are this node's share: 1/{d['nodes']} "
+                   f"([cluster] nodes = {d['nodes']})")
     if d.get("pools"):
         click.echo("")
         rows = [("POOL", "MESSAGES", "RECIPIENTS")]
@@ -313,6 +322,22 @@ def _print_delivery(d: dict) -> None:
                              f"{w['hourly'] or '-'}/{w['daily'] or '-'}", site,
                              str(c.get("hour", "-")), str(c.get("day", "-"))))
         _table(rows)
+    if d.get("lanes"):
+        # the limits in effect per source x site: shaping's (this node's share of them
+        # with [cluster] nodes), lowered by a throttle or back-off
+        click.echo("")
+        lanes = sorted(d["lanes"], key=lambda x: (-x["queued"], -x["connections"]))
+        rows = [("SOURCE", "SITE", "QUEUED", "CONNECTIONS", "CONN LIMIT", "RATE/S",
+                 "RATE LIMIT/S")]
+        for ln in lanes[:LANES_SHOWN]:
+            lim = ln.get("max_message_rate")
+            rows.append((ln["source"], ln["site"], str(ln["queued"]),
+                         str(ln.get("node_connections", ln["connections"])),
+                         str(ln.get("connection_limit") or "-"), f"{ln['rate']:.1f}",
+                         "-" if lim is None else f"{lim:g}"))
+        _table(rows)
+        if len(lanes) > LANES_SHOWN:
+            click.echo(f"(and {len(lanes) - LANES_SHOWN} more source x site lanes: --json)")
     if d["sites"]:
         click.echo("")
         rows = [("SITE", "DOMAINS", "QUEUED", "CONNECTIONS", "RATE/S")]

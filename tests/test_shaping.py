@@ -399,3 +399,84 @@ def test_a_site_with_thousands_of_domains_costs_the_cache_no_copy_of_them_each()
                      "default").starttls == "none"
     assert sh.limits("mx.tls.example", ("mx.tls.example",), {"tls.example", "x.example"},
                      "default").starttls == "required"
+
+
+# ------------------------------------------------------------------ several nodes
+
+@pytest.mark.parametrize("limit, nodes, share", [
+    (20, 4, 5), (10, 4, 2), (4, 2, 2), (5, 2, 2), (3, 4, 1), (1, 4, 1), (1, 1, 1),
+    (10_000, 1000, 10), (7, 1, 7),
+])
+def test_share_of_a_connection_limit_rounds_down_and_is_at_least_one(limit, nodes, share):
+    assert shaping.share_connections(limit, nodes) == share
+
+
+@pytest.mark.parametrize("rate, nodes", [(300.0, 4), (1 / 86400, 1000), (1e6, 3), (0.5, 2)])
+def test_share_of_a_rate_is_divided_and_never_zero(rate, nodes):
+    got = shaping.share_rate(rate, nodes)
+    assert got == pytest.approx(rate / nodes) and got > 0
+    assert shaping.share_rate(None, nodes) is None     # unlimited stays unlimited
+    assert shaping.share_rate(rate, 1) == rate
+
+
+@pytest.mark.parametrize("cap, nodes, share", [
+    (0, 4, 0), (100, 4, 25), (50, 4, 12), (3, 4, 1), (1, 2, 1), (10, 1, 10)])
+def test_share_of_a_warmup_cap_rounds_down_is_at_least_one_and_keeps_no_cap(cap, nodes, share):
+    assert shaping.share_cap(cap, nodes) == share
+
+
+def test_shaping_limits_are_this_nodes_share_of_the_shared_keys_only():
+    """[cluster] nodes = 4: connection_limit 20 -> 5, 300/s -> 75/s, 40/m -> 10/m; the
+    [delivery] default (10 -> 2) too; messages per connection, idle_timeout and
+    starttls are per connection and stay."""
+    rules = [rule(mx="*.google.com", connection_limit=20, max_message_rate="300/s",
+                  max_connection_rate="40/m", max_deliveries_per_connection=50,
+                  idle_timeout=7, starttls="required")]
+    one = shaping.Shaping(rules, DELIVERY, presets=False)
+    four = shaping.Shaping(rules, DELIVERY, presets=False, nodes=4)
+    args = ("gmail", ("alt1.gmail-smtp-in.l.google.com",), ("gmail.com",), "default")
+    got = four.limits(*args)
+    assert (got.connection_limit, got.nodes) == (5, 4)
+    assert got.max_message_rate == pytest.approx(75.0)
+    assert got.max_connection_rate == pytest.approx(40 / 60 / 4)
+    assert (got.max_deliveries_per_connection, got.idle_timeout, got.starttls) == \
+        (50, 7.0, "required")
+    assert one.limits(*args).connection_limit == 20 and one.limits(*args).nodes == 1
+    assert one.limits(*args).max_message_rate == pytest.approx(300.0)
+    plain = four.limits("other", ("mx.other.test",), ("other.test",), "default")
+    assert (plain.connection_limit, plain.max_message_rate) == (2, None)   # 10 // 4
+    small = shaping.Shaping([rule(site="s", connection_limit=3, max_message_rate="1/d")],
+                            DELIVERY, presets=False, nodes=8).limits("s", (), (), "default")
+    assert small.connection_limit == 1 and 0 < small.max_message_rate < 1 / 86400
+
+
+def test_shaping_from_config_takes_cluster_nodes(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text(f"[server]\nstate_dir = '{tmp_path}'\n[cluster]\nnodes = 3\n"
+                 "[[shaping]]\nsite = 's'\nconnection_limit = 9\n")
+    s = config.load(str(p))
+    sh = shaping.Shaping.from_config(s.config)
+    assert sh.limits("s", (), (), "default").connection_limit == 3
+    r = subprocess.run([sys.executable, "-m", "mta", "check-config", "-c", str(p)],
+                       capture_output=True, cwd=REPO, timeout=60)
+    assert "shaping limits are this node's share: 1/3 ([cluster] nodes = 3)" in \
+        r.stdout.decode(), r
+
+
+@pytest.mark.parametrize("value, why", [
+    ("0", "cluster.nodes: Expected `int` >= 1"),
+    ("-2", "cluster.nodes: Expected `int` >= 1"),
+    ("1001", "cluster.nodes: Expected `int` <= 1000"),
+    ("'4'", "cluster.nodes: Expected `int`, got `str`"),
+    ("2.5", "cluster.nodes: Expected `int`, got `float`"),
+    ("true", "cluster.nodes: Expected `int`, got `bool`"),
+])
+def test_cluster_nodes_errors_name_the_key(tmp_path, value, why):
+    p = tmp_path / "c.toml"
+    p.write_text(f"[cluster]\nnodes = {value}\n")
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(p))
+    assert why in str(exc.value)
+    r = subprocess.run([sys.executable, "-m", "mta", "check-config", "-c", str(p)],
+                       capture_output=True, cwd=REPO, timeout=60)
+    assert r.returncode == 78 and why in r.stderr.decode(), r.stderr

@@ -128,6 +128,8 @@ class SmartSink:
         self.accepted: list[Accepted] = []
         self.connections = 0
         self.opened: dict[int, tuple[float, str]] = {}   # connection number: (time, client IP)
+        self.open_now = 0             # connections open at this moment
+        self.max_open = 0             # the most open at once (reset_max_open() starts again)
         self._lock = threading.Lock()
         self._window: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self._grey: dict[tuple, float] = {}
@@ -176,6 +178,11 @@ class SmartSink:
         """(time accepted, connection number) of every connection from *ip*."""
         with self._lock:
             return [(t, c) for c, (t, i) in self.opened.items() if i == ip]
+
+    def reset_max_open(self) -> None:
+        """Count the most connections open at once from now on."""
+        with self._lock:
+            self.max_open = self.open_now
 
     def received(self) -> int:
         with self._lock:
@@ -249,6 +256,8 @@ class SmartSink:
             s = _Session(peer[0], self.connections)
             if len(self.opened) < MAX_SEEN:
                 self.opened[s.conn] = (time.time(), s.ip)
+            self.open_now += 1
+            self.max_open = max(self.max_open, self.open_now)
         self._writers.add(writer)
         policy = self._client_policy(s.ip)
 
@@ -339,6 +348,8 @@ class SmartSink:
         finally:
             self._writers.discard(writer)
             writer.close()
+            with self._lock:
+                self.open_now -= 1
 
     def _rcpt(self, s: _Session, addr: str) -> str:
         local, _, domain = addr.rpartition("@")

@@ -196,6 +196,9 @@ def document(reports, host_rows: dict, history: History, queue: dict | None,
             "total": queue["total"], "by_site": queue["by_site"], "by_pool": queue["by_pool"],
             "by_source": queue["by_source"]},
         "queue_error": queue_error,
+        # [cluster] nodes as the delivery processes apply it: the shaping limits in
+        # effect (the queue view's lanes) are 1/nodes of the rules'
+        "shaping_share": None if queue is None else {"nodes": queue.get("nodes", 1)},
         "suspensions": suspensions,
         "processes": processes,
         "disk": disk,

@@ -852,6 +852,17 @@ class AdminConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "the balancer reaches it")] = msgspec.field(default_factory=list)
 
 
+class ClusterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    nodes: Annotated[int, _doc(
+        "how many nodes share the sources and sites that the shaping limits are written "
+        "for (nodes behind one balancer sending from the same IPs, or through the same "
+        "NAT or SOCKS egress): without a shared store each node keeps to 1/nodes of them "
+        "-- connection limits (rounded down, at least 1), message and connection rates, "
+        "response-rule throttles and warm-up caps (rounded down, at least 1); messages "
+        "per connection, timeouts and back-off (measured) are this node's own. 1: the "
+        "limits are this node's alone", ge=1, le=1000)] = 1
+
+
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     server: Annotated[ServerConfig, _doc("process-wide settings")] = msgspec.field(
         default_factory=ServerConfig)
@@ -895,6 +906,9 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
         "match wins")] = msgspec.field(default_factory=list)
     backoff: Annotated[BackoffConfig, _doc(
         "automatic back-off per source x site")] = msgspec.field(default_factory=BackoffConfig)
+    cluster: Annotated[ClusterConfig, _doc(
+        "several nodes sharing the shaping limits (see docs/cluster.md)")] = msgspec.field(
+        default_factory=ClusterConfig)
     warmup: Annotated[list[WarmupConfig], _doc(
         "IP warm-up: [[warmup]] tables, a schedule of caps per site for a new source by "
         "days since its first use (recorded durably in the state directory)")] = \
@@ -905,7 +919,8 @@ SECTIONS = (("server", ServerConfig), ("smtp", SmtpConfig), ("http", HttpConfig)
             ("spool", SpoolConfig), ("delivery", DeliveryConfig), ("dkim", DkimConfig),
             ("egress", EgressConfig), ("feedback", FeedbackConfig),
             ("suppression", SuppressionConfig), ("events", EventsConfig),
-            ("webhooks", WebhooksConfig), ("admin", AdminConfig), ("backoff", BackoffConfig))
+            ("webhooks", WebhooksConfig), ("admin", AdminConfig), ("backoff", BackoffConfig),
+            ("cluster", ClusterConfig))
 # [[shaping]], [[response_rule]], [[warmup]], [[webhook]]: arrays of tables at the top
 TOP_LEVEL_TABLES = (("shaping", ShapingRule), ("response_rule", ResponseRule),
                     ("warmup", WarmupConfig), ("webhook", WebhookEntry))

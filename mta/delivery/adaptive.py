@@ -75,7 +75,8 @@ import time
 
 import msgspec
 
-from mta.shaping import Limits, glob_regex, load_response_presets, parse_rate
+from mta.shaping import (Limits, glob_regex, load_response_presets, parse_rate, share_cap,
+                         share_connections, share_rate)
 from mta.shaping.state import (ADMIN_RULE, BACKOFF, MAX_REPLY, STORE_DIR, SUSPEND, THROTTLE,
                                WARMUP, Entry, Store, cancel_entries, entry_id, list_entries)
 
@@ -167,7 +168,7 @@ class Adaptive:
     """What one delivery process knows and decides: rules, back-off windows, the store."""
 
     def __init__(self, cfg, state_dir: str, scale: float = 1.0, presets: bool = True,
-                 now=time.time, processes: int = 1):
+                 now=time.time, processes: int = 1, nodes: int = 1):
         b = cfg.backoff
         self.rules = ResponseRules(cfg.response_rule, presets, scale)
         self.store = Store(os.path.join(state_dir, STORE_DIR), b.max_entries)
@@ -182,6 +183,10 @@ class Adaptive:
         self.rcpt_signals = frozenset(b.rcpt_signals)
         self.hold = b.hold_intervals
         self.processes = max(1, processes)       # delivery processes sharing the lanes
+        # [cluster] nodes: a throttle's limits are written, like shaping's, for every
+        # node together; this node keeps to its share of them (back-off is not divided:
+        # its rates are measured from this node's own sending)
+        self.nodes = max(1, nodes)
         self.now = now
         # (source, site) -> deque of (time, ok)
         self.attempts: dict[tuple[str, str], collections.deque] = {}
@@ -216,9 +221,10 @@ class Adaptive:
         t = entries.get(entry_id(THROTTLE, "source_site", source, site))
         if t is not None and t.until > now:
             if t.connection_limit:
-                conn = min(conn, t.connection_limit)
+                conn = min(conn, share_connections(t.connection_limit, self.nodes))
             if t.max_message_rate:
-                rate = t.max_message_rate if rate is None else min(rate, t.max_message_rate)
+                tr = share_rate(t.max_message_rate, self.nodes)
+                rate = tr if rate is None else min(rate, tr)
             rules = rules + (f"throttle {t.rule}",)
         b = entries.get(entry_id(BACKOFF, "source_site", source, site))
         if b is not None:
@@ -452,7 +458,8 @@ class Warmup:
     waits in the queue (``"wait"``).
     """
 
-    def __init__(self, cfg, store: Store, limiter, scale: float = 1.0, now=time.time):
+    def __init__(self, cfg, store: Store, limiter, scale: float = 1.0, now=time.time,
+                 nodes: int = 1):
         self.plans = {}
         for w in cfg.warmup:
             self.plans[w.source] = (glob_regex(w.mx) if w.mx else None,
@@ -462,6 +469,7 @@ class Warmup:
         self.hour = 3600.0 * scale
         self.day = 86400.0 * scale
         self.now = now
+        self.nodes = max(1, nodes)      # [cluster] nodes: the caps are this node's share
         # the sites this process counted a warming source's message for (the latest
         # MAX_STATUS_SITES): the ones whose counts the status shows -- not every site
         # known, a count read (and a limiter file) per site and cap each second
@@ -504,8 +512,8 @@ class Warmup:
         """(limiter key suffix, window number, seconds to its end, cap) per cap; windows
         count from the source's first use (hour 0, hour 1, ...)."""
         since = max(0.0, now - first)
-        for kind, length, cap in (("warmup-hour", self.hour, stage.hourly),
-                                  ("warmup-day", self.day, stage.daily)):
+        for kind, length, cap in (("warmup-hour", self.hour, share_cap(stage.hourly, self.nodes)),
+                                  ("warmup-day", self.day, share_cap(stage.daily, self.nodes))):
             if cap:
                 window = int(since // length)
                 yield kind, window, (window + 1) * length - since, cap
@@ -571,7 +579,8 @@ class Warmup:
                 if found is None:
                     continue
                 day, st, first = found
-                info.update(day=day, hourly=st.hourly, daily=st.daily)
+                info.update(day=day, hourly=share_cap(st.hourly, self.nodes),
+                            daily=share_cap(st.daily, self.nodes))
                 counts = {}
                 for kind, window, _, cap in self._caps(st, first, now):
                     n = self.limiter.count(f"{source}|{site.name}|{kind}", window, cap,

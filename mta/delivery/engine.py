@@ -529,17 +529,19 @@ class Engine:
         self.overflow = {p.name: p.overflow_pool for p in settings.config.egress.pool
                          if p.overflow_pool}
         self.egress = settings.config.egress
+        self.nodes = settings.config.cluster.nodes   # limits are this node's share
         self.shaping = shaping or Shaping(settings.config.shaping, self.cfg,
-                                          presets=self.cfg.shaping_presets)
+                                          presets=self.cfg.shaping_presets, nodes=self.nodes)
         self.limiter = limiter or NodeLimiter(f"{settings.run_dir}/limits")
         # Response rules, back-off, and their durable node-wide state (adaptive.py).
         self.adaptive_read = 0.0          # when adaptive_tick last read the store (time.time())
         self.adaptive = adaptive or Adaptive(settings.config, settings.state_dir,
                                              scale=self.cfg.time_scale,
                                              presets=self.cfg.shaping_presets,
-                                             processes=max(1, settings.deliveries))
+                                             processes=max(1, settings.deliveries),
+                                             nodes=self.nodes)
         self.warmup = Warmup(settings.config, self.adaptive.store, self.limiter,
-                             scale=self.cfg.time_scale)
+                             scale=self.cfg.time_scale, nodes=self.nodes)
         # Domains named by exact-domain shaping rules: their sites are looked up once
         # delivery starts, so that every process applies a domain's rule to the site
         # of that domain, whichever domains of the site it happens to see itself.
@@ -1971,6 +1973,7 @@ class Engine:
                 })
         return {
             "time": now,
+            "nodes": self.nodes,        # the lanes' limits are 1/nodes of the rules'
             "in_flight": self.in_flight,
             "lanes": lanes,
             "adaptive": self.adaptive.status(),

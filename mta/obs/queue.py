@@ -127,12 +127,14 @@ def delivery_status(run_dir: str, now: float | None = None) -> dict:
     warmup: dict = {}
     each = []
     processes = 0
+    nodes = 1       # [cluster] nodes: the lanes' limits are 1/nodes of the shaping rules'
     now = time.time() if now is None else now
     for path in sorted(glob.glob(os.path.join(run_dir, "delivery-*.status.json"))):
         st = read_status(path)
         if st is None or now - st.get("time", 0) > STATUS_FRESH:
             continue
         processes += 1
+        nodes = max(nodes, int(st.get("nodes", 1) or 1))
         for name, w in st.get("warmup", {}).items():      # warm-up: node-wide counts
             cur = warmup.setdefault(name, {"day": None, "hourly": None, "daily": None,
                                            "sites": {}})
@@ -158,7 +160,8 @@ def delivery_status(run_dir: str, now: float | None = None) -> dict:
                                          "queued": 0, "transactional": 0, "connections": 0,
                                          "node_connections": 0, "rate": 0.0,
                                          "connection_limit": ln.get("connection_limit"),
-                                         "max_message_rate": ln.get("max_message_rate")})
+                                         "max_message_rate": ln.get("max_message_rate"),
+                                         "max_connection_rate": ln.get("max_connection_rate")})
             for k in ("queued", "transactional", "connections", "rate"):
                 cur[k] += ln.get(k, 0)
             cur["node_connections"] = max(cur["node_connections"],
@@ -176,7 +179,7 @@ def delivery_status(run_dir: str, now: float | None = None) -> dict:
                                         "connections": 0, "rate": 0.0}
         for k in ("connections", "rate", "queued"):
             site[k] += ln[k]
-    return {"processes": processes, "sources": sources, "sites": sites,
+    return {"processes": processes, "nodes": nodes, "sources": sources, "sites": sites,
             "lanes": sorted(lanes.values(), key=lambda x: (x["site"], x["source"])),
             "warmup": warmup}
 
@@ -356,6 +359,7 @@ def merge(shards: list[dict], delivery: dict, webhooks: dict | None = None) -> d
             "by_campaign": top(by_campaign, CAMPAIGNS_MAX, "messages"),
             "lanes": lanes, "lanes_omitted": omitted,
             "delivery_processes": delivery.get("processes", 0),
+            "nodes": delivery.get("nodes", 1),
             "webhooks": webhooks if webhooks is not None else webhook_status("", False)}
 
 

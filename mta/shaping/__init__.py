@@ -37,6 +37,14 @@ second (``"3600/h"`` is 1.0).  ``Limits.rules`` names the rules that applied,
 in order: ``"preset mx *.google.com"`` for a preset (by what it matches),
 ``"shaping[2]"`` for the configuration's third ``[[shaping]]`` table.
 
+**Several nodes** (``[cluster] nodes = N``, without a store they share): the
+rules are written for the sending of all N nodes together, and each node keeps
+to its share -- :meth:`Shaping.limits` answers ``connection_limit`` divided by
+N rounded down (at least 1) and both rates divided by N; ``Limits.nodes`` says
+so.  Messages per connection, ``idle_timeout`` and ``starttls`` are about one
+connection and stay as written (see :func:`share_connections` and the notes
+above it for what else is divided: response-rule throttles, warm-up caps).
+
 :class:`Shaping` is built once per process from the validated configuration
 and does no I/O afterwards; :meth:`Shaping.limits` answers from a bounded
 cache, so the delivery engine may ask whenever a lane is made or a domain
@@ -58,7 +66,7 @@ import msgspec
 from mta.config.schema import (RULE_ACTIONS, RULE_SCOPES, RULE_STAGES, ResponseRule,
                                ShapingRule)
 
-__all__ = ["Limits", "Shaping", "parse_rate", "load_presets", "check", "PRESETS_FILE",
+__all__ = ["Limits", "Shaping", "parse_rate", "share_connections", "share_rate", "share_cap", "load_presets", "check", "PRESETS_FILE",
            "STARTTLS_MODES", "check_response_rules", "load_response_presets", "glob_regex"]
 
 STARTTLS_MODES = ("none", "opportunistic", "required")
@@ -88,6 +96,35 @@ class Limits(msgspec.Struct, frozen=True):
     starttls: str                       # none | opportunistic | required
     rules: tuple[str, ...]              # the rules that applied, e.g. ("preset mx *.google.com",
     #                                     "shaping[2]")
+    nodes: int = 1                      # [cluster] nodes: the limits above are 1/nodes of the
+    #                                     rules' (this node's share)
+
+
+# -- this node's share of limits that several nodes share ([cluster] nodes) ----------
+#
+# Shared by the nodes (divided): simultaneous connections, message and connection rates,
+# response-rule throttles, warm-up caps -- what a receiver counts per source IP or per
+# site, whichever node the traffic comes from.  This node's own (not divided): messages
+# per connection, idle_timeout and the other timeouts, starttls (about one connection),
+# and back-off, whose rates are measured from what this node sent and the site took.
+
+def share_connections(limit: int, nodes: int) -> int:
+    """This node's share of a connection limit: rounded down, at least 1 (with more
+    nodes than connections each node still sends, over 1; the sum is then *nodes*)."""
+    return limit if nodes <= 1 else max(1, limit // nodes)
+
+
+def share_rate(rate: float | None, nodes: int) -> float | None:
+    """This node's share of a rate (events per second; None: unlimited): divided, so
+    never 0 for a rate above 0."""
+    return rate if rate is None or nodes <= 1 else rate / nodes
+
+
+def share_cap(cap: int, nodes: int) -> int:
+    """This node's share of a warm-up cap (0: no cap, kept): rounded down, at least 1,
+    as a connection limit -- the nodes together never send more than the cap, unless
+    it is smaller than the number of nodes (then one a node)."""
+    return cap if cap <= 0 or nodes <= 1 else max(1, cap // nodes)
 
 
 def parse_rate(text: str) -> float:
@@ -394,9 +431,13 @@ class Shaping:
     """
 
     def __init__(self, rules: list[ShapingRule], delivery_cfg, presets: bool = True, *,
-                 cache_size: int = 4096, preset_rules: list[ShapingRule] | None = None):
+                 cache_size: int = 4096, preset_rules: list[ShapingRule] | None = None,
+                 nodes: int = 1):
         if cache_size < 1:
             raise ValueError("cache_size: must be at least 1")
+        if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+            raise ValueError(f"nodes: must be an integer of at least 1, not {nodes!r}")
+        self.nodes = nodes          # [cluster] nodes: limits() answers this node's share
         self._defaults = (
             ("connection_limit", int(delivery_cfg.connection_limit)),
             ("max_deliveries_per_connection", int(delivery_cfg.max_deliveries_per_connection)),
@@ -437,6 +478,7 @@ class Shaping:
     def from_config(cls, cfg, **kw) -> Shaping:
         """From a validated :class:`mta.config.schema.Config`: its [[shaping]]
         rules, [delivery] defaults and ``delivery.shaping_presets``."""
+        kw.setdefault("nodes", cfg.cluster.nodes)
         return cls(cfg.shaping, cfg.delivery, cfg.delivery.shaping_presets, **kw)
 
     # -- matching ---------------------------------------------------------
@@ -540,7 +582,12 @@ class Shaping:
                 # has a rule saying "opportunistic".
                 values["starttls"] = tls
             applied.append(r.label)
-        result = Limits(rules=tuple(applied), **values)
+        nodes = self.nodes
+        if nodes > 1:       # this node's share (once per cached answer, not per message)
+            values["connection_limit"] = share_connections(values["connection_limit"], nodes)
+            values["max_message_rate"] = share_rate(values["max_message_rate"], nodes)
+            values["max_connection_rate"] = share_rate(values["max_connection_rate"], nodes)
+        result = Limits(rules=tuple(applied), nodes=nodes, **values)
         self._cache[key] = result
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -41,7 +41,7 @@ why; if good, replace the acceptors one slot at a time — the new process
 accepts on the slot's socket before the old one stops, so no connection is
 refused (the old one finishes its sessions; one still there after the shutdown
 timeout, the spool timeout and STOP_GRACE is killed); then, when their sections changed (``ROLLED``: [server], [delivery], [egress],
-[[shaping]], [[response_rule]], [[warmup]], [backoff], [feedback]; [events];
+[[shaping]], [[response_rule]], [[warmup]], [backoff], [feedback], [cluster]; [events];
 [webhooks], [[webhook]]), replace the delivery, events and webhooks processes
 in ROLL_ROUNDS rounds at most (one at a time up to that many), each stopped as at
 SIGTERM before its successor starts (one that does not start ends its role's roll
@@ -102,7 +102,7 @@ FIRST_BACKOFF = 0.2         # seconds
 # SIGHUP: the roles whose processes are replaced when these config sections change
 # ([dkim] is the acceptors', which every reload replaces)
 ROLLED = {"delivery": ("delivery", "egress", "shaping", "response_rule", "warmup", "backoff",
-                       "feedback", "server"),
+                       "feedback", "server", "cluster"),
           "events": ("events", "server"),
           "webhooks": ("webhooks", "webhook", "events")}     # (events: the store it reads)
 STOP_GRACE = 10.0           # seconds after the drain for a child to exit before SIGKILL
@@ -1035,6 +1035,7 @@ class Supervisor:
         old = self.settings
         _note_unsent_webhooks(new)
         _note_short_dkim_expiry(new)
+        _note_node_share(new, old)
         later = mconfig.restart_keys(old, new)
         if later:
             log.warning("reload: %s changed; %s at the next restart (mta check-config "
@@ -1321,6 +1322,19 @@ def _note_unsent_webhooks(settings) -> None:
         log.warning("%d [[webhook]] table(s) are not sent: %s", len(cfg.webhook), why)
 
 
+def _note_node_share(settings, old=None) -> None:
+    """Say that the shaping limits are this node's share ([cluster] nodes), at the start
+    and when a reload changes it: what `mta queue` shows is then not what the rules say."""
+    nodes = settings.config.cluster.nodes
+    if old is not None and old.config.cluster.nodes == nodes:
+        return
+    if nodes > 1:
+        log.info("shaping limits are this node's share: 1/%d ([cluster] nodes = %d): "
+                 "connection limits, rates, throttles and warm-up caps divided", nodes, nodes)
+    elif old is not None:
+        log.info("shaping limits are this node's alone ([cluster] nodes = 1)")
+
+
 def _note_short_dkim_expiry(settings) -> None:
     """A DKIM signature made at injection with an x= sooner than the message may stay
     queued: mail retried after it leaves with an expired signature (receivers ignore
@@ -1364,6 +1378,7 @@ def serve(config_path: str | None) -> int:
                  config_path or "built-in defaults")
         _note_unsent_webhooks(settings)
         _note_short_dkim_expiry(settings)
+        _note_node_share(settings)
         return sup.run()
     except StartupError as exc:
         log.error("cannot start: %s", exc)

@@ -471,3 +471,52 @@ def test_temporary_files_of_a_writer_killed_mid_write_are_removed(tmp_path):
     store = ad.Store(str(d))
     assert not dead.exists() and live.exists()
     assert store.entries == {}
+
+
+def test_a_throttle_is_this_nodes_share_with_several_nodes(tmp_path):
+    """[cluster] nodes = 3: a throttle's "2 connections, 60/m" is for the nodes together:
+    this node keeps to 1 connection (2 // 3, at least 1) and 20/m; the shaping base is
+    already the share and is not divided again."""
+    clock = Clock()
+    s = config(tmp_path, [{"name": "slow", "code": 451, "action": "throttle",
+                           "connection_limit": 2, "max_message_rate": "60/m",
+                           "duration": 100}])
+    a = ad.Adaptive(s.config, s.state_dir, presets=False, now=clock, nodes=3)
+    a.fire(a.rules.match("rcpt", 451, "", "busy", []), "ip-2", "s", "451 busy", "rcpt")
+    lim = a.adjust("ip-2", "s", BASE)
+    assert lim.connection_limit == 1
+    assert lim.max_message_rate == pytest.approx(1 / 3)
+    # the entry keeps the rule's own limits (mta rules list shows what the rule says)
+    [e] = a.store.entries.values()
+    assert (e.connection_limit, e.max_message_rate) == (2, 1.0)
+    # a base stricter than the throttle's share holds
+    base = msgspec.structs.replace(BASE, connection_limit=1, max_message_rate=0.1)
+    lim = a.adjust("ip-2", "s", base)
+    assert (lim.connection_limit, lim.max_message_rate) == (1, 0.1)
+
+
+def test_warmup_caps_are_this_nodes_share_with_several_nodes(tmp_path):
+    """[cluster] nodes = 2: day 1's caps of 5 an hour and 9 a day are 2 and 4 on this
+    node (rounded down); the status shows the caps in effect."""
+    from mta.delivery.limits import NodeLimiter
+
+    clock = Clock()
+    s = resolve(msgspec.convert({
+        "server": {"state_dir": str(tmp_path)},
+        "egress": {"source": [{"name": "new", "source_address": "127.0.0.1"}],
+                   "pool": [{"name": "default", "sources": [{"source": "new"}]}]},
+        "warmup": [{"source": "new", "schedule": [{"day": 1, "hourly": 5, "daily": 9}]}]},
+        Config), None)
+    limiter = NodeLimiter(str(tmp_path / "limits"))
+    w = ad.Warmup(s.config, ad.Store(os.path.join(tmp_path, ad.STORE_DIR)), limiter,
+                  now=clock, nodes=2)
+    hosts = ["mx.site"]
+    assert [w.take("new", "site", hosts, clock.t) for _ in range(3)] == \
+        [0.0, 0.0, pytest.approx(3600.0)]
+    clock.t += 3600
+    assert [w.take("new", "site", hosts, clock.t) for _ in range(2)] == [0.0, 0.0]
+    clock.t += 3600                                          # the day's 4 are taken
+    assert w.take("new", "site", hosts, clock.t) == pytest.approx(86400.0 - 2 * 3600.0)
+    st = w.status([type("S", (), {"name": "site", "hosts": hosts})()])
+    assert (st["new"]["hourly"], st["new"]["daily"]) == (2, 4)
+    limiter.close()
