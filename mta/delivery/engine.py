@@ -1343,7 +1343,8 @@ class Engine:
                     # another slow connection, and again, never an attempt); one that
                     # cannot have a unit of the rate in time comes again when one is due
                     # (in a second, a slow site's queue went back and forth each second)
-                    self._hand_back([job], lane, late[0] if late else MIN_REQUEUE)
+                    self._hand_back([job], lane, late[0] if late else MIN_REQUEUE,
+                                    None if paced else "rate")
                     continue
                 conn = await self._send(conn, target, job, lane, None, chain)
                 if self._after_send(lane, conn, ahead, give_up, slot):
@@ -1804,9 +1805,18 @@ class Engine:
             DEFERRED, 451, "4.4.1", f"{t.host}[{t.ip}]: connection setup (greeting, EHLO, "
             f"STARTTLS) took {took:.1f}s: too slow to send the message", t.host, t.ip, True))
 
-    def _hand_back(self, jobs: list, lane: Lane, wait: float = MIN_REQUEUE) -> None:
-        self._give_back(jobs, f"waited over {self.max_wait:.0f}s for a connection to site "
-                              f"{lane.site.name} from {lane.source.name}", wait=wait)
+    def _hand_back(self, jobs: list, lane: Lane, wait: float = MIN_REQUEUE,
+                   why: str | None = None) -> None:
+        """*jobs* back to the spool untried, saying why (the last reply `mta inspect`
+        shows): they waited too long for a connection, or (*why* "rate") no unit of the
+        site's message rate comes before they must be sent."""
+        if why == "rate":
+            text = (f"message rate of site {lane.site.name} from {lane.source.name}: the "
+                    f"next send in {wait:.0f}s, after this job's turn")
+        else:
+            text = (f"waited over {self.max_wait:.0f}s for a connection to site "
+                    f"{lane.site.name} from {lane.source.name}")
+        self._give_back(jobs, text, wait=wait)
 
     def _give_back(self, jobs: list, text: str, unsent: bool = True,
                    wait: float = MIN_REQUEUE) -> None:

@@ -1827,6 +1827,10 @@ def test_a_job_handed_back_for_its_sites_message_rate_comes_again_when_a_unit_is
     assert [o for o, _ in outcomes] == [bus.DELIVERED, bus.REQUEUED, bus.REQUEUED], outcomes
     assert all(8.0 <= retry <= 10.0 for o, retry in outcomes if o == bus.REQUEUED), outcomes
     assert len(peer.messages) == 1
+    # and they say why (mta inspect shows it as the last reply): the site's rate, not a
+    # wait of over max_wait for a connection, which they did not have
+    texts = [rs[0].text for _, rs, _ in reports if rs[0].outcome == bus.REQUEUED]
+    assert all("message rate" in t and "waited over" not in t for t in texts), texts
 
 
 def test_a_domain_forgotten_and_back_on_its_site_keeps_a_domain_rules_looser_tls_off():
