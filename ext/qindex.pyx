@@ -1146,12 +1146,14 @@ cdef class QueueIndex:
         than *now* comes *by* earlier (not before *now*) and its message is queued at its
         earliest; how many recipients.  A recipient never tried whose message's start
         (options.start_time, after its arrival) is still ahead keeps it: that is an
-        instant the client named, not one counted from the clock."""
+        instant the client named, not one counted from the clock.  A message queued for
+        later than *now* whatever its recipients' due times (a job a full delivery queue
+        refused, a failed read: due again a moment on) comes *by* earlier too."""
         cdef uint32_t s, i
         cdef Msg* m
         cdef Rcpt* r
         cdef bint scheduled, got
-        cdef double first
+        cdef double first, queued
         cdef Py_ssize_t count = 0
         for s in range(self.mlen):
             m = &self.msgs[s]
@@ -1170,6 +1172,13 @@ cdef class QueueIndex:
                 if not got or r.due < first:
                     first = r.due
                     got = True
+            if not scheduled and m.hpos != NONE:
+                queued = self.heaps[m.lane][m.hpos].due
+                if queued > now:
+                    queued = queued - by if queued - by > now else now
+                    if not got or queued < first:
+                        first = queued
+                        got = True
             if got:
                 self._schedule(s, first)
         return count

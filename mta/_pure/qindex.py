@@ -545,7 +545,9 @@ class QueueIndex:
         than *now* comes *by* earlier (not before *now*) and its message is queued at its
         earliest; how many recipients.  A recipient never tried whose message's start
         (options.start_time, after its arrival) is still ahead keeps it: that is an
-        instant the client named, not one counted from the clock."""
+        instant the client named, not one counted from the clock.  A message queued for
+        later than *now* whatever its recipients' due times (a job a full delivery queue
+        refused, a failed read: due again a moment on) comes *by* earlier too."""
         now, by = float(now), float(by)
         count = 0
         for m in list(self._walk()):
@@ -559,6 +561,10 @@ class QueueIndex:
                 count += 1
                 if first is None or m.due[i] < first:
                     first = m.due[i]
+            if not scheduled and m.hkey is not None and m.hkey[0] > now:
+                queued = max(now, m.hkey[0] - by)
+                if first is None or queued < first:
+                    first = queued
             if first is not None:
                 self._schedule(self._by_qid[m.qid], m, first)
         return count

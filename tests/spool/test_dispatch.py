@@ -1221,3 +1221,26 @@ def test_a_message_taken_while_the_clock_was_ahead_is_not_held_back_by_it(tmp_pa
     shard.watch_clock()
     shard.dispatch()
     assert [j.qid for _, j in sent(shard)] == [qid]
+
+
+def test_a_message_a_full_delivery_queue_sent_back_is_not_held_up_by_a_step_back(
+        tmp_path, monkeypatch):
+    # A backlog: the message was due long ago and its job is refused by a full delivery
+    # queue, so it is queued again for a second later.  Then NTP steps the clock back an
+    # hour: that second must not become an hour and a second (its recipient's due time,
+    # long past, is no later than the new now and so had nothing to bring earlier).
+    shard = make_shard(tmp_path)
+    real = time.time
+    qid = queue(shard, ["a@x.example"])
+    monkeypatch.setattr(shard_mod.time, "time", lambda: real() + 7200.0)   # two hours on
+    shard.watch_clock()
+    shard.links.send_jobs = lambda d, jobs: 0                            # queue full
+    shard.dispatch()
+    assert sent(shard) == [] and shard.store.index.scheduled(qid) > real() + 7200.0
+    monkeypatch.setattr(shard_mod.time, "time", lambda: real() + 3600.0)   # an hour back
+    shard.watch_clock()
+    monkeypatch.setattr(shard_mod.time, "time", lambda: real() + 3600.0 + 2.0)
+    del shard.links.send_jobs                                            # room again
+    shard.dispatch()
+    assert [j.qid for _, j in sent(shard)] == [qid]
+

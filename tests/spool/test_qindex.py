@@ -715,3 +715,25 @@ def test_step_back_moves_the_due_times_after_now_earlier(mod):
     assert q.progress(Q2)[2] == [T0 + 3600, T0 + 3500]
     assert q.scheduled(Q2) == T0 + 3500
     assert q.step_back(T0 + 5000, 100.0) == 0
+
+
+def test_step_back_brings_a_message_queued_for_later_earlier_too(mod):
+    # A message whose recipients were due long ago can still be queued for later: its
+    # job was refused by a full delivery queue (due again a second on), or its read
+    # failed.  After the wall clock went back an hour that instant is an hour further
+    # off; it comes as much earlier as the recipients' due times (not before now).
+    # A message held for its options.start_time keeps that instant.
+    q = mod.QueueIndex(1.0)
+    put(q, Q1, ["a", "b"], due=[T0 - 7200, T0 - 4000])
+    q.push(Q1, T0 + 3601)                   # (queued for a second after the old now)
+    q.add(Q2, 1, 100, 10, 2000, T0 - 10, T0 + 3600, dispatch.BULK, "default", None,
+          ["a"], due=[T0 + 3600])
+    q.push(Q2, T0 + 3600)
+    assert q.step_back(T0, 3600.0) == 0     # (no recipient due later than now)
+    assert q.progress(Q1)[2] == [T0 - 7200, T0 - 4000]
+    assert q.scheduled(Q1) == T0 + 1
+    assert q.scheduled(Q2) == T0 + 3600
+    put(q, Q3, ["a"], due=[T0 - 5])
+    q.push(Q3, T0 + 10)
+    q.step_back(T0, 3600.0)
+    assert q.scheduled(Q3) == T0            # (not before now)
