@@ -1126,15 +1126,29 @@ class Shard:
         times recorded then come that much earlier, as :meth:`watch_clock` does for a
         step while running -- else the mail taken meanwhile (never tried: due at its
         arrival) would wait until the clock caught up, and `mta queue flush` would
-        leave it as scheduled.  Ages still count from the recorded arrival."""
+        leave it as scheduled.  Ages still count from the recorded arrival.
+
+        A step back the clock watch saw while the spool was read is this one, or part
+        of it (the clock ran ahead before the restart and is set right meanwhile): it
+        is taken here, by the larger of the two, and not again by :meth:`watch_clock`.
+        """
         now = time.time()
-        behind = self.store.latest_arrival - now
+        stepped = self.clock.stepped_back()
+        if stepped:
+            self.started -= stepped
+        ahead = self.store.latest_arrival - now
+        behind = max(ahead, stepped)
         if behind < proc.CLOCK_STEP:
             return
         moved = self.q.step_back(now, behind)
-        log.warning("the clock is behind the spool: its newest message arrived %.0fs from "
-                    "now (the clock was set back while the daemon was down?); %d "
-                    "recipient(s) due later are due that much earlier", behind, moved)
+        if ahead >= stepped:
+            log.warning("the clock is behind the spool: its newest message arrived %.0fs "
+                        "from now (the clock was set back while the daemon was down?); %d "
+                        "recipient(s) due later are due that much earlier", behind, moved)
+        else:
+            log.warning("the wall clock went back %.0fs while the spool was read: %d "
+                        "recipient(s) waiting to be retried are due that much earlier",
+                        behind, moved)
 
     def probe(self) -> None:
         """While unhealthy, see whether the disk takes writes again (once a second).

@@ -1244,3 +1244,28 @@ def test_a_message_a_full_delivery_queue_sent_back_is_not_held_up_by_a_step_back
     shard.dispatch()
     assert [j.qid for _, j in sent(shard)] == [qid]
 
+
+def test_a_step_back_while_the_spool_is_recovered_counts_once(tmp_path, monkeypatch):
+    # The daemon starts again with the clock still an hour ahead, as it ran before; NTP
+    # steps it back while the shard reads its spool.  The end of the recovery finds the
+    # spool an hour "ahead" and brings the retry an hour earlier; the watch of the clock
+    # must not then bring it another hour earlier for the same step (a backlog's
+    # retries all due at once).
+    real = time.time
+    monkeypatch.setattr(shard_mod.time, "time", lambda: real() + 3600.0)
+    shard = make_shard(tmp_path, retry_schedule=[600.0], retry_jitter=0.0)
+    qid = queue(shard, ["a@x.example"])
+    shard.dispatch()
+    [(d, job)] = sent(shard)
+    shard.links.outcomes[d].append(bus.DeliveryOutcome(req=job.req, qid=qid, results=[
+        bus.Result(0, bus.DEFERRED, 451, "4.3.0", "try later", "mx", "127.0.0.1")]))
+    shard.batch(outcomes=[d])
+    assert shard.store.index.progress(qid)[2][0] >= real() + 3600.0 + 590.0
+    shard.store.close()
+    os.close(shard.writer_lock)                               # (the process ended)
+    again = make_shard(tmp_path, retry_schedule=[600.0], retry_jitter=0.0)
+    monkeypatch.setattr(shard_mod.time, "time", real)        # stepped back mid-recovery
+    again._clock_behind_spool()
+    again.watch_clock()
+    due = again.store.index.progress(qid)[2][0]
+    assert real() + 500.0 <= due <= real() + 600.0, due - real()
