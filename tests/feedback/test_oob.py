@@ -192,3 +192,19 @@ def test_an_arf_report_that_is_no_complaint_neither_suppresses_nor_counts_as_one
         r = reports.parse(ARF_REPORT.replace(b"Feedback-Type: abuse", b"Feedback-Type: " + t))
         events, suppress = oob.report_events(r, orig, Classifier(), now=1796200100.0)
         assert [e["type"] for e in events] == ["spam_complaint"] and len(suppress) == 1
+
+
+def test_a_report_naming_a_recipient_in_a_labels_matches_its_u_label_original():
+    """Mail to jo@bücher.test goes to a server without SMTPUTF8 as jo@xn--bcher-kva.test
+    (the events keep the address as it was given): its bounce, and a DSN of ours read back,
+    name the A-label form.  It is the same recipient: matched, and suppressed."""
+    dsn = POSTFIX_DSN.replace(b"gone@receiver.test", b"gone@xn--bcher-kva.test") \
+        .replace(b"Gone@receiver.test", b"Gone@xn--bcher-kva.test")
+    assert b"gone@receiver" not in dsn.lower()
+    r = reports.parse(dsn)
+    events, suppress = oob.report_events(r, _originals("Gone@bücher.test"), Classifier(),
+                                         now=1796200100.0)
+    assert events[0]["matched"] == "1" and events[0]["campaign_id"] == "weekly"
+    # (either form: the suppression list keeps a domain in A-labels and matches both)
+    assert [a.lower() for a, _, _ in suppress] in (["gone@bücher.test"],
+                                                   ["gone@xn--bcher-kva.test"])
