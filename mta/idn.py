@@ -69,6 +69,13 @@ def _encoded(name: str) -> tuple[str | None, str]:
         return None, str(exc)
 
 
+def alabels(name: str) -> str | None:
+    """*name* in A-labels as UTS #46 / IDNA 2008 make it (not lower-cased, no LDH or
+    length check: :func:`normalize_domain` for those), or None when IDNA cannot encode
+    it.  Cached, as every question here."""
+    return _encoded(name)[0]
+
+
 def _tld_ok(name: str) -> bool:
     return _ALL_DIGITS.fullmatch(name.rsplit(".", 1)[-1]) is None
 

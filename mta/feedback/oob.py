@@ -38,7 +38,6 @@ import time
 
 from mta.feedback import suppression as sup
 from mta.feedback.reports import ARF, DSN, Report, status_code
-from mta.idn import ascii_address
 
 # Fields of the original message an out-of-band event repeats (SparkPost's oob/spm
 # columns in sparkpost-feedback.md section 2, plus our own ids); ip_address and
@@ -85,22 +84,16 @@ def named(report: Report) -> list[str]:
     return out if len(out) <= MAX_NAMED else []
 
 
-def _same_key(address: str) -> str:
-    """*address* lower-cased, its domain in A-labels when it has U-labels: a recipient
-    given as jo@bücher.example went to a server without SMTPUTF8 as
-    jo@xn--bcher-kva.example, and that is the form its reports name."""
-    address = address.lower()
-    if address.isascii():
-        return address
-    return (ascii_address(address) or address).lower()
-
-
 def _original_for(originals: list[dict], rcpt: str) -> dict | None:
-    """The original message's event for recipient *rcpt* (else any of that message)."""
-    want = _same_key(rcpt)
+    """The original message's event for recipient *rcpt* (else any of that message).
+
+    Compared as the suppression list keys addresses (sup.normalize: lower case, the
+    domain in A-labels): a recipient given as jo@bücher.example went to a server
+    without SMTPUTF8 as jo@xn--bcher-kva.example, the form its reports name."""
+    want = sup.normalize(rcpt)
     best = None
     for ev in originals:
-        if _same_key(ev.get("rcpt_to", "")) == want:
+        if sup.normalize(ev.get("rcpt_to", "")) == want:
             if ev.get("type") == "delivery":
                 return ev
             best = best or ev
@@ -168,7 +161,8 @@ def _base(kind: str, now: float, original: dict | None, rcpt: str, report: Repor
 def _sent_to(original: dict | None, rcpt: str) -> bool:
     """Whether *original* (the stored event :func:`_original_for` found) is of *rcpt*:
     the report names a recipient the message went to."""
-    return original is not None and _same_key(original.get("rcpt_to", "")) == _same_key(rcpt)
+    return original is not None and \
+        sup.normalize(original.get("rcpt_to", "")) == sup.normalize(rcpt)
 
 
 def _dsn_recipient(originals: list[dict], r) -> tuple[str, dict | None]:

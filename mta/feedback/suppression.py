@@ -45,6 +45,7 @@ import idna
 import lmdb
 import msgspec
 
+from mta.idn import alabels
 from mta.store import make_dirs, sync_dir
 
 log = logging.getLogger("mta.suppression")
@@ -122,10 +123,8 @@ def normalize(address: str) -> str:
         if _DOT_ATOM.fullmatch(inner):
             local = inner
     if not domain.isascii():
-        try:
-            domain = idna.encode(domain, uts46=True).decode("ascii").lower()
-        except (idna.IDNAError, UnicodeError, ValueError):
-            pass        # not a domain IDNA can encode: kept as given (delivery refuses it)
+        # (not a domain IDNA can encode: kept as given; delivery refuses it)
+        domain = (alabels(domain) or domain).lower()
     return f"{local}@{domain}"
 
 
