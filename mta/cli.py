@@ -109,8 +109,8 @@ def check_config(config_path, as_json):
     click.echo(f"ok: {config_path or 'built-in defaults'} ({s.acceptors} acceptor(s), "
                f"{s.shards} spool shard(s), state in {s.state_dir})")
     if s.config.cluster.nodes > 1:
-        click.echo(f"shaping limits are this node's share: 1/{s.config.cluster.nodes} "
-                   f"([cluster] nodes = {s.config.cluster.nodes})")
+        from mta.shaping import share_note
+        click.echo(share_note(s.config.cluster.nodes))
     if active is None:
         return
     if later:
@@ -293,8 +293,8 @@ def _source_suspensions(s, sources: dict) -> None:
 def _print_delivery(d: dict) -> None:
     if d.get("nodes", 1) > 1:
         click.echo("")
-        click.echo(f"shaping limits are this node's share: 1/{d['nodes']} "
-                   f"([cluster] nodes = {d['nodes']})")
+        from mta.shaping import share_note
+        click.echo(share_note(d["nodes"]))
     if d.get("pools"):
         click.echo("")
         rows = [("POOL", "MESSAGES", "RECIPIENTS")]

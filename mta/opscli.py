@@ -209,8 +209,8 @@ def status_cmd(config_path, as_json):
         click.echo(f"queue: unknown ({d['queue_error']})")
     share = d.get("shaping_share") or {}
     if share.get("nodes", 1) > 1:
-        click.echo(f"shaping: limits are this node's share: 1/{share['nodes']} "
-                   f"([cluster] nodes = {share['nodes']})")
+        from mta.shaping import share_note
+        click.echo(share_note(share["nodes"]))
     rows = [("LATENCY", "COUNT", "P50", "P90", "P99")]
     for k, v in d["latency_seconds"].items():
         rows.append((k, v["count"], *(("-" if v[p] is None else f"{v[p] * 1000:g}ms")

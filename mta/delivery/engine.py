@@ -222,8 +222,9 @@ class Site:
         # smarthost ('*') carries for gmail.com must not shape the smarthost as Gmail.
         self.shaped: set[str] = set()
         self.lanes: dict[str, Lane] = {}        # by source name
-        # source name -> (until, time.monotonic(); RouteError): every host failed from that source; the
-        # jobs that come meanwhile get the same answer without a connection (Engine.down)
+        # source name -> (until, on time.monotonic(); RouteError): every host failed from
+        # that source; the jobs that come meanwhile get the same answer without a
+        # connection (Engine.down)
         self.down: dict[str, tuple[float, RouteError]] = {}
         # a domain that no domain rule matches has been among shaped (see _site_of); False
         # again when one leaves it: the next that joins has the lanes' limits asked again

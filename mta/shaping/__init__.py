@@ -66,8 +66,9 @@ import msgspec
 from mta.config.schema import (RULE_ACTIONS, RULE_SCOPES, RULE_STAGES, ResponseRule,
                                ShapingRule)
 
-__all__ = ["Limits", "Shaping", "parse_rate", "share_connections", "share_rate", "share_cap", "load_presets", "check", "PRESETS_FILE",
-           "STARTTLS_MODES", "check_response_rules", "load_response_presets", "glob_regex"]
+__all__ = ["Limits", "Shaping", "parse_rate", "share_connections", "share_rate", "share_cap",
+           "share_note", "load_presets", "check", "PRESETS_FILE", "STARTTLS_MODES",
+           "check_response_rules", "load_response_presets", "glob_regex"]
 
 STARTTLS_MODES = ("none", "opportunistic", "required")
 _TLS_RANK = {m: i for i, m in enumerate(STARTTLS_MODES)}
@@ -121,10 +122,15 @@ def share_rate(rate: float | None, nodes: int) -> float | None:
 
 
 def share_cap(cap: int, nodes: int) -> int:
-    """This node's share of a warm-up cap (0: no cap, kept): rounded down, at least 1,
-    as a connection limit -- the nodes together never send more than the cap, unless
-    it is smaller than the number of nodes (then one a node)."""
-    return cap if cap <= 0 or nodes <= 1 else max(1, cap // nodes)
+    """This node's share of a warm-up cap (0: no cap, kept): as a connection limit's --
+    the nodes together never send more than the cap, unless it is smaller than the
+    number of nodes (then one a node)."""
+    return cap if cap <= 0 else share_connections(cap, nodes)
+
+
+def share_note(nodes: int) -> str:
+    """What the log, `mta check-config`, `mta queue` and `mta status` say of a share."""
+    return f"shaping limits are this node's share: 1/{nodes} ([cluster] nodes = {nodes})"
 
 
 def parse_rate(text: str) -> float:

@@ -91,6 +91,7 @@ from mta import config as mconfig
 from mta import proc, store
 from mta.config import hostport
 from mta.obs import queue as queue_view
+from mta.shaping import share_note
 from mta.supervisor import notify
 from mta.supervisor.services import table
 
@@ -1329,8 +1330,8 @@ def _note_node_share(settings, old=None) -> None:
     if old is not None and old.config.cluster.nodes == nodes:
         return
     if nodes > 1:
-        log.info("shaping limits are this node's share: 1/%d ([cluster] nodes = %d): "
-                 "connection limits, rates, throttles and warm-up caps divided", nodes, nodes)
+        log.info("%s: connection limits, rates, throttles and warm-up caps divided",
+                 share_note(nodes))
     elif old is not None:
         log.info("shaping limits are this node's alone ([cluster] nodes = 1)")
 

@@ -374,18 +374,26 @@ def test_a_shorter_suspension_does_not_replace_a_longer_one_in_effect(tmp_path):
     assert e.rule == "day-block" and e.until == clock.t + 86400 and b.fired_new
 
 
-def test_a_warmup_count_given_back_frees_the_cap_in_its_window_only(tmp_path):
+def new_source_warmup(tmp_path, clock, hourly: int, daily: int, nodes: int = 1):
+    """(Warmup, its limiter) for a source "new" on day 1 of a schedule of *hourly* and
+    *daily* caps."""
     from mta.delivery.limits import NodeLimiter
 
-    clock = Clock()
     s = resolve(msgspec.convert({
         "server": {"state_dir": str(tmp_path)},
         "egress": {"source": [{"name": "new", "source_address": "127.0.0.1"}],
                    "pool": [{"name": "default", "sources": [{"source": "new"}]}]},
-        "warmup": [{"source": "new", "schedule": [{"day": 1, "hourly": 2, "daily": 3}]}]},
+        "warmup": [{"source": "new",
+                    "schedule": [{"day": 1, "hourly": hourly, "daily": daily}]}]},
         Config), None)
     limiter = NodeLimiter(str(tmp_path / "limits"))
-    w = ad.Warmup(s.config, ad.Store(os.path.join(tmp_path, ad.STORE_DIR)), limiter, now=clock)
+    store = ad.Store(os.path.join(tmp_path, ad.STORE_DIR))
+    return ad.Warmup(s.config, store, limiter, now=clock, nodes=nodes), limiter
+
+
+def test_a_warmup_count_given_back_frees_the_cap_in_its_window_only(tmp_path):
+    clock = Clock()
+    w, limiter = new_source_warmup(tmp_path, clock, hourly=2, daily=3)
     counted: list = []
     assert w.take("new", "s", [], clock.t, counted) == 0.0
     assert w.take("new", "s", [], clock.t) == 0.0
@@ -498,18 +506,8 @@ def test_a_throttle_is_this_nodes_share_with_several_nodes(tmp_path):
 def test_warmup_caps_are_this_nodes_share_with_several_nodes(tmp_path):
     """[cluster] nodes = 2: day 1's caps of 5 an hour and 9 a day are 2 and 4 on this
     node (rounded down); the status shows the caps in effect."""
-    from mta.delivery.limits import NodeLimiter
-
     clock = Clock()
-    s = resolve(msgspec.convert({
-        "server": {"state_dir": str(tmp_path)},
-        "egress": {"source": [{"name": "new", "source_address": "127.0.0.1"}],
-                   "pool": [{"name": "default", "sources": [{"source": "new"}]}]},
-        "warmup": [{"source": "new", "schedule": [{"day": 1, "hourly": 5, "daily": 9}]}]},
-        Config), None)
-    limiter = NodeLimiter(str(tmp_path / "limits"))
-    w = ad.Warmup(s.config, ad.Store(os.path.join(tmp_path, ad.STORE_DIR)), limiter,
-                  now=clock, nodes=2)
+    w, limiter = new_source_warmup(tmp_path, clock, hourly=5, daily=9, nodes=2)
     hosts = ["mx.site"]
     assert [w.take("new", "site", hosts, clock.t) for _ in range(3)] == \
         [0.0, 0.0, pytest.approx(3600.0)]
