@@ -238,6 +238,36 @@ class Adaptive:
         return msgspec.structs.replace(base, connection_limit=conn, max_message_rate=rate,
                                        rules=rules)
 
+    def rate_rises_at(self, source: str, site: str, base_rate: float | None,
+                      now: float | None = None) -> float | None:
+        """When (wall clock) the message rate a throttle or back-off of (source, site)
+        lowered below *base_rate* (shaping's) rises next: the throttle's end, the
+        back-off's next step that raises it (or its end); None when neither lowers it.
+        A job handed back for the rate need not wait past then (Engine._hand_back)."""
+        entries = self.store.entries
+        if not entries:
+            return None
+        now = self.now() if now is None else now
+        at = None
+        t = entries.get(entry_id(THROTTLE, "source_site", source, site))
+        if t is not None and t.until > now and t.max_message_rate:
+            tr = share_rate(t.max_message_rate, self.nodes)
+            if base_rate is None or tr < base_rate:
+                at = t.until
+        b = entries.get(entry_id(BACKOFF, "source_site", source, site))
+        if b is not None and b.interval > 0:
+            r = b.current_rate(now)
+            if base_rate is None or r < base_rate:
+                # the steps are a function of time: the first later one with a higher
+                # rate (a plateau's steps do not raise it; bounded look ahead)
+                first = b.steps(now) + 1
+                for n in range(first, first + max(1, b.hold) + 2):
+                    when = b.decreased + n * b.interval
+                    if b.current_rate(when) > r:
+                        break
+                at = when if at is None else min(at, when)
+        return at
+
     # -- rules ----------------------------------------------------------------
 
     def fire(self, rule: Rule, source: str, site: str, reply: str, stage: str) -> Entry | None:

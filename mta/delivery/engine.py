@@ -1812,6 +1812,14 @@ class Engine:
         shows): they waited too long for a connection, or (*why* "rate") no unit of the
         site's message rate comes before they must be sent."""
         if why == "rate":
+            # The rate a throttle or back-off lowered rises before the next unit of it
+            # is due: the job comes back then, not up to an hour later at the old rate
+            # (what is sent still keeps to the limits then in effect).  Only on this
+            # path (a job that cannot have a unit in time): two entry look-ups.
+            rises = self.adaptive.rate_rises_at(lane.source.name, lane.site.name,
+                                                self._base_limits(lane).max_message_rate)
+            if rises is not None:
+                wait = max(MIN_REQUEUE, min(wait, rises - time.time()))
             text = (f"message rate of site {lane.site.name} from {lane.source.name}: the "
                     f"next send in {wait:.0f}s, after this job's turn")
         else:

@@ -518,3 +518,27 @@ def test_warmup_caps_are_this_nodes_share_with_several_nodes(tmp_path):
     st = w.status([type("S", (), {"name": "site", "hosts": hosts})()])
     assert (st["new"]["hourly"], st["new"]["daily"]) == (2, 4)
     limiter.close()
+
+
+def test_rate_rises_at_the_throttles_end_or_the_back_offs_next_step(tmp_path):
+    """When the rate a throttle or back-off lowered rises again: what a job handed back
+    for that rate waits for at most (Engine._hand_back); None when nothing lowers it."""
+    clock = Clock()
+    a = make(tmp_path, clock, [{"name": "slow", "code": 451, "action": "throttle",
+                                "max_message_rate": "1/h", "duration": 100}],
+             window=1, min_attempts=10, threshold=0.2, decrease=0.8, recover_step=1.0,
+             recover_interval=1, hold_intervals=3)
+    a.fire(a.rules.match("rcpt", 451, "", "busy", []), "ip-2", "s", "451 busy", "rcpt")
+    assert a.rate_rises_at("ip-2", "s", None) == pytest.approx(clock.t + 100)
+    assert a.rate_rises_at("ip-2", "s", 10.0) == pytest.approx(clock.t + 100)
+    assert a.rate_rises_at("ip-2", "s", 1 / 7200) is None     # shaping's is stricter
+    assert a.rate_rises_at("ip-3", "s", None) is None
+    shaped = msgspec.structs.replace(BASE, max_message_rate=100.0)
+    for i in range(10):
+        clock.t += 0.1
+        a.record("ip-3", "s", ok=i % 2 == 0, base=shaped)
+    [b] = [e for e in a.store.entries.values() if e.kind == ad.BACKOFF]
+    clock.t = b.decreased + 1.5                     # step 1 (8/s): step 2 raises it
+    assert a.rate_rises_at("ip-3", "s", 100.0) == pytest.approx(b.decreased + 2)
+    clock.t += 100                                  # the throttle is over
+    assert a.rate_rises_at("ip-2", "s", None) is None

@@ -403,3 +403,41 @@ def test_warmup_counts_what_a_source_sends_not_what_waited_and_went_back(lab):
     assert clients(limited, "h") == {"127.0.0.3": 10}
     assert re.search(r"handed back|waited over|message rate of site", d.log()), \
         "no job went back to the spool (waited over max_wait, or for the rate)"
+
+
+def test_mail_handed_back_for_a_throttled_rate_comes_back_when_the_throttle_ends(lab):
+    """A rule throttles the site to one message an hour for 12 s (120 x time_scale 0.1).
+    The messages that cannot have a unit of that rate in time go back to the spool; they
+    are due again when the throttle ends (not an hour later, at the throttled rate's next
+    unit), and go out then without an operator's flush -- and not before it ends."""
+    lab.serve(mx(LIMITED, SITE, "127.0.0.10"))
+    state = {"said": 0}
+
+    def data(sink, txn):
+        if not state["said"]:
+            state["said"] += 1
+            return "451 4.7.500 Server busy. Please try again later"
+        return None
+    sink = lab.aio("127.0.0.10", data=data)
+    d = lab.daemon(time_scale=0.1, job_timeout_margin=2.0, sections={
+        "response_rule": [{"name": "server-busy", "enhanced": "4.7.500",
+                           "mx": "*.limited.test", "action": "throttle",
+                           "max_message_rate": "1/h", "duration": 120}],
+        "backoff": {"enabled": False}})
+    send_many(d, LIMITED, 1, "first")
+    [r] = wait_until(lambda: [x for x in rules(d) if x["kind"] == "throttle"] or None, 30,
+                     "the throttle in mta rules list", interval=0.1)
+    ends = r["until"]
+    send_many(d, LIMITED, 4, "t")
+    d.wait_log(r"message rate of site mx\.limited\.test", timeout=30)
+
+    def sent(tag):
+        return [t for t in sink.snapshot() if t.rcpt_tos[0].startswith(tag)]
+    # while the throttle holds: at most the one unit of its rate goes out
+    while time.time() < ends - 1.0:
+        assert len(sent("t")) <= 1, "the throttle's rate did not hold"
+        time.sleep(0.2)
+    # after it: the rest within seconds (the requeue's wait ended with the throttle)
+    wait_until(lambda: len(sent("t")) >= 4, 25, "the four messages after the throttle ended",
+               interval=0.2)
+    assert time.time() < ends + 25
