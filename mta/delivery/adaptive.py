@@ -500,10 +500,12 @@ class Warmup:
         self.day = 86400.0 * scale
         self.now = now
         self.nodes = max(1, nodes)      # [cluster] nodes: the caps are this node's share
-        # the sites this process counted a warming source's message for (the latest
-        # MAX_STATUS_SITES): the ones whose counts the status shows -- not every site
-        # known, a count read (and a limiter file) per site and cap each second
-        self.counted_sites: dict[str, None] = {}
+        # the sites (name -> hosts) this process counted a warming source's message for
+        # (the latest MAX_STATUS_SITES): the ones whose counts the status shows -- not
+        # every site known, a count read (and a limiter file) per site and cap each
+        # second; a process started anew (a reload, a restart) takes its predecessor's
+        # (remember()), whose counts hold node-wide
+        self.counted_sites: dict[str, tuple] = {}
 
     def first_use(self, source: str, create: bool = True) -> float | None:
         eid = entry_id(WARMUP, "source", source, "")
@@ -585,12 +587,16 @@ class Warmup:
             taken.append((key, window))
         if counted is not None:
             counted.extend(taken)
-        sites = self.counted_sites
-        if site not in sites:
-            sites[site] = None
-            if len(sites) > MAX_STATUS_SITES:
-                del sites[next(iter(sites))]
+        if site not in self.counted_sites:
+            self.remember(site, hosts)
         return 0.0
+
+    def remember(self, site: str, hosts) -> None:
+        """Show *site*'s counts in the status from now on (the latest MAX_STATUS_SITES)."""
+        sites = self.counted_sites
+        sites[site] = tuple(hosts)
+        if len(sites) > MAX_STATUS_SITES:
+            del sites[next(iter(sites))]
 
     def give_back(self, counted) -> None:
         """Uncount what :meth:`take` counted for a message that was not sent (it went
@@ -598,14 +604,18 @@ class Warmup:
         for key, window in counted:
             self.limiter.uncount(key, window)
 
-    def status(self, sites) -> dict:
-        """Per warming source: day, stage caps, and this hour's / day's counts per site."""
+    def status(self, sites=None) -> dict:
+        """Per warming source: day, stage caps, and this hour's / day's counts per site
+        (*sites*: objects with a name and hosts, as Engine's sites; by default the
+        counted ones)."""
         now = self.now()
         out = {}
+        sites = list(self.counted_sites.items()) if sites is None else \
+            [(s.name, s.hosts) for s in sites]
         for source in self.plans:
             info = {"first_use": self.first_use(source, create=False), "sites": {}}
-            for site in sites:
-                found = self.stage(source, site.hosts, now, create=False)
+            for name, hosts in sites:
+                found = self.stage(source, hosts, now, create=False)
                 if found is None:
                     continue
                 day, st, first = found
@@ -613,10 +623,10 @@ class Warmup:
                             daily=share_cap(st.daily, self.nodes))
                 counts = {}
                 for kind, window, _, cap in self._caps(st, first, now):
-                    n = self.limiter.count(f"{source}|{site.name}|{kind}", window, cap,
+                    n = self.limiter.count(f"{source}|{name}|{kind}", window, cap,
                                            take=False)
                     if n is not None:          # busy: left out this time
                         counts[kind.split("-")[1]] = n
-                info["sites"][site.name] = counts
+                info["sites"][name] = counts
             out[source] = info
         return out

@@ -1997,9 +1997,7 @@ class Engine:
             "lanes": lanes,
             "adaptive": self.adaptive.status(),
             "adaptive_read": self.adaptive_read,
-            "warmup": self.warmup.status([s for s in self.sites.values()
-                                          if s.name in self.warmup.counted_sites])
-            if self.warmup.plans else {},
+            "warmup": self.warmup.status() if self.warmup.plans else {},
             "sources": {s.name: {"address": s.address or "", "proxy": bool(s.proxy),
                                  "suspended_until": s.suspended_until(now),
                                  "reason": s.reason if not s.usable() else ""}

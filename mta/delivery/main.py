@@ -93,9 +93,28 @@ class Delivery:
         self.outbox: dict[bytes, list] = {}     # outcomes of this loop turn, per shard
         self._flush_due = False
         self._retry = None          # the timer of the next attempt, while any are held
+        if self.engine.warmup.plans:
+            self._carry_warmup_sites()
         self.server = bus.AsyncServer(ctx, loop, settings.endpoint(f"delivery-{index}"),
                                       settings.config.spool.queue_high_water, bus.DELIVERY_JOBS,
                                       self._on_job, log, "job")
+
+    def _carry_warmup_sites(self) -> None:
+        """The sites whose warm-up counts this process's predecessor (before a reload or
+        a restart) showed: shown here too (the counts are node-wide and outlive it),
+        not only those this process sends to (read once, before its first status)."""
+        st = queue_view.read_status(self.status_path)
+        if st is None:
+            return
+        hosts = queue_view.read_sites(self.status_path, st)
+        names = {}
+        for w in (st.get("warmup") or {}).values():
+            if isinstance(w, dict) and isinstance(w.get("sites"), dict):
+                names.update(dict.fromkeys(w["sites"]))
+        for name in names:
+            site = hosts.get(name)
+            h = site.get("hosts") if isinstance(site, dict) else None
+            self.engine.warmup.remember(name, h if isinstance(h, list) else ())
 
     def _on_job(self, peer: bytes, msg: bus.DeliveryMessageReady | bus.DeliveryJobs |
                 bus.DeliveryQueueFlush) -> None:

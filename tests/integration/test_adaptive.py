@@ -441,3 +441,36 @@ def test_mail_handed_back_for_a_throttled_rate_comes_back_when_the_throttle_ends
     wait_until(lambda: len(sent("t")) >= 4, 25, "the four messages after the throttle ended",
                interval=0.2)
     assert time.time() < ends + 25
+
+
+def test_warmup_status_keeps_the_sites_counted_before_a_reload(lab):
+    """ip-3 (warming) sent to two sites; a reload (SIGHUP) replaces the delivery
+    processes: the warm-up status (mta queue --json, the admin API) still shows the
+    counts of both sites, though no mail went to them since."""
+    lab.serve(mx(LIMITED, SITE, "127.0.0.10") + mx(OTHER, "mx.other.test", "127.0.0.11"))
+    limited = smart(lab, "127.0.0.10")
+    other = smart(lab, "127.0.0.11")
+    d = lab.daemon(time_scale=0.1, sections={
+        "egress": {"source": [{"name": "ip-3", "source_address": "127.0.0.3"}],
+                   "pool": [{"name": "default", "sources": [{"source": "ip-3"}]}]},
+        "warmup": [{"source": "ip-3", "overflow": "wait",
+                    "schedule": [{"day": 1, "hourly": 100}, {"day": 2, "hourly": 1000}]}],
+        "backoff": {"enabled": False}})
+    send_many(d, LIMITED, 3, "w")
+    send_many(d, OTHER, 2, "x")
+    wait_until(lambda: sum(clients(limited, "w").values()) >= 3, 60, "3 to the site")
+    wait_until(lambda: sum(clients(other, "x").values()) >= 2, 60, "2 to the other site")
+    want = {SITE: {"hour": 3}, "mx.other.test": {"hour": 2}}
+
+    def sites():
+        got = d.queue_summary()["delivery"]["warmup"].get("ip-3", {}).get("sites", {})
+        return got if got == want else None
+    wait_until(sites, 15, "both sites' counts in the warm-up status")
+    pid = d.children()["delivery[0]"]
+    d.reload(delivery={"connect_timeout": 6.0})       # (a [delivery] change: replaced)
+    wait_until(lambda: d.children().get("delivery[0]") not in (None, pid), 30,
+               "a new delivery process")
+    wait_until(lambda: any(st.get("pid") not in (None, pid) for st in delivery_status(d)),
+               30, "the new process's status")
+    time.sleep(2.5)         # (a few status writes of the new process)
+    assert d.queue_summary()["delivery"]["warmup"]["ip-3"]["sites"] == want
