@@ -652,7 +652,8 @@ class Api:
         status = q.delivery_status(self.settings.run_dir, now)
         down = {name: s for name, s in status["sources"].items()
                 if s["suspended_until"] > now}
-        if not entries and not down:
+        warm = status.get("warmup") or {}
+        if not entries and not down and not warm:
             return
         active = mconfig.read_active(self.settings.run_dir) or self.settings
         # (as delivery picks: the recorded pool, "default" when none is; one removed
@@ -663,6 +664,17 @@ class Api:
         members = [s for s, _ in active.pools.get(pool, ())]
         if not members:
             return
+        dcfg = getattr(active.config, "delivery", None)
+        scale = getattr(dcfg, "time_scale", 1.0)
+        if warm:
+            # a warming source at its cap for the site holds the mail as a suspension
+            # does -- unless it overflows to a pool with a source that may send
+            over = {p.name: p.overflow_pool for p in active.config.egress.pool
+                    if p.overflow_pool}.get(pool)
+            if over and any(w.overflow == "other_sources" for w in active.config.warmup
+                            if w.source in members):
+                members = members + [s for s, _ in active.pools.get(over, ())
+                                     if s not in members]
         wanted = {recipient_domain(r["address"]) for r in pending}
         site_of = {}                  # (a site's domains: up to hundreds of thousands)
         for name, s in status["sites"].items():
@@ -692,6 +704,8 @@ class Api:
                     hold = {"id": None, "until": down[src]["suspended_until"],
                             "site": site or None, "source": src,
                             "reason": f"source {src} cannot send: {down[src]['reason']}"}
+                if hold is None and site and src in warm:
+                    hold = _warmup_hold(warm[src], src, site, scale, now)
                 if hold is None:
                     break           # this source may send: nothing holds the recipient
                 holds.append(hold)
@@ -774,6 +788,32 @@ def _holds(path: str, eid: str, since: float, present: bool) -> bool:
     if status is None or status.get("adaptive_read", 0.0) < since:
         return False
     return any(e.get("id") == eid for e in status.get("adaptive", ())) == present
+
+
+def _warmup_hold(w: dict, source: str, site: str, scale: float, now: float) -> dict | None:
+    """The hold of warming *source* (*w*: its delivery status, node-wide) at its hourly or
+    daily cap for *site*, in the words of the other holds, until its window rolls over
+    (windows count from its first use; None when that is not known); None: not capped."""
+    counts = (w.get("sites") or {}).get(site)
+    if not counts:
+        return None
+    first = w.get("first_use")
+    until = None
+    said = []
+    for kind, cap_key, length, words in (("hour", "hourly", 3600.0, "this hour"),
+                                          ("day", "daily", 86400.0, "today")):
+        cap, n = w.get(cap_key), counts.get(kind)
+        if cap and n is not None and n >= cap:
+            said.append(f"{n} of {cap} {words}")
+            if first is not None:
+                length *= scale
+                end = first + (int(max(0.0, now - first) // length) + 1) * length
+                until = end if until is None else max(until, end)
+    if not said:
+        return None
+    return {"id": None, "until": until, "site": site, "source": source,
+            "reason": f"source {source} at its warm-up cap for site {site} "
+                      f"({', '.join(said)})"}
 
 
 def _hold_scope(e, source: str, site: str) -> str:

@@ -137,8 +137,8 @@ def delivery_status(run_dir: str, now: float | None = None) -> dict:
         nodes = max(nodes, int(st.get("nodes", 1) or 1))
         for name, w in st.get("warmup", {}).items():      # warm-up: node-wide counts
             cur = warmup.setdefault(name, {"day": None, "hourly": None, "daily": None,
-                                           "sites": {}})
-            for k in ("day", "hourly", "daily"):
+                                           "first_use": None, "sites": {}})
+            for k in ("day", "hourly", "daily", "first_use"):
                 if w.get(k) is not None:
                     cur[k] = w[k]
             for site, counts in w.get("sites", {}).items():

@@ -484,3 +484,50 @@ def test_a_recipient_is_held_by_delivery_only_when_every_source_of_its_pool_is(t
     # the spool's own suspension (a domain's, by the operator) is kept as it is
     spool = {"id": "s1", "until": None, "reason": "complaints"}
     assert holds(None, "a@small.test", spool_held=spool) == [spool]
+
+
+def test_a_warming_source_at_its_cap_holds_a_recipient_as_a_suspension_does(tmp_path):
+    # GET /api/admin/messages/QID (mta inspect) names a warm-up cap that holds the mail
+    # (every source of its pool capped or suspended for the site), with when it lifts
+    run_dir, store_dir = tmp_path / "run", tmp_path / "adaptive"
+    run_dir.mkdir()
+    now = 1_000_000.0
+    first = now - 3600.0 * 0.1 * 2.5        # hour 2 of its use (time_scale 0.1: 360 s)
+
+    def write(hour):
+        (run_dir / "delivery-0.status.json").write_text(json.dumps({
+            "time": now, "lanes": [], "sources": {}, "warmup": {"ip-3": {
+                "first_use": first, "day": 1, "hourly": 10, "daily": 100,
+                "sites": {"mx.big.test": {"hour": hour, "day": 40}}}}}))
+    (run_dir / "delivery-0.sites.json").write_text(json.dumps({"sites": {
+        "mx.big.test": {"domains": ["big.test"], "hosts": ["mx.big.test"]}}}))
+    write(10)
+    pool = types.SimpleNamespace
+    settings = types.SimpleNamespace(
+        run_dir=str(run_dir), pools={"warm": (("ip-3", 1),), "both": (("ip-2", 1), ("ip-3", 1)),
+                                     "over": (("ip-3", 1),), "seasoned": (("ip-2", 1),)},
+        config=types.SimpleNamespace(
+            egress=types.SimpleNamespace(default_pool="warm", pool=[
+                pool(name="warm", overflow_pool=""), pool(name="both", overflow_pool=""),
+                pool(name="over", overflow_pool="seasoned"),
+                pool(name="seasoned", overflow_pool="")]),
+            warmup=[types.SimpleNamespace(source="ip-3", overflow="other_sources")],
+            delivery=types.SimpleNamespace(time_scale=0.1)))
+    api = types.SimpleNamespace(settings=settings, adaptive_dir=str(store_dir))
+
+    def holds(pool, *addresses):
+        view = {"ip_pool": pool, "recipients": [
+            {"address": a, "next_attempt": now + 60, "suspended": None} for a in addresses]}
+        admin_api.Api._delivery_holds(api, view, now)
+        return [r["suspended"] for r in view["recipients"]]
+
+    [h] = holds("warm", "a@big.test")
+    assert (h["site"], h["source"]) == ("mx.big.test", "ip-3"), h
+    assert h["until"] == pytest.approx(first + 3 * 360.0)       # the end of hour 2
+    assert h["reason"] == "source ip-3 at its warm-up cap for site mx.big.test (10 of 10 " \
+                          "this hour)"
+    assert holds("warm", "a@small.test") == [None]      # another site: its own count
+    assert holds("both", "a@big.test") == [None]        # ip-2 sends it
+    assert holds("over", "a@big.test") == [None]        # the overflow pool sends it
+    write(9)
+    assert holds("warm", "a@big.test") == [None]        # under the cap

@@ -301,6 +301,13 @@ def test_warmup_overflow_goes_to_the_pools_overflow_pool(lab):
     time.sleep(2.0)     # a few dispatch rounds (the cap holds for 360 s)
     assert not clients(limited, "a"), clients(limited, "a")
     assert d.queue_summary()["total"]["messages"] == 3
+    # mta inspect names the cap as what holds it, and when it lifts (hour 1's end)
+    # (once the delivery process's sites file, rewritten every 5 s at most, has the domain)
+    qid = d.queue_list()[0]["queue_id"]
+    said = re.compile(r"next attempt: suspended until \S+ \(source ip-3 at its warm-up cap "
+                      r"for site mx\.limited\.test \(10 of 10 this hour\)\)")
+    wait_until(lambda: said.search(d.cli("queue", "inspect", qid).stdout.decode()), 15,
+               "mta inspect naming the warm-up cap", interval=0.5)
 
 
 def test_a_shorter_rule_does_not_cut_short_a_longer_suspension_in_effect(lab):
