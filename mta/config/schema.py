@@ -367,6 +367,13 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     idle_timeout: Annotated[float, _doc(
         "seconds an unused connection is kept open for the next message, where no "
         "[[shaping]] rule sets it", ge=0, le=3600)] = 5.0
+    slot_turn: Annotated[float, _doc(
+        "seconds a delivery process keeps a connection slot of a site at most while another "
+        "process holds none of that site's slots and waits for one (a site whose "
+        "connection_limit is below the number of delivery processes: they take turns; the "
+        "message in flight ends first); at most job_timeout_margin / 2 divided by the "
+        "delivery processes, so that every process gets a turn before its jobs would go "
+        "back to the spool", ge=0.1, le=3600)] = 5.0
     connection_max_age: Annotated[float, _doc(
         "seconds after it opened that a connection takes no new message (its current "
         "one ends, then QUIT), however busy: the next goes on a new connection, to the "

@@ -40,7 +40,11 @@ transaction).  What happens to it:
    ``max_connection_rate`` connections (node-wide too), reuses a connection
    for ``max_deliveries_per_connection`` messages and keeps it
    ``idle_timeout`` seconds -- less when another process is waiting for a
-   slot of that lane.  A connection ``delivery.connection_max_age`` seconds
+   slot of that lane.  A busy lane keeps its share of the slots (the limit over
+   the processes, rounded up) while another process waits, and one above the
+   share rounded down gives one up to a process that holds none -- with a limit
+   below the processes, after ``delivery.slot_turn`` seconds on it: they take
+   turns (Engine._yield_slot).  A connection ``delivery.connection_max_age`` seconds
    old takes no new transaction (its current one ends, then QUIT): the next
    message of the lane goes on a new one, to the site's hosts as the DNS now
    says.  A reused connection that the server ends before it
@@ -107,6 +111,8 @@ MAX_SITE_NAME = 200       # longest site name shown; longer ones end in a hash
 STOPPING = "the delivery process is stopping; not attempted"
 MIN_REQUEUE = 1.0         # seconds, at least, before a requeued job comes back
 YIELD_CHECK = 0.05        # seconds between a busy lane's looks for another process's demand
+TURN_DEFER = 1.0          # seconds a lane that gave its slot to a process holding none
+                          # leaves it to that one (which asks every SLOT_RETRY)
 LEARN_WAIT = 2.0          # seconds the first lookups wait for the shaping rules' domains
 # Opportunistic STARTTLS whose handshake failed: that host is sent to in plaintext for
 # this long (as Postfix's "may" level does), at most so many hosts remembered at once.
@@ -310,7 +316,7 @@ class Lane:
 
     __slots__ = ("source", "site", "key", "connect_key", "message_key", "limits", "urgent", "bulk", "active", "idle",
                  "wakeup", "sent", "retry", "waiting", "rate", "rate_sent", "rate_at",
-                 "yield_check", "yielding")
+                 "yield_check", "yielding", "turn_over")
 
     def __init__(self, source: Source, site: Site, limits):
         self.source = source
@@ -332,6 +338,8 @@ class Lane:
         self.rate_at = time.monotonic()
         self.yield_check = 0.0     # when to look next for another process wanting a slot
         self.yielding = 0          # of the workers, those that decided to give theirs up
+        self.turn_over = 0.0       # gave a slot to a process holding none: until when
+                                   # (monotonic) not to take one back while one such waits
 
     def queued(self) -> int:
         return len(self.urgent) + len(self.bulk)
@@ -892,11 +900,24 @@ class Engine:
         # (an empty queue ends the loop through its else: no waiting mark stays behind)
         while lane.active < limit and lane.queued() and \
                 (lane.active == 0 or lane.queued() > lane.active):
+            deferring = False
             if lane.active >= self._fair(lane) and \
                     self.limiter.others_waiting(lane.key, lane.waiting):
                 slot = None         # our share is taken and another process waits: leave it
+            elif lane.turn_over and self._leave_turn(lane):
+                slot, deferring = None, True
             else:
                 slot = self.limiter.acquire_connection(lane.key, limit)
+            if slot is None and deferring:
+                # This lane just gave a slot up to a process that held none: leave it
+                # to that one (released and taken back at once here, it never would
+                # get it), without a mark -- "waiting with none" would make the new
+                # holder give it up again at once; look again shortly.
+                if lane.waiting:
+                    lane.waiting = False
+                    self.limiter.set_waiting(lane.key, False)
+                lane.retry = self.loop.call_later(SLOT_RETRY, self._kick, lane)
+                break
             if slot is None:
                 # Every slot is held by other processes (or our fair share is used and
                 # another process waits): ask them to let idle ones (and busy ones above
@@ -1401,7 +1422,7 @@ class Engine:
             return True
         if ahead:
             return False            # the next one is under way: _ahead made its checks
-        if give_up[0] or self._yield_slot(lane):
+        if give_up[0] or self._yield_slot(lane, slot):
             give_up[0] = True
             return True
         return self._over_limit(lane, slot)     # a throttle lowered the limit
@@ -1437,7 +1458,7 @@ class Engine:
             return None
         if self._held(lane.source.name, lane.site.name, time.time()):
             return None
-        if self._yield_slot(lane):
+        if self._yield_slot(lane, slot):
             give_up[0] = True
             return None
         rate = limits.max_message_rate
@@ -1459,15 +1480,21 @@ class Engine:
         self.stats["sent_ahead"] += 1     # (in the log line at stop)
         return txn
 
-    def _yield_slot(self, lane: Lane) -> bool:
-        """True when this worker should give its connection slot to another process.
+    def _yield_slot(self, lane: Lane, slot=None) -> bool:
+        """True when this worker (holding *slot*) should give its connection slot to
+        another process.
 
         Slots are node-wide; a process whose connections are never idle (it has
         bulk queued) would otherwise keep every slot while another process's
         jobs for the site -- a spread domain, a transactional message -- wait
         until it has drained.  So, at most every YIELD_CHECK seconds, a busy lane
         that holds more than its fair share (connection_limit divided among the
-        delivery processes) while another process waits for a slot lets one go.
+        delivery processes, rounded up) while another process waits for a slot
+        lets one go.  Rounded up, the shares can add up to more than the limit (1
+        of 1 each for two processes, 2 of 4 each for three): a lane holding more
+        than the share rounded down gives one up too when a process holding none
+        waits -- at once when that share is at least 1, else after its turn
+        (slot_turn) on the slot, so that the processes take turns.
         """
         now = time.monotonic()
         if now < lane.yield_check:
@@ -1475,10 +1502,33 @@ class Engine:
         lane.yield_check = now + YIELD_CHECK
         # (a worker that decided to go still counts in active until its reply is in:
         # without the yielding ones the next would go too, down past the fair share)
-        if lane.active - lane.yielding > self._fair(lane) and \
-                self.limiter.others_waiting(lane.key, lane.waiting):
+        held = lane.active - lane.yielding
+        floor = lane.limits.connection_limit // self.processes
+        if held <= floor or not self.limiter.others_waiting(lane.key, lane.waiting):
+            return False        # (limit a multiple of the processes: no more than before)
+        if held > self._fair(lane):
             lane.yielding += 1
             return True
+        if floor == 0 and now - getattr(slot, "since", now) < self._turn():
+            return False
+        if self.limiter.others_starving(lane.key):
+            lane.yielding += 1
+            lane.turn_over = now + TURN_DEFER
+            return True
+        return False
+
+    def _turn(self) -> float:
+        """Seconds a slot is kept at most while a process holding none waits (when the
+        limit is below the processes): slot_turn, at most max_wait over the processes
+        (each gets a turn before its jobs would go back to the spool)."""
+        return min(self.cfg.slot_turn, self.max_wait / self.processes)
+
+    def _leave_turn(self, lane: Lane) -> bool:
+        """Whether *lane*, which gave a slot up to a process holding none, should leave
+        the free slot to it still (TURN_DEFER at most, while one such waits)."""
+        if time.monotonic() < lane.turn_over and self.limiter.others_starving(lane.key):
+            return True
+        lane.turn_over = 0.0
         return False
 
     def _fair(self, lane: Lane) -> int:

@@ -82,6 +82,15 @@ is nothing to start, nothing to crash, and nothing to clean up after a crash:
   held while any lane waits, and ``others_waiting(key, waiting)`` also counts
   this process's other waiting lanes (*waiting*: whether the asking lane is one).
 
+* **"Someone is waiting with none"**: a process that waits for a slot of a key
+  and holds none of its slots also holds a shared lock on byte ``STARVE_LOCK``;
+  the limiter keeps it so itself (one ``fcntl`` when that changes: a mark set
+  or cleared, the first slot taken or the last one given back).
+  :meth:`Limiter.others_starving` probes it: with fewer slots than processes
+  the holders take turns, and they give a slot up only to a process that has
+  none (not to one that has some and wants more, which would only trade
+  connections back and forth).
+
 * **Cheap and bounded**: open files (each a descriptor and a 64-byte shared
   mapping, which holds a duplicate descriptor of its own: two descriptors per
   file) are cached per process, at most ``max_open_files`` of them, least
@@ -115,6 +124,8 @@ Per connection to (source, site) with ``connection_limit`` N::
         ...connect; per message:
         wait = limiter.take(limit_key(source, site, MESSAGE_RATE), msg_rate, burst)
         ...when idle: if limiter.others_waiting(key): close now...
+        ...when busy: above its share while others wait, or after a turn while
+           limiter.others_starving(key): end after the message in flight...
         limiter.release(slot)         # after the connection is closed
 """
 from __future__ import annotations
@@ -154,6 +165,7 @@ MAX_BURST = 1_000_000                # highest burst accepted
 FILE_SIZE = 64                       # bytes: tat (float64), interval (float64), spare
 RATE_LOCK = 0                        # byte: exclusive while the rate state is updated
 WAIT_LOCK = 1                        # byte: read-locked by each waiting process
+STARVE_LOCK = 2                      # byte: read-locked by each one that waits holding none
 SLOT_BASE = 64                       # byte SLOT_BASE + i: connection slot i
 _STATE = struct.Struct("=dd")        # tat, interval
 _COUNT = struct.Struct("=qq")        # window number, count (warm-up caps)
@@ -188,6 +200,9 @@ _UNLOCK_RATE = _flock(fcntl.F_UNLCK, RATE_LOCK)
 _LOCK_WAIT = _flock(fcntl.F_RDLCK, WAIT_LOCK)
 _UNLOCK_WAIT = _flock(fcntl.F_UNLCK, WAIT_LOCK)
 _PROBE_WAIT = _flock(fcntl.F_WRLCK, WAIT_LOCK)
+_LOCK_STARVE = _flock(fcntl.F_RDLCK, STARVE_LOCK)
+_UNLOCK_STARVE = _flock(fcntl.F_UNLCK, STARVE_LOCK)
+_PROBE_STARVE = _flock(fcntl.F_WRLCK, STARVE_LOCK)
 _SLOT_CACHE = 256                    # pre-packed lock requests for the first slots
 _LOCK_SLOT = [_flock(fcntl.F_WRLCK, SLOT_BASE + i) for i in range(_SLOT_CACHE)]
 _UNLOCK_SLOT = [_flock(fcntl.F_UNLCK, SLOT_BASE + i) for i in range(_SLOT_CACHE)]
@@ -233,11 +248,12 @@ def _check_rate(per_second: float, burst: int) -> None:
 class Slot:
     """One connection slot held for a key; give it back with :meth:`Limiter.release`."""
 
-    __slots__ = ("key", "index", "_owner", "_generation", "_held")
+    __slots__ = ("key", "index", "since", "_owner", "_generation", "_held")
 
     def __init__(self, key: str, index: int, owner: object, generation: int):
         self.key = key
         self.index = index
+        self.since = time.monotonic()    # when it was acquired (a turn: see others_starving)
         self._owner = owner
         self._generation = generation
         self._held = True
@@ -287,6 +303,12 @@ class Limiter(abc.ABC):
         """Whether another process, or another lane of this one, waits for a slot of
         ``key``; *waiting*: whether the asking lane's own mark is set."""
 
+    def others_starving(self, key: str) -> bool:
+        """Whether another process waits for a slot of ``key`` while it holds none (a
+        waiting mark set, no slot held: kept by the limiter as marks and slots change).
+        With fewer slots than processes, the holders take turns for those."""
+        return False
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release everything this limiter holds."""
@@ -305,7 +327,7 @@ class Limiter(abc.ABC):
 class _Entry:
     """One key's open file in this process, and what this process holds of it."""
 
-    __slots__ = ("key", "fd", "mm", "held", "waiting")
+    __slots__ = ("key", "fd", "mm", "held", "waiting", "starving")
 
     def __init__(self, key: str, fd: int, mm: mmap.mmap):
         self.key = key
@@ -313,6 +335,15 @@ class _Entry:
         self.mm = mm
         self.held: set[int] = set()  # slot indexes this process holds
         self.waiting = 0             # lanes of this process that wait (the lock: while > 0)
+        self.starving = False        # STARVE_LOCK held: waiting, and no slot held
+
+    def starve(self) -> None:
+        """Hold the starving mark exactly while this process waits and holds no slot
+        (an fcntl only when that changes)."""
+        want = bool(self.waiting) and not self.held
+        if want != self.starving:
+            fcntl.fcntl(self.fd, _SETLK, _LOCK_STARVE if want else _UNLOCK_STARVE)
+            self.starving = want
 
     def pinned(self) -> bool:
         return bool(self.held) or self.waiting
@@ -448,6 +479,8 @@ class NodeLimiter(Limiter):
                 return None
             held.add(i)
             self._pin(entry)
+            if entry.starving:
+                entry.starve()
             return Slot(key, i, self, self._generation)
         return None
 
@@ -481,6 +514,8 @@ class NodeLimiter(Limiter):
             return
         entry.held.discard(slot.index)
         fcntl.fcntl(entry.fd, _SETLK, _unlock_slot(slot.index))
+        if entry.waiting and not entry.held:
+            entry.starve()
         self._unpin(entry)
 
     def connections(self, key: str) -> int:
@@ -600,6 +635,7 @@ class NodeLimiter(Limiter):
             entry.waiting += 1
             if entry.waiting == 1:
                 fcntl.fcntl(entry.fd, _SETLK, _LOCK_WAIT)   # shared: never conflicts
+                entry.starve()
                 self._pin(entry)
             return True
         entry = self._entries.get(key)
@@ -608,6 +644,7 @@ class NodeLimiter(Limiter):
         entry.waiting -= 1
         if entry.waiting == 0:
             fcntl.fcntl(entry.fd, _SETLK, _UNLOCK_WAIT)
+            entry.starve()
             self._unpin(entry)
         return True
 
@@ -617,6 +654,17 @@ class NodeLimiter(Limiter):
             if entry.waiting > (1 if waiting else 0):
                 return True          # another lane of this process (see module doc)
             probe = _FLOCK.unpack(fcntl.fcntl(entry.fd, _GETLK, _PROBE_WAIT))
+            return probe[0] != fcntl.F_UNLCK
+        finally:
+            if transient:
+                entry.close()
+
+    def others_starving(self, key: str) -> bool:
+        entry, transient = self._entry_or_transient(key)
+        try:
+            # (this process's own mark is its own description's: the kernel shows only
+            # other processes' -- and a process that asks holds a slot, so starves not)
+            probe = _FLOCK.unpack(fcntl.fcntl(entry.fd, _GETLK, _PROBE_STARVE))
             return probe[0] != fcntl.F_UNLCK
         finally:
             if transient:

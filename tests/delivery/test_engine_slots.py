@@ -9,6 +9,7 @@ the limit and says, as the test decides, whether another process waits for one.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 
 import uvloop
@@ -18,6 +19,7 @@ from mta.delivery.engine import Engine
 from test_engine import job, mx_to_loopback, settings
 
 BOUND = 20.0
+_DIRS = tempfile.TemporaryDirectory(prefix="engine-slots-")
 
 
 class Limiter:
@@ -304,3 +306,114 @@ def test_idle_connections_over_a_lowered_limit_close_without_waiting_for_idle_ti
     reports, idle, after = run(main)
     assert reports == [bus.DELIVERED] * 8
     assert idle == 4 and after == 1, (idle, after)
+
+
+def shared_site(limit: int, n: int, busy: list[int], turn: float = 0.5):
+    """Engines, each with its own node limiter on one directory (they exclude each other
+    as delivery processes do), each sending *n* messages to a domain of its own; the
+    domains share one site (MX host) limited to *limit* connections, whose server takes
+    0.1 s a message.  One engine more than *busy* has entries: they get their mail one
+    after the other, each once the one before has *busy[k]* connections busy.  Returns
+    (when the last got its mail, [each domain's delivery times], other outcomes, most
+    connections open at once, connections made)."""
+    from mta.delivery.limits import NodeLimiter
+    from mta.dns import MxResult
+    from test_engine import Resolver
+
+    peer = SlowPeer(0.1)
+    open_now = [0]
+    most = [0]
+    processes = len(busy) + 1
+    domains = [f"d{i}.test" for i in range(processes)]
+
+    def factory():
+        p = peer.protocol()
+        lost = p.connection_lost
+
+        def counted(exc):
+            open_now[0] -= 1
+            lost(exc)
+        p.connection_lost = counted
+        open_now[0] += 1
+        most[0] = max(most[0], open_now[0])
+        return p
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        limits = tempfile.mkdtemp(dir=_DIRS.name)
+        delivered: dict[str, list[float]] = {d: [] for d in domains}
+        other = []
+
+        def report(j, rs, retry_after=0.0):
+            for r in rs:
+                if r.outcome == bus.DELIVERED:
+                    delivered[j.msg.domain].append(time.monotonic())
+                else:
+                    other.append((j.msg.domain, r.outcome, r.text))
+        engines = []
+        for _ in domains:
+            resolver = Resolver({d: MxResult("ok", [["mx.shared.test"]], domain=d)
+                                 for d in domains}, {"mx.shared.test": ["127.0.0.1"]})
+            eng = Engine(settings(port, connection_limit=limit, idle_timeout=30.0,
+                                  slot_turn=turn),
+                         resolver, report, loop, limiter=NodeLimiter(limits))
+            eng.processes = processes
+            engines.append(eng)
+        for k, eng in enumerate(engines):
+            t0 = time.monotonic()
+            for i in range(n):
+                eng.submit(job(domains[k], f"r{i}", n=k * n + i))
+            deadline = time.monotonic() + 5.0
+            while k < len(busy) and not (eng.sites and the_lane(eng).active == busy[k]
+                                         and delivered[domains[k]]):
+                assert time.monotonic() < deadline, (k, other)
+                await asyncio.sleep(0.02)
+        deadline = time.monotonic() + 15.0
+        while sum(map(len, delivered.values())) < processes * n:
+            assert time.monotonic() < deadline, ({d: len(t) for d, t in delivered.items()},
+                                                 other)
+            await asyncio.sleep(0.05)
+        for eng in engines:
+            await eng.close()
+        server.close()
+        return t0, delivered, other
+
+    t0, delivered, other = run(main)
+    return t0, [delivered[d] for d in domains], other, most[0], peer.connections
+
+
+def test_a_site_limited_below_the_processes_takes_turns_between_them():
+    """connection_limit 1, two delivery processes, each with a busy domain of the one
+    site.  The fair share rounded up to 1 each, so the process that had the slot kept it
+    while it had mail: the other's jobs waited until it drained (in a daemon, max_wait
+    and back to the spool, again and again).  Now the holder lets the slot go after its
+    turn (slot_turn) while the other holds none, the two take turns, and the site never
+    sees two connections."""
+    n = 40                                  # 4 s of mail each at 0.1 s a message
+    t0, (ta, tb), other, most, made = shared_site(1, n, [1])
+    assert not other, other[:5]
+    assert len(ta) == len(tb) == n
+    assert most == 1, most                  # never two connections to the site
+    # b's first message went out within a turn or so of its arrival, while a still had
+    # most of its mail queued -- not after a drained
+    assert tb[0] - t0 < 2.0, tb[0] - t0
+    assert tb[0] < ta[n // 2], "b waited for a to drain"
+    # and they took turns: the slot changed hands more than once
+    assert made >= 3, made
+
+
+def test_shares_rounded_up_that_take_every_slot_leave_one_to_a_process_with_none():
+    """connection_limit 4 over three processes: the share rounded up is 2, and two
+    processes holding 2 each held every slot, each at its share: the third one's mail
+    waited for one of them to drain.  Now one above the share rounded down (1) gives a
+    slot up at once (no turn: it keeps one) to the process that holds none."""
+    n = 80                  # the first two: 4 s and more of mail each on 2 connections
+    t0, (ta, tb, tc), other, most, made = shared_site(4, n, [4, 2], turn=30.0)
+    assert not other, other[:5]
+    assert most <= 4, most
+    # the third got a connection at once (turn 30 s: not a turn -- its share), long
+    # before either of the others drained
+    assert tc[0] - t0 < 1.5, tc[0] - t0
+    assert tc[0] < min(ta[-1], tb[-1]) - 1.0, "the third waited for another to drain"

@@ -65,6 +65,8 @@ def _agent(directory: str, conn) -> None:
             conn.send(True)
         elif cmd == "others_waiting":
             conn.send(lim.others_waiting(args[0]))
+        elif cmd == "others_starving":
+            conn.send(lim.others_starving(args[0]))
         elif cmd == "connections":
             conn.send(lim.connections(args[0]))
         elif cmd == "exit":
@@ -488,6 +490,43 @@ def test_waiting_is_seen_across_processes_and_goes_with_the_waiter(agents, limit
     waiter.kill9()
     assert not limiter.others_waiting(KEY)
     assert not bystander("others_waiting", KEY)
+
+
+def test_a_process_that_waits_holding_no_slot_is_seen_starving_until_it_holds_one(
+        agents, limiter):
+    # With fewer slots than processes the holders take turns: what they look for is a
+    # process that waits and holds none of the key's slots (one that holds some and
+    # wants more waits, but does not starve).  The limiter keeps that mark itself as
+    # marks and slots change, and the kernel drops it with the process.
+    waiter, other = agents(), agents()
+    held = limiter.acquire_connection(KEY, 1)
+    assert held is not None and not limiter.others_starving(KEY)
+    waiter("waiting", KEY, True)
+    assert limiter.others_starving(KEY) and limiter.others_waiting(KEY)
+    waiter("waiting", KEY, False)
+    assert not limiter.others_starving(KEY)
+    limiter.release(held)
+
+    assert waiter("acquire", KEY, 2, 1) == [0]     # holds one, waits for another
+    waiter("waiting", KEY, True)
+    assert limiter.others_waiting(KEY) and not limiter.others_starving(KEY)
+    waiter("release_all")                          # holds none now, still waits
+    assert limiter.others_starving(KEY)
+    assert other("others_starving", KEY)
+    assert waiter("acquire", KEY, 2, 1) == [0]     # got one: waits, but not starving
+    assert limiter.others_waiting(KEY) and not limiter.others_starving(KEY)
+    waiter("waiting", KEY, False)
+    waiter("release_all")
+    assert not limiter.others_starving(KEY)
+    limiter.set_waiting(KEY, True)                 # this process waits, holding none
+    assert not limiter.others_starving(KEY)        # its own mark: not "others"
+    assert other("others_starving", KEY)
+    limiter.set_waiting(KEY, False)
+    assert not other("others_starving", KEY)
+    waiter("waiting", KEY, True)
+    assert limiter.others_starving(KEY)
+    waiter.kill9()
+    assert not limiter.others_starving(KEY) and not other("others_starving", KEY)
 
 
 def test_two_lanes_of_one_process_that_share_a_key_see_each_other_wait(agents, limiter):
