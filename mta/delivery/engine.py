@@ -213,8 +213,8 @@ class RouteError(Exception):
 class Site:
     """A set of receiving hosts, shared by every domain whose mail goes to them."""
 
-    __slots__ = ("key", "name", "hosts", "targets", "family", "domains", "shaped", "lanes",
-                 "down", "plain", "rotation")
+    __slots__ = ("key", "name", "hosts", "targets", "family", "domains", "shaped", "matched",
+                 "_matched_key", "lanes", "down", "rotation")
 
     def __init__(self, key: tuple, name: str, hosts: tuple[str, ...]):
         self.key = key
@@ -227,22 +227,45 @@ class Site:
         # static route's site only the domains with a route of their own -- mail that a
         # smarthost ('*') carries for gmail.com must not shape the smarthost as Gmail.
         self.shaped: set[str] = set()
+        # Those of shaped that a domain rule matches (Shaping.shapes_domain), sorted out as
+        # they come and go: the lanes' limits are asked by these and whether shaped holds
+        # others, not by a pass over all of shaped (a provider's site: 100,000 domains).
+        self.matched: set[str] = set()
+        self._matched_key: frozenset | None = frozenset()   # matched, frozen (None: stale)
         self.lanes: dict[str, Lane] = {}        # by source name
         # source name -> (until, on time.monotonic(); RouteError): every host failed from
         # that source; the jobs that come meanwhile get the same answer without a
         # connection (Engine.down)
         self.down: dict[str, tuple[float, RouteError]] = {}
-        # a domain that no domain rule matches has been among shaped (see _site_of); False
-        # again when one leaves it: the next that joins has the lanes' limits asked again
-        # (a domain rule's looser starttls must not stay with the domain back)
-        self.plain = False
         self.rotation: dict[str, dict[str, int]] = {}   # pool name -> its Pool.pick state
 
     def forget(self, domain: str) -> None:
         """*domain* no longer goes to this site (forgotten, unrouted, or moved)."""
         self.domains.discard(domain)
         self.shaped.discard(domain)
-        self.plain = False
+        if domain in self.matched:
+            self.matched.discard(domain)
+            self._matched_key = None
+
+    def shape(self, domain: str, matched: bool) -> bool:
+        """*domain* (not yet in shaped) is shaped with the site's domains; *matched*: a
+        domain rule matches it.  Whether the lanes' limits may change: a rule may now
+        apply, or the domain is the first that no rule matches (a rule's looser starttls
+        no longer speaks for all of them); another domain changes nothing."""
+        self.shaped.add(domain)
+        if matched:
+            self.matched.add(domain)
+            self._matched_key = None
+            return True
+        return len(self.shaped) - len(self.matched) == 1
+
+    def shaping_key(self) -> tuple[frozenset, bool]:
+        """(matched, whether shaped holds others), as Shaping.site_limits takes them; the
+        frozenset is made again only after matched changed."""
+        key = self._matched_key
+        if key is None:
+            key = self._matched_key = frozenset(self.matched)
+        return key, len(self.shaped) > len(key)
 
 
 class Source:
@@ -747,26 +770,26 @@ class Engine:
             site.domains.add(domain)
             self.sites_version += 1
         if domain not in site.shaped and (route is None or own is not None):
-            site.shaped.add(domain)
             # A domain rule may now apply to the site, or (the first of its domains that
             # no domain rule matches) no longer speak for all of them; another domain
             # changes nothing -- asking at each, a provider's site gaining thousands of
             # domains an hour cost a pass over all of them per domain.
-            matched = self.shaping.shapes_domain(domain)
-            if matched or not site.plain:
+            if site.shape(domain, self.shaping.shapes_domain(domain)):
                 for lane in site.lanes.values():
                     lane.limits = self._limits(lane.source, site)
-            if not matched:
-                site.plain = True
         return site
 
     def _limits(self, source: Source, site: Site):
-        base = self.shaping.limits(site.name, site.hosts, site.shaped, source.name)
-        return self.adaptive.adjust(source.name, site.name, base)
+        return self.adaptive.adjust(source.name, site.name,
+                                    self._shaping_limits(source.name, site))
 
     def _base_limits(self, lane: Lane):
-        return self.shaping.limits(lane.site.name, lane.site.hosts, lane.site.shaped,
-                                   lane.source.name)
+        return self._shaping_limits(lane.source.name, lane.site)
+
+    def _shaping_limits(self, source: str, site: Site):
+        # (a cache look-up: the site keeps its domains sorted for it, see Site.shape)
+        matched, others = site.shaping_key()
+        return self.shaping.site_limits(site.name, site.hosts, matched, others, source)
 
     def _held(self, source: str, site: str, now: float) -> float:
         """Until when (wall clock) *source* may not send to *site*; 0.0: it may now."""

@@ -47,8 +47,10 @@ above it for what else is divided: response-rule throttles, warm-up caps).
 
 :class:`Shaping` is built once per process from the validated configuration
 and does no I/O afterwards; :meth:`Shaping.limits` answers from a bounded
-cache, so the delivery engine may ask whenever a lane is made or a domain
-joins a site.  :func:`check` is what ``mta check-config`` runs on the rules
+cache after a pass over the domains it is given; the delivery engine keeps each
+site's domains sorted as they join and leave (those a domain rule matches, and
+whether there are others) and asks :meth:`Shaping.site_limits`, a cache look-up
+whatever the number of domains, whenever a lane is made or re-limited.  :func:`check` is what ``mta check-config`` runs on the rules
 (through :func:`mta.config.resolve`): every problem names its key, e.g.
 ``shaping[3].max_message_rate: ...``.
 """
@@ -568,6 +570,15 @@ class Shaping:
                 else:
                     others = True
             matched = frozenset(found)
+        return self.site_limits(site, mx_hosts, matched, others, source)
+
+    def site_limits(self, site: str, mx_hosts: tuple[str, ...], matched: frozenset,
+                    others: bool, source: str) -> Limits:
+        """:meth:`limits` for a caller that keeps its site's domains sorted as they come
+        and go: *matched* the queued domains a domain rule matches (:meth:`shapes_domain`),
+        *others* whether any other is queued.  Costs a cache look-up (the key hashes the
+        frozenset once: keep the same object while it does not change), not a pass over
+        the site's domains -- a provider's site holds 100,000 of them."""
         key = (site, source, matched, others, tuple(mx_hosts))
         try:
             self._cache.move_to_end(key)
