@@ -114,6 +114,9 @@ YIELD_CHECK = 0.05        # seconds between a busy lane's looks for another proc
 TURN_DEFER = 1.0          # seconds a lane that gave its slot to a process holding none
                           # leaves it to that one (which asks every SLOT_RETRY)
 LEARN_WAIT = 2.0          # seconds the first lookups wait for the shaping rules' domains
+# Domains a wildcard domain rule (*.x.example) matches that one process shares with the
+# others of the node (Engine.rule_seen), at most: past it the rest are logged, not shared.
+MAX_SHARED_RULE_DOMAINS = 10_000
 # Opportunistic STARTTLS whose handshake failed: that host is sent to in plaintext for
 # this long (as Postfix's "may" level does), at most so many hosts remembered at once.
 TLS_FALLBACK_SECONDS = 3600.0
@@ -580,6 +583,19 @@ class Engine:
         self.rule_domains = sorted({r.domain.lower().rstrip(".") for r in self._rules()
                                     if r.domain and not r.domain.startswith("*")})
         self.learning: asyncio.Future | None = None
+        # A wildcard rule's (*.x.example) domains cannot be looked up ahead: the process
+        # that has mail for one of them shares it (rule_seen, written to a file of its own
+        # by main.RuleDomainShare), and every other process looks it up as a rule domain
+        # (shared_domains), so that the rule shapes its site node-wide -- otherwise only
+        # the processes with that domain's mail held its limits, the others sent to the
+        # same site at [delivery]'s.  Nothing of it runs without a wildcard rule.
+        self.wildcards = any(r.domain and r.domain.strip().startswith("*")
+                             for r in self._rules())
+        self._exact_rule_domains = frozenset(self.rule_domains)
+        self.rule_seen: dict[str, float] = {}   # domain -> loop time of its last lookup for mail
+        self.rule_seen_version = 0              # bumped when rule_seen gains or loses a domain
+        self.rule_seen_full = False             # MAX_SHARED_RULE_DOMAINS reached (logged once)
+        self.shared_domains: frozenset = frozenset()    # the other processes' rule_seen
         self.sites: dict[tuple, Site] = {}
         # Bumped when a site gains or loses a domain, or comes or goes: the caller rewrites
         # the sites file (sites_status()) only then, not with every status.
@@ -716,10 +732,41 @@ class Engine:
                 for job in self.resolving.pop(domain, ()):
                     self._fail_route(job, err)
                 return
+            if self.wildcards:
+                self._seen(domain)
             for job in self.resolving.pop(domain, ()):
                 self._route(job, site)
         finally:
             self.resolving.pop(domain, None)
+
+    def _seen(self, domain: str) -> None:
+        """This process has mail for *domain* (looked up for it): shared with the others
+        when a wildcard rule matches it (an exact rule's domain every process looks up)."""
+        if domain in self._exact_rule_domains or not self.shaping.shapes_domain(domain):
+            return
+        if domain not in self.rule_seen:
+            if len(self.rule_seen) >= MAX_SHARED_RULE_DOMAINS:
+                if not self.rule_seen_full:
+                    self.rule_seen_full = True
+                    log.warning("more than %d domains that a wildcard shaping rule matches "
+                                "have mail here (%s not shared): the other delivery "
+                                "processes apply the rule to the sites of the first %d only",
+                                MAX_SHARED_RULE_DOMAINS, domain, MAX_SHARED_RULE_DOMAINS)
+                return
+            self.rule_seen_version += 1
+        self.rule_seen[domain] = self.loop.time()
+
+    def take_shared_rule_domains(self, domains: frozenset) -> None:
+        """The domains a wildcard rule matches that other processes of the node have mail
+        for: looked up (and then again, not forgotten, as an exact rule's domain is) so
+        that their rules shape their sites here too."""
+        # (one the smarthost ('*') carries is not: its rule does not shape that site)
+        smarthost = "*" in self.routes
+        self.shared_domains = frozenset(d for d in domains if not smarthost
+                                        or self._route_of(d) is not None)
+        for d in self.shared_domains:
+            if d not in self.domain_site and d not in self.resolving:
+                self._task(self._learn(d))
 
     def _unroute(self, domain: str) -> None:
         """*domain* has no site now (its lookup failed): out of the one it had too, so
@@ -2004,7 +2051,11 @@ class Engine:
     def forget_old_sites(self) -> None:
         """Drop domain -> site entries unused for SITE_FORGET, and sites nobody uses."""
         now = self.loop.time()
-        rule_domains = set(self.rule_domains)
+        rule_domains = set(self.rule_domains) | self.shared_domains
+        for domain, at in list(self.rule_seen.items()):
+            if now - at > SITE_FORGET:      # no mail here for an hour: shared no more
+                del self.rule_seen[domain]
+                self.rule_seen_version += 1
         for domain, (site, at, _) in list(self.domain_site.items()):
             if now - at > SITE_FORGET and domain not in self.resolving:
                 if domain in rule_domains:
@@ -2020,6 +2071,9 @@ class Engine:
         if self.rule_domains and self.learning is not None and self.learning.done():
             # (and those whose lookup failed, at start or since: tried again)
             self._task(self._learn_rule_domains())
+        for domain in self.shared_domains:      # (the same for the shared ones)
+            if domain not in self.domain_site and domain not in self.resolving:
+                self._task(self._learn(domain))
         for key, site in list(self.sites.items()):
             if not site.domains and not site.lanes:
                 del self.sites[key]

@@ -51,6 +51,7 @@ import orjson
 import uvloop
 
 from mta import bus, proc
+from mta.delivery import engine as engine_mod
 from mta.delivery import limits
 from mta.delivery.engine import Engine, Job
 from mta.delivery.metrics import DeliveryMetrics
@@ -62,6 +63,64 @@ log = logging.getLogger("mta.delivery")
 OUTCOME_RETRY = 0.02    # seconds between attempts to hand held-back outcomes to a busy shard
 STATUS_INTERVAL = 1.0   # seconds between writes of the status file
 SITES_INTERVAL = 5.0    # seconds at least between two writes of the sites file (when changed)
+
+
+def rule_domains_path(run_dir: str, index: int) -> str:
+    """Where delivery[*index*] shares the domains of its mail that a wildcard shaping
+    rule matches (RuleDomainShare)."""
+    return os.path.join(run_dir, f"delivery-{index}.rule-domains.json")
+
+
+class RuleDomainShare:
+    """The domains a wildcard shaping rule (``*.x.example``) matches, shared between the
+    delivery processes of the node: each writes those of its own mail to a file of its
+    own (``Engine.rule_seen``, when they changed) and reads the others' (when a file
+    changed: one stat a file a second), and its engine looks those up as rule domains.
+    The spool sends a domain's mail to one process; without this only that one applied
+    the rule to the domain's site, and the others sent to the same site at the
+    [delivery] limits -- a wildcard rule's connection limit of 1 saw 5 connections.
+    A domain is shared within a second or two of its first lookup; meanwhile another
+    process may send to its site at the limits it had."""
+
+    def __init__(self, run_dir: str, index: int, count: int):
+        self.path = rule_domains_path(run_dir, index)
+        self.others = [rule_domains_path(run_dir, i) for i in range(count) if i != index]
+        self.written = -1                       # the engine's rule_seen_version in our file
+        self.stamps: dict[str, tuple] = {}      # path -> (mtime_ns, size, inode) last read
+        self.lists: dict[str, frozenset] = {}   # path -> its domains
+
+    def tick(self, engine) -> None:
+        if engine.rule_seen_version != self.written:
+            version = engine.rule_seen_version
+            _write(self.path, {"pid": os.getpid(), "domains": list(engine.rule_seen)})
+            self.written = version
+        changed = False
+        for path in self.others:
+            try:
+                st = os.stat(path)
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except FileNotFoundError:
+                stamp = None
+            if stamp == self.stamps.get(path, ()):
+                continue
+            self.stamps[path] = stamp
+            domains: frozenset = frozenset()
+            if stamp is not None:
+                try:
+                    with open(path, "rb") as fh:
+                        listed = orjson.loads(fh.read())["domains"]
+                    domains = frozenset(d for d in listed[:engine_mod.MAX_SHARED_RULE_DOMAINS]
+                                        if isinstance(d, str) and d)
+                except FileNotFoundError:
+                    self.stamps.pop(path, None)
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    log.warning("cannot read %s (another delivery process's shared shaping "
+                                "domains): %s", path, exc)
+            if domains != self.lists.get(path, frozenset()):
+                self.lists[path] = domains
+                changed = True
+        if changed:
+            engine.take_shared_rule_domains(frozenset().union(*self.lists.values()))
 
 
 class Delivery:
@@ -76,6 +135,8 @@ class Delivery:
         self.resolver = dns.Resolver(list(settings.nameservers) or None,
                                      timeout=cfg.dns_timeout, ipv6=cfg.ipv6)
         self.engine = Engine(settings, self.resolver, self.report, loop)
+        self.share = RuleDomainShare(settings.run_dir, index, max(1, settings.deliveries)) \
+            if self.engine.wildcards and settings.deliveries > 1 else None
         self.m = DeliveryMetrics(self, settings.config.admin.max_label_values)   # /metrics
         # Jobs in hand before the socket pauses: a shard's bulk and transactional
         # windows (the shards bound what they send; this bounds the process).
@@ -239,6 +300,11 @@ class Delivery:
         while True:
             self.engine.adaptive_tick()
             self.engine.sweep()
+            if self.share is not None:
+                try:
+                    self.share.tick(self.engine)
+                except OSError as exc:
+                    log.warning("cannot share the shaping rules' domains: %s", exc)
             try:
                 self.write_status()
             except OSError as exc:

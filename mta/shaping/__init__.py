@@ -8,7 +8,9 @@ A shaping rule (``[[shaping]]`` in the configuration, :class:`ShapingRule` in
   the rule applies to a site when *any* of the recipient domains queued for
   that site matches -- limits are per source x site, so a domain rule shapes
   the whole site its domain is on (``domain = "gmail.com"`` shapes the site of
-  every domain Google hosts);
+  every domain Google hosts), in every delivery process (the engine looks up an
+  exact rule's domain at start, and shares a domain that a wildcard matches
+  once one process has mail for it: ``mta.delivery.main.RuleDomainShare``);
 - ``mx``: a glob over MX host names (``*`` is any run of characters, dots
   included; ``?`` is one character): the rule applies when any MX host of the
   site matches, e.g. ``*.google.com``;

@@ -9,6 +9,7 @@ outcome word, code and remote host, and the bytes the peer received.
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 
 import msgspec
@@ -1946,3 +1947,88 @@ def test_a_source_suspension_lasts_its_period_whatever_the_wall_clock_does(monke
     for left, shown in out[:3]:
         assert 0 < left <= period and 0 < shown <= period
     assert out[3] == (0.0, 0.0)
+
+
+class _Overlapping(Peer):
+    """A Peer that holds each DATA 0.2 s and counts its simultaneous connections."""
+
+    def __init__(self):
+        super().__init__()
+        self.open = 0
+        self.most = 0
+
+    async def handle_DATA(self, server, session, envelope):
+        await asyncio.sleep(0.2)
+        return await super().handle_DATA(server, session, envelope)
+
+    def protocol(self):
+        peer = self
+
+        class Counted(AiosmtpdServer):
+            def connection_made(self, transport):
+                peer.open += 1
+                peer.most = max(peer.most, peer.open)
+                super().connection_made(transport)
+
+            def connection_lost(self, exc):
+                peer.open -= 1
+                super().connection_lost(exc)
+
+        self.connections += 1
+        return Counted(self, hostname="peer.test", decode_data=False)
+
+
+def test_a_wildcard_rule_limits_its_domains_site_in_every_delivery_process(tmp_path):
+    """Two delivery processes (two engines on one node limiter, as two processes are) and
+    a rule *.x.example: connection_limit 1; a.x.example's mail goes to the first (the
+    spool sends a domain to its home process), b.test's to the second, both on one MX
+    host.  Only the first knew the rule applied to the site: the second opened four
+    connections beside the first's one (5 at once, limit 1).  Now the first shares the
+    domain (its file in run_dir), the second looks it up as a rule domain."""
+    from mta.delivery.main import RuleDomainShare
+
+    peer = _Overlapping()
+    resolver = Resolver({d: MxResult("ok", [["mx.shared.test"]], domain=d)
+                         for d in ("a.x.example", "b.test")},
+                        {"mx.shared.test": ["127.0.0.1"]})
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(peer.protocol, "127.0.0.1", 0)
+        st = settings(server.sockets[0].getsockname()[1],
+                      shaping=[{"domain": "*.x.example", "connection_limit": 1}])
+        reports = []
+
+        def report(j, results, retry_after=0.0):
+            reports.append(results)
+        first, second = Engine(st, resolver, report, loop), Engine(st, resolver, report, loop)
+        shares = [RuleDomainShare(str(tmp_path), i, 2) for i in range(2)]
+        first.submit(job("a.x.example", "ok", n=0))
+        for _ in range(100):        # (its lookup: then the upkeep's second, in each)
+            if "a.x.example" in first.rule_seen:
+                break
+            await asyncio.sleep(0.02)
+        for share, engine in zip(shares, (first, second)):
+            share.tick(engine)
+        await asyncio.sleep(0.1)    # (the second's lookup of the shared domain)
+        for n in range(4):
+            second.submit(job("b.test", "ok", n=n + 1))
+        for n in range(2):
+            first.submit(job("a.x.example", "ok", n=n + 5))
+        for _ in range(400):
+            if len(reports) == 7:
+                break
+            await asyncio.sleep(0.05)
+        site = second.domain_site["b.test"][0]
+        limit = second._limits(second.sources["default"], site).connection_limit
+        await first.close()
+        await second.close()
+        server.close()
+        return len(reports), limit, sorted(os.listdir(tmp_path))
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        done, limit, files = runner.run(asyncio.wait_for(main(), LOOP_BOUND))
+    assert done == 7 and len(peer.messages) == 7
+    assert limit == 1
+    assert peer.most == 1, peer.most
+    assert files == ["delivery-0.rule-domains.json", "delivery-1.rule-domains.json"]
