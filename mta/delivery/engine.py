@@ -242,13 +242,19 @@ class Site:
         self.down: dict[str, tuple[float, RouteError]] = {}
         self.rotation: dict[str, dict[str, int]] = {}   # pool name -> its Pool.pick state
 
-    def forget(self, domain: str) -> None:
-        """*domain* no longer goes to this site (forgotten, unrouted, or moved)."""
+    def forget(self, domain: str) -> bool:
+        """*domain* no longer goes to this site (forgotten, unrouted, or moved).  Whether
+        the lanes' limits may change: a rule matched it, or it was the last domain that
+        none matches (a rule's looser starttls may now speak for all that are left)."""
         self.domains.discard(domain)
+        if domain not in self.shaped:
+            return False
         self.shaped.discard(domain)
         if domain in self.matched:
             self.matched.discard(domain)
             self._matched_key = None
+            return True
+        return len(self.shaped) == len(self.matched)
 
     def shape(self, domain: str, matched: bool) -> bool:
         """*domain* (not yet in shaped) is shaped with the site's domains; *matched*: a
@@ -773,8 +779,15 @@ class Engine:
         that site's rules stop shaping for it and the site can be forgotten."""
         old = self.domain_site.pop(domain, None)
         if old is not None:
-            old[0].forget(domain)
+            self._forget_domain(old[0], domain)
             self.sites_version += 1
+
+    def _forget_domain(self, site: Site, domain: str) -> None:
+        """*domain* leaves *site*: the site's lanes have their limits asked again when a
+        rule matched it -- a rule's domain whose MX hosts moved left its rule on the lanes
+        of the site it had left (gmail.com's rule on hosts Google no longer uses)."""
+        if site.forget(domain):
+            self._relimit_site(site)
 
     async def _site_of(self, domain: str) -> Site:
         targets, ttl = await self.targets(domain)
@@ -809,7 +822,7 @@ class Engine:
         site.family = _family(targets)
         old = self.domain_site.get(domain)
         if old is not None and old[0] is not site:
-            old[0].forget(domain)
+            self._forget_domain(old[0], domain)
             self.sites_version += 1
         now = self.loop.time()
         self.domain_site[domain] = (site, now, now + min(ttl, SITE_TTL))
@@ -1875,12 +1888,15 @@ class Engine:
     def _relimit(self) -> None:
         """Limits again for every lane (a throttle or back-off began, stepped or ended)."""
         for site in self.sites.values():
-            for lane in list(site.lanes.values()):
-                limits = self._limits(lane.source, site)
-                if limits != lane.limits:
-                    lane.limits = limits
-                    if lane.queued():
-                        self._kick(lane)
+            self._relimit_site(site)
+
+    def _relimit_site(self, site: Site) -> None:
+        for lane in list(site.lanes.values()):
+            limits = self._limits(lane.source, site)
+            if limits != lane.limits:
+                lane.limits = limits
+                if lane.queued():
+                    self._kick(lane)
 
     def sweep(self) -> int:
         """Jobs that have waited in a lane longer than ``max_wait`` go back to the spool
@@ -2056,17 +2072,23 @@ class Engine:
             if now - at > SITE_FORGET:      # no mail here for an hour: shared no more
                 del self.rule_seen[domain]
                 self.rule_seen_version += 1
-        for domain, (site, at, _) in list(self.domain_site.items()):
-            if now - at > SITE_FORGET and domain not in self.resolving:
-                if domain in rule_domains:
-                    # A domain rule's domain, learnt for its rule to shape its site here
-                    # whether or not this process has mail for it: looked up again (its
-                    # MX hosts may have moved), not forgotten -- without it, the lanes
-                    # made here after an hour had the site's limits without the rule.
+        for domain, (site, at, until) in list(self.domain_site.items()):
+            if domain in self.resolving:
+                continue
+            if domain in rule_domains:
+                # A domain rule's domain, learnt for its rule to shape its site here
+                # whether or not this process has mail for it: looked up again once its
+                # answers expired (its MX hosts may have moved), not forgotten -- without
+                # it, the lanes made here after an hour had the site's limits without the
+                # rule.  Not only after an hour: a rule's domain that moved to other MX
+                # hosts left the new site without its rule in the processes without its
+                # mail (the node's limit not held there) and the old one with it.
+                if now >= until:
                     self._task(self._learn(domain))
-                    continue
+                continue
+            if now - at > SITE_FORGET:
                 del self.domain_site[domain]
-                site.forget(domain)
+                self._forget_domain(site, domain)
                 self.sites_version += 1
         if self.rule_domains and self.learning is not None and self.learning.done():
             # (and those whose lookup failed, at start or since: tried again)

@@ -1818,6 +1818,59 @@ def test_a_domain_rules_site_is_not_forgotten_by_a_process_without_mail_for_it()
         assert runner.run(asyncio.wait_for(main(), LOOP_BOUND)) == 2
 
 
+def _moving_rule_resolver():
+    """rule.test (a rule: connection_limit 2) and other.test on mx.one.test, two.test on
+    mx.two.test."""
+    return Resolver({"rule.test": MxResult("ok", [["mx.one.test"]], domain="rule.test"),
+                     "other.test": MxResult("ok", [["mx.one.test"]], domain="other.test"),
+                     "two.test": MxResult("ok", [["mx.two.test"]], domain="two.test")},
+                    {"mx.one.test": ["127.0.0.1"], "mx.two.test": ["127.0.0.1"]})
+
+
+async def _lanes_after(resolver, answer, age: float):
+    """The connection limits of a lane on mx.one.test's site and one on mx.two.test's,
+    after rule.test's MX lookup answers *answer* once its answers expired and *age*
+    seconds after its last answer (the upkeep's minute); and whether rule.test has a
+    site then."""
+    engine, one, src = await _learnt_rule_engine(resolver)
+    two = await engine._site_of("two.test")
+    lanes = []
+    for site in (one, two):
+        lanes.append(engine_mod.Lane(src, site, engine._limits(src, site)))
+        site.lanes["default"] = lanes[-1]
+    before = [lane.limits.connection_limit for lane in lanes]
+    resolver.mx["rule.test"] = answer
+    s, at, _ = engine.domain_site["rule.test"]
+    now = engine.loop.time()
+    engine.domain_site["rule.test"] = (s, now - age, now - 1)
+    engine.forget_old_sites()
+    await asyncio.sleep(0.1)
+    after = [lane.limits.connection_limit for lane in lanes]
+    known = "rule.test" in engine.domain_site
+    one.lanes.clear()
+    two.lanes.clear()
+    await engine.close()
+    return before, after, known
+
+
+@pytest.mark.parametrize("age", [400.0, engine_mod.SITE_FORGET + 1])
+def test_a_rule_domain_that_moved_to_other_mx_hosts_takes_its_rule_along(age):
+    """This process has no mail for rule.test; its MX moved from mx.one.test to
+    mx.two.test.  It was looked up again only an hour after its last answer, whatever
+    its TTL: for that hour the rule did not shape its new site here (other processes'
+    limit 2, this one's 10: the node's limit not held); and when it was, the old site's
+    lanes kept the rule's limit (a domain leaving a site did not have its lanes' limits
+    asked again).  Now: looked up again once its answers expire (the upkeep's minute);
+    the rule leaves the old site's lanes and goes to the new site's."""
+    moved = MxResult("ok", [["mx.two.test"]], domain="rule.test")
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        before, after, known = runner.run(asyncio.wait_for(
+            _lanes_after(_moving_rule_resolver(), moved, age), LOOP_BOUND))
+    assert before == [2, 10]
+    assert after == [10, 2] and known
+
+
 def test_a_domain_rules_site_not_found_at_start_is_looked_up_again():
     """The lookup of a rule's domain failed at start (a DNS timeout): it was never tried
     again, and in a process without mail for that domain its rule never shaped its site."""
