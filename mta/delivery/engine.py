@@ -664,11 +664,22 @@ class Engine:
         return rules
 
     async def _learn(self, domain: str) -> None:
-        """Look up the site of a shaping rule's domain."""
+        """Look up the site of a shaping rule's domain.  When the domain no longer has
+        one (NXDOMAIN, null MX: a permanent failure), its rule no longer shapes the site
+        it had; a temporary failure keeps that site, as mail's lookups do, up to
+        SITE_FORGET after its last answer (the rule's limits hold meanwhile), and the
+        upkeep tries again each minute."""
         try:
             await self._site_of(domain)
         except RouteError as exc:
-            log.debug("shaping rule domain %s: %s", domain, exc.text)
+            old = self.domain_site.get(domain)
+            if old is not None and (exc.outcome != DEFERRED or
+                                    self.loop.time() - old[1] > SITE_FORGET):
+                log.info("shaping rule domain %s: %s; its rule no longer shapes site %s",
+                         domain, exc.text, old[0].name)
+                self._unroute(domain)
+            else:
+                log.debug("shaping rule domain %s: %s", domain, exc.text)
         except Exception:
             log.exception("looking up the shaping rule domain %s failed", domain)
 

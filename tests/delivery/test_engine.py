@@ -1871,6 +1871,26 @@ def test_a_rule_domain_that_moved_to_other_mx_hosts_takes_its_rule_along(age):
     assert after == [10, 2] and known
 
 
+@pytest.mark.parametrize("answer, age, limits, known", [
+    # gone (NXDOMAIN, null MX): its rule no longer shapes the site it had
+    (MxResult("nxdomain", domain="rule.test"), 400.0, [10, 10], False),
+    (MxResult("null_mx", domain="rule.test"), 400.0, [10, 10], False),
+    # a lookup that fails for now: the site it had keeps the rule (as mail's lookups
+    # use the hosts they had), for an hour after the last answer at most
+    (MxResult("temp_fail", reason="timeout", domain="rule.test"), 400.0, [2, 10], True),
+    (MxResult("temp_fail", reason="timeout", domain="rule.test"),
+     engine_mod.SITE_FORGET + 1, [10, 10], False),
+])
+def test_a_rule_domain_that_no_longer_resolves(answer, age, limits, known):
+    """rule.test no longer resolves: its entry kept its old site for good (looked up every
+    minute, the rule shaping hosts the domain may have left long ago)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        before, after, has_site = runner.run(asyncio.wait_for(
+            _lanes_after(_moving_rule_resolver(), answer, age), LOOP_BOUND))
+    assert before == [2, 10]
+    assert (after, has_site) == (limits, known)
+
+
 def test_a_domain_rules_site_not_found_at_start_is_looked_up_again():
     """The lookup of a rule's domain failed at start (a DNS timeout): it was never tried
     again, and in a process without mail for that domain its rule never shaped its site."""
