@@ -603,6 +603,10 @@ class Engine:
         self.rule_seen_full = False             # MAX_SHARED_RULE_DOMAINS reached (logged once)
         self.shared_domains: frozenset = frozenset()    # the other processes' rule_seen
         self.sites: dict[tuple, Site] = {}
+        # forget_old_sites' pass in progress: the domains, then the site keys, it has yet
+        # to look at (None: the sites not taken yet)
+        self._sweep_domains: list[str] = []
+        self._sweep_sites: list[tuple] | None = []
         # Bumped when a site gains or loses a domain, or comes or goes: the caller rewrites
         # the sites file (sites_status()) only then, not with every status.
         self.sites_version = 0
@@ -2075,42 +2079,81 @@ class Engine:
 
     # -------------------------------------------------------------- upkeep
 
-    def forget_old_sites(self) -> None:
-        """Drop domain -> site entries unused for SITE_FORGET, and sites nobody uses."""
+    def forget_old_sites(self, budget: int | None = None) -> bool:
+        """Drop domain -> site entries unused for SITE_FORGET, and sites nobody uses;
+        look the rules' domains up again when their answers expired.  True when a pass
+        over every entry ended in this call.
+
+        With *budget*, at most that many entries (domains, then sites) are looked at
+        in this call, and the next call goes on where it stopped (a pass takes its
+        entries as they were when it began; one that went meanwhile is passed over):
+        the upkeep's, each second while a pass lasts.  Whole, a provider's site of
+        100,000 domains stalled the loop 50 ms a minute, 1,000,000 half a second."""
+        if not self._sweep_domains and not self._sweep_sites:
+            self._sweep_domains = list(self.domain_site)
+            self._sweep_sites = None        # (taken when the domains are done)
+        left = 1 << 62 if budget is None else max(1, budget)
         now = self.loop.time()
         rule_domains = set(self.rule_domains) | self.shared_domains
+        pending = self._sweep_domains
+        while pending and left > 0:
+            take = pending[-left:]
+            del pending[-left:]
+            left -= len(take)
+            for domain in take:
+                entry = self.domain_site.get(domain)
+                if entry is None or domain in self.resolving:
+                    continue
+                site, at, until = entry
+                if domain in rule_domains:
+                    # A domain rule's domain, learnt for its rule to shape its site
+                    # here whether or not this process has mail for it: looked up
+                    # again once its answers expired (its MX hosts may have moved),
+                    # not forgotten -- without it, the lanes made here after an hour
+                    # had the site's limits without the rule.  Not only after an hour:
+                    # a rule's domain that moved to other MX hosts left the new site
+                    # without its rule in the processes without its mail (the node's
+                    # limit not held there) and the old one with it.
+                    if now >= until:
+                        self._task(self._learn(domain))
+                    continue
+                if now - at > SITE_FORGET:
+                    del self.domain_site[domain]
+                    self._forget_domain(site, domain)
+                    self.sites_version += 1
+        if pending:
+            return False
+        if self._sweep_sites is None:
+            self._sweep_sites = list(self.sites)
+        sites = self._sweep_sites
+        while sites and left > 0:
+            take = sites[-left:]
+            del sites[-left:]
+            left -= len(take)
+            for key in take:
+                site = self.sites.get(key)
+                if site is not None and not site.domains and not site.lanes:
+                    del self.sites[key]
+                    self.sites_version += 1
+        if sites:
+            return False
+        self._sweep_sites = []
         for domain, at in list(self.rule_seen.items()):
             if now - at > SITE_FORGET:      # no mail here for an hour: shared no more
                 del self.rule_seen[domain]
                 self.rule_seen_version += 1
-        for domain, (site, at, until) in list(self.domain_site.items()):
-            if domain in self.resolving:
-                continue
-            if domain in rule_domains:
-                # A domain rule's domain, learnt for its rule to shape its site here
-                # whether or not this process has mail for it: looked up again once its
-                # answers expired (its MX hosts may have moved), not forgotten -- without
-                # it, the lanes made here after an hour had the site's limits without the
-                # rule.  Not only after an hour: a rule's domain that moved to other MX
-                # hosts left the new site without its rule in the processes without its
-                # mail (the node's limit not held there) and the old one with it.
-                if now >= until:
-                    self._task(self._learn(domain))
-                continue
-            if now - at > SITE_FORGET:
-                del self.domain_site[domain]
-                self._forget_domain(site, domain)
-                self.sites_version += 1
         if self.rule_domains and self.learning is not None and self.learning.done():
             # (and those whose lookup failed, at start or since: tried again)
             self._task(self._learn_rule_domains())
         for domain in self.shared_domains:      # (the same for the shared ones)
             if domain not in self.domain_site and domain not in self.resolving:
                 self._task(self._learn(domain))
-        for key, site in list(self.sites.items()):
-            if not site.domains and not site.lanes:
-                del self.sites[key]
-                self.sites_version += 1
+        return True
+
+    @property
+    def sweeping(self) -> bool:
+        """A pass of forget_old_sites with a budget has begun and not ended."""
+        return bool(self._sweep_domains or self._sweep_sites)
 
     def sites_status(self) -> dict:
         """Site name -> its domains (in no order) and hosts, for the sites file (routes to

@@ -63,6 +63,7 @@ log = logging.getLogger("mta.delivery")
 OUTCOME_RETRY = 0.02    # seconds between attempts to hand held-back outcomes to a busy shard
 STATUS_INTERVAL = 1.0   # seconds between writes of the status file
 SITES_INTERVAL = 5.0    # seconds at least between two writes of the sites file (when changed)
+FORGET_BUDGET = 5000    # domain -> site entries (or sites) the upkeep looks at a second
 
 
 def rule_domains_path(run_dir: str, index: int) -> str:
@@ -310,8 +311,10 @@ class Delivery:
             except OSError as exc:
                 log.warning("cannot write %s: %s", exc.filename or self.status_path, exc)
             n += 1
-            if n % 60 == 0:
-                self.engine.forget_old_sites()
+            if n % 60 == 0 or self.engine.sweeping:
+                # (a pass a minute, FORGET_BUDGET entries a second: a site of a
+                # million domains is no half-second stall)
+                self.engine.forget_old_sites(FORGET_BUDGET)
             await asyncio.sleep(STATUS_INTERVAL)
 
     def write_status(self) -> None:
