@@ -482,12 +482,12 @@ def queue_flush(ctx, config_path, as_json, domain, qids):
     import urllib.parse
 
     from mta.opscli import AdminClient
-    from mta.queueid import is_qid, normal_qid
+    from mta.queueid import QID_SHAPE, is_qid, normal_qid
 
     bad = [q for q in qids if not is_qid(normal_qid(q))]    # (as the operator typed them)
     qids = [normal_qid(q) for q in qids]
     if bad:
-        click.echo(f"mta: not queue ids: {' '.join(bad)}", err=True)
+        click.echo(f"mta: not queue ids: {_shown(bad)} ({QID_SHAPE} each)", err=True)
         sys.exit(1)
     cl = AdminClient(s)
     qids = list(dict.fromkeys(qids))
@@ -509,6 +509,12 @@ def queue_flush(ctx, config_path, as_json, domain, qids):
     if missing:
         click.echo(f"mta: not queued: {' '.join(missing)}", err=True)
         sys.exit(1)
+
+
+def _shown(texts) -> str:
+    """Words the operator typed, each as typed, quoted when it has more than letters
+    and digits (a space, a control character: seen, not lost in the line)."""
+    return " ".join(t if t.isascii() and t.isalnum() else repr(t) for t in texts)
 
 
 def _queue_settings(ctx, config_path):
@@ -541,10 +547,10 @@ def queue_list(ctx, config_path, limit):
 def queue_show(ctx, config_path, qid, raw):
     """Show one queued message: envelope, then the message."""
     from mta import bus
-    from mta.queueid import is_qid, normal_qid, shard_of
+    from mta.queueid import QID_SHAPE, is_qid, normal_qid, shard_of
 
     if not is_qid(normal_qid(qid)):
-        click.echo(f"mta: {qid!r} is not a queue id", err=True)
+        click.echo(f"mta: {qid!r} is not a queue id ({QID_SHAPE})", err=True)
         sys.exit(1)
     qid = normal_qid(qid)
     s = _queue_settings(ctx, config_path)
@@ -601,7 +607,7 @@ def queue_show(ctx, config_path, qid, raw):
 @click.pass_context
 def queue_delete(ctx, config_path, as_json, qids):
     """Delete queued messages by queue id (ALL, in capitals, deletes everything)."""
-    from mta.queueid import is_qid, normal_qid, shard_of
+    from mta.queueid import QID_SHAPE, is_qid, normal_qid, shard_of
 
     s = _queue_settings(ctx, config_path)
     nshards = _shard_count(s)
@@ -610,7 +616,7 @@ def queue_delete(ctx, config_path, as_json, qids):
         bad = [q for q in qids if not is_qid(normal_qid(q))]    # (as the operator typed them)
         qids = [normal_qid(q) for q in qids]
         if bad:
-            click.echo(f"mta: not queue ids: {' '.join(bad)}", err=True)
+            click.echo(f"mta: not queue ids: {_shown(bad)} ({QID_SHAPE} each)", err=True)
             sys.exit(1)
     from mta import bus
 

@@ -7,12 +7,15 @@ shard count, so each acceptor spreads its messages evenly over the shards.
 Recipient domains map to delivery processes by CRC-32 (:func:`domain_shard`).
 """
 import itertools
+import re
 import time
 import zlib
 from time import time_ns
 
 _counter = itertools.count()
 SPOOL_SLOT = 0xFF   # the "acceptor slot" of ids the spool makes itself (bounces)
+QID_SHAPE = "20 hexadecimal digits"     # what an error names when a queue id is not one
+_QID = re.compile("[0-9A-F]{20}")
 
 
 def new_qid(slot: int) -> str:
@@ -29,14 +32,10 @@ def shard_of(qid: str, shards: int) -> int:
 
 
 def is_qid(text: str) -> bool:
-    """True when *text* has the shape of a queue id."""
-    if len(text) != 20:
-        return False
-    try:
-        int(text, 16)
-    except ValueError:
-        return False
-    return text == text.upper()
+    """True when *text* has the shape of a queue id: exactly 20 upper-case hexadecimal
+    digits (ASCII).  (Not int(text, 16), which also takes a "0X" prefix, spaces around,
+    "_" between digits and other scripts' digits.)"""
+    return _QID.fullmatch(text) is not None
 
 
 def normal_qid(text: str) -> str:

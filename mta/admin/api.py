@@ -81,7 +81,7 @@ from mta import config as mconfig
 from mta.admin import status as st
 from mta.admin.metrics import DRAIN_FLAG   # (run/drain; read by the acceptors)
 from mta.obs import queue as q
-from mta.queueid import is_qid, normal_qid, recipient_domain, shard_of
+from mta.queueid import QID_SHAPE, is_qid, normal_qid, recipient_domain, shard_of
 from mta.shaping import state as adaptive
 from mta import controls as ctl
 
@@ -518,7 +518,7 @@ class Api:
                 domains.append(d)
             elif k == "qid":
                 if not is_qid(normal_qid(v)):
-                    raise BadRequest(k, f"qid: not a queue id: {v[:100]!r}")
+                    raise BadRequest(k, f"qid: not a queue id ({QID_SHAPE}): {v[:100]!r}")
                 v = normal_qid(v)
                 if v not in qids:
                     qids.append(v)
@@ -621,7 +621,7 @@ class Api:
         given = raw.decode("latin-1")
         qid = normal_qid(given)
         if not is_qid(qid):
-            return _json(400, {"errors": [{"message": f"not a queue id: {given[:100]!r}",
+            return _json(400, {"errors": [{"message": f"not a queue id ({QID_SHAPE}): {given[:100]!r}",
                                            "field": "qid"}]})
         reply = await self._ask(shard_of(qid, self.settings.shards), bus.SpoolMessageShow, qid)
         if reply.status == bus.STATUS_STORAGE:

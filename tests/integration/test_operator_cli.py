@@ -128,3 +128,30 @@ def test_inspect_says_what_holds_a_message_instead_of_now(make_daemon, lab):
     body = json.loads(d.cli("inspect", qid, "--json").stdout)
     assert body["recipients"][0]["suspended"] == {
         "id": s["id"], "until": None, "reason": "complaints"}, body
+
+
+def test_a_queue_id_spelled_loosely_is_refused_not_matched(make_daemon):
+    """is_qid took whatever int(text, 16) takes: a "0X" prefix, a space around, "_"
+    between digits.  `mta queue show/delete/flush --queue-id` and the admin API then
+    looked such an id up ("not in the queue", 0 deleted) instead of saying that it is
+    not a queue id."""
+    import urllib.parse
+
+    d = make_daemon(acceptors=1, shards=1)
+    qid = d.send("a@sender.test", ["x@one.test"], message("loose"))
+    for bad in ("0x" + qid[2:], " " + qid[1:], qid[:-1] + " ", qid[:6] + "_" + qid[7:]):
+        r = d.cli("queue", "show", bad, check=False)
+        assert r.returncode == 1 and b"is not a queue id (20 hexadecimal digits)" \
+            in r.stderr, (bad, r)
+        for args in (("queue", "delete", bad), ("queue", "flush", "--queue-id", bad)):
+            r = d.cli(*args, check=False)
+            assert r.returncode == 1 and b"not queue ids: " in r.stderr and \
+                b"(20 hexadecimal digits each)" in r.stderr, (args, r)
+        st, _, err = admin_call(d, "GET", "/api/admin/messages/" + urllib.parse.quote(bad))
+        assert st == 400 and err["errors"][0]["field"] == "qid", (bad, st, err)
+        st, _, err = admin_call(d, "POST", "/api/admin/flush?" + urllib.parse.urlencode(
+            {"qid": bad}))
+        assert st == 400 and "not a queue id" in err["errors"][0]["message"], (bad, st, err)
+    # the message is still there, found by its id
+    out = d.cli("queue", "show", qid).stdout.decode()
+    assert f"queue_id: {qid}" in out, out
