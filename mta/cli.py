@@ -37,6 +37,8 @@ EX_UNAVAILABLE = 69
 EX_CONFIG = 78
 DELETE_CHUNK = 1000     # queue ids in one request of `mta queue delete`
 FLUSH_CHUNK = 100       # of `mta queue flush --queue-id` (the admin API's FLUSH_QIDS)
+SHARD_WAIT = 5.0        # seconds `mta queue list/delete` wait for a shard that may be stuck
+PAGE_TIMEOUT = 30.0     # for one that shows it is there (a page, a chunk; its recovery)
 LANES_SHOWN = 20        # source x site lanes `mta queue` lists (the busiest; --json: all)
 
 config_option = click.option(
@@ -139,26 +141,76 @@ def print_services(config_path):
     click.echo(render(table(s)))
 
 
-def _over_shards(settings, each):
+def _over_shards(settings, each, missed: list[str], timeout: float):
     """What ``each(client)`` yields for every spool shard of the running daemon, shard
-    after shard; a shard that is not running or not answering ends the command."""
+    after shard.  A shard that is not running, or does not answer in time (stopped,
+    wedged), is named in *missed* and the next one asked: the operator gets what the
+    others say, not nothing after a long wait; no daemon at all ends the command."""
     from mta import bus
+    from mta.opscli import daemon_running
 
     ctx = bus.new_context()
     try:
         for n in range(_shard_count(settings)):
             endpoint = settings.endpoint(f"spool-{n}")
             if not os.path.exists(endpoint[len("ipc://"):]):
-                raise TimeoutError(f"spool[{n}] is not running")
+                missed.append(f"spool[{n}] is not running")
+                continue
             cl = bus.SyncClient(ctx, endpoint)
             try:
-                yield from each(cl)
+                yield from each(cl, _ShardWait(settings, ctx, endpoint, timeout))
+            except TimeoutError as exc:
+                if not daemon_running(settings):
+                    _not_answering(settings, str(exc))
+                missed.append(f"spool[{n}]: {exc}")
             finally:
                 cl.close()
-    except TimeoutError as exc:
-        _not_answering(settings, str(exc))
     finally:
         ctx.term()
+
+
+class _ShardWait:
+    """How long `mta queue list/delete` wait for a shard's answer: *bound* seconds, unless
+    the shard shows it is there -- it answers a summary at once, which it does also
+    while it reads its queue at start (a list or delete waits for that end) -- then up
+    to PAGE_TIMEOUT (a page of a big queue, a chunk of deletes); at once when no daemon
+    runs.  A shard stopped or wedged costs *bound* and a second, not PAGE_TIMEOUT."""
+
+    PROBE = 1.0         # seconds the summary that shows the shard is there is waited for
+
+    def __init__(self, settings, ctx, endpoint: str, bound: float):
+        self.settings, self.ctx, self.endpoint, self.bound = settings, ctx, endpoint, bound
+        self.there = False
+        self.since = 0.0
+
+    def call(self, cl, request, *values):
+        self.since = time.monotonic()
+        return cl.call(request, *values, timeout=max(self.bound, PAGE_TIMEOUT),
+                       check=self.check)
+
+    def check(self) -> None:
+        from mta import bus
+        from mta.opscli import daemon_running
+
+        if not daemon_running(self.settings):
+            raise TimeoutError("no daemon runs")
+        if self.there or time.monotonic() - self.since < self.bound:
+            return
+        probe = bus.SyncClient(self.ctx, self.endpoint)
+        try:
+            probe.call(bus.SpoolQueueSummary, timeout=self.PROBE)
+        except TimeoutError:
+            raise TimeoutError(f"did not answer within {self.bound:g}s") from None
+        finally:
+            probe.close()
+        self.there = True
+
+
+def _missed(settings, missed: list[str], what: str):
+    """Name the shards that did not answer, and what that leaves out; exit 69."""
+    click.echo(f"mta: {'; '.join(missed)}: {what} (is it stopped or wedged? see 'mta status' "
+               "and the daemon's log; --timeout waits longer)", err=True)
+    sys.exit(EX_UNAVAILABLE)
 
 
 def _not_answering(settings, why: str):
@@ -207,36 +259,24 @@ def _ask_each_shard(settings, request, *values, timeout: float = 5.0):
     return replies, errors
 
 
-def _daemon_check(settings):
-    """A SyncClient check for a long request (a page of a big queue, a chunk of deletes):
-    it ends the wait when no daemon runs (killed: its sockets' files stay and take the
-    request), as the commands asking with 5 s do, not after the whole timeout."""
-    from mta.opscli import daemon_running
-
-    def check() -> None:
-        if not daemon_running(settings):
-            raise TimeoutError("no daemon runs")
-    return check
-
-
-def _queue_pages(settings, limit: int = 0):
+def _queue_pages(settings, missed: list[str], limit: int = 0, timeout: float = 5.0):
     """The queued messages (QueueEntry), shard after shard, at most *limit* per shard (0:
     all), asked a page at a time (mta.spool.queries.listing): the shard reads a page of
     envelopes between two batches, not the whole queue at once, and the entries are
-    given out as each page comes."""
+    given out as each page comes.  A shard is waited for as :class:`_ShardWait` says
+    (*timeout*); one that does not answer is named in *missed*, and the next asked."""
     from mta import bus
 
-    def pages(cl):
+    def pages(cl, wait):
         after, left = "", limit
         while True:
-            reply = cl.call(bus.SpoolQueueList, max(left, 0), after, timeout=30.0,
-                            check=_daemon_check(settings))
+            reply = wait.call(cl, bus.SpoolQueueList, max(left, 0), after)
             yield from reply.entries[:left] if limit else reply.entries
             left -= len(reply.entries)
             if not reply.last or (limit and left <= 0):
                 return
             after = reply.last
-    return _over_shards(settings, pages)
+    return _over_shards(settings, pages, missed, timeout)
 
 
 def _age(arrival) -> str:
@@ -521,15 +561,26 @@ def _queue_settings(ctx, config_path):
     return _settings(config_path or ctx.obj)
 
 
+timeout_option = click.option(
+    "--timeout", type=click.FloatRange(0.1, 3600), default=SHARD_WAIT, show_default=True,
+    help="seconds to wait for a spool shard's first answer; one that does not answer "
+         "(stopped, wedged) is named and the others asked")
+
+
 @queue.command("list")
 @config_option
 @click.option("--limit", type=int, default=0, help="at most this many per shard (0: all)")
+@timeout_option
 @click.pass_context
-def queue_list(ctx, config_path, limit):
+def queue_list(ctx, config_path, limit, timeout):
     """Queued messages as JSON lines (queue_id, sender, recipients, arrival_time,
-    message_size, recipient_state)."""
+    message_size, recipient_state).
+
+    A spool shard that does not answer within --timeout is named on stderr, after the
+    other shards' messages, with exit status 69."""
     s = _queue_settings(ctx, config_path)
-    for e in _queue_pages(s, max(limit, 0)):
+    missed: list[str] = []
+    for e in _queue_pages(s, missed, max(limit, 0), timeout):
         click.echo(json.dumps({
             "queue_id": e.qid, "sender": e.sender, "recipients": e.rcpts,
             "arrival_time": e.arrival, "message_size": e.size,
@@ -537,6 +588,8 @@ def queue_list(ctx, config_path, limit):
                 {"address": r, "state": st, "attempts": a,
                  "next_attempt": d if st == "pending" and a else None}
                 for r, st, a, d in zip(e.rcpts, e.states, e.attempts, e.due)]}))
+    if missed:
+        _missed(s, missed, "its messages are not listed; the other shards' are")
 
 
 @queue.command("show")
@@ -604,9 +657,15 @@ def queue_show(ctx, config_path, qid, raw):
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="one JSON object for machines")
 @click.argument("qids", nargs=-1, required=True)
+@timeout_option
 @click.pass_context
-def queue_delete(ctx, config_path, as_json, qids):
-    """Delete queued messages by queue id (ALL, in capitals, deletes everything)."""
+def queue_delete(ctx, config_path, as_json, qids, timeout):
+    """Delete queued messages by queue id (ALL, in capitals, deletes everything).
+
+    A spool shard that does not answer within --timeout is named on stderr, with how
+    many of the ids it has were not confirmed deleted, and exit status 69; the other
+    shards' messages are deleted all the same."""
+    from mta.opscli import daemon_running
     from mta.queueid import QID_SHAPE, is_qid, normal_qid, shard_of
 
     s = _queue_settings(ctx, config_path)
@@ -628,6 +687,9 @@ def queue_delete(ctx, config_path, as_json, qids):
     count = 0
     pending: dict[int, list[str]] = {}
     clients: dict[int, object] = {}
+    waits: dict[int, _ShardWait] = {}
+    unconfirmed: dict[int, int] = {}    # shard that did not answer: the ids asked of it
+    missed: list[str] = []
     ctxz = bus.new_context()
 
     def flush(n: int) -> None:
@@ -635,18 +697,25 @@ def queue_delete(ctx, config_path, as_json, qids):
         group = pending.pop(n, None)
         if not group:
             return
+        if n in unconfirmed:        # (it did not answer the chunk before)
+            unconfirmed[n] += len(group)
+            return
         cl = clients.get(n)
         if cl is None:
             cl = clients[n] = bus.SyncClient(ctxz, s.endpoint(f"spool-{n}"))
+            waits[n] = _ShardWait(s, ctxz, s.endpoint(f"spool-{n}"), timeout)
         try:
             # the shard writes each delete in one batch (and reads each envelope for its
             # events), taking no mail meanwhile: DELETE_CHUNK at most
-            reply = cl.call(bus.SpoolMessageDelete, group, timeout=30.0,
-                            check=_daemon_check(s))
-        except TimeoutError:
-            click.echo(f"mta: spool[{n}] is not answering; {count} message(s) deleted",
-                       err=True)
-            sys.exit(EX_UNAVAILABLE)
+            reply = waits[n].call(cl, bus.SpoolMessageDelete, group)
+        except TimeoutError as exc:
+            if not daemon_running(s):
+                click.echo(f"mta: spool[{n}] is not answering (no daemon runs); {count} "
+                           "message(s) deleted", err=True)
+                sys.exit(EX_UNAVAILABLE)
+            unconfirmed[n] = len(group)
+            missed.append(f"spool[{n}]: {exc}")
+            return
         if reply.status != bus.STATUS_OK:
             click.echo(f"mta: spool[{n}] could not record the deletion (storage "
                        f"error); {count} message(s) deleted", err=True)
@@ -659,7 +728,8 @@ def queue_delete(ctx, config_path, as_json, qids):
     try:
         # (ALL: what was queued when the command began; later mail, listed behind the
         # cursor as the pages come, stays)
-        for qid in (e.qid for e in _queue_pages(s) if (e.arrival or 0.0) <= started) \
+        for qid in (e.qid for e in _queue_pages(s, missed, timeout=timeout)
+                    if (e.arrival or 0.0) <= started) \
                 if everything else qids:
             n = shard_of(qid, nshards)
             group = pending.setdefault(n, [])
@@ -674,6 +744,13 @@ def queue_delete(ctx, config_path, as_json, qids):
         ctxz.term()
     click.echo(json.dumps({"deleted": deleted}) if as_json else
                f"deleted {count} message(s)")
+    if missed:
+        left = sum(unconfirmed.values())
+        # (a shard that is only stopped deletes what it was sent once it runs again)
+        _missed(s, missed, "; ".join(x for x in (
+            f"{left} of the queue id(s) are its and not confirmed deleted (it may delete "
+            "them once it runs again: see 'mta queue list')" if left else "",
+            "its messages were not listed, so not deleted" if everything else "") if x))
 
 
 def _adaptive_dir(settings) -> str:

@@ -155,3 +155,46 @@ def test_a_queue_id_spelled_loosely_is_refused_not_matched(make_daemon):
     # the message is still there, found by its id
     out = d.cli("queue", "show", qid).stdout.decode()
     assert f"queue_id: {qid}" in out, out
+
+
+def test_queue_list_and_delete_answer_soon_with_a_shard_stopped(make_daemon):
+    """A spool shard that is stopped (or wedged: alive, not reading its socket) cost
+    `mta queue list` and `mta queue delete` 30 s each, and then they said only that it
+    did not answer: the other shards' messages went unlisted and undeleted.  They now
+    wait --timeout (5 s) for it, give the others' answers, and name it (exit 69)."""
+    import os
+    import signal
+
+    from mta.queueid import shard_of
+
+    d = make_daemon(acceptors=1, shards=2)
+    qids = [d.send("a@sender.test", [f"x{i}@one.test"], message(f"m{i}")) for i in range(6)]
+    on = {n: [q for q in qids if shard_of(q, 2) == n] for n in (0, 1)}
+    assert on[0] and on[1], qids
+    stopped = d.children()["spool[1]"]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = d.cli("queue", "list", check=False)
+        took = time.monotonic() - t0
+        assert r.returncode == 69 and b"spool[1]: did not answer within" in r.stderr, r
+        assert b"its messages are not listed" in r.stderr, r
+        listed = [json.loads(line)["queue_id"] for line in r.stdout.splitlines()]
+        assert sorted(listed) == sorted(on[0]) and took < 12, (listed, took)
+        t0 = time.monotonic()
+        r = d.cli("queue", "list", "--timeout", "1", check=False)
+        assert r.returncode == 69 and len(r.stdout.splitlines()) == len(on[0]), r
+        assert time.monotonic() - t0 < 6, time.monotonic() - t0
+        t0 = time.monotonic()
+        r = d.cli("queue", "delete", "--json", "--timeout", "1", on[0][0], on[1][0],
+                  check=False)
+        assert time.monotonic() - t0 < 6, time.monotonic() - t0
+        assert r.returncode == 69 and json.loads(r.stdout)["deleted"] == [on[0][0]], r
+        assert b"spool[1]: did not answer within" in r.stderr and \
+            b"1 of the queue id(s) are its and not confirmed deleted" in r.stderr, r
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    # once it runs again, it answers (and did the delete it was sent meanwhile)
+    r = d.cli("queue", "list")
+    listed = sorted(json.loads(line)["queue_id"] for line in r.stdout.splitlines())
+    assert on[0][0] not in listed and set(on[0][1:] + on[1][1:]) <= set(listed), listed
