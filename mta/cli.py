@@ -511,8 +511,15 @@ def queue_flush(ctx, config_path, as_json, domain, qids):
         if not replies:
             _not_answering(s, "; ".join(errors))
         n = sum(r.count for r in replies)
-        click.echo(json.dumps({"flushed": n}) if as_json else
+        later = sum(1 for r in replies if getattr(r, "recovering", False))
+        # ("recovering_shards" only when there are: the object stays as it was)
+        click.echo(json.dumps({"flushed": n, **({"recovering_shards": later} if later else {})})
+                   if as_json else
                    f"{n} deferred recipient(s) scheduled for delivery now")
+        if later and not as_json:
+            click.echo(f"mta: {later} spool shard(s) still reading their queue after a "
+                       "start: their deferred mail is flushed once they have (not counted "
+                       "here)", err=True)
         if errors:
             # (the others' mail was flushed: said, and the exit status says the rest)
             click.echo(f"mta: {'; '.join(errors)}: its deferred mail was not flushed "
@@ -531,7 +538,7 @@ def queue_flush(ctx, config_path, as_json, domain, qids):
         sys.exit(1)
     cl = AdminClient(s)
     qids = list(dict.fromkeys(qids))
-    n, missing = 0, []
+    n, missing, later = 0, [], []
     for i in range(0, max(len(qids), 1), FLUSH_CHUNK):
         fields = ([("domain", domain)] if domain is not None else []) + \
             [("qid", q) for q in qids[i:i + FLUSH_CHUNK]]
@@ -539,13 +546,20 @@ def queue_flush(ctx, config_path, as_json, domain, qids):
                      allow=(200, 404) if qids else (200,))
         n += body.get("flushed", 0)
         missing += body.get("not_queued", [])
+        later += body.get("recovering", [])
+    later = sorted(set(later))
     if as_json:
-        click.echo(json.dumps({"flushed": n, "not_queued": missing}))
+        click.echo(json.dumps({"flushed": n, "not_queued": missing,
+                               **({"recovering_shards": later} if later else {})}))
     else:
         what = " and ".join(x for x in (
             f"at {domain.strip().lower()}" if domain is not None else "",
             f"of {len(qids) - len(missing)} message(s)" if qids else "") if x)
         click.echo(f"{n} deferred recipient(s) {what} scheduled for delivery now")
+    if later and not as_json:
+        click.echo(f"mta: spool shard(s) {', '.join(map(str, later))} still reading their "
+                   "queue after a start: the flush is done there once they have (not "
+                   "counted here; a queue id not queued there is not said)", err=True)
     if missing:
         click.echo(f"mta: not queued: {' '.join(missing)}", err=True)
         sys.exit(1)

@@ -40,8 +40,10 @@ Routes (JSON; errors are ``{"errors": [{"message": ...}]}``):
     recipient domain ``domain``, of the messages ``qid`` (repeated; at most
     FLUSH_QIDS), or both, is due now; the delivery processes end their dead-site
     holds (after every host of a site failed) of those domains' sites only.
-    Suspensions stay.  ``{"flushed": N, "not_queued": [QID...]}``; 400 for a
-    malformed domain or queue id, 404 when none of the ``qid`` is queued.
+    Suspensions stay.  ``{"flushed": N, "not_queued": [QID...], "recovering": [SHARD...]}``
+    (a shard still reading its queue at start answers at once and flushes once it
+    has: not counted, with a ``note``); 400 for a malformed domain or queue id, 404
+    when none of the ``qid`` is queued.
 ``GET /api/admin/rules``, ``DELETE /api/admin/rules/NAME-OR-ID``
     the suspensions, throttles, back-offs and warm-ups in effect (the response
     rule, reply, source, site, time left; as ``mta rules list --json``), read
@@ -526,24 +528,24 @@ class Api:
                 raise BadRequest(k, f"{k[:100]}: not a field here (use domain, qid)")
         if len(qids) > FLUSH_QIDS:
             raise BadRequest("qid", f"qid: at most {FLUSH_QIDS} queue ids in one request")
-        if not qids:
-            replies = await asyncio.gather(*(self._ask(n, bus.SpoolQueueFlush, False, domains)
-                                             for n in range(self.settings.shards)),
-                                           return_exceptions=True)
-        else:
-            by_shard: dict[int, list[str]] = {}
-            for qid in qids:
-                by_shard.setdefault(shard_of(qid, self.settings.shards), []).append(qid)
-            replies = await asyncio.gather(*(
-                self._ask(n, bus.SpoolQueueFlush, False, domains, group)
-                for n, group in by_shard.items()), return_exceptions=True)
+        by_shard: dict[int, list[str]] = {}
+        for qid in qids:
+            by_shard.setdefault(shard_of(qid, self.settings.shards), []).append(qid)
+        asked = list(by_shard) if qids else list(range(self.settings.shards))
+        replies = await asyncio.gather(*(
+            self._ask(n, bus.SpoolQueueFlush, False, domains, by_shard.get(n, []))
+            for n in asked), return_exceptions=True)
         failed = [r for r in replies if isinstance(r, BaseException)]
+        # a shard still reading its queue at start answers at once and flushes then
+        recovering = [n for n, r in zip(asked, replies)
+                      if not isinstance(r, BaseException) and r.recovering]
         replies = [r for r in replies if not isinstance(r, BaseException)]
         for exc in failed:
             if not isinstance(exc, Unavailable):
                 raise exc
         body = {"flushed": sum(r.count for r in replies),
-                "not_queued": [q for r in replies for q in r.unknown]}
+                "not_queued": [q for r in replies for q in r.unknown],
+                "recovering": recovering}
         if failed:
             # The shards that answered flushed their mail: said, not lost in the error
             # of the one that did not (the operator runs it again once that one is back).
@@ -556,6 +558,10 @@ class Api:
         log.info("queue flushed through the admin API%s: %d recipient(s) due now",
                  "".join(f" domain={d}" for d in domains) + "".join(f" qid={q}" for q in qids),
                  body["flushed"])
+        if recovering:
+            body["note"] = (f"spool shard(s) {recovering} are still reading their queue "
+                            "after a start: the flush is done there once they have (not "
+                            "counted in flushed; a queue id not queued there is not named)")
         if qids and len(body["not_queued"]) == len(qids):
             body["errors"] = [{"message": f"not queued: {' '.join(qids)}", "field": "qid"}]
             return _json(404, body)

@@ -213,6 +213,9 @@ class SpoolQueueFlushReply(Message, tag=14):
     req: int
     count: int
     unknown: list[str] = []         # the qids asked for that are not queued
+    # the shard is reading its queue at start: the flush is done once it has (count and
+    # unknown are not known now: 0, [])
+    recovering: bool = False
 
 
 class SpoolAdminBounce(Message, tag=16):

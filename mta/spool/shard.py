@@ -227,7 +227,8 @@ class Shard:
         # counting), so nothing is ever unfrozen here.
         self.gc = proc.GcSettler(full_interval=None)
         self.recovered_up_to = 0              # the last segment found at start
-        self.deferred: list[tuple[bytes, bus.Message]] = []   # requests that wait for it
+        # requests that wait for it (peer None: a flush, answered when it came)
+        self.deferred: list[tuple[bytes | None, bus.Message]] = []
         self.finished_at_start: list[str] = []
         self.m = ShardMetrics(self, settings.config.admin.max_label_values)   # /metrics
         self.pusher = None
@@ -281,7 +282,8 @@ class Shard:
         segment: nothing read is ever appended to), and acknowledged only after its
         fsync, so nothing is lost or misreported; what needs the whole queue --
         dispatch, delivery outcomes, expiry, reclamation, deletes and the
-        operator's questions other than the summary -- waits until the end.
+        operator's questions other than the summary -- waits until the end (a flush
+        is answered at once, ``recovering``, and done then).
         """
         if not self.store.recover_step(records):
             return
@@ -304,6 +306,8 @@ class Shard:
         for peer, msg in waiting:
             if type(msg) is bus.SpoolMessageDelete:
                 self.batch(deletes=[(peer, msg)])
+            elif peer is None:          # (a flush, answered when it came)
+                self.flush(msg)
             else:
                 self.query(peer, msg)
         # bounces owed at the crash or stop: no job is out now, so they go in this batch
@@ -493,6 +497,11 @@ class Shard:
             peer, msg = got
             if recovering and type(msg) not in (bus.SpoolMessageCommit, bus.SpoolEventsCommit,
                                                 bus.SpoolQueueSummary, bus.SpoolAdminRefresh):
+                if type(msg) is bus.SpoolQueueFlush:
+                    # answered now (the operator is told, not kept waiting for a recovery
+                    # that may take minutes), done once the queue is whole
+                    server.send(peer, bus.SpoolQueueFlushReply(msg.req, 0, recovering=True))
+                    peer = None
                 self.deferred.append((peer, msg))   # answered once the queue is whole
                 continue
             if type(msg) is bus.SpoolMessageCommit:
@@ -1230,25 +1239,7 @@ class Shard:
         elif t is bus.SpoolQueueList:
             reply = queries.listing(self.store, msg.req, msg.limit, msg.after)
         elif t is bus.SpoolQueueFlush:
-            if msg.requeued:
-                self.window.unpause()       # (what delivery answered may have changed)
-                qids, self.requeued_qids = list(self.requeued_qids), {}
-                reply = queries.flush(self.store, msg.req, qids)
-            elif msg.domains or msg.qids:
-                # (mta queue flush --domain / --queue-id) as below, for those domains only
-                reply, domains = queries.flush_some(self.store, msg.req, msg.domains,
-                                                    msg.qids)
-                if domains:
-                    self.window.unpause(domains=domains)
-                    self._owe_flush(domains)
-                    self._send_flush()
-            else:
-                self.window.unpause()       # (what delivery answered may have changed)
-                # every delivery process ends its dead-site holds, before the jobs
-                # this flush makes due reach it (Postfix's flush re-enables dead sites)
-                self._owe_flush(None)
-                self._send_flush()
-                reply = queries.flush(self.store, msg.req)
+            reply = self.flush(msg)
         elif t is bus.SpoolAdminBounce:
             reply = self.start_bounce(msg)
         elif t is bus.SpoolAdminRefresh:
@@ -1266,6 +1257,28 @@ class Shard:
             log.warning("unexpected request %s ignored", msg.NAME)
             return
         self.server.send(peer, reply)
+
+    def flush(self, msg: bus.SpoolQueueFlush) -> bus.SpoolQueueFlushReply:
+        """``mta queue flush`` (all, --domain, --queue-id) or the flush of what delivery
+        handed back (*requeued*): make it due now; the reply."""
+        if msg.requeued:
+            self.window.unpause()       # (what delivery answered may have changed)
+            qids, self.requeued_qids = list(self.requeued_qids), {}
+            return queries.flush(self.store, msg.req, qids)
+        if msg.domains or msg.qids:
+            # (mta queue flush --domain / --queue-id) as below, for those domains only
+            reply, domains = queries.flush_some(self.store, msg.req, msg.domains, msg.qids)
+            if domains:
+                self.window.unpause(domains=domains)
+                self._owe_flush(domains)
+                self._send_flush()
+            return reply
+        self.window.unpause()       # (what delivery answered may have changed)
+        # every delivery process ends its dead-site holds, before the jobs
+        # this flush makes due reach it (Postfix's flush re-enables dead sites)
+        self._owe_flush(None)
+        self._send_flush()
+        return queries.flush(self.store, msg.req)
 
     # --------------------------------------------------- the operator's controls
 

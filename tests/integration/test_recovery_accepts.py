@@ -86,3 +86,40 @@ def test_a_shard_takes_mail_while_it_rebuilds_a_large_queue_and_loses_nothing(tm
         d.stop()
     finally:
         d.cleanup()
+
+
+def test_a_flush_while_a_shard_reads_its_queue_is_answered_at_once_and_done_after(tmp_path):
+    """`mta queue flush` (--queue-id, or all) while a shard still read its queue at start
+    waited for the end of that reading without a word, and after 5 s said the shard "did
+    not answer" and that nothing was flushed there -- while the shard flushed it later all
+    the same.  It is now answered at once, says the shard is recovering, and is done
+    once the queue is read."""
+    import json
+    import re
+
+    d = Daemon(tmp_path, acceptors=1, shards=1, spool={"recovery_slice": 1})
+    old = fill(d, QUEUED)
+    try:
+        d.start()
+        assert shard0(d)["recovering"] is True
+        last = max(old)              # (the last one the shard reads)
+        t = time.monotonic()
+        r = d.cli("queue", "flush", "--queue-id", last, "--json")
+        took = time.monotonic() - t
+        assert json.loads(r.stdout) == {"flushed": 0, "not_queued": [],
+                                        "recovering_shards": [0]}, r
+        r = d.cli("queue", "flush", "--queue-id", last)
+        assert b"spool shard(s) 0 still reading their queue after a start: the flush is " \
+            b"done there once they have" in r.stderr, r
+        r = d.cli("queue", "flush")
+        assert b"1 spool shard(s) still reading their queue" in r.stderr, r
+        assert shard0(d)["recovering"] is True, took     # answered before the end of it
+        assert took < 5, took
+        wait_until(lambda: not shard0(d)["recovering"], 60, "the recovery")
+        log = d.log(since_start=True)
+        end = log.index("recovered queue:")
+        assert re.search(rf"queue flush \(queue_id={last}\): \d+ deferred", log[end:]), log[end:]
+        assert re.search(r"queue flush: \d+ deferred", log[end:]), log[end:]
+        d.stop()
+    finally:
+        d.cleanup()
