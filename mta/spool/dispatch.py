@@ -77,6 +77,9 @@ class Window:
         self.per_domain = per_domain
         self.spread = spread_threshold
         self.jobs: dict[int, Job] = {}              # req -> Job
+        # qid -> the domains of its jobs out: its recipients at other domains may go
+        # meanwhile (one a flush made due, or whose domain had no slot then)
+        self.qid_out: dict[str, list[str]] = {}
         self.out = [0, 0]                           # jobs out per lane
         self.wants = [0, 0]     # jobs the lane's first message waits to have room for
         self.bulk_out: dict[str, int] = {}          # domain -> bulk jobs out
@@ -125,6 +128,11 @@ class Window:
         """Job *req* was sent (*meta*: the envelope it was made from)."""
         self.jobs[req] = Job(qid, idxs, time.monotonic(), proc, domain, lane, meta)
         self.out[lane] += 1
+        doms = self.qid_out.get(qid)
+        if doms is None:
+            self.qid_out[qid] = [domain]
+        else:
+            doms.append(domain)
         counts = self.at.get(domain)
         if counts is None:
             counts = self.at[domain] = [0] * self.processes
@@ -139,6 +147,11 @@ class Window:
             return None
         domain = job.domain
         self.out[job.lane] -= 1
+        doms = self.qid_out[job.qid]
+        if len(doms) == 1:
+            del self.qid_out[job.qid]
+        else:
+            doms.remove(domain)
         counts = self.at[domain]
         counts[job.proc] -= 1
         if not any(counts):

@@ -962,11 +962,24 @@ class Shard:
                 break
             qid = taken[0]
             info = q.info(qid)
-            if info is None or info[_OUT]:
-                continue  # finished, or its outcome is awaited (it reschedules then)
+            if info is None:
+                continue  # finished
+            busy = None
+            if info[_OUT]:
+                busy = w.qid_out.get(qid)
+                if busy is None or self.policy.expired(info[_START], now):
+                    continue  # its outcome is awaited (it reschedules then)
             ready, later = q.ready(qid, now)
             if later is not None:
                 q.push(qid, later)
+            if busy is not None:
+                # A job of it is out: its recipients at that job's domain wait for its
+                # outcome (which reschedules the message); the others -- made due by a
+                # flush, or whose domain had no slot when that job went -- go now.
+                domains = q.domains(qid)
+                ready = [i for i in ready if domains[i] not in busy]
+                if not ready:
+                    continue
             if not ready:
                 if later is None:
                     # no pending recipient left, and no job out: its DONE was waiting for

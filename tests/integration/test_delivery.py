@@ -1237,3 +1237,32 @@ def test_power_loss_while_a_reused_segment_file_is_written(lab, tmp_path):
             d.cleanup()
             d.kill9()
         fs.unmount()
+
+
+def test_a_flush_sends_a_message_s_flushed_recipients_while_another_job_of_it_is_out(lab):
+    """A flushed recipient of a message with a delivery job out (another domain's, at a
+    slow site) waited for that job's outcome -- up to the data timeout -- before it was
+    sent: the shard skipped, at dispatch, every message with a job out.  The recipients
+    at other domains than the jobs out now go at once."""
+    mode = {"defer": True}
+    slow = lab.aio(IP_A, rcpt=lambda s, a, f: "451 4.3.2 try later" if mode["defer"] else None)
+    other = lab.aio(IP_B, rcpt=lambda s, a, f: "451 4.3.2 try later" if mode["defer"] else None)
+    lab.serve(mx("slow.test", "mx.slow.test", IP_A) + mx("two.test", "mx.two.test", IP_B))
+    d = lab.daemon(shards=1, retry_schedule=[3600.0], retry_jitter=0.0, data_timeout=60.0)
+    qid = d.send("alice@sender.test", ["u@slow.test", "v@two.test"], message("both"))
+    wait_until(lambda: sum(e["type"] == "delay" for e in d.events()) == 2, 20, "two delays")
+    mode["defer"] = False
+    slow.delay = 15.0                 # its end of data answered after 15 s
+    d.cli("queue", "flush", "--domain", "slow.test")
+    wait_until(lambda: any(a == "u@slow.test" and r.startswith("250")
+                           for _, a, r in slow.rcpt_log), 10, "the slow job at its data")
+    t0 = time.monotonic()
+    out = d.cli("queue", "flush", "--queue-id", qid).stdout.decode()
+    assert out.startswith("1 deferred recipient(s)"), out
+    other.wait_for("v@two.test", timeout=30)
+    took = time.monotonic() - t0
+    assert took < 6 and not slow.snapshot(), (took, slow.snapshot())
+    slow.wait_for("u@slow.test", timeout=30)
+    wait_until(lambda: d.queue_summary()["total"]["messages"] == 0, 20, "the message done")
+    assert sorted(r for _, r, _ in slow.deliveries() + other.deliveries()) == \
+        ["u@slow.test", "v@two.test"]

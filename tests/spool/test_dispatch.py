@@ -150,10 +150,13 @@ def test_jobs_a_full_delivery_queue_refused_are_taken_back_and_sent_later(tmp_pa
     assert len(shard.window) == 7
 
 
-def test_a_message_with_one_job_taken_and_one_refused_waits_for_the_one_out(tmp_path):
+def test_a_message_with_one_job_taken_and_one_refused_sends_it_again_beside_the_one_out(
+        tmp_path):
     """Two domains, two jobs, two processes; one process's queue is full: the other job
-    is out, the message counts one job out, and its outcome brings the refused
-    recipient back (nothing sent twice, nothing left behind)."""
+    is out, the message counts one job out, and the refused recipient goes again when
+    due -- beside the job out, not after its outcome (it waited for that outcome, up
+    to the data timeout at a slow site) -- and nothing is sent twice, nothing left
+    behind."""
     from mta.spool import shard as shard_mod
     shard = make_shard(tmp_path, processes=2)
     from mta.queueid import domain_shard
@@ -180,16 +183,23 @@ def test_a_message_with_one_job_taken_and_one_refused_waits_for_the_one_out(tmp_
     del shard.links.send_jobs
     idx.push(qid, time.time() - 1)
     shard.dispatch()
-    assert sent(shard) == []                  # its outcome is awaited: not looked at
-    # the outcome of the job that went: the refused recipient goes now, and only it
-    req, job = next(iter(shard.jobs.items()))
-    shard.links.outcomes[domain_shard(a, 2)].append(bus.DeliveryOutcome(
-        req, qid, [bus.Result(0, bus.DELIVERED, 250, "2.0.0", "ok", "mx", "127.0.0.1")]))
-    shard.batch()
-    for _ in range(3):
-        shard.dispatch()
+    # the refused recipient goes now, and only it (x@a is out: it waits for its outcome)
     got = sent(shard)
     assert [(j.qid, j.domain, [r.index for r in j.rcpts]) for _, j in got] == [(qid, b, [1])]
+    assert idx.info(qid)[shard_mod._OUT] == 2 and len(shard.window) == 2
+    idx.push(qid, time.time() - 1)
+    shard.dispatch()
+    assert sent(shard) == []                  # both out: nothing sent twice
+    # the outcome of the first job: nothing else to send; of the second: the message done
+    for d, dom in ((domain_shard(a, 2), a), (full, b)):
+        req, job = next((r, j) for r, j in shard.jobs.items() if j.domain == dom)
+        shard.links.outcomes[d].append(bus.DeliveryOutcome(req, qid, [bus.Result(
+            job.idxs[0], bus.DELIVERED, 250, "2.0.0", "ok", "mx", "127.0.0.1")]))
+        shard.batch()
+        for _ in range(3):
+            shard.dispatch()
+        assert sent(shard) == [], dom
+    assert idx.info(qid) is None and len(shard.window) == 0 and not shard.window.qid_out
 
 
 def test_an_outcome_uses_the_envelope_its_dispatch_read(tmp_path):
