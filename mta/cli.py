@@ -37,6 +37,7 @@ EX_UNAVAILABLE = 69
 EX_CONFIG = 78
 DELETE_CHUNK = 1000     # queue ids in one request of `mta queue delete`
 FLUSH_CHUNK = 100       # of `mta queue flush --queue-id` (the admin API's FLUSH_QIDS)
+ASK_THREADS = 64        # spool shards asked at once by `mta queue`, `mta queue flush`
 SHARD_WAIT = 5.0        # seconds `mta queue list/delete` wait for a shard that may be stuck
 PAGE_TIMEOUT = 30.0     # for one that shows it is there (a page, a chunk; its recovery)
 LANES_SHOWN = 20        # source x site lanes `mta queue` lists (the busiest; --json: all)
@@ -206,10 +207,11 @@ class _ShardWait:
         self.there = True
 
 
-def _missed(settings, missed: list[str], what: str):
+def _missed(settings, missed: list[str], what: str, longer: bool = True):
     """Name the shards that did not answer, and what that leaves out; exit 69."""
     click.echo(f"mta: {'; '.join(missed)}: {what} (is it stopped or wedged? see 'mta status' "
-               "and the daemon's log; --timeout waits longer)", err=True)
+               f"and the daemon's log{'; --timeout waits longer' if longer else ''})",
+               err=True)
     sys.exit(EX_UNAVAILABLE)
 
 
@@ -219,44 +221,37 @@ def _not_answering(settings, why: str):
     sys.exit(EX_UNAVAILABLE)
 
 
-def _ask_shards(settings, request, *values, timeout: float = 5.0):
-    """Send a request to every spool shard of the running daemon; return their replies
-    (a shard that does not answer ends the command, naming it)."""
-    replies, errors = _ask_each_shard(settings, request, *values, timeout=timeout)
-    if errors:
-        _not_answering(settings, "; ".join(errors))
-    return replies
-
-
 def _ask_each_shard(settings, request, *values, timeout: float = 5.0):
-    """Send a request to every spool shard of the running daemon, each on its own:
-    (the replies of the shards that answered, what became of the others: "spool[N] ...").
-    A shard that does not answer does not keep the request from the others (a flush:
-    theirs is done all the same); none asked after one that did not answer when no
-    daemon runs at all (killed: its sockets' files stay)."""
+    """Send a request to every spool shard of the running daemon, all at once (a thread
+    each): (the replies of the shards that answered, in shard order, what became of the
+    others: "spool[N] ...").  Shards that do not answer (stopped, wedged, no daemon)
+    cost *timeout* in all, not each, and do not keep the request from the others (a
+    flush: theirs is done all the same)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from mta import bus
-    from mta.opscli import daemon_running
 
     ctx = bus.new_context()
-    replies, errors = [], []
+
+    def ask(n: int):
+        endpoint = settings.endpoint(f"spool-{n}")
+        if not os.path.exists(endpoint[len("ipc://"):]):
+            return None, f"spool[{n}] is not running"
+        cl = bus.SyncClient(ctx, endpoint)     # (a socket used by this thread only)
+        try:
+            return cl.call(request, *values, timeout=timeout), None
+        except TimeoutError:
+            return None, f"spool[{n}] did not answer within {timeout:g}s"
+        finally:
+            cl.close()
+
+    count = _shard_count(settings)
     try:
-        for n in range(_shard_count(settings)):
-            endpoint = settings.endpoint(f"spool-{n}")
-            if not os.path.exists(endpoint[len("ipc://"):]):
-                errors.append(f"spool[{n}] is not running")
-                continue
-            cl = bus.SyncClient(ctx, endpoint)
-            try:
-                replies.append(cl.call(request, *values, timeout=timeout))
-            except TimeoutError:
-                errors.append(f"spool[{n}] did not answer within {timeout:g}s")
-                if not replies and not daemon_running(settings):
-                    break
-            finally:
-                cl.close()
+        with ThreadPoolExecutor(max(1, min(count, ASK_THREADS))) as pool:
+            got = list(pool.map(ask, range(count)))
     finally:
         ctx.term()
-    return replies, errors
+    return [r for r, _ in got if r is not None], [e for _, e in got if e is not None]
 
 
 def _queue_pages(settings, missed: list[str], limit: int = 0, timeout: float = 5.0):
@@ -404,7 +399,11 @@ def queue(ctx, config_path, as_json, by_domain):
     s = _settings(config_path)
     from mta import bus
 
-    shards = [r.summary for r in _ask_shards(s, bus.SpoolQueueSummary)]
+    replies, errors = _ask_each_shard(s, bus.SpoolQueueSummary)
+    if not replies:
+        _not_answering(s, "; ".join(errors))
+    # (a shard that did not answer: the others' counts, it named, exit 69)
+    shards = [r.summary for r in replies]
     domains: dict[str, dict] = {}
     for x in shards:
         for d, v in x.get("domains", {}).items():
@@ -447,7 +446,10 @@ def queue(ctx, config_path, as_json, by_domain):
     webhooks = webhook_status(s.state_dir, s.config.webhooks.enabled)
     if as_json:
         click.echo(json.dumps({"total": total, "shards": shards, "domains": domains,
-                               "delivery": delivery, "webhooks": webhooks}))
+                               "delivery": delivery, "webhooks": webhooks,
+                               **({"unanswered": errors} if errors else {})}))
+        if errors:
+            _missed(s, errors, "not counted in the total", longer=False)
         return
     rows = [("SHARD", "MESSAGES", "RECIPIENTS", "PENDING", "DEFERRED", "NEXT RETRY", "BYTES",
              "OLDEST", "SEGMENTS", "HEALTH")]
@@ -464,6 +466,10 @@ def queue(ctx, config_path, as_json, by_domain):
                      _when(x.get("next_attempt")),
                      str(x["bytes"]), _age(x["oldest_arrival"]),
                      str(x["segments"]), health))
+    for e in errors:
+        n = e[len("spool["):e.index("]")]
+        rows.append((n, "-", "-", "-", "-", "-", "-", "-", "-", e[e.index("]") + 2:]))
+    rows[1:] = sorted(rows[1:], key=lambda r: int(r[0]))
     rows.append(("total", str(total["messages"]), str(total["recipients"]),
                  str(total["pending"]), str(total["deferred"]),
                  "held" if total["next_attempt"] is not None and
@@ -487,6 +493,8 @@ def queue(ctx, config_path, as_json, by_domain):
         for d, v in sorted(domains.items(), key=lambda kv: -kv[1]["recipients"]):
             rows.append((d, str(v["recipients"]), str(v["deferred"]), _when(v["next_attempt"])))
         _table(rows)
+    if errors:
+        _missed(s, errors, "not counted in the total", longer=False)
 
 
 @queue.command("flush")

@@ -198,3 +198,40 @@ def test_queue_list_and_delete_answer_soon_with_a_shard_stopped(make_daemon):
     r = d.cli("queue", "list")
     listed = sorted(json.loads(line)["queue_id"] for line in r.stdout.splitlines())
     assert on[0][0] not in listed and set(on[0][1:] + on[1][1:]) <= set(listed), listed
+
+
+def test_queue_summary_and_flush_with_shards_stopped_say_what_the_others_say(make_daemon):
+    """`mta queue` with a spool shard stopped waited 5 s per shard that did not answer
+    and then printed nothing but "not answering"; `mta queue flush` waited 5 s per
+    such shard, one after the other.  Both now ask the shards at once: one bound in
+    all, the others' answers given, the stopped ones named (exit 69)."""
+    import os
+    import signal
+
+    d = make_daemon(acceptors=1, shards=3)
+    for i in range(6):
+        d.send("a@sender.test", [f"x{i}@one.test"], message(f"m{i}"))
+    kids = d.children()
+    stopped = [kids["spool[1]"], kids["spool[2]"]]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = d.cli("queue", check=False)
+        took = time.monotonic() - t0
+        out = r.stdout.decode()
+        assert r.returncode == 69 and took < 8, (took, r)
+        assert b"spool[1] did not answer within 5s" in r.stderr and \
+            b"spool[2] did not answer within 5s" in r.stderr, r
+        assert out.startswith("SHARD") and "\n0 " in out, out      # shard 0's row
+        assert "did not answer" in out, out                          # and theirs say so
+        t0 = time.monotonic()
+        r = d.cli("queue", "flush", check=False)
+        took = time.monotonic() - t0
+        assert r.returncode == 69 and took < 8, (took, r)
+        assert b"spool[1] did not answer" in r.stderr and b"spool[2] did not answer" \
+            in r.stderr, r
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert d.cli("queue").returncode == 0
