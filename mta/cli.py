@@ -142,34 +142,6 @@ def print_services(config_path):
     click.echo(render(table(s)))
 
 
-def _over_shards(settings, each, missed: list[str], timeout: float):
-    """What ``each(client)`` yields for every spool shard of the running daemon, shard
-    after shard.  A shard that is not running, or does not answer in time (stopped,
-    wedged), is named in *missed* and the next one asked: the operator gets what the
-    others say, not nothing after a long wait; no daemon at all ends the command."""
-    from mta import bus
-    from mta.opscli import daemon_running
-
-    ctx = bus.new_context()
-    try:
-        for n in range(_shard_count(settings)):
-            endpoint = settings.endpoint(f"spool-{n}")
-            if not os.path.exists(endpoint[len("ipc://"):]):
-                missed.append(f"spool[{n}] is not running")
-                continue
-            cl = bus.SyncClient(ctx, endpoint)
-            try:
-                yield from each(cl, _ShardWait(settings, ctx, endpoint, timeout))
-            except TimeoutError as exc:
-                if not daemon_running(settings):
-                    _not_answering(settings, str(exc))
-                missed.append(f"spool[{n}]: {exc}")
-            finally:
-                cl.close()
-    finally:
-        ctx.term()
-
-
 class _ShardWait:
     """How long `mta queue list/delete` wait for a shard's answer: *bound* seconds, unless
     the shard shows it is there -- it answers a summary at once, which it does also
@@ -254,24 +226,61 @@ def _ask_each_shard(settings, request, *values, timeout: float = 5.0):
     return [r for r, _ in got if r is not None], [e for _, e in got if e is not None]
 
 
-def _queue_pages(settings, missed: list[str], limit: int = 0, timeout: float = 5.0):
+def _queue_pages(settings, missed: list[str], limit: int = 0, timeout: float = SHARD_WAIT):
     """The queued messages (QueueEntry), shard after shard, at most *limit* per shard (0:
     all), asked a page at a time (mta.spool.queries.listing): the shard reads a page of
     envelopes between two batches, not the whole queue at once, and the entries are
-    given out as each page comes.  A shard is waited for as :class:`_ShardWait` says
-    (*timeout*); one that does not answer is named in *missed*, and the next asked."""
-    from mta import bus
+    given out as each page comes.  Every shard's first page is asked at once (a thread
+    each), so shards that do not answer (stopped, wedged) cost one *timeout* in all; a
+    shard is waited for as :class:`_ShardWait` says, and one that does not answer is
+    named in *missed* and left out.  No daemon at all ends the command."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    def pages(cl, wait):
-        after, left = "", limit
-        while True:
-            reply = wait.call(cl, bus.SpoolQueueList, max(left, 0), after)
-            yield from reply.entries[:left] if limit else reply.entries
-            left -= len(reply.entries)
-            if not reply.last or (limit and left <= 0):
-                return
-            after = reply.last
-    return _over_shards(settings, pages, missed, timeout)
+    from mta import bus
+    from mta.opscli import daemon_running
+
+    ctx = bus.new_context()
+    count = _shard_count(settings)
+    clients: dict[int, tuple] = {}
+
+    def page(n: int, after: str, left: int):
+        cl, wait = clients[n]
+        return wait.call(cl, bus.SpoolQueueList, max(left, 0), after)
+
+    def first(n: int):
+        endpoint = settings.endpoint(f"spool-{n}")
+        if not os.path.exists(endpoint[len("ipc://"):]):
+            return None
+        # (made in this thread, used on by the command's after its result: a socket
+        # handed over through the future, one thread at a time)
+        clients[n] = (bus.SyncClient(ctx, endpoint), _ShardWait(settings, ctx, endpoint,
+                                                                 timeout))
+        return page(n, "", limit)
+
+    try:
+        with ThreadPoolExecutor(max(1, min(count, ASK_THREADS))) as pool:
+            firsts = [pool.submit(first, n) for n in range(count)]
+            for n, fut in enumerate(firsts):
+                try:
+                    reply = fut.result()
+                    if reply is None:
+                        missed.append(f"spool[{n}] is not running")
+                        continue
+                    left = limit
+                    while True:
+                        yield from reply.entries[:left] if limit else reply.entries
+                        left -= len(reply.entries)
+                        if not reply.last or (limit and left <= 0):
+                            break
+                        reply = page(n, reply.last, left)
+                except TimeoutError as exc:
+                    if not daemon_running(settings):
+                        _not_answering(settings, str(exc))
+                    missed.append(f"spool[{n}]: {exc}")
+    finally:
+        for cl, _ in clients.values():
+            cl.close()
+        ctx.term()
 
 
 def _age(arrival) -> str:

@@ -208,6 +208,8 @@ def test_queue_summary_and_flush_with_shards_stopped_say_what_the_others_say(mak
     import os
     import signal
 
+    from mta.queueid import shard_of
+
     d = make_daemon(acceptors=1, shards=3)
     for i in range(6):
         d.send("a@sender.test", [f"x{i}@one.test"], message(f"m{i}"))
@@ -231,6 +233,15 @@ def test_queue_summary_and_flush_with_shards_stopped_say_what_the_others_say(mak
         assert r.returncode == 69 and took < 8, (took, r)
         assert b"spool[1] did not answer" in r.stderr and b"spool[2] did not answer" \
             in r.stderr, r
+        # mta queue list asks every shard's first page at once too: one bound in all
+        t0 = time.monotonic()
+        r = d.cli("queue", "list", "--timeout", "2", check=False)
+        took = time.monotonic() - t0
+        assert r.returncode == 69 and took < 5, (took, r)
+        assert b"spool[1]: did not answer within 2s" in r.stderr and \
+            b"spool[2]: did not answer within 2s" in r.stderr, r
+        assert all(shard_of(json.loads(x)["queue_id"], 3) == 0
+                   for x in r.stdout.splitlines()), r
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
