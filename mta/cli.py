@@ -844,8 +844,9 @@ def rules_cancel(config_path, as_json, what):
     effect), or the one entry ID; "backoff" ends every back-off.
 
     With the daemon running, through its admin API (DELETE /api/admin/rules/...): the
-    mail a suspension handed back to the spool is due again at once.  Without it, in
-    the state directory: that mail waits for its retry time or 'mta queue flush'."""
+    mail delivery handed back to the spool for what ended (a suspension, a throttle's
+    or back-off's rate) is due again at once.  Without it, in the state directory:
+    that mail waits for its retry time or 'mta queue flush'."""
     import urllib.parse
 
     from mta.opscli import AdminClient, daemon_running
@@ -874,8 +875,9 @@ def rules_cancel(config_path, as_json, what):
                    f"source={e['source'] or '*'} site={e['site'] or '*'}")
     if flushed:
         click.echo(f"{flushed} recipient(s) it held back are due now")
-    elif flushed is None and any(e["kind"] == "suspend" for e in gone):
-        click.echo("the daemon is not running: mail a suspension held back waits for its "
+    elif flushed is None and any(e["kind"] in ("suspend", "throttle", "backoff")
+                                 for e in gone):
+        click.echo("the daemon is not running: mail it held back waits for its "
                    "retry time, or 'mta queue flush'")
 
 

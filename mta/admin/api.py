@@ -49,8 +49,10 @@ Routes (JSON; errors are ``{"errors": [{"message": ...}]}``):
     rule, reply, source, site, time left; as ``mta rules list --json``), read
     from ``<state_dir>/adaptive/``; DELETE ends those of rule NAME, or the one
     entry ID, as ``mta rules cancel`` (the delivery processes see it within a
-    second); 404 when nothing in effect has that name.  Ending a suspension also
-    makes the messages delivery handed back meanwhile due at once (``flushed``).
+    second); 404 when nothing in effect has that name.  Ending a suspension,
+    throttle or back-off also makes what delivery handed back for it meanwhile due
+    at once (``flushed``): what the lanes of its scope handed back (the spool's
+    HandedBack), no other message.
 
 The drain is the file ``<run>/drain``: each acceptor looks for it twice a
 second and, while it exists, answers new SMTP connections and transactions
@@ -303,9 +305,9 @@ class Api:
                                                               f"{what[:100]!r}"}]})
                 log.warning("cancelled through the admin API: %s", ", ".join(
                     f"{e.kind} {e.rule} ({e.id})" for e in gone))
-                # as resume(): a rule's suspension held mail back in the spool too
-                flushed = await self._release([e.id for e in gone
-                                               if e.kind == adaptive.SUSPEND])
+                # as resume(): what delivery handed back for these limits (a suspension,
+                # a throttle's or a back-off's rate, a warm-up cap) is due again now
+                flushed = await self._release(gone)
                 now = time.time()
                 return _json(200, {"cancelled": [
                     adaptive.entry_view(e, now, self.settings.config.delivery.time_scale)
@@ -477,21 +479,23 @@ class Api:
             if e.id == sid and e.kind == adaptive.SUSPEND and e.rule == adaptive.ADMIN_RULE:
                 adaptive.cancel_entries(self.adaptive_dir, sid)
                 log.warning("resumed by the operator: suspension %s", sid)
-                flushed = await self._release([sid])
+                flushed = await self._release([e])
                 return _json(200, {"resumed": _delivery_view(e), "flushed": flushed})
         return _json(404, {"errors": [{"message": f"no suspension {sid[:80]!r} is in effect"}]})
 
-    async def _release(self, ended: list[str]) -> int:
-        """After the delivery suspensions *ended* (ids) were deleted from the store: make
-        what delivery handed back while they held due at once; how many recipients."""
+    async def _release(self, ended: list) -> int:
+        """After the adaptive entries *ended* (suspensions, throttles, back-offs) were
+        deleted from the store: make what delivery handed back for them due at once --
+        only what the lanes they limited handed back, (site, source) of their scope, and
+        what no source of a pool could take there; how many recipients."""
         if not ended:
             return 0
         # the delivery processes read the store once a second: once they have,
-        for eid in ended:
-            await self._delivery_sees(eid, False)
-        # what delivery handed back while it held is due again now
+        for e in ended:
+            await self._delivery_sees(e.id, False)
+        lanes = release_lanes(ended)
         replies = await asyncio.gather(*(
-            self._ask(n, bus.SpoolQueueFlush, True)
+            self._ask(n, bus.SpoolQueueFlush, True, [], [], lanes)
             for n in range(self.settings.shards)), return_exceptions=True)
         return sum(r.count for r in replies if isinstance(r, bus.SpoolQueueFlushReply))
 
@@ -785,6 +789,20 @@ def _spool_view(s: ctl.Suspension) -> dict:
     return {"id": s.id, "kind": "spool", "domain": s.domain or None,
             "campaign": s.campaign or None, "pool": s.pool or None, "site": None,
             "source": None, "reason": s.reason, "created": s.created, "until": s.until or None}
+
+
+def release_lanes(entries) -> list[tuple[str, str]]:
+    """The lanes ((site, source) patterns of the spool's HandedBack, "*" any) whose mail
+    delivery handed back because of the adaptive *entries* (their scope), and, at those
+    sites, what no source of a pool could take (source ""); at most MAX_FLUSH_NAMES
+    (more: every lane)."""
+    out: dict = {}
+    for e in entries:
+        site = e.site or "*"
+        out[(site, e.source or "*")] = None
+        out[(site, "")] = None
+    lanes = list(out)
+    return lanes if len(lanes) <= bus.MAX_FLUSH_NAMES else [("*", "*")]
 
 
 def _holds(path: str, eid: str, since: float, present: bool) -> bool:

@@ -78,6 +78,7 @@ PRIORITY_TRANSACTIONAL = 1
 QueueId = Annotated[str, Meta(min_length=1, max_length=MAX_QID)]
 MAX_FLUSH_NAMES = 1000   # domains or queue ids one selective flush names at most
 Domain = Annotated[str, Meta(min_length=1, max_length=255)]
+LaneName = Annotated[str, Meta(max_length=1000)]    # a site's or a source's name, or "*"
 Outcome = Literal["delivered", "deferred", "failed", "requeued"]
 
 
@@ -207,6 +208,9 @@ class SpoolQueueFlush(Message, tag=13):
     # (--queue-id); neither: every deferred recipient
     domains: Annotated[list[Domain], Meta(max_length=MAX_FLUSH_NAMES)] = []
     qids: Annotated[list[QueueId], Meta(max_length=MAX_FLUSH_NAMES)] = []
+    # with requeued: only what these lanes handed back, (site, source) pairs ("*": any;
+    # source "": none of the pool's could send); none: every lane's
+    lanes: Annotated[list[tuple[LaneName, LaneName]], Meta(max_length=MAX_FLUSH_NAMES)] = []
 
 
 class SpoolQueueFlushReply(Message, tag=14):

@@ -22,8 +22,9 @@ decides, for the next job, whether it may go and where
   than each being read and sent to be told so -- a freed slot of the cap
   would otherwise take the next one, and a suspended site's whole backlog
   would go through delivery once per suspension.  A queue flush ends every
-  pause (a suspension cancelled by the operator ends with one; a flush of some
-  domains or messages, those of their domains).
+  pause (a flush of some domains or messages, those of their domains); a
+  suspension cancelled by the operator ends those of the domains its lanes
+  handed back (:class:`HandedBack`).
 - **Spreading.** A domain's jobs go to its home delivery process
   (``domain_shard(domain, n)``) until ``delivery.spread_threshold`` are out
   there; then each next job goes to the process with the fewest jobs out for
@@ -88,6 +89,7 @@ class Window:
         self.blocked: dict[str, object] = {}        # domain -> QidFifo of qids waiting
         self.freed: set[str] = set()                # domains that had a bulk job come back
         self.paused: dict[tuple, float] = {}        # (domain, pool) -> until (time.time())
+        self.pause_site: dict[tuple, str] = {}      # (domain, pool) -> the site it was for
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -166,9 +168,11 @@ class Window:
                 self.freed.add(domain)
         return job
 
-    def pause(self, domain: str, pool, until: float) -> None:
-        """Delivery REQUEUED a job of *pool* to *domain* until *until*: so are the others."""
+    def pause(self, domain: str, pool, until: float, site: str = "") -> None:
+        """Delivery REQUEUED a job of *pool* to *domain* (at *site*) until *until*: so are
+        the others."""
         self.paused[(domain, pool)] = until
+        self.pause_site[(domain, pool)] = site
 
     def step_back(self, now: float, by: float) -> None:
         """The wall clock went back by *by* seconds: the pauses end that much earlier."""
@@ -182,6 +186,7 @@ class Window:
             return 0.0
         if until <= now:
             del self.paused[(domain, pool)]
+            self.pause_site.pop((domain, pool), None)
             return 0.0
         return until
 
@@ -189,13 +194,14 @@ class Window:
         """End the pauses that ran out by *now* (None: all of them; of *domains* only,
         when given)."""
         if domains is not None:
-            for key in [k for k in self.paused if k[0] in domains]:
-                del self.paused[key]
+            gone = [k for k in self.paused if k[0] in domains]
         elif now is None:
-            self.paused.clear()
+            gone = list(self.paused)
         else:
-            for key in [k for k, until in self.paused.items() if until <= now]:
-                del self.paused[key]
+            gone = [k for k, until in self.paused.items() if until <= now]
+        for key in gone:
+            del self.paused[key]
+            self.pause_site.pop(key, None)
 
     def block(self, domain: str, qid: str) -> None:
         """Message *qid* waits until a bulk job to *domain* comes back."""
@@ -248,3 +254,102 @@ class Window:
     def older_than(self, seconds: float) -> list[int]:
         now = time.monotonic()
         return [r for r, j in self.jobs.items() if now - j.sent_at > seconds]
+
+
+ANY = "*"           # a lane pattern's site or source that matches every one
+
+
+class HandedBack:
+    """The messages delivery handed back untried (REQUEUED), by the lane that did:
+    (site, source, recipient domain); source "" when no source of the pool could send.
+
+    When a limit of some lanes rises -- the operator cancels a suspension, throttle or
+    back-off, a reload raises a shaping rule or changes a warm-up plan -- the spool
+    makes due again only what those lanes handed back (:meth:`take`): the cost is the
+    lanes' own messages, not a walk of every message delivery ever handed back.  Per
+    message: an entry of a FIFO (the queue index's QidFifo, ~24-48 octets) and one of
+    *of* (its lane, shared); a message handed back in several lanes (several domains)
+    keeps a list of them.  A message leaves when it is finished or deleted, or when a
+    job of it to that domain has another outcome (:meth:`discard`).
+    """
+
+    def __init__(self, fifo):
+        self.fifo = fifo
+        self.lanes: dict[tuple, tuple] = {}       # (site, source, domain) -> (key, QidFifo)
+        self.of: dict[str, object] = {}           # qid -> its lane key, or a list of them
+
+    def __len__(self) -> int:
+        return len(self.of)
+
+    def __contains__(self, qid) -> bool:
+        return qid in self.of
+
+    def add(self, qid: str, site: str, source: str, domain: str) -> None:
+        entry = self.lanes.get((site, source, domain))
+        if entry is None:
+            key = (site, source, domain)
+            entry = self.lanes[key] = (key, self.fifo())
+        key, fifo = entry
+        fifo.add(qid)
+        had = self.of.get(qid)
+        if had is None:
+            self.of[qid] = key
+        elif type(had) is list:
+            if key not in had:
+                had.append(key)
+        elif had != key:
+            self.of[qid] = [had, key]
+
+    def discard(self, qid: str, domain: str | None = None) -> None:
+        """*qid* is no longer handed back (in the lanes of *domain* only, when given)."""
+        had = self.of.get(qid)
+        if had is None:
+            return
+        keys = had if type(had) is list else [had]
+        keep = []
+        for key in keys:
+            if domain is None or key[2] == domain:
+                self._drop(key, qid)
+            else:
+                keep.append(key)
+        if not keep:
+            del self.of[qid]
+        else:
+            self.of[qid] = keep[0] if len(keep) == 1 else keep
+
+    def _drop(self, key: tuple, qid: str) -> None:
+        entry = self.lanes.get(key)
+        if entry is not None:
+            entry[1].discard(qid)
+            if not len(entry[1]):
+                del self.lanes[key]
+
+    def take(self, patterns=None) -> list[tuple[tuple, list[str]]]:
+        """The lanes matching *patterns* ((site, source) pairs, ANY matching every one;
+        None: every lane) with their messages, which are no longer handed back there."""
+        if patterns is None:
+            keys = list(self.lanes)
+        else:
+            pats = [(site, source) for site, source in patterns]
+            keys = [k for k in self.lanes
+                    if any((site == ANY or site == k[0]) and (source == ANY or source == k[1])
+                           for site, source in pats)]
+        out = []
+        for key in keys:
+            _, fifo = self.lanes.pop(key)
+            qids = fifo.take(len(fifo))
+            for qid in qids:
+                had = self.of.get(qid)
+                if had is None:
+                    continue
+                if type(had) is list:
+                    if key in had:
+                        had.remove(key)
+                    if len(had) == 1:
+                        self.of[qid] = had[0]
+                    elif not had:
+                        del self.of[qid]
+                elif had == key:
+                    del self.of[qid]
+            out.append((key, qids))
+        return out

@@ -33,7 +33,10 @@ A REQUEUED outcome (delivery could not attempt it) makes the recipients due
 again after its ``retry_after`` (spread by ``delivery.retry_jitter``), with no
 attempt counted and no event, and, when it names no source (none of the pool's
 may send to the site), the other messages of its domain and pool wait until
-then as well (``Window.pause``; each spread likewise).  The
+then as well (``Window.pause``; each spread likewise).  Each is noted with the
+lane that handed it back (``dispatch.HandedBack``: site, source, domain): when a
+limit of some lanes rises (``mta rules cancel``: SpoolQueueFlush requeued with
+their lanes) only what they handed back is due again.  The
 operator's flush (``mta queue flush``) goes to every delivery process too
 (DELIVERY_QUEUE_FLUSH, ahead of the jobs it makes due: their dead-site holds end; with
 ``--domain`` or ``--queue-id``, those of the sites of the domains flushed).  A job whose outcome never comes back
@@ -204,9 +207,12 @@ class Shard:
         self.held = self.new_fifo()
         self.ops: dict[str, ctl.BounceOp] = {}
         self.op_idle_until = 0.0
-        # messages with recipients delivery REQUEUED: made due at once when a site
-        # or source suspension ends (SpoolQueueFlush requeued=True)
-        self.requeued_qids: dict[str, None] = {}
+        # messages with recipients delivery REQUEUED, by the lane (site, source, domain)
+        # that handed them back: made due at once when a limit of that lane rises (a
+        # suspension, throttle or back-off cancelled: SpoolQueueFlush requeued=True with
+        # its lanes)
+        self.handed_back = dsp.HandedBack(self.new_fifo)
+        self.requeue_lanes: list[tuple] = []   # this batch's (qid, site, source, domain)
         # qid -> when its last delay notice went, while it has recipients a later one
         # could name (one per message and delay_warning_time; outcomes.Plan._may_notice)
         self.delay_noticed: dict[str, float] = {}
@@ -556,7 +562,15 @@ class Shard:
                     info = self.q.info(msg.qid)
                     if info is not None:      # the same answer for the domain and pool
                         wait = min(max(msg.retry_after, REQUEUE_MIN), REQUEUE_MAX)
-                        self.window.pause(job.domain, info[_POOL], now + wait)
+                        self.window.pause(job.domain, info[_POOL], now + wait, msg.site)
+                if job is not None:
+                    if any(r.outcome == bus.REQUEUED for r in msg.results):
+                        self.requeue_lanes.append((msg.qid, msg.site, msg.source,
+                                                   job.domain))
+                    elif msg.qid in self.handed_back:
+                        # tried since: not what that lane handed back any more (a release
+                        # would retry a deferral before its time)
+                        self.handed_back.discard(msg.qid, job.domain)
                 plan.outcome(msg.qid, msg.results, now, source=msg.source,
                              source_ip=msg.source_ip, site=msg.site,
                              retry_after=msg.retry_after, rule=msg.rule,
@@ -751,7 +765,11 @@ class Shard:
                 if r is not None and r[0] == sch.PENDING:
                     q.set_due(qid, idx, due)
                     self.requeued += 1
-            self.requeued_qids[qid] = None
+        lanes, self.requeue_lanes = self.requeue_lanes, []
+        add = self.handed_back.add
+        for qid, site, source, domain in lanes:
+            if qid in plan.requeues and qid in q:
+                add(qid, site, source, domain)
 
     def log_requeued(self) -> None:
         """One INFO line at most every REQUEUE_LOG_INTERVAL about REQUEUED recipients."""
@@ -1020,7 +1038,8 @@ class Shard:
                     for i in groups.pop(domain):
                         q.set_due(qid, i, until)
                         self.requeued += 1
-                    self.requeued_qids[qid] = None
+                    self.handed_back.add(qid, w.pause_site.get((domain, pool), ""), "",
+                                         domain)
                     q.push(qid, until)
                 if not groups:
                     continue
@@ -1073,10 +1092,12 @@ class Shard:
     def _untrack(self, qids: list[str]) -> None:
         """Finished or deleted messages are no longer held or requeued (the index drops
         their schedule and deadline itself when the store removes them)."""
-        held, requeued, noticed = self.held, self.requeued_qids, self.delay_noticed
+        held, noticed = self.held, self.delay_noticed
+        requeued = self.handed_back if len(self.handed_back) else ()
         for qid in qids:
             held.discard(qid)
-            requeued.pop(qid, None)
+            if qid in requeued:
+                requeued.discard(qid)
             noticed.pop(qid, None)
 
     def expire_waiting(self) -> None:
@@ -1275,9 +1296,7 @@ class Shard:
         """``mta queue flush`` (all, --domain, --queue-id) or the flush of what delivery
         handed back (*requeued*): make it due now; the reply."""
         if msg.requeued:
-            self.window.unpause()       # (what delivery answered may have changed)
-            qids, self.requeued_qids = list(self.requeued_qids), {}
-            return queries.flush(self.store, msg.req, qids)
+            return self.release_lanes(msg.req, msg.lanes or None)
         if msg.domains or msg.qids:
             # (mta queue flush --domain / --queue-id) as below, for those domains only
             reply, domains = queries.flush_some(self.store, msg.req, msg.domains, msg.qids)
@@ -1294,6 +1313,29 @@ class Shard:
         return queries.flush(self.store, msg.req)
 
     # --------------------------------------------------- the operator's controls
+
+    def release_lanes(self, req: int, lanes=None) -> bus.SpoolQueueFlushReply:
+        """A limit of *lanes* ((site, source) patterns; None: every lane) rose: what they
+        handed back is due now -- those messages' recipients at the lane's domain, no
+        other message looked at -- and the pauses of their domains end (a lane still
+        limited hands them back again).  The reply counts the recipients."""
+        now = time.time()
+        flush = self.q.flush
+        count = 0
+        domains = set()
+        taken = self.handed_back.take(lanes)
+        for (_, _, domain), qids in taken:
+            count += flush(now, qids, [domain])
+            domains.add(domain)
+        if lanes is None:
+            self.window.unpause()
+        elif domains and self.window.paused:
+            self.window.unpause(domains=domains)
+        log.info("limits rose for %s: %d recipient(s) delivery handed back are due now",
+                 "every lane" if lanes is None else ", ".join(
+                     f"{site}/{source}" for site, source in lanes[:5])
+                 + (" ..." if lanes is not None and len(lanes) > 5 else ""), count)
+        return bus.SpoolQueueFlushReply(req, count)
 
     def release_held(self) -> None:
         """A suspension came, went or ran out: the messages held back are due again now

@@ -481,3 +481,41 @@ def test_warmup_status_keeps_the_sites_counted_before_a_reload(lab):
                30, "the new process's status")
     time.sleep(2.5)         # (a few status writes of the new process)
     assert d.queue_summary()["delivery"]["warmup"]["ip-3"]["sites"] == want
+
+
+def test_mail_handed_back_for_a_throttled_rate_comes_back_when_the_throttle_is_cancelled(lab):
+    """A rule throttles the site to one message an hour for an hour (36000 x time_scale
+    0.1); the messages that cannot have a unit of it in time go back to the spool.  The
+    operator cancels the throttle (mta rules cancel): they are due again at once and go
+    out within seconds, not at the throttle's end nor at its rate's next unit."""
+    lab.serve(mx(LIMITED, SITE, "127.0.0.10"))
+    state = {"said": 0}
+
+    def data(sink, txn):
+        if not state["said"]:
+            state["said"] += 1
+            return "451 4.7.500 Server busy. Please try again later"
+        return None
+    sink = lab.aio("127.0.0.10", data=data)
+    d = lab.daemon(time_scale=0.1, job_timeout_margin=2.0, sections={
+        "response_rule": [{"name": "server-busy", "enhanced": "4.7.500",
+                           "mx": "*.limited.test", "action": "throttle",
+                           "max_message_rate": "1/h", "duration": 36000}],
+        "backoff": {"enabled": False}})
+    send_many(d, LIMITED, 1, "first")
+    wait_until(lambda: [x for x in rules(d) if x["kind"] == "throttle"] or None, 30,
+               "the throttle in mta rules list", interval=0.1)
+    send_many(d, LIMITED, 4, "t")
+    d.wait_log(r"message rate of site mx\.limited\.test", timeout=30)
+
+    def sent(tag):
+        return [t for t in sink.snapshot() if t.rcpt_tos[0].startswith(tag)]
+    time.sleep(3.0)
+    assert len(sent("t")) <= 1, "the throttle's rate did not hold"
+    out = d.cli("rules", "cancel", "server-busy").stdout.decode()
+    assert "cancelled throttle server-busy" in out, out
+    cancelled = time.time()
+    wait_until(lambda: len(sent("t")) >= 4, 20, "the four messages after the cancel",
+               interval=0.2)
+    assert time.time() < cancelled + 20
+

@@ -510,6 +510,56 @@ def test_a_requeued_domain_waits_as_a_whole_instead_of_cycling_its_backlog(tmp_p
     assert len(sent(shard)) == 2                 # (the domain's cap: mkt's job is out)
 
 
+def test_a_release_makes_due_only_what_the_lanes_named_handed_back(tmp_path):
+    # A throttle of (ip-1, site A) is cancelled: what that lane handed back is due at
+    # once; what another lane (ip-1 to site B) handed back keeps its wait, and so does a
+    # deferral of a message once handed back there (not what the lane handed back now),
+    # and another recipient of the same message at a domain of another lane.
+    shard = make_shard(tmp_path, retry_jitter=0.0)
+    qa = [queue(shard, [f"a{i}@x.example", f"b{i}@y.example"]) for i in range(3)]
+    qb = queue(shard, ["c@y.example"])
+    shard.dispatch()
+    jobs = sent(shard)
+    assert len(jobs) == 7
+    tried = None
+    for d, j in jobs:
+        site = "site-a" if j.domain == "x.example" else "site-b"
+        out = requeue_outcome(shard, j, 3000.0)
+        shard.links.outcomes[d].append(bus.DeliveryOutcome(
+            req=out.req, qid=out.qid, results=out.results, source="ip-1", site=site,
+            retry_after=3000.0))
+    shard.batch(outcomes=[0])
+    q = shard.store.index
+    # qa[0]'s x.example job comes again (a flush of it) and is deferred this time
+    q.flush(time.time(), [qa[0]], ["x.example"])
+    shard.dispatch()
+    [(d, j)] = sent(shard)
+    shard.links.outcomes[d].append(bus.DeliveryOutcome(
+        req=j.req, qid=j.qid, results=[bus.Result(0, bus.DEFERRED, 451, "4.7.1", "later",
+                                                  "h", "127.0.0.1")],
+        source="ip-1", site="site-a"))
+    shard.batch(outcomes=[0])
+    tried = q.progress(qa[0])[2][0]
+    assert tried > time.time() + 10
+    t0 = time.time()
+    replies = []
+    shard.server.send = lambda peer, msg: replies.append(msg)
+    shard.query(b"cli", bus.SpoolQueueFlush(1, True, lanes=[("site-a", "*"), ("site-a", "")]))
+    assert replies == [bus.SpoolQueueFlushReply(1, 2)]
+    for qid in qa:
+        state, attempts, due, _ = q.progress(qid)
+        if qid != qa[0]:
+            assert due[0] <= time.time(), qid           # x.example: due now
+        assert due[1] >= t0 + 3000.0 - 1, qid           # y.example: still waiting
+    assert q.progress(qa[0])[2][0] == tried             # the deferral keeps its time
+    assert q.progress(qb)[2][0] >= t0 + 3000.0 - 1
+    shard.dispatch()
+    assert sorted((j.qid, j.domain) for _, j in sent(shard)) == \
+        sorted((qid, "x.example") for qid in qa[1:])
+    assert {k[:2] for k in shard.handed_back.lanes} == {("site-b", "ip-1")}
+    assert len(shard.handed_back) == 4
+
+
 def test_messages_held_by_a_domains_pause_are_due_again_spread_not_all_at_its_end(tmp_path):
     # A pause (delivery REQUEUED a job naming no source) holds every message of the
     # domain and pool until it ends; they were all made due at its very end, so a
