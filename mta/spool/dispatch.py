@@ -324,6 +324,13 @@ class HandedBack:
             if not len(entry[1]):
                 del self.lanes[key]
 
+    def by_lane(self) -> dict[tuple[str, str], list[str]]:
+        """(site, source) -> the recipient domains of the mail it handed back."""
+        out: dict[tuple[str, str], list[str]] = {}
+        for site, source, domain in self.lanes:
+            out.setdefault((site, source), []).append(domain)
+        return out
+
     def take(self, patterns=None) -> list[tuple[tuple, list[str]]]:
         """The lanes matching *patterns* ((site, source) pairs, ANY matching every one;
         None: every lane) with their messages, which are no longer handed back there."""

@@ -34,6 +34,9 @@ SIGHUP (from the supervisor, after a reload it applied): the shard takes the
 active configuration -- hold, retry_schedule, retry_jitter, delay_warning_time and
 the timeouts its job timeout is made of -- server.log_level and [dkim]; the rest (SPOOL_START_KEYS in
 mta.config, SPOOL_READ_AT_START, and [spool]) takes effect at the next start.
+SIGUSR1 (from the supervisor, once a reload's new delivery processes run): what the
+delivery lanes whose limits the reload raised handed back is due again now
+(:mod:`mta.spool.release`).
 """
 from __future__ import annotations
 
@@ -65,8 +68,12 @@ def main(settings, shard: int, ready_fd: int | None) -> None:
     def reload(signum, frame):
         s.reload_wanted = True
 
+    def limits(signum, frame):
+        s.limits_wanted = True
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, reload)
+    signal.signal(signal.SIGUSR1, limits)
     ctx = bus.new_context()
     try:
         s.open(ctx)

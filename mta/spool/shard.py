@@ -36,7 +36,8 @@ may send to the site), the other messages of its domain and pool wait until
 then as well (``Window.pause``; each spread likewise).  Each is noted with the
 lane that handed it back (``dispatch.HandedBack``: site, source, domain): when a
 limit of some lanes rises (``mta rules cancel``: SpoolQueueFlush requeued with
-their lanes) only what they handed back is due again.  The
+their lanes; a reload that raises them: SIGUSR1, :mod:`mta.spool.release`) only
+what they handed back is due again.  The
 operator's flush (``mta queue flush``) goes to every delivery process too
 (DELIVERY_QUEUE_FLUSH, ahead of the jobs it makes due: their dead-site holds end; with
 ``--domain`` or ``--queue-id``, those of the sites of the domains flushed).  A job whose outcome never comes back
@@ -69,6 +70,7 @@ from mta.queueid import domain_shard, new_qid_for_shard
 from mta import controls as ctl
 from mta.spool import dispatch as dsp
 from mta.spool import queries
+from mta.spool import release
 from mta.spool import schedule as sch
 from mta.spool.metrics import ShardMetrics
 from mta.spool.outcomes import READ_RETRY, REQUEUE_MAX, REQUEUE_MIN, Plan
@@ -198,6 +200,10 @@ class Shard:
         self.settle_after = 0.0
         self.stopping = False
         self.reload_wanted = False            # SIGHUP: apply_reload() at the next turn
+        self.limits_wanted = False            # SIGUSR1: apply_limits() at the next turn
+        # the configuration whose delivery limits the lanes' hand-backs were made under
+        # (a reload that raises them releases those lanes' mail: apply_limits)
+        self.limits_cfg = settings.config
         self.healthy = True
         self.last_error = ""
         self.job_timeout = _job_timeout(self.dcfg)
@@ -406,10 +412,34 @@ class Shard:
         else:
             log.info("reload: [delivery] retry schedule and timeouts taken")
 
+    def apply_limits(self) -> None:
+        """SIGUSR1 (the supervisor, once a reload's new delivery processes run): what the
+        lanes whose limits the new configuration raised handed back is due again now
+        (mta.spool.release); the others' keeps its wait."""
+        self.limits_wanted = False
+        active = mconfig.read_active(self.settings.run_dir)
+        if active is None:
+            log.warning("reload: the active configuration cannot be read; mail delivery "
+                        "handed back waits for its time")
+            return
+        old, self.limits_cfg = self.limits_cfg, active.config
+        if not self.handed_back.lanes:
+            return
+        try:
+            lanes = release.risen(old, active.config, self.handed_back.by_lane())
+        except Exception:       # (never the shard's end: the mail waits for its time)
+            log.exception("reload: cannot compare the lanes' limits; mail delivery handed "
+                          "back waits for its time")
+            return
+        if lanes:
+            self.release_lanes(0, lanes)
+
     def step(self) -> None:
         """One turn of the loop: wait for work, group-commit it, dispatch, housekeeping."""
         if self.reload_wanted:
             self.apply_reload()
+        if self.limits_wanted:
+            self.apply_limits()
         timeout = POLL_INTERVAL_MS
         if self.recovering:
             self.recover_slice(self.cfg.recovery_slice)

@@ -45,7 +45,9 @@ timeout, the spool timeout and STOP_GRACE is killed); then, when their sections 
 [webhooks], [[webhook]]), replace the delivery, events and webhooks processes
 in ROLL_ROUNDS rounds at most (one at a time up to that many), each stopped as at
 SIGTERM before its successor starts (one that does not start ends its role's roll
-and fails the reload, naming it) — then
+and fails the reload, naming it); once the delivery processes are replaced for a
+change of LIMIT_SECTIONS, SIGUSR1 to the spool shards (they release the mail the lanes
+whose limits rose handed back: mta.spool.release) — then
 READY=1.  Spool and admin settings, and what changes the process table
 (delivery.processes, turning the events or webhooks process on or off), take
 effect at the next restart; the log names them.
@@ -106,6 +108,10 @@ ROLLED = {"delivery": ("delivery", "egress", "shaping", "response_rule", "warmup
                        "feedback", "server", "cluster"),
           "events": ("events", "server"),
           "webhooks": ("webhooks", "webhook", "events")}     # (events: the store it reads)
+# what a delivery lane may send: a reload that changes one of these tells the spool shards
+# (SIGUSR1) once the new delivery processes run, to release what the lanes it raised handed
+# back (mta.spool.release)
+LIMIT_SECTIONS = ("delivery", "egress", "shaping", "warmup", "cluster")
 STOP_GRACE = 10.0           # seconds after the drain for a child to exit before SIGKILL
 ROLL_ROUNDS = 4             # a reload replaces a role's processes in this many rounds at most
 LISTEN_BACKLOG = 4096
@@ -1079,7 +1085,14 @@ class Supervisor:
                 size = self._roll_size(count)
                 log.info("reload: %s changed; replacing the %s process(es) %s at a time",
                          ", ".join(changed), role, "one" if size == 1 else size)
-                failed += self._roll(role, new)
+                rolled = self._roll(role, new)
+                failed += rolled
+                if role == "delivery" and not rolled and recorded and \
+                        any(f"[{k}]" in changed for k in LIMIT_SECTIONS):
+                    # the new delivery processes apply the new limits: what the lanes
+                    # they raised handed back is due again now (spool.release), not
+                    # at the end of the wait the old limits gave it
+                    self._signal_role("spool", signal.SIGUSR1)
         status = self.status_line()
         if failed:
             why = "; ".join(failed)

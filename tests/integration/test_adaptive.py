@@ -519,3 +519,25 @@ def test_mail_handed_back_for_a_throttled_rate_comes_back_when_the_throttle_is_c
                interval=0.2)
     assert time.time() < cancelled + 20
 
+
+def test_mail_handed_back_for_a_shaping_rate_comes_back_when_a_reload_raises_it(lab):
+    """A [[shaping]] rule lets one message an hour go to the site; the others cannot have
+    a unit of it in time and go back to the spool (up to an hour).  A reload removes the
+    rule: they are due again once the new delivery processes run, and go out within
+    seconds; before it, the rate held."""
+    lab.serve(mx(LIMITED, SITE, "127.0.0.10"))
+    limited = smart(lab, "127.0.0.10")
+    d = lab.daemon(time_scale=0.1, job_timeout_margin=2.0, sections={
+        "shaping": [{"mx": "*.limited.test", "max_message_rate": "1/h"}],
+        "backoff": {"enabled": False}})
+    send_many(d, LIMITED, 4, "r")
+    d.wait_log(r"message rate of site mx\.limited\.test", timeout=30)
+    time.sleep(2.0)
+    assert sum(clients(limited, "r").values()) <= 1, "the shaping rate did not hold"
+    d.sections["shaping"] = [{"mx": "*.limited.test", "max_message_rate": "100/s"}]
+    d.reload()
+    reloaded = time.time()
+    wait_until(lambda: sum(clients(limited, "r").values()) >= 4, 20,
+               "the messages after the reload raised the rate", interval=0.2)
+    assert time.time() < reloaded + 20
+

@@ -1,0 +1,78 @@
+"""Which lanes a reload let send more: the spool makes due again what they handed back.
+
+Delivery hands a job back to the spool untried (REQUEUED) when its lane cannot send it
+in time: no unit of the site's message rate comes before it must be sent (up to an
+hour at "1/h"), or no source of its pool may send there.  The spool keeps those
+messages by the lane that handed them back (:class:`mta.spool.dispatch.HandedBack`).
+A reload that raises or removes a [[shaping]] rule's limits lets those lanes send
+more at once; after the supervisor has replaced the
+delivery processes (they apply the new limits) it tells the shards (SIGUSR1), and
+each compares, per lane it holds mail of, the limits of the configuration before and
+after (:func:`risen`): only those lanes' mail is due again, and a lane still limited
+hands it back again.  Cost: one look-up of the shaping rules per lane with mail
+handed back, per reload; no message is looked at for it.
+"""
+from __future__ import annotations
+
+from mta.shaping import Shaping
+
+
+def site_hosts(name: str) -> tuple[str, ...] | None:
+    """The host names of the site called *name* (the inverse of delivery's site_name():
+    "(alt1.|)mx.example" -> alt1.mx.example, mx.example); None when the name does not
+    tell (shortened with a digest)."""
+    if not name or "~" in name:
+        return None
+    if name.startswith("("):
+        end = name.find(")")
+        if end < 0:
+            return None
+        suffix = name[end + 1:]
+        return tuple(sorted(head + suffix for head in name[1:end].split("|")))
+    return tuple(sorted(name.split("|")))
+
+
+def _more_rate(old, new) -> bool:
+    return old is not None and (new is None or new > old)
+
+
+def rose(old, new) -> bool:
+    """Whether limits *new* let a lane send more than *old* did (its message rate, its
+    connections, its connection rate)."""
+    return (_more_rate(old.max_message_rate, new.max_message_rate)
+            or new.connection_limit > old.connection_limit
+            or _more_rate(old.max_connection_rate, new.max_connection_rate))
+
+
+def _shaping(cfg) -> Shaping:
+    return Shaping(cfg.shaping, cfg.delivery, presets=cfg.delivery.shaping_presets,
+                   nodes=cfg.cluster.nodes)
+
+
+def risen(old, new, lanes) -> list[tuple[str, str]]:
+    """Of *lanes* ((site, source) -> the recipient domains whose mail they handed back),
+    those whose limits configuration *new* raises from *old* (mta.config.Config): their
+    shaping limits rose, or the egress sources and pools changed (another source may
+    take the mail); source "": no source of a pool could send (a suspension), released
+    when the egress changed.  A lane whose site's hosts cannot be told from its name is released when
+    the shaping changed at all (a lane still limited hands its mail back again)."""
+    egress = old.egress != new.egress
+    shaped = (old.shaping != new.shaping or old.delivery != new.delivery
+              or old.cluster.nodes != new.cluster.nodes)
+    if not (egress or shaped):
+        return []
+    before = after = None
+    if shaped:
+        before, after = _shaping(old), _shaping(new)
+    out = []
+    for (site, source), domains in lanes.items():
+        if egress:
+            out.append((site, source))
+            continue
+        if not shaped or not source:
+            continue
+        hosts = site_hosts(site)
+        if hosts is None or rose(before.limits(site, hosts, domains, source),
+                                 after.limits(site, hosts, domains, source)):
+            out.append((site, source))
+    return out

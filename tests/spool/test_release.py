@@ -1,0 +1,46 @@
+"""Which lanes a reload lets send more (mta.spool.release): their handed-back mail is
+due again; the others' keeps its wait."""
+from __future__ import annotations
+
+import msgspec
+
+from mta.config.schema import Config
+from mta.delivery.engine import site_name
+from mta.spool import release
+
+SITE = "(alt1.|)mx.limited.test"
+
+
+def config(**sections) -> Config:
+    return msgspec.convert({"delivery": {"shaping_presets": False}, **sections}, Config)
+
+
+def test_site_hosts_is_the_inverse_of_site_name():
+    for hosts in (("mx.a.test",), ("alt1.mx.a.test", "mx.a.test"),
+                  ("a.one.test", "b.two.test"), ("mx1.a.test", "mx2.a.test", "x.a.test")):
+        assert release.site_hosts(site_name(hosts)) == tuple(sorted(hosts))
+    assert release.site_hosts(site_name([f"host{i}.x{i}.test" for i in range(40)])) is None
+
+
+def test_a_reload_releases_the_lanes_whose_limits_rose_only():
+    lanes = {(SITE, "ip-2"): ["limited.test"], (SITE, "ip-3"): ["limited.test"],
+             ("mx.other.test", "ip-2"): ["other.test"], (SITE, ""): ["limited.test"]}
+    slow = config(shaping=[{"mx": "*.limited.test", "max_message_rate": "1/h"}])
+    assert release.risen(slow, slow, lanes) == []
+    # the rule raised (or removed): that site's lanes, not the other site's
+    for faster in (config(shaping=[{"mx": "*.limited.test", "max_message_rate": "10/s"}]),
+                   config()):
+        assert sorted(release.risen(slow, faster, lanes)) == [(SITE, "ip-2"), (SITE, "ip-3")]
+    # lowered: nothing (the lanes' mail keeps its wait)
+    slower = config(shaping=[{"mx": "*.limited.test", "max_message_rate": "1/d"}])
+    assert release.risen(slow, slower, lanes) == []
+    # one source's rule: that lane only; connections count too
+    one = config(shaping=[{"mx": "*.limited.test", "max_message_rate": "1/h"},
+                          {"mx": "*.limited.test", "source": "ip-3", "connection_limit": 50}])
+    assert release.risen(slow, one, lanes) == [(SITE, "ip-3")]
+    # a domain rule
+    dom = config(shaping=[{"domain": "other.test", "max_message_rate": "1/h"}])
+    assert release.risen(dom, config(), {("mx.other.test", "ip-2"): ["other.test"],
+                                         (SITE, "ip-2"): ["limited.test"]}) == \
+        [("mx.other.test", "ip-2")]
+
