@@ -2,10 +2,11 @@
 
 Delivery hands a job back to the spool untried (REQUEUED) when its lane cannot send it
 in time: no unit of the site's message rate comes before it must be sent (up to an
-hour at "1/h"), or no source of its pool may send there.  The spool keeps those
+hour at "1/h"), or its source is at its warm-up cap (overflow "wait": until the hour
+or day rolls over), or no source of its pool may send there.  The spool keeps those
 messages by the lane that handed them back (:class:`mta.spool.dispatch.HandedBack`).
-A reload that raises or removes a [[shaping]] rule's limits lets those lanes send
-more at once; after the supervisor has replaced the
+A reload that raises or removes a [[shaping]] rule's limits, or changes a [[warmup]]
+plan, lets those lanes send more at once; after the supervisor has replaced the
 delivery processes (they apply the new limits) it tells the shards (SIGUSR1), and
 each compares, per lane it holds mail of, the limits of the configuration before and
 after (:func:`risen`): only those lanes' mail is due again, and a lane still limited
@@ -49,24 +50,35 @@ def _shaping(cfg) -> Shaping:
                    nodes=cfg.cluster.nodes)
 
 
+def _plans(cfg) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for w in cfg.warmup:
+        out.setdefault(w.source, []).append(w)
+    return out
+
+
 def risen(old, new, lanes) -> list[tuple[str, str]]:
     """Of *lanes* ((site, source) -> the recipient domains whose mail they handed back),
     those whose limits configuration *new* raises from *old* (mta.config.Config): their
-    shaping limits rose, or the egress sources and pools changed (another source may
-    take the mail); source "": no source of a pool could send (a suspension), released
-    when the egress changed.  A lane whose site's hosts cannot be told from its name is released when
+    shaping limits rose, their source's warm-up plan changed, or the egress sources
+    and pools changed (another source may take the mail); source "": no source of a
+    pool could send (a suspension, warm-up caps), released when a plan or the egress
+    changed.  A lane whose site's hosts cannot be told from its name is released when
     the shaping changed at all (a lane still limited hands its mail back again)."""
     egress = old.egress != new.egress
+    old_plans, new_plans = _plans(old), _plans(new)
+    warmed = {s for s in set(old_plans) | set(new_plans)
+              if old_plans.get(s) != new_plans.get(s)}
     shaped = (old.shaping != new.shaping or old.delivery != new.delivery
               or old.cluster.nodes != new.cluster.nodes)
-    if not (egress or shaped):
+    if not (egress or warmed or shaped):
         return []
     before = after = None
     if shaped:
         before, after = _shaping(old), _shaping(new)
     out = []
     for (site, source), domains in lanes.items():
-        if egress:
+        if egress or (source in warmed if source else warmed):
             out.append((site, source))
             continue
         if not shaped or not source:

@@ -541,3 +541,30 @@ def test_mail_handed_back_for_a_shaping_rate_comes_back_when_a_reload_raises_it(
                "the messages after the reload raised the rate", interval=0.2)
     assert time.time() < reloaded + 20
 
+
+def test_mail_waiting_for_a_warmup_cap_comes_back_when_a_reload_changes_the_plan(lab):
+    """ip-3 warms up (day 1: 2 an hour per site, overflow "wait"); of 5 messages, 3 wait in
+    the spool for the hour to roll over (360 s at time_scale 0.1).  A reload raises the
+    day's cap to 100: they are due again once the new delivery processes run and go out
+    within seconds, not at the rollover."""
+    lab.serve(mx(LIMITED, SITE, "127.0.0.10"))
+    limited = smart(lab, "127.0.0.10")
+    egress = {"source": [{"name": "ip-3", "source_address": "127.0.0.3"}],
+              "pool": [{"name": "default", "sources": [{"source": "ip-3"}]}]}
+    d = lab.daemon(time_scale=0.1, sections={
+        "egress": egress,
+        "warmup": [{"source": "ip-3", "overflow": "wait",
+                    "schedule": [{"day": 1, "hourly": 2}, {"day": 2, "hourly": 1000}]}],
+        "backoff": {"enabled": False}})
+    send_many(d, LIMITED, 5, "w")
+    wait_until(lambda: sum(clients(limited, "w").values()) >= 2, 30, "the hour's two")
+    d.wait_log(r"at its warm-up cap for site mx\.limited\.test", timeout=30)
+    time.sleep(2.0)
+    assert sum(clients(limited, "w").values()) == 2, "the warm-up cap did not hold"
+    d.sections["warmup"] = [{"source": "ip-3", "overflow": "wait",
+                             "schedule": [{"day": 1, "hourly": 100}]}]
+    d.reload()
+    reloaded = time.time()
+    wait_until(lambda: sum(clients(limited, "w").values()) >= 5, 20,
+               "the messages after the reload raised the cap", interval=0.2)
+    assert time.time() < reloaded + 20

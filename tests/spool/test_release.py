@@ -44,3 +44,13 @@ def test_a_reload_releases_the_lanes_whose_limits_rose_only():
                                          (SITE, "ip-2"): ["limited.test"]}) == \
         [("mx.other.test", "ip-2")]
 
+
+def test_a_changed_warmup_plan_releases_its_source_and_what_no_source_could_take():
+    lanes = {(SITE, "ip-2"): ["limited.test"], (SITE, "ip-3"): ["limited.test"],
+             (SITE, ""): ["limited.test"]}
+    plan = {"source": "ip-3", "overflow": "wait", "schedule": [{"day": 1, "hourly": 2}]}
+    old = config(warmup=[plan])
+    assert release.risen(old, old, lanes) == []
+    raised = config(warmup=[dict(plan, schedule=[{"day": 1, "hourly": 100}])])
+    assert sorted(release.risen(old, raised, lanes)) == [(SITE, ""), (SITE, "ip-3")]
+    assert sorted(release.risen(old, config(), lanes)) == [(SITE, ""), (SITE, "ip-3")]
