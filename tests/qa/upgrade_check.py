@@ -8,6 +8,11 @@ extensions built), inside a network namespace of its own:
     unshare --net sh -c 'ip link set lo up; \\
         /work/main/.venv/bin/python tests/qa/upgrade_check.py /tmp/old --stop kill9'
 
+``--stop upgrade`` tries the zero-downtime path instead: the old daemon runs from a symlink,
+which is moved to this checkout before this checkout's ``mta upgrade`` (the new supervisor
+must then run this code).  ``--make-fixture OUT.tar.gz`` stops the old daemon and writes its
+state for tests/integration/test_upgrade_old_state.py (see tests/integration/fixtures/).
+
 Everything listens on and connects to 127.0.0.1: the receiving server (aiosmtpd,
 tests/sinks.py) that every domain is routed to ([[delivery.route]] domain "*", an address,
 so no name is resolved) and the webhook receiver (tests/webhooks/receiver.py).
@@ -52,6 +57,14 @@ SCHEDULED = ["sched@a.test"]
 UNKNOWN = "unknown-h@a.test"
 BLOCKED = "blocked@a.test"
 IDN = "user@bücher.test"         # the list's canonical form changed (ee18037)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 def make_fixture(d: Daemon, out: str, old: str, manifest: dict) -> None:
@@ -107,7 +120,12 @@ def run(old: str, stop: str, keep: bool, fixture: str = "") -> list[str]:
                delivery={"hold": False, "time_scale": 0.01, "nameservers": ["127.0.0.1:9"],
                          "route": [{"domain": "*", "starttls": "none",
                                     "hosts": [f"{HOST}:{sink.port}"]}]})
-    d.env["PYTHONPATH"] = old
+    # "upgrade": the code is "installed" at a symlink that is moved to this checkout
+    # before mta upgrade, as a package upgrade replaces the files under a running daemon
+    code = os.path.join(tmp, "installed")
+    os.symlink(old, code)
+    d.env["PYTHONPATH"] = code if stop == "upgrade" else old
+    new_pid = 0
     try:
         # ------------------------------------------------------------ the old version
         d.start()
@@ -171,18 +189,33 @@ def run(old: str, stop: str, keep: bool, fixture: str = "") -> list[str]:
             return failures
         if stop == "kill9":
             d.kill9()
+        elif stop == "upgrade":
+            os.unlink(code)
+            os.symlink(REPO, code)
+            mark = len(d.log())
+            r = d.cli("upgrade", check=False, timeout=180)   # this version's command
+            if r.returncode != 0:
+                failures.append(f"mta upgrade: {r.returncode} {r.stdout!r} {r.stderr!r}"[:600])
+            if d.proc.wait(60) != 0:
+                failures.append("the old supervisor did not exit 0 after the upgrade")
+            with open(os.path.join(d.state_dir, "run", "mta.pid")) as fh:
+                new_pid = int(fh.read().strip())
+            with open(f"/proc/{new_pid}/maps") as fh:
+                if os.path.join(REPO, "mta", "_ext") not in fh.read():
+                    failures.append("the new supervisor does not run this checkout")
         else:
             if d.stop() != 0:
                 failures.append("the old daemon's SIGTERM stop did not exit 0")
         # ------------------------------------------------------------ the new version
         accept_all[0] = True
-        d.env["PYTHONPATH"] = REPO
-        # this version's offline reader on the old spool: every deferred recipient queued
-        dumped = {r for m in d.spool_dump() for r in m["recipients"]}
-        if not set(LATER) <= dumped:
-            failures.append(f"mta spool-dump of the old spool: {sorted(dumped)}"[:400])
-        mark = len(d.log())
-        d.start()
+        if stop != "upgrade":
+            d.env["PYTHONPATH"] = REPO
+            # this version's offline reader on the old spool: every deferred recipient
+            dumped = {r for m in d.spool_dump() for r in m["recipients"]}
+            if not set(LATER) <= dumped:
+                failures.append(f"mta spool-dump of the old spool: {sorted(dumped)}"[:400])
+            mark = len(d.log())
+            d.start()
         want = set(LATER) | set(SCHEDULED)
         try:
             wait_until(lambda: want <= {r for _, r, _ in sink.deliveries()}, 90,
@@ -281,11 +314,16 @@ def run(old: str, stop: str, keep: bool, fixture: str = "") -> list[str]:
                 i = log.index(word)
                 failures.append(f"log after the upgrade has {word.strip()!r}: "
                                 f"{log[max(0, i - 300):i + 1500]}")
-        if d.stop() != 0:
+        if new_pid:
+            os.kill(new_pid, signal.SIGTERM)
+            wait_until(lambda: not alive(new_pid), 60, "the new supervisor to stop")
+        elif d.stop() != 0:
             failures.append("the new daemon's stop did not exit 0")
     except Exception as e:  # noqa: BLE001 - reported, the run ends
         failures.append(f"{type(e).__name__}: {e}"[:3000])
     finally:
+        if new_pid and alive(new_pid):
+            os.kill(new_pid, signal.SIGKILL)
         d.cleanup()
         sink.stop()
         rec.close()
@@ -299,7 +337,9 @@ def run(old: str, stop: str, keep: bool, fixture: str = "") -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("old", help="an old checkout with its extensions built")
-    ap.add_argument("--stop", choices=("kill9", "term"), default="kill9")
+    ap.add_argument("--stop", choices=("kill9", "term", "upgrade"),
+                    help="how the old version ends: kill -9 of its tree, SIGTERM, or "
+                         "'mta upgrade' (this version's command) with the code moved under it", default="kill9")
     ap.add_argument("--make-fixture", metavar="OUT.tar.gz", default="",
                     help="stop the old daemon (SIGTERM) and write its state as a fixture, "
                          "instead of starting this version on it")
