@@ -107,10 +107,12 @@ def check_config(config_path, as_json):
         click.echo(json.dumps({"ok": True, "config": config_path, "acceptors": s.acceptors,
                                "shards": s.shards, "state_dir": s.state_dir,
                                "running": active is not None, "needs_restart": later or [],
-                               "nodes": s.config.cluster.nodes}))
+                               "nodes": s.config.cluster.nodes, "notes": list(s.notes)}))
         return
     click.echo(f"ok: {config_path or 'built-in defaults'} ({s.acceptors} acceptor(s), "
                f"{s.shards} spool shard(s), state in {s.state_dir})")
+    for note in s.notes:
+        click.echo(f"note: {note}")
     if s.config.cluster.nodes > 1:
         from mta.shaping import share_note
         click.echo(share_note(s.config.cluster.nodes))

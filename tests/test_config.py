@@ -446,3 +446,31 @@ def test_a_domain_pool_key_in_capitals_or_with_a_final_dot_matches_its_senders(t
     assert s.pool_for(None, "news@MYBRAND.EXAMPLE") == "brand"
     assert s.pool_for(None, "x@other.example") == "brand"
     assert s.pool_for(None, "x@third.example") == "default"
+
+
+def test_keys_renamed_since_are_read_as_their_new_names(tmp_path):
+    # delivery.connections_per_domain and messages_per_connection were renamed (556bb7e,
+    # 2026-12-02) and a file that still had them stopped the daemon at the upgrade
+    # ("unknown field"); they are read as the new keys, with a note
+    p = tmp_path / "c.toml"
+    p.write_text("[delivery]\nconnections_per_domain = 3\nmessages_per_connection = 50\n")
+    s = config.load(str(p))
+    assert s.config.delivery.connection_limit == 3
+    assert s.config.delivery.max_deliveries_per_connection == 50
+    assert len(s.notes) == 2
+    assert "delivery.connections_per_domain is now delivery.connection_limit" in s.notes[0]
+    assert "delivery.messages_per_connection is now " \
+        "delivery.max_deliveries_per_connection" in s.notes[1]
+    # the new name given too: it wins, and the note says the old one is ignored
+    p.write_text("[delivery]\nconnections_per_domain = 3\nconnection_limit = 7\n")
+    s = config.load(str(p))
+    assert s.config.delivery.connection_limit == 7
+    assert s.notes == ("delivery.connections_per_domain is now delivery.connection_limit, "
+                       "which is set too: connections_per_domain = 3 is ignored",)
+    # the old value is checked as the new key is
+    p.write_text("[delivery]\nconnections_per_domain = 0\n")
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(p))
+    assert str(exc.value).startswith("delivery.connection_limit: ")
+    assert str(exc.value).endswith(" (given as delivery.connections_per_domain)")
+    assert config.load(None).notes == ()

@@ -15,7 +15,7 @@ import os
 import re
 import socket
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import msgspec
 import msgspec.inspect as mi
@@ -60,6 +60,9 @@ class Settings:
     # included), and every pool by name as ((source name, weight), ...).
     sources: dict = field(default_factory=dict)
     pools: dict = field(default_factory=dict)
+    # what the operator should know of the file though it is valid (a key renamed since:
+    # RENAMED); said by check-config and logged by the supervisor at start and at reload
+    notes: tuple[str, ...] = ()
 
     def pool_for(self, requested: str | None, sender: str) -> str | None:
         """The pool of a message: *requested* (options.ip_pool), else the sending
@@ -99,6 +102,38 @@ def parse_hostport(text: str, brackets: bool = False) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected host:port, got {text!r}")
     return host, int(port)
+
+
+# Keys renamed since (section, old name) -> new name.  A file written before the rename is
+# read with the new name (checked as it is), and a note says so: refusing it would stop at
+# the upgrade a node whose file still has the old one.
+RENAMED = {
+    # 556bb7e (2026-12-02): limits per egress source x receiving site across the node,
+    # no longer per recipient domain in each delivery process
+    ("delivery", "connections_per_domain"): (
+        "connection_limit", "now counted per egress source and receiving site across the "
+        "node, not per recipient domain in each delivery process"),
+    ("delivery", "messages_per_connection"): ("max_deliveries_per_connection", ""),
+}
+
+
+def _renamed(raw: dict) -> tuple[str, ...]:
+    """Move the keys of *raw* named as before a rename (RENAMED) to their new names; a
+    note for each.  With the new name there too, it is kept and the old one dropped."""
+    notes = []
+    for (section, old), (new, how) in RENAMED.items():
+        table = raw.get(section)
+        if not isinstance(table, dict) or old not in table:
+            continue
+        value = table.pop(old)
+        said = f"{section}.{old} is now {section}.{new}"
+        if new in table:
+            notes.append(f"{said}, which is set too: {old} = {value!r} is ignored")
+        else:
+            table[new] = value
+            notes.append(f"{said} (read as {new} = {value!r}{'; ' + how if how else ''}); "
+                         "rename it in the file")
+    return tuple(notes)
 
 
 def _decode(raw: dict) -> Config:
@@ -224,8 +259,17 @@ def load(path: str | None = None, *, cpu_count: int | None = None) -> Settings:
         except UnicodeDecodeError as exc:
             # tomllib decodes the whole file first; TOML is UTF-8 only
             raise ConfigError(f"{path}: not UTF-8 (byte {exc.start}): {exc.reason}") from None
-    cfg = _decode(raw)
-    return resolve(cfg, path, cpu_count=cpu_count)
+    notes = _renamed(raw)
+    try:
+        cfg = _decode(raw)
+    except ConfigError as exc:
+        for (section, was), (new, _) in RENAMED.items():
+            if str(exc).startswith(f"{section}.{new}:") and \
+                    any(n.startswith(f"{section}.{was} ") for n in notes):
+                raise ConfigError(f"{exc} (given as {section}.{was})") from None
+        raise
+    s = resolve(cfg, path, cpu_count=cpu_count)
+    return replace(s, notes=notes) if notes else s
 
 
 def _networks(items: list[str], key: str) -> list:

@@ -1040,6 +1040,7 @@ class Supervisor:
             notify.ready(f"reload failed: {exc!r}; {self.status_line()}")
             return
         old = self.settings
+        _note_config(new)
         _note_unsent_webhooks(new)
         _note_short_dkim_expiry(new)
         _note_node_share(new, old)
@@ -1326,6 +1327,12 @@ class Supervisor:
                 sk.close()
 
 
+def _note_config(settings) -> None:
+    """Say what the file says that is valid but should be changed (a key renamed since)."""
+    for note in settings.notes:
+        log.warning("config: %s", note)
+
+
 def _note_unsent_webhooks(settings) -> None:
     """[[webhook]] tables are kept while no batch can go -- an operator may turn the
     webhooks off for a while -- but not in silence (at the start and at each reload)."""
@@ -1390,6 +1397,7 @@ def serve(config_path: str | None) -> int:
         prepared = True
         log.info("mta starting: state_dir=%s config=%s", settings.state_dir,
                  config_path or "built-in defaults")
+        _note_config(settings)
         _note_unsent_webhooks(settings)
         _note_short_dkim_expiry(settings)
         _note_node_share(settings)

@@ -142,3 +142,22 @@ def test_a_state_directory_of_an_older_version(make_daemon, tmp_path):
     finally:
         sink.stop()
         rec.close()
+
+
+def test_a_config_with_keys_renamed_since_starts_and_says_so(make_daemon):
+    # [delivery] connections_per_domain and messages_per_connection (before 556bb7e): the
+    # daemon refused to start on the file of a node set up before the rename
+    d = make_daemon(delivery={"connections_per_domain": 3, "messages_per_connection": 50})
+    log = d.log()
+    assert "config: delivery.connections_per_domain is now delivery.connection_limit" \
+        in log, log
+    assert "delivery.messages_per_connection is now delivery.max_deliveries_per_connection" \
+        in log, log
+    out = d.cli("check-config").stdout.decode()
+    assert "note: delivery.connections_per_domain is now delivery.connection_limit" in out
+    doc = json.loads(d.cli("check-config", "--json").stdout)
+    assert len(doc["notes"]) == 2, doc
+    d.reload()
+    assert d.log().count("config: delivery.connections_per_domain is now") == 2
+    assert d.stop() == 0
+    assert "Traceback" not in d.log()
