@@ -59,6 +59,16 @@ BLOCKED = "blocked@a.test"
 IDN = "user@bücher.test"         # the list's canonical form changed (ee18037)
 
 
+def shaped_events(d: Daemon) -> list[dict]:
+    """The event log's SparkPost-shaped events, each event_id once (a log an old version
+    began may hold lines of another shape before them: left out)."""
+    seen: dict = {}
+    for e in d.events_raw():
+        if "event_id" in e:
+            seen.setdefault(e["event_id"], e)
+    return list(seen.values())
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -116,7 +126,8 @@ def run(old: str, stop: str, keep: bool, fixture: str = "") -> list[str]:
     rec = Receiver()
     d = Daemon(tmp, acceptors=1, shards=2,
                http={"api_keys": [KEY]},
-               webhooks={"poll_interval": 0.1},
+               **({"webhooks": {"poll_interval": 0.1}}        # (a version that has them)
+                  if os.path.exists(os.path.join(old, "mta", "api", "webhooks.py")) else {}),
                delivery={"hold": False, "time_scale": 0.01, "nameservers": ["127.0.0.1:9"],
                          "route": [{"domain": "*", "starttls": "none",
                                     "hosts": [f"{HOST}:{sink.port}"]}]})
@@ -138,8 +149,11 @@ def run(old: str, stop: str, keep: bool, fixture: str = "") -> list[str]:
         st, body = d.api("POST", "/api/v1/webhooks",
                          {"name": "crm", "target": rec.url,
                           "events": ["injection", "delivery", "bounce", "delay"]}, KEY)
-        assert st == 200, (st, body)
-        wid = body["results"]["id"]
+        # (a version without the webhooks API answers 404: the webhook checks are left out)
+        assert st in (200, 404), (st, body)
+        wid = body["results"]["id"] if st == 200 else None
+        if wid is None:
+            print("the old version has no webhooks API: no webhook checked")
         st, _, body = d.post({"campaign_id": "upgrade", "metadata": {"tier": "gold"},
                               "recipients": [{"address": a} for a in
                                              ("ok-h@a.test", "later-h@a.test",
@@ -161,20 +175,31 @@ def run(old: str, stop: str, keep: bool, fixture: str = "") -> list[str]:
         d.send(SENDER, ["ok-s@a.test", "later-s@a.test"], msg)
         d.send(SENDER, ["later-s2@c.test"], msg.replace(b"upg-1", b"upg-2"))
 
+        has_events = os.path.exists(os.path.join(old, "mta", "api", "events.py"))
+
         def settled():
-            evs = d.events()
+            if not has_events:    # (events of another shape, in the log only)
+                replies = {(a, r[:3]) for _, a, r in sink.rcpt_log}
+                return {r for _, r, _ in sink.deliveries()} >= set(OK) and \
+                    all((a, "451") in replies for a in LATER) and (UNKNOWN, "550") in replies
+            evs = shaped_events(d)
             seen = {(e["type"], e.get("rcpt_to")) for e in evs}
             return all(("delivery", a) in seen for a in OK) and \
                 all(("delay", a) in seen for a in LATER) and ("bounce", UNKNOWN) in seen
         wait_until(settled, 60, "the old daemon's deliveries and deferrals",
                    details=lambda: d.log()[-3000:])
-        wait_until(lambda: any(e["type"] == "delay" for e in rec.events()), 30,
-                   "a delay event at the webhook")
+        if not has_events:
+            time.sleep(2.0)       # pacing only: the outcomes the receiver saw are recorded
+        if wid:
+            wait_until(lambda: any(e["type"] == "delay" for e in rec.events()), 30,
+                       "a delay event at the webhook")
         # the events API of the old daemon, for comparison
-        st, before = d.api("GET", events_path(tid), key=KEY)
-        assert st == 200, (st, before)
-        old_events = {e["event_id"] for e in before["results"]}
-        assert len(old_events) >= 7, before      # injections, deliveries, delays, bounces
+        old_events = set()
+        if has_events:
+            st, before = d.api("GET", events_path(tid), key=KEY)
+            assert st == 200, (st, before)
+            old_events = {e["event_id"] for e in before["results"]}
+            assert len(old_events) >= 7, before  # injections, deliveries, delays, bounces
         suppressed_before = {}
         for who in (BLOCKED, UNKNOWN):
             st, body = d.api("GET", f"/api/v1/suppression-list/{who}", key=KEY)
@@ -268,13 +293,14 @@ def run(old: str, stop: str, keep: bool, fixture: str = "") -> list[str]:
             if found != suppressed_before[who]:
                 failures.append(f"suppression search by source {source}: {who} "
                                 f"{'lost' if suppressed_before[who] else 'found'}: {body!r}"[:300])
-        st, body = d.api("GET", f"/api/v1/webhooks/{wid}", key=KEY)
+        st, body = d.api("GET", f"/api/v1/webhooks/{wid}", key=KEY) if wid else (200, None)
         if st != 200:
             failures.append(f"webhook lost: {st} {body!r}"[:200])
         try:
-            rec.wait(lambda r: {a for a in LATER if any(
-                e["type"] == "delivery" and e.get("rcpt_to") == a for e in r.events())}
-                == set(LATER), 30, "the new deliveries at the webhook")
+            if wid:
+                rec.wait(lambda r: {a for a in LATER if any(
+                    e["type"] == "delivery" and e.get("rcpt_to") == a for e in r.events())}
+                    == set(LATER), 30, "the new deliveries at the webhook")
         except AssertionError as e:
             failures.append(str(e)[:300])
         # the old list's entries still suppress: a transmission to them is refused
@@ -289,7 +315,7 @@ def run(old: str, stop: str, keep: bool, fixture: str = "") -> list[str]:
         else:
             tid2 = body["results"]["id"]
             try:
-                wait_until(lambda: {e.get("rcpt_to") for e in d.events()
+                wait_until(lambda: {e.get("rcpt_to") for e in shaped_events(d)
                                     if e["type"] == "bounce" and e.get(
                                         "transmission_id") == tid2} >= {
                     "blocked@a.test", UNKNOWN}, 30, "suppression bounces")
@@ -300,7 +326,7 @@ def run(old: str, stop: str, keep: bool, fixture: str = "") -> list[str]:
                       ("blocked@a.test", UNKNOWN, IDN, "user@xn--bcher-kva.test")]
             if leaked:
                 failures.append(f"suppressed by the old list, delivered: {leaked}")
-            evs = [e for e in d.events() if e.get("transmission_id") == tid2]
+            evs = [e for e in shaped_events(d) if e.get("transmission_id") == tid2]
             print("after-upgrade transmission events:",
                   sorted((e["type"], e.get("rcpt_to"), e.get("bounce_class")) for e in evs))
         ids = collections.Counter(e["event_id"] for e in rec.events())
