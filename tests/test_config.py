@@ -474,3 +474,17 @@ def test_keys_renamed_since_are_read_as_their_new_names(tmp_path):
     assert str(exc.value).startswith("delivery.connection_limit: ")
     assert str(exc.value).endswith(" (given as delivery.connections_per_domain)")
     assert config.load(None).notes == ()
+
+
+def test_a_banner_with_a_tab_passes_other_control_characters_do_not(tmp_path):
+    # d55edbb refused every control character, the tab too, which RFC 5321's reply text
+    # allows (textstring = 1*(%d09 / %d32-126)) and which every version before took:
+    # such a file stopped the daemon at the upgrade
+    p = tmp_path / "c.toml"
+    p.write_text('[smtp]\nbanner = "ESMTP\\tready"\n')
+    assert config.load(str(p)).config.smtp.banner == "ESMTP\tready"
+    for bad in ("\\n", "\\r", "\\u0000", "\\u000b", "\\u007f"):
+        p.write_text(f'[smtp]\nbanner = "ESMTP{bad}x"\n')
+        with pytest.raises(config.ConfigError) as exc:
+            config.load(str(p))
+        assert str(exc.value).startswith("smtp.banner: "), bad

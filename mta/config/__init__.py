@@ -366,7 +366,8 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
 DEFAULT = "default"
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# the greeting's text: RFC 5321's textstring (1*(%d09 / %d32-126)) allows HT
+_BANNER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _name_problem(name: str, literal_ok: bool) -> str | None:
@@ -397,9 +398,9 @@ def _check_names(cfg: Config) -> None:
         problem = name and _name_problem(name, literal_ok)
         if problem:
             raise ConfigError(f"{key}: {name!r} {problem}")
-    if _CONTROL.search(cfg.smtp.banner):
-        raise ConfigError("smtp.banner: contains a control character (CR, LF, tab ...); "
-                          "the greeting is one line")
+    if _BANNER_CONTROL.search(cfg.smtp.banner):
+        raise ConfigError("smtp.banner: contains a control character (CR, LF ...); "
+                          "the greeting is one line (a tab may be in it)")
 
 
 def _check_egress(eg, d) -> tuple[dict, dict]:

@@ -161,3 +161,11 @@ def test_a_config_with_keys_renamed_since_starts_and_says_so(make_daemon):
     assert d.log().count("config: delivery.connections_per_domain is now") == 2
     assert d.stop() == 0
     assert "Traceback" not in d.log()
+
+
+def test_a_banner_with_a_tab_starts_and_is_sent(make_daemon):
+    # every version before d55edbb took it (RFC 5321's reply text may hold HT); the check
+    # that came then refused it and the daemon did not start
+    d = make_daemon(smtp={"banner": "ESMTP\tready"})
+    with d.connect() as c:
+        assert c.banner == (220, ["mta.test ESMTP\tready"]), c.banner
