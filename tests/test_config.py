@@ -488,3 +488,27 @@ def test_a_banner_with_a_tab_passes_other_control_characters_do_not(tmp_path):
         with pytest.raises(config.ConfigError) as exc:
             config.load(str(p))
         assert str(exc.value).startswith("smtp.banner: "), bad
+
+
+def test_a_host_name_with_its_final_dot_is_sent_without_it(tmp_path):
+    # d55edbb refused a host name written with its final dot (the absolute form,
+    # 'mx.example.com.'), which every version before took and sent: such a file stopped
+    # the daemon at the upgrade.  It is the same name: sent without the dot, with a note
+    p = tmp_path / "c.toml"
+    p.write_text("[server]\nhostname = 'mx.example.com.'\n"
+                 "[delivery]\nhelo_name = 'out.example.com.'\n"
+                 "[[egress.source]]\nname = 'ip-1'\nehlo_name = 'Ip-1.Example.com.'\n")
+    s = config.load(str(p))
+    assert s.hostname == s.config.server.hostname == "mx.example.com"
+    assert s.helo_name == s.config.delivery.helo_name == "out.example.com"
+    assert s.config.egress.source[0].ehlo_name == "Ip-1.Example.com"
+    assert s.notes == (
+        "server.hostname 'mx.example.com.' is sent as 'mx.example.com'",
+        "delivery.helo_name 'out.example.com.' is sent as 'out.example.com'",
+        "egress.source[0].ehlo_name 'Ip-1.Example.com.' is sent as 'Ip-1.Example.com'")
+    # what is still no host name is refused, as before
+    for bad in ("mx..example.com", "mx.example.com..", ".", "mx.exämple.com.", "-mx.com."):
+        p.write_text(f"[delivery]\nhelo_name = '{bad}'\n")
+        with pytest.raises(config.ConfigError) as exc:
+            config.load(str(p))
+        assert str(exc.value).startswith(f"delivery.helo_name: '{bad}' "), bad

@@ -269,7 +269,7 @@ def load(path: str | None = None, *, cpu_count: int | None = None) -> Settings:
                 raise ConfigError(f"{exc} (given as {section}.{was})") from None
         raise
     s = resolve(cfg, path, cpu_count=cpu_count)
-    return replace(s, notes=notes) if notes else s
+    return replace(s, notes=notes + s.notes) if notes else s
 
 
 def _networks(items: list[str], key: str) -> list:
@@ -309,7 +309,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
             raise ConfigError("smtp.auth_file: AUTH is offered only over TLS; "
                               "set smtp.tls_certificate too")
         users = _read_auth_file(cfg.smtp.auth_file)
-    _check_names(cfg)
+    name_notes = _check_names(cfg)
     hostname = cfg.server.hostname or socket.gethostname()
     nameservers = _check_delivery(cfg.delivery)
     if cfg.dkim.enabled and (cfg.dkim.keys or cfg.dkim.fallback is not None):
@@ -360,6 +360,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
         agent_listen=agent_listen,
         sources=sources,
         pools=pools,
+        notes=name_notes,
     )
 
 
@@ -388,19 +389,35 @@ def _name_problem(name: str, literal_ok: bool) -> str | None:
     return problem and f"{problem} (a host name such as mail.example.com is needed)"
 
 
-def _check_names(cfg: Config) -> None:
-    """Validate the names the daemon sends: server.hostname, the EHLO names, the banner."""
-    names = [("server.hostname", cfg.server.hostname, False),
-             ("delivery.helo_name", cfg.delivery.helo_name, True)]
-    names += [(f"egress.source[{i}].ehlo_name", src.ehlo_name, True)
+def _sendable(name: str) -> str:
+    """*name* as it is sent: without a final dot (the absolute form, 'mx.example.com.'),
+    which every version before d55edbb took and sent as written."""
+    return name[:-1] if name.endswith(".") and not name.endswith("..") else name
+
+
+def _check_names(cfg: Config) -> tuple[str, ...]:
+    """Validate the names the daemon sends: server.hostname, the EHLO names, the banner;
+    a name written with a final dot is set to the name without it (a note for each)."""
+    def put(struct, attr):
+        return lambda v: setattr(struct, attr, v)
+    names = [("server.hostname", cfg.server.hostname, False, put(cfg.server, "hostname")),
+             ("delivery.helo_name", cfg.delivery.helo_name, True,
+              put(cfg.delivery, "helo_name"))]
+    names += [(f"egress.source[{i}].ehlo_name", src.ehlo_name, True, put(src, "ehlo_name"))
               for i, src in enumerate(cfg.egress.source)]
-    for key, name, literal_ok in names:
+    notes = []
+    for key, name, literal_ok, set_name in names:
         problem = name and _name_problem(name, literal_ok)
         if problem:
-            raise ConfigError(f"{key}: {name!r} {problem}")
+            sent = _sendable(name)
+            if sent == name or _name_problem(sent, literal_ok):
+                raise ConfigError(f"{key}: {name!r} {problem}")
+            set_name(sent)
+            notes.append(f"{key} {name!r} is sent as {sent!r}")
     if _BANNER_CONTROL.search(cfg.smtp.banner):
         raise ConfigError("smtp.banner: contains a control character (CR, LF ...); "
                           "the greeting is one line (a tab may be in it)")
+    return tuple(notes)
 
 
 def _check_egress(eg, d) -> tuple[dict, dict]:

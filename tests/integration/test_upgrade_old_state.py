@@ -169,3 +169,13 @@ def test_a_banner_with_a_tab_starts_and_is_sent(make_daemon):
     d = make_daemon(smtp={"banner": "ESMTP\tready"})
     with d.connect() as c:
         assert c.banner == (220, ["mta.test ESMTP\tready"]), c.banner
+
+
+def test_a_host_name_with_its_final_dot_starts_and_is_sent_without_it(make_daemon):
+    # every version before d55edbb took 'mx.example.com.' (and sent it so); the check that
+    # came then refused it and the daemon did not start
+    d = make_daemon(server={"hostname": "mx.example.com."})
+    with d.connect() as c:
+        assert c.banner == (220, ["mx.example.com ESMTP"]), c.banner
+    assert "config: server.hostname 'mx.example.com.' is sent as 'mx.example.com'" \
+        in d.log()
