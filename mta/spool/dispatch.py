@@ -337,10 +337,22 @@ class HandedBack:
         if patterns is None:
             keys = list(self.lanes)
         else:
-            pats = [(site, source) for site, source in patterns]
-            keys = [k for k in self.lanes
-                    if any((site == ANY or site == k[0]) and (source == ANY or source == k[1])
-                           for site, source in pats)]
+            # (sets by kind of pattern: each lane is looked up, not compared with every
+            # pattern -- a reload's release can name every lane)
+            pairs, sites, sources = set(), set(), set()
+            every = False
+            for site, source in patterns:
+                if site == ANY:
+                    if source == ANY:
+                        every = True
+                    sources.add(source)
+                elif source == ANY:
+                    sites.add(site)
+                else:
+                    pairs.add((site, source))
+            keys = list(self.lanes) if every else \
+                [k for k in self.lanes
+                 if k[0] in sites or k[1] in sources or (k[0], k[1]) in pairs]
         out = []
         for key in keys:
             _, fifo = self.lanes.pop(key)
