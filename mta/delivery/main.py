@@ -89,9 +89,17 @@ class RuleDomainShare:
         self.written = -1                       # the engine's rule_seen_version in our file
         self.stamps: dict[str, tuple] = {}      # path -> (mtime_ns, size, inode) last read
         self.lists: dict[str, frozenset] = {}   # path -> its domains
+        self.retired = False                    # stopping: the file is the successor's
+
+    def retire(self) -> None:
+        """This process stops (SIGTERM: a reload's roll starts its successor now, with
+        the same file): it writes its domains no more, else its list, written while it
+        drains, would replace the successor's (which is written again only when it
+        changes) and the two would write one .tmp at once."""
+        self.retired = True
 
     def tick(self, engine) -> None:
-        if engine.rule_seen_version != self.written:
+        if engine.rule_seen_version != self.written and not self.retired:
             version = engine.rule_seen_version
             _write(self.path, {"pid": os.getpid(), "domains": list(engine.rule_seen)})
             self.written = version
@@ -333,6 +341,8 @@ class Delivery:
 
     async def stop(self, timeout: float) -> None:
         self.stopping = True
+        if self.share is not None:
+            self.share.retire()       # (its successor may run now: the file is its)
         self.server.pause()
         self.engine.begin_stop()      # jobs not yet in a transaction go back at once
         deadline = self.loop.time() + timeout

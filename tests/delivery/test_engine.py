@@ -2149,3 +2149,31 @@ def test_forgetting_old_sites_goes_a_budget_at_a_time():
     assert kept == set(fresh) | {"rule.test", "other.test"}
     assert not gone_kept
     assert site.domains == kept
+
+
+def test_a_retiring_delivery_process_leaves_the_shared_rule_domains_to_its_successor(
+        tmp_path):
+    """A reload replaces delivery[0]: the old process drains beside its successor, and both
+    have delivery-0.rule-domains.json.  The old one's writes (its rule_seen still changes
+    while it drains) replaced the new one's list, which the new one wrote only when its own
+    changed: the others kept the old configuration's domains, a new wildcard rule's not
+    shared (its site sent at the [delivery] limits), and the two wrote one .tmp at once.
+    A process that stops writes no more."""
+    import types
+    from mta.delivery.main import RuleDomainShare
+
+    def engine(*domains):
+        return types.SimpleNamespace(rule_seen=dict.fromkeys(domains), rule_seen_version=1,
+                                     take_shared_rule_domains=lambda d: taken.append(d))
+    taken: list = []
+    old, new = engine("a.old.example"), engine("a.new.example")
+    old_share = RuleDomainShare(str(tmp_path), 0, 2)
+    old_share.tick(old)
+    old_share.retire()                  # SIGTERM: it drains
+    RuleDomainShare(str(tmp_path), 0, 2).tick(new)      # its successor starts
+    old.rule_seen["b.old.example"] = None               # a lookup while it drains
+    old.rule_seen_version += 1
+    old_share.tick(old)
+    RuleDomainShare(str(tmp_path), 1, 2).tick(engine())  # the other process reads
+    assert taken[-1] == frozenset({"a.new.example"})
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
