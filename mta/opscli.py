@@ -204,7 +204,8 @@ def status_cmd(config_path, as_json):
     if d["queue"]:
         q = d["queue"]["total"]
         click.echo(f"queue: {q['messages']} message(s), {q['recipients']} recipient(s), "
-                   f"{q['deferred']} deferred, {q['in_flight']} in flight")
+                   f"{q['deferred']} deferred, {q['in_flight']} in flight"
+                   + (f" (partial: {partial_note(d['queue'])})" if q.get("partial") else ""))
     elif d.get("queue_error"):
         click.echo(f"queue: unknown ({d['queue_error']})")
     share = d.get("shaping_share") or {}
@@ -256,6 +257,8 @@ def summary_cmd(ctx, config_path, as_json, by):
     click.echo(f"total: {t['messages']} message(s), {t['recipients']} recipient(s), "
                f"{t['pending']} pending, {t['deferred']} deferred, {t['in_flight']} in flight, "
                f"{t['bytes']} bytes; next retry {_when(t['next_attempt'])}")
+    if t.get("partial"):
+        click.echo(f"partial: {partial_note(d)}")
     if t.get("suspended_messages"):
         click.echo(suspended_line(t["suspended_messages"]))
     if d.get("webhooks", {}).get("webhooks"):
@@ -274,6 +277,22 @@ def summary_cmd(ctx, config_path, as_json, by):
             rows.append((name, *(g[c] if not isinstance(g[c], float) else f"{g[c]:.1f}"
                                  for c in cols)))
         _rows(rows)
+    if d.get("not_answering"):      # (as mta queue: the others' counts, it named, exit 69)
+        click.echo(f"mta: {partial_note(d)}", err=True)
+        sys.exit(EX_UNAVAILABLE)
+
+
+def partial_note(view: dict) -> str:
+    """What a partial queue view leaves out: the shards that did not answer and those
+    still reading their queue (a view of the admin API, or the status's ``queue``)."""
+    parts = [f"spool[{x['shard']}] not answering, not counted ({x['error']})"
+             for x in view.get("not_answering", ())]
+    recovering = view.get("recovering")
+    if recovering is None:
+        recovering = [x["shard"] for x in view.get("shards", ()) if x.get("recovering")]
+    parts += [f"spool[{n}] recovering (reading its queue: counted in part)"
+              for n in recovering]
+    return "; ".join(parts) or "the totals are not the whole queue"
 
 
 @click.command("inspect")
@@ -329,7 +348,8 @@ def drain_cmd(config_path, as_json, cancel, no_wait, timeout, interval):
     d = cl.ok("POST", "/api/admin/drain")
     if no_wait:
         click.echo(json.dumps(d) if as_json else
-                   f"draining: {d['remaining']['messages']} message(s) remain")
+                   f"draining: {d['remaining']['messages']} message(s) remain"
+                   + (f"; partial: {partial_note(d)}" if d.get("partial") else ""))
         return
     if d.get("delivery_held") and d["remaining"]["messages"]:
         click.echo("mta: delivery is held ([delivery] hold = true): the queue does not "
@@ -363,7 +383,8 @@ def _drain_lines(cl, d, deadline, interval, as_json):
             gone = first - r["messages"]
             rate = gone / (time.monotonic() - start) if time.monotonic() > start else 0.0
             click.echo(f"remaining: {r['messages']} message(s), {r['recipients']} "
-                       f"recipient(s), {r['in_flight']} in flight ({rate:.1f} msg/s)",
+                       f"recipient(s), {r['in_flight']} in flight ({rate:.1f} msg/s)"
+                       + (f"; partial: {partial_note(d)}" if d.get("partial") else ""),
                        nl=True)
         sys.stdout.flush()
         if d["done"] or not d["draining"] or (deadline and time.monotonic() >= deadline):

@@ -5,7 +5,10 @@ Routes (JSON; errors are ``{"errors": [{"message": ...}]}``):
 ``GET /api/admin/queue``
     the node's queue (:func:`mta.obs.queue.merge`): totals, per shard, and by
     domain, site, pool, source and campaign, and each webhook's backlog
-    (``webhooks``); 503 when a spool shard does not answer.
+    (``webhooks``).  A spool shard that does not answer within SHARD_TIMEOUT is
+    named in ``not_answering`` and left out of the totals, which say ``partial``
+    (so does a shard still reading its queue at start: ``state`` "recovering");
+    503 when none answers.
 ``GET /api/admin/messages/QID``
     one queued message: envelope, each recipient's state, attempts and next
     attempt, and what holds a pending one back (``suspended``: the operator's
@@ -16,8 +19,9 @@ Routes (JSON; errors are ``{"errors": [{"message": ...}]}``):
     everything the status page shows (:mod:`mta.admin.status`).
 ``GET /api/admin/drain``, ``POST /api/admin/drain``, ``DELETE /api/admin/drain``
     the drain: whether the node is draining, since when, and what remains
-    (messages, recipients, jobs in flight); POST starts it, DELETE cancels it (done
-    also when a shard does not answer: the 503 then says that it was).
+    (messages, recipients, jobs in flight; ``partial`` and ``not_answering`` as in
+    the queue view: never ``done`` while a shard is not counted); POST starts it,
+    DELETE cancels it (done also when no shard answers: the 503 then says that it was).
 ``GET /api/admin/suspensions``, ``POST /api/admin/suspensions?FIELD=VALUE...``, ``DELETE /api/admin/suspensions/ID``
     the operator's suspensions: list, add, resume.  A suspension names any of
     ``domain``, ``campaign`` and ``pool`` (held back in the spool at dispatch,
@@ -173,11 +177,25 @@ class Api:
         return await self.loop.run_in_executor(self.pool, self._call, shard, request, *values)
 
     async def queue(self) -> dict:
+        """The queue view (:func:`mta.obs.queue.merge`) of the shards that answered within
+        SHARD_TIMEOUT, the others named in ``not_answering`` (``total.partial``);
+        Unavailable when none did."""
         replies = await asyncio.gather(*(self._ask(n, bus.SpoolQueueSummary)
-                                         for n in range(self.settings.shards)))
-        view = q.merge([r.summary for r in replies], q.delivery_status(self.settings.run_dir),
+                                         for n in range(self.settings.shards)),
+                                       return_exceptions=True)
+        answered, missing = [], []
+        for n, r in enumerate(replies):
+            if isinstance(r, Unavailable):
+                missing.append({"shard": n, "error": str(r)})
+            elif isinstance(r, BaseException):
+                raise r
+            else:
+                answered.append(r.summary)
+        if not answered:
+            raise Unavailable("; ".join(x["error"] for x in missing))
+        view = q.merge(answered, q.delivery_status(self.settings.run_dir),
                        q.webhook_status(self.settings.state_dir,
-                                        self.settings.config.webhooks.enabled))
+                                        self.settings.config.webhooks.enabled), missing)
         self._cached = (time.monotonic(), view)
         return view
 
@@ -240,8 +258,13 @@ class Api:
         out["remaining"]["transactions_open"] = busy
         # ([delivery] hold: the queue does not empty, so the drain is never done)
         out["delivery_held"] = any(x.get("held") for x in view.get("shards", ()))
-        out["done"] = (out["draining"] and t["messages"] == 0 and not t.get("recovering")
-                       and busy == 0 and settled)
+        # (a shard that did not answer, or is still reading its queue: its messages are
+        # not counted, so zero is not the node's queue)
+        out["partial"] = t["partial"]
+        out["not_answering"] = view["not_answering"]
+        out["recovering"] = [x["shard"] for x in view["shards"] if x.get("recovering")]
+        out["done"] = (out["draining"] and t["messages"] == 0 and not t["partial"]
+                       and not t.get("recovering") and busy == 0 and settled)
         return out
 
     # -------------------------------------------------------------- routes
@@ -597,7 +620,10 @@ class Api:
                     "pool": sel.get("pool", "")}
         # Every shard must be able to start it now: one still reading its queue would
         # hold the request past our timeout and start it unseen.
-        recovering = [x["shard"] for x in (await self.queue())["shards"] if x.get("recovering")]
+        view = await self.queue()
+        if view["not_answering"]:       # (started nowhere rather than on some shards)
+            raise Unavailable("; ".join(x["error"] for x in view["not_answering"]))
+        recovering = [x["shard"] for x in view["shards"] if x.get("recovering")]
         if recovering:
             raise ServerError(f"spool shard(s) {recovering} are still reading their queue "
                               "after a start; try again in a few seconds")

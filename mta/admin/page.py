@@ -82,6 +82,8 @@ svg{width:100%;height:120px;display:block}.err{color:#c62828}
 var TOKEN = (location.hash.match(/token=([^&]+)/) || [])[1];
 var NS = "http://www.w3.org/2000/svg";
 function $(id){return document.getElementById(id);}
+function partial(q){return q.not_answering.map(function(x){return "spool["+x.shard+"] not answering, not counted ("+x.error+")";}).concat(
+  q.recovering.map(function(n){return "spool["+n+"] recovering (reading its queue: counted in part)";})).join("; ");}
 function set(id, v){var e=$(id); if(e) e.textContent = (v===null||v===undefined) ? "-" : String(v);}
 function num(v){return (v===null||v===undefined) ? "-" : String(Math.round(v*1000)/1000);}
 function rate(v){return (v===null||v===undefined) ? "-" : v.toFixed(1);}
@@ -133,7 +135,8 @@ function render(d){
   set("smtp-open", t.smtp_connections_open);
   lines($("chart-rates"), [d.history.injection_rate, d.history.delivery_rate], ["#1565c0","#2e7d32"]);
   lines($("chart-queue"), [d.history.queue_messages], ["#6a1b9a"]);
-  $("error").textContent = d.queue_error ? ("queue: " + d.queue_error) : "";
+  $("error").textContent = d.queue_error ? ("queue: " + d.queue_error) :
+    (d.queue && d.queue.total.partial) ? ("queue: partial totals: " + partial(d.queue)) : "";
   var pr=$("problems"); clear(pr); (d.problems||[]).forEach(function(p){
     var e=document.createElement("div"); e.className="problem"; e.textContent=p; pr.appendChild(e);});
   if(d.queue){

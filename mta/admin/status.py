@@ -194,7 +194,10 @@ def document(reports, host_rows: dict, history: History, queue: dict | None,
         "latency_seconds": latencies(hists),
         "queue": None if queue is None else {
             "total": queue["total"], "by_site": queue["by_site"], "by_pool": queue["by_pool"],
-            "by_source": queue["by_source"]},
+            "by_source": queue["by_source"],
+            # (total.partial: these shards are not counted; those recovering are in part)
+            "not_answering": queue.get("not_answering", []),
+            "recovering": [x["shard"] for x in queue.get("shards", ()) if x.get("recovering")]},
         "queue_error": queue_error,
         # [cluster] nodes as the delivery processes apply it: the shaping limits in
         # effect (the queue view's lanes) are 1/nodes of the rules'

@@ -297,9 +297,19 @@ def top(groups: dict, n: int, by: str) -> dict:
     return out
 
 
-def merge(shards: list[dict], delivery: dict, webhooks: dict | None = None) -> dict:
+def merge(shards: list[dict], delivery: dict, webhooks: dict | None = None,
+          not_answering: list[dict] | None = None) -> dict:
     """One view of the node's queue from the shards' summaries, :func:`delivery_status`
-    and :func:`webhook_status`."""
+    and :func:`webhook_status`.
+
+    *not_answering*: the shards that did not answer (``{"shard": N, "error": ...}``):
+    listed under ``not_answering`` (``state`` "not answering"), not counted; each shard
+    that answered has a ``state``, "ok" or "recovering" (still reading its queue at
+    start: its counts are of what it has read so far).  ``total.partial`` is true when
+    either is so: the totals are then not the node's whole queue (a drain is not done,
+    whatever they say)."""
+    missing = [{"shard": x["shard"], "state": "not answering", "error": x.get("error", "")}
+               for x in not_answering or ()]
     total = {
         "messages": sum(x.get("messages", 0) for x in shards),
         "recipients": sum(x.get("recipients", 0) for x in shards),
@@ -316,6 +326,7 @@ def merge(shards: list[dict], delivery: dict, webhooks: dict | None = None) -> d
         "oldest_arrival": _min(x.get("oldest_arrival") for x in shards),
         "next_attempt": _min(x.get("next_attempt") for x in shards),
     }
+    total["partial"] = bool(missing) or total["recovering"]
     by_domain: dict[str, dict] = {}
     by_pool: dict[str, dict] = {}
     by_campaign: dict[str, dict] = {}
@@ -351,8 +362,10 @@ def merge(shards: list[dict], delivery: dict, webhooks: dict | None = None) -> d
         lanes = sorted(heapq.nlargest(LANES_MAX, lanes, key=lambda x: x["queued"]),
                        key=lambda x: (x["site"], x["source"]))
     return {"total": total,
-            "shards": [{k: v for k, v in x.items() if k not in ("domains", "campaigns")}
+            "shards": [{**{k: v for k, v in x.items() if k not in ("domains", "campaigns")},
+                        "state": "recovering" if x.get("recovering") else "ok"}
                        for x in shards],
+            "not_answering": missing,
             "by_domain": top(by_domain, DOMAINS_MAX, "recipients"),
             "by_site": _top_sites(by_site),
             "by_pool": by_pool, "by_source": by_source,

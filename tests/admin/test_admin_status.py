@@ -97,6 +97,24 @@ def test_queue_view_merges_shards_and_delivery_status(tmp_path):
     assert "domains" not in view["shards"][0] and view["delivery_processes"] == 1
 
 
+def test_queue_view_of_some_shards_names_the_others_and_says_partial(tmp_path):
+    """A shard that did not answer is named (not counted), one still reading its queue
+    is marked; the totals say partial either way, and the view keeps every field."""
+    d = q.delivery_status(str(tmp_path), now=1e12)
+    whole = q.merge([shard(0, 2, {}, {}, {}), shard(1, 1, {}, {}, {})], d)
+    assert whole["total"]["partial"] is False and whole["not_answering"] == []
+    assert [x["state"] for x in whole["shards"]] == ["ok", "ok"]
+    view = q.merge([shard(0, 2, {}, {}, {}), shard(2, 1, {}, {}, {}, recovering=True)], d,
+                   None, [{"shard": 1, "error": "spool[1] did not answer within 5s"}])
+    assert view["total"]["partial"] is True and view["total"]["messages"] == 3
+    assert [(x["shard"], x["state"]) for x in view["shards"]] == [(0, "ok"), (2, "recovering")]
+    assert view["not_answering"] == [{"shard": 1, "state": "not answering",
+                                      "error": "spool[1] did not answer within 5s"}]
+    assert set(whole) == set(view)
+    only = q.merge([shard(0, 0, {}, {}, {}, recovering=True)], d)
+    assert only["total"]["partial"] is True and only["total"]["recovering"] is True
+
+
 def test_queue_view_names_the_largest_domains_and_campaigns_and_sums_the_rest(tmp_path):
     # A queue to 100,000 recipient domains: /api/admin/queue (and mta queue summary
     # --by domain) had a row for every one of them, from every shard.

@@ -246,3 +246,63 @@ def test_queue_summary_and_flush_with_shards_stopped_say_what_the_others_say(mak
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
     assert d.cli("queue").returncode == 0
+
+
+def test_the_queue_view_with_a_shard_stopped_shows_the_others_and_names_it(make_daemon):
+    """GET /api/admin/queue, `mta queue summary`, `mta status` (and the status page)
+    answered 503 / "queue: unknown" when one spool shard did not answer, though the
+    others had: the operator saw nothing of the queue.  They now show the shards that
+    answered, name the one that did not, and say the totals are partial; the drain is
+    never done while a shard is not counted, whatever the others' totals say."""
+    import os
+    import signal
+
+    from mta.queueid import shard_of
+
+    d = make_daemon(acceptors=1, shards=3)      # (delivery held: what lands stays queued)
+    qids = [d.send("a@sender.test", [f"x{i}@one.test"], message(f"m{i}")) for i in range(9)]
+    on = {n: [q for q in qids if shard_of(q, 3) == n] for n in range(3)}
+    assert on[1] and on[0] + on[2], qids
+    # (only the stopped shard holds mail: the others' totals are 0)
+    d.cli("queue", "delete", *(on[0] + on[2]))
+    stopped = d.children()["spool[1]"]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        st, _, v = admin_call(d, "GET", "/api/admin/queue")
+        assert st == 200, v
+        assert v["total"]["partial"] is True and v["total"]["messages"] == 0, v["total"]
+        assert [x["shard"] for x in v["shards"]] == [0, 2], v["shards"]
+        assert all(x["state"] == "ok" for x in v["shards"]), v["shards"]
+        assert [(x["shard"], x["state"]) for x in v["not_answering"]] == \
+            [(1, "not answering")], v["not_answering"]
+        assert "did not answer within" in v["not_answering"][0]["error"], v
+        for k in ("by_domain", "by_site", "by_pool", "by_source", "lanes", "webhooks"):
+            assert k in v, k        # (the fields consumers read are all there)
+        r = d.cli("queue", "summary", check=False)
+        out = r.stdout.decode()
+        assert r.returncode == 69 and out.startswith("total: 0 message(s)"), r
+        assert "partial: spool[1] not answering, not counted" in out, out
+        assert b"spool[1] not answering" in r.stderr, r
+        r = d.cli("status")
+        out = r.stdout.decode()
+        assert "queue: 0 message(s)" in out and "(partial: spool[1] not answering" in out, out
+        assert "queue: unknown" not in out, out
+        st, _, doc = admin_call(d, "GET", "/api/admin/status")
+        assert st == 200 and doc["queue"]["total"]["partial"] is True, doc["queue"]
+        assert [x["shard"] for x in doc["queue"]["not_answering"]] == [1], doc["queue"]
+        st, _, rep = admin_call(d, "POST", "/api/admin/drain")
+        assert st == 200, rep
+        assert rep["remaining"]["messages"] == 0 and rep["partial"] is True, rep
+        assert rep["done"] is False, rep            # (shard 1 holds mail: not drained)
+        assert [x["shard"] for x in rep["not_answering"]] == [1], rep
+        r = d.cli("drain", "--timeout", "1", "--interval", "0.5", check=False)
+        assert r.returncode == 1 and b"still draining" in r.stderr, r
+        assert b"partial: spool[1] not answering" in r.stdout, r
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    st, _, v = admin_call(d, "GET", "/api/admin/queue")
+    assert st == 200 and v["total"]["partial"] is False and v["not_answering"] == [], v
+    assert v["total"]["messages"] == len(on[1]), v["total"]
+    st, _, rep = admin_call(d, "GET", "/api/admin/drain")
+    assert rep["done"] is False and rep["remaining"]["messages"] == len(on[1]), rep
+    admin_call(d, "DELETE", "/api/admin/drain")
