@@ -647,12 +647,19 @@ def queue_show(ctx, config_path, qid, raw):
         try:
             reply = cl.call(bus.SpoolMessageShow, qid, timeout=5.0)
         except TimeoutError:
-            click.echo("mta: the daemon is not answering", err=True)
+            # (a daemon of the version before keeps the question until its queue is read)
+            why = "recovering (reading its queue: retry shortly)" \
+                if _recovering(ctxz, s.endpoint(f"spool-{n}")) else "not answering"
+            click.echo(f"mta: spool[{n}] (the shard of {qid}) is {why}", err=True)
             sys.exit(EX_UNAVAILABLE)
         finally:
             cl.close()
     finally:
         ctxz.term()
+    if reply.recovering:
+        click.echo(f"mta: spool[{n}] (the shard of {qid}) is recovering (reading its queue: "
+                   "retry shortly)", err=True)
+        sys.exit(EX_UNAVAILABLE)
     if reply.status == bus.STATUS_STORAGE:
         click.echo(f"mta: {qid} is queued but its record cannot be read (see the log)",
                    err=True)
@@ -684,6 +691,20 @@ def queue_show(ctx, config_path, qid, raw):
             click.echo(last_reply_line(why))
     click.echo("")
     sys.stdout.buffer.write(body)
+
+
+def _recovering(ctx, endpoint: str) -> bool:
+    """Whether the shard at *endpoint* says it is still reading its queue (its summary is
+    answered meanwhile); False when it does not answer in a second either."""
+    from mta import bus
+
+    cl = bus.SyncClient(ctx, endpoint)
+    try:
+        return bool(cl.call(bus.SpoolQueueSummary, timeout=1.0).summary.get("recovering"))
+    except TimeoutError:
+        return False
+    finally:
+        cl.close()
 
 
 @queue.command("delete")

@@ -509,3 +509,54 @@ def test_a_client_can_send_soon_after_its_peer_is_back(tmp_path):
         client.close()
         ctx.term()
         loop.close()
+
+
+def test_a_show_reply_says_recovering_and_one_of_the_version_before_still_decodes():
+    """SpoolMessageShowReply gained ``recovering`` (the shard still reads its queue): a
+    reply of a daemon of the version before (four fields) decodes as not recovering."""
+    old = bus.decode(raw(8, 3, bus.STATUS_UNKNOWN, None, b""))
+    assert old == bus.SpoolMessageShowReply(3, bus.STATUS_UNKNOWN, None, b"")
+    assert old.recovering is False
+    r = roundtrip(bus.SpoolMessageShowReply(4, bus.STATUS_STORAGE, None, b"", recovering=True))
+    assert r.recovering is True and r.status == bus.STATUS_STORAGE
+
+
+def test_queue_show_of_a_shard_of_the_version_before_that_reads_its_queue(tmp_path):
+    """A daemon of the version before keeps `mta queue show`'s question until its queue
+    is read; the command, after its 5 s, asks the shard's summary and says "recovering"
+    rather than "not answering" when the summary says so."""
+    import threading
+
+    import zmq
+
+    from mta import cli
+
+    ctx = bus.new_context()
+    endpoint = f"ipc://{tmp_path}/spool-0"
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    stop = threading.Event()
+
+    def shard(recovering: bool):
+        while not stop.is_set():
+            if not sock.poll(100):
+                continue
+            peer, frame = sock.recv_multipart()
+            msg = bus.decode(frame)
+            if type(msg) is bus.SpoolQueueSummary:
+                sock.send_multipart([peer, bus.encode(bus.SpoolQueueSummaryReply(
+                    msg.req, {"recovering": recovering}))])
+    try:
+        for recovering in (True, False):
+            stop.clear()
+            t = threading.Thread(target=shard, args=(recovering,))
+            t.start()
+            try:
+                assert cli._recovering(ctx, endpoint) is recovering
+            finally:
+                stop.set()
+                t.join(5)
+        assert cli._recovering(ctx, endpoint) is False      # (no answer in 1 s)
+    finally:
+        sock.close(0)
+        ctx.term()

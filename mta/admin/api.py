@@ -14,7 +14,8 @@ Routes (JSON; errors are ``{"errors": [{"message": ...}]}``):
     attempt, and what holds a pending one back (``suspended``: the operator's
     suspension of its domain, campaign or pool, or delivery's of every source
     of its pool at its site); 400 for a malformed queue id, 404 when the
-    message is not queued.
+    message is not queued, 503 (Retry-After) when its shard is still reading its
+    queue at start ("recovering").
 ``GET /api/admin/status``
     everything the status page shows (:mod:`mta.admin.status`).
 ``GET /api/admin/drain``, ``POST /api/admin/drain``, ``DELETE /api/admin/drain``
@@ -105,6 +106,7 @@ BOUNCE_FIELDS = ("domain", "site", "campaign", "pool")
 MAX_DURATION = 10 * 366 * 86400.0   # seconds a suspension may be given
 FOREVER = 100 * 366 * 86400.0     # a delivery suspension "until resumed" lasts this long
 FLUSH_QIDS = 100                # queue ids one flush request names at most
+RECOVERING = "recovering (reading its queue: retry shortly)"
 DELIVERY_SEES = 10.0            # seconds to wait, at most, for every delivery process
                                 # to have read the store (they do once a second)
 
@@ -659,7 +661,11 @@ class Api:
         if not is_qid(qid):
             return _json(400, {"errors": [{"message": f"not a queue id ({QID_SHAPE}): {given[:100]!r}",
                                            "field": "qid"}]})
-        reply = await self._ask(shard_of(qid, self.settings.shards), bus.SpoolMessageShow, qid)
+        n = shard_of(qid, self.settings.shards)
+        reply = await self._ask(n, bus.SpoolMessageShow, qid)
+        if reply.recovering:
+            return _json(503, {"errors": [{"message": f"spool[{n}] (the shard of {qid}) is "
+                                           f"{RECOVERING}"}]}, {"Retry-After": "5"})
         if reply.status == bus.STATUS_STORAGE:
             return _json(503, {"errors": [{"message": f"{qid} is queued but its record "
                                            "cannot be read (see the log)"}]})

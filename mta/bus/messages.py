@@ -187,6 +187,10 @@ class SpoolMessageShowReply(Message, tag=8):
     status: int
     entry: Union[dict, None]
     body: bytes
+    # the shard is still reading its queue at start: not known yet whether the message
+    # is queued (status STATUS_STORAGE, entry None: a reader that does not know this
+    # field takes it for "try again", never for "not queued")
+    recovering: bool = False
 
 
 class SpoolMessageDelete(Message, tag=9):

@@ -538,6 +538,12 @@ class Shard:
                     # that may take minutes), done once the queue is whole
                     server.send(peer, bus.SpoolQueueFlushReply(msg.req, 0, recovering=True))
                     peer = None
+                elif type(msg) is bus.SpoolMessageShow:
+                    # (mta queue show, mta inspect: "recovering, retry shortly" now, not
+                    # "not answering" after their 5 s)
+                    server.send(peer, bus.SpoolMessageShowReply(
+                        msg.req, bus.STATUS_STORAGE, None, b"", recovering=True))
+                    continue
                 self.deferred.append((peer, msg))   # answered once the queue is whole
                 continue
             if type(msg) is bus.SpoolMessageCommit:

@@ -123,3 +123,37 @@ def test_a_flush_while_a_shard_reads_its_queue_is_answered_at_once_and_done_afte
         d.stop()
     finally:
         d.cleanup()
+
+
+def test_show_and_inspect_while_a_shard_reads_its_queue_say_it_is_recovering(tmp_path):
+    """`mta queue show QID` and `mta inspect QID` (GET /api/admin/messages/QID) while the
+    shard owning QID still read its queue at start waited 5 s and then said the daemon
+    (the spool) was "not answering" -- though it was, and would know in a moment.  The
+    shard now answers at once that it is recovering, with the status an older reader
+    takes as "try again" (never "not queued"); the commands say so (exit 69), the API
+    answers 503 with Retry-After; once the queue is read, the message is shown."""
+    d = Daemon(tmp_path, acceptors=1, shards=1, spool={"recovery_slice": 1})
+    old = fill(d, 3 * QUEUED)        # (read for longer than the commands' 5 s)
+    last = max(old)
+    try:
+        d.start()
+        assert shard0(d)["recovering"] is True
+        t = time.monotonic()
+        r = d.cli("queue", "show", last, check=False)
+        assert r.returncode == 69, r
+        assert b"spool[0] (the shard of " in r.stderr and \
+            b"is recovering (reading its queue: retry shortly)" in r.stderr, r
+        r = d.cli("inspect", last, check=False)
+        assert r.returncode == 69, r
+        assert b"is recovering (reading its queue: retry shortly)" in r.stderr, r
+        st, headers, body = admin_call(d, "GET", f"/api/admin/messages/{last}")
+        assert st == 503 and "recovering" in body["errors"][0]["message"], (st, body)
+        assert shard0(d)["recovering"] is True          # answered before the end of it
+        assert time.monotonic() - t < 5, time.monotonic() - t
+        wait_until(lambda: not shard0(d)["recovering"], 60, "the recovery")
+        out = d.cli("queue", "show", last).stdout.decode()
+        assert f"queue_id: {last}" in out, out
+        assert admin_call(d, "GET", f"/api/admin/messages/{last}")[0] == 200
+        d.stop()
+    finally:
+        d.cleanup()
