@@ -431,7 +431,7 @@ class Session(asyncio.Protocol):
         if len(svc.sessions) >= self.cfg.max_connections:
             svc.stats["errors"] += 1
             self._respond(R.ApiError(R.UNAVAILABLE, "too many connections (http.max_connections)",
-                                     R.RETRY_AFTER_UNAVAILABLE), False)
+                                     R.RETRY_AFTER_UNAVAILABLE), keep_alive=False)
             self._flush()
             return
         svc.sessions.add(self)
