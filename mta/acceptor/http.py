@@ -23,7 +23,11 @@ soon as Content-Length says so, or when the chunks add up; a suppression-list PU
 a valid key may be as large as ``suppression.max_body_size``, SparkPost's 50 MB, when
 that is more); a request not
 complete within ``http.request_timeout`` of its first byte → 408 (slow
-clients); more than ``http.max_connections`` per acceptor → 503.  Idle
+clients); more than ``http.max_connections`` per acceptor, or than
+``http.max_connections_per_ip`` from one client (counted as SMTP's per-client
+limits count it: ``peers.client_key``; 0, the default, is no limit) → 503 with
+Retry-After, and the connection is closed -- as SMTP's listener answers 421 and
+closes, not a silent close at accept.  Idle
 keep-alive connections are closed after ``http.keepalive_timeout``.  Timeouts
 are checked by the acceptor's sweep (every 0.5 s): no timer per request.
 
@@ -76,7 +80,7 @@ import httptools
 from mta import browser
 from mta.acceptor.closing import close_lingering
 from mta.acceptor import proxy
-from mta.acceptor.peers import peer_address
+from mta.acceptor.peers import client_key, peer_address
 from mta.config import DEFAULT as DEFAULT_POOL
 from mta.feedback import suppression as suppression_list
 from mta.api import build, idempotency, transmissions
@@ -260,6 +264,10 @@ class Service:
                                                      _grants(grants))
                           for k, grants in cfg.key_grants.items()})
         self.sessions: set = set()
+        # connections per client (peers.client_key), kept only with a per-client limit
+        self.per_ip_limit = cfg.max_connections_per_ip
+        self.ipv6_prefix = acceptor.settings.config.smtp.ipv6_client_prefix
+        self.per_ip: dict[str, int] = {}
         self.pending = 0            # messages handed to the spool, not yet answered
         self.pending_bytes = 0      # ... their octets (built, held until answered)
         self.paused: collections.deque = collections.deque()  # injections waiting for room
@@ -398,6 +406,7 @@ class Session(asyncio.Protocol):
         self.http10 = False        # the request being answered is HTTP/1.0
         self.out: list[bytes] = []
         self.proxy: proxy.Reader | None = None   # a balancer's PROXY header, being read
+        self.client_key: str | None = None   # counted in svc.per_ip (a per-client limit)
 
     # ------------------------------------------------------------- transport
 
@@ -434,11 +443,32 @@ class Session(asyncio.Protocol):
                                      R.RETRY_AFTER_UNAVAILABLE), keep_alive=False)
             self._flush()
             return
+        if svc.per_ip_limit:
+            key = client_key(self.peer_ip, svc.ipv6_prefix)
+            n = svc.per_ip.get(key, 0)
+            if n >= svc.per_ip_limit:
+                svc.stats["errors"] += 1
+                self._respond(R.ApiError(R.UNAVAILABLE, "too many connections from your "
+                                         "address (http.max_connections_per_ip)",
+                                         R.RETRY_AFTER_UNAVAILABLE), keep_alive=False)
+                self._flush()
+                return
+            svc.per_ip[key] = n + 1
+            self.client_key = key
         svc.sessions.add(self)
 
     def connection_lost(self, exc) -> None:
         proxy.forget(self)
-        self.svc.sessions.discard(self)
+        svc = self.svc
+        svc.sessions.discard(self)
+        key = self.client_key
+        if key is not None:
+            self.client_key = None
+            n = svc.per_ip.get(key, 1) - 1
+            if n:
+                svc.per_ip[key] = n
+            else:
+                svc.per_ip.pop(key, None)
         self.closing = True
         self.lost = True
         self.queue.clear()

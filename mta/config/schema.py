@@ -82,7 +82,7 @@ class SmtpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         ge=1, le=1_000_000)] = 200
     ipv6_client_prefix: Annotated[int, _doc(
         "an IPv6 client counts as its network of this many bits for max_connections_per_ip "
-        "and max_auth_failures (an IPv6 host usually has a /64 to itself and could take a "
+        "and max_auth_failures (and http.max_connections_per_ip) (an IPv6 host usually has a /64 to itself and could take a "
         "new address for each connection); 128: per address. IPv4 clients count per "
         "address", ge=32, le=128)] = 64
     max_command_line: Annotated[int, _doc(
@@ -257,6 +257,11 @@ class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: Annotated[int, _doc(
         "concurrent HTTP connections per acceptor; more get 503 and are closed",
         ge=1, le=1_000_000)] = 2000
+    max_connections_per_ip: Annotated[int, _doc(
+        "concurrent HTTP connections from one client (an IPv4 address, an IPv6 network of "
+        "smtp.ipv6_client_prefix bits) per acceptor; more get 503 with Retry-After and are "
+        "closed; 0: no limit (an injector may hold thousands of connections from one "
+        "address: set it above what yours hold)", ge=0, le=1_000_000)] = 0
     max_json_depth: Annotated[int, _doc(
         "levels of objects and arrays a free-form JSON value may nest (metadata and "
         "substitution_data of a transmission or recipient, X-MSYS-API metadata over SMTP); "
