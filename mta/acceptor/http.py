@@ -174,15 +174,19 @@ def _chunked_only(codings: bytes) -> None:
                                      "the body as it is, or chunked"))
 
 
-def _grant_of(method: bytes, route: bytes) -> str:
-    """The grant (http.key_grants) a request for *route* needs, as the routes ask it."""
+def _grant_of(method: bytes, route: bytes) -> str | None:
+    """The grant (http.key_grants) a request for *route* needs, as the routes ask it;
+    None for a route there is not: any valid key, then 404 (whether a route exists
+    does not depend on the key's grants)."""
     if suppression_api.matches(route):
         return "suppression_lists:manage"
     if events_api.matches(route):
         return "message_events:view"
     if webhooks_api.matches(route):
         return "webhooks:view" if method in (b"GET", b"HEAD") else "webhooks:modify"
-    return "transmissions:modify"
+    if route == PATH or route.rstrip(b"/") == PATH:
+        return "transmissions:modify"
+    return None
 
 
 def _grants(listed: list[str]) -> frozenset[str]:
@@ -620,7 +624,7 @@ class Session(asyncio.Protocol):
             if err is not None:
                 raise _Reject(err)
 
-    def _grant(self) -> str:
+    def _grant(self) -> str | None:
         """The grant (http.key_grants) the request being read needs."""
         return _grant_of(self.parser.get_method(), b"".join(self.url_parts).partition(b"?")[0])
 
@@ -861,6 +865,9 @@ class Session(asyncio.Protocol):
         svc = self.svc
         path, _, query = req.url.partition(b"?")
         if path != PATH and path.rstrip(b"/") != PATH:
+            # no such resource: for any valid key (whatever its grants), after the
+            # key is checked as for every route (401/403 without a valid one)
+            svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers)
             raise R.ApiError(R.NOT_FOUND, "no such resource: "
                              + path[:200].decode("latin-1") + "; use POST /api/v1/transmissions")
         if req.method != b"POST":
