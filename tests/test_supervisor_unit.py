@@ -138,3 +138,25 @@ def test_an_ipv6_listener_is_named_in_brackets(tmp_path):
         sup.bind_all([("::1", busy)], first=True)
     assert str(exc.value).startswith(f"cannot listen on [::1]:{busy}: "), exc.value
     taken.close()
+
+
+@pytest.mark.parametrize("usec, warned", [("500000", True), ("999999", True), ("1", True),
+                                          ("1000000", False), ("30000000", False),
+                                          ("", False), ("0", False)])
+def test_a_watchdog_interval_below_one_second_is_warned_of_at_start(
+        monkeypatch, caplog, usec, warned):
+    """WatchdogSec= below 1 s was taken without a word, though the supervisor pings at
+    half of it from waits of up to a TICK and cannot keep up: systemd then kills the
+    unit now and then.  The start says so, naming the value, and still takes it."""
+    from mta.supervisor import notify
+    monkeypatch.setattr(notify, "_watchdog", dict(notify._watchdog))
+    env = {"WATCHDOG_USEC": usec} if usec else {}
+    caplog.set_level("WARNING", logger=sup_main.log.name)
+    sup_main._note_watchdog(notify.take_watchdog(env))
+    said = [r.getMessage() for r in caplog.records if "watchdog" in r.getMessage()]
+    if warned:
+        assert len(said) == 1 and f"WATCHDOG_USEC={usec}" in said[0], said
+        assert f"{int(usec) / 1e6:g} s" in said[0] and "WatchdogSec=" in said[0]
+    else:
+        assert said == []
+    assert notify.watchdog_usec() == (int(usec) if usec else 0)   # taken all the same

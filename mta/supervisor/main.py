@@ -1333,6 +1333,17 @@ def _note_config(settings) -> None:
         log.warning("config: %s", note)
 
 
+def _note_watchdog(usec: int) -> None:
+    """systemd's WatchdogSec= (*usec*, from $WATCHDOG_USEC) below 1 s: the supervisor
+    pings at half of it from waits of up to a TICK, and a loop a little late misses it
+    and the unit is killed.  Not refused (the node keeps running as before), but said."""
+    if 0 < usec < notify.MIN_WATCHDOG_USEC:
+        log.warning("systemd's watchdog interval is %g s (WatchdogSec=, WATCHDOG_USEC=%d): "
+                    "below %g s the supervisor, which pings at half of it from a loop that "
+                    "waits up to %g s, may be late and the unit be killed; set WatchdogSec= "
+                    "to a few seconds", usec / 1e6, usec, notify.MIN_WATCHDOG_USEC / 1e6, TICK)
+
+
 def _note_unsent_webhooks(settings) -> None:
     """[[webhook]] tables are kept while no batch can go -- an operator may turn the
     webhooks off for a while -- but not in silence (at the start and at each reload)."""
@@ -1387,7 +1398,7 @@ def serve(config_path: str | None) -> int:
     # their own modes).  A stricter umask of the operator's stays.
     os.umask(os.umask(0o027) | 0o027)
     inherited = take_inherited()
-    notify.take_watchdog()
+    _note_watchdog(notify.take_watchdog())
     if inherited:
         log.info("upgrade: took over %d listening socket(s)", inherited)
     sup = Supervisor(settings, config_path)

@@ -11,12 +11,15 @@ for in $WATCHDOG_PID) and kills the unit when no WATCHDOG=1 came within it.
 inherit them); :func:`watchdog` sends WATCHDOG=1 when half the interval has
 passed since the last one.  The supervisor calls it from each wait of its loop
 (none longer than a TICK), never from a thread: a loop that wedges stops it.
+So an interval below :data:`MIN_WATCHDOG_USEC` (1 s) may be missed by a loop
+that is a TICK late: the supervisor warns of it at start (it cannot change it).
 """
 import os
 import socket
 import time
 
 _watchdog = {"usec": 0, "every": 0.0, "next": 0.0}
+MIN_WATCHDOG_USEC = 1_000_000   # shorter WatchdogSec= than this: warned of at start
 
 
 def notify(*lines: str) -> bool:

@@ -961,3 +961,17 @@ def test_a_reload_of_the_log_level_reaches_the_processes_it_does_not_replace(mak
     d.wait_log(rf"INFO spool\[0\]\[{spool}\]: queue flush", timeout=10)
     assert re.search(r"INFO supervisor\[\d+\]: reloaded: ", d.log()), d.log()[-2000:]
     assert d.children()["spool[0]"] == spool        # (not replaced)
+
+
+def test_a_watchdog_below_one_second_is_warned_of_and_still_fed(make_daemon, tmp_path):
+    # WatchdogSec=500ms was taken without a word, though the supervisor's loop (waits of
+    # up to 0.25 s, pings at half the interval) cannot keep up below about 1 s.
+    ns = NotifySocket(str(tmp_path / "notify.sock"))
+    d = make_daemon(start=False, acceptors=1, shards=1)
+    d.start(env={"NOTIFY_SOCKET": ns.path, "WATCHDOG_USEC": "500000"})
+    ready = ns.expect("READY=1")[0]
+    text = d.log(since_start=True)
+    assert re.search(r"watchdog interval is 0\.5 s \(WatchdogSec=, WATCHDOG_USEC=500000\)",
+                     text), text[-2000:]
+    ns.collect(0.5)
+    assert ns.pings(ready)              # started and pinging all the same
