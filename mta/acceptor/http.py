@@ -270,7 +270,8 @@ class Service:
         self.sessions: set = set()
         # connections per client (peers.client_key), kept only with a per-client limit
         self.per_ip_limit = cfg.max_connections_per_ip
-        self.ipv6_prefix = acceptor.settings.config.smtp.ipv6_client_prefix
+        self.ipv6_prefix = acceptor.settings.config.smtp.ipv6_client_prefix \
+            if self.per_ip_limit else 0
         self.per_ip: dict[str, int] = {}
         self.pending = 0            # messages handed to the spool, not yet answered
         self.pending_bytes = 0      # ... their octets (built, held until answered)
