@@ -431,6 +431,10 @@ class _Rule:
             values[k] = v
         self.values = tuple(values.items())
 
+    def key(self) -> tuple:
+        """What the rule matches and sets (not where it stands)."""
+        return (self.kind, self.name, self.source, self.values)
+
 
 class Shaping:
     """The shaping rules of one configuration, compiled for fast lookups.
@@ -462,7 +466,9 @@ class Shaping:
             ordered += [(_label(r), r) for r in pre]
         ordered += [(f"shaping[{i}]", r) for i, r in enumerate(rules) if not r.source]
         ordered += [(f"shaping[{i}]", r) for i, r in enumerate(rules) if r.source]
-        compiled = [_Rule(n, label, r) for n, (label, r) in enumerate(ordered)]
+        self._index([_Rule(n, label, r) for n, (label, r) in enumerate(ordered)], cache_size)
+
+    def _index(self, compiled: list[_Rule], cache_size: int) -> None:
         self.rules: tuple[_Rule, ...] = tuple(compiled)
         # Exact domains and wildcard suffixes by name, for lookups per domain
         # label rather than per rule; MX globs are few and tried in turn.
@@ -490,6 +496,25 @@ class Shaping:
         rules, [delivery] defaults and ``delivery.shaping_presets``."""
         kw.setdefault("nodes", cfg.cluster.nodes)
         return cls(cfg.shaping, cfg.delivery, cfg.delivery.shaping_presets, **kw)
+
+    def changed(self, other: Shaping) -> Shaping | None:
+        """A Shaping of only the rules that differ between this one and *other* (in
+        either), to tell which sites a reload's change of rules may concern: a site no
+        rule of it matches has the same limits under both.  None when every site may
+        have other limits: the [delivery] defaults or the node count differ, or rules
+        kept in both apply in another order."""
+        if self._defaults != other._defaults or self.nodes != other.nodes:
+            return None
+        mine = [_Rule.key(r) for r in self.rules]
+        theirs = [_Rule.key(r) for r in other.rules]
+        differ = set(mine) ^ set(theirs)
+        if [k for k in mine if k not in differ] != [k for k in theirs if k not in differ]:
+            return None
+        out = Shaping.__new__(Shaping)
+        out.nodes, out._defaults = self.nodes, self._defaults
+        out._index([r for r in self.rules + other.rules if _Rule.key(r) in differ],
+                   self._cache_size)
+        return out
 
     # -- matching ---------------------------------------------------------
 

@@ -79,6 +79,7 @@ from mta.store import MessageMeta, Store, lock_writer, read_cursor, shard_dir
 log = logging.getLogger("mta.spool")
 
 POLL_INTERVAL_MS = 200          # longest sleep between housekeeping checks
+LIMITS_SLICE = 0.02             # seconds of a reload's lane comparison per loop turn
 RECLAIM_INTERVAL = 1.0          # seconds between reclamation passes
 RECLAIM_MAX_COPY = 2000         # messages copied forward per pass (bounds the pause)
 DISPATCH_BATCH = 500            # due messages looked at per dispatch pass
@@ -204,6 +205,8 @@ class Shard:
         # the configuration whose delivery limits the lanes' hand-backs were made under
         # (a reload that raises them releases those lanes' mail: apply_limits)
         self.limits_cfg = settings.config
+        self.limits_work = None                # apply_limits()'s comparison not yet done
+        self.limits_from = settings.config     # ... and the configuration it compares from
         self.healthy = True
         self.last_error = ""
         self.job_timeout = _job_timeout(self.dcfg)
@@ -422,15 +425,35 @@ class Shard:
             log.warning("reload: the active configuration cannot be read; mail delivery "
                         "handed back waits for its time")
             return
-        old, self.limits_cfg = self.limits_cfg, active.config
+        # (a comparison a reload before left unfinished is started again from the
+        # configuration it compared from: its lanes not yet looked at are not missed)
+        old = self.limits_from if self.limits_work is not None else self.limits_cfg
+        self.limits_cfg = active.config
+        self.limits_work = None
         if not self.handed_back.lanes:
             return
+        self.limits_from = old
+        self.limits_work = release.compare(old, active.config, self.handed_back.by_lane())
+        self.limits_slice()
+
+    def limits_slice(self) -> None:
+        """A slice of apply_limits()'s comparison, LIMITS_SLICE seconds at most (then the
+        loop's other work; the rest at the next turns): its lanes are released."""
+        work = self.limits_work
+        lanes = []
+        deadline = time.monotonic() + LIMITS_SLICE
         try:
-            lanes = release.risen(old, active.config, self.handed_back.by_lane())
+            for lane in work:
+                if lane is not None:
+                    lanes.append(lane)
+                elif time.monotonic() >= deadline:
+                    break
+            else:
+                self.limits_work = None
         except Exception:       # (never the shard's end: the mail waits for its time)
+            self.limits_work = None
             log.exception("reload: cannot compare the lanes' limits; mail delivery handed "
                           "back waits for its time")
-            return
         if lanes:
             self.release_lanes(0, lanes)
 
@@ -440,7 +463,9 @@ class Shard:
             self.apply_reload()
         if self.limits_wanted:
             self.apply_limits()
-        timeout = POLL_INTERVAL_MS
+        elif self.limits_work is not None:
+            self.limits_slice()
+        timeout = 0 if self.limits_work is not None else POLL_INTERVAL_MS
         if self.recovering:
             self.recover_slice(self.cfg.recovery_slice)
             timeout = 0
