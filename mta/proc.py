@@ -446,3 +446,26 @@ class ClockStepWatch:
         back = self.offset - offset
         self.offset = offset
         return back if back >= self.least else 0.0
+
+
+def replace_file(path: str, data: bytes, *, durable: bool = False) -> None:
+    """Replace the file *path* with *data* (readers see the old or the new one) through a
+    temporary name of this process's own (``<path>.<pid>.tmp``): during a reload the old
+    (draining) and the new process of one role write the same files, and through one
+    shared name each would truncate, fill or rename the other's.  *durable*: fsync the
+    file before the rename (the caller syncs the directory).  The temporary file is
+    removed when the write fails."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -48,6 +48,7 @@ import uuid
 
 import orjson
 
+from mta import proc
 from mta.store import make_dirs, sync_dir
 
 PENDING = 0
@@ -107,12 +108,7 @@ def read_min_seq(state_dir: str) -> int | None:
 def write_min_seq(state_dir: str, seq: int) -> None:
     """Replace the min_seq file atomically and durably (write, fsync, rename, fsync dir)."""
     d = dir_in(state_dir)
-    tmp = os.path.join(d, MIN_SEQ_NAME + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(b"%d\n" % seq)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, os.path.join(d, MIN_SEQ_NAME))
+    proc.replace_file(os.path.join(d, MIN_SEQ_NAME), b"%d\n" % seq, durable=True)
     sync_dir(d)
 
 

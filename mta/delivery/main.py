@@ -95,7 +95,7 @@ class RuleDomainShare:
         """This process stops (SIGTERM: a reload's roll starts its successor now, with
         the same file): it writes its domains no more, else its list, written while it
         drains, would replace the successor's (which is written again only when it
-        changes) and the two would write one .tmp at once."""
+        changes)."""
         self.retired = True
 
     def tick(self, engine) -> None:
@@ -357,10 +357,7 @@ class Delivery:
 
 def _write(path: str, doc: dict) -> None:
     """Replace the file *path* with *doc* in JSON (readers see the old or the new one)."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(orjson.dumps(doc))
-    os.replace(tmp, path)
+    proc.replace_file(path, orjson.dumps(doc))
 
 
 def main(settings, index: int, ready_fd: int | None) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 
@@ -178,10 +177,7 @@ class Webhooks:
         doc = {"time": time.time(), "head": head, "min_seq": keep,
                "webhooks": [s.status() for s in self.senders.values()]}
         path = webhookdb.status_path(self.settings.state_dir)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-        os.replace(tmp, path)
+        proc.replace_file(path, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
 
     async def run(self, stop: asyncio.Event) -> None:
         ids = {wid for wid, _ in self.toml} | {w[0] for w in self.db.webhooks()}
