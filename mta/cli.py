@@ -38,7 +38,6 @@ EX_CONFIG = 78
 DELETE_CHUNK = 1000     # queue ids in one request of `mta queue delete`
 FLUSH_CHUNK = 100       # of `mta queue flush --queue-id` (the admin API's FLUSH_QIDS)
 ASK_THREADS = 64        # spool shards asked at once by `mta queue`, `mta queue flush`
-SHARD_WAIT = 5.0        # seconds `mta queue list/delete` wait for a shard that may be stuck
 PAGE_TIMEOUT = 30.0     # for one that shows it is there (a page, a chunk; its recovery)
 LANES_SHOWN = 20        # source x site lanes `mta queue` lists (the busiest; --json: all)
 
@@ -195,7 +194,7 @@ def _not_answering(settings, why: str):
     sys.exit(EX_UNAVAILABLE)
 
 
-def _ask_each_shard(settings, request, *values, timeout: float = 5.0):
+def _ask_each_shard(settings, request, *values, timeout: float | None = None):
     """Send a request to every spool shard of the running daemon, all at once (a thread
     each): (the replies of the shards that answered, in shard order, what became of the
     others: "spool[N] ...").  Shards that do not answer (stopped, wedged, no daemon)
@@ -205,6 +204,7 @@ def _ask_each_shard(settings, request, *values, timeout: float = 5.0):
 
     from mta import bus
 
+    timeout = timeout or settings.config.admin.shard_timeout
     ctx = bus.new_context()
 
     def ask(n: int):
@@ -228,7 +228,7 @@ def _ask_each_shard(settings, request, *values, timeout: float = 5.0):
     return [r for r, _ in got if r is not None], [e for _, e in got if e is not None]
 
 
-def _queue_pages(settings, missed: list[str], limit: int = 0, timeout: float = SHARD_WAIT):
+def _queue_pages(settings, missed: list[str], limit: int = 0, timeout: float | None = None):
     """The queued messages (QueueEntry), shard after shard, at most *limit* per shard (0:
     all), asked a page at a time (mta.spool.queries.listing): the shard reads a page of
     envelopes between two batches, not the whole queue at once, and the entries are
@@ -241,6 +241,7 @@ def _queue_pages(settings, missed: list[str], limit: int = 0, timeout: float = S
     from mta import bus
     from mta.opscli import daemon_running
 
+    timeout = timeout or settings.config.admin.shard_timeout
     ctx = bus.new_context()
     count = _shard_count(settings)
     clients: dict[int, tuple] = {}
@@ -595,9 +596,10 @@ def _queue_settings(ctx, config_path):
 
 
 timeout_option = click.option(
-    "--timeout", type=click.FloatRange(0.1, 3600), default=SHARD_WAIT, show_default=True,
+    "--timeout", type=click.FloatRange(0.1, 3600), default=None,
     help="seconds to wait for a spool shard's first answer; one that does not answer "
-         "(stopped, wedged) is named and the others asked")
+         "(stopped, wedged) is named and the others asked  [default: [admin] "
+         "shard_timeout, 5]")
 
 
 @queue.command("list")
@@ -645,7 +647,7 @@ def queue_show(ctx, config_path, qid, raw):
     try:
         cl = bus.SyncClient(ctxz, s.endpoint(f"spool-{n}"))
         try:
-            reply = cl.call(bus.SpoolMessageShow, qid, timeout=5.0)
+            reply = cl.call(bus.SpoolMessageShow, qid, timeout=s.config.admin.shard_timeout)
         except TimeoutError:
             # (a daemon of the version before keeps the question until its queue is read)
             why = "recovering (reading its queue: retry shortly)" \
@@ -723,6 +725,7 @@ def queue_delete(ctx, config_path, as_json, qids, timeout):
     from mta.queueid import QID_SHAPE, is_qid, normal_qid, shard_of
 
     s = _queue_settings(ctx, config_path)
+    timeout = timeout or s.config.admin.shard_timeout
     nshards = _shard_count(s)
     everything = list(qids) == ["ALL"]
     if not everything:

@@ -91,7 +91,7 @@ class AdminClient:
         The supervisor holds the listening socket, so a connection is taken by the
         kernel even while the admin process is stopped or wedged: without this an
         operator waited the whole timeout for a bare "timed out".  An answer that is
-        slow because the admin process waits for the spool shards (SHARD_TIMEOUT each)
+        slow because the admin process waits for the spool shards ([admin] shard_timeout each)
         is still waited for: the admin process answers the probe meanwhile."""
         deadline = time.monotonic() + self.timeout
         while True:

@@ -5,7 +5,7 @@ Routes (JSON; errors are ``{"errors": [{"message": ...}]}``):
 ``GET /api/admin/queue``
     the node's queue (:func:`mta.obs.queue.merge`): totals, per shard, and by
     domain, site, pool, source and campaign, and each webhook's backlog
-    (``webhooks``).  A spool shard that does not answer within SHARD_TIMEOUT is
+    (``webhooks``).  A spool shard that does not answer within [admin] shard_timeout is
     named in ``not_answering`` and left out of the totals, which say ``partial``
     (so does a shard still reading its queue at start: ``state`` "recovering");
     503 when none answers.
@@ -69,7 +69,7 @@ in a thread pool (a thread per shard: all are asked at once), so a slow shard ne
 stalls the listener; answers to the status page are cached for
 ``QUEUE_CACHE_SECONDS`` and made once for the status requests that come
 meanwhile, so a page left open costs the shards at most one summary per that
-time, and shards that do not answer hold ``mta status`` for ``SHARD_TIMEOUT``.
+time, and shards that do not answer hold ``mta status`` for ``[admin] shard_timeout``.
 """
 from __future__ import annotations
 
@@ -96,11 +96,10 @@ from mta import controls as ctl
 
 log = logging.getLogger("mta.admin")
 
-SHARD_TIMEOUT = 5.0             # seconds a spool shard has to answer one question
 QUEUE_CACHE_SECONDS = 1.0       # the status page's queue view is at most this old
 WORKERS = 2                     # threads asking the spool shards, at least (one per shard:
                                 # every shard is asked at once, so shards that do not
-                                # answer hold a request for one SHARD_TIMEOUT, not one each)
+                                # answer hold a request for one [admin] shard_timeout, not one each)
 SUSPEND_FIELDS = ("domain", "campaign", "pool", "site", "source")
 BOUNCE_FIELDS = ("domain", "site", "campaign", "pool")
 MAX_DURATION = 10 * 366 * 86400.0   # seconds a suspension may be given
@@ -136,6 +135,7 @@ class Api:
         self.pool = concurrent.futures.ThreadPoolExecutor(max(WORKERS, settings.shards),
                                                           "admin-spool")
         self.history = st.History()
+        self.shard_timeout = settings.config.admin.shard_timeout
         self.drain_path = os.path.join(settings.run_dir, DRAIN_FLAG)
         # when a drain was last cancelled here: the agent check (mta.admin.agent) says
         # drain SEEN_DRAIN more, until the acceptors have seen it too
@@ -168,9 +168,9 @@ class Api:
             raise Unavailable(f"spool[{shard}] is not running")
         cl = bus.SyncClient(self.ctx, endpoint)
         try:
-            return cl.call(request, *values, timeout=SHARD_TIMEOUT)
+            return cl.call(request, *values, timeout=self.shard_timeout)
         except TimeoutError:
-            raise Unavailable(f"spool[{shard}] did not answer within {SHARD_TIMEOUT:g}s") \
+            raise Unavailable(f"spool[{shard}] did not answer within {self.shard_timeout:g}s") \
                 from None
         finally:
             cl.close()
@@ -180,7 +180,7 @@ class Api:
 
     async def queue(self) -> dict:
         """The queue view (:func:`mta.obs.queue.merge`) of the shards that answered within
-        SHARD_TIMEOUT, the others named in ``not_answering`` (``total.partial``);
+        [admin] shard_timeout, the others named in ``not_answering`` (``total.partial``);
         Unavailable when none did."""
         replies = await asyncio.gather(*(self._ask(n, bus.SpoolQueueSummary)
                                          for n in range(self.settings.shards)),

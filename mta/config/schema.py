@@ -852,6 +852,11 @@ class AdminConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: Annotated[int, _doc(
         "concurrent connections to the admin listener; more are closed", ge=1,
         le=10_000)] = 64
+    shard_timeout: Annotated[float, _doc(
+        "seconds a spool shard has to answer one question of the admin API (the queue "
+        "view, the message views, flush) and of the mta queue commands (their default); "
+        "one that does not answer (stopped, wedged) is named and the others' answers "
+        "given", ge=0.1, le=300)] = 5.0
     agent_listen: Annotated[list[str], _doc(
         "addresses of the HAProxy agent-check port (agent-check agent-port P), as "
         "host:port; empty: none.  Each connection gets one line and is closed: \"drain\" "

@@ -167,7 +167,8 @@ def test_queue_list_and_delete_answer_soon_with_a_shard_stopped(make_daemon):
 
     from mta.queueid import shard_of
 
-    d = make_daemon(acceptors=1, shards=2)
+    # ([admin] shard_timeout: the commands' default wait, shorter than its 5 s)
+    d = make_daemon(acceptors=1, shards=2, admin={"shard_timeout": 1.5})
     qids = [d.send("a@sender.test", [f"x{i}@one.test"], message(f"m{i}")) for i in range(6)]
     on = {n: [q for q in qids if shard_of(q, 2) == n] for n in (0, 1)}
     assert on[0] and on[1], qids
@@ -177,7 +178,7 @@ def test_queue_list_and_delete_answer_soon_with_a_shard_stopped(make_daemon):
         t0 = time.monotonic()
         r = d.cli("queue", "list", check=False)
         took = time.monotonic() - t0
-        assert r.returncode == 69 and b"spool[1]: did not answer within" in r.stderr, r
+        assert r.returncode == 69 and b"spool[1]: did not answer within 1.5s" in r.stderr, r
         assert b"its messages are not listed" in r.stderr, r
         listed = [json.loads(line)["queue_id"] for line in r.stdout.splitlines()]
         assert sorted(listed) == sorted(on[0]) and took < 12, (listed, took)
@@ -210,7 +211,8 @@ def test_queue_summary_and_flush_with_shards_stopped_say_what_the_others_say(mak
 
     from mta.queueid import shard_of
 
-    d = make_daemon(acceptors=1, shards=3)
+    # ([admin] shard_timeout: the bound of the admin API and the commands, 5 s unset)
+    d = make_daemon(acceptors=1, shards=3, admin={"shard_timeout": 1.5})
     for i in range(6):
         d.send("a@sender.test", [f"x{i}@one.test"], message(f"m{i}"))
     kids = d.children()
@@ -223,8 +225,8 @@ def test_queue_summary_and_flush_with_shards_stopped_say_what_the_others_say(mak
         took = time.monotonic() - t0
         out = r.stdout.decode()
         assert r.returncode == 69 and took < 8, (took, r)
-        assert b"spool[1] did not answer within 5s" in r.stderr and \
-            b"spool[2] did not answer within 5s" in r.stderr, r
+        assert b"spool[1] did not answer within 1.5s" in r.stderr and \
+            b"spool[2] did not answer within 1.5s" in r.stderr, r
         assert out.startswith("SHARD") and "\n0 " in out, out      # shard 0's row
         assert "did not answer" in out, out                          # and theirs say so
         t0 = time.monotonic()
@@ -259,7 +261,8 @@ def test_the_queue_view_with_a_shard_stopped_shows_the_others_and_names_it(make_
 
     from mta.queueid import shard_of
 
-    d = make_daemon(acceptors=1, shards=3)      # (delivery held: what lands stays queued)
+    # (delivery held: what lands stays queued; [admin] shard_timeout: the bound is 1.5 s)
+    d = make_daemon(acceptors=1, shards=3, admin={"shard_timeout": 1.5})
     qids = [d.send("a@sender.test", [f"x{i}@one.test"], message(f"m{i}")) for i in range(9)]
     on = {n: [q for q in qids if shard_of(q, 3) == n] for n in range(3)}
     assert on[1] and on[0] + on[2], qids
@@ -275,7 +278,7 @@ def test_the_queue_view_with_a_shard_stopped_shows_the_others_and_names_it(make_
         assert all(x["state"] == "ok" for x in v["shards"]), v["shards"]
         assert [(x["shard"], x["state"]) for x in v["not_answering"]] == \
             [(1, "not answering")], v["not_answering"]
-        assert "did not answer within" in v["not_answering"][0]["error"], v
+        assert "did not answer within 1.5s" in v["not_answering"][0]["error"], v
         for k in ("by_domain", "by_site", "by_pool", "by_source", "lanes", "webhooks"):
             assert k in v, k        # (the fields consumers read are all there)
         r = d.cli("queue", "summary", check=False)
