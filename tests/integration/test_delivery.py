@@ -1252,7 +1252,7 @@ def test_a_flush_sends_a_message_s_flushed_recipients_while_another_job_of_it_is
     qid = d.send("alice@sender.test", ["u@slow.test", "v@two.test"], message("both"))
     wait_until(lambda: sum(e["type"] == "delay" for e in d.events()) == 2, 20, "two delays")
     mode["defer"] = False
-    slow.delay = 15.0                 # its end of data answered after 15 s
+    slow.delay = 6.0                  # its end of data answered after 6 s
     d.cli("queue", "flush", "--domain", "slow.test")
     wait_until(lambda: any(a == "u@slow.test" and r.startswith("250")
                            for _, a, r in slow.rcpt_log), 10, "the slow job at its data")
