@@ -168,7 +168,7 @@ def test_queue_list_and_delete_answer_soon_with_a_shard_stopped(make_daemon):
     from mta.queueid import shard_of
 
     # ([admin] shard_timeout: the commands' default wait, shorter than its 5 s)
-    d = make_daemon(acceptors=1, shards=2, admin={"shard_timeout": 1.5})
+    d = make_daemon(acceptors=1, shards=2, admin={"shard_timeout": 0.7})
     qids = [d.send("a@sender.test", [f"x{i}@one.test"], message(f"m{i}")) for i in range(6)]
     on = {n: [q for q in qids if shard_of(q, 2) == n] for n in (0, 1)}
     assert on[0] and on[1], qids
@@ -178,16 +178,16 @@ def test_queue_list_and_delete_answer_soon_with_a_shard_stopped(make_daemon):
         t0 = time.monotonic()
         r = d.cli("queue", "list", check=False)
         took = time.monotonic() - t0
-        assert r.returncode == 69 and b"spool[1]: did not answer within 1.5s" in r.stderr, r
+        assert r.returncode == 69 and b"spool[1]: did not answer within 0.7s" in r.stderr, r
         assert b"its messages are not listed" in r.stderr, r
         listed = [json.loads(line)["queue_id"] for line in r.stdout.splitlines()]
         assert sorted(listed) == sorted(on[0]) and took < 12, (listed, took)
         t0 = time.monotonic()
-        r = d.cli("queue", "list", "--timeout", "1", check=False)
+        r = d.cli("queue", "list", "--timeout", "0.5", check=False)
         assert r.returncode == 69 and len(r.stdout.splitlines()) == len(on[0]), r
         assert time.monotonic() - t0 < 6, time.monotonic() - t0
         t0 = time.monotonic()
-        r = d.cli("queue", "delete", "--json", "--timeout", "1", on[0][0], on[1][0],
+        r = d.cli("queue", "delete", "--json", "--timeout", "0.5", on[0][0], on[1][0],
                   check=False)
         assert time.monotonic() - t0 < 6, time.monotonic() - t0
         assert r.returncode == 69 and json.loads(r.stdout)["deleted"] == [on[0][0]], r
@@ -261,8 +261,8 @@ def test_the_queue_view_with_a_shard_stopped_shows_the_others_and_names_it(make_
 
     from mta.queueid import shard_of
 
-    # (delivery held: what lands stays queued; [admin] shard_timeout: the bound is 1.5 s)
-    d = make_daemon(acceptors=1, shards=3, admin={"shard_timeout": 1.5})
+    # (delivery held: what lands stays queued; [admin] shard_timeout: the bound is 0.7 s)
+    d = make_daemon(acceptors=1, shards=3, admin={"shard_timeout": 0.7})
     qids = [d.send("a@sender.test", [f"x{i}@one.test"], message(f"m{i}")) for i in range(9)]
     on = {n: [q for q in qids if shard_of(q, 3) == n] for n in range(3)}
     assert on[1] and on[0] + on[2], qids
@@ -278,7 +278,7 @@ def test_the_queue_view_with_a_shard_stopped_shows_the_others_and_names_it(make_
         assert all(x["state"] == "ok" for x in v["shards"]), v["shards"]
         assert [(x["shard"], x["state"]) for x in v["not_answering"]] == \
             [(1, "not answering")], v["not_answering"]
-        assert "did not answer within 1.5s" in v["not_answering"][0]["error"], v
+        assert "did not answer within 0.7s" in v["not_answering"][0]["error"], v
         for k in ("by_domain", "by_site", "by_pool", "by_source", "lanes", "webhooks"):
             assert k in v, k        # (the fields consumers read are all there)
         r = d.cli("queue", "summary", check=False)
