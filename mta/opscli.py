@@ -400,8 +400,9 @@ def _drain_bar(cl, d, deadline, interval):
     first = max(d["remaining"]["messages"], 1)
     with Progress(TextColumn("draining"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]:.1f} msg/s, {task.fields[left]} left"),
-                  TimeElapsedColumn()) as bar:
-        task = bar.add_task("drain", total=first, rate=0.0, left=d["remaining"]["messages"])
+                  TimeElapsedColumn(), TextColumn("{task.fields[note]}")) as bar:
+        task = bar.add_task("drain", total=first, rate=0.0, left=d["remaining"]["messages"],
+                            note="")
         start = time.monotonic()
         while True:
             left = d["remaining"]["messages"]
@@ -410,7 +411,9 @@ def _drain_bar(cl, d, deadline, interval):
                 bar.update(task, total=first)
             done = first - left
             rate = done / max(time.monotonic() - start, 1e-3)
-            bar.update(task, completed=done, rate=rate, left=left)
+            # (as the line mode says: a shard not answering is not counted in left)
+            note = f"partial: {partial_note(d)}" if d.get("partial") else ""
+            bar.update(task, completed=done, rate=rate, left=left, note=note)
             if d["done"] or not d["draining"] or (deadline and time.monotonic() >= deadline):
                 return d
             time.sleep(interval)
