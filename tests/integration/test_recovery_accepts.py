@@ -132,8 +132,10 @@ def test_show_and_inspect_while_a_shard_reads_its_queue_say_it_is_recovering(tmp
     shard now answers at once that it is recovering, with the status an older reader
     takes as "try again" (never "not queued"); the commands say so (exit 69), the API
     answers 503 with Retry-After; once the queue is read, the message is shown."""
-    d = Daemon(tmp_path, acceptors=1, shards=1, spool={"recovery_slice": 1})
-    old = fill(d, 3 * QUEUED)        # (read for longer than the commands' 5 s)
+    # (read for longer than the commands' bound: [admin] shard_timeout, 1 s here)
+    d = Daemon(tmp_path, acceptors=1, shards=1, spool={"recovery_slice": 1},
+               admin={"shard_timeout": 1.0})
+    old = fill(d, QUEUED)
     last = max(old)
     try:
         d.start()
