@@ -23,11 +23,11 @@ SHAPING = [{"mx": "mx.shared.test", "connection_limit": 1}]
 def test_two_processes_take_turns_on_a_site_limited_to_one_connection(lab):
     a, b = on_two_processes([f"turn{i}.test" for i in range(100)])
     lab.serve(mx(a, "mx.shared.test", "127.0.0.10") + mx(b, "mx.shared.test", "127.0.0.10"))
-    sink = SmartSink("127.0.0.10", lab.port, Policy(reply_delay=0.05)).start()  # ~0.2 s each
+    sink = SmartSink("127.0.0.10", lab.port, Policy(reply_delay=0.025)).start()  # ~0.1 s each
     lab.sinks.append(sink)
     d = lab.daemon(processes=2, slot_turn=1.0, idle_timeout=30.0,
                    sections={"shaping": SHAPING, "backoff": {"enabled": False}})
-    n = 40
+    n = 30
     first = inject(d, f"x@{a}", n)
     wait_until(lambda: sink.received() >= 3, 30, f"{a}'s mail arriving", interval=0.05)
     second = inject(d, f"y@{b}", n)
