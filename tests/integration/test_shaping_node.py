@@ -38,7 +38,7 @@ def test_a_wildcard_rule_holds_its_sites_connection_limit_in_every_delivery_proc
     other = _on(1, (f"other{i}.test" for i in range(200)))
     lab.serve(mx(wild, "mx.shared.test", "127.0.0.10") + mx(other, "mx.shared.test",
                                                              "127.0.0.10"))
-    sink = SmartSink("127.0.0.10", lab.port, Policy(reply_delay=0.05)).start()
+    sink = SmartSink("127.0.0.10", lab.port, Policy(reply_delay=0.025)).start()
     lab.sinks.append(sink)
     d = lab.daemon(processes=2, connection_limit=8,
                    sections={"shaping": [{"domain": "*.x.test", "connection_limit": 1}],
@@ -51,6 +51,6 @@ def test_a_wildcard_rule_holds_its_sites_connection_limit_in_every_delivery_proc
     wait_until(lambda: wild in _read(os.path.join(d.state_dir, "run",
                                                   "delivery-1.sites.json")), 30,
                "the shared domain in the second process's sites", interval=0.2)
-    finish(inject(d, f"r@{other}", 30), inject(d, f"r@{wild}", 10))
-    wait_until(lambda: sink.received() >= 42, 120, "42 messages delivered", interval=0.1)
+    finish(inject(d, f"r@{other}", 20), inject(d, f"r@{wild}", 6))
+    wait_until(lambda: sink.received() >= 28, 120, "28 messages delivered", interval=0.1)
     assert sink.max_open == 1, sink.max_open
