@@ -412,11 +412,10 @@ def test_warmup_counts_what_a_source_sends_not_what_waited_and_went_back(lab):
         "no job went back to the spool (waited over max_wait, or for the rate)"
 
 
-def test_mail_handed_back_for_a_throttled_rate_comes_back_when_the_throttle_ends(lab):
-    """A rule throttles the site to one message an hour for 12 s (120 x time_scale 0.1).
-    The messages that cannot have a unit of that rate in time go back to the spool; they
-    are due again when the throttle ends (not an hour later, at the throttled rate's next
-    unit), and go out then without an operator's flush -- and not before it ends."""
+def _throttled_once(lab, duration: int):
+    """A sink that says "451 4.7.500 Server busy" to the first DATA only, and a daemon
+    (time_scale 0.1) whose response rule throttles the site to 1/h for *duration*
+    unscaled seconds on that reply: (sink, daemon)."""
     lab.serve(mx(LIMITED, SITE, "127.0.0.10"))
     state = {"said": 0}
 
@@ -429,8 +428,17 @@ def test_mail_handed_back_for_a_throttled_rate_comes_back_when_the_throttle_ends
     d = lab.daemon(time_scale=0.1, job_timeout_margin=2.0, sections={
         "response_rule": [{"name": "server-busy", "enhanced": "4.7.500",
                            "mx": "*.limited.test", "action": "throttle",
-                           "max_message_rate": "1/h", "duration": 120}],
+                           "max_message_rate": "1/h", "duration": duration}],
         "backoff": {"enabled": False}})
+    return sink, d
+
+
+def test_mail_handed_back_for_a_throttled_rate_comes_back_when_the_throttle_ends(lab):
+    """A rule throttles the site to one message an hour for 12 s (120 x time_scale 0.1).
+    The messages that cannot have a unit of that rate in time go back to the spool; they
+    are due again when the throttle ends (not an hour later, at the throttled rate's next
+    unit), and go out then without an operator's flush -- and not before it ends."""
+    sink, d = _throttled_once(lab, 120)
     send_many(d, LIMITED, 1, "first")
     [r] = wait_until(lambda: [x for x in rules(d) if x["kind"] == "throttle"] or None, 30,
                      "the throttle in mta rules list", interval=0.1)
@@ -488,20 +496,7 @@ def test_mail_handed_back_for_a_throttled_rate_comes_back_when_the_throttle_is_c
     0.1); the messages that cannot have a unit of it in time go back to the spool.  The
     operator cancels the throttle (mta rules cancel): they are due again at once and go
     out within seconds, not at the throttle's end nor at its rate's next unit."""
-    lab.serve(mx(LIMITED, SITE, "127.0.0.10"))
-    state = {"said": 0}
-
-    def data(sink, txn):
-        if not state["said"]:
-            state["said"] += 1
-            return "451 4.7.500 Server busy. Please try again later"
-        return None
-    sink = lab.aio("127.0.0.10", data=data)
-    d = lab.daemon(time_scale=0.1, job_timeout_margin=2.0, sections={
-        "response_rule": [{"name": "server-busy", "enhanced": "4.7.500",
-                           "mx": "*.limited.test", "action": "throttle",
-                           "max_message_rate": "1/h", "duration": 36000}],
-        "backoff": {"enabled": False}})
+    sink, d = _throttled_once(lab, 36000)
     send_many(d, LIMITED, 1, "first")
     wait_until(lambda: [x for x in rules(d) if x["kind"] == "throttle"] or None, 30,
                "the throttle in mta rules list", interval=0.1)
