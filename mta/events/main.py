@@ -43,8 +43,7 @@ import time
 from mta import bus, native, proc
 from mta.api import webhookdb
 from mta.feedback.events_store import StoreDamaged, StoreFull
-from mta.events.shape import event_id as make_event_id
-from mta.events.shape import expand, sparkpost_event
+from mta.events.shape import event_ids, sparkpost_event
 from mta.obs import events as ev
 from mta.obs.stats import Pusher, Registry
 from mta.store import (Watermark, read_cursor, read_events, segment_numbers, segment_path,
@@ -194,12 +193,16 @@ class Tail:
 
         def on_events(offset: int, meta) -> None:
             taken[0] += 1
-            seg = self.seg
-            i = 0
+            ids = event_ids(shard, self.seg, offset)
             for internal in ev.decode(meta):
-                for one in expand(internal):
-                    out.append(sparkpost_event(one, event_id=make_event_id(shard, seg, offset, i)))
-                    i += 1
+                rcpts = internal.get("rcpts")
+                if rcpts is None:
+                    out.append(sparkpost_event(internal, event_id=next(ids)))
+                else:
+                    # (an injection: one event per recipient, as expand() makes them,
+                    # without a copy of the internal event for each)
+                    for r in rcpts:
+                        out.append(sparkpost_event(internal, event_id=next(ids), recipient=r))
 
         def on_skip(offset: int, n: int) -> None:
             self.skipped += n

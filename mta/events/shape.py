@@ -76,6 +76,7 @@ Not carried: the template, subaccount and tracking fields (no such features).
 """
 from __future__ import annotations
 
+import itertools
 import re
 import time
 
@@ -139,6 +140,12 @@ def event_id(shard: int, segment: int, offset: int, index: int) -> str:
     return str((((segment << 32 | offset) << 32 | index) << 8) | shard)
 
 
+def event_ids(shard: int, segment: int, offset: int):
+    """:func:`event_id` of the events of one record, index 0, 1, 2, ... (an iterator)."""
+    base = (segment << 32 | offset) << 40 | shard
+    return map(str, itertools.count(base, 1 << 8))
+
+
 def expand(internal: dict):
     """The per-recipient internal events of one record entry (injection: one per rcpt)."""
     rcpts = internal.get("rcpts")
@@ -191,8 +198,12 @@ def _refusal(out: dict, internal: dict, kind: str) -> dict:
     return out
 
 
-def sparkpost_event(internal: dict, *, event_id: str) -> dict:
-    """The flat SparkPost message event for one internal event of one recipient."""
+def sparkpost_event(internal: dict, *, event_id: str, recipient: str | None = None) -> dict:
+    """The flat SparkPost message event for one internal event of one recipient.
+
+    *recipient*: the one of an injection's ``rcpts`` (as :func:`expand` makes it);
+    None: the event's own ``recipient``.
+    """
     kind = internal.get("type", "")
     if kind in REPORT_KINDS:
         # made by the acceptor that read the report (mta.feedback.oob.report_events)
@@ -206,7 +217,7 @@ def sparkpost_event(internal: dict, *, event_id: str) -> dict:
         return out
     ts = float(internal.get("timestamp") or 0.0)
     arrival = float(internal.get("arrival") or ts)
-    rcpt = internal.get("recipient", "")
+    rcpt = internal.get("recipient", "") if recipient is None else recipient
     qid = internal.get("queue_id", "")
     domain = _domain(rcpt)
     out = {
