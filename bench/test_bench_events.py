@@ -39,6 +39,10 @@ Timestamps and queue ids follow a fixed clock (``RATE`` messages a second from
 Instructions per event (callgrind, 5,120 and 15,360 events, 2026-12-06, at 2ec57f3): HTTP
 injection 156,700 of which the harness 19,200, so **~137,500 in the events process**;
 ``--e2e`` 178,000.  CPU: ~19 µs per event HTTP, ~25 µs end to end (the harness ~2.4 µs).
+After 2105a24 (no copy per recipient, event ids from an iterator): HTTP 153,100 (events
+process ~133,800), ``--e2e`` 174,800.  Where an HTTP injection event's instructions go
+(scratch stage-by-stage counts): store append ~73,000 (LMDB ~40,000 of it), shaping
+~32,000 (nearly all interpreter), record decode (orjson) ~12,500, log line (orjson) ~10,000.
 """
 from __future__ import annotations
 
