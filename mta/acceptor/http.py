@@ -174,18 +174,25 @@ def _chunked_only(codings: bytes) -> None:
                                      "the body as it is, or chunked"))
 
 
+SUPPRESSION_GRANT = "suppression_lists:manage"
+EVENTS_GRANT = "message_events:view"
+WEBHOOKS_VIEW = "webhooks:view"
+WEBHOOKS_MODIFY = "webhooks:modify"
+TRANSMISSIONS_GRANT = "transmissions:modify"
+
+
 def _grant_of(method: bytes, route: bytes) -> str | None:
     """The grant (http.key_grants) a request for *route* needs, as the routes ask it;
     None for a route there is not: any valid key, then 404 (whether a route exists
     does not depend on the key's grants)."""
     if suppression_api.matches(route):
-        return "suppression_lists:manage"
+        return SUPPRESSION_GRANT
     if events_api.matches(route):
-        return "message_events:view"
+        return EVENTS_GRANT
     if webhooks_api.matches(route):
-        return "webhooks:view" if method in (b"GET", b"HEAD") else "webhooks:modify"
+        return WEBHOOKS_VIEW if method in (b"GET", b"HEAD") else WEBHOOKS_MODIFY
     if route == PATH or route.rstrip(b"/") == PATH:
-        return "transmissions:modify"
+        return TRANSMISSIONS_GRANT
     return None
 
 
@@ -239,12 +246,17 @@ class _Reject(Exception):
 class Request:
     """One complete request (or a parse error to answer in its place)."""
 
-    __slots__ = ("method", "url", "headers", "body", "keep_alive", "http10", "error", "begun")
+    __slots__ = ("method", "url", "grant", "scope", "headers", "body", "keep_alive", "http10",
+                 "error", "begun")
 
     def __init__(self):
         self.begun = 0.0        # loop time of its first byte (for /metrics)
         self.method = b""
         self.url = b""
+        # what its route asks of the API key (_grant_of; it also names the route), and
+        # the key's idempotency scope once authorized for it (Session._authorized)
+        self.grant: str | None = None
+        self.scope: str | None = None
         self.headers: dict[bytes, bytes] = {}
         self.body = b""
         self.keep_alive = False
@@ -594,11 +606,13 @@ class Session(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_bytes = 0
-        h = self.cur.headers
+        req = self.cur
+        h = req.headers
+        req.method = method = self.parser.get_method()
+        req.url = url = b"".join(self.url_parts)
+        req.grant = grant = _grant_of(method, url.partition(b"?")[0])
         self.body_limit = limit = self.cfg.max_body_size
-        if self.parser.get_method() == b"PUT" and \
-                suppression_api.matches(b"".join(self.url_parts).partition(b"?")[0]) and \
-                self._refusal(h, "suppression_lists:manage") is None:
+        if method == b"PUT" and grant == SUPPRESSION_GRANT and self._refusal(req) is None:
             # a bulk suppression-list PUT: up to SparkPost's 50 MB (10,000 entries); only
             # for a caller with a key, so that anyone who can connect cannot make each
             # connection hold more than http.max_body_size
@@ -612,7 +626,7 @@ class Session(asyncio.Protocol):
         if h.get(b"expect", b"").strip().lower() == b"100-continue" and \
                 self.parser.get_http_version() != "1.0":   # (no 1xx to HTTP/1.0: RFC 9110 15.2)
             if not self.queue and not self.busy:
-                err = self._refusal(h, self._grant())
+                err = self._refusal(req)
                 if err is not None:
                     raise _Reject(err)
                 self.transport.write(CONTINUE)
@@ -621,22 +635,28 @@ class Session(asyncio.Protocol):
         elif b"transfer-encoding" in h or (length is not None and length.strip() != b"0"):
             # A body is read and held only for a caller the key will let in: anyone who
             # can connect could otherwise make every connection hold http.max_body_size.
-            err = self._refusal(h, self._grant())
+            err = self._refusal(req)
             if err is not None:
                 raise _Reject(err)
 
-    def _grant(self) -> str | None:
-        """The grant (http.key_grants) the request being read needs."""
-        return _grant_of(self.parser.get_method(), b"".join(self.url_parts).partition(b"?")[0])
+    def _authorized(self, req: Request) -> str:
+        """The idempotency scope of *req*'s API key for what its route needs
+        (Service.authorize, asked once per request: the keys do not change); ApiError."""
+        scope = req.scope
+        if scope is None:
+            h = req.headers
+            req.scope = scope = self.svc.authorize(h.get(b"authorization"), self.peer_ip, h,
+                                                   req.grant)
+        return scope
 
-    def _refusal(self, h: dict[bytes, bytes], grant: str | None) -> R.ApiError | None:
+    def _refusal(self, req: Request) -> R.ApiError | None:
         """Why a request will be refused whatever its body (the API key: every resource
         asks for it), or None.  A request that expects 100-continue then gets that
         answer instead of the 100 and the connection closes, its body unread (RFC 9110
         10.1.1), rather than uploading it for nothing; a suppression-list PUT gets its
         larger body bound only when it is not refused."""
         try:
-            self.svc.authorize(h.get(b"authorization"), self.peer_ip, h, grant)
+            self._authorized(req)
         except R.ApiError as err:
             return err
         return None
@@ -665,8 +685,6 @@ class Session(asyncio.Protocol):
     def on_message_complete(self) -> None:
         req = self.cur
         p = self.parser
-        req.method = p.get_method()
-        req.url = b"".join(self.url_parts)
         parts = self.body_parts
         req.body = parts[0] if len(parts) == 1 else b"".join(parts)
         req.keep_alive = p.should_keep_alive()
@@ -697,7 +715,7 @@ class Session(asyncio.Protocol):
             return
         if not self.busy and not self.queue and self.expect_continue and self.cur is not None:
             self.expect_continue = False
-            err = self._refusal(self.cur.headers, self._grant())
+            err = self._refusal(self.cur)
             if err is not None:
                 self._fail(err)
                 self._run()
@@ -757,15 +775,8 @@ class Session(asyncio.Protocol):
             self._respond(req.error, keep_alive=False)
             return
         try:
-            route = req.url.partition(b"?")[0]
-            if suppression_api.matches(route):
-                self._suppression(req)
-            elif events_api.matches(route):
-                self._events(req)
-            elif webhooks_api.matches(route):
-                self._webhooks(req)
-            else:
-                self._transmission(req)
+            # (the grant its route needs names the route: on_headers_complete)
+            _ROUTES.get(req.grant, Session._transmission)(self, req)
         except R.ApiError as err:
             # (no resource takes HEAD: its answer is an error, here or _suppression_done)
             svc.stats["errors"] += 1
@@ -794,8 +805,7 @@ class Session(asyncio.Protocol):
         behind a transmission.
         """
         svc = self.svc
-        svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers,
-                      "suppression_lists:manage")
+        self._authorized(req)
         store = self.a.suppression
         if store is None:
             raise R.ApiError(R.NOT_FOUND, "the suppression list is disabled "
@@ -818,8 +828,7 @@ class Session(asyncio.Protocol):
     def _events(self, req: Request) -> None:
         """``/api/v1/events/message`` (mta.api.events), or ApiError; in a worker thread."""
         svc = self.svc
-        svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers,
-                      "message_events:view")
+        self._authorized(req)
         cfg = self.a.settings.config.events
         if not cfg.store:
             raise R.ApiError(R.NOT_FOUND, "the events store is disabled ([events] store)")
@@ -838,8 +847,7 @@ class Session(asyncio.Protocol):
         transmission.
         """
         svc = self.svc
-        svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers,
-                      "webhooks:view" if req.method in (b"GET", b"HEAD") else "webhooks:modify")
+        self._authorized(req)
         # (a webhook made or changed here would get 200 and never a batch; the ones there
         # are may still be listed and deleted)
         cfg = self.a.settings.config
@@ -868,14 +876,14 @@ class Session(asyncio.Protocol):
         if path != PATH and path.rstrip(b"/") != PATH:
             # no such resource: for any valid key (whatever its grants), after the
             # key is checked as for every route (401/403 without a valid one)
-            svc.authorize(req.headers.get(b"authorization"), self.peer_ip, req.headers)
+            self._authorized(req)
             raise R.ApiError(R.NOT_FOUND, "no such resource: "
                              + path[:200].decode("latin-1") + "; use POST /api/v1/transmissions")
         if req.method != b"POST":
             raise R.ApiError(R.BAD_METHOD, f"{req.method.decode('latin-1')} is not allowed on "
                              "/api/v1/transmissions; use POST", allow="POST")
         h = req.headers
-        scope = svc.authorize(h.get(b"authorization"), self.peer_ip, h, "transmissions:modify")
+        scope = self._authorized(req)
         ctype = h.get(b"content-type", b"").partition(b";")[0].strip().lower()
         if ctype != b"application/json":
             raise R.ApiError(R.UNSUPPORTED_TYPE, "Content-Type must be application/json")
@@ -979,6 +987,12 @@ class Session(asyncio.Protocol):
         if force or idle > self.cfg.keepalive_timeout or (draining and idle >= DRAIN_IDLE):
             self.closing = True
             self._close()
+
+
+# The grant a route needs -> its handler; any other: Session._transmission (which answers
+# 404 for a route there is not)
+_ROUTES = {SUPPRESSION_GRANT: Session._suppression, EVENTS_GRANT: Session._events,
+           WEBHOOKS_VIEW: Session._webhooks, WEBHOOKS_MODIFY: Session._webhooks}
 
 
 def _suppression_call(store, method: bytes, path: bytes, query: bytes, body: bytes,
