@@ -921,6 +921,10 @@ def encoded_words(text: str, octets: int = WORD_OCTETS) -> list[str]:
 
 def _fold(name: str, tokens: list[str]) -> bytes:
     """``name: tokens`` joined by spaces, folded before a space where a line would pass 78."""
+    if tokens:
+        line = f"{name}: {' '.join(tokens)}"
+        if len(line) <= FOLD_AT:    # (the common case: one line, nothing to fold)
+            return (line + "\r\n").encode("utf-8")
     line = name + ":"
     lines = []
     for t in tokens:
