@@ -12,7 +12,8 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact,
                             PyBytes_FromStringAndSize, PyBytes_GET_SIZE)
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memchr
+from libc.stdint cimport uint64_t
+from libc.string cimport memchr, memcpy
 
 # scan_body's flags as C enum constants for its loop (ext/scancodes.pxd is
 # written by setup.py from mta/scancodes.py, where they are declared).
@@ -477,30 +478,60 @@ def scan_body(buf, Py_ssize_t start=0, Py_ssize_t max_line=MAX_LINE):
     cdef Py_ssize_t n = v.n, i, line_start, length
     cdef int flags = 0
     cdef unsigned char c
+    cdef const unsigned char* q
+    cdef uint64_t word, seen = 0
     if start < 0:
         start = 0
     line_start = start
     with nogil:
-        i = start
-        while i < n:
-            c = p[i]
-            if c >= 0x80:
+        if start < n and memchr(p + start, C_CR, n - start) == NULL and \
+                memchr(p + start, 0, n - start) == NULL:
+            # No CR and no NUL (text_body's text, its lines ended by LF): every LF is a
+            # bare one, the lines are found by memchr and the 8-bit octets by an OR of
+            # eight octets at a time -- not a test of each octet (13 instructions an
+            # octet: half of text_body's cost)
+            i = start
+            while i + 8 <= n:
+                memcpy(&word, p + i, 8)
+                seen |= word
+                i += 8
+            while i < n:
+                seen |= p[i]
+                i += 1
+            if seen & 0x8080808080808080ULL:
                 flags |= _FLAG_8BIT
-            elif c == C_LF:
-                length = i - line_start
-                if i > start and p[i - 1] == C_CR:
-                    length -= 1
-                else:
-                    flags |= _FLAG_BARE_LF
-                if length > max_line:
+            i = start
+            while True:
+                q = <const unsigned char*>memchr(p + i, C_LF, n - i)
+                if q == NULL:
+                    break
+                i = q - p
+                flags |= _FLAG_BARE_LF
+                if i - line_start > max_line:
                     flags |= _FLAG_LONG_LINE
-                line_start = i + 1
-            elif c == C_CR:
-                if i + 1 >= n or p[i + 1] != C_LF:
-                    flags |= _FLAG_BARE_CR
-            elif c == 0:
-                flags |= _FLAG_NUL
-            i += 1
+                i += 1
+                line_start = i
+        else:
+            i = start
+            while i < n:
+                c = p[i]
+                if c >= 0x80:
+                    flags |= _FLAG_8BIT
+                elif c == C_LF:
+                    length = i - line_start
+                    if i > start and p[i - 1] == C_CR:
+                        length -= 1
+                    else:
+                        flags |= _FLAG_BARE_LF
+                    if length > max_line:
+                        flags |= _FLAG_LONG_LINE
+                    line_start = i + 1
+                elif c == C_CR:
+                    if i + 1 >= n or p[i + 1] != C_LF:
+                        flags |= _FLAG_BARE_CR
+                elif c == 0:
+                    flags |= _FLAG_NUL
+                i += 1
         if n - line_start > max_line:
             flags |= _FLAG_LONG_LINE
     return flags

@@ -390,6 +390,21 @@ def test_twins_agree_on_anything(buf):
         assert EXT.canon_headers(fields, names, relaxed) == PURE.canon_headers(fields, names, relaxed)
 
 
+# text without CR or NUL (the compiled scan_body's fast path: lines by memchr, 8-bit
+# octets eight at a time): lines of every length around the limits, 8-bit octets
+# anywhere, any start
+LF_TEXT = st.lists(st.sampled_from([b"a", b"\n", b"\n\n", b" ", b"\xc3\xa9", b"\x80", b"\x7f",
+                                    b"\x01", b"x" * 7, b"y" * 9, b"z" * 40]),
+                   max_size=60).map(b"".join)
+
+
+@PROPS
+@given(LF_TEXT, st.integers(-2, 70), st.integers(0, 50))
+def test_twins_agree_on_body_scans_of_lf_text(buf, start, max_line):
+    assert EXT.scan_body(buf, start, max_line) == PURE.scan_body(buf, start, max_line)
+    assert EXT.scan_body(bytearray(buf)) == PURE.scan_body(buf)
+
+
 def _fed(m, body, relaxed, cuts):
     out = []
     c = m.BodyCanonicalizer(relaxed, out.append)
