@@ -1286,7 +1286,7 @@ class Builder:
         self.tx_sub = tx.substitution_data or {}
         self.tx_meta = tx.metadata or None
         # the transmission's substitution scopes, after the recipient's (build)
-        self.tx_scopes = tuple(x for x in (self.tx_sub, self.tx_meta) if x)
+        self.tx_scopes = tuple(filter(None, (self.tx_sub, self.tx_meta)))
         base: dict = {}
         if tx.campaign_id:
             base["campaign_id"] = tx.campaign_id
@@ -1445,7 +1445,7 @@ class Builder:
         # SMTPUTF8 when an address is not ASCII: the envelope's, or one written as it is
         # into the header (header_to, Cc, Reply-To: RFC 6532 allows UTF-8 there only in
         # mail sent with SMTPUTF8); everything else non-ASCII is in encoded words
-        utf8 = not _is_ascii(from_email, email) or not b"".join(out).isascii()
+        utf8 = not (from_email.isascii() and email.isascii() and b"".join(out).isascii())
         body = self._body(scopes)
         out.append(body)
         if not body.endswith(b"\r\n"):
