@@ -15,7 +15,10 @@ the spool shard (bench/acceptor_rig.py, shared with bench/test_bench_session.py)
 The acceptor's state (the idempotency store) lives in a temporary directory.
 
 Where this time goes (2026-12-05): no single hot spot; ~340 Python-level calls per
-transmission (bench/RESULTS.md, "Where the CPU goes, measured with perf").
+transmission (bench/RESULTS.md, "Where the CPU goes, measured with perf").  Measured
+by callgrind (2026-12-06, /tmp/s46/ir.sh-style differencing of 200 and 1,200
+transmissions): 443,000 instructions per transmission before stop 46's steps, 396,000
+after (cProfile: 380 -> 349 calls, C functions included).
 """
 from __future__ import annotations
 
