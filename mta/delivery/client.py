@@ -321,15 +321,37 @@ def _line_text(line: bytes) -> bytes:
     return line[4:] if line[3:4] in (b" ", b"-") else line[3:]
 
 
+# One-line replies taken apart before, by their octets: a server says the same few again
+# and again ("250 2.1.0 Ok" to every MAIL), and a look-up here is a sixth of the parse.
+# The parts are a function of the octets alone; each reply is a new object as before.
+# Bounded: lines up to REPLY_CACHE_LINE octets, REPLY_CACHE_MAX of them, then forgotten
+# all at once (a server whose every final reply names its queue id fills it in that many
+# messages, and the common ones are parsed again once).
+REPLY_CACHE_MAX = 256
+REPLY_CACHE_LINE = 128
+_reply_parts: dict[bytes, tuple[int, str | None, str]] = {}
+
+
 def _one_line(line: bytes) -> SmtpReply:
     """The reply of one line (checked: three digits 2xx-5xx first, then not "-")."""
+    parts = _reply_parts.get(line)
+    if parts is None:
+        parts = _one_line_parts(line)
+        if len(line) <= REPLY_CACHE_LINE:
+            if len(_reply_parts) >= REPLY_CACHE_MAX:
+                _reply_parts.clear()
+            _reply_parts[line] = parts
+    return SmtpReply(*parts)
+
+
+def _one_line_parts(line: bytes) -> tuple[int, str | None, str]:
+    """(code, enhanced, text) of a one-line reply."""
     code = int(line[:3])
     text = _line_text(line)
     prefix = _enhanced_prefix(code, text)
     if prefix is None:
-        return SmtpReply(code, None, text.decode("utf-8", "replace"))
-    return SmtpReply(code, prefix.rstrip().decode("ascii"),
-                     text[len(prefix):].decode("utf-8", "replace"))
+        return code, None, text.decode("utf-8", "replace")
+    return code, prefix.rstrip().decode("ascii"), text[len(prefix):].decode("utf-8", "replace")
 
 
 class DsnParams:

@@ -165,6 +165,32 @@ def test_reply_parser_one_line_replies_at_once():
                                                        SmtpReply(250, None, "3.0.0 x")]
 
 
+def test_one_line_replies_remembered_parse_as_a_fresh_parse():
+    """The parts of one-line replies are remembered by their octets (client._one_line):
+    a line seen before gives the reply a fresh parse gives, as a new object each time
+    (the engine matches response rules once per reply object), and what is remembered
+    stays within REPLY_CACHE_MAX lines of at most REPLY_CACHE_LINE octets."""
+    from mta.delivery import client as smtpc
+    rnd = random.Random(3463)
+    lines = ONE_LINE_STREAM.split(b"\r\n")[:-1] + [
+        b"250 2.0.0 Ok: queued as %X" % rnd.getrandbits(40) for _ in range(600)] + [
+        b"550 5.1.1 " + b"u" * 200, b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"354 go on",
+        b"452 4.5.3 too many", "250 2.0.0 d\u00e9j\u00e0 vu".encode(), b"250 2.0.0 \xff\xfe"]
+    for _ in range(3000):
+        line = rnd.choice(lines)
+        got = smtpc._one_line(line)
+        fresh = smtpc.SmtpReply(*smtpc._one_line_parts(line))
+        assert (type(got), got.code, got.enhanced, got.text) == \
+            (smtpc.SmtpReply, fresh.code, fresh.enhanced, fresh.text)
+        assert got is not smtpc._one_line(line)
+        assert len(smtpc._reply_parts) <= smtpc.REPLY_CACHE_MAX
+        assert all(len(k) <= smtpc.REPLY_CACHE_LINE for k in smtpc._reply_parts)
+    # and as the general path (the line alone, fed octet by octet) parses it
+    for line in lines[:40]:
+        data = line + b"\r\n"
+        assert _parse_in([data]) == _parse_in([data[i:i + 1] for i in range(len(data))])
+
+
 def test_reply_text_right_after_the_code_is_kept_whole():
     """A line with neither space nor hyphen after the code ("550User unknown", seen from
     old or broken servers) ends its reply, and its text starts right after the code: the
