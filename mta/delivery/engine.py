@@ -869,6 +869,8 @@ class Engine:
     def _held(self, source: str, site: str, now: float) -> float:
         """Until when (wall clock) *source* may not send to *site*; 0.0: it may now."""
         src = self.sources[source]
+        if not src.resume_at and not self.adaptive.store.entries:
+            return 0.0      # (nothing suspended anywhere: asked a few times per message)
         until = src.suspended_until(now)
         e = self.adaptive.suspended(source, site, now)
         if e is not None:
@@ -1674,9 +1676,12 @@ class Engine:
         sender = m.sender
         if self.verp is not None and sender:
             sender = f"{self.verp[0]}+{m.qid.lower()}@{self.verp[1]}"
+        params = m.params
+        if not params:          # (most mail: none of BODY, SMTPUTF8 and the DSN ones)
+            return sender, [r.address for r in m.rcpts], False, False, None
         return (sender, [r.address for r in m.rcpts],
-                m.params.get("BODY", "").upper() == "8BITMIME", "SMTPUTF8" in m.params,
-                smtpc.DsnParams.from_params(m.params))
+                params.get("BODY", "").upper() == "8BITMIME", "SMTPUTF8" in params,
+                smtpc.DsnParams.from_params(params))
 
     async def _send(self, conn, t: Target, job: Job, lane: Lane, txn=None, chain=None):
         """Send one job over *conn*; return the connection if it can be reused, else None.
