@@ -1071,7 +1071,7 @@ class SmtpConnection:
         eight_bit = eight_bit or not message.isascii()
         if eight_bit and not self.supports_8bitmime:
             raise Unsupported8Bit()
-        utf8 = not sender.isascii() or not all(r.isascii() for r in recipients)
+        utf8 = not sender.isascii() or not all(map(str.isascii, recipients))
         need_utf8: list[int] = []
         if utf8:
             if not self.supports_smtputf8:
@@ -1154,12 +1154,13 @@ class SmtpConnection:
         if txn.sent:
             # written behind the previous message (cross-transaction pipelining)
             self._ahead = None
+            count = txn.count
             try:
-                got = await self._read(txn.count, self.command_timeout, "MAIL")
+                got = await self._read(count, self.command_timeout, "MAIL")
             except SmtpConnectionLost as exc:
-                got = self._said_before_lost(exc, txn.count, 0)
-            if len(got) < txn.count:
-                got.extend([got[-1]] * (txn.count - len(got)))
+                got = self._said_before_lost(exc, count, 0)
+            if len(got) < count:
+                got.extend([got[-1]] * (count - len(got)))
             mail_reply = got[0]
             rcpt_got = got[1:-1]
             data_cmd_reply: SmtpReply | None = got[-1]
@@ -1221,7 +1222,7 @@ class SmtpConnection:
         # 3. Sort out the envelope replies.  A 1xx or 3xx here (a server out of step,
         # or not SMTP) would read as "not refused": it is a temporary failure, and the
         # connection, whose replies can no longer be matched to commands, goes.
-        if not _expected(mail_reply) or not all(_expected(r) for r in rcpt_got):
+        if not _expected(mail_reply) or not all(map(_expected, rcpt_got)):
             self.close()
             mail_reply = _as_failure(mail_reply, "MAIL")
             if not mail_reply.is_ok:
@@ -1469,7 +1470,7 @@ class SmtpConnection:
                 w.waiter = None
         q = w.replies
         if len(q) >= count:
-            return [q.popleft() for _ in range(count)]
+            return [q.popleft()] if count == 1 else [q.popleft() for _ in range(count)]
         if w.closing and q:
             out = list(q)
             q.clear()

@@ -1744,6 +1744,7 @@ class Engine:
             if over:
                 await self._send_over_limit(conn, job, lane, decided, f"{host}[{ip}]", over)
         results = []
+        delivered = False     # a recipient's outcome is DELIVERED
         slowed = False        # a deferral that asks the site's sender to slow down
         matched = None        # (id(reply), stage) -> the rule it fired (None: none)
         for k, rcpt in enumerate(m.rcpts):
@@ -1778,6 +1779,8 @@ class Engine:
                     elif fired.action == "defer":
                         outcome = DEFERRED
                         job.retry_after = max(job.retry_after, self._delay(fired.name))
+            if outcome == DELIVERED:
+                delivered = True
             results.append(Result(index=rcpt.index, outcome=outcome, code=r.code,
                                   enhanced=r.enhanced or "", text=r.text, host=host, ip=ip,
                                   dsn=res.dsn, bounce_class=bounce_class, rule=fired,
@@ -1787,7 +1790,7 @@ class Engine:
         # greylisted address, a full mailbox) counts neither way.
         if lost is not None:
             self._attempted(lane, False)
-        elif any(x.outcome == DELIVERED for x in results):
+        elif delivered:
             self._attempted(lane, True)
         elif slowed:
             self._attempted(lane, False)

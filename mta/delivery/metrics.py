@@ -29,8 +29,10 @@ class DeliveryMetrics:
 
     def job_done(self, job, results) -> None:
         self.job_seconds.observe(time.monotonic() - job.queued_at)
-        if any(r.outcome != REQUEUED for r in results):
-            self.attempts.value += 1
+        for r in results:
+            if r.outcome != REQUEUED:
+                self.attempts.value += 1
+                break
 
     def _collect(self) -> list:
         eng = self.delivery.engine
