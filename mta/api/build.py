@@ -974,6 +974,23 @@ def mailbox(name: str | None, email: str) -> list[str]:
     return encoded_words(name, PHRASE_OCTETS) + [f"<{email}>"]
 
 
+_from_lines: dict = {}
+FROM_LINE_CACHE = 256     # From fields kept (then the cache starts over)
+
+
+def _from_line(name: str | None, email: str) -> bytes:
+    """``From: name <email>``, folded, for a From that does not depend on the recipient
+    (kept by name and email: both str, or no name)."""
+    key = (name, email)
+    line = _from_lines.get(key)
+    if line is None:
+        line = _fold("From", mailbox(name, email))
+        if len(_from_lines) >= FROM_LINE_CACHE:
+            _from_lines.clear()
+        _from_lines[key] = line
+    return line
+
+
 def address_field(name: str, value: str) -> bytes:
     """An address header field (To, Cc, Reply-To) from text such as ``A <a@x>, b@y``."""
     if value.isascii():
@@ -1340,6 +1357,13 @@ class Builder:
             why = check_email(self.from_email.constant)
             if why:
                 raise R.ApiError(R.INVALID, f"content.from.email: {from_email!r} {why}")
+        # the From field when it is the same for every recipient (from a small cache:
+        # a sender's transmissions repeat it)
+        self.from_line = None
+        if self.from_email.constant is not None and (
+                self.from_name is None or self.from_name.constant is not None):
+            self.from_line = _from_line(self.from_name and self.from_name.constant,
+                                        self.from_email.constant)
         self.subject = _unblocked("content.subject", template(c.subject))
         self.reply_to = _unblocked("content.reply_to", template(c.reply_to)) \
             if c.reply_to else None
@@ -1389,57 +1413,66 @@ class Builder:
             body = multipart("mixed", [body] + self.attachments)
         return body
 
+    def _field(self, i: int, scopes: tuple, label: str, tpl: Template) -> str:
+        """Header field *label*'s value for recipient *i*; RecipientError when
+        substitution_data puts a line break or a control character into it."""
+        v = tpl.render(scopes, limit=self.max_size)
+        why = tpl.constant is None and _unfit(v)
+        if why:
+            raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: substitution_data puts "
+                                 f"{why} into {label}", ev.GENERATION_FAILURE)
+        return v
+
     def _inline(self, i: int, scopes: tuple, scope: dict, name, email,
                 header_to) -> tuple[bytes, str, bool, str, str | None]:
         """(message, envelope sender candidate, needs SMTPUTF8, Subject, the Message-ID
         made here or None) for one recipient (*scope*: its reserved variables)."""
-        def field(label: str, tpl: Template) -> str:
-            v = tpl.render(scopes, limit=self.max_size)
-            why = tpl.constant is None and _unfit(v)
-            if why:
-                raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: substitution_data puts "
-                                     f"{why} into {label}", ev.GENERATION_FAILURE)
-            return v
-
-        from_email = field("content.from.email", self.from_email)
-        if self.from_email.constant is None:
-            why = check_email(from_email)
-            if why:
-                raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: content.from.email "
-                                     f"{from_email!r} {why}", ev.GENERATION_FAILURE)
-            if not scope["env_from"]:
-                scope["env_from"] = scope["return_path"] = from_email
-        from_name = field("content.from.name", self.from_name) if self.from_name else None
+        field = self._field
+        from_email = self.from_email.constant
+        from_line = self.from_line      # (a From the same for every recipient)
+        if from_line is None:
+            if from_email is None:
+                from_email = field(i, scopes, "content.from.email", self.from_email)
+                why = check_email(from_email)
+                if why:
+                    raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: content.from.email "
+                                         f"{from_email!r} {why}", ev.GENERATION_FAILURE)
+                if not scope["env_from"]:
+                    scope["env_from"] = scope["return_path"] = from_email
+            from_name = field(i, scopes, "content.from.name", self.from_name) \
+                if self.from_name else None
+            from_line = _fold("From", mailbox(from_name, from_email))
         rep = self.replace
         out = []
         d = rep.get("date")
-        out.append(unstructured(d[0], field(f"content.headers.{d[0]}", d[1])) if d else
-                   f"Date: {_date.now()}\r\n".encode())
-        out.append(_fold("From", mailbox(from_name, from_email)))
+        out.append(unstructured(d[0], field(i, scopes, f"content.headers.{d[0]}", d[1]))
+                   if d else f"Date: {_date.now()}\r\n".encode())
+        out.append(from_line)
         t = rep.get("to")
         if t is not None:
-            out.append(address_field(t[0], field(f"content.headers.{t[0]}", t[1])))
+            out.append(address_field(t[0], field(i, scopes, f"content.headers.{t[0]}", t[1])))
         elif header_to:
             out.append(address_field("To", header_to))
         else:
             out.append(_fold("To", mailbox(name, email)))
-        subject = field("content.subject", self.subject)
+        subject = field(i, scopes, "content.subject", self.subject)
         out.append(unstructured("Subject", subject))
         r = rep.get("reply-to")
         if r is not None:
-            out.append(address_field(r[0], field(f"content.headers.{r[0]}", r[1])))
+            out.append(address_field(r[0], field(i, scopes, f"content.headers.{r[0]}", r[1])))
         elif self.reply_to is not None:
-            out.append(address_field("Reply-To", field("content.reply_to", self.reply_to)))
+            out.append(address_field("Reply-To", field(i, scopes, "content.reply_to",
+                                                       self.reply_to)))
         m = rep.get("message-id")
         if m:
             made = None
-            out.append(unstructured(m[0], field(f"content.headers.{m[0]}", m[1])))
+            out.append(unstructured(m[0], field(i, scopes, f"content.headers.{m[0]}", m[1])))
         else:
             made = new_message_id(self.hostname)
             out.append(f"Message-ID: {made}\r\n".encode())
         out.append(b"MIME-Version: 1.0\r\n")
         for hname, tpl in self.headers:
-            v = field(f"content.headers.{hname}", tpl)
+            v = field(i, scopes, f"content.headers.{hname}", tpl)
             out.append(address_field(hname, v) if hname.lower() in _ADDRESS_FIELDS
                        else unstructured(hname, v))
         # SMTPUTF8 when an address is not ASCII: the envelope's, or one written as it is
