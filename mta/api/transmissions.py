@@ -153,6 +153,14 @@ def too_deep(value, max_depth: int) -> bool:
     recursion limit is answered, not raised.  Cost: one type test per member
     of a dict or list (a flat metadata object of ten keys: about 1 us).
     """
+    if type(value) is dict and max_depth >= 1:
+        # (the common case, a flat object: one pass over its values, no lists made)
+        for x in value.values():
+            t = type(x)
+            if t is dict or t is list:
+                break
+        else:
+            return False
     level = [value]
     depth = 0
     while level:
@@ -169,10 +177,9 @@ def too_deep(value, max_depth: int) -> bool:
     return False
 
 
-def _check_depth(field: str, value, max_depth: int) -> None:
-    if value and too_deep(value, max_depth):
-        raise R.ApiError(R.INVALID, f"{field}: JSON objects and arrays nested more than "
-                         f"{max_depth} levels deep (http.max_json_depth)")
+def _nested_too_deep(field: str, max_depth: int) -> R.ApiError:
+    return R.ApiError(R.INVALID, f"{field}: JSON objects and arrays nested more than "
+                      f"{max_depth} levels deep (http.max_json_depth)")
 
 
 def json_len(value) -> int | None:
@@ -202,21 +209,23 @@ def check(tx: Transmission, max_recipients: int, max_depth: int) -> None:
     if rcpts is None:
         raise R.ApiError(R.REQUIRED, "recipients is required")
     # First, before anything serialises these values (the size checks below).
-    _check_depth("metadata", tx.metadata, max_depth)
-    _check_depth("substitution_data", tx.substitution_data, max_depth)
-    if isinstance(rcpts, dict):
-        _check_depth("recipients", rcpts, max_depth)
-    else:
-        for i, r in enumerate(rcpts):
-            if type(r) is Recipient and (r.metadata or r.substitution_data):
-                _check_depth(f"recipients[{i}].metadata", r.metadata, max_depth)
-                _check_depth(f"recipients[{i}].substitution_data", r.substitution_data,
-                             max_depth)
-    if isinstance(rcpts, dict):
+    if tx.metadata and too_deep(tx.metadata, max_depth):
+        raise _nested_too_deep("metadata", max_depth)
+    if tx.substitution_data and too_deep(tx.substitution_data, max_depth):
+        raise _nested_too_deep("substitution_data", max_depth)
+    if type(rcpts) is dict:
+        if rcpts and too_deep(rcpts, max_depth):
+            raise _nested_too_deep("recipients", max_depth)
         if "list_id" in rcpts:
             raise R.ApiError(R.NOT_SUPPORTED,
                              "recipients.list_id: stored recipient lists are not supported")
         raise R.ApiError(R.INVALID, "recipients: expected an array of recipients")
+    for i, r in enumerate(rcpts):
+        if type(r) is Recipient:
+            if r.metadata and too_deep(r.metadata, max_depth):
+                raise _nested_too_deep(f"recipients[{i}].metadata", max_depth)
+            if r.substitution_data and too_deep(r.substitution_data, max_depth):
+                raise _nested_too_deep(f"recipients[{i}].substitution_data", max_depth)
     if not rcpts:
         raise R.ApiError(R.REQUIRED, "recipients: at least one recipient is required")
     if len(rcpts) > max_recipients:
@@ -244,11 +253,14 @@ def check(tx: Transmission, max_recipients: int, max_depth: int) -> None:
             # message would go out without them)
             raise R.ApiError(R.INVALID, "content.inline_images: inline images need "
                              "content.html, whose <img src=\"cid:NAME\"> shows them")
-        for field, items in (("attachments", c.attachments), ("inline_images", c.inline_images)):
-            for i, a in enumerate(items or ()):
-                for attr in ("name", "type", "data"):
-                    if getattr(a, attr) is None:
-                        raise R.ApiError(R.REQUIRED, f"content.{field}[{i}].{attr} is required")
+        if c.attachments or c.inline_images:
+            for field, items in (("attachments", c.attachments),
+                                 ("inline_images", c.inline_images)):
+                for i, a in enumerate(items or ()):
+                    for attr in ("name", "type", "data"):
+                        if getattr(a, attr) is None:
+                            raise R.ApiError(R.REQUIRED,
+                                             f"content.{field}[{i}].{attr} is required")
     elif not c.email_rfc822.strip():
         raise R.ApiError(R.REQUIRED, "content.email_rfc822 is empty")
     if tx.campaign_id is not None and len(tx.campaign_id.encode()) > MAX_CAMPAIGN_ID:
