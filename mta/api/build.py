@@ -1343,11 +1343,16 @@ class Builder:
             from_name, from_email = c.from_.name, c.from_.email
         else:
             from_name, from_email = _split_address(c.from_)
-        for field, value in (("content.from.name", from_name), ("content.from.email", from_email),
-                             ("content.subject", c.subject), ("content.reply_to", c.reply_to)):
-            why = value is not None and _unfit(value)
-            if why:
-                raise R.ApiError(R.INVALID, f"{field}: contains {why}")
+        if _CONTROL.search(f"{from_name or ''}{from_email or ''}{c.subject or ''}"
+                           f"{c.reply_to or ''}") is not None:
+            # (one search of the four: which one it is, only when one is unfit)
+            for field, value in (("content.from.name", from_name),
+                                 ("content.from.email", from_email),
+                                 ("content.subject", c.subject),
+                                 ("content.reply_to", c.reply_to)):
+                why = value is not None and _unfit(value)
+                if why:
+                    raise R.ApiError(R.INVALID, f"{field}: contains {why}")
         tpl = self.tpl      # the parts'; the header fields' are always substituted
         # (a literal Template -- no substitutions -- has no error)
         self.from_name = _unblocked("content.from.name", template(from_name)) \
@@ -1373,7 +1378,7 @@ class Builder:
             if c.amp_html is not None else None
         self.headers: list[tuple[str, Template]] = []
         self.replace: dict[str, tuple[str, Template]] = {}
-        for name, value in (c.headers or {}).items():
+        for name, value in c.headers.items() if c.headers else ():
             check_field_name(name, "content.headers")
             why = _unfit(value)
             if why:
@@ -1387,10 +1392,11 @@ class Builder:
                 self.replace[low] = (name, t)
             else:
                 self.headers.append((name, t))
+        # (a list comprehension is a call of its own: made only when there is an item)
         self.attachments = [attachment_part(a, f"content.attachments[{i}]", False)
-                            for i, a in enumerate(c.attachments or ())]
+                            for i, a in enumerate(c.attachments)] if c.attachments else []
         self.images = [attachment_part(a, f"content.inline_images[{i}]", True)
-                       for i, a in enumerate(c.inline_images or ())]
+                       for i, a in enumerate(c.inline_images)] if c.inline_images else []
 
     def _body(self, scopes: tuple) -> bytes:
         """The MIME entity of the body: its content fields, blank line, content."""
