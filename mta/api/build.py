@@ -172,7 +172,9 @@ _LINK_ENDS = (" ", "\t", "\r", "\n", '"', "'", "<", ">")
 # what a value in a link is written with: RFC 3986's unreserved characters as they are,
 # every other octet %XX (quote(value, safe=""))
 _URL_UNSAFE = re.compile(r"[^A-Za-z0-9_.~-]")
-_URL_TABLE = {c: f"%{c:02X}" for c in range(128) if _URL_UNSAFE.match(chr(c))}
+# (every ASCII character in it, the safe ones as they are: str.translate raises and
+# clears a KeyError for each character missing from its table)
+_URL_TABLE = {c: f"%{c:02X}" if _URL_UNSAFE.match(chr(c)) else chr(c) for c in range(128)}
 # a statement of SparkPost's template language (groups 1 and 2: if, elseif, each and
 # its argument; 3: else, end), with the spaces and the line end after it, which are
 # not written (SparkPost: a statement alone on its line leaves no blank line); then a
@@ -1136,7 +1138,7 @@ def _idn_problem(addr: str) -> str | None:
 def text_body(text: str) -> tuple[bytes, bytes]:
     """(Content-Transfer-Encoding, body): 7bit when ASCII with short lines, else QP."""
     data = text.encode("utf-8")
-    if b"\r" in data:
+    if "\r" in text:       # (not b"\r" in data: bytes' "in" raises and clears a TypeError)
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     # 8-bit octets, NUL and lines over MAX_LINE in one pass of the compiled scanner
     # (the lines end in LF here; a split into lines was half of this function's time)
