@@ -185,6 +185,8 @@ def _grant_of(method: bytes, route: bytes) -> str | None:
     """The grant (http.key_grants) a request for *route* needs, as the routes ask it;
     None for a route there is not: any valid key, then 404 (whether a route exists
     does not depend on the key's grants)."""
+    if route == PATH:       # (the common request first: no other route is it)
+        return TRANSMISSIONS_GRANT
     if suppression_api.matches(route):
         return SUPPRESSION_GRANT
     if events_api.matches(route):
@@ -623,7 +625,7 @@ class Session(asyncio.Protocol):
             raise _Reject(self._too_large())
         if b"transfer-encoding" in h:
             _chunked_only(h[b"transfer-encoding"])
-        if h.get(b"expect", b"").strip().lower() == b"100-continue" and \
+        if b"expect" in h and h[b"expect"].strip().lower() == b"100-continue" and \
                 self.parser.get_http_version() != "1.0":   # (no 1xx to HTTP/1.0: RFC 9110 15.2)
             if not self.queue and not self.busy:
                 err = self._refusal(req)
@@ -884,8 +886,9 @@ class Session(asyncio.Protocol):
                              "/api/v1/transmissions; use POST", allow="POST")
         h = req.headers
         scope = self._authorized(req)
-        ctype = h.get(b"content-type", b"").partition(b";")[0].strip().lower()
-        if ctype != b"application/json":
+        ctype = h.get(b"content-type", b"")
+        if ctype != b"application/json" and \
+                ctype.partition(b";")[0].strip().lower() != b"application/json":
             raise R.ApiError(R.UNSUPPORTED_TYPE, "Content-Type must be application/json")
         if b"content-encoding" in h:
             _identity_only(h[b"content-encoding"])
