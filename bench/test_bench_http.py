@@ -18,7 +18,8 @@ Where this time goes (2026-12-05): no single hot spot; ~340 Python-level calls p
 transmission (bench/RESULTS.md, "Where the CPU goes, measured with perf").  Measured
 by callgrind (2026-12-06, /tmp/s46/ir.sh-style differencing of 200 and 1,200
 transmissions): 443,000 instructions per transmission before stop 46's steps, 396,000
-after (cProfile: 380 -> 349 calls, C functions included).
+after (cProfile: 380 -> 349 calls, C functions included); 357,000 after its second round
+(no exception raised and cleared in C per transmission any more: gdb on _PyErr_SetObject).
 """
 from __future__ import annotations
 
