@@ -48,6 +48,22 @@ class _Formatter(logging.Formatter):
         super().__init__(fmt)
         self._second = -1
         self._text = ""
+        self._uses_time = self.usesTime()
+
+    def format(self, record):
+        # logging.Formatter.format's steps, in one call, for a record with no
+        # traceback or stack to add (every other record takes the stock path):
+        # the same text.
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        message = record.getMessage()
+        record.message = message if message.isprintable() else _escaped(message)
+        if self._uses_time:
+            record.asctime = self.formatTime(record)
+        try:
+            return self._fmt % record.__dict__
+        except KeyError:        # (a field the record lacks: the stock error)
+            return super().format(record)
 
     def formatTime(self, record, datefmt=None):
         second = int(record.created)
