@@ -16,6 +16,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Mapping
 
 import setproctitle
 
@@ -157,6 +158,54 @@ class _TurnHandler(logging.StreamHandler):
             self.stream.flush()
 
 
+_UNKNOWN_FILE = "(unknown file)"        # logging's pathname when no caller is looked up
+
+
+class _Record(logging.LogRecord):
+    """logging.LogRecord (Python 3.11's), made without the steps whose answers
+    setup_logging makes known.
+
+    With no caller looked up, every record's file is "(unknown file)", and the
+    stock record still takes its basename and splitext (four calls) for its
+    filename and module, the same text; with the thread, process and
+    multiprocessing look-ups off, it tests three switches for fields that are
+    None.  This one sets the same attributes to the same values, in the same
+    order; a record naming a file, or made with a switch turned on again, is
+    made by LogRecord itself.  (About 7,000 instructions of a line's ~45,000.)
+    """
+
+    def __init__(self, name, level, pathname, lineno, msg, args, exc_info, func=None,
+                 sinfo=None, **kwargs):
+        if (pathname != _UNKNOWN_FILE or logging.logThreads or logging.logProcesses
+                or logging.logMultiprocessing):
+            super().__init__(name, level, pathname, lineno, msg, args, exc_info, func, sinfo,
+                             **kwargs)
+            return
+        ct = time.time()
+        self.name = name
+        self.msg = msg
+        if args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+            args = args[0]      # (the record's "%(key)s" form)
+        self.args = args
+        self.levelname = logging.getLevelName(level)
+        self.levelno = level
+        self.pathname = pathname
+        self.filename = pathname            # (its basename,
+        self.module = pathname              # without an extension)
+        self.exc_info = exc_info
+        self.exc_text = None
+        self.stack_info = sinfo
+        self.lineno = lineno
+        self.funcName = func
+        self.created = ct
+        self.msecs = int((ct - int(ct)) * 1000) + 0.0
+        self.relativeCreated = (ct - logging._startTime) * 1000
+        self.thread = None
+        self.threadName = None
+        self.processName = None
+        self.process = None
+
+
 def alive(pid: int) -> bool:
     """Whether process *pid* runs: it exists (ours or another user's) and is not a
     zombie (exited, not yet reaped).  A pid reused since is taken for alive."""
@@ -222,6 +271,8 @@ def setup_logging(level: str, name: str) -> None:
     logging.logThreads = False
     logging.logMultiprocessing = False
     logging._srcfile = None         # (documented: skips the caller's frame lookup)
+    if sys.version_info[:2] == (3, 11):      # (the LogRecord it follows)
+        logging.setLogRecordFactory(_Record)
     handler = _TurnHandler(sys.stderr)
     handler.setFormatter(_Formatter(
         f"%(asctime)s %(levelname)s {name}[{os.getpid()}]: %(message)s"))

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 import weakref
 
 import pytest
@@ -16,11 +17,13 @@ from mta import proc
 @pytest.fixture
 def handler():
     saved = (logging.logProcesses, logging.logThreads, logging.logMultiprocessing,
-             logging._srcfile, logging.getLogger().handlers[:], logging.getLogger().level)
+             logging._srcfile, logging.getLogRecordFactory(), logging.getLogger().handlers[:],
+             logging.getLogger().level)
     proc.setup_logging("info", "delivery[3]")
     yield logging.getLogger().handlers[0]
     (logging.logProcesses, logging.logThreads, logging.logMultiprocessing,
-     logging._srcfile, handlers, level) = saved
+     logging._srcfile, factory, handlers, level) = saved
+    logging.setLogRecordFactory(factory)
     root = logging.getLogger()
     for h in root.handlers[:]:
         root.removeHandler(h)
@@ -49,6 +52,54 @@ def test_records_are_made_without_the_process_lookups(handler):
     r = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
     assert r.process is None and r.thread is None        # not looked up per record
     assert handler.format(r).endswith(f" INFO delivery[3][{os.getpid()}]: m")
+
+
+def test_the_roles_records_are_the_stock_records(handler, monkeypatch):
+    """The record the roles make (proc._Record) has the stock LogRecord's attributes,
+    values and order, and formats to the same line, whatever the level, message,
+    arguments (a lone mapping too), traceback or stack; a file named, or a switch
+    turned on again, and it is the stock record."""
+    factory = logging.getLogRecordFactory()
+    if sys.version_info[:2] == (3, 11):
+        assert factory is proc._Record
+    rnd = random.Random(46)
+    try:
+        raise ValueError("boom\nline")
+    except ValueError:
+        exc = sys.exc_info()
+    texts = ["a", "to=<x@y>", "550 a\nINFO forged\r\x1b[2J\x00 é", "ü", "", "%", "\u2028"]
+    shapes = [lambda: ("%s: to=<%s> status=%s (%d %s)", ("Q", rnd.choice(texts),
+                                                        rnd.choice(texts), 250, "x")),
+              lambda: ("%(a)s and %(b)s", ({"a": rnd.choice(texts), "b": 1},)),
+              lambda: ("one %s", (rnd.choice(texts),)), lambda: ("%s", ({},)),
+              lambda: (rnd.choice(texts), ()), lambda: (ValueError("v"), ())]
+    for _ in range(2000):
+        t = 1_796_000_000 + rnd.randrange(10 ** 8) / 1000
+        monkeypatch.setattr(time, "time", lambda t=t: t)
+        msg, args = rnd.choice(shapes)()
+        level = rnd.choice([logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, 5])
+        ei = exc if rnd.random() < 0.05 else None
+        sinfo = "Stack (most recent call last):\n  x" if rnd.random() < 0.05 else None
+        made = [f("mta.x", level, "(unknown file)", 0, msg, args, ei, "(unknown function)",
+                  sinfo) for f in (logging.LogRecord, factory)]
+        assert list(made[0].__dict__.items()) == list(made[1].__dict__.items())
+        assert handler.format(made[0]) == handler.format(made[1])
+        assert list(made[0].__dict__.items()) == list(made[1].__dict__.items())
+    monkeypatch.undo()
+    r = factory("x", logging.INFO, "/a/b/c.py", 3, "m", (), None)
+    assert (r.filename, r.module, r.lineno) == ("c.py", "c", 3)
+    monkeypatch.setattr(logging, "logThreads", True)
+    assert factory("x", logging.INFO, "(unknown file)", 0, "m", (), None).thread is not None
+
+
+def test_a_filter_on_the_roles_handler_is_asked(handler):
+    stream = _CountingStream()
+    handler.setStream(stream)
+    handler.addFilter(lambda r: "secret" not in r.getMessage())
+    log = logging.getLogger("mta.test")
+    log.info("a secret")
+    log.info("shown")
+    assert len(stream.writes) == 1 and stream.writes[0].endswith(": shown\n")
 
 
 class _CountingStream:
