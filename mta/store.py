@@ -1303,6 +1303,8 @@ class Store:
         views = bufs
         while views:
             n = os.pwritev(fd, views[:IOV_MAX], offset)
+            if n == total:
+                return      # (the common case: all of it at once, nothing to walk)
             offset += n
             total -= n
             if n == 0 and total > 0:

@@ -1141,3 +1141,37 @@ def test_one_writer_per_shard_directory(tmp_path):
     with open(tmp_path / "writer.lock") as fh:
         assert fh.read().strip() == str(os.getpid())
     os.close(fd)
+
+
+@pytest.mark.parametrize("step", [1, 7, 100])
+def test_writev_short_writes_continue_where_they_stopped(tmp_path, monkeypatch, step):
+    """pwritev may write less than asked (a signal, a full pipe): the rest follows, at
+    the right offsets, including a buffer cut in its middle; more than IOV_MAX
+    buffers go in several calls."""
+    real = os.pwritev
+    calls = []
+
+    def short(fd, bufs, offset):
+        calls.append(len(bufs))
+        data = b"".join(bytes(b) for b in bufs)[:step]
+        return real(fd, [data], offset)
+
+    bufs = [bytes([65 + i % 26]) * (1 + i % 5) for i in range(store_mod.IOV_MAX + 40)]
+    want = b"".join(bufs)
+    path = str(tmp_path / "f")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, b"head")
+        monkeypatch.setattr(os, "pwritev", short)
+        store_mod.Store._writev(fd, list(bufs), len(want), 4)
+        monkeypatch.setattr(os, "pwritev", real)
+        assert os.pread(fd, len(want) + 10, 0) == b"head" + want
+        assert max(calls) <= store_mod.IOV_MAX
+        # all at once: one call
+        calls.clear()
+        monkeypatch.setattr(os, "pwritev", lambda fd, b, o: calls.append(len(b)) or real(fd, b, o))
+        store_mod.Store._writev(fd, bufs[:10], sum(map(len, bufs[:10])), 0)
+        assert calls == [10]
+        assert os.pread(fd, sum(map(len, bufs[:10])), 0) == b"".join(bufs[:10])
+    finally:
+        os.close(fd)
