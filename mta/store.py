@@ -313,31 +313,26 @@ def shard_dir(spool_dir: str, shard: int) -> str:
     return os.path.join(spool_dir, f"shard-{shard:02d}")
 
 
-def _text(v) -> str | None:
-    """A params value as the index interns it: a non-empty str, else None."""
-    return v if type(v) is str and v else None
-
-
-def lane_of(params: dict) -> int:
-    """The dispatch lane (mta.spool.dispatch: BULK 0, TRANSACTIONAL 1) of a message."""
-    return 1 if params.get("transactional") is True else 0
-
-
-def pool_of(params: dict) -> str:
-    """A message's egress pool: ``ip_pool``, else "default" (as delivery and selectors)."""
-    return _text(params.get("ip_pool")) or "default"
-
-
 def index_message(index, m: MessageMeta, seg: int, moff: int, mlen: int, blen: int) -> bool:
     """Put a message record into a QueueIndex (True: it replaced an older copy).
 
     Only what scheduling, counting and selecting need is kept; the envelope
-    stays on disk, read again with the body (:meth:`Store.read_record`).
+    stays on disk, read again with the body (:meth:`Store.read_record`): its
+    start (:func:`start_of`), its dispatch lane (mta.spool.dispatch: BULK 0,
+    TRANSACTIONAL 1 when ``transactional`` is true), its egress pool
+    (``ip_pool``, else "default", as delivery and selectors), its campaign, and
+    each recipient's domain.  (Taken apart here, not by a helper each: this runs
+    for every message a shard takes in.)
     """
     p = m.params
-    return index.add(m.qid, seg, moff, mlen, blen, m.arrival, start_of(m), lane_of(p),
-                     pool_of(p), _text(p.get("campaign_id")),
-                     [recipient_domain(r) for r in m.rcpts], m.state, m.attempts, m.due,
+    pool = p.get("ip_pool")
+    campaign = p.get("campaign_id")
+    return index.add(m.qid, seg, moff, mlen, blen, m.arrival,
+                     start_of(m) if START_AT in p else m.arrival,
+                     1 if p.get("transactional") is True else 0,
+                     pool if type(pool) is str and pool else "default",
+                     campaign if type(campaign) is str and campaign else None,
+                     list(map(recipient_domain, m.rcpts)), m.state, m.attempts, m.due,
                      m.flags)
 
 
@@ -1098,9 +1093,13 @@ class Store:
     def _add(self, m: MessageMeta, seg: int, moff: int, mlen: int, blen: int) -> bool:
         replaced = index_message(self.index, m, seg, moff, mlen, blen)
         if m.owed or self.owed and m.qid in self.owed:
-            self.owed.pop(m.qid, None)      # a copy says it all (its flags, its reports)
-            self._owe(m.qid, m.owed)
+            self._owed_copy(m)
         return replaced
+
+    def _owed_copy(self, m: MessageMeta) -> None:
+        """*m*, just indexed, has bounces owed, or replaced a message that had."""
+        self.owed.pop(m.qid, None)      # a copy says it all (its flags, its reports)
+        self._owe(m.qid, m.owed)
 
     def _owe(self, qid: str, notes: list | None) -> None:
         """Keep :attr:`owed` in step with *qid*'s RCPT_BOUNCE_OWED flags in the index,
@@ -1376,11 +1375,15 @@ class Store:
                 notes = owed.get(qid) if owed else None
                 if notes or qid in self.owed:
                     self._owe(qid, notes)
+        owed_before = self.owed
         for n in new:
-            old = index.location(n.meta.qid)
+            m = n.meta
+            old = index.location(m.qid)
             if old is not None:
                 segments[old[0]].live -= 1
-            self._add(n.meta, n.seg, n.meta_offset, n.meta_len, n.body_len)
+            index_message(index, m, n.seg, n.meta_offset, n.meta_len, n.body_len)
+            if m.owed or owed_before and m.qid in owed_before:
+                self._owed_copy(m)
             seg = segments[n.seg]
             seg.live += 1
             seg.total += 1
