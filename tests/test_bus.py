@@ -560,3 +560,47 @@ def test_queue_show_of_a_shard_of_the_version_before_that_reads_its_queue(tmp_pa
     finally:
         sock.close(0)
         ctx.term()
+
+
+def test_server_takes_each_request_whole_and_drops_multipart_ones(tmp_path, caplog):
+    """Server.recv: one request per call with its peer's identity; a message of several
+    frames (none of ours) or an empty one is dropped whole, logged, and the next one
+    read; None once nothing waits."""
+    import zmq
+
+    ctx = bus.new_context()
+    log = logging.getLogger("test.bus")
+    server = bus.Server(ctx, f"ipc://{tmp_path}/s", 100, bus.SPOOL_REQUESTS, log)
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.IDENTITY, b"acceptor-1")
+    dealer.connect(f"ipc://{tmp_path}/s")
+    summary = bus.encode(bus.SpoolQueueSummary(7))
+    big = bus.encode(bus.SpoolMessageCommit(
+        8, [bus.Envelope(QID, "s@x", ["r@y"], {}, "c", 1.0)], [b"x" * 100_000]))
+    try:
+        dealer.send_multipart([summary, summary, summary])
+        dealer.send(b"")
+        dealer.send(summary)
+        dealer.send_multipart([b"", summary])
+        dealer.send(big)
+        deadline = time.monotonic() + 5
+        got = []
+        with caplog.at_level(logging.WARNING, "test.bus"):
+            while len(got) < 2 and time.monotonic() < deadline:
+                r = server.recv()
+                if r is None:
+                    time.sleep(0.01)
+                else:
+                    got.append(r)
+            assert server.recv() is None
+        assert got[0] == (b"acceptor-1", bus.SpoolQueueSummary(7))
+        assert got[1][0] == b"acceptor-1" and got[1][1].req == 8
+        assert got[1][1].bodies == [b"x" * 100_000]
+        assert "dropped a malformed request: 3 frames" in caplog.text
+        assert "dropped a malformed request: 2 frames" in caplog.text
+        assert caplog.text.count("dropped a malformed") == 3      # (and the empty one)
+    finally:
+        dealer.close()
+        server.close()
+        ctx.term()
