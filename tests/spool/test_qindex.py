@@ -150,12 +150,20 @@ def test_bad_arguments(mod):
 
 def test_odd_queue_ids_live_in_a_side_table(mod):
     q = mod.QueueIndex(1.0)
-    odd = ["18a3f2c4b1d2e0300001", "short", "18A3F2C4B1D2E03000010", "", "ÄÖ" * 10]
+    # (twenty characters: lower case, one- two- and four-octet kinds, a digit past '9'
+    # and a letter past 'F', the characters either side of each range)
+    odd = ["18a3f2c4b1d2e0300001", "short", "18A3F2C4B1D2E03000010", "", "ÄÖ" * 10,
+           "18A3F2C4B1D2E0300\u01000", "18A3F2C4B1D2E0300\U0001F6000",
+           "18A3F2C4B1D2E030000G", "18A3F2C4B1D2E030000:", "/8A3F2C4B1D2E0300000",
+           "18A3F2C4B1D2E030000@", "18A3F2C4B1D2E030000\x00"]
     for i, qid in enumerate(odd):
         put(q, qid, seg=i + 1)
     put(q, Q2)
     put(q, Q1)
-    assert all(qid in q for qid in odd) and len(q) == 7
+    assert all(qid in q for qid in odd) and len(q) == len(odd) + 2
+    assert not any(mod.is_canonical(x) for x in odd)
+    assert all(mod.is_canonical(x) for x in ("0123456789ABCDEF0000", "FFFFFFFFFFFFFFFFFFFF",
+                                             "00000000000000000000"))
     assert q.sorted_qids() == [Q1, Q2] + sorted(odd)
     assert q.sorted_qids(3) == [Q1, Q2, sorted(odd)[0]]
     assert [mod.is_canonical(x) for x in (Q1, odd[0], odd[1], 5)] == [True, False, False,
@@ -168,8 +176,8 @@ def test_odd_queue_ids_live_in_a_side_table(mod):
     assert q.info("short")[0] == 2
     for qid in odd:
         q.push(qid, T0)
-    assert sorted(q.pop_due(0, T0, 10)) == sorted(odd)
-    assert q.remove("short") and "short" not in q and len(q) == 6
+    assert sorted(q.pop_due(0, T0, 20)) == sorted(odd)
+    assert q.remove("short") and "short" not in q and len(q) == len(odd) + 1
 
 
 def test_replace_keeps_what_is_not_on_disk(mod):
