@@ -21,6 +21,13 @@ so every round is exactly one batch, and the shard's side of a receive is the
 same as for ipc.  The queue is pre-filled (PREFILL messages, recovered at
 open) because the cost of cyclic GC grows with the number of queued entries.
 
+``--deliver`` counts the whole per-message path of an end-to-end run: deliveries
+not held, the shard dispatches each round's new messages to the stood-in
+delivery processes (DeliveryJobs on their ROUTERs), which answer every job
+DELIVERED (one DeliveryOutcomes each per round); the shard takes those outcomes
+in the next round's batch (recipient updates, DONE, the delivery events).  The
+pre-filled messages then start a day later, so that they are queued, not due.
+
 For instruction counts, run two round counts and take the difference, which
 cancels start-up, pre-fill and recovery:
 (I(2N) - I(N)) / N instructions per round.  ``--echo`` replaces the shard with
@@ -37,6 +44,7 @@ import tempfile
 import time
 
 import msgspec
+import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,25 +79,29 @@ def body(qid: str, n: int) -> bytes:
     return head + line * ((MESSAGE_BYTES - len(head)) // len(line))
 
 
-def settings_for(state_dir: str):
+def settings_for(state_dir: str, deliver: bool = False):
     cfg = msgspec.convert({
         "server": {"state_dir": state_dir, "hostname": "bench.example"},
         "smtp": {"acceptors": ACCEPTORS},
         "spool": {"shards": 1, "fsync": False},
-        "delivery": {"hold": True, "processes": 2},
+        "delivery": {"hold": not deliver, "processes": 2},
     }, Config)
     return resolve(cfg, None)
 
 
-def prefill(settings, count: int) -> None:
-    """Queue *count* messages in shard 0's segments, for recovery to load."""
+def prefill(settings, count: int, later: bool = False) -> None:
+    """Queue *count* messages in shard 0's segments, for recovery to load (*later*: to
+    start in a day, not due meanwhile)."""
     store = Store(shard_dir(settings.spool_dir, 0), settings.config.spool.segment_size, False)
     now = time.time()
     for start in range(0, count, 1000):
         batch = []
         for i in range(start, min(count, start + 1000)):
             qid = new_qid(0)
-            batch.append((MessageMeta(qid, SENDER, list(RCPTS), now, {"message_id": f"<{i}>"},
+            params = {"message_id": f"<{i}>"}
+            if later:
+                params["start_at"] = now + 86400.0
+            batch.append((MessageMeta(qid, SENDER, list(RCPTS), now, params,
                                       CLIENT), body(qid, i)))
         store.commit(store.write(batch, []), [])
     store.close()
@@ -98,9 +110,12 @@ def prefill(settings, count: int) -> None:
 class Rig:
     """A shard (or an echoing stand-in) and two acceptor sockets."""
 
-    def __init__(self, prefilled: int = PREFILL, echo: bool = False):
+    def __init__(self, prefilled: int = PREFILL, echo: bool = False, deliver: bool = False):
         self.tmp = tempfile.TemporaryDirectory(prefix="bench-spool-")
-        self.settings = s = settings_for(self.tmp.name)
+        self.settings = s = settings_for(self.tmp.name, deliver)
+        self.deliver = deliver and not echo
+        self.answered: set[int] = set()     # jobs answered, their outcome not taken yet
+        self.delivered = 0
         os.makedirs(s.run_dir, exist_ok=True)
         self.ctx = bus.new_context()
         self.echo = echo
@@ -113,7 +128,7 @@ class Rig:
             self.server = bus.Server(self.ctx, INPROC, 10_000, bus.SPOOL_REQUESTS, log)
         else:
             if prefilled:
-                prefill(s, prefilled)
+                prefill(s, prefilled, later=deliver)
             self.shard = Shard(s, 0)
             self.shard.open(self.ctx)
             self.shard.server.sock.bind(INPROC)
@@ -159,7 +174,38 @@ class Rig:
             reply = bus.decode(c.sock.recv())
             assert type(reply) is bus.SpoolMessageCommitted and reply.status == bus.STATUS_OK, \
                 reply
+        if self.deliver:
+            self.answer_jobs()
         return turns
+
+    def answer_jobs(self) -> None:
+        """Read every job the shard has out and not answered yet; answer each DELIVERED."""
+        jobs = self.shard.jobs
+        self.answered &= jobs.keys()
+        want = len(jobs) - len(self.answered)
+        servers = {d.sock: d for d in self.delivery}
+        items = [(d.sock, zmq.POLLIN) for d in self.delivery]
+        while want > 0:
+            ready = zmq.zmq_poll(items, 5000)
+            if not ready:
+                raise RuntimeError(f"{want} job(s) out never reached the delivery stand-ins")
+            for sock, _ in ready:
+                server = servers[sock]
+                r = server.recv()
+                if r is None:
+                    continue
+                peer, msg = r
+                outcomes = []
+                for job in (msg.jobs if type(msg) is bus.DeliveryJobs else [msg]):
+                    outcomes.append(bus.DeliveryOutcome(
+                        job.req, job.qid,
+                        [bus.Result(rc.index, bus.DELIVERED, 250, "2.0.0", "2.0.0 Ok: queued",
+                                    "mx.example.net", "127.0.0.1") for rc in job.rcpts],
+                        site="example.net", outbound_tls="0"))
+                    self.answered.add(job.req)
+                    want -= 1
+                server.send(peer, bus.DeliveryOutcomes(outcomes))
+                self.delivered += len(outcomes)
 
     def close(self) -> None:
         if self.shard is not None:
@@ -229,8 +275,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1000)
     ap.add_argument("--prefill", type=int, default=PREFILL)
     ap.add_argument("--echo", action="store_true", help="harness only: an echoing ROUTER")
+    ap.add_argument("--deliver", action="store_true",
+                    help="the whole path: jobs dispatched, answered DELIVERED, outcomes taken")
     args = ap.parse_args()
-    rig = Rig(args.prefill, args.echo)
+    rig = Rig(args.prefill, args.echo, args.deliver)
     gc.collect()
     turns = 0
     c0, t0 = time.process_time(), time.perf_counter()
@@ -241,7 +289,8 @@ def main() -> None:
     print(f"rounds={args.rounds} turns={turns} messages={msgs} "
           f"cpu_us_per_batch={cpu / args.rounds * 1e6:.1f} "
           f"cpu_us_per_message={cpu / msgs * 1e6:.2f} "
-          f"wall_us_per_batch={wall / args.rounds * 1e6:.1f}")
+          f"wall_us_per_batch={wall / args.rounds * 1e6:.1f}" +
+          (f" delivered={rig.delivered}" if rig.deliver else ""))
     rig.close()
 
 
