@@ -61,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import operator
 import os
 import signal
@@ -217,6 +218,8 @@ class Acceptor:
         self.space_total = 1
         self.space_pending = 0      # octets sent to the spool and not answered yet
         self.space_unmeasured = 0   # octets the last statvfs may not have seen
+        # space_unmeasured above this: below spool.min_free_* (set with each statvfs)
+        self.space_margin = self._space_margin()
         self.stats = {"rejected_connections": 0, "accepted": 0, "temp_failed": 0,
                       "dkim_failed": 0}
         self.m = AcceptorMetrics(self, cfg.admin.max_label_values)   # /metrics
@@ -610,7 +613,7 @@ class Acceptor:
         size = len(body) + RECORD_OVERHEAD
         self.space_pending += size
         self.space_unmeasured += size
-        if not self.space_low and self._below_threshold():
+        if not self.space_low and self.space_unmeasured > self.space_margin:
             self.space_low = True
             self._log_space(True)
         if not self._flush_scheduled:
@@ -711,13 +714,33 @@ class Acceptor:
         """The spool answered (or gave up on) the messages of *box*: no longer pending."""
         self.space_pending -= sum(map(len, map(_BODY, box))) + RECORD_OVERHEAD * len(box)
 
-    def _below_threshold(self) -> bool:
-        """Whether the free space, less what the last statvfs may not have seen, is too low."""
+    def _below_threshold(self, unmeasured: int) -> bool:
+        """Whether the free space, less *unmeasured* octets the last statvfs may not have
+        seen, is too low."""
         cfg = self.spool_cfg
         if self.space_free < 0 or (cfg.min_free_bytes <= 0 and cfg.min_free_percent <= 0):
             return False        # unknown, or the check is off
-        free = self.space_free - self.space_unmeasured
+        free = self.space_free - unmeasured
         return free < cfg.min_free_bytes or 100.0 * free / self.space_total < cfg.min_free_percent
+
+    def _space_margin(self) -> float:
+        """The most octets that may go unmeasured (space_unmeasured, never below 0) before
+        the space is too low: _below_threshold(u) is exactly u > this, so that a message
+        costs one comparison.  (_below_threshold only grows with u, and is true once the
+        free space is gone: the last u it is false for is found by bisection, at most 64
+        steps, at each statvfs.)"""
+        if not self._below_threshold(self.space_free + 1):
+            return math.inf     # unknown, or the check is off
+        if self._below_threshold(0):
+            return -1
+        ok, low = 0, self.space_free + 1
+        while low - ok > 1:
+            mid = (ok + low) // 2
+            if self._below_threshold(mid):
+                low = mid
+            else:
+                ok = mid
+        return ok
 
     def _log_space(self, low: bool) -> None:
         if low:
@@ -741,7 +764,8 @@ class Acceptor:
             self.space_free = st.f_bavail * st.f_frsize
             self.space_total = st.f_blocks * st.f_frsize or 1
         self.space_unmeasured = self.space_pending
-        low = self._below_threshold()
+        self.space_margin = self._space_margin()
+        low = self.space_unmeasured > self.space_margin
         if low != self.space_low:
             self._log_space(low)
         return low
