@@ -236,6 +236,17 @@ class Session(asyncio.Protocol):
     client's ``tls``, ``user``, ``esmtp``, ``peer_ip``, and ``scanner``.
     """
 
+    # Slots: a session has more attributes than 3.11 keeps in an instance's inline
+    # values (30), so without them each session's attributes went to a dict of its
+    # own, and every self.x on the hot path was a dict lookup instead of a slot read.
+    # Every attribute a session is given is named here (tests/acceptor/test_slots.py).
+    __slots__ = ("a", "scanner", "state", "transport", "out", "peer_ip", "client_key",
+                 "relay_ok", "tls", "user", "helo", "esmtp", "errors", "junk", "last_activity",
+                 "reading_paused", "writing_paused", "closing", "lost", "peer_eof", "proxy",
+                 "auth_exchange", "chunk_size", "chunk_last", "chunk_ok", "_now",
+                 "_received_head", "_client", "sender", "rcpts", "params", "chunks",
+                 "chunk_flags", "report", "mail_at")
+
     def __init__(self, acceptor):
         self.a = acceptor
         cfg = acceptor.smtp
