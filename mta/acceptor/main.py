@@ -94,7 +94,7 @@ SWEEP_INTERVAL = 0.5     # seconds between timeout / free-space checks
 SPOOL_CONNECT_WAIT = 5.0  # seconds a starting acceptor waits for the shards' bus, at most
 DRAIN_FLAG = "drain"     # file in the run directory: the node is drained (mta drain)
 # a session in MAIL, RCPT (DATA included), BDAT or WAITING holds a transaction
-_IN_TRANSACTION, _WAITING = State.MAIL, State.WAITING
+_IN_TRANSACTION, _WAITING = int(State.MAIL), int(State.WAITING)
 RECORD_OVERHEAD = 1024   # octets: generous estimate of a spool record's envelope and framing
 
 # MAIL parameters kept with the message; with DSN's (RFC 3461) ENVID and RET,

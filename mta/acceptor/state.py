@@ -3,7 +3,9 @@
 A session is in exactly one state; every verb handler checks it and moves it.
 The order matters: the states from WAITING on hold the input (the session
 reads nothing until what it waits for is done), except AUTH, which reads the
-client's next line.
+client's next line.  A session holds its state as the member's value, a plain int
+(``State(session.state)`` names it): 3.11 compares plain ints in the interpreter's
+loop, an IntEnum member through a call.
 """
 import enum
 

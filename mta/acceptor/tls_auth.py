@@ -59,11 +59,12 @@ from mta.acceptor.state import State
 
 log = logging.getLogger("mta.acceptor")
 
-_CONNECTED = State.CONNECTED
-_READY = State.READY
-_WAITING = State.WAITING
-_AUTH = State.AUTH
-_TLS = State.TLS
+# (plain ints, as a session's state is: see mta/acceptor/smtp.py)
+_CONNECTED = int(State.CONNECTED)
+_READY = int(State.READY)
+_WAITING = int(State.WAITING)
+_AUTH = int(State.AUTH)
+_TLS = int(State.TLS)
 
 PLAIN = b"PLAIN"
 LOGIN = b"LOGIN"
