@@ -461,13 +461,16 @@ class Session(asyncio.Protocol):
 
     def process(self) -> None:
         """Handle every complete event in the input, in order, until one needs to wait."""
-        nxt = self.scanner.next
+        # (scanner.next() each time, not a bound method kept in a local: that one is an
+        # object made and freed at every call of process(), where the interpreter calls
+        # a method of the scanner's type without making one)
+        scanner = self.scanner
         handlers = COMMANDS
         while True:
             st = self.state
             if st >= _WAITING and st != _AUTH:
                 break
-            ev = nxt()
+            ev = scanner.next()
             if ev is None:
                 break
             kind, payload, flags = ev
