@@ -258,7 +258,9 @@ class ReplyParser:
             # which this must match reply for reply (tests/delivery/test_client.py).
             out: list[SmtpReply] = []
             for line in data[:-2].split(b"\r\n"):
-                if len(line) < 3 or line[3:4] == b"-" or b"\n" in line or \
+                # (line.find, not b"\n" in line: bytes' "in" first tries its operand as
+                # an integer, raising and clearing a TypeError each time)
+                if len(line) < 3 or line[3:4] == b"-" or line.find(b"\n") >= 0 or \
                         not (0x32 <= line[0] <= 0x35) or not line[:3].isdigit():
                     break
                 out.append(_one_line(line))
