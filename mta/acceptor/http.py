@@ -600,10 +600,15 @@ class Session(asyncio.Protocol):
             raise _Reject(self._too_many_header_octets())
         name = name.lower()
         if name in _WANTED:
-            h = self.cur.headers
+            req = self.cur
+            h = req.headers
             if name in h and name == b"transfer-encoding":
                 value = h[name] + b"," + value     # (one list over several lines)
             h[name] = value
+            if not self.in_head:
+                # a chunked body's trailer field: the key's answer, taken at the head,
+                # is asked again with it (as each route's handler always asked it)
+                req.scope = None
 
     def on_headers_complete(self) -> None:
         self.in_head = False

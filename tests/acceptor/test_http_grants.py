@@ -86,3 +86,36 @@ def test_without_keys_a_loopback_client_gets_404_for_an_unknown_route(tmp_path):
     svc = service(tmp_path)[2]
     assert ask(svc, "POST", "/api/v1/nothing", None, b"{}")[0] == 404
     assert ask(svc, "GET", "/nothing", None)[0] == 404
+
+
+def test_a_key_in_a_chunked_bodys_trailer_is_checked_as_the_key_in_the_head(tmp_path):
+    # The key is checked once, at the end of the head, and that answer is kept for the
+    # route; an Authorization field in a chunked body's trailer (merged into the
+    # request's fields, as every route's handler has always read them) was then not
+    # checked at all: a head with a valid key and a trailer with a key that lacks the
+    # grant, or no valid key, got the transmission taken (it got 403 / 401 before).
+    svc = keyed(tmp_path)
+    body = json.dumps({"recipients": ["r@example.net"], "content": {
+        "from": "s@example.com", "subject": "s", "text": "t"}}).encode()
+
+    def post(trailer: bytes) -> tuple[int, dict]:
+        t = Transport()
+        t.connect(http.Session(svc))
+        t.protocol.data_received(
+            b"POST /api/v1/transmissions HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Type: application/json\r\nAuthorization: " + ALL.encode() +
+            b"\r\nTransfer-Encoding: chunked\r\n\r\n" +
+            b"%x\r\n" % len(body) + body + b"\r\n0\r\n" + trailer + b"\r\n")
+        out = b"".join(t.written)
+        if not out:
+            return 0, {}        # (taken: its answer waits for the spool's)
+        h, _, b = out.partition(b"\r\n\r\n")
+        return int(h.split()[1]), json.loads(b)
+
+    st, got = post(b"Authorization: " + HOOKS.encode() + b"\r\n")
+    assert st == 403 and "transmissions:modify" in got["errors"][0]["description"], got
+    st, got = post(b"Authorization: not-a-key\r\n")
+    assert st == 401, got
+    assert not svc.a.submitted
+    st, got = post(b"")         # (the head's key alone: taken)
+    assert st == 0 and len(svc.a.submitted) == 1, got
