@@ -43,7 +43,7 @@ import time
 from mta import bus, native, proc
 from mta.api import webhookdb
 from mta.feedback.events_store import StoreDamaged, StoreFull
-from mta.events.shape import event_ids, sparkpost_event
+from mta.events.shape import event_ids, sparkpost_events
 from mta.obs import events as ev
 from mta.obs.stats import Pusher, Registry
 from mta.store import (Watermark, read_cursor, read_events, segment_numbers, segment_path,
@@ -195,14 +195,7 @@ class Tail:
             taken[0] += 1
             ids = event_ids(shard, self.seg, offset)
             for internal in ev.decode(meta):
-                rcpts = internal.get("rcpts")
-                if rcpts is None:
-                    out.append(sparkpost_event(internal, event_id=next(ids)))
-                else:
-                    # (an injection: one event per recipient, as expand() makes them,
-                    # without a copy of the internal event for each)
-                    for r in rcpts:
-                        out.append(sparkpost_event(internal, event_id=next(ids), recipient=r))
+                out.extend(sparkpost_events(internal, ids))
 
         def on_skip(offset: int, n: int) -> None:
             self.skipped += n

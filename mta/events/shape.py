@@ -146,17 +146,13 @@ def event_ids(shard: int, segment: int, offset: int):
     return map(str, itertools.count(base, 1 << 8))
 
 
-def expand(internal: dict):
-    """The per-recipient internal events of one record entry (injection: one per rcpt)."""
+def sparkpost_events(internal: dict, ids) -> list[dict]:
+    """The flat SparkPost events of one record entry, their ids from *ids*
+    (:func:`event_ids`): one, or an injection's one per recipient of its ``rcpts``."""
     rcpts = internal.get("rcpts")
     if rcpts is None:
-        yield internal
-        return
-    for r in rcpts:
-        ev = dict(internal)
-        del ev["rcpts"]
-        ev["recipient"] = r
-        yield ev
+        return [sparkpost_event(internal, event_id=next(ids))]
+    return [sparkpost_event(internal, event_id=next(ids), recipient=r) for r in rcpts]
 
 
 def _decimal(qid: str) -> str:
@@ -201,7 +197,7 @@ def _refusal(out: dict, internal: dict, kind: str) -> dict:
 def sparkpost_event(internal: dict, *, event_id: str, recipient: str | None = None) -> dict:
     """The flat SparkPost message event for one internal event of one recipient.
 
-    *recipient*: the one of an injection's ``rcpts`` (as :func:`expand` makes it);
+    *recipient*: the one of an injection's ``rcpts`` (:func:`sparkpost_events`);
     None: the event's own ``recipient``.
     """
     kind = internal.get("type", "")

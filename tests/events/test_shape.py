@@ -9,7 +9,8 @@ import json
 import time
 
 from mta.events import shape
-from mta.events.shape import canonical_reason, event_id, expand, sparkpost_event
+from mta.events.shape import (canonical_reason, event_id, event_ids, sparkpost_event,
+                              sparkpost_events)
 
 T0 = 1_700_000_000.25
 QID = "018C1A2B3C4D5E6F7A8B"
@@ -26,8 +27,8 @@ def test_injection_is_one_event_per_recipient_with_string_numbers():
     inj = {**BASE, "type": "injection", "timestamp": T0, "rcpts": ["Ann@Dest.TEST", "bob@x.test"],
            "campaign_id": "spring", "metadata": {"k": "v"}, "tags": ["t"], "ip_pool": "mkt",
            "transactional": True}
-    evs = [sparkpost_event(e, event_id=event_id(0, 1, 64, i))
-           for i, e in enumerate(expand(inj))]
+    evs = sparkpost_events(inj, event_ids(0, 1, 64))
+    assert [e["event_id"] for e in evs] == [event_id(0, 1, 64, i) for i in range(2)]
     assert [e["raw_rcpt_to"] for e in evs] == ["Ann@Dest.TEST", "bob@x.test"]
     a = evs[0]
     assert a["type"] == "injection" and a["rcpt_to"] == "ann@dest.test"
@@ -172,11 +173,12 @@ def test_a_reports_event_is_carried_whole_and_gets_its_event_id():
     out = sparkpost_event({"type": "out_of_band", "timestamp": T0, "event": made},
                           event_id=event_id(1, 2, 3, 4))
     assert out == {**made, "event_id": event_id(1, 2, 3, 4)}
-    assert list(expand({"type": "spam_complaint", "timestamp": T0, "event": {}})) == \
-        [{"type": "spam_complaint", "timestamp": T0, "event": {}}]
     spam = sparkpost_event({"type": "spam_complaint", "timestamp": T0, "event": {}},
                            event_id="9")
     assert spam == {"type": "spam_complaint", "event_id": "9", "timestamp": str(int(T0))}
+    # (an entry that is not an injection is one event)
+    assert sparkpost_events({"type": "spam_complaint", "timestamp": T0, "event": {}},
+                            iter(["9"])) == [spam]
     # its reason is canonicalised like an in-band bounce's (a DSN quotes addresses, IPs)
     raw = "550 5.1.1 <gone@x.test>: host 192.0.2.7 said: no such user"
     out = sparkpost_event({"type": "out_of_band", "timestamp": T0,
