@@ -886,11 +886,13 @@ class Session(asyncio.Protocol):
             self._authorized(req)
             raise R.ApiError(R.NOT_FOUND, "no such resource: "
                              + path[:200].decode("latin-1") + "; use POST /api/v1/transmissions")
+        # (the key first, as on every route: without a valid one, 401/403 whatever the
+        # method, so a client without a key learns nothing of what the resource takes)
+        scope = self._authorized(req)
         if req.method != b"POST":
             raise R.ApiError(R.BAD_METHOD, f"{req.method.decode('latin-1')} is not allowed on "
                              "/api/v1/transmissions; use POST", allow="POST")
         h = req.headers
-        scope = self._authorized(req)
         ctype = h.get(b"content-type", b"")
         if ctype != b"application/json" and \
                 ctype.partition(b";")[0].strip().lower() != b"application/json":

@@ -119,3 +119,29 @@ def test_a_key_in_a_chunked_bodys_trailer_is_checked_as_the_key_in_the_head(tmp_
     assert not svc.a.submitted
     st, got = post(b"")         # (the head's key alone: taken)
     assert st == 0 and len(svc.a.submitted) == 1, got
+
+
+def test_another_method_on_transmissions_asks_the_key_before_it_gets_405(tmp_path):
+    # GET / HEAD / PUT on /api/v1/transmissions got 405 "use POST" before the key was
+    # checked: a client without a valid key learnt what the resource takes, where every
+    # other route answers it 401.  Now: 401 without a valid key, 403 for a key without
+    # the grant, 405 (with Allow) for a key that may send.
+    svc = keyed(tmp_path)
+    for method in ("GET", "HEAD", "PUT", "DELETE"):
+        for key, want in ((None, 401), ("not-a-key", 401), (HOOKS, 403), (ALL, 405)):
+            if method == "HEAD":
+                t = Transport()
+                t.connect(http.Session(svc))
+                auth = f"Authorization: {key}\r\n" if key else ""
+                t.protocol.data_received(f"HEAD /api/v1/transmissions HTTP/1.1\r\nHost: t"
+                                         f"\r\n{auth}\r\n".encode())
+                head = b"".join(t.written).partition(b"\r\n\r\n")[0]
+                st = int(head.split()[1])
+                assert st == want, (method, key, head)
+                assert (b"\r\nAllow: POST\r\n" in head + b"\r\n") == (want == 405), head
+                continue
+            st, got, t = ask(svc, method, "/api/v1/transmissions", key)
+            assert st == want, (method, key, st, got)
+            head = b"".join(t.written).partition(b"\r\n\r\n")[0]
+            assert (b"\r\nAllow: POST\r\n" in head + b"\r\n") == (want == 405), head
+    assert not svc.a.submitted
