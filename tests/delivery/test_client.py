@@ -166,7 +166,7 @@ def test_reply_parser_one_line_replies_at_once():
 
 
 def test_one_line_replies_remembered_parse_as_a_fresh_parse():
-    """The parts of one-line replies are remembered by their octets (client._one_line):
+    """The parts of one-line replies are remembered by their octets (client._reply_parts):
     a line seen before gives the reply a fresh parse gives, as a new object each time
     (the engine matches response rules once per reply object), and what is remembered
     stays within REPLY_CACHE_MAX lines of at most REPLY_CACHE_LINE octets."""
@@ -178,11 +178,11 @@ def test_one_line_replies_remembered_parse_as_a_fresh_parse():
         b"452 4.5.3 too many", "250 2.0.0 d\u00e9j\u00e0 vu".encode(), b"250 2.0.0 \xff\xfe"]
     for _ in range(3000):
         line = rnd.choice(lines)
-        got = smtpc._one_line(line)
-        fresh = smtpc.SmtpReply(*smtpc._one_line_parts(line))
+        [got] = ReplyParser().feed(line + b"\r\n")
+        [fresh] = _parse_in([bytes([c]) for c in line + b"\r\n"])   # (the general path)
         assert (type(got), got.code, got.enhanced, got.text) == \
             (smtpc.SmtpReply, fresh.code, fresh.enhanced, fresh.text)
-        assert got is not smtpc._one_line(line)
+        assert got is not ReplyParser().feed(line + b"\r\n")[0]
         assert len(smtpc._reply_parts) <= smtpc.REPLY_CACHE_MAX
         assert all(len(k) <= smtpc.REPLY_CACHE_LINE for k in smtpc._reply_parts)
     # and as the general path (the line alone, fed octet by octet) parses it
