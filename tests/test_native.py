@@ -29,8 +29,8 @@ def test_implementation_reports_the_module_really_imported_not_the_variable(monk
     assert native.implementation("record") == "pure-python"
     assert native.implementation("scanner") == "compiled"
     assert native.implementation() == \
-        "mixed (mime compiled, qindex compiled, record pure-python, reply compiled, "\
-        "scanner compiled)"
+        "mixed (envelope compiled, mime compiled, qindex compiled, record pure-python, "\
+        "reply compiled, scanner compiled)"
 
 
 @pytest.mark.parametrize("pure, want", [("1", "pure-python"), ("0", "compiled"),
@@ -53,9 +53,10 @@ def test_pure_python_imports_no_compiled_module_anywhere():
         "for n in names: importlib.import_module(n)\n"
         "print(len(names), sorted(m for m in sys.modules if m.startswith('mta._ext.')))\n")
     # (The compiled run shows the check sees a compiled import: mime and the delivery
-    # client's reply reader are loaded at import time; the scanner and the record codec
-    # are loaded when an acceptor or a store starts.)
-    for pure, want in (("1", []), ("0", ["mta._ext.mime", "mta._ext.reply"])):
+    # client's envelope writer and reply reader are loaded at import time; the scanner
+    # and the record codec are loaded when an acceptor or a store starts.)
+    for pure, want in (("1", []),
+                       ("0", ["mta._ext.envelope", "mta._ext.mime", "mta._ext.reply"])):
         env = dict(os.environ, MTA_PUREPYTHON=pure, PYTHONPATH=REPO)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, check=True, cwd=REPO).stdout.split(" ", 1)

@@ -219,6 +219,8 @@ REPLY_LOST = LocalReply(451, "4.4.2", "connection lost before the server answere
 _ENHANCED = re.compile(rb"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 # Characters that must never reach the wire inside an address (command injection).
 _BAD_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+# The MAIL and RCPT lines of a plain transaction (SmtpConnection.prepare).
+_plain_envelope = native.load("envelope").plain
 
 
 class ReplyParser:
@@ -1046,6 +1048,27 @@ class SmtpConnection:
         eight_bit = eight_bit or not message.isascii()
         if eight_bit and not self.supports_8bitmime:
             raise Unsupported8Bit()
+        ext = self.extensions
+        if not smtputf8 and (dsn is None or "DSN" not in ext):
+            # The usual transaction: ASCII addresses that need no refusal and no DSN
+            # parameters.  Its lines are checked and written in one compiled pass
+            # (mta._ext.envelope), the same octets the general way below writes.
+            params = " SIZE=%d" % len(message) if "SIZE" in ext else ""
+            if eight_bit:
+                params += " BODY=8BITMIME"
+            lines = _plain_envelope(sender, recipients, params)
+            if lines is not None:
+                txn = Transaction(message)
+                n = len(recipients)
+                limit = self.max_size
+                if limit is not None and len(message) > limit:
+                    txn.result = DeliveryResult([REPLY_TOO_BIG] * n, None)
+                    return txn
+                txn.mail, txn.rcpts = lines
+                txn.replies = [None] * n
+                txn.send_idx = list(range(n))
+                txn.dsn = "DSN" in ext
+                return txn
         utf8 = not sender.isascii() or not all(map(str.isascii, recipients))
         need_utf8: list[int] = []
         if utf8:

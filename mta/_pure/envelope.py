@@ -1,0 +1,34 @@
+"""SMTP client envelope writer: the MAIL and RCPT lines of a plain transaction
+(pure-Python twin).
+
+This is the readable specification of ``mta._ext.envelope``; both modules
+have the same public API and results, and the same tests run against both
+(tests/test_envelope.py).
+
+``plain(sender, recipients, params)`` is ``(mail, rcpts)``: the command line
+``MAIL FROM:<sender>params`` CRLF and one ``RCPT TO:<recipient>`` CRLF per
+recipient, as ASCII octets -- when the transaction is a plain one: *sender*
+and *params* a ``str``, *recipients* a non-empty ``list`` of ``str``, every
+one ASCII, and no address holding a character that must never reach the
+wire (a control character, DEL, "<" or ">": command injection) nor a
+recipient empty.  Anything else gives None, and the delivery client's
+general path (``SmtpConnection.prepare``) decides: refusals, the SMTPUTF8
+or all-ASCII forms, DSN parameters.
+"""
+import re
+
+_BAD_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+
+
+def plain(sender, recipients, params):
+    """(MAIL line, [RCPT lines]) of a plain transaction, else None."""
+    if type(sender) is not str or type(params) is not str or type(recipients) is not list \
+            or not recipients or not sender.isascii() or not params.isascii() \
+            or _BAD_ADDRESS.search(sender):
+        return None
+    rcpts = []
+    for r in recipients:
+        if type(r) is not str or not r or not r.isascii() or _BAD_ADDRESS.search(r):
+            return None
+        rcpts.append(("RCPT TO:<%s>\r\n" % r).encode("ascii"))
+    return ("MAIL FROM:<%s>%s\r\n" % (sender, params)).encode("ascii"), rcpts
