@@ -1,21 +1,26 @@
-"""SMTP client envelope writer: the MAIL and RCPT lines of a plain transaction
-(compiled).
+"""SMTP client writer: the MAIL and RCPT lines of a plain transaction, and the
+message's data (compiled).
 
 The pure-Python twin ``mta._pure.envelope`` is the readable specification of
-this module and its docstring states what ``plain`` returns; both have the
-same public API and results.
+this module and its docstring states what ``plain`` and ``data`` return;
+both have the same public API and results.
 
 Why compiled: ``SmtpConnection.prepare`` runs once per message.  Its checks
 of the addresses (ASCII, no character that must not reach the wire, by a
 regular expression) and the formatting and encoding of each command line
 were Python steps per address; here one C pass over each address's octets
-checks it and copies it into its line.
+checks it and copies it into its line.  ``data``: in Python, doubling the
+dots was a ``bytes.replace``, whose search for LF "." steps through the
+message octet by octet (about 10,000 instructions for a 2 KB message), and
+two concatenations copied it twice more; here memchr finds the LFs and the
+message is copied once, into the write's one buffer (12.6k -> 3.4k
+instructions for a 2 KB message and the next envelope).
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.unicode cimport PyUnicode_GET_LENGTH
-from libc.string cimport memcpy
+from libc.string cimport memchr, memcpy
 
 
 cdef extern from "Python.h":
@@ -71,3 +76,51 @@ def plain(sender, recipients, params):
     rcpts = [_line(b"RCPT TO:<", 9, <object>PyList_GET_ITEM(recipients, i), None)
              for i in range(n)]
     return _line(b"MAIL FROM:<", 11, sender, params), rcpts
+
+
+def data(message, after):
+    """dot_stuff(message) + after, in one pass and one allocation, or None (not bytes)."""
+    if type(message) is not bytes or type(after) is not bytes:
+        return None
+    cdef const char* m = PyBytes_AS_STRING(message)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(message), an = PyBytes_GET_SIZE(after)
+    cdef Py_ssize_t extra = 0, i = 0, j, tn
+    cdef const char* hit
+    cdef const char* tail
+    # dots to add: one before a leading dot, one after each LF followed by a dot
+    if n and m[0] == b".":
+        extra = 1
+    while i < n:
+        hit = <const char*>memchr(m + i, b"\n", n - i)
+        if hit is NULL:
+            break
+        j = hit - m + 1
+        if j < n and m[j] == b".":
+            extra += 1
+        i = j
+    if n == 0 or (n >= 2 and m[n - 2] == b"\r" and m[n - 1] == b"\n"):
+        tail, tn = b".\r\n", 3
+    else:
+        tail, tn = b"\r\n.\r\n", 5
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n + extra + tn + an)
+    cdef char* q = PyBytes_AS_STRING(out)
+    if extra == 0:
+        memcpy(q, m, n)
+        q += n
+    else:
+        i = 0
+        if m[0] == b".":
+            q[0] = b"."
+            q += 1
+        while i < n:
+            hit = <const char*>memchr(m + i, b"\n", n - i)
+            j = n if hit is NULL else hit - m + 1
+            memcpy(q, m + i, j - i)
+            q += j - i
+            if j < n and m[j] == b".":
+                q[0] = b"."
+                q += 1
+            i = j
+    memcpy(q, tail, tn)
+    memcpy(q + tn, PyBytes_AS_STRING(after), an)
+    return out

@@ -81,3 +81,34 @@ def test_prepare_writes_what_the_general_way_writes(sender, recipients, eight_bi
     general = prepared(lambda *a: None)
     assert prepared(COMPILED.plain) == general
     assert prepared(PURE.plain) == general
+
+
+DATA_CASES = [b"", b".", b"..", b"\n", b"\r\n", b".\r\n", b"\r\n.", b"\n.", b"\r\n.\r\n",
+              b"a\r\n.b\r\n..c\r\n", b"a\n.b", b"x" * 3000 + b"\r\n.", b"\n" * 10, b"\xff.\n.",
+              b"Subject: x\r\n\r\n" + b"line\r\n" * 400]
+
+
+def test_data_is_dot_stuff_then_after(mod):
+    from mta.delivery.client import dot_stuff
+    for message in DATA_CASES:
+        for after in (b"", b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n"):
+            assert mod.data(message, after) == dot_stuff(message) + after, message
+    assert mod.data(b".x\r\n", b"") == b"..x\r\n.\r\n"
+    assert mod.data(b"a\r\n.\r\n", b"") == b"a\r\n..\r\n.\r\n"
+    assert mod.data(b"a", b"N") == b"a\r\n.\r\nN"
+
+
+def test_data_of_another_type_goes_the_general_way(mod):
+    for message, after in ((bytearray(b"a\r\n"), b""), (memoryview(b"a\r\n"), b""),
+                           (b"a\r\n", bytearray()), ("a\r\n", b""), (None, b"")):
+        assert mod.data(message, after) is None
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from([b".", b"\n", b"\r", b"a", b"\r\n", b"\n.", b"\r\n.", b"\xff"]),
+                max_size=30).map(b"".join), st.binary(max_size=8))
+def test_data_twins_agree_with_dot_stuff(message, after):
+    from mta.delivery.client import dot_stuff
+    want = dot_stuff(message) + after
+    assert PURE.data(message, after) == want
+    assert COMPILED.data(message, after) == want
