@@ -16,14 +16,16 @@ NOTIFY, ORCPT, ENVID and RET passed on to a server that offers it).
 
 Hot path cost, per message with PIPELINING: two round trips.  One write of
 ``MAIL``, every ``RCPT`` and ``DATA``; one read of their replies; one write
-of the dot-stuffed message (one ``bytes.replace``, which copies only when a
-line starts with a dot, and one concatenation — no per-line Python work on
-the body); one read of the final reply.  When the caller has the next message
+of the dot-stuffed message (made in one compiled pass, ``mta._ext.envelope``:
+memchr finds the line ends and the body is copied once -- no per-line Python
+work on it); one read of the final reply.  When the caller has the next message
 for the connection at hand (``send_prepared``'s *then*), its envelope goes out
 in the same write as the final dot and its replies come back with the final
 reply: one write and one read per message.  Replies are
 parsed from the connection's own buffer in ``data_received`` (an
-``asyncio.Protocol``, no stream reader); a waiting call is woken once, when
+``asyncio.Protocol``, no stream reader), a read of whole one-line replies in
+one compiled loop (``mta._ext.reply``); a plain transaction's MAIL and RCPT
+lines are written by ``mta._ext.envelope`` too; a waiting call is woken once, when
 every reply it waits for has arrived.  A transaction that leaves the server
 with an open envelope (no recipient accepted, DATA refused) is cleaned up with
 an ``RSET`` pipelined in front of the next transaction, so it costs no extra
