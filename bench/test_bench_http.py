@@ -20,6 +20,8 @@ by callgrind (2026-12-06, /tmp/s46/ir.sh-style differencing of 200 and 1,200
 transmissions): 443,000 instructions per transmission before stop 46's steps, 396,000
 after (cProfile: 380 -> 349 calls, C functions included); 357,000 after its second round
 (no exception raised and cleared in C per transmission any more: gdb on _PyErr_SetObject).
+Stop 47 (typed kernels): 355,200 at its start; 333,200 with the template renderer's loop
+compiled (ext/render.pyx).
 """
 from __future__ import annotations
 

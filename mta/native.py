@@ -13,7 +13,7 @@ import os
 
 PURE = os.environ.get("MTA_PUREPYTHON", "") not in ("", "0")
 
-MODULES = ("scanner", "record", "mime", "qindex", "reply", "envelope")   # every hot-path module, in ext/ and mta/_pure/
+MODULES = ("scanner", "record", "mime", "qindex", "reply", "envelope", "render")   # every hot-path module, in ext/ and mta/_pure/
 
 
 def load(name: str, pure: bool | None = None):

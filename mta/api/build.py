@@ -105,8 +105,7 @@ from urllib.parse import quote
 
 import orjson
 
-from mta import rfcdate
-from mta import mime
+from mta import mime, native, rfcdate
 from mta.api import replies as R
 from mta.api.transmissions import MAX_METADATA, MAX_TAGS, Address, Transmission, json_len
 from mta.idn import ascii_address, domain_problem
@@ -336,8 +335,11 @@ def lookup(path: tuple, scopes: tuple):
     return None
 
 
-class TooLarge(Exception):
-    """A recipient's message would pass the builder's size bound (http.max_message_size)."""
+# the compiled loop of Template.render for texts of constant pieces and plain
+# substitutions (mta._pure.render: its twin, and what it does)
+_kernel = native.load("render")
+_render_plain = _kernel.render
+TooLarge = _kernel.TooLarge     # a message would pass the size bound (http.max_message_size)
 
 
 class DynamicError(Exception):
@@ -352,7 +354,7 @@ class Template:
     seen recently (senders repeat the same content request after request).
     """
 
-    __slots__ = ("parts", "constant", "fixed", "error")
+    __slots__ = ("parts", "constant", "fixed", "error", "plain")
 
     def __init__(self, text: str, amp: bool = False, head: bool = False):
         # *amp*: the AMP part's text (amp-mustache templates); *head*: a header block
@@ -361,6 +363,7 @@ class Template:
         self.parts: list = []
         self.fixed = 0
         self.error = None       # (line, text) of the first {{ that starts no expression
+        self.plain = False      # only text and plain substitutions (_render_plain renders it)
         if self.constant is not None:
             return
         pos = 0
@@ -443,6 +446,10 @@ class Template:
             self.constant = "".join(self.parts)     # (a macro's braces written)
         # the characters of the constant parts (render's size bound adds the values')
         self.fixed = sum(len(p) for p in self.parts if isinstance(p, str))
+        # ({{ a.b }}, {{{ a }}}, a value in a link: no statement, default, index, length
+        # or dynamic content)
+        self.plain = all(type(p) is str or type(p) is tuple and len(p) == 2 and p[1] != 3
+                         and all(type(s) is str for s in p[0]) for p in self.parts)
 
     def render(self, scopes: tuple, html: bool = False, guard=None, limit: int = 0,
                links: bool = False, nested: bool = False) -> str:
@@ -458,6 +465,8 @@ class Template:
         """
         if self.constant is not None:
             return self.constant
+        if self.plain and guard is None:
+            return _render_plain(self.parts, scopes, html, links, limit, self.fixed, _text_of)
         if not nested:
             _steps[0] = 0
         return _render(self.parts, scopes, html, guard, limit, links, nested, self.fixed)
