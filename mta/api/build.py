@@ -94,11 +94,9 @@ import base64
 import binascii
 import bisect
 import html as html_mod
-import itertools
 import json
 import os
 import re
-import time
 from email.message import Message
 from email.utils import collapse_rfc2231_value, getaddresses, parseaddr
 from urllib.parse import quote
@@ -192,11 +190,7 @@ MAX_CONDITION = 256       # tokens of a condition
 MAX_LOOP_STEPS = 100_000  # pieces rendered by {{ each }} loops (items x the pieces of the
                           # loop's body) per rendered text and recipient
 _BAD_LOCAL = frozenset(' <>()[]\\,;:"@')
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_PLAIN_EMAIL = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*\Z")
 
-_msgids = itertools.count()
 _pid = os.getpid()
 
 
@@ -340,6 +334,13 @@ def lookup(path: tuple, scopes: tuple):
 _kernel = native.load("render")
 _render_plain = _kernel.render
 TooLarge = _kernel.TooLarge     # a message would pass the size bound (http.max_message_size)
+# the compiled common cases of header fields: a plain address, a To or Subject field of
+# one line, a Message-ID (mta._pure.fields: the twin)
+_fields = native.load("fields")
+_plain_email = _fields.plain_email
+_mailbox_line = _fields.mailbox_line
+_short_line = _fields.short_line
+_message_id = _fields.message_id
 
 
 class DynamicError(Exception):
@@ -1111,9 +1112,10 @@ def check_field_name(name: str, where: str) -> None:
 
 def check_email(addr: str) -> str | None:
     """Why *addr* is not an acceptable email address, or None when it is."""
-    if _PLAIN_EMAIL.match(addr) and len(addr) <= 320 and addr.index("@") <= 64:
+    plain = _plain_email(addr)
+    if plain:
         # the common case: ASCII dot-atoms (one with an xn-- label: checked as an IDN)
-        return None if "n--" not in addr and "N--" not in addr else _idn_problem(addr)
+        return None if plain == 1 else _idn_problem(addr)
     if not addr:
         return "is empty"
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in addr):
@@ -1252,7 +1254,8 @@ _date = rfcdate.DateCache()
 
 
 def new_message_id(hostname: str) -> str:
-    return f"<{time.time_ns():x}.{_pid:x}.{next(_msgids):x}@{hostname}>"
+    """``<time in ns.pid.count@hostname>``, the numbers in hex (_fields.message_id)."""
+    return _message_id(hostname, _pid)
 
 
 def _split_address(text: str) -> tuple[str | None, str]:
@@ -1471,9 +1474,9 @@ class Builder:
         elif header_to:
             out.append(address_field("To", header_to))
         else:
-            out.append(_fold("To", mailbox(name, email)))
+            out.append(_mailbox_line("To", name, email) or _fold("To", mailbox(name, email)))
         subject = field(i, scopes, "content.subject", self.subject)
-        out.append(unstructured("Subject", subject))
+        out.append(_short_line("Subject", subject) or unstructured("Subject", subject))
         r = rep.get("reply-to")
         if r is not None:
             out.append(address_field(r[0], field(i, scopes, f"content.headers.{r[0]}", r[1])))
@@ -1485,7 +1488,7 @@ class Builder:
             made = None
             out.append(unstructured(m[0], field(i, scopes, f"content.headers.{m[0]}", m[1])))
         else:
-            made = new_message_id(self.hostname)
+            made = _message_id(self.hostname, _pid)
             out.append(f"Message-ID: {made}\r\n".encode())
         out.append(b"MIME-Version: 1.0\r\n")
         for hname, tpl in self.headers:

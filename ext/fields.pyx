@@ -1,0 +1,176 @@
+# cython: language_level=3
+"""Header fields of a built message, their common cases (compiled).
+
+The pure-Python twin ``mta._pure.fields`` is the readable specification of this
+module; both have the same public API and results (tests/test_fields.py).
+
+Why native: per recipient of a transmission, mta.api.build checked the address
+with a regular expression (~6,000 instructions, twice per transmission: the From
+and the recipient), and wrote the To field (mailbox() and _fold(): ~9,000), the
+Subject (~3,000) and the Message-ID (~6,000) through Python calls and string
+formatting.  Here each is one call with typed loops over the characters; what
+is not the common case returns 0 or None, and build takes its general way.
+"""
+from libc.stdint cimport uint64_t
+from libc.time cimport time_t
+from cpython.unicode cimport PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
+
+cdef extern from "<time.h>" nogil:
+    ctypedef int clockid_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(clockid_t clk_id, timespec *tp)
+    enum: CLOCK_REALTIME
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+
+DEF FOLD_AT = 78
+
+
+cdef inline bint _alnum(Py_UCS4 c) noexcept:
+    return (c >= 97 and c <= 122) or (c >= 65 and c <= 90) or (c >= 48 and c <= 57)
+
+
+cdef inline bint _atext(Py_UCS4 c) noexcept:
+    # RFC 5322 atext: letters, digits and !#$%&'*+-/=?^_`{|}~
+    if _alnum(c):
+        return True
+    return c == 33 or (c >= 35 and c <= 39) or c == 42 or c == 43 or c == 45 or c == 47 \
+        or c == 61 or c == 63 or (c >= 94 and c <= 96) or (c >= 123 and c <= 126)
+
+
+def plain_email(addr):
+    """1 when *addr* is a plain ASCII address (dot-atoms, a local part of at most 64
+    characters, at most 320 in all, labels of 1 to 63 letters, digits and inner
+    hyphens); 2 when it is that and holds "n--" or "N--" (a label may be an IDN's
+    A-label); 0 when it is not plain."""
+    cdef Py_ssize_t n, i = 0, at, label
+    cdef Py_UCS4 c, prev
+    if not isinstance(addr, str):
+        raise TypeError(f"expected string, got {type(addr).__name__}")
+    n = PyUnicode_GET_LENGTH(addr)
+    if n > 320 or not PyUnicode_IS_ASCII(addr):
+        return 0
+    # the local part: atoms joined by single dots
+    while True:
+        if i >= n or not _atext(PyUnicode_READ_CHAR(addr, i)):
+            return 0
+        while i < n and _atext(PyUnicode_READ_CHAR(addr, i)):
+            i += 1
+        if i < n and PyUnicode_READ_CHAR(addr, i) == 46:      # .
+            i += 1
+            continue
+        break
+    if i >= n or PyUnicode_READ_CHAR(addr, i) != 64 or i > 64:  # @ (at most 64 before)
+        return 0
+    at = i
+    i += 1
+    # the domain: labels joined by single dots
+    while True:
+        if i >= n or not _alnum(PyUnicode_READ_CHAR(addr, i)):
+            return 0
+        label = i
+        prev = 0
+        while i < n:
+            c = PyUnicode_READ_CHAR(addr, i)
+            if not (_alnum(c) or c == 45):
+                break
+            prev = c
+            i += 1
+        if prev == 45 or i - label > 63:
+            return 0
+        if i < n and PyUnicode_READ_CHAR(addr, i) == 46:
+            i += 1
+            continue
+        break
+    if i != n:
+        return 0
+    for i in range(n - 2):
+        if PyUnicode_READ_CHAR(addr, i + 1) == 45 and PyUnicode_READ_CHAR(addr, i + 2) == 45:
+            c = PyUnicode_READ_CHAR(addr, i)
+            if c == 110 or c == 78:         # n-- or N--
+                return 2
+    return 1
+
+
+def mailbox_line(str field not None, name, email):
+    """``field: name <email>`` (or ``field: email`` without a name) as one line, when
+    *email* is ASCII, *name* is None or ASCII atoms and spaces (none first or last,
+    fewer than 64 in a row) and the line fits FOLD_AT octets; else None."""
+    cdef Py_ssize_t i, n, run = 0
+    cdef Py_UCS4 c
+    if type(email) is not str or not PyUnicode_IS_ASCII(email):
+        return None
+    if not name:
+        if PyUnicode_GET_LENGTH(field) + 2 + PyUnicode_GET_LENGTH(email) > FOLD_AT:
+            return None
+        return (field + ": " + email + "\r\n").encode("ascii")
+    if type(name) is not str or not PyUnicode_IS_ASCII(name):
+        return None
+    n = PyUnicode_GET_LENGTH(name)
+    if PyUnicode_GET_LENGTH(field) + 2 + n + 2 + PyUnicode_GET_LENGTH(email) + 1 > FOLD_AT:
+        return None
+    if PyUnicode_READ_CHAR(name, 0) == 32 or PyUnicode_READ_CHAR(name, n - 1) == 32:
+        return None
+    for i in range(n):
+        c = PyUnicode_READ_CHAR(name, i)
+        if c == 32:
+            run += 1
+            if run >= 64:
+                return None
+        elif _atext(c):
+            run = 0
+        else:
+            return None
+    return (field + ": " + name + " <" + email + ">\r\n").encode("ascii")
+
+
+def short_line(str field not None, value):
+    """``field: value`` when *value* is ASCII and the line fits FOLD_AT octets; else None."""
+    if type(value) is str and PyUnicode_IS_ASCII(value) and \
+            PyUnicode_GET_LENGTH(field) + 2 + PyUnicode_GET_LENGTH(value) <= FOLD_AT:
+        return (field + ": " + value + "\r\n").encode("ascii")
+    return None
+
+
+cdef uint64_t _count = 0
+
+
+cdef Py_ssize_t _hex(char* out, uint64_t v) noexcept:
+    """*v* in lower-case hex digits into *out*; their number."""
+    cdef char tmp[16]
+    cdef Py_ssize_t k = 0, j
+    cdef const char* digits = b"0123456789abcdef"
+    while True:
+        tmp[k] = digits[v & 15]
+        k += 1
+        v >>= 4
+        if v == 0:
+            break
+    for j in range(k):
+        out[j] = tmp[k - 1 - j]
+    return k
+
+
+def message_id(str hostname not None, uint64_t pid):
+    """A new Message-ID: ``<time in ns.pid.count@hostname>``, the numbers in hex."""
+    global _count
+    cdef timespec ts
+    cdef char buf[64]
+    cdef Py_ssize_t k = 1
+    clock_gettime(CLOCK_REALTIME, &ts)
+    buf[0] = 60     # <
+    k += _hex(buf + k, <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec)
+    buf[k] = 46
+    k += 1
+    k += _hex(buf + k, pid)
+    buf[k] = 46
+    k += 1
+    k += _hex(buf + k, _count)
+    _count += 1
+    buf[k] = 64     # @
+    k += 1
+    return buf[:k].decode("ascii") + hostname + ">"
+
