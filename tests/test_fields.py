@@ -131,3 +131,31 @@ def test_the_builder_writes_what_the_general_way_writes():
     assert build.unstructured("Subject", "Hi A Reader") in m.message
     assert re.search(rb"\r\nMessage-ID: <[0-9a-f]+\.[0-9a-f]+\.[0-9a-f]+@h\.example>\r\n",
                      m.message)
+
+
+@pytest.mark.parametrize("text, common", [
+    ("Hello\nworld\n", True), ("", True), ("one line", True), ("\n\n", True),
+    ("x" * 998 + "\n" + "y" * 998, True), ("x" * 999, False), ("x" * 999 + "\nshort", False),
+    ("short\n" + "x" * 999 + "\n", False), ("a\r\nb", False), ("a\rb", False), ("a\0b", False),
+    ("Grüße", False), ("\ud800", False), (Sub("a\nb"), True),
+])
+def test_text_part_7bit(mod, text, common):
+    got = mod.text_part_7bit("plain", text)
+    assert (got is not None) == common
+    if common:
+        assert got == build.text_part("plain", text)
+        assert b"Content-Transfer-Encoding: 7bit\r\n" in got
+
+
+@PROPS
+@given(st.one_of(st.text(alphabet="ab \n\r\t\0ü", max_size=60),
+                 st.lists(st.integers(990, 1005), max_size=3).map(
+                     lambda ns: "\n".join("x" * n for n in ns))),
+       st.sampled_from(["plain", "html", "x-amp-html"]))
+def test_text_part_7bit_is_text_part(text, subtype):
+    a, b = PURE.text_part_7bit(subtype, text), COMPILED.text_part_7bit(subtype, text)
+    assert a == b
+    if a is not None:
+        assert a == build.text_part(subtype, text)
+    elif text.isascii() and "\0" not in text and "\r" not in text:
+        assert b"quoted-printable" in build.text_part(subtype, text)

@@ -334,13 +334,14 @@ def lookup(path: tuple, scopes: tuple):
 _kernel = native.load("render")
 _render_plain = _kernel.render
 TooLarge = _kernel.TooLarge     # a message would pass the size bound (http.max_message_size)
-# the compiled common cases of header fields: a plain address, a To or Subject field of
-# one line, a Message-ID (mta._pure.fields: the twin)
+# the compiled common cases of a message's parts: a plain address, a To or Subject field
+# of one line, a Message-ID, a text part that goes as 7bit (mta._pure.fields: the twin)
 _fields = native.load("fields")
 _plain_email = _fields.plain_email
 _mailbox_line = _fields.mailbox_line
 _short_line = _fields.short_line
 _message_id = _fields.message_id
+_text_part_7bit = _fields.text_part_7bit     # (text_part's 7bit case)
 
 
 class DynamicError(Exception):
@@ -1417,14 +1418,15 @@ class Builder:
         alts = []
         limit = self.max_size
         if self.text is not None:
-            alts.append(text_part("plain", self.text.render(scopes, limit=limit, links=True)))
+            text = self.text.render(scopes, limit=limit, links=True)
+            alts.append(_text_part_7bit("plain", text) or text_part("plain", text))
         if self.amp is not None:
             # AMP for email: the text/x-amp-html part goes before the text/html one
-            alts.append(text_part("x-amp-html", self.amp.render(scopes, html=True,
-                                                                limit=limit, links=True)))
+            text = self.amp.render(scopes, html=True, limit=limit, links=True)
+            alts.append(_text_part_7bit("x-amp-html", text) or text_part("x-amp-html", text))
         if self.html is not None:
-            part = text_part("html", self.html.render(scopes, html=True, limit=limit,
-                                                      links=True))
+            text = self.html.render(scopes, html=True, limit=limit, links=True)
+            part = _text_part_7bit("html", text) or text_part("html", text)
             if self.images:
                 part = multipart("related", [part] + self.images)
             alts.append(part)
