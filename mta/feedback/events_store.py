@@ -94,6 +94,7 @@ import time
 import lmdb
 import msgspec
 
+from mta import native
 from mta.store import make_dirs, sync_dir
 
 log = logging.getLogger("mta.feedback.events_store")
@@ -158,6 +159,10 @@ def _counter(name: str, key: bytes) -> bytes:
     return name.encode() + b"\x00" + key + b"\x00"
 
 
+_kernel = native.load("evkernel")      # the per-event keys and times, typed
+_timestamp_ms = _kernel.timestamp_ms
+_event_keys = _kernel.event_keys
+
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(dict)
 
@@ -191,30 +196,14 @@ def tokens(text: str, domain: bool = False) -> list[str]:
     return [t for t in (_SPLIT_DOMAIN if domain else _SPLIT).split(text.lower()) if t]
 
 
-def _ms(seconds) -> int | None:
-    """Unix *seconds* as milliseconds (0 for a time before 1970); None unless a time."""
-    try:
-        ms = int(seconds * 1000)
-    except (ValueError, OverflowError):     # NaN, infinity
-        return None
-    return max(0, ms) if ms <= MAX_TIME_MS else None
-
-
 def event_time(ev: dict, now: float | None = None) -> int:
     """The event's time in milliseconds: ``timestamp`` as Unix seconds (number or string) or
     ISO; now when it is none of these (or beyond MAX_TIME_MS, or not finite)."""
     ts = ev.get("timestamp")
-    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
-        ms = _ms(ts)
-        if ms is not None:
-            return ms
-    elif isinstance(ts, str) and ts:
-        try:
-            ms = _ms(float(ts))
-        except ValueError:
-            ms = None
-        if ms is not None:
-            return ms
+    ms = _timestamp_ms(ts)
+    if ms >= 0:
+        return ms
+    if isinstance(ts, str) and ts:
         try:
             d = datetime.datetime.fromisoformat(ts.replace("Z", "+00:00"))
             if d.tzinfo is None:
@@ -242,8 +231,8 @@ def campaign_keys(campaign: str) -> list[bytes]:
     return list(keys)
 
 
-def _key(value) -> bytes:
-    return str(value).lower().encode("utf-8", "surrogateescape")[:MAX_KEY]
+# str(value) lower-cased, UTF-8 with surrogates escaped, its first MAX_KEY octets
+_key = _kernel.key
 
 
 def _sending_domain(ev: dict) -> str:
@@ -454,6 +443,7 @@ class EventStore:
         cached = self._cached
         campaigns = self._campaigns
         encode = _enc.encode
+        event_keys = _event_keys
         pack_ts = _TS.pack
         pack_seq = _U64.pack
         last_minute = -1
@@ -465,13 +455,15 @@ class EventStore:
             ids = self.ids
             put = txn.put
             for ev in events:
-                get = ev.get
-                ms = event_time(ev, now)
+                # (the keys not cached below, and the time, in one typed call)
+                ms, eid, rcpt_k, msg_k, mid_k = event_keys(ev, index_mid)
+                if ms < 0:
+                    ms = event_time(ev, now)
                 tk = pack_ts(ms, seq + 1)
-                eid = get("event_id")
                 # (a replayed event: its id is stored, the put adds nothing and says so)
-                if eid not in (None, "") and not put(_key(eid), tk, db=ids, overwrite=False):
+                if eid is not None and not put(eid, tk, db=ids, overwrite=False):
                     continue
+                get = ev.get
                 seq += 1
                 evs.append((pack_seq(seq), tk[:8] + encode(ev)))
                 minute = ms // 60000
@@ -490,12 +482,10 @@ class EventStore:
                     per[entry[1]] = per.get(entry[1], 0) + 1
                 else:
                     times.append((tk, b""))
-                v = get("rcpt_to")
-                if v not in (None, ""):
-                    rcpt.append((_key(v), tk))
-                v = get("message_id")
-                if v not in (None, ""):
-                    msg.append((_key(v), tk))
+                if rcpt_k is not None:
+                    rcpt.append((rcpt_k, tk))
+                if msg_k is not None:
+                    msg.append((msg_k, tk))
                 v = get("transmission_id")
                 if v not in (None, ""):
                     if v.__class__ is not str or v != last_tx:   # (see _cached)
@@ -510,10 +500,8 @@ class EventStore:
                     entry = cached("bcls", v)
                     bcls.append((entry[0], tk))
                     per[entry[1]] = per.get(entry[1], 0) + 1
-                if index_mid and kind == "injection":
-                    v = message_id_key(get("message_id_header"))
-                    if v:
-                        mid.append((_key(v), tk))
+                if mid_k is not None:
+                    mid.append((mid_k, tk))
                 v = get("campaign_id")
                 if v:
                     v = str(v)

@@ -1,0 +1,122 @@
+"""The events process's typed kernels (mta._ext.evkernel) against their pure twin.
+
+The twin is the specification: every case runs through both and the results (or the
+exceptions) must be equal, for the common inputs the compiled module takes in C (ASCII
+str, floats, decimal-digit strings) and for everything it hands back to Python.
+"""
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mta import native
+
+PURE = native.load("evkernel", pure=True)
+COMPILED = native.load("evkernel", pure=False)
+
+
+class Sub(str):
+    pass
+
+
+class Shouting(str):
+    def __str__(self):
+        return "SHOUT"
+
+
+def both(fn, *args):
+    """(result or exception repr) of *fn* in each twin; asserts they agree."""
+    got = []
+    for mod in (PURE, COMPILED):
+        try:
+            got.append(("ok", getattr(mod, fn)(*args)))
+        except Exception as exc:       # noqa: BLE001 (the twins must raise alike)
+            got.append(("raise", type(exc).__name__))
+    assert got[0] == got[1], (fn, args, got)
+    if got[0][0] == "ok":
+        assert type(got[0][1]) is type(got[1][1])
+    return got[0][1]
+
+
+ODD = ["", "a", "AbC@Ex.COM", "x" * 399, "X" * 400, "y" * 401, "Z" * 5000, "Ünï@Bücher.DE",
+       "İ", "ß", "\udcff\udc80", "a\x00b", "\x7f", "@[]`{", Sub("SubCLASS"), Shouting("q"),
+       0, 1, -1, 0.0, -0.0, 1.5, float("nan"), float("inf"), True, False, None, [1, "A"],
+       {"K": "V"}, b"BYTES", 10 ** 30]
+
+
+@pytest.mark.parametrize("value", ODD, ids=repr)
+def test_key_agrees(value):
+    both("key", value)
+
+
+def test_key_examples():
+    assert COMPILED.key("AbC@Ex.COM") == b"abc@ex.com"
+    assert COMPILED.key("y" * 401) == b"y" * 400
+    assert COMPILED.key("É" * 300) == ("é" * 300).encode()[:400]
+    assert COMPILED.key(Shouting("q")) == b"shout"
+    assert COMPILED.key(0.0) == b"0.0" and COMPILED.key(-0.0) == b"-0.0"
+
+
+TIMES = [None, "", "0", "1800000000", "01800000000", "1800000000.5", " 1800000000", "1e9",
+         "1_000", "nan", "inf", "-5", "+5", "253402300799", "253402300800", "999999999999999",
+         "9999999999999999", "١٢٣", "2016-04-18T14:25:07Z", -5, -5.5, 0, 0.0, -0.0, 0.0004,
+         1.8e9, 1.8e9 + 0.9996, 253402300799.9999, 253402300799.99999, 253402300800.0, 1e300,
+         float("nan"), float("inf"), float("-inf"), True, False, 10 ** 30, Sub("12"), [1]]
+
+
+@pytest.mark.parametrize("ts", TIMES, ids=repr)
+def test_timestamp_ms_agrees(ts):
+    both("timestamp_ms", ts)
+
+
+def test_timestamp_ms_examples():
+    assert COMPILED.timestamp_ms("1460989507") == 1460989507000
+    assert COMPILED.timestamp_ms(1460989507.5) == 1460989507500
+    assert COMPILED.timestamp_ms("-5") == 0 == COMPILED.timestamp_ms(-5.0)
+    assert COMPILED.timestamp_ms("253402300800") == -1 == COMPILED.timestamp_ms(math.inf)
+    assert COMPILED.timestamp_ms("2016-04-18") == -1
+
+
+@pytest.mark.parametrize("mid", ["", " <AbC@Dd> ", "<<x>>", "\t<x>\x1c", "<>", " < a > ",
+                                 "<Ünï@X>", "\x1f\x1e", Sub(" <S@T> "), 0, 5, None, [],
+                                 "<" + "m" * 600 + ">"], ids=repr)
+@pytest.mark.parametrize("kind", ["injection", "delivery", None, Sub("injection")])
+def test_event_keys_agrees(mid, kind):
+    ev = {"timestamp": "1800000000", "event_id": "12345", "rcpt_to": "A@B.c",
+          "message_id": "00ABCDEF", "message_id_header": mid}
+    if kind is not None:
+        ev["type"] = kind
+    for index_mid in (True, False):
+        got = both("event_keys", ev, index_mid)
+        if index_mid and kind == "injection" and mid == " <AbC@Dd> ":
+            assert got == (1800000000000, b"12345", b"a@b.c", b"00abcdef", b"abc@dd")
+
+
+def test_event_keys_of_absent_and_empty_fields():
+    for ev in ({}, {"event_id": "", "rcpt_to": None, "message_id": ""},
+               {"event_id": 0, "rcpt_to": False, "message_id": 0.0, "timestamp": True}):
+        both("event_keys", ev, True)
+    assert COMPILED.event_keys({}, True) == (-1, None, None, None, None)
+
+
+_text = st.one_of(st.text(max_size=40), st.text(alphabet=" \t<>AbZ@.-_\x1c", max_size=20),
+                  st.text(alphabet=st.characters(max_codepoint=127), max_size=500))
+_value = st.one_of(_text, st.none(), st.integers(), st.floats(), st.booleans(),
+                   _text.map(Sub))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["timestamp", "event_id", "rcpt_to", "message_id",
+                                        "message_id_header", "type"]),
+                       st.one_of(_value, st.just("injection"),
+                                 st.integers(0, 10 ** 15).map(str))),
+       st.booleans())
+def test_event_keys_random(ev, index_mid):
+    both("event_keys", ev, index_mid)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_value)
+def test_key_random(value):
+    both("key", value)
