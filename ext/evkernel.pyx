@@ -16,13 +16,15 @@ anything else (non-ASCII text, other types, str subclasses, odd numbers) goes
 the twin's way, through the same Python operations.  Measured
 (bench/test_bench_events.py, callgrind): the store's keys and time in one
 :func:`event_keys` call a event, -7.9 % of the events process's instructions
-per HTTP injection event, -6.0 % end to end.
+per HTTP injection event, -6.0 % end to end; the shape's three time strings in
+one :func:`stamps` call (the ISO date from the day number, not strftime), -3.8 %
+and -2.7 % more.
 """
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_GET_LENGTH
-from libc.math cimport isfinite
+from libc.math cimport isfinite, rint
 from libc.stdint cimport int64_t, uint8_t
 
 cdef extern from "Python.h":
@@ -31,6 +33,12 @@ cdef extern from "Python.h":
     bint PyUnicode_CheckExact(object o)
     bint PyFloat_CheckExact(object o)
     double PyFloat_AS_DOUBLE(object o)
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+    char* PyOS_double_to_string(double val, char format_code, int precision, int flags,
+                                int *ptype) except NULL
+    void PyMem_Free(void *p)
+
+import time as _time
 
 
 DEF C_MAX_KEY = 400
@@ -182,3 +190,99 @@ def event_keys(dict ev, bint index_mid) -> tuple:
     if index_mid and ev.get("type") == "injection":
         mid = _mid(ev.get("message_id_header"))
     return ms, eid, rcpt, msg, mid
+
+
+# ------------------------------------------------------------------ shaped times
+
+cdef int64_t _iso_last = -1       # the last whole second iso() formatted, and its text
+cdef str _iso_text = ""
+
+
+cdef inline void _two(uint8_t* d, int v):
+    d[0] = 48 + v // 10
+    d[1] = 48 + v % 10
+
+
+cdef str _civil(int64_t sec):
+    """'YYYY-MM-DDTHH:MM:SS' of Unix second *sec* (0 <= sec, year at most 9999)."""
+    cdef int64_t days = sec // 86400
+    cdef int64_t rem = sec % 86400
+    # days since 1970-01-01 -> proleptic Gregorian date (eras of 400 years from 0000-03-01)
+    cdef int64_t z = days + 719468
+    cdef int64_t era = z // 146097
+    cdef int64_t doe = z - era * 146097
+    cdef int64_t yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    cdef int64_t y = yoe + era * 400
+    cdef int64_t doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    cdef int64_t mp = (5 * doy + 2) // 153
+    cdef int day = <int>(doy - (153 * mp + 2) // 5 + 1)
+    cdef int month = <int>(mp + 3 if mp < 10 else mp - 9)
+    if month <= 2:
+        y += 1
+    cdef str out = PyUnicode_New(19, 127)
+    cdef uint8_t* d = <uint8_t*>PyUnicode_DATA(out)
+    _two(d, <int>(y // 100))
+    _two(d + 2, <int>(y % 100))
+    d[4] = 45
+    _two(d + 5, month)
+    d[7] = 45
+    _two(d + 8, day)
+    d[10] = 84
+    _two(d + 11, <int>(rem // 3600))
+    d[13] = 58
+    _two(d + 14, <int>(rem // 60 % 60))
+    d[16] = 58
+    _two(d + 17, <int>(rem % 60))
+    return out
+
+
+cdef str _iso(double ts):
+    global _iso_last, _iso_text
+    cdef double r = rint(ts * 1000.0)          # round(): half to even, as rint by default
+    cdef int64_t total, sec
+    cdef int ms
+    if not (0.0 <= r < 253402300800000.0):
+        return _iso_py(ts)
+    total = <int64_t>r
+    sec = total // 1000
+    ms = <int>(total % 1000)
+    if sec != _iso_last:
+        _iso_text = _civil(sec)
+        _iso_last = sec
+    cdef str out = PyUnicode_New(24, 127)
+    cdef uint8_t* d = <uint8_t*>PyUnicode_DATA(out)
+    cdef const uint8_t* s = <const uint8_t*>PyUnicode_DATA(_iso_text)
+    cdef int i
+    for i in range(19):
+        d[i] = s[i]
+    d[19] = 46
+    d[20] = 48 + ms // 100
+    _two(d + 21, ms % 100)
+    d[23] = 90
+    return out
+
+
+def _iso_py(ts):
+    sec, ms = divmod(int(round(ts * 1000)), 1000)
+    text = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(sec))
+    return "%s.%03dZ" % (text, ms)
+
+
+def iso(double ts) -> str:
+    """ISO-8601 UTC with milliseconds, as SparkPost writes ``injection_time``."""
+    return _iso(ts)
+
+
+def stamps(double ts, double arrival) -> tuple:
+    """(``timestamp``, ``event_time``, ``injection_time``) of a shaped event: *ts* in whole
+    Unix seconds, *ts* with milliseconds, *arrival* in ISO-8601 UTC with milliseconds."""
+    cdef char* buf = PyOS_double_to_string(ts, b'f', 3, 0, NULL)
+    try:
+        etime = buf.decode("ascii")
+    finally:
+        PyMem_Free(buf)
+    if isfinite(ts) and -9.0e15 < ts < 9.0e15:
+        whole = <int64_t>ts
+    else:
+        whole = int(ts)
+    return str(whole), etime, _iso(arrival)

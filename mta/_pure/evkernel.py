@@ -11,8 +11,11 @@ timestamp) in typed C loops and anything else the way this module does.
 - :func:`timestamp_ms`: Unix seconds (a number, or a string ``float()``
   reads) as milliseconds;
 - :func:`event_keys`: what the store's append needs of one event apart from the
-  indexes it caches (type, bounce class, campaign, transmission), in one call.
+  indexes it caches (type, bounce class, campaign, transmission), in one call;
+- :func:`stamps`: the three time strings of a shaped event.
 """
+import time
+
 MAX_KEY = 400                       # octets of an indexed value kept (LMDB keys: at most 511)
 MAX_TIME_MS = 253_402_300_799_999   # 9999-12-31T23:59:59.999Z: a later timestamp is no time
 
@@ -70,3 +73,23 @@ def event_keys(ev: dict, index_mid: bool) -> tuple:
     mid = _mid(get("message_id_header")) if index_mid and get("type") == "injection" \
         else None
     return ms, eid, rcpt, msg, mid
+
+
+_iso_second: tuple[int, str] = (-1, "")   # the last whole second iso() formatted, and its text
+
+
+def iso(ts: float) -> str:
+    """ISO-8601 UTC with milliseconds, as SparkPost writes ``injection_time``."""
+    global _iso_second
+    sec, ms = divmod(int(round(ts * 1000)), 1000)
+    last, text = _iso_second
+    if sec != last:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _iso_second = (sec, text)
+    return "%s.%03dZ" % (text, ms)
+
+
+def stamps(ts: float, arrival: float) -> tuple[str, str, str]:
+    """(``timestamp``, ``event_time``, ``injection_time``) of a shaped event: *ts* in whole
+    Unix seconds, *ts* with milliseconds, *arrival* in ISO-8601 UTC with milliseconds."""
+    return str(int(ts)), "%.3f" % ts, iso(arrival)

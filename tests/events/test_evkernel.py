@@ -5,6 +5,7 @@ exceptions) must be equal, for the common inputs the compiled module takes in C 
 str, floats, decimal-digit strings) and for everything it hands back to Python.
 """
 import math
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -120,3 +121,35 @@ def test_event_keys_random(ev, index_mid):
 @given(_value)
 def test_key_random(value):
     both("key", value)
+
+
+# ------------------------------------------------------------------ shaped times
+
+def _strftime_iso(ts):
+    ms = int(round(ts * 1000))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + ".%03dZ" % (ms % 1000)
+
+
+STAMPS = [0.0, 0.0004, 0.0005, 0.0015, 1.8e9, 1.8e9 + 0.9995, 1.8e9 + 0.9996, 951782400.0,
+          951868799.9999, 4102444799.9999, 253402300799.999, 253402300799.9996, -1.5, -0.0004,
+          1e-9, 1234567890.1234]
+
+
+@pytest.mark.parametrize("ts", STAMPS)
+def test_iso_and_stamps_agree(ts):
+    assert both("iso", ts) == _strftime_iso(ts)
+    got = both("stamps", ts, ts)
+    assert got == (str(int(ts)), "%.3f" % ts, _strftime_iso(ts))
+
+
+@pytest.mark.parametrize("ts", [float("nan"), float("inf"), 1e300])
+def test_stamps_of_no_time_raise_alike(ts):
+    both("stamps", 1.0, ts)
+    both("stamps", ts, 1.0)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.floats(min_value=0, max_value=2.6e11), st.floats(min_value=-1e6, max_value=2.6e11))
+def test_stamps_random(ts, arrival):
+    both("stamps", ts, arrival)
+    both("stamps", arrival, ts)
