@@ -12,7 +12,9 @@ timestamp) in typed C loops and anything else the way this module does.
   reads) as milliseconds;
 - :func:`event_keys`: what the store's append needs of one event apart from the
   indexes it caches (type, bounce class, campaign, transmission), in one call;
-- :func:`stamps`: the three time strings of a shaped event.
+- :func:`stamps`: the three time strings of a shaped event;
+- :func:`shape_common`: the fields every shaped event has
+  (:func:`mta.events.shape.sparkpost_event` before the type's own).
 """
 import time
 
@@ -93,3 +95,83 @@ def stamps(ts: float, arrival: float) -> tuple[str, str, str]:
     """(``timestamp``, ``event_time``, ``injection_time``) of a shaped event: *ts* in whole
     Unix seconds, *ts* with milliseconds, *arrival* in ISO-8601 UTC with milliseconds."""
     return str(int(ts)), "%.3f" % ts, iso(arrival)
+
+
+def _decimal(qid: str) -> str:
+    """A queue id (hex) as a decimal string, the transmission id of an SMTP injection."""
+    try:
+        return str(int(qid, 16))
+    except ValueError:
+        return qid
+
+
+def shape_common(internal: dict, kind, event_id: str, recipient) -> tuple[dict, float, float]:
+    """(the fields every shaped event of *internal* has, its time, its arrival): the part of
+    :func:`mta.events.shape.sparkpost_event` before the type's own fields, in its order.
+
+    *recipient*: the one of an injection's ``rcpts``; None: the event's own ``recipient``.
+    """
+    get = internal.get
+    ts = float(get("timestamp") or 0.0)
+    arrival = float(get("arrival") or ts)
+    rcpt = get("recipient", "") if recipient is None else recipient
+    qid = get("queue_id", "")
+    domain = rcpt.rpartition("@")[2].lower() if "@" in rcpt else ""
+    stamp, etime, injected = stamps(ts, arrival)
+    out = {
+        "type": kind,
+        "event_id": event_id,
+        "timestamp": stamp,
+        "event_time": etime,
+        "message_id": qid.lower(),
+        "transmission_id": str(get("transmission_id") or _decimal(qid)),
+        "campaign_id": get("campaign_id") or "",
+        "rcpt_to": rcpt.lower(),
+        "raw_rcpt_to": rcpt,
+        "recipient_domain": domain,
+        "routing_domain": domain,
+        "rcpt_meta": get("metadata") or {},
+        "rcpt_tags": get("tags") or [],
+        "msg_from": get("sender", ""),
+        "ip_pool": get("ip_pool") or "default",
+        "transactional": "1" if get("transactional") is True else "0",
+        "injection_time": injected,
+        "recv_method": "rest" if str(get("client", "")).startswith("http") else "esmtp",
+        "queue_id": qid,
+    }
+    v = get("friendly_from")
+    if v:
+        out["friendly_from"] = v
+    v = get("subject")
+    if v:
+        out["subject"] = v
+    if "size" in internal:
+        out["msg_size"] = str(int(internal["size"]))
+    v = get("start_at")
+    if v:
+        out["scheduled_time"] = str(int(v))   # options.start_time
+    v = get("message_id")
+    if v:
+        out["message_id_header"] = v
+    v = get("sending_ip")
+    if v:
+        out["sending_ip"] = v
+    v = get("source")
+    if v:
+        out["egress_source"] = v
+    v = get("site")
+    if v:
+        out["site"] = v
+    v = get("client")
+    if v:
+        out["client"] = v
+    rule = get("response_rule")
+    if rule:
+        # the response rule a receiver's reply matched during this attempt (ours, not
+        # SparkPost's): its name, action (suspend throttle bounce defer), scope and end
+        out["response_rule"] = rule.get("name", "")
+        out["response_rule_action"] = rule.get("action", "")
+        out["response_rule_scope"] = rule.get("scope", "")
+        if rule.get("until"):
+            out["response_rule_until"] = "%.3f" % rule["until"]
+    return out, ts, arrival

@@ -107,7 +107,7 @@ _kernel = native.load("evkernel")
 # date and time of the last second kept: most events are within the same second as the one
 # before)
 iso = _kernel.iso
-_stamps = _kernel.stamps      # (timestamp, event_time, injection_time) of (ts, arrival)
+_common = _kernel.shape_common
 
 
 def canonical_reason(raw: str) -> str:
@@ -143,18 +143,6 @@ def sparkpost_events(internal: dict, ids) -> list[dict]:
     if rcpts is None:
         return [sparkpost_event(internal, event_id=next(ids))]
     return [sparkpost_event(internal, event_id=next(ids), recipient=r) for r in rcpts]
-
-
-def _decimal(qid: str) -> str:
-    """A queue id (hex) as a decimal string, the transmission id of an SMTP injection."""
-    try:
-        return str(int(qid, 16))
-    except ValueError:
-        return qid
-
-
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower() if "@" in address else ""
 
 
 def _reply(internal: dict) -> tuple[int, str]:
@@ -201,61 +189,8 @@ def sparkpost_event(internal: dict, *, event_id: str, recipient: str | None = No
             # (canonicalised as every other event's: a DSN quotes addresses and IPs)
             out["reason"] = canonical_reason(out["raw_reason"])
         return out
-    ts = float(internal.get("timestamp") or 0.0)
-    arrival = float(internal.get("arrival") or ts)
-    rcpt = internal.get("recipient", "") if recipient is None else recipient
-    qid = internal.get("queue_id", "")
-    domain = _domain(rcpt)
-    stamp, etime, injected = _stamps(ts, arrival)
-    out = {
-        "type": kind,
-        "event_id": event_id,
-        "timestamp": stamp,
-        "event_time": etime,
-        "message_id": qid.lower(),
-        "transmission_id": str(internal.get("transmission_id") or _decimal(qid)),
-        "campaign_id": internal.get("campaign_id") or "",
-        "rcpt_to": rcpt.lower(),
-        "raw_rcpt_to": rcpt,
-        "recipient_domain": domain,
-        "routing_domain": domain,
-        "rcpt_meta": internal.get("metadata") or {},
-        "rcpt_tags": internal.get("tags") or [],
-        "msg_from": internal.get("sender", ""),
-        "ip_pool": internal.get("ip_pool") or "default",
-        "transactional": "1" if internal.get("transactional") is True else "0",
-        "injection_time": injected,
-        "recv_method": "rest" if str(internal.get("client", "")).startswith("http") else "esmtp",
-        "queue_id": qid,
-    }
-    if internal.get("friendly_from"):
-        out["friendly_from"] = internal["friendly_from"]
-    if internal.get("subject"):
-        out["subject"] = internal["subject"]
-    if "size" in internal:
-        out["msg_size"] = str(int(internal["size"]))
-    if internal.get("start_at"):
-        out["scheduled_time"] = str(int(internal["start_at"]))   # options.start_time
-    mid = internal.get("message_id")
-    if mid:
-        out["message_id_header"] = mid
-    if internal.get("sending_ip"):
-        out["sending_ip"] = internal["sending_ip"]
-    if internal.get("source"):
-        out["egress_source"] = internal["source"]
-    if internal.get("site"):
-        out["site"] = internal["site"]
-    if internal.get("client"):
-        out["client"] = internal["client"]
-    rule = internal.get("response_rule")
-    if rule:
-        # the response rule a receiver's reply matched during this attempt (ours, not
-        # SparkPost's): its name, action (suspend throttle bounce defer), scope and end
-        out["response_rule"] = rule.get("name", "")
-        out["response_rule_action"] = rule.get("action", "")
-        out["response_rule_scope"] = rule.get("scope", "")
-        if rule.get("until"):
-            out["response_rule_until"] = "%.3f" % rule["until"]
+    # (the fields every type has, typed: mta._pure.evkernel.shape_common is their spec)
+    out, ts, arrival = _common(internal, kind, event_id, recipient)
     if kind == "injection":
         return out
     if kind in REFUSAL_KINDS:

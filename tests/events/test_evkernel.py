@@ -153,3 +153,64 @@ def test_stamps_of_no_time_raise_alike(ts):
 def test_stamps_random(ts, arrival):
     both("stamps", ts, arrival)
     both("stamps", arrival, ts)
+
+
+# ------------------------------------------------------------------ shaped fields
+
+def common(internal, kind, event_id="7", recipient=None):
+    """shape_common in both twins: equal fields in the same order, or the same exception."""
+    got = []
+    for mod in (PURE, COMPILED):
+        try:
+            out, ts, arrival = mod.shape_common(internal, kind, event_id, recipient)
+            got.append(("ok", list(out.items()), repr(ts), repr(arrival)))
+        except Exception as exc:       # noqa: BLE001 (the twins must raise alike)
+            got.append(("raise", type(exc).__name__))
+    assert got[0] == got[1], (internal, kind, recipient, got)
+    return got[0]
+
+
+FULL = {"type": "delivery", "timestamp": 1.8e9 + 0.35, "arrival": 1.8e9, "queue_id": "18A3F2C4B1D2E0300001",
+        "message_id": "<a@b>", "sender": "news@sender.example.com", "recipient": "Reader@Example.NET",
+        "size": 2390, "client": "http [127.0.0.1]", "campaign_id": "bench",
+        "metadata": {"list": "daily"}, "transmission_id": "7300000000000000001",
+        "friendly_from": "news@sender.example.com", "subject": "Today's news",
+        "source": "out-1", "sending_ip": "127.0.0.10", "site": "example.net", "tags": ["t"],
+        "ip_pool": "p", "transactional": True, "start_at": 1.8e9 + 5.5,
+        "response_rule": {"name": "r", "action": "defer", "scope": "site", "until": 1.8e9 + 60}}
+
+
+def test_shape_common_full_and_empty():
+    got = common(FULL, "delivery")
+    assert dict(got[1])["rcpt_to"] == "reader@example.net"
+    assert dict(got[1])["recipient_domain"] == "example.net"
+    assert dict(got[1])["transmission_id"] == "7300000000000000001"
+    common({}, "delivery")
+    common({}, "injection", recipient="X@Y")
+    common({"queue_id": "ABCDEF"}, "bounce")          # the transmission id from the queue id
+    common({"queue_id": "not hex"}, "bounce")
+
+
+@pytest.mark.parametrize("rcpt", ["", "a", "A@B@C.D", "@", "x@", "Ünï@Bücher.DE", "İ@İ.X",
+                                  Sub("S@T.U"), Shouting("Q@R"), None, 5, "\udcff@x"], ids=repr)
+@pytest.mark.parametrize("field", [None, "queue_id", "client", "transmission_id", "timestamp",
+                                   "arrival", "size", "start_at", "response_rule", "campaign_id"])
+@pytest.mark.parametrize("odd", ["", None, 0, 0.0, False, "X" * 500, Sub("AB"), "Ünï", "12.5",
+                                 float("nan"), [1], {"until": 0}], ids=repr)
+def test_shape_common_odd_values(rcpt, field, odd):
+    internal = dict(FULL, recipient=rcpt)
+    if field is not None:
+        internal[field] = odd
+    common(internal, "delay")
+    common(internal, "injection", recipient=rcpt)
+
+
+_scalar = st.one_of(st.none(), st.booleans(), st.integers(-5, 10 ** 12),
+                    st.floats(allow_nan=False, min_value=-1e6, max_value=2.6e11), _text,
+                    _text.map(Sub))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(FULL)), _scalar), st.one_of(st.none(), _text))
+def test_shape_common_random(changes, recipient):
+    common(dict(FULL, **changes), changes.get("type", "delivery"), recipient=recipient)
