@@ -14,7 +14,8 @@ timestamp) in typed C loops and anything else the way this module does.
   indexes it caches (type, bounce class, campaign, transmission), in one call;
 - :func:`stamps`: the three time strings of a shaped event;
 - :func:`shape_common`: the fields every shaped event has
-  (:func:`mta.events.shape.sparkpost_event` before the type's own).
+  (:func:`mta.events.shape.sparkpost_event` before the type's own), and
+  :func:`attempt_fields`: those of a delivery attempt (with :func:`reply`).
 """
 import time
 
@@ -175,3 +176,41 @@ def shape_common(internal: dict, kind, event_id: str, recipient) -> tuple[dict, 
         if rule.get("until"):
             out["response_rule_until"] = "%.3f" % rule["until"]
     return out, ts, arrival
+
+
+def reply(internal: dict) -> tuple[int, str]:
+    """(code, "code enhanced text") of an internal event's ``response``."""
+    resp = internal.get("response") or {}
+    code = int(resp.get("code") or 0)
+    enhanced = resp.get("enhanced") or ""
+    text = resp.get("text") or ""
+    return code, " ".join(x for x in (str(code) if code else "", enhanced, text) if x)
+
+
+def attempt_fields(out: dict, internal: dict, kind, ts: float, arrival: float) -> tuple:
+    """Add a delivery attempt's fields to *out* (a ``delivery``, ``delay``, ``bounce`` or
+    ``expiration``, after :func:`shape_common`): (attempt, reply code, reply text).
+
+    A ``delivery`` is then complete; the others' own fields are added by
+    :func:`mta.events.shape.sparkpost_event`.
+    """
+    attempt = int(internal.get("attempt") or 0)
+    # failed attempts before this one; an expiry is no attempt: all of them failed
+    out["num_retries"] = str(attempt if kind == "expiration" else max(0, attempt - 1))
+    out["queue_time"] = str(max(0, int(round((ts - arrival) * 1000))))
+    if internal.get("suppressed"):
+        out["suppressed"] = "1"
+    else:
+        out["delv_method"] = "esmtp"
+    if internal.get("remote_ip"):
+        out["ip_address"] = internal["remote_ip"]
+    if internal.get("remote_host"):
+        out["remote_host"] = internal["remote_host"]
+    code, raw = reply(internal)
+    if internal.get("outbound_tls") and kind in ("delivery", "delay"):
+        out["outbound_tls"] = str(internal["outbound_tls"])
+    if kind == "delivery":
+        # (SparkPost lists these for delay and bounce; the receiver's 250 is as useful)
+        out["error_code"] = str(code) if code else ""
+        out["raw_reason"] = raw
+    return attempt, code, raw

@@ -108,6 +108,8 @@ _kernel = native.load("evkernel")
 # before)
 iso = _kernel.iso
 _common = _kernel.shape_common
+_attempt_fields = _kernel.attempt_fields
+_reply = _kernel.reply        # (code, "code enhanced text") of an internal event's response
 
 
 def canonical_reason(raw: str) -> str:
@@ -143,15 +145,6 @@ def sparkpost_events(internal: dict, ids) -> list[dict]:
     if rcpts is None:
         return [sparkpost_event(internal, event_id=next(ids))]
     return [sparkpost_event(internal, event_id=next(ids), recipient=r) for r in rcpts]
-
-
-def _reply(internal: dict) -> tuple[int, str]:
-    """(code, "code enhanced text") of an internal event's ``response``."""
-    resp = internal.get("response") or {}
-    code = int(resp.get("code") or 0)
-    enhanced = resp.get("enhanced") or ""
-    text = resp.get("text") or ""
-    return code, " ".join(x for x in (str(code) if code else "", enhanced, text) if x)
 
 
 def _refusal(out: dict, internal: dict, kind: str) -> dict:
@@ -195,25 +188,9 @@ def sparkpost_event(internal: dict, *, event_id: str, recipient: str | None = No
         return out
     if kind in REFUSAL_KINDS:
         return _refusal(out, internal, kind)
-    attempt = int(internal.get("attempt") or 0)
-    # failed attempts before this one; an expiry is no attempt: all of them failed
-    out["num_retries"] = str(attempt if kind == "expiration" else max(0, attempt - 1))
-    out["queue_time"] = str(max(0, int(round((ts - arrival) * 1000))))
-    if internal.get("suppressed"):
-        out["suppressed"] = "1"
-    else:
-        out["delv_method"] = "esmtp"
-    if internal.get("remote_ip"):
-        out["ip_address"] = internal["remote_ip"]
-    if internal.get("remote_host"):
-        out["remote_host"] = internal["remote_host"]
-    code, raw = _reply(internal)
-    if internal.get("outbound_tls") and kind in ("delivery", "delay"):
-        out["outbound_tls"] = str(internal["outbound_tls"])
+    # (typed: mta._pure.evkernel.attempt_fields is the spec; a delivery is then complete)
+    attempt, code, raw = _attempt_fields(out, internal, kind, ts, arrival)
     if kind == "delivery":
-        # (SparkPost lists these for delay and bounce; the receiver's 250 is as useful)
-        out["error_code"] = str(code) if code else ""
-        out["raw_reason"] = raw
         return out
     if kind == "expiration":
         out["type"] = "bounce"

@@ -214,3 +214,57 @@ _scalar = st.one_of(st.none(), st.booleans(), st.integers(-5, 10 ** 12),
 @given(st.dictionaries(st.sampled_from(sorted(FULL)), _scalar), st.one_of(st.none(), _text))
 def test_shape_common_random(changes, recipient):
     common(dict(FULL, **changes), changes.get("type", "delivery"), recipient=recipient)
+
+
+def attempt(internal, kind, ts=1.8e9 + 0.35, arrival=1.8e9):
+    """attempt_fields in both twins: the same fields added in the same order and the same
+    result, or the same exception."""
+    got = []
+    for mod in (PURE, COMPILED):
+        out = {"type": kind}
+        try:
+            res = mod.attempt_fields(out, internal, kind, ts, arrival)
+            got.append(("ok", list(out.items()), res))
+        except Exception as exc:       # noqa: BLE001 (the twins must raise alike)
+            got.append(("raise", type(exc).__name__))
+    assert got[0] == got[1], (internal, kind, ts, arrival, got)
+    return got[0]
+
+
+DELIVERY = {"attempt": 3, "remote_ip": "127.0.0.20", "remote_host": "mx.example.net",
+            "outbound_tls": "1", "response": {"code": 250, "enhanced": "2.0.0", "text": "Ok"}}
+
+
+@pytest.mark.parametrize("kind", ["delivery", "delay", "bounce", "expiration", Sub("delivery")])
+@pytest.mark.parametrize("field", [None, "attempt", "remote_ip", "outbound_tls", "response",
+                                   "suppressed"])
+@pytest.mark.parametrize("odd", ["", None, 0, 1, 2.7, True, "x", Sub("AB"), -4, 10 ** 20, {},
+                                 {"code": "451", "enhanced": 5}, {"text": "only text"},
+                                 {"code": 0.0, "enhanced": "", "text": "Ünï"}], ids=repr)
+def test_attempt_fields_odd_values(kind, field, odd):
+    internal = dict(DELIVERY)
+    if field is not None:
+        internal[field] = odd
+    attempt(internal, kind)
+
+
+def test_attempt_fields_examples():
+    got = attempt(DELIVERY, "delivery")
+    assert got[1] == [("type", "delivery"), ("num_retries", "2"), ("queue_time", "350"),
+                      ("delv_method", "esmtp"), ("ip_address", "127.0.0.20"),
+                      ("remote_host", "mx.example.net"), ("outbound_tls", "1"),
+                      ("error_code", "250"), ("raw_reason", "250 2.0.0 Ok")]
+    assert got[2] == (3, 250, "250 2.0.0 Ok")
+    attempt({}, "expiration")
+    for ts, arrival in ((0.0, 5.0), (5.0, 0.0), (-0.0, 0.0), (1.0005, 1.0), (1.0015, 1.0),
+                        (1e300, -1e300), (float("nan"), 1.0), (float("inf"), 0.0)):
+        attempt(DELIVERY, "delay", ts, arrival)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False),
+       st.floats(allow_nan=False, allow_infinity=False),
+       st.dictionaries(st.sampled_from(["code", "enhanced", "text"]), _scalar))
+def test_attempt_fields_random(ts, arrival, response):
+    attempt(dict(DELIVERY, response=response), "bounce", ts, arrival)
+    both("reply", {"response": response})
