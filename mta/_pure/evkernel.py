@@ -61,9 +61,10 @@ def _mid(value) -> bytes | None:
 
 def event_keys(ev: dict, index_mid: bool) -> tuple:
     """(time in ms or -1, ``event_id`` key, ``rcpt_to`` key, ``message_id`` key,
-    ``mid`` key) of a flat event; a key is None when its field is absent, None or "" (the
-    ``mid`` key also unless *index_mid* and the event is an ``injection`` with a
-    Message-ID).  The time is :func:`timestamp_ms` of ``timestamp``."""
+    ``mid`` key, ``transmission_id`` key, its counter prefix) of a flat event; a key is
+    None when its field is absent, None or "" (the ``mid`` key also unless *index_mid* and
+    the event is an ``injection`` with a Message-ID).  The time is :func:`timestamp_ms` of
+    ``timestamp``; the counter prefix is the ``tx`` index's (``tx``, NUL, key, NUL)."""
     get = ev.get
     v = get("timestamp")
     ms = timestamp_ms(v)
@@ -75,7 +76,11 @@ def event_keys(ev: dict, index_mid: bool) -> tuple:
     msg = None if v is None or v == "" else key(v)
     mid = _mid(get("message_id_header")) if index_mid and get("type") == "injection" \
         else None
-    return ms, eid, rcpt, msg, mid
+    v = get("transmission_id")
+    if v is None or v == "":
+        return ms, eid, rcpt, msg, mid, None, None
+    tx = key(v)
+    return ms, eid, rcpt, msg, mid, tx, b"tx\x00" + tx + b"\x00"
 
 
 _iso_second: tuple[int, str] = (-1, "")   # the last whole second iso() formatted, and its text

@@ -448,7 +448,6 @@ class EventStore:
         pack_seq = _U64.pack
         last_minute = -1
         per = per_minute
-        last_tx = last_tx_prefix = None
         with self.env.begin(write=True) as txn:
             v = txn.get(b"seq", db=self.meta)
             seq = _U64.unpack(v)[0] if v is not None else 0
@@ -456,7 +455,7 @@ class EventStore:
             put = txn.put
             for ev in events:
                 # (the keys not cached below, and the time, in one typed call)
-                ms, eid, rcpt_k, msg_k, mid_k = event_keys(ev, index_mid)
+                ms, eid, rcpt_k, msg_k, mid_k, tx_k, tx_p = event_keys(ev, index_mid)
                 if ms < 0:
                     ms = event_time(ev, now)
                 tk = pack_ts(ms, seq + 1)
@@ -486,15 +485,9 @@ class EventStore:
                     rcpt.append((rcpt_k, tk))
                 if msg_k is not None:
                     msg.append((msg_k, tk))
-                v = get("transmission_id")
-                if v not in (None, ""):
-                    if v.__class__ is not str or v != last_tx:   # (see _cached)
-                        last_tx = v
-                        k = _key(v)
-                        last_tx_prefix = (k, _counter("tx", k))
-                    tx.append((last_tx_prefix[0], tk))
-                    p = last_tx_prefix[1]
-                    per[p] = per.get(p, 0) + 1
+                if tx_k is not None:
+                    tx.append((tx_k, tk))
+                    per[tx_p] = per.get(tx_p, 0) + 1
                 v = get("bounce_class")
                 if v not in (None, ""):
                     entry = cached("bcls", v)

@@ -85,20 +85,25 @@ def test_timestamp_ms_examples():
 @pytest.mark.parametrize("kind", ["injection", "delivery", None, Sub("injection")])
 def test_event_keys_agrees(mid, kind):
     ev = {"timestamp": "1800000000", "event_id": "12345", "rcpt_to": "A@B.c",
-          "message_id": "00ABCDEF", "message_id_header": mid}
+          "message_id": "00ABCDEF", "message_id_header": mid, "transmission_id": "73X"}
     if kind is not None:
         ev["type"] = kind
     for index_mid in (True, False):
         got = both("event_keys", ev, index_mid)
         if index_mid and kind == "injection" and mid == " <AbC@Dd> ":
-            assert got == (1800000000000, b"12345", b"a@b.c", b"00abcdef", b"abc@dd")
+            assert got == (1800000000000, b"12345", b"a@b.c", b"00abcdef", b"abc@dd",
+                           b"73x", b"tx\x0073x\x00")
 
 
 def test_event_keys_of_absent_and_empty_fields():
     for ev in ({}, {"event_id": "", "rcpt_to": None, "message_id": ""},
                {"event_id": 0, "rcpt_to": False, "message_id": 0.0, "timestamp": True}):
         both("event_keys", ev, True)
-    assert COMPILED.event_keys({}, True) == (-1, None, None, None, None)
+    assert COMPILED.event_keys({}, True) == (-1, None, None, None, None, None, None)
+    for tx in ("", None, 0, 0.0, -0.0, False, "Ü" * 300, "7" * 600, Sub("T"), Shouting("t")):
+        both("event_keys", {"transmission_id": tx}, False)
+    assert COMPILED.event_keys({"transmission_id": 0.0}, False)[5:] == \
+        (b"0.0", b"tx\x000.0\x00")
 
 
 _text = st.one_of(st.text(max_size=40), st.text(alphabet=" \t<>AbZ@.-_\x1c", max_size=20),
@@ -109,7 +114,7 @@ _value = st.one_of(_text, st.none(), st.integers(), st.floats(), st.booleans(),
 
 @settings(max_examples=400, deadline=None)
 @given(st.dictionaries(st.sampled_from(["timestamp", "event_id", "rcpt_to", "message_id",
-                                        "message_id_header", "type"]),
+                                        "message_id_header", "type", "transmission_id"]),
                        st.one_of(_value, st.just("injection"),
                                  st.integers(0, 10 ** 15).map(str))),
        st.booleans())
