@@ -6,23 +6,25 @@ this module; both have the same public API and results (tests/events/test_evkern
 runs the same random inputs through both).
 
 Why compiled: the events process is the largest single process per message
-(about a third of all instructions end to end), and of its cost per event the
-store's index keys (five ``str(v).lower().encode(...)[:400]`` an event, a
-``float()`` of the timestamp, the Message-ID's strips, each a Python call) were
-interpreter work around tiny string operations.  Here the common case -- an
-exact ``str`` of ASCII characters, a float or a decimal-digit timestamp -- is a
-typed loop over the characters that writes the result object directly;
+(about a third of all instructions end to end), and much of its cost per event
+was interpreter work around small string and dict operations: the store's index
+keys (``str(v).lower().encode(...)[:400]`` five times, a ``float()`` of the
+timestamp, the Message-ID's strips) and the shaped event's fields.  Here the
+common case -- an exact ``str`` of ASCII characters, a float or a decimal-digit
+timestamp, a plain dict -- is typed C (loops over the characters writing the
+result object directly, dict lookups and stores without the interpreter);
 anything else (non-ASCII text, other types, str subclasses, odd numbers) goes
-the twin's way, through the same Python operations.  Measured
-(bench/test_bench_events.py, callgrind): the store's keys and time in one
-:func:`event_keys` call a event, -7.9 % of the events process's instructions
-per HTTP injection event, -6.0 % end to end, and the transmission id's key and
-counter prefix in it too (an HTTP injection's is its own), -2.8 % and -3.0 %
-more; the shape's three time strings in
-one :func:`stamps` call (the ISO date from the day number, not strftime), -3.8 %
-and -2.7 % more; the fields every shaped event has in one :func:`shape_common`
-call (typed dict lookups and stores, ASCII lower-casing in C), -6.9 % and -5.4 %
-more; a delivery attempt's fields (:func:`attempt_fields`), -2.6 % more end to end.
+the twin's way, through the same Python operations.
+
+Measured (bench/test_bench_events.py under callgrind, instructions per event of
+the events process, HTTP injection / end to end; each step on top of the last):
+
+- :func:`event_keys`, the store's keys and time in one call: -7.9 % / -6.0 %;
+- :func:`stamps`, the shape's three time strings (the ISO date from the day
+  number, not strftime): -3.8 % / -2.7 %;
+- :func:`shape_common`, the fields every shaped event has: -6.9 % / -5.4 %;
+- :func:`attempt_fields`, a delivery attempt's fields: 0 / -2.6 %;
+- the transmission id's key and counter prefix in :func:`event_keys`: -2.8 % / -3.0 %.
 """
 
 cimport cython
