@@ -43,11 +43,12 @@ After 2105a24 (no copy per recipient, event ids from an iterator): HTTP 153,100 
 process ~133,800), ``--e2e`` 174,800.  Where an HTTP injection event's instructions go
 (scratch stage-by-stage counts): store append ~73,000 (LMDB ~40,000 of it), shaping
 ~32,000 (nearly all interpreter), record decode (orjson) ~12,500, log line (orjson) ~10,000.
-After fc32cf3 (typed per-event kernels, mta._ext.evkernel: the store's keys and time, the
-shape's common and attempt fields and time strings; one getmulti / putmulti of the minute
-counters), 2,000 and 6,000 events, 2026-12-07: HTTP 119,600 of which the harness 18,900,
-so **~100,700 in the events process** (was ~133,700: -24.7 %); ``--e2e`` 139,600, the
-harness 28,900, ~110,700 in the events process (was ~145,700: -24.0 %).
+After the typed per-event kernels (mta._ext.evkernel: the store's keys and time, a
+record's entries shaped in one loop with their common and attempt fields and time strings;
+one getmulti / putmulti of the minute counters), 2,000 and 6,000 events, 2026-12-07: HTTP
+116,000 of which the harness 18,900, so **~97,100 in the events process** (was ~133,700:
+-27.4 %); ``--e2e`` 136,600, the harness 28,900, ~107,700 in the events process (was
+~145,700: -26.1 %).
 """
 from __future__ import annotations
 

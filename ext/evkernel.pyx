@@ -24,7 +24,9 @@ the events process, HTTP injection / end to end; each step on top of the last):
   number, not strftime): -3.8 % / -2.7 %;
 - :func:`shape_common`, the fields every shaped event has: -6.9 % / -5.4 %;
 - :func:`attempt_fields`, a delivery attempt's fields: 0 / -2.6 %;
-- the transmission id's key and counter prefix in :func:`event_keys`: -2.8 % / -3.0 %.
+- the transmission id's key and counter prefix in :func:`event_keys`: -2.8 % / -3.0 %;
+- :func:`shape_entries`, a record's injections and deliveries shaped in one loop
+  (no Python frame per event): -3.0 % / -2.2 %.
 """
 
 cimport cython
@@ -362,6 +364,10 @@ def shape_common(dict internal, kind, event_id, recipient) -> tuple:
 
     *recipient*: the one of an injection's ``rcpts``; None: the event's own ``recipient``.
     """
+    return _shape_common(internal, kind, event_id, recipient)
+
+
+cdef tuple _shape_common(dict internal, kind, event_id, recipient):
     cdef Py_ssize_t at
     v = internal.get("timestamp")
     cdef double ts = float(v) if _truthy(v) else 0.0
@@ -479,6 +485,10 @@ def attempt_fields(dict out, dict internal, kind, double ts, double arrival) -> 
     A ``delivery`` is then complete; the others' own fields are added by
     :func:`mta.events.shape.sparkpost_event`.
     """
+    return _attempt_fields(out, internal, kind, ts, arrival)
+
+
+cdef tuple _attempt_fields(dict out, dict internal, kind, double ts, double arrival):
     cdef double r
     v = internal.get("attempt")
     attempt = int(v) if _truthy(v) else 0
@@ -507,3 +517,31 @@ def attempt_fields(dict out, dict internal, kind, double ts, double arrival) -> 
         out["error_code"] = str(code) if code else ""
         out["raw_reason"] = raw
     return attempt, code, raw
+
+
+def shape_entries(entries, ids, slow) -> list:
+    """The flat SparkPost events of a record's entries, in order, their ids from *ids*:
+    each entry's one event, or an injection's one per recipient of its ``rcpts``.
+
+    An ``injection`` or a ``delivery`` is shaped here (:func:`shape_common`,
+    :func:`attempt_fields`); any other type by *slow* (``slow(internal, event_id=...,
+    recipient=...)``, :func:`mta.events.shape.sparkpost_event`).
+    """
+    cdef list out = []
+    cdef dict ev
+    cdef tuple common
+    cdef int fast
+    for internal in entries:
+        kind = internal.get("type", "")
+        rcpts = internal.get("rcpts")
+        fast = 2 if kind == "injection" else (1 if kind == "delivery" else 0)
+        for r in (None,) if rcpts is None else rcpts:
+            if fast:
+                common = _shape_common(internal, kind, next(ids), r)
+                ev = <dict>common[0]
+                if fast == 1:
+                    _attempt_fields(ev, internal, kind, common[1], common[2])
+                out.append(ev)
+            else:
+                out.append(slow(internal, event_id=next(ids), recipient=r))
+    return out

@@ -15,7 +15,8 @@ timestamp) in typed C loops and anything else the way this module does.
 - :func:`stamps`: the three time strings of a shaped event;
 - :func:`shape_common`: the fields every shaped event has
   (:func:`mta.events.shape.sparkpost_event` before the type's own), and
-  :func:`attempt_fields`: those of a delivery attempt (with :func:`reply`).
+  :func:`attempt_fields`: those of a delivery attempt (with :func:`reply`);
+  :func:`shape_entries`: a record's entries shaped in one loop.
 """
 import time
 
@@ -219,3 +220,26 @@ def attempt_fields(out: dict, internal: dict, kind, ts: float, arrival: float) -
         out["error_code"] = str(code) if code else ""
         out["raw_reason"] = raw
     return attempt, code, raw
+
+
+def shape_entries(entries, ids, slow) -> list[dict]:
+    """The flat SparkPost events of a record's entries, in order, their ids from *ids*:
+    each entry's one event, or an injection's one per recipient of its ``rcpts``.
+
+    An ``injection`` or a ``delivery`` is shaped here (:func:`shape_common`,
+    :func:`attempt_fields`); any other type by *slow* (``slow(internal, event_id=...,
+    recipient=...)``, :func:`mta.events.shape.sparkpost_event`).
+    """
+    out = []
+    for internal in entries:
+        kind = internal.get("type", "")
+        rcpts = internal.get("rcpts")
+        for r in (None,) if rcpts is None else rcpts:
+            if kind == "injection" or kind == "delivery":
+                ev, ts, arrival = shape_common(internal, kind, next(ids), r)
+                if kind == "delivery":
+                    attempt_fields(ev, internal, kind, ts, arrival)
+            else:
+                ev = slow(internal, event_id=next(ids), recipient=r)
+            out.append(ev)
+    return out

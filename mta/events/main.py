@@ -43,7 +43,7 @@ import time
 from mta import bus, native, proc
 from mta.api import webhookdb
 from mta.feedback.events_store import StoreDamaged, StoreFull
-from mta.events.shape import event_ids, sparkpost_events
+from mta.events.shape import event_ids, sparkpost_entries
 from mta.obs import events as ev
 from mta.obs.stats import Pusher, Registry
 from mta.store import (Watermark, read_cursor, read_events, segment_numbers, segment_path,
@@ -194,8 +194,7 @@ class Tail:
         def on_events(offset: int, meta) -> None:
             taken[0] += 1
             ids = event_ids(shard, self.seg, offset)
-            for internal in ev.decode(meta):
-                out.extend(sparkpost_events(internal, ids))
+            out.extend(sparkpost_entries(ev.decode(meta), ids))
 
         def on_skip(offset: int, n: int) -> None:
             self.skipped += n

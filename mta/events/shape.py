@@ -109,6 +109,7 @@ _kernel = native.load("evkernel")
 iso = _kernel.iso
 _common = _kernel.shape_common
 _attempt_fields = _kernel.attempt_fields
+_entries = _kernel.shape_entries
 _reply = _kernel.reply        # (code, "code enhanced text") of an internal event's response
 
 
@@ -145,6 +146,12 @@ def sparkpost_events(internal: dict, ids) -> list[dict]:
     if rcpts is None:
         return [sparkpost_event(internal, event_id=next(ids))]
     return [sparkpost_event(internal, event_id=next(ids), recipient=r) for r in rcpts]
+
+
+def sparkpost_entries(entries, ids) -> list[dict]:
+    """:func:`sparkpost_events` of each of a record's entries, in order, in one list (an
+    injection and a delivery shaped in one typed loop: mta._pure.evkernel.shape_entries)."""
+    return _entries(entries, ids, sparkpost_event)
 
 
 def _refusal(out: dict, internal: dict, kind: str) -> dict:

@@ -273,3 +273,30 @@ def test_attempt_fields_examples():
 def test_attempt_fields_random(ts, arrival, response):
     attempt(dict(DELIVERY, response=response), "bounce", ts, arrival)
     both("reply", {"response": response})
+
+
+def test_shape_entries_is_sparkpost_events_of_each_entry():
+    """A record's entries in one call: the events sparkpost_events makes of each, in order,
+    the same ids; other types through the slow path; both twins alike."""
+    from mta.events import shape
+    entries = [dict(FULL, type="injection", rcpts=["A@X.test", "b@Y.test", Sub("C@Z")]),
+               dict(FULL, type="delivery"), dict(FULL, type="delay", next_attempt=1.8e9 + 9),
+               dict(FULL, type="bounce", bounce_class="10"), dict(FULL, type="expiration"),
+               dict(FULL, type="injection", rcpts=[]), dict(FULL, type=Sub("delivery")),
+               {"type": "out_of_band", "timestamp": 1.8e9, "event": {"raw_reason": "5.1.1"}},
+               dict(FULL, type="policy_rejection", remote_addr="127.0.0.1"),
+               dict(FULL, type="generation_failure"), dict(FULL, type="injection")]
+    want = []
+    ids = shape.event_ids(1, 2, 3)
+    for e in entries:
+        want.extend(shape.sparkpost_events(e, ids))
+    for mod in (PURE, COMPILED):
+        got = mod.shape_entries(entries, shape.event_ids(1, 2, 3), shape.sparkpost_event)
+        assert [list(e.items()) for e in got] == [list(e.items()) for e in want]
+    assert len(want) == 12
+    for mod in (PURE, COMPILED):      # an error is raised as sparkpost_events raises it
+        ids = shape.event_ids(0, 1, 0)
+        with pytest.raises(TypeError):
+            mod.shape_entries([dict(FULL, type="injection", rcpts=[5])], ids,
+                              shape.sparkpost_event)
+        assert next(ids) == shape.event_id(0, 1, 0, 1)
