@@ -87,9 +87,12 @@ cdef object _python_way(value, long raw, bint html, bint links):
 
 
 cdef object _lookup(tuple path, tuple scopes):
-    cdef object head = path[0], value, name
+    cdef object head, value, name
     cdef PyObject* found
     cdef Py_ssize_t i, k = len(path)
+    if k == 0:
+        raise IndexError("a substitution's path is empty")
+    head = path[0]
     for scope in scopes:
         if type(scope) is dict:
             found = PyDict_GetItemWithError(scope, head)
@@ -139,6 +142,8 @@ def render(list parts, tuple scopes, bint html, bint links, Py_ssize_t limit, Py
             out.append(p)
             continue
         t = <tuple?>p
+        if len(t) != 2:     # (the module is built without bounds checks)
+            raise ValueError("a substitution is (path, raw)")
         raw = t[1]
         value = _lookup(<tuple?>t[0], scopes)
         if type(value) is str:

@@ -56,12 +56,15 @@ cdef tuple _parts(const unsigned char* line, Py_ssize_t n):
     return (code, None, PyUnicode_DecodeUTF8(<const char*>t, tn, "replace"))
 
 
-def parts(bytes line):
+def parts(bytes line not None):
     """(code, enhanced, text) of one reply line (see the twin's docstring)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(line)
+    if PyBytes_GET_SIZE(line) < 3 or not (_digit(p[0]) and _digit(p[1]) and _digit(p[2])):
+        raise ValueError("a reply line begins with three digits")
     return _parts(<const unsigned char*>PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line))
 
 
-def one_line_replies(data, make, dict cache, Py_ssize_t cache_max, Py_ssize_t cache_line):
+def one_line_replies(data, make, dict cache not None, Py_ssize_t cache_max, Py_ssize_t cache_line):
     """The replies of *data* when it is whole one-line replies, else None."""
     if type(data) is not bytes:
         return None

@@ -137,3 +137,13 @@ def test_which_templates_are_plain():
         assert build.Template(text).plain, text
     for text in other:
         assert not build.Template(text).plain, text
+
+
+def test_a_malformed_part_is_an_error_not_a_crash(mod):
+    # (the compiled module is built without bounds checks: an empty path or a part that
+    # is not a pair was read past its end -- the builder never makes one; found by the
+    # review of stop 47's diff)
+    for parts, err in (([((), 0)], IndexError), ([(("a",),)], ValueError),
+                       ([(("a",), 0, 1)], ValueError)):
+        with pytest.raises(err):
+            mod.render(parts, ({"a": 1},), False, False, 0, 0, str)

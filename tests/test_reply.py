@@ -131,3 +131,15 @@ def test_each_reply_made_by_make(mod):
 
     assert mod.one_line_replies(b"250 2.1.0 Ok\r\n354 go\r\n", make, {}, 8, 128) == [1, 2]
     assert calls == [(250, "2.1.0", "Ok"), (354, None, "go")]
+
+
+@pytest.mark.parametrize("mod", [COMPILED, PURE], ids=["compiled", "pure"])
+def test_parts_refuses_what_is_not_a_reply_line(mod):
+    # (the compiled module is built without bounds checks: a short line was read past
+    # its end; found by the review of stop 47's diff)
+    for line in (b"", b"2", b"25", b"25x ok", b"abc"):
+        with pytest.raises(ValueError):
+            mod.parts(line)
+    with pytest.raises((TypeError, ValueError)):
+        mod.parts(None)
+    assert mod.parts(b"250") == (250, None, "")

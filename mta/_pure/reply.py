@@ -37,6 +37,8 @@ _ENHANCED = re.compile(rb"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
 def parts(line: bytes) -> tuple[int, str | None, str]:
     """(code, enhanced, text) of one reply line (see the module's docstring)."""
+    if type(line) is not bytes or len(line) < 3 or not line[:3].isdigit():
+        raise ValueError("a reply line begins with three digits")
     code = int(line[:3])
     text = line[4:] if line[3:4] in (b" ", b"-") else line[3:]
     m = _ENHANCED.match(text)
