@@ -14,7 +14,7 @@ import os
 PURE = os.environ.get("MTA_PUREPYTHON", "") not in ("", "0")
 
 MODULES = ("scanner", "record", "mime", "qindex", "reply", "envelope", "render",
-           "fields", "evkernel")   # every hot-path module, in ext/ and mta/_pure/
+           "fields", "evkernel", "smtppath")   # every hot-path module, in ext/ and mta/_pure/
 
 
 def load(name: str, pure: bool | None = None):

@@ -31,7 +31,7 @@ def test_implementation_reports_the_module_really_imported_not_the_variable(monk
     assert native.implementation() == \
         "mixed (envelope compiled, evkernel compiled, fields compiled, mime compiled, "\
         "qindex compiled, record pure-python, render compiled, reply compiled, "\
-        "scanner compiled)"
+        "scanner compiled, smtppath compiled)"
 
 
 @pytest.mark.parametrize("pure, want", [("1", "pure-python"), ("0", "compiled"),
@@ -54,12 +54,14 @@ def test_pure_python_imports_no_compiled_module_anywhere():
         "for n in names: importlib.import_module(n)\n"
         "print(len(names), sorted(m for m in sys.modules if m.startswith('mta._ext.')))\n")
     # (The compiled run shows the check sees a compiled import: mime, the events
-    # kernel, the HTTP API's template renderer and header fields, and the delivery
-    # client's envelope writer and reply reader are loaded at import time; the scanner
-    # and the record codec are loaded when an acceptor or a store starts.)
+    # kernel, the HTTP API's template renderer and header fields, the delivery client's
+    # envelope writer and reply reader, and the SMTP session's path check are loaded at
+    # import time; the scanner and the record codec are loaded when an acceptor or a
+    # store starts.)
     for pure, want in (("1", []),
                        ("0", ["mta._ext.envelope", "mta._ext.evkernel", "mta._ext.fields",
-                              "mta._ext.mime", "mta._ext.render", "mta._ext.reply"])):
+                              "mta._ext.mime", "mta._ext.render", "mta._ext.reply",
+                              "mta._ext.smtppath"])):
         env = dict(os.environ, MTA_PUREPYTHON=pure, PYTHONPATH=REPO)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, check=True, cwd=REPO).stdout.split(" ", 1)
