@@ -80,6 +80,11 @@ cdef inline bytes _bytes(const unsigned char* p, Py_ssize_t n):
 
 
 cdef bytes _name_bytes(object name):
+    # A field name is mostly given as bytes (the SMTP acceptor's three calls a message):
+    # as it is.  bytes(name) of a bytes object is the same object, found through
+    # bytes.__bytes__, a method call of ~660 instructions (Python 3.11).
+    if type(name) is bytes:
+        return <bytes>name
     if isinstance(name, str):
         return (<str>name).encode("ascii")
     return bytes(name)
