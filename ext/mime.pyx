@@ -11,6 +11,7 @@ update(); canon_headers writes every selected field into one buffer.
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact,
                             PyBytes_FromStringAndSize, PyBytes_GET_SIZE)
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdlib cimport free, malloc, realloc
 from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcpy
@@ -459,6 +460,55 @@ cdef object _address_domain(const unsigned char* v, Py_ssize_t n):
         return _domain_of(plain, o)
     finally:
         free(plain)
+
+
+# -- the address of a From field's common forms -------------------------------
+
+cdef inline bint _addr_octet(unsigned char c) noexcept:
+    """Whether c may be in an address of simple_address's forms (not whitespace,
+    not one of <>()[]",;:@)."""
+    return not (c == 0x20 or 0x09 <= c <= 0x0D or c == 0x3C or c == 0x3E or c == 0x28
+                or c == 0x29 or c == 0x5B or c == 0x5D or c == 0x22 or c == 0x2C
+                or c == 0x3B or c == 0x3A or c == 0x40)
+
+
+cdef Py_ssize_t _addr_end(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept:
+    """The end of an address (octets, "@", octets) at p[i], or -1."""
+    cdef Py_ssize_t j = i
+    while j < n and _addr_octet(p[j]):
+        j += 1
+    if j == i or j >= n or p[j] != 0x40:
+        return -1
+    j += 1
+    i = j
+    while j < n and _addr_octet(p[j]):
+        j += 1
+    return -1 if j == i else j
+
+
+def simple_address(value):
+    """The address of "a@b" or "Name <a@b>", else None (see mta._pure.mime).
+
+    Compiled: the twin's two regular-expression fullmatches and a match object
+    cost ~7,000 instructions per SMTP message (its From field, for the events).
+    """
+    cdef bytes v = <bytes>value if type(value) is bytes else bytes(value)
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(v)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(v), i = 0, end, j
+    if _addr_end(p, 0, n) == n:
+        return PyUnicode_DecodeUTF8(<const char*>p, n, "replace")
+    # Name <a@b>: the first of '"', '<', '(' must be '<'
+    while i < n and p[i] != 0x3C and p[i] != 0x22 and p[i] != 0x28:
+        i += 1
+    if i == n or p[i] != 0x3C:
+        return None
+    end = _addr_end(p, i + 1, n)
+    if end < 0 or end >= n or p[end] != 0x3E:
+        return None
+    for j in range(end + 1, n):
+        if p[j] != 0x20 and p[j] != 0x09:
+            return None
+    return PyUnicode_DecodeUTF8(<const char*>(p + i + 1), end - i - 1, "replace")
 
 
 def from_domain(buf):

@@ -334,6 +334,44 @@ def test_first_address(value, address):
     assert mime.first_address(value) == address
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("value, address", [
+    (b"news@example.org", "news@example.org"),
+    (b"News Desk <News@Example.ORG> \t", "News@Example.ORG"),
+    (b"<s@example.com>", "s@example.com"),
+    (b"a\r\nb <c@d>", "c@d"),                 # a display name may hold anything but " < (
+    (b"\xff <\xfe@example.com>", "\ufffd@example.com"),
+    (b'"Doe, J" <j@example.com>', None),       # the other forms: None, for email.utils
+    (b"(c) <a@b>", None),
+    (b"N <a@b> x", None),
+    (b"N <a@b>\r\n", None),
+    (b"N <a@@b>", None),
+    (b"a@b@c", None),
+    (b"a @b", None),
+    (b"@b", None),
+    (b"a@", None),
+    (b"N <a@b", None),
+    (b"N <<a@b>", None),
+    (b"", None),
+    (bytearray(b"a@b"), "a@b"),
+    (memoryview(b"N <a@b>"), "a@b"),
+])
+def test_simple_address(impl, value, address):
+    assert impl.simple_address(value) == address
+
+
+ADDRESS_PARTS = st.lists(st.sampled_from([b"a", b"Z", b"@", b"<", b">", b" ", b"\t", b"\r\n",
+                                          b"\x0b", b"\x0c", b"\"", b"(", b")", b"[", b"]",
+                                          b",", b";", b":", b"\xc3\xa9", b"\xff", b"."]),
+                         max_size=30).map(b"".join)
+
+
+@PROPS
+@given(st.one_of(ADDRESS_PARTS, st.binary(max_size=40)))
+def test_simple_address_twins_agree(value):
+    assert EXT.simple_address(value) == PURE.simple_address(value)
+
+
 @pytest.mark.parametrize("value, text", [
     (b"Summer deals", "Summer deals"),
     (b"=?utf-8?q?Caf=C3=A9?= au lait", "Caf\xe9 au lait"),

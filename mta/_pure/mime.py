@@ -47,6 +47,15 @@ Public API (identical in ``mta._ext.mime`` and ``mta._pure.mime``)::
         (comments, quoted strings, display names and group syntax skipped);
         None when there is no From or no address in it.
 
+    simple_address(value) -> str | None
+        The address of an address field's value (From) in one of the two
+        forms nearly every one takes: ``a@b`` and ``Name <a@b>`` (a display
+        name without quotes or comments, blanks after the ">"), where the
+        address is one "@" between runs of octets other than whitespace and
+        ``<>()[]",;:@``; decoded as UTF-8 with U+FFFD for what is not.  None
+        for any other value (``mta.mime.first_address`` then asks
+        ``email.utils``).
+
     scan_body(buf, start=0, max_line=998) -> int
         Flags for buf[start:]: FLAG_8BIT (a byte >= 0x80), FLAG_LONG_LINE (a
         line longer than max_line octets, line end excluded), FLAG_BARE_LF,
@@ -85,6 +94,8 @@ the RFC's way: dkimpy keeps WSP at the end of a final line that has no line
 end (relaxed) and strips every kind of Python whitespace (VT, FF, a lone CR)
 from the ends of header values, where the RFC says WSP (SP, HTAB) only.
 """
+
+import re
 
 from mta.scancodes import FLAG_8BIT, FLAG_BARE_CR, FLAG_BARE_LF, FLAG_LONG_LINE, FLAG_NUL
 
@@ -314,6 +325,21 @@ def _domain_of(addr):
     if not out:
         return None
     return bytes(out).lower().decode("utf-8", "surrogateescape")
+
+
+_ADDR = rb"[^\s<>()\[\]\",;:@]+@[^\s<>()\[\]\",;:@]+"
+_BARE = re.compile(_ADDR)
+_NAMED = re.compile(rb"[^\"<(]*<(" + _ADDR + rb")>[ \t]*")
+
+
+def simple_address(value):
+    v = bytes(value)
+    if _BARE.fullmatch(v):
+        return v.decode("utf-8", "replace")
+    m = _NAMED.fullmatch(v)
+    if m is not None:
+        return m.group(1).decode("utf-8", "replace")
+    return None
 
 
 def from_domain(buf):
