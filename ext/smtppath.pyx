@@ -94,7 +94,7 @@ cdef bint _domain(const unsigned char* p, Py_ssize_t i, Py_ssize_t end, bint utf
             return False
 
 
-def parse_path(bytes raw, bint utf8):
+def parse_path(bytes raw not None, bint utf8):
     """Check an SMTP path like ``<user@example.com>``; return the address, '' for ``<>``.
 
     Returns None when the syntax is not acceptable (see mta._pure.smtppath).
