@@ -49,6 +49,7 @@ cdef extern from "Python.h":
     Py_ssize_t PyUnicode_FindChar(object s, Py_UCS4 ch, Py_ssize_t start, Py_ssize_t end,
                                   int direction) except -2
 
+import builtins
 import time as _time
 
 
@@ -139,6 +140,18 @@ def _ms(seconds) -> int:
     return max(0, ms) if ms <= C_MAX_TIME_MS else -1
 
 
+# Python's own float(): for a str, Cython's float() is its own parser, which takes
+# strings Python refuses ("1e+_1": an underscore after the exponent's sign), so a
+# timestamp the twin refuses would be read here (found by the review of stop 47's diff).
+_pyfloat = builtins.float
+
+
+cdef inline double _to_double(object v) except? -1.0:
+    if PyFloat_CheckExact(v):
+        return PyFloat_AS_DOUBLE(v)
+    return _pyfloat(v)
+
+
 cdef int64_t _timestamp_ms(object ts) except -2:
     cdef const uint8_t* p
     cdef Py_ssize_t n, i
@@ -164,7 +177,7 @@ cdef int64_t _timestamp_ms(object ts) except -2:
         return _ms(ts)
     if isinstance(ts, str) and ts:
         try:
-            return _ms(float(ts))
+            return _ms(_to_double(ts))
         except ValueError:
             return -1
     return -1
@@ -370,9 +383,9 @@ def shape_common(dict internal, kind, event_id, recipient) -> tuple:
 cdef tuple _shape_common(dict internal, kind, event_id, recipient):
     cdef Py_ssize_t at
     v = internal.get("timestamp")
-    cdef double ts = float(v) if _truthy(v) else 0.0
+    cdef double ts = _to_double(v) if _truthy(v) else 0.0
     v = internal.get("arrival")
-    cdef double arrival = float(v) if _truthy(v) else ts
+    cdef double arrival = _to_double(v) if _truthy(v) else ts
     rcpt = internal.get("recipient", "") if recipient is None else recipient
     qid = internal.get("queue_id", "")
     rcpt_to = _lower_ascii(rcpt)
