@@ -180,6 +180,39 @@ def test_odd_queue_ids_live_in_a_side_table(mod):
     assert q.remove("short") and "short" not in q and len(q) == len(odd) + 1
 
 
+def test_every_character_of_a_queue_id_is_checked_and_read():
+    # (the compiled module reads eight octets at a time: each position, with each
+    # character around the hex digits' ranges, is a canonical id exactly when the pure
+    # twin says so, and its value -- its place in the order -- is that of its digits)
+    base = "18A3F2C4B1D2E0300001"
+    for pos in range(20):
+        for c in [*range(0, 0x100), 0x100, 0x660, 0xFF10, 0x1F600]:
+            qid = base[:pos] + chr(c) + base[pos + 1:]
+            assert COMPILED.is_canonical(qid) == PURE.is_canonical(qid), (pos, c)
+    ids = [f"{n:020X}" for n in (0, 1, 0xF, 0x10, 0xFFFF, 0x10000, 2**64 - 1, 2**64,
+                                 2**79, 2**80 - 1, 0x0123456789ABCDEF0123)]
+    rnd = random.Random(7)
+    ids += [f"{rnd.getrandbits(80):020X}" for _ in range(300)]
+    for impl in (COMPILED, PURE):
+        q = impl.QueueIndex(60.0)
+        for i, qid in enumerate(ids):
+            put(q, qid, seg=i + 1)
+        assert q.sorted_qids() == sorted(set(ids))
+        for i, qid in enumerate(ids):
+            # the same id as another string object, and this one again: the same entry
+            assert q.info("".join(qid))[0] == q.info(qid)[0] == i + 1
+
+
+@given(st.text(alphabet="0123456789ABCDEFGabcdef@:/\x00\xff\u0100", min_size=19,
+               max_size=21))
+def test_canonical_queue_ids_agree(text):
+    assert COMPILED.is_canonical(text) == PURE.is_canonical(text)
+    q1, q2 = COMPILED.QueueIndex(60.0), PURE.QueueIndex(60.0)
+    put(q1, text)
+    put(q2, text)
+    assert text in q1 and q1.sorted_qids() == q2.sorted_qids() == [text]
+
+
 def test_replace_keeps_what_is_not_on_disk(mod):
     """A compaction copy: new location and progress; jobs out, due entry, deadline and
     last replies stay."""
