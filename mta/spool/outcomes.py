@@ -730,7 +730,7 @@ class Plan:
             if info is None or qid in self.deleted_qids:
                 continue            # (a deleted one: the caller writes its DONE)
             st = self.states.get(qid) or index.progress(qid)[0]
-            if all(s != sch.PENDING for s in st):
+            if sch.PENDING not in st:
                 if not info[_OUT]:
                     self.done.append(qid)
                 continue

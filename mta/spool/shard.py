@@ -613,10 +613,15 @@ class Shard:
                                                 outbound_tls=msg.outbound_tls)
                         self._forget_deleted(msg.qid)
                     continue
-                if job is not None and job.meta is not None:
-                    plan.known(msg.qid, job.meta)       # (not read again)
+                requeued = 0     # (counted in a loop: a generator per outcome cost more)
+                if job is not None:
+                    if job.meta is not None:
+                        plan.known(msg.qid, job.meta)       # (not read again)
+                    for r in msg.results:
+                        if r.outcome == bus.REQUEUED:
+                            requeued += 1
                 if job is not None and not msg.source and msg.results and \
-                        all(r.outcome == bus.REQUEUED for r in msg.results):
+                        requeued == len(msg.results):
                     # (no source: none of the pool's may send to the site; one named is
                     # that source's own answer -- a warm-up cap with overflow "wait" --
                     # and the pool's other sources take their share meanwhile)
@@ -625,7 +630,7 @@ class Shard:
                         wait = min(max(msg.retry_after, REQUEUE_MIN), REQUEUE_MAX)
                         self.window.pause(job.domain, info[_POOL], now + wait, msg.site)
                 if job is not None:
-                    if any(r.outcome == bus.REQUEUED for r in msg.results):
+                    if requeued:
                         self.requeue_lanes.append((msg.qid, msg.site, msg.source,
                                                    job.domain))
                     elif msg.qid in self.handed_back:
@@ -1134,7 +1139,12 @@ class Shard:
                     continue
                 d = w.target(domain, home, up)
                 req = next(self.reqs)
-                attempt = max(q.recipient(qid, i)[1] for i in idxs) + 1
+                attempt = 0     # (the most attempts of idxs, + 1; not max() of a generator)
+                for i in idxs:
+                    a = q.recipient(qid, i)[1]
+                    if a > attempt:
+                        attempt = a
+                attempt += 1
                 job = bus.DeliveryMessageReady(
                     req=req, qid=qid, sender=m.sender, domain=domain,
                     rcpts=[bus.JobRecipient(index=i, address=m.rcpts[i]) for i in idxs],
