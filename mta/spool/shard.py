@@ -89,6 +89,7 @@ DRAIN_ON_DISCONNECT = 100       # batches read from a link that went away, at mo
 # reception parameters a delivery job needs; DSN's NOTIFY and ORCPT (lists parallel to
 # the message's recipients) go with a job as lists parallel to its own (_job_params)
 SPOOLED_DELIVERY_PARAMS = ("BODY", "SMTPUTF8", "ENVID", "RET")
+_SPOOLED_DELIVERY_KEYS = frozenset(SPOOLED_DELIVERY_PARAMS)
 DSN_RCPT_PARAMS = ("NOTIFY", "ORCPT")
 REQUEUE_LOG_INTERVAL = 10.0     # seconds between log lines about REQUEUED outcomes
 OP_IDLE = 0.2                   # seconds a bulk bounce waits when only jobs out are left
@@ -1110,7 +1111,11 @@ class Shard:
                 if not groups:
                     continue
             if lane == dsp.BULK:
-                for domain in [d for d in groups if w.domain_full(d, lane)]:
+                full = []       # (a loop, not a list comprehension: its function per message)
+                for d in groups:
+                    if w.domain_full(d, lane):
+                        full.append(d)
+                for domain in full:
                     del groups[domain]
                     w.block(domain, qid)    # due again when a job of the domain returns
                 if not groups:
@@ -1131,7 +1136,10 @@ class Shard:
                 log.error("%s: cannot read the message: %s", qid, exc.strerror)
                 q.push(qid, now + BUSY_RETRY)
                 continue
-            params = {k: v for k, v in m.params.items() if k in SPOOLED_DELIVERY_PARAMS}
+            if _SPOOLED_DELIVERY_KEYS.isdisjoint(m.params):
+                params = {}     # (the common case, without a comprehension over every param)
+            else:
+                params = {k: v for k, v in m.params.items() if k in SPOOLED_DELIVERY_PARAMS}
             for domain, idxs in groups.items():
                 home = domain_shard(domain, nd)
                 if not up[home]:
@@ -1139,15 +1147,18 @@ class Shard:
                     continue
                 d = w.target(domain, home, up)
                 req = next(self.reqs)
-                attempt = 0     # (the most attempts of idxs, + 1; not max() of a generator)
+                # the recipients, and the most attempts among them + 1 (one loop: not
+                # max() of a generator and a list comprehension, a function each per job)
+                rcpts = []
+                attempt = 0
                 for i in idxs:
+                    rcpts.append(bus.JobRecipient(index=i, address=m.rcpts[i]))
                     a = q.recipient(qid, i)[1]
                     if a > attempt:
                         attempt = a
                 attempt += 1
                 job = bus.DeliveryMessageReady(
-                    req=req, qid=qid, sender=m.sender, domain=domain,
-                    rcpts=[bus.JobRecipient(index=i, address=m.rcpts[i]) for i in idxs],
+                    req=req, qid=qid, sender=m.sender, domain=domain, rcpts=rcpts,
                     params=_job_params(params, m.params, idxs), attempt=attempt, body=body,
                     pool=pool, priority=priority)
                 w.add(req, qid, idxs, d, domain, lane, m)
