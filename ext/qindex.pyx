@@ -241,6 +241,9 @@ cdef bint _parse(object qid, uint16_t* hi, uint64_t* lo):
     c = _hex8(p + 12, &bad)     # 12-19 (16-19 used)
     if bad:
         return False
+    # (the old entry let go first: its release may run code -- a str subclass's --
+    # that must not find the new numbers under the old string)
+    _last_qid = None
     hi[0] = _last_hi = <uint16_t>(a >> 16)
     lo[0] = _last_lo = ((a & 0xFFFF) << 48) | (b << 16) | (c & 0xFFFF)
     _last_qid = qid
