@@ -43,7 +43,7 @@ resident); per-recipient lists are made only when a caller asks for them.
 """
 
 cimport cython
-from cpython.unicode cimport PyUnicode_GET_LENGTH
+from cpython.unicode cimport PyUnicode_Check, PyUnicode_GET_LENGTH
 
 
 cdef extern from "Python.h":
@@ -233,8 +233,9 @@ cdef bint _parse(object qid, uint16_t* hi, uint64_t* lo):
         hi[0] = _last_hi
         lo[0] = _last_lo
         return True
-    if PyUnicode_GET_LENGTH(qid) != 20 or PyUnicode_KIND(qid) != PyUnicode_1BYTE_KIND:
-        return False
+    if not PyUnicode_Check(qid) or PyUnicode_GET_LENGTH(qid) != 20 or \
+            PyUnicode_KIND(qid) != PyUnicode_1BYTE_KIND:
+        return False    # (not a str: sorted_qids' *after* is the caller's, unchecked)
     p = <const unsigned char*>PyUnicode_DATA(qid)
     a = _hex8(p, &bad)          # characters 0-7
     b = _hex8(p + 8, &bad)      # 8-15
