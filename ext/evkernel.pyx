@@ -119,6 +119,11 @@ cdef object _mid(object value):
     return _key(v) if v else None
 
 
+def mid_key(value):
+    """The ``mid`` index key of a Message-ID header value (see the twin), or None."""
+    return _mid(value)
+
+
 # ------------------------------------------------------------------ times
 
 cdef int64_t _ms_double(double seconds):

@@ -52,8 +52,10 @@ def timestamp_ms(ts) -> int:
     return -1
 
 
-def _mid(value) -> bytes | None:
-    """The ``mid`` key of a Message-ID header value (no angle brackets, lower case)."""
+def mid_key(value) -> bytes | None:
+    """The ``mid`` index key of a Message-ID header value: :func:`key` of it without its
+    angle brackets and blanks; None when nothing is left.  (The store's writer, its index
+    rebuild and its look-up by Message-ID all take it from here.)"""
     if not value:
         return None
     v = str(value).strip().strip("<>").strip().lower()
@@ -75,7 +77,7 @@ def event_keys(ev: dict, index_mid: bool) -> tuple:
     rcpt = None if v is None or v == "" else key(v)
     v = get("message_id")
     msg = None if v is None or v == "" else key(v)
-    mid = _mid(get("message_id_header")) if index_mid and get("type") == "injection" \
+    mid = mid_key(get("message_id_header")) if index_mid and get("type") == "injection" \
         else None
     v = get("transmission_id")
     if v is None or v == "":

@@ -105,7 +105,9 @@ _MIN = struct.Struct(">I")         # minute number
 
 MAX_RUN = 4                        # tokens of a campaign id indexed together
 MAX_CAMPAIGN_KEYS = 32             # index keys of one campaign id
-MAX_KEY = 400                      # octets of an indexed value kept (LMDB keys: at most 511)
+# the per-event keys and times, typed (mta._pure.evkernel: their rules, and the bounds)
+_kernel = native.load("evkernel")
+MAX_KEY = _kernel.MAX_KEY           # octets of an indexed value kept (LMDB keys: at most 511)
 WARN_FRACTION = 0.75               # of the map size: warn
 PRUNE_FRACTION = 0.85              # of the map size: prune the oldest events too
 PRUNE_TARGET = 0.7               # ... down to this
@@ -113,7 +115,7 @@ DEFAULT_CHUNK = 5000               # events deleted per prune transaction
 MAX_ORIGINAL_EVENTS = 1000         # events of an original message read for one report
 MAX_MESSAGE_ID_MATCHES = 8         # messages one Message-ID is looked up in (newest first)
 MAX_CACHED_CAMPAIGNS = 1000       # campaign ids (and, apart, type and bounce-class values) whose index keys the writer keeps
-MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: a later timestamp is no time
+MAX_TIME_MS = _kernel.MAX_TIME_MS   # 9999-12-31T23:59:59.999Z: a later timestamp is no time
 MAX_SCAN = 500_000                 # index entries one query may read (then: a short page, a cursor)
 
 # Filters of the Events API: parameter -> (event field, how it matches).
@@ -159,9 +161,10 @@ def _counter(name: str, key: bytes) -> bytes:
     return name.encode() + b"\x00" + key + b"\x00"
 
 
-_kernel = native.load("evkernel")      # the per-event keys and times, typed
 _timestamp_ms = _kernel.timestamp_ms
 _event_keys = _kernel.event_keys
+# the ``mid`` index key of a Message-ID header value (no angle brackets, lower case), or None
+_mid_key = _kernel.mid_key
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(dict)
@@ -550,9 +553,9 @@ class EventStore:
             if v not in (None, ""):
                 yield name, _key(v)
         if ev.get("type") == "injection" and "mid" in self.idx:
-            mid = message_id_key(ev.get("message_id_header"))
-            if mid:
-                yield "mid", _key(mid)
+            mid = _mid_key(ev.get("message_id_header"))
+            if mid is not None:
+                yield "mid", mid
         camp = ev.get("campaign_id")
         if camp:
             camp = str(camp)
@@ -639,7 +642,7 @@ class EventStore:
                 found = self._message_events(str(qid).lower(), recipients, limit)
                 if found:
                     return found
-        mid = message_id_key(message_id)
+        mid = _mid_key(message_id)
         db = self.idx.get("mid")
         if db is None and mid:
             try:    # made by the writer since this handle was opened
@@ -652,7 +655,7 @@ class EventStore:
         qids = []
         with self.env.begin(buffers=True) as txn:
             cur = txn.cursor(db=db)
-            if cur.set_key(_key(mid)):
+            if cur.set_key(mid):
                 for tk in cur.iterprev_dup(keys=False, values=True) if cur.last_dup() else ():
                     raw = txn.get(bytes(tk[8:]), db=self.ev)
                     if raw is not None:
@@ -1027,13 +1030,6 @@ def _dedupe(it):
         if k != prev:
             yield k
         prev = k
-
-
-def message_id_key(value) -> str:
-    """The ``mid`` index key of a Message-ID header value: no angle brackets, lower case."""
-    if not value:
-        return ""
-    return str(value).strip().strip("<>").strip().lower()
 
 
 def iso(ms: int) -> str:

@@ -303,3 +303,15 @@ def test_shape_entries_is_sparkpost_events_of_each_entry():
             mod.shape_entries([dict(FULL, type="injection", rcpts=[5])], ids,
                               shape.sparkpost_event)
         assert next(ids) == shape.event_id(0, 1, 0, 1)
+
+
+@pytest.mark.parametrize("value", [None, "", "<>", " < > ", "<A@B.C>", " <Ab@Cd> ", "x" * 500,
+                                   "<Ünï@Bücher.DE>", Sub("<S@T>"), "\udcff", 5, "\t<a>\x1c"],
+                         ids=repr)
+def test_mid_key_agrees(value):
+    # (the one rule of the ``mid`` key: the store's writer, its index rebuild and its
+    # look-up by Message-ID take it from here)
+    got = both("mid_key", value)
+    assert got is None or (type(got) is bytes and len(got) <= PURE.MAX_KEY)
+    if value == " <Ab@Cd> ":
+        assert got == b"ab@cd"
