@@ -139,19 +139,18 @@ def event_ids(shard: int, segment: int, offset: int):
     return map(str, itertools.count(base, 1 << 8))
 
 
-def sparkpost_events(internal: dict, ids) -> list[dict]:
-    """The flat SparkPost events of one record entry, their ids from *ids*
-    (:func:`event_ids`): one, or an injection's one per recipient of its ``rcpts``."""
-    rcpts = internal.get("rcpts")
-    if rcpts is None:
-        return [sparkpost_event(internal, event_id=next(ids))]
-    return [sparkpost_event(internal, event_id=next(ids), recipient=r) for r in rcpts]
-
-
 def sparkpost_entries(entries, ids) -> list[dict]:
-    """:func:`sparkpost_events` of each of a record's entries, in order, in one list (an
-    injection and a delivery shaped in one typed loop: mta._pure.evkernel.shape_entries)."""
+    """The flat SparkPost events of a record's entries, in order, their ids from *ids*
+    (:func:`event_ids`): each entry's one, or an injection's one per recipient of its
+    ``rcpts`` -- :func:`sparkpost_event` of each, an injection and a delivery shaped in
+    one typed loop (mta._pure.evkernel.shape_entries: the per-recipient rule is there
+    only)."""
     return _entries(entries, ids, sparkpost_event)
+
+
+def sparkpost_events(internal: dict, ids) -> list[dict]:
+    """:func:`sparkpost_entries` of one record entry (the events process's own path)."""
+    return _entries((internal,), ids, sparkpost_event)
 
 
 def _refusal(out: dict, internal: dict, kind: str) -> dict:

@@ -278,9 +278,10 @@ def test_attempt_fields_random(ts, arrival, response):
     both("reply", {"response": response})
 
 
-def test_shape_entries_is_sparkpost_events_of_each_entry():
-    """A record's entries in one call: the events sparkpost_events makes of each, in order,
-    the same ids; other types through the slow path; both twins alike."""
+def test_shape_entries_is_sparkpost_event_of_each_recipient():
+    """A record's entries in one call: the events the general shaper (sparkpost_event)
+    makes of each entry -- an injection's one per recipient of its rcpts -- in order, the
+    same ids; other types through the slow path; both twins alike."""
     from mta.events import shape
     entries = [dict(FULL, type="injection", rcpts=["A@X.test", "b@Y.test", Sub("C@Z")]),
                dict(FULL, type="delivery"), dict(FULL, type="delay", next_attempt=1.8e9 + 9),
@@ -292,12 +293,14 @@ def test_shape_entries_is_sparkpost_events_of_each_entry():
     want = []
     ids = shape.event_ids(1, 2, 3)
     for e in entries:
-        want.extend(shape.sparkpost_events(e, ids))
+        rcpts = e.get("rcpts")
+        for r in (None,) if rcpts is None else rcpts:
+            want.append(shape.sparkpost_event(e, event_id=next(ids), recipient=r))
     for mod in (PURE, COMPILED):
         got = mod.shape_entries(entries, shape.event_ids(1, 2, 3), shape.sparkpost_event)
         assert [list(e.items()) for e in got] == [list(e.items()) for e in want]
     assert len(want) == 12
-    for mod in (PURE, COMPILED):      # an error is raised as sparkpost_events raises it
+    for mod in (PURE, COMPILED):      # an error is raised as sparkpost_event raises it
         ids = shape.event_ids(0, 1, 0)
         with pytest.raises(TypeError):
             mod.shape_entries([dict(FULL, type="injection", rcpts=[5])], ids,
