@@ -16,6 +16,10 @@ shard, from its cursor, walk the segments in number order and take every
 REC_EVENTS record up to the shard's watermark -- in the segment the shard is
 writing, a record that does not decode yet ends the walk (it is retried
 later); in an older segment a damaged record is skipped like recovery does.
+A record that decodes but whose events cannot be read or shaped (a bug, or a
+version the reader does not know) is logged with its place, counted
+(mta_events_unreadable_records_total) and passed over: it would otherwise stop
+every event behind it, and the spool's reclamation with them, for good.
 Each internal event becomes a SparkPost message event (:mod:`mta.events.shape`)
 with an ``event_id`` made from (shard, segment, record offset, index), so a
 record read again after a restart gives the same ids.  The events go to the
@@ -132,6 +136,7 @@ class Tail:
         self.mm: mmap.mmap | None = None
         self.mm_seg = 0
         self.skipped = 0
+        self.unreadable = 0                # records passed over: their events unreadable
 
     def _watermark(self) -> tuple[int, int] | None:
         if self.wm is None:
@@ -193,8 +198,18 @@ class Tail:
 
         def on_events(offset: int, meta) -> None:
             taken[0] += 1
-            ids = event_ids(shard, self.seg, offset)
-            out.extend(sparkpost_entries(ev.decode(meta), ids))
+            try:
+                entries = sparkpost_entries(ev.decode(meta), event_ids(shard, self.seg, offset))
+            except MemoryError:
+                raise                 # (not the record's fault: read it again later)
+            except Exception as exc:  # noqa: BLE001 -- see the module's docstring
+                # (the record stays in its segment until reclamation, for a bug report)
+                self.unreadable += 1
+                log.error("shard %d segment %d: the events of the record at offset %d cannot "
+                          "be read (%s: %s); passed over", shard, self.seg, offset,
+                          type(exc).__name__, exc)
+                return
+            out.extend(entries)
 
         def on_skip(offset: int, n: int) -> None:
             self.skipped += n
@@ -275,6 +290,7 @@ class Events:
         self.store_full = False
         self.reg = Registry(settings.config.admin.max_label_values)
         self.published = self.reg.counter("mta_events_published_total")
+        self.unreadable = self.reg.counter("mta_events_unreadable_records_total")
         self.pusher = None          # statistics to the admin process (memory, CPU, counts)
 
     def step(self) -> bool:
@@ -286,7 +302,9 @@ class Events:
             self.unstored = []
         for t in self.tails:
             out: list[dict] = []
+            before = t.unreadable
             more |= t.poll(out)
+            self.unreadable.value += t.unreadable - before
             if out:
                 self.log.write(out)
                 self.unstored = out

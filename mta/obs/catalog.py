@@ -100,6 +100,9 @@ _FAMILIES = [
     Family("mta_events_published_total", COUNTER,
            "message events written to the event log (and the events store); replays after "
            "a restart count again"),
+    Family("mta_events_unreadable_records_total", COUNTER,
+           "spool records whose events could not be decoded or shaped: each is logged (shard, "
+           "segment, offset) and passed over, its events not published"),
     # --- the webhooks process (labels: the webhook's name; at most webhooks.max_webhooks
     #     plus the [[webhook]] tables)
     Family("mta_webhook_backlog_events", GAUGE,

@@ -18,6 +18,7 @@ class FakeTail:
         self.n = 0
         self.durable = None
         self.seg = self.off = 0
+        self.unreadable = 0
 
     def poll(self, out: list) -> bool:
         for _ in range(min(50, TOTAL - self.n)):
@@ -70,6 +71,7 @@ def test_a_full_store_is_pruned_and_events_are_logged_once(tmp_path, monkeypatch
     e.webhooks_enabled = False
     e.state_dir = str(tmp_path)
     e.published = types.SimpleNamespace(value=0)
+    e.unreadable = types.SimpleNamespace(value=0)
     t = threading.Thread(target=e.run)
     t.start()
     try:
