@@ -19,6 +19,7 @@ counters (:mod:`mta.admin.host`), and prometheus_client writes the text format.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -188,12 +189,26 @@ class Reports:
                 self.active = active
         return self.expected
 
+    def restarts(self) -> dict[str, int]:
+        """The supervisor's count of its children's unasked deaths: {"role[index]": n}
+        (run/restarts.json; empty when it cannot be read)."""
+        from mta.config import RESTARTS_NAME  # noqa: PLC0415 (as _expected_now's)
+        try:
+            with open(os.path.join(self.settings.run_dir, RESTARTS_NAME), "rb") as fh:
+                doc = json.loads(fh.read())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(doc, dict):
+            return {}
+        return {k: v for k, v in doc.items() if isinstance(v, int) and not isinstance(v, bool)}
+
     def health(self) -> dict:
         """Whether the node can and should take mail, for a load balancer's check (the
         admin API answers 503 when not ``ok``): every child the supervisor runs reports,
         every spool shard can write (else its mail gets 451), and no drain is in effect."""
         now = self.clock()
         expected = self._expected_now()
+        restarts = self.restarts()
         children = []
         for role, index in sorted(expected | set(self.slots)):
             slot = self.slots.get((role, index))
@@ -202,7 +217,8 @@ class Reports:
                 continue            # retired by a reload (its counts are kept for /metrics)
             c = {"role": role, "index": index, "pid": (slot.pid or None) if slot else None,
                  "up": up, "last_report_age": round(now - slot.at, 3)
-                 if slot is not None and slot.report else None}
+                 if slot is not None and slot.report else None,
+                 "restarts": restarts.get(f"{role}[{index}]", 0)}
             if role == "spool" and up:
                 c["healthy"] = all(g.value for g in slot.report.gauges
                                    if g.name == "mta_spool_healthy")
@@ -345,12 +361,15 @@ class Collector:
         # once it stopped reporting: its counts stay in the sums).
         procs = [("supervisor", "0", os.getppid()), ("admin", "0", os.getpid())]
         expected = self.reports._expected_now()
+        restarts = self.reports.restarts()
         for key in sorted(expected | set(self.reports.slots)):
             slot = self.reports.slots.get(key)
             up = slot is not None and self.reports.fresh(slot, now)
             if key not in expected and not up:
                 continue
             put("mta_child_up", (key[0], str(key[1])), 1 if up else 0)
+            put("mta_child_restarts_total", (key[0], str(key[1])),
+                restarts.get(f"{key[0]}[{key[1]}]", 0))
             if slot is not None and slot.report is not None:
                 put("mta_child_report_age_seconds", (slot.role, str(slot.index)),
                     round(now - slot.at, 3))

@@ -158,11 +158,11 @@ function render(d){
     return [s.source, s.until ? new Date(s.until*1000).toLocaleTimeString() : "-", s.reason];}));
   var up=d.processes.filter(function(p){return p.up;}).length;
   set("children-up", up); set("children-total", d.processes.length);
-  table("table-processes", ["process","pid","state","cpu s","memory"], d.processes.map(function(p){
+  table("table-processes", ["process","pid","state","restarts","cpu s","memory"], d.processes.map(function(p){
     var ok=p.up && p.healthy!==false;
     return [p.role+"["+p.index+"]", p.pid, {cls: ok ? "up" : "down", text: !p.up ? "DOWN" :
             (ok ? "up" : (p.role==="spool" ? "up, CANNOT WRITE" : "up, space low"))},
-            num(p.cpu_seconds), bytes(p.memory_bytes)];}));
+            p.restarts, num(p.cpu_seconds), bytes(p.memory_bytes)];}));
   set("spool-free", bytes(d.spool_free_bytes));
   set("disk-device", d.disk.device); set("disk-io", (d.disk.reads===undefined) ? "-" : d.disk.reads+" / "+d.disk.writes);
   set("disk-written", bytes(d.disk.written_bytes)); set("disk-in-progress", d.disk.in_progress);

@@ -147,7 +147,9 @@ def document(reports, host_rows: dict, history: History, queue: dict | None,
         if not c["up"]:
             age = c["last_report_age"]
             problems.append(f"{name} is not reporting" + (
-                " (never reported)" if age is None else f" (last report {age:.0f}s ago)"))
+                " (never reported)" if age is None else f" (last report {age:.0f}s ago)") + (
+                f"; it died {c['restarts']} times since the start (see the log)"
+                if c["restarts"] else ""))
         elif c.get("healthy") is False and c["role"] == "spool":
             problems.append(f"{name} cannot write (EIO, ENOSPC; see the log): its mail "
                             "gets 451")

@@ -165,6 +165,9 @@ MAX_PROBLEMS = 10       # DKIM key problems named in one error (then a count)
 API_GRANTS = ("transmissions:modify", "message_events:view", "suppression_lists:manage",
               "webhooks:view", "webhooks:modify")
 ACTIVE_NAME = "active-config.json"   # in run_dir: what the running supervisor applied
+# in run_dir: {"role[index]": n} of the running supervisor's children that died unasked
+# and were started again (written by it, read by the admin process)
+RESTARTS_NAME = "restarts.json"
 RELOAD_RECORD = "reload.json"        # in run_dir: the last reload's outcome (mta reload)
 SUPERVISOR_LOCK = "mta.lock"         # in run_dir: flocked by the running supervisor
 # [delivery] keys the spool shards read at their start only (a reload of the others,

@@ -171,6 +171,9 @@ _FAMILIES = [
            ("role", "index")),
     Family("mta_child_report_age_seconds", GAUGE, "seconds since the child's last report",
            ("role", "index")),
+    Family("mta_child_restarts_total", COUNTER,
+           "times the child's process died unasked and was started again (since the "
+           "supervisor started): one that keeps rising is a crash loop", ("role", "index")),
     Family("mta_process_cpu_seconds_total", COUNTER, "CPU time of the process (user + system)",
            ("role", "index")),
     Family("mta_process_resident_memory_bytes", GAUGE, "resident memory of the process",

@@ -280,6 +280,7 @@ class Supervisor:
         self.status_at = time.monotonic() + STATUS_EVERY    # the next live STATUS= line
         self.status_sent = ""
         self.status_note = ""       # the last reload or upgrade failed: said in each line
+        self.restarts: dict[str, int] = {}      # "role[index]" -> unasked deaths
 
     # --------------------------------------------------------------- set-up
 
@@ -294,6 +295,7 @@ class Supervisor:
         self._lock_run_dir()
         pidfile = os.path.join(s.run_dir, "mta.pid")
         self._check_not_running(pidfile)
+        self._write_restarts()      # (a count is this supervisor's: the last run's goes)
         store.make_dirs(s.spool_dir)
         self.settings = s = self._fix_shard_count(s)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -589,7 +591,21 @@ class Supervisor:
                       pid, how, slot.backoff)
             slot.backoff = min(slot.backoff * 2, self.settings.config.server.restart_backoff_max)
             slot.child = None
+            key = f"{child.role}[{child.index}]"
+            self.restarts[key] = self.restarts.get(key, 0) + 1
+            self._write_restarts()
         return dead
+
+    def _write_restarts(self) -> None:
+        """Record the unasked deaths for the admin process (replaced whole; a lost
+        write only delays the figure to the next death)."""
+        path = os.path.join(self.settings.run_dir, mconfig.RESTARTS_NAME)
+        try:
+            with open(path + ".tmp", "wb") as fh:
+                fh.write(msgspec.json.encode(self.restarts))
+            os.replace(path + ".tmp", path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", path, exc.strerror or exc)
 
     def restart_due(self) -> None:
         now = time.monotonic()

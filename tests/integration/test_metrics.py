@@ -379,3 +379,39 @@ def test_label_values_from_the_configuration_are_escaped_in_the_exposition(make_
     for kind in ("HELP", "TYPE"):
         names = [ln.split()[2] for ln in text.splitlines() if ln.startswith(f"# {kind} ")]
         assert len(names) == len(set(names)), kind
+
+
+def test_child_deaths_are_counted_and_a_reload_is_not_one(make_daemon):
+    """mta_child_restarts_total: each process that died unasked and was started again
+    (a crash loop is a counter that keeps rising); a reload replacing processes, or the
+    supervisor stopping them, is not counted.  The health JSON says it per child."""
+    d = make_daemon(acceptors=1, shards=1)
+    m = wait_until(lambda: (lambda x: x if value(x, "mta_child_up", role="spool", index="0")
+                            else None)(scrape(d)), 20, "spool[0] up", interval=0.3)
+    assert value(m, "mta_child_restarts_total", role="acceptor", index="0") == 0
+    assert value(m, "mta_child_restarts_total", role="spool", index="0") == 0
+    for _ in range(2):
+        old = d.children()["acceptor[0]"]
+        os.kill(old, signal.SIGKILL)
+        d.wait_restarted("acceptor[0]", old)
+    old = d.children()["spool[0]"]
+    os.kill(old, signal.SIGKILL)
+    d.wait_restarted("spool[0]", old)
+    m = wait_until(lambda: (lambda x: x if value(x, "mta_child_restarts_total", role="spool",
+                                                 index="0") == 1 else None)(scrape(d)),
+                   20, "the spool's death counted", interval=0.3)
+    assert value(m, "mta_child_restarts_total", role="acceptor", index="0") == 2
+    assert value(m, "mta_child_restarts_total", role="events", index="0") == 0
+    h = json.loads(d.admin_get("/api/admin/health")[2])
+    assert {(c["role"], c["index"]): c["restarts"] for c in h["children"]}[
+        ("acceptor", 0)] == 2
+    # a reload replaces the acceptors (and their old processes exit): not a death
+    old = d.children()["acceptor[0]"]
+    d.reload(smtp={"max_connections_per_ip": 77})
+    wait_until(lambda: d.children().get("acceptor[0]") not in (None, old), 30,
+               "a new acceptor[0]")
+    d.wait_ready()
+    d.send("a@example.com", ["b@example.net"], message("after the reload"))
+    m = scrape(d)
+    assert value(m, "mta_child_restarts_total", role="acceptor", index="0") == 2
+    assert value(m, "mta_child_restarts_total", role="spool", index="0") == 1
