@@ -219,12 +219,12 @@ def status_cmd(config_path, as_json):
     _rows(rows)
     for s in d["suspensions"]:
         click.echo(f"suspended: {s['source']} until {_when(s['until'])}: {s['reason']}")
-    rows = [("PROCESS", "PID", "STATE", "CPU S", "RSS")]
+    rows = [("PROCESS", "PID", "STATE", "RESTARTS", "CPU S", "RSS")]
     for p in d["processes"]:
         state = "DOWN" if not p["up"] else "up" if p.get("healthy", True) else (
             "up, CANNOT WRITE" if p["role"] == "spool" else "up, space low")
         rows.append((f"{p['role']}[{p['index']}]", p["pid"] or "-", state,
-                     "-" if p["cpu_seconds"] is None else f"{p['cpu_seconds']:.2f}",
+                     p.get("restarts", "-"), "-" if p["cpu_seconds"] is None else f"{p['cpu_seconds']:.2f}",
                      "-" if p["memory_bytes"] is None else f"{p['memory_bytes'] // 1024}K"))
     _rows(rows)
     if d.get("spool_free_bytes") is not None:

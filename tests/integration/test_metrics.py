@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -405,6 +406,9 @@ def test_child_deaths_are_counted_and_a_reload_is_not_one(make_daemon):
     h = json.loads(d.admin_get("/api/admin/health")[2])
     assert {(c["role"], c["index"]): c["restarts"] for c in h["children"]}[
         ("acceptor", 0)] == 2
+    text = d.cli("status").stdout.decode()          # (the operator's command says it too)
+    assert re.search(r"^PROCESS +PID +STATE +RESTARTS ", text, re.M), text
+    assert re.search(r"^acceptor\[0\] +\d+ +up +2 ", text, re.M), text
     # a reload replaces the acceptors (and their old processes exit): not a death
     old = d.children()["acceptor[0]"]
     d.reload(smtp={"max_connections_per_ip": 77})
