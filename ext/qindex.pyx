@@ -77,6 +77,8 @@ MAX_OUT = _MAX_OUT
 cdef uint32_t NONE = 0xFFFFFFFF
 cdef int64_t _KEY_MAX = 1 << 62
 cdef double _KEY_MAX_F = <double>(1 << 62)
+# a due time read from a record lies strictly within +-this (mta.store.MAX_TIME)
+cdef double _DUE_MAX = 1e11
 
 
 ctypedef struct Msg:
@@ -801,6 +803,9 @@ cdef class QueueIndex:
         if flags is not None:
             c_flags = _u8("flags", flags)
         c_attempts = _attempts(attempts)
+        if not -_DUE_MAX < due < _DUE_MAX:
+            # (a NaN or an infinity would stall or stop the shard's due queue)
+            raise ValueError("due must be a time")
         r = &self.rc[m.rfirst + idx]
         if flags is not None:
             r.flags = c_flags

@@ -54,8 +54,10 @@ Recovery (:meth:`Store.recover`) reads the segments in order.  A record whose
 checksum fails or whose tail is missing (a torn write at a crash) is skipped;
 the reader resynchronises on the next record that decodes, so one bad record
 never hides the good ones after it (and if that next one is an older
-segment's, this segment's data ended at the bad record).  A message seen twice
-(a copy made by compaction) keeps its newest location; a DONE record removes it.
+segment's, this segment's data ended at the bad record).  A record whose
+checksum holds but whose content cannot be read (:meth:`Store._apply`) is
+logged and passed over too.  A message seen twice (a copy made by compaction)
+keeps its newest location; a DONE record removes it.
 
 Reclamation works from the oldest segment forward so that a DONE record is
 never deleted while the message it finishes still exists on disk: the oldest
@@ -83,6 +85,7 @@ import struct
 import threading
 import time
 import zlib
+from typing import Annotated
 
 import msgspec
 
@@ -96,6 +99,7 @@ REC_DONE = 2
 REC_RCPT = 3
 REC_EVENTS = 4
 REC_COMMIT = 5
+_REC_NAMES = {REC_MESSAGE: "message", REC_DONE: "done", REC_RCPT: "recipient update"}
 _COMMIT = struct.Struct("<QI")      # REC_COMMIT: (offset of the batch's first record, records)
 _OPENING = _COMMIT.pack(0, 0)       # a batched segment's first record's meta
 
@@ -118,6 +122,12 @@ ZERO_CHUNK = 1 << 20              # octets compared with zeros per step (reading
 FILL_STEP = 256 << 10
 SPARE_RETRY = 30.0                # seconds before trying again after a failure
 RELEASE_STEP = 8 << 20            # recovery lets go of a segment's pages read, per this much
+# A time read from a record (epoch seconds: an arrival, a due time, a start) lies strictly
+# within +-this (the year 5138): a NaN, an infinity or a value beyond it is damage (or a
+# writer's bug), and would stall or stop the shard's due queue -- the record is passed over
+# (a recipient update's due time: that update; mta/_ext qindex's _DUE_MAX, the same).
+MAX_TIME = 1e11
+Time = Annotated[float, msgspec.Meta(gt=-MAX_TIME, lt=MAX_TIME)]
 
 
 class MessageMeta(msgspec.Struct, array_like=True):
@@ -132,12 +142,12 @@ class MessageMeta(msgspec.Struct, array_like=True):
     qid: str
     sender: str
     rcpts: list[str]
-    arrival: float
+    arrival: Time
     params: dict
     client: str
     state: list[int] | None = None
     attempts: list[int] | None = None
-    due: list[float] | None = None
+    due: list[Time] | None = None
     flags: list[int] | None = None      # per recipient RCPT_* bits; None: all 0
     # a copy's owed bounces: the report of each recipient with RCPT_BOUNCE_OWED (RcptMeta)
     owed: list[list] | None = None
@@ -154,7 +164,7 @@ def start_of(meta: MessageMeta) -> float:
     """
     at = meta.params.get(START_AT)
     if type(at) is float or type(at) is int:
-        if at > meta.arrival:
+        if meta.arrival < at < MAX_TIME:        # (one beyond it: damage, ignored)
             return float(at)
     return meta.arrival
 
@@ -894,6 +904,10 @@ class Store:
         # with the index's flags by whatever applies records (recovery, commit), so that a
         # restart finds every owed bounce without a walk of the queue.
         self.owed: dict[str, dict[int, list]] = {}
+        # What the recovery read and passed over (recover_start .. recover_finish): counts for
+        # the log and, the records skipped, for /metrics (mta_spool_skipped_records_total)
+        self.recovery_stats = {"segments": 0, "records": 0, "skipped_bytes": 0, "torn": 0,
+                               "damaged": 0, "unreadable": 0}
         # The latest arrival of the message records recovered: the clock read at least
         # that when the daemon last ran (later than now: it was set back meanwhile)
         self.latest_arrival = 0.0
@@ -926,7 +940,7 @@ class Store:
             (n for n in os.listdir(self.dir) if n.endswith(SEGMENT_SUFFIX)),
             key=lambda n: int(n[: -len(SEGMENT_SUFFIX)]),
         )
-        self._stats = {"segments": 0, "records": 0, "skipped_bytes": 0, "torn": 0}
+        self.recovery_stats = dict.fromkeys(self.recovery_stats, 0)
         todo = []
         for name in names:
             number = int(name[: -len(SEGMENT_SUFFIX)])
@@ -935,9 +949,9 @@ class Store:
                 _sync_recovered(path)
             seg = Segment(number, path, None, os.path.getsize(path))
             self.segments[number] = seg
-            self._stats["segments"] += 1
+            self.recovery_stats["segments"] += 1
             todo.append(seg)
-        self._replaying = self._replay_all(todo, self._stats)
+        self._replaying = self._replay_all(todo, self.recovery_stats)
         if self.watermark is not None:
             # Everything recovered is on disk already: whatever an earlier run had
             # not synced was either lost at the crash or was synced above.
@@ -958,7 +972,7 @@ class Store:
         counts = self.index.segment_counts()
         for seg in self.segments.values():
             seg.live = counts.get(seg.number, 0)
-        stats = self._stats
+        stats = self.recovery_stats
         stats["messages"] = len(self.index)
         stats["seconds"] = round(time.monotonic() - self._t0, 3)
         self._start_spare()
@@ -999,12 +1013,12 @@ class Store:
                     if rtype != REC_COMMIT:
                         stats["records"] += 1       # (the queue's records, not the frames)
                     if not batched:
-                        self._apply(seg, rtype, meta, boff, blen)
+                        self._apply(seg, off, rtype, meta, boff, blen)
                         n += 1
                     elif rtype != REC_COMMIT:
                         if not pending:
                             batch_at = off
-                        pending.append((rtype, meta, boff, blen))
+                        pending.append((off, rtype, meta, boff, blen))
                     else:
                         first, count = _COMMIT.unpack(meta)
                         if pending and first == batch_at and count == len(pending):
@@ -1019,6 +1033,7 @@ class Store:
                             # records of the batch were lost to damage: none of it counts
                             lost = nxt - (batch_at if pending else off)
                             stats["skipped_bytes"] += lost
+                            stats["damaged"] += 1
                             log.warning("segment %s: the batch ending at offset %d lost "
                                         "records to damage; its %d bytes are ignored",
                                         seg.path, off, lost)
@@ -1054,6 +1069,7 @@ class Store:
                                 "damaged (torn tail: %s); ignored", seg.path, skipped, off,
                                 "short" if status == INCOMPLETE else "bad checksum")
                     break
+                stats["damaged"] += 1
                 log.warning("segment %s: damaged record at offset %d, %d bytes skipped",
                             seg.path, off, skipped)
                 off = again
@@ -1066,29 +1082,44 @@ class Store:
                             "%d bytes); ignored", seg.path, batch_at, off - batch_at)
                 pending = []
 
-    def _apply(self, seg: Segment, rtype: int, meta: bytes, boff: int, blen: int) -> None:
-        if rtype == REC_MESSAGE:
-            m = _dec_msg.decode(meta)
-            self._add(m, seg.number, boff - len(meta), len(meta), blen)
-            seg.total += 1
-            if m.arrival > self.latest_arrival:
-                self.latest_arrival = m.arrival
-        elif rtype == REC_DONE:
-            remove = self.index.remove
-            owed = self.owed
-            for qid in _dec_done.decode(meta).qids:
-                remove(qid)
-                if owed:
-                    owed.pop(qid, None)
-        elif rtype == REC_RCPT:
-            r = _dec_rcpt.decode(meta)
-            self.index.apply(r.qid, r.updates)
-            if r.owed or r.qid in self.owed:
-                self._owe(r.qid, r.owed)
-        elif rtype == REC_EVENTS:
-            pass        # for the events process only
-        else:
-            log.warning("segment %s: unknown record type %d ignored", seg.path, rtype)
+    def _apply(self, seg: Segment, off: int, rtype: int, meta: bytes, boff: int,
+               blen: int) -> None:
+        """Apply the record at *off* of *seg* to the index.  One whose checksum holds but
+        whose content cannot be read -- not the struct its type says, or a time out of
+        range (MAX_TIME) -- is logged with its place, counted (stats "unreadable") and
+        passed over, as a damaged one is: raised, it would end the shard at every start.
+        (It stays in its segment until reclamation; ``mta spool-dump`` reports it.)  Each kind
+        is read whole before it changes anything, so a record passed over changed nothing."""
+        try:
+            if rtype == REC_MESSAGE:
+                m = _dec_msg.decode(meta)
+                self._add(m, seg.number, boff - len(meta), len(meta), blen)
+                seg.total += 1
+                if m.arrival > self.latest_arrival:
+                    self.latest_arrival = m.arrival
+            elif rtype == REC_DONE:
+                remove = self.index.remove
+                owed = self.owed
+                for qid in _dec_done.decode(meta).qids:
+                    remove(qid)
+                    if owed:
+                        owed.pop(qid, None)
+            elif rtype == REC_RCPT:
+                r = _dec_rcpt.decode(meta)
+                self.index.apply(r.qid, r.updates)
+                if r.owed or r.qid in self.owed:
+                    self._owe(r.qid, r.owed)
+            elif rtype == REC_EVENTS:
+                pass        # for the events process only
+            else:
+                log.warning("segment %s: unknown record type %d ignored", seg.path, rtype)
+        except MemoryError:
+            raise           # (not the record's fault)
+        except Exception as exc:  # noqa: BLE001 -- see the docstring
+            self.recovery_stats["unreadable"] += 1
+            log.error("segment %s: the %s record at offset %d cannot be read (%s: %s); "
+                      "passed over", seg.path, _REC_NAMES.get(rtype, rtype), off,
+                      type(exc).__name__, exc)
 
     def _add(self, m: MessageMeta, seg: int, moff: int, mlen: int, blen: int) -> bool:
         replaced = index_message(self.index, m, seg, moff, mlen, blen)

@@ -1175,3 +1175,79 @@ def test_writev_short_writes_continue_where_they_stopped(tmp_path, monkeypatch, 
         assert os.pread(fd, sum(map(len, bufs[:10])), 0) == b"".join(bufs[:10])
     finally:
         os.close(fd)
+
+
+# ------------------------------------------- checksummed records that cannot be read
+
+def put_raw(st: Store, rtype: int, mb: bytes, bd: bytes = b"") -> None:
+    """One batch of one record of *rtype* with the meta octets *mb*, framed and checksummed
+    as Store.write frames its own: a record that passes the checksum whatever it holds."""
+    seg = st._writable()
+    hdr = st.codec.encode_header(rtype, mb, bd, seg.number)
+    cm = store_mod._COMMIT.pack(seg.size, 1)
+    commit = st.codec.encode_header(store_mod.REC_COMMIT, cm, b"", seg.number)
+    st._append(seg, [hdr, mb, bd, commit, cm],
+               seg.size + len(hdr) + len(mb) + len(bd) + len(commit) + len(cm))
+    st.sync()
+
+
+def _m(q, *rest):
+    return _raw.encode([q, "s@example.com", ["r@example.net"], 1_700_000_000.0, {}, "c",
+                        *rest])
+
+
+_raw = store_mod.msgspec.msgpack.Encoder()
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("rtype,mb", [
+    (REC_MESSAGE, b"\xc1\xc1"),
+    (REC_MESSAGE, _raw.encode(["A" * 20, "s@example.com"])),
+    (REC_MESSAGE, _raw.encode(["A" * 20, "s@example.com", [5], 1.0, {}, "c"])),
+    (REC_MESSAGE, _m("A" * 20, [0, 0])),
+    (REC_MESSAGE, _m("A" * 20, [0], [2**64 - 1], [1.0])),
+    (REC_MESSAGE, _raw.encode(["A" * 20, "s@example.com", ["r@example.net"], NAN, {}, "c"])),
+    (REC_MESSAGE, _m("A" * 20, [0], [0], [INF])),
+    (store_mod.REC_DONE, _raw.encode([[5]])),
+    (store_mod.REC_RCPT, _raw.encode([qid(1)])),
+    (store_mod.REC_RCPT, _raw.encode([qid(1), [[0, 1, 1, 1.0]], [7]])),
+], ids=["message-not-msgpack", "message-short", "message-recipient-int",
+        "message-states-not-per-recipient", "message-attempts-huge", "message-arrival-nan",
+        "message-due-inf", "done-qid-int", "update-short", "update-owed-int"])
+def test_a_record_that_cannot_be_read_is_passed_over(tmp_path, codec, rtype, mb, caplog):
+    """A checksummed record whose content is not what its type says (a bug, a version that
+    wrote something else, damage the checksum missed) or holds a time no clock reads, was
+    raised by the recovery: the shard died at every start, and the node took no mail.  It
+    is now logged with its place, counted, and passed over; everything else is read."""
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1, 2), body(1))])
+    put_raw(st, rtype, mb, b"x" * 50 if rtype == REC_MESSAGE else b"")
+    put(st, [(meta(2), body(2))], done=[])
+    st.write([], [], {qid(1): [[1, store_mod.DELIVERED, 1, 5.0]]})
+    st.sync()
+    with caplog.at_level("ERROR", logger="mta.spool"):
+        st2, stats = restart(tmp_path, codec)
+    assert contents(st2) == {qid(1): body(1), qid(2): body(2)}
+    assert st2.index.recipient(qid(1), 1)[0] == store_mod.DELIVERED    # (read after it)
+    assert stats["unreadable"] == 1 and stats["skipped_bytes"] == 0
+    msgs = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(msgs) == 1 and msgs[0].startswith(f"segment {last_segment(tmp_path)}: the ")
+    assert msgs[0].endswith("; passed over")
+
+
+def test_a_time_no_clock_reads_is_not_taken_from_a_record(tmp_path, codec):
+    """A recipient update whose due time is NaN or infinite stalled (NaN: due at once, again
+    and again, ahead of every other message) or stopped (infinity: the wait for it) the
+    shard's loop at every start: that update is skipped, as a malformed one is; a start
+    time (options.start_time) beyond any clock is ignored, as one that is no number."""
+    st = new_store(tmp_path, codec)
+    m = meta(1, 3)
+    m.params = {"start_at": 1e300}
+    put(st, [(m, body(1))])
+    st.write([], [], {qid(1): [[0, 0, 1, NAN], [1, 0, 1, -INF], [2, 0, 1, 1_800_000_000.0]]})
+    st.sync()
+    st2, stats = restart(tmp_path, codec)
+    assert stats["unreadable"] == 0
+    got = [st2.index.recipient(qid(1), i)[:3] for i in range(3)]
+    assert got == [(0, 0, m.arrival), (0, 0, m.arrival), (0, 1, 1_800_000_000.0)]
+    assert store_mod.start_of(st2.read_meta(qid(1))) == m.arrival

@@ -39,6 +39,7 @@ MAX_ATTEMPTS = 0xFFFF       # attempts are kept saturated at this
 MAX_OUT = 0xFFFF            # in-flight jobs per message, likewise
 _SEQ_MASK = 0xFFFFFFFF      # push sequence numbers wrap (only ties of equal due see it)
 _KEY_MAX = 1 << 62          # deadline bucket keys are clamped to +-this
+_DUE_MAX = 1e11              # a due time read from a record lies strictly within +-this
 
 
 def is_canonical(qid: str) -> bool:
@@ -292,6 +293,9 @@ class QueueIndex:
         flags = None if flags is None else _u8("flags", flags)
         attempts = _attempts(attempts)
         due = float(due)
+        if not -_DUE_MAX < due < _DUE_MAX:
+            # (a NaN or an infinity would stall or stop the shard's due queue)
+            raise ValueError("due must be a time")
         if flags is not None:
             m.flags[idx] = flags
         m.pending += (state == PENDING) - (m.state[idx] == PENDING)

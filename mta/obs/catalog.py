@@ -130,6 +130,11 @@ _FAMILIES = [
     Family("mta_spool_recipients_ended_total", COUNTER,
            "recipients the spool ended without a delivery outcome: expired (delivery.max_age) "
            "or bounced_by_operator (mta bounce)", ("shard", "reason")),
+    Family("mta_spool_skipped_records_total", COUNTER,
+           "records the shard's recovery passed over at its start, each logged with its "
+           "segment and offset: damaged (checksum), torn (the tail a crash cut short) or "
+           "unreadable (checksummed, but its content is not what its type says)",
+           ("shard", "reason")),
     Family("mta_spool_segment_files_total", COUNTER,
            "files made ready for the next segment, by source: reused (a finished segment's "
            "file) or zero_filled (written by the spare thread)", ("shard", "source")),

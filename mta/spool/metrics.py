@@ -33,12 +33,17 @@ class ShardMetrics:
         st = sh.store
         lb = self.label
         spare = st.spare
+        skipped = st.recovery_stats
         return [
             (COUNTER, "mta_spool_segment_files_total", lb + ("reused",),
              spare.recycled if spare is not None else 0),
             (COUNTER, "mta_spool_segment_files_total", lb + ("zero_filled",),
              spare.filled if spare is not None else 0),
             (COUNTER, "mta_spool_written_bytes_total", lb, st.written),
+            (COUNTER, "mta_spool_skipped_records_total", lb + ("damaged",), skipped["damaged"]),
+            (COUNTER, "mta_spool_skipped_records_total", lb + ("torn",), skipped["torn"]),
+            (COUNTER, "mta_spool_skipped_records_total", lb + ("unreadable",),
+             skipped["unreadable"]),
             (GAUGE, "mta_spool_healthy", lb, 1 if sh.healthy else 0),
             (GAUGE, "mta_spool_queue_messages", lb, len(st.index)),
             (GAUGE, "mta_spool_queue_recipients", lb, st.recipients),

@@ -305,8 +305,9 @@ class Shard:
             return
         stats = self.store.recover_finish()
         log.info("recovered queue: messages=%d segments=%d records=%d skipped_bytes=%d "
-                 "seconds=%s", stats["messages"], stats["segments"], stats["records"],
-                 stats["skipped_bytes"], stats["seconds"])
+                 "unreadable_records=%d seconds=%s", stats["messages"], stats["segments"],
+                 stats["records"], stats["skipped_bytes"], stats["unreadable"],
+                 stats["seconds"])
         # each recovered message at its earliest pending due time, with its deadline;
         # those none of whose recipients is pending are finished now
         # (or, before it, when its delay notice is due: RetryPolicy.first_look)
