@@ -10,7 +10,10 @@ locks, across processes.
 
 An event is a flat SparkPost message event (a dict: ``type``, ``event_id``,
 ``timestamp`` as Unix seconds, ``rcpt_to``, ...).  Each one gets a sequence
-number ``seq`` (monotonic, never reused) when it is appended.
+number ``seq`` (monotonic, never reused) when it is appended.  A stored event
+that is no msgpack map (LMDB has no checksums) is logged and passed over:
+:meth:`EventStore.read` gives it as an empty event, :meth:`EventStore.prune`
+deletes it.
 
 Layout (named databases; times are big-endian milliseconds, 8 octets; seq is
 big-endian, 8 octets; so byte order is time order):
@@ -168,6 +171,15 @@ _mid_key = _kernel.mid_key
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(dict)
+
+
+def _unreadable(seq: int, exc: Exception, what: str) -> None:
+    """A stored event (its ``ev`` value) that is no msgpack map: damage LMDB does not
+    see (it has no checksums), or a writer's bug.  Raised, it stopped its reader at the
+    same event at every pass (a webhook for good) or at every start (the events process,
+    when its prune reached it); it is logged with its seq and *what* is done with it."""
+    log.error("events store: the event of seq %d cannot be read (%s: %s); %s", seq,
+              type(exc).__name__, exc, what)
 
 
 # What LMDB says of an environment a power cut left damaged (see the module's text: a
@@ -620,7 +632,14 @@ class EventStore:
             if not cur.set_range(_U64.pack(after_seq + 1)):
                 return out
             for k, v in cur:
-                out.append((_U64.unpack(k)[0], _dec.decode(v[8:])))
+                try:
+                    ev = _dec.decode(v[8:])
+                except msgspec.DecodeError as exc:
+                    # (an event of no type: no webhook takes it, and the reader's cursor
+                    # moves past it)
+                    ev = {}
+                    _unreadable(_U64.unpack(k)[0], exc, "read as an empty event")
+                out.append((_U64.unpack(k)[0], ev))
                 if len(out) >= limit:
                     break
         return out
@@ -991,7 +1010,13 @@ class EventStore:
                 minute = _MIN.pack(_U64.unpack(tk[:8])[0] // 60000)
                 counts[_ALL + minute] = counts.get(_ALL + minute, 0) - 1
                 if raw is not None:
-                    ev = _dec.decode(raw[8:])
+                    try:
+                        ev = _dec.decode(raw[8:])
+                    except msgspec.DecodeError as exc:
+                        # deleted without its index entries (a look-up that finds one
+                        # finds no event and passes over it, as after a set-aside)
+                        _unreadable(seq, exc, "deleted")
+                        ev = {}
                     for name, k in self._index_keys(ev):
                         txn.delete(k, tk, db=self.idx[name])
                         if name in COUNTED:

@@ -280,3 +280,33 @@ def test_a_record_whose_events_cannot_be_shaped_is_passed_over(make_daemon, sink
     wait_until(lambda: d.metrics().get("mta_events_unreadable_records_total") == 1, 20,
                "mta_events_unreadable_records_total 1")
     assert "Traceback" not in d.log(since_start=True)
+
+
+def test_a_stored_event_that_cannot_be_read_does_not_stop_the_events_process(make_daemon):
+    """A stored event of the events store that is no msgpack map (damage LMDB does not
+    see) ended the events process at its first checkpoint once the event was past the
+    retention -- the prune decoded it -- and again after every restart: no event was
+    published any more.  It is now deleted, logged with its seq."""
+    d = make_daemon(acceptors=1, shards=1, events={"retention": 60})
+    d.send("a@sender.test", ["before@dest.test"], b"Subject: a\r\n\r\nx\r\n")
+    wait_until(lambda: len(d.events()) == 1, 30, "the first injection event")
+    assert d.stop() == 0
+    from mta.feedback.events_store import _U64, EventStore
+    st = EventStore(os.path.join(d.state_dir, "events"), map_size=64 << 20, retention=60)
+    old = time.time() - 3600            # past the retention: the first prune takes it
+    seq = st.append([{"type": "delivery", "event_id": "9" * 18, "timestamp": str(int(old)),
+                      "rcpt_to": "old@dest.test"}])
+    with st.env.begin(write=True, db=st.ev) as txn:
+        k = _U64.pack(seq)
+        txn.put(k, bytes(txn.get(k)[:8]) + b"\x93\x01\x02\x03")    # an array, not a map
+    st.close()
+    d.start()
+    wait_until(lambda: "events[0]" in d.children(), 20, "the events process")
+    events_pid = d.children()["events[0]"]
+    d.wait_log(rf"events store: the event of seq {seq} cannot be read \(ValidationError: "
+               r".*\); deleted")
+    d.send("a@sender.test", ["after@dest.test"], b"Subject: b\r\n\r\ny\r\n")
+    wait_until(lambda: any(e.get("rcpt_to") == "after@dest.test" for e in d.events()), 30,
+               "the injection event of a message sent after the start")
+    assert d.children()["events[0]"] == events_pid, "the events process restarted"
+    assert "Traceback" not in d.log(since_start=True)

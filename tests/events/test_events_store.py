@@ -517,3 +517,37 @@ def test_a_reader_follows_a_store_set_aside_and_made_anew(tmp_path, caplog):
         r.close()
         if new is not None:
             new.close()
+
+
+def _damage(store, seq: int, value: bytes) -> None:
+    """Replace the stored event of *seq* (its time prefix kept) by *value*: damage LMDB,
+    which has no checksums, does not see, or what a writer's bug would store."""
+    with store.env.begin(write=True, db=store.ev) as txn:
+        k = S._U64.pack(seq)
+        txn.put(k, bytes(txn.get(k)[:8]) + value)
+
+
+@pytest.mark.parametrize("value", [b"\x93\x01\x02\x03", b"\xc1", b""],
+                         ids=["an-array", "no-msgpack", "empty"])
+def test_a_stored_event_that_cannot_be_read_is_passed_over(store, value, caplog):
+    """A stored event that is no msgpack map was raised by read() -- a webhook stopped at it
+    for good, trying again each second -- and by prune(): the events process died at its
+    checkpoint once the event was past the retention, and again after every restart.  It
+    now reads as an event of no type (no webhook takes it, the cursor moves past it) and
+    is deleted by the prune, logged with its seq."""
+    store.append([ev(i) for i in range(10)])
+    _damage(store, 4, value)
+    with caplog.at_level("ERROR", logger="mta.feedback.events_store"):
+        got = store.read(0, 100)
+    assert [s for s, _ in got] == list(range(1, 11))
+    assert got[3][1] == {} and ids(e for _, e in got if e) == \
+        [str(10_000 + i) for i in range(10) if i != 3]
+    assert any("the event of seq 4 cannot be read" in r.getMessage() and
+               r.getMessage().endswith("; read as an empty event") for r in caplog.records)
+    store.retention = 50
+    assert store.prune(T0 + 100, keep_from_seq=10**9) == 10
+    assert store.count() == 0 and store.read(0, 100) == []
+    # its index entries stay: a query that finds one passes over it
+    store.append([ev(i) for i in range(20, 22)])
+    page, _, _ = store.query({}, None, 100, start=0, end=T0 + 1000)
+    assert sorted(ids(page)) == ["10020", "10021"]

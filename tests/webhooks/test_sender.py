@@ -518,3 +518,27 @@ def test_a_batch_for_an_old_target_with_its_own_credentials_is_still_sent(env):
     ok = [h for h in rec.hits if h.status == 200]
     assert ok and all(h.headers["authorization"] == "Basic " + base64.b64encode(
         b"old:OLDPW").decode() for h in ok), [h.headers.get("authorization") for h in ok]
+
+
+def test_a_stored_event_that_cannot_be_read_does_not_stop_the_webhook(env, caplog):
+    """A stored event that is no msgpack map (damage LMDB does not see) made every read of
+    the sender raise: the webhook tried again each second, at the same event, for good,
+    and nothing behind it was ever sent.  The event is now passed over, logged."""
+    from mta.feedback import events_store as ES
+    store, db, rec, _ = env
+    hook = _hook(rec)
+    store.append(_events(8))
+    with store.env.begin(write=True, db=store.ev) as txn:
+        k = ES._U64.pack(2)                          # a delivery event
+        txn.put(k, bytes(txn.get(k)[:8]) + b"\x93\x01\x02\x03")
+    db.set_cursor(hook.id, 0)
+    want = {e["event_id"] for e in _events(8) if e["type"] in ("delivery", "bounce")}
+    want.discard("10001")
+    with caplog.at_level("ERROR"):
+        asyncio.run(_run(hook, db, store, _cfg(),
+                         lambda s: {e["event_id"] for e in rec.events()} >= want and
+                         not s.pending, timeout=10))
+    assert sorted(e["event_id"] for e in rec.events()) == sorted(want)
+    assert any("the event of seq 2 cannot be read" in r.getMessage() for r in caplog.records)
+    assert not any("reading events or storing a batch failed" in r.getMessage()
+                   for r in caplog.records)
