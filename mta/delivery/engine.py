@@ -67,7 +67,8 @@ after ``mta queue flush`` (:meth:`Engine.flush`; ``--domain``/``--queue-id``: of
 sites of the domains flushed).
 
 Outcome per recipient -- ``delivered``, ``deferred`` (4xx, connection or DNS
-trouble), ``failed`` (5xx) or ``requeued`` (not attempted) -- with the reply,
+trouble; a message a worker failed on twice in a row, WORKER_FAILED_AGAIN),
+``failed`` (5xx) or ``requeued`` (not attempted) -- with the reply,
 the remote host, the source, its address and the site; the spool shard that
 owns the message decides when to retry and when to bounce.  Recipients a
 server refuses for its recipient limit ("452 4.5.3 too many recipients" after
@@ -110,6 +111,13 @@ IDLE_CHECK = 0.25         # seconds between looks, while idle, for another proce
 MAX_SITE_NAME = 200       # longest site name shown; longer ones end in a hash
 STOPPING = "the delivery process is stopping; not attempted"
 MIN_REQUEUE = 1.0         # seconds, at least, before a requeued job comes back
+# A message whose job a worker failed on (an unexpected error) again within this many
+# seconds is deferred, not requeued: the error is likely its own (an envelope it cannot
+# make), and requeued it came back each second for good; deferred, the retry schedule
+# spaces its tries and max_age ends them with a bounce.  At most WORKER_FAILED_MAX
+# messages are remembered (the oldest forgotten first).
+WORKER_FAILED_AGAIN = 600.0
+WORKER_FAILED_MAX = 1000
 YIELD_CHECK = 0.05        # seconds between a busy lane's looks for another process's demand
 TURN_DEFER = 1.0          # seconds a lane that gave its slot to a process holding none
                           # leaves it to that one (which asks every SLOT_RETRY)
@@ -615,6 +623,7 @@ class Engine:
         self.resolving: dict[str, list[Job]] = {}                # domain -> jobs waiting for it
         self.in_flight = 0
         self.stats = collections.Counter()
+        self.worker_failed: dict[str, float] = {}   # qid -> when a worker last failed on it
         self.connect_attempts = None    # set for /metrics: .inc((source, site))
         # (ip, port) -> until when opportunistic STARTTLS is skipped: its handshake failed
         self.tls_fallback: dict[tuple[str, int], float] = {}
@@ -1477,8 +1486,9 @@ class Engine:
             if job is not None and not job.reported:
                 # its outcome must still go back (else the spool waits job_timeout and
                 # this process's window stays one job smaller for good); REQUEUED: tried
-                # again soon (at least once: its message may have gone out)
-                self._give_back([job], f"the delivery worker failed: {exc}", unsent=False)
+                # again soon (at least once: its message may have gone out) -- DEFERRED
+                # when a worker failed on its message a moment ago (WORKER_FAILED_AGAIN)
+                self._worker_failed(job, exc)
         finally:
             # the next job, taken but not run (an unexpected error): back to the front
             # of its lane; nothing of its message was sent (its envelope may have
@@ -1985,6 +1995,25 @@ class Engine:
             text = (f"waited over {self.max_wait:.0f}s for a connection to site "
                     f"{lane.site.name} from {lane.source.name}")
         self._give_back(jobs, text, wait=wait)
+
+    def _worker_failed(self, job: Job, exc: Exception) -> None:
+        """The outcome of *job*, whose worker failed (an unexpected error)."""
+        now = time.monotonic()
+        failed = self.worker_failed
+        qid = job.msg.qid
+        before = failed.pop(qid, None)
+        if len(failed) >= WORKER_FAILED_MAX:
+            del failed[next(iter(failed))]
+        failed[qid] = now
+        if before is None or now - before > WORKER_FAILED_AGAIN:
+            self._give_back([job], f"the delivery worker failed: {exc}", unsent=False)
+            return
+        log.warning("%s: the delivery worker failed on this message again; deferred",
+                    qid)
+        job.warm = []           # (its message may have gone out: the counts stay taken)
+        self._finish(job, job.results(
+            DEFERRED, 451, "4.3.0",
+            f"the delivery worker failed on this message again: {exc}"[:400], local=True))
 
     def _give_back(self, jobs: list, text: str, unsent: bool = True,
                    wait: float = MIN_REQUEUE) -> None:

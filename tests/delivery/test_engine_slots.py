@@ -15,7 +15,7 @@ import time
 import uvloop
 
 from mta import bus
-from mta.delivery.engine import Engine
+from mta.delivery.engine import Engine, Job
 from test_engine import job, mx_to_loopback, settings
 
 BOUND = 20.0
@@ -417,3 +417,32 @@ def test_shares_rounded_up_that_take_every_slot_leave_one_to_a_process_with_none
     # before either of the others drained
     assert tc[0] - t0 < 1.5, tc[0] - t0
     assert tc[0] < min(ta[-1], tb[-1]) - 1.0, "the third waited for another to drain"
+
+
+def test_a_message_its_worker_fails_on_again_is_deferred_not_requeued_for_good():
+    """A job whose envelope the engine cannot make (here a BODY parameter that is no
+    string, as a damaged or foreign spool record would give) failed its worker; the job
+    went back REQUEUED, due again in a second, and failed it again: every second for good,
+    with a traceback each time, never an attempt counted, never a bounce.  The first
+    failure still requeues it (the error may be the worker's, not the message's); the next
+    one within WORKER_FAILED_AGAIN defers it with the reason, so the retry schedule and
+    max_age take over.  Every other message goes on."""
+    from test_engine import BODY, Peer, deliver
+
+    def one(qid: str, local: str, params=None) -> Job:
+        return Job(bus.DeliveryMessageReady(0, qid, "s@example.com", "ex.test",
+                                            [bus.JobRecipient(0, f"{local}@ex.test")],
+                                            params or {}, 1, BODY), b"spool-peer")
+    bad = "B" * 20
+    peer = Peer()
+    reports = deliver([one(bad, "odd1", {"BODY": 5}), one("A" * 20, "ok"),
+                       one(bad, "odd2", {"BODY": 5})], mx_to_loopback("ex.test"), peer)
+    got = {j.msg.rcpts[0].address: rs[0] for j, rs in reports}
+    assert got["ok@ex.test"].outcome == bus.DELIVERED
+    # (two workers may take them in either order)
+    first, odd = sorted((got["odd1@ex.test"], got["odd2@ex.test"]),
+                        key=lambda r: r.outcome != bus.REQUEUED)
+    assert first.outcome == bus.REQUEUED
+    assert (odd.outcome, odd.code, odd.enhanced) == (bus.DEFERRED, 451, "4.3.0")
+    assert odd.text.startswith("the delivery worker failed on this message again: ")
+    assert [m[1] for m in peer.messages] == [["ok@ex.test"]]
