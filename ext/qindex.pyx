@@ -60,6 +60,7 @@ from operator import index as _index
 
 cdef enum:
     _PENDING = 0
+    _LAST_STATE = 3             # mta.store's EXPIRED: a record's state is one of 0..this
     _LANES = 2
     _MAX_ATTEMPTS = 0xFFFF
     _MAX_OUT = 0xFFFF
@@ -800,6 +801,8 @@ cdef class QueueIndex:
         # every value converted before anything changes (a bad one leaves the recipient as
         # it was, in both twins)
         c_state = _u8("state", state)
+        if c_state > _LAST_STATE:
+            raise ValueError("state must be in 0..3")
         if flags is not None:
             c_flags = _u8("flags", flags)
         c_attempts = _attempts(attempts)

@@ -128,6 +128,10 @@ RELEASE_STEP = 8 << 20            # recovery lets go of a segment's pages read, 
 # (a recipient update's due time: that update; mta/_ext qindex's _DUE_MAX, the same).
 MAX_TIME = 1e11
 Time = Annotated[float, msgspec.Meta(gt=-MAX_TIME, lt=MAX_TIME)]
+# A recipient's state read from a record is one of PENDING .. EXPIRED (below): another
+# broke what names the states (``mta queue list`` ended the shard); qindex's update()
+# refuses one too.
+State = Annotated[int, msgspec.Meta(ge=0, le=3)]
 
 
 class MessageMeta(msgspec.Struct, array_like=True):
@@ -145,7 +149,7 @@ class MessageMeta(msgspec.Struct, array_like=True):
     arrival: Time
     params: dict
     client: str
-    state: list[int] | None = None
+    state: list[State] | None = None
     attempts: list[int] | None = None
     due: list[Time] | None = None
     flags: list[int] | None = None      # per recipient RCPT_* bits; None: all 0

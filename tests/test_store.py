@@ -1208,12 +1208,13 @@ NAN, INF = float("nan"), float("inf")
     (REC_MESSAGE, _m("A" * 20, [0], [2**64 - 1], [1.0])),
     (REC_MESSAGE, _raw.encode(["A" * 20, "s@example.com", ["r@example.net"], NAN, {}, "c"])),
     (REC_MESSAGE, _m("A" * 20, [0], [0], [INF])),
+    (REC_MESSAGE, _m("A" * 20, [9], [0], [1.0])),
     (store_mod.REC_DONE, _raw.encode([[5]])),
     (store_mod.REC_RCPT, _raw.encode([qid(1)])),
     (store_mod.REC_RCPT, _raw.encode([qid(1), [[0, 1, 1, 1.0]], [7]])),
 ], ids=["message-not-msgpack", "message-short", "message-recipient-int",
         "message-states-not-per-recipient", "message-attempts-huge", "message-arrival-nan",
-        "message-due-inf", "done-qid-int", "update-short", "update-owed-int"])
+        "message-due-inf", "message-state-unknown", "done-qid-int", "update-short", "update-owed-int"])
 def test_a_record_that_cannot_be_read_is_passed_over(tmp_path, codec, rtype, mb, caplog):
     """A checksummed record whose content is not what its type says (a bug, a version that
     wrote something else, damage the checksum missed) or holds a time no clock reads, was

@@ -34,6 +34,7 @@ import operator
 from collections import deque
 
 PENDING = 0                 # recipient states: mta.store's (PENDING ... EXPIRED)
+_LAST_STATE = 3             # (EXPIRED: a record's state is one of 0..this)
 LANES = 2                   # mta.spool.dispatch: BULK 0, TRANSACTIONAL 1
 MAX_ATTEMPTS = 0xFFFF       # attempts are kept saturated at this
 MAX_OUT = 0xFFFF            # in-flight jobs per message, likewise
@@ -290,6 +291,8 @@ class QueueIndex:
             return False
         # every value converted before anything changes (as the compiled twin)
         state = _u8("state", state)
+        if state > _LAST_STATE:
+            raise ValueError("state must be in 0..3")
         flags = None if flags is None else _u8("flags", flags)
         attempts = _attempts(attempts)
         due = float(due)

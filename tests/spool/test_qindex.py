@@ -252,8 +252,12 @@ def test_a_malformed_update_changes_nothing_and_apply_skips_it(mod):
     q = mod.QueueIndex(1.0)
     put(q, Q1, ["a", "b"])
     before = q.progress(Q1), q.info(Q1)
+    # -- and, since a state no version writes broke `mta queue list` (KeyError in the
+    # shard, which died) and a NaN or infinite due time stalled or stopped its loop:
+    # those too
     for bad in ([0, DELIVERED, 1, "x"], [0, 999, 1, 0.0], [0, DELIVERED, "many", 0.0],
-                [0, DELIVERED, 1, 0.0, 300]):
+                [0, DELIVERED, 1, 0.0, 300], [0, 9, 1, 0.0], [0, PENDING, 1, float("nan")],
+                [0, PENDING, 1, float("inf")], [0, PENDING, 1, -1e300]):
         with pytest.raises((TypeError, ValueError, OverflowError)):
             q.update(Q1, *bad)
         assert (q.progress(Q1), q.info(Q1)) == before, bad
