@@ -12,8 +12,8 @@ An event is a flat SparkPost message event (a dict: ``type``, ``event_id``,
 ``timestamp`` as Unix seconds, ``rcpt_to``, ...).  Each one gets a sequence
 number ``seq`` (monotonic, never reused) when it is appended.  A stored event
 that is no msgpack map (LMDB has no checksums) is logged and passed over:
-:meth:`EventStore.read` gives it as an empty event, :meth:`EventStore.prune`
-deletes it.
+:meth:`EventStore.read` gives it as an empty event, a query's page and
+:meth:`EventStore.originals` leave it out, :meth:`EventStore.prune` deletes it.
 
 Layout (named databases; times are big-endian milliseconds, 8 octets; seq is
 big-endian, 8 octets; so byte order is time order):
@@ -678,7 +678,11 @@ class EventStore:
                 for tk in cur.iterprev_dup(keys=False, values=True) if cur.last_dup() else ():
                     raw = txn.get(bytes(tk[8:]), db=self.ev)
                     if raw is not None:
-                        qid = _dec.decode(bytes(raw[8:])).get("message_id")
+                        try:
+                            qid = _dec.decode(bytes(raw[8:])).get("message_id")
+                        except msgspec.DecodeError as exc:
+                            _unreadable(_U64.unpack(tk[8:])[0], exc, "passed over")
+                            qid = None
                         if qid and qid not in qids:
                             qids.append(qid)
                     if len(qids) >= MAX_MESSAGE_ID_MATCHES:
@@ -791,7 +795,11 @@ class EventStore:
                 raw = get(tk[8:], db=evdb)
                 if raw is None:
                     continue
-                ev = _dec.decode(raw[8:])
+                try:
+                    ev = _dec.decode(raw[8:])
+                except msgspec.DecodeError as exc:
+                    _unreadable(_U64.unpack(tk[8:])[0], exc, "passed over")
+                    continue
                 if not matcher(ev):
                     continue
             found += 1
@@ -800,7 +808,11 @@ class EventStore:
                     raw = get(tk[8:], db=evdb)
                     if raw is None:
                         continue
-                    ev = _dec.decode(raw[8:])
+                    try:
+                        ev = _dec.decode(raw[8:])
+                    except msgspec.DecodeError as exc:
+                        _unreadable(_U64.unpack(tk[8:])[0], exc, "passed over")
+                        continue
                 ev["_ts"] = _U64.unpack(tk[:8])[0]
                 out.append(ev)
                 last = tk

@@ -544,6 +544,14 @@ def test_a_stored_event_that_cannot_be_read_is_passed_over(store, value, caplog)
         [str(10_000 + i) for i in range(10) if i != 3]
     assert any("the event of seq 4 cannot be read" in r.getMessage() and
                r.getMessage().endswith("; read as an empty event") for r in caplog.records)
+    # the Events API's pages and a report's look-up of its message pass over it too
+    page, _, _ = store.query({}, None, 100, start=0, end=T0 + 1000)
+    assert sorted(ids(page)) == [str(10_000 + i) for i in range(10) if i != 3]
+    page, _, _ = store.query({"recipients": ["user3@example.com"]}, None, 100, start=0,
+                             end=T0 + 1000)
+    assert page == []
+    assert store.originals(queue_ids=["m0003"]) == []
+    assert ids(store.originals(queue_ids=["m0004"])) == ["10004"]
     store.retention = 50
     assert store.prune(T0 + 100, keep_from_seq=10**9) == 10
     assert store.count() == 0 and store.read(0, 100) == []
