@@ -940,14 +940,22 @@ class Store:
         and a new message (a new queue id) never meets a recovered one.  Until
         :meth:`recover_finish` the index holds only what has been read so far."""
         self._t0 = time.monotonic()
-        names = sorted(
-            (n for n in os.listdir(self.dir) if n.endswith(SEGMENT_SUFFIX)),
-            key=lambda n: int(n[: -len(SEGMENT_SUFFIX)]),
-        )
+        found = []
+        for name in os.listdir(self.dir):
+            if not name.endswith(SEGMENT_SUFFIX):
+                continue
+            stem = name[: -len(SEGMENT_SUFFIX)]
+            if stem.isascii() and stem.isdigit() and os.path.isfile(os.path.join(self.dir,
+                                                                                 name)):
+                found.append((int(stem), name))
+            else:
+                # (not one of ours -- a copy an operator left, say: its int() ended the
+                # shard at every start; segment_numbers, the events process's, skips it)
+                log.warning("%s: not a segment file (its name is not a number); ignored",
+                            os.path.join(self.dir, name))
         self.recovery_stats = dict.fromkeys(self.recovery_stats, 0)
         todo = []
-        for name in names:
-            number = int(name[: -len(SEGMENT_SUFFIX)])
+        for number, name in sorted(found):
             path = os.path.join(self.dir, name)
             if self.fsync:
                 _sync_recovered(path)

@@ -1252,3 +1252,20 @@ def test_a_time_no_clock_reads_is_not_taken_from_a_record(tmp_path, codec):
     got = [st2.index.recipient(qid(1), i)[:3] for i in range(3)]
     assert got == [(0, 0, m.arrival), (0, 0, m.arrival), (0, 1, 1_800_000_000.0)]
     assert store_mod.start_of(st2.read_meta(qid(1))) == m.arrival
+
+
+def test_a_file_not_named_as_a_segment_is_ignored(tmp_path, codec, caplog):
+    """A file whose name ends in .seg but is no segment number (a copy an operator left
+    in the shard directory) ended the shard at every start (int() of its name); it is
+    now logged and left alone, as the events process's reader already did."""
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1), body(1))])
+    (tmp_path / "old-1.seg").write_bytes(b"x" * 100)
+    (tmp_path / "\u00b2.seg").write_bytes(b"")           # (a digit int() does not take)
+    os.mkdir(tmp_path / "7.seg")
+    with caplog.at_level("WARNING", logger="mta.spool"):
+        st2, stats = restart(tmp_path, codec)
+    assert contents(st2) == {qid(1): body(1)} and stats["segments"] == 1
+    assert sum("not a segment file" in r.getMessage() for r in caplog.records) == 3
+    put(st2, [(meta(2), body(2))])                       # a new segment after the last
+    assert set(seg_files(tmp_path)) >= {"old-1.seg", "\u00b2.seg", "7.seg"}

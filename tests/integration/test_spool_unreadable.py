@@ -5,7 +5,8 @@ the struct its type says, a time no clock reads -- was raised by the shard's rec
 shard died, was restarted, read the same record and died again, and the node answered 451
 for every message of that shard for good.  Now the record is logged with its place,
 counted (mta_spool_skipped_records_total{reason="unreadable"}) and passed over: every
-message before and behind it is delivered, and the shard does not restart.
+message before and behind it is delivered, and the shard does not restart.  So is a
+file in a shard's directory whose name ends in .seg but is no segment number.
 """
 from __future__ import annotations
 
@@ -84,6 +85,10 @@ def test_an_unreadable_record_is_passed_over_and_the_shard_goes_on(make_daemon, 
     st.sync()
     st.commit(new, [])
     st.close()
+    # and a file that is no segment (a copy an operator left): int() of its name ended
+    # the shard at every start
+    with open(os.path.join(st.dir, "backup-1.seg"), "wb") as fh:
+        fh.write(b"x" * 100)
     d.sections["delivery"]["hold"] = False
     d.write_config()
     d.start()
@@ -97,6 +102,8 @@ def test_an_unreadable_record_is_passed_over_and_the_shard_goes_on(make_daemon, 
     d.wait_log(r"segment \S+/shard-00/\d+\.seg: the message record at offset \d+ cannot be "
                r"read \(ValidationError: .*\); passed over")
     d.wait_log(r"recovered queue: messages=4 .* unreadable_records=2 ")
+    d.wait_log(r"shard-00/backup-1\.seg: not a segment file \(its name is not a number\); "
+               r"ignored")
     assert d.cli("queue", "list").returncode == 0
     assert d.children()["spool[0]"] == shard_pid, "the shard restarted"
     assert skipped(d, "unreadable") == 2 and skipped(d, "damaged") == 0
