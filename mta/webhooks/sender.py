@@ -261,10 +261,15 @@ class Sender:
                 break
         else:
             more = True
+        body = None
+        if events:
+            try:
+                body = orjson.dumps([webhook_docs.element(ev) for ev in events])
+            except orjson.JSONEncodeError:
+                events, body = self._writable(events)
         if not events:
             self.scan_seq = scan
             return None, more
-        body = orjson.dumps([webhook_docs.element(ev) for ev in events])
         b = Batch(str(uuid.uuid4()), self.hook.id, self.hook.target, first, scan, len(events),
                   body, 0, now, 0)
         self.db.add_batch(b, scan)
@@ -272,6 +277,24 @@ class Sender:
         self.saved_at = now
         self.pending[b.id] = b
         return b, more
+
+    def _writable(self, events: list[dict]) -> tuple[list[dict], bytes]:
+        """The events of a batch that JSON can write, and the batch's body of them.
+
+        One that it cannot (a key that is no string, say: from a damaged or foreign
+        record) made every try of the batch raise, each second, and the webhook sent
+        nothing more for good; it is logged and counted as dropped, not sent."""
+        kept, parts = [], []
+        for ev in events:
+            try:
+                parts.append(orjson.dumps(webhook_docs.element(ev)))
+            except orjson.JSONEncodeError as exc:
+                self.stats.dropped_events += 1
+                log.error("webhook %s: event %s cannot be written as JSON (%s); not sent",
+                          self.hook.name, str(ev.get("event_id"))[:40], exc)
+                continue
+            kept.append(ev)
+        return kept, b"[" + b",".join(parts) + b"]"
 
     def lost(self, n: int) -> None:
         """Events that were pruned from the store before this webhook read them."""

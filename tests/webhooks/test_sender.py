@@ -542,3 +542,26 @@ def test_a_stored_event_that_cannot_be_read_does_not_stop_the_webhook(env, caplo
     assert any("the event of seq 2 cannot be read" in r.getMessage() for r in caplog.records)
     assert not any("reading events or storing a batch failed" in r.getMessage()
                    for r in caplog.records)
+
+
+def test_an_event_json_cannot_write_is_dropped_and_the_others_are_sent(env, caplog):
+    """An event with a key that is no string (from a damaged or foreign record) made the
+    batch's JSON raise at every try, each second: the webhook sent nothing more, for good.
+    It is now left out of its batch, logged and counted as dropped."""
+    store, db, rec, _ = env
+    hook = _hook(rec)
+    evs = _events(8)
+    evs[1] = dict(evs[1], metadata={7: "x"})          # a delivery event
+    store.append(evs)
+    db.set_cursor(hook.id, 0)
+    want = {e["event_id"] for e in evs if e["type"] in ("delivery", "bounce")} - {"10001"}
+    with caplog.at_level("ERROR"):
+        s = asyncio.run(_run(hook, db, store, _cfg(),
+                             lambda s: {e["event_id"] for e in rec.events()} >= want and
+                             not s.pending, timeout=10))
+    assert sorted(e["event_id"] for e in rec.events()) == sorted(want)
+    assert s.stats.dropped_events == 1
+    assert any("event 10001 cannot be written as JSON" in r.getMessage()
+               for r in caplog.records)
+    assert not any("reading events or storing a batch failed" in r.getMessage()
+                   for r in caplog.records)
