@@ -248,7 +248,11 @@ class Sender:
                 if seq > scan + 1 and scan >= self.scan_seq:
                     self.lost(seq - scan - 1)
                 scan = seq
-                if ev.get("type") in want and (unmatched or ev.get("matched") != "0"):
+                t = ev.get("type")
+                # (a type that is no string -- a damaged event that still decodes -- is
+                # none the webhook takes; a list's hash raised here at every read)
+                if type(t) is str and t in want and \
+                        (unmatched or ev.get("matched") != "0"):
                     events.append(ev)
                     if first is None:
                         first = seq

@@ -565,3 +565,31 @@ def test_an_event_json_cannot_write_is_dropped_and_the_others_are_sent(env, capl
                for r in caplog.records)
     assert not any("reading events or storing a batch failed" in r.getMessage()
                    for r in caplog.records)
+
+
+def test_a_stored_event_whose_type_is_no_string_does_not_stop_the_webhook(env, caplog):
+    """A stored event that is a msgpack map but whose ``type`` is a list or a map (damage
+    that still decodes: LMDB has no checksums) made the type filter raise (unhashable) at
+    every read, each second, for good: nothing behind it was sent, and the events
+    store's pruning stayed held.  It is passed over as an event of no known type."""
+    import msgspec
+
+    from mta.feedback import events_store as ES
+    store, db, rec, _ = env
+    hook = _hook(rec)
+    store.append(_events(8))
+    with store.env.begin(write=True, db=store.ev) as txn:
+        for seq, bad in ((2, ["delivery"]), (3, {"t": "bounce"})):    # a delivery, a bounce
+            k = ES._U64.pack(seq)
+            ev = dict(ES._dec.decode(bytes(txn.get(k)[8:])), type=bad)
+            txn.put(k, bytes(txn.get(k)[:8]) + msgspec.msgpack.encode(ev))
+    db.set_cursor(hook.id, 0)
+    want = {e["event_id"] for e in _events(8) if e["type"] in ("delivery", "bounce")}
+    want -= {"10001", "10002"}
+    with caplog.at_level("ERROR"):
+        asyncio.run(_run(hook, db, store, _cfg(),
+                         lambda s: {e["event_id"] for e in rec.events()} >= want and
+                         not s.pending, timeout=10))
+    assert sorted(e["event_id"] for e in rec.events()) == sorted(want)
+    assert not any("reading events or storing a batch failed" in r.getMessage()
+                   for r in caplog.records)
