@@ -887,6 +887,9 @@ class Supervisor:
         # record is this one's again, or the spool shards started now take the other's
         # [delivery] at their first turn (Shard.start) -- a hold lifted, say.
         self._write_active()
+        # and it reset the count of unasked deaths at its start: this one's again (else
+        # mta_child_restarts_total fell to 0, and jumped back at the next death)
+        self._write_restarts()
         try:
             self.start_children()
         except StartupError as exc:

@@ -415,3 +415,41 @@ def test_the_new_supervisor_takes_over_the_watchdog_pings(make_daemon, tmp_path)
     os.kill(new, signal.SIGTERM)
     wait_until(lambda: not alive(new), 60, "the new supervisor to stop")
     ns.close()
+
+
+def test_after_a_failed_upgrade_the_restart_counts_are_the_old_supervisors_again(make_daemon):
+    # run/restarts.json is the running supervisor's count of its children's unasked deaths
+    # (mta_child_restarts_total).  The new supervisor resets it at its start; killed
+    # after that, it left its own (empty) count behind, and the old supervisor, running on,
+    # showed 0 for a child it had seen die -- the counter fell, and rose by the whole count
+    # again at the next death (a rate() of it counts each such jump).
+    d = make_daemon(acceptors=1, shards=1, server={"shutdown_timeout": 1.0},
+                    smtp={"spool_timeout": 1.0})
+    old = d.proc.pid
+    path = os.path.join(d.state_dir, "run", "restarts.json")
+    acceptor = d.children()["acceptor[0]"]
+    os.kill(acceptor, signal.SIGKILL)
+    d.wait_restarted("acceptor[0]", acceptor)
+    with open(path, "rb") as fh:
+        assert json.loads(fh.read()) == {"acceptor[0]": 1}
+    os.kill(old, signal.SIGUSR2)
+    d.wait_log(r"upgrade: took over \d+ listening socket", timeout=60)
+    new = wait_until(lambda: d.children().get("supervisor"), 30, "the new supervisor")
+    wait_until(lambda: len(children_of(new)) >= 1, 60, "the new supervisor's children",
+               interval=0.005)
+    os.kill(new, signal.SIGKILL)
+    d.wait_log("upgrade failed", timeout=60)
+    wait_until(lambda: {"spool[0]", "acceptor[0]"} <= set(d.children()), 90,
+               "the old supervisor's children started again")
+    assert d.proc.poll() is None and supervisor_pid(d) == old
+    with open(path, "rb") as fh:
+        assert json.loads(fh.read()) == {"acceptor[0]": 1}
+    def health():
+        try:
+            return admin_call(d, "GET", "/api/admin/health")[2]
+        except OSError:
+            return None         # (the admin process starting again)
+    h = wait_until(health, 30, "the admin process's health", interval=0.2)
+    assert {(c["role"], c["index"]): c["restarts"] for c in h["children"]}[
+        ("acceptor", 0)] == 1
+    assert d.stop() == 0
