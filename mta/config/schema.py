@@ -434,7 +434,8 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "wait of mail delivery handed back untried), as a fraction of it", ge=0, le=1)] = 0.1
     max_age: Annotated[float, _doc(
         "seconds a message may stay queued before its undelivered recipients expire "
-        "and bounce (5 days); takes effect at the next start", ge=1)] = 5 * 86400.0
+        "and bounce (5 days); takes effect at the next start; at most 1e10 (about 317 "
+        "years: a longer one is taken as that)", ge=1)] = 5 * 86400.0
     delay_warning_time: Annotated[float, _doc(
         "seconds in the queue after which the sender of a message still undelivered "
         "(deferred, or waiting untried: suspended, rate-limited) gets a delay notice "

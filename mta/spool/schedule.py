@@ -27,6 +27,11 @@ from mta.store import DELIVERED, EXPIRED, FAILED, PENDING, STATE_NAMES, TERMINAL
 
 
 LAST_TRY_GRACE = 10.0   # seconds a last attempt due at the deadline may wait to go
+# The longest max_age taken (about 317 years; a longer one, or inf, is taken as this): a
+# deadline, and with it every due time a deferral gets, stays below mta.store.MAX_TIME,
+# which a recipient update's due time must be (else the index refused the update the
+# shard had written: no attempt counted, due again at once)
+MAX_AGE = 1e10
 
 
 class RetryPolicy:
@@ -34,7 +39,7 @@ class RetryPolicy:
         self.schedule = list(cfg.retry_schedule)
         self.jitter = cfg.retry_jitter
         self.scale = cfg.time_scale
-        self.max_age = cfg.max_age * cfg.time_scale
+        self.max_age = min(cfg.max_age * cfg.time_scale, MAX_AGE)
         # delay notices after this many seconds still deferred; 0 = off
         self.delay_warning = getattr(cfg, "delay_warning_time", 0.0) * cfg.time_scale
         self.rng = rng or random.Random()

@@ -1249,3 +1249,24 @@ def test_a_held_bounce_of_our_own_error_stays_x_local_across_a_restart(tmp_path)
     assert f"Diagnostic-Code: x-local; 553 5.6.7 {text}".encode() in dsn
     assert b"Diagnostic-Code: smtp; 550 5.7.1 blocked" in dsn
     assert dsn.count(b"Remote-MTA: dns; mx.example.net") == 2
+
+
+def test_a_deferral_under_an_endless_max_age_is_due_at_a_time_the_index_takes():
+    """delivery.max_age and retry_schedule have no upper bound: with both beyond some
+    3000 years (an operator's "never give up, wait for ever") a deferral's due time
+    came out past mta.store.MAX_TIME, which the index refuses since the recovery's
+    bounds: the shard wrote the update but its commit left the recipient as it was --
+    no attempt counted, due again at once, tried again and again.  The deadline is now
+    held below MAX_TIME (max_age at most MAX_AGE)."""
+    from mta.store import MAX_TIME
+    cfg = SimpleNamespace(retry_schedule=[2e11], retry_jitter=0.0, time_scale=1.0,
+                          max_age=1e12)
+    entries = Queue(entry("Q1", ["a@example.net"]))
+    qids = iter(f"BOUNCE{n:04d}" for n in range(100))
+    plan = plan_of(entries, sch.RetryPolicy(cfg, random.Random(1)), lambda: next(qids))
+    plan.outcome("Q1", [result(0, bus.DEFERRED, 451, "4.3.0", "try later")], NOW)
+    plan.finish(NOW)
+    (up,) = plan.updates["Q1"]
+    assert NOW < up[3] < MAX_TIME
+    assert entries.index.apply("Q1", plan.updates["Q1"]) == 1
+    assert entries.index.recipient("Q1", 0)[:3] == (sch.PENDING, 1, up[3])
