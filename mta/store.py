@@ -1151,8 +1151,10 @@ class Store:
         is not set (any more) is dropped, as is one that is malformed."""
         held = self.owed.get(qid) or {}
         for n in notes or ():
+            # (an index beyond what a recipient can have is malformed too: the index's
+            # look-up below raised for one beyond 63 bits, after it was kept)
             if type(n) is list and (len(n) == 5 or len(n) == 6 and n[5] is True) and \
-                    type(n[0]) is int:
+                    type(n[0]) is int and 0 <= n[0] <= 0xFFFFFFFF:
                 status, host, diag, last = n[1:5]
                 if (status is None or type(status) is str) and type(host) is str and \
                         type(diag) is str and (last is None or type(last) in (int, float)):

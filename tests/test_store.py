@@ -1269,3 +1269,36 @@ def test_a_file_not_named_as_a_segment_is_ignored(tmp_path, codec, caplog):
     assert sum("not a segment file" in r.getMessage() for r in caplog.records) == 3
     put(st2, [(meta(2), body(2))])                       # a new segment after the last
     assert set(seg_files(tmp_path)) >= {"old-1.seg", "\u00b2.seg", "7.seg"}
+
+
+def test_an_owed_report_naming_no_recipient_index_is_dropped_not_kept(tmp_path, codec):
+    """A recipient update's owed report whose index is beyond 64 bits (a damaged or foreign
+    record) made Store._owe raise after it had put the report into the message's held
+    reports -- in place, when the message already owed a bounce: the record counted as
+    unreadable though its updates were applied, every later record of the message raised
+    too, and after the recovery a live commit of the message raised in the shard.  It is
+    now dropped as any malformed report is, and the record read."""
+    from mta.store import FAILED, PENDING, RCPT_BOUNCE_OWED
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1, nrcpt=3), body(1))])
+    report = ["5.1.1", "mx.one.test", "550 5.1.1 no such user", 1_800_000_000.5]
+    ups = {qid(1): [[0, FAILED, 1, 0.0, RCPT_BOUNCE_OWED]]}
+    new = st.write([], [], ups, None, {qid(1): [[0, *report]]})
+    st.sync()
+    st.commit(new, [], ups, {qid(1): [[0, *report]]})
+    put_raw(st, store_mod.REC_RCPT, _raw.encode(
+        [qid(1), [[1, PENDING, 1, 500.0]], [[2**64 - 1, "5.0.0", "", "refused", None]]]))
+    st.write([], [], {qid(1): [[2, PENDING, 1, 600.0]]})
+    st.sync()
+    st.close()
+    st, stats = restart(tmp_path, codec)
+    assert stats["unreadable"] == 0
+    assert st.owed == {qid(1): {0: report}}
+    assert [st.index.recipient(qid(1), i)[:3] for i in (1, 2)] == \
+        [(PENDING, 1, 500.0), (PENDING, 1, 600.0)]
+    ups = {qid(1): [[1, FAILED, 2, 0.0]]}
+    new = st.write([], [], ups)
+    st.sync()
+    st.commit(new, [], ups)             # (raised before: the report kept in place)
+    assert st.owed == {qid(1): {0: report}}
+    st.close()
