@@ -20,7 +20,8 @@ Rules, in order (``MxResult.status``):
   (an MX target) is checked so too, but may hold underscores (RFC 2181 §11).  An address literal
   (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``) is its own route: no lookup.
 - MX query.  NXDOMAIN -> ``nxdomain`` (permanent).  SERVFAIL, REFUSED, a
-  timeout or a network error -> ``temp_fail`` (retry later).
+  timeout, a network error or an answer truncated over TCP too (TC) ->
+  ``temp_fail`` (retry later).
 - MX records whose exchanges are all "." -> ``null_mx`` (RFC 7505: the domain
   takes no mail; permanent).  A "." among real MX records is ignored, and so
   is an exchange that is an IP address (``MX 10 192.0.2.1.``: not a host name,
@@ -67,6 +68,7 @@ from dataclasses import dataclass, field
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -105,6 +107,7 @@ MIN_SERVER_TIMEOUT_SECONDS = 1.0  # the least one nameserver is given (within th
 _A = dns.rdatatype.A
 _AAAA = dns.rdatatype.AAAA
 _MX = dns.rdatatype.MX
+_TC = dns.flags.TC
 
 _LK_OK = 0  # records found
 _LK_NXDOMAIN = 1
@@ -466,6 +469,12 @@ class Resolver:
             return _Lookup(_LK_TEMP, (), temp, f"{what}: timed out after {self._timeout:g}s")
         except (dns.exception.DNSException, OSError, ValueError) as e:
             return _Lookup(_LK_TEMP, (), temp, f"{what}: lookup failed ({type(e).__name__})")
+        if answer.response.flags & _TC:
+            # Truncated over TCP as well (dnspython retries a truncated UDP answer over
+            # TCP, and takes what TCP gives): a part of the records, maybe none of them.
+            # Read as an answer, an empty one was NODATA -- the implicit MX instead of
+            # the MX hosts, or a host "without addresses" and a bounce.
+            return _Lookup(_LK_TEMP, (), temp, f"{what}: truncated answer (TC) over TCP")
         rrset = answer.rrset
         if rrset is None or len(rrset) == 0:
             return self._negative(_LK_NODATA, answer.response)

@@ -9,7 +9,11 @@ import asyncio
 import socket
 import time
 
+import dns.flags
+import dns.message
+import dns.rdatatype
 import dns.resolver
+import dns.rrset
 import pytest
 import uvloop
 
@@ -201,6 +205,105 @@ def test_servfail_is_temporary(make, server):
 def test_refused_is_temporary(make):
     mx = run(make().resolve_mx("elsewhere.zz"))  # not a test zone (".test" is unbound's own)
     assert mx.status == "temp_fail" and "REFUSED" in mx.reason
+
+
+class ScriptedDns:
+    """A DNS server on loopback (UDP and TCP on one port) whose answers a test writes:
+    ``answer(query, tcp)`` returns the response message, or None for no answer."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.queries: list[tuple[str, str, bool]] = []     # (name, type, over TCP)
+
+    async def __aenter__(self):
+        loop = asyncio.get_running_loop()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        self.port = udp.getsockname()[1]
+        tcp = socket.socket()
+        tcp.bind(("127.0.0.1", self.port))
+        tcp.listen()
+        outer = self
+
+        class Udp(asyncio.DatagramProtocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def datagram_received(self, data, addr):
+                r = outer._reply(data, False)
+                if r is not None:
+                    self.transport.sendto(r, addr)
+
+        async def stream(reader, writer):
+            try:
+                while True:
+                    n = int.from_bytes(await reader.readexactly(2), "big")
+                    r = outer._reply(await reader.readexactly(n), True)
+                    if r is not None:
+                        writer.write(len(r).to_bytes(2, "big") + r)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        self.udp, _ = await loop.create_datagram_endpoint(Udp, sock=udp)
+        self.tcp = await asyncio.start_server(stream, sock=tcp)
+        return self
+
+    def _reply(self, wire: bytes, tcp: bool):
+        q = dns.message.from_wire(wire)
+        self.queries.append((q.question[0].name.to_text(),
+                             dns.rdatatype.to_text(q.question[0].rdtype), tcp))
+        r = self.answer(q, tcp)
+        return None if r is None else r.to_wire(max_size=65535)
+
+    async def __aexit__(self, *exc):
+        self.udp.close()
+        self.tcp.close()
+
+
+def _response(query, records=(), truncated=False):
+    r = dns.message.make_response(query)
+    for rec in records:
+        r.answer.append(dns.rrset.from_text(*rec.split(None, 4)))
+    if truncated:
+        r.flags |= dns.flags.TC
+    return r
+
+
+def test_an_answer_truncated_over_tcp_too_is_a_temporary_failure(clock):
+    # UDP says "truncated" (TC), so the query goes again over TCP (RFC 7766), and that
+    # answer is truncated too: it holds not all of the records, maybe none.  Read as an
+    # answer, an empty MX answer was NODATA: the mail went to the domain's own address
+    # (the implicit MX) instead of its MX hosts; and empty A and AAAA answers said the
+    # host has no address (a bounce: "no MX host has an address").
+    def answer(q, tcp):
+        name, rdtype = q.question[0].name.to_text(), q.question[0].rdtype
+        if rdtype == dns.rdatatype.A and name == "trunc.test.":
+            return _response(q, ["trunc.test. 300 IN A 127.0.0.20"])
+        if rdtype == dns.rdatatype.A and name == "mx.whole.test.":
+            return _response(q, ["mx.whole.test. 300 IN A 127.0.0.21"])
+        if rdtype == dns.rdatatype.MX and name == "whole.test.":
+            if not tcp:
+                return _response(q, truncated=True)
+            return _response(q, ["whole.test. 300 IN MX 10 mx.whole.test."])
+        return _response(q, truncated=True)
+
+    async def main():
+        async with ScriptedDns(answer) as srv:
+            r = mdns.Resolver([("127.0.0.1", srv.port)], timeout=2.0, temp_fail_ttl=0,
+                              clock=clock)
+            mx = await r.resolve_mx("trunc.test")
+            assert ("trunc.test.", "MX", True) in srv.queries      # it did ask over TCP
+            assert mx.status == "temp_fail" and "truncated" in mx.reason, mx
+            with pytest.raises(mdns.DnsTempError, match="truncated"):
+                await r.resolve_addresses("mx.trunc.test")
+            # a truncated UDP answer that TCP answers whole is an answer as before
+            whole = await r.resolve_mx("whole.test")
+            assert whole.status == "ok" and whole.hosts == [["mx.whole.test"]], whole
+            assert await r.resolve_addresses("mx.whole.test") == ["127.0.0.21"]
+
+    run(main())
 
 
 def test_an_mx_naming_an_ip_address_is_ignored(make):
