@@ -134,6 +134,14 @@ MAX_TLS_FALLBACKS = 10_000
 # domain with a hundred unreachable MX addresses costs one attempt at most this many
 # connect timeouts (the spool waits for a job's outcome about one), not a hundred.
 MAX_MX_HOSTS = 10
+# Characters of a reply's text (or of our own text quoting one) an outcome keeps: what
+# its events (raw_reason), the DSN's Diagnostic-Code, the suppression list and the
+# spool's last reply carry.  RFC 5321 4.5.3.1.5 gives a reply line 512 octets; a
+# refusal of a few lines fits whole.  The client reads replies up to MAX_REPLY_BYTES
+# (64 KiB, for a long EHLO list): a hostile receiver's 64 KiB refusal, different for
+# each recipient, went whole into each of their outcomes, at every attempt.
+MAX_RESULT_TEXT = 2000
+_CUT_MARK = " [...]"
 MAX_CONNECT_ADDRESSES = 5
 
 
@@ -183,9 +191,16 @@ class Job:
                 ip: str = "", local: bool = False) -> list[Result]:
         """The same result for every recipient of the job; *local*: *host* said none of
         it, the text is ours (Result.local)."""
+        if len(text) > MAX_RESULT_TEXT:
+            text = _shortened(text)
         return [Result(index=r.index, outcome=outcome, code=code, enhanced=enhanced, text=text,
                        host=host, ip=ip, local=local)
                 for r in self.msg.rcpts]
+
+
+def _shortened(text: str) -> str:
+    """*text* cut to MAX_RESULT_TEXT characters, the cut marked."""
+    return text[:MAX_RESULT_TEXT - len(_CUT_MARK)] + _CUT_MARK
 
 
 class Target:
@@ -1791,8 +1806,11 @@ class Engine:
                         job.retry_after = max(job.retry_after, self._delay(fired.name))
             if outcome == DELIVERED:
                 delivered = True
+            text = r.text
+            if len(text) > MAX_RESULT_TEXT:
+                text = _shortened(text)
             results.append(Result(index=rcpt.index, outcome=outcome, code=r.code,
-                                  enhanced=r.enhanced or "", text=r.text, host=host, ip=ip,
+                                  enhanced=r.enhanced or "", text=text, host=host, ip=ip,
                                   dsn=res.dsn, bounce_class=bounce_class, rule=fired,
                                   local=r.local))
         # Back-off judges the site, not the recipients: a transaction that delivered
