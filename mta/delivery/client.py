@@ -1449,7 +1449,9 @@ class SmtpConnection:
     def _write(self, data: bytes) -> None:
         t = self._wire.transport
         if t is None or t.is_closing():
-            raise SmtpConnectionLost("connection closed")
+            # closed by us for a protocol error (a reply nothing asked for): that is the
+            # reason, not a server that hung up
+            raise self._wire.error or SmtpConnectionLost("connection closed")
         t.write(data)
 
     async def _command(self, data: bytes, what: str, count: int = 1,

@@ -1890,3 +1890,29 @@ def test_starttls_advertised_twice_and_again_after_tls_is_done_once(tls_material
     assert run(main()).accepted(0)
     assert seen["starttls"] == b"STARTTLS\r\n" and seen["ehlo"].startswith(b"EHLO ")
     assert seen["envelope"] == b"MAIL FROM:<s@x.test>\r\nRCPT TO:<a@y.test>\r\nDATA\r\n"
+
+
+def test_a_reply_more_than_the_envelope_asked_is_named_as_the_reason():
+    """A server that answers the pipelined envelope with one reply too many (MAIL, RCPT,
+    DATA's 354, then a 250 nothing asked for) breaks the protocol: the client drops the
+    connection before it writes the message.  The failure said "connection closed" (the
+    write found the transport gone), as if the server had hung up: the reason in the delay
+    event and the logs named no protocol error and no reply."""
+    async def script(peer):
+        await peer.hello()
+        await peer.until(b"DATA\r\n")
+        peer.send(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n250 2.0.0 surprise\r\n")
+        await asyncio.sleep(LOOP_BOUND)
+
+    async def main():
+        async with RawServer(script) as srv:
+            conn = await open_to(srv.port, command_timeout=2)
+            with pytest.raises(SmtpProtocolError) as ei:
+                await conn.send_message("s@x.test", ["a@y.test"], b"hi\r\n")
+            await asyncio.sleep(0.2)
+            return ei.value, srv.peers[0].buf
+
+    exc, got = run(main())
+    assert "unexpected reply" in str(exc) and "surprise" in str(exc), exc
+    assert exc.temporary and [r.code for r in exc.rcpt_replies] == [250]
+    assert b"hi" not in got                      # nothing of the message went out
