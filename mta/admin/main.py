@@ -34,7 +34,9 @@ With ``admin.tokens`` or ``admin.read_tokens`` set every request needs
 ``Authorization: Bearer TOKEN`` (401 otherwise); a read token's POST or DELETE gets 403.  A POST or DELETE that a browser marks as another site's
 (``Sec-Fetch-Site``, ``Origin``) gets 403, and so does, without tokens, a browser's
 request whose ``Host`` is not a loopback name (DNS rebinding; :mod:`mta.browser`).  A request head over 16 KiB gets 431; other paths 404;
-other methods 405; every error is a JSON body.
+other methods 405; every error is a JSON body.  A POST or DELETE whose client has
+closed the connection before it is acted on (it gave up waiting: this process was stopped
+or wedged while the request waited in the listener's queue) is not done, and logged.
 SIGTERM: close the listener, exit.  SIGHUP is ignored ([admin] changes need a
 restart; the supervisor says so).
 """
@@ -231,6 +233,15 @@ class Session(asyncio.Protocol):
         self.admin.loop.create_task(self._respond(method, target, headers))
 
     async def _respond(self, method: bytes, target: bytes, headers: dict) -> None:
+        if method in (b"POST", b"DELETE") and self._client_gone():
+            # Its client gave up waiting (this process was stopped or wedged meanwhile,
+            # and the request waited in the listener's queue) and told the operator it
+            # was not answered: doing it now would be a change nobody is told about.
+            log.warning("admin %s %s not done: its client closed the connection before "
+                        "it was acted on (it gave up waiting)", method.decode("latin-1"),
+                        target[:200].decode("latin-1"))
+            self.transport.abort()
+            return
         try:
             status, hdrs, body = await self.admin.respond(method, target, headers)
         except Exception:
@@ -239,6 +250,22 @@ class Session(asyncio.Protocol):
                                                                     "the log"}]})
         if not self.transport.is_closing():
             self.answer(status, hdrs, body, method)
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed its side (end of stream, or a reset) after its
+        request: a peek at the socket, which does not block."""
+        if self.lost:
+            return True
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            with socket.fromfd(sock.fileno(), sock.family, socket.SOCK_STREAM) as s:
+                return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def answer(self, status: int, headers: dict, body: bytes, method: bytes) -> None:
         self.done = True

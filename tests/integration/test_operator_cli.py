@@ -309,3 +309,35 @@ def test_the_queue_view_with_a_shard_stopped_shows_the_others_and_names_it(make_
     st, _, rep = admin_call(d, "GET", "/api/admin/drain")
     assert rep["done"] is False and rep["remaining"]["messages"] == len(on[1]), rep
     admin_call(d, "DELETE", "/api/admin/drain")
+
+
+def test_a_change_the_command_gave_up_on_is_not_made_later(make_daemon):
+    """With the admin process stopped (or wedged), `mta drain` and `mta suspend` said it
+    did not answer (exit 69) and gave up; the request stayed in the listener's queue, and
+    once the process ran again it was done all the same: the node stopped accepting mail
+    (or a domain was held back) an hour later, though the operator had been told no.  A
+    POST or DELETE whose client has gone before it is acted on is now not done."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    d = make_daemon(acceptors=1, shards=1)
+    admin = d.children()["admin[0]"]
+    os.kill(admin, signal.SIGSTOP)
+    try:
+        env = {**d.env, "MTA_CONFIG": d.config_path}
+        runs = [subprocess.Popen([sys.executable, "-m", "mta", *args], env=env, cwd=d.dir,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                for args in (("drain", "--no-wait"), ("suspend", "--domain", "held.test"))]
+        for p in runs:
+            _, err = p.communicate(timeout=30)
+            assert p.returncode == 69 and b"is not answering" in err, (p.returncode, err)
+    finally:
+        os.kill(admin, signal.SIGCONT)
+    st, _, body = admin_call(d, "GET", "/api/admin/drain")      # (answered after the two)
+    assert st == 200 and body["draining"] is False, body
+    st, _, body = admin_call(d, "GET", "/api/admin/suspensions")
+    assert st == 200 and body["results"] == [], body
+    assert d.send("a@sender.test", ["x@held.test"], message("still accepted"))
+    assert "not done: its client" in d.log()
