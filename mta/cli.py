@@ -604,7 +604,8 @@ timeout_option = click.option(
 
 @queue.command("list")
 @config_option
-@click.option("--limit", type=int, default=0, help="at most this many per shard (0: all)")
+@click.option("--limit", type=click.IntRange(0, 1 << 62), default=0,
+              help="at most this many per shard (0: all)")
 @timeout_option
 @click.pass_context
 def queue_list(ctx, config_path, limit, timeout):
@@ -615,7 +616,7 @@ def queue_list(ctx, config_path, limit, timeout):
     other shards' messages, with exit status 69."""
     s = _queue_settings(ctx, config_path)
     missed: list[str] = []
-    for e in _queue_pages(s, missed, max(limit, 0), timeout):
+    for e in _queue_pages(s, missed, limit, timeout):
         click.echo(json.dumps({
             "queue_id": e.qid, "sender": e.sender, "recipients": e.rcpts,
             "arrival_time": e.arrival, "message_size": e.size,

@@ -341,3 +341,20 @@ def test_a_change_the_command_gave_up_on_is_not_made_later(make_daemon):
     assert st == 200 and body["results"] == [], body
     assert d.send("a@sender.test", ["x@held.test"], message("still accepted"))
     assert "not done: its client" in d.log()
+
+
+def test_queue_list_limit_out_of_range_is_refused_clearly(make_daemon):
+    """`mta queue list --limit 99999999999999999999` ended in an OverflowError traceback
+    (the bus cannot carry the number), and a negative --limit listed every message as if
+    none was given; both are now refused, naming the option (exit 2); a limit beyond any
+    queue lists them all."""
+    d = make_daemon(acceptors=1, shards=1)
+    qids = [d.send("a@sender.test", [f"x{i}@one.test"], message(f"m{i}")) for i in range(3)]
+    for bad in ("-5", "99999999999999999999"):
+        r = d.cli("queue", "list", "--limit", bad, check=False)
+        assert r.returncode == 2 and b"--limit" in r.stderr, r
+        assert b"Traceback" not in r.stderr and not r.stdout, r
+    r = d.cli("queue", "list", "--limit", str(1 << 62))
+    assert sorted(json.loads(x)["queue_id"] for x in r.stdout.splitlines()) == sorted(qids)
+    r = d.cli("queue", "list", "--limit", "2")
+    assert len(r.stdout.splitlines()) == 2, r
