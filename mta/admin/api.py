@@ -808,6 +808,9 @@ def _fields(params: dict, selectors: tuple, others: tuple) -> tuple[dict, str, d
             if k != "reason":
                 if not v:      # (a blank field must not widen the selector to everything)
                     raise BadRequest(k, f"{k}: empty")
+                if k == "domain" and not _is_domain(v):
+                    # (as the flush's: one with a space would be kept and match nothing)
+                    raise BadRequest(k, f"domain: not a domain name: {v[:100]!r}")
                 sel[k] = v
     extra = {k: params.pop(k, "") for k in others}
     if params:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 
 import pytest
 
@@ -358,3 +359,24 @@ def test_queue_list_limit_out_of_range_is_refused_clearly(make_daemon):
     assert sorted(json.loads(x)["queue_id"] for x in r.stdout.splitlines()) == sorted(qids)
     r = d.cli("queue", "list", "--limit", "2")
     assert len(r.stdout.splitlines()) == 2, r
+
+
+def test_suspend_and_bounce_refuse_what_is_no_domain_as_flush_does(make_daemon):
+    """`mta queue flush --domain "bad domain.test"` was refused (not a domain name), but
+    `mta suspend` kept such a suspension (listed, holding nothing) and `mta bounce` said
+    "done: 0 of 0"; both now refuse it, naming the field."""
+    d = make_daemon(acceptors=1, shards=1)
+    for bad in ("bad domain.test", "a..test", "x.test/y"):
+        for path in ("/api/admin/suspensions", "/api/admin/bounce"):
+            st, _, body = admin_call(d, "POST", f"{path}?domain={urllib.parse.quote(bad)}")
+            assert st == 400 and body["errors"][0]["field"] == "domain", (bad, path, body)
+            assert "not a domain name" in body["errors"][0]["message"], body
+        for cmd in ("suspend", "bounce"):
+            r = d.cli(cmd, "--domain", bad, check=False)
+            assert r.returncode == 1 and b"not a domain name" in r.stderr, (cmd, r)
+    assert admin_call(d, "GET", "/api/admin/suspensions")[2]["results"] == []
+    # a domain in capitals, an IDN and a literal are domains
+    for good in ("Held.Test", "bücher.test", "[127.0.0.1]"):
+        st, _, body = admin_call(d, "POST",
+                                 f"/api/admin/suspensions?domain={urllib.parse.quote(good)}")
+        assert st == 200, (good, body)
