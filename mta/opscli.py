@@ -343,7 +343,8 @@ def drain_cmd(config_path, as_json, cancel, no_wait, timeout, interval):
         d = cl.ok("DELETE", "/api/admin/drain")
         click.echo(json.dumps(d) if as_json else
                    f"drain cancelled: accepting mail; {d['remaining']['messages']} "
-                   "message(s) queued")
+                   "message(s) queued"
+                   + (f"; partial: {partial_note(d)}" if d.get("partial") else ""))
         return
     d = cl.ok("POST", "/api/admin/drain")
     if no_wait:

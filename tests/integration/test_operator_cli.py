@@ -380,3 +380,27 @@ def test_suspend_and_bounce_refuse_what_is_no_domain_as_flush_does(make_daemon):
         st, _, body = admin_call(d, "POST",
                                  f"/api/admin/suspensions?domain={urllib.parse.quote(good)}")
         assert st == 200, (good, body)
+
+
+def test_drain_cancel_with_a_shard_stopped_says_its_count_is_partial(make_daemon):
+    """`mta drain --cancel` with a spool shard stopped said "N message(s) queued" of the
+    other shards' messages only, as if that were the node's queue (`mta drain --no-wait`
+    says "partial: spool[N] not answering"); it now says so too."""
+    import os
+    import signal
+
+    from mta.queueid import shard_of
+
+    d = make_daemon(acceptors=1, shards=2, admin={"shard_timeout": 0.7})
+    qids = [d.send("a@sender.test", [f"x{i}@one.test"], message(f"m{i}")) for i in range(6)]
+    on0 = [q for q in qids if shard_of(q, 2) == 0]
+    d.cli("drain", "--no-wait")
+    stopped = d.children()["spool[1]"]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        r = d.cli("drain", "--cancel", check=False)
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    out = r.stdout.decode()
+    assert r.returncode == 0 and f"{len(on0)} message(s) queued" in out, r
+    assert "partial: spool[1] not answering" in out, r
