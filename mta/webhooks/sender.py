@@ -401,13 +401,18 @@ class Sender:
                 token = await self._token(token)
                 resp = await W.post(self.session, to, b.body, b.id, cfg.timeout, token, 512)
         except W.TokenError as exc:
+            # (no POST went: whatever the tokens URL answered -- a 200 without a token
+            # too, which was taken for the target's 2xx -- the attempt failed)
             resp = exc.resp
+            token_failed = resp.failure or "no answer"   # (its own: timeout, connection)
             resp.failure = "oauth2"
+        else:
+            token_failed = ""
         now = self.clock()
         code = str(resp.status)
         # Memory first, then the database: when recording fails (send() logs it), the
         # batch is still done with (delivered, dropped) or waits for its next attempt.
-        if resp.ok:
+        if resp.ok and not token_failed:
             self.pending.pop(b.id, None)
             self.stats.batches += 1
             self.stats.events += b.n
@@ -418,9 +423,13 @@ class Sender:
             return
         self.stats.failures += 1
         sched = cfg.retry_schedule
-        what = f"HTTP {resp.status}" if resp.status else (resp.failure or "no answer")
+        what = f"HTTP {resp.status}" if resp.status else (
+            token_failed or resp.failure or "no answer")
         if not resp.status and resp.body:   # why: the connection's error (refused, TLS...)
             what += f" ({_scrubbed(resp.body)})"
+        if token_failed:
+            what = "the OAuth2 tokens URL got " + (
+                what if resp.status != 200 else "HTTP 200 without an access_token")
         self.last_failure = {"at": now, "response": what}
         if b.attempts > len(sched):
             self.pending.pop(b.id, None)

@@ -1,0 +1,126 @@
+"""Webhook targets and OAuth2 tokens URLs that misbehave, against the real sender in-process:
+raw HTTP servers on loopback (asyncio, in the sender's own loop) that answer in pieces,
+answer a status and then nothing, or never answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+import pytest
+
+from mta.api import webhookdb
+from mta.api import webhooks as W
+from mta.feedback.events_store import EventStore
+from mta.webhooks.sender import Sender
+
+sys.path.insert(0, os.path.dirname(__file__))
+from receiver import Receiver  # noqa: E402
+from test_sender import _cfg, _events, _hook  # noqa: E402
+
+
+@pytest.fixture
+def env(tmp_path):
+    store = EventStore(str(tmp_path / "events"), map_size=64 << 20, retention=86400)
+    db = webhookdb.WebhookDB(webhookdb.path_in(str(tmp_path)))
+    rec = Receiver()
+    yield store, db, rec, tmp_path
+    rec.close()
+    db.close()
+    store.close()
+
+
+class RawServer:
+    """A loopback HTTP/1.1 server whose answer is *answer(writer)* (a coroutine), after
+    the request was read whole; it counts the requests and keeps each connection open
+    until the test ends."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self.server = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        return "http://127.0.0.1:%d/hook" % self.server.sockets[0].getsockname()[1]
+
+    async def _conn(self, reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            n = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    n = int(line.split(b":", 1)[1])
+            body = await reader.readexactly(n)
+            self.requests.append(head + body)
+            await self.answer(writer)
+            await asyncio.sleep(30)          # (held open: the client's timeouts decide)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def _until(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def _oauth2_run(env_, tokens_answer, **cfg):
+    """A sender whose OAuth2 tokens URL answers with *tokens_answer*, and whose target
+    is the Receiver; runs until a batch is acknowledged or an attempt failed."""
+    store, db, rec, _ = env_
+
+    async def main():
+        tokens = RawServer(tokens_answer)
+        url = await tokens.start()
+        hook = _hook(rec, auth_type="oauth2", auth_request_details={
+            "url": url, "body": {"client_id": "cid", "client_secret": "secret",
+                                 "grant_type": "client_credentials"}})
+        db.set_cursor(hook.id, 0)
+        store.append(_events(4))
+        session = W.new_session()
+        s = Sender(hook, db, store, session, _cfg(**cfg))
+        s.load()
+        s.start()
+        try:
+            await _until(lambda: s.stats.batches or s.stats.failures, 10,
+                         "a batch acknowledged or an attempt failed")
+        finally:
+            await s.stop()
+            await session.close()
+            tokens.close()
+        return s
+    return asyncio.run(main())
+
+
+def test_a_tokens_url_answering_200_without_a_token_sends_nothing_counted_sent(env):
+    """A tokens URL that answers 200 with no token in it (an HTML login page, an error
+    document): no POST went to the target, yet the batch was counted sent (the tokens
+    URL's 200 taken for the target's), removed, and its events lost.  It is a failed
+    attempt now, retried, and the status says it was the tokens URL."""
+    store, db, rec, _ = env
+
+    async def login_page(writer):
+        body = b"<html>please log in</html>"
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+    s = _oauth2_run(env, login_page, timeout=3.0, retry_schedule=[60.0])
+    assert rec.batches(ok_only=False) == []
+    assert (s.stats.batches, s.stats.events, s.stats.failures) == (0, 0, 1)
+    assert len(s.pending) == 1 and len(db.pending("hook-1")) == 1
+    st = s.status()
+    assert st["retrying_batches"] == 1
+    assert "tokens URL" in st["last_failure"]["response"]
+    rows = db.batch_status("hook-1", 10)
+    assert len(rows) == 1 and rows[0]["failure_code"] == "oauth2"
