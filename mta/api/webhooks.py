@@ -348,14 +348,27 @@ def headers_for(hook: Hook, batch_id: str, token: str | None) -> dict:
 
 
 async def _request(session, url: str, data: bytes, headers: dict, timeout: float,
-                   max_body: int) -> Response:
+                   max_body: int, whole: bool = False) -> Response:
+    """POST; the answer with up to *max_body* octets of its body: what has come with its
+    header (a POST's answer is for people to read), or with *whole* the body up to its
+    end or *max_body* (a token's JSON: its segments may come apart, within *timeout*)."""
     import aiohttp
 
     t0 = time.monotonic()
     try:
         async with session.post(url, data=data, headers=headers, allow_redirects=False,
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-            body = await r.content.read(max_body) if max_body else b""
+            body = b""
+            if max_body:
+                body = await r.content.read(max_body)
+                if whole and body and len(body) < max_body:
+                    buf = bytearray(body)
+                    while len(buf) < max_body:
+                        more = await r.content.read(max_body - len(buf))
+                        if not more:
+                            break
+                        buf += more
+                    body = bytes(buf)
             return Response(r.status, {str(k): str(v) for k, v in r.headers.items()},
                             body.decode("utf-8", "replace"),
                             int((time.monotonic() - t0) * 1000))
@@ -381,7 +394,7 @@ async def fetch_token(session, hook: Hook, timeout: float) -> tuple[str, int]:
     resp = await _request(session, d["url"], form.encode(),
                           {"Content-Type": "application/x-www-form-urlencoded",
                            "Accept": "application/json", "User-Agent": USER_AGENT},
-                          timeout, 64 * 1024)
+                          timeout, 64 * 1024, whole=True)
     if resp.status != 200:
         raise TokenError(resp)
     try:

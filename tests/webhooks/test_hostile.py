@@ -124,3 +124,23 @@ def test_a_tokens_url_answering_200_without_a_token_sends_nothing_counted_sent(e
     assert "tokens URL" in st["last_failure"]["response"]
     rows = db.batch_status("hook-1", 10)
     assert len(rows) == 1 and rows[0]["failure_code"] == "oauth2"
+
+
+def test_a_token_answer_in_two_segments_is_read_whole(env):
+    """A tokens URL whose JSON arrives in two TCP segments (a chunked answer, a TLS record
+    boundary, a slow server): the token is the whole answer's.  Only the first segment
+    was read, the JSON did not parse, and no batch could be sent."""
+    _, _, rec, _ = env
+
+    async def split(writer):
+        body = b'{"access_token": "tok-split", "token_type": "bearer", "expires_in": 3600}'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:12])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(body[12:])
+        await writer.drain()
+    s = _oauth2_run(env, split, timeout=3.0, retry_schedule=[60.0])
+    assert s.stats.failures == 0, s.status()["last_failure"]
+    assert [h.headers["authorization"] for h in rec.batches()] == ["Bearer tok-split"]
+    assert s.stats.batches == 1
