@@ -395,11 +395,14 @@ class Sender:
         b.attempts += 1
         to = _with_target(hook, b.target)
         try:
+            # (the answer's status is all that counts: its body is not read, so a 2xx
+            # whose body trickles or never comes is the acknowledgement it is, not a
+            # timeout that had the batch POSTed again until it was dropped)
             token = await self._token(None) if to.auth_type == "oauth2" else None
-            resp = await W.post(self.session, to, b.body, b.id, cfg.timeout, token, 512)
+            resp = await W.post(self.session, to, b.body, b.id, cfg.timeout, token, 0)
             if to.auth_type == "oauth2" and resp.status in (400, 401):
                 token = await self._token(token)
-                resp = await W.post(self.session, to, b.body, b.id, cfg.timeout, token, 512)
+                resp = await W.post(self.session, to, b.body, b.id, cfg.timeout, token, 0)
         except W.TokenError as exc:
             # (no POST went: whatever the tokens URL answered -- a 200 without a token
             # too, which was taken for the target's 2xx -- the attempt failed)

@@ -144,3 +144,41 @@ def test_a_token_answer_in_two_segments_is_read_whole(env):
     assert s.stats.failures == 0, s.status()["last_failure"]
     assert [h.headers["authorization"] for h in rec.batches()] == ["Bearer tok-split"]
     assert s.stats.batches == 1
+
+
+def test_a_2xx_whose_body_does_not_come_counts_as_sent_once(env):
+    """A target that answers 200 with its header and then sends no body (or trickles it
+    for longer than the timeout) has acknowledged the batch: it is counted sent and not
+    POSTed again.  The sender waited for a body it never uses, the timeout made the 200
+    a failure, and the target got the batch once per attempt until it was dropped."""
+    store, db, _, _ = env
+
+    async def header_only(writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n"
+                     b"\r\n")
+        await writer.drain()
+
+    async def main():
+        target = RawServer(header_only)
+        url = await target.start()
+        hook = W.Hook(id="hook-1", name="test", target=url, events=frozenset(["delivery"]))
+        db.set_cursor(hook.id, 0)
+        store.append(_events(4))
+        session = W.new_session()
+        s = Sender(hook, db, store, session,
+                   _cfg(timeout=0.5, retry_schedule=[0.05, 0.05]))
+        s.load()
+        s.start()
+        try:
+            await _until(lambda: s.stats.batches or s.stats.dropped_batches, 10,
+                         "the batch sent or dropped")
+            await asyncio.sleep(0.3)
+        finally:
+            await s.stop()
+            await session.close()
+            target.close()
+        return s, target
+    s, target = asyncio.run(main())
+    assert (s.stats.batches, s.stats.failures, s.stats.dropped_batches) == (1, 0, 0)
+    assert len(target.requests) == 1
+    assert not s.pending and db.pending("hook-1") == []
