@@ -289,12 +289,18 @@ class TokenError(Exception):
 def new_session(admin: tuple = ()):
     """An aiohttp ClientSession for webhook requests (no proxies from the environment)
     that never connects to this node's admin listener (*admin*: its (ip, port) pairs,
-    Settings.admin_listen; :func:`admin_guard`)."""
+    Settings.admin_listen; :func:`admin_guard`).
+
+    Its pool has no bound of its own (aiohttp's *limit*): one shared by every webhook
+    let targets that never answer fill it (4 webhooks at max_in_flight 64 took 256),
+    and the other webhooks' POSTs waited for a connection until their timeout.  The
+    connections are bounded by their users: a sender holds at most
+    webhooks.max_in_flight POSTs and one token fetch, the API one per request."""
     import aiohttp
 
     return aiohttp.ClientSession(trust_env=False, skip_auto_headers=("User-Agent",),
                                  connector=aiohttp.TCPConnector(
-                                     limit=256, ttl_dns_cache=60,
+                                     limit=0, ttl_dns_cache=60,
                                      socket_factory=admin_guard(admin)))
 
 

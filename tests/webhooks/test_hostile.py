@@ -182,3 +182,64 @@ def test_a_2xx_whose_body_does_not_come_counts_as_sent_once(env):
     assert (s.stats.batches, s.stats.failures, s.stats.dropped_batches) == (1, 0, 0)
     assert len(target.requests) == 1
     assert not s.pending and db.pending("hook-1") == []
+
+
+def test_targets_that_never_answer_do_not_hold_up_another_webhook(env):
+    """Four webhooks whose target accepts and never answers, each with max_in_flight
+    POSTs open (64, the bound), and a fifth webhook whose target answers at once: its
+    batches go at once.  The session's pool of 256 connections was shared by every
+    webhook: the hung ones filled it, and the healthy one's POSTs waited for a
+    connection until their timeout, failed, and waited again."""
+    store, db, _, _ = env
+    n_hung, in_flight = 4, 64
+
+    async def never(writer):
+        await asyncio.sleep(30)
+
+    async def at_once(writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async def main():
+        hung = RawServer(never)
+        url = await hung.start()
+        fine = RawServer(at_once)
+        fine_url = await fine.start()
+        store.append(_events(4 * in_flight))     # in_flight of each type
+        cfg = _cfg(batch_size=1, max_in_flight=in_flight, timeout=6.0,
+                   retry_schedule=[60.0])
+        session = W.new_session()
+        senders = []
+        try:
+            for i in range(n_hung):
+                hook = W.Hook(id=f"hung-{i}", name=f"hung-{i}", target=url,
+                              events=frozenset(["delivery"]))
+                db.set_cursor(hook.id, 0)
+                s = Sender(hook, db, store, session, cfg)
+                s.load()
+                s.start()
+                senders.append(s)
+            await _until(lambda: len(hung.requests) >= n_hung * in_flight, 10,
+                         "every hung POST open")
+            ok = W.Hook(id="healthy", name="healthy", target=fine_url,
+                        events=frozenset(["bounce"]))
+            db.set_cursor(ok.id, 0)
+            healthy = Sender(ok, db, store, session, cfg)
+            healthy.load()
+            healthy.start()
+            senders.append(healthy)
+            t0 = time.monotonic()
+            await _until(lambda: healthy.stats.batches >= in_flight or healthy.stats.failures,
+                         10, "the healthy webhook's batches")
+            took = time.monotonic() - t0
+        finally:
+            for s in senders:
+                await s.stop()
+            await session.close()
+            hung.close()
+            fine.close()
+        return healthy, took, fine
+    healthy, took, fine = asyncio.run(main())
+    assert healthy.stats.failures == 0, healthy.status()["last_failure"]
+    assert healthy.stats.batches == in_flight and took < 4.0
+    assert len(fine.requests) == in_flight
