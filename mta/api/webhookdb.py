@@ -325,8 +325,11 @@ class WebhookDB:
                                 + (", body=x''" if state == DROPPED else "") + " WHERE id=?",
                                 (state, b.attempts, next_at or now, now, response_code,
                                  failure_code, latency_ms, b.id))
-                self.db.execute("UPDATE cursor SET last_failure=? WHERE webhook_id=?",
-                                (now, b.webhook_id))
+                # (a dropped batch's events are dropped events, as those skipped at
+                # the backlog bound)
+                self.db.execute("UPDATE cursor SET last_failure=?, dropped=dropped+? "
+                                "WHERE webhook_id=?",
+                                (now, b.n if state == DROPPED else 0, b.webhook_id))
 
     def batch_status(self, wid: str, limit: int) -> list[dict]:
         rows = self.db.execute(

@@ -58,7 +58,8 @@ class Stats:
         self.batches = 0          # batches acknowledged
         self.failures = 0         # failed attempts
         self.dropped_batches = 0  # batches given up after the last attempt
-        self.dropped_events = 0   # events skipped at the backlog bound or lost to pruning
+        self.dropped_events = 0   # events never sent: in dropped batches, skipped at the
+        #                           backlog bound, lost to pruning, not writable as JSON
 
 
 class Sender:
@@ -437,6 +438,7 @@ class Sender:
         if b.attempts > len(sched):
             self.pending.pop(b.id, None)
             self.stats.dropped_batches += 1
+            self.stats.dropped_events += b.n     # (never sent, as the skipped ones)
             log.warning("webhook %s: batch %s (%d events, seq %d-%d) dropped after %d "
                         "attempts; the last got %s", hook.name, b.id, b.n, b.first_seq,
                         b.last_seq, b.attempts, what)

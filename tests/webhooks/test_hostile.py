@@ -35,7 +35,8 @@ def env(tmp_path):
 class RawServer:
     """A loopback HTTP/1.1 server whose answer is *answer(writer)* (a coroutine), after
     the request was read whole; it counts the requests and keeps each connection open
-    until the test ends."""
+    until the test ends (one request each: an answer that leaves the connection
+    reusable says Connection: close)."""
 
     def __init__(self, answer):
         self.answer = answer
@@ -197,7 +198,7 @@ def test_targets_that_never_answer_do_not_hold_up_another_webhook(env):
         await asyncio.sleep(30)
 
     async def at_once(writer):
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         await writer.drain()
 
     async def main():
@@ -243,3 +244,42 @@ def test_targets_that_never_answer_do_not_hold_up_another_webhook(env):
     assert healthy.stats.failures == 0, healthy.status()["last_failure"]
     assert healthy.stats.batches == in_flight and took < 4.0
     assert len(fine.requests) == in_flight
+
+
+def test_a_batch_dropped_after_its_last_attempt_counts_its_events_as_dropped(env):
+    """A target answering 5xx to every attempt: the batch is dropped after the last one,
+    and its events are counted in dropped_events (status.json, `mta queue`, and
+    mta_webhook_dropped_events_total, whose help says so).  Only dropped_batches went up:
+    the events counter, which an operator alerts on, said nothing was lost."""
+    store, db, _, _ = env
+
+    async def unavailable(writer):
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                     b"Connection: close\r\n\r\n")
+        await writer.drain()
+
+    async def main():
+        target = RawServer(unavailable)
+        url = await target.start()
+        hook = W.Hook(id="hook-1", name="test", target=url,
+                      events=frozenset(["delivery", "bounce"]))
+        db.set_cursor(hook.id, 0)
+        store.append(_events(8))
+        session = W.new_session()
+        s = Sender(hook, db, store, session, _cfg(retry_schedule=[0.05, 0.05]))
+        s.load()
+        s.start()
+        try:
+            await _until(lambda: s.stats.dropped_batches == 1 and not s.pending, 10,
+                         "the batch dropped")
+        finally:
+            await s.stop()
+            await session.close()
+            target.close()
+        return s, target
+    s, target = asyncio.run(main())
+    assert len(target.requests) == 3
+    st = s.status()
+    assert (st["dropped_batches"], st["events_sent"], st["pending_events"]) == (1, 0, 0)
+    assert st["dropped_events"] == 4
+    assert db.cursor("hook-1")[3] == 4          # counted durably too
