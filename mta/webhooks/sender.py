@@ -31,6 +31,7 @@ the events of its inactive time (:meth:`Sender.resume`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -78,6 +79,8 @@ class Sender:
         self.token: str | None = None
         self.token_expires = 0.0
         self.token_lock = asyncio.Lock()
+        self.token_failures = 0     # token fetches that failed
+        self.token_error: W.TokenError | None = None    # how the last one failed
         self.level = 0             # backlog warning level: 0, 50 or 90
         self.last_failure: dict | None = None    # {"at", "response"} of the last failed POST
         self.head = 0
@@ -381,11 +384,22 @@ class Sender:
         token the target refused) is still the current one.  One fetch at a time."""
         if self.hook.auth_type != "oauth2":
             return None
+        failed = self.token_failures
         async with self.token_lock:
+            if self.token_failures != failed:
+                # (a fetch failed while this one waited: its failure is this attempt's
+                # too -- each waiter fetching in turn made the last of max_in_flight
+                # batches wait as many timeouts, and asked a dead tokens URL as often)
+                raise self.token_error
             if (refresh is not None and refresh == self.token) or self.token is None or \
                     self.clock() >= self.token_expires:
-                token, expires = await W.fetch_token(self.session, self.hook,
-                                                     self.cfg.timeout)
+                try:
+                    token, expires = await W.fetch_token(self.session, self.hook,
+                                                         self.cfg.timeout)
+                except W.TokenError as exc:
+                    self.token_error = exc
+                    self.token_failures += 1
+                    raise
                 self.token = token
                 self.token_expires = self.clock() + max(1, expires - 30)
             return self.token
@@ -407,9 +421,8 @@ class Sender:
         except W.TokenError as exc:
             # (no POST went: whatever the tokens URL answered -- a 200 without a token
             # too, which was taken for the target's 2xx -- the attempt failed)
-            resp = exc.resp
-            token_failed = resp.failure or "no answer"   # (its own: timeout, connection)
-            resp.failure = "oauth2"
+            token_failed = exc.resp.failure or "no answer"   # (its own: timeout...)
+            resp = dataclasses.replace(exc.resp, failure="oauth2")
         else:
             token_failed = ""
         now = self.clock()

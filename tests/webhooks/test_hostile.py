@@ -283,3 +283,45 @@ def test_a_batch_dropped_after_its_last_attempt_counts_its_events_as_dropped(env
     assert (st["dropped_batches"], st["events_sent"], st["pending_events"]) == (1, 0, 0)
     assert st["dropped_events"] == 4
     assert db.cursor("hook-1")[3] == 4          # counted durably too
+
+
+def test_a_tokens_url_that_never_answers_fails_each_attempt_within_the_timeout(env):
+    """A tokens URL that accepts and never answers, with four batches to send: each
+    attempt fails after one timeout and the tokens URL is asked once for them all.  The
+    batches took the token lock in turn and each fetched anew after the one before it
+    had failed: the fourth attempt took four timeouts (64 at max_in_flight 64, ten
+    minutes at the default timeout), and every round of retries asked the tokens URL
+    once per batch."""
+    store, db, rec, _ = env
+
+    async def never(writer):
+        await asyncio.sleep(30)
+
+    async def main():
+        tokens = RawServer(never)
+        url = await tokens.start()
+        hook = _hook(rec, auth_type="oauth2", auth_request_details={
+            "url": url, "body": {"client_id": "cid", "client_secret": "secret",
+                                 "grant_type": "client_credentials"}})
+        db.set_cursor(hook.id, 0)
+        store.append(_events(8))
+        session = W.new_session()
+        s = Sender(hook, db, store, session,
+                   _cfg(batch_size=1, max_in_flight=4, timeout=0.5, retry_schedule=[60.0]))
+        s.load()
+        t0 = time.monotonic()
+        s.start()
+        try:
+            await _until(lambda: s.stats.failures >= 4, 10, "four failed attempts")
+            took = time.monotonic() - t0
+        finally:
+            await s.stop()
+            await session.close()
+            tokens.close()
+        return s, took, tokens
+    s, took, tokens = asyncio.run(main())
+    assert rec.batches(ok_only=False) == []
+    assert s.stats.failures == 4 and s.status()["retrying_batches"] == 4
+    assert took < 1.2, f"the last attempt failed after {took:.1f}s (timeout 0.5s)"
+    assert len(tokens.requests) == 1
+    assert "tokens URL got timeout" in s.status()["last_failure"]["response"]
