@@ -364,17 +364,7 @@ async def _request(session, url: str, data: bytes, headers: dict, timeout: float
     try:
         async with session.post(url, data=data, headers=headers, allow_redirects=False,
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-            body = b""
-            if max_body:
-                body = await r.content.read(max_body)
-                if whole and body and len(body) < max_body:
-                    buf = bytearray(body)
-                    while len(buf) < max_body:
-                        more = await r.content.read(max_body - len(buf))
-                        if not more:
-                            break
-                        buf += more
-                    body = bytes(buf)
+            body = await _read_body(r.content, max_body, whole) if max_body else b""
             return Response(r.status, {str(k): str(v) for k, v in r.headers.items()},
                             body.decode("utf-8", "replace"),
                             int((time.monotonic() - t0) * 1000))
@@ -383,6 +373,24 @@ async def _request(session, url: str, data: bytes, headers: dict, timeout: float
     except (aiohttp.ClientError, OSError, ValueError) as exc:
         return Response(0, {}, str(exc)[:200], int((time.monotonic() - t0) * 1000),
                         "connection")
+
+
+async def _read_body(content, max_body: int, whole: bool) -> bytes:
+    """Up to *max_body* octets of an answer's body (see _request).  The status has come
+    by then: when the timeout ends the read, the answer is still that status, with the
+    part of the body that came (a 200 whose body was slow was taken for no answer)."""
+    buf = bytearray()
+    try:
+        while len(buf) < max_body:
+            more = await content.read(max_body - len(buf))
+            if not more:
+                break
+            buf += more
+            if not whole:
+                break
+    except asyncio.TimeoutError:
+        pass
+    return bytes(buf)
 
 
 async def post(session, hook: Hook, body: bytes, batch_id: str, timeout: float,

@@ -325,3 +325,45 @@ def test_a_tokens_url_that_never_answers_fails_each_attempt_within_the_timeout(e
     assert took < 1.2, f"the last attempt failed after {took:.1f}s (timeout 0.5s)"
     assert len(tokens.requests) == 1
     assert "tokens URL got timeout" in s.status()["last_failure"]["response"]
+
+
+def test_the_apis_test_post_takes_a_200_whose_body_does_not_come(tmp_path):
+    """Creating a webhook test-POSTs its target and validate POSTs a sample: a target
+    that answers 200 and then sends its body slowly (or never) answered 200.  The wait
+    for the body ran into the timeout and the API said the target gave no answer in
+    time: the create was refused.  The answer is the 200, with the body that came."""
+    import orjson
+
+    from mta.acceptor import http as H
+    from mta.config.schema import Config, WebhooksConfig
+
+    async def slow_body(writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n"
+                     b"Connection: close\r\n\r\n")
+        await writer.drain()
+
+    async def go():
+        target = RawServer(slow_body)
+        url = await target.start()
+        api = W.Api(str(tmp_path), Config(webhooks=WebhooksConfig(timeout=0.5)),
+                    asyncio.get_running_loop())
+        try:
+            made = await H._webhooks_call(api, b"POST", b"/api/v1/webhooks", b"",
+                                          orjson.dumps({"name": "slow", "target": url,
+                                                        "events": ["delivery"]}))
+            wid = orjson.loads(made[1]).get("results", {}).get("id")
+            checked = None
+            if wid:
+                checked = await H._webhooks_call(
+                    api, b"POST", f"/api/v1/webhooks/{wid}/validate".encode(), b"",
+                    orjson.dumps({"message": {"msys": {}}}))
+            return made, checked, len(target.requests)
+        finally:
+            await api.close()
+            target.close()
+    made, checked, n = asyncio.run(go())
+    assert made[0] == 200, made[1]
+    assert checked[0] == 200, checked[1]
+    view = orjson.loads(checked[1])["results"]["response"]
+    assert view["status"] == 200 and view["body"] == ""
+    assert n == 2
