@@ -210,7 +210,8 @@ class SuppressionList:
                     if len(key) <= MAX_ADDRESS:
                         v = txn.get(key)
                         if v is not None:
-                            out |= v[0]
+                            # (a value without its flags octet is damage: both types)
+                            out |= v[0] if v else BOTH
                 return out
         except lmdb.MapResizedError:
             self.env.set_mapsize(0)   # another process grew the map: adopt its size
@@ -329,11 +330,11 @@ class SuppressionList:
                     if code:
                         match = code in codes
                     else:                   # a row of an earlier version: the record says
-                        entry = _one(addr, rget(addr, db=self.rcpt), tbit)
+                        entry = _one(addr, rget(addr, db=self.rcpt), tbit, k)
                         match = entry is not None and entry["source"] in sources
                 if match and desc:
                     if entry is None:
-                        entry = _one(addr, rget(addr, db=self.rcpt), tbit)
+                        entry = _one(addr, rget(addr, db=self.rcpt), tbit, k)
                     if entry is None:
                         match = False
                     elif (desc not in entry["description"].lower()
@@ -346,7 +347,7 @@ class SuppressionList:
                         skip -= 1
                     elif len(out) < per_page:
                         if entry is None:
-                            entry = _one(addr, rget(addr, db=self.rcpt), tbit)
+                            entry = _one(addr, rget(addr, db=self.rcpt), tbit, k)
                         if entry is not None:
                             out.append(entry)
                             last = read
@@ -387,7 +388,9 @@ class SuppressionList:
         if not key or len(key) > MAX_ADDRESS:
             return 0
         old = txn.get(key, db=self.rcpt)
-        recs = _dec.decode(old[1:]) if old is not None else {}
+        recs = _records(key, old) if old is not None else {}
+        if recs is None:
+            recs = {}     # (damaged: written anew; its index rows no longer match it)
         n = 0
         for tbit in (TRANSACTIONAL, NON_TRANSACTIONAL):
             if not tbits & tbit:
@@ -475,7 +478,11 @@ class SuppressionList:
             old = txn.get(key, db=self.rcpt)
             if old is None:
                 return 0
-            recs = _dec.decode(old[1:])
+            recs = _records(key, old)
+            if recs is None:
+                # damaged: removed whole (its index rows no longer find it)
+                txn.delete(key, db=self.rcpt)
+                return max(1, bin(old[0] & BOTH).count("1") if old else 1)
             for tname in list(recs):
                 tbit = TYPES[tname]
                 if tbit & types:
@@ -491,17 +498,52 @@ class SuppressionList:
         return n
 
 
+def _records(key: bytes, value) -> dict[str, list] | None:
+    """The records of a ``rcpt`` value, or None (logged) when it is not what this module
+    writes: LMDB keeps no checksums, so a damaged page or a writer's bug gives such a value,
+    and one of them must not make every read, write or search that meets it fail."""
+    try:
+        recs = _dec.decode(bytes(value[1:]))
+        for tname, rec in recs.items():
+            if tname not in TYPES or len(rec) != 4 or not isinstance(rec[0], str) or \
+                    not isinstance(rec[1], str) or \
+                    not all(isinstance(t, (int, float)) and 0 <= t < 1e11 for t in rec[2:]):
+                raise ValueError(f"record {tname!r}")
+        if not recs:
+            raise ValueError("no record")
+        return recs
+    except (msgspec.DecodeError, ValueError, TypeError) as exc:
+        log.error("suppression list: the entry of %r is unreadable (%s); it suppresses "
+                  "both types until it is deleted or put again",
+                  bytes(key).decode("utf-8", "replace")[:MAX_ADDRESS], exc)
+        return None
+
+
+DAMAGED = "(unreadable record: delete it or add it again)"
+
+
 def _entries(key: bytes, value: bytes) -> list[dict]:
-    recs = _dec.decode(bytes(value[1:]))
     addr = key.decode("utf-8", "surrogateescape")
+    recs = _records(key, value)
+    if recs is None:
+        # shown with its types (both when they cannot be read) so that it can be deleted
+        flags = (value[0] & BOTH) or BOTH if len(value) else BOTH
+        return [_shape(addr, TYPE_NAMES[b], [MANUAL, DAMAGED, 0, 0])
+                for b in (NON_TRANSACTIONAL, TRANSACTIONAL) if flags & b]
     return [_shape(addr, tname, r) for tname, r in sorted(recs.items())]
 
 
-def _one(key: bytes, value, tbit: int) -> dict | None:
+def _one(key: bytes, value, tbit: int, index_key=None) -> dict | None:
+    """The entry an index row names, or None: no record, an unreadable one, or (with
+    *index_key*) a record updated since that row was written (the row of a damaged
+    record that was put again)."""
     if value is None:
         return None
-    rec = _dec.decode(bytes(value[1:])).get(TYPE_NAMES[tbit])
+    recs = _records(key, value)
+    rec = recs.get(TYPE_NAMES[tbit]) if recs is not None else None
     if rec is None:
+        return None
+    if index_key is not None and _TS.unpack(index_key[:8])[0] != int(rec[3] * 1000):
         return None
     return _shape(bytes(key).decode("utf-8", "surrogateescape"), TYPE_NAMES[tbit], rec)
 

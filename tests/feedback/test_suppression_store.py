@@ -372,3 +372,33 @@ def test_a_list_written_before_the_index_kept_the_source_is_searched_alike(sl, t
         sl = S.SuppressionList(str(tmp_path / "sup"), 16 * 1024 * 1024)
         assert _searches(sl) == want, which
     sl.close()
+
+
+@pytest.mark.parametrize("value", [b"", b"\x02\xc1junk", b"\x03" + S._enc.encode([1, 2]),
+                                   b"\x02" + S._enc.encode({"non_transactional": [1]}),
+                                   b"\x02" + S._enc.encode({"bogus": ["a", "", 1, 1]}),
+                                   b"\x02" + S._enc.encode({"non_transactional":
+                                                            ["a", "", "x", 1]}),
+                                   b"\x02" + S._enc.encode({})])
+def test_a_damaged_entry_suppresses_and_can_be_deleted_or_put_again(sl, value):
+    sl.put_many([("bad@example.com", S.BOTH, "d"), ("good@example.com", S.BOTH, "g")],
+                now=1000.0)
+    with sl.env.begin(write=True) as txn:
+        txn.put(b"bad@example.com", value, db=sl.rcpt)
+    # suppressed (both types when the flags octet is missing), shown, searched past
+    assert sl.check("bad@example.com", False)
+    assert sl.check("bad@example.com", True) == (not value or bool(value[0] & S.TRANSACTIONAL))
+    assert {e["description"] for e in sl.get("bad@example.com")} == {S.DAMAGED}
+    assert [e["recipient"] for e in sl.search()[0]] == ["good@example.com"] * 2
+    st, body = _call(sl, b"GET", api.PATH)
+    assert st == 200 and len(body["results"]) == 2
+    # put again: the new record only, once in the search (the old index rows are stale)
+    assert sl.put_many([("bad@example.com", S.TRANSACTIONAL, "new")], now=2000.0) == 1
+    assert [(e["type"], e["description"]) for e in sl.get("bad@example.com")] == [
+        ("transactional", "new")]
+    assert sorted(e["recipient"] for e in sl.search()[0]) == \
+        ["bad@example.com"] + ["good@example.com"] * 2
+    with sl.env.begin(write=True) as txn:
+        txn.put(b"bad@example.com", value, db=sl.rcpt)
+    assert _call(sl, b"DELETE", api.PATH + b"/bad@example.com")[0] == 204
+    assert sl.flags("bad@example.com") == 0 and sl.get("bad@example.com") == []

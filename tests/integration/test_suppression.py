@@ -445,3 +445,51 @@ def test_a_domain_search_finds_entries_kept_in_either_spelling(make_daemon):
         st, _, body = call(d, "GET", f"/api/v1/suppression-list?domain={dom}")
         assert st == 200 and sorted(e["recipient"] for e in body["results"]) == \
             ["new@xn--bcher-kva.example", "old@b\u00fccher.example"], (dom, body)
+
+
+def test_a_damaged_entry_neither_fails_injection_nor_blocks_the_api(make_daemon):
+    """LMDB keeps no checksums: an entry whose value is not what is written (no flags
+    octet; flags then no msgpack) must not fail the injections or the searches that meet
+    it, and can be deleted or put again through the API."""
+    sink = AioSink(HOST, free_port()).start()
+    try:
+        d = make_daemon(
+            start=False, acceptors=1, shards=1, http={"api_keys": [KEY]},
+            delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                 "hosts": [f"{HOST}:{sink.port}"]}]})
+        sl = S.SuppressionList(os.path.join(d.state_dir, "suppression"), 1 << 24)
+        sl.put_many([("empty@example.net", S.BOTH, ""), ("junk@example.net", S.BOTH, ""),
+                     ("kept@example.net", S.NON_TRANSACTIONAL, "")])
+        with sl.env.begin(write=True) as txn:
+            txn.put(b"empty@example.net", b"", db=sl.rcpt)
+            txn.put(b"junk@example.net", b"\x02\xc1junk", db=sl.rcpt)
+        sl.close()
+        d.start()
+        # damaged entries still suppress (both types when the flags octet is gone)
+        assert smtp_send(d, ["empty@example.net", "ok1@example.net"]) == {}
+        st, _, out = d.post(transmission(["empty@example.net", "junk@example.net",
+                                          "ok2@example.net"]),
+                            headers={"Authorization": KEY})
+        assert st == 200 and out["results"]["total_accepted_recipients"] == 3, out
+        sink.wait_for("ok1@example.net")
+        sink.wait_for("ok2@example.net")
+        wait_until(lambda: len(bounces(d, "empty@example.net")) == 2 and
+                   bounces(d, "junk@example.net"), 20, "the suppressed bounces")
+        assert {b["bounce_class"] for b in bounces(d, "empty@example.net")} == {"25"}
+        # the search goes past them; each one is shown, deleted or put again
+        st, _, body = call(d, "GET", "/api/v1/suppression-list?per_page=10")
+        assert st == 200 and "kept@example.net" in [e["recipient"] for e in body["results"]]
+        st, _, body = call(d, "GET", "/api/v1/suppression-list/junk@example.net")
+        assert st == 200 and [e["type"] for e in body["results"]] == ["non_transactional"]
+        assert call(d, "DELETE", "/api/v1/suppression-list/empty@example.net")[0] == 204
+        st, _, body = call(d, "PUT", "/api/v1/suppression-list/junk@example.net",
+                           {"type": "transactional"})
+        assert st == 200, body
+        st, _, body = call(d, "GET", "/api/v1/suppression-list?sort=asc")
+        assert st == 200 and sorted((e["recipient"], e["type"]) for e in body["results"]) == \
+            [("junk@example.net", "transactional"), ("kept@example.net", "non_transactional")]
+        assert smtp_send(d, ["empty@example.net", "junk@example.net"]) == {}
+        sink.wait_for("empty@example.net")
+        sink.wait_for("junk@example.net")   # (non-transactional mail: no longer suppressed)
+    finally:
+        sink.stop()
