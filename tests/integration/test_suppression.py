@@ -493,3 +493,42 @@ def test_a_damaged_entry_neither_fails_injection_nor_blocks_the_api(make_daemon)
         sink.wait_for("junk@example.net")   # (non-transactional mail: no longer suppressed)
     finally:
         sink.stop()
+
+
+@pytest.mark.parametrize("cut", [4096, 200_000])
+def test_a_truncated_list_is_moved_aside_and_rebuilt_at_the_start(make_daemon, cut):
+    """data.mdb cut short (a partial copy or restore, a full disk): every process that
+    read it died of SIGBUS (cut into its pages) or could not open it (into its meta
+    pages), so the node did not start.  It starts now, with the entries still on the
+    surviving pages, the damaged list kept aside and the log saying so."""
+    sink = AioSink(HOST, free_port()).start()
+    try:
+        d = make_daemon(
+            start=False, acceptors=1, shards=1, http={"api_keys": [KEY]},
+            delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                 "hosts": [f"{HOST}:{sink.port}"]}]})
+        path = os.path.join(d.state_dir, "suppression")
+        sl = S.SuppressionList(path, 1 << 24)
+        sl.put_many([(f"u{i:05d}@example.net", S.BOTH, "x" * 50) for i in range(3000)])
+        sl.close()
+        with open(os.path.join(path, "data.mdb"), "r+b") as fh:
+            fh.truncate(cut)
+        d.start()
+        assert "moved to " + path + ".damaged-" in d.log()
+        assert [n for n in os.listdir(d.state_dir) if n.startswith("suppression.damaged-")]
+        st, _, body = call(d, "GET", "/api/v1/suppression-list?per_page=10000")
+        assert st == 200, body
+        kept = sorted({e["recipient"] for e in body["results"]})
+        assert len(kept) < 3000 and (cut < 8192 or kept), len(kept)
+        # what was read back suppresses; the rest of the node works
+        rcpts = kept[:1] + ["fresh@example.net"]
+        assert smtp_send(d, rcpts) == {}
+        sink.wait_for("fresh@example.net")
+        if kept:
+            wait_until(lambda: bounces(d, kept[0]), 20, "the suppressed bounce")
+        st, _, body = call(d, "PUT", "/api/v1/suppression-list/new@example.net",
+                           {"type": "non_transactional"})
+        assert st == 200, body
+        assert S.check_store(path) is None
+    finally:
+        sink.stop()
