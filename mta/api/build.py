@@ -78,8 +78,9 @@ The spaces and the line end after a statement are not written (after
 ``{{ end }}`` followed by text on its line: the line end before it), so a
 statement alone on its line leaves no blank line.  Bounds: MAX_NESTING_BLOCKS
 statements open at once, MAX_CONDITION tokens in a condition, MAX_LOOP_STEPS
-pieces rendered by loops (items x the pieces of the loop's body) per text and
-recipient (more: its generation_failure).
+pieces rendered by loops (items x the pieces of the loop's body) per recipient's
+message, over all its texts -- parts, subject and every header field (more: its
+generation_failure).
 Any ``{{`` that starts no expression or statement, and a statement out of
 place or not closed, is a 422 (code 3000, naming the field and line, as
 SparkPost answers a syntax error), but inside an amp-mustache template.
@@ -188,7 +189,7 @@ _CONSTANTS = {"true": True, "false": False, "nil": None}
 MAX_NESTING_BLOCKS = 32   # statements open at once in a template
 MAX_CONDITION = 256       # tokens of a condition
 MAX_LOOP_STEPS = 100_000  # pieces rendered by {{ each }} loops (items x the pieces of the
-                          # loop's body) per rendered text and recipient
+                          # loop's body) per recipient's message, all its texts together
 _BAD_LOCAL = frozenset(' <>()[]\\,;:"@')
 
 _pid = os.getpid()
@@ -469,12 +470,15 @@ class Template:
             return self.constant
         if self.plain and guard is None:
             return _render_plain(self.parts, scopes, html, links, limit, self.fixed, _text_of)
-        if not nested:
+        if not nested and not _steps[1]:
             _steps[0] = 0
         return _render(self.parts, scopes, html, guard, limit, links, nested, self.fixed)
 
 
-_steps = [0]     # items looped over by the text being rendered (MAX_LOOP_STEPS)
+# items looped over by the text being rendered (MAX_LOOP_STEPS), and whether a
+# message's build counts them over all its texts (Builder.build: set) or each text
+# has the bound to itself (a render outside a build)
+_steps = [0, False]
 
 
 def _render(parts: list, scopes: tuple, html: bool, guard, limit: int, links: bool,
@@ -1726,6 +1730,10 @@ class Builder:
         scopes = scopes + (rcpt_meta,) + self.tx_scopes if rcpt_meta else \
             scopes + self.tx_scopes
         made = None
+        # one bound of loop work for the whole message: per text, 1,000 header fields
+        # of a loop each would cost a recipient 1,000 times the bound
+        _steps[0] = 0
+        _steps[1] = True
         try:
             if self.rfc822 is not None:
                 message, from_email, eightbit, utf8 = self._rfc822(i, scopes, scope, name,
@@ -1748,8 +1756,10 @@ class Builder:
         except LoopLimit:
             raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: the template's {{{{ each "
                                  f"}}}} loops would render more than {MAX_LOOP_STEPS} pieces "
-                                 "(items times the pieces of the loop)",
-                                 ev.GENERATION_FAILURE) from None
+                                 "(items times the pieces of the loop) in the message's texts "
+                                 "together", ev.GENERATION_FAILURE) from None
+        finally:
+            _steps[1] = False
         sender = return_path or from_email or ""
         if not sender:
             # (inline content's From is always an address; email_rfc822's may not be --
