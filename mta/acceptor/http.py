@@ -36,8 +36,9 @@ configured → loopback clients only), Content-Type ``application/json`` and
 no content coding (a compressed body is a 415 with ``Accept-Encoding:
 identity``), decode and check, then ``Idempotency-Key``, then one message per recipient
 built and handed to ``Acceptor.submit`` — the same path, bus and group-committed
-spool as SMTP — ``BUILD_SLICE`` recipients per loop iteration so a large
-request does not stall other connections.  The response is sent only when
+spool as SMTP — ``BUILD_SLICE`` recipients per loop iteration, or fewer when
+they have taken ``BUILD_TIME`` (costly templates), so a large request does not
+stall other connections.  The response is sent only when
 every message has its answer from the spool:
 
 - all durable → 200; invalid recipients → 200 with SparkPost's partial shape
@@ -96,7 +97,9 @@ log = logging.getLogger("mta.acceptor")
 
 MAX_QUEUED = 16          # pipelined requests read ahead per connection before reading pauses
 BODY_PARTS = 64          # pieces of a body kept as they came; the rest is copied into the last
-BUILD_SLICE = 256        # recipients built and submitted per loop iteration
+BUILD_SLICE = 256        # recipients built and submitted per loop iteration, at most
+BUILD_TIME = 0.02        # seconds: a slice ends after the recipient that passes this (a
+                         # costly template: a recipient may take ~0.1 s, 256 of them 25 s)
 DRAIN_IDLE = 1.0         # seconds: on shutdown, a connection idle this long is closed
 PURGE_INTERVAL = 60.0    # seconds between deletions of expired idempotency keys
 MAX_IDEMPOTENCY_KEY = 255
@@ -1126,11 +1129,17 @@ class Injection:
                 except Exception as exc:   # sqlite3.Error: the injection goes on
                     log.error("transmission %s: idempotency store: %s", self.tid, exc)
         end = min(self.next + BUILD_SLICE, len(self.rcpts))
-        for i in range(self.next, end):
+        first = self.next
+        clock = time.monotonic
+        deadline = clock() + BUILD_TIME
+        for i in range(first, end):
             if svc.pending_bytes >= room:
                 self.next = i
                 svc.paused.append(self)
                 return
+            if i > first and clock() >= deadline:
+                end = i         # the rest after the other connections' turn
+                break
             try:
                 m = build_one(i, self.rcpts[i])
             except build.RecipientError as exc:

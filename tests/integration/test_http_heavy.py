@@ -3,6 +3,8 @@ message, and one request does not hold the acceptor's event loop for the others.
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -42,3 +44,36 @@ def test_loop_steps_are_bounded_per_message_not_per_text(api):
     assert st == 200, res
     assert res["results"]["total_accepted_recipients"] == 1
 
+
+def test_a_costly_transmission_does_not_stall_other_clients(api):
+    # 96 recipients of 90,000 steps each (within the bound): seconds of building,
+    # which must leave the loop to the other connections between recipients
+    assert 90_000 <= build.MAX_LOOP_STEPS
+    heavy = looping_headers(1, 45_000, rcpts=96, loops=2)
+    out = {}
+
+    def run():
+        t = time.monotonic()
+        out["heavy"] = api.post(heavy, headers=AUTH, timeout=120)
+        out["heavy_s"] = time.monotonic() - t
+
+    th = threading.Thread(target=run)
+    th.start()
+    try:
+        time.sleep(0.3)     # (the heavy request is being built)
+        waits = []
+        for i in range(3):
+            t = time.monotonic()
+            st, _, res = api.post({"recipients": [{"address": f"light{i}@example.net"}],
+                                   "content": {"from": "a@example.com", "subject": "s",
+                                               "text": "t"}}, headers=AUTH)
+            waits.append(time.monotonic() - t)
+            assert st == 200, res
+    finally:
+        th.join(120)
+    st, _, res = out["heavy"]
+    assert st == 200, res
+    assert res["results"]["total_accepted_recipients"] == 96
+    # the heavy one took seconds; a light one waits for at most a slice of it
+    assert out["heavy_s"] > 1.0, out
+    assert max(waits) < min(0.6, out["heavy_s"] / 2), (waits, out["heavy_s"])
