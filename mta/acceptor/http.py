@@ -98,6 +98,8 @@ log = logging.getLogger("mta.acceptor")
 MAX_QUEUED = 16          # pipelined requests read ahead per connection before reading pauses
 BODY_PARTS = 64          # pieces of a body kept as they came; the rest is copied into the last
 BUILD_SLICE = 256        # recipients built and submitted per loop iteration, at most
+PREPARE_ON_LOOP = 65536  # octets of a transmission's body decoded and compiled on the loop;
+                         # a larger one in a worker thread (its compile may take seconds)
 BUILD_TIME = 0.02        # seconds: a slice ends after the recipient that passes this (a
                          # costly template: a recipient may take ~0.1 s, 256 of them 25 s)
 DRAIN_IDLE = 1.0         # seconds: on shutdown, a connection idle this long is closed
@@ -909,9 +911,50 @@ class Session(asyncio.Protocol):
             raise R.ApiError(R.UNAVAILABLE, "this node is draining (mta drain) and accepts "
                              "no new mail; retry later or elsewhere", R.RETRY_AFTER_UNAVAILABLE)
         limit = _num_rcpt_errors(query)    # (before an Idempotency-Key is taken)
-        tx = transmissions.decode(req.body)
+        if len(req.body) > PREPARE_ON_LOOP:
+            # decoded, checked and compiled in a worker thread: a 20 MB template of
+            # substitutions takes seconds (~4 us each), this acceptor's other
+            # connections are answered meanwhile; this one's next request waits
+            self.busy = True
+            fut = svc.loop.run_in_executor(None, self._prepare, req.body)
+            fut.add_done_callback(functools.partial(self._prepared, req, scope, limit))
+            return
+        self._inject(req, scope, limit, *self._prepare(req.body))
+
+    def _prepare(self, body: bytes) -> tuple:
+        """(Transmission, Builder) of a request body, or ApiError (on the loop, or in
+        a worker thread for a large body)."""
+        tx = transmissions.decode(body)
         transmissions.check(tx, self.cfg.max_recipients, self.cfg.max_json_depth)
-        builder = build.Builder(tx, svc.hostname, self.cfg.max_message_size)
+        return tx, build.Builder(tx, self.svc.hostname, self.cfg.max_message_size)
+
+    def _prepared(self, req: Request, scope: str, limit: int | None, fut) -> None:
+        """A large body's transmission is ready (or refused): inject it, or answer."""
+        self.busy = False
+        if self.closing:
+            return      # (gone, or closing: no answer can be given, nothing is sent)
+        try:
+            self._inject(req, scope, limit, *fut.result())
+        except R.ApiError as err:
+            self.svc.stats["errors"] += 1
+            self.injected(err.status, err.body(), req.keep_alive, err.retry_after,
+                          extra=err.header_lines())
+        except Exception:   # as in _handle
+            log.exception("HTTP request from %s failed", self.peer_ip)
+            self.svc.stats["errors"] += 1
+            if self.busy:
+                self.closing = True
+                self.transport.abort()
+                return
+            err = R.ApiError(R.UNAVAILABLE, "the request could not be processed; retry later",
+                             R.RETRY_AFTER_UNAVAILABLE)
+            self.injected(err.status, err.body(), False, err.retry_after)
+
+    def _inject(self, req: Request, scope: str, limit: int | None, tx,
+                builder: build.Builder) -> None:
+        """Take the Idempotency-Key and start the injection of a checked transmission."""
+        svc = self.svc
+        h = req.headers
         requested = self._options(tx, builder)
         key = h.get(b"idempotency-key")
         if key is not None:
