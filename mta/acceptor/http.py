@@ -7,7 +7,7 @@ the sessions share (keys, limits, the idempotency store, pending counts).
 HTTP/1.1 with keep-alive.  Pipelined requests are parsed as they arrive and
 answered strictly in order, one at a time: a request whose messages are on
 their way to the spool holds the ones behind it (at most ``MAX_QUEUED`` are
-read ahead, then reading pauses).  ``Expect: 100-continue`` is answered when
+read ahead, or ``READ_AHEAD`` octets of their bodies, then reading pauses).  ``Expect: 100-continue`` is answered when
 the request is next in line, its announced size is acceptable and its API key
 is accepted -- otherwise that refusal is the answer, with its body unread and the
 connection closed (never to an HTTP/1.0 request: 1.0 clients know no interim
@@ -96,6 +96,7 @@ from mta.obs import events as ev
 log = logging.getLogger("mta.acceptor")
 
 MAX_QUEUED = 16          # pipelined requests read ahead per connection before reading pauses
+READ_AHEAD = 1 << 20     # or octets of their bodies (else 16 x http.max_body_size a connection)
 BODY_PARTS = 64          # pieces of a body kept as they came; the rest is copied into the last
 BUILD_SLICE = 256        # recipients built and submitted per loop iteration, at most
 PREPARE_ON_LOOP = 65536  # octets of a transmission's body decoded and compiled on the loop;
@@ -507,7 +508,7 @@ class Session(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        if len(self.queue) < MAX_QUEUED:
+        if len(self.queue) < MAX_QUEUED and self._read_ahead() < READ_AHEAD:
             self._resume_reading()
 
     def _pause_reading(self) -> None:
@@ -563,8 +564,12 @@ class Session(asyncio.Protocol):
             if self.in_head and self.head_bytes > self.cfg.max_header_size:
                 self._fail(self._too_many_header_octets())
         self._run()
-        if len(self.queue) >= MAX_QUEUED:
+        if len(self.queue) >= MAX_QUEUED or self._read_ahead() >= READ_AHEAD:
             self._pause_reading()
+
+    def _read_ahead(self) -> int:
+        """Octets of the bodies of the requests read and not yet handled."""
+        return sum(len(r.body) for r in self.queue) if self.queue else 0
 
     def _fail(self, err: R.ApiError) -> None:
         """Answer *err* after the requests before it, then close; read nothing more."""
@@ -733,7 +738,7 @@ class Session(asyncio.Protocol):
                 self._run()
                 return
             self.transport.write(CONTINUE)
-        if len(self.queue) < MAX_QUEUED // 2:
+        if len(self.queue) < MAX_QUEUED // 2 and self._read_ahead() < READ_AHEAD // 2:
             self._resume_reading()
 
     def _flush(self) -> None:

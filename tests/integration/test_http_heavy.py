@@ -3,10 +3,13 @@ message, and one request does not hold the acceptor's event loop for the others.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
 import pytest
+
+from daemon import HOST
 
 from mta.api import build
 from mta.api import replies as R
@@ -120,3 +123,55 @@ def test_a_large_template_is_compiled_without_stalling_other_clients(api):
     st, _, res = api.post(bad, headers=AUTH)
     assert st == 422, res
     assert "content.html" in res["errors"][0]["description"], res
+
+
+def request_bytes(body: bytes) -> bytes:
+    return (f"POST /api/v1/transmissions HTTP/1.1\r\nHost: mta.test\r\n"
+            f"Content-Type: application/json\r\nAuthorization: {KEY}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_requests_read_ahead_on_a_connection_are_bounded_in_octets(api):
+    # behind a request that takes seconds, 15 pipelined bodies of 4 MB: read ahead
+    # up to MAX_QUEUED requests, the acceptor would hold 60 MB for one connection
+    first = json.dumps({"recipients": [{"address": "big@example.net"}],
+                        "content": {"from": "a@example.com", "subject": "s",
+                                    "html": "{{a}} x\n" * 375_000},
+                        "substitution_data": {"a": "b"}}).encode()
+    pad = json.dumps({"recipients": [{"address": "pad@example.net"}],
+                      "content": {"from": "a@example.com", "subject": "s",
+                                  "text": "x" * (4 << 20)}}).encode()
+    data = request_bytes(first) + request_bytes(pad) * 15
+    s = socket.create_connection((HOST, api.http_port))
+    sent = [0]
+
+    def send():
+        view = memoryview(data)
+        try:
+            while sent[0] < len(data):
+                sent[0] += s.send(view[sent[0]:sent[0] + 65536])
+        except OSError:
+            pass
+
+    th = threading.Thread(target=send, daemon=True)
+    try:
+        th.start()
+        time.sleep(1.0)     # (the first request is still being compiled)
+        ahead = sent[0]
+        f = s.makefile("rb")
+        s.settimeout(60)
+        statuses = []
+        for _ in range(16):
+            line = f.readline()
+            statuses.append(int(line.split()[1]))
+            length = 0
+            while (line := f.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            f.read(length)
+        th.join(30)
+    finally:
+        s.close()
+    assert statuses == [200] * 16
+    # what the socket buffers take, and a few MB: not the 60 MB
+    assert ahead < 30 << 20, ahead
