@@ -78,7 +78,8 @@ The spaces and the line end after a statement are not written (after
 ``{{ end }}`` followed by text on its line: the line end before it), so a
 statement alone on its line leaves no blank line.  Bounds: MAX_NESTING_BLOCKS
 statements open at once, MAX_CONDITION tokens in a condition, MAX_LOOP_STEPS
-pieces rendered by loops (items x the pieces of the loop's body) per recipient's
+pieces rendered by loops (items x the pieces of the loop's body) and by
+render_dynamic_content() (its chunk's pieces, each time) per recipient's
 message, over all its texts -- parts, subject and every header field (more: its
 generation_failure).
 Any ``{{`` that starts no expression or statement, and a statement out of
@@ -472,6 +473,8 @@ class Template:
             return _render_plain(self.parts, scopes, html, links, limit, self.fixed, _text_of)
         if not nested and not _steps[1]:
             _steps[0] = 0
+            if _dynamics:
+                _dynamics.clear()
         return _render(self.parts, scopes, html, guard, limit, links, nested, self.fixed)
 
 
@@ -479,6 +482,8 @@ class Template:
 # message's build counts them over all its texts (Builder.build: set) or each text
 # has the bound to itself (a render outside a build)
 _steps = [0, False]
+_dynamics: dict = {}   # dynamic content compiled for the message being rendered: text ->
+                       # (Template, its pieces); cleared with _steps
 
 
 def _render(parts: list, scopes: tuple, html: bool, guard, limit: int, links: bool,
@@ -501,7 +506,7 @@ def _render(parts: list, scopes: tuple, html: bool, guard, limit: int, links: bo
             if p[1] == 3:
                 # render_dynamic_content(): the value is a template, rendered unescaped
                 value = "" if nested or not isinstance(value, str) else \
-                    dynamic(value).render(scopes, html, guard, limit, links, True)
+                    _render_dynamic(value, scopes, html, guard, limit, links)
                 if guard is not None:
                     guard(value)
             else:
@@ -520,6 +525,22 @@ def _render(parts: list, scopes: tuple, html: bool, guard, limit: int, links: bo
         if limit and n > limit:
             raise TooLarge(n)
     return "".join(out)
+
+
+def _render_dynamic(text: str, scopes: tuple, html: bool, guard, limit: int,
+                    links: bool) -> str:
+    """Dynamic content *text* rendered: compiled once per message (a chunk too large for
+    the template cache, referenced 1,000 times, was compiled 1,000 times), and its
+    pieces counted with the loops' (MAX_LOOP_STEPS): each reference renders them all."""
+    entry = _dynamics.get(text)
+    if entry is None:
+        t = dynamic(text)
+        entry = _dynamics[text] = (t, _pieces(t.parts))
+    t, cost = entry
+    _steps[0] += cost
+    if _steps[0] > MAX_LOOP_STEPS:
+        raise LoopLimit(_steps[0])
+    return t.render(scopes, html, guard, limit, links, True)
 
 
 def _mustache_ranges(text: str) -> list:
@@ -1734,6 +1755,8 @@ class Builder:
         # of a loop each would cost a recipient 1,000 times the bound
         _steps[0] = 0
         _steps[1] = True
+        if _dynamics:
+            _dynamics.clear()
         try:
             if self.rfc822 is not None:
                 message, from_email, eightbit, utf8 = self._rfc822(i, scopes, scope, name,
@@ -1756,10 +1779,13 @@ class Builder:
         except LoopLimit:
             raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: the template's {{{{ each "
                                  f"}}}} loops would render more than {MAX_LOOP_STEPS} pieces "
-                                 "(items times the pieces of the loop) in the message's texts "
-                                 "together", ev.GENERATION_FAILURE) from None
+                                 "(items times the pieces of the loop, and the pieces of each "
+                                 "render_dynamic_content()) in the message's texts together",
+                                 ev.GENERATION_FAILURE) from None
         finally:
             _steps[1] = False
+            if _dynamics:
+                _dynamics.clear()
         sender = return_path or from_email or ""
         if not sender:
             # (inline content's From is always an address; email_rfc822's may not be --

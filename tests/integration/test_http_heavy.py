@@ -175,3 +175,23 @@ def test_requests_read_ahead_on_a_connection_are_bounded_in_octets(api):
     assert statuses == [200] * 16
     # what the socket buffers take, and a few MB: not the 60 MB
     assert ahead < 30 << 20, ahead
+
+
+def dynamic_refs(refs: int, pieces: int) -> dict:
+    return {"recipients": [{"address": "dyn@example.net"}],
+            "content": {"from": "a@example.com", "subject": "s",
+                        "html": "{{render_dynamic_content(dynamic_html.a)}}" * refs},
+            "substitution_data": {"dynamic_html": {"a": "{{x}}" * pieces}, "x": ""}}
+
+
+def test_dynamic_content_work_is_bounded_per_message(api):
+    # an 18 KB request: 200 references to a chunk of 2,000 substitutions, each
+    # compiled and rendered anew (1 s of the loop a recipient, 10,000 recipients)
+    t = time.monotonic()
+    st, _, res = api.post(dynamic_refs(200, 2000), headers=AUTH)
+    took = time.monotonic() - t
+    assert st == 422, res
+    assert "loops would render more than" in res["errors"][0]["description"], res
+    assert took < 0.5, took
+    st, _, res = api.post(dynamic_refs(20, 2000), headers=AUTH)
+    assert st == 200, res
