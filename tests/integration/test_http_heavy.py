@@ -195,3 +195,22 @@ def test_dynamic_content_work_is_bounded_per_message(api):
     assert took < 0.5, took
     st, _, res = api.post(dynamic_refs(20, 2000), headers=AUTH)
     assert st == 200, res
+
+
+def test_a_header_field_substituted_to_megabytes_is_refused_naming_it(api):
+    # a 10 KB request: a Subject of 50 references to a 90 KB value, 4.5 MB to fold
+    # (0.4 s of the loop a recipient; 500 references: 46 MB, 4 s)
+    body = {"recipients": [{"address": "subj@example.net"}],
+            "content": {"from": "a@example.com", "subject": "{{v}}" * 50, "text": "t"},
+            "substitution_data": {"v": "y " * 45_000}}
+    t = time.monotonic()
+    st, _, res = api.post(body, headers=AUTH)
+    took = time.monotonic() - t
+    assert st == 422, res
+    d = res["errors"][0]["description"]
+    assert "content.subject" in d and str(build.MAX_FIELD_VALUE) in d, res
+    assert took < 0.3, took
+    # a long one within the bound goes out
+    body["content"]["subject"] = "{{v}}"
+    st, _, res = api.post(body, headers=AUTH)
+    assert st == 200, res
