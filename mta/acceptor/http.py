@@ -508,7 +508,8 @@ class Session(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        if len(self.queue) < MAX_QUEUED and self._read_ahead() < READ_AHEAD:
+        q = len(self.queue)
+        if q < MAX_QUEUED and (q < 2 or self._read_ahead() < READ_AHEAD):
             self._resume_reading()
 
     def _pause_reading(self) -> None:
@@ -564,12 +565,16 @@ class Session(asyncio.Protocol):
             if self.in_head and self.head_bytes > self.cfg.max_header_size:
                 self._fail(self._too_many_header_octets())
         self._run()
-        if len(self.queue) >= MAX_QUEUED or self._read_ahead() >= READ_AHEAD:
+        q = len(self.queue)
+        if q >= MAX_QUEUED or q > 1 and self._read_ahead() >= READ_AHEAD:
             self._pause_reading()
 
     def _read_ahead(self) -> int:
-        """Octets of the bodies of the requests read and not yet handled."""
-        return sum(len(r.body) for r in self.queue) if self.queue else 0
+        """Octets of the bodies of the requests read behind the one being handled (that
+        one alone is no read-ahead: the callers look only when two or more are queued,
+        not in the common keep-alive case)."""
+        q = self.queue
+        return sum([len(r.body) for r in q]) - len(q[0].body) if q else 0
 
     def _fail(self, err: R.ApiError) -> None:
         """Answer *err* after the requests before it, then close; read nothing more."""
@@ -738,7 +743,8 @@ class Session(asyncio.Protocol):
                 self._run()
                 return
             self.transport.write(CONTINUE)
-        if len(self.queue) < MAX_QUEUED // 2 and self._read_ahead() < READ_AHEAD // 2:
+        q = len(self.queue)
+        if q < MAX_QUEUED // 2 and (q < 2 or self._read_ahead() < READ_AHEAD // 2):
             self._resume_reading()
 
     def _flush(self) -> None:
@@ -924,7 +930,11 @@ class Session(asyncio.Protocol):
             fut = svc.loop.run_in_executor(None, self._prepare, req.body)
             fut.add_done_callback(functools.partial(self._prepared, req, scope, limit))
             return
-        self._inject(req, scope, limit, *self._prepare(req.body))
+        # (the common small body: as _prepare does, without its call and tuple)
+        tx = transmissions.decode(req.body)
+        transmissions.check(tx, self.cfg.max_recipients, self.cfg.max_json_depth)
+        self._inject(req, scope, limit, tx,
+                     build.Builder(tx, svc.hostname, self.cfg.max_message_size))
 
     def _prepare(self, body: bytes) -> tuple:
         """(Transmission, Builder) of a request body, or ApiError (on the loop, or in
@@ -1179,7 +1189,8 @@ class Injection:
         end = min(self.next + BUILD_SLICE, len(self.rcpts))
         first = self.next
         clock = time.monotonic
-        deadline = clock() + BUILD_TIME
+        # (one recipient: no clock read, the slice ends with it anyway)
+        deadline = clock() + BUILD_TIME if end - first > 1 else 0.0
         for i in range(first, end):
             if svc.pending_bytes >= room:
                 self.next = i
