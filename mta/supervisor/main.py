@@ -92,7 +92,6 @@ import setproctitle
 from mta import config as mconfig
 from mta import proc, store
 from mta.config import hostport
-from mta.feedback import suppression as suppression_list
 from mta.obs import queue as queue_view
 from mta.shaping import share_note
 from mta.supervisor import notify
@@ -298,7 +297,6 @@ class Supervisor:
         self._check_not_running(pidfile)
         self._write_restarts()      # (a count is this supervisor's: the last run's goes)
         store.make_dirs(s.spool_dir)
-        self._check_suppression_list()
         self.settings = s = self._fix_shard_count(s)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
@@ -313,20 +311,6 @@ class Supervisor:
             os.unlink(os.path.join(s.run_dir, mconfig.RELOAD_RECORD))
         except FileNotFoundError:
             pass
-
-    def _check_suppression_list(self) -> None:
-        """A damaged suppression list (truncated: a process that reads it dies of SIGBUS;
-        not an LMDB file: none can open it) would stop every acceptor and spool shard at
-        its start, and so the node: it is moved aside and rebuilt from what its pages
-        still hold, before any process opens it (no other one has: this is a start, not
-        an upgrade, and no other mta uses the state directory)."""
-        cfg = self.settings.config.suppression
-        if not cfg.enabled or self.upgrade_ready_fd is not None:
-            return
-        path = os.path.join(self.settings.state_dir, cfg.path)
-        why = suppression_list.check_store(path)
-        if why:
-            log.error("%s", suppression_list.repair(path, cfg.max_size, why))
 
     def _end_drain(self) -> None:
         """A drain (mta drain) lasts until cancelled or the next start; an upgrade is not

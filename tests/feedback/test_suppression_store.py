@@ -402,35 +402,3 @@ def test_a_damaged_entry_suppresses_and_can_be_deleted_or_put_again(sl, value):
         txn.put(b"bad@example.com", value, db=sl.rcpt)
     assert _call(sl, b"DELETE", api.PATH + b"/bad@example.com")[0] == 204
     assert sl.flags("bad@example.com") == 0 and sl.get("bad@example.com") == []
-
-
-def test_a_truncated_list_is_rebuilt_from_its_pages(tmp_path):
-    path = str(tmp_path / "sup")
-    sl = S.SuppressionList(path, 1 << 24)
-    sl.put_many([(f"u{i:05d}@example.com", S.NON_TRANSACTIONAL, "old") for i in range(2000)],
-                now=1000.0)
-    # a later version of some (its earlier one stays on freed pages): the newest is kept
-    sl.put_many([(f"u{i:05d}@example.com", S.TRANSACTIONAL, "new") for i in range(0, 2000, 7)],
-                now=2000.0)
-    want = sorted(map(str, sl.search(per_page=10_000)[0]))
-    sl.close()
-    assert S.check_store(path) is None
-    data = tmp_path / "sup" / "data.mdb"
-    # the last pages written (the roots: LMDB can read nothing) are lost
-    with open(data, "r+b") as fh:
-        fh.truncate(data.stat().st_size - 8192)
-    why = S.check_store(path)
-    assert why and "shorter than" in why
-    line = S.repair(path, 1 << 24, why)
-    assert "moved to " + path + ".damaged-" in line and S.check_store(path) is None
-    sl = S.SuppressionList(path, 1 << 24)
-    try:
-        got = sl.search(per_page=10_000)[0]
-        # every address is back; each as its newest version, or as the version before it
-        # (transactional not yet added) when that one's page was lost: a subset of want
-        assert len({e["recipient"] for e in got}) == 2000 == sl.count()
-        assert set(map(str, got)) <= set(want) and len(got) >= len(want) - 20
-        assert sl.summary()["total"] == len(got)
-        assert sl.check("u00007@example.com", True) and not sl.check("u00008@example.com", True)
-    finally:
-        sl.close()
