@@ -141,7 +141,7 @@ def test_stale_children_gauges_are_left_out_and_health_says_so():
     assert h["ok"] is False          # the delivery process and acceptors never reported
     never = next(c for c in h["children"] if c["role"] == "delivery")
     assert never == {"role": "delivery", "index": 0, "pid": None, "up": False,
-                     "last_report_age": None}
+                     "last_report_age": None, "restarts": 0}
     now[0] += 60
     assert ("mta_spool_queue_messages", ("0",)) not in rep.merged()[1]
     spool = next(c for c in rep.health()["children"] if c["role"] == "spool")
@@ -202,7 +202,7 @@ def test_health_counts_a_child_that_never_reported(tmp_path):
     h = rep.health()
     assert h["ok"] is False
     assert {"role": "acceptor", "index": 2, "pid": None, "up": False,
-            "last_report_age": None} in h["children"]
+            "last_report_age": None, "restarts": 0} in h["children"]
 
 
 def test_child_up_lists_the_children_the_supervisor_runs(tmp_path):
