@@ -173,13 +173,18 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(dict)
 
 
-def _unreadable(seq: int, exc: Exception, what: str) -> None:
-    """A stored event (its ``ev`` value) that is no msgpack map: damage LMDB does not
-    see (it has no checksums), or a writer's bug.  Raised, it stopped its reader at the
-    same event at every pass (a webhook for good) or at every start (the events process,
-    when its prune reached it); it is logged with its seq and *what* is done with it."""
-    log.error("events store: the event of seq %d cannot be read (%s: %s); %s", seq,
-              type(exc).__name__, exc, what)
+def _event(raw, seq_key, what: str) -> dict | None:
+    """The event of an ``ev`` value *raw* (8 octets of time, then msgpack), or None when
+    it is no msgpack map: damage LMDB does not see (it has no checksums), or a writer's
+    bug.  Raised, it stopped its reader at the same event at every pass (a webhook for
+    good) or at every start (the events process, when its prune reached it); it is
+    logged with its seq (*seq_key*: 8 octets, big-endian) and *what* is done with it."""
+    try:
+        return _dec.decode(raw[8:])
+    except msgspec.DecodeError as exc:
+        log.error("events store: the event of seq %d cannot be read (%s: %s); %s",
+                  _U64.unpack(seq_key)[0], type(exc).__name__, exc, what)
+        return None
 
 
 # What LMDB says of an environment a power cut left damaged (see the module's text: a
@@ -632,14 +637,10 @@ class EventStore:
             if not cur.set_range(_U64.pack(after_seq + 1)):
                 return out
             for k, v in cur:
-                try:
-                    ev = _dec.decode(v[8:])
-                except msgspec.DecodeError as exc:
-                    # (an event of no type: no webhook takes it, and the reader's cursor
-                    # moves past it)
-                    ev = {}
-                    _unreadable(_U64.unpack(k)[0], exc, "read as an empty event")
-                out.append((_U64.unpack(k)[0], ev))
+                # (one unreadable: an event of no type, which no webhook takes, and the
+                # reader's cursor moves past it)
+                ev = _event(v, k, "read as an empty event")
+                out.append((_U64.unpack(k)[0], {} if ev is None else ev))
                 if len(out) >= limit:
                     break
         return out
@@ -678,11 +679,8 @@ class EventStore:
                 for tk in cur.iterprev_dup(keys=False, values=True) if cur.last_dup() else ():
                     raw = txn.get(bytes(tk[8:]), db=self.ev)
                     if raw is not None:
-                        try:
-                            qid = _dec.decode(bytes(raw[8:])).get("message_id")
-                        except msgspec.DecodeError as exc:
-                            _unreadable(_U64.unpack(tk[8:])[0], exc, "passed over")
-                            qid = None
+                        ev = _event(bytes(raw), tk[8:], "passed over")
+                        qid = None if ev is None else ev.get("message_id")
                         if qid and qid not in qids:
                             qids.append(qid)
                     if len(qids) >= MAX_MESSAGE_ID_MATCHES:
@@ -795,10 +793,8 @@ class EventStore:
                 raw = get(tk[8:], db=evdb)
                 if raw is None:
                     continue
-                try:
-                    ev = _dec.decode(raw[8:])
-                except msgspec.DecodeError as exc:
-                    _unreadable(_U64.unpack(tk[8:])[0], exc, "passed over")
+                ev = _event(raw, tk[8:], "passed over")
+                if ev is None:
                     continue
                 if not matcher(ev):
                     continue
@@ -808,10 +804,8 @@ class EventStore:
                     raw = get(tk[8:], db=evdb)
                     if raw is None:
                         continue
-                    try:
-                        ev = _dec.decode(raw[8:])
-                    except msgspec.DecodeError as exc:
-                        _unreadable(_U64.unpack(tk[8:])[0], exc, "passed over")
+                    ev = _event(raw, tk[8:], "passed over")
+                    if ev is None:
                         continue
                 ev["_ts"] = _U64.unpack(tk[:8])[0]
                 out.append(ev)
@@ -1022,13 +1016,10 @@ class EventStore:
                 minute = _MIN.pack(_U64.unpack(tk[:8])[0] // 60000)
                 counts[_ALL + minute] = counts.get(_ALL + minute, 0) - 1
                 if raw is not None:
-                    try:
-                        ev = _dec.decode(raw[8:])
-                    except msgspec.DecodeError as exc:
-                        # deleted without its index entries (a look-up that finds one
-                        # finds no event and passes over it, as after a set-aside)
-                        _unreadable(seq, exc, "deleted")
-                        ev = {}
+                    # (one unreadable is deleted without its index entries: a look-up
+                    # that finds one finds no event and passes over it, as after a
+                    # set-aside)
+                    ev = _event(raw, tk[8:], "deleted") or {}
                     for name, k in self._index_keys(ev):
                         txn.delete(k, tk, db=self.idx[name])
                         if name in COUNTED:
