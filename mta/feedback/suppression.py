@@ -46,7 +46,7 @@ import lmdb
 import msgspec
 
 from mta.idn import alabels
-from mta.store import make_dirs, sync_dir
+from mta.store import MAX_TIME, make_dirs, sync_dir
 
 log = logging.getLogger("mta.suppression")
 
@@ -507,7 +507,7 @@ def _records(key: bytes, value) -> dict[str, list] | None:
         for tname, rec in recs.items():
             if tname not in TYPES or len(rec) != 4 or not isinstance(rec[0], str) or \
                     not isinstance(rec[1], str) or \
-                    not all(isinstance(t, (int, float)) and 0 <= t < 1e11 for t in rec[2:]):
+                    not all(isinstance(t, (int, float)) and 0 <= t < MAX_TIME for t in rec[2:]):
                 raise ValueError(f"record {tname!r}")
         if not recs:
             raise ValueError("no record")
