@@ -719,6 +719,8 @@ def _recovering(ctx, endpoint: str) -> bool:
 def queue_delete(ctx, config_path, as_json, qids, timeout):
     """Delete queued messages by queue id (ALL, in capitals, deletes everything).
 
+    A queue id that is not queued (delivered, deleted, never there) is named on stderr
+    with exit status 1, as by 'mta queue flush --queue-id'; the others are deleted.
     A spool shard that does not answer within --timeout is named on stderr, with how
     many of the ids it has were not confirmed deleted, and exit status 69; the other
     shards' messages are deleted all the same."""
@@ -731,7 +733,7 @@ def queue_delete(ctx, config_path, as_json, qids, timeout):
     everything = list(qids) == ["ALL"]
     if not everything:
         bad = [q for q in qids if not is_qid(normal_qid(q))]    # (as the operator typed them)
-        qids = [normal_qid(q) for q in qids]
+        qids = list(dict.fromkeys(normal_qid(q) for q in qids))     # (each asked once)
         if bad:
             click.echo(f"mta: not queue ids: {_shown(bad)} ({QID_SHAPE} each)", err=True)
             sys.exit(1)
@@ -747,6 +749,7 @@ def queue_delete(ctx, config_path, as_json, qids, timeout):
     clients: dict[int, object] = {}
     waits: dict[int, _ShardWait] = {}
     unconfirmed: dict[int, int] = {}    # shard that did not answer: the ids asked of it
+    absent: set[str] = set()            # ids named that their shard does not hold
     missed: list[str] = []
     ctxz = bus.new_context()
 
@@ -779,6 +782,9 @@ def queue_delete(ctx, config_path, as_json, qids, timeout):
                        f"error); {count} message(s) deleted", err=True)
             sys.exit(1)
         count += len(reply.deleted)
+        if not everything and len(reply.deleted) < len(group):
+            # (ALL: one listed, then delivered before its delete, is gone all the same)
+            absent.update(set(group).difference(reply.deleted))
         if as_json:
             deleted.extend(reply.deleted)
 
@@ -800,8 +806,11 @@ def queue_delete(ctx, config_path, as_json, qids, timeout):
         for cl in clients.values():
             cl.close()
         ctxz.term()
-    click.echo(json.dumps({"deleted": deleted}) if as_json else
+    not_queued = [q for q in qids if q in absent] if absent else []    # (as they were named)
+    click.echo(json.dumps({"deleted": deleted, "not_queued": not_queued}) if as_json else
                f"deleted {count} message(s)")
+    if not_queued:
+        click.echo(f"mta: not queued: {' '.join(not_queued)}", err=True)
     if missed:
         left = sum(unconfirmed.values())
         # (a shard that is only stopped deletes what it was sent once it runs again)
@@ -809,6 +818,8 @@ def queue_delete(ctx, config_path, as_json, qids, timeout):
             f"{left} of the queue id(s) are its and not confirmed deleted (it may delete "
             "them once it runs again: see 'mta queue list')" if left else "",
             "its messages were not listed, so not deleted" if everything else "") if x))
+    if not_queued:
+        sys.exit(1)
 
 
 def _adaptive_dir(settings) -> str:

@@ -404,3 +404,39 @@ def test_drain_cancel_with_a_shard_stopped_says_its_count_is_partial(make_daemon
     out = r.stdout.decode()
     assert r.returncode == 0 and f"{len(on0)} message(s) queued" in out, r
     assert "partial: spool[1] not answering" in out, r
+
+
+def test_queue_delete_of_an_id_not_queued_says_so_and_fails(make_daemon):
+    """`mta queue delete ID` of a queue id that is not queued (delivered, deleted, never
+    there) said "deleted 0 message(s)" and exited 0, where `mta queue flush --queue-id`
+    of it exits 1: an operator's script could not tell.  It now names the ids not
+    queued and exits 1, a partial delete too (the others deleted, and said so); the
+    other commands that take an id fail on an unknown one as well."""
+    d = make_daemon(acceptors=1, shards=2)
+    qids = [d.send("a@sender.test", [f"x{i}@one.test"], message(f"m{i}")) for i in range(3)]
+    gone = qids[0]
+    d.cli("queue", "delete", gone)
+    r = d.cli("queue", "delete", gone, check=False)
+    assert r.returncode == 1, r
+    assert f"mta: not queued: {gone}".encode() in r.stderr, r
+    r = d.cli("queue", "delete", "--json", gone, check=False)
+    assert r.returncode == 1 and json.loads(r.stdout) == {"deleted": [], "not_queued": [gone]}, r
+    # partial: the queued one deleted (and said), the other named, exit 1
+    r = d.cli("queue", "delete", qids[1], gone, check=False)
+    assert r.returncode == 1 and b"deleted 1 message(s)" in r.stdout, r
+    assert f"mta: not queued: {gone}".encode() in r.stderr and qids[1].encode() not in r.stderr, r
+    r = d.cli("queue", "delete", "--json", qids[2], gone, qids[2].lower(), check=False)
+    assert r.returncode == 1, r
+    assert json.loads(r.stdout) == {"deleted": [qids[2]], "not_queued": [gone]}, r
+    st, _, body = admin_call(d, "GET", "/api/admin/queue")
+    assert body["total"]["messages"] == 0, body["total"]
+    # the same exit status as flush of it; the other commands that take an id fail too
+    r = d.cli("queue", "flush", "--queue-id", gone, check=False)
+    assert r.returncode == 1 and b"not queued" in r.stderr, r
+    for args in (("queue", "show", gone), ("inspect", gone), ("resume", "nosuch"),
+                 ("rules", "cancel", "nosuch")):
+        r = d.cli(*args, check=False)
+        assert r.returncode == 1 and r.stderr, (args, r)
+    # ALL of an empty queue is no error: nothing was named
+    r = d.cli("queue", "delete", "ALL")
+    assert b"deleted 0 message(s)" in r.stdout, r
