@@ -194,6 +194,38 @@ def _not_answering(settings, why: str):
     sys.exit(EX_UNAVAILABLE)
 
 
+def _listens(endpoint: str) -> bool:
+    """Whether something listens on the ipc *endpoint* (a spool shard's socket): False
+    when its file is missing or a connection to it is refused (a daemon stopped, or
+    killed and its file left behind), as `mta status` is refused by the admin listener;
+    True when it is taken, also in the kernel's backlog (a shard stopped or wedged, to
+    be waited for), and when it cannot be told (then waited for, as before)."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)     # (a full backlog: EAGAIN at once, not a wait)
+    try:
+        sock.connect(endpoint[len("ipc://"):])
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.close()
+    return True
+
+
+def _no_daemon_at(settings, endpoint: str) -> bool:
+    """Whether nothing can answer at the spool shard's *endpoint*: nothing listens there
+    and no daemon runs (its pid file names none that runs) -- known at once, where
+    the request would wait its whole bound.  A shard that a running daemon restarts
+    (its socket not yet bound again) is waited for, as before."""
+    from mta.opscli import daemon_running
+
+    # (the pid file first: a running daemon's sockets are not touched)
+    return not daemon_running(settings) and not _listens(endpoint)
+
+
 def _ask_each_shard(settings, request, *values, timeout: float | None = None):
     """Send a request to every spool shard of the running daemon, all at once (a thread
     each): (the replies of the shards that answered, in shard order, what became of the
@@ -211,6 +243,8 @@ def _ask_each_shard(settings, request, *values, timeout: float | None = None):
         endpoint = settings.endpoint(f"spool-{n}")
         if not os.path.exists(endpoint[len("ipc://"):]):
             return None, f"spool[{n}] is not running"
+        if _no_daemon_at(settings, endpoint):
+            return None, f"spool[{n}] is not running (nothing listens on its socket)"
         cl = bus.SyncClient(ctx, endpoint)     # (a socket used by this thread only)
         try:
             return cl.call(request, *values, timeout=timeout), None
@@ -254,6 +288,8 @@ def _queue_pages(settings, missed: list[str], limit: int = 0, timeout: float | N
         endpoint = settings.endpoint(f"spool-{n}")
         if not os.path.exists(endpoint[len("ipc://"):]):
             return None
+        if _no_daemon_at(settings, endpoint):
+            raise TimeoutError(f"spool[{n}] is not running (nothing listens on its socket)")
         # (made in this thread, used on by the command's after its result: a socket
         # handed over through the future, one thread at a time)
         clients[n] = (bus.SyncClient(ctx, endpoint), _ShardWait(settings, ctx, endpoint,
@@ -644,6 +680,9 @@ def queue_show(ctx, config_path, qid, raw):
     qid = normal_qid(qid)
     s = _queue_settings(ctx, config_path)
     n = shard_of(qid, _shard_count(s))
+    if _no_daemon_at(s, s.endpoint(f"spool-{n}")):
+        _not_answering(s, f"spool[{n}], the shard of {qid}, is not running: nothing "
+                          "listens on its socket")
     ctxz = bus.new_context()
     try:
         cl = bus.SyncClient(ctxz, s.endpoint(f"spool-{n}"))
@@ -753,6 +792,11 @@ def queue_delete(ctx, config_path, as_json, qids, timeout):
     missed: list[str] = []
     ctxz = bus.new_context()
 
+    def _gone(n: int):
+        click.echo(f"mta: spool[{n}] is not answering (no daemon runs); {count} message(s) "
+                   f"deleted; is 'mta serve' running with state in {s.state_dir}?", err=True)
+        sys.exit(EX_UNAVAILABLE)
+
     def flush(n: int) -> None:
         nonlocal count
         group = pending.pop(n, None)
@@ -763,6 +807,8 @@ def queue_delete(ctx, config_path, as_json, qids, timeout):
             return
         cl = clients.get(n)
         if cl is None:
+            if _no_daemon_at(s, s.endpoint(f"spool-{n}")):
+                _gone(n)
             cl = clients[n] = bus.SyncClient(ctxz, s.endpoint(f"spool-{n}"))
             waits[n] = _ShardWait(s, ctxz, s.endpoint(f"spool-{n}"), timeout)
         try:
@@ -771,9 +817,7 @@ def queue_delete(ctx, config_path, as_json, qids, timeout):
             reply = waits[n].call(cl, bus.SpoolMessageDelete, group)
         except TimeoutError as exc:
             if not daemon_running(s):
-                click.echo(f"mta: spool[{n}] is not answering (no daemon runs); {count} "
-                           "message(s) deleted", err=True)
-                sys.exit(EX_UNAVAILABLE)
+                _gone(n)
             unconfirmed[n] = len(group)
             missed.append(f"spool[{n}]: {exc}")
             return

@@ -440,3 +440,49 @@ def test_queue_delete_of_an_id_not_queued_says_so_and_fails(make_daemon):
     # ALL of an empty queue is no error: nothing was named
     r = d.cli("queue", "delete", "ALL")
     assert b"deleted 0 message(s)" in r.stdout, r
+
+
+def test_queue_show_without_a_daemon_fails_at_once(make_daemon):
+    """`mta queue show QID` with no daemon running waited 6.4 s (the shard's bound, then
+    a second's probe) before it said so; `mta queue` and `mta queue flush` waited the
+    bound too after a kill -9 (the sockets' files stay).  Nothing listens on the spool
+    shard's socket: they now fail as soon as `mta status` does, with the message and
+    exit status (69) of the other commands.  A daemon that runs but is slow to answer
+    (its shard stopped) still gets the whole bound."""
+    import os
+    import signal
+
+    from mta.queueid import shard_of
+
+    d = make_daemon(acceptors=1, shards=2, admin={"shard_timeout": 2.0})
+    qid = d.send("a@sender.test", ["x@one.test"], message("gone"))
+    stopped = d.children()[f"spool[{shard_of(qid, 2)}]"]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = d.cli("queue", "show", qid, check=False)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert r.returncode == 69 and b"not answering" in r.stderr and took >= 2.0, (took, r)
+    assert d.cli("queue", "show", qid).returncode == 0
+
+    def timed(*args):
+        t0 = time.monotonic()
+        r = d.cli(*args, check=False)
+        return r, time.monotonic() - t0
+
+    for how in ("kill -9", "stopped"):
+        if how == "kill -9":
+            d.kill9()           # (its sockets' files and pid file stay)
+        else:
+            d.start()
+            assert d.stop() == 0
+        r, base = timed("status")           # (nothing listens: refused at once)
+        assert r.returncode == 69 and b"is 'mta serve' running?" in r.stderr, r
+        for args in (("queue", "show", qid), ("queue",), ("queue", "flush"),
+                     ("queue", "list"), ("queue", "delete", qid)):
+            r, took = timed(*args)
+            assert r.returncode == 69 and b"is 'mta serve' running" in r.stderr, (how, args, r)
+            assert b"Traceback" not in r.stderr, r
+            assert took < base + 0.5, (how, args, took, base)
