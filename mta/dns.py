@@ -3,7 +3,10 @@
 What it does: tells delivery where mail for a domain goes.  ``resolve_mx``
 turns a recipient domain into MX host names grouped by preference (or a
 permanent or temporary reason why there are none); ``resolve_addresses``
-turns a host name into its IPv4 then IPv6 addresses.
+turns a host name into its IPv4 then IPv6 addresses; ``resolve_hosts`` does so
+for several hosts (a domain's MX hosts) concurrently, at most HOSTS_IN_FLIGHT at
+a time and all within one lookup's bound, so hosts whose zone's server is dead
+cost one timeout together, not one each.
 Reads: the nameservers, port and limits it is constructed with (the delivery
 role passes its slice of the config).  Only when no nameserver is configured
 does it read the system resolver configuration (/etc/resolv.conf).
@@ -103,6 +106,9 @@ MAX_TEMP_FAIL_TTL_SECONDS = 10.0  # "a few seconds", never more
 DEADLINE_SLACK_SECONDS = 0.25  # the asyncio deadline behind dnspython's lifetime
 EDNS_PAYLOAD_OCTETS = 1232  # DNS flag day 2020 value
 MIN_SERVER_TIMEOUT_SECONDS = 1.0  # the least one nameserver is given (within the lookup's bound)
+# resolve_hosts: the host names whose addresses are looked up at once for one caller (a
+# domain's MX hosts: each host is an A and an AAAA query, so twice as many queries)
+HOSTS_IN_FLIGHT = 5
 
 _A = dns.rdatatype.A
 _AAAA = dns.rdatatype.AAAA
@@ -328,17 +334,68 @@ class Resolver:
                 a = await self._lookup(name, _A)
             elif aaaa is None:
                 aaaa = await self._lookup(name, _AAAA)
-            found = list(a.records) + list(aaaa.records)
-            failed = [lk.reason for lk in (a, aaaa) if lk.kind == _LK_TEMP]
-            used = (a, aaaa)
-        else:
-            a = await self._lookup(name, _A)
-            found = list(a.records)
-            failed = [a.reason] if a.kind == _LK_TEMP else []
-            used = (a,)
-        if not found and failed:
-            raise DnsTempError("; ".join(failed))
+            return self._addresses_of((a, aaaa))
+        return self._addresses_of((await self._lookup(name, _A),))
+
+    def _addresses_of(self, used) -> tuple[list[str], float]:
+        """A host's addresses and the seconds they hold, from its A (and AAAA) lookups."""
+        found = [ip for lk in used for ip in lk.records]
+        if not found:
+            failed = [lk.reason for lk in used if lk.kind == _LK_TEMP]
+            if failed:
+                raise DnsTempError("; ".join(failed))
         return found, self._left([lk for lk in used if lk.kind == _LK_OK])
+
+    async def resolve_hosts(self, hosts: list[str], *, in_flight: int = HOSTS_IN_FLIGHT,
+                            deadline: float | None = None) -> list:
+        """Each host's ``resolve_addresses_ttl`` (its addresses and the seconds they
+        hold) or the ``DnsTempError`` it raised, in the order of *hosts*.
+
+        The lookups run concurrently, at most *in_flight* hosts at a time, all within
+        *deadline* seconds (default: one lookup's bound, ``timeout`` plus
+        DEADLINE_SLACK_SECONDS): hosts whose names the DNS does not answer for cost
+        one timeout together, not one each.  A host not answered by the deadline
+        (its lookup still waiting, or not begun) is a ``DnsTempError``; a query cut
+        short goes on for the cache (single-flight).  Answers all in the cache: no
+        task, no wait.
+        """
+        out: list = [None] * len(hosts)
+        todo = []
+        for i, host in enumerate(hosts):
+            got = self._addresses_now(host)
+            if got is None:
+                todo.append(i)
+            else:
+                out[i] = got
+        if todo:
+            if deadline is None:
+                deadline = self._timeout + DEADLINE_SLACK_SECONDS
+            got = await gather_hosts(self.resolve_addresses_ttl, [hosts[i] for i in todo],
+                                     in_flight=in_flight, deadline=deadline)
+            for i, r in zip(todo, got):
+                out[i] = r
+        return out
+
+    def _addresses_now(self, host: str):
+        """``resolve_hosts``' answer for *host* when no query is needed (an IP address,
+        an invalid name, cached answers), else None."""
+        ip = _ip(host)
+        if ip is not None:
+            return [ip], self._max_ttl
+        name = normalize_host(host)
+        if name is None:
+            return [], self._max_ttl
+        keys = ((name, _A), (name, _AAAA)) if self._ipv6 else ((name, _A),)
+        now = self._clock()
+        cache = self._cache
+        for key in keys:   # every answer live (looked at without counting a hit)
+            entry = cache.get(key)
+            if entry is None or entry[0] <= now:
+                return None
+        try:
+            return self._addresses_of([self._cached(key) for key in keys])
+        except DnsTempError as e:
+            return e
 
     def cache_stats(self) -> dict[str, int]:
         """Counters since start, for metrics.
@@ -484,6 +541,39 @@ class Resolver:
         else:
             records = tuple(dict.fromkeys(rd.address for rd in rrset))  # server's order
         return _Lookup(_LK_OK, records, ttl)
+
+
+async def gather_hosts(lookup, hosts: list[str], *, in_flight: int, deadline: float) -> list:
+    """``lookup(host)`` for each of *hosts*, at most *in_flight* at a time, all within
+    *deadline* seconds: each one's result or the ``DnsTempError`` it raised, in the order
+    of *hosts*; one not done by the deadline (waiting, or not begun) is a DnsTempError."""
+    if in_flight < 1:
+        raise ValueError("in_flight must be >= 1")
+    if not hosts:
+        return []
+    gate = asyncio.Semaphore(in_flight)
+    out: list = [None] * len(hosts)
+
+    async def one(i: int, host: str) -> None:
+        async with gate:
+            try:
+                out[i] = await lookup(host)
+            except DnsTempError as e:
+                out[i] = e
+
+    tasks = [asyncio.ensure_future(one(i, h)) for i, h in enumerate(hosts)]
+    try:
+        await asyncio.wait(tasks, timeout=deadline)
+    finally:
+        for t in tasks:
+            t.cancel()   # (a query of the resolver is shielded: it goes on for the cache)
+    for t in tasks:      # a bug, not DNS trouble: raised, as a lookup one at a time did
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            raise t.exception()
+    for i, host in enumerate(hosts):
+        if out[i] is None:
+            out[i] = DnsTempError(f"{host}: no answer within {deadline:g}s")
+    return out
 
 
 def _host(exchange: dns.name.Name) -> str:

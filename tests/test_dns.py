@@ -306,6 +306,89 @@ def test_an_answer_truncated_over_tcp_too_is_a_temporary_failure(clock):
     run(main())
 
 
+def _hang_or_answer(q, tcp):
+    """A ScriptedDns answer: names under dead.test. get none (a dead authoritative
+    server); ok<N>.live.test. has A 127.0.0.<30+N> and no AAAA."""
+    name, rdtype = q.question[0].name.to_text(), q.question[0].rdtype
+    if name.endswith(".dead.test."):
+        return None
+    if rdtype == dns.rdatatype.A and name.startswith("ok"):
+        n = int(name[2:].split(".")[0])
+        return _response(q, [f"{name} 300 IN A 127.0.0.{30 + n}"])
+    return _response(q)     # NODATA
+
+
+def test_hosts_whose_names_get_no_answer_cost_one_timeout_not_one_each(clock):
+    # Four MX hosts in a zone whose server is dead, then one that answers: looked up one
+    # after another that was four timeouts (a domain with MAX_MX_HOSTS of them waited
+    # ~55 s, its lane held); concurrently it is one, and each result keeps its place.
+    hosts = [f"mx{n}.dead.test" for n in range(4)] + ["ok1.live.test"]
+
+    async def main():
+        async with ScriptedDns(_hang_or_answer) as srv:
+            r = mdns.Resolver([("127.0.0.1", srv.port)], timeout=1.0, temp_fail_ttl=0,
+                              clock=clock)
+            t0 = time.monotonic()
+            got = await r.resolve_hosts(hosts)
+            elapsed = time.monotonic() - t0
+            assert {n for n, _, _ in srv.queries} >= {h + "." for h in hosts}
+        return got, elapsed
+
+    got, elapsed = run(main())
+    assert all(isinstance(g, mdns.DnsTempError) for g in got[:4]), got
+    assert "timed out" in str(got[0])
+    assert got[4][0] == ["127.0.0.31"]
+    assert 0.9 < elapsed < 2 * 1.0, elapsed
+
+
+def test_resolve_hosts_keeps_at_most_in_flight_hosts_and_its_deadline(clock):
+    # in_flight=2: the first two hosts are asked, the rest wait for a free place; at the
+    # deadline every host not answered is a temporary failure, asked or not.
+    hosts = [f"mx{n}.dead.test" for n in range(6)]
+
+    async def main():
+        async with ScriptedDns(_hang_or_answer) as srv:
+            r = mdns.Resolver([("127.0.0.1", srv.port)], timeout=3.0, clock=clock)
+            t0 = time.monotonic()
+            got = await r.resolve_hosts(hosts, in_flight=2, deadline=0.5)
+            elapsed = time.monotonic() - t0
+            asked = {n for n, _, _ in srv.queries}
+        return got, elapsed, asked
+
+    got, elapsed, asked = run(main())
+    assert asked == {"mx0.dead.test.", "mx1.dead.test."}, asked
+    assert all(isinstance(g, mdns.DnsTempError) for g in got), got
+    assert "no answer within 0.5s" in str(got[5])
+    assert 0.4 < elapsed < 2 * 0.5, elapsed
+    with pytest.raises(ValueError):
+        run(mdns.gather_hosts(None, hosts, in_flight=0, deadline=1.0))
+
+
+def test_resolve_hosts_answers_from_the_cache_without_a_query_or_a_task(clock):
+    hosts = ["ok2.live.test", "127.0.0.9", "ok1.live.test", "bad_name..test"]
+
+    async def main():
+        async with ScriptedDns(_hang_or_answer) as srv:
+            r = mdns.Resolver([("127.0.0.1", srv.port)], timeout=1.0, clock=clock)
+            first = await r.resolve_hosts(hosts)
+            sent = len(srv.queries)
+            loop = asyncio.get_running_loop()
+            tasks = []
+            loop.set_task_factory(lambda lp, coro, **kw: tasks.append(coro) or
+                                  asyncio.Task(coro, loop=lp, **kw))
+            try:
+                again = await r.resolve_hosts(hosts)
+            finally:
+                loop.set_task_factory(None)
+            assert tasks == []
+            assert len(srv.queries) == sent        # every answer from the cache
+        return first, again
+
+    first, again = run(main())
+    assert [g[0] for g in first] == [["127.0.0.32"], ["127.0.0.9"], ["127.0.0.31"], []]
+    assert [g[0] for g in again] == [g[0] for g in first]
+
+
 def test_an_mx_naming_an_ip_address_is_ignored(make):
     r = make()
     mx = run(r.resolve_mx("numeric.example.test"))

@@ -343,7 +343,9 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "system's resolv.conf")] = \
         msgspec.field(default_factory=list)
     dns_timeout: Annotated[float, _doc(
-        "seconds one DNS lookup may take before it counts as a temporary failure",
+        "seconds one DNS lookup may take before it counts as a temporary failure; a "
+        "domain's MX hosts' addresses are looked up concurrently (5 hosts at a time), "
+        "all within one such bound",
         ge=0.1, le=120)] = 5.0
     ipv6: Annotated[bool, _doc(
         "send over IPv6 too: look up MX hosts' AAAA records and connect to IPv6 addresses "

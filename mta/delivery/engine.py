@@ -1071,16 +1071,14 @@ class Engine:
         out: list[Target] = []
         ttl = SITE_TTL
         if route is not None:
-            for h in route.hosts:
-                if h.startswith("[") or h.count(":") == 1:
-                    host, port = parse_hostport(h)
-                else:
-                    host, port = h, cfg.mx_port
-                try:
-                    ips, left = await self._addresses(host)
-                except DnsTempError as exc:
-                    log.info("address lookup for route host %s failed: %s", host, exc)
+            pairs = [parse_hostport(h) if h.startswith("[") or h.count(":") == 1
+                     else (h, cfg.mx_port) for h in route.hosts]
+            found = await self._addresses_all([host for host, _ in pairs])
+            for (host, port), got in zip(pairs, found):
+                if isinstance(got, DnsTempError):
+                    log.info("address lookup for route host %s failed: %s", host, got)
                     continue
+                ips, left = got
                 if ips:
                     ttl = min(ttl, left)
                 for ip in ips:
@@ -1103,13 +1101,14 @@ class Engine:
             ttl = min(ttl, mx.ttl)
         unknown = len(mx.hosts)     # the best preference with a host whose lookup failed
         hosts = [(rank, host) for rank, group in enumerate(mx.hosts) for host in group]
-        for rank, host in hosts[:MAX_MX_HOSTS]:
-            try:
-                ips, left = await self._addresses(host)
-            except DnsTempError as exc:  # one MX host's addresses: try the next host
-                log.info("address lookup for %s failed: %s", host, exc)
+        # looked up all at once, within about one lookup's timeout (not one per host)
+        found = await self._addresses_all([host for _, host in hosts[:MAX_MX_HOSTS]])
+        for (rank, host), got in zip(hosts, found):
+            if isinstance(got, DnsTempError):  # one MX host's addresses: try the next host
+                log.info("address lookup for %s failed: %s", host, got)
                 unknown = min(unknown, rank)
                 continue
+            ips, left = got
             if ips:
                 ttl = min(ttl, left)
             for ip in ips:
@@ -1132,12 +1131,24 @@ class Engine:
             raise RouteError(DEFERRED, 451, "4.4.3", f"no address found for the MX hosts of {domain}")
         return out, ttl
 
-    async def _addresses(self, host: str) -> tuple[list[str], float]:
-        """*host*'s addresses and the seconds they hold (an address: itself, SITE_TTL;
-        an IPv6 one nothing when delivery.ipv6 is off); DnsTempError as the resolver's."""
-        if is_ip(host):
-            return ([host] if self.cfg.ipv6 or ":" not in host else []), SITE_TTL
-        return await self.resolver.resolve_addresses_ttl(host)
+    async def _addresses_all(self, hosts: list[str]) -> list:
+        """Each host's addresses and the seconds they hold, or the DnsTempError of its
+        lookup, in the order of *hosts* (an address: itself, SITE_TTL; an IPv6 one nothing
+        when delivery.ipv6 is off).  The names are looked up concurrently, at most
+        mta.dns.HOSTS_IN_FLIGHT at a time, all within one lookup's timeout (the
+        resolver's resolve_hosts); cached answers cost no task."""
+        out: list = [None] * len(hosts)
+        names, where = [], []
+        for i, host in enumerate(hosts):
+            if is_ip(host):
+                out[i] = ([host] if self.cfg.ipv6 or ":" not in host else []), SITE_TTL
+            else:
+                names.append(host)
+                where.append(i)
+        if names:
+            for i, got in zip(where, await self.resolver.resolve_hosts(names)):
+                out[i] = got
+        return out
 
     def _route_of(self, domain: str):
         """*domain*'s own [[delivery.route]] (not '*'), or None."""

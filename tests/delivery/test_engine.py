@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 
 import msgspec
 import pytest
@@ -23,6 +24,7 @@ from mta.config import resolve
 from mta.config.schema import Config
 from mta.delivery import engine as engine_mod
 from mta.delivery.engine import Engine, Job
+from mta import dns as mdns
 from mta.dns import DnsTempError, MxResult
 
 QID = "0123456789ABCDEFGHIJ"
@@ -56,6 +58,9 @@ class Peer:
         return AiosmtpdServer(self, hostname="peer.test", decode_data=False)
 
 
+HANG = object()     # a host whose address lookup never ends (the stand-in resolver's)
+
+
 class Resolver:
     """Answers from a table: domain -> MxResult, host -> [ip] or DnsTempError."""
 
@@ -63,18 +68,26 @@ class Resolver:
         self.mx = mx
         self.addresses = addresses
         self.ttl: dict = {}         # host -> seconds its addresses hold (default 300)
+        self.deadline = 5.0         # seconds resolve_hosts waits for all of them
 
     async def resolve_mx(self, domain):
         return self.mx[domain]
 
     async def resolve_addresses(self, host):
         a = self.addresses[host]
+        if a is HANG:           # the DNS never answers for this name
+            await asyncio.sleep(3600)
         if isinstance(a, Exception):
             raise a
         return a
 
     async def resolve_addresses_ttl(self, host):
         return await self.resolve_addresses(host), self.ttl.get(host, 300.0)
+
+    async def resolve_hosts(self, hosts):
+        # as mta.dns.Resolver's: concurrently, bounded, within one lookup's bound
+        return await mdns.gather_hosts(self.resolve_addresses_ttl, hosts,
+                                       in_flight=mdns.HOSTS_IN_FLIGHT, deadline=self.deadline)
 
 
 # Each engine's state directory, under one directory removed when the tests end.
@@ -422,6 +435,43 @@ def test_the_mx_hosts_looked_up_and_the_addresses_tried_are_bounded():
     (r,) = results
     assert (r.outcome, r.code) == (bus.DEFERRED, 451), r
     assert looked_up == hosts[:engine_mod.MAX_MX_HOSTS]
+
+
+def test_mx_hosts_whose_lookups_hang_cost_one_lookup_bound_not_one_each():
+    """4 MX hosts whose address lookups never end: the mail is deferred after one
+    resolve_hosts deadline (1 s here), not four of them (the lookups ran one by one)."""
+    hosts = [f"mx{n}.example.net" for n in range(4)]
+    resolver = Resolver({"example.net": MxResult("ok", [[h] for h in hosts])},
+                        dict.fromkeys(hosts, HANG))
+    resolver.deadline = 1.0
+    t0 = time.monotonic()
+    (j, results), = deliver([job("example.net", "a")], resolver, port=free_port())
+    elapsed = time.monotonic() - t0
+    (r,) = results
+    assert (r.outcome, r.code, r.enhanced) == (bus.DEFERRED, 451, "4.4.3"), r
+    assert elapsed < 2 * resolver.deadline, elapsed
+
+
+def test_an_mx_host_whose_lookup_hangs_leaves_the_mail_to_the_next_in_preference():
+    """MX 10 and 20 hang, MX 30 and 40 answer: the mail goes to MX 30 (the best that
+    answered), within about one lookup bound."""
+    port = free_port()
+    best, worse = Peer(), Peer()
+    resolver = Resolver({"example.net": MxResult("ok", [["mx10.example.net"],
+                                                        ["mx20.example.net"],
+                                                        ["mx30.example.net"],
+                                                        ["mx40.example.net"]])},
+                        {"mx10.example.net": HANG, "mx20.example.net": HANG,
+                         "mx30.example.net": ["127.0.0.2"], "mx40.example.net": ["127.0.0.3"]})
+    resolver.deadline = 1.0
+    t0 = time.monotonic()
+    (j, results), = deliver([job("example.net", "a")], resolver, port=port,
+                            peers={"127.0.0.2": best, "127.0.0.3": worse})
+    elapsed = time.monotonic() - t0
+    (r,) = results
+    assert (r.outcome, r.host, r.ip) == (bus.DELIVERED, "mx30.example.net", "127.0.0.2"), r
+    assert best.messages == [("s@example.com", ["a@example.net"], BODY)] and not worse.messages
+    assert elapsed < 2 * resolver.deadline, elapsed
 
 
 def test_every_host_down_defers():

@@ -30,6 +30,8 @@ import socket
 import threading
 import time
 
+import dns.message
+import dns.query
 from daemon import (HOST, event_kind, fd_table, queued_id, smtp_transaction, split_received,
                     wait_until)
 from mta import proc
@@ -237,6 +239,94 @@ def test_each_nameserver_is_asked_on_its_own_port(lab):
     wait_queue_empty(d)
     ev = check_events(d, {(q, "a@ports.test"): "delivery"})
     assert ev[(q, "a@ports.test")]["transient"] == []   # in the first attempt
+
+
+class DeadZoneDns:
+    """A DNS server on loopback (UDP) in front of the lab's unbound: a query for a name
+    under *dead* gets no answer at all (a dead authoritative server for that zone),
+    every other one is passed to unbound and its answer back.  A thread of the test,
+    bounded: each receive waits at most 0.2 s, and it stops with the test."""
+
+    def __init__(self, upstream, dead: str, address: str = "127.0.0.157"):
+        self.upstream = upstream
+        self.dead = dead.rstrip(".").lower() + "."
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, 0))
+        self.sock.settimeout(0.2)
+        self.nameserver = f"{address}:{self.sock.getsockname()[1]}"
+        self.dropped: list[str] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self):
+        while not self.stopping.is_set():
+            try:
+                wire, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            q = dns.message.from_wire(wire)
+            name = q.question[0].name.to_text().lower()
+            if name.endswith("." + self.dead):
+                self.dropped.append(name)
+                continue
+            try:
+                r = dns.query.udp(q, self.upstream.address, port=self.upstream.port, timeout=2.0)
+            except Exception:
+                continue
+            self.sock.sendto(r.to_wire(), peer)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.thread.join(5.0)
+        self.sock.close()
+
+
+DNS_TIMEOUT = 3.0   # delivery.dns_timeout of the tests whose MX hosts' lookups hang
+
+
+def test_mx_hosts_whose_lookups_hang_defer_after_one_timeout_not_one_each(lab):
+    """hang.test has 4 MX hosts in a zone whose server never answers: the mail is
+    deferred after about one lookup timeout (their lookups run concurrently), not four
+    (one after another: a domain with 10 such hosts waited ~55 s, its lane held)."""
+    up = lab.serve(mx("sender.test", "mx.sender.test", IP_B)
+                   + [f"hang.test. 300 IN MX {10 * n} mx{n}.dead.test." for n in range(1, 5)])
+    with DeadZoneDns(up, "dead.test") as srv:
+        d = lab.daemon(nameservers=[srv.nameserver], dns_timeout=DNS_TIMEOUT)
+        t0 = time.monotonic()
+        d.send("alice@sender.test", ["a@hang.test"], message("hanging MX hosts"))
+        wait_until(lambda: any(e["type"] == "delay" for e in d.events()), 30, "the deferral")
+        elapsed = time.monotonic() - t0
+        assert {f"mx{n}.dead.test." for n in range(1, 5)} <= set(srv.dropped)
+    [e] = [e for e in d.events() if e["type"] == "delay"]
+    assert e["error_code"] == "451" and "4.4.3" in e["raw_reason"], e
+    assert elapsed < 2 * DNS_TIMEOUT, elapsed
+
+
+def test_the_best_mx_host_that_answers_gets_the_mail_when_better_ones_hang(lab):
+    """MX 10, 20, 30 in a zone that never answers, MX 40 and 50 answer: MX 40 gets the
+    mail, within about one lookup timeout."""
+    best, worse = lab.aio(IP_A), lab.aio(IP_C)
+    up = lab.serve(mx("sender.test", "mx.sender.test", IP_B)
+                   + [f"half.test. 300 IN MX {10 * n} mx{n}.dead.test." for n in range(1, 4)]
+                   + mx("half.test", "mx4.half.test", IP_A, 40)
+                   + mx("half.test", "mx5.half.test", IP_C, 50))
+    with DeadZoneDns(up, "dead.test") as srv:
+        d = lab.daemon(nameservers=[srv.nameserver], dns_timeout=DNS_TIMEOUT)
+        m = message("better MX hosts hang")
+        t0 = time.monotonic()
+        qid = d.send("alice@sender.test", ["a@half.test"], m)
+        wait_until(lambda: best.received() == 1, 30, "delivery to MX 40")
+        elapsed = time.monotonic() - t0
+    [t] = best.snapshot()
+    received_ok(t.data, m, qid)
+    assert t.rcpt_tos == ["a@half.test"] and worse.received() == 0
+    ev = check_events(d, {(qid, "a@half.test"): "delivery"})
+    assert ev[(qid, "a@half.test")]["terminal"]["remote_host"] == "mx4.half.test"
+    assert elapsed < 2 * DNS_TIMEOUT, elapsed
 
 
 def test_greylisting_receiver_gets_the_message_on_a_retry(lab):
