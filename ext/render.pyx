@@ -77,6 +77,33 @@ _URL_UNSAFE = re.compile(r"[^A-Za-z0-9_.~-]")
 _URL_TABLE = {c: f"%{c:02X}" if _URL_UNSAFE.match(chr(c)) else chr(c) for c in range(128)}
 
 
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+
+
+cdef inline Py_ssize_t _octets(str value):
+    if PyUnicode_IS_ASCII(value):       # (a flag of the str)
+        return PyUnicode_GET_LENGTH(value)
+    cdef Py_ssize_t k = 0
+    cdef Py_UCS4 c
+    for c in value:
+        if c < 0x80:
+            k += 1
+        elif c < 0x800:
+            k += 2
+        elif c < 0x10000:
+            k += 1 if 0xDC80 <= c <= 0xDCFF else 3
+        else:
+            k += 4
+    return k
+
+
+def octets(str value):
+    """*value*'s length in octets as the message has it: UTF-8, a surrogate U+DC80 to
+    U+DCFF 1 (an octet that was not UTF-8, "surrogateescape"), another 3."""
+    return _octets(value)
+
+
 cdef object _python_way(value, long raw, bint html, bint links):
     if raw == 2 and links:
         if _URL_UNSAFE.search(value) is not None:
@@ -127,8 +154,9 @@ def render(list parts, tuple scopes, bint html, bint links, Py_ssize_t limit, Py
     *raw* 0 (HTML-escaped when *html*), 1 (as it is) or 2 (in a link: URL-encoded
     when *links*, else as 0).  A value is written as ``text_of(value)`` writes it
     (a str as it is, None as "", true and false as words, an int in its digits).
-    *limit* (characters; 0: none): TooLarge as soon as the text would pass it,
-    counting from *n* (the length of the constant parts).
+    *limit* (octets, as :func:`octets` counts them; 0: none): TooLarge as soon as
+    the text would pass it, counting from *n* (the constant parts' octets), checked
+    after each value -- a value repeated 2,000 times is not written 2,000 times first.
     """
     cdef list out = []
     cdef object p, value
@@ -167,7 +195,7 @@ def render(list parts, tuple scopes, bint html, bint links, Py_ssize_t limit, Py
             if _needs_escape(value):
                 value = escape(value)
         out.append(value)
-        n += PyUnicode_GET_LENGTH(value)
+        n += _octets(value)
         if limit and n > limit:
             raise TooLarge(n)
     return "".join(out)

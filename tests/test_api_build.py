@@ -1189,3 +1189,70 @@ def test_the_template_cache_keeps_little_of_a_template_of_many_statements(text):
     out = t.render(({"a": [1], "b": 1},))       # (renders as if it were kept)
     assert out.startswith("[1][1]") or out.startswith("xx")
     B._templates.clear()
+
+
+def counting_text_of(monkeypatch) -> list:
+    """Count the values written through build._text_of (an object value: its JSON)."""
+    calls = []
+    real = B._text_of
+
+    def text_of(value):
+        calls.append(1)
+        return real(value)
+    monkeypatch.setattr(B, "_text_of", text_of)
+    return calls
+
+
+def test_the_size_bound_is_the_messages_across_its_texts(monkeypatch):
+    # three texts of 15 values of ~1 KB under a 20,000-octet bound: each alone within
+    # it, together not -- the building stops in the second text, not after the third
+    calls = counting_text_of(monkeypatch)
+    v = {"k": "x" * 1000}
+    t = tx(text="{{{v}}}" * 15, amp_html="{{{v}}}" * 15, html="{{{v}}}" * 15,
+           substitution_data={"v": v})
+    with pytest.raises(B.RecipientError) as e:
+        B.Builder(t, "mta.test", 20_000).build(0, t.recipients[0])
+    assert e.value.event == "generation_failure"
+    assert "larger than 20000 octets (http.max_message_size)" in e.value.description
+    assert 15 < len(calls) <= 21, len(calls)
+    # within the bound, the same message is built
+    m = B.Builder(t, "mta.test", 60_000).build(0, t.recipients[0])
+    assert 45_000 < len(m.message) <= 60_000
+    # attachments count in it too: the texts have what they leave
+    t = tx(text="{{{v}}}" * 15, substitution_data={"v": v},
+           attachments=[{"name": "a.bin", "type": "application/octet-stream",
+                         "data": base64.b64encode(b"\0" * 9000).decode()}])
+    calls.clear()
+    with pytest.raises(B.RecipientError):
+        B.Builder(t, "mta.test", 20_000).build(0, t.recipients[0])
+    assert len(calls) <= 9, len(calls)
+
+
+def test_the_size_bound_counts_octets_in_loops_and_dynamic_content():
+    # 10,000 characters of "€" are 30,000 octets: over a 20,000-octet bound as they are
+    # rendered (the loop and the dynamic content are the general loop's, not the kernel's)
+    scopes = ({"a": ["€" * 1000] * 10, "v": "€" * 1000,
+               "dynamic_plain": {"d": "{{{v}}}" * 10}},)
+    for text in ("{{each a}}{{{loop_var}}}{{end}}",
+                 "{{render_dynamic_content(dynamic_plain.d)}}",
+                 "{{if a}}{{{v}}}{{{v}}}{{{v}}}{{{v}}}{{{v}}}{{{v}}}{{{v}}}{{end}}"):
+        tpl = B.Template(text)
+        with pytest.raises(B.TooLarge):
+            tpl.render(scopes, limit=20_000)
+        assert len(tpl.render(scopes, limit=30_000)) in (7000, 10_000), text
+        t = tx(text=text, substitution_data=scopes[0])
+        with pytest.raises(B.RecipientError) as e:
+            B.Builder(t, "mta.test", 20_000).build(0, t.recipients[0])
+        assert "http.max_message_size" in e.value.description, text
+        assert B.Builder(t, "mta.test", 100_000).build(0, t.recipients[0])
+
+
+def test_a_nested_block_renders_only_what_its_text_has_left(monkeypatch):
+    # an {{ each }} in an {{ each }}: the inner one's second pass has the 5 KB the first
+    # left of the 20 KB, not 20 KB of its own (30 values were written, then the bound seen)
+    calls = counting_text_of(monkeypatch)
+    t = tx(text="{{each a}}{{each b}}{{{v}}}{{end}}{{end}}",
+           substitution_data={"a": [1, 2], "b": [1] * 15, "v": {"k": "x" * 1000}})
+    with pytest.raises(B.RecipientError):
+        B.Builder(t, "mta.test", 20_000).build(0, t.recipients[0])
+    assert len(calls) <= 21, len(calls)

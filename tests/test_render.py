@@ -80,6 +80,47 @@ def test_limit(mod):
         run(mod, [(("a",), 0)] * 1000, scopes, limit=100)
 
 
+def test_limit_counts_utf8_octets_not_characters(mod):
+    # the bound is the message's, in octets: 1,000 characters of "€" are 3,000 of them
+    # (a 100 KB request whose value of 30,000 "€" was rendered 1,700 times made 153 MB
+    # under a 50 MiB bound counted in characters)
+    for ch, size in (("é", 2), ("€", 3), ("\U0001F600", 4), ("\ud800", 3), ("\udc80", 1)):
+        scopes = ({"v": ch * 100},)
+        parts = [(("v",), 1)] * 10
+        assert run(mod, parts, scopes, limit=1000 * size) == ch * 1000
+        with pytest.raises(mod.TooLarge) as e:
+            run(mod, parts, scopes, limit=1000 * size - 1)
+        assert e.value.args == (1000 * size,)
+    # a value counts as written: escaped ("&" is "&amp;")
+    with pytest.raises(mod.TooLarge):
+        run(mod, [(("v",), 0)] * 10, ({"v": "&" * 10},), html=True, limit=499)
+    assert len(run(mod, [(("v",), 0)] * 10, ({"v": "&" * 10},), html=True, limit=500)) == 500
+
+
+def test_limit_stops_the_loop_as_soon_as_it_is_passed(mod):
+    # not after the text is built: each value is written once, until the bound is passed
+    calls = []
+
+    def text_of(value):
+        calls.append(1)
+        return build._text_of(value)
+
+    with pytest.raises(mod.TooLarge):
+        mod.render([(("v",), 1)] * 100_000, ({"v": 1.5},), False, False, 3000, 0, text_of)
+    assert len(calls) == 1001
+
+
+@PROPS
+@given(st.text(alphabet=st.characters(blacklist_categories=()), max_size=30))
+def test_twins_count_octets_as_the_message_has_them(text):
+    # UTF-8; a surrogate U+DC80..U+DCFF is the octet surrogateescape writes, another 3
+    want = sum(1 if c < "\x80" or "\udc80" <= c <= "\udcff" else 2 if c < "\u0800" else
+               3 if c < "\U00010000" else 4 for c in text)
+    assert PURE.octets(text) == COMPILED.octets(text) == want
+    if not any("\ud800" <= c <= "\udfff" for c in text):
+        assert want == len(text.encode())
+
+
 VALUE = st.one_of(st.text(max_size=20), st.none(), st.booleans(),
                   st.integers(-10 ** 25, 10 ** 25), st.floats(allow_nan=False,
                                                               allow_infinity=False),

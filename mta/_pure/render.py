@@ -24,6 +24,16 @@ class TooLarge(Exception):
     """A recipient's message would pass the builder's size bound (http.max_message_size)."""
 
 
+def octets(value: str) -> int:
+    """*value*'s length in octets as the message has it: UTF-8, a surrogate U+DC80 to
+    U+DCFF 1 (an octet that was not UTF-8, "surrogateescape"), another 3."""
+    if value.isascii():     # (a flag of the str)
+        return len(value)
+    data = value.encode("utf-8", "surrogatepass")
+    # (U+DC80 to U+DCFF are ED B2 xx and ED B3 xx: ED leads only U+D000 to U+DFFF)
+    return len(data) - 2 * (data.count(b"\xed\xb2") + data.count(b"\xed\xb3"))
+
+
 def render(parts: list, scopes: tuple, html: bool, links: bool, limit: int, n: int,
            text_of) -> str:
     """*parts* rendered for *scopes*.
@@ -33,8 +43,9 @@ def render(parts: list, scopes: tuple, html: bool, links: bool, limit: int, n: i
     *raw* 0 (HTML-escaped when *html*), 1 (as it is) or 2 (in a link: URL-encoded
     when *links*, else as 0).  A value is written as ``text_of(value)`` writes it
     (a str as it is, None as "", true and false as words, an int in its digits).
-    *limit* (characters; 0: none): TooLarge as soon as the text would pass it,
-    counting from *n* (the length of the constant parts).
+    *limit* (octets, as :func:`octets` counts them; 0: none): TooLarge as soon as
+    the text would pass it, counting from *n* (the constant parts' octets), checked
+    after each value -- a value repeated 2,000 times is not written 2,000 times first.
     """
     out = []
     for p in parts:
@@ -62,7 +73,7 @@ def render(parts: list, scopes: tuple, html: bool, links: bool, limit: int, n: i
         elif html and raw != 1:
             value = escape(value)
         out.append(value)
-        n += len(value)
+        n += octets(value)
         if limit and n > limit:
             raise TooLarge(n)
     return "".join(out)

@@ -339,6 +339,7 @@ def lookup(path: tuple, scopes: tuple):
 _kernel = native.load("render")
 _render_plain = _kernel.render
 TooLarge = _kernel.TooLarge     # a message would pass the size bound (http.max_message_size)
+_octets = _kernel.octets        # a text's octets as the bound counts them
 # the compiled common cases of a message's parts: a plain address, a To or Subject field
 # of one line, a Message-ID, a text part that goes as 7bit (mta._pure.fields: the twin)
 _fields = native.load("fields")
@@ -451,8 +452,8 @@ class Template:
             self.parts = [text]     # (never rendered by the builder: _unblocked refuses it)
         if all(isinstance(p, str) for p in self.parts):
             self.constant = "".join(self.parts)     # (a macro's braces written)
-        # the characters of the constant parts (render's size bound adds the values')
-        self.fixed = sum(len(p) for p in self.parts if isinstance(p, str))
+        # the octets of the constant parts (render's size bound adds the values')
+        self.fixed = _fixed(self.parts)
         # ({{ a.b }}, {{{ a }}}, a value in a link: no statement, default, index, length
         # or dynamic content)
         self.plain = all(type(p) is str or type(p) is tuple and len(p) == 2 and p[1] != 3
@@ -467,8 +468,10 @@ class Template:
         *nested*: the text is dynamic content, whose own render_dynamic_content() is
         empty (a chunk rendering itself would never end).
 
-        *limit* (characters; 0: none): TooLarge as soon as the text would pass it, before
-        it is joined -- a 90 KB value substituted 2,000 times would otherwise make 180 MB.
+        *limit* (octets in UTF-8, as _octets counts them; 0: none): TooLarge as soon as
+        the text would pass it, before it is joined -- a 90 KB value substituted 2,000
+        times would otherwise make 180 MB; a block ({{ if }}, {{ each }}, dynamic
+        content) has what the text before it left.
         """
         if self.constant is not None:
             return self.constant
@@ -489,16 +492,27 @@ _dynamics: dict = {}   # dynamic content compiled for the message being rendered
                        # (Template, its pieces); cleared with _steps
 
 
+def _fixed(parts: list) -> int:
+    """The octets of the constant text of *parts*."""
+    return sum(_octets(p) for p in parts if type(p) is str)
+
+
+def _rest(limit: int, n: int) -> int:
+    """The bound left of *limit* when *n* octets are taken (0: no bound; -1: none left,
+    any value passes it)."""
+    return 0 if not limit else limit - n if limit > n else -1
+
+
 def _render(parts: list, scopes: tuple, html: bool, guard, limit: int, links: bool,
             nested: bool, n: int) -> str:
-    """*parts* rendered (Template.render; *n*: the length of their constant text)."""
+    """*parts* rendered (Template.render; *n*: the octets of their constant text)."""
     out = []
     for p in parts:
         if isinstance(p, str):
             out.append(p)
             continue
         if type(p) is not tuple:        # a block: {{ if }}, {{ each }}
-            value = p.render(scopes, html, guard, limit, links, nested)
+            value = p.render(scopes, html, guard, _rest(limit, n), links, nested)
         else:
             value = lookup(p[0], scopes)
             if len(p) > 2:
@@ -509,7 +523,7 @@ def _render(parts: list, scopes: tuple, html: bool, guard, limit: int, links: bo
             if p[1] == 3:
                 # render_dynamic_content(): the value is a template, rendered unescaped
                 value = "" if nested or not isinstance(value, str) else \
-                    _render_dynamic(value, scopes, html, guard, limit, links)
+                    _render_dynamic(value, scopes, html, guard, _rest(limit, n), links)
                 if guard is not None:
                     guard(value)
             else:
@@ -524,7 +538,7 @@ def _render(parts: list, scopes: tuple, html: bool, guard, limit: int, links: bo
                 elif html and p[1] != 1:
                     value = html_mod.escape(value)
         out.append(value)
-        n += len(value)
+        n += _octets(value)
         if limit and n > limit:
             raise TooLarge(n)
     return "".join(out)
@@ -764,11 +778,10 @@ class _If:
         for cond, parts in self.branches:
             if _truthy(_evaluate(cond, scopes)):
                 return _render(parts, scopes, html, guard, limit, links, nested,
-                               sum(len(p) for p in parts if type(p) is str))
+                               _fixed(parts))
         parts = self.other
         return "" if parts is None else _render(parts, scopes, html, guard, limit, links,
-                                                nested, sum(len(p) for p in parts
-                                                            if type(p) is str))
+                                                nested, _fixed(parts))
 
 
 class _Each:
@@ -793,17 +806,18 @@ class _Each:
         if _steps[0] > MAX_LOOP_STEPS:
             raise LoopLimit(_steps[0])
         outer = lookup(("loop_vars",), scopes)
-        fixed = sum(len(p) for p in self.parts if type(p) is str)
+        fixed = _fixed(self.parts)
         out = []
         n = 0
         for i, item in enumerate(items, 1):
             loop_vars = {**outer, self.name: item} if isinstance(outer, dict) else \
                 {self.name: item}
+            # (each pass has what the passes before it left)
             text = _render(self.parts, ({"loop_var": item, "loop_index": i,
                                          "loop_vars": loop_vars},) + scopes,
-                           html, guard, limit, links, nested, fixed)
+                           html, guard, _rest(limit, n), links, nested, fixed)
             out.append(text)
-            n += len(text)
+            n += _octets(text)
             if limit and n > limit:
                 raise TooLarge(n)
         return "".join(out)
@@ -1440,18 +1454,25 @@ class Builder:
                             for i, a in enumerate(c.attachments)] if c.attachments else []
         self.images = [attachment_part(a, f"content.inline_images[{i}]", True)
                        for i, a in enumerate(c.inline_images)] if c.inline_images else []
+        self.body_limit = _rest(self.max_size, sum(map(len, self.attachments)) +
+                                sum(map(len, self.images))) \
+            if self.attachments or self.images else self.max_size
 
     def _body(self, scopes: tuple) -> bytes:
         """The MIME entity of the body: its content fields, blank line, content."""
         alts = []
-        limit = self.max_size
+        # the octets the texts may have together: what the message's bound leaves of the
+        # attachments' (TooLarge as soon as a text passes it, not when all are built)
+        limit = self.body_limit
         if self.text is not None:
             text = self.text.render(scopes, limit=limit, links=True)
             alts.append(_text_part_7bit("plain", text) or text_part("plain", text))
+            limit = _rest(limit, len(alts[-1]))
         if self.amp is not None:
             # AMP for email: the text/x-amp-html part goes before the text/html one
             text = self.amp.render(scopes, html=True, limit=limit, links=True)
             alts.append(_text_part_7bit("x-amp-html", text) or text_part("x-amp-html", text))
+            limit = _rest(limit, len(alts[-1]))
         if self.html is not None:
             text = self.html.render(scopes, html=True, limit=limit, links=True)
             part = _text_part_7bit("html", text) or text_part("html", text)
@@ -1467,7 +1488,9 @@ class Builder:
         """Header field *label*'s value for recipient *i*; RecipientError when
         substitution_data puts a line break or a control character into it."""
         try:
-            v = tpl.render(scopes, limit=MAX_FIELD_VALUE)
+            # (render's bound counts octets, at most 4 a character: the field's bound is
+            # in characters, checked below)
+            v = tpl.render(scopes, limit=4 * MAX_FIELD_VALUE)
         except TooLarge:
             v = None
         if v is None or len(v) > MAX_FIELD_VALUE:
@@ -1611,13 +1634,15 @@ class Builder:
         eightbit = self.rfc_8bit
         utf8 = False
         from_email = self.rfc_from
+        limit = self.max_size   # (what the pieces before one leave it)
         for p in self.rfc822:
             if not isinstance(p, tuple):
                 out.append(p)
+                limit = _rest(limit, len(p))
                 continue
             kind, tpl = p
             if kind == "head":
-                text = tpl.render(scopes, guard=no_breaks, limit=self.max_size)
+                text = tpl.render(scopes, guard=no_breaks, limit=limit)
                 if not text.isascii():
                     text = _encoded_head(text)
                 utf8 = not text.isascii()
@@ -1628,8 +1653,7 @@ class Builder:
                     if from_email and not scope["env_from"]:
                         scope["env_from"] = scope["return_path"] = from_email
             else:
-                text = tpl.render(scopes, html=(kind != "plain"), limit=self.max_size,
-                                  links=True)
+                text = tpl.render(scopes, html=(kind != "plain"), limit=limit, links=True)
                 if "\r" in text or "\n" in text:
                     # line ends as the rest of the message has them (a value's bare LF
                     # or CR would be one the receiver reads differently)

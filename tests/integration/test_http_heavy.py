@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from daemon import HOST
+from daemon import HOST, wait_until
 
 from mta.api import build
 from mta.api import replies as R
@@ -214,3 +214,61 @@ def test_a_header_field_substituted_to_megabytes_is_refused_naming_it(api):
     body["content"]["subject"] = "{{v}}"
     st, _, res = api.post(body, headers=AUTH)
     assert st == 200, res
+
+
+def test_a_recipient_whose_message_passes_the_size_bound_is_stopped_as_it_is_rendered(api):
+    # a 190 KB request: two recipients' value of 30,000 "€" (90 KB) substituted 600
+    # times -- 18 million characters, within http.max_message_size (50 MiB) counted in
+    # characters; 54 MB in UTF-8, 162 MB as quoted-printable, built on the acceptor's
+    # loop before its size was seen.  Rendering stops at the bound: those recipients are
+    # generation_failures, the others of the request are queued, and an SMTP client of
+    # the same acceptor is answered meanwhile.
+    body = {"recipients": [{"address": "fit0@example.net"},
+                           {"address": "huge@example.net",
+                            "substitution_data": {"v": "€" * 30_000}},
+                           {"address": "huge2@example.net",
+                            "substitution_data": {"v": "€" * 30_000}},
+                           {"address": "fit3@example.net"}],
+            "content": {"from": "a@example.com", "subject": "s", "text": "{{{v}}}" * 600},
+            "substitution_data": {"v": "fits "}}
+    out = {}
+
+    def run():
+        t = time.monotonic()
+        out["post"] = api.post(body, headers=AUTH, timeout=120)
+        out["took"] = time.monotonic() - t
+
+    th = threading.Thread(target=run)
+    th.start()
+    waits = []
+    try:
+        end = time.monotonic() + 10
+        while (th.is_alive() or not waits) and time.monotonic() < end and len(waits) < 50:
+            t = time.monotonic()
+            with api.connect(timeout=30) as c:
+                assert c.banner[0] == 220
+                assert c.cmd("EHLO probe.test")[0] == 250
+                c.cmd("QUIT")
+            waits.append(time.monotonic() - t)
+    finally:
+        th.join(120)
+    st, _, res = out["post"]
+    assert st == 200, res
+    r = res["results"]
+    assert (r["total_accepted_recipients"], r["total_rejected_recipients"]) == (2, 2), res
+    for i, err in enumerate(r["rcpt_to_errors"], 1):
+        assert err["code"] == R.RCPT_INVALID.code, err
+        assert err["description"].startswith(f"recipients[{i}]: the message would be larger "
+                                             f"than {50 * 1024 * 1024} octets "
+                                             "(http.max_message_size)"), err
+    assert out["took"] < 1.0, out
+    assert max(waits) < 0.5, waits
+    # the event of the refused one, the messages of the others
+    want = {("generation_failure", "huge@example.net"),
+            ("generation_failure", "huge2@example.net"), ("injection", "fit0@example.net"),
+            ("injection", "fit3@example.net")}
+    wait_until(lambda: want <= {(e["type"], e["raw_rcpt_to"]) for e in api.events()}, 20,
+               "the events of the request")
+    queued = [m["recipients"] for m in api.queue_list()
+              if m["recipients"][0] in ("fit0@example.net", "fit3@example.net")]
+    assert sorted(queued) == [["fit0@example.net"], ["fit3@example.net"]], queued
