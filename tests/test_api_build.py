@@ -1256,3 +1256,27 @@ def test_a_nested_block_renders_only_what_its_text_has_left(monkeypatch):
     with pytest.raises(B.RecipientError):
         B.Builder(t, "mta.test", 20_000).build(0, t.recipients[0])
     assert len(calls) <= 21, len(calls)
+
+
+def test_header_fields_are_bounded_together_as_they_are_built(monkeypatch):
+    # 30 fields of a 50 KB value: each within MAX_FIELD_VALUE, 1.5 MB of header fields
+    # together (a 90 KB request of 2,000 such fields folded 100 MB: 9 s a recipient)
+    calls = counting_text_of(monkeypatch)
+    v = {"k": "y " * 25_000}
+    t = tx(headers={f"X-H{k}": "{{v}}" for k in range(30)}, substitution_data={"v": v})
+    with pytest.raises(B.RecipientError) as e:
+        B.Builder(t, "mta.test", 50 << 20).build(0, t.recipients[0])
+    assert e.value.event == "generation_failure"
+    assert e.value.description == (f"recipients[0]: content.headers would make the header "
+                                   f"fields longer than {B.MAX_HEADER_BLOCK} octets")
+    assert len(calls) <= B.MAX_HEADER_BLOCK // 50_000 + 1, len(calls)
+    # under a smaller message bound, that one is the recipient's error, as soon as passed
+    calls.clear()
+    with pytest.raises(B.RecipientError) as e:
+        B.Builder(t, "mta.test", 200_000).build(0, t.recipients[0])
+    assert "larger than 200000 octets (http.max_message_size)" in e.value.description
+    assert len(calls) <= 5, len(calls)
+    # within both, built
+    t = tx(headers={f"X-H{k}": "{{v}}" for k in range(15)}, substitution_data={"v": v})
+    m = B.Builder(t, "mta.test", 50 << 20).build(0, t.recipients[0])
+    assert len(parse(m).get_all("X-H14")) == 1

@@ -119,6 +119,9 @@ MAX_FIELD_NAME = 200      # characters of a header field name in content.headers
 MAX_FIELD_VALUE = 100_000  # characters of a header field's value as rendered (Postfix's
                            # header_size_limit is 102400 for the whole header); a 46 MB
                            # Subject made of substitutions took 4 s to fold
+MAX_HEADER_BLOCK = 1_000_000  # octets of a message's header fields as built (Postfix
+                           # takes 102400); content.headers has no bound of its own in
+                           # count: 2,000 fields of a 50 KB value took 9 s to fold
 _SPACE_RUN = " " * 64     # spaces in a row that a header value keeps only encoded
 WORD_OCTETS = 39          # UTF-8 octets per encoded word: "=?utf-8?b?" + 52 + "?=" = 64
 PHRASE_OCTETS = 45        # in display names: "=?utf-8?b?" + 60 + "?=" = 72 (limit 75); names
@@ -1550,10 +1553,20 @@ class Builder:
             made = _message_id(self.hostname, _pid)
             out.append(f"Message-ID: {made}\r\n".encode())
         out.append(b"MIME-Version: 1.0\r\n")
-        for hname, tpl in self.headers:
-            v = field(i, scopes, f"content.headers.{hname}", tpl)
-            out.append(address_field(hname, v) if hname.lower() in _ADDRESS_FIELDS
-                       else unstructured(hname, v))
+        if self.headers:
+            # the header block's bound, and the message's, as the fields are built
+            size = sum(map(len, out))
+            for hname, tpl in self.headers:
+                v = field(i, scopes, f"content.headers.{hname}", tpl)
+                out.append(address_field(hname, v) if hname.lower() in _ADDRESS_FIELDS
+                           else unstructured(hname, v))
+                size += len(out[-1])
+                if self.max_size and size > self.max_size:
+                    raise TooLarge(size)
+                if size > MAX_HEADER_BLOCK:
+                    raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: content.headers "
+                                         "would make the header fields longer than "
+                                         f"{MAX_HEADER_BLOCK} octets", ev.GENERATION_FAILURE)
         # SMTPUTF8 when an address is not ASCII: the envelope's, or one written as it is
         # into the header (header_to, Cc, Reply-To: RFC 6532 allows UTF-8 there only in
         # mail sent with SMTPUTF8); everything else non-ASCII is in encoded words

@@ -272,3 +272,20 @@ def test_a_recipient_whose_message_passes_the_size_bound_is_stopped_as_it_is_ren
     queued = [m["recipients"] for m in api.queue_list()
               if m["recipients"][0] in ("fit0@example.net", "fit3@example.net")]
     assert sorted(queued) == [["fit0@example.net"], ["fit3@example.net"]], queued
+
+
+def test_many_header_fields_substituted_to_megabytes_are_refused_as_they_are_built(api):
+    # a 90 KB request: 2,000 header fields of a 50 KB value, each within the bound of
+    # a field -- 100 MB of fields folded (9 s of the loop) before the message's size
+    # was seen; the header block's bound stops it after 1 MB
+    body = {"recipients": [{"address": "hdrs@example.net"}],
+            "content": {"from": "a@example.com", "subject": "s", "text": "t",
+                        "headers": {f"X-H{k}": "{{v}}" for k in range(2000)}},
+            "substitution_data": {"v": "y " * 25_000}}
+    t = time.monotonic()
+    st, _, res = api.post(body, headers=AUTH, timeout=120)
+    took = time.monotonic() - t
+    assert st == 422, res
+    d = res["errors"][0]["description"]
+    assert "content.headers" in d and str(build.MAX_HEADER_BLOCK) in d, res
+    assert took < 1.0, took
