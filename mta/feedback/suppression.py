@@ -34,6 +34,8 @@ record takes roughly 120-200 octets with its index (10 million: about 2 GB).
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
 import os
 import re
 import struct
@@ -580,3 +582,176 @@ def open_for(settings) -> SuppressionList | None:
     if not cfg.enabled:
         return None
     return SuppressionList(os.path.join(settings.state_dir, cfg.path), cfg.max_size)
+
+
+# ------------------------------------------------------------------ damage
+
+SALVAGE_SECONDS = 600.0     # the most a start spends copying a damaged list's entries
+
+
+def check_at_start(path: str, max_size: int) -> str | None:
+    """At the supervisor's start, before any process of the node opens the list at
+    *path*: the line saying what was done with a damaged list (:func:`check_store`:
+    moved aside and rebuilt, :func:`repair`), or None (sound, none yet, or open).
+
+    Only when no other process has the environment open: LMDB grows data.mdb as it
+    writes, so a list read while another process creates or writes it can look cut
+    short.  Every process that opens it holds a shared fcntl lock on the first octet of
+    lock.mdb while it has it open; that octet is locked here, exclusively and without
+    waiting, for the check and the repair (a process opening it then waits for them).
+    Never in a child, nor at an upgrade or a restart of a child: the list is open then.
+    """
+    try:
+        fd = os.open(os.path.join(path, "lock.mdb"), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                log.warning("suppression list %s: open in another process at this start "
+                            "(a process of an earlier run still running?); not checked",
+                            path)
+                return None
+        why = check_store(path)
+        return repair(path, max_size, why) if why else None
+    finally:
+        if fd is not None:
+            os.close(fd)       # (and the lock with it)
+
+
+def check_store(path: str) -> str | None:
+    """Why the environment at *path* cannot be opened safely, or None (sound, or none yet).
+
+    A ``data.mdb`` shorter than the pages its meta page names (truncated: a partial copy
+    or restore, a full disk) is mapped all the same, and the first read of a page past
+    its end kills the reader with SIGBUS: every process of the node that opens the list
+    would die at its first look-up.  One that is not an LMDB file at all cannot be opened.
+    Only the meta pages are read (with pread: no page of the map).  Only for a list no
+    process is writing (:func:`check_at_start`): a list being created or grown is short
+    of its pages for a moment.  An empty file is one LMDB makes a list in.
+    """
+    data = os.path.join(path, "data.mdb")
+    try:
+        size = os.path.getsize(data)
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, max_dbs=4, subdir=True)
+    except (lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.CorruptedError) as exc:
+        return f"not an LMDB environment ({exc})"
+    except lmdb.Error as exc:
+        # (cannot be read as the host has it -- no permission: not a damaged list)
+        raise OSError(f"suppression list {path}: {exc}") from None
+    try:
+        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    finally:
+        env.close()
+    if size < need:
+        return f"data.mdb is {size} octets, shorter than its {need} octets of pages"
+    return None
+
+
+def repair(path: str, max_size: int, reason: str) -> str:
+    """Move the damaged list at *path* aside (kept for the operator) and make a new one
+    there with every entry that can still be read from it; a line saying what was done.
+
+    LMDB cannot read a list whose root pages are gone (copy-on-write puts them at the
+    end of the file: a truncation loses them first), so the entries are taken from the
+    file's pages themselves (:func:`_scan`, plain reads with every offset checked: a
+    page that is not one is passed over).  Pages freed by later writes still hold
+    earlier versions of entries: the newest version of each address is kept, and an
+    entry deleted before the damage may come back (it suppresses; delete it again).
+    """
+    aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    os.rename(path, aside)
+    sync_dir(os.path.dirname(os.path.abspath(path)))
+    best: dict[bytes, tuple[float, bytes]] = {}
+    bad = 0
+    stopped = ""
+    deadline = time.monotonic() + SALVAGE_SECONDS
+    try:
+        for key, value in _scan(os.path.join(aside, "data.mdb"), deadline):
+            # (an index row's key starts with its time: zero octets until 2527)
+            if b"@" not in key or key.startswith(b"\x00"):
+                continue
+            recs = _records(key, value) if len(key) <= MAX_ADDRESS else None
+            if recs is None:
+                bad += 1
+                continue
+            newest = max(r[3] for r in recs.values())
+            if key not in best or best[key][0] < newest:
+                best[key] = (newest, value)
+    except OSError as exc:
+        stopped = f"; reading it stopped: {exc}"
+    if time.monotonic() >= deadline:
+        stopped = f"; reading it stopped after {SALVAGE_SECONDS:.0f} s"
+    dst = SuppressionList(path, max_size)
+    kept = 0
+    try:
+        items = sorted(best.items())
+        for at in range(0, len(items), 10_000):
+            with dst.env.begin(write=True) as txn:
+                for key, (_, value) in items[at:at + 10_000]:
+                    recs = _dec.decode(value[1:])
+                    txn.put(key, bytes((sum(TYPES[t] for t in recs),)) + value[1:],
+                            db=dst.rcpt)
+                    for tname, (src_name, _, _, updated) in recs.items():
+                        txn.put(_index_key(updated, TYPES[tname], key),
+                                SOURCE_CODES.get(src_name, b""), db=dst.index)
+                        dst._count(txn, src_name, 1)
+                    kept += 1
+    except lmdb.MapFullError:
+        stopped += "; the new list is full (suppression.max_size)"
+    finally:
+        dst.close()
+    return (f"suppression list {path}: {reason}; moved to {aside}; a new list is in its "
+            f"place with the {kept} entries read from its pages ({bad} unreadable"
+            f"{stopped}); entries it held past the damage are lost: put them again")
+
+
+_P_LEAF, _P_LEAF2, _F_BIGDATA, _F_SUBDATA = 0x02, 0x20, 0x01, 0x02
+_PAGE_HEAD = struct.Struct("<QHHHH")     # pgno, pad, flags, lower, upper (LMDB 0.9, 64-bit)
+_NODE_HEAD = struct.Struct("<HHHH")      # data size lo, hi, flags, key size
+
+
+def _scan(data: str, deadline: float):
+    """(key, value) of every plain node in the leaf pages of LMDB file *data*, read
+    without LMDB (no map: a short file is no SIGBUS).  Page size: the one the meta
+    page says, else 4096."""
+    with open(data, "rb") as fh:
+        head = fh.read(_PAGE_HEAD.size + 24)
+        psize = 4096
+        if len(head) >= _PAGE_HEAD.size + 24:
+            # MDB_meta after the page header: magic (4), version (4), address (8), map
+            # size (8), then the free DB's MDB_db whose first field is its page size (4)
+            magic = struct.unpack_from("<I", head, _PAGE_HEAD.size)[0]
+            fh.seek(_PAGE_HEAD.size + 24)
+            ps = struct.unpack("<I", fh.read(4) or b"\0\0\0\0")[0]
+            if magic == 0xBEEFC0DE and 512 <= ps <= 65536 and not ps & (ps - 1):
+                psize = ps
+        fh.seek(0)
+        pgno = 0
+        while time.monotonic() < deadline:
+            page = fh.read(psize)
+            if len(page) < _PAGE_HEAD.size:
+                return
+            no, _, flags, lower, upper = _PAGE_HEAD.unpack_from(page)
+            if no == pgno and flags & _P_LEAF and not flags & _P_LEAF2 and \
+                    _PAGE_HEAD.size <= lower <= upper <= len(page):
+                for i in range((lower - _PAGE_HEAD.size) >> 1):
+                    off = struct.unpack_from("<H", page, _PAGE_HEAD.size + 2 * i)[0]
+                    if not upper <= off <= len(page) - _NODE_HEAD.size:
+                        continue
+                    lo, hi, nflags, ksize = _NODE_HEAD.unpack_from(page, off)
+                    k0 = off + _NODE_HEAD.size
+                    size = lo | hi << 16
+                    if nflags & (_F_BIGDATA | _F_SUBDATA) or k0 + ksize + size > len(page):
+                        continue
+                    yield page[k0:k0 + ksize], page[k0 + ksize:k0 + ksize + size]
+            pgno += 1

@@ -92,6 +92,7 @@ import setproctitle
 from mta import config as mconfig
 from mta import proc, store
 from mta.config import hostport
+from mta.feedback import suppression as suppression_list
 from mta.obs import queue as queue_view
 from mta.shaping import share_note
 from mta.supervisor import notify
@@ -297,6 +298,7 @@ class Supervisor:
         self._check_not_running(pidfile)
         self._write_restarts()      # (a count is this supervisor's: the last run's goes)
         store.make_dirs(s.spool_dir)
+        self._check_suppression_list(s)
         self.settings = s = self._fix_shard_count(s)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
@@ -311,6 +313,34 @@ class Supervisor:
             os.unlink(os.path.join(s.run_dir, mconfig.RELOAD_RECORD))
         except FileNotFoundError:
             pass
+
+    def _check_suppression_list(self, settings, old=None) -> None:
+        """A damaged suppression list (truncated: a process that reads it dies of SIGBUS;
+        not an LMDB file: none can open it) would stop every acceptor and spool shard at
+        its start, and so the node: it is moved aside and rebuilt from what its pages
+        still hold, here, before the children that open it are forked
+        (suppression.check_at_start: only when no process has it open).  At a start; at
+        a reload (*old*: the running settings) only when the new acceptors open another
+        list than the running ones.  Not at an upgrade: the children of the supervisor
+        it replaces had it open; a restarted child opens the list as it is (the children
+        never check it: a list being written looks short for a moment).  A list that
+        cannot be read or moved aside (OSError: no permission, say) stops the start, or
+        fails the reload (StartupError), naming it."""
+        cfg = settings.config.suppression
+        if not cfg.enabled or self.upgrade_ready_fd is not None:
+            return
+        path = os.path.join(settings.state_dir, cfg.path)
+        if old is not None and old.config.suppression.enabled and \
+                os.path.join(old.state_dir, old.config.suppression.path) == path:
+            return
+        try:
+            done = suppression_list.check_at_start(path, cfg.max_size)
+        except OSError as exc:
+            if old is None:
+                raise
+            raise StartupError(f"suppression list {path}: {exc}") from None
+        if done:
+            log.error("%s", done)
 
     def _end_drain(self) -> None:
         """A drain (mta drain) lasts until cancelled or the next start; an upgrade is not
@@ -1070,6 +1100,7 @@ class Supervisor:
                         "it takes effect" if len(later) == 1 else "they take effect")
         new = self._keep_restart_only(old, new)
         try:
+            self._check_suppression_list(new, old)
             self._replace_acceptors(old, new)
         except StartupError as exc:
             log.error("reload failed, keeping what runs: %s", exc)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import smtplib
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -497,3 +499,228 @@ def test_a_damaged_entry_neither_fails_injection_nor_blocks_the_api(make_daemon)
         sink.wait_for("junk@example.net")   # (non-transactional mail: no longer suppressed)
     finally:
         sink.stop()
+
+
+def _put_many(d, first: int, n: int, tries: int = 1) -> None:
+    """n entries u<i>@example.net (both types) through the node's API; a bulk PUT whose
+    connection an acceptor's end cut is sent again (*tries* times: the same entries)."""
+    for at in range(first, first + n, 1000):
+        body = {"recipients": [
+            {"recipient": f"u{i:05d}@example.net", "type": t, "description": "x" * 50}
+            for i in range(at, min(at + 1000, first + n))
+            for t in ("transactional", "non_transactional")]}
+        for left in range(tries - 1, -1, -1):
+            try:
+                st, _, out = call(d, "PUT", "/api/v1/suppression-list", body)
+                break
+            except (ConnectionError, http.client.HTTPException):
+                if not left:
+                    raise
+                time.sleep(0.2)
+        assert st == 200, out
+
+
+@pytest.mark.parametrize("cut", ["meta", "pages"])
+def test_a_truncated_list_is_moved_aside_and_rebuilt_at_the_start(make_daemon, cut):
+    """data.mdb of a stopped node cut short (a partial copy or restore, a full disk):
+    every process that read it died of SIGBUS (cut into its pages) or could not open it
+    (into its meta pages), so the node did not start.  The supervisor finds it before
+    any child opens the list: the node starts, with the entries still on the surviving
+    pages (they suppress), the damaged list kept aside and an ERROR line saying so."""
+    sink = AioSink(HOST, free_port()).start()
+    try:
+        d = make_daemon(
+            acceptors=1, shards=1, http={"api_keys": [KEY]},
+            delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                 "hosts": [f"{HOST}:{sink.port}"]}]})
+        _put_many(d, 0, 3000)
+        assert d.stop() == 0
+        path = os.path.join(d.state_dir, "suppression")
+        data = os.path.join(path, "data.mdb")
+        size = os.path.getsize(data)
+        with open(data, "r+b") as fh:
+            fh.truncate(4096 if cut == "meta" else size // 2)
+        d.start()
+        st, _, body = call(d, "GET", "/api/v1/suppression-list?per_page=10000")
+        assert st == 200, body
+        kept = sorted({e["recipient"] for e in body["results"]})
+        assert len(kept) < 3000 and (cut == "meta" or len(kept) > 100), len(kept)
+        # what was read back suppresses; the rest of the node works
+        assert smtp_send(d, kept[:1] + ["fresh@example.net"]) == {}
+        sink.wait_for("fresh@example.net")
+        if kept:
+            ev = wait_until(lambda: bounces(d, kept[0]), 20, "the suppressed bounce")
+            assert ev[0]["bounce_class"] == "25"
+            assert not [r for _, r, _ in sink.deliveries() if r == kept[0]]
+        st, _, body = call(d, "PUT", "/api/v1/suppression-list/new@example.net",
+                           {"type": "non_transactional"})
+        assert st == 200, body
+        log = d.log(since_start=True)
+        assert "ERROR" in log and f"suppression list {path}: " in log and \
+            f"moved to {path}.damaged-" in log, log[-3000:]
+        assert "signal 7" not in log and "died" not in log and "cannot start" not in log
+        aside = [n for n in os.listdir(d.state_dir) if n.startswith("suppression.damaged-")]
+        assert len(aside) == 1
+        assert os.path.getsize(os.path.join(d.state_dir, aside[0], "data.mdb")) < size
+        # a next start finds the rebuilt list sound
+        assert d.stop() == 0
+        d.start()
+        assert "moved to" not in d.log(since_start=True)
+        assert call(d, "GET", "/api/v1/suppression-list/new@example.net")[0] == 200
+    finally:
+        sink.stop()
+
+
+def test_a_reload_onto_another_truncated_list_rebuilds_it_first(make_daemon):
+    """A reload that points suppression.path at another list (the new acceptors open
+    it): a truncated one is rebuilt before they are forked, as at a start; they start
+    and read what was saved.  The running list is not checked again."""
+    d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]})
+    other = os.path.join(d.state_dir, "restored")
+    sl = S.SuppressionList(other, 1 << 24)
+    sl.put_many([(f"r{i:05d}@example.net", S.BOTH, "x" * 50) for i in range(3000)])
+    sl.close()
+    data = os.path.join(other, "data.mdb")
+    with open(data, "r+b") as fh:
+        fh.truncate(os.path.getsize(data) // 2)
+    log = d.reload(suppression={"path": "restored"})
+    assert f"suppression list {other}: data.mdb is " in log and \
+        f"moved to {other}.damaged-" in log, log[-3000:]
+    assert "died" not in log and "reload failed" not in log
+
+    def listed() -> set[str]:
+        st, _, body = call(d, "GET", "/api/v1/suppression-list?per_page=10000")
+        assert st == 200, body
+        return {e["recipient"] for e in body["results"]}
+
+    # (an old acceptor may answer a last request: it had the empty list)
+    kept = wait_until(listed, 20, "the new acceptor's answer")
+    assert 100 < len(kept) < 3000 and all(r.startswith("r") for r in kept), len(kept)
+    log = d.reload(smtp={"max_recipients": 900})
+    assert log.count("moved to") == 1
+
+
+def test_a_list_being_written_is_never_taken_for_a_damaged_one(make_daemon):
+    """The check reads the list only in the supervisor, before any child is forked: a
+    child never checks it (acceptors and spool shards create and grow it at their
+    start, side by side), nor a child restarted or replaced while the API writes it.
+    Fresh nodes, started again and again, and a node whose list grows meanwhile all
+    start, and a healthy list is never touched."""
+    d = make_daemon(start=False, acceptors=2, shards=2, http={"api_keys": [KEY]})
+    path = os.path.join(d.state_dir, "suppression")
+    for run in range(6):                    # a fresh state directory each time
+        if run:
+            subprocess.run(["rm", "-rf", d.state_dir], check=True)
+        d.start()
+        _put_many(d, 0, 200)
+        assert d.stop() == 0
+    assert "moved to" not in d.log() and "suppression list" not in d.log()
+    d.start()
+    ino = os.stat(os.path.join(path, "data.mdb")).st_ino
+    # the list grows while an acceptor is killed and restarted, and at a reload
+    # (new acceptors open it while the spool shards and the others write it)
+    done_at: list[float] = []
+    stop = threading.Event()
+
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for k in range(60):
+                if stop.is_set():
+                    return
+                _put_many(d, 1000 + 100 * k, 100, tries=20)
+                done_at.append(time.monotonic())
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=write)
+    t.start()
+    try:
+        wait_until(lambda: done_at, 20, "a first write")
+        began = time.monotonic()
+        pid = d.children()["acceptor[0]"]
+        os.kill(pid, 9)
+        d.wait_restarted("acceptor[0]", pid)
+        d.reload(smtp={"max_recipients": 900})
+        ended = time.monotonic()
+    finally:
+        stop.set()
+        t.join(120)
+    assert not errors and not t.is_alive() and [x for x in done_at if began < x < ended], (began, done_at)
+    written = 200 + 100 * len(done_at)
+    for _ in range(3):
+        assert d.stop() == 0
+        d.start()
+    log = d.log()
+    assert "moved to" not in log and "signal 7" not in log and "not checked" not in log
+    assert os.stat(os.path.join(path, "data.mdb")).st_ino == ino
+    assert not [n for n in os.listdir(d.state_dir) if ".damaged-" in n]
+    st, _, body = call(d, "GET", "/api/v1/suppression-list/summary")
+    assert st == 200 and body["results"]["total"] == 2 * written, body
+
+
+CHECK_SPY = '''
+import os
+from mta.feedback import suppression as _s
+_check = _s.check_store
+
+
+def _spy(path):
+    with open(os.environ["MTA_TEST_CHECKS"], "a") as fh:
+        fh.write(f"{os.getpid()} {path}\\n")
+    return _check(path)
+
+
+_s.check_store = _spy
+'''
+
+
+def test_only_the_supervisor_reads_the_list_at_its_start(make_daemon, tmp_path):
+    """Which processes check the list (a spy wraps check_store in every python process
+    of the node): the supervisor, once per start, before its children; never a child
+    (neither at its start, nor restarted, nor replaced at a reload), nor the new
+    supervisor of an upgrade (the list is open in the node then)."""
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(CHECK_SPY)
+    checks = tmp_path / "checks"
+    d = make_daemon(start=False, acceptors=2, shards=2, http={"api_keys": [KEY]})
+    d.env["PYTHONPATH"] = str(spy) + os.pathsep + d.env["PYTHONPATH"]
+    d.env["MTA_TEST_CHECKS"] = str(checks)
+    path = os.path.join(d.state_dir, "suppression")
+
+    def seen() -> list[str]:
+        return checks.read_text().splitlines() if checks.exists() else []
+
+    d.start()
+    assert seen() == [f"{d.proc.pid} {path}"]
+    _put_many(d, 0, 100)
+    pid = d.children()["spool[0]"]
+    os.kill(pid, 9)
+    d.wait_restarted("spool[0]", pid)
+    pid = d.children()["acceptor[1]"]
+    os.kill(pid, 9)
+    d.wait_restarted("acceptor[1]", pid)
+    d.reload(smtp={"max_recipients": 900})
+    _put_many(d, 100, 100)
+    assert len(seen()) == 1
+    old = d.proc.pid
+    assert d.stop() == 0
+    d.start()
+    assert seen() == [f"{old} {path}", f"{d.proc.pid} {path}"]
+    d.cli("upgrade", timeout=180)
+    assert d.proc.wait(30) == 0
+    new = int(open(os.path.join(d.state_dir, "run", "mta.pid")).read())
+    try:
+        assert new != d.proc.pid
+        wait_until(lambda: call(d, "GET", "/api/v1/suppression-list/summary")[0] == 200,
+                   30, "the upgraded node's API")
+        st, _, body = call(d, "GET", "/api/v1/suppression-list/summary")
+        assert body["results"]["total"] == 400, body
+        assert len(seen()) == 2
+    finally:
+        os.kill(new, signal.SIGTERM)
+        wait_until(lambda: not os.path.exists(f"/proc/{new}") or
+                   open(f"/proc/{new}/stat").read().rpartition(")")[2].split()[0] == "Z",
+                   60, "the new supervisor to stop")
