@@ -589,7 +589,7 @@ def open_for(settings) -> SuppressionList | None:
 SALVAGE_SECONDS = 600.0     # the most a start spends copying a damaged list's entries
 
 
-def check_at_start(path: str, max_size: int) -> str | None:
+def check_at_start(path: str, max_size: int, tick=None) -> str | None:
     """At the supervisor's start, before any process of the node opens the list at
     *path*: the line saying what was done with a damaged list (:func:`check_store`:
     moved aside and rebuilt, :func:`repair`), or None (sound, none yet, or open).
@@ -600,6 +600,8 @@ def check_at_start(path: str, max_size: int) -> str | None:
     lock.mdb while it has it open; that octet is locked here, exclusively and without
     waiting, for the check and the repair (a process opening it then waits for them).
     Never in a child, nor at an upgrade or a restart of a child: the list is open then.
+    *tick*: called now and then while a list is rebuilt (the supervisor tells systemd
+    it is alive: a large list takes seconds to read).
     """
     try:
         fd = os.open(os.path.join(path, "lock.mdb"), os.O_RDWR | os.O_CLOEXEC)
@@ -617,7 +619,11 @@ def check_at_start(path: str, max_size: int) -> str | None:
                             path)
                 return None
         why = check_store(path)
-        return repair(path, max_size, why) if why else None
+        if not why:
+            return None
+        log.error("suppression list %s: %s; moving it aside and rebuilding it from its "
+                  "pages (at most %.0f s)", path, why, SALVAGE_SECONDS)
+        return repair(path, max_size, why, tick)
     finally:
         if fd is not None:
             os.close(fd)       # (and the lock with it)
@@ -657,7 +663,7 @@ def check_store(path: str) -> str | None:
     return None
 
 
-def repair(path: str, max_size: int, reason: str) -> str:
+def repair(path: str, max_size: int, reason: str, tick=None) -> str:
     """Move the damaged list at *path* aside (kept for the operator) and make a new one
     there with every entry that can still be read from it; a line saying what was done.
 
@@ -676,7 +682,7 @@ def repair(path: str, max_size: int, reason: str) -> str:
     stopped = ""
     deadline = time.monotonic() + SALVAGE_SECONDS
     try:
-        for key, value in _scan(os.path.join(aside, "data.mdb"), deadline):
+        for key, value in _scan(os.path.join(aside, "data.mdb"), deadline, tick):
             # (an index row's key starts with its time: zero octets until 2527)
             if b"@" not in key or key.startswith(b"\x00"):
                 continue
@@ -696,6 +702,8 @@ def repair(path: str, max_size: int, reason: str) -> str:
     try:
         items = sorted(best.items())
         for at in range(0, len(items), 10_000):
+            if tick is not None:
+                tick()
             with dst.env.begin(write=True) as txn:
                 for key, (_, value) in items[at:at + 10_000]:
                     recs = _dec.decode(value[1:])
@@ -720,10 +728,10 @@ _PAGE_HEAD = struct.Struct("<QHHHH")     # pgno, pad, flags, lower, upper (LMDB 
 _NODE_HEAD = struct.Struct("<HHHH")      # data size lo, hi, flags, key size
 
 
-def _scan(data: str, deadline: float):
+def _scan(data: str, deadline: float, tick=None):
     """(key, value) of every plain node in the leaf pages of LMDB file *data*, read
     without LMDB (no map: a short file is no SIGBUS).  Page size: the one the meta
-    page says, else 4096."""
+    page says, else 4096.  *tick*: called every 1024 pages (the first too)."""
     with open(data, "rb") as fh:
         head = fh.read(_PAGE_HEAD.size + 24)
         psize = 4096
@@ -738,6 +746,8 @@ def _scan(data: str, deadline: float):
         fh.seek(0)
         pgno = 0
         while time.monotonic() < deadline:
+            if tick is not None and not pgno & 1023:
+                tick()
             page = fh.read(psize)
             if len(page) < _PAGE_HEAD.size:
                 return

@@ -121,6 +121,7 @@ INHERIT_ENV = "MTA_INHERIT_FDS"          # upgrade: the listening sockets' fds, 
 LOCK_ENV = "MTA_LOCK_FD"                 # upgrade: the fd holding run/mta.lock
 UPGRADE_READY_ENV = "MTA_UPGRADE_READY_FD"   # upgrade: the new supervisor writes b"R" here
 STATUS_EVERY = 5.0          # seconds: the live STATUS= line is sent at most this often
+REBUILD_NOTE_EVERY = 5.0    # seconds: more start time asked for while a suppression list is rebuilt
 
 
 class StartupError(Exception):
@@ -334,7 +335,7 @@ class Supervisor:
                 os.path.join(old.state_dir, old.config.suppression.path) == path:
             return
         try:
-            done = suppression_list.check_at_start(path, cfg.max_size)
+            done = suppression_list.check_at_start(path, cfg.max_size, _rebuilding())
         except OSError as exc:
             if old is None:
                 raise
@@ -1375,6 +1376,22 @@ class Supervisor:
                 self._retire(slot.child, new)
             for sk in slot.all_socks():
                 sk.close()
+
+
+def _rebuilding():
+    """What the supervisor does now and then while it rebuilds a damaged suppression
+    list (seconds for a large one): WATCHDOG=1 (a reload), and, at most every 5 s, more
+    time for the start or reload (TimeoutStartSec=, 90 s by default) and a STATUS=."""
+    last = [-REBUILD_NOTE_EVERY]
+
+    def tick() -> None:
+        notify.watchdog()
+        now = time.monotonic()
+        if now - last[0] >= REBUILD_NOTE_EVERY:
+            last[0] = now
+            notify.notify(f"EXTEND_TIMEOUT_USEC={int(REBUILD_NOTE_EVERY * 4e6)}",
+                          "STATUS=rebuilding the damaged suppression list (see the log)")
+    return tick
 
 
 def _note_config(settings) -> None:

@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from daemon import HOST, free_port, wait_until
+from daemon import HOST, NotifySocket, free_port, wait_until
 from sinks import AioSink
 from sparkpost import SparkPost
 from sparkpost.exceptions import SparkPostAPIException
@@ -521,7 +521,8 @@ def _put_many(d, first: int, n: int, tries: int = 1) -> None:
 
 
 @pytest.mark.parametrize("cut", ["meta", "pages"])
-def test_a_truncated_list_is_moved_aside_and_rebuilt_at_the_start(make_daemon, cut):
+def test_a_truncated_list_is_moved_aside_and_rebuilt_at_the_start(make_daemon, cut,
+                                                                   tmp_path):
     """data.mdb of a stopped node cut short (a partial copy or restore, a full disk):
     every process that read it died of SIGBUS (cut into its pages) or could not open it
     (into its meta pages), so the node did not start.  The supervisor finds it before
@@ -540,7 +541,16 @@ def test_a_truncated_list_is_moved_aside_and_rebuilt_at_the_start(make_daemon, c
         size = os.path.getsize(data)
         with open(data, "r+b") as fh:
             fh.truncate(4096 if cut == "meta" else size // 2)
-        d.start()
+        ns = NotifySocket(str(tmp_path / "notify.sock"))
+        try:
+            d.start(env={"NOTIFY_SOCKET": ns.path})
+            ready = ns.expect("READY=1")[0]
+        finally:
+            ns.close()
+        # systemd is asked for more time for the start while the list is rebuilt
+        asked = {pid for t, pid, lines in ns.got if t < ready and
+                 any(x.startswith("EXTEND_TIMEOUT_USEC=") for x in lines)}
+        assert asked == {d.proc.pid}, ns.got
         st, _, body = call(d, "GET", "/api/v1/suppression-list?per_page=10000")
         assert st == 200, body
         kept = sorted({e["recipient"] for e in body["results"]})
