@@ -38,6 +38,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import struct
 import time
 
@@ -618,6 +619,11 @@ def check_at_start(path: str, max_size: int, tick=None) -> str | None:
                             "(a process of an earlier run still running?); not checked",
                             path)
                 return None
+        if os.path.isdir(path + REBUILT):
+            aside = _swap_rebuilt(path)
+            return (f"suppression list {path}: the start that rebuilt it was cut short "
+                    f"before the new list took its place; done now (the damaged one is "
+                    f"{aside if os.path.lexists(aside) else 'gone'})")
         why = check_store(path)
         if not why:
             return None
@@ -667,6 +673,11 @@ def repair(path: str, max_size: int, reason: str, tick=None) -> str:
     """Move the damaged list at *path* aside (kept for the operator) and make a new one
     there with every entry that can still be read from it; a line saying what was done.
 
+    The new list is made beside it (``<path>.rebuilding``, then ``<path>.rebuilt`` once
+    whole and synced) and takes its place by renames: a start killed while it is made
+    leaves the damaged list where it was, to be rebuilt at the next one, never a part
+    of the entries taken for the whole list.
+
     LMDB cannot read a list whose root pages are gone (copy-on-write puts them at the
     end of the file: a truncation loses them first), so the entries are taken from the
     file's pages themselves (:func:`_scan`, plain reads with every offset checked: a
@@ -674,15 +685,15 @@ def repair(path: str, max_size: int, reason: str, tick=None) -> str:
     earlier versions of entries: the newest version of each address is kept, and an
     entry deleted before the damage may come back (it suppresses; delete it again).
     """
-    aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-    os.rename(path, aside)
-    sync_dir(os.path.dirname(os.path.abspath(path)))
+    building = path + ".rebuilding"
+    if os.path.lexists(building):        # (a rebuild cut short: the damaged list is there)
+        shutil.rmtree(building)
     best: dict[bytes, tuple[float, bytes]] = {}
     bad = 0
     stopped = ""
     deadline = time.monotonic() + SALVAGE_SECONDS
     try:
-        for key, value in _scan(os.path.join(aside, "data.mdb"), deadline, tick):
+        for key, value in _scan(os.path.join(path, "data.mdb"), deadline, tick):
             # (an index row's key starts with its time: zero octets until 2527)
             if b"@" not in key or key.startswith(b"\x00"):
                 continue
@@ -697,7 +708,7 @@ def repair(path: str, max_size: int, reason: str, tick=None) -> str:
         stopped = f"; reading it stopped: {exc}"
     if time.monotonic() >= deadline:
         stopped = f"; reading it stopped after {SALVAGE_SECONDS:.0f} s"
-    dst = SuppressionList(path, max_size)
+    dst = SuppressionList(building, max_size, sync=False)
     kept = 0
     try:
         items = sorted(best.items())
@@ -716,11 +727,32 @@ def repair(path: str, max_size: int, reason: str, tick=None) -> str:
                     kept += 1
     except lmdb.MapFullError:
         stopped += "; the new list is full (suppression.max_size)"
-    finally:
+    except BaseException:
         dst.close()
+        raise
+    dst.env.sync(True)
+    dst.close()
+    sync_dir(building)
+    os.rename(building, path + REBUILT)
+    aside = _swap_rebuilt(path)
     return (f"suppression list {path}: {reason}; moved to {aside}; a new list is in its "
             f"place with the {kept} entries read from its pages ({bad} unreadable"
             f"{stopped}); entries it held past the damage are lost: put them again")
+
+
+REBUILT = ".rebuilt"     # a whole rebuilt list, put in the damaged one's place next
+
+
+def _swap_rebuilt(path: str) -> str:
+    """Put the rebuilt list (``<path>.rebuilt``) in the place of the damaged one, which
+    is moved aside (when still there); where it went.  Each step is one rename: a start
+    killed in between finishes it at the next (:func:`check_at_start`)."""
+    aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    if os.path.lexists(path):
+        os.rename(path, aside)
+    os.rename(path + REBUILT, path)
+    sync_dir(os.path.dirname(os.path.abspath(path)))
+    return aside
 
 
 _P_LEAF, _P_LEAF2, _F_BIGDATA, _F_SUBDATA = 0x02, 0x20, 0x01, 0x02

@@ -510,3 +510,61 @@ def test_a_list_another_process_has_open_is_not_checked(tmp_path, caplog):
         p.join(30)
     # closed: now it is checked and rebuilt
     assert "moved to" in S.check_at_start(path, 1 << 24)
+
+
+class _Killed(BaseException):
+    pass
+
+
+def test_a_rebuild_cut_short_leaves_the_damaged_list_for_the_next_start(tmp_path):
+    """A start killed while the new list is made (systemd's start timeout, a kill -9)
+    must not leave part of the entries in the list's place, taken for the whole list at
+    the next start: the damaged list stays until the new one is whole; the next start
+    rebuilds it again; one killed between the renames is finished."""
+    path = str(tmp_path / "sup")
+    want = _filled(path)
+    data = tmp_path / "sup" / "data.mdb"
+    with open(data, "r+b") as fh:
+        fh.truncate(data.stat().st_size - 8192)
+    cut = data.stat().st_size
+    calls = []
+
+    def kill_at_the_writes() -> None:
+        calls.append(1)
+        if len(calls) == 2:         # (the scan's first call, then the first batch's)
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        S.check_at_start(path, 1 << 24, kill_at_the_writes)
+    assert data.stat().st_size == cut and S.check_store(path)
+    assert sorted(os.listdir(tmp_path)) == ["sup", "sup.rebuilding"]
+    line = S.check_at_start(path, 1 << 24)
+    assert "2000 entries" in line
+    assert sorted(os.listdir(tmp_path))[0] == "sup" and len(os.listdir(tmp_path)) == 2
+    sl = S.SuppressionList(path, 1 << 24)
+    try:
+        assert sorted(map(str, sl.search(per_page=10_000)[0])) == want
+    finally:
+        sl.close()
+    # killed after the new list was whole: before the damaged one went aside, or after
+    for step in ("before", "after"):
+        base = tmp_path / step
+        base.mkdir()
+        p = str(base / "sup")
+        _filled(p + S.REBUILT, 10)
+        os.makedirs(p)
+        if step == "before":
+            with open(os.path.join(p, "data.mdb"), "wb") as fh:
+                fh.write(b"\0" * 100)       # (the damaged one)
+        else:
+            os.rmdir(p)
+        line = S.check_at_start(p, 1 << 24)
+        assert line and "cut short" in line, line
+        names = sorted(os.listdir(base))
+        assert names[0] == "sup" and len(names) == (2 if step == "before" else 1), names
+        sl = S.SuppressionList(p, 1 << 24)
+        try:
+            assert sl.count() == 10
+        finally:
+            sl.close()
+        assert S.check_at_start(p, 1 << 24) is None
