@@ -43,11 +43,7 @@ restart below the cursor and event ids are never reused.
 Writes: the shard loop collects every request that arrived while the previous
 fsync ran and hands them to :meth:`Store.write` as one batch: one ``pwritev``
 and one ``fdatasync`` per batch (group commit).  Only after :meth:`Store.sync`
-returns may the shard acknowledge the batch.  The fdatasync may also run in a
-thread (:class:`Syncer`, :meth:`Store.sync_begin` / :meth:`Store.sync_end`)
-while the loop writes the next batches behind it into the same segment; they
-are acknowledged after the next sync, and a failed sync cuts them off with the
-batch it was for.  Segment files are preallocated
+returns may the shard acknowledge the batch.  Segment files are preallocated
 (:class:`Spare`: a finished segment's file reused, else one zero-filled and
 synced ahead of use), so that fdatasync has only data to write.  Records are
 written with their segment's number in the checksum (record version 2), so the
@@ -110,7 +106,6 @@ _OPENING = _COMMIT.pack(0, 0)       # a batched segment's first record's meta
 WATERMARK = "synced"                # <shard dir>/synced: the synced watermark
 CURSOR = "events.cursor"            # <shard dir>/events.cursor: the events process's position
 _POS = struct.Struct("<QQ")         # (segment number, offset)
-_SYNC_FD = struct.Struct("=i")      # a file descriptor, from the loop to Syncer's thread
 
 IOV_MAX = 1024          # iovecs per writev (Linux limit)
 MAX_READERS = 64        # segment files kept open for reading bodies
@@ -881,56 +876,6 @@ def read_events(codec, buf, off: int, end: int, last: bool, on_events, on_skip=N
     return batch_at if records else off
 
 
-class Syncer:
-    """fdatasync in a thread of its own, one at a time (:meth:`Store.sync_begin`).
-
-    Why: a group commit's fdatasync takes about as long as the shard's own work on a
-    batch (0.5 ms against 0.5 ms here, more on slower disks); done in the loop, the
-    two add up.  With the sync in this thread, the loop meanwhile takes the next
-    requests, checks them and writes them, and they are synced as soon as this sync
-    is over (a pipelined group commit).  The thread waits in ``read`` and in
-    ``fdatasync``, both without the GIL, so it costs the loop nothing while the disk
-    works.  :attr:`fd` (an eventfd) becomes readable when a sync is over;
-    :meth:`result` then says how it went.
-    """
-
-    def __init__(self):
-        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._todo_r, self._todo_w = os.pipe2(os.O_CLOEXEC)
-        self._error = 0
-        self._thread = threading.Thread(target=self._run, name="spool-sync", daemon=True)
-        self._thread.start()
-
-    def start(self, fd: int) -> None:
-        """fdatasync *fd* in the thread; *fd* must stay open until :meth:`result`."""
-        os.write(self._todo_w, _SYNC_FD.pack(fd))
-
-    def result(self) -> int:
-        """After :attr:`fd` became readable: 0, or the errno of the failed fdatasync."""
-        os.eventfd_read(self.fd)
-        return self._error
-
-    def _run(self) -> None:
-        while True:
-            todo = os.read(self._todo_r, _SYNC_FD.size)
-            if len(todo) != _SYNC_FD.size:
-                return              # (the write end closed: close())
-            error = 0
-            try:
-                os.fdatasync(_SYNC_FD.unpack(todo)[0])
-            except OSError as exc:
-                error = exc.errno or errno.EIO
-            self._error = error     # (read by the loop only after the eventfd below)
-            os.eventfd_write(self.fd, 1)
-
-    def close(self) -> None:
-        """End the thread (after the last sync's result was taken) and its descriptors."""
-        os.close(self._todo_w)
-        self._thread.join(10)
-        os.close(self._todo_r)
-        os.close(self.fd)
-
-
 class Store:
     """The on-disk queue of one shard and its in-memory index."""
 
@@ -1357,21 +1302,16 @@ class Store:
         self._append(seg, bufs, pos)
         return new
 
-    def appendable(self) -> bool:
-        """Whether the next write goes on in the current segment (no new segment file:
-        while a sync of it runs in another thread, its descriptor must stay open)."""
-        seg = self.current
-        # (An empty segment started while no spare was ready is left as soon as one
-        # is: from then on each fsync writes only data.)
-        return seg is not None and not seg.failed and seg.size < self.segment_size and (
-            seg.prezeroed or self.spare is None or not self.spare.available)
-
     def _writable(self) -> Segment:
         """The segment to append to: the current one, or a new one when it is full or failed."""
-        if not self.appendable():
+        seg = self.current
+        if seg is None or seg.failed or seg.size >= self.segment_size or (
+                not seg.prezeroed and self.spare is not None and self.spare.available):
+            # (An empty segment started while no spare was ready is left as
+            # soon as one is: from then on each fsync writes only data.)
             self._close_current()
-            self.current = self._open_segment()
-        return self.current
+            seg = self.current = self._open_segment()
+        return seg
 
     def _append(self, seg: Segment, bufs: list, end: int) -> None:
         """Write *bufs* at the end of *seg*, which then ends at *end*."""
@@ -1450,53 +1390,18 @@ class Store:
             try:
                 os.fdatasync(seg.fd)
             except OSError:
-                self._sync_failed(seg)
+                # After a failed fsync the kernel may have dropped the dirty pages:
+                # nothing in this segment since the last good sync can be trusted.  Its
+                # pages stay readable in the page cache, marked clean, though never
+                # written: a restart of the shard (not of the machine) would recover
+                # them as if durable -- say, a compaction's copies, and then reclaim
+                # the segment of the originals, and a reboot would lose both.  So the
+                # unsynced end is cut off now (best effort, as after a failed write).
+                self._abandon(seg, seg.synced)
                 raise
-        self._synced(seg, seg.size)
-
-    def sync_begin(self, syncer: "Syncer") -> tuple | None:
-        """Start making everything written so far durable in *syncer*'s thread.
-
-        Returns what :meth:`sync_end` takes once the syncer is done, or None when
-        there is nothing to wait for (no segment; fsync off: synced now).  Meanwhile
-        more may be written into the current segment -- its descriptor stays open
-        only while :meth:`appendable` holds, so the caller writes only then -- and
-        the sync makes durable (and the watermark publishes) only what was written
-        before it began.  One sync at a time."""
-        seg = self.current
-        if seg is None:
-            return None
-        if not self.fsync:
-            self._synced(seg, seg.size)
-            return None
-        syncer.start(seg.fd)
-        return seg, seg.size
-
-    def sync_end(self, begun: tuple, error: int) -> None:
-        """The sync :meth:`sync_begin` started is over; *error* its errno (0: it worked).
-        On failure the segment is cut back to its last good sync -- with whatever was
-        written after this sync began -- and OSError is raised, as by :meth:`sync`."""
-        seg, end = begun
-        if error:
-            self._sync_failed(seg)
-            raise OSError(error, os.strerror(error))
-        self._synced(seg, end)
-
-    def _sync_failed(self, seg: Segment) -> None:
-        # After a failed fsync the kernel may have dropped the dirty pages: nothing in
-        # this segment since the last good sync can be trusted.  Its pages stay
-        # readable in the page cache, marked clean, though never written: a restart of
-        # the shard (not of the machine) would recover them as if durable -- say, a
-        # compaction's copies, and then reclaim the segment of the originals, and a
-        # reboot would lose both.  So the unsynced end is cut off now (best effort, as
-        # after a failed write).
-        self._abandon(seg, seg.synced)
-
-    def _synced(self, seg: Segment, end: int) -> None:
-        """Everything of *seg* before *end* is durable."""
-        seg.synced = end
+        seg.synced = seg.size
         if self.watermark is not None:
-            self.watermark.set(seg.number, end)     # a memory write: no system call
+            self.watermark.set(seg.number, seg.size)   # a memory write: no system call
 
     def commit(self, new: list[Located], done: list[str],
                updates: dict | None = None, owed: dict | None = None) -> list[str]:

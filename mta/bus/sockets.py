@@ -278,16 +278,6 @@ class Poller:
                 changes = True
         return requests, outcomes, changes
 
-    def wait_fd(self, fd: int, requests: bool, timeout_ms: int) -> bool | None:
-        """Wait up to *timeout_ms* until file descriptor *fd* is readable (True) or, with
-        *requests*, until requests wait (False); None when neither came."""
-        items = [(fd, _POLLIN), self._items[0]] if requests else [(fd, _POLLIN)]
-        ready = _zmq_poll(items, timeout_ms)
-        for sock, _ in ready:
-            if sock == fd:
-                return True
-        return False if ready else None
-
 
 class _LoopSocket:
     """A ZeroMQ socket read by an asyncio loop, with reading paused and resumed at will.

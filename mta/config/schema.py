@@ -193,11 +193,6 @@ class SpoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     fsync: Annotated[bool, _doc(
         "fdatasync before acknowledging; turning this off loses mail on power loss "
         "and exists only for benchmarks")] = True
-    overlap_commits: Annotated[bool, _doc(
-        "pipelined group commit: a thread runs each fdatasync while the shard takes, "
-        "checks and writes the acceptors' next messages behind it, acknowledged after "
-        "the next fdatasync; off, the shard waits for each fdatasync before it takes "
-        "more (with fsync off there is nothing to overlap)")] = True
     preallocate: Annotated[bool, _doc(
         "write each new segment into a file already allocated and written: a finished "
         "segment's file, reused, else one zero-filled ahead of use by a background "

@@ -74,7 +74,7 @@ from mta.spool import release
 from mta.spool import schedule as sch
 from mta.spool.metrics import ShardMetrics
 from mta.spool.outcomes import READ_RETRY, REQUEUE_MAX, REQUEUE_MIN, Plan
-from mta.store import MessageMeta, Store, Syncer, lock_writer, read_cursor, shard_dir
+from mta.store import MessageMeta, Store, lock_writer, read_cursor, shard_dir
 
 log = logging.getLogger("mta.spool")
 
@@ -86,11 +86,6 @@ DISPATCH_BATCH = 500            # due messages looked at per dispatch pass
 BUSY_RETRY = 1.0                # seconds before retrying a job the bus would not take
 GC_YOUNG_THRESHOLD = 10_000     # allocations between young GC collections (CPython: 700)
 DRAIN_ON_DISCONNECT = 100       # batches read from a link that went away, at most
-# Pipelined group commit (Shard._sync): batches of the acceptors' messages taken and
-# written while one fdatasync runs, at most; and syncs chained before the loop's other
-# work (delivery outcomes, dispatch) has its turn again
-INTAKES_PER_SYNC = 4
-SYNCS_PER_TURN = 4
 # reception parameters a delivery job needs; DSN's NOTIFY and ORCPT (lists parallel to
 # the message's recipients) go with a job as lists parallel to its own (_job_params)
 SPOOLED_DELIVERY_PARAMS = ("BODY", "SMTPUTF8", "ENVID", "RET")
@@ -145,36 +140,6 @@ def _job_timeout(d) -> float:
     """Seconds after which a job's outcome is not coming (its delivery process is gone
     or stuck): the job is sent again."""
     return d.connect_timeout + 2 * d.command_timeout + d.data_timeout + d.job_timeout_margin
-
-
-def _take_commit(msg: bus.SpoolMessageCommit, messages: list, suppressed: list) -> int:
-    """Add an acceptor's messages to a batch (*messages*: (MessageMeta, body)); those whose
-    every recipient is suppressed to *suppressed*.  Returns their octets."""
-    size = 0
-    for env, b in zip(msg.envelopes, msg.bodies):
-        params = env.params
-        params["message_id"] = env.message_id
-        state = None
-        if sup.PARAM in params:
-            state = _suppressed_state(len(env.rcpts), params[sup.PARAM])
-            if state is not None and sch.PENDING not in state:
-                suppressed.append(env.qid)
-        messages.append((MessageMeta(env.qid, env.sender, env.rcpts, env.arrival,
-                                     params, env.client, state), b))
-        size += len(b)
-    return size
-
-
-class Intake:
-    """New messages (and reports) written while a sync ran, answered after the next one."""
-
-    __slots__ = ("new", "done", "peers", "messages")
-
-    def __init__(self, new: list, done: list[str], peers: list, messages: int):
-        self.new = new              # where they lie (store.Located), for the index
-        self.done = done            # those finished at once (every recipient suppressed)
-        self.peers = peers          # (peer, req) to answer
-        self.messages = messages
 
 
 class Shard:
@@ -280,12 +245,6 @@ class Shard:
         self.recovered_up_to = 0              # the last segment found at start
         # requests that wait for it (peer None: a flush, answered when it came)
         self.deferred: list[tuple[bytes | None, bus.Message]] = []
-        # The pipelined group commit (_sync): fdatasync in a thread; meanwhile the acceptors'
-        # next messages are written as intakes, acknowledged after the next sync.  Requests
-        # of other kinds read meanwhile wait in *stashed* for the next batch.
-        self.syncer = Syncer() if cfg.fsync and cfg.overlap_commits else None
-        self.intakes: list[Intake] = []
-        self.stashed: collections.deque = collections.deque()
         self.finished_at_start: list[str] = []
         self.m = ShardMetrics(self, settings.config.admin.max_label_values)   # /metrics
         self.pusher = None
@@ -389,8 +348,6 @@ class Shard:
         if self.suppression is not None:
             self.suppression.close()
         self.store.close()
-        if self.syncer is not None:
-            self.syncer.close()
         os.close(self.writer_lock)     # (last: the directory is another writer's now)
         self.server.close()
         self.links.close()
@@ -530,8 +487,7 @@ class Shard:
         # (delay-notice looks wait while writes fail: taken at once, a batch's worth at a
         # time, they would make the loop spin on a full disk)
         notices = self.healthy and bool(self.notice_work)
-        work = self.expire_work or notices or self.finish_work or settle or ops or \
-            self.stashed
+        work = self.expire_work or notices or self.finish_work or settle or ops
         if work:
             timeout = 0
         requests, outcomes, changes = self.poller.wait(timeout)
@@ -597,9 +553,8 @@ class Shard:
         recovering = self.recovering
         for peer, msg in deletes or ():
             done += self._delete(plan, now, peer, msg, delete_peers)
-        stashed = self.stashed      # (read while the last sync ran: their turn first)
         while len(messages) < cfg.max_batch_messages and size < cfg.max_batch_bytes:
-            got = stashed.popleft() if stashed else server.recv()
+            got = server.recv()
             if got is None:
                 break
             peer, msg = got
@@ -619,7 +574,17 @@ class Shard:
                 self.deferred.append((peer, msg))   # answered once the queue is whole
                 continue
             if type(msg) is bus.SpoolMessageCommit:
-                size += _take_commit(msg, messages, suppressed_done)
+                for env, b in zip(msg.envelopes, msg.bodies):
+                    params = env.params
+                    params["message_id"] = env.message_id
+                    state = None
+                    if sup.PARAM in params:
+                        state = _suppressed_state(len(env.rcpts), params[sup.PARAM])
+                        if state is not None and sch.PENDING not in state:
+                            suppressed_done.append(env.qid)
+                    messages.append((MessageMeta(env.qid, env.sender, env.rcpts, env.arrival,
+                                                 params, env.client, state), b))
+                    size += len(b)
                 commit_peers.append((peer, msg.req))
             elif type(msg) is bus.SpoolEventsCommit:
                 if self._take_report(msg, reports):
@@ -719,17 +684,24 @@ class Shard:
         status = bus.STATUS_OK
         events = None
         if self.events_on:
-            batch_events = self._batch_events(messages, plan.events) + reports
+            batch_events = self._batch_events(messages, plan) + reports
             if batch_events:
                 events = ev.encode(batch_events)
         try:
             new = self.store.write(messages, done, plan.updates, events, plan.owe)
-            self._sync()
+            t = time.perf_counter()
+            self.store.sync()
+            self.m.fsync.observe(time.perf_counter() - t)
             if messages:
                 self.m.batch.observe(len(messages))
         except OSError as exc:
-            self._storage_failed(exc)
+            self.m.errors.value += 1
             status = bus.STATUS_STORAGE
+            if self.healthy or exc.strerror != self.last_error:
+                log.error("spool write failed: %s; answering 451 until it recovers",
+                          exc.strerror or exc)
+            self.healthy = False
+            self.last_error = exc.strerror or str(exc)
             abandoned = plan.abandon()
             q = self.q
             first_look = self.policy.first_look()
@@ -768,7 +740,7 @@ class Shard:
             self.healthy = True
             self.last_error = ""
             self._requeue(plan)
-            self._after_commit(new, plan.reschedule)
+            self._after_commit(new, plan)
             self._look_again(plan.look)
             if plan.expired or plan.operator_bounced:
                 self.m.ended(plan)
@@ -785,130 +757,6 @@ class Shard:
         for peer, req, qids in delete_peers:
             server.send(peer, bus.SpoolMessageDeleteReply(
                 req, status, qids if status == bus.STATUS_OK else []))
-        if self.intakes:
-            self._finish_intakes(status == bus.STATUS_OK)
-
-    def _storage_failed(self, exc: OSError) -> None:
-        """A batch's write or sync failed: count it, say it, answer 451 until one works."""
-        self.m.errors.value += 1
-        if self.healthy or exc.strerror != self.last_error:
-            log.error("spool write failed: %s; answering 451 until it recovers",
-                      exc.strerror or exc)
-        self.healthy = False
-        self.last_error = exc.strerror or str(exc)
-
-    # ------------------------------------------------------ pipelined group commit
-
-    def _sync(self, more: bool = True) -> None:
-        """Make what was written durable (:meth:`Store.sync`).
-
-        With the syncer (``spool.overlap_commits``), the fdatasync runs in its thread
-        and meanwhile the acceptors' next messages are taken and written behind it
-        (:meth:`_take_intake`): they are synced next (:meth:`_finish_intakes`), instead
-        of waiting for this sync and then for their own checks and write.  Not while
-        the queue is recovered or after a failure (one batch at a time until a write
-        works again), nor with *more* False.  Raises OSError when the sync failed;
-        the intakes were cut off with it (:meth:`Store.sync_end`)."""
-        store = self.store
-        t = time.perf_counter()
-        begun = None
-        if more and self.syncer is not None and self.healthy and not self.recovering:
-            begun = store.sync_begin(self.syncer)
-        if begun is None:
-            store.sync()
-        else:
-            syncer = self.syncer
-            reads = 0
-            while True:
-                take = reads < INTAKES_PER_SYNC and not self.stopping and store.appendable()
-                ready = self.poller.wait_fd(syncer.fd, take, POLL_INTERVAL_MS)
-                if ready:
-                    break
-                if ready is False:          # requests wait
-                    reads += 1
-                    if not self._take_intake():
-                        reads = INTAKES_PER_SYNC
-            store.sync_end(begun, syncer.result())
-        self.m.fsync.observe(time.perf_counter() - t)
-
-    def _take_intake(self) -> bool:
-        """While a sync runs: take the requests waiting now, and write the acceptors'
-        messages and reports among them as a batch of their own (an intake), answered
-        after the next sync; requests of other kinds wait in *stashed* for the next
-        batch.  A new message needs nothing of the batch being synced (not yet in the
-        queue) and nothing of it needs the intake.  False when the write failed (its
-        requests answered 451: no more intakes during this sync)."""
-        cfg = self.cfg
-        server = self.server
-        messages: list = []
-        peers: list = []
-        done: list[str] = []        # new messages whose every recipient is suppressed
-        reports: list[dict] = []
-        size = 0
-        while len(messages) < cfg.max_batch_messages and size < cfg.max_batch_bytes:
-            got = server.recv()
-            if got is None:
-                break
-            peer, msg = got
-            kind = type(msg)
-            if kind is bus.SpoolMessageCommit:
-                size += _take_commit(msg, messages, done)
-                peers.append((peer, msg.req))
-            elif kind is bus.SpoolEventsCommit:
-                if self._take_report(msg, reports):
-                    peers.append((peer, msg.req))
-                else:
-                    server.send(peer, bus.SpoolMessageCommitted(msg.req, bus.STATUS_UNKNOWN))
-            else:
-                self.stashed.append(got)
-        if not peers:
-            return True
-        events = None
-        if self.events_on:
-            batch_events = self._batch_events(messages, ()) + reports
-            if batch_events:
-                events = ev.encode(batch_events)
-        new: list = []
-        if messages or events:
-            try:
-                new = self.store.write(messages, done, None, events)
-            except OSError as exc:
-                # (the batch being synced is not touched: its sync decides its answer)
-                self.m.errors.value += 1
-                log.error("spool write failed: %s; %d requests answered 451",
-                          exc.strerror or exc, len(peers))
-                for peer, req in peers:
-                    server.send(peer, bus.SpoolMessageCommitted(req, bus.STATUS_STORAGE))
-                return False
-        self.intakes.append(Intake(new, done, peers, len(messages)))
-        return True
-
-    def _finish_intakes(self, ok: bool) -> None:
-        """Sync the intakes written behind the last sync and answer them, taking the next
-        ones meanwhile: SYNCS_PER_TURN syncs at most, then the loop's other work has its
-        turn.  *ok* False: the last sync failed and cut them off; they are answered 451."""
-        server = self.server
-        syncs = 0
-        while self.intakes:
-            todo, self.intakes = self.intakes, []
-            syncs += 1
-            if ok:
-                try:
-                    self._sync(more=syncs < SYNCS_PER_TURN)
-                except OSError as exc:
-                    self._storage_failed(exc)
-                    ok = False
-            status = bus.STATUS_OK if ok else bus.STATUS_STORAGE
-            n = 0
-            for it in todo:
-                if ok:
-                    self.store.commit(it.new, it.done)
-                    self._after_commit(it.new, ())
-                    n += it.messages
-                for peer, req in it.peers:
-                    server.send(peer, bus.SpoolMessageCommitted(req, status))
-            if n:
-                self.m.batch.observe(n)
 
     def _take_report(self, msg: bus.SpoolEventsCommit, out: list) -> bool:
         """Add an acceptor's events to the batch (*out*); False when they cannot be encoded.
@@ -1040,7 +888,7 @@ class Shard:
             return set()
         return {i for j in self.jobs.values() if j.qid == qid for i in j.idxs}
 
-    def _batch_events(self, messages: list, more: list) -> list[dict]:
+    def _batch_events(self, messages: list, plan: Plan) -> list[dict]:
         """The batch's internal events (:mod:`mta.obs.events`), written with its records.
 
         One ``injection`` per new message (its recipients in ``rcpts``), the
@@ -1057,10 +905,10 @@ class Shard:
                         "client": m.client, **extra})
             if m.state is not None:
                 self._suppressed_events(out, m, len(body), extra)
-        out += more
+        out += plan.events
         return out
 
-    def _after_commit(self, new: list, reschedule) -> None:
+    def _after_commit(self, new: list, plan: Plan) -> None:
         """Schedule the batch's messages and give them their deadline (after the sync)."""
         q = self.q
         first_look = self.policy.first_look()   # (the deadline, or the delay notice's time)
@@ -1073,7 +921,7 @@ class Shard:
             q.push(qid, info[_START] if first is None else first)
             if n.meta.attempts is None:     # (a compaction copy keeps its message's deadline)
                 q.set_deadline(qid, info[_START] + first_look)
-        self._push(reschedule)
+        self._push(plan.reschedule)
 
     def _suppressed_events(self, out: list, m: MessageMeta, size: int, extra: dict) -> None:
         """The class-25 bounce of each recipient found on the suppression list (no DSN)."""

@@ -87,7 +87,7 @@ def queue(shard, rcpts, transactional=False, pool=None, start_at=None) -> str:
     meta = MessageMeta(qid, "s@example.com", list(rcpts), time.time(), params, "c")
     new = shard.store.write([(meta, BODY)], [])
     shard.store.commit(new, [])
-    shard._after_commit(new, ())
+    shard._after_commit(new, shard.plan())
     return qid
 
 
@@ -635,7 +635,7 @@ def queued_at(shard: Shard, arrival: float, rcpts: list[str]) -> str:
                        {"message_id": "<m@example.com>"}, "c")
     new = shard.store.write([(meta, BODY)], [])
     shard.store.commit(new, [])
-    shard._after_commit(new, ())
+    shard._after_commit(new, shard.plan())
     return qid
 
 
@@ -1018,8 +1018,8 @@ def capture_events(shard) -> list:
     written = []
     real = shard._batch_events
 
-    def capture(messages, more):
-        out = real(messages, more)
+    def capture(messages, plan):
+        out = real(messages, plan)
         written.extend(out)
         return out
     shard._batch_events = capture

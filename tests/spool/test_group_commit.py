@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import threading
 import time
 
 import msgspec
@@ -68,8 +67,6 @@ def rig(tmp_path, monkeypatch):
     for c in clients:
         c.close()
     shard.store.close()
-    if shard.syncer is not None:
-        shard.syncer.close()
     os.close(shard.writer_lock)
     shard.server.close()
     shard.links.close()
@@ -446,142 +443,3 @@ def test_a_bounce_owed_whose_last_outcome_was_not_written_goes_out_all_the_same(
     assert not outcomes and set(st.owed) == {qid} and q.info(qid)[9] == 0
     st.write = write
     _owed_bounce_goes_out(shard, qid)
-
-
-class HeldSync:
-    """os.fdatasync whose first call waits until :meth:`let_go_once`'s thread lets it go
-    (then syncs, or fails with EIO when *fail*): the test acts while the shard's first
-    sync runs."""
-
-    def __init__(self, monkeypatch, fail: bool = False):
-        self.inside = threading.Event()
-        self.go = threading.Event()
-        self.calls = 0
-        self.fail = fail
-        self.failed = ""                # what let_go_once's thread did not see
-        self.real = os.fdatasync        # (the rig's, which records "fdatasync" in order)
-        monkeypatch.setattr(os, "fdatasync", self)
-
-    def __call__(self, fd):
-        self.calls += 1
-        if self.calls == 1:
-            self.inside.set()
-            assert self.go.wait(20), "the test did not let the sync go"
-            if self.fail:
-                raise OSError(5, "Input/output error")
-        self.real(fd)
-
-    def let_go_once(self, shard, requests: int) -> threading.Thread:
-        """A thread that waits for the first sync, then until the shard took *requests*
-        requests behind it (its intakes), then lets the sync go."""
-        def run():
-            try:
-                if not self.inside.wait(10):
-                    self.failed = "no sync began"
-                    return
-                deadline = time.monotonic() + 10
-                while sum(len(it.peers) for it in shard.intakes) < requests:
-                    if time.monotonic() > deadline:
-                        self.failed = "the shard did not take the requests during the sync"
-                        return
-                    time.sleep(0.005)
-            finally:
-                self.go.set()
-        t = threading.Thread(target=run)
-        t.start()
-        return t
-
-
-def send_during_sync(held: HeldSync, *sends) -> threading.Thread:
-    """A thread that sends (client, frame) *sends* once the first sync has begun (the
-    clients' sockets are its own meanwhile: a ZeroMQ socket belongs to one thread)."""
-    def run():
-        if held.inside.wait(10):
-            for client, frame in sends:
-                client.sock.send(frame)
-    t = threading.Thread(target=run)
-    t.start()
-    return t
-
-
-def record_writes(monkeypatch, order: list) -> None:
-    real = os.pwritev
-
-    def pwritev(fd, bufs, offset):
-        order.append("write")
-        return real(fd, bufs, offset)
-    monkeypatch.setattr(os, "pwritev", pwritev)
-
-
-def step_while_held(shard, held: HeldSync, requests: int, *sends) -> None:
-    """One turn of the shard, with *sends* sent while its first sync is held until it
-    took *requests* of them."""
-    helper = held.let_go_once(shard, requests)
-    sender = send_during_sync(held, *sends)
-    shard.step()
-    helper.join()
-    sender.join()
-    assert not held.failed, held.failed
-
-
-def test_messages_that_come_during_a_sync_are_written_behind_it_and_answered_after_the_next(
-        rig, monkeypatch):
-    """The pipelined group commit (spool.overlap_commits): while a batch's fdatasync runs
-    (in the syncer's thread), the shard takes the acceptors' next requests and writes
-    them; they are answered only after a later fdatasync, never with the first."""
-    shard, clients, order = rig
-    held = HeldSync(monkeypatch)
-    record_writes(monkeypatch, order)
-    clients[0].sock.send(commit(1))
-    wait_all_requests_arrived(shard, clients)
-    order.clear()
-    step_while_held(shard, held, 2, (clients[1], commit(2)), (clients[2], commit(3)))
-    first_sync = order.index("fdatasync")
-    assert order[0] == "write"
-    assert order[:first_sync].count("write") >= 2, order      # the next ones, behind it
-    assert order.count("write") == order[:first_sync].count("write"), order
-    assert [x for x in order if x != "write"] == [
-        "fdatasync", "SpoolMessageCommitted",                        # the first batch
-        "fdatasync", "SpoolMessageCommitted", "SpoolMessageCommitted"], order
-    for req, c in enumerate(clients, start=1):
-        assert c.sock.poll(5000), f"no answer to request {req}"
-        assert bus.decode(c.sock.recv()) == bus.SpoolMessageCommitted(req, bus.STATUS_OK)
-    assert len(shard.store.index) == ACCEPTORS * PER_REQUEST
-    assert shard.store.current.synced == shard.store.current.size
-    assert not shard.intakes
-
-
-def test_a_failed_sync_cuts_off_and_refuses_what_was_written_behind_it(rig, monkeypatch):
-    shard, clients, order = rig
-    held = HeldSync(monkeypatch, fail=True)
-    seg = shard.store.current
-    synced = seg.synced
-    clients[0].sock.send(commit(1))
-    wait_all_requests_arrived(shard, clients)
-    step_while_held(shard, held, 2, (clients[1], commit(2)), (clients[2], commit(3)))
-    for req, c in enumerate(clients, start=1):
-        assert c.sock.poll(5000), f"no answer to request {req}"
-        assert bus.decode(c.sock.recv()) == bus.SpoolMessageCommitted(req, bus.STATUS_STORAGE)
-    assert len(shard.store.index) == 0 and not shard.healthy
-    # nothing of either is left on disk: a restart must not find them (they were refused,
-    # and a message the client retries would be there twice); the segment held nothing
-    # else, so it is gone
-    assert seg.synced == synced == seg.base and not os.path.exists(seg.path)
-    assert not shard.intakes
-
-
-def test_a_query_read_during_a_sync_is_answered_in_the_next_turn(rig, monkeypatch):
-    shard, clients, order = rig
-    held = HeldSync(monkeypatch)
-    clients[0].sock.send(commit(1))
-    wait_all_requests_arrived(shard, clients)
-    step_while_held(shard, held, 1, (clients[1], bus.encode(bus.SpoolQueueSummary(9))),
-                    (clients[2], commit(3)))
-    assert bus.decode(clients[0].sock.recv()) == bus.SpoolMessageCommitted(1, bus.STATUS_OK)
-    assert bus.decode(clients[2].sock.recv()) == bus.SpoolMessageCommitted(3, bus.STATUS_OK)
-    assert len(shard.stashed) == 1 and not clients[1].sock.poll(0)
-    shard.step()            # (at once: a stashed request is work)
-    assert clients[1].sock.poll(5000)
-    reply = bus.decode(clients[1].sock.recv())
-    assert type(reply) is bus.SpoolQueueSummaryReply and reply.req == 9
-    assert not shard.stashed
