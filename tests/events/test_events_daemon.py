@@ -286,8 +286,9 @@ def test_a_stored_event_that_cannot_be_read_does_not_stop_the_events_process(mak
     """A stored event of the events store that is no msgpack map (damage LMDB does not
     see) ended the events process at its first checkpoint once the event was past the
     retention -- the prune decoded it -- and again after every restart: no event was
-    published any more.  It is now deleted, logged with its seq."""
-    d = make_daemon(acceptors=1, shards=1, events={"retention": 60})
+    published any more.  It is now deleted, logged with its seq, with its index entries."""
+    d = make_daemon(acceptors=1, shards=1, events={"retention": 60},
+                    http={"api_keys": ["events-key"]})
     d.send("a@sender.test", ["before@dest.test"], b"Subject: a\r\n\r\nx\r\n")
     wait_until(lambda: len(d.events()) == 1, 30, "the first injection event")
     assert d.stop() == 0
@@ -310,3 +311,9 @@ def test_a_stored_event_that_cannot_be_read_does_not_stop_the_events_process(mak
                "the injection event of a message sent after the start")
     assert d.children()["events[0]"] == events_pid, "the events process restarted"
     assert "Traceback" not in d.log(since_start=True)
+    # nothing of it is left for the Events API to count (its recipient's index entry was
+    # left behind: total_count 1, for ever)
+    status, body = d.api("GET", "/api/v1/events/message?recipients=old@dest.test&from="
+                         + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(old - 60)),
+                         key="events-key")
+    assert status == 200 and body == {"results": [], "total_count": 0, "links": {}}, body

@@ -555,7 +555,76 @@ def test_a_stored_event_that_cannot_be_read_is_passed_over(store, value, caplog)
     store.retention = 50
     assert store.prune(T0 + 100, keep_from_seq=10**9) == 10
     assert store.count() == 0 and store.read(0, 100) == []
-    # its index entries stay: a query that finds one passes over it
+    # nothing of it is left: later pages are those of the events there are
     store.append([ev(i) for i in range(20, 22)])
     page, _, _ = store.query({}, None, 100, start=0, end=T0 + 1000)
     assert sorted(ids(page)) == ["10020", "10021"]
+
+
+
+def test_the_prune_of_an_unreadable_event_leaves_no_index_entry_or_count(store, caplog):
+    """The prune deleted an unreadable stored event (no msgpack map) without its index
+    entries, its event_id entry and its counters (it could not read the values they are
+    keyed by): a search by recipient, message, campaign, type... counted an event that
+    was gone (total_count too high, for ever: its entries were never pruned again), and a
+    replay of its event_id was skipped.  What is left after the prune must be exactly
+    what the remaining events imply."""
+    store.append([ev(i) for i in range(14)]
+                 + [ev(14, type="bounce", bounce_class="10", transmission_id=5),
+                    ev(15, type=0), ev(16, type="injection", message_id_header="<a@b>")])
+    _damage(store, 4, b"\xc1")
+    store.retention = 50
+    with caplog.at_level("ERROR", logger="mta.feedback.events_store"):
+        # events before T0 + 10 go (seq 1..10, one of them damaged)
+        assert store.prune(T0 + 60, keep_from_seq=10**9) == 10
+    idx, times, counts = _implied(store)
+    for n in INDEXES:
+        assert _entries(store, store.idx[n]) == idx[n], n
+    assert _entries(store, store.time) == times
+    assert {k: S._U64.unpack(v)[0] for k, v in _entries(store, store.count_db)} == counts
+    assert len(_entries(store, store.ids)) == 7
+    # damaged: a delivery, a bounce (bounce class, a number as transmission id), one of
+    # type 0 (its time entry has no type), an injection (its Message-ID entry)
+    for seq in (12, 15, 16, 17):
+        _damage(store, seq, b"\xc1")
+    with caplog.at_level("ERROR", logger="mta.feedback.events_store"):
+        assert store.prune(T0 + 10**6, keep_from_seq=10**9, chunk=3) == 7
+    for n in INDEXES:
+        assert _entries(store, store.idx[n]) == [], n
+    for db in (store.count_db, store.ids, store.time, store.ev):
+        assert _entries(store, db) == []
+    # the Events API's totals after a partial prune are right
+    store.append([ev(100 + i, rcpt_to="user0@example.com") for i in range(3)])
+    _damage(store, 19, b"\xc1")
+    store.append([ev(200 + i, timestamp=str(T0 + 10**5 + i)) for i in range(2)])
+    store.retention = 10**5 - 200
+    with caplog.at_level("ERROR", logger="mta.feedback.events_store"):
+        assert store.prune(T0 + 10**5, keep_from_seq=10**9) == 3
+    for f in ({}, {"recipients": ["user0@example.com"]}, {"events": ["delivery"]},
+              {"campaigns": ["spring sale"]}, {"transmissions": ["t10"]},
+              {"messages": ["m0101"]}):
+        _, _, total = store.query(f, None, 10, start=0, end=T0 + 10**6)
+        assert total == 2 if f in ({}, {"events": ["delivery"]}, {"campaigns": ["spring sale"]}) \
+            else total == 0, (f, total)
+    # and a replay of the damaged event's id is stored again
+    assert store.append([ev(101)]) == 23
+
+
+
+def test_the_prune_of_many_unreadable_events_is_one_walk(store, caplog):
+    """Many unreadable events in one prune transaction (a damaged stretch of the file):
+    their index entries (rcpt, msg, tx, type, three campaign keys, event_id) all go, in
+    one walk of the indexes, not one a damaged event."""
+    store.append([ev(i, rcpt_to="u%d@example.com" % i) for i in range(600)])
+    for seq in range(1, 601, 2):
+        _damage(store, seq, b"")
+    store.retention = 0
+    with caplog.at_level("WARNING", logger="mta.feedback.events_store"):
+        assert store.prune(T0 + 10**6, keep_from_seq=10**9, chunk=1000) == 600
+    said = [r.getMessage() for r in caplog.records if "unreadable event(s)" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("events store: 300 unreadable event(s) "
+                                                 "deleted; 2400 index entries"), said   # 8 each
+    for n in INDEXES:
+        assert _entries(store, store.idx[n]) == [], n
+    for db in (store.count_db, store.ids, store.time, store.ev):
+        assert _entries(store, db) == []
