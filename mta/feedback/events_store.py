@@ -290,8 +290,17 @@ class _Matcher:
             if mode == EXACT:
                 self.checks.append((field, mode, frozenset(str(v).lower() for v in values)))
             else:
-                toks = [tuple(tokens(str(v), mode == DOMAIN)) for v in values]
-                self.checks.append((field, mode, [t for t in toks if t]))
+                # the values' token runs by their first token, then by the length of
+                # the rest (a run is looked for where its first token is, a set look-up
+                # per length there, not each value on each event: a URI holds about
+                # 1,300 values)
+                runs: dict[str, dict[int, set[tuple]]] = {}
+                for v in values:
+                    toks = tuple(tokens(str(v), mode == DOMAIN))
+                    if toks:
+                        runs.setdefault(toks[0], {}).setdefault(len(toks) - 1,
+                                                                set()).add(toks[1:])
+                self.checks.append((field, mode, runs))
 
     def __call__(self, ev: dict) -> bool:
         for field, mode, want in self.checks:
@@ -302,16 +311,22 @@ class _Matcher:
                 if str(v).lower() not in want:
                     return False
             else:
-                have = tokens(str(v), mode == DOMAIN)
-                if not any(_contains(have, w) for w in want):
+                if not _contains(tokens(str(v), mode == DOMAIN), want):
                     return False
         return True
 
 
-def _contains(have: list, want: tuple) -> bool:
-    """Whether the tokens *want* appear in *have*, in order and next to each other."""
-    n = len(want)
-    return any(tuple(have[i:i + n]) == want for i in range(len(have) - n + 1))
+def _contains(have: list, runs: dict) -> bool:
+    """Whether one of the token runs *runs* (first token -> length of the rest -> the
+    rests) appears in *have*, in order and next to each other."""
+    for i, tok in enumerate(have):
+        by_len = runs.get(tok)
+        if by_len is None:
+            continue
+        for n, rests in by_len.items():
+            if not n or tuple(have[i + 1:i + 1 + n]) in rests:
+                return True
+    return False
 
 
 class EventStore:
