@@ -266,6 +266,13 @@ def search(store: S.EventStore | None, pairs, max_scan: int, now: float) -> tupl
         start = float(int(now - DEFAULT_SPAN))
         pin.append(("from", _iso_param(start)))
     if start >= end:
+        # (one of them given: name that one, and say what the other is by default)
+        if pin and pin[0][0] == "from":
+            raise R.ApiError(BAD_PARAM, "to: must be later than from (by default 24 hours "
+                             f"before now: {pin[0][1]})")
+        if pin:
+            raise R.ApiError(BAD_PARAM, "from: must be earlier than to (by default one "
+                             f"minute before now: {pin[0][1]})")
         raise R.ApiError(BAD_PARAM, "from: must be earlier than to")
     per_page = DEFAULT_PER_PAGE
     if "per_page" in q:

@@ -165,3 +165,17 @@ def test_many_keyword_values_are_answered_quickly(tmp_path):
         assert sorted(int(e["event_id"]) for e in b["results"]) == [47]
     finally:
         s.close()
+
+
+def test_a_window_reversed_by_a_default_names_the_parameter_given(store):
+    """``to`` alone, earlier than the default ``from`` (24 hours ago), was a 400 naming
+    ``from`` -- a parameter the client did not send; ``from`` alone, later than the default
+    ``to`` (a minute ago), names ``from``; both given and reversed name ``from``."""
+    for query, param in [("to=2023-01-01T00:00:00Z", "to"),
+                         ("from=2099-01-01T00:00:00Z", "from"),
+                         ("from=2023-11-02T00:00:00Z&to=2023-11-01T00:00:00Z", "from")]:
+        with pytest.raises(R.ApiError) as e:
+            api.handle(store, b"GET", b"/api/v1/events/message?" + query.encode(), now=NOW)
+        assert e.value.status == 400 and e.value.description.startswith(param + ":"), query
+        if query.count("=") == 1:
+            assert "default" in e.value.description, e.value.description
