@@ -837,7 +837,9 @@ class EventStore:
     def _plan(self, txn, filters: dict) -> tuple[str | None, list[bytes], bool]:
         """(index to walk or None for the time index, its keys, whether its entries all match).
 
-        The index is that of the indexed filter with the fewest entries.
+        The index is that of the indexed filter with the fewest entries.  Its
+        entries all match when it is the only filter and none of its values was cut to
+        an index key (MAX_KEY octets) or, for campaigns, to its first MAX_RUN tokens.
         """
         best = None
         for param, dbname in INDEXED.items():
@@ -859,6 +861,10 @@ class EventStore:
                     k = _key(" ".join(toks[:MAX_RUN]))
                 else:
                     k = _key(v)
+                if len(k) >= MAX_KEY:
+                    # (the value's first MAX_KEY octets, maybe those of longer values
+                    # too: its entries are candidates, checked on the event)
+                    decides = False
                 keys.append(k)
                 cost += cur.count() if cur.set_key(k) else 0
             keys = list(dict.fromkeys(keys))

@@ -628,3 +628,25 @@ def test_the_prune_of_many_unreadable_events_is_one_walk(store, caplog):
         assert _entries(store, store.idx[n]) == [], n
     for db in (store.count_db, store.ids, store.time, store.ev):
         assert _entries(store, db) == []
+
+
+def test_a_filter_value_longer_than_an_index_key_is_checked_on_the_events(store):
+    """An index keeps the first MAX_KEY octets of a value; a filter of one longer value was
+    answered from the index alone -- the events of every value sharing those octets (another
+    recipient, another transmission), and counted so."""
+    long = "a" * (S.MAX_KEY + 100)
+    store.append([ev(1, rcpt_to=long + "1@x.example", transmission_id="t" + long + "1",
+                     campaign_id="c" + long + "1", bounce_class=long + "1"),
+                  ev(2, rcpt_to=long + "2@x.example", transmission_id="t" + long + "2",
+                     campaign_id="c" + long + "2", bounce_class=long + "2")])
+    for f in ({"recipients": [long + "1@x.example"]}, {"transmissions": ["t" + long + "1"]},
+              {"campaigns": ["c" + long + "1"]}, {"bounce_classes": [long.upper() + "1"]},
+              {"recipients": [long + "1@X.example", long + "3@x.example"]}):
+        page, _, total = store.query(f, None, 10, start=0, end=T0 + 1000)
+        assert ids(page) == ["10001"] and total == 1, f
+    # a value of exactly MAX_KEY octets: the key of longer ones too
+    exact = "b" * (S.MAX_KEY - len("@x.example")) + "@x.example"
+    store.append([ev(3, rcpt_to=exact), ev(4, rcpt_to=exact + "zz")])
+    for v, want in ((exact, "10003"), (exact + "zz", "10004")):
+        page, _, total = store.query({"recipients": [v]}, None, 10, start=0, end=T0 + 1000)
+        assert ids(page) == [want] and total == 1
