@@ -1040,7 +1040,12 @@ class EventStore:
                 raw = txn.get(tk[8:], db=self.ev)
                 minute = _MIN.pack(_U64.unpack(tk[:8])[0] // 60000)
                 counts[_ALL + minute] = counts.get(_ALL + minute, 0) - 1
-                if raw is not None:
+                if raw is None:
+                    # (damage too: a time entry without its event; its entries swept for)
+                    log.error("events store: the event of seq %d is missing; its time "
+                              "entry deleted", seq)
+                    bad[tk] = minute
+                else:
                     ev = _event(raw, tk[8:], "deleted")
                     if ev is None:
                         # (its index keys are its values, unreadable: swept for below)
@@ -1071,8 +1076,8 @@ class EventStore:
         return n
 
     def _sweep(self, txn, bad: dict[bytes, bytes], counts: dict[bytes, int]) -> None:
-        """Delete the index entries, event_id entries and counts of the unreadable events
-        *bad* (time key -> minute) a prune has just deleted.
+        """Delete the index entries, event_id entries and counts of the unreadable (or
+        missing) events *bad* (time key -> minute) a prune has just deleted.
 
         Their values (recipient, campaign, event_id...) cannot be read, and an index is
         keyed by them: each index is walked key by key (one look-up of each time key
@@ -1116,7 +1121,7 @@ class EventStore:
                 swept += 1
             else:
                 ok = cur.next()
-        log.warning("events store: %d unreadable event(s) deleted; %d index entries of "
+        log.warning("events store: %d unreadable or missing event(s) deleted; %d index entries of "
                     "theirs found and deleted in %.3f s", len(bad), swept,
                     time.monotonic() - t0)
         bad.clear()
