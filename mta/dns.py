@@ -6,7 +6,12 @@ permanent or temporary reason why there are none); ``resolve_addresses``
 turns a host name into its IPv4 then IPv6 addresses; ``resolve_hosts`` does so
 for several hosts (a domain's MX hosts) concurrently, at most HOSTS_IN_FLIGHT at
 a time and all within one lookup's bound, so hosts whose zone's server is dead
-cost one timeout together, not one each.
+cost one timeout together, not one each.  A whole route lookup (the MX query,
+then its hosts' or the implicit MX's addresses) has one deadline: ``timeout``
+plus DEADLINE_SLACK_SECONDS from its start, and, when the MX answer came so late
+that less is left, ROUTE_ADDRESS_FLOOR_SECONDS for the addresses (at most
+``timeout`` + 0.75 s in all, not a timeout for the MX query and another for the
+addresses).
 Reads: the nameservers, port and limits it is constructed with (the delivery
 role passes its slice of the config).  Only when no nameserver is configured
 does it read the system resolver configuration (/etc/resolv.conf).
@@ -104,6 +109,10 @@ DSN_STATUS = {
 TEMP_FAIL_TTL_SECONDS = 2.0  # default life of a cached temporary failure
 MAX_TEMP_FAIL_TTL_SECONDS = 10.0  # "a few seconds", never more
 DEADLINE_SLACK_SECONDS = 0.25  # the asyncio deadline behind dnspython's lifetime
+# A route lookup's address lookups get what is left of its deadline (timeout + slack since
+# its MX query began), at least this: an MX answer that came just in time still leaves the
+# cached addresses (and answers a fast server gives) a chance.
+ROUTE_ADDRESS_FLOOR_SECONDS = 0.5
 EDNS_PAYLOAD_OCTETS = 1232  # DNS flag day 2020 value
 MIN_SERVER_TIMEOUT_SECONDS = 1.0  # the least one nameserver is given (within the lookup's bound)
 # resolve_hosts: the host names whose addresses are looked up at once for one caller (a
@@ -279,6 +288,7 @@ class Resolver:
         name = normalize_domain(domain)
         if name is None:
             return MxResult(NXDOMAIN, [], f"invalid domain name {domain!r}", domain)
+        started = time.monotonic()
         mx = await self._lookup(name, _MX)
         if mx.kind == _LK_TEMP:
             return MxResult(TEMP_FAIL, [], mx.reason, name)
@@ -295,11 +305,17 @@ class Resolver:
                 if len(g) > 1:
                     random.shuffle(g)
             return MxResult(OK, groups, "", name, ttl=self._left((mx,)))
-        # NODATA: the domain itself is the implicit MX (RFC 5321 §5.1)
+        # NODATA: the domain itself is the implicit MX (RFC 5321 §5.1), looked up within
+        # what is left of the route's deadline (the queries go on for the cache)
+        left = self.route_left(started)
         try:
-            addresses, ttl = await self.resolve_addresses_ttl(name)
+            async with asyncio.timeout(left):
+                addresses, ttl = await self.resolve_addresses_ttl(name)
         except DnsTempError as e:
             return MxResult(TEMP_FAIL, [], str(e), name)
+        except TimeoutError:
+            return MxResult(TEMP_FAIL, [], f"{name}: no MX, and no A/AAAA answer within "
+                            f"{left:.3g}s", name)
         if not addresses:
             return MxResult(NO_ADDRESS, [], f"{name}: no MX and no A/AAAA record", name)
         # as long as both hold: the MX records may appear, the addresses change
@@ -346,15 +362,25 @@ class Resolver:
                 raise DnsTempError("; ".join(failed))
         return found, self._left([lk for lk in used if lk.kind == _LK_OK])
 
+    def route_left(self, started: float) -> float:
+        """Seconds left for the address lookups of a route lookup whose MX query began at
+        *started* (``time.monotonic()``): what is left of ``timeout`` plus
+        DEADLINE_SLACK_SECONDS since then, at least ROUTE_ADDRESS_FLOOR_SECONDS."""
+        spent = time.monotonic() - started
+        return max(self._timeout + DEADLINE_SLACK_SECONDS - spent, ROUTE_ADDRESS_FLOOR_SECONDS)
+
     async def resolve_hosts(self, hosts: list[str], *, in_flight: int = HOSTS_IN_FLIGHT,
-                            deadline: float | None = None) -> list:
+                            deadline: float | None = None, since: float | None = None) -> list:
         """Each host's ``resolve_addresses_ttl`` (its addresses and the seconds they
         hold) or the ``DnsTempError`` it raised, in the order of *hosts*.
 
         The lookups run concurrently, at most *in_flight* hosts at a time, all within
         *deadline* seconds (default: one lookup's bound, ``timeout`` plus
         DEADLINE_SLACK_SECONDS): hosts whose names the DNS does not answer for cost
-        one timeout together, not one each.  A host not answered by the deadline
+        one timeout together, not one each.  *since*: the ``time.monotonic()`` at which
+        the route lookup they belong to began (its MX query): the deadline is then
+        ``route_left(since)``, so the MX query and the addresses share one bound.  A
+        host not answered by the deadline
         (its lookup still waiting, or not begun) is a ``DnsTempError``; a query cut
         short goes on for the cache (single-flight).  Answers all in the cache: no
         task, no wait.
@@ -369,7 +395,8 @@ class Resolver:
                 out[i] = got
         if todo:
             if deadline is None:
-                deadline = self._timeout + DEADLINE_SLACK_SECONDS
+                deadline = (self._timeout + DEADLINE_SLACK_SECONDS if since is None
+                            else self.route_left(since))
             got = await gather_hosts(self.resolve_addresses_ttl, [hosts[i] for i in todo],
                                      in_flight=in_flight, deadline=deadline)
             for i, r in zip(todo, got):

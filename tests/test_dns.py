@@ -209,7 +209,8 @@ def test_refused_is_temporary(make):
 
 class ScriptedDns:
     """A DNS server on loopback (UDP and TCP on one port) whose answers a test writes:
-    ``answer(query, tcp)`` returns the response message, or None for no answer."""
+    ``answer(query, tcp)`` returns the response message, or None for no answer, or
+    (seconds, message) for an answer that late (over UDP)."""
 
     def __init__(self, answer):
         self.answer = answer
@@ -231,7 +232,9 @@ class ScriptedDns:
 
             def datagram_received(self, data, addr):
                 r = outer._reply(data, False)
-                if r is not None:
+                if isinstance(r, tuple):    # (seconds to wait, the answer)
+                    loop.call_later(r[0], self.transport.sendto, r[1], addr)
+                elif r is not None:
                     self.transport.sendto(r, addr)
 
         async def stream(reader, writer):
@@ -255,6 +258,8 @@ class ScriptedDns:
         self.queries.append((q.question[0].name.to_text(),
                              dns.rdatatype.to_text(q.question[0].rdtype), tcp))
         r = self.answer(q, tcp)
+        if isinstance(r, tuple):
+            return r[0], r[1].to_wire(max_size=65535)
         return None if r is None else r.to_wire(max_size=65535)
 
     async def __aexit__(self, *exc):
@@ -339,6 +344,51 @@ def test_hosts_whose_names_get_no_answer_cost_one_timeout_not_one_each(clock):
     assert "timed out" in str(got[0])
     assert got[4][0] == ["127.0.0.31"]
     assert 0.9 < elapsed < 2 * 1.0, elapsed
+
+
+def _slow_mx(q, tcp):
+    """slow.test.'s MX (hosts under dead.test.) and nomx.test.'s NODATA come 0.8 s late;
+    the rest as _hang_or_answer."""
+    name, rdtype = q.question[0].name.to_text(), q.question[0].rdtype
+    if rdtype == dns.rdatatype.MX and name == "slow.test.":
+        return 0.8, _response(q, [f"slow.test. 300 IN MX {10 * n} mx{n}.dead.test."
+                                  for n in range(3)])
+    if rdtype == dns.rdatatype.MX and name == "nomx.dead.test.":
+        return 0.8, _response(q)
+    return _hang_or_answer(q, tcp)
+
+
+def test_a_slow_mx_answer_and_hanging_addresses_share_one_deadline(clock):
+    # The MX answer comes 0.8 s into a 1 s bound, its hosts' (or the implicit MX's)
+    # address lookups hang: the route lookup ends about one bound after it began
+    # (what is left, at least the floor), not after a bound for the MX query and one
+    # more for the addresses (~2 s).
+    async def main():
+        async with ScriptedDns(_slow_mx) as srv:
+            r = mdns.Resolver([("127.0.0.1", srv.port)], timeout=1.0, temp_fail_ttl=0,
+                              clock=clock)
+
+            async def route():
+                t0 = time.monotonic()
+                mx = await r.resolve_mx("slow.test")
+                assert mx.status == "ok" and len(mx.hosts) == 3, mx
+                got = await r.resolve_hosts([h for g in mx.hosts for h in g], since=t0)
+                return got, time.monotonic() - t0
+
+            async def implicit():
+                t0 = time.monotonic()
+                return await r.resolve_mx("nomx.dead.test"), time.monotonic() - t0
+
+            (got, routed), (implicit, implicit_took) = await asyncio.gather(route(), implicit())
+            assert ("nomx.dead.test.", "A", False) in srv.queries
+        return got, routed, implicit, implicit_took
+
+    got, routed, implicit, implicit_took = run(main())
+    assert all(isinstance(g, mdns.DnsTempError) for g in got), got
+    bound = 0.8 + mdns.ROUTE_ADDRESS_FLOOR_SECONDS + 0.25
+    assert 0.8 + mdns.ROUTE_ADDRESS_FLOOR_SECONDS - 0.1 < routed < bound, routed
+    assert implicit.status == "temp_fail" and "nomx.dead.test" in implicit.reason, implicit
+    assert implicit_took < bound, implicit_took
 
 
 def test_resolve_hosts_keeps_at_most_in_flight_hosts_and_its_deadline(clock):

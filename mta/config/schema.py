@@ -339,8 +339,10 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         msgspec.field(default_factory=list)
     dns_timeout: Annotated[float, _doc(
         "seconds one DNS lookup may take before it counts as a temporary failure; a "
-        "domain's MX hosts' addresses are looked up concurrently (5 hosts at a time), "
-        "all within one such bound",
+        "domain's MX hosts' addresses are looked up concurrently (5 hosts at a time); "
+        "a domain's whole route lookup (its MX query, then the addresses) ends about "
+        "one such bound after it began (plus 0.25 s, and at most 0.5 s more for the "
+        "addresses when the MX answer came late)",
         ge=0.1, le=120)] = 5.0
     ipv6: Annotated[bool, _doc(
         "send over IPv6 too: look up MX hosts' AAAA records and connect to IPv6 addresses "

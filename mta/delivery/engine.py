@@ -1087,6 +1087,7 @@ class Engine:
             if not out:
                 raise RouteError(DEFERRED, 451, "4.4.3", f"no address for route hosts of {domain}")
             return out, ttl
+        started = time.monotonic()   # the MX query and the addresses share one deadline
         mx = await self.resolver.resolve_mx(domain)
         if mx.status == "null_mx":
             raise RouteError(FAILED, 556, "5.1.10", f"{domain} does not accept mail (null MX)")
@@ -1101,8 +1102,9 @@ class Engine:
             ttl = min(ttl, mx.ttl)
         unknown = len(mx.hosts)     # the best preference with a host whose lookup failed
         hosts = [(rank, host) for rank, group in enumerate(mx.hosts) for host in group]
-        # looked up all at once, within about one lookup's timeout (not one per host)
-        found = await self._addresses_all([host for _, host in hosts[:MAX_MX_HOSTS]])
+        # looked up all at once, within what is left of the route lookup's deadline (about
+        # one lookup's timeout from the MX query's start; not one per host, nor one more)
+        found = await self._addresses_all([host for _, host in hosts[:MAX_MX_HOSTS]], started)
         for (rank, host), got in zip(hosts, found):
             if isinstance(got, DnsTempError):  # one MX host's addresses: try the next host
                 log.info("address lookup for %s failed: %s", host, got)
@@ -1131,12 +1133,13 @@ class Engine:
             raise RouteError(DEFERRED, 451, "4.4.3", f"no address found for the MX hosts of {domain}")
         return out, ttl
 
-    async def _addresses_all(self, hosts: list[str]) -> list:
+    async def _addresses_all(self, hosts: list[str], since: float | None = None) -> list:
         """Each host's addresses and the seconds they hold, or the DnsTempError of its
         lookup, in the order of *hosts* (an address: itself, SITE_TTL; an IPv6 one nothing
         when delivery.ipv6 is off).  The names are looked up concurrently, at most
         mta.dns.HOSTS_IN_FLIGHT at a time, all within one lookup's timeout (the
-        resolver's resolve_hosts); cached answers cost no task."""
+        resolver's resolve_hosts), or what is left of it since *since* (the start of the
+        route lookup's MX query); cached answers cost no task."""
         out: list = [None] * len(hosts)
         names, where = [], []
         for i, host in enumerate(hosts):
@@ -1146,7 +1149,7 @@ class Engine:
                 names.append(host)
                 where.append(i)
         if names:
-            for i, got in zip(where, await self.resolver.resolve_hosts(names)):
+            for i, got in zip(where, await self.resolver.resolve_hosts(names, since=since)):
                 out[i] = got
         return out
 

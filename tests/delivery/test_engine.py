@@ -71,7 +71,11 @@ class Resolver:
         self.deadline = 5.0         # seconds resolve_hosts waits for all of them
 
     async def resolve_mx(self, domain):
-        return self.mx[domain]
+        mx = self.mx[domain]
+        if isinstance(mx, tuple):   # (seconds the DNS takes to answer, the answer)
+            await asyncio.sleep(mx[0])
+            mx = mx[1]
+        return mx
 
     async def resolve_addresses(self, host):
         a = self.addresses[host]
@@ -84,10 +88,15 @@ class Resolver:
     async def resolve_addresses_ttl(self, host):
         return await self.resolve_addresses(host), self.ttl.get(host, 300.0)
 
-    async def resolve_hosts(self, hosts):
-        # as mta.dns.Resolver's: concurrently, bounded, within one lookup's bound
+    async def resolve_hosts(self, hosts, since=None):
+        # as mta.dns.Resolver's: concurrently, bounded, within one lookup's bound (what is
+        # left of it since *since*, at least the floor)
+        deadline = self.deadline
+        if since is not None:
+            deadline = max(deadline - (time.monotonic() - since),
+                           mdns.ROUTE_ADDRESS_FLOOR_SECONDS)
         return await mdns.gather_hosts(self.resolve_addresses_ttl, hosts,
-                                       in_flight=mdns.HOSTS_IN_FLIGHT, deadline=self.deadline)
+                                       in_flight=mdns.HOSTS_IN_FLIGHT, deadline=deadline)
 
 
 # Each engine's state directory, under one directory removed when the tests end.
@@ -450,6 +459,22 @@ def test_mx_hosts_whose_lookups_hang_cost_one_lookup_bound_not_one_each():
     (r,) = results
     assert (r.outcome, r.code, r.enhanced) == (bus.DEFERRED, 451, "4.4.3"), r
     assert elapsed < 2 * resolver.deadline, elapsed
+
+
+def test_a_slow_mx_answer_and_hanging_addresses_share_one_lookup_bound():
+    """The MX query answers just before its bound (0.8 s of 1 s), its hosts' address
+    lookups never end: the mail is deferred about one bound after the MX query began,
+    not one for the MX query and one more for the addresses (~1.8 s)."""
+    hosts = [f"mx{n}.example.net" for n in range(3)]
+    resolver = Resolver({"example.net": (0.8, MxResult("ok", [[h] for h in hosts]))},
+                        dict.fromkeys(hosts, HANG))
+    resolver.deadline = 1.0
+    t0 = time.monotonic()
+    (j, results), = deliver([job("example.net", "a")], resolver, port=free_port())
+    elapsed = time.monotonic() - t0
+    (r,) = results
+    assert (r.outcome, r.code, r.enhanced) == (bus.DEFERRED, 451, "4.4.3"), r
+    assert elapsed < 0.8 + mdns.ROUTE_ADDRESS_FLOOR_SECONDS + 0.3, elapsed
 
 
 def test_an_mx_host_whose_lookup_hangs_leaves_the_mail_to_the_next_in_preference():

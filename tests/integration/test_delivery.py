@@ -247,8 +247,10 @@ class DeadZoneDns:
     every other one is passed to unbound and its answer back.  A thread of the test,
     bounded: each receive waits at most 0.2 s, and it stops with the test."""
 
-    def __init__(self, upstream, dead: str, address: str = "127.0.0.157"):
+    def __init__(self, upstream, dead: str, address: str = "127.0.0.157", slow=None):
         self.upstream = upstream
+        self.slow = {k.lower(): v for k, v in (slow or {}).items()}  # name.: seconds late
+        self.timers: list[threading.Timer] = []
         self.dead = dead.rstrip(".").lower() + "."
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((address, 0))
@@ -273,7 +275,20 @@ class DeadZoneDns:
                 r = dns.query.udp(q, self.upstream.address, port=self.upstream.port, timeout=2.0)
             except Exception:
                 continue
-            self.sock.sendto(r.to_wire(), peer)
+            late = self.slow.get(name)
+            if late:    # answered, but that late (a slow authoritative server)
+                t = threading.Timer(late, self._send, (r.to_wire(), peer))
+                t.daemon = True
+                self.timers.append(t)
+                t.start()
+            else:
+                self.sock.sendto(r.to_wire(), peer)
+
+    def _send(self, wire, peer):
+        try:
+            self.sock.sendto(wire, peer)
+        except OSError:
+            pass    # stopped meanwhile
 
     def __enter__(self):
         self.thread.start()
@@ -282,6 +297,8 @@ class DeadZoneDns:
     def __exit__(self, *exc):
         self.stopping.set()
         self.thread.join(5.0)
+        for t in self.timers:
+            t.cancel()
         self.sock.close()
 
 
@@ -304,6 +321,26 @@ def test_mx_hosts_whose_lookups_hang_defer_after_one_timeout_not_one_each(lab):
     [e] = [e for e in d.events() if e["type"] == "delay"]
     assert e["error_code"] == "451" and "4.4.3" in e["raw_reason"], e
     assert elapsed < 2 * DNS_TIMEOUT, elapsed
+
+
+def test_a_late_mx_answer_and_hanging_mx_hosts_defer_within_one_timeout_not_two(lab):
+    """late.test's MX answer comes 0.8 of a timeout late, its hosts' zone never answers:
+    the route lookup has one deadline (about one timeout from the MX query), so the mail
+    is deferred then, not after the MX query's timeout and one more for the addresses."""
+    up = lab.serve(mx("sender.test", "mx.sender.test", IP_B)
+                   + [f"late.test. 300 IN MX {10 * n} mx{n}.dead.test." for n in range(1, 4)])
+    with DeadZoneDns(up, "dead.test", slow={"late.test.": 0.8 * DNS_TIMEOUT}) as srv:
+        d = lab.daemon(nameservers=[srv.nameserver], dns_timeout=DNS_TIMEOUT)
+        t0 = time.monotonic()
+        d.send("alice@sender.test", ["a@late.test"], message("late MX, hanging hosts"))
+        wait_until(lambda: any(e["type"] == "delay" for e in d.events()), 30, "the deferral")
+        elapsed = time.monotonic() - t0
+        assert {f"mx{n}.dead.test." for n in range(1, 4)} <= set(srv.dropped)
+    [e] = [e for e in d.events() if e["type"] == "delay"]
+    assert e["error_code"] == "451" and "4.4.3" in e["raw_reason"], e
+    # one timeout plus the slack (0.25 s), the address floor (0.5 s) and the daemon's own
+    # time; two timeouts were ~5.9 s
+    assert elapsed < DNS_TIMEOUT + 1.5, elapsed
 
 
 def test_the_best_mx_host_that_answers_gets_the_mail_when_better_ones_hang(lab):
