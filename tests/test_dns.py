@@ -218,11 +218,20 @@ class ScriptedDns:
 
     async def __aenter__(self):
         loop = asyncio.get_running_loop()
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.bind(("127.0.0.1", 0))
-        self.port = udp.getsockname()[1]
-        tcp = socket.socket()
-        tcp.bind(("127.0.0.1", self.port))
+        for _ in range(50):
+            # (a free UDP port may be taken for TCP by another test: take another pair)
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", 0))
+            self.port = udp.getsockname()[1]
+            tcp = socket.socket()
+            try:
+                tcp.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                tcp.close()
+                udp.close()
+        else:
+            raise OSError("no port free for both UDP and TCP")
         tcp.listen()
         outer = self
 
