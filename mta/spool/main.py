@@ -32,7 +32,8 @@ close, exit 0; whatever was not taken is not acknowledged, so nothing is lost.
 SIGHUP (from the supervisor, after a reload it applied): the shard takes the
 [delivery] keys it can change while it runs from the supervisor's record of the
 active configuration -- hold, retry_schedule, retry_jitter, delay_warning_time and
-the timeouts its job timeout is made of -- server.log_level and [dkim]; the rest (SPOOL_START_KEYS in
+the timeouts its job timeout is made of -- server.log_level, [dkim] and
+[suppression] enabled, path, max_size, bounce_rule (the new acceptors' list); the rest (SPOOL_START_KEYS in
 mta.config, SPOOL_READ_AT_START, and [spool]) takes effect at the next start.
 SIGUSR1 (from the supervisor, once a reload's new delivery processes run): what the
 delivery lanes whose limits the reload raised handed back is due again now

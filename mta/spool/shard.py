@@ -53,6 +53,7 @@ when the disk does.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import itertools
 import logging
@@ -381,6 +382,35 @@ class Shard:
                 return
         self.dkim, self.signer = cfg, signer
 
+    def _set_suppression(self, cfg) -> None:
+        """Take [suppression] enabled, path, max_size and bounce_rule of *cfg* (a reload):
+        the new acceptors check injections against the list they name and add the
+        out-of-band Bounce Rule entries to it, so this shard's in-band ones go there too.
+        A list that cannot be opened (the acceptors opened it a moment ago) leaves the
+        one in use: logged."""
+        cur = self.settings.config.suppression
+        if (cfg.enabled, cfg.path, cfg.max_size, cfg.bounce_rule) == \
+                (cur.enabled, cur.path, cur.max_size, cur.bounce_rule):
+            return
+        settings = dataclasses.replace(self.settings, config=msgspec.structs.replace(
+            self.settings.config, suppression=cfg))
+        if (cfg.enabled, cfg.path, cfg.max_size) != (cur.enabled, cur.path, cur.max_size):
+            if self.suppression is not None:
+                self.suppression.close()      # (LMDB: one handle on a list per process)
+                self.suppression = None
+            try:
+                self.suppression = sup.open_for(settings)
+            except OSError as exc:
+                log.error("reload: %s; the Bounce Rule adds nothing until a restart", exc)
+                self.settings = settings
+                self.bounce_rule = False
+                return
+        self.settings = settings
+        self.bounce_rule = self.suppression is not None and cfg.bounce_rule
+        log.info("reload: suppression list %s, Bounce Rule %s",
+                 os.path.join(settings.state_dir, cfg.path) if cfg.enabled else "off",
+                 "on" if self.bounce_rule else "off")
+
     def apply_reload(self) -> None:
         """SIGHUP: take the [delivery] keys a running shard can change, the log level and
         [dkim] (the notices' signer) from the active configuration the supervisor
@@ -396,6 +426,7 @@ class Shard:
             proc.set_log_level(self.log_level)
         if active.config.dkim != self.dkim:
             self._set_signer(active.config.dkim)
+        self._set_suppression(active.config.suppression)
         old = self.dcfg
         new = msgspec.structs.replace(active.config.delivery, **{
             k: getattr(old, k) for k in mconfig.SPOOL_START_KEYS})

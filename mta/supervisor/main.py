@@ -124,6 +124,12 @@ STATUS_EVERY = 5.0          # seconds: the live STATUS= line is sent at most thi
 REBUILD_NOTE_EVERY = 5.0    # seconds: more start time asked for while a suppression list is rebuilt
 
 
+
+def _suppression_of(settings) -> tuple:
+    """The [suppression] keys the spool shards take at a reload (SIGHUP)."""
+    cfg = settings.config.suppression
+    return cfg.enabled, cfg.path, cfg.max_size, cfg.bounce_rule
+
 class StartupError(Exception):
     pass
 
@@ -1116,16 +1122,19 @@ class Supervisor:
             proc.set_log_level(level)
         recorded = self._write_active()
         if new.config.delivery != old.config.delivery or \
-                level != old.config.server.log_level or new.config.dkim != old.config.dkim:
+                level != old.config.server.log_level or new.config.dkim != old.config.dkim \
+                or _suppression_of(new) != _suppression_of(old):
             # the spool shards are not replaced: they take from the record just written
             # what of [delivery] they can change while they run (hold, retries, timeouts),
-            # the log level and [dkim] (the keys that sign their DSNs)
+            # the log level, [dkim] (the keys that sign their DSNs) and the suppression
+            # list the new acceptors use (their Bounce Rule entries go to it)
             if recorded:
                 self._signal_role("spool", signal.SIGHUP)
             else:
                 log.error("reload: the spool shards keep [delivery] as it was (hold, "
-                          "retries, timeouts), server.log_level and [dkim] until a "
-                          "restart: the record they read could not be written")
+                          "retries, timeouts), server.log_level, [dkim] and the "
+                          "suppression list until a restart: the record they read could "
+                          "not be written")
         failed = []
         for role, sections in ROLLED.items():
             changed = [f"[{k}]" for k in sections

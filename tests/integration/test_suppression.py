@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -672,6 +673,7 @@ def test_a_list_being_written_is_never_taken_for_a_damaged_one(make_daemon):
 
 CHECK_SPY = '''
 import os
+import re
 from mta.feedback import suppression as _s
 _check = _s.check_store
 
@@ -734,3 +736,72 @@ def test_only_the_supervisor_reads_the_list_at_its_start(make_daemon, tmp_path):
         wait_until(lambda: not os.path.exists(f"/proc/{new}") or
                    open(f"/proc/{new}/stat").read().rpartition(")")[2].split()[0] == "Z",
                    60, "the new supervisor to stop")
+
+
+def test_a_reload_moves_every_process_to_the_new_list_together(make_daemon):
+    """A reload that points suppression.path at another list, then turns the list off:
+    the new acceptors checked injections against the new list while the spool shards
+    (not replaced) went on putting their Bounce Rule entries on the old one until a
+    restart -- one list checked, another fed.  Now the shards take the new list at the
+    reload too (their log says so), and nothing is named as waiting for a restart."""
+    def rcpt(sink, address, mail_from):
+        if address.startswith("unknown"):
+            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+        return None
+    sink = AioSink(HOST, free_port(), rcpt=rcpt).start()
+    try:
+        d = make_daemon(
+            acceptors=1, shards=1, http={"api_keys": [KEY]},
+            delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                 "hosts": [f"{HOST}:{sink.port}"]}]})
+        first = os.path.join(d.state_dir, "suppression")
+        other = os.path.join(d.state_dir, "other")
+        st, _, body = call(d, "PUT", "/api/v1/suppression-list/old-only@example.net",
+                           {"type": "non_transactional"})
+        assert st == 200, body
+        sl = S.SuppressionList(other, 1 << 24)
+        sl.put_many([("new-only@example.net", S.BOTH, "restored")], "Manually Added")
+        sl.close()
+
+        log = d.reload(suppression={"path": "other"})
+        d.wait_log(r"reload: suppression list " + re.escape(other) + ", Bounce Rule on")
+        assert "suppression.path" not in log and "reload failed" not in log, log[-3000:]
+
+        st, _, out = d.post(transmission(["new-only@example.net", "old-only@example.net",
+                                          "unknown-1@example.net"]),
+                            headers={"Authorization": KEY})
+        assert st == 200 and out["results"]["total_accepted_recipients"] == 3, out
+        sink.wait_for("old-only@example.net")       # only on the old list: delivered
+        ev = wait_until(lambda: bounces(d, "new-only@example.net"), 20, "the class-25")
+        assert ev[0]["bounce_class"] == "25"
+        wait_until(lambda: bounces(d, "unknown-1@example.net"), 30, "the 5.1.1 bounce")
+
+        def on(path, address) -> bool:
+            lst = S.SuppressionList(path, 1 << 24)
+            try:
+                return lst.check(address, False)
+            finally:
+                lst.close()
+        # the shard's Bounce Rule entry is on the list the acceptors check
+        wait_until(lambda: on(other, "unknown-1@example.net"), 20, "the Bounce Rule entry")
+        assert not on(first, "unknown-1@example.net")
+        st, _, body = call(d, "GET", "/api/v1/suppression-list/unknown-1@example.net")
+        assert st == 200 and body["results"][0]["source"] == "Bounce Rule", body
+        assert smtp_send(d, ["unknown-1@example.net"]) == {}
+        wait_until(lambda: [e for e in bounces(d, "unknown-1@example.net")
+                            if e.get("bounce_class") == "25"], 20, "the suppressed bounce")
+        assert sum(r == "new-only@example.net" for _, r, _ in sink.deliveries()) == 0
+
+        # the list turned off: no process adds to it (nor checks it) any more
+        d.reload(suppression={"enabled": False})
+        d.wait_log(r"reload: suppression list off, Bounce Rule off")
+        st, _, out = d.post(transmission(["unknown-2@example.net", "new-only@example.net"]),
+                            headers={"Authorization": KEY})
+        assert st == 200, out
+        sink.wait_for("new-only@example.net")
+        wait_until(lambda: bounces(d, "unknown-2@example.net"), 30, "the 5.1.1 bounce")
+        time.sleep(0.5)
+        assert not on(other, "unknown-2@example.net")
+        assert "suppression list: added unknown-2" not in d.log()
+    finally:
+        sink.stop()
