@@ -525,3 +525,15 @@ def test_a_host_name_with_its_final_dot_is_sent_without_it(tmp_path):
         with pytest.raises(config.ConfigError) as exc:
             config.load(str(p))
         assert str(exc.value).startswith(f"delivery.helo_name: '{bad}' "), bad
+
+
+def test_a_reload_does_not_say_the_spool_free_space_floor_waits_for_a_restart(tmp_path):
+    # spool.min_free_* are read by the acceptors (replaced at a reload) and the admin
+    # process (from the active record) only: the log said they waited for a restart
+    base = f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
+    old_path, new_path = tmp_path / "old.toml", tmp_path / "new.toml"
+    old_path.write_text(base)
+    new_path.write_text(base + '[spool]\nmin_free_bytes = 1\nmin_free_percent = 50\n'
+                        'directory = "elsewhere"\n')
+    later = config.restart_keys(config.load(str(old_path)), config.load(str(new_path)))
+    assert later == ["spool.directory"], later

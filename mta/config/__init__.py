@@ -182,9 +182,15 @@ SPOOL_READ_AT_START = (("feedback", "bounce_rules"), ("feedback", "bounce_domain
                        ("events", "max_backlog_bytes"))
 
 
+# [spool] keys a reload applies: read only by the acceptors (replaced) and the admin
+# process (from the active configuration's record), never by the spool shards
+RELOADED_SPOOL_KEYS = (("spool", "min_free_bytes"), ("spool", "min_free_percent"))
+
+
 def restart_keys(old: Settings, new: Settings) -> list[str]:
     """The settings of *new* that a reload (SIGHUP) of a daemon running *old* does not
-    apply -- they wait for the next restart: [spool] and [admin] keys, the shard
+    apply -- they wait for the next restart: [spool] (but spool.min_free_*, which the
+    acceptors and the admin process take at once) and [admin] keys, the shard
     count, delivery.processes, the [delivery] keys the spool shards read at start
     (SPOOL_START_KEYS: the delivery processes take them now) and of the other sections
     (SPOOL_READ_AT_START: the bounce classes and domains), turning the events or
@@ -195,7 +201,8 @@ def restart_keys(old: Settings, new: Settings) -> list[str]:
     for section in ("spool", "admin"):
         a = msgspec.to_builtins(getattr(old.config, section))
         b = msgspec.to_builtins(getattr(new.config, section))
-        out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+                and (section, k) not in RELOADED_SPOOL_KEYS]
     if old.shards != new.shards and "spool.shards" not in out:
         out.append("spool.shards")
     out += [f"delivery.{k} (the spool shards')" for k in SPOOL_START_KEYS

@@ -564,6 +564,17 @@ def test_a_reload_keeps_the_spool_directory_until_a_restart(make_daemon):
         assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 452
 
 
+def test_a_reload_applies_the_spool_free_space_floor_and_says_so(make_daemon):
+    # spool.min_free_* apply at a reload (the new acceptors' 452); the log said they
+    # took effect at the next restart
+    d = make_daemon(acceptors=1, shards=1)
+    log = d.reload(spool={"min_free_percent": 100}, timeout=60)
+    assert "min_free_percent" not in log and "next restart" not in log, log[-2000:]
+    time.sleep(1.0)                     # (the acceptors look at the free space twice a second)
+    with d.session() as c:
+        assert c.cmd("MAIL FROM:<a@sender.test>")[0] == 452
+
+
 def test_a_reload_of_the_host_name_reaches_the_delivery_processes(make_daemon):
     # [server] changes replace the delivery and events processes (their EHLO name, the
     # event log), and the spool's DSNs wait for a restart, which the log says
