@@ -411,6 +411,28 @@ class Shard:
                  os.path.join(settings.state_dir, cfg.path) if cfg.enabled else "off",
                  "on" if self.bounce_rule else "off")
 
+    def _set_feedback(self, cfg) -> None:
+        """Take feedback.bounce_rules and bounce_domains of *cfg* (a reload), as the new
+        acceptors (out-of-band reports) and delivery processes (the VERP domain) do: the
+        in-band bounces are classified by the same rules.  A rules file that cannot be
+        read now (checked by the supervisor a moment ago) leaves the rules in use:
+        logged."""
+        cur = self.settings.config.feedback
+        if (cfg.bounce_rules, cfg.bounce_domains) == (cur.bounce_rules, cur.bounce_domains):
+            return
+        if cfg.bounce_rules != cur.bounce_rules:
+            try:
+                feedback.configure(cfg.bounce_rules)
+            except Exception as exc:    # RuleError, OSError: the old rules stay
+                log.error("reload: feedback.bounce_rules: %s; the bounce rules stay as they "
+                          "were", exc)
+                cfg = msgspec.structs.replace(cfg, bounce_rules=cur.bounce_rules)
+            else:
+                log.info("reload: bounce rules %s", cfg.bounce_rules or "(shipped only)")
+        self.bounce_domains = frozenset(d.lower() for d in cfg.bounce_domains)
+        self.settings = dataclasses.replace(self.settings, config=msgspec.structs.replace(
+            self.settings.config, feedback=cfg))
+
     def apply_reload(self) -> None:
         """SIGHUP: take the [delivery] keys a running shard can change, the log level and
         [dkim] (the notices' signer) from the active configuration the supervisor
@@ -427,6 +449,7 @@ class Shard:
         if active.config.dkim != self.dkim:
             self._set_signer(active.config.dkim)
         self._set_suppression(active.config.suppression)
+        self._set_feedback(active.config.feedback)
         old = self.dcfg
         new = msgspec.structs.replace(active.config.delivery, **{
             k: getattr(old, k) for k in mconfig.SPOOL_START_KEYS})

@@ -130,6 +130,12 @@ def _suppression_of(settings) -> tuple:
     cfg = settings.config.suppression
     return cfg.enabled, cfg.path, cfg.max_size, cfg.bounce_rule
 
+
+def _feedback_of(settings) -> tuple:
+    """The [feedback] keys the spool shards take at a reload (SIGHUP)."""
+    cfg = settings.config.feedback
+    return cfg.bounce_rules, cfg.bounce_domains
+
 class StartupError(Exception):
     pass
 
@@ -1123,17 +1129,19 @@ class Supervisor:
         recorded = self._write_active()
         if new.config.delivery != old.config.delivery or \
                 level != old.config.server.log_level or new.config.dkim != old.config.dkim \
-                or _suppression_of(new) != _suppression_of(old):
+                or _suppression_of(new) != _suppression_of(old) \
+                or _feedback_of(new) != _feedback_of(old):
             # the spool shards are not replaced: they take from the record just written
             # what of [delivery] they can change while they run (hold, retries, timeouts),
-            # the log level, [dkim] (the keys that sign their DSNs) and the suppression
-            # list the new acceptors use (their Bounce Rule entries go to it)
+            # the log level, [dkim] (the keys that sign their DSNs), the suppression
+            # list the new acceptors use (their Bounce Rule entries go to it) and the
+            # bounce rules and domains
             if recorded:
                 self._signal_role("spool", signal.SIGHUP)
             else:
                 log.error("reload: the spool shards keep [delivery] as it was (hold, "
-                          "retries, timeouts), server.log_level, [dkim] and the "
-                          "suppression list until a restart: the record they read could "
+                          "retries, timeouts), server.log_level, [dkim], the "
+                          "suppression list and bounce rules until a restart: the record they read could "
                           "not be written")
         failed = []
         for role, sections in ROLLED.items():

@@ -131,3 +131,39 @@ def test_bad_operator_rules_are_refused_naming_the_rule(make_daemon, tmp_path):
     os.unlink(rules)
     with pytest.raises(ConfigError, match="feedback.bounce_rules: .*cannot read"):
         load(str(cfg))
+
+
+def test_a_reload_gives_the_spool_shards_the_new_bounce_rules(make_daemon, tmp_path):
+    """feedback.bounce_rules changed at a reload: the new acceptors classified the
+    out-of-band reports by the new rules while the spool shards (not replaced) went on
+    classifying the in-band bounces by the old ones until a restart.  Now they take them
+    at the reload (logged) and nothing is named as waiting for a restart."""
+    import re
+
+    from daemon import HOST, free_port
+    from sinks import AioSink
+    sink = AioSink(HOST, free_port(), rcpt=lambda s, a, f: ODD if a.startswith("odd") else None)
+    sink.start()
+    try:
+        d = make_daemon(acceptors=1, shards=1, delivery={
+            "hold": False, "route": [{"domain": "*", "starttls": "none",
+                                      "hosts": [f"{HOST}:{sink.port}"]}]})
+
+        def terminal(rcpt):
+            ev = [e for e in d.events() if e["type"] == "bounce" and e["raw_rcpt_to"] == rcpt]
+            return ev[0] if ev else None
+        d.send("alice@sender.test", ["odd-1@dest.test"], message("before"))
+        ev = wait_until(lambda: terminal("odd-1@dest.test"), 20, "the first bounce")
+        assert (ev["bounce_class"], ev["bounce_rule"]) == ("1", "undetermined"), ev
+
+        rules = tmp_path / "bounce_rules.toml"
+        rules.write_text('[[rule]]\nname = "lab-odd"\ncode = 550\n'
+                         'text = "never seen"\nclass = 10\n')
+        log = d.reload(feedback={"bounce_rules": str(rules)})
+        d.wait_log(r"spool\[0\].*reload: bounce rules " + re.escape(str(rules)))
+        assert "feedback.bounce_rules" not in log, log[-2000:]
+        d.send("alice@sender.test", ["odd-2@dest.test"], message("after"))
+        ev = wait_until(lambda: terminal("odd-2@dest.test"), 20, "the second bounce")
+        assert (ev["bounce_class"], ev["bounce_rule"]) == ("10", "lab-odd"), ev
+    finally:
+        sink.stop()
