@@ -124,7 +124,6 @@ STATUS_EVERY = 5.0          # seconds: the live STATUS= line is sent at most thi
 REBUILD_NOTE_EVERY = 5.0    # seconds: more start time asked for while a suppression list is rebuilt
 
 
-
 def _suppression_of(settings) -> tuple:
     """The [suppression] keys the spool shards take at a reload (SIGHUP)."""
     cfg = settings.config.suppression
@@ -135,6 +134,7 @@ def _feedback_of(settings) -> tuple:
     """The [feedback] keys the spool shards take at a reload (SIGHUP)."""
     cfg = settings.config.feedback
     return cfg.bounce_rules, cfg.bounce_domains
+
 
 class StartupError(Exception):
     pass
@@ -1140,9 +1140,9 @@ class Supervisor:
                 self._signal_role("spool", signal.SIGHUP)
             else:
                 log.error("reload: the spool shards keep [delivery] as it was (hold, "
-                          "retries, timeouts), server.log_level, [dkim], the "
-                          "suppression list and bounce rules until a restart: the record they read could "
-                          "not be written")
+                          "retries, timeouts), server.log_level, [dkim], the suppression "
+                          "list and the bounce rules until a restart: the record they read "
+                          "could not be written")
         failed = []
         for role, sections in ROLLED.items():
             changed = [f"[{k}]" for k in sections
