@@ -380,6 +380,30 @@ def test_a_reload_applies_the_suppression_list_to_every_process(tmp_path, text):
     assert not [k for k in later if k.startswith(("suppression.", "feedback."))], later
 
 
+def test_the_bounce_rules_file_is_known_by_its_content_too(tmp_path):
+    # a reload compared only feedback.bounce_rules' name: a file edited in place left the
+    # spool shards on the old rules.  Its digest, recorded with the active configuration
+    # (the shards read it from there), tells the edit.
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "a"\ncode = 550\nclass = 10\n')
+    cfg = tmp_path / "mta.toml"
+    cfg.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
+                   f'[feedback]\nbounce_rules = "{rules}"\n')
+    before = config.load(str(cfg))
+    assert len(before.bounce_rules_digest) == 64
+    assert config.load(str(cfg)).bounce_rules_digest == before.bounce_rules_digest
+    os.makedirs(before.run_dir)
+    config.write_active(before, str(cfg))
+    rules.write_text('[[rule]]\nname = "a"\ncode = 550\nclass = 51\n')
+    after = config.load(str(cfg))
+    assert after.config == before.config
+    assert after.bounce_rules_digest != before.bounce_rules_digest
+    # the record keeps the digest of the rules the supervisor applied, not the file's now
+    assert config.read_active(before.run_dir).bounce_rules_digest == \
+        before.bounce_rules_digest
+    assert config.load(None).bounce_rules_digest == ""
+
+
 def test_a_nameserver_given_as_a_bare_ipv6_address_is_that_address_on_port_53(tmp_path):
     """delivery.nameservers takes "ip or ip:port": a bare IPv6 address is an ip (its port
     needs the brackets, "[::1]:5353", as every host:port here).  "::1" was refused and

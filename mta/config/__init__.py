@@ -63,6 +63,9 @@ class Settings:
     # what the operator should know of the file though it is valid (a key renamed since:
     # RENAMED); said by check-config and logged by the supervisor at start and at reload
     notes: tuple[str, ...] = ()
+    # SHA-256 of the feedback.bounce_rules file as read ("" without one): a reload tells
+    # a file edited in place by it (the spool shards read it again)
+    bounce_rules_digest: str = ""
 
     def pool_for(self, requested: str | None, sender: str) -> str | None:
         """The pool of a message: *requested* (options.ip_pool), else the sending
@@ -232,7 +235,7 @@ def write_active(settings: Settings, config_path: str | None) -> None:
     """Record in run_dir the configuration the supervisor has applied (for ``mta
     check-config``, which names what a reload would leave for a restart)."""
     doc = {"config_path": config_path, "config": msgspec.to_builtins(settings.config),
-           "shards": settings.shards}
+           "shards": settings.shards, "bounce_rules_digest": settings.bounce_rules_digest}
     tmp = os.path.join(settings.run_dir, ACTIVE_NAME + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(msgspec.json.encode(doc))
@@ -248,9 +251,10 @@ def read_active(run_dir: str) -> Settings | None:
     except (OSError, ValueError, KeyError, TypeError, msgspec.ValidationError, ConfigError):
         return None
     if doc.get("shards"):
-        from dataclasses import replace
-
         s = replace(s, shards=int(doc["shards"]))
+    if isinstance(doc.get("bounce_rules_digest"), str):
+        # the rules the supervisor applied (the file may have changed since)
+        s = replace(s, bounce_rules_digest=doc["bounce_rules_digest"])
     return s
 
 
@@ -332,7 +336,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
     event_log = os.path.join(state_dir, cfg.server.event_log) if cfg.server.event_log else None
     sources, pools = _check_egress(cfg.egress, cfg.delivery)
     _check_shaping(cfg, sources)
-    _check_feedback(cfg)
+    rules_digest = _check_feedback(cfg)
     _check_webhooks(cfg)
     if not cfg.events.store_path.strip():
         # The events process and the store's readers would each pick another directory.
@@ -370,6 +374,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
         sources=sources,
         pools=pools,
         notes=name_notes,
+        bounce_rules_digest=rules_digest,
     )
 
 
@@ -507,16 +512,17 @@ def _check_egress(eg, d) -> tuple[dict, dict]:
     return sources, pools
 
 
-def _check_feedback(cfg: Config) -> None:
+def _check_feedback(cfg: Config) -> str:
     """Validate the bounce classification rules (the operator's file and the shipped one),
-    and that a VERP return path has a bounce domain."""
+    and that a VERP return path has a bounce domain.  Returns the digest of the
+    operator's file ("" for none)."""
     if cfg.feedback.verp and not cfg.feedback.bounce_domains:
         raise ConfigError("feedback.verp: needs feedback.bounce_domains (the return "
                           "path's domain)")
     from mta import feedback
 
     try:
-        feedback.check(cfg.feedback.bounce_rules)
+        return feedback.check(cfg.feedback.bounce_rules)
     except feedback.RuleError as exc:
         raise ConfigError(f"feedback.bounce_rules: {exc}") from None
 

@@ -28,9 +28,10 @@ def configure(bounce_rules: str | None) -> Classifier:
     return _classifier
 
 
-def check(bounce_rules: str | None) -> None:
-    """Validate the shipped table and the operator's file; RuleError naming the bad rule."""
-    Classifier.from_file(bounce_rules)
+def check(bounce_rules: str | None) -> str:
+    """Validate the shipped table and the operator's file; RuleError naming the bad rule.
+    Returns the file's digest (Classifier.digest; "" for none)."""
+    return Classifier.from_file(bounce_rules).digest
 
 
 def classify(code: int, enhanced: str | None, text: str | None) -> tuple[int, str]:

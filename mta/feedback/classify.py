@@ -32,6 +32,7 @@ run before any regular expression (``bench/test_bench_classify.py``).
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from functools import lru_cache
@@ -202,17 +203,24 @@ def parse_rules(data: dict, origin: str) -> list[Rule]:
 
 def load_rules(path: str) -> list[Rule]:
     """The rules of the TOML file at *path*; RuleError naming the file and the rule."""
+    return read_rules(path)[0]
+
+
+def read_rules(path: str) -> tuple[list[Rule], str]:
+    """The rules of the TOML file at *path* and the SHA-256 (hex) of the bytes they were
+    read from (a reload tells a file edited in place by it); RuleError as load_rules."""
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read()
+        data = tomllib.loads(raw.decode("utf-8"))
     except OSError as exc:
         raise RuleError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise RuleError(f"{path}: {exc}") from None
     except UnicodeDecodeError as exc:
-        # tomllib decodes the whole file first; TOML is UTF-8 only
+        # TOML is UTF-8 only
         raise RuleError(f"{path}: not UTF-8 (byte {exc.start}): {exc.reason}") from None
-    return parse_rules(data, path)
+    return parse_rules(data, path), hashlib.sha256(raw).hexdigest()
 
 
 @lru_cache(maxsize=1)
@@ -227,9 +235,11 @@ def shipped_rules() -> tuple[Rule, ...]:
 class Classifier:
     """Operator rules (in their order), then the shipped table; first match wins."""
 
-    __slots__ = ("rules", "_buckets", "_memo")
+    __slots__ = ("rules", "digest", "_buckets", "_memo")
 
-    def __init__(self, operator_rules: list[Rule] | tuple = (), shipped: bool = True):
+    def __init__(self, operator_rules: list[Rule] | tuple = (), shipped: bool = True,
+                 digest: str = ""):
+        self.digest = digest        # of the operator's file (read_rules); "" for none
         self.rules: tuple[Rule, ...] = tuple(operator_rules) + (shipped_rules() if shipped
                                                                 else ())
         self._buckets: dict[int, tuple[Rule, ...]] = {
@@ -239,7 +249,10 @@ class Classifier:
     @classmethod
     def from_file(cls, path: str | None) -> Classifier:
         """The classifier for an operator's rules file (None or "": shipped rules only)."""
-        return cls(load_rules(path) if path else ())
+        if not path:
+            return cls(())
+        rules, digest = read_rules(path)
+        return cls(rules, digest=digest)
 
     def classify(self, code: int, enhanced: str | None, text: str | None) -> tuple[int, str]:
         """``(bounce_class, rule_name)`` for one reply; ``(1, "undetermined")`` if none fits.

@@ -157,6 +157,7 @@ class Shard:
         self.policy = sch.RetryPolicy(self.dcfg)
         self.bounce_domains = frozenset(d.lower() for d in
                                         settings.config.feedback.bounce_domains)
+        self.rules_digest = ""      # of the bounce rules file read (_open, a reload)
         # The notices this shard writes (bounces, delay and success notices, From
         # MAILER-DAEMON@server.hostname) are signed as the acceptors sign mail: [dkim],
         # by the From domain (a key for the host name's domain, or a fallback)
@@ -275,7 +276,9 @@ class Shard:
         # Fewer young collections: each walks the batch's objects still alive,
         # and a batch allocates thousands (measured: 1 % fewer instructions).
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-        feedback.configure(self.settings.config.feedback.bounce_rules)  # bounce classes
+        # bounce classes; the digest of the rules file read (a reload compares it)
+        self.rules_digest = feedback.configure(
+            self.settings.config.feedback.bounce_rules).digest
         self.suppression = sup.open_for(self.settings)
         self.bounce_rule = self.suppression is not None and \
             self.settings.config.suppression.bounce_rule
@@ -411,24 +414,29 @@ class Shard:
                  os.path.join(settings.state_dir, cfg.path) if cfg.enabled else "off",
                  "on" if self.bounce_rule else "off")
 
-    def _set_feedback(self, cfg) -> None:
+    def _set_feedback(self, cfg, digest: str) -> None:
         """Take feedback.bounce_rules and bounce_domains of *cfg* (a reload), as the new
         acceptors (out-of-band reports) and delivery processes (the VERP domain) do: the
-        in-band bounces are classified by the same rules.  A rules file that cannot be
-        read now (checked by the supervisor a moment ago) leaves the rules in use:
-        logged."""
+        in-band bounces are classified by the same rules.  The rules file is read again
+        when its name changed or its content did (*digest*, of the file the supervisor
+        checked, differs from that of the file this shard read: edited in place).  A
+        rules file that cannot be read now (checked by the supervisor a moment ago)
+        leaves the rules in use: logged."""
         cur = self.settings.config.feedback
-        if (cfg.bounce_rules, cfg.bounce_domains) == (cur.bounce_rules, cur.bounce_domains):
+        edited = cfg.bounce_rules == cur.bounce_rules and digest != self.rules_digest
+        if (cfg.bounce_rules, cfg.bounce_domains) == (cur.bounce_rules, cur.bounce_domains) \
+                and not edited:
             return
-        if cfg.bounce_rules != cur.bounce_rules:
+        if cfg.bounce_rules != cur.bounce_rules or edited:
             try:
-                feedback.configure(cfg.bounce_rules)
+                self.rules_digest = feedback.configure(cfg.bounce_rules).digest
             except Exception as exc:    # RuleError, OSError: the old rules stay
                 log.error("reload: feedback.bounce_rules: %s; the bounce rules stay as they "
                           "were", exc)
                 cfg = msgspec.structs.replace(cfg, bounce_rules=cur.bounce_rules)
             else:
-                log.info("reload: bounce rules %s", cfg.bounce_rules or "(shipped only)")
+                log.info("reload: bounce rules %s%s", cfg.bounce_rules or "(shipped only)",
+                         " (edited in place: read again)" if edited else "")
         self.bounce_domains = frozenset(d.lower() for d in cfg.bounce_domains)
         self.settings = dataclasses.replace(self.settings, config=msgspec.structs.replace(
             self.settings.config, feedback=cfg))
@@ -449,7 +457,7 @@ class Shard:
         if active.config.dkim != self.dkim:
             self._set_signer(active.config.dkim)
         self._set_suppression(active.config.suppression)
-        self._set_feedback(active.config.feedback)
+        self._set_feedback(active.config.feedback, active.bounce_rules_digest)
         old = self.dcfg
         new = msgspec.structs.replace(active.config.delivery, **{
             k: getattr(old, k) for k in mconfig.SPOOL_START_KEYS})

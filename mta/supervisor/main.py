@@ -131,9 +131,10 @@ def _suppression_of(settings) -> tuple:
 
 
 def _feedback_of(settings) -> tuple:
-    """The [feedback] keys the spool shards take at a reload (SIGHUP)."""
+    """The [feedback] keys the spool shards take at a reload (SIGHUP), and the content
+    of the bounce rules file (its digest: a file edited in place, its name unchanged)."""
     cfg = settings.config.feedback
-    return cfg.bounce_rules, cfg.bounce_domains
+    return cfg.bounce_rules, cfg.bounce_domains, settings.bounce_rules_digest
 
 
 class StartupError(Exception):
@@ -1127,6 +1128,11 @@ class Supervisor:
         if level != old.config.server.log_level:
             proc.set_log_level(level)
         recorded = self._write_active()
+        rules = new.config.feedback.bounce_rules
+        if rules and rules == old.config.feedback.bounce_rules and \
+                new.bounce_rules_digest != old.bounce_rules_digest:
+            log.info("reload: feedback.bounce_rules %s edited in place; the new acceptors "
+                     "and the spool shards take its rules", rules)
         if new.config.delivery != old.config.delivery or \
                 level != old.config.server.log_level or new.config.dkim != old.config.dkim \
                 or _suppression_of(new) != _suppression_of(old) \

@@ -167,3 +167,46 @@ def test_a_reload_gives_the_spool_shards_the_new_bounce_rules(make_daemon, tmp_p
         assert (ev["bounce_class"], ev["bounce_rule"]) == ("10", "lab-odd"), ev
     finally:
         sink.stop()
+
+
+def test_a_reload_gives_the_spool_shards_a_rules_file_edited_in_place(make_daemon, tmp_path):
+    """The operator edits the feedback.bounce_rules file in place (its name unchanged) and
+    reloads: the supervisor compared only the name, so the spool shards (not replaced)
+    went on classifying in-band bounces by the old rules until a restart while the new
+    acceptors read the new ones.  Now the content counts: the shards read it again."""
+    import re
+
+    from daemon import HOST, free_port
+    from sinks import AioSink
+    rules = tmp_path / "bounce_rules.toml"
+    rules.write_text('[[rule]]\nname = "lab-odd"\ncode = 550\n'
+                     'text = "never seen"\nclass = 10\n')
+    sink = AioSink(HOST, free_port(), rcpt=lambda s, a, f: ODD if a.startswith("odd") else None)
+    sink.start()
+    try:
+        d = make_daemon(acceptors=1, shards=1, feedback={"bounce_rules": str(rules)},
+                        delivery={"hold": False, "route": [
+                            {"domain": "*", "starttls": "none",
+                             "hosts": [f"{HOST}:{sink.port}"]}]})
+
+        def terminal(rcpt):
+            ev = [e for e in d.events() if e["type"] == "bounce" and e["raw_rcpt_to"] == rcpt]
+            return ev[0] if ev else None
+        d.send("alice@sender.test", ["odd-1@dest.test"], message("before"))
+        ev = wait_until(lambda: terminal("odd-1@dest.test"), 20, "the first bounce")
+        assert (ev["bounce_class"], ev["bounce_rule"]) == ("10", "lab-odd"), ev
+
+        rules.write_text('[[rule]]\nname = "lab-odd-blocked"\ncode = 550\n'
+                         'text = "never seen"\nclass = 51\n')
+        d.reload()
+        d.wait_log(r"spool\[0\].*reload: bounce rules " + re.escape(str(rules)))
+        d.send("alice@sender.test", ["odd-2@dest.test"], message("after"))
+        ev = wait_until(lambda: terminal("odd-2@dest.test"), 20, "the second bounce")
+        assert (ev["bounce_class"], ev["bounce_rule"]) == ("51", "lab-odd-blocked"), ev
+
+        # a reload that leaves the file as it is does not make the shards read it again
+        d.reload()
+        assert len(re.findall(r"spool\[0\].*reload: bounce rules ", d.log())) == 1, \
+            d.log()[-3000:]
+    finally:
+        sink.stop()
