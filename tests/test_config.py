@@ -561,3 +561,18 @@ def test_a_reload_does_not_say_the_spool_free_space_floor_waits_for_a_restart(tm
                         'directory = "elsewhere"\n')
     later = config.restart_keys(config.load(str(old_path)), config.load(str(new_path)))
     assert later == ["spool.directory"], later
+
+
+def test_a_reload_says_who_takes_spool_queue_high_water_now(tmp_path):
+    # the acceptors (replaced at every reload) open their bus to the shards with the new
+    # mark, the delivery processes when a reload replaces them; the log and check-config
+    # said the whole change waited for a restart.  Only the spool shards' side does.
+    base = f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
+    old_path, new_path = tmp_path / "old.toml", tmp_path / "new.toml"
+    old_path.write_text(base)
+    new_path.write_text(base + '[spool]\nqueue_high_water = 50\n')
+    later = config.restart_keys(config.load(str(old_path)), config.load(str(new_path)))
+    [said] = later
+    assert said.startswith("spool.queue_high_water (the spool shards'"), said
+    assert "the new acceptors take it now" in said, said
+    assert "delivery processes' unless this reload replaces them" in said, said

@@ -187,12 +187,19 @@ SPOOL_READ_AT_START = (("events", "max_backlog_bytes"),)
 # [spool] keys a reload applies: read only by the acceptors (replaced) and the admin
 # process (from the active configuration's record), never by the spool shards
 RELOADED_SPOOL_KEYS = (("spool", "min_free_bytes"), ("spool", "min_free_percent"))
+# spool.queue_high_water: each process sets it on its own end of the bus when it opens it
+# (the acceptors towards the shards, a delivery process towards them, a shard on both):
+# a reload's new processes take it, the spool shards (not replaced) keep theirs
+PART_RELOADED_SPOOL_KEYS = {
+    "queue_high_water": "the spool shards', and the delivery processes' unless this "
+                        "reload replaces them; the new acceptors take it now"}
 
 
 def restart_keys(old: Settings, new: Settings) -> list[str]:
     """The settings of *new* that a reload (SIGHUP) of a daemon running *old* does not
     apply -- they wait for the next restart: [spool] (but spool.min_free_*, which the
-    acceptors and the admin process take at once) and [admin] keys, the shard
+    acceptors and the admin process take at once; spool.queue_high_water, named with
+    who takes it now: PART_RELOADED_SPOOL_KEYS) and [admin] keys, the shard
     count, delivery.processes, the [delivery] keys the spool shards read at start
     (SPOOL_START_KEYS: the delivery processes take them now) and of the other sections
     (SPOOL_READ_AT_START: events.max_backlog_bytes), turning the events or
@@ -203,7 +210,10 @@ def restart_keys(old: Settings, new: Settings) -> list[str]:
     for section in ("spool", "admin"):
         a = msgspec.to_builtins(getattr(old.config, section))
         b = msgspec.to_builtins(getattr(new.config, section))
-        out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+        out += [f"{section}.{k}" + (f" ({PART_RELOADED_SPOOL_KEYS[k]})"
+                                    if section == "spool" and k in PART_RELOADED_SPOOL_KEYS
+                                    else "")
+                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
                 and (section, k) not in RELOADED_SPOOL_KEYS]
     if old.shards != new.shards and "spool.shards" not in out:
         out.append("spool.shards")
