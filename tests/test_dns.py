@@ -773,3 +773,27 @@ def test_normalize_domain():
     assert mdns.normalize_domain("straße.test") == "xn--strae-oqa.test"  # IDNA 2008, not 2003
     assert mdns.normalize_domain("xn--bcher-kva.test") == "xn--bcher-kva.test"
     assert mdns.normalize_domain("xn--zz.test") is None  # not a valid A-label
+
+
+class _Ticking(Clock):
+    """A clock that moves on by *step* each time it is read."""
+
+    step = 0.0
+
+    def __call__(self):
+        now = self.now
+        self.now += self.step
+        return now
+
+
+def test_resolve_hosts_an_answer_running_out_as_it_is_read(make):
+    """resolve_hosts looks at the cache, then takes the answers: one that ran out in
+    between (the clock read again) is asked for again, not an AttributeError that ends
+    the route lookup."""
+    clock = _Ticking()
+    r = make(ipv6=False, clock=clock)
+    assert run(r.resolve_addresses_ttl("held-mx.example.test"))[0] == ["127.0.0.50"]
+    expires = r._cache[("held-mx.example.test", mdns._A)][0]
+    clock.now, clock.step = expires - 0.001, 0.002    # live at one read, gone at the next
+    got = run(r.resolve_hosts(["held-mx.example.test"]))
+    assert got[0][0] == ["127.0.0.50"], got
