@@ -727,11 +727,19 @@ def repair(path: str, max_size: int, reason: str, tick=None) -> str:
                     kept += 1
     except lmdb.MapFullError:
         stopped += "; the new list is full (suppression.max_size)"
-    except BaseException:
+    except BaseException as exc:
         dst.close()
+        if isinstance(exc, lmdb.Error):     # (a full disk: the caller's OSError)
+            raise OSError(f"suppression list {path}: rebuilding it in {building}: "
+                          f"{exc}") from None
         raise
-    dst.env.sync(True)
-    dst.close()
+    try:
+        dst.env.sync(True)
+    except lmdb.Error as exc:
+        raise OSError(f"suppression list {path}: rebuilding it in {building}: "
+                      f"{exc}") from None
+    finally:
+        dst.close()
     sync_dir(building)
     os.rename(building, path + REBUILT)
     aside = _swap_rebuilt(path)

@@ -568,3 +568,30 @@ def test_a_rebuild_cut_short_leaves_the_damaged_list_for_the_next_start(tmp_path
         finally:
             sl.close()
         assert S.check_at_start(p, 1 << 24) is None
+
+
+def test_a_rebuild_that_cannot_write_is_an_oserror_and_leaves_the_damaged_list(
+        tmp_path, monkeypatch):
+    """A rebuild whose writes fail (a full disk: LMDB's own error, not an OSError) is an
+    OSError naming the list -- what the supervisor turns into a failed reload or start
+    (an lmdb.Error escaped its loop at a reload and ended it, orphaning the node's
+    processes) -- and the damaged list stays where it was, rebuilt at the next start."""
+    import lmdb
+    path = str(tmp_path / "sup")
+    _filled(path)
+    data = tmp_path / "sup" / "data.mdb"
+    with open(data, "r+b") as fh:
+        fh.truncate(data.stat().st_size - 8192)
+
+    def full(self, txn, source, d):
+        raise lmdb.DiskError("mdb_put: No space left on device")
+
+    monkeypatch.setattr(S.SuppressionList, "_count", full)
+    with pytest.raises(OSError, match=f"suppression list {path}: .*No space left"):
+        S.check_at_start(path, 1 << 24)
+    assert S.check_store(path)          # (still the damaged one, in its place)
+    monkeypatch.undo()
+    line = S.check_at_start(path, 1 << 24)
+    assert line and "moved to " + path + ".damaged-" in line
+    assert S.check_store(path) is None
+    assert not os.path.exists(path + ".rebuilding")
