@@ -336,12 +336,9 @@ class Resolver:
         The seconds are what is left of the TTL of the answers that gave an
         address (at least ``min_ttl``; ``max_ttl`` for an IP literal or none).
         """
-        ip = _ip(host)
-        if ip is not None:
-            return [ip], self._max_ttl
-        name = normalize_host(host)
-        if name is None:
-            return [], self._max_ttl
+        answer, name = self._without_query(host)
+        if answer is not None:
+            return answer
         if self._ipv6:
             a, aaaa = self._cached((name, _A)), self._cached((name, _AAAA))
             if a is None and aaaa is None:  # both in parallel; no task when cached
@@ -403,15 +400,24 @@ class Resolver:
                 out[i] = r
         return out
 
+    def _without_query(self, host: str) -> tuple:
+        """(*host*'s addresses and the seconds they hold, None) when no query can tell
+        more -- an IP address is its own, an invalid name has none -- else (None, the
+        name to look up)."""
+        ip = _ip(host)
+        if ip is not None:
+            return ([ip], self._max_ttl), None
+        name = normalize_host(host)
+        if name is None:
+            return ([], self._max_ttl), None
+        return None, name
+
     def _addresses_now(self, host: str):
         """``resolve_hosts``' answer for *host* when no query is needed (an IP address,
         an invalid name, cached answers), else None."""
-        ip = _ip(host)
-        if ip is not None:
-            return [ip], self._max_ttl
-        name = normalize_host(host)
-        if name is None:
-            return [], self._max_ttl
+        answer, name = self._without_query(host)
+        if answer is not None:
+            return answer
         keys = ((name, _A), (name, _AAAA)) if self._ipv6 else ((name, _A),)
         now = self._clock()
         cache = self._cache
