@@ -306,16 +306,12 @@ class Resolver:
                     random.shuffle(g)
             return MxResult(OK, groups, "", name, ttl=self._left((mx,)))
         # NODATA: the domain itself is the implicit MX (RFC 5321 §5.1), looked up within
-        # what is left of the route's deadline (the queries go on for the cache)
-        left = self.route_left(started)
-        try:
-            async with asyncio.timeout(left):
-                addresses, ttl = await self.resolve_addresses_ttl(name)
-        except DnsTempError as e:
-            return MxResult(TEMP_FAIL, [], str(e), name)
-        except TimeoutError:
-            return MxResult(TEMP_FAIL, [], f"{name}: no MX, and no A/AAAA answer within "
-                            f"{left:.3g}s", name)
+        # what is left of the route's deadline, as MX hosts are (the queries go on for
+        # the cache)
+        (got,) = await self.resolve_hosts([name], since=started)
+        if isinstance(got, DnsTempError):
+            return MxResult(TEMP_FAIL, [], str(got), name)
+        addresses, ttl = got
         if not addresses:
             return MxResult(NO_ADDRESS, [], f"{name}: no MX and no A/AAAA record", name)
         # as long as both hold: the MX records may appear, the addresses change

@@ -124,19 +124,6 @@ STATUS_EVERY = 5.0          # seconds: the live STATUS= line is sent at most thi
 REBUILD_NOTE_EVERY = 5.0    # seconds: more start time asked for while a suppression list is rebuilt
 
 
-def _suppression_of(settings) -> tuple:
-    """The [suppression] keys the spool shards take at a reload (SIGHUP)."""
-    cfg = settings.config.suppression
-    return cfg.enabled, cfg.path, cfg.max_size, cfg.bounce_rule
-
-
-def _feedback_of(settings) -> tuple:
-    """The [feedback] keys the spool shards take at a reload (SIGHUP), and the content
-    of the bounce rules file (its digest: a file edited in place, its name unchanged)."""
-    cfg = settings.config.feedback
-    return cfg.bounce_rules, cfg.bounce_domains, settings.bounce_rules_digest
-
-
 class StartupError(Exception):
     pass
 
@@ -1135,13 +1122,15 @@ class Supervisor:
                      "and the spool shards take its rules", rules)
         if new.config.delivery != old.config.delivery or \
                 level != old.config.server.log_level or new.config.dkim != old.config.dkim \
-                or _suppression_of(new) != _suppression_of(old) \
-                or _feedback_of(new) != _feedback_of(old):
+                or new.config.suppression != old.config.suppression \
+                or new.config.feedback != old.config.feedback \
+                or new.bounce_rules_digest != old.bounce_rules_digest:
             # the spool shards are not replaced: they take from the record just written
             # what of [delivery] they can change while they run (hold, retries, timeouts),
             # the log level, [dkim] (the keys that sign their DSNs), the suppression
             # list the new acceptors use (their Bounce Rule entries go to it) and the
-            # bounce rules and domains
+            # bounce rules and domains (a rules file edited in place: its digest); each
+            # shard compares what it takes of them (Shard._set_suppression, _set_feedback)
             if recorded:
                 self._signal_role("spool", signal.SIGHUP)
             else:
