@@ -522,6 +522,27 @@ def test_html_only():
     assert msg.get_content_type() == "text/html" and content(msg) == "<p>Héllo</p>\n"
 
 
+def test_every_recipient_gets_its_own_texts_when_some_are_constant():
+    """A text without substitutions is encoded once per transmission and reused; texts
+    with them, and the multipart boundaries, stay each recipient's own."""
+    html = "<p>Chère lectrice, cher lecteur</p>\n" * 400      # 8-bit: quoted-printable
+    amp = "<p>Grüße {{name}}</p>"
+    t = tx(recipients=[{"address": f"r{i}@example.net",
+                        "substitution_data": {"name": f"Zoë {i}"}} for i in range(3)],
+           text="Bonjour {{name}}, ça va ?", html=html, amp_html=amp)
+    b = B.Builder(t, "mta.test")
+    msgs = [parse(b.build(i, r)) for i, r in enumerate(t.recipients)]
+    boundaries = set()
+    for i, msg in enumerate(msgs):
+        boundaries.add(msg.get_boundary())
+        parts = {p.get_content_type(): p for p in msg.walk()}
+        assert content(parts["text/plain"]) == f"Bonjour Zoë {i}, ça va ?"
+        assert content(parts["text/x-amp-html"]) == f"<p>Grüße Zoë {i}</p>"
+        assert content(parts["text/html"]) == html
+        assert parts["text/html"]["Content-Transfer-Encoding"] == "quoted-printable"
+    assert len(boundaries) == 3
+
+
 def test_non_ascii_names_subject_and_long_lines():
     name = "Zoë Ångström-Łukasiewicz 山田太郎"
     subject = "Grüße aus Köln — 東京からのお知らせ " * 8

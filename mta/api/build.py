@@ -1460,6 +1460,21 @@ class Builder:
         self.body_limit = _rest(self.max_size, sum(map(len, self.attachments)) +
                                 sum(map(len, self.images))) \
             if self.attachments or self.images else self.max_size
+        self.made_parts: dict[str, bytes] = {}   # subtype -> the part of a constant text
+
+    def _part(self, subtype: str, tpl: Template, scopes: tuple, limit: int) -> bytes:
+        """The text/*subtype* part of *tpl* for one recipient.  A text without
+        substitutions is encoded once per transmission: quoted-printable runs at
+        ~5 ns an octet (a 100 KB text with 8-bit characters: 0.57 ms a recipient)."""
+        text = tpl.constant
+        if text is not None:
+            part = self.made_parts.get(subtype)
+            if part is None:
+                part = self.made_parts[subtype] = (_text_part_7bit(subtype, text)
+                                                   or text_part(subtype, text))
+            return part
+        text = tpl.render(scopes, html=subtype != "plain", limit=limit, links=True)
+        return _text_part_7bit(subtype, text) or text_part(subtype, text)
 
     def _body(self, scopes: tuple) -> bytes:
         """The MIME entity of the body: its content fields, blank line, content."""
@@ -1468,17 +1483,14 @@ class Builder:
         # attachments' (TooLarge as soon as a text passes it, not when all are built)
         limit = self.body_limit
         if self.text is not None:
-            text = self.text.render(scopes, limit=limit, links=True)
-            alts.append(_text_part_7bit("plain", text) or text_part("plain", text))
+            alts.append(self._part("plain", self.text, scopes, limit))
             limit = _rest(limit, len(alts[-1]))
         if self.amp is not None:
             # AMP for email: the text/x-amp-html part goes before the text/html one
-            text = self.amp.render(scopes, html=True, limit=limit, links=True)
-            alts.append(_text_part_7bit("x-amp-html", text) or text_part("x-amp-html", text))
+            alts.append(self._part("x-amp-html", self.amp, scopes, limit))
             limit = _rest(limit, len(alts[-1]))
         if self.html is not None:
-            text = self.html.render(scopes, html=True, limit=limit, links=True)
-            part = _text_part_7bit("html", text) or text_part("html", text)
+            part = self._part("html", self.html, scopes, limit)
             if self.images:
                 part = multipart("related", [part] + self.images)
             alts.append(part)
