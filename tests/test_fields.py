@@ -1,6 +1,8 @@
 """Header fields' common cases: the compiled module and its pure twin, case by case and by
 hypothesis, against mta.api.build's general way (which they must answer as)."""
 
+import binascii
+import quopri
 import re
 
 import pytest
@@ -159,3 +161,36 @@ def test_text_part_7bit_is_text_part(text, subtype):
         assert a == build.text_part(subtype, text)
     elif text.isascii() and "\0" not in text and "\r" not in text:
         assert b"quoted-printable" in build.text_part(subtype, text)
+
+
+def qp_spec(data: bytes) -> bytes:
+    return binascii.b2a_qp(data, quotetabs=False, istext=True,
+                           header=False).replace(b"\n", b"\r\n")
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"plain ascii\n", b".", b".\n", b"a\n.\n", b".a", b"a.", b"\n.", b".\0", b"=",
+    b"\0", b"\x7f", b"\xff", b"a \n", b"a\t\n", b"a ", b"a\t", b" ", b"x " * 50,
+    b"x" * 75, b"x" * 76, b"x" * 77, b"x" * 76 + b"\n", b"x" * 77 + b"\n", b"x" * 150,
+    b"x" * 74 + b"=", b"x" * 75 + b"=", b"x" * 75 + b" ", b"x" * 74 + b" \n",
+    b"x" * 73 + b"\xc3\xa9", b"x" * 72 + b"\xc3\xa9", b"x" * 76 + b"\xe9", b"x" * 75 + b".\n",
+    "Chère lectrice, cher lecteur\n".encode() * 20,
+])
+def test_qp_lf_writes_binascii_octets(mod, data):
+    got = mod.qp_lf(data)
+    assert got == qp_spec(data)
+    assert quopri.decodestring(got.replace(b"\r\n", b"\n")) == data
+
+
+def test_qp_lf_leaves_a_cr_to_binascii(mod):
+    assert mod.qp_lf(b"a\rb") is None and mod.qp_lf(b"a\r\nb") is None
+
+
+@PROPS
+@given(st.lists(st.sampled_from([b"x", b" ", b"\t", b".", b"\n", b"=", b"\xc3\xa9", b"\0",
+                                 b"\x7f", b"~", b"x" * 37, b" \n", b".\n"]), max_size=120)
+       .map(b"".join) | st.binary(max_size=400).map(lambda b: b.replace(b"\r", b"")))
+def test_qp_lf_is_binascii(data):
+    want = qp_spec(data)
+    assert COMPILED.qp_lf(data) == want
+    assert PURE.qp_lf(data) == want

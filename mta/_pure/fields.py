@@ -9,6 +9,7 @@ the common case: the tests compare them).
 """
 from __future__ import annotations
 
+import binascii
 import itertools
 import re
 import time
@@ -79,3 +80,14 @@ def text_part_7bit(subtype: str, text: str) -> bytes | None:
     return (b"Content-Type: text/" + subtype.encode() + b"; charset=utf-8\r\n"
             b"Content-Transfer-Encoding: 7bit\r\n\r\n" +
             text.replace("\n", "\r\n").encode("ascii"))
+
+
+def qp_lf(data: bytes) -> bytes | None:
+    """*data* (a text's UTF-8 octets, its line ends LF) as quoted-printable with CRLF line
+    ends, as binascii writes it; None when *data* has a CR (the caller's general way
+    keeps binascii's reading of it).  The compiled twin writes the same octets in one
+    pass."""
+    if b"\r" in data:
+        return None
+    return binascii.b2a_qp(data, quotetabs=False, istext=True,
+                           header=False).replace(b"\n", b"\r\n")

@@ -351,6 +351,7 @@ _mailbox_line = _fields.mailbox_line
 _short_line = _fields.short_line
 _message_id = _fields.message_id
 _text_part_7bit = _fields.text_part_7bit     # (text_part's 7bit case)
+_qp_lf = _fields.qp_lf                       # (its quoted-printable: binascii's octets)
 
 
 class DynamicError(Exception):
@@ -1201,8 +1202,7 @@ def text_body(text: str) -> tuple[bytes, bytes]:
     # (the lines end in LF here; a split into lines was half of this function's time)
     if not mime.scan_body(data, 0, MAX_LINE) & _NOT_7BIT:
         return b"7bit", data.replace(b"\n", b"\r\n")
-    qp = binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
-    return b"quoted-printable", qp.replace(b"\n", b"\r\n")
+    return b"quoted-printable", _qp_lf(data)
 
 
 def text_part(subtype: str, text: str) -> bytes:
