@@ -1289,7 +1289,8 @@ def test_header_fields_are_bounded_together_as_they_are_built(monkeypatch):
         B.Builder(t, "mta.test", 50 << 20).build(0, t.recipients[0])
     assert e.value.event == "generation_failure"
     assert e.value.description == (f"recipients[0]: content.headers would make the header "
-                                   f"fields longer than {B.MAX_HEADER_BLOCK} octets")
+                                   f"fields longer than {B.MAX_HEADER_BLOCK} octets "
+                                   "(http.max_header_block_size)")
     assert len(calls) <= B.MAX_HEADER_BLOCK // 50_000 + 1, len(calls)
     # under a smaller message bound, that one is the recipient's error, as soon as passed
     calls.clear()

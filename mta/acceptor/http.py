@@ -6,8 +6,8 @@ the sessions share (keys, limits, the idempotency store, pending counts).
 
 HTTP/1.1 with keep-alive.  Pipelined requests are parsed as they arrive and
 answered strictly in order, one at a time: a request whose messages are on
-their way to the spool holds the ones behind it (at most ``MAX_QUEUED`` are
-read ahead, or ``READ_AHEAD`` octets of their bodies, then reading pauses).  ``Expect: 100-continue`` is answered when
+their way to the spool holds the ones behind it (at most ``http.max_pipelined`` are
+read ahead, or ``http.max_pipelined_bytes`` octets of their bodies, then reading pauses).  ``Expect: 100-continue`` is answered when
 the request is next in line, its announced size is acceptable and its API key
 is accepted -- otherwise that refusal is the answer, with its body unread and the
 connection closed (never to an HTTP/1.0 request: 1.0 clients know no interim
@@ -37,7 +37,7 @@ no content coding (a compressed body is a 415 with ``Accept-Encoding:
 identity``), decode and check, then ``Idempotency-Key``, then one message per recipient
 built and handed to ``Acceptor.submit`` — the same path, bus and group-committed
 spool as SMTP — ``BUILD_SLICE`` recipients per loop iteration, or fewer when
-they have taken ``BUILD_TIME`` (costly templates), so a large request does not
+they have taken ``http.build_slice_time`` (costly templates), so a large request does not
 stall other connections.  The response is sent only when
 every message has its answer from the spool:
 
@@ -95,14 +95,10 @@ from mta.obs import events as ev
 
 log = logging.getLogger("mta.acceptor")
 
-MAX_QUEUED = 16          # pipelined requests read ahead per connection before reading pauses
-READ_AHEAD = 1 << 20     # or octets of their bodies (else 16 x http.max_body_size a connection)
 BODY_PARTS = 64          # pieces of a body kept as they came; the rest is copied into the last
 BUILD_SLICE = 256        # recipients built and submitted per loop iteration, at most
-PREPARE_ON_LOOP = 65536  # octets of a transmission's body decoded and compiled on the loop;
-                         # a larger one in a worker thread (its compile may take seconds)
-BUILD_TIME = 0.02        # seconds: a slice ends after the recipient that passes this (a
-                         # costly template: a recipient may take ~0.1 s, 256 of them 25 s)
+# (http.max_pipelined, max_pipelined_bytes, loop_prepare_size, build_slice_time: read once
+# into the Service's attributes, as the header bounds of mta.api.build are)
 DRAIN_IDLE = 1.0         # seconds: on shutdown, a connection idle this long is closed
 PURGE_INTERVAL = 60.0    # seconds between deletions of expired idempotency keys
 MAX_IDEMPOTENCY_KEY = 255
@@ -293,6 +289,13 @@ class Service:
         self.ipv6_prefix = acceptor.settings.config.smtp.ipv6_client_prefix \
             if self.per_ip_limit else 0
         self.per_ip: dict[str, int] = {}
+        # bounds read once (each new acceptor at a reload takes the file's): a connection's
+        # requests and body octets read ahead, a body compiled on the loop, a build slice
+        self.max_queued = cfg.max_pipelined
+        self.read_ahead = cfg.max_pipelined_bytes
+        self.prepare_on_loop = cfg.loop_prepare_size
+        self.build_time = cfg.build_slice_time
+        self.field_limits = (cfg.max_header_field_length, cfg.max_header_block_size)
         self.pending = 0            # messages handed to the spool, not yet answered
         self.pending_bytes = 0      # ... their octets (built, held until answered)
         self.paused: collections.deque = collections.deque()  # injections waiting for room
@@ -509,7 +512,8 @@ class Session(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writing_paused = False
         q = len(self.queue)
-        if q < MAX_QUEUED and (q < 2 or self._read_ahead() < READ_AHEAD):
+        svc = self.svc
+        if q < svc.max_queued and (q < 2 or self._read_ahead() < svc.read_ahead):
             self._resume_reading()
 
     def _pause_reading(self) -> None:
@@ -566,8 +570,10 @@ class Session(asyncio.Protocol):
                 self._fail(self._too_many_header_octets())
         self._run()
         q = len(self.queue)
-        if q >= MAX_QUEUED or q > 1 and self._read_ahead() >= READ_AHEAD:
-            self._pause_reading()
+        if q > 1:
+            svc = self.svc
+            if q >= svc.max_queued or self._read_ahead() >= svc.read_ahead:
+                self._pause_reading()
 
     def _read_ahead(self) -> int:
         """Octets of the bodies of the requests read behind the one being handled (that
@@ -744,7 +750,8 @@ class Session(asyncio.Protocol):
                 return
             self.transport.write(CONTINUE)
         q = len(self.queue)
-        if q < MAX_QUEUED // 2 and (q < 2 or self._read_ahead() < READ_AHEAD // 2):
+        svc = self.svc
+        if q < svc.max_queued // 2 and (q < 2 or self._read_ahead() < svc.read_ahead // 2):
             self._resume_reading()
 
     def _flush(self) -> None:
@@ -922,7 +929,7 @@ class Session(asyncio.Protocol):
             raise R.ApiError(R.UNAVAILABLE, "this node is draining (mta drain) and accepts "
                              "no new mail; retry later or elsewhere", R.RETRY_AFTER_UNAVAILABLE)
         limit = _num_rcpt_errors(query)    # (before an Idempotency-Key is taken)
-        if len(req.body) > PREPARE_ON_LOOP:
+        if len(req.body) > svc.prepare_on_loop:
             # decoded, checked and compiled in a worker thread: a 20 MB template of
             # substitutions takes seconds (~4 us each), this acceptor's other
             # connections are answered meanwhile; this one's next request waits
@@ -934,14 +941,17 @@ class Session(asyncio.Protocol):
         tx = transmissions.decode(req.body)
         transmissions.check(tx, self.cfg.max_recipients, self.cfg.max_json_depth)
         self._inject(req, scope, limit, tx,
-                     build.Builder(tx, svc.hostname, self.cfg.max_message_size))
+                     build.Builder(tx, svc.hostname, self.cfg.max_message_size,
+                                   svc.field_limits))
 
     def _prepare(self, body: bytes) -> tuple:
         """(Transmission, Builder) of a request body, or ApiError (on the loop, or in
         a worker thread for a large body)."""
         tx = transmissions.decode(body)
         transmissions.check(tx, self.cfg.max_recipients, self.cfg.max_json_depth)
-        return tx, build.Builder(tx, self.svc.hostname, self.cfg.max_message_size)
+        svc = self.svc
+        return tx, build.Builder(tx, svc.hostname, self.cfg.max_message_size,
+                                 svc.field_limits)
 
     def _prepared(self, req: Request, scope: str, limit: int | None, fut) -> None:
         """A large body's transmission is ready (or refused): inject it, or answer."""
@@ -1190,7 +1200,7 @@ class Injection:
         first = self.next
         clock = time.monotonic
         # (one recipient: no clock read, the slice ends with it anyway)
-        deadline = clock() + BUILD_TIME if end - first > 1 else 0.0
+        deadline = clock() + svc.build_time if end - first > 1 else 0.0
         for i in range(first, end):
             if svc.pending_bytes >= room:
                 self.next = i

@@ -116,6 +116,8 @@ _NOT_7BIT = mime.FLAG_8BIT | mime.FLAG_NUL | mime.FLAG_LONG_LINE   # (text_body)
 FOLD_AT = 78              # octets per header line where a space allows it
 MAX_WORD = 900            # a display name's longest word as it is (longer: encoded words)
 MAX_FIELD_NAME = 200      # characters of a header field name in content.headers
+# The defaults of http.max_header_field_length and http.max_header_block_size (a
+# Builder is given the configured ones):
 MAX_FIELD_VALUE = 100_000  # characters of a header field's value as rendered (Postfix's
                            # header_size_limit is 102400 for the whole header); a 46 MB
                            # Subject made of substitutions took 4 s to fold
@@ -1354,11 +1356,15 @@ class Built:
 class Builder:
     """Everything about a transmission that is the same for each recipient."""
 
-    def __init__(self, tx: Transmission, hostname: str, max_size: int = 0):
+    def __init__(self, tx: Transmission, hostname: str, max_size: int = 0,
+                 field_limits: tuple[int, int] = (MAX_FIELD_VALUE, MAX_HEADER_BLOCK)):
         self.hostname = hostname
         # octets one recipient's message may have (0: no bound); a larger one is that
         # recipient's rcpt_to_error (generation_failure)
         self.max_size = max_size
+        # characters of a header field's value, octets of the header fields (with
+        # content.headers): http.max_header_field_length, max_header_block_size
+        self.max_field, self.max_header = field_limits
         c = tx.content
         self.tx_sub = tx.substitution_data or {}
         self.tx_meta = tx.metadata or None
@@ -1519,12 +1525,13 @@ class Builder:
         try:
             # (render's bound counts octets, at most 4 a character: the field's bound is
             # in characters, checked below)
-            v = tpl.render(scopes, limit=4 * MAX_FIELD_VALUE)
+            v = tpl.render(scopes, limit=4 * self.max_field)
         except TooLarge:
             v = None
-        if v is None or len(v) > MAX_FIELD_VALUE:
+        if v is None or len(v) > self.max_field:
             raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: {label} would be longer "
-                                 f"than {MAX_FIELD_VALUE} characters", ev.GENERATION_FAILURE)
+                                 f"than {self.max_field} characters "
+                                 "(http.max_header_field_length)", ev.GENERATION_FAILURE)
         why = tpl.constant is None and _unfit(v)
         if why:
             raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: substitution_data puts "
@@ -1582,6 +1589,7 @@ class Builder:
         if self.headers:
             # the header block's bound, and the message's, as the fields are built
             size = sum(map(len, out))
+            max_header = self.max_header
             for hname, tpl in self.headers:
                 v = field(i, scopes, f"content.headers.{hname}", tpl)
                 out.append(address_field(hname, v) if hname.lower() in _ADDRESS_FIELDS
@@ -1589,10 +1597,11 @@ class Builder:
                 size += len(out[-1])
                 if self.max_size and size > self.max_size:
                     raise TooLarge(size)
-                if size > MAX_HEADER_BLOCK:
+                if size > max_header:
                     raise RecipientError(R.RCPT_INVALID, f"recipients[{i}]: content.headers "
                                          "would make the header fields longer than "
-                                         f"{MAX_HEADER_BLOCK} octets", ev.GENERATION_FAILURE)
+                                         f"{max_header} octets (http.max_header_block_size)",
+                                         ev.GENERATION_FAILURE)
         # SMTPUTF8 when an address is not ASCII: the envelope's, or one written as it is
         # into the header (header_to, Cc, Reply-To: RFC 6532 allows UTF-8 there only in
         # mail sent with SMTPUTF8); everything else non-ASCII is in encoded words

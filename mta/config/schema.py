@@ -266,6 +266,41 @@ class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "levels of objects and arrays a free-form JSON value may nest (metadata and "
         "substitution_data of a transmission or recipient, X-MSYS-API metadata over SMTP); "
         "deeper gets 422 (X-MSYS-API: the metadata is ignored)", ge=1, le=128)] = 32
+    max_header_field_length: Annotated[int, _doc(
+        "characters of one header field's value in a message built from a transmission "
+        "(content.subject, content.from, content.reply_to, each of content.headers), after "
+        "substitution; a recipient whose field would be longer is refused "
+        "(rcpt_to_errors, a generation_failure event; every recipient: 422 naming the "
+        "field); folding a field costs ~0.1 s a million characters of the acceptor's "
+        "loop. A reload applies it", ge=1000, le=1_000_000)] = 100_000
+    max_header_block_size: Annotated[int, _doc(
+        "octets of a built message's header fields when the transmission has "
+        "content.headers (checked as each is added); a recipient whose header would be "
+        "larger is refused as for max_header_field_length (Postfix's header_size_limit "
+        "is 102400); bounds the folding work per recipient (~0.1 s a MB). A reload "
+        "applies it", ge=16 * KiB, le=16 * MiB)] = 1_000_000
+    max_pipelined: Annotated[int, _doc(
+        "requests a connection may have read and waiting (pipelined) behind the one "
+        "being answered: at this many reading pauses, and resumes below half as many. "
+        "A reload "
+        "applies it (to new connections)", ge=2, le=1024)] = 16
+    max_pipelined_bytes: Annotated[int, _doc(
+        "octets of the bodies of the requests read ahead past the next one to be answered: "
+        "at this many reading pauses, and resumes below half (else a connection could hold "
+        "max_pipelined x max_body_size); 0: reading pauses once two requests wait behind "
+        "the one being answered. A reload applies it (to new connections)",
+        ge=0, le=1 * GiB)] = 1 * MiB
+    loop_prepare_size: Annotated[int, _doc(
+        "octets of a transmission's body decoded, checked and compiled on the acceptor's "
+        "event loop; a larger one is in a worker thread (its compile may take seconds; "
+        "the loop serves other connections meanwhile); a smaller one on the loop, "
+        "without the thread's hand-off. A reload applies it", ge=0, le=1 * GiB)] = 64 * KiB
+    build_slice_time: Annotated[float, _doc(
+        "seconds of building one transmission's messages (up to 256 recipients) after "
+        "which the acceptor's loop turns to its other connections: a slice ends after "
+        "the recipient that passes it (costly templates), the rest follow on later "
+        "iterations; larger: fewer turns, longer waits for the other connections. A "
+        "reload applies it", ge=0.001, le=60)] = 0.02
     idempotency_window: Annotated[float, _doc(
         "seconds a request's Idempotency-Key is remembered: a repeat with the same key "
         "and body gets the first response and injects nothing", ge=1, le=30 * 86400)] = \

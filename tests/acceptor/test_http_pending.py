@@ -104,8 +104,7 @@ def test_substitution_past_max_message_size_refuses_the_recipient_without_buildi
     assert [e["type"] for _, evs in acc.events for e in evs] == ["generation_failure"]
 
 
-def test_a_long_injection_keeps_its_idempotency_key_from_being_taken_over(tmp_path,
-                                                                          monkeypatch):
+def test_a_long_injection_keeps_its_idempotency_key_from_being_taken_over(tmp_path):
     """An Idempotency-Key row older than its stale bound is taken over by the next
     request with that key (its owner is presumed stuck), which injects every recipient
     again.  A long injection -- many recipients, building paced by the spool -- touches
@@ -113,9 +112,10 @@ def test_a_long_injection_keeps_its_idempotency_key_from_being_taken_over(tmp_pa
     import time
 
     from mta.api import idempotency as I
-    # (slices of BUILD_SLICE recipients: a slow machine must not end one early at BUILD_TIME)
-    monkeypatch.setattr(http, "BUILD_TIME", 3600.0)
-    loop, acc, svc, session, transport = service(tmp_path, api_keys=["k"])
+    # (slices of BUILD_SLICE recipients: a slow machine must not end one early at
+    # http.build_slice_time)
+    loop, acc, svc, session, transport = service(tmp_path, api_keys=["k"],
+                                                 build_slice_time=60.0)
     svc.store.stale_after = 0.4
     raw = json.dumps({"recipients": [f"r{i}@example.net" for i in range(300)],
                       "content": {"from": "s@example.com", "subject": "s", "text": "hi"}})

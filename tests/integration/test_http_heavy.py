@@ -275,3 +275,36 @@ def test_many_header_fields_substituted_to_megabytes_are_refused_as_they_are_bui
     d = res["errors"][0]["description"]
     assert "content.headers" in d and str(build.MAX_HEADER_BLOCK) in d, res
     assert took < 1.0, took
+
+
+def test_the_header_bounds_lowered_in_the_config_refuse_at_their_new_size(make_daemon):
+    # http.max_header_field_length and max_header_block_size, once constants of
+    # mta.api.build: a daemon started with them lowered refuses at the values it was
+    # given, naming the field, the bound and its key; within them the mail is queued
+    d = make_daemon(subdir="bounds", acceptors=1, shards=1,
+                    http={"api_keys": [KEY], "max_header_field_length": 5000,
+                          "max_header_block_size": 20_000})
+    base = {"recipients": [{"address": "b@example.net"}],
+            "content": {"from": "a@example.com", "subject": "s", "text": "t"}}
+    st, _, res = d.post({**base, "content": {**base["content"], "subject": "x" * 5001}},
+                        headers=AUTH)
+    assert st == 422, res
+    assert res["errors"][0]["description"].endswith(
+        "recipients[0]: content.subject would be longer than 5000 characters "
+        "(http.max_header_field_length)"), res
+    headers = {f"X-H{k}": "v " * 2000 for k in range(6)}       # 6 x ~4 KB: within 5000 each
+    st, _, res = d.post({**base, "content": {**base["content"], "headers": headers}},
+                        headers=AUTH)
+    assert st == 422, res
+    assert res["errors"][0]["description"].endswith(
+        "recipients[0]: content.headers would make the header fields longer than 20000 "
+        "octets (http.max_header_block_size)"), res
+    # within them: a Subject at the bound, half of the fields
+    for i, content in enumerate(({"subject": "x" * 5000},
+                                 {"headers": dict(list(headers.items())[:3])})):
+        body = {"recipients": [{"address": f"ok{i}@example.net"}],
+                "content": {**base["content"], **content}}
+        st, _, res = d.post(body, headers=AUTH)
+        assert st == 200 and res["results"]["total_accepted_recipients"] == 1, res
+    wait_until(lambda: sorted(r for m in d.queue_list() for r in m["recipients"]) ==
+               ["ok0@example.net", "ok1@example.net"], 20, "the messages within the bounds")
