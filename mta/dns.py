@@ -4,8 +4,8 @@ What it does: tells delivery where mail for a domain goes.  ``resolve_mx``
 turns a recipient domain into MX host names grouped by preference (or a
 permanent or temporary reason why there are none); ``resolve_addresses``
 turns a host name into its IPv4 then IPv6 addresses; ``resolve_hosts`` does so
-for several hosts (a domain's MX hosts) concurrently, at most HOSTS_IN_FLIGHT at
-a time and all within one lookup's bound, so hosts whose zone's server is dead
+for several hosts (a domain's MX hosts) concurrently, at most ``hosts_in_flight``
+(delivery.dns_hosts_in_flight) at a time and all within one lookup's bound, so hosts whose zone's server is dead
 cost one timeout together, not one each.  A whole route lookup (the MX query,
 then its hosts' or the implicit MX's addresses) has one deadline: ``timeout``
 plus DEADLINE_SLACK_SECONDS from its start, and, when the MX answer came so late
@@ -116,8 +116,14 @@ ROUTE_ADDRESS_FLOOR_SECONDS = 0.5
 EDNS_PAYLOAD_OCTETS = 1232  # DNS flag day 2020 value
 MIN_SERVER_TIMEOUT_SECONDS = 1.0  # the least one nameserver is given (within the lookup's bound)
 # resolve_hosts: the host names whose addresses are looked up at once for one caller (a
-# domain's MX hosts: each host is an A and an AAAA query, so twice as many queries)
-HOSTS_IN_FLIGHT = 5
+# domain's MX hosts: each host is an A and an AAAA query, so twice as many queries); the
+# default of delivery.dns_hosts_in_flight and of the Resolver's hosts_in_flight.  As many
+# as the MX hosts delivery looks up (mta.delivery.engine.MAX_MX_HOSTS): a host past the
+# window is asked only when one before it is answered, so behind that many hosts whose
+# DNS is dead it was asked when their lookups timed out, at or past the route's deadline
+# (what the MX query left of it): not at all.  Twice the queries at once for a domain
+# with more than 5 MX hosts not cached, none more for the others.
+HOSTS_IN_FLIGHT = 10
 
 _A = dns.rdatatype.A
 _AAAA = dns.rdatatype.AAAA
@@ -212,6 +218,7 @@ class Resolver:
                  timeout: float = 5.0, cache_size: int = 100_000, negative_ttl: float = 300.0,
                  min_ttl: float = 5.0, max_ttl: float = 86400.0,
                  temp_fail_ttl: float = TEMP_FAIL_TTL_SECONDS, ipv6: bool = True,
+                 hosts_in_flight: int = HOSTS_IN_FLIGHT,
                  loop: asyncio.AbstractEventLoop | None = None,
                  clock: Callable[[], float] = time.monotonic):
         """Set up; no I/O except reading /etc/resolv.conf when ``nameservers`` is empty.
@@ -219,7 +226,8 @@ class Resolver:
         Each nameserver is an IP address (asked on ``port``) or an ``(ip, port)`` pair.
         ``timeout`` bounds one lookup in all (retries and failover included); each
         nameserver is given an equal share of it (at least MIN_SERVER_TIMEOUT_SECONDS).
-        ``ipv6=False`` skips AAAA lookups.  ``loop`` pins the loop the shared queries
+        ``ipv6=False`` skips AAAA lookups.  ``hosts_in_flight``: ``resolve_hosts``'
+        default window (hosts looked up at once).  ``loop`` pins the loop the shared queries
         run on (default: the running loop at call time).  ``clock`` is the monotonic
         clock the cache ages by (tests pass their own).
         """
@@ -235,6 +243,9 @@ class Resolver:
             raise ValueError("negative_ttl must be >= 0")
         if not 0 <= temp_fail_ttl <= MAX_TEMP_FAIL_TTL_SECONDS:
             raise ValueError(f"temp_fail_ttl must be in [0, {MAX_TEMP_FAIL_TTL_SECONDS}]")
+        if hosts_in_flight < 1:
+            raise ValueError("hosts_in_flight must be >= 1")
+        self._hosts_in_flight = hosts_in_flight
         if nameservers:
             servers = []
             for ns in nameservers:
@@ -362,12 +373,13 @@ class Resolver:
         spent = time.monotonic() - started
         return max(self._timeout + DEADLINE_SLACK_SECONDS - spent, ROUTE_ADDRESS_FLOOR_SECONDS)
 
-    async def resolve_hosts(self, hosts: list[str], *, in_flight: int = HOSTS_IN_FLIGHT,
+    async def resolve_hosts(self, hosts: list[str], *, in_flight: int | None = None,
                             deadline: float | None = None, since: float | None = None) -> list:
         """Each host's ``resolve_addresses_ttl`` (its addresses and the seconds they
         hold) or the ``DnsTempError`` it raised, in the order of *hosts*.
 
-        The lookups run concurrently, at most *in_flight* hosts at a time, all within
+        The lookups run concurrently, at most *in_flight* hosts at a time (default: the
+        resolver's ``hosts_in_flight``), all within
         *deadline* seconds (default: one lookup's bound, ``timeout`` plus
         DEADLINE_SLACK_SECONDS): hosts whose names the DNS does not answer for cost
         one timeout together, not one each.  *since*: the ``time.monotonic()`` at which
@@ -391,7 +403,8 @@ class Resolver:
                 deadline = (self._timeout + DEADLINE_SLACK_SECONDS if since is None
                             else self.route_left(since))
             got = await gather_hosts(self.resolve_addresses_ttl, [hosts[i] for i in todo],
-                                     in_flight=in_flight, deadline=deadline)
+                                     in_flight=in_flight or self._hosts_in_flight,
+                                     deadline=deadline)
             for i, r in zip(todo, got):
                 out[i] = r
         return out

@@ -578,23 +578,28 @@ def test_a_reload_says_who_takes_spool_queue_high_water_now(tmp_path):
     assert "delivery processes' unless this reload replaces them" in said, said
 
 
-# The HTTP acceptor's bounds, once module constants: settings with their old values as
-# defaults, refused with the key named where a value would break the node, applied by a
-# reload (the acceptors are replaced at every reload): never named as waiting for a
-# restart.
+# The HTTP acceptor's and the resolver's bounds, once module constants: settings with
+# their old values as defaults, refused with the key named where a value would break the
+# node, applied by a reload (the acceptors are replaced at every reload, the delivery
+# processes when [delivery] changed): never named as waiting for a restart.
 NEW_BOUNDS = {"http.max_header_field_length": 100_000, "http.max_header_block_size": 1_000_000,
               "http.max_pipelined": 16, "http.max_pipelined_bytes": 1 << 20,
-              "http.loop_prepare_size": 65536, "http.build_slice_time": 0.02}
+              "http.loop_prepare_size": 65536, "http.build_slice_time": 0.02,
+              "delivery.dns_hosts_in_flight": 10}
 
 
 def test_the_bounds_that_were_constants_keep_their_values_as_defaults():
     from mta.api import build
+    from mta import dns as mdns
+    from mta.delivery import engine
 
     cfg = config.load(None).config
     for key, want in NEW_BOUNDS.items():
         section, name = key.split(".")
         assert getattr(getattr(cfg, section), name) == want, key
     assert (build.MAX_FIELD_VALUE, build.MAX_HEADER_BLOCK) == (100_000, 1_000_000)
+    # every MX host delivery looks up is asked at once (see test_dns)
+    assert mdns.HOSTS_IN_FLIGHT == engine.MAX_MX_HOSTS == 10
 
 
 @pytest.mark.parametrize("text, key", [
@@ -609,6 +614,9 @@ def test_the_bounds_that_were_constants_keep_their_values_as_defaults():
     ("[http]\nmax_header_field_length = 50000000\n", "http.max_header_field_length"),
     ("[http]\nmax_header_block_size = 100\n", "http.max_header_block_size"),
     ("[http]\nmax_header_block_size = 1000000000\n", "http.max_header_block_size"),
+    ("[delivery]\ndns_hosts_in_flight = 0\n", "delivery.dns_hosts_in_flight"),
+    ("[delivery]\ndns_hosts_in_flight = 1000\n", "delivery.dns_hosts_in_flight"),
+    ("[delivery]\ndns_hosts_in_flight = 2.5\n", "delivery.dns_hosts_in_flight"),
 ])
 def test_a_bound_that_would_break_the_node_is_refused_naming_its_key(tmp_path, text, key):
     p = tmp_path / "c.toml"
@@ -622,11 +630,12 @@ def test_the_bounds_that_were_constants_are_taken_at_their_limits(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text("[http]\nmax_pipelined = 2\nmax_pipelined_bytes = 0\nloop_prepare_size = 0\n"
                  "build_slice_time = 60\nmax_header_field_length = 1000\n"
-                 "max_header_block_size = 16384\n")
+                 "max_header_block_size = 16384\n[delivery]\ndns_hosts_in_flight = 1\n")
     cfg = config.load(str(p)).config
     assert (cfg.http.max_pipelined, cfg.http.max_pipelined_bytes, cfg.http.loop_prepare_size,
             cfg.http.build_slice_time, cfg.http.max_header_field_length,
-            cfg.http.max_header_block_size) == (2, 0, 0, 60.0, 1000, 16384)
+            cfg.http.max_header_block_size, cfg.delivery.dns_hosts_in_flight) == \
+        (2, 0, 0, 60.0, 1000, 16384, 1)
 
 
 def test_a_reload_applies_the_bounds_that_were_constants(tmp_path):
@@ -635,7 +644,8 @@ def test_a_reload_applies_the_bounds_that_were_constants(tmp_path):
     old_path.write_text(base)
     new_path.write_text(base + "[http]\nmax_pipelined = 4\nmax_pipelined_bytes = 4096\n"
                         "loop_prepare_size = 1024\nbuild_slice_time = 0.5\n"
-                        "max_header_field_length = 2000\nmax_header_block_size = 20000\n")
+                        "max_header_field_length = 2000\nmax_header_block_size = 20000\n"
+                        "[delivery]\ndns_hosts_in_flight = 3\n")
     old, new = config.load(str(old_path)), config.load(str(new_path))
-    assert new.config.http != old.config.http
+    assert new.config.http != old.config.http and new.config.delivery != old.config.delivery
     assert config.restart_keys(old, new) == []

@@ -797,3 +797,61 @@ def test_resolve_hosts_an_answer_running_out_as_it_is_read(make):
     clock.now, clock.step = expires - 0.001, 0.002    # live at one read, gone at the next
     got = run(r.resolve_hosts(["held-mx.example.test"]))
     assert got[0][0] == ["127.0.0.50"], got
+
+
+def test_ten_mx_hosts_nine_of_them_dead_the_tenth_is_asked_within_the_deadline(clock):
+    # Delivery looks up the 10 best MX hosts (engine.MAX_MX_HOSTS) within what is left
+    # of the route's deadline after its MX query (here the MX answer took 0.4 s of a 1 s
+    # bound).  With 5 in flight, a host past them was asked only when one of them was
+    # answered: behind five whose zone's server is dead (each waits out its 1 s timeout,
+    # past the deadline) the live one was never asked, and the route was deferred though
+    # it had a host to deliver to.  All ten at once (delivery.dns_hosts_in_flight's
+    # default), it is found within the deadline.
+    from mta.delivery import engine
+
+    hosts = [f"mx{n}.dead.test" for n in range(9)] + ["ok1.live.test"]
+    assert len(hosts) == engine.MAX_MX_HOSTS
+
+    async def main():
+        async with ScriptedDns(_hang_or_answer) as srv:
+            r = mdns.Resolver([("127.0.0.1", srv.port)], timeout=1.0, temp_fail_ttl=0,
+                              clock=clock)
+            t0 = time.monotonic()
+            got = await r.resolve_hosts(hosts, since=t0 - 0.4)
+            return got, time.monotonic() - t0, {n for n, _, _ in srv.queries}
+
+    got, elapsed, asked = run(main())
+    assert asked >= {h + "." for h in hosts}, asked
+    assert all(isinstance(g, mdns.DnsTempError) for g in got[:9]), got
+    assert got[9][0] == ["127.0.0.31"], got
+    assert elapsed < 1.0, elapsed       # (the deadline: 1 + 0.25 - 0.4 s)
+
+
+def test_the_delivery_resolver_takes_delivery_dns_hosts_in_flight(tmp_path, clock):
+    # the resolver a delivery process makes (mta.delivery.main.resolver) looks up at most
+    # delivery.dns_hosts_in_flight hosts at once: 2 of 6 hosts whose DNS is dead asked
+    import msgspec
+
+    from mta.config import resolve
+    from mta.config.schema import Config
+    from mta.delivery.main import resolver
+
+    hosts = [f"mx{n}.dead.test" for n in range(6)]
+
+    async def main(in_flight):
+        async with ScriptedDns(_hang_or_answer) as srv:
+            cfg = msgspec.convert({"server": {"state_dir": str(tmp_path)},
+                                   "delivery": {"nameservers": [f"127.0.0.1:{srv.port}"],
+                                                "dns_timeout": 3.0,
+                                                "dns_hosts_in_flight": in_flight}}, Config)
+            r = resolver(resolve(cfg, None))
+            got = await r.resolve_hosts(hosts, deadline=0.5)
+            return got, {n for n, _, _ in srv.queries}
+
+    got, asked = run(main(2))
+    assert asked == {"mx0.dead.test.", "mx1.dead.test."}, asked
+    assert all(isinstance(g, mdns.DnsTempError) for g in got), got
+    got, asked = run(main(6))
+    assert asked == {h + "." for h in hosts}, asked
+    with pytest.raises(ValueError):
+        mdns.Resolver([("127.0.0.1", 53)], hosts_in_flight=0)

@@ -374,11 +374,20 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         msgspec.field(default_factory=list)
     dns_timeout: Annotated[float, _doc(
         "seconds one DNS lookup may take before it counts as a temporary failure; a "
-        "domain's MX hosts' addresses are looked up concurrently (5 hosts at a time); "
+        "domain's MX hosts' addresses are looked up concurrently (dns_hosts_in_flight "
+        "at a time); "
         "a domain's whole route lookup (its MX query, then the addresses) ends about "
         "one such bound after it began (plus 0.25 s, and at most 0.5 s more for the "
         "addresses when the MX answer came late)",
         ge=0.1, le=120)] = 5.0
+    dns_hosts_in_flight: Annotated[int, _doc(
+        "hosts of one route lookup (a domain's MX hosts, the 10 best at most; a route's "
+        "hosts) whose addresses are looked up at once, an A and an AAAA query each; a "
+        "host past it is asked when one before it is answered, so behind that many "
+        "hosts whose DNS is dead it is asked only when their lookups time out "
+        "(dns_timeout), at or past the route's deadline (shortened by the MX query). The "
+        "default asks the 10 MX hosts looked up at once. A reload "
+        "applies it (the delivery processes are replaced)", ge=1, le=100)] = 10
     ipv6: Annotated[bool, _doc(
         "send over IPv6 too: look up MX hosts' AAAA records and connect to IPv6 addresses "
         "(of MX hosts, routes and address literals); false on a host without IPv6 "

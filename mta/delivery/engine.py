@@ -1137,7 +1137,7 @@ class Engine:
         """Each host's addresses and the seconds they hold, or the DnsTempError of its
         lookup, in the order of *hosts* (an address: itself, SITE_TTL; an IPv6 one nothing
         when delivery.ipv6 is off).  The names are looked up concurrently, at most
-        mta.dns.HOSTS_IN_FLIGHT at a time, all within one lookup's timeout (the
+        delivery.dns_hosts_in_flight at a time, all within one lookup's timeout (the
         resolver's resolve_hosts), or what is left of it since *since* (the start of the
         route lookup's MX query); cached answers cost no task."""
         out: list = [None] * len(hosts)

@@ -132,17 +132,23 @@ class RuleDomainShare:
             engine.take_shared_rule_domains(frozenset().union(*self.lists.values()))
 
 
+def resolver(settings):
+    """The delivery process's resolver, as [delivery] says (each (ip, port) pair of
+    delivery.nameservers asked on its own port)."""
+    from mta import dns
+
+    cfg = settings.config.delivery
+    return dns.Resolver(list(settings.nameservers) or None, timeout=cfg.dns_timeout,
+                        ipv6=cfg.ipv6, hosts_in_flight=cfg.dns_hosts_in_flight)
+
+
 class Delivery:
     def __init__(self, settings, index: int, loop, ctx):
-        from mta import dns
-
         cfg = settings.config.delivery
         self.settings = settings
         self.cfg = cfg
         self.loop = loop
-        # each (ip, port) pair is asked on its own port
-        self.resolver = dns.Resolver(list(settings.nameservers) or None,
-                                     timeout=cfg.dns_timeout, ipv6=cfg.ipv6)
+        self.resolver = resolver(settings)
         self.engine = Engine(settings, self.resolver, self.report, loop)
         self.share = RuleDomainShare(settings.run_dir, index, max(1, settings.deliveries)) \
             if self.engine.wildcards and settings.deliveries > 1 else None
