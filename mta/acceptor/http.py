@@ -891,7 +891,8 @@ class Session(asyncio.Protocol):
             _json_body(req.headers)
         if svc.webhooks is None:
             svc.webhooks = webhooks_api.Api(self.a.settings.state_dir, self.a.settings.config,
-                                            svc.loop, self.a.settings.admin_listen)
+                                            svc.loop, self.a.settings.admin_listen,
+                                            self.a.settings.nameservers)
         path, _, query = req.url.partition(b"?")
         self.busy = True
         task = svc.loop.create_task(_webhooks_call(svc.webhooks, req.method, path, query,

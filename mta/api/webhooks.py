@@ -4,7 +4,8 @@ Library (no bus).  Used by the acceptors (the API, routed from
 :mod:`mta.acceptor.http`) and by the ``webhooks`` process (which pushes the
 batches): the definition of a webhook (:func:`check_doc`, :class:`Hook`),
 the HTTP requests made to a target (:func:`post`, :func:`fetch_token`; aiohttp,
-imported when first used), and the durable state (:mod:`mta.api.webhookdb`).
+imported when first used; host names looked up through the node's DNS resolver,
+:mod:`mta.api.webhook_dns`), and the durable state (:mod:`mta.api.webhookdb`).
 
 Calls (all under ``/api/v1``; shapes from the reference's tables):
 
@@ -286,22 +287,42 @@ class TokenError(Exception):
         self.resp = resp
 
 
-def new_session(admin: tuple = ()):
+def new_session(admin: tuple = (), resolver=None):
     """An aiohttp ClientSession for webhook requests (no proxies from the environment)
     that never connects to this node's admin listener (*admin*: its (ip, port) pairs,
-    Settings.admin_listen; :func:`admin_guard`).
+    Settings.admin_listen; :func:`admin_guard`) and looks names up with *resolver*
+    (:func:`new_resolver`; default: one asking /etc/resolv.conf's servers, as dnspython
+    reads them), never with getaddrinfo (:mod:`mta.api.webhook_dns`).  Closing the
+    session does not close *resolver*: its owner does.
 
     Its pool has no bound of its own (aiohttp's *limit*): one shared by every webhook
     let targets that never answer fill it (4 webhooks at max_in_flight 64 took 256),
     and the other webhooks' POSTs waited for a connection until their timeout.  The
     connections are bounded by their users: a sender holds at most
-    webhooks.max_in_flight POSTs and one token fetch, the API one per request."""
+    webhooks.max_in_flight POSTs and one token fetch, the API one per request.
+    aiohttp's DNS cache is off: the resolver's keeps each answer for its TTL."""
     import aiohttp
 
     return aiohttp.ClientSession(trust_env=False, skip_auto_headers=("User-Agent",),
                                  connector=aiohttp.TCPConnector(
-                                     limit=0, ttl_dns_cache=60,
+                                     limit=0, use_dns_cache=False,
+                                     resolver=resolver or new_resolver(),
                                      socket_factory=admin_guard(admin)))
+
+
+def new_resolver(nameservers=(), timeout: float = 5.0, ipv6: bool = True):
+    """The resolver of webhook sessions: the node's DNS resolver (mta.dns) asking
+    *nameservers* (Settings.nameservers; empty: /etc/resolv.conf's), each lookup within
+    *timeout* seconds (delivery.dns_timeout), AAAA too with *ipv6* (delivery.ipv6)."""
+    from mta.api.webhook_dns import WebhookResolver
+
+    return WebhookResolver(nameservers, timeout, ipv6)
+
+
+def resolver_for(settings):
+    """:func:`new_resolver` with a node's [delivery] DNS settings."""
+    d = settings.config.delivery
+    return new_resolver(settings.nameservers, d.dns_timeout, d.ipv6)
 
 
 def admin_guard(admin: tuple):
@@ -428,14 +449,18 @@ async def fetch_token(session, hook: Hook, timeout: float) -> tuple[str, int]:
 class Api:
     """What the API needs in one acceptor: the state file, an HTTP session, the config."""
 
-    def __init__(self, state_dir: str, config, loop, admin: tuple = ()):
+    def __init__(self, state_dir: str, config, loop, admin: tuple = (),
+                 nameservers: tuple = ()):
         self.state_dir = state_dir
         self.admin = admin          # the admin listener's (ip, port) pairs: never a target
+        self.nameservers = nameservers      # Settings.nameservers: target names asked there
+        self.config = config
         self.cfg = config.webhooks
         self.toml = config_docs(config.webhook)
         self.loop = loop
         self._db: webhookdb.WebhookDB | None = None
         self._session = None
+        self._resolver = None
         self._lock = threading.Lock()
 
     async def db(self, fn, *args):
@@ -449,13 +474,16 @@ class Api:
 
     def session(self):
         if self._session is None:
-            self._session = new_session(self.admin)
+            d = self.config.delivery
+            self._resolver = new_resolver(self.nameservers, d.dns_timeout, d.ipv6)
+            self._session = new_session(self.admin, self._resolver)
         return self._session
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
-            self._session = None
+            await self._resolver.close()
+            self._session = self._resolver = None
         with self._lock:
             if self._db is not None:
                 self._db.close()

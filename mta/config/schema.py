@@ -369,8 +369,8 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "name sent in EHLO (an ASCII host name or an address literal); empty: "
         "server.hostname")] = ""
     nameservers: Annotated[list[str], _doc(
-        "DNS servers for MX lookups as ip or ip:port ([v6]:port for IPv6); empty: the "
-        "system's resolv.conf")] = \
+        "DNS servers for MX lookups and webhook targets' host names, as ip or ip:port "
+        "([v6]:port for IPv6); empty: the system's resolv.conf")] = \
         msgspec.field(default_factory=list)
     dns_timeout: Annotated[float, _doc(
         "seconds one DNS lookup may take before it counts as a temporary failure; a "

@@ -16,8 +16,11 @@ Writes:  cursors and batches in that file (:mod:`mta.api.webhookdb`);
          last failure and counters (rewritten every second; ``mta queue`` and
          ``/api/admin/queue`` show it, :func:`mta.obs.queue.webhook_status`);
          log lines.
-Peers:   the webhook targets (HTTP POST, aiohttp); OAuth2 tokens URLs.
-Config:  [webhooks], [[webhook]], [events] (where the store is).
+Peers:   the webhook targets (HTTP POST, aiohttp); OAuth2 tokens URLs; the DNS servers
+         their host names are asked of (``[delivery] nameservers``, on the event loop:
+         :mod:`mta.api.webhook_dns`).
+Config:  [webhooks], [[webhook]], [events] (where the store is); of [delivery]
+         ``nameservers``, ``dns_timeout`` and ``ipv6`` (the name lookups).
 
 It never writes the events store nor talks to the spool or the acceptors: a
 slow or dead target only makes its cursor lag (bounded by
@@ -272,7 +275,8 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
                     pass
         if store is None:
             return
-        session = W.new_session(settings.admin_listen)
+        resolver = W.resolver_for(settings)      # [delivery] nameservers, not getaddrinfo
+        session = W.new_session(settings.admin_listen, resolver)
         w = None
         try:
             w = Webhooks(settings, db, store, session)
@@ -281,6 +285,7 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
             await w.run(stop)
         finally:
             await session.close()
+            await resolver.close()
             (w.store if w is not None else store).close()   # (follow_store may replace it)
 
     try:

@@ -725,3 +725,39 @@ def test_webhook_tables_that_cannot_be_sent_are_named_at_start_and_reload(make_d
     d.wait_log(said)
     d.reload()
     d.wait_log(said, count=2)
+
+
+DNS_JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "webhook_dns_job.py")
+
+
+def test_target_names_that_the_dns_never_answers_do_not_hold_up_another_webhook(tmp_path):
+    """Target names are looked up through the node's own DNS resolver ([delivery]
+    nameservers, dns_timeout) on the event loop.  Through aiohttp's default,
+    getaddrinfo in libuv's 4 threads, five webhooks whose names never got an answer held
+    every thread for the system resolver's timeout (10 s): the one webhook whose name
+    answers at once had no batch after 15 s; and the names went to the machine's
+    resolver, not the node's.  In a private network and mount namespace
+    (webhook_dns_job.py), where /etc/resolv.conf names a loopback stand-in."""
+    from dkimtools.verifiers import netns
+
+    r = subprocess.run(netns() + [sys.executable, DNS_JOB, str(tmp_path / "job")],
+                       capture_output=True, timeout=180)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-4000:]
+    out = json.loads(r.stdout)
+    log = out["log"]
+    assert out["good_seconds"] is not None and out["good_seconds"] < 3.0, \
+        (out["good_seconds"], log[-4000:])
+    ((event,),) = out["good_hits"]
+    assert event["msys"]["message_event"]["event_id"] == "700100"
+    assert out["other_hits"] == []          # nothing reached a silent name's port
+    assert out["system_queries"] == []      # the machine's resolver is never asked
+    assert ["good.hooks.test", "A"] in out["node_queries"]
+    assert ["silent-4.hooks.test", "A"] in out["node_queries"]
+    # each silent webhook's POST failed as a connection failure naming the DNS timeout,
+    # and is retried on the schedule
+    for i in range(5):
+        assert re.search(rf"webhook silent-{i}: batch \S+ attempt 1 got connection "
+                         rf"\(Cannot connect to host silent-{i}\.hooks\.test:\d+ ssl:default "
+                         rf"\[DNS lookup failed: silent-{i}\.hooks\.test A: timed out after "
+                         r"1s.*\]\); next attempt in", log), log[-4000:]
+    assert "Traceback" not in log
