@@ -750,7 +750,8 @@ def test_explicit_nameservers_never_read_system_config(monkeypatch, server):
     def forbidden(*a, **kw):
         raise AssertionError("the system resolver configuration was read")
 
-    monkeypatch.setattr(dns.resolver.Resolver, "read_resolv_conf", forbidden)
+    # (BaseResolver: mta.dns uses the asyncio resolver, which is not a dns.resolver.Resolver)
+    monkeypatch.setattr(dns.resolver.BaseResolver, "read_resolv_conf", forbidden)
     r = mdns.Resolver([server.address], port=server.port)
     assert [(ns.address, ns.port) for ns in r._dns.nameservers] == [
         (server.address, server.port)]
