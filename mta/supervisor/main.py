@@ -42,7 +42,8 @@ accepts on the slot's socket before the old one stops, so no connection is
 refused (the old one finishes its sessions; one still there after the shutdown
 timeout, the spool timeout and STOP_GRACE is killed); then, when their sections changed (``ROLLED``: [server], [delivery], [egress],
 [[shaping]], [[response_rule]], [[warmup]], [backoff], [feedback], [cluster]; [events];
-[webhooks], [[webhook]]), replace the delivery, events and webhooks processes
+[webhooks], [[webhook]], [events] and ``ROLLED_KEYS``: delivery.nameservers, dns_timeout,
+ipv6), replace the delivery, events and webhooks processes
 in ROLL_ROUNDS rounds at most (one at a time up to that many), each stopped as at
 SIGTERM before its successor starts (one that does not start ends its role's roll
 and fails the reload, naming it); once the delivery processes are replaced for a
@@ -109,6 +110,10 @@ ROLLED = {"delivery": ("delivery", "egress", "shaping", "response_rule", "warmup
                        "feedback", "server", "cluster"),
           "events": ("events", "server"),
           "webhooks": ("webhooks", "webhook", "events")}     # (events: the store it reads)
+# ... and when these keys of another role's section changed: the webhooks process looks
+# target names up with [delivery]'s DNS settings (mta.api.webhook_dns), not the rest of it
+# (a hold toggled must not abandon its POSTs in flight)
+ROLLED_KEYS = {"webhooks": {"delivery": ("nameservers", "dns_timeout", "ipv6")}}
 # what a delivery lane may send: a reload that changes one of these tells the spool shards
 # (SIGUSR1) once the new delivery processes run, to release what the lanes it raised handed
 # back (mta.spool.release)
@@ -1142,6 +1147,9 @@ class Supervisor:
         for role, sections in ROLLED.items():
             changed = [f"[{k}]" for k in sections
                        if getattr(new.config, k) != getattr(old.config, k)]
+            changed += [f"{sec}.{k}" for sec, keys in ROLLED_KEYS.get(role, {}).items()
+                        for k in keys if getattr(getattr(new.config, sec), k) !=
+                        getattr(getattr(old.config, sec), k)]
             if role in self.unrolled:
                 changed.append("a roll left part-done")
             count = sum(1 for key in self.slots if key[0] == role)

@@ -986,3 +986,18 @@ def test_a_watchdog_below_one_second_is_warned_of_and_still_fed(make_daemon, tmp
                      text), text[-2000:]
     ns.collect(0.5)
     assert ns.pings(ready)              # started and pinging all the same
+
+
+def test_a_reload_of_the_dns_servers_replaces_the_webhooks_process_and_a_hold_does_not(
+        make_daemon):
+    # the webhooks process looks target names up with [delivery] nameservers, dns_timeout
+    # and ipv6 (mta.api.webhook_dns): a reload changing them left it asking the old
+    # servers until a restart; the rest of [delivery] (hold) does not replace it
+    d = make_daemon(acceptors=1, shards=1, delivery={"nameservers": ["127.0.0.1:9"]})
+    old = d.children()["webhooks[0]"]
+    d.reload(delivery={"hold": False}, timeout=60)
+    assert d.children()["webhooks[0]"] == old
+    d.reload(delivery={"nameservers": ["127.0.0.1:10"]}, timeout=60)
+    assert "reload: delivery.nameservers changed; replacing the webhooks process(es)" \
+        in d.log()
+    assert d.children()["webhooks[0]"] != old
