@@ -197,17 +197,10 @@ def test_the_apis_create_tests_a_named_target_through_the_nodes_dns_servers(tmp_
     assert took < TIMEOUT + 1.0
 
 
-def test_without_any_dns_server_a_name_fails_and_ip_targets_still_work(rec, monkeypatch):
+def test_without_any_dns_server_a_name_fails_and_ip_targets_still_work(rec):
     """No [delivery] nameservers and no usable /etc/resolv.conf (a container without
-    one): a named target fails as a connection failure saying what to set; the session
-    is made and IP-address targets are reached."""
-    import dns.resolver
-
-    def unreadable(self, f):
-        raise dns.resolver.NoResolverConfiguration(f"cannot open {f}")
-    # (BaseResolver: the asyncio resolver is not a dns.resolver.Resolver)
-    monkeypatch.setattr(dns.resolver.BaseResolver, "read_resolv_conf", unreadable)
-
+    one; here conftest.py's no_system_resolver): a named target fails as a connection
+    failure saying what to set; the session is made and IP-address targets are reached."""
     async def go():
         session = W.new_session()
         try:
