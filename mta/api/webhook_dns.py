@@ -15,7 +15,12 @@ lookups -- and the API's test POSTs -- waited behind them.
 - An IP address is its own answer (aiohttp does not even ask for one).
 - ``localhost`` and names under ``.localhost`` are the loopback addresses,
   127.0.0.1 then ::1 (::1 only with ``delivery.ipv6``), without a query:
-  RFC 6761 §6.3.  /etc/hosts is not read (nor any other NSS source).
+  RFC 6761 §6.3.
+- A name in /etc/hosts is answered from it, without a query, as the system's
+  resolver does first ("hosts: files dns"): targets an operator named there
+  before this resolver kept working.  The file is read again when it changes
+  (looked at once a second at most; its first MAX_HOSTS_FILE octets).  No other
+  NSS source is read.
 - No address (NXDOMAIN, no A/AAAA record, an invalid name): ``socket.gaierror``
   EAI_NONAME; the DNS not answering in time (timeout, SERVFAIL, REFUSED):
   EAI_AGAIN, its text naming the query and what the servers did.  aiohttp makes
@@ -32,7 +37,10 @@ UDP queries on the event loop, no thread.
 """
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
+import time
 
 import dns.exception
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -44,6 +52,60 @@ from mta import dns as node_dns
 CACHE_SIZE = 4096
 _LOOPBACK = ("127.0.0.1", "::1")
 _FLAGS = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+HOSTS_FILE = "/etc/hosts"
+MAX_HOSTS_FILE = 1 << 20    # octets of it read (a larger file's rest is not)
+HOSTS_RECHECK = 1.0         # seconds between looks at whether it changed
+
+
+class HostsFile:
+    """The names of a hosts file (``address name [aliases...]`` lines, ``#`` comments)
+    and their addresses, IPv4 ones first; read again when its inode, size or time
+    changed, looked at every HOSTS_RECHECK seconds at most.  A line whose address is
+    not one is passed over; no file is no names."""
+
+    def __init__(self, path: str = HOSTS_FILE, clock=time.monotonic):
+        self.path = path
+        self.clock = clock
+        self._next = 0.0
+        self._stamp = None
+        self._names: dict[str, list[str]] = {}
+
+    def addresses(self, host: str) -> list[str]:
+        now = self.clock()
+        if now >= self._next:
+            self._next = now + HOSTS_RECHECK
+            try:
+                st = os.stat(self.path)
+                stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                stamp = None
+            if stamp != self._stamp:
+                self._stamp = stamp
+                self._names = self._read() if stamp is not None else {}
+        return self._names.get(host.rstrip(".").lower(), [])
+
+    def _read(self) -> dict[str, list[str]]:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(MAX_HOSTS_FILE)
+        except OSError:
+            return {}
+        names: dict[str, list[str]] = {}
+        for line in data.decode("utf-8", "replace").splitlines():
+            fields = line.partition("#")[0].split()
+            if len(fields) < 2:
+                continue
+            try:
+                ip = ipaddress.ip_address(fields[0].partition("%")[0])
+            except ValueError:
+                continue
+            for name in fields[1:]:
+                got = names.setdefault(name.rstrip(".").lower(), [])
+                if str(ip) not in got:
+                    got.append(str(ip))
+        for got in names.values():
+            got.sort(key=lambda a: ":" in a)      # (stable: IPv4 first, else as written)
+        return names
 
 
 def is_localhost(host: str) -> bool:
@@ -59,10 +121,12 @@ class WebhookResolver(AbstractResolver):
     ``Settings.nameservers``; empty: /etc/resolv.conf), *timeout* seconds per lookup,
     *ipv6*: AAAA too."""
 
-    def __init__(self, nameservers=(), timeout: float = 5.0, ipv6: bool = True):
+    def __init__(self, nameservers=(), timeout: float = 5.0, ipv6: bool = True,
+                 hosts: HostsFile | None = None):
         self._nameservers = list(nameservers)
         self._timeout = timeout
         self._ipv6 = ipv6
+        self._hosts = hosts if hosts is not None else HostsFile()
         self._dns: node_dns.Resolver | None = None
 
     def _resolver(self) -> node_dns.Resolver:
@@ -81,6 +145,9 @@ class WebhookResolver(AbstractResolver):
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         if is_localhost(host):
             addresses = list(_LOOPBACK if self._ipv6 else _LOOPBACK[:1])
+        elif (addresses := self._hosts.addresses(host)):
+            if not self._ipv6:
+                addresses = [a for a in addresses if ":" not in a]
         else:
             (got,) = await self._resolver().resolve_hosts([host])
             if isinstance(got, node_dns.DnsTempError):

@@ -213,3 +213,66 @@ def test_without_any_dns_server_a_name_fails_and_ip_targets_still_work(rec):
     named, literal = _run(go())
     assert named.failure == "connection" and "set [delivery] nameservers" in named.body
     assert literal.status == 200 and len(rec.hits) == 1
+
+
+def test_a_name_in_the_hosts_file_is_answered_from_it_without_a_query(tmp_path, rec):
+    """/etc/hosts is read first, as the system's resolver reads it ("hosts: files dns"):
+    a target an operator named there before keeps working; other names go to the DNS."""
+    from mta.api.webhook_dns import HostsFile, WebhookResolver
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# comment\n127.0.0.1 old.internal Alias.Internal  # tail\n"
+                     "::1 old.internal\nnot-an-address broken.internal\n"
+                     "fe80::1%eth0 link.internal\n")
+    now = [0.0]
+
+    async def go():
+        async with ScriptedDns(_answer) as srv:
+            resolver = WebhookResolver([("127.0.0.1", srv.port)], TIMEOUT, True,
+                                       HostsFile(str(hosts), clock=lambda: now[0]))
+            session = W.new_session((), resolver)
+            try:
+                resp = await W.post(session, _hook(f"http://old.internal:{_port(rec)}/h"),
+                                    b"[]", "b", 5.0)
+                first = [a["host"] for a in await resolver.resolve("ALIAS.internal.", 80, 0)]
+                dns_name = [a["host"] for a in await resolver.resolve("good.hooks.test", 80, 0)]
+                queries = sorted(q[0] for q in srv.queries)
+                with pytest.raises(OSError):
+                    await resolver.resolve("broken.internal", 80, 0)
+                link = [a["host"] for a in await resolver.resolve("link.internal", 80, 0)]
+                # edited: seen at the next look (HOSTS_RECHECK), not before
+                hosts.write_text("127.0.0.9 old.internal\n")
+                before = [a["host"] for a in await resolver.resolve("old.internal", 80, 0)]
+                now[0] += 5
+                after = [a["host"] for a in await resolver.resolve("old.internal", 80, 0)]
+                return resp, first, dns_name, queries, link, before, after
+            finally:
+                await session.close()
+                await resolver.close()
+    resp, first, dns_name, queries, link, before, after = _run(go())
+    assert resp.status == 200 and [h.path for h in rec.hits] == ["/h"]
+    assert first == ["127.0.0.1"]       # (an alias; the ::1 line names old.internal only)
+    assert dns_name == ["127.0.0.1"]
+    assert queries == ["good.hooks.test.", "good.hooks.test."]    # (A, AAAA): no other
+    assert link == ["fe80::1"]
+    assert before == ["127.0.0.1", "::1"] and after == ["127.0.0.9"]
+
+
+def test_the_hosts_files_ipv6_addresses_are_left_out_with_ipv6_off(tmp_path):
+    from mta.api.webhook_dns import HostsFile, WebhookResolver
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("::1 six.internal both.internal\n127.0.0.2 both.internal\n")
+
+    async def go():
+        r = WebhookResolver([("127.0.0.1", 9)], TIMEOUT, False, HostsFile(str(hosts)))
+        try:
+            both = [a["host"] for a in await r.resolve("both.internal", 80, 0)]
+            with pytest.raises(OSError) as six:
+                await r.resolve("six.internal", 80, 0)
+            return both, six.value
+        finally:
+            await r.close()
+    both, six = _run(go())
+    assert both == ["127.0.0.2"]
+    assert "no such name, or no address" in str(six)
