@@ -56,7 +56,9 @@ the reader resynchronises on the next record that decodes, so one bad record
 never hides the good ones after it (and if that next one is an older
 segment's, this segment's data ended at the bad record).  A record whose
 checksum holds but whose content cannot be read (:meth:`Store._apply`) is
-logged and passed over too.  A message seen twice (a copy made by compaction)
+logged and passed over too -- but a message record whose only fault is a time
+out of range (its arrival, a recipient's due time) is taken with those times
+mended (:func:`mend_times`), logged and counted: it was acknowledged.  A message seen twice (a copy made by compaction)
 keeps its newest location; a DONE record removes it.
 
 Reclamation works from the oldest segment forward so that a DONE record is
@@ -85,12 +87,12 @@ import struct
 import threading
 import time
 import zlib
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
 from mta import native
-from mta.queueid import recipient_domain
+from mta.queueid import is_qid, recipient_domain
 
 log = logging.getLogger("mta.spool")
 
@@ -192,8 +194,78 @@ class RcptMeta(msgspec.Struct, array_like=True):
     owed: list[list] | None = None
 
 
+class _MendableMeta(msgspec.Struct, array_like=True):
+    """A message record read again when :class:`MessageMeta`'s decoder refused it: the
+    same fields, its times of any value (see :func:`mend_times`)."""
+
+    qid: str
+    sender: str
+    rcpts: list[str]
+    arrival: Any
+    params: dict
+    client: str
+    state: list[State] | None = None
+    attempts: list[int] | None = None
+    due: list[Any] | None = None
+    flags: list[int] | None = None
+    owed: list[list] | None = None
+
+
+def good_time(t) -> bool:
+    """Whether *t*, read from a record, is a time a clock reads (a number within MAX_TIME)."""
+    return (type(t) is float or type(t) is int) and -MAX_TIME < t < MAX_TIME
+
+
+def qid_time(qid: str) -> float | None:
+    """The time a queue id was made (:mod:`mta.queueid`: its first 13 digits are
+    microseconds since the epoch), None when *qid* is not one or holds no such time."""
+    if not is_qid(qid):
+        return None
+    t = int(qid[:13], 16) / 1e6
+    return t if 0 < t < MAX_TIME else None
+
+
+def _taken_at(qid: str, path: str) -> float:
+    """When a message whose arrival is lost was taken, as near as can be told: when its
+    queue id was made; else when its segment file (*path*) last changed (after it was
+    written); else now."""
+    t = qid_time(qid)
+    if t is not None:
+        return t
+    try:
+        t = os.stat(path).st_mtime
+    except OSError:
+        t = None
+    return t if good_time(t) and t > 0 else time.time()
+
+
+def mend_times(m: _MendableMeta, arrival) -> tuple[MessageMeta, list[str]]:
+    """*m* as a MessageMeta with its times out of range mended, and the names of the
+    fields mended: an arrival becomes *arrival*() (when the message was taken, as near as
+    the caller knows it), a recipient's due time the message's start (its first due time:
+    so due at once unless a schedule, options.start_time, holds it).  Its expiry follows:
+    it counts from the start, as every message's does."""
+    mended = []
+    if not good_time(m.arrival):
+        mended.append("arrival")
+        at = float(arrival())
+    else:
+        at = float(m.arrival)
+    out = MessageMeta(m.qid, m.sender, m.rcpts, at, m.params, m.client, m.state,
+                      m.attempts, None, m.flags, m.owed)
+    if m.due is not None:
+        if all(map(good_time, m.due)):
+            out.due = [float(t) for t in m.due]
+        else:
+            mended.append("due")
+            start = start_of(out)
+            out.due = [float(t) if good_time(t) else start for t in m.due]
+    return out, mended
+
+
 _enc = msgspec.msgpack.Encoder()
 _dec_msg = msgspec.msgpack.Decoder(MessageMeta)
+_dec_mendable = msgspec.msgpack.Decoder(_MendableMeta)
 _dec_done = msgspec.msgpack.Decoder(DoneMeta)
 _dec_rcpt = msgspec.msgpack.Decoder(RcptMeta)
 
@@ -910,8 +982,10 @@ class Store:
         self.owed: dict[str, dict[int, list]] = {}
         # What the recovery read and passed over (recover_start .. recover_finish): counts for
         # the log and, the records skipped, for /metrics (mta_spool_skipped_records_total)
+        # The message records taken with fields mended (mended_<reason>: see _message) are
+        # counted here too (mta_spool_mended_records_total)
         self.recovery_stats = {"segments": 0, "records": 0, "skipped_bytes": 0, "torn": 0,
-                               "damaged": 0, "unreadable": 0}
+                               "damaged": 0, "unreadable": 0, "mended_time": 0}
         # The latest arrival of the message records recovered: the clock read at least
         # that when the daemon last ran (later than now: it was set back meanwhile)
         self.latest_arrival = 0.0
@@ -1097,18 +1171,29 @@ class Store:
     def _apply(self, seg: Segment, off: int, rtype: int, meta: bytes, boff: int,
                blen: int) -> None:
         """Apply the record at *off* of *seg* to the index.  One whose checksum holds but
-        whose content cannot be read -- not the struct its type says, or a time out of
-        range (MAX_TIME) -- is logged with its place, counted (stats "unreadable") and
+        whose content cannot be read -- not the struct its type says, or a recipient
+        update's time out of range (MAX_TIME) -- is logged with its place, counted (stats
+        "unreadable") and
         passed over, as a damaged one is: raised, it would end the shard at every start.
         (It stays in its segment until reclamation; ``mta spool-dump`` reports it.)  Each kind
-        is read whole before it changes anything, so a record passed over changed nothing."""
+        is read whole before it changes anything, so a record passed over changed nothing.
+        A message record whose only fault is a time out of range is taken with it mended
+        (:meth:`_mend`; logged, counted: stats "mended_time")."""
         try:
             if rtype == REC_MESSAGE:
-                m = _dec_msg.decode(meta)
+                try:
+                    m, mended = _dec_msg.decode(meta), None
+                except msgspec.ValidationError as exc:
+                    m, mended = self._mend(meta, seg, exc)
                 self._add(m, seg.number, boff - len(meta), len(meta), blen)
                 seg.total += 1
                 if m.arrival > self.latest_arrival:
                     self.latest_arrival = m.arrival
+                if mended:
+                    self.recovery_stats["mended_time"] += 1
+                    log.warning("segment %s: the message record at offset %d has a time out "
+                                "of range (%s); mended: %s arrives at %.6f", seg.path, off,
+                                ", ".join(mended), m.qid, m.arrival)
             elif rtype == REC_DONE:
                 remove = self.index.remove
                 owed = self.owed
@@ -1132,6 +1217,24 @@ class Store:
             log.error("segment %s: the %s record at offset %d cannot be read (%s: %s); "
                       "passed over", seg.path, _REC_NAMES.get(rtype, rtype), off,
                       type(exc).__name__, exc)
+
+    @staticmethod
+    def _mend(meta: bytes, seg: Segment, exc: Exception) -> tuple[MessageMeta, list[str]]:
+        """A message record MessageMeta's decoder refused: when only its times are out of
+        range (damage the checksum could not see: a writer's bug, memory damaged before
+        the record was summed), the message with them mended (:func:`mend_times`) -- its
+        queue id, sender and recipients are there, it was acknowledged, and passed over
+        none of them would ever be delivered, bounced or reported.  Its arrival: the time
+        its queue id was made, else the segment file's last change, else now.  Anything
+        else it cannot be read for is raised (the record is unreadable)."""
+        try:
+            loose = _dec_mendable.decode(meta)
+        except msgspec.ValidationError:
+            raise exc from None             # (what MessageMeta's decoder said)
+        m, mended = mend_times(loose, lambda: _taken_at(loose.qid, seg.path))
+        if not mended:
+            raise exc
+        return m, mended
 
     def _add(self, m: MessageMeta, seg: int, moff: int, mlen: int, blen: int) -> bool:
         replaced = index_message(self.index, m, seg, moff, mlen, blen)
@@ -1470,14 +1573,27 @@ class Store:
             raise KeyError(qid)
         seg, off, mlen, blen = loc
         data = self._pread(seg, mlen + blen, off)
-        return _dec_msg.decode(memoryview(data)[:mlen]), data[mlen:]
+        return self._envelope(qid, memoryview(data)[:mlen]), data[mlen:]
 
     def read_meta(self, qid: str) -> MessageMeta:
         """A queued message's envelope, read from its record (KeyError, OSError)."""
         loc = self.index.location(qid)
         if loc is None:
             raise KeyError(qid)
-        return _dec_msg.decode(self._pread(loc[0], loc[2], loc[1]))
+        return self._envelope(qid, self._pread(loc[0], loc[2], loc[1]))
+
+    def _envelope(self, qid: str, meta) -> MessageMeta:
+        """The envelope of queued message *qid* from its record's meta octets; one whose
+        times the recovery mended (:meth:`_mend`) is mended again the same way, its
+        arrival the one the index holds.  (Cost: nothing unless it is such a record.)"""
+        try:
+            return _dec_msg.decode(meta)
+        except msgspec.ValidationError:
+            m, mended = mend_times(_dec_mendable.decode(meta),
+                                   lambda: self.index.info(qid)[4])
+            if not mended:
+                raise
+            return m
 
     def read_body(self, qid: str) -> bytes:
         """A queued message's bytes, read from its record (KeyError, OSError)."""

@@ -1206,15 +1206,13 @@ NAN, INF = float("nan"), float("inf")
     (REC_MESSAGE, _raw.encode(["A" * 20, "s@example.com", [5], 1.0, {}, "c"])),
     (REC_MESSAGE, _m("A" * 20, [0, 0])),
     (REC_MESSAGE, _m("A" * 20, [0], [2**64 - 1], [1.0])),
-    (REC_MESSAGE, _raw.encode(["A" * 20, "s@example.com", ["r@example.net"], NAN, {}, "c"])),
-    (REC_MESSAGE, _m("A" * 20, [0], [0], [INF])),
     (REC_MESSAGE, _m("A" * 20, [9], [0], [1.0])),
     (store_mod.REC_DONE, _raw.encode([[5]])),
     (store_mod.REC_RCPT, _raw.encode([qid(1)])),
     (store_mod.REC_RCPT, _raw.encode([qid(1), [[0, 1, 1, 1.0]], [7]])),
 ], ids=["message-not-msgpack", "message-short", "message-recipient-int",
-        "message-states-not-per-recipient", "message-attempts-huge", "message-arrival-nan",
-        "message-due-inf", "message-state-unknown", "done-qid-int", "update-short", "update-owed-int"])
+        "message-states-not-per-recipient", "message-attempts-huge",
+        "message-state-unknown", "done-qid-int", "update-short", "update-owed-int"])
 def test_a_record_that_cannot_be_read_is_passed_over(tmp_path, codec, rtype, mb, caplog):
     """A checksummed record whose content is not what its type says (a bug, a version that
     wrote something else, damage the checksum missed) or holds a time no clock reads, was
@@ -1234,6 +1232,93 @@ def test_a_record_that_cannot_be_read_is_passed_over(tmp_path, codec, rtype, mb,
     msgs = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
     assert len(msgs) == 1 and msgs[0].startswith(f"segment {last_segment(tmp_path)}: the ")
     assert msgs[0].endswith("; passed over")
+
+
+def _damaged(q, arrival, *rest):
+    return _raw.encode([q, "s@example.com", ["r1@example.net", "r2@example.net"], arrival,
+                        {}, "c", *rest])
+
+
+TAKEN = 0x18A3F2C4B1D2E / 1e6       # when qid(n) was made (n microseconds later)
+
+
+@pytest.mark.parametrize("arrival,progress,mended", [
+    (NAN, (), "arrival"),
+    (INF, (), "arrival"),
+    (-INF, (), "arrival"),
+    (3e12, (), "arrival"),              # the year 97,000
+    (-5e11, (), "arrival"),
+    ("1700000000", (), "arrival"),      # (not a number at all)
+    (None, (), "arrival"),
+    (1_700_000_100.0, ([0, 0], [1, 2], [NAN, 1_700_000_200.0]), "due"),
+    (1_700_000_100.0, ([0, 0], [1, 2], [1e300, -INF]), "due"),
+    (INF, ([0, 0], [1, 2], [NAN, 1_700_000_200.0]), "arrival, due"),
+], ids=["arrival-nan", "arrival-inf", "arrival-minus-inf", "arrival-year-97000",
+        "arrival-before-1970", "arrival-string", "arrival-nil", "due-nan", "due-far",
+        "both"])
+def test_a_message_whose_times_are_out_of_range_is_mended_not_passed_over(
+        tmp_path, codec, arrival, progress, mended, caplog):
+    """A message record whose arrival or a recipient's due time is out of range (NaN,
+    infinite, past MAX_TIME, or no number) was passed over whole as unreadable: the message
+    had been acknowledged, its queue id, sender and recipients were there, and none of them
+    was ever delivered, bounced or reported.  It is taken with those times mended -- the
+    arrival when its queue id was made, a due time its start -- logged, and counted."""
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1), body(1))])
+    put_raw(st, REC_MESSAGE, _damaged(qid(7), arrival, *progress), b"damaged body")
+    put(st, [(meta(2), body(2))])
+    st.write([], [], {qid(7): [[1, store_mod.PENDING, 3, 1_700_000_300.0]]})
+    st.sync()
+    with caplog.at_level("WARNING", logger="mta.spool"):
+        st2, stats = restart(tmp_path, codec)
+    assert contents(st2) == {qid(1): body(1), qid(2): body(2), qid(7): b"damaged body"}
+    assert stats["unreadable"] == 0 and stats["mended_time"] == 1
+    at = TAKEN + 7e-6 if "arrival" in mended else 1_700_000_100.0
+    info = st2.index.info(qid(7))
+    assert info[4] == info[5] == pytest.approx(at, abs=1e-6)
+    r0, r1 = st2.index.recipient(qid(7), 0), st2.index.recipient(qid(7), 1)
+    # the update after it is read as always; a due time out of range is its start
+    assert r1[:3] == (store_mod.PENDING, 3, 1_700_000_300.0)
+    if progress:
+        assert r0[:3] == (store_mod.PENDING, 1, pytest.approx(at, abs=1e-6)) or \
+            r0[:3] == (store_mod.PENDING, 1, 1_700_000_200.0) and "due" not in mended
+    else:
+        assert r0[:3] == (store_mod.PENDING, 0, pytest.approx(at, abs=1e-6))
+    msgs = [r.getMessage() for r in caplog.records if "out of range" in r.getMessage()]
+    assert msgs == [f"segment {last_segment(tmp_path)}: the message record at offset "
+                    f"{msgs[0].split('offset ')[1].split()[0]} has a time out of range "
+                    f"({mended}); mended: {qid(7)} arrives at {at:.6f}"]
+    # read back (a delivery job, a query, spool-dump), the envelope is the mended one ...
+    m, b = st2.read_record(qid(7))
+    assert (m.qid, m.rcpts, b) == (qid(7), ["r1@example.net", "r2@example.net"],
+                                   b"damaged body")
+    assert m.arrival == info[4] and st2.read_meta(qid(7)).arrival == info[4]
+    assert store_mod.start_of(m) == info[5]
+    # ... and a copy made by compaction holds the mended times: it reads as any other
+    copy, _ = st2.progress_meta(qid(7))
+    assert store_mod._dec_msg.decode(store_mod._enc.encode(copy)) == copy
+    # expiry counts from the mended start
+    assert st2.index.schedule_recovered(1 << 30, 3600.0) == []
+    assert qid(7) not in st2.index.passed(info[5] + 3600.0 - 2)
+    assert qid(7) in st2.index.passed(info[5] + 3600.0 + 2)
+
+
+def test_a_message_whose_times_and_more_are_damaged_is_still_unreadable(tmp_path, codec,
+                                                                         caplog):
+    """Mending takes only times: a record with its arrival out of range and its recipients
+    no addresses is passed over as unreadable, saying what MessageMeta's decoder said (about
+    the recipients: it reads the fields in order)."""
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1), body(1))])
+    put_raw(st, REC_MESSAGE, _raw.encode([qid(7), "s@example.com", [5], NAN, {}, "c"]),
+            b"x")
+    with caplog.at_level("ERROR", logger="mta.spool"):
+        st2, stats = restart(tmp_path, codec)
+    assert queued(st2) == [qid(1)]
+    assert stats["unreadable"] == 1 and stats["mended_time"] == 0
+    assert any("cannot be read (ValidationError: Expected `str`, got `int` - at `$[2][0]`)"
+               in r.getMessage()
+               for r in caplog.records)
 
 
 def test_a_time_no_clock_reads_is_not_taken_from_a_record(tmp_path, codec):

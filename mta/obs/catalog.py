@@ -135,6 +135,11 @@ _FAMILIES = [
            "segment and offset: damaged (checksum), torn (the tail a crash cut short) or "
            "unreadable (checksummed, but its content is not what its type says)",
            ("shard", "reason")),
+    Family("mta_spool_mended_records_total", COUNTER,
+           "message records the shard's recovery took with damaged fields mended, each "
+           "logged with its segment, offset and queue id: time (an arrival or due time out "
+           "of range: the arrival from its queue id, a due time its start)",
+           ("shard", "reason")),
     Family("mta_spool_segment_files_total", COUNTER,
            "files made ready for the next segment, by source: reused (a finished segment's "
            "file) or zero_filled (written by the spare thread)", ("shard", "source")),

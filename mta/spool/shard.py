@@ -309,8 +309,10 @@ class Shard:
             return
         stats = self.store.recover_finish()
         log.info("recovered queue: messages=%d segments=%d records=%d skipped_bytes=%d "
-                 "unreadable_records=%d seconds=%s", stats["messages"], stats["segments"],
-                 stats["records"], stats["skipped_bytes"], stats["unreadable"],
+                 "unreadable_records=%d mended_records=%d seconds=%s", stats["messages"],
+                 stats["segments"], stats["records"], stats["skipped_bytes"],
+                 stats["unreadable"],
+                 sum(v for k, v in stats.items() if k.startswith("mended_")),
                  stats["seconds"])
         # each recovered message at its earliest pending due time, with its deadline;
         # those none of whose recipients is pending are finished now

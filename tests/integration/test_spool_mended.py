@@ -1,0 +1,117 @@
+"""Messages whose times were damaged on disk are mended, not passed over (the real daemon,
+loopback only).
+
+A message record whose checksum holds but whose arrival time is none a clock reads (NaN,
+infinite, beyond the year 5138, far before 1970) was passed over whole by the shard's
+recovery: logged and counted as unreadable, and then nothing -- its recipients were never
+delivered, bounced nor reported, though the message had been acknowledged.  Its queue id,
+sender and recipients are still there to read: the recovery now takes it with its times
+mended (the arrival from its queue id, which holds the time it was taken), logs it,
+counts it in mta_spool_mended_records_total{reason="time"}, and it goes as any other.
+
+The damage is made the way it can reach a record whose checksum still holds -- a writer's
+bug or memory damaged before the checksum was computed: the record's arrival field is
+rewritten in place and its header (the CRC) computed again.  (Octets damaged after the
+checksum fail it: a damaged record, which is another matter.)
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import msgspec
+import pytest
+
+from daemon import wait_until
+from mta import native
+from mta import store as store_mod
+from mta.store import Store, shard_dir
+from sinks import AioSink, common_port
+
+
+@pytest.fixture
+def sink():
+    port = common_port(["127.0.0.1"])
+    s = AioSink("127.0.0.1", port).start()
+    yield s
+    s.stop()
+
+
+def damage_field(spool_dir: str, qid: str, field: int, value) -> None:
+    """Rewrite field *field* of *qid*'s message record (MessageMeta's array) with *value*
+    (a float: the record keeps its length) and give the record a checksum that holds."""
+    st = Store(shard_dir(spool_dir, 0), 4 << 20, fsync=False)
+    st.recover()
+    seg, moff, mlen, blen = st.index.location(qid)
+    path = st.segments[seg].path
+    st.close()
+    with open(path, "r+b") as f:
+        f.seek(moff)
+        data = f.read(mlen + blen)
+        meta, body = data[:mlen], data[mlen:]
+        fields = msgspec.msgpack.decode(meta)
+        assert fields[0] == qid
+        fields[field] = value
+        new = msgspec.msgpack.encode(fields)
+        assert len(new) == mlen
+        codec = native.load("record")
+        header = codec.encode_header(store_mod.REC_MESSAGE, new, body, seg)
+        f.seek(moff - codec.HEADER_SIZE)
+        f.write(header + new)
+        os.fsync(f.fileno())
+
+
+def mended(d) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+    status, _, body = d.admin_get("/metrics")
+    assert status == 200
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            if s.name == "mta_spool_mended_records_total" and \
+                    s.labels == {"shard": "0", "reason": "time"}:
+                return s.value
+    return None
+
+
+def when(event: dict) -> float:
+    return datetime.datetime.fromisoformat(event["injection_time"].replace("Z", "+00:00")) \
+        .timestamp()
+
+
+ARRIVAL = 3         # MessageMeta: qid, sender, rcpts, arrival, params, client, ...
+
+
+def test_a_message_with_its_arrival_damaged_is_delivered_and_reported(make_daemon, sink):
+    d = make_daemon(acceptors=1, shards=1, delivery={
+        "hold": True, "processes": 1,
+        "route": [{"domain": "*", "hosts": [f"127.0.0.1:{sink.port}"], "starttls": "none"}]})
+    garbage = {"nan": float("nan"), "inf": float("inf"), "year-99999": 3e12,
+               "before-1970": -5e11}
+    qids = {name: d.send("a@sender.test", [f"{name}@dest.test"],
+                         f"Subject: {name}\r\n\r\n{name}\r\n".encode())
+            for name in [*garbage, "intact"]}
+    assert d.stop() == 0
+    spool = os.path.join(d.state_dir, "spool")
+    for name, value in garbage.items():
+        damage_field(spool, qids[name], ARRIVAL, value)
+    d.sections["delivery"]["hold"] = False
+    d.write_config()
+    d.start()
+    want = {f"{name}@dest.test" for name in qids}
+    wait_until(lambda: {r for t in sink.txns for r in t.rcpt_tos} >= want, 30,
+               "every message delivered")
+    delivered = {}
+    wait_until(lambda: delivered.update(
+        (e["queue_id"], e) for e in d.events() if e.get("type") == "delivery") or
+        set(delivered) >= set(qids.values()), 30, "a delivery event for every message")
+    for name in garbage:
+        # its arrival is the time its queue id was made (the intact one's, near enough)
+        assert abs(when(delivered[qids[name]]) - when(delivered[qids["intact"]])) < 60, \
+            delivered[qids[name]]
+    d.wait_log(r"segment \S+/shard-00/\d+\.seg: the message record at offset \d+ has a "
+               r"time out of range \(arrival\); mended", count=len(garbage))
+    d.wait_log(r"recovered queue: messages=5 .* unreadable_records=0 mended_records=4 ")
+    assert mended(d) == len(garbage)
+    assert "Traceback" not in d.log(since_start=True)
+    assert d.stop() == 0
+    assert d.spool_dump() == []
