@@ -196,7 +196,7 @@ class RcptMeta(msgspec.Struct, array_like=True):
 
 class _MendableMeta(msgspec.Struct, array_like=True):
     """A message record read again when :class:`MessageMeta`'s decoder refused it: the
-    same fields, its times of any value (see :func:`mend_times`)."""
+    same fields, its times and its recipients' progress of any value (see :func:`mend`)."""
 
     qid: str
     sender: str
@@ -204,10 +204,10 @@ class _MendableMeta(msgspec.Struct, array_like=True):
     arrival: Any
     params: dict
     client: str
-    state: list[State] | None = None
-    attempts: list[int] | None = None
+    state: list[Any] | None = None
+    attempts: list[Any] | None = None
     due: list[Any] | None = None
-    flags: list[int] | None = None
+    flags: list[Any] | None = None
     owed: list[list] | None = None
 
 
@@ -261,6 +261,57 @@ def mend_times(m: _MendableMeta, arrival) -> tuple[MessageMeta, list[str]]:
             start = start_of(out)
             out.due = [float(t) if good_time(t) else start for t in m.due]
     return out, mended
+
+
+MAX_ATTEMPTS = 0xFFFF    # the index saturates attempts at this (qindex's MAX_ATTEMPTS)
+
+
+def mend_progress(m: MessageMeta) -> list[str]:
+    """Mend *m*'s recipients' progress (a compaction copy's) in place where it is out of
+    range -- a state no version writes, attempts beyond MAX_ATTEMPTS or no number, flags
+    beyond RCPT_* or no number, a list that is not one value per recipient -- and return
+    the names of the lists mended.  A recipient whose state is unknown is pending (at least
+    once: it may be sent again, as after a damaged recipient update); unknown attempts are
+    0, too many MAX_ATTEMPTS; unknown flags none but RCPT_BOUNCE_OWED where *m*'s owed
+    reports name the recipient (so its bounce is still sent); a list not one per recipient
+    is dropped (a fresh message's: pending, 0, due at its start, no flags)."""
+    n = len(m.rcpts)
+    mended = []
+    state = m.state
+    if state is not None and (len(state) != n or not all(
+            type(v) is int and PENDING <= v <= EXPIRED for v in state)):
+        mended.append("state")
+        m.state = None if len(state) != n else [
+            v if type(v) is int and PENDING <= v <= EXPIRED else PENDING for v in state]
+    attempts = m.attempts
+    if attempts is not None and (len(attempts) != n or not all(
+            type(v) is int and 0 <= v <= MAX_ATTEMPTS for v in attempts)):
+        mended.append("attempts")
+        m.attempts = None if len(attempts) != n else [
+            (min(max(v, 0), MAX_ATTEMPTS) if type(v) is int else 0) for v in attempts]
+    if m.due is not None and len(m.due) != n:
+        mended.append("due")
+        m.due = None
+    flags = m.flags
+    if flags is not None and (len(flags) != n or not all(
+            type(v) is int and 0 <= v <= 0xFF for v in flags)):
+        mended.append("flags")
+        owed = {r[0] for r in m.owed or () if type(r) is list and r and type(r[0]) is int}
+        m.flags = [v if len(flags) == n and type(v) is int and 0 <= v <= 0xFF else
+                   RCPT_BOUNCE_OWED if i in owed else 0
+                   for i, v in enumerate(flags if len(flags) == n else [None] * n)]
+    return mended
+
+
+def mend(m: _MendableMeta, arrival) -> tuple[MessageMeta, list[str]]:
+    """*m* as a MessageMeta with its times (:func:`mend_times`) and its recipients'
+    progress (:func:`mend_progress`) mended where they are out of range; and the names of
+    the fields mended."""
+    out, mended = mend_times(m, arrival)
+    return out, mended + mend_progress(out)
+
+
+TIME_FIELDS = ("arrival", "due")
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -982,10 +1033,11 @@ class Store:
         self.owed: dict[str, dict[int, list]] = {}
         # What the recovery read and passed over (recover_start .. recover_finish): counts for
         # the log and, the records skipped, for /metrics (mta_spool_skipped_records_total)
-        # The message records taken with fields mended (mended_<reason>: see _message) are
-        # counted here too (mta_spool_mended_records_total)
+        # The message records taken with fields mended are counted here too: mended, and
+        # by reason mended_time, mended_progress (mta_spool_mended_records_total; _mended)
         self.recovery_stats = {"segments": 0, "records": 0, "skipped_bytes": 0, "torn": 0,
-                               "damaged": 0, "unreadable": 0, "mended_time": 0}
+                               "damaged": 0, "unreadable": 0, "mended": 0,
+                               "mended_time": 0, "mended_progress": 0}
         # The latest arrival of the message records recovered: the clock read at least
         # that when the daemon last ran (later than now: it was set back meanwhile)
         self.latest_arrival = 0.0
@@ -1185,15 +1237,22 @@ class Store:
                     m, mended = _dec_msg.decode(meta), None
                 except msgspec.ValidationError as exc:
                     m, mended = self._mend(meta, seg, exc)
-                self._add(m, seg.number, boff - len(meta), len(meta), blen)
+                moff = boff - len(meta)
+                try:
+                    self._add(m, seg.number, moff, len(meta), blen)
+                except (ValueError, OverflowError):
+                    # (the index refused its progress: attempts beyond 64 bits, flags
+                    # beyond a byte, lists not one per recipient; it changed nothing)
+                    more = mend_progress(m)
+                    if not more:
+                        raise
+                    self._add(m, seg.number, moff, len(meta), blen)
+                    mended = (mended or []) + more
                 seg.total += 1
                 if m.arrival > self.latest_arrival:
                     self.latest_arrival = m.arrival
                 if mended:
-                    self.recovery_stats["mended_time"] += 1
-                    log.warning("segment %s: the message record at offset %d has a time out "
-                                "of range (%s); mended: %s arrives at %.6f", seg.path, off,
-                                ", ".join(mended), m.qid, m.arrival)
+                    self._mended(seg, off, m, mended)
             elif rtype == REC_DONE:
                 remove = self.index.remove
                 owed = self.owed
@@ -1218,6 +1277,21 @@ class Store:
                       "passed over", seg.path, _REC_NAMES.get(rtype, rtype), off,
                       type(exc).__name__, exc)
 
+    def _mended(self, seg: Segment, off: int, m: MessageMeta, mended: list[str]) -> None:
+        """Log and count a message record taken with the fields *mended*."""
+        times = [f for f in mended if f in TIME_FIELDS]
+        progress = [f for f in mended if f not in TIME_FIELDS]
+        self.recovery_stats["mended"] += 1
+        if times:
+            self.recovery_stats["mended_time"] += 1
+        if progress:
+            self.recovery_stats["mended_progress"] += 1
+        log.warning("segment %s: the message record at offset %d has %s out of range (%s); "
+                    "mended: %s arrives at %.6f", seg.path, off,
+                    " and ".join(what for what, fields in (
+                        ("a time", times), ("its recipients' progress", progress)) if fields),
+                    ", ".join(mended), m.qid, m.arrival)
+
     @staticmethod
     def _mend(meta: bytes, seg: Segment, exc: Exception) -> tuple[MessageMeta, list[str]]:
         """A message record MessageMeta's decoder refused: when only its times are out of
@@ -1231,7 +1305,7 @@ class Store:
             loose = _dec_mendable.decode(meta)
         except msgspec.ValidationError:
             raise exc from None             # (what MessageMeta's decoder said)
-        m, mended = mend_times(loose, lambda: _taken_at(loose.qid, seg.path))
+        m, mended = mend(loose, lambda: _taken_at(loose.qid, seg.path))
         if not mended:
             raise exc
         return m, mended
@@ -1589,8 +1663,7 @@ class Store:
         try:
             return _dec_msg.decode(meta)
         except msgspec.ValidationError:
-            m, mended = mend_times(_dec_mendable.decode(meta),
-                                   lambda: self.index.info(qid)[4])
+            m, mended = mend(_dec_mendable.decode(meta), lambda: self.index.info(qid)[4])
             if not mended:
                 raise
             return m

@@ -138,7 +138,9 @@ _FAMILIES = [
     Family("mta_spool_mended_records_total", COUNTER,
            "message records the shard's recovery took with damaged fields mended, each "
            "logged with its segment, offset and queue id: time (an arrival or due time out "
-           "of range: the arrival from its queue id, a due time its start)",
+           "of range: the arrival from its queue id, a due time its start) or progress (a "
+           "compaction copy's recipient states, attempts or flags out of range: an unknown "
+           "state pending, so it may be sent again)",
            ("shard", "reason")),
     Family("mta_spool_segment_files_total", COUNTER,
            "files made ready for the next segment, by source: reused (a finished segment's "

@@ -312,7 +312,7 @@ class Shard:
                  "unreadable_records=%d mended_records=%d seconds=%s", stats["messages"],
                  stats["segments"], stats["records"], stats["skipped_bytes"],
                  stats["unreadable"],
-                 sum(v for k, v in stats.items() if k.startswith("mended_")),
+                 stats["mended"],
                  stats["seconds"])
         # each recovered message at its earliest pending due time, with its deadline;
         # those none of whose recipients is pending are finished now

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 
 import msgspec
 import pytest
@@ -25,6 +26,7 @@ import pytest
 from daemon import wait_until
 from mta import native
 from mta import store as store_mod
+from mta.queueid import new_qid_for_shard
 from mta.store import Store, shard_dir
 from sinks import AioSink, common_port
 
@@ -61,14 +63,14 @@ def damage_field(spool_dir: str, qid: str, field: int, value) -> None:
         os.fsync(f.fileno())
 
 
-def mended(d) -> float | None:
+def mended(d, reason: str = "time") -> float | None:
     from prometheus_client.parser import text_string_to_metric_families
     status, _, body = d.admin_get("/metrics")
     assert status == 200
     for fam in text_string_to_metric_families(body.decode()):
         for s in fam.samples:
             if s.name == "mta_spool_mended_records_total" and \
-                    s.labels == {"shard": "0", "reason": "time"}:
+                    s.labels == {"shard": "0", "reason": reason}:
                 return s.value
     return None
 
@@ -115,3 +117,53 @@ def test_a_message_with_its_arrival_damaged_is_delivered_and_reported(make_daemo
     assert "Traceback" not in d.log(since_start=True)
     assert d.stop() == 0
     assert d.spool_dump() == []
+
+
+def put_raw(st: Store, rtype: int, mb: bytes, bd: bytes = b"") -> None:
+    """One batch of one record, framed and checksummed as the shard frames its own."""
+    seg = st._writable()
+    hdr = st.codec.encode_header(rtype, mb, bd, seg.number)
+    cm = store_mod._COMMIT.pack(seg.size, 1)
+    commit = st.codec.encode_header(store_mod.REC_COMMIT, cm, b"", seg.number)
+    st._append(seg, [hdr, mb, bd, commit, cm],
+               seg.size + len(hdr) + len(mb) + len(bd) + len(commit) + len(cm))
+    st.sync()
+
+
+def test_a_compaction_copy_with_its_progress_damaged_is_delivered(make_daemon, sink):
+    """A compaction copy -- once its old segment is gone, the message's only record --
+    whose recipients' progress is out of range (a state no version writes, attempts beyond
+    64 bits, flags beyond a byte) was passed over whole: none of its recipients was ever
+    delivered.  Now the recipient whose state is unknown is pending and delivered, the one
+    the copy says was delivered is not sent again, and the record is counted as mended."""
+    d = make_daemon(acceptors=1, shards=1, delivery={
+        "hold": True, "processes": 1,
+        "route": [{"domain": "*", "hosts": [f"127.0.0.1:{sink.port}"], "starttls": "none"}]})
+    intact = d.send("a@sender.test", ["intact@dest.test"], b"Subject: i\r\n\r\ni\r\n")
+    assert d.stop() == 0
+    st = Store(shard_dir(os.path.join(d.state_dir, "spool"), 0), 4 << 20, fsync=True,
+               events=True)
+    st.recover()
+    copy = new_qid_for_shard(0, 1)
+    now = time.time()
+    put_raw(st, store_mod.REC_MESSAGE, msgspec.msgpack.encode(
+        [copy, "a@sender.test", ["done@dest.test", "unknown@dest.test", "huge@dest.test"],
+         now, {}, "client.test [127.0.0.1]", [store_mod.DELIVERED, 9, 0], [1, 0, 2**64 - 1],
+         [now] * 3, [0, 300, 0]]), b"Subject: copy\r\n\r\ncopy\r\n")
+    st.close()
+    d.sections["delivery"]["hold"] = False
+    d.write_config()
+    d.start()
+    want = {"intact@dest.test", "unknown@dest.test", "huge@dest.test"}
+    wait_until(lambda: {r for t in sink.txns for r in t.rcpt_tos} >= want, 30,
+               "every pending recipient delivered")
+    wait_until(lambda: {(e["queue_id"], e["rcpt_to"]) for e in d.events()
+                        if e.get("type") == "delivery"} >=
+               {(intact, "intact@dest.test"), (copy, "unknown@dest.test"),
+                (copy, "huge@dest.test")}, 30, "their delivery events")
+    d.wait_log(r"the message record at offset \d+ has its recipients' progress out of range "
+               r"\(state, attempts, flags\); mended: " + copy)
+    d.wait_log(r"recovered queue: messages=2 .* unreadable_records=0 mended_records=1 ")
+    assert "done@dest.test" not in {r for t in sink.txns for r in t.rcpt_tos}
+    assert mended(d, "progress") == 1
+    assert "Traceback" not in d.log(since_start=True)
