@@ -26,7 +26,10 @@ so file order is time order.  A segment is a sequence of records framed by the r
                  may keep some of its pages and not others; without the rule a
                  later record of the torn batch (a DONE, an update) could be
                  replayed while an earlier one (its events, the DSN it made) was
-                 lost.  The batch was never acknowledged, so it goes whole.
+                 lost.  The batch was never acknowledged, so it goes whole.  (One
+                 that lost records with a whole batch of its segment after it was
+                 synced -- acknowledged -- and damaged since: its intact message
+                 records are taken, :meth:`Store._take_broken`.)
 
 Events: ``<shard dir>/synced`` is the shard's *synced watermark*, a small
 mmap'ed file (:class:`Watermark`): after every successful fdatasync the shard
@@ -1037,7 +1040,7 @@ class Store:
         # by reason mended_time, mended_progress (mta_spool_mended_records_total; _mended)
         self.recovery_stats = {"segments": 0, "records": 0, "skipped_bytes": 0, "torn": 0,
                                "damaged": 0, "unreadable": 0, "mended": 0,
-                               "mended_time": 0, "mended_progress": 0}
+                               "mended_time": 0, "mended_progress": 0, "mended_batch": 0}
         # The latest arrival of the message records recovered: the clock read at least
         # that when the daemon last ran (later than now: it was set back meanwhile)
         self.latest_arrival = 0.0
@@ -1144,6 +1147,9 @@ class Store:
             batched = seg.batched = _batched(codec, mm, number)
             pending: list = []      # the records of the batch being read
             batch_at = -1           # where it began
+            # the message records of broken batches since the last whole one: taken if
+            # a whole batch follows them (they were synced: see _take_broken)
+            broken: list = []
             released = 0
             while off < end:
                 status, rtype, meta, boff, blen, nxt = _decode(codec, mm, off, number, numbered)
@@ -1161,6 +1167,9 @@ class Store:
                         first, count = _COMMIT.unpack(meta)
                         if pending and first == batch_at and count == len(pending):
                             batch, pending = pending, []
+                            if broken:
+                                batch[:0] = self._take_broken(seg, broken)
+                                broken = []
                             for p in batch:
                                 self._apply(seg, *p)
                                 n += 1
@@ -1169,6 +1178,8 @@ class Store:
                                     yield
                         elif pending or count:
                             # records of the batch were lost to damage: none of it counts
+                            # (but its messages, if a whole batch follows: _take_broken)
+                            broken += [p for p in pending if p[1] == REC_MESSAGE]
                             lost = nxt - (batch_at if pending else off)
                             stats["skipped_bytes"] += lost
                             stats["damaged"] += 1
@@ -1193,6 +1204,7 @@ class Store:
                     break  # (a reused file's old contents after this segment's last record)
                 skipped = (again if again >= 0 else end) - off
                 if pending:         # the batch under way is broken: none of it counts
+                    broken += [p for p in pending if p[1] == REC_MESSAGE]
                     skipped += off - batch_at
                     off = batch_at
                     pending = []
@@ -1219,6 +1231,22 @@ class Store:
                 log.warning("segment %s: the batch at offset %d is incomplete (torn tail: "
                             "%d bytes); ignored", seg.path, batch_at, off - batch_at)
                 pending = []
+
+    def _take_broken(self, seg: Segment, broken: list) -> list:
+        """A whole batch follows batches of *seg* that lost records to damage: those were
+        synced -- the shard writes a batch only after the one before it is synced, and a
+        segment whose sync failed takes no more -- so acknowledged, and damaged since (not
+        torn by a crash).  Their intact message records (*broken*) are to be taken, not
+        lost with the rest; their recipient updates and DONE records are not (which of
+        their changes were lost with the damaged records is not known: those recipients
+        may be sent again -- at least once).  Logged and counted (stats mended_batch)."""
+        self.recovery_stats["mended"] += len(broken)
+        self.recovery_stats["mended_batch"] += len(broken)
+        log.warning("segment %s: %d message record(s) of a batch damaged after it was "
+                    "synced (a whole batch follows it) are taken, at offset(s) %s; its "
+                    "recipient updates and DONE records are not (they may be sent again)",
+                    seg.path, len(broken), ", ".join(str(p[0]) for p in broken))
+        return broken
 
     def _apply(self, seg: Segment, off: int, rtype: int, meta: bytes, boff: int,
                blen: int) -> None:

@@ -233,14 +233,21 @@ def test_flipped_byte_in_middle_record_skips_only_that_record(tmp_path, codec):
     d = tmp_path / "flip"
     d.mkdir()
     bad = d / os.path.basename(path)
-    for pos in range(a, b):   # every byte of the middle record: header, meta, body
+    commit = b - codec.HEADER_SIZE - store_mod._COMMIT.size   # the batch's REC_COMMIT
+    for pos in range(a, b):   # every byte of the middle batch: header, meta, body, commit
         damaged = bytearray(full)
         damaged[pos] ^= 0xFF
         bad.write_bytes(bytes(damaged))
         st2, stats = restart(d, codec)
-        assert contents(st2) == {qid(1): body(1, 150), qid(3): body(3, 150)}, f"flip at {pos}"
+        want = {qid(1): body(1, 150), qid(3): body(3, 150)}
+        if pos >= commit:
+            # the message record is intact and a whole batch follows its batch (which was
+            # therefore synced, acknowledged): it is taken (_take_broken)
+            want[qid(2)] = body(2, 150)
+        assert contents(st2) == want, f"flip at {pos}"
         assert stats["skipped_bytes"] == b - a
         assert stats["torn"] == 0
+        assert stats["mended_batch"] == (pos >= commit)
 
 
 def test_damaged_done_record_keeps_the_message(tmp_path, codec):
@@ -1439,3 +1446,66 @@ def test_an_owed_report_naming_no_recipient_index_is_dropped_not_kept(tmp_path, 
     st.commit(new, [], ups)             # (raised before: the report kept in place)
     assert st.owed == {qid(1): {0: report}}
     st.close()
+
+
+# ------------------------------------- an acknowledged batch damaged after its sync
+
+def _batch_damaged_after_sync(tmp_path, codec, damage: str, later: bool):
+    """Segment data: a batch of message 1 (two recipients); batch B of its events, messages
+    2 and 3, an update delivering message 1's first recipient and a DONE of message 9;
+    then, when *later*, a batch of message 4.  Then one octet of B is damaged: *damage*
+    says where.  The store, restarted, and its stats."""
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1, 2), body(1)), (meta(9), body(9))])
+    seg = st.current
+    start = seg.size
+    ups = {qid(1): [[0, store_mod.DELIVERED, 1, 5.0]]}
+    new = st.write([(meta(2), body(2)), (meta(3), body(3))], [qid(9)], ups,
+                   b'[{"type":"delivery"}]')
+    st.sync()
+    st.commit(new, [qid(9)], ups)
+    end = seg.size
+    where = {"events": start + 25,
+             "message": sum(st.index.location(qid(2))[1:3]) + 10,
+             "done": end - 40,
+             "commit": end - 5}[damage]
+    if later:
+        put(st, [(meta(4), body(4))])
+    crash(st)
+    path = last_segment(tmp_path)
+    data = bytearray(open(path, "rb").read())
+    data[where] ^= 0x40
+    open(path, "wb").write(bytes(data))
+    return restart(tmp_path, codec)
+
+
+@pytest.mark.parametrize("damage", ["events", "message", "done", "commit"])
+def test_an_acknowledged_batch_damaged_later_keeps_its_intact_messages(tmp_path, codec,
+                                                                       damage, caplog):
+    """A batch whose records were damaged after its fdatasync returned (a later batch of
+    the same segment follows it: the shard writes the next batch only after that, and a
+    failed sync ends the segment) was dropped whole, as a batch a power cut tore: its
+    messages -- acknowledged -- were never delivered, bounced nor reported.  Now its intact
+    message records are taken; its recipient updates and DONE records are not (those may
+    be sent again: at least once), and the damage is still counted."""
+    with caplog.at_level("WARNING", logger="mta.spool"):
+        st2, stats = _batch_damaged_after_sync(tmp_path, codec, damage, later=True)
+    taken = [qid(3)] if damage == "message" else [qid(2), qid(3)]
+    assert queued(st2) == sorted([qid(1), qid(9), *taken, qid(4)])
+    assert st2.index.recipient(qid(1), 0)[0] == store_mod.PENDING   # (its update not read)
+    assert stats["damaged"] >= 1
+    assert stats["mended_batch"] == len(taken) and stats["mended"] == len(taken)
+    assert contents(st2)[qid(3)] == body(3)
+    msgs = [r.getMessage() for r in caplog.records if "synced" in r.getMessage()]
+    assert len(msgs) == 1 and f": {len(taken)} message record(s) of a batch damaged after" \
+        in msgs[0]
+
+
+@pytest.mark.parametrize("damage", ["events", "message", "done", "commit"])
+def test_a_damaged_batch_at_the_end_of_its_segment_is_still_dropped_whole(tmp_path, codec,
+                                                                           damage):
+    """Nothing follows it: it may be the batch a power cut tore during its fdatasync, never
+    acknowledged -- none of it counts, as before."""
+    st2, stats = _batch_damaged_after_sync(tmp_path, codec, damage, later=False)
+    assert queued(st2) == [qid(1), qid(9)]
+    assert stats["mended_batch"] == 0

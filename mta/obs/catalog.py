@@ -140,7 +140,8 @@ _FAMILIES = [
            "logged with its segment, offset and queue id: time (an arrival or due time out "
            "of range: the arrival from its queue id, a due time its start) or progress (a "
            "compaction copy's recipient states, attempts or flags out of range: an unknown "
-           "state pending, so it may be sent again)",
+           "state pending, so it may be sent again) or batch (an intact message record of "
+           "a batch damaged after it was synced: a whole batch follows it)",
            ("shard", "reason")),
     Family("mta_spool_segment_files_total", COUNTER,
            "files made ready for the next segment, by source: reused (a finished segment's "

@@ -167,3 +167,49 @@ def test_a_compaction_copy_with_its_progress_damaged_is_delivered(make_daemon, s
     assert "done@dest.test" not in {r for t in sink.txns for r in t.rcpt_tos}
     assert mended(d, "progress") == 1
     assert "Traceback" not in d.log(since_start=True)
+
+
+def test_messages_of_a_batch_damaged_after_its_sync_are_delivered(make_daemon, sink):
+    """A batch of a segment damaged after it was synced (one octet of its events record:
+    say, a media error) made the recovery drop the whole batch -- the message it held,
+    acknowledged with a 250, was never delivered, bounced nor reported.  A later batch of
+    the same segment shows it was synced: its intact message record is taken now."""
+    d = make_daemon(acceptors=1, shards=1, delivery={
+        "hold": True, "processes": 1,
+        "route": [{"domain": "*", "hosts": [f"127.0.0.1:{sink.port}"], "starttls": "none"}]})
+    qids = [d.send("a@sender.test", [f"m{i}@dest.test"], f"Subject: {i}\r\n\r\n{i}\r\n".encode())
+            for i in range(3)]
+    assert d.stop() == 0
+    st = Store(shard_dir(os.path.join(d.state_dir, "spool"), 0), 4 << 20, fsync=False)
+    st.recover()
+    seg, moff, _, _ = st.index.location(qids[1])
+    path = st.segments[seg].path
+    st.close()
+    codec = native.load("record")
+    data = bytearray(open(path, "rb").read())
+    off, events_at = 0, None
+    while True:       # the REC_EVENTS record that begins the batch of the second message
+        status, rtype, _, boff, blen, nxt = codec.decode(data, off, segment=seg)
+        assert status == codec.OK
+        if rtype == store_mod.REC_EVENTS:
+            events_at = off
+        if rtype == store_mod.REC_MESSAGE and off + codec.HEADER_SIZE == moff:
+            break
+        off = nxt
+    data[events_at + codec.HEADER_SIZE + 2] ^= 0x20
+    with open(path, "r+b") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    d.sections["delivery"]["hold"] = False
+    d.write_config()
+    d.start()
+    want = {f"m{i}@dest.test" for i in range(3)}
+    wait_until(lambda: {r for t in sink.txns for r in t.rcpt_tos} >= want, 30,
+               "every message delivered")
+    wait_until(lambda: {e["queue_id"] for e in d.events() if e.get("type") == "delivery"}
+               >= set(qids), 30, "their delivery events")
+    d.wait_log(r"1 message record\(s\) of a batch damaged after it was synced \(a whole "
+               r"batch follows it\) are taken")
+    d.wait_log(r"recovered queue: messages=3 .* mended_records=1 ")
+    assert mended(d, "batch") == 1
+    assert "Traceback" not in d.log(since_start=True)
