@@ -214,6 +214,12 @@ class _MendableMeta(msgspec.Struct, array_like=True):
     owed: list[list] | None = None
 
 
+# An arrival read from a record lies after the epoch and at most this far ahead of the clock
+# at the recovery (a clock set back since may have written one somewhat ahead: kept); one
+# out of these bounds is no time a clock read, and is mended as one out of range is.
+ARRIVAL_AHEAD_MAX = 365 * 86400.0
+
+
 def good_time(t) -> bool:
     """Whether *t*, read from a record, is a time a clock reads (a number within MAX_TIME)."""
     return (type(t) is float or type(t) is int) and -MAX_TIME < t < MAX_TIME
@@ -233,7 +239,7 @@ def _taken_at(qid: str, path: str) -> float:
     queue id was made; else when its segment file (*path*) last changed (after it was
     written); else now."""
     t = qid_time(qid)
-    if t is not None:
+    if t is not None and t < time.time() + ARRIVAL_AHEAD_MAX:
         return t
     try:
         t = os.stat(path).st_mtime
@@ -242,14 +248,20 @@ def _taken_at(qid: str, path: str) -> float:
     return t if good_time(t) and t > 0 else time.time()
 
 
-def mend_times(m: _MendableMeta, arrival) -> tuple[MessageMeta, list[str]]:
+def good_arrival(t, latest: float) -> bool:
+    """Whether *t* is an arrival a clock read: a number after the epoch, before *latest*."""
+    return (type(t) is float or type(t) is int) and 0 < t < latest
+
+
+def mend_times(m: _MendableMeta, arrival, latest: float) -> tuple[MessageMeta, list[str]]:
     """*m* as a MessageMeta with its times out of range mended, and the names of the
-    fields mended: an arrival becomes *arrival*() (when the message was taken, as near as
-    the caller knows it), a recipient's due time the message's start (its first due time:
+    fields mended: an arrival that is no time a clock read (:func:`good_arrival`, before
+    *latest*) becomes *arrival*() (when the message was taken, as near as the caller knows
+    it), a recipient's due time the message's start (its first due time:
     so due at once unless a schedule, options.start_time, holds it).  Its expiry follows:
     it counts from the start, as every message's does."""
     mended = []
-    if not good_time(m.arrival):
+    if not good_arrival(m.arrival, latest):
         mended.append("arrival")
         at = float(arrival())
     else:
@@ -306,11 +318,11 @@ def mend_progress(m: MessageMeta) -> list[str]:
     return mended
 
 
-def mend(m: _MendableMeta, arrival) -> tuple[MessageMeta, list[str]]:
+def mend(m: _MendableMeta, arrival, latest: float) -> tuple[MessageMeta, list[str]]:
     """*m* as a MessageMeta with its times (:func:`mend_times`) and its recipients'
     progress (:func:`mend_progress`) mended where they are out of range; and the names of
     the fields mended."""
-    out, mended = mend_times(m, arrival)
+    out, mended = mend_times(m, arrival, latest)
     return out, mended + mend_progress(out)
 
 
@@ -1044,6 +1056,9 @@ class Store:
         # The latest arrival of the message records recovered: the clock read at least
         # that when the daemon last ran (later than now: it was set back meanwhile)
         self.latest_arrival = 0.0
+        # A record's arrival at or after this is no time a clock read (ARRIVAL_AHEAD_MAX;
+        # set again by recover_start)
+        self.arrival_bound = time.time() + ARRIVAL_AHEAD_MAX
 
     @property
     def recipients(self) -> int:
@@ -1069,6 +1084,7 @@ class Store:
         and a new message (a new queue id) never meets a recovered one.  Until
         :meth:`recover_finish` the index holds only what has been read so far."""
         self._t0 = time.monotonic()
+        self.arrival_bound = time.time() + ARRIVAL_AHEAD_MAX
         found = []
         for name in os.listdir(self.dir):
             if not name.endswith(SEGMENT_SUFFIX):
@@ -1265,6 +1281,10 @@ class Store:
                     m, mended = _dec_msg.decode(meta), None
                 except msgspec.ValidationError as exc:
                     m, mended = self._mend(meta, seg, exc)
+                else:
+                    if m.arrival <= 0.0 or m.arrival >= self.arrival_bound:
+                        # (in range, but no clock read it: mended as one out of range)
+                        m.arrival, mended = _taken_at(m.qid, seg.path), ["arrival"]
                 moff = boff - len(meta)
                 try:
                     self._add(m, seg.number, moff, len(meta), blen)
@@ -1320,8 +1340,7 @@ class Store:
                         ("a time", times), ("its recipients' progress", progress)) if fields),
                     ", ".join(mended), m.qid, m.arrival)
 
-    @staticmethod
-    def _mend(meta: bytes, seg: Segment, exc: Exception) -> tuple[MessageMeta, list[str]]:
+    def _mend(self, meta: bytes, seg: Segment, exc: Exception) -> tuple[MessageMeta, list[str]]:
         """A message record MessageMeta's decoder refused: when only its times are out of
         range (damage the checksum could not see: a writer's bug, memory damaged before
         the record was summed), the message with them mended (:func:`mend_times`) -- its
@@ -1333,7 +1352,7 @@ class Store:
             loose = _dec_mendable.decode(meta)
         except msgspec.ValidationError:
             raise exc from None             # (what MessageMeta's decoder said)
-        m, mended = mend(loose, lambda: _taken_at(loose.qid, seg.path))
+        m, mended = mend(loose, lambda: _taken_at(loose.qid, seg.path), self.arrival_bound)
         if not mended:
             raise exc
         return m, mended
@@ -1689,12 +1708,18 @@ class Store:
         times the recovery mended (:meth:`_mend`) is mended again the same way, its
         arrival the one the index holds.  (Cost: nothing unless it is such a record.)"""
         try:
-            return _dec_msg.decode(meta)
+            m = _dec_msg.decode(meta)
         except msgspec.ValidationError:
-            m, mended = mend(_dec_mendable.decode(meta), lambda: self.index.info(qid)[4])
+            m, mended = mend(_dec_mendable.decode(meta), lambda: self.index.info(qid)[4],
+                             self.arrival_bound)
             if not mended:
                 raise
             return m
+        if m.arrival <= 0.0 or m.arrival >= self.arrival_bound:
+            # (mended by the recovery if it read it: the index holds what it took; one
+            # taken since, arrived after the bound, is as the index holds it too)
+            m.arrival = self.index.info(qid)[4]
+        return m
 
     def read_body(self, qid: str) -> bytes:
         """A queued message's bytes, read from its record (KeyError, OSError)."""

@@ -1509,3 +1509,48 @@ def test_a_damaged_batch_at_the_end_of_its_segment_is_still_dropped_whole(tmp_pa
     st2, stats = _batch_damaged_after_sync(tmp_path, codec, damage, later=False)
     assert queued(st2) == [qid(1), qid(9)]
     assert stats["mended_batch"] == 0
+
+
+# ------------------------------------------- an arrival in range that no clock read
+
+@pytest.mark.parametrize("arrival", [-1.0, 0.0, -5e10, "ahead-2y", 9e10],
+                         ids=["minus-one", "zero", "year-386", "two-years-ahead",
+                              "year-4822"])
+def test_an_arrival_no_clock_read_is_mended(tmp_path, codec, arrival, caplog):
+    """An arrival within MAX_TIME but at or before 1970, or more than a year ahead of the
+    clock, was taken as it was: the message expired at once without an attempt (its age
+    counted from then) or, far ahead, made the recovery step every recipient's due time
+    of the shard back as if the clock had been set back by centuries.  It is mended as an
+    arrival out of range is: the time its queue id was made."""
+    if arrival == "ahead-2y":
+        arrival = time.time() + 2 * 365 * 86400.0
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1), body(1))])
+    m = meta(7, 2)
+    m.arrival = arrival
+    put(st, [(m, body(7))])
+    with caplog.at_level("WARNING", logger="mta.spool"):
+        st2, stats = restart(tmp_path, codec)
+    assert queued(st2) == [qid(1), qid(7)]
+    assert stats["mended_time"] == 1 and stats["unreadable"] == 0
+    at = TAKEN + 7e-6
+    info = st2.index.info(qid(7))
+    assert info[4] == info[5] == pytest.approx(at, abs=1e-6)
+    assert st2.index.recipient(qid(7), 1)[2] == pytest.approx(at, abs=1e-6)
+    assert st2.latest_arrival == meta(1).arrival     # (not the damaged one: no step back)
+    assert st2.read_record(qid(7))[0].arrival == info[4] == st2.read_meta(qid(7)).arrival
+    assert any(f"has a time out of range (arrival); mended: {qid(7)} arrives at {at:.6f}"
+               in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("ahead", [60.0, 86400.0, 200 * 86400.0])
+def test_an_arrival_a_clock_ahead_read_is_kept(tmp_path, codec, ahead):
+    """A clock that ran ahead (set right since) wrote arrivals later than now: those are
+    what the clock read, kept (the shard steps its due times back: _clock_behind_spool)."""
+    st = new_store(tmp_path, codec)
+    m = meta(7)
+    m.arrival = time.time() + ahead
+    put(st, [(m, body(7))])
+    st2, stats = restart(tmp_path, codec)
+    assert stats["mended_time"] == 0 and st2.index.info(qid(7))[4] == m.arrival
+    assert st2.read_meta(qid(7)).arrival == m.arrival
