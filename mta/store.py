@@ -206,7 +206,7 @@ class _MendableMeta(msgspec.Struct, array_like=True):
     rcpts: list[str]
     arrival: Any
     params: dict
-    client: str
+    client: Any
     state: list[Any] | None = None
     attempts: list[Any] | None = None
     due: list[Any] | None = None
@@ -319,10 +319,14 @@ def mend_progress(m: MessageMeta) -> list[str]:
 
 
 def mend(m: _MendableMeta, arrival, latest: float) -> tuple[MessageMeta, list[str]]:
-    """*m* as a MessageMeta with its times (:func:`mend_times`) and its recipients'
-    progress (:func:`mend_progress`) mended where they are out of range; and the names of
-    the fields mended."""
+    """*m* as a MessageMeta with its times (:func:`mend_times`), its client (no text:
+    unknown, empty) and its recipients' progress (:func:`mend_progress`) mended where
+    they are out of range; and the names of the fields mended."""
     out, mended = mend_times(m, arrival, latest)
+    if type(out.client) is not str:
+        # (where it came from: reported in its events, used for nothing else)
+        out.client = ""
+        mended.append("client")
     return out, mended + mend_progress(out)
 
 
@@ -1052,7 +1056,8 @@ class Store:
         # by reason mended_time, mended_progress (mta_spool_mended_records_total; _mended)
         self.recovery_stats = {"segments": 0, "records": 0, "skipped_bytes": 0, "torn": 0,
                                "damaged": 0, "unreadable": 0, "mended": 0,
-                               "mended_time": 0, "mended_progress": 0, "mended_batch": 0}
+                               "mended_time": 0, "mended_client": 0, "mended_progress": 0,
+                               "mended_batch": 0}
         # The latest arrival of the message records recovered: the clock read at least
         # that when the daemon last ran (later than now: it was set back meanwhile)
         self.latest_arrival = 0.0
@@ -1328,16 +1333,18 @@ class Store:
     def _mended(self, seg: Segment, off: int, m: MessageMeta, mended: list[str]) -> None:
         """Log and count a message record taken with the fields *mended*."""
         times = [f for f in mended if f in TIME_FIELDS]
-        progress = [f for f in mended if f not in TIME_FIELDS]
-        self.recovery_stats["mended"] += 1
-        if times:
-            self.recovery_stats["mended_time"] += 1
-        if progress:
-            self.recovery_stats["mended_progress"] += 1
+        client = [f for f in mended if f == "client"]
+        progress = [f for f in mended if f not in TIME_FIELDS and f != "client"]
+        stats = self.recovery_stats
+        stats["mended"] += 1
+        for reason, fields in (("time", times), ("client", client), ("progress", progress)):
+            if fields:
+                stats["mended_" + reason] += 1
         log.warning("segment %s: the message record at offset %d has %s out of range (%s); "
                     "mended: %s arrives at %.6f", seg.path, off,
                     " and ".join(what for what, fields in (
-                        ("a time", times), ("its recipients' progress", progress)) if fields),
+                        ("a time", times), ("its client", client),
+                        ("its recipients' progress", progress)) if fields),
                     ", ".join(mended), m.qid, m.arrival)
 
     def _mend(self, meta: bytes, seg: Segment, exc: Exception) -> tuple[MessageMeta, list[str]]:

@@ -1554,3 +1554,23 @@ def test_an_arrival_a_clock_ahead_read_is_kept(tmp_path, codec, ahead):
     st2, stats = restart(tmp_path, codec)
     assert stats["mended_time"] == 0 and st2.index.info(qid(7))[4] == m.arrival
     assert st2.read_meta(qid(7)).arrival == m.arrival
+
+
+@pytest.mark.parametrize("client", [5, None, ["a"], b"\xff"], ids=["int", "nil", "list", "bin"])
+def test_a_message_whose_client_is_damaged_is_mended_not_passed_over(tmp_path, codec, client,
+                                                                    caplog):
+    """The client a message came from (reported in its events, nothing else) that is no
+    text made the whole record unreadable: acknowledged, never delivered, bounced nor
+    reported.  It is taken with the client unknown (empty), logged, counted (client)."""
+    st = new_store(tmp_path, codec)
+    put_raw(st, REC_MESSAGE, _raw.encode([qid(7), "s@example.com", ["r@example.net"],
+                                          1_700_000_100.0, {}, client]), b"body")
+    with caplog.at_level("WARNING", logger="mta.spool"):
+        st2, stats = restart(tmp_path, codec)
+    assert contents(st2) == {qid(7): b"body"}
+    assert stats["mended_client"] == 1 and stats["unreadable"] == 0
+    m = st2.read_meta(qid(7))
+    assert (m.client, m.arrival, m.sender) == ("", 1_700_000_100.0, "s@example.com")
+    assert any(r.getMessage().endswith(f"has its client out of range (client); mended: "
+                                       f"{qid(7)} arrives at 1700000100.000000")
+               for r in caplog.records)

@@ -138,7 +138,8 @@ _FAMILIES = [
     Family("mta_spool_mended_records_total", COUNTER,
            "message records the shard's recovery took with damaged fields mended, each "
            "logged with its segment, offset and queue id: time (an arrival or due time out "
-           "of range: the arrival from its queue id, a due time its start) or progress (a "
+           "of range: the arrival from its queue id, a due time its start), client (no "
+           "text: empty), progress (a "
            "compaction copy's recipient states, attempts or flags out of range: an unknown "
            "state pending, so it may be sent again) or batch (an intact message record of "
            "a batch damaged after it was synced: a whole batch follows it)",

@@ -218,3 +218,31 @@ def test_messages_of_a_batch_damaged_after_its_sync_are_delivered(make_daemon, s
     d.wait_log(r"recovered queue: messages=3 .* mended_records=1 ")
     assert mended(d, "batch") == 1
     assert "Traceback" not in d.log(since_start=True)
+
+
+def test_a_message_whose_client_is_no_text_is_delivered(make_daemon, sink):
+    """A message record whose client (where it came from) is no text was passed over whole:
+    acknowledged, never delivered.  It is taken with the client unknown."""
+    d = make_daemon(acceptors=1, shards=1, delivery={
+        "hold": True, "processes": 1,
+        "route": [{"domain": "*", "hosts": [f"127.0.0.1:{sink.port}"], "starttls": "none"}]})
+    d.send("a@sender.test", ["intact@dest.test"], b"Subject: i\r\n\r\ni\r\n")
+    assert d.stop() == 0
+    st = Store(shard_dir(os.path.join(d.state_dir, "spool"), 0), 4 << 20, fsync=True,
+               events=True)
+    st.recover()
+    odd = new_qid_for_shard(0, 1)
+    put_raw(st, store_mod.REC_MESSAGE, msgspec.msgpack.encode(
+        [odd, "a@sender.test", ["odd@dest.test"], time.time(), {}, 5]),
+        b"Subject: odd\r\n\r\nodd\r\n")
+    st.close()
+    d.sections["delivery"]["hold"] = False
+    d.write_config()
+    d.start()
+    wait_until(lambda: {r for t in sink.txns for r in t.rcpt_tos} >=
+               {"intact@dest.test", "odd@dest.test"}, 30, "both delivered")
+    wait_until(lambda: odd in {e["queue_id"] for e in d.events()
+                               if e.get("type") == "delivery"}, 30, "its delivery event")
+    d.wait_log(r"has its client out of range \(client\); mended: " + odd)
+    assert mended(d, "client") == 1
+    assert "Traceback" not in d.log(since_start=True)
