@@ -66,6 +66,10 @@ class Settings:
     # SHA-256 of the feedback.bounce_rules file as read ("" without one): a reload tells
     # a file edited in place by it (the spool shards read it again)
     bounce_rules_digest: str = ""
+    # the supervisor's record of the active configuration (read_active): the reload
+    # that wrote it (its CLOCK_MONOTONIC read_at; 0 at a start), which each spool shard
+    # names when it says it took the record (write_applied)
+    serial: float = 0.0
 
     def pool_for(self, requested: str | None, sender: str) -> str | None:
         """The pool of a message: *requested* (options.ip_pool), else the sending
@@ -172,6 +176,8 @@ ACTIVE_NAME = "active-config.json"   # in run_dir: what the running supervisor a
 # and were started again (written by it, read by the admin process)
 RESTARTS_NAME = "restarts.json"
 RELOAD_RECORD = "reload.json"        # in run_dir: the last reload's outcome (mta reload)
+# in run_dir: what spool shard n took of the active configuration (write_applied)
+SPOOL_APPLIED = "spool-{}.applied.json"
 SUPERVISOR_LOCK = "mta.lock"         # in run_dir: flocked by the running supervisor
 # [delivery] keys the spool shards read at their start only (a reload of the others,
 # hold, retry_schedule, retry_jitter, delay_warning_time and the timeouts, reaches them
@@ -241,11 +247,14 @@ def restart_keys(old: Settings, new: Settings) -> list[str]:
     return out
 
 
-def write_active(settings: Settings, config_path: str | None) -> None:
+def write_active(settings: Settings, config_path: str | None, serial: float = 0.0) -> None:
     """Record in run_dir the configuration the supervisor has applied (for ``mta
-    check-config``, which names what a reload would leave for a restart)."""
+    check-config``, which names what a reload would leave for a restart; the spool
+    shards take their part of it at a reload).  *serial*: which reload wrote it (the
+    shards name it in their answer, write_applied)."""
     doc = {"config_path": config_path, "config": msgspec.to_builtins(settings.config),
-           "shards": settings.shards, "bounce_rules_digest": settings.bounce_rules_digest}
+           "shards": settings.shards, "bounce_rules_digest": settings.bounce_rules_digest,
+           "serial": serial}
     tmp = os.path.join(settings.run_dir, ACTIVE_NAME + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(msgspec.json.encode(doc))
@@ -265,7 +274,29 @@ def read_active(run_dir: str) -> Settings | None:
     if isinstance(doc.get("bounce_rules_digest"), str):
         # the rules the supervisor applied (the file may have changed since)
         s = replace(s, bounce_rules_digest=doc["bounce_rules_digest"])
+    if isinstance(doc.get("serial"), (int, float)):
+        s = replace(s, serial=float(doc["serial"]))
     return s
+
+
+def write_applied(run_dir: str, shard: int, doc: dict) -> None:
+    """Spool shard *shard*'s answer to a reload: *doc* names the record it took
+    (``serial``, Settings.serial) and what it runs of it.  The supervisor waits for it
+    before it starts the new acceptors (Supervisor._move_shards)."""
+    path = os.path.join(run_dir, SPOOL_APPLIED.format(shard))
+    with open(path + ".tmp", "wb") as fh:
+        fh.write(msgspec.json.encode(doc))
+    os.replace(path + ".tmp", path)
+
+
+def read_applied(run_dir: str, shard: int) -> dict | None:
+    """What spool shard *shard* last said it took (write_applied); None if unknown."""
+    try:
+        with open(os.path.join(run_dir, SPOOL_APPLIED.format(shard)), "rb") as fh:
+            doc = msgspec.json.decode(fh.read())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def load(path: str | None = None, *, cpu_count: int | None = None) -> Settings:

@@ -29,7 +29,8 @@ Start: open the bus, tell the supervisor it is ready (acceptors are started only
 then), and rebuild the queue from disk a slice at a time, taking new mail meanwhile
 (:meth:`Shard.recover_slice`).  SIGTERM: finish the batch in hand,
 close, exit 0; whatever was not taken is not acknowledged, so nothing is lost.
-SIGHUP (from the supervisor, after a reload it applied): the shard takes the
+SIGHUP (from the supervisor, at a reload, before its new acceptors start; answered in
+``run/spool-<n>.applied.json``, which it waits for): the shard takes the
 [delivery] keys it can change while it runs from the supervisor's record of the
 active configuration -- hold, retry_schedule, retry_jitter, delay_warning_time and
 the timeouts its job timeout is made of -- server.log_level, [dkim] and

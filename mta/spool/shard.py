@@ -460,8 +460,24 @@ class Shard:
             self._set_signer(active.config.dkim)
         self._set_suppression(active.config.suppression)
         self._set_feedback(active.config.feedback, active.bounce_rules_digest)
+        self._set_delivery(active.config.delivery)
+        self._say_applied(active.serial)
+
+    def _say_applied(self, serial: float) -> None:
+        """Tell the supervisor (run/spool-<n>.applied.json) that this shard took the
+        record *serial*: it starts a reload's new acceptors only then, so that no Bounce
+        Rule entry of this shard goes to a list they no longer read."""
+        try:
+            mconfig.write_applied(self.settings.run_dir, self.shard,
+                                  {"pid": os.getpid(), "serial": serial})
+        except OSError as exc:
+            log.error("reload: cannot tell the supervisor the new configuration is taken "
+                      "(%s): it starts the new acceptors after its wait", exc)
+
+    def _set_delivery(self, cfg) -> None:
+        """Take the [delivery] keys of *cfg* a running shard can change (a reload)."""
         old = self.dcfg
-        new = msgspec.structs.replace(active.config.delivery, **{
+        new = msgspec.structs.replace(cfg, **{
             k: getattr(old, k) for k in mconfig.SPOOL_START_KEYS})
         if new == old:
             return

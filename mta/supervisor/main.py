@@ -37,7 +37,11 @@ drain (``server.shutdown_timeout``), delivery finishes transactions in
 progress, then the spool shards record the last outcomes and stop; exit 0.
 SIGHUP: RELOADING=1; validate the new file (a new server.log_level is this
 process's at once, and the spool shards', told as below); if it is bad keep running and log
-why; if good, replace the acceptors one slot at a time — the new process
+why; if good, when what the spool shards take changed, record it
+(run/active-config.json), SIGHUP them and wait for each one's answer
+(run/spool-<n>.applied.json; server.ready_timeout at most) -- their Bounce Rule
+entries go to the list the new acceptors read before those start -- then replace
+the acceptors one slot at a time — the new process
 accepts on the slot's socket before the old one stops, so no connection is
 refused (the old one finishes its sessions; one still there after the shutdown
 timeout, the spool timeout and STOP_GRACE is killed); then, when their sections changed (``ROLLED``: [server], [delivery], [egress],
@@ -119,6 +123,7 @@ ROLLED_KEYS = {"webhooks": {"delivery": ("nameservers", "dns_timeout", "ipv6")}}
 # back (mta.spool.release)
 LIMIT_SECTIONS = ("delivery", "egress", "shaping", "warmup", "cluster")
 STOP_GRACE = 10.0           # seconds after the drain for a child to exit before SIGKILL
+SHARD_ANSWER_POLL = 0.01    # a reload looks this often for the spool shards' answers (s)
 ROLL_ROUNDS = 4             # a reload replaces a role's processes in this many rounds at most
 LISTEN_BACKLOG = 4096
 DRAIN_FLAG = "drain"        # run/drain: the node is drained (written by the admin process)
@@ -1105,10 +1110,34 @@ class Supervisor:
                         "names them too)", ", ".join(later),
                         "it takes effect" if len(later) == 1 else "they take effect")
         new = self._keep_restart_only(old, new)
+        level = new.config.server.log_level
+        # the spool shards are not replaced: they take from the record of the active
+        # configuration what of [delivery] they can change while they run (hold,
+        # retries, timeouts), the log level, [dkim] (the keys that sign their DSNs), the
+        # suppression list the new acceptors use (their Bounce Rule entries go to it)
+        # and the bounce rules and domains (a rules file edited in place: its digest);
+        # each shard compares what it takes of them (Shard._set_suppression,
+        # _set_feedback).  They take it before the new acceptors start, and say so: a
+        # Bounce Rule entry of theirs never goes to a list the acceptors no longer read.
+        tell = new.config.delivery != old.config.delivery or \
+            level != old.config.server.log_level or new.config.dkim != old.config.dkim \
+            or new.config.suppression != old.config.suppression \
+            or new.config.feedback != old.config.feedback \
+            or new.bounce_rules_digest != old.bounce_rules_digest
+        moved = False
         try:
             self._check_suppression_list(new, old)
-            self._replace_acceptors(old, new)
+            fresh = self._fresh_slots(old, new)     # (an address taken: nothing moved)
+            if tell:
+                try:
+                    moved = self._move_shards(new, read_at)
+                except BaseException:
+                    self._close_unshared(fresh)
+                    raise
+            self._replace_acceptors(old, new, fresh)
         except StartupError as exc:
+            if moved:       # back to what the acceptors that run use
+                self._move_shards(old, time.clock_gettime(time.CLOCK_MONOTONIC))
             log.error("reload failed, keeping what runs: %s", exc)
             self.report_reload(read_at, "failed", f"reload failed, keeping what runs: {exc}",
                                later)
@@ -1116,33 +1145,14 @@ class Supervisor:
             notify.ready(f"reload failed: {exc}; {self.status_line()}")
             return
         self.settings = new
-        level = new.config.server.log_level
         if level != old.config.server.log_level:
             proc.set_log_level(level)
-        recorded = self._write_active()
+        recorded = moved if tell else self._write_active(new, read_at)
         rules = new.config.feedback.bounce_rules
         if rules and rules == old.config.feedback.bounce_rules and \
                 new.bounce_rules_digest != old.bounce_rules_digest:
             log.info("reload: feedback.bounce_rules %s edited in place; the new acceptors "
                      "and the spool shards take its rules", rules)
-        if new.config.delivery != old.config.delivery or \
-                level != old.config.server.log_level or new.config.dkim != old.config.dkim \
-                or new.config.suppression != old.config.suppression \
-                or new.config.feedback != old.config.feedback \
-                or new.bounce_rules_digest != old.bounce_rules_digest:
-            # the spool shards are not replaced: they take from the record just written
-            # what of [delivery] they can change while they run (hold, retries, timeouts),
-            # the log level, [dkim] (the keys that sign their DSNs), the suppression
-            # list the new acceptors use (their Bounce Rule entries go to it) and the
-            # bounce rules and domains (a rules file edited in place: its digest); each
-            # shard compares what it takes of them (Shard._set_suppression, _set_feedback)
-            if recorded:
-                self._signal_role("spool", signal.SIGHUP)
-            else:
-                log.error("reload: the spool shards keep [delivery] as it was (hold, "
-                          "retries, timeouts), server.log_level, [dkim], the suppression "
-                          "list and the bounce rules until a restart: the record they read "
-                          "could not be written")
         failed = []
         for role, sections in ROLLED.items():
             changed = [f"[{k}]" for k in sections
@@ -1177,13 +1187,48 @@ class Supervisor:
         self.status_note = ""
         notify.ready(status)
 
-    def _write_active(self) -> bool:
-        """Record this supervisor's configuration (run/active-config.json), which the
-        spool shards take [delivery] from.  A record that cannot be written is removed:
-        another's (an earlier run's, a new supervisor's that died in an upgrade) would be
-        taken for this one's; without one a shard keeps what it was started with."""
+    def _move_shards(self, settings, serial: float) -> bool:
+        """Record *settings* as the active configuration (*serial*: this reload's), SIGHUP
+        the spool shards and wait until each says it took it (run/spool-<n>.applied.json,
+        Shard._say_applied), server.ready_timeout at most: a shard that does not (wedged
+        on its disk) is named in the log, and the reload goes on.  False if the record
+        could not be written (the shards are not told)."""
+        if not self._write_active(settings, serial):
+            log.error("reload: the spool shards keep [delivery] as it was (hold, "
+                      "retries, timeouts), server.log_level, [dkim], the suppression "
+                      "list and the bounce rules until a restart: the record they read "
+                      "could not be written")
+            return False
+        self._signal_role("spool", signal.SIGHUP)
+        deadline = time.monotonic() + settings.config.server.ready_timeout
+        waiting = {c.index: c.pid for c in self.children.values()
+                   if c.role == "spool" and not c.retired}
+        while True:
+            for i, pid in list(waiting.items()):
+                doc = mconfig.read_applied(settings.run_dir, i)
+                # (one that died meanwhile: its successor takes the record at its start)
+                if doc is not None and doc.get("serial") == serial or \
+                        pid not in self.children:
+                    del waiting[i]
+            if not waiting or time.monotonic() >= deadline:
+                break
+            pause(SHARD_ANSWER_POLL)
+            self.reap()
+        if waiting:
+            log.warning("reload: spool shard(s) %s did not say in %.0fs that they took "
+                        "the new configuration; going on without them",
+                        ", ".join(map(str, sorted(waiting))),
+                        settings.config.server.ready_timeout)
+        return True
+
+    def _write_active(self, settings=None, serial: float = 0.0) -> bool:
+        """Record this supervisor's configuration (run/active-config.json; *settings*, by
+        default its own), which the spool shards take [delivery] from.  A record that
+        cannot be written is removed: another's (an earlier run's, a new supervisor's
+        that died in an upgrade) would be taken for this one's; without one a shard keeps
+        what it was started with."""
         try:
-            mconfig.write_active(self.settings, self.config_path)
+            mconfig.write_active(settings or self.settings, self.config_path, serial)
         except OSError as exc:
             log.warning("cannot record the active configuration in %s: %s",
                         self.settings.run_dir, exc)
@@ -1349,9 +1394,9 @@ class Supervisor:
                 if x not in keep:
                     x.close()
 
-    def _replace_acceptors(self, old, new) -> None:
-        """Start each new acceptor on its slot's sockets before stopping the old one."""
-        fresh = self._fresh_slots(old, new)
+    def _replace_acceptors(self, old, new, fresh: dict) -> None:
+        """Start each new acceptor on its slot's sockets (*fresh*: _fresh_slots) before
+        stopping the old one."""
         try:
             self._replace_each(old, new, fresh)
         finally:

@@ -18,7 +18,7 @@ import threading
 import time
 
 import pytest
-from daemon import HOST, NotifySocket, free_port, wait_until
+from daemon import HOST, NotifySocket, free_port, mta_children, wait_until
 from sinks import AioSink
 from sparkpost import SparkPost
 from sparkpost.exceptions import SparkPostAPIException
@@ -803,5 +803,136 @@ def test_a_reload_moves_every_process_to_the_new_list_together(make_daemon):
         time.sleep(0.5)
         assert not on(other, "unknown-2@example.net")
         assert "suppression list: added unknown-2" not in d.log()
+    finally:
+        sink.stop()
+
+
+def test_no_bounce_rule_entry_goes_to_the_old_list_while_the_acceptors_roll(make_daemon):
+    """A reload that points suppression.path at another list: the supervisor started the
+    new acceptors (they read the new list) and only then signalled the spool shards, so
+    a 5.1.1 bounce meanwhile put its Bounce Rule entry on the old list, which no acceptor
+    reads after the reload -- the address was mailed again.  The new acceptor is held
+    (SIGSTOP) as soon as it is forked, which holds that window open: a bounce then must
+    land on the new list (the shards are moved, and have said so, before the acceptors)."""
+    def rcpt(sink, address, mail_from):
+        if address.startswith("unknown"):
+            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+        return None
+    sink = AioSink(HOST, free_port(), rcpt=rcpt).start()
+    held = None
+    try:
+        d = make_daemon(
+            acceptors=1, shards=1, http={"api_keys": [KEY]}, server={"ready_timeout": 60},
+            delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                 "hosts": [f"{HOST}:{sink.port}"]}]})
+        first = os.path.join(d.state_dir, "suppression")
+        other = os.path.join(d.state_dir, "other")
+        S.SuppressionList(other, 1 << 24).close()
+        before = {pid for _, pid in mta_children(d.proc.pid, zombies=True)}
+        done = len(re.findall(r"reloaded: ", d.log()))
+        d.sections["suppression"] = {"path": "other"}
+        d.write_config()
+        d.proc.send_signal(signal.SIGHUP)
+
+        def forked():
+            new = [pid for _, pid in mta_children(d.proc.pid, zombies=True)
+                   if pid not in before]
+            return new[0] if new else None
+        held = wait_until(forked, 30, "the new acceptor's fork", interval=0.002)
+        os.kill(held, signal.SIGSTOP)
+        # the window: the new acceptor forked (it opens the new list), the reload not over
+        st, _, out = d.post(transmission(["unknown-1@example.net"]),
+                            headers={"Authorization": KEY})
+        assert st == 200, out
+        wait_until(lambda: bounces(d, "unknown-1@example.net"), 30, "the 5.1.1 bounce")
+
+        def on(path, address) -> bool:
+            lst = S.SuppressionList(path, 1 << 24)
+            try:
+                return lst.check(address, False)
+            finally:
+                lst.close()
+        wait_until(lambda: on(other, "unknown-1@example.net") or
+                   on(first, "unknown-1@example.net"), 20, "the Bounce Rule entry")
+        os.kill(held, signal.SIGCONT)
+        held = None
+        d.wait_log(r"reloaded: ", count=done + 1, timeout=60)
+        assert on(other, "unknown-1@example.net"), \
+            "the Bounce Rule entry went to the list the acceptors no longer read"
+        assert not on(first, "unknown-1@example.net")
+        # and the address is not mailed again
+        st, _, out = d.post(transmission(["unknown-1@example.net"]),
+                            headers={"Authorization": KEY})
+        assert st == 200, out
+        wait_until(lambda: [e for e in bounces(d, "unknown-1@example.net")
+                            if e.get("bounce_class") == "25"], 20, "the suppressed bounce")
+        assert sum(r == "unknown-1@example.net" for _, r, _ in sink.deliveries()) == 0
+    finally:
+        if held is not None:
+            os.kill(held, signal.SIGCONT)
+        sink.stop()
+
+
+FAILING_ACCEPTOR_WRAPPER = """
+import os, runpy, sys
+from mta import proc
+flag = sys.argv.pop(1)
+start_role = proc.start_role
+def start(role, index, log_level):
+    if role == "acceptor" and os.path.exists(flag):
+        raise SystemExit(3)
+    return start_role(role, index, log_level)
+proc.start_role = start
+sys.argv = sys.argv[2:]
+runpy.run_module("mta", run_name="__main__")
+"""
+
+
+def test_a_reload_whose_acceptor_does_not_start_moves_the_shards_back(make_daemon, tmp_path):
+    """The spool shards take a new suppression.path before the new acceptors start; a
+    new acceptor that does not start fails the reload, and the old acceptors (the old
+    list) keep serving: the shards go back to the old list too, so a Bounce Rule entry
+    lands where injections are checked."""
+    import sys
+
+    def rcpt(sink, address, mail_from):
+        if address.startswith("unknown"):
+            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+        return None
+    sink = AioSink(HOST, free_port(), rcpt=rcpt).start()
+    try:
+        wrapper = tmp_path / "failing_acceptor.py"
+        wrapper.write_text(FAILING_ACCEPTOR_WRAPPER)
+        flag = tmp_path / "fail"
+        d = make_daemon(
+            acceptors=1, shards=1, start=False, http={"api_keys": [KEY]},
+            server={"ready_timeout": 5},
+            delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                 "hosts": [f"{HOST}:{sink.port}"]}]})
+        d.start(python=[sys.executable, str(wrapper), str(flag)])
+        first = os.path.join(d.state_dir, "suppression")
+        other = os.path.join(d.state_dir, "other")
+        flag.touch()
+        d.sections["suppression"] = {"path": "other"}
+        d.write_config()
+        r = d.cli("reload", check=False, timeout=120)
+        assert r.returncode == 1 and "did not start" in r.stderr.decode(), r
+        d.wait_log(r"spool\[0\].*reload: suppression list " + re.escape(other))
+        d.wait_log(r"spool\[0\].*reload: suppression list " + re.escape(first) +
+                   ", Bounce Rule on")
+        os.unlink(flag)
+        st, _, out = d.post(transmission(["unknown-1@example.net"]),
+                            headers={"Authorization": KEY})
+        assert st == 200, out
+        wait_until(lambda: bounces(d, "unknown-1@example.net"), 30, "the 5.1.1 bounce")
+
+        def on(path, address) -> bool:
+            lst = S.SuppressionList(path, 1 << 24)
+            try:
+                return lst.check(address, False)
+            finally:
+                lst.close()
+        wait_until(lambda: on(first, "unknown-1@example.net"), 20, "the Bounce Rule entry")
+        assert not on(other, "unknown-1@example.net")
     finally:
         sink.stop()
