@@ -266,7 +266,8 @@ def read_active(run_dir: str) -> Settings | None:
     try:
         with open(os.path.join(run_dir, ACTIVE_NAME), "rb") as fh:
             doc = msgspec.json.decode(fh.read())
-        s = resolve(msgspec.convert(doc["config"], Config), doc.get("config_path"))
+        s = resolve(msgspec.convert(doc["config"], Config), doc.get("config_path"),
+                    recorded=True)
     except (OSError, ValueError, KeyError, TypeError, msgspec.ValidationError, ConfigError):
         return None
     if doc.get("shards"):
@@ -337,8 +338,13 @@ def _networks(items: list[str], key: str) -> list:
     return out
 
 
-def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> Settings:
-    """Check cross-field rules and derive paths and counts."""
+def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None,
+            recorded: bool = False) -> Settings:
+    """Check cross-field rules and derive paths and counts.  *recorded*: *cfg* is the
+    supervisor's record of what it checked and applies (read_active): the files it
+    names (TLS, auth_file, DKIM keys, feedback.bounce_rules) are not read again -- one
+    changed since is its reader's to handle (a spool shard keeps the rules it has),
+    not a reason to throw the whole record away -- and auth_users is left empty."""
     ncpu = cpu_count or len(os.sched_getaffinity(0)) or 1
     state_dir = os.path.abspath(cfg.server.state_dir)
     spool_dir = os.path.join(state_dir, cfg.spool.directory)
@@ -355,10 +361,10 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
     proxies = _networks(cfg.server.proxy_protocol_from, "server.proxy_protocol_from")
     if bool(cfg.smtp.tls_certificate) != bool(cfg.smtp.tls_key):
         raise ConfigError("smtp.tls_key: tls_certificate and tls_key go together")
-    if cfg.smtp.tls_certificate:
+    if cfg.smtp.tls_certificate and not recorded:
         _check_tls(cfg.smtp.tls_certificate, cfg.smtp.tls_key)
     users = {}
-    if cfg.smtp.auth_file:
+    if cfg.smtp.auth_file and not recorded:
         if not cfg.smtp.tls_certificate:
             raise ConfigError("smtp.auth_file: AUTH is offered only over TLS; "
                               "set smtp.tls_certificate too")
@@ -366,7 +372,8 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
     name_notes = _check_names(cfg)
     hostname = cfg.server.hostname or socket.gethostname()
     nameservers = _check_delivery(cfg.delivery)
-    if cfg.dkim.enabled and (cfg.dkim.keys or cfg.dkim.fallback is not None):
+    if cfg.dkim.enabled and (cfg.dkim.keys or cfg.dkim.fallback is not None) and \
+            not recorded:
         from mta import dkim
 
         problems = dkim.validate(cfg.dkim)
@@ -377,7 +384,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None) -> S
     event_log = os.path.join(state_dir, cfg.server.event_log) if cfg.server.event_log else None
     sources, pools = _check_egress(cfg.egress, cfg.delivery)
     _check_shaping(cfg, sources)
-    rules_digest = _check_feedback(cfg)
+    rules_digest = _check_feedback(cfg, read=not recorded)
     _check_webhooks(cfg)
     if not cfg.events.store_path.strip():
         # The events process and the store's readers would each pick another directory.
@@ -553,13 +560,15 @@ def _check_egress(eg, d) -> tuple[dict, dict]:
     return sources, pools
 
 
-def _check_feedback(cfg: Config) -> str:
-    """Validate the bounce classification rules (the operator's file and the shipped one),
-    and that a VERP return path has a bounce domain.  Returns the digest of the
-    operator's file ("" for none)."""
+def _check_feedback(cfg: Config, read: bool = True) -> str:
+    """Validate the bounce classification rules (the operator's file and the shipped one;
+    not *read*: neither), and that a VERP return path has a bounce domain.  Returns the
+    digest of the operator's file ("" for none or not read)."""
     if cfg.feedback.verp and not cfg.feedback.bounce_domains:
         raise ConfigError("feedback.verp: needs feedback.bounce_domains (the return "
                           "path's domain)")
+    if not read:
+        return ""
     from mta import feedback
 
     try:

@@ -150,6 +150,10 @@ _FAMILIES = [
     Family("mta_spool_healthy", GAUGE,
            "1 while the shard can write; 0 after a failed write or sync (EIO, ENOSPC), "
            "while the acceptors answer 451 for it", ("shard",)),
+    Family("mta_spool_bounce_rules_stale", GAUGE,
+           "1 while the shard classifies bounces by the rules it had: the "
+           "feedback.bounce_rules file could not be read at the last reload (logged; "
+           "a reload after it is repaired reads it)", ("shard",)),
     Family("mta_spool_queue_messages", GAUGE, "messages queued", ("shard",)),
     Family("mta_spool_queue_recipients", GAUGE, "recipients of the queued messages",
            ("shard",)),

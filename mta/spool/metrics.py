@@ -47,6 +47,7 @@ class ShardMetrics:
             *[(COUNTER, "mta_spool_mended_records_total", lb + (k[7:],), v)
               for k, v in skipped.items() if k.startswith("mended_")],
             (GAUGE, "mta_spool_healthy", lb, 1 if sh.healthy else 0),
+            (GAUGE, "mta_spool_bounce_rules_stale", lb, 1 if sh.rules_error else 0),
             (GAUGE, "mta_spool_queue_messages", lb, len(st.index)),
             (GAUGE, "mta_spool_queue_recipients", lb, st.recipients),
             (GAUGE, "mta_spool_queue_bytes", lb, st.bytes),

@@ -158,6 +158,9 @@ class Shard:
         self.bounce_domains = frozenset(d.lower() for d in
                                         settings.config.feedback.bounce_domains)
         self.rules_digest = ""      # of the bounce rules file read (_open, a reload)
+        # why the rules file of the active configuration could not be read at the last
+        # reload ("": this shard runs its rules); the old rules stay meanwhile
+        self.rules_error = ""
         # The notices this shard writes (bounces, delay and success notices, From
         # MAILER-DAEMON@server.hostname) are signed as the acceptors sign mail: [dkim],
         # by the From domain (a key for the host name's domain, or a fallback)
@@ -423,9 +426,12 @@ class Shard:
         when its name changed or its content did (*digest*, of the file the supervisor
         checked, differs from that of the file this shard read: edited in place).  A
         rules file that cannot be read now (checked by the supervisor a moment ago)
-        leaves the rules in use: logged."""
+        leaves the rules in use: logged, and said (``rules_error``: its answer to the
+        supervisor, mta_spool_bounce_rules_stale) until a reload reads it."""
         cur = self.settings.config.feedback
+        # (a file that could not be read at the last reload: its digest is still not ours)
         edited = cfg.bounce_rules == cur.bounce_rules and digest != self.rules_digest
+        self.rules_error = ""
         if (cfg.bounce_rules, cfg.bounce_domains) == (cur.bounce_rules, cur.bounce_domains) \
                 and not edited:
             return
@@ -433,8 +439,10 @@ class Shard:
             try:
                 self.rules_digest = feedback.configure(cfg.bounce_rules).digest
             except Exception as exc:    # RuleError, OSError: the old rules stay
+                self.rules_error = f"{cfg.bounce_rules or '(shipped only)'}: {exc}"
                 log.error("reload: feedback.bounce_rules: %s; the bounce rules stay as they "
-                          "were", exc)
+                          "were (%s) until a reload reads the file; the rest of the "
+                          "configuration is taken", exc, cur.bounce_rules or "shipped only")
                 cfg = msgspec.structs.replace(cfg, bounce_rules=cur.bounce_rules)
             else:
                 log.info("reload: bounce rules %s%s", cfg.bounce_rules or "(shipped only)",
@@ -468,8 +476,12 @@ class Shard:
         record *serial*: it starts a reload's new acceptors only then, so that no Bounce
         Rule entry of this shard goes to a list they no longer read."""
         try:
-            mconfig.write_applied(self.settings.run_dir, self.shard,
-                                  {"pid": os.getpid(), "serial": serial})
+            mconfig.write_applied(self.settings.run_dir, self.shard, {
+                "pid": os.getpid(), "serial": serial,
+                "bounce_rules": self.settings.config.feedback.bounce_rules,
+                "bounce_rules_digest": self.rules_digest,
+                "bounce_rules_stale": bool(self.rules_error),
+                "bounce_rules_error": self.rules_error})
         except OSError as exc:
             log.error("reload: cannot tell the supervisor the new configuration is taken "
                       "(%s): it starts the new acceptors after its wait", exc)

@@ -1123,7 +1123,8 @@ class Supervisor:
             level != old.config.server.log_level or new.config.dkim != old.config.dkim \
             or new.config.suppression != old.config.suppression \
             or new.config.feedback != old.config.feedback \
-            or new.bounce_rules_digest != old.bounce_rules_digest
+            or new.bounce_rules_digest != old.bounce_rules_digest \
+            or bool(self._stale_rules())     # (the file they could not read: again)
         moved = False
         try:
             self._check_suppression_list(new, old)
@@ -1185,6 +1186,14 @@ class Supervisor:
         log.info("reloaded: %s", status)
         self.report_reload(read_at, "done", later=later)
         self.status_note = ""
+        stale = self._stale_rules() if recorded else {}
+        if stale:
+            for i, why in sorted(stale.items()):
+                log.error("reload: spool[%d] classifies bounces by the rules it had: %s "
+                          "(mta_spool_bounce_rules_stale; a reload after the file is "
+                          "repaired reads it)", i, why)
+            self.status_note = f"spool shard(s) {', '.join(map(str, sorted(stale)))} " \
+                "run the bounce rules they had (feedback.bounce_rules unreadable)"
         notify.ready(status)
 
     def _move_shards(self, settings, serial: float) -> bool:
@@ -1220,6 +1229,18 @@ class Supervisor:
                         ", ".join(map(str, sorted(waiting))),
                         settings.config.server.ready_timeout)
         return True
+
+    def _stale_rules(self) -> dict[int, str]:
+        """{shard: why} of the running spool shards that said (Shard._say_applied) they
+        classify bounces by the rules they had: the feedback.bounce_rules file could not
+        be read when they took the configuration."""
+        out = {}
+        for c in self.children.values():
+            if c.role == "spool" and not c.retired:
+                doc = mconfig.read_applied(self.settings.run_dir, c.index) or {}
+                if doc.get("pid") == c.pid and doc.get("bounce_rules_stale"):
+                    out[c.index] = str(doc.get("bounce_rules_error") or "")
+        return out
 
     def _write_active(self, settings=None, serial: float = 0.0) -> bool:
         """Record this supervisor's configuration (run/active-config.json; *settings*, by

@@ -5,6 +5,7 @@ spool writes for them (``bounce_class``, ``bounce_rule``; issue 14, item 2).
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -208,5 +209,113 @@ def test_a_reload_gives_the_spool_shards_a_rules_file_edited_in_place(make_daemo
         d.reload()
         assert len(re.findall(r"spool\[0\].*reload: bounce rules ", d.log())) == 1, \
             d.log()[-3000:]
+    finally:
+        sink.stop()
+
+
+def _stale_rules_gauge(d) -> float | None:
+    """mta_spool_bounce_rules_stale{shard="0"} in /metrics (None: not there)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    status, _, body = d.admin_get("/metrics")
+    assert status == 200, (status, body[:500])
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            if s.name == "mta_spool_bounce_rules_stale" and s.labels == {"shard": "0"}:
+                return s.value
+    return None
+
+
+def test_a_rules_file_broken_after_the_check_keeps_the_old_rules_and_the_rest(
+        make_daemon, tmp_path):
+    """The rules file is edited (valid: the supervisor checks it and reloads) and broken
+    before the spool shard reads it.  The shard threw the whole reload away -- the record
+    of the active configuration could not be read, as its rules file was checked again
+    -- so [suppression] bounce_rule = false, changed by the same reload, was not taken
+    either: a Bounce Rule entry was still added.  Now the shard takes the rest, keeps
+    the rules it had (logged), and says so: /metrics and its answer to the supervisor;
+    a reload after the file is repaired reads it."""
+    import json
+    import re
+    import signal
+
+    from daemon import HOST, free_port
+    from sinks import AioSink
+
+    from mta.feedback import suppression as S
+    rules = tmp_path / "bounce_rules.toml"
+    rules.write_text('[[rule]]\nname = "lab-odd"\ncode = 550\n'
+                     'text = "never seen"\nclass = 10\n')
+    sink = AioSink(HOST, free_port(), rcpt=lambda s, a, f: ODD if a.startswith("odd") else None)
+    sink.start()
+    try:
+        d = make_daemon(acceptors=1, shards=1, feedback={"bounce_rules": str(rules)},
+                        server={"ready_timeout": 10},
+                        delivery={"hold": False, "route": [
+                            {"domain": "*", "starttls": "none",
+                             "hosts": [f"{HOST}:{sink.port}"]}]})
+        listed = os.path.join(d.state_dir, "suppression")
+
+        def terminal(rcpt):
+            ev = [e for e in d.events() if e["type"] == "bounce" and e["raw_rcpt_to"] == rcpt]
+            return ev[0] if ev else None
+
+        def on_list(address) -> bool:
+            lst = S.SuppressionList(listed, 1 << 24)
+            try:
+                return lst.check(address, False)
+            finally:
+                lst.close()
+        d.send("alice@sender.test", ["odd-1@dest.test"], message("before"))
+        ev = wait_until(lambda: terminal("odd-1@dest.test"), 20, "the first bounce")
+        assert (ev["bounce_class"], ev["bounce_rule"]) == ("10", "lab-odd"), ev
+        wait_until(lambda: on_list("odd-1@dest.test"), 20, "the Bounce Rule entry")
+        assert _stale_rules_gauge(d) == 0
+
+        active = os.path.join(d.state_dir, "run", "active-config.json")
+
+        def serial():
+            with open(active, "rb") as fh:
+                return json.loads(fh.read()).get("serial")
+        first = serial()
+        shard = d.children()["spool[0]"]
+        done = len(re.findall(r"reloaded: ", d.log()))
+        os.kill(shard, signal.SIGSTOP)
+        try:
+            rules.write_text('[[rule]]\nname = "lab-odd-blocked"\ncode = 550\n'
+                             'text = "never seen"\nclass = 51\n')
+            d.sections["suppression"] = {"bounce_rule": False}
+            d.write_config()
+            d.proc.send_signal(signal.SIGHUP)
+            # the supervisor checked the file and recorded what it applies: now it breaks
+            wait_until(lambda: serial() != first, 20, "the reload's record")
+            rules.write_text('[[rule]]\nname = "broken\n')
+        finally:
+            os.kill(shard, signal.SIGCONT)
+        d.wait_log(r"reloaded: ", count=done + 1, timeout=60)
+        d.send("alice@sender.test", ["odd-2@dest.test"], message("during"))
+        ev = wait_until(lambda: terminal("odd-2@dest.test"), 20, "the second bounce")
+        # the old rules, and the rest of the reload: no Bounce Rule entry any more
+        assert (ev["bounce_class"], ev["bounce_rule"]) == ("10", "lab-odd"), ev
+        time.sleep(0.5)
+        assert not on_list("odd-2@dest.test"), "the rest of the reload was not taken"
+        d.wait_log(r"spool\[0\].*reload: feedback.bounce_rules: .*the bounce rules stay as "
+                   r"they were")
+        # visible: the gauge, the shard's answer to the supervisor
+        wait_until(lambda: _stale_rules_gauge(d) == 1, 20, "the stale rules gauge",
+                   interval=0.3)
+        with open(os.path.join(d.state_dir, "run", "spool-0.applied.json"), "rb") as fh:
+            said = json.loads(fh.read())
+        assert said["bounce_rules_stale"] and "broken" in said["bounce_rules_error"], said
+
+        # repaired as the supervisor checked it: a reload makes the shard read it
+        rules.write_text('[[rule]]\nname = "lab-odd-blocked"\ncode = 550\n'
+                         'text = "never seen"\nclass = 51\n')
+        d.reload()
+        d.wait_log(r"spool\[0\].*reload: bounce rules " + re.escape(str(rules)))
+        d.send("alice@sender.test", ["odd-3@dest.test"], message("after"))
+        ev = wait_until(lambda: terminal("odd-3@dest.test"), 20, "the third bounce")
+        assert (ev["bounce_class"], ev["bounce_rule"]) == ("51", "lab-odd-blocked"), ev
+        wait_until(lambda: _stale_rules_gauge(d) == 0, 20, "the gauge back to 0",
+                   interval=0.3)
     finally:
         sink.stop()
