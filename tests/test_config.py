@@ -349,7 +349,7 @@ def test_an_overflow_pool_must_exist_and_be_another_pool(tmp_path):
 
 
 @pytest.mark.parametrize("text, key", [
-    ('[events]\nmax_backlog_bytes = 2000000000\n', "events.max_backlog_bytes"),
+    ('[delivery]\nmax_age = 1000\n', "delivery.max_age"),
 ])
 def test_a_reload_names_what_the_spool_shards_read_only_at_start(tmp_path, text, key):
     # The spool shards are not replaced at a reload (SIGHUP takes some [delivery] keys):
@@ -362,6 +362,18 @@ def test_a_reload_names_what_the_spool_shards_read_only_at_start(tmp_path, text,
     new_path.write_text(base + text)
     later = config.restart_keys(config.load(str(old_path)), config.load(str(new_path)))
     assert any(k.startswith(key) for k in later), later
+
+
+def test_a_reload_gives_the_spool_shards_the_events_backlog_bound(tmp_path):
+    # events.max_backlog_bytes was named as waiting for a restart (the shards read it at
+    # their start only); they take it at a reload now (a lower one not below the backlog
+    # they hold then: Shard._set_backlog_bound)
+    base = f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
+    old_path, new_path = tmp_path / "old.toml", tmp_path / "new.toml"
+    old_path.write_text(base)
+    new_path.write_text(base + '[events]\nmax_backlog_bytes = 2000000000\n')
+    later = config.restart_keys(config.load(str(old_path)), config.load(str(new_path)))
+    assert not [k for k in later if k.startswith("events.")], later
 
 
 @pytest.mark.parametrize("text", [

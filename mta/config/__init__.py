@@ -184,10 +184,11 @@ SUPERVISOR_LOCK = "mta.lock"         # in run_dir: flocked by the running superv
 # too: the supervisor SIGHUPs them): deadlines filed and the dispatch window's size
 SPOOL_START_KEYS = ("max_age", "time_scale", "max_in_flight", "max_in_flight_per_domain",
                     "spread_threshold")
-# What else the spool shards read only at start (they are not replaced at a reload)
-# ([suppression] enabled, path, max_size, bounce_rule and [feedback] bounce_rules,
-# bounce_domains they take at a reload, with the new acceptors and delivery processes)
-SPOOL_READ_AT_START = (("events", "max_backlog_bytes"),)
+# What else the spool shards read only at start (they are not replaced at a reload):
+# nothing now ([suppression] enabled, path, max_size, bounce_rule and [feedback]
+# bounce_rules, bounce_domains they take at a reload, before the new acceptors start;
+# events.max_backlog_bytes too, a lower one not below the backlog then held)
+SPOOL_READ_AT_START: tuple[tuple[str, str], ...] = ()
 
 
 # [spool] keys a reload applies: read only by the acceptors (replaced) and the admin
@@ -208,7 +209,7 @@ def restart_keys(old: Settings, new: Settings) -> list[str]:
     who takes it now: PART_RELOADED_SPOOL_KEYS) and [admin] keys, the shard
     count, delivery.processes, the [delivery] keys the spool shards read at start
     (SPOOL_START_KEYS: the delivery processes take them now) and of the other sections
-    (SPOOL_READ_AT_START: events.max_backlog_bytes), turning the events or
+    (SPOOL_READ_AT_START: none now), turning the events or
     webhooks process on or off, the state directory, the host name the spool
     shards put in their DSNs, and the log level of the admin and webhooks processes
     (the others take it: replaced, or the supervisor and the spool shards, told)."""

@@ -773,8 +773,9 @@ class EventsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_backlog_bytes: Annotated[int, _doc(
         "per spool shard: segment bytes the events process has not read yet that hold "
         "back their reclamation; a warning at half; beyond it segments are reclaimed "
-        "anyway and their events are missing from the log (an error is logged)",
-        ge=1 * MiB)] = 4 * GiB
+        "anyway and their events are missing from the log (an error is logged); a reload "
+        "that lowers it below the backlog held then keeps that backlog until it is read "
+        "below the new value", ge=1 * MiB)] = 4 * GiB
     # --- the events store and GET /api/v1/events/message (mta/feedback/events_store.py) ---
     store: Annotated[bool, _doc(
         "keep message events in the events store and serve GET /api/v1/events/message; "

@@ -180,6 +180,9 @@ class Shard:
         self.q = self.store.index
         self.backlog = (0, 0)                   # events backlog: (bytes, segments)
         self.backlog_level = 0                  # 0 fine, 1 warned, 2 over the bound
+        # a reload lowered events.max_backlog_bytes below the backlog then held: that many
+        # bytes are kept until read below the new bound (_set_backlog_bound; 0: none)
+        self.backlog_floor = 0
         self.endpoint = settings.endpoint(f"spool-{shard}")
         self.window = dsp.Window(settings.deliveries, self.dcfg.max_in_flight,
                                  self.dcfg.max_in_flight_per_domain, self.dcfg.spread_threshold)
@@ -468,6 +471,7 @@ class Shard:
             self._set_signer(active.config.dkim)
         self._set_suppression(active.config.suppression)
         self._set_feedback(active.config.feedback, active.bounce_rules_digest)
+        self._set_backlog_bound(active.config.events.max_backlog_bytes)
         self._set_delivery(active.config.delivery)
         self._say_applied(active.serial)
 
@@ -1620,18 +1624,16 @@ class Shard:
         """
         if not self.events_on:
             return None
-        segs = self.store.segments
-        cur = read_cursor(self.store.dir)
-        if cur is None:      # no events process has read this shard yet: hold everything
-            hold, off = (min(segs) if segs else 0), 0
-        else:
-            hold, off = cur
-        size = sum(seg.size for n, seg in segs.items() if n >= hold)
-        if hold in segs:
-            size -= min(off, segs[hold].size)
-        count = sum(1 for n in segs if n >= hold)
+        hold, size, count = self._events_backlog()
         self.backlog = (size, count)
         bound = self.settings.config.events.max_backlog_bytes
+        if self.backlog_floor:
+            # a reload lowered the bound below the backlog then held (_set_backlog_bound):
+            # that backlog is kept while the events process reads it below the new bound
+            self.backlog_floor = min(self.backlog_floor, size)
+            if self.backlog_floor <= bound:
+                self.backlog_floor = 0
+            bound = max(bound, self.backlog_floor)
         level = 2 if size > bound else 1 if size > bound // 2 else 0
         if level != self.backlog_level:
             if level == 2:
@@ -1647,6 +1649,41 @@ class Shard:
                 log.info("events backlog back to %d bytes", size)
             self.backlog_level = level
         return None if level == 2 else hold
+
+    def _events_backlog(self) -> tuple[int, int, int]:
+        """(the segment the events cursor is in, the bytes from the cursor on, the
+        segments from it on)."""
+        segs = self.store.segments
+        cur = read_cursor(self.store.dir)
+        if cur is None:      # no events process has read this shard yet: hold everything
+            hold, off = (min(segs) if segs else 0), 0
+        else:
+            hold, off = cur
+        size = sum(seg.size for n, seg in segs.items() if n >= hold)
+        if hold in segs:
+            size -= min(off, segs[hold].size)
+        return hold, size, sum(1 for n in segs if n >= hold)
+
+    def _set_backlog_bound(self, bound: int) -> None:
+        """Take events.max_backlog_bytes *bound* (a reload).  Lowered below the backlog
+        the events process has not read yet, it would reclaim that backlog at once and
+        its events would be lost because of a reload: the backlog held now is kept (the
+        bound is it, not more) until the events process has read it below *bound*
+        (events_hold).  One already over the old bound was being reclaimed anyway."""
+        cur = self.settings.config.events
+        if bound == cur.max_backlog_bytes:
+            return
+        held = self._events_backlog()[1] if self.events_on else 0
+        if bound < held and self.backlog_level < 2:
+            self.backlog_floor = held
+            log.warning("reload: events.max_backlog_bytes %d is below the backlog of %d "
+                        "bytes the events process has not read: that backlog is kept until "
+                        "it is read below %d (it may not grow meanwhile)", bound, held, bound)
+        else:
+            self.backlog_floor = 0
+            log.info("reload: events.max_backlog_bytes %d", bound)
+        self.settings = dataclasses.replace(self.settings, config=msgspec.structs.replace(
+            self.settings.config, events=msgspec.structs.replace(cur, max_backlog_bytes=bound)))
 
     def reclaim(self) -> None:
         """Free segments whose messages are finished; compact the oldest if mostly empty."""

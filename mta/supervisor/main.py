@@ -1115,7 +1115,8 @@ class Supervisor:
         # configuration what of [delivery] they can change while they run (hold,
         # retries, timeouts), the log level, [dkim] (the keys that sign their DSNs), the
         # suppression list the new acceptors use (their Bounce Rule entries go to it)
-        # and the bounce rules and domains (a rules file edited in place: its digest);
+        # and the bounce rules and domains (a rules file edited in place: its digest),
+        # events.max_backlog_bytes;
         # each shard compares what it takes of them (Shard._set_suppression,
         # _set_feedback).  They take it before the new acceptors start, and say so: a
         # Bounce Rule entry of theirs never goes to a list the acceptors no longer read.
@@ -1124,6 +1125,7 @@ class Supervisor:
             or new.config.suppression != old.config.suppression \
             or new.config.feedback != old.config.feedback \
             or new.bounce_rules_digest != old.bounce_rules_digest \
+            or new.config.events.max_backlog_bytes != old.config.events.max_backlog_bytes \
             or bool(self._stale_rules())     # (the file they could not read: again)
         moved = False
         try:

@@ -248,6 +248,76 @@ def test_the_events_backlog_bound_lets_reclamation_go_on(make_daemon, sink):
     d.wait_log(r"was removed before its events were all read", timeout=20)
 
 
+def _first_events_read(d, shard_dirs) -> None:
+    """Six messages delivered, and the events process has a cursor in every shard."""
+    wait_until(lambda: "events[0]" in d.children(), 20, "the events process")
+    send_many(d, 6, 1, "first", threads=1)
+    wait_until(lambda: len([e for e in d.events() if e["type"] == "delivery"]) == 6, 20,
+               "the first deliveries' events")
+    wait_until(lambda: all(os.path.exists(os.path.join(sd, "events.cursor"))
+                           for sd in shard_dirs), 10, "a cursor in every shard")
+
+
+def test_a_reload_gives_the_spool_shards_a_lower_events_backlog_bound(make_daemon, sink):
+    """events.max_backlog_bytes lowered by a reload: the spool shards (not replaced) kept
+    the bound they were started with until a restart -- a dead events process let the
+    spool grow to the old bound.  Now they take it at the reload."""
+    d = delivering(make_daemon, sink, spool={"segment_size": 1 << 20, "preallocate": False},
+                   events={"max_backlog_bytes": 256 << 20})
+    shard_dirs = sorted(glob.glob(os.path.join(d.state_dir, "spool", "shard-*")))
+    _first_events_read(d, shard_dirs)
+    log = d.reload(events={"max_backlog_bytes": 1 << 20}, timeout=60)
+    assert "events.max_backlog_bytes (the spool shards')" not in log, log[-3000:]
+    d.wait_log(r"spool\[\d\].*reload: events.max_backlog_bytes 1048576", count=2)
+    ev_pid = d.children()["events[0]"]
+    os.kill(ev_pid, signal.SIGSTOP)
+    try:
+        send_many(d, 120, 1, "b", size=64 * 1024, threads=2)
+        wait_until(lambda: d.queue_summary()["total"]["messages"] == 0, 60, "an empty queue")
+        d.wait_log(r"events backlog \d+ bytes in \d+ segment\(s\) is over "
+                   r"events.max_backlog_bytes \(1048576\)", timeout=10)
+        wait_until(lambda: sum(len(glob.glob(os.path.join(sd, "*.seg")))
+                               for sd in shard_dirs) <= 2 * len(shard_dirs), 20,
+                   "reclamation past the new bound")
+    finally:
+        os.kill(ev_pid, signal.SIGCONT)
+
+
+def test_a_reload_below_the_backlog_reclaims_none_of_it(make_daemon, sink):
+    """A reload that lowers events.max_backlog_bytes below the backlog the shards hold
+    (the events process down): taken as is, it would reclaim at once the segments the
+    events process has not read -- their events lost because of a reload.  The backlog
+    held then is kept until the events process has read it below the new bound (it may
+    not grow past it); the events process comes back and every event is there."""
+    d = delivering(make_daemon, sink, spool={"segment_size": 1 << 20, "preallocate": False},
+                   events={"max_backlog_bytes": 256 << 20},
+                   server={"shutdown_timeout": 1})
+    shard_dirs = sorted(glob.glob(os.path.join(d.state_dir, "spool", "shard-*")))
+    _first_events_read(d, shard_dirs)
+    ev_pid = d.children()["events[0]"]
+    os.kill(ev_pid, signal.SIGSTOP)
+    try:
+        sent = send_many(d, 60, 1, "b", size=64 * 1024, threads=2)
+        wait_until(lambda: d.queue_summary()["total"]["messages"] == 0, 60, "an empty queue")
+        wait_until(lambda: min(x["events_backlog_bytes"] for x in d.queue_summary()["shards"])
+                   > 1 << 20, 20, "a backlog over 1 MiB in each shard")
+        done = d.log().count("reloaded: ")
+        d.sections["events"] = {"max_backlog_bytes": 1 << 20}
+        d.write_config()
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_log(r"spool\[\d\].*reload: events.max_backlog_bytes 1048576 is below the "
+                   r"backlog", count=2, timeout=30)
+        time.sleep(3)       # three reclamation passes
+    finally:
+        os.kill(ev_pid, signal.SIGCONT)
+    d.wait_log(r"reloaded: ", count=done + 1, timeout=60)
+    rcpts = [r for rs in sent.values() for r in rs]
+    wait_until(lambda: all(by_rcpt(d.events())[r]["delivery"] == 1 for r in rcpts), 60,
+               "every delivery event")
+    assert "was removed before its events were all read" not in d.log()
+    assert "is over events.max_backlog_bytes" not in d.log()
+
+
 def test_a_record_whose_events_cannot_be_shaped_is_passed_over(make_daemon, sink):
     d = delivering(make_daemon, sink)
     first = send_many(d, 4, 1, "a", threads=1)
