@@ -165,15 +165,16 @@ def bulk(store: S.SuppressionList, doc) -> tuple[int, bytes]:
     first = None
     addresses = []
     for i, e in enumerate(rcpts):
-        where = f"recipients[{i}]"
         addr = e.get("recipient", e.get("email")) if isinstance(e, dict) else None
         try:
             if addr is None:
+                where = f"recipients[{i}]"
                 raise R.ApiError(R.REQUIRED, f"{where}.recipient is required"
                                  if isinstance(e, dict) else f"{where}: expected an object")
-            addresses.append(_address(addr, f"{where}.recipient"))
+            addresses.append(_address(addr, "recipients[%d].recipient", i))
         except R.ApiError as exc:
-            bad.append(addr[:320] if isinstance(addr, str) and addr.strip() else where)
+            bad.append(addr[:320] if isinstance(addr, str) and addr.strip()
+                       else f"recipients[{i}]")
             first = first or exc
     if bad:
         shown = ", ".join(bad[:20]) + (", ..." if len(bad) > 20 else "")
@@ -182,7 +183,7 @@ def bulk(store: S.SuppressionList, doc) -> tuple[int, bytes]:
                          first.description)
     items = []
     for i, (e, address) in enumerate(zip(rcpts, addresses)):
-        tbits, desc = _entry_fields(e, f"recipients[{i}].")
+        tbits, desc = _entry_fields(e, "recipients[%d]." % i)
         items.append((address, tbits, desc))
     store_put(store, items)
     return _message("Suppression List successfully updated")
@@ -227,16 +228,27 @@ def _type_name(t, where: str) -> int:
     return bit
 
 
-def _address(addr, where: str) -> str:
-    if not isinstance(addr, str):
+# a character an address may not hold: white space (str.isspace's set) or a control
+_NOT_IN_ADDRESS = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def _address(addr, where: str, i: int | None = None) -> str:
+    """The address, stripped, or ApiError naming *where* (``where % i`` with an index:
+    the field's name is made only for an error)."""
+    a = addr.strip() if isinstance(addr, str) else None
+    if a is not None:
+        local, at, domain = a.rpartition("@")
+        # (ASCII, nearly all: printable and no space says the same as the expression)
+        if at and local and domain and len(a) <= S.MAX_ADDRESS and \
+                (a.isprintable() and " " not in a if a.isascii() else
+                 _NOT_IN_ADDRESS.search(a) is None and
+                 len(a.encode("utf-8", "surrogateescape")) <= S.MAX_ADDRESS):
+            return a
+    if i is not None:
+        where = where % i
+    if a is None:
         raise R.ApiError(R.INVALID, f"{where}: expected an email address string")
-    a = addr.strip()
-    local, at, domain = a.rpartition("@")
-    if not at or not local or not domain or \
-            any(c.isspace() or c < " " or c == "\x7f" for c in a) or \
-            len(a.encode("utf-8", "surrogateescape")) > S.MAX_ADDRESS:
-        raise R.ApiError(R.INVALID, f"{where}: {addr[:320]!r} is not a valid email address")
-    return a
+    raise R.ApiError(R.INVALID, f"{where}: {addr[:320]!r} is not a valid email address")
 
 
 def _body(body: bytes):

@@ -41,6 +41,7 @@ import re
 import shutil
 import struct
 import time
+from typing import Annotated, Literal
 
 import logging
 
@@ -88,6 +89,11 @@ BOUNCE_CLASS = "25"
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(dict[str, list])
+# The records of a value, each part checked as it is decoded (a search by description
+# reads one per index row: no Python loop over its parts)
+_TIME = Annotated[float, msgspec.Meta(ge=0, lt=MAX_TIME)]
+_records_dec = msgspec.msgpack.Decoder(
+    dict[Literal["transactional", "non_transactional"], tuple[str, str, _TIME, _TIME]])
 _TS = struct.Struct(">Q")
 
 
@@ -327,21 +333,22 @@ class SuppressionList:
                 match = tbit & types
                 if match and dom is not None:
                     match = addr.decode("utf-8", "surrogateescape").endswith(dom)
-                entry = None
+                rec = None      # the record (source, description, created, updated), once read
                 if match and codes is not None:
                     code = cur.value()      # (one octet: the record is not read)
                     if code:
                         match = code in codes
                     else:                   # a row of an earlier version: the record says
-                        entry = _one(addr, rget(addr, db=self.rcpt), tbit, k)
-                        match = entry is not None and entry["source"] in sources
+                        rec = _record(addr, rget(addr, db=self.rcpt), tbit, k)
+                        match = rec is not None and rec[0] in sources
                 if match and desc:
-                    if entry is None:
-                        entry = _one(addr, rget(addr, db=self.rcpt), tbit, k)
-                    if entry is None:
+                    # (the record's description alone: the entry is shaped only when shown)
+                    if rec is None:
+                        rec = _record(addr, rget(addr, db=self.rcpt), tbit, k)
+                    if rec is None:
                         match = False
-                    elif (desc not in entry["description"].lower()
-                          if not description_strict else desc != entry["description"]):
+                    elif (desc not in rec[1].lower()
+                          if not description_strict else desc != rec[1]):
                         match = False
                 if match:
                     if counting:
@@ -349,10 +356,11 @@ class SuppressionList:
                     if skip:
                         skip -= 1
                     elif len(out) < per_page:
-                        if entry is None:
-                            entry = _one(addr, rget(addr, db=self.rcpt), tbit, k)
-                        if entry is not None:
-                            out.append(entry)
+                        if rec is None:
+                            rec = _record(addr, rget(addr, db=self.rcpt), tbit, k)
+                        if rec is not None:
+                            out.append(_shape(bytes(addr).decode("utf-8", "surrogateescape"),
+                                              TYPE_NAMES[tbit], rec))
                             last = read
                     else:
                         more = True
@@ -368,15 +376,18 @@ class SuppressionList:
 
         The source of a new record is *source*; an existing record keeps its
         created time.  Returns how many records were written.  ListFull when
-        the map is full (nothing of this call is kept).
+        the map is full (nothing of this call is kept).  The per-source counts
+        are added up and written once, at the end of the transaction.
         """
         now = time.time() if now is None else now
         n = 0
+        counts: dict[str, int] = {}
         try:
             with self.env.begin(write=True) as txn:
                 for address, tbits, description in items:
                     n += self._put(txn, normalize(address), tbits, source,
-                                   (description or "")[:MAX_DESCRIPTION], now)
+                                   (description or "")[:MAX_DESCRIPTION], now, counts)
+                self._counts(txn, counts)
         except lmdb.MapFullError:
             raise ListFull(f"the suppression list is full ({self.max_size} octets, "
                            "suppression.max_size)") from None
@@ -386,7 +397,14 @@ class SuppressionList:
         return n
 
     def _put(self, txn, address: str, tbits: int, source: str, description: str,
-             now: float) -> int:
+             now: float, counts: dict[str, int] | None = None) -> int:
+        """Write one address's records; the changes of the per-source counts are added
+        up in *counts* when given (the caller writes them: _counts), else written."""
+        if counts is None:
+            counts = {}
+            n = self._put(txn, address, tbits, source, description, now, counts)
+            self._counts(txn, counts)
+            return n
         key = address.encode("utf-8", "surrogateescape")
         if not key or len(key) > MAX_ADDRESS:
             return 0
@@ -404,17 +422,22 @@ class SuppressionList:
             if prev is not None:
                 created = prev[2]
                 txn.delete(_index_key(prev[3], tbit, key), db=self.index)
-                self._count(txn, prev[0], -1)
+                counts[prev[0]] = counts.get(prev[0], 0) - 1
                 src = prev[0] if source == MANUAL else source
             else:
                 src = source
             recs[tname] = [src, description, created, now]
             txn.put(_index_key(now, tbit, key), SOURCE_CODES.get(src, b""), db=self.index)
-            self._count(txn, src, 1)
+            counts[src] = counts.get(src, 0) + 1
             n += 1
         flags = sum(TYPES[t] for t in recs)
         txn.put(key, bytes((flags,)) + _enc.encode(recs), db=self.rcpt)
         return n
+
+    def _counts(self, txn, deltas: dict[str, int]) -> None:
+        for src, delta in deltas.items():
+            if delta:
+                self._count(txn, src, delta)
 
     def _count(self, txn, source: str, delta: int) -> None:
         k = source.encode()
@@ -501,17 +524,13 @@ class SuppressionList:
         return n
 
 
-def _records(key: bytes, value) -> dict[str, list] | None:
-    """The records of a ``rcpt`` value, or None (logged) when it is not what this module
-    writes: LMDB keeps no checksums, so a damaged page or a writer's bug gives such a value,
-    and one of them must not make every read, write or search that meets it fail."""
+def _records(key: bytes, value) -> dict[str, tuple] | None:
+    """The records of a ``rcpt`` value ({type name: (source, description, created,
+    updated)}), or None (logged) when it is not what this module writes: LMDB keeps no
+    checksums, so a damaged page or a writer's bug gives such a value, and one of them
+    must not make every read, write or search that meets it fail."""
     try:
-        recs = _dec.decode(bytes(value[1:]))
-        for tname, rec in recs.items():
-            if tname not in TYPES or len(rec) != 4 or not isinstance(rec[0], str) or \
-                    not isinstance(rec[1], str) or \
-                    not all(isinstance(t, (int, float)) and 0 <= t < MAX_TIME for t in rec[2:]):
-                raise ValueError(f"record {tname!r}")
+        recs = _records_dec.decode(value[1:])
         if not recs:
             raise ValueError("no record")
         return recs
@@ -536,19 +555,17 @@ def _entries(key: bytes, value: bytes) -> list[dict]:
     return [_shape(addr, tname, r) for tname, r in sorted(recs.items())]
 
 
-def _one(key: bytes, value, tbit: int, index_key=None) -> dict | None:
-    """The entry an index row names, or None: no record, an unreadable one, or (with
-    *index_key*) a record updated since that row was written (the row of a damaged
-    record that was put again)."""
+def _record(key: bytes, value, tbit: int, index_key) -> tuple | None:
+    """The record (source, description, created, updated) an index row names, or None:
+    no record, an unreadable one, or a record updated since that row was written (the
+    row of a damaged record that was put again)."""
     if value is None:
         return None
     recs = _records(key, value)
     rec = recs.get(TYPE_NAMES[tbit]) if recs is not None else None
-    if rec is None:
+    if rec is None or _TS.unpack(index_key[:8])[0] != int(rec[3] * 1000):
         return None
-    if index_key is not None and _TS.unpack(index_key[:8])[0] != int(rec[3] * 1000):
-        return None
-    return _shape(bytes(key).decode("utf-8", "surrogateescape"), TYPE_NAMES[tbit], rec)
+    return rec
 
 
 def _shape(address: str, tname: str, rec: list) -> dict:

@@ -595,3 +595,92 @@ def test_a_rebuild_that_cannot_write_is_an_oserror_and_leaves_the_damaged_list(
     assert line and "moved to " + path + ".damaged-" in line
     assert S.check_store(path) is None
     assert not os.path.exists(path + ".rebuilding")
+
+
+def _records_by_source(sl) -> dict[str, int]:
+    """Records per source, counted from the records themselves (the counts' truth)."""
+    out: dict[str, int] = {}
+    with sl.env.begin(db=sl.rcpt) as txn:
+        for k, v in txn.cursor():
+            for e in S._entries(k, v):
+                key = S.SUMMARY_KEYS[e["source"]]
+                out[key] = out.get(key, 0) + 1
+    return out
+
+
+def test_a_bulk_put_writes_every_entry_and_keeps_the_counts(sl):
+    """A bulk PUT of SparkPost's 10,000 entries: new addresses (one type and both),
+    addresses already there from an automatic source (which they keep), manual ones
+    put again, and an address twice in the request: every entry is written as sent,
+    and the summary (counts added up over the request, written once) is what the
+    records say."""
+    sl.put_many([(f"bounced{i}@old.test", S.NON_TRANSACTIONAL, "550 old")
+                 for i in range(500)], S.BOUNCE_RULE, now=1000.0)
+    sl.put_many([(f"manual{i}@old.test", S.BOTH, "first") for i in range(500)], now=1000.0)
+    rcpts = [{"recipient": f"Bounced{i}@Old.test", "type": "non_transactional",
+              "description": "put by hand"} for i in range(500)]
+    rcpts += [{"email": f"manual{i}@old.test", "transactional": True,
+               "description": "again"} for i in range(500)]
+    rcpts += [{"recipient": f" new{i:05d}@bulk.test ", "type": "non_transactional",
+               "description": f"new {i}"} for i in range(8_000)]
+    rcpts += [{"recipient": f"both{i}@bulk.test", "transactional": True,
+               "non_transactional": True, "description": "both"} for i in range(999)]
+    rcpts.append({"recipient": "new00007@bulk.test", "type": "non_transactional",
+                  "description": "the last one wins"})
+    assert len(rcpts) == api.MAX_BULK
+    st, out = _call(sl, b"PUT", api.PATH, body={"recipients": rcpts})
+    assert st == 200, out
+    summary = sl.summary()
+    assert summary == {**{k: 0 for k in S.SUMMARY_KEYS.values()}, **_records_by_source(sl),
+                       "total": 500 + 1000 + 8_000 + 2 * 999}
+    assert summary["bounce_rule"] == 500 and summary["manually_added"] == 1000 + 8_000 + 1998
+    (e,) = sl.get("bounced7@old.test")
+    assert (e["source"], e["description"], e["created"]) == \
+        (S.BOUNCE_RULE, "put by hand", S.iso(1000.0))
+    assert [(e["type"], e["description"]) for e in sl.get("manual7@old.test")] == \
+        [("non_transactional", "first"), ("transactional", "again")]
+    assert sl.get("new00007@bulk.test")[0]["description"] == "the last one wins"
+    for i in (0, 4_321, 7_999):
+        if i != 7:
+            (e,) = sl.get(f"new{i:05d}@bulk.test")
+            assert (e["type"], e["description"]) == ("non_transactional", f"new {i}")
+    assert sl.flags("both998@bulk.test") == S.BOTH
+    # a search by description reads each record once and answers the entries as get does
+    rows, total, _ = sl.search(description="NEW 12", per_page=100)
+    assert total == 111 and len(rows) == 100      # new 12, new 120-129, new 1200-1299
+    assert rows[0] == sl.get(rows[0]["recipient"])[0]
+    assert all(r["description"].startswith("new 12") for r in rows)
+    rows, total, _ = sl.search(description="both", description_strict=True,
+                               types=S.TRANSACTIONAL, per_page=10_000)
+    assert total == len(rows) == 999 and {r["type"] for r in rows} == {"transactional"}
+    st, out = _call(sl, b"GET", api.PATH, b"domain=bulk.test&per_page=1")
+    assert out["total_count"] == 8_000 + 2 * 999
+
+
+@pytest.mark.parametrize("address,ok", [
+    ("a@b.test", True), (" Padded@B.test\t", True), ("\u00fc@b\u00fccher.de", True),
+    ("a+b/c=d@b.test", True), ("a b@b.test", False), ("a\tb@b.test", False),
+    ("a\x1fb@b.test", False), ("a\x7fb@b.test", False), ("a\u00a0b@b.test", False),
+    ("a\u2028b@b.test", False), ("a\u3000b@b.test", False), ("a\x85b@b.test", False),
+    ("@b.test", False), ("a@", False), ("ab.test", False), ("", False), (7, False),
+    ("x" * 313 + "@b.test", True), ("x" * 314 + "@b.test", False),
+    # 320 characters, more octets than a key holds
+    ("\u00fc" * 313 + "@b.test", False), ("\u00fc" * 156 + "@b.test", True),
+])
+def test_a_bulk_puts_addresses_are_checked_as_the_single_puts_are(sl, address, ok):
+    """One check for every address (white space as str.isspace has it, controls, the
+    key's octets), named by its field; a bulk PUT's refusal is SparkPost's 400."""
+    body = {"recipients": [{"recipient": "first@b.test", "type": "transactional"},
+                           {"recipient": address, "type": "transactional"}]}
+    if ok:
+        assert _call(sl, b"PUT", api.PATH, body=body)[0] == 200
+        assert sl.check(address, True)
+        return
+    with pytest.raises(R.ApiError) as e:
+        _call(sl, b"PUT", api.PATH, body=body)
+    assert e.value.status == 400 and e.value.description.startswith("recipients[1].recipient")
+    assert sl.count() == 0
+    if isinstance(address, str):
+        with pytest.raises(R.ApiError) as e:
+            api._address(address, "recipient")
+        assert e.value.description.startswith("recipient: ")

@@ -438,6 +438,46 @@ def test_a_bulk_put_up_to_sparkposts_50_mb_is_taken(lab):
         assert reply.startswith(b"HTTP/1.1 413 "), (key, reply[:200])
 
 
+def test_smtp_and_reads_are_answered_while_a_bulk_put_is_in_progress(lab):
+    """A bulk PUT of SparkPost's 10,000 entries is written in a worker thread: while it
+    waits for the list's write lock (held here, by a write transaction of this process),
+    the same acceptor (the daemon's only one) takes an SMTP message and answers a read of
+    the list; once the lock is free the PUT is answered and every entry is there."""
+    d, sink = lab
+    body = json.dumps({"recipients": [
+        {"recipient": f"busy{i:05d}@busy-put.test", "type": "non_transactional",
+         "description": f"busy {i}"} for i in range(10_000)]}).encode()
+    before = call(d, "GET", "/api/v1/suppression-list/summary")[2]["results"]
+    holder = S.SuppressionList(S.path_in(d.state_dir), 8 << 30)
+    txn = holder.env.begin(write=True)
+    answer = {}
+    th = threading.Thread(target=lambda: answer.update(
+        put=call(d, "PUT", "/api/v1/suppression-list", body)))
+    try:
+        th.start()
+        time.sleep(1.0)     # (1 MB on loopback: sent and taken, its worker at the lock)
+        assert th.is_alive() and not answer
+        assert smtp_send(d, ["while-busy@example.net"]) == {}
+        st, _, got = call(d, "GET", "/api/v1/suppression-list/summary")
+        assert st == 200 and got["results"] == before
+        assert th.is_alive() and not answer     # all of that while the PUT waited
+    finally:
+        txn.abort()
+        holder.close()
+        th.join(60)
+    st, _, out = answer["put"]
+    assert st == 200, out
+    sink.wait_for("while-busy@example.net")
+    st, _, got = call(d, "GET", "/api/v1/suppression-list/summary")
+    assert got["results"]["manually_added"] == before["manually_added"] + 10_000
+    assert got["results"]["total"] == before["total"] + 10_000
+    st, _, out = call(d, "GET", "/api/v1/suppression-list?domain=busy-put.test&sort=asc"
+                      "&per_page=10000")
+    assert st == 200 and out["total_count"] == 10_000
+    assert sorted((e["recipient"], e["description"]) for e in out["results"]) == \
+        [(f"busy{i:05d}@busy-put.test", f"busy {i}") for i in range(10_000)]
+
+
 def test_a_domain_search_finds_entries_kept_in_either_spelling(make_daemon):
     """A list written before domains were kept in A-labels has U-label keys: a domain
     search finds them and the A-label ones, spelt either way."""
