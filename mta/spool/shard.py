@@ -58,6 +58,8 @@ import gc
 import itertools
 import logging
 import os
+import queue
+import threading
 import time
 
 import msgspec
@@ -80,6 +82,7 @@ from mta.store import MessageMeta, Store, lock_writer, read_cursor, shard_dir
 log = logging.getLogger("mta.spool")
 
 POLL_INTERVAL_MS = 200          # longest sleep between housekeeping checks
+CLOSE_WAIT = 5.0                # seconds a stopping shard waits for its list's last writes
 LIMITS_SLICE = 0.02             # seconds of a reload's lane comparison per loop turn
 RECLAIM_INTERVAL = 1.0          # seconds between reclamation passes
 RECLAIM_MAX_COPY = 2000         # messages copied forward per pass (bounds the pause)
@@ -141,6 +144,76 @@ def _job_timeout(d) -> float:
     """Seconds after which a job's outcome is not coming (its delivery process is gone
     or stuck): the job is sent again."""
     return d.connect_timeout + 2 * d.command_timeout + d.data_timeout + d.job_timeout_margin
+
+
+class ListWriter:
+    """A shard's writes to the suppression list (Bounce Rule entries), in a thread of
+    their own, in order: additions, and the handle's replacement at a reload and its
+    close at the end (LMDB: one handle on a list per process, used by this thread only).
+
+    An addition waits for the list's write lock, which an acceptor's bulk PUT holds
+    while it writes and syncs (~0.1 s for SparkPost's 10,000 entries): taken in the
+    commit loop, it held the acknowledgements of that batch and every batch behind it
+    (the node's injections on this shard) for as long.  Nothing waits for an addition
+    (it was logged, not acknowledged, before too).
+    """
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        # (a daemon thread: a write that never gets the lock does not hold the exit)
+        self.thread = threading.Thread(target=self._run, name="suppression-list", daemon=True)
+        self.thread.start()
+
+    def add(self, items: list) -> None:
+        self.jobs.put((self._add, items))
+
+    def reopen(self, settings) -> None:
+        """Close the list in use and open the one *settings* name (None: none)."""
+        self.jobs.put((self._reopen, settings))
+
+    def close(self, timeout: float) -> None:
+        """Close the list after the additions queued before; wait up to *timeout*."""
+        self.jobs.put((self._reopen, None))
+        self.jobs.put(None)
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            log.warning("suppression list: its last writes not done after %.0f s (its write "
+                        "lock held elsewhere); Bounce Rule entries of this run may be "
+                        "missing", timeout)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            fn, arg = job
+            try:
+                fn(arg)
+            except Exception:    # (a bug: the next jobs still run)
+                log.exception("suppression list: a write failed")
+
+    def _add(self, items: list) -> None:
+        if self.handle is None:
+            log.error("suppression list: %d bounced recipient(s) not added: the list "
+                      "could not be opened at the reload", len(items))
+            return
+        try:
+            self.handle.put_many(
+                [(rcpt, sup.NON_TRANSACTIONAL, desc) for rcpt, desc in items], sup.BOUNCE_RULE)
+        except Exception as exc:   # ListFull, lmdb.Error: logged; delivery goes on
+            log.error("suppression list: %d bounced recipient(s) not added: %s",
+                      len(items), exc)
+        else:
+            log.info("suppression list: added %s (Bounce Rule)",
+                     ", ".join(r for r, _ in items[:10]) + (" ..." if len(items) > 10 else ""))
+
+    def _reopen(self, settings) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+        if settings is not None:
+            try:
+                self.handle = sup.open_for(settings)
+            except OSError as exc:
+                log.error("reload: %s; the Bounce Rule adds nothing until a restart", exc)
 
 
 class Shard:
@@ -285,8 +358,8 @@ class Shard:
         # bounce classes; the digest of the rules file read (a reload compares it)
         self.rules_digest = feedback.configure(
             self.settings.config.feedback.bounce_rules).digest
-        self.suppression = sup.open_for(self.settings)
-        self.bounce_rule = self.suppression is not None and \
+        self.suppression = ListWriter(sup.open_for(self.settings))
+        self.bounce_rule = self.suppression.handle is not None and \
             self.settings.config.suppression.bounce_rule
         hwm = self.cfg.queue_high_water
         self.server = bus.Server(ctx, self.endpoint, hwm, bus.SPOOL_REQUESTS, log)
@@ -358,7 +431,7 @@ class Shard:
         # Anything that arrived but was not taken is not acknowledged: the
         # acceptors time out and answer 451, so nothing is lost.
         if self.suppression is not None:
-            self.suppression.close()
+            self.suppression.close(CLOSE_WAIT)
         self.store.close()
         os.close(self.writer_lock)     # (last: the directory is another writer's now)
         self.server.close()
@@ -397,8 +470,9 @@ class Shard:
         """Take [suppression] enabled, path, max_size and bounce_rule of *cfg* (a reload):
         the new acceptors check injections against the list they name and add the
         out-of-band Bounce Rule entries to it, so this shard's in-band ones go there too.
-        A list that cannot be opened (the acceptors opened it a moment ago) leaves the
-        one in use: logged."""
+        The list is replaced in the writer's thread, after the additions queued
+        before (ListWriter); one that cannot be opened (the acceptors opened it a
+        moment ago) is logged, and the Bounce Rule adds nothing until a restart."""
         cur = self.settings.config.suppression
         if (cfg.enabled, cfg.path, cfg.max_size, cfg.bounce_rule) == \
                 (cur.enabled, cur.path, cur.max_size, cur.bounce_rule):
@@ -406,18 +480,9 @@ class Shard:
         settings = dataclasses.replace(self.settings, config=msgspec.structs.replace(
             self.settings.config, suppression=cfg))
         if (cfg.enabled, cfg.path, cfg.max_size) != (cur.enabled, cur.path, cur.max_size):
-            if self.suppression is not None:
-                self.suppression.close()      # (LMDB: one handle on a list per process)
-                self.suppression = None
-            try:
-                self.suppression = sup.open_for(settings)
-            except OSError as exc:
-                log.error("reload: %s; the Bounce Rule adds nothing until a restart", exc)
-                self.settings = settings
-                self.bounce_rule = False
-                return
+            self.suppression.reopen(settings if cfg.enabled else None)
         self.settings = settings
-        self.bounce_rule = self.suppression is not None and cfg.bounce_rule
+        self.bounce_rule = cfg.enabled and cfg.bounce_rule
         log.info("reload: suppression list %s, Bounce Rule %s",
                  os.path.join(settings.state_dir, cfg.path) if cfg.enabled else "off",
                  "on" if self.bounce_rule else "off")
@@ -1035,16 +1100,9 @@ class Shard:
                             "reason": reason, "suppressed": True, "attempt": 0, **extra})
 
     def add_bounce_rule(self, items: list) -> None:
-        """Put recipients whose delivery failed as invalid on the list ("Bounce Rule")."""
-        try:
-            self.suppression.put_many(
-                [(rcpt, sup.NON_TRANSACTIONAL, desc) for rcpt, desc in items], sup.BOUNCE_RULE)
-        except Exception as exc:   # ListFull, lmdb.Error: logged; delivery goes on
-            log.error("suppression list: %d bounced recipient(s) not added: %s",
-                      len(items), exc)
-        else:
-            log.info("suppression list: added %s (Bounce Rule)",
-                     ", ".join(r for r, _ in items[:10]) + (" ..." if len(items) > 10 else ""))
+        """Put recipients whose delivery failed as invalid on the list ("Bounce Rule"):
+        in the list's own thread (ListWriter), the batch's acknowledgements not held."""
+        self.suppression.add(items)
 
     # --------------------------------------------------------------- dispatch
 

@@ -303,6 +303,41 @@ def test_a_550_5_1_1_bounce_adds_the_address(lab):
     assert len(ev) == 1
 
 
+def test_a_bounce_rule_addition_waiting_for_the_list_holds_no_injection(lab):
+    """The spool shard adds a 5.1.1 bounce's recipient to the list in a thread of its
+    own: while that waits for the list's write lock (held here, as an acceptor's bulk
+    PUT holds it while it writes and syncs), the shard still acknowledges injections
+    (it held them all until the lock was free); then the entry is added."""
+    d, sink = lab
+    holder = S.SuppressionList(S.path_in(d.state_dir), 8 << 30)
+    txn = holder.env.begin(write=True)
+    try:
+        st, _, _ = d.post(transmission(["unknown-waiting@example.net"]),
+                          headers={"Authorization": KEY})
+        assert st == 200
+        wait_until(lambda: bounces(d, "unknown-waiting@example.net"), 30, "the 5.1.1 bounce")
+        time.sleep(0.5)     # (the shard at the addition, which waits for the lock)
+        msg = f"From: {SENDER}\r\nSubject: s\r\n\r\nbody\r\n".encode()
+        with smtplib.SMTP(HOST, d.port, local_hostname="client.test", timeout=10) as s:
+            assert s.sendmail(SENDER, ["while-adding@example.net"], msg) == {}
+        st, _, out = d.post(transmission(["while-adding-http@example.net"]),
+                            headers={"Authorization": KEY}, timeout=10)
+        assert st == 200 and out["results"]["total_accepted_recipients"] == 1, out
+        s, _, _ = call(d, "GET", "/api/v1/suppression-list/unknown-waiting@example.net")
+        assert s == 404                     # not yet: the addition still waits
+    finally:
+        txn.abort()
+        holder.close()
+
+    def listed():
+        s, _, b = call(d, "GET", "/api/v1/suppression-list/unknown-waiting@example.net")
+        return b if s == 200 else None
+    entry = wait_until(listed, 20, "the Bounce Rule entry")["results"]
+    assert [(e["type"], e["source"]) for e in entry] == [("non_transactional", "Bounce Rule")]
+    sink.wait_for("while-adding@example.net")
+    sink.wait_for("while-adding-http@example.net")
+
+
 def test_smtp_refuse_mode(make_daemon):
     d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
                     suppression={"smtp_action": "refuse", "max_size": 16 * 1024 * 1024})
