@@ -69,6 +69,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import concurrent.futures
 import functools
 import hashlib
 import logging
@@ -99,6 +100,8 @@ BODY_PARTS = 64          # pieces of a body kept as they came; the rest is copie
 BUILD_SLICE = 256        # recipients built and submitted per loop iteration, at most
 # (http.max_pipelined, max_pipelined_bytes, loop_prepare_size, build_slice_time: read once
 # into the Service's attributes, as the header bounds of mta.api.build are)
+SUPPRESSION_THREADS = 2  # suppression-list requests answered at once per acceptor (each in
+                         # a thread of its own pool; the others wait for one of them)
 DRAIN_IDLE = 1.0         # seconds: on shutdown, a connection idle this long is closed
 PURGE_INTERVAL = 60.0    # seconds between deletions of expired idempotency keys
 MAX_IDEMPOTENCY_KEY = 255
@@ -305,6 +308,12 @@ class Service:
         # The events store: the acceptor's read-only handle (Acceptor.events_store),
         # opened at the first events API request or report.
         self.webhooks: webhooks_api.Api | None = None   # made at the first webhooks request
+        # Suppression-list requests in a pool of their own (made at the first): a bulk
+        # PUT waits for the list's write lock and a search may read a million records,
+        # which in the loop's default executor (a few threads) kept large transmissions
+        # and the events API waiting for a thread; and fewer threads take the GIL from
+        # the loop at once
+        self.suppression_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @staticmethod
     def _digest(key: bytes) -> str:
@@ -319,6 +328,9 @@ class Service:
             self.cfg.idempotency_window, stale)
 
     def close(self) -> None:
+        if self.suppression_pool is not None:
+            # (as the default executor: what was started finishes before the exit)
+            self.suppression_pool.shutdown(wait=False)
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -828,11 +840,11 @@ class Session(asyncio.Protocol):
     def _suppression(self, req: Request) -> None:
         """``/api/v1/suppression-list`` (mta.api.suppression), or ApiError.
 
-        Answered from a worker thread (the loop's default executor): a bulk
-        PUT of 10,000 entries or a search that reads many index rows takes
-        tens to hundreds of milliseconds, which the other sessions of this
-        acceptor must not wait for.  The connection's next request waits, as
-        behind a transmission.
+        Answered from a worker thread (Service.suppression_pool, SUPPRESSION_THREADS
+        of them: more requests wait for one): a bulk PUT of 10,000 entries or a
+        search that reads many index rows takes tens of milliseconds to seconds,
+        which the other sessions of this acceptor must not wait for.  The
+        connection's next request waits, as behind a transmission.
         """
         svc = self.svc
         self._authorized(req)
@@ -844,8 +856,12 @@ class Session(asyncio.Protocol):
             _json_body(req.headers)
         path, _, query = req.url.partition(b"?")
         self.busy = True
-        fut = svc.loop.run_in_executor(None, _suppression_call, store, req.method, path, query,
-                                       req.body, self.a.settings.config.suppression.max_search_scan)
+        if svc.suppression_pool is None:
+            svc.suppression_pool = concurrent.futures.ThreadPoolExecutor(
+                SUPPRESSION_THREADS, thread_name_prefix="suppression")
+        fut = svc.loop.run_in_executor(svc.suppression_pool, _suppression_call, store,
+                                       req.method, path, query, req.body,
+                                       self.a.settings.config.suppression.max_search_scan)
         fut.add_done_callback(functools.partial(self._suppression_done, req.keep_alive,
                                                  req.method == b"HEAD"))
 

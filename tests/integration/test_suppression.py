@@ -513,6 +513,40 @@ def test_smtp_and_reads_are_answered_while_a_bulk_put_is_in_progress(lab):
         [(f"busy{i:05d}@busy-put.test", f"busy {i}") for i in range(10_000)]
 
 
+def test_suppression_requests_waiting_for_the_list_leave_threads_for_transmissions(lab):
+    """Suppression-list requests have a pool of threads of their own: eight bulk PUTs
+    waiting for the list's write lock (held here, as a long write holds it) left none of
+    the acceptor's default executor for a large transmission, whose body is decoded
+    and compiled there; it is answered meanwhile, and the PUTs once the lock is free."""
+    d, sink = lab
+    holder = S.SuppressionList(S.path_in(d.state_dir), 8 << 30)
+    txn = holder.env.begin(write=True)
+    answers: list = []
+    puts = [threading.Thread(target=lambda i=i: answers.append(call(
+        d, "PUT", "/api/v1/suppression-list",
+        {"recipients": [{"recipient": f"queued{i}@pool.test", "type": "transactional"}]})))
+        for i in range(8)]
+    try:
+        for th in puts:
+            th.start()
+        time.sleep(1.0)     # (all eight taken, each waiting for the lock or a thread)
+        assert not answers
+        big = {"recipients": [{"address": "large-while-busy@example.net"}],
+               "content": {"from": SENDER, "subject": "s", "text": "x" * 70_000}}
+        st, _, out = d.post(big, headers={"Authorization": KEY}, timeout=10)
+        assert st == 200 and out["results"]["total_accepted_recipients"] == 1, out
+        assert not answers
+    finally:
+        txn.abort()
+        holder.close()
+        for th in puts:
+            th.join(60)
+    assert sorted(a[0] for a in answers) == [200] * 8
+    assert all(call(d, "GET", f"/api/v1/suppression-list/queued{i}@pool.test")[0] == 200
+               for i in range(8))
+    sink.wait_for("large-while-busy@example.net")
+
+
 def test_a_domain_search_finds_entries_kept_in_either_spelling(make_daemon):
     """A list written before domains were kept in A-labels has U-label keys: a domain
     search finds them and the A-label ones, spelt either way."""
