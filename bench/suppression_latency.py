@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import smtplib
 import statistics
 import sys
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--put-clients", type=int, default=2)
     ap.add_argument("--searches", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--keep", action="store_true", help="keep the daemon's directory")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="suplat-")
     d = Daemon(tmp, acceptors=1, shards=1, http={"api_keys": [KEY]},
@@ -150,7 +152,10 @@ def main() -> None:
         phase(d, "search", searches, args.seconds)
     finally:
         d.stop()
-    print(f"daemon dir {tmp}")
+        if args.keep:
+            print(f"daemon dir {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
