@@ -293,6 +293,10 @@ class DnsServer:
             self._control("flush_zone", z)
         self._control("flush_requestlist")
 
+    def flush(self, zone: str) -> None:
+        """Drop what unbound has cached of *zone* (its answers are fetched anew)."""
+        self._control("flush_zone", _absolute(zone).lower())
+
     def add(self, records: list[str]) -> None:
         """Add records to the running server (a new zone restarts it on the same port)."""
         known = set(self.zones)
