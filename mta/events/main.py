@@ -72,8 +72,15 @@ class NullSink:
     def close(self) -> None:
         pass
 
-    def prune(self, now: float, keep_from_seq: int, full: bool = False) -> int:
+    def prune(self, now: float, keep_from_seq: int, full: bool = False,
+              sweep: bool = True) -> int:
         return 0
+
+    def sweeping(self) -> bool:
+        return False
+
+    def sweep(self) -> bool:
+        return False
 
     def last_seq(self) -> int:
         return 0
@@ -342,7 +349,9 @@ class Events:
             need = webhookdb.read_min_seq(self.state_dir)
             if need is not None:
                 keep = min(keep, need)
-        self.sink.prune(time.time(), keep, full=full)
+        # (a sweep for damaged events' entries it leaves pending runs a piece at a time
+        # between two turns of run(): the appends do not wait for a walk of the store)
+        self.sink.prune(time.time(), keep, full=full, sweep=False)
 
     def rewind(self) -> None:
         """After a write failure: read again from the durable cursors."""
@@ -362,6 +371,10 @@ class Events:
                     self.reopen = False
                     self.log.reopen()
                 more = self.step()
+                if self.sink.sweeping():
+                    # one piece (a transaction of bounded entries and time), then the
+                    # shards again: at once, no sleep while there is more
+                    more |= self.sink.sweep()
                 now = time.monotonic()
                 if now >= self.next_checkpoint:
                     self.checkpoint()

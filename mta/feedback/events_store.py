@@ -15,7 +15,8 @@ that is no msgpack map (LMDB has no checksums) is logged and passed over:
 :meth:`EventStore.read` gives it as an empty event, a query's page and
 :meth:`EventStore.originals` leave it out, :meth:`EventStore.prune` deletes it
 with its index entries and counts (found by a walk of the indexes: its values
-cannot be read).
+cannot be read; the walk, :meth:`EventStore.sweep`, runs in bounded transactions
+of its own, between the events process's appends).
 
 Layout (named databases; times are big-endian milliseconds, 8 octets; seq is
 big-endian, 8 octets; so byte order is time order):
@@ -117,6 +118,9 @@ WARN_FRACTION = 0.75               # of the map size: warn
 PRUNE_FRACTION = 0.85              # of the map size: prune the oldest events too
 PRUNE_TARGET = 0.7               # ... down to this
 DEFAULT_CHUNK = 5000               # events deleted per prune transaction
+SWEEP_PIECE = 20_000               # index entries one sweep transaction looks at, at most
+SWEEP_PIECE_SECONDS = 0.05         # ... and seconds it runs, at most (then it commits)
+MAX_SWEEP_PIECES = 1_000_000       # sweep transactions one prune(sweep=True) runs, at most
 MAX_ORIGINAL_EVENTS = 1000         # events of an original message read for one report
 MAX_MESSAGE_ID_MATCHES = 8         # messages one Message-ID is looked up in (newest first)
 MAX_CACHED_CAMPAIGNS = 1000       # campaign ids (and, apart, type and bounce-class values) whose index keys the writer keeps
@@ -159,6 +163,13 @@ _SPLIT_DOMAIN = re.compile(r"[\s\-_.]+")
 # Indexes with per-minute counters (few distinct values, many events each).
 COUNTED = frozenset(("type", "camp", "bcls", "tx"))
 _ALL = b"*\x00\x00"                 # counter prefix of every event
+
+# The pending sweep, in ``meta``: where it is (a stage, a duplicate and a key: see
+# EventStore.sweep) and the unreadable events it is for (time key -> minute).
+_SWEEP_AT = b"sweep@"
+_SWEEP_BAD = b"sweep/"
+_SWEEP_STAGES = ("rcpt", "msg", "tx", "camp", "bcls", "type", "mid", "ids")
+_NO_DUP = b"\x00" * 16
 
 
 def _counter(name: str, key: bytes) -> bytes:
@@ -366,6 +377,18 @@ class EventStore:
             self.env.close()
             raise StoreDamaged(path, exc) from None
         self._warned = False
+        # the sweep for unreadable events' index entries (see _queue_sweep): whether one
+        # is pending (in ``meta``, so a restart goes on with it), their time keys ->
+        # minute as last read (None: read again), and for its log line: entries deleted,
+        # when it began, transactions
+        self._bad: dict[bytes, bytes] | None = None
+        self._sweep_pending = False
+        self._sweep_log = [0, 0.0, 0]
+        if not readonly:
+            with self.env.begin(db=self.meta) as txn:
+                self._sweep_pending = txn.get(_SWEEP_AT) is not None
+            if self._sweep_pending:
+                self._sweep_log[1] = time.monotonic()
         # campaign id -> its index keys with their counter prefixes; (index, value) -> the
         # same for the counted indexes with few values (type, bounce class)
         self._campaigns: dict[str, list[tuple[bytes, bytes]]] = {}
@@ -957,7 +980,7 @@ class EventStore:
     # ------------------------------------------------------------- pruning
 
     def prune(self, now: float, keep_from_seq: int, chunk: int = DEFAULT_CHUNK,
-              max_chunks: int = 1000, full: bool = False) -> int:
+              max_chunks: int = 1000, full: bool = False, sweep: bool = True) -> int:
         """Delete events older than the retention (and the oldest when nearly full); how many.
 
         Never deletes an event with seq >= *keep_from_seq*.  At most *chunk*
@@ -966,7 +989,17 @@ class EventStore:
         raised :class:`StoreFull`; the oldest are deleted down to PRUNE_TARGET
         whatever :meth:`usage` says (the pages it counts are not all the map:
         pages freed but still held by a reader's snapshot fill it too).
+
+        Unreadable (or missing) events deleted leave a sweep for their index entries
+        pending (:meth:`sweep`); *sweep*: it is run to its end before this returns, in
+        its bounded transactions.  The events process passes False and runs one piece
+        between two turns of its reading instead (:meth:`sweeping`), so that its
+        appends do not wait for a whole walk of the indexes.
         """
+        if not self._sweep_pending and not self.readonly:
+            # (a sweep given up for a full map: pruning makes room, it may go on)
+            with self.env.begin(db=self.meta) as txn:
+                self._sweep_pending = txn.get(_SWEEP_AT) is not None
         cutoff = int((now - self.retention) * 1000)
         n = 0
         resume = b""
@@ -995,6 +1028,10 @@ class EventStore:
                 self._warned = True
         else:
             self._warned = False
+        if sweep:
+            for _ in range(MAX_SWEEP_PIECES):
+                if not self.sweep():
+                    break
         return n
 
     def _prune_chunk(self, stop: bytes, keep_from_seq: int, chunk: int,
@@ -1069,62 +1106,179 @@ class EventStore:
 
     def _finish_prune(self, txn, counts: dict, n: int, bad: dict) -> int:
         if bad:
-            self._sweep(txn, bad, counts)
+            self._queue_sweep(txn, bad)
         for ck, d in counts.items():
             self._bump(txn, ck, d)
         counts.clear()
         return n
 
-    def _sweep(self, txn, bad: dict[bytes, bytes], counts: dict[bytes, int]) -> None:
-        """Delete the index entries, event_id entries and counts of the unreadable (or
-        missing) events *bad* (time key -> minute) a prune has just deleted.
+    def _queue_sweep(self, txn, bad: dict[bytes, bytes]) -> None:
+        """Leave a sweep pending for the index entries, event_id entries and counts of the
+        unreadable (or missing) events *bad* (time key -> minute) this prune transaction
+        deletes, in the same transaction (a restart goes on with it).
 
         Their values (recipient, campaign, event_id...) cannot be read, and an index is
-        keyed by them: each index is walked key by key (one look-up of each time key
-        under each), and the ``ids`` database entry by entry.  A walk of the store's
-        indexes (measured: 0.24 s for a store of 200,000 events; seconds for millions), once per
-        prune transaction that met such an event -- damage, rare -- and nothing otherwise.
+        keyed by them: each index is walked key by key (one look-up of the time keys'
+        span under each), and the ``ids`` database entry by entry -- a walk of the
+        whole store's indexes (seconds for millions of events), done by :meth:`sweep`
+        in pieces of its own transactions.  A sweep already under way starts again
+        from the first index with the new events added (those it passed may hold
+        theirs).  Damage is rare: otherwise nothing is pending and nothing is walked.
         """
-        t0 = time.monotonic()
-        swept = 0
-        first, last = min(bad), max(bad)
-        for name, db in self.idx.items():
-            cur = txn.cursor(db=db)
-            ok = cur.first()
-            while ok:
-                key = bytes(cur.key())
-                # (a key's entries from the first time key on, up to the last: the other
-                # events of that span were deleted by this transaction, so this is about
-                # one look-up a key however many unreadable events there are)
-                found = cur.set_range_dup(key, first)
-                while found:
-                    tk = cur.value()
-                    if tk > last:
-                        break
-                    minute = bad.get(tk)
-                    if minute is None:
-                        found = cur.next_dup()
-                        continue
-                    cur.delete()      # (moves to the next entry, maybe of another key)
-                    swept += 1
-                    if name in COUNTED:
-                        ck = _counter(name, key) + minute
-                        counts[ck] = counts.get(ck, 0) - 1
-                    found = cur.key() == key
-                ok = cur.set_range(key + b"\x00")   # the next key
-        cur = txn.cursor(db=self.ids)
-        ok = cur.first()
-        while ok:
-            if cur.value() in bad:
-                ok = cur.delete()      # moves to the next entry
-                ok = ok and bool(cur.key())
-                swept += 1
-            else:
-                ok = cur.next()
-        log.warning("events store: %d unreadable or missing event(s) deleted; %d index entries of "
-                    "theirs found and deleted in %.3f s", len(bad), swept,
-                    time.monotonic() - t0)
+        for tk, minute in bad.items():
+            txn.put(_SWEEP_BAD + tk, minute, db=self.meta)
+        txn.put(_SWEEP_AT, b"\x00" + _NO_DUP, db=self.meta)
+        self._bad = None            # (read again: this transaction may yet be aborted)
+        if not self._sweep_pending:
+            self._sweep_pending = True
+            self._sweep_log[:] = [0, time.monotonic(), 0]
         bad.clear()
+
+    def sweeping(self) -> bool:
+        """Whether a sweep is pending (:meth:`sweep` has work).  No look-up: the writer's."""
+        return self._sweep_pending
+
+    def sweep(self, max_entries: int = SWEEP_PIECE,
+              max_seconds: float = SWEEP_PIECE_SECONDS) -> bool:
+        """One piece of the pending sweep (:meth:`_queue_sweep`) in one write transaction
+        of at most *max_entries* index entries looked at and about *max_seconds*;
+        whether some is still pending.
+
+        It resumes where the last piece stopped (the position is in ``meta``, committed
+        with what the piece deleted).  Events appended between two pieces are never
+        the sweep's: their time keys hold seqs never given before, and the sweep deletes
+        only entries whose value is one of its events' time keys; a key appended before
+        where the sweep is holds none of its entries.  The counters of a piece's
+        deletions are lowered in its transaction.  In between, a query may meet an
+        entry of an event already deleted (it passes over it; a total counted from the
+        index may be that much too high until the sweep is done), and a replay of such
+        an event's event_id is still skipped as stored."""
+        if not self._sweep_pending:
+            return False
+        while True:
+            try:
+                # (at least a key and one of its entries: each piece moves on)
+                return self._sweep_piece(max(2, max_entries), max_seconds)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+            except lmdb.MapFullError:
+                if max_entries <= 2:
+                    log.error("events store: full ([events] store_max_size %d octets); the "
+                              "sweep for unreadable events' entries waits for the next "
+                              "prune", self.map_size)
+                    self._sweep_pending = False      # (prune() looks again)
+                    return False
+                max_entries //= 2
+            except DAMAGED as exc:
+                raise StoreDamaged(self.path, exc) from None
+
+    def _sweep_piece(self, max_entries: int, max_seconds: float) -> bool:
+        deadline = time.monotonic() + max_seconds
+        seen = 0
+        swept = 0
+        counts: dict[bytes, int] = {}
+
+        def spent() -> bool:
+            # (the clock read once in 64 entries, never before the first: each piece
+            # moves on by at least one entry)
+            return seen >= max_entries or (seen and not seen & 63
+                                           and time.monotonic() >= deadline)
+
+        with self.env.begin(write=True) as txn:
+            at = txn.get(_SWEEP_AT, db=self.meta)
+            if at is None:
+                self._sweep_pending = False
+                return False
+            if self._bad is None:
+                self._bad = self._read_bad(txn)
+            bad = self._bad
+            stage, dup, key = at[0], at[1:17], at[17:]
+            first, last = (min(bad), max(bad)) if bad else (b"", b"")
+            stop = None            # where this piece stops: (stage, dup, key)
+            while stage < len(_SWEEP_STAGES) and bad and stop is None:
+                name = _SWEEP_STAGES[stage]
+                if name == "ids":
+                    cur = txn.cursor(db=self.ids)
+                    ok = cur.set_range(key) if key else cur.first()
+                    while ok:
+                        if spent():
+                            stop = (stage, _NO_DUP, bytes(cur.key()))
+                            break
+                        seen += 1
+                        if cur.value() in bad:
+                            ok = cur.delete() and bool(cur.key())   # (moves to the next)
+                            swept += 1
+                        else:
+                            ok = cur.next()
+                elif name in self.idx:
+                    counted = name in COUNTED
+                    cur = txn.cursor(db=self.idx[name])
+                    ok = cur.set_range(key) if key else cur.first()
+                    while ok:
+                        k = bytes(cur.key())
+                        if spent():
+                            stop = (stage, _NO_DUP, k)
+                            break
+                        seen += 1
+                        # (a key's entries from the first time key on, up to the last:
+                        # about one look-up a key however many unreadable events there are)
+                        lo = dup if k == key and dup > first else first
+                        found = cur.set_range_dup(k, lo)
+                        while found:
+                            tk = cur.value()
+                            if tk > last:
+                                break
+                            if spent():
+                                stop = (stage, bytes(tk), k)
+                                break
+                            seen += 1
+                            minute = bad.get(tk)
+                            if minute is None:
+                                found = cur.next_dup()
+                                continue
+                            cur.delete()      # (moves to the next entry, maybe of another key)
+                            swept += 1
+                            if counted:
+                                ck = _counter(name, k) + minute
+                                counts[ck] = counts.get(ck, 0) - 1
+                            found = cur.key() == k
+                        if stop is not None:
+                            break
+                        ok = cur.set_range(k + b"\x00")   # the next key
+                if stop is None:
+                    stage, dup, key = stage + 1, _NO_DUP, b""
+            for ck, d in counts.items():
+                self._bump(txn, ck, d)
+            if stop is not None:
+                txn.put(_SWEEP_AT, bytes((stop[0],)) + stop[1] + stop[2], db=self.meta)
+            else:
+                for tk in bad:
+                    txn.delete(_SWEEP_BAD + tk, db=self.meta)
+                txn.delete(_SWEEP_AT, db=self.meta)
+        self._sweep_log[0] += swept
+        self._sweep_log[2] += 1
+        if stop is not None:
+            return True
+        entries, t0, pieces = self._sweep_log
+        log.warning("events store: %d unreadable or missing event(s) deleted; %d index entries "
+                    "of theirs found and deleted in %.3f s (%d transaction(s))", len(bad),
+                    entries, time.monotonic() - t0, pieces)
+        self._sweep_pending = False
+        self._bad = None
+        return False
+
+    def _read_bad(self, txn) -> dict[bytes, bytes]:
+        """The pending sweep's events: time key -> minute."""
+        out = {}
+        cur = txn.cursor(db=self.meta)
+        ok = cur.set_range(_SWEEP_BAD)
+        while ok:
+            k = cur.key()
+            if not k.startswith(_SWEEP_BAD):
+                break
+            out[bytes(k[len(_SWEEP_BAD):])] = bytes(cur.value())
+            ok = cur.next()
+        return out
 
 
 def _identity(path: str) -> tuple[int, int] | None:

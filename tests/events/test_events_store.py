@@ -666,3 +666,66 @@ def test_the_prune_of_a_time_entry_whose_event_is_missing_leaves_nothing(store, 
         assert _entries(store, store.idx[n]) == [], n
     for db in (store.count_db, store.ids, store.time, store.ev):
         assert _entries(store, db) == []
+
+
+def test_the_sweep_runs_in_pieces_with_appends_between_them(tmp_path, caplog):
+    """The sweep for unreadable events' index entries walked every index of the store in
+    the prune's transaction: seconds at millions of events, with the events process's
+    appends (and the shards' reports behind them) waiting.  It runs in pieces now, each a
+    transaction of a bounded number of entries, resumed from where the last one stopped
+    -- after a restart too, and again from the start when another prune meets more
+    damage.  Events appended between the pieces, with the same values and times among
+    the damaged ones', must keep every entry and count; at the end nothing of the
+    damaged events is left, and the counters are exactly what the stored events imply."""
+    path = str(tmp_path / "events")
+    s = S.EventStore(path, map_size=MAP, retention=50)
+    s.append([ev(i, rcpt_to="u%d@example.com" % (i % 300), campaign_id="camp %d" % (i % 5),
+                 bounce_class=str(i % 3)) for i in range(2000)])
+    damaged = list(range(101, 1000, 7))
+    for seq in damaged:
+        _damage(s, seq, b"\xc1")
+    with caplog.at_level("WARNING", logger="mta.feedback.events_store"):
+        assert s.prune(T0 + 1050, keep_from_seq=10**9, sweep=False) == 1000
+        assert s.sweeping()
+        # (the damaged events' entries are still there: the sweep has not run)
+        assert _entries(s, s.idx["msg"]) != _implied(s)[0]["msg"]
+        pieces = 0
+        appended = 0
+        more_damage = [1500, 1507]
+        while s.sweep(max_entries=100):
+            pieces += 1
+            assert pieces < 5000
+            # an append between two pieces: values and times of the damaged ones
+            j = 10 * appended
+            appended += 1
+            s.append([ev(50_000 + j + k, timestamp=str(T0 + 101 + (j + k) % 900),
+                         rcpt_to="u%d@example.com" % ((101 + j + k) % 300),
+                         campaign_id="camp %d" % ((j + k) % 5), bounce_class="1")
+                      for k in range(10)])
+            if pieces == 5:                 # a restart in the middle
+                s.close()
+                s = S.EventStore(path, map_size=MAP, retention=50)
+                assert s.sweeping()
+            if pieces == 40:                # more damage met by another prune: start again
+                for seq in more_damage:
+                    _damage(s, seq, b"")
+                assert s.prune(T0 + 1560, keep_from_seq=2001, sweep=False) == 510
+    said = [r.getMessage() for r in caplog.records
+            if "unreadable or missing event(s)" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(
+        "events store: %d unreadable or missing event(s) deleted" % (len(damaged) + 2)), said
+    assert pieces > 100 and not s.sweeping()
+    assert s.count() == 2000 - 1510 + 10 * appended
+    idx, times, counts = _implied(s)
+    for n in INDEXES:
+        assert _entries(s, s.idx[n]) == idx[n], n
+    assert _entries(s, s.time) == times
+    assert {k: S._U64.unpack(v)[0] for k, v in _entries(s, s.count_db)} == counts
+    assert len(_entries(s, s.ids)) == s.count()
+    _, _, total = s.query({"campaigns": ["camp 1"]}, None, 10, start=0, end=T0 + 10**6)
+    assert total == sum(1 for _, raw in _entries(s, s.ev)
+                        if S._dec.decode(raw[8:])["campaign_id"] == "camp 1")
+    # a replay of a damaged event's id is stored again
+    last = s.last_seq()
+    assert s.append([ev(damaged[0] - 1)]) == last + 1
+    s.close()

@@ -92,3 +92,68 @@ def test_a_full_store_is_pruned_and_events_are_logged_once(tmp_path, monkeypatch
         assert e.log.ids == [f"e{i}" for i in range(1, TOTAL + 1)]
     finally:
         store.close()
+
+
+def test_the_sweep_runs_between_appends(tmp_path, monkeypatch):
+    """A prune that deleted unreadable stored events left a walk of every index of the
+    store (seconds at millions of events) in its transaction, and the events process's
+    appends waited for it.  The process now prunes without it and runs the sweep a piece
+    (a transaction) at a time between two turns of its reading: the shards' events are
+    stored between the pieces, and the sweep ends with nothing of the damaged events
+    left."""
+    store = S.EventStore(str(tmp_path / "st"), map_size=64 << 20, retention=86400)
+    old = time.time() - 2 * 86400
+    store.append([{"type": "delivery", "event_id": f"old{i}", "timestamp": old + i,
+                   "rcpt_to": f"u{i % 40}@x.test", "campaign_id": f"c{i % 3}",
+                   "message_id": f"m{i}"} for i in range(1000)])
+    for seq in range(5, 1000, 10):
+        with store.env.begin(write=True, db=store.ev) as txn:
+            k = S._U64.pack(seq)
+            txn.put(k, bytes(txn.get(k)[:8]) + b"\xc1")
+    pieces: list[int] = []              # last seq at each piece
+    sweep = store.sweep
+
+    def piece():
+        pieces.append(store.last_seq())
+        return sweep(max_entries=40)
+
+    monkeypatch.setattr(store, "sweep", piece)
+    e = M.Events.__new__(M.Events)
+    e.tails = [FakeTail()]
+    e.log = FakeLog()
+    e.sink = store
+    e.cfg = types.SimpleNamespace(poll_interval=0.01, checkpoint_interval=3600)
+    e.stopping = e.reopen = e.failed = e.store_full = False
+    e.unstored = []
+    e.pusher = None
+    e.next_checkpoint = 0.0                 # a checkpoint (and its prune) at the first turn
+    e.next_prune = 0.0
+    e.webhooks_enabled = False
+    e.state_dir = str(tmp_path)
+    e.published = types.SimpleNamespace(value=0)
+    e.unreadable = types.SimpleNamespace(value=0)
+    t = threading.Thread(target=e.run)
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and \
+                not (e.tails[0].n >= TOTAL and store.last_seq() >= 1000 + TOTAL and pieces
+                     and not store.sweeping()):
+            time.sleep(0.05)
+    finally:
+        e.stopping = True
+        t.join()
+    try:
+        assert store.last_seq() == 1000 + TOTAL and store.count() == TOTAL
+        # the sweep took many pieces, with the shards' events stored between them
+        assert len(pieces) > 10 and pieces[-1] > pieces[0], pieces
+        assert not store.sweeping()
+        with store.env.begin() as txn:
+            for name in ("rcpt", "msg", "camp", "type"):
+                for _, tk in txn.cursor(db=store.idx[name]).iternext():
+                    assert txn.get(tk[8:], db=store.ev) is not None, (name, tk)
+            assert txn.stat(store.ids)["entries"] == TOTAL
+            assert sum(S._U64.unpack(v)[0] for k, v in txn.cursor(db=store.count_db)
+                       if k.startswith(S._ALL)) == TOTAL
+    finally:
+        store.close()
