@@ -29,6 +29,7 @@ import http.client
 import json
 import os
 import select
+import shlex
 import signal
 import sys
 import time
@@ -661,7 +662,10 @@ def resume_cmd(ctx, config_path, as_json, sid):
 def bounce_cmd(ctx, config_path, as_json, domain, site, campaign, pool, reason, dsn, no_wait,
                interval):
     """Bounce every queued recipient the fields match (all of them must): a bounce event
-    of class 25 (Admin Failure) each, and with --dsn a DSN to the sender."""
+    of class 25 (Admin Failure) each, and with --dsn a DSN to the sender.
+
+    Exit status 1 when nothing queued matches (a typo, mail already gone), said on
+    stderr, as 'mta queue delete' of a queue id not queued."""
     cl = _client(_config(ctx, config_path))
     q = _query(domain=domain, site=site, campaign=campaign, pool=pool, reason=reason,
                dsn="1" if dsn else "0")
@@ -682,6 +686,13 @@ def bounce_cmd(ctx, config_path, as_json, domain, site, campaign, pool, reason, 
         state = "done" if d["finished"] else "started"
         click.echo(f"bulk bounce {d['id'] or '-'} {state}: {d['done']} of {d['total']} "
                    "recipient(s) bounced")
+    if not d["total"]:
+        # (the total is counted when the bounce starts, on every shard: none matched)
+        given = " ".join(f"--{k} {shlex.quote(v)}" for k, v in (("domain", domain), ("site", site),
+                                                    ("campaign", campaign), ("pool", pool))
+                         if v is not None)
+        click.echo(f"mta: no queued recipient matches {given}: nothing bounced", err=True)
+        sys.exit(1)
 
 
 def _bounce_bar(cl, d, interval):

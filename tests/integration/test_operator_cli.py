@@ -486,3 +486,36 @@ def test_queue_show_without_a_daemon_fails_at_once(make_daemon):
             assert r.returncode == 69 and b"is 'mta serve' running" in r.stderr, (how, args, r)
             assert b"Traceback" not in r.stderr, r
             assert took < base + 0.5, (how, args, took, base)
+
+
+def test_a_bulk_bounce_that_matches_nothing_says_so_and_fails(make_daemon):
+    """`mta bounce --campaign X` of a campaign with nothing queued (a typo, the wrong case
+    of a domain, mail already gone) said "done: 0 of 0 recipient(s) bounced" and exited
+    0: a script, or an operator reading only the exit status, took the bounce as done.
+    Like `mta queue delete` of an id not queued, it now says on stderr that nothing
+    queued matches and exits 1 (the --json object as before); a bounce that matched
+    bounces and exits 0.  `mta queue flush --domain` of a domain with nothing deferred
+    stays exit 0: a flush changes nothing for good, and nothing deferred is the usual
+    state of a domain whose mail went."""
+    d = make_daemon(acceptors=1, shards=2)      # (delivery held: the mail stays queued)
+    hdr = b'X-MSYS-API: {"campaign_id": "spring"}\r\n'
+    spring = [d.send("a@sender.test", [f"s{i}@x.test"], hdr + message(f"s{i}"))
+              for i in range(3)]
+    for args in (("bounce", "--campaign", "sprnig"),
+                 ("bounce", "--domain", "nosuch.test", "--no-wait"),
+                 ("queue", "bounce", "--campaign", "spring", "--domain", "y.test")):
+        r = d.cli(*args, check=False)
+        assert r.returncode == 1, (args, r)
+        assert b"0 of 0 recipient(s) bounced" in r.stdout, (args, r)
+        assert b"mta: no queued recipient matches" in r.stderr, (args, r)
+    r = d.cli("bounce", "--campaign", "sprnig", "--json", check=False)
+    assert r.returncode == 1 and json.loads(r.stdout)["total"] == 0, r
+    assert b"no queued recipient matches" in r.stderr, r
+    # nothing was bounced; the real campaign is, with exit 0
+    assert {m["queue_id"] for m in d.queue_list()} == set(spring)
+    r = d.cli("bounce", "--campaign", "spring")
+    assert b"done: 3 of 3 recipient(s) bounced" in r.stdout and not r.stderr, r
+    wait_until(lambda: not d.queue_list(), 15, "the bounced messages gone")
+    # a flush of a domain with nothing deferred is no error
+    r = d.cli("queue", "flush", "--domain", "nosuch.test")
+    assert b"0 deferred recipient(s) at nosuch.test" in r.stdout, r
