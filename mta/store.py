@@ -215,8 +215,10 @@ class _MendableMeta(msgspec.Struct, array_like=True):
 
 
 # An arrival read from a record lies after the epoch and at most this far ahead of the clock
-# at the recovery (a clock set back since may have written one somewhat ahead: kept); one
-# out of these bounds is no time a clock read, and is mended as one out of range is.
+# at the recovery or of its segment file's last change, whichever is later (a clock set
+# back since, even by years -- a real-time clock that lost its time boots at 1970 --
+# wrote them when the file was written: kept); one out of these bounds is no time a
+# clock read, and is mended as one out of range is.
 ARRIVAL_AHEAD_MAX = 365 * 86400.0
 
 
@@ -234,12 +236,12 @@ def qid_time(qid: str) -> float | None:
     return t if 0 < t < MAX_TIME else None
 
 
-def _taken_at(qid: str, path: str) -> float:
+def _taken_at(qid: str, path: str, latest: float) -> float:
     """When a message whose arrival is lost was taken, as near as can be told: when its
-    queue id was made; else when its segment file (*path*) last changed (after it was
-    written); else now."""
+    queue id was made (before *latest*, the arrivals' bound); else when its segment file
+    (*path*) last changed (after it was written); else now."""
     t = qid_time(qid)
-    if t is not None and t < time.time() + ARRIVAL_AHEAD_MAX:
+    if t is not None and t < latest:
         return t
     try:
         t = os.stat(path).st_mtime
@@ -1062,8 +1064,10 @@ class Store:
         # that when the daemon last ran (later than now: it was set back meanwhile)
         self.latest_arrival = 0.0
         # A record's arrival at or after this is no time a clock read (ARRIVAL_AHEAD_MAX;
-        # set again by recover_start)
+        # set again by recover_start); the recovery raises it for each segment whose file
+        # changed later than the clock reads now (_replay: _seg_bound)
         self.arrival_bound = time.time() + ARRIVAL_AHEAD_MAX
+        self._seg_bound = self.arrival_bound
 
     @property
     def recipients(self) -> int:
@@ -1159,6 +1163,11 @@ class Store:
         number = seg.number
         n = 0
         with open(seg.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            # (its records' arrivals were read by the clock before the file last changed:
+            # one set back since, by any amount, does not make them "ahead")
+            changed = os.fstat(fh.fileno()).st_mtime
+            self._seg_bound = max(self.arrival_bound, changed + ARRIVAL_AHEAD_MAX
+                                  if good_time(changed) else 0.0)
             off = 0
             end = len(mm)
             # Written by a version that numbers its records (all of a file's records are
@@ -1287,9 +1296,10 @@ class Store:
                 except msgspec.ValidationError as exc:
                     m, mended = self._mend(meta, seg, exc)
                 else:
-                    if m.arrival <= 0.0 or m.arrival >= self.arrival_bound:
+                    if m.arrival <= 0.0 or m.arrival >= self._seg_bound:
                         # (in range, but no clock read it: mended as one out of range)
-                        m.arrival, mended = _taken_at(m.qid, seg.path), ["arrival"]
+                        m.arrival = _taken_at(m.qid, seg.path, self._seg_bound)
+                        mended = ["arrival"]
                 moff = boff - len(meta)
                 try:
                     self._add(m, seg.number, moff, len(meta), blen)
@@ -1359,7 +1369,8 @@ class Store:
             loose = _dec_mendable.decode(meta)
         except msgspec.ValidationError:
             raise exc from None             # (what MessageMeta's decoder said)
-        m, mended = mend(loose, lambda: _taken_at(loose.qid, seg.path), self.arrival_bound)
+        bound = self._seg_bound
+        m, mended = mend(loose, lambda: _taken_at(loose.qid, seg.path, bound), bound)
         if not mended:
             raise exc
         return m, mended
@@ -1724,7 +1735,8 @@ class Store:
             return m
         if m.arrival <= 0.0 or m.arrival >= self.arrival_bound:
             # (mended by the recovery if it read it: the index holds what it took; one
-            # taken since, arrived after the bound, is as the index holds it too)
+            # it kept, its segment written before the clock was set back, or taken
+            # since, arrived after the bound, is as the index holds it too)
             m.arrival = self.index.info(qid)[4]
         return m
 

@@ -1556,6 +1556,33 @@ def test_an_arrival_a_clock_ahead_read_is_kept(tmp_path, codec, ahead):
     assert st2.read_meta(qid(7)).arrival == m.arrival
 
 
+def test_arrivals_are_kept_when_the_clock_was_set_back_over_a_year(tmp_path, codec,
+                                                                   monkeypatch, caplog):
+    """A clock set back more than ARRIVAL_AHEAD_MAX while the daemon was down (a board
+    whose real-time clock lost its time boots at 1970 or 2000) puts every arrival on disk
+    more than a year ahead of it.  They were what the clock read when the mail came: kept
+    (the shard steps its due times back, _clock_behind_spool, and ages count from them),
+    not each mended to its segment file's time with a warning per message.  A damaged
+    arrival still takes its queue id's time, not the file's."""
+    st = new_store(tmp_path, codec)
+    put(st, [(meta(1), body(1)), (meta(2), body(2))])
+    m = meta(3)
+    m.arrival = -1.0
+    put(st, [(m, body(3))])
+    monkeypatch.setattr(store_mod.time, "time", lambda: 946_684_800.0)    # 2000-01-01
+    with caplog.at_level("WARNING", logger="mta.spool"):
+        st2, stats = restart(tmp_path, codec)
+    monkeypatch.undo()
+    assert queued(st2) == [qid(1), qid(2), qid(3)]
+    assert stats["mended_time"] == 1 and stats["mended"] == 1, stats
+    for n in (1, 2):
+        assert st2.index.info(qid(n))[4] == meta(n).arrival
+        assert st2.read_meta(qid(n)).arrival == meta(n).arrival
+    assert st2.index.info(qid(3))[4] == pytest.approx(TAKEN + 3e-6, abs=1e-6)
+    assert st2.latest_arrival == meta(2).arrival
+    assert sum("mended" in r.getMessage() for r in caplog.records) == 1
+
+
 @pytest.mark.parametrize("client", [5, None, ["a"], b"\xff"], ids=["int", "nil", "list", "bin"])
 def test_a_message_whose_client_is_damaged_is_mended_not_passed_over(tmp_path, codec, client,
                                                                     caplog):
