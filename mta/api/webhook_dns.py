@@ -18,7 +18,8 @@ lookups -- and the API's test POSTs -- waited behind them.
   RFC 6761 §6.3.
 - A name in /etc/hosts is answered from it, without a query, as the system's
   resolver does first ("hosts: files dns"): targets an operator named there
-  before this resolver kept working.  The file is read again when it changes
+  before this resolver kept working (with ``delivery.ipv6`` off, a name it gives
+  IPv6 addresses only is asked of the DNS).  The file is read again when it changes
   (looked at once a second at most; its first MAX_HOSTS_FILE octets).  No other
   NSS source is read.
 - No address (NXDOMAIN, no A/AAAA record, an invalid name): ``socket.gaierror``
@@ -145,14 +146,15 @@ class WebhookResolver(AbstractResolver):
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         if is_localhost(host):
             addresses = list(_LOOPBACK if self._ipv6 else _LOOPBACK[:1])
-        elif (addresses := self._hosts.addresses(host)):
-            if not self._ipv6:
-                addresses = [a for a in addresses if ":" not in a]
         else:
-            (got,) = await self._resolver().resolve_hosts([host])
-            if isinstance(got, node_dns.DnsTempError):
-                raise socket.gaierror(socket.EAI_AGAIN, f"DNS lookup failed: {got}")
-            addresses = got[0]
+            addresses = [a for a in self._hosts.addresses(host) if self._ipv6 or ":" not in a]
+            if not addresses:
+                # (not in the file, or only with IPv6 addresses and IPv6 off: glibc's
+                # "files" answers nothing for that family, and "dns" is asked)
+                (got,) = await self._resolver().resolve_hosts([host])
+                if isinstance(got, node_dns.DnsTempError):
+                    raise socket.gaierror(socket.EAI_AGAIN, f"DNS lookup failed: {got}")
+                addresses = got[0]
         out = []
         for ip in addresses:
             fam = socket.AF_INET6 if ":" in ip else socket.AF_INET

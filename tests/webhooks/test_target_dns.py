@@ -115,8 +115,10 @@ def test_names_that_never_answer_fail_within_the_dns_timeout_and_hold_up_nothing
         failed = await asyncio.gather(*silent)
         return good, good_took, pending, failed, time.monotonic() - t0
     good, good_took, pending, failed, all_took = _run(_with_session(go))
-    assert good.status == 200 and good_took < 0.5, good_took
-    assert pending == 8                         # the good one did not wait for them
+    # the good one did not wait for them: done while the eight still wait for their DNS
+    # (a bound on its time would only measure how busy the machine is)
+    assert good.status == 200 and good_took < TIMEOUT, good_took
+    assert pending == 8
     assert all_took < TIMEOUT + 1.0
     for i, resp in enumerate(failed):
         assert resp.status == 0 and resp.failure == "connection", resp
@@ -259,20 +261,29 @@ def test_a_name_in_the_hosts_file_is_answered_from_it_without_a_query(tmp_path, 
 
 
 def test_the_hosts_files_ipv6_addresses_are_left_out_with_ipv6_off(tmp_path):
+    """With delivery.ipv6 off a name's IPv6 addresses in the file are not used; a name it
+    gives only IPv6 ones is asked of the DNS (glibc's "files" has nothing for IPv4)."""
     from mta.api.webhook_dns import HostsFile, WebhookResolver
 
     hosts = tmp_path / "hosts"
-    hosts.write_text("::1 six.internal both.internal\n127.0.0.2 both.internal\n")
+    hosts.write_text("::1 six.internal both.internal good.hooks.test\n"
+                     "127.0.0.2 both.internal\n")
 
     async def go():
-        r = WebhookResolver([("127.0.0.1", 9)], TIMEOUT, False, HostsFile(str(hosts)))
-        try:
-            both = [a["host"] for a in await r.resolve("both.internal", 80, 0)]
-            with pytest.raises(OSError) as six:
-                await r.resolve("six.internal", 80, 0)
-            return both, six.value
-        finally:
-            await r.close()
-    both, six = _run(go())
-    assert both == ["127.0.0.2"]
+        async with ScriptedDns(_answer) as srv:
+            r = WebhookResolver([("127.0.0.1", srv.port)], TIMEOUT, False,
+                                HostsFile(str(hosts)))
+            try:
+                both = [a["host"] for a in await r.resolve("both.internal", 80, 0)]
+                asked = list(srv.queries)
+                good = [a["host"] for a in await r.resolve("good.hooks.test", 80, 0)]
+                with pytest.raises(OSError) as six:
+                    await r.resolve("six.internal", 80, 0)
+                return both, asked, good, six.value, list(srv.queries)
+            finally:
+                await r.close()
+    both, asked, good, six, queries = _run(go())
+    assert both == ["127.0.0.2"] and asked == []
+    assert good == ["127.0.0.1"]            # the DNS's answer, not the file's ::1
     assert "no such name, or no address" in str(six)
+    assert queries == [("good.hooks.test.", "A", False), ("six.internal.", "A", False)]
