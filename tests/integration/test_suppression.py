@@ -54,14 +54,26 @@ def error_of(body) -> str:
     return body["errors"][0]["description"]
 
 
+def refuse_unknown(sink, address, mail_from):
+    """The sinks' RCPT answer: unknown* addresses are refused 550 5.1.1."""
+    if address.startswith("unknown"):
+        return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+    return None
+
+
+def listed(path: str, address: str) -> bool:
+    """Whether the suppression list at *path* has *address* (non-transactional)."""
+    lst = S.SuppressionList(path, 1 << 24)
+    try:
+        return lst.check(address, False)
+    finally:
+        lst.close()
+
+
 @pytest.fixture(scope="module")
 def lab(make_module_daemon):
     """A daemon that delivers to a sink; the sink refuses unknown@ with 550 5.1.1."""
-    def rcpt(sink, address, mail_from):
-        if address.startswith("unknown"):
-            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
-        return None
-    sink = AioSink(HOST, free_port(), rcpt=rcpt).start()
+    sink = AioSink(HOST, free_port(), rcpt=refuse_unknown).start()
     d = None
     try:
         d = make_module_daemon(
@@ -853,11 +865,7 @@ def test_a_reload_moves_every_process_to_the_new_list_together(make_daemon):
     (not replaced) went on putting their Bounce Rule entries on the old one until a
     restart -- one list checked, another fed.  Now the shards take the new list at the
     reload too (their log says so), and nothing is named as waiting for a restart."""
-    def rcpt(sink, address, mail_from):
-        if address.startswith("unknown"):
-            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
-        return None
-    sink = AioSink(HOST, free_port(), rcpt=rcpt).start()
+    sink = AioSink(HOST, free_port(), rcpt=refuse_unknown).start()
     try:
         d = make_daemon(
             acceptors=1, shards=1, http={"api_keys": [KEY]},
@@ -885,15 +893,9 @@ def test_a_reload_moves_every_process_to_the_new_list_together(make_daemon):
         assert ev[0]["bounce_class"] == "25"
         wait_until(lambda: bounces(d, "unknown-1@example.net"), 30, "the 5.1.1 bounce")
 
-        def on(path, address) -> bool:
-            lst = S.SuppressionList(path, 1 << 24)
-            try:
-                return lst.check(address, False)
-            finally:
-                lst.close()
         # the shard's Bounce Rule entry is on the list the acceptors check
-        wait_until(lambda: on(other, "unknown-1@example.net"), 20, "the Bounce Rule entry")
-        assert not on(first, "unknown-1@example.net")
+        wait_until(lambda: listed(other, "unknown-1@example.net"), 20, "the Bounce Rule entry")
+        assert not listed(first, "unknown-1@example.net")
         st, _, body = call(d, "GET", "/api/v1/suppression-list/unknown-1@example.net")
         assert st == 200 and body["results"][0]["source"] == "Bounce Rule", body
         assert smtp_send(d, ["unknown-1@example.net"]) == {}
@@ -910,7 +912,7 @@ def test_a_reload_moves_every_process_to_the_new_list_together(make_daemon):
         sink.wait_for("new-only@example.net")
         wait_until(lambda: bounces(d, "unknown-2@example.net"), 30, "the 5.1.1 bounce")
         time.sleep(0.5)
-        assert not on(other, "unknown-2@example.net")
+        assert not listed(other, "unknown-2@example.net")
         assert "suppression list: added unknown-2" not in d.log()
     finally:
         sink.stop()
@@ -923,11 +925,7 @@ def test_no_bounce_rule_entry_goes_to_the_old_list_while_the_acceptors_roll(make
     reads after the reload -- the address was mailed again.  The new acceptor is held
     (SIGSTOP) as soon as it is forked, which holds that window open: a bounce then must
     land on the new list (the shards are moved, and have said so, before the acceptors)."""
-    def rcpt(sink, address, mail_from):
-        if address.startswith("unknown"):
-            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
-        return None
-    sink = AioSink(HOST, free_port(), rcpt=rcpt).start()
+    sink = AioSink(HOST, free_port(), rcpt=refuse_unknown).start()
     held = None
     try:
         d = make_daemon(
@@ -955,20 +953,14 @@ def test_no_bounce_rule_entry_goes_to_the_old_list_while_the_acceptors_roll(make
         assert st == 200, out
         wait_until(lambda: bounces(d, "unknown-1@example.net"), 30, "the 5.1.1 bounce")
 
-        def on(path, address) -> bool:
-            lst = S.SuppressionList(path, 1 << 24)
-            try:
-                return lst.check(address, False)
-            finally:
-                lst.close()
-        wait_until(lambda: on(other, "unknown-1@example.net") or
-                   on(first, "unknown-1@example.net"), 20, "the Bounce Rule entry")
+        wait_until(lambda: listed(other, "unknown-1@example.net") or
+                   listed(first, "unknown-1@example.net"), 20, "the Bounce Rule entry")
         os.kill(held, signal.SIGCONT)
         held = None
         d.wait_log(r"reloaded: ", count=done + 1, timeout=60)
-        assert on(other, "unknown-1@example.net"), \
+        assert listed(other, "unknown-1@example.net"), \
             "the Bounce Rule entry went to the list the acceptors no longer read"
-        assert not on(first, "unknown-1@example.net")
+        assert not listed(first, "unknown-1@example.net")
         # and the address is not mailed again
         st, _, out = d.post(transmission(["unknown-1@example.net"]),
                             headers={"Authorization": KEY})
@@ -1004,11 +996,7 @@ def test_a_reload_whose_acceptor_does_not_start_moves_the_shards_back(make_daemo
     lands where injections are checked."""
     import sys
 
-    def rcpt(sink, address, mail_from):
-        if address.startswith("unknown"):
-            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
-        return None
-    sink = AioSink(HOST, free_port(), rcpt=rcpt).start()
+    sink = AioSink(HOST, free_port(), rcpt=refuse_unknown).start()
     try:
         wrapper = tmp_path / "failing_acceptor.py"
         wrapper.write_text(FAILING_ACCEPTOR_WRAPPER)
@@ -1035,13 +1023,7 @@ def test_a_reload_whose_acceptor_does_not_start_moves_the_shards_back(make_daemo
         assert st == 200, out
         wait_until(lambda: bounces(d, "unknown-1@example.net"), 30, "the 5.1.1 bounce")
 
-        def on(path, address) -> bool:
-            lst = S.SuppressionList(path, 1 << 24)
-            try:
-                return lst.check(address, False)
-            finally:
-                lst.close()
-        wait_until(lambda: on(first, "unknown-1@example.net"), 20, "the Bounce Rule entry")
-        assert not on(other, "unknown-1@example.net")
+        wait_until(lambda: listed(first, "unknown-1@example.net"), 20, "the Bounce Rule entry")
+        assert not listed(other, "unknown-1@example.net")
     finally:
         sink.stop()
