@@ -29,6 +29,7 @@ from mta import store as store_mod
 from mta.queueid import new_qid_for_shard
 from mta.store import Store, shard_dir
 from sinks import AioSink, common_port
+from test_spool_unreadable import put_raw
 
 
 @pytest.fixture
@@ -122,17 +123,6 @@ def test_a_message_with_its_arrival_damaged_is_delivered_and_reported(make_daemo
     assert "Traceback" not in d.log(since_start=True)
     assert d.stop() == 0
     assert d.spool_dump() == []
-
-
-def put_raw(st: Store, rtype: int, mb: bytes, bd: bytes = b"") -> None:
-    """One batch of one record, framed and checksummed as the shard frames its own."""
-    seg = st._writable()
-    hdr = st.codec.encode_header(rtype, mb, bd, seg.number)
-    cm = store_mod._COMMIT.pack(seg.size, 1)
-    commit = st.codec.encode_header(store_mod.REC_COMMIT, cm, b"", seg.number)
-    st._append(seg, [hdr, mb, bd, commit, cm],
-               seg.size + len(hdr) + len(mb) + len(bd) + len(commit) + len(cm))
-    st.sync()
 
 
 def test_a_compaction_copy_with_its_progress_damaged_is_delivered(make_daemon, sink):
