@@ -55,9 +55,9 @@ class FakeLog:
         pass
 
 
-def test_a_full_store_is_pruned_and_events_are_logged_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(M, "ERROR_RETRY", 0.01)
-    store = S.EventStore(str(tmp_path / "st"), map_size=2 << 20, retention=86400)
+def events_loop(tmp_path, store, first_checkpoint: float) -> M.Events:
+    """The events process's loop (Events.run) over a FakeTail and a FakeLog into *store*,
+    its first checkpoint and prune at *first_checkpoint* (time.monotonic())."""
     e = M.Events.__new__(M.Events)
     e.tails = [FakeTail()]
     e.log = FakeLog()
@@ -66,12 +66,19 @@ def test_a_full_store_is_pruned_and_events_are_logged_once(tmp_path, monkeypatch
     e.stopping = e.reopen = e.failed = e.store_full = False
     e.unstored = []
     e.pusher = None
-    e.next_checkpoint = time.monotonic() + 3600     # no checkpoint (and so no prune) on its own
-    e.next_prune = time.monotonic() + 3600
+    e.next_checkpoint = e.next_prune = first_checkpoint
     e.webhooks_enabled = False
     e.state_dir = str(tmp_path)
     e.published = types.SimpleNamespace(value=0)
     e.unreadable = types.SimpleNamespace(value=0)
+    return e
+
+
+def test_a_full_store_is_pruned_and_events_are_logged_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "ERROR_RETRY", 0.01)
+    store = S.EventStore(str(tmp_path / "st"), map_size=2 << 20, retention=86400)
+    # no checkpoint (and so no prune) on its own
+    e = events_loop(tmp_path, store, time.monotonic() + 3600)
     t = threading.Thread(target=e.run)
     t.start()
     try:
@@ -118,20 +125,7 @@ def test_the_sweep_runs_between_appends(tmp_path, monkeypatch):
         return sweep(max_entries=40)
 
     monkeypatch.setattr(store, "sweep", piece)
-    e = M.Events.__new__(M.Events)
-    e.tails = [FakeTail()]
-    e.log = FakeLog()
-    e.sink = store
-    e.cfg = types.SimpleNamespace(poll_interval=0.01, checkpoint_interval=3600)
-    e.stopping = e.reopen = e.failed = e.store_full = False
-    e.unstored = []
-    e.pusher = None
-    e.next_checkpoint = 0.0                 # a checkpoint (and its prune) at the first turn
-    e.next_prune = 0.0
-    e.webhooks_enabled = False
-    e.state_dir = str(tmp_path)
-    e.published = types.SimpleNamespace(value=0)
-    e.unreadable = types.SimpleNamespace(value=0)
+    e = events_loop(tmp_path, store, 0.0)     # a checkpoint (and its prune) at the first turn
     t = threading.Thread(target=e.run)
     t.start()
     try:
