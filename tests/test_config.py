@@ -416,6 +416,56 @@ def test_the_bounce_rules_file_is_known_by_its_content_too(tmp_path):
     assert config.load(None).bounce_rules_digest == ""
 
 
+def test_the_validated_bounce_rules_are_kept_for_the_children(tmp_path):
+    # the children read the operator's rules file themselves: one saved broken (or
+    # deleted) without a reload stopped a restarted spool shard at its start.  The record
+    # of the active configuration keeps a copy of the bytes validated, named by their
+    # digest; a child reads it (the operator's file only when there is no copy).
+    from mta import feedback
+    rules = tmp_path / "rules.toml"
+    good = b'[[rule]]\nname = "a"\ncode = 550\nclass = 10\n'
+    rules.write_bytes(good)
+    cfg = tmp_path / "mta.toml"
+    cfg.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
+                   f'[feedback]\nbounce_rules = "{rules}"\n')
+    first = config.load(str(cfg))
+    run = first.run_dir
+    os.makedirs(run)
+    digest = first.bounce_rules_digest
+    assert feedback.validated_file(run, str(rules), digest) == str(rules)   # no copy yet
+    config.write_active(first, str(cfg))
+    copy = feedback.validated_file(run, str(rules), digest)
+    assert copy == feedback.copy_path(run, digest) and open(copy, "rb").read() == good
+    rules.write_text('[[rule]]\nname = "broken\n')
+    assert feedback.Classifier.from_file(copy).classify(550, None, "x") == (10, "a")
+    assert feedback.Classifier.from_file(copy).digest == digest
+    # a reload of another good file: its copy, and the previous one (a failed reload
+    # goes back to it); the one before that is removed
+    second_rules = b'[[rule]]\nname = "b"\ncode = 550\nclass = 51\n'
+    rules.write_bytes(second_rules)
+    second = config.load(str(cfg))
+    config.write_active(second, str(cfg))
+    rules.write_bytes(good + b"# again\n")
+    third = config.load(str(cfg))
+    config.write_active(third, str(cfg))
+    kept = sorted(n for n in os.listdir(run) if n.startswith("bounce-rules-"))
+    assert kept == sorted(os.path.basename(feedback.copy_path(run, s.bounce_rules_digest))
+                          for s in (second, third)), kept
+    # the record read back (no file read) neither writes nor removes a copy
+    config.write_active(config.read_active(run), str(cfg))
+    assert sorted(n for n in os.listdir(run) if n.startswith("bounce-rules-")) == kept
+    # no rules file any more: the copies go, but the previous configuration's
+    cfg.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n')
+    config.write_active(config.load(str(cfg)), str(cfg))
+    assert [n for n in os.listdir(run) if n.startswith("bounce-rules-")] == \
+        [os.path.basename(feedback.copy_path(run, third.bounce_rules_digest))]
+    # a missing file at a reload is refused as before, naming it
+    cfg.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
+                   f'[feedback]\nbounce_rules = "{tmp_path / "none.toml"}"\n')
+    with pytest.raises(config.ConfigError, match="feedback.bounce_rules: .*none.toml"):
+        config.load(str(cfg))
+
+
 def test_a_nameserver_given_as_a_bare_ipv6_address_is_that_address_on_port_53(tmp_path):
     """delivery.nameservers takes "ip or ip:port": a bare IPv6 address is an ip (its port
     needs the brackets, "[::1]:5353", as every host:port here).  "::1" was refused and

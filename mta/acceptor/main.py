@@ -535,8 +535,11 @@ class Acceptor:
     def _read_report(self, msg: smtp.Submission) -> oob_reports.Reading:
         """Parse and match one report (in a worker thread)."""
         if self.classifier is None:
-            self.classifier = feedback.Classifier.from_file(
-                self.settings.config.feedback.bounce_rules)
+            # the rules the supervisor validated (its copy: the operator's file may
+            # have been broken or deleted since)
+            self.classifier = feedback.Classifier.from_file(feedback.validated_file(
+                self.settings.run_dir, self.settings.config.feedback.bounce_rules,
+                self.settings.bounce_rules_digest))
         fb = self.settings.config.feedback
         return oob_reports.read(msg.payload[:fb.max_report_size], msg.rcpts, self.events_store(),
                                 self.classifier, unmatched=fb.suppress_unmatched)

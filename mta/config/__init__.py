@@ -66,6 +66,9 @@ class Settings:
     # SHA-256 of the feedback.bounce_rules file as read ("" without one): a reload tells
     # a file edited in place by it (the spool shards read it again)
     bounce_rules_digest: str = ""
+    # the bytes of that file as validated (None: none, or not read): the supervisor keeps
+    # a copy in run_dir that its children read (feedback.keep_copy, validated_file)
+    bounce_rules_data: bytes | None = field(default=None, repr=False, compare=False)
     # the supervisor's record of the active configuration (read_active): the reload
     # that wrote it (its CLOCK_MONOTONIC read_at; 0 at a start), which each spool shard
     # names when it says it took the record (write_applied)
@@ -252,7 +255,20 @@ def write_active(settings: Settings, config_path: str | None, serial: float = 0.
     """Record in run_dir the configuration the supervisor has applied (for ``mta
     check-config``, which names what a reload would leave for a restart; the spool
     shards take their part of it at a reload).  *serial*: which reload wrote it (the
-    shards name it in their answer, write_applied)."""
+    shards name it in their answer, write_applied).  The operator's bounce rules file,
+    as validated, is kept in run_dir first (feedback.keep_copy: what the children read);
+    the previous record's copy is kept too (a reload that fails goes back to it)."""
+    from mta import feedback
+
+    if settings.bounce_rules_data is not None or not settings.bounce_rules_digest:
+        try:
+            with open(os.path.join(settings.run_dir, ACTIVE_NAME), "rb") as fh:
+                prev = msgspec.json.decode(fh.read()).get("bounce_rules_digest")
+        except (OSError, ValueError, AttributeError):
+            prev = None
+        feedback.keep_copy(settings.run_dir, settings.bounce_rules_digest,
+                           settings.bounce_rules_data,
+                           keep=(prev,) if isinstance(prev, str) else ())
     doc = {"config_path": config_path, "config": msgspec.to_builtins(settings.config),
            "shards": settings.shards, "bounce_rules_digest": settings.bounce_rules_digest,
            "serial": serial}
@@ -385,7 +401,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None,
     event_log = os.path.join(state_dir, cfg.server.event_log) if cfg.server.event_log else None
     sources, pools = _check_egress(cfg.egress, cfg.delivery)
     _check_shaping(cfg, sources)
-    rules_digest = _check_feedback(cfg, read=not recorded)
+    rules_digest, rules_data = _check_feedback(cfg, read=not recorded)
     _check_webhooks(cfg)
     if not cfg.events.store_path.strip():
         # The events process and the store's readers would each pick another directory.
@@ -424,6 +440,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None,
         pools=pools,
         notes=name_notes,
         bounce_rules_digest=rules_digest,
+        bounce_rules_data=rules_data,
     )
 
 
@@ -561,19 +578,20 @@ def _check_egress(eg, d) -> tuple[dict, dict]:
     return sources, pools
 
 
-def _check_feedback(cfg: Config, read: bool = True) -> str:
+def _check_feedback(cfg: Config, read: bool = True) -> tuple[str, bytes | None]:
     """Validate the bounce classification rules (the operator's file and the shipped one;
     not *read*: neither), and that a VERP return path has a bounce domain.  Returns the
-    digest of the operator's file ("" for none or not read)."""
+    digest of the operator's file ("" for none or not read) and the bytes validated
+    (None: the same)."""
     if cfg.feedback.verp and not cfg.feedback.bounce_domains:
         raise ConfigError("feedback.verp: needs feedback.bounce_domains (the return "
                           "path's domain)")
     if not read:
-        return ""
+        return "", None
     from mta import feedback
 
     try:
-        return feedback.check(cfg.feedback.bounce_rules)
+        return feedback.check_raw(cfg.feedback.bounce_rules)
     except feedback.RuleError as exc:
         raise ConfigError(f"feedback.bounce_rules: {exc}") from None
 

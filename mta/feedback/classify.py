@@ -209,18 +209,31 @@ def load_rules(path: str) -> list[Rule]:
 def read_rules(path: str) -> tuple[list[Rule], str]:
     """The rules of the TOML file at *path* and the SHA-256 (hex) of the bytes they were
     read from (a reload tells a file edited in place by it); RuleError as load_rules."""
+    rules, digest, _ = read_rules_raw(path)
+    return rules, digest
+
+
+def read_rules_raw(path: str) -> tuple[list[Rule], str, bytes]:
+    """read_rules, and the bytes the rules were read from (the supervisor keeps a copy
+    of the file it validated for its children: feedback.keep_copy)."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read()
-        data = tomllib.loads(raw.decode("utf-8"))
     except OSError as exc:
         raise RuleError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_rules_bytes(raw, path), hashlib.sha256(raw).hexdigest(), raw
+
+
+def parse_rules_bytes(raw: bytes, path: str) -> list[Rule]:
+    """The rules of the TOML text *raw* (read from *path*, named in errors)."""
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise RuleError(f"{path}: {exc}") from None
     except UnicodeDecodeError as exc:
         # TOML is UTF-8 only
         raise RuleError(f"{path}: not UTF-8 (byte {exc.start}): {exc.reason}") from None
-    return parse_rules(data, path), hashlib.sha256(raw).hexdigest()
+    return parse_rules(data, path)
 
 
 @lru_cache(maxsize=1)

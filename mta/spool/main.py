@@ -35,7 +35,8 @@ SIGHUP (from the supervisor, at a reload, before its new acceptors start; answer
 active configuration -- hold, retry_schedule, retry_jitter, delay_warning_time and
 the timeouts its job timeout is made of -- server.log_level, [dkim] and
 [suppression] enabled, path, max_size, bounce_rule (the new acceptors' list) and
-[feedback] bounce_rules (the file read again if renamed or edited in place: the
+[feedback] bounce_rules (the supervisor's copy of the file it checked, run/bounce-rules-<digest>.toml,
+read again if renamed or edited in place: the
 record's digest of it), bounce_domains, [events] max_backlog_bytes (one lowered below
 the backlog held then keeps that backlog until it is read below it); the rest (SPOOL_START_KEYS in
 mta.config, SPOOL_READ_AT_START, and [spool]) takes effect at the next start.

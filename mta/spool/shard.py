@@ -355,9 +355,12 @@ class Shard:
         # Fewer young collections: each walks the batch's objects still alive,
         # and a batch allocates thousands (measured: 1 % fewer instructions).
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-        # bounce classes; the digest of the rules file read (a reload compares it)
-        self.rules_digest = feedback.configure(
-            self.settings.config.feedback.bounce_rules).digest
+        # bounce classes, by the rules the supervisor validated (its copy in run/: the
+        # operator's file may have been broken since); the digest of the rules file
+        # read (a reload compares it)
+        self.rules_digest = feedback.configure(feedback.validated_file(
+            self.settings.run_dir, self.settings.config.feedback.bounce_rules,
+            self.settings.bounce_rules_digest)).digest
         self.suppression = ListWriter(sup.open_for(self.settings))
         self.bounce_rule = self.suppression.handle is not None and \
             self.settings.config.suppression.bounce_rule
@@ -492,10 +495,12 @@ class Shard:
         acceptors (out-of-band reports) and delivery processes (the VERP domain) do: the
         in-band bounces are classified by the same rules.  The rules file is read again
         when its name changed or its content did (*digest*, of the file the supervisor
-        checked, differs from that of the file this shard read: edited in place).  A
-        rules file that cannot be read now (checked by the supervisor a moment ago)
-        leaves the rules in use: logged, and said (``rules_error``: its answer to the
-        supervisor, mta_spool_bounce_rules_stale) until a reload reads it."""
+        checked, differs from that of the file this shard read: edited in place); what
+        is read is the supervisor's copy of the file it checked (feedback.validated_file),
+        the operator's file only when there is none.  A rules file that cannot be read
+        now (the copy gone, and the file broken since the supervisor's check) leaves the
+        rules in use: logged, and said (``rules_error``: its answer to the supervisor,
+        mta_spool_bounce_rules_stale) until a reload reads it."""
         cur = self.settings.config.feedback
         # (a file that could not be read at the last reload: its digest is still not ours)
         edited = cfg.bounce_rules == cur.bounce_rules and digest != self.rules_digest
@@ -505,7 +510,8 @@ class Shard:
             return
         if cfg.bounce_rules != cur.bounce_rules or edited:
             try:
-                self.rules_digest = feedback.configure(cfg.bounce_rules).digest
+                self.rules_digest = feedback.configure(feedback.validated_file(
+                    self.settings.run_dir, cfg.bounce_rules, digest)).digest
             except Exception as exc:    # RuleError, OSError: the old rules stay
                 self.rules_error = f"{cfg.bounce_rules or '(shipped only)'}: {exc}"
                 log.error("reload: feedback.bounce_rules: %s; the bounce rules stay as they "

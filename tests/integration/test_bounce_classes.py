@@ -225,15 +225,19 @@ def _stale_rules_gauge(d) -> float | None:
     return None
 
 
+@pytest.mark.parametrize("copy", ["kept", "gone"])
 def test_a_rules_file_broken_after_the_check_keeps_the_old_rules_and_the_rest(
-        make_daemon, tmp_path):
+        make_daemon, tmp_path, copy):
     """The rules file is edited (valid: the supervisor checks it and reloads) and broken
     before the spool shard reads it.  The shard threw the whole reload away -- the record
     of the active configuration could not be read, as its rules file was checked again
     -- so [suppression] bounce_rule = false, changed by the same reload, was not taken
-    either: a Bounce Rule entry was still added.  Now the shard takes the rest, keeps
-    the rules it had (logged), and says so: /metrics and its answer to the supervisor;
-    a reload after the file is repaired reads it."""
+    either: a Bounce Rule entry was still added.  Now the shard reads the supervisor's
+    copy of the file it checked (run/bounce-rules-<digest>.toml): it takes the checked
+    rules and the rest.  Without the copy (*copy* gone: as under a supervisor that keeps
+    none) it reads the operator's file: it takes the rest, keeps the rules it had
+    (logged), and says so: /metrics and its answer to the supervisor; a reload after the
+    file is repaired reads it."""
     import json
     import re
     import signal
@@ -289,15 +293,29 @@ def test_a_rules_file_broken_after_the_check_keeps_the_old_rules_and_the_rest(
             # the supervisor checked the file and recorded what it applies: now it breaks
             wait_until(lambda: serial() != first, 20, "the reload's record")
             rules.write_text('[[rule]]\nname = "broken\n')
+            run = os.path.join(d.state_dir, "run")
+            copies = [n for n in os.listdir(run) if n.startswith("bounce-rules-")]
+            assert len(copies) == 2, copies     # the checked file's, the previous one's
+            if copy == "gone":
+                for n in copies:
+                    os.unlink(os.path.join(run, n))
         finally:
             os.kill(shard, signal.SIGCONT)
         d.wait_log(r"reloaded: ", count=done + 1, timeout=60)
         d.send("alice@sender.test", ["odd-2@dest.test"], message("during"))
         ev = wait_until(lambda: terminal("odd-2@dest.test"), 20, "the second bounce")
-        # the old rules, and the rest of the reload: no Bounce Rule entry any more
-        assert (ev["bounce_class"], ev["bounce_rule"]) == ("10", "lab-odd"), ev
         time.sleep(0.5)
+        # the rest of the reload: no Bounce Rule entry any more
         assert not on_list("odd-2@dest.test"), "the rest of the reload was not taken"
+        if copy == "kept":
+            # the rules the supervisor checked, though the file is broken now
+            assert (ev["bounce_class"], ev["bounce_rule"]) == ("51", "lab-odd-blocked"), ev
+            d.wait_log(r"spool\[0\].*reload: bounce rules " + re.escape(str(rules)))
+            assert "the bounce rules stay as they were" not in d.log()
+            assert _stale_rules_gauge(d) == 0
+            return
+        # the old rules
+        assert (ev["bounce_class"], ev["bounce_rule"]) == ("10", "lab-odd"), ev
         d.wait_log(r"spool\[0\].*reload: feedback.bounce_rules: .*the bounce rules stay as "
                    r"they were")
         # visible: the gauge, the shard's answer to the supervisor
@@ -317,5 +335,67 @@ def test_a_rules_file_broken_after_the_check_keeps_the_old_rules_and_the_rest(
         assert (ev["bounce_class"], ev["bounce_rule"]) == ("51", "lab-odd-blocked"), ev
         wait_until(lambda: _stale_rules_gauge(d) == 0, 20, "the gauge back to 0",
                    interval=0.3)
+    finally:
+        sink.stop()
+
+
+@pytest.mark.parametrize("damage", ["broken", "deleted"])
+def test_a_shard_restarted_after_the_rules_file_is_damaged_runs_the_validated_rules(
+        make_daemon, tmp_path, damage):
+    """The operator reloads a good rules file, then saves a broken one (or deletes it)
+    without a reload; the spool shard is then killed (-9) and restarted by the
+    supervisor.  The shard read the operator's file itself at its start: it failed,
+    over and over (the node answered 451 to everything).  Now the supervisor keeps a
+    copy of the file it validated in run/, and a child reads that: the restarted shard
+    starts, mail flows and bounces are classified by the rules last validated."""
+    import re
+    import signal
+
+    from daemon import HOST, free_port
+    from sinks import AioSink
+    rules = tmp_path / "bounce_rules.toml"
+    rules.write_text('[[rule]]\nname = "lab-odd"\ncode = 550\n'
+                     'text = "never seen"\nclass = 10\n')
+    sink = AioSink(HOST, free_port(), rcpt=lambda s, a, f: ODD if a.startswith("odd") else None)
+    sink.start()
+    try:
+        d = make_daemon(acceptors=1, shards=1, feedback={"bounce_rules": str(rules)},
+                        delivery={"hold": False, "route": [
+                            {"domain": "*", "starttls": "none",
+                             "hosts": [f"{HOST}:{sink.port}"]}]})
+
+        def terminal(rcpt):
+            ev = [e for e in d.events() if e["raw_rcpt_to"] == rcpt
+                  and e["type"] in ("bounce", "delivery")]
+            return ev[0] if ev else None
+        # a good edit, reloaded: validated, and the rules every process runs
+        rules.write_text('[[rule]]\nname = "lab-odd-blocked"\ncode = 550\n'
+                         'text = "never seen"\nclass = 51\n')
+        d.reload()
+        d.send("alice@sender.test", ["odd-1@dest.test"], message("before"))
+        ev = wait_until(lambda: terminal("odd-1@dest.test"), 20, "the first bounce")
+        assert (ev["bounce_class"], ev["bounce_rule"]) == ("51", "lab-odd-blocked"), ev
+
+        # then saved broken (or deleted) without a reload, and the shard dies
+        if damage == "broken":
+            rules.write_text('[[rule]]\nname = "broken\n')
+        else:
+            rules.unlink()
+        old = d.children()["spool[0]"]
+        os.kill(old, signal.SIGKILL)
+        d.wait_log(r"spool\[0\] pid=\d+ died")
+        d.wait_restarted("spool[0]", old, timeout=20)
+        d.wait_log(r"started spool\[0\]", count=2, timeout=20)
+        time.sleep(1.5)     # a shard that failed its start would have died by now
+        assert len(re.findall(r"spool\[0\] pid=\d+ died", d.log())) == 1, d.log()[-3000:]
+        assert [n for n in os.listdir(os.path.join(d.state_dir, "run"))
+                if n.startswith("bounce-rules-")], "no copy of the validated rules"
+        qid = d.send("alice@sender.test", ["odd-2@dest.test", "good@dest.test"],
+                     message("after"))
+        assert qid
+        ev = wait_until(lambda: terminal("odd-2@dest.test"), 20, "the second bounce")
+        assert (ev["bounce_class"], ev["bounce_rule"]) == ("51", "lab-odd-blocked"), ev
+        ev = wait_until(lambda: terminal("good@dest.test"), 20, "the delivery")
+        assert ev["type"] == "delivery", ev
     finally:
         sink.stop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import smtplib
 import time
 import urllib.parse
@@ -471,3 +472,41 @@ def test_reports_are_read_one_at_a_time_and_only_their_first_octets(make_daemon)
         return got if got.get("unparsed") else None     # (pushed about once a second)
     assert wait_until(counts, 30, "the report counts in /metrics") == {
         "dsn": 2, "arf": 0, "unparsed": 1, "deferred": 1}
+
+
+def test_an_acceptor_restarted_after_the_rules_file_is_broken_classifies_by_the_validated_rules(
+        make_daemon, tmp_path):
+    """The operator's bounce rules file is saved broken without a reload and the acceptor
+    is killed (-9) and restarted: it read the operator's file itself at its first report
+    and failed (the report was not taken).  Now it reads the supervisor's copy of the
+    file it validated: the out-of-band bounce is classified by the operator's rule."""
+    import signal
+
+    rules = tmp_path / "bounce_rules.toml"
+    rules.write_text('[[rule]]\nname = "lab-odd"\ncode = 550\n'
+                     'text = "never seen"\nclass = 51\n')
+    sink = AioSink(HOST, free_port()).start()
+    try:
+        d = make_daemon(acceptors=1, shards=1, http={"api_keys": [KEY]},
+                        feedback={"bounce_domains": [BOUNCES], "verp": "bounces",
+                                  "bounce_rules": str(rules)},
+                        delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                             "hosts": [f"{HOST}:{sink.port}"]}]})
+        rules.write_text('[[rule]]\nname = "broken\n')
+        old = d.children()["acceptor[0]"]
+        os.kill(old, signal.SIGKILL)
+        d.wait_restarted("acceptor[0]", old, timeout=20)
+        qid = d.send("news@sender.example.org", ["reader@example.com"],
+                     b"From: news@sender.example.org\r\nSubject: verp\r\n\r\nhello\r\n")
+        t = sink.wait_for("reader@example.com")
+        wait_until(lambda: events(d, recipients="reader@example.com", events="delivery"), 60,
+                   "the delivery event")
+        code, text = smtp_send(d, "", [t.mail_from],
+                               dsn("", "reader@example.com", "5.0.0",
+                                   "550 5.0.0 something never seen"))
+        assert code == 250, text
+        [oob] = wait_until(lambda: events(d, events="out_of_band"), 60, "the out_of_band event")
+        assert oob["message_id"] == qid.lower(), oob
+        assert (oob["bounce_class"], oob.get("bounce_rule")) == ("51", "lab-odd"), oob
+    finally:
+        sink.stop()
