@@ -196,13 +196,20 @@ def _dns_name_error(name):
     return None
 
 
-def load_key(path, algorithm):
-    """Read and parse a private key file; raise ValueError naming the problem."""
+def read_key_file(path) -> bytes:
+    """A private key file's bytes; ValueError naming the problem."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def load_key(path, algorithm, data: bytes | None = None):
+    """Read (unless its bytes are given, *data*) and parse a private key file; raise
+    ValueError naming the problem."""
+    if data is None:
+        data = read_key_file(path)
     key = None
     if b"-----BEGIN" in data:
         try:
@@ -252,8 +259,10 @@ def public_record(key) -> str:
     return "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
 
 
-def _check(cfg, prefix, load):
-    """Return (errors, {index: private key}) for a DkimConfig."""
+def _check(cfg, prefix, load, files: dict | None = None, keep: dict | None = None):
+    """Return (errors, {index: private key}) for a DkimConfig.  A key file whose path is
+    in *files* is parsed from the bytes there, not read; *keep*: the bytes of each key
+    file read are put there (by path)."""
     errors = []
     loaded = {}
     names = {}
@@ -292,7 +301,12 @@ def _check(cfg, prefix, load):
         names.setdefault(ident, i)
         if load:
             try:
-                loaded[i] = load_key(k.key_file, k.algorithm)
+                data = files.get(k.key_file) if files else None
+                if data is None:
+                    data = read_key_file(k.key_file)
+                loaded[i] = load_key(k.key_file, k.algorithm, data)
+                if keep is not None:
+                    keep[k.key_file] = data
             except ValueError as exc:
                 errors.append(f"{at}.key_file: {exc}")
     fb = cfg.fallback
@@ -305,9 +319,10 @@ def _check(cfg, prefix, load):
     return errors, loaded
 
 
-def validate(cfg: DkimConfig, prefix: str = "dkim") -> list[str]:
-    """Return every problem of a [dkim] section, key files included, as 'key: message'."""
-    return _check(cfg, prefix, load=cfg.enabled)[0]
+def validate(cfg: DkimConfig, prefix: str = "dkim", keep: dict | None = None) -> list[str]:
+    """Return every problem of a [dkim] section, key files included, as 'key: message';
+    *keep*: the bytes of the key files read, by path (Settings.dkim_key_files)."""
+    return _check(cfg, prefix, load=cfg.enabled, keep=keep)[0]
 
 
 # -- signing -----------------------------------------------------------------
@@ -403,11 +418,14 @@ class Signer:
         self.key_cpu_seconds = 0.0
 
     @classmethod
-    def from_config(cls, cfg: DkimConfig, prefix: str = "dkim") -> "Signer":
-        """Parse every key once; raise DkimConfigError listing every problem."""
+    def from_config(cls, cfg: DkimConfig, prefix: str = "dkim",
+                    files: dict | None = None) -> "Signer":
+        """Parse every key once; raise DkimConfigError listing every problem.  *files*:
+        key files' bytes by path, used instead of reading those files (the ones the
+        supervisor validated: Settings.dkim_key_files)."""
         if not cfg.enabled:
             return cls((), enabled=False)
-        errors, loaded = _check(cfg, prefix, load=True)
+        errors, loaded = _check(cfg, prefix, load=True, files=files)
         if errors:
             raise DkimConfigError(errors)
         keys = [_Key(k, loaded[i], cfg) for i, k in enumerate(cfg.keys)]

@@ -249,7 +249,9 @@ class Acceptor:
         if cfg.dkim.enabled and cfg.dkim.keys:
             from mta.dkim import Signer
 
-            self.signer = Signer.from_config(cfg.dkim)   # keys parsed once, after fork
+            # keys parsed once, after fork, from the bytes the supervisor validated
+            # (the files may have been deleted or broken since, without a reload)
+            self.signer = Signer.from_config(cfg.dkim, files=self.settings.dkim_key_files)
 
     def _ssl_context(self):
         if not self.smtp.tls_certificate:

@@ -69,6 +69,11 @@ class Settings:
     # the bytes of that file as validated (None: none, or not read): the supervisor keeps
     # a copy in run_dir that its children read (feedback.keep_copy, validated_file)
     bounce_rules_data: bytes | None = field(default=None, repr=False, compare=False)
+    # the [dkim] key files' bytes as validated, by path ({}: not read here): a child
+    # forked with these Settings parses its keys from them, not from the files, so a key
+    # file deleted or broken without a reload does not stop an acceptor restarted after
+    # a crash (it would fail at its start, again and again)
+    dkim_key_files: dict = field(default_factory=dict, repr=False, compare=False)
     # the supervisor's record of the active configuration (read_active): the reload
     # that wrote it (its CLOCK_MONOTONIC read_at; 0 at a start), which each spool shard
     # names when it says it took the record (write_applied)
@@ -389,11 +394,12 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None,
     name_notes = _check_names(cfg)
     hostname = cfg.server.hostname or socket.gethostname()
     nameservers = _check_delivery(cfg.delivery)
+    key_files: dict = {}
     if cfg.dkim.enabled and (cfg.dkim.keys or cfg.dkim.fallback is not None) and \
             not recorded:
         from mta import dkim
 
-        problems = dkim.validate(cfg.dkim)
+        problems = dkim.validate(cfg.dkim, keep=key_files)
         if problems:
             raise ConfigError("; ".join(problems[:MAX_PROBLEMS]) + (
                 f" (and {len(problems) - MAX_PROBLEMS} more problem(s))"
@@ -441,6 +447,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None,
         notes=name_notes,
         bounce_rules_digest=rules_digest,
         bounce_rules_data=rules_data,
+        dkim_key_files=key_files,
     )
 
 

@@ -239,7 +239,7 @@ class Shard:
         # by the From domain (a key for the host name's domain, or a fallback)
         self.dkim = None
         self.signer = None
-        self._set_signer(settings.config.dkim)
+        self._set_signer(settings.config.dkim, settings.dkim_key_files)
         # The queue (store.index): per lane a due queue, and every queued message's
         # deadline (start + max_age) in buckets of max_age / DEADLINE_BUCKETS: age is
         # checked wherever a message waits -- held, parked for an absent delivery
@@ -455,15 +455,17 @@ class Shard:
         if mconfig.read_active(self.settings.run_dir) is not None:
             self.reload_wanted = True
 
-    def _set_signer(self, cfg) -> None:
-        """Sign this shard's notices with the keys of *cfg* ([dkim]) from now on.  Keys that
-        cannot be loaded (changed on disk since the configuration was checked) leave the
-        signer as it was (none at start): logged, and the shard goes on."""
+    def _set_signer(self, cfg, files: dict | None = None) -> None:
+        """Sign this shard's notices with the keys of *cfg* ([dkim]) from now on (*files*:
+        the key files' bytes the supervisor checked, Settings.dkim_key_files, at the
+        start).  Keys that cannot be loaded (changed on disk since the configuration was
+        checked) leave the signer as it was (none at start): logged, and the shard goes
+        on."""
         signer = None
         if cfg.enabled and cfg.keys:
             from mta.dkim import DkimConfigError, Signer
             try:
-                signer = Signer.from_config(cfg)
+                signer = Signer.from_config(cfg, files=files)
             except DkimConfigError as exc:
                 log.error("DKIM: %s; notices (DSNs) are signed as before", exc)
                 return

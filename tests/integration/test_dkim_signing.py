@@ -174,3 +174,36 @@ def test_a_signature_lifetime_shorter_than_the_queue_s_is_named_at_start_and_rel
     d.reload(dkim={"keys": keys, "expire_seconds": 6 * 86400})
     time.sleep(0.5)
     assert d.log().count(said) == 2
+
+
+def test_an_acceptor_restarted_after_its_key_file_is_gone_signs_with_the_validated_key(
+        make_daemon, dkim_keys):
+    """The supervisor validated the key at the start; the file is then deleted without a
+    reload, and the acceptor dies (kill -9).  The one the supervisor starts in its place
+    read the file at its start: it died there, again and again, and the node took no mail.
+    It now parses the key from the bytes the supervisor validated, and signs with it."""
+    import os
+    import signal
+
+    d = make_daemon(acceptors=1, dkim={"keys": [
+        {"domain": "signer.test", "selector": "rsa1", "key_file": dkim_keys.files["rsa"]}]})
+    with open(dkim_keys.files["rsa"], "rb") as f:
+        pem = f.read()
+    os.unlink(dkim_keys.files["rsa"])
+    old = d.children()["acceptor[0]"]
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: d.children().get("acceptor[0]") not in (None, old), 30,
+               "a new acceptor[0]")
+    msg = (b"From: News <news@signer.test>\r\nTo: reader@example.net\r\n"
+           b"Subject: signed\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
+           b"Message-ID: <s9@signer.test>\r\n\r\nBody line\r\n")
+    qid = d.send("bounces@signer.test", ["reader@example.net"], msg)
+    # (the message is signed and queued; `mta` itself checks the configuration's key
+    # files, so it is given the file back to read the queue)
+    with open(dkim_keys.files["rsa"], "wb") as f:
+        f.write(pem)
+    raw = d.cli("queue", "show", "--raw", qid).stdout
+    record = public_record(dkim_keys.rsa).encode()
+    assert raw.count(b"DKIM-Signature:") == 1
+    assert dkimpy.DKIM(raw).verify(dnsfunc=lambda name, timeout=5: record)
+    assert "DkimConfigError" not in d.log()
