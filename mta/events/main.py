@@ -73,8 +73,14 @@ class NullSink:
         pass
 
     def prune(self, now: float, keep_from_seq: int, full: bool = False,
-              sweep: bool = True) -> int:
+              sweep: bool = True, finish: bool = True) -> int:
         return 0
+
+    def pruning(self) -> bool:
+        return False
+
+    def prune_piece(self) -> bool:
+        return False
 
     def sweeping(self) -> bool:
         return False
@@ -339,19 +345,21 @@ class Events:
             self.prune_store()
 
     def prune_store(self, full: bool = False) -> None:
-        """The store's retention and size bound, in bounded chunks (*full*: an append
-        raised StoreFull, the oldest go too).  keep_from_seq: the lowest seq a webhook
-        has not consumed yet (the webhooks process publishes it; with webhooks off, or
-        before it first ran: nothing is held)."""
+        """Begin the store's prune for its retention and size bound (or give the one under
+        way the new time and seqs to keep); run() runs it a transaction at a time (*full*:
+        an append raised StoreFull, the oldest go too, one transaction of them at once).
+        keep_from_seq: the lowest seq a webhook has not consumed yet (the webhooks process
+        publishes it; with webhooks off, or before it first ran: nothing is held)."""
         self.next_prune = time.monotonic() + PRUNE_INTERVAL
         keep = self.sink.last_seq() + 1
         if self.webhooks_enabled:
             need = webhookdb.read_min_seq(self.state_dir)
             if need is not None:
                 keep = min(keep, need)
-        # (a sweep for damaged events' entries it leaves pending runs a piece at a time
-        # between two turns of run(): the appends do not wait for a walk of the store)
-        self.sink.prune(time.time(), keep, full=full, sweep=False)
+        # (its deletions, and a sweep for damaged events' entries it leaves pending, run a
+        # piece at a time between two turns of run(): the appends do not wait for
+        # millions of deletions -- a lowered retention, a downtime -- or a walk of the store)
+        self.sink.prune(time.time(), keep, full=full, sweep=False, finish=False)
 
     def rewind(self) -> None:
         """After a write failure: read again from the durable cursors."""
@@ -371,9 +379,13 @@ class Events:
                     self.reopen = False
                     self.log.reopen()
                 more = self.step()
-                if self.sink.sweeping():
-                    # one piece (a transaction of bounded entries and time), then the
-                    # shards again: at once, no sleep while there is more
+                # one piece of the prune, else of the sweep (a transaction of bounded
+                # deletions or entries, and time), then the shards again: at once, no
+                # sleep while there is more
+                if self.sink.pruning():
+                    # (and the sweep its last piece may have left: at the next turn)
+                    more |= self.sink.prune_piece() or self.sink.sweeping()
+                elif self.sink.sweeping():
                     more |= self.sink.sweep()
                 now = time.monotonic()
                 if now >= self.next_checkpoint:
@@ -389,18 +401,24 @@ class Events:
                     self.pusher.due(now)
             except StoreFull as exc:
                 # Only a prune makes room, and checkpoint() (which prunes) comes after a
-                # step that succeeded: prune here, then retry the append alone (the
-                # events are in the log already; the cursors stay where they are).
+                # step that succeeded: prune here (one transaction of the oldest at once,
+                # the rest between the turns), then retry the append alone (the events are
+                # in the log already; the cursors stay where they are): at once while the
+                # prune goes on, else after ERROR_RETRY (nothing more to delete, or the
+                # pages are held by a reader).
                 if not self.store_full:
                     log.error("%s; pruning, then storing again every %.0fs", exc.strerror,
                               ERROR_RETRY)
                 self.store_full = True
+                going = False      # (a prune under way deleted some just now)
                 try:
                     self.prune_store(full=True)
+                    going = self.sink.pruning()
                 except OSError as exc2:
                     log.error("pruning the full events store failed: %s",
                               exc2.strerror or exc2)
-                time.sleep(ERROR_RETRY)
+                if not going:
+                    time.sleep(ERROR_RETRY)
                 continue
             except StoreDamaged as exc:
                 # (found by a write, not at the open: a power cut damaged a page the

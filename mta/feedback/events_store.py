@@ -42,7 +42,9 @@ big-endian, 8 octets; so byte order is time order):
   ``total_count`` of a page filtered by one of those (or by time only) costs
   a few thousand reads instead of a walk over millions of events: whole
   minutes from the counters, the partial minutes at the ends walked;
-- ``meta``: the last seq; the store's id (8 random octets, written when the
+- ``meta``: the last seq; the pending sweep (:meth:`EventStore.sweep`); ``pruned``
+  (what a full store's prune commits after its deletions, see
+  :meth:`EventStore._release`); the store's id (8 random octets, written when the
   store is made: a store deleted and made anew -- its seqs start again at 1
   -- has another, so webhook cursors saved with the old one are reset).
 
@@ -79,7 +81,9 @@ stable while new events arrive (they are newer than the cursor).
 
 Bounded: ``store_max_size`` is the LMDB map size.  :meth:`prune` deletes
 events older than the retention in chunks of at most ``chunk`` events per
-transaction (the writer is never held long), never events at or after
+transaction -- in the events process one transaction of at most about
+PRUNE_PIECE_SECONDS between two of its appends (:meth:`prune_piece`), so that
+millions to delete never hold them long --, never events at or after
 ``keep_from_seq`` (those a webhook has not consumed yet), and when the store
 is nearly full also the oldest ones (a warning is logged from
 ``WARN_FRACTION``).  An append into a full map raises :class:`StoreFull`.
@@ -121,6 +125,8 @@ DEFAULT_CHUNK = 5000               # events deleted per prune transaction
 SWEEP_PIECE = 20_000               # index entries one sweep transaction looks at, at most
 SWEEP_PIECE_SECONDS = 0.05         # ... and seconds it runs, at most (then it commits)
 MAX_SWEEP_PIECES = 1_000_000       # sweep transactions one prune(sweep=True) runs, at most
+PRUNE_PIECE_SECONDS = 0.02         # seconds of deletions in one of the events process's prune
+                                   # transactions, about (then it commits: about as long again)
 MAX_ORIGINAL_EVENTS = 1000         # events of an original message read for one report
 MAX_MESSAGE_ID_MATCHES = 8         # messages one Message-ID is looked up in (newest first)
 MAX_CACHED_CAMPAIGNS = 1000       # campaign ids (and, apart, type and bounce-class values) whose index keys the writer keeps
@@ -340,6 +346,24 @@ def _contains(have: list, runs: dict) -> bool:
     return False
 
 
+class _Pruning:
+    """A prune under way (:meth:`EventStore.prune`): the time key it deletes up to (the
+    retention's cutoff, or all when it deletes the oldest), the seqs it keeps, where it
+    resumes, whether it is for a full store, and for its log line."""
+
+    __slots__ = ("cutoff", "stop", "keep", "resume", "oldest", "full", "n", "txns", "t0")
+
+    def __init__(self, cutoff: bytes):
+        self.cutoff = self.stop = cutoff
+        self.keep = 0
+        self.resume: bytes | None = b""
+        self.oldest = False       # deleting the oldest within the retention (nearly full)
+        self.full = False
+        self.n = 0
+        self.txns = 0
+        self.t0 = time.monotonic()
+
+
 class EventStore:
     """One process's handle on the node's events store (open it after fork)."""
 
@@ -382,6 +406,7 @@ class EventStore:
         # minute as last read (None: read again), and for its log line: entries deleted,
         # when it began, transactions
         self._bad: dict[bytes, bytes] | None = None
+        self._pruning: _Pruning | None = None    # the prune under way (prune(finish=False))
         self._sweep_pending = False
         self._sweep_log = [0, 0.0, 0]
         if not readonly:
@@ -980,15 +1005,24 @@ class EventStore:
     # ------------------------------------------------------------- pruning
 
     def prune(self, now: float, keep_from_seq: int, chunk: int = DEFAULT_CHUNK,
-              max_chunks: int = 1000, full: bool = False, sweep: bool = True) -> int:
+              max_chunks: int = 1000, full: bool = False, sweep: bool = True,
+              finish: bool = True) -> int:
         """Delete events older than the retention (and the oldest when nearly full); how many.
 
         Never deletes an event with seq >= *keep_from_seq*.  At most *chunk*
         events per write transaction, at most *max_chunks* transactions per
-        call (call again later for the rest).  *full*: an append has just
-        raised :class:`StoreFull`; the oldest are deleted down to PRUNE_TARGET
-        whatever :meth:`usage` says (the pages it counts are not all the map:
-        pages freed but still held by a reader's snapshot fill it too).
+        call (call again later for the rest: it goes on where this one stopped).
+        *full*: an append has just raised :class:`StoreFull`; the oldest are
+        deleted down to PRUNE_TARGET whatever :meth:`usage` says (the pages it
+        counts are not all the map: pages freed but still held by a reader's
+        snapshot fill it too).
+
+        *finish* False (the events process): the prune is only begun -- or, when
+        one is under way, given this *now* and *keep_from_seq* -- and the caller runs it
+        a transaction at a time between its appends (:meth:`pruning`,
+        :meth:`prune_piece`), so that they never wait for millions of deletions (a
+        lowered retention, a downtime); with *full*, one transaction of the oldest
+        events (*chunk* at most) is run at once, for the append to go on.
 
         Unreadable (or missing) events deleted leave a sweep for their index entries
         pending (:meth:`sweep`); *sweep*: it is run to its end before this returns, in
@@ -1000,27 +1034,104 @@ class EventStore:
             # (a sweep given up for a full map: pruning makes room, it may go on)
             with self.env.begin(db=self.meta) as txn:
                 self._sweep_pending = txn.get(_SWEEP_AT) is not None
-        cutoff = int((now - self.retention) * 1000)
+        self._begin_prune(now, keep_from_seq, full)
         n = 0
-        resume = b""
-        for _ in range(max_chunks):
-            k, resume = self._prune_chunk(_TS.pack(max(cutoff, 0), 0), keep_from_seq, chunk,
-                                          resume)
-            n += k
-            if resume is None:
-                break
-        used = self.usage()
-        if full or used > PRUNE_FRACTION * self.map_size:
-            log.warning("events store: %s; deleting the oldest events within the retention",
-                        "full ([events] store_max_size %d octets)" % self.map_size if full else
-                        "%d of %d octets used ([events] store_max_size)" % (used, self.map_size))
-            resume = b""
+        if full:
+            n += self._prune_step(chunk, None)      # room at once
+            self._release()
+        if finish:
             for _ in range(max_chunks):
-                k, resume = self._prune_chunk(b"\xff" * 16, keep_from_seq, chunk, resume)
-                n += k
-                if resume is None or self.usage() <= PRUNE_TARGET * self.map_size:
+                if self._pruning is None:
                     break
-            used = self.usage()
+                n += self._prune_step(chunk, None)
+        if sweep:
+            for _ in range(MAX_SWEEP_PIECES):
+                if not self.sweep():
+                    break
+        return n
+
+    def _begin_prune(self, now: float, keep_from_seq: int, full: bool) -> None:
+        """Begin a prune (see :meth:`prune`), or give the one under way the new cutoff and
+        *keep_from_seq*: it goes on from where it is (what it passed is deleted, or kept
+        by the seqs it was given, or appended since with an old time: the next prune's)."""
+        cutoff = _TS.pack(max(int((now - self.retention) * 1000), 0), 0)
+        job = self._pruning
+        if job is None:
+            job = self._pruning = _Pruning(cutoff)
+        else:
+            job.cutoff = cutoff
+            if not job.oldest:
+                job.stop = cutoff
+        # (the latest: a webhook made since may need less, and its events must stay)
+        job.keep = keep_from_seq
+        if full and not job.full:
+            job.full = True
+            if not job.oldest:
+                self._to_oldest(job, "full ([events] store_max_size %d octets)"
+                                % self.map_size)
+
+    def _release(self) -> None:
+        """Commit one more (tiny) transaction: LMDB gives the pages a transaction freed to
+        the second one after it, not the next (that one may still need the previous
+        state), so without it the append right after a full store's prune found no room
+        -- for good when that prune had deleted the last deletable events (a prune with
+        nothing to delete commits nothing)."""
+        try:
+            with self.env.begin(write=True, db=self.meta) as txn:
+                txn.put(b"pruned", _U64.pack(self.env.info()["last_txnid"]))
+        except lmdb.MapFullError:
+            pass                 # (not even that: the next retry tries again)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+
+    def _to_oldest(self, job: _Pruning, why: str) -> None:
+        log.warning("events store: %s; deleting the oldest events within the retention", why)
+        job.oldest = True
+        job.stop = b"\xff" * 16
+        job.resume = b""
+
+    def pruning(self) -> bool:
+        """Whether a prune is under way (:meth:`prune_piece` has work).  No look-up."""
+        return self._pruning is not None
+
+    def prune_piece(self, chunk: int = DEFAULT_CHUNK,
+                    max_seconds: float = PRUNE_PIECE_SECONDS) -> bool:
+        """One transaction of the prune under way: at most *chunk* events deleted and about
+        *max_seconds* (entries kept for a webhook count in the time too); whether some of
+        it is still to do.  Events appended between two pieces are never this prune's
+        (their seqs are at or above the *keep_from_seq* it was given, or it was given a
+        lower one since), and a piece that meets a full map deletes fewer, not none."""
+        if self._pruning is None:
+            return False
+        try:
+            self._prune_step(chunk, time.monotonic() + max_seconds)
+        except DAMAGED as exc:
+            raise StoreDamaged(self.path, exc) from None
+        return self._pruning is not None
+
+    def _prune_step(self, chunk: int, deadline: float | None) -> int:
+        """One transaction of the prune under way (to its end when *deadline* is None...
+        of its *chunk* deletions); how many events it deleted.  Moves to the oldest
+        events when the retention's are done and the store is nearly full, and ends the
+        prune when there is nothing more to do."""
+        job = self._pruning
+        k, job.resume = self._prune_chunk(job.stop, job.keep, chunk, job.resume, deadline)
+        job.n += k
+        job.txns += 1
+        # (the oldest phase ends at PRUNE_TARGET once past the retention's cutoff: it
+        # walks in time order, what it passed that had expired is deleted)
+        if job.resume is not None and not (job.oldest and job.resume >= job.cutoff and
+                                           self.usage() <= PRUNE_TARGET * self.map_size):
+            return k
+        used = self.usage()
+        if not job.oldest and used > PRUNE_FRACTION * self.map_size:
+            self._to_oldest(job, "%d of %d octets used ([events] store_max_size)"
+                            % (used, self.map_size))
+            return k
+        self._pruning = None
+        if job.txns > 1:
+            log.info("events store: %d event(s) pruned in %.1f s (%d transaction(s))",
+                     job.n, time.monotonic() - job.t0, job.txns)
         if used > WARN_FRACTION * self.map_size:
             if not self._warned:
                 log.warning("events store: %d of %d octets used ([events] store_max_size); "
@@ -1028,22 +1139,20 @@ class EventStore:
                 self._warned = True
         else:
             self._warned = False
-        if sweep:
-            for _ in range(MAX_SWEEP_PIECES):
-                if not self.sweep():
-                    break
-        return n
+        return k
 
-    def _prune_chunk(self, stop: bytes, keep_from_seq: int, chunk: int,
-                     resume: bytes) -> tuple[int, bytes | None]:
-        """Delete up to *chunk* events with time key < *stop*, from *resume* on.
+    def _prune_chunk(self, stop: bytes, keep_from_seq: int, chunk: int, resume: bytes,
+                     deadline: float | None = None) -> tuple[int, bytes | None]:
+        """Delete up to *chunk* events with time key < *stop*, from *resume* on, in one
+        transaction (committed at *deadline*, time.monotonic(), when given); how many,
+        and where the next one resumes (None: at *stop*).
 
         A deletion needs free pages too (copy on write): in a full map the
         chunk is halved until one fits.
         """
         while True:
             try:
-                return self._prune_txn(stop, keep_from_seq, chunk, resume)
+                return self._prune_txn(stop, keep_from_seq, chunk, resume, deadline)
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)
             except lmdb.MapFullError:
@@ -1053,9 +1162,10 @@ class EventStore:
                     return 0, None
                 chunk //= 2
 
-    def _prune_txn(self, stop: bytes, keep_from_seq: int, chunk: int,
-                   resume: bytes) -> tuple[int, bytes | None]:
+    def _prune_txn(self, stop: bytes, keep_from_seq: int, chunk: int, resume: bytes,
+                   deadline: float | None = None) -> tuple[int, bytes | None]:
         n = 0
+        seen = 0          # time entries looked at (the clock read once in 64, not first)
         counts: dict[bytes, int] = {}
         bad: dict[bytes, bytes] = {}      # unreadable events deleted: time key -> minute
         with self.env.begin(write=True) as txn:
@@ -1065,10 +1175,12 @@ class EventStore:
                 tk = cur.key()
                 if tk >= stop:
                     return self._finish_prune(txn, counts, n, bad), None
-                if n >= chunk:
+                if n >= chunk or (deadline is not None and seen and not seen & 63
+                                  and time.monotonic() >= deadline):
                     tk = bytes(tk)
                     self._finish_prune(txn, counts, n, bad)
                     return n, tk
+                seen += 1
                 seq = _U64.unpack(tk[8:])[0]
                 if seq >= keep_from_seq:
                     ok = cur.next()

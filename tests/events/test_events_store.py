@@ -729,3 +729,78 @@ def test_the_sweep_runs_in_pieces_with_appends_between_them(tmp_path, caplog):
     last = s.last_seq()
     assert s.append([ev(damaged[0] - 1)]) == last + 1
     s.close()
+
+
+def test_a_full_stores_prune_makes_room_for_the_next_append(tmp_path):
+    """The events process prunes a full store a transaction of the oldest at a time
+    (prune(full=True, finish=False): the rest between its appends) and appends again after
+    each: the append goes through after a few -- in a full map a deletion fits only in
+    small transactions, and LMDB gives the pages a transaction freed to the second one
+    after it, not the next (the prune commits one more for that: without it the events
+    loop stayed full for good, test_store_full) -- however the deletions fell."""
+    s = S.EventStore(str(tmp_path / "small"), map_size=2 * 1024 * 1024, retention=10 * 86400)
+    try:
+        big = "x" * 2000
+        fulls = []                      # prunes before the append went through
+        for i in range(0, 3000, 50):
+            batch = [ev(j, subject=big) for j in range(i, i + 50)]
+            tries = 0
+            while tries < 100:
+                try:
+                    s.append(batch)
+                    break
+                except S.StoreFull:
+                    tries += 1
+                    # (all of it may go: keep nothing)
+                    s.prune(T0, keep_from_seq=s.last_seq() + 1, full=True, sweep=False,
+                            finish=False)
+            else:
+                raise AssertionError(f"still full after 100 prunes ({s.count()} events)")
+            if tries:
+                fulls.append(tries)
+        assert len(fulls) > 3 and s.last_seq() == 3000, fulls
+        assert 0 < s.count() < 3000
+    finally:
+        s.close()
+
+
+def test_the_prune_in_pieces_keeps_what_it_is_told_with_appends_between(store):
+    """The events process's prune runs a transaction at a time between its appends
+    (prune(finish=False), then prune_piece): what is appended meanwhile is not its to
+    delete (seqs at or above the keep_from_seq it was given), the next call's lower
+    keep_from_seq (a webhook made since) holds from then on, it ends with exactly the
+    expired events below that gone -- indexes and counters too -- and prune() alone,
+    after it, still does all in one call."""
+    s = store
+    s.retention = 1000
+    s.append([ev(i) for i in range(1000)])                 # T0 .. T0 + 999
+    now = T0 + 2500                                        # all of them expired
+    assert s.prune(now, keep_from_seq=s.last_seq() + 1, finish=False, sweep=False) == 0
+    assert s.pruning() and s.count() == 1000               # begun, nothing deleted yet
+    assert s.prune_piece(chunk=50) and s.count() == 950
+    # appended between two pieces: a recent event, and one as old as the pruned ones
+    s.append([ev(5000)])
+    s.append([ev(100, event_id="late")])                   # seq 1002, time T0 + 100
+    assert s.prune_piece(chunk=50) and s.count() == 902
+    # the next minute's prune while this one goes on: a webhook needs seq 600 on
+    assert s.prune(now, keep_from_seq=600, finish=False, sweep=False) == 0
+    pieces = 2
+    while s.prune_piece(chunk=50):
+        pieces += 1
+        assert pieces < 100
+    assert not s.pruning() and pieces >= 10
+    left = sorted(int(e["event_id"]) - 10_000 if e["event_id"] != "late" else -1
+                  for _, e in s.read(0, 10_000))
+    assert left == [-1] + list(range(599, 1000)) + [5000]
+    _, _, total = s.query({}, None, 1, start=0, end=T0 + 10**6)
+    assert total == len(left)
+    _, _, total = s.query({"campaigns": ["spring-sale"]}, None, 1, start=0, end=T0 + 10**6)
+    assert total == len(left)
+    with s.env.begin() as txn:
+        assert txn.stat(s.ids)["entries"] == len(left)
+        for name in ("rcpt", "msg", "tx", "camp", "type", "mid"):
+            for _, tk in txn.cursor(db=s.idx[name]).iternext():
+                assert txn.get(tk[8:], db=s.ev) is not None, (name, tk)
+    # prune() alone: to the end in one call
+    assert s.prune(now, keep_from_seq=10**9) == len(left) - 1 and not s.pruning()
+    assert [e["event_id"] for _, e in s.read(0, 10)] == ["15000"]

@@ -151,3 +151,53 @@ def test_the_sweep_runs_between_appends(tmp_path, monkeypatch):
                        if k.startswith(S._ALL)) == TOTAL
     finally:
         store.close()
+
+
+def test_the_prune_runs_between_appends(tmp_path, monkeypatch):
+    """The events process pruned its store in one call of up to 1000 transactions back to
+    back: after a lowered retention or a downtime, millions of deletions (tens of seconds)
+    with no event stored meanwhile -- the shards' reports waited, webhooks and the Events
+    API lagged.  It now runs the prune a transaction (bounded in deletions and time) at a
+    time between two turns of its reading: the shards' events are stored between them,
+    and in the end every expired event is gone, with its index entries and counts, and
+    none of the recent ones."""
+    store = S.EventStore(str(tmp_path / "st"), map_size=64 << 20, retention=86400)
+    old = time.time() - 2 * 86400
+    for i in range(0, 4000, 1000):
+        store.append([{"type": "delivery", "event_id": f"old{j}", "timestamp": old + j,
+                       "rcpt_to": f"u{j % 40}@x.test", "campaign_id": f"c{j % 3}",
+                       "message_id": f"m{j}"} for j in range(i, i + 1000)])
+    txns: list[int] = []                # last seq at each prune transaction
+    prune_txn = store._prune_txn
+
+    def txn(stop, keep_from_seq, chunk, *args, **kw):
+        txns.append(store.last_seq())
+        # (small transactions: many of them for 4,000 expired events)
+        return prune_txn(stop, keep_from_seq, min(chunk, 40), *args, **kw)
+
+    monkeypatch.setattr(store, "_prune_txn", txn)
+    e = events_loop(tmp_path, store, 0.0)     # a checkpoint (and its prune) at the first turn
+    t = threading.Thread(target=e.run)
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and \
+                not (e.tails[0].n >= TOTAL and store.last_seq() >= 4000 + TOTAL
+                     and store.count() == TOTAL):
+            time.sleep(0.05)
+    finally:
+        e.stopping = True
+        t.join()
+    try:
+        assert store.last_seq() == 4000 + TOTAL and store.count() == TOTAL
+        # the prune took many transactions, with the shards' events stored between them
+        assert len(txns) >= 100 and txns[-1] > txns[0], (len(txns), txns[:3], txns[-3:])
+        with store.env.begin() as txn:
+            for name in ("rcpt", "msg", "camp", "type"):
+                for _, tk in txn.cursor(db=store.idx[name]).iternext():
+                    assert txn.get(tk[8:], db=store.ev) is not None, (name, tk)
+            assert txn.stat(store.ids)["entries"] == TOTAL
+            assert sum(S._U64.unpack(v)[0] for k, v in txn.cursor(db=store.count_db)
+                       if k.startswith(S._ALL)) == TOTAL
+    finally:
+        store.close()
