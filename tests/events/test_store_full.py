@@ -79,16 +79,8 @@ def test_a_full_store_is_pruned_and_events_are_logged_once(tmp_path, monkeypatch
     store = S.EventStore(str(tmp_path / "st"), map_size=2 << 20, retention=86400)
     # no checkpoint (and so no prune) on its own
     e = events_loop(tmp_path, store, time.monotonic() + 3600)
-    t = threading.Thread(target=e.run)
-    t.start()
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and \
-                not (e.tails[0].n >= TOTAL and not e.unstored and store.last_seq() >= TOTAL):
-            time.sleep(0.05)
-    finally:
-        e.stopping = True
-        t.join()
+    run_until(e, lambda: e.tails[0].n >= TOTAL and not e.unstored
+              and store.last_seq() >= TOTAL, 20)
     try:
         # the process went on: every event was stored (the oldest pruned to make room) ...
         assert store.last_seq() == TOTAL
@@ -101,6 +93,37 @@ def test_a_full_store_is_pruned_and_events_are_logged_once(tmp_path, monkeypatch
         store.close()
 
 
+def expired(old: float, first: int, end: int) -> list[dict]:
+    """Delivery events *first*..*end* - 1, from *old* on (past the retention)."""
+    return [{"type": "delivery", "event_id": f"old{i}", "timestamp": old + i,
+             "rcpt_to": f"u{i % 40}@x.test", "campaign_id": f"c{i % 3}",
+             "message_id": f"m{i}"} for i in range(first, end)]
+
+
+def run_until(e: M.Events, done, seconds: float = 30) -> None:
+    """Run *e*'s loop in a thread until *done*() (or *seconds*), then stop it."""
+    t = threading.Thread(target=e.run)
+    t.start()
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not done():
+            time.sleep(0.05)
+    finally:
+        e.stopping = True
+        t.join()
+
+
+def assert_only_stored(store, total: int) -> None:
+    """Every index entry names a stored event; the ids and the counts are *total*'s."""
+    with store.env.begin() as txn:
+        for name in ("rcpt", "msg", "camp", "type"):
+            for _, tk in txn.cursor(db=store.idx[name]).iternext():
+                assert txn.get(tk[8:], db=store.ev) is not None, (name, tk)
+        assert txn.stat(store.ids)["entries"] == total
+        assert sum(S._U64.unpack(v)[0] for k, v in txn.cursor(db=store.count_db)
+                   if k.startswith(S._ALL)) == total
+
+
 def test_the_sweep_runs_between_appends(tmp_path, monkeypatch):
     """A prune that deleted unreadable stored events left a walk of every index of the
     store (seconds at millions of events) in its transaction, and the events process's
@@ -110,9 +133,7 @@ def test_the_sweep_runs_between_appends(tmp_path, monkeypatch):
     left."""
     store = S.EventStore(str(tmp_path / "st"), map_size=64 << 20, retention=86400)
     old = time.time() - 2 * 86400
-    store.append([{"type": "delivery", "event_id": f"old{i}", "timestamp": old + i,
-                   "rcpt_to": f"u{i % 40}@x.test", "campaign_id": f"c{i % 3}",
-                   "message_id": f"m{i}"} for i in range(1000)])
+    store.append(expired(old, 0, 1000))
     for seq in range(5, 1000, 10):
         with store.env.begin(write=True, db=store.ev) as txn:
             k = S._U64.pack(seq)
@@ -126,29 +147,14 @@ def test_the_sweep_runs_between_appends(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store, "sweep", piece)
     e = events_loop(tmp_path, store, 0.0)     # a checkpoint (and its prune) at the first turn
-    t = threading.Thread(target=e.run)
-    t.start()
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and \
-                not (e.tails[0].n >= TOTAL and store.last_seq() >= 1000 + TOTAL and pieces
-                     and not store.sweeping()):
-            time.sleep(0.05)
-    finally:
-        e.stopping = True
-        t.join()
+    run_until(e, lambda: e.tails[0].n >= TOTAL and store.last_seq() >= 1000 + TOTAL
+              and pieces and not store.sweeping())
     try:
         assert store.last_seq() == 1000 + TOTAL and store.count() == TOTAL
         # the sweep took many pieces, with the shards' events stored between them
         assert len(pieces) > 10 and pieces[-1] > pieces[0], pieces
         assert not store.sweeping()
-        with store.env.begin() as txn:
-            for name in ("rcpt", "msg", "camp", "type"):
-                for _, tk in txn.cursor(db=store.idx[name]).iternext():
-                    assert txn.get(tk[8:], db=store.ev) is not None, (name, tk)
-            assert txn.stat(store.ids)["entries"] == TOTAL
-            assert sum(S._U64.unpack(v)[0] for k, v in txn.cursor(db=store.count_db)
-                       if k.startswith(S._ALL)) == TOTAL
+        assert_only_stored(store, TOTAL)
     finally:
         store.close()
 
@@ -164,9 +170,7 @@ def test_the_prune_runs_between_appends(tmp_path, monkeypatch):
     store = S.EventStore(str(tmp_path / "st"), map_size=64 << 20, retention=86400)
     old = time.time() - 2 * 86400
     for i in range(0, 4000, 1000):
-        store.append([{"type": "delivery", "event_id": f"old{j}", "timestamp": old + j,
-                       "rcpt_to": f"u{j % 40}@x.test", "campaign_id": f"c{j % 3}",
-                       "message_id": f"m{j}"} for j in range(i, i + 1000)])
+        store.append(expired(old, i, i + 1000))
     txns: list[int] = []                # last seq at each prune transaction
     prune_txn = store._prune_txn
 
@@ -177,27 +181,12 @@ def test_the_prune_runs_between_appends(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store, "_prune_txn", txn)
     e = events_loop(tmp_path, store, 0.0)     # a checkpoint (and its prune) at the first turn
-    t = threading.Thread(target=e.run)
-    t.start()
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and \
-                not (e.tails[0].n >= TOTAL and store.last_seq() >= 4000 + TOTAL
-                     and store.count() == TOTAL):
-            time.sleep(0.05)
-    finally:
-        e.stopping = True
-        t.join()
+    run_until(e, lambda: e.tails[0].n >= TOTAL and store.last_seq() >= 4000 + TOTAL
+              and store.count() == TOTAL)
     try:
         assert store.last_seq() == 4000 + TOTAL and store.count() == TOTAL
         # the prune took many transactions, with the shards' events stored between them
         assert len(txns) >= 100 and txns[-1] > txns[0], (len(txns), txns[:3], txns[-3:])
-        with store.env.begin() as txn:
-            for name in ("rcpt", "msg", "camp", "type"):
-                for _, tk in txn.cursor(db=store.idx[name]).iternext():
-                    assert txn.get(tk[8:], db=store.ev) is not None, (name, tk)
-            assert txn.stat(store.ids)["entries"] == TOTAL
-            assert sum(S._U64.unpack(v)[0] for k, v in txn.cursor(db=store.count_db)
-                       if k.startswith(S._ALL)) == TOTAL
+        assert_only_stored(store, TOTAL)
     finally:
         store.close()
