@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from daemon import wait_until
+from daemon import HOST, free_port, wait_until
 from mxlab import IPS, mx
+from sinks import AioSink
 from test_delivery import check_events, message, received_ok, wait_queue_empty
 
 IP_A, IP_B, IP_C = IPS[0], IPS[1], IPS[2]
@@ -36,6 +37,32 @@ GMAIL_IP_BLOCKED = (
 REPLIES = {"bob@dest.test": GMAIL_NO_SUCH_USER, "carol@rate.test": GMAIL_RATE_LIMITED,
            "dave@dest.test": INBOX_FULL, "eve@dest.test": ODD,
            "frank@dest.test": GMAIL_IP_BLOCKED}
+
+
+# an operator rules file's two versions in the reload tests (the sink's ODD reply: class 10,
+# then 51)
+RULES_ODD = '[[rule]]\nname = "lab-odd"\ncode = 550\ntext = "never seen"\nclass = 10\n'
+RULES_BLOCKED = ('[[rule]]\nname = "lab-odd-blocked"\ncode = 550\ntext = "never seen"\n'
+                 'class = 51\n')
+
+
+def odd_sink():
+    """A started sink that answers ODD to the odd* recipients and takes the others."""
+    return AioSink(HOST, free_port(),
+                   rcpt=lambda s, a, f: ODD if a.startswith("odd") else None).start()
+
+
+def to_sink(sink) -> dict:
+    """[delivery] that delivers everything to *sink*."""
+    return {"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                      "hosts": [f"{HOST}:{sink.port}"]}]}
+
+
+def terminal(d, rcpt: str) -> dict | None:
+    """The first bounce or delivery event of *rcpt* in *d*'s event log."""
+    ev = [e for e in d.events() if e["raw_rcpt_to"] == rcpt
+          and e["type"] in ("bounce", "delivery")]
+    return ev[0] if ev else None
 
 
 class OnlyQid:
@@ -141,30 +168,21 @@ def test_a_reload_gives_the_spool_shards_the_new_bounce_rules(make_daemon, tmp_p
     at the reload (logged) and nothing is named as waiting for a restart."""
     import re
 
-    from daemon import HOST, free_port
-    from sinks import AioSink
-    sink = AioSink(HOST, free_port(), rcpt=lambda s, a, f: ODD if a.startswith("odd") else None)
-    sink.start()
+    sink = odd_sink()
     try:
-        d = make_daemon(acceptors=1, shards=1, delivery={
-            "hold": False, "route": [{"domain": "*", "starttls": "none",
-                                      "hosts": [f"{HOST}:{sink.port}"]}]})
+        d = make_daemon(acceptors=1, shards=1, delivery=to_sink(sink))
 
-        def terminal(rcpt):
-            ev = [e for e in d.events() if e["type"] == "bounce" and e["raw_rcpt_to"] == rcpt]
-            return ev[0] if ev else None
         d.send("alice@sender.test", ["odd-1@dest.test"], message("before"))
-        ev = wait_until(lambda: terminal("odd-1@dest.test"), 20, "the first bounce")
+        ev = wait_until(lambda: terminal(d, "odd-1@dest.test"), 20, "the first bounce")
         assert (ev["bounce_class"], ev["bounce_rule"]) == ("1", "undetermined"), ev
 
         rules = tmp_path / "bounce_rules.toml"
-        rules.write_text('[[rule]]\nname = "lab-odd"\ncode = 550\n'
-                         'text = "never seen"\nclass = 10\n')
+        rules.write_text(RULES_ODD)
         log = d.reload(feedback={"bounce_rules": str(rules)})
         d.wait_log(r"spool\[0\].*reload: bounce rules " + re.escape(str(rules)))
         assert "feedback.bounce_rules" not in log, log[-2000:]
         d.send("alice@sender.test", ["odd-2@dest.test"], message("after"))
-        ev = wait_until(lambda: terminal("odd-2@dest.test"), 20, "the second bounce")
+        ev = wait_until(lambda: terminal(d, "odd-2@dest.test"), 20, "the second bounce")
         assert (ev["bounce_class"], ev["bounce_rule"]) == ("10", "lab-odd"), ev
     finally:
         sink.stop()
@@ -177,32 +195,22 @@ def test_a_reload_gives_the_spool_shards_a_rules_file_edited_in_place(make_daemo
     acceptors read the new ones.  Now the content counts: the shards read it again."""
     import re
 
-    from daemon import HOST, free_port
-    from sinks import AioSink
     rules = tmp_path / "bounce_rules.toml"
-    rules.write_text('[[rule]]\nname = "lab-odd"\ncode = 550\n'
-                     'text = "never seen"\nclass = 10\n')
-    sink = AioSink(HOST, free_port(), rcpt=lambda s, a, f: ODD if a.startswith("odd") else None)
-    sink.start()
+    rules.write_text(RULES_ODD)
+    sink = odd_sink()
     try:
         d = make_daemon(acceptors=1, shards=1, feedback={"bounce_rules": str(rules)},
-                        delivery={"hold": False, "route": [
-                            {"domain": "*", "starttls": "none",
-                             "hosts": [f"{HOST}:{sink.port}"]}]})
+                        delivery=to_sink(sink))
 
-        def terminal(rcpt):
-            ev = [e for e in d.events() if e["type"] == "bounce" and e["raw_rcpt_to"] == rcpt]
-            return ev[0] if ev else None
         d.send("alice@sender.test", ["odd-1@dest.test"], message("before"))
-        ev = wait_until(lambda: terminal("odd-1@dest.test"), 20, "the first bounce")
+        ev = wait_until(lambda: terminal(d, "odd-1@dest.test"), 20, "the first bounce")
         assert (ev["bounce_class"], ev["bounce_rule"]) == ("10", "lab-odd"), ev
 
-        rules.write_text('[[rule]]\nname = "lab-odd-blocked"\ncode = 550\n'
-                         'text = "never seen"\nclass = 51\n')
+        rules.write_text(RULES_BLOCKED)
         d.reload()
         d.wait_log(r"spool\[0\].*reload: bounce rules " + re.escape(str(rules)))
         d.send("alice@sender.test", ["odd-2@dest.test"], message("after"))
-        ev = wait_until(lambda: terminal("odd-2@dest.test"), 20, "the second bounce")
+        ev = wait_until(lambda: terminal(d, "odd-2@dest.test"), 20, "the second bounce")
         assert (ev["bounce_class"], ev["bounce_rule"]) == ("51", "lab-odd-blocked"), ev
 
         # a reload that leaves the file as it is does not make the shards read it again
@@ -242,26 +250,16 @@ def test_a_rules_file_broken_after_the_check_keeps_the_old_rules_and_the_rest(
     import re
     import signal
 
-    from daemon import HOST, free_port
-    from sinks import AioSink
-
     from mta.feedback import suppression as S
     rules = tmp_path / "bounce_rules.toml"
-    rules.write_text('[[rule]]\nname = "lab-odd"\ncode = 550\n'
-                     'text = "never seen"\nclass = 10\n')
-    sink = AioSink(HOST, free_port(), rcpt=lambda s, a, f: ODD if a.startswith("odd") else None)
-    sink.start()
+    rules.write_text(RULES_ODD)
+    sink = odd_sink()
     try:
         d = make_daemon(acceptors=1, shards=1, feedback={"bounce_rules": str(rules)},
                         server={"ready_timeout": 10},
-                        delivery={"hold": False, "route": [
-                            {"domain": "*", "starttls": "none",
-                             "hosts": [f"{HOST}:{sink.port}"]}]})
+                        delivery=to_sink(sink))
         listed = os.path.join(d.state_dir, "suppression")
 
-        def terminal(rcpt):
-            ev = [e for e in d.events() if e["type"] == "bounce" and e["raw_rcpt_to"] == rcpt]
-            return ev[0] if ev else None
 
         def on_list(address) -> bool:
             lst = S.SuppressionList(listed, 1 << 24)
@@ -270,7 +268,7 @@ def test_a_rules_file_broken_after_the_check_keeps_the_old_rules_and_the_rest(
             finally:
                 lst.close()
         d.send("alice@sender.test", ["odd-1@dest.test"], message("before"))
-        ev = wait_until(lambda: terminal("odd-1@dest.test"), 20, "the first bounce")
+        ev = wait_until(lambda: terminal(d, "odd-1@dest.test"), 20, "the first bounce")
         assert (ev["bounce_class"], ev["bounce_rule"]) == ("10", "lab-odd"), ev
         wait_until(lambda: on_list("odd-1@dest.test"), 20, "the Bounce Rule entry")
         assert _stale_rules_gauge(d) == 0
@@ -285,8 +283,7 @@ def test_a_rules_file_broken_after_the_check_keeps_the_old_rules_and_the_rest(
         done = len(re.findall(r"reloaded: ", d.log()))
         os.kill(shard, signal.SIGSTOP)
         try:
-            rules.write_text('[[rule]]\nname = "lab-odd-blocked"\ncode = 550\n'
-                             'text = "never seen"\nclass = 51\n')
+            rules.write_text(RULES_BLOCKED)
             d.sections["suppression"] = {"bounce_rule": False}
             d.write_config()
             d.proc.send_signal(signal.SIGHUP)
@@ -303,7 +300,7 @@ def test_a_rules_file_broken_after_the_check_keeps_the_old_rules_and_the_rest(
             os.kill(shard, signal.SIGCONT)
         d.wait_log(r"reloaded: ", count=done + 1, timeout=60)
         d.send("alice@sender.test", ["odd-2@dest.test"], message("during"))
-        ev = wait_until(lambda: terminal("odd-2@dest.test"), 20, "the second bounce")
+        ev = wait_until(lambda: terminal(d, "odd-2@dest.test"), 20, "the second bounce")
         time.sleep(0.5)
         # the rest of the reload: no Bounce Rule entry any more
         assert not on_list("odd-2@dest.test"), "the rest of the reload was not taken"
@@ -326,12 +323,11 @@ def test_a_rules_file_broken_after_the_check_keeps_the_old_rules_and_the_rest(
         assert said["bounce_rules_stale"] and "broken" in said["bounce_rules_error"], said
 
         # repaired as the supervisor checked it: a reload makes the shard read it
-        rules.write_text('[[rule]]\nname = "lab-odd-blocked"\ncode = 550\n'
-                         'text = "never seen"\nclass = 51\n')
+        rules.write_text(RULES_BLOCKED)
         d.reload()
         d.wait_log(r"spool\[0\].*reload: bounce rules " + re.escape(str(rules)))
         d.send("alice@sender.test", ["odd-3@dest.test"], message("after"))
-        ev = wait_until(lambda: terminal("odd-3@dest.test"), 20, "the third bounce")
+        ev = wait_until(lambda: terminal(d, "odd-3@dest.test"), 20, "the third bounce")
         assert (ev["bounce_class"], ev["bounce_rule"]) == ("51", "lab-odd-blocked"), ev
         wait_until(lambda: _stale_rules_gauge(d) == 0, 20, "the gauge back to 0",
                    interval=0.3)
@@ -351,29 +347,18 @@ def test_a_shard_restarted_after_the_rules_file_is_damaged_runs_the_validated_ru
     import re
     import signal
 
-    from daemon import HOST, free_port
-    from sinks import AioSink
     rules = tmp_path / "bounce_rules.toml"
-    rules.write_text('[[rule]]\nname = "lab-odd"\ncode = 550\n'
-                     'text = "never seen"\nclass = 10\n')
-    sink = AioSink(HOST, free_port(), rcpt=lambda s, a, f: ODD if a.startswith("odd") else None)
-    sink.start()
+    rules.write_text(RULES_ODD)
+    sink = odd_sink()
     try:
         d = make_daemon(acceptors=1, shards=1, feedback={"bounce_rules": str(rules)},
-                        delivery={"hold": False, "route": [
-                            {"domain": "*", "starttls": "none",
-                             "hosts": [f"{HOST}:{sink.port}"]}]})
+                        delivery=to_sink(sink))
 
-        def terminal(rcpt):
-            ev = [e for e in d.events() if e["raw_rcpt_to"] == rcpt
-                  and e["type"] in ("bounce", "delivery")]
-            return ev[0] if ev else None
         # a good edit, reloaded: validated, and the rules every process runs
-        rules.write_text('[[rule]]\nname = "lab-odd-blocked"\ncode = 550\n'
-                         'text = "never seen"\nclass = 51\n')
+        rules.write_text(RULES_BLOCKED)
         d.reload()
         d.send("alice@sender.test", ["odd-1@dest.test"], message("before"))
-        ev = wait_until(lambda: terminal("odd-1@dest.test"), 20, "the first bounce")
+        ev = wait_until(lambda: terminal(d, "odd-1@dest.test"), 20, "the first bounce")
         assert (ev["bounce_class"], ev["bounce_rule"]) == ("51", "lab-odd-blocked"), ev
 
         # then saved broken (or deleted) without a reload, and the shard dies
@@ -393,9 +378,9 @@ def test_a_shard_restarted_after_the_rules_file_is_damaged_runs_the_validated_ru
         qid = d.send("alice@sender.test", ["odd-2@dest.test", "good@dest.test"],
                      message("after"))
         assert qid
-        ev = wait_until(lambda: terminal("odd-2@dest.test"), 20, "the second bounce")
+        ev = wait_until(lambda: terminal(d, "odd-2@dest.test"), 20, "the second bounce")
         assert (ev["bounce_class"], ev["bounce_rule"]) == ("51", "lab-odd-blocked"), ev
-        ev = wait_until(lambda: terminal("good@dest.test"), 20, "the delivery")
+        ev = wait_until(lambda: terminal(d, "good@dest.test"), 20, "the delivery")
         assert ev["type"] == "delivery", ev
     finally:
         sink.stop()
