@@ -1296,7 +1296,7 @@ class Store:
                 except msgspec.ValidationError as exc:
                     m, mended = self._mend(meta, seg, exc)
                 else:
-                    if m.arrival <= 0.0 or m.arrival >= self._seg_bound:
+                    if not good_arrival(m.arrival, self._seg_bound):
                         # (in range, but no clock read it: mended as one out of range)
                         m.arrival = _taken_at(m.qid, seg.path, self._seg_bound)
                         mended = ["arrival"]
@@ -1733,7 +1733,7 @@ class Store:
             if not mended:
                 raise
             return m
-        if m.arrival <= 0.0 or m.arrival >= self.arrival_bound:
+        if not good_arrival(m.arrival, self.arrival_bound):
             # (mended by the recovery if it read it: the index holds what it took; one
             # it kept, its segment written before the clock was set back, or taken
             # since, arrived after the bound, is as the index holds it too)
