@@ -400,11 +400,9 @@ class SuppressionList:
              now: float, counts: dict[str, int] | None = None) -> int:
         """Write one address's records; the changes of the per-source counts are added
         up in *counts* when given (the caller writes them: _counts), else written."""
-        if counts is None:
+        own = counts is None
+        if own:
             counts = {}
-            n = self._put(txn, address, tbits, source, description, now, counts)
-            self._counts(txn, counts)
-            return n
         key = address.encode("utf-8", "surrogateescape")
         if not key or len(key) > MAX_ADDRESS:
             return 0
@@ -432,6 +430,8 @@ class SuppressionList:
             n += 1
         flags = sum(TYPES[t] for t in recs)
         txn.put(key, bytes((flags,)) + _enc.encode(recs), db=self.rcpt)
+        if own:
+            self._counts(txn, counts)
         return n
 
     def _counts(self, txn, deltas: dict[str, int]) -> None:
