@@ -46,8 +46,7 @@ accepts on the slot's socket before the old one stops, so no connection is
 refused (the old one finishes its sessions; one still there after the shutdown
 timeout, the spool timeout and STOP_GRACE is killed); then, when their sections changed (``ROLLED``: [server], [delivery], [egress],
 [[shaping]], [[response_rule]], [[warmup]], [backoff], [feedback], [cluster]; [events];
-[webhooks], [[webhook]], [events] and ``ROLLED_KEYS``: delivery.nameservers, dns_timeout,
-ipv6), replace the delivery, events and webhooks processes
+[webhooks], [[webhook]], [events] and delivery.nameservers, dns_timeout, ipv6), replace the delivery, events and webhooks processes
 in ROLL_ROUNDS rounds at most (one at a time up to that many), each stopped as at
 SIGTERM before its successor starts (one that does not start ends its role's roll
 and fails the reload, naming it); once the delivery processes are replaced for a
@@ -108,16 +107,16 @@ log = logging.getLogger("mta.supervisor")
 TICK = 0.25                 # seconds between checks of children and restarts
 QUICK_DEATH = 10.0          # a child that dies younger than this doubles its back-off
 FIRST_BACKOFF = 0.2         # seconds
-# SIGHUP: the roles whose processes are replaced when these config sections change
-# ([dkim] is the acceptors', which every reload replaces)
+# SIGHUP: the roles whose processes are replaced when these config sections (or, written
+# "section.key", keys) change ([dkim] is the acceptors', which every reload replaces).
+# The webhooks process reads the store of [events] and looks target names up with
+# [delivery]'s DNS settings (mta.api.webhook_dns), not the rest of [delivery] (a hold
+# toggled must not abandon its POSTs in flight).
 ROLLED = {"delivery": ("delivery", "egress", "shaping", "response_rule", "warmup", "backoff",
                        "feedback", "server", "cluster"),
           "events": ("events", "server"),
-          "webhooks": ("webhooks", "webhook", "events")}     # (events: the store it reads)
-# ... and when these keys of another role's section changed: the webhooks process looks
-# target names up with [delivery]'s DNS settings (mta.api.webhook_dns), not the rest of it
-# (a hold toggled must not abandon its POSTs in flight)
-ROLLED_KEYS = {"webhooks": {"delivery": ("nameservers", "dns_timeout", "ipv6")}}
+          "webhooks": ("webhooks", "webhook", "events", "delivery.nameservers",
+                       "delivery.dns_timeout", "delivery.ipv6")}
 # what a delivery lane may send: a reload that changes one of these tells the spool shards
 # (SIGUSR1) once the new delivery processes run, to release what the lanes it raised handed
 # back (mta.spool.release)
@@ -270,6 +269,13 @@ def bind_listener(host: str, port: int, exclusive: bool = False) -> socket.socke
         s.close()
         raise
     return s
+
+
+def _setting(config, name: str):
+    """A section of *config* (``"delivery"``), or one key of it (``"delivery.ipv6"``)."""
+    sec, _, key = name.partition(".")
+    value = getattr(config, sec)
+    return getattr(value, key) if key else value
 
 
 class Supervisor:
@@ -1158,11 +1164,8 @@ class Supervisor:
                      "and the spool shards take its rules", rules)
         failed = []
         for role, sections in ROLLED.items():
-            changed = [f"[{k}]" for k in sections
-                       if getattr(new.config, k) != getattr(old.config, k)]
-            changed += [f"{sec}.{k}" for sec, keys in ROLLED_KEYS.get(role, {}).items()
-                        for k in keys if getattr(getattr(new.config, sec), k) !=
-                        getattr(getattr(old.config, sec), k)]
+            changed = [k if "." in k else f"[{k}]" for k in sections
+                       if _setting(new.config, k) != _setting(old.config, k)]
             if role in self.unrolled:
                 changed.append("a roll left part-done")
             count = sum(1 for key in self.slots if key[0] == role)
