@@ -616,6 +616,17 @@ class Daemon:
         return {s.name: s.value for fam in text_string_to_metric_families(body.decode())
                 for s in fam.samples if not s.labels}
 
+    def metric(self, name: str, **labels) -> float | None:
+        """The value of /metrics' sample *name* with exactly *labels* (None: not there)."""
+        from prometheus_client.parser import text_string_to_metric_families
+        status, _, body = self.admin_get("/metrics")
+        assert status == 200, (status, body[:500])
+        for fam in text_string_to_metric_families(body.decode()):
+            for s in fam.samples:
+                if s.name == name and s.labels == labels:
+                    return s.value
+        return None
+
 
 class Client:
     """A raw SMTP client for dialogues that smtplib will not produce."""

@@ -223,14 +223,7 @@ def test_a_reload_gives_the_spool_shards_a_rules_file_edited_in_place(make_daemo
 
 def _stale_rules_gauge(d) -> float | None:
     """mta_spool_bounce_rules_stale{shard="0"} in /metrics (None: not there)."""
-    from prometheus_client.parser import text_string_to_metric_families
-    status, _, body = d.admin_get("/metrics")
-    assert status == 200, (status, body[:500])
-    for fam in text_string_to_metric_families(body.decode()):
-        for s in fam.samples:
-            if s.name == "mta_spool_bounce_rules_stale" and s.labels == {"shard": "0"}:
-                return s.value
-    return None
+    return d.metric("mta_spool_bounce_rules_stale", shard="0")
 
 
 @pytest.mark.parametrize("copy", ["kept", "gone"])

@@ -65,15 +65,7 @@ def damage_field(spool_dir: str, qid: str, field: int, value) -> None:
 
 
 def mended(d, reason: str = "time") -> float | None:
-    from prometheus_client.parser import text_string_to_metric_families
-    status, _, body = d.admin_get("/metrics")
-    assert status == 200
-    for fam in text_string_to_metric_families(body.decode()):
-        for s in fam.samples:
-            if s.name == "mta_spool_mended_records_total" and \
-                    s.labels == {"shard": "0", "reason": reason}:
-                return s.value
-    return None
+    return d.metric("mta_spool_mended_records_total", shard="0", reason=reason)
 
 
 def when(event: dict) -> float:
