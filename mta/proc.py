@@ -473,12 +473,29 @@ def start_role(role: str, index: int | None, log_level: str) -> str:
     return name
 
 
-def report_ready(fd: int | None) -> None:
-    """Tell the supervisor this child is up."""
+def report_ready(fd: int | None, keep: bool = False) -> None:
+    """Tell the supervisor this child is up.  *keep*: the pipe stays open for
+    :func:`report_stopped_accepting` (an acceptor)."""
     if fd is None:
         return
     try:
         os.write(fd, b"R")
+    finally:
+        if not keep:
+            os.close(fd)
+
+
+def report_stopped_accepting(fd: int | None) -> None:
+    """Tell the supervisor, over the pipe kept open by ``report_ready(fd, keep=True)``,
+    that this acceptor has closed its listeners: a reload is done only then (the
+    listening sockets are shared with the successor, which takes every connection
+    from now on).  Its exit says the same (the pipe's end)."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"S")
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

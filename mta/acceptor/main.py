@@ -210,6 +210,7 @@ class Acceptor:
         self._flush_scheduled = False
         self.reqs = itertools.count(1)
         self.draining = False
+        self.stopped_fd: int | None = None      # the supervisor's pipe (main())
         # mta drain: the node refuses new mail while run/drain exists (checked each sweep).
         self.drain_flag = os.path.join(settings.run_dir, DRAIN_FLAG)
         self.node_draining = os.path.exists(self.drain_flag)
@@ -819,6 +820,8 @@ class Acceptor:
         http_sessions = self.http.sessions if self.http is not None else set()
         log.info("draining: %d SMTP and %d HTTP session(s) open", len(self.sessions),
                  len(http_sessions))
+        proc.report_stopped_accepting(self.stopped_fd)
+        self.stopped_fd = None
         # (the event may have been set during that sleep(0): a session that ended then
         # found the acceptor idle before the queued connection_made() added its own --
         # waiting on it as it was let the process exit under a client whose request it
@@ -865,7 +868,8 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],
         # this acceptor from serving the others for ready_timeout)
         await acc.spool_connected(min(SPOOL_CONNECT_WAIT, settings.config.server.ready_timeout))
         await acc.serve(socks, http_socks)
-        proc.report_ready(ready_fd)
+        proc.report_ready(ready_fd, keep=True)
+        acc.stopped_fd = ready_fd       # (drain(): "S", its listeners closed)
         await stop.wait()
         await acc.drain()
 

@@ -43,6 +43,11 @@ class ServerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         ge=0.1, le=600)] = 30.0
     ready_timeout: Annotated[float, _doc(
         "seconds a starting child may take to report ready", ge=1, le=3600)] = 60.0
+    reload_handover_timeout: Annotated[float, _doc(
+        "seconds a reload waits for each acceptor it replaces to close its listening "
+        "sockets (shared with its successor; until then it may still greet a client "
+        "with the configuration replaced) before it reports the reload done anyway "
+        "(0: not waited for); a responsive acceptor takes milliseconds", ge=0, le=3600)] = 5.0
     proxy_protocol_from: Annotated[list[str], _doc(
         "networks of the TCP load balancers in front of the SMTP and HTTP listeners "
         "(HAProxy with send-proxy or send-proxy-v2): a connection from one must begin "

@@ -597,8 +597,11 @@ class Supervisor:
             for fd in readable(waiting, min(left, TICK)):
                 c = waiting.pop(fd)
                 data = os.read(fd, 1)
-                os.close(fd)
-                c.ready_fd = None
+                if data != b"R" or c.role != "acceptor":
+                    # (an acceptor's pipe stays open: it says "S" when it stops
+                    # accepting, _await_stopped_accepting)
+                    os.close(fd)
+                    c.ready_fd = None
                 if data != b"R":
                     return False
                 c.ready = True
@@ -1456,6 +1459,7 @@ class Supervisor:
                 raise StartupError(why)
             if old_child is not None and old_child.pid in self.children:
                 self._retire(old_child, new)
+                self._await_stopped_accepting(old_child, new)
             if previous is not None and previous is not slot:
                 kept = slot.all_socks()
                 for sk in previous.all_socks():
@@ -1465,8 +1469,36 @@ class Supervisor:
             slot = self.slots.pop(("acceptor", i))
             if slot.child is not None:
                 self._retire(slot.child, new)
+                self._await_stopped_accepting(slot.child, new)
             for sk in slot.all_socks():
                 sk.close()
+
+    def _await_stopped_accepting(self, child: Child, settings) -> None:
+        """Wait (server.reload_handover_timeout at most; 0: not at all) until the retired
+        acceptor *child* says it closed its listeners ("S" on its ready pipe, or the
+        pipe's end at its exit).  It shares them with its successor: until then a client
+        may still be greeted with the configuration the reload replaced, and "reloaded"
+        (mta reload's answer) would say otherwise.  One that does not answer (stopped, wedged) is named and
+        the reload goes on; kill_overdue() ends it later."""
+        fd = child.ready_fd
+        wait = settings.config.server.reload_handover_timeout
+        if fd is None or not wait:
+            return
+        deadline = time.monotonic() + wait
+        while True:
+            if readable([fd], min(TICK, max(0.0, deadline - time.monotonic()))):
+                data = os.read(fd, 2)
+                # (an acceptor restarted after a crash: its "R" was not read)
+                if data != b"R":
+                    break
+            elif time.monotonic() >= deadline:
+                log.warning("reload: the replaced %s[%d] pid=%d did not say in %.0fs that "
+                            "it stopped accepting; going on (it may still take a "
+                            "connection with the configuration it had)", child.role,
+                            child.index, child.pid, wait)
+                return
+        os.close(fd)
+        child.ready_fd = None
 
 
 def _rebuilding():

@@ -627,7 +627,10 @@ def test_an_acceptor_replaced_by_a_reload_that_does_not_stop_is_killed(make_daem
     old = d.children()["acceptor[0]"]
     os.kill(old, signal.SIGSTOP)
     try:
-        d.reload(r"reloaded: accepting", smtp={"banner": "ESMTP after"})
+        text = d.reload(r"reloaded: accepting", smtp={"banner": "ESMTP after"})
+        # (the reload waited server.reload_handover_timeout for it to stop accepting)
+        assert re.search(rf"the replaced acceptor\[0\] pid={old} did not say in 5s that "
+                         r"it stopped accepting; going on", text), text[-3000:]
         new = d.children()["acceptor[0]"]
         assert new != old
         assert os.path.exists(f"/proc/{old}"), "the stopped acceptor went by itself"
@@ -1001,3 +1004,43 @@ def test_a_reload_of_the_dns_servers_replaces_the_webhooks_process_and_a_hold_do
     assert "reload: delivery.nameservers changed; replacing the webhooks process(es)" \
         in d.log()
     assert d.children()["webhooks[0]"] != old
+
+
+def test_a_reload_is_done_only_when_the_old_acceptors_have_stopped_accepting(make_daemon):
+    # An old acceptor shares its slot's listening socket with its successor: told to
+    # stop (SIGTERM), it still accepted -- and greeted with the old configuration --
+    # until its loop got to the signal.  The reload was reported done ("reloaded:",
+    # mta reload's answer) before that, so a client connecting right after it could
+    # get the old banner (seen on CI).  Done means: each replaced acceptor has closed
+    # its listeners (its "draining:" line is written before the supervisor's).
+    # One old acceptor is held (SIGSTOP) through the reload and let go 1.5 s later: the
+    # supervisor must wait for it, as it would for a loop busy with its sessions.
+    # At the second turn the held one is a successor the supervisor started after a
+    # kill -9 (whose "up" it had not read).
+    d = make_daemon(acceptors=2, shards=1)
+    for turn in range(3):
+        if turn == 1:
+            killed = d.children()["acceptor[1]"]
+            os.kill(killed, signal.SIGKILL)
+            d.wait_restarted("acceptor[1]", killed)
+        old = {t: pid for t, pid in d.children().items() if t.startswith("acceptor[")}
+        assert len(old) == 2, old
+        held = old["acceptor[1]"]
+        os.kill(held, signal.SIGSTOP)
+        go = threading.Timer(1.5, os.kill, (held, signal.SIGCONT))
+        go.start()
+        banner = f"ESMTP turn{turn}"
+        try:
+            text = d.reload(smtp={"banner": banner})
+        finally:
+            go.join()
+        # (by the lines' times: a child's line may reach the file after the supervisor's)
+        stamp = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO "
+        done = re.findall(stamp + r"supervisor\[\d+\]: reloaded: ", text, re.M)[-1]
+        for title, pid in old.items():
+            m = re.search(stamp + rf"{re.escape(title)}\[{pid}\]: draining: ", text, re.M)
+            assert m is not None and m[1] <= done, \
+                f"{title} pid={pid} still accepting when the reload was done:\n{text[-3000:]}"
+        for _ in range(20):
+            with d.connect() as c:
+                assert c.banner == (220, [f"mta.test {banner}"])
