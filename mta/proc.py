@@ -473,6 +473,25 @@ def start_role(role: str, index: int | None, log_level: str) -> str:
     return name
 
 
+def on_sigterm(loop, callback) -> None:
+    """``loop.add_signal_handler(SIGTERM, callback)`` without losing a SIGTERM that comes
+    before *loop* runs.  uvloop (0.23) installs the handler's Python-level stand-in at
+    once but reads the signals it catches only from its first run: one that arrives in
+    between is taken by the stand-in and *callback* is never called -- a child told to
+    stop while it started (a reload, a stop) ran on, greeting clients with the
+    configuration it was replaced for, until the supervisor killed it.  Until the loop's
+    first turn a plain handler notes a SIGTERM; then the loop's own handler is
+    installed, and a noted one is acted on."""
+    noted = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+
+    def install() -> None:
+        loop.add_signal_handler(signal.SIGTERM, callback)
+        if noted:
+            callback()
+    loop.call_soon(install)
+
+
 def report_ready(fd: int | None, keep: bool = False) -> None:
     """Tell the supervisor this child is up.  *keep*: the pipe stays open for
     :func:`report_stopped_accepting` (an acceptor)."""

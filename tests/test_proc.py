@@ -415,3 +415,33 @@ def test_a_logged_message_is_one_printable_line_and_a_traceback_keeps_its_lines(
     out = f.format(rec).split("\n")
     assert out[0] == "ERROR x: failed: a\\nb" and out[1] == "Traceback (most recent call last):"
     assert out[-1] == "ValueError: boom"
+
+
+SIGTERM_CHILD = r"""
+import asyncio, os, signal, sys, uvloop
+from mta import proc
+loop = uvloop.new_event_loop()
+asyncio.set_event_loop(loop)
+stop = asyncio.Event()
+proc.on_sigterm(loop, stop.set)
+if sys.argv[1] == "before":
+    os.kill(os.getpid(), signal.SIGTERM)     # before the loop has run at all
+
+async def main():
+    if sys.argv[1] == "after":
+        await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(stop.wait(), 5)
+    print("stopped", flush=True)
+loop.run_until_complete(main())
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_sigterm_before_or_after_the_loop_runs_reaches_the_role(when):
+    # uvloop took a SIGTERM that came between add_signal_handler and the loop's first run
+    # and never called the handler: an acceptor told to stop while it started (a reload)
+    # ran on with the configuration it was replaced for until the supervisor killed it
+    r = subprocess.run([sys.executable, "-c", SIGTERM_CHILD, when], capture_output=True,
+                       timeout=30)
+    assert r.returncode == 0 and r.stdout == b"stopped\n", r

@@ -855,7 +855,7 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],
     ctx = bus.new_context()
     acc = Acceptor(settings, slot, loop)
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    proc.on_sigterm(loop, stop.set)
 
     pusher = Pusher.create(acc.m.reg, ctx, settings, "acceptor", slot)
 

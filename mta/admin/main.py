@@ -307,7 +307,7 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
     socks = [socket.socket(fileno=fd) for fd in http_fds]
     agent_socks = [socket.socket(fileno=fd) for fd in fds]
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    proc.on_sigterm(loop, stop.set)
 
     async def run():
         servers = [await loop.create_server(lambda: Session(admin), sock=s) for s in socks]

@@ -381,7 +381,7 @@ def main(settings, index: int, ready_fd: int | None) -> None:
     ctx = bus.new_context()
     d = Delivery(settings, index, loop, ctx)
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    proc.on_sigterm(loop, stop.set)
 
     pusher = Pusher.create(d.m.reg, ctx, settings, "delivery", index)
 

@@ -219,7 +219,7 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    proc.on_sigterm(loop, stop.set)
     db = webhookdb.WebhookDB(webhookdb.path_in(settings.state_dir))
     # Liveness for the admin process (/api/admin/health, per-process CPU and memory).
     ctx = bus.new_context()

@@ -1022,7 +1022,12 @@ def test_a_reload_is_done_only_when_the_old_acceptors_have_stopped_accepting(mak
         if turn == 1:
             killed = d.children()["acceptor[1]"]
             os.kill(killed, signal.SIGKILL)
-            d.wait_restarted("acceptor[1]", killed)
+            pid = d.wait_restarted("acceptor[1]", killed)
+            # (held once it runs: held while it starts, a SIGTERM with its default action
+            # may end it, and its end is seen only after the reload's line)
+            wait_until(lambda pid=pid: pid in [c["pid"] for c in json.loads(
+                d.admin_get("/api/admin/health")[2])["children"] if c["up"]], 20,
+                "the restarted acceptor reports")
         old = {t: pid for t, pid in d.children().items() if t.startswith("acceptor[")}
         assert len(old) == 2, old
         held = old["acceptor[1]"]
