@@ -711,3 +711,74 @@ def test_a_reload_applies_the_bounds_that_were_constants(tmp_path):
     old, new = config.load(str(old_path)), config.load(str(new_path))
     assert new.config.http != old.config.http and new.config.delivery != old.config.delivery
     assert config.restart_keys(old, new) == []
+
+
+def _handshake(server_ctx, client_ctx) -> dict:
+    """An in-memory TLS handshake (no socket); the server certificate the client got."""
+    import ssl
+
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    srv = server_ctx.wrap_bio(bios[0], bios[1], server_side=True)
+    cli = client_ctx.wrap_bio(bios[2], bios[3], server_hostname="mta.test")
+    for _ in range(10):
+        done = 0
+        for side in (cli, srv):
+            try:
+                side.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+        if bios[3].pending:
+            bios[0].write(bios[3].read())
+        if bios[1].pending:
+            bios[2].write(bios[1].read())
+        if done == 2:
+            return cli.getpeercert()
+    raise AssertionError("no handshake")
+
+
+@pytest.mark.parametrize("broken", ["deleted", "truncated", "replaced"])
+def test_the_checked_tls_files_are_kept_and_loaded_from_memory(tmp_path, broken):
+    """The supervisor keeps the certificate chain and key it checked (Settings.tls_files,
+    not in repr); an acceptor loads them (load_tls) though the files were deleted, left
+    empty or replaced since, through anonymous in-memory files it closes; with none kept,
+    from the paths."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("mta.test")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    p = tmp_path / "c.toml"
+    p.write_text(f"[smtp]\ntls_certificate = '{cert_path}'\ntls_key = '{key_path}'\n")
+    s = config.load(str(p))
+    assert s.tls_files == (cert_path.read_bytes(), key_path.read_bytes())
+    assert b"PRIVATE KEY" not in repr(s).encode()
+    if broken == "deleted":
+        key_path.unlink()
+        cert_path.unlink()
+    elif broken == "truncated":
+        key_path.write_bytes(b"")
+    else:
+        other = trustme.CA().issue_cert("other.test")
+        other.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+        other.private_key_pem.write_to_path(str(key_path))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    fds = len(os.listdir("/proc/self/fd"))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    config.load_tls(ctx, str(cert_path), str(key_path), s.tls_files)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert _handshake(ctx, client)["subjectAltName"] == (("DNS", "mta.test"),)
+    # none kept (read_active's record: not read): the paths, as they are now
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if broken != "replaced":
+        with pytest.raises((OSError, ssl.SSLError)):
+            config.load_tls(ctx, str(cert_path), str(key_path), None)
+    else:
+        config.load_tls(ctx, str(cert_path), str(key_path), None)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _handshake(ctx, client)

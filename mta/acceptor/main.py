@@ -81,6 +81,7 @@ from mta.acceptor import replies as R
 from mta.acceptor.peers import peer_address
 from mta.api.transmissions import parse_msys_api
 from mta.config import DEFAULT as DEFAULT_POOL
+from mta.config import load_tls
 from mta.feedback import events_store as events_store_mod
 from mta.feedback import suppression as suppression_list
 from mta.obs import events as ev
@@ -259,7 +260,9 @@ class Acceptor:
             return None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.smtp.tls_certificate, self.smtp.tls_key)
+        # from the bytes the supervisor validated (the files may have been deleted or
+        # broken since, without a reload: a restarted acceptor would die at its start)
+        load_tls(ctx, self.smtp.tls_certificate, self.smtp.tls_key, self.settings.tls_files)
         return ctx
 
     def ehlo_reply(self, tls: bool, authed: bool) -> bytes:

@@ -74,6 +74,10 @@ class Settings:
     # file deleted or broken without a reload does not stop an acceptor restarted after
     # a crash (it would fail at its start, again and again)
     dkim_key_files: dict = field(default_factory=dict, repr=False, compare=False)
+    # the smtp.tls_certificate and tls_key files' bytes as validated, (chain, key) (None:
+    # no TLS, or not read here): an acceptor forked with these Settings loads them
+    # (load_tls), not the files, for the same reason
+    tls_files: tuple[bytes, bytes] | None = field(default=None, repr=False, compare=False)
     # the supervisor's record of the active configuration (read_active): the reload
     # that wrote it (its CLOCK_MONOTONIC read_at; 0 at a start), which each spool shard
     # names when it says it took the record (write_applied)
@@ -383,8 +387,9 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None,
     proxies = _networks(cfg.server.proxy_protocol_from, "server.proxy_protocol_from")
     if bool(cfg.smtp.tls_certificate) != bool(cfg.smtp.tls_key):
         raise ConfigError("smtp.tls_key: tls_certificate and tls_key go together")
+    tls_files = None
     if cfg.smtp.tls_certificate and not recorded:
-        _check_tls(cfg.smtp.tls_certificate, cfg.smtp.tls_key)
+        tls_files = _check_tls(cfg.smtp.tls_certificate, cfg.smtp.tls_key)
     users = {}
     if cfg.smtp.auth_file and not recorded:
         if not cfg.smtp.tls_certificate:
@@ -448,6 +453,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None,
         bounce_rules_digest=rules_digest,
         bounce_rules_data=rules_data,
         dkim_key_files=key_files,
+        tls_files=tls_files,
     )
 
 
@@ -831,20 +837,54 @@ def _ipv6_off(key: str, address: str, d) -> None:
                           "connects to no IPv6 address (it would reach nothing)")
 
 
-def _check_tls(cert: str, key: str) -> None:
+def _check_tls(cert: str, key: str) -> tuple[bytes, bytes]:
+    """Read smtp.tls_certificate and tls_key and load them (ConfigError naming the file
+    that cannot be read, or the two when they do not load); their bytes, as loaded
+    (Settings.tls_files)."""
     import ssl
 
+    files = []
     for name, p in (("tls_certificate", cert), ("tls_key", key)):
         try:
-            with open(p, "rb"):
-                pass
+            with open(p, "rb") as fh:
+                files.append(fh.read())
         except OSError as exc:
             raise ConfigError(f"smtp.{name}: cannot read {p}: {exc.strerror}") from None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        ctx.load_cert_chain(cert, key)
+        load_tls(ctx, cert, key, (files[0], files[1]))
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"smtp.tls_certificate: cannot load {cert} with {key}: {exc}") from None
+    return files[0], files[1]
+
+
+def load_tls(ctx, cert: str, key: str, files: tuple[bytes, bytes] | None) -> None:
+    """*ctx*.load_cert_chain of the certificate chain *cert* and the private key *key*
+    (smtp.tls_certificate, tls_key): from *files*, their bytes as read (Settings.tls_files),
+    when given, else from the paths.  load_cert_chain takes only paths: the bytes are put
+    in anonymous in-memory files (memfd, close-on-exec) named by /proc/self/fd -- a
+    private key is never written to disk -- closed when loaded.  (Without memfd or /proc,
+    from the paths.)"""
+    if files is not None:
+        fds: list[int] = []
+        try:
+            try:
+                for data in files:
+                    fds.append(os.memfd_create("mta-tls", os.MFD_CLOEXEC))
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fds[-1], view):]
+                paths = [f"/proc/self/fd/{fd}" for fd in fds]
+                usable = os.path.exists(paths[0])
+            except (AttributeError, OSError):     # (no memfd_create: not Linux)
+                usable = False
+            if usable:
+                ctx.load_cert_chain(paths[0], paths[1])
+                return
+        finally:
+            for fd in fds:
+                os.close(fd)
+    ctx.load_cert_chain(cert, key)
 
 
 def _toml_value(value) -> str:

@@ -395,3 +395,47 @@ def test_check_config_names_unreadable_certificate_and_key(tmp_path, ca):
     assert r.stderr.decode().startswith("mta: configuration error: smtp.tls_certificate:")
     r = _check_config(tmp_path, tls_certificate=str(cert_path), tls_key=str(key_path))
     assert r.returncode == 0, r.stderr.decode()
+
+
+# ------------------------------------------------- the files broken without a reload
+
+
+@pytest.mark.parametrize("broken", ["deleted", "truncated"])
+def test_an_acceptor_restarted_after_its_tls_key_is_broken_starts_with_the_checked_one(
+        make_daemon, tmp_path, ca, client_ctx, broken):
+    """The supervisor checked the certificate and key at the start; the key file is then
+    deleted (or left empty, as by a deploy or a renewal half done) without a reload, and
+    the acceptor dies (kill -9).  The one the supervisor started in its place loaded the
+    files at its start: it died there, again and again, and its slot took no mail.  It
+    now loads the bytes the supervisor checked: STARTTLS works and mail is taken.  A
+    reload reads the files again: it is refused, naming the file, and what runs stays."""
+    import os
+    import signal
+
+    d = tls_daemon(make_daemon, tmp_path, ca)
+    key_path = tmp_path / "key.pem"
+    pem = key_path.read_bytes()
+    if broken == "deleted":
+        key_path.unlink()
+    else:
+        key_path.write_bytes(b"")
+    old = d.children()["acceptor[0]"]
+    os.kill(old, signal.SIGKILL)
+    new = d.wait_restarted("acceptor[0]", old)
+    body = b"From: x@example.com\r\nTo: y@example.net\r\nSubject: tls\r\n\r\nkept key\r\n"
+    with smtplib.SMTP(HOST, d.port, local_hostname="client.test", timeout=10) as s:
+        s.starttls(context=client_ctx)
+        s.login(USER, PASSWORD)
+        assert s.sendmail("x@example.com", ["y@example.net"], body) == {}
+    assert f"acceptor[0] pid={new} died" not in d.log()
+    text = d.reload(pattern=r"reload refused")
+    refused = [x for x in text.splitlines() if "reload refused" in x][-1]
+    assert "smtp.tls_" in refused and str(key_path) in refused, refused
+    assert d.children()["acceptor[0]"] == new
+    c, ext = tls_session(d, client_ctx)
+    with c:
+        assert "AUTH PLAIN LOGIN" in ext
+    # (`mta` checks the configuration's files itself: it is given the key back)
+    key_path.write_bytes(pem)
+    q = [x for x in d.queue_list() if x["recipients"] == ["y@example.net"]]
+    assert len(q) == 1 and q[0]["sender"] == "x@example.com"
