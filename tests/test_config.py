@@ -782,3 +782,36 @@ def test_the_checked_tls_files_are_kept_and_loaded_from_memory(tmp_path, broken)
         config.load_tls(ctx, str(cert_path), str(key_path), None)
         with pytest.raises(ssl.SSLCertVerificationError):
             _handshake(ctx, client)
+
+
+def test_the_checked_ca_file_is_kept_and_the_record_does_not_read_it(tmp_path):
+    """delivery.tls_ca_file as the supervisor read and checked it is kept (Settings.
+    tls_ca_data) for the delivery processes, which load it (load_ca) though the file is
+    gone since; the record of the active configuration does not read it again: with the
+    file gone it was no record at all (read_active None: the spool shards took nothing
+    of it, check-config said the daemon was not running)."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cfg = tmp_path / "mta.toml"
+    cfg.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
+                   f'[delivery]\ntls_ca_file = "{ca_file}"\nhold = true\n')
+    s = config.load(str(cfg))
+    assert s.tls_ca_data == ca_file.read_bytes()
+    os.makedirs(s.run_dir)
+    config.write_active(s, str(cfg))
+    ca_file.unlink()
+    assert config.read_active(s.run_dir).config.delivery.hold is True
+    with pytest.raises(config.ConfigError, match=f"delivery.tls_ca_file: cannot read {ca_file}"):
+        config.load(str(cfg))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mta.test").configure_cert(server)
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    config.load_ca(client, str(ca_file), s.tls_ca_data)
+    assert _handshake(server, client)["subjectAltName"] == (("DNS", "mta.test"),)
+    with pytest.raises(FileNotFoundError):
+        config.load_ca(ssl.create_default_context(), str(ca_file), None)

@@ -9,6 +9,7 @@ read only their own section.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import os
@@ -78,6 +79,9 @@ class Settings:
     # no TLS, or not read here): an acceptor forked with these Settings loads them
     # (load_tls), not the files, for the same reason
     tls_files: tuple[bytes, bytes] | None = field(default=None, repr=False, compare=False)
+    # the delivery.tls_ca_file's bytes as validated (None: none, or not read here): a
+    # delivery process loads them (load_ca), not the file, for the same reason
+    tls_ca_data: bytes | None = field(default=None, repr=False, compare=False)
     # the supervisor's record of the active configuration (read_active): the reload
     # that wrote it (its CLOCK_MONOTONIC read_at; 0 at a start), which each spool shard
     # names when it says it took the record (write_applied)
@@ -368,7 +372,8 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None,
             recorded: bool = False) -> Settings:
     """Check cross-field rules and derive paths and counts.  *recorded*: *cfg* is the
     supervisor's record of what it checked and applies (read_active): the files it
-    names (TLS, auth_file, DKIM keys, feedback.bounce_rules) are not read again -- one
+    names (TLS, auth_file, DKIM keys, feedback.bounce_rules, delivery.tls_ca_file) are
+    not read again -- one
     changed since is its reader's to handle (a spool shard keeps the rules it has),
     not a reason to throw the whole record away -- and auth_users is left empty."""
     ncpu = cpu_count or len(os.sched_getaffinity(0)) or 1
@@ -399,6 +404,8 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None,
     name_notes = _check_names(cfg)
     hostname = cfg.server.hostname or socket.gethostname()
     nameservers = _check_delivery(cfg.delivery)
+    ca_data = _check_ca_file(cfg.delivery.tls_ca_file) \
+        if cfg.delivery.tls_ca_file and not recorded else None
     key_files: dict = {}
     if cfg.dkim.enabled and (cfg.dkim.keys or cfg.dkim.fallback is not None) and \
             not recorded:
@@ -454,6 +461,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None,
         bounce_rules_data=rules_data,
         dkim_key_files=key_files,
         tls_files=tls_files,
+        tls_ca_data=ca_data,
     )
 
 
@@ -787,15 +795,6 @@ def _check_delivery(d) -> tuple:
         except ValueError:
             raise ConfigError("delivery.source_address: not an IP address") from None
         _ipv6_off("delivery.source_address", d.source_address, d)
-    if d.tls_ca_file:
-        import ssl
-
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        try:
-            ctx.load_verify_locations(cafile=d.tls_ca_file)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(f"delivery.tls_ca_file: cannot load {d.tls_ca_file}: "
-                              f"{exc}") from None
     if d.route:     # (mta.dns loads dnspython: only for a config that has routes)
         from mta.dns import normalize_domain
     seen: dict[str, int] = {}
@@ -861,13 +860,51 @@ def _check_tls(cert: str, key: str) -> tuple[bytes, bytes]:
 def load_tls(ctx, cert: str, key: str, files: tuple[bytes, bytes] | None) -> None:
     """*ctx*.load_cert_chain of the certificate chain *cert* and the private key *key*
     (smtp.tls_certificate, tls_key): from *files*, their bytes as read (Settings.tls_files),
-    when given, else from the paths.  load_cert_chain takes only paths: the bytes are put
-    in anonymous in-memory files (memfd, close-on-exec) named by /proc/self/fd -- a
-    private key is never written to disk -- closed when loaded.  (Without memfd or /proc,
-    from the paths.)"""
-    if files is not None:
-        fds: list[int] = []
-        try:
+    when given (_in_memory: a private key is never written to disk), else from the paths."""
+    with _in_memory(files) as paths:
+        if paths:
+            ctx.load_cert_chain(paths[0], paths[1])
+            return
+    ctx.load_cert_chain(cert, key)
+
+
+def _check_ca_file(path: str) -> bytes:
+    """Read delivery.tls_ca_file and load it (ConfigError naming it); its bytes, as loaded
+    (Settings.tls_ca_data)."""
+    import ssl
+
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"delivery.tls_ca_file: cannot read {path}: {exc.strerror}") from None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    try:
+        load_ca(ctx, path, data)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"delivery.tls_ca_file: cannot load {path}: {exc}") from None
+    return data
+
+
+def load_ca(ctx, path: str, data: bytes | None) -> None:
+    """*ctx*.load_verify_locations of the CA bundle *path* (delivery.tls_ca_file): from
+    *data*, its bytes as read (Settings.tls_ca_data), when given, else from the path."""
+    with _in_memory((data,) if data is not None else None) as paths:
+        if paths:
+            ctx.load_verify_locations(cafile=paths[0])
+            return
+    ctx.load_verify_locations(cafile=path)
+
+
+@contextlib.contextmanager
+def _in_memory(files):
+    """The paths (/proc/self/fd/N) of anonymous in-memory files (memfd, close-on-exec)
+    holding each of *files* (bytes), closed at the end: for what takes only a path
+    (ssl's loaders).  None when *files* is None, or without memfd_create or /proc."""
+    fds: list[int] = []
+    try:
+        paths = None
+        if files is not None:
             try:
                 for data in files:
                     fds.append(os.memfd_create("mta-tls", os.MFD_CLOEXEC))
@@ -875,16 +912,14 @@ def load_tls(ctx, cert: str, key: str, files: tuple[bytes, bytes] | None) -> Non
                     while view:
                         view = view[os.write(fds[-1], view):]
                 paths = [f"/proc/self/fd/{fd}" for fd in fds]
-                usable = os.path.exists(paths[0])
+                if not os.path.exists(paths[0]):
+                    paths = None
             except (AttributeError, OSError):     # (no memfd_create: not Linux)
-                usable = False
-            if usable:
-                ctx.load_cert_chain(paths[0], paths[1])
-                return
-        finally:
-            for fd in fds:
-                os.close(fd)
-    ctx.load_cert_chain(cert, key)
+                paths = None
+        yield paths
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _toml_value(value) -> str:

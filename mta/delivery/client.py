@@ -88,7 +88,7 @@ from collections import deque
 from mta import dsn, native
 from mta.delivery import socks
 from mta.idn import ascii_address
-from mta.config import hostport
+from mta.config import hostport, load_ca
 from mta.delivery.socks import Socks5Proxy
 
 __all__ = [
@@ -726,11 +726,12 @@ def _timed_out(fut: asyncio.Future) -> None:
 _TLS_CONTEXTS: dict[bool, ssl.SSLContext] = {}
 
 
-def verifying_tls_context(ca_file: str) -> ssl.SSLContext:
+def verifying_tls_context(ca_file: str, data: bytes | None = None) -> ssl.SSLContext:
     """A verifying client SSLContext as the shared one, that trusts *ca_file*'s CAs
-    besides the system's (delivery.tls_ca_file)."""
+    besides the system's (delivery.tls_ca_file); *data*: that file's bytes as the
+    supervisor checked them (Settings.tls_ca_data), loaded instead of the file."""
     ctx = _new_tls_context(True)
-    ctx.load_verify_locations(cafile=ca_file)
+    load_ca(ctx, ca_file, data)
     return ctx
 
 

@@ -561,9 +561,10 @@ class Engine:
                  adaptive=None):
         self.settings = settings
         self.cfg = settings.config.delivery
-        # tls_verify's context when delivery.tls_ca_file adds CAs (else the client's shared one)
-        self.verify_ctx = smtpc.verifying_tls_context(self.cfg.tls_ca_file) \
-            if self.cfg.tls_ca_file else None
+        # tls_verify's context when delivery.tls_ca_file adds CAs (else the client's shared
+        # one), from the bytes the supervisor checked (the file may be gone since)
+        self.verify_ctx = smtpc.verifying_tls_context(
+            self.cfg.tls_ca_file, settings.tls_ca_data) if self.cfg.tls_ca_file else None
         # the longest a job waits in this process before it is handed back (sweep)
         self.max_wait = self.cfg.job_timeout_margin / 2
         self.max_age = self.cfg.connection_max_age     # a connection's, for new transactions

@@ -151,3 +151,44 @@ def test_tls_ca_file_lets_tls_verify_trust_a_private_ca(make_daemon, tmp_path):
     d2 = make_daemon(start=False, delivery={"tls_ca_file": str(tmp_path / "junk.pem")})
     r = d2.cli("check-config", check=False)
     assert r.returncode == 78 and "delivery.tls_ca_file" in r.stderr.decode(), r
+
+
+def test_a_delivery_process_restarted_after_its_ca_file_is_gone_verifies_with_the_checked_one(
+        make_daemon, tmp_path):
+    """delivery.tls_ca_file was read and checked by the supervisor at the start; the file
+    is then deleted without a reload and the delivery process dies (kill -9).  The one
+    started in its place read the file at its start: it died there, again and again, and
+    nothing was delivered.  It now loads the bytes the supervisor checked, and verifies
+    the smarthost's certificate with them.  A reload reads the file again: refused,
+    naming it."""
+    import os
+    import signal
+
+    private = trustme.CA()
+    good_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    private.issue_cert(HOST).configure_cert(good_ctx)
+    good = AioSink(HOST, free_port(), tls_context=good_ctx).start()
+    ca_file = tmp_path / "private-ca.pem"
+    private.cert_pem.write_to_path(str(ca_file))
+    try:
+        d = make_daemon(acceptors=1, shards=1, delivery={
+            "hold": False, "processes": 1, "tls_ca_file": str(ca_file), "route": [
+                {"domain": "good.test", "hosts": [f"{HOST}:{good.port}"], "tls_verify": True}]})
+        ca_file.unlink()
+        old = d.children()["delivery[0]"]
+        os.kill(old, signal.SIGKILL)
+        new = d.wait_restarted("delivery[0]", old)
+        d.send("a@example.org", ["a@good.test"],
+               b"From: a@example.org\r\nSubject: ca\r\n\r\nbody\r\n")
+        got = wait_until(lambda: events_of(d, "delivery") or events_of(d, "delay"), 30,
+                         "an outcome")
+        assert {r: (e["type"], e["outbound_tls"]) for r, e in got.items()} == {
+            "a@good.test": ("delivery", "1")}
+        assert [t.rcpt_tos for t in good.snapshot()] == [["a@good.test"]]
+        assert f"delivery[0] pid={new} died" not in d.log()
+        text = d.reload(pattern=r"reload refused")
+        refused = [x for x in text.splitlines() if "reload refused" in x][-1]
+        assert "delivery.tls_ca_file" in refused and str(ca_file) in refused, refused
+        assert d.children()["delivery[0]"] == new
+    finally:
+        good.stop()
