@@ -100,8 +100,6 @@ BODY_PARTS = 64          # pieces of a body kept as they came; the rest is copie
 BUILD_SLICE = 256        # recipients built and submitted per loop iteration, at most
 # (http.max_pipelined, max_pipelined_bytes, loop_prepare_size, build_slice_time: read once
 # into the Service's attributes, as the header bounds of mta.api.build are)
-SUPPRESSION_THREADS = 2  # suppression-list requests answered at once per acceptor (each in
-                         # a thread of its own pool; the others wait for one of them)
 DRAIN_IDLE = 1.0         # seconds: on shutdown, a connection idle this long is closed
 PURGE_INTERVAL = 60.0    # seconds between deletions of expired idempotency keys
 MAX_IDEMPOTENCY_KEY = 255
@@ -840,7 +838,7 @@ class Session(asyncio.Protocol):
     def _suppression(self, req: Request) -> None:
         """``/api/v1/suppression-list`` (mta.api.suppression), or ApiError.
 
-        Answered from a worker thread (Service.suppression_pool, SUPPRESSION_THREADS
+        Answered from a worker thread (Service.suppression_pool, suppression.api_threads
         of them: more requests wait for one): a bulk PUT of 10,000 entries or a
         search that reads many index rows takes tens of milliseconds to seconds,
         which the other sessions of this acceptor must not wait for.  The
@@ -857,8 +855,10 @@ class Session(asyncio.Protocol):
         path, _, query = req.url.partition(b"?")
         self.busy = True
         if svc.suppression_pool is None:
+            # (read once: each new acceptor at a reload takes the file's)
             svc.suppression_pool = concurrent.futures.ThreadPoolExecutor(
-                SUPPRESSION_THREADS, thread_name_prefix="suppression")
+                self.a.settings.config.suppression.api_threads,
+                thread_name_prefix="suppression")
         fut = svc.loop.run_in_executor(svc.suppression_pool, _suppression_call, store,
                                        req.method, path, query, req.body,
                                        self.a.settings.config.suppression.max_search_scan)

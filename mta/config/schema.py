@@ -341,6 +341,17 @@ class SuppressionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         "10,000 entries with long descriptions exceed http.max_body_size); the larger "
         "of this and http.max_body_size applies to it when it carries a valid API key "
         "(without one: http.max_body_size)", ge=1 * MiB, le=1 * GiB)] = 50 * MiB
+    api_threads: Annotated[int, _doc(
+        "suppression-list API requests an acceptor answers at once, each in a thread of "
+        "its own (a bulk PUT waits for the list's write lock, a search may read a million "
+        "records); more wait for one of them. Its SMTP and transmissions go on meanwhile; "
+        "more threads take the GIL from its loop more often", ge=1, le=64)] = 2
+    writer_close_wait: Annotated[float, _doc(
+        "seconds a stopping spool shard waits for its last Bounce Rule additions (they "
+        "wait for the list's write lock, which a bulk PUT may hold); past it the shard "
+        "exits and logs that entries of this run may be missing (a shard still there "
+        "past the supervisor's stop bound, server.shutdown_timeout + "
+        "smtp.spool_timeout + 10 s, is killed)", ge=0, le=60)] = 5.0
 
 
 class RouteConfig(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -82,7 +82,6 @@ from mta.store import MessageMeta, Store, lock_writer, read_cursor, shard_dir
 log = logging.getLogger("mta.spool")
 
 POLL_INTERVAL_MS = 200          # longest sleep between housekeeping checks
-CLOSE_WAIT = 5.0                # seconds a stopping shard waits for its list's last writes
 LIMITS_SLICE = 0.02             # seconds of a reload's lane comparison per loop turn
 RECLAIM_INTERVAL = 1.0          # seconds between reclamation passes
 RECLAIM_MAX_COPY = 2000         # messages copied forward per pass (bounds the pause)
@@ -434,7 +433,8 @@ class Shard:
         # Anything that arrived but was not taken is not acknowledged: the
         # acceptors time out and answer 451, so nothing is lost.
         if self.suppression is not None:
-            self.suppression.close(CLOSE_WAIT)
+            # (suppression.writer_close_wait: the file's, a reload's too)
+            self.suppression.close(self.settings.config.suppression.writer_close_wait)
         self.store.close()
         os.close(self.writer_lock)     # (last: the directory is another writer's now)
         self.server.close()
@@ -472,21 +472,25 @@ class Shard:
         self.dkim, self.signer = cfg, signer
 
     def _set_suppression(self, cfg) -> None:
-        """Take [suppression] enabled, path, max_size and bounce_rule of *cfg* (a reload):
+        """Take [suppression] enabled, path, max_size, bounce_rule and writer_close_wait of
+        *cfg* (a reload):
         the new acceptors check injections against the list they name and add the
         out-of-band Bounce Rule entries to it, so this shard's in-band ones go there too.
         The list is replaced in the writer's thread, after the additions queued
         before (ListWriter); one that cannot be opened (the acceptors opened it a
         moment ago) is logged, and the Bounce Rule adds nothing until a restart."""
         cur = self.settings.config.suppression
-        if (cfg.enabled, cfg.path, cfg.max_size, cfg.bounce_rule) == \
-                (cur.enabled, cur.path, cur.max_size, cur.bounce_rule):
+        if cfg == cur:
             return
         settings = dataclasses.replace(self.settings, config=msgspec.structs.replace(
             self.settings.config, suppression=cfg))
         if (cfg.enabled, cfg.path, cfg.max_size) != (cur.enabled, cur.path, cur.max_size):
             self.suppression.reopen(settings if cfg.enabled else None)
+        # (writer_close_wait too, read at the stop)
         self.settings = settings
+        if (cfg.enabled, cfg.path, cfg.max_size, cfg.bounce_rule) == \
+                (cur.enabled, cur.path, cur.max_size, cur.bounce_rule):
+            return
         self.bounce_rule = cfg.enabled and cfg.bounce_rule
         log.info("reload: suppression list %s, Bounce Rule %s",
                  os.path.join(settings.state_dir, cfg.path) if cfg.enabled else "off",

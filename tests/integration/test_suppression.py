@@ -559,6 +559,65 @@ def test_suppression_requests_waiting_for_the_list_leave_threads_for_transmissio
     sink.wait_for("large-while-busy@example.net")
 
 
+def test_api_threads_and_writer_close_wait_are_taken(make_daemon):
+    """[suppression] api_threads and writer_close_wait (they were constants: 2 threads,
+    5 s).  With api_threads = 3, two bulk PUTs waiting for the list's write lock (held
+    here) leave a thread for a read, answered meanwhile (with 2 it waited for the lock);
+    with writer_close_wait = 1, a shard stopping while its Bounce Rule addition waits for
+    the lock gives up after 1 s (not 5) and says so."""
+    sink = AioSink(HOST, free_port(), rcpt=refuse_unknown).start()
+    try:
+        d = make_daemon(
+            acceptors=1, shards=1, http={"api_keys": [KEY]},
+            suppression={"api_threads": 3, "writer_close_wait": 1},
+            delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
+                                                 "hosts": [f"{HOST}:{sink.port}"]}]})
+        holder = S.SuppressionList(S.path_in(d.state_dir), 8 << 30)
+        txn = holder.env.begin(write=True)
+        answers: list = []
+        puts = [threading.Thread(target=lambda i=i: answers.append(call(
+            d, "PUT", "/api/v1/suppression-list",
+            {"recipients": [{"recipient": f"held{i}@threads.test", "type": "transactional"}]})))
+            for i in range(2)]
+        read: dict = {}
+        reader = threading.Thread(target=lambda: read.update(
+            got=call(d, "GET", "/api/v1/suppression-list/summary")))
+        try:
+            for th in puts:
+                th.start()
+            time.sleep(1.0)     # (both taken, each in a thread, at the lock)
+            assert not answers
+            reader.start()
+            reader.join(5)
+            assert not reader.is_alive() and read["got"][0] == 200, read
+            assert not answers              # (the PUTs still wait)
+        finally:
+            txn.abort()
+            for th in [*puts, reader]:
+                th.join(60)
+        assert sorted(a[0] for a in answers) == [200, 200]
+
+        # the shard's Bounce Rule addition waits for the lock at the stop
+        txn = holder.env.begin(write=True)
+        try:
+            st, _, _ = d.post(transmission(["unknown-at-stop@example.net"]),
+                              headers={"Authorization": KEY})
+            assert st == 200
+            wait_until(lambda: bounces(d, "unknown-at-stop@example.net"), 30, "the bounce")
+            time.sleep(0.5)     # (the shard at the addition, waiting for the lock)
+            t0 = time.monotonic()
+            assert d.stop(30) == 0
+            took = time.monotonic() - t0
+        finally:
+            txn.abort()
+            holder.close()
+        assert "its last writes not done after 1 s" in d.log(), d.log()[-3000:]
+        assert took < 4.5, took
+        assert not listed(S.path_in(d.state_dir), "unknown-at-stop@example.net")
+    finally:
+        sink.stop()
+
+
 def test_a_domain_search_finds_entries_kept_in_either_spelling(make_daemon):
     """A list written before domains were kept in A-labels has U-label keys: a domain
     search finds them and the A-label ones, spelt either way."""
