@@ -859,9 +859,10 @@ class Session(asyncio.Protocol):
             svc.suppression_pool = concurrent.futures.ThreadPoolExecutor(
                 self.a.settings.config.suppression.api_threads,
                 thread_name_prefix="suppression")
+        cfg = self.a.settings.config.suppression
         fut = svc.loop.run_in_executor(svc.suppression_pool, _suppression_call, store,
                                        req.method, path, query, req.body,
-                                       self.a.settings.config.suppression.max_search_scan)
+                                       cfg.max_search_scan, cfg.max_search_time)
         fut.add_done_callback(functools.partial(self._suppression_done, req.keep_alive,
                                                  req.method == b"HEAD"))
 
@@ -1094,11 +1095,12 @@ _ROUTES = {SUPPRESSION_GRANT: Session._suppression, EVENTS_GRANT: Session._event
 
 
 def _suppression_call(store, method: bytes, path: bytes, query: bytes, body: bytes,
-                      max_scan: int) -> tuple[int, bytes, int | None, bytes]:
+                      max_scan: int, max_seconds: float) -> tuple[int, bytes, int | None, bytes]:
     """One suppression-list request, in a worker thread: (status, body, Retry-After,
     header field lines to add)."""
     try:
-        status, out = suppression_api.handle(store, method, path, query, body, max_scan)
+        status, out = suppression_api.handle(store, method, path, query, body, max_scan,
+                                             max_seconds)
         return status, out, None, b""
     except R.ApiError as err:
         return err.status, err.body(), err.retry_after, err.header_lines()

@@ -87,13 +87,14 @@ def _message(text: str) -> tuple[int, bytes]:
 
 
 def handle(store: S.SuppressionList, method: bytes, path: bytes, query: bytes, body: bytes,
-           max_scan: int = S.MAX_SCAN) -> tuple[int, bytes]:
-    """Answer one request under PATH: (status, JSON body; b"" for 204) or ApiError."""
+           max_scan: int = S.MAX_SCAN, max_seconds: float | None = None) -> tuple[int, bytes]:
+    """Answer one request under PATH: (status, JSON body; b"" for 204) or ApiError.
+    *max_scan*, *max_seconds*: a search's bounds (SuppressionList.search)."""
     rest = path[len(PATH):].strip(b"/")
     q = _query(query)
     if not rest:
         if method == b"GET":
-            return search(store, q, max_scan)
+            return search(store, q, max_scan, max_seconds)
         if method == b"PUT":
             return bulk(store, _body(body))
         raise R.ApiError(BAD_METHOD, f"{method.decode('latin-1')} is not allowed on "
@@ -341,7 +342,8 @@ def _list_specific(q: dict) -> bool:
     return True
 
 
-def search(store: S.SuppressionList, q: dict, max_scan: int = S.MAX_SCAN) -> tuple[int, bytes]:
+def search(store: S.SuppressionList, q: dict, max_scan: int = S.MAX_SCAN,
+           max_seconds: float | None = None) -> tuple[int, bytes]:
     list_only = _list_specific(q)
     start = _date(q, "from")
     end = _date(q, "to")
@@ -394,7 +396,7 @@ def search(store: S.SuppressionList, q: dict, max_scan: int = S.MAX_SCAN) -> tup
                                         description_strict=strict,
                                         descending=sort == "desc", per_page=per_page,
                                         page=page, cursor=cursor, total=total,
-                                        max_scan=max_scan)
+                                        max_scan=max_scan, max_seconds=max_seconds)
     links = []
     base = {k: ",".join(v) for k, v in q.items() if k not in ("cursor", "page")}
     if cursor_text:

@@ -336,6 +336,12 @@ class SuppressionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_search_scan: Annotated[int, _doc(
         "index rows one GET /api/v1/suppression-list search may read; past it total_count "
         "counts only what was read", ge=1000, le=100_000_000)] = 1_000_000
+    max_search_time: Annotated[float, _doc(
+        "seconds one GET /api/v1/suppression-list search may take (a search by "
+        "description reads a record per index row: a few microseconds each from memory, far "
+        "more from a slow disk); past it, as past max_search_scan: the results so far, "
+        "a total_count of what was read, and with cursor paging a next link that goes "
+        "on from there", ge=0.01, le=300)] = 5.0
     max_body_size: Annotated[int, _doc(
         "octets of a PUT /api/v1/suppression-list request body (SparkPost takes 50 MB: "
         "10,000 entries with long descriptions exceed http.max_body_size); the larger "
