@@ -1010,7 +1010,9 @@ class EventStore:
         """Delete events older than the retention (and the oldest when nearly full); how many.
 
         Never deletes an event with seq >= *keep_from_seq*.  At most *chunk*
-        events per write transaction, at most *max_chunks* transactions per
+        events and about PRUNE_PIECE_SECONDS per write transaction (the events
+        process's pieces, :meth:`prune_piece`: the entries kept for a webhook that it
+        passes over count in the time), at most *max_chunks* transactions per
         call (call again later for the rest: it goes on where this one stopped).
         *full*: an append has just raised :class:`StoreFull`; the oldest are
         deleted down to PRUNE_TARGET whatever :meth:`usage` says (the pages it
@@ -1022,7 +1024,9 @@ class EventStore:
         a transaction at a time between its appends (:meth:`pruning`,
         :meth:`prune_piece`), so that they never wait for millions of deletions (a
         lowered retention, a downtime); with *full*, one transaction of the oldest
-        events (*chunk* at most) is run at once, for the append to go on.
+        events (*chunk* and PRUNE_PIECE_SECONDS at most) is run at once, for the append
+        to go on (it may delete none when it passed only kept entries: the next one
+        goes on from there).
 
         Unreadable (or missing) events deleted leave a sweep for their index entries
         pending (:meth:`sweep`); *sweep*: it is run to its end before this returns, in
@@ -1036,14 +1040,16 @@ class EventStore:
                 self._sweep_pending = txn.get(_SWEEP_AT) is not None
         self._begin_prune(now, keep_from_seq, full)
         n = 0
+        # (each transaction bounded as the events process's are, in deletions and time:
+        # entries kept for a webhook are passed over without counting as deletions)
         if full:
-            n += self._prune_step(chunk, None)      # room at once
+            n += self._prune_step(chunk, time.monotonic() + PRUNE_PIECE_SECONDS)  # room
             self._release()
         if finish:
             for _ in range(max_chunks):
                 if self._pruning is None:
                     break
-                n += self._prune_step(chunk, None)
+                n += self._prune_step(chunk, time.monotonic() + PRUNE_PIECE_SECONDS)
         if sweep:
             for _ in range(MAX_SWEEP_PIECES):
                 if not self.sweep():

@@ -804,3 +804,118 @@ def test_the_prune_in_pieces_keeps_what_it_is_told_with_appends_between(store):
     # prune() alone: to the end in one call
     assert s.prune(now, keep_from_seq=10**9) == len(left) - 1 and not s.pruning()
     assert [e["event_id"] for _, e in s.read(0, 10)] == ["15000"]
+
+
+
+class _SlowClock:
+    """The events store's ``time`` with a monotonic clock that moves 1 ms at each read:
+    as a slow disk would make its walks (the prune reads it once in 64 entries), without
+    waiting for it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        self.now += 0.001
+        return self.now
+
+    def time(self) -> float:
+        return time.time()
+
+
+class _Walked:
+    """The store's LMDB environment, counting the time entries each write transaction
+    walks (its cursor's steps on the ``time`` database): the most, in ``most``."""
+
+    def __init__(self, s):
+        self.env, self.time_db, self.most = s.env, s.time, 0
+        outer = self
+
+        class Txn:
+            def __init__(self, txn):
+                self.txn, self.steps = txn, 0
+
+            def __enter__(self):
+                self.txn.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                outer.most = max(outer.most, self.steps)
+                return self.txn.__exit__(*exc)
+
+            def cursor(self, db=None):
+                cur = self.txn.cursor(db=db)
+                return Cursor(cur, self) if db is outer.time_db else cur
+
+            def __getattr__(self, name):
+                return getattr(self.txn, name)
+
+        class Cursor:
+            def __init__(self, cur, txn):
+                self.cur, self.txn = cur, txn
+
+            def next(self):
+                self.txn.steps += 1
+                return self.cur.next()
+
+            def delete(self):
+                self.txn.steps += 1
+                return self.cur.delete()
+
+            def __getattr__(self, name):
+                return getattr(self.cur, name)
+
+        self.Txn = Txn
+
+    def begin(self, **kw):
+        txn = self.env.begin(**kw)
+        return self.Txn(txn) if kw.get("write") else txn
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+
+def _kept_before_expired(s, kept: int, expired: int) -> int:
+    """*expired* events (seqs 1..expired, times T0 + 5000 on), then *kept* events with
+    older times (T0 on: first in time order); the keep_from_seq that holds those."""
+    s.append([ev(5000 + i) for i in range(expired)])
+    s.append([ev(i, event_id="kept%d" % i) for i in range(kept)])
+    return expired + 1
+
+
+def test_prune_alone_commits_in_pieces_bounded_in_time(store, monkeypatch):
+    """prune() called alone (tools, `mta` commands) ran each transaction to its chunk of
+    deletions with no time bound: entries kept for a webhook are passed over without
+    counting, so many of them before the expired ones held the write lock for the whole
+    walk.  It runs the events process's pieces now (PRUNE_PIECE_SECONDS each, 20 ms):
+    here each 64 entries look like a millisecond, so no transaction walks much more than
+    20 x 64 of the 5,200 entries, and the same events go."""
+    s = store
+    s.retention = 1000
+    keep = _kept_before_expired(s, 5000, 200)
+    monkeypatch.setattr(S, "time", _SlowClock())
+    s.env = walked = _Walked(s)
+    assert s.prune(T0 + 10**6, keep_from_seq=keep) == 200
+    assert 0 < walked.most <= 1500 and not s.pruning(), walked.most
+    left = [e["event_id"] for _, e in s.read(0, 10_000)]
+    assert sorted(left) == sorted("kept%d" % i for i in range(5000))
+
+
+def test_a_full_stores_first_prune_transaction_is_bounded_in_time(store, monkeypatch):
+    """The events process's first prune transaction of a full store (prune(full=True),
+    run at once for the append to go on) had no time bound either: it walked every entry
+    kept for a webhook before it found one to delete.  It stops at PRUNE_PIECE_SECONDS
+    as the others do (the events process retries the append and prunes again at once
+    while the prune goes on); the pieces that follow delete the rest."""
+    s = store
+    s.retention = 1000
+    keep = _kept_before_expired(s, 5000, 200)
+    monkeypatch.setattr(S, "time", _SlowClock())
+    s.env = walked = _Walked(s)
+    assert s.prune(T0 + 10**6, keep_from_seq=keep, full=True, finish=False, sweep=False) == 0
+    assert 0 < walked.most <= 1500 and s.pruning() and s.count() == 5200, walked.most
+    pieces = 0
+    while s.prune_piece():
+        pieces += 1
+        assert pieces < 100
+    assert s.count() == 5000 and pieces >= 2 and walked.most <= 1500
