@@ -46,11 +46,13 @@ config_option = click.option(
     default=None, help="TOML configuration file (default: built-in defaults; env MTA_CONFIG)")
 
 
-def _settings(config_path):
+def _settings(config_path, read_files: bool = True):
+    """The configuration at *config_path*, or exit 78 naming what is wrong.  *read_files*
+    False: a command that uses only its addresses and paths (mconfig.load)."""
     from mta import config as mconfig
 
     try:
-        return mconfig.load(config_path)
+        return mconfig.load(config_path, read_files=read_files)
     except mconfig.ConfigError as exc:
         click.echo(f"mta: configuration error: {exc}", err=True)
         sys.exit(EX_CONFIG)
@@ -444,7 +446,7 @@ def queue(ctx, config_path, as_json, by_domain):
     ctx.obj = config_path
     if ctx.invoked_subcommand is not None:
         return
-    s = _settings(config_path)
+    s = _settings(config_path, read_files=False)
     from mta import bus
 
     replies, errors = _ask_each_shard(s, bus.SpoolQueueSummary)
@@ -628,7 +630,7 @@ def _shown(texts) -> str:
 
 
 def _queue_settings(ctx, config_path):
-    return _settings(config_path or ctx.obj)
+    return _settings(config_path or ctx.obj, read_files=False)
 
 
 timeout_option = click.option(
@@ -887,7 +889,7 @@ def rules_list(config_path, as_json):
     day of its schedule since the source's first use)."""
     from mta.shaping.state import entry_view, list_entries
 
-    s = _settings(config_path)
+    s = _settings(config_path, read_files=False)
     now = time.time()
     entries = list_entries(_adaptive_dir(s), now)
     if as_json:
@@ -934,7 +936,7 @@ def rules_cancel(config_path, as_json, what):
     from mta.opscli import AdminClient, daemon_running
     from mta.shaping.state import cancel_entries, entry_view
 
-    s = _settings(config_path)
+    s = _settings(config_path, read_files=False)
     flushed = None
     if s.admin_listen and daemon_running(s):
         # the daemon's admin API also releases what a suspension held in the spool
@@ -1007,7 +1009,7 @@ def spool_dump(config_path, bodies):
     from mta.store import Store, shard_dir
 
     logging.basicConfig(level=logging.WARNING, format="mta: %(message)s", stream=sys.stderr)
-    s = _settings(config_path)
+    s = _settings(config_path, read_files=False)
     for n in range(_shard_count(s)):
         d = shard_dir(s.spool_dir, n)
         if not os.path.isdir(d):

@@ -129,18 +129,20 @@ class AdminClient:
         return body
 
 
-def _settings(config_path):
+def _settings(config_path, read_files: bool = True):
+    """The configuration at *config_path*, or exit 78 naming what is wrong.  *read_files*
+    False: a command that uses only its addresses and paths (mconfig.load)."""
     from mta import config as mconfig
 
     try:
-        return mconfig.load(config_path)
+        return mconfig.load(config_path, read_files=read_files)
     except mconfig.ConfigError as exc:
         click.echo(f"mta: configuration error: {exc}", err=True)
         sys.exit(EX_CONFIG)
 
 
 def _client(config_path) -> AdminClient:
-    return AdminClient(_settings(config_path))
+    return AdminClient(_settings(config_path, read_files=False))
 
 
 def _config(ctx, config_path):

@@ -330,8 +330,13 @@ def read_applied(run_dir: str, shard: int) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
-def load(path: str | None = None, *, cpu_count: int | None = None) -> Settings:
-    """Read, validate and resolve the configuration (built-in defaults when *path* is None)."""
+def load(path: str | None = None, *, cpu_count: int | None = None,
+         read_files: bool = True) -> Settings:
+    """Read, validate and resolve the configuration (built-in defaults when *path* is None).
+    *read_files* False: the files it names (TLS, auth_file, DKIM keys, the CA file, the
+    bounce rules) are not read nor checked (:func:`resolve`'s *recorded*): for the
+    operator's commands that use only its addresses and paths, which must work while one
+    of those files is broken -- the daemon runs on with what it checked."""
     raw: dict = {}
     if path is not None:
         try:
@@ -353,7 +358,7 @@ def load(path: str | None = None, *, cpu_count: int | None = None) -> Settings:
                     any(n.startswith(f"{section}.{was} ") for n in notes):
                 raise ConfigError(f"{exc} (given as {section}.{was})") from None
         raise
-    s = resolve(cfg, path, cpu_count=cpu_count)
+    s = resolve(cfg, path, cpu_count=cpu_count, recorded=not read_files)
     return replace(s, notes=notes + s.notes) if notes else s
 
 

@@ -6,6 +6,7 @@ STARTTLS, and smtplib.  relay_networks is 127.0.0.2/32 only, so a client on
 127.0.0.1 relays only once authenticated.
 """
 import base64
+import json
 import smtplib
 import ssl
 import time
@@ -439,3 +440,24 @@ def test_an_acceptor_restarted_after_its_tls_key_is_broken_starts_with_the_check
     key_path.write_bytes(pem)
     q = [x for x in d.queue_list() if x["recipients"] == ["y@example.net"]]
     assert len(q) == 1 and q[0]["sender"] == "x@example.com"
+
+
+def test_the_operators_commands_work_while_the_tls_key_is_broken(make_daemon, tmp_path, ca):
+    """While the key file is broken (a renewal half done), the daemon runs on with the key
+    it checked -- and the operator needs `mta queue`, `mta status`, `mta drain` most then.
+    They read only the config's addresses and paths, yet refused (exit 78, naming the
+    key) because they checked every file the config names.  `mta check-config` and
+    `mta upgrade`, which are about those files, still refuse."""
+    d = tls_daemon(make_daemon, tmp_path, ca)
+    key_path = tmp_path / "key.pem"
+    key_path.write_bytes(b"")
+    for args in (("queue", "--json"), ("queue", "list"), ("status", "--json"),
+                 ("queue", "summary", "--json"), ("rules", "list", "--json"),
+                 ("suspend", "--list"), ("spool-dump",)):
+        r = d.cli(*args, check=False)
+        assert r.returncode == 0, (args, r.stderr.decode())
+    assert json.loads(d.cli("queue", "--json").stdout)["total"]["messages"] == 0
+    r = d.cli("check-config", check=False)
+    assert r.returncode == 78 and "smtp.tls_" in r.stderr.decode(), r
+    r = d.cli("upgrade", "--timeout", "5", check=False)
+    assert r.returncode == 78 and "smtp.tls_" in r.stderr.decode(), r
