@@ -62,7 +62,7 @@ Configuration, as the ``[dkim]`` section of the main TOML file::
 
 Reload: nothing is swapped inside an acceptor.  On SIGHUP the supervisor loads
 and validates the new file (a bad key refuses the reload and the running
-acceptors keep their signers), then replaces the acceptors one at a time; each
+acceptors keep their signers), then starts new acceptors beside the old ones; each
 new one builds its own ``Signer`` (keys read and parsed there, once).  The
 spool shards, which are not replaced, build a new one for their DSNs.
 

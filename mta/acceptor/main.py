@@ -51,7 +51,7 @@ leave room for a burst of each.  A DKIM signing error is logged and the message 
 SIGTERM: stop accepting, let sessions finish (idle ones are closed with 421
 4.3.2), after ``server.shutdown_timeout`` close the rest, wait for
 outstanding spool answers, exit 0.  SIGHUP is ignored: the supervisor
-replaces acceptors one at a time on reload.
+starts all new acceptors on reload, then stops the old ones.
 Node drain (``mta drain``): while ``<run>/drain`` exists (looked for at each
 sweep) new SMTP connections and transactions get 421 4.3.2 and HTTP
 injections 503 with Retry-After; sessions and transactions under way finish.

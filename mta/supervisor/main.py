@@ -1424,54 +1424,83 @@ class Supervisor:
                     x.close()
 
     def _replace_acceptors(self, old, new, fresh: dict) -> None:
-        """Start each new acceptor on its slot's sockets (*fresh*: _fresh_slots) before
-        stopping the old one."""
+        """Start every new acceptor, each on its slot's sockets (*fresh*: _fresh_slots),
+        while the old ones serve on; only once all of them are ready stop the old ones.
+        One that does not start ends the others started: the old acceptors serve on,
+        every one of them with the configuration they had (StartupError)."""
         try:
-            self._replace_each(old, new, fresh)
+            started = self._start_new_acceptors(new, fresh)
         finally:
             self.outgoing = []
-
-    def _replace_each(self, old, new, fresh: dict) -> None:
-        for i in range(new.acceptors):
+        retired = []
+        for i, child in enumerate(started):
             key = ("acceptor", i)
-            slot = fresh.pop(key, None) or self.slots[key]
             previous = self.slots.get(key)
-            old_child = previous.child if previous else None
+            old_child = previous.child if previous is not None else None
+            slot = fresh.pop(key, None) or previous
             self.slots[key] = slot
-            if previous is not None and previous is not slot:
-                slot.child = None
-            self.outgoing = [x for x in [previous, *fresh.values()] if x is not None]
-            why = f"new acceptor[{i}] did not start"
-            try:
-                child = self.spawn(slot, new)
-            except StartupError as exc:     # (fork: the unit's TasksMax, memory)
-                child = None
-                why = str(exc)
-            if child is None or not self.wait_ready([child], new.config.server.ready_timeout):
-                if child is not None:
-                    self._kill(child.pid, signal.SIGKILL)
-                if previous is not None:
-                    self.slots[key] = previous
-                    previous.child = old_child
-                if previous is not slot:
-                    self._close_unshared({key: slot})
-                self._close_unshared(fresh)
-                raise StartupError(why)
+            slot.child = child
+            slot.restart_at = None          # (an old one that died meanwhile: filled now)
             if old_child is not None and old_child.pid in self.children:
                 self._retire(old_child, new)
-                self._await_stopped_accepting(old_child, new)
-            if previous is not None and previous is not slot:
+                retired.append(old_child)
+            if previous is not slot:
                 kept = slot.all_socks()
-                for sk in previous.all_socks():
+                for sk in previous.all_socks() if previous is not None else ():
                     if sk not in kept:
                         sk.close()
         for i in range(new.acceptors, old.acceptors):
             slot = self.slots.pop(("acceptor", i))
             if slot.child is not None:
                 self._retire(slot.child, new)
-                self._await_stopped_accepting(slot.child, new)
+                retired.append(slot.child)
             for sk in slot.all_socks():
                 sk.close()
+        for child in retired:
+            self._await_stopped_accepting(child, new)
+
+    def _start_new_acceptors(self, new, fresh: dict) -> list[Child]:
+        """Start new.acceptors acceptors with *new*, the old ones left in their slots
+        (and serving), and wait until each is ready; returns them by index.  One that
+        cannot be started or does not get ready: the others are stopped (the ones that
+        accept, as a reload stops an old one), the sockets of *fresh* closed unless a
+        slot holds them, StartupError naming it."""
+        # a new acceptor must not keep the sockets of the other slots, new or old
+        self.outgoing = list(fresh.values())
+        started: list[Child] = []
+        why = ""
+        for i in range(new.acceptors):
+            key = ("acceptor", i)
+            slot = fresh.get(key) or self.slots[key]
+            was = slot.child
+            try:
+                child = self.spawn(slot, new)
+            except StartupError as exc:     # (fork: the unit's TasksMax, memory)
+                why = str(exc)
+                break
+            # until all are ready the slot is the old one's: a new one that dies is no
+            # crash to restart, an old one that dies is restarted as at any time
+            slot.child = was
+            started.append(child)
+        if not why and self.wait_ready(started, new.config.server.ready_timeout):
+            return started
+        failed = [] if why else [c for c in started if not c.ready and (
+            c.pid not in self.children or c.ready_fd is None)]
+        if not why:
+            # none died or said otherwise: ready_timeout passed for the ones not ready
+            failed = failed or [c for c in started if not c.ready]
+            why = f"new acceptor[{failed[0].index}] did not start"
+        for c in started:
+            if c in failed:
+                c.retired = True
+                self._kill(c.pid, signal.SIGKILL)
+            elif c.pid in self.children:
+                self._retire(c, new)    # (it may accept already: it closes its listeners)
+        for c in started:
+            if c.pid in self.children:
+                self._await_stopped_accepting(c, new)
+        self._close_unshared(fresh)
+        raise StartupError(why)
 
     def _await_stopped_accepting(self, child: Child, settings) -> None:
         """Wait (server.reload_handover_timeout at most; 0: not at all) until the retired

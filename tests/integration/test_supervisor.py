@@ -1049,3 +1049,84 @@ def test_a_reload_is_done_only_when_the_old_acceptors_have_stopped_accepting(mak
         for _ in range(20):
             with d.connect() as c:
                 assert c.banner == (220, [f"mta.test {banner}"])
+
+
+# Runs `mta serve` (its arguments) with acceptor[1] failing at its start while the file
+# named first exists (acceptor[0] starts as always).
+FAILING_SECOND_ACCEPTOR_WRAPPER = """
+import os, runpy, sys
+from mta import proc
+flag = sys.argv.pop(1)
+start_role = proc.start_role
+def start(role, index, log_level):
+    if role == "acceptor" and index == 1 and os.path.exists(flag):
+        raise SystemExit(3)
+    return start_role(role, index, log_level)
+proc.start_role = start
+sys.argv = sys.argv[2:]
+runpy.run_module("mta", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("moved", [False, True], ids=["same-addresses", "new-address"])
+def test_a_reload_whose_second_new_acceptor_fails_leaves_every_acceptor_as_it_was(
+        make_daemon, tmp_path, moved):
+    # The acceptors were replaced one at a time: acceptor[0]'s successor ran the new
+    # configuration when acceptor[1]'s failed at its start, and stayed, while the reload
+    # was reported failed ("keeping what runs") and the spool shards were moved back to
+    # the old configuration: a node half on each.  Every new acceptor is started first;
+    # one that fails ends them all, the old ones serve on (no connection refused).
+    # *moved*: the reload also adds an SMTP address (fresh slots), closed again.
+    import sys
+    wrapper = tmp_path / "failing_acceptor.py"
+    wrapper.write_text(FAILING_SECOND_ACCEPTOR_WRAPPER)
+    flag = tmp_path / "fail"
+    d = make_daemon(acceptors=2, shards=1, start=False)
+    d.start(python=[sys.executable, str(wrapper), str(flag)])
+    before = d.children()
+    flag.touch()
+    d.sections["smtp"]["banner"] = "ESMTP new"
+    if moved:
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            extra = s.getsockname()[1]
+        d.sections["smtp"]["listen"] = [f"{HOST}:{d.port}", f"{HOST}:{extra}"]
+    d.write_config()
+    probe = ConnectionProbe(d.port)
+    probe.start()
+    try:
+        r = d.cli("reload", check=False, timeout=120)
+    finally:
+        probe.done.set()
+        probe.join(30)
+    assert r.returncode == 1, r
+    assert "new acceptor[1] did not start" in r.stderr.decode(), r
+    record = json.load(open(os.path.join(d.state_dir, "run", "reload.json")))
+    assert record["state"] == "failed", record
+    assert "reloaded: " not in d.log()
+    after = d.children()
+    assert after["acceptor[0]"] == before["acceptor[0]"], (before, after, d.log()[-3000:])
+    assert after["acceptor[1]"] == before["acceptor[1]"], (before, after)
+    # no connection refused or reset meanwhile (the new acceptor[0] may have greeted
+    # some, with the new banner, until the failure ended it)
+    assert probe.ok > 0 and b"220 mta.test ESMTP" in probe.banners, probe.banners
+    if not moved:
+        assert probe.failures == [], probe.failures
+    # it was ended: every acceptor greets with the old banner
+    for _ in range(20):
+        with d.connect() as c:
+            assert c.banner == (220, ["mta.test ESMTP"])
+    if moved:
+        with pytest.raises(OSError):
+            socket.create_connection((HOST, extra), timeout=2).close()
+    started = re.findall(r"started acceptor\[0\] pid=(\d+)", d.log())
+    assert len(started) == 2, started       # the first start's and the reload's
+    wait_until(lambda: not os.path.exists(f"/proc/{started[-1]}"), 10,
+               "the new acceptor[0] gone")
+    # once acceptor[1] can start, the same file is taken whole
+    os.unlink(flag)
+    r = d.cli("reload", timeout=120)
+    assert "reloaded: " in r.stdout.decode(), r
+    for _ in range(20):
+        with d.connect() as c:
+            assert c.banner == (220, ["mta.test ESMTP new"])
