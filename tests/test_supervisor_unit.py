@@ -160,3 +160,36 @@ def test_a_watchdog_interval_below_one_second_is_warned_of_at_start(
     else:
         assert said == []
     assert notify.watchdog_usec() == (int(usec) if usec else 0)   # taken all the same
+
+
+def test_a_reload_that_adds_an_address_keeps_the_sockets_of_the_ones_that_stay(tmp_path):
+    # A reload that changed smtp.listen bound every address of the new list anew, so a
+    # new socket joined the SO_REUSEPORT group of an address that already listened: the
+    # kernel queued connections on it, and when the reload failed (or the old socket
+    # was closed after it) the ones queued there were reset.  An address in both lists
+    # keeps its socket; only the new one is bound, and closed again if unused.
+    from daemon import free_port
+
+    a, b = free_port(), free_port()
+    path = tmp_path / "mta.toml"
+    text = f'[server]\nstate_dir = "{tmp_path / "state"}"\n[smtp]\nacceptors = 2\n'
+    path.write_text(text + f'listen = ["127.0.0.1:{a}"]\n')
+    old = mconfig.load(str(path))
+    sup = sup_main.Supervisor(old, str(path))
+    sup.slots.update(sup.bind_slots(old, "acceptor", 2, old.listen))
+    path.write_text(text + f'listen = ["127.0.0.1:{b}", "127.0.0.1:{a}"]\n')
+    new = mconfig.load(str(path))
+    try:
+        fresh = sup._fresh_slots(old, new)
+        for i in range(2):
+            prev, slot = sup.slots[("acceptor", i)], fresh[("acceptor", i)]
+            assert slot.socks[1] is prev.socks[0]
+            assert slot.socks[0].getsockname() == ("127.0.0.1", b)
+        added = [fresh[("acceptor", i)].socks[0] for i in range(2)]
+        sup._close_unshared(fresh)
+        assert all(x.fileno() == -1 for x in added)
+        assert all(sl.socks[0].fileno() != -1 for sl in sup.slots.values())
+    finally:
+        for sl in sup.slots.values():
+            for x in sl.all_socks():
+                x.close()

@@ -1386,9 +1386,11 @@ class Supervisor:
     def _fresh_slots(self, old, new) -> dict:
         """New slots for the acceptors whose addresses changed (or that are new).
 
-        Sockets for addresses that did not change (SMTP or HTTP) are taken over
-        from the slot's previous holder, so connections waiting in their accept
-        queues are served by the new process.
+        Sockets for addresses that did not change (SMTP or HTTP, each address of a
+        list that changed too) are taken over from the slot's previous holder, so
+        connections waiting in their accept queues are served by the new process --
+        and none is queued on a new socket of an address that already listens, whose
+        queue a failed reload's close would reset.
         """
         same_smtp = tuple(old.listen) == tuple(new.listen)
         same_http = tuple(old.http_listen) == tuple(new.http_listen)
@@ -1399,14 +1401,15 @@ class Supervisor:
                 if prev is not None and same_smtp and same_http:
                     continue
                 first = not fresh       # the later fresh slots share its addresses
-                socks = prev.socks if prev is not None and same_smtp else \
-                    self.bind_all(new.listen, first)
+                socks = self._sockets_for(new.listen, old.listen,
+                                          prev.socks if prev is not None else [], first)
                 try:
-                    http = prev.http_socks if prev is not None and same_http else \
-                        self.bind_all(new.http_listen, first)
+                    http = self._sockets_for(new.http_listen, old.http_listen,
+                                             prev.http_socks if prev is not None else [],
+                                             first)
                 except StartupError:
-                    if prev is None or socks is not prev.socks:
-                        for x in socks:
+                    for x in socks:
+                        if prev is None or x not in prev.socks:
                             x.close()
                     raise
                 fresh[("acceptor", i)] = Slot("acceptor", i, socks, http_socks=http)
@@ -1414,6 +1417,16 @@ class Supervisor:
             self._close_unshared(fresh)
             raise
         return fresh
+
+    def _sockets_for(self, listen, old_listen, held: list, first: bool) -> list:
+        """Listening sockets for *listen*: of *held* (bound for *old_listen*, in its
+        order) the ones of the addresses in both, the others bound (bind_all)."""
+        have = {}
+        if len(held) == len(old_listen):
+            have = {_addr_key(*a): sk for a, sk in zip(old_listen, held)}
+        bound = iter(self.bind_all([a for a in listen if _addr_key(*a) not in have], first))
+        return [have[_addr_key(*a)] if _addr_key(*a) in have else next(bound)
+                for a in listen]
 
     def _close_unshared(self, fresh: dict) -> None:
         """Close the sockets of unused fresh slots that no current slot holds too."""
