@@ -193,3 +193,66 @@ def test_a_reload_that_adds_an_address_keeps_the_sockets_of_the_ones_that_stay(t
         for sl in sup.slots.values():
             for x in sl.all_socks():
                 x.close()
+
+
+FAKE_ACCEPTOR = r'''
+import os, time
+from mta import proc
+
+def main(settings, index, ready_fd, *socks):
+    marks = os.environ["FAKE_ACCEPTOR_DIR"]
+    if index == 0:                      # ready, then dies at once
+        with open(os.path.join(marks, "0.pid"), "w") as fh:
+            fh.write(str(os.getpid()))
+        proc.report_ready(ready_fd)
+        return
+    # acceptor[1] is ready only once acceptor[0] has exited (is a zombie)
+    path = os.path.join(marks, "0.pid")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as fh:
+                pid = int(fh.read())
+            if not proc.alive(pid):
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    proc.report_ready(ready_fd, keep=True)
+    time.sleep(30)
+'''
+
+
+def test_a_new_acceptor_that_dies_after_ready_during_a_reload_is_restarted(
+        tmp_path, monkeypatch):
+    # A reload starts every new acceptor and switches the slots to them once all are
+    # ready; until then a slot names its old acceptor.  One that reported ready and died
+    # while another was still starting was reaped as no slot's child (no restart), and
+    # the switch then gave its slot that dead process: never restarted, the slot (its
+    # SO_REUSEPORT sockets, their share of connections) served by nobody for good.
+    (tmp_path / "fake_acceptor_mod.py").write_text(FAKE_ACCEPTOR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FAKE_ACCEPTOR_DIR", str(tmp_path))
+    path = tmp_path / "mta.toml"
+    path.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\nready_timeout = 20\n'
+                    '[smtp]\nacceptors = 2\n')
+    settings = mconfig.load(str(path))
+    sup = sup_main.Supervisor(settings, str(path))
+    monkeypatch.setattr(sup_main, "table", lambda s: [
+        services.Service("acceptor", 2, "fake_acceptor_mod:main", (), "always", "replace")])
+    for i in range(2):
+        sup.slots[("acceptor", i)] = sup_main.Slot("acceptor", i, [])
+    try:
+        sup._replace_acceptors(settings, settings, {})
+        sup.reap()
+        for i in range(2):
+            slot = sup.slots[("acceptor", i)]
+            assert slot.child is None or slot.child.pid in sup.children, \
+                f"acceptor[{i}]'s slot names a process that is gone"
+        assert sup.slots[("acceptor", 0)].restart_at is not None    # started again
+    finally:
+        for c in list(sup.children.values()):
+            sup._kill(c.pid, signal.SIGKILL)
+            os.waitpid(c.pid, 0)
+            if c.ready_fd is not None:
+                os.close(c.ready_fd)

@@ -1454,6 +1454,16 @@ class Supervisor:
             self.slots[key] = slot
             slot.child = child
             slot.restart_at = None          # (an old one that died meanwhile: filled now)
+            if child.pid not in self.children:
+                # it reported ready and died while another was still starting: reaped
+                # then as no slot's child, so it is restarted as a death after the switch
+                log.error("%s[%d] pid=%d died after it was ready; restarting in %.1fs",
+                          child.role, child.index, child.pid, slot.backoff)
+                slot.child = None
+                slot.restart_at = time.monotonic() + slot.backoff
+                name = f"{child.role}[{child.index}]"
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                self._write_restarts()
             if old_child is not None and old_child.pid in self.children:
                 self._retire(old_child, new)
                 retired.append(old_child)
