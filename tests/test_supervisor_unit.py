@@ -256,3 +256,51 @@ def test_a_new_acceptor_that_dies_after_ready_during_a_reload_is_restarted(
             os.waitpid(c.pid, 0)
             if c.ready_fd is not None:
                 os.close(c.ready_fd)
+
+
+DEAF_ACCEPTOR = r'''
+import signal, time
+from mta import proc
+
+def main(settings, index, ready_fd, *socks):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # (wedged: never stops accepting)
+    proc.report_ready(ready_fd, keep=True)
+    time.sleep(60)
+'''
+
+
+def test_a_reload_waits_reload_handover_timeout_once_for_all_old_acceptors(
+        tmp_path, monkeypatch):
+    # A reload waits up to server.reload_handover_timeout for the replaced acceptors to
+    # say they stopped accepting -- "at most", said the change; but it waited for each in
+    # turn, each with the whole timeout: with every old acceptor wedged (a stalled disk)
+    # a node of N acceptors took N times it, the supervisor meanwhile deaf to a stop and
+    # restarting no dead child.  Here 3 old acceptors that never stop, a 2 s timeout:
+    # about 2 s, not 6.
+    (tmp_path / "deaf_acceptor_mod.py").write_text(DEAF_ACCEPTOR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "mta.toml"
+    path.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\nready_timeout = 20\n'
+                    'reload_handover_timeout = 2\n[smtp]\nacceptors = 3\n')
+    settings = mconfig.load(str(path))
+    sup = sup_main.Supervisor(settings, str(path))
+    monkeypatch.setattr(sup_main, "table", lambda s: [
+        services.Service("acceptor", 3, "deaf_acceptor_mod:main", (), "always", "replace")])
+    for i in range(3):
+        sup.slots[("acceptor", i)] = sup_main.Slot("acceptor", i, [])
+    try:
+        old = [sup.spawn(sl, settings) for sl in sup.slots.values()]
+        assert sup.wait_ready(old, 20)
+        t0 = time.monotonic()
+        sup._replace_acceptors(settings, settings, {})
+        took = time.monotonic() - t0
+        assert all(c.retired for c in old)
+        assert all(sup.slots[("acceptor", i)].child not in old for i in range(3))
+        assert 2 <= took < 4.5, took
+        assert all(c.ready_fd is not None for c in old)    # (closed when reaped)
+    finally:
+        for c in list(sup.children.values()):
+            sup._kill(c.pid, signal.SIGKILL)
+            os.waitpid(c.pid, 0)
+            if c.ready_fd is not None:
+                os.close(c.ready_fd)

@@ -44,9 +44,10 @@ class ServerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     ready_timeout: Annotated[float, _doc(
         "seconds a starting child may take to report ready", ge=1, le=3600)] = 60.0
     reload_handover_timeout: Annotated[float, _doc(
-        "seconds a reload waits for each acceptor it replaces to close its listening "
-        "sockets (shared with its successor; until then it may still greet a client "
-        "with the configuration replaced) before it reports the reload done anyway "
+        "seconds a reload waits, for all the acceptors it replaces together, for them to "
+        "close their listening sockets (shared with their successors; until then one may "
+        "still greet a client with the configuration replaced) before it reports the "
+        "reload done anyway "
         "(0: not waited for); a responsive acceptor takes milliseconds", ge=0, le=3600)] = 5.0
     proxy_protocol_from: Annotated[list[str], _doc(
         "networks of the TCP load balancers in front of the SMTP and HTTP listeners "

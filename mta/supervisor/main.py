@@ -1479,8 +1479,7 @@ class Supervisor:
                 retired.append(slot.child)
             for sk in slot.all_socks():
                 sk.close()
-        for child in retired:
-            self._await_stopped_accepting(child, new)
+        self._await_stopped_accepting(retired, new)
 
     def _start_new_acceptors(self, new, fresh: dict) -> list[Child]:
         """Start new.acceptors acceptors with *new*, the old ones left in their slots
@@ -1519,38 +1518,38 @@ class Supervisor:
                 self._kill(c.pid, signal.SIGKILL)
             elif c.pid in self.children:
                 self._retire(c, new)    # (it may accept already: it closes its listeners)
-        for c in started:
-            if c.pid in self.children:
-                self._await_stopped_accepting(c, new)
+        self._await_stopped_accepting([c for c in started if c.pid in self.children], new)
         self._close_unshared(fresh)
         raise StartupError(why)
 
-    def _await_stopped_accepting(self, child: Child, settings) -> None:
-        """Wait (server.reload_handover_timeout at most; 0: not at all) until the retired
-        acceptor *child* says it closed its listeners ("S" on its ready pipe, or the
-        pipe's end at its exit).  It shares them with its successor: until then a client
-        may still be greeted with the configuration the reload replaced, and "reloaded"
-        (mta reload's answer) would say otherwise.  One that does not answer (stopped, wedged) is named and
-        the reload goes on; kill_overdue() ends it later."""
-        fd = child.ready_fd
+    def _await_stopped_accepting(self, children: list[Child], settings) -> None:
+        """Wait (server.reload_handover_timeout at most, for all of them together; 0: not
+        at all) until each retired acceptor of *children* says it closed its listeners
+        ("S" on its ready pipe, or the pipe's end at its exit).  It shares them with its
+        successor: until then a client may still be greeted with the configuration the
+        reload replaced, and "reloaded" (mta reload's answer) would say otherwise.  One
+        that does not answer (stopped, wedged) is named and the reload goes on;
+        kill_overdue() ends it later."""
         wait = settings.config.server.reload_handover_timeout
-        if fd is None or not wait:
+        waiting = {c.ready_fd: c for c in children if c.ready_fd is not None}
+        if not waiting or not wait:
             return
         deadline = time.monotonic() + wait
-        while True:
-            if readable([fd], min(TICK, max(0.0, deadline - time.monotonic()))):
-                data = os.read(fd, 2)
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for fd in readable(list(waiting), min(TICK, left)):
                 # (an acceptor restarted after a crash: its "R" was not read)
-                if data != b"R":
-                    break
-            elif time.monotonic() >= deadline:
-                log.warning("reload: the replaced %s[%d] pid=%d did not say in %.0fs that "
-                            "it stopped accepting; going on (it may still take a "
-                            "connection with the configuration it had)", child.role,
-                            child.index, child.pid, wait)
-                return
-        os.close(fd)
-        child.ready_fd = None
+                if os.read(fd, 2) == b"R":
+                    continue
+                os.close(fd)
+                waiting.pop(fd).ready_fd = None
+        for child in waiting.values():
+            log.warning("reload: the replaced %s[%d] pid=%d did not say in %.0fs that "
+                        "it stopped accepting; going on (it may still take a "
+                        "connection with the configuration it had)", child.role,
+                        child.index, child.pid, wait)
 
 
 def _rebuilding():
