@@ -304,3 +304,46 @@ def test_a_reload_waits_reload_handover_timeout_once_for_all_old_acceptors(
             os.waitpid(c.pid, 0)
             if c.ready_fd is not None:
                 os.close(c.ready_fd)
+
+
+def test_a_failed_reload_that_adds_acceptors_resets_no_connection(tmp_path):
+    # A reload that raised smtp.acceptors bound the new slots' sockets listening at once:
+    # each joined the SO_REUSEPORT group of the address, and the kernel queued a share of
+    # the new connections on it before any process could accept there (for as long as
+    # the new acceptors took to start, ready_timeout when one hangs).  When the reload
+    # failed its sockets were closed and those connections reset.  A socket bound for a
+    # reload listens only once its acceptor serves on it (create_server's listen()).
+    from daemon import free_port
+
+    port = free_port()
+    path = tmp_path / "mta.toml"
+    text = f'[server]\nstate_dir = "{tmp_path / "state"}"\n[smtp]\nlisten = ["127.0.0.1:{port}"]\n'
+    path.write_text(text + "acceptors = 1\n")
+    old = mconfig.load(str(path))
+    sup = sup_main.Supervisor(old, str(path))
+    sup.slots.update(sup.bind_slots(old, "acceptor", 1, old.listen))
+    path.write_text(text + "acceptors = 3\n")
+    new = mconfig.load(str(path))
+    clients = []
+    try:
+        fresh = sup._fresh_slots(old, new)
+        assert sorted(fresh) == [("acceptor", 1), ("acceptor", 2)]
+        for _ in range(30):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        sup._close_unshared(fresh)          # (as the reload's failure does)
+        reset = 0
+        for c in clients:
+            c.settimeout(0.05)
+            try:
+                c.recv(1)
+            except ConnectionResetError:
+                reset += 1
+            except TimeoutError:
+                pass                        # (waiting in the old slot's queue)
+        assert reset == 0, f"{reset} of {len(clients)} connections reset"
+    finally:
+        for c in clients:
+            c.close()
+        for sl in sup.slots.values():
+            for x in sl.all_socks():
+                x.close()

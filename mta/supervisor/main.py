@@ -247,9 +247,12 @@ def check_unclaimed(host: str, port: int) -> None:
         s.bind((host, port))
 
 
-def bind_listener(host: str, port: int, exclusive: bool = False) -> socket.socket:
+def bind_listener(host: str, port: int, exclusive: bool = False,
+                  listening: bool = True) -> socket.socket:
     """A listening TCP socket with SO_REUSEPORT, so several slots share the address;
-    *exclusive*: refused (EADDRINUSE) if another process listens there already."""
+    *exclusive*: refused (EADDRINUSE) if another process listens there already.
+    *listening* False: bound only -- the acceptor that serves on it listens
+    (create_server); until then the kernel queues no connection on it."""
     left = _inherited.get(_addr_key(host, port))
     if left:
         return left.pop(0)      # handed over by the previous supervisor: already listening
@@ -263,7 +266,8 @@ def bind_listener(host: str, port: int, exclusive: bool = False) -> socket.socke
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind((host, port))
-        s.listen(LISTEN_BACKLOG)
+        if listening:
+            s.listen(LISTEN_BACKLOG)
         s.setblocking(False)
     except OSError:
         s.close()
@@ -480,17 +484,19 @@ class Supervisor:
             s = dataclasses.replace(s, shards=existing)
         return s
 
-    def bind_all(self, listen, first: bool) -> list:
+    def bind_all(self, listen, first: bool, listening: bool = True) -> list:
         """One listening socket per address; StartupError (nothing left open) if one fails.
         *first*: the first of the slots that share these addresses, so an address this
-        supervisor does not listen on yet must not be another process's."""
+        supervisor does not listen on yet must not be another process's.  *listening*:
+        bind_listener's."""
         held = {_addr_key(*sk.getsockname()[:2]) for sl in self.slots.values()
                 for sk in sl.all_socks()} if first else ()
         socks = []
         for host, port in listen:
             try:
                 socks.append(bind_listener(host, port,
-                                           exclusive=first and _addr_key(host, port) not in held))
+                                           exclusive=first and _addr_key(host, port) not in held,
+                                           listening=listening))
             except OSError as exc:
                 for x in socks:
                     x.close()
@@ -1420,11 +1426,16 @@ class Supervisor:
 
     def _sockets_for(self, listen, old_listen, held: list, first: bool) -> list:
         """Listening sockets for *listen*: of *held* (bound for *old_listen*, in its
-        order) the ones of the addresses in both, the others bound (bind_all)."""
+        order) the ones of the addresses in both, the others bound (bind_all) but not
+        listening: a reload's new acceptor listens on them when it serves.  One listening
+        from its bind joined the SO_REUSEPORT group of its address (an acceptor slot
+        added) and took a share of the new connections that no process accepted before
+        that acceptor ran -- reset when a failed reload closed it."""
         have = {}
         if len(held) == len(old_listen):
             have = {_addr_key(*a): sk for a, sk in zip(old_listen, held)}
-        bound = iter(self.bind_all([a for a in listen if _addr_key(*a) not in have], first))
+        bound = iter(self.bind_all([a for a in listen if _addr_key(*a) not in have], first,
+                                   listening=False))
         return [have[_addr_key(*a)] if _addr_key(*a) in have else next(bound)
                 for a in listen]
 
