@@ -177,7 +177,7 @@ class ListWriter:
         self.jobs.put(None)
         self.thread.join(timeout)
         if self.thread.is_alive():
-            log.warning("suppression list: its last writes not done after %.0f s (its write "
+            log.warning("suppression list: its last writes not done after %g s (its write "
                         "lock held elsewhere); Bounce Rule entries of this run may be "
                         "missing", timeout)
 

@@ -563,13 +563,13 @@ def test_api_threads_and_writer_close_wait_are_taken(make_daemon):
     """[suppression] api_threads and writer_close_wait (they were constants: 2 threads,
     5 s).  With api_threads = 3, two bulk PUTs waiting for the list's write lock (held
     here) leave a thread for a read, answered meanwhile (with 2 it waited for the lock);
-    with writer_close_wait = 1, a shard stopping while its Bounce Rule addition waits for
-    the lock gives up after 1 s (not 5) and says so."""
+    with writer_close_wait = 0.5, a shard stopping while its Bounce Rule addition waits
+    for the lock gives up after 0.5 s (not 5) and says so."""
     sink = AioSink(HOST, free_port(), rcpt=refuse_unknown).start()
     try:
         d = make_daemon(
             acceptors=1, shards=1, http={"api_keys": [KEY]},
-            suppression={"api_threads": 3, "writer_close_wait": 1},
+            suppression={"api_threads": 3, "writer_close_wait": 0.5},
             delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
                                                  "hosts": [f"{HOST}:{sink.port}"]}]})
         holder = S.SuppressionList(S.path_in(d.state_dir), 8 << 30)
@@ -611,7 +611,7 @@ def test_api_threads_and_writer_close_wait_are_taken(make_daemon):
         finally:
             txn.abort()
             holder.close()
-        assert "its last writes not done after 1 s" in d.log(), d.log()[-3000:]
+        assert "its last writes not done after 0.5 s" in d.log(), d.log()[-3000:]
         assert took < 4.5, took
         assert not listed(S.path_in(d.state_dir), "unknown-at-stop@example.net")
     finally:
