@@ -195,6 +195,32 @@ def test_a_reload_that_adds_an_address_keeps_the_sockets_of_the_ones_that_stay(t
                 x.close()
 
 
+def fake_acceptors(tmp_path, monkeypatch, source: str, n: int, server: str = ""):
+    """A Supervisor of *n* acceptor slots whose processes run *source*'s main() (a module
+    written in *tmp_path*), with *server*: more [server] lines; (settings, supervisor)."""
+    (tmp_path / "fake_acceptor_mod.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FAKE_ACCEPTOR_DIR", str(tmp_path))
+    path = tmp_path / "mta.toml"
+    path.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\nready_timeout = 20\n'
+                    f'{server}[smtp]\nacceptors = {n}\n')
+    settings = mconfig.load(str(path))
+    sup = sup_main.Supervisor(settings, str(path))
+    monkeypatch.setattr(sup_main, "table", lambda s: [
+        services.Service("acceptor", n, "fake_acceptor_mod:main", (), "always", "replace")])
+    for i in range(n):
+        sup.slots[("acceptor", i)] = sup_main.Slot("acceptor", i, [])
+    return settings, sup
+
+
+def kill_children(sup) -> None:
+    for c in list(sup.children.values()):
+        sup._kill(c.pid, signal.SIGKILL)
+        os.waitpid(c.pid, 0)
+        if c.ready_fd is not None:
+            os.close(c.ready_fd)
+
+
 FAKE_ACCEPTOR = r'''
 import os, time
 from mta import proc
@@ -230,18 +256,7 @@ def test_a_new_acceptor_that_dies_after_ready_during_a_reload_is_restarted(
     # while another was still starting was reaped as no slot's child (no restart), and
     # the switch then gave its slot that dead process: never restarted, the slot (its
     # SO_REUSEPORT sockets, their share of connections) served by nobody for good.
-    (tmp_path / "fake_acceptor_mod.py").write_text(FAKE_ACCEPTOR)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("FAKE_ACCEPTOR_DIR", str(tmp_path))
-    path = tmp_path / "mta.toml"
-    path.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\nready_timeout = 20\n'
-                    '[smtp]\nacceptors = 2\n')
-    settings = mconfig.load(str(path))
-    sup = sup_main.Supervisor(settings, str(path))
-    monkeypatch.setattr(sup_main, "table", lambda s: [
-        services.Service("acceptor", 2, "fake_acceptor_mod:main", (), "always", "replace")])
-    for i in range(2):
-        sup.slots[("acceptor", i)] = sup_main.Slot("acceptor", i, [])
+    settings, sup = fake_acceptors(tmp_path, monkeypatch, FAKE_ACCEPTOR, 2)
     try:
         sup._replace_acceptors(settings, settings, {})
         sup.reap()
@@ -251,11 +266,7 @@ def test_a_new_acceptor_that_dies_after_ready_during_a_reload_is_restarted(
                 f"acceptor[{i}]'s slot names a process that is gone"
         assert sup.slots[("acceptor", 0)].restart_at is not None    # started again
     finally:
-        for c in list(sup.children.values()):
-            sup._kill(c.pid, signal.SIGKILL)
-            os.waitpid(c.pid, 0)
-            if c.ready_fd is not None:
-                os.close(c.ready_fd)
+        kill_children(sup)
 
 
 DEAF_ACCEPTOR = r'''
@@ -277,33 +288,30 @@ def test_a_reload_waits_reload_handover_timeout_once_for_all_old_acceptors(
     # a node of N acceptors took N times it, the supervisor meanwhile deaf to a stop and
     # restarting no dead child.  Here 3 old acceptors that never stop, a 2 s timeout:
     # about 2 s, not 6.
-    (tmp_path / "deaf_acceptor_mod.py").write_text(DEAF_ACCEPTOR)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    path = tmp_path / "mta.toml"
-    path.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\nready_timeout = 20\n'
-                    'reload_handover_timeout = 2\n[smtp]\nacceptors = 3\n')
-    settings = mconfig.load(str(path))
-    sup = sup_main.Supervisor(settings, str(path))
-    monkeypatch.setattr(sup_main, "table", lambda s: [
-        services.Service("acceptor", 3, "deaf_acceptor_mod:main", (), "always", "replace")])
-    for i in range(3):
-        sup.slots[("acceptor", i)] = sup_main.Slot("acceptor", i, [])
+    settings, sup = fake_acceptors(tmp_path, monkeypatch, DEAF_ACCEPTOR, 3,
+                                   "reload_handover_timeout = 2\n")
+    starting = sup._start_new_acceptors
+    started_in = []
+
+    def timed(*args):       # (the new ones' start is not the wait measured)
+        t = time.monotonic()
+        try:
+            return starting(*args)
+        finally:
+            started_in.append(time.monotonic() - t)
+    monkeypatch.setattr(sup, "_start_new_acceptors", timed)
     try:
         old = [sup.spawn(sl, settings) for sl in sup.slots.values()]
         assert sup.wait_ready(old, 20)
         t0 = time.monotonic()
         sup._replace_acceptors(settings, settings, {})
-        took = time.monotonic() - t0
+        took = time.monotonic() - t0 - started_in[0]
         assert all(c.retired for c in old)
         assert all(sup.slots[("acceptor", i)].child not in old for i in range(3))
         assert 2 <= took < 4.5, took
         assert all(c.ready_fd is not None for c in old)    # (closed when reaped)
     finally:
-        for c in list(sup.children.values()):
-            sup._kill(c.pid, signal.SIGKILL)
-            os.waitpid(c.pid, 0)
-            if c.ready_fd is not None:
-                os.close(c.ready_fd)
+        kill_children(sup)
 
 
 def test_a_failed_reload_that_adds_acceptors_resets_no_connection(tmp_path):
