@@ -282,6 +282,14 @@ def _setting(config, name: str):
     return getattr(value, key) if key else value
 
 
+def _ca_edited(old, new) -> bool:
+    """Whether *new* read other bytes than *old* from the same delivery.tls_ca_file (a CA
+    bundle replaced in place; a changed path changes [delivery] itself)."""
+    path = new.config.delivery.tls_ca_file
+    return bool(path) and path == old.config.delivery.tls_ca_file and \
+        new.tls_ca_data is not None and new.tls_ca_data != old.tls_ca_data
+
+
 class Supervisor:
     def __init__(self, settings, config_path: str | None):
         self.settings = settings
@@ -1175,6 +1183,10 @@ class Supervisor:
         for role, sections in ROLLED.items():
             changed = [k if "." in k else f"[{k}]" for k in sections
                        if _setting(new.config, k) != _setting(old.config, k)]
+            if role == "delivery" and _ca_edited(old, new):
+                # a CA bundle updated at the same path: the delivery processes verify
+                # with the bytes they were forked with (Settings.tls_ca_data)
+                changed.append("delivery.tls_ca_file (its content)")
             if role in self.unrolled:
                 changed.append("a roll left part-done")
             count = sum(1 for key in self.slots if key[0] == role)

@@ -192,3 +192,40 @@ def test_a_delivery_process_restarted_after_its_ca_file_is_gone_verifies_with_th
         assert d.children()["delivery[0]"] == new
     finally:
         good.stop()
+
+
+def test_a_ca_file_replaced_in_place_is_taken_by_the_delivery_processes_at_a_reload(
+        make_daemon, tmp_path):
+    """delivery.tls_ca_file's content replaced (a CA bundle updated, same path): a reload
+    read and checked the new bytes, but replaced the delivery processes only when the
+    configuration's text changed, so they verified with the old CA -- mail to a host
+    whose certificate the new CA signed deferred -- while one restarted after a crash
+    took the new CA.  A changed CA content now replaces them, as a changed [delivery]."""
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    new_ca.issue_cert(HOST).configure_cert(ctx)
+    sink = AioSink(HOST, free_port(), tls_context=ctx).start()
+    ca_file = tmp_path / "ca.pem"
+    old_ca.cert_pem.write_to_path(str(ca_file))
+    try:
+        d = make_daemon(acceptors=1, shards=1, delivery={
+            "hold": False, "processes": 1, "tls_ca_file": str(ca_file), "route": [
+                {"domain": "good.test", "hosts": [f"{HOST}:{sink.port}"],
+                 "tls_verify": True}]})
+        before = d.children()["delivery[0]"]
+        new_ca.cert_pem.write_to_path(str(ca_file))
+        text = d.reload()
+        d.send("a@example.org", ["a@good.test"],
+               b"From: a@example.org\r\nSubject: ca\r\n\r\nbody\r\n")
+        got = wait_until(lambda: events_of(d, "delivery") or events_of(d, "delay"), 30,
+                         "an outcome")
+        assert {r: (e["type"], e["outbound_tls"]) for r, e in got.items()} == {
+            "a@good.test": ("delivery", "1")}, got
+        assert [t.rcpt_tos for t in sink.snapshot()] == [["a@good.test"]]
+        assert "delivery.tls_ca_file (its content) changed" in text, text[-2000:]
+        now = d.children()["delivery[0]"]
+        assert now != before
+        d.reload()      # the same bytes: nothing to replace
+        assert d.children()["delivery[0]"] == now
+    finally:
+        sink.stop()
