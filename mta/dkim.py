@@ -205,6 +205,25 @@ def read_key_file(path) -> bytes:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
+def files_digest(files: dict) -> str:
+    """SHA-256 (hex) of key files' bytes by path (Settings.dkim_key_files; "" for none):
+    a reload tells by it a key file replaced in place (the spool shards read it again)."""
+    if not files:
+        return ""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        name = str(path).encode("utf-8", "surrogateescape")
+        h.update(b"%d:%s%d:" % (len(name), name, len(files[path])))
+        h.update(files[path])
+    return h.hexdigest()
+
+
+def read_key_files(cfg: DkimConfig) -> dict:
+    """The bytes of *cfg*'s key files, read now, by path; ValueError naming the first
+    that cannot be read."""
+    return {k.key_file: read_key_file(k.key_file) for k in cfg.keys}
+
+
 def load_key(path, algorithm, data: bytes | None = None):
     """Read (unless its bytes are given, *data*) and parse a private key file; raise
     ValueError naming the problem."""

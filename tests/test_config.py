@@ -416,6 +416,38 @@ def test_the_bounce_rules_file_is_known_by_its_content_too(tmp_path):
     assert config.load(None).bounce_rules_digest == ""
 
 
+def test_the_dkim_key_files_are_known_by_their_content_too(tmp_path):
+    # a reload compared only [dkim]'s text: a key file replaced in place left the spool
+    # shards signing with the old key.  The key files' digest, recorded with the active
+    # configuration, tells the change; the record keeps the one the supervisor checked.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = tmp_path / "k.pem"
+
+    def new_key():
+        key.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+
+    new_key()
+    cfg = tmp_path / "mta.toml"
+    cfg.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n[[dkim.keys]]\n'
+                   f'domain = "a.test"\nselector = "s"\nalgorithm = "ed25519-sha256"\n'
+                   f'key_file = "{key}"\n')
+    before = config.load(str(cfg))
+    assert len(before.dkim_keys_digest) == 64
+    assert config.load(str(cfg)).dkim_keys_digest == before.dkim_keys_digest
+    os.makedirs(before.run_dir)
+    config.write_active(before, str(cfg))
+    new_key()
+    after = config.load(str(cfg))
+    assert after.config == before.config
+    assert after.dkim_keys_digest != before.dkim_keys_digest
+    assert config.read_active(before.run_dir).dkim_keys_digest == before.dkim_keys_digest
+    assert config.load(None).dkim_keys_digest == ""
+
+
 def test_the_validated_bounce_rules_are_kept_for_the_children(tmp_path):
     # the children read the operator's rules file themselves: one saved broken (or
     # deleted) without a reload stopped a restarted spool shard at its start.  The record

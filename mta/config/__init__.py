@@ -75,6 +75,10 @@ class Settings:
     # file deleted or broken without a reload does not stop an acceptor restarted after
     # a crash (it would fail at its start, again and again)
     dkim_key_files: dict = field(default_factory=dict, repr=False, compare=False)
+    # SHA-256 of those bytes (mta.dkim.files_digest; "" without key files read): a
+    # reload tells a key file replaced in place by it (the spool shards, which sign
+    # their notices, read the files again)
+    dkim_keys_digest: str = ""
     # the smtp.tls_certificate and tls_key files' bytes as validated, (chain, key) (None:
     # no TLS, or not read here): an acceptor forked with these Settings loads them
     # (load_tls), not the files, for the same reason
@@ -284,7 +288,7 @@ def write_active(settings: Settings, config_path: str | None, serial: float = 0.
                            keep=(prev,) if isinstance(prev, str) else ())
     doc = {"config_path": config_path, "config": msgspec.to_builtins(settings.config),
            "shards": settings.shards, "bounce_rules_digest": settings.bounce_rules_digest,
-           "serial": serial}
+           "dkim_keys_digest": settings.dkim_keys_digest, "serial": serial}
     tmp = os.path.join(settings.run_dir, ACTIVE_NAME + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(msgspec.json.encode(doc))
@@ -305,6 +309,9 @@ def read_active(run_dir: str) -> Settings | None:
     if isinstance(doc.get("bounce_rules_digest"), str):
         # the rules the supervisor applied (the file may have changed since)
         s = replace(s, bounce_rules_digest=doc["bounce_rules_digest"])
+    if isinstance(doc.get("dkim_keys_digest"), str):
+        # the key files the supervisor checked (a shard reading them compares)
+        s = replace(s, dkim_keys_digest=doc["dkim_keys_digest"])
     if isinstance(doc.get("serial"), (int, float)):
         s = replace(s, serial=float(doc["serial"]))
     return s
@@ -421,6 +428,9 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None,
             raise ConfigError("; ".join(problems[:MAX_PROBLEMS]) + (
                 f" (and {len(problems) - MAX_PROBLEMS} more problem(s))"
                 if len(problems) > MAX_PROBLEMS else ""))
+        keys_digest = dkim.files_digest(key_files)
+    else:
+        keys_digest = ""
     event_log = os.path.join(state_dir, cfg.server.event_log) if cfg.server.event_log else None
     sources, pools = _check_egress(cfg.egress, cfg.delivery)
     _check_shaping(cfg, sources)
@@ -465,6 +475,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None,
         bounce_rules_digest=rules_digest,
         bounce_rules_data=rules_data,
         dkim_key_files=key_files,
+        dkim_keys_digest=keys_digest,
         tls_files=tls_files,
         tls_ca_data=ca_data,
     )

@@ -238,7 +238,9 @@ class Shard:
         # by the From domain (a key for the host name's domain, or a fallback)
         self.dkim = None
         self.signer = None
-        self._set_signer(settings.config.dkim, settings.dkim_key_files)
+        self.keys_digest = ""       # of the key files the signer was made from
+        self._set_signer(settings.config.dkim, settings.dkim_key_files,
+                         settings.dkim_keys_digest)
         # The queue (store.index): per lane a due queue, and every queued message's
         # deadline (start + max_age) in buckets of max_age / DEADLINE_BUCKETS: age is
         # checked wherever a message waits -- held, parked for an absent delivery
@@ -455,21 +457,29 @@ class Shard:
         if mconfig.read_active(self.settings.run_dir) is not None:
             self.reload_wanted = True
 
-    def _set_signer(self, cfg, files: dict | None = None) -> None:
+    def _set_signer(self, cfg, files: dict | None = None, digest: str = "") -> None:
         """Sign this shard's notices with the keys of *cfg* ([dkim]) from now on (*files*:
         the key files' bytes the supervisor checked, Settings.dkim_key_files, at the
-        start).  Keys that cannot be loaded (changed on disk since the configuration was
-        checked) leave the signer as it was (none at start): logged, and the shard goes
-        on."""
+        start; at a reload they are read here).  *digest*: that of the key files the
+        supervisor checked (Settings.dkim_keys_digest; "": not recorded), which the
+        files read here must match.  Keys that cannot be loaded, or files that changed
+        on disk since the configuration was checked, leave the signer as it was (none
+        at start): logged, and the shard goes on (the next reload tries again)."""
         signer = None
         if cfg.enabled and cfg.keys:
-            from mta.dkim import DkimConfigError, Signer
+            from mta.dkim import DkimConfigError, Signer, files_digest, read_key_files
             try:
+                if files is None:
+                    files = read_key_files(cfg)
+                    if digest and files_digest(files) != digest:
+                        raise DkimConfigError(["the key files changed on disk since the "
+                                               "supervisor checked them (a reload "
+                                               "checks them again)"])
                 signer = Signer.from_config(cfg, files=files)
-            except DkimConfigError as exc:
+            except ValueError as exc:   # DkimConfigError too
                 log.error("DKIM: %s; notices (DSNs) are signed as before", exc)
                 return
-        self.dkim, self.signer = cfg, signer
+        self.dkim, self.signer, self.keys_digest = cfg, signer, digest
 
     def _set_suppression(self, cfg) -> None:
         """Take [suppression] enabled, path, max_size, bounce_rule and writer_close_wait of
@@ -544,8 +554,8 @@ class Shard:
         if active.config.server.log_level != self.log_level:
             self.log_level = active.config.server.log_level
             proc.set_log_level(self.log_level)
-        if active.config.dkim != self.dkim:
-            self._set_signer(active.config.dkim)
+        if active.config.dkim != self.dkim or active.dkim_keys_digest != self.keys_digest:
+            self._set_signer(active.config.dkim, digest=active.dkim_keys_digest)
         self._set_suppression(active.config.suppression)
         self._set_feedback(active.config.feedback, active.bounce_rules_digest)
         self._set_backlog_bound(active.config.events.max_backlog_bytes)

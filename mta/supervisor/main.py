@@ -1136,7 +1136,8 @@ class Supervisor:
         level = new.config.server.log_level
         # the spool shards are not replaced: they take from the record of the active
         # configuration what of [delivery] they can change while they run (hold,
-        # retries, timeouts), the log level, [dkim] (the keys that sign their DSNs), the
+        # retries, timeouts), the log level, [dkim] (the keys that sign their DSNs; a
+        # key file replaced in place: the digest of the files), the
         # suppression list the new acceptors use (their Bounce Rule entries go to it)
         # and the bounce rules and domains (a rules file edited in place: its digest),
         # events.max_backlog_bytes;
@@ -1148,6 +1149,7 @@ class Supervisor:
             or new.config.suppression != old.config.suppression \
             or new.config.feedback != old.config.feedback \
             or new.bounce_rules_digest != old.bounce_rules_digest \
+            or new.dkim_keys_digest != old.dkim_keys_digest \
             or new.config.events.max_backlog_bytes != old.config.events.max_backlog_bytes \
             or bool(self._stale_rules())     # (the file they could not read: again)
         moved = False
@@ -1179,6 +1181,10 @@ class Supervisor:
                 new.bounce_rules_digest != old.bounce_rules_digest:
             log.info("reload: feedback.bounce_rules %s edited in place; the new acceptors "
                      "and the spool shards take its rules", rules)
+        if new.config.dkim == old.config.dkim and \
+                new.dkim_keys_digest != old.dkim_keys_digest:
+            log.info("reload: a [dkim] key file was replaced in place; the new acceptors "
+                     "and the spool shards sign with what it holds now")
         failed = []
         for role, sections in ROLLED.items():
             changed = [k if "." in k else f"[{k}]" for k in sections

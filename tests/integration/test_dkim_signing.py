@@ -154,6 +154,50 @@ def test_dsns_are_signed_and_a_reload_changes_their_key(make_daemon, dkim_keys, 
     assert [(r["result"], r.get("selector")) for r in got["second"]] == [("pass", "new")], got
 
 
+def test_a_key_file_replaced_in_place_signs_the_next_dsn_after_a_reload(
+        make_daemon, dkim_keys, tmp_path):
+    """A key file replaced by a new key (same path, same selector: a key rolled in
+    place): the reload read and checked it and the new acceptors signed with it, but
+    the spool shards re-made their signer only when [dkim]'s text changed, so their
+    DSNs went on signed with the old key, which the selector's DNS record no longer
+    verifies.  The record of the active configuration now carries a digest of the key
+    files, and a shard whose keys differ from it reads them again."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    path = dkim_keys.files["ed"]
+    key = {"domain": "mta.test", "selector": "s1", "key_file": path,
+           "algorithm": "ed25519-sha256"}
+    d = make_daemon(acceptors=1, shards=1, dkim={"keys": [key]})
+    seen = set()
+
+    def dsn_of(domain):
+        d.send("alice@src.test", [f"r@{domain}"],
+               b"From: alice@src.test\r\nSubject: s\r\n\r\nbody\r\n")
+        d.cli("queue", "bounce", "--domain", domain, "--reason", "gone", "--dsn")
+        [q] = wait_until(lambda: [q for q in d.queue_list() if q["sender"] == ""
+                                  and q["queue_id"] not in seen], 15, "the DSN")
+        seen.add(q["queue_id"])
+        return d.cli("queue", "show", "--raw", q["queue_id"]).stdout
+
+    first = dsn_of("one.test")
+    assert dkimpy_verify(first, {"s1._domainkey.mta.test": public_record(dkim_keys.ed)}) \
+        == [True]
+    rolled = ed25519.Ed25519PrivateKey.generate()
+    with open(path + ".tmp", "wb") as f:
+        f.write(rolled.private_bytes(serialization.Encoding.PEM,
+                                     serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    import os
+    os.replace(path + ".tmp", path)
+    text = d.reload()
+    second = dsn_of("two.test")
+    assert dkimpy_verify(second, {"s1._domainkey.mta.test": public_record(rolled)}) \
+        == [True]
+    assert "a [dkim] key file was replaced in place" in text
+    assert "DKIM:" not in text      # (no key the shard could not take)
+
+
 def test_a_signature_lifetime_shorter_than_the_queue_s_is_named_at_start_and_reload(
         make_daemon, dkim_keys):
     # Mail is signed once, at injection: with dkim.expire_seconds (x=) shorter than

@@ -1368,3 +1368,65 @@ def test_taking_many_lanes_by_name_looks_at_each_lane_once():
     hb.add(new_qid(0), "mx7.test", "", "d7.test")
     assert [k for k, _ in hb.take([(dsp.ANY, dsp.ANY)])] == [("mx7.test", "", "d7.test")]
     assert not hb.lanes and not len(hb)
+
+
+def test_a_dkim_key_file_replaced_in_place_is_read_again_when_it_is_the_one_checked(
+        tmp_path, caplog):
+    # The shard re-made its notices' signer only when [dkim]'s text changed: a key file
+    # replaced in place (same path and selector) left it signing with the old key.  The
+    # record of the active configuration carries the digest of the key files the
+    # supervisor checked; the shard reads them again when it differs from its own, and
+    # takes them only if they are those (else: logged, the old signer kept, and the
+    # next reload tries again).
+    import dataclasses
+    import logging
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from mta import config as mconfig
+    from mta.dkim import public_record
+
+    key_path = tmp_path / "k.pem"
+
+    def new_key():
+        key = ed25519.Ed25519PrivateKey.generate()
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return public_record(key)
+
+    def settings():
+        return resolve(msgspec.convert({
+            "server": {"state_dir": str(tmp_path), "hostname": "mta.test"},
+            "spool": {"shards": 1, "fsync": False, "preallocate": False},
+            "delivery": {"hold": False, "processes": 1},
+            "dkim": {"keys": [{"domain": "mta.test", "selector": "s", "algorithm":
+                               "ed25519-sha256", "key_file": str(key_path)}]}}, Config), None)
+
+    name = "s._domainkey.mta.test"
+    first = new_key()
+    start = settings()
+    shard = Shard(start, 0)
+    assert shard.signer.dns_records() == {name: first}
+    os.makedirs(start.run_dir, exist_ok=True)
+    mconfig.write_active(start, None)
+    shard.apply_reload()                        # the same files: nothing to do
+    assert shard.signer.dns_records() == {name: first}
+    second = new_key()
+    checked = settings()
+    assert checked.config == start.config
+    assert checked.dkim_keys_digest != start.dkim_keys_digest
+    mconfig.write_active(checked, None)
+    shard.apply_reload()
+    assert shard.signer.dns_records() == {name: second}
+    # the file replaced again after the supervisor's check: not what it checked
+    new_key()
+    third = settings()
+    new_key()
+    mconfig.write_active(dataclasses.replace(third, serial=1.0), None)
+    with caplog.at_level(logging.ERROR):
+        shard.apply_reload()
+    assert shard.signer.dns_records() == {name: second}
+    assert "changed on disk since the supervisor checked them" in caplog.text
+    shard.store.close()
