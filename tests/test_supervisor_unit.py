@@ -355,3 +355,27 @@ def test_a_failed_reload_that_adds_acceptors_resets_no_connection(tmp_path):
         for sl in sup.slots.values():
             for x in sl.all_socks():
                 x.close()
+
+
+def test_a_shard_that_signs_with_other_key_files_than_those_checked_is_told_again(tmp_path):
+    # A spool shard reads the [dkim] key files itself at a reload and takes them only if
+    # they are those the supervisor checked (their digest); a file replaced again in
+    # between leaves it on its old keys.  The next reload must tell it again even when
+    # the supervisor reads the same files as the last time.
+    path = tmp_path / "mta.toml"
+    path.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n')
+    settings = mconfig.load(str(path))
+    import dataclasses
+    settings = dataclasses.replace(settings, dkim_keys_digest="a" * 64)
+    sup = sup_main.Supervisor(settings, str(path))
+    os.makedirs(settings.run_dir, exist_ok=True)
+    pid = os.getpid()       # (no process is signalled: the record is only read)
+    sup.children[pid] = sup_main.Child("spool", 0, pid, time.monotonic(), None, ready=True)
+    assert not sup._stale_keys()            # no answer yet
+    mconfig.write_applied(settings.run_dir, 0, {"pid": pid, "dkim_keys_digest": "a" * 64})
+    assert not sup._stale_keys()
+    mconfig.write_applied(settings.run_dir, 0, {"pid": pid, "dkim_keys_digest": "b" * 64})
+    assert sup._stale_keys()
+    # another process's answer (the one before it) says nothing of this one
+    mconfig.write_applied(settings.run_dir, 0, {"pid": pid + 1, "dkim_keys_digest": "b" * 64})
+    assert not sup._stale_keys()

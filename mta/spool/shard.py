@@ -572,7 +572,8 @@ class Shard:
                 "bounce_rules": self.settings.config.feedback.bounce_rules,
                 "bounce_rules_digest": self.rules_digest,
                 "bounce_rules_stale": bool(self.rules_error),
-                "bounce_rules_error": self.rules_error})
+                "bounce_rules_error": self.rules_error,
+                "dkim_keys_digest": self.keys_digest})
         except OSError as exc:
             log.error("reload: cannot tell the supervisor the new configuration is taken "
                       "(%s): it starts the new acceptors after its wait", exc)

@@ -1151,7 +1151,10 @@ class Supervisor:
             or new.bounce_rules_digest != old.bounce_rules_digest \
             or new.dkim_keys_digest != old.dkim_keys_digest \
             or new.config.events.max_backlog_bytes != old.config.events.max_backlog_bytes \
-            or bool(self._stale_rules())     # (the file they could not read: again)
+            or bool(self._stale_rules()) \
+            or self._stale_keys()
+        # (_stale_rules: a rules file they could not read, _stale_keys: key files changed
+        # again on disk before they read them; told again, they read them again)
         moved = False
         try:
             self._check_suppression_list(new, old)
@@ -1273,6 +1276,19 @@ class Supervisor:
                 if doc.get("pid") == c.pid and doc.get("bounce_rules_stale"):
                     out[c.index] = str(doc.get("bounce_rules_error") or "")
         return out
+
+    def _stale_keys(self) -> bool:
+        """Whether a running spool shard said (Shard._say_applied) it signs with other
+        [dkim] key files than those this supervisor checked: they had changed on disk
+        again when it read them."""
+        want = self.settings.dkim_keys_digest
+        for c in self.children.values():
+            if c.role == "spool" and not c.retired:
+                doc = mconfig.read_applied(self.settings.run_dir, c.index) or {}
+                got = doc.get("dkim_keys_digest")
+                if doc.get("pid") == c.pid and isinstance(got, str) and got != want:
+                    return True
+        return False
 
     def _write_active(self, settings=None, serial: float = 0.0) -> bool:
         """Record this supervisor's configuration (run/active-config.json; *settings*, by

@@ -1378,7 +1378,6 @@ def test_a_dkim_key_file_replaced_in_place_is_read_again_when_it_is_the_one_chec
     # supervisor checked; the shard reads them again when it differs from its own, and
     # takes them only if they are those (else: logged, the old signer kept, and the
     # next reload tries again).
-    import dataclasses
     import logging
 
     from cryptography.hazmat.primitives import serialization
@@ -1424,9 +1423,12 @@ def test_a_dkim_key_file_replaced_in_place_is_read_again_when_it_is_the_one_chec
     new_key()
     third = settings()
     new_key()
-    mconfig.write_active(dataclasses.replace(third, serial=1.0), None)
+    mconfig.write_active(third, None, 1.0)
     with caplog.at_level(logging.ERROR):
         shard.apply_reload()
     assert shard.signer.dns_records() == {name: second}
     assert "changed on disk since the supervisor checked them" in caplog.text
+    # its answer names the keys it signs with: the supervisor tells it again next time
+    said = mconfig.read_applied(start.run_dir, 0)
+    assert said["serial"] == 1.0 and said["dkim_keys_digest"] == checked.dkim_keys_digest
     shard.store.close()
