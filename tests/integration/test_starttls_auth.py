@@ -459,3 +459,28 @@ def test_the_operators_commands_work_while_the_tls_key_is_broken(make_daemon, tm
     assert r.returncode == 78 and "smtp.tls_" in r.stderr.decode(), r
     r = d.cli("upgrade", "--timeout", "5", check=False)
     assert r.returncode == 78 and "smtp.tls_" in r.stderr.decode(), r
+
+
+def test_the_tls_files_and_auth_file_replaced_in_place_are_taken_at_a_reload(
+        make_daemon, tmp_path, ca, client_ctx):
+    """The certificate, key and auth_file are read by the supervisor and handed to the
+    acceptors as bytes; files replaced in place (same paths: a renewal, a password
+    changed) are taken at the next reload, as every reload replaces the acceptors: the
+    new certificate is served and the new password logs in, the old one no longer."""
+    d = tls_daemon(make_daemon, tmp_path, ca)
+    renewed = ca.issue_cert("mta.test", HOST)
+    renewed.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "cert.pem"))
+    renewed.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    line = d.cli("passwd", "--iterations", "10000", USER,
+                 input=b"a new password\n").stdout.decode()
+    (tmp_path / "users").write_text(line)
+    d.reload()
+    with smtplib.SMTP(HOST, d.port, local_hostname="client.test", timeout=10) as s:
+        s.starttls(context=client_ctx)
+        assert s.sock.getpeercert(binary_form=True) == ssl.PEM_cert_to_DER_cert(
+            renewed.cert_chain_pems[0].bytes().decode())
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            s.login(USER, PASSWORD)
+    with smtplib.SMTP(HOST, d.port, local_hostname="client.test", timeout=10) as s:
+        s.starttls(context=client_ctx)
+        s.login(USER, "a new password")
