@@ -122,6 +122,18 @@ def test_a_scheduled_message_is_not_signed_to_expire_before_it_leaves(make_daemo
     assert x >= start + 600
 
 
+def dsn_of(d, domain: str, seen: set) -> bytes:
+    """A message to *domain* bounced by the operator with a DSN: that DSN's bytes as
+    queued (its queue id added to *seen*, which holds the DSNs taken before)."""
+    d.send("alice@src.test", [f"r@{domain}"],
+           b"From: alice@src.test\r\nSubject: s\r\n\r\nbody\r\n")
+    d.cli("queue", "bounce", "--domain", domain, "--reason", "gone", "--dsn")
+    [q] = wait_until(lambda: [q for q in d.queue_list() if q["sender"] == ""
+                              and q["queue_id"] not in seen], 15, "the DSN")
+    seen.add(q["queue_id"])
+    return d.cli("queue", "show", "--raw", q["queue_id"]).stdout
+
+
 def test_dsns_are_signed_and_a_reload_changes_their_key(make_daemon, dkim_keys, tmp_path):
     """A DSN is a message the spool writes itself (From MAILER-DAEMON@server.hostname):
     it went unsigned whatever [dkim] said -- a key for that domain, a fallback with mode
@@ -133,21 +145,12 @@ def test_dsns_are_signed_and_a_reload_changes_their_key(make_daemon, dkim_keys, 
     records = {"old._domainkey.mta.test": public_record(dkim_keys.ed),
                "new._domainkey.mta.test": public_record(dkim_keys.rsa)}
 
-    def dsn_of(domain):
-        d.send("alice@src.test", [f"r@{domain}"],
-               b"From: alice@src.test\r\nSubject: s\r\n\r\nbody\r\n")
-        d.cli("queue", "bounce", "--domain", domain, "--reason", "gone", "--dsn")
-        [q] = wait_until(lambda: [q for q in d.queue_list() if q["sender"] == ""
-                                  and q["queue_id"] not in seen], 15, "the DSN")
-        seen.add(q["queue_id"])
-        return d.cli("queue", "show", "--raw", q["queue_id"]).stdout
-
     seen = set()
-    first = dsn_of("one.test")
+    first = dsn_of(d, "one.test", seen)
     assert b"From: Mail Delivery System <MAILER-DAEMON@mta.test>" in first
     d.reload(dkim={"keys": [{**key, "selector": "new", "key_file": dkim_keys.files["rsa"],
                              "algorithm": "rsa-sha256"}]})
-    second = dsn_of("two.test")
+    second = dsn_of(d, "two.test", seen)
     assert dkimpy_verify(first, records) == [True] and dkimpy_verify(second, records) == [True]
     got = mailauth_verify({"first": first, "second": second}, records, str(tmp_path))
     assert [(r["result"], r.get("selector")) for r in got["first"]] == [("pass", "old")], got
@@ -171,16 +174,7 @@ def test_a_key_file_replaced_in_place_signs_the_next_dsn_after_a_reload(
     d = make_daemon(acceptors=1, shards=1, dkim={"keys": [key]})
     seen = set()
 
-    def dsn_of(domain):
-        d.send("alice@src.test", [f"r@{domain}"],
-               b"From: alice@src.test\r\nSubject: s\r\n\r\nbody\r\n")
-        d.cli("queue", "bounce", "--domain", domain, "--reason", "gone", "--dsn")
-        [q] = wait_until(lambda: [q for q in d.queue_list() if q["sender"] == ""
-                                  and q["queue_id"] not in seen], 15, "the DSN")
-        seen.add(q["queue_id"])
-        return d.cli("queue", "show", "--raw", q["queue_id"]).stdout
-
-    first = dsn_of("one.test")
+    first = dsn_of(d, "one.test", seen)
     assert dkimpy_verify(first, {"s1._domainkey.mta.test": public_record(dkim_keys.ed)}) \
         == [True]
     rolled = ed25519.Ed25519PrivateKey.generate()
@@ -191,7 +185,7 @@ def test_a_key_file_replaced_in_place_signs_the_next_dsn_after_a_reload(
     import os
     os.replace(path + ".tmp", path)
     text = d.reload()
-    second = dsn_of("two.test")
+    second = dsn_of(d, "two.test", seen)
     assert dkimpy_verify(second, {"s1._domainkey.mta.test": public_record(rolled)}) \
         == [True]
     assert "a [dkim] key file was replaced in place" in text
