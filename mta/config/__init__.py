@@ -852,36 +852,37 @@ def _ipv6_off(key: str, address: str, d) -> None:
                           "connects to no IPv6 address (it would reach nothing)")
 
 
+def _read_checked(key: str, path: str) -> bytes:
+    """The bytes of the file at *path*, named by the setting *key*; ConfigError naming
+    both if it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+
+
 def _check_tls(cert: str, key: str) -> tuple[bytes, bytes]:
     """Read smtp.tls_certificate and tls_key and load them (ConfigError naming the file
     that cannot be read, or the two when they do not load); their bytes, as loaded
     (Settings.tls_files)."""
     import ssl
 
-    files = []
-    for name, p in (("tls_certificate", cert), ("tls_key", key)):
-        try:
-            with open(p, "rb") as fh:
-                files.append(fh.read())
-        except OSError as exc:
-            raise ConfigError(f"smtp.{name}: cannot read {p}: {exc.strerror}") from None
+    files = (_read_checked("smtp.tls_certificate", cert), _read_checked("smtp.tls_key", key))
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        load_tls(ctx, cert, key, (files[0], files[1]))
+        load_tls(ctx, cert, key, files)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"smtp.tls_certificate: cannot load {cert} with {key}: {exc}") from None
-    return files[0], files[1]
+    return files
 
 
 def load_tls(ctx, cert: str, key: str, files: tuple[bytes, bytes] | None) -> None:
     """*ctx*.load_cert_chain of the certificate chain *cert* and the private key *key*
     (smtp.tls_certificate, tls_key): from *files*, their bytes as read (Settings.tls_files),
     when given (_in_memory: a private key is never written to disk), else from the paths."""
-    with _in_memory(files) as paths:
-        if paths:
-            ctx.load_cert_chain(paths[0], paths[1])
-            return
-    ctx.load_cert_chain(cert, key)
+    with _in_memory(files, (cert, key)) as paths:
+        ctx.load_cert_chain(*paths)
 
 
 def _check_ca_file(path: str) -> bytes:
@@ -889,11 +890,7 @@ def _check_ca_file(path: str) -> bytes:
     (Settings.tls_ca_data)."""
     import ssl
 
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"delivery.tls_ca_file: cannot read {path}: {exc.strerror}") from None
+    data = _read_checked("delivery.tls_ca_file", path)
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     try:
         load_ca(ctx, path, data)
@@ -905,21 +902,18 @@ def _check_ca_file(path: str) -> bytes:
 def load_ca(ctx, path: str, data: bytes | None) -> None:
     """*ctx*.load_verify_locations of the CA bundle *path* (delivery.tls_ca_file): from
     *data*, its bytes as read (Settings.tls_ca_data), when given, else from the path."""
-    with _in_memory((data,) if data is not None else None) as paths:
-        if paths:
-            ctx.load_verify_locations(cafile=paths[0])
-            return
-    ctx.load_verify_locations(cafile=path)
+    with _in_memory(None if data is None else (data,), (path,)) as paths:
+        ctx.load_verify_locations(cafile=paths[0])
 
 
 @contextlib.contextmanager
-def _in_memory(files):
+def _in_memory(files, paths):
     """The paths (/proc/self/fd/N) of anonymous in-memory files (memfd, close-on-exec)
     holding each of *files* (bytes), closed at the end: for what takes only a path
-    (ssl's loaders).  None when *files* is None, or without memfd_create or /proc."""
+    (ssl's loaders).  *paths*, the files' own, when *files* is None, or without
+    memfd_create or /proc."""
     fds: list[int] = []
     try:
-        paths = None
         if files is not None:
             try:
                 for data in files:
@@ -927,11 +921,10 @@ def _in_memory(files):
                     view = memoryview(data)
                     while view:
                         view = view[os.write(fds[-1], view):]
-                paths = [f"/proc/self/fd/{fd}" for fd in fds]
-                if not os.path.exists(paths[0]):
-                    paths = None
+                if os.path.exists(f"/proc/self/fd/{fds[0]}"):
+                    paths = [f"/proc/self/fd/{fd}" for fd in fds]
             except (AttributeError, OSError):     # (no memfd_create: not Linux)
-                paths = None
+                pass
         yield paths
     finally:
         for fd in fds:
