@@ -1265,30 +1265,30 @@ class Supervisor:
                         settings.config.server.ready_timeout)
         return True
 
-    def _stale_rules(self) -> dict[int, str]:
-        """{shard: why} of the running spool shards that said (Shard._say_applied) they
-        classify bounces by the rules they had: the feedback.bounce_rules file could not
-        be read when they took the configuration."""
+    def _shard_answers(self) -> dict[int, dict]:
+        """{shard: its answer} of the running spool shards that said (Shard._say_applied)
+        which configuration they took, this process's own answer (not a predecessor's)."""
         out = {}
         for c in self.children.values():
             if c.role == "spool" and not c.retired:
                 doc = mconfig.read_applied(self.settings.run_dir, c.index) or {}
-                if doc.get("pid") == c.pid and doc.get("bounce_rules_stale"):
-                    out[c.index] = str(doc.get("bounce_rules_error") or "")
+                if doc.get("pid") == c.pid:
+                    out[c.index] = doc
         return out
 
+    def _stale_rules(self) -> dict[int, str]:
+        """{shard: why} of the running spool shards that classify bounces by the rules
+        they had: the feedback.bounce_rules file could not be read when they took the
+        configuration."""
+        return {i: str(doc.get("bounce_rules_error") or "")
+                for i, doc in self._shard_answers().items() if doc.get("bounce_rules_stale")}
+
     def _stale_keys(self) -> bool:
-        """Whether a running spool shard said (Shard._say_applied) it signs with other
-        [dkim] key files than those this supervisor checked: they had changed on disk
-        again when it read them."""
+        """Whether a running spool shard signs with other [dkim] key files than those this
+        supervisor checked: they had changed on disk again when it read them."""
         want = self.settings.dkim_keys_digest
-        for c in self.children.values():
-            if c.role == "spool" and not c.retired:
-                doc = mconfig.read_applied(self.settings.run_dir, c.index) or {}
-                got = doc.get("dkim_keys_digest")
-                if doc.get("pid") == c.pid and isinstance(got, str) and got != want:
-                    return True
-        return False
+        return any(isinstance(got, str) and got != want for got in (
+            doc.get("dkim_keys_digest") for doc in self._shard_answers().values()))
 
     def _write_active(self, settings=None, serial: float = 0.0) -> bool:
         """Record this supervisor's configuration (run/active-config.json; *settings*, by
