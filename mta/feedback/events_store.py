@@ -1043,13 +1043,13 @@ class EventStore:
         # (each transaction bounded as the events process's are, in deletions and time:
         # entries kept for a webhook are passed over without counting as deletions)
         if full:
-            n += self._prune_step(chunk, time.monotonic() + PRUNE_PIECE_SECONDS)  # room
+            n += self._prune_step(chunk)        # room at once
             self._release()
         if finish:
             for _ in range(max_chunks):
                 if self._pruning is None:
                     break
-                n += self._prune_step(chunk, time.monotonic() + PRUNE_PIECE_SECONDS)
+                n += self._prune_step(chunk)
         if sweep:
             for _ in range(MAX_SWEEP_PIECES):
                 if not self.sweep():
@@ -1110,18 +1110,19 @@ class EventStore:
         if self._pruning is None:
             return False
         try:
-            self._prune_step(chunk, time.monotonic() + max_seconds)
+            self._prune_step(chunk, max_seconds)
         except DAMAGED as exc:
             raise StoreDamaged(self.path, exc) from None
         return self._pruning is not None
 
-    def _prune_step(self, chunk: int, deadline: float | None) -> int:
-        """One transaction of the prune under way (to its end when *deadline* is None...
-        of its *chunk* deletions); how many events it deleted.  Moves to the oldest
+    def _prune_step(self, chunk: int, seconds: float = PRUNE_PIECE_SECONDS) -> int:
+        """One transaction of the prune under way: at most *chunk* deletions and about
+        *seconds*; how many events it deleted.  Moves to the oldest
         events when the retention's are done and the store is nearly full, and ends the
         prune when there is nothing more to do."""
         job = self._pruning
-        k, job.resume = self._prune_chunk(job.stop, job.keep, chunk, job.resume, deadline)
+        k, job.resume = self._prune_chunk(job.stop, job.keep, chunk, job.resume,
+                                          time.monotonic() + seconds)
         job.n += k
         job.txns += 1
         # (the oldest phase ends at PRUNE_TARGET once past the retention's cutoff: it
