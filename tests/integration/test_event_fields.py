@@ -153,6 +153,32 @@ def test_tls_ca_file_lets_tls_verify_trust_a_private_ca(make_daemon, tmp_path):
     assert r.returncode == 78 and "delivery.tls_ca_file" in r.stderr.decode(), r
 
 
+def verifying_sink(ca) -> AioSink:
+    """A started sink whose STARTTLS certificate *ca* (trustme) signed."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(HOST).configure_cert(ctx)
+    return AioSink(HOST, free_port(), tls_context=ctx).start()
+
+
+def ca_daemon(make_daemon, ca_file, sink):
+    """One delivery process trusting delivery.tls_ca_file *ca_file*, good.test routed to
+    *sink* with tls_verify."""
+    return make_daemon(acceptors=1, shards=1, delivery={
+        "hold": False, "processes": 1, "tls_ca_file": str(ca_file), "route": [
+            {"domain": "good.test", "hosts": [f"{HOST}:{sink.port}"], "tls_verify": True}]})
+
+
+def assert_delivered_verified(d, sink) -> None:
+    """A message to a@good.test is delivered over TLS the route verified."""
+    d.send("a@example.org", ["a@good.test"],
+           b"From: a@example.org\r\nSubject: ca\r\n\r\nbody\r\n")
+    got = wait_until(lambda: events_of(d, "delivery") or events_of(d, "delay"), 30,
+                     "an outcome")
+    assert {r: (e["type"], e["outbound_tls"]) for r, e in got.items()} == {
+        "a@good.test": ("delivery", "1")}, got
+    assert [t.rcpt_tos for t in sink.snapshot()] == [["a@good.test"]]
+
+
 def test_a_delivery_process_restarted_after_its_ca_file_is_gone_verifies_with_the_checked_one(
         make_daemon, tmp_path):
     """delivery.tls_ca_file was read and checked by the supervisor at the start; the file
@@ -165,26 +191,16 @@ def test_a_delivery_process_restarted_after_its_ca_file_is_gone_verifies_with_th
     import signal
 
     private = trustme.CA()
-    good_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    private.issue_cert(HOST).configure_cert(good_ctx)
-    good = AioSink(HOST, free_port(), tls_context=good_ctx).start()
+    good = verifying_sink(private)
     ca_file = tmp_path / "private-ca.pem"
     private.cert_pem.write_to_path(str(ca_file))
     try:
-        d = make_daemon(acceptors=1, shards=1, delivery={
-            "hold": False, "processes": 1, "tls_ca_file": str(ca_file), "route": [
-                {"domain": "good.test", "hosts": [f"{HOST}:{good.port}"], "tls_verify": True}]})
+        d = ca_daemon(make_daemon, ca_file, good)
         ca_file.unlink()
         old = d.children()["delivery[0]"]
         os.kill(old, signal.SIGKILL)
         new = d.wait_restarted("delivery[0]", old)
-        d.send("a@example.org", ["a@good.test"],
-               b"From: a@example.org\r\nSubject: ca\r\n\r\nbody\r\n")
-        got = wait_until(lambda: events_of(d, "delivery") or events_of(d, "delay"), 30,
-                         "an outcome")
-        assert {r: (e["type"], e["outbound_tls"]) for r, e in got.items()} == {
-            "a@good.test": ("delivery", "1")}
-        assert [t.rcpt_tos for t in good.snapshot()] == [["a@good.test"]]
+        assert_delivered_verified(d, good)
         assert f"delivery[0] pid={new} died" not in d.log()
         text = d.reload(pattern=r"reload refused")
         refused = [x for x in text.splitlines() if "reload refused" in x][-1]
@@ -202,26 +218,15 @@ def test_a_ca_file_replaced_in_place_is_taken_by_the_delivery_processes_at_a_rel
     whose certificate the new CA signed deferred -- while one restarted after a crash
     took the new CA.  A changed CA content now replaces them, as a changed [delivery]."""
     old_ca, new_ca = trustme.CA(), trustme.CA()
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    new_ca.issue_cert(HOST).configure_cert(ctx)
-    sink = AioSink(HOST, free_port(), tls_context=ctx).start()
+    sink = verifying_sink(new_ca)
     ca_file = tmp_path / "ca.pem"
     old_ca.cert_pem.write_to_path(str(ca_file))
     try:
-        d = make_daemon(acceptors=1, shards=1, delivery={
-            "hold": False, "processes": 1, "tls_ca_file": str(ca_file), "route": [
-                {"domain": "good.test", "hosts": [f"{HOST}:{sink.port}"],
-                 "tls_verify": True}]})
+        d = ca_daemon(make_daemon, ca_file, sink)
         before = d.children()["delivery[0]"]
         new_ca.cert_pem.write_to_path(str(ca_file))
         text = d.reload()
-        d.send("a@example.org", ["a@good.test"],
-               b"From: a@example.org\r\nSubject: ca\r\n\r\nbody\r\n")
-        got = wait_until(lambda: events_of(d, "delivery") or events_of(d, "delay"), 30,
-                         "an outcome")
-        assert {r: (e["type"], e["outbound_tls"]) for r, e in got.items()} == {
-            "a@good.test": ("delivery", "1")}, got
-        assert [t.rcpt_tos for t in sink.snapshot()] == [["a@good.test"]]
+        assert_delivered_verified(d, sink)
         assert "delivery.tls_ca_file (its content) changed" in text, text[-2000:]
         now = d.children()["delivery[0]"]
         assert now != before
