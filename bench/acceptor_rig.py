@@ -2,10 +2,11 @@
 
 An :class:`mta.acceptor.main.Acceptor` on the fake loop of ``tests/acceptor/fake.py``
 (callbacks run when the benchmark says an iteration ends), with the real bus client
-on a ZeroMQ DEALER socket, and in place of the spool shard an ``inproc`` ROUTER in
-this process that answers each commit at once with STATUS_OK, as a shard does after
-its fsync.  The spool's side is kept small, since it is not the acceptor's work: two
-raw recv and two raw send calls, with the answers encoded beforehand.
+(:class:`mta.bus.StreamClient`: the request's encoding and framing, the reply's
+framing and decoding) on a transport that keeps what is written, and in place of the
+spool shard this process, which answers each commit at once with STATUS_OK, as a
+shard does after its fsync.  The spool's side is kept small, since it is not the
+acceptor's work: the answers are framed and encoded beforehand.
 """
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ import sys
 import tempfile
 import time
 
-import zmq
-
 from mta import bus, config
 from mta.acceptor import main as acceptor_main
 
@@ -29,13 +28,26 @@ from acceptor.fake import Loop, Transport  # noqa: E402,F401  (Transport: for th
 
 HOSTNAME = "mx.bench.example"
 PREENCODED_REPLIES = 20_000         # spool answers encoded before measuring (req 1..n)
-_SNDMORE = int(zmq.SNDMORE)
+
+
+class _Written:
+    """The client's transport: keeps the last write (the system call's cost is not
+    the acceptor's Python work this rig measures)."""
+
+    def __init__(self):
+        self.last = None
+
+    def writelines(self, parts) -> None:
+        self.last = parts
+
+    def close(self) -> None:
+        pass
 
 
 class AcceptorRig:
     """One acceptor, its state in a temporary directory, and one spool shard that says yes."""
 
-    def __init__(self, endpoint: str):
+    def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="mta-bench-acceptor-")
         spool = os.path.join(self.dir, "spool")
         os.makedirs(spool)
@@ -43,13 +55,12 @@ class AcceptorRig:
                                        state_dir=self.dir, spool_dir=spool)
         self.loop = Loop()
         acc = self.acceptor = acceptor_main.Acceptor(settings, 0, self.loop)
-        self.ctx = zmq.Context()
-        self.spool = self.ctx.socket(zmq.ROUTER)
-        self.spool.bind(endpoint)
         self.replies = [self._reply(req) for req in range(PREENCODED_REPLIES)]
-        self.client = bus.Client(self.ctx, self.loop, endpoint, 1000,
-                                 (bus.SpoolMessageCommitted,), acc._on_reply,
-                                 logging.getLogger("bench.acceptor"))
+        self.client = bus.StreamClient(self.loop, "", 1000, (bus.SpoolMessageCommitted,),
+                                       acc._on_reply, logging.getLogger("bench.acceptor"),
+                                       connect=False)
+        self.written = _Written()
+        self.client.connection_made(self.written)
         acc.clients.append(self.client)
         acc.outbox.append([])
         self.loop.run_ready()
@@ -57,19 +68,18 @@ class AcceptorRig:
 
     @staticmethod
     def _reply(req: int) -> bytes:
-        return bus.encode(bus.SpoolMessageCommitted(req, bus.STATUS_OK))
+        data = bus.encode(bus.SpoolMessageCommitted(req, bus.STATUS_OK))
+        return bus.sockets.frame_head(len(data)) + data
 
     def commit(self) -> None:
         """End the loop iteration (the outbox flush: one bus send); the shard takes the
         commit and answers it; the answer reaches the acceptor and the client's reply."""
         self.loop.run_ready()
-        spool = self.spool
-        ident = spool.recv(zmq.NOBLOCK)             # (zmq.Again: nothing was committed)
-        spool.recv()                                # the commit (always one frame)
+        assert self.written.last is not None        # (else nothing was committed)
+        self.written.last = None
         req = next(iter(self.acceptor.pending))
-        spool.send(ident, _SNDMORE)
-        spool.send(self.replies[req] if req < PREENCODED_REPLIES else self._reply(req))
-        self.client._drain()                        # the bus socket became readable
+        self.client.data_received(self.replies[req] if req < PREENCODED_REPLIES
+                                  else self._reply(req))
         self.loop.run_ready()
 
     def close(self) -> None:
@@ -77,8 +87,6 @@ class AcceptorRig:
             self.acceptor.http.close()
         for c in self.acceptor.clients:
             c.close()
-        self.spool.close(0)
-        self.ctx.term()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -9,9 +9,10 @@ metadata) on a kept-alive connection — from its bytes to the 200 written back.
 
 What is real: :class:`mta.acceptor.http.Session` and ``Service`` (httptools parsing,
 the transmission's decoding and checks, the message built), :class:`mta.acceptor.main.Acceptor`
-(submit, the per-iteration outbox flush, the reply handler) and :class:`mta.bus.Client`
-on a real ZeroMQ DEALER socket.  What is not: the TCP transport, the event loop and
-the spool shard (bench/acceptor_rig.py, shared with bench/test_bench_session.py).
+(submit, the per-iteration outbox flush, the reply handler) and :class:`mta.bus.StreamClient`
+(framing included).  What is not: the TCP transport, the event loop, the spool
+stream's socket and the spool shard (bench/acceptor_rig.py, shared with
+bench/test_bench_session.py).
 The acceptor's state (the idempotency store) lives in a temporary directory.
 
 Where this time goes (2026-12-05): no single hot spot; ~340 Python-level calls per
@@ -38,7 +39,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from http_load import make_body  # noqa: E402
 
 TRANSMISSIONS = 100
-ENDPOINT = "inproc://bench-spool-http"
 BODY = make_body(2048)
 REQUEST = (b"POST /api/v1/transmissions HTTP/1.1\r\nHost: 127.0.0.1:8025\r\n"
            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY)) + BODY
@@ -48,7 +48,7 @@ class Bench(AcceptorRig):
     """One acceptor with one kept-alive HTTP connection, and one spool shard that says yes."""
 
     def __init__(self):
-        super().__init__(ENDPOINT)
+        super().__init__()
         svc = self.acceptor.http = http.Service(self.acceptor)
         svc.open()
         self.transport = Transport()

@@ -10,11 +10,11 @@ own ``data_received()`` call, as the replies come back one by one.
 
 What is real: :class:`mta.acceptor.smtp.Session`, :class:`mta.acceptor.main.Acceptor`
 (commit, submit, the per-iteration outbox flush, the reply handler), the bus
-codec and :class:`mta.bus.Client` on a real ZeroMQ DEALER socket.  What is not:
-the TCP transport, the event loop and the spool shard (bench/acceptor_rig.py: the
-stubs of ``tests/acceptor/fake.py``, the fakes of the session's unit tests, and an
-``inproc`` ROUTER in this process that answers every commit at once with
-STATUS_OK, as a shard does after its fsync).
+codec and :class:`mta.bus.StreamClient` (framing included).  What is not: the TCP
+transport, the event loop, the spool stream's socket and the spool shard
+(bench/acceptor_rig.py: the stubs of ``tests/acceptor/fake.py``, the fakes of the
+session's unit tests, and this process answering every commit at once with STATUS_OK,
+as a shard does after its fsync).
 
 For figures that do not depend on the machine's load, count instructions:
 
@@ -35,7 +35,6 @@ from mta.acceptor import smtp
 IMPLS = ["compiled", "pure"]
 TRANSACTIONS = 100
 MESSAGE_BYTES = 2048
-ENDPOINT = "inproc://bench-spool-0"
 
 MAIL = b"MAIL FROM:<s@example.com>\r\n"
 RCPT = b"RCPT TO:<r@example.net>\r\n"
@@ -60,7 +59,7 @@ class Bench(AcceptorRig):
     """One acceptor with one SMTP session after EHLO, and one spool shard that says yes."""
 
     def __init__(self, pure: bool):
-        super().__init__(ENDPOINT)
+        super().__init__()
         self.acceptor.scanner_mod = native.load("scanner", pure=pure)
         self.transport = Transport()
         self.session = s = smtp.Session(self.acceptor)

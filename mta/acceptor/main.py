@@ -225,7 +225,7 @@ class Acceptor:
         self.stats = {"rejected_connections": 0, "accepted": 0, "temp_failed": 0,
                       "dkim_failed": 0}
         self.m = AcceptorMetrics(self, cfg.admin.max_label_values)   # /metrics
-        self.clients: list[bus.Client] = []
+        self.clients: list[bus.StreamClient] = []
         self.servers: list = []
         self._drained = asyncio.Event()
         self.http: http.Service | None = None    # set by serve() when HTTP sockets were given
@@ -314,20 +314,19 @@ class Acceptor:
 
     # ------------------------------------------------------------- the spool
 
-    def connect_spool(self, ctx) -> None:
+    def connect_spool(self) -> None:
         hwm = self.spool_cfg.queue_high_water
         for n in range(self.settings.shards):
-            self.clients.append(bus.Client(ctx, self.loop, self.settings.endpoint(f"spool-{n}"),
-                                           hwm, (bus.SpoolMessageCommitted,), self._on_reply,
-                                           log, "reply from the spool"))
+            self.clients.append(bus.StreamClient(
+                self.loop, self.settings.stream_path(f"spool-{n}"), hwm,
+                (bus.SpoolMessageCommitted,), self._on_reply, log, "reply from the spool"))
             self.outbox.append([])
 
     async def spool_connected(self, timeout: float) -> None:
         """Wait until the bus to every spool shard is up, so the first message is not refused.
 
-        The DEALER sockets use ZMQ_IMMEDIATE: they report POLLOUT only once a
-        connection to the shard exists.  A shard that stays away is logged and
-        its messages get 451 until it comes (back).
+        A shard that stays away is logged and its messages get 451 until it comes
+        (back).
         """
         deadline = self.loop.time() + timeout
         missing = list(range(len(self.clients)))
@@ -863,7 +862,7 @@ def main(settings, slot: int, ready_fd: int | None, listen_fds: list[int],
     pusher = Pusher.create(acc.m.reg, ctx, settings, "acceptor", slot)
 
     async def run():
-        acc.connect_spool(ctx)
+        acc.connect_spool()
         if pusher is not None:
             pusher.run_on(loop)
         proc.GcSettler().run_on(loop)     # short collector pauses with many connections

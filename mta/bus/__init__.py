@@ -1,4 +1,4 @@
-"""The message bus between processes: ZeroMQ transport, msgpack encoding.
+"""The message bus between processes: ZeroMQ and Unix stream transport, msgpack encoding.
 
 Only this package imports zmq and msgpack (msgspec's msgpack codec); the
 layering test (tests/qa/) checks it.  Every message that crosses a process
@@ -7,10 +7,11 @@ boundary is declared once, with its fields, their types and its route, in
 :mod:`mta.bus.sockets`.  Roles import this package and use both by name:
 ``bus.SpoolMessageCommit(req, envelopes, bodies)``, ``bus.Server(...)``.
 
-Topology (all ipc:// endpoints in the run directory, created after fork):
+Topology (all endpoints in the run directory, created after fork):
 
-    acceptor[i]  DEALER --connect-->  ROUTER  spool[n]     ("spool-<n>")
-    mta CLI      DEALER --connect-->  ROUTER  spool[n]
+    acceptor[i]  StreamClient --connect-->  Unix stream  spool[n]   ("spool-<n>.stream";
+                                                      read by the shard's own loop)
+    mta CLI      DEALER --connect-->  ROUTER  spool[n]     ("spool-<n>"; the admin too)
     spool[n]     DEALER --connect-->  ROUTER  delivery[d]  ("delivery-<d>"); outcomes come
                  (DeliveryLinks)                           back on the same pair
 

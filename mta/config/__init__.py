@@ -108,6 +108,11 @@ class Settings:
         """The ZeroMQ ipc endpoint for a named socket in the run directory."""
         return "ipc://" + os.path.join(self.run_dir, name)
 
+    def stream_path(self, name: str) -> str:
+        """The path of a named Unix stream socket of the bus in the run directory (a
+        spool shard's for the acceptors: ``spool-<n>.stream``)."""
+        return os.path.join(self.run_dir, name + ".stream")
+
 
 def hostport(host: str, port: int) -> str:
     """*host* and *port* as ``host:port`` is written (parse_hostport's inverse): an IPv6

@@ -186,7 +186,9 @@ class SpoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_batch_bytes: Annotated[int, _doc(
         "most octets written as one group commit", ge=64 * KiB, le=1 * GiB)] = 32 * MiB
     queue_high_water: Annotated[int, _doc(
-        "ZeroMQ high-water mark (messages) between acceptors and a shard",
+        "the bus's high-water mark: requests an acceptor has unanswered at a shard "
+        "(beyond, its messages get 451) and frames a shard holds read from the acceptors; "
+        "messages queued between a shard and a delivery process (ZeroMQ)",
         ge=1, le=1_000_000)] = 10_000
     min_free_bytes: Annotated[int, _doc(
         "below this much free space on the spool file system MAIL gets 452 4.3.1",
