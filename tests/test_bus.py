@@ -539,6 +539,36 @@ def test_the_acceptors_stream_carries_requests_whole_and_in_order_and_replies_ba
         pair.close()
 
 
+def test_a_shards_answers_of_one_turn_go_to_an_acceptor_together(tmp_path):
+    """The answers a shard gives in one loop turn wait until its flush (after the group
+    commit) or its next wait: one write, one wake-up of the acceptor, for all of them."""
+    import asyncio
+
+    pair = _StreamPair(tmp_path, answer=False)
+    try:
+        for req in (1, 2, 3):
+            assert pair.client.send(_commit(req))
+        pair.until(lambda: len(pair.taken) == 3)
+        conn = next(iter(pair.server.stream.conns.values()))
+        for m in pair.taken:
+            pair.server.send(conn, bus.SpoolMessageCommitted(m.req, bus.STATUS_OK))
+        got = []
+        real = pair.client.data_received
+        pair.client.data_received = lambda data: (got.append(len(data)), real(data))
+        pair.loop.run_until_complete(asyncio.sleep(0.05))
+        assert not pair.replies          # not written yet
+        pair.server.flush()
+        pair.until(lambda: len(pair.replies) == 3)
+        assert [r.req for r in pair.replies] == [1, 2, 3]
+        assert len(got) == 1             # in one piece
+        # what is left unflushed goes at the next wait
+        pair.server.send(conn, bus.SpoolMessageCommitted(4, bus.STATUS_OK))
+        pair.poller.wait(0)
+        pair.until(lambda: len(pair.replies) == 4)
+    finally:
+        pair.close()
+
+
 def test_a_stream_frame_is_cut_out_whole_however_the_bytes_arrive():
     """The stream's framing: frames split at every possible point, several in one read,
     a header itself split, come out byte for byte (pieces joined once per frame)."""

@@ -678,6 +678,7 @@ class Shard:
         requests, outcomes, changes = self.poller.wait(timeout)
         if requests or outcomes or changes or work:
             self.batch(outcomes=outcomes)
+            self.server.flush()         # (the answers, before dispatch's work)
         if changes and not self.recovering:
             self.follow_links()
         self.dispatch()
