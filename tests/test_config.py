@@ -214,6 +214,39 @@ def test_errors_name_the_key(tmp_path, text, key):
     assert key in str(exc.value)
 
 
+def test_a_state_dir_too_deep_for_the_bus_sockets_is_refused_naming_it(tmp_path):
+    """The bus's Unix sockets live in state_dir/run: a path that cannot be bound was a
+    spool shard dying at start ("AF_UNIX path too long"); now config.load refuses it.
+    The bound is the kernel's: the longest name bound at exactly the limit works."""
+    import socket
+
+    def state_dir(longest: int) -> str:
+        # run/<name>: the longest name is admin-stats (11 octets; delivery-<D-1> is 10)
+        base = str(tmp_path)
+        return base + "/" + "d" * (longest - len(base) - 1 - len("/run/admin-stats"))
+
+    def conf(sd: str) -> str:
+        p = tmp_path / "c.toml"
+        p.write_text(f"[server]\nstate_dir = '{sd}'\n[delivery]\nprocesses = 1\n"
+                     "[spool]\nshards = 1\n")
+        return str(p)
+
+    fits = state_dir(config.MAX_SOCKET_PATH)
+    s = config.load(conf(fits))
+    longest = s.endpoint("admin-stats")[len("ipc://"):]
+    assert len(longest) == config.MAX_SOCKET_PATH
+    os.makedirs(s.run_dir)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(longest)                  # (the kernel takes it)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+            with pytest.raises(OSError, match="too long"):
+                other.bind(longest + "x")
+    assert len(s.stream_path(0)) <= len(longest)
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(conf(state_dir(config.MAX_SOCKET_PATH + 1)))
+    assert str(exc.value).startswith("server.state_dir: ") and "too deep" in str(exc.value)
+
+
 def test_an_unreadable_tls_file_says_why(tmp_path):
     # "cannot read key.pem" alone left the operator to guess between a wrong path and
     # the daemon's user lacking permission (the unit runs it as mta); the DKIM key and

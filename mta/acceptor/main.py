@@ -318,7 +318,7 @@ class Acceptor:
         hwm = self.spool_cfg.queue_high_water
         for n in range(self.settings.shards):
             self.clients.append(bus.StreamClient(
-                self.loop, self.settings.stream_path(f"spool-{n}"), hwm,
+                self.loop, self.settings.stream_path(n), hwm,
                 (bus.SpoolMessageCommitted,), self._on_reply, log, "reply from the spool"))
             self.outbox.append([])
 

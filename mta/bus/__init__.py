@@ -9,7 +9,7 @@ boundary is declared once, with its fields, their types and its route, in
 
 Topology (all endpoints in the run directory, created after fork):
 
-    acceptor[i]  StreamClient --connect-->  Unix stream  spool[n]   ("spool-<n>.stream";
+    acceptor[i]  StreamClient --connect-->  Unix stream  spool[n]   ("commit-<n>";
                                                       read by the shard's own loop)
     mta CLI      DEALER --connect-->  ROUTER  spool[n]     ("spool-<n>"; the admin too)
     spool[n]     DEALER --connect-->  ROUTER  delivery[d]  ("delivery-<d>"); outcomes come

@@ -703,7 +703,9 @@ class StreamClient(asyncio.Protocol):
     def send(self, msg: Message) -> bool:
         """Write *msg* to the shard; False when not connected or *hwm* are unanswered."""
         tr = self._transport
-        if tr is None or self._unanswered >= self._hwm:
+        # (closing: the shard went away and connection_lost is still to come; a write
+        # now would raise)
+        if tr is None or self._unanswered >= self._hwm or tr.is_closing():
             return False
         data = encode(msg)
         tr.writelines((frame_head(len(data)), data))
@@ -712,7 +714,8 @@ class StreamClient(asyncio.Protocol):
 
     def connected(self) -> bool:
         """True while connected to the shard."""
-        return self._transport is not None
+        tr = self._transport
+        return tr is not None and not tr.is_closing()
 
     def close(self) -> None:
         self._closed = True

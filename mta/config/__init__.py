@@ -108,10 +108,9 @@ class Settings:
         """The ZeroMQ ipc endpoint for a named socket in the run directory."""
         return "ipc://" + os.path.join(self.run_dir, name)
 
-    def stream_path(self, name: str) -> str:
-        """The path of a named Unix stream socket of the bus in the run directory (a
-        spool shard's for the acceptors: ``spool-<n>.stream``)."""
-        return os.path.join(self.run_dir, name + ".stream")
+    def stream_path(self, shard: int) -> str:
+        """The path of spool shard *shard*'s stream socket for the acceptors' commits."""
+        return os.path.join(self.run_dir, STREAM_NAME.format(shard))
 
 
 def hostport(host: str, port: int) -> str:
@@ -196,6 +195,9 @@ MAX_PROBLEMS = 10       # DKIM key problems named in one error (then a count)
 # SparkPost's API key grants that http.key_grants may list (webhooks:modify includes view).
 API_GRANTS = ("transmissions:modify", "message_events:view", "suppression_lists:manage",
               "webhooks:view", "webhooks:modify")
+# in run_dir: spool shard n's stream socket, the acceptors' commits (no longer than the
+# ZeroMQ endpoints' names: a run directory those fit in fits it too)
+STREAM_NAME = "commit-{}"
 ACTIVE_NAME = "active-config.json"   # in run_dir: what the running supervisor applied
 # in run_dir: {"role[index]": n} of the running supervisor's children that died unasked
 # and were started again (written by it, read by the admin process)
@@ -445,7 +447,7 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None,
         # The events process and the store's readers would each pick another directory.
         raise ConfigError("events.store_path: must not be empty (a directory, relative "
                           "to state_dir)")
-    return Settings(
+    settings = Settings(
         config=cfg,
         path=os.path.abspath(path) if path else None,
         state_dir=state_dir,
@@ -484,6 +486,26 @@ def resolve(cfg: Config, path: str | None, *, cpu_count: int | None = None,
         tls_files=tls_files,
         tls_ca_data=ca_data,
     )
+    _check_socket_paths(settings)
+    return settings
+
+
+# The longest path a Unix socket can have: sockaddr_un's sun_path (108 octets) less its NUL.
+MAX_SOCKET_PATH = 107
+
+
+def _check_socket_paths(settings: Settings) -> None:
+    """The bus's sockets live in the run directory: a state_dir so deep that their paths
+    do not fit a Unix socket address is refused here, naming it, rather than by the
+    first process that binds one (a spool shard or delivery process dying at start)."""
+    names = ["admin-stats", f"delivery-{settings.deliveries - 1}",
+             f"spool-{settings.shards - 1}", STREAM_NAME.format(settings.shards - 1)]
+    longest = max((os.path.join(os.path.abspath(settings.run_dir), n) for n in names), key=len)
+    if len(longest.encode()) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"server.state_dir: {settings.state_dir!r} is too deep for the bus's Unix "
+            f"sockets in its run/ directory ({longest!r} is {len(longest.encode())} octets, "
+            f"at most {MAX_SOCKET_PATH}); choose a shorter path")
 
 
 DEFAULT = "default"

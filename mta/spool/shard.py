@@ -367,7 +367,7 @@ class Shard:
             self.settings.config.suppression.bounce_rule
         hwm = self.cfg.queue_high_water
         self.server = bus.Server(ctx, self.endpoint, hwm, bus.SPOOL_REQUESTS, log,
-                                 stream=self.settings.stream_path(f"spool-{self.shard}"))
+                                 stream=self.settings.stream_path(self.shard))
         self.links = bus.DeliveryLinks(
             ctx, [self.settings.endpoint(f"delivery-{d}")
                   for d in range(self.settings.deliveries)], hwm, log)

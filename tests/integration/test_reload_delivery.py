@@ -124,6 +124,9 @@ def test_a_reload_holds_and_releases_delivery(make_daemon):
         assert all(s["held"] for s in d.queue_summary()["shards"])
 
         d.reload(r"reload: delivery no longer held", delivery={"hold": False}, timeout=30)
+        # (the shards log that before the supervisor's "reloaded:", which the next
+        # d.reload() counts: it must be there first)
+        d.wait_log(r"reloaded: ", count=2, timeout=30)
         wait_until(lambda: a.received() == 5, 30, "the held mail at A after the release")
         assert {k: v for k, v in d.children().items() if k.startswith("spool")} == spools
 

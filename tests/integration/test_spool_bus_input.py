@@ -67,7 +67,7 @@ class StreamPeer:
 
     def __init__(self, run_dir: str):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(os.path.join(run_dir, "spool-0.stream"))
+        self.sock.connect(os.path.join(run_dir, "commit-0"))
         self.buf = b""
 
     def send(self, frame: bytes) -> None:
@@ -148,10 +148,10 @@ def test_a_stream_cut_mid_frame_or_claiming_a_huge_frame_harms_nothing(make_daem
     run_dir = os.path.join(d.state_dir, "run")
     q = new_qid_for_shard(0, 1)
     huge = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    huge.connect(os.path.join(run_dir, "spool-0.stream"))
+    huge.connect(os.path.join(run_dir, "commit-0"))
     huge.sendall(struct.pack(">Q", 1 << 60) + b"x" * 100_000)
     cut = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    cut.connect(os.path.join(run_dir, "spool-0.stream"))
+    cut.connect(os.path.join(run_dir, "commit-0"))
     frame = bus.encode(bus.SpoolMessageCommit(7, [bus.Envelope(*envelope(q))], [body(7)]))
     cut.sendall(struct.pack(">Q", len(frame)) + frame[:len(frame) // 2])
     time.sleep(0.3)
