@@ -88,10 +88,11 @@ def _socket(ctx: zmq.Context, kind: int, hwm: int):
 
 # The acceptors' stream to a shard.  Why not ZeroMQ there: a message handed over
 # a DEALER/ROUTER pair wakes four threads besides the two processes' own loops
-# (each side's I/O thread, each way).  Measured on the 2-core host, a 2 KB
-# request and its reply paced at 5,000/s cost 47 µs of CPU over both processes
-# through ZeroMQ against 21 µs over a Unix stream read by the loops themselves
-# (bench/RESULTS.md, "The acceptors' commits over a Unix stream").  A frame is
+# (each side's I/O thread, each way).  Measured on the 2-core host
+# (bench/bus_roundtrip.py), a 2 KB request and its reply paced at 5,000/s cost
+# 49-52 µs of CPU over both processes through ZeroMQ against 25-30 µs over a
+# Unix stream read by the loops themselves (bench/RESULTS.md, "The acceptors'
+# commits over a Unix stream").  A frame is
 # an 8-octet big-endian length, then one encoded message (a commit of several
 # messages of up to smtp.max_message_size each can pass 4 GiB).
 _FRAME_HEAD = struct.Struct(">Q")

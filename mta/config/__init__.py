@@ -195,8 +195,8 @@ MAX_PROBLEMS = 10       # DKIM key problems named in one error (then a count)
 # SparkPost's API key grants that http.key_grants may list (webhooks:modify includes view).
 API_GRANTS = ("transmissions:modify", "message_events:view", "suppression_lists:manage",
               "webhooks:view", "webhooks:modify")
-# in run_dir: spool shard n's stream socket, the acceptors' commits (no longer than the
-# ZeroMQ endpoints' names: a run directory those fit in fits it too)
+# in run_dir: spool shard n's stream socket, the acceptors' commits (shorter than the
+# ZeroMQ endpoint admin-stats: a run directory that one fits in fits it too)
 STREAM_NAME = "commit-{}"
 ACTIVE_NAME = "active-config.json"   # in run_dir: what the running supervisor applied
 # in run_dir: {"role[index]": n} of the running supervisor's children that died unasked
