@@ -509,7 +509,10 @@ class _StreamPair:
             self.turn()
 
     def close(self) -> None:
+        import asyncio
+
         self.client.close()
+        self.loop.run_until_complete(asyncio.sleep(0))     # (a connect it cancelled ends)
         self.server.close()
         self.links.close()
         bus.close_context(self.ctx)

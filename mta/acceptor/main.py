@@ -59,6 +59,7 @@ injections 503 with Retry-After; sessions and transactions under way finish.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
@@ -206,7 +207,7 @@ class Acceptor:
         self._ehlo = {}
         self.sessions: set = set()
         self.per_ip: dict[str, int] = {}
-        self.pending: dict[int, tuple] = {}   # req -> (batch, deadline)
+        self.pending: dict[int, tuple] = {}   # req -> (batch, deadline, shard)
         self.outbox: list[list] = []          # per shard: messages not yet sent
         self._flush_scheduled = False
         self.reqs = itertools.count(1)
@@ -319,7 +320,8 @@ class Acceptor:
         for n in range(self.settings.shards):
             self.clients.append(bus.StreamClient(
                 self.loop, self.settings.stream_path(n), hwm,
-                (bus.SpoolMessageCommitted,), self._on_reply, log, "reply from the spool"))
+                (bus.SpoolMessageCommitted,), self._on_reply, log, "reply from the spool",
+                on_lost=functools.partial(self._shard_lost, n)))
             self.outbox.append([])
 
     async def spool_connected(self, timeout: float) -> None:
@@ -535,7 +537,7 @@ class Acceptor:
                 self._answered(box)
                 self.loop.call_soon(answered, key, False)   # (never inside the caller)
                 continue
-            self.pending[req] = (box, deadline)
+            self.pending[req] = (box, deadline, shard)
 
     def _read_report(self, msg: smtp.Submission) -> oob_reports.Reading:
         """Parse and match one report (in a worker thread)."""
@@ -648,7 +650,7 @@ class Acceptor:
                 for done, env, _, _ in box:
                     done(env.qid, False)
                 continue
-            self.pending[req] = (box, deadline)
+            self.pending[req] = (box, deadline, shard)
 
     def _on_reply(self, reply: bus.SpoolMessageCommitted) -> None:
         entry = self.pending.pop(reply.req, None)
@@ -692,14 +694,7 @@ class Acceptor:
         now = self.loop.time()
         if self.pending:
             expired = [r for r, e in self.pending.items() if e[1] <= now]
-            for r in expired:
-                box, _ = self.pending.pop(r)
-                self._answered(box)
-                self.stats["temp_failed"] += len(box)
-                for done, env, _, _ in box:
-                    log.warning("%s: no answer from the spool in %gs; answered 451",
-                                env.qid, self.smtp.spool_timeout)
-                    done(env.qid, False)
+            self._give_up(expired, f"no answer from the spool in {self.smtp.spool_timeout:g}s")
         force = self.draining and now >= self.drain_deadline
         for s in list(self.sessions):
             s.idle_check(now, self.draining, force)
@@ -710,6 +705,25 @@ class Acceptor:
         if self.draining and self._idle():
             self._drained.set()
         self.loop.call_later(SWEEP_INTERVAL, self.sweep)
+
+    def _shard_lost(self, shard: int) -> None:
+        """The connection to *shard* ended (it died or was killed) with requests on it:
+        no answer can come for them now (the shard may have them on disk or not): 451
+        at once rather than after smtp.spool_timeout."""
+        self._give_up([r for r, e in self.pending.items() if e[2] == shard],
+                      f"spool shard {shard} went away before it answered")
+
+    def _give_up(self, reqs: list[int], why: str) -> None:
+        """Answer 451 for the messages of the requests *reqs*, saying *why* in the log."""
+        for r in reqs:
+            box = self.pending.pop(r)[0]
+            self._answered(box)
+            self.stats["temp_failed"] += len(box)
+            for done, env, _, _ in box:
+                log.warning("%s: %s; answered 451", env.qid, why)
+                done(env.qid, False)
+        if reqs and self.draining and self._idle():
+            self._drained.set()
 
     def _check_node_drain(self) -> None:
         draining = os.path.exists(self.drain_flag)

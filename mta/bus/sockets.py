@@ -642,17 +642,20 @@ class StreamClient(asyncio.Protocol):
     connection (the shard is starting or was restarted) :meth:`send` says
     False and a connect is tried every RECONNECT_IVL_MS; at most *hwm* requests
     are unanswered on a connection (a shard that stops reading holds the rest
-    back: False too).  Requests unanswered when a connection ends get no reply
-    (the caller times them out).
+    back: False too).  Requests unanswered when a connection ends never get a
+    reply (an answer goes back on the connection its request came by):
+    ``on_lost()`` is then called, so the caller can give up on them at once.
     """
 
     def __init__(self, loop, path: str, hwm: int, takes: tuple, on_reply,
-                 log: logging.Logger, source: str = "reply", connect: bool = True):
+                 log: logging.Logger, source: str = "reply", connect: bool = True,
+                 on_lost=None):
         self._loop = loop
         self._path = path
         self._hwm = hwm
         self._takes = takes
         self._on_reply = on_reply
+        self._on_lost = on_lost
         self._log = log
         self._source = source
         self._transport = None
@@ -687,6 +690,8 @@ class StreamClient(asyncio.Protocol):
         self._transport = None
         if not self._closed:
             self._loop.call_later(RECONNECT_IVL_MS / 1000, self._connect)
+            if self._unanswered and self._on_lost is not None:
+                self._on_lost()
 
     def data_received(self, data: bytes) -> None:
         frames = self._frames
