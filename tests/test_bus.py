@@ -568,6 +568,13 @@ def test_a_shards_answers_of_one_turn_go_to_an_acceptor_together(tmp_path):
         pair.server.send(conn, bus.SpoolMessageCommitted(4, bus.STATUS_OK))
         pair.poller.wait(0)
         pair.until(lambda: len(pair.replies) == 4)
+        # ... or when the shard closes its sockets (it stops)
+        pair.server.send(conn, bus.SpoolMessageCommitted(5, bus.STATUS_OK))
+        pair.server.close()
+        pair.loop.run_until_complete(asyncio.sleep(0.05))
+        assert [r.req for r in pair.replies] == [1, 2, 3, 4, 5]
+        pair.server = bus.Server(pair.ctx, f"ipc://{tmp_path}/spool-0b", 100,
+                                 bus.SPOOL_REQUESTS, pair.log, stream=pair.path)
     finally:
         pair.close()
 

@@ -387,6 +387,7 @@ class Server:
     def close(self) -> None:
         self.sock.close(0)
         if self.stream is not None:
+            self.flush()        # (answers given since the last wait: not left unsent)
             self.stream.close()
 
 
