@@ -247,6 +247,23 @@ def test_a_state_dir_too_deep_for_the_bus_sockets_is_refused_naming_it(tmp_path)
     assert str(exc.value).startswith("server.state_dir: ") and "too deep" in str(exc.value)
 
 
+@pytest.mark.parametrize("text, said", [
+    ("[smtp]\nlisten = ['[::1]:2525', '[0:0::1]:2525']\n",
+     "smtp.listen[1]: [0:0::1]:2525 is listed twice"),
+    ("[smtp]\nlisten = ['[::1]:2525']\n[http]\nlisten = ['[0::1]:2525']\n",
+     "http.listen[0]: [0::1]:2525 is already used by another listener"),
+    ("[smtp]\nlisten = ['127.0.0.1:2525', '127.000.0.1:2525']\n", "smtp.listen[1]"),
+])
+def test_one_address_spelt_two_ways_is_one_listener(tmp_path, text, said):
+    """Listen addresses are compared as addresses, not as text: a reload bound both
+    spellings of one IPv6 address (SO_REUSEPORT let it), which serve refused."""
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(p))
+    assert str(exc.value).startswith(said), str(exc.value)
+
+
 def test_an_unreadable_tls_file_says_why(tmp_path):
     # "cannot read key.pem" alone left the operator to guess between a wrong path and
     # the daemon's user lacking permission (the unit runs it as mta); the DKIM key and

@@ -785,16 +785,21 @@ def _addresses(key: str, items: list, used: list) -> list[tuple[str, int]]:
     an IP address); ConfigError naming the entry when one is bad, listed twice, or
     among *used* (another listener's)."""
     out: list[tuple[str, int]] = []
+    # compared as addresses: [::1]:25 and [0:0::1]:25 are one socket (a reload bound
+    # both, SO_REUSEPORT letting it, and split the connections between two acceptors)
+    seen = [(ipaddress.ip_address(h), p) for h, p in used]
+    taken = len(seen)
     for i, item in enumerate(items):
         try:
             host, port = parse_hostport(item)
-            ipaddress.ip_address(host)
+            addr = ipaddress.ip_address(host)
         except ValueError as exc:
             raise ConfigError(f"{key}[{i}]: {exc}") from None
-        if (host, port) in out:
+        if (addr, port) in seen[taken:]:
             raise ConfigError(f"{key}[{i}]: {item} is listed twice")
-        if (host, port) in used:
+        if (addr, port) in seen[:taken]:
             raise ConfigError(f"{key}[{i}]: {item} is already used by another listener")
+        seen.append((addr, port))
         out.append((host, port))
     return out
 

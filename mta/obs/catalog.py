@@ -142,7 +142,8 @@ _FAMILIES = [
            "text: empty), progress (a "
            "compaction copy's recipient states, attempts or flags out of range: an unknown "
            "state pending, so it may be sent again) or batch (an intact message record of "
-           "a batch damaged after it was synced: a whole batch follows it)",
+           "a batch damaged after it was synced: a whole batch follows it); a record mended "
+           "for two reasons counts under each (the recovery's log line counts records)",
            ("shard", "reason")),
     Family("mta_spool_segment_files_total", COUNTER,
            "files made ready for the next segment, by source: reused (a finished segment's "
