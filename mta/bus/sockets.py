@@ -510,6 +510,7 @@ class Poller:
     def __init__(self, server: Server, links: DeliveryLinks):
         self._pending = links.pending
         self._stream = server.stream
+        self._flush = server.flush
         self._zmq_items = [(server.sock, _POLLIN)]
         self._kind = {server.sock: self._REQUESTS}
         for d, s in enumerate(links.socks):
@@ -529,8 +530,7 @@ class Poller:
             timeout_ms = 0
         st = self._stream
         if st is not None:
-            if st.unflushed:
-                st.flush_all()
+            self._flush()           # (answers given since the group commit's flush)
             if st.changed:
                 self._items = self._zmq_items + st.items()
             if st.ready:

@@ -787,19 +787,19 @@ def _addresses(key: str, items: list, used: list) -> list[tuple[str, int]]:
     out: list[tuple[str, int]] = []
     # compared as addresses: [::1]:25 and [0:0::1]:25 are one socket (a reload bound
     # both, SO_REUSEPORT letting it, and split the connections between two acceptors)
-    seen = [(ipaddress.ip_address(h), p) for h, p in used]
-    taken = len(seen)
+    others = {(ipaddress.ip_address(h), p) for h, p in used}
+    mine = set()
     for i, item in enumerate(items):
         try:
             host, port = parse_hostport(item)
             addr = ipaddress.ip_address(host)
         except ValueError as exc:
             raise ConfigError(f"{key}[{i}]: {exc}") from None
-        if (addr, port) in seen[taken:]:
+        if (addr, port) in mine:
             raise ConfigError(f"{key}[{i}]: {item} is listed twice")
-        if (addr, port) in seen[:taken]:
+        if (addr, port) in others:
             raise ConfigError(f"{key}[{i}]: {item} is already used by another listener")
-        seen.append((addr, port))
+        mine.add((addr, port))
         out.append((host, port))
     return out
 
