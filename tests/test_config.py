@@ -442,6 +442,24 @@ def test_a_reload_applies_the_suppression_list_to_every_process(tmp_path, text):
     assert not [k for k in later if k.startswith(("suppression.", "feedback."))], later
 
 
+def _assert_digest_follows_the_file(cfg, attr: str, edit) -> None:
+    """Settings.<attr>, the digest of a file the config at *cfg* names: the same file
+    gives the same digest, *edit()* (the file changed in place, the config text not)
+    another; the active-configuration record keeps the digest the supervisor applied,
+    not the file's now; no file, no digest."""
+    before = config.load(str(cfg))
+    assert len(getattr(before, attr)) == 64
+    assert getattr(config.load(str(cfg)), attr) == getattr(before, attr)
+    os.makedirs(before.run_dir)
+    config.write_active(before, str(cfg))
+    edit()
+    after = config.load(str(cfg))
+    assert after.config == before.config
+    assert getattr(after, attr) != getattr(before, attr)
+    assert getattr(config.read_active(before.run_dir), attr) == getattr(before, attr)
+    assert getattr(config.load(None), attr) == ""
+
+
 def test_the_bounce_rules_file_is_known_by_its_content_too(tmp_path):
     # a reload compared only feedback.bounce_rules' name: a file edited in place left the
     # spool shards on the old rules.  Its digest, recorded with the active configuration
@@ -451,19 +469,9 @@ def test_the_bounce_rules_file_is_known_by_its_content_too(tmp_path):
     cfg = tmp_path / "mta.toml"
     cfg.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
                    f'[feedback]\nbounce_rules = "{rules}"\n')
-    before = config.load(str(cfg))
-    assert len(before.bounce_rules_digest) == 64
-    assert config.load(str(cfg)).bounce_rules_digest == before.bounce_rules_digest
-    os.makedirs(before.run_dir)
-    config.write_active(before, str(cfg))
-    rules.write_text('[[rule]]\nname = "a"\ncode = 550\nclass = 51\n')
-    after = config.load(str(cfg))
-    assert after.config == before.config
-    assert after.bounce_rules_digest != before.bounce_rules_digest
-    # the record keeps the digest of the rules the supervisor applied, not the file's now
-    assert config.read_active(before.run_dir).bounce_rules_digest == \
-        before.bounce_rules_digest
-    assert config.load(None).bounce_rules_digest == ""
+    _assert_digest_follows_the_file(
+        cfg, "bounce_rules_digest",
+        lambda: rules.write_text('[[rule]]\nname = "a"\ncode = 550\nclass = 51\n'))
 
 
 def test_the_dkim_key_files_are_known_by_their_content_too(tmp_path):
@@ -485,17 +493,7 @@ def test_the_dkim_key_files_are_known_by_their_content_too(tmp_path):
     cfg.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n[[dkim.keys]]\n'
                    f'domain = "a.test"\nselector = "s"\nalgorithm = "ed25519-sha256"\n'
                    f'key_file = "{key}"\n')
-    before = config.load(str(cfg))
-    assert len(before.dkim_keys_digest) == 64
-    assert config.load(str(cfg)).dkim_keys_digest == before.dkim_keys_digest
-    os.makedirs(before.run_dir)
-    config.write_active(before, str(cfg))
-    new_key()
-    after = config.load(str(cfg))
-    assert after.config == before.config
-    assert after.dkim_keys_digest != before.dkim_keys_digest
-    assert config.read_active(before.run_dir).dkim_keys_digest == before.dkim_keys_digest
-    assert config.load(None).dkim_keys_digest == ""
+    _assert_digest_follows_the_file(cfg, "dkim_keys_digest", new_key)
 
 
 def test_the_validated_bounce_rules_are_kept_for_the_children(tmp_path):
