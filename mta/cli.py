@@ -242,7 +242,7 @@ def _ask_each_shard(settings, request, *values, timeout: float | None = None):
     ctx = bus.new_context()
 
     def ask(n: int):
-        endpoint = settings.endpoint(f"spool-{n}")
+        endpoint = settings.spool_endpoint(n)
         if not os.path.exists(endpoint[len("ipc://"):]):
             return None, f"spool[{n}] is not running"
         if _no_daemon_at(settings, endpoint):
@@ -287,7 +287,7 @@ def _queue_pages(settings, missed: list[str], limit: int = 0, timeout: float | N
         return wait.call(cl, bus.SpoolQueueList, max(left, 0), after)
 
     def first(n: int):
-        endpoint = settings.endpoint(f"spool-{n}")
+        endpoint = settings.spool_endpoint(n)
         if not os.path.exists(endpoint[len("ipc://"):]):
             return None
         if _no_daemon_at(settings, endpoint):
@@ -682,18 +682,18 @@ def queue_show(ctx, config_path, qid, raw):
     qid = normal_qid(qid)
     s = _queue_settings(ctx, config_path)
     n = shard_of(qid, _shard_count(s))
-    if _no_daemon_at(s, s.endpoint(f"spool-{n}")):
+    if _no_daemon_at(s, s.spool_endpoint(n)):
         _not_answering(s, f"spool[{n}], the shard of {qid}, is not running: nothing "
                           "listens on its socket")
     ctxz = bus.new_context()
     try:
-        cl = bus.SyncClient(ctxz, s.endpoint(f"spool-{n}"))
+        cl = bus.SyncClient(ctxz, s.spool_endpoint(n))
         try:
             reply = cl.call(bus.SpoolMessageShow, qid, timeout=s.config.admin.shard_timeout)
         except TimeoutError:
             # (a daemon of the version before keeps the question until its queue is read)
             why = "recovering (reading its queue: retry shortly)" \
-                if _recovering(ctxz, s.endpoint(f"spool-{n}")) else "not answering"
+                if _recovering(ctxz, s.spool_endpoint(n)) else "not answering"
             click.echo(f"mta: spool[{n}] (the shard of {qid}) is {why}", err=True)
             sys.exit(EX_UNAVAILABLE)
         finally:
@@ -809,10 +809,10 @@ def queue_delete(ctx, config_path, as_json, qids, timeout):
             return
         cl = clients.get(n)
         if cl is None:
-            if _no_daemon_at(s, s.endpoint(f"spool-{n}")):
+            if _no_daemon_at(s, s.spool_endpoint(n)):
                 _gone(n)
-            cl = clients[n] = bus.SyncClient(ctxz, s.endpoint(f"spool-{n}"))
-            waits[n] = _ShardWait(s, ctxz, s.endpoint(f"spool-{n}"), timeout)
+            cl = clients[n] = bus.SyncClient(ctxz, s.spool_endpoint(n))
+            waits[n] = _ShardWait(s, ctxz, s.spool_endpoint(n), timeout)
         try:
             # the shard writes each delete in one batch (and reads each envelope for its
             # events), taking no mail meanwhile: DELETE_CHUNK at most

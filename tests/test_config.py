@@ -242,9 +242,28 @@ def test_a_state_dir_too_deep_for_the_bus_sockets_is_refused_naming_it(tmp_path)
             with pytest.raises(OSError, match="too long"):
                 other.bind(longest + "x")
     assert len(s.stream_path(0)) <= len(longest)
+    assert max(s.socket_paths(), key=len) == longest
     with pytest.raises(config.ConfigError) as exc:
         config.load(conf(state_dir(config.MAX_SOCKET_PATH + 1)))
     assert str(exc.value).startswith("server.state_dir: ") and "too deep" in str(exc.value)
+
+
+def test_socket_paths_name_every_bus_socket_of_every_process(tmp_path):
+    """The paths config.load measures are those the processes bind and connect to: the
+    statistics, each delivery process's jobs, each shard's requests and stream."""
+    p = tmp_path / "c.toml"
+    p.write_text(f"[server]\nstate_dir = '{tmp_path}/s'\n[delivery]\nprocesses = 3\n"
+                 "[spool]\nshards = 2\n")
+    s = config.load(str(p))
+    run = os.path.abspath(s.run_dir)
+    ipc = [s.stats_endpoint()] + [s.delivery_endpoint(d) for d in range(3)] + \
+        [s.spool_endpoint(n) for n in range(2)]
+    assert all(e.startswith("ipc://") for e in ipc)
+    want = [e[len("ipc://"):] for e in ipc] + [s.stream_path(n) for n in range(2)]
+    assert sorted(s.socket_paths()) == sorted(want)
+    assert sorted(os.path.relpath(x, run) for x in s.socket_paths()) == [
+        "admin-stats", "commit-0", "commit-1", "delivery-0", "delivery-1", "delivery-2",
+        "spool-0", "spool-1"]
 
 
 @pytest.mark.parametrize("text, said", [

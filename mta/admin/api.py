@@ -163,7 +163,7 @@ class Api:
     # -------------------------------------------------------------- spool
 
     def _call(self, shard: int, request, *values):
-        endpoint = self.settings.endpoint(f"spool-{shard}")
+        endpoint = self.settings.spool_endpoint(shard)
         if not os.path.exists(endpoint[len("ipc://"):]):
             raise Unavailable(f"spool[{shard}] is not running")
         cl = bus.SyncClient(self.ctx, endpoint)

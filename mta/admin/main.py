@@ -301,7 +301,7 @@ def main(settings, index: int, ready_fd: int | None, fds=(), http_fds=()) -> Non
     asyncio.set_event_loop(loop)
     ctx = bus.new_context()
     admin = Admin(settings, loop)
-    receiver = bus.StatsReceiver(ctx, loop, settings.endpoint("admin-stats"),
+    receiver = bus.StatsReceiver(ctx, loop, settings.stats_endpoint(),
                                  admin.reports.add, log)
     admin.api = Api(settings, loop, ctx, admin.reports, admin.collector)
     socks = [socket.socket(fileno=fd) for fd in http_fds]

@@ -108,9 +108,29 @@ class Settings:
         """The ZeroMQ ipc endpoint for a named socket in the run directory."""
         return "ipc://" + os.path.join(self.run_dir, name)
 
+    def spool_endpoint(self, shard: int) -> str:
+        """Spool shard *shard*'s requests: the commands, the admin process, the events."""
+        return self.endpoint(SPOOL_SOCKET.format(shard))
+
+    def delivery_endpoint(self, index: int) -> str:
+        """Delivery process *index*'s jobs from the spool shards."""
+        return self.endpoint(DELIVERY_SOCKET.format(index))
+
+    def stats_endpoint(self) -> str:
+        """The admin process's statistics from every child."""
+        return self.endpoint(STATS_SOCKET)
+
     def stream_path(self, shard: int) -> str:
         """The path of spool shard *shard*'s stream socket for the acceptors' commits."""
         return os.path.join(self.run_dir, STREAM_NAME.format(shard))
+
+    def socket_paths(self) -> list[str]:
+        """The paths of every bus socket in the run directory (_check_socket_paths)."""
+        names = [STATS_SOCKET]
+        names += [DELIVERY_SOCKET.format(d) for d in range(self.deliveries)]
+        for n in range(self.shards):
+            names += [SPOOL_SOCKET.format(n), STREAM_NAME.format(n)]
+        return [os.path.join(os.path.abspath(self.run_dir), name) for name in names]
 
 
 def hostport(host: str, port: int) -> str:
@@ -195,8 +215,13 @@ MAX_PROBLEMS = 10       # DKIM key problems named in one error (then a count)
 # SparkPost's API key grants that http.key_grants may list (webhooks:modify includes view).
 API_GRANTS = ("transmissions:modify", "message_events:view", "suppression_lists:manage",
               "webhooks:view", "webhooks:modify")
-# in run_dir: spool shard n's stream socket, the acceptors' commits (shorter than the
-# ZeroMQ endpoint admin-stats: a run directory that one fits in fits it too)
+# The bus's sockets in run_dir (Settings.socket_paths lists them all): spool shard n's
+# requests, delivery process d's jobs, the admin process's statistics (ZeroMQ ipc), and
+# spool shard n's stream socket, the acceptors' commits (shorter than admin-stats: a run
+# directory that one fits in fits it too).
+SPOOL_SOCKET = "spool-{}"
+DELIVERY_SOCKET = "delivery-{}"
+STATS_SOCKET = "admin-stats"
 STREAM_NAME = "commit-{}"
 ACTIVE_NAME = "active-config.json"   # in run_dir: what the running supervisor applied
 # in run_dir: {"role[index]": n} of the running supervisor's children that died unasked
@@ -498,9 +523,7 @@ def _check_socket_paths(settings: Settings) -> None:
     """The bus's sockets live in the run directory: a state_dir so deep that their paths
     do not fit a Unix socket address is refused here, naming it, rather than by the
     first process that binds one (a spool shard or delivery process dying at start)."""
-    names = ["admin-stats", f"delivery-{settings.deliveries - 1}",
-             f"spool-{settings.shards - 1}", STREAM_NAME.format(settings.shards - 1)]
-    longest = max((os.path.join(os.path.abspath(settings.run_dir), n) for n in names), key=len)
+    longest = max(settings.socket_paths(), key=len)
     if len(longest.encode()) > MAX_SOCKET_PATH:
         raise ConfigError(
             f"server.state_dir: {settings.state_dir!r} is too deep for the bus's Unix "

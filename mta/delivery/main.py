@@ -171,7 +171,7 @@ class Delivery:
         self._retry = None          # the timer of the next attempt, while any are held
         if self.engine.warmup.plans:
             self._carry_warmup_sites()
-        self.server = bus.AsyncServer(ctx, loop, settings.endpoint(f"delivery-{index}"),
+        self.server = bus.AsyncServer(ctx, loop, settings.delivery_endpoint(index),
                                       settings.config.spool.queue_high_water, bus.DELIVERY_JOBS,
                                       self._on_job, log, "job")
 

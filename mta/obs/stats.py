@@ -197,7 +197,7 @@ class Pusher:
         self.role = role
         self.index = index
         self.interval = settings.config.admin.push_interval
-        self.sender = bus.StatsSender(ctx, settings.endpoint("admin-stats"))
+        self.sender = bus.StatsSender(ctx, settings.stats_endpoint())
         self.seq = 0
         self.sent = 0
         self.dropped = 0

@@ -257,7 +257,7 @@ class Shard:
         # a reload lowered events.max_backlog_bytes below the backlog then held: that many
         # bytes are kept until read below the new bound (_set_backlog_bound; 0: none)
         self.backlog_floor = 0
-        self.endpoint = settings.endpoint(f"spool-{shard}")
+        self.endpoint = settings.spool_endpoint(shard)
         self.window = dsp.Window(settings.deliveries, self.dcfg.max_in_flight,
                                  self.dcfg.max_in_flight_per_domain, self.dcfg.spread_threshold)
         self.jobs = self.window.jobs          # req -> dispatch.Job
@@ -369,7 +369,7 @@ class Shard:
         self.server = bus.Server(ctx, self.endpoint, hwm, bus.SPOOL_REQUESTS, log,
                                  stream=self.settings.stream_path(self.shard))
         self.links = bus.DeliveryLinks(
-            ctx, [self.settings.endpoint(f"delivery-{d}")
+            ctx, [self.settings.delivery_endpoint(d)
                   for d in range(self.settings.deliveries)], hwm, log)
         self.poller = bus.Poller(self.server, self.links)
         self.pusher = Pusher.create(self.m.reg, ctx, self.settings, "spool", self.shard)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import struct
 import time
 
@@ -20,7 +21,7 @@ import msgspec
 import pytest
 import zmq
 
-from mta import bus
+from mta import bus, config
 from mta.queueid import new_qid_for_shard
 
 
@@ -170,3 +171,8 @@ def test_a_stream_cut_mid_frame_or_claiming_a_huge_frame_harms_nothing(make_daem
     q3 = d.send("s@example.com", ["after@example.net"], body(9))
     assert d.children()["spool[0]"] == spool_pid
     assert {m["queue_id"] for m in d.queue_list()} == {q2, q3}
+    # Every socket the running daemon made in run/ is one Settings.socket_paths names
+    # (what config.load measures against the length a Unix socket path may have).
+    made = {os.path.join(os.path.abspath(run_dir), n) for n in os.listdir(run_dir)
+            if stat.S_ISSOCK(os.lstat(os.path.join(run_dir, n)).st_mode)}
+    assert made == set(config.load(d.config_path).socket_paths()), sorted(made)
