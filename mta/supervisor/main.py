@@ -1517,6 +1517,8 @@ class Supervisor:
                 for sk in previous.all_socks() if previous is not None else ():
                     if sk not in kept:
                         sk.close()
+        if new.acceptors < old.acceptors:
+            _note_queued_connections_reset(old.acceptors, new.acceptors)
         for i in range(new.acceptors, old.acceptors):
             slot = self.slots.pop(("acceptor", i))
             if slot.child is not None:
@@ -1651,6 +1653,37 @@ def _note_node_share(settings, old=None) -> None:
                  share_note(nodes))
     elif old is not None:
         log.info("shaping limits are this node's alone ([cluster] nodes = 1)")
+
+
+# Linux 5.14+, per network namespace: 1 hands the connections queued on a listening
+# socket that closes to another of its SO_REUSEPORT group; 0 (the default) resets them.
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def _migrate_req_off() -> str | None:
+    """Why the kernel resets the connections queued on a listening socket that closes
+    while others of its SO_REUSEPORT group listen on (None: it hands them to those)."""
+    try:
+        with open(MIGRATE_REQ) as f:
+            if f.read().strip() != "0":
+                return None
+        return "net.ipv4.tcp_migrate_req is 0"
+    except FileNotFoundError:
+        return "this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14 and later)"
+    except OSError as exc:
+        return f"net.ipv4.tcp_migrate_req could not be read: {exc}"
+
+
+def _note_queued_connections_reset(before: int, after: int) -> None:
+    """A reload that lowers smtp.acceptors closes the removed slots' listening sockets:
+    what waits in their accept queues then (SMTP and HTTP clients that connected and were
+    not accepted yet) is reset, unless the kernel hands it to the sockets that stay."""
+    why = _migrate_req_off()
+    if why:
+        log.warning("reload: smtp.acceptors lowered from %d to %d: connections waiting in "
+                    "the accept queues of the acceptors removed are reset by the kernel "
+                    "(%s; 1 hands them to the acceptors that stay: contrib/60-mta.conf)",
+                    before, after, why)
 
 
 def _note_short_dkim_expiry(settings) -> None:
