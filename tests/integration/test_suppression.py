@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import platform
 import re
 import signal
 import smtplib
@@ -68,6 +69,36 @@ def listed(path: str, address: str) -> bool:
         return lst.check(address, False)
     finally:
         lst.close()
+
+
+_FUTEX = {"x86_64": 202, "aarch64": 98}[platform.machine()]    # its system call number
+
+
+def at_the_lock(pid: int, path: str) -> int:
+    """How many threads of process *pid* wait for the write lock of the LMDB environment
+    at *path*: blocked in futex() on an address in their mapping of its lock.mdb (the
+    lock is a process-shared mutex there).  A thread merely idle in a pool waits on
+    another address; a test that holds the lock knows from this, not from a pause, that
+    the daemon's requests have reached it."""
+    lock = os.path.realpath(os.path.join(path, "lock.mdb"))
+    spans = []
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == lock:
+                lo, hi = fields[0].split("-")
+                spans.append((int(lo, 16), int(hi, 16)))
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                call = f.read().split()
+        except OSError:
+            continue        # (a thread that ended meanwhile)
+        if len(call) > 1 and call[0] == str(_FUTEX) and \
+                any(lo <= int(call[1], 16) < hi for lo, hi in spans):
+            n += 1
+    return n
 
 
 @pytest.fixture(scope="module")
@@ -321,14 +352,16 @@ def test_a_bounce_rule_addition_waiting_for_the_list_holds_no_injection(lab):
     PUT holds it while it writes and syncs), the shard still acknowledges injections
     (it held them all until the lock was free); then the entry is added."""
     d, sink = lab
-    holder = S.SuppressionList(S.path_in(d.state_dir), 8 << 30)
+    path = S.path_in(d.state_dir)
+    holder = S.SuppressionList(path, 8 << 30)
     txn = holder.env.begin(write=True)
     try:
         st, _, _ = d.post(transmission(["unknown-waiting@example.net"]),
                           headers={"Authorization": KEY})
         assert st == 200
         wait_until(lambda: bounces(d, "unknown-waiting@example.net"), 30, "the 5.1.1 bounce")
-        time.sleep(0.5)     # (the shard at the addition, which waits for the lock)
+        wait_until(lambda: at_the_lock(d.children()["spool[0]"], path) == 1, 20,
+                   "the shard's addition at the lock")
         msg = f"From: {SENDER}\r\nSubject: s\r\n\r\nbody\r\n".encode()
         with smtplib.SMTP(HOST, d.port, local_hostname="client.test", timeout=10) as s:
             assert s.sendmail(SENDER, ["while-adding@example.net"], msg) == {}
@@ -495,14 +528,16 @@ def test_smtp_and_reads_are_answered_while_a_bulk_put_is_in_progress(lab):
         {"recipient": f"busy{i:05d}@busy-put.test", "type": "non_transactional",
          "description": f"busy {i}"} for i in range(10_000)]}).encode()
     before = call(d, "GET", "/api/v1/suppression-list/summary")[2]["results"]
-    holder = S.SuppressionList(S.path_in(d.state_dir), 8 << 30)
+    path = S.path_in(d.state_dir)
+    holder = S.SuppressionList(path, 8 << 30)
     txn = holder.env.begin(write=True)
     answer = {}
     th = threading.Thread(target=lambda: answer.update(
         put=call(d, "PUT", "/api/v1/suppression-list", body)))
     try:
         th.start()
-        time.sleep(1.0)     # (1 MB on loopback: sent and taken, its worker at the lock)
+        wait_until(lambda: at_the_lock(d.children()["acceptor[0]"], path) == 1, 20,
+                   "the PUT's worker at the lock")
         assert th.is_alive() and not answer
         assert smtp_send(d, ["while-busy@example.net"]) == {}
         st, _, got = call(d, "GET", "/api/v1/suppression-list/summary")
@@ -531,7 +566,8 @@ def test_suppression_requests_waiting_for_the_list_leave_threads_for_transmissio
     the acceptor's default executor for a large transmission, whose body is decoded
     and compiled there; it is answered meanwhile, and the PUTs once the lock is free."""
     d, sink = lab
-    holder = S.SuppressionList(S.path_in(d.state_dir), 8 << 30)
+    path = S.path_in(d.state_dir)
+    holder = S.SuppressionList(path, 8 << 30)
     txn = holder.env.begin(write=True)
     answers: list = []
     puts = [threading.Thread(target=lambda i=i: answers.append(call(
@@ -541,7 +577,11 @@ def test_suppression_requests_waiting_for_the_list_leave_threads_for_transmissio
     try:
         for th in puts:
             th.start()
-        time.sleep(1.0)     # (all eight taken, each waiting for the lock or a thread)
+        # (both threads of suppression.api_threads at the lock, the six others waiting
+        # for one of them)
+        wait_until(lambda: at_the_lock(d.children()["acceptor[0]"], path) == 2, 20,
+                   "two PUTs at the lock")
+        time.sleep(0.5)     # (the six others taken too)
         assert not answers
         big = {"recipients": [{"address": "large-while-busy@example.net"}],
                "content": {"from": SENDER, "subject": "s", "text": "x" * 70_000}}
@@ -572,7 +612,8 @@ def test_api_threads_and_writer_close_wait_are_taken(make_daemon):
             suppression={"api_threads": 3, "writer_close_wait": 0.5},
             delivery={"hold": False, "route": [{"domain": "*", "starttls": "none",
                                                  "hosts": [f"{HOST}:{sink.port}"]}]})
-        holder = S.SuppressionList(S.path_in(d.state_dir), 8 << 30)
+        path = S.path_in(d.state_dir)
+        holder = S.SuppressionList(path, 8 << 30)
         txn = holder.env.begin(write=True)
         answers: list = []
         puts = [threading.Thread(target=lambda i=i: answers.append(call(
@@ -585,7 +626,8 @@ def test_api_threads_and_writer_close_wait_are_taken(make_daemon):
         try:
             for th in puts:
                 th.start()
-            time.sleep(1.0)     # (both taken, each in a thread, at the lock)
+            wait_until(lambda: at_the_lock(d.children()["acceptor[0]"], path) == 2, 20,
+                       "both PUTs at the lock, each in a thread")
             assert not answers
             reader.start()
             reader.join(5)
@@ -604,7 +646,8 @@ def test_api_threads_and_writer_close_wait_are_taken(make_daemon):
                               headers={"Authorization": KEY})
             assert st == 200
             wait_until(lambda: bounces(d, "unknown-at-stop@example.net"), 30, "the bounce")
-            time.sleep(0.5)     # (the shard at the addition, waiting for the lock)
+            wait_until(lambda: at_the_lock(d.children()["spool[0]"], path) == 1, 20,
+                       "the shard's addition at the lock")
             t0 = time.monotonic()
             assert d.stop(30) == 0
             took = time.monotonic() - t0
