@@ -12,5 +12,6 @@ TARGETS = {
     "mime_canon": "fuzz.mime_canon",        # DKIM canonicalisation, compiled vs pure
     "smtp_session": "fuzz.smtp_session",    # the SMTP session on a fake transport
     "http_api": "fuzz.http_api",            # HTTP framing and the JSON APIs on a fake transport
+    "bus_stream": "fuzz.bus_stream",        # the acceptors' stream to a shard, as it reads it
 }
 DIFFERENTIAL = ("scanner", "record", "mime_headers", "mime_canon")

@@ -10,7 +10,7 @@ out=${1:?usage: fuzz/campaign.sh OUTDIR [TARGET ...]}
 shift
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(scanner record mime_headers mime_canon smtp_session http_api)
+    targets=(scanner record mime_headers mime_canon smtp_session http_api bus_stream)
 fi
 runs=${RUNS:-10000000}
 secs=${SECONDS_EACH:-14400}

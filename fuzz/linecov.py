@@ -22,6 +22,7 @@ FILES = {
     "smtp_session": ["mta/acceptor/smtp.py", "mta/acceptor/tls_auth.py"],
     "http_api": ["mta/acceptor/http.py", "mta/api/transmissions.py", "mta/api/build.py",
                  "mta/api/suppression.py"],
+    "bus_stream": ["mta/bus/sockets.py", "mta/bus/messages.py"],
 }
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -23,7 +23,7 @@ from fuzz.common import Divergence  # noqa: E402
 REGRESSIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "regressions")
 # Inputs per target in CI: about 25 s in all on this machine.
 RUNS = {"scanner": 20_000, "record": 20_000, "mime_headers": 20_000, "mime_canon": 20_000,
-        "smtp_session": 10_000, "http_api": 10_000}
+        "smtp_session": 10_000, "http_api": 10_000, "bus_stream": 20_000}
 
 
 def _target(name):
@@ -110,6 +110,31 @@ def test_a_scanner_that_depends_on_the_split_is_found(monkeypatch):
     monkeypatch.setattr(sc.PURE, "Scanner", Lossy)
     with pytest.raises(Divergence):
         sc.one_input(data)
+
+
+def test_bus_stream_finds_framing_that_depends_on_the_cuts_or_a_raising_decode(monkeypatch):
+    bs = _target("bus_stream")
+    from mta.bus import messages, sockets
+    real = sockets._Stream.feed
+
+    def lossy(self, data, out):     # loses the last octet of a piece that ends a frame
+        real(self, data[:-1] if self.pieces and len(data) > 1 else data, out)
+
+    # mode 0: two frames, cut at 5, 9 and 12 (the second frame in three)
+    data = b"\x00" + bs._CUT3 + sockets.frame_head(3) + b"\x93\x01\x02" + \
+        sockets.frame_head(4) + b"\x92\x0b\x01\x02"
+    bs.one_input(data)
+    monkeypatch.setattr(sockets._Stream, "feed", lossy)
+    with pytest.raises(Divergence, match="framing depends on the cuts"):
+        bs.one_input(data)
+    monkeypatch.undo()
+
+    def broken(frame):
+        raise RuntimeError("a decoder bug")
+
+    monkeypatch.setattr(messages, "_decode", broken)
+    with pytest.raises(Divergence, match="receive raised"):
+        bs.one_input(data)
 
 
 def test_a_traceback_in_the_smtp_session_is_found(monkeypatch):
