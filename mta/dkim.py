@@ -81,7 +81,7 @@ from typing import Annotated, Literal
 
 import msgspec
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 
 from mta import mime
 
@@ -260,10 +260,13 @@ def load_key(path, algorithm, data: bytes | None = None):
 def _kind(key):
     """Name the type of a private key for an error message, with its article."""
     for cls, name in ((rsa.RSAPrivateKey, "an RSA"), (ed25519.Ed25519PrivateKey, "an Ed25519"),
-                      (ec.EllipticCurvePrivateKey, "an EC"), (dsa.DSAPrivateKey, "a DSA"),
-                      (ed448.Ed448PrivateKey, "an Ed448")):
+                      (ec.EllipticCurvePrivateKey, "an EC"), (ed448.Ed448PrivateKey, "an Ed448")):
         if isinstance(key, cls):
             return name
+    # DSA by its class's name: cryptography 51 deprecates its dsa module (a warning at each
+    # use of dsa.DSAPrivateKey) and will remove it, and an import of it would then fail.
+    if type(key).__name__.startswith("DSA"):
+        return "a DSA"
     return "an unsupported"
 
 

@@ -14,11 +14,13 @@ import os
 import re
 import subprocess
 import time
+import warnings
 
 import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 
 from mta import dkim as mdkim
 from mta import mime
@@ -132,6 +134,28 @@ def test_config_from_toml_and_defaults(keys):
     schema = msgspec.json.schema(DkimConfig)
     props = schema["$defs"]["DkimKey"]["properties"]
     assert all(p.get("description") for p in props.values())
+
+
+def test_a_dsa_key_is_named_without_the_deprecated_dsa_module(tmp_path):
+    """A DSA key (made by the openssl command: cryptography 51 deprecates its dsa module,
+    which mta.dkim no longer uses) is refused naming what it is; naming it warns of
+    nothing (dsa.DSAPrivateKey did, and goes when cryptography removes DSA)."""
+    path = tmp_path / "dsa.pem"
+    subprocess.run(["openssl", "genpkey", "-genparam", "-algorithm", "DSA", "-pkeyopt",
+                    "dsa_paramgen_bits:1024", "-out", str(tmp_path / "p.pem")], check=True,
+                   capture_output=True)
+    subprocess.run(["openssl", "genpkey", "-paramfile", str(tmp_path / "p.pem"), "-out",
+                    str(path)], check=True, capture_output=True)
+    cfg = DkimConfig(keys=[DkimKey(domain=AUTHOR, selector="a", key_file=str(path))])
+    with warnings.catch_warnings():     # (cryptography itself warns as it loads one)
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        errors = mdkim.validate(cfg)
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    assert errors == [f"dkim.keys[0].key_file: {path} holds a DSA key; rsa-sha256 needs an "
+                      "RSA key"], errors
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mdkim._kind(key) == "a DSA"
 
 
 def test_validate_names_key_and_file(keys):
