@@ -335,16 +335,15 @@ class Server:
         """Return (peer identity, message) or None when nothing (well-formed) is waiting."""
         st = self.stream
         if st is not None:
-            if not st.ready and st.readable:
-                st.read()
             ready = st.ready
-            while ready:
+            while ready or st.readable:
+                if not ready:
+                    st.read()       # (empties readable: read at most once more here)
+                    continue
                 conn, frame = ready.popleft()
                 msg = receive((frame,), self._takes, self._log, self._source)
                 if msg is not None:
                     return conn, msg
-                if not ready and st.readable:
-                    st.read()
         # recv_multipart without pyzmq's wrapper (keyword arguments, a
         # sock.get(RCVMORE) per frame: ~8k instructions of Python each, an enum
         # look-up among them): this runs for every request a shard takes.  A
