@@ -120,7 +120,7 @@ class Rig:
         self.ctx = bus.new_context()
         self.echo = echo
         # Stand-ins for the delivery processes, so the shard's sockets connect.
-        self.delivery = [bus.Server(self.ctx, s.endpoint(f"delivery-{d}"), 1000,
+        self.delivery = [bus.Server(self.ctx, s.delivery_endpoint(d), 1000,
                                     bus.DELIVERY_JOBS, log)
                          for d in range(s.deliveries)]
         if echo:

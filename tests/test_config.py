@@ -234,7 +234,7 @@ def test_a_state_dir_too_deep_for_the_bus_sockets_is_refused_naming_it(tmp_path)
 
     fits = state_dir(config.MAX_SOCKET_PATH)
     s = config.load(conf(fits))
-    longest = s.endpoint("admin-stats")[len("ipc://"):]
+    longest = s.stats_endpoint()[len("ipc://"):]
     assert len(longest) == config.MAX_SOCKET_PATH
     os.makedirs(s.run_dir)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -58,7 +58,7 @@ def rig(tmp_path):
     shard.setsockopt(zmq.LINGER, 0)
     shard.setsockopt(zmq.RCVHWM, 2)
     shard.setsockopt(zmq.RCVBUF, 4096)
-    shard.connect(settings.endpoint("delivery-0"))
+    shard.connect(settings.delivery_endpoint(0))
     yield d, loop, shard, taken
     shard.close(0)
     d.server.close()
