@@ -40,6 +40,9 @@ class _Written:
     def writelines(self, parts) -> None:
         self.last = parts
 
+    def is_closing(self) -> bool:       # (StreamClient.send asks: a shard going away)
+        return False
+
     def close(self) -> None:
         pass
 

@@ -16,7 +16,7 @@ sink is a real process on a real TCP socket; each message is ~2 KB, one
 recipient, as smtp-source's.
 
 Stood in for: the spool shard.  A DEALER socket on the same ZeroMQ context and
-loop (:class:`mta.bus.Client`) sends the jobs as a shard does -- DELIVERY_JOBS
+loop (:class:`Dealer`) sends the jobs as a shard does -- DELIVERY_JOBS
 of up to ``bus.MAX_JOBS_PER_SEND``, keeping at most WINDOW jobs out (a shard's
 bulk window for one domain, ``max_in_flight_per_domain``) -- and counts the
 outcomes that come back, each checked delivered.  Its cost (building and
@@ -44,6 +44,7 @@ import msgspec
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import uvloop  # noqa: E402
+import zmq  # noqa: E402
 
 from mta import bus, proc  # noqa: E402
 from mta.config import resolve  # noqa: E402
@@ -110,12 +111,34 @@ def quiet_logging() -> None:
         h.setStream(open(os.devnull, "w"))
 
 
+class Dealer(bus.sockets._LoopSocket):
+    """A DEALER on the loop for the stood-in shard (the bus's own DEALER on a loop, the
+    acceptors' Client, went when their commits moved to a stream)."""
+
+    def __init__(self, ctx, loop, endpoint: str, on_reply):
+        sock = bus.sockets._socket(ctx, zmq.DEALER, 10_000)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.connect(endpoint)
+        self._on_reply = on_reply
+        super().__init__(sock, loop)
+
+    def send(self, msg) -> bool:
+        return self._send(None, msg)
+
+    def connected(self) -> bool:
+        return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT)
+
+    def _received(self, frames: list) -> None:
+        msg = bus.receive(frames, bus.DELIVERY_OUTCOMES, log, "outcome")
+        if msg is not None:
+            self._on_reply(msg)
+
+
 class Shard:
     """The stood-in spool shard: jobs out in batches, outcomes counted."""
 
     def __init__(self, ctx, loop, endpoint: str, total: int):
-        self.client = bus.Client(ctx, loop, endpoint, 10_000, bus.DELIVERY_OUTCOMES,
-                                 self._on_outcome, log, "outcome")
+        self.client = Dealer(ctx, loop, endpoint, self._on_outcome)
         self.total = total
         self.sent = 0
         self.done = 0
@@ -162,7 +185,7 @@ class Rig:
 
     def run(self, messages: int) -> int:
         """Deliver *messages* through the process; the outcomes that were not delivered."""
-        shard = Shard(self.ctx, self.loop, self.settings.endpoint("delivery-0"), messages)
+        shard = Shard(self.ctx, self.loop, self.settings.delivery_endpoint(0), messages)
 
         async def go():
             deadline = self.loop.time() + 10
