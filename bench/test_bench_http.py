@@ -1,10 +1,10 @@
 """Microbenchmark: the acceptor's CPU per HTTP transmission, in process, without sockets.
 
 Run: python -m pytest bench/test_bench_http.py --benchmark-only
- or: python bench/test_bench_http.py [--transmissions N]   (prints µs/transmission)
+ or: python bench/test_bench_http.py [--transmissions N] [--size OCTETS]   (prints µs/transmission)
 
-What one transmission is: bench/http_load.py's request — a POST of a 2 KB
-single-recipient transmission (inline text with substitutions, campaign_id,
+What one transmission is: bench/http_load.py's request — a POST of a 2 KB (and a
+100 KB) single-recipient transmission (inline text with substitutions, campaign_id,
 metadata) on a kept-alive connection — from its bytes to the 200 written back.
 
 What is real: :class:`mta.acceptor.http.Session` and ``Service`` (httptools parsing,
@@ -39,16 +39,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from http_load import make_body  # noqa: E402
 
 TRANSMISSIONS = 100
-BODY = make_body(2048)
-REQUEST = (b"POST /api/v1/transmissions HTTP/1.1\r\nHost: 127.0.0.1:8025\r\n"
-           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY)) + BODY
+
+
+def request(size: int) -> bytes:
+    body = make_body(size)
+    return (b"POST /api/v1/transmissions HTTP/1.1\r\nHost: 127.0.0.1:8025\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
 
 
 class Bench(AcceptorRig):
     """One acceptor with one kept-alive HTTP connection, and one spool shard that says yes."""
 
-    def __init__(self):
+    def __init__(self, size: int = 2048):
         super().__init__()
+        self.request = request(size)
         svc = self.acceptor.http = http.Service(self.acceptor)
         svc.open()
         self.transport = Transport()
@@ -57,7 +61,7 @@ class Bench(AcceptorRig):
 
     def transmission(self) -> None:
         """One request, ending with the 200 written to the client."""
-        self.session.data_received(REQUEST)
+        self.session.data_received(self.request)
         self.commit()
 
     def run(self, n: int) -> None:
@@ -69,15 +73,18 @@ class Bench(AcceptorRig):
         assert out.count(b'"total_accepted_recipients":1') == n, out[:400]
 
 
-@pytest.fixture
-def bench_http():
-    b = Bench()
+@pytest.fixture(params=[2048, 102400], ids=["2KB", "100KB"])
+def bench_http(request):
+    b = Bench(request.param)
+    b.size = request.param
     yield b
     b.close()
 
 
 def test_http_transmissions(benchmark, bench_http):
-    benchmark.group = f"acceptor: {TRANSMISSIONS} HTTP transmissions (2 KB, one recipient)"
+    # (100 KB: a text over the template cache's bound, compiled for every request)
+    benchmark.group = (f"acceptor: {TRANSMISSIONS} HTTP transmissions "
+                       f"({bench_http.size // 1024} KB, one recipient)")
     benchmark.extra_info["transmissions"] = TRANSMISSIONS
     benchmark(bench_http.run, TRANSMISSIONS)
 
@@ -86,7 +93,8 @@ def main(argv: list[str]) -> None:
     n = 3000
     if "--transmissions" in argv:
         n = int(argv[argv.index("--transmissions") + 1])
-    cpu_per(Bench(), n, "transmission", warm=200)
+    size = int(argv[argv.index("--size") + 1]) if "--size" in argv else 2048
+    cpu_per(Bench(size), n, "transmission", warm=200)
 
 
 if __name__ == "__main__":
