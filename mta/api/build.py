@@ -97,6 +97,7 @@ import binascii
 import bisect
 import html as html_mod
 import json
+import operator
 import os
 import re
 from email.message import Message
@@ -390,11 +391,15 @@ class Template:
         # AMP: the amp-mustache templates, whose expressions are the reader's client's
         mustache = _mustache_ranges(text) if amp else ()
         stray = -1          # the first {{ outside the tags (and amp-mustache templates)
-        scan = 0
-        for m in _items(text):
-            if stray < 0:
-                stray = _stray(text, scan, m.start(), mustache)
-            scan = m.end()
+        late = -1           # the first such {{ after the last tag
+        for i, m in _items(text):
+            if m is None:       # (a {{ that starts no tag)
+                if late < 0 and not _in_ranges(i, mustache):
+                    late = i
+                continue
+            if stray < 0 and late + 2 <= m.start():
+                stray = late    # (-1 still when none; one that runs into this tag is not)
+            late = -1
             word = m.group(1) or m.group(3)
             if word is None and mustache and _kept_for_amp(m, mustache):
                 continue        # (as written: a piece of the text between tags)
@@ -450,7 +455,7 @@ class Template:
             if stack and stray < 0:
                 stray = stack[-1][2]    # a statement without its {{ end }}
             if stray < 0:
-                stray = _stray(text, scan, len(text), mustache)
+                stray = late
         if stray >= 0:
             seg = text[stray:stray + 64].split("\n", 1)[0]
             end = seg.find("}}", 2)
@@ -598,40 +603,34 @@ def _link_end(chunk: str) -> int:
 
 
 def _items(text: str):
-    """_ITEM.finditer(text), found faster: every match starts at a ``{{``, which str.find
-    finds; the regex engine, made by the pattern's look-behind to try every position,
-    took 13 ns an octet (1.3 ms for a 100 KB text, most of an HTTP transmission's cost
-    at that size: texts over TEMPLATE_CACHE_TEXT are compiled for every request)."""
+    """Each ``{{`` of *text* in order, as (where, the _ITEM match there, or None when it
+    starts none), found with str.find; the matches are _ITEM.finditer's (every one starts
+    at a {{), and the misses say where a stray {{ is in the same pass.  The regex engine
+    itself, made by the pattern's look-behind to try every position, took 13 ns an octet
+    (1.3 ms for a 100 KB text, most of an HTTP transmission's cost at that size: texts
+    over TEMPLATE_CACHE_TEXT are compiled for every request)."""
     find, match = text.find, _ITEM.match
     i = find("{{")
     while i >= 0:
         m = match(text, i)          # (its look-behind sees the text before i)
-        if m is None:
-            i = find("{{", i + 1)
-        else:
-            yield m
-            i = find("{{", m.end())
+        yield i, m
+        i = find("{{", i + 1 if m is None else m.end())
 
 
-def _stray(text: str, start: int, end: int, ranges) -> int:
-    """Where the first ``{{`` of *text*[start:end] is that is not in one of the
-    amp-mustache *ranges*; -1 when there is none."""
-    i = text.find("{{", start, end)
-    while i >= 0 and ranges:
-        k = bisect.bisect_right(ranges, (i, len(text) + 1)) - 1
-        if k < 0 or i >= ranges[k][1]:
-            return i
-        i = text.find("{{", ranges[k][1], end)
-    return i
+_START = operator.itemgetter(0)
+
+
+def _in_ranges(i: int, ranges) -> bool:
+    """Whether *i* is in one of the (start, end) *ranges* (sorted, not overlapping)."""
+    k = bisect.bisect_right(ranges, i, key=_START) - 1    # (the last to start at i or before)
+    return k >= 0 and i < ranges[k][1]
 
 
 def _kept_for_amp(m, ranges: list) -> bool:
     """Whether tag *m* is in one of the amp-mustache *ranges* and is not SparkPost's
     (its expression names "sparkpost" or uses loop_var, or is a macro writing braces):
     it is then left as written."""
-    start = m.start()
-    k = bisect.bisect_right(ranges, (start, len(m.string) + 1)) - 1
-    if k < 0 or start >= ranges[k][1]:
+    if not _in_ranges(m.start(), ranges):
         return False
     tag = m.group()
     return "sparkpost" not in tag.lower() and "loop_var" not in tag and \
