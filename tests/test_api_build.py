@@ -1332,6 +1332,31 @@ def test_the_template_scanner_finds_what_the_regex_finds():
         found += bool(want)
         assert B._link_end(text) == max(text.rfind(c) for c in B._LINK_ENDS) + 1, text
     assert found > 500          # (the texts have items: the comparison compared something)
+    # chunks longer than one match of _LAST_LINK_END scans: the two searches' boundary
+    for text in ("x" * (B.LINK_SCAN + 1), '"' + "x" * B.LINK_SCAN, "a b" + "x" * B.LINK_SCAN,
+                 "x" * B.LINK_SCAN + "<", "x" * (B.LINK_SCAN - 1) + "\t",
+                 " " * B.LINK_SCAN + "'" + "y" * 10, "\n" + "z" * (3 * B.LINK_SCAN) + ">q"):
+        assert B._link_end(text) == max(text.rfind(c) for c in B._LINK_ENDS) + 1, text[-20:]
+
+
+def test_value_expressions_are_compiled_once_and_the_cache_stays_bounded():
+    """A value's compiled form ({{ a.b or 'x' }}: its path and alternatives) is kept for the
+    next template (one over the template cache's bounds compiles all its values each
+    request); the same in every template, up to VALUE_CACHE expressions of at most
+    VALUE_CACHE_EXPR octets."""
+    B._values.clear()
+    t1 = B.template("Hi {{ user.name or 'there' }}, " * 3 + "{{ n }}")
+    t2 = B.template("Bye {{ user.name or 'there' }}")
+    assert t1.parts[1] == ((("user", "name"), 0, ("there",)))
+    assert t2.parts[1][0] is t1.parts[1][0] and t2.parts[1][2] is t1.parts[1][2]
+    assert t1.render(({"user": {"name": "Ada"}, "n": 2},)) == "Hi Ada, " * 3 + "2"
+    long_expr = "a" * (B.VALUE_CACHE_EXPR + 1)
+    assert B.template("{{ %s }}" % long_expr).render(({long_expr: "v"},)) == "v"
+    assert long_expr not in B._values
+    for i in range(B.VALUE_CACHE + 10):
+        B._value("v%d" % i)
+        assert len(B._values) <= B.VALUE_CACHE
+    B._values.clear()
 
 
 def test_a_template_longer_than_the_cache_takes_is_compiled_and_rendered_each_time():

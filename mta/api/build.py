@@ -140,6 +140,8 @@ MAX_PARTS = 256           # parts of email_rfc822 looked at for them (on the eve
 TEMPLATE_CACHE = 512      # compiled templates kept for reuse (then the cache starts over)
 TEMPLATE_CACHE_TEXT = 64 * 1024   # longest text whose compiled form is kept
 TEMPLATE_CACHE_PARTS = 256  # and most pieces (a substitution's takes ~115 octets)
+VALUE_CACHE = 4096        # compiled value expressions kept (then the cache starts over)
+VALUE_CACHE_EXPR = 256    # longest expression kept
 
 # Header fields the MTA writes itself; content.headers may not set them.
 _RESERVED = frozenset(("content-type", "content-transfer-encoding", "mime-version", "from",
@@ -178,6 +180,11 @@ _SCHEME = re.compile(r"https?://", re.IGNORECASE)
 _MUSTACHE_OPEN = re.compile(r"<(template|script)\b[^<>]*>", re.IGNORECASE)
 _LINK_ENDS = (" ", "\t", "\r", "\n", '"', "'", "<", ">")
 _LINK_ENDS_RARE = _LINK_ENDS[1:3] + _LINK_ENDS[4:]      # (all but space and LF)
+# the text up to its last link end (".*" takes all of it at once, then gives back an octet
+# at a time until one is there: as long as the text after the last end; with none, the
+# whole text again, so only up to LINK_SCAN octets)
+_LAST_LINK_END = re.compile(r".*[ \t\r\n\"'<>]", re.S)
+LINK_SCAN = 4096
 # what a value in a link is written with: RFC 3986's unreserved characters as they are,
 # every other octet %XX (quote(value, safe=""))
 _URL_UNSAFE = re.compile(r"[^A-Za-z0-9_.~-]")
@@ -438,17 +445,8 @@ class Template:
             if expr[0] == "#":
                 parts.append((path_of(expr) + (LENGTH,), raw))
                 continue
-            first = _PATH_RE.match(expr).group()
-            path = path_of(first)
-            alts = _ALT.findall(expr, len(first))
-            if alts:
-                # {{ a or b or 'text' }}: the first that is there (not missing, null
-                # or false); a quoted string or a number is the value as written
-                parts.append((path, raw, tuple(
-                    a[1:-1] if a[0] in "'\"" else a if a[0] in "-0123456789" else
-                    path_of(a) for a in alts)))
-            else:
-                parts.append((path, raw))
+            path, alts = _value(expr)
+            parts.append((path, raw) if alts is None else (path, raw, alts))
         else:
             if pos < len(text):
                 parts.append(text[pos:])
@@ -594,10 +592,33 @@ def _mustache_ranges(text: str) -> list:
         pos = end
 
 
+def _value(expr: str) -> tuple:
+    """The compiled form of value expression *expr* (a path, then its alternatives or
+    None), from a cache shared by every template: a text repeats the same few values,
+    and a template over the template cache's bounds is compiled for every request."""
+    v = _values.get(expr)
+    if v is None:
+        first = _PATH_RE.match(expr).group()
+        alts = _ALT.findall(expr, len(first))
+        # {{ a or b or 'text' }}: the first that is there (not missing, null or false);
+        # a quoted string or a number is the value as written
+        v = (path_of(first), tuple(a[1:-1] if a[0] in "'\"" else a if a[0] in "-0123456789"
+                                   else path_of(a) for a in alts) if alts else None)
+        if len(expr) <= VALUE_CACHE_EXPR:
+            if len(_values) >= VALUE_CACHE:
+                _values.clear()
+            _values[expr] = v
+    return v
+
+
 def _link_end(chunk: str) -> int:
     """Where *chunk*'s text after its last link end (_LINK_ENDS) begins; 0 when it has none.
-    The last space or LF is found first (near the end in text): the rarer ends are then
-    looked for only after it, not each through the whole chunk."""
+    Up to LINK_SCAN octets, one match of _LAST_LINK_END (from the end back to the first
+    link end: the text between two values); longer, the last space or LF is found first
+    (near the end in text) and the rarer ends only after it, not each through the whole."""
+    if len(chunk) <= LINK_SCAN:
+        m = _LAST_LINK_END.match(chunk)
+        return 0 if m is None else m.end()
     last = max(chunk.rfind(" "), chunk.rfind("\n"))
     return max(last, max(chunk.rfind(c, last + 1) for c in _LINK_ENDS_RARE)) + 1
 
@@ -899,6 +920,7 @@ def _statement(word: str, arg: str | None, stack: list, top: list, start: int) -
 
 
 _templates: dict = {}
+_values: dict = {}
 
 
 def literal(text: str, amp: bool = False) -> Template:
