@@ -52,6 +52,7 @@ class Bench(AcceptorRig):
 
     def __init__(self, size: int = 2048):
         super().__init__()
+        self.size = size
         self.request = request(size)
         svc = self.acceptor.http = http.Service(self.acceptor)
         svc.open()
@@ -76,7 +77,6 @@ class Bench(AcceptorRig):
 @pytest.fixture(params=[2048, 102400], ids=["2KB", "100KB"])
 def bench_http(request):
     b = Bench(request.param)
-    b.size = request.param
     yield b
     b.close()
 

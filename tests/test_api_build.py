@@ -1347,7 +1347,7 @@ def test_value_expressions_are_compiled_once_and_the_cache_stays_bounded():
     B._values.clear()
     t1 = B.template("Hi {{ user.name or 'there' }}, " * 3 + "{{ n }}")
     t2 = B.template("Bye {{ user.name or 'there' }}")
-    assert t1.parts[1] == ((("user", "name"), 0, ("there",)))
+    assert t1.parts[1] == (("user", "name"), 0, ("there",))
     assert t2.parts[1][0] is t1.parts[1][0] and t2.parts[1][2] is t1.parts[1][2]
     assert t1.render(({"user": {"name": "Ada"}, "n": 2},)) == "Hi Ada, " * 3 + "2"
     long_expr = "a" * (B.VALUE_CACHE_EXPR + 1)

@@ -179,11 +179,11 @@ _SCHEME = re.compile(r"https?://", re.IGNORECASE)
 # the start tag of an AMP part's amp-mustache template (with "amp-mustache" in it)
 _MUSTACHE_OPEN = re.compile(r"<(template|script)\b[^<>]*>", re.IGNORECASE)
 _LINK_ENDS = (" ", "\t", "\r", "\n", '"', "'", "<", ">")
-_LINK_ENDS_RARE = _LINK_ENDS[1:3] + _LINK_ENDS[4:]      # (all but space and LF)
-# the text up to its last link end (".*" takes all of it at once, then gives back an octet
-# at a time until one is there: as long as the text after the last end; with none, the
-# whole text again, so only up to LINK_SCAN octets)
-_LAST_LINK_END = re.compile(r".*[ \t\r\n\"'<>]", re.S)
+_LINK_ENDS_RARE = tuple(c for c in _LINK_ENDS if c not in " \n")
+# the text up to its last link end (".*" takes all of it at once, then gives back a
+# character at a time until one is there: as long as the text after the last end; with
+# none, the whole text again, so only up to LINK_SCAN characters)
+_LAST_LINK_END = re.compile(".*[" + re.escape("".join(_LINK_ENDS)) + "]", re.S)
 LINK_SCAN = 4096
 # what a value in a link is written with: RFC 3986's unreserved characters as they are,
 # every other octet %XX (quote(value, safe=""))
